@@ -1,0 +1,73 @@
+"""Which SOP classes and transfer syntaxes the DICOM listener accepts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydicom.uid import (
+    AllTransferSyntaxes,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    UID,
+)
+from pynetdicom import AllStoragePresentationContexts
+from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.presentation import PresentationContext
+
+_UNCOMPRESSED = [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
+
+# Every syntax we store as received. The order is only a fallback: each
+# association follows the requestor's own preference (prefer_requestor_order).
+# JPIP-referenced and SMPTE ST 2110 syntaxes carry no storable pixel data.
+STORAGE_TRANSFER_SYNTAXES: list[UID] = [
+    ExplicitVRLittleEndian,
+    *[
+        ts
+        for ts in AllTransferSyntaxes
+        if ts.is_encapsulated and "JPIP" not in ts.name and "SMPTE" not in ts.name
+    ],
+    *_UNCOMPRESSED,
+]
+
+
+def storage_contexts() -> list[PresentationContext]:
+    """One context per storage SOP class pynetdicom knows, every syntax above."""
+    contexts = []
+    for template in AllStoragePresentationContexts:
+        cx = PresentationContext()
+        cx.abstract_syntax = template.abstract_syntax
+        cx.transfer_syntax = list(STORAGE_TRANSFER_SYNTAXES)
+        contexts.append(cx)
+    return contexts
+
+
+def prefer_requestor_order(event: Any) -> None:
+    """EVT_ACSE_RECV handler: accept the syntax the requestor lists first.
+
+    pynetdicom picks the first syntax of the *acceptor's* list that the
+    requestor proposed. A modality lists its own preference first (the
+    syntax its data is in), so following the requestor keeps a big-endian,
+    deflated or compressed object exactly as the modality holds it instead
+    of making it convert. Only this association's copy of the contexts is
+    changed.
+    """
+    primitive = event.primitive
+    if not isinstance(primitive, A_ASSOCIATE) or primitive.result is not None:
+        return
+    proposed: dict[str, list[str]] = {}
+    for rq in primitive.presentation_context_definition_list or []:
+        order = proposed.setdefault(rq.abstract_syntax, [])
+        order.extend(ts for ts in rq.transfer_syntax if ts not in order)
+    try:
+        contexts = event.assoc.acceptor.supported_contexts
+    except Exception:
+        return
+    for cx in contexts:
+        wanted = proposed.get(cx.abstract_syntax)
+        if not wanted:
+            continue
+        ours = list(cx.transfer_syntax)
+        first = [ts for ts in wanted if ts in ours]
+        cx.transfer_syntax = first + [ts for ts in ours if ts not in first]

@@ -1,0 +1,144 @@
+"""The DICOM listener: C-ECHO and C-STORE, all storage SOP classes.
+
+The handlers translate DIMSE into calls on the core and the core's
+:class:`~pacs.errors.IngestError` back into the C-STORE status (with an Error
+Comment the modality's log will show). Query/retrieve handlers are added by
+their own modules through :func:`build_ae`'s ``extra_handlers``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from collections.abc import Sequence
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from pacs.app import Pacs
+from pacs.errors import IngestError, Status
+from pacs.ingest import Origin
+from pacs.part10 import BufferSource, file_meta_bytes
+
+from .contexts import prefer_requestor_order, storage_contexts
+
+log = logging.getLogger(__name__)
+
+# Identifiers hold patient names and IDs: never in our logs at INFO level.
+_config.LOG_REQUEST_IDENTIFIERS = False
+_config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+class FilmlessAE(AE):
+    """An AE whose calling-AE allowlist is the live known-AE registry."""
+
+    def __init__(self, pacs: Pacs) -> None:
+        super().__init__(ae_title=pacs.settings.ae_title)
+        self._pacs = pacs
+
+    @property  # type: ignore[override]
+    def require_calling_aet(self) -> list[str]:
+        if not self._pacs.settings.ae_allowlist:
+            return []
+        titles = [ae.title for ae in self._pacs.aes.cached().values() if ae.enabled]
+        # An empty list means "anyone" to pynetdicom; with the allowlist on and
+        # nobody registered, nobody may connect.
+        return titles or ["\\"]
+
+    @require_calling_aet.setter
+    def require_calling_aet(self, value: list[str]) -> None:
+        self._require_calling_aet = value
+
+
+def status_dataset(status: int, comment: str) -> Dataset:
+    """A DIMSE status with an Error Comment (LO, at most 64 characters)."""
+    ds = Dataset()
+    ds.Status = status
+    if comment:
+        ds.ErrorComment = comment.encode("ascii", "replace").decode()[:64]
+    return ds
+
+
+def origin_of(event: Any, source: str = "dimse") -> Origin:
+    requestor = event.assoc.requestor
+    return Origin(source=source, calling_ae=requestor.ae_title.strip(), remote_host=str(requestor.address))
+
+
+def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
+    """The C-STORE handler: received bytes go to the core's ingest, untouched."""
+
+    def handle_store(event: Any) -> int | Dataset:
+        request = event.request
+        try:
+            meta = file_meta_bytes(
+                request.AffectedSOPClassUID,
+                request.AffectedSOPInstanceUID,
+                event.context.transfer_syntax,
+                event.assoc.requestor.ae_title,
+            )
+            pacs.ingestor.ingest(
+                BufferSource(meta, request.DataSet.getbuffer()),
+                origin_of(event, source),
+                transfer_syntax=event.context.transfer_syntax,
+                expected_sop_class=request.AffectedSOPClassUID,
+                expected_sop_uid=request.AffectedSOPInstanceUID,
+            )
+        except IngestError as exc:
+            log.warning("C-STORE from %s refused: %s", event.assoc.requestor.ae_title, exc)
+            return status_dataset(exc.status, exc.reason)
+        except Exception as exc:  # never let one object take the listener down
+            log.exception("C-STORE failed unexpectedly")
+            return status_dataset(Status.CANNOT_UNDERSTAND, f"internal error: {exc}")
+        return Status.SUCCESS
+
+    return handle_store
+
+
+def _on_conn_open(event: Any) -> None:
+    # DIMSE is request/response: Nagle's algorithm would hold each small
+    # response for ~40 ms waiting for an ACK.
+    try:
+        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass
+
+
+def build_ae(pacs: Pacs) -> FilmlessAE:
+    """Configure the AE: contexts, limits, timeouts."""
+    settings = pacs.settings
+    ae = FilmlessAE(pacs)
+    ae.supported_contexts = storage_contexts()
+    ae.add_supported_context(Verification)
+    ae.require_called_aet = True
+    ae.maximum_associations = settings.max_associations
+    ae.maximum_pdu_size = settings.max_pdu_size
+    ae.acse_timeout = 30
+    ae.dimse_timeout = settings.dicom_timeout
+    ae.network_timeout = settings.dicom_timeout
+    return ae
+
+
+def start_dicom_server(
+    pacs: Pacs,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    ssl_context: ssl.SSLContext | None = None,
+    extra_handlers: Sequence[tuple[Any, Any]] = (),
+) -> ThreadedAssociationServer:
+    """Start listening in background threads; returns the server to shut down."""
+    ae = build_ae(pacs)
+    handlers = [
+        (evt.EVT_C_STORE, make_store_handler(pacs)),
+        (evt.EVT_CONN_OPEN, _on_conn_open),
+        (evt.EVT_ACSE_RECV, prefer_requestor_order),
+        *extra_handlers,
+    ]
+    address = (host or pacs.settings.host, port if port is not None else pacs.settings.dicom_port)
+    server = ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=ssl_context)
+    log.info("DICOM listening on %s:%d as %s", address[0], address[1], pacs.settings.ae_title)
+    return server

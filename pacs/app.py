@@ -1,0 +1,103 @@
+"""The application object: settings, storage, index and the services on them.
+
+One :class:`Pacs` per process; entry points (DIMSE, HTTP, HL7, CLI) receive it
+and call its services. It is the only holder of shared mutable state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sqlalchemy import Engine
+
+from storage import ObjectStore, open_store
+
+from .aes import AeRegistry
+from .index import create_index_engine, upgrade_schema
+from .index.committer import GroupCommitter
+from .index.writer import IndexWriter
+from .ingest import IngestResult, Ingestor, Origin
+from .part10 import FileSource
+from .reads import IndexReader
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pacs:
+    settings: Settings
+    engine: Engine
+    store: ObjectStore
+    reader: IndexReader
+    aes: AeRegistry
+    committer: GroupCommitter
+    ingestor: Ingestor
+    _closed: bool = field(default=False, repr=False)
+
+    @classmethod
+    def open(cls, settings: Settings, *, migrate: bool = True) -> Pacs:
+        """Open storage and index (migrating the schema) and start the committer."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = create_index_engine(settings.resolved_index_url)
+        if migrate:
+            upgrade_schema(engine)
+        store = open_store(
+            settings.resolved_storage_url,
+            access_key=settings.s3_access_key or os.environ.get("PACS_S3_ACCESS_KEY"),
+            secret_key=settings.s3_secret_key or os.environ.get("PACS_S3_SECRET_KEY"),
+        )
+        reader = IndexReader(engine)
+        committer = GroupCommitter(
+            engine,
+            IndexWriter(overwrite=settings.duplicate_policy == "overwrite"),
+            batch_max=settings.commit_batch_max,
+        )
+        ingestor = Ingestor(
+            store,
+            committer,
+            reader,
+            overwrite=settings.duplicate_policy == "overwrite",
+            max_object_bytes=settings.max_object_bytes,
+            min_free_bytes=settings.min_free_bytes,
+            stage_workers=max(4, min(settings.max_associations, 16)),
+        )
+        aes = AeRegistry(engine)
+        for entry in settings.ae:
+            aes.add(entry["title"], entry["host"], int(entry["port"]), entry.get("description", ""))
+        return cls(settings, engine, store, reader, aes, committer, ingestor)
+
+    def ingest_file(self, path: Path, origin: Origin) -> IngestResult:
+        """Ingest one Part 10 file from disk (import, tests)."""
+        return self.ingestor.ingest(FileSource(path), origin)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.ingestor.close()
+        self.committer.close()
+        self.store.close()
+        self.engine.dispose()
+
+
+def health(pacs: Pacs) -> dict[str, str]:
+    """Probe index and storage; each entry is "ok" or the error text."""
+    from sqlalchemy import text
+
+    report: dict[str, str] = {}
+    try:
+        with pacs.engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        report["index"] = "ok"
+    except Exception as exc:
+        report["index"] = f"error: {exc.__class__.__name__}"
+    try:
+        pacs.store.check()
+        report["storage"] = "ok"
+    except Exception as exc:
+        report["storage"] = f"error: {exc}"
+    return report

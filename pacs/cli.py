@@ -1,0 +1,304 @@
+"""The ``pacs`` command line: what one IT person runs the appliance with.
+
+Every command takes ``--data-dir``, ``--index-url``, ``--storage-url`` and
+``--config`` (each also a ``PACS_*`` variable) and reporting commands take
+``--json``. Exit codes: 0 success, 1 the job found problems, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .settings import Settings, load_settings
+
+err = Console(stderr=True)
+out = Console()
+
+
+def _common(parser: argparse.ArgumentParser, *, json_flag: bool = False) -> None:
+    g = parser.add_argument_group("appliance")
+    g.add_argument("--data-dir", type=Path, help="data directory (PACS_DATA_DIR, default ./data)")
+    g.add_argument("--index-url", help="SQLAlchemy URL of the index (PACS_INDEX_URL)")
+    g.add_argument("--storage-url", help="file:///path or s3://BUCKET?endpoint=H:P (PACS_STORAGE_URL)")
+    g.add_argument("--config", dest="config_file", type=Path, help="TOML config file (PACS_CONFIG)")
+    g.add_argument("--log-level", help="DEBUG, INFO, WARNING (PACS_LOG_LEVEL)")
+    if json_flag:
+        parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
+    names = ("data_dir", "index_url", "storage_url", "config_file", "log_level")
+    return load_settings(**{n: getattr(args, n, None) for n in names}, **extra)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # pynetdicom narrates every PDU and alembic every migration step at INFO.
+    for chatty in ("pynetdicom", "alembic"):
+        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    # pydicom warns (to stderr and its logger) about every quirk of a received
+    # file; the ingest path reports what matters as a status instead.
+    warnings.filterwarnings("ignore", module="pydicom")
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+def _open(args: argparse.Namespace, **extra: Any):  # type: ignore[no-untyped-def]
+    from .app import Pacs
+
+    settings = settings_from(args, **extra)
+    setup_logging(settings.log_level if not getattr(args, "json", False) else "WARNING")
+    return Pacs.open(settings)
+
+
+# -- serve --------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    settings = settings_from(
+        args,
+        host=args.host,
+        dicom_port=args.dicom_port,
+        http_port=args.http_port,
+        hl7_port=args.hl7_port,
+        ae_title=args.ae_title,
+    )
+    setup_logging(settings.log_level)
+    return serve(settings, with_samples=args.with_samples)
+
+
+# -- import -------------------------------------------------------------------
+def cmd_import(args: argparse.Namespace) -> int:
+    from .importer import import_paths
+
+    pacs = _open(args)
+    try:
+        missing = [p for p in args.paths if not p.exists()]
+        if missing:
+            err.print(f"[red]no such file or folder:[/red] {', '.join(map(str, missing))}")
+            return 2
+        with _progress(args.json) as progress:
+            task = progress.add_task("importing", total=None)
+            summary = import_paths(
+                pacs, args.paths, workers=args.workers, on_file=lambda _p, _o: progress.advance(task)
+            )
+    finally:
+        pacs.close()
+    if args.json:
+        print(json.dumps(summary.as_dict()))
+    else:
+        out.print(
+            f"{summary.files} files: {summary.stored} stored, {summary.duplicates} already stored, "
+            f"{summary.not_dicom} not DICOM (skipped), {summary.failed} failed; "
+            f"{summary.bytes / 1e6:.1f} MB"
+        )
+        for e in summary.errors[:20]:
+            err.print(f"  [red]failed[/red] {e['path']}: {e['error']}")
+    return 1 if summary.failed else 0
+
+
+class _NullProgress:
+    def __enter__(self) -> _NullProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def add_task(self, *_a: Any, **_k: Any) -> int:
+        return 0
+
+    def advance(self, *_a: Any, **_k: Any) -> None:
+        return None
+
+
+def _progress(quiet: bool) -> Any:
+    if quiet or not err.is_terminal:
+        return _NullProgress()
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+    )
+
+
+# -- stats --------------------------------------------------------------------
+def cmd_stats(args: argparse.Namespace) -> int:
+    pacs = _open(args)
+    try:
+        stats = pacs.reader.stats()
+    finally:
+        pacs.close()
+    data = {
+        "patients": stats.patients,
+        "studies": stats.studies,
+        "series": stats.series,
+        "instances": stats.instances,
+        "bytes": stats.bytes,
+    }
+    if args.json:
+        print(json.dumps(data))
+    else:
+        table = Table(title="filmless-pacs")
+        table.add_column("what")
+        table.add_column("count", justify="right")
+        for key, value in data.items():
+            table.add_row(key, f"{value:,}")
+        out.print(table)
+    return 0
+
+
+# -- ae -----------------------------------------------------------------------
+def cmd_ae(args: argparse.Namespace) -> int:
+    pacs = _open(args)
+    try:
+        if args.ae_command == "add":
+            try:
+                ae = pacs.aes.add(args.name, args.host, args.port, args.description or "")
+            except ValueError as exc:
+                err.print(f"[red]{exc}[/red]")
+                return 2
+            _print_result(args, {"added": ae.title, "host": ae.host, "port": ae.port})
+        elif args.ae_command == "remove":
+            removed = pacs.aes.remove(args.name)
+            _print_result(args, {"removed": args.name if removed else None})
+            return 0 if removed else 1
+        else:
+            aes = pacs.aes.list()
+            if args.json:
+                print(json.dumps([ae.__dict__ for ae in aes]))
+            else:
+                table = Table(title="known AEs")
+                for col in ("AE title", "host", "port", "description"):
+                    table.add_column(col)
+                for ae in aes:
+                    table.add_row(ae.title, ae.host, str(ae.port), ae.description)
+                out.print(table)
+    finally:
+        pacs.close()
+    return 0
+
+
+def _print_result(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    if getattr(args, "json", False):
+        print(json.dumps(data))
+    else:
+        out.print(" ".join(f"{k}={v}" for k, v in data.items()))
+
+
+# -- samples ------------------------------------------------------------------
+def cmd_samples(args: argparse.Namespace) -> int:
+    from .samples import load_samples
+
+    pacs = _open(args)
+    try:
+        summary = load_samples(pacs, quick=args.quick, ct_slices=args.ct_slices)
+    finally:
+        pacs.close()
+    if args.json:
+        print(json.dumps(summary.as_dict()))
+    else:
+        out.print(f"sample studies: {summary.stored} instances stored, {summary.duplicates} already there")
+    return 1 if summary.failed else 0
+
+
+# -- db -----------------------------------------------------------------------
+def cmd_db(args: argparse.Namespace) -> int:
+    from .index import create_index_engine, current_revision, upgrade_schema
+
+    settings = settings_from(args)
+    engine = create_index_engine(settings.resolved_index_url)
+    try:
+        if args.db_command == "upgrade":
+            upgrade_schema(engine)
+        _print_result(args, {"revision": current_revision(engine)})
+    finally:
+        engine.dispose()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pacs", description="filmless-pacs appliance")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("serve", help="run DICOM, HTTP and HL7 listeners")
+    _common(p)
+    p.add_argument("--host", help="address to bind (PACS_HOST, default 127.0.0.1)")
+    p.add_argument("--dicom-port", type=int, help="DICOM port (PACS_DICOM_PORT, default 11112)")
+    p.add_argument("--http-port", type=int, help="HTTP port (PACS_HTTP_PORT, default 8042)")
+    p.add_argument("--hl7-port", type=int, help="HL7 MLLP port (PACS_HL7_PORT, default 2575)")
+    p.add_argument("--ae-title", help="our AE title (PACS_AE_TITLE, default FILMLESS)")
+    p.add_argument("--with-samples", action="store_true", help="load synthetic sample studies into an empty archive")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("import", help="import DICOM files and folders (recursive)")
+    _common(p, json_flag=True)
+    p.add_argument("paths", nargs="+", type=Path)
+    p.add_argument("--workers", type=int, default=4)
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("stats", help="counts of patients, studies, series, instances, bytes")
+    _common(p, json_flag=True)
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("ae", help="the known-AE registry")
+    ae_sub = p.add_subparsers(dest="ae_command", required=True)
+    q = ae_sub.add_parser("list")
+    _common(q, json_flag=True)
+    q = ae_sub.add_parser("add")
+    _common(q, json_flag=True)
+    q.add_argument("name")
+    q.add_argument("--host", required=True)
+    q.add_argument("--port", type=int, required=True)
+    q.add_argument("--description")
+    q = ae_sub.add_parser("remove")
+    _common(q, json_flag=True)
+    q.add_argument("name")
+    p.set_defaults(func=cmd_ae)
+
+    p = sub.add_parser("samples", help="generate and import synthetic sample studies")
+    _common(p, json_flag=True)
+    p.add_argument("--quick", action="store_true", help="small variant (a few slices)")
+    p.add_argument("--ct-slices", type=int, default=120)
+    p.set_defaults(func=cmd_samples)
+
+    p = sub.add_parser("db", help="index schema migrations")
+    db_sub = p.add_subparsers(dest="db_command", required=True)
+    for name in ("upgrade", "current"):
+        q = db_sub.add_parser(name)
+        _common(q, json_flag=True)
+    p.set_defaults(func=cmd_db)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # an operator wants one clear line, not a trace
+        if getattr(args, "log_level", None) == "DEBUG":
+            raise
+        err.print(f"[red]error:[/red] {exc.__class__.__name__}: {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

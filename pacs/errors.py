@@ -1,0 +1,57 @@
+"""Errors that carry the status a peer will see.
+
+DIMSE statuses follow PS3.4 Annex B (Storage) and PS3.7 C; the HTTP code is
+what DICOMweb and the JSON API answer for the same failure.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Status(IntEnum):
+    """C-STORE statuses used by the ingest path (PS3.4 B.2.3)."""
+
+    SUCCESS = 0x0000
+    OUT_OF_RESOURCES = 0xA700
+    OBJECT_TOO_LARGE = 0xA701
+    STORAGE_FAILED = 0xA702
+    INDEX_FAILED = 0xA703
+    INVALID_DATASET = 0xA900
+    CANNOT_UNDERSTAND = 0xC000
+    SOP_CLASS_NOT_SUPPORTED = 0x0122
+    NOT_AUTHORIZED = 0x0124
+    PROCESSING_FAILURE = 0x0110
+
+
+HTTP_FOR_STATUS: dict[int, int] = {
+    Status.OUT_OF_RESOURCES: 503,
+    Status.OBJECT_TOO_LARGE: 413,
+    Status.STORAGE_FAILED: 503,
+    Status.INDEX_FAILED: 503,
+    Status.INVALID_DATASET: 400,
+    Status.CANNOT_UNDERSTAND: 400,
+    Status.SOP_CLASS_NOT_SUPPORTED: 415,
+    Status.NOT_AUTHORIZED: 403,
+    Status.PROCESSING_FAILURE: 500,
+}
+
+
+class PacsError(Exception):
+    """Base of errors raised by the core."""
+
+
+class IngestError(PacsError):
+    """An object was refused; ``status`` is the DICOM status to answer."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = int(status)
+        self.reason = reason
+
+    @property
+    def http_status(self) -> int:
+        return HTTP_FOR_STATUS.get(self.status, 500)
+
+    def __str__(self) -> str:
+        return f"0x{self.status:04X}: {self.reason}"

@@ -1,0 +1,292 @@
+"""Read the header of a received Part 10 object, without its pixel data.
+
+The ingest path never decodes pixel data: it parses the elements before
+Pixel Data with pydicom (``stop_before_pixels``) and then walks the element
+headers from there to the end of the object to prove it is complete (a
+truncated upload is refused, not stored). What it extracts is exactly what
+the index needs.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+from .errors import IngestError, Status
+from .names import fold_name
+
+log = logging.getLogger(__name__)
+
+# Long free-text values are cut: an index is not the place for a 64 KB comment.
+_MAX_TEXT = 1024
+# VRs whose explicit-VR header has 2 reserved bytes and a 4-byte length.
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_UNDEFINED = 0xFFFFFFFF
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+
+
+@dataclass
+class OtherId:
+    value: str
+    issuer: str = ""
+    id_type: str = ""
+
+
+@dataclass
+class InstanceHeader:
+    """The indexable facts of one object."""
+
+    sop_class_uid: str
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    patient_id: str = ""
+    issuer: str = ""
+    patient_name: str = ""
+    patient_name_folded: str = ""
+    birth_date: str = ""
+    sex: str = ""
+    other_ids: list[OtherId] = field(default_factory=list)
+    study_date: str = ""
+    study_time: str = ""
+    accession_number: str = ""
+    study_id: str = ""
+    referring_physician: str = ""
+    study_description: str = ""
+    institution: str = ""
+    modality: str = ""
+    series_number: int | None = None
+    series_description: str = ""
+    body_part: str = ""
+    station_name: str = ""
+    series_date: str = ""
+    series_time: str = ""
+    instance_number: int | None = None
+    rows: int | None = None
+    columns: int | None = None
+    frames: int | None = None
+    bits_allocated: int | None = None
+    photometric: str = ""
+    charset: str = ""
+    content_date: str = ""
+    content_time: str = ""
+    pixel_offset: int | None = None
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    try:
+        value = ds.get(keyword)
+    except Exception:  # a malformed optional element must not sink the object
+        return ""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, MultiValue):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    return text.strip().replace("\x00", "")[:_MAX_TEXT]
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        if isinstance(value, MultiValue):
+            value = value[0]
+        number = int(value)
+    except Exception:
+        return None
+    # Outside a 32-bit column means garbage, not a real instance number.
+    return number if -(2**31) <= number < 2**31 else None
+
+
+def _uid(ds: Dataset, keyword: str, *, required: bool = True) -> str:
+    value = _text(ds, keyword)
+    if not value:
+        if required:
+            raise IngestError(Status.INVALID_DATASET, f"missing {keyword}")
+        return ""
+    if not UID(value).is_valid:
+        raise IngestError(Status.INVALID_DATASET, f"invalid {keyword} {value[:80]!r}")
+    return value
+
+
+def _other_ids(ds: Dataset) -> list[OtherId]:
+    ids: list[OtherId] = []
+    try:
+        for item in ds.get("OtherPatientIDsSequence") or []:
+            value = _text(item, "PatientID")
+            if value:
+                ids.append(
+                    OtherId(value, _text(item, "IssuerOfPatientID"), _text(item, "TypeOfPatientID"))
+                )
+        legacy = ds.get("OtherPatientIDs")  # retired (0010,1000), still sent
+        if legacy:
+            for value in legacy if isinstance(legacy, MultiValue) else [legacy]:
+                if str(value).strip() and all(o.value != str(value).strip() for o in ids):
+                    ids.append(OtherId(str(value).strip()))
+    except Exception:
+        pass
+    return ids
+
+
+def parse_header(
+    stream: BinaryIO,
+    size: int,
+    *,
+    transfer_syntax: str | None = None,
+) -> InstanceHeader:
+    """Parse and validate the header of a Part 10 object held in *stream*.
+
+    *size* is the object's total length. Raises :class:`IngestError` carrying
+    the DICOM status a peer should see when the object is not acceptable.
+    """
+    stream.seek(0)
+    try:
+        ds = dcmread(stream, stop_before_pixels=True, defer_size=4096)
+        end_of_header = stream.tell()
+    except InvalidDicomError as exc:
+        raise IngestError(Status.CANNOT_UNDERSTAND, f"not a DICOM Part 10 object: {exc}") from exc
+    except Exception as exc:
+        raise IngestError(Status.CANNOT_UNDERSTAND, f"unreadable DICOM header: {exc}") from exc
+
+    meta = getattr(ds, "file_meta", None)
+    ts = transfer_syntax or (meta.get("TransferSyntaxUID") if meta is not None else None)
+    if not ts:
+        raise IngestError(Status.CANNOT_UNDERSTAND, "no Transfer Syntax UID in file meta")
+    ts = str(ts)
+
+    try:
+        header = InstanceHeader(
+            sop_class_uid=_uid(ds, "SOPClassUID"),
+            sop_uid=_uid(ds, "SOPInstanceUID"),
+            study_uid=_uid(ds, "StudyInstanceUID"),
+            series_uid=_uid(ds, "SeriesInstanceUID"),
+            transfer_syntax_uid=ts,
+        )
+        if meta is not None:
+            media_sop = str(meta.get("MediaStorageSOPInstanceUID") or "").strip("\x00 ")
+            if media_sop and media_sop != header.sop_uid:
+                # Seen in real files; the dataset's own UID is the one that counts.
+                log.warning("file meta SOP Instance UID differs from the dataset's; using the dataset's")
+        _fill(header, ds)
+    except IngestError:
+        raise
+    except Exception as exc:  # pydicom raises lazily while decoding values
+        raise IngestError(Status.CANNOT_UNDERSTAND, f"malformed dataset: {exc}") from exc
+
+    if ts != DeflatedExplicitVRLittleEndian and end_of_header < size:
+        header.pixel_offset = end_of_header
+        _check_complete(stream, end_of_header, size, ts)
+    elif ts != DeflatedExplicitVRLittleEndian and end_of_header > size:
+        raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset")
+    return header
+
+
+def _fill(h: InstanceHeader, ds: Dataset) -> None:
+    h.patient_id = _text(ds, "PatientID")
+    h.issuer = _text(ds, "IssuerOfPatientID")
+    h.patient_name = _text(ds, "PatientName")
+    h.patient_name_folded = fold_name(h.patient_name)
+    h.birth_date = _text(ds, "PatientBirthDate")
+    h.sex = _text(ds, "PatientSex")
+    h.other_ids = _other_ids(ds)
+    h.study_date = _text(ds, "StudyDate")
+    h.study_time = _text(ds, "StudyTime")
+    h.accession_number = _text(ds, "AccessionNumber")
+    h.study_id = _text(ds, "StudyID")
+    h.referring_physician = _text(ds, "ReferringPhysicianName")
+    h.study_description = _text(ds, "StudyDescription")
+    h.institution = _text(ds, "InstitutionName")
+    h.modality = _text(ds, "Modality")
+    h.series_number = _int(ds, "SeriesNumber")
+    h.series_description = _text(ds, "SeriesDescription")
+    h.body_part = _text(ds, "BodyPartExamined")
+    h.station_name = _text(ds, "StationName")
+    h.series_date = _text(ds, "SeriesDate")
+    h.series_time = _text(ds, "SeriesTime")
+    h.instance_number = _int(ds, "InstanceNumber")
+    h.rows = _int(ds, "Rows")
+    h.columns = _int(ds, "Columns")
+    h.frames = _int(ds, "NumberOfFrames")
+    h.bits_allocated = _int(ds, "BitsAllocated")
+    h.photometric = _text(ds, "PhotometricInterpretation")
+    h.charset = _text(ds, "SpecificCharacterSet")
+    h.content_date = _text(ds, "ContentDate")
+    h.content_time = _text(ds, "ContentTime")
+
+
+# -- completeness ------------------------------------------------------------
+class _Walker:
+    """Skips over encoded elements by their headers, without reading values."""
+
+    def __init__(self, stream: BinaryIO, end: int, explicit: bool, little: bool) -> None:
+        self.stream = stream
+        self.end = end
+        self.explicit = explicit
+        self.order = "<" if little else ">"
+
+    def _read(self, n: int) -> bytes:
+        data = self.stream.read(n)
+        if len(data) != n:
+            raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset")
+        return data
+
+    def _skip(self, n: int) -> None:
+        pos = self.stream.tell() + n
+        if pos > self.end:
+            raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset")
+        self.stream.seek(pos)
+
+    def element(self, depth: int = 0) -> int:
+        """Skip one element; return its tag."""
+        group, elem = struct.unpack(self.order + "HH", self._read(4))
+        tag = (group << 16) | elem
+        if group == 0xFFFE:  # item and delimiters have no VR, even when explicit
+            (length,) = struct.unpack(self.order + "L", self._read(4))
+        elif self.explicit:
+            vr = self._read(2)
+            if vr in _LONG_VRS:
+                self._read(2)
+                (length,) = struct.unpack(self.order + "L", self._read(4))
+            elif vr.isalpha() and vr.isupper():
+                (length,) = struct.unpack(self.order + "H", self._read(2))
+            else:
+                # Some writers put implicit-VR elements in explicit files;
+                # pydicom reads them, so must we: those 4 bytes were a length.
+                (length,) = struct.unpack(self.order + "L", vr + self._read(2))
+        else:
+            (length,) = struct.unpack(self.order + "L", self._read(4))
+        if length != _UNDEFINED:
+            self._skip(length)
+        elif tag in (_ITEM_END, _SEQ_END):
+            pass
+        elif depth > 32:
+            raise IngestError(Status.CANNOT_UNDERSTAND, "sequences nested too deep")
+        else:
+            # Undefined length: a sequence, an item or encapsulated pixel data;
+            # their contents end with a delimiter.
+            end_tag = _ITEM_END if tag == _ITEM else _SEQ_END
+            while self.element(depth + 1) != end_tag:
+                pass
+        return tag
+
+
+def _check_complete(stream: BinaryIO, offset: int, size: int, ts: str) -> None:
+    uid = UID(ts)
+    explicit = ts != ImplicitVRLittleEndian
+    little = uid.is_little_endian if uid.is_transfer_syntax else True
+    walker = _Walker(stream, size, explicit, little)
+    stream.seek(offset)
+    while stream.tell() < size:
+        walker.element()

@@ -1,0 +1,51 @@
+"""The SQL index: schema, engine, migrations, the group-committed writer and reads."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, text
+
+from .db import create_index_engine, is_sqlite
+from .models import Base
+
+MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def alembic_config(engine: Engine) -> Config:
+    """An Alembic config bound to *engine* (no alembic.ini needed)."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    return cfg
+
+
+def upgrade_schema(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema to *revision*; safe when several nodes start at once."""
+    cfg = alembic_config(engine)
+    with engine.connect().execution_options(immediate=True) as conn:
+        if not is_sqlite(engine):
+            # Two nodes starting together must not both create the tables.
+            key = int(hashlib.sha1(b"filmless-pacs-schema").hexdigest()[:15], 16)
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            conn.commit()
+        cfg.attributes["connection"] = conn
+        try:
+            command.upgrade(cfg, revision)
+        finally:
+            if not is_sqlite(engine):
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+__all__ = ["Base", "alembic_config", "create_index_engine", "current_revision", "upgrade_schema"]

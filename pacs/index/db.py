@@ -1,0 +1,66 @@
+"""Engines for the index: SQLite (WAL, embedded default) and PostgreSQL.
+
+SQLite is tuned for an appliance that must not lose acknowledged data:
+WAL journal with ``synchronous=FULL`` (a commit is on disk when it returns),
+foreign keys on, a generous busy timeout so several processes can share
+the file. Write transactions start with ``BEGIN IMMEDIATE`` (requested
+with the ``immediate`` execution option) so two writers queue on the lock
+instead of failing on a read-to-write upgrade.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.pool import NullPool
+
+
+def is_sqlite(engine: Engine) -> bool:
+    return engine.dialect.name == "sqlite"
+
+
+def create_index_engine(url: str, *, pool_size: int = 10) -> Engine:
+    """Create the engine for *url* with the settings the index relies on."""
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(
+            url,
+            connect_args={"check_same_thread": False, "timeout": 60},
+            pool_size=pool_size,
+            max_overflow=20,
+        )
+        _configure_sqlite(engine)
+        return engine
+    kwargs: dict[str, Any] = {"pool_pre_ping": True}
+    if pool_size <= 0:
+        kwargs = {"poolclass": NullPool}
+    else:
+        kwargs.update(pool_size=pool_size, max_overflow=20)
+    return create_engine(url, **kwargs)
+
+
+def _configure_sqlite(engine: Engine) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own
+        # implicit transactions cannot do BEGIN IMMEDIATE).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute("PRAGMA cache_size=-65536")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        if conn.get_execution_options().get("immediate"):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        else:
+            conn.exec_driver_sql("BEGIN")

@@ -1,0 +1,324 @@
+"""Writing instances into the index: upsert patient, study, series, instance.
+
+All statements are SQLAlchemy Core on one connection inside the caller's
+transaction, idempotent under concurrency: parents are inserted with
+``ON CONFLICT DO NOTHING`` (two nodes may see a new study at once) and the
+instance row decides duplicates through its unique SOP Instance UID.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from ..header import InstanceHeader
+from ..names import fold_name
+from .models import Instance, Patient, PatientIdentifier, Series, Study
+
+patients: Table = Patient.__table__  # type: ignore[assignment]
+identifiers: Table = PatientIdentifier.__table__  # type: ignore[assignment]
+studies: Table = Study.__table__  # type: ignore[assignment]
+series_t: Table = Series.__table__  # type: ignore[assignment]
+instances: Table = Instance.__table__  # type: ignore[assignment]
+
+
+@dataclass
+class IndexRecord:
+    """One received object, ready to be indexed."""
+
+    header: InstanceHeader
+    size: int
+    sha256: str
+    storage_key: str
+    received_at: datetime
+    source: str = ""
+    calling_ae: str = ""
+    remote_host: str = ""
+
+
+class Outcome(Enum):
+    INSERTED = "inserted"
+    DUPLICATE = "duplicate"
+    REPLACED = "replaced"
+
+
+@dataclass
+class AddResult:
+    outcome: Outcome
+    instance_pk: int
+    # The storage key the index no longer references (to delete after commit).
+    obsolete_key: str | None = None
+
+
+class StaleCache(Exception):
+    """A cached parent row disappeared (purged by another process)."""
+
+
+@lru_cache(maxsize=64)
+def _insert_ignore_stmt(dialect_name: str, table: Table, keys: tuple[str, ...]) -> Any:
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=list(keys)).returning(table.c.pk)
+
+
+def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], keys: list[str]) -> Any:
+    """INSERT ... ON CONFLICT (keys) DO NOTHING RETURNING pk; None if it existed.
+
+    The statement is built once per table and executed with parameters, so
+    SQLAlchemy's compiled cache is hit on the ingest hot path.
+    """
+    stmt = _insert_ignore_stmt(conn.dialect.name, table, tuple(keys))
+    return conn.execute(stmt, values).scalar()
+
+
+# Counter updates, built once: the hot path only binds parameters.
+_COUNT_SERIES = (
+    update(series_t)
+    .where(series_t.c.pk == bindparam("b_pk"))
+    .values(
+        num_instances=series_t.c.num_instances + bindparam("b_n"),
+        size_bytes=series_t.c.size_bytes + bindparam("b_size"),
+        updated_at=bindparam("b_now"),
+    )
+    .returning(series_t.c.study_pk)
+)
+_COUNT_STUDY = (
+    update(studies)
+    .where(studies.c.pk == bindparam("b_pk"))
+    .values(
+        num_instances=studies.c.num_instances + bindparam("b_n"),
+        size_bytes=studies.c.size_bytes + bindparam("b_size"),
+        updated_at=bindparam("b_now"),
+    )
+)
+
+
+class _Lru(OrderedDict[Any, int]):
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def put(self, key: Any, value: int) -> None:
+        self[key] = value
+        self.move_to_end(key)
+        if len(self) > self.limit:
+            self.popitem(last=False)
+
+
+class IndexWriter:
+    """Upserts records; caches parent primary keys between calls.
+
+    The cache only saves lookups: if a cached row vanished, the instance
+    insert or a counter update notices (foreign key or row count) and raises
+    :class:`StaleCache`; the caller rolls back, clears and retries.
+    """
+
+    def __init__(self, overwrite: bool = False, cache_size: int = 20_000) -> None:
+        self.overwrite = overwrite
+        self._patients = _Lru(cache_size)
+        self._studies = _Lru(cache_size)
+        self._series = _Lru(cache_size)
+
+    def clear_cache(self) -> None:
+        self._patients.clear()
+        self._studies.clear()
+        self._series.clear()
+
+    # -- parents ----------------------------------------------------------
+    def _patient_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
+        key = (h.patient_id, h.issuer)
+        pk = self._patients.get(key)
+        if pk is not None:
+            return pk
+        pk = insert_ignore(
+            conn,
+            patients,
+            {
+                "patient_id": h.patient_id,
+                "issuer": h.issuer,
+                "name": h.patient_name,
+                "name_folded": h.patient_name_folded,
+                "birth_date": h.birth_date,
+                "sex": h.sex,
+                "created_at": now,
+                "updated_at": now,
+            },
+            ["patient_id", "issuer"],
+        )
+        if pk is None:
+            row = conn.execute(
+                select(patients.c.pk, patients.c.name).where(
+                    patients.c.patient_id == h.patient_id, patients.c.issuer == h.issuer
+                )
+            ).one()
+            pk = row.pk
+            if not row.name and h.patient_name:
+                # First object of the patient had no name: take the first real one.
+                conn.execute(
+                    update(patients)
+                    .where(patients.c.pk == pk)
+                    .values(
+                        name=h.patient_name,
+                        name_folded=h.patient_name_folded,
+                        birth_date=h.birth_date,
+                        sex=h.sex,
+                        updated_at=now,
+                    )
+                )
+        for other in h.other_ids:
+            insert_ignore(
+                conn,
+                identifiers,
+                {"patient_pk": pk, "value": other.value, "issuer": other.issuer, "id_type": other.id_type},
+                ["patient_pk", "value", "issuer"],
+            )
+        self._patients.put(key, pk)
+        return pk
+
+    def _study_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
+        pk = self._studies.get(h.study_uid)
+        if pk is not None:
+            return pk
+        patient_pk = self._patient_pk(conn, h, now)
+        pk = insert_ignore(
+            conn,
+            studies,
+            {
+                "patient_pk": patient_pk,
+                "study_uid": h.study_uid,
+                "study_date": h.study_date,
+                "study_time": h.study_time,
+                "accession_number": h.accession_number,
+                "study_id": h.study_id,
+                "referring_physician": h.referring_physician,
+                "referring_physician_folded": fold_name(h.referring_physician),
+                "description": h.study_description,
+                "institution": h.institution,
+                "modalities": "",
+                "num_series": 0,
+                "num_instances": 0,
+                "size_bytes": 0,
+                "created_at": now,
+                "updated_at": now,
+            },
+            ["study_uid"],
+        )
+        if pk is None:
+            pk = conn.execute(select(studies.c.pk).where(studies.c.study_uid == h.study_uid)).scalar_one()
+        self._studies.put(h.study_uid, pk)
+        return pk
+
+    def _series_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
+        pk = self._series.get(h.series_uid)
+        if pk is not None:
+            return pk
+        study_pk = self._study_pk(conn, h, now)
+        pk = insert_ignore(
+            conn,
+            series_t,
+            {
+                "study_pk": study_pk,
+                "series_uid": h.series_uid,
+                "modality": h.modality,
+                "series_number": h.series_number,
+                "description": h.series_description,
+                "body_part": h.body_part,
+                "station_name": h.station_name,
+                "series_date": h.series_date,
+                "series_time": h.series_time,
+                "num_instances": 0,
+                "size_bytes": 0,
+                "created_at": now,
+                "updated_at": now,
+            },
+            ["series_uid"],
+        )
+        if pk is None:
+            pk = conn.execute(
+                select(series_t.c.pk).where(series_t.c.series_uid == h.series_uid)
+            ).scalar_one()
+        else:
+            self._add_series_to_study(conn, study_pk, h.modality)
+        self._series.put(h.series_uid, pk)
+        return pk
+
+    @staticmethod
+    def _add_series_to_study(conn: Connection, study_pk: int, modality: str) -> None:
+        # Row lock on PostgreSQL so two nodes adding series don't lose a modality.
+        current = conn.execute(
+            select(studies.c.modalities).where(studies.c.pk == study_pk).with_for_update()
+        ).scalar_one()
+        mods = [m for m in current.split("\\") if m]
+        if modality and modality not in mods:
+            mods.append(modality)
+        conn.execute(
+            update(studies)
+            .where(studies.c.pk == study_pk)
+            .values(num_series=studies.c.num_series + 1, modalities="\\".join(sorted(mods)))
+        )
+
+    # -- instance -----------------------------------------------------------
+    def _instance_values(self, rec: IndexRecord, series_pk: int) -> dict[str, Any]:
+        h = rec.header
+        return {
+            "series_pk": series_pk,
+            "sop_uid": h.sop_uid,
+            "sop_class_uid": h.sop_class_uid,
+            "transfer_syntax_uid": h.transfer_syntax_uid,
+            "instance_number": h.instance_number,
+            "rows": h.rows,
+            "columns": h.columns,
+            "frames": h.frames,
+            "bits_allocated": h.bits_allocated,
+            "photometric": h.photometric,
+            "charset": h.charset,
+            "content_date": h.content_date,
+            "content_time": h.content_time,
+            "size_bytes": rec.size,
+            "sha256": rec.sha256,
+            "storage_key": rec.storage_key,
+            "pixel_offset": h.pixel_offset,
+            "source": rec.source,
+            "calling_ae": rec.calling_ae,
+            "remote_host": rec.remote_host,
+            "received_at": rec.received_at,
+        }
+
+    @staticmethod
+    def _count(conn: Connection, series_pk: int, instances_delta: int, bytes_delta: int, now: datetime) -> None:
+        params = {"b_pk": series_pk, "b_n": instances_delta, "b_size": bytes_delta, "b_now": now}
+        study_pk = conn.execute(_COUNT_SERIES, params).scalar()
+        if study_pk is None:
+            raise StaleCache(f"series pk {series_pk} vanished")
+        conn.execute(_COUNT_STUDY, {**params, "b_pk": study_pk})
+
+    def add(self, conn: Connection, rec: IndexRecord) -> AddResult:
+        """Index one record inside the caller's transaction."""
+        now = rec.received_at
+        series_pk = self._series_pk(conn, rec.header, now)
+        values = self._instance_values(rec, series_pk)
+        pk = insert_ignore(conn, instances, values, ["sop_uid"])
+        if pk is not None:
+            self._count(conn, series_pk, 1, rec.size, now)
+            return AddResult(Outcome.INSERTED, pk)
+        old = conn.execute(
+            select(instances.c.pk, instances.c.series_pk, instances.c.size_bytes, instances.c.storage_key)
+            .where(instances.c.sop_uid == rec.header.sop_uid)
+            .with_for_update()
+        ).one()
+        if not self.overwrite:
+            return AddResult(Outcome.DUPLICATE, old.pk)
+        conn.execute(update(instances).where(instances.c.pk == old.pk).values(**values))
+        if old.series_pk == series_pk:
+            self._count(conn, series_pk, 0, rec.size - old.size_bytes, now)
+        else:
+            self._count(conn, old.series_pk, -1, -old.size_bytes, now)
+            self._count(conn, series_pk, 1, rec.size, now)
+        obsolete = old.storage_key if old.storage_key != rec.storage_key else None
+        return AddResult(Outcome.REPLACED, old.pk, obsolete)

@@ -1,0 +1,257 @@
+"""The one ingest path: every entry point (C-STORE, STOW-RS, import, C-MOVE
+retrieval, reports) hands received Part 10 bytes to :meth:`Ingestor.ingest`.
+
+Order of work, which is what makes an acknowledgement trustworthy:
+
+1. refuse early what cannot be stored (size limit, disk low-water mark);
+2. parse and validate the header only (pixel data is never decoded);
+3. write the object to storage, durably and atomically;
+4. index it (group-committed transaction) and only then return success.
+
+A crash between 3 and 4 leaves an orphan object and no index row; ``pacs
+verify --repair`` adopts orphans. An index row never exists without its
+object. The received bytes are stored exactly as they came.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from storage import ObjectStore, StagedObject, StorageError, StorageFullError
+
+from .errors import IngestError, Status
+from .header import InstanceHeader, parse_header
+from .index.committer import GroupCommitter
+from .index.writer import AddResult, IndexRecord, Outcome
+from .part10 import Source
+from .reads import IndexReader
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Who handed us an object: protocol, AE title, address, user."""
+
+    source: str
+    calling_ae: str = ""
+    remote_host: str = ""
+    user: str = ""
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    status: int
+    outcome: Outcome
+    header: InstanceHeader
+    storage_key: str
+    size: int
+
+    @property
+    def sop_uid(self) -> str:
+        return self.header.sop_uid
+
+
+def object_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
+    """Storage key of an instance: one folder (prefix) per study and series."""
+    return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+
+class _KeyedLocks:
+    """One lock per SOP Instance UID being ingested, so concurrent copies of the
+    same object are decided one after the other."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    def acquire(self, key: str) -> None:
+        with self._guard:
+            lock, users = self._locks.get(key, (threading.Lock(), 0))
+            self._locks[key] = (lock, users + 1)
+        lock.acquire()
+
+    def release(self, key: str) -> None:
+        with self._guard:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+        lock.release()
+
+
+class Ingestor:
+    """Validates, stores and indexes received objects."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        committer: GroupCommitter,
+        reader: IndexReader,
+        *,
+        overwrite: bool = False,
+        max_object_bytes: int = 4 * 1024**3,
+        min_free_bytes: int = 0,
+        stage_workers: int = 8,
+    ) -> None:
+        self.store = store
+        self.committer = committer
+        self.reader = reader
+        self.overwrite = overwrite
+        self.max_object_bytes = max_object_bytes
+        self.min_free_bytes = min_free_bytes
+        self._locks = _KeyedLocks()
+        self._stager = ThreadPoolExecutor(max_workers=stage_workers, thread_name_prefix="stage")
+        self._free_checked = 0.0
+        self._free_bytes: int | None = None
+        self._free_guard = threading.Lock()
+        # Called after commit with each stored result (routing, reconciliation).
+        self.listeners: list[Callable[[IngestResult, Origin], None]] = []
+
+    def _check_space(self, size: int) -> None:
+        if size > self.max_object_bytes:
+            raise IngestError(
+                Status.OBJECT_TOO_LARGE,
+                f"object of {size} bytes exceeds the limit of {self.max_object_bytes}",
+            )
+        if not self.min_free_bytes:
+            return
+        with self._free_guard:
+            now = time.monotonic()
+            # statvfs per object is cheap but not free; a second-old figure is fine
+            # because the mark leaves far more room than one object.
+            if now - self._free_checked > 1.0:
+                self._free_bytes = self.store.free_bytes()
+                self._free_checked = now
+            free = self._free_bytes
+            if free is not None:
+                self._free_bytes = free - size
+        if free is not None and free - size < self.min_free_bytes:
+            raise IngestError(
+                Status.OUT_OF_RESOURCES,
+                f"storage below its low-water mark ({free} bytes free)",
+            )
+
+    def ingest(
+        self,
+        source: Source,
+        origin: Origin,
+        *,
+        transfer_syntax: str | None = None,
+        expected_sop_class: str | None = None,
+        expected_sop_uid: str | None = None,
+    ) -> IngestResult:
+        """Store and index one Part 10 object.
+
+        Returns once the object is durable and indexed. Raises
+        :class:`IngestError` with the DICOM status to answer otherwise.
+        """
+        size = source.size
+        self._check_space(size)
+        # Writing and fsyncing the bytes is the slow part and needs no key
+        # yet: start it now and parse the header meanwhile (both release or
+        # share the GIL well). An invalid object's staged bytes are dropped.
+        staging: Future[StagedObject] | None = None
+        if self.store.stages_eagerly:
+            staging = self._stager.submit(self.store.stage, source.open(), size)
+        try:
+            with source.open() as stream:
+                header = parse_header(stream, size, transfer_syntax=transfer_syntax)
+            _check_expected(header, expected_sop_class, expected_sop_uid)
+        except BaseException:
+            _discard(staging)
+            raise
+        self._locks.acquire(header.sop_uid)
+        try:
+            return self._store_and_index(source, staging, header, origin)
+        finally:
+            self._locks.release(header.sop_uid)
+
+    def _store_and_index(
+        self,
+        source: Source,
+        staging: Future[StagedObject] | None,
+        header: InstanceHeader,
+        origin: Origin,
+    ) -> IngestResult:
+        if not self.overwrite:
+            existing = self.reader.instance_key(header.sop_uid)
+            if existing is not None:
+                _discard(staging)
+                log.debug("duplicate instance kept as first received (%s)", existing)
+                return IngestResult(Status.SUCCESS, Outcome.DUPLICATE, header, existing, source.size)
+
+        key = object_key(header.study_uid, header.series_uid, header.sop_uid)
+        try:
+            staged = staging.result() if staging else self.store.stage(source.open(), source.size)
+            info = staged.commit(key)
+        except StorageFullError as exc:
+            log.error("storage full: %s", exc)
+            raise IngestError(Status.OUT_OF_RESOURCES, f"storage full: {exc}") from exc
+        except StorageError as exc:
+            log.error("storage write failed: %s", exc)
+            raise IngestError(Status.STORAGE_FAILED, f"storage unavailable: {exc}") from exc
+
+        record = IndexRecord(
+            header=header,
+            size=info.size,
+            sha256=info.sha256 or "",
+            storage_key=key,
+            received_at=datetime.now(UTC),
+            source=origin.source,
+            calling_ae=origin.calling_ae,
+            remote_host=origin.remote_host,
+        )
+        try:
+            added: AddResult = self.committer.submit(record)
+        except Exception as exc:
+            # The object stays as an orphan: deleting it could remove the bytes
+            # of a commit that did succeed before the error reached us.
+            log.error("index commit failed for %s: %s", key, exc)
+            raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
+
+        if added.obsolete_key:
+            try:
+                self.store.delete(added.obsolete_key)
+            except StorageError as exc:
+                log.warning("could not delete replaced object %s: %s", added.obsolete_key, exc)
+        result = IngestResult(Status.SUCCESS, added.outcome, header, key, info.size)
+        for listener in self.listeners:
+            try:
+                listener(result, origin)
+            except Exception:
+                log.exception("ingest listener failed")
+        return result
+
+    def close(self) -> None:
+        self._stager.shutdown(wait=True)
+
+
+def _check_expected(header: InstanceHeader, sop_class: str | None, sop_uid: str | None) -> None:
+    if sop_uid and sop_uid != header.sop_uid:
+        raise IngestError(
+            Status.INVALID_DATASET,
+            "SOP Instance UID of the dataset differs from the request's Affected SOP Instance UID",
+        )
+    if sop_class and sop_class != header.sop_class_uid:
+        raise IngestError(
+            Status.INVALID_DATASET,
+            "SOP Class UID of the dataset differs from the request's Affected SOP Class UID",
+        )
+
+
+def _discard(staging: Future[StagedObject] | None) -> None:
+    """Drop staged bytes (waiting for the write to finish, then deleting)."""
+    if staging is None:
+        return
+    try:
+        staging.result().abort()
+    except Exception:
+        pass  # a failed stage left nothing behind

@@ -1,0 +1,35 @@
+"""Search forms of person names and other text.
+
+Vietnamese names carry diacritics ("Nguyễn Văn An") that modality keyboards,
+HIS exports and radiologists typing a search often drop ("NGUYEN VAN AN").
+Matching is done on a folded form: Unicode NFD, combining marks removed,
+``đ/Đ`` mapped to ``D`` (it is a distinct letter, not a base plus a mark, so
+NFD leaves it alone), upper case. The DICOM ``^`` and ``=`` separators are
+kept so component-wise matching still works.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+# Letters NFD does not decompose but users type without their stroke.
+_EXTRA = str.maketrans({"đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L"})
+
+
+def fold(text: str | None) -> str:
+    """Fold *text* for matching: no diacritics, upper case, spaces collapsed."""
+    if not text:
+        return ""
+    decomposed = unicodedata.normalize("NFD", text.translate(_EXTRA))
+    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
+    return " ".join(stripped.upper().split())
+
+
+def fold_name(name: object) -> str:
+    """Folded form of a DICOM person name (PN value, any representation)."""
+    if name is None:
+        return ""
+    text = str(name)
+    # Trailing empty components ("NGUYEN^VAN^^^") carry no meaning in PN.
+    groups = [g.rstrip("^").strip() for g in text.split("=")]
+    return fold("=".join(groups).rstrip("="))

@@ -1,0 +1,94 @@
+"""Read-side queries on the index used by the core and the CLI."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, func, select
+
+from .index.models import Instance, Patient, Series, Study
+
+
+@dataclass(frozen=True)
+class Stats:
+    patients: int
+    studies: int
+    series: int
+    instances: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class StoredInstance:
+    """Where an instance's bytes are and what they should be."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    storage_key: str
+    size: int
+    sha256: str
+    transfer_syntax_uid: str
+    sop_class_uid: str
+
+
+class IndexReader:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def instance_key(self, sop_uid: str) -> str | None:
+        """Storage key of an indexed instance, or None."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(Instance.storage_key).where(Instance.sop_uid == sop_uid)
+            ).scalar()
+
+    def _stored_query(self):  # type: ignore[no-untyped-def]
+        return (
+            select(
+                Instance.sop_uid,
+                Study.study_uid,
+                Series.series_uid,
+                Instance.storage_key,
+                Instance.size_bytes,
+                Instance.sha256,
+                Instance.transfer_syntax_uid,
+                Instance.sop_class_uid,
+            )
+            .join(Series, Series.pk == Instance.series_pk)
+            .join(Study, Study.pk == Series.study_pk)
+        )
+
+    def stored_instance(self, sop_uid: str) -> StoredInstance | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(self._stored_query().where(Instance.sop_uid == sop_uid)).first()
+        return StoredInstance(*row) if row else None
+
+    def iter_stored(self, study_uid: str | None = None, batch: int = 1000) -> Iterator[StoredInstance]:
+        """Every indexed instance (of one study), in pages, never all at once."""
+        last_pk = 0
+        while True:
+            query = self._stored_query().add_columns(Instance.pk).where(Instance.pk > last_pk)
+            if study_uid:
+                query = query.where(Study.study_uid == study_uid)
+            with self.engine.connect() as conn:
+                rows = conn.execute(query.order_by(Instance.pk).limit(batch)).all()
+            if not rows:
+                return
+            for row in rows:
+                yield StoredInstance(*row[:-1])
+            last_pk = rows[-1][-1]
+
+    def stats(self) -> Stats:
+        with self.engine.connect() as conn:
+            patients = conn.execute(select(func.count()).select_from(Patient)).scalar_one()
+            studies, series_count, instances, size = conn.execute(
+                select(
+                    func.count(),
+                    func.coalesce(func.sum(Study.num_series), 0),
+                    func.coalesce(func.sum(Study.num_instances), 0),
+                    func.coalesce(func.sum(Study.size_bytes), 0),
+                )
+            ).one()
+        return Stats(int(patients), int(studies), int(series_count), int(instances), int(size))

@@ -1,0 +1,55 @@
+"""``pacs serve``: the DICOM listener and the HTTP app in one supervised process.
+
+Uvicorn owns the main thread and the signal handlers (SIGINT/SIGTERM stop it
+gracefully); the DICOM server runs in its own threads and is shut down after
+HTTP stops, then the index committer drains and closes.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import uvicorn
+
+from .app import Pacs
+from .settings import Settings
+
+log = logging.getLogger("pacs.serve")
+
+
+def serve(settings: Settings, *, with_samples: bool = False) -> int:
+    """Run until interrupted; returns the process exit code."""
+    from dicom_scp import start_dicom_server
+    from viewer_api.app import create_app
+
+    pacs = Pacs.open(settings)
+    try:
+        if pacs.reader.stats().studies == 0:
+            if with_samples:
+                from .samples import load_samples
+
+                log.info("empty archive: loading synthetic sample studies")
+                summary = load_samples(pacs)
+                log.info("sample studies loaded: %d instances", summary.stored)
+            elif settings.offer_samples:
+                log.info(
+                    "the archive is empty; to see data at once run: pacs samples --data-dir %s",
+                    settings.data_dir,
+                )
+        dicom = start_dicom_server(pacs)
+        try:
+            config = uvicorn.Config(
+                create_app(pacs),
+                host=settings.host,
+                port=settings.http_port,
+                log_level=settings.log_level.lower(),
+                access_log=False,
+                timeout_graceful_shutdown=10,
+            )
+            log.info("HTTP listening on http://%s:%d", settings.host, settings.http_port)
+            uvicorn.Server(config).run()
+        finally:
+            dicom.shutdown()
+    finally:
+        pacs.close()
+    return 0

@@ -1,0 +1,122 @@
+"""Settings: defaults < config file (TOML) < ``PACS_*`` environment < command line.
+
+The config file is ``--config FILE``, else ``$PACS_CONFIG``, else
+``DATA_DIR/pacs.toml`` when it exists. Keys are the field names below
+(``dicom_port = 104``); known AEs may be listed as ``[[ae]]`` tables with
+``title``, ``host`` and ``port`` and are loaded into the AE registry.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+def _read_config_file(path: Path | None) -> dict[str, Any]:
+    if path is None or not path.is_file():
+        return {}
+    with path.open("rb") as f:
+        return tomllib.load(f)
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads the TOML config file, located from the other sources."""
+
+    def __init__(self, settings_cls: type[BaseSettings], init_kwargs: dict[str, Any]) -> None:
+        super().__init__(settings_cls)
+        explicit = init_kwargs.get("config_file") or os.environ.get("PACS_CONFIG")
+        if explicit:
+            path: Path | None = Path(explicit)
+            if not path.is_file():
+                raise FileNotFoundError(f"config file not found: {path}")
+        else:
+            data_dir = init_kwargs.get("data_dir") or os.environ.get("PACS_DATA_DIR") or "./data"
+            path = Path(data_dir) / "pacs.toml"
+        self._data = _read_config_file(path)
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    """Everything an operator can configure."""
+
+    model_config = SettingsConfigDict(env_prefix="PACS_", extra="ignore")
+
+    config_file: Path | None = None
+    data_dir: Path = Path("./data")
+    index_url: str | None = None
+    storage_url: str | None = None
+    s3_access_key: str | None = None
+    s3_secret_key: str | None = None
+
+    host: str = "127.0.0.1"
+    dicom_port: int = 11112
+    http_port: int = 8042
+    hl7_port: int = 2575
+    ae_title: str = "FILMLESS"
+
+    # Calling-AE allowlist: off for ease on a demo, on in production config.
+    ae_allowlist: bool = False
+    duplicate_policy: Literal["keep", "overwrite"] = "keep"
+    max_associations: int = 32
+    max_pdu_size: int = 262_144
+    dicom_timeout: float = 60.0
+    max_object_bytes: int = 4 * 1024**3
+    # Refuse new objects (0xA700) before the disk is full rather than fail mid-write.
+    min_free_bytes: int = 512 * 1024**2
+    # Group commit: how long the committer waits to gather more index rows.
+    commit_batch_max: int = 256
+    offer_samples: bool = True
+    log_level: str = "INFO"
+    ae: list[dict[str, Any]] = Field(default_factory=list)
+
+    @field_validator("ae_title")
+    @classmethod
+    def _valid_ae_title(cls, value: str) -> str:
+        value = value.strip()
+        if not 0 < len(value) <= 16 or "\\" in value:
+            raise ValueError("AE title must be 1-16 characters without backslash")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        init_kwargs = getattr(init_settings, "init_kwargs", {})
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls, init_kwargs))
+
+    @property
+    def resolved_index_url(self) -> str:
+        """The SQLAlchemy URL of the index (SQLite in the data dir by default)."""
+        if self.index_url:
+            url = self.index_url
+            # psycopg 3 is the driver we ship; plain postgresql:// would pick psycopg2.
+            for prefix in ("postgresql://", "postgres://"):
+                if url.startswith(prefix):
+                    url = "postgresql+psycopg://" + url[len(prefix) :]
+            return url
+        return f"sqlite:///{(self.data_dir / 'index.sqlite').absolute()}"
+
+    @property
+    def resolved_storage_url(self) -> str:
+        """The object store URL (a folder in the data dir by default)."""
+        return self.storage_url or f"file://{(self.data_dir / 'objects').absolute()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, letting non-None keyword arguments (CLI flags) win."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,61 @@
+"""Object storage: one interface, a filesystem store and an S3 store.
+
+``open_store(url)`` picks the backend from a URL:
+
+- ``file:///var/lib/pacs/objects`` (or a plain path): :class:`FileStore`;
+- ``s3://BUCKET?endpoint=HOST:PORT&secure=false[&region=R][&prefix=P]``:
+  :class:`S3Store`, keys from ``access_key``/``secret_key`` arguments.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from .base import (
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    StagedObject,
+    StorageError,
+    StorageFullError,
+    sha256_of,
+    validate_key,
+)
+from .filesystem import FileStore
+
+__all__ = [
+    "FileStore",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "ObjectStore",
+    "StagedObject",
+    "StorageError",
+    "StorageFullError",
+    "open_store",
+    "sha256_of",
+    "validate_key",
+]
+
+
+def open_store(url: str, access_key: str | None = None, secret_key: str | None = None) -> ObjectStore:
+    """Open the object store that *url* names."""
+    parts = urlsplit(url)
+    if parts.scheme in ("", "file"):
+        return FileStore(unquote(parts.path) if parts.scheme else url)
+    if parts.scheme == "s3":
+        from .s3 import S3Store  # the minio client is only imported when used
+
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        endpoint = query.get("endpoint")
+        if not parts.netloc or not endpoint:
+            raise ValueError(f"S3 URL needs a bucket and ?endpoint=HOST:PORT: {url!r}")
+        return S3Store(
+            bucket=parts.netloc,
+            endpoint=endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=query.get("secure", "true").lower() not in ("false", "0", "no"),
+            region=query.get("region", "us-east-1"),
+            prefix=query.get("prefix", ""),
+        )
+    raise ValueError(f"unsupported storage URL scheme {parts.scheme!r} in {url!r}")

@@ -1,0 +1,264 @@
+"""Filesystem object store: the embedded default.
+
+Layout: ``ROOT/<aa>/<bb>/<key>`` where ``aabb`` are the first hex digits of
+the sha1 of the key's first segment (the study UID for DICOM objects). That
+keeps every directory small at millions of objects while a whole study stays
+in one directory, so listing a study prefix touches one folder.
+
+Writes are atomic and durable: bytes go to ``ROOT/.tmp/``, are fsynced,
+renamed into place, and the target directory is fsynced. A crash before the
+rename leaves only a temp file, removed at the next start.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from .base import (
+    CHUNK,
+    HashingReader,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    StagedObject,
+    StorageError,
+    StorageFullError,
+    validate_key,
+)
+
+_TMP = ".tmp"
+_STALE_TMP_SECONDS = 24 * 3600
+_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RangeReader(io.RawIOBase):
+    """A read-only view of ``length`` bytes of an open file from its position."""
+
+    def __init__(self, raw: BinaryIO, length: int) -> None:
+        self._raw = raw
+        self._left = length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._left <= 0:
+            return 0
+        view = memoryview(buffer)[: self._left]
+        n = self._raw.readinto(view)  # type: ignore[attr-defined]
+        self._left -= n or 0
+        return n or 0
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+def _os_error(exc: OSError, what: str) -> StorageError:
+    if exc.errno in _FULL_ERRNOS:
+        return StorageFullError(f"no space left to {what}")
+    return StorageError(f"cannot {what}: {exc}")
+
+
+class _FileStaged(StagedObject):
+    def __init__(self, store: FileStore, tmp: Path, size: int, sha256: str) -> None:
+        self._store = store
+        self._tmp = tmp
+        self.size = size
+        self.sha256 = sha256
+
+    def commit(self, key: str) -> ObjectInfo:
+        self._store._publish(self._tmp, key)
+        return ObjectInfo(key=key, size=self.size, sha256=self.sha256)
+
+    def abort(self) -> None:
+        self._tmp.unlink(missing_ok=True)
+
+
+class FileStore(ObjectStore):
+    """Objects as files under one root directory."""
+
+    stages_eagerly = True
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root).absolute()
+        self.url = f"file://{self.root}"
+        self._tmp = self.root / _TMP
+        try:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create store at {self.root}: {exc}") from exc
+        # Directories already known to be durable on disk: fsyncing a parent
+        # once per new directory is enough, not once per object.
+        self._durable_dirs: set[Path] = {self.root, self._tmp}
+        self._remove_stale_temp_files()
+
+    # -- layout ---------------------------------------------------------
+    @staticmethod
+    def _shard(first_segment: str) -> str:
+        h = hashlib.sha1(first_segment.encode()).hexdigest()
+        return f"{h[:2]}/{h[2:4]}"
+
+    def path_for(self, key: str) -> Path:
+        """The file that holds *key* (whether or not it exists yet)."""
+        validate_key(key)
+        return self.root / self._shard(key.split("/", 1)[0]) / key
+
+    def _key_for(self, path: Path) -> str:
+        rel = path.relative_to(self.root).parts
+        return "/".join(rel[2:])
+
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._durable_dirs:
+            return
+        missing: list[Path] = []
+        d = directory
+        while d not in self._durable_dirs and not d.exists():
+            missing.append(d)
+            d = d.parent
+        directory.mkdir(parents=True, exist_ok=True)
+        # A new directory entry is only durable once its parent is fsynced.
+        for created in reversed(missing):
+            _fsync_dir(created.parent)
+        self._durable_dirs.add(directory)
+
+    def _remove_stale_temp_files(self) -> None:
+        now = time.time()
+        for entry in os.scandir(self._tmp):
+            pid_part = entry.name.split(".", 1)[0]
+            try:
+                stale = not pid_part.isdigit() or not _pid_alive(int(pid_part))
+                stale = stale or now - entry.stat().st_mtime > _STALE_TMP_SECONDS
+                if stale:
+                    os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+
+    # -- contract -------------------------------------------------------
+    def stage(self, stream: BinaryIO, size: int | None = None) -> StagedObject:
+        tmp = self._tmp / f"{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        reader = HashingReader(stream)
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                while chunk := reader.read(CHUNK):
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+            if size is not None and reader.size != size:
+                raise StorageError(f"short write: {reader.size} of {size} bytes")
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _os_error(exc, "stage object") from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            stream.close()
+        return _FileStaged(self, tmp, reader.size, reader.sha256)
+
+    def _publish(self, tmp: Path, key: str) -> None:
+        target = self.path_for(key)
+        try:
+            self._ensure_dir(target.parent)
+            os.rename(tmp, target)
+            _fsync_dir(target.parent)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise _os_error(exc, f"store {key}") from exc
+
+    def put(self, key: str, stream: BinaryIO, size: int | None = None) -> ObjectInfo:
+        self.path_for(key)  # validate the key before writing anything
+        return self.stage(stream, size).commit(key)
+
+    def open(self, key: str, offset: int = 0, length: int | None = None) -> BinaryIO:
+        path = self.path_for(key)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 - the caller closes it
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(key) from exc
+        except OSError as exc:
+            raise StorageError(f"cannot read {key}: {exc}") from exc
+        if offset:
+            f.seek(offset)
+        if length is None:
+            return f
+        return io.BufferedReader(RangeReader(f, length), CHUNK)  # type: ignore[return-value]
+
+    def stat(self, key: str) -> ObjectInfo:
+        try:
+            st = self.path_for(key).stat()
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(key) from exc
+        return ObjectInfo(key=key, size=st.st_size)
+
+    def delete(self, key: str) -> None:
+        path = self.path_for(key)
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise StorageError(f"cannot delete {key}: {exc}") from exc
+        _fsync_dir(path.parent)
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        if "/" in prefix:
+            # The first segment is complete, so only its shard can hold matches.
+            first = prefix.split("/", 1)[0]
+            tops = [self.root / self._shard(first) / first]
+        else:
+            tops = [self.root]
+        for top in tops:
+            if not top.exists():
+                continue
+            for dirpath, dirnames, filenames in os.walk(top):
+                if Path(dirpath) == self.root:
+                    dirnames[:] = [d for d in dirnames if d != _TMP]
+                dirnames.sort()
+                for name in sorted(filenames):
+                    path = Path(dirpath) / name
+                    key = self._key_for(path)
+                    if key.startswith(prefix):
+                        try:
+                            size = path.stat().st_size
+                        except FileNotFoundError:
+                            continue
+                        yield ObjectInfo(key=key, size=size)
+
+    def free_bytes(self) -> int | None:
+        return shutil.disk_usage(self.root).free
+
+    def check(self) -> None:
+        if not os.access(self._tmp, os.W_OK):
+            raise StorageError(f"store directory {self._tmp} is not writable")

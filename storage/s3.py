@@ -1,0 +1,177 @@
+"""S3 object store on the ``minio`` client (MinIO, SeaweedFS, AWS S3).
+
+A PUT is atomic on S3: the object becomes visible only once complete, so a
+completed ``put_object`` is our durability point. Large objects go up as
+multipart uploads; reads stream from the HTTP response without buffering the
+object.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, BinaryIO
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from .base import (
+    HashingReader,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectStore,
+    StorageError,
+    StorageFullError,
+    validate_key,
+)
+
+# Below this size one PUT; above it, a multipart upload in parts of this size.
+PART_SIZE = 16 * 1024 * 1024
+_NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NotFound"}
+_FULL = {"XMinioStorageFull", "EntityTooLarge", "QuotaExceeded"}
+
+
+@contextmanager
+def _s3_errors(op: str, key: str) -> Iterator[None]:
+    """Translate minio/urllib3 failures into the storage contract's errors."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except S3Error as exc:
+        if exc.code in _NOT_FOUND:
+            raise ObjectNotFound(key) from exc
+        if exc.code in _FULL:
+            raise StorageFullError(f"S3 refused {op} {key}: {exc.code}") from exc
+        raise StorageError(f"S3 {op} {key} failed: {exc.code}") from exc
+    except Exception as exc:  # urllib3 connection errors and the like
+        raise StorageError(f"S3 {op} {key} failed: {exc}") from exc
+
+
+class _ResponseReader(io.RawIOBase):
+    """File-like view of a streaming S3 GET that returns the connection on close."""
+
+    def __init__(self, response: Any) -> None:
+        self._response = response
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self._response.read(len(buffer))
+        n = len(data)
+        memoryview(buffer)[:n] = data
+        return n
+
+    def close(self) -> None:
+        if not self.closed:
+            self._response.close()
+            self._response.release_conn()
+        super().close()
+
+
+class S3Store(ObjectStore):
+    """Objects in one S3 bucket, optionally under a key prefix."""
+
+    def __init__(
+        self,
+        bucket: str,
+        endpoint: str,
+        access_key: str | None,
+        secret_key: str | None,
+        *,
+        secure: bool = True,
+        region: str = "us-east-1",
+        prefix: str = "",
+        create_bucket: bool = True,
+        pool_size: int = 32,
+    ) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
+        scheme_query = f"endpoint={endpoint}&secure={'true' if secure else 'false'}"
+        self.url = f"s3://{bucket}?{scheme_query}" + (f"&prefix={prefix}" if prefix else "")
+        # Few, quick retries: a C-STORE must fail within seconds when the
+        # server is down rather than hang the modality.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=5, read=120),
+            maxsize=pool_size,
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        )
+        self._client = Minio(
+            endpoint,
+            access_key=access_key,
+            secret_key=secret_key,
+            secure=secure,
+            region=region,
+            http_client=http,
+        )
+        if create_bucket:
+            self._ensure_bucket()
+
+    def _ensure_bucket(self) -> None:
+        try:
+            with _s3_errors("create bucket", self.bucket):
+                if not self._client.bucket_exists(self.bucket):
+                    self._client.make_bucket(self.bucket)
+        except StorageError as exc:
+            # Another node may have created it between the check and the make.
+            if not isinstance(exc.__cause__, S3Error) or exc.__cause__.code not in (
+                "BucketAlreadyOwnedByYou",
+                "BucketAlreadyExists",
+            ):
+                raise
+
+    def _name(self, key: str) -> str:
+        return self.prefix + validate_key(key)
+
+    def put(self, key: str, stream: BinaryIO, size: int | None = None) -> ObjectInfo:
+        name = self._name(key)
+        reader = HashingReader(stream)
+        with _s3_errors("PUT", key):
+            self._client.put_object(
+                self.bucket,
+                name,
+                reader,  # type: ignore[arg-type]
+                length=size if size is not None else -1,
+                part_size=PART_SIZE,
+                content_type="application/octet-stream",
+            )
+        if size is not None and reader.size != size:
+            raise StorageError(f"short upload for {key}: {reader.size} of {size} bytes")
+        return ObjectInfo(key=key, size=reader.size, sha256=reader.sha256)
+
+    def open(self, key: str, offset: int = 0, length: int | None = None) -> BinaryIO:
+        name = self._name(key)
+        with _s3_errors("GET", key):
+            response = self._client.get_object(self.bucket, name, offset=offset, length=length or 0)
+        return io.BufferedReader(_ResponseReader(response), 1024 * 1024)  # type: ignore[return-value]
+
+    def stat(self, key: str) -> ObjectInfo:
+        name = self._name(key)
+        with _s3_errors("HEAD", key):
+            st = self._client.stat_object(self.bucket, name)
+        return ObjectInfo(key=key, size=int(st.size or 0))
+
+    def delete(self, key: str) -> None:
+        name = self._name(key)
+        try:
+            with _s3_errors("DELETE", key):
+                self._client.remove_object(self.bucket, name)
+        except ObjectNotFound:
+            return
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        with _s3_errors("LIST", prefix):
+            for obj in self._client.list_objects(
+                self.bucket, prefix=self.prefix + prefix, recursive=True
+            ):
+                name = obj.object_name or ""
+                yield ObjectInfo(key=name[len(self.prefix) :], size=int(obj.size or 0))
+
+    def check(self) -> None:
+        with _s3_errors("check", self.bucket):
+            exists = self._client.bucket_exists(self.bucket)
+        if not exists:
+            raise StorageError(f"bucket {self.bucket} does not exist")

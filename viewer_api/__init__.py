@@ -1,0 +1,1 @@
+"""HTTP entry point: DICOMweb, WADO-URI, rendering, FHIR, JSON API, viewer."""
