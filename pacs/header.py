@@ -180,16 +180,28 @@ def parse_header(
                 # Seen in real files; the dataset's own UID is the one that counts.
                 log.warning("file meta SOP Instance UID differs from the dataset's; using the dataset's")
         _fill(header, ds)
-    except IngestError:
-        raise
+    except IngestError as exc:
+        # pydicom tolerates a lot; if the structure itself is broken, say so
+        # (0xC000) rather than blaming a missing attribute (0xA900).
+        _check_structure(stream, size, ts)
+        raise exc
     except Exception as exc:  # pydicom raises lazily while decoding values
         raise IngestError(Status.CANNOT_UNDERSTAND, f"malformed dataset: {exc}") from exc
 
-    if ts != DeflatedExplicitVRLittleEndian and end_of_header < size:
-        header.pixel_offset = end_of_header
-        _check_complete(stream, end_of_header, size, ts)
-    elif ts != DeflatedExplicitVRLittleEndian and end_of_header > size:
-        raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset")
+    if ts != DeflatedExplicitVRLittleEndian:
+        if end_of_header < size:
+            header.pixel_offset = end_of_header
+            _check_complete(stream, end_of_header, size, ts)
+        elif end_of_header > size:
+            raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset")
+        else:
+            # No Pixel Data: pydicom deferred the large values unread, so walk
+            # every element to prove the object is whole.
+            _check_structure(stream, size, ts)
+            if header.rows is not None:
+                # Pixel Data is type 1 in the Image Pixel module: an image
+                # without it was cut short where its pixels should start.
+                raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset: Pixel Data missing")
     return header
 
 
@@ -280,6 +292,31 @@ class _Walker:
             while self.element(depth + 1) != end_tag:
                 pass
         return tag
+
+
+def _dataset_start(stream: BinaryIO) -> int:
+    """Offset of the first dataset element after the File Meta group."""
+    stream.seek(132)
+    while True:
+        head = stream.read(8)
+        if len(head) < 8 or head[:2] != b"\x02\x00":
+            return stream.tell() - len(head)
+        if head[4:6] in _LONG_VRS:
+            length = struct.unpack("<L", stream.read(4))[0]
+        else:
+            length = struct.unpack("<H", head[6:8])[0]
+        stream.seek(length, 1)
+
+
+def _check_structure(stream: BinaryIO, size: int, ts: str) -> None:
+    """Walk every element header of the dataset; raise 0xC000 if broken."""
+    if ts == DeflatedExplicitVRLittleEndian:
+        return
+    try:
+        start = _dataset_start(stream)
+    except struct.error:
+        raise IngestError(Status.CANNOT_UNDERSTAND, "truncated file meta") from None
+    _check_complete(stream, start, size, ts)
 
 
 def _check_complete(stream: BinaryIO, offset: int, size: int, ts: str) -> None:

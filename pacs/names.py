@@ -21,8 +21,19 @@ def fold(text: str | None) -> str:
     if not text:
         return ""
     decomposed = unicodedata.normalize("NFD", text.translate(_EXTRA))
-    stripped = "".join(c for c in decomposed if not unicodedata.combining(c))
-    return " ".join(stripped.upper().split())
+    kept: list[str] = []
+    base = ""
+    for c in decomposed:
+        if unicodedata.combining(c):
+            # Only Latin letters lose their marks: Japanese kana keep their
+            # voicing marks (だ is not た), Vietnamese tones and hats go.
+            if base < "\u0250":
+                continue
+        else:
+            base = c
+        kept.append(c)
+    folded = unicodedata.normalize("NFC", "".join(kept))
+    return " ".join(folded.upper().split())
 
 
 def fold_name(name: object) -> str:

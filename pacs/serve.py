@@ -8,6 +8,7 @@ HTTP stops, then the index committer drains and closes.
 from __future__ import annotations
 
 import logging
+import signal
 
 import uvicorn
 
@@ -47,7 +48,13 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
                 timeout_graceful_shutdown=10,
             )
             log.info("HTTP listening on http://%s:%d", settings.host, settings.http_port)
+            # Uvicorn re-raises the signal that stopped it once it has shut
+            # down; with a no-op handler in place that lands here harmlessly
+            # and the DICOM listener and the committer are closed properly.
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: None)
             uvicorn.Server(config).run()
+            log.info("stopping")
         finally:
             dicom.shutdown()
     finally:

@@ -13,6 +13,7 @@ rename leaves only a temp file, removed at the next start.
 from __future__ import annotations
 
 import errno
+import logging
 import hashlib
 import io
 import os
@@ -35,6 +36,8 @@ from .base import (
     validate_key,
 )
 
+log = logging.getLogger(__name__)
+
 _TMP = ".tmp"
 _STALE_TMP_SECONDS = 24 * 3600
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
@@ -46,6 +49,14 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove_quietly(path: Path) -> None:
+    """Best-effort cleanup: the error being handled matters more than this one."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def _pid_alive(pid: int) -> bool:
@@ -99,7 +110,7 @@ class _FileStaged(StagedObject):
         return ObjectInfo(key=key, size=self.size, sha256=self.sha256)
 
     def abort(self) -> None:
-        self._tmp.unlink(missing_ok=True)
+        _remove_quietly(self._tmp)
 
 
 class FileStore(ObjectStore):
@@ -111,14 +122,16 @@ class FileStore(ObjectStore):
         self.root = Path(root).absolute()
         self.url = f"file://{self.root}"
         self._tmp = self.root / _TMP
-        try:
-            self._tmp.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise StorageError(f"cannot create store at {self.root}: {exc}") from exc
         # Directories already known to be durable on disk: fsyncing a parent
         # once per new directory is enough, not once per object.
         self._durable_dirs: set[Path] = {self.root, self._tmp}
-        self._remove_stale_temp_files()
+        try:
+            self._tmp.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temp_files()
+        except OSError as exc:
+            # Reads (and the index) stay usable; writes fail with a clear
+            # status and check() reports the problem.
+            log.error("object store at %s is not writable: %s", self.root, exc)
 
     # -- layout ---------------------------------------------------------
     @staticmethod
@@ -178,10 +191,10 @@ class FileStore(ObjectStore):
             if size is not None and reader.size != size:
                 raise StorageError(f"short write: {reader.size} of {size} bytes")
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            _remove_quietly(tmp)
             raise _os_error(exc, "stage object") from exc
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            _remove_quietly(tmp)
             raise
         finally:
             stream.close()
@@ -194,7 +207,7 @@ class FileStore(ObjectStore):
             os.rename(tmp, target)
             _fsync_dir(target.parent)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
+            _remove_quietly(tmp)
             raise _os_error(exc, f"store {key}") from exc
 
     def put(self, key: str, stream: BinaryIO, size: int | None = None) -> ObjectInfo:
@@ -260,5 +273,5 @@ class FileStore(ObjectStore):
         return shutil.disk_usage(self.root).free
 
     def check(self) -> None:
-        if not os.access(self._tmp, os.W_OK):
+        if not self._tmp.is_dir() or not os.access(self._tmp, os.W_OK):
             raise StorageError(f"store directory {self._tmp} is not writable")

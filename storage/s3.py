@@ -9,6 +9,7 @@ object.
 from __future__ import annotations
 
 import io
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
@@ -26,6 +27,8 @@ from .base import (
     StorageFullError,
     validate_key,
 )
+
+log = logging.getLogger(__name__)
 
 # Below this size one PUT; above it, a multipart upload in parts of this size.
 PART_SIZE = 16 * 1024 * 1024
@@ -107,10 +110,19 @@ class S3Store(ObjectStore):
             region=region,
             http_client=http,
         )
+        self._create_bucket = create_bucket
+        self._bucket_ready = False
         if create_bucket:
-            self._ensure_bucket()
+            try:
+                self._ensure_bucket()
+            except StorageError as exc:
+                # The server may come up after us: reads of the index must
+                # work meanwhile, and the first write tries again.
+                log.warning("S3 not ready at start (%s); will retry on first write", exc)
 
     def _ensure_bucket(self) -> None:
+        if self._bucket_ready or not self._create_bucket:
+            return
         try:
             with _s3_errors("create bucket", self.bucket):
                 if not self._client.bucket_exists(self.bucket):
@@ -122,12 +134,14 @@ class S3Store(ObjectStore):
                 "BucketAlreadyExists",
             ):
                 raise
+        self._bucket_ready = True
 
     def _name(self, key: str) -> str:
         return self.prefix + validate_key(key)
 
     def put(self, key: str, stream: BinaryIO, size: int | None = None) -> ObjectInfo:
         name = self._name(key)
+        self._ensure_bucket()
         reader = HashingReader(stream)
         with _s3_errors("PUT", key):
             self._client.put_object(

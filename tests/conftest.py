@@ -315,6 +315,20 @@ class PacsServer:
     def http(self) -> httpx.Client:
         return httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=30)
 
+    def core(self):  # type: ignore[no-untyped-def]
+        """Open the core on this server's index and store (reads in tests)."""
+        from pacs.app import Pacs
+        from pacs.settings import load_settings
+
+        settings = load_settings(
+            data_dir=self.data_dir,
+            index_url=self.backend.index_url,
+            storage_url=self.backend.storage_url,
+            s3_access_key=self.backend.env.get("PACS_S3_ACCESS_KEY"),
+            s3_secret_key=self.backend.env.get("PACS_S3_SECRET_KEY"),
+        )
+        return Pacs.open(settings, migrate=False)
+
     def storescu(self, *args: str, calling: str = "STORESCU") -> subprocess.CompletedProcess[str]:
         return run_dcmtk("storescu", "-aet", calling, "-aec", self.ae_title, "127.0.0.1", str(self.dicom_port), *args)
 
@@ -339,7 +353,7 @@ def samples(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def testdata(name: str) -> Path:
+def pydicom_file(name: str) -> Path:
     """A file bundled with pydicom or pydicom-data, never downloaded."""
     from pydicom.data import get_testdata_file
 

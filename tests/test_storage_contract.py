@@ -173,5 +173,8 @@ def test_filesystem_layout_is_sharded(tmp_path: Path) -> None:
 
 
 def test_s3_unreachable_raises_storage_error() -> None:
+    store = open_store("s3://bucket?endpoint=127.0.0.1:1&secure=false", access_key="a", secret_key="b")
     with pytest.raises(StorageError):
-        open_store("s3://bucket?endpoint=127.0.0.1:1&secure=false", access_key="a", secret_key="b")
+        store.put("a/b", io.BytesIO(b"x"), 1)
+    with pytest.raises(StorageError):
+        store.check()

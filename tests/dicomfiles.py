@@ -1,0 +1,134 @@
+"""Test data helpers: pick real DICOM files and send them as they are."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections import defaultdict
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+    generate_uid,
+)
+
+# storescu flag that proposes exactly the file's own syntax first.
+STORESCU_FLAG = {
+    ExplicitVRLittleEndian: "-xe",
+    ExplicitVRBigEndian: "-xb",
+    ImplicitVRLittleEndian: "-xi",
+    DeflatedExplicitVRLittleEndian: "-xd",
+    JPEGBaseline8Bit: "-xy",
+    JPEGExtended12Bit: "-xx",
+    JPEGLosslessSV1: "-xs",
+    JPEGLSLossless: "-xt",
+    JPEGLSNearLossless: "-xu",
+    JPEG2000Lossless: "-xv",
+    JPEG2000: "-xw",
+    RLELossless: "-xr",
+}
+
+# Real files bundled with pydicom / pydicom-data, one per syntax (distinct
+# SOP Instance UIDs), including non-image objects and a multi-frame US.
+PYDICOM_FILES = [
+    "CT_small.dcm",
+    "waveform_ecg.dcm",
+    "test-SR.dcm",
+    "ExplVR_BigEnd.dcm",
+    "gdcm-US-ALOKA-16.dcm",
+    "image_dfl.dcm",
+    "SC_rgb_jpeg_dcmtk.dcm",
+    "examples_ybr_color.dcm",
+    "JPGExtended.dcm",
+    "JPGLosslessP14SV1_1s_1f_8b.dcm",
+    "emri_small_jpeg_ls_lossless.dcm",
+    "US1_J2KR.dcm",
+    "693_J2KI.dcm",
+    "OBXXXX1A_rle.dcm",
+]
+
+
+def what_storescu_sends(files: list[Path], workdir: Path) -> dict[str, bytes]:
+    """The dataset bytes DCMTK's storescu puts on the wire for each file.
+
+    storescu re-encodes what it reads (it drops trailing padding, group
+    lengths...), so "byte-identical to what was sent" is checked against a
+    DCMTK storescp in bit-preserving mode (+B), fed the same way.
+    Returns {SOP Instance UID: dataset bytes}.
+    """
+    from .conftest import dataset_bytes, free_port, run_dcmtk, wait_port, dcmtk
+
+    sent: dict[str, bytes] = {}
+    for flag, group in group_by_flag(files).items():
+        out = workdir / f"storescp{flag}"
+        out.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        proc = subprocess.Popen(
+            [dcmtk("storescp"), "+B", f"+{flag[1:]}", "-od", str(out), "-aet", "REFSCP", str(port)],
+            env={**os.environ, "TCP_NODELAY": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            wait_port(port, proc=proc)
+            result = run_dcmtk("storescu", flag, "-aec", "REFSCP", "127.0.0.1", str(port), *map(str, group))
+            assert result.returncode == 0, result.stderr
+        finally:
+            proc.terminate()
+            proc.wait(timeout=10)
+        for f in out.iterdir():
+            data = f.read_bytes()
+            uid = dcmread(f, stop_before_pixels=True).SOPInstanceUID
+            sent[str(uid)] = dataset_bytes(data)
+    return sent
+
+
+def transfer_syntax(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+
+
+def group_by_flag(files: list[Path]) -> dict[str, list[Path]]:
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for f in files:
+        groups[STORESCU_FLAG[transfer_syntax(f)]].append(f)
+    return dict(groups)
+
+
+def jpegls_near_lossless(out_dir: Path) -> Path:
+    """pydicom's JPEG-LS near-lossless sample lacks study/series UIDs: add them."""
+    from .conftest import pydicom_file
+
+    ds = dcmread(pydicom_file("JPEGLSNearLossless_16.dcm"))
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality = "OT"
+    out = out_dir / "jpegls_near_lossless.dcm"
+    ds.save_as(out, enforce_file_format=True)
+    return out
+
+
+def copy_files(names: list[str], out_dir: Path) -> list[Path]:
+    from .conftest import pydicom_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        target = out_dir / name
+        shutil.copy(pydicom_file(name), target)
+        paths.append(target)
+    return paths

@@ -1,0 +1,93 @@
+"""The operator's CLI: import, stats --json, the AE registry, samples, db."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from .conftest import PACS, Backend, PacsServer
+from .dicomfiles import PYDICOM_FILES, copy_files
+
+
+def pacs(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([PACS, *args, "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=300)
+
+
+def test_import_recursive_skips_non_dicom_and_reports(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    copy_files(PYDICOM_FILES[:5], src / "nested" / "deeper")
+    (src / "README.txt").write_text("not dicom")
+    (src / "nested" / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    result = pacs("import", str(src), "--json", data_dir=tmp_path / "data")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["files"] == 7
+    assert summary["stored"] == 5
+    assert summary["not_dicom"] == 2
+    assert summary["failed"] == 0
+    again = json.loads(pacs("import", str(src), "--json", data_dir=tmp_path / "data").stdout)
+    assert again["duplicates"] == 5 and again["stored"] == 0
+    stats = json.loads(pacs("stats", "--json", data_dir=tmp_path / "data").stdout)
+    assert set(stats) == {"patients", "studies", "series", "instances", "bytes"}
+    assert stats["instances"] == 5
+    assert stats["bytes"] == summary["bytes"]
+
+
+def test_import_reports_broken_files_and_exit_code(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    copy_files(["CT_small.dcm"], src)
+    good = (src / "CT_small.dcm").read_bytes()
+    (src / "cut.dcm").write_bytes(good[: len(good) // 2])
+    result = pacs("import", str(src), "--json", data_dir=tmp_path / "data")
+    assert result.returncode == 1
+    summary = json.loads(result.stdout)
+    assert summary["stored"] == 1 and summary["failed"] == 1
+    assert "truncated" in summary["errors"][0]["error"]
+
+
+def test_import_missing_path_is_usage_error(tmp_path: Path) -> None:
+    result = pacs("import", str(tmp_path / "nope"), data_dir=tmp_path / "data")
+    assert result.returncode == 2
+    assert "no such file" in result.stderr
+
+
+def test_ae_registry(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    assert pacs("ae", "add", "CT_ROOM1", "--host", "10.0.0.5", "--port", "104", data_dir=d).returncode == 0
+    assert pacs("ae", "add", "WS_RAD", "--host", "10.0.0.9", "--port", "11112", data_dir=d).returncode == 0
+    # Re-adding updates the address.
+    assert pacs("ae", "add", "CT_ROOM1", "--host", "10.0.0.6", "--port", "105", data_dir=d).returncode == 0
+    listed = json.loads(pacs("ae", "list", "--json", data_dir=d).stdout)
+    assert [(a["title"], a["host"], a["port"]) for a in listed] == [("CT_ROOM1", "10.0.0.6", 105), ("WS_RAD", "10.0.0.9", 11112)]
+    assert pacs("ae", "remove", "WS_RAD", data_dir=d).returncode == 0
+    assert pacs("ae", "remove", "WS_RAD", data_dir=d).returncode == 1
+    bad = pacs("ae", "add", "WAY_TOO_LONG_AE_TITLE_X", "--host", "h", "--port", "1", data_dir=d)
+    assert bad.returncode == 2 and "invalid AE title" in bad.stderr
+    assert pacs("ae", "add", "OK", "--host", "h", "--port", "70000", data_dir=d).returncode == 2
+
+
+def test_settings_from_environment_and_config_file(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "pacs.toml").write_text('[[ae]]\ntitle = "FROM_FILE"\nhost = "127.0.0.1"\nport = 4242\n')
+    listed = json.loads(pacs("ae", "list", "--json", data_dir=d).stdout)
+    assert [a["title"] for a in listed] == ["FROM_FILE"]
+
+
+def test_stats_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    server = PacsServer(tmp_path / "data", Backend("pg-fs", pg_url, None, {}))
+    src = tmp_path / "in"
+    copy_files(PYDICOM_FILES[:3], src)
+    result = server.cli("import", str(src), "--json")
+    assert json.loads(result.stdout)["stored"] == 3
+    assert server.stats()["instances"] == 3
+    assert json.loads(server.cli("db", "current", "--json").stdout)["revision"]
+
+
+def test_samples_command_loads_synthetic_studies(tmp_path: Path) -> None:
+    d = tmp_path / "data"
+    result = pacs("samples", "--quick", "--json", data_dir=d)
+    assert result.returncode == 0, result.stderr
+    stats = json.loads(pacs("stats", "--json", data_dir=d).stdout)
+    assert stats["studies"] == 4 and stats["patients"] == 3

@@ -1,0 +1,318 @@
+"""Issue 2 acceptance 3-6: failures answered with the right status, duplicates,
+bad input, AE checks and character sets -- the server keeps serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.sop_class import Verification
+
+from .conftest import (
+    S3_ACCESS,
+    S3_SECRET,
+    Backend,
+    PacsServer,
+    S3Server,
+    _weed_ports,
+    free_port,
+    run_dcmtk,
+)
+
+
+def scu_store_file(server: PacsServer, path: Path, calling: str = "PYSCU") -> int:
+    """Send a Part 10 file's dataset bytes exactly as they are (no re-encoding)."""
+    meta = dcmread(path, stop_before_pixels=True).file_meta
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
+    old = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+        assert assoc.is_established
+        status = assoc.send_c_store(path)
+        assoc.release()
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = old
+    assert status is not None and "Status" in status, "no C-STORE response"
+    return int(status.Status)
+
+
+def make_ct(path: Path, **overrides: object) -> Path:
+    """A small valid CT object; keyword overrides set or delete (None) elements."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    sop = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = sop
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "TEST^BAD INPUT"
+    ds.PatientID = "BAD1"
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = 16
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(16 * 16 * 2)
+    for key, value in overrides.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def assert_still_serving(server: PacsServer, tmp_path: Path) -> None:
+    assert server.alive(), server.log_text()[-3000:]
+    good = make_ct(tmp_path / f"good-{uuid.uuid4().hex}.dcm")
+    assert server.storescu(str(good)).returncode == 0
+
+
+# -- bad input -----------------------------------------------------------------------
+def test_bad_objects_get_clear_failure_status(pacs_server: PacsServer, tmp_path: Path) -> None:
+    before = pacs_server.stats()
+
+    # Not DICOM at all: valid file meta, garbage where the dataset should be.
+    ok = make_ct(tmp_path / "ok.dcm")
+    garbage = tmp_path / "garbage.dcm"
+    raw = ok.read_bytes()
+    meta_end = raw.index(b"\x08\x00\x16\x00")  # (0008,0016), first dataset element
+    garbage.write_bytes(raw[:meta_end] + b"\xde\xad\xbe\xef" * 64)
+    assert scu_store_file(pacs_server, garbage) & 0xF000 == 0xC000
+
+    # Truncated: the pixel data is cut short.
+    truncated = tmp_path / "truncated.dcm"
+    truncated.write_bytes(make_ct(tmp_path / "t.dcm").read_bytes()[:-100])
+    assert scu_store_file(pacs_server, truncated) == 0xC000
+
+    # Missing and invalid UIDs.
+    assert scu_store_file(pacs_server, make_ct(tmp_path / "nostudy.dcm", StudyInstanceUID=None)) == 0xA900
+    assert scu_store_file(pacs_server, make_ct(tmp_path / "noseries.dcm", SeriesInstanceUID=None)) == 0xA900
+    assert scu_store_file(pacs_server, make_ct(tmp_path / "baduid.dcm", SeriesInstanceUID="1.2.abc.04")) == 0xA900
+    # Dataset's SOP Instance UID differs from the command's (taken from the meta).
+    mismatch = make_ct(tmp_path / "mismatch.dcm", SOPInstanceUID="1.2.826.0.1.3680043.2.1143.71")
+    raw = mismatch.read_bytes()
+    head = raw[:400].replace(b"1.2.826.0.1.3680043.2.1143.71", b"1.2.826.0.1.3680043.2.1143.72", 1)
+    mismatch.write_bytes(head + raw[400:])
+    assert scu_store_file(pacs_server, mismatch) == 0xA900
+
+    assert pacs_server.stats() == before, "a refused object was indexed"
+    core = pacs_server.core()
+    try:
+        assert list(core.store.list()) == [], "a refused object was left in storage"
+    finally:
+        core.close()
+    assert_still_serving(pacs_server, tmp_path)
+    assert "refused" in pacs_server.log_text()
+
+
+def test_unknown_sop_class_is_rejected_at_negotiation(pacs_server: PacsServer) -> None:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context("1.2.826.0.1.3680043.2.1143.999.1", ExplicitVRLittleEndian)
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", pacs_server.dicom_port, ae_title="FILMLESS")
+    assert assoc.is_established
+    accepted = {cx.abstract_syntax for cx in assoc.accepted_contexts}
+    rejected = {cx.abstract_syntax for cx in assoc.rejected_contexts}
+    assert "1.2.826.0.1.3680043.2.1143.999.1" in rejected and Verification in accepted
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+
+
+def test_wrong_called_ae_title_rejected(pacs_server: PacsServer) -> None:
+    result = run_dcmtk("echoscu", "-aec", "NOTUS", "127.0.0.1", str(pacs_server.dicom_port))
+    assert result.returncode != 0
+    assert "Called AE Title Not Recognized" in result.stderr or "Rejected" in result.stderr
+
+
+def test_allowlist_rejects_unknown_calling_ae(tmp_path: Path) -> None:
+    backend = Backend("sqlite-fs", None, None, {})
+    server = PacsServer(tmp_path / "data", backend, extra_env={"PACS_AE_ALLOWLIST": "true"})
+    server.cli("ae", "add", "CT_ROOM1", "--host", "127.0.0.1", "--port", "104")
+    server.start()
+    try:
+        refused = run_dcmtk("echoscu", "-aet", "INTRUDER", "-aec", "FILMLESS", "127.0.0.1", str(server.dicom_port))
+        assert refused.returncode != 0
+        assert "Calling AE Title Not Recognized" in refused.stderr, refused.stderr
+        allowed = run_dcmtk("echoscu", "-aet", "CT_ROOM1", "-aec", "FILMLESS", "127.0.0.1", str(server.dicom_port))
+        assert allowed.returncode == 0, allowed.stderr
+        # Registering an AE takes effect on the running server.
+        server.cli("ae", "add", "US_ROOM2", "--host", "127.0.0.1", "--port", "104")
+        import time
+
+        time.sleep(2.5)
+        late = run_dcmtk("echoscu", "-aet", "US_ROOM2", "-aec", "FILMLESS", "127.0.0.1", str(server.dicom_port))
+        assert late.returncode == 0, late.stderr
+        assert server.alive()
+    finally:
+        server.stop()
+
+
+# -- duplicates ----------------------------------------------------------------------
+def test_resend_keeps_first_and_creates_no_duplicates(pacs_server: PacsServer, tmp_path: Path) -> None:
+    first = make_ct(tmp_path / "first.dcm", PatientName="FIRST^VERSION")
+    assert pacs_server.storescu(str(first)).returncode == 0
+    assert pacs_server.storescu(str(first)).returncode == 0
+    changed = dcmread(first)
+    changed.PatientName = "SECOND^VERSION"
+    changed.save_as(tmp_path / "second.dcm")
+    assert pacs_server.storescu(str(tmp_path / "second.dcm")).returncode == 0
+    stats = pacs_server.stats()
+    assert stats["instances"] == 1
+    core = pacs_server.core()
+    try:
+        objects = list(core.store.list())
+        assert len(objects) == 1
+        assert b"FIRST^VERSION" in core.store.read_bytes(objects[0].key)
+    finally:
+        core.close()
+
+
+def test_overwrite_policy_replaces(tmp_path: Path) -> None:
+    server = PacsServer(
+        tmp_path / "data", Backend("sqlite-fs", None, None, {}), extra_env={"PACS_DUPLICATE_POLICY": "overwrite"}
+    ).start()
+    try:
+        first = make_ct(tmp_path / "first.dcm", PatientName="FIRST^VERSION")
+        assert server.storescu(str(first)).returncode == 0
+        changed = dcmread(first)
+        changed.PatientName = "SECOND^VERSION"
+        changed.save_as(tmp_path / "second.dcm")
+        assert server.storescu(str(tmp_path / "second.dcm")).returncode == 0
+        assert server.stats()["instances"] == 1
+        core = server.core()
+        try:
+            objects = list(core.store.list())
+            assert len(objects) == 1
+            data = core.store.read_bytes(objects[0].key)
+            assert b"SECOND^VERSION" in data
+            stored = core.reader.stored_instance(str(changed.SOPInstanceUID))
+            assert stored is not None and stored.size == len(data)
+            assert core.store.checksum(stored.storage_key) == stored.sha256
+        finally:
+            core.close()
+    finally:
+        server.stop()
+
+
+# -- storage failures ----------------------------------------------------------------
+def test_s3_down_gives_failure_status_and_no_index_row(tmp_path: Path, pg_url: str) -> None:
+    ports = _weed_ports()
+    s3 = S3Server(f"127.0.0.1:{ports['s3']}", S3_ACCESS, S3_SECRET, workdir=tmp_path / "weed", ports=ports)
+    (tmp_path / "weed").mkdir()
+    s3.start()
+    env = {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET}
+    server = PacsServer(tmp_path / "data", Backend("pg-s3", pg_url, s3.url("failing"), env)).start()
+    try:
+        ok = make_ct(tmp_path / "ok.dcm")
+        assert server.storescu(str(ok)).returncode == 0
+        s3.stop()
+        lost = make_ct(tmp_path / "lost.dcm")
+        status = scu_store_file(server, lost)
+        assert 0xA700 <= status <= 0xA7FF, hex(status)
+        # The listener still answers other associations while storage is down.
+        assert run_dcmtk("echoscu", "-aec", "FILMLESS", "127.0.0.1", str(server.dicom_port)).returncode == 0
+        assert server.stats()["instances"] == 1
+        assert server.http().get("/health").status_code == 503
+        s3.start()
+        assert scu_store_file(server, lost) == 0x0000
+        assert server.stats()["instances"] == 2
+        assert server.alive()
+    finally:
+        server.stop()
+        s3.stop()
+
+
+@pytest.fixture
+def fs_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {})).start()
+    yield server
+    server.stop()
+
+
+def test_disk_unwritable_gives_failure_status(fs_server: PacsServer, tmp_path: Path) -> None:
+    pacs_server = fs_server  # the filesystem store's own failure mode (S3's is above)
+    tmp_dir = pacs_server.data_dir / "objects" / ".tmp"
+    os.rename(tmp_dir, tmp_dir.with_name(".tmp-away"))
+    tmp_dir.write_bytes(b"not a directory")  # every write now fails with ENOTDIR
+    try:
+        status = scu_store_file(pacs_server, make_ct(tmp_path / "x.dcm"))
+        assert 0xA700 <= status <= 0xA7FF, hex(status)
+        assert pacs_server.stats()["instances"] == 0
+    finally:
+        tmp_dir.unlink()
+        os.rename(tmp_dir.with_name(".tmp-away"), tmp_dir)
+    assert_still_serving(pacs_server, tmp_path)
+
+
+def test_low_water_mark_refuses_with_a700(tmp_path: Path) -> None:
+    server = PacsServer(
+        tmp_path / "data",
+        Backend("sqlite-fs", None, None, {}),
+        extra_env={"PACS_MIN_FREE_BYTES": str(10**18)},
+    ).start()
+    try:
+        assert scu_store_file(server, make_ct(tmp_path / "x.dcm")) == 0xA700
+        assert server.stats()["instances"] == 0
+        assert server.alive()
+    finally:
+        server.stop()
+
+
+# -- character sets -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("charset", "name", "expected"),
+    [
+        ("ISO_IR 192", "Nguyễn^Văn An", "Nguyễn^Văn An"),
+        ("ISO_IR 192", "Đặng^Quốc Bảo", "Đặng^Quốc Bảo"),
+        ("ISO_IR 100", "Müller^Jürgen", "Müller^Jürgen"),
+        (None, "SMITH^JOHN", "SMITH^JOHN"),
+    ],
+)
+def test_names_decode_per_character_set(
+    pacs_server: PacsServer, tmp_path: Path, charset: str | None, name: str, expected: str
+) -> None:
+    overrides: dict[str, object] = {"PatientName": name}
+    if charset:
+        overrides["SpecificCharacterSet"] = charset
+    path = make_ct(tmp_path / "named.dcm", **overrides)
+    assert pacs_server.storescu(str(path)).returncode == 0
+    core = pacs_server.core()
+    try:
+        from sqlalchemy import select
+
+        from pacs.index.models import Patient
+        from pacs.names import fold_name
+
+        with core.engine.connect() as conn:
+            row = conn.execute(select(Patient.name, Patient.name_folded)).one()
+        assert row.name == expected
+        assert row.name_folded == fold_name(expected)
+        sop = dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        stored = core.reader.stored_instance(str(sop))
+        assert stored is not None
+        # The received bytes are kept: the name is stored in its own encoding.
+        encoded = name.encode("utf-8" if charset == "ISO_IR 192" else "latin-1")
+        assert encoded in core.store.read_bytes(stored.storage_key)
+    finally:
+        core.close()
+
+
+def test_sigterm_stops_cleanly(pacs_server: PacsServer) -> None:
+    pacs_server.stop(signal.SIGTERM)
+    assert pacs_server.proc is not None and pacs_server.proc.returncode == 0
+    assert free_port() > 0
