@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import argparse
 import socket
+import sys
 from pathlib import Path
 from typing import Any
 
 from pynetdicom import AE, AllStoragePresentationContexts, evt
-
-import sys
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dicom_scp.contexts import STORAGE_TRANSFER_SYNTAXES  # noqa: E402

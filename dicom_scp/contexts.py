@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from pydicom.uid import (
+    UID,
     AllTransferSyntaxes,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    UID,
 )
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.pdu_primitives import A_ASSOCIATE

@@ -19,7 +19,7 @@ from .aes import AeRegistry
 from .index import create_index_engine, upgrade_schema
 from .index.committer import GroupCommitter
 from .index.writer import IndexWriter
-from .ingest import IngestResult, Ingestor, Origin
+from .ingest import Ingestor, IngestResult, Origin
 from .part10 import FileSource
 from .reads import IndexReader
 from .settings import Settings
@@ -63,7 +63,6 @@ class Pacs:
             overwrite=settings.duplicate_policy == "overwrite",
             max_object_bytes=settings.max_object_bytes,
             min_free_bytes=settings.min_free_bytes,
-            stage_workers=max(4, min(settings.max_associations, 16)),
         )
         aes = AeRegistry(engine)
         for entry in settings.ae:
@@ -78,7 +77,6 @@ class Pacs:
         if self._closed:
             return
         self._closed = True
-        self.ingestor.close()
         self.committer.close()
         self.store.close()
         self.engine.dispose()

@@ -5,8 +5,12 @@ Order of work, which is what makes an acknowledgement trustworthy:
 
 1. refuse early what cannot be stored (size limit, disk low-water mark);
 2. parse and validate the header only (pixel data is never decoded);
-3. write the object to storage, durably and atomically;
+3. write the object to storage, durably and atomically; a resend of a kept
+   instance is recognised by the store (publishing never replaces);
 4. index it (group-committed transaction) and only then return success.
+
+(Writing the bytes in a second thread while parsing was measured slower: the
+GIL hand-offs cost more than the overlap saves.)
 
 A crash between 3 and 4 leaves an orphan object and no index row; ``pacs
 verify --repair`` adopts orphans. An index row never exists without its
@@ -19,11 +23,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from storage import ObjectStore, StagedObject, StorageError, StorageFullError
+from storage import ObjectExists, ObjectStore, StorageError, StorageFullError
 
 from .errors import IngestError, Status
 from .header import InstanceHeader, parse_header
@@ -99,7 +102,6 @@ class Ingestor:
         overwrite: bool = False,
         max_object_bytes: int = 4 * 1024**3,
         min_free_bytes: int = 0,
-        stage_workers: int = 8,
     ) -> None:
         self.store = store
         self.committer = committer
@@ -108,7 +110,6 @@ class Ingestor:
         self.max_object_bytes = max_object_bytes
         self.min_free_bytes = min_free_bytes
         self._locks = _KeyedLocks()
-        self._stager = ThreadPoolExecutor(max_workers=stage_workers, thread_name_prefix="stage")
         self._free_checked = 0.0
         self._free_bytes: int | None = None
         self._free_guard = threading.Lock()
@@ -155,43 +156,32 @@ class Ingestor:
         """
         size = source.size
         self._check_space(size)
-        # Writing and fsyncing the bytes is the slow part and needs no key
-        # yet: start it now and parse the header meanwhile (both release or
-        # share the GIL well). An invalid object's staged bytes are dropped.
-        staging: Future[StagedObject] | None = None
-        if self.store.stages_eagerly:
-            staging = self._stager.submit(self.store.stage, source.open(), size)
-        try:
-            with source.open() as stream:
-                header = parse_header(stream, size, transfer_syntax=transfer_syntax)
-            _check_expected(header, expected_sop_class, expected_sop_uid)
-        except BaseException:
-            _discard(staging)
-            raise
+        with source.open() as stream:
+            header = parse_header(stream, size, transfer_syntax=transfer_syntax)
+        _check_expected(header, expected_sop_class, expected_sop_uid)
         self._locks.acquire(header.sop_uid)
         try:
-            return self._store_and_index(source, staging, header, origin)
+            return self._store_and_index(source, header, origin)
         finally:
             self._locks.release(header.sop_uid)
 
-    def _store_and_index(
-        self,
-        source: Source,
-        staging: Future[StagedObject] | None,
-        header: InstanceHeader,
-        origin: Origin,
-    ) -> IngestResult:
-        if not self.overwrite:
-            existing = self.reader.instance_key(header.sop_uid)
-            if existing is not None:
-                _discard(staging)
-                log.debug("duplicate instance kept as first received (%s)", existing)
-                return IngestResult(Status.SUCCESS, Outcome.DUPLICATE, header, existing, source.size)
-
+    def _store_and_index(self, source: Source, header: InstanceHeader, origin: Origin) -> IngestResult:
         key = object_key(header.study_uid, header.series_uid, header.sop_uid)
         try:
-            staged = staging.result() if staging else self.store.stage(source.open(), source.size)
-            info = staged.commit(key)
+            staged = self.store.stage(source.open(), source.size)
+            try:
+                # Keep-first policy: publishing never replaces, so a resend is
+                # detected by the store itself, without a query per object.
+                info = staged.commit(key, replace=self.overwrite)
+            except ObjectExists:
+                existing = self.reader.instance_key(header.sop_uid)
+                if existing is not None:
+                    staged.abort()
+                    log.debug("duplicate instance kept as first received (%s)", existing)
+                    return IngestResult(Status.SUCCESS, Outcome.DUPLICATE, header, existing, source.size)
+                # An unindexed object under our key is an orphan of a crash:
+                # the copy being acknowledged now takes its place.
+                info = staged.commit(key, replace=True)
         except StorageFullError as exc:
             log.error("storage full: %s", exc)
             raise IngestError(Status.OUT_OF_RESOURCES, f"storage full: {exc}") from exc
@@ -217,11 +207,16 @@ class Ingestor:
             log.error("index commit failed for %s: %s", key, exc)
             raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
 
-        if added.obsolete_key:
+        # The index keeps one object per instance: remove the one it dropped
+        # (replaced), or ours if a copy under another key won (duplicate).
+        unreferenced = added.obsolete_key
+        if added.outcome is Outcome.DUPLICATE and added.existing_key not in (None, key):
+            unreferenced = key
+        if unreferenced:
             try:
-                self.store.delete(added.obsolete_key)
+                self.store.delete(unreferenced)
             except StorageError as exc:
-                log.warning("could not delete replaced object %s: %s", added.obsolete_key, exc)
+                log.warning("could not delete unreferenced object %s: %s", unreferenced, exc)
         result = IngestResult(Status.SUCCESS, added.outcome, header, key, info.size)
         for listener in self.listeners:
             try:
@@ -229,9 +224,6 @@ class Ingestor:
             except Exception:
                 log.exception("ingest listener failed")
         return result
-
-    def close(self) -> None:
-        self._stager.shutdown(wait=True)
 
 
 def _check_expected(header: InstanceHeader, sop_class: str | None, sop_uid: str | None) -> None:
@@ -245,13 +237,3 @@ def _check_expected(header: InstanceHeader, sop_class: str | None, sop_uid: str 
             Status.INVALID_DATASET,
             "SOP Class UID of the dataset differs from the request's Affected SOP Class UID",
         )
-
-
-def _discard(staging: Future[StagedObject] | None) -> None:
-    """Drop staged bytes (waiting for the write to finish, then deleting)."""
-    if staging is None:
-        return
-    try:
-        staging.result().abort()
-    except Exception:
-        pass  # a failed stage left nothing behind

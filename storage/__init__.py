@@ -12,6 +12,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .base import (
+    ObjectExists,
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
@@ -25,6 +26,7 @@ from .filesystem import FileStore
 
 __all__ = [
     "FileStore",
+    "ObjectExists",
     "ObjectInfo",
     "ObjectNotFound",
     "ObjectStore",

@@ -37,6 +37,10 @@ class ObjectNotFound(StorageError, KeyError):
     """No object exists under the requested key."""
 
 
+class ObjectExists(StorageError):
+    """A commit without ``replace`` found the key taken; nothing was changed."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What a store knows about one object."""
@@ -93,8 +97,13 @@ class StagedObject(ABC):
     sha256: str | None
 
     @abstractmethod
-    def commit(self, key: str) -> ObjectInfo:
-        """Publish the staged bytes under *key*, durably and atomically."""
+    def commit(self, key: str, *, replace: bool = True) -> ObjectInfo:
+        """Publish the staged bytes under *key*, durably and atomically.
+
+        With ``replace=False`` an existing object is left alone and
+        :class:`ObjectExists` is raised; the staged bytes stay staged, so the
+        caller may still commit with ``replace=True`` or abort.
+        """
 
     @abstractmethod
     def abort(self) -> None:
@@ -110,7 +119,9 @@ class _DeferredPut(StagedObject):
         self.size = size or 0
         self.sha256 = None
 
-    def commit(self, key: str) -> ObjectInfo:
+    def commit(self, key: str, *, replace: bool = True) -> ObjectInfo:
+        if not replace and self._store.exists(key):
+            raise ObjectExists(key)
         try:
             info = self._store.put(key, self._stream, self.size or None)
         finally:
@@ -126,10 +137,6 @@ class ObjectStore(ABC):
     """One interface for every backend (filesystem, S3)."""
 
     url: str
-    # True when stage() does the real I/O, so it pays to run it in parallel
-    # with other work (header parsing) before the key is known.
-    stages_eagerly: bool = False
-
     def stage(self, stream: BinaryIO, size: int | None = None) -> StagedObject:
         """Prepare the stream's bytes for a later :meth:`StagedObject.commit`.
 

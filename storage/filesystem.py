@@ -27,6 +27,7 @@ from typing import BinaryIO
 from .base import (
     CHUNK,
     HashingReader,
+    ObjectExists,
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
@@ -105,8 +106,8 @@ class _FileStaged(StagedObject):
         self.size = size
         self.sha256 = sha256
 
-    def commit(self, key: str) -> ObjectInfo:
-        self._store._publish(self._tmp, key)
+    def commit(self, key: str, *, replace: bool = True) -> ObjectInfo:
+        self._store._publish(self._tmp, key, replace)
         return ObjectInfo(key=key, size=self.size, sha256=self.sha256)
 
     def abort(self) -> None:
@@ -116,7 +117,6 @@ class _FileStaged(StagedObject):
 class FileStore(ObjectStore):
     """Objects as files under one root directory."""
 
-    stages_eagerly = True
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root).absolute()
@@ -200,11 +200,19 @@ class FileStore(ObjectStore):
             stream.close()
         return _FileStaged(self, tmp, reader.size, reader.sha256)
 
-    def _publish(self, tmp: Path, key: str) -> None:
+    def _publish(self, tmp: Path, key: str, replace: bool = True) -> None:
         target = self.path_for(key)
         try:
             self._ensure_dir(target.parent)
-            os.rename(tmp, target)
+            if replace:
+                os.rename(tmp, target)
+            else:
+                # link() never replaces: an atomic "create if absent".
+                try:
+                    os.link(tmp, target)
+                except FileExistsError:
+                    raise ObjectExists(key) from None
+                os.unlink(tmp)
             _fsync_dir(target.parent)
         except OSError as exc:
             _remove_quietly(tmp)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import (
+    JPEG2000,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
@@ -69,7 +69,7 @@ def what_storescu_sends(files: list[Path], workdir: Path) -> dict[str, bytes]:
     DCMTK storescp in bit-preserving mode (+B), fed the same way.
     Returns {SOP Instance UID: dataset bytes}.
     """
-    from .conftest import dataset_bytes, free_port, run_dcmtk, wait_port, dcmtk
+    from .peers import dataset_bytes, dcmtk, free_port, run_dcmtk, wait_port
 
     sent: dict[str, bytes] = {}
     for flag, group in group_by_flag(files).items():

@@ -21,7 +21,7 @@ from .conftest import (
     Backend,
     PacsServer,
     S3Server,
-    _weed_ports,
+    weed_ports,
     free_port,
     run_dcmtk,
 )
@@ -211,7 +211,7 @@ def test_overwrite_policy_replaces(tmp_path: Path) -> None:
 
 # -- storage failures ----------------------------------------------------------------
 def test_s3_down_gives_failure_status_and_no_index_row(tmp_path: Path, pg_url: str) -> None:
-    ports = _weed_ports()
+    ports = weed_ports()
     s3 = S3Server(f"127.0.0.1:{ports['s3']}", S3_ACCESS, S3_SECRET, workdir=tmp_path / "weed", ports=ports)
     (tmp_path / "weed").mkdir()
     s3.start()

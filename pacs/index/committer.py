@@ -1,11 +1,12 @@
-"""Group commit: many receivers, one committing thread, one fsync per batch.
+"""Group commit: many receivers, one transaction (and one fsync) per batch.
 
-Each receiver thread submits its record and blocks until the transaction
-that holds it has committed; the committer takes everything waiting (up to a
-batch limit), writes it in one transaction and wakes all the submitters. A
-lone association pays one commit per object, exactly as without batching;
-with several associations the cost of a commit (an fsync on SQLite) is
-shared. Nothing is acknowledged before its batch committed.
+Leader/follower, without a thread of its own: a receiver that finds no
+commit in progress becomes the leader and commits its record, plus every
+record that queued up meanwhile, in one transaction; then it wakes the
+owners of those records and hands leadership to the next waiter, if any.
+A lone association therefore pays exactly one transaction per object and no
+thread hand-off; with several associations the cost of a commit (an fsync on
+SQLite) is shared. Nothing is acknowledged before its batch committed.
 
 If a batch fails, each of its records is retried in a transaction of its
 own so one bad record cannot fail its neighbours.
@@ -14,22 +15,31 @@ own so one bad record cannot fail its neighbours.
 from __future__ import annotations
 
 import logging
-import queue
 import threading
-from concurrent.futures import Future
+from collections import deque
 
 from sqlalchemy import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
-from .writer import AddResult, IndexRecord, IndexWriter, StaleCache
+from .writer import AddResult, IndexRecord, IndexWriter
 
 log = logging.getLogger(__name__)
-
-_STOP = object()
 
 
 class CommitterClosed(RuntimeError):
     pass
+
+
+class _Waiter:
+    __slots__ = ("record", "result", "error", "done", "lead", "event")
+
+    def __init__(self, record: IndexRecord) -> None:
+        self.record = record
+        self.result: AddResult | None = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.lead = False
+        self.event = threading.Event()
 
 
 class GroupCommitter:
@@ -39,62 +49,65 @@ class GroupCommitter:
         self._engine = engine
         self._writer = writer
         self._batch_max = max(1, batch_max)
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending: deque[_Waiter] = deque()
+        self._busy = False
         self._closed = False
-        self._thread = threading.Thread(target=self._run, name="index-committer", daemon=True)
-        self._thread.start()
 
     def submit(self, record: IndexRecord) -> AddResult:
         """Index *record*; returns once it is committed (or raises)."""
-        if self._closed:
-            raise CommitterClosed("index committer is shut down")
-        future: Future[AddResult] = Future()
-        self._queue.put((record, future))
-        return future.result()
+        waiter = _Waiter(record)
+        with self._lock:
+            if self._closed:
+                raise CommitterClosed("index committer is shut down")
+            self._pending.append(waiter)
+            if not self._busy:
+                self._busy = waiter.lead = True
+        while not waiter.lead:
+            waiter.event.wait()
+            waiter.event.clear()
+            if waiter.done:
+                return _outcome(waiter)
+        self._lead()
+        return _outcome(waiter)
+
+    def _lead(self) -> None:
+        with self._lock:
+            batch = [self._pending.popleft() for _ in range(min(self._batch_max, len(self._pending)))]
+        try:
+            self._commit(batch)
+        finally:
+            for w in batch:
+                w.done = True
+                w.event.set()
+            with self._lock:
+                if self._pending:
+                    successor = self._pending[0]
+                    successor.lead = True
+                    successor.event.set()
+                else:
+                    self._busy = False
 
     def close(self) -> None:
-        if not self._closed:
+        with self._lock:
             self._closed = True
-            self._queue.put(_STOP)
-            self._thread.join(timeout=30)
 
-    # -- the committing thread ------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            item = self._queue.get()
-            if item is _STOP:
-                return
-            batch = [item]
-            stop = False
-            while len(batch) < self._batch_max:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                batch.append(nxt)
-            self._commit(batch)  # type: ignore[arg-type]
-            if stop:
-                return
-
-    def _commit(self, batch: list[tuple[IndexRecord, Future[AddResult]]]) -> None:
+    def _commit(self, batch: list[_Waiter]) -> None:
         try:
-            results = self._transaction([rec for rec, _ in batch])
+            results = self._transaction([w.record for w in batch])
         except Exception as exc:
             if len(batch) == 1:
-                batch[0][1].set_exception(exc)
+                batch[0].error = exc
                 return
             log.warning("index batch of %d failed (%s); retrying one by one", len(batch), exc)
-            for rec, future in batch:
+            for w in batch:
                 try:
-                    future.set_result(self._transaction([rec])[0])
+                    w.result = self._transaction([w.record])[0]
                 except Exception as single_exc:
-                    future.set_exception(single_exc)
+                    w.error = single_exc
             return
-        for (_, future), result in zip(batch, results, strict=True):
-            future.set_result(result)
+        for w, result in zip(batch, results, strict=True):
+            w.result = result
 
     def _transaction(self, records: list[IndexRecord], attempts: int = 3) -> list[AddResult]:
         for attempt in range(attempts):
@@ -102,7 +115,7 @@ class GroupCommitter:
                 with self._engine.connect().execution_options(immediate=True) as conn:
                     with conn.begin():
                         return [self._writer.add(conn, rec) for rec in records]
-            except (StaleCache, IntegrityError, OperationalError):
+            except (IntegrityError, OperationalError):
                 # A cached key may point at a purged row, a lock may have
                 # timed out, PostgreSQL may have restarted: forget the cache
                 # and retry on a fresh connection.
@@ -113,3 +126,10 @@ class GroupCommitter:
                 self._writer.clear_cache()
                 raise
         raise AssertionError("unreachable")
+
+
+def _outcome(waiter: _Waiter) -> AddResult:
+    if waiter.error is not None:
+        raise waiter.error
+    assert waiter.result is not None
+    return waiter.result

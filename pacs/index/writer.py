@@ -15,7 +15,7 @@ from enum import Enum
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, select, update
+from sqlalchemy import Connection, Table, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from ..header import InstanceHeader
@@ -55,10 +55,8 @@ class AddResult:
     instance_pk: int
     # The storage key the index no longer references (to delete after commit).
     obsolete_key: str | None = None
-
-
-class StaleCache(Exception):
-    """A cached parent row disappeared (purged by another process)."""
+    # For a duplicate: where the instance kept in the index is stored.
+    existing_key: str | None = None
 
 
 @lru_cache(maxsize=64)
@@ -77,27 +75,6 @@ def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], keys: 
     return conn.execute(stmt, values).scalar()
 
 
-# Counter updates, built once: the hot path only binds parameters.
-_COUNT_SERIES = (
-    update(series_t)
-    .where(series_t.c.pk == bindparam("b_pk"))
-    .values(
-        num_instances=series_t.c.num_instances + bindparam("b_n"),
-        size_bytes=series_t.c.size_bytes + bindparam("b_size"),
-        updated_at=bindparam("b_now"),
-    )
-    .returning(series_t.c.study_pk)
-)
-_COUNT_STUDY = (
-    update(studies)
-    .where(studies.c.pk == bindparam("b_pk"))
-    .values(
-        num_instances=studies.c.num_instances + bindparam("b_n"),
-        size_bytes=studies.c.size_bytes + bindparam("b_size"),
-        updated_at=bindparam("b_now"),
-    )
-)
-
 
 class _Lru(OrderedDict[Any, int]):
     def __init__(self, limit: int) -> None:
@@ -114,9 +91,9 @@ class _Lru(OrderedDict[Any, int]):
 class IndexWriter:
     """Upserts records; caches parent primary keys between calls.
 
-    The cache only saves lookups: if a cached row vanished, the instance
-    insert or a counter update notices (foreign key or row count) and raises
-    :class:`StaleCache`; the caller rolls back, clears and retries.
+    The cache only saves lookups: if a cached row vanished (purged by another
+    process), the instance insert fails its foreign key; the caller rolls
+    back, clears the cache and retries.
     """
 
     def __init__(self, overwrite: bool = False, cache_size: int = 20_000) -> None:
@@ -290,35 +267,24 @@ class IndexWriter:
             "received_at": rec.received_at,
         }
 
-    @staticmethod
-    def _count(conn: Connection, series_pk: int, instances_delta: int, bytes_delta: int, now: datetime) -> None:
-        params = {"b_pk": series_pk, "b_n": instances_delta, "b_size": bytes_delta, "b_now": now}
-        study_pk = conn.execute(_COUNT_SERIES, params).scalar()
-        if study_pk is None:
-            raise StaleCache(f"series pk {series_pk} vanished")
-        conn.execute(_COUNT_STUDY, {**params, "b_pk": study_pk})
-
     def add(self, conn: Connection, rec: IndexRecord) -> AddResult:
-        """Index one record inside the caller's transaction."""
-        now = rec.received_at
-        series_pk = self._series_pk(conn, rec.header, now)
+        """Index one record inside the caller's transaction.
+
+        Series and study counters are kept by database triggers (migration
+        0002), so a new instance costs one INSERT.
+        """
+        series_pk = self._series_pk(conn, rec.header, rec.received_at)
         values = self._instance_values(rec, series_pk)
         pk = insert_ignore(conn, instances, values, ["sop_uid"])
         if pk is not None:
-            self._count(conn, series_pk, 1, rec.size, now)
             return AddResult(Outcome.INSERTED, pk)
         old = conn.execute(
-            select(instances.c.pk, instances.c.series_pk, instances.c.size_bytes, instances.c.storage_key)
+            select(instances.c.pk, instances.c.storage_key)
             .where(instances.c.sop_uid == rec.header.sop_uid)
             .with_for_update()
         ).one()
         if not self.overwrite:
-            return AddResult(Outcome.DUPLICATE, old.pk)
+            return AddResult(Outcome.DUPLICATE, old.pk, existing_key=old.storage_key)
         conn.execute(update(instances).where(instances.c.pk == old.pk).values(**values))
-        if old.series_pk == series_pk:
-            self._count(conn, series_pk, 0, rec.size - old.size_bytes, now)
-        else:
-            self._count(conn, old.series_pk, -1, -old.size_bytes, now)
-            self._count(conn, series_pk, 1, rec.size, now)
         obsolete = old.storage_key if old.storage_key != rec.storage_key else None
         return AddResult(Outcome.REPLACED, old.pk, obsolete)
