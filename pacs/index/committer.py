@@ -18,7 +18,7 @@ import logging
 import threading
 from collections import deque
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from .writer import AddResult, IndexRecord, IndexWriter
@@ -53,6 +53,7 @@ class GroupCommitter:
         self._pending: deque[_Waiter] = deque()
         self._busy = False
         self._closed = False
+        self._conn: Connection | None = None
 
     def submit(self, record: IndexRecord) -> AddResult:
         """Index *record*; returns once it is committed (or raises)."""
@@ -91,6 +92,10 @@ class GroupCommitter:
     def close(self) -> None:
         with self._lock:
             self._closed = True
+            busy = self._busy
+        if not busy and self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     def _commit(self, batch: list[_Waiter]) -> None:
         try:
@@ -112,20 +117,38 @@ class GroupCommitter:
     def _transaction(self, records: list[IndexRecord], attempts: int = 3) -> list[AddResult]:
         for attempt in range(attempts):
             try:
-                with self._engine.connect().execution_options(immediate=True) as conn:
-                    with conn.begin():
-                        return [self._writer.add(conn, rec) for rec in records]
+                conn = self._connection()
+                with conn.begin():
+                    return [self._writer.add(conn, rec) for rec in records]
             except (IntegrityError, OperationalError):
                 # A cached key may point at a purged row, a lock may have
                 # timed out, PostgreSQL may have restarted: forget the cache
                 # and retry on a fresh connection.
                 self._writer.clear_cache()
+                self._drop_connection()
                 if attempt == attempts - 1:
                     raise
             except Exception:
                 self._writer.clear_cache()
+                self._drop_connection()
                 raise
         raise AssertionError("unreachable")
+
+    def _connection(self) -> Connection:
+        # One connection kept for the leader (only one leads at a time): no
+        # pool checkout and reset-on-return per batch.
+        if self._conn is None or self._conn.closed:
+            self._conn = self._engine.connect().execution_options(immediate=True)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.invalidate()
+                self._conn.close()
+            except Exception:
+                pass
+            self._conn = None
 
 
 def _outcome(waiter: _Waiter) -> AddResult:
