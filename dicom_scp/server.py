@@ -16,7 +16,16 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.app import Pacs
@@ -24,7 +33,7 @@ from pacs.errors import IngestError, Status
 from pacs.ingest import Origin
 from pacs.part10 import BufferSource, file_meta_bytes
 
-from .contexts import prefer_requestor_order, storage_contexts
+from .contexts import STORAGE_TRANSFER_SYNTAXES, ContextList, prefer_requestor_order, storage_contexts
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +48,14 @@ class FilmlessAE(AE):
     def __init__(self, pacs: Pacs) -> None:
         super().__init__(ae_title=pacs.settings.ae_title)
         self._pacs = pacs
+        self.on_associate: list[Any] = []
+
+    def associate(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Open an association (C-MOVE sub-operations) with TCP_NODELAY on."""
+        assoc = super().associate(*args, **kwargs)
+        for callback in self.on_associate:
+            callback(assoc)
+        return assoc
 
     @property  # type: ignore[override]
     def require_calling_aet(self) -> list[str]:
@@ -52,6 +69,12 @@ class FilmlessAE(AE):
     @require_calling_aet.setter
     def require_calling_aet(self, value: list[str]) -> None:
         self._require_calling_aet = value
+
+
+FIND_CLASSES = [PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind]
+MOVE_CLASSES = [PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove]
+GET_CLASSES = [PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet]
+_UNCOMPRESSED_QR = [ImplicitVRLittleEndian, ExplicitVRBigEndian]
 
 
 def status_dataset(status: int, comment: str) -> Dataset:
@@ -98,21 +121,33 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
     return handle_store
 
 
-def _on_conn_open(event: Any) -> None:
+def _nodelay(assoc: Any) -> None:
     # DIMSE is request/response: Nagle's algorithm would hold each small
     # response for ~40 ms waiting for an ACK.
     try:
-        event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
         pass
+
+
+def _on_conn_open(event: Any) -> None:
+    _nodelay(event.assoc)
 
 
 def build_ae(pacs: Pacs) -> FilmlessAE:
     """Configure the AE: contexts, limits, timeouts."""
     settings = pacs.settings
     ae = FilmlessAE(pacs)
-    ae.supported_contexts = storage_contexts()
+    for cx in storage_contexts():
+        # add_supported_context keeps the SCP/SCU roles (the list setter drops them).
+        ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax, scu_role=True, scp_role=True)
     ae.add_supported_context(Verification)
+    for sop_class in (*FIND_CLASSES, *MOVE_CLASSES):
+        ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES[:1] + _UNCOMPRESSED_QR)
+    for sop_class in GET_CLASSES:
+        ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES[:1] + _UNCOMPRESSED_QR)
+    # C-MOVE sub-operations: requests to destinations use the same limits.
+    ae.maximum_pdu_size = settings.max_pdu_size
     ae.require_called_aet = True
     ae.maximum_associations = settings.max_associations
     ae.maximum_pdu_size = settings.max_pdu_size
@@ -131,14 +166,20 @@ def start_dicom_server(
     extra_handlers: Sequence[tuple[Any, Any]] = (),
 ) -> ThreadedAssociationServer:
     """Start listening in background threads; returns the server to shut down."""
+    from .qr import MoveDestinations, qr_handlers
+
     ae = build_ae(pacs)
+    destinations = MoveDestinations()
+    ae.on_associate.extend([_nodelay, destinations.remember])
     handlers = [
         (evt.EVT_C_STORE, make_store_handler(pacs)),
         (evt.EVT_CONN_OPEN, _on_conn_open),
         (evt.EVT_ACSE_RECV, prefer_requestor_order),
+        *qr_handlers(pacs, destinations),
         *extra_handlers,
     ]
     address = (host or pacs.settings.host, port if port is not None else pacs.settings.dicom_port)
     server = ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=ssl_context)
+    server.contexts = ContextList(server.contexts)
     log.info("DICOM listening on %s:%d as %s", address[0], address[1], pacs.settings.ae_title)
     return server

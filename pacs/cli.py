@@ -222,6 +222,63 @@ def cmd_samples(args: argparse.Namespace) -> int:
     return 1 if summary.failed else 0
 
 
+# -- remote -------------------------------------------------------------------
+def _keys(args: argparse.Namespace) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for item in args.key or []:
+        name, _, value = item.partition("=")
+        keys[name.strip()] = value
+    if getattr(args, "study", None):
+        keys["StudyInstanceUID"] = args.study
+    if getattr(args, "series", None):
+        keys["SeriesInstanceUID"] = args.series
+    return keys
+
+
+def cmd_remote(args: argparse.Namespace) -> int:
+    from . import remote
+
+    pacs = _open(args)
+    try:
+        if args.remote_command == "echo":
+            status = remote.echo(pacs, args.ae)
+            _print_result(args, {"ae": args.ae, "status": f"0x{status:04X}"})
+            return 0 if status == 0 else 1
+        keys = _keys(args)
+        if args.remote_command == "find":
+            results = []
+            for match in remote.find(pacs, args.ae, args.level, keys, args.model):
+                results.append({e.keyword: _json_value(e.value) for e in match if e.keyword})
+            if args.json:
+                print(json.dumps(results, ensure_ascii=False))
+            else:
+                for r in results:
+                    out.print("  ".join(f"{k}={v}" for k, v in r.items() if k != "QueryRetrieveLevel"))
+                out.print(f"{len(results)} matches")
+            return 0
+        if args.remote_command == "move":
+            summary = remote.move(pacs, args.ae, args.level, keys, args.destination, args.model)
+        else:
+            summary = remote.get(pacs, args.ae, args.level, keys, args.model)
+        _print_result(args, summary.as_dict())
+        return 0 if summary.status == 0 else 1
+    except remote.RemoteError as exc:
+        err.print(f"[red]{exc}[/red]")
+        return 1
+    finally:
+        pacs.close()
+
+
+def _json_value(value: Any) -> Any:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or value.__class__.__name__ == "MultiValue":
+        return [str(v) for v in value]
+    if value.__class__.__name__ == "Sequence":
+        return [{e.keyword: _json_value(e.value) for e in item} for item in value]
+    return str(value)
+
+
 # -- db -----------------------------------------------------------------------
 def cmd_db(args: argparse.Namespace) -> int:
     from .index import create_index_engine, current_revision, upgrade_schema
@@ -279,8 +336,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("samples", help="generate and import synthetic sample studies")
     _common(p, json_flag=True)
     p.add_argument("--quick", action="store_true", help="small variant (a few slices)")
-    p.add_argument("--ct-slices", type=int, default=120)
+    p.add_argument("--ct-slices", type=int, help="CT slices (default 120, 8 with --quick)")
     p.set_defaults(func=cmd_samples)
+
+    p = sub.add_parser("remote", help="echo/find/move/get against a remote PACS in the AE registry")
+    r_sub = p.add_subparsers(dest="remote_command", required=True)
+    for name, helptext in (
+        ("echo", "C-ECHO"),
+        ("find", "C-FIND; -k Keyword=Value (empty value: return key)"),
+        ("move", "C-MOVE to our AE (or --destination)"),
+        ("get", "C-GET, objects ingested here"),
+    ):
+        q = r_sub.add_parser(name, help=helptext)
+        _common(q, json_flag=True)
+        q.add_argument("ae", help="remote AE title (must be registered with pacs ae add)")
+        if name != "echo":
+            q.add_argument("-k", "--key", action="append", help="Keyword=Value, repeatable")
+            q.add_argument("--level", default="STUDY", choices=["PATIENT", "STUDY", "SERIES", "IMAGE"])
+            q.add_argument("--model", default="study", choices=["study", "patient"])
+            q.add_argument("--study", help="StudyInstanceUID shortcut")
+            q.add_argument("--series", help="SeriesInstanceUID shortcut")
+        if name == "move":
+            q.add_argument("--destination", help="move destination AE (default: ours)")
+    p.set_defaults(func=cmd_remote)
 
     p = sub.add_parser("db", help="index schema migrations")
     db_sub = p.add_subparsers(dest="db_command", required=True)

@@ -23,7 +23,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import IngestError, Status
-from .names import fold_name
+from .names import fold_name, name_words
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ class InstanceHeader:
     issuer: str = ""
     patient_name: str = ""
     patient_name_folded: str = ""
+    patient_name_words: str = ""
     birth_date: str = ""
     sex: str = ""
     other_ids: list[OtherId] = field(default_factory=list)
@@ -135,6 +136,10 @@ class _Values:
             encodings = []
         # One character set (no ISO 2022 switching): a plain codec decodes it.
         self.codec = encodings[0] if len(encodings) == 1 else None
+        # No declared set means ASCII (PS3.5 default repertoire); non-ASCII
+        # bytes there are invalid, and in practice UTF-8 from a modality that
+        # forgot to declare it: read them as UTF-8 when they decode as such.
+        self.undeclared = not terms
 
     def _raw(self, tag: int) -> Any:
         try:
@@ -156,6 +161,13 @@ class _Values:
         if elem is False or vr in _BINARY_INT or (vr in _CHARSET_VRS and self.codec is None):
             return _text(self.ds, keyword)
         codec = self.codec if vr in _CHARSET_VRS else "latin-1"
+        if self.undeclared and vr in _CHARSET_VRS and not elem.value.isascii():
+            try:
+                codec = "utf-8"
+                text = elem.value.decode(codec)
+            except UnicodeDecodeError:
+                text = elem.value.decode("latin-1")
+            return text.strip(" \x00").replace("\x00", "")[:_MAX_TEXT]
         text = elem.value.decode(codec, "replace")
         return text.strip(" \x00").replace("\x00", "")[:_MAX_TEXT]
 
@@ -281,6 +293,7 @@ def _fill(h: InstanceHeader, v: _Values) -> None:
     h.issuer = v.text("IssuerOfPatientID")
     h.patient_name = v.text("PatientName")
     h.patient_name_folded = fold_name(h.patient_name)
+    h.patient_name_words = name_words(h.patient_name)
     h.birth_date = v.text("PatientBirthDate")
     h.sex = v.text("PatientSex")
     h.other_ids = _other_ids(v.ds)

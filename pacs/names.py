@@ -44,3 +44,8 @@ def fold_name(name: object) -> str:
     # Trailing empty components ("NGUYEN^VAN^^^") carry no meaning in PN.
     groups = [g.rstrip("^").strip() for g in text.split("=")]
     return fold("=".join(groups).rstrip("="))
+
+
+def name_words(name: object) -> str:
+    """Folded name with component separators read as spaces, for word search."""
+    return " ".join(fold_name(name).replace("^", " ").replace("=", " ").split())

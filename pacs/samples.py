@@ -8,7 +8,7 @@ from .app import Pacs
 from .importer import ImportSummary, import_paths
 
 
-def load_samples(pacs: Pacs, *, quick: bool = False, ct_slices: int = 120) -> ImportSummary:
+def load_samples(pacs: Pacs, *, quick: bool = False, ct_slices: int | None = None) -> ImportSummary:
     """Generate the sample studies into ``DATA_DIR/samples`` and import them."""
     from sample_studies.generate import generate_all
 

@@ -197,6 +197,7 @@ class PacsServer:
         env.update(self.backend.env)
         env.update(self.extra_env)
         env["PACS_OFFER_SAMPLES"] = "false"
+        env["PACS_AE_TITLE"] = self.ae_title
         return env
 
     def common_args(self) -> list[str]:

@@ -16,7 +16,12 @@ def assert_schema_matches(engine: Engine) -> None:
     upgrade_schema(engine)
     upgrade_schema(engine)  # idempotent: a second start changes nothing
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        # PostgreSQL-only text_pattern_ops indexes (migration 0003) are not
+        # expressible in the portable models; everything else must match.
+        context = MigrationContext.configure(
+            conn, opts={"include_object": lambda obj, name, *_: not (name or "").endswith("_pattern")}
+        )
+        diff = compare_metadata(context, Base.metadata)
     assert diff == [], f"migrations drifted from models: {diff}"
     assert current_revision(engine)
 

@@ -53,6 +53,8 @@ class Patient(Base):
     issuer: Mapped[str] = mapped_column(String, default="")
     name: Mapped[str] = mapped_column(String, default="")
     name_folded: Mapped[str] = mapped_column(String, default="", index=True)
+    # The folded name with "^" read as a space: what people type ("NGUYEN VAN AN").
+    name_words: Mapped[str] = mapped_column(String, default="", index=True)
     birth_date: Mapped[str] = mapped_column(String, default="")
     sex: Mapped[str] = mapped_column(String, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -83,7 +85,7 @@ class Study(Base):
     accession_number: Mapped[str] = mapped_column(String, default="", index=True)
     study_id: Mapped[str] = mapped_column(String, default="")
     referring_physician: Mapped[str] = mapped_column(String, default="")
-    referring_physician_folded: Mapped[str] = mapped_column(String, default="")
+    referring_physician_folded: Mapped[str] = mapped_column(String, default="", index=True)
     description: Mapped[str] = mapped_column(String, default="")
     institution: Mapped[str] = mapped_column(String, default="")
     # Backslash-joined, the DICOM multi-value form of ModalitiesInStudy.

@@ -121,6 +121,7 @@ class IndexWriter:
                 "issuer": h.issuer,
                 "name": h.patient_name,
                 "name_folded": h.patient_name_folded,
+                "name_words": h.patient_name_words,
                 "birth_date": h.birth_date,
                 "sex": h.sex,
                 "created_at": now,
@@ -143,6 +144,7 @@ class IndexWriter:
                     .values(
                         name=h.patient_name,
                         name_folded=h.patient_name_folded,
+                        name_words=h.patient_name_words,
                         birth_date=h.birth_date,
                         sex=h.sex,
                         updated_at=now,

@@ -1,0 +1,309 @@
+"""Query/Retrieve SCP: C-FIND (Patient Root and Study Root, all levels),
+C-MOVE and C-GET over the same retrieval core.
+
+Identifiers become :class:`pacs.query.Query` objects; answers are built from
+index columns only. Failure statuses (PS3.4 C.4.1.1.4 / C.4.2.1.5):
+0xA900 identifier does not match SOP class (bad level, key of a lower
+level, unsupported matching key), 0xA801 unknown move destination,
+0xC000-family unable to process, 0xFE00 cancelled, 0xB000 some sub-operations
+failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.multival import MultiValue
+from pydicom.sequence import Sequence
+from pynetdicom import evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+)
+
+from pacs.app import Pacs
+from pacs.query import ATTRIBUTES, UNIQUE_KEY, Level, Query, QueryError, run_query
+from pacs.retrieve import RetrieveItem, contexts_for, iter_for_peer, resolve
+
+from .server import status_dataset
+
+log = logging.getLogger(__name__)
+
+_PATIENT_ROOT = {
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelMove,
+    PatientRootQueryRetrieveInformationModelGet,
+}
+_SKIP = {"QueryRetrieveLevel", "SpecificCharacterSet"}
+# DICOM statuses
+PENDING, CANCEL, IDENTIFIER_MISMATCH, UNABLE = 0xFF00, 0xFE00, 0xA900, 0xC000
+UNKNOWN_DESTINATION, TOO_MANY = 0xA801, 0xA702
+MAX_SUBOPERATIONS = 65535
+
+
+def _value_text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list):
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _declared_charset(identifier: Dataset) -> bool:
+    try:
+        return bool(identifier.get("SpecificCharacterSet"))
+    except Exception:
+        return False
+
+
+def _match_text(identifier: Dataset, tag: Any, declared: bool) -> str:
+    """A matching key's value as text.
+
+    Without a declared character set only ASCII is valid (PS3.5 default
+    repertoire); many modalities and tools still send UTF-8 then (a
+    Vietnamese name typed at the console), so undeclared non-ASCII bytes are
+    read as UTF-8 when they are valid UTF-8, else as Latin-1.
+    """
+    raw = identifier.get_item(tag)
+    if not declared and getattr(raw, "is_raw", False) and isinstance(raw.value, bytes):
+        try:
+            return raw.value.decode("utf-8").strip(" \x00")
+        except UnicodeDecodeError:
+            return raw.value.decode("latin-1").strip(" \x00")
+    return _value_text(identifier[tag].value)
+
+
+def identifier_query(identifier: Dataset, sop_class: str) -> tuple[Query, list[str]]:
+    """Translate a C-FIND/MOVE/GET identifier into a query and its return keys."""
+    try:
+        level = Level(str(identifier.get("QueryRetrieveLevel", "")).strip().upper())
+    except ValueError:
+        raise QueryError("missing or invalid Query/Retrieve Level") from None
+    if level is Level.PATIENT and sop_class not in _PATIENT_ROOT:
+        raise QueryError("PATIENT level is not part of the Study Root information model")
+    match: dict[str, str] = {}
+    returns: list[str] = []
+    declared = _declared_charset(identifier)
+    # Walk tags, not elements: iterating a dataset decodes every value with
+    # the declared character set before we can look at the raw bytes.
+    for tag in list(identifier.keys()):
+        keyword = keyword_for_tag(tag)
+        if not keyword or keyword in _SKIP or tag.is_private:
+            continue
+        returns.append(keyword)
+        raw = identifier.get_item(tag)
+        vr = getattr(raw, "VR", None) or dictionary_VR(tag)
+        if vr == "SQ":
+            continue  # sequence matching is not supported; returned when we know it
+        text = _match_text(identifier, tag, declared)
+        if not text:
+            continue
+        attribute = ATTRIBUTES.get(keyword)
+        if attribute is None:
+            raise QueryError(f"matching on {keyword} is not supported")
+        match[keyword] = text
+    query = Query(level, match, returns)
+    query.validate()
+    return query, returns
+
+
+def response_dataset(level: Level, returns: list[str], row: dict[str, Any], ae_title: str) -> Dataset:
+    """One C-FIND pending response: every requested key, filled from the index."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.QueryRetrieveLevel = level.value
+    keys = list(dict.fromkeys([*returns, UNIQUE_KEY[level]]))
+    for depth_level in Level:
+        if depth_level.depth < level.depth and depth_level is not Level.PATIENT:
+            keys.append(UNIQUE_KEY[depth_level])
+    for keyword in dict.fromkeys(keys):
+        value = row.get(keyword)
+        if keyword == "OtherPatientIDsSequence":
+            items = []
+            for other in value or []:
+                item = Dataset()
+                item.PatientID = other["PatientID"]
+                item.IssuerOfPatientID = other["IssuerOfPatientID"]
+                item.TypeOfPatientID = other["TypeOfPatientID"] or "TEXT"
+                items.append(item)
+            ds.OtherPatientIDsSequence = Sequence(items)
+            continue
+        _set(ds, keyword, value)
+    ds.RetrieveAETitle = ae_title
+    ds.InstanceAvailability = "ONLINE"
+    return ds
+
+
+def _set(ds: Dataset, keyword: str, value: Any) -> None:
+    try:
+        vr = dictionary_VR(keyword)
+    except KeyError:
+        return
+    if vr == "SQ":
+        setattr(ds, keyword, Sequence([]))
+    elif value is None or value == "":
+        setattr(ds, keyword, None)
+    elif keyword == "ModalitiesInStudy":
+        ds.ModalitiesInStudy = [m for m in str(value).split("\\") if m]
+    elif vr in ("US", "UL", "SS", "SL"):
+        setattr(ds, keyword, int(value))
+    elif vr == "IS":
+        setattr(ds, keyword, str(int(value)))
+    else:
+        setattr(ds, keyword, str(value))
+
+
+def make_find_handler(pacs: Pacs) -> Any:
+    def handle_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        sop_class = str(event.request.AffectedSOPClassUID)
+        try:
+            query, returns = identifier_query(event.identifier, sop_class)
+        except QueryError as exc:
+            log.warning("C-FIND from %s refused: %s", event.assoc.requestor.ae_title, exc)
+            yield status_dataset(IDENTIFIER_MISMATCH, str(exc)), None
+            return
+        except Exception as exc:
+            log.warning("C-FIND identifier unreadable: %s", exc)
+            yield status_dataset(UNABLE, f"cannot read identifier: {exc}"), None
+            return
+        try:
+            for row in run_query(pacs.engine, query):
+                if event.is_cancelled:
+                    yield CANCEL, None
+                    return
+                yield PENDING, response_dataset(query.level, returns, row, pacs.settings.ae_title)
+        except Exception as exc:
+            log.exception("C-FIND failed")
+            yield status_dataset(UNABLE, f"query failed: {exc}"), None
+
+    return handle_find
+
+
+def _retrieve_items(pacs: Pacs, event: Any) -> list[RetrieveItem]:
+    query, _ = identifier_query(event.identifier, str(event.request.AffectedSOPClassUID))
+    # Only the unique keys select what to send (PS3.4 C.4.2.2.1).
+    match = {k: v for k, v in query.match.items() if k in UNIQUE_KEY.values()}
+    if not match:
+        raise QueryError("a retrieve needs the unique key of its level")
+    return resolve(pacs, query.level, match, limit=MAX_SUBOPERATIONS + 1)
+
+
+def _send_items(
+    pacs: Pacs, event: Any, items: list[RetrieveItem], accepted: Any
+) -> Iterator[tuple[int, Dataset | None]]:
+    failed: list[str] = []
+    for item, ds, error in iter_for_peer(pacs, items, accepted()):
+        if event.is_cancelled:
+            cancelled = Dataset()
+            cancelled.FailedSOPInstanceUIDList = failed
+            yield CANCEL, cancelled
+            return
+        if ds is None:
+            failed.append(item.sop_uid)
+            # pynetdicom counts a dataset it cannot send (no SOP Class UID)
+            # as a failed sub-operation and lists its SOP Instance UID.
+            unsendable = Dataset()
+            unsendable.SOPInstanceUID = item.sop_uid
+            yield PENDING, unsendable
+            continue
+        yield PENDING, ds
+
+
+class MoveDestinations:
+    """Remembers the store association pynetdicom opens for each C-MOVE, so
+    the handler can see which syntaxes the destination accepted."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def remember(self, assoc: Any) -> None:
+        self._local.assoc = assoc
+
+    def accepted(self) -> set[tuple[str, str]]:
+        assoc = getattr(self._local, "assoc", None)
+        if assoc is None:
+            return set()
+        return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+
+
+def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
+    def handle_move(event: Any) -> Iterator[Any]:
+        requestor = event.assoc.requestor.ae_title.strip()
+        destination = pacs.aes.get(str(event.move_destination).strip())
+        if destination is None or not destination.enabled:
+            log.warning("C-MOVE from %s to unknown destination %s", requestor, event.move_destination)
+            yield None, None  # pynetdicom answers 0xA801
+            return
+        refusal = None
+        try:
+            items = _retrieve_items(pacs, event)
+            if len(items) > MAX_SUBOPERATIONS:
+                refusal = status_dataset(TOO_MANY, "more than 65535 instances: retrieve by series")
+        except QueryError as exc:
+            log.warning("C-MOVE from %s refused: %s", requestor, exc)
+            refusal = status_dataset(IDENTIFIER_MISMATCH, str(exc))
+        if refusal is not None:
+            # pynetdicom only takes a failure status after the destination and
+            # a sub-operation count have been yielded.
+            yield destination.host, destination.port
+            yield 1
+            yield refusal, None
+            return
+        contexts = []
+        for sop_class, syntaxes in contexts_for(items):
+            cx = PresentationContext()
+            cx.abstract_syntax = sop_class
+            cx.transfer_syntax = syntaxes
+            contexts.append(cx)
+        yield destination.host, destination.port, {"contexts": contexts}
+        yield len(items)
+        log.info("C-MOVE of %d instances from %s to %s", len(items), requestor, destination.title)
+        yield from _send_items(pacs, event, items, destinations.accepted)
+
+    return handle_move
+
+
+def make_get_handler(pacs: Pacs) -> Any:
+    def handle_get(event: Any) -> Iterator[Any]:
+        refusal = None
+        try:
+            items = _retrieve_items(pacs, event)
+            if len(items) > MAX_SUBOPERATIONS:
+                refusal = status_dataset(TOO_MANY, "more than 65535 instances: retrieve by series")
+        except QueryError as exc:
+            log.warning("C-GET from %s refused: %s", event.assoc.requestor.ae_title, exc)
+            refusal = status_dataset(IDENTIFIER_MISMATCH, str(exc))
+        if refusal is not None:
+            yield 1
+            yield refusal, None
+            return
+        yield len(items)
+
+        def accepted() -> set[tuple[str, str]]:
+            return {
+                (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                for cx in event.assoc.accepted_contexts
+                if cx.as_scu
+            }
+
+        yield from _send_items(pacs, event, items, accepted)
+
+    return handle_get
+
+
+def qr_handlers(pacs: Pacs, destinations: MoveDestinations) -> list[tuple[Any, Any]]:
+    return [
+        (evt.EVT_C_FIND, make_find_handler(pacs)),
+        (evt.EVT_C_MOVE, make_move_handler(pacs, destinations)),
+        (evt.EVT_C_GET, make_get_handler(pacs)),
+    ]
+
+
+__all__ = ["MoveDestinations", "qr_handlers"]

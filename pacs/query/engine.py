@@ -1,0 +1,190 @@
+"""Run a query against the index: C-FIND, QIDO-RS and retrieval all call this.
+
+A query names its level, its matching keys (keyword -> DICOM match value)
+and the keys to return. Results stream from the database in pages (keyset on
+the primary key), so a query never loads a whole table; answers come from
+index columns only, no stored object is opened.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, Select, and_, func, select
+
+from ..index.models import PatientIdentifier
+from .attributes import ATTRIBUTES, DEFAULT_RETURN, UNIQUE_KEY, Kind, Level, instances, patients, series, studies
+from .matching import QueryError, condition
+
+identifiers = PatientIdentifier.__table__
+
+_BASE = {
+    Level.PATIENT: patients,
+    Level.STUDY: studies,
+    Level.SERIES: series,
+    Level.IMAGE: instances,
+}
+
+
+@dataclass
+class Query:
+    """A level, matching keys and return keys; optionally a page."""
+
+    level: Level
+    match: dict[str, str] = field(default_factory=dict)
+    return_keys: list[str] = field(default_factory=list)
+    limit: int | None = None
+    offset: int = 0
+    fuzzy: bool = False
+    # Newest studies first (QIDO, the worklist of a viewer); else index order.
+    newest_first: bool = False
+
+    def validate(self) -> None:
+        for keyword, value in self.match.items():
+            attribute = ATTRIBUTES.get(keyword)
+            if attribute is None:
+                raise QueryError(f"{keyword} is not a supported matching key")
+            if value and attribute.level.depth > self.level.depth:
+                raise QueryError(
+                    f"{keyword} is a {attribute.level.value}-level key and cannot be matched "
+                    f"in a {self.level.value}-level query"
+                )
+            if value:
+                condition(attribute, value, fuzzy=self.fuzzy)  # raises on values it cannot match
+        if self.limit is not None and self.limit < 0 or self.offset < 0:
+            raise QueryError("limit and offset must not be negative")
+
+
+def _from(level: Level) -> Any:
+    joined: Any = patients
+    if level.depth >= Level.STUDY.depth:
+        joined = studies.join(patients, patients.c.pk == studies.c.patient_pk)
+    if level.depth >= Level.SERIES.depth:
+        joined = series.join(joined, studies.c.pk == series.c.study_pk)
+    if level.depth >= Level.IMAGE.depth:
+        joined = instances.join(joined, series.c.pk == instances.c.series_pk)
+    return joined
+
+
+def _computed_columns(level: Level, wanted: set[str]) -> list[Any]:
+    cols = []
+    if "NumberOfPatientRelatedStudies" in wanted:
+        cols.append(
+            select(func.count(studies.c.pk))
+            .where(studies.c.patient_pk == patients.c.pk)
+            .scalar_subquery()
+            .label("NumberOfPatientRelatedStudies")
+        )
+    if "NumberOfPatientRelatedSeries" in wanted:
+        cols.append(
+            select(func.coalesce(func.sum(studies.c.num_series), 0))
+            .where(studies.c.patient_pk == patients.c.pk)
+            .scalar_subquery()
+            .label("NumberOfPatientRelatedSeries")
+        )
+    if "NumberOfPatientRelatedInstances" in wanted:
+        cols.append(
+            select(func.coalesce(func.sum(studies.c.num_instances), 0))
+            .where(studies.c.patient_pk == patients.c.pk)
+            .scalar_subquery()
+            .label("NumberOfPatientRelatedInstances")
+        )
+    return cols
+
+
+def build_select(query: Query) -> tuple[Select[Any], list[str]]:
+    """The SELECT for *query* and the keywords of its result columns."""
+    query.validate()
+    level = query.level
+    base = _BASE[level]
+    wanted = set(query.return_keys) | set(DEFAULT_RETURN[level]) | {UNIQUE_KEY[level]}
+    keywords = [
+        k
+        for k, a in ATTRIBUTES.items()
+        if a.column is not None and a.level.depth <= level.depth and (k in wanted or a.level == level)
+    ]
+    columns = [ATTRIBUTES[k].column.label(k) for k in keywords]
+    computed = _computed_columns(level, wanted)
+    stmt = select(base.c.pk.label("_pk"), patients.c.pk.label("_patient_pk"), *columns, *computed)
+    stmt = stmt.select_from(_from(level))
+    conditions = [
+        condition(ATTRIBUTES[k], v, fuzzy=query.fuzzy) for k, v in query.match.items() if v not in ("", None)
+    ]
+    if conditions:
+        stmt = stmt.where(and_(*conditions))
+    return stmt, keywords + [c.name for c in computed]
+
+
+def run_query(engine: Engine, query: Query, *, page: int = 500) -> Iterator[dict[str, Any]]:
+    """Stream the matches of *query* as {keyword: value} dicts."""
+    stmt, keywords = build_select(query)
+    order_pk = _BASE[query.level].c.pk
+    want_other_ids = "OtherPatientIDsSequence" in query.return_keys
+    remaining = query.limit
+    if query.newest_first and query.level is not Level.PATIENT:
+        # Date order cannot be paged by key; limit/offset pages it instead.
+        stmt = stmt.order_by(studies.c.study_date.desc(), studies.c.study_time.desc(), order_pk.desc())
+        offset = query.offset
+        while remaining is None or remaining > 0:
+            size = page if remaining is None else min(page, remaining)
+            with engine.connect() as conn:
+                rows = conn.execute(stmt.limit(size).offset(offset)).mappings().all()
+            yield from _emit(engine, rows, keywords, want_other_ids)
+            if len(rows) < size:
+                return
+            offset += len(rows)
+            if remaining is not None:
+                remaining -= len(rows)
+        return
+    # Keyset pagination on the primary key: each page is an index range scan.
+    stmt = stmt.order_by(order_pk)
+    last_pk: int | None = None
+    skip = query.offset
+    while remaining is None or remaining > 0:
+        size = page if remaining is None else min(page, remaining)
+        paged = stmt if last_pk is None else stmt.where(order_pk > last_pk)
+        with engine.connect() as conn:
+            rows = conn.execute(paged.limit(size + skip).offset(0)).mappings().all()
+        if not rows:
+            return
+        last_pk = rows[-1]["_pk"]
+        emitted = rows[skip:]
+        skip = max(0, skip - len(rows))
+        yield from _emit(engine, emitted, keywords, want_other_ids)
+        if remaining is not None:
+            remaining -= len(emitted)
+        if len(rows) < size:
+            return
+
+
+def _emit(engine: Engine, rows: Any, keywords: list[str], want_other_ids: bool) -> Iterator[dict[str, Any]]:
+    other_ids: dict[int, list[dict[str, str]]] = {}
+    if want_other_ids and rows:
+        patient_pks = {r["_patient_pk"] for r in rows}
+        with engine.connect() as conn:
+            for ident in conn.execute(
+                select(identifiers.c.patient_pk, identifiers.c.value, identifiers.c.issuer, identifiers.c.id_type)
+                .where(identifiers.c.patient_pk.in_(patient_pks))
+                .order_by(identifiers.c.pk)
+            ):
+                other_ids.setdefault(ident.patient_pk, []).append(
+                    {"PatientID": ident.value, "IssuerOfPatientID": ident.issuer, "TypeOfPatientID": ident.id_type}
+                )
+    for row in rows:
+        result = {k: row[k] for k in keywords}
+        result["_pk"] = row["_pk"]
+        if want_other_ids:
+            result["OtherPatientIDsSequence"] = other_ids.get(row["_patient_pk"], [])
+        yield result
+
+
+def count_query(engine: Engine, query: Query) -> int:
+    """How many matches *query* has (without fetching them)."""
+    stmt, _ = build_select(Query(query.level, query.match, fuzzy=query.fuzzy))
+    with engine.connect() as conn:
+        return int(conn.execute(select(func.count()).select_from(stmt.subquery())).scalar_one())
+
+
+__all__ = ["Kind", "Level", "Query", "QueryError", "build_select", "count_query", "run_query"]

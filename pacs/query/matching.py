@@ -1,0 +1,136 @@
+"""DICOM attribute matching (PS3.4 C.2.2.2) translated to SQL, in one place.
+
+Single value, universal (empty: no condition), wildcard (``*``, ``?``),
+range (dates, times), list of UIDs or values (backslash-separated). Person
+names are matched on their folded form: case- and diacritic-insensitive, so
+"NGUYEN*", "nguyễn*" and "Nguyễn^Văn An" all find "Nguyễn^Văn An". A query
+without ``^`` is matched against the name with its components read as words
+("NGUYEN VAN AN"), which is how people type names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import ColumnElement, and_, exists, or_, select, true
+
+from ..errors import PacsError
+from ..index.models import PatientIdentifier
+from ..names import fold, fold_name
+from .attributes import Attribute, Kind, patients, series, studies
+
+identifiers = PatientIdentifier.__table__
+
+
+class QueryError(PacsError):
+    """An identifier or query parameter that cannot be matched (0xA900 / 400)."""
+
+
+def has_wildcard(value: str) -> bool:
+    return "*" in value or "?" in value
+
+
+def like_pattern(value: str) -> str:
+    """DICOM wildcards to a LIKE pattern (escape character ``\\``)."""
+    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return escaped.replace("*", "%").replace("?", "_")
+
+
+def _text_match(column: Any, value: str) -> ColumnElement[bool]:
+    if has_wildcard(value):
+        if value.strip("*") == "":
+            return true()
+        return column.like(like_pattern(value), escape="\\")
+    return column == value
+
+
+def _list_or_single(column: Any, value: str) -> ColumnElement[bool]:
+    parts = value.split("\\")
+    if len(parts) > 1:
+        return or_(*(_text_match(column, p) for p in parts))
+    return _text_match(column, value)
+
+
+def _range(column: Any, value: str, *, is_time: bool = False) -> ColumnElement[bool]:
+    value = value.strip()
+    if "-" in value:
+        low, high = (v.strip() for v in value.split("-", 1))
+        conditions = []
+        if low:
+            conditions.append(column >= low)
+        if high:
+            # A time bound "1200" includes 12:00:59.9: compare up to the
+            # digits given ("~" sorts after every digit and ".").
+            conditions.append(column <= (high + "~" if is_time else high))
+        if not conditions:
+            return true()
+        return and_(*conditions)
+    if has_wildcard(value):
+        return _text_match(column, value)
+    return column == value
+
+
+def _pn(attribute: Attribute, value: str, fuzzy: bool) -> ColumnElement[bool]:
+    if attribute.keyword == "PatientName" and "^" not in value and "=" not in value:
+        column = patients.c.name_words
+        folded = " ".join(fold(value).split())
+    else:
+        column = attribute.match_column if attribute.match_column is not None else patients.c.name_folded
+        folded = fold_name(value)
+    if not folded or folded.strip("*") == "":
+        return true()
+    if fuzzy and not has_wildcard(folded):
+        # QIDO-RS fuzzymatching: any word of the name starts with the term.
+        pattern = like_pattern(folded)
+        return or_(column.like(pattern + "%", escape="\\"), column.like("% " + pattern + "%", escape="\\"))
+    return _text_match(column, folded)
+
+
+def _patient_id(value: str) -> ColumnElement[bool]:
+    # Citizen-ID and insurance numbers are first-class identifiers: a match on
+    # any of a patient's other IDs is a match on the patient. A UNION of two
+    # index lookups, not an OR across tables (which would scan patients).
+    by_id = select(patients.c.pk).where(_list_or_single(patients.c.patient_id, value))
+    by_other = select(identifiers.c.patient_pk).where(_list_or_single(identifiers.c.value, value))
+    return patients.c.pk.in_(by_id.union(by_other))
+
+
+def _modalities(value: str) -> ColumnElement[bool]:
+    wanted = [v.strip() for v in value.split("\\") if v.strip()]
+    if not wanted:
+        return true()
+    return exists(
+        select(series.c.pk).where(
+            series.c.study_pk == studies.c.pk, or_(*(_text_match(series.c.modality, m) for m in wanted))
+        )
+    )
+
+
+def condition(attribute: Attribute, value: str, *, fuzzy: bool = False) -> ColumnElement[bool]:
+    """The SQL condition for one matching key with a non-empty value."""
+    kind = attribute.kind
+    if kind is Kind.PN:
+        return _pn(attribute, value, fuzzy)
+    if kind is Kind.PATIENT_ID:
+        return _patient_id(value)
+    if kind is Kind.MODALITIES:
+        return _modalities(value)
+    if kind is Kind.UID:
+        uids = [u.strip() for u in value.split("\\") if u.strip()]
+        if any(has_wildcard(u) for u in uids):
+            raise QueryError(f"wildcards are not allowed in {attribute.keyword}")
+        return attribute.column.in_(uids) if len(uids) > 1 else attribute.column == uids[0]
+    if kind in (Kind.DATE, Kind.TIME):
+        return _range(attribute.column, value, is_time=kind is Kind.TIME)
+    if kind is Kind.INT:
+        try:
+            numbers = [int(v) for v in value.split("\\")]
+        except ValueError:
+            raise QueryError(f"{attribute.keyword} must be an integer, not {value!r}") from None
+        return attribute.column.in_(numbers) if len(numbers) > 1 else attribute.column == numbers[0]
+    if kind is Kind.COMPUTED:
+        raise QueryError(f"{attribute.keyword} is a return key and cannot be matched")
+    return _list_or_single(attribute.column, value)
+
+
+__all__ = ["QueryError", "condition", "like_pattern"]

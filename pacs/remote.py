@@ -1,0 +1,207 @@
+"""The SCU side: echo, find, move and get against remote PACS in the AE registry.
+
+Prior studies from the referring hospital are pulled with C-MOVE (to our own
+listener) or C-GET (received on this association); either way every object
+enters through the normal ingest path.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+
+from .aes import RemoteAE
+from .app import Pacs
+from .errors import PacsError
+
+log = logging.getLogger(__name__)
+
+_MODELS = {
+    "study": (
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelMove,
+        StudyRootQueryRetrieveInformationModelGet,
+    ),
+    "patient": (
+        PatientRootQueryRetrieveInformationModelFind,
+        PatientRootQueryRetrieveInformationModelMove,
+        PatientRootQueryRetrieveInformationModelGet,
+    ),
+}
+
+
+class RemoteError(PacsError):
+    """The remote AE is unknown, unreachable or refused the request."""
+
+
+@dataclass
+class RetrieveSummary:
+    status: int
+    completed: int = 0
+    failed: int = 0
+    warning: int = 0
+    stored: int = 0
+    failed_uids: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "status": f"0x{self.status:04X}",
+            "completed": self.completed,
+            "failed": self.failed,
+            "warning": self.warning,
+            "stored": self.stored,
+            "failed_uids": self.failed_uids,
+        }
+
+
+def _remote(pacs: Pacs, title: str) -> RemoteAE:
+    remote = pacs.aes.get(title)
+    if remote is None:
+        raise RemoteError(f"{title} is not in the AE registry (pacs ae add {title} --host H --port P)")
+    return remote
+
+
+def _ae(pacs: Pacs) -> AE:
+    ae = AE(ae_title=pacs.settings.ae_title)
+    ae.acse_timeout = 30
+    ae.dimse_timeout = pacs.settings.dicom_timeout
+    ae.network_timeout = pacs.settings.dicom_timeout
+    ae.maximum_pdu_size = pacs.settings.max_pdu_size
+    return ae
+
+
+def _associate(ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
+    assoc = ae.associate(remote.host, remote.port, ae_title=remote.title, **kwargs)
+    if not assoc.is_established:
+        raise RemoteError(f"association with {remote.title} at {remote.host}:{remote.port} failed")
+    try:
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (OSError, AttributeError):
+        pass
+    return assoc
+
+
+def identifier(level: str, keys: dict[str, str]) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.QueryRetrieveLevel = level.upper()
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def echo(pacs: Pacs, title: str) -> int:
+    """C-ECHO the remote AE; returns the status."""
+    ae = _ae(pacs)
+    ae.add_requested_context(Verification)
+    assoc = _associate(ae, _remote(pacs, title))
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if status else 0xC000
+    finally:
+        assoc.release()
+
+
+def find(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = "study") -> Iterator[Dataset]:
+    """C-FIND on the remote AE; yields each matching identifier."""
+    find_class = _MODELS[model][0]
+    ae = _ae(pacs)
+    ae.add_requested_context(find_class)
+    assoc = _associate(ae, _remote(pacs, title))
+    try:
+        for status, match in assoc.send_c_find(identifier(level, keys), find_class):
+            if status is None:
+                raise RemoteError("no C-FIND response (timeout)")
+            code = int(status.Status)
+            if code in (0xFF00, 0xFF01):
+                yield match
+            elif code != 0x0000:
+                raise RemoteError(f"C-FIND failed with status 0x{code:04X} {status.get('ErrorComment', '')}")
+    finally:
+        assoc.release()
+
+
+def _summary(responses: Iterator[tuple[Any, Any]], summary: RetrieveSummary, what: str) -> RetrieveSummary:
+    for status, ident in responses:
+        if status is None:
+            raise RemoteError(f"no {what} response (timeout or aborted)")
+        code = int(status.Status)
+        summary.status = code
+        summary.completed = int(status.get("NumberOfCompletedSuboperations", summary.completed) or 0)
+        summary.failed = int(status.get("NumberOfFailedSuboperations", summary.failed) or 0)
+        summary.warning = int(status.get("NumberOfWarningSuboperations", summary.warning) or 0)
+        if ident is not None and "FailedSOPInstanceUIDList" in ident:
+            summary.failed_uids = list(ident.FailedSOPInstanceUIDList or [])
+    return summary
+
+
+def move(
+    pacs: Pacs, title: str, level: str, keys: dict[str, str], destination: str | None = None, model: str = "study"
+) -> RetrieveSummary:
+    """C-MOVE from the remote AE to *destination* (default: our own AE)."""
+    move_class = _MODELS[model][1]
+    ae = _ae(pacs)
+    ae.add_requested_context(move_class)
+    assoc = _associate(ae, _remote(pacs, title))
+    try:
+        responses = assoc.send_c_move(identifier(level, keys), destination or pacs.settings.ae_title, move_class)
+        return _summary(responses, RetrieveSummary(0xC000), "C-MOVE")
+    finally:
+        assoc.release()
+
+
+def get(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = "study") -> RetrieveSummary:
+    """C-GET from the remote AE; received objects are ingested here."""
+    from dicom_scp.contexts import STORAGE_TRANSFER_SYNTAXES
+    from dicom_scp.server import make_store_handler
+
+    # Ask for the SOP classes first: at most 128 contexts fit in an
+    # association, far fewer than all storage classes.
+    sop_classes = sorted(
+        {
+            str(m.SOPClassUID)
+            for m in find(pacs, title, "IMAGE", {**keys, "SOPClassUID": "", "SOPInstanceUID": ""}, model)
+            if m is not None and "SOPClassUID" in m
+        }
+    )
+    if not sop_classes:
+        return RetrieveSummary(0x0000)
+    get_class = _MODELS[model][2]
+    ae = _ae(pacs)
+    ae.add_requested_context(get_class)
+    roles = []
+    for sop_class in sop_classes[:127]:
+        ae.add_requested_context(sop_class, STORAGE_TRANSFER_SYNTAXES)
+        roles.append(build_role(sop_class, scp_role=True))
+    store = make_store_handler(pacs, source="c-get")
+    stored = {"n": 0}
+
+    def on_store(event: Any) -> Any:
+        status = store(event)
+        if status == 0:
+            stored["n"] += 1
+        return status
+
+    assoc = _associate(ae, _remote(pacs, title), ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        responses = assoc.send_c_get(identifier(level, keys), get_class)
+        summary = _summary(responses, RetrieveSummary(0xC000), "C-GET")
+    finally:
+        assoc.release()
+    summary.stored = stored["n"]
+    return summary

@@ -1,0 +1,111 @@
+"""The retrieval core shared by C-MOVE, C-GET (and WADO-RS): which stored
+objects a request names, and each one ready to send in a syntax the peer
+accepts -- as stored when it can, decompressed when it must."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, UID
+
+from .app import Pacs
+from .query import Level, Query, build_select
+from .query.attributes import instances
+
+log = logging.getLogger(__name__)
+
+UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+
+
+@dataclass(frozen=True)
+class RetrieveItem:
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    storage_key: str
+    size: int
+
+
+class TranscodeError(Exception):
+    """The object cannot be converted to any syntax the peer accepts."""
+
+
+def resolve(pacs: Pacs, level: Level, match: dict[str, str], *, limit: int | None = None) -> list[RetrieveItem]:
+    """Every stored instance under the entities that *match* names."""
+    stmt, _ = build_select(Query(Level.IMAGE, {k: v for k, v in match.items() if v}))
+    stmt = stmt.add_columns(
+        instances.c.storage_key, instances.c.size_bytes, instances.c.transfer_syntax_uid.label("_ts")
+    ).order_by(instances.c.series_pk, instances.c.instance_number, instances.c.pk)
+    if limit is not None:
+        stmt = stmt.limit(limit)
+    with pacs.engine.connect() as conn:
+        rows = conn.execute(stmt).mappings().all()
+    return [
+        RetrieveItem(r["SOPInstanceUID"], r["SOPClassUID"], r["_ts"], r["storage_key"], r["size_bytes"])
+        for r in rows
+    ]
+
+
+def read_dataset(pacs: Pacs, item: RetrieveItem) -> Dataset:
+    """The stored object as a dataset whose untouched elements re-encode to
+    exactly the stored bytes (pydicom writes raw elements verbatim)."""
+    data = pacs.store.read_bytes(item.storage_key)
+    return dcmread(io.BytesIO(data))
+
+
+def for_peer(pacs: Pacs, item: RetrieveItem, accepted: set[tuple[str, str]]) -> Dataset:
+    """The dataset in a syntax the peer accepted for its SOP class.
+
+    As stored when possible; a compressed object the peer cannot take is
+    decoded (pydicom + pylibjpeg) to explicit or implicit VR little endian.
+    Uncompressed-to-uncompressed conversions are left to pynetdicom.
+    """
+    ds = read_dataset(pacs, item)
+    stored = UID(item.transfer_syntax_uid)
+    if (item.sop_class_uid, str(stored)) in accepted or not stored.is_compressed:
+        return ds
+    target = next((ts for ts in UNCOMPRESSED if (item.sop_class_uid, str(ts)) in accepted), None)
+    if target is None:
+        raise TranscodeError(f"peer accepts no usable syntax for {item.sop_class_uid}")
+    try:
+        ds.decompress(generate_instance_uid=False)
+    except Exception as exc:  # unsupported codec, corrupt stream
+        raise TranscodeError(f"cannot decompress {item.sop_uid}: {exc}") from exc
+    if target == ImplicitVRLittleEndian:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    return ds
+
+
+def contexts_for(items: Iterable[RetrieveItem], limit: int = 128) -> list[tuple[str, list[str]]]:
+    """Presentation contexts to propose to a move destination: each stored
+    syntax as is, plus an uncompressed fallback per SOP class."""
+    wanted: list[tuple[str, list[str]]] = []
+    seen: set[tuple[str, str]] = set()
+    sop_classes: list[str] = []
+    for item in items:
+        if item.sop_class_uid not in sop_classes:
+            sop_classes.append(item.sop_class_uid)
+        key = (item.sop_class_uid, item.transfer_syntax_uid)
+        if key not in seen and UID(item.transfer_syntax_uid).is_compressed:
+            seen.add(key)
+            wanted.append((item.sop_class_uid, [item.transfer_syntax_uid]))
+    fallback = [(sc, [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]) for sc in sop_classes]
+    # Fallbacks first: every SOP class must be sendable even if the list is cut.
+    return (fallback + wanted)[:limit]
+
+
+def iter_for_peer(
+    pacs: Pacs, items: list[RetrieveItem], accepted: set[tuple[str, str]]
+) -> Iterator[tuple[RetrieveItem, Dataset | None, str]]:
+    """(item, dataset or None, error) for each item, one object in memory at a time."""
+    for item in items:
+        try:
+            yield item, for_peer(pacs, item, accepted), ""
+        except Exception as exc:
+            log.warning("cannot send %s: %s", item.sop_uid, exc)
+            yield item, None, str(exc)

@@ -1,0 +1,429 @@
+"""Issue 3: C-FIND / C-MOVE / C-GET with DCMTK findscu, movescu, getscu and
+storescp as the peers, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+from .conftest import Backend, PacsServer, dataset_bytes, free_port, run_dcmtk, wait_port
+from .peers import create_database, dcmtk, drop_database
+from .qr_corpus import PATIENTS, STUDIES, series_uid, sop_uid, studies_of, study_uid, write_corpus
+
+
+@pytest.fixture(scope="module", params=["sqlite", "pg"])
+def qr_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    """One archive holding the known corpus, per database, for the module."""
+    tmp = tmp_path_factory.mktemp(f"qr-{request.param}")
+    pg = create_database() if request.param == "pg" else None
+    server = PacsServer(tmp / "data", Backend(request.param, pg, None, {}))
+    corpus = write_corpus(tmp / "corpus")
+    server.cli("import", str(tmp / "corpus"))
+    server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(free_port()))
+    server.corpus = corpus  # type: ignore[attr-defined]
+    server.start()
+    yield server
+    server.stop()
+    if pg:
+        drop_database(pg)
+
+
+def findscu(server: PacsServer, workdir: Path, level: str, keys: dict[str, str], model: str = "-S") -> list[Dataset]:
+    """Run DCMTK findscu; return the response identifiers it extracted."""
+    out = workdir / f"find-{time.monotonic_ns()}"
+    out.mkdir()
+    args = [model, "-X", "-od", str(out), "-aec", server.ae_title, "-k", f"QueryRetrieveLevel={level}"]
+    for k, v in keys.items():
+        args += ["-k", f"{k}={v}" if v is not None else k]
+    result = run_dcmtk("findscu", *args, "127.0.0.1", str(server.dicom_port))
+    assert result.returncode == 0, result.stderr
+    return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def study_matches(server: PacsServer, tmp_path: Path, **keys: str) -> set[str]:
+    rsp = findscu(server, tmp_path, "STUDY", {**keys, "StudyInstanceUID": ""})
+    return {str(r.StudyInstanceUID) for r in rsp}
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({"PatientName": "NGUYEN*"}, ("S1", "S2", "S3", "S5")),
+        ({"PatientName": "nguyễn*"}, ("S1", "S2", "S3", "S5")),
+        ({"PatientName": "Nguyễn^Văn An"}, ("S1", "S2", "S5")),
+        ({"PatientName": "NGUYEN VAN AN"}, ("S1", "S2", "S5")),
+        ({"PatientName": "nguyen^van*"}, ("S1", "S2", "S5")),
+        ({"PatientName": "*THI*"}, ("S3",)),
+        ({"PatientName": "?RAN*"}, ("S4",)),
+        ({"PatientName": "*"}, ("S1", "S2", "S3", "S4", "S5", "S6")),
+        ({"PatientID": "001085012345"}, ("S1", "S2")),
+        ({"PatientID": "DN4797912345678"}, ("S1", "S2")),  # insurance number (other ID)
+        ({"PatientID": "0010*"}, ("S1", "S2", "S4")),
+        ({"StudyDate": "20240115"}, ("S1", "S5")),
+        ({"StudyDate": "20240101-20240229"}, ("S1", "S2", "S5")),
+        ({"StudyDate": "20240301-"}, ("S3", "S6")),
+        ({"StudyDate": "-20231231"}, ("S4",)),
+        ({"StudyTime": "080000-090000"}, ("S1",)),
+        ({"AccessionNumber": "ACC00?"}, ("S1", "S2", "S3", "S5", "S6")),
+        ({"AccessionNumber": "XYZ999"}, ("S4",)),
+        ({"ModalitiesInStudy": "MR"}, ("S1", "S6")),
+        ({"ModalitiesInStudy": "CT\\DX"}, ("S1", "S2", "S4", "S5")),
+        ({"ReferringPhysicianName": "DO*"}, ("S1",)),
+        ({"ReferringPhysicianName": "pham*"}, ("S4", "S5", "S6")),
+        ({"StudyDescription": "CT*"}, ("S1", "S4")),
+        ({"PatientName": "NGUYEN*", "ModalitiesInStudy": "CT"}, ("S1",)),
+        ({"PatientName": "NOBODY*"}, ()),
+    ],
+)
+def test_study_level_matching(qr_server: PacsServer, tmp_path: Path, keys: dict[str, str], expected: tuple[str, ...]) -> None:
+    assert study_matches(qr_server, tmp_path, **keys) == studies_of(*expected)
+
+
+def test_study_uid_list_matching(qr_server: PacsServer, tmp_path: Path) -> None:
+    rsp = findscu(qr_server, tmp_path, "STUDY", {"StudyInstanceUID": study_uid("S1") + "\\" + study_uid("S3")})
+    assert {str(r.StudyInstanceUID) for r in rsp} == studies_of("S1", "S3")
+
+
+def test_study_return_keys(qr_server: PacsServer, tmp_path: Path) -> None:
+    rsp = findscu(
+        qr_server,
+        tmp_path,
+        "STUDY",
+        {
+            "StudyInstanceUID": study_uid("S1"),
+            "PatientName": "",
+            "PatientID": "",
+            "ModalitiesInStudy": "",
+            "NumberOfStudyRelatedSeries": "",
+            "NumberOfStudyRelatedInstances": "",
+            "AccessionNumber": "",
+            "ReferringPhysicianName": "",
+            "StudyDescription": "",
+            "StudyDate": "",
+            "OtherPatientIDsSequence": None,
+        },
+    )
+    assert len(rsp) == 1
+    r = rsp[0]
+    assert r.SpecificCharacterSet == "ISO_IR 192"
+    assert str(r.PatientName) == "Nguyễn^Văn An"  # every Vietnamese letter kept
+    assert r.PatientID == "001085012345"
+    assert list(r.ModalitiesInStudy) == ["CT", "MR"]
+    assert int(r.NumberOfStudyRelatedSeries) == 2
+    assert int(r.NumberOfStudyRelatedInstances) == 3
+    assert r.AccessionNumber == "ACC001"
+    assert str(r.ReferringPhysicianName) == "Đỗ^Thanh Tùng"
+    assert r.StudyDescription == "CT ngực"
+    assert r.StudyDate == "20240115"
+    assert r.OtherPatientIDsSequence[0].PatientID == "DN4797912345678"
+    assert r.OtherPatientIDsSequence[0].IssuerOfPatientID == "BHYT"
+    assert r.RetrieveAETitle == qr_server.ae_title
+
+
+def test_patient_root_patient_level(qr_server: PacsServer, tmp_path: Path) -> None:
+    rsp = findscu(
+        qr_server, tmp_path, "PATIENT",
+        {"PatientName": "NGUYEN*", "PatientID": "", "NumberOfPatientRelatedStudies": "",
+         "NumberOfPatientRelatedInstances": ""},
+        model="-P",
+    )
+    by_id = {r.PatientID: r for r in rsp}
+    assert set(by_id) == {PATIENTS["P1"].pid, PATIENTS["P2"].pid, PATIENTS["P4"].pid}
+    assert int(by_id[PATIENTS["P1"].pid].NumberOfPatientRelatedStudies) == 2
+    assert int(by_id[PATIENTS["P1"].pid].NumberOfPatientRelatedInstances) == 4
+    assert str(by_id[PATIENTS["P2"].pid].PatientName) == "Nguyễn^Thị Hoa"
+
+
+def test_patient_root_study_level(qr_server: PacsServer, tmp_path: Path) -> None:
+    rsp = findscu(qr_server, tmp_path, "STUDY", {"PatientID": PATIENTS["P1"].pid, "StudyInstanceUID": ""}, model="-P")
+    assert {str(r.StudyInstanceUID) for r in rsp} == studies_of("S1", "S2")
+
+
+@pytest.mark.parametrize("model", ["-S", "-P"])
+def test_series_level(qr_server: PacsServer, tmp_path: Path, model: str) -> None:
+    keys = {"StudyInstanceUID": study_uid("S1"), "SeriesInstanceUID": "", "Modality": "",
+            "NumberOfSeriesRelatedInstances": "", "SeriesNumber": ""}
+    if model == "-P":
+        keys["PatientID"] = PATIENTS["P1"].pid
+    rsp = findscu(qr_server, tmp_path, "SERIES", keys, model=model)
+    got = {str(r.SeriesInstanceUID): (r.Modality, int(r.NumberOfSeriesRelatedInstances)) for r in rsp}
+    assert got == {series_uid("S1", 0): ("CT", 2), series_uid("S1", 1): ("MR", 1)}
+    ct_only = findscu(qr_server, tmp_path, "SERIES", {**keys, "Modality": "CT"}, model=model)
+    assert [str(r.SeriesInstanceUID) for r in ct_only] == [series_uid("S1", 0)]
+
+
+@pytest.mark.parametrize("model", ["-S", "-P"])
+def test_image_level(qr_server: PacsServer, tmp_path: Path, model: str) -> None:
+    keys = {"StudyInstanceUID": study_uid("S1"), "SeriesInstanceUID": series_uid("S1", 0),
+            "SOPInstanceUID": "", "SOPClassUID": "", "InstanceNumber": ""}
+    if model == "-P":
+        keys["PatientID"] = PATIENTS["P1"].pid
+    rsp = findscu(qr_server, tmp_path, "IMAGE", keys, model=model)
+    assert {str(r.SOPInstanceUID) for r in rsp} == {sop_uid("S1", 0, 0), sop_uid("S1", 0, 1)}
+    assert {int(r.InstanceNumber) for r in rsp} == {1, 2}
+    listed = findscu(qr_server, tmp_path, "IMAGE",
+                     {**keys, "SOPInstanceUID": sop_uid("S1", 0, 1)}, model=model)
+    assert [str(r.SOPInstanceUID) for r in listed] == [sop_uid("S1", 0, 1)]
+
+
+# -- failures over a real association (pynetdicom SCU) ---------------------------------
+def _find_statuses(server: PacsServer, identifier: Dataset, model: str = StudyRootQueryRetrieveInformationModelFind) -> list[int]:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(model)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+    assert assoc.is_established
+    statuses = [int(s.Status) for s, _ in assoc.send_c_find(identifier, model) if s is not None]
+    assoc.release()
+    return statuses
+
+
+def _ident(**keys: str) -> Dataset:
+    ds = Dataset()
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
+@pytest.mark.parametrize(
+    "identifier",
+    [
+        _ident(PatientName="X*"),  # no QueryRetrieveLevel
+        _ident(QueryRetrieveLevel="BOGUS", PatientName="X*"),
+        _ident(QueryRetrieveLevel="STUDY", SeriesInstanceUID="1.2.3"),  # key below the level
+        _ident(QueryRetrieveLevel="STUDY", PatientAge="030Y"),  # unsupported matching key
+        _ident(QueryRetrieveLevel="STUDY", StudyInstanceUID="1.2.*"),  # wildcard in a UID
+    ],
+)
+def test_malformed_identifiers_get_a900(qr_server: PacsServer, identifier: Dataset) -> None:
+    assert _find_statuses(qr_server, identifier)[-1] == 0xA900
+    assert qr_server.alive()
+
+
+def test_patient_level_refused_in_study_root(qr_server: PacsServer) -> None:
+    assert _find_statuses(qr_server, _ident(QueryRetrieveLevel="PATIENT", PatientID="*"))[-1] == 0xA900
+    ok = _find_statuses(
+        qr_server, _ident(QueryRetrieveLevel="PATIENT", PatientID="*"), PatientRootQueryRetrieveInformationModelFind
+    )
+    assert ok[-1] == 0x0000 and ok.count(0xFF00) == len(PATIENTS)
+
+
+def test_cancel_is_honoured(tmp_path: Path) -> None:
+    """C-CANCEL stops a long C-FIND: fewer responses than matches, status 0xFE00."""
+    from bench.synthetic import LoadSpec, load
+
+    from pacs.index import create_index_engine, upgrade_schema
+
+    server = PacsServer(tmp_path / "data", Backend("sqlite", None, None, {}))
+    (tmp_path / "data").mkdir()
+    engine = create_index_engine(f"sqlite:///{tmp_path}/data/index.sqlite")
+    upgrade_schema(engine)
+    load(engine, LoadSpec(studies=3000, instances_per_study=1))
+    engine.dispose()
+    server.start()
+    try:
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+        responses = assoc.send_c_find(_ident(QueryRetrieveLevel="STUDY", StudyInstanceUID=""),
+                                      StudyRootQueryRetrieveInformationModelFind)
+        first_status, _ = next(responses)
+        assert first_status.Status == 0xFF00
+        assoc.send_c_cancel(1, query_model=StudyRootQueryRetrieveInformationModelFind)
+        statuses = [int(s.Status) for s, _ in responses if s is not None]
+        assoc.release()
+        assert statuses[-1] == 0xFE00
+        assert len(statuses) < 3000
+        assert server.alive()
+    finally:
+        server.stop()
+
+
+# -- C-MOVE and C-GET ----------------------------------------------------------------------
+class StoreSCP:
+    """DCMTK storescp as a move destination, bit-preserving."""
+
+    def __init__(self, out: Path, accept_all: bool) -> None:
+        self.out = out
+        out.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        args = [dcmtk("storescp"), "+B", "-od", str(out), "-aet", "MOVEDEST", str(self.port)]
+        if accept_all:
+            args.insert(1, "+xa")
+        self.proc = subprocess.Popen(
+            args, env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        wait_port(self.port, proc=self.proc)
+
+    def received(self) -> dict[str, bytes]:
+        return {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f.read_bytes() for f in self.out.iterdir()}
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def _movescu(server: PacsServer, level: str, keys: dict[str, str], dest: str = "MOVEDEST") -> subprocess.CompletedProcess[str]:
+    args = ["-S", "-v", "-aem", dest, "-aec", server.ae_title, "-k", f"QueryRetrieveLevel={level}"]
+    for k, v in keys.items():
+        args += ["-k", f"{k}={v}"]
+    return run_dcmtk("movescu", *args, "127.0.0.1", str(server.dicom_port))
+
+
+def _corpus_by_uid(server: PacsServer) -> dict[str, Path]:
+    return {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID): p for p in server.corpus}  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("level", "keys", "expected"),
+    [
+        ("STUDY", {"StudyInstanceUID": study_uid("S1")}, [sop_uid("S1", 0, 0), sop_uid("S1", 0, 1), sop_uid("S1", 1, 0)]),
+        ("SERIES", {"StudyInstanceUID": study_uid("S6"), "SeriesInstanceUID": series_uid("S6", 0)},
+         [sop_uid("S6", 0, 0), sop_uid("S6", 0, 1)]),
+        ("IMAGE", {"StudyInstanceUID": study_uid("S1"), "SeriesInstanceUID": series_uid("S1", 0),
+                   "SOPInstanceUID": sop_uid("S1", 0, 0) + "\\" + sop_uid("S1", 0, 1)},
+         [sop_uid("S1", 0, 0), sop_uid("S1", 0, 1)]),
+    ],
+)
+def test_movescu_to_storescp_byte_identical(
+    qr_server: PacsServer, tmp_path: Path, level: str, keys: dict[str, str], expected: list[str]
+) -> None:
+    scp = StoreSCP(tmp_path / "dest", accept_all=True)
+    try:
+        qr_server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
+        time.sleep(2.2)  # the registry cache of the running server
+        result = _movescu(qr_server, level, keys)
+        assert result.returncode == 0, result.stderr
+        assert "Final Move Response (Success)" in result.stderr
+    finally:
+        scp.stop()
+    received = scp.received()
+    assert set(received) == set(expected)
+    sources = _corpus_by_uid(qr_server)
+    for uid, data in received.items():
+        assert dataset_bytes(data) == dataset_bytes(sources[uid].read_bytes()), f"{uid} changed in transit"
+
+
+def test_move_transcodes_for_uncompressed_only_destination(qr_server: PacsServer, tmp_path: Path) -> None:
+    scp = StoreSCP(tmp_path / "dest", accept_all=False)  # storescp default: uncompressed only
+    try:
+        qr_server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
+        time.sleep(2.2)
+        result = _movescu(qr_server, "STUDY", {"StudyInstanceUID": study_uid("S6")})
+        assert result.returncode == 0, result.stderr
+        assert "Final Move Response (Success)" in result.stderr
+        assert len(scp.received()) == 2
+    finally:
+        scp.stop()
+    sources = _corpus_by_uid(qr_server)
+    for uid, data in scp.received().items():
+        got = dcmread(io.BytesIO(data))
+        assert got.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        original = dcmread(sources[uid])
+        assert original.file_meta.TransferSyntaxUID == JPEG2000Lossless
+        assert (got.pixel_array == original.pixel_array).all(), "lossless transcode changed pixels"
+
+
+def test_move_counts_and_partial_failure(qr_server: PacsServer, tmp_path: Path) -> None:
+    """Sub-operation counts in pending and final responses; a destination that
+    cannot take some objects gives 0xB000 with the failed UIDs."""
+    scp = StoreSCP(tmp_path / "dest", accept_all=True)
+    try:
+        qr_server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
+        time.sleep(2.2)
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        assoc = ae.associate("127.0.0.1", qr_server.dicom_port, ae_title=qr_server.ae_title)
+        responses = [
+            s for s, _ in assoc.send_c_move(
+                _ident(QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid("S1")), "MOVEDEST",
+                StudyRootQueryRetrieveInformationModelMove,
+            ) if s is not None
+        ]
+        assoc.release()
+    finally:
+        scp.stop()
+    pending = [r for r in responses if r.Status == 0xFF00]
+    assert [int(r.NumberOfRemainingSuboperations) for r in pending] == [2, 1, 0]
+    final = responses[-1]
+    assert final.Status == 0x0000
+    assert int(final.NumberOfCompletedSuboperations) == 3 and int(final.NumberOfFailedSuboperations) == 0
+
+
+def test_move_unknown_destination_is_a801(qr_server: PacsServer) -> None:
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    assoc = ae.associate("127.0.0.1", qr_server.dicom_port, ae_title=qr_server.ae_title)
+    statuses = [
+        int(s.Status)
+        for s, _ in assoc.send_c_move(
+            _ident(QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid("S1")), "NOWHERE",
+            StudyRootQueryRetrieveInformationModelMove,
+        )
+        if s is not None
+    ]
+    assoc.release()
+    assert statuses == [0xA801]
+    assert qr_server.alive()
+
+
+def test_getscu_uncompressed_peer_gets_decoded_study(qr_server: PacsServer, tmp_path: Path) -> None:
+    out = tmp_path / "got"
+    out.mkdir()
+    result = run_dcmtk(
+        "getscu", "-S", "-od", str(out), "-aec", qr_server.ae_title,
+        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study_uid('S1')}",
+        "127.0.0.1", str(qr_server.dicom_port),
+    )
+    assert result.returncode == 0, result.stderr
+    files = list(out.iterdir())
+    assert len(files) == 3
+    sources = _corpus_by_uid(qr_server)
+    for f in files:
+        got = dcmread(f)
+        assert got.file_meta.TransferSyntaxUID in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        original = dcmread(sources[str(got.SOPInstanceUID)])
+        assert (got.pixel_array == original.pixel_array).all()
+
+
+def test_pacs_remote_find_and_move_between_two_servers(qr_server: PacsServer, tmp_path: Path) -> None:
+    # A second appliance pulls a prior study from the first.
+    dest = PacsServer(tmp_path / "b", Backend("sqlite", None, None, {}), ae_title="PACS_B")
+    dest.dicom_port = free_port()
+    dest.cli("ae", "add", qr_server.ae_title, "--host", "127.0.0.1", "--port", str(qr_server.dicom_port))
+    qr_server.cli("ae", "add", "PACS_B", "--host", "127.0.0.1", "--port", str(dest.dicom_port))
+    dest.start()
+    try:
+        time.sleep(2.2)
+        found = json.loads(
+            dest.cli("remote", "find", qr_server.ae_title, "-k", "PatientName=lê*", "-k", "StudyInstanceUID=",
+                     "--json").stdout
+        )
+        assert [f["StudyInstanceUID"] for f in found] == [study_uid("S6")]
+        moved = json.loads(
+            dest.cli("remote", "move", qr_server.ae_title, "--study", study_uid("S6"), "--json").stdout
+        )
+        assert moved["status"] == "0x0000" and moved["completed"] == 2 and moved["failed"] == 0
+        assert dest.stats()["instances"] == 2
+        got = json.loads(
+            dest.cli("remote", "get", qr_server.ae_title, "--study", study_uid("S2"), "--json").stdout
+        )
+        assert got["completed"] == 1 and got["stored"] == 1
+        assert dest.stats()["instances"] == 3
+    finally:
+        dest.stop()
