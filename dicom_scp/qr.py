@@ -19,7 +19,6 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.multival import MultiValue
-from pydicom.sequence import Sequence
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
@@ -30,6 +29,7 @@ from pynetdicom.sop_class import (
 
 from pacs.app import Pacs
 from pacs.query import ATTRIBUTES, UNIQUE_KEY, Level, Query, QueryError, run_query
+from pacs.query.results import result_dataset
 from pacs.retrieve import RetrieveItem, contexts_for, iter_for_peer, resolve
 
 from .server import status_dataset
@@ -114,52 +114,6 @@ def identifier_query(identifier: Dataset, sop_class: str) -> tuple[Query, list[s
     return query, returns
 
 
-def response_dataset(level: Level, returns: list[str], row: dict[str, Any], ae_title: str) -> Dataset:
-    """One C-FIND pending response: every requested key, filled from the index."""
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.QueryRetrieveLevel = level.value
-    keys = list(dict.fromkeys([*returns, UNIQUE_KEY[level]]))
-    for depth_level in Level:
-        if depth_level.depth < level.depth and depth_level is not Level.PATIENT:
-            keys.append(UNIQUE_KEY[depth_level])
-    for keyword in dict.fromkeys(keys):
-        value = row.get(keyword)
-        if keyword == "OtherPatientIDsSequence":
-            items = []
-            for other in value or []:
-                item = Dataset()
-                item.PatientID = other["PatientID"]
-                item.IssuerOfPatientID = other["IssuerOfPatientID"]
-                item.TypeOfPatientID = other["TypeOfPatientID"] or "TEXT"
-                items.append(item)
-            ds.OtherPatientIDsSequence = Sequence(items)
-            continue
-        _set(ds, keyword, value)
-    ds.RetrieveAETitle = ae_title
-    ds.InstanceAvailability = "ONLINE"
-    return ds
-
-
-def _set(ds: Dataset, keyword: str, value: Any) -> None:
-    try:
-        vr = dictionary_VR(keyword)
-    except KeyError:
-        return
-    if vr == "SQ":
-        setattr(ds, keyword, Sequence([]))
-    elif value is None or value == "":
-        setattr(ds, keyword, None)
-    elif keyword == "ModalitiesInStudy":
-        ds.ModalitiesInStudy = [m for m in str(value).split("\\") if m]
-    elif vr in ("US", "UL", "SS", "SL"):
-        setattr(ds, keyword, int(value))
-    elif vr == "IS":
-        setattr(ds, keyword, str(int(value)))
-    else:
-        setattr(ds, keyword, str(value))
-
-
 def make_find_handler(pacs: Pacs) -> Any:
     def handle_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
         sop_class = str(event.request.AffectedSOPClassUID)
@@ -178,7 +132,7 @@ def make_find_handler(pacs: Pacs) -> Any:
                 if event.is_cancelled:
                     yield CANCEL, None
                     return
-                yield PENDING, response_dataset(query.level, returns, row, pacs.settings.ae_title)
+                yield PENDING, result_dataset(query.level, returns, row, pacs.settings.ae_title)
         except Exception as exc:
             log.exception("C-FIND failed")
             yield status_dataset(UNABLE, f"query failed: {exc}"), None

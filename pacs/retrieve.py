@@ -29,6 +29,11 @@ class RetrieveItem:
     transfer_syntax_uid: str
     storage_key: str
     size: int
+    study_uid: str = ""
+    series_uid: str = ""
+    sha256: str = ""
+    frames: int | None = None
+    pixel_offset: int | None = None
 
 
 class TranscodeError(Exception):
@@ -39,14 +44,29 @@ def resolve(pacs: Pacs, level: Level, match: dict[str, str], *, limit: int | Non
     """Every stored instance under the entities that *match* names."""
     stmt, _ = build_select(Query(Level.IMAGE, {k: v for k, v in match.items() if v}))
     stmt = stmt.add_columns(
-        instances.c.storage_key, instances.c.size_bytes, instances.c.transfer_syntax_uid.label("_ts")
+        instances.c.storage_key,
+        instances.c.size_bytes,
+        instances.c.sha256,
+        instances.c.pixel_offset,
+        instances.c.transfer_syntax_uid.label("_ts"),
     ).order_by(instances.c.series_pk, instances.c.instance_number, instances.c.pk)
     if limit is not None:
         stmt = stmt.limit(limit)
     with pacs.engine.connect() as conn:
         rows = conn.execute(stmt).mappings().all()
     return [
-        RetrieveItem(r["SOPInstanceUID"], r["SOPClassUID"], r["_ts"], r["storage_key"], r["size_bytes"])
+        RetrieveItem(
+            sop_uid=r["SOPInstanceUID"],
+            sop_class_uid=r["SOPClassUID"],
+            transfer_syntax_uid=r["_ts"],
+            storage_key=r["storage_key"],
+            size=r["size_bytes"],
+            study_uid=r["StudyInstanceUID"],
+            series_uid=r["SeriesInstanceUID"],
+            sha256=r["sha256"],
+            frames=r["NumberOfFrames"],
+            pixel_offset=r["pixel_offset"],
+        )
         for r in rows
     ]
 

@@ -80,6 +80,11 @@ class Settings(BaseSettings):
     # Group commit: how long the committer waits to gather more index rows.
     commit_batch_max: int = 256
     offer_samples: bool = True
+    # Absolute URL clients reach the HTTP API at (behind a reverse proxy);
+    # default: taken from each request.
+    public_url: str | None = None
+    # Encoded rendered frames and thumbnails kept in memory (LRU).
+    render_cache_bytes: int = 128 * 1024**2
     log_level: str = "INFO"
     ae: list[dict[str, Any]] = Field(default_factory=list)
 

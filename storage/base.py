@@ -14,7 +14,11 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
+import shutil
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -185,6 +189,20 @@ class ObjectStore(ABC):
         """Compute the sha256 of the stored bytes (reads the whole object)."""
         with self.open(key) as stream:
             return sha256_of(stream)[0]
+
+    @contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        """A local file holding the object, for libraries that want a path
+        (random access to one frame of a large multi-frame object).
+
+        The default downloads to a temporary file removed on exit; the
+        filesystem store hands out the stored file itself (read-only use).
+        """
+        with tempfile.NamedTemporaryFile(prefix="pacs-", suffix=".dcm") as tmp:
+            with self.open(key) as stream:
+                shutil.copyfileobj(stream, tmp, CHUNK)
+            tmp.flush()
+            yield Path(tmp.name)
 
     def read_bytes(self, key: str) -> bytes:
         """Read a whole object; only for small objects (tests, metadata)."""

@@ -21,6 +21,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
@@ -235,6 +236,13 @@ class FileStore(ObjectStore):
         if length is None:
             return f
         return io.BufferedReader(RangeReader(f, length), CHUNK)  # type: ignore[return-value]
+
+    @contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        path = self.path_for(key)
+        if not path.exists():
+            raise ObjectNotFound(key)
+        yield path
 
     def stat(self, key: str) -> ObjectInfo:
         try:

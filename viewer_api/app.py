@@ -9,6 +9,9 @@ from fastapi.responses import JSONResponse
 from pacs import __version__
 from pacs.app import Pacs, health
 
+from . import errors, qido, stow, wado, wado_uri
+from .rendering import RenderCache
+
 
 def create_app(pacs: Pacs) -> FastAPI:
     """Build the HTTP app around one :class:`~pacs.app.Pacs`."""
@@ -18,6 +21,10 @@ def create_app(pacs: Pacs) -> FastAPI:
         description="PACS and DICOM routing appliance: DICOMweb, WADO-URI, FHIR and JSON API.",
     )
     app.state.pacs = pacs
+    app.state.render_cache = RenderCache(pacs.settings.render_cache_bytes)
+    errors.install(app)
+    for module in (qido, wado, stow, wado_uri):
+        app.include_router(module.router)
 
     @app.get("/health", tags=["system"], summary="Liveness and dependency health")
     def get_health() -> JSONResponse:

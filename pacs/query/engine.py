@@ -69,29 +69,22 @@ def _from(level: Level) -> Any:
 
 
 def _computed_columns(level: Level, wanted: set[str]) -> list[Any]:
-    cols = []
-    if "NumberOfPatientRelatedStudies" in wanted:
-        cols.append(
-            select(func.count(studies.c.pk))
-            .where(studies.c.patient_pk == patients.c.pk)
-            .scalar_subquery()
-            .label("NumberOfPatientRelatedStudies")
-        )
-    if "NumberOfPatientRelatedSeries" in wanted:
-        cols.append(
-            select(func.coalesce(func.sum(studies.c.num_series), 0))
-            .where(studies.c.patient_pk == patients.c.pk)
-            .scalar_subquery()
-            .label("NumberOfPatientRelatedSeries")
-        )
-    if "NumberOfPatientRelatedInstances" in wanted:
-        cols.append(
-            select(func.coalesce(func.sum(studies.c.num_instances), 0))
-            .where(studies.c.patient_pk == patients.c.pk)
-            .scalar_subquery()
-            .label("NumberOfPatientRelatedInstances")
-        )
-    return cols
+    # An alias: at study level and below the outer query already selects from
+    # studies, and the subqueries must count all of the patient's studies.
+    patient_studies = studies.alias("patient_studies")
+    per_patient = {
+        "NumberOfPatientRelatedStudies": func.count(patient_studies.c.pk),
+        "NumberOfPatientRelatedSeries": func.coalesce(func.sum(patient_studies.c.num_series), 0),
+        "NumberOfPatientRelatedInstances": func.coalesce(func.sum(patient_studies.c.num_instances), 0),
+    }
+    return [
+        select(aggregate)
+        .where(patient_studies.c.patient_pk == patients.c.pk)
+        .scalar_subquery()
+        .label(keyword)
+        for keyword, aggregate in per_patient.items()
+        if keyword in wanted
+    ]
 
 
 def build_select(query: Query) -> tuple[Select[Any], list[str]]:
@@ -99,7 +92,10 @@ def build_select(query: Query) -> tuple[Select[Any], list[str]]:
     query.validate()
     level = query.level
     base = _BASE[level]
-    wanted = set(query.return_keys) | set(DEFAULT_RETURN[level]) | {UNIQUE_KEY[level]}
+    # The unique keys of the level and all above it are always returned:
+    # responses and retrieve URLs need the whole path to an entity.
+    wanted = set(query.return_keys) | set(DEFAULT_RETURN[level])
+    wanted |= {UNIQUE_KEY[lv] for lv in Level if lv.depth <= level.depth}
     keywords = [
         k
         for k, a in ATTRIBUTES.items()

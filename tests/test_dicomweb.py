@@ -1,0 +1,314 @@
+"""Issue 4: DICOMweb (QIDO-RS, WADO-RS, STOW-RS), WADO-URI and rendering,
+driven by dicomweb-client (a real client) against a running `pacs serve`."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from PIL import Image
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+
+from viewer_api.multipart import build_multipart_related
+
+from .conftest import Backend, PacsServer, dataset_bytes, pydicom_file
+from .peers import create_database, drop_database
+from .qr_corpus import study_uid, write_corpus
+
+
+@pytest.fixture(scope="module", params=["sqlite-fs", "pg-s3"])
+def web(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    """One archive with the Q/R corpus, the sample studies and pydicom files."""
+    tmp = tmp_path_factory.mktemp(f"web-{request.param}")
+    pg = create_database() if request.param == "pg-s3" else None
+    env: dict[str, str] = {}
+    storage = None
+    if request.param == "pg-s3":
+        s3 = request.getfixturevalue("s3_server")
+        storage = s3.url(f"web-{tmp.name[-8:].lower().replace('_', '-')}")
+        env = {"PACS_S3_ACCESS_KEY": s3.access_key, "PACS_S3_SECRET_KEY": s3.secret_key}
+    server = PacsServer(tmp / "data", Backend(request.param, pg, storage, env))
+    write_corpus(tmp / "in" / "corpus")
+    samples = request.getfixturevalue("samples")
+    for name in ("CT_small.dcm", "RG1_UNCI.dcm", "US1_J2KR.dcm", "examples_ybr_color.dcm", "MR_small_RLE.dcm"):
+        (tmp / "in" / name).write_bytes(pydicom_file(name).read_bytes())
+    server.cli("import", str(tmp / "in"), str(samples))
+    server.start()
+    server.samples = samples  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+    if pg:
+        drop_database(pg)
+
+
+def client(server: PacsServer) -> DICOMwebClient:
+    return DICOMwebClient(f"http://127.0.0.1:{server.http_port}/dicom-web")
+
+
+def uid(item: dict, tag: str) -> str:
+    return item[tag]["Value"][0]
+
+
+# -- QIDO-RS -------------------------------------------------------------------------------
+def test_qido_matches_the_index(web: PacsServer) -> None:
+    c = client(web)
+    studies = c.search_for_studies(search_filters={"PatientName": "nguyen*"})
+    names = {s["00100010"]["Value"][0]["Alphabetic"] for s in studies}
+    assert {"Nguyễn^Văn An", "Nguyễn^Thị Hoa", "NGUYEN^VAN AN"} <= names
+    s1 = [s for s in studies if uid(s, "0020000D") == study_uid("S1")][0]
+    assert s1["00201208"]["Value"] == [3]
+    assert s1["00080061"]["Value"] == ["CT", "MR"]
+    assert s1["00100020"]["vr"] == "LO"
+    assert s1["00081190"]["Value"][0].endswith(f"/dicom-web/studies/{study_uid('S1')}")
+    series = c.search_for_series(study_uid("S1"))
+    assert sorted(s["00080060"]["Value"][0] for s in series) == ["CT", "MR"]
+    instances = c.search_for_instances(study_uid("S1"))
+    assert len(instances) == 3
+
+
+def test_qido_parameters(web: PacsServer) -> None:
+    with web.http() as http:
+        by_tag = http.get("/dicom-web/studies", params={"00100020": "001085012345"}).json()
+        assert {uid(s, "0020000D") for s in by_tag} == {study_uid("S1"), study_uid("S2")}
+        fuzzy = http.get("/dicom-web/studies", params={"PatientName": "hoa", "fuzzymatching": "true"}).json()
+        assert [uid(s, "0020000D") for s in fuzzy] == [study_uid("S3")]
+        ranged = http.get("/dicom-web/studies", params={"StudyDate": "20240101-20240229", "AccessionNumber": "ACC*"})
+        assert {uid(s, "0020000D") for s in ranged.json()} == {study_uid("S1"), study_uid("S2"), study_uid("S5")}
+        everything = http.get("/dicom-web/studies", params={"StudyInstanceUID": study_uid("S1"), "includefield": "all"})
+        assert "00201206" in everything.json()[0] and "00100030" in everything.json()[0]
+        page1 = http.get("/dicom-web/studies", params={"limit": 2, "AccessionNumber": "ACC*"}).json()
+        page2 = http.get("/dicom-web/studies", params={"limit": 2, "offset": 2, "AccessionNumber": "ACC*"}).json()
+        assert len(page1) == 2 and len(page2) == 2
+        assert not {uid(s, "0020000D") for s in page1} & {uid(s, "0020000D") for s in page2}
+        empty = http.get("/dicom-web/studies", params={"PatientName": "NOBODY"})
+        assert empty.status_code == 200 and empty.json() == []
+        assert empty.headers["content-type"].startswith("application/dicom+json")
+        for bad in ({"Bogus": "1"}, {"limit": "x"}, {"StudyInstanceUID": "1.2.*"}, {"includefield": "Nope"}):
+            response = http.get("/dicom-web/studies", params=bad)
+            assert response.status_code == 400, bad
+            assert response.json()["error"]
+        assert http.get("/dicom-web/studies/not-a-uid/series").status_code == 400
+
+
+# -- WADO-RS -------------------------------------------------------------------------------
+def test_wado_instances_as_stored_and_metadata(web: PacsServer) -> None:
+    c = client(web)
+    core = web.core()
+    try:
+        for study in (study_uid("S1"), study_uid("S6")):
+            retrieved = c.retrieve_study(study, media_types=(("application/dicom", "*"),))
+            assert retrieved
+            for ds in retrieved:
+                stored = core.reader.stored_instance(str(ds.SOPInstanceUID))
+                assert stored is not None
+                out = io.BytesIO()
+                ds.save_as(out, enforce_file_format=True)
+                assert dataset_bytes(out.getvalue()) == dataset_bytes(core.store.read_bytes(stored.storage_key))
+        meta = c.retrieve_study_metadata(study_uid("S1"))
+        assert len(meta) == 3
+        assert all("7FE00010" in m and "BulkDataURI" in m["7FE00010"] for m in meta)
+        assert {m["00100010"]["Value"][0]["Alphabetic"] for m in meta} == {"Nguyễn^Văn An"}
+    finally:
+        core.close()
+
+
+def test_wado_default_syntax_decodes_compressed(web: PacsServer) -> None:
+    c = client(web)
+    found = c.search_for_instances(study_uid("S6"))
+    series, sop = uid(found[0], "0020000E"), uid(found[0], "00080018")
+    plain = c.retrieve_instance(
+        study_uid("S6"), series, sop, media_types=(("application/dicom", "1.2.840.10008.1.2.1"),)
+    )
+    assert plain.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    stored = c.retrieve_instance(study_uid("S6"), series, sop, media_types=(("application/dicom", "*"),))
+    assert stored.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert np.array_equal(plain.pixel_array, stored.pixel_array)
+    with web.http() as http:
+        url = f"/dicom-web/studies/{study_uid('S6')}/series/{series}/instances/{sop}"
+        # Naming the type without a transfer syntax asks for Explicit VR LE (PS3.18 8.7.3.5).
+        default = http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
+        assert default.status_code == 200
+        assert "transfer-syntax=1.2.840.10008.1.2.1" in default.headers["content-type"]
+        refused = http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2.4.50'})
+        assert refused.status_code == 406
+
+
+def test_wado_frames(web: PacsServer) -> None:
+    c = client(web)
+    found = c.search_for_instances(study_uid("S1"))
+    ct = [f for f in found if uid(f, "0020000E").endswith(".1")][0]
+    frames = c.retrieve_instance_frames(study_uid("S1"), uid(ct, "0020000E"), uid(ct, "00080018"), frame_numbers=[1])
+    assert len(frames[0]) == 32 * 32 * 2
+    number = int(ct["00200013"]["Value"][0])
+    expected = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * number) % 4096
+    assert np.array_equal(np.frombuffer(frames[0], dtype="<u2").reshape(32, 32), expected)
+    mr = [f for f in found if uid(f, "0020000E").endswith(".2")][0]
+    decoded = c.retrieve_instance_frames(study_uid("S1"), uid(mr, "0020000E"), uid(mr, "00080018"), frame_numbers=[1])
+    assert len(decoded[0]) == 32 * 32 * 2  # J2K frame decoded to octet-stream
+    as_stored = c.retrieve_instance_frames(
+        study_uid("S1"), uid(mr, "0020000E"), uid(mr, "00080018"), frame_numbers=[1],
+        media_types=(("image/jp2", "1.2.840.10008.1.2.4.90"),),
+    )
+    assert as_stored[0][:4] == b"\xff\x4f\xff\x51"  # a JPEG 2000 codestream, as stored
+    with web.http() as http:
+        base = f"/dicom-web/studies/{study_uid('S1')}/series/{uid(ct, '0020000E')}/instances/{uid(ct, '00080018')}"
+        assert http.get(base + "/frames/9").status_code == 404
+        assert http.get(base + "/frames/a,b").status_code == 400
+
+
+# -- rendering ---------------------------------------------------------------------------------
+def _reference_window(pixels: np.ndarray, center: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1 linear VOI function, computed here independently."""
+    x = pixels.astype(np.float64)
+    y = ((x - (center - 0.5)) / (width - 1) + 0.5) * 255
+    y = np.where(x <= center - 0.5 - (width - 1) / 2, 0, y)
+    y = np.where(x > center - 0.5 + (width - 1) / 2, 255, y)
+    return np.clip(np.floor(y + 0.5), 0, 255).astype(np.uint8)
+
+
+def test_rendered_ct_window_matches_reference(web: PacsServer) -> None:
+    manifest = json.loads((web.samples / "manifest.json").read_text())  # type: ignore[attr-defined]
+    ct = [s for s in manifest["studies"] if s["name"] == "ct"][0]
+    series = ct["series"][0]
+    path = web.samples / series["files"][0]  # type: ignore[attr-defined]
+    ds = dcmread(path)
+    sop = str(ds.SOPInstanceUID)
+    url = f"/dicom-web/studies/{ct['study_instance_uid']}/series/{series['series_instance_uid']}/instances/{sop}"
+    hu = ds.pixel_array.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    with web.http() as http:
+        for center, width in ((40, 400), (-600, 1500)):
+            png = http.get(url + "/rendered", params={"window": f"{center},{width},linear"},
+                           headers={"Accept": "image/png"})
+            assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+            image = np.asarray(Image.open(io.BytesIO(png.content)))
+            assert image.shape == (ds.Rows, ds.Columns)
+            assert np.abs(image.astype(int) - _reference_window(hu, center, width)).max() <= 1
+        jpeg = http.get(url + "/rendered", params={"viewport": "256,256", "quality": "80"})
+        assert jpeg.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(jpeg.content)).size == (256, 256)
+        thumb = http.get(f"/dicom-web/studies/{ct['study_instance_uid']}/thumbnail")
+        assert thumb.status_code == 200 and max(Image.open(io.BytesIO(thumb.content)).size) <= 128
+        assert http.get(url + "/rendered", params={"window": "abc"}).status_code == 400
+        assert http.get(url + "/frames/5/rendered").status_code == 404
+
+
+def test_rendered_monochrome1_and_colour(web: PacsServer) -> None:
+    c = client(web)
+    with web.http() as http:
+        for name, check in (("RG1_UNCI.dcm", "mono1"), ("US1_J2KR.dcm", "rgb"), ("examples_ybr_color.dcm", "rgb")):
+            ds = dcmread(pydicom_file(name))
+            found = c.search_for_instances(str(ds.StudyInstanceUID), search_filters={"SOPInstanceUID": str(ds.SOPInstanceUID)})
+            series = uid(found[0], "0020000E")
+            url = f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{series}/instances/{ds.SOPInstanceUID}/rendered"
+            pixels = ds.pixel_array if "NumberOfFrames" not in ds or int(ds.NumberOfFrames) == 1 else ds.pixel_array[0]
+            if check == "mono1":
+                # MONOCHROME1 with a window over the whole range: the lowest
+                # value is shown white and the highest black.
+                from pydicom.pixels import apply_modality_lut
+
+                values = apply_modality_lut(pixels, ds)
+                low, high = float(values.min()), float(values.max())
+                window = f"{(low + high) / 2},{high - low + 1},linear"
+                png = http.get(url, params={"window": window}, headers={"Accept": "image/png"})
+                image = np.asarray(Image.open(io.BytesIO(png.content)))
+                assert image[np.unravel_index(np.argmin(values), values.shape)] >= 254
+                assert image[np.unravel_index(np.argmax(values), values.shape)] <= 1
+                continue
+            image = np.asarray(Image.open(io.BytesIO(http.get(url, headers={"Accept": "image/png"}).content)))
+            assert image.shape == (*pixels.shape[:2], 3)
+            # pydicom hands decoded JPEG/J2K colour back as RGB already.
+            assert np.abs(image.astype(int) - pixels.astype(int)).mean() < 3
+
+
+# -- STOW-RS -------------------------------------------------------------------------------------
+def _ct_bytes(**changes: object) -> bytes:
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    for key, value in changes.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return out.getvalue()
+
+
+def test_stow_mix_of_good_and_bad_parts(web: PacsServer) -> None:
+    before = web.stats()["instances"]
+    good1, good2 = _ct_bytes(), _ct_bytes()
+    parts = [
+        ("application/dicom", good1),
+        ("application/dicom", b"this is not dicom at all" * 10),
+        ("application/dicom", good2[: len(good2) // 2]),  # truncated
+        ("application/dicom", _ct_bytes(StudyInstanceUID=None)),
+        ("application/dicom", good2),
+    ]
+    body, content_type = build_multipart_related(parts)
+    with web.http() as http:
+        response = http.post("/dicom-web/studies", content=body, headers={"Content-Type": content_type})
+    assert response.status_code == 202, response.text
+    result = response.json()
+    referenced = result["00081199"]["Value"]
+    failed = result["00081198"]["Value"]
+    assert {r["00081155"]["Value"][0] for r in referenced} == {
+        str(dcmread(io.BytesIO(good1)).SOPInstanceUID), str(dcmread(io.BytesIO(good2)).SOPInstanceUID)
+    }
+    assert sorted(f["00081197"]["Value"][0] for f in failed) == [0xA900, 0xC000, 0xC000]
+    assert all(f["0040A160"]["Value"][0] for f in failed)  # a reason text for each
+    assert web.stats()["instances"] == before + 2
+
+
+def test_stow_with_dicomweb_client_and_status_codes(web: PacsServer) -> None:
+    c = client(web)
+    ds = dcmread(io.BytesIO(_ct_bytes()))
+    result = c.store_instances([ds])
+    assert result.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
+    retrieved = c.retrieve_instance(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID),
+                                    media_types=(("application/dicom", "*"),))
+    assert retrieved.SOPInstanceUID == ds.SOPInstanceUID
+    with web.http() as http:
+        bad, content_type = build_multipart_related([("application/dicom", b"garbage")])
+        assert http.post("/dicom-web/studies", content=bad, headers={"Content-Type": content_type}).status_code == 409
+        assert http.post("/dicom-web/studies", content=b"x", headers={"Content-Type": "application/json"}).status_code == 415
+        assert http.post("/dicom-web/studies", content=b"--nope", headers={"Content-Type": "multipart/related; type=\"application/dicom\""}).status_code == 400
+        wrong_study, content_type = build_multipart_related([("application/dicom", _ct_bytes())])
+        other = generate_uid()
+        response = http.post(f"/dicom-web/studies/{other}", content=wrong_study, headers={"Content-Type": content_type})
+        assert response.status_code == 409
+        assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
+
+
+# -- WADO-URI, OpenAPI, health ---------------------------------------------------------------------
+def test_wado_uri(web: PacsServer) -> None:
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    params = {"requestType": "WADO", "studyUID": str(ds.StudyInstanceUID), "seriesUID": str(ds.SeriesInstanceUID),
+              "objectUID": str(ds.SOPInstanceUID)}
+    with web.http() as http:
+        jpeg = http.get("/wado", params=params)
+        assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
+        assert Image.open(io.BytesIO(jpeg.content)).size == (ds.Columns, ds.Rows)
+        small = http.get("/wado", params={**params, "contentType": "image/png", "rows": "64",
+                                         "windowCenter": "40", "windowWidth": "400"})
+        assert Image.open(io.BytesIO(small.content)).size[1] == 64
+        dicom = http.get("/wado", params={**params, "contentType": "application/dicom"})
+        assert dcmread(io.BytesIO(dicom.content)).SOPInstanceUID == ds.SOPInstanceUID
+        assert http.get("/wado", params={**params, "requestType": "X"}).status_code == 400
+        assert http.get("/wado", params={**params, "objectUID": "1.2.3.4"}).status_code == 404
+        assert http.get("/wado", params={**params, "windowCenter": "40"}).status_code == 400
+
+
+def test_openapi_and_health(web: PacsServer) -> None:
+    with web.http() as http:
+        spec = http.get("/openapi.json").json()
+        for path in ("/dicom-web/studies", "/dicom-web/studies/{study}/series/{series}/instances/{sop}/rendered",
+                     "/wado", "/health"):
+            assert path in spec["paths"], path
+        health = http.get("/health").json()
+        assert health["status"] == "ok" and health["index"] == "ok" and health["storage"] == "ok"

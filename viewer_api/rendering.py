@@ -1,0 +1,130 @@
+"""Rendered images and thumbnails over HTTP, with a bounded cache.
+
+The pixel work is in :mod:`viewer_api.render`; this module maps the PS3.18
+rendered-resource query parameters (``window``, ``viewport``, ``quality``,
+``accept``) onto it and caches the encoded outputs. Cache keys include the
+stored object's sha256, so a replaced object never serves a stale image.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from pacs import frames as framelib
+from pacs.retrieve import RetrieveItem
+
+from . import negotiation
+from .errors import HTTPProblem
+from .multipart import Part, content_type_header, multipart_related_stream, new_boundary
+from .render import (
+    RenderError,
+    RenderParams,
+    parse_quality,
+    parse_viewport,
+    parse_window,
+    render_dataset_bytes,
+)
+
+THUMBNAIL_SIZE = (128, 128)
+
+
+class RenderCache:
+    """LRU of encoded images, bounded in bytes."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple[object, ...], bytes] = OrderedDict()
+        self._size = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: tuple[object, ...]) -> bytes | None:
+        with self._lock:
+            data = self._items.get(key)
+            if data is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return data
+
+    def put(self, key: tuple[object, ...], data: bytes) -> None:
+        if len(data) > self.max_bytes // 4:
+            return  # one huge image must not flush everything else
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._size -= len(old)
+            self._items[key] = data
+            self._size += len(data)
+            while self._size > self.max_bytes and self._items:
+                _, dropped = self._items.popitem(last=False)
+                self._size -= len(dropped)
+
+
+def params_from(request: Request, *, thumbnail: bool = False) -> RenderParams:
+    """The rendered-resource parameters of PS3.18 8.3.5.1 (annotation ignored)."""
+    query = request.query_params
+    media_type = negotiation.negotiate_rendered(request)
+    try:
+        window = parse_window(query["window"]) if "window" in query else None
+        # PS3.18: a thumbnail's viewport is only "vw,vh" (no source region).
+        viewport = parse_viewport(query["viewport"], allow_region=not thumbnail) if "viewport" in query else None
+        quality = parse_quality(query["quality"]) if "quality" in query else 90
+    except ValueError as exc:
+        raise HTTPProblem(getattr(exc, "http_status", 400), str(exc)) from None
+    if thumbnail and viewport is None:
+        viewport = THUMBNAIL_SIZE
+    return RenderParams(media_type=media_type, quality=quality, window=window, viewport=viewport)
+
+
+def render_item(request: Request, item: RetrieveItem, frame: int, params: RenderParams) -> bytes:
+    """Encoded image of one frame (1-based), from the cache when possible."""
+    cache: RenderCache = request.app.state.render_cache
+    key = (item.sop_uid, item.sha256, frame, params)
+    cached = cache.get(key)
+    if cached is not None:
+        return cached
+    pacs = request.app.state.pacs
+    with framelib.local_object(pacs, item) as path, open(path, "rb") as f:
+        # From the file, only the frame asked for is read and decoded.
+        try:
+            data = render_dataset_bytes(f, frame - 1, params)
+        except RenderError as exc:
+            raise HTTPProblem(exc.http_status, str(exc)) from None
+    cache.put(key, data)
+    return data
+
+
+def rendered_response(request: Request, item: RetrieveItem, frame: int) -> Response:
+    params = params_from(request)
+    return Response(render_item(request, item, frame, params), media_type=params.media_type)
+
+
+def rendered_multipart(request: Request, targets: list[tuple[RetrieveItem, int]]) -> StreamingResponse:
+    params = params_from(request)
+    boundary = new_boundary()
+
+    def parts() -> Iterator[Part]:
+        for item, frame in targets:
+            yield Part(params.media_type, {}, render_item(request, item, frame, params))
+
+    return StreamingResponse(
+        multipart_related_stream(parts(), boundary), media_type=content_type_header(params.media_type, boundary)
+    )
+
+
+def thumbnail_response(request: Request, items: list[RetrieveItem], frame: int | None = None) -> Response:
+    """A small image of the representative instance: the middle one."""
+    params = params_from(request, thumbnail=True)
+    images = [i for i in items if i.pixel_offset is not None] or items
+    item = images[len(images) // 2]
+    number = frame or max(1, ((item.frames or 1) + 1) // 2)
+    data = render_item(request, item, number, params)
+    return Response(data, media_type=params.media_type)

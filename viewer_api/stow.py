@@ -1,0 +1,153 @@
+"""STOW-RS (PS3.18 10.5): store instances sent as multipart/related.
+
+The body is streamed to temporary files part by part (never held whole in
+memory); each part goes through the same ingest function as C-STORE. The
+answer is the PS3.18 store response: ReferencedSOPSequence for stored
+instances, FailedSOPSequence with a FailureReason for the others; 200 when
+all were stored, 202 when some failed, 409 when none was stored.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from starlette.concurrency import run_in_threadpool
+
+from pacs.errors import IngestError, Status
+from pacs.ingest import Origin
+from pacs.part10 import FileSource
+
+from .dicomjson import dumps, to_json
+from .errors import HTTPProblem
+from .multipart import MultipartError, parse_multipart_related
+from .urls import base_url
+
+router = APIRouter(prefix="/dicom-web", tags=["STOW-RS"])
+
+
+def _uids_of(path: str) -> tuple[str, str]:
+    """Best-effort SOP Class/Instance UIDs of a part, for the failure report."""
+    try:
+        ds = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID", "SOPInstanceUID"], force=True)
+        return str(ds.get("SOPClassUID", "") or ""), str(ds.get("SOPInstanceUID", "") or "")
+    except Exception:
+        return "", ""
+
+
+def _store_part(request: Request, path: str, study: str | None) -> tuple[bool, dict[str, Any]]:
+    pacs = request.app.state.pacs
+    client = request.client.host if request.client else ""
+    origin = Origin(source="stow", remote_host=client, user=getattr(request.state, "user", "") or "")
+    try:
+        source = FileSource(path)
+        if study is not None:
+            header_study = _study_of(path)
+            if header_study != study:
+                raise IngestError(Status.INVALID_DATASET, "StudyInstanceUID differs from the request's study")
+        result = pacs.ingestor.ingest(source, origin)
+    except IngestError as exc:
+        sop_class, sop_uid = _uids_of(path)
+        return False, {"class": sop_class, "uid": sop_uid, "reason": exc.status, "comment": exc.reason}
+    base = base_url(request) + "/dicom-web"
+    h = result.header
+    return True, {
+        "class": h.sop_class_uid,
+        "uid": h.sop_uid,
+        "study": h.study_uid,
+        "url": f"{base}/studies/{h.study_uid}/series/{h.series_uid}/instances/{h.sop_uid}",
+    }
+
+
+def _study_of(path: str) -> str:
+    try:
+        return str(dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
+    except Exception:
+        return ""
+
+
+async def store(request: Request, study: str | None) -> Response:
+    content_type = request.headers.get("content-type", "")
+    settings = request.app.state.pacs.settings
+    spool = os.path.join(settings.data_dir, "stow-spool")
+    os.makedirs(spool, exist_ok=True)
+    stored: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    try:
+        async for part in parse_multipart_related(
+            content_type, request.stream(), spool_dir=spool, max_part_bytes=settings.max_object_bytes
+        ):
+            try:
+                media = part.content_type.split(";")[0].strip().lower()
+                if media != "application/dicom":
+                    failed.append({"class": "", "uid": "", "reason": Status.SOP_CLASS_NOT_SUPPORTED,
+                                   "comment": f"part type {media} is not supported; send application/dicom"})
+                    continue
+                ok, info = await run_in_threadpool(_store_part, request, str(part.path), study)
+                (stored if ok else failed).append(info)
+            finally:
+                try:
+                    os.unlink(part.path)
+                except OSError:
+                    pass
+    except MultipartError as exc:
+        if not stored and not failed:
+            raise HTTPProblem(exc.http_status, str(exc)) from None
+        # Parts before the broken one were handled; report them and the break.
+        failed.append({"class": "", "uid": "", "reason": Status.CANNOT_UNDERSTAND, "comment": str(exc)})
+    if not stored and not failed:
+        raise HTTPProblem(400, "the request contained no parts")
+    body = _response_dataset(request, study, stored, failed)
+    status = 200 if not failed else 202 if stored else 409
+    return Response(dumps(to_json(body)), status_code=status, media_type="application/dicom+json")
+
+
+def _response_dataset(request: Request, study: str | None, stored: list[dict[str, Any]], failed: list[dict[str, Any]]) -> Dataset:
+    ds = Dataset()
+    studies = {s["study"] for s in stored}
+    if study or len(studies) == 1:
+        base = base_url(request) + "/dicom-web"
+        ds.RetrieveURL = f"{base}/studies/{study or next(iter(studies))}"
+    refs = []
+    for s in stored:
+        item = Dataset()
+        item.ReferencedSOPClassUID = s["class"]
+        item.ReferencedSOPInstanceUID = s["uid"]
+        item.RetrieveURL = s["url"]
+        refs.append(item)
+    fails = []
+    for f in failed:
+        item = Dataset()
+        item.ReferencedSOPClassUID = f["class"] or None
+        item.ReferencedSOPInstanceUID = f["uid"] or None
+        item.FailureReason = int(f["reason"])
+        # A text reason helps the sender's operator more than a number.
+        item.TextValue = str(f.get("comment", ""))[:1024]
+        fails.append(item)
+    if refs:
+        ds.ReferencedSOPSequence = Sequence(refs)
+    if fails:
+        ds.FailedSOPSequence = Sequence(fails)
+    return ds
+
+
+@router.post("/studies", summary="Store instances")
+async def store_instances(request: Request) -> Response:
+    return await store(request, None)
+
+
+@router.post("/studies/{study}", summary="Store instances into a study")
+async def store_study_instances(request: Request, study: str) -> Response:
+    from pydicom.uid import UID
+
+    if not UID(study).is_valid:
+        raise HTTPProblem(400, f"invalid UID {study[:80]!r}")
+    return await store(request, study)
+
+
+__all__ = ["router"]

@@ -1,0 +1,254 @@
+"""WADO-RS (PS3.18 10.4): studies, series and instances as multipart/related
+application/dicom (streamed one chunk at a time), metadata as DICOM JSON,
+frames, bulk data, and rendered images and thumbnails.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from pydicom.uid import UID
+
+from pacs import frames as framelib
+from pacs.query import Level
+from pacs.retrieve import RetrieveItem, resolve
+from pacs.transcode import TransferSyntaxError, can_serve, instance_bytes
+
+from . import negotiation, rendering
+from .dicomjson import dumps
+from .errors import HTTPProblem
+from .multipart import Part, content_type_header, multipart_related_stream, new_boundary
+from .urls import base_url
+
+router = APIRouter(prefix="/dicom-web", tags=["WADO-RS"])
+DEFAULT_TS = "1.2.840.10008.1.2.1"
+
+
+def _check_uids(*uids: str | None) -> None:
+    for uid in uids:
+        if uid is not None and not UID(uid).is_valid:
+            raise HTTPProblem(400, f"invalid UID {uid[:80]!r}")
+
+
+def items_for(request: Request, study: str, series: str | None = None, sop: str | None = None) -> list[RetrieveItem]:
+    """The stored instances a WADO path names; 404 when there are none."""
+    _check_uids(study, series, sop)
+    match = {"StudyInstanceUID": study}
+    if series:
+        match["SeriesInstanceUID"] = series
+    if sop:
+        match["SOPInstanceUID"] = sop
+    items = resolve(request.app.state.pacs, Level.IMAGE, match)
+    if not items:
+        raise HTTPProblem(404, "no such " + ("instance" if sop else "series" if series else "study"))
+    return items
+
+
+def _content_location(request: Request, item: RetrieveItem) -> str:
+    base = base_url(request)
+    return f"{base}/dicom-web/studies/{item.study_uid}/series/{item.series_uid}/instances/{item.sop_uid}"
+
+
+def retrieve(request: Request, items: list[RetrieveItem]) -> StreamingResponse:
+    """Instances as multipart/related; type="application/dicom"."""
+    offer = negotiation.negotiate_instances(request)
+    target = offer.transfer_syntax or DEFAULT_TS
+    if target != "*":
+        bad = [i.sop_uid for i in items if not can_serve(i, target)]
+        if bad:
+            raise HTTPProblem(406, f"cannot provide {len(bad)} instance(s) in transfer syntax {target}")
+    pacs = request.app.state.pacs
+    boundary = new_boundary()
+
+    def parts() -> Iterator[Part]:
+        for item in items:
+            ts = item.transfer_syntax_uid if target == "*" else target
+            yield Part(
+                content_type=f'application/dicom; transfer-syntax={ts}',
+                headers={"Content-Location": _content_location(request, item)},
+                body=instance_bytes(pacs, item, None if target == "*" else target),
+            )
+
+    return StreamingResponse(
+        multipart_related_stream(parts(), boundary),
+        media_type=content_type_header("application/dicom", boundary, None if target == "*" else target),
+    )
+
+
+@router.get("/studies/{study}", summary="Retrieve a study")
+def retrieve_study(request: Request, study: str) -> StreamingResponse:
+    return retrieve(request, items_for(request, study))
+
+
+@router.get("/studies/{study}/series/{series}", summary="Retrieve a series")
+def retrieve_series(request: Request, study: str, series: str) -> StreamingResponse:
+    return retrieve(request, items_for(request, study, series))
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}", summary="Retrieve an instance")
+def retrieve_instance(request: Request, study: str, series: str, sop: str) -> StreamingResponse:
+    return retrieve(request, items_for(request, study, series, sop))
+
+
+# -- metadata ---------------------------------------------------------------------------
+def metadata(request: Request, items: list[RetrieveItem]) -> Response:
+    negotiation.negotiate_json(request)
+    pacs = request.app.state.pacs
+    results: list[dict[str, Any]] = []
+    for item in items:
+        with framelib.local_object(pacs, item) as path:
+            ds = framelib.header(path)
+        location = _content_location(request, item)
+
+        def bulk_uri(elem: Any, location: str = location) -> str:
+            return f"{location}/bulk/{elem.tag:08X}"
+
+        from .dicomjson import to_json
+
+        meta = to_json(ds, bulk_uri=bulk_uri)
+        if item.pixel_offset is not None:
+            meta["7FE00010"] = {
+                "vr": "OB" if UID(item.transfer_syntax_uid).is_encapsulated else "OW",
+                "BulkDataURI": f"{location}/frames/" + ",".join(str(n) for n in range(1, (item.frames or 1) + 1)),
+            }
+        meta.setdefault("00083002", {"vr": "UI", "Value": [item.transfer_syntax_uid]})
+        results.append(meta)
+    return Response(dumps(results), media_type="application/dicom+json")
+
+
+@router.get("/studies/{study}/metadata", summary="Study metadata")
+def study_metadata(request: Request, study: str) -> Response:
+    return metadata(request, items_for(request, study))
+
+
+@router.get("/studies/{study}/series/{series}/metadata", summary="Series metadata")
+def series_metadata(request: Request, study: str, series: str) -> Response:
+    return metadata(request, items_for(request, study, series))
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/metadata", summary="Instance metadata")
+def instance_metadata(request: Request, study: str, series: str, sop: str) -> Response:
+    return metadata(request, items_for(request, study, series, sop))
+
+
+# -- frames and bulk data ------------------------------------------------------------------
+def _frame_numbers(text: str) -> list[int]:
+    try:
+        numbers = [int(n) for n in text.split(",") if n.strip()]
+    except ValueError:
+        raise HTTPProblem(400, f"frame list must be comma-separated integers, not {text!r}") from None
+    if not numbers:
+        raise HTTPProblem(400, "empty frame list")
+    return numbers
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}", summary="Retrieve frames")
+def retrieve_frames(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
+    numbers = _frame_numbers(frame_list)
+    item = items_for(request, study, series, sop)[0]
+    pacs = request.app.state.pacs
+    stored_type = framelib.FRAME_MEDIA_TYPE.get(item.transfer_syntax_uid)
+    offer = negotiation.negotiate_frames(request, item.transfer_syntax_uid)
+    # Uncompressed octet-stream unless the client takes the stored encoding.
+    decode = offer.part_type == "application/octet-stream" and offer.transfer_syntax != "*"
+    boundary = new_boundary()
+    with framelib.local_object(pacs, item) as path:
+        info = framelib.pixel_info(path, item)
+        framelib.check_numbers(info, numbers)
+        bodies = []
+        for n in numbers:
+            if not info.encapsulated:
+                bodies.append(framelib.native_frame(path, info, n))
+            elif decode:
+                bodies.append(framelib.decoded_frame(path, n))
+            else:
+                bodies.append(framelib.encapsulated_frame(path, info, n))
+    if not info.encapsulated or decode:
+        part_type = "application/octet-stream"
+    else:
+        part_type = f"{stored_type}; transfer-syntax={item.transfer_syntax_uid}"
+    location = _content_location(request, item)
+    parts = [
+        Part(content_type=part_type, headers={"Content-Location": f"{location}/frames/{n}"}, body=body)
+        for n, body in zip(numbers, bodies, strict=True)
+    ]
+    return StreamingResponse(
+        multipart_related_stream(iter(parts), boundary),
+        media_type=content_type_header(part_type.split(";")[0], boundary),
+    )
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/bulk/{tag}", summary="Retrieve bulk data")
+def retrieve_bulk(request: Request, study: str, series: str, sop: str, tag: str) -> Response:
+    try:
+        tag_value = int(tag, 16)
+    except ValueError:
+        raise HTTPProblem(400, f"bulk data tag must be 8 hex digits, not {tag!r}") from None
+    item = items_for(request, study, series, sop)[0]
+    if tag_value == 0x7FE00010:
+        numbers = ",".join(str(n) for n in range(1, (item.frames or 1) + 1))
+        return retrieve_frames(request, study, series, sop, numbers)
+    with framelib.local_object(request.app.state.pacs, item) as path:
+        ds = framelib.header(path)
+    if tag_value not in ds:
+        raise HTTPProblem(404, f"no element {tag} in this instance")
+    value = ds[tag_value].value
+    data = value if isinstance(value, bytes) else str(value).encode()
+    boundary = new_boundary()
+    return StreamingResponse(
+        multipart_related_stream(iter([Part("application/octet-stream", {}, data)]), boundary),
+        media_type=content_type_header("application/octet-stream", boundary),
+    )
+
+
+# -- rendered and thumbnails -------------------------------------------------------------
+@router.get("/studies/{study}/series/{series}/instances/{sop}/rendered", summary="Rendered instance")
+def rendered_instance(request: Request, study: str, series: str, sop: str) -> Response:
+    item = items_for(request, study, series, sop)[0]
+    return rendering.rendered_response(request, item, 1)
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}/rendered", summary="Rendered frames")
+def rendered_frames(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
+    numbers = _frame_numbers(frame_list)
+    item = items_for(request, study, series, sop)[0]
+    if len(numbers) == 1:
+        return rendering.rendered_response(request, item, numbers[0])
+    return rendering.rendered_multipart(request, [(item, n) for n in numbers])
+
+
+@router.get("/studies/{study}/series/{series}/rendered", summary="Rendered series")
+def rendered_series(request: Request, study: str, series: str) -> Response:
+    return rendering.rendered_multipart(request, [(i, 1) for i in items_for(request, study, series)])
+
+
+@router.get("/studies/{study}/rendered", summary="Rendered study")
+def rendered_study(request: Request, study: str) -> Response:
+    return rendering.rendered_multipart(request, [(i, 1) for i in items_for(request, study)])
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/thumbnail", summary="Instance thumbnail")
+def thumbnail_instance(request: Request, study: str, series: str, sop: str) -> Response:
+    return rendering.thumbnail_response(request, items_for(request, study, series, sop))
+
+
+@router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}/thumbnail", summary="Frame thumbnail")
+def thumbnail_frame(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
+    numbers = _frame_numbers(frame_list)
+    return rendering.thumbnail_response(request, items_for(request, study, series, sop), numbers[0])
+
+
+@router.get("/studies/{study}/series/{series}/thumbnail", summary="Series thumbnail")
+def thumbnail_series(request: Request, study: str, series: str) -> Response:
+    return rendering.thumbnail_response(request, items_for(request, study, series))
+
+
+@router.get("/studies/{study}/thumbnail", summary="Study thumbnail")
+def thumbnail_study(request: Request, study: str) -> Response:
+    return rendering.thumbnail_response(request, items_for(request, study))
+
+
+__all__ = ["router", "TransferSyntaxError"]
