@@ -16,6 +16,28 @@ from pydicom.uid import (
 from pynetdicom import AllStoragePresentationContexts
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+
+# Query/Retrieve information models: (FIND, MOVE, GET) SOP classes.
+QR_MODELS: dict[str, tuple[UID, UID, UID]] = {
+    "study": (
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelMove,
+        StudyRootQueryRetrieveInformationModelGet,
+    ),
+    "patient": (
+        PatientRootQueryRetrieveInformationModelFind,
+        PatientRootQueryRetrieveInformationModelMove,
+        PatientRootQueryRetrieveInformationModelGet,
+    ),
+}
 
 _UNCOMPRESSED = [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
 

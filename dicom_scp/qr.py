@@ -16,8 +16,8 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from pydicom.dataset import Dataset
 from pydicom.datadict import dictionary_VR, keyword_for_tag
+from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext
@@ -140,13 +140,21 @@ def make_find_handler(pacs: Pacs) -> Any:
     return handle_find
 
 
-def _retrieve_items(pacs: Pacs, event: Any) -> list[RetrieveItem]:
-    query, _ = identifier_query(event.identifier, str(event.request.AffectedSOPClassUID))
-    # Only the unique keys select what to send (PS3.4 C.4.2.2.1).
-    match = {k: v for k, v in query.match.items() if k in UNIQUE_KEY.values()}
-    if not match:
-        raise QueryError("a retrieve needs the unique key of its level")
-    return resolve(pacs, query.level, match, limit=MAX_SUBOPERATIONS + 1)
+def _retrieve_items(pacs: Pacs, event: Any, what: str) -> tuple[list[RetrieveItem], Dataset | None]:
+    """The instances a C-MOVE/C-GET names, or the failure status to answer."""
+    try:
+        query, _ = identifier_query(event.identifier, str(event.request.AffectedSOPClassUID))
+        # Only the unique keys select what to send (PS3.4 C.4.2.2.1).
+        match = {k: v for k, v in query.match.items() if k in UNIQUE_KEY.values()}
+        if not match:
+            raise QueryError("a retrieve needs the unique key of its level")
+    except QueryError as exc:
+        log.warning("%s from %s refused: %s", what, event.assoc.requestor.ae_title, exc)
+        return [], status_dataset(IDENTIFIER_MISMATCH, str(exc))
+    items = resolve(pacs, query.level, match, limit=MAX_SUBOPERATIONS + 1)
+    if len(items) > MAX_SUBOPERATIONS:
+        return [], status_dataset(TOO_MANY, "more than 65535 instances: retrieve by series")
+    return items, None
 
 
 def _send_items(
@@ -195,14 +203,7 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
             log.warning("C-MOVE from %s to unknown destination %s", requestor, event.move_destination)
             yield None, None  # pynetdicom answers 0xA801
             return
-        refusal = None
-        try:
-            items = _retrieve_items(pacs, event)
-            if len(items) > MAX_SUBOPERATIONS:
-                refusal = status_dataset(TOO_MANY, "more than 65535 instances: retrieve by series")
-        except QueryError as exc:
-            log.warning("C-MOVE from %s refused: %s", requestor, exc)
-            refusal = status_dataset(IDENTIFIER_MISMATCH, str(exc))
+        items, refusal = _retrieve_items(pacs, event, "C-MOVE")
         if refusal is not None:
             # pynetdicom only takes a failure status after the destination and
             # a sub-operation count have been yielded.
@@ -226,14 +227,7 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
 
 def make_get_handler(pacs: Pacs) -> Any:
     def handle_get(event: Any) -> Iterator[Any]:
-        refusal = None
-        try:
-            items = _retrieve_items(pacs, event)
-            if len(items) > MAX_SUBOPERATIONS:
-                refusal = status_dataset(TOO_MANY, "more than 65535 instances: retrieve by series")
-        except QueryError as exc:
-            log.warning("C-GET from %s refused: %s", event.assoc.requestor.ae_title, exc)
-            refusal = status_dataset(IDENTIFIER_MISMATCH, str(exc))
+        items, refusal = _retrieve_items(pacs, event, "C-GET")
         if refusal is not None:
             yield 1
             yield refusal, None

@@ -15,17 +15,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.app import Pacs
@@ -33,7 +25,13 @@ from pacs.errors import IngestError, Status
 from pacs.ingest import Origin
 from pacs.part10 import BufferSource, file_meta_bytes
 
-from .contexts import STORAGE_TRANSFER_SYNTAXES, ContextList, prefer_requestor_order, storage_contexts
+from .contexts import (
+    QR_MODELS,
+    STORAGE_TRANSFER_SYNTAXES,
+    ContextList,
+    prefer_requestor_order,
+    storage_contexts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,9 +69,9 @@ class FilmlessAE(AE):
         self._require_calling_aet = value
 
 
-FIND_CLASSES = [PatientRootQueryRetrieveInformationModelFind, StudyRootQueryRetrieveInformationModelFind]
-MOVE_CLASSES = [PatientRootQueryRetrieveInformationModelMove, StudyRootQueryRetrieveInformationModelMove]
-GET_CLASSES = [PatientRootQueryRetrieveInformationModelGet, StudyRootQueryRetrieveInformationModelGet]
+FIND_CLASSES = [m[0] for m in QR_MODELS.values()]
+MOVE_CLASSES = [m[1] for m in QR_MODELS.values()]
+GET_CLASSES = [m[2] for m in QR_MODELS.values()]
 _UNCOMPRESSED_QR = [ImplicitVRLittleEndian, ExplicitVRBigEndian]
 
 

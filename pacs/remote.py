@@ -15,15 +15,9 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    PatientRootQueryRetrieveInformationModelGet,
-    PatientRootQueryRetrieveInformationModelMove,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-    StudyRootQueryRetrieveInformationModelMove,
-    Verification,
-)
+from pynetdicom.sop_class import Verification
+
+from dicom_scp.contexts import QR_MODELS as _MODELS
 
 from .aes import RemoteAE
 from .app import Pacs
@@ -31,18 +25,6 @@ from .errors import PacsError
 
 log = logging.getLogger(__name__)
 
-_MODELS = {
-    "study": (
-        StudyRootQueryRetrieveInformationModelFind,
-        StudyRootQueryRetrieveInformationModelMove,
-        StudyRootQueryRetrieveInformationModelGet,
-    ),
-    "patient": (
-        PatientRootQueryRetrieveInformationModelFind,
-        PatientRootQueryRetrieveInformationModelMove,
-        PatientRootQueryRetrieveInformationModelGet,
-    ),
-}
 
 
 class RemoteError(PacsError):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -30,37 +33,28 @@ def problem(status: int, message: str) -> JSONResponse:
 
 def install(app: FastAPI) -> None:
     """Map core and protocol errors to HTTP answers."""
+    # Each error type and the status it answers with.
+    statuses: dict[type[Exception], Callable[[Any], int]] = {
+        HTTPProblem: lambda e: e.status,
+        QueryError: lambda e: 400,
+        FrameError: lambda e: e.http_status,
+        IngestError: lambda e: e.http_status,
+        NotAcceptable: lambda e: 406,
+        MultipartError: lambda e: e.http_status,
+        TransferSyntaxError: lambda e: 406,
+    }
 
-    @app.exception_handler(HTTPProblem)
-    async def _problem(_request: Request, exc: HTTPProblem) -> JSONResponse:
-        return problem(exc.status, exc.message)
+    def handler(status_of: Callable[[Any], int]) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
+        async def handle(_request: Request, exc: Exception) -> JSONResponse:
+            message = exc.message if isinstance(exc, HTTPProblem) else str(exc)
+            return problem(status_of(exc), message)
 
-    @app.exception_handler(QueryError)
-    async def _query(_request: Request, exc: QueryError) -> JSONResponse:
-        return problem(400, str(exc))
+        return handle
 
-    @app.exception_handler(FrameError)
-    async def _frame(_request: Request, exc: FrameError) -> JSONResponse:
-        return problem(exc.http_status, str(exc))
-
-    @app.exception_handler(IngestError)
-    async def _ingest(_request: Request, exc: IngestError) -> JSONResponse:
-        return problem(exc.http_status, str(exc))
-
-    @app.exception_handler(NotAcceptable)
-    async def _not_acceptable(_request: Request, exc: NotAcceptable) -> JSONResponse:
-        return problem(406, str(exc))
-
-    @app.exception_handler(MultipartError)
-    async def _multipart(_request: Request, exc: MultipartError) -> JSONResponse:
-        return problem(exc.http_status, str(exc))
-
-    @app.exception_handler(TransferSyntaxError)
-    async def _transfer_syntax(_request: Request, exc: TransferSyntaxError) -> JSONResponse:
-        return problem(406, str(exc))
+    for error_type, status_of in statuses.items():
+        app.add_exception_handler(error_type, handler(status_of))  # type: ignore[arg-type]
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
         details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return problem(400, f"bad request parameters: {details}")
-

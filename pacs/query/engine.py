@@ -15,7 +15,17 @@ from typing import Any
 from sqlalchemy import Engine, Select, and_, func, select
 
 from ..index.models import PatientIdentifier
-from .attributes import ATTRIBUTES, DEFAULT_RETURN, UNIQUE_KEY, Kind, Level, instances, patients, series, studies
+from .attributes import (
+    ATTRIBUTES,
+    DEFAULT_RETURN,
+    UNIQUE_KEY,
+    Kind,
+    Level,
+    instances,
+    patients,
+    series,
+    studies,
+)
 from .matching import QueryError, condition
 
 identifiers = PatientIdentifier.__table__
