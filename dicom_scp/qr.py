@@ -19,7 +19,6 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pynetdicom import evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -246,12 +245,4 @@ def make_get_handler(pacs: Pacs) -> Any:
     return handle_get
 
 
-def qr_handlers(pacs: Pacs, destinations: MoveDestinations) -> list[tuple[Any, Any]]:
-    return [
-        (evt.EVT_C_FIND, make_find_handler(pacs)),
-        (evt.EVT_C_MOVE, make_move_handler(pacs, destinations)),
-        (evt.EVT_C_GET, make_get_handler(pacs)),
-    ]
-
-
-__all__ = ["MoveDestinations", "qr_handlers"]
+__all__ = ["MoveDestinations", "make_find_handler", "make_get_handler", "make_move_handler"]

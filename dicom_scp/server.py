@@ -17,7 +17,11 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import (
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
+    Verification,
+)
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.app import Pacs
@@ -132,6 +136,15 @@ def _on_conn_open(event: Any) -> None:
     _nodelay(event.assoc)
 
 
+def find_dispatcher(query_retrieve: Any, worklist: Any) -> Any:
+    def handle_find(event: Any) -> Any:
+        if event.request.AffectedSOPClassUID == ModalityWorklistInformationFind:
+            return worklist(event)
+        return query_retrieve(event)
+
+    return handle_find
+
+
 def build_ae(pacs: Pacs) -> FilmlessAE:
     """Configure the AE: contexts, limits, timeouts."""
     settings = pacs.settings
@@ -142,7 +155,7 @@ def build_ae(pacs: Pacs) -> FilmlessAE:
     ae.add_supported_context(Verification)
     for sop_class in (*FIND_CLASSES, *MOVE_CLASSES):
         ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES[:1] + _UNCOMPRESSED_QR)
-    for sop_class in GET_CLASSES:
+    for sop_class in (*GET_CLASSES, ModalityWorklistInformationFind, ModalityPerformedProcedureStep):
         ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES[:1] + _UNCOMPRESSED_QR)
     # C-MOVE sub-operations: requests to destinations use the same limits.
     ae.maximum_pdu_size = settings.max_pdu_size
@@ -164,7 +177,14 @@ def start_dicom_server(
     extra_handlers: Sequence[tuple[Any, Any]] = (),
 ) -> ThreadedAssociationServer:
     """Start listening in background threads; returns the server to shut down."""
-    from .qr import MoveDestinations, qr_handlers
+    from worklist.scp import make_mpps_handlers, make_worklist_handler
+
+    from .qr import (
+        MoveDestinations,
+        make_find_handler,
+        make_get_handler,
+        make_move_handler,
+    )
 
     ae = build_ae(pacs)
     destinations = MoveDestinations()
@@ -173,7 +193,11 @@ def start_dicom_server(
         (evt.EVT_C_STORE, make_store_handler(pacs)),
         (evt.EVT_CONN_OPEN, _on_conn_open),
         (evt.EVT_ACSE_RECV, prefer_requestor_order),
-        *qr_handlers(pacs, destinations),
+        # One C-FIND handler per association: dispatch on the information model.
+        (evt.EVT_C_FIND, find_dispatcher(make_find_handler(pacs), make_worklist_handler(pacs))),
+        (evt.EVT_C_MOVE, make_move_handler(pacs, destinations)),
+        (evt.EVT_C_GET, make_get_handler(pacs)),
+        *make_mpps_handlers(pacs),
         *extra_handlers,
     ]
     address = (host or pacs.settings.host, port if port is not None else pacs.settings.dicom_port)

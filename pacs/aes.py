@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from sqlalchemy import Engine, delete, select, update
 
 from .index.models import KnownAE
-from .index.writer import insert_ignore
+from .index.writer_helpers import insert_ignore
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 

@@ -279,6 +279,37 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
+# -- orders -------------------------------------------------------------------
+def cmd_orders(args: argparse.Namespace) -> int:
+    from .orders import OrderError, OrderService
+
+    pacs = _open(args)
+    try:
+        service = OrderService(pacs.engine)
+        if args.orders_command == "unmatched":
+            rows = service.unmatched_studies(args.limit)
+            if args.json:
+                print(json.dumps(rows, ensure_ascii=False, default=str))
+            else:
+                table = Table(title="studies without an order")
+                for col in ("study", "accession", "date", "modalities", "patient ID", "name"):
+                    table.add_column(col)
+                for r in rows:
+                    table.add_row(r["study_uid"], r["accession_number"], r["study_date"], r["modalities"],
+                                  r["patient_id"], r["name"])
+                out.print(table)
+            return 0
+        try:
+            order = service.match(args.study, args.accession)
+        except OrderError as exc:
+            err.print(f"[red]{exc}[/red]")
+            return 1
+        _print_result(args, {"study": args.study, "accession": order["accession_number"], "patient": order["name"]})
+        return 0
+    finally:
+        pacs.close()
+
+
 # -- db -----------------------------------------------------------------------
 def cmd_db(args: argparse.Namespace) -> int:
     from .index import create_index_engine, current_revision, upgrade_schema
@@ -359,6 +390,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "move":
             q.add_argument("--destination", help="move destination AE (default: ours)")
     p.set_defaults(func=cmd_remote)
+
+    p = sub.add_parser("orders", help="reconcile studies with HIS orders")
+    o_sub = p.add_subparsers(dest="orders_command", required=True)
+    q = o_sub.add_parser("unmatched", help="studies no order explains")
+    _common(q, json_flag=True)
+    q.add_argument("--limit", type=int, default=100)
+    q = o_sub.add_parser("match", help="link a study to an order by hand")
+    _common(q, json_flag=True)
+    q.add_argument("study", help="Study Instance UID")
+    q.add_argument("accession", help="the order's accession number")
+    p.set_defaults(func=cmd_orders)
 
     p = sub.add_parser("db", help="index schema migrations")
     db_sub = p.add_subparsers(dest="db_command", required=True)

@@ -8,16 +8,21 @@ import io
 import logging
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from sqlalchemy import select
 
 from .app import Pacs
+from .index.models import Correction
+from .index.reconcile import PATIENT_COLUMNS
 from .query import Level, Query, build_select
-from .query.attributes import instances
+from .query.attributes import instances, patients, studies
 
 log = logging.getLogger(__name__)
+corrections = Correction.__table__
 
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 
@@ -34,6 +39,9 @@ class RetrieveItem:
     sha256: str = ""
     frames: int | None = None
     pixel_offset: int | None = None
+    # Attribute values the index corrected (HIS reconciliation, merges):
+    # applied to the object on the way out; the stored bytes stay as received.
+    overrides: tuple[tuple[str, str], ...] = ()
 
 
 class TranscodeError(Exception):
@@ -44,6 +52,7 @@ def resolve(pacs: Pacs, level: Level, match: dict[str, str], *, limit: int | Non
     """Every stored instance under the entities that *match* names."""
     stmt, _ = build_select(Query(Level.IMAGE, {k: v for k, v in match.items() if v}))
     stmt = stmt.add_columns(
+        studies.c.pk.label("_study_pk"),
         instances.c.storage_key,
         instances.c.size_bytes,
         instances.c.sha256,
@@ -54,6 +63,7 @@ def resolve(pacs: Pacs, level: Level, match: dict[str, str], *, limit: int | Non
         stmt = stmt.limit(limit)
     with pacs.engine.connect() as conn:
         rows = conn.execute(stmt).mappings().all()
+        overrides = corrected_values(conn, {r["_study_pk"] for r in rows})
     return [
         RetrieveItem(
             sop_uid=r["SOPInstanceUID"],
@@ -66,9 +76,47 @@ def resolve(pacs: Pacs, level: Level, match: dict[str, str], *, limit: int | Non
             sha256=r["sha256"],
             frames=r["NumberOfFrames"],
             pixel_offset=r["pixel_offset"],
+            overrides=overrides.get(r["_study_pk"], ()),
         )
         for r in rows
     ]
+
+
+def corrected_values(conn: Any, study_pks: set[int]) -> dict[int, tuple[tuple[str, str], ...]]:
+    """For studies with recorded corrections: the index's current value of
+    each corrected attribute (the HIS may have changed it again since)."""
+    if not study_pks:
+        return {}
+    rows = conn.execute(
+        select(corrections.c.study_pk, corrections.c.keyword, patients.c.name, patients.c.patient_id,
+               patients.c.issuer, patients.c.birth_date, patients.c.sex, studies.c.accession_number)
+        .join(studies, studies.c.pk == corrections.c.study_pk)
+        .join(patients, patients.c.pk == studies.c.patient_pk)
+        .where(corrections.c.study_pk.in_(study_pks))
+    ).all()
+    result: dict[int, dict[str, str]] = {}
+    for row in rows:
+        if row.keyword == "AccessionNumber":
+            value = row.accession_number
+        else:
+            value = getattr(row, PATIENT_COLUMNS[row.keyword])
+        result.setdefault(row.study_pk, {})[row.keyword] = value
+    return {pk: tuple(sorted(values.items())) for pk, values in result.items()}
+
+
+def apply_overrides(ds: Dataset, overrides: tuple[tuple[str, str], ...]) -> Dataset:
+    """Set corrected values on a dataset about to leave the archive."""
+    if not overrides:
+        return ds
+    charset = ds.get("SpecificCharacterSet")
+    needs_unicode = any(not v.isascii() for _, v in overrides)
+    if needs_unicode and charset != "ISO_IR 192":
+        # Re-encode every text value in UTF-8, not only the corrected ones.
+        ds.decode()
+        ds.SpecificCharacterSet = "ISO_IR 192"
+    for keyword, value in overrides:
+        setattr(ds, keyword, value)
+    return ds
 
 
 def read_dataset(pacs: Pacs, item: RetrieveItem) -> Dataset:
@@ -85,7 +133,7 @@ def for_peer(pacs: Pacs, item: RetrieveItem, accepted: set[tuple[str, str]]) -> 
     decoded (pydicom + pylibjpeg) to explicit or implicit VR little endian.
     Uncompressed-to-uncompressed conversions are left to pynetdicom.
     """
-    ds = read_dataset(pacs, item)
+    ds = apply_overrides(read_dataset(pacs, item), item.overrides)
     stored = UID(item.transfer_syntax_uid)
     if (item.sop_class_uid, str(stored)) in accepted or not stored.is_compressed:
         return ds

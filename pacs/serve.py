@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from typing import Any
 
 import uvicorn
 
@@ -16,6 +17,24 @@ from .app import Pacs
 from .settings import Settings
 
 log = logging.getLogger("pacs.serve")
+
+
+def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
+    """The HL7 listener (orders, ADT) and, when a HIS is configured, the sender."""
+    from pacs.orders import OrderService
+    from ris_bridge import hl7v2
+    from ris_bridge.mllp import MLLPServer
+    from ris_bridge.outbound import OutboundSender
+
+    service = OrderService(pacs.engine)
+    settings = pacs.settings
+    listener = MLLPServer(settings.host, settings.hl7_port, lambda raw: hl7v2.handle(service, raw)).start()
+    sender = None
+    if settings.his_mllp:
+        host, _, port = settings.his_mllp.rpartition(":")
+        sender = OutboundSender(pacs, host, int(port)).start()
+        log.info("outbound HL7 to the HIS at %s", settings.his_mllp)
+    return listener, sender
 
 
 def serve(settings: Settings, *, with_samples: bool = False) -> int:
@@ -38,6 +57,7 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
                     settings.data_dir,
                 )
         dicom = start_dicom_server(pacs)
+        hl7_listener, sender = _start_ris_bridge(pacs)
         try:
             config = uvicorn.Config(
                 create_app(pacs),
@@ -57,6 +77,9 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             log.info("stopping")
         finally:
             dicom.shutdown()
+            hl7_listener.stop()
+            if sender is not None:
+                sender.stop()
     finally:
         pacs.close()
     return 0

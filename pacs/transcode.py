@@ -25,7 +25,7 @@ from pydicom.uid import (
 
 from .app import Pacs
 from .errors import PacsError
-from .retrieve import RetrieveItem
+from .retrieve import RetrieveItem, apply_overrides
 
 CHUNK = 1 << 20
 UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
@@ -55,16 +55,18 @@ def stream_stored(pacs: Pacs, item: RetrieveItem) -> Iterator[bytes]:
 
 
 def converted(pacs: Pacs, item: RetrieveItem, target: str) -> bytes:
-    """The object re-encoded in *target* (Part 10 bytes)."""
+    """The object re-encoded in *target* (Part 10 bytes), corrections applied."""
     uid = UID(target)
     if not can_serve(item, target):
         raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {uid.name}")
-    ds = dcmread(io.BytesIO(pacs.store.read_bytes(item.storage_key)))
+    ds = apply_overrides(dcmread(io.BytesIO(pacs.store.read_bytes(item.storage_key))), item.overrides)
     stored = UID(item.transfer_syntax_uid)
     try:
-        if stored.is_compressed:
+        if uid != stored and stored.is_compressed:
             ds.decompress(generate_instance_uid=False)
-        if uid in ENCODABLE:
+        if uid == stored:
+            pass
+        elif uid in ENCODABLE:
             ds.compress(uid, generate_instance_uid=False)
         else:
             ds.file_meta.TransferSyntaxUID = uid
@@ -76,8 +78,13 @@ def converted(pacs: Pacs, item: RetrieveItem, target: str) -> bytes:
 
 
 def instance_bytes(pacs: Pacs, item: RetrieveItem, target: str | None) -> Iterator[bytes]:
-    """The object in *target* syntax (None/"*": as stored, streamed)."""
-    if target in (None, "*", item.transfer_syntax_uid):
+    """The object in *target* syntax (None/"*": as stored, streamed).
+
+    An object with corrections is re-encoded (in its stored syntax unless
+    asked otherwise) so the client sees the index's values.
+    """
+    as_stored = target in (None, "*", item.transfer_syntax_uid)
+    if as_stored and not item.overrides:
         yield from stream_stored(pacs, item)
     else:
-        yield converted(pacs, item, target)
+        yield converted(pacs, item, item.transfer_syntax_uid if as_stored else str(target))

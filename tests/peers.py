@@ -291,3 +291,55 @@ def dataset_bytes(data: bytes) -> bytes:
         else:
             pos += 8 + int.from_bytes(data[pos + 6 : pos + 8], "little")
     return data[pos:]
+
+
+class MLLPRecorder:
+    """A stand-in HIS: an MLLP listener that records messages and answers AA."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.port = port
+        self.messages: list[bytes] = []
+        self._server = socket.create_server(("127.0.0.1", port), reuse_port=False)
+        self._server.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except (TimeoutError, OSError):
+                continue
+            with conn:
+                conn.settimeout(5)
+                buffer = b""
+                try:
+                    while not self._stop.is_set():
+                        chunk = conn.recv(65536)
+                        if not chunk:
+                            break
+                        buffer += chunk
+                        while b"\x1c\r" in buffer:
+                            start = buffer.find(b"\x0b")
+                            end = buffer.find(b"\x1c\r")
+                            message, buffer = buffer[start + 1 : end], buffer[end + 2 :]
+                            self.messages.append(message)
+                            control = message.split(b"\r")[0].split(b"|")[9]
+                            ack = b"MSH|^~\\&|HIS||PACS||20240101||ACK|A1|P|2.5\rMSA|AA|" + control + b"\r"
+                            conn.sendall(b"\x0b" + ack + b"\x1c\r")
+                except OSError:
+                    continue
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[bytes]:
+        deadline = time.monotonic() + timeout
+        while len(self.messages) < count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return self.messages
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._server.close()
+        self._thread.join(5)

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 from pacs import __version__
 from pacs.app import Pacs, health
 
-from . import errors, qido, stow, wado, wado_uri
+from . import errors, orders_api, qido, stow, wado, wado_uri
 from .rendering import RenderCache
 
 
@@ -23,7 +23,7 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.state.pacs = pacs
     app.state.render_cache = RenderCache(pacs.settings.render_cache_bytes)
     errors.install(app)
-    for module in (qido, wado, stow, wado_uri):
+    for module in (qido, wado, stow, wado_uri, orders_api):
         app.include_router(module.router)
 
     @app.get("/health", tags=["system"], summary="Liveness and dependency health")

@@ -14,7 +14,7 @@ from pydicom.uid import UID
 
 from pacs import frames as framelib
 from pacs.query import Level
-from pacs.retrieve import RetrieveItem, resolve
+from pacs.retrieve import RetrieveItem, apply_overrides, resolve
 from pacs.transcode import TransferSyntaxError, can_serve, instance_bytes
 
 from . import negotiation, rendering
@@ -100,7 +100,7 @@ def metadata(request: Request, items: list[RetrieveItem]) -> Response:
     results: list[dict[str, Any]] = []
     for item in items:
         with framelib.local_object(pacs, item) as path:
-            ds = framelib.header(path)
+            ds = apply_overrides(framelib.header(path), item.overrides)
         location = _content_location(request, item)
 
         def bulk_uri(elem: Any, location: str = location) -> str:

@@ -158,3 +158,110 @@ class KnownAE(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
+
+
+class Order(Base):
+    """A scheduled imaging procedure from the HIS: one worklist item.
+
+    One row per requested procedure / scheduled procedure step. The HIS is the
+    source of truth for its patient and codes; modalities read it as the
+    Modality Worklist and report progress with MPPS.
+    """
+
+    __tablename__ = "orders"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.pk"), index=True)
+    placer_order_number: Mapped[str] = mapped_column(String, default="", index=True)
+    filler_order_number: Mapped[str] = mapped_column(String, default="")
+    accession_number: Mapped[str] = mapped_column(String, unique=True)
+    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    requested_procedure_id: Mapped[str] = mapped_column(String, default="")
+    requested_procedure_description: Mapped[str] = mapped_column(String, default="")
+    procedure_code: Mapped[str] = mapped_column(String, default="")
+    procedure_code_scheme: Mapped[str] = mapped_column(String, default="")
+    procedure_code_meaning: Mapped[str] = mapped_column(String, default="")
+    step_id: Mapped[str] = mapped_column(String, default="")
+    step_description: Mapped[str] = mapped_column(String, default="")
+    modality: Mapped[str] = mapped_column(String, default="", index=True)
+    station_ae_title: Mapped[str] = mapped_column(String, default="", index=True)
+    station_name: Mapped[str] = mapped_column(String, default="")
+    location: Mapped[str] = mapped_column(String, default="")
+    start_date: Mapped[str] = mapped_column(String, default="", index=True)
+    start_time: Mapped[str] = mapped_column(String, default="")
+    performing_physician: Mapped[str] = mapped_column(String, default="")
+    referring_physician: Mapped[str] = mapped_column(String, default="")
+    priority: Mapped[str] = mapped_column(String, default="")
+    reason: Mapped[str] = mapped_column(String, default="")
+    # SCHEDULED, IN PROGRESS, COMPLETED, DISCONTINUED, CANCELLED
+    status: Mapped[str] = mapped_column(String, default="SCHEDULED", index=True)
+    source: Mapped[str] = mapped_column(String, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class StudyOrderLink(Base):
+    """A received study reconciled with an order (by accession or study UID)."""
+
+    __tablename__ = "study_orders"
+
+    study_pk: Mapped[int] = mapped_column(
+        ForeignKey("studies.pk", ondelete="CASCADE"), primary_key=True
+    )
+    order_pk: Mapped[int] = mapped_column(ForeignKey("orders.pk", ondelete="CASCADE"), index=True)
+    matched_by: Mapped[str] = mapped_column(String, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Correction(Base):
+    """A value in the index that differs from the received object, and why.
+
+    The stored bytes never change; retrieval applies these corrections.
+    """
+
+    __tablename__ = "corrections"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.pk", ondelete="CASCADE"), index=True)
+    keyword: Mapped[str] = mapped_column(String)
+    received: Mapped[str] = mapped_column(String, default="")
+    corrected: Mapped[str] = mapped_column(String, default="")
+    reason: Mapped[str] = mapped_column(String, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class PerformedStep(Base):
+    """A Modality Performed Procedure Step (MPPS) reported by a modality."""
+
+    __tablename__ = "performed_steps"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    sop_uid: Mapped[str] = mapped_column(UID, unique=True)
+    order_pk: Mapped[int | None] = mapped_column(ForeignKey("orders.pk"), nullable=True, index=True)
+    status: Mapped[str] = mapped_column(String, default="IN PROGRESS")
+    modality: Mapped[str] = mapped_column(String, default="")
+    station_ae_title: Mapped[str] = mapped_column(String, default="")
+    start: Mapped[str] = mapped_column(String, default="")
+    end: Mapped[str] = mapped_column(String, default="")
+    # JSON list of {"series_uid", "instances": [sop uids]} from PerformedSeriesSequence.
+    performed_series: Mapped[str] = mapped_column(String, default="[]")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class OutboundMessage(Base):
+    """Durable outbox for messages to other systems (HL7 to the HIS)."""
+
+    __tablename__ = "outbound_messages"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    destination: Mapped[str] = mapped_column(String, default="his", index=True)
+    kind: Mapped[str] = mapped_column(String, default="")
+    payload: Mapped[str] = mapped_column(String)
+    # pending, sent, dead
+    state: Mapped[str] = mapped_column(String, default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    last_error: Mapped[str] = mapped_column(String, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

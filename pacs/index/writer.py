@@ -12,15 +12,15 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
-from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import Connection, Table, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from ..header import InstanceHeader
 from ..names import fold_name
 from .models import Instance, Patient, PatientIdentifier, Series, Study
+from .reconcile import find_order, record_reconciliation
+from .writer_helpers import insert_ignore
 
 patients: Table = Patient.__table__  # type: ignore[assignment]
 identifiers: Table = PatientIdentifier.__table__  # type: ignore[assignment]
@@ -57,23 +57,6 @@ class AddResult:
     obsolete_key: str | None = None
     # For a duplicate: where the instance kept in the index is stored.
     existing_key: str | None = None
-
-
-@lru_cache(maxsize=64)
-def _insert_ignore_stmt(dialect_name: str, table: Table, keys: tuple[str, ...]) -> Any:
-    dialect = postgresql if dialect_name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing(index_elements=list(keys)).returning(table.c.pk)
-
-
-def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], keys: list[str]) -> Any:
-    """INSERT ... ON CONFLICT (keys) DO NOTHING RETURNING pk; None if it existed.
-
-    The statement is built once per table and executed with parameters, so
-    SQLAlchemy's compiled cache is hit on the ingest hot path.
-    """
-    stmt = _insert_ignore_stmt(conn.dialect.name, table, tuple(keys))
-    return conn.execute(stmt, values).scalar()
-
 
 
 class _Lru(OrderedDict[Any, int]):
@@ -113,6 +96,16 @@ class IndexWriter:
         pk = self._patients.get(key)
         if pk is not None:
             return pk
+        if not h.issuer and h.patient_id:
+            # Modalities rarely send Issuer of Patient ID: an ID without issuer
+            # is the patient the HIS registered under that ID with its issuer,
+            # when there is exactly one.
+            known = conn.execute(
+                select(patients.c.pk).where(patients.c.patient_id == h.patient_id).limit(2)
+            ).scalars().all()
+            if len(known) == 1:
+                self._patients.put(key, known[0])
+                return int(known[0])
         pk = insert_ignore(
             conn,
             patients,
@@ -164,7 +157,10 @@ class IndexWriter:
         pk = self._studies.get(h.study_uid)
         if pk is not None:
             return pk
-        patient_pk = self._patient_pk(conn, h, now)
+        # A study the HIS ordered is filed under the HIS patient: the
+        # modality's (possibly mistyped) patient is never created.
+        order = find_order(conn, h.study_uid, h.accession_number)
+        patient_pk = order.patient_pk if order is not None else self._patient_pk(conn, h, now)
         pk = insert_ignore(
             conn,
             studies,
@@ -190,6 +186,13 @@ class IndexWriter:
         )
         if pk is None:
             pk = conn.execute(select(studies.c.pk).where(studies.c.study_uid == h.study_uid)).scalar_one()
+        elif order is not None:
+            received = {
+                "PatientName": h.patient_name, "PatientID": h.patient_id, "IssuerOfPatientID": h.issuer,
+                "PatientBirthDate": h.birth_date, "PatientSex": h.sex,
+            }
+            matched_by = "study uid" if order.study_uid == h.study_uid else "accession number"
+            record_reconciliation(conn, pk, order, received, h.accession_number, matched_by, now)
         self._studies.put(h.study_uid, pk)
         return pk
 

@@ -36,7 +36,7 @@ def like_pattern(value: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
-def _text_match(column: Any, value: str) -> ColumnElement[bool]:
+def text_match(column: Any, value: str) -> ColumnElement[bool]:
     if has_wildcard(value):
         if value.strip("*") == "":
             return true()
@@ -44,14 +44,14 @@ def _text_match(column: Any, value: str) -> ColumnElement[bool]:
     return column == value
 
 
-def _list_or_single(column: Any, value: str) -> ColumnElement[bool]:
+def list_match(column: Any, value: str) -> ColumnElement[bool]:
     parts = value.split("\\")
     if len(parts) > 1:
-        return or_(*(_text_match(column, p) for p in parts))
-    return _text_match(column, value)
+        return or_(*(text_match(column, p) for p in parts))
+    return text_match(column, value)
 
 
-def _range(column: Any, value: str, *, is_time: bool = False) -> ColumnElement[bool]:
+def range_match(column: Any, value: str, *, is_time: bool = False) -> ColumnElement[bool]:
     value = value.strip()
     if "-" in value:
         low, high = (v.strip() for v in value.split("-", 1))
@@ -66,16 +66,18 @@ def _range(column: Any, value: str, *, is_time: bool = False) -> ColumnElement[b
             return true()
         return and_(*conditions)
     if has_wildcard(value):
-        return _text_match(column, value)
+        return text_match(column, value)
     return column == value
 
 
-def _pn(attribute: Attribute, value: str, fuzzy: bool) -> ColumnElement[bool]:
-    if attribute.keyword == "PatientName" and "^" not in value and "=" not in value:
-        column = patients.c.name_words
+def pn_match(value: str, folded_column: Any, words_column: Any = None, *, fuzzy: bool = False) -> ColumnElement[bool]:
+    """Person-name matching on the folded column (or its word form, when the
+    query has no component separators and a word column exists)."""
+    if words_column is not None and "^" not in value and "=" not in value:
+        column = words_column
         folded = " ".join(fold(value).split())
     else:
-        column = attribute.match_column if attribute.match_column is not None else patients.c.name_folded
+        column = folded_column
         folded = fold_name(value)
     if not folded or folded.strip("*") == "":
         return true()
@@ -83,15 +85,15 @@ def _pn(attribute: Attribute, value: str, fuzzy: bool) -> ColumnElement[bool]:
         # QIDO-RS fuzzymatching: any word of the name starts with the term.
         pattern = like_pattern(folded)
         return or_(column.like(pattern + "%", escape="\\"), column.like("% " + pattern + "%", escape="\\"))
-    return _text_match(column, folded)
+    return text_match(column, folded)
 
 
-def _patient_id(value: str) -> ColumnElement[bool]:
+def patient_id_match(value: str) -> ColumnElement[bool]:
     # Citizen-ID and insurance numbers are first-class identifiers: a match on
     # any of a patient's other IDs is a match on the patient. A UNION of two
     # index lookups, not an OR across tables (which would scan patients).
-    by_id = select(patients.c.pk).where(_list_or_single(patients.c.patient_id, value))
-    by_other = select(identifiers.c.patient_pk).where(_list_or_single(identifiers.c.value, value))
+    by_id = select(patients.c.pk).where(list_match(patients.c.patient_id, value))
+    by_other = select(identifiers.c.patient_pk).where(list_match(identifiers.c.value, value))
     return patients.c.pk.in_(by_id.union(by_other))
 
 
@@ -101,7 +103,7 @@ def _modalities(value: str) -> ColumnElement[bool]:
         return true()
     return exists(
         select(series.c.pk).where(
-            series.c.study_pk == studies.c.pk, or_(*(_text_match(series.c.modality, m) for m in wanted))
+            series.c.study_pk == studies.c.pk, or_(*(text_match(series.c.modality, m) for m in wanted))
         )
     )
 
@@ -110,9 +112,11 @@ def condition(attribute: Attribute, value: str, *, fuzzy: bool = False) -> Colum
     """The SQL condition for one matching key with a non-empty value."""
     kind = attribute.kind
     if kind is Kind.PN:
-        return _pn(attribute, value, fuzzy)
+        if attribute.keyword == "PatientName":
+            return pn_match(value, patients.c.name_folded, patients.c.name_words, fuzzy=fuzzy)
+        return pn_match(value, attribute.match_column, fuzzy=fuzzy)
     if kind is Kind.PATIENT_ID:
-        return _patient_id(value)
+        return patient_id_match(value)
     if kind is Kind.MODALITIES:
         return _modalities(value)
     if kind is Kind.UID:
@@ -121,7 +125,7 @@ def condition(attribute: Attribute, value: str, *, fuzzy: bool = False) -> Colum
             raise QueryError(f"wildcards are not allowed in {attribute.keyword}")
         return attribute.column.in_(uids) if len(uids) > 1 else attribute.column == uids[0]
     if kind in (Kind.DATE, Kind.TIME):
-        return _range(attribute.column, value, is_time=kind is Kind.TIME)
+        return range_match(attribute.column, value, is_time=kind is Kind.TIME)
     if kind is Kind.INT:
         try:
             numbers = [int(v) for v in value.split("\\")]
@@ -130,7 +134,16 @@ def condition(attribute: Attribute, value: str, *, fuzzy: bool = False) -> Colum
         return attribute.column.in_(numbers) if len(numbers) > 1 else attribute.column == numbers[0]
     if kind is Kind.COMPUTED:
         raise QueryError(f"{attribute.keyword} is a return key and cannot be matched")
-    return _list_or_single(attribute.column, value)
+    return list_match(attribute.column, value)
 
 
-__all__ = ["QueryError", "condition", "like_pattern"]
+__all__ = [
+    "QueryError",
+    "condition",
+    "like_pattern",
+    "list_match",
+    "patient_id_match",
+    "pn_match",
+    "range_match",
+    "text_match",
+]

@@ -1,0 +1,512 @@
+"""Orders from the HIS: the worklist, patient updates and merges, reconciliation.
+
+Every entry point (HL7 v2 over MLLP, the JSON API, MPPS) maps its message
+onto these models and calls :class:`OrderService`; each call is one
+transaction, so a rejected message leaves no partial state. The HIS is the
+source of truth for demographics: a received study that matches an order by
+Study Instance UID or Accession Number is filed under the HIS patient, and
+every value the index then holds differently from the received object is
+recorded in ``corrections`` (the stored bytes are never changed; retrieval
+applies the corrections).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydicom.uid import UID, generate_uid
+from sqlalchemy import Connection, and_, delete, func, or_, select, update
+
+from .errors import PacsError
+from .index.models import (
+    Correction,
+    Order,
+    OutboundMessage,
+    Patient,
+    PatientIdentifier,
+    PerformedStep,
+    Study,
+    StudyOrderLink,
+)
+from .index.reconcile import PATIENT_COLUMNS, record_reconciliation
+from .index.writer_helpers import insert_ignore
+from .names import fold_name, name_words
+
+log = logging.getLogger(__name__)
+
+orders_t = Order.__table__
+patients_t = Patient.__table__
+identifiers_t = PatientIdentifier.__table__
+studies_t = Study.__table__
+links_t = StudyOrderLink.__table__
+corrections_t = Correction.__table__
+steps_t = PerformedStep.__table__
+outbox_t = OutboundMessage.__table__
+
+STATUSES = ("SCHEDULED", "IN PROGRESS", "COMPLETED", "DISCONTINUED", "CANCELLED")
+
+
+class OrderError(PacsError):
+    """A request the order model refuses; ``code`` is the HL7 v2 error code
+    (table 0357) an ACK reports, ``http_status`` what the JSON API answers."""
+
+    def __init__(self, message: str, *, code: str = "207", http_status: int = 422) -> None:
+        super().__init__(message)
+        self.code = code
+        self.http_status = http_status
+
+
+@dataclass
+class OtherIdentifier:
+    value: str
+    issuer: str = ""
+    id_type: str = ""
+
+
+@dataclass
+class PatientInfo:
+    patient_id: str
+    issuer: str = ""
+    name: str = ""
+    birth_date: str = ""
+    sex: str = ""
+    other_ids: list[OtherIdentifier] = field(default_factory=list)
+
+
+@dataclass
+class OrderInfo:
+    """One requested procedure with its scheduled step, as the HIS sent it."""
+
+    patient: PatientInfo
+    accession_number: str = ""
+    placer_order_number: str = ""
+    filler_order_number: str = ""
+    study_uid: str = ""
+    requested_procedure_id: str = ""
+    requested_procedure_description: str = ""
+    procedure_code: str = ""
+    procedure_code_scheme: str = ""
+    procedure_code_meaning: str = ""
+    step_id: str = ""
+    step_description: str = ""
+    modality: str = ""
+    station_ae_title: str = ""
+    station_name: str = ""
+    location: str = ""
+    start_date: str = ""
+    start_time: str = ""
+    performing_physician: str = ""
+    referring_physician: str = ""
+    priority: str = ""
+    reason: str = ""
+
+
+_ORDER_COLUMNS = [f for f in OrderInfo.__dataclass_fields__ if f != "patient"]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class OrderService:
+    """Transactions on orders, patients, performed steps and the outbox."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    # -- patients ------------------------------------------------------------------
+    def _upsert_patient(self, conn: Connection, p: PatientInfo) -> int:
+        """The HIS patient, created or updated (the HIS wins on demographics)."""
+        if not p.patient_id:
+            raise OrderError("the patient has no identifier", code="101", http_status=400)
+        now = _now()
+        values = {
+            "name": p.name,
+            "name_folded": fold_name(p.name),
+            "name_words": name_words(p.name),
+            "birth_date": p.birth_date,
+            "sex": p.sex,
+            "updated_at": now,
+        }
+        if p.issuer:
+            # The same ID received from a modality without an issuer is this
+            # patient: give it the HIS's issuer instead of creating a twin.
+            conn.execute(
+                update(patients_t)
+                .where(patients_t.c.patient_id == p.patient_id, patients_t.c.issuer == "",
+                       ~select(patients_t.c.pk).where(patients_t.c.patient_id == p.patient_id,
+                                                      patients_t.c.issuer == p.issuer).exists())
+                .values(issuer=p.issuer)
+            )
+        pk = insert_ignore(
+            conn,
+            patients_t,
+            {"patient_id": p.patient_id, "issuer": p.issuer, "created_at": now, **values},
+            ["patient_id", "issuer"],
+        )
+        if pk is None:
+            pk = conn.execute(
+                select(patients_t.c.pk).where(
+                    patients_t.c.patient_id == p.patient_id, patients_t.c.issuer == p.issuer
+                )
+            ).scalar_one()
+            changed = self._demographics_changed(conn, pk, p)
+            conn.execute(update(patients_t).where(patients_t.c.pk == pk).values(**values))
+            if changed:
+                self._record_patient_change(conn, pk, changed, "HIS patient update")
+        for other in p.other_ids:
+            if other.value:
+                insert_ignore(
+                    conn,
+                    identifiers_t,
+                    {"patient_pk": pk, "value": other.value, "issuer": other.issuer, "id_type": other.id_type},
+                    ["patient_pk", "value", "issuer"],
+                )
+        return int(pk)
+
+    @staticmethod
+    def _demographics_changed(conn: Connection, pk: int, p: PatientInfo) -> dict[str, tuple[str, str]]:
+        row = conn.execute(select(patients_t).where(patients_t.c.pk == pk)).one()
+        new = {"PatientName": p.name, "PatientBirthDate": p.birth_date, "PatientSex": p.sex}
+        return {
+            k: (getattr(row, PATIENT_COLUMNS[k]), v)
+            for k, v in new.items()
+            if getattr(row, PATIENT_COLUMNS[k]) != v
+        }
+
+    @staticmethod
+    def _record_patient_change(
+        conn: Connection, patient_pk: int, changed: dict[str, tuple[str, str]], reason: str
+    ) -> None:
+        """Flag every study of the patient so retrieval applies the new values."""
+        now = _now()
+        study_pks = conn.execute(select(studies_t.c.pk).where(studies_t.c.patient_pk == patient_pk)).scalars()
+        rows = [
+            {"study_pk": s, "keyword": k, "received": old, "corrected": new, "reason": reason, "created_at": now}
+            for s in study_pks
+            for k, (old, new) in changed.items()
+        ]
+        if rows:
+            conn.execute(corrections_t.insert(), rows)
+
+    def apply(self, actions: list[tuple[str, Any]], source: str = "") -> list[Any]:
+        """Several actions in ONE transaction: a message with three orders is
+        applied whole or not at all. Actions: ("place"|"change"|"cancel"|
+        "discontinue", OrderInfo), ("patient", PatientInfo),
+        ("merge", (PatientInfo, [(prior id, issuer)]))."""
+        results = []
+        with self.engine.begin() as conn:
+            for action, arg in actions:
+                if action == "place":
+                    results.append(self._place(conn, arg, source))
+                elif action == "change":
+                    results.append(self._change(conn, arg, source))
+                elif action in ("cancel", "discontinue"):
+                    results.append(self._cancel(conn, arg, "CANCELLED" if action == "cancel" else "DISCONTINUED"))
+                elif action == "patient":
+                    results.append(self._upsert_patient(conn, arg))
+                elif action == "merge":
+                    results.append(self._merge(conn, *arg))
+                else:
+                    raise OrderError(f"unknown action {action!r}", code="207", http_status=400)
+        return results
+
+    def update_patient(self, p: PatientInfo) -> None:
+        """ADT^A08 / A31: new demographics for an existing (or new) patient."""
+        self.apply([("patient", p)])
+
+    def merge_patients(self, surviving: PatientInfo, prior: list[tuple[str, str]]) -> int:
+        """ADT^A40: move everything of the prior patient IDs to the surviving one.
+
+        Returns how many studies moved.
+        """
+        return int(self.apply([("merge", (surviving, prior))])[0])
+
+    def _merge(self, conn: Connection, surviving: PatientInfo, prior: list[tuple[str, str]]) -> int:
+        target = self._upsert_patient(conn, surviving)
+        moved = 0
+        for prior_id, prior_issuer in prior:
+            old = conn.execute(
+                select(patients_t).where(
+                    patients_t.c.patient_id == prior_id, patients_t.c.issuer == prior_issuer
+                )
+            ).first()
+            if old is None:
+                # Some HIS send the assigning authority only in PID: try any issuer.
+                old = conn.execute(
+                    select(patients_t).where(patients_t.c.patient_id == prior_id).limit(2)
+                ).first()
+            if old is None:
+                raise OrderError(f"prior patient {prior_id} is unknown", code="204", http_status=404)
+            if old.pk == target:
+                continue
+            study_pks = list(conn.execute(select(studies_t.c.pk).where(studies_t.c.patient_pk == old.pk)).scalars())
+            now = _now()
+            if study_pks:
+                conn.execute(update(studies_t).where(studies_t.c.pk.in_(study_pks)).values(patient_pk=target))
+                conn.execute(
+                    corrections_t.insert(),
+                    [
+                        {"study_pk": s, "keyword": "PatientID", "received": old.patient_id,
+                         "corrected": surviving.patient_id, "reason": "patient merge (ADT^A40)",
+                         "created_at": now}
+                        for s in study_pks
+                    ],
+                )
+            conn.execute(update(orders_t).where(orders_t.c.patient_pk == old.pk).values(patient_pk=target))
+            for ident in conn.execute(select(identifiers_t).where(identifiers_t.c.patient_pk == old.pk)).all():
+                insert_ignore(
+                    conn,
+                    identifiers_t,
+                    {"patient_pk": target, "value": ident.value, "issuer": ident.issuer, "id_type": ident.id_type},
+                    ["patient_pk", "value", "issuer"],
+                )
+            conn.execute(delete(identifiers_t).where(identifiers_t.c.patient_pk == old.pk))
+            conn.execute(delete(patients_t).where(patients_t.c.pk == old.pk))
+            moved += len(study_pks)
+        return moved
+
+    # -- orders ----------------------------------------------------------------------
+    def _find_order(self, conn: Connection, info: OrderInfo) -> Any:
+        conditions = []
+        if info.accession_number:
+            conditions.append(orders_t.c.accession_number == info.accession_number)
+        if info.placer_order_number:
+            conditions.append(orders_t.c.placer_order_number == info.placer_order_number)
+        if not conditions:
+            raise OrderError("the order has neither an accession nor a placer order number", code="101", http_status=400)
+        return conn.execute(select(orders_t).where(or_(*conditions))).first()
+
+    def place(self, info: OrderInfo, source: str = "") -> dict[str, Any]:
+        """A new order (HL7 ORC-1 NW). Returns the stored order."""
+        return dict(self.apply([("place", info)], source)[0])
+
+    def change(self, info: OrderInfo, source: str = "") -> dict[str, Any]:
+        """An order change (ORC-1 XO): new values for an existing order."""
+        return dict(self.apply([("change", info)], source)[0])
+
+    def cancel(self, info: OrderInfo, status: str = "CANCELLED") -> dict[str, Any]:
+        """Cancel (CA) or discontinue (DC) an order: it leaves the worklist."""
+        action = "cancel" if status == "CANCELLED" else "discontinue"
+        return dict(self.apply([(action, info)])[0])
+
+    def _place(self, conn: Connection, info: OrderInfo, source: str) -> dict[str, Any]:
+        if not info.accession_number:
+            raise OrderError("the order has no accession number", code="101", http_status=400)
+        if info.study_uid and not UID(info.study_uid).is_valid:
+            raise OrderError(f"invalid Study Instance UID {info.study_uid!r}", code="102", http_status=400)
+        if self._find_order(conn, info) is not None:
+            raise OrderError(f"order {info.accession_number} already exists", code="205", http_status=409)
+        patient_pk = self._upsert_patient(conn, info.patient)
+        now = _now()
+        values = {c: getattr(info, c) for c in _ORDER_COLUMNS}
+        values["study_uid"] = info.study_uid or generate_uid()
+        values["requested_procedure_id"] = info.requested_procedure_id or info.accession_number
+        values["step_id"] = info.step_id or info.accession_number
+        pk = conn.execute(
+            orders_t.insert()
+            .values(**values, patient_pk=patient_pk, status="SCHEDULED", source=source,
+                    created_at=now, updated_at=now)
+            .returning(orders_t.c.pk)
+        ).scalar_one()
+        self._reconcile_existing(conn, pk)
+        return self._order_dict(conn, pk)
+
+    def _change(self, conn: Connection, info: OrderInfo, source: str) -> dict[str, Any]:
+        row = self._find_order(conn, info)
+        if row is None:
+            raise OrderError("no such order to change", code="204", http_status=404)
+        if row.status in ("CANCELLED", "DISCONTINUED", "COMPLETED"):
+            raise OrderError(f"order is {row.status.lower()} and cannot change", code="207", http_status=409)
+        patient_pk = self._upsert_patient(conn, info.patient)
+        values = {c: getattr(info, c) for c in _ORDER_COLUMNS if getattr(info, c)}
+        values.pop("study_uid", None)  # the study UID handed to modalities never changes
+        conn.execute(
+            update(orders_t)
+            .where(orders_t.c.pk == row.pk)
+            .values(**values, patient_pk=patient_pk, source=source, updated_at=_now())
+        )
+        return self._order_dict(conn, row.pk)
+
+    def _cancel(self, conn: Connection, info: OrderInfo, status: str) -> dict[str, Any]:
+        row = self._find_order(conn, info)
+        if row is None:
+            raise OrderError("no such order to cancel", code="204", http_status=404)
+        conn.execute(update(orders_t).where(orders_t.c.pk == row.pk).values(status=status, updated_at=_now()))
+        return self._order_dict(conn, row.pk)
+
+    def get(self, accession: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            pk = conn.execute(select(orders_t.c.pk).where(orders_t.c.accession_number == accession)).scalar()
+            return self._order_dict(conn, pk) if pk is not None else None
+
+    @staticmethod
+    def _order_dict(conn: Connection, pk: int) -> dict[str, Any]:
+        row = conn.execute(
+            select(orders_t, patients_t.c.patient_id, patients_t.c.issuer, patients_t.c.name)
+            .join(patients_t, patients_t.c.pk == orders_t.c.patient_pk)
+            .where(orders_t.c.pk == pk)
+        ).one()
+        data = dict(row._mapping)
+        for key in ("created_at", "updated_at"):
+            data[key] = data[key].isoformat() if data[key] else None
+        return data
+
+    # -- status and performed steps -----------------------------------------------------
+    def record_step(
+        self,
+        sop_uid: str,
+        *,
+        status: str,
+        accession: str = "",
+        study_uid: str = "",
+        step_id: str = "",
+        modality: str = "",
+        station_ae_title: str = "",
+        start: str = "",
+        end: str = "",
+        performed_series: list[dict[str, Any]] | None = None,
+        create: bool,
+    ) -> dict[str, Any]:
+        """MPPS N-CREATE (create=True) or N-SET: track the step, move the order."""
+        if status not in ("IN PROGRESS", "COMPLETED", "DISCONTINUED"):
+            raise OrderError(f"invalid performed procedure step status {status!r}", http_status=400)
+        now = _now()
+        with self.engine.begin() as conn:
+            existing = conn.execute(select(steps_t).where(steps_t.c.sop_uid == sop_uid)).first()
+            if create and existing is not None:
+                raise OrderError("performed procedure step already exists", http_status=409)
+            if not create and existing is None:
+                raise OrderError("no such performed procedure step", http_status=404)
+            if existing is not None and existing.status != "IN PROGRESS":
+                raise OrderError(f"performed procedure step is already {existing.status}", http_status=409)
+            order_pk = existing.order_pk if existing is not None else self._order_for_step(conn, accession, study_uid, step_id)
+            values: dict[str, Any] = {"status": status, "updated_at": now}
+            for key, value in (("modality", modality), ("station_ae_title", station_ae_title),
+                               ("start", start), ("end", end)):
+                if value:
+                    values[key] = value
+            if performed_series is not None:
+                values["performed_series"] = json.dumps(performed_series)
+            if existing is None:
+                conn.execute(steps_t.insert().values(sop_uid=sop_uid, order_pk=order_pk, created_at=now, **values))
+            else:
+                conn.execute(update(steps_t).where(steps_t.c.pk == existing.pk).values(**values))
+            if order_pk is not None:
+                conn.execute(update(orders_t).where(orders_t.c.pk == order_pk).values(status=status, updated_at=now))
+                order = self._order_dict(conn, order_pk)
+                self.enqueue(conn, "his", "order_status", {"order": order, "status": status, "step": sop_uid})
+                return order
+            log.info("performed procedure step %s matches no order", sop_uid)
+            return {}
+
+    @staticmethod
+    def _order_for_step(conn: Connection, accession: str, study_uid: str, step_id: str) -> int | None:
+        conditions = []
+        if accession:
+            conditions.append(orders_t.c.accession_number == accession)
+        if study_uid:
+            conditions.append(orders_t.c.study_uid == study_uid)
+        if not conditions and step_id:
+            conditions.append(orders_t.c.step_id == step_id)
+        if not conditions:
+            return None
+        return conn.execute(select(orders_t.c.pk).where(or_(*conditions)).limit(1)).scalar()
+
+    # -- the outbox --------------------------------------------------------------------------
+    @staticmethod
+    def enqueue(conn: Connection, destination: str, kind: str, data: dict[str, Any]) -> None:
+        """Queue a message in the same transaction as the change it reports."""
+        now = _now()
+        conn.execute(
+            outbox_t.insert().values(
+                destination=destination, kind=kind, payload=json.dumps(data, default=str), state="pending",
+                attempts=0, next_attempt_at=now, created_at=now,
+            )
+        )
+
+    # -- reconciliation ---------------------------------------------------------------------
+    def _reconcile_existing(self, conn: Connection, order_pk: int) -> None:
+        """A new order may match studies that arrived before it."""
+        order = conn.execute(select(orders_t).where(orders_t.c.pk == order_pk)).one()
+        matches = conn.execute(
+            select(studies_t.c.pk)
+            .outerjoin(links_t, links_t.c.study_pk == studies_t.c.pk)
+            .where(
+                links_t.c.study_pk.is_(None),
+                or_(studies_t.c.study_uid == order.study_uid,
+                    and_(studies_t.c.accession_number == order.accession_number,
+                         studies_t.c.accession_number != "")),
+            )
+        ).scalars().all()
+        for study_pk in matches:
+            link_study(conn, study_pk, order_pk, "order placed after the study")
+
+    def unmatched_studies(self, limit: int = 100) -> list[dict[str, Any]]:
+        """Studies no order explains, newest first (for the admin to match)."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(studies_t.c.study_uid, studies_t.c.accession_number, studies_t.c.study_date,
+                       studies_t.c.modalities, patients_t.c.patient_id, patients_t.c.name)
+                .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
+                .outerjoin(links_t, links_t.c.study_pk == studies_t.c.pk)
+                .where(links_t.c.study_pk.is_(None))
+                .order_by(studies_t.c.created_at.desc())
+                .limit(limit)
+            ).mappings().all()
+        return [dict(r) for r in rows]
+
+    def match(self, study_uid: str, accession: str) -> dict[str, Any]:
+        """Link a study to an order by hand; the HIS demographics then apply."""
+        with self.engine.begin() as conn:
+            study_pk = conn.execute(select(studies_t.c.pk).where(studies_t.c.study_uid == study_uid)).scalar()
+            if study_pk is None:
+                raise OrderError(f"no study {study_uid}", http_status=404)
+            order_pk = conn.execute(select(orders_t.c.pk).where(orders_t.c.accession_number == accession)).scalar()
+            if order_pk is None:
+                raise OrderError(f"no order {accession}", http_status=404)
+            conn.execute(delete(links_t).where(links_t.c.study_pk == study_pk))
+            link_study(conn, study_pk, order_pk, "matched by hand")
+            return self._order_dict(conn, order_pk)
+
+    def corrections(self, study_uid: str) -> list[dict[str, Any]]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(corrections_t.c.keyword, corrections_t.c.received, corrections_t.c.corrected,
+                       corrections_t.c.reason, corrections_t.c.created_at)
+                .join(studies_t, studies_t.c.pk == corrections_t.c.study_pk)
+                .where(studies_t.c.study_uid == study_uid)
+                .order_by(corrections_t.c.pk)
+            ).mappings().all()
+        return [dict(r) for r in rows]
+
+    def count_pending(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(outbox_t).where(outbox_t.c.state == "pending")).scalar_one())
+
+
+def link_study(conn: Connection, study_pk: int, order_pk: int, matched_by: str) -> None:
+    """File an existing study under its order's patient, recording corrections."""
+    order = conn.execute(select(orders_t).where(orders_t.c.pk == order_pk)).one()
+    study = conn.execute(select(studies_t).where(studies_t.c.pk == study_pk)).one()
+    received_patient = conn.execute(select(patients_t).where(patients_t.c.pk == study.patient_pk)).one()
+    received = {k: getattr(received_patient, c) for k, c in PATIENT_COLUMNS.items()}
+    record_reconciliation(conn, study_pk, order, received, study.accession_number, matched_by, _now())
+    if received_patient.pk != order.patient_pk:
+        # The patient the modality typed may exist only through this study.
+        left = conn.execute(
+            select(func.count()).select_from(studies_t).where(studies_t.c.patient_pk == received_patient.pk)
+        ).scalar_one()
+        ordered = conn.execute(
+            select(func.count()).select_from(orders_t).where(orders_t.c.patient_pk == received_patient.pk)
+        ).scalar_one()
+        if not left and not ordered:
+            conn.execute(delete(identifiers_t).where(identifiers_t.c.patient_pk == received_patient.pk))
+            conn.execute(delete(patients_t).where(patients_t.c.pk == received_patient.pk))
+
+
+__all__ = ["OrderError", "OrderInfo", "OrderService", "OtherIdentifier", "PatientInfo", "STATUSES", "asdict"]

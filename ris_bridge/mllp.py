@@ -1,0 +1,124 @@
+"""MLLP framing (HL7 v2 over TCP): <VT> message <FS><CR>.
+
+The listener answers every framed message with the ACK its handler returns,
+one message at a time per connection, many connections at once; the handler
+runs in a worker thread so database work never blocks the event loop.
+Garbage between frames is skipped; an oversized frame closes the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
+MAX_MESSAGE = 16 * 1024 * 1024
+
+
+def frame(message: bytes) -> bytes:
+    return VT + message + FS + CR
+
+
+async def _serve_connection(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Callable[[bytes], bytes]
+) -> None:
+    peer = writer.get_extra_info("peername")
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buffer = b""
+    try:
+        while True:
+            chunk = await reader.read(65536)
+            if not chunk:
+                return
+            buffer += chunk
+            while True:
+                start = buffer.find(VT)
+                if start < 0:
+                    buffer = b""  # nothing framed yet: discard the noise
+                    break
+                end = buffer.find(FS + CR, start)
+                if end < 0:
+                    buffer = buffer[start:]
+                    if len(buffer) > MAX_MESSAGE:
+                        log.warning("MLLP message from %s exceeds %d bytes; closing", peer, MAX_MESSAGE)
+                        return
+                    break
+                message, buffer = buffer[start + 1 : end], buffer[end + 2 :]
+                reply = await asyncio.to_thread(handler, message)
+                writer.write(frame(reply))
+                await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return
+    finally:
+        writer.close()
+
+
+class MLLPServer:
+    """An MLLP listener in its own thread and event loop."""
+
+    def __init__(self, host: str, port: int, handler: Callable[[bytes], bytes]) -> None:
+        self.host, self.port, self.handler = host, port, handler
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="hl7-mllp", daemon=True)
+
+    def start(self) -> MLLPServer:
+        self._thread.start()
+        self._ready.wait(10)
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _run(self) -> None:
+        self._loop = asyncio.new_event_loop()
+        try:
+            self._server = self._loop.run_until_complete(
+                asyncio.start_server(
+                    lambda r, w: _serve_connection(r, w, self.handler), self.host, self.port, reuse_address=True
+                )
+            )
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        log.info("HL7 MLLP listening on %s:%d", self.host, self.port)
+        self._loop.run_forever()
+
+    def stop(self) -> None:
+        loop, server = self._loop, self._server
+        if loop is None or server is None:
+            return
+
+        async def _close() -> None:
+            server.close()
+            await server.wait_closed()
+            loop.stop()
+
+        asyncio.run_coroutine_threadsafe(_close(), loop)
+        self._thread.join(10)
+
+
+def send(host: str, port: int, message: bytes, timeout: float = 10.0) -> bytes:
+    """Send one message and return the ACK (raises OSError/TimeoutError)."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(frame(message))
+        buffer = b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("connection closed before the ACK")
+            buffer += chunk
+            start, end = buffer.find(VT), buffer.find(FS + CR)
+            if start >= 0 and end > start:
+                return buffer[start + 1 : end]

@@ -1,0 +1,124 @@
+"""JSON API for HIS systems that prefer REST to HL7: create, change and cancel
+orders (the same model the HL7 listener fills), and reconcile studies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo
+
+from .errors import HTTPProblem
+
+router = APIRouter(prefix="/api", tags=["orders"])
+
+
+class OtherIdModel(BaseModel):
+    value: str = Field(..., min_length=1, max_length=64)
+    issuer: str = ""
+    type: str = ""
+
+
+class PatientModel(BaseModel):
+    id: str = Field(..., min_length=1, max_length=64, description="Patient ID (e.g. the 12-digit citizen ID)")
+    issuer: str = Field("", description="Issuer of the Patient ID, e.g. CCCD")
+    name: str = Field("", description="DICOM PN: Family^Given, UTF-8 (Nguyễn^Văn An)")
+    birth_date: str = Field("", pattern=r"^(\d{8})?$")
+    sex: str = Field("", pattern=r"^[MFO]?$")
+    other_ids: list[OtherIdModel] = []
+
+
+class OrderModel(BaseModel):
+    """One requested procedure with its scheduled step."""
+
+    patient: PatientModel
+    accession_number: str = Field(..., min_length=1, max_length=16)
+    placer_order_number: str = ""
+    filler_order_number: str = ""
+    study_uid: str = Field("", description="Study Instance UID to use (generated when empty)")
+    requested_procedure_id: str = ""
+    requested_procedure_description: str = ""
+    procedure_code: str = ""
+    procedure_code_scheme: str = ""
+    procedure_code_meaning: str = ""
+    step_id: str = ""
+    step_description: str = ""
+    modality: str = Field("", max_length=16)
+    station_ae_title: str = Field("", max_length=16)
+    station_name: str = ""
+    location: str = ""
+    start_date: str = Field("", pattern=r"^(\d{8})?$")
+    start_time: str = Field("", pattern=r"^(\d{2,6}(\.\d+)?)?$")
+    performing_physician: str = ""
+    referring_physician: str = ""
+    priority: str = ""
+    reason: str = ""
+
+    def to_info(self) -> OrderInfo:
+        data = self.model_dump(exclude={"patient"})
+        p = self.patient
+        patient = PatientInfo(
+            patient_id=p.id, issuer=p.issuer, name=p.name, birth_date=p.birth_date, sex=p.sex,
+            other_ids=[OtherIdentifier(o.value, o.issuer, o.type) for o in p.other_ids],
+        )
+        return OrderInfo(patient=patient, **data)
+
+
+class MatchModel(BaseModel):
+    accession_number: str = Field(..., min_length=1)
+
+
+def _service(request: Request) -> OrderService:
+    return OrderService(request.app.state.pacs.engine)
+
+
+def _call(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except OrderError as exc:
+        raise HTTPProblem(exc.http_status, str(exc)) from None
+
+
+@router.post("/orders", status_code=201, summary="Create an order (it appears in the worklist)")
+def create_order(request: Request, order: OrderModel) -> dict[str, Any]:
+    return _call(_service(request).place, order.to_info(), "json")
+
+
+@router.put("/orders/{accession}", summary="Change an order")
+def change_order(request: Request, accession: str, order: OrderModel) -> dict[str, Any]:
+    if order.accession_number != accession:
+        raise HTTPProblem(400, "accession number in the body differs from the URL")
+    return _call(_service(request).change, order.to_info(), "json")
+
+
+@router.delete("/orders/{accession}", summary="Cancel an order (it leaves the worklist)")
+def cancel_order(request: Request, accession: str) -> dict[str, Any]:
+    info = OrderInfo(patient=PatientInfo(patient_id="-"), accession_number=accession)
+    return _call(_service(request).cancel, info)
+
+
+@router.get("/orders/{accession}", summary="One order and its status")
+def get_order(request: Request, accession: str) -> dict[str, Any]:
+    order = _service(request).get(accession)
+    if order is None:
+        raise HTTPProblem(404, f"no order {accession}")
+    return order
+
+
+@router.get("/studies/unmatched", summary="Studies no HIS order explains")
+def unmatched(request: Request, limit: int = 100) -> list[dict[str, Any]]:
+    if not 1 <= limit <= 1000:
+        raise HTTPProblem(400, "limit must be 1-1000")
+    return _service(request).unmatched_studies(limit)
+
+
+@router.post("/studies/{study}/match", summary="Link a study to an order by hand")
+def match_study(request: Request, study: str, body: MatchModel) -> dict[str, Any]:
+    return _call(_service(request).match, study, body.accession_number)
+
+
+@router.get("/studies/{study}/corrections", summary="What the index corrected for a study")
+def corrections(request: Request, study: str) -> list[dict[str, Any]]:
+    return _service(request).corrections(study)

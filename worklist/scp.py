@@ -1,0 +1,244 @@
+"""Modality Worklist C-FIND SCP and MPPS (N-CREATE / N-SET) SCP.
+
+The worklist answers from the orders the HIS sent (PS3.4 K.6): every type 1
+and 2 return key the modality asks for, patient names in ISO_IR 192 and
+matched without diacritics. MPPS moves the order through IN PROGRESS to
+COMPLETED or DISCONTINUED and queues a status message for the HIS, in the
+same transaction.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pynetdicom import evt
+from pynetdicom.sop_class import (
+    ModalityPerformedProcedureStep,
+    ModalityWorklistInformationFind,
+)
+
+from pacs.app import Pacs
+from pacs.orders import OrderError, OrderService
+from pacs.query import QueryError
+from pacs.worklist import run_worklist
+
+log = logging.getLogger(__name__)
+
+WORKLIST_CONTEXTS = [ModalityWorklistInformationFind, ModalityPerformedProcedureStep]
+PENDING, CANCEL, IDENTIFIER_MISMATCH, UNABLE = 0xFF00, 0xFE00, 0xA900, 0xC000
+# N-CREATE / N-SET failures (PS3.7 C.4.2 / PS3.4 F.7)
+NO_SUCH_INSTANCE, DUPLICATE_INSTANCE, INVALID_VALUE, NO_LONGER_UPDATABLE, PROCESSING = (
+    0x0112, 0x0111, 0x0106, 0xA710, 0x0110,
+)
+
+_STEP_KEYS = [
+    "ScheduledStationAETitle", "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartTime",
+    "Modality", "ScheduledPerformingPhysicianName", "ScheduledProcedureStepDescription",
+    "ScheduledProcedureStepID", "ScheduledStationName", "ScheduledProcedureStepLocation",
+    "ScheduledProtocolCodeSequence", "ScheduledProcedureStepStatus",
+]
+
+
+def _text(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple) or value.__class__.__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _keys(ds: Dataset) -> dict[str, str]:
+    return {e.keyword: _text(e.value) for e in ds if e.keyword and e.VR != "SQ"}
+
+
+def full_item(row: dict[str, Any]) -> Dataset:
+    """Every K.6 type 1/2 attribute of one scheduled step."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.AccessionNumber = row["accession_number"]
+    ds.ReferringPhysicianName = row["referring_physician"]
+    ds.PatientName = row["patient_name"]
+    ds.PatientID = row["patient_id"]
+    ds.IssuerOfPatientID = row["issuer"]
+    ds.PatientBirthDate = row["birth_date"]
+    ds.PatientSex = row["sex"]
+    others = []
+    for other in row["other_ids"]:
+        item = Dataset()
+        item.PatientID = other["PatientID"]
+        item.IssuerOfPatientID = other["IssuerOfPatientID"]
+        item.TypeOfPatientID = other["TypeOfPatientID"] or "TEXT"
+        others.append(item)
+    ds.OtherPatientIDsSequence = Sequence(others)
+    ds.StudyInstanceUID = row["study_uid"]
+    ds.RequestedProcedureID = row["requested_procedure_id"]
+    ds.RequestedProcedureDescription = row["requested_procedure_description"]
+    ds.RequestedProcedurePriority = row["priority"] or None
+    code = Dataset()
+    if row["procedure_code"]:
+        code.CodeValue = row["procedure_code"]
+        code.CodingSchemeDesignator = row["procedure_code_scheme"] or "L"
+        code.CodeMeaning = row["procedure_code_meaning"] or row["requested_procedure_description"]
+    ds.RequestedProcedureCodeSequence = Sequence([code] if row["procedure_code"] else [])
+    ds.ReasonForTheRequestedProcedure = row["reason"] or None
+    ds.AdmissionID = None
+    ds.PatientWeight = None
+    ds.MedicalAlerts = None
+    ds.Allergies = None
+    ds.PregnancyStatus = None
+    step = Dataset()
+    step.ScheduledStationAETitle = row["station_ae_title"] or None
+    step.ScheduledProcedureStepStartDate = row["start_date"]
+    step.ScheduledProcedureStepStartTime = row["start_time"]
+    step.Modality = row["modality"]
+    step.ScheduledPerformingPhysicianName = row["performing_physician"]
+    step.ScheduledProcedureStepDescription = row["step_description"] or row["requested_procedure_description"]
+    step.ScheduledProcedureStepID = row["step_id"]
+    step.ScheduledStationName = row["station_name"]
+    step.ScheduledProcedureStepLocation = row["location"]
+    step.ScheduledProtocolCodeSequence = Sequence([])
+    step.ScheduledProcedureStepStatus = row["status"].replace(" ", "")[:16] if row["status"] != "IN PROGRESS" else "STARTED"
+    ds.ScheduledProcedureStepSequence = Sequence([step])
+    return ds
+
+
+def answer(identifier: Dataset, row: dict[str, Any]) -> Dataset:
+    """The requested keys, filled from the full item (PS3.4 K.6.1.2.2)."""
+    full = full_item(row)
+    out = Dataset()
+    out.SpecificCharacterSet = "ISO_IR 192"
+    for elem in identifier:
+        keyword = elem.keyword
+        if not keyword or keyword == "SpecificCharacterSet":
+            continue
+        if keyword == "ScheduledProcedureStepSequence":
+            wanted = identifier.ScheduledProcedureStepSequence
+            source = full.ScheduledProcedureStepSequence[0]
+            item = Dataset()
+            step_keys = [e.keyword for e in wanted[0]] if len(wanted) and len(wanted[0]) else _STEP_KEYS
+            for k in step_keys:
+                if k in source:
+                    item[k] = source[k]
+                elif k:
+                    setattr(item, k, None)
+            out.ScheduledProcedureStepSequence = Sequence([item])
+        elif keyword in full:
+            out[keyword] = full[keyword]
+        else:
+            out[elem.tag] = elem.__class__(elem.tag, elem.VR, None) if elem.VR != "SQ" else elem
+            if elem.VR == "SQ":
+                setattr(out, keyword, Sequence([]))
+    return out
+
+
+def make_worklist_handler(pacs: Pacs) -> Any:
+    def handle_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        try:
+            identifier = event.identifier
+            match = _keys(identifier)
+            match.pop("SpecificCharacterSet", None)
+            steps = identifier.get("ScheduledProcedureStepSequence") or []
+            step = _keys(steps[0]) if len(steps) else {}
+            rows = list(run_worklist(pacs.engine, match, step))
+        except QueryError as exc:
+            log.warning("worklist query from %s refused: %s", event.assoc.requestor.ae_title, exc)
+            yield _status(IDENTIFIER_MISMATCH, str(exc)), None
+            return
+        except Exception as exc:
+            log.exception("worklist query failed")
+            yield _status(UNABLE, f"worklist query failed: {exc}"), None
+            return
+        for row in rows:
+            if event.is_cancelled:
+                yield CANCEL, None
+                return
+            yield PENDING, answer(identifier, row)
+
+    return handle_find
+
+
+def _status(code: int, comment: str) -> Dataset:
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment.encode("ascii", "replace").decode()[:64]
+    return ds
+
+
+def _step_refs(attributes: Dataset) -> tuple[str, str, str]:
+    """Accession, Study Instance UID and SPS ID of the step that was performed."""
+    for item in attributes.get("ScheduledStepAttributesSequence") or []:
+        return (
+            _text(item.get("AccessionNumber")),
+            _text(item.get("StudyInstanceUID")),
+            _text(item.get("ScheduledProcedureStepID")),
+        )
+    return "", "", ""
+
+
+def _series(attributes: Dataset) -> list[dict[str, Any]] | None:
+    if "PerformedSeriesSequence" not in attributes:
+        return None
+    return [
+        {
+            "series_uid": _text(s.get("SeriesInstanceUID")),
+            "instances": [_text(r.get("ReferencedSOPInstanceUID")) for r in s.get("ReferencedImageSequence") or []],
+        }
+        for s in attributes.PerformedSeriesSequence
+    ]
+
+
+def make_mpps_handlers(pacs: Pacs) -> list[tuple[Any, Any]]:
+    service = OrderService(pacs.engine)
+
+    def handle_create(event: Any) -> tuple[int | Dataset, Dataset | None]:
+        uid = str(event.request.AffectedSOPInstanceUID or "")
+        attributes = event.attribute_list
+        status = _text(attributes.get("PerformedProcedureStepStatus"))
+        if status != "IN PROGRESS":
+            return _status(INVALID_VALUE, "N-CREATE must have status IN PROGRESS"), None
+        accession, study_uid, step_id = _step_refs(attributes)
+        try:
+            service.record_step(
+                uid,
+                status=status,
+                accession=accession,
+                study_uid=study_uid,
+                step_id=step_id,
+                modality=_text(attributes.get("Modality")),
+                station_ae_title=_text(attributes.get("PerformedStationAETitle")),
+                start=_text(attributes.get("PerformedProcedureStepStartDate"))
+                + _text(attributes.get("PerformedProcedureStepStartTime")),
+                performed_series=_series(attributes),
+                create=True,
+            )
+        except OrderError as exc:
+            code = DUPLICATE_INSTANCE if exc.http_status == 409 else PROCESSING
+            return _status(code, str(exc)), None
+        return 0x0000, attributes
+
+    def handle_set(event: Any) -> tuple[int | Dataset, Dataset | None]:
+        uid = str(event.request.RequestedSOPInstanceUID or "")
+        changes = event.modification_list
+        status = _text(changes.get("PerformedProcedureStepStatus")) or "IN PROGRESS"
+        try:
+            service.record_step(
+                uid,
+                status=status,
+                end=_text(changes.get("PerformedProcedureStepEndDate"))
+                + _text(changes.get("PerformedProcedureStepEndTime")),
+                performed_series=_series(changes),
+                create=False,
+            )
+        except OrderError as exc:
+            code = {404: NO_SUCH_INSTANCE, 409: NO_LONGER_UPDATABLE, 400: INVALID_VALUE}.get(exc.http_status, PROCESSING)
+            return _status(code, str(exc)), None
+        return 0x0000, changes
+
+    return [(evt.EVT_N_CREATE, handle_create), (evt.EVT_N_SET, handle_set)]
+
+
+__all__ = ["WORKLIST_CONTEXTS", "make_mpps_handlers", "make_worklist_handler"]
