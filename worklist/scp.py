@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (
 from pacs.app import Pacs
 from pacs.orders import OrderError, OrderService
 from pacs.query import QueryError
+from pacs.query.results import other_ids_sequence
 from pacs.worklist import run_worklist
 
 log = logging.getLogger(__name__)
@@ -66,14 +67,7 @@ def full_item(row: dict[str, Any]) -> Dataset:
     ds.IssuerOfPatientID = row["issuer"]
     ds.PatientBirthDate = row["birth_date"]
     ds.PatientSex = row["sex"]
-    others = []
-    for other in row["other_ids"]:
-        item = Dataset()
-        item.PatientID = other["PatientID"]
-        item.IssuerOfPatientID = other["IssuerOfPatientID"]
-        item.TypeOfPatientID = other["TypeOfPatientID"] or "TEXT"
-        others.append(item)
-    ds.OtherPatientIDsSequence = Sequence(others)
+    ds.OtherPatientIDsSequence = other_ids_sequence(row["other_ids"])
     ds.StudyInstanceUID = row["study_uid"]
     ds.RequestedProcedureID = row["requested_procedure_id"]
     ds.RequestedProcedureDescription = row["requested_procedure_description"]

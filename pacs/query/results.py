@@ -26,14 +26,7 @@ def result_dataset(level: Level, returns: list[str], row: dict[str, Any], ae_tit
     for keyword in dict.fromkeys(keys):
         value = row.get(keyword)
         if keyword == "OtherPatientIDsSequence":
-            items = []
-            for other in value or []:
-                item = Dataset()
-                item.PatientID = other["PatientID"]
-                item.IssuerOfPatientID = other["IssuerOfPatientID"]
-                item.TypeOfPatientID = other["TypeOfPatientID"] or "TEXT"
-                items.append(item)
-            ds.OtherPatientIDsSequence = Sequence(items)
+            ds.OtherPatientIDsSequence = other_ids_sequence(value or [])
             continue
         _set(ds, keyword, value)
     ds.RetrieveAETitle = ae_title
@@ -58,3 +51,15 @@ def _set(ds: Dataset, keyword: str, value: Any) -> None:
         setattr(ds, keyword, str(int(value)))
     else:
         setattr(ds, keyword, str(value))
+
+
+def other_ids_sequence(others: list[dict[str, str]]) -> Sequence:
+    """Other Patient IDs Sequence items (citizen ID, insurance number...)."""
+    items = []
+    for other in others:
+        item = Dataset()
+        item.PatientID = other["PatientID"]
+        item.IssuerOfPatientID = other["IssuerOfPatientID"]
+        item.TypeOfPatientID = other["TypeOfPatientID"] or "TEXT"
+        items.append(item)
+    return Sequence(items)
