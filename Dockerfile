@@ -1,9 +1,9 @@
 # filmless-pacs appliance image: DICOM 11112, HTTP 8042, HL7 2575, data in /data.
 FROM python:3.11-slim
 
-# DCMTK for operators (echoscu, storescu, findscu...) inside the container.
+# DCMTK for operators (echoscu, storescu, findscu...); DejaVu for report PDFs.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends dcmtk \
+    && apt-get install -y --no-install-recommends dcmtk fonts-dejavu-core \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --system --create-home --uid 1000 pacs \

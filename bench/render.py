@@ -68,7 +68,7 @@ def render_bench(work: Path, repeat: int) -> list[list[str]]:
     server.start()
     rows = []
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=60) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=60, headers=server.auth_headers) as http:
 
             def instance_url(study: str, series: str, sop: str) -> str:
                 return f"/dicom-web/studies/{study}/series/{series}/instances/{sop}"
@@ -113,7 +113,7 @@ def qido_bench(work: Path, studies: int, repeat: int) -> list[list[str]]:
     server = PacsServer(data, Backend("sqlite-fs", None, None, {})).start()
     rows = []
     try:
-        with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=60) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=60, headers=server.auth_headers) as http:
             for label, queries in plans.items():
                 for q in queries[:3]:
                     _timed(http, "/dicom-web/studies", q)

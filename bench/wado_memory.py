@@ -70,7 +70,7 @@ def main() -> None:
             sampler.start()
             received = 0
             start = time.perf_counter()
-            with httpx.Client(timeout=600) as http:
+            with httpx.Client(timeout=600, headers=server.auth_headers) as http:
                 url = f"http://127.0.0.1:{server.http_port}/dicom-web/studies/{first.StudyInstanceUID}"
                 with http.stream("GET", url, headers={"Accept": accept}) as response:
                     response.raise_for_status()

@@ -31,7 +31,7 @@ from pacs.query import ATTRIBUTES, UNIQUE_KEY, Level, Query, QueryError, run_que
 from pacs.query.results import result_dataset
 from pacs.retrieve import RetrieveItem, contexts_for, iter_for_peer, resolve
 
-from .server import status_dataset
+from .server import audit_dimse, status_dataset
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,8 @@ def make_find_handler(pacs: Pacs) -> Any:
             log.warning("C-FIND identifier unreadable: %s", exc)
             yield status_dataset(UNABLE, f"cannot read identifier: {exc}"), None
             return
+        audit_dimse(pacs, event, "query", study_uid=query.match.get("StudyInstanceUID", ""),
+                    detail=f"C-FIND {query.level.value} " + " ".join(f"{k}={v}" for k, v in query.match.items()))
         try:
             for row in run_query(pacs.engine, query):
                 if event.is_cancelled:
@@ -216,6 +218,8 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
             cx.abstract_syntax = sop_class
             cx.transfer_syntax = syntaxes
             contexts.append(cx)
+        for study in sorted({i.study_uid for i in items}):
+            audit_dimse(pacs, event, "export", study_uid=study, detail=f"C-MOVE to {destination.title}")
         yield destination.host, destination.port, {"contexts": contexts}
         yield len(items)
         log.info("C-MOVE of %d instances from %s to %s", len(items), requestor, destination.title)
@@ -231,6 +235,8 @@ def make_get_handler(pacs: Pacs) -> Any:
             yield 1
             yield refusal, None
             return
+        for study in sorted({i.study_uid for i in items}):
+            audit_dimse(pacs, event, "retrieve", study_uid=study, detail="C-GET")
         yield len(items)
 
         def accepted() -> set[tuple[str, str]]:

@@ -25,6 +25,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.app import Pacs
+from pacs.audit import Event
 from pacs.errors import IngestError, Status
 from pacs.ingest import Origin
 from pacs.part10 import BufferSource, file_meta_bytes
@@ -88,6 +89,16 @@ def status_dataset(status: int, comment: str) -> Dataset:
     return ds
 
 
+def audit_dimse(pacs: Pacs, event: Any, action: str, *, study_uid: str = "", detail: str = "",
+                outcome: str = "success") -> None:
+    """Record a DICOM access: the calling AE stands for the user."""
+    requestor = event.assoc.requestor
+    pacs.audit.record(
+        Event(action=action, user=requestor.ae_title.strip(), role="dicom", client=str(requestor.address),
+              protocol="dicom", outcome=outcome, study_uid=study_uid, detail=detail[:500])
+    )
+
+
 def origin_of(event: Any, source: str = "dimse") -> Origin:
     requestor = event.assoc.requestor
     return Origin(source=source, calling_ae=requestor.ae_title.strip(), remote_host=str(requestor.address))
@@ -105,7 +116,7 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
                 event.context.transfer_syntax,
                 event.assoc.requestor.ae_title,
             )
-            pacs.ingestor.ingest(
+            result = pacs.ingestor.ingest(
                 BufferSource(meta, request.DataSet.getbuffer()),
                 origin_of(event, source),
                 transfer_syntax=event.context.transfer_syntax,
@@ -118,6 +129,11 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
         except Exception as exc:  # never let one object take the listener down
             log.exception("C-STORE failed unexpectedly")
             return status_dataset(Status.CANNOT_UNDERSTAND, f"internal error: {exc}")
+        # One audit event per study and association, not per instance.
+        study = result.header.study_uid
+        if getattr(event.assoc, "_audited_study", None) != study:
+            event.assoc._audited_study = study
+            audit_dimse(pacs, event, "store", study_uid=study, detail=source)
         return Status.SUCCESS
 
     return handle_store

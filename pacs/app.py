@@ -16,6 +16,8 @@ from sqlalchemy import Engine
 from storage import ObjectStore, open_store
 
 from .aes import AeRegistry
+from .audit import AuditTrail
+from .auth import AuthService
 from .index import create_index_engine, upgrade_schema
 from .index.committer import GroupCommitter
 from .index.writer import IndexWriter
@@ -36,6 +38,8 @@ class Pacs:
     aes: AeRegistry
     committer: GroupCommitter
     ingestor: Ingestor
+    audit: AuditTrail
+    auth: AuthService
     _closed: bool = field(default=False, repr=False)
 
     @classmethod
@@ -67,7 +71,7 @@ class Pacs:
         aes = AeRegistry(engine)
         for entry in settings.ae:
             aes.add(entry["title"], entry["host"], int(entry["port"]), entry.get("description", ""))
-        return cls(settings, engine, store, reader, aes, committer, ingestor)
+        return cls(settings, engine, store, reader, aes, committer, ingestor, AuditTrail(engine), AuthService(engine))
 
     def ingest_file(self, path: Path, origin: Origin) -> IngestResult:
         """Ingest one Part 10 file from disk (import, tests)."""
@@ -77,6 +81,7 @@ class Pacs:
         if self._closed:
             return
         self._closed = True
+        self.audit.close()
         self.committer.close()
         self.store.close()
         self.engine.dispose()

@@ -310,6 +310,80 @@ def cmd_orders(args: argparse.Namespace) -> int:
         pacs.close()
 
 
+# -- users, tokens, audit ---------------------------------------------------------
+def cmd_user(args: argparse.Namespace) -> int:
+    from .auth import AuthError
+
+    pacs = _open(args)
+    try:
+        if args.user_command == "list":
+            users = pacs.auth.list_users()
+            if args.json:
+                print(json.dumps(users))
+            else:
+                table = Table(title="users")
+                for col in ("username", "display name", "role", "active"):
+                    table.add_column(col)
+                for u in users:
+                    table.add_row(str(u["username"]), str(u["display_name"]), str(u["role"]), str(u["active"]))
+                out.print(table)
+            return 0
+        if args.user_command == "disable":
+            done = pacs.auth.disable_user(args.username)
+            _print_result(args, {"disabled": args.username if done else None})
+            return 0 if done else 1
+        try:
+            password = pacs.auth.add_user(args.username, args.role, args.password, args.display_name or "")
+        except AuthError as exc:
+            err.print(f"[red]{exc}[/red]")
+            return 2
+        result = {"username": args.username, "role": args.role}
+        if not args.password:
+            result["password"] = password  # generated: shown once
+        _print_result(args, result)
+        return 0
+    finally:
+        pacs.close()
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from .auth import AuthError
+
+    pacs = _open(args)
+    try:
+        if args.token_command == "create":
+            try:
+                token = pacs.auth.create_token(args.username, args.name, args.days)
+            except AuthError as exc:
+                err.print(f"[red]{exc}[/red]")
+                return 2
+            _print_result(args, {"username": args.username, "name": args.name, "token": token})
+            return 0
+        revoked = pacs.auth.revoke(username=args.username, name=args.name)
+        _print_result(args, {"revoked": revoked})
+        return 0 if revoked else 1
+    finally:
+        pacs.close()
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from . import audit
+
+    pacs = _open(args)
+    try:
+        events = audit.query(pacs.engine, study_uid=args.study or "", user=args.user or "", limit=args.limit)
+    finally:
+        pacs.close()
+    if args.format == "syslog":
+        for e in events:
+            print(audit.to_syslog(e, "filmless-pacs"))
+    elif args.format == "atna":
+        print(json.dumps([audit.to_atna(e, "filmless-pacs") for e in events], ensure_ascii=False))
+    else:
+        print(json.dumps([{**e, "at": e["at"].isoformat()} for e in events], ensure_ascii=False))
+    return 0
+
+
 # -- db -----------------------------------------------------------------------
 def cmd_db(args: argparse.Namespace) -> int:
     from .index import create_index_engine, current_revision, upgrade_schema
@@ -401,6 +475,42 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("study", help="Study Instance UID")
     q.add_argument("accession", help="the order's accession number")
     p.set_defaults(func=cmd_orders)
+
+    p = sub.add_parser("user", help="users of the HTTP API and their roles")
+    u_sub = p.add_subparsers(dest="user_command", required=True)
+    q = u_sub.add_parser("add", help="create or update a user (prints a generated password once)")
+    _common(q, json_flag=True)
+    q.add_argument("username")
+    q.add_argument("--role", required=True, choices=["modality", "radiologist", "referring", "emr", "his", "admin"])
+    q.add_argument("--password")
+    q.add_argument("--display-name")
+    q = u_sub.add_parser("list")
+    _common(q, json_flag=True)
+    q = u_sub.add_parser("disable")
+    _common(q, json_flag=True)
+    q.add_argument("username")
+    p.set_defaults(func=cmd_user)
+
+    p = sub.add_parser("token", help="API tokens for systems (modality, HIS, EMR)")
+    t_sub = p.add_subparsers(dest="token_command", required=True)
+    q = t_sub.add_parser("create")
+    _common(q, json_flag=True)
+    q.add_argument("username")
+    q.add_argument("--name", required=True)
+    q.add_argument("--days", type=int)
+    q = t_sub.add_parser("revoke")
+    _common(q, json_flag=True)
+    q.add_argument("username")
+    q.add_argument("--name", required=True)
+    p.set_defaults(func=cmd_token)
+
+    p = sub.add_parser("audit", help="export the audit trail")
+    _common(p)
+    p.add_argument("--study")
+    p.add_argument("--user")
+    p.add_argument("--limit", type=int, default=1000)
+    p.add_argument("--format", choices=["json", "atna", "syslog"], default="json")
+    p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("db", help="index schema migrations")
     db_sub = p.add_subparsers(dest="db_command", required=True)

@@ -56,6 +56,15 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
                     "the archive is empty; to see data at once run: pacs samples --data-dir %s",
                     settings.data_dir,
                 )
+        if settings.auth_enabled:
+            password = pacs.auth.ensure_admin()
+            if password:
+                # Shown once: a fresh install must be usable and never open.
+                print(f"\n  First start: web viewer http://{settings.host}:{settings.http_port}/ "
+                      f"user 'admin', password '{password}'\n  (change it: pacs user add admin --role admin "
+                      f"--password ...)\n", flush=True)
+        else:
+            log.warning("HTTP access control is DISABLED (PACS_AUTH_ENABLED=false): local demo only")
         dicom = start_dicom_server(pacs)
         hl7_listener, sender = _start_ris_bridge(pacs)
         try:

@@ -80,6 +80,8 @@ class Settings(BaseSettings):
     # Group commit: how long the committer waits to gather more index rows.
     commit_batch_max: int = 256
     offer_samples: bool = True
+    # HTTP API access control. Only a local demo may turn it off, explicitly.
+    auth_enabled: bool = True
     # The HIS MLLP endpoint ("host:port") for outbound HL7 (status, results).
     his_mllp: str | None = None
     # Absolute URL clients reach the HTTP API at (behind a reverse proxy);

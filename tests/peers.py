@@ -190,6 +190,7 @@ class PacsServer:
     http_port: int = 0
     hl7_port: int = 0
     proc: subprocess.Popen | None = None
+    token: str = ""
 
     @property
     def env(self) -> dict[str, str]:
@@ -225,7 +226,26 @@ class PacsServer:
         )
         wait_port(self.dicom_port, timeout=60, proc=self.proc)
         wait_port(self.http_port, timeout=60, proc=self.proc)
+        if not self.token:
+            self.token = self.make_token("pacs-test", "admin")
         return self
+
+    def make_token(self, username: str, role: str, display_name: str = "") -> str:
+        """A user with *role* and an API token for it (straight in the index)."""
+        from pacs.auth import AuthService
+        from pacs.index import create_index_engine
+
+        engine = create_index_engine(self.backend.index_url or f"sqlite:///{self.data_dir}/index.sqlite", pool_size=0)
+        try:
+            auth = AuthService(engine)
+            auth.add_user(username, role, "test-password-123", display_name or username)
+            return auth.create_token(username, "tests")
+        finally:
+            engine.dispose()
+
+    @property
+    def auth_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
 
     @property
     def log_path(self) -> Path:
@@ -258,8 +278,10 @@ class PacsServer:
     def stats(self) -> dict[str, int]:
         return json.loads(self.cli("stats", "--json").stdout)
 
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=30)
+    def http(self, token: str | None = None) -> httpx.Client:
+        """An HTTP client, authenticated as the test admin unless told otherwise."""
+        headers = {"Authorization": f"Bearer {token or self.token}"} if (token or self.token) else {}
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=30, headers=headers)
 
     def core(self):  # type: ignore[no-untyped-def]
         """Open the core on this server's index and store (reads in tests)."""

@@ -47,7 +47,7 @@ def web(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 
 def client(server: PacsServer) -> DICOMwebClient:
-    return DICOMwebClient(f"http://127.0.0.1:{server.http_port}/dicom-web")
+    return DICOMwebClient(f"http://127.0.0.1:{server.http_port}/dicom-web", headers=server.auth_headers)
 
 
 def uid(item: dict, tag: str) -> str:

@@ -24,7 +24,7 @@ from pynetdicom.sop_class import (
 
 from .conftest import Backend, PacsServer, dataset_bytes, free_port, run_dcmtk, wait_port
 from .peers import create_database, dcmtk, drop_database
-from .qr_corpus import PATIENTS, STUDIES, series_uid, sop_uid, studies_of, study_uid, write_corpus
+from .qr_corpus import PATIENTS, series_uid, sop_uid, studies_of, study_uid, write_corpus
 
 
 @pytest.fixture(scope="module", params=["sqlite", "pg"])

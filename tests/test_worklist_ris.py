@@ -242,7 +242,7 @@ def test_mistyped_study_is_reconciled_with_its_order(ris: PacsServer, tmp_path: 
         # Retrieval applies the correction; the stored bytes stay as received.
         from dicomweb_client.api import DICOMwebClient
 
-        client = DICOMwebClient(f"http://127.0.0.1:{ris.http_port}/dicom-web")
+        client = DICOMwebClient(f"http://127.0.0.1:{ris.http_port}/dicom-web", headers=ris.auth_headers)
         retrieved = client.retrieve_study(study)[0]
         assert str(retrieved.PatientName) == "Nguyễn^Văn An" and retrieved.PatientID == "001085012345"
     core = ris.core()

@@ -1,16 +1,22 @@
-"""The HTTP application (FastAPI): health now; DICOMweb, WADO-URI, FHIR,
-the JSON API and the web viewer mount here as they land."""
+"""The HTTP application (FastAPI): DICOMweb, WADO-URI, FHIR R4, the JSON
+API, the web viewer and /health, every route behind its role check."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 
 from pacs import __version__
 from pacs.app import Pacs, health
 
-from . import errors, orders_api, qido, stow, wado, wado_uri
+from . import errors, fhir, orders_api, qido, stow, ui_api, wado, wado_uri
 from .rendering import RenderCache
+from .security import READERS, requires
+
+STATIC = Path(__file__).resolve().parent / "static"
 
 
 def create_app(pacs: Pacs) -> FastAPI:
@@ -23,8 +29,19 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.state.pacs = pacs
     app.state.render_cache = RenderCache(pacs.settings.render_cache_bytes)
     errors.install(app)
-    for module in (qido, wado, stow, wado_uri, orders_api):
-        app.include_router(module.router)
+    # Who may do what (the table tests/test_access_control.py checks).
+    app.include_router(qido.router, dependencies=requires("radiologist", "admin", "emr", action="query"))
+    app.include_router(wado.router, dependencies=requires(*READERS, action="retrieve"))
+    app.include_router(wado_uri.router, dependencies=requires(*READERS, action="retrieve"))
+    app.include_router(stow.router, dependencies=requires("modality", "admin", action="store"))
+    app.include_router(orders_api.router)
+    app.include_router(ui_api.router)
+    app.include_router(fhir.router)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/health", tags=["system"], summary="Liveness and dependency health")
     def get_health() -> JSONResponse:

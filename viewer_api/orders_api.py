@@ -11,6 +11,7 @@ from pydantic import BaseModel, Field
 from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo
 
 from .errors import HTTPProblem
+from .security import requires
 
 router = APIRouter(prefix="/api", tags=["orders"])
 
@@ -81,25 +82,28 @@ def _call(fn: Any, *args: Any) -> Any:
         raise HTTPProblem(exc.http_status, str(exc)) from None
 
 
-@router.post("/orders", status_code=201, summary="Create an order (it appears in the worklist)")
+@router.post("/orders", status_code=201, summary="Create an order (it appears in the worklist)",
+             dependencies=requires("his", "admin", action="order"))
 def create_order(request: Request, order: OrderModel) -> dict[str, Any]:
     return _call(_service(request).place, order.to_info(), "json")
 
 
-@router.put("/orders/{accession}", summary="Change an order")
+@router.put("/orders/{accession}", summary="Change an order", dependencies=requires("his", "admin", action="order"))
 def change_order(request: Request, accession: str, order: OrderModel) -> dict[str, Any]:
     if order.accession_number != accession:
         raise HTTPProblem(400, "accession number in the body differs from the URL")
     return _call(_service(request).change, order.to_info(), "json")
 
 
-@router.delete("/orders/{accession}", summary="Cancel an order (it leaves the worklist)")
+@router.delete("/orders/{accession}", summary="Cancel an order (it leaves the worklist)",
+               dependencies=requires("his", "admin", action="order"))
 def cancel_order(request: Request, accession: str) -> dict[str, Any]:
     info = OrderInfo(patient=PatientInfo(patient_id="-"), accession_number=accession)
     return _call(_service(request).cancel, info)
 
 
-@router.get("/orders/{accession}", summary="One order and its status")
+@router.get("/orders/{accession}", summary="One order and its status",
+            dependencies=requires("his", "admin", "radiologist", action="query"))
 def get_order(request: Request, accession: str) -> dict[str, Any]:
     order = _service(request).get(accession)
     if order is None:
@@ -107,18 +111,21 @@ def get_order(request: Request, accession: str) -> dict[str, Any]:
     return order
 
 
-@router.get("/studies/unmatched", summary="Studies no HIS order explains")
+@router.get("/studies/unmatched", summary="Studies no HIS order explains",
+            dependencies=requires("admin", action="query"))
 def unmatched(request: Request, limit: int = 100) -> list[dict[str, Any]]:
     if not 1 <= limit <= 1000:
         raise HTTPProblem(400, "limit must be 1-1000")
     return _service(request).unmatched_studies(limit)
 
 
-@router.post("/studies/{study}/match", summary="Link a study to an order by hand")
+@router.post("/studies/{study}/match", summary="Link a study to an order by hand",
+             dependencies=requires("admin", action="order"))
 def match_study(request: Request, study: str, body: MatchModel) -> dict[str, Any]:
     return _call(_service(request).match, study, body.accession_number)
 
 
-@router.get("/studies/{study}/corrections", summary="What the index corrected for a study")
+@router.get("/studies/{study}/corrections", summary="What the index corrected for a study",
+            dependencies=requires("admin", "radiologist", action="view"))
 def corrections(request: Request, study: str) -> list[dict[str, Any]]:
     return _service(request).corrections(study)

@@ -265,3 +265,76 @@ class OutboundMessage(Base):
     last_error: Mapped[str] = mapped_column(String, default="")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class User(Base):
+    """A person or system that uses the HTTP API, with one role."""
+
+    __tablename__ = "users"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String, default="")
+    # modality, radiologist, referring, emr, his, admin
+    role: Mapped[str] = mapped_column(String(16))
+    password_hash: Mapped[str] = mapped_column(String, default="")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ApiToken(Base):
+    """A bearer token (stored as its sha256 only); sessions are tokens too."""
+
+    __tablename__ = "api_tokens"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("users.pk", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class AuditEvent(Base):
+    """Who did what to which patient's data: append-only (triggers refuse
+    UPDATE and DELETE), exportable as RFC 3881 / IHE ATNA style records."""
+
+    __tablename__ = "audit_events"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    user: Mapped[str] = mapped_column(String, default="", index=True)
+    role: Mapped[str] = mapped_column(String, default="")
+    client: Mapped[str] = mapped_column(String, default="")
+    protocol: Mapped[str] = mapped_column(String, default="")
+    # view, download, query, store, report-create, report-update, report-sign,
+    # report-amend, export, delete, login, login-failed, denied
+    action: Mapped[str] = mapped_column(String, index=True)
+    outcome: Mapped[str] = mapped_column(String, default="success")
+    study_uid: Mapped[str] = mapped_column(String, default="", index=True)
+    patient_id: Mapped[str] = mapped_column(String, default="", index=True)
+    detail: Mapped[str] = mapped_column(String, default="")
+
+
+class Report(Base):
+    """One version of a study's report. Signed versions never change; an
+    amendment is a new version."""
+
+    __tablename__ = "reports"
+    __table_args__ = (UniqueConstraint("study_pk", "version"),)
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.pk", ondelete="CASCADE"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    # draft, signed
+    status: Mapped[str] = mapped_column(String, default="draft")
+    findings: Mapped[str] = mapped_column(String, default="")
+    impression: Mapped[str] = mapped_column(String, default="")
+    author: Mapped[str] = mapped_column(String, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    signed_by: Mapped[str] = mapped_column(String, default="")
+    signed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # The Encapsulated PDF instance stored into the study when signed.
+    pdf_sop_uid: Mapped[str] = mapped_column(String, default="")

@@ -1,0 +1,94 @@
+"""A signed report as a PDF (UTF-8 text, Vietnamese included), with fpdf2.
+
+fpdf2's core fonts are Latin-1 only; a TrueType font with Vietnamese
+glyphs is required: DejaVu Sans from Debian's fonts-dejavu-core (installed
+by the set-up scripts and the Docker image), or PACS_REPORT_FONT.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fpdf import FPDF
+
+_FONT_CANDIDATES = [
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
+]
+
+
+@dataclass
+class ReportContent:
+    institution: str
+    patient_name: str
+    patient_id: str
+    birth_date: str
+    sex: str
+    study_date: str
+    accession: str
+    description: str
+    modalities: str
+    findings: str
+    impression: str
+    signed_by: str
+    signed_at: str
+    version: int
+    viewer_url: str
+
+
+def font_path() -> str:
+    configured = os.environ.get("PACS_REPORT_FONT")
+    for candidate in ([configured] if configured else []) + _FONT_CANDIDATES:
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise FileNotFoundError("no Unicode TrueType font: apt-get install fonts-dejavu-core or set PACS_REPORT_FONT")
+
+
+def _date(value: str) -> str:
+    return f"{value[6:8]}/{value[4:6]}/{value[0:4]}" if len(value) == 8 and value.isdigit() else value
+
+
+def render(content: ReportContent) -> bytes:
+    """The report as PDF bytes."""
+    pdf = FPDF(format="A4")
+    pdf.set_auto_page_break(auto=True, margin=15)
+    pdf.add_font("body", "", font_path())
+    pdf.add_page()
+    pdf.set_font("body", size=14)
+    pdf.cell(0, 8, content.institution or "Filmless PACS", new_x="LMARGIN", new_y="NEXT", align="C")
+    pdf.set_font("body", size=12)
+    title = "KẾT QUẢ CHẨN ĐOÁN HÌNH ẢNH / IMAGING REPORT"
+    if content.version > 1:
+        title += f" (bổ sung / amended, v{content.version})"
+    pdf.cell(0, 8, title, new_x="LMARGIN", new_y="NEXT", align="C")
+    pdf.ln(2)
+    pdf.set_font("body", size=10)
+    rows = [
+        ("Bệnh nhân / Patient", content.patient_name.replace("^", " ")),
+        ("Mã BN / Patient ID", content.patient_id),
+        ("Ngày sinh / Birth date", _date(content.birth_date)),
+        ("Giới / Sex", content.sex),
+        ("Ngày chụp / Study date", _date(content.study_date)),
+        ("Số phiếu / Accession", content.accession),
+        ("Kỹ thuật / Procedure", f"{content.modalities} {content.description}".strip()),
+    ]
+    for label, value in rows:
+        pdf.cell(55, 6, label)
+        pdf.cell(0, 6, value, new_x="LMARGIN", new_y="NEXT")
+    for heading, text in (("Mô tả / Findings", content.findings), ("Kết luận / Impression", content.impression)):
+        pdf.ln(3)
+        pdf.set_font("body", size=11)
+        pdf.cell(0, 7, heading, new_x="LMARGIN", new_y="NEXT")
+        pdf.set_font("body", size=10)
+        pdf.multi_cell(0, 5.5, text or "-")
+    pdf.ln(5)
+    pdf.cell(0, 6, f"Ký / Signed: {content.signed_by.replace('^', ' ')} — {content.signed_at}",
+             new_x="LMARGIN", new_y="NEXT")
+    if content.viewer_url:
+        pdf.set_font("body", size=8)
+        pdf.cell(0, 5, f"Xem ảnh / Images: {content.viewer_url}", new_x="LMARGIN", new_y="NEXT",
+                 link=content.viewer_url)
+    return bytes(pdf.output())

@@ -1,0 +1,252 @@
+"""Radiology reports: draft, sign, amend.
+
+A signed version is immutable; an amendment is a new version (the old one
+stays). Signing renders the PDF, stores it back into the study as a DICOM
+Encapsulated PDF through the normal ingest path, and queues an ORU^R01 for
+the HIS with a link to the images -- the PDF instance and the queued message
+make the report visible to PACS clients and the EMR alike.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
+from sqlalchemy import select, update
+
+from .app import Pacs
+from .errors import PacsError
+from .index.models import Order, Patient, Report, Study, StudyOrderLink
+from .ingest import Origin
+from .orders import OrderService
+from .part10 import BufferSource
+from .report_pdf import ReportContent, render
+
+log = logging.getLogger(__name__)
+reports_t = Report.__table__
+studies_t = Study.__table__
+patients_t = Patient.__table__
+orders_t = Order.__table__
+links_t = StudyOrderLink.__table__
+
+
+class ReportError(PacsError):
+    def __init__(self, message: str, http_status: int) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def _row_dict(row: Any) -> dict[str, Any]:
+    return {
+        "version": row.version,
+        "status": row.status,
+        "findings": row.findings,
+        "impression": row.impression,
+        "author": row.author,
+        "created_at": _iso(row.created_at),
+        "updated_at": _iso(row.updated_at),
+        "signed_by": row.signed_by,
+        "signed_at": _iso(row.signed_at),
+        "pdf_sop_uid": row.pdf_sop_uid,
+    }
+
+
+class ReportService:
+    def __init__(self, pacs: Pacs, public_url: str = "") -> None:
+        self.pacs = pacs
+        self.public_url = public_url.rstrip("/")
+
+    def _study(self, conn: Any, study_uid: str) -> Any:
+        row = conn.execute(
+            select(studies_t, patients_t.c.name.label("patient_name"), patients_t.c.patient_id,
+                   patients_t.c.issuer, patients_t.c.birth_date, patients_t.c.sex)
+            .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
+            .where(studies_t.c.study_uid == study_uid)
+        ).first()
+        if row is None:
+            raise ReportError(f"no study {study_uid}", 404)
+        return row
+
+    def _versions(self, conn: Any, study_pk: int) -> list[Any]:
+        return list(conn.execute(select(reports_t).where(reports_t.c.study_pk == study_pk).order_by(reports_t.c.version)))
+
+    def get(self, study_uid: str, *, signed_only: bool = False) -> dict[str, Any]:
+        """The report of a study: current version and history."""
+        with self.pacs.engine.connect() as conn:
+            study = self._study(conn, study_uid)
+            versions = self._versions(conn, study.pk)
+        if signed_only:
+            versions = [v for v in versions if v.status == "signed"]
+        current = versions[-1] if versions else None
+        return {
+            "study_uid": study_uid,
+            "status": current.status if current else "none",
+            "current": _row_dict(current) if current else None,
+            "versions": [_row_dict(v) for v in versions],
+        }
+
+    def save_draft(self, study_uid: str, findings: str, impression: str, author: str) -> dict[str, Any]:
+        now = datetime.now(UTC)
+        with self.pacs.engine.begin() as conn:
+            study = self._study(conn, study_uid)
+            versions = self._versions(conn, study.pk)
+            current = versions[-1] if versions else None
+            if current is not None and current.status == "signed":
+                raise ReportError("the report is signed and cannot change; amend it for a new version", 409)
+            if current is None:
+                conn.execute(reports_t.insert().values(
+                    study_pk=study.pk, version=1, status="draft", findings=findings, impression=impression,
+                    author=author, created_at=now, updated_at=now,
+                ))
+            else:
+                conn.execute(update(reports_t).where(reports_t.c.pk == current.pk).values(
+                    findings=findings, impression=impression, author=author, updated_at=now,
+                ))
+        return self.get(study_uid)
+
+    def amend(self, study_uid: str, author: str) -> dict[str, Any]:
+        """A new draft version carrying the signed text forward."""
+        now = datetime.now(UTC)
+        with self.pacs.engine.begin() as conn:
+            study = self._study(conn, study_uid)
+            versions = self._versions(conn, study.pk)
+            if not versions or versions[-1].status != "signed":
+                raise ReportError("only a signed report can be amended", 409)
+            last = versions[-1]
+            conn.execute(reports_t.insert().values(
+                study_pk=study.pk, version=last.version + 1, status="draft", findings=last.findings,
+                impression=last.impression, author=author, created_at=now, updated_at=now,
+            ))
+        return self.get(study_uid)
+
+    def sign(self, study_uid: str, signer: str, signer_name: str = "") -> dict[str, Any]:
+        """Sign the current draft: PDF into the study, ORU^R01 queued for the HIS."""
+        now = datetime.now(UTC)
+        with self.pacs.engine.connect() as conn:
+            study = self._study(conn, study_uid)
+            versions = self._versions(conn, study.pk)
+        if not versions or versions[-1].status != "draft":
+            raise ReportError("there is no draft to sign", 409)
+        draft = versions[-1]
+        if not (draft.findings.strip() or draft.impression.strip()):
+            raise ReportError("an empty report cannot be signed", 422)
+        viewer_url = f"{self.public_url}/viewer/study/{study_uid}" if self.public_url else f"/viewer/study/{study_uid}"
+        content = ReportContent(
+            institution=study.institution, patient_name=study.patient_name, patient_id=study.patient_id,
+            birth_date=study.birth_date, sex=study.sex, study_date=study.study_date,
+            accession=study.accession_number, description=study.description, modalities=study.modalities.replace("\\", "/"),
+            findings=draft.findings, impression=draft.impression, signed_by=signer_name or signer,
+            signed_at=now.strftime("%Y-%m-%d %H:%M UTC"), version=draft.version, viewer_url=viewer_url,
+        )
+        pdf = render(content)
+        sop_uid = self._store_pdf(study, draft.version, pdf, content, now)
+        with self.pacs.engine.begin() as conn:
+            done = conn.execute(
+                update(reports_t)
+                .where(reports_t.c.pk == draft.pk, reports_t.c.status == "draft")
+                .values(status="signed", signed_by=signer_name or signer, signed_at=now, pdf_sop_uid=sop_uid,
+                        updated_at=now)
+            ).rowcount
+            if not done:
+                raise ReportError("the draft changed while signing; try again", 409)
+            order = self._order_for(conn, study)
+            OrderService.enqueue(conn, "his", "report", {
+                "order": order,
+                "status": "final" if draft.version == 1 else "amended",
+                "lines": [
+                    {"type": "TX", "code": "59776-5^Findings^LN", "value": draft.findings},
+                    {"type": "TX", "code": "19005-8^Impression^LN", "value": draft.impression},
+                    {"type": "RP", "code": "IMAGES^Images^L", "value": viewer_url},
+                ],
+            })
+        return self.get(study_uid)
+
+    def _order_for(self, conn: Any, study: Any) -> dict[str, Any]:
+        row = conn.execute(
+            select(orders_t).join(links_t, links_t.c.order_pk == orders_t.c.pk).where(links_t.c.study_pk == study.pk)
+        ).first()
+        base = {"patient_id": study.patient_id, "issuer": study.issuer, "name": study.patient_name,
+                "accession_number": study.accession_number, "placer_order_number": "",
+                "filler_order_number": "", "procedure_code": "", "procedure_code_scheme": "",
+                "requested_procedure_description": study.description}
+        if row is not None:
+            base.update({k: getattr(row, k) for k in ("placer_order_number", "filler_order_number",
+                                                       "procedure_code", "procedure_code_scheme",
+                                                       "requested_procedure_description")})
+        return base
+
+    def _store_pdf(self, study: Any, version: int, pdf: bytes, content: ReportContent, now: datetime) -> str:
+        """Encapsulated PDF into the study, through the one ingest path."""
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        ds.SOPClassUID = EncapsulatedPDFStorage
+        ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.StudyInstanceUID = study.study_uid
+        ds.SeriesInstanceUID = generate_uid()
+        ds.PatientName = study.patient_name
+        ds.PatientID = study.patient_id
+        ds.IssuerOfPatientID = study.issuer
+        ds.PatientBirthDate = study.birth_date
+        ds.PatientSex = study.sex
+        ds.StudyDate, ds.StudyTime = study.study_date, study.study_time
+        ds.AccessionNumber = study.accession_number
+        ds.StudyID = study.study_id
+        ds.ReferringPhysicianName = study.referring_physician
+        ds.StudyDescription = study.description
+        ds.Modality = "DOC"
+        ds.SeriesNumber = 900 + version
+        ds.SeriesDescription = f"Report v{version}"
+        ds.InstanceNumber = 1
+        ds.ContentDate = now.strftime("%Y%m%d")
+        ds.ContentTime = now.strftime("%H%M%S")
+        ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+        ds.Manufacturer = "filmless-pacs"
+        ds.ConversionType = "WSD"
+        ds.BurnedInAnnotation = "YES"
+        ds.DocumentTitle = "Imaging report"
+        concept = Dataset()
+        concept.CodeValue = "18748-4"
+        concept.CodingSchemeDesignator = "LN"
+        concept.CodeMeaning = "Diagnostic imaging study"
+        ds.ConceptNameCodeSequence = Sequence([concept])
+        ds.VerificationFlag = "VERIFIED"
+        ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+        ds.EncapsulatedDocument = pdf + (b"\x00" if len(pdf) % 2 else b"")
+        ds.EncapsulatedDocumentLength = len(pdf)
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        data = out.getvalue()
+        self.pacs.ingestor.ingest(BufferSource(b"", data), Origin(source="report", calling_ae=self.pacs.settings.ae_title))
+        return str(ds.SOPInstanceUID)
+
+    def pdf(self, study_uid: str, version: int | None = None) -> bytes:
+        """The PDF of the signed report (latest, or a given version), read back
+        from the stored Encapsulated PDF instance."""
+        from pydicom import dcmread
+
+        report = self.get(study_uid, signed_only=True)
+        versions = report["versions"]
+        if version is not None:
+            versions = [v for v in versions if v["version"] == version]
+        if not versions:
+            raise ReportError("no signed report", 404)
+        stored = self.pacs.reader.stored_instance(versions[-1]["pdf_sop_uid"])
+        if stored is None:
+            raise ReportError("the report PDF is not in the archive", 404)
+        ds = dcmread(io.BytesIO(self.pacs.store.read_bytes(stored.storage_key)))
+        data = bytes(ds.EncapsulatedDocument)
+        length = int(ds.get("EncapsulatedDocumentLength", len(data)) or len(data))
+        return data[:length]

@@ -1,0 +1,156 @@
+"""The reading worklist and study details for the web viewer and the EMR.
+
+Built on the one query model (names folded, newest first) plus each study's
+report status (unread / draft / signed).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, func, select
+
+from .index.models import Instance, Report, Series
+from .names import fold_name
+from .query import Level, Query, build_select
+from .query.attributes import patients, studies
+
+reports = Report.__table__
+series_t = Series.__table__
+instances_t = Instance.__table__
+
+
+def _report_status() -> Any:
+    return (
+        select(reports.c.status)
+        .where(reports.c.study_pk == studies.c.pk)
+        .order_by(reports.c.version.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+
+
+def study_list(
+    engine: Engine,
+    *,
+    name: str = "",
+    patient_id: str = "",
+    date_from: str = "",
+    date_to: str = "",
+    modality: str = "",
+    status: str = "",
+    accession: str = "",
+    referring: str = "",
+    limit: int = 50,
+    offset: int = 0,
+) -> dict[str, Any]:
+    """Studies matching the reader's search, newest first, with report status."""
+    match: dict[str, str] = {}
+    if name:
+        match["PatientName"] = name
+    if patient_id:
+        match["PatientID"] = patient_id
+    if date_from or date_to:
+        match["StudyDate"] = f"{date_from}-{date_to}"
+    if modality:
+        match["ModalitiesInStudy"] = modality
+    if accession:
+        match["AccessionNumber"] = accession
+    stmt, _ = build_select(Query(Level.STUDY, match, fuzzy=True))
+    report_status = _report_status()
+    stmt = stmt.add_columns(report_status.label("report_status"), studies.c.num_series, studies.c.num_instances)
+    if status == "unread":
+        stmt = stmt.where(report_status.is_(None))
+    elif status in ("draft", "signed"):
+        stmt = stmt.where(report_status == status)
+    if referring:
+        # A referring physician sees the studies they referred.
+        stmt = stmt.where(studies.c.referring_physician_folded == fold_name(referring))
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
+        rows = conn.execute(
+            stmt.order_by(studies.c.study_date.desc(), studies.c.study_time.desc(), studies.c.pk.desc())
+            .limit(limit)
+            .offset(offset)
+        ).mappings().all()
+    return {
+        "total": int(total),
+        "items": [
+            {
+                "study_uid": r["StudyInstanceUID"],
+                "patient_name": r["PatientName"],
+                "patient_id": r["PatientID"],
+                "birth_date": r["PatientBirthDate"],
+                "sex": r["PatientSex"],
+                "study_date": r["StudyDate"],
+                "study_time": r["StudyTime"],
+                "accession": r["AccessionNumber"],
+                "modalities": r["ModalitiesInStudy"],
+                "description": r["StudyDescription"],
+                "num_series": r["num_series"],
+                "num_instances": r["num_instances"],
+                "report_status": r["report_status"] or "unread",
+            }
+            for r in rows
+        ],
+    }
+
+
+def study_detail(engine: Engine, study_uid: str) -> dict[str, Any] | None:
+    """A study with its series and their instances in reading order."""
+    with engine.connect() as conn:
+        study = conn.execute(
+            select(studies, patients.c.name, patients.c.patient_id, patients.c.birth_date, patients.c.sex)
+            .join(patients, patients.c.pk == studies.c.patient_pk)
+            .where(studies.c.study_uid == study_uid)
+        ).first()
+        if study is None:
+            return None
+        series_rows = conn.execute(
+            select(series_t).where(series_t.c.study_pk == study.pk).order_by(series_t.c.series_number, series_t.c.pk)
+        ).all()
+        instance_rows = conn.execute(
+            select(instances_t.c.series_pk, instances_t.c.sop_uid, instances_t.c.instance_number, instances_t.c.frames,
+                   instances_t.c.rows, instances_t.c.columns, instances_t.c.sop_class_uid)
+            .where(instances_t.c.series_pk.in_([s.pk for s in series_rows]))
+            .order_by(instances_t.c.series_pk, instances_t.c.instance_number, instances_t.c.pk)
+        ).all()
+    by_series: dict[int, list[dict[str, Any]]] = {}
+    for i in instance_rows:
+        by_series.setdefault(i.series_pk, []).append(
+            {"sop_uid": i.sop_uid, "instance_number": i.instance_number, "frames": i.frames or 1,
+             "rows": i.rows, "columns": i.columns, "sop_class_uid": i.sop_class_uid}
+        )
+    return {
+        "study_uid": study.study_uid,
+        "patient_name": study.name,
+        "patient_id": study.patient_id,
+        "birth_date": study.birth_date,
+        "sex": study.sex,
+        "study_date": study.study_date,
+        "study_time": study.study_time,
+        "accession": study.accession_number,
+        "description": study.description,
+        "modalities": study.modalities,
+        "referring_physician": study.referring_physician,
+        "series": [
+            {
+                "series_uid": s.series_uid,
+                "modality": s.modality,
+                "series_number": s.series_number,
+                "description": s.description,
+                "num_instances": s.num_instances,
+                "has_pixels": any(i["rows"] for i in by_series.get(s.pk, [])),
+                "instances": by_series.get(s.pk, []),
+            }
+            for s in series_rows
+        ],
+    }
+
+
+def referring_of(engine: Engine, study_uid: str) -> str | None:
+    """The folded referring physician of a study (access checks)."""
+    with engine.connect() as conn:
+        return conn.execute(
+            select(studies.c.referring_physician_folded).where(studies.c.study_uid == study_uid)
+        ).scalar()

@@ -1,0 +1,192 @@
+"""Issue 6 acceptance 3-4: every HTTP route checks its role (401 without a
+credential, 403 for the wrong role, through for the right one), and every
+access lands in the audit trail with the right user and study."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from .conftest import Backend, PacsServer
+from .qr_corpus import study_uid, write_corpus
+
+ROLES = ["modality", "radiologist", "referring", "emr", "his", "admin"]
+READ = {"radiologist", "admin", "emr", "referring"}
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    tmp = tmp_path_factory.mktemp("acl")
+    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}))
+    write_corpus(tmp / "corpus")
+    server.cli("import", str(tmp / "corpus"))
+    server.start()
+    server.tokens = {role: server.make_token(f"user-{role}", role, display_name="Đỗ^Thanh Tùng")  # type: ignore[attr-defined]
+                     for role in ROLES}
+    server.corpus_dir = tmp / "corpus"  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def _routes(server: PacsServer) -> list[tuple[str, str, set[str], dict | None]]:
+    """(method, path, roles allowed, JSON body) for every protected route."""
+    s1 = study_uid("S1")  # referred by Đỗ^Thanh Tùng, the referring user's display name
+    ds = dcmread(next(iter(sorted(server.corpus_dir.glob("S1_0_0.dcm")))), stop_before_pixels=True)  # type: ignore[attr-defined]
+    inst = f"/dicom-web/studies/{s1}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    order = {"patient": {"id": "079000000999", "name": "Test^Order"}, "accession_number": "ACL-1"}
+    wado = f"/wado?requestType=WADO&studyUID={s1}&seriesUID={ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}"
+    return [
+        ("GET", "/dicom-web/studies", {"radiologist", "admin", "emr"}, None),
+        ("GET", f"/dicom-web/studies/{s1}/series", {"radiologist", "admin", "emr"}, None),
+        ("GET", f"/dicom-web/studies/{s1}/metadata", READ, None),
+        ("GET", inst, READ, None),
+        ("GET", inst + "/rendered", READ, None),
+        ("GET", inst + "/frames/1", READ, None),
+        ("GET", f"/dicom-web/studies/{s1}/thumbnail", READ, None),
+        ("GET", wado, READ, None),
+        ("POST", "/dicom-web/studies", {"modality", "admin"}, None),
+        ("GET", "/api/worklist", READ, None),
+        ("GET", f"/api/studies/{s1}", READ, None),
+        ("GET", f"/api/studies/{s1}/report", READ, None),
+        ("PUT", f"/api/studies/{s1}/report", {"radiologist"}, {"findings": "x", "impression": "y"}),
+        ("POST", f"/api/studies/{s1}/report/amend", {"radiologist"}, None),
+        ("POST", "/api/orders", {"his", "admin"}, order),
+        ("GET", "/api/orders/ACL-1", {"his", "admin", "radiologist"}, None),
+        ("GET", "/api/studies/unmatched", {"admin"}, None),
+        ("GET", f"/api/studies/{s1}/corrections", {"admin", "radiologist"}, None),
+        ("GET", "/api/users", {"admin"}, None),
+        ("GET", "/api/audit", {"admin"}, None),
+        ("GET", "/fhir/ImagingStudy?identifier=ACC001", READ, None),
+        ("GET", f"/fhir/ImagingStudy/{s1}", READ, None),
+        ("GET", "/fhir/DiagnosticReport?identifier=ACC001", READ, None),
+        ("GET", "/fhir/Endpoint/dicomweb", READ, None),
+    ]
+
+
+def test_every_route_checks_its_role(secured: PacsServer) -> None:
+    failures = []
+    for method, path, allowed, body in _routes(secured):
+        with secured.http(token="none") as anonymous:
+            anonymous.headers.pop("Authorization", None)
+            code = anonymous.request(method, path, json=body).status_code
+            if code != 401:
+                failures.append(f"{method} {path} without a token -> {code}, want 401")
+        for role in ROLES:
+            with secured.http(token=secured.tokens[role]) as http:  # type: ignore[attr-defined]
+                response = http.request(method, path, json=body)
+            if role in allowed:
+                if response.status_code in (401, 403):
+                    failures.append(f"{method} {path} as {role} -> {response.status_code}, want access")
+            elif response.status_code != 403:
+                failures.append(f"{method} {path} as {role} -> {response.status_code}, want 403")
+            elif "error" not in response.json():
+                failures.append(f"{method} {path} as {role}: 403 without an error body")
+    assert not failures, "\n".join(failures)
+
+
+def test_public_routes(secured: PacsServer) -> None:
+    with secured.http() as http:
+        http.headers.pop("Authorization", None)
+        assert http.get("/health").status_code == 200
+        assert http.get("/").status_code == 200
+        assert http.get("/openapi.json").status_code == 200
+        assert http.get(f"/viewer/study/{study_uid('S1')}", follow_redirects=False).status_code == 302
+
+
+def test_referring_physician_sees_only_referred_studies(secured: PacsServer) -> None:
+    with secured.http(token=secured.tokens["referring"]) as http:  # type: ignore[attr-defined]
+        listed = http.get("/api/worklist").json()["items"]
+        assert {i["study_uid"] for i in listed} == {study_uid("S1")}
+        assert http.get(f"/api/studies/{study_uid('S2')}").status_code == 403
+
+
+def test_login_logout_and_revoked_tokens(secured: PacsServer) -> None:
+    with secured.http() as http:
+        http.headers.pop("Authorization", None)
+        bad = http.post("/api/auth/login", json={"username": "user-radiologist", "password": "nope-nope"})
+        assert bad.status_code == 401 and "wrong username or password" in bad.json()["error"]
+        good = http.post("/api/auth/login", json={"username": "user-radiologist", "password": "test-password-123"})
+        assert good.status_code == 200 and good.json()["user"]["role"] == "radiologist"
+        assert "pacs_session" in good.cookies
+        assert http.get("/api/me").json()["username"] == "user-radiologist"  # the cookie
+        assert http.post("/api/auth/logout").status_code == 204
+        assert http.get("/api/me", headers={"Authorization": f"Bearer {good.json()['token']}"}).status_code == 401
+    token = json.loads(secured.cli("token", "create", "user-emr", "--name", "emr-link", "--json").stdout)["token"]
+    with secured.http(token=token) as http:
+        assert http.get("/api/worklist").status_code == 200
+        secured.cli("token", "revoke", "user-emr", "--name", "emr-link")
+        import time
+
+        time.sleep(5.5)  # tokens are cached for 5 s
+        assert http.get("/api/worklist").status_code == 401
+
+
+def test_accesses_are_audited_with_user_and_study(secured: PacsServer) -> None:
+    s1 = study_uid("S1")
+    with secured.http(token=secured.tokens["radiologist"]) as http:  # type: ignore[attr-defined]
+        assert http.get(f"/dicom-web/studies/{s1}/metadata").status_code == 200
+    with secured.http(token=secured.tokens["modality"]) as http:  # type: ignore[attr-defined]
+        assert http.get(f"/dicom-web/studies/{s1}/metadata").status_code == 403
+    with secured.http() as http:
+        events = http.get("/api/audit", params={"study": s1}).json()
+        atna = http.get("/api/audit", params={"study": s1, "format": "atna"}).json()
+        syslog = http.get("/api/audit", params={"study": s1, "format": "syslog"}).text
+    seen = {(e["user"], e["role"], e["action"], e["outcome"]) for e in events}
+    assert ("user-radiologist", "radiologist", "retrieve", "success") in seen
+    assert ("user-modality", "modality", "retrieve", "denied") in seen
+    assert all(e["client"] == "127.0.0.1" for e in events)
+    assert atna[0]["ParticipantObjectIdentification"][0]["ParticipantObjectID"] == s1
+    assert "AUDIT" in syslog and s1 in syslog
+    exported = json.loads(secured.cli("audit", "--study", s1).stdout)
+    assert len(exported) >= 2
+    # The trail is append-only: the database itself refuses edits.
+    from sqlalchemy import text
+
+    core = secured.core()
+    try:
+        with pytest.raises(Exception, match="append-only"), core.engine.begin() as conn:
+            conn.execute(text("DELETE FROM audit_events"))
+    finally:
+        core.close()
+
+
+def test_auth_can_only_be_disabled_explicitly(tmp_path: Path) -> None:
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}), extra_env={"PACS_AUTH_ENABLED": "false"})
+    server.token = "-"  # no test user: nobody is needed
+    server.start()
+    try:
+        with server.http() as http:
+            http.headers.pop("Authorization", None)
+            assert http.get("/api/me").json()["role"] == "admin"
+        assert "DISABLED" in server.log_text()
+    finally:
+        server.stop()
+
+
+def test_dicom_accesses_are_audited(secured: PacsServer, tmp_path: Path) -> None:
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
+
+    from .test_dimse_failures import make_ct
+
+    ct = make_ct(tmp_path / "audited.dcm")
+    assert secured.storescu(str(ct), calling="CT_AUDIT").returncode == 0
+    ae = AE(ae_title="WS_AUDIT")
+    ae.add_requested_context(FIND)
+    assoc = ae.associate("127.0.0.1", secured.dicom_port, ae_title=secured.ae_title)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid("S3")
+    assert [s.Status for s, _ in assoc.send_c_find(query, FIND)][-1] == 0
+    assoc.release()
+    with secured.http() as http:
+        stored = http.get("/api/audit", params={"user": "CT_AUDIT"}).json()
+        queried = http.get("/api/audit", params={"user": "WS_AUDIT"}).json()
+    assert stored and stored[0]["action"] == "store" and stored[0]["protocol"] == "dicom"
+    assert stored[0]["study_uid"] == str(dcmread(ct, stop_before_pixels=True).StudyInstanceUID)
+    assert queried and queried[0]["action"] == "query" and queried[0]["study_uid"] == study_uid("S3")

@@ -1,0 +1,272 @@
+"""The radiologist's web viewer (viewer_api/static) in a real browser.
+
+A real `pacs serve` with the synthetic sample studies, driven by Playwright
+through Debian's Chromium (never a downloaded browser): log in, search the
+worklist without diacritics, open the CT study, scroll slices, change the
+window, write, save and sign the report; also the 1366x768 layout (no
+horizontal scroll) and the VI/EN toggle. Screenshots of each step go to
+test-artifacts/web-viewer/.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .peers import ROOT, Backend, PacsServer
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run", "--disable-sync",
+]
+ARTIFACTS = ROOT / "test-artifacts" / "web-viewer"
+HINT = "bash scripts/test.sh installs them (apt-get install -y chromium; pip install playwright; never `playwright install`)"
+WIDTH, HEIGHT = 1366, 768
+USERNAME, PASSWORD = "bs.an", "Secret-123"
+FINDINGS = "Nhu mô phổi hai bên sáng đều, không thấy nốt mờ. Không tràn dịch màng phổi."
+IMPRESSION = "Chưa phát hiện bất thường trên phim CT ngực."
+
+
+def _sync_playwright() -> Any:
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(f"the Python package playwright is not installed: {HINT}")
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing (Debian package chromium): {HINT}")
+    return sync_playwright
+
+
+@pytest.fixture
+def viewer_server(tmp_path: Path, samples: Path) -> Iterator[PacsServer]:
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}))
+    server.cli("import", str(samples))
+    server.cli("user", "add", USERNAME, "--role", "radiologist", "--password", PASSWORD,
+               "--display-name", "BS. Trần Văn An")
+    server.start()
+    yield server
+    server.stop()
+    if server.alive() or (server.proc is not None and server.proc.returncode not in (0, -15)):
+        print(server.log_text()[-5000:])
+
+
+@pytest.fixture
+def page(request: pytest.FixtureRequest) -> Iterator[Any]:
+    sync_playwright = _sync_playwright()  # fail fast, before starting the server
+    viewer_server: PacsServer = request.getfixturevalue("viewer_server")
+    shutil.rmtree(ARTIFACTS, ignore_errors=True)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(
+                viewport={"width": WIDTH, "height": HEIGHT},
+                base_url=f"http://127.0.0.1:{viewer_server.http_port}",
+                locale="vi-VN",
+            )
+            context.set_default_timeout(20_000)
+            page = context.new_page()
+            page.errors = []  # uncaught JavaScript exceptions
+            page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+            yield page
+            context.close()
+        finally:
+            browser.close()
+
+
+class Steps:
+    def __init__(self, page: Any) -> None:
+        self.page = page
+        self.n = 0
+
+    def shot(self, name: str) -> None:
+        self.n += 1
+        self.page.screenshot(path=str(ARTIFACTS / f"{self.n:02d}-{name}.png"))
+
+
+def assert_no_horizontal_scroll(page: Any) -> None:
+    width = page.evaluate("document.documentElement.scrollWidth")
+    assert width <= WIDTH, f"horizontal scroll: scrollWidth {width} > {WIDTH}"
+    body = page.evaluate("document.body.scrollWidth")
+    assert body <= WIDTH, f"horizontal scroll: body.scrollWidth {body} > {WIDTH}"
+
+
+def test_radiologist_reads_and_signs_a_ct(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    steps = Steps(page)
+
+    # 1. Login; a wrong password shows the server's message.
+    page.goto("/")
+    expect(page).to_have_url(re.compile(r"#/login$"))
+    expect(page.locator("#username")).to_be_focused()
+    assert_no_horizontal_scroll(page)
+    page.fill("#username", USERNAME)
+    page.fill("#password", "wrong-password")
+    page.click("#login-button")
+    expect(page.locator("#login-error")).to_be_visible()
+    assert page.locator("#login-error").inner_text().strip()
+    steps.shot("login-error")
+    page.fill("#password", PASSWORD)
+    page.press("#password", "Enter")
+    expect(page).to_have_url(re.compile(r"#/worklist$"))
+    expect(page.locator("#current-user")).to_have_text("BS. Trần Văn An")
+
+    # 2. Worklist: a name typed without diacritics finds "Nguyễn^Văn An".
+    page.fill("#search-name", "nguyen")
+    page.click("#search-button")
+    rows = page.locator('[data-testid="study-row"]')
+    expect(rows.first).to_be_visible()
+    expect(rows.filter(has_text="Nguyễn Văn An").first).to_be_visible()
+    names = rows.locator("td.name").all_inner_texts()
+    assert names and all("Nguyễn" in n and "^" not in n for n in names), names
+    assert_no_horizontal_scroll(page)
+    steps.shot("worklist")
+
+    # The language toggle switches the labels, and the choice is remembered.
+    search_label = page.locator('label[for="search-name"]')
+    expect(search_label).to_have_text("Họ tên bệnh nhân")
+    page.click("#lang-toggle")
+    expect(search_label).to_have_text("Patient name")
+    expect(page.locator("#search-button")).to_have_text("Search")
+    assert page.evaluate("localStorage.getItem('pacs.lang')") == "en"
+    steps.shot("worklist-en")
+    page.click("#lang-toggle")
+    expect(search_label).to_have_text("Họ tên bệnh nhân")
+
+    # 3. Open the CT study.
+    ct_row = page.locator('[data-testid="study-row"][data-modalities*="CT"]').filter(has_text="Nguyễn").first
+    study_uid = ct_row.get_attribute("data-study-uid")
+    assert study_uid
+    ct_row.click()
+    expect(page).to_have_url(re.compile(rf"#/study/{re.escape(study_uid)}$"))
+    expect(page.locator("#patient-name")).to_have_text("Nguyễn Văn An")
+    thumbs = page.locator('[data-testid="series-thumb"]')
+    expect(thumbs.first).to_be_visible()
+    image = page.locator("#viewer-image")
+    expect(image).to_have_attribute("src", re.compile(r"/instances/[\d.]+/rendered\?.*viewport=\d+,\d+"))
+    expect(image).to_be_visible()
+    page.wait_for_function("() => { const i = document.querySelector('#viewer-image'); return i && i.complete && i.naturalWidth > 0; }")
+    label = page.locator("#slice-label")
+    expect(label).to_have_text(re.compile(r"^Lát cắt 1 / \d+$"))
+    total = int(label.inner_text().rsplit("/", 1)[1])
+    assert total > 1
+    assert "window=" not in image.get_attribute("src")  # "Default": the object's own window
+    assert_no_horizontal_scroll(page)
+    steps.shot("study")
+
+    # Mouse wheel over the image: next slices, new image URLs.
+    first_src = image.get_attribute("src")
+    page.hover("#viewport")
+    page.mouse.wheel(0, 100)
+    expect(label).to_have_text(f"Lát cắt 2 / {total}")
+    expect(image).not_to_have_attribute("src", first_src)
+    second_src = image.get_attribute("src")
+    page.mouse.wheel(0, 100)
+    expect(label).to_have_text(f"Lát cắt 3 / {total}")
+    expect(image).not_to_have_attribute("src", second_src)
+    # Keyboard: up goes back.
+    page.keyboard.press("ArrowUp")
+    expect(label).to_have_text(f"Lát cắt 2 / {total}")
+    expect(image).to_have_attribute("src", second_src)
+    steps.shot("scrolled")
+
+    # 4. Lung window preset.
+    page.click('[data-preset="lung"]')
+    expect(image).to_have_attribute("src", re.compile(r"window=-600,1500"))
+    expect(page.locator("#wl-label")).to_contain_text("-600")
+    page.wait_for_function("() => { const i = document.querySelector('#viewer-image'); return i.complete && i.naturalWidth > 0; }")
+    steps.shot("lung-window")
+
+    # Right-button drag changes centre / width continuously (new renders).
+    box = page.locator("#viewport").bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.mouse.down(button="right")
+    page.mouse.move(x + 60, y + 40, steps=6)
+    page.mouse.up(button="right")
+    # 60 px right, 40 px down from C -600 / W 1500 at 1500/300 units a pixel
+    expect(page.locator("#wl-label")).to_have_text("C -400 / W 1800")
+    expect(page.locator('[data-preset="lung"]')).not_to_have_class(re.compile(r"\bactive\b"))
+    expect(image).to_have_attribute("src", re.compile(r"window=-400,1800,linear"))
+    # Ctrl+wheel zooms on the client (no new request), "0" fits again.
+    src = image.get_attribute("src")
+    page.keyboard.down("Control")
+    page.mouse.wheel(0, -300)
+    page.keyboard.up("Control")
+    expect(page.locator("#zoom-label")).not_to_have_text("100%")
+    assert "scale(1)" not in (image.get_attribute("style") or "")
+    assert image.get_attribute("src") == src
+    steps.shot("window-drag-zoom")
+    page.keyboard.press("0")
+    expect(page.locator("#zoom-label")).to_have_text("100%")
+
+    # 5. Report: write in Vietnamese, save, sign.
+    expect(page.locator('label[for="findings"]')).to_have_text("Mô tả")
+    expect(page.locator('label[for="impression"]')).to_have_text("Kết luận")
+    expect(page.locator("#report-status")).to_have_attribute("data-status", "none")
+    page.fill("#findings", FINDINGS)
+    page.fill("#impression", IMPRESSION)
+    page.click("#save-report")
+    status = page.locator("#report-status")
+    expect(status).to_have_attribute("data-status", "draft")
+    expect(page.locator("#report-error")).to_be_hidden()
+    steps.shot("report-draft")
+
+    dialogs: list[str] = []
+
+    def accept(dialog: Any) -> None:
+        dialogs.append(dialog.message)
+        dialog.accept()
+
+    page.once("dialog", accept)
+    page.click("#sign-report")
+    expect(status).to_have_attribute("data-status", "signed")
+    expect(status).to_have_text("Đã ký")
+    assert dialogs, "signing asks for confirmation"
+    expect(page.locator("#findings")).not_to_be_editable()
+    expect(page.locator("#impression")).not_to_be_editable()
+    expect(page.locator("#findings")).to_have_value(FINDINGS)
+    expect(page.locator("#impression")).to_have_value(IMPRESSION)
+    expect(page.locator("#save-report")).to_be_hidden()
+    expect(page.locator("#sign-report")).to_be_hidden()
+    expect(page.locator("#amend-report")).to_be_visible()
+    expect(page.locator("#report-signed-info")).to_contain_text("BS. Trần Văn An")
+    pdf_link = page.locator("#report-pdf")
+    expect(pdf_link).to_be_visible()
+    pdf = page.request.get(pdf_link.get_attribute("href"))  # the session cookie goes along
+    assert pdf.status == 200, pdf.text()
+    assert pdf.body().startswith(b"%PDF")
+    assert_no_horizontal_scroll(page)
+    steps.shot("report-signed")
+
+    # The worklist now shows the study as signed.
+    page.keyboard.press("Escape")
+    expect(page).to_have_url(re.compile(r"#/worklist$"))
+    expect(page.locator(f'[data-testid="study-row"][data-study-uid="{study_uid}"]')).to_have_attribute(
+        "data-report-status", "signed"
+    )
+
+    # A reload keeps the session (the cookie, via /api/me) and the language.
+    page.click("#lang-toggle")
+    page.goto(f"/#/study/{study_uid}")
+    page.reload()
+    expect(page).to_have_url(re.compile(rf"#/study/{re.escape(study_uid)}$"))
+    expect(page.locator('label[for="findings"]')).to_have_text("Findings")
+    expect(page.locator("#report-status")).to_have_text("Signed")
+    expect(page.locator("#slice-label")).to_have_text(re.compile(r"^Slice 1 / \d+$"))
+    steps.shot("study-en")
+
+    # Logout goes back to the login screen and the session is gone.
+    page.click("#logout-button")
+    expect(page).to_have_url(re.compile(r"#/login$"))
+    assert page.request.get("/api/me").status == 401
+
+    assert not page.errors, page.errors
+    assert len(list(ARTIFACTS.glob("*.png"))) == steps.n

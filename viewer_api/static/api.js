@@ -1,0 +1,96 @@
+// The JSON API client: bearer token from sessionStorage (the HttpOnly
+// pacs_session cookie goes along too), {"error": "..."} bodies as ApiError,
+// and any 401 sends the user back to the login screen.
+
+const TOKEN_KEY = "pacs.token";
+
+export class ApiError extends Error {
+  constructor(status, message, body) {
+    super(message);
+    this.status = status;
+    this.body = body;
+  }
+}
+
+let onUnauthorized = () => {};
+
+/** Register what to do when the server answers 401 (session gone). */
+export function setUnauthorizedHandler(fn) {
+  onUnauthorized = fn;
+}
+
+export function getToken() {
+  try {
+    return sessionStorage.getItem(TOKEN_KEY);
+  } catch {
+    return null;
+  }
+}
+
+export function setToken(token) {
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  } catch {
+    /* storage disabled: the cookie still carries the session */
+  }
+}
+
+function errorMessage(status, body, fallback) {
+  if (body && typeof body === "object") {
+    if (typeof body.error === "string") return body.error;
+    if (typeof body.detail === "string") return body.detail;
+    if (typeof body.message === "string") return body.message;
+  }
+  if (typeof body === "string" && body.trim()) return body.trim().slice(0, 300);
+  return fallback || `HTTP ${status}`;
+}
+
+/**
+ * api("GET", "/api/worklist", {query: {...}}) or api("PUT", url, {json: {...}}).
+ * Returns the parsed JSON (or null for an empty body); throws ApiError.
+ * options.accept overrides the Accept header (DICOM JSON metadata).
+ * options.auth401 = false: a 401 is only thrown, not treated as a lost session
+ * (the login form and the start-up /api/me probe).
+ */
+export async function api(method, path, options = {}) {
+  let url = path;
+  if (options.query) {
+    const params = new URLSearchParams();
+    for (const [k, v] of Object.entries(options.query)) {
+      if (v !== undefined && v !== null && v !== "") params.append(k, String(v));
+    }
+    const qs = params.toString();
+    if (qs) url += (url.includes("?") ? "&" : "?") + qs;
+  }
+  const headers = { Accept: options.accept || "application/json" };
+  const token = getToken();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  let body;
+  if (options.json !== undefined) {
+    headers["Content-Type"] = "application/json";
+    body = JSON.stringify(options.json);
+  }
+  let response;
+  try {
+    response = await fetch(url, { method, headers, body, credentials: "same-origin", signal: options.signal });
+  } catch (exc) {
+    if (exc && exc.name === "AbortError") throw exc;
+    throw new ApiError(0, `${method} ${path}: ${exc && exc.message ? exc.message : "network error"}`);
+  }
+  const text = await response.text();
+  let data = null;
+  if (text) {
+    try {
+      data = JSON.parse(text);
+    } catch {
+      data = text;
+    }
+  }
+  if (!response.ok) {
+    const error = new ApiError(response.status, errorMessage(response.status, data, response.statusText), data);
+    if (response.status === 401 && options.auth401 !== false) onUnauthorized(error);
+    throw error;
+  }
+  return data;
+}

@@ -1,0 +1,177 @@
+// The web viewer's entry point: session, top bar and hash routing
+// (#/login, #/worklist, #/study/<StudyInstanceUID>).
+
+import { api, setToken, setUnauthorizedHandler } from "./api.js";
+import { applyI18n, onLangChange, t, toggleLang } from "./i18n.js";
+import { mountLogin } from "./login.js";
+import { mountStudy } from "./study.js";
+import { h, toast } from "./util.js";
+import { mountWorklist } from "./worklist.js";
+
+const NEXT_KEY = "pacs.next";
+
+const state = {
+  user: null,
+  view: null, // {cleanup(), canLeave()} of the mounted screen
+  hash: "",
+  ignoreHash: false,
+};
+
+const root = document.getElementById("app");
+
+// -- top bar -------------------------------------------------------------------------
+function buildTopbar() {
+  const bar = document.getElementById("topbar");
+  bar.replaceChildren(
+    h("a.brand", { href: "#/worklist", "data-i18n": "app_title" }),
+    h("a#nav-worklist.nav", { href: "#/worklist", "data-i18n": "nav_worklist" }),
+    h("span.spacer"),
+    h("span#current-user", { title: "" }),
+    h("button#lang-toggle.btn.small", {
+      type: "button",
+      "data-i18n": "lang_toggle",
+      "data-i18n-title": "lang_toggle_title",
+      onclick: () => toggleLang(),
+    }),
+    h("button#logout-button.btn.small", { type: "button", "data-i18n": "logout", onclick: logout }),
+  );
+  applyI18n(bar);
+  updateTopbar();
+}
+
+function updateTopbar() {
+  const user = state.user;
+  document.body.classList.toggle("signed-in", Boolean(user));
+  const who = document.getElementById("current-user");
+  if (who) {
+    who.textContent = user ? user.display_name || user.username : "";
+    who.title = user ? `${user.username} (${user.role})` : "";
+  }
+}
+
+async function logout() {
+  if (state.view && state.view.canLeave && !state.view.canLeave() && !confirm(t("confirm_leave"))) return;
+  try {
+    await api("POST", "/api/auth/logout", { auth401: false });
+  } catch {
+    /* the session is dropped locally anyway */
+  }
+  setToken(null);
+  state.user = null;
+  updateTopbar();
+  if (state.view && state.view.cleanup) state.view.cleanup();
+  state.view = null;
+  sessionStorage.removeItem(NEXT_KEY);
+  navigate("#/login");
+}
+
+// -- routing -------------------------------------------------------------------------
+function parseRoute(hash) {
+  const parts = hash.replace(/^#\/?/, "").split("/");
+  const name = parts[0] || "";
+  if (name === "login") return { name: "login" };
+  if (name === "worklist") return { name: "worklist" };
+  if (name === "study" && parts[1]) return { name: "study", studyUid: decodeURIComponent(parts[1]) };
+  return { name: "" };
+}
+
+function navigate(hash, replace = false) {
+  if (location.hash === hash) {
+    render();
+  } else if (replace) {
+    location.replace(hash);
+  } else {
+    location.hash = hash;
+  }
+}
+
+function render() {
+  const hash = location.hash || "#/";
+  const route = parseRoute(hash);
+  if (!state.user && route.name !== "login") {
+    if (route.name) sessionStorage.setItem(NEXT_KEY, hash);
+    navigate("#/login", true);
+    return;
+  }
+  if (state.user && (route.name === "login" || route.name === "")) {
+    navigate("#/worklist", true);
+    return;
+  }
+  if (state.view && state.view.cleanup) state.view.cleanup();
+  state.view = null;
+  state.hash = hash;
+  root.replaceChildren();
+  document.body.dataset.screen = route.name;
+  const ctx = {
+    user: state.user,
+    setUser(user) {
+      state.user = user;
+      updateTopbar();
+    },
+    navigate,
+    afterLogin() {
+      const next = sessionStorage.getItem(NEXT_KEY);
+      sessionStorage.removeItem(NEXT_KEY);
+      navigate(next && parseRoute(next).name && parseRoute(next).name !== "login" ? next : "#/worklist");
+    },
+  };
+  if (route.name === "login") state.view = mountLogin(root, ctx);
+  else if (route.name === "worklist") state.view = mountWorklist(root, ctx);
+  else if (route.name === "study") state.view = mountStudy(root, ctx, route.studyUid);
+  applyI18n(root);
+}
+
+window.addEventListener("hashchange", () => {
+  if (state.ignoreHash) {
+    state.ignoreHash = false;
+    return;
+  }
+  const view = state.view;
+  if (view && view.canLeave && !view.canLeave() && !confirm(t("confirm_leave"))) {
+    state.ignoreHash = true;
+    location.hash = state.hash;
+    return;
+  }
+  render();
+});
+
+window.addEventListener("beforeunload", (event) => {
+  if (state.view && state.view.canLeave && !state.view.canLeave()) {
+    event.preventDefault();
+    event.returnValue = "";
+  }
+});
+
+setUnauthorizedHandler(() => {
+  const wasSignedIn = Boolean(state.user);
+  state.user = null;
+  setToken(null);
+  updateTopbar();
+  if (parseRoute(location.hash).name !== "login") {
+    if (wasSignedIn) toast(t("session_expired"), "error");
+    if (state.view && state.view.cleanup) state.view.cleanup();
+    state.view = null; // unsaved work cannot be saved without a session anyway
+    sessionStorage.setItem(NEXT_KEY, location.hash);
+    navigate("#/login");
+  }
+});
+
+onLangChange(() => updateTopbar());
+
+// -- start-up ------------------------------------------------------------------------
+async function start() {
+  buildTopbar();
+  try {
+    const me = await api("GET", "/api/me", { auth401: false });
+    const user = me && (me.user || me);
+    state.user = user && user.username ? user : null;
+  } catch {
+    state.user = null;
+    setToken(null);
+  }
+  updateTopbar();
+  document.body.classList.add("ready");
+  render();
+}
+
+start();

@@ -1,0 +1,255 @@
+// Labels of the web viewer in Vietnamese (default) and English.
+// Elements carry data-i18n="key" (text), data-i18n-placeholder, data-i18n-title
+// or data-i18n-aria; applyI18n() fills them in, and listeners registered with
+// onLangChange() refresh the dynamic texts when the language is switched.
+
+const STORAGE_KEY = "pacs.lang";
+
+export const LABELS = {
+  vi: {
+    app_title: "Filmless PACS",
+    nav_worklist: "Danh sách ca chụp",
+    logout: "Đăng xuất",
+    lang_toggle: "EN",
+    lang_toggle_title: "Switch to English",
+    // login
+    login_title: "Đăng nhập",
+    username: "Tên đăng nhập",
+    password: "Mật khẩu",
+    login_button: "Đăng nhập",
+    login_failed: "Đăng nhập thất bại",
+    session_expired: "Phiên làm việc đã hết hạn, vui lòng đăng nhập lại.",
+    // worklist
+    search_name: "Họ tên bệnh nhân",
+    search_name_ph: "vd: nguyen van an",
+    search_pid: "Mã bệnh nhân",
+    date_from: "Từ ngày",
+    date_to: "Đến ngày",
+    modality: "Loại máy",
+    report_status: "Trạng thái đọc",
+    all: "Tất cả",
+    status_unread: "Chưa đọc",
+    status_none: "Chưa đọc",
+    status_draft: "Bản nháp",
+    status_signed: "Đã ký",
+    search_button: "Tìm kiếm",
+    clear_button: "Xóa lọc",
+    col_patient: "Bệnh nhân",
+    col_pid: "Mã BN",
+    col_birth: "Ngày sinh",
+    col_sex: "Giới",
+    col_date: "Ngày chụp",
+    col_accession: "Số phiếu",
+    col_modality: "Máy",
+    col_description: "Mô tả ca chụp",
+    col_images: "Loạt / Ảnh",
+    col_status: "Trạng thái",
+    no_results: "Không tìm thấy ca chụp nào.",
+    loading: "Đang tải…",
+    prev_page: "‹ Trước",
+    next_page: "Sau ›",
+    page_info: "{from}–{to} / {total}",
+    sex_M: "Nam",
+    sex_F: "Nữ",
+    sex_O: "Khác",
+    // study
+    back: "‹ Danh sách",
+    back_title: "Quay lại danh sách (Esc)",
+    patient_id: "Mã BN",
+    birth_date: "Ngày sinh",
+    sex: "Giới",
+    study_date: "Ngày chụp",
+    accession: "Số phiếu",
+    description: "Mô tả",
+    series: "Loạt ảnh",
+    images_count: "{n} ảnh",
+    no_image: "Loạt này không có ảnh để hiển thị",
+    slice: "Lát cắt",
+    preset_default: "Mặc định",
+    preset_brain: "Não",
+    preset_lung: "Phổi",
+    preset_bone: "Xương",
+    preset_abdomen: "Bụng",
+    window_default: "mặc định",
+    zoom_in: "Phóng to (+)",
+    zoom_out: "Thu nhỏ (−)",
+    zoom_reset: "Vừa khung (0)",
+    zoom_fit: "Vừa",
+    viewer_help: "Cuộn chuột / ↑↓: lát cắt · Chuột phải hoặc Shift+kéo: cửa sổ · Ctrl+cuộn: phóng to · Kéo: di chuyển",
+    image_error: "Không tải được ảnh",
+    // report
+    report: "Báo cáo",
+    findings: "Mô tả",
+    impression: "Kết luận",
+    save_report: "Lưu nháp",
+    sign_report: "Ký duyệt",
+    amend_report: "Bổ sung / sửa",
+    report_pdf: "Tải PDF",
+    report_none: "Chưa có báo cáo",
+    report_draft: "Bản nháp",
+    report_signed: "Đã ký",
+    version: "Phiên bản {v}",
+    signed_by: "Ký bởi {who} lúc {when}",
+    updated_by: "Cập nhật bởi {who} lúc {when}",
+    saved: "Đã lưu báo cáo.",
+    signed_ok: "Đã ký báo cáo.",
+    confirm_sign: "Ký duyệt báo cáo này? Sau khi ký, báo cáo không thể sửa (chỉ có thể bổ sung).",
+    confirm_amend: "Mở phiên bản bổ sung mới cho báo cáo đã ký?",
+    confirm_leave: "Báo cáo có thay đổi chưa lưu. Rời trang?",
+    unsaved: "Chưa lưu",
+    versions: "Lịch sử phiên bản",
+    report_not_signed: "Báo cáo chưa được ký duyệt.",
+    shortcuts_report: "Ctrl+S: lưu nháp",
+  },
+  en: {
+    app_title: "Filmless PACS",
+    nav_worklist: "Worklist",
+    logout: "Log out",
+    lang_toggle: "VI",
+    lang_toggle_title: "Chuyển sang tiếng Việt",
+    login_title: "Sign in",
+    username: "Username",
+    password: "Password",
+    login_button: "Sign in",
+    login_failed: "Sign-in failed",
+    session_expired: "Your session has expired, please sign in again.",
+    search_name: "Patient name",
+    search_name_ph: "e.g. nguyen van an",
+    search_pid: "Patient ID",
+    date_from: "From",
+    date_to: "To",
+    modality: "Modality",
+    report_status: "Report status",
+    all: "All",
+    status_unread: "Unread",
+    status_none: "Unread",
+    status_draft: "Draft",
+    status_signed: "Signed",
+    search_button: "Search",
+    clear_button: "Clear",
+    col_patient: "Patient",
+    col_pid: "Patient ID",
+    col_birth: "Birth date",
+    col_sex: "Sex",
+    col_date: "Study date",
+    col_accession: "Accession",
+    col_modality: "Mod.",
+    col_description: "Description",
+    col_images: "Series / Img",
+    col_status: "Status",
+    no_results: "No studies found.",
+    loading: "Loading…",
+    prev_page: "‹ Prev",
+    next_page: "Next ›",
+    page_info: "{from}–{to} of {total}",
+    sex_M: "Male",
+    sex_F: "Female",
+    sex_O: "Other",
+    back: "‹ Worklist",
+    back_title: "Back to the worklist (Esc)",
+    patient_id: "ID",
+    birth_date: "Born",
+    sex: "Sex",
+    study_date: "Study date",
+    accession: "Accession",
+    description: "Description",
+    series: "Series",
+    images_count: "{n} img",
+    no_image: "This series has no image to display",
+    slice: "Slice",
+    preset_default: "Default",
+    preset_brain: "Brain",
+    preset_lung: "Lung",
+    preset_bone: "Bone",
+    preset_abdomen: "Abdomen",
+    window_default: "default",
+    zoom_in: "Zoom in (+)",
+    zoom_out: "Zoom out (−)",
+    zoom_reset: "Fit to window (0)",
+    zoom_fit: "Fit",
+    viewer_help: "Wheel / ↑↓: slices · Right or Shift+drag: window · Ctrl+wheel: zoom · Drag: pan",
+    image_error: "Could not load the image",
+    report: "Report",
+    findings: "Findings",
+    impression: "Impression",
+    save_report: "Save draft",
+    sign_report: "Sign",
+    amend_report: "Amend",
+    report_pdf: "PDF",
+    report_none: "No report",
+    report_draft: "Draft",
+    report_signed: "Signed",
+    version: "Version {v}",
+    signed_by: "Signed by {who} at {when}",
+    updated_by: "Updated by {who} at {when}",
+    saved: "Report saved.",
+    signed_ok: "Report signed.",
+    confirm_sign: "Sign this report? A signed report cannot be edited (only amended).",
+    confirm_amend: "Open a new amendment version of the signed report?",
+    confirm_leave: "The report has unsaved changes. Leave this page?",
+    unsaved: "Unsaved",
+    versions: "Version history",
+    report_not_signed: "The report has not been signed yet.",
+    shortcuts_report: "Ctrl+S: save draft",
+  },
+};
+
+const listeners = new Set();
+
+function stored() {
+  try {
+    return localStorage.getItem(STORAGE_KEY);
+  } catch {
+    return null;
+  }
+}
+
+let lang = LABELS[stored()] ? stored() : "vi";
+
+export function getLang() {
+  return lang;
+}
+
+export function setLang(next) {
+  if (!LABELS[next] || next === lang) return;
+  lang = next;
+  try {
+    localStorage.setItem(STORAGE_KEY, next);
+  } catch {
+    /* private mode: the choice lasts for this page only */
+  }
+  document.documentElement.lang = next;
+  applyI18n(document);
+  for (const fn of listeners) fn(next);
+}
+
+export function toggleLang() {
+  setLang(lang === "vi" ? "en" : "vi");
+}
+
+/** The label `key` in the current language, with {name} placeholders filled. */
+export function t(key, params) {
+  let text = LABELS[lang][key] ?? LABELS.vi[key] ?? key;
+  if (params) {
+    for (const [name, value] of Object.entries(params)) {
+      text = text.split(`{${name}}`).join(String(value));
+    }
+  }
+  return text;
+}
+
+/** Fill every data-i18n* attribute under `root`. */
+export function applyI18n(root) {
+  for (const el of root.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+  for (const el of root.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
+  for (const el of root.querySelectorAll("[data-i18n-title]")) el.title = t(el.dataset.i18nTitle);
+  for (const el of root.querySelectorAll("[data-i18n-aria]")) el.setAttribute("aria-label", t(el.dataset.i18nAria));
+}
+
+/** Call `fn(lang)` after every language switch; returns an unsubscribe function. */
+export function onLangChange(fn) {
+  listeners.add(fn);
+  return () => listeners.delete(fn);
+}
+
+document.documentElement.lang = lang;

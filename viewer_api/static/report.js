@@ -1,0 +1,209 @@
+// The report panel: draft editing (findings / impression), save, sign, amend,
+// signed read-only view with the PDF link, version history.
+
+import { api } from "./api.js";
+import { onLangChange, t } from "./i18n.js";
+import { formatDateTime, h, toast } from "./util.js";
+
+// Only radiologists write and sign reports (the server enforces it too).
+const EDITOR_ROLES = new Set(["radiologist"]);
+
+export class ReportPanel {
+  constructor(studyUid, user) {
+    this.studyUid = studyUid;
+    this.base = `/api/studies/${encodeURIComponent(studyUid)}/report`;
+    this.canEdit = Boolean(user && EDITOR_ROLES.has(user.role));
+    this.report = null;
+    this.dirty = false;
+    this.busy = false;
+    this.build();
+  }
+
+  build() {
+    this.status = h("span#report-status.badge", { dataset: { status: "" } });
+    this.version = h("span#report-version.muted");
+    this.dirtyMark = h("span#report-dirty.dirty", { hidden: true, "data-i18n": "unsaved" });
+    this.error = h("div#report-error.error", { role: "alert", hidden: true });
+    this.notice = h("div#report-notice.muted", { hidden: true });
+    this.findings = h("textarea#findings", { spellcheck: "false", readonly: true });
+    this.impression = h("textarea#impression", { spellcheck: "false", readonly: true });
+    this.meta = h("div#report-meta.report-meta");
+    this.saveButton = h("button#save-report.btn", { type: "button", "data-i18n": "save_report", "data-i18n-title": "shortcuts_report", hidden: true, onclick: () => this.save() });
+    this.signButton = h("button#sign-report.btn.primary", { type: "button", "data-i18n": "sign_report", hidden: true, onclick: () => this.sign() });
+    this.amendButton = h("button#amend-report.btn", { type: "button", "data-i18n": "amend_report", hidden: true, onclick: () => this.amend() });
+    this.pdfLink = h("a#report-pdf.btn", { href: `${this.base}/pdf`, target: "_blank", rel: "noopener", "data-i18n": "report_pdf", hidden: true });
+    this.versionList = h("ol#report-version-list.versions");
+    this.versions = h("details#report-versions", { hidden: true }, h("summary", { "data-i18n": "versions" }), this.versionList);
+
+    this.element = h(
+      "section#report-panel.report-panel",
+      h("div.report-head", h("h2", { "data-i18n": "report" }), this.status, this.version, this.dirtyMark),
+      this.error,
+      this.notice,
+      h("label.report-label", { for: "findings", "data-i18n": "findings" }),
+      this.findings,
+      h("label.report-label", { for: "impression", "data-i18n": "impression" }),
+      this.impression,
+      this.meta,
+      h("div.report-actions", this.saveButton, this.signButton, this.amendButton, this.pdfLink),
+      this.versions,
+    );
+
+    for (const area of [this.findings, this.impression]) {
+      area.addEventListener("input", () => this.setDirty(true));
+    }
+    this.onKey = (event) => {
+      if ((event.ctrlKey || event.metaKey) && !event.altKey && event.key.toLowerCase() === "s") {
+        event.preventDefault(); // never the browser's "save page"
+        if (this.editable()) this.save();
+      }
+    };
+    document.addEventListener("keydown", this.onKey);
+    this.offLang = onLangChange(() => this.report && this.render(this.report, { keepText: true }));
+  }
+
+  destroy() {
+    document.removeEventListener("keydown", this.onKey);
+    this.offLang();
+  }
+
+  editable() {
+    return this.canEdit && this.report && this.report.status !== "signed" && !this.busy;
+  }
+
+  setDirty(dirty) {
+    this.dirty = dirty;
+    this.dirtyMark.hidden = !dirty;
+  }
+
+  showError(message) {
+    this.error.textContent = message || "";
+    this.error.hidden = !message;
+  }
+
+  async load() {
+    this.showError("");
+    try {
+      this.render(await api("GET", this.base));
+    } catch (exc) {
+      if (exc.status === 404 && exc.body && typeof exc.body === "object" && !exc.body.error) {
+        // no report API yet / no report: start an empty draft
+        this.render({ study_uid: this.studyUid, status: "none", current: null, versions: [] });
+      } else if (exc.status !== 401) {
+        this.render({ study_uid: this.studyUid, status: "none", current: null, versions: [] });
+        this.showError(exc.message);
+      }
+    }
+  }
+
+  /** Draw `report`; keepText leaves unsaved edits in the textareas. */
+  render(report, { keepText = false } = {}) {
+    this.report = report;
+    const status = report.status || (report.current ? report.current.status : "none") || "none";
+    const current = report.current || null;
+    const signed = status === "signed";
+
+    this.status.textContent = t(`report_${signed ? "signed" : status === "draft" ? "draft" : "none"}`);
+    this.status.dataset.status = status;
+    this.status.className = `badge status-${status}`;
+    this.version.textContent = current && current.version != null ? t("version", { v: current.version }) : "";
+
+    const visibleText = this.canEdit || signed;
+    if (!keepText) {
+      this.findings.value = visibleText && current ? current.findings || "" : "";
+      this.impression.value = visibleText && current ? current.impression || "" : "";
+      this.setDirty(false);
+    }
+    const readOnly = !this.canEdit || signed;
+    for (const area of [this.findings, this.impression]) {
+      area.readOnly = readOnly;
+      area.classList.toggle("readonly", readOnly);
+    }
+
+    this.notice.hidden = this.canEdit || signed;
+    this.notice.textContent = this.notice.hidden ? "" : t("report_not_signed");
+
+    let meta = "";
+    if (current && signed && (current.signed_by || current.signed_at)) {
+      meta = t("signed_by", { who: current.signed_by || current.author || "", when: formatDateTime(current.signed_at) });
+    } else if (current && visibleText && (current.author || current.updated_at)) {
+      meta = t("updated_by", { who: current.author || "", when: formatDateTime(current.updated_at) });
+    }
+    this.meta.textContent = meta;
+    this.meta.id = signed ? "report-signed-info" : "report-meta";
+
+    this.saveButton.hidden = !this.canEdit || signed;
+    this.signButton.hidden = !this.canEdit || signed;
+    this.amendButton.hidden = !this.canEdit || !signed;
+    this.pdfLink.hidden = !signed;
+    for (const button of [this.saveButton, this.signButton, this.amendButton]) button.disabled = this.busy;
+
+    const versions = Array.isArray(report.versions) ? report.versions : [];
+    this.versions.hidden = versions.length < 2;
+    this.versionList.replaceChildren(
+      ...versions.map((v) => {
+        const who = v.signed_by || v.author || "";
+        const when = formatDateTime(v.signed_at || v.updated_at);
+        const key = v.status === "signed" ? "report_signed" : v.status === "draft" ? "report_draft" : "report_none";
+        const text = [v.findings, v.impression].filter(Boolean).join("\n\n");
+        return h("li", { title: text.slice(0, 500) }, `v${v.version ?? "?"} · ${t(key)} · ${who} · ${when}`);
+      }),
+    );
+  }
+
+  /** A PUT/POST answer is the report; if it does not look like one, fetch it. */
+  async accept(response) {
+    if (response && typeof response === "object" && "status" in response && "current" in response) {
+      this.render(response);
+    } else {
+      this.render(await api("GET", this.base));
+    }
+  }
+
+  async run(action) {
+    if (this.busy) return false;
+    this.busy = true;
+    this.element.setAttribute("aria-busy", "true");
+    for (const button of [this.saveButton, this.signButton, this.amendButton]) button.disabled = true;
+    this.showError("");
+    try {
+      await action();
+      return true;
+    } catch (exc) {
+      if (exc.status !== 401) this.showError(exc.message);
+      return false;
+    } finally {
+      this.busy = false;
+      this.element.removeAttribute("aria-busy");
+      for (const button of [this.saveButton, this.signButton, this.amendButton]) button.disabled = false;
+    }
+  }
+
+  async put() {
+    const response = await api("PUT", this.base, {
+      json: { findings: this.findings.value, impression: this.impression.value },
+    });
+    await this.accept(response);
+  }
+
+  async save() {
+    if (!this.editable()) return;
+    if (await this.run(() => this.put())) toast(t("saved"));
+  }
+
+  async sign() {
+    if (!this.editable()) return;
+    if (!confirm(t("confirm_sign"))) return;
+    const ok = await this.run(async () => {
+      if (this.dirty || !this.report.current) await this.put();
+      await this.accept(await api("POST", `${this.base}/sign`));
+    });
+    if (ok) toast(t("signed_ok"));
+  }
+
+  async amend() {
+    if (!this.canEdit || !this.report || this.report.status !== "signed") return;
+    const ok = await this.run(async () => this.accept(await api("POST", `${this.base}/amend`)));
+    if (ok) this.findings.focus();
+  }
+}

@@ -1,0 +1,163 @@
+// The study screen: patient header, series thumbnails, image viewer, report.
+
+import { api } from "./api.js";
+import { onLangChange, t } from "./i18n.js";
+import { ReportPanel } from "./report.js";
+import { formatDate, formatPN, h, isTyping, listText, sexLabel } from "./util.js";
+import { NON_IMAGE, Viewer } from "./viewer.js";
+
+
+export function mountStudy(root, ctx, studyUid) {
+  let study = null;
+  let selected = null;
+  let destroyed = false;
+
+  const viewer = new Viewer(studyUid);
+  const report = new ReportPanel(studyUid, ctx.user);
+  const header = h("header#study-header.study-header", h("span.muted", { "data-i18n": "loading" }));
+  const seriesList = h("nav#series-list.series-list", { "data-i18n-aria": "series" });
+  const message = h("div#study-error.error", { role: "alert", hidden: true });
+
+  root.append(
+    h(
+      "section.study-screen",
+      header,
+      message,
+      h("div.study-body", seriesList, h("div.viewer-col", viewer.element), h("aside.report-col", report.element)),
+    ),
+  );
+
+  function item(labelKey, value, id) {
+    if (!value) return null;
+    return h("span.hitem", h("span.hlabel", { "data-i18n": labelKey }, t(labelKey)), " ", h(`span${id ? `#${id}` : ""}.hvalue`, value));
+  }
+
+  function renderHeader() {
+    if (!study) return;
+    const name = formatPN(study.patient_name);
+    header.replaceChildren(
+      h("a#back-to-worklist.btn.small", { href: "#/worklist", "data-i18n": "back", "data-i18n-title": "back_title" }, t("back")),
+      h("strong#patient-name.patient-name", { title: name }, name),
+      item("patient_id", study.patient_id, "patient-id"),
+      item("birth_date", [formatDate(study.birth_date), sexLabel(study.sex)].filter(Boolean).join(" · "), "patient-birth"),
+      item("study_date", formatDate(study.study_date), "study-date"),
+      item("accession", study.accession, "study-accession"),
+      h("span.hitem.modalities", listText(study.modalities)),
+      h("span#study-description.hitem.description", { title: study.description || "" }, study.description || ""),
+    );
+    header.querySelector("#back-to-worklist").title = t("back_title");
+    document.title = `${name} – ${t("app_title")}`;
+  }
+
+  function thumbnail(series) {
+    const s = encodeURIComponent;
+    const img = h("img", {
+      src: `/dicom-web/studies/${s(studyUid)}/series/${s(series.series_uid)}/thumbnail`,
+      alt: "",
+      loading: "lazy",
+      decoding: "async",
+      width: "96",
+      height: "96",
+    });
+    img.addEventListener("error", () => img.replaceWith(h("div.thumb-missing", series.modality || "?")));
+    const count = series.num_instances ?? (series.instances || []).length;
+    const button = h(
+      "button.series-thumb",
+      {
+        type: "button",
+        "data-testid": "series-thumb",
+        dataset: { seriesUid: series.series_uid, modality: series.modality || "" },
+        title: series.description || "",
+        onclick: () => select(series),
+      },
+      img,
+      h("span.thumb-line", h("b", series.modality || ""), series.series_number != null ? ` #${series.series_number}` : ""),
+      h("span.thumb-desc", series.description || ""),
+      h("span.thumb-count", t("images_count", { n: count })),
+    );
+    return button;
+  }
+
+  function renderSeries() {
+    seriesList.replaceChildren(...(study.series || []).map(thumbnail));
+    markSelected();
+  }
+
+  function markSelected() {
+    for (const el of seriesList.querySelectorAll(".series-thumb")) {
+      const active = selected && el.dataset.seriesUid === selected.series_uid;
+      el.classList.toggle("active", Boolean(active));
+      el.setAttribute("aria-current", active ? "true" : "false");
+    }
+  }
+
+  function select(series) {
+    if (!series || series === selected) return;
+    selected = series;
+    markSelected();
+    viewer.setSeries(series);
+  }
+
+  function stepSeries(delta) {
+    const all = study && study.series ? study.series : [];
+    if (!all.length) return;
+    const i = all.indexOf(selected);
+    const next = all[Math.max(0, Math.min(all.length - 1, i + delta))];
+    select(next);
+    const el = seriesList.querySelector(`[data-series-uid="${CSS.escape(next.series_uid)}"]`);
+    if (el) el.scrollIntoView({ block: "nearest" });
+  }
+
+  function onKey(event) {
+    if (event.defaultPrevented || isTyping(event) || event.ctrlKey || event.metaKey || event.altKey) return;
+    if (event.key === "Escape") {
+      event.preventDefault();
+      ctx.navigate("#/worklist");
+    } else if (event.key === "ArrowLeft" && event.target.id !== "slice-slider") {
+      event.preventDefault();
+      stepSeries(-1);
+    } else if (event.key === "ArrowRight" && event.target.id !== "slice-slider") {
+      event.preventDefault();
+      stepSeries(1);
+    }
+  }
+  document.addEventListener("keydown", onKey);
+  const offLang = onLangChange(() => {
+    renderHeader();
+    if (study) renderSeries();
+  });
+
+  async function load() {
+    try {
+      study = await api("GET", `/api/studies/${encodeURIComponent(studyUid)}`);
+    } catch (exc) {
+      if (destroyed || exc.status === 401) return;
+      header.replaceChildren(h("a#back-to-worklist.btn.small", { href: "#/worklist", "data-i18n": "back" }, t("back")));
+      message.textContent = exc.message;
+      message.hidden = false;
+      return;
+    }
+    if (destroyed) return;
+    renderHeader();
+    renderSeries();
+    const all = study.series || [];
+    const first = all.find((s) => !NON_IMAGE.has(s.modality) && (s.instances || []).length) || all[0];
+    if (first) select(first);
+    viewer.viewport.focus({ preventScroll: true });
+  }
+
+  load();
+  report.load();
+
+  return {
+    canLeave: () => !report.dirty,
+    cleanup() {
+      destroyed = true;
+      document.removeEventListener("keydown", onKey);
+      offLang();
+      viewer.destroy();
+      report.destroy();
+      document.title = t("app_title");
+    },
+  };
+}

@@ -1,0 +1,554 @@
+// The image viewer: server-rendered JPEG slices (DICOMweb /rendered), slice
+// scrolling (wheel, keys, slider), window/level presets and right/shift-drag,
+// client-side zoom and pan (CSS transform), and an in-memory image cache that
+// preloads the neighbouring slices.
+
+import { api } from "./api.js";
+import { onLangChange, t } from "./i18n.js";
+import { h, isTyping } from "./util.js";
+
+export const PRESETS = [
+  { name: "default", key: "preset_default", window: null },
+  { name: "brain", key: "preset_brain", window: { c: 40, w: 80 } },
+  { name: "lung", key: "preset_lung", window: { c: -600, w: 1500 } },
+  { name: "bone", key: "preset_bone", window: { c: 400, w: 1800 } },
+  { name: "abdomen", key: "preset_abdomen", window: { c: 40, w: 400 } },
+];
+
+// Series without pixel data to show (structured reports, key objects, states, PDFs).
+export const NON_IMAGE = new Set(["SR", "KO", "PR", "DOC", "RWV", "REG", "SEG", "RTSTRUCT", "RTPLAN"]);
+
+const CACHE_LIMIT = 80; // decoded images kept in memory
+const PRELOAD_AHEAD = 4; // slices preloaded in the scroll direction
+const PRELOAD_BEHIND = 2;
+const WINDOW_THROTTLE_MS = 80; // at most one window/level render request per this
+const WHEEL_STEP = 100; // wheel pixels per slice (one mouse notch)
+const MIN_ZOOM = 0.25;
+const MAX_ZOOM = 16;
+const VIEWPORT_STEP = 64; // requested sizes are rounded to this (stable cache keys)
+const MAX_VIEWPORT = 2048;
+
+/** A number for a URL: integers stay integers, others keep 2 decimals. */
+function num(value) {
+  return Number.isInteger(value) ? String(value) : String(Math.round(value * 100) / 100);
+}
+
+function dicomValue(dataset, tag) {
+  const element = dataset && dataset[tag];
+  const value = element && element.Value && element.Value[0];
+  if (value === undefined || value === null) return undefined;
+  const n = Number(value);
+  return Number.isFinite(n) ? n : undefined;
+}
+
+/** The object's own window (or a range from the stored bits), from DICOM JSON. */
+export function windowFromMetadata(dataset) {
+  const c = dicomValue(dataset, "00281050");
+  const w = dicomValue(dataset, "00281051");
+  if (c !== undefined && w !== undefined && w >= 1) return { c, w };
+  const bits = dicomValue(dataset, "00280101");
+  if (!bits) return null;
+  const signed = dicomValue(dataset, "00280103") === 1;
+  const slope = dicomValue(dataset, "00281053") ?? 1;
+  const intercept = dicomValue(dataset, "00281052") ?? 0;
+  const lo = signed ? -(2 ** (bits - 1)) : 0;
+  const hi = signed ? 2 ** (bits - 1) - 1 : 2 ** bits - 1;
+  const a = lo * slope + intercept;
+  const b = hi * slope + intercept;
+  return { c: Math.round((a + b) / 2), w: Math.max(1, Math.round(Math.abs(b - a) + 1)) };
+}
+
+export class Viewer {
+  constructor(studyUid) {
+    this.studyUid = studyUid;
+    this.series = null;
+    this.slices = []; // [{sop, frame}] frame is null for single-frame instances
+    this.index = 0;
+    this.preset = "default";
+    this.window = null; // {c, w} or null: the server uses the object's own window
+    this.defaultWindow = null; // the object's window, when known (for dragging)
+    this.zoom = 1;
+    this.tx = 0;
+    this.ty = 0;
+    this.viewportParam = "512,512";
+    this.cache = new Map(); // url -> {img, promise, done}
+    this.currentUrl = "";
+    this.shownUrl = "";
+    this.direction = 1;
+    this.wheelAccumulator = 0;
+    this.drag = null;
+    this.windowGate = false;
+    this.windowWanted = false;
+    this.generation = 0; // bumps with every series change (drops stale work)
+    this.build();
+  }
+
+  // -- DOM -------------------------------------------------------------------------
+  build() {
+    this.presetButtons = PRESETS.map((p) =>
+      h("button.btn.small.preset", {
+        type: "button",
+        dataset: { preset: p.name },
+        "data-i18n": p.key,
+        title: p.window ? `C ${p.window.c} / W ${p.window.w}` : "",
+        onclick: () => this.applyPreset(p.name),
+      }),
+    );
+    this.wlLabel = h("span#wl-label.wl-label");
+    this.zoomLabel = h("span#zoom-label.zoom-label", "100%");
+    this.image = h("img#viewer-image", { alt: "", draggable: "false", hidden: true });
+    this.error = h("div#viewer-error.viewer-error", { role: "alert", hidden: true });
+    this.spinner = h("div.spinner", { hidden: true });
+    this.overlay = h("div#viewer-overlay.overlay.top-left");
+    this.viewport = h(
+      "div#viewport.viewport",
+      { tabindex: "0", "data-i18n-title": "viewer_help" },
+      this.image,
+      this.overlay,
+      this.spinner,
+      this.error,
+    );
+    this.slider = h("input#slice-slider.slider", { type: "range", min: "1", max: "1", value: "1", step: "1" });
+    this.sliceLabel = h("span#slice-label.slice-label");
+    this.element = h(
+      "div.viewer",
+      h(
+        "div.viewer-toolbar",
+        h("div.presets", { role: "group" }, this.presetButtons),
+        this.wlLabel,
+        h("span.spacer"),
+        h("button#zoom-out.btn.small.icon", { type: "button", "data-i18n-title": "zoom_out", onclick: () => this.zoomBy(1 / 1.25) }, "−"),
+        this.zoomLabel,
+        h("button#zoom-in.btn.small.icon", { type: "button", "data-i18n-title": "zoom_in", onclick: () => this.zoomBy(1.25) }, "+"),
+        h("button#zoom-reset.btn.small", { type: "button", "data-i18n": "zoom_fit", "data-i18n-title": "zoom_reset", onclick: () => this.resetView() }),
+      ),
+      this.viewport,
+      h("div.viewer-footer", this.slider, this.sliceLabel),
+    );
+
+    this.slider.addEventListener("input", () => this.go(Number(this.slider.value) - 1));
+    this.viewport.addEventListener("wheel", (e) => this.onWheel(e), { passive: false });
+    this.viewport.addEventListener("pointerdown", (e) => this.onPointerDown(e));
+    this.viewport.addEventListener("pointermove", (e) => this.onPointerMove(e));
+    this.viewport.addEventListener("pointerup", (e) => this.onPointerUp(e));
+    this.viewport.addEventListener("pointercancel", (e) => this.onPointerUp(e));
+    this.viewport.addEventListener("contextmenu", (e) => e.preventDefault());
+    this.viewport.addEventListener("dblclick", () => this.resetView());
+    this.onKey = (e) => this.handleKey(e);
+    document.addEventListener("keydown", this.onKey);
+    this.resizeObserver = new ResizeObserver(() => this.onResize());
+    this.resizeObserver.observe(this.viewport);
+    this.offLang = onLangChange(() => this.updateLabels());
+    this.updateLabels();
+  }
+
+  destroy() {
+    document.removeEventListener("keydown", this.onKey);
+    this.resizeObserver.disconnect();
+    this.offLang();
+    clearTimeout(this.resizeTimer);
+    for (const entry of this.cache.values()) if (!entry.done) entry.img.src = "";
+    this.cache.clear();
+  }
+
+  // -- series and slices -------------------------------------------------------------
+  setSeries(series) {
+    this.generation += 1;
+    this.series = series;
+    this.slices = [];
+    for (const inst of NON_IMAGE.has(series.modality) ? [] : series.instances || []) {
+      const frames = Number(inst.frames) || 1;
+      if (frames > 1) for (let f = 1; f <= frames; f += 1) this.slices.push({ sop: inst.sop_uid, frame: f });
+      else this.slices.push({ sop: inst.sop_uid, frame: null });
+    }
+    this.defaultWindow = null;
+    this.resetView();
+    this.viewportParam = this.computeViewport();
+    const n = this.slices.length;
+    this.slider.max = String(Math.max(1, n));
+    this.slider.disabled = n <= 1;
+    const parts = [series.modality, series.series_number != null ? `#${series.series_number}` : "", series.description];
+    this.overlay.textContent = parts.filter((p) => p !== undefined && p !== null && p !== "").join("  ");
+    this.index = -1;
+    this.shownUrl = "";
+    if (!n) {
+      this.currentUrl = "";
+      this.image.hidden = true;
+      this.showError(t("no_image"));
+      this.updateLabels();
+      return;
+    }
+    this.go(0);
+    this.loadDefaultWindow(series, this.generation);
+  }
+
+  async loadDefaultWindow(series, generation) {
+    const inst = (series.instances || [])[Math.floor(((series.instances || []).length - 1) / 2)];
+    if (!inst) return;
+    try {
+      const url = `/dicom-web/studies/${encodeURIComponent(this.studyUid)}/series/${encodeURIComponent(series.series_uid)}/instances/${encodeURIComponent(inst.sop_uid)}/metadata`;
+      const data = await api("GET", url, { accept: "application/dicom+json" });
+      if (generation !== this.generation) return;
+      this.defaultWindow = windowFromMetadata(Array.isArray(data) ? data[0] : data);
+      this.updateLabels();
+    } catch {
+      /* dragging then starts from a generic window */
+    }
+  }
+
+  urlFor(i) {
+    const slice = this.slices[i];
+    const s = encodeURIComponent;
+    let url = `/dicom-web/studies/${s(this.studyUid)}/series/${s(this.series.series_uid)}/instances/${s(slice.sop)}`;
+    if (slice.frame) url += `/frames/${slice.frame}`;
+    url += "/rendered?";
+    if (this.window) url += `window=${num(this.window.c)},${num(this.window.w)},linear&`;
+    return `${url}viewport=${this.viewportParam}`;
+  }
+
+  /** Show slice i (clamped); returns a promise settled once it is on screen. */
+  go(i) {
+    const n = this.slices.length;
+    if (!n) return Promise.resolve();
+    const next = Math.max(0, Math.min(n - 1, i));
+    if (next !== this.index) this.direction = next >= this.index ? 1 : -1;
+    this.index = next;
+    this.updateLabels();
+    return this.show();
+  }
+
+  step(delta) {
+    if (this.slices.length) this.go(this.index + delta);
+  }
+
+  show() {
+    if (!this.slices.length || this.index < 0) return Promise.resolve();
+    const url = this.urlFor(this.index);
+    this.currentUrl = url;
+    const generation = this.generation;
+    const entry = this.load(url, false);
+    if (!entry.done) this.spinnerTimer = this.spinnerTimer || setTimeout(() => (this.spinner.hidden = false), 150);
+    return entry.promise.then(
+      (img) => {
+        if (this.currentUrl !== url || generation !== this.generation) return;
+        this.display(img, url);
+        this.preload();
+      },
+      () => {
+        if (this.currentUrl !== url || generation !== this.generation) return;
+        this.stopSpinner();
+        this.showError(t("image_error"));
+        // <img> hides the status: a lost session (401) sends the user to the login
+        api("GET", "/api/me").catch(() => {});
+      },
+    );
+  }
+
+  /** Swap the cached <img> node into the viewport: no second request, no flicker. */
+  display(img, url) {
+    this.stopSpinner();
+    this.error.hidden = true;
+    if (this.image !== img) {
+      this.image.removeAttribute("id");
+      img.id = "viewer-image";
+      img.alt = "";
+      img.draggable = false;
+      img.hidden = false;
+      this.image.replaceWith(img);
+      this.image = img;
+    }
+    img.hidden = false;
+    this.shownUrl = url;
+    this.viewport.dataset.shownUrl = url;
+    this.layout();
+  }
+
+  stopSpinner() {
+    clearTimeout(this.spinnerTimer);
+    this.spinnerTimer = 0;
+    this.spinner.hidden = true;
+  }
+
+  showError(message) {
+    this.error.textContent = message;
+    this.error.hidden = false;
+  }
+
+  load(url, low) {
+    let entry = this.cache.get(url);
+    if (entry) {
+      this.cache.delete(url); // most recently used goes last
+      this.cache.set(url, entry);
+      return entry;
+    }
+    const img = new Image();
+    img.decoding = "async";
+    if (low) img.fetchPriority = "low";
+    entry = { img, done: false, promise: null };
+    entry.promise = new Promise((resolve, reject) => {
+      img.onload = () => {
+        entry.done = true;
+        // decode off the main thread before it is shown
+        (img.decode ? img.decode().catch(() => {}) : Promise.resolve()).then(() => resolve(img));
+      };
+      img.onerror = () => {
+        this.cache.delete(url);
+        reject(new Error(`image failed: ${url}`));
+      };
+    });
+    entry.promise.catch(() => {});
+    img.src = url;
+    this.cache.set(url, entry);
+    for (const [oldUrl, old] of this.cache) {
+      if (this.cache.size <= CACHE_LIMIT) break;
+      if (old.img === this.image || old === entry) continue; // never the one on screen
+      if (!old.done) old.img.src = "";
+      this.cache.delete(oldUrl);
+    }
+    return entry;
+  }
+
+  preload() {
+    const n = this.slices.length;
+    const ahead = this.direction >= 0 ? PRELOAD_AHEAD : PRELOAD_BEHIND;
+    const behind = this.direction >= 0 ? PRELOAD_BEHIND : PRELOAD_AHEAD;
+    const order = [];
+    for (let d = 1; d <= Math.max(ahead, behind); d += 1) {
+      if (d <= ahead) order.push(this.index + d * (this.direction >= 0 ? 1 : -1));
+      if (d <= behind) order.push(this.index - d * (this.direction >= 0 ? 1 : -1));
+    }
+    for (const i of order) if (i >= 0 && i < n) this.load(this.urlFor(i), true);
+  }
+
+  // -- window / level -----------------------------------------------------------------
+  applyPreset(name) {
+    const preset = PRESETS.find((p) => p.name === name);
+    if (!preset) return;
+    this.preset = name;
+    this.window = preset.window ? { ...preset.window } : null;
+    this.updateLabels();
+    this.show();
+  }
+
+  setWindow(c, w) {
+    this.preset = "custom";
+    this.window = { c: Math.round(c), w: Math.max(1, Math.round(w)) };
+    this.updateLabels();
+    this.requestWindowRender();
+  }
+
+  /** Latest-wins, one request in flight, at most one per WINDOW_THROTTLE_MS. */
+  requestWindowRender() {
+    this.windowWanted = true;
+    if (this.windowGate) return;
+    const run = () => {
+      if (!this.windowWanted) {
+        this.windowGate = false;
+        return;
+      }
+      this.windowWanted = false;
+      this.windowGate = true;
+      const started = performance.now();
+      this.show().finally(() => {
+        setTimeout(run, Math.max(0, WINDOW_THROTTLE_MS - (performance.now() - started)));
+      });
+    };
+    run();
+  }
+
+  startWindow() {
+    if (this.window) return { ...this.window };
+    if (this.defaultWindow) return { ...this.defaultWindow };
+    return this.series && this.series.modality === "CT" ? { c: 40, w: 400 } : { c: 128, w: 256 };
+  }
+
+  // -- zoom / pan ---------------------------------------------------------------------
+  resetView() {
+    this.zoom = 1;
+    this.tx = 0;
+    this.ty = 0;
+    this.applyTransform();
+  }
+
+  zoomBy(factor, clientX, clientY) {
+    const zoom = Math.max(MIN_ZOOM, Math.min(MAX_ZOOM, this.zoom * factor));
+    if (zoom === this.zoom) return;
+    const rect = this.viewport.getBoundingClientRect();
+    const cx = rect.width / 2;
+    const cy = rect.height / 2;
+    // keep the point under the cursor (or the centre) where it is
+    const qx = clientX === undefined ? cx : clientX - rect.left;
+    const qy = clientY === undefined ? cy : clientY - rect.top;
+    this.tx = qx - cx - (zoom * (qx - cx - this.tx)) / this.zoom;
+    this.ty = qy - cy - (zoom * (qy - cy - this.ty)) / this.zoom;
+    this.zoom = zoom;
+    this.applyTransform();
+  }
+
+  applyTransform() {
+    if (this.image) this.image.style.transform = `translate(${this.tx}px, ${this.ty}px) scale(${this.zoom})`;
+    this.zoomLabel.textContent = `${Math.round(this.zoom * 100)}%`;
+    this.viewport.classList.toggle("zoomed", this.zoom > 1);
+  }
+
+  /** Fit the image in the viewport (the transform then zooms / pans it). */
+  layout() {
+    const img = this.image;
+    if (!img || !img.naturalWidth) return;
+    const cw = this.viewport.clientWidth;
+    const ch = this.viewport.clientHeight;
+    const scale = Math.min(cw / img.naturalWidth, ch / img.naturalHeight);
+    const w = Math.max(1, Math.round(img.naturalWidth * scale));
+    const hgt = Math.max(1, Math.round(img.naturalHeight * scale));
+    img.style.width = `${w}px`;
+    img.style.height = `${hgt}px`;
+    img.style.left = `${Math.round((cw - w) / 2)}px`;
+    img.style.top = `${Math.round((ch - hgt) / 2)}px`;
+    this.applyTransform();
+  }
+
+  computeViewport() {
+    const dpr = Math.min(2, window.devicePixelRatio || 1);
+    const round = (v) => Math.max(VIEWPORT_STEP, Math.min(MAX_VIEWPORT, Math.ceil((v * dpr) / VIEWPORT_STEP) * VIEWPORT_STEP));
+    const w = this.viewport.clientWidth || 512;
+    const hgt = this.viewport.clientHeight || 512;
+    return `${round(w)},${round(hgt)}`;
+  }
+
+  onResize() {
+    this.layout();
+    clearTimeout(this.resizeTimer);
+    this.resizeTimer = setTimeout(() => {
+      const param = this.computeViewport();
+      if (param !== this.viewportParam && this.series) {
+        this.viewportParam = param;
+        this.show();
+      }
+    }, 300);
+  }
+
+  // -- input --------------------------------------------------------------------------
+  onWheel(event) {
+    event.preventDefault();
+    const unit = event.deltaMode === 1 ? 33 : event.deltaMode === 2 ? WHEEL_STEP : 1;
+    const delta = event.deltaY * unit;
+    if (event.ctrlKey || event.metaKey) {
+      this.zoomBy(Math.exp(-delta / 500), event.clientX, event.clientY);
+      return;
+    }
+    if (Math.sign(delta) !== Math.sign(this.wheelAccumulator)) this.wheelAccumulator = 0;
+    this.wheelAccumulator += delta;
+    let steps = Math.trunc(this.wheelAccumulator / WHEEL_STEP);
+    if (!steps && Math.abs(delta) >= WHEEL_STEP / 2) steps = Math.sign(delta); // a short notch
+    if (steps) {
+      this.wheelAccumulator -= steps * WHEEL_STEP;
+      if (Math.sign(this.wheelAccumulator) !== Math.sign(delta)) this.wheelAccumulator = 0;
+      this.step(steps);
+    }
+  }
+
+  onPointerDown(event) {
+    this.viewport.focus({ preventScroll: true });
+    let mode = null;
+    if (event.button === 2 || (event.button === 0 && event.shiftKey)) mode = "window";
+    else if (event.button === 0 && this.zoom > 1) mode = "pan";
+    else if (event.button === 0) mode = "scroll";
+    else if (event.button === 1) mode = "pan";
+    if (!mode) return;
+    event.preventDefault();
+    this.viewport.setPointerCapture(event.pointerId);
+    this.drag = {
+      mode, id: event.pointerId, x: event.clientX, y: event.clientY,
+      tx: this.tx, ty: this.ty, index: this.index, window: mode === "window" ? this.startWindow() : null,
+    };
+    this.viewport.classList.add(`dragging-${mode}`);
+  }
+
+  onPointerMove(event) {
+    const d = this.drag;
+    if (!d || d.id !== event.pointerId) return;
+    const dx = event.clientX - d.x;
+    const dy = event.clientY - d.y;
+    if (d.mode === "pan") {
+      this.tx = d.tx + dx;
+      this.ty = d.ty + dy;
+      this.applyTransform();
+    } else if (d.mode === "window") {
+      const k = Math.max(0.5, d.window.w / 300);
+      this.setWindow(d.window.c + dy * k, d.window.w + dx * k);
+    } else if (d.mode === "scroll") {
+      const target = d.index + Math.trunc(dy / 8);
+      if (target !== this.index) this.go(target);
+    }
+  }
+
+  onPointerUp(event) {
+    const d = this.drag;
+    if (!d || d.id !== event.pointerId) return;
+    this.viewport.classList.remove(`dragging-${d.mode}`);
+    this.drag = null;
+    if (this.viewport.hasPointerCapture(event.pointerId)) this.viewport.releasePointerCapture(event.pointerId);
+  }
+
+  handleKey(event) {
+    if (event.defaultPrevented || isTyping(event) || event.altKey || !this.series) return;
+    if (event.target === this.slider && /^(Arrow|Page|Home|End)/.test(event.key)) return; // the slider moves itself
+    const target = event.target;
+    if (target instanceof HTMLElement && target.tagName === "BUTTON" && (event.key === "Enter" || event.key === " ")) return;
+    const n = this.slices.length;
+    let handled = true;
+    switch (event.key) {
+      case "ArrowDown":
+      case "PageDown":
+        this.step(1);
+        break;
+      case "ArrowUp":
+      case "PageUp":
+        this.step(-1);
+        break;
+      case "Home":
+        this.go(0);
+        break;
+      case "End":
+        this.go(n - 1);
+        break;
+      case "+":
+      case "=":
+        if (event.ctrlKey || event.metaKey) handled = false;
+        else this.zoomBy(1.25);
+        break;
+      case "-":
+        if (event.ctrlKey || event.metaKey) handled = false;
+        else this.zoomBy(1 / 1.25);
+        break;
+      case "0":
+        this.resetView();
+        break;
+      default: {
+        const digit = /^[1-9]$/.test(event.key) && !event.ctrlKey && !event.metaKey ? Number(event.key) : 0;
+        if (digit && digit <= PRESETS.length) this.applyPreset(PRESETS[digit - 1].name);
+        else handled = false;
+      }
+    }
+    if (handled) event.preventDefault();
+  }
+
+  // -- labels -------------------------------------------------------------------------
+  updateLabels() {
+    const n = this.slices.length;
+    this.sliceLabel.textContent = n ? `${t("slice")} ${this.index + 1} / ${n}` : `${t("slice")} – / –`;
+    this.sliceLabel.dataset.index = String(this.index + 1);
+    this.sliceLabel.dataset.total = String(n);
+    if (n && Number(this.slider.value) !== this.index + 1) this.slider.value = String(this.index + 1);
+    for (const button of this.presetButtons) {
+      const active = button.dataset.preset === this.preset;
+      button.classList.toggle("active", active);
+      button.setAttribute("aria-pressed", String(active));
+    }
+    const shown = this.window || this.defaultWindow;
+    let text = shown ? `C ${num(shown.c)} / W ${num(shown.w)}` : "C / W";
+    if (!this.window) text += ` (${t("window_default")})`;
+    this.wlLabel.textContent = text;
+    this.wlLabel.dataset.preset = this.preset;
+  }
+}

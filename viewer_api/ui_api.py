@@ -1,0 +1,241 @@
+"""The JSON API behind the web viewer: login, the reading worklist, study
+details, reports (draft, sign, amend, PDF), administration (users, tokens,
+the audit trail) and stable viewer links an EMR can embed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from pydantic import BaseModel, Field
+
+from pacs import audit as audit_log
+from pacs.auth import ROLES, AuthError, Principal
+from pacs.names import fold_name
+from pacs.reports import ReportError, ReportService
+from pacs.studylist import referring_of, study_detail, study_list
+
+from .errors import HTTPProblem
+from .security import COOKIE, READERS, audit, guard, principal_of
+from .urls import base_url
+
+router = APIRouter(tags=["viewer"])
+
+
+class Login(BaseModel):
+    username: str = Field(..., min_length=1, max_length=64)
+    password: str = Field(..., min_length=1, max_length=256)
+
+
+class ReportText(BaseModel):
+    findings: str = Field("", max_length=100_000)
+    impression: str = Field("", max_length=100_000)
+
+
+class NewUser(BaseModel):
+    username: str
+    role: str
+    password: str | None = None
+    display_name: str = ""
+
+
+class NewToken(BaseModel):
+    username: str
+    name: str = Field(..., min_length=1)
+    days: int | None = Field(None, ge=1, le=3650)
+
+
+def _user_json(p: Principal) -> dict[str, str]:
+    return {"username": p.username, "display_name": p.display_name, "role": p.role}
+
+
+# -- authentication -------------------------------------------------------------------
+@router.post("/api/auth/login", summary="Log in; returns a session token (also set as a cookie)")
+def login(request: Request, body: Login) -> JSONResponse:
+    pacs = request.app.state.pacs
+    try:
+        token, principal = pacs.auth.login(body.username, body.password)
+    except AuthError as exc:
+        audit(request, "login-failed", Principal(body.username, ""), outcome="failure")
+        raise HTTPProblem(401, str(exc)) from None
+    audit(request, "login", principal)
+    response = JSONResponse({"token": token, "user": _user_json(principal)})
+    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=12 * 3600, path="/")
+    return response
+
+
+@router.post("/api/auth/logout", status_code=204, summary="Log out (revokes the session token)")
+def logout(request: Request) -> Response:
+    from .security import token_of
+
+    token = token_of(request)
+    if token:
+        request.app.state.pacs.auth.revoke(token=token)
+    response = Response(status_code=204)
+    response.delete_cookie(COOKIE, path="/")
+    return response
+
+
+@router.get("/api/me", summary="Who is logged in")
+def me(request: Request) -> dict[str, str]:
+    principal = principal_of(request)
+    if principal is None:
+        raise HTTPProblem(401, "not logged in")
+    return _user_json(principal)
+
+
+# -- reading worklist and study ----------------------------------------------------------
+def _referring_filter(principal: Principal) -> str:
+    return principal.display_name if principal.role == "referring" else ""
+
+
+def check_study_access(request: Request, principal: Principal, study_uid: str) -> None:
+    """A referring physician sees only the studies they referred."""
+    if principal.role != "referring":
+        return
+    if referring_of(request.app.state.pacs.engine, study_uid) != fold_name(principal.display_name):
+        audit(request, "view", principal, outcome="denied", study_uid=study_uid, detail="not the referring physician")
+        raise HTTPProblem(403, "this study was not referred by you")
+
+
+@router.get("/api/worklist", summary="Studies to read: search by name (no diacritics needed), ID, date, modality, status")
+def worklist(
+    request: Request,
+    q: str = "",
+    patient_id: str = "",
+    date_from: str = "",
+    date_to: str = "",
+    modality: str = "",
+    status: str = "",
+    accession: str = "",
+    limit: int = 50,
+    offset: int = 0,
+    principal: Principal = guard(*READERS, action="query"),
+) -> dict[str, Any]:
+    if status not in ("", "unread", "draft", "signed"):
+        raise HTTPProblem(400, "status must be unread, draft or signed")
+    for value in (date_from, date_to):
+        if value and not (len(value) == 8 and value.isdigit()):
+            raise HTTPProblem(400, "dates are YYYYMMDD")
+    if not 1 <= limit <= 500 or offset < 0:
+        raise HTTPProblem(400, "limit must be 1-500 and offset >= 0")
+    return study_list(
+        request.app.state.pacs.engine, name=q.strip(), patient_id=patient_id.strip(), date_from=date_from,
+        date_to=date_to, modality=modality.strip().upper(), status=status, accession=accession.strip(),
+        referring=_referring_filter(principal), limit=limit, offset=offset,
+    )
+
+
+@router.get("/api/studies/{study}", summary="A study with its series and instances")
+def study(request: Request, study: str, principal: Principal = guard(*READERS, action="view")) -> dict[str, Any]:
+    check_study_access(request, principal, study)
+    detail = study_detail(request.app.state.pacs.engine, study)
+    if detail is None:
+        raise HTTPProblem(404, f"no study {study}")
+    return detail
+
+
+# -- reports ---------------------------------------------------------------------------------
+def _reports(request: Request) -> ReportService:
+    return ReportService(request.app.state.pacs, base_url(request))
+
+
+def _report_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    try:
+        return fn(*args, **kwargs)
+    except ReportError as exc:
+        raise HTTPProblem(exc.http_status, str(exc)) from None
+
+
+@router.get("/api/studies/{study}/report", summary="The study's report (drafts only for radiologists)")
+def get_report(request: Request, study: str, principal: Principal = guard(*READERS, action="view")) -> dict[str, Any]:
+    check_study_access(request, principal, study)
+    signed_only = principal.role not in ("radiologist", "admin")
+    return _report_call(_reports(request).get, study, signed_only=signed_only)
+
+
+@router.put("/api/studies/{study}/report", summary="Save the draft report")
+def save_report(request: Request, study: str, body: ReportText,
+                principal: Principal = guard("radiologist", action="report-update")) -> dict[str, Any]:
+    return _report_call(_reports(request).save_draft, study, body.findings, body.impression, principal.username)
+
+
+@router.post("/api/studies/{study}/report/sign", summary="Sign the draft (immutable afterwards)")
+def sign_report(request: Request, study: str,
+                principal: Principal = guard("radiologist", action="report-sign")) -> dict[str, Any]:
+    return _report_call(_reports(request).sign, study, principal.username, principal.display_name)
+
+
+@router.post("/api/studies/{study}/report/amend", summary="Start an amendment (a new version)")
+def amend_report(request: Request, study: str,
+                 principal: Principal = guard("radiologist", action="report-amend")) -> dict[str, Any]:
+    return _report_call(_reports(request).amend, study, principal.username)
+
+
+@router.get("/api/studies/{study}/report/pdf", summary="The signed report as PDF")
+def report_pdf(request: Request, study: str, version: int | None = None,
+               principal: Principal = guard(*READERS, action="download")) -> Response:
+    check_study_access(request, principal, study)
+    data = _report_call(_reports(request).pdf, study, version)
+    return Response(data, media_type="application/pdf",
+                    headers={"Content-Disposition": f'inline; filename="report-{study}.pdf"'})
+
+
+# -- administration ----------------------------------------------------------------------------
+@router.get("/api/users", summary="Users and their roles")
+def list_users(request: Request, _: Principal = guard("admin", action="query")) -> list[dict[str, Any]]:
+    return request.app.state.pacs.auth.list_users()
+
+
+@router.post("/api/users", status_code=201, summary="Create or update a user")
+def add_user(request: Request, body: NewUser, _: Principal = guard("admin", action="patient-update")) -> dict[str, Any]:
+    if body.role not in ROLES:
+        raise HTTPProblem(400, f"role must be one of {', '.join(ROLES)}")
+    try:
+        password = request.app.state.pacs.auth.add_user(body.username, body.role, body.password, body.display_name)
+    except AuthError as exc:
+        raise HTTPProblem(400, str(exc)) from None
+    return {"username": body.username, "role": body.role, "password": None if body.password else password}
+
+
+@router.post("/api/tokens", status_code=201, summary="Create an API token for a user")
+def add_token(request: Request, body: NewToken, _: Principal = guard("admin", action="login")) -> dict[str, Any]:
+    try:
+        token = request.app.state.pacs.auth.create_token(body.username, body.name, body.days)
+    except AuthError as exc:
+        raise HTTPProblem(400, str(exc)) from None
+    return {"username": body.username, "name": body.name, "token": token}
+
+
+@router.delete("/api/tokens/{username}/{name}", summary="Revoke a user's tokens of that name")
+def revoke_token(request: Request, username: str, name: str, _: Principal = guard("admin", action="login")) -> dict[str, int]:
+    return {"revoked": request.app.state.pacs.auth.revoke(username=username, name=name)}
+
+
+@router.get("/api/audit", summary="The audit trail (JSON, ATNA-shaped JSON or syslog lines)")
+def get_audit(request: Request, study: str = "", user: str = "", action: str = "", format: str = "json",
+              limit: int = 1000, _: Principal = guard("admin", action="query")) -> Any:
+    pacs = request.app.state.pacs
+    pacs.audit.flush()
+    events = audit_log.query(pacs.engine, study_uid=study, user=user, action=action, limit=min(limit, 10_000))
+    if format == "atna":
+        return [audit_log.to_atna(e, pacs.settings.ae_title) for e in events]
+    if format == "syslog":
+        return Response("\n".join(audit_log.to_syslog(e, pacs.settings.ae_title) for e in events) + "\n",
+                        media_type="text/plain")
+    return [{**e, "at": e["at"].isoformat()} for e in events]
+
+
+# -- stable links for the EMR ------------------------------------------------------------------
+@router.get("/viewer/study/{study}", summary="Open a study in the web viewer (EMR link)")
+def viewer_study(study: str) -> RedirectResponse:
+    return RedirectResponse(f"/#/study/{study}", status_code=302)
+
+
+@router.get("/viewer/accession/{accession}", summary="Open the study of an accession number (EMR link)")
+def viewer_accession(request: Request, accession: str) -> RedirectResponse:
+    found = study_list(request.app.state.pacs.engine, accession=accession, limit=1)["items"]
+    if not found:
+        raise HTTPProblem(404, f"no study with accession {accession}")
+    return RedirectResponse(f"/#/study/{found[0]['study_uid']}", status_code=302)
