@@ -97,7 +97,7 @@ def assert_no_horizontal_scroll(page: Any) -> None:
     assert body <= WIDTH, f"horizontal scroll: body.scrollWidth {body} > {WIDTH}"
 
 
-def test_radiologist_reads_and_signs_a_ct(page: Any) -> None:
+def test_radiologist_reads_and_signs_a_ct(page: Any, viewer_server: PacsServer) -> None:
     from playwright.sync_api import expect
 
     steps = Steps(page)
@@ -270,3 +270,12 @@ def test_radiologist_reads_and_signs_a_ct(page: Any) -> None:
 
     assert not page.errors, page.errors
     assert len(list(ARTIFACTS.glob("*.png"))) == steps.n
+
+    # Every access of the session is in the audit trail, with user and study.
+    with viewer_server.http() as admin:
+        events = admin.get("/api/audit", params={"user": USERNAME, "limit": 5000}).json()
+    actions = {(e["action"], e["study_uid"]) for e in events if e["outcome"] == "success"}
+    for action in ("login", "query"):
+        assert action in {a for a, _ in actions}, action
+    for action in ("view", "retrieve", "report-update", "report-sign", "download"):
+        assert (action, study_uid) in actions, action
