@@ -512,6 +512,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["json", "atna", "syslog"], default="json")
     p.set_defaults(func=cmd_audit)
 
+    from .cli_maintenance import register as register_maintenance
+
+    register_maintenance(sub, _common)
+
     p = sub.add_parser("db", help="index schema migrations")
     db_sub = p.add_subparsers(dest="db_command", required=True)
     for name in ("upgrade", "current"):
