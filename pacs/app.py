@@ -24,6 +24,7 @@ from .index.writer import IndexWriter
 from .ingest import Ingestor, IngestResult, Origin
 from .part10 import FileSource
 from .reads import IndexReader
+from .routing import RoutingRules, load_rule
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ class Pacs:
             max_object_bytes=settings.max_object_bytes,
             min_free_bytes=settings.min_free_bytes,
         )
+        ingestor.routes = RoutingRules(engine)
+        for entry in settings.route:
+            load_rule(ingestor.routes, entry)
         aes = AeRegistry(engine)
         for entry in settings.ae:
             aes.add(entry["title"], entry["host"], int(entry["port"]), entry.get("description", ""))

@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -28,8 +27,7 @@ from rich.table import Table
 
 from .settings import Settings, load_settings
 
-err = Console(stderr=True)
-out = Console()
+from .console import err, out
 
 
 def _common(parser: argparse.ArgumentParser, *, json_flag: bool = False) -> None:
@@ -81,6 +79,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http_port=args.http_port,
         hl7_port=args.hl7_port,
         ae_title=args.ae_title,
+        dicom_tls_port=args.dicom_tls_port, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
+        tls_require_client_cert=args.tls_require_client_cert, http_tls=args.http_tls,
     )
     setup_logging(settings.log_level)
     return serve(settings, with_samples=args.with_samples)
@@ -144,9 +144,12 @@ def _progress(quiet: bool) -> Any:
 
 # -- stats --------------------------------------------------------------------
 def cmd_stats(args: argparse.Namespace) -> int:
+    from .maintenance import storage_report
+
     pacs = _open(args)
     try:
         stats = pacs.reader.stats()
+        storage = storage_report(pacs)
     finally:
         pacs.close()
     data = {
@@ -157,14 +160,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
         "bytes": stats.bytes,
     }
     if args.json:
-        print(json.dumps(data))
-    else:
-        table = Table(title="filmless-pacs")
-        table.add_column("what")
-        table.add_column("count", justify="right")
-        for key, value in data.items():
-            table.add_row(key, f"{value:,}")
-        out.print(table)
+        print(json.dumps({**data, **storage}))
+        return 0
+    table = Table(title="filmless-pacs")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for key, value in data.items():
+        table.add_row(key, f"{value:,}")
+    free = storage["free_bytes"]
+    table.add_row("storage free", "unknown" if free is None else f"{free / 1e9:,.1f} GB")
+    queues = storage["queues"]
+    for queue in ("outbox", "routing"):
+        for state, count in sorted(queues[queue].items()):
+            table.add_row(f"{queue} {state}", f"{count:,}")
+    out.print(table)
+    for title, rows, unit in (("bytes per modality", storage["bytes_per_modality"], "series"),
+                              ("bytes per month (study date)", storage["bytes_per_month"], "studies")):
+        breakdown = Table(title=title)
+        for column in ("", unit, "MB"):
+            breakdown.add_column(column, justify="right" if column else "left")
+        for key, entry in rows.items():
+            breakdown.add_row(key, f"{entry[unit]:,}", f"{entry['bytes'] / 1e6:,.1f}")
+        out.print(breakdown)
     return 0
 
 
@@ -384,6 +401,70 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- routing --------------------------------------------------------------------
+def cmd_route(args: argparse.Namespace) -> int:
+    from . import routing
+
+    pacs = _open(args)
+    try:
+        rules = routing.RoutingRules(pacs.engine)
+        command = args.route_command
+        if command == "add":
+            if bool(args.to_ae) == bool(args.to_url):
+                err.print("[red]give exactly one of --to-ae or --to-url[/red]")
+                return 2
+            try:
+                morph = dict(item.split("=", 1) for item in (args.set or []))
+                rule = rules.add(
+                    args.name, [routing.parse_condition(c) for c in (args.if_ or [])],
+                    "dicom" if args.to_ae else "dicomweb", args.to_ae or args.to_url,
+                    destination_auth=args.auth or "", transcode=args.transcode or "",
+                    deidentify=args.deidentify, morph=morph, stable_seconds=args.stable,
+                )
+            except (routing.RoutingError, ValueError) as exc:
+                err.print(f"[red]{exc}[/red]")
+                return 2
+            _print_result(args, rule.as_dict() if args.json else {"rule": rule.name, "to": rule.destination})
+        elif command == "rules":
+            listed = [r.as_dict() for r in rules.list()]
+            if args.json:
+                print(json.dumps(listed))
+            else:
+                table = Table(title="routing rules")
+                for col in ("name", "if", "to", "transcode", "deid", "stable s"):
+                    table.add_column(col)
+                for r in listed:
+                    table.add_row(r["name"], " ".join(f"{c['attribute']}{'=' if c['op'] == 'eq' else '~'}{c['value']}"
+                                                      for c in r["conditions"]),
+                                  r["destination"], r["transcode"], str(r["deidentify"]), str(r["stable_seconds"]))
+                out.print(table)
+        elif command == "remove":
+            return 0 if rules.remove(args.name) else 1
+        elif command == "list":
+            jobs = routing.list_jobs(pacs.engine, args.state or "", args.limit)
+            if args.json:
+                print(json.dumps({"counts": routing.counts(pacs.engine), "jobs": jobs}, default=str))
+            else:
+                out.print(routing.counts(pacs.engine))
+                table = Table(title="routing jobs")
+                for col in ("job", "rule", "instance", "state", "tries", "next", "error"):
+                    table.add_column(col)
+                for j in jobs:
+                    table.add_row(str(j["pk"]), j["rule"], j["sop_uid"][-20:], j["state"], str(j["attempts"]),
+                                  str(j["next_attempt_at"])[:19], j["last_error"][:40])
+                out.print(table)
+        elif command == "retry":
+            _print_result(args, {"retried": routing.retry(pacs.engine, pk=args.job, state=args.state)})
+        elif command == "cancel":
+            if args.job is None and not args.rule:
+                err.print("[red]give --job or --rule[/red]")
+                return 2
+            _print_result(args, {"cancelled": routing.cancel(pacs.engine, pk=args.job, rule=args.rule or "")})
+        return 0
+    finally:
+        pacs.close()
+
+
 # -- db -----------------------------------------------------------------------
 def cmd_db(args: argparse.Namespace) -> int:
     from .index import create_index_engine, current_revision, upgrade_schema
@@ -411,6 +492,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hl7-port", type=int, help="HL7 MLLP port (PACS_HL7_PORT, default 2575)")
     p.add_argument("--ae-title", help="our AE title (PACS_AE_TITLE, default FILMLESS)")
     p.add_argument("--with-samples", action="store_true", help="load synthetic sample studies into an empty archive")
+    p.add_argument("--dicom-tls-port", type=int, help="DICOM over TLS port, e.g. 2762 (PACS_DICOM_TLS_PORT)")
+    p.add_argument("--tls-cert", type=Path, help="certificate, PEM (PACS_TLS_CERT; pacs certs issue)")
+    p.add_argument("--tls-key", type=Path, help="private key, PEM (PACS_TLS_KEY)")
+    p.add_argument("--tls-ca", type=Path, help="CA bundle verifying peers and clients (PACS_TLS_CA)")
+    p.add_argument("--tls-require-client-cert", action="store_true", default=None,
+                   help="mutual TLS: clients need a certificate from --tls-ca (PACS_TLS_REQUIRE_CLIENT_CERT)")
+    p.add_argument("--http-tls", action="store_true", default=None, help="serve HTTPS (PACS_HTTP_TLS)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("import", help="import DICOM files and folders (recursive)")
@@ -512,9 +600,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["json", "atna", "syslog"], default="json")
     p.set_defaults(func=cmd_audit)
 
+    p = sub.add_parser("route", help="routing rules and the forwarding queue")
+    r_sub = p.add_subparsers(dest="route_command", required=True)
+    q = r_sub.add_parser("add", help="add or replace a rule")
+    _common(q, json_flag=True)
+    q.add_argument("name")
+    q.add_argument("--if", dest="if_", action="append",
+                   help="Keyword=value, Keyword~wild*card or Keyword=/regex/ (repeatable; CallingAE too)")
+    q.add_argument("--to-ae", help="a registered AE title (C-STORE)")
+    q.add_argument("--to-url", help="a DICOMweb base URL (STOW-RS)")
+    q.add_argument("--auth", help='Authorization header for --to-url, e.g. "Bearer TOKEN"')
+    q.add_argument("--transcode", help="uncompressed, j2k-lossless, jpegls-lossless, rle or a transfer syntax UID")
+    q.add_argument("--deidentify", action="store_true", help="PS3.15 Basic Profile, consistent UIDs")
+    q.add_argument("--set", action="append", help="Keyword=value set on the copy (repeatable)")
+    q.add_argument("--stable", type=int, default=0, help="route a study once no instance arrived for N s")
+    q = r_sub.add_parser("rules", help="list the rules")
+    _common(q, json_flag=True)
+    q = r_sub.add_parser("remove", help="remove a rule")
+    _common(q, json_flag=True)
+    q.add_argument("name")
+    q = r_sub.add_parser("list", help="jobs and counts per state")
+    _common(q, json_flag=True)
+    q.add_argument("--state", choices=["pending", "sending", "done", "dead", "cancelled"])
+    q.add_argument("--limit", type=int, default=100)
+    q = r_sub.add_parser("retry", help="retry dead jobs (or one job)")
+    _common(q, json_flag=True)
+    q.add_argument("--job", type=int)
+    q.add_argument("--state", default="dead", choices=["dead", "cancelled"])
+    q = r_sub.add_parser("cancel", help="cancel pending/dead jobs of a rule (or one job)")
+    _common(q, json_flag=True)
+    q.add_argument("--job", type=int)
+    q.add_argument("--rule")
+    p.set_defaults(func=cmd_route)
+
     from .cli_maintenance import register as register_maintenance
 
     register_maintenance(sub, _common)
+    from .cli_certs import register as register_certs
+
+    register_certs(sub, _common)
+    from .cli_backup import register as register_backup
+
+    register_backup(sub, _common)
 
     p = sub.add_parser("db", help="index schema migrations")
     db_sub = p.add_subparsers(dest="db_command", required=True)

@@ -1,13 +1,440 @@
 """Storage maintenance commands of the `pacs` CLI (verify, reindex, migrate,
-purge, compress, export). Registered by :func:`register` from pacs.cli."""
+purge, compress, export). Registered by :func:`register` from pacs.cli.
+
+Each command opens the appliance, runs one job of :mod:`pacs.maintenance`
+and prints a rich summary (or one JSON object with ``--json``); a progress
+bar is drawn on stderr when it is a terminal. Exit codes: 0 done and nothing
+wrong, 1 problems found (or left), 2 bad usage.
+"""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
-from typing import Any
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Self
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from pacs.leases import LeaseHeld
+
+from .console import err, out
+
+
+WAIT_HELP = "if another node runs this job now, wait for it instead of exiting with 1"
 
 
 def register(sub: Any, common: Callable[..., None]) -> None:
     """Add the maintenance subcommands to the `pacs` parser."""
-    _ = (sub, common, argparse)
+    p = sub.add_parser("verify", help="check every object against the index, find orphans; --repair adopts them")
+    common(p, json_flag=True)
+    p.add_argument("--repair", action="store_true", help="adopt valid orphans through the ingest path")
+    p.add_argument("--drop-missing", action="store_true",
+                   help="with --repair: delete index rows whose object is missing")
+    p.add_argument("--quick", action="store_true", help="compare sizes only (no sha256: reads no object)")
+    p.add_argument("--workers", type=int, default=4, help="objects checked in parallel (default 4)")
+    p.add_argument("--wait", action="store_true", help=WAIT_HELP)
+    p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("reindex", help="rebuild the index from the object store (disaster recovery)")
+    common(p, json_flag=True)
+    p.add_argument("--workers", type=int, default=4, help="objects parsed in parallel (default 4)")
+    p.add_argument("--wait", action="store_true", help=WAIT_HELP)
+    p.set_defaults(func=cmd_reindex)
+
+    p = sub.add_parser("migrate", help="copy every object to another store, verified; --switch to use it")
+    common(p, json_flag=True)
+    p.add_argument("--to", required=True, dest="target", metavar="URL",
+                   help="file:///path or s3://BUCKET?endpoint=H:P (keys in PACS_S3_ACCESS_KEY/SECRET_KEY)")
+    p.add_argument("--switch", action="store_true",
+                   help="after a complete verified copy, set storage_url in the config file")
+    p.add_argument("--limit", type=int, help="copy at most N objects now (rerun to continue)")
+    p.add_argument("--workers", type=int, default=4, help="objects copied in parallel (default 4)")
+    p.add_argument("--wait", action="store_true", help=WAIT_HELP)
+    p.set_defaults(func=cmd_migrate)
+
+    p = sub.add_parser("purge", help="retention: delete studies matching rules (dry run unless --yes)")
+    common(p, json_flag=True)
+    p.add_argument("--older-than", type=int, metavar="DAYS",
+                   help="study date (received date if none) more than DAYS days ago")
+    p.add_argument("--modality", action="append", metavar="M", help="a series of this modality (repeatable)")
+    p.add_argument("--status", action="append", choices=["unread", "draft", "signed"],
+                   help="latest report status (repeatable)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true", help="only show what would be deleted (the default)")
+    mode.add_argument("--yes", action="store_true", help="really delete")
+    p.add_argument("--wait", action="store_true", help=WAIT_HELP)
+    p.set_defaults(func=cmd_purge)
+
+    p = sub.add_parser("compress", help="losslessly compress stored uncompressed images")
+    common(p, json_flag=True)
+    p.add_argument("--codec", choices=["jpeg-ls", "j2k"], default="jpeg-ls")
+    p.add_argument("--study", action="append", metavar="UID", help="only this study (repeatable)")
+    p.add_argument("--wait", action="store_true", help=WAIT_HELP)
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("export", help="write studies to a folder or a .zip, optionally de-identified")
+    common(p, json_flag=True)
+    p.add_argument("studies", nargs="+", metavar="STUDY_UID")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR|FILE.zip")
+    p.add_argument("--deidentify", action="store_true", help="PS3.15 Basic Profile, consistent UIDs and pseudonyms")
+    p.add_argument("--salt", help="de-identification secret (default: the appliance's own)")
+    p.set_defaults(func=cmd_export)
+
+
+# -- plumbing -------------------------------------------------------------------
+def _open(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pacs.app import Pacs
+    from pacs.cli import settings_from, setup_logging
+
+    settings = settings_from(args)
+    setup_logging(settings.log_level if not args.json else "WARNING")
+    return Pacs.open(settings)
+
+
+@contextmanager
+def _exclusive(args: argparse.Namespace, pacs: Any, job: str, needed: bool = True) -> Iterator[None]:
+    """Hold the cluster-wide lease of *job* around the block (see pacs.leases);
+    raises LeaseHeld when another node holds it and --wait was not given."""
+    if not needed:
+        yield
+        return
+    from pacs.forwarding import node_name
+    from pacs.leases import LeaseInfo, lease, lease_ttl
+
+    def waiting(info: LeaseInfo) -> None:
+        err.print(f"waiting: {job} is running on node {info.holder} (lease until {info.expires_at:%H:%M:%S} UTC)")
+
+    with lease(pacs.engine, job, node_name(pacs), lease_ttl(), wait=args.wait, on_wait=waiting) as held:
+        yield
+    if held.lost:
+        err.print(f"[yellow]the {job} lease was lost while running (this node stalled longer than "
+                  "PACS_LEASE_TTL): another node may have run it at the same time[/yellow]")
+
+
+def _held(args: argparse.Namespace, exc: LeaseHeld) -> int:
+    """Another node runs the job: say who, exit 1 (--wait waits instead)."""
+    if args.json:
+        print(json.dumps({"error": "lease held", "job": exc.info.name, "holder": exc.info.holder,
+                          "process": exc.info.token, "expires_at": exc.info.expires_at.isoformat()}))
+    err.print(f"[red]not started:[/red] {exc}; run it again later, or add --wait")
+    return 1
+
+
+class _Bar:
+    """The jobs' progress hook as a rich bar on stderr (when it is a terminal)."""
+
+    def __init__(self, quiet: bool) -> None:
+        self._progress: Progress | None = None
+        if not quiet and err.is_terminal:
+            self._progress = Progress(
+                TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                console=err, transient=True,
+            )
+        self._task: Any = None
+
+    def __enter__(self) -> Self:
+        if self._progress is not None:
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def start(self, description: str, total: int | None = None) -> None:
+        if self._progress is None:
+            return
+        if self._task is not None:
+            self._progress.remove_task(self._task)
+        self._task = self._progress.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self._progress is not None and self._task is not None:
+            self._progress.advance(self._task, n)
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "?"
+    value = float(n)
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(value) < 1024 or unit == "TB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def _usage(message: str) -> int:
+    err.print(f"[red]{message}[/red]")
+    return 2
+
+
+def _emit(args: argparse.Namespace, data: dict[str, Any], human: Callable[[], None]) -> None:
+    if args.json:
+        print(json.dumps(data, ensure_ascii=False, default=str))
+    else:
+        human()
+
+
+def _list(title: str, capped: dict[str, Any], columns: tuple[str, ...] = ("key", "detail")) -> None:
+    if not capped["count"]:
+        return
+    table = Table(title=f"{title} ({capped['count']:,}{', first shown' if capped['truncated'] else ''})")
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for item in capped["items"][:20]:
+        table.add_row(*(str(item.get(c, "")) for c in columns))
+    out.print(table)
+
+
+def _counts(title: str, rows: list[tuple[str, Any]]) -> None:
+    table = Table(title=title)
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    for name, value in rows:
+        table.add_row(name, f"{value:,}" if isinstance(value, int) else str(value))
+    out.print(table)
+
+
+# -- commands -------------------------------------------------------------------
+def cmd_verify(args: argparse.Namespace) -> int:
+    """pacs verify: 0 all consistent, 1 problems found (or left after repair)."""
+    from pacs.leases import LeaseHeld
+    from pacs.maintenance import verify
+
+    if args.drop_missing and not args.repair:
+        return _usage("--drop-missing only works with --repair")
+    pacs = _open(args)
+    try:
+        # Only a repair changes anything; a read-only check may run anywhere, any time.
+        with _exclusive(args, pacs, "verify-repair", args.repair), _Bar(args.json) as bar:
+            report = verify(pacs, repair=args.repair, drop_missing=args.drop_missing, quick=args.quick,
+                            workers=args.workers, progress=bar)
+    except LeaseHeld as exc:
+        return _held(args, exc)
+    finally:
+        pacs.close()
+    data = report.as_dict()
+
+    def human() -> None:
+        _counts("verify", [
+            ("indexed objects checked", report.checked), ("bytes checked", _size(report.checked_bytes)),
+            ("objects in storage", report.stored), ("missing", report.missing.count),
+            ("corrupt", report.corrupt.count), ("unreadable", report.unreadable.count),
+            ("orphans", report.orphans.count), ("invalid orphans", report.invalid_orphans.count),
+            ("adopted", report.adopted.count), ("not adopted (retry)", report.not_adopted.count),
+            ("duplicate orphans", report.duplicate_orphans.count),
+            ("rows dropped", report.dropped.get("instances", 0)),
+            ("purge leftovers deleted", report.purged_leftovers),
+        ])
+        _list("missing objects", data["missing"], ("key", "sop_uid"))
+        _list("corrupt objects", data["corrupt"], ("key", "detail"))
+        _list("unreadable objects", data["unreadable"], ("key", "detail"))
+        _list("orphans", data["orphans"], ("key", "valid", "detail"))
+        _list("duplicate orphans", data["duplicate_orphans"], ("key", "indexed_key"))
+        _list("orphans not adopted", data["not_adopted"])
+        if report.problems:
+            err.print(f"[red]{report.problems} problem(s)[/red]"
+                      + ("" if args.repair else "; pacs verify --repair adopts valid orphans"))
+        else:
+            out.print("[green]index and storage agree[/green]")
+
+    _emit(args, data, human)
+    return 1 if report.problems else 0
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    """pacs reindex: 0 every object indexed, 1 some could not be (listed)."""
+    from pacs.leases import LeaseHeld
+    from pacs.maintenance import reindex
+
+    pacs = _open(args)
+    try:
+        with _exclusive(args, pacs, "reindex"), _Bar(args.json) as bar:
+            report = reindex(pacs, workers=args.workers, progress=bar)
+    except LeaseHeld as exc:
+        return _held(args, exc)
+    finally:
+        pacs.close()
+    data = report.as_dict()
+
+    def human() -> None:
+        _counts("reindex", [
+            ("objects in storage", report.listed), ("already indexed", report.already_indexed),
+            ("indexed now", report.indexed), ("bytes indexed", _size(report.indexed_bytes)),
+            ("duplicates (instance already indexed elsewhere)", report.duplicates.count),
+            ("not indexable", report.failed.count),
+        ])
+        _list("duplicates", data["duplicates"], ("key", "indexed_key"))
+        _list("not indexable", data["failed"])
+
+    _emit(args, data, human)
+    return 1 if report.failed.count or report.duplicates.count else 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    """pacs migrate: 0 done (or stopped at --limit), 1 failures or switch refused, 2 bad target."""
+    from pacs.leases import LeaseHeld
+    from pacs.maintenance import migrate
+
+    if args.limit is not None and args.limit < 1:
+        return _usage("--limit must be at least 1")
+    pacs = _open(args)
+    try:
+        with _exclusive(args, pacs, "migrate"), _Bar(args.json) as bar:
+            report = migrate(pacs, args.target, switch=args.switch, limit=args.limit, workers=args.workers,
+                             progress=bar)
+    except LeaseHeld as exc:
+        return _held(args, exc)
+    except ValueError as exc:
+        return _usage(str(exc))
+    finally:
+        pacs.close()
+    if report.switched and args.storage_url:
+        report.warnings.append("--storage-url on the command line overrides the config file: drop it from now on")
+    data = report.as_dict()
+
+    def human() -> None:
+        _counts(f"migrate to {report.target}", [
+            ("indexed objects", report.total), ("copied and verified", report.copied),
+            ("bytes copied", _size(report.copied_bytes)), ("already in the target", report.already_present),
+            ("failed", report.failed.count), ("complete", "yes" if report.complete else "no"),
+        ])
+        _list("failed copies", data["failed"])
+        if report.stopped_at_limit:
+            err.print(f"stopped after {args.limit} copies: run the same command again to continue")
+        if report.switched:
+            out.print(f"[green]storage_url set in {report.config_file}[/green]: restart pacs serve to use it")
+        for warning in report.warnings:
+            err.print(f"[yellow]{warning}[/yellow]")
+
+    _emit(args, data, human)
+    return 1 if report.failed.count or (args.switch and not report.switched) else 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    """pacs purge: 0 done (or dry run), 1 some objects could not be deleted, 2 no rule."""
+    from pacs.leases import LeaseHeld
+    from pacs.maintenance import PurgeRules, purge
+
+    try:
+        rules = PurgeRules(
+            older_than_days=args.older_than,
+            modalities=tuple(m.upper() for m in args.modality or ()),
+            statuses=tuple(args.status or ()),
+        )
+    except ValueError as exc:
+        return _usage(str(exc))
+    pacs = _open(args)
+    try:
+        # A dry run only reads; deleting takes the lease.
+        with _exclusive(args, pacs, "purge", args.yes), _Bar(args.json) as bar:
+            report = purge(pacs, rules, execute=args.yes, progress=bar)
+    except LeaseHeld as exc:
+        return _held(args, exc)
+    finally:
+        pacs.close()
+    data = report.as_dict()
+
+    def human() -> None:
+        if report.dry_run:
+            _counts("purge (dry run): would delete", [
+                ("studies", report.studies), ("instances", report.instances), ("bytes", _size(report.bytes)),
+            ])
+            table = Table(title="studies selected" + (" (first shown)" if data["studies"]["truncated"] else ""))
+            for col in ("study", "date", "modalities", "patient ID", "instances", "size"):
+                table.add_column(col, overflow="fold")
+            for s in data["studies"]["items"][:50]:
+                table.add_row(s["study_uid"], s["study_date"], s["modalities"], s["patient_id"],
+                              str(s["instances"]), _size(s["bytes"]))
+            out.print(table)
+            err.print("nothing deleted: add --yes to delete")
+        else:
+            _counts("purge", [
+                ("studies deleted", report.deleted_studies), ("instances deleted", report.deleted_instances),
+                ("bytes freed", _size(report.deleted_bytes)), ("patients deleted", report.deleted_patients),
+                ("objects deleted", report.objects_deleted), ("objects not deleted", report.object_failures.count),
+            ])
+            _list("objects not deleted (pacs verify --repair retries)", data["object_failures"])
+
+    _emit(args, data, human)
+    return 1 if report.object_failures.count else 0
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    """pacs compress: 0 done, 1 failures or pixels that did not verify."""
+    from pacs.leases import LeaseHeld
+    from pacs.maintenance import compress
+
+    pacs = _open(args)
+    try:
+        with _exclusive(args, pacs, "compress"), _Bar(args.json) as bar:
+            report = compress(pacs, codec=args.codec, study_uids=args.study, progress=bar)
+    except LeaseHeld as exc:
+        return _held(args, exc)
+    finally:
+        pacs.close()
+    data = report.as_dict()
+
+    def human() -> None:
+        rows: list[tuple[str, Any]] = [
+            ("uncompressed images", report.candidates), ("compressed", report.compressed),
+            ("bytes before", _size(report.bytes_before)), ("bytes after", _size(report.bytes_after)),
+            ("bytes saved", _size(report.saved)), ("re-indexed", report.reindexed),
+        ]
+        rows += [(f"skipped: {reason}", c["count"]) for reason, c in data["skipped"].items()]
+        rows.append(("failed", report.failed.count))
+        _counts(f"compress ({args.codec})", rows)
+        _list("failed", data["failed"], ("sop_uid", "detail"))
+        if "verification failed" in data["skipped"]:
+            _list("pixels did not verify (left as they were)", data["skipped"]["verification failed"],
+                  ("sop_uid", "detail"))
+
+    _emit(args, data, human)
+    unverified = report.skipped.get("verification failed")
+    return 1 if report.failed.count or (unverified and unverified.count) else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """pacs export: 0 every study written, 1 unknown studies or failed objects."""
+    from pacs.maintenance import export_studies
+
+    if args.salt and not args.deidentify:
+        return _usage("--salt only makes sense with --deidentify")
+    if args.out.exists() and args.out.suffix.lower() == ".zip":
+        return _usage(f"{args.out} exists: choose another name")
+    pacs = _open(args)
+    try:
+        with _Bar(args.json) as bar:
+            report = export_studies(pacs, args.studies, args.out, deidentify=args.deidentify, salt=args.salt,
+                                    progress=bar)
+    finally:
+        pacs.close()
+    data = report.as_dict()
+
+    def human() -> None:
+        _counts(f"export to {args.out}", [
+            ("studies", report.studies), ("instances written", report.instances),
+            ("bytes", _size(report.bytes)), ("already there", report.kept),
+            ("failed", report.failed.count),
+        ])
+        for uid in report.missing_studies:
+            err.print(f"[red]no such study:[/red] {uid}")
+        _list("failed", data["failed"], ("sop_uid", "detail"))
+        if report.burned_in_annotation.count:
+            err.print(f"[yellow]{report.burned_in_annotation.count} object(s) have burned-in annotation: "
+                      "their pixels may show identifying text (not removed)[/yellow]")
+
+    _emit(args, data, human)
+    return 1 if report.missing_studies or report.failed.count else 0

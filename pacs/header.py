@@ -83,6 +83,8 @@ class InstanceHeader:
     content_date: str = ""
     content_time: str = ""
     pixel_offset: int | None = None
+    # The parsed header itself, for rules that look at any tag (routing).
+    dataset: Dataset | None = field(default=None, repr=False, compare=False)
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -198,7 +200,10 @@ def _uid(values: _Values, keyword: str, *, required: bool = True) -> str:
         if required:
             raise IngestError(Status.INVALID_DATASET, f"missing {keyword}")
         return ""
-    if not UID(value).is_valid:
+    uid = UID(value)
+    # UID() strips surrounding whitespace before validating, so "1.2.3\r\n"
+    # passed and then named a storage key: the value as received must be valid.
+    if str(uid) != value or not uid.is_valid:
         raise IngestError(Status.INVALID_DATASET, f"invalid {keyword} {value[:80]!r}")
     return value
 
@@ -263,6 +268,7 @@ def parse_header(
                 # Seen in real files; the dataset's own UID is the one that counts.
                 log.warning("file meta SOP Instance UID differs from the dataset's; using the dataset's")
         _fill(header, values)
+        header.dataset = ds
     except IngestError as exc:
         # pydicom tolerates a lot; if the structure itself is broken, say so
         # (0xC000) rather than blaming a missing attribute (0xA900).

@@ -34,6 +34,7 @@ from .index.committer import GroupCommitter
 from .index.writer import AddResult, IndexRecord, Outcome
 from .part10 import Source
 from .reads import IndexReader
+from .routing import RoutingRules
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,10 @@ class Ingestor:
         self._free_checked = 0.0
         self._free_bytes: int | None = None
         self._free_guard = threading.Lock()
-        # Called after commit with each stored result (routing, reconciliation).
+        # Called after commit with each stored result.
         self.listeners: list[Callable[[IngestResult, Origin], None]] = []
+        # Routing rules, evaluated before the commit that creates the jobs.
+        self.routes: RoutingRules | None = None
 
     def _check_space(self, size: int) -> None:
         if size > self.max_object_bytes:
@@ -189,6 +192,11 @@ class Ingestor:
             log.error("storage write failed: %s", exc)
             raise IngestError(Status.STORAGE_FAILED, f"storage unavailable: {exc}") from exc
 
+        routes = (
+            self.routes.plan(header.dataset, origin.calling_ae, header.sop_class_uid, header.modality)
+            if self.routes is not None
+            else []
+        )
         record = IndexRecord(
             header=header,
             size=info.size,
@@ -198,6 +206,7 @@ class Ingestor:
             source=origin.source,
             calling_ae=origin.calling_ae,
             remote_host=origin.remote_host,
+            routes=routes,
         )
         try:
             added: AddResult = self.committer.submit(record)

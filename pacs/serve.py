@@ -13,7 +13,9 @@ from typing import Any
 
 import uvicorn
 
+from . import tls
 from .app import Pacs
+from .audit import Event
 from .settings import Settings
 
 log = logging.getLogger("pacs.serve")
@@ -44,6 +46,11 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
 
     pacs = Pacs.open(settings)
     try:
+        # TLS settings are checked before anything listens: a wrong path fails the start, not a modality.
+        dicom_ssl = tls.dicom_server_context(settings, on_refused=lambda peer, reason: pacs.audit.record(
+            Event(action="denied", role="dicom", client=peer, protocol="dicom", outcome="denied", detail=reason)))
+        http_ssl = tls.uvicorn_ssl_kwargs(settings)
+        scheme = "https" if http_ssl else "http"
         if pacs.reader.stats().studies == 0:
             if with_samples:
                 from .samples import load_samples
@@ -60,13 +67,25 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             password = pacs.auth.ensure_admin()
             if password:
                 # Shown once: a fresh install must be usable and never open.
-                print(f"\n  First start: web viewer http://{settings.host}:{settings.http_port}/ "
+                print(f"\n  First start: web viewer {scheme}://{settings.host}:{settings.http_port}/ "
                       f"user 'admin', password '{password}'\n  (change it: pacs user add admin --role admin "
                       f"--password ...)\n", flush=True)
         else:
             log.warning("HTTP access control is DISABLED (PACS_AUTH_ENABLED=false): local demo only")
-        dicom = start_dicom_server(pacs)
+        # The TLS listener first: if its port is taken, nothing is left listening half-configured.
+        dicom_servers: list[Any] = []
+        if dicom_ssl is not None:
+            dicom_servers.append(start_dicom_server(pacs, port=settings.dicom_tls_port, ssl_context=dicom_ssl))
+            log.info("DICOM over TLS on %s:%d (client certificates %s)", settings.host, settings.dicom_tls_port,
+                     "required" if settings.tls_require_client_cert else "not requested")
+        if settings.dicom_plain:
+            dicom_servers.append(start_dicom_server(pacs))
         hl7_listener, sender = _start_ris_bridge(pacs)
+        from .forwarding import Forwarder
+
+        forwarder = Forwarder(
+            pacs, max_attempts=settings.route_max_attempts, concurrency=settings.route_concurrency
+        ).start()
         try:
             config = uvicorn.Config(
                 create_app(pacs),
@@ -75,8 +94,9 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
                 log_level=settings.log_level.lower(),
                 access_log=False,
                 timeout_graceful_shutdown=10,
+                **http_ssl,
             )
-            log.info("HTTP listening on http://%s:%d", settings.host, settings.http_port)
+            log.info("HTTP listening on %s://%s:%d", scheme, settings.host, settings.http_port)
             # Uvicorn re-raises the signal that stopped it once it has shut
             # down; with a no-op handler in place that lands here harmlessly
             # and the DICOM listener and the committer are closed properly.
@@ -85,7 +105,9 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             uvicorn.Server(config).run()
             log.info("stopping")
         finally:
-            dicom.shutdown()
+            forwarder.stop()
+            for dicom in dicom_servers:
+                dicom.shutdown()
             hl7_listener.stop()
             if sender is not None:
                 sender.stop()

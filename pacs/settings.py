@@ -68,6 +68,20 @@ class Settings(BaseSettings):
     hl7_port: int = 2575
     ae_title: str = "FILMLESS"
 
+    # TLS (PS3.15 Annex B): this node's certificate and key, PEM (pacs certs issue).
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # CA bundle that verifies peers we call and, with mutual TLS, our clients.
+    tls_ca: Path | None = None
+    # Mutual TLS: only clients with a certificate from tls_ca may connect (DICOM and HTTPS).
+    tls_require_client_cert: bool = False
+    # A second DICOM listener speaking TLS (2762 is IANA's dicom-tls); needs tls_cert.
+    dicom_tls_port: int | None = None
+    # Keep the plain DICOM port for legacy modalities; false leaves only the TLS one.
+    dicom_plain: bool = True
+    # Serve the HTTP API as HTTPS with the same certificate.
+    http_tls: bool = False
+
     # Calling-AE allowlist: off for ease on a demo, on in production config.
     ae_allowlist: bool = False
     duplicate_policy: Literal["keep", "overwrite"] = "keep"
@@ -82,6 +96,13 @@ class Settings(BaseSettings):
     offer_samples: bool = True
     # HTTP API access control. Only a local demo may turn it off, explicitly.
     auth_enabled: bool = True
+    # This node's name in a cluster (claims of routing jobs); default host:data dir.
+    node_id: str | None = None
+    # Secret for consistent de-identification (default: a random one kept in the data dir).
+    deidentify_salt: str | None = None
+    route_max_attempts: int = 10
+    route_concurrency: int = 4
+    route: list[dict[str, Any]] = Field(default_factory=list)
     # The HIS MLLP endpoint ("host:port") for outbound HL7 (status, results).
     his_mllp: str | None = None
     # Absolute URL clients reach the HTTP API at (behind a reverse proxy);

@@ -338,3 +338,67 @@ class Report(Base):
     signed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # The Encapsulated PDF instance stored into the study when signed.
     pdf_sop_uid: Mapped[str] = mapped_column(String, default="")
+
+
+class RoutingRule(Base):
+    """Forward matching objects to a DICOM AE or a DICOMweb endpoint."""
+
+    __tablename__ = "routing_rules"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    # JSON list of {"attribute": keyword | "CallingAE", "op": "eq|wildcard|regex", "value": ...}
+    conditions: Mapped[str] = mapped_column(String, default="[]")
+    # "dicom" (destination = registered AE title) or "dicomweb" (destination = base URL)
+    destination_kind: Mapped[str] = mapped_column(String(16), default="dicom")
+    destination: Mapped[str] = mapped_column(String)
+    # Authorization header value for a DICOMweb destination ("Bearer ...").
+    destination_auth: Mapped[str] = mapped_column(String, default="")
+    # "", "uncompressed", "j2k-lossless", "jpegls-lossless" or a transfer syntax UID
+    transcode: Mapped[str] = mapped_column(String, default="")
+    deidentify: Mapped[bool] = mapped_column(Boolean, default=False)
+    # JSON object keyword -> value set on the copy (tag morphing)
+    morph: Mapped[str] = mapped_column(String, default="{}")
+    # Route each instance at once (0) or a study once no instance arrived for N seconds.
+    stable_seconds: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class RouteJob(Base):
+    """One object to one rule's destination; survives restarts."""
+
+    __tablename__ = "route_jobs"
+    __table_args__ = (UniqueConstraint("rule_pk", "sop_uid"),)
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    rule_pk: Mapped[int] = mapped_column(ForeignKey("routing_rules.pk", ondelete="CASCADE"), index=True)
+    sop_uid: Mapped[str] = mapped_column(UID)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    destination_key: Mapped[str] = mapped_column(String, index=True)
+    # pending, sending, done, dead, cancelled
+    state: Mapped[str] = mapped_column(String, default="pending", index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    claimed_by: Mapped[str] = mapped_column(String, default="")
+    last_error: Mapped[str] = mapped_column(String, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class JobLease(Base):
+    """Which process of the cluster runs a shared background job (purge,
+    compress, migrate, reindex, verify --repair) right now: see pacs.leases.
+    A row whose ``expires_at`` has passed is free (its holder crashed)."""
+
+    __tablename__ = "job_leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # The node id (PACS_NODE_ID, else host:data dir) of the holder.
+    holder: Mapped[str] = mapped_column(String)
+    # Unique per acquisition (host:pid:random): two runs on one node still exclude each other.
+    token: Mapped[str] = mapped_column(String(128))
+    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    # The holder's last sign of life (each one pushes expires_at forward).
+    heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True))

@@ -9,7 +9,7 @@ instance row decides duplicates through its unique SOP Instance UID.
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
 from typing import Any
@@ -18,6 +18,7 @@ from sqlalchemy import Connection, Table, select, update
 
 from ..header import InstanceHeader
 from ..names import fold_name
+from ..routing import create_jobs  # noqa: E402  (routing imports only writer_helpers)
 from .models import Instance, Patient, PatientIdentifier, Series, Study
 from .reconcile import find_order, record_reconciliation
 from .writer_helpers import insert_ignore
@@ -41,6 +42,8 @@ class IndexRecord:
     source: str = ""
     calling_ae: str = ""
     remote_host: str = ""
+    # Routing jobs to create in the same transaction (see pacs.routing).
+    routes: list[Any] = field(default_factory=list)
 
 
 class Outcome(Enum):
@@ -282,6 +285,8 @@ class IndexWriter:
         values = self._instance_values(rec, series_pk)
         pk = insert_ignore(conn, instances, values, ["sop_uid"])
         if pk is not None:
+            if rec.routes:
+                create_jobs(conn, rec.routes, rec.header.sop_uid, rec.header.study_uid, rec.received_at)
             return AddResult(Outcome.INSERTED, pk)
         old = conn.execute(
             select(instances.c.pk, instances.c.storage_key)

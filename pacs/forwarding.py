@@ -1,0 +1,282 @@
+"""The routing worker: drains the job queue to DICOM AEs and DICOMweb endpoints.
+
+Per destination, one association (or one STOW-RS request per batch) carries
+many objects; destinations are served in parallel up to a limit. Each job is
+marked done right after its peer confirmed it, so a crash resends at most
+the object in flight. Objects go as stored (streamed from the file) unless
+the rule transcodes, de-identifies or changes tags, or the index holds
+corrections for the study.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, _config
+from pynetdicom.presentation import PresentationContext
+
+from . import routing
+from .app import Pacs
+from .maintenance.export import deidentify_salt
+from .query import Level
+from .retrieve import RetrieveItem, apply_overrides, resolve
+from .routing import TRANSCODES, Job, Rule
+from .transcode import ENCODABLE
+
+log = logging.getLogger(__name__)
+
+# Send stored files as they are, without decoding (an exact context is needed).
+_config.STORE_SEND_CHUNKED_DATASET = True
+STOW_BATCH = 20
+
+
+def node_name(pacs: Pacs) -> str:
+    """Who claims jobs: stable across restarts of this node."""
+    return pacs.settings.node_id or f"{socket.gethostname()}:{os.path.abspath(pacs.settings.data_dir)}"
+
+
+def _target_syntax(rule: Rule) -> str:
+    return TRANSCODES.get(rule.transcode, rule.transcode)
+
+
+def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule) -> Dataset | None:
+    """The copy a rule sends, or None when the stored bytes go as they are."""
+    target = _target_syntax(rule)
+    if not (target and target != item.transfer_syntax_uid) and not rule.deidentify and not rule.morph \
+            and not item.overrides:
+        return None
+    ds = apply_overrides(dcmread(io.BytesIO(pacs.store.read_bytes(item.storage_key))), item.overrides)
+    stored = UID(item.transfer_syntax_uid)
+    if target and target != stored:
+        if stored.is_compressed:
+            ds.decompress(generate_instance_uid=False)
+        if UID(target) in ENCODABLE:
+            try:
+                # Lossless: the pixels decode identically, so the instance keeps its UID.
+                ds.compress(UID(target), generate_instance_uid=False)
+            except Exception as exc:  # noqa: BLE001 - the codec refuses this pixel format
+                # Compression only saves bandwidth: an image the codec cannot
+                # take (e.g. smaller than JPEG 2000's resolution levels) goes
+                # uncompressed rather than not at all.
+                log.warning("%s goes uncompressed: %s cannot encode it (%s)", item.sop_uid, UID(target).name,
+                            str(exc).splitlines()[0][:120])
+                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        else:
+            ds.file_meta.TransferSyntaxUID = UID(target)
+    if rule.deidentify:
+        from .deidentify import Deidentifier
+
+        Deidentifier(deidentify_salt(pacs)).apply(ds)
+    for keyword, value in rule.morph:
+        setattr(ds, keyword, value)
+    return ds
+
+
+class Forwarder:
+    """Background delivery of routing jobs."""
+
+    def __init__(self, pacs: Pacs, *, interval: float = 1.0, max_attempts: int = 10, concurrency: int = 4) -> None:
+        self.pacs = pacs
+        self.node = node_name(pacs)
+        self.interval, self.max_attempts = interval, max_attempts
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="route")
+        self._busy: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="routing", daemon=True)
+
+    def start(self) -> Forwarder:
+        released = routing.release_node(self.pacs.engine, self.node)
+        if released:
+            log.info("routing: %d jobs claimed before a restart are queued again", released)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self._pool.shutdown(wait=True)
+        routing.release_node(self.pacs.engine, self.node)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                for destination in routing.due_destinations(self.pacs.engine):
+                    with self._lock:
+                        if destination in self._busy:
+                            continue
+                        self._busy.add(destination)
+                    self._pool.submit(self._drain_guarded, destination)
+            except Exception:
+                log.exception("routing round failed")
+            self._stop.wait(self.interval)
+
+    def _drain_guarded(self, destination: str) -> None:
+        try:
+            while not self._stop.is_set() and self.drain(destination):
+                pass
+        except Exception:
+            log.exception("routing to %s failed", destination)
+        finally:
+            with self._lock:
+                self._busy.discard(destination)
+
+    def drain(self, destination: str) -> int:
+        """Send one batch for *destination*; returns how many jobs were claimed."""
+        jobs = routing.claim(self.pacs.engine, destination, self.node)
+        if not jobs:
+            return 0
+        rules = {r.pk: r for r in routing.RoutingRules(self.pacs.engine).list()}
+        items = {
+            i.sop_uid: i
+            for i in resolve(self.pacs, Level.IMAGE, {"SOPInstanceUID": "\\".join(j.sop_uid for j in jobs)})
+        }
+        ready: list[tuple[Job, Rule, RetrieveItem]] = []
+        for job in jobs:
+            rule, item = rules.get(job.rule_pk), items.get(job.sop_uid)
+            if rule is None or item is None:
+                routing.fail(self.pacs.engine, job, "rule or instance no longer exists", max_attempts=1, permanent=True)
+                continue
+            ready.append((job, rule, item))
+        if not ready:
+            return len(jobs)
+        kind, _, target = destination.partition(":")
+        if kind == "dicom":
+            self._send_dicom(target, ready)
+        else:
+            self._send_dicomweb(target, ready)
+        return len(jobs)
+
+    # -- C-STORE ----------------------------------------------------------------------------
+    def _send_dicom(self, title: str, batch: list[tuple[Job, Rule, RetrieveItem]]) -> None:
+        engine = self.pacs.engine
+        remote = self.pacs.aes.get(title)
+        if remote is None:
+            for job, _, _ in batch:
+                routing.fail(engine, job, f"AE {title} is not registered", max_attempts=self.max_attempts)
+            return
+        prepared = []
+        for job, rule, item in batch:
+            try:
+                prepared.append((job, item, transformed(self.pacs, item, rule)))
+            except Exception as exc:
+                routing.fail(engine, job, f"cannot prepare: {exc}", max_attempts=self.max_attempts, permanent=True)
+        if not prepared:
+            return
+        ae = AE(ae_title=self.pacs.settings.ae_title)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        for cx in _contexts(prepared):
+            ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
+        assoc = ae.associate(remote.host, remote.port, ae_title=remote.title)
+        if not assoc.is_established:
+            for job, _, _ in prepared:
+                routing.fail(engine, job, f"association with {title} failed", max_attempts=self.max_attempts)
+            return
+        try:
+            assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except (OSError, AttributeError):
+            pass
+        try:
+            for job, item, ds in prepared:
+                if not assoc.is_established:
+                    routing.fail(engine, job, "association lost", max_attempts=self.max_attempts)
+                    continue
+                try:
+                    if ds is None:
+                        with self.pacs.store.local_path(item.storage_key) as path:
+                            status = assoc.send_c_store(path)
+                    else:
+                        status = assoc.send_c_store(ds)
+                    code = int(status.Status) if status is not None and "Status" in status else None
+                except Exception as exc:
+                    code, error = None, str(exc)
+                else:
+                    error = f"status 0x{code:04X}" if code is not None else "no response"
+                if code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF):
+                    routing.finish(engine, job)
+                else:
+                    routing.fail(engine, job, f"C-STORE to {title}: {error}", max_attempts=self.max_attempts)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    # -- STOW-RS -----------------------------------------------------------------------------
+    def _send_dicomweb(self, url: str, batch: list[tuple[Job, Rule, RetrieveItem]]) -> None:
+        from viewer_api.multipart import build_multipart_related
+
+        engine = self.pacs.engine
+        for start in range(0, len(batch), STOW_BATCH):
+            chunk = batch[start : start + STOW_BATCH]
+            parts, jobs = [], []
+            for job, rule, item in chunk:
+                try:
+                    ds = transformed(self.pacs, item, rule)
+                except Exception as exc:
+                    routing.fail(engine, job, f"cannot prepare: {exc}", max_attempts=1, permanent=True)
+                    continue
+                if ds is None:
+                    data = self.pacs.store.read_bytes(item.storage_key)
+                else:
+                    out = io.BytesIO()
+                    ds.save_as(out, enforce_file_format=True)
+                    data = out.getvalue()
+                parts.append(("application/dicom", data))
+                jobs.append((job, item, rule))
+            if not parts:
+                continue
+            body, content_type = build_multipart_related(parts)
+            headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
+            if jobs[0][2].destination_auth:
+                headers["Authorization"] = jobs[0][2].destination_auth
+            try:
+                response = httpx.post(url.rstrip("/") + "/studies", content=body, headers=headers, timeout=120)
+            except httpx.HTTPError as exc:
+                for job, _, _ in jobs:
+                    routing.fail(engine, job, f"STOW-RS to {url}: {exc}", max_attempts=self.max_attempts)
+                continue
+            failed = _stow_failures(response)
+            for job, item, _ in jobs:
+                if response.status_code in (200, 202) and item.sop_uid not in failed:
+                    routing.finish(engine, job)
+                else:
+                    reason = failed.get(item.sop_uid) or f"HTTP {response.status_code}"
+                    routing.fail(engine, job, f"STOW-RS to {url}: {reason}", max_attempts=self.max_attempts)
+
+
+def _stow_failures(response: httpx.Response) -> dict[str, str]:
+    """SOP Instance UID -> failure reason from a STOW-RS response body."""
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    failures = {}
+    for item in (body.get("00081198") or {}).get("Value", []) if isinstance(body, dict) else []:
+        uid = ((item.get("00081155") or {}).get("Value") or [""])[0]
+        reason = ((item.get("00081197") or {}).get("Value") or [0])[0]
+        failures[uid] = f"failure reason 0x{int(reason):04X}"
+    return failures
+
+
+def _contexts(prepared: list[tuple[Job, RetrieveItem, Dataset | None]]) -> list[PresentationContext]:
+    """One context per (SOP class, syntax) to send, uncompressed fallbacks after."""
+    wanted: dict[tuple[str, str], None] = {}
+    for _, item, ds in prepared:
+        syntax = str(ds.file_meta.TransferSyntaxUID) if ds is not None else item.transfer_syntax_uid
+        wanted[(item.sop_class_uid, syntax)] = None
+    contexts = []
+    for sop_class, syntax in list(wanted)[:120]:
+        cx = PresentationContext()
+        cx.abstract_syntax = sop_class
+        fallbacks = [] if UID(syntax).is_compressed else [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+        cx.transfer_syntax = list(dict.fromkeys([syntax, *fallbacks]))
+        contexts.append(cx)
+    return contexts

@@ -1,0 +1,322 @@
+"""``pacs purge``: retention, deleting whole studies that match rules.
+
+"Older than N days" measures the Study Date (the day of the examination,
+what retention periods count from), compared with today's local date; a
+study without a usable Study Date (empty or not YYYYMMDD) is measured by the
+day it was first received instead. ``--modality`` matches any series of the
+study; ``--status`` is the status of the latest report version: ``unread``
+(no report), ``draft`` or ``signed``. Rules combine with AND; several values
+of one rule with OR. At least one rule is required.
+
+Deletion order, per study, keeps the durability invariant (an index row
+never without its object): the study's object keys are written to a journal
+(``DATA_DIR/purge.journal``, fsynced), the study row is deleted (series,
+instances, reports, links cascade; triggers keep the counters), and only
+after that commit are the objects deleted. A crash in between leaves orphan
+objects that the journal names; the next purge or ``verify --repair``
+deletes them (and never adopts them back). A patient left without studies
+and orders is deleted too. One audit event (action "delete") per study.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import and_, delete, exists, func, or_, select
+
+from storage import StorageError
+
+from ..app import Pacs
+from ..audit import Event
+from .common import (
+    BATCH,
+    Capped,
+    NullProgress,
+    Progress,
+    batched,
+    indexed_among,
+    instances_t,
+    os_user,
+    patients_t,
+    prune_patients,
+    reports_t,
+    series_t,
+    studies_t,
+)
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("unread", "draft", "signed")
+
+
+class PurgeJournal:
+    """Keys of objects whose index rows are (being) deleted by a purge."""
+
+    def __init__(self, data_dir: Path | str) -> None:
+        self.path = Path(data_dir) / "purge.journal"
+
+    def append(self, keys: list[str]) -> None:
+        """Record *keys* durably before their index rows are deleted."""
+        if not keys:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(k + "\n" for k in keys))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def iter_keys(self) -> Iterator[str]:
+        if not self.path.exists():
+            return
+        with open(self.path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    yield line.strip()
+
+    def keys(self) -> set[str]:
+        """Every journaled key (small: the journal is emptied after each run)."""
+        return set(self.iter_keys())
+
+    def clear(self) -> None:
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+
+    def finish(self, pacs: Pacs) -> int:
+        """Delete the journaled objects no index row references (a crashed
+        purge's leftovers) and empty the journal. Objects still indexed (the
+        crash came before the commit) are kept. Returns how many went."""
+        deleted = 0
+        failed = False
+        for keys in batched(self.iter_keys()):
+            indexed = indexed_among(pacs.engine, keys)
+            for key in keys:
+                if key in indexed:
+                    continue
+                try:
+                    pacs.store.delete(key)
+                    deleted += 1
+                except StorageError as exc:
+                    failed = True
+                    log.warning("could not delete purged object %s: %s", key, exc)
+        if not failed:
+            self.clear()
+        return deleted
+
+
+@dataclass(frozen=True)
+class PurgeRules:
+    """Which studies go (see the module doc for what each rule measures)."""
+
+    older_than_days: int | None = None
+    modalities: tuple[str, ...] = ()
+    statuses: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.older_than_days is None and not self.modalities and not self.statuses:
+            raise ValueError("give at least one rule: --older-than, --modality or --status")
+        if self.older_than_days is not None and self.older_than_days < 0:
+            raise ValueError("--older-than must be a number of days >= 0")
+        unknown = set(self.statuses) - set(STATUSES)
+        if unknown:
+            raise ValueError(f"unknown status {', '.join(sorted(unknown))}; use {', '.join(STATUSES)}")
+
+    def condition(self, today: date | None = None) -> Any:
+        """The WHERE clause on studies."""
+        clauses = []
+        if self.older_than_days is not None:
+            today = today or date.today()
+            cutoff = (today - timedelta(days=self.older_than_days)).strftime("%Y%m%d")
+            received_cutoff = datetime.combine(
+                today - timedelta(days=self.older_than_days), datetime.min.time()
+            ).astimezone(UTC)
+            dated = func.length(studies_t.c.study_date) == 8
+            clauses.append(
+                or_(
+                    and_(dated, studies_t.c.study_date < cutoff),
+                    and_(~dated, studies_t.c.created_at < received_cutoff),
+                )
+            )
+        if self.modalities:
+            clauses.append(
+                exists().where(series_t.c.study_pk == studies_t.c.pk, series_t.c.modality.in_(self.modalities))
+            )
+        if self.statuses:
+            latest = (
+                select(reports_t.c.status)
+                .where(reports_t.c.study_pk == studies_t.c.pk)
+                .order_by(reports_t.c.version.desc())
+                .limit(1)
+                .scalar_subquery()
+            )
+            options = []
+            if "unread" in self.statuses:
+                options.append(~exists().where(reports_t.c.study_pk == studies_t.c.pk))
+            reported = [s for s in self.statuses if s != "unread"]
+            if reported:
+                options.append(latest.in_(reported))
+            clauses.append(or_(*options))
+        return and_(*clauses)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "older_than_days": self.older_than_days,
+            "modalities": list(self.modalities),
+            "statuses": list(self.statuses),
+            "date": "study date (received date when the study has none)",
+        }
+
+
+@dataclass
+class PurgeReport:
+    rules: PurgeRules
+    dry_run: bool
+    studies: int = 0
+    instances: int = 0
+    bytes: int = 0
+    selected: Capped = field(default_factory=Capped)
+    deleted_studies: int = 0
+    deleted_instances: int = 0
+    deleted_bytes: int = 0
+    deleted_patients: int = 0
+    objects_deleted: int = 0
+    object_failures: Capped = field(default_factory=Capped)
+    leftovers_deleted: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "dry_run": self.dry_run,
+            "rules": self.rules.as_dict(),
+            "selected": {"studies": self.studies, "instances": self.instances, "bytes": self.bytes},
+            "studies": self.selected.as_dict(),
+            "deleted": {
+                "studies": self.deleted_studies,
+                "instances": self.deleted_instances,
+                "bytes": self.deleted_bytes,
+                "patients": self.deleted_patients,
+                "objects": self.objects_deleted,
+            },
+            "object_failures": self.object_failures.as_dict(),
+            "leftovers_deleted": self.leftovers_deleted,
+        }
+
+
+def _summary(pacs: Pacs, where: Any, report: PurgeReport) -> None:
+    with pacs.engine.connect() as conn:
+        count, n_instances, size = conn.execute(
+            select(
+                func.count(),
+                func.coalesce(func.sum(studies_t.c.num_instances), 0),
+                func.coalesce(func.sum(studies_t.c.size_bytes), 0),
+            ).where(where)
+        ).one()
+        report.studies, report.instances, report.bytes = int(count), int(n_instances), int(size)
+        rows = conn.execute(
+            select(
+                studies_t.c.study_uid, studies_t.c.study_date, studies_t.c.modalities,
+                studies_t.c.num_instances, studies_t.c.size_bytes, patients_t.c.patient_id,
+            )
+            .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
+            .where(where)
+            .order_by(studies_t.c.study_date, studies_t.c.pk)
+            .limit(report.selected.cap)
+        ).all()
+    report.selected.count = report.studies
+    report.selected.items = [
+        {"study_uid": r.study_uid, "study_date": r.study_date, "modalities": r.modalities,
+         "patient_id": r.patient_id, "instances": r.num_instances, "bytes": r.size_bytes}
+        for r in rows
+    ]
+
+
+def _delete_study(pacs: Pacs, study_pk: int, where: Any, journal: PurgeJournal) -> dict[str, Any] | None:
+    """Delete one study's index rows (if it still matches); return what it was."""
+    with pacs.engine.connect().execution_options(immediate=True) as conn, conn.begin():
+        row = conn.execute(
+            select(studies_t.c.study_uid, studies_t.c.patient_pk, studies_t.c.num_instances,
+                   studies_t.c.size_bytes, patients_t.c.patient_id)
+            .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
+            .where(studies_t.c.pk == study_pk, where)
+        ).first()
+        if row is None:
+            return None  # changed since it was selected (new report, new date...)
+        keys = list(
+            conn.execute(
+                select(instances_t.c.storage_key)
+                .join(series_t, series_t.c.pk == instances_t.c.series_pk)
+                .where(series_t.c.study_pk == study_pk)
+            ).scalars()
+        )
+        journal.append(keys)
+        conn.execute(delete(studies_t).where(studies_t.c.pk == study_pk))
+        patients_removed = prune_patients(conn, {row.patient_pk})
+    return {
+        "study_uid": row.study_uid, "patient_id": row.patient_id, "instances": row.num_instances,
+        "bytes": row.size_bytes, "keys": keys, "patients_removed": patients_removed,
+    }
+
+
+def purge(
+    pacs: Pacs,
+    rules: PurgeRules,
+    *,
+    execute: bool = False,
+    user: str | None = None,
+    progress: Progress | None = None,
+    today: date | None = None,
+) -> PurgeReport:
+    """Summarise (``execute=False``) or delete the studies *rules* select."""
+    progress = progress or NullProgress()
+    where = rules.condition(today)
+    report = PurgeReport(rules=rules, dry_run=not execute)
+    _summary(pacs, where, report)
+    if not execute:
+        return report
+    journal = PurgeJournal(pacs.settings.data_dir)
+    report.leftovers_deleted = journal.finish(pacs)
+    user = user or os_user()
+    progress.start("purging studies", report.studies)
+    last_pk = 0
+    while True:
+        with pacs.engine.connect() as conn:
+            pks = list(
+                conn.execute(
+                    select(studies_t.c.pk).where(where, studies_t.c.pk > last_pk).order_by(studies_t.c.pk).limit(BATCH)
+                ).scalars()
+            )
+        if not pks:
+            break
+        last_pk = pks[-1]
+        for study_pk in pks:
+            done = _delete_study(pacs, study_pk, where, journal)
+            progress.advance()
+            if done is None:
+                continue
+            report.deleted_studies += 1
+            report.deleted_instances += int(done["instances"])
+            report.deleted_bytes += int(done["bytes"])
+            report.deleted_patients += done["patients_removed"]
+            for key in done["keys"]:
+                try:
+                    pacs.store.delete(key)
+                    report.objects_deleted += 1
+                except StorageError as exc:
+                    report.object_failures.add({"key": key, "detail": str(exc)})
+            pacs.audit.record(
+                Event(
+                    action="delete", user=user, protocol="cli", study_uid=done["study_uid"],
+                    patient_id=done["patient_id"],
+                    detail=f"purge: {done['instances']} instances, {done['bytes']} bytes",
+                )
+            )
+    pacs.audit.flush()
+    if not report.object_failures.count:
+        journal.clear()
+    return report

@@ -1,0 +1,245 @@
+"""``pacs verify``: does storage hold exactly what the index says?
+
+Two passes, both streaming:
+
+1. index -> storage: every instance row, page by page (by primary key); each
+   object is read once, in chunks, to compare its size and sha256 with the
+   row (``quick``: size only). Missing and corrupt objects are reported.
+2. storage -> index: ``store.list()`` in batches of 500 keys; each batch is
+   looked up in one indexed query (by the SOP Instance UID the key names), so
+   no set of all index keys is ever built. Keys no row references are
+   orphans (a crash between the object write and the index commit leaves
+   one; so does an object being received at this very moment).
+
+Repair (``repair=True``):
+
+- valid orphans are adopted through the normal ingest path (read from the
+  store, validated, indexed; routing and reconciliation apply as for any
+  received object); an orphan whose instance is already indexed under
+  another key is reported as a duplicate and left alone;
+- invalid orphans are reported, never deleted (somebody must look at them);
+- objects a crashed ``pacs purge`` left behind are deleted (see purge);
+- index rows whose object is missing are only dropped with
+  ``drop_missing=True`` (the study then loses those instances; series and
+  studies left empty go too). Corrupt objects are never dropped: the row
+  is the evidence of what the bytes should be, restore them from a backup.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+
+from storage import ObjectNotFound, StorageError, sha256_of
+
+from ..app import Pacs
+from ..errors import IngestError, Status
+from ..index.writer import Outcome
+from ..ingest import Origin
+from ..part10 import FileSource
+from .common import (
+    BATCH,
+    Capped,
+    NullProgress,
+    Progress,
+    batched,
+    count_rows,
+    delete_instance_rows,
+    indexed_among,
+    instances_t,
+)
+from .purge import PurgeJournal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class VerifyReport:
+    """What verify found (and repaired)."""
+
+    checked: int = 0
+    checked_bytes: int = 0
+    stored: int = 0
+    missing: Capped = field(default_factory=Capped)
+    corrupt: Capped = field(default_factory=Capped)
+    unreadable: Capped = field(default_factory=Capped)
+    orphans: Capped = field(default_factory=Capped)
+    invalid_orphans: Capped = field(default_factory=Capped)
+    duplicate_orphans: Capped = field(default_factory=Capped)
+    adopted: Capped = field(default_factory=Capped)
+    not_adopted: Capped = field(default_factory=Capped)
+    pending_purge: int = 0
+    purged_leftovers: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    repair: bool = False
+
+    @property
+    def problems(self) -> int:
+        """Problems left after this run (what makes the exit code 1)."""
+        missing = max(0, self.missing.count - self.dropped.get("instances", 0))
+        # Orphans not adopted: invalid ones and duplicates of indexed instances.
+        orphans = max(0, self.orphans.count - self.adopted.count)
+        return missing + self.corrupt.count + self.unreadable.count + orphans
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.problems == 0,
+            "problems": self.problems,
+            "checked": self.checked,
+            "checked_bytes": self.checked_bytes,
+            "stored_objects": self.stored,
+            "missing": self.missing.as_dict(),
+            "corrupt": self.corrupt.as_dict(),
+            "unreadable": self.unreadable.as_dict(),
+            "orphans": self.orphans.as_dict(),
+            "invalid_orphans": self.invalid_orphans.as_dict(),
+            "duplicate_orphans": self.duplicate_orphans.as_dict(),
+            "adopted": self.adopted.as_dict(),
+            "not_adopted": self.not_adopted.as_dict(),
+            "pending_purge": self.pending_purge,
+            "purged_leftovers": self.purged_leftovers,
+            "dropped": self.dropped,
+            "repair": self.repair,
+        }
+
+
+def _check(pacs: Pacs, row: Any, quick: bool) -> tuple[str, str]:
+    """("ok" | "missing" | "corrupt" | "unreadable", detail) for one row."""
+    try:
+        if quick:
+            size = pacs.store.stat(row.storage_key).size
+            digest = None
+        else:
+            with pacs.store.open(row.storage_key) as stream:
+                digest, size = sha256_of(stream)
+    except ObjectNotFound:
+        return "missing", "no object under the key"
+    except StorageError as exc:
+        return "unreadable", str(exc)
+    if size != row.size_bytes:
+        return "corrupt", f"size {size}, index says {row.size_bytes}"
+    if digest is not None and digest != row.sha256:
+        return "corrupt", f"sha256 {digest[:16]}..., index says {row.sha256[:16]}..."
+    return "ok", ""
+
+
+def _index_pass(pacs: Pacs, report: VerifyReport, quick: bool, workers: int, progress: Progress,
+                missing_pks: list[int]) -> None:
+    progress.start("checking indexed objects", count_rows(pacs.engine, instances_t))
+    columns = (instances_t.c.pk, instances_t.c.sop_uid, instances_t.c.storage_key,
+               instances_t.c.size_bytes, instances_t.c.sha256)
+    last_pk = 0
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        while True:
+            with pacs.engine.connect() as conn:
+                rows = conn.execute(
+                    select(*columns).where(instances_t.c.pk > last_pk).order_by(instances_t.c.pk).limit(BATCH)
+                ).all()
+            if not rows:
+                return
+            last_pk = rows[-1].pk
+            for row, (state, detail) in zip(rows, pool.map(lambda r: _check(pacs, r, quick), rows), strict=True):
+                report.checked += 1
+                progress.advance()
+                if state == "ok":
+                    report.checked_bytes += row.size_bytes
+                    continue
+                entry = {"key": row.storage_key, "sop_uid": row.sop_uid, "detail": detail}
+                getattr(report, state).add(entry)
+                if state == "missing":
+                    missing_pks.append(row.pk)
+
+
+def _classify_orphan(pacs: Pacs, key: str) -> str | None:
+    """None if the orphan is a valid DICOM object, else why not."""
+    from ..header import parse_header
+
+    try:
+        with pacs.store.local_path(key) as path, open(path, "rb") as stream:
+            stream.seek(0, 2)
+            size = stream.tell()
+            parse_header(stream, size)
+    except IngestError as exc:
+        return str(exc)
+    except StorageError as exc:
+        return f"unreadable: {exc}"
+    return None
+
+
+def _adopt(pacs: Pacs, key: str, report: VerifyReport) -> None:
+    """Ingest a valid orphan from the store through the one ingest path."""
+    try:
+        with pacs.store.local_path(key) as path:
+            result = pacs.ingestor.ingest(FileSource(path), Origin(source="repair", remote_host="localhost"))
+    except IngestError as exc:
+        if exc.status in (Status.OUT_OF_RESOURCES, Status.STORAGE_FAILED, Status.INDEX_FAILED):
+            # Not the object's fault (disk low, store or index down): retry later.
+            report.not_adopted.add({"key": key, "detail": str(exc)})
+        else:
+            report.invalid_orphans.add({"key": key, "detail": str(exc)})
+        return
+    except StorageError as exc:
+        report.not_adopted.add({"key": key, "detail": str(exc)})
+        return
+    if result.outcome is Outcome.DUPLICATE and result.storage_key != key:
+        report.duplicate_orphans.add({"key": key, "sop_uid": result.sop_uid, "indexed_key": result.storage_key})
+        return
+    report.adopted.add({"key": result.storage_key, "sop_uid": result.sop_uid})
+    if result.storage_key != key:
+        # Ingest stored a byte-identical copy under the key of the ingest
+        # layout; the original is now an unreferenced duplicate.
+        try:
+            pacs.store.delete(key)
+        except StorageError as exc:
+            log.warning("could not remove %s after adopting it as %s: %s", key, result.storage_key, exc)
+
+
+def _storage_pass(pacs: Pacs, report: VerifyReport, repair: bool, progress: Progress,
+                  pending: set[str]) -> None:
+    progress.start("looking for orphans", None)
+    for keys in batched(info.key for info in pacs.store.list()):
+        report.stored += len(keys)
+        progress.advance(len(keys))
+        indexed = indexed_among(pacs.engine, keys)
+        for key in keys:
+            if key in indexed:
+                continue
+            if key in pending:
+                report.pending_purge += 1
+                continue
+            problem = _classify_orphan(pacs, key)
+            report.orphans.add({"key": key, "valid": problem is None, "detail": problem or ""})
+            if problem is not None:
+                report.invalid_orphans.add({"key": key, "detail": problem})
+            elif repair:
+                _adopt(pacs, key, report)
+
+
+def verify(
+    pacs: Pacs,
+    *,
+    repair: bool = False,
+    drop_missing: bool = False,
+    quick: bool = False,
+    workers: int = 4,
+    progress: Progress | None = None,
+) -> VerifyReport:
+    """Check index against storage and storage against index (see module doc)."""
+    progress = progress or NullProgress()
+    report = VerifyReport(repair=repair)
+    journal = PurgeJournal(pacs.settings.data_dir)
+    if repair:
+        report.purged_leftovers = journal.finish(pacs)
+        pending: set[str] = set()
+    else:
+        pending = journal.keys()
+    missing_pks: list[int] = []
+    _index_pass(pacs, report, quick, workers, progress, missing_pks)
+    _storage_pass(pacs, report, repair, progress, pending)
+    if repair and drop_missing and missing_pks:
+        report.dropped = delete_instance_rows(pacs.engine, missing_pks)
+    return report

@@ -1,0 +1,370 @@
+"""Routing rules and the durable routing queue.
+
+A rule matches on the calling AE, SOP class, modality or any tag (equality,
+wildcard, regular expression) and forwards to a registered AE (C-STORE) or a
+DICOMweb endpoint (STOW-RS), optionally transcoded, de-identified or with
+tags changed. Matching happens at ingest and the jobs are written in the
+same index transaction as the instance, so an acknowledged object is never
+left unrouted. Jobs are claimed with ``FOR UPDATE SKIP LOCKED`` on
+PostgreSQL (a single writer on SQLite): several nodes drain one queue and
+no job is sent twice at once.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from pydicom.datadict import keyword_dict
+from pydicom.dataset import Dataset
+from sqlalchemy import Connection, Engine, and_, delete, func, select, update
+
+from .errors import PacsError
+from .index.models import RouteJob, RoutingRule
+from .index.writer_helpers import insert_ignore
+
+rules_t = RoutingRule.__table__
+jobs_t = RouteJob.__table__
+LEASE = timedelta(minutes=5)
+TRANSCODES = {
+    "": "",
+    "uncompressed": "1.2.840.10008.1.2.1",
+    "j2k-lossless": "1.2.840.10008.1.2.4.90",
+    "jpegls-lossless": "1.2.840.10008.1.2.4.80",
+    "rle": "1.2.840.10008.1.2.5",
+}
+OPS = ("eq", "wildcard", "regex")
+
+
+class RoutingError(PacsError):
+    pass
+
+
+@dataclass(frozen=True)
+class Condition:
+    attribute: str
+    op: str
+    value: str
+
+    def matches(self, values: dict[str, str]) -> bool:
+        actual = values.get(self.attribute, "")
+        if self.op == "eq":
+            return actual == self.value
+        if self.op == "wildcard":
+            return fnmatch.fnmatchcase(actual.upper(), self.value.upper())
+        return re.search(self.value, actual) is not None
+
+
+@dataclass(frozen=True)
+class Rule:
+    pk: int
+    name: str
+    conditions: tuple[Condition, ...]
+    destination_kind: str
+    destination: str
+    destination_auth: str = ""
+    transcode: str = ""
+    deidentify: bool = False
+    morph: tuple[tuple[str, str], ...] = ()
+    stable_seconds: int = 0
+    enabled: bool = True
+
+    @property
+    def destination_key(self) -> str:
+        return f"{self.destination_kind}:{self.destination}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "enabled": self.enabled,
+            "conditions": [c.__dict__ for c in self.conditions],
+            "destination_kind": self.destination_kind, "destination": self.destination,
+            "transcode": self.transcode, "deidentify": self.deidentify, "morph": dict(self.morph),
+            "stable_seconds": self.stable_seconds,
+        }
+
+
+@dataclass(frozen=True)
+class PlannedRoute:
+    """A job to create with the instance's index row."""
+
+    rule_pk: int
+    destination_key: str
+    stable_seconds: int
+
+
+@dataclass
+class Job:
+    pk: int
+    rule_pk: int
+    sop_uid: str
+    study_uid: str
+    attempts: int
+    rule: Rule | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_condition(text: str) -> Condition:
+    """``Modality=CT``, ``CallingAE~CT_*`` (wildcard), ``StudyDescription/regex/``."""
+    for op, sep in (("regex", "/"), ("wildcard", "~"), ("eq", "=")):
+        if op == "regex" and "=/" in text and text.endswith("/"):
+            attribute, value = text.split("=/", 1)
+            return _condition(attribute, "regex", value[:-1])
+        if op != "regex" and sep in text:
+            attribute, value = text.split(sep, 1)
+            return _condition(attribute, op, value)
+    raise RoutingError(f"cannot read condition {text!r}: use Key=value, Key~wild*card or Key=/regex/")
+
+
+def _condition(attribute: str, op: str, value: str) -> Condition:
+    attribute = attribute.strip()
+    if attribute not in ("CallingAE",) and attribute not in keyword_dict:
+        raise RoutingError(f"unknown attribute {attribute!r} (a DICOM keyword or CallingAE)")
+    if op == "regex":
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise RoutingError(f"bad regular expression {value!r}: {exc}") from None
+    return Condition(attribute, op, value)
+
+
+class RoutingRules:
+    """CRUD on rules plus a short-lived cache for matching at ingest."""
+
+    CACHE_SECONDS = 2.0
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._cache: list[Rule] | None = None
+        self._cached_at = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, name: str, conditions: list[Condition], destination_kind: str, destination: str, *,
+            destination_auth: str = "", transcode: str = "", deidentify: bool = False,
+            morph: dict[str, str] | None = None, stable_seconds: int = 0) -> Rule:
+        if destination_kind not in ("dicom", "dicomweb"):
+            raise RoutingError("destination kind is dicom or dicomweb")
+        if transcode not in TRANSCODES and not re.fullmatch(r"[0-9.]{3,64}", transcode):
+            raise RoutingError(f"transcode must be one of {', '.join(k for k in TRANSCODES if k)} or a UID")
+        for keyword in (morph or {}):
+            if keyword not in keyword_dict:
+                raise RoutingError(f"unknown attribute to set: {keyword!r}")
+        values = {
+            "enabled": True, "conditions": json.dumps([c.__dict__ for c in conditions]),
+            "destination_kind": destination_kind, "destination": destination, "destination_auth": destination_auth,
+            "transcode": transcode, "deidentify": deidentify, "morph": json.dumps(morph or {}),
+            "stable_seconds": max(0, stable_seconds),
+        }
+        with self.engine.begin() as conn:
+            pk = insert_ignore(conn, rules_t, {"name": name, "created_at": datetime.now(UTC), **values}, ["name"])
+            if pk is None:
+                conn.execute(update(rules_t).where(rules_t.c.name == name).values(**values))
+        self._cache = None
+        return next(r for r in self.list() if r.name == name)
+
+    def remove(self, name: str) -> bool:
+        with self.engine.begin() as conn:
+            done = conn.execute(delete(rules_t).where(rules_t.c.name == name)).rowcount
+        self._cache = None
+        return bool(done)
+
+    def list(self) -> list[Rule]:
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(rules_t).order_by(rules_t.c.name)).all()
+        return [_rule(r) for r in rows]
+
+    def enabled(self) -> list[Rule]:
+        with self._lock:
+            now = time.monotonic()
+            if self._cache is None or now - self._cached_at > self.CACHE_SECONDS:
+                self._cache = [r for r in self.list() if r.enabled]
+                self._cached_at = now
+            return self._cache
+
+    def plan(self, dataset: Dataset | None, calling_ae: str, sop_class: str, modality: str) -> list[PlannedRoute]:
+        """The routes an incoming instance takes (evaluated before its commit)."""
+        rules = self.enabled()
+        if not rules:
+            return []
+        values = _Values(dataset, {"CallingAE": calling_ae, "SOPClassUID": sop_class, "Modality": modality})
+        return [
+            PlannedRoute(r.pk, r.destination_key, r.stable_seconds)
+            for r in rules
+            if all(c.matches(values) for c in r.conditions)
+        ]
+
+
+class _Values(dict):  # type: ignore[type-arg]
+    """Tag values of an instance, read lazily from its header dataset."""
+
+    def __init__(self, dataset: Dataset | None, known: dict[str, str]) -> None:
+        super().__init__(known)
+        self._dataset = dataset
+
+    def get(self, key: str, default: str = "") -> str:  # type: ignore[override]
+        if key in self:
+            return str(self[key])
+        value = ""
+        if self._dataset is not None:
+            try:
+                raw = self._dataset.get(key)
+                if raw is not None:
+                    value = "\\".join(str(v) for v in raw) if isinstance(raw, list | tuple) or raw.__class__.__name__ == "MultiValue" else str(raw)
+            except Exception:
+                value = ""
+        self[key] = value
+        return value
+
+
+def load_rule(rules: RoutingRules, entry: dict[str, Any]) -> Rule:
+    """A rule from the config file::
+
+        [[route]]
+        name = "ct-to-reading"
+        if = ["Modality=CT", "CallingAE~SATELLITE_*"]
+        to_ae = "READING"          # or to_url = "https://.../dicom-web"
+        transcode = "j2k-lossless"
+        stable_seconds = 30
+    """
+    destination_kind, destination = ("dicomweb", entry["to_url"]) if "to_url" in entry else ("dicom", entry["to_ae"])
+    return rules.add(
+        entry["name"], [parse_condition(c) for c in entry.get("if", [])], destination_kind, destination,
+        destination_auth=entry.get("auth", ""), transcode=entry.get("transcode", ""),
+        deidentify=bool(entry.get("deidentify", False)), morph=entry.get("set", {}),
+        stable_seconds=int(entry.get("stable_seconds", 0)),
+    )
+
+
+def _rule(row: Any) -> Rule:
+    return Rule(
+        pk=row.pk, name=row.name,
+        conditions=tuple(Condition(**c) for c in json.loads(row.conditions or "[]")),
+        destination_kind=row.destination_kind, destination=row.destination, destination_auth=row.destination_auth,
+        transcode=row.transcode, deidentify=row.deidentify,
+        morph=tuple(sorted(json.loads(row.morph or "{}").items())), stable_seconds=row.stable_seconds,
+        enabled=row.enabled,
+    )
+
+
+# -- the queue ----------------------------------------------------------------------------------
+def create_jobs(conn: Connection, routes: list[PlannedRoute], sop_uid: str, study_uid: str, now: datetime) -> None:
+    """Inside the index transaction: one job per route; a stable-study route
+    pushes back the study's jobs that have not been tried yet."""
+    for route in routes:
+        due = now + timedelta(seconds=route.stable_seconds)
+        insert_ignore(
+            conn, jobs_t,
+            {"rule_pk": route.rule_pk, "sop_uid": sop_uid, "study_uid": study_uid,
+             "destination_key": route.destination_key, "state": "pending", "attempts": 0,
+             "next_attempt_at": due, "created_at": now, "updated_at": now},
+            ["rule_pk", "sop_uid"],
+        )
+        if route.stable_seconds:
+            conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.rule_pk == route.rule_pk, jobs_t.c.study_uid == study_uid,
+                       jobs_t.c.state == "pending", jobs_t.c.attempts == 0)
+                .values(next_attempt_at=due)
+            )
+
+
+def due_destinations(engine: Engine) -> list[str]:
+    now = datetime.now(UTC)
+    with engine.connect() as conn:
+        return [r[0] for r in conn.execute(
+            select(jobs_t.c.destination_key).distinct()
+            .where(jobs_t.c.state.in_(["pending", "sending"]), jobs_t.c.next_attempt_at <= now)
+        )]
+
+
+def claim(engine: Engine, destination_key: str, node: str, limit: int = 50) -> list[Job]:
+    """Claim due jobs of one destination; a job claimed here is invisible to
+    every other node until it is finished or its lease expires."""
+    now = datetime.now(UTC)
+    due = and_(jobs_t.c.destination_key == destination_key, jobs_t.c.state.in_(["pending", "sending"]),
+               jobs_t.c.next_attempt_at <= now)
+    with engine.begin() as conn:
+        pks = conn.execute(
+            select(jobs_t.c.pk).where(due).order_by(jobs_t.c.pk).limit(limit).with_for_update(skip_locked=True)
+        ).scalars().all()
+        if not pks:
+            return []
+        conn.execute(
+            update(jobs_t).where(jobs_t.c.pk.in_(pks), due)
+            .values(state="sending", claimed_by=node, next_attempt_at=now + LEASE, updated_at=now)
+        )
+        rows = conn.execute(
+            select(jobs_t).where(jobs_t.c.pk.in_(pks), jobs_t.c.claimed_by == node, jobs_t.c.state == "sending")
+            .order_by(jobs_t.c.pk)
+        ).all()
+    return [Job(r.pk, r.rule_pk, r.sop_uid, r.study_uid, r.attempts) for r in rows]
+
+
+def finish(engine: Engine, job: Job) -> None:
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(update(jobs_t).where(jobs_t.c.pk == job.pk).values(state="done", last_error="", updated_at=now))
+
+
+def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: bool = False) -> str:
+    """Back off (2^n s, at most 10 min) or park as dead; returns the new state."""
+    attempts = job.attempts + 1
+    dead = permanent or attempts >= max_attempts
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(
+            update(jobs_t).where(jobs_t.c.pk == job.pk).values(
+                state="dead" if dead else "pending", attempts=attempts, last_error=error[:500],
+                next_attempt_at=now + timedelta(seconds=min(600, 2 ** min(attempts, 10))), updated_at=now,
+            )
+        )
+    return "dead" if dead else "pending"
+
+
+def release_node(engine: Engine, node: str) -> int:
+    """Put back what this node had claimed (start-up after a crash, shutdown)."""
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        return int(conn.execute(
+            update(jobs_t).where(jobs_t.c.claimed_by == node, jobs_t.c.state == "sending")
+            .values(state="pending", next_attempt_at=now, updated_at=now)
+        ).rowcount)
+
+
+def list_jobs(engine: Engine, state: str = "", limit: int = 100) -> list[dict[str, Any]]:
+    stmt = (select(jobs_t, rules_t.c.name.label("rule")).join(rules_t, rules_t.c.pk == jobs_t.c.rule_pk)
+            .order_by(jobs_t.c.pk.desc()).limit(limit))
+    if state:
+        stmt = stmt.where(jobs_t.c.state == state)
+    with engine.connect() as conn:
+        return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def counts(engine: Engine) -> dict[str, int]:
+    with engine.connect() as conn:
+        return {s: int(n) for s, n in conn.execute(select(jobs_t.c.state, func.count()).group_by(jobs_t.c.state))}
+
+
+def retry(engine: Engine, *, pk: int | None = None, state: str = "dead") -> int:
+    """Give dead (or cancelled) jobs another round."""
+    now = datetime.now(UTC)
+    stmt = update(jobs_t).values(state="pending", attempts=0, next_attempt_at=now, updated_at=now)
+    stmt = stmt.where(jobs_t.c.pk == pk) if pk is not None else stmt.where(jobs_t.c.state == state)
+    with engine.begin() as conn:
+        return int(conn.execute(stmt).rowcount)
+
+
+def cancel(engine: Engine, *, pk: int | None = None, rule: str = "") -> int:
+    now = datetime.now(UTC)
+    stmt = update(jobs_t).values(state="cancelled", updated_at=now).where(jobs_t.c.state.in_(["pending", "dead"]))
+    if pk is not None:
+        stmt = stmt.where(jobs_t.c.pk == pk)
+    elif rule:
+        stmt = stmt.where(jobs_t.c.rule_pk == select(rules_t.c.pk).where(rules_t.c.name == rule).scalar_subquery())
+    with engine.begin() as conn:
+        return int(conn.execute(stmt).rowcount)

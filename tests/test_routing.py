@@ -1,0 +1,238 @@
+"""Issue 7: routing rules with a durable queue, to a real DCMTK storescp that
+goes down and comes back, across restarts of `pacs serve`, and drained by
+two nodes sharing PostgreSQL and S3 without sending anything twice."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.uid import JPEG2000Lossless
+
+from .conftest import S3_ACCESS, S3_SECRET, Backend, PacsServer, free_port, wait_port
+from .peers import create_database, dcmtk, drop_database
+from .test_dimse_failures import make_ct
+
+
+class Receiver:
+    """DCMTK storescp as a routing destination; counts every C-STORE it gets."""
+
+    def __init__(self, workdir: Path, port: int | None = None, accept_all: bool = True) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.accept_all = accept_all
+        self.proc: subprocess.Popen | None = None
+        self.log = workdir / "storescp.log"
+        (workdir / "in").mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> Receiver:
+        args = [dcmtk("storescp"), "-v", "-od", str(self.workdir / "in"), "-aet", "READING", str(self.port)]
+        if self.accept_all:
+            args.insert(1, "+xa")
+        self.proc = subprocess.Popen(args, env={**os.environ, "TCP_NODELAY": "1"},
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def stores(self) -> int:
+        return self.log.read_text(errors="replace").count("Received Store Request") if self.log.exists() else 0
+
+    def files(self) -> dict[str, Path]:
+        return {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in (self.workdir / "in").iterdir()}
+
+    def wait_for(self, count: int, timeout: float = 90) -> int:
+        deadline = time.monotonic() + timeout
+        while self.stores() < count and time.monotonic() < deadline:
+            time.sleep(0.3)
+        time.sleep(1.5)  # anything extra (a duplicate) would show up now
+        return self.stores()
+
+
+def _jobs(server: PacsServer) -> dict:
+    return json.loads(server.cli("route", "list", "--json").stdout)
+
+
+def _send(server: PacsServer, tmp_path: Path, calling: str, count: int, **attrs: object) -> list[str]:
+    study = f"1.2.826.0.1.3680043.9.7136.{abs(hash((calling, tmp_path))) % 10**9}"
+    uids = []
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        path = make_ct(tmp_path / f"{calling}-{i}-{time.monotonic_ns()}.dcm", StudyInstanceUID=study, **attrs)
+        assert server.storescu(str(path), calling=calling).returncode == 0
+        uids.append(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+    return uids
+
+
+def test_rule_waits_for_a_down_receiver_and_survives_restarts(tmp_path: Path) -> None:
+    receiver = Receiver(tmp_path / "reading")
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}))
+    server.cli("ae", "add", "READING", "--host", "127.0.0.1", "--port", str(receiver.port))
+    server.cli("route", "add", "ct-from-satellite", "--if", "Modality=CT", "--if", "CallingAE~SAT_*",
+               "--to-ae", "READING")
+    server.start()
+    try:
+        routed = _send(server, tmp_path, "SAT_CT1", 3)
+        _send(server, tmp_path, "LOCAL_CT", 2)  # another AE: not routed
+        _send(server, tmp_path, "SAT_CT1", 1, Modality="MR")  # another modality: not routed
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and _jobs(server)["counts"].get("pending", 0) < 3:
+            time.sleep(0.5)
+        jobs = _jobs(server)
+        assert sum(jobs["counts"].values()) == 3
+        assert all(j["attempts"] >= 1 and "READING" in j["last_error"] for j in jobs["jobs"])
+        # A graceful restart with the queue full...
+        server.stop()
+        server.start()
+        more = _send(server, tmp_path, "SAT_CT2", 2)
+        # ...and a crash (SIGKILL) with the queue full.
+        server.stop(signal.SIGKILL)
+        server.start()
+        receiver.start()
+        assert receiver.wait_for(5) == 5, "every routed object exactly once"
+        assert set(receiver.files()) == set(routed + more)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _jobs(server)["counts"] != {"done": 5}:
+            time.sleep(0.5)
+        assert _jobs(server)["counts"] == {"done": 5}
+    finally:
+        server.stop()
+        receiver.stop()
+
+
+def test_transcoding_and_deidentifying_on_the_way(tmp_path: Path) -> None:
+    receiver = Receiver(tmp_path / "reading").start()
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}))
+    server.cli("ae", "add", "READING", "--host", "127.0.0.1", "--port", str(receiver.port))
+    server.cli("route", "add", "to-research", "--if", "CallingAE=RESEARCH_CT", "--to-ae", "READING",
+               "--transcode", "j2k-lossless", "--deidentify", "--set", "InstitutionName=Research copy")
+    server.start()
+    try:
+        originals = {}
+        for i in range(3):
+            path = make_ct(tmp_path / f"r{i}.dcm", StudyInstanceUID="1.2.826.0.1.3680043.9.7136.77",
+                           SeriesInstanceUID="1.2.826.0.1.3680043.9.7136.77.1",
+                           PatientName="Nguyễn^Văn An", PatientID="001085012345", SpecificCharacterSet="ISO_IR 192",
+                           Rows=64, Columns=64, PixelData=(np.arange(4096, dtype=np.uint16) * (i + 3)).tobytes())
+            assert server.storescu(str(path), calling="RESEARCH_CT").returncode == 0
+            originals[i] = dcmread(path)
+        assert receiver.wait_for(3) == 3
+        received = [dcmread(f) for f in receiver.files().values()]
+    finally:
+        server.stop()
+        receiver.stop()
+    original_uids = {str(ds.SOPInstanceUID) for ds in originals.values()}
+    for ds in received:
+        assert ds.file_meta.TransferSyntaxUID == JPEG2000Lossless
+        assert "PatientName" not in ds or "Nguy" not in str(ds.PatientName)
+        assert ds.get("PatientID", "") != "001085012345"
+        assert ds.PatientIdentityRemoved == "YES"
+        assert ds.InstitutionName == "Research copy"
+        assert str(ds.SOPInstanceUID) not in original_uids
+    # UIDs are remapped consistently: one study, one series, three instances.
+    assert len({str(d.StudyInstanceUID) for d in received}) == 1
+    assert len({str(d.SeriesInstanceUID) for d in received}) == 1
+    # Lossless: the decoded pixels are exactly the originals'.
+    by_pixels = sorted(d.pixel_array.tobytes() for d in received)
+    assert by_pixels == sorted(o.pixel_array.tobytes() for o in originals.values())
+
+
+def test_two_nodes_drain_one_queue_without_sending_twice(tmp_path: Path, s3_server) -> None:  # type: ignore[no-untyped-def]
+    pg = create_database()
+    env = {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET}
+    backend = Backend("pg-s3", pg, s3_server.url("two-nodes"), env)
+    receiver = Receiver(tmp_path / "reading")
+    nodes = [
+        PacsServer(tmp_path / f"node{i}", backend, extra_env={"PACS_NODE_ID": f"node-{i}"}) for i in range(2)
+    ]
+    try:
+        nodes[0].cli("ae", "add", "READING", "--host", "127.0.0.1", "--port", str(receiver.port))
+        nodes[0].cli("route", "add", "all-ct", "--if", "Modality=CT", "--to-ae", "READING")
+        for node in nodes:
+            node.start()
+        sent = []
+        for i in range(30):  # modalities send to both nodes
+            sent += _send(nodes[i % 2], tmp_path / f"batch{i}", f"CT_{i % 3}", 1)
+        assert len(set(sent)) == 30
+        receiver.start()
+        assert receiver.wait_for(30, timeout=120) == 30, "no job may be sent twice"
+        assert set(receiver.files()) == set(sent)
+        counts = _jobs(nodes[0])["counts"]
+        assert counts == {"done": 30}
+    finally:
+        for node in nodes:
+            node.stop()
+        receiver.stop()
+        drop_database(pg)
+
+
+def _wait(predicate, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return predicate()
+
+
+def test_stow_route_after_the_study_is_stable_and_dead_letters(tmp_path: Path) -> None:
+    reader = PacsServer(tmp_path / "reader", Backend("sqlite-fs", None, None, {})).start()
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_ROUTE_MAX_ATTEMPTS": "2"})
+    server.cli("route", "add", "axials-to-reader", "--if", "SeriesDescription=/^AX [0-9]+mm$/",
+               "--to-url", f"http://127.0.0.1:{reader.http_port}/dicom-web", "--auth", f"Bearer {reader.token}",
+               "--stable", "6")
+    server.cli("route", "add", "to-nowhere", "--if", "Modality=CT", "--to-url", f"http://127.0.0.1:{free_port()}/x")
+    server.start()
+    try:
+        axial = _send(server, tmp_path / "ax", "CT_ROOM1", 3, SeriesDescription="AX 5mm")
+        _send(server, tmp_path / "cor", "CT_ROOM1", 1, SeriesDescription="COR 5mm")  # the regex does not match
+        # The study is still "arriving": nothing goes before 6 s without a new instance.
+        assert reader.stats()["instances"] == 0
+        assert _wait(lambda: reader.stats()["instances"] == 3), _jobs(server)
+        with reader.http() as client:
+            found = client.get("/dicom-web/instances", params={"includefield": "SOPInstanceUID"}).json()
+        assert sorted(i["00080018"]["Value"][0] for i in found) == sorted(axial)
+        # The unreachable destination: two tries, then dead (a dead letter, not lost).
+        assert _wait(lambda: _jobs(server)["counts"].get("dead", 0) == 4), _jobs(server)
+        dead = json.loads(server.cli("route", "list", "--state", "dead", "--json").stdout)["jobs"]
+        assert {j["rule"] for j in dead} == {"to-nowhere"} and all(j["attempts"] == 2 for j in dead)
+        # retry puts them back in the queue; cancel takes them out for good.
+        assert json.loads(server.cli("route", "retry", "--json").stdout) == {"retried": 4}
+        assert _wait(lambda: _jobs(server)["counts"].get("dead", 0) == 4), _jobs(server)
+        server.cli("route", "cancel", "--rule", "to-nowhere")
+        assert _jobs(server)["counts"].get("cancelled", 0) == 4, _jobs(server)
+        assert _jobs(server)["counts"].get("done") == 3
+    finally:
+        server.stop()
+        reader.stop()
+
+
+def test_rules_from_the_config_file(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "pacs.toml").write_text(
+        '[[route]]\nname = "ct-to-reading"\nif = ["Modality=CT", "CallingAE~SAT_*"]\nto_ae = "READING"\n'
+        'transcode = "jpegls-lossless"\nstable_seconds = 30\n'
+        '[[route]]\nname = "ai"\nif = ["StudyDescription=/(?i)chest/"]\nto_url = "https://ai.local/dicom-web"\n'
+        'deidentify = true\nset = { InstitutionName = "AI" }\n', encoding="utf-8")
+    server = PacsServer(data, Backend("sqlite-fs", None, None, {}))
+    rules = {r["name"]: r for r in json.loads(server.cli("route", "rules", "--json").stdout)}
+    assert set(rules) == {"ct-to-reading", "ai"}
+    assert rules["ct-to-reading"]["stable_seconds"] == 30 and rules["ai"]["deidentify"] is True
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "pacs.toml").write_text('[[route]]\nname = "x"\nif = ["Modality"]\nto_ae = "A"\n', encoding="utf-8")
+    result = PacsServer(bad, Backend("sqlite-fs", None, None, {})).cli("route", "rules", check=False)
+    assert result.returncode != 0 and "Modality" in (result.stderr + result.stdout)
+    assert "Traceback" not in result.stderr
