@@ -1,0 +1,238 @@
+"""TLS contexts: DICOM over TLS (PS3.15 Annex B), HTTPS, and our own SCU.
+
+One policy for every socket: TLS 1.2 or newer with the cipher suites of the
+DICOM "Non-Downgrading BCP 195 TLS Secure Transport Connection Profile"
+(PS3.15 B.9; DCMTK's default ``+py``), plus the ECDSA suites of the Extended
+profile (B.10) so an EC certificate works too. TLS 1.3 suites are OpenSSL's
+(all AEAD). Mutual TLS (``tls_require_client_cert``) verifies the peer
+against ``tls_ca`` only, never the system store: a certificate any public CA
+issued must not open the archive.
+
+The DICOM server context defers the handshake from pynetdicom's accept loop
+to the association's own thread (see :class:`_DicomServerContext`), so one
+client that connects and stalls cannot stop the listener accepting others.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+# OpenSSL names, strongest first (the server picks from its own order, as BCP 195 asks).
+# TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384, TLS_DHE_RSA_WITH_AES_256_GCM_SHA384,
+# TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256, TLS_DHE_RSA_WITH_AES_128_GCM_SHA256 (B.9),
+# TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384, TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 (B.10).
+# GCM suites exist only in TLS 1.2, so even a context whose minimum version
+# cannot be set (older uvicorn) negotiates nothing below TLS 1.2 with this list.
+_SUITES = (
+    "ECDHE-ECDSA-AES256-GCM-SHA384",
+    "ECDHE-RSA-AES256-GCM-SHA384",
+    "DHE-RSA-AES256-GCM-SHA384",
+    "ECDHE-ECDSA-AES128-GCM-SHA256",
+    "ECDHE-RSA-AES128-GCM-SHA256",
+    "DHE-RSA-AES128-GCM-SHA256",
+)
+CIPHERS = ":".join(_SUITES)
+
+#: Called with (peer host, reason) when a TLS client is refused at the handshake.
+RefusalHook = Callable[[str, str], None]
+
+
+class TLSConfigError(ValueError):
+    """The TLS settings cannot work together; the message names the setting to fix."""
+
+
+def _harden(ctx: ssl.SSLContext, *, server: bool) -> None:
+    """Apply the one TLS policy to *ctx* (any side)."""
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(CIPHERS)
+    # Compression leaks plaintext lengths (CRIME); renegotiation is an old attack surface.
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    if server:
+        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
+
+
+def _check_file(path: Path | None, setting: str) -> Path:
+    if path is None:
+        raise TLSConfigError(f"{setting} is not set")
+    if not path.is_file():
+        raise TLSConfigError(f"{setting}: no such file {path}")
+    return path
+
+
+def _identity(settings: Settings, needed_by: str) -> tuple[Path, Path | None]:
+    """The certificate and key files, checked; *needed_by* names who asked."""
+    if settings.tls_cert is None:
+        raise TLSConfigError(f"{needed_by} needs a certificate: set tls_cert and tls_key (PACS_TLS_CERT, "
+                             "PACS_TLS_KEY; make them with: pacs certs issue)")
+    cert = _check_file(settings.tls_cert, "tls_cert")
+    key = _check_file(settings.tls_key, "tls_key") if settings.tls_key is not None else None
+    return cert, key
+
+
+def _client_ca(settings: Settings) -> Path | None:
+    """The CA bundle clients are verified against; required when mutual TLS is on."""
+    if not settings.tls_require_client_cert:
+        return None
+    if settings.tls_ca is None:
+        raise TLSConfigError("tls_require_client_cert needs tls_ca (PACS_TLS_CA): the CA that "
+                             "issued the clients' certificates")
+    return _check_file(settings.tls_ca, "tls_ca")
+
+
+def _peer(sock: socket.socket) -> tuple[str, int]:
+    try:
+        host, port = sock.getpeername()[:2]
+        return str(host), int(port)
+    except OSError:
+        return "?", 0
+
+
+class _DicomTLSSocket(ssl.SSLSocket):
+    """An SSLSocket that completes its server handshake on first read.
+
+    pynetdicom wraps accepted sockets inside its accept loop; a handshake there
+    would block every other connection while one peer dawdles. Here the first
+    ``recv`` (already in the association's thread, under the socket timeout)
+    does it; a refused peer reads as a closed connection, which pynetdicom
+    handles quietly, and is reported once through the context's hook.
+    """
+
+    def recv(self, buflen: int = 1024, flags: int = 0) -> bytes:
+        if not getattr(self, "_pacs_handshake_done", False):
+            self._pacs_handshake_done = True
+            host, port = _peer(self)
+            peer = f"{host}:{port}"
+            try:
+                self.do_handshake()
+            except (ssl.SSLEOFError, ConnectionError, TimeoutError) as exc:
+                # Port probes and clients that hung up: nothing to refuse.
+                log.debug("DICOM TLS connection from %s closed before the handshake: %s", peer, exc)
+                return b""
+            except (ssl.SSLError, OSError) as exc:
+                reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
+                log.warning("DICOM TLS handshake from %s refused: %s", peer, reason)
+                hook = getattr(self.context, "on_refused", None)
+                if hook is not None:
+                    try:
+                        # The host alone, as the other DICOM audit events record the client.
+                        hook(host, f"TLS handshake refused: {reason}")
+                    except Exception:  # an audit hiccup must not take the listener thread down
+                        log.exception("TLS refusal hook failed")
+                return b""
+            if log.isEnabledFor(logging.DEBUG):
+                cert: dict[str, Any] = dict(self.getpeercert() or {})
+                names = [value for rdn in cert.get("subject", ()) for key, value in rdn if key == "commonName"]
+                log.debug("DICOM TLS from %s: %s, %s, client %s", peer, self.version(), self.cipher(),
+                          names[0] if names else "(no certificate)")
+        return super().recv(buflen, flags)
+
+
+class _DicomServerContext(ssl.SSLContext):
+    """Server context whose sockets defer the handshake (see :class:`_DicomTLSSocket`)."""
+
+    sslsocket_class = _DicomTLSSocket
+    #: Seconds a peer may stall a read (the handshake included) before it is dropped.
+    io_timeout: float | None = 60.0
+    on_refused: RefusalHook | None = None
+
+    def wrap_socket(self, sock: socket.socket, server_side: bool = False,  # type: ignore[override]
+                    do_handshake_on_connect: bool = True, **kwargs: Any) -> ssl.SSLSocket:
+        if server_side:
+            # Accepted sockets are blocking: without a timeout a silent peer holds a thread forever.
+            sock.settimeout(self.io_timeout)
+            do_handshake_on_connect = False
+        return super().wrap_socket(sock, server_side=server_side,
+                                   do_handshake_on_connect=do_handshake_on_connect, **kwargs)
+
+
+def dicom_server_context(settings: Settings, *, on_refused: RefusalHook | None = None) -> ssl.SSLContext | None:
+    """The SSL context of the DICOM TLS listener, or None when ``dicom_tls_port`` is unset.
+
+    Raises :class:`TLSConfigError` when the port is set but the certificate,
+    key or (for mutual TLS) CA bundle is missing: a modality configured for
+    TLS must not find a silently plain-only archive. *on_refused* is told of
+    each client the handshake refused (for the audit trail).
+    """
+    if settings.dicom_tls_port is None:
+        if not settings.dicom_plain:
+            raise TLSConfigError("dicom_plain is false but dicom_tls_port is not set: no DICOM listener left")
+        return None
+    if settings.dicom_plain and settings.dicom_tls_port == settings.dicom_port:
+        raise TLSConfigError(f"dicom_tls_port {settings.dicom_tls_port} is also the plain dicom_port")
+    cert, key = _identity(settings, "dicom_tls_port")
+    ca = _client_ca(settings)
+    ctx = _DicomServerContext(ssl.PROTOCOL_TLS_SERVER)
+    _harden(ctx, server=True)
+    ctx.load_cert_chain(cert, key)
+    if ca is not None:
+        ctx.verify_mode = ssl.CERT_REQUIRED
+        ctx.load_verify_locations(cafile=ca)
+    ctx.io_timeout = settings.dicom_timeout
+    ctx.on_refused = on_refused
+    return ctx
+
+
+def uvicorn_ssl_kwargs(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for :class:`uvicorn.Config` serving HTTPS; ``{}`` unless ``http_tls``.
+
+    With mutual TLS on, HTTPS clients (browsers included) need a certificate
+    from ``tls_ca`` too.
+    """
+    if not settings.http_tls:
+        return {}
+    import uvicorn
+
+    cert, key = _identity(settings, "http_tls")
+    ca = _client_ca(settings)
+    kwargs: dict[str, Any] = {
+        "ssl_certfile": str(cert),
+        "ssl_keyfile": str(key) if key is not None else None,
+        "ssl_cert_reqs": ssl.CERT_REQUIRED if ca is not None else ssl.CERT_NONE,
+        "ssl_ca_certs": str(ca) if ca is not None else None,
+        "ssl_ciphers": CIPHERS,
+    }
+    # uvicorn >= 0.40 lets us finish its context (minimum version, server
+    # cipher order); older ones still get the TLS 1.2-only cipher list above.
+    if "ssl_context_factory" in inspect.signature(uvicorn.Config.__init__).parameters:
+        kwargs["ssl_context_factory"] = _finish_uvicorn_context
+    return kwargs
+
+
+def _finish_uvicorn_context(config: Any, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+    ctx = default()
+    _harden(ctx, server=True)
+    return ctx
+
+
+def client_context(settings: Settings, *, check_hostname: bool = True) -> ssl.SSLContext:
+    """The context our own SCU (forwarding, remote Q/R) opens TLS associations with.
+
+    Peers are verified against ``tls_ca`` when set, else the system store;
+    ``tls_cert``/``tls_key``, when set, are presented as our client
+    certificate (peers with mutual TLS need it). Use it with pynetdicom as
+    ``ae.associate(host, port, tls_args=(client_context(s), host))``: the
+    host name given there is checked against the peer certificate's
+    subjectAltName unless *check_hostname* is False (some modalities' certificates
+    name no address; the CA check still applies).
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # CERT_REQUIRED and hostname checks by default
+    _harden(ctx, server=False)
+    if settings.tls_ca is not None:
+        ctx.load_verify_locations(cafile=_check_file(settings.tls_ca, "tls_ca"))
+    else:
+        ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    if settings.tls_cert is not None:
+        cert, key = _identity(settings, "client TLS")
+        ctx.load_cert_chain(cert, key)
+    ctx.check_hostname = check_hostname
+    return ctx
