@@ -7,14 +7,23 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.peers import dcmtk  # noqa: E402
+from tests.peers import (  # noqa: E402
+    S3_ACCESS,
+    S3_SECRET,
+    Backend,
+    create_database,
+    dcmtk,
+    drop_database,
+    start_s3,
+)
 
 CACHE = Path(os.environ.get("PACS_BENCH_CACHE", "/tmp/filmless-bench"))
 
@@ -82,3 +91,21 @@ def print_table(title: str, rows: list[Series], count: int, nbytes: int, refs: l
 
 def repeat(runs: int, once: Callable[[], float]) -> list[float]:
     return [once() for _ in range(runs)]
+
+
+@contextmanager
+def backend(name: str, work: Path, bucket: str = "bench") -> Iterator[Backend]:
+    """A fresh index + store: "sqlite-fs" (embedded) or "pg-s3" (a new PostgreSQL
+    database and a SeaweedFS bucket), torn down afterwards."""
+    if name == "sqlite-fs":
+        yield Backend(name, None, None, {})
+        return
+    if name != "pg-s3":
+        raise SystemExit(f"unknown backend {name}")
+    s3 = start_s3(work / "seaweedfs")
+    pg = create_database()
+    try:
+        yield Backend(name, pg, s3.url(bucket), {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET})
+    finally:
+        drop_database(pg)
+        s3.stop()

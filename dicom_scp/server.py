@@ -150,6 +150,89 @@ def _nodelay(assoc: Any) -> None:
 
 def _on_conn_open(event: Any) -> None:
     _nodelay(event.assoc)
+    _abort_on_action_error(event.assoc)
+
+
+def _abort_on_action_error(assoc: Any) -> None:
+    """Answer a PDU that makes a state-machine action fail with an A-ABORT.
+
+    pynetdicom decodes some invalid fields lazily: an A-ASSOCIATE-RQ with an
+    even presentation context ID raises inside the AE-6 action, which kills
+    the association's DUL thread with a traceback and leaves the peer
+    connected, unanswered, until the ACSE timeout. Treat it as the standard
+    says for an invalid PDU (event 19: A-ABORT, then close).
+    """
+    fsm = assoc.dul.state_machine
+    original = fsm.do_action
+
+    def do_action(fsm_event: str) -> None:
+        try:
+            original(fsm_event)
+        except Exception as exc:
+            if fsm_event == "Evt19":
+                raise
+            log.warning("invalid PDU from %s (%s); aborting the association",
+                        getattr(assoc.requestor, "address", "?"), exc)
+            assoc.dul._kill_thread = False  # do_action killed it: let the abort run
+            original("Evt19")
+
+    fsm.do_action = do_action
+
+
+def _on_conn_close(event: Any) -> None:
+    """Free the association slot of a connection that closed before its
+    A-ASSOCIATE-RQ was read.
+
+    pynetdicom's acceptor thread waits ``acse_timeout`` for the request even
+    after the transport is gone, and it counts against
+    ``maximum_associations``: a burst of junk connections (port scanners,
+    load-balancer probes, fuzzers) refused every good peer for 30 s. A
+    ``None`` primitive is what that wait returns on its timeout.
+    """
+    assoc = event.assoc
+    if assoc.is_acceptor and not assoc.is_established and assoc.requestor.primitive is None:
+        assoc.dul.to_user_queue.put(None)
+
+
+def _abort_invalid_request(event: Any) -> None:
+    """EVT_REQUESTED: abort an A-ASSOCIATE-RQ that proposes a presentation
+    context without a transfer syntax (PS3.8 9.3.2.2 requires at least one).
+
+    pynetdicom's negotiation takes the first one unchecked: the acceptor
+    thread died with an IndexError and left the connection unanswered.
+    """
+    contexts = event.assoc.requestor.primitive.presentation_context_definition_list or []
+    if any(not cx.transfer_syntax for cx in contexts):
+        log.warning("A-ASSOCIATE-RQ from %s proposes a presentation context without a transfer syntax; aborting",
+                    event.assoc.requestor.address)
+        event.assoc.acse.send_abort(0x02)
+        # Wait for the A-ABORT to go out (and the peer to close, or ARTIM),
+        # as pynetdicom does after a rejection; the caller then closes.
+        event.assoc.kill()
+
+
+class _PeerPduErrors(logging.Filter):
+    """One line, not a traceback, for a malformed PDU from a peer.
+
+    pynetdicom answers an undecodable PDU with an A-ABORT (correct) and logs
+    the decoding exception with its traceback, which reads like a crash of
+    the server in the operator's log. Other exceptions keep theirs.
+    """
+
+    # pynetdicom functions whose exceptions come from what the peer sent.
+    PEER_DATA_FUNCTIONS = ("_read_pdu_data", "do_action", "decode_bytes", "receive_primitive")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.funcName in self.PEER_DATA_FUNCTIONS:
+            exc = record.exc_info[1]
+            record.msg, record.args = f"malformed PDU from peer: {exc.__class__.__name__}: {exc}", None
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+for _name in ("pynetdicom.dul", "pynetdicom.fsm", "pynetdicom.utils", "pynetdicom.dimse"):
+    logging.getLogger(_name).addFilter(_PeerPduErrors())
 
 
 def find_dispatcher(query_retrieve: Any, worklist: Any) -> Any:
@@ -164,6 +247,10 @@ def find_dispatcher(query_retrieve: Any, worklist: Any) -> Any:
 def build_ae(pacs: Pacs) -> FilmlessAE:
     """Configure the AE: contexts, limits, timeouts."""
     settings = pacs.settings
+    # pynetdicom's "standard" event handlers only write DEBUG lines, yet they
+    # run for every PDU and raise (logging a traceback) on odd ones.
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        _config.LOG_HANDLER_LEVEL = "none"
     ae = FilmlessAE(pacs)
     for cx in storage_contexts():
         # add_supported_context keeps the SCP/SCU roles (the list setter drops them).
@@ -208,6 +295,8 @@ def start_dicom_server(
     handlers = [
         (evt.EVT_C_STORE, make_store_handler(pacs)),
         (evt.EVT_CONN_OPEN, _on_conn_open),
+        (evt.EVT_CONN_CLOSE, _on_conn_close),
+        (evt.EVT_REQUESTED, _abort_invalid_request),
         (evt.EVT_ACSE_RECV, prefer_requestor_order),
         # One C-FIND handler per association: dispatch on the information model.
         (evt.EVT_C_FIND, find_dispatcher(make_find_handler(pacs), make_worklist_handler(pacs))),

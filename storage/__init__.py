@@ -59,5 +59,6 @@ def open_store(url: str, access_key: str | None = None, secret_key: str | None =
             secure=query.get("secure", "true").lower() not in ("false", "0", "no"),
             region=query.get("region", "us-east-1"),
             prefix=query.get("prefix", ""),
+            sse=query.get("sse", ""),
         )
     raise ValueError(f"unsupported storage URL scheme {parts.scheme!r} in {url!r}")

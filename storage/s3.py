@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 import urllib3
 from minio import Minio
 from minio.error import S3Error
+from minio.sse import Sse, SseKMS, SseS3
 
 from .base import (
     HashingReader,
@@ -75,6 +76,19 @@ class _ResponseReader(io.RawIOBase):
         super().close()
 
 
+def server_side_encryption(spec: str) -> Sse | None:
+    """Encryption at rest done by the S3 server, from the URL's ``sse=``:
+    ``s3`` (SSE-S3, keys managed by the server) or ``kms:KEY-ID`` (SSE-KMS,
+    which the S3 API only accepts over HTTPS)."""
+    if not spec:
+        return None
+    if spec.lower() in ("s3", "aes256", "sse-s3"):
+        return SseS3()
+    if spec.lower().startswith("kms:") and spec[4:]:
+        return SseKMS(spec[4:], {})
+    raise ValueError(f"unknown S3 server-side encryption {spec!r}: use sse=s3 or sse=kms:KEY-ID")
+
+
 class S3Store(ObjectStore):
     """Objects in one S3 bucket, optionally under a key prefix."""
 
@@ -90,11 +104,14 @@ class S3Store(ObjectStore):
         prefix: str = "",
         create_bucket: bool = True,
         pool_size: int = 32,
+        sse: str = "",
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
         scheme_query = f"endpoint={endpoint}&secure={'true' if secure else 'false'}"
-        self.url = f"s3://{bucket}?{scheme_query}" + (f"&prefix={prefix}" if prefix else "")
+        self.url = f"s3://{bucket}?{scheme_query}" + (f"&prefix={prefix}" if prefix else "") + (
+            f"&sse={sse}" if sse else "")
+        self._sse = server_side_encryption(sse)
         # Few, quick retries: a C-STORE must fail within seconds when the
         # server is down rather than hang the modality.
         http = urllib3.PoolManager(
@@ -151,6 +168,7 @@ class S3Store(ObjectStore):
                 length=size if size is not None else -1,
                 part_size=PART_SIZE,
                 content_type="application/octet-stream",
+                sse=self._sse,
             )
         if size is not None and reader.size != size:
             raise StorageError(f"short upload for {key}: {reader.size} of {size} bytes")

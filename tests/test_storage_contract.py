@@ -178,3 +178,22 @@ def test_s3_unreachable_raises_storage_error() -> None:
         store.put("a/b", io.BytesIO(b"x"), 1)
     with pytest.raises(StorageError):
         store.check()
+
+
+def test_s3_server_side_encryption_is_requested(s3_bucket_url: str) -> None:
+    """`sse=s3` in the storage URL: every object is encrypted at rest by the server."""
+    store = open_store(s3_bucket_url + "&sse=s3", access_key=S3_ACCESS, secret_key=S3_SECRET)
+    put_bytes(store, "aa/bb/enc", b"secret pixels" * 100)
+    assert "sse=s3" in store.url
+    # Ask the server itself, with a separate client, how it holds the object.
+    from minio import Minio
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(s3_bucket_url)
+    client = Minio(parse_qs(parts.query)["endpoint"][0], S3_ACCESS, S3_SECRET, secure=False)
+    meta = client.stat_object(parts.netloc, "aa/bb/enc").metadata
+    assert meta.get("x-amz-server-side-encryption") == "AES256"
+    with store.open("aa/bb/enc") as stream:
+        assert stream.read() == b"secret pixels" * 100
+    with pytest.raises(ValueError, match="server-side encryption"):
+        open_store(s3_bucket_url + "&sse=rot13", access_key=S3_ACCESS, secret_key=S3_SECRET)

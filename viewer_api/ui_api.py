@@ -216,6 +216,10 @@ def revoke_token(request: Request, username: str, name: str, _: Principal = guar
 @router.get("/api/audit", summary="The audit trail (JSON, ATNA-shaped JSON or syslog lines)")
 def get_audit(request: Request, study: str = "", user: str = "", action: str = "", format: str = "json",
               limit: int = 1000, _: Principal = guard("admin", action="query")) -> Any:
+    # A negative LIMIT is "no limit" to SQLite and a huge one overflows its
+    # integer (500): refuse it like the other list routes do.
+    if limit < 0:
+        raise HTTPProblem(400, "limit must be >= 0")
     pacs = request.app.state.pacs
     pacs.audit.flush()
     events = audit_log.query(pacs.engine, study_uid=study, user=user, action=action, limit=min(limit, 10_000))

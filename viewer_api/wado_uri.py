@@ -75,8 +75,10 @@ def wado(request: Request) -> Response:
     viewport = (columns or rows or 0, rows or columns or 0) if (rows or columns) else None
     quality = _int_param(request, "imageQuality") or 90
     frame = _int_param(request, "frameNumber") or 1
-    params = RenderParams(media_type=content_type, quality=min(quality, 100), window=window, viewport=viewport)
     try:
+        # RenderParams validates (viewport size, window width): inside the try,
+        # or a bad rows/windowWidth was a 500.
+        params = RenderParams(media_type=content_type, quality=min(quality, 100), window=window, viewport=viewport)
         return Response(render_item(request, item, frame, params), media_type=content_type)
     except RenderError as exc:
         raise HTTPProblem(exc.http_status, str(exc)) from None

@@ -38,6 +38,9 @@ _BASE = {
 }
 
 
+_MAX_OFFSET = 2**31 - 1
+
+
 @dataclass
 class Query:
     """A level, matching keys and return keys; optionally a page."""
@@ -65,6 +68,10 @@ class Query:
                 condition(attribute, value, fuzzy=self.fuzzy)  # raises on values it cannot match
         if self.limit is not None and self.limit < 0 or self.offset < 0:
             raise QueryError("limit and offset must not be negative")
+        # The database binds it as a 64-bit integer: a larger one was a 500.
+        # (A limit is capped by the caller; QIDO answers at most 1000.)
+        if self.offset > _MAX_OFFSET:
+            raise QueryError(f"offset must not exceed {_MAX_OFFSET}")
 
 
 def _from(level: Level) -> Any:

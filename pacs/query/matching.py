@@ -10,6 +10,7 @@ without ``^`` is matched against the name with its components read as words
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sqlalchemy import ColumnElement, and_, exists, or_, select, true
@@ -108,6 +109,25 @@ def _modalities(value: str) -> ColumnElement[bool]:
     )
 
 
+_DATE = re.compile(r"\d{8}")
+_TIME = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+
+
+def _check_range(keyword: str, value: str, kind: Kind) -> None:
+    """Reject what is neither a DA/TM value nor a range of them (PS3.4 C.2.2.2.5).
+
+    The value is left out of the message: it reaches the log, and a mistyped
+    key can hold anything, a patient's ID included.
+    """
+    value = value.strip()
+    if value.strip("*") == "":
+        return
+    pattern, form = (_DATE, "YYYYMMDD") if kind is Kind.DATE else (_TIME, "HHMMSS[.FFFFFF]")
+    bounds = [b.strip() for b in value.split("-", 1)] if "-" in value else [value]
+    if not any(bounds) or not all(pattern.fullmatch(b) for b in bounds if b):
+        raise QueryError(f"{keyword} must be {form} or a range {form}-{form}")
+
+
 def condition(attribute: Attribute, value: str, *, fuzzy: bool = False) -> ColumnElement[bool]:
     """The SQL condition for one matching key with a non-empty value."""
     kind = attribute.kind
@@ -125,12 +145,16 @@ def condition(attribute: Attribute, value: str, *, fuzzy: bool = False) -> Colum
             raise QueryError(f"wildcards are not allowed in {attribute.keyword}")
         return attribute.column.in_(uids) if len(uids) > 1 else attribute.column == uids[0]
     if kind in (Kind.DATE, Kind.TIME):
+        _check_range(attribute.keyword, value, kind)
         return range_match(attribute.column, value, is_time=kind is Kind.TIME)
     if kind is Kind.INT:
         try:
             numbers = [int(v) for v in value.split("\\")]
         except ValueError:
             raise QueryError(f"{attribute.keyword} must be an integer, not {value!r}") from None
+        # The columns are 32-bit; binding a larger number raised OverflowError (a 500).
+        if any(not -(2**31) <= n < 2**31 for n in numbers):
+            raise QueryError(f"{attribute.keyword} must be a 32-bit integer")
         return attribute.column.in_(numbers) if len(numbers) > 1 else attribute.column == numbers[0]
     if kind is Kind.COMPUTED:
         raise QueryError(f"{attribute.keyword} is a return key and cannot be matched")
