@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -278,8 +279,13 @@ def start_dicom_server(
     port: int | None = None,
     ssl_context: ssl.SSLContext | None = None,
     extra_handlers: Sequence[tuple[Any, Any]] = (),
+    listen_socket: socket.socket | None = None,
 ) -> ThreadedAssociationServer:
-    """Start listening in background threads; returns the server to shut down."""
+    """Start listening in background threads; returns the server to shut down.
+
+    With *listen_socket* (a DICOM worker process), accept on that socket,
+    shared with the other workers, instead of binding host and port.
+    """
     from worklist.scp import make_mpps_handlers, make_worklist_handler
 
     from .qr import (
@@ -306,7 +312,17 @@ def start_dicom_server(
         *extra_handlers,
     ]
     address = (host or pacs.settings.host, port if port is not None else pacs.settings.dicom_port)
-    server = ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=ssl_context)
+    if listen_socket is None:
+        server = ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=ssl_context)
+    else:
+        from .workers import shared_server_class
+
+        # AE.start_server without the bind: same server, the inherited socket.
+        server = ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context,
+                                server_class=shared_server_class(listen_socket))
+        threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
+        ae._servers.append(server)
+        address = server.server_address[:2]
     server.contexts = ContextList(server.contexts)
     log.info("DICOM listening on %s:%d as %s", address[0], address[1], pacs.settings.ae_title)
     return server

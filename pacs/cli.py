@@ -81,6 +81,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ae_title=args.ae_title,
         dicom_tls_port=args.dicom_tls_port, tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca,
         tls_require_client_cert=args.tls_require_client_cert, http_tls=args.http_tls,
+        dicom_workers=args.dicom_workers,
     )
     setup_logging(settings.log_level)
     return serve(settings, with_samples=args.with_samples)
@@ -499,6 +500,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-require-client-cert", action="store_true", default=None,
                    help="mutual TLS: clients need a certificate from --tls-ca (PACS_TLS_REQUIRE_CLIENT_CERT)")
     p.add_argument("--http-tls", action="store_true", default=None, help="serve HTTPS (PACS_HTTP_TLS)")
+    p.add_argument("--dicom-workers", type=int, metavar="N",
+                   help="DICOM worker processes sharing the port; 0 = one per core (PACS_DICOM_WORKERS, default 1)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("import", help="import DICOM files and folders (recursive)")

@@ -8,6 +8,7 @@ HTTP stops, then the index committer drains and closes.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from typing import Any
 
@@ -78,7 +79,13 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             dicom_servers.append(start_dicom_server(pacs, port=settings.dicom_tls_port, ssl_context=dicom_ssl))
             log.info("DICOM over TLS on %s:%d (client certificates %s)", settings.host, settings.dicom_tls_port,
                      "required" if settings.tls_require_client_cert else "not requested")
-        if settings.dicom_plain:
+        workers = settings.dicom_workers or os.cpu_count() or 1
+        pool = None
+        if settings.dicom_plain and workers > 1:
+            from dicom_scp.workers import WorkerPool, open_listener
+
+            pool = WorkerPool(settings, open_listener(settings.host, settings.dicom_port), workers).start()
+        elif settings.dicom_plain:
             dicom_servers.append(start_dicom_server(pacs))
         hl7_listener, sender = _start_ris_bridge(pacs)
         from .forwarding import Forwarder
@@ -106,6 +113,8 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             log.info("stopping")
         finally:
             forwarder.stop()
+            if pool is not None:
+                pool.stop()
             for dicom in dicom_servers:
                 dicom.shutdown()
             hl7_listener.stop()

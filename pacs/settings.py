@@ -86,6 +86,10 @@ class Settings(BaseSettings):
     ae_allowlist: bool = False
     duplicate_policy: Literal["keep", "overwrite"] = "keep"
     max_associations: int = 32
+    # DICOM worker processes sharing the port (dicom_scp.workers): more than 1
+    # spreads concurrent associations over the cores; max_associations is the
+    # total, split between them. 0 = one per core.
+    dicom_workers: int = Field(default=1, ge=0)
     max_pdu_size: int = 262_144
     dicom_timeout: float = 60.0
     max_object_bytes: int = 4 * 1024**3

@@ -1,0 +1,210 @@
+"""Several DICOM worker processes on one port, so associations use every core.
+
+pynetdicom runs an association in a thread and spends most of its time in
+Python (PDU decoding, DIMSE, our ingest), so one process tops out at one core
+whatever the number of modalities sending. ``pacs serve --dicom-workers N``
+opens the listening socket once in the supervisor and starts N worker
+processes (``python -m dicom_scp.workers``) that all accept on it:
+
+- a shared socket rather than SO_REUSEPORT: the kernel hashes connections onto
+  SO_REUSEPORT sockets, so four modalities could land 3+1 or 4+0 on two
+  workers; on one shared socket the worker that is idle in its accept loop
+  takes the next connection, which balances by load;
+- each worker opens its own :class:`pacs.app.Pacs` (index engine, store,
+  group committer) and runs exactly the handlers of the single-process server:
+  ingest, C-FIND, C-MOVE, C-GET, worklist and MPPS all go through the index,
+  so nothing is shared in memory between workers;
+- a worker dies with its supervisor (``PR_SET_PDEATHSIG``): a SIGKILLed
+  ``pacs serve`` leaves no process answering on the port, and a crash loses
+  nothing acknowledged because every worker acknowledges only after the
+  object is durable and indexed, as the single process does;
+- a worker that exits on its own is restarted (after a short back-off).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pynetdicom.transport import ThreadedAssociationServer
+
+if TYPE_CHECKING:
+    from pacs.settings import Settings
+
+log = logging.getLogger("dicom_scp.workers")  # not __main__ in a worker
+
+FD_ENV = "PACS_DICOM_LISTEN_FD"
+SETTINGS_ENV = "PACS_WORKER_SETTINGS"
+_PR_SET_PDEATHSIG = 1
+
+
+class SharedSocketServer(ThreadedAssociationServer):
+    """An association server that accepts on a socket listening already.
+
+    Subclassed per socket by :func:`shared_server_class` (pynetdicom builds
+    the server from a class, not an instance).
+    """
+
+    inherited: socket.socket
+
+    def server_bind(self) -> None:
+        self.socket.close()  # the one TCPServer made for us
+        self.socket = self.inherited
+        # Non-blocking: when a sibling worker took the connection first,
+        # accept() raises BlockingIOError and socketserver goes back to select.
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        """Already listening (the supervisor called listen)."""
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = self.socket.accept()
+        client.setblocking(True)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True)
+        return client, address
+
+
+def shared_server_class(listener: socket.socket) -> type[SharedSocketServer]:
+    """A :class:`SharedSocketServer` subclass bound to *listener*."""
+    return type("SharedSocketServer", (SharedSocketServer,), {"inherited": listener})
+
+
+def open_listener(host: str, port: int, backlog: int = 128) -> socket.socket:
+    """Bind and listen on (host, port); the workers inherit the socket."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    return sock
+
+
+def worker_settings(settings: Settings, workers: int) -> dict[str, Any]:
+    """What a worker runs with: the supervisor's settings, its share of the
+    association limit, and no workers of its own."""
+    data = settings.model_dump(mode="json")
+    data["max_associations"] = max(1, math.ceil(settings.max_associations / workers))
+    data["dicom_workers"] = 1
+    return data
+
+
+@dataclass
+class WorkerPool:
+    """Starts, watches and stops the DICOM worker processes."""
+
+    settings: Settings
+    listener: socket.socket
+    count: int
+    restart_delay: float = 2.0
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    _stopping: threading.Event = field(default_factory=threading.Event)
+    _watcher: threading.Thread | None = None
+
+    def start(self) -> WorkerPool:
+        """Start the workers from this (long-lived) thread and the watcher."""
+        self.procs = [self._spawn(i) for i in range(self.count)]
+        self._watcher = threading.Thread(target=self._watch, name="dicom-workers", daemon=True)
+        self._watcher.start()
+        host, port = self.listener.getsockname()[:2]
+        log.info("DICOM listening on %s:%d as %s (%d worker processes)", host, port, self.settings.ae_title,
+                 self.count)
+        return self
+
+    def _spawn(self, number: int) -> subprocess.Popen[bytes]:
+        fd = self.listener.fileno()
+        env = dict(os.environ)
+        env[FD_ENV] = str(fd)
+        env[SETTINGS_ENV] = json.dumps(worker_settings(self.settings, self.count))
+        env["PACS_WORKER_NUMBER"] = str(number)
+        env["PACS_SUPERVISOR_PID"] = str(os.getpid())
+        return subprocess.Popen([sys.executable, "-m", "dicom_scp.workers"], pass_fds=(fd,), env=env)
+
+    def _watch(self) -> None:
+        # Also the thread that respawns: PR_SET_PDEATHSIG fires when the
+        # *thread* that forked a child ends, and this one lives until stop().
+        while not self._stopping.wait(0.5):
+            for number, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code is None or self._stopping.is_set():
+                    continue
+                log.error("DICOM worker %d (pid %d) exited with %s; restarting it", number, proc.pid, code)
+                if self._stopping.wait(self.restart_delay):
+                    return
+                self.procs[number] = self._spawn(number)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """SIGTERM every worker (each finishes its associations), then wait;
+        SIGKILL what is still running after *timeout*."""
+        self._stopping.set()
+        if self._watcher is not None:
+            self._watcher.join()
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in self.procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("DICOM worker pid %d did not stop in %.0f s; killing it", proc.pid, timeout)
+                proc.kill()
+                proc.wait()
+        self.listener.close()
+
+
+def _die_with_supervisor(supervisor: int) -> None:
+    """Ask the kernel for SIGKILL when the supervisor goes; if it went before
+    we asked, leave now."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the watch below still applies
+        pass
+    if os.getppid() != supervisor:
+        os._exit(1)
+
+
+def worker_main() -> int:
+    """Entry point of one worker process (started by :class:`WorkerPool`)."""
+    _die_with_supervisor(int(os.environ["PACS_SUPERVISOR_PID"]))
+    from pacs.app import Pacs
+    from pacs.cli import setup_logging
+    from pacs.settings import Settings
+
+    from .server import start_dicom_server
+
+    settings = Settings(**json.loads(os.environ[SETTINGS_ENV]))
+    setup_logging(settings.log_level)
+    number = os.environ.get("PACS_WORKER_NUMBER", "?")
+    listener = socket.socket(fileno=int(os.environ[FD_ENV]))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    # The supervisor migrated the schema before starting us.
+    pacs = Pacs.open(settings, migrate=False)
+    try:
+        server = start_dicom_server(pacs, listen_socket=listener)
+        log.info("DICOM worker %s ready (pid %d)", number, os.getpid())
+        while not stop.wait(1.0):
+            pass
+        server.shutdown()
+    finally:
+        pacs.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main())
