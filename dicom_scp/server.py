@@ -9,6 +9,7 @@ their own modules through :func:`build_ae`'s ``extra_handlers``.
 from __future__ import annotations
 
 import logging
+import queue
 import socket
 import ssl
 import threading
@@ -154,6 +155,11 @@ def _on_conn_open(event: Any) -> None:
     _abort_on_action_error(event.assoc)
 
 
+# State-machine events raised by primitives from the local user (PS3.8 9.2),
+# not by the peer's PDUs.
+_LOCAL_PRIMITIVE_EVENTS = {"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"}
+
+
 def _abort_on_action_error(assoc: Any) -> None:
     """Answer a PDU that makes a state-machine action fail with an A-ABORT.
 
@@ -172,6 +178,21 @@ def _abort_on_action_error(assoc: Any) -> None:
         except Exception as exc:
             if fsm_event == "Evt19":
                 raise
+            if fsm_event in _LOCAL_PRIMITIVE_EVENTS and fsm.current_state == "Sta13":
+                # Found by the fuzz run (bench/fuzz.py, issue 8): a second
+                # A-RELEASE-RQ before our A-RELEASE-RP aborts the association
+                # (AA-8, Sta13), then our own release response arrives as
+                # Evt14, invalid in Sta13. pynetdicom only peeks at its
+                # outgoing queue, so the primitive stayed there: the DUL thread
+                # retried it forever (100% CPU, an A-ABORT and a log line per
+                # turn, ~7 MB of log a second) and never closed the socket.
+                # The association is gone: drop the primitive, let Sta13 close.
+                try:
+                    assoc.dul.to_provider_queue.get_nowait()
+                except queue.Empty:
+                    pass
+                log.info("dropped %s from the local user after the association ended", fsm_event)
+                return
             log.warning("invalid PDU from %s (%s); aborting the association",
                         getattr(assoc.requestor, "address", "?"), exc)
             assoc.dul._kill_thread = False  # do_action killed it: let the abort run
