@@ -160,6 +160,12 @@ def _on_conn_open(event: Any) -> None:
 _LOCAL_PRIMITIVE_EVENTS = {"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"}
 
 
+def _event_driven(event: Any) -> None:
+    from .reactor import event_driven
+
+    event_driven(event.assoc)
+
+
 def _abort_on_action_error(assoc: Any) -> None:
     """Answer a PDU that makes a state-machine action fail with an A-ABORT.
 
@@ -322,6 +328,7 @@ def start_dicom_server(
     handlers = [
         (evt.EVT_C_STORE, make_store_handler(pacs)),
         (evt.EVT_CONN_OPEN, _on_conn_open),
+        *([(evt.EVT_CONN_OPEN, _event_driven)] if pacs.settings.dicom_event_driven else []),
         (evt.EVT_CONN_CLOSE, _on_conn_close),
         (evt.EVT_REQUESTED, _abort_invalid_request),
         (evt.EVT_ACSE_RECV, prefer_requestor_order),

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # spreads concurrent associations over the cores; max_associations is the
     # total, split between them. 0 = one per core.
     dicom_workers: int = Field(default=1, ge=0)
+    # Association threads wait on their socket instead of polling every 1 ms
+    # (dicom_scp.reactor); false restores pynetdicom's own loop.
+    dicom_event_driven: bool = True
     max_pdu_size: int = 262_144
     dicom_timeout: float = 60.0
     max_object_bytes: int = 4 * 1024**3

@@ -159,6 +159,15 @@ def test_fuzz_findings_replayed(server: PacsServer, workdir: Path, path_values: 
             assert len(found.json()) == 1
             missed = http.get(path, params={"ModalitiesInStudy": "MR"})
             assert missed.status_code in (200, 204) and (not missed.content or missed.json() == [])
+        # Rendered frames "1,2" of a single-frame instance started a multipart
+        # stream and then failed on frame 2: a truncated body and a traceback
+        # (viewer_api/wado.py now checks every frame number first).
+        instance = (f"/dicom-web/studies/{study}/series/{path_values['series']}"
+                    f"/instances/{path_values['sop']}")
+        frames = http.get(f"{instance}/frames/1,2/rendered")
+        assert frames.status_code == 404, frames.text[:300]
+        assert "out of range" in frames.json()["error"]
+        assert http.get(f"{instance}/frames/1/rendered").status_code == 200
     assert_all_serving(server, workdir, since=mark)
 
 

@@ -8,6 +8,7 @@ stored object's sha256, so a replaced object never serves a stale image.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -29,6 +30,8 @@ from .render import (
     parse_window,
     render_dataset_bytes,
 )
+
+log = logging.getLogger(__name__)
 
 THUMBNAIL_SIZE = (128, 128)
 
@@ -108,12 +111,25 @@ def rendered_response(request: Request, item: RetrieveItem, frame: int) -> Respo
 
 
 def rendered_multipart(request: Request, targets: list[tuple[RetrieveItem, int]]) -> StreamingResponse:
+    """Rendered frames as multipart/related. The first part is rendered before
+    the response starts, so an error common to all parts is a real status;
+    once streaming, a status can no longer be sent, so a part that fails is
+    left out (and logged) rather than cutting the response short."""
     params = params_from(request)
     boundary = new_boundary()
+    if not targets:
+        raise HTTPProblem(404, "nothing to render")
+    first = render_item(request, targets[0][0], targets[0][1], params)
 
     def parts() -> Iterator[Part]:
-        for item, frame in targets:
-            yield Part(params.media_type, {}, render_item(request, item, frame, params))
+        yield Part(params.media_type, {}, first)
+        for item, frame in targets[1:]:
+            try:
+                data = render_item(request, item, frame, params)
+            except HTTPProblem as exc:
+                log.warning("rendered part left out (%s frame %d): %s", item.sop_uid, frame, exc.message)
+                continue
+            yield Part(params.media_type, {}, data)
 
     return StreamingResponse(
         multipart_related_stream(parts(), boundary), media_type=content_type_header(params.media_type, boundary)

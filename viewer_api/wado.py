@@ -215,6 +215,11 @@ def rendered_instance(request: Request, study: str, series: str, sop: str) -> Re
 def rendered_frames(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
     numbers = _frame_numbers(frame_list)
     item = items_for(request, study, series, sop)[0]
+    # All checked before a multipart response starts (it cannot change its status later).
+    count = item.frames or 1
+    outside = [n for n in numbers if not 1 <= n <= count]
+    if outside:
+        raise HTTPProblem(404, f"frame {outside[0]} is out of range: the instance has {count} frame(s)")
     if len(numbers) == 1:
         return rendering.rendered_response(request, item, numbers[0])
     return rendering.rendered_multipart(request, [(item, n) for n in numbers])
