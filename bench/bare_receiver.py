@@ -24,6 +24,8 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("port", type=int)
     parser.add_argument("--max-pdu", type=int, default=262_144)
+    parser.add_argument("--event-driven", action="store_true",
+                        help="with dicom_scp.reactor's waiting instead of pynetdicom's polling")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -35,6 +37,10 @@ def main() -> None:
 
     def on_open(event: Any) -> None:
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if args.event_driven:
+            from dicom_scp.reactor import event_driven
+
+            event_driven(event.assoc)
 
     ae = AE(ae_title="BARE")
     for cx in AllStoragePresentationContexts:

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -33,16 +34,58 @@ def rss_kb(pid: int, field: str = "VmRSS") -> int:
     return 0
 
 
+def big_study(slices: int) -> Path:
+    """A ~slices x 512 KB CT study, generated once and cached."""
+    from sample_studies.generate import make_ct_series
+
+    folder = CACHE / f"ct{slices}-big"
+    if len(list(folder.glob("*.dcm"))) != slices:
+        folder.mkdir(parents=True, exist_ok=True)
+        make_ct_series(folder, slices=slices, study_key=f"big{slices}")
+    return folder
+
+
+ACCEPTS = (
+    ("as stored (transfer-syntax=*)", 'multipart/related; type="application/dicom"; transfer-syntax=*'),
+    ("default (Explicit VR LE)", 'multipart/related; type="application/dicom"'),
+)
+
+
+def retrieve(url: str, accept: str, pid: int, headers: dict[str, str] | None = None,
+             rss: Callable[[int], int] | None = None) -> tuple[int, float, int]:
+    """GET *url* (a whole study over WADO-RS) while sampling *pid*'s memory every
+    20 ms; returns (bytes received, seconds, peak RSS in kB)."""
+    rss = rss or rss_kb
+    peak = [rss(pid)]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss(pid))
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    received = 0
+    start = time.perf_counter()
+    try:
+        with httpx.Client(timeout=600, headers=headers or {}) as http:
+            with http.stream("GET", url, headers={"Accept": accept}) as response:
+                response.raise_for_status()
+                for chunk in response.iter_bytes():
+                    received += len(chunk)
+    finally:
+        seconds = time.perf_counter() - start
+        done.set()
+        sampler.join()
+    return received, seconds, max(peak[0], rss(pid))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--slices", type=int, default=2000)
     args = parser.parse_args()
-    from sample_studies.generate import make_ct_series
-
-    folder = CACHE / f"ct{args.slices}-big"
-    if len(list(folder.glob("*.dcm"))) != args.slices:
-        folder.mkdir(parents=True, exist_ok=True)
-        make_ct_series(folder, slices=args.slices, study_key=f"big{args.slices}")
+    folder = big_study(args.slices)
     size = sum(f.stat().st_size for f in folder.glob("*.dcm"))
     first = dcmread(next(folder.glob("*.dcm")), stop_before_pixels=True)
     work = Path(tempfile.mkdtemp(prefix="bench-wado-mem-"))
@@ -54,32 +97,10 @@ def main() -> None:
         pid = server.proc.pid
         idle = rss_kb(pid)
         results = []
-        for label, accept in (
-            ("as stored (transfer-syntax=*)", 'multipart/related; type="application/dicom"; transfer-syntax=*'),
-            ("default (Explicit VR LE)", 'multipart/related; type="application/dicom"'),
-        ):
-            peak = [0]
-            done = threading.Event()
-
-            def sample(peak: list[int] = peak, done: threading.Event = done) -> None:
-                while not done.is_set():
-                    peak[0] = max(peak[0], rss_kb(pid))
-                    time.sleep(0.02)
-
-            sampler = threading.Thread(target=sample)
-            sampler.start()
-            received = 0
-            start = time.perf_counter()
-            with httpx.Client(timeout=600, headers=server.auth_headers) as http:
-                url = f"http://127.0.0.1:{server.http_port}/dicom-web/studies/{first.StudyInstanceUID}"
-                with http.stream("GET", url, headers={"Accept": accept}) as response:
-                    response.raise_for_status()
-                    for chunk in response.iter_bytes():
-                        received += len(chunk)
-            seconds = time.perf_counter() - start
-            done.set()
-            sampler.join()
-            results.append((label, received, seconds, peak[0]))
+        for label, accept in ACCEPTS:
+            url = f"http://127.0.0.1:{server.http_port}/dicom-web/studies/{first.StudyInstanceUID}"
+            received, seconds, peak = retrieve(url, accept, pid, server.auth_headers)
+            results.append((label, received, seconds, peak))
         hwm = rss_kb(pid, "VmHWM")
     finally:
         server.stop()
