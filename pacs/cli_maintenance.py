@@ -103,10 +103,11 @@ def _open(args: argparse.Namespace):  # type: ignore[no-untyped-def]
 
 
 @contextmanager
-def _exclusive(args: argparse.Namespace, pacs: Any, job: str, needed: bool = True) -> Iterator[None]:
-    """Hold the cluster-wide lease of *job* around the block (see pacs.leases);
-    raises LeaseHeld when another node holds it and --wait was not given."""
-    if not needed:
+def _exclusive(args: argparse.Namespace, pacs: Any, job: str | None) -> Iterator[None]:
+    """Hold the cluster-wide lease of *job* around the block (see pacs.leases),
+    none when *job* is None; raises LeaseHeld when another node holds it and
+    --wait was not given."""
+    if job is None:
         yield
         return
     from pacs.forwarding import node_name
@@ -122,13 +123,12 @@ def _exclusive(args: argparse.Namespace, pacs: Any, job: str, needed: bool = Tru
                   "PACS_LEASE_TTL): another node may have run it at the same time[/yellow]")
 
 
-def _held(args: argparse.Namespace, exc: LeaseHeld) -> int:
-    """Another node runs the job: say who, exit 1 (--wait waits instead)."""
+def _held(args: argparse.Namespace, exc: LeaseHeld) -> None:
+    """Another node runs the job: say who (the command exits 1; --wait waits instead)."""
     if args.json:
         print(json.dumps({"error": "lease held", "job": exc.info.name, "holder": exc.info.holder,
                           "process": exc.info.token, "expires_at": exc.info.expires_at.isoformat()}))
     err.print(f"[red]not started:[/red] {exc}; run it again later, or add --wait")
-    return 1
 
 
 class _Bar:
@@ -207,24 +207,39 @@ def _counts(title: str, rows: list[tuple[str, Any]]) -> None:
     out.print(table)
 
 
+def _run(args: argparse.Namespace, work: Callable[[Any, _Bar], Any], *, lease: str | None = None) -> Any:
+    """Open the appliance, run ``work(pacs, bar)`` with a progress bar (and the
+    cluster lease *lease*, when the job needs one), close the appliance.
+
+    Returns the job's report, or None when another node holds the lease
+    (already said on the console: the command exits 1).
+    """
+    from pacs.leases import LeaseHeld
+
+    pacs = _open(args)
+    try:
+        with _exclusive(args, pacs, lease), _Bar(args.json) as bar:
+            return work(pacs, bar)
+    except LeaseHeld as exc:
+        _held(args, exc)
+        return None
+    finally:
+        pacs.close()
+
+
 # -- commands -------------------------------------------------------------------
 def cmd_verify(args: argparse.Namespace) -> int:
     """pacs verify: 0 all consistent, 1 problems found (or left after repair)."""
-    from pacs.leases import LeaseHeld
     from pacs.maintenance import verify
 
     if args.drop_missing and not args.repair:
         return _usage("--drop-missing only works with --repair")
-    pacs = _open(args)
-    try:
-        # Only a repair changes anything; a read-only check may run anywhere, any time.
-        with _exclusive(args, pacs, "verify-repair", args.repair), _Bar(args.json) as bar:
-            report = verify(pacs, repair=args.repair, drop_missing=args.drop_missing, quick=args.quick,
-                            workers=args.workers, progress=bar)
-    except LeaseHeld as exc:
-        return _held(args, exc)
-    finally:
-        pacs.close()
+    # Only a repair changes anything; a read-only check may run anywhere, any time.
+    report = _run(args, lambda pacs, bar: verify(pacs, repair=args.repair, drop_missing=args.drop_missing,
+                                                 quick=args.quick, workers=args.workers, progress=bar),
+                  lease="verify-repair" if args.repair else None)
+    if report is None:
+        return 1
     data = report.as_dict()
 
     def human() -> None:
@@ -256,17 +271,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_reindex(args: argparse.Namespace) -> int:
     """pacs reindex: 0 every object indexed, 1 some could not be (listed)."""
-    from pacs.leases import LeaseHeld
     from pacs.maintenance import reindex
 
-    pacs = _open(args)
-    try:
-        with _exclusive(args, pacs, "reindex"), _Bar(args.json) as bar:
-            report = reindex(pacs, workers=args.workers, progress=bar)
-    except LeaseHeld as exc:
-        return _held(args, exc)
-    finally:
-        pacs.close()
+    report = _run(args, lambda pacs, bar: reindex(pacs, workers=args.workers, progress=bar), lease="reindex")
+    if report is None:
+        return 1
     data = report.as_dict()
 
     def human() -> None:
@@ -285,22 +294,17 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """pacs migrate: 0 done (or stopped at --limit), 1 failures or switch refused, 2 bad target."""
-    from pacs.leases import LeaseHeld
     from pacs.maintenance import migrate
 
     if args.limit is not None and args.limit < 1:
         return _usage("--limit must be at least 1")
-    pacs = _open(args)
     try:
-        with _exclusive(args, pacs, "migrate"), _Bar(args.json) as bar:
-            report = migrate(pacs, args.target, switch=args.switch, limit=args.limit, workers=args.workers,
-                             progress=bar)
-    except LeaseHeld as exc:
-        return _held(args, exc)
+        report = _run(args, lambda pacs, bar: migrate(pacs, args.target, switch=args.switch, limit=args.limit,
+                                                      workers=args.workers, progress=bar), lease="migrate")
     except ValueError as exc:
         return _usage(str(exc))
-    finally:
-        pacs.close()
+    if report is None:
+        return 1
     if report.switched and args.storage_url:
         report.warnings.append("--storage-url on the command line overrides the config file: drop it from now on")
     data = report.as_dict()
@@ -325,7 +329,6 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     """pacs purge: 0 done (or dry run), 1 some objects could not be deleted, 2 no rule."""
-    from pacs.leases import LeaseHeld
     from pacs.maintenance import PurgeRules, purge
 
     try:
@@ -336,15 +339,11 @@ def cmd_purge(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         return _usage(str(exc))
-    pacs = _open(args)
-    try:
-        # A dry run only reads; deleting takes the lease.
-        with _exclusive(args, pacs, "purge", args.yes), _Bar(args.json) as bar:
-            report = purge(pacs, rules, execute=args.yes, progress=bar)
-    except LeaseHeld as exc:
-        return _held(args, exc)
-    finally:
-        pacs.close()
+    # A dry run only reads; deleting takes the lease.
+    report = _run(args, lambda pacs, bar: purge(pacs, rules, execute=args.yes, progress=bar),
+                  lease="purge" if args.yes else None)
+    if report is None:
+        return 1
     data = report.as_dict()
 
     def human() -> None:
@@ -374,17 +373,12 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
 def cmd_compress(args: argparse.Namespace) -> int:
     """pacs compress: 0 done, 1 failures or pixels that did not verify."""
-    from pacs.leases import LeaseHeld
     from pacs.maintenance import compress
 
-    pacs = _open(args)
-    try:
-        with _exclusive(args, pacs, "compress"), _Bar(args.json) as bar:
-            report = compress(pacs, codec=args.codec, study_uids=args.study, progress=bar)
-    except LeaseHeld as exc:
-        return _held(args, exc)
-    finally:
-        pacs.close()
+    report = _run(args, lambda pacs, bar: compress(pacs, codec=args.codec, study_uids=args.study, progress=bar),
+                  lease="compress")
+    if report is None:
+        return 1
     data = report.as_dict()
 
     def human() -> None:
@@ -414,13 +408,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _usage("--salt only makes sense with --deidentify")
     if args.out.exists() and args.out.suffix.lower() == ".zip":
         return _usage(f"{args.out} exists: choose another name")
-    pacs = _open(args)
-    try:
-        with _Bar(args.json) as bar:
-            report = export_studies(pacs, args.studies, args.out, deidentify=args.deidentify, salt=args.salt,
-                                    progress=bar)
-    finally:
-        pacs.close()
+    report = _run(args, lambda pacs, bar: export_studies(pacs, args.studies, args.out, deidentify=args.deidentify,
+                                                         salt=args.salt, progress=bar))
     data = report.as_dict()
 
     def human() -> None:
