@@ -807,24 +807,27 @@ def _echo_command() -> bytes:
     return el(0x00000000, struct.pack("<L", len(body))) + body
 
 
-def read_pdus(sock: socket.socket, timeout: float) -> tuple[list[int], bytes, bool]:
-    """Read until the peer closes or *timeout*; (PDU types, raw bytes, closed)."""
+def read_until_closed(sock: socket.socket, timeout: float) -> tuple[bytes, bool]:
+    """Read until the peer closes or *timeout*; (raw bytes, closed)."""
     sock.settimeout(timeout)
     deadline = time.monotonic() + timeout
     raw = b""
-    closed = False
     while time.monotonic() < deadline:
         try:
             chunk = sock.recv(65536)
         except TimeoutError:
             break
         except OSError:  # reset: a close as well
-            closed = True
-            break
+            return raw, True
         if not chunk:
-            closed = True
-            break
+            return raw, True
         raw += chunk
+    return raw, False
+
+
+def read_pdus(sock: socket.socket, timeout: float) -> tuple[list[int], bytes, bool]:
+    """Read until the peer closes or *timeout*; (PDU types, raw bytes, closed)."""
+    raw, closed = read_until_closed(sock, timeout)
     types, pos = [], 0
     while pos + 6 <= len(raw):
         kind, length = raw[pos], struct.unpack_from(">L", raw, pos + 2)[0]
@@ -1117,21 +1120,7 @@ def mllp_exchange(port: int, payload: bytes, timeout: float = 20.0) -> tuple[lis
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             return [], True
-        sock.settimeout(timeout)
-        deadline = time.monotonic() + timeout
-        raw, closed = b"", False
-        while time.monotonic() < deadline:
-            try:
-                chunk = sock.recv(65536)
-            except TimeoutError:
-                break
-            except OSError:
-                closed = True
-                break
-            if not chunk:
-                closed = True
-                break
-            raw += chunk
+        raw, closed = read_until_closed(sock, timeout)
     acks = re.findall(rb"\x0b(.*?)\x1c\r", raw, re.S)
     return acks, closed
 
