@@ -21,6 +21,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import Engine, select, update
 
 from .errors import PacsError
+from .index.db import write_transaction
 from .index.models import ApiToken, User
 
 ROLES = ("modality", "radiologist", "referring", "emr", "his", "admin")
@@ -66,12 +67,9 @@ class AuthService:
             raise AuthError("password must be at least 8 characters")
         values = {"role": role, "password_hash": self._hasher.hash(password), "active": True,
                   "display_name": display_name or username}
-        # BEGIN IMMEDIATE (see pacs.index.db): this transaction reads, then
-        # writes; a deferred one fails at once with "database is locked" on
-        # SQLite if the server committed in between (no busy wait for a
-        # read-to-write upgrade). Found by the fuzz run (bench/fuzz.py) adding
-        # a user while `pacs serve` was busy.
-        with self.engine.connect().execution_options(immediate=True) as conn, conn.begin():
+        # Reads, then writes: see write_transaction. Found by the fuzz run
+        # (bench/fuzz.py) adding a user while `pacs serve` was busy.
+        with write_transaction(self.engine) as conn:
             exists = conn.execute(select(users_t.c.pk).where(users_t.c.username == username)).scalar()
             if exists is None:
                 conn.execute(users_t.insert().values(username=username, created_at=datetime.now(UTC), **values))
@@ -149,8 +147,7 @@ class AuthService:
 
     def revoke(self, *, token: str | None = None, username: str | None = None, name: str | None = None) -> int:
         """Revoke a token (by value, or a user's tokens of a name); returns how many."""
-        # Immediate for the same reason as add_user: a read, then a write.
-        with self.engine.connect().execution_options(immediate=True) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             stmt = update(tokens_t).values(revoked=True)
             if token is not None:
                 stmt = stmt.where(tokens_t.c.token_hash == _hash_token(token))

@@ -39,6 +39,7 @@ from sqlalchemy import Connection, Engine, Table, delete, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .errors import PacsError
+from .index.db import write_transaction
 from .index.models import JobLease
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,7 @@ def _try_acquire(engine: Engine, name: str, holder: str, token: str, ttl: float)
     """One atomic attempt; returns the row as it is afterwards (ours or not)."""
     # BEGIN IMMEDIATE on SQLite: the write lock is taken first, so the upsert
     # and the read-back see one consistent state.
-    with engine.connect().execution_options(immediate=True) as conn, conn.begin():
+    with write_transaction(engine) as conn:
         now = _now(conn)
         values = {
             "name": name, "holder": holder, "token": token,
@@ -174,7 +175,7 @@ class Lease:
 
     def extend(self) -> bool:
         """Push the expiry ``ttl`` seconds forward; False if the lease is no longer ours."""
-        with self.engine.connect().execution_options(immediate=True) as conn, conn.begin():
+        with write_transaction(self.engine) as conn:
             now = _now(conn)
             result = conn.execute(
                 update(leases_t)
@@ -189,7 +190,7 @@ class Lease:
         if self._thread is not threading.current_thread():
             self._thread.join(max(self.ttl, 5.0))
         try:
-            with self.engine.connect().execution_options(immediate=True) as conn, conn.begin():
+            with write_transaction(self.engine) as conn:
                 conn.execute(delete(leases_t).where(leases_t.c.name == self.name, leases_t.c.token == self.token))
         except Exception as exc:  # noqa: BLE001 - it expires by itself anyway
             log.warning("lease %s: could not release (%s); it expires within %.0f s",

@@ -10,12 +10,24 @@ instead of failing on a read-to-write upgrade.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
+
+
+@contextmanager
+def write_transaction(engine: Engine) -> Iterator[Connection]:
+    """A transaction that reads, then writes: ``BEGIN IMMEDIATE`` on SQLite,
+    so it waits for the write lock up front instead of failing with
+    "database is locked" when another writer committed after its read.
+    Committed at the end of the block, rolled back on an exception."""
+    with engine.connect().execution_options(immediate=True) as conn, conn.begin():
+        yield conn
 
 
 def is_sqlite(engine: Engine) -> bool:

@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, Table, delete, exists, func, select, 
 from storage import sha256_of
 
 from ..app import Pacs
+from ..index.db import write_transaction
 from ..index.models import Instance, Order, Patient, Report, Series, Study
 from ..index.writer import AddResult, IndexRecord
 
@@ -211,7 +212,7 @@ def delete_instance_rows(engine: Engine, pks: list[int]) -> dict[str, int]:
     """Delete instance rows by primary key (and the parents they leave empty)."""
     removed = {"instances": 0, "series": 0, "studies": 0, "patients": 0}
     for batch in batched(pks):
-        with engine.connect().execution_options(immediate=True) as conn, conn.begin():
+        with write_transaction(engine) as conn:
             series_pks = set(
                 conn.execute(select(instances_t.c.series_pk).where(instances_t.c.pk.in_(batch)).distinct()).scalars()
             )

@@ -34,6 +34,7 @@ from storage import StorageError
 
 from ..app import Pacs
 from ..audit import Event
+from ..index.db import write_transaction
 from .common import (
     BATCH,
     Capped,
@@ -238,7 +239,7 @@ def _summary(pacs: Pacs, where: Any, report: PurgeReport) -> None:
 
 def _delete_study(pacs: Pacs, study_pk: int, where: Any, journal: PurgeJournal) -> dict[str, Any] | None:
     """Delete one study's index rows (if it still matches); return what it was."""
-    with pacs.engine.connect().execution_options(immediate=True) as conn, conn.begin():
+    with write_transaction(pacs.engine) as conn:
         row = conn.execute(
             select(studies_t.c.study_uid, studies_t.c.patient_pk, studies_t.c.num_instances,
                    studies_t.c.size_bytes, patients_t.c.patient_id)
