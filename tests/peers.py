@@ -50,6 +50,16 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = 
     raise TimeoutError(f"port {port} did not open within {timeout}s")
 
 
+def wait_until(predicate, timeout: float = 60.0, interval: float = 0.5) -> bool:  # type: ignore[no-untyped-def]
+    """Poll *predicate* until it holds or *timeout* passes; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
 def dcmtk(tool: str) -> str:
     """Path of a DCMTK tool (pynetdicom's own apps shadow them in the venv)."""
     path = DCMTK / tool

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from .conftest import PacsServer, run_dcmtk
-from .peers import Backend
+from .peers import Backend, wait_until
 from .test_dimse_failures import make_ct
 from .test_dimse_ingest import assert_stored_as_sent
 from .test_query_retrieve import StoreSCP, findscu
@@ -31,15 +30,6 @@ def _workers(server: PacsServer) -> list[int]:
     out = subprocess.run(["ps", "-o", "pid=,args=", "--ppid", str(server.proc.pid)],
                          capture_output=True, text=True).stdout
     return [int(line.split()[0]) for line in out.splitlines() if "dicom_scp.workers" in line]
-
-
-def _wait(predicate, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("condition not reached in time")
 
 
 def _alive(pid: int) -> bool:
@@ -115,7 +105,8 @@ def test_a_crashed_worker_is_replaced_and_the_port_keeps_answering(server: PacsS
     os.kill(first[0], signal.SIGKILL)
     # The other worker answers meanwhile.
     assert run_dcmtk("echoscu", "-aec", server.ae_title, "127.0.0.1", str(server.dicom_port)).returncode == 0
-    _wait(lambda: len(_workers(server)) == WORKERS and first[0] not in _workers(server))
+    assert wait_until(lambda: len(_workers(server)) == WORKERS and first[0] not in _workers(server),
+                      timeout=30, interval=0.2)
     assert "exited with -9; restarting it" in server.log_text()
     files = _studies(tmp_path / "in", studies=1, per_study=5)
     assert server.storescu("+sd", str(files[0].parent)).returncode == 0
@@ -128,14 +119,14 @@ def test_workers_stop_with_their_supervisor(server: PacsServer, tmp_path: Path) 
     pids = _workers(server)
     server.stop()
     assert server.proc is not None and server.proc.returncode == 0
-    _wait(lambda: not any(_alive(p) for p in pids), timeout=10)
+    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=10, interval=0.2)
     # SIGKILL of the supervisor: the kernel kills the workers (PR_SET_PDEATHSIG),
     # nothing is left answering on the port, and a restart serves again.
     server.start()
     pids = _workers(server)
     assert len(pids) == WORKERS
     server.stop(signal.SIGKILL)
-    _wait(lambda: not any(_alive(p) for p in pids), timeout=10)
+    assert wait_until(lambda: not any(_alive(p) for p in pids), timeout=10, interval=0.2)
     assert run_dcmtk("echoscu", "-to", "3", "-aec", server.ae_title, "127.0.0.1",
                      str(server.dicom_port)).returncode != 0
     server.start()

@@ -16,7 +16,7 @@ from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 
 from .conftest import S3_ACCESS, S3_SECRET, Backend, PacsServer, free_port, wait_port
-from .peers import create_database, dcmtk, drop_database
+from .peers import create_database, dcmtk, drop_database, wait_until
 from .test_dimse_failures import make_ct
 
 
@@ -85,9 +85,7 @@ def test_rule_waits_for_a_down_receiver_and_survives_restarts(tmp_path: Path) ->
         routed = _send(server, tmp_path, "SAT_CT1", 3)
         _send(server, tmp_path, "LOCAL_CT", 2)  # another AE: not routed
         _send(server, tmp_path, "SAT_CT1", 1, Modality="MR")  # another modality: not routed
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and _jobs(server)["counts"].get("pending", 0) < 3:
-            time.sleep(0.5)
+        wait_until(lambda: _jobs(server)["counts"].get("pending", 0) >= 3, timeout=30)
         jobs = _jobs(server)
         assert sum(jobs["counts"].values()) == 3
         assert all(j["attempts"] >= 1 and "READING" in j["last_error"] for j in jobs["jobs"])
@@ -101,9 +99,7 @@ def test_rule_waits_for_a_down_receiver_and_survives_restarts(tmp_path: Path) ->
         receiver.start()
         assert receiver.wait_for(5) == 5, "every routed object exactly once"
         assert set(receiver.files()) == set(routed + more)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and _jobs(server)["counts"] != {"done": 5}:
-            time.sleep(0.5)
+        wait_until(lambda: _jobs(server)["counts"] == {"done": 5}, timeout=20)
         assert _jobs(server)["counts"] == {"done": 5}
     finally:
         server.stop()
@@ -176,15 +172,6 @@ def test_two_nodes_drain_one_queue_without_sending_twice(tmp_path: Path, s3_serv
         drop_database(pg)
 
 
-def _wait(predicate, timeout: float = 60.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.5)
-    return predicate()
-
-
 def test_stow_route_after_the_study_is_stable_and_dead_letters(tmp_path: Path) -> None:
     reader = PacsServer(tmp_path / "reader", Backend("sqlite-fs", None, None, {})).start()
     server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
@@ -199,17 +186,17 @@ def test_stow_route_after_the_study_is_stable_and_dead_letters(tmp_path: Path) -
         _send(server, tmp_path / "cor", "CT_ROOM1", 1, SeriesDescription="COR 5mm")  # the regex does not match
         # The study is still "arriving": nothing goes before 6 s without a new instance.
         assert reader.stats()["instances"] == 0
-        assert _wait(lambda: reader.stats()["instances"] == 3), _jobs(server)
+        assert wait_until(lambda: reader.stats()["instances"] == 3), _jobs(server)
         with reader.http() as client:
             found = client.get("/dicom-web/instances", params={"includefield": "SOPInstanceUID"}).json()
         assert sorted(i["00080018"]["Value"][0] for i in found) == sorted(axial)
         # The unreachable destination: two tries, then dead (a dead letter, not lost).
-        assert _wait(lambda: _jobs(server)["counts"].get("dead", 0) == 4), _jobs(server)
+        assert wait_until(lambda: _jobs(server)["counts"].get("dead", 0) == 4), _jobs(server)
         dead = json.loads(server.cli("route", "list", "--state", "dead", "--json").stdout)["jobs"]
         assert {j["rule"] for j in dead} == {"to-nowhere"} and all(j["attempts"] == 2 for j in dead)
         # retry puts them back in the queue; cancel takes them out for good.
         assert json.loads(server.cli("route", "retry", "--json").stdout) == {"retried": 4}
-        assert _wait(lambda: _jobs(server)["counts"].get("dead", 0) == 4), _jobs(server)
+        assert wait_until(lambda: _jobs(server)["counts"].get("dead", 0) == 4), _jobs(server)
         server.cli("route", "cancel", "--rule", "to-nowhere")
         assert _jobs(server)["counts"].get("cancelled", 0) == 4, _jobs(server)
         assert _jobs(server)["counts"].get("done") == 3
