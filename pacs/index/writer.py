@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Table, select, update
 
 from ..header import InstanceHeader
 from ..names import fold_name
-from ..routing import create_jobs  # noqa: E402  (routing imports only writer_helpers)
+from ..routing import create_jobs  # no cycle: pacs.routing imports only writer_helpers from here
 from .models import Instance, Patient, PatientIdentifier, Series, Study
 from .reconcile import find_order, record_reconciliation
 from .writer_helpers import insert_ignore
