@@ -29,9 +29,10 @@ from pynetdicom.sop_class import (
 from pacs.app import Pacs
 from pacs.query import ATTRIBUTES, UNIQUE_KEY, Level, Query, QueryError, run_query
 from pacs.query.results import result_dataset
-from pacs.retrieve import RetrieveItem, contexts_for, iter_for_peer, resolve
+from pacs.retrieve import RetrieveItem, contexts_for, for_peer, resolve
 
 from .server import audit_dimse, status_dataset
+from .stored_send import StoredInstance, send_stored_as_is, sendable_as_stored
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +163,20 @@ def _send_items(
     pacs: Pacs, event: Any, items: list[RetrieveItem], accepted: Any
 ) -> Iterator[tuple[int, Dataset | None]]:
     failed: list[str] = []
-    for item, ds, error in iter_for_peer(pacs, items, accepted()):
+    peer_accepts = accepted()
+    for item in items:
         if event.is_cancelled:
             cancelled = Dataset()
             cancelled.FailedSOPInstanceUIDList = failed
             yield CANCEL, cancelled
             return
-        if ds is None:
+        if sendable_as_stored(item, peer_accepts):
+            yield PENDING, StoredInstance(item)
+            continue
+        try:
+            ds = for_peer(pacs, item, peer_accepts)
+        except Exception as exc:
+            log.warning("cannot send %s: %s", item.sop_uid, exc)
             failed.append(item.sop_uid)
             # pynetdicom counts a dataset it cannot send (no SOP Class UID)
             # as a failed sub-operation and lists its SOP Instance UID.
@@ -238,6 +246,7 @@ def make_get_handler(pacs: Pacs) -> Any:
         for study in sorted({i.study_uid for i in items}):
             audit_dimse(pacs, event, "retrieve", study_uid=study, detail="C-GET")
         yield len(items)
+        send_stored_as_is(pacs, event.assoc)
 
         def accepted() -> set[tuple[str, str]]:
             return {

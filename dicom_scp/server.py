@@ -39,6 +39,7 @@ from .contexts import (
     prefer_requestor_order,
     storage_contexts,
 )
+from .stored_send import send_stored_as_is
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +325,11 @@ def start_dicom_server(
 
     ae = build_ae(pacs)
     destinations = MoveDestinations()
-    ae.on_associate.extend([_nodelay, destinations.remember])
+    ae.on_associate.extend([_nodelay, destinations.remember, lambda assoc: send_stored_as_is(pacs, assoc)])
+    if pacs.settings.dicom_event_driven:
+        from .reactor import event_driven
+
+        ae.on_associate.append(event_driven)
     handlers = [
         (evt.EVT_C_STORE, make_store_handler(pacs)),
         (evt.EVT_CONN_OPEN, _on_conn_open),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -159,21 +159,11 @@ def contexts_for(items: Iterable[RetrieveItem], limit: int = 128) -> list[tuple[
         if item.sop_class_uid not in sop_classes:
             sop_classes.append(item.sop_class_uid)
         key = (item.sop_class_uid, item.transfer_syntax_uid)
-        if key not in seen and UID(item.transfer_syntax_uid).is_compressed:
+        if key not in seen:
+            # The stored syntax alone, so a peer that takes it gets the
+            # stored bytes as they are (uncompressed ones too: no re-encode).
             seen.add(key)
             wanted.append((item.sop_class_uid, [item.transfer_syntax_uid]))
     fallback = [(sc, [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]) for sc in sop_classes]
     # Fallbacks first: every SOP class must be sendable even if the list is cut.
     return (fallback + wanted)[:limit]
-
-
-def iter_for_peer(
-    pacs: Pacs, items: list[RetrieveItem], accepted: set[tuple[str, str]]
-) -> Iterator[tuple[RetrieveItem, Dataset | None, str]]:
-    """(item, dataset or None, error) for each item, one object in memory at a time."""
-    for item in items:
-        try:
-            yield item, for_peer(pacs, item, accepted), ""
-        except Exception as exc:
-            log.warning("cannot send %s: %s", item.sop_uid, exc)
-            yield item, None, str(exc)

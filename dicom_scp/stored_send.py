@@ -1,0 +1,173 @@
+"""C-STORE sub-operations (C-MOVE, C-GET) that send the stored bytes as they are.
+
+pynetdicom's retrieve services only take a :class:`~pydicom.dataset.Dataset`
+from the handler and re-encode it element by element. When the peer accepted
+the stored transfer syntax and no attribute needs correcting, that parse and
+re-encode is pure cost (it was most of the time of a C-MOVE). The handler
+yields a :class:`StoredInstance` -- a Dataset with only the identifying
+attributes -- and the association's ``send_c_store`` is wrapped so such an
+instance is streamed from the stored file, header and pixels untouched,
+its PDUs written to the socket by the sending thread (see
+:func:`_write_message`). With both, a C-MOVE of a CT study went from ~100 to
+~450-500 objects/s on the 2-core test machine.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pynetdicom import evt
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dsutils import encode
+from pynetdicom.dimse_primitives import C_STORE
+
+from pacs.app import Pacs
+from pacs.retrieve import RetrieveItem
+
+# Bytes gathered per socket write.
+_WRITE_BYTES = 256 * 1024
+
+
+class StoredInstance(Dataset):
+    """Stands for a stored object in a retrieve handler's output.
+
+    Carries what pynetdicom's retrieve service reads itself (SOP Class and
+    Instance UIDs, for its failure lists) plus the storage key.
+    """
+
+    def __init__(self, item: RetrieveItem) -> None:
+        super().__init__()
+        self.SOPClassUID = item.sop_class_uid
+        self.SOPInstanceUID = item.sop_uid
+        self.file_meta = FileMetaDataset()
+        self.file_meta.TransferSyntaxUID = item.transfer_syntax_uid
+        # Not a DICOM attribute: Dataset keeps plain Python attributes aside.
+        self.storage_key = item.storage_key
+
+
+def sendable_as_stored(item: RetrieveItem, accepted: set[tuple[str, str]]) -> bool:
+    """True when the peer takes the stored bytes unchanged."""
+    return not item.overrides and (item.sop_class_uid, item.transfer_syntax_uid) in accepted
+
+
+def _dataset_offset(f: BinaryIO) -> int | None:
+    """Where the dataset starts after the File Meta Information, read from its
+    group length; None when the file is not laid out that simply."""
+    head = f.read(144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    return 144 + int.from_bytes(head[140:144], "little")
+
+
+def _pause_reactor(assoc: Any) -> None:
+    """Keep a requestor's reactor from taking our responses off the DIMSE
+    queue. pynetdicom pauses and resumes it around every request, and each
+    pause waits for the reactor's 1 ms sleep to end; a store association that
+    only sends keeps it paused instead (``release()`` works paused).
+
+    An acceptor's reactor is the thread running the C-GET handler: nothing to do.
+    """
+    if not assoc.is_requestor:
+        return
+    assoc._reactor_checkpoint.clear()
+    while not assoc._is_paused and assoc.is_established:
+        time.sleep(0.0001)
+
+
+def _send_file(assoc: Any, instance: StoredInstance, path: Path, msg_id: int, priority: int = 2,
+               originator_aet: str | None = None, originator_id: int | None = None) -> Dataset:
+    """One C-STORE request whose dataset is streamed from *path*."""
+    if not assoc.is_established or assoc.acse.is_aborted():
+        raise RuntimeError("the store association is no longer established")
+    context = assoc._get_valid_context(instance.SOPClassUID, instance.file_meta.TransferSyntaxUID, "scu",
+                                       allow_conversion=False)
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.Priority = priority
+    req.MoveOriginatorApplicationEntityTitle = originator_aet
+    req.MoveOriginatorMessageID = originator_id
+    req.AffectedSOPClassUID = instance.SOPClassUID
+    req.AffectedSOPInstanceUID = instance.SOPInstanceUID
+    with open(path, "rb") as f:
+        offset = _dataset_offset(f)
+        if offset is None:
+            raise ValueError("no group length in the file meta")
+        req._dataset_path = (path, offset)  # tells the command set a dataset follows
+        _pause_reactor(assoc)
+        _write_message(assoc, req, context.context_id, f, offset)
+    _, rsp = assoc.dimse.get_msg(block=True)
+    if rsp is None:
+        assoc._handle_no_response()
+        return Dataset()
+    return assoc._check_received_status(rsp)
+
+
+def _pdu(context_id: int, control: int, data: bytes) -> bytes:
+    """A P-DATA-TF PDU holding one PDV (PS3.8 9.3.5, E.2)."""
+    return struct.pack(">BBIIBB", 0x04, 0, len(data) + 6, len(data) + 2, context_id, control) + data
+
+
+def _write_message(assoc: Any, req: C_STORE, context_id: int, f: BinaryIO, offset: int) -> None:
+    """Write the C-STORE-RQ's PDUs to the socket from this thread.
+
+    pynetdicom hands every PDU (32 of them for a 512 KB slice at DCMTK's
+    16 KB limit) to its DUL thread through a queue, a thread switch each;
+    the DUL sends nothing else while a request is out, so the PDUs go
+    straight to the socket, a few hundred kilobytes per write.
+    """
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    message.context_id = context_id
+    evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
+    command = encode(message.command_set, True, True)
+    max_pdu = assoc.dimse.maximum_pdu_size
+    fragment = max_pdu - 6 if max_pdu else 1 << 30
+    batch: list[bytes] = [_pdu(context_id, 0x03, command)]
+    batched = len(batch[0])
+    remaining = f.seek(0, 2) - f.seek(offset)
+    if remaining <= 0:
+        raise ValueError("the stored file holds no dataset")
+    while remaining > 0:
+        data = f.read(min(fragment, remaining))
+        if not data:
+            # Part of the message is out: the peer cannot make sense of
+            # what would follow on this association.
+            assoc.abort()
+            raise RuntimeError("the stored file ended early")
+        remaining -= len(data)
+        batch.append(_pdu(context_id, 0x00 if remaining > 0 else 0x02, data))
+        batched += len(batch[-1])
+        if batched >= _WRITE_BYTES or remaining <= 0:
+            assoc.dul.socket.send(b"".join(batch))
+            batch, batched = [], 0
+
+
+def send_stored_as_is(pacs: Pacs, assoc: Any) -> None:
+    """Make *assoc* stream :class:`StoredInstance` objects from storage.
+
+    Any other dataset still goes through pynetdicom's own encoding.
+    """
+    original: Callable[..., Dataset] = assoc.send_c_store
+    if getattr(original, "sends_stored", False):
+        return
+
+    def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
+        if isinstance(dataset, StoredInstance):
+            with pacs.store.local_path(dataset.storage_key) as path:
+                try:
+                    return _send_file(assoc, dataset, path, *args, **kwargs)
+                except ValueError:
+                    # Raised before anything is sent: a file without a meta
+                    # group length, or no context pynetdicom matches exactly.
+                    # Encode it the ordinary way.
+                    return original(dcmread(path), *args, **kwargs)
+        return original(dataset, *args, **kwargs)
+
+    send_c_store.sends_stored = True  # type: ignore[attr-defined]
+    assoc.send_c_store = send_c_store
