@@ -49,6 +49,7 @@ class StoredInstance(Dataset):
         self.file_meta.TransferSyntaxUID = item.transfer_syntax_uid
         # Not a DICOM attribute: Dataset keeps plain Python attributes aside.
         self.storage_key = item.storage_key
+        self.stored_size = item.size
 
 
 def sendable_as_stored(item: RetrieveItem, accepted: set[tuple[str, str]]) -> bool:
@@ -56,13 +57,27 @@ def sendable_as_stored(item: RetrieveItem, accepted: set[tuple[str, str]]) -> bo
     return not item.overrides and (item.sop_class_uid, item.transfer_syntax_uid) in accepted
 
 
-def _dataset_offset(f: BinaryIO) -> int | None:
-    """Where the dataset starts after the File Meta Information, read from its
-    group length; None when the file is not laid out that simply."""
-    head = f.read(144)
+def _read_exact(stream: BinaryIO, n: int) -> bytes:
+    """*n* bytes, or fewer only at the end (S3 bodies may return short reads)."""
+    data = stream.read(n)
+    while len(data) < n:
+        more = stream.read(n - len(data))
+        if not more:
+            break
+        data += more
+    return data
+
+
+def _dataset_offset(stream: BinaryIO) -> int | None:
+    """Read past the File Meta Information; where the dataset starts, from the
+    meta group length, or None when the file is not laid out that simply."""
+    head = _read_exact(stream, 144)
     if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
         return None
-    return 144 + int.from_bytes(head[140:144], "little")
+    rest = int.from_bytes(head[140:144], "little")
+    if len(_read_exact(stream, rest)) < rest:
+        return None
+    return 144 + rest
 
 
 def _pause_reactor(assoc: Any) -> None:
@@ -80,9 +95,9 @@ def _pause_reactor(assoc: Any) -> None:
         time.sleep(0.0001)
 
 
-def _send_file(assoc: Any, instance: StoredInstance, path: Path, msg_id: int, priority: int = 2,
-               originator_aet: str | None = None, originator_id: int | None = None) -> Dataset:
-    """One C-STORE request whose dataset is streamed from *path*."""
+def _send_stored(assoc: Any, instance: StoredInstance, stream: BinaryIO, msg_id: int, priority: int = 2,
+                 originator_aet: str | None = None, originator_id: int | None = None) -> Dataset:
+    """One C-STORE request whose dataset is streamed from the stored object."""
     if not assoc.is_established or assoc.acse.is_aborted():
         raise RuntimeError("the store association is no longer established")
     context = assoc._get_valid_context(instance.SOPClassUID, instance.file_meta.TransferSyntaxUID, "scu",
@@ -94,13 +109,12 @@ def _send_file(assoc: Any, instance: StoredInstance, path: Path, msg_id: int, pr
     req.MoveOriginatorMessageID = originator_id
     req.AffectedSOPClassUID = instance.SOPClassUID
     req.AffectedSOPInstanceUID = instance.SOPInstanceUID
-    with open(path, "rb") as f:
-        offset = _dataset_offset(f)
-        if offset is None:
-            raise ValueError("no group length in the file meta")
-        req._dataset_path = (path, offset)  # tells the command set a dataset follows
-        _pause_reactor(assoc)
-        _write_message(assoc, req, context.context_id, f, offset)
+    offset = _dataset_offset(stream)
+    if offset is None or instance.stored_size <= offset:
+        raise ValueError("no group length in the file meta, or no dataset")
+    req._dataset_path = (Path(instance.storage_key), offset)  # tells the command set a dataset follows
+    _pause_reactor(assoc)
+    _write_message(assoc, req, context.context_id, stream, instance.stored_size - offset)
     _, rsp = assoc.dimse.get_msg(block=True)
     if rsp is None:
         assoc._handle_no_response()
@@ -113,7 +127,7 @@ def _pdu(context_id: int, control: int, data: bytes) -> bytes:
     return struct.pack(">BBIIBB", 0x04, 0, len(data) + 6, len(data) + 2, context_id, control) + data
 
 
-def _write_message(assoc: Any, req: C_STORE, context_id: int, f: BinaryIO, offset: int) -> None:
+def _write_message(assoc: Any, req: C_STORE, context_id: int, stream: BinaryIO, remaining: int) -> None:
     """Write the C-STORE-RQ's PDUs to the socket from this thread.
 
     pynetdicom hands every PDU (32 of them for a 512 KB slice at DCMTK's
@@ -130,11 +144,8 @@ def _write_message(assoc: Any, req: C_STORE, context_id: int, f: BinaryIO, offse
     fragment = max_pdu - 6 if max_pdu else 1 << 30
     batch: list[bytes] = [_pdu(context_id, 0x03, command)]
     batched = len(batch[0])
-    remaining = f.seek(0, 2) - f.seek(offset)
-    if remaining <= 0:
-        raise ValueError("the stored file holds no dataset")
     while remaining > 0:
-        data = f.read(min(fragment, remaining))
+        data = _read_exact(stream, min(fragment, remaining))
         if not data:
             # Part of the message is out: the peer cannot make sense of
             # what would follow on this association.
@@ -159,13 +170,14 @@ def send_stored_as_is(pacs: Pacs, assoc: Any) -> None:
 
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         if isinstance(dataset, StoredInstance):
-            with pacs.store.local_path(dataset.storage_key) as path:
-                try:
-                    return _send_file(assoc, dataset, path, *args, **kwargs)
-                except ValueError:
-                    # Raised before anything is sent: a file without a meta
-                    # group length, or no context pynetdicom matches exactly.
-                    # Encode it the ordinary way.
+            try:
+                with pacs.store.open(dataset.storage_key) as stream:
+                    return _send_stored(assoc, dataset, stream, *args, **kwargs)
+            except ValueError:
+                # Raised before anything is sent: a file without a meta
+                # group length, or no context pynetdicom matches exactly.
+                # Encode it the ordinary way.
+                with pacs.store.local_path(dataset.storage_key) as path:
                     return original(dcmread(path), *args, **kwargs)
         return original(dataset, *args, **kwargs)
 

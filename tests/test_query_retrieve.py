@@ -446,8 +446,7 @@ def _part10_without_group_length(ds: Dataset) -> bytes:
     return b"\0" * 128 + b"DICM" + meta.getvalue() + body.getvalue()
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "pg"])
-def test_retrieve_sends_stored_bytes_of_large_and_odd_files(backend: str, tmp_path: Path) -> None:
+def test_retrieve_sends_stored_bytes_of_large_and_odd_files(backend: Backend, tmp_path: Path) -> None:
     """C-MOVE and C-GET send the stored bytes as they are: a 2 MB object that
     spans many PDUs, and a file without a meta group length (fallback path)."""
     import numpy as np
@@ -478,8 +477,7 @@ def test_retrieve_sends_stored_bytes_of_large_and_odd_files(backend: str, tmp_pa
         else:
             ds.save_as(path, enforce_file_format=True)
         files[str(ds.SOPInstanceUID)] = path.read_bytes()
-    pg = create_database() if backend == "pg" else None
-    server = PacsServer(tmp_path / "data", Backend(backend, pg, None, {}))
+    server = PacsServer(tmp_path / "data", backend)
     server.cli("import", str(corpus))
     scp = StoreSCP(tmp_path / "dest", accept_all=True)
     server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
@@ -497,8 +495,6 @@ def test_retrieve_sends_stored_bytes_of_large_and_odd_files(backend: str, tmp_pa
     finally:
         scp.stop()
         server.stop()
-        if pg:
-            drop_database(pg)
     moved = scp.received()
     fetched = {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f.read_bytes() for f in got.iterdir()}
     for received in (moved, fetched):
