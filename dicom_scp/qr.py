@@ -32,7 +32,7 @@ from pacs.query.results import result_dataset
 from pacs.retrieve import RetrieveItem, contexts_for, for_peer, resolve
 
 from .server import audit_dimse, status_dataset
-from .stored_send import StoredInstance, send_stored_as_is, sendable_as_stored
+from .stored_send import StoredInstance, read_ahead, send_stored_as_is, sendable_as_stored
 
 log = logging.getLogger(__name__)
 
@@ -164,6 +164,14 @@ def _send_items(
 ) -> Iterator[tuple[int, Dataset | None]]:
     failed: list[str] = []
     peer_accepts = accepted()
+    as_stored = [item for item in items if sendable_as_stored(item, peer_accepts)]
+    with read_ahead(pacs.store, as_stored) as fetch:
+        yield from _send_each(pacs, event, items, peer_accepts, failed, fetch)
+
+
+def _send_each(pacs: Pacs, event: Any, items: list[RetrieveItem], peer_accepts: set[tuple[str, str]],
+               failed: list[str], fetch: Any) -> Iterator[tuple[int, Dataset | None]]:
+    stored_index = 0
     for item in items:
         if event.is_cancelled:
             cancelled = Dataset()
@@ -171,7 +179,10 @@ def _send_items(
             yield CANCEL, cancelled
             return
         if sendable_as_stored(item, peer_accepts):
-            yield PENDING, StoredInstance(item)
+            instance = StoredInstance(item)
+            instance.prefetched = fetch(stored_index)
+            stored_index += 1
+            yield PENDING, instance
             continue
         try:
             ds = for_peer(pacs, item, peer_accepts)

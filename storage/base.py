@@ -141,6 +141,10 @@ class ObjectStore(ABC):
     """One interface for every backend (filesystem, S3)."""
 
     url: str
+    # Each read waits on a network round trip: readers of many objects in a
+    # row (retrieval) fetch a few ahead.
+    remote: bool = False
+
     def stage(self, stream: BinaryIO, size: int | None = None) -> StagedObject:
         """Prepare the stream's bytes for a later :meth:`StagedObject.commit`.
 

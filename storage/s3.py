@@ -92,6 +92,8 @@ def server_side_encryption(spec: str) -> Sse | None:
 class S3Store(ObjectStore):
     """Objects in one S3 bucket, optionally under a key prefix."""
 
+    remote = True
+
     def __init__(
         self,
         bucket: str,
