@@ -15,7 +15,6 @@ its PDUs written to the socket by the sending thread (see
 from __future__ import annotations
 
 import io
-import struct
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,8 +33,8 @@ from pacs.app import Pacs
 from pacs.retrieve import RetrieveItem
 from storage import ObjectStore
 
-# Bytes gathered per socket write.
-_WRITE_BYTES = 256 * 1024
+from .direct_send import p_data_pdu, write_pdus
+
 # Objects read ahead from a remote store, and the largest one read whole.
 READ_AHEAD = 4
 READ_AHEAD_MAX_BYTES = 8 * 1024**2
@@ -131,41 +130,30 @@ def _send_stored(assoc: Any, instance: StoredInstance, stream: BinaryIO, msg_id:
     return assoc._check_received_status(rsp)
 
 
-def _pdu(context_id: int, control: int, data: bytes) -> bytes:
-    """A P-DATA-TF PDU holding one PDV (PS3.8 9.3.5, E.2)."""
-    return struct.pack(">BBIIBB", 0x04, 0, len(data) + 6, len(data) + 2, context_id, control) + data
-
-
 def _write_message(assoc: Any, req: C_STORE, context_id: int, stream: BinaryIO, remaining: int) -> None:
-    """Write the C-STORE-RQ's PDUs to the socket from this thread.
-
-    pynetdicom hands every PDU (32 of them for a 512 KB slice at DCMTK's
-    16 KB limit) to its DUL thread through a queue, a thread switch each;
-    the DUL sends nothing else while a request is out, so the PDUs go
-    straight to the socket, a few hundred kilobytes per write.
-    """
+    """Write the C-STORE-RQ's PDUs to the socket from this thread (see
+    :mod:`dicom_scp.direct_send`), reading the dataset as it goes."""
     message = C_STORE_RQ()
     message.primitive_to_message(req)
     message.context_id = context_id
     evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
-    command = encode(message.command_set, True, True)
     max_pdu = assoc.dimse.maximum_pdu_size
     fragment = max_pdu - 6 if max_pdu else 1 << 30
-    batch: list[bytes] = [_pdu(context_id, 0x03, command)]
-    batched = len(batch[0])
-    while remaining > 0:
-        data = _read_exact(stream, min(fragment, remaining))
-        if not data:
-            # Part of the message is out: the peer cannot make sense of
-            # what would follow on this association.
-            assoc.abort()
-            raise RuntimeError("the stored file ended early")
-        remaining -= len(data)
-        batch.append(_pdu(context_id, 0x00 if remaining > 0 else 0x02, data))
-        batched += len(batch[-1])
-        if batched >= _WRITE_BYTES or remaining <= 0:
-            assoc.dul.socket.send(b"".join(batch))
-            batch, batched = [], 0
+
+    def pdus() -> Iterator[bytes]:
+        yield p_data_pdu(context_id, b"\x03" + encode(message.command_set, True, True))
+        left = remaining
+        while left > 0:
+            data = _read_exact(stream, min(fragment, left))
+            if not data:
+                # Part of the message is out: the peer cannot make sense of
+                # what would follow on this association.
+                assoc.abort()
+                raise RuntimeError("the stored file ended early")
+            left -= len(data)
+            yield p_data_pdu(context_id, (b"\x00" if left > 0 else b"\x02") + data)
+
+    write_pdus(assoc, pdus())
 
 
 @contextmanager

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
-from pydicom.datadict import dictionary_VR
+from pydicom import config
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
@@ -34,23 +37,32 @@ def result_dataset(level: Level, returns: list[str], row: dict[str, Any], ae_tit
     return ds
 
 
+@lru_cache(maxsize=512)
+def _tag_and_vr(keyword: str) -> tuple[int, str] | None:
+    tag = tag_for_keyword(keyword)
+    return None if tag is None else (tag, dictionary_VR(tag))
+
+
 def _set(ds: Dataset, keyword: str, value: Any) -> None:
-    try:
-        vr = dictionary_VR(keyword)
-    except KeyError:
+    known = _tag_and_vr(keyword)
+    if known is None:
         return
+    tag, vr = known
     if vr == "SQ":
-        setattr(ds, keyword, Sequence([]))
+        value = Sequence([])
     elif value is None or value == "":
-        setattr(ds, keyword, None)
+        value = None
     elif keyword == "ModalitiesInStudy":
-        ds.ModalitiesInStudy = [m for m in str(value).split("\\") if m]
+        value = [m for m in str(value).split("\\") if m]
     elif vr in ("US", "UL", "SS", "SL"):
-        setattr(ds, keyword, int(value))
+        value = int(value)
     elif vr == "IS":
-        setattr(ds, keyword, str(int(value)))
+        value = str(int(value))
     else:
-        setattr(ds, keyword, str(value))
+        value = str(value)
+    # Values come from the index, validated when the object was received:
+    # checking each again on the way out was a fifth of a C-FIND match's cost.
+    ds[tag] = DataElement(tag, vr, value, validation_mode=config.IGNORE)
 
 
 def other_ids_sequence(others: list[dict[str, str]]) -> Sequence:

@@ -1,0 +1,83 @@
+"""DIMSE messages written to the socket by the thread that sends them.
+
+pynetdicom queues every P-DATA PDU for its DUL thread, which runs each through
+the state machine and sends it: a thread hand-off (and a wake-up) per PDU.
+For a C-FIND with a hundred matches or a C-STORE response per received
+object, that hand-off is a large share of the work. While the association is
+established (state Sta6, where P-DATA needs no state change), the sending
+thread encodes the PDUs and writes them itself; in any other state the
+message takes pynetdicom's path so the state machine sees it.
+
+Only one thread sends DIMSE messages on an association (its handler thread);
+the DUL thread sends ACSE PDUs, which come only after (release) or instead
+of (abort) further DIMSE traffic.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pynetdicom import evt
+from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
+
+# Bytes gathered per socket write.
+WRITE_BYTES = 256 * 1024
+_HEADER = struct.Struct(">BBIIB")
+
+
+def p_data_pdu(context_id: int, pdv: bytes) -> bytes:
+    """A P-DATA-TF PDU holding one PDV (PS3.8 9.3.5); *pdv* starts with its
+    message control header byte."""
+    return _HEADER.pack(0x04, 0, len(pdv) + 5, len(pdv) + 1, context_id) + pdv
+
+
+def write_pdus(assoc: Any, pdus: Iterable[bytes]) -> None:
+    """Write PDUs to the association's socket, a few hundred KB per write."""
+    batch: list[bytes] = []
+    size = 0
+    for pdu in pdus:
+        batch.append(pdu)
+        size += len(pdu)
+        if size >= WRITE_BYTES:
+            assoc.dul.socket.send(b"".join(batch))
+            batch, size = [], 0
+    if batch:
+        assoc.dul.socket.send(b"".join(batch))
+
+
+def can_write_directly(assoc: Any) -> bool:
+    """True while the association is established (Sta6)."""
+    return bool(assoc.dul.state_machine.current_state == "Sta6" and assoc.dul.socket is not None)
+
+
+def send_directly(assoc: Any) -> None:
+    """Make *assoc*'s DIMSE provider write its messages itself (idempotent)."""
+    dimse = assoc.dimse
+    original: Callable[[Any, int], None] = dimse.send_msg
+    if getattr(original, "direct", False):
+        return
+
+    def send_msg(primitive: Any, context_id: int) -> None:
+        if not can_write_directly(assoc):
+            original(primitive, context_id)
+            return
+        if primitive.MessageIDBeingRespondedTo is None:
+            message = _RQ_TO_MESSAGE[primitive.__class__]()
+        else:
+            message = _RSP_TO_MESSAGE[primitive.__class__]()
+        message.primitive_to_message(primitive)
+        message.context_id = context_id
+        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        write_pdus(
+            assoc,
+            (
+                p_data_pdu(cx, pdv)
+                for pdata in message.encode_msg(context_id, dimse.maximum_pdu_size)
+                for cx, pdv in pdata.presentation_data_value_list
+            ),
+        )
+
+    send_msg.direct = True  # type: ignore[attr-defined]
+    dimse.send_msg = send_msg
