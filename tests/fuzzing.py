@@ -589,9 +589,8 @@ def assert_store_consistent(pacs: Any) -> int:
     assert not missing, f"index rows without their object: {sorted(missing)[:5]}"
     orphans = stored - indexed
     assert not orphans, f"objects without an index row: {sorted(orphans)[:5]}"
-    root = getattr(pacs.store, "root", None)
-    if root is not None:
-        staged = list((Path(root) / ".tmp").iterdir())
+    if hasattr(pacs.store, "staged_files"):
+        staged = pacs.store.staged_files()
         assert not staged, f"staged files left behind: {staged[:5]}"
     return len(indexed)
 

@@ -155,6 +155,7 @@ def test_filesystem_write_is_atomic_and_temp_files_cleaned(tmp_path: Path) -> No
     with pytest.raises((StorageError, OSError)):
         store.put("a/b/c", io.BufferedReader(Failing()), None)
     assert not store.exists("a/b/c")
+    store.close()  # removes the staging files made ahead of need; the failed one is gone already
     assert list((tmp_path / "objects" / ".tmp").iterdir()) == []
     # A temp file left by a dead process is removed at the next start.
     stale = tmp_path / "objects" / ".tmp" / "999999999.deadbeef.tmp"
