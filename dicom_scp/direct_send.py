@@ -47,6 +47,18 @@ def write_pdus(assoc: Any, pdus: Iterable[bytes]) -> None:
         assoc.dul.socket.send(b"".join(batch))
 
 
+def dimse_message(assoc: Any, primitive: Any, context_id: int) -> Any:
+    """The DIMSE message of *primitive*, announced as sent (as pynetdicom does)."""
+    if primitive.MessageIDBeingRespondedTo is None:
+        message = _RQ_TO_MESSAGE[primitive.__class__]()
+    else:
+        message = _RSP_TO_MESSAGE[primitive.__class__]()
+    message.primitive_to_message(primitive)
+    message.context_id = context_id
+    evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
+    return message
+
+
 def can_write_directly(assoc: Any) -> bool:
     """True while the association is established (Sta6)."""
     return bool(assoc.dul.state_machine.current_state == "Sta6" and assoc.dul.socket is not None)
@@ -63,13 +75,7 @@ def send_directly(assoc: Any) -> None:
         if not can_write_directly(assoc):
             original(primitive, context_id)
             return
-        if primitive.MessageIDBeingRespondedTo is None:
-            message = _RQ_TO_MESSAGE[primitive.__class__]()
-        else:
-            message = _RSP_TO_MESSAGE[primitive.__class__]()
-        message.primitive_to_message(primitive)
-        message.context_id = context_id
-        evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
+        message = dimse_message(assoc, primitive, context_id)
         write_pdus(
             assoc,
             (

@@ -24,8 +24,6 @@ from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pynetdicom import evt
-from pynetdicom.dimse_messages import C_STORE_RQ
 from pynetdicom.dsutils import encode
 from pynetdicom.dimse_primitives import C_STORE
 
@@ -33,7 +31,7 @@ from pacs.app import Pacs
 from pacs.retrieve import RetrieveItem
 from storage import ObjectStore
 
-from .direct_send import p_data_pdu, write_pdus
+from .direct_send import dimse_message, p_data_pdu, write_pdus
 
 # Objects read ahead from a remote store, and the largest one read whole.
 READ_AHEAD = 4
@@ -133,10 +131,7 @@ def _send_stored(assoc: Any, instance: StoredInstance, stream: BinaryIO, msg_id:
 def _write_message(assoc: Any, req: C_STORE, context_id: int, stream: BinaryIO, remaining: int) -> None:
     """Write the C-STORE-RQ's PDUs to the socket from this thread (see
     :mod:`dicom_scp.direct_send`), reading the dataset as it goes."""
-    message = C_STORE_RQ()
-    message.primitive_to_message(req)
-    message.context_id = context_id
-    evt.trigger(assoc, evt.EVT_DIMSE_SENT, {"message": message})
+    message = dimse_message(assoc, req, context_id)
     max_pdu = assoc.dimse.maximum_pdu_size
     fragment = max_pdu - 6 if max_pdu else 1 << 30
 

@@ -139,17 +139,23 @@ class _SpareFiles:
         self._guard = threading.Lock()
         self._making: Path | None = None
 
+    def _new_path(self) -> Path:
+        return self._directory / f"{os.getpid()}.{uuid.uuid4().hex}.tmp"
+
+    @staticmethod
+    def _open_new(path: Path) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+
     def create(self) -> tuple[Path, int]:
-        path = self._directory / f"{os.getpid()}.{uuid.uuid4().hex}.tmp"
-        return path, os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        path = self._new_path()
+        return path, self._open_new(path)
 
     def _make_spare(self) -> None:
-        path = self._directory / f"{os.getpid()}.{uuid.uuid4().hex}.tmp"
+        path = self._new_path()
         # Known as a spare from before it exists (see paths()).
         self._making = path
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
-            self._ready.append((path, fd, time.monotonic()))
+            self._ready.append((path, self._open_new(path), time.monotonic()))
         finally:
             self._making = None
 
