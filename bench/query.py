@@ -69,9 +69,23 @@ def identifiers(engine: Any, rng: random.Random, repeat: int) -> dict[str, list[
     }
 
 
+def study_identifier(keys: dict[str, str]) -> Dataset:
+    """A study-level identifier in UTF-8 (ISO_IR 192) with the usual return keys."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.QueryRetrieveLevel = "STUDY"
+    for k in ("StudyInstanceUID", "PatientName", "PatientID", "StudyDate", "AccessionNumber",
+              "ModalitiesInStudy", "NumberOfStudyRelatedInstances"):
+        setattr(ds, k, "")
+    for k, v in keys.items():
+        setattr(ds, k, v)
+    return ds
+
+
 def cfind_latencies(port: int, queries: list[dict[str, str]], called: str = "FILMLESS") -> tuple[list[float], list[int]]:
     """C-FIND round trips on one open association (pynetdicom SCU, TCP_NODELAY):
-    milliseconds and matches per query. Queries are sent in UTF-8 (ISO_IR 192)."""
+    milliseconds and matches per query. The SCU decodes every answer, which
+    is part of the time (see :func:`wire_latencies`)."""
     ae = AE(ae_title="BENCH")
     ae.add_requested_context(FIND)
     assoc = ae.associate("127.0.0.1", port, ae_title=called)
@@ -82,14 +96,7 @@ def cfind_latencies(port: int, queries: list[dict[str, str]], called: str = "FIL
     times, counts = [], []
     try:
         for keys in queries:
-            ds = Dataset()
-            ds.SpecificCharacterSet = "ISO_IR 192"
-            ds.QueryRetrieveLevel = "STUDY"
-            for k in ("StudyInstanceUID", "PatientName", "PatientID", "StudyDate", "AccessionNumber",
-                      "ModalitiesInStudy", "NumberOfStudyRelatedInstances"):
-                setattr(ds, k, "")
-            for k, v in keys.items():
-                setattr(ds, k, v)
+            ds = study_identifier(keys)
             start = time.perf_counter()
             n = sum(1 for status, _ in assoc.send_c_find(ds, FIND) if status and status.Status in (0xFF00, 0xFF01))
             times.append((time.perf_counter() - start) * 1000)
@@ -97,6 +104,14 @@ def cfind_latencies(port: int, queries: list[dict[str, str]], called: str = "FIL
     finally:
         assoc.release()
     return times, counts
+
+
+def wire_latencies(port: int, queries: list[dict[str, str]], called: str = "FILMLESS") -> tuple[list[float], list[int]]:
+    """The same round trips timed by a client that does not decode the
+    answers (bench/dimse_wire.py): the server's time."""
+    from .dimse_wire import timed_finds
+
+    return timed_finds("127.0.0.1", port, called, FIND, [study_identifier(keys) for keys in queries])
 
 
 def findscu_process(port: int, keys: dict[str, str], repeat: int) -> list[float]:

@@ -16,7 +16,7 @@ of (abort) further DIMSE traffic.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from pynetdicom import evt
@@ -31,6 +31,18 @@ def p_data_pdu(context_id: int, pdv: bytes) -> bytes:
     """A P-DATA-TF PDU holding one PDV (PS3.8 9.3.5); *pdv* starts with its
     message control header byte."""
     return _HEADER.pack(0x04, 0, len(pdv) + 5, len(pdv) + 1, context_id) + pdv
+
+
+def message_pdus(context_id: int, command: bytes, dataset: bytes | None, max_pdu: int) -> Iterator[bytes]:
+    """The P-DATA-TF PDUs of one DIMSE message, fragmented for the peer's
+    maximum PDU length (0: unlimited) as pynetdicom fragments them."""
+    fragment = max_pdu - 6 if max_pdu else max(len(command), len(dataset or b""), 1)
+    for payload, more, last in ((command, b"\x01", b"\x03"), (dataset, b"\x00", b"\x02")):
+        if payload is None:
+            continue
+        for start in range(0, len(payload), fragment):
+            chunk = payload[start:start + fragment]
+            yield p_data_pdu(context_id, (last if start + fragment >= len(payload) else more) + chunk)
 
 
 def write_pdus(assoc: Any, pdus: Iterable[bytes]) -> None:

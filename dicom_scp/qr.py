@@ -28,9 +28,10 @@ from pynetdicom.sop_class import (
 
 from pacs.app import Pacs
 from pacs.query import ATTRIBUTES, UNIQUE_KEY, Level, Query, QueryError, run_query
-from pacs.query.results import result_dataset
+from pacs.query.results import ResultShape
 from pacs.retrieve import RetrieveItem, contexts_for, for_peer, resolve
 
+from .find_responses import PendingResponses
 from .server import audit_dimse, status_dataset
 from .stored_send import StoredInstance, read_ahead, send_stored_as_is, sendable_as_stored
 
@@ -129,14 +130,26 @@ def make_find_handler(pacs: Pacs) -> Any:
             return
         audit_dimse(pacs, event, "query", study_uid=query.match.get("StudyInstanceUID", ""),
                     detail=f"C-FIND {query.level.value} " + " ".join(f"{k}={v}" for k, v in query.match.items()))
+        shape = ResultShape(query.level, returns, pacs.settings.ae_title)
+        # Matches written here, many per socket write; None: pynetdicom sends each.
+        writer = PendingResponses.open(event, shape)
         try:
             for row in run_query(pacs.engine, query):
                 if event.is_cancelled:
+                    if writer is not None:
+                        writer.flush()
                     yield CANCEL, None
                     return
-                yield PENDING, result_dataset(query.level, returns, row, pacs.settings.ae_title)
+                if writer is None:
+                    yield PENDING, shape.dataset(row)
+                elif not writer.send(row):
+                    return  # the peer is gone: nothing more to answer
+            if writer is not None:
+                writer.flush()
         except Exception as exc:
             log.exception("C-FIND failed")
+            if writer is not None:
+                writer.flush()
             yield status_dataset(UNABLE, f"query failed: {exc}"), None
 
     return handle_find

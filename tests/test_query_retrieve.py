@@ -44,11 +44,12 @@ def qr_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         drop_database(pg)
 
 
-def findscu(server: PacsServer, workdir: Path, level: str, keys: dict[str, str], model: str = "-S") -> list[Dataset]:
+def findscu(server: PacsServer, workdir: Path, level: str, keys: dict[str, str], model: str = "-S",
+            *options: str) -> list[Dataset]:
     """Run DCMTK findscu; return the response identifiers it extracted."""
     out = workdir / f"find-{time.monotonic_ns()}"
     out.mkdir()
-    args = [model, "-X", "-od", str(out), "-aec", server.ae_title, "-k", f"QueryRetrieveLevel={level}"]
+    args = [model, *options, "-X", "-od", str(out), "-aec", server.ae_title, "-k", f"QueryRetrieveLevel={level}"]
     for k, v in keys.items():
         args += ["-k", f"{k}={v}" if v is not None else k]
     result = run_dcmtk("findscu", *args, "127.0.0.1", str(server.dicom_port))
@@ -134,6 +135,44 @@ def test_study_return_keys(qr_server: PacsServer, tmp_path: Path) -> None:
     assert r.OtherPatientIDsSequence[0].PatientID == "DN4797912345678"
     assert r.OtherPatientIDsSequence[0].IssuerOfPatientID == "BHYT"
     assert r.RetrieveAETitle == qr_server.ae_title
+
+
+ALL_STUDY_KEYS = {
+    "StudyInstanceUID": "", "PatientName": "", "PatientID": "", "PatientBirthDate": "", "PatientSex": "",
+    "ModalitiesInStudy": "", "NumberOfStudyRelatedSeries": "", "NumberOfStudyRelatedInstances": "",
+    "AccessionNumber": "", "ReferringPhysicianName": "", "StudyDescription": "", "StudyDate": "", "StudyTime": "",
+    "OtherPatientIDsSequence": None, "PatientAge": "",
+}
+
+
+def _answers(datasets: list[Dataset]) -> dict[str, dict[str, object]]:
+    return {str(ds.StudyInstanceUID): ds.to_json_dict() for ds in datasets}
+
+
+def test_answers_alike_in_every_syntax_and_pdu_size(qr_server: PacsServer, tmp_path: Path) -> None:
+    """C-FIND pending responses are written by our own encoder for little
+    endian syntaxes and by pydicom for big endian: findscu gets the same
+    answers in implicit, explicit and big endian VR, and a peer taking 64-byte
+    PDUs (command and identifier in many fragments) gets them too."""
+    implicit = _answers(findscu(qr_server, tmp_path, "STUDY", ALL_STUDY_KEYS, "-S", "-xi"))
+    assert len(implicit) == len(studies_of("S1", "S2", "S3", "S4", "S5", "S6"))
+    assert _answers(findscu(qr_server, tmp_path, "STUDY", ALL_STUDY_KEYS, "-S", "-xe")) == implicit
+    assert _answers(findscu(qr_server, tmp_path, "STUDY", ALL_STUDY_KEYS, "-S", "-xb")) == implicit
+    assert implicit[study_uid("S1")]["00100010"]["Value"] == [{"Alphabetic": "Nguyễn^Văn An"}]
+
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind, ImplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", qr_server.dicom_port, ae_title=qr_server.ae_title, max_pdu=64)
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    for keyword, value in ALL_STUDY_KEYS.items():
+        setattr(identifier, keyword, [] if value is None else value)
+    responses = list(assoc.send_c_find(identifier, StudyRootQueryRetrieveInformationModelFind))
+    assoc.release()
+    assert [int(s.Status) for s, _ in responses][-1] == 0x0000
+    tiny = _answers([ds for s, ds in responses if int(s.Status) == 0xFF00])
+    assert tiny == implicit
 
 
 def test_patient_root_patient_level(qr_server: PacsServer, tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from pydicom.datadict import keyword_for_tag
 
 from pacs.query import ATTRIBUTES, DEFAULT_RETURN, Level, Query, QueryError, run_query
-from pacs.query.results import result_dataset
+from pacs.query.results import ResultShape
 
 from .dicomjson import dumps, to_json
 from .errors import HTTPProblem
@@ -85,8 +85,9 @@ def search(request: Request, level: Level, fixed: dict[str, str]) -> Response:
     query.limit = cap + 1  # one more tells us whether the answer was cut
     base = base_url(request) + "/dicom-web"
     results = []
+    shape = ResultShape(level, query.return_keys, pacs.settings.ae_title)
     for row in run_query(pacs.engine, query):
-        ds = result_dataset(level, query.return_keys, row, pacs.settings.ae_title)
+        ds = shape.dataset(row)
         ds.RetrieveURL = _retrieve_url(base, level, row)
         results.append(to_json(ds, drop=("QueryRetrieveLevel",)))
     headers = {}

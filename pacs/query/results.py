@@ -1,7 +1,15 @@
-"""Query results as datasets: the shape C-FIND answers and QIDO-RS returns."""
+"""Query results as datasets: the shape C-FIND answers and QIDO-RS returns.
+
+A :class:`ResultShape` is worked out once per query (which attributes, in
+tag order, with their VRs); each match then only converts its index values.
+C-FIND encodes those values straight to bytes
+(:mod:`dicom_scp.find_responses`), QIDO-RS and the fallback build a
+:class:`~pydicom.dataset.Dataset` from the very same values.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -13,28 +21,26 @@ from pydicom.sequence import Sequence
 
 from .attributes import UNIQUE_KEY, Level
 
+# An item of Other Patient IDs Sequence: (tag, VR, value) in tag order.
+ItemElements = list[tuple[int, str, str]]
+# A converted value: None (empty), text, a number, several texts (ModalitiesInStudy)
+# or sequence items.
+Value = None | str | int | list[str] | list[ItemElements]
 
-def result_dataset(level: Level, returns: list[str], row: dict[str, Any], ae_title: str) -> Dataset:
-    """One match as a dataset: every requested key, filled from the index.
+_CONSTANT = "constant"
 
-    C-FIND sends it as a pending response; QIDO-RS turns it into DICOM JSON.
-    """
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.QueryRetrieveLevel = level.value
-    keys = list(dict.fromkeys([*returns, UNIQUE_KEY[level]]))
-    for depth_level in Level:
-        if depth_level.depth < level.depth and depth_level is not Level.PATIENT:
-            keys.append(UNIQUE_KEY[depth_level])
-    for keyword in dict.fromkeys(keys):
-        value = row.get(keyword)
-        if keyword == "OtherPatientIDsSequence":
-            ds.OtherPatientIDsSequence = other_ids_sequence(value or [])
-            continue
-        _set(ds, keyword, value)
-    ds.RetrieveAETitle = ae_title
-    ds.InstanceAvailability = "ONLINE"
-    return ds
+
+@dataclass(frozen=True)
+class ResultField:
+    """One attribute of every answer to a query."""
+
+    keyword: str
+    tag: int
+    vr: str
+    # Set for attributes that are the same in every answer (character set,
+    # level, retrieve AE title, availability).
+    constant: Value = None
+    is_constant: bool = False
 
 
 @lru_cache(maxsize=512)
@@ -43,35 +49,93 @@ def _tag_and_vr(keyword: str) -> tuple[int, str] | None:
     return None if tag is None else (tag, dictionary_VR(tag))
 
 
-def _set(ds: Dataset, keyword: str, value: Any) -> None:
-    known = _tag_and_vr(keyword)
-    if known is None:
-        return
-    tag, vr = known
+class ResultShape:
+    """The attributes of one query's answers, in tag order.
+
+    Every requested key (filled from the index, empty when the index does
+    not hold it), the unique keys of the level and those above it, and the
+    attributes C-FIND responses carry (PS3.4 C.4.1.1.3.2).
+    """
+
+    def __init__(self, level: Level, returns: list[str], ae_title: str) -> None:
+        self.level = level
+        keys = list(dict.fromkeys([*returns, UNIQUE_KEY[level]]))
+        for depth_level in Level:
+            if depth_level.depth < level.depth and depth_level is not Level.PATIENT:
+                keys.append(UNIQUE_KEY[depth_level])
+        constants = {
+            "SpecificCharacterSet": "ISO_IR 192",
+            "QueryRetrieveLevel": level.value,
+            "RetrieveAETitle": ae_title,
+            "InstanceAvailability": "ONLINE",
+        }
+        fields: dict[int, ResultField] = {}
+        for keyword in dict.fromkeys(keys):
+            known = _tag_and_vr(keyword)
+            if known is not None and keyword not in constants:
+                fields[known[0]] = ResultField(keyword, known[0], known[1])
+        for keyword, value in constants.items():
+            tag, vr = _tag_and_vr(keyword)  # type: ignore[misc]
+            fields[tag] = ResultField(keyword, tag, vr, value, True)
+        self.fields: list[ResultField] = [fields[tag] for tag in sorted(fields)]
+
+    def values(self, row: dict[str, Any]) -> list[tuple[ResultField, Value]]:
+        """Each field with the match's value, converted for its VR."""
+        return [(f, f.constant if f.is_constant else _convert(f, row.get(f.keyword))) for f in self.fields]
+
+    def dataset(self, row: dict[str, Any]) -> Dataset:
+        """One match as a dataset (QIDO-RS turns it into DICOM JSON)."""
+        ds = Dataset()
+        for field, value in self.values(row):
+            if field.vr == "SQ":
+                value = Sequence([_item(elements) for elements in value or []])  # type: ignore[union-attr]
+            # Values come from the index, validated when the object was
+            # received: checking each again was a fifth of a match's cost.
+            ds[field.tag] = DataElement(field.tag, field.vr, value, validation_mode=config.IGNORE)
+        return ds
+
+
+def _convert(field: ResultField, value: Any) -> Value:
+    vr = field.vr
     if vr == "SQ":
-        value = Sequence([])
-    elif value is None or value == "":
-        value = None
-    elif keyword == "ModalitiesInStudy":
-        value = [m for m in str(value).split("\\") if m]
-    elif vr in ("US", "UL", "SS", "SL"):
-        value = int(value)
-    elif vr == "IS":
-        value = str(int(value))
-    else:
-        value = str(value)
-    # Values come from the index, validated when the object was received:
-    # checking each again on the way out was a fifth of a C-FIND match's cost.
-    ds[tag] = DataElement(tag, vr, value, validation_mode=config.IGNORE)
+        if field.keyword == "OtherPatientIDsSequence":
+            return [other_id_elements(other) for other in value or []]
+        return []  # a sequence we do not index: returned empty
+    if value is None or value == "":
+        return None
+    if field.keyword == "ModalitiesInStudy":
+        return [m for m in str(value).split("\\") if m]
+    if vr in ("US", "UL", "SS", "SL"):
+        return int(value)
+    if vr == "IS":
+        return str(int(value))
+    return str(value)
+
+
+_PATIENT_ID, _ISSUER, _ID_TYPE = 0x00100020, 0x00100021, 0x00100022
+
+
+def other_id_elements(other: dict[str, str]) -> ItemElements:
+    """An Other Patient IDs Sequence item (citizen ID, insurance number...)."""
+    return [
+        (_PATIENT_ID, "LO", other["PatientID"]),
+        (_ISSUER, "LO", other["IssuerOfPatientID"]),
+        (_ID_TYPE, "CS", other["TypeOfPatientID"] or "TEXT"),
+    ]
+
+
+def _item(elements: ItemElements) -> Dataset:
+    item = Dataset()
+    for tag, vr, value in elements:
+        item[tag] = DataElement(tag, vr, value, validation_mode=config.IGNORE)
+    return item
+
+
+def result_dataset(level: Level, returns: list[str], row: dict[str, Any], ae_title: str) -> Dataset:
+    """One match as a dataset: every requested key, filled from the index."""
+    return ResultShape(level, returns, ae_title).dataset(row)
 
 
 def other_ids_sequence(others: list[dict[str, str]]) -> Sequence:
     """Other Patient IDs Sequence items (citizen ID, insurance number...)."""
-    items = []
-    for other in others:
-        item = Dataset()
-        item.PatientID = other["PatientID"]
-        item.IssuerOfPatientID = other["IssuerOfPatientID"]
-        item.TypeOfPatientID = other["TypeOfPatientID"] or "TEXT"
-        items.append(item)
-    return Sequence(items)
+    return Sequence([_item(other_id_elements(other)) for other in others])

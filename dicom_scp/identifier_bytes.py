@@ -1,0 +1,91 @@
+"""C-FIND response identifiers encoded straight from index values.
+
+pydicom builds a Dataset, then walks it to encode each element: ~0.35 ms
+per match on the test machine, most of a C-FIND answer with a hundred
+matches. A :class:`~pacs.query.results.ResultShape` already fixes the tags,
+their order and their VRs, so each match is a handful of ``struct.pack``
+calls. The output is byte-for-byte what pydicom writes for the same
+dataset (``tests/test_find_encoding.py`` holds both to it), in Implicit or
+Explicit VR Little Endian; anything else takes pydicom's path.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from pacs.query.results import ResultShape, Value
+
+# Explicit VR: VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
+_LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
+# Text the character set applies to (ISO_IR 192: UTF-8); the rest is ASCII.
+_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+_ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
+_BINARY = {"US": "<H", "UL": "<I", "SS": "<h", "SL": "<i"}
+_ITEM = b"\xfe\xff\x00\xe0"
+
+
+class NotEncodable(ValueError):
+    """This value or shape needs pydicom's general encoder."""
+
+
+def can_encode(shape: ResultShape) -> bool:
+    """True when every field of *shape* has a VR this module writes."""
+    return all(f.vr in _CHARSET_VRS or f.vr in _ASCII_VRS or f.vr in _BINARY or f.vr == "SQ"
+               for f in shape.fields)
+
+
+def encode_identifier(shape: ResultShape, row: dict[str, Any], explicit: bool) -> bytes:
+    """One match as an identifier in Implicit (or Explicit) VR Little Endian.
+
+    Raises :class:`NotEncodable` for a value it cannot write as pydicom would
+    (non-ASCII text in an ASCII VR, an over-long value).
+    """
+    parts: list[bytes] = []
+    for field, value in shape.values(row):
+        if field.vr == "SQ":
+            items = b"".join(_encode_item(elements, explicit) for elements in value or [])  # type: ignore[union-attr]
+            parts.append(_header(field.tag, "SQ", len(items), explicit) + items)
+        else:
+            parts.append(_element(field.tag, field.vr, value, explicit))
+    return b"".join(parts)
+
+
+def _encode_item(elements: list[tuple[int, str, str]], explicit: bool) -> bytes:
+    body = b"".join(_element(tag, vr, value, explicit) for tag, vr, value in elements)
+    return _ITEM + struct.pack("<I", len(body)) + body
+
+
+def _element(tag: int, vr: str, value: Value, explicit: bool) -> bytes:
+    data = _value_bytes(vr, value)
+    return _header(tag, vr, len(data), explicit) + data
+
+
+def _value_bytes(vr: str, value: Value) -> bytes:
+    if value is None:
+        return b""
+    binary = _BINARY.get(vr)
+    if binary is not None:
+        return struct.pack(binary, value)
+    text = "\\".join(value) if isinstance(value, list) else str(value)
+    try:
+        data = text.encode("utf-8" if vr in _CHARSET_VRS else "ascii")
+    except UnicodeEncodeError:
+        raise NotEncodable(f"non-ASCII text in {vr}") from None
+    if len(data) % 2:
+        data += b"\x00" if vr == "UI" else b" "
+    return data
+
+
+def _header(tag: int, vr: str, length: int, explicit: bool) -> bytes:
+    group_element = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    if not explicit:
+        return group_element + struct.pack("<I", length)
+    if vr in _LONG_VRS:
+        return group_element + vr.encode() + struct.pack("<HI", 0, length)
+    if length > 0xFFFF:
+        raise NotEncodable(f"{vr} value of {length} bytes")
+    return group_element + vr.encode() + struct.pack("<H", length)
+
+
+__all__ = ["NotEncodable", "can_encode", "encode_identifier"]

@@ -1,0 +1,111 @@
+"""C-FIND responses encoded without pydicom's Dataset round trip: the bytes
+must be exactly what pydicom and pynetdicom write for the same answer.
+
+(The same responses over real associations, DCMTK findscu in each transfer
+syntax and a peer with a tiny maximum PDU, are in test_query_retrieve.py.)
+"""
+
+from __future__ import annotations
+
+from io import BytesIO
+from typing import Any
+
+import pytest
+from pynetdicom.dimse_messages import C_FIND_RSP
+from pynetdicom.dimse_primitives import C_FIND
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+from dicom_scp.direct_send import message_pdus, p_data_pdu
+from dicom_scp.find_responses import _pending_command
+from dicom_scp.identifier_bytes import NotEncodable, can_encode, encode_identifier
+from pacs.query import Level
+from pacs.query.results import ResultShape
+
+STUDY_KEYS = [
+    "PatientName", "PatientID", "StudyDate", "StudyTime", "AccessionNumber", "ModalitiesInStudy",
+    "StudyDescription", "StudyInstanceUID", "NumberOfStudyRelatedInstances", "NumberOfStudyRelatedSeries",
+    "PatientBirthDate", "PatientSex", "ReferringPhysicianName", "OtherPatientIDsSequence",
+    "NumberOfPatientRelatedStudies",
+    # not indexed: returned empty, whatever their VR
+    "ReferencedStudySequence", "PatientAge", "PatientWeight", "StudyComments",
+]
+IMAGE_KEYS = ["SOPInstanceUID", "SOPClassUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames",
+              "ContentDate", "AvailableTransferSyntaxUID"]
+
+ROWS: list[dict[str, Any]] = [
+    {  # Vietnamese names, an odd-length UID, two other IDs, several modalities
+        "PatientName": "Nguyễn^Văn An", "PatientID": "001085012345", "StudyDate": "20261101", "StudyTime": "101010",
+        "AccessionNumber": "ACC1", "ModalitiesInStudy": "CT\\SR", "StudyDescription": "CT ngực có cản quang",
+        "StudyInstanceUID": "1.2.826.0.1.3680043.8.498.123", "NumberOfStudyRelatedInstances": 312,
+        "NumberOfStudyRelatedSeries": 3, "PatientBirthDate": "19800101", "PatientSex": "M",
+        "ReferringPhysicianName": "Đỗ^Thanh Tùng", "NumberOfPatientRelatedStudies": 2,
+        "OtherPatientIDsSequence": [
+            {"PatientID": "DN4797912345678", "IssuerOfPatientID": "BHYT", "TypeOfPatientID": "TEXT"},
+            {"PatientID": "0123", "IssuerOfPatientID": "", "TypeOfPatientID": ""},
+        ],
+    },
+    {  # empty and missing values
+        "PatientName": "", "PatientID": "X", "StudyDate": None, "StudyInstanceUID": "1.2.3.44",
+        "ModalitiesInStudy": "", "NumberOfStudyRelatedInstances": 0, "OtherPatientIDsSequence": [],
+    },
+    {"SOPInstanceUID": "1.2.3.4.5", "SOPClassUID": "1.2.840.10008.5.1.4.1.1.2", "InstanceNumber": 7,
+     "Rows": 512, "Columns": 2048, "NumberOfFrames": 1, "ContentDate": "20240101",
+     "AvailableTransferSyntaxUID": "1.2.840.10008.1.2.4.90", "StudyInstanceUID": "1.2.3", "SeriesInstanceUID": "1.2.3.1"},
+]
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["implicit", "explicit"])
+@pytest.mark.parametrize(("level", "keys", "row"), [
+    (Level.STUDY, STUDY_KEYS, ROWS[0]),
+    (Level.STUDY, STUDY_KEYS, ROWS[1]),
+    (Level.PATIENT, ["PatientName", "OtherPatientIDsSequence", "NumberOfPatientRelatedInstances"], ROWS[0]),
+    (Level.SERIES, ["Modality", "SeriesNumber", "BodyPartExamined"], {"SeriesNumber": 2, "Modality": "CT"}),
+    (Level.IMAGE, IMAGE_KEYS, ROWS[2]),
+])
+def test_identifier_bytes_equal_pydicoms(level: Level, keys: list[str], row: dict[str, Any], explicit: bool) -> None:
+    shape = ResultShape(level, keys, "FILMLESS")
+    assert can_encode(shape)
+    expected = encode(shape.dataset(row), not explicit, True, False)
+    assert encode_identifier(shape, row, explicit) == expected
+
+
+def test_values_pydicom_would_write_differently_are_refused() -> None:
+    """Non-ASCII text in an ASCII VR takes pydicom's path, not a guess."""
+    shape = ResultShape(Level.STUDY, ["PatientSex"], "FILMLESS")
+    with pytest.raises(NotEncodable):
+        encode_identifier(shape, {"PatientSex": "Đ", "StudyInstanceUID": "1.2"}, False)
+    # An ambiguous VR ("US or SS") is left to pydicom for the whole query.
+    assert not can_encode(ResultShape(Level.IMAGE, ["SmallestImagePixelValue"], "FILMLESS"))
+
+
+def test_pending_command_set_is_pynetdicoms() -> None:
+    request = C_FIND()
+    request.MessageID = 7
+    request.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+    # What pynetdicom's C-FIND service builds for each pending response.
+    rsp = C_FIND()
+    rsp.MessageID = request.MessageID
+    rsp.MessageIDBeingRespondedTo = request.MessageID
+    rsp.AffectedSOPClassUID = request.AffectedSOPClassUID
+    rsp.Status = 0xFF00
+    rsp.Identifier = BytesIO(b"identifier")
+    message = C_FIND_RSP()
+    message.primitive_to_message(rsp)
+    assert _pending_command(request) == encode(message.command_set, True, True)
+
+
+@pytest.mark.parametrize("max_pdu", [0, 64, 100, 16384])
+def test_message_fragments_are_pynetdicoms(max_pdu: int) -> None:
+    rsp = C_FIND()
+    rsp.MessageIDBeingRespondedTo = 3
+    rsp.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelFind
+    rsp.Status = 0xFF00
+    identifier = bytes(range(256)) * 3
+    rsp.Identifier = BytesIO(identifier)
+    message = C_FIND_RSP()
+    message.primitive_to_message(rsp)
+    expected = [p_data_pdu(cx, pdv) for pdata in message.encode_msg(5, max_pdu)
+                for cx, pdv in pdata.presentation_data_value_list]
+    command = encode(message.command_set, True, True)
+    assert list(message_pdus(5, command, identifier, max_pdu)) == expected
