@@ -91,13 +91,18 @@ def prefer_requestor_order(event: Any) -> None:
         contexts = event.assoc.acceptor.supported_contexts
     except Exception:
         return
-    for cx in contexts:
+    for index, cx in enumerate(contexts):
         wanted = proposed.get(cx.abstract_syntax)
         if not wanted:
             continue
         ours = list(cx.transfer_syntax)
         first = [ts for ts in wanted if ts in ours]
-        cx.transfer_syntax = first + [ts for ts in ours if ts not in first]
+        reordered = first + [ts for ts in ours if ts not in first]
+        if reordered != ours:
+            # The list shares its contexts with the server (ContextList):
+            # change a copy, never the server's own.
+            contexts[index] = cx = copy.copy(cx)
+            cx.transfer_syntax = reordered
 
 
 class ContextList(list):  # type: ignore[type-arg]
@@ -105,9 +110,11 @@ class ContextList(list):  # type: ignore[type-arg]
 
     pynetdicom deep-copies the acceptor's contexts for every association:
     ~40 ms for 170 SOP classes x 34 syntaxes, paid by every C-ECHO and every
-    findscu. A shallow copy of each context is enough: nothing mutates the
-    shared transfer-syntax lists (prefer_requestor_order assigns new ones).
+    findscu; even a shallow copy of each was ~0.5 ms. Each association gets
+    a new list of the same context objects: pynetdicom's negotiation only
+    reads them, and :func:`prefer_requestor_order`, the one writer, replaces
+    a context by a copy before it changes it.
     """
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
-        return [copy.copy(cx) for cx in self]
+        return list(self)

@@ -15,6 +15,7 @@ machine or the PDU handling, and no thread spins.
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import select
@@ -23,7 +24,10 @@ import time
 import weakref
 from typing import Any
 
+from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
+
+log = logging.getLogger(__name__)
 
 # Longest the DUL thread sleeps without a reason to wake: bounds how late it
 # notices a timer (ARTIM, idle) or a kill from another thread that did not
@@ -126,20 +130,90 @@ def event_driven(assoc: Any) -> None:
         _blocking_reactor_reads(assoc)
 
 
+# Put on an acceptor's DIMSE message queue when the DUL hands it an ACSE
+# primitive (release, abort): ends the reactor's wait for a message at once.
+_WAKE = object()
+
+
 def _blocking_reactor_reads(assoc: Any) -> None:
     """The acceptor reactor asks for a message without blocking, then sleeps
-    1 ms: let that ask wait a little for the message instead."""
-    dimse = assoc.dimse
+    1 ms: let that ask wait a little for the message instead, and run the
+    reactor without its sleep (:func:`_run_acceptor_reactor`).
+
+    An A-RELEASE-RQ or A-ABORT reaches the reactor through the DUL's user
+    queue, not the message queue: it is followed by a wake-up on the message
+    queue, or the reply to a release waited up to ``REACTOR_WAIT`` (a
+    release took 6 ms against DCMTK's 0.1 ms).
+    """
+    dimse, dul = assoc.dimse, assoc.dul
 
     def get_msg(block: bool = False) -> Any:
-        try:
-            if block:
-                return dimse.msg_queue.get(block=True, timeout=dimse.dimse_timeout)
-            return dimse.msg_queue.get(block=True, timeout=REACTOR_WAIT)
-        except queue.Empty:
-            return None, None
+        timeout = dimse.dimse_timeout if block else REACTOR_WAIT
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                context_id, message = dimse.msg_queue.get(block=True, timeout=remaining)
+            except queue.Empty:
+                return None, None
+            if message is not _WAKE:
+                return context_id, message
+            if not block:
+                return None, None
+
+    user_put = dul.to_user_queue.put
+
+    def put_and_wake(item: Any, *args: Any, **kwargs: Any) -> None:
+        user_put(item, *args, **kwargs)
+        dimse.msg_queue.put((None, _WAKE))
 
     dimse.get_msg = get_msg
+    dul.to_user_queue.put = put_and_wake
+    assoc._run_reactor = lambda: _run_acceptor_reactor(assoc)
+
+
+def _run_acceptor_reactor(assoc: Any) -> None:
+    """pynetdicom's acceptor loop (``Association._run_reactor``) minus the
+    1 ms sleep it takes before every turn: after each answer the next
+    request (the next C-STORE of a modality) waited for that sleep to end.
+
+    The same checks in the same order: a DIMSE message to serve, a release
+    or abort from the peer, the DUL gone, the network timeout.
+    """
+    assoc._is_paused = False
+    while not assoc._kill:
+        if not assoc._reactor_checkpoint.is_set():
+            assoc._is_paused = True
+            assoc._reactor_checkpoint.wait()
+            assoc._is_paused = False
+        context_id, message = assoc.dimse.get_msg(block=False)
+        if message:
+            assoc._serve_request(message, context_id)
+        if assoc.is_established and assoc.acse.is_release_requested():
+            assoc.acse.send_release(is_response=True)
+            assoc.is_released = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_RELEASED, {})
+            assoc.kill()
+            return
+        if assoc.acse.is_aborted():
+            assoc.dul.receive_pdu(wait=False)  # EVT_ACSE_RECV fires for subscribers
+            assoc.is_aborted = True
+            assoc.is_established = False
+            evt.trigger(assoc, evt.EVT_ABORTED, {})
+            assoc.kill()
+            return
+        if not assoc.dul.is_alive():
+            assoc.kill()
+            return
+        if assoc.dul.idle_timer_expired():
+            log.error("network timeout reached with %s", getattr(assoc.requestor, "address", "?"))
+            if assoc.network_timeout_response == "A-RELEASE":
+                assoc.release()
+            else:
+                assoc.abort()
+            assoc.kill()
+            return
 
 
 def _close_pair(read_fd: int, write_fd: int) -> None:

@@ -180,7 +180,7 @@ def _die_with_supervisor(supervisor: int) -> None:
 def worker_main() -> int:
     """Entry point of one worker process (started by :class:`WorkerPool`)."""
     _die_with_supervisor(int(os.environ["PACS_SUPERVISOR_PID"]))
-    from pacs.app import Pacs
+    from pacs.app import Pacs, freeze_startup_heap
     from pacs.cli import setup_logging
     from pacs.settings import Settings
 
@@ -197,6 +197,7 @@ def worker_main() -> int:
     pacs = Pacs.open(settings, migrate=False)
     try:
         server = start_dicom_server(pacs, listen_socket=listener)
+        freeze_startup_heap()
         log.info("DICOM worker %s ready (pid %d)", number, os.getpid())
         while not stop.wait(1.0):
             pass

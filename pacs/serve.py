@@ -15,7 +15,7 @@ from typing import Any
 import uvicorn
 
 from . import tls
-from .app import Pacs
+from .app import Pacs, freeze_startup_heap
 from .audit import Event
 from .settings import Settings
 
@@ -93,6 +93,7 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
         forwarder = Forwarder(
             pacs, max_attempts=settings.route_max_attempts, concurrency=settings.route_concurrency
         ).start()
+        freeze_startup_heap()
         try:
             config = uvicorn.Config(
                 create_app(pacs),
