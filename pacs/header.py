@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import struct
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any, BinaryIO
 
 from pydicom import dcmread
@@ -23,6 +24,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import IngestError, Status
+from .header_scan import ScanFailed, ScannedDataset, scan, single_codec
 from .names import fold_name, name_words
 
 log = logging.getLogger(__name__)
@@ -83,8 +85,17 @@ class InstanceHeader:
     content_date: str = ""
     content_time: str = ""
     pixel_offset: int | None = None
-    # The parsed header itself, for rules that look at any tag (routing).
+    # The parsed header itself, for rules that look at any tag (routing);
+    # after a scan, parsed only when asked for (full_dataset).
     dataset: Dataset | None = field(default=None, repr=False, compare=False)
+    dataset_loader: Callable[[], Dataset] | None = field(default=None, repr=False, compare=False)
+
+    def full_dataset(self) -> Dataset | None:
+        """The header as a pydicom Dataset (parsed now if the scan skipped it)."""
+        if self.dataset is None and self.dataset_loader is not None:
+            self.dataset = self.dataset_loader()
+            self.dataset_loader = None
+        return self.dataset
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -162,16 +173,7 @@ class _Values:
         vr = elem and (elem.VR or dictionary_VR(tag))
         if elem is False or vr in _BINARY_INT or (vr in _CHARSET_VRS and self.codec is None):
             return _text(self.ds, keyword)
-        codec = self.codec if vr in _CHARSET_VRS else "latin-1"
-        if self.undeclared and vr in _CHARSET_VRS and not elem.value.isascii():
-            try:
-                codec = "utf-8"
-                text = elem.value.decode(codec)
-            except UnicodeDecodeError:
-                text = elem.value.decode("latin-1")
-            return text.strip(" \x00").replace("\x00", "")[:_MAX_TEXT]
-        text = elem.value.decode(codec, "replace")
-        return text.strip(" \x00").replace("\x00", "")[:_MAX_TEXT]
+        return _decode_text(elem.value, vr, self.codec, self.undeclared)
 
     def int(self, keyword: str) -> int | None:
         tag = keyword_dict[keyword]
@@ -179,22 +181,96 @@ class _Values:
         if elem is None:
             return None
         vr = elem and (elem.VR or dictionary_VR(tag))
-        if vr == "IS":
-            text = elem.value.split(b"\\", 1)[0].strip(b" \x00")
-            try:
-                number = int(text) if text else None
-            except ValueError:
-                return None
-            return number if number is None or -(2**31) <= number < 2**31 else None
-        if elem is False or vr not in _BINARY_INT:
+        if elem is False or (vr != "IS" and vr not in _BINARY_INT):
             return _int(self.ds, keyword)
-        fmt = self.order + _BINARY_INT[vr]
-        if len(elem.value) < struct.calcsize(fmt):
+        return _decode_int(elem.value, vr, self.order)
+
+    def other_ids(self) -> list[OtherId]:
+        return _other_ids(self.ds)
+
+
+def _decode_text(value: bytes, vr: str, codec: str | None, undeclared: bool) -> str:
+    """A raw text value as the index keeps it."""
+    if vr in _CHARSET_VRS:
+        if undeclared and not value.isascii():
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                text = value.decode("latin-1")
+            return text.strip(" \x00").replace("\x00", "")[:_MAX_TEXT]
+        text = value.decode(codec or "latin-1", "replace")
+    else:
+        text = value.decode("latin-1", "replace")
+    return text.strip(" \x00").replace("\x00", "")[:_MAX_TEXT]
+
+
+def _decode_int(value: bytes, vr: str, order: str) -> int | None:
+    """The first number of an IS or binary integer value (None if unusable)."""
+    if vr == "IS":
+        text = value.split(b"\\", 1)[0].strip(b" \x00")
+        try:
+            number = int(text) if text else None
+        except ValueError:
             return None
-        return int(struct.unpack_from(fmt, elem.value)[0])
+        return number if number is None or -(2**31) <= number < 2**31 else None
+    fmt = order + _BINARY_INT[vr]
+    if len(value) < struct.calcsize(fmt):
+        return None
+    return int(struct.unpack_from(fmt, value)[0])
 
 
-def _uid(values: _Values, keyword: str, *, required: bool = True) -> str:
+class _ScannedValues:
+    """The same reads as :class:`_Values` over a :func:`~pacs.header_scan.scan`
+    of the received bytes; raises ScanFailed where only pydicom can tell."""
+
+    def __init__(self, scanned: ScannedDataset) -> None:
+        self.scanned = scanned
+        charset = scanned.values.get(_CHARSET_TAG)
+        self.codec, declared = single_codec(charset[1] if charset else None)
+        self.undeclared = not declared
+
+    def _decoded(self, elements: dict[int, tuple[str, memoryview]], tag: int) -> str:
+        found = elements.get(tag)
+        if found is None:
+            return ""
+        vr, value = found
+        if vr in _BINARY_INT or vr in ("SQ", "UN", "OB", "OW", "FL", "FD", "AT"):
+            raise ScanFailed(f"{vr} value where the index expects text")
+        return _decode_text(bytes(value), vr, self.codec, self.undeclared)
+
+    def text(self, keyword: str) -> str:
+        return self._decoded(self.scanned.values, keyword_dict[keyword])
+
+    def int(self, keyword: str) -> int | None:
+        found = self.scanned.values.get(keyword_dict[keyword])
+        if found is None:
+            return None
+        vr, value = found
+        if vr != "IS" and vr not in _BINARY_INT:
+            raise ScanFailed(f"{vr} value where the index expects a number")
+        return _decode_int(bytes(value), vr, "<")
+
+    def other_ids(self) -> list[OtherId]:
+        ids: list[OtherId] = []
+        for item in self.scanned.other_id_items:
+            value = self._decoded(item, _PATIENT_ID_TAG)
+            if value:
+                ids.append(OtherId(value, self._decoded(item, _ISSUER_TAG), self._decoded(item, _ID_TYPE_TAG)))
+        legacy = self.text("OtherPatientIDs")
+        for part in legacy.split("\\") if legacy else []:
+            part = part.strip()
+            if part and all(o.value != part for o in ids):
+                ids.append(OtherId(part))
+        return ids
+
+
+_CHARSET_TAG = keyword_dict["SpecificCharacterSet"]
+_PATIENT_ID_TAG = keyword_dict["PatientID"]
+_ISSUER_TAG = keyword_dict["IssuerOfPatientID"]
+_ID_TYPE_TAG = keyword_dict["TypeOfPatientID"]
+
+
+def _uid(values: _Values | _ScannedValues, keyword: str, *, required: bool = True) -> str:
     value = values.text(keyword)
     if not value:
         if required:
@@ -238,6 +314,9 @@ def parse_header(
     *size* is the object's total length. Raises :class:`IngestError` carrying
     the DICOM status a peer should see when the object is not acceptable.
     """
+    scanned = _parse_scanned(stream, transfer_syntax)
+    if scanned is not None:
+        return scanned
     stream.seek(0)
     try:
         ds = dcmread(stream, stop_before_pixels=True, defer_size=4096)
@@ -294,7 +373,51 @@ def parse_header(
     return header
 
 
-def _fill(h: InstanceHeader, v: _Values) -> None:
+# Every top-level attribute _fill and _uid read.
+_SCANNED_TAGS = frozenset(keyword_dict[k] for k in (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex", "OtherPatientIDs",
+    "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName", "StudyDescription",
+    "InstitutionName", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined", "StationName",
+    "SeriesDate", "SeriesTime", "InstanceNumber", "Rows", "Columns", "NumberOfFrames", "BitsAllocated",
+    "PhotometricInterpretation", "ContentDate", "ContentTime",
+))
+
+
+def _parse_scanned(stream: BinaryIO, transfer_syntax: str | None) -> InstanceHeader | None:
+    """The header read by :func:`~pacs.header_scan.scan` from a received
+    dataset held in memory, or None where pydicom's reader must do it (a
+    file, another syntax, anything the scanner does not read)."""
+    view = getattr(stream, "dataset_view", None)
+    if view is None or not transfer_syntax:
+        return None
+    syntax = UID(transfer_syntax)
+    if not syntax.is_transfer_syntax or not syntax.is_little_endian or syntax.is_deflated:
+        return None
+    offset, data = view()
+    try:
+        scanned = scan(data, not syntax.is_implicit_VR, _SCANNED_TAGS)
+        values = _ScannedValues(scanned)
+        header = InstanceHeader(
+            sop_class_uid=_uid(values, "SOPClassUID"),
+            sop_uid=_uid(values, "SOPInstanceUID"),
+            study_uid=_uid(values, "StudyInstanceUID"),
+            series_uid=_uid(values, "SeriesInstanceUID"),
+            transfer_syntax_uid=str(transfer_syntax),
+        )
+        _fill(header, values)
+    except (ScanFailed, IngestError, UnicodeError, struct.error):
+        return None  # pydicom's path decides, and words any error
+    if scanned.pixel_offset is not None:
+        header.pixel_offset = offset + scanned.pixel_offset
+    elif header.rows is not None:
+        raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset: Pixel Data missing")
+    reopen = stream.reopen  # type: ignore[attr-defined]
+    header.dataset_loader = lambda: dcmread(reopen(), stop_before_pixels=True, defer_size=4096)
+    return header
+
+
+def _fill(h: InstanceHeader, v: _Values | _ScannedValues) -> None:
     h.patient_id = v.text("PatientID")
     h.issuer = v.text("IssuerOfPatientID")
     h.patient_name = v.text("PatientName")
@@ -302,7 +425,7 @@ def _fill(h: InstanceHeader, v: _Values) -> None:
     h.patient_name_words = name_words(h.patient_name)
     h.birth_date = v.text("PatientBirthDate")
     h.sex = v.text("PatientSex")
-    h.other_ids = _other_ids(v.ds)
+    h.other_ids = v.other_ids()
     h.study_date = v.text("StudyDate")
     h.study_time = v.text("StudyTime")
     h.accession_number = v.text("AccessionNumber")

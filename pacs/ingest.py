@@ -193,7 +193,7 @@ class Ingestor:
             raise IngestError(Status.STORAGE_FAILED, f"storage unavailable: {exc}") from exc
 
         routes = (
-            self.routes.plan(header.dataset, origin.calling_ae, header.sop_class_uid, header.modality)
+            self.routes.plan(header.full_dataset, origin.calling_ae, header.sop_class_uid, header.modality)
             if self.routes is not None
             else []
         )

@@ -62,6 +62,15 @@ class Part10Stream(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
+    def dataset_view(self) -> tuple[int, memoryview]:
+        """(offset in the object, the body's bytes): the received dataset,
+        for readers that scan memory instead of reading a stream."""
+        return self._split, self._parts[1]
+
+    def reopen(self) -> Part10Stream:
+        """A new reader over the same bytes, from the start."""
+        return Part10Stream(self._parts[0], self._parts[1])
+
     def seekable(self) -> bool:
         return True
 

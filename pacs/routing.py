@@ -17,6 +17,7 @@ import json
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -186,8 +187,12 @@ class RoutingRules:
                 self._cached_at = now
             return self._cache
 
-    def plan(self, dataset: Dataset | None, calling_ae: str, sop_class: str, modality: str) -> list[PlannedRoute]:
-        """The routes an incoming instance takes (evaluated before its commit)."""
+    def plan(self, dataset: Dataset | Callable[[], Dataset | None] | None, calling_ae: str, sop_class: str,
+             modality: str) -> list[PlannedRoute]:
+        """The routes an incoming instance takes (evaluated before its commit).
+
+        *dataset* may be a function returning it: called only if a rule
+        needs a tag beyond the calling AE, SOP class and modality."""
         rules = self.enabled()
         if not rules:
             return []
@@ -202,7 +207,7 @@ class RoutingRules:
 class _Values(dict):  # type: ignore[type-arg]
     """Tag values of an instance, read lazily from its header dataset."""
 
-    def __init__(self, dataset: Dataset | None, known: dict[str, str]) -> None:
+    def __init__(self, dataset: Dataset | Callable[[], Dataset | None] | None, known: dict[str, str]) -> None:
         super().__init__(known)
         self._dataset = dataset
 
@@ -210,6 +215,11 @@ class _Values(dict):  # type: ignore[type-arg]
         if key in self:
             return str(self[key])
         value = ""
+        if callable(self._dataset):
+            try:
+                self._dataset = self._dataset()
+            except Exception:
+                self._dataset = None
         if self._dataset is not None:
             try:
                 raw = self._dataset.get(key)

@@ -1,4 +1,4 @@
-"""C-FIND responses encoded without pydicom's Dataset round trip: the bytes
+"""C-FIND and C-STORE responses encoded without pydicom's Dataset round trip: the bytes
 must be exactly what pydicom and pynetdicom write for the same answer.
 
 (The same responses over real associations, DCMTK findscu in each transfer
@@ -109,3 +109,28 @@ def test_message_fragments_are_pynetdicoms(max_pdu: int) -> None:
                 for cx, pdv in pdata.presentation_data_value_list]
     command = encode(message.command_set, True, True)
     assert list(message_pdus(5, command, identifier, max_pdu)) == expected
+
+
+@pytest.mark.parametrize(("status", "sop_class", "sop_uid"), [
+    (0x0000, "1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.9.7134.1.2.3"),
+    (0xB000, "1.2.840.10008.5.1.4.1.1.7", "1.2.3.44"),
+    (0xA700, "1.2.840.10008.5.1.4.1.1.2", None),
+])
+def test_store_response_command_is_pynetdicoms(status: int, sop_class: str, sop_uid: str | None) -> None:
+    """The C-STORE-RSP sent for every received object, hand-encoded."""
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicom_scp.direct_send import store_response_command
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 12
+    rsp.AffectedSOPClassUID = sop_class
+    if sop_uid:
+        rsp.AffectedSOPInstanceUID = sop_uid
+    rsp.Status = status
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    assert store_response_command(rsp) == encode(message.command_set, True, True)
+    rsp.ErrorComment = "storage full"
+    assert store_response_command(rsp) is None  # pynetdicom's path for the rest

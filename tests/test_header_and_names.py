@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +64,85 @@ def test_not_dicom() -> None:
     with pytest.raises(IngestError) as exc:
         parse_header(io.BytesIO(b"hello world" * 100), 1100)
     assert exc.value.status == 0xC000
+
+
+# -- the in-memory scan (received datasets) against pydicom's reader ----------------------
+def _received(data: bytes) -> tuple[bytes, bytes]:
+    """(file meta prefix, dataset) of a Part 10 file, as DIMSE delivers it."""
+    end = 132 + 12 + int.from_bytes(data[140:144], "little")
+    return data[:end], data[end:]
+
+
+def _both_ways(data: bytes, syntax: str) -> tuple[object, object]:
+    """parse_header over a received buffer (scanned) and over a plain stream
+    (pydicom's reader): each the header or the IngestError status."""
+    from pacs.part10 import Part10Stream
+
+    prefix, body = _received(data)
+    outcomes = []
+    for stream in (Part10Stream(prefix, bytearray(body)), io.BytesIO(data)):
+        try:
+            outcomes.append(parse_header(stream, len(data), transfer_syntax=syntax))
+        except IngestError as exc:
+            outcomes.append(exc.status)
+    return outcomes[0], outcomes[1]
+
+
+def _little_endian_corpus(tmp: Path) -> list[Path]:
+    from pydicom import dcmread
+    from pydicom.data.data_manager import DATA_ROOT
+    from pydicom.uid import UID
+
+    from sample_studies.generate import generate_all
+
+    from .qr_corpus import write_corpus
+
+    # pydicom's own test files and pydicom-data's, found on disk (no download).
+    files = sorted((Path(DATA_ROOT) / "test_files").rglob("*.dcm"))
+    files += sorted(pydicom_file("693_J2KR.dcm").parent.rglob("*.dcm"))
+    files += write_corpus(tmp / "qr")
+    generate_all(tmp / "samples", quick=True)
+    files += sorted((tmp / "samples").rglob("*.dcm"))
+    chosen = []
+    for path in files:
+        try:
+            syntax = UID(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        except Exception:
+            continue
+        if syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated:
+            chosen.append(path)
+    return chosen
+
+
+def test_scan_reads_what_pydicom_reads(tmp_path: Path) -> None:
+    """Every little-endian file at hand (pydicom's test files, the Q/R corpus
+    with other patient IDs, the Vietnamese sample studies): the scan gives
+    the very header pydicom's reader gives, or falls back to it."""
+    from pydicom import dcmread
+
+    corpus = _little_endian_corpus(tmp_path)
+    assert len(corpus) > 100
+    scanned = 0
+    for path in corpus:
+        data = path.read_bytes()
+        syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        fast, slow = _both_ways(data, syntax)
+        assert fast == slow, path.name
+        if not isinstance(fast, int):
+            assert fast.pixel_offset == slow.pixel_offset, path.name
+            assert fast.full_dataset() is not None
+            scanned += 1
+    assert scanned > 100
+
+
+@pytest.mark.parametrize("name", ["CT_small.dcm", "MR_small_implicit.dcm", "JPEG2000.dcm", "emri_small_RLE.dcm"])
+def test_scanned_truncations_are_refused(name: str) -> None:
+    from pydicom import dcmread
+
+    data = pydicom_file(name).read_bytes()
+    syntax = str(dcmread(io.BytesIO(data), stop_before_pixels=True).file_meta.TransferSyntaxUID)
+    prefix, _ = _received(data)
+    step = max(1, (len(data) - len(prefix)) // 60)
+    for cut in range(len(prefix) + 1, len(data), step):
+        fast, slow = _both_ways(data[:cut], syntax)
+        assert isinstance(fast, int) and fast == slow, cut
