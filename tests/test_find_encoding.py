@@ -1,4 +1,4 @@
-"""C-FIND and C-STORE responses encoded without pydicom's Dataset round trip: the bytes
+"""C-FIND, C-STORE and QIDO-RS answers encoded without pydicom's Dataset round trip: the bytes
 must be exactly what pydicom and pynetdicom write for the same answer.
 
 (The same responses over real associations, DCMTK findscu in each transfer
@@ -134,3 +134,23 @@ def test_store_response_command_is_pynetdicoms(status: int, sop_class: str, sop_
     assert store_response_command(rsp) == encode(message.command_set, True, True)
     rsp.ErrorComment = "storage full"
     assert store_response_command(rsp) is None  # pynetdicom's path for the rest
+
+
+@pytest.mark.parametrize(("level", "keys", "row"), [
+    (Level.STUDY, STUDY_KEYS, ROWS[0]),
+    (Level.STUDY, STUDY_KEYS, ROWS[1]),
+    (Level.STUDY, STUDY_KEYS, {**ROWS[0], "PatientName": "Yamada^Tarou=山田^太郎", "StudyDescription": "A\\B"}),
+    (Level.IMAGE, IMAGE_KEYS, ROWS[2]),
+])
+def test_qido_json_equals_pydicoms(level: Level, keys: list[str], row: dict[str, Any]) -> None:
+    """QIDO-RS matches written straight from index values are the DICOM JSON
+    pydicom writes for the same dataset (or come from pydicom when they need it)."""
+    from viewer_api.dicomjson import to_json
+    from viewer_api.qido import _match_json
+
+    shape = ResultShape(level, keys, "FILMLESS")
+    ds = shape.dataset(row)
+    ds.RetrieveURL = "http://127.0.0.1:8042/dicom-web/studies/1.2.3"
+    expected = to_json(ds, drop=("QueryRetrieveLevel",))
+    got = _match_json(shape, row, "http://127.0.0.1:8042/dicom-web/studies/1.2.3")
+    assert got == expected

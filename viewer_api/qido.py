@@ -17,7 +17,7 @@ from pydicom.datadict import keyword_for_tag
 from pacs.query import ATTRIBUTES, DEFAULT_RETURN, Level, Query, QueryError, run_query
 from pacs.query.results import ResultShape
 
-from .dicomjson import dumps, to_json
+from .dicomjson import NotDirect, dumps, to_json, values_json
 from .errors import HTTPProblem
 from .urls import base_url
 
@@ -78,6 +78,24 @@ def _retrieve_url(base: str, level: Level, row: dict[str, Any]) -> str:
     return url
 
 
+_QUERY_LEVEL = 0x00080052
+_RETRIEVE_URL = 0x00081190
+
+
+def _match_json(shape: ResultShape, row: dict[str, Any], url: str) -> dict[str, Any]:
+    """One match as DICOM JSON: written straight from the index values, or
+    through a pydicom Dataset for values that need its conversions."""
+    values = [(f.tag, f.vr, v) for f, v in shape.values(row) if f.tag != _QUERY_LEVEL]
+    values.append((_RETRIEVE_URL, "UR", url))
+    values.sort(key=lambda t: t[0])
+    try:
+        return values_json(values)
+    except NotDirect:
+        ds = shape.dataset(row)
+        ds.RetrieveURL = url
+        return to_json(ds, drop=("QueryRetrieveLevel",))
+
+
 def search(request: Request, level: Level, fixed: dict[str, str]) -> Response:
     pacs = request.app.state.pacs
     query = parse_query(request, level, fixed)
@@ -87,9 +105,7 @@ def search(request: Request, level: Level, fixed: dict[str, str]) -> Response:
     results = []
     shape = ResultShape(level, query.return_keys, pacs.settings.ae_title)
     for row in run_query(pacs.engine, query):
-        ds = shape.dataset(row)
-        ds.RetrieveURL = _retrieve_url(base, level, row)
-        results.append(to_json(ds, drop=("QueryRetrieveLevel",)))
+        results.append(_match_json(shape, row, _retrieve_url(base, level, row)))
     headers = {}
     if len(results) > cap:
         results = results[:cap]
