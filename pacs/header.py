@@ -334,13 +334,7 @@ def parse_header(
 
     try:
         values = _Values(ds)
-        header = InstanceHeader(
-            sop_class_uid=_uid(values, "SOPClassUID"),
-            sop_uid=_uid(values, "SOPInstanceUID"),
-            study_uid=_uid(values, "StudyInstanceUID"),
-            series_uid=_uid(values, "SeriesInstanceUID"),
-            transfer_syntax_uid=ts,
-        )
+        header = _identified(values, ts)
         if meta is not None:
             media_sop = str(meta.get("MediaStorageSOPInstanceUID") or "").strip("\x00 ")
             if media_sop and media_sop != header.sop_uid:
@@ -398,13 +392,7 @@ def _parse_scanned(stream: BinaryIO, transfer_syntax: str | None) -> InstanceHea
     try:
         scanned = scan(data, not syntax.is_implicit_VR, _SCANNED_TAGS)
         values = _ScannedValues(scanned)
-        header = InstanceHeader(
-            sop_class_uid=_uid(values, "SOPClassUID"),
-            sop_uid=_uid(values, "SOPInstanceUID"),
-            study_uid=_uid(values, "StudyInstanceUID"),
-            series_uid=_uid(values, "SeriesInstanceUID"),
-            transfer_syntax_uid=str(transfer_syntax),
-        )
+        header = _identified(values, str(transfer_syntax))
         _fill(header, values)
     except (ScanFailed, IngestError, UnicodeError, struct.error):
         return None  # pydicom's path decides, and words any error
@@ -415,6 +403,17 @@ def _parse_scanned(stream: BinaryIO, transfer_syntax: str | None) -> InstanceHea
     reopen = stream.reopen  # type: ignore[attr-defined]
     header.dataset_loader = lambda: dcmread(reopen(), stop_before_pixels=True, defer_size=4096)
     return header
+
+
+def _identified(values: _Values | _ScannedValues, transfer_syntax: str) -> InstanceHeader:
+    """A header holding the object's four UIDs, each checked (0xA900 if missing or invalid)."""
+    return InstanceHeader(
+        sop_class_uid=_uid(values, "SOPClassUID"),
+        sop_uid=_uid(values, "SOPInstanceUID"),
+        study_uid=_uid(values, "StudyInstanceUID"),
+        series_uid=_uid(values, "SeriesInstanceUID"),
+        transfer_syntax_uid=transfer_syntax,
+    )
 
 
 def _fill(h: InstanceHeader, v: _Values | _ScannedValues) -> None:

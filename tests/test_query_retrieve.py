@@ -175,6 +175,24 @@ def test_answers_alike_in_every_syntax_and_pdu_size(qr_server: PacsServer, tmp_p
     assert tiny == implicit
 
 
+
+def test_bench_wire_client_counts_what_findscu_finds(qr_server: PacsServer, tmp_path: Path) -> None:
+    """bench/dimse_wire.py, which times scenario 5's C-FIND, gets the same
+    number of answers as findscu and a final Success, query after query."""
+    from bench.dimse_wire import timed_finds
+
+    keys = {"PatientName": "NGUYEN*", "StudyInstanceUID": ""}
+    expected = len(findscu(qr_server, tmp_path, "STUDY", keys))
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.PatientName = "NGUYEN*"
+    identifier.StudyInstanceUID = ""
+    times, counts = timed_finds("127.0.0.1", qr_server.dicom_port, qr_server.ae_title,
+                                StudyRootQueryRetrieveInformationModelFind, [identifier] * 3)
+    assert counts == [expected] * 3 and expected == len(studies_of("S1", "S2", "S3", "S5"))
+    assert all(t > 0 for t in times)
+
+
 def test_patient_root_patient_level(qr_server: PacsServer, tmp_path: Path) -> None:
     rsp = findscu(
         qr_server, tmp_path, "PATIENT",
