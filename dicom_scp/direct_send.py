@@ -22,7 +22,7 @@ from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.dimse import _RQ_TO_MESSAGE, _RSP_TO_MESSAGE
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE, C_STORE
 
 _PYNETDICOM_LOG = logging.getLogger("pynetdicom")
 
@@ -75,44 +75,84 @@ def dimse_message(assoc: Any, primitive: Any, context_id: int) -> Any:
     return message
 
 
-def _command_element(tag: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", 0, tag, len(value)) + value
+def _value(vr: str, value: Any) -> bytes:
+    if vr == "US":
+        return struct.pack("<H", value)
+    text = (value.decode("ascii") if isinstance(value, bytes) else str(value)).strip() if vr == "AE" else str(value)
+    data = text.encode("ascii")
+    if len(data) % 2:
+        data += b"\0" if vr == "UI" else b" "
+    return data
 
 
-def _uid_value(uid: str) -> bytes:
-    data = uid.encode("ascii")
-    return data + b"\0" if len(data) % 2 else data
+def encode_command(elements: list[tuple[int, str, Any]]) -> bytes:
+    """A command set (group 0000, Implicit VR Little Endian, PS3.7 E) from
+    (element number, VR, value) in element order; None values are left out,
+    as pynetdicom leaves out unset parameters."""
+    body = b"".join(
+        struct.pack("<HHI", 0, element, len(data)) + data
+        for element, vr, value in elements
+        if value is not None
+        for data in (_value(vr, value),)
+    )
+    return struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", len(body)) + body
 
 
-def store_response_command(primitive: Any) -> bytes | None:
-    """The command set of a plain C-STORE-RSP (no error comment or offending
-    element), encoded as pynetdicom encodes it (Implicit VR Little Endian,
-    PS3.7 9.3.1.2); None for any other primitive.
+# Command fields (PS3.7 E.1).
+C_STORE_RQ, C_STORE_RSP, C_GET_RSP, C_MOVE_RSP = 0x0001, 0x8001, 0x8010, 0x8021
+NO_DATASET, DATASET = 0x0101, 0x0001
 
-    One is sent per received object: building it through pydicom (command
-    Dataset, then encode) cost ~0.25 ms, this ~10 us. pynetdicom's
-    EVT_DIMSE_SENT is not raised for it (nothing here listens to it); with
-    pynetdicom's debug logging on, its own path runs so its log stays whole.
-    """
-    if (
-        not isinstance(primitive, C_STORE)
-        or primitive.MessageIDBeingRespondedTo is None
-        or primitive.Status is None
-        or primitive.ErrorComment is not None
-        or primitive.OffendingElement is not None
-        or _PYNETDICOM_LOG.isEnabledFor(logging.DEBUG)
-    ):
-        return None
-    body = b"".join([
-        _command_element(0x0002, _uid_value(primitive.AffectedSOPClassUID)) if primitive.AffectedSOPClassUID else b"",
-        _command_element(0x0100, struct.pack("<H", 0x8001)),
-        _command_element(0x0120, struct.pack("<H", primitive.MessageIDBeingRespondedTo)),
-        _command_element(0x0800, struct.pack("<H", 0x0101)),  # no data set
-        _command_element(0x0900, struct.pack("<H", primitive.Status)),
-        _command_element(0x1000, _uid_value(primitive.AffectedSOPInstanceUID))
-        if primitive.AffectedSOPInstanceUID else b"",
+
+def store_request_command(sop_class: str, sop_uid: str, message_id: int, priority: int,
+                          originator_aet: str | None, originator_id: int | None) -> bytes:
+    """The command set of a C-STORE-RQ with a dataset (PS3.7 9.3.1.1), as
+    pynetdicom encodes it; one per C-MOVE/C-GET sub-operation."""
+    return encode_command([
+        (0x0002, "UI", sop_class), (0x0100, "US", C_STORE_RQ), (0x0110, "US", message_id),
+        (0x0700, "US", priority), (0x0800, "US", DATASET), (0x1000, "UI", sop_uid),
+        (0x1030, "AE", originator_aet or None), (0x1031, "US", originator_id),
     ])
-    return _command_element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _plain_response(primitive: Any) -> bool:
+    return (
+        primitive.MessageIDBeingRespondedTo is not None
+        and primitive.Status is not None
+        and primitive.ErrorComment is None
+        and getattr(primitive, "OffendingElement", None) is None
+        and not _PYNETDICOM_LOG.isEnabledFor(logging.DEBUG)
+    )
+
+
+def response_command(primitive: Any) -> bytes | None:
+    """The command set of a plain response -- a C-STORE-RSP, or a C-MOVE or
+    C-GET response without an identifier -- encoded as pynetdicom encodes it;
+    None for anything else, which takes pynetdicom's path.
+
+    One is sent per received object and per C-MOVE/C-GET sub-operation:
+    building it through pydicom (command Dataset, then encode) cost
+    ~0.25 ms, this ~10 us. pynetdicom's EVT_DIMSE_SENT is not raised for it
+    (nothing here listens to it); with pynetdicom's debug logging on, its
+    own path runs so its log stays whole.
+    """
+    if isinstance(primitive, C_STORE) and _plain_response(primitive):
+        return encode_command([
+            (0x0002, "UI", primitive.AffectedSOPClassUID or None), (0x0100, "US", C_STORE_RSP),
+            (0x0120, "US", primitive.MessageIDBeingRespondedTo), (0x0800, "US", NO_DATASET),
+            (0x0900, "US", primitive.Status), (0x1000, "UI", primitive.AffectedSOPInstanceUID or None),
+        ])
+    if isinstance(primitive, C_MOVE | C_GET) and primitive.Identifier is None and _plain_response(primitive):
+        return encode_command([
+            (0x0002, "UI", primitive.AffectedSOPClassUID or None),
+            (0x0100, "US", C_MOVE_RSP if isinstance(primitive, C_MOVE) else C_GET_RSP),
+            (0x0120, "US", primitive.MessageIDBeingRespondedTo), (0x0800, "US", NO_DATASET),
+            (0x0900, "US", primitive.Status),
+            (0x1020, "US", primitive.NumberOfRemainingSuboperations),
+            (0x1021, "US", primitive.NumberOfCompletedSuboperations),
+            (0x1022, "US", primitive.NumberOfFailedSuboperations),
+            (0x1023, "US", primitive.NumberOfWarningSuboperations),
+        ])
+    return None
 
 
 def can_write_directly(assoc: Any) -> bool:
@@ -131,7 +171,7 @@ def send_directly(assoc: Any) -> None:
         if not can_write_directly(assoc):
             original(primitive, context_id)
             return
-        command = store_response_command(primitive)
+        command = response_command(primitive)
         if command is not None:
             write_pdus(assoc, message_pdus(context_id, command, None, dimse.maximum_pdu_size))
             return

@@ -24,14 +24,12 @@ from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pynetdicom.dsutils import encode
-from pynetdicom.dimse_primitives import C_STORE
 
 from pacs.app import Pacs
 from pacs.retrieve import RetrieveItem
 from storage import ObjectStore
 
-from .direct_send import dimse_message, p_data_pdu, write_pdus
+from .direct_send import message_pdus, p_data_pdu, store_request_command, write_pdus
 
 # Objects read ahead from a remote store, and the largest one read whole.
 READ_AHEAD = 4
@@ -108,19 +106,13 @@ def _send_stored(assoc: Any, instance: StoredInstance, stream: BinaryIO, msg_id:
         raise RuntimeError("the store association is no longer established")
     context = assoc._get_valid_context(instance.SOPClassUID, instance.file_meta.TransferSyntaxUID, "scu",
                                        allow_conversion=False)
-    req = C_STORE()
-    req.MessageID = msg_id
-    req.Priority = priority
-    req.MoveOriginatorApplicationEntityTitle = originator_aet
-    req.MoveOriginatorMessageID = originator_id
-    req.AffectedSOPClassUID = instance.SOPClassUID
-    req.AffectedSOPInstanceUID = instance.SOPInstanceUID
     offset = _dataset_offset(stream)
     if offset is None or instance.stored_size <= offset:
         raise ValueError("no group length in the file meta, or no dataset")
-    req._dataset_path = (Path(instance.storage_key), offset)  # tells the command set a dataset follows
+    command = store_request_command(str(instance.SOPClassUID), str(instance.SOPInstanceUID), msg_id, priority,
+                                    originator_aet, originator_id)
     _pause_reactor(assoc)
-    _write_message(assoc, req, context.context_id, stream, instance.stored_size - offset)
+    _write_message(assoc, command, context.context_id, stream, instance.stored_size - offset)
     _, rsp = assoc.dimse.get_msg(block=True)
     if rsp is None:
         assoc._handle_no_response()
@@ -128,15 +120,14 @@ def _send_stored(assoc: Any, instance: StoredInstance, stream: BinaryIO, msg_id:
     return assoc._check_received_status(rsp)
 
 
-def _write_message(assoc: Any, req: C_STORE, context_id: int, stream: BinaryIO, remaining: int) -> None:
+def _write_message(assoc: Any, command: bytes, context_id: int, stream: BinaryIO, remaining: int) -> None:
     """Write the C-STORE-RQ's PDUs to the socket from this thread (see
     :mod:`dicom_scp.direct_send`), reading the dataset as it goes."""
-    message = dimse_message(assoc, req, context_id)
     max_pdu = assoc.dimse.maximum_pdu_size
     fragment = max_pdu - 6 if max_pdu else 1 << 30
 
     def pdus() -> Iterator[bytes]:
-        yield p_data_pdu(context_id, b"\x03" + encode(message.command_set, True, True))
+        yield from message_pdus(context_id, command, None, max_pdu)
         left = remaining
         while left > 0:
             data = _read_exact(stream, min(fragment, left))

@@ -1,4 +1,4 @@
-"""C-FIND, C-STORE and QIDO-RS answers encoded without pydicom's Dataset round trip: the bytes
+"""C-FIND, C-STORE, C-MOVE/C-GET and QIDO-RS messages encoded without pydicom's Dataset round trip: the bytes
 must be exactly what pydicom and pynetdicom write for the same answer.
 
 (The same responses over real associations, DCMTK findscu in each transfer
@@ -121,7 +121,7 @@ def test_store_response_command_is_pynetdicoms(status: int, sop_class: str, sop_
     from pynetdicom.dimse_messages import C_STORE_RSP
     from pynetdicom.dimse_primitives import C_STORE
 
-    from dicom_scp.direct_send import store_response_command
+    from dicom_scp.direct_send import response_command
 
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo = 12
@@ -131,9 +131,57 @@ def test_store_response_command_is_pynetdicoms(status: int, sop_class: str, sop_
     rsp.Status = status
     message = C_STORE_RSP()
     message.primitive_to_message(rsp)
-    assert store_response_command(rsp) == encode(message.command_set, True, True)
+    assert response_command(rsp) == encode(message.command_set, True, True)
     rsp.ErrorComment = "storage full"
-    assert store_response_command(rsp) is None  # pynetdicom's path for the rest
+    assert response_command(rsp) is None  # pynetdicom's path for the rest
+
+
+@pytest.mark.parametrize("kind", ["move", "get"])
+@pytest.mark.parametrize(("status", "counts"), [(0xFF00, (10, 2, 0, 1)), (0x0000, (None, 300, 0, 0))])
+def test_retrieve_response_command_is_pynetdicoms(kind: str, status: int, counts: tuple[int | None, ...]) -> None:
+    """C-MOVE / C-GET responses without an identifier (one per sub-operation)."""
+    from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
+    from pynetdicom.dimse_primitives import C_GET, C_MOVE
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as GET
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as MOVE
+
+    from dicom_scp.direct_send import response_command
+
+    rsp = C_MOVE() if kind == "move" else C_GET()
+    rsp.MessageIDBeingRespondedTo = 4
+    rsp.AffectedSOPClassUID = MOVE if kind == "move" else GET
+    rsp.Status = status
+    (rsp.NumberOfRemainingSuboperations, rsp.NumberOfCompletedSuboperations,
+     rsp.NumberOfFailedSuboperations, rsp.NumberOfWarningSuboperations) = counts
+    message = C_MOVE_RSP() if kind == "move" else C_GET_RSP()
+    message.primitive_to_message(rsp)
+    assert response_command(rsp) == encode(message.command_set, True, True)
+    rsp.Identifier = BytesIO(b"failed list")
+    assert response_command(rsp) is None
+
+
+@pytest.mark.parametrize(("originator", "originator_id"), [("MOVESCU", 3), ("ODD_AE_TITLE1", 65535), (None, None)])
+def test_store_request_command_is_pynetdicoms(originator: str | None, originator_id: int | None) -> None:
+    """The C-STORE-RQ of each C-MOVE / C-GET sub-operation."""
+    from pathlib import Path
+
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    from dicom_scp.direct_send import store_request_command
+
+    req = C_STORE()
+    req.MessageID = 7
+    req.Priority = 2
+    req.MoveOriginatorApplicationEntityTitle = originator
+    req.MoveOriginatorMessageID = originator_id
+    req.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    req.AffectedSOPInstanceUID = "1.2.826.0.1.3680043.9.7134.5"
+    req._dataset_path = (Path("x"), 0)  # a dataset follows
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    assert store_request_command("1.2.840.10008.5.1.4.1.1.2", "1.2.826.0.1.3680043.9.7134.5", 7, 2,
+                                 originator, originator_id) == encode(message.command_set, True, True)
 
 
 @pytest.mark.parametrize(("level", "keys", "row"), [
