@@ -162,11 +162,13 @@ _LOCAL_PRIMITIVE_EVENTS = {"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Ev
 
 
 def _event_driven(event: Any) -> None:
+    from .direct_receive import receive_directly
     from .direct_send import send_directly
     from .reactor import event_driven
 
     event_driven(event.assoc)
     send_directly(event.assoc)
+    receive_directly(event.assoc)
 
 
 def _abort_on_action_error(assoc: Any) -> None:

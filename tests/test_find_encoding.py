@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from pynetdicom.dimse_messages import C_FIND_RSP
 from pynetdicom.dimse_primitives import C_FIND
-from pynetdicom.dsutils import encode
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from dicom_scp.direct_send import message_pdus, p_data_pdu
@@ -202,3 +202,43 @@ def test_qido_json_equals_pydicoms(level: Level, keys: list[str], row: dict[str,
     expected = to_json(ds, drop=("QueryRetrieveLevel",))
     got = _match_json(shape, row, "http://127.0.0.1:8042/dicom-web/studies/1.2.3")
     assert got == expected
+
+
+@pytest.mark.parametrize(("originator", "originator_id", "priority"), [("MOVESCU", 3, 2), (None, None, 0), ("A", 1, 1)])
+def test_store_request_parsed_as_pynetdicom_parses_it(originator: str | None, originator_id: int | None,
+                                                     priority: int) -> None:
+    """dicom_scp/direct_receive.py reads a C-STORE-RQ command set into the
+    primitive pynetdicom's own decoder makes of it."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+
+    from dicom_scp.direct_receive import parse_store_request
+    from dicom_scp.direct_send import store_request_command
+
+    command = store_request_command("1.2.840.10008.5.1.4.1.1.4", "1.2.826.0.1.3680043.9.7134.77", 9, priority,
+                                    originator, originator_id)
+    message = C_STORE_RQ()
+    message.command_set = decode(BytesIO(command), True, True)
+    message.data_set = BytesIO(b"dataset")
+    expected = message.message_to_primitive()
+    got = parse_store_request(command)
+    assert got is not None
+    for name in ("MessageID", "Priority", "AffectedSOPClassUID", "AffectedSOPInstanceUID",
+                 "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID"):
+        assert getattr(got, name) == getattr(expected, name), name
+
+
+def test_other_command_sets_are_left_to_pynetdicom() -> None:
+    from dicom_scp.direct_receive import parse_store_request
+    from dicom_scp.direct_send import encode_command, response_command, store_request_command
+
+    from pynetdicom.dimse_primitives import C_STORE
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.AffectedSOPClassUID, rsp.Status = 1, "1.2.3", 0
+    assert parse_store_request(response_command(rsp) or b"") is None  # a response
+    good = store_request_command("1.2.3", "1.2.3.4", 1, 2, None, None)
+    assert parse_store_request(good) is not None
+    assert parse_store_request(good[:-3]) is None  # cut short
+    assert parse_store_request(good + encode_command([(0x0902, "UI", "x")])[12:]) is None  # unexpected element
+    bad_priority = store_request_command("1.2.3", "1.2.3.4", 1, 7, None, None)
+    assert parse_store_request(bad_priority) is None  # refused by pynetdicom's setter: its path decides
