@@ -22,6 +22,8 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import encode
 
+from dicom_scp.direct_send import C_FIND_RQ, encode_command
+
 IMPLICIT_LE = "1.2.840.10008.1.2"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 IMPLEMENTATION_UID = "1.2.826.0.1.3680043.9.7134.99.1"
@@ -45,25 +47,12 @@ def _ae(title: str) -> bytes:
     return title.encode("ascii")[:16].ljust(16, b" ")
 
 
-def _element(tag: int, value: bytes) -> bytes:
-    return struct.pack("<HHI", tag >> 16, tag & 0xFFFF, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    data = value.encode("ascii")
-    return data + b"\0" if len(data) % 2 else data
-
-
 def find_command(sop_class: str, message_id: int) -> bytes:
     """A C-FIND-RQ command set (PS3.7 9.3.2.1), Implicit VR Little Endian."""
-    body = b"".join([
-        _element(0x00000002, _uid(sop_class)),
-        _element(0x00000100, struct.pack("<H", 0x0020)),
-        _element(0x00000110, struct.pack("<H", message_id)),
-        _element(0x00000700, struct.pack("<H", 0)),
-        _element(0x00000800, struct.pack("<H", 0x0000)),  # a data set follows
+    return encode_command([
+        (0x0002, "UI", sop_class), (0x0100, "US", C_FIND_RQ), (0x0110, "US", message_id),
+        (0x0700, "US", 0), (0x0800, "US", 0x0000),  # a data set follows
     ])
-    return _element(0x00000000, struct.pack("<I", len(body))) + body
 
 
 def command_status(command: bytes) -> int | None:

@@ -99,7 +99,8 @@ def encode_command(elements: list[tuple[int, str, Any]]) -> bytes:
 
 
 # Command fields (PS3.7 E.1).
-C_STORE_RQ, C_STORE_RSP, C_GET_RSP, C_MOVE_RSP = 0x0001, 0x8001, 0x8010, 0x8021
+C_STORE_RQ, C_FIND_RQ = 0x0001, 0x0020
+C_STORE_RSP, C_GET_RSP, C_FIND_RSP, C_MOVE_RSP = 0x8001, 0x8010, 0x8020, 0x8021
 NO_DATASET, DATASET = 0x0101, 0x0001
 
 

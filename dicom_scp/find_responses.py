@@ -17,17 +17,14 @@ pynetdicom's EVT_DIMSE_SENT is not raised for the responses written here
 from __future__ import annotations
 
 import logging
-from io import BytesIO
 from typing import Any
 
 from pydicom.uid import UID
-from pynetdicom.dimse_messages import C_FIND_RSP
-from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
 
 from pacs.query.results import ResultShape
 
-from .direct_send import WRITE_BYTES, can_write_directly, message_pdus
+from .direct_send import C_FIND_RSP, DATASET, WRITE_BYTES, can_write_directly, encode_command, message_pdus
 from .identifier_bytes import NotEncodable, can_encode, encode_identifier
 
 log = logging.getLogger(__name__)
@@ -93,15 +90,11 @@ class PendingResponses:
 
 def _pending_command(request: Any) -> bytes:
     """The command set of a pending C-FIND-RSP to *request*, as pynetdicom
-    encodes it (Implicit VR Little Endian, PS3.7 9.3.2.2)."""
-    rsp = C_FIND()
-    rsp.MessageIDBeingRespondedTo = request.MessageID
-    rsp.AffectedSOPClassUID = request.AffectedSOPClassUID
-    rsp.Status = PENDING
-    rsp.Identifier = BytesIO(b"\0")  # marks a data set as present
-    message = C_FIND_RSP()
-    message.primitive_to_message(rsp)
-    return bytes(encode(message.command_set, True, True))  # type: ignore[arg-type]
+    encodes it (PS3.7 9.3.2.2)."""
+    return encode_command([
+        (0x0002, "UI", request.AffectedSOPClassUID), (0x0100, "US", C_FIND_RSP),
+        (0x0120, "US", request.MessageID), (0x0800, "US", DATASET), (0x0900, "US", PENDING),
+    ])
 
 
 __all__ = ["PendingResponses"]

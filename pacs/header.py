@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import struct
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from pydicom import dcmread

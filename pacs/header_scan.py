@@ -21,6 +21,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from functools import lru_cache
+
 from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, keyword_dict
 
@@ -60,11 +61,10 @@ class ScannedDataset:
 
 
 class _Scanner:
-    def __init__(self, data: memoryview, explicit: bool, wanted: frozenset[int]) -> None:
+    def __init__(self, data: memoryview, explicit: bool) -> None:
         self.data = data
         self.size = len(data)
         self.explicit = explicit
-        self.wanted = wanted
 
     def header(self, pos: int) -> tuple[int, str, int, int]:
         """(tag, VR, value length, value offset) of the element at *pos*."""
@@ -139,7 +139,7 @@ class _Scanner:
 
 def scan(data: memoryview, explicit: bool, wanted: frozenset[int]) -> ScannedDataset:
     """Walk a whole Little Endian dataset; keep the *wanted* top-level values."""
-    scanner = _Scanner(data, explicit, wanted)
+    scanner = _Scanner(data, explicit)
     result = ScannedDataset()
     pos = 0
     while pos < scanner.size:

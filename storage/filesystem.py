@@ -159,18 +159,26 @@ class _SpareFiles:
         finally:
             self._making = None
 
+    def _pop(self) -> tuple[Path, int, float] | None:
+        try:
+            return self._ready.popleft()
+        except IndexError:
+            return None
+
+    @staticmethod
+    def _drop(path: Path, fd: int) -> None:
+        os.close(fd)
+        _remove_quietly(path)
+
     def _next_spare(self) -> tuple[Path, int] | None:
-        while True:
-            try:
-                path, fd, made = self._ready.popleft()
-            except IndexError:
-                return None
+        while (spare := self._pop()) is not None:
+            path, fd, made = spare
             if time.monotonic() - made < _SPARE_MAX_AGE:
                 return path, fd
             # Another process's start removes staging files a day old: an
             # idle server's spare may be gone from the directory.
-            os.close(fd)
-            _remove_quietly(path)
+            self._drop(path, fd)
+        return None
 
     def take(self) -> tuple[Path, int]:
         """A new empty staging file (path, open fd): a spare when one is ready."""
@@ -207,13 +215,8 @@ class _SpareFiles:
         return {path for path, _, _ in list(self._ready)} | ({making} if making else set())
 
     def _discard(self) -> None:
-        while True:
-            try:
-                path, fd, _ = self._ready.popleft()
-            except IndexError:
-                return
-            os.close(fd)
-            _remove_quietly(path)
+        while (spare := self._pop()) is not None:
+            self._drop(*spare[:2])
 
 
 class FileStore(ObjectStore):

@@ -27,9 +27,6 @@ ItemElements = list[tuple[int, str, str]]
 # or sequence items.
 Value = None | str | int | list[str] | list[ItemElements]
 
-_CONSTANT = "constant"
-
-
 @dataclass(frozen=True)
 class ResultField:
     """One attribute of every answer to a query."""
@@ -58,7 +55,6 @@ class ResultShape:
     """
 
     def __init__(self, level: Level, returns: list[str], ae_title: str) -> None:
-        self.level = level
         keys = list(dict.fromkeys([*returns, UNIQUE_KEY[level]]))
         for depth_level in Level:
             if depth_level.depth < level.depth and depth_level is not Level.PATIENT:
@@ -129,11 +125,6 @@ def _item(elements: ItemElements) -> Dataset:
     for tag, vr, value in elements:
         item[tag] = DataElement(tag, vr, value, validation_mode=config.IGNORE)
     return item
-
-
-def result_dataset(level: Level, returns: list[str], row: dict[str, Any], ae_title: str) -> Dataset:
-    """One match as a dataset: every requested key, filled from the index."""
-    return ResultShape(level, returns, ae_title).dataset(row)
 
 
 def other_ids_sequence(others: list[dict[str, str]]) -> Sequence:
