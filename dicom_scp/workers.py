@@ -18,7 +18,11 @@ processes (``python -m dicom_scp.workers``) that all accept on it:
   ``pacs serve`` leaves no process answering on the port, and a crash loses
   nothing acknowledged because every worker acknowledges only after the
   object is durable and indexed, as the single process does;
-- a worker that exits on its own is restarted (after a short back-off).
+- a worker that exits on its own is restarted (after a short back-off);
+- ``start()`` returns once every worker is accepting (each writes a byte to
+  a pipe when ready), so what starts after the pool (the HTTP port the
+  operator and the tests wait for) means the DICOM side is ready too; a
+  modality that connects earlier waits in the listen backlog, not refused.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import logging
 import math
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -45,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("dicom_scp.workers")  # not __main__ in a worker
 
 FD_ENV = "PACS_DICOM_LISTEN_FD"
+READY_FD_ENV = "PACS_WORKER_READY_FD"
 SETTINGS_ENV = "PACS_WORKER_SETTINGS"
 _PR_SET_PDEATHSIG = 1
 
@@ -109,13 +115,18 @@ class WorkerPool:
     listener: socket.socket
     count: int
     restart_delay: float = 2.0
+    ready_timeout: float = 60.0
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
     _watcher: threading.Thread | None = None
 
     def start(self) -> WorkerPool:
-        """Start the workers from this (long-lived) thread and the watcher."""
-        self.procs = [self._spawn(i) for i in range(self.count)]
+        """Start the workers from this (long-lived) thread and the watcher;
+        return once each is accepting (or has failed, which is logged and
+        left to the watcher to restart)."""
+        spawned = [self._spawn(i, ready=True) for i in range(self.count)]
+        self.procs = [proc for proc, _ in spawned]
+        self._await_ready([pipe for _, pipe in spawned])
         self._watcher = threading.Thread(target=self._watch, name="dicom-workers", daemon=True)
         self._watcher.start()
         host, port = self.listener.getsockname()[:2]
@@ -123,14 +134,45 @@ class WorkerPool:
                  self.count)
         return self
 
-    def _spawn(self, number: int) -> subprocess.Popen[bytes]:
+    def _spawn(self, number: int, ready: bool = False) -> tuple[subprocess.Popen[bytes], int | None]:
         fd = self.listener.fileno()
         env = dict(os.environ)
         env[FD_ENV] = str(fd)
         env[SETTINGS_ENV] = json.dumps(worker_settings(self.settings, self.count))
         env["PACS_WORKER_NUMBER"] = str(number)
         env["PACS_SUPERVISOR_PID"] = str(os.getpid())
-        return subprocess.Popen([sys.executable, "-m", "dicom_scp.workers"], pass_fds=(fd,), env=env)
+        fds: tuple[int, ...] = (fd,)
+        read_end = write_end = None
+        if ready:
+            read_end, write_end = os.pipe()
+            env[READY_FD_ENV] = str(write_end)
+            fds += (write_end,)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "dicom_scp.workers"], pass_fds=fds, env=env)
+        finally:
+            if write_end is not None:
+                os.close(write_end)
+        return proc, read_end
+
+    def _await_ready(self, pipes: list[int | None]) -> None:
+        # A worker writes one byte once accepting; EOF without it means it
+        # died first (its pipe's write end closed with it).
+        deadline = time.monotonic() + self.ready_timeout
+        for number, pipe in enumerate(pipes):
+            if pipe is None:
+                continue
+            try:
+                while True:
+                    left = deadline - time.monotonic()
+                    readable, _, _ = select.select([pipe], [], [], max(0.0, left))
+                    if not readable:
+                        log.warning("DICOM worker %d not ready after %.0f s", number, self.ready_timeout)
+                        break
+                    if not os.read(pipe, 1):
+                        log.error("DICOM worker %d exited while starting", number)
+                    break
+            finally:
+                os.close(pipe)
 
     def _watch(self) -> None:
         # Also the thread that respawns: PR_SET_PDEATHSIG fires when the
@@ -143,7 +185,7 @@ class WorkerPool:
                 log.error("DICOM worker %d (pid %d) exited with %s; restarting it", number, proc.pid, code)
                 if self._stopping.wait(self.restart_delay):
                     return
-                self.procs[number] = self._spawn(number)
+                self.procs[number] = self._spawn(number)[0]
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM every worker (each finishes its associations), then wait;
@@ -177,6 +219,16 @@ def _die_with_supervisor(supervisor: int) -> None:
         os._exit(1)
 
 
+def _tell_ready() -> None:
+    fd = os.environ.pop(READY_FD_ENV, None)
+    if fd is None:  # a restarted worker: nobody waits
+        return
+    try:
+        os.write(int(fd), b"r")
+    finally:
+        os.close(int(fd))
+
+
 def worker_main() -> int:
     """Entry point of one worker process (started by :class:`WorkerPool`)."""
     _die_with_supervisor(int(os.environ["PACS_SUPERVISOR_PID"]))
@@ -199,6 +251,7 @@ def worker_main() -> int:
         server = start_dicom_server(pacs, listen_socket=listener)
         freeze_startup_heap()
         log.info("DICOM worker %s ready (pid %d)", number, os.getpid())
+        _tell_ready()
         while not stop.wait(1.0):
             pass
         server.shutdown()

@@ -100,6 +100,16 @@ def test_concurrent_modalities_through_workers(server: PacsServer, tmp_path: Pat
 
 
 @pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_ports_open_only_once_every_worker_accepts(server: PacsServer) -> None:
+    # The HTTP port (what operators and the bench wait for) opens after the
+    # pool reported every worker ready: a modality sending at once is not held
+    # in the backlog while a worker still imports.
+    log = server.log_text()
+    for number in range(WORKERS):
+        assert f"DICOM worker {number} ready" in log, log[-2000:]
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
 def test_a_crashed_worker_is_replaced_and_the_port_keeps_answering(server: PacsServer, tmp_path: Path) -> None:
     first = _workers(server)
     os.kill(first[0], signal.SIGKILL)
