@@ -115,6 +115,14 @@ def store_request_command(sop_class: str, sop_uid: str, message_id: int, priorit
     ])
 
 
+def store_response_command(sop_class: str | None, sop_uid: str | None, message_id: int, status: int) -> bytes:
+    """The command set of a C-STORE-RSP without an Error Comment (PS3.7 9.3.1.2)."""
+    return encode_command([
+        (0x0002, "UI", sop_class), (0x0100, "US", C_STORE_RSP), (0x0120, "US", message_id),
+        (0x0800, "US", NO_DATASET), (0x0900, "US", status), (0x1000, "UI", sop_uid),
+    ])
+
+
 def _plain_response(primitive: Any) -> bool:
     return (
         primitive.MessageIDBeingRespondedTo is not None
@@ -137,11 +145,8 @@ def response_command(primitive: Any) -> bytes | None:
     own path runs so its log stays whole.
     """
     if isinstance(primitive, C_STORE) and _plain_response(primitive):
-        return encode_command([
-            (0x0002, "UI", primitive.AffectedSOPClassUID or None), (0x0100, "US", C_STORE_RSP),
-            (0x0120, "US", primitive.MessageIDBeingRespondedTo), (0x0800, "US", NO_DATASET),
-            (0x0900, "US", primitive.Status), (0x1000, "UI", primitive.AffectedSOPInstanceUID or None),
-        ])
+        return store_response_command(primitive.AffectedSOPClassUID or None, primitive.AffectedSOPInstanceUID or None,
+                                      primitive.MessageIDBeingRespondedTo, primitive.Status)
     if isinstance(primitive, C_MOVE | C_GET) and primitive.Identifier is None and _plain_response(primitive):
         return encode_command([
             (0x0002, "UI", primitive.AffectedSOPClassUID or None),

@@ -95,50 +95,66 @@ def status_dataset(status: int, comment: str) -> Dataset:
 def audit_dimse(pacs: Pacs, event: Any, action: str, *, study_uid: str = "", detail: str = "",
                 outcome: str = "success") -> None:
     """Record a DICOM access: the calling AE stands for the user."""
-    requestor = event.assoc.requestor
+    audit_association(pacs, event.assoc, action, study_uid=study_uid, detail=detail, outcome=outcome)
+
+
+def audit_association(pacs: Pacs, assoc: Any, action: str, *, study_uid: str = "", detail: str = "",
+                      outcome: str = "success") -> None:
+    """:func:`audit_dimse` for an association."""
+    requestor = assoc.requestor
     pacs.audit.record(
         Event(action=action, user=requestor.ae_title.strip(), role="dicom", client=str(requestor.address),
               protocol="dicom", outcome=outcome, study_uid=study_uid, detail=detail[:500])
     )
 
 
-def origin_of(event: Any, source: str = "dimse") -> Origin:
-    requestor = event.assoc.requestor
+def origin_of(assoc: Any, source: str = "dimse") -> Origin:
+    """Where an association's objects come from."""
+    requestor = assoc.requestor
     return Origin(source=source, calling_ae=requestor.ae_title.strip(), remote_host=str(requestor.address))
 
 
 def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
-    """The C-STORE handler: received bytes go to the core's ingest, untouched."""
+    """The C-STORE handler: received bytes go to the core's ingest, untouched.
+
+    Its ``direct`` attribute is the same handler without pynetdicom's event
+    (dicom_scp.direct_receive calls it for requests it serves itself)."""
+
+    def store(assoc: Any, sop_class: str, sop_uid: str, dataset: Any, transfer_syntax: str) -> tuple[int, str]:
+        requestor = assoc.requestor
+        try:
+            meta = file_meta_bytes(sop_class, sop_uid, transfer_syntax, requestor.ae_title)
+            result = pacs.ingestor.ingest(
+                BufferSource(meta, dataset.getbuffer()),
+                origin_of(assoc, source),
+                transfer_syntax=transfer_syntax,
+                expected_sop_class=sop_class,
+                expected_sop_uid=sop_uid,
+            )
+        except IngestError as exc:
+            log.warning("C-STORE from %s refused: %s", requestor.ae_title, exc)
+            return exc.status, exc.reason
+        except Exception as exc:  # never let one object take the listener down
+            log.exception("C-STORE failed unexpectedly")
+            return Status.CANNOT_UNDERSTAND, f"internal error: {exc}"
+        # One audit event per study and association, not per instance.
+        study = result.header.study_uid
+        if getattr(assoc, "_audited_study", None) != study:
+            assoc._audited_study = study
+            audit_association(pacs, assoc, "store", study_uid=study, detail=source)
+        return Status.SUCCESS, ""
 
     def handle_store(event: Any) -> int | Dataset:
         request = event.request
-        try:
-            meta = file_meta_bytes(
-                request.AffectedSOPClassUID,
-                request.AffectedSOPInstanceUID,
-                event.context.transfer_syntax,
-                event.assoc.requestor.ae_title,
-            )
-            result = pacs.ingestor.ingest(
-                BufferSource(meta, request.DataSet.getbuffer()),
-                origin_of(event, source),
-                transfer_syntax=event.context.transfer_syntax,
-                expected_sop_class=request.AffectedSOPClassUID,
-                expected_sop_uid=request.AffectedSOPInstanceUID,
-            )
-        except IngestError as exc:
-            log.warning("C-STORE from %s refused: %s", event.assoc.requestor.ae_title, exc)
-            return status_dataset(exc.status, exc.reason)
-        except Exception as exc:  # never let one object take the listener down
-            log.exception("C-STORE failed unexpectedly")
-            return status_dataset(Status.CANNOT_UNDERSTAND, f"internal error: {exc}")
-        # One audit event per study and association, not per instance.
-        study = result.header.study_uid
-        if getattr(event.assoc, "_audited_study", None) != study:
-            event.assoc._audited_study = study
-            audit_dimse(pacs, event, "store", study_uid=study, detail=source)
-        return Status.SUCCESS
+        status, comment = store(event.assoc, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
+                                request.DataSet, event.context.transfer_syntax)
+        return status_dataset(status, comment) if comment else status
 
+    def direct(assoc: Any, request: Any, transfer_syntax: str) -> tuple[int, str]:
+        status, comment = store(assoc, request.sop_class, request.sop_uid, request.dataset, transfer_syntax)
+        return status, comment.encode("ascii", "replace").decode()[:64]
+
+    handle_store.direct = direct  # type: ignore[attr-defined]
     return handle_store
 
 

@@ -242,3 +242,22 @@ def test_other_command_sets_are_left_to_pynetdicom() -> None:
     assert parse_store_request(good + encode_command([(0x0902, "UI", "x")])[12:]) is None  # unexpected element
     bad_priority = store_request_command("1.2.3", "1.2.3.4", 1, 7, None, None)
     assert parse_store_request(bad_priority) is None  # refused by pynetdicom's setter: its path decides
+
+
+@pytest.mark.parametrize(("sop_uid", "direct"), [
+    ("1.2.826.0.1.3680043.9.7134.77", True), ("1.2.0.3", True),
+    ("1.02.3", False),  # a leading zero: pynetdicom warns, so its path takes it
+    ("1.2." + "3" * 62, False),  # over 64 characters: pynetdicom refuses it
+])
+def test_only_conformant_store_requests_are_served_directly(sop_uid: str, direct: bool) -> None:
+    """dicom_scp/direct_receive.py serves a C-STORE-RQ itself only when
+    pynetdicom's setters would take its UIDs without a word."""
+    from dicom_scp.direct_receive import parse_direct_store
+    from dicom_scp.direct_send import store_request_command
+
+    command = store_request_command("1.2.840.10008.5.1.4.1.1.2", sop_uid, 7, 1, None, None)
+    got = parse_direct_store(command)
+    assert (got is not None) == direct
+    if got is not None:
+        assert (got.sop_class, got.sop_uid, got.message_id, got.priority) == (
+            "1.2.840.10008.5.1.4.1.1.2", sop_uid, 7, 1)
