@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +40,8 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
+
+from pacs.header import valid_uid
 
 from .direct_send import can_write_directly, message_pdus, store_response_command, write_pdus
 
@@ -60,8 +61,6 @@ _PARAMETERS = {
 }
 _NUMBERS = {0x0100, 0x0110, 0x0700, 0x0800, 0x1031}
 _REQUIRED = {0x0002, 0x0100, 0x0110, 0x0700, 0x0800, 0x1000}
-# What pynetdicom's UID setter accepts without a word (pydicom's UID.is_valid).
-_CONFORMANT_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
 
 
 @dataclass(slots=True)
@@ -110,7 +109,8 @@ def _store_values(command: bytes) -> dict[int, Any] | None:
 
 
 def _conformant(uid: str) -> bool:
-    return 0 < len(uid) <= 64 and _CONFORMANT_UID.fullmatch(uid) is not None
+    # What pynetdicom's UID setter accepts without a word.
+    return bool(uid) and valid_uid(uid)
 
 
 def parse_direct_store(command: bytes) -> ReceivedStore | None:

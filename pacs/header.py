@@ -9,7 +9,9 @@ the index needs.
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -270,16 +272,30 @@ _ISSUER_TAG = keyword_dict["IssuerOfPatientID"]
 _ID_TYPE_TAG = keyword_dict["TypeOfPatientID"]
 
 
+# pydicom's UID.is_valid, compiled once: checked for four UIDs of every object.
+_VALID_UID = re.compile(r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*")
+
+
+def valid_uid(value: str) -> bool:
+    """True if *value*, exactly as given, is a valid UID (PS3.5 9.1, at most
+    64 characters): what pydicom's ``UID.is_valid`` says, without building a UID."""
+    return len(value) <= 64 and _VALID_UID.fullmatch(value) is not None
+
+
+@functools.lru_cache(maxsize=64)
+def _scannable(transfer_syntax: str) -> bool:
+    syntax = UID(transfer_syntax)
+    return syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated
+
+
 def _uid(values: _Values | _ScannedValues, keyword: str, *, required: bool = True) -> str:
     value = values.text(keyword)
     if not value:
         if required:
             raise IngestError(Status.INVALID_DATASET, f"missing {keyword}")
         return ""
-    uid = UID(value)
-    # UID() strips surrounding whitespace before validating, so "1.2.3\r\n"
-    # passed and then named a storage key: the value as received must be valid.
-    if str(uid) != value or not uid.is_valid:
+    # The value as received must be valid ("1.2.3\r\n" would name a storage key).
+    if not valid_uid(value):
         raise IngestError(Status.INVALID_DATASET, f"invalid {keyword} {value[:80]!r}")
     return value
 
@@ -385,12 +401,11 @@ def _parse_scanned(stream: BinaryIO, transfer_syntax: str | None) -> InstanceHea
     view = getattr(stream, "dataset_view", None)
     if view is None or not transfer_syntax:
         return None
-    syntax = UID(transfer_syntax)
-    if not syntax.is_transfer_syntax or not syntax.is_little_endian or syntax.is_deflated:
+    if not _scannable(transfer_syntax):
         return None
     offset, data = view()
     try:
-        scanned = scan(data, not syntax.is_implicit_VR, _SCANNED_TAGS)
+        scanned = scan(data, transfer_syntax != ImplicitVRLittleEndian, _SCANNED_TAGS)
         values = _ScannedValues(scanned)
         header = _identified(values, str(transfer_syntax))
         _fill(header, values)

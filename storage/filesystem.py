@@ -48,7 +48,7 @@ _SPARE_MAX_AGE = 3600.0
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -229,7 +229,8 @@ class FileStore(ObjectStore):
         self._tmp = self.root / _TMP
         # Directories already known to be durable on disk: fsyncing a parent
         # once per new directory is enough, not once per object.
-        self._durable_dirs: set[Path] = {self.root, self._tmp}
+        # (Strings, not Paths: looked up for every object stored.)
+        self._durable_dirs: set[str] = {str(self.root), str(self._tmp)}
         self._spares = _SpareFiles(self._tmp)
         try:
             self._tmp.mkdir(parents=True, exist_ok=True)
@@ -247,25 +248,28 @@ class FileStore(ObjectStore):
 
     def path_for(self, key: str) -> Path:
         """The file that holds *key* (whether or not it exists yet)."""
+        return Path(self._file_for(key))
+
+    def _file_for(self, key: str) -> str:
         validate_key(key)
-        return self.root / self._shard(key.split("/", 1)[0]) / key
+        return f"{self.root}/{self._shard(key.partition('/')[0])}/{key}"
 
     def _key_for(self, path: Path) -> str:
         rel = path.relative_to(self.root).parts
         return "/".join(rel[2:])
 
-    def _ensure_dir(self, directory: Path) -> None:
+    def _ensure_dir(self, directory: str) -> None:
         if directory in self._durable_dirs:
             return
-        missing: list[Path] = []
+        missing: list[str] = []
         d = directory
-        while d not in self._durable_dirs and not d.exists():
+        while d not in self._durable_dirs and not os.path.exists(d):
             missing.append(d)
-            d = d.parent
-        directory.mkdir(parents=True, exist_ok=True)
+            d = os.path.dirname(d)
+        os.makedirs(directory, exist_ok=True)
         # A new directory entry is only durable once its parent is fsynced.
         for created in reversed(missing):
-            _fsync_dir(created.parent)
+            _fsync_dir(os.path.dirname(created))
         self._durable_dirs.add(directory)
 
     def _remove_stale_temp_files(self) -> None:
@@ -307,9 +311,10 @@ class FileStore(ObjectStore):
         return _FileStaged(self, tmp, reader.size, reader.sha256)
 
     def _publish(self, tmp: Path, key: str, replace: bool = True) -> None:
-        target = self.path_for(key)
+        target = self._file_for(key)
+        directory = target.rpartition("/")[0]
         try:
-            self._ensure_dir(target.parent)
+            self._ensure_dir(directory)
             if replace:
                 os.rename(tmp, target)
             else:
@@ -319,7 +324,7 @@ class FileStore(ObjectStore):
                 except FileExistsError:
                     raise ObjectExists(key) from None
                 os.unlink(tmp)
-            _fsync_dir(target.parent)
+            _fsync_dir(directory)
         except OSError as exc:
             _remove_quietly(tmp)
             raise _os_error(exc, f"store {key}") from exc
