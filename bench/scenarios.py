@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 
 from . import corpus as corpora
-from .archive import PgArchive, install_sqlite, sqlite_archive
+from .archive import PgArchive, install_sqlite, settle, sqlite_archive
 from .common import CACHE, ct_series
 from .harness import (
     BACKENDS,
@@ -84,10 +84,12 @@ def ingest_once(ctx: Ctx, config: str, folders: Sequence[Path], *, archive: Any 
     expected, _ = files_and_bytes(folders)
     if config in ("bare", "bare-ed"):
         with bare_receiver(ctx, event_driven=config == "bare-ed") as port:
+            settle()
             seconds, _ = send(port, "BARE", folders)
         return seconds, 0, 0
     if config == "storescp":
         with storescp(ctx) as scp:
+            settle()
             seconds, peak = send(scp.port, scp.ae_title, folders, sample_pid=scp.proc.pid if sample else None)
             if scp.count() != expected:
                 raise RuntimeError(f"storescp wrote {scp.count()} of {expected}")
@@ -96,6 +98,7 @@ def ingest_once(ctx: Ctx, config: str, folders: Sequence[Path], *, archive: Any 
         with orthanc(ctx) as peer:
             assert peer.proc is not None
             idle = tree_rss_kb(peer.proc.pid)
+            settle()
             seconds, peak = send(peer.dicom_port, peer.ae_title, folders,
                                  sample_pid=peer.proc.pid if sample else None)
             got = peer.statistics()["CountInstances"]
@@ -118,6 +121,7 @@ def ingest_once(ctx: Ctx, config: str, folders: Sequence[Path], *, archive: Any 
             base = _count_instances(server)
         assert server.proc is not None
         idle = tree_rss_kb(server.proc.pid)
+        settle()
         try:
             seconds, peak = send(server.dicom_port, server.ae_title, folders,
                                  sample_pid=server.proc.pid if sample else None)
