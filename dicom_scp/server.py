@@ -83,12 +83,17 @@ GET_CLASSES = [m[2] for m in QR_MODELS.values()]
 _UNCOMPRESSED_QR = [ImplicitVRLittleEndian, ExplicitVRBigEndian]
 
 
+def error_comment(comment: str) -> str:
+    """*comment* as an Error Comment may carry it (LO: ASCII here, at most 64 characters)."""
+    return comment.encode("ascii", "replace").decode()[:64]
+
+
 def status_dataset(status: int, comment: str) -> Dataset:
-    """A DIMSE status with an Error Comment (LO, at most 64 characters)."""
+    """A DIMSE status with an Error Comment."""
     ds = Dataset()
     ds.Status = status
     if comment:
-        ds.ErrorComment = comment.encode("ascii", "replace").decode()[:64]
+        ds.ErrorComment = error_comment(comment)
     return ds
 
 
@@ -152,7 +157,7 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
 
     def direct(assoc: Any, request: Any, transfer_syntax: str) -> tuple[int, str]:
         status, comment = store(assoc, request.sop_class, request.sop_uid, request.dataset, transfer_syntax)
-        return status, comment.encode("ascii", "replace").decode()[:64]
+        return status, error_comment(comment)
 
     handle_store.direct = direct  # type: ignore[attr-defined]
     return handle_store

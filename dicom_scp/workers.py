@@ -162,15 +162,11 @@ class WorkerPool:
             if pipe is None:
                 continue
             try:
-                while True:
-                    left = deadline - time.monotonic()
-                    readable, _, _ = select.select([pipe], [], [], max(0.0, left))
-                    if not readable:
-                        log.warning("DICOM worker %d not ready after %.0f s", number, self.ready_timeout)
-                        break
-                    if not os.read(pipe, 1):
-                        log.error("DICOM worker %d exited while starting", number)
-                    break
+                readable, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
+                if not readable:
+                    log.warning("DICOM worker %d not ready after %.0f s", number, self.ready_timeout)
+                elif not os.read(pipe, 1):
+                    log.error("DICOM worker %d exited while starting", number)
             finally:
                 os.close(pipe)
 

@@ -283,9 +283,13 @@ def valid_uid(value: str) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _scannable(transfer_syntax: str) -> bool:
+def _scan_syntax(transfer_syntax: str) -> bool | None:
+    """Whether the scanner reads *transfer_syntax* as explicit VR; None when
+    it does not read it at all (big endian, deflated, unknown)."""
     syntax = UID(transfer_syntax)
-    return syntax.is_transfer_syntax and syntax.is_little_endian and not syntax.is_deflated
+    if not syntax.is_transfer_syntax or not syntax.is_little_endian or syntax.is_deflated:
+        return None
+    return not syntax.is_implicit_VR
 
 
 def _uid(values: _Values | _ScannedValues, keyword: str, *, required: bool = True) -> str:
@@ -401,11 +405,12 @@ def _parse_scanned(stream: BinaryIO, transfer_syntax: str | None) -> InstanceHea
     view = getattr(stream, "dataset_view", None)
     if view is None or not transfer_syntax:
         return None
-    if not _scannable(transfer_syntax):
+    explicit = _scan_syntax(transfer_syntax)
+    if explicit is None:
         return None
     offset, data = view()
     try:
-        scanned = scan(data, transfer_syntax != ImplicitVRLittleEndian, _SCANNED_TAGS)
+        scanned = scan(data, explicit, _SCANNED_TAGS)
         values = _ScannedValues(scanned)
         header = _identified(values, str(transfer_syntax))
         _fill(header, values)
