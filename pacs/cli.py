@@ -13,6 +13,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -456,6 +457,9 @@ def cmd_route(args: argparse.Namespace) -> int:
                 out.print(table)
         elif command == "retry":
             _print_result(args, {"retried": routing.retry(pacs.engine, pk=args.job, state=args.state)})
+        elif command == "prune":
+            days = args.older_than_days if args.older_than_days is not None else (pacs.settings.route_keep_days or 30)
+            _print_result(args, {"pruned": routing.prune(pacs.engine, timedelta(days=days))})
         elif command == "cancel":
             if args.job is None and not args.rule:
                 err.print("[red]give --job or --rule[/red]")
@@ -630,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q, json_flag=True)
     q.add_argument("--job", type=int)
     q.add_argument("--state", default="dead", choices=["dead", "cancelled"])
+    q = r_sub.add_parser("prune", help="delete done and cancelled jobs (pacs serve does it hourly, after route_keep_days)")
+    _common(q, json_flag=True)
+    q.add_argument("--older-than-days", type=float, help="default: route_keep_days (30)")
     q = r_sub.add_parser("cancel", help="cancel pending/dead jobs of a rule (or one job)")
     _common(q, json_flag=True)
     q.add_argument("--job", type=int)

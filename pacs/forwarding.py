@@ -15,7 +15,9 @@ import logging
 import os
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 
 import httpx
 from pydicom import dcmread
@@ -84,10 +86,13 @@ def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule) -> Dataset | None:
 class Forwarder:
     """Background delivery of routing jobs."""
 
-    def __init__(self, pacs: Pacs, *, interval: float = 1.0, max_attempts: int = 10, concurrency: int = 4) -> None:
+    def __init__(self, pacs: Pacs, *, interval: float = 1.0, max_attempts: int = 10, concurrency: int = 4,
+                 prune_every: float = 3600.0) -> None:
         self.pacs = pacs
         self.node = node_name(pacs)
         self.interval, self.max_attempts = interval, max_attempts
+        self.prune_every = prune_every
+        self._pruned_at: float | None = None
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="route")
         self._busy: set[str] = set()
         self._lock = threading.Lock()
@@ -107,8 +112,23 @@ class Forwarder:
         self._pool.shutdown(wait=True)
         routing.release_node(self.pacs.engine, self.node)
 
+    def _prune(self) -> None:
+        # Every node prunes: the DELETE is the same whoever runs it first.
+        keep_days = self.pacs.settings.route_keep_days
+        now = time.monotonic()
+        if not keep_days or (self._pruned_at is not None and now - self._pruned_at < self.prune_every):
+            return
+        self._pruned_at = now
+        pruned = routing.prune(self.pacs.engine, timedelta(days=keep_days))
+        if pruned:
+            log.info("routing: %d finished jobs older than %d days deleted", pruned, keep_days)
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            try:
+                self._prune()
+            except Exception:
+                log.exception("pruning finished routing jobs failed")
             try:
                 for destination in routing.due_destinations(self.pacs.engine):
                     with self._lock:

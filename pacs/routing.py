@@ -369,6 +369,27 @@ def retry(engine: Engine, *, pk: int | None = None, state: str = "dead") -> int:
         return int(conn.execute(stmt).rowcount)
 
 
+def prune(engine: Engine, older_than: timedelta, *, batch: int = 5000) -> int:
+    """Delete finished jobs (done, cancelled) last changed more than
+    *older_than* ago; returns how many. Dead jobs stay until retried or
+    cancelled: they are what an operator has to see. Deleted in batches so
+    that no transaction holds SQLite's write lock long while modalities send."""
+    cutoff = datetime.now(UTC) - older_than
+    finished = (
+        select(jobs_t.c.pk)
+        .where(jobs_t.c.state.in_(("done", "cancelled")), jobs_t.c.updated_at < cutoff)
+        .limit(batch)
+        .scalar_subquery()
+    )
+    total = 0
+    while True:
+        with engine.begin() as conn:
+            deleted = int(conn.execute(delete(jobs_t).where(jobs_t.c.pk.in_(finished))).rowcount)
+        total += deleted
+        if deleted < batch:
+            return total
+
+
 def cancel(engine: Engine, *, pk: int | None = None, rule: str = "") -> int:
     now = datetime.now(UTC)
     stmt = update(jobs_t).values(state="cancelled", updated_at=now).where(jobs_t.c.state.in_(["pending", "dead"]))

@@ -109,6 +109,8 @@ class Settings(BaseSettings):
     deidentify_salt: str | None = None
     route_max_attempts: int = 10
     route_concurrency: int = 4
+    # Finished routing jobs (done, cancelled) are deleted after this many days; 0 keeps them.
+    route_keep_days: int = Field(default=30, ge=0)
     route: list[dict[str, Any]] = Field(default_factory=list)
     # The HIS MLLP endpoint ("host:port") for outbound HL7 (status, results).
     his_mllp: str | None = None

@@ -223,3 +223,42 @@ def test_rules_from_the_config_file(tmp_path: Path) -> None:
     result = PacsServer(bad, Backend("sqlite-fs", None, None, {})).cli("route", "rules", check=False)
     assert result.returncode != 0 and "Modality" in (result.stderr + result.stdout)
     assert "Traceback" not in result.stderr
+
+
+def test_finished_jobs_are_pruned_after_the_keep_time(tmp_path: Path) -> None:
+    """Done and cancelled jobs older than route_keep_days go (by `pacs serve`
+    and by `pacs route prune`); dead and pending ones stay."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import insert, select
+
+    from pacs.index import create_index_engine
+    from pacs.index.models import RouteJob, RoutingRule
+
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_ROUTE_KEEP_DAYS": "30"})
+    server.cli("ae", "add", "READING", "--host", "127.0.0.1", "--port", str(free_port()))
+    server.cli("route", "add", "all-ct", "--if", "Modality=CT", "--to-ae", "READING")
+    engine = create_index_engine(f"sqlite:///{server.data_dir}/index.sqlite", pool_size=0)
+    now = datetime.now(UTC)
+    try:
+        with engine.begin() as conn:
+            rule = conn.execute(select(RoutingRule.__table__.c.pk)).scalar_one()
+            for i, (state, age) in enumerate([("done", 40), ("cancelled", 40), ("dead", 40), ("pending", 40),
+                                              ("done", 20), ("done", 1)]):
+                conn.execute(insert(RouteJob.__table__).values(
+                    rule_pk=rule, sop_uid=f"1.2.3.{i}", study_uid="1.2.3", destination_key="READING", state=state,
+                    attempts=0, next_attempt_at=now + timedelta(days=1), claimed_by="", last_error="",
+                    created_at=now - timedelta(days=age), updated_at=now - timedelta(days=age)))
+        server.start()
+        try:
+            # The serving node prunes what is older than 30 days at once.
+            assert wait_until(lambda: _jobs(server)["counts"] == {"dead": 1, "pending": 1, "done": 2}, timeout=30)
+            assert "2 finished jobs older than 30 days deleted" in server.log_text()
+        finally:
+            server.stop()
+        pruned = json.loads(server.cli("route", "prune", "--older-than-days", "7", "--json").stdout)
+        assert pruned == {"pruned": 1}
+        assert _jobs(server)["counts"] == {"dead": 1, "pending": 1, "done": 1}
+    finally:
+        engine.dispose()
