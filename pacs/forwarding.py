@@ -11,13 +11,16 @@ corrections for the study.
 from __future__ import annotations
 
 import io
+import itertools
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import httpx
 from pydicom import dcmread
@@ -33,6 +36,9 @@ from .query import Level
 from .retrieve import RetrieveItem, apply_overrides, resolve
 from .routing import TRANSCODES, Job, Rule
 from .transcode import ENCODABLE
+
+if TYPE_CHECKING:
+    from viewer_api.multipart import Part
 
 log = logging.getLogger(__name__)
 
@@ -231,45 +237,75 @@ class Forwarder:
 
     # -- STOW-RS -----------------------------------------------------------------------------
     def _send_dicomweb(self, url: str, batch: list[tuple[Job, Rule, RetrieveItem]]) -> None:
-        from viewer_api.multipart import build_multipart_related
+        from viewer_api.multipart import content_type_header, multipart_related_iter, new_boundary
 
         engine = self.pacs.engine
         for start in range(0, len(batch), STOW_BATCH):
             chunk = batch[start : start + STOW_BATCH]
-            parts, jobs = [], []
-            for job, rule, item in chunk:
-                try:
-                    ds = transformed(self.pacs, item, rule)
-                except Exception as exc:
-                    routing.fail(engine, job, f"cannot prepare: {exc}", max_attempts=1, permanent=True)
-                    continue
-                if ds is None:
-                    data = self.pacs.store.read_bytes(item.storage_key)
-                else:
-                    out = io.BytesIO()
-                    ds.save_as(out, enforce_file_format=True)
-                    data = out.getvalue()
-                parts.append(("application/dicom", data))
-                jobs.append((job, item, rule))
-            if not parts:
-                continue
-            body, content_type = build_multipart_related(parts)
-            headers = {"Content-Type": content_type, "Accept": "application/dicom+json"}
-            if jobs[0][2].destination_auth:
-                headers["Authorization"] = jobs[0][2].destination_auth
+            # Each part is prepared (and read from the store) only as the
+            # request body reaches it: one object's chunk in memory at a time.
+            sent: list[tuple[Job, RetrieveItem]] = []
+            dropped: list[Job] = []
+            parts = self._stow_parts(chunk, sent, dropped)
+            first = next(parts, None)
+            if first is None:
+                continue  # nothing could be prepared: no request
+            boundary = new_boundary()
+            headers = {"Content-Type": content_type_header("application/dicom", boundary),
+                       "Accept": "application/dicom+json"}
+            if chunk[0][1].destination_auth:
+                headers["Authorization"] = chunk[0][1].destination_auth
+            body = multipart_related_iter(itertools.chain([first], parts), boundary)
             try:
                 response = httpx.post(url.rstrip("/") + "/studies", content=body, headers=headers, timeout=120)
             except httpx.HTTPError as exc:
-                for job, _, _ in jobs:
+                for job, _ in sent:
                     routing.fail(engine, job, f"STOW-RS to {url}: {exc}", max_attempts=self.max_attempts)
+                response = None
+            # Jobs the body never reached (the request ended early) go back to the queue.
+            reached = {job.pk for job, _ in sent} | {job.pk for job in dropped}
+            for job, _, _ in chunk:
+                if job.pk not in reached:
+                    routing.fail(engine, job, f"STOW-RS to {url}: not sent, the request ended early",
+                                 max_attempts=self.max_attempts)
+            if response is None:
                 continue
             failed = _stow_failures(response)
-            for job, item, _ in jobs:
+            for job, item in sent:
                 if response.status_code in (200, 202) and item.sop_uid not in failed:
                     routing.finish(engine, job)
                 else:
                     reason = failed.get(item.sop_uid) or f"HTTP {response.status_code}"
                     routing.fail(engine, job, f"STOW-RS to {url}: {reason}", max_attempts=self.max_attempts)
+
+    def _stow_parts(self, chunk: list[tuple[Job, Rule, RetrieveItem]], sent: list[tuple[Job, RetrieveItem]],
+                    dropped: list[Job]) -> Iterator[Part]:
+        """The parts of one STOW-RS request, each made when the body needs
+        it; a job that cannot be prepared fails for good and is left out."""
+        from viewer_api.multipart import Part
+
+        for job, rule, item in chunk:
+            try:
+                ds = transformed(self.pacs, item, rule)
+            except Exception as exc:
+                routing.fail(self.pacs.engine, job, f"cannot prepare: {exc}", max_attempts=1, permanent=True)
+                dropped.append(job)
+                continue
+            sent.append((job, item))
+            body = _stored_chunks(self.pacs, item.storage_key) if ds is None else _encoded(ds)
+            yield Part("application/dicom", body=body)
+
+
+def _stored_chunks(pacs: Pacs, key: str) -> Iterator[bytes]:
+    with pacs.store.open(key) as stream:
+        while chunk := stream.read(1024 * 1024):
+            yield chunk
+
+
+def _encoded(ds: Dataset) -> Iterator[bytes]:
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    yield out.getvalue()
 
 
 def _stow_failures(response: httpx.Response) -> dict[str, str]:

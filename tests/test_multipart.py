@@ -154,6 +154,28 @@ def test_stream_output_equals_build_output() -> None:
     assert streamed == built
 
 
+def test_blocking_writer_equals_build_output_and_streams_lazily() -> None:
+    """multipart_related_iter (the router's STOW-RS body) writes what the
+    other writers write, and asks for a part only when the body reaches it."""
+    from viewer_api.multipart import multipart_related_iter
+
+    parts = [("application/dicom", os.urandom(100)), ("application/dicom+json", b"{}"), ("image/jpeg", b"")]
+    built, _ = build_multipart_related(parts, boundary=B)
+    asked: list[int] = []
+
+    def lazy():  # type: ignore[no-untyped-def]
+        for i, (ct, body) in enumerate(parts):
+            asked.append(i)
+            # bytes for one, chunks for the others
+            yield Part(ct, body=body if i == 1 else iter([body[:7], body[7:]]))
+
+    chunks = multipart_related_iter(lazy(), B)
+    first = next(chunks)
+    assert asked == [0]
+    assert first + b"".join(chunks) == built
+    assert asked == [0, 1, 2]
+
+
 def test_stream_with_no_parts_is_just_the_close_delimiter(tmp_path: Path) -> None:
     body = encode([])
     assert body == f"--{B}--\r\n".encode()

@@ -60,6 +60,7 @@ __all__ = [
     "Part",
     "ReceivedPart",
     "build_multipart_related",
+    "multipart_related_iter",
     "content_type_header",
     "file_chunks",
     "multipart_related_stream",
@@ -272,6 +273,22 @@ async def multipart_related_stream(parts: Iterable[Part] | AsyncIterable[Part],
                 pending, pending_len = [], 0
     if pending:
         yield b"".join(pending)
+
+
+def multipart_related_iter(parts: Iterable[Part], boundary: str) -> Iterator[bytes]:
+    """The blocking twin of :func:`multipart_related_stream`, for a client
+    in a worker thread (the router's STOW-RS): parts are taken one at a time
+    and bodies (bytes or iterables of byte chunks) chunk by chunk, so a batch
+    of large objects never sits in memory whole."""
+    b = _check_boundary(boundary)
+    for part in parts:
+        yield _part_head(b, part.content_type, part.headers)
+        if isinstance(part.body, (bytes, bytearray, memoryview)):
+            yield bytes(part.body)
+        else:
+            yield from (bytes(chunk) for chunk in part.body if chunk)
+        yield b"\r\n"
+    yield b"--" + b + b"--\r\n"
 
 
 def build_multipart_related(parts: Sequence[tuple[str, bytes]], type_param: str = "application/dicom",
