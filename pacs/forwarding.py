@@ -35,7 +35,7 @@ from .maintenance.export import deidentify_salt
 from .query import Level
 from .retrieve import RetrieveItem, apply_overrides, resolve
 from .routing import TRANSCODES, Job, Rule
-from .transcode import ENCODABLE
+from .transcode import ENCODABLE, stream_stored
 
 if TYPE_CHECKING:
     from viewer_api.multipart import Part
@@ -292,14 +292,8 @@ class Forwarder:
                 dropped.append(job)
                 continue
             sent.append((job, item))
-            body = _stored_chunks(self.pacs, item.storage_key) if ds is None else _encoded(ds)
+            body = stream_stored(self.pacs, item) if ds is None else _encoded(ds)
             yield Part("application/dicom", body=body)
-
-
-def _stored_chunks(pacs: Pacs, key: str) -> Iterator[bytes]:
-    with pacs.store.open(key) as stream:
-        while chunk := stream.read(1024 * 1024):
-            yield chunk
 
 
 def _encoded(ds: Dataset) -> Iterator[bytes]:
