@@ -25,7 +25,7 @@ from pynetdicom.dsutils import encode
 from pacs.query.results import ResultShape
 
 from .direct_send import C_FIND_RSP, DATASET, WRITE_BYTES, can_write_directly, encode_command, message_pdus
-from .identifier_bytes import NotEncodable, can_encode, encode_identifier
+from .identifier_bytes import IdentifierEncoder, NotEncodable, can_encode
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class PendingResponses:
         self.shape = shape
         self.syntax = syntax
         self.explicit = not syntax.is_implicit_VR
+        self.encoder = IdentifierEncoder(shape, self.explicit)
         self.context_id = int(event.context.context_id)
         self.max_pdu = int(self.assoc.dimse.maximum_pdu_size or 0)
         self.command = _pending_command(event.request)
@@ -62,7 +63,7 @@ class PendingResponses:
     def send(self, row: dict[str, Any]) -> bool:
         """Queue one match; False once the association can take no more."""
         try:
-            identifier = encode_identifier(self.shape, row, self.explicit)
+            identifier = self.encoder.encode(row)
         except NotEncodable:
             identifier = encode(self.shape.dataset(row), self.syntax.is_implicit_VR, True, False)
         for pdu in message_pdus(self.context_id, self.command, identifier, self.max_pdu):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 from typing import Any
 
-from pacs.query.results import ResultShape, Value
+from pacs.query.results import ResultField, ResultShape, Value, convert_value
 
 # Explicit VR: VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset({"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"})
@@ -23,6 +23,9 @@ _CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _ASCII_VRS = frozenset({"AE", "AS", "CS", "DA", "DS", "DT", "IS", "TM", "UI", "UR"})
 _BINARY = {"US": "<H", "UL": "<I", "SS": "<h", "SL": "<i"}
 _ITEM = b"\xfe\xff\x00\xe0"
+_UL = struct.Struct("<I")
+_US = struct.Struct("<H")
+_LONG_LENGTH = struct.Struct("<HI")
 
 
 class NotEncodable(ValueError):
@@ -35,20 +38,64 @@ def can_encode(shape: ResultShape) -> bool:
                for f in shape.fields)
 
 
+class IdentifierEncoder:
+    """Encodes the matches of one query: each field's tag (and VR) bytes and
+    every constant element are worked out once, so a match is its values'
+    conversions and one join (about half the cost of encoding element by
+    element)."""
+
+    def __init__(self, shape: ResultShape, explicit: bool) -> None:
+        self.explicit = explicit
+        # (constant bytes, None) or (tag/VR prefix, field) per field, in tag order.
+        self._steps: list[tuple[bytes, ResultField | None]] = []
+        for field in shape.fields:
+            if field.is_constant and field.vr != "SQ":
+                try:
+                    self._steps.append((_element(field.tag, field.vr, field.constant, explicit), None))
+                    continue
+                except NotEncodable:
+                    pass  # raised again for each match, as before
+            prefix = struct.pack("<HH", field.tag >> 16, field.tag & 0xFFFF)
+            if explicit:
+                prefix += field.vr.encode()
+            self._steps.append((prefix, field))
+
+    def encode(self, row: dict[str, Any]) -> bytes:
+        """One match; raises :class:`NotEncodable` like :func:`encode_identifier`."""
+        explicit = self.explicit
+        parts: list[bytes] = []
+        append = parts.append
+        for prefix, field in self._steps:
+            if field is None:
+                append(prefix)
+                continue
+            vr = field.vr
+            value = field.constant if field.is_constant else convert_value(field, row.get(field.keyword))
+            if vr == "SQ":
+                data = b"".join(_encode_item(elements, explicit) for elements in value or [])  # type: ignore[union-attr]
+            else:
+                data = _value_bytes(vr, value)
+            length = len(data)
+            if not explicit:
+                append(prefix + _UL.pack(length))
+            elif vr in _LONG_VRS:
+                append(prefix + _LONG_LENGTH.pack(0, length))
+            elif length > 0xFFFF:
+                raise NotEncodable(f"{vr} value of {length} bytes")
+            else:
+                append(prefix + _US.pack(length))
+            append(data)
+        return b"".join(parts)
+
+
 def encode_identifier(shape: ResultShape, row: dict[str, Any], explicit: bool) -> bytes:
     """One match as an identifier in Implicit (or Explicit) VR Little Endian.
 
     Raises :class:`NotEncodable` for a value it cannot write as pydicom would
-    (non-ASCII text in an ASCII VR, an over-long value).
+    (non-ASCII text in an ASCII VR, an over-long value). For many matches of
+    one query, make an :class:`IdentifierEncoder` once instead.
     """
-    parts: list[bytes] = []
-    for field, value in shape.values(row):
-        if field.vr == "SQ":
-            items = b"".join(_encode_item(elements, explicit) for elements in value or [])  # type: ignore[union-attr]
-            parts.append(_header(field.tag, "SQ", len(items), explicit) + items)
-        else:
-            parts.append(_element(field.tag, field.vr, value, explicit))
-    return b"".join(parts)
+    return IdentifierEncoder(shape, explicit).encode(row)
 
 
 def _encode_item(elements: list[tuple[int, str, str]], explicit: bool) -> bytes:
@@ -88,4 +135,4 @@ def _header(tag: int, vr: str, length: int, explicit: bool) -> bytes:
     return group_element + vr.encode() + struct.pack("<H", length)
 
 
-__all__ = ["NotEncodable", "can_encode", "encode_identifier"]
+__all__ = ["IdentifierEncoder", "NotEncodable", "can_encode", "encode_identifier"]

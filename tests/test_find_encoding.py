@@ -227,6 +227,30 @@ def test_store_request_parsed_as_pynetdicom_parses_it(originator: str | None, or
         assert getattr(got, name) == getattr(expected, name), name
 
 
+@pytest.mark.parametrize("status", [0x0000, 0xFE00, 0xA700, 0xC000])
+def test_find_final_response_command_is_pynetdicoms(status: int) -> None:
+    """The final C-FIND-RSP (no identifier), hand-encoded; pending ones and
+    those with an Error Comment are left to pynetdicom."""
+    from pynetdicom.sop_class import ModalityWorklistInformationFind
+
+    from dicom_scp.direct_send import response_command
+
+    for sop_class in (StudyRootQueryRetrieveInformationModelFind, ModalityWorklistInformationFind):
+        rsp = C_FIND()
+        rsp.MessageIDBeingRespondedTo = 9
+        rsp.AffectedSOPClassUID = sop_class
+        rsp.Status = status
+        message = C_FIND_RSP()
+        message.primitive_to_message(rsp)
+        assert response_command(rsp) == encode(message.command_set, True, True)
+        rsp.ErrorComment = "query failed"
+        assert response_command(rsp) is None
+    pending = C_FIND()
+    pending.MessageIDBeingRespondedTo, pending.AffectedSOPClassUID, pending.Status = 9, sop_class, 0xFF00
+    pending.Identifier = BytesIO(b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY ")
+    assert response_command(pending) is None
+
+
 def test_other_command_sets_are_left_to_pynetdicom() -> None:
     from dicom_scp.direct_receive import parse_store_request
     from dicom_scp.direct_send import encode_command, response_command, store_request_command

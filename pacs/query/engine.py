@@ -85,10 +85,14 @@ def _from(level: Level) -> Any:
     return joined
 
 
+# An alias: at study level and below the outer query already selects from
+# studies, and the per-patient counts must count all of the patient's studies.
+# Made once, not per query (its column proxies cost ~0.5 ms to build).
+_PATIENT_STUDIES = studies.alias("patient_studies")
+
+
 def _computed_columns(level: Level, wanted: set[str]) -> list[Any]:
-    # An alias: at study level and below the outer query already selects from
-    # studies, and the subqueries must count all of the patient's studies.
-    patient_studies = studies.alias("patient_studies")
+    patient_studies = _PATIENT_STUDIES
     per_patient = {
         "NumberOfPatientRelatedStudies": func.count(patient_studies.c.pk),
         "NumberOfPatientRelatedSeries": func.coalesce(func.sum(patient_studies.c.num_series), 0),

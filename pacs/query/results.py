@@ -77,7 +77,7 @@ class ResultShape:
 
     def values(self, row: dict[str, Any]) -> list[tuple[ResultField, Value]]:
         """Each field with the match's value, converted for its VR."""
-        return [(f, f.constant if f.is_constant else _convert(f, row.get(f.keyword))) for f in self.fields]
+        return [(f, f.constant if f.is_constant else convert_value(f, row.get(f.keyword))) for f in self.fields]
 
     def dataset(self, row: dict[str, Any]) -> Dataset:
         """One match as a dataset (QIDO-RS turns it into DICOM JSON)."""
@@ -91,7 +91,8 @@ class ResultShape:
         return ds
 
 
-def _convert(field: ResultField, value: Any) -> Value:
+def convert_value(field: ResultField, value: Any) -> Value:
+    """An index value as *field*'s answer value (None: empty)."""
     vr = field.vr
     if vr == "SQ":
         if field.keyword == "OtherPatientIDsSequence":
