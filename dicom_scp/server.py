@@ -32,6 +32,7 @@ from pacs.errors import IngestError, Status
 from pacs.ingest import Origin
 from pacs.part10 import BufferSource, file_meta_bytes
 
+from .acceptor import InlineAssociationServer
 from .contexts import (
     QR_MODELS,
     STORAGE_TRANSFER_SYNTAXES,
@@ -371,16 +372,17 @@ def start_dicom_server(
     ]
     address = (host or pacs.settings.host, port if port is not None else pacs.settings.dicom_port)
     if listen_socket is None:
-        server = ae.start_server(address, block=False, evt_handlers=handlers, ssl_context=ssl_context)
+        server_class: type[ThreadedAssociationServer] = InlineAssociationServer
     else:
         from .workers import shared_server_class
 
-        # AE.start_server without the bind: same server, the inherited socket.
-        server = ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context,
-                                server_class=shared_server_class(listen_socket))
-        threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
-        ae._servers.append(server)
-        address = server.server_address[:2]
+        # The same server on the inherited socket, without a bind of its own.
+        server_class = shared_server_class(listen_socket)
+    # AE.start_server(block=False) with our server class.
+    server = ae.make_server(address, evt_handlers=handlers, ssl_context=ssl_context, server_class=server_class)
+    threading.Thread(target=server.serve_forever, name="AcceptorServer", daemon=True).start()
+    ae._servers.append(server)
+    address = server.server_address[:2]
     server.contexts = ContextList(server.contexts)
     log.info("DICOM listening on %s:%d as %s", address[0], address[1], pacs.settings.ae_title)
     return server

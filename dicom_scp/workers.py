@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from pynetdicom.transport import ThreadedAssociationServer
+from .acceptor import InlineAssociationServer
 
 if TYPE_CHECKING:
     from pacs.settings import Settings
@@ -55,7 +55,7 @@ SETTINGS_ENV = "PACS_WORKER_SETTINGS"
 _PR_SET_PDEATHSIG = 1
 
 
-class SharedSocketServer(ThreadedAssociationServer):
+class SharedSocketServer(InlineAssociationServer):
     """An association server that accepts on a socket listening already.
 
     Subclassed per socket by :func:`shared_server_class` (pynetdicom builds
