@@ -42,5 +42,12 @@ def test_postgresql_schema(pg_url: str) -> None:
     engine = create_index_engine(pg_url)
     try:
         assert_schema_matches(engine)
+        with engine.connect() as conn:
+            # Migration 0008: name prefixes estimated finely enough for the
+            # planner to start a newest-first search from the name index.
+            targets = dict(conn.exec_driver_sql(
+                "SELECT attname, attstattarget FROM pg_attribute WHERE attrelid = 'patients'::regclass"
+                " AND attname IN ('name', 'name_words')").all())
+        assert targets == {"name": 1000, "name_words": 1000}
     finally:
         engine.dispose()
