@@ -6,10 +6,10 @@ thread): three thread starts and their GIL hand-offs before the
 A-ASSOCIATE-RQ is even read, ~0.5 ms of a ~2 ms association set-up on the
 test machine (Orthanc answers in ~0.1 ms). Building the Association where the
 connection is accepted leaves two threads per association, as before minus
-the short-lived one. Nothing slow runs there: the TLS handshake already did
-(pynetdicom wraps the socket in ``get_request``), the handlers bound to
-EVT_CONN_OPEN only log and configure the socket, and the A-ASSOCIATE-RQ is
-read and negotiated in the association's own threads.
+the short-lived one. Nothing that waits on the peer runs there: the TLS
+handshake is deferred to the first read (:mod:`pacs.tls`), the handlers bound
+to EVT_CONN_OPEN only configure the socket and the association, and the
+A-ASSOCIATE-RQ is read and negotiated in the association's own threads.
 """
 
 from __future__ import annotations
