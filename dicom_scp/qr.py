@@ -30,6 +30,7 @@ from pacs.app import Pacs
 from pacs.query import ATTRIBUTES, UNIQUE_KEY, Level, Query, QueryError, run_query
 from pacs.query.results import ResultShape
 from pacs.retrieve import RetrieveItem, contexts_for, for_peer, resolve
+from pacs.tls import association_tls
 
 from .find_responses import PendingResponses
 from .server import audit_dimse, status_dataset
@@ -240,7 +241,7 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
         if refusal is not None:
             # pynetdicom only takes a failure status after the destination and
             # a sub-operation count have been yielded.
-            yield destination.host, destination.port
+            yield destination.host, destination.port, association_tls(pacs.settings, destination.host, destination.tls)
             yield 1
             yield refusal, None
             return
@@ -252,7 +253,8 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
             contexts.append(cx)
         for study in sorted({i.study_uid for i in items}):
             audit_dimse(pacs, event, "export", study_uid=study, detail=f"C-MOVE to {destination.title}")
-        yield destination.host, destination.port, {"contexts": contexts}
+        yield destination.host, destination.port, {
+            "contexts": contexts, **association_tls(pacs.settings, destination.host, destination.tls)}
         yield len(items)
         log.info("C-MOVE of %d instances from %s to %s", len(items), requestor, destination.title)
         yield from _send_items(pacs, event, items, destinations.accepted)

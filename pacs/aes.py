@@ -27,6 +27,8 @@ class RemoteAE:
     port: int
     description: str = ""
     enabled: bool = True
+    # We open associations to it over DICOM TLS (pacs.tls.client_context).
+    tls: bool = False
 
 
 def validate_ae_title(title: str) -> str:
@@ -51,11 +53,10 @@ class AeRegistry:
     def list(self) -> list[RemoteAE]:
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(KnownAE.title, KnownAE.host, KnownAE.port, KnownAE.description, KnownAE.enabled).order_by(
-                    KnownAE.title
-                )
+                select(KnownAE.title, KnownAE.host, KnownAE.port, KnownAE.description, KnownAE.enabled,
+                       KnownAE.tls).order_by(KnownAE.title)
             ).all()
-        return [RemoteAE(r.title, r.host, r.port, r.description, r.enabled) for r in rows]
+        return [RemoteAE(r.title, r.host, r.port, r.description, r.enabled, bool(r.tls)) for r in rows]
 
     def get(self, title: str) -> RemoteAE | None:
         return self.cached().get(title.strip())
@@ -69,12 +70,12 @@ class AeRegistry:
                 self._cached_at = now
             return self._cache
 
-    def add(self, title: str, host: str, port: int, description: str = "") -> RemoteAE:
-        """Register *title* (or update its address)."""
+    def add(self, title: str, host: str, port: int, description: str = "", *, tls: bool = False) -> RemoteAE:
+        """Register *title* (or update its address); *tls*: we reach it over DICOM TLS."""
         title = validate_ae_title(title)
         if not host or not 0 < port < 65536:
             raise ValueError("host must be set and port must be 1-65535")
-        values = {"host": host, "port": port, "description": description, "enabled": True}
+        values = {"host": host, "port": port, "description": description, "enabled": True, "tls": tls}
         with self.engine.begin() as conn:
             inserted = insert_ignore(
                 conn, KnownAE.__table__, {"title": title, "created_at": datetime.now(UTC), **values}, ["title"]  # type: ignore[arg-type]
@@ -82,7 +83,7 @@ class AeRegistry:
             if inserted is None:
                 conn.execute(update(KnownAE).where(KnownAE.title == title).values(**values))
         self._cache = None
-        return RemoteAE(title, host, port, description)
+        return RemoteAE(title, host, port, description, tls=tls)
 
     def remove(self, title: str) -> bool:
         with self.engine.begin() as conn:

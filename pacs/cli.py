@@ -193,11 +193,11 @@ def cmd_ae(args: argparse.Namespace) -> int:
     try:
         if args.ae_command == "add":
             try:
-                ae = pacs.aes.add(args.name, args.host, args.port, args.description or "")
+                ae = pacs.aes.add(args.name, args.host, args.port, args.description or "", tls=args.tls)
             except ValueError as exc:
                 err.print(f"[red]{exc}[/red]")
                 return 2
-            _print_result(args, {"added": ae.title, "host": ae.host, "port": ae.port})
+            _print_result(args, {"added": ae.title, "host": ae.host, "port": ae.port, "tls": ae.tls})
         elif args.ae_command == "remove":
             removed = pacs.aes.remove(args.name)
             _print_result(args, {"removed": args.name if removed else None})
@@ -208,10 +208,10 @@ def cmd_ae(args: argparse.Namespace) -> int:
                 print(json.dumps([ae.__dict__ for ae in aes]))
             else:
                 table = Table(title="known AEs")
-                for col in ("AE title", "host", "port", "description"):
+                for col in ("AE title", "host", "port", "TLS", "description"):
                     table.add_column(col)
                 for ae in aes:
-                    table.add_row(ae.title, ae.host, str(ae.port), ae.description)
+                    table.add_row(ae.title, ae.host, str(ae.port), "yes" if ae.tls else "", ae.description)
                 out.print(table)
     finally:
         pacs.close()
@@ -528,6 +528,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--host", required=True)
     q.add_argument("--port", type=int, required=True)
     q.add_argument("--description")
+    q.add_argument("--tls", action="store_true",
+                   help="reach it over DICOM TLS (C-MOVE, routing, remote Q/R): its certificate is checked "
+                        "against tls_ca, ours (tls_cert) presented for mutual TLS")
     q = ae_sub.add_parser("remove")
     _common(q, json_flag=True)
     q.add_argument("name")

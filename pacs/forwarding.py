@@ -35,6 +35,7 @@ from .maintenance.export import deidentify_salt
 from .query import Level
 from .retrieve import RetrieveItem, apply_overrides, resolve
 from .routing import TRANSCODES, Job, Rule
+from .tls import association_tls
 from .transcode import ENCODABLE, stream_stored
 
 if TYPE_CHECKING:
@@ -202,7 +203,8 @@ class Forwarder:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         for cx in _contexts(prepared):
             ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
-        assoc = ae.associate(remote.host, remote.port, ae_title=remote.title)
+        assoc = ae.associate(remote.host, remote.port, ae_title=remote.title,
+                             **association_tls(self.pacs.settings, remote.host, remote.tls))
         if not assoc.is_established:
             for job, _, _ in prepared:
                 routing.fail(engine, job, f"association with {title} failed", max_attempts=self.max_attempts)

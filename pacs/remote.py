@@ -22,6 +22,7 @@ from dicom_scp.contexts import QR_MODELS as _MODELS
 from .aes import RemoteAE
 from .app import Pacs
 from .errors import PacsError
+from .tls import association_tls
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +68,9 @@ def _ae(pacs: Pacs) -> AE:
     return ae
 
 
-def _associate(ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
-    assoc = ae.associate(remote.host, remote.port, ae_title=remote.title, **kwargs)
+def _associate(pacs: Pacs, ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
+    tls = association_tls(pacs.settings, remote.host, remote.tls)
+    assoc = ae.associate(remote.host, remote.port, ae_title=remote.title, **tls, **kwargs)
     if not assoc.is_established:
         raise RemoteError(f"association with {remote.title} at {remote.host}:{remote.port} failed")
     try:
@@ -91,7 +93,7 @@ def echo(pacs: Pacs, title: str) -> int:
     """C-ECHO the remote AE; returns the status."""
     ae = _ae(pacs)
     ae.add_requested_context(Verification)
-    assoc = _associate(ae, _remote(pacs, title))
+    assoc = _associate(pacs, ae, _remote(pacs, title))
     try:
         status = assoc.send_c_echo()
         return int(status.Status) if status else 0xC000
@@ -104,7 +106,7 @@ def find(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = 
     find_class = _MODELS[model][0]
     ae = _ae(pacs)
     ae.add_requested_context(find_class)
-    assoc = _associate(ae, _remote(pacs, title))
+    assoc = _associate(pacs, ae, _remote(pacs, title))
     try:
         for status, match in assoc.send_c_find(identifier(level, keys), find_class):
             if status is None:
@@ -139,7 +141,7 @@ def move(
     move_class = _MODELS[model][1]
     ae = _ae(pacs)
     ae.add_requested_context(move_class)
-    assoc = _associate(ae, _remote(pacs, title))
+    assoc = _associate(pacs, ae, _remote(pacs, title))
     try:
         responses = assoc.send_c_move(identifier(level, keys), destination or pacs.settings.ae_title, move_class)
         return _summary(responses, RetrieveSummary(0xC000), "C-MOVE")
@@ -179,7 +181,7 @@ def get(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = "
             stored["n"] += 1
         return status
 
-    assoc = _associate(ae, _remote(pacs, title), ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assoc = _associate(pacs, ae, _remote(pacs, title), ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
         responses = assoc.send_c_get(identifier(level, keys), get_class)
         summary = _summary(responses, RetrieveSummary(0xC000), "C-GET")

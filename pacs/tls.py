@@ -236,3 +236,17 @@ def client_context(settings: Settings, *, check_hostname: bool = True) -> ssl.SS
         ctx.load_cert_chain(cert, key)
     ctx.check_hostname = check_hostname
     return ctx
+
+
+def association_tls(settings: Settings, host: str, use_tls: bool) -> dict[str, Any]:
+    """pynetdicom ``associate()`` keywords for an association we open to
+    *host*: ``tls_args`` with :func:`client_context` when the AE registry
+    says the peer speaks DICOM TLS (``pacs ae add --tls``), else nothing.
+
+    The peer certificate must name *host* (subjectAltName DNS or IP) and
+    chain to ``tls_ca`` (the system store without it): studies leave the
+    archive only to the peer they were meant for.
+    """
+    if not use_tls:
+        return {}
+    return {"tls_args": (client_context(settings), host)}

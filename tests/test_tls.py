@@ -10,6 +10,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
+
+from pacs.aes import AeRegistry
 
 from .conftest import PACS, Backend, PacsServer, free_port, run_dcmtk, wait_port
 from .test_dimse_failures import make_ct
@@ -210,6 +213,51 @@ def test_our_scu_client_context_talks_to_a_mutual_tls_peer(mtls: tuple[PacsServe
     # A name the peer's certificate does not carry fails the hostname check.
     assert not echo(client_context(ours), "pacs.elsewhere.example")
 
+
+
+def test_move_and_remote_echo_reach_a_registered_tls_peer(mtls: tuple[PacsServer, int], pki: Pki,
+                                                          tmp_path: Path) -> None:
+    """`pacs ae add --tls`: our own associations to that AE (C-MOVE
+    sub-operations, remote Q/R, routing) speak DICOM TLS, with our
+    certificate for the peer's mutual TLS and its certificate checked."""
+    peer, tls_port = mtls
+    identity = {"PACS_TLS_CERT": str(pki.server_cert), "PACS_TLS_KEY": str(pki.server_key),
+                "PACS_TLS_CA": str(pki.ca)}
+    ours = PacsServer(tmp_path / "ours", Backend("sqlite-fs", None, None, {}), ae_title="HOSPITAL_A",
+                      extra_env=identity)
+    ours.start()
+    try:
+        # The peer answers as FILMLESS: registered under that title, at its TLS port.
+        added = json.loads(ours.cli("ae", "add", "FILMLESS", "--host", "localhost", "--port", str(tls_port),
+                                    "--tls", "--json").stdout)
+        assert added["tls"] is True
+        listed = json.loads(ours.cli("ae", "list", "--json").stdout)
+        assert [ae["tls"] for ae in listed if ae["title"] == "FILMLESS"] == [True]
+        assert ours.cli("remote", "echo", "FILMLESS", "--json", check=False).returncode == 0
+
+        ct = make_ct(tmp_path / "move.dcm", PatientID="TLSMOVE")
+        assert ours.storescu(str(ct)).returncode == 0
+        before = peer.stats()["instances"]
+        moved = run_dcmtk("movescu", "-aet", "VIEWER", "-aec", "HOSPITAL_A", "-aem", "FILMLESS", "-S",
+                          "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=TLSMOVE",
+                          "127.0.0.1", str(ours.dicom_port), timeout=60)
+        assert moved.returncode == 0, moved.stdout + moved.stderr
+        assert peer.stats()["instances"] == before + 1
+        with https(peer, pki) as client:
+            found = client.get("/dicom-web/studies", params={"PatientID": "TLSMOVE"})
+        assert found.status_code == 200 and len(found.json()) == 1, found.text
+
+        # The same peer without --tls: plain DICOM to a TLS port gets nowhere.
+        ours.cli("ae", "add", "FILMLESS", "--host", "localhost", "--port", str(tls_port), "--json")
+        time.sleep(AeRegistry.CACHE_SECONDS + 0.5)  # the running server re-reads the registry
+        assert ours.cli("remote", "echo", "FILMLESS", "--json", check=False).returncode != 0
+        refused = run_dcmtk("movescu", "-aet", "VIEWER", "-aec", "HOSPITAL_A", "-aem", "FILMLESS", "-S",
+                            "-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=TLSMOVE",
+                            "127.0.0.1", str(ours.dicom_port), timeout=60)
+        assert peer.stats()["instances"] == before + 1, refused.stdout + refused.stderr
+        assert ours.alive()
+    finally:
+        stop_server(ours)
 
 # -- (3) HTTPS -----------------------------------------------------------------------
 def test_https_health_and_mutual_tls(mtls: tuple[PacsServer, int], pki: Pki) -> None:
