@@ -55,6 +55,12 @@ ROWS: list[dict[str, Any]] = [
 ]
 
 
+
+def pynetdicom_command(message: Any, primitive: Any) -> bytes:
+    """The command set pynetdicom encodes for *primitive* in *message* (a DIMSE message class instance)."""
+    message.primitive_to_message(primitive)
+    return encode(message.command_set, True, True)
+
 @pytest.mark.parametrize("explicit", [False, True], ids=["implicit", "explicit"])
 @pytest.mark.parametrize(("level", "keys", "row"), [
     (Level.STUDY, STUDY_KEYS, ROWS[0]),
@@ -129,9 +135,7 @@ def test_store_response_command_is_pynetdicoms(status: int, sop_class: str, sop_
     if sop_uid:
         rsp.AffectedSOPInstanceUID = sop_uid
     rsp.Status = status
-    message = C_STORE_RSP()
-    message.primitive_to_message(rsp)
-    assert response_command(rsp) == encode(message.command_set, True, True)
+    assert response_command(rsp) == pynetdicom_command(C_STORE_RSP(), rsp)
     rsp.ErrorComment = "storage full"
     assert response_command(rsp) is None  # pynetdicom's path for the rest
 
@@ -153,9 +157,7 @@ def test_retrieve_response_command_is_pynetdicoms(kind: str, status: int, counts
     rsp.Status = status
     (rsp.NumberOfRemainingSuboperations, rsp.NumberOfCompletedSuboperations,
      rsp.NumberOfFailedSuboperations, rsp.NumberOfWarningSuboperations) = counts
-    message = C_MOVE_RSP() if kind == "move" else C_GET_RSP()
-    message.primitive_to_message(rsp)
-    assert response_command(rsp) == encode(message.command_set, True, True)
+    assert response_command(rsp) == pynetdicom_command(C_MOVE_RSP() if kind == "move" else C_GET_RSP(), rsp)
     rsp.Identifier = BytesIO(b"failed list")
     assert response_command(rsp) is None
 
@@ -240,9 +242,7 @@ def test_find_final_response_command_is_pynetdicoms(status: int) -> None:
         rsp.MessageIDBeingRespondedTo = 9
         rsp.AffectedSOPClassUID = sop_class
         rsp.Status = status
-        message = C_FIND_RSP()
-        message.primitive_to_message(rsp)
-        assert response_command(rsp) == encode(message.command_set, True, True)
+        assert response_command(rsp) == pynetdicom_command(C_FIND_RSP(), rsp)
         rsp.ErrorComment = "query failed"
         assert response_command(rsp) is None
     pending = C_FIND()
