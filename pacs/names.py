@@ -11,13 +11,19 @@ kept so component-wise matching still works.
 from __future__ import annotations
 
 import unicodedata
+from functools import lru_cache
 
 # Letters NFD does not decompose but users type without their stroke.
 _EXTRA = str.maketrans({"đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "ø": "o", "Ø": "O", "ł": "l", "Ł": "L"})
 
 
+@lru_cache(maxsize=4096)
 def fold(text: str | None) -> str:
-    """Fold *text* for matching: no diacritics, upper case, spaces collapsed."""
+    """Fold *text* for matching: no diacritics, upper case, spaces collapsed.
+
+    Cached: every object of a study folds the same names (~2% of a small
+    object's Python time).
+    """
     if not text:
         return ""
     decomposed = unicodedata.normalize("NFD", text.translate(_EXTRA))
