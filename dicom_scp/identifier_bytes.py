@@ -55,10 +55,7 @@ class IdentifierEncoder:
                     continue
                 except NotEncodable:
                     pass  # raised again for each match, as before
-            prefix = struct.pack("<HH", field.tag >> 16, field.tag & 0xFFFF)
-            if explicit:
-                prefix += field.vr.encode()
-            self._steps.append((prefix, field))
+            self._steps.append((_prefix(field.tag, field.vr, explicit), field))
 
     def encode(self, row: dict[str, Any]) -> bytes:
         """One match; raises :class:`NotEncodable` like :func:`encode_identifier`."""
@@ -75,15 +72,7 @@ class IdentifierEncoder:
                 data = b"".join(_encode_item(elements, explicit) for elements in value or [])  # type: ignore[union-attr]
             else:
                 data = _value_bytes(vr, value)
-            length = len(data)
-            if not explicit:
-                append(prefix + _UL.pack(length))
-            elif vr in _LONG_VRS:
-                append(prefix + _LONG_LENGTH.pack(0, length))
-            elif length > 0xFFFF:
-                raise NotEncodable(f"{vr} value of {length} bytes")
-            else:
-                append(prefix + _US.pack(length))
+            append(prefix + _length(vr, len(data), explicit))
             append(data)
         return b"".join(parts)
 
@@ -125,14 +114,24 @@ def _value_bytes(vr: str, value: Value) -> bytes:
 
 
 def _header(tag: int, vr: str, length: int, explicit: bool) -> bytes:
+    return _prefix(tag, vr, explicit) + _length(vr, length, explicit)
+
+
+def _prefix(tag: int, vr: str, explicit: bool) -> bytes:
+    """An element header's tag, and VR when explicit."""
     group_element = struct.pack("<HH", tag >> 16, tag & 0xFFFF)
+    return group_element + vr.encode() if explicit else group_element
+
+
+def _length(vr: str, length: int, explicit: bool) -> bytes:
+    """An element header's length field (and an explicit long VR's reserved bytes)."""
     if not explicit:
-        return group_element + struct.pack("<I", length)
+        return _UL.pack(length)
     if vr in _LONG_VRS:
-        return group_element + vr.encode() + struct.pack("<HI", 0, length)
+        return _LONG_LENGTH.pack(0, length)
     if length > 0xFFFF:
         raise NotEncodable(f"{vr} value of {length} bytes")
-    return group_element + vr.encode() + struct.pack("<H", length)
+    return _US.pack(length)
 
 
 __all__ = ["IdentifierEncoder", "NotEncodable", "can_encode", "encode_identifier"]
