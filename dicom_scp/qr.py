@@ -241,7 +241,7 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
         if refusal is not None:
             # pynetdicom only takes a failure status after the destination and
             # a sub-operation count have been yielded.
-            yield destination.host, destination.port, association_tls(pacs.settings, destination.host, destination.tls)
+            yield destination.host, destination.port, association_tls(pacs.settings, destination)
             yield 1
             yield refusal, None
             return
@@ -254,7 +254,7 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
         for study in sorted({i.study_uid for i in items}):
             audit_dimse(pacs, event, "export", study_uid=study, detail=f"C-MOVE to {destination.title}")
         yield destination.host, destination.port, {
-            "contexts": contexts, **association_tls(pacs.settings, destination.host, destination.tls)}
+            "contexts": contexts, **association_tls(pacs.settings, destination)}
         yield len(items)
         log.info("C-MOVE of %d instances from %s to %s", len(items), requestor, destination.title)
         yield from _send_items(pacs, event, items, destinations.accepted)

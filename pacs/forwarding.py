@@ -204,7 +204,7 @@ class Forwarder:
         for cx in _contexts(prepared):
             ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
         assoc = ae.associate(remote.host, remote.port, ae_title=remote.title,
-                             **association_tls(self.pacs.settings, remote.host, remote.tls))
+                             **association_tls(self.pacs.settings, remote))
         if not assoc.is_established:
             for job, _, _ in prepared:
                 routing.fail(engine, job, f"association with {title} failed", max_attempts=self.max_attempts)

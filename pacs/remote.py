@@ -69,7 +69,7 @@ def _ae(pacs: Pacs) -> AE:
 
 
 def _associate(pacs: Pacs, ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
-    tls = association_tls(pacs.settings, remote.host, remote.tls)
+    tls = association_tls(pacs.settings, remote)
     assoc = ae.associate(remote.host, remote.port, ae_title=remote.title, **tls, **kwargs)
     if not assoc.is_established:
         raise RemoteError(f"association with {remote.title} at {remote.host}:{remote.port} failed")

@@ -21,9 +21,12 @@ import socket
 import ssl
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .aes import RemoteAE
 
 log = logging.getLogger(__name__)
 
@@ -238,15 +241,15 @@ def client_context(settings: Settings, *, check_hostname: bool = True) -> ssl.SS
     return ctx
 
 
-def association_tls(settings: Settings, host: str, use_tls: bool) -> dict[str, Any]:
+def association_tls(settings: Settings, remote: RemoteAE) -> dict[str, Any]:
     """pynetdicom ``associate()`` keywords for an association we open to
-    *host*: ``tls_args`` with :func:`client_context` when the AE registry
-    says the peer speaks DICOM TLS (``pacs ae add --tls``), else nothing.
+    *remote*: ``tls_args`` with :func:`client_context` when the AE registry
+    says it speaks DICOM TLS (``pacs ae add --tls``), else nothing.
 
-    The peer certificate must name *host* (subjectAltName DNS or IP) and
-    chain to ``tls_ca`` (the system store without it): studies leave the
-    archive only to the peer they were meant for.
+    The peer certificate must name the registered host (subjectAltName DNS
+    or IP) and chain to ``tls_ca`` (the system store without it): studies
+    leave the archive only to the peer they were meant for.
     """
-    if not use_tls:
+    if not remote.tls:
         return {}
-    return {"tls_args": (client_context(settings), host)}
+    return {"tls_args": (client_context(settings), remote.host)}
