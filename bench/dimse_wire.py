@@ -24,6 +24,7 @@ from pynetdicom.dsutils import encode
 
 from dicom_scp.direct_send import C_FIND_RQ, encode_command
 
+C_CANCEL_RQ = 0x0FFF
 IMPLICIT_LE = "1.2.840.10008.1.2"
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
 IMPLEMENTATION_UID = "1.2.826.0.1.3680043.9.7134.99.1"
@@ -70,9 +71,17 @@ def command_status(command: bytes) -> int | None:
 class WireFindSCU:
     """One association, C-FIND requests timed from the wire."""
 
-    def __init__(self, host: str, port: int, called: str, sop_class: str, calling: str = "BENCH") -> None:
+    def __init__(self, host: str, port: int, called: str, sop_class: str, calling: str = "BENCH",
+                 receive_buffer: int | None = None) -> None:
+        """*receive_buffer* caps the socket's receive buffer (set before
+        connecting, so the TCP window stays that small): a server answering
+        faster than this client reads then blocks on its writes."""
         self.sop_class = sop_class
-        self.sock = socket.create_connection((host, port), timeout=60)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        if receive_buffer:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.connect((host, port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._message_id = 0
         self._buffer = bytearray()
@@ -119,6 +128,11 @@ class WireFindSCU:
     def find(self, identifier: Dataset) -> tuple[int, int]:
         """Send one C-FIND-RQ; (pending responses, final status) once the
         final response has arrived. Identifiers are not decoded."""
+        self.send_find(identifier)
+        return self.read_responses()
+
+    def send_find(self, identifier: Dataset) -> int:
+        """Write a C-FIND-RQ without waiting for its answer; its Message ID."""
         self._message_id = self._message_id % 0xFFFF + 1
         data = encode(identifier, True, True, False)
         if data is None:
@@ -128,6 +142,18 @@ class WireFindSCU:
             _pdu(0x04, struct.pack(">IBB", len(command) + 2, 1, 0x03) + command)
             + _pdu(0x04, struct.pack(">IBB", len(data) + 2, 1, 0x02) + data)
         )
+        return self._message_id
+
+    def send_cancel(self, message_id: int) -> None:
+        """Write a C-CANCEL-RQ for request *message_id* (PS3.7 9.3.2.3)."""
+        command = encode_command([
+            (0x0100, "US", C_CANCEL_RQ), (0x0120, "US", message_id), (0x0800, "US", 0x0101),
+        ])
+        self.sock.sendall(_pdu(0x04, struct.pack(">IBB", len(command) + 2, 1, 0x03) + command))
+
+    def read_responses(self, limit: int | None = None) -> tuple[int, int | None]:
+        """Read responses until the final one, or until *limit* pending ones
+        have arrived (then the status is None)."""
         pending, command_parts = 0, []
         while True:
             kind, body = self._read_pdu()
@@ -146,6 +172,8 @@ class WireFindSCU:
                         elif status is not None:
                             return pending, status
                 offset += 4 + length
+            if limit is not None and pending >= limit:
+                return pending, None
 
     def release(self) -> None:
         try:

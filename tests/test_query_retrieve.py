@@ -281,31 +281,43 @@ def test_patient_level_refused_in_study_root(qr_server: PacsServer) -> None:
 
 
 def test_cancel_is_honoured(tmp_path: Path) -> None:
-    """C-CANCEL stops a long C-FIND: fewer responses than matches, status 0xFE00."""
+    """C-CANCEL stops a long C-FIND: fewer responses than matches, status 0xFE00.
+
+    The client's receive window is kept small and it reads nothing while it
+    cancels, so the server is blocked writing its answer when the C-CANCEL
+    arrives, however fast it answers (a client reading as fast as the server
+    writes saw the whole answer before its cancel landed)."""
+    from bench.dimse_wire import WireFindSCU
     from bench.synthetic import LoadSpec, load
 
     from pacs.index import create_index_engine, upgrade_schema
 
+    # The server writes ~1,000 matches per socket write; with an 8 KB window
+    # its first write blocks, and the C-CANCEL is read meanwhile.
+    studies = 6_000
     server = PacsServer(tmp_path / "data", Backend("sqlite", None, None, {}))
     (tmp_path / "data").mkdir()
     engine = create_index_engine(f"sqlite:///{tmp_path}/data/index.sqlite")
     upgrade_schema(engine)
-    load(engine, LoadSpec(studies=3000, instances_per_study=1))
+    load(engine, LoadSpec(studies=studies, instances_per_study=1))
     engine.dispose()
     server.start()
     try:
-        ae = AE(ae_title="PYSCU")
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
-        responses = assoc.send_c_find(_ident(QueryRetrieveLevel="STUDY", StudyInstanceUID=""),
-                                      StudyRootQueryRetrieveInformationModelFind)
-        first_status, _ = next(responses)
-        assert first_status.Status == 0xFF00
-        assoc.send_c_cancel(1, query_model=StudyRootQueryRetrieveInformationModelFind)
-        statuses = [int(s.Status) for s, _ in responses if s is not None]
-        assoc.release()
-        assert statuses[-1] == 0xFE00
-        assert len(statuses) < 3000
+        scu = WireFindSCU("127.0.0.1", server.dicom_port, server.ae_title,
+                          str(StudyRootQueryRetrieveInformationModelFind), receive_buffer=8192)
+        try:
+            identifier = _ident(QueryRetrieveLevel="STUDY", StudyInstanceUID="", PatientName="",
+                                PatientID="", StudyDate="", StudyDescription="", AccessionNumber="",
+                                ReferringPhysicianName="", ModalitiesInStudy="")
+            message_id = scu.send_find(identifier)
+            first, status = scu.read_responses(limit=1)
+            assert first >= 1 and status is None
+            scu.send_cancel(message_id)
+            rest, status = scu.read_responses()
+        finally:
+            scu.release()
+        assert status == 0xFE00
+        assert first + rest < studies
         assert server.alive()
     finally:
         server.stop()
