@@ -75,8 +75,7 @@ class Pacs:
             load_rule(ingestor.routes, entry)
         aes = AeRegistry(engine)
         for entry in settings.ae:
-            aes.add(entry["title"], entry["host"], int(entry["port"]), entry.get("description", ""),
-                    tls=str(entry.get("tls", False)).lower() in ("1", "true", "yes"))
+            aes.add(entry.title, entry.host, entry.port, entry.description, tls=entry.tls)
         return cls(settings, engine, store, reader, aes, committer, ingestor, AuditTrail(engine), AuthService(engine))
 
     def ingest_file(self, path: Path, origin: Origin) -> IngestResult:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.datadict import keyword_dict
 from pydicom.dataset import Dataset
@@ -29,6 +29,9 @@ from sqlalchemy import Connection, Engine, and_, delete, func, select, update
 from .errors import PacsError
 from .index.models import RouteJob, RoutingRule
 from .index.writer_helpers import insert_ignore
+
+if TYPE_CHECKING:
+    from .settings import RouteEntry
 
 rules_t = RoutingRule.__table__
 jobs_t = RouteJob.__table__
@@ -231,7 +234,7 @@ class _Values(dict):  # type: ignore[type-arg]
         return value
 
 
-def load_rule(rules: RoutingRules, entry: dict[str, Any]) -> Rule:
+def load_rule(rules: RoutingRules, entry: RouteEntry) -> Rule:
     """A rule from the config file::
 
         [[route]]
@@ -241,12 +244,11 @@ def load_rule(rules: RoutingRules, entry: dict[str, Any]) -> Rule:
         transcode = "j2k-lossless"
         stable_seconds = 30
     """
-    destination_kind, destination = ("dicomweb", entry["to_url"]) if "to_url" in entry else ("dicom", entry["to_ae"])
+    destination_kind, destination = ("dicomweb", entry.to_url) if entry.to_url is not None else ("dicom", entry.to_ae)
     return rules.add(
-        entry["name"], [parse_condition(c) for c in entry.get("if", [])], destination_kind, destination,
-        destination_auth=entry.get("auth", ""), transcode=entry.get("transcode", ""),
-        deidentify=bool(entry.get("deidentify", False)), morph=entry.get("set", {}),
-        stable_seconds=int(entry.get("stable_seconds", 0)),
+        entry.name, [parse_condition(c) for c in entry.conditions], destination_kind, destination or "",
+        destination_auth=entry.auth, transcode=entry.transcode, deidentify=entry.deidentify, morph=entry.morph,
+        stable_seconds=entry.stable_seconds,
     )
 
 

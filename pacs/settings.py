@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -48,6 +48,41 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class KnownAeEntry(BaseModel):
+    """One ``[[ae]]`` table: a peer loaded into the AE registry at start."""
+
+    # A misspelt key is an error at start, not a setting silently ignored.
+    model_config = ConfigDict(extra="forbid")
+
+    title: str = Field(min_length=1, max_length=16)
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    description: str = ""
+    tls: bool = False
+
+
+class RouteEntry(BaseModel):
+    """One ``[[route]]`` table: an auto-forward rule (see :func:`pacs.routing.load_rule`)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, coerce_numbers_to_str=True)
+
+    name: str = Field(min_length=1)
+    conditions: list[str] = Field(default_factory=list, alias="if")
+    to_ae: str | None = None
+    to_url: str | None = None
+    auth: str = ""
+    transcode: str = ""
+    deidentify: bool = False
+    morph: dict[str, str] = Field(default_factory=dict, alias="set")
+    stable_seconds: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> RouteEntry:
+        if (self.to_ae is None) == (self.to_url is None):
+            raise ValueError(f"route {self.name!r}: give exactly one of to_ae and to_url")
+        return self
 
 
 class Settings(BaseSettings):
@@ -111,7 +146,7 @@ class Settings(BaseSettings):
     route_concurrency: int = 4
     # Finished routing jobs (done, cancelled) are deleted after this many days; 0 keeps them.
     route_keep_days: int = Field(default=30, ge=0)
-    route: list[dict[str, Any]] = Field(default_factory=list)
+    route: list[RouteEntry] = Field(default_factory=list)
     # The HIS MLLP endpoint ("host:port") for outbound HL7 (status, results).
     his_mllp: str | None = None
     # Absolute URL clients reach the HTTP API at (behind a reverse proxy);
@@ -120,7 +155,7 @@ class Settings(BaseSettings):
     # Encoded rendered frames and thumbnails kept in memory (LRU).
     render_cache_bytes: int = 128 * 1024**2
     log_level: str = "INFO"
-    ae: list[dict[str, Any]] = Field(default_factory=list)
+    ae: list[KnownAeEntry] = Field(default_factory=list)
 
     @field_validator("ae_title")
     @classmethod

@@ -72,9 +72,16 @@ def test_ae_registry(tmp_path: Path) -> None:
 def test_settings_from_environment_and_config_file(tmp_path: Path) -> None:
     d = tmp_path / "data"
     d.mkdir()
-    (d / "pacs.toml").write_text('[[ae]]\ntitle = "FROM_FILE"\nhost = "127.0.0.1"\nport = 4242\n')
-    listed = json.loads(pacs("ae", "list", "--json", data_dir=d).stdout)
-    assert [a["title"] for a in listed] == ["FROM_FILE"]
+    (d / "pacs.toml").write_text('[[ae]]\ntitle = "FROM_FILE"\nhost = "127.0.0.1"\nport = 4242\n'
+                                 '[[ae]]\ntitle = "SAT_TLS"\nhost = "sat.local"\nport = 2762\ntls = "yes"\n')
+    listed = {a["title"]: a for a in json.loads(pacs("ae", "list", "--json", data_dir=d).stdout)}
+    assert set(listed) == {"FROM_FILE", "SAT_TLS"}
+    assert listed["SAT_TLS"]["tls"] is True and listed["FROM_FILE"]["tls"] is False
+    # A misspelt key or an impossible value stops the command with the key named, no trace.
+    for table, key in (('port = 4242\ntsl = true', "tsl"), ("port = 0", "port"), ('port = 1\ntls = "maybe"', "tls")):
+        (d / "pacs.toml").write_text(f'[[ae]]\ntitle = "BAD"\nhost = "h"\n{table}\n')
+        result = pacs("ae", "list", data_dir=d)
+        assert result.returncode == 1 and key in result.stderr and "Traceback" not in result.stderr
 
 
 def test_stats_on_postgresql(tmp_path: Path, pg_url: str) -> None:

@@ -223,6 +223,12 @@ def test_rules_from_the_config_file(tmp_path: Path) -> None:
     result = PacsServer(bad, Backend("sqlite-fs", None, None, {})).cli("route", "rules", check=False)
     assert result.returncode != 0 and "Modality" in (result.stderr + result.stdout)
     assert "Traceback" not in result.stderr
+    for table, key in (('to_ae = "A"\ndeidentfy = true', "deidentfy"), ('to_ae = "A"\nto_url = "https://x"', "to_url"),
+                       ('to_ae = "A"\nstable_seconds = -5', "stable_seconds")):
+        (bad / "pacs.toml").write_text(f'[[route]]\nname = "x"\n{table}\n', encoding="utf-8")
+        result = PacsServer(bad, Backend("sqlite-fs", None, None, {})).cli("route", "rules", check=False)
+        assert result.returncode != 0 and key in (result.stderr + result.stdout)
+        assert "Traceback" not in result.stderr
 
 
 def test_finished_jobs_are_pruned_after_the_keep_time(tmp_path: Path) -> None:
