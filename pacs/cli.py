@@ -458,7 +458,11 @@ def cmd_route(args: argparse.Namespace) -> int:
         elif command == "retry":
             _print_result(args, {"retried": routing.retry(pacs.engine, pk=args.job, state=args.state)})
         elif command == "prune":
-            days = args.older_than_days if args.older_than_days is not None else (pacs.settings.route_keep_days or 30)
+            days = args.older_than_days if args.older_than_days is not None else pacs.settings.route_keep_days
+            if not days or days < 0:
+                # route_keep_days = 0 means "keep them": pruning needs an explicit age then.
+                err.print("[red]route_keep_days is 0 (finished jobs are kept): give --older-than-days N (N > 0)[/red]")
+                return 2
             _print_result(args, {"pruned": routing.prune(pacs.engine, timedelta(days=days))})
         elif command == "cancel":
             if args.job is None and not args.rule:
@@ -639,7 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--state", default="dead", choices=["dead", "cancelled"])
     q = r_sub.add_parser("prune", help="delete done and cancelled jobs (pacs serve does it hourly, after route_keep_days)")
     _common(q, json_flag=True)
-    q.add_argument("--older-than-days", type=float, help="default: route_keep_days (30)")
+    q.add_argument("--older-than-days", type=float, help="default: route_keep_days (30); needed when that is 0")
     q = r_sub.add_parser("cancel", help="cancel pending/dead jobs of a rule (or one job)")
     _common(q, json_flag=True)
     q.add_argument("--job", type=int)

@@ -266,5 +266,10 @@ def test_finished_jobs_are_pruned_after_the_keep_time(tmp_path: Path) -> None:
         pruned = json.loads(server.cli("route", "prune", "--older-than-days", "7", "--json").stdout)
         assert pruned == {"pruned": 1}
         assert _jobs(server)["counts"] == {"dead": 1, "pending": 1, "done": 1}
+        # With route_keep_days = 0 (keep them), pruning needs an explicit age.
+        server.extra_env["PACS_ROUTE_KEEP_DAYS"] = "0"
+        refused = server.cli("route", "prune", check=False)
+        assert refused.returncode == 2 and "--older-than-days" in refused.stderr
+        assert _jobs(server)["counts"] == {"dead": 1, "pending": 1, "done": 1}
     finally:
         engine.dispose()
