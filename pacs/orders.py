@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import generate_uid
 from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from .errors import PacsError
@@ -34,6 +34,7 @@ from .index.models import (
 )
 from .index.reconcile import PATIENT_COLUMNS, record_reconciliation
 from .index.writer_helpers import insert_ignore
+from .header import valid_uid
 from .names import fold_name, name_words
 
 log = logging.getLogger(__name__)
@@ -297,7 +298,7 @@ class OrderService:
     def _place(self, conn: Connection, info: OrderInfo, source: str) -> dict[str, Any]:
         if not info.accession_number:
             raise OrderError("the order has no accession number", code="101", http_status=400)
-        if info.study_uid and not UID(info.study_uid).is_valid:
+        if info.study_uid and not valid_uid(info.study_uid):
             raise OrderError(f"invalid Study Instance UID {info.study_uid!r}", code="102", http_status=400)
         if self._find_order(conn, info) is not None:
             raise OrderError(f"order {info.accession_number} already exists", code="205", http_status=409)

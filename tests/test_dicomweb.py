@@ -92,7 +92,13 @@ def test_qido_parameters(web: PacsServer) -> None:
             response = http.get("/dicom-web/studies", params=bad)
             assert response.status_code == 400, bad
             assert response.json()["error"]
-        assert http.get("/dicom-web/studies/not-a-uid/series").status_code == 400
+        for bad_uid in ("not-a-uid", "1.2.3%0A", "1.02.3", "1." + "2" * 64):
+            for path in (f"/dicom-web/studies/{bad_uid}/series", f"/dicom-web/studies/{bad_uid}/metadata"):
+                response = http.get(path)
+                assert response.status_code == 400 and "invalid UID" in response.json()["error"], path
+        wado_uri = http.get("/wado", params={"requestType": "WADO", "studyUID": "1.2.3\n", "seriesUID": "1.2",
+                                             "objectUID": "1.2"})
+        assert wado_uri.status_code == 400
 
 
 # -- WADO-RS -------------------------------------------------------------------------------

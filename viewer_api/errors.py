@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from pacs.errors import IngestError
 from pacs.frames import FrameError
+from pacs.header import valid_uid
 from pacs.query import QueryError
 from pacs.transcode import TransferSyntaxError
 
@@ -25,6 +26,14 @@ class HTTPProblem(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def require_uids(*uids: str | None, name: str = "UID") -> None:
+    """400 for the first UID of a request path or query that is not a valid
+    UID (PS3.5 9.1) exactly as given; None (absent) is skipped."""
+    for uid in uids:
+        if uid is not None and not valid_uid(uid):
+            raise HTTPProblem(400, f"invalid {name} {uid[:80]!r}")
 
 
 def problem(status: int, message: str) -> JSONResponse:

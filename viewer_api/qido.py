@@ -18,7 +18,7 @@ from pacs.query import ATTRIBUTES, DEFAULT_RETURN, Level, Query, QueryError, run
 from pacs.query.results import ResultShape
 
 from .dicomjson import NotDirect, dumps, to_json, values_json
-from .errors import HTTPProblem
+from .errors import require_uids
 from .urls import base_url
 
 router = APIRouter(prefix="/dicom-web", tags=["QIDO-RS"])
@@ -114,14 +114,6 @@ def search(request: Request, level: Level, fixed: dict[str, str]) -> Response:
     return Response(dumps(results), media_type=DICOM_JSON, headers=headers)
 
 
-def _check_uid(*uids: str) -> None:
-    from pydicom.uid import UID
-
-    for uid in uids:
-        if not UID(uid).is_valid:
-            raise HTTPProblem(400, f"invalid UID {uid[:80]!r}")
-
-
 @router.get("/studies", summary="Search for studies")
 def search_studies(request: Request) -> Response:
     return search(request, Level.STUDY, {})
@@ -139,17 +131,17 @@ def search_all_instances(request: Request) -> Response:
 
 @router.get("/studies/{study}/series", summary="Search for series of a study")
 def search_series(request: Request, study: str) -> Response:
-    _check_uid(study)
+    require_uids(study)
     return search(request, Level.SERIES, {"StudyInstanceUID": study})
 
 
 @router.get("/studies/{study}/instances", summary="Search for instances of a study")
 def search_study_instances(request: Request, study: str) -> Response:
-    _check_uid(study)
+    require_uids(study)
     return search(request, Level.IMAGE, {"StudyInstanceUID": study})
 
 
 @router.get("/studies/{study}/series/{series}/instances", summary="Search for instances of a series")
 def search_instances(request: Request, study: str, series: str) -> Response:
-    _check_uid(study, series)
+    require_uids(study, series)
     return search(request, Level.IMAGE, {"StudyInstanceUID": study, "SeriesInstanceUID": series})

@@ -24,7 +24,7 @@ from pacs.ingest import Origin
 from pacs.part10 import FileSource
 
 from .dicomjson import dumps, to_json
-from .errors import HTTPProblem
+from .errors import HTTPProblem, require_uids
 from .multipart import MultipartError, parse_multipart_related
 from .urls import base_url
 
@@ -143,10 +143,7 @@ async def store_instances(request: Request) -> Response:
 
 @router.post("/studies/{study}", summary="Store instances into a study")
 async def store_study_instances(request: Request, study: str) -> Response:
-    from pydicom.uid import UID
-
-    if not UID(study).is_valid:
-        raise HTTPProblem(400, f"invalid UID {study[:80]!r}")
+    require_uids(study)
     return await store(request, study)
 
 

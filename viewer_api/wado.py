@@ -19,7 +19,7 @@ from pacs.transcode import TransferSyntaxError, can_serve, instance_bytes
 
 from . import negotiation, rendering
 from .dicomjson import dumps
-from .errors import HTTPProblem
+from .errors import HTTPProblem, require_uids
 from .multipart import Part, content_type_header, multipart_related_stream, new_boundary
 from .urls import base_url
 
@@ -27,15 +27,10 @@ router = APIRouter(prefix="/dicom-web", tags=["WADO-RS"])
 DEFAULT_TS = "1.2.840.10008.1.2.1"
 
 
-def _check_uids(*uids: str | None) -> None:
-    for uid in uids:
-        if uid is not None and not UID(uid).is_valid:
-            raise HTTPProblem(400, f"invalid UID {uid[:80]!r}")
-
 
 def items_for(request: Request, study: str, series: str | None = None, sop: str | None = None) -> list[RetrieveItem]:
     """The stored instances a WADO path names; 404 when there are none."""
-    _check_uids(study, series, sop)
+    require_uids(study, series, sop)
     match = {"StudyInstanceUID": study}
     if series:
         match["SeriesInstanceUID"] = series

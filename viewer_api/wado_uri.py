@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from pydicom.uid import UID
 
 from pacs.query import Level
 from pacs.retrieve import resolve
 from pacs.transcode import can_serve, instance_bytes
 
-from .errors import HTTPProblem
+from .errors import HTTPProblem, require_uids
 from .render import RenderError, RenderParams
 from .rendering import render_item
 
@@ -41,8 +40,7 @@ def wado(request: Request) -> Response:
     for name, uid in uids.items():
         if not uid:
             raise HTTPProblem(400, f"{name} is required")
-        if not UID(uid).is_valid:
-            raise HTTPProblem(400, f"invalid {name}")
+        require_uids(uid, name=name)
     items = resolve(
         request.app.state.pacs,
         Level.IMAGE,
