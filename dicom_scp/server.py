@@ -22,6 +22,7 @@ from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (
     ModalityPerformedProcedureStep,
     ModalityWorklistInformationFind,
+    StorageCommitmentPushModel,
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
@@ -315,6 +316,10 @@ def build_ae(pacs: Pacs) -> FilmlessAE:
         ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES[:1] + _UNCOMPRESSED_QR)
     for sop_class in (*GET_CLASSES, ModalityWorklistInformationFind, ModalityPerformedProcedureStep):
         ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES[:1] + _UNCOMPRESSED_QR)
+    # A modality may propose role selection so that the N-EVENT-REPORT can
+    # come back on its association (dicom_scp.commitment): agree to either role.
+    ae.add_supported_context(StorageCommitmentPushModel, STORAGE_TRANSFER_SYNTAXES[:1] + _UNCOMPRESSED_QR,
+                             scu_role=True, scp_role=True)
     # C-MOVE sub-operations: requests to destinations use the same limits.
     ae.maximum_pdu_size = settings.max_pdu_size
     ae.require_called_aet = True
@@ -342,6 +347,8 @@ def start_dicom_server(
     """
     from worklist.scp import make_mpps_handlers, make_worklist_handler
 
+    from . import commitment
+
     from .qr import (
         MoveDestinations,
         make_find_handler,
@@ -368,6 +375,7 @@ def start_dicom_server(
         (evt.EVT_C_MOVE, make_move_handler(pacs, destinations)),
         (evt.EVT_C_GET, make_get_handler(pacs)),
         *make_mpps_handlers(pacs),
+        *commitment.handlers(pacs),
         *extra_handlers,
     ]
     address = (host or pacs.settings.host, port if port is not None else pacs.settings.dicom_port)

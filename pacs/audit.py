@@ -27,7 +27,7 @@ events_t = AuditEvent.__table__
 _ACTION_CODE = {
     "view": "R", "download": "R", "query": "E", "store": "C", "report-create": "C", "report-update": "U",
     "report-sign": "U", "report-amend": "C", "export": "R", "delete": "D", "login": "E", "login-failed": "E",
-    "denied": "E", "order": "U", "patient-update": "U", "retrieve": "R",
+    "denied": "E", "order": "U", "patient-update": "U", "retrieve": "R", "commit": "E",
 }
 
 

@@ -1,0 +1,239 @@
+"""Storage Commitment Push Model SCP (PS3.4 Annex J) over DIMSE.
+
+The modality sends an N-ACTION naming the instances it sent; the answer is an
+N-ACTION-RSP at once, then an N-EVENT-REPORT with what is committed and what
+failed (:mod:`pacs.commitment`). The report goes on the modality's own
+association while it is open (many modalities wait on it), otherwise on a new
+association to the calling AE as registered (``pacs ae add``), with this node
+in the SCP role (SCP/SCU Role Selection, PS3.7 D.3.3.4). Modalities may be
+busy or switched off when the report is due: a new association is tried a
+few times before the report is given up, logged and audited.
+
+The report must follow the N-ACTION-RSP, which pynetdicom sends after the
+handler returns: the work starts from :func:`run_after_response`, once the
+request has been answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
+
+from pacs.app import Pacs
+from pacs.commitment import CommitmentResult, Reference, check_commitment
+from pacs.header import valid_uid
+from pacs.tls import association_tls
+
+from .server import audit_association, status_dataset
+
+log = logging.getLogger(__name__)
+
+# N-ACTION statuses (PS3.7 10.1.4.1.10).
+NO_SUCH_SOP_CLASS, INVALID_OBJECT_INSTANCE, NO_SUCH_ACTION = 0x0118, 0x0117, 0x0123
+INVALID_ARGUMENT_VALUE, MISSING_ATTRIBUTE, PROCESSING_FAILURE = 0x0115, 0x0120, 0x0110
+REQUEST_COMMITMENT = 1  # Action Type ID (PS3.4 J.3.2.1)
+# Seconds to wait before each try on a new association.
+RETRY_DELAYS = (0.0, 5.0, 30.0)
+_AFTER = "_filmless_after_response"
+
+
+class CommitmentRequestError(ValueError):
+    """An N-ACTION that cannot be read as a storage commitment request."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def run_after_response(event: Any) -> None:
+    """EVT_CONN_OPEN: let handlers queue work to run once their request is
+    answered (:func:`after_response`)."""
+    assoc = event.assoc
+    serve = assoc._serve_request
+
+    def serve_then_run(message: Any, context_id: int) -> None:
+        try:
+            serve(message, context_id)
+        finally:
+            for callback in assoc.__dict__.pop(_AFTER, ()):
+                callback()
+
+    assoc._serve_request = serve_then_run
+
+
+def after_response(assoc: Any, callback: Callable[[], None]) -> None:
+    """Run *callback* in the association's thread once the request being
+    served has been answered."""
+    assoc.__dict__.setdefault(_AFTER, []).append(callback)
+
+
+def parse_request(event: Any) -> tuple[str, list[Reference]]:
+    """The Transaction UID and references of a storage commitment N-ACTION."""
+    request = event.request
+    if str(request.RequestedSOPClassUID) != StorageCommitmentPushModel:
+        raise CommitmentRequestError(NO_SUCH_SOP_CLASS, "not the Storage Commitment Push Model SOP Class")
+    if str(request.RequestedSOPInstanceUID) != StorageCommitmentPushModelInstance:
+        raise CommitmentRequestError(
+            INVALID_OBJECT_INSTANCE, f"the SOP Instance must be {StorageCommitmentPushModelInstance}"
+        )
+    if request.ActionTypeID != REQUEST_COMMITMENT:
+        raise CommitmentRequestError(NO_SUCH_ACTION, f"no action type {request.ActionTypeID}")
+    try:
+        info = event.action_information
+    except Exception as exc:
+        raise CommitmentRequestError(INVALID_ARGUMENT_VALUE, f"action information unreadable: {exc}") from None
+    transaction = str(info.get("TransactionUID", "") or "")
+    if not transaction:
+        raise CommitmentRequestError(MISSING_ATTRIBUTE, "Transaction UID (0008,1195) missing")
+    if not valid_uid(transaction):
+        raise CommitmentRequestError(INVALID_ARGUMENT_VALUE, "invalid Transaction UID")
+    items = info.get("ReferencedSOPSequence")
+    if not items:
+        raise CommitmentRequestError(MISSING_ATTRIBUTE, "Referenced SOP Sequence (0008,1199) missing or empty")
+    references = []
+    for number, item in enumerate(items, 1):
+        sop_class = str(item.get("ReferencedSOPClassUID", "") or "")
+        sop_uid = str(item.get("ReferencedSOPInstanceUID", "") or "")
+        if not valid_uid(sop_class) or not valid_uid(sop_uid):
+            raise CommitmentRequestError(INVALID_ARGUMENT_VALUE, f"item {number}: invalid or missing SOP Class/Instance UID")
+        references.append(Reference(sop_class, sop_uid))
+    return transaction, references
+
+
+def report_dataset(result: CommitmentResult) -> Dataset:
+    """The N-EVENT-REPORT Event Information (PS3.4 J.3.3.1.1)."""
+    ds = Dataset()
+    ds.TransactionUID = result.transaction_uid
+    if result.committed:
+        ds.ReferencedSOPSequence = DicomSequence([_item(r) for r in result.committed])
+    if result.failed:
+        failed = []
+        for reference, reason in result.failed:
+            item = _item(reference)
+            item.FailureReason = reason
+            failed.append(item)
+        ds.FailedSOPSequence = DicomSequence(failed)
+    return ds
+
+
+def _item(reference: Reference) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = reference.sop_class_uid
+    item.ReferencedSOPInstanceUID = reference.sop_instance_uid
+    return item
+
+
+def make_commitment_handler(pacs: Pacs) -> Any:
+    """The EVT_N_ACTION handler: check the request, answer, report later."""
+
+    def handle_action(event: Any) -> tuple[int | Dataset, Dataset | None]:
+        assoc = event.assoc
+        calling = assoc.requestor.ae_title.strip()
+        try:
+            transaction, references = parse_request(event)
+        except CommitmentRequestError as exc:
+            log.warning("storage commitment request from %s refused: %s", calling, exc)
+            return status_dataset(exc.status, str(exc)), None
+        log.info("storage commitment requested by %s: %d instances (transaction %s)",
+                 calling, len(references), transaction)
+        after_response(assoc, lambda: threading.Thread(
+            target=report, args=(pacs, assoc, calling, transaction, references),
+            name="storage-commitment", daemon=True,
+        ).start())
+        return 0x0000, None
+
+    return handle_action
+
+
+def report(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: Sequence[Reference]) -> bool:
+    """Check the references and send the N-EVENT-REPORT; True once delivered."""
+    try:
+        result = check_commitment(pacs, transaction, references)
+    except Exception:  # the index or the store failed: nothing can be vouched for
+        log.exception("storage commitment check failed")
+        result = CommitmentResult(transaction, failed=[(r, PROCESSING_FAILURE) for r in references])
+    info = report_dataset(result)
+    detail = (f"storage commitment {transaction}: {len(result.committed)} committed, "
+              f"{len(result.failed)} failed")
+    delivered = _on_same_association(assoc, result.event_type, info)
+    if not delivered:
+        delivered = _on_new_association(pacs, calling, result.event_type, info)
+    audit_association(pacs, assoc, "commit", detail=detail + ("" if delivered else ", report not delivered"),
+                      outcome="success" if delivered and not result.failed else "failure")
+    if delivered:
+        log.info("%s reported to %s", detail, calling)
+    else:
+        log.error("%s: the report could not be delivered to %s", detail, calling)
+    return delivered
+
+
+def _send(assoc: Any, event_type: int, info: Dataset) -> bool:
+    status, _ = assoc.send_n_event_report(
+        info, event_type, StorageCommitmentPushModel, StorageCommitmentPushModelInstance
+    )
+    code = getattr(status, "Status", None)
+    if code is None:  # no answer: the association timed out or was aborted
+        return False
+    if code_to_category(code) not in (STATUS_SUCCESS, STATUS_WARNING):
+        # Some modalities take reports only on an association of their own.
+        log.warning("storage commitment report refused with status 0x%04X", code)
+        return False
+    return True
+
+
+def _on_same_association(assoc: Any, event_type: int, info: Dataset) -> bool:
+    if not assoc.is_established:
+        return False
+    try:
+        return _send(assoc, event_type, info)
+    except Exception as exc:  # released or aborted under us: try a new association
+        log.info("storage commitment report not sent on the request's association: %s", exc)
+        return False
+
+
+def _on_new_association(pacs: Pacs, calling: str, event_type: int, info: Dataset) -> bool:
+    remote = pacs.aes.get(calling)
+    if remote is None:
+        log.error("storage commitment: %s closed its association and is not in the AE registry "
+                  "(pacs ae add %s --host H --port P): the report cannot be sent", calling, calling)
+        return False
+    ae = AE(ae_title=pacs.settings.ae_title)
+    ae.acse_timeout = 30
+    ae.dimse_timeout = pacs.settings.dicom_timeout
+    ae.network_timeout = pacs.settings.dicom_timeout
+    ae.add_requested_context(StorageCommitmentPushModel)
+    role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    for delay in RETRY_DELAYS:
+        time.sleep(delay)
+        try:
+            assoc = ae.associate(remote.host, remote.port, ae_title=remote.title, ext_neg=[role],
+                                 **association_tls(pacs.settings, remote))
+        except Exception as exc:
+            log.warning("storage commitment: association with %s failed: %s", calling, exc)
+            continue
+        if not assoc.is_established:
+            log.warning("storage commitment: %s at %s:%d refused the association", calling, remote.host, remote.port)
+            continue
+        try:
+            if _send(assoc, event_type, info):
+                return True
+        except Exception as exc:
+            log.warning("storage commitment: report to %s failed: %s", calling, exc)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    return False
+
+
+def handlers(pacs: Pacs) -> list[tuple[Any, Any]]:
+    """The event handlers the DICOM server binds for storage commitment."""
+    return [(evt.EVT_N_ACTION, make_commitment_handler(pacs)), (evt.EVT_CONN_OPEN, run_after_response)]

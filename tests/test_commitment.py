@@ -1,0 +1,192 @@
+"""Storage Commitment Push Model (PS3.4 Annex J): after DCMTK storescu sends a
+study, a modality (pynetdicom: DCMTK has no storage commitment SCU) asks
+whether the PACS holds it and gets the N-EVENT-REPORT on its own association
+or, once it has closed it, on a new association to its registered address."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import (
+    CTImageStorage,
+    MRImageStorage,
+    StorageCommitmentPushModel,
+    StorageCommitmentPushModelInstance,
+)
+
+from pacs.ingest import object_key
+from storage import open_store
+
+from .conftest import PacsServer, free_port, run_dcmtk
+from .test_dimse_failures import make_ct
+
+MODALITY = "CT_COMMIT"
+REPORT_WAIT = 30.0
+
+
+def _send_study(server: PacsServer, folder: Path, count: int) -> list[tuple[str, str, str]]:
+    """(study, series, sop) of *count* CT objects sent with DCMTK storescu."""
+    study, series = generate_uid(), generate_uid()
+    folder.mkdir(parents=True)
+    uids = []
+    for n in range(count):
+        path = make_ct(folder / f"ct{n}.dcm", StudyInstanceUID=study, SeriesInstanceUID=series, InstanceNumber=n + 1)
+        uids.append((study, series, str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)))
+    run_dcmtk("storescu", "-aet", MODALITY, "-aec", server.ae_title, "127.0.0.1", str(server.dicom_port),
+              *[str(p) for p in sorted(folder.glob("ct*.dcm"))])
+    return uids
+
+
+def _request(transaction: str, refs: list[tuple[str, str]]) -> Dataset:
+    info = Dataset()
+    info.TransactionUID = transaction
+    items = []
+    for sop_class, sop_uid in refs:
+        item = Dataset()
+        item.ReferencedSOPClassUID = sop_class
+        item.ReferencedSOPInstanceUID = sop_uid
+        items.append(item)
+    info.ReferencedSOPSequence = DicomSequence(items)
+    return info
+
+
+def _reports() -> tuple[queue.Queue[tuple[int, Dataset]], Any]:
+    """A queue of (event type, event information) and the handler that fills it."""
+    received: queue.Queue[tuple[int, Dataset]] = queue.Queue()
+
+    def on_report(event: Any) -> tuple[int, None]:
+        received.put((int(event.request.EventTypeID), event.event_information))
+        return 0x0000, None
+
+    return received, on_report
+
+
+def _modality_ae() -> AE:
+    ae = AE(ae_title=MODALITY)
+    ae.add_requested_context(StorageCommitmentPushModel)
+    return ae
+
+
+def _outcome(info: Dataset) -> tuple[set[str], dict[str, int]]:
+    committed = {str(i.ReferencedSOPInstanceUID) for i in info.get("ReferencedSOPSequence", [])}
+    failed = {str(i.ReferencedSOPInstanceUID): int(i.FailureReason) for i in info.get("FailedSOPSequence", [])}
+    return committed, failed
+
+
+@pytest.fixture
+def stored(pacs_server: PacsServer, tmp_path: Path) -> Iterator[tuple[PacsServer, list[tuple[str, str, str]]]]:
+    yield pacs_server, _send_study(pacs_server, tmp_path / "study", 4)
+
+
+def test_report_on_the_same_association(stored: tuple[PacsServer, list[tuple[str, str, str]]]) -> None:
+    """Committed: stored objects. Failed: an unknown instance (0x0112), a wrong
+    SOP class (0x0119), and an object lost from the store behind the index
+    (0x0112: the index alone does not vouch for a copy)."""
+    server, uids = stored
+    lost_study, lost_series, lost_sop = uids[3]
+    backend = server.backend
+    store = open_store(backend.storage_url or f"file://{server.data_dir / 'objects'}",
+                       backend.env.get("PACS_S3_ACCESS_KEY"), backend.env.get("PACS_S3_SECRET_KEY"))
+    store.delete(object_key(lost_study, lost_series, lost_sop))
+    unknown = generate_uid()
+    refs = [(CTImageStorage, sop) for _, _, sop in uids[:2]] + [
+        (MRImageStorage, uids[2][2]), (CTImageStorage, unknown), (CTImageStorage, lost_sop),
+    ]
+    received, on_report = _reports()
+    # This modality proposes both roles (some do, to be sent the report on
+    # the association they opened); the PACS agrees.
+    role = build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+    assoc = _modality_ae().associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title, ext_neg=[role],
+                                     evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    assert assoc.is_established
+    try:
+        transaction = generate_uid()
+        status, _ = assoc.send_n_action(_request(transaction, refs), 1, StorageCommitmentPushModel,
+                                        StorageCommitmentPushModelInstance)
+        assert status.Status == 0x0000
+        event_type, info = received.get(timeout=REPORT_WAIT)
+    finally:
+        assoc.release()
+    assert event_type == 2  # some failed
+    assert info.TransactionUID == transaction
+    committed, failed = _outcome(info)
+    assert committed == {uids[0][2], uids[1][2]}
+    assert failed == {uids[2][2]: 0x0119, unknown: 0x0112, lost_sop: 0x0112}
+    # Delivered on this association: nothing was tried on a new one.
+    assert "reported to CT_COMMIT" in server.log_text() and "could not be delivered" not in server.log_text()
+
+
+def test_report_on_a_new_association_to_the_registered_modality(
+    stored: tuple[PacsServer, list[tuple[str, str, str]]],
+) -> None:
+    """The modality releases right after the N-ACTION-RSP (or refuses the
+    report on that association): the report reaches the address registered
+    for its AE title on a new association, the PACS in the SCP role."""
+    server, uids = stored
+    received, on_report = _reports()
+    listener = AE(ae_title=MODALITY)
+    # Accept the PACS proposing itself as the Storage Commitment SCP.
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    port = free_port()
+    scp = listener.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    try:
+        server.cli("ae", "add", MODALITY, "--host", "127.0.0.1", "--port", str(port))
+        # Should the report beat the release, this modality refuses it there
+        # (as those that take reports only on an association of their own do).
+        assoc = _modality_ae().associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title,
+                                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: (0x0110, None))])
+        transaction = generate_uid()
+        status, _ = assoc.send_n_action(_request(transaction, [(CTImageStorage, sop) for _, _, sop in uids]), 1,
+                                        StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+        assoc.release()
+        assert status.Status == 0x0000
+        event_type, info = received.get(timeout=REPORT_WAIT)
+    finally:
+        scp.shutdown()
+    assert event_type == 1  # all committed
+    assert info.TransactionUID == transaction
+    assert _outcome(info) == ({sop for _, _, sop in uids}, {})
+    assert "reported to CT_COMMIT" in server.log_text()
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_bad_requests_get_clear_statuses(stored: tuple[PacsServer, list[tuple[str, str, str]]]) -> None:
+    server, uids = stored
+    good = _request(generate_uid(), [(CTImageStorage, uids[0][2])])
+    no_transaction = _request(generate_uid(), [(CTImageStorage, uids[0][2])])
+    del no_transaction.TransactionUID
+    empty = _request(generate_uid(), [])
+    bad_uid = _request(generate_uid(), [(CTImageStorage, "1.2.abc")])
+    cases = [
+        (no_transaction, 1, StorageCommitmentPushModelInstance, 0x0120),
+        (empty, 1, StorageCommitmentPushModelInstance, 0x0120),
+        (bad_uid, 1, StorageCommitmentPushModelInstance, 0x0115),
+        (good, 2, StorageCommitmentPushModelInstance, 0x0123),  # no such action type
+        (good, 1, generate_uid(), 0x0117),  # not the well-known instance
+    ]
+    received, on_report = _reports()
+    assoc = _modality_ae().associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title,
+                                     evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    try:
+        for info, action, instance, expected in cases:
+            status, _ = assoc.send_n_action(info, action, StorageCommitmentPushModel, instance)
+            assert status.Status == expected, (action, instance, info)
+            assert status.get("ErrorComment")
+        # Nothing is reported for a refused request; a good one still works.
+        status, _ = assoc.send_n_action(good, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+        assert status.Status == 0x0000
+        event_type, info = received.get(timeout=REPORT_WAIT)
+        assert event_type == 1 and received.empty()
+    finally:
+        assoc.release()
+    assert server.alive()
+
