@@ -76,10 +76,19 @@ def _modality_ae() -> AE:
     return ae
 
 
-def _outcome(info: Dataset) -> tuple[set[str], dict[str, int]]:
+def _ask(assoc: Any, info: Dataset, action: int = 1, instance: str = StorageCommitmentPushModelInstance) -> Dataset:
+    """Send one N-ACTION; its status."""
+    status, _ = assoc.send_n_action(info, action, StorageCommitmentPushModel, instance)
+    return status
+
+
+def _report(received: queue.Queue[tuple[int, Dataset]], transaction: str) -> tuple[int, set[str], dict[str, int]]:
+    """The next report: event type, committed instances, failed ones with their reasons."""
+    event_type, info = received.get(timeout=REPORT_WAIT)
+    assert info.TransactionUID == transaction
     committed = {str(i.ReferencedSOPInstanceUID) for i in info.get("ReferencedSOPSequence", [])}
     failed = {str(i.ReferencedSOPInstanceUID): int(i.FailureReason) for i in info.get("FailedSOPSequence", [])}
-    return committed, failed
+    return event_type, committed, failed
 
 
 @pytest.fixture
@@ -110,15 +119,11 @@ def test_report_on_the_same_association(stored: tuple[PacsServer, list[tuple[str
     assert assoc.is_established
     try:
         transaction = generate_uid()
-        status, _ = assoc.send_n_action(_request(transaction, refs), 1, StorageCommitmentPushModel,
-                                        StorageCommitmentPushModelInstance)
-        assert status.Status == 0x0000
-        event_type, info = received.get(timeout=REPORT_WAIT)
+        assert _ask(assoc, _request(transaction, refs)).Status == 0x0000
+        event_type, committed, failed = _report(received, transaction)
     finally:
         assoc.release()
     assert event_type == 2  # some failed
-    assert info.TransactionUID == transaction
-    committed, failed = _outcome(info)
     assert committed == {uids[0][2], uids[1][2]}
     assert failed == {uids[2][2]: 0x0119, unknown: 0x0112, lost_sop: 0x0112}
     # Delivered on this association: nothing was tried on a new one.
@@ -145,23 +150,21 @@ def test_report_on_a_new_association_to_the_registered_modality(
         assoc = _modality_ae().associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title,
                                          evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: (0x0110, None))])
         transaction = generate_uid()
-        status, _ = assoc.send_n_action(_request(transaction, [(CTImageStorage, sop) for _, _, sop in uids]), 1,
-                                        StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
+        status = _ask(assoc, _request(transaction, [(CTImageStorage, sop) for _, _, sop in uids]))
         assoc.release()
         assert status.Status == 0x0000
-        event_type, info = received.get(timeout=REPORT_WAIT)
+        report = _report(received, transaction)
     finally:
         scp.shutdown()
-    assert event_type == 1  # all committed
-    assert info.TransactionUID == transaction
-    assert _outcome(info) == ({sop for _, _, sop in uids}, {})
+    assert report == (1, {sop for _, _, sop in uids}, {})  # all committed
     assert "reported to CT_COMMIT" in server.log_text()
 
 
 @pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
 def test_bad_requests_get_clear_statuses(stored: tuple[PacsServer, list[tuple[str, str, str]]]) -> None:
     server, uids = stored
-    good = _request(generate_uid(), [(CTImageStorage, uids[0][2])])
+    transaction = generate_uid()
+    good = _request(transaction, [(CTImageStorage, uids[0][2])])
     no_transaction = _request(generate_uid(), [(CTImageStorage, uids[0][2])])
     del no_transaction.TransactionUID
     empty = _request(generate_uid(), [])
@@ -178,14 +181,13 @@ def test_bad_requests_get_clear_statuses(stored: tuple[PacsServer, list[tuple[st
                                      evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
     try:
         for info, action, instance, expected in cases:
-            status, _ = assoc.send_n_action(info, action, StorageCommitmentPushModel, instance)
+            status = _ask(assoc, info, action, instance)
             assert status.Status == expected, (action, instance, info)
             assert status.get("ErrorComment")
         # Nothing is reported for a refused request; a good one still works.
-        status, _ = assoc.send_n_action(good, 1, StorageCommitmentPushModel, StorageCommitmentPushModelInstance)
-        assert status.Status == 0x0000
-        event_type, info = received.get(timeout=REPORT_WAIT)
-        assert event_type == 1 and received.empty()
+        assert _ask(assoc, good).Status == 0x0000
+        assert _report(received, transaction) == (1, {uids[0][2]}, {})
+        assert received.empty()
     finally:
         assoc.release()
     assert server.alive()
