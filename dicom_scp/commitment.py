@@ -170,7 +170,7 @@ def report(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: S
     audit_association(pacs, assoc, "commit", detail=detail + ("" if delivered else ", report not delivered"),
                       outcome="success" if delivered and not result.failed else "failure")
     if delivered:
-        log.info("%s reported to %s", detail, calling)
+        log.info("%s: reported to %s", detail, calling)
     else:
         log.error("%s: the report could not be delivered to %s", detail, calling)
     return delivered
