@@ -24,14 +24,14 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
-from pynetdicom import AE, build_role, evt
+from pynetdicom import build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
 from pacs.app import Pacs
 from pacs.commitment import CommitmentResult, Reference, check_commitment
 from pacs.header import valid_uid
-from pacs.tls import association_tls
+from pacs.remote import associate, local_ae
 
 from .server import audit_association, status_dataset
 
@@ -43,6 +43,14 @@ INVALID_ARGUMENT_VALUE, MISSING_ATTRIBUTE, PROCESSING_FAILURE = 0x0115, 0x0120, 
 REQUEST_COMMITMENT = 1  # Action Type ID (PS3.4 J.3.2.1)
 # Seconds to wait before each try on a new association.
 RETRY_DELAYS = (0.0, 5.0, 30.0)
+# A modality that does not wait for the report releases right after the
+# N-ACTION-RSP; one that waits keeps its association open for seconds. The
+# report waits this long after the response, so that it does not cross the
+# first kind's A-RELEASE-RQ: a releasing peer ignores P-DATA (pynetdicom's
+# does), so both sides would wait for the other until the peer's ACSE
+# timeout aborts the association; the report then goes on a new one, late
+# but not lost.
+SAME_ASSOCIATION_GRACE = 0.5
 _AFTER = "_filmless_after_response"
 
 
@@ -146,7 +154,7 @@ def make_commitment_handler(pacs: Pacs) -> Any:
         log.info("storage commitment requested by %s: %d instances (transaction %s)",
                  calling, len(references), transaction)
         after_response(assoc, lambda: threading.Thread(
-            target=report, args=(pacs, assoc, calling, transaction, references),
+            target=report, args=(pacs, assoc, calling, transaction, references, time.monotonic()),
             name="storage-commitment", daemon=True,
         ).start())
         return 0x0000, None
@@ -154,8 +162,10 @@ def make_commitment_handler(pacs: Pacs) -> Any:
     return handle_action
 
 
-def report(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: Sequence[Reference]) -> bool:
-    """Check the references and send the N-EVENT-REPORT; True once delivered."""
+def report(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: Sequence[Reference],
+           answered_at: float) -> bool:
+    """Check the references and send the N-EVENT-REPORT; True once delivered.
+    *answered_at*: when the N-ACTION-RSP went out (``time.monotonic()``)."""
     try:
         result = check_commitment(pacs, transaction, references)
     except Exception:  # the index or the store failed: nothing can be vouched for
@@ -164,6 +174,7 @@ def report(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: S
     info = report_dataset(result)
     detail = (f"storage commitment {transaction}: {len(result.committed)} committed, "
               f"{len(result.failed)} failed")
+    time.sleep(max(0.0, answered_at + SAME_ASSOCIATION_GRACE - time.monotonic()))
     delivered = _on_same_association(assoc, result.event_type, info)
     if not delivered:
         delivered = _on_new_association(pacs, calling, result.event_type, info)
@@ -201,27 +212,20 @@ def _on_same_association(assoc: Any, event_type: int, info: Dataset) -> bool:
 
 
 def _on_new_association(pacs: Pacs, calling: str, event_type: int, info: Dataset) -> bool:
-    remote = pacs.aes.get(calling)
+    remote = pacs.aes.lookup(calling)  # registered maybe seconds ago: not the cache
     if remote is None:
         log.error("storage commitment: %s closed its association and is not in the AE registry "
                   "(pacs ae add %s --host H --port P): the report cannot be sent", calling, calling)
         return False
-    ae = AE(ae_title=pacs.settings.ae_title)
-    ae.acse_timeout = 30
-    ae.dimse_timeout = pacs.settings.dicom_timeout
-    ae.network_timeout = pacs.settings.dicom_timeout
+    ae = local_ae(pacs)
     ae.add_requested_context(StorageCommitmentPushModel)
     role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
     for delay in RETRY_DELAYS:
         time.sleep(delay)
         try:
-            assoc = ae.associate(remote.host, remote.port, ae_title=remote.title, ext_neg=[role],
-                                 **association_tls(pacs.settings, remote))
-        except Exception as exc:
-            log.warning("storage commitment: association with %s failed: %s", calling, exc)
-            continue
-        if not assoc.is_established:
-            log.warning("storage commitment: %s at %s:%d refused the association", calling, remote.host, remote.port)
+            assoc = associate(pacs, ae, remote, ext_neg=[role])
+        except Exception as exc:  # refused, unreachable, TLS: the next try may find it up
+            log.warning("storage commitment: no association with %s: %s", calling, exc)
             continue
         try:
             if _send(assoc, event_type, info):

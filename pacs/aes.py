@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Engine, delete, select, update
 
@@ -50,16 +51,28 @@ class AeRegistry:
         self._cached_at = 0.0
         self._lock = threading.Lock()
 
+    @staticmethod
+    def _select() -> Any:
+        return select(KnownAE.title, KnownAE.host, KnownAE.port, KnownAE.description, KnownAE.enabled, KnownAE.tls)
+
+    @staticmethod
+    def _remote(row: Any) -> RemoteAE:
+        return RemoteAE(row.title, row.host, row.port, row.description, row.enabled, bool(row.tls))
+
     def list(self) -> list[RemoteAE]:
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                select(KnownAE.title, KnownAE.host, KnownAE.port, KnownAE.description, KnownAE.enabled,
-                       KnownAE.tls).order_by(KnownAE.title)
-            ).all()
-        return [RemoteAE(r.title, r.host, r.port, r.description, r.enabled, bool(r.tls)) for r in rows]
+            rows = conn.execute(self._select().order_by(KnownAE.title)).all()
+        return [self._remote(r) for r in rows]
 
     def get(self, title: str) -> RemoteAE | None:
         return self.cached().get(title.strip())
+
+    def lookup(self, title: str) -> RemoteAE | None:
+        """*title* as registered now, not as cached (for rare calls made long
+        after the association that named the AE)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(self._select().where(KnownAE.title == title.strip())).first()
+        return self._remote(row) if row else None
 
     def cached(self) -> dict[str, RemoteAE]:
         """All known AEs, at most a few seconds old (hot path of every association)."""

@@ -59,7 +59,8 @@ def _remote(pacs: Pacs, title: str) -> RemoteAE:
     return remote
 
 
-def _ae(pacs: Pacs) -> AE:
+def local_ae(pacs: Pacs) -> AE:
+    """This node as the calling AE of an outbound association, with its timeouts."""
     ae = AE(ae_title=pacs.settings.ae_title)
     ae.acse_timeout = 30
     ae.dimse_timeout = pacs.settings.dicom_timeout
@@ -68,7 +69,9 @@ def _ae(pacs: Pacs) -> AE:
     return ae
 
 
-def _associate(pacs: Pacs, ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
+def associate(pacs: Pacs, ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
+    """An established association with *remote* (TLS when registered so, TCP_NODELAY);
+    RemoteError when it cannot be had."""
     tls = association_tls(pacs.settings, remote)
     assoc = ae.associate(remote.host, remote.port, ae_title=remote.title, **tls, **kwargs)
     if not assoc.is_established:
@@ -91,9 +94,9 @@ def identifier(level: str, keys: dict[str, str]) -> Dataset:
 
 def echo(pacs: Pacs, title: str) -> int:
     """C-ECHO the remote AE; returns the status."""
-    ae = _ae(pacs)
+    ae = local_ae(pacs)
     ae.add_requested_context(Verification)
-    assoc = _associate(pacs, ae, _remote(pacs, title))
+    assoc = associate(pacs, ae, _remote(pacs, title))
     try:
         status = assoc.send_c_echo()
         return int(status.Status) if status else 0xC000
@@ -104,9 +107,9 @@ def echo(pacs: Pacs, title: str) -> int:
 def find(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = "study") -> Iterator[Dataset]:
     """C-FIND on the remote AE; yields each matching identifier."""
     find_class = _MODELS[model][0]
-    ae = _ae(pacs)
+    ae = local_ae(pacs)
     ae.add_requested_context(find_class)
-    assoc = _associate(pacs, ae, _remote(pacs, title))
+    assoc = associate(pacs, ae, _remote(pacs, title))
     try:
         for status, match in assoc.send_c_find(identifier(level, keys), find_class):
             if status is None:
@@ -139,9 +142,9 @@ def move(
 ) -> RetrieveSummary:
     """C-MOVE from the remote AE to *destination* (default: our own AE)."""
     move_class = _MODELS[model][1]
-    ae = _ae(pacs)
+    ae = local_ae(pacs)
     ae.add_requested_context(move_class)
-    assoc = _associate(pacs, ae, _remote(pacs, title))
+    assoc = associate(pacs, ae, _remote(pacs, title))
     try:
         responses = assoc.send_c_move(identifier(level, keys), destination or pacs.settings.ae_title, move_class)
         return _summary(responses, RetrieveSummary(0xC000), "C-MOVE")
@@ -166,7 +169,7 @@ def get(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = "
     if not sop_classes:
         return RetrieveSummary(0x0000)
     get_class = _MODELS[model][2]
-    ae = _ae(pacs)
+    ae = local_ae(pacs)
     ae.add_requested_context(get_class)
     roles = []
     for sop_class in sop_classes[:127]:
@@ -181,7 +184,7 @@ def get(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = "
             stored["n"] += 1
         return status
 
-    assoc = _associate(pacs, ae, _remote(pacs, title), ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assoc = associate(pacs, ae, _remote(pacs, title), ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
         responses = assoc.send_c_get(identifier(level, keys), get_class)
         summary = _summary(responses, RetrieveSummary(0xC000), "C-GET")
