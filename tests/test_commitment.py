@@ -30,7 +30,9 @@ from .conftest import PacsServer, free_port, run_dcmtk
 from .test_dimse_failures import make_ct
 
 MODALITY = "CT_COMMIT"
-REPORT_WAIT = 30.0
+# Long enough for the late path too: a report that crossed the modality's release waits
+# for pynetdicom's 30 s ACSE timeout, then goes on a new association.
+REPORT_WAIT = 75.0
 
 
 def _send_study(server: PacsServer, folder: Path, count: int) -> list[tuple[str, str, str]]:
