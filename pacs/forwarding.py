@@ -33,9 +33,9 @@ from . import routing
 from .app import Pacs
 from .maintenance.export import deidentify_salt
 from .query import Level
+from .remote import RemoteError, associate
 from .retrieve import RetrieveItem, apply_overrides, resolve
 from .routing import TRANSCODES, Job, Rule
-from .tls import association_tls
 from .transcode import ENCODABLE, stream_stored
 
 if TYPE_CHECKING:
@@ -203,16 +203,12 @@ class Forwarder:
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
         for cx in _contexts(prepared):
             ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
-        assoc = ae.associate(remote.host, remote.port, ae_title=remote.title,
-                             **association_tls(self.pacs.settings, remote))
-        if not assoc.is_established:
+        try:
+            assoc = associate(self.pacs, ae, remote)
+        except RemoteError:
             for job, _, _ in prepared:
                 routing.fail(engine, job, f"association with {title} failed", max_attempts=self.max_attempts)
             return
-        try:
-            assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except (OSError, AttributeError):
-            pass
         try:
             for job, item, ds in prepared:
                 if not assoc.is_established:

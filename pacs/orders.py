@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from .errors import PacsError
+from .header import valid_uid
 from .index.models import (
     Correction,
     Order,
@@ -34,7 +35,6 @@ from .index.models import (
 )
 from .index.reconcile import PATIENT_COLUMNS, record_reconciliation
 from .index.writer_helpers import insert_ignore
-from .header import valid_uid
 from .names import fold_name, name_words
 
 log = logging.getLogger(__name__)
