@@ -23,6 +23,7 @@ from sqlalchemy import Connection, and_, delete, func, or_, select, update
 
 from .errors import PacsError
 from .header import valid_uid
+from .index.db import write_transaction
 from .index.models import (
     Correction,
     Order,
@@ -200,7 +201,7 @@ class OrderService:
         "discontinue", OrderInfo), ("patient", PatientInfo),
         ("merge", (PatientInfo, [(prior id, issuer)]))."""
         results = []
-        with self.engine.begin() as conn:
+        with write_transaction(self.engine) as conn:
             for action, arg in actions:
                 if action == "place":
                     results.append(self._place(conn, arg, source))
@@ -377,7 +378,7 @@ class OrderService:
         if status not in ("IN PROGRESS", "COMPLETED", "DISCONTINUED"):
             raise OrderError(f"invalid performed procedure step status {status!r}", http_status=400)
         now = _now()
-        with self.engine.begin() as conn:
+        with write_transaction(self.engine) as conn:
             existing = conn.execute(select(steps_t).where(steps_t.c.sop_uid == sop_uid)).first()
             if create and existing is not None:
                 raise OrderError("performed procedure step already exists", http_status=409)
@@ -463,7 +464,7 @@ class OrderService:
 
     def match(self, study_uid: str, accession: str) -> dict[str, Any]:
         """Link a study to an order by hand; the HIS demographics then apply."""
-        with self.engine.begin() as conn:
+        with write_transaction(self.engine) as conn:
             study_pk = conn.execute(select(studies_t.c.pk).where(studies_t.c.study_uid == study_uid)).scalar()
             if study_pk is None:
                 raise OrderError(f"no study {study_uid}", http_status=404)

@@ -21,6 +21,7 @@ from sqlalchemy import select, update
 
 from .app import Pacs
 from .errors import PacsError
+from .index.db import write_transaction
 from .index.models import Order, Patient, Report, Study, StudyOrderLink
 from .ingest import Origin
 from .orders import OrderService
@@ -96,7 +97,7 @@ class ReportService:
 
     def save_draft(self, study_uid: str, findings: str, impression: str, author: str) -> dict[str, Any]:
         now = datetime.now(UTC)
-        with self.pacs.engine.begin() as conn:
+        with write_transaction(self.pacs.engine) as conn:
             study = self._study(conn, study_uid)
             versions = self._versions(conn, study.pk)
             current = versions[-1] if versions else None
@@ -116,7 +117,7 @@ class ReportService:
     def amend(self, study_uid: str, author: str) -> dict[str, Any]:
         """A new draft version carrying the signed text forward."""
         now = datetime.now(UTC)
-        with self.pacs.engine.begin() as conn:
+        with write_transaction(self.pacs.engine) as conn:
             study = self._study(conn, study_uid)
             versions = self._versions(conn, study.pk)
             if not versions or versions[-1].status != "signed":
