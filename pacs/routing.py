@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Connection, Engine, and_, delete, func, select, update
 
 from .errors import PacsError
+from .index.db import write_transaction
 from .index.models import RouteJob, RoutingRule
 from .index.writer_helpers import insert_ignore
 
@@ -300,7 +301,9 @@ def claim(engine: Engine, destination_key: str, node: str, limit: int = 50) -> l
     now = datetime.now(UTC)
     due = and_(jobs_t.c.destination_key == destination_key, jobs_t.c.state.in_(["pending", "sending"]),
                jobs_t.c.next_attempt_at <= now)
-    with engine.begin() as conn:
+    # Reads, then writes: on SQLite a deferred transaction would fail at
+    # once with "database is locked" if an ingest committed in between.
+    with write_transaction(engine) as conn:
         pks = conn.execute(
             select(jobs_t.c.pk).where(due).order_by(jobs_t.c.pk).limit(limit).with_for_update(skip_locked=True)
         ).scalars().all()
