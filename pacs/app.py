@@ -88,6 +88,7 @@ class Pacs:
         self._closed = True
         self.audit.close()
         self.committer.close()
+        self.reader.close()
         self.store.close()
         self.engine.dispose()
 
