@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import DBAPIError
 
+from .index.db import discard_connection
 from .index.models import Instance, Patient, Series, Study
 
 
@@ -57,19 +58,11 @@ class IndexReader:
                     return self._lookup_conn.execute(stmt).scalar()
                 except DBAPIError:
                     # The server may have restarted since: one fresh connection.
-                    self._close_lookup()
+                    discard_connection(self._lookup_conn)
+                    self._lookup_conn = None
                     if attempt == 2:
                         raise
         raise AssertionError("unreachable")
-
-    def _close_lookup(self) -> None:
-        if self._lookup_conn is not None:
-            try:
-                self._lookup_conn.invalidate()
-                self._lookup_conn.close()
-            except Exception:
-                pass
-            self._lookup_conn = None
 
     def close(self) -> None:
         """Give back the kept lookup connection."""

@@ -51,3 +51,30 @@ def test_postgresql_schema(pg_url: str) -> None:
         assert targets == {"name": 1000, "name_words": 1000}
     finally:
         engine.dispose()
+
+
+def test_kept_lookup_connection_survives_a_lost_backend(pg_url: str) -> None:
+    """The ingest's duplicate lookup keeps one connection; a PostgreSQL
+    restart (here: its backend killed) costs one reconnect, not an error."""
+    import psycopg
+    from sqlalchemy import text
+
+    from pacs.reads import IndexReader
+
+    from .peers import PG_ADMIN
+
+    engine = create_index_engine(pg_url)
+    reader = IndexReader(engine)
+    try:
+        upgrade_schema(engine)
+        assert reader.instance_key("1.2.3") is None
+        conn = reader._lookup_conn
+        assert conn is not None
+        pid = conn.execute(text("select pg_backend_pid()")).scalar()
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute("select pg_terminate_backend(%s)", (pid,))
+        assert reader.instance_key("1.2.3") is None
+        assert reader._lookup_conn is not conn
+    finally:
+        reader.close()
+        engine.dispose()

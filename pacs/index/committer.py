@@ -21,6 +21,7 @@ from collections import deque
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from .db import discard_connection
 from .writer import AddResult, IndexRecord, IndexWriter
 
 log = logging.getLogger(__name__)
@@ -142,13 +143,8 @@ class GroupCommitter:
         return self._conn
 
     def _drop_connection(self) -> None:
-        if self._conn is not None:
-            try:
-                self._conn.invalidate()
-                self._conn.close()
-            except Exception:
-                pass
-            self._conn = None
+        discard_connection(self._conn)
+        self._conn = None
 
 
 def _outcome(waiter: _Waiter) -> AddResult:

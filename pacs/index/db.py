@@ -30,6 +30,18 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+def discard_connection(conn: Connection | None) -> None:
+    """Throw away a kept connection after an error (it may be broken: the
+    server restarted, a lock timed out); never raises."""
+    if conn is None:
+        return
+    try:
+        conn.invalidate()
+        conn.close()
+    except Exception:
+        pass
+
+
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
