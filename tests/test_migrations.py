@@ -78,3 +78,46 @@ def test_kept_lookup_connection_survives_a_lost_backend(pg_url: str) -> None:
     finally:
         reader.close()
         engine.dispose()
+
+
+def _instance_row(engine: Engine, sop_uid: str, key: str) -> None:
+    """One patient/study/series/instance written on its own connection."""
+    from datetime import UTC, datetime
+
+    from pacs.index.models import Instance, Patient, Series, Study
+
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        patient = conn.execute(Patient.__table__.insert().values(
+            patient_id="P1", created_at=now, updated_at=now,
+        ).returning(Patient.__table__.c.pk)).scalar_one()
+        study = conn.execute(Study.__table__.insert().values(
+            patient_pk=patient, study_uid="1.2.840.1", created_at=now, updated_at=now,
+        ).returning(Study.__table__.c.pk)).scalar_one()
+        series = conn.execute(Series.__table__.insert().values(
+            study_pk=study, series_uid="1.2.840.1.1", created_at=now, updated_at=now,
+        ).returning(Series.__table__.c.pk)).scalar_one()
+        conn.execute(Instance.__table__.insert().values(
+            series_pk=series, sop_uid=sop_uid, sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+            transfer_syntax_uid="1.2.840.10008.1.2.1", size_bytes=1, sha256="", storage_key=key,
+            received_at=now,
+        ))
+
+
+def test_kept_lookup_connection_sees_later_commits(tmp_path: Path) -> None:
+    """The kept lookup connection holds no transaction between lookups
+    (SQLite: no read snapshot), so it sees what other connections committed."""
+    from pacs.reads import IndexReader
+
+    engine = create_index_engine(f"sqlite:///{tmp_path}/index.sqlite")
+    reader = IndexReader(engine)
+    try:
+        upgrade_schema(engine)
+        assert reader.instance_key("1.2.840.1.1.1") is None
+        _instance_row(engine, "1.2.840.1.1.1", "a/b/c.dcm")
+        assert reader.instance_key("1.2.840.1.1.1") == "a/b/c.dcm"
+        assert reader._lookup_conn is not None
+        assert not reader._lookup_conn.connection.dbapi_connection.in_transaction  # type: ignore[union-attr]
+    finally:
+        reader.close()
+        engine.dispose()

@@ -87,7 +87,13 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        if conn.get_execution_options().get("immediate"):
+        options = conn.get_execution_options()
+        if options.get("isolation_level") == "AUTOCOMMIT":
+            # Each statement is its own transaction: a BEGIN here would hold
+            # a read snapshot until the connection closes (stale reads, and
+            # the WAL could never be checkpointed past it).
+            return
+        if options.get("immediate"):
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             conn.exec_driver_sql("BEGIN")
