@@ -18,7 +18,12 @@ COPY worklist ./worklist
 COPY ris_bridge ./ris_bridge
 COPY viewer_api ./viewer_api
 COPY sample_studies ./sample_studies
-RUN pip install --no-cache-dir . && python -c "import pacs, dicom_scp, viewer_api"
+# Import every module, so a dependency missing from pyproject.toml fails the
+# build rather than the first start.
+RUN pip install --no-cache-dir . && python -c "import importlib, pkgutil; \
+[importlib.import_module(m.name) for p in ('storage', 'pacs', 'dicom_scp', 'worklist', 'ris_bridge', 'viewer_api', 'sample_studies') \
+ for m in pkgutil.walk_packages(importlib.import_module(p).__path__, p + '.') \
+ if '.migrations' not in m.name and not m.name.endswith('__main__')]"
 
 USER pacs
 VOLUME ["/data"]
