@@ -177,7 +177,11 @@ class Ingestor:
             # SeaweedFS, more against a distant one); the index answers the
             # same question from a local query, and a resend is not uploaded
             # at all. Two nodes racing on one instance both upload either way.
-            existing = self.reader.instance_key(header.sop_uid)
+            try:
+                existing = self.reader.instance_key(header.sop_uid)
+            except Exception as exc:
+                log.error("index lookup failed for %s: %s", key, exc)
+                raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
             if existing is not None:
                 log.debug("duplicate instance kept as first received (%s)", existing)
                 return IngestResult(Status.SUCCESS, Outcome.DUPLICATE, header, existing, source.size)

@@ -8,6 +8,7 @@ import signal
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -25,6 +26,7 @@ from .conftest import (
     free_port,
     run_dcmtk,
 )
+from .peers import PG_ADMIN
 
 
 def scu_store_file(server: PacsServer, path: Path, calling: str = "PYSCU") -> int:
@@ -235,6 +237,40 @@ def test_s3_down_gives_failure_status_and_no_index_row(tmp_path: Path, pg_url: s
     finally:
         server.stop()
         s3.stop()
+
+
+def test_index_down_gives_failure_status_and_nothing_uploaded(tmp_path: Path, pg_url: str, s3_bucket_url: str) -> None:
+    """PostgreSQL unreachable: the C-STORE fails with 0xA703 before anything is
+    uploaded, the listener keeps answering, and stores work again once it is back."""
+    env = {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET}
+    server = PacsServer(tmp_path / "data", Backend("pg-s3", pg_url, s3_bucket_url, env)).start()
+    database = pg_url.rsplit("/", 1)[1]
+
+    def allow_connections(allow: bool) -> None:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allow).lower()}')
+            if not allow:
+                admin.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (database,))
+
+    try:
+        assert scu_store_file(server, make_ct(tmp_path / "ok.dcm")) == 0x0000
+        allow_connections(False)
+        try:
+            lost = make_ct(tmp_path / "lost.dcm")
+            assert scu_store_file(server, lost) == 0xA703
+            assert run_dcmtk("echoscu", "-aec", "FILMLESS", "127.0.0.1", str(server.dicom_port)).returncode == 0
+        finally:
+            allow_connections(True)
+        core = server.core()
+        try:
+            assert len(list(core.store.list())) == 1  # the refused object was never uploaded
+        finally:
+            core.close()
+        assert scu_store_file(server, lost) == 0x0000
+        assert server.stats()["instances"] == 2
+        assert server.alive()
+    finally:
+        server.stop()
 
 
 @pytest.fixture
