@@ -169,6 +169,18 @@ class Ingestor:
         finally:
             self._locks.release(header.sop_uid)
 
+    def _indexed_key(self, sop_uid: str, key: str) -> str | None:
+        """Storage key the index holds for *sop_uid*, or None.
+
+        A failed lookup answers "index unavailable" (0xA703), as a failed
+        commit does: the modality retries later instead of giving up.
+        """
+        try:
+            return self.reader.instance_key(sop_uid)
+        except Exception as exc:
+            log.error("index lookup failed for %s: %s", key, exc)
+            raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
+
     def _store_and_index(self, source: Source, header: InstanceHeader, origin: Origin) -> IngestResult:
         key = object_key(header.study_uid, header.series_uid, header.sop_uid)
         if self.store.remote and not self.overwrite:
@@ -177,11 +189,7 @@ class Ingestor:
             # SeaweedFS, more against a distant one); the index answers the
             # same question from a local query, and a resend is not uploaded
             # at all. Two nodes racing on one instance both upload either way.
-            try:
-                existing = self.reader.instance_key(header.sop_uid)
-            except Exception as exc:
-                log.error("index lookup failed for %s: %s", key, exc)
-                raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
+            existing = self._indexed_key(header.sop_uid, key)
             if existing is not None:
                 log.debug("duplicate instance kept as first received (%s)", existing)
                 return IngestResult(Status.SUCCESS, Outcome.DUPLICATE, header, existing, source.size)
@@ -192,7 +200,11 @@ class Ingestor:
                 # detected by the store itself, without a query per object.
                 info = staged.commit(key, replace=self.overwrite or self.store.remote)
             except ObjectExists:
-                existing = self.reader.instance_key(header.sop_uid)
+                try:
+                    existing = self._indexed_key(header.sop_uid, key)
+                except IngestError:
+                    staged.abort()
+                    raise
                 if existing is not None:
                     staged.abort()
                     log.debug("duplicate instance kept as first received (%s)", existing)

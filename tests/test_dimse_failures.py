@@ -239,28 +239,30 @@ def test_s3_down_gives_failure_status_and_no_index_row(tmp_path: Path, pg_url: s
         s3.stop()
 
 
+def allow_connections(pg_url: str, allow: bool) -> None:
+    """Let the test database accept connections again, or refuse them and
+    drop the ones it has: PostgreSQL down, as the server sees it."""
+    database = pg_url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+        admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allow).lower()}')
+        if not allow:
+            admin.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (database,))
+
+
 def test_index_down_gives_failure_status_and_nothing_uploaded(tmp_path: Path, pg_url: str, s3_bucket_url: str) -> None:
     """PostgreSQL unreachable: the C-STORE fails with 0xA703 before anything is
     uploaded, the listener keeps answering, and stores work again once it is back."""
     env = {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET}
     server = PacsServer(tmp_path / "data", Backend("pg-s3", pg_url, s3_bucket_url, env)).start()
-    database = pg_url.rsplit("/", 1)[1]
-
-    def allow_connections(allow: bool) -> None:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {str(allow).lower()}')
-            if not allow:
-                admin.execute("select pg_terminate_backend(pid) from pg_stat_activity where datname = %s", (database,))
-
     try:
         assert scu_store_file(server, make_ct(tmp_path / "ok.dcm")) == 0x0000
-        allow_connections(False)
+        allow_connections(pg_url, False)
         try:
             lost = make_ct(tmp_path / "lost.dcm")
             assert scu_store_file(server, lost) == 0xA703
             assert run_dcmtk("echoscu", "-aec", "FILMLESS", "127.0.0.1", str(server.dicom_port)).returncode == 0
         finally:
-            allow_connections(True)
+            allow_connections(pg_url, True)
         core = server.core()
         try:
             assert len(list(core.store.list())) == 1  # the refused object was never uploaded
@@ -268,6 +270,29 @@ def test_index_down_gives_failure_status_and_nothing_uploaded(tmp_path: Path, pg
             core.close()
         assert scu_store_file(server, lost) == 0x0000
         assert server.stats()["instances"] == 2
+        assert server.alive()
+    finally:
+        server.stop()
+
+
+def test_index_down_on_resend_to_filesystem_store_gives_a703(tmp_path: Path, pg_url: str) -> None:
+    """A resend finds its object already on disk and asks the index whether it is
+    a duplicate or a crash's orphan: with PostgreSQL down that answers 0xA703
+    (retry later), not a generic failure, and leaves no staged copy behind."""
+    server = PacsServer(tmp_path / "data", Backend("pg-fs", pg_url, None, {})).start()
+    try:
+        sent = make_ct(tmp_path / "ct.dcm")
+        assert scu_store_file(server, sent) == 0x0000
+        allow_connections(pg_url, False)
+        try:
+            assert scu_store_file(server, sent) == 0xA703
+        finally:
+            allow_connections(pg_url, True)
+        staging = server.data_dir / "objects" / ".tmp"
+        # Empty files there are the spares the store makes ahead of need.
+        assert not [path for path in staging.iterdir() if path.stat().st_size]
+        assert scu_store_file(server, sent) == 0x0000
+        assert server.stats()["instances"] == 1
         assert server.alive()
     finally:
         server.stop()
