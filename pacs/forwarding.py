@@ -26,14 +26,14 @@ import httpx
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, _config
+from pynetdicom import _config
 from pynetdicom.presentation import PresentationContext
 
 from . import routing
 from .app import Pacs
 from .maintenance.export import deidentify_salt
 from .query import Level
-from .remote import RemoteError, associate
+from .remote import RemoteError, associate, local_ae
 from .retrieve import RetrieveItem, apply_overrides, resolve
 from .routing import TRANSCODES, Job, Rule
 from .transcode import ENCODABLE, stream_stored
@@ -199,8 +199,9 @@ class Forwarder:
                 routing.fail(engine, job, f"cannot prepare: {exc}", max_attempts=self.max_attempts, permanent=True)
         if not prepared:
             return
-        ae = AE(ae_title=self.pacs.settings.ae_title)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        # The operator's dicom_timeout and PDU size apply to routing too: a
+        # slow satellite link is configured once, not per service.
+        ae = local_ae(self.pacs)
         for cx in _contexts(prepared):
             ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
         try:
