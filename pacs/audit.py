@@ -16,12 +16,14 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, insert, select
+from sqlalchemy import Connection, Engine, insert, select
 
-from .index.models import AuditEvent
+from .index.models import AuditEvent, Patient, Study
 
 log = logging.getLogger(__name__)
 events_t = AuditEvent.__table__
+studies_t = Study.__table__
+patients_t = Patient.__table__
 
 # RFC 3881 EventActionCode: C create, R read, U update, D delete, E execute.
 _ACTION_CODE = {
@@ -97,10 +99,29 @@ class AuditTrail:
             return
         try:
             with self.engine.begin() as conn:
+                _add_patient_ids(conn, batch)
                 conn.execute(insert(events_t), [asdict(e) for e in batch])
         except Exception:
             # The trail must not take the service down; say loudly what was lost.
             log.exception("could not write %d audit events", len(batch))
+
+
+def _add_patient_ids(conn: Connection, batch: list[Event]) -> None:
+    """Fill in the patient of events that name only a study (most HTTP
+    accesses): "who saw which patient" must not need a join at audit time,
+    and must survive the study's later deletion."""
+    wanted = {e.study_uid for e in batch if e.study_uid and not e.patient_id}
+    if not wanted:
+        return
+    rows = conn.execute(
+        select(studies_t.c.study_uid, patients_t.c.patient_id)
+        .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
+        .where(studies_t.c.study_uid.in_(wanted))
+    ).all()
+    patient_of = {row.study_uid: row.patient_id for row in rows}
+    for event in batch:
+        if event.study_uid and not event.patient_id:
+            event.patient_id = patient_of.get(event.study_uid) or ""
 
 
 @dataclass

@@ -95,13 +95,45 @@ def test_public_routes(secured: PacsServer) -> None:
         assert http.get("/").status_code == 200
         assert http.get("/openapi.json").status_code == 200
         assert http.get(f"/viewer/study/{study_uid('S1')}", follow_redirects=False).status_code == 302
+        # An accession link is resolved by the viewer after login: before it,
+        # a known and an unknown accession number get the same answer.
+        for accession in ("ACC001", "NOPE"):
+            link = http.get(f"/viewer/accession/{accession}", follow_redirects=False)
+            assert (link.status_code, link.headers["location"]) == (302, f"/#/accession/{accession}")
+
+
+def _study_routes(server: PacsServer, key: str) -> list[str]:
+    """Every route that reads one study's data, across the APIs."""
+    uid = study_uid(key)
+    ds = dcmread(next(iter(sorted(server.corpus_dir.glob(f"{key}_0_0.dcm")))), stop_before_pixels=True)  # type: ignore[attr-defined]
+    inst = f"/dicom-web/studies/{uid}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+    return [
+        f"/api/studies/{uid}", f"/api/studies/{uid}/report",
+        f"/dicom-web/studies/{uid}", f"/dicom-web/studies/{uid}/metadata", inst, inst + "/metadata",
+        inst + "/frames/1", inst + "/rendered", f"/dicom-web/studies/{uid}/thumbnail",
+        f"/wado?requestType=WADO&studyUID={uid}&seriesUID={ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}"
+        "&contentType=application/dicom",
+        f"/fhir/ImagingStudy/{uid}",
+    ]
 
 
 def test_referring_physician_sees_only_referred_studies(secured: PacsServer) -> None:
+    """One rule on every API: a referring physician reads the studies they
+    referred (S1), and nothing of another (S2, same patient), by any route."""
     with secured.http(token=secured.tokens["referring"]) as http:  # type: ignore[attr-defined]
         listed = http.get("/api/worklist").json()["items"]
         assert {i["study_uid"] for i in listed} == {study_uid("S1")}
-        assert http.get(f"/api/studies/{study_uid('S2')}").status_code == 403
+        refused = {path: http.get(path).status_code for path in _study_routes(secured, "S2")}
+        assert set(refused.values()) == {403}, refused
+        allowed = {path: http.get(path).status_code for path in _study_routes(secured, "S1")}
+        assert all(code == 200 for code in allowed.values()), allowed
+        # Searches that name a patient, not a study, answer only the referred studies.
+        for resource in ("ImagingStudy", "DiagnosticReport"):
+            for query in ("identifier=ACC002", "patient.identifier=001085012345"):
+                bundle = http.get(f"/fhir/{resource}?{query}").json()
+                assert study_uid("S2") not in json.dumps(bundle), (resource, query)
+        found = http.get("/fhir/ImagingStudy?patient.identifier=001085012345").json()
+        assert [e["resource"]["id"] for e in found["entry"]] == [study_uid("S1")]
 
 
 def test_login_logout_and_revoked_tokens(secured: PacsServer) -> None:
@@ -125,12 +157,15 @@ def test_login_logout_and_revoked_tokens(secured: PacsServer) -> None:
         assert http.get("/api/worklist").status_code == 401
 
 
+def _get_as(server: PacsServer, role: str, path: str) -> int:
+    with server.http(token=server.tokens[role]) as http:  # type: ignore[attr-defined]
+        return http.get(path).status_code
+
+
 def test_accesses_are_audited_with_user_and_study(secured: PacsServer) -> None:
     s1 = study_uid("S1")
-    with secured.http(token=secured.tokens["radiologist"]) as http:  # type: ignore[attr-defined]
-        assert http.get(f"/dicom-web/studies/{s1}/metadata").status_code == 200
-    with secured.http(token=secured.tokens["modality"]) as http:  # type: ignore[attr-defined]
-        assert http.get(f"/dicom-web/studies/{s1}/metadata").status_code == 403
+    assert _get_as(secured, "radiologist", f"/dicom-web/studies/{s1}/metadata") == 200
+    assert _get_as(secured, "modality", f"/dicom-web/studies/{s1}/metadata") == 403
     with secured.http() as http:
         events = http.get("/api/audit", params={"study": s1}).json()
         atna = http.get("/api/audit", params={"study": s1, "format": "atna"}).json()
@@ -138,6 +173,8 @@ def test_accesses_are_audited_with_user_and_study(secured: PacsServer) -> None:
     seen = {(e["user"], e["role"], e["action"], e["outcome"]) for e in events}
     assert ("user-radiologist", "radiologist", "retrieve", "success") in seen
     assert ("user-modality", "modality", "retrieve", "denied") in seen
+    # The patient is recorded with the study ("who saw which patient").
+    assert {e["patient_id"] for e in events} == {"001085012345"}
     assert all(e["client"] == "127.0.0.1" for e in events)
     assert atna[0]["ParticipantObjectIdentification"][0]["ParticipantObjectID"] == s1
     assert "AUDIT" in syslog and s1 in syslog
@@ -152,6 +189,23 @@ def test_accesses_are_audited_with_user_and_study(secured: PacsServer) -> None:
             conn.execute(text("DELETE FROM audit_events"))
     finally:
         core.close()
+
+
+def test_audit_outcome_is_the_answer(secured: PacsServer) -> None:
+    """An access is recorded with what it got: a 404 or a refused request is
+    not a successful read, and a referring physician's refusal is one event."""
+    missing = "1.2.826.0.1.3680043.8.498.404404"
+    mine = {"study": study_uid("S2"), "user": "user-referring"}
+    with secured.http() as http:
+        before = len(http.get("/api/audit", params=mine).json())
+    assert _get_as(secured, "radiologist", f"/dicom-web/studies/{missing}/metadata") == 404
+    assert _get_as(secured, "referring", f"/api/studies/{study_uid('S2')}") == 403
+    with secured.http() as http:
+        gone = http.get("/api/audit", params={"study": missing}).json()
+        refused = http.get("/api/audit", params=mine).json()
+    assert [(e["action"], e["outcome"]) for e in gone] == [("retrieve", "failure")]
+    assert gone[0]["detail"].endswith("-> 404")
+    assert [(e["action"], e["outcome"]) for e in refused[: len(refused) - before]] == [("view", "denied")]
 
 
 def test_auth_can_only_be_disabled_explicitly(tmp_path: Path) -> None:

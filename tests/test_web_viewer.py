@@ -268,6 +268,22 @@ def test_radiologist_reads_and_signs_a_ct(page: Any, viewer_server: PacsServer) 
     expect(page).to_have_url(re.compile(r"#/login$"))
     assert page.request.get("/api/me").status == 401
 
+    # An EMR link by accession number, opened without a session: login first,
+    # then the study; an accession the user cannot see says so.
+    with viewer_server.http() as admin:
+        accession = admin.get(f"/api/studies/{study_uid}").json()["accession"]
+    assert accession
+    page.goto(f"/viewer/accession/{accession}")
+    expect(page).to_have_url(re.compile(r"#/login$"))
+    page.fill("#username", USERNAME)
+    page.fill("#password", PASSWORD)
+    page.press("#password", "Enter")
+    expect(page).to_have_url(re.compile(rf"#/study/{re.escape(study_uid)}$"))
+    expect(page.locator("#patient-name")).to_have_text("Nguyễn Văn An")
+    page.goto("/viewer/accession/NO-SUCH-ACC")
+    expect(page.locator("#app")).to_contain_text("NO-SUCH-ACC")
+    steps.shot("accession-unknown")
+
     assert not page.errors, page.errors
     assert len(list(ARTIFACTS.glob("*.png"))) == steps.n
 

@@ -14,7 +14,7 @@ from pacs.app import Pacs, health
 
 from . import errors, fhir, orders_api, qido, stow, ui_api, wado, wado_uri
 from .rendering import RenderCache
-from .security import READERS, requires
+from .security import READERS, AuditMiddleware, requires
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -29,6 +29,7 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.state.pacs = pacs
     app.state.render_cache = RenderCache(pacs.settings.render_cache_bytes)
     errors.install(app)
+    app.add_middleware(AuditMiddleware)
     # Who may do what (the table tests/test_access_control.py checks).
     app.include_router(qido.router, dependencies=requires("radiologist", "admin", "emr", action="query"))
     app.include_router(wado.router, dependencies=requires(*READERS, action="retrieve"))

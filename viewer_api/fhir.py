@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from sqlalchemy import or_, select
 
+from pacs.auth import Principal
 from pacs.index.models import PatientIdentifier
 from pacs.query.attributes import patients, studies
 from pacs.reports import ReportService
@@ -19,7 +20,7 @@ from pacs.studylist import study_detail
 
 from .dicomjson import dumps
 from .errors import HTTPProblem
-from .security import READERS, guard
+from .security import READERS, guard, may_see_study
 from .urls import base_url
 
 router = APIRouter(prefix="/fhir", tags=["FHIR R4"])
@@ -155,19 +156,22 @@ def _bundle(request: Request, resources: list[dict[str, Any]]) -> dict[str, Any]
     }
 
 
-def _details(request: Request, patient_identifier: str, identifier: str, count: int) -> list[dict[str, Any]]:
+def _details(request: Request, principal: Principal, patient_identifier: str, identifier: str,
+             count: int) -> list[dict[str, Any]]:
     if not 1 <= count <= 200:
         raise HTTPProblem(400, "_count must be 1-200")
     engine = request.app.state.pacs.engine
-    found = [study_detail(engine, uid) for uid in _study_uids(request, patient_identifier, identifier, count)]
+    uids = [uid for uid in _study_uids(request, patient_identifier, identifier, count)
+            if may_see_study(request, principal, uid)]
+    found = [study_detail(engine, uid) for uid in uids]
     return [d for d in found if d is not None]
 
 
 @router.get("/ImagingStudy", summary="Search ImagingStudy by patient.identifier or identifier")
 def search_imaging_studies(request: Request, identifier: str = "", _count: int = 50,
-                           _: Any = guard(*READERS, action="query")) -> Response:
+                           principal: Principal = guard(*READERS, action="query")) -> Response:
     patient_identifier = request.query_params.get("patient.identifier", "") or request.query_params.get("subject.identifier", "")
-    details = _details(request, patient_identifier, identifier, _count)
+    details = _details(request, principal, patient_identifier, identifier, _count)
     return _fhir(_bundle(request, [imaging_study(request, d) for d in details]))
 
 
@@ -182,11 +186,11 @@ def read_imaging_study(request: Request, study: str, _: Any = guard(*READERS, ac
 
 @router.get("/DiagnosticReport", summary="Search signed reports by patient.identifier or identifier")
 def search_reports(request: Request, identifier: str = "", _count: int = 50,
-                   _: Any = guard(*READERS, action="query")) -> Response:
+                   principal: Principal = guard(*READERS, action="query")) -> Response:
     patient_identifier = request.query_params.get("patient.identifier", "") or request.query_params.get("subject.identifier", "")
     service = ReportService(request.app.state.pacs, base_url(request))
     resources = []
-    for detail in _details(request, patient_identifier, identifier, _count):
+    for detail in _details(request, principal, patient_identifier, identifier, _count):
         report = diagnostic_report(request, detail, service.get(detail["study_uid"], signed_only=True))
         if report is not None:
             resources.append(report)

@@ -13,9 +13,12 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import Depends, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacs.audit import Event
 from pacs.auth import Principal
+from pacs.names import fold_name
+from pacs.studylist import referring_of
 
 from .errors import HTTPProblem
 
@@ -66,8 +69,19 @@ def _study_of(request: Request) -> str:
     )
 
 
+def may_see_study(request: Request, principal: Principal, study_uid: str) -> bool:
+    """A referring physician sees only the studies they referred; other
+    reading roles see every study."""
+    if principal.role != "referring":
+        return True
+    referring = referring_of(request.app.state.pacs.engine, study_uid)
+    return referring is not None and referring == fold_name(principal.display_name)
+
+
 def guard(*roles: str, action: str) -> Any:
-    """A dependency: the caller must hold one of *roles*; the access is audited."""
+    """A dependency: the caller must hold one of *roles* (and, for a referring
+    physician, have referred the study the request names); the access is
+    audited with the answer's outcome (:class:`AuditMiddleware`)."""
 
     def check(request: Request) -> Principal:
         principal = principal_of(request)
@@ -79,13 +93,60 @@ def guard(*roles: str, action: str) -> Any:
             audit(request, action, principal, outcome="denied", study_uid=study,
                   detail=f"role {principal.role} not allowed")
             raise HTTPProblem(403, f"role {principal.role!r} may not do this (needs: {', '.join(roles)})")
+        # Every route that names a study is checked here, whatever its API
+        # (DICOMweb, WADO-URI, FHIR, JSON): one rule, no route forgotten.
+        # Routes that search without naming a study filter their answers.
+        if study and not may_see_study(request, principal, study):
+            audit(request, action, principal, outcome="denied", study_uid=study, detail="not the referring physician")
+            raise HTTPProblem(403, "this study was not referred by you")
         detail = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        audit(request, action, principal, study_uid=study, detail=detail)
+        request.state.audit = Event(
+            action=action, user=principal.username, role=principal.role,
+            client=request.client.host if request.client else "", protocol="http",
+            study_uid=study, detail=detail[:500],
+        )
         request.state.user = principal.username
         request.state.principal = principal
         return principal
 
     return Depends(check)
+
+
+class AuditMiddleware:
+    """Writes the audit event a route's guard prepared once the answer's
+    status is known: success, denied (401/403) or failure (any other error),
+    so a 404 or a refused store is not recorded as a successful access."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        recorded = False
+
+        def record(status: int) -> None:
+            nonlocal recorded
+            event = scope.get("state", {}).get("audit")
+            if recorded or not isinstance(event, Event):
+                return
+            recorded = True
+            if status >= 400:
+                event.outcome = "denied" if status in (401, 403) else "failure"
+                event.detail = f"{event.detail} -> {status}"[:500]
+            scope["app"].state.pacs.audit.record(event)
+
+        async def send_and_record(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                record(int(message["status"]))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        except Exception:
+            record(500)
+            raise
 
 
 def requires(*roles: str, action: str) -> list[Any]:

@@ -1,5 +1,5 @@
 // The web viewer's entry point: session, top bar and hash routing
-// (#/login, #/worklist, #/study/<StudyInstanceUID>).
+// (#/login, #/worklist, #/study/<StudyInstanceUID>, #/accession/<AccessionNumber>).
 
 import { api, setToken, setUnauthorizedHandler } from "./api.js";
 import { applyI18n, onLangChange, t, toggleLang } from "./i18n.js";
@@ -72,6 +72,7 @@ function parseRoute(hash) {
   if (name === "login") return { name: "login" };
   if (name === "worklist") return { name: "worklist" };
   if (name === "study" && parts[1]) return { name: "study", studyUid: decodeURIComponent(parts[1]) };
+  if (name === "accession" && parts[1]) return { name: "accession", accession: decodeURIComponent(parts[1]) };
   return { name: "" };
 }
 
@@ -118,7 +119,27 @@ function render() {
   if (route.name === "login") state.view = mountLogin(root, ctx);
   else if (route.name === "worklist") state.view = mountWorklist(root, ctx);
   else if (route.name === "study") state.view = mountStudy(root, ctx, route.studyUid);
+  else if (route.name === "accession") state.view = openAccession(root, ctx, route.accession);
   applyI18n(root);
+}
+
+// An EMR link by accession number (/viewer/accession/<n>): resolved only now,
+// after login, through the worklist with the user's own access rights.
+function openAccession(el, ctx, accession) {
+  const controller = new AbortController();
+  const message = h("p.notice", { "data-i18n": "loading" });
+  el.append(message);
+  api("GET", "/api/worklist", { query: { accession, limit: 1 }, signal: controller.signal })
+    .then((data) => {
+      const found = data && data.items && data.items[0];
+      if (found) ctx.navigate(`#/study/${encodeURIComponent(found.study_uid)}`, true);
+      else message.textContent = t("accession_not_found").replace("{accession}", accession);
+    })
+    .catch((exc) => {
+      if (exc && exc.name === "AbortError") return;
+      message.textContent = exc && exc.message ? exc.message : String(exc);
+    });
+  return { cleanup: () => controller.abort() };
 }
 
 window.addEventListener("hashchange", () => {
