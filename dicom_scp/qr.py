@@ -14,11 +14,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
+from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -229,6 +232,64 @@ class MoveDestinations:
         return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
 
 
+_MOVE_ITEMS = "_filmless_move_items"
+
+
+def refuse_moves_early(pacs: Pacs) -> Any:
+    """EVT_CONN_OPEN: answer a C-MOVE that must be refused (bad identifier,
+    too many instances) before pynetdicom sees it.
+
+    pynetdicom opens the association to the move destination before it
+    reads the handler's first status, so a refusal yielded by the handler
+    became 0xC515 ("unable to process": no presentation context to propose)
+    instead of 0xA900 with its Error Comment (PS3.4 C.4.2.1.5), and would
+    have contacted the destination for nothing. The instances of an accepted
+    request are handed to the handler so they are resolved once.
+    """
+
+    def on_open(event: Any) -> None:
+        assoc = event.assoc
+        serve = assoc._serve_request
+
+        def serve_request(message: Any, context_id: int) -> None:
+            if isinstance(message, C_MOVE) and message.is_valid_request and _refused(pacs, assoc, message, context_id):
+                return
+            serve(message, context_id)
+
+        assoc._serve_request = serve_request
+
+    return on_open
+
+
+def _refused(pacs: Pacs, assoc: Any, request: C_MOVE, context_id: int) -> bool:
+    """Answer *request* here if it must be refused; True when answered."""
+    destination = pacs.aes.get(str(request.MoveDestination or "").strip())
+    context = assoc._accepted_cx.get(context_id)
+    if destination is None or not destination.enabled or context is None:
+        return False  # pynetdicom's own answers: 0xA801, or an abort for a bad context
+    syntax = context.transfer_syntax[0]
+    identifier_bytes = request.Identifier
+    try:
+        identifier = decode(identifier_bytes, syntax.is_implicit_VR, syntax.is_little_endian, syntax.is_deflated)
+    except Exception:
+        return False  # pynetdicom answers an undecodable identifier itself
+    finally:
+        if identifier_bytes is not None:
+            identifier_bytes.seek(0)
+    event = SimpleNamespace(identifier=identifier, request=request, assoc=assoc)
+    items, refusal = _retrieve_items(pacs, event, "C-MOVE")
+    if refusal is None:
+        assoc.__dict__[_MOVE_ITEMS] = (request.MessageID, items)
+        return False
+    response = C_MOVE()
+    response.MessageIDBeingRespondedTo = request.MessageID
+    response.AffectedSOPClassUID = request.AffectedSOPClassUID
+    response.Status = int(refusal.Status)
+    response.ErrorComment = refusal.get("ErrorComment")
+    assoc.dimse.send_msg(response, context_id)
+    return True
+
+
 def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
     def handle_move(event: Any) -> Iterator[Any]:
         requestor = event.assoc.requestor.ae_title.strip()
@@ -237,14 +298,16 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
             log.warning("C-MOVE from %s to unknown destination %s", requestor, event.move_destination)
             yield None, None  # pynetdicom answers 0xA801
             return
-        items, refusal = _retrieve_items(pacs, event, "C-MOVE")
-        if refusal is not None:
-            # pynetdicom only takes a failure status after the destination and
-            # a sub-operation count have been yielded.
-            yield destination.host, destination.port, association_tls(pacs.settings, destination)
-            yield 1
-            yield refusal, None
-            return
+        message_id, items = event.assoc.__dict__.pop(_MOVE_ITEMS, (None, []))
+        if message_id != event.request.MessageID:
+            items, refusal = _retrieve_items(pacs, event, "C-MOVE")
+            if refusal is not None:
+                # Reached only without refuse_moves_early: pynetdicom takes
+                # a failure status only after a destination and a count.
+                yield destination.host, destination.port, association_tls(pacs.settings, destination)
+                yield 1
+                yield refusal, None
+                return
         contexts = []
         for sop_class, syntaxes in contexts_for(items):
             cx = PresentationContext()
@@ -286,4 +349,4 @@ def make_get_handler(pacs: Pacs) -> Any:
     return handle_get
 
 
-__all__ = ["MoveDestinations", "make_find_handler", "make_get_handler", "make_move_handler"]
+__all__ = ["MoveDestinations", "make_find_handler", "make_get_handler", "make_move_handler", "refuse_moves_early"]

@@ -415,16 +415,7 @@ def test_move_counts_and_partial_failure(qr_server: PacsServer, tmp_path: Path) 
     try:
         qr_server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
         time.sleep(2.2)
-        ae = AE(ae_title="PYSCU")
-        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-        assoc = ae.associate("127.0.0.1", qr_server.dicom_port, ae_title=qr_server.ae_title)
-        responses = [
-            s for s, _ in assoc.send_c_move(
-                _ident(QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid("S1")), "MOVEDEST",
-                StudyRootQueryRetrieveInformationModelMove,
-            ) if s is not None
-        ]
-        assoc.release()
+        responses = _move_responses(qr_server, _ident(QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid("S1")))
     finally:
         scp.stop()
     pending = [r for r in responses if r.Status == 0xFF00]
@@ -434,20 +425,49 @@ def test_move_counts_and_partial_failure(qr_server: PacsServer, tmp_path: Path) 
     assert int(final.NumberOfCompletedSuboperations) == 3 and int(final.NumberOfFailedSuboperations) == 0
 
 
-def test_move_unknown_destination_is_a801(qr_server: PacsServer) -> None:
+def _move_responses(server: PacsServer, identifier: Dataset, destination: str = "MOVEDEST") -> list[Dataset]:
+    """Every C-MOVE-RSP status dataset pynetdicom's SCU receives."""
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate("127.0.0.1", qr_server.dicom_port, ae_title=qr_server.ae_title)
-    statuses = [
-        int(s.Status)
-        for s, _ in assoc.send_c_move(
-            _ident(QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid("S1")), "NOWHERE",
-            StudyRootQueryRetrieveInformationModelMove,
-        )
-        if s is not None
-    ]
-    assoc.release()
-    assert statuses == [0xA801]
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+    try:
+        return [s for s, _ in assoc.send_c_move(identifier, destination, StudyRootQueryRetrieveInformationModelMove)
+                if s is not None]
+    finally:
+        assoc.release()
+
+
+def test_move_unknown_destination_is_a801(qr_server: PacsServer) -> None:
+    responses = _move_responses(qr_server, _ident(QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid("S1")), "NOWHERE")
+    assert [int(s.Status) for s in responses] == [0xA801]
+    assert qr_server.alive()
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"QueryRetrieveLevel": "STUDY"},  # no unique key
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "1.2.*"},  # a wildcard is no UID
+        {"QueryRetrieveLevel": "BOGUS", "StudyInstanceUID": "1.2.3"},
+    ],
+)
+def test_refused_move_is_a900_and_never_contacts_the_destination(
+    qr_server: PacsServer, tmp_path: Path, keys: dict[str, str]
+) -> None:
+    """PS3.4 C.4.2.1.5: an identifier the SCP cannot use is answered 0xA900
+    with an Error Comment (it was 0xC515 once the destination was known)."""
+    scp = StoreSCP(tmp_path / "dest", accept_all=True)
+    try:
+        qr_server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
+        time.sleep(2.2)
+        responses = _move_responses(qr_server, _ident(**keys))
+        movescu = _movescu(qr_server, keys["QueryRetrieveLevel"], {k: v for k, v in keys.items() if k != "QueryRetrieveLevel"})
+    finally:
+        scp.stop()
+    assert [int(r.Status) for r in responses] == [0xA900]
+    assert responses[0].get("ErrorComment")
+    assert "Final Move Response (Error: DataSetDoesNotMatchSOPClass)" in movescu.stderr, movescu.stderr
+    assert not scp.received()
     assert qr_server.alive()
 
 
