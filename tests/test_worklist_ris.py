@@ -155,7 +155,11 @@ def _mpps(server: PacsServer, uid: str, attributes: Dataset, *, create: bool) ->
     else:
         status, _ = assoc.send_n_set(attributes, ModalityPerformedProcedureStep, uid)
     assoc.release()
-    return int(status.Status)
+    return status
+
+
+def _mpps(server: PacsServer, uid: str, attributes: Dataset, *, create: bool) -> int:
+    return int(_mpps_status(server, uid, attributes, create=create).Status)
 
 
 def test_mpps_moves_the_order_and_reports_to_the_his_even_when_it_was_down(ris: PacsServer, tmp_path: Path) -> None:
@@ -199,8 +203,10 @@ def test_mpps_moves_the_order_and_reports_to_the_his_even_when_it_was_down(ris: 
     assert any("ORC|SC|PACC4001|FACC4001||IP" in t for t in texts)
     assert any("ORC|SC|PACC4001|FACC4001||CM" in t for t in texts)
     assert all("Nguyễn^Văn An" in t for t in texts)
-    # A second N-SET on a completed step is refused.
-    assert _mpps(ris, mpps_uid, done, create=False) == 0xA710
+    # A second N-SET on a completed step is refused: a processing failure
+    # whose Error ID says why (PS3.4 F.7.2.2.4).
+    refused = _mpps_status(ris, mpps_uid, done, create=False)
+    assert (int(refused.Status), int(refused.ErrorID)) == (0x0110, 0xA710)
     assert _mpps(ris, generate_uid(), done, create=False) == 0x0112
 
 

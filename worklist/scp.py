@@ -32,9 +32,11 @@ log = logging.getLogger(__name__)
 WORKLIST_CONTEXTS = [ModalityWorklistInformationFind, ModalityPerformedProcedureStep]
 PENDING, CANCEL, IDENTIFIER_MISMATCH, UNABLE = 0xFF00, 0xFE00, 0xA900, 0xC000
 # N-CREATE / N-SET failures (PS3.7 C.4.2 / PS3.4 F.7)
-NO_SUCH_INSTANCE, DUPLICATE_INSTANCE, INVALID_VALUE, NO_LONGER_UPDATABLE, PROCESSING = (
-    0x0112, 0x0111, 0x0106, 0xA710, 0x0110,
-)
+NO_SUCH_INSTANCE, DUPLICATE_INSTANCE, INVALID_VALUE, PROCESSING = 0x0112, 0x0111, 0x0106, 0x0110
+# PS3.4 F.7.2.2.4: a step that is COMPLETED or DISCONTINUED "may no longer be
+# updated" is a processing failure (0110H) whose Error ID is A710H; A710H is
+# not a status of its own, and modalities decode statuses by category.
+NO_LONGER_UPDATABLE_ERROR_ID = 0xA710
 
 _STEP_KEYS = [
     "ScheduledStationAETitle", "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartTime",
@@ -228,8 +230,11 @@ def make_mpps_handlers(pacs: Pacs) -> list[tuple[Any, Any]]:
                 create=False,
             )
         except OrderError as exc:
-            code = {404: NO_SUCH_INSTANCE, 409: NO_LONGER_UPDATABLE, 400: INVALID_VALUE}.get(exc.http_status, PROCESSING)
-            return _status(code, str(exc)), None
+            code = {404: NO_SUCH_INSTANCE, 409: PROCESSING, 400: INVALID_VALUE}.get(exc.http_status, PROCESSING)
+            status = _status(code, str(exc))
+            if exc.http_status == 409:
+                status.ErrorID = NO_LONGER_UPDATABLE_ERROR_ID
+            return status, None
         return 0x0000, changes
 
     return [(evt.EVT_N_CREATE, handle_create), (evt.EVT_N_SET, handle_set)]
