@@ -26,7 +26,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import IngestError, Status
-from .header_scan import ScanFailed, ScannedDataset, scan, single_codec
+from .header_scan import ScanFailed, ScannedDataset, scan, single_codec, uses_code_extensions
 from .names import fold_name, name_words
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class _Values:
         except Exception:
             encodings = []
         # One character set (no ISO 2022 switching): a plain codec decodes it.
-        self.codec = encodings[0] if len(encodings) == 1 else None
+        self.codec = encodings[0] if len(encodings) == 1 and not uses_code_extensions(terms) else None
         # No declared set means ASCII (PS3.5 default repertoire); non-ASCII
         # bytes there are invalid, and in practice UTF-8 from a modality that
         # forgot to declare it: read them as UTF-8 when they decode as such.

@@ -170,7 +170,17 @@ def single_codec(charset: memoryview | None) -> tuple[str | None, bool]:
         raise ScanFailed(f"character set: {exc}") from None
     if len(encodings) != 1:
         raise ScanFailed("several character sets")
+    if uses_code_extensions(terms):
+        raise ScanFailed("ISO 2022 code extensions")
     return encodings[0], bool(terms)
 
 
-__all__ = ["PIXEL_TAGS", "ScanFailed", "ScannedDataset", "implicit_vr", "scan", "single_codec"]
+def uses_code_extensions(terms: list[str]) -> bool:
+    """True when a Specific Character Set allows ISO 2022 escape sequences
+    (PS3.3 C.12.1.1.2): then a value is not one codec's text. "\\ISO 2022 IR
+    149" names one set, but its Korean values are switched to by escapes,
+    which a plain codec would keep as text."""
+    return any(term.strip().startswith("ISO 2022") for term in terms)
+
+
+__all__ = ["PIXEL_TAGS", "ScanFailed", "ScannedDataset", "implicit_vr", "scan", "single_codec", "uses_code_extensions"]

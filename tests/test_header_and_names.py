@@ -146,3 +146,29 @@ def test_scanned_truncations_are_refused(name: str) -> None:
     for cut in range(len(prefix) + 1, len(data), step):
         fast, slow = _both_ways(data[:cut], syntax)
         assert isinstance(fast, int) and fast == slow, cut
+
+
+def test_every_character_set_of_pydicoms_examples_is_decoded_as_pydicom_decodes_it() -> None:
+    """PS3.5 Annex H-K examples, ISO 2022 escapes included: the indexed name is
+    pydicom's decoding, never text with escape sequences left in (a Korean
+    name under "\\ISO 2022 IR 149" kept ESC $ ) C before each part)."""
+    from pydicom import dcmread
+    from pydicom.data import get_charset_files
+
+    checked = []
+    for path in map(Path, get_charset_files("chr*.dcm")):
+        data = path.read_bytes()
+        try:
+            header = parse_header(io.BytesIO(data), len(data))
+        except IngestError:
+            continue  # a few examples have no Pixel Data: refused, not misread
+        expected = str(dcmread(path, stop_before_pixels=True).PatientName)
+        # (pydicom's str() drops an empty last component group: "...=王^小东=")
+        assert header.patient_name.rstrip("=") == expected, path.name
+        assert "\x1b" not in header.patient_name + header.patient_name_folded, path.name
+        # Received over DIMSE, the header is scanned from memory: the same answer.
+        syntax = str(dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID)
+        fast, slow = _both_ways(data, syntax)
+        assert fast == slow == header, path.name
+        checked.append(path.name)
+    assert "chrI2.dcm" in checked and len(checked) >= 10, checked
