@@ -18,7 +18,7 @@ from viewer_api.multipart import build_multipart_related
 
 from .conftest import Backend, PacsServer, dataset_bytes, pydicom_file
 from .peers import create_database, drop_database
-from .qr_corpus import study_uid, write_corpus
+from .qr_corpus import series_uid, study_uid, write_corpus
 
 
 @pytest.fixture(scope="module", params=["sqlite-fs", "pg-s3"])
@@ -318,3 +318,120 @@ def test_openapi_and_health(web: PacsServer) -> None:
             assert path in spec["paths"], path
         health = http.get("/health").json()
         assert health["status"] == "ok" and health["index"] == "ok" and health["storage"] == "ok"
+
+
+# -- conformance findings (PS3.18) --------------------------------------------------------------------
+BIG_ENDIAN = "1.2.840.10008.1.2.2"
+
+
+def _ct_params() -> dict[str, str]:
+    ds = dcmread(pydicom_file("CT_small.dcm"))
+    return {"requestType": "WADO", "studyUID": str(ds.StudyInstanceUID), "seriesUID": str(ds.SeriesInstanceUID),
+            "objectUID": str(ds.SOPInstanceUID)}
+
+
+def test_transfer_syntax_decided_before_the_body(web: PacsServer) -> None:
+    """Explicit VR Big Endian (retired) is refused with a 406 before any byte
+    of the body, on WADO-RS and WADO-URI; every syntax that is offered gives a
+    complete, readable object (one instance and a whole study)."""
+    p = _ct_params()
+    url = f"/dicom-web/studies/{p['studyUID']}/series/{p['seriesUID']}/instances/{p['objectUID']}"
+    accept = 'multipart/related; type="application/dicom"; transfer-syntax={}'
+    with web.http() as http:
+        refused = http.get(url, headers={"Accept": accept.format(BIG_ENDIAN)})
+        assert refused.status_code == 406 and "1.2.840.10008.1.2.2" in refused.json()["error"]
+        uri = http.get("/wado", params={**p, "contentType": "application/dicom", "transferSyntax": BIG_ENDIAN})
+        assert uri.status_code == 406 and uri.json()["error"]
+    syntaxes = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.5",
+                "1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.90")
+    with web.http() as http:
+        for ts in syntaxes:
+            for body in (_dicom_parts(http.get(url, headers={"Accept": accept.format(ts)}))[0],
+                         http.get("/wado", params={**p, "contentType": "application/dicom", "transferSyntax": ts}).content):
+                ds = dcmread(io.BytesIO(body))
+                assert ds.file_meta.TransferSyntaxUID == ts and ds.pixel_array.shape == (ds.Rows, ds.Columns)
+        # A whole study (CT and J2K-compressed MR) in RLE: every part complete.
+        study = _dicom_parts(http.get(f"/dicom-web/studies/{study_uid('S1')}",
+                                      headers={"Accept": accept.format("1.2.840.10008.1.2.5")}))
+        assert [str(dcmread(io.BytesIO(b)).file_meta.TransferSyntaxUID) for b in study] == ["1.2.840.10008.1.2.5"] * 3
+
+
+def _dicom_parts(response: object) -> list[bytes]:
+    """The part bodies of a multipart/related answer (status 200 checked)."""
+    assert response.status_code == 200, response.text  # type: ignore[attr-defined]
+    content_type = response.headers["content-type"]  # type: ignore[attr-defined]
+    boundary = content_type.split("boundary=", 1)[1].split(";")[0].strip('"').encode()
+    pieces = response.content.split(b"--" + boundary)[1:-1]  # type: ignore[attr-defined]
+    return [piece.split(b"\r\n\r\n", 1)[1].removesuffix(b"\r\n") for piece in pieces]
+
+
+def _studies(http: object, params: object) -> set[str]:
+    response = http.get("/dicom-web/studies", params=params)  # type: ignore[attr-defined]
+    assert response.status_code == 200, response.text
+    return {uid(s, "0020000D") for s in response.json()}
+
+
+def test_qido_uid_lists(web: PacsServer) -> None:
+    """PS3.18 8.3.4.1: a list of UIDs as repeated keys or comma-separated;
+    ModalitiesInStudy as a comma list; other keys given twice are a 400."""
+    s1, s2, s6 = study_uid("S1"), study_uid("S2"), study_uid("S6")
+    with web.http() as http:
+        assert _studies(http, [("StudyInstanceUID", s1), ("StudyInstanceUID", s2)]) == {s1, s2}
+        assert _studies(http, {"StudyInstanceUID": f"{s1},{s2}"}) == {s1, s2}
+        assert _studies(http, [("0020000D", f"{s1},{s6}"), ("StudyInstanceUID", s2)]) == {s1, s2, s6}
+        mr_or_dx = _studies(http, {"ModalitiesInStudy": "MR,DX"})
+        assert mr_or_dx == _studies(http, {"ModalitiesInStudy": "MR"}) | _studies(http, {"ModalitiesInStudy": "DX"})
+        assert {s1, s2, s6} <= mr_or_dx
+        both = [("SeriesInstanceUID", series_uid("S1", 0)), ("SeriesInstanceUID", series_uid("S1", 1))]
+        series = http.get(f"/dicom-web/studies/{s1}/series", params=both)
+        assert sorted(uid(s, "0020000E") for s in series.json()) == sorted(v for _, v in both)
+        twice = http.get("/dicom-web/studies", params=[("PatientName", "A*"), ("PatientName", "B*")])
+        assert twice.status_code == 400 and "PatientName" in twice.json()["error"]
+        other_study = http.get(f"/dicom-web/studies/{s1}/series", params={"StudyInstanceUID": s2})
+        assert other_study.status_code == 400
+
+
+def test_qido_returns_higher_level_attributes(web: PacsServer) -> None:
+    """PS3.18 10.6.3.3.2-3: all series carry the study's attributes, all
+    instances the study's and the series', a study's instances the series';
+    an instance attribute asked of series is not returned."""
+    s1 = study_uid("S1")
+    study_tags = {"00100010", "00100020", "00080020", "00080050", "0020000D", "00200010"}
+    series_tags = {"00080060", "00200011", "0020000E"}
+    with web.http() as http:
+        all_series = http.get("/dicom-web/series", params={"StudyInstanceUID": s1}).json()
+        assert len(all_series) == 2 and all(study_tags | series_tags <= set(s) for s in all_series)
+        assert all_series[0]["00100010"]["Value"][0]["Alphabetic"] == "Nguyễn^Văn An"
+        all_instances = http.get("/dicom-web/instances", params={"StudyInstanceUID": s1}).json()
+        assert len(all_instances) == 3
+        assert all(study_tags | series_tags | {"00080018"} <= set(i) for i in all_instances)
+        assert {i["00080060"]["Value"][0] for i in all_instances} == {"CT", "MR"}
+        of_study = http.get(f"/dicom-web/studies/{s1}/instances").json()
+        assert len(of_study) == 3 and all(series_tags <= set(i) for i in of_study)
+        included = http.get("/dicom-web/series", params={"StudyInstanceUID": s1, "includefield": "SOPInstanceUID"})
+        assert included.status_code == 200 and all("00080018" not in s for s in included.json())
+
+
+def test_qido_accept(web: PacsServer) -> None:
+    """QIDO answers DICOM JSON (or plain JSON) and 406 to anything else,
+    XML included (not implemented)."""
+    with web.http() as http:
+        for accept in ("image/png", "text/html", 'multipart/related; type="application/dicom+xml"'):
+            response = http.get("/dicom-web/studies", headers={"Accept": accept})
+            assert response.status_code == 406, accept
+            assert "application/dicom+json" in response.json()["error"]
+        for accept, media_type in (("application/dicom+json", "application/dicom+json"),
+                                   ("application/json", "application/json"), ("*/*", "application/dicom+json"),
+                                   ("text/html, */*;q=0.8", "application/dicom+json")):
+            response = http.get("/dicom-web/series", headers={"Accept": accept})
+            assert response.status_code == 200 and response.headers["content-type"] == media_type, accept
+
+
+def test_wado_uri_refuses_what_it_does_not_do(web: PacsServer) -> None:
+    """anonymize and region are refused (400, saying so), never ignored."""
+    p = _ct_params()
+    with web.http() as http:
+        for extra, word in (({"contentType": "application/dicom", "anonymize": "yes"}, "anonymi"),
+                            ({"region": "0.0,0.0,0.5,0.5"}, "region")):
+            response = http.get("/wado", params={**p, **extra})
+            assert response.status_code == 400 and word in response.json()["error"], extra

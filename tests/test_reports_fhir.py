@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import base64
+import io
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
 from pydicom.uid import EncapsulatedPDFStorage
 
 from .conftest import Backend, PacsServer, free_port
@@ -108,3 +111,96 @@ def test_amendment_keeps_the_signed_version(reporting: PacsServer) -> None:
         fhir = http.get("/fhir/DiagnosticReport", params={"identifier": "ACC002"}).json()
         assert fhir["entry"][0]["resource"]["status"] == "amended"
 
+
+
+def _outcome(response: object, status: int) -> dict:
+    """An error under /fhir: the status, as an OperationOutcome (FHIR JSON)."""
+    assert response.status_code == status, (response.status_code, response.text)  # type: ignore[attr-defined]
+    assert response.headers["content-type"].startswith("application/fhir+json")  # type: ignore[attr-defined]
+    body = response.json()  # type: ignore[attr-defined]
+    assert body["resourceType"] == "OperationOutcome" and body["issue"][0]["diagnostics"], body
+    return body
+
+
+def _sign(server: PacsServer, study: str) -> None:
+    with server.http(token=server.radiologist) as rad:  # type: ignore[attr-defined]
+        rad.put(f"/api/studies/{study}/report", json={"findings": "Bình thường.", "impression": "Bình thường."})
+        assert rad.post(f"/api/studies/{study}/report/sign").status_code == 200
+
+
+def test_encapsulated_pdf_over_wado(reporting: PacsServer) -> None:
+    """PS3.18: WADO-URI contentType=application/pdf gives the document, no
+    contentType the DICOM object (not an image); rendered is the PDF."""
+    s1 = study_uid("S1")
+    _sign(reporting, s1)
+    with reporting.http() as http:
+        found = http.get(f"/dicom-web/studies/{s1}/instances", params={"SOPClassUID": str(EncapsulatedPDFStorage)})
+        pdf = found.json()[0]
+        series, sop = pdf["0020000E"]["Value"][0], pdf["00080018"]["Value"][0]
+        params = {"requestType": "WADO", "studyUID": s1, "seriesUID": series, "objectUID": sop}
+        document = http.get("/wado", params={**params, "contentType": "application/pdf"})
+        assert document.status_code == 200 and document.headers["content-type"] == "application/pdf"
+        assert document.content.startswith(b"%PDF") and document.content.rstrip().endswith(b"%%EOF")
+        assert document.content == http.get(f"/api/studies/{s1}/report/pdf").content
+        default = http.get("/wado", params=params)
+        assert default.status_code == 200 and default.headers["content-type"] == "application/dicom"
+        assert dcmread(io.BytesIO(default.content)).SOPClassUID == EncapsulatedPDFStorage
+        assert http.get("/wado", params={**params, "contentType": "image/jpeg"}).status_code == 406
+        rendered = f"/dicom-web/studies/{s1}/series/{series}/instances/{sop}/rendered"
+        for accept in (None, "application/pdf", "*/*"):
+            response = http.get(rendered, headers={"Accept": accept} if accept else {})
+            assert response.status_code == 200 and response.headers["content-type"] == "application/pdf", accept
+            assert response.content == document.content
+        assert http.get(rendered, headers={"Accept": "image/jpeg"}).status_code == 406
+
+
+def test_fhir_conformance(reporting: PacsServer) -> None:
+    s1, s2 = study_uid("S1"), study_uid("S2")
+    _sign(reporting, s1)
+    _sign(reporting, s2)
+    with reporting.http() as http:
+        # dateTime with a time has a zone (the server's, for DICOM times); instant always.
+        study = http.get(f"/fhir/ImagingStudy/{s1}").json()
+        assert study["started"] == datetime(2024, 1, 15, 8, 30).astimezone().isoformat()
+        page = http.get("/fhir/DiagnosticReport", params={"patient.identifier": "CCCD|001085012345", "_count": 1})
+        bundle = page.json()
+        assert bundle["total"] == 2 and len(bundle["entry"]) == 1
+        report = bundle["entry"][0]["resource"]
+        assert report["issued"].endswith("Z")
+        issued = datetime.fromisoformat(report["issued"])
+        assert abs((datetime.now(UTC) - issued).total_seconds()) < 600
+        # fullUrl is readable; the next link gives the other match.
+        read = http.get(bundle["entry"][0]["fullUrl"])
+        assert read.status_code == 200 and read.json()["id"] == report["id"] == f"{report['imagingStudy'][0]['reference'].split('/')[1]}-v1"
+        following = http.get([link["url"] for link in bundle["link"] if link["relation"] == "next"][0]).json()
+        assert following["total"] == 2 and [link["relation"] for link in following["link"]] == ["self"]
+        assert {e["resource"]["id"] for e in [*bundle["entry"], *following["entry"]]} == {f"{s1}-v1", f"{s2}-v1"}
+        studies = http.get("/fhir/ImagingStudy", params={"patient.identifier": "CCCD|001085012345", "_count": 1}).json()
+        assert studies["total"] == 2 and len(studies["entry"]) == 1
+        # Errors are OperationOutcomes; XML is not spoken.
+        _outcome(http.get("/fhir/ImagingStudy"), 400)
+        _outcome(http.get("/fhir/ImagingStudy", params={"identifier": "ACC001", "_count": "many"}), 400)
+        _outcome(http.get("/fhir/ImagingStudy/1.2.3"), 404)
+        _outcome(http.get(f"/fhir/DiagnosticReport/{s1}-v9"), 404)
+        _outcome(http.get("/fhir/Patient"), 404)
+        _outcome(http.get("/fhir/ImagingStudy", params={"identifier": "ACC001", "_format": "xml"}), 406)
+        _outcome(http.get("/fhir/ImagingStudy", params={"identifier": "ACC001"},
+                          headers={"Accept": "application/fhir+xml"}), 406)
+        assert http.get("/fhir/ImagingStudy", params={"identifier": "ACC001", "_format": "json"}).status_code == 200
+        http.headers.pop("Authorization")
+        assert _outcome(http.get("/fhir/ImagingStudy", params={"identifier": "ACC001"}), 401)["issue"][0]["code"] == "login"
+        # The capabilities are public (clients read them before logging in).
+        capabilities = http.get("/fhir/metadata")
+        assert capabilities.status_code == 200 and capabilities.headers["content-type"].startswith("application/fhir+json")
+        statement = capabilities.json()
+        assert statement["resourceType"] == "CapabilityStatement" and statement["fhirVersion"] == "4.0.1"
+        resources = {r["type"]: r for r in statement["rest"][0]["resource"]}
+        assert set(resources) == {"ImagingStudy", "DiagnosticReport", "Endpoint"}
+        assert {p["name"] for p in resources["ImagingStudy"]["searchParam"]} >= {"identifier", "patient"}
+    modality = reporting.make_token("ct1", "modality", "CT 1")
+    with reporting.http(token=modality) as http:
+        _outcome(http.get("/fhir/ImagingStudy", params={"identifier": "ACC001"}), 403)
+    # Other APIs keep their own error body.
+    with reporting.http() as http:
+        assert http.get("/dicom-web/studies/1.2.3/metadata").json()["error"]
+        assert http.get("/nowhere").status_code == 404

@@ -29,6 +29,7 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.state.pacs = pacs
     app.state.render_cache = RenderCache(pacs.settings.render_cache_bytes)
     errors.install(app)
+    fhir.install(app)  # OperationOutcome errors under /fhir
     app.add_middleware(AuditMiddleware)
     # Who may do what (the table tests/test_access_control.py checks).
     app.include_router(qido.router, dependencies=requires("radiologist", "admin", "emr", action="query"))

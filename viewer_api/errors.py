@@ -6,8 +6,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pacs.errors import IngestError
 from pacs.frames import FrameError
@@ -40,6 +42,30 @@ def problem(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
 
+# An API with its own error body (FHIR's OperationOutcome) registers it for
+# its path prefix; every other route answers with :func:`problem`.
+ErrorFormat = Callable[[int, str], Response]
+
+
+def register_format(app: FastAPI, prefix: str, build: ErrorFormat) -> None:
+    """Errors of the routes under *prefix* are answered with *build*."""
+    app.state.error_formats[prefix.rstrip("/")] = build
+
+
+def _format_of(request: Request) -> ErrorFormat | None:
+    path = request.url.path
+    for prefix, build in request.app.state.error_formats.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return build  # type: ignore[no-any-return]
+    return None
+
+
+def answer(request: Request, status: int, message: str) -> Response:
+    """The error answer for *request*'s API."""
+    build = _format_of(request)
+    return build(status, message) if build else problem(status, message)
+
+
 def install(app: FastAPI) -> None:
     """Map core and protocol errors to HTTP answers."""
     # Each error type and the status it answers with.
@@ -53,10 +79,12 @@ def install(app: FastAPI) -> None:
         TransferSyntaxError: lambda e: 406,
     }
 
-    def handler(status_of: Callable[[Any], int]) -> Callable[[Request, Exception], Awaitable[JSONResponse]]:
-        async def handle(_request: Request, exc: Exception) -> JSONResponse:
+    app.state.error_formats = {}
+
+    def handler(status_of: Callable[[Any], int]) -> Callable[[Request, Exception], Awaitable[Response]]:
+        async def handle(request: Request, exc: Exception) -> Response:
             message = exc.message if isinstance(exc, HTTPProblem) else str(exc)
-            return problem(status_of(exc), message)
+            return answer(request, status_of(exc), message)
 
         return handle
 
@@ -64,6 +92,14 @@ def install(app: FastAPI) -> None:
         app.add_exception_handler(error_type, handler(status_of))  # type: ignore[arg-type]
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> Response:
         details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return problem(400, f"bad request parameters: {details}")
+        return answer(request, 400, f"bad request parameters: {details}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        # Unknown paths and methods: the framework's answer, except under an
+        # API with its own error format (an unknown FHIR resource type).
+        if _format_of(request) is not None:
+            return answer(request, exc.status_code, str(exc.detail))
+        return await http_exception_handler(request, exc)

@@ -6,32 +6,76 @@ accession number. JSON only (``application/fhir+json``)."""
 from __future__ import annotations
 
 import base64
+import re
+import urllib.parse
+from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
-from sqlalchemy import or_, select
+from sqlalchemy import exists, or_, select
 
+from pacs import __version__
 from pacs.auth import Principal
-from pacs.index.models import PatientIdentifier
+from pacs.index.models import PatientIdentifier, Report
 from pacs.query.attributes import patients, studies
-from pacs.reports import ReportService
+from pacs.reports import ReportError, ReportService
 from pacs.studylist import study_detail
 
+from . import mediatypes
 from .dicomjson import dumps
-from .errors import HTTPProblem
+from .errors import HTTPProblem, register_format
+from .negotiation import effective_accept
 from .security import READERS, guard, may_see_study
 from .urls import base_url
 
-router = APIRouter(prefix="/fhir", tags=["FHIR R4"])
 FHIR_JSON = "application/fhir+json"
 identifiers = PatientIdentifier.__table__
+reports_t = Report.__table__
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
 
 
 def _fhir(body: Any, status: int = 200) -> Response:
     return Response(dumps(body), media_type=FHIR_JSON, status_code=status)
+
+
+# -- errors and formats (R4 http.html 3.1.0.1.9, 3.1.0.4) ---------------------------------
+_ISSUE_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
+                406: "not-supported", 409: "conflict", 422: "processing"}
+
+
+def operation_outcome(status: int, message: str) -> Response:
+    """An error as the OperationOutcome FHIR clients parse (any status)."""
+    return _fhir({"resourceType": "OperationOutcome", "issue": [{
+        "severity": "error", "code": _ISSUE_CODES.get(status, "exception"), "diagnostics": message}]}, status)
+
+
+def install(app: FastAPI) -> None:
+    """Errors under /fhir (401/403 of the guards, unknown resources, bad
+    parameters) are OperationOutcome resources, not the app's JSON errors."""
+    register_format(app, router.prefix, operation_outcome)
+
+
+_JSON_FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
+_JSON_OFFERS = [mediatypes.Offer(FHIR_JSON), mediatypes.Offer("application/json")]
+
+
+def json_only(request: Request) -> None:
+    """406 for XML (or anything but JSON) asked by _format or Accept: this
+    server speaks FHIR JSON only (R4 http.html 3.1.0.1.9)."""
+    wanted = request.query_params.get("_format")
+    if wanted is not None and wanted.strip().lower() not in _JSON_FORMATS:
+        raise HTTPProblem(406, f"_format {wanted[:40]!r} is not supported: this server answers FHIR JSON only")
+    if wanted is None:
+        try:
+            mediatypes.negotiate(effective_accept(request), _JSON_OFFERS, default=_JSON_OFFERS[0])
+        except mediatypes.NotAcceptable:
+            raise HTTPProblem(406, f"{FHIR_JSON} is the only format of this server; "
+                                   f"Accept {request.headers.get('accept', '')[:80]!r} cannot be met") from None
+
+
+router = APIRouter(prefix="/fhir", tags=["FHIR R4"], dependencies=[Depends(json_only)])
 
 
 def _split(token: str) -> tuple[str | None, str]:
@@ -42,9 +86,15 @@ def _split(token: str) -> tuple[str | None, str]:
     return None, token
 
 
-def _study_uids(request: Request, patient_identifier: str, identifier: str, limit: int) -> list[str]:
+def _study_uids(request: Request, patient_identifier: str, identifier: str, *, signed_only: bool) -> list[str]:
+    """Every study the search names, newest first (a patient's or an
+    accession's: few). All of them, so that Bundle.total counts matches."""
     engine = request.app.state.pacs.engine
     stmt = select(studies.c.study_uid).join(patients, patients.c.pk == studies.c.patient_pk)
+    if signed_only:
+        # A DiagnosticReport exists for a study with a signed version.
+        stmt = stmt.where(exists(select(reports_t.c.pk).where(
+            reports_t.c.study_pk == studies.c.pk, reports_t.c.status == "signed")))
     if patient_identifier:
         system, value = _split(patient_identifier)
         # The system is the issuer (CCCD, BHYT...) or a URI ending with it.
@@ -65,7 +115,7 @@ def _study_uids(request: Request, patient_identifier: str, identifier: str, limi
     if not patient_identifier and not identifier:
         raise HTTPProblem(400, "search by patient.identifier or identifier (accession or urn:dicom:uid)")
     with engine.connect() as conn:
-        return [r[0] for r in conn.execute(stmt.order_by(studies.c.study_date.desc()).limit(limit))]
+        return [r[0] for r in conn.execute(stmt.order_by(studies.c.study_date.desc(), studies.c.pk.desc()))]
 
 
 def _patient_ref(detail: dict[str, Any]) -> dict[str, Any]:
@@ -73,10 +123,33 @@ def _patient_ref(detail: dict[str, Any]) -> dict[str, Any]:
 
 
 def _datetime(date: str, time: str) -> str | None:
-    if len(date) != 8:
+    """A DICOM date and time as a FHIR dateTime. A dateTime with a time SHALL
+    have a zone; DICOM's have none (TimezoneOffsetFromUTC is not indexed),
+    and the modalities run in the hospital's zone like this server: its local
+    offset on that date (daylight saving included)."""
+    if not re.fullmatch(r"\d{8}", date or ""):
         return None
     t = (time or "000000").split(".")[0].ljust(6, "0")
-    return f"{date[:4]}-{date[4:6]}-{date[6:8]}T{t[:2]}:{t[2:4]}:{t[4:6]}"
+    try:
+        naive = datetime(int(date[:4]), int(date[4:6]), int(date[6:8]), int(t[:2]), int(t[2:4]), int(t[4:6]))
+    except ValueError:
+        # A bad time keeps the date (a dateTime may be a date alone); a bad date is dropped.
+        try:
+            return datetime(int(date[:4]), int(date[4:6]), int(date[6:8])).date().isoformat()
+        except ValueError:
+            return None
+    return naive.astimezone().isoformat()
+
+
+def _instant(value: str | None) -> str | None:
+    """A stored timestamp as a FHIR instant (zone required). Signing times
+    are written in UTC; SQLite hands them back without their zone."""
+    if not value:
+        return None
+    moment = datetime.fromisoformat(value)
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def imaging_study(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
@@ -117,21 +190,22 @@ def imaging_study(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
     return resource
 
 
-def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str, Any]) -> dict[str, Any] | None:
-    signed = report["versions"]
+def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str, Any],
+                      version: int | None = None) -> dict[str, Any] | None:
+    """The DiagnosticReport of a signed version (the latest by default)."""
+    signed = [v for v in report["versions"] if version is None or v["version"] == version]
     if not signed:
         return None
     current = signed[-1]
     base = base_url(request)
     text = f"{current['findings']}\n\n{current['impression']}".strip()
-    return {
+    resource: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
-        "id": f"{detail['study_uid']}-v{current['version']}",
+        "id": report_id(detail["study_uid"], current["version"]),
         "status": "final" if current["version"] == 1 else "amended",
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
         "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}]},
         "subject": _patient_ref(detail),
-        "issued": current["signed_at"],
         "resultsInterpreter": [{"display": current["signed_by"]}],
         "imagingStudy": [{"reference": f"ImagingStudy/{detail['study_uid']}"}],
         "identifier": [{"type": ACSN, "value": detail["accession"]}] if detail["accession"] else [],
@@ -142,59 +216,111 @@ def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str
             {"contentType": "text/plain; charset=utf-8", "data": base64.b64encode(text.encode()).decode()},
         ],
     }
+    issued = _instant(current["signed_at"])
+    if issued:
+        resource["issued"] = issued
+    return resource
 
 
-def _bundle(request: Request, resources: list[dict[str, Any]]) -> dict[str, Any]:
+def report_id(study_uid: str, version: int) -> str:
+    return f"{study_uid}-v{version}"
+
+
+def _parse_report_id(value: str) -> tuple[str, int]:
+    """``{StudyInstanceUID}-v{version}`` -> (study UID, version); 404 otherwise."""
+    match = re.fullmatch(r"([0-9.]{1,64})-v([1-9][0-9]{0,5})", value)
+    if match is None:
+        raise HTTPProblem(404, f"no DiagnosticReport {value[:80]!r}")
+    return match.group(1), int(match.group(2))
+
+
+def _page_url(request: Request, offset: int) -> str:
+    params = [(k, v) for k, v in request.query_params.multi_items() if k != "_offset"] + [("_offset", str(offset))]
+    return f"{base_url(request)}{request.url.path}?{urllib.parse.urlencode(params)}"
+
+
+def _bundle(request: Request, resources: list[dict[str, Any]], total: int, offset: int, count: int) -> dict[str, Any]:
+    """A searchset page: total counts every match (R4 Bundle.total), a next
+    link when more follow."""
     base = base_url(request) + "/fhir"
+    links = [{"relation": "self", "url": str(request.url)}]
+    if offset + count < total:
+        links.append({"relation": "next", "url": _page_url(request, offset + count)})
     return {
         "resourceType": "Bundle",
         "type": "searchset",
-        "total": len(resources),
-        "link": [{"relation": "self", "url": str(request.url)}],
+        "total": total,
+        "link": links,
         "entry": [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
                   for r in resources],
     }
 
 
-def _details(request: Request, principal: Principal, patient_identifier: str, identifier: str,
-             count: int) -> list[dict[str, Any]]:
+def _search(request: Request, principal: Principal, count: int, offset: int, *,
+            signed_only: bool) -> tuple[list[dict[str, Any]], int]:
+    """One page of the studies a search matches (those the caller may see)
+    and how many there are in all."""
     if not 1 <= count <= 200:
         raise HTTPProblem(400, "_count must be 1-200")
+    if offset < 0:
+        raise HTTPProblem(400, "_offset must not be negative")
+    patient_identifier = request.query_params.get("patient.identifier", "") or request.query_params.get("subject.identifier", "")
+    identifier = request.query_params.get("identifier", "")
     engine = request.app.state.pacs.engine
-    uids = [uid for uid in _study_uids(request, patient_identifier, identifier, count)
+    uids = [uid for uid in _study_uids(request, patient_identifier, identifier, signed_only=signed_only)
             if may_see_study(request, principal, uid)]
-    found = [study_detail(engine, uid) for uid in uids]
-    return [d for d in found if d is not None]
+    found = [study_detail(engine, uid) for uid in uids[offset:offset + count]]
+    return [d for d in found if d is not None], len(uids)
 
 
 @router.get("/ImagingStudy", summary="Search ImagingStudy by patient.identifier or identifier")
-def search_imaging_studies(request: Request, identifier: str = "", _count: int = 50,
+def search_imaging_studies(request: Request, _count: int = 50, _offset: int = 0,
                            principal: Principal = guard(*READERS, action="query")) -> Response:
-    patient_identifier = request.query_params.get("patient.identifier", "") or request.query_params.get("subject.identifier", "")
-    details = _details(request, principal, patient_identifier, identifier, _count)
-    return _fhir(_bundle(request, [imaging_study(request, d) for d in details]))
+    details, total = _search(request, principal, _count, _offset, signed_only=False)
+    return _fhir(_bundle(request, [imaging_study(request, d) for d in details], total, _offset, _count))
 
 
 @router.get("/ImagingStudy/{study}", summary="One ImagingStudy")
 def read_imaging_study(request: Request, study: str, _: Any = guard(*READERS, action="view")) -> Response:
     detail = study_detail(request.app.state.pacs.engine, study)
     if detail is None:
-        return _fhir({"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "not-found",
-                                                                       "diagnostics": f"no study {study}"}]}, 404)
+        raise HTTPProblem(404, f"no ImagingStudy {study[:80]!r}")
     return _fhir(imaging_study(request, detail))
 
 
 @router.get("/DiagnosticReport", summary="Search signed reports by patient.identifier or identifier")
-def search_reports(request: Request, identifier: str = "", _count: int = 50,
+def search_reports(request: Request, _count: int = 50, _offset: int = 0,
                    principal: Principal = guard(*READERS, action="query")) -> Response:
-    patient_identifier = request.query_params.get("patient.identifier", "") or request.query_params.get("subject.identifier", "")
+    details, total = _search(request, principal, _count, _offset, signed_only=True)
     service = ReportService(request.app.state.pacs, base_url(request))
     resources = []
-    for detail in _details(request, principal, patient_identifier, identifier, _count):
+    for detail in details:
         report = diagnostic_report(request, detail, service.get(detail["study_uid"], signed_only=True))
         if report is not None:
             resources.append(report)
-    return _fhir(_bundle(request, resources))
+    return _fhir(_bundle(request, resources, total, _offset, _count))
+
+
+@router.get("/DiagnosticReport/{report}", summary="One signed report version ({StudyInstanceUID}-v{version})")
+def read_report(request: Request, report: str, principal: Principal = guard(*READERS, action="view")) -> Response:
+    study, version = _parse_report_id(report)
+    # The guard only sees a study named "study" in the path: check it here.
+    if not may_see_study(request, principal, study):
+        raise HTTPProblem(403, "this study was not referred by you")
+    event = getattr(request.state, "audit", None)
+    if event is not None:
+        event.study_uid = study  # the audit trail names the study read
+    detail = study_detail(request.app.state.pacs.engine, study)
+    if detail is None:
+        raise HTTPProblem(404, f"no DiagnosticReport {report[:80]!r}")
+    try:
+        signed = ReportService(request.app.state.pacs, base_url(request)).get(study, signed_only=True)
+    except ReportError as exc:
+        raise HTTPProblem(exc.http_status, str(exc)) from None
+    resource = diagnostic_report(request, detail, signed, version)
+    if resource is None:
+        raise HTTPProblem(404, f"no DiagnosticReport {report[:80]!r}")
+    return _fhir(resource)
 
 
 @router.get("/Endpoint/dicomweb", summary="Our DICOMweb endpoint")
@@ -210,3 +336,59 @@ def dicomweb_endpoint(request: Request, _: Any = guard(*READERS, action="query")
         "payloadMimeType": ["application/dicom"],
         "address": base_url(request) + "/dicom-web",
     })
+
+
+# -- capabilities (R4 http.html 3.1.0.13: GET [base]/metadata) ------------------------------
+_SEARCH_PARAMS = [
+    {"name": "identifier", "type": "token",
+     "documentation": "accession number, or urn:dicom:uid|{StudyInstanceUID}"},
+    {"name": "patient", "type": "reference",
+     "documentation": "chained only: patient.identifier={system|}value (any patient identifier: "
+                      "patient ID, citizen ID CCCD, insurance number BHYT); subject.identifier likewise"},
+    {"name": "_count", "type": "number", "documentation": "page size, 1-200 (default 50)"},
+    {"name": "_offset", "type": "number", "documentation": "matches to skip (the next links use it)"},
+]
+
+
+def _resource(kind: str, *, search: bool, read: bool, documentation: str) -> dict[str, Any]:
+    interactions = ([{"code": "read"}] if read else []) + ([{"code": "search-type"}] if search else [])
+    resource: dict[str, Any] = {"type": kind, "interaction": interactions, "documentation": documentation}
+    if search:
+        resource["searchParam"] = _SEARCH_PARAMS
+    return resource
+
+
+def capability_statement(request: Request) -> dict[str, Any]:
+    """What this server does: the resources, interactions and search
+    parameters the routes above implement, JSON only."""
+    return {
+        "resourceType": "CapabilityStatement",
+        "status": "active",
+        "date": datetime.now(UTC).date().isoformat(),
+        "publisher": "filmless-pacs",
+        "kind": "instance",
+        "software": {"name": "filmless-pacs", "version": __version__},
+        "implementation": {"description": "filmless-pacs FHIR R4 facade of the imaging archive",
+                           "url": base_url(request) + "/fhir"},
+        "fhirVersion": "4.0.1",
+        "format": ["json"],
+        "rest": [{
+            "mode": "server",
+            "security": {"description": "Authorization: Bearer <API token> or a session cookie; "
+                                        "roles radiologist, referring (referred studies only), emr, his, admin"},
+            "resource": [
+                _resource("ImagingStudy", search=True, read=True,
+                          documentation="id = StudyInstanceUID; endpoint Endpoint/dicomweb"),
+                _resource("DiagnosticReport", search=True, read=True,
+                          documentation="signed reports; id = {StudyInstanceUID}-v{version}"),
+                _resource("Endpoint", search=False, read=True, documentation="only Endpoint/dicomweb"),
+            ],
+        }],
+    }
+
+
+@router.get("/metadata", summary="FHIR CapabilityStatement (public)")
+def metadata(request: Request) -> Response:
+    # Public, like /health: clients read the capabilities before they
+    # authenticate (the statement says how), and it holds no patient data.
+    return _fhir(capability_statement(request))

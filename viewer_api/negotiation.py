@@ -11,7 +11,8 @@ from . import mediatypes
 from .mediatypes import MULTIPART_RELATED, Offer
 
 
-def _accept(request: Request) -> str | None:
+def effective_accept(request: Request) -> str | None:
+    """The Accept the client means: the ``accept`` query parameter or the header."""
     return mediatypes.accept_from_request(
         request.headers.get("accept"), request.query_params.getlist("accept") or None
     )
@@ -23,22 +24,28 @@ def negotiate_instances(request: Request) -> Offer:
     offers = mediatypes.instance_offers(None)
     for ts in sorted(str(t) for t in (*UNCOMPRESSED, *ENCODABLE)):
         offers.append(Offer(MULTIPART_RELATED, "application/dicom", ts))
-    return mediatypes.negotiate(_accept(request), offers, default=mediatypes.INSTANCE_DEFAULT)
+    return mediatypes.negotiate(effective_accept(request), offers, default=mediatypes.INSTANCE_DEFAULT)
 
 
 def negotiate_json(request: Request) -> Offer:
     return mediatypes.negotiate(
-        _accept(request), list(mediatypes.METADATA_OFFERS), default=mediatypes.METADATA_DEFAULT
+        effective_accept(request), list(mediatypes.METADATA_OFFERS), default=mediatypes.METADATA_DEFAULT
     )
 
 
 def negotiate_frames(request: Request, stored_transfer_syntax: str) -> Offer:
     offers = mediatypes.frame_offers(stored_transfer_syntax)
-    return mediatypes.negotiate(_accept(request), offers, default=offers[0])
+    return mediatypes.negotiate(effective_accept(request), offers, default=offers[0])
 
 
 def negotiate_rendered(request: Request) -> str:
     offer = mediatypes.negotiate(
-        _accept(request), list(mediatypes.RENDERED_OFFERS), default=mediatypes.RENDERED_DEFAULT
+        effective_accept(request), list(mediatypes.RENDERED_OFFERS), default=mediatypes.RENDERED_DEFAULT
     )
     return offer.media_type
+
+
+def negotiate_document(request: Request, media_type: str) -> Offer:
+    """An encapsulated document's rendered form: its own media type only."""
+    offer = Offer(media_type)
+    return mediatypes.negotiate(effective_accept(request), [offer], default=offer)

@@ -14,15 +14,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydicom.datadict import keyword_for_tag
 
-from pacs.query import ATTRIBUTES, DEFAULT_RETURN, Level, Query, QueryError, run_query
+from pacs.query import ATTRIBUTES, DEFAULT_RETURN, Kind, Level, Query, QueryError, run_query
 from pacs.query.results import ResultShape
 
+from . import negotiation
 from .dicomjson import NotDirect, dumps, to_json, values_json
 from .errors import require_uids
 from .urls import base_url
 
 router = APIRouter(prefix="/dicom-web", tags=["QIDO-RS"])
-DICOM_JSON = "application/dicom+json"
 _CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "accept", "charset"}
 # Without a limit a search is cut here and says so (Warning header, PS3.18 8.3.4.3).
 MAX_RESULTS = 1000
@@ -37,27 +37,67 @@ def _keyword(name: str) -> str:
     return name
 
 
-def parse_query(request: Request, level: Level, fixed: dict[str, str]) -> Query:
-    """Translate QIDO query parameters (plus path UIDs) into a query."""
-    params = request.query_params
-    match: dict[str, str] = dict(fixed)
-    includes: list[str] = []
-    for name, value in params.multi_items():
-        if name in _CONTROL:
-            if name == "includefield":
-                includes += [v.strip() for v in value.split(",") if v.strip()]
-            continue
+# Keys whose value may be a list (PS3.18 8.3.4.1): UIDs, comma-separated or
+# the key repeated; ModalitiesInStudy likewise (a study "in MR or CT").
+# Inside a Query a list is backslash-separated, as in C-FIND (PS3.4 C.2.2.2.2).
+_LIST_KEYS = frozenset(k for k, a in ATTRIBUTES.items() if a.kind is Kind.UID) | {"ModalitiesInStudy"}
+
+
+def _matching(params: list[tuple[str, str]], fixed: dict[str, str]) -> dict[str, str]:
+    """The matching keys of the query parameters, lists joined, plus the path's UIDs."""
+    given: dict[str, list[str]] = {}
+    for name, value in params:
         keyword = _keyword(name)
         if keyword not in ATTRIBUTES:
             raise QueryError(f"{name} is not a supported search attribute")
-        match[keyword] = value
+        given.setdefault(keyword, []).append(value)
+    match = dict(fixed)
+    for keyword, values in given.items():
+        if keyword not in _LIST_KEYS:
+            if len(values) > 1:
+                raise QueryError(f"{keyword} is given {len(values)} times; only UID attributes and "
+                                 "ModalitiesInStudy take a list of values")
+            match[keyword] = values[0]
+            continue
+        items = [v.strip() for value in values for v in value.replace(",", "\\").split("\\") if v.strip()]
+        if keyword in fixed:
+            # The path names the entity: a query key may only repeat it.
+            if items and fixed[keyword] not in items:
+                raise QueryError(f"{keyword} in the query does not match the one in the path")
+            continue
+        match[keyword] = "\\".join(items)
+    return match
+
+
+def _return_keys(level: Level, includes: list[str], upper: tuple[Level, ...]) -> list[str]:
+    """The level's default attributes, those of the *upper* levels the target
+    resource requires (PS3.18 10.6.3.3.2-3: all series carry the study's,
+    instances the series' and, for all instances, the study's too) and
+    includefield; attributes of a lower level are never returned (an
+    instance's SOPInstanceUID has no value for a series)."""
     if "all" in includes:
-        returns = [k for k, a in ATTRIBUTES.items() if a.level.depth <= level.depth]
-    else:
-        returns = list(DEFAULT_RETURN[level]) + [_keyword(i) for i in includes]
-        unknown = [r for r in returns if r not in ATTRIBUTES]
-        if unknown:
-            raise QueryError(f"includefield names unknown attributes: {', '.join(unknown)}")
+        return [k for k, a in ATTRIBUTES.items() if a.level.depth <= level.depth]
+    keys = [k for above in upper for k in DEFAULT_RETURN[above]] + list(DEFAULT_RETURN[level])
+    asked = [_keyword(i) for i in includes]
+    unknown = [r for r in asked if r not in ATTRIBUTES]
+    if unknown:
+        raise QueryError(f"includefield names unknown attributes: {', '.join(unknown)}")
+    keys += [k for k in asked if ATTRIBUTES[k].level.depth <= level.depth]
+    return list(dict.fromkeys(keys))
+
+
+def parse_query(request: Request, level: Level, fixed: dict[str, str], upper: tuple[Level, ...] = ()) -> Query:
+    """Translate QIDO query parameters (plus path UIDs) into a query."""
+    params = request.query_params
+    includes: list[str] = []
+    matching: list[tuple[str, str]] = []
+    for name, value in params.multi_items():
+        if name == "includefield":
+            includes += [v.strip() for v in value.split(",") if v.strip()]
+        elif name not in _CONTROL:
+            matching.append((name, value))
+    match = _matching(matching, fixed)
+    returns = _return_keys(level, includes, upper)
     try:
         limit = int(params["limit"]) if "limit" in params else None
         offset = int(params.get("offset", 0))
@@ -96,9 +136,12 @@ def _match_json(shape: ResultShape, row: dict[str, Any], url: str) -> dict[str, 
         return to_json(ds, drop=("QueryRetrieveLevel",))
 
 
-def search(request: Request, level: Level, fixed: dict[str, str]) -> Response:
+def search(request: Request, level: Level, fixed: dict[str, str], upper: tuple[Level, ...] = ()) -> Response:
+    # Before any work: 406 for an Accept we cannot answer (PS3.18 8.7.5:
+    # DICOM JSON; XML is not implemented).
+    media_type = negotiation.negotiate_json(request).media_type
     pacs = request.app.state.pacs
-    query = parse_query(request, level, fixed)
+    query = parse_query(request, level, fixed, upper)
     cap = MAX_RESULTS if query.limit is None else min(query.limit, MAX_RESULTS)
     query.limit = cap + 1  # one more tells us whether the answer was cut
     base = base_url(request) + "/dicom-web"
@@ -111,7 +154,7 @@ def search(request: Request, level: Level, fixed: dict[str, str]) -> Response:
         results = results[:cap]
         headers["Warning"] = '299 filmless-pacs: "There are additional results that can be requested"'
     # An empty match is 200 with an empty array (PS3.18 as amended by CP-2473).
-    return Response(dumps(results), media_type=DICOM_JSON, headers=headers)
+    return Response(dumps(results), media_type=media_type, headers=headers)
 
 
 @router.get("/studies", summary="Search for studies")
@@ -121,12 +164,12 @@ def search_studies(request: Request) -> Response:
 
 @router.get("/series", summary="Search for series")
 def search_all_series(request: Request) -> Response:
-    return search(request, Level.SERIES, {})
+    return search(request, Level.SERIES, {}, upper=(Level.STUDY,))
 
 
 @router.get("/instances", summary="Search for instances")
 def search_all_instances(request: Request) -> Response:
-    return search(request, Level.IMAGE, {})
+    return search(request, Level.IMAGE, {}, upper=(Level.STUDY, Level.SERIES))
 
 
 @router.get("/studies/{study}/series", summary="Search for series of a study")
@@ -138,7 +181,7 @@ def search_series(request: Request, study: str) -> Response:
 @router.get("/studies/{study}/instances", summary="Search for instances of a study")
 def search_study_instances(request: Request, study: str) -> Response:
     require_uids(study)
-    return search(request, Level.IMAGE, {"StudyInstanceUID": study})
+    return search(request, Level.IMAGE, {"StudyInstanceUID": study}, upper=(Level.SERIES,))
 
 
 @router.get("/studies/{study}/series/{series}/instances", summary="Search for instances of a series")

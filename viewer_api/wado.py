@@ -15,10 +15,11 @@ from pydicom.uid import UID
 from pacs import frames as framelib
 from pacs.query import Level
 from pacs.retrieve import RetrieveItem, apply_overrides, resolve
-from pacs.transcode import TransferSyntaxError, can_serve, instance_bytes
+from pacs.transcode import TransferSyntaxError, can_serve, instance_bytes, prepared_bytes
 
 from . import negotiation, rendering
 from .dicomjson import dumps
+from .documents import document_bytes, document_media_type
 from .errors import HTTPProblem, require_uids
 from .multipart import Part, content_type_header, multipart_related_stream, new_boundary
 from .urls import base_url
@@ -57,14 +58,20 @@ def retrieve(request: Request, items: list[RetrieveItem]) -> StreamingResponse:
             raise HTTPProblem(406, f"cannot provide {len(bad)} instance(s) in transfer syntax {target}")
     pacs = request.app.state.pacs
     boundary = new_boundary()
+    wanted = None if target == "*" else target
+    # The first object is converted now (if it must be): a syntax this
+    # archive cannot produce for these pixels is a 406, not a 200 whose body
+    # breaks off. Later ones stream; they can only fail the same way for
+    # their own pixel data, and then the aborted chunked body tells the client.
+    first = prepared_bytes(pacs, items[0], wanted)
 
     def parts() -> Iterator[Part]:
-        for item in items:
+        for n, item in enumerate(items):
             ts = item.transfer_syntax_uid if target == "*" else target
             yield Part(
                 content_type=f'application/dicom; transfer-syntax={ts}',
                 headers={"Content-Location": _content_location(request, item)},
-                body=instance_bytes(pacs, item, None if target == "*" else target),
+                body=first if n == 0 else instance_bytes(pacs, item, wanted),
             )
 
     return StreamingResponse(
@@ -203,7 +210,19 @@ def retrieve_bulk(request: Request, study: str, series: str, sop: str, tag: str)
 @router.get("/studies/{study}/series/{series}/instances/{sop}/rendered", summary="Rendered instance")
 def rendered_instance(request: Request, study: str, series: str, sop: str) -> Response:
     item = items_for(request, study, series, sop)[0]
+    if document_media_type(item) is not None:
+        return rendered_document(request, item)
     return rendering.rendered_response(request, item, 1)
+
+
+def rendered_document(request: Request, item: RetrieveItem) -> Response:
+    """An encapsulated document rendered is the document itself (PS3.18
+    Table 8.7.4-1: application/pdf for Encapsulated PDF); an image type
+    asked of it is a 406."""
+    media_type = document_media_type(item) or "application/pdf"
+    negotiation.negotiate_document(request, media_type)
+    stored_type, data = document_bytes(request.app.state.pacs, item)
+    return Response(data, media_type=stored_type)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}/rendered", summary="Rendered frames")

@@ -7,15 +7,17 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from pacs.query import Level
-from pacs.retrieve import resolve
-from pacs.transcode import can_serve, instance_bytes
+from pacs.retrieve import RetrieveItem, resolve
+from pacs.transcode import can_serve, prepared_bytes
 
+from .documents import document_bytes, document_media_type
 from .errors import HTTPProblem, require_uids
 from .render import RenderError, RenderParams
 from .rendering import render_item
 
 router = APIRouter(tags=["WADO-URI"])
 _IMAGE_TYPES = {"image/jpeg", "image/png", "image/gif"}
+_DICOM = "application/dicom"
 
 
 def _int_param(request: Request, name: str) -> int | None:
@@ -31,6 +33,44 @@ def _int_param(request: Request, name: str) -> int | None:
     return number
 
 
+# Parameters of PS3.18 9.1.2 we do not implement: answered with 400 rather
+# than ignored, as ignoring them returns something else than what was asked
+# (the identified object for anonymize=yes, the whole image for region=).
+_UNSUPPORTED = {
+    "anonymize": "anonymization (anonymize=yes) is not supported by this server; "
+                 "ask the archive administrator for a de-identified export",
+    "region": "region is not supported by this server; use rows/columns for a smaller image",
+    "presentationUID": "presentation states (presentationUID) are not supported by this server",
+    "presentationSeriesUID": "presentation states (presentationSeriesUID) are not supported by this server",
+}
+
+
+def _refuse_unsupported(request: Request) -> None:
+    for name, message in _UNSUPPORTED.items():
+        if name in request.query_params:
+            raise HTTPProblem(400, message)
+
+
+def _content_type(request: Request, item: RetrieveItem) -> str:
+    """The contentType to answer with (PS3.18 9.1.2.1.3): the first listed
+    one this object can be given as; by default a JPEG of an image and the
+    DICOM object itself for anything else (a report, an SR, a PDF)."""
+    document = document_media_type(item)
+    if item.pixel_offset is not None and document is None:
+        possible, default = [*sorted(_IMAGE_TYPES), _DICOM], "image/jpeg"
+    else:
+        possible, default = [_DICOM, *([document] if document else [])], _DICOM
+    asked = request.query_params.get("contentType")
+    if not asked:
+        return default
+    wanted = [t.strip().split(";")[0].lower() for t in asked.split(",")]
+    chosen = next((t for t in wanted if t in possible or t == "*/*"), None)
+    if chosen is None:
+        raise HTTPProblem(406, f"contentType {asked} cannot be produced for this object; "
+                               f"possible: {', '.join(possible)}")
+    return default if chosen == "*/*" else chosen
+
+
 @router.get("/wado", summary="WADO-URI retrieve")
 def wado(request: Request) -> Response:
     q = request.query_params
@@ -41,8 +81,10 @@ def wado(request: Request) -> Response:
         if not uid:
             raise HTTPProblem(400, f"{name} is required")
         require_uids(uid, name=name)
+    _refuse_unsupported(request)
+    pacs = request.app.state.pacs
     items = resolve(
-        request.app.state.pacs,
+        pacs,
         Level.IMAGE,
         {"StudyInstanceUID": uids["studyUID"], "SeriesInstanceUID": uids["seriesUID"],
          "SOPInstanceUID": uids["objectUID"]},
@@ -50,18 +92,21 @@ def wado(request: Request) -> Response:
     if not items:
         raise HTTPProblem(404, "no such object")
     item = items[0]
-    # contentType may list several types; the first we can make wins.
-    wanted = [t.strip().split(";")[0] for t in (q.get("contentType") or "image/jpeg").split(",")]
-    content_type = next((t for t in wanted if t in _IMAGE_TYPES or t == "application/dicom"), None)
-    if content_type is None:
-        raise HTTPProblem(406, f"contentType {q.get('contentType')} is not supported")
-    if content_type == "application/dicom":
+    content_type = _content_type(request, item)
+    if content_type == _DICOM:
         target = q.get("transferSyntax") or "1.2.840.10008.1.2.1"
         if not can_serve(item, target):
             raise HTTPProblem(406, f"cannot provide transfer syntax {target}")
-        return StreamingResponse(
-            instance_bytes(request.app.state.pacs, item, target), media_type="application/dicom"
-        )
+        # Converted (if it must be) before the 200 goes out: a failure is a 406.
+        return StreamingResponse(prepared_bytes(pacs, item, target), media_type=_DICOM)
+    if content_type not in _IMAGE_TYPES:
+        media_type, data = document_bytes(pacs, item)
+        return Response(data, media_type=media_type)
+    return _rendered(request, item, content_type)
+
+
+def _rendered(request: Request, item: RetrieveItem, content_type: str) -> Response:
+    q = request.query_params
     center, width = q.get("windowCenter"), q.get("windowWidth")
     if (center is None) != (width is None):
         raise HTTPProblem(400, "windowCenter and windowWidth go together")
