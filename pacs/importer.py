@@ -50,6 +50,10 @@ def iter_files(paths: Iterable[Path]) -> Iterator[Path]:
 
 def is_part10(path: Path) -> bool:
     """Cheap check for the Part 10 preamble signature (``DICM`` at 128)."""
+    if not path.is_file():
+        # A named pipe or a device would block the read forever (an import
+        # of /dev or of a folder with a FIFO in it): not an object file.
+        return False
     try:
         with path.open("rb") as f:
             head = f.read(132)

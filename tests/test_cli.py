@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -19,12 +20,13 @@ def test_import_recursive_skips_non_dicom_and_reports(tmp_path: Path) -> None:
     copy_files(PYDICOM_FILES[:5], src / "nested" / "deeper")
     (src / "README.txt").write_text("not dicom")
     (src / "nested" / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
+    os.mkfifo(src / "nested" / "pipe")  # reading it would block the import forever
     result = pacs("import", str(src), "--json", data_dir=tmp_path / "data")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
-    assert summary["files"] == 7
+    assert summary["files"] == 8
     assert summary["stored"] == 5
-    assert summary["not_dicom"] == 2
+    assert summary["not_dicom"] == 3
     assert summary["failed"] == 0
     again = json.loads(pacs("import", str(src), "--json", data_dir=tmp_path / "data").stdout)
     assert again["duplicates"] == 5 and again["stored"] == 0
