@@ -20,6 +20,7 @@ from typing import Any
 from sqlalchemy.engine import make_url
 
 from .errors import PacsError
+from .index.db import private_file
 
 
 class BackupError(PacsError):
@@ -80,6 +81,8 @@ def backup_index(index_url: str, out: Path) -> BackupResult:
     out = out.absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
+    partial.unlink(missing_ok=True)
+    private_file(partial)  # a copy of the index: no more readable than it
     start = time.perf_counter()
     if kind == "sqlite":
         source = sqlite3.connect(f"file:{_sqlite_path(index_url)}?mode=ro", uri=True)

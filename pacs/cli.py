@@ -25,6 +25,7 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.table import Table
+from sqlalchemy.engine import make_url
 
 from .settings import Settings, load_settings
 
@@ -52,13 +53,42 @@ def setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # pynetdicom narrates every PDU and alembic every migration step at INFO.
-    for chatty in ("pynetdicom", "alembic"):
+    # pynetdicom narrates every PDU, alembic every migration step and
+    # fontTools (report PDFs) every glyph subset at INFO.
+    for chatty in ("pynetdicom", "alembic", "fontTools"):
         logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
     # pydicom warns (to stderr and its logger) about every quirk of a received
     # file; the ingest path reports what matters as a status instead.
     warnings.filterwarnings("ignore", module="pydicom")
     logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
+def missing_archive(settings: Settings, *, index: bool = True, store: bool = False) -> str | None:
+    """Why a command that reads an existing archive has none to read, or None.
+
+    Opening an archive creates it; a mistyped --data-dir or an unmounted disk
+    would then give an empty archive that a cron job's `pacs verify` reports
+    as healthy. Only the embedded default (SQLite file, filesystem store) can
+    be checked this way; a server database or bucket answers for itself.
+    """
+    url = make_url(settings.resolved_index_url)
+    if index and url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+        if not Path(url.database).exists():
+            return f"no archive index at {url.database}"
+    storage = settings.resolved_storage_url
+    if store and storage.startswith("file://") and not Path(storage[len("file://"):]).is_dir():
+        return f"no object store at {storage[len('file://'):]}"
+    return None
+
+
+def open_existing(args: argparse.Namespace, *, index: bool = True, store: bool = False) -> int | None:
+    """Exit status 1 with a message when the archive a command reads is not
+    there (see :func:`missing_archive`); None when it is."""
+    problem = missing_archive(settings_from(args), index=index, store=store)
+    if problem is None:
+        return None
+    err.print(f"[red]{problem}[/red]: check --data-dir / PACS_DATA_DIR (`pacs serve` or `pacs import` create an archive)")
+    return 1
 
 
 def _open(args: argparse.Namespace, **extra: Any):  # type: ignore[no-untyped-def]
@@ -148,6 +178,8 @@ def _progress(quiet: bool) -> Any:
 def cmd_stats(args: argparse.Namespace) -> int:
     from .maintenance import storage_report
 
+    if (refused := open_existing(args)) is not None:
+        return refused
     pacs = _open(args)
     try:
         stats = pacs.reader.stats()

@@ -234,6 +234,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     if args.drop_missing and not args.repair:
         return _usage("--drop-missing only works with --repair")
+    from pacs.cli import open_existing
+
+    if (refused := open_existing(args, index=True, store=True)) is not None:
+        return refused
     # Only a repair changes anything; a read-only check may run anywhere, any time.
     report = _run(args, lambda pacs, bar: verify(pacs, repair=args.repair, drop_missing=args.drop_missing,
                                                  quick=args.quick, workers=args.workers, progress=bar),
@@ -273,6 +277,11 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     """pacs reindex: 0 every object indexed, 1 some could not be (listed)."""
     from pacs.maintenance import reindex
 
+    from pacs.cli import open_existing
+
+    # The index may be gone (that is what reindex is for); the objects may not.
+    if (refused := open_existing(args, index=False, store=True)) is not None:
+        return refused
     report = _run(args, lambda pacs, bar: reindex(pacs, workers=args.workers, progress=bar), lease="reindex")
     if report is None:
         return 1

@@ -8,7 +8,10 @@ The config file is ``--config FILE``, else ``$PACS_CONFIG``, else
 
 from __future__ import annotations
 
+import difflib
+import functools
 import os
+import sys
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -47,7 +50,32 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
         return self._data.get(field_name), field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+        fields = self.settings_cls.model_fields
+        unknown = [k for k in self._data if k not in fields]
+        if unknown:
+            # A misspelt index_url would otherwise give a new, empty local
+            # archive without a word: refuse, naming the key.
+            raise ValueError("unknown setting(s) in the config file: "
+                             + "; ".join(_unknown_key(k, list(fields)) for k in unknown))
+        return dict(self._data)
+
+
+def _unknown_key(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+
+# PACS_* variables that are read outside the settings (or by our own tools).
+_OTHER_ENV = {"PACS_CONFIG", "PACS_LEASE_TTL", "PACS_REPORT_FONT", "PACS_SUPERVISOR_PID", "PACS_WORKER_NUMBER",
+              "PACS_BENCH_CACHE"}
+
+
+def unknown_environment() -> list[str]:
+    """``PACS_*`` variables that configure nothing (a typo such as
+    PACS_AE_TITEL), each with the closest setting's variable."""
+    known = [f"PACS_{name.upper()}" for name in Settings.model_fields]
+    return [_unknown_key(name, known) for name in sorted(os.environ)
+            if name.startswith("PACS_") and name not in _OTHER_ENV and name not in known]
 
 
 class KnownAeEntry(BaseModel):
@@ -195,6 +223,16 @@ class Settings(BaseSettings):
         return self.storage_url or f"file://{(self.data_dir / 'objects').absolute()}"
 
 
+@functools.cache
+def _warn_unknown_environment() -> None:
+    # Once per process: a command loads its settings more than once.
+    for name in unknown_environment():
+        print(f"warning: environment variable {name} is not a setting; ignored", file=sys.stderr)
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Build settings, letting non-None keyword arguments (CLI flags) win."""
+    """Build settings, letting non-None keyword arguments (CLI flags) win.
+    Unknown ``PACS_*`` variables are warned about on stderr (the logging of
+    the command is not set up yet)."""
+    _warn_unknown_environment()
     return Settings(**{k: v for k, v in overrides.items() if v is not None})

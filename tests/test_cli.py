@@ -102,3 +102,46 @@ def test_samples_command_loads_synthetic_studies(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     stats = json.loads(pacs("stats", "--json", data_dir=d).stdout)
     assert stats["studies"] == 4 and stats["patients"] == 3
+
+
+def test_reading_commands_refuse_a_data_dir_that_holds_no_archive(tmp_path: Path) -> None:
+    """A mistyped --data-dir (or an unmounted disk) is an error, not a new,
+    empty archive that `pacs verify` would call healthy."""
+    typo = tmp_path / "dta"
+    for command in (["stats", "--json"], ["verify", "--json"], ["reindex", "--json"]):
+        result = pacs(*command, data_dir=typo)
+        assert result.returncode == 1, (command, result.stdout)
+        assert "no archive index" in result.stderr or "no object store" in result.stderr, result.stderr
+    assert not typo.exists()
+
+
+def test_index_and_its_backup_are_not_world_readable(tmp_path: Path) -> None:
+    """The index holds patients' names and credential hashes: owner and group
+    only, like the objects (0640), whatever the umask; an old 0644 index is
+    tightened when opened."""
+    data = tmp_path / "data"
+    src = tmp_path / "in"
+    copy_files(PYDICOM_FILES[:1], src)
+    assert pacs("import", str(src), data_dir=data).returncode == 0
+    index = data / "index.sqlite"
+    os.chmod(index, 0o644)
+    assert pacs("backup", "--out", str(tmp_path / "b" / "index.bak"), data_dir=data).returncode == 0
+    for path in (index, tmp_path / "b" / "index.bak"):
+        assert path.stat().st_mode & 0o007 == 0, (path, oct(path.stat().st_mode))
+
+
+def test_misspelt_settings_are_named(tmp_path: Path) -> None:
+    """A config key that configures nothing stops the command with its name
+    and the closest setting; an unknown PACS_* variable is warned about."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "pacs.toml").write_text('index_ulr = "postgresql://x@y/z"\n')
+    result = pacs("ae", "list", data_dir=data)
+    assert result.returncode == 1
+    assert "'index_ulr' (did you mean 'index_url'?)" in result.stderr
+    (data / "pacs.toml").unlink()
+    env = {**os.environ, "PACS_AE_TITEL": "X"}
+    warned = subprocess.run([PACS, "ae", "list", "--data-dir", str(data)], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert warned.returncode == 0, warned.stderr
+    assert warned.stderr.count("'PACS_AE_TITEL' (did you mean 'PACS_AE_TITLE'?) is not a setting") == 1

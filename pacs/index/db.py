@@ -10,6 +10,7 @@ instead of failing on a read-to-write upgrade.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,27 @@ def discard_connection(conn: Connection | None) -> None:
         pass
 
 
+def private_file(path: Path) -> None:
+    """Create *path* (if missing) readable by its owner and group only, or
+    take the world's access away from an existing one.
+
+    The index holds patients' names, password and token hashes: 0644 (the
+    usual umask) let every local account read it. SQLite gives its -wal and
+    -shm files the database file's mode, so this covers them too.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640))
+        return
+    except FileExistsError:
+        pass
+    try:
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o007:
+            os.chmod(path, mode & ~0o007)
+    except OSError:
+        pass  # not ours to change (another account's read-only use)
+
+
 def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
@@ -52,6 +74,7 @@ def create_index_engine(url: str, *, pool_size: int = 10) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            private_file(Path(parsed.database))
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": 60},
