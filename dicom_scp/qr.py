@@ -20,7 +20,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import decode
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
@@ -232,19 +232,20 @@ class MoveDestinations:
         return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
 
 
-_MOVE_ITEMS = "_filmless_move_items"
+_RETRIEVE_ITEMS = "_filmless_retrieve_items"
 
 
-def refuse_moves_early(pacs: Pacs) -> Any:
-    """EVT_CONN_OPEN: answer a C-MOVE that must be refused (bad identifier,
-    too many instances) before pynetdicom sees it.
+def refuse_retrieves_early(pacs: Pacs) -> Any:
+    """EVT_CONN_OPEN: answer a C-MOVE or C-GET that must be refused (bad
+    identifier, too many instances) before pynetdicom sees it.
 
     pynetdicom opens the association to the move destination before it
-    reads the handler's first status, so a refusal yielded by the handler
-    became 0xC515 ("unable to process": no presentation context to propose)
-    instead of 0xA900 with its Error Comment (PS3.4 C.4.2.1.5), and would
-    have contacted the destination for nothing. The instances of an accepted
-    request are handed to the handler so they are resolved once.
+    reads the handler's first status, so a refused C-MOVE became 0xC515
+    ("unable to process": no presentation context to propose) instead of
+    0xA900 with its Error Comment (PS3.4 C.4.2.1.5). A refused C-GET went
+    out with an empty Failed SOP Instance UID List data set, after which
+    DCMTK's getscu failed its release. The instances of an accepted request
+    are handed to the handler so they are resolved once.
     """
 
     def on_open(event: Any) -> None:
@@ -252,7 +253,8 @@ def refuse_moves_early(pacs: Pacs) -> Any:
         serve = assoc._serve_request
 
         def serve_request(message: Any, context_id: int) -> None:
-            if isinstance(message, C_MOVE) and message.is_valid_request and _refused(pacs, assoc, message, context_id):
+            if (isinstance(message, C_MOVE | C_GET) and message.is_valid_request
+                    and _refused(pacs, assoc, message, context_id)):
                 return
             serve(message, context_id)
 
@@ -261,12 +263,15 @@ def refuse_moves_early(pacs: Pacs) -> Any:
     return on_open
 
 
-def _refused(pacs: Pacs, assoc: Any, request: C_MOVE, context_id: int) -> bool:
+def _refused(pacs: Pacs, assoc: Any, request: C_MOVE | C_GET, context_id: int) -> bool:
     """Answer *request* here if it must be refused; True when answered."""
-    destination = pacs.aes.get(str(request.MoveDestination or "").strip())
     context = assoc._accepted_cx.get(context_id)
-    if destination is None or not destination.enabled or context is None:
-        return False  # pynetdicom's own answers: 0xA801, or an abort for a bad context
+    if context is None:
+        return False  # pynetdicom aborts for a bad context
+    if isinstance(request, C_MOVE):
+        destination = pacs.aes.get(str(request.MoveDestination or "").strip())
+        if destination is None or not destination.enabled:
+            return False  # the handler's 0xA801 comes first
     syntax = context.transfer_syntax[0]
     identifier_bytes = request.Identifier
     try:
@@ -277,11 +282,11 @@ def _refused(pacs: Pacs, assoc: Any, request: C_MOVE, context_id: int) -> bool:
         if identifier_bytes is not None:
             identifier_bytes.seek(0)
     event = SimpleNamespace(identifier=identifier, request=request, assoc=assoc)
-    items, refusal = _retrieve_items(pacs, event, "C-MOVE")
+    items, refusal = _retrieve_items(pacs, event, "C-MOVE" if isinstance(request, C_MOVE) else "C-GET")
     if refusal is None:
-        assoc.__dict__[_MOVE_ITEMS] = (request.MessageID, items)
+        assoc.__dict__[_RETRIEVE_ITEMS] = (request.MessageID, items)
         return False
-    response = C_MOVE()
+    response = C_MOVE() if isinstance(request, C_MOVE) else C_GET()
     response.MessageIDBeingRespondedTo = request.MessageID
     response.AffectedSOPClassUID = request.AffectedSOPClassUID
     response.Status = int(refusal.Status)
@@ -298,16 +303,14 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
             log.warning("C-MOVE from %s to unknown destination %s", requestor, event.move_destination)
             yield None, None  # pynetdicom answers 0xA801
             return
-        message_id, items = event.assoc.__dict__.pop(_MOVE_ITEMS, (None, []))
-        if message_id != event.request.MessageID:
-            items, refusal = _retrieve_items(pacs, event, "C-MOVE")
-            if refusal is not None:
-                # Reached only without refuse_moves_early: pynetdicom takes
-                # a failure status only after a destination and a count.
-                yield destination.host, destination.port, association_tls(pacs.settings, destination)
-                yield 1
-                yield refusal, None
-                return
+        items, refusal = _resolved_items(pacs, event, "C-MOVE")
+        if refusal is not None:
+            # Reached only without refuse_retrieves_early: pynetdicom takes
+            # a failure status only after a destination and a count.
+            yield destination.host, destination.port, association_tls(pacs.settings, destination)
+            yield 1
+            yield refusal, None
+            return
         contexts = []
         for sop_class, syntaxes in contexts_for(items):
             cx = PresentationContext()
@@ -325,9 +328,18 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
     return handle_move
 
 
+def _resolved_items(pacs: Pacs, event: Any, what: str) -> tuple[list[RetrieveItem], Dataset | None]:
+    """The instances :func:`refuse_retrieves_early` resolved for this request,
+    or resolved now."""
+    message_id, items = event.assoc.__dict__.pop(_RETRIEVE_ITEMS, (None, []))
+    if message_id == event.request.MessageID:
+        return items, None
+    return _retrieve_items(pacs, event, what)
+
+
 def make_get_handler(pacs: Pacs) -> Any:
     def handle_get(event: Any) -> Iterator[Any]:
-        items, refusal = _retrieve_items(pacs, event, "C-GET")
+        items, refusal = _resolved_items(pacs, event, "C-GET")
         if refusal is not None:
             yield 1
             yield refusal, None
@@ -349,4 +361,4 @@ def make_get_handler(pacs: Pacs) -> Any:
     return handle_get
 
 
-__all__ = ["MoveDestinations", "make_find_handler", "make_get_handler", "make_move_handler", "refuse_moves_early"]
+__all__ = ["MoveDestinations", "make_find_handler", "make_get_handler", "make_move_handler", "refuse_retrieves_early"]

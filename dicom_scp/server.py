@@ -354,7 +354,7 @@ def start_dicom_server(
         make_find_handler,
         make_get_handler,
         make_move_handler,
-        refuse_moves_early,
+        refuse_retrieves_early,
     )
 
     ae = build_ae(pacs)
@@ -373,7 +373,7 @@ def start_dicom_server(
         (evt.EVT_ACSE_RECV, prefer_requestor_order),
         # One C-FIND handler per association: dispatch on the information model.
         (evt.EVT_C_FIND, find_dispatcher(make_find_handler(pacs), make_worklist_handler(pacs))),
-        (evt.EVT_CONN_OPEN, refuse_moves_early(pacs)),
+        (evt.EVT_CONN_OPEN, refuse_retrieves_early(pacs)),
         (evt.EVT_C_MOVE, make_move_handler(pacs, destinations)),
         (evt.EVT_C_GET, make_get_handler(pacs)),
         *make_mpps_handlers(pacs),

@@ -385,9 +385,13 @@ def parse_header(
             if header.rows is not None:
                 # Pixel Data is type 1 in the Image Pixel module: an image
                 # without it was cut short where its pixels should start.
-                raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset: Pixel Data missing")
+                raise IngestError(Status.CANNOT_UNDERSTAND, NO_PIXEL_DATA)
     return header
 
+
+# Cut short where its pixels start, or never given any: the dataset alone
+# cannot tell, so the message names both.
+NO_PIXEL_DATA = "truncated or invalid dataset: an image (Rows present) without Pixel Data"
 
 # Every top-level attribute _fill and _uid read.
 _SCANNED_TAGS = frozenset(keyword_dict[k] for k in (
@@ -421,7 +425,7 @@ def _parse_scanned(stream: BinaryIO, transfer_syntax: str | None) -> InstanceHea
     if scanned.pixel_offset is not None:
         header.pixel_offset = offset + scanned.pixel_offset
     elif header.rows is not None:
-        raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset: Pixel Data missing")
+        raise IngestError(Status.CANNOT_UNDERSTAND, NO_PIXEL_DATA)
     reopen = stream.reopen  # type: ignore[attr-defined]
     header.dataset_loader = lambda: dcmread(reopen(), stop_before_pixels=True, defer_size=4096)
     return header

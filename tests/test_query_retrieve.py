@@ -468,6 +468,13 @@ def test_refused_move_is_a900_and_never_contacts_the_destination(
     assert responses[0].get("ErrorComment")
     assert "Final Move Response (Error: DataSetDoesNotMatchSOPClass)" in movescu.stderr, movescu.stderr
     assert not scp.received()
+    # The same identifier over C-GET: 0xA900 too, and getscu releases cleanly
+    # (a refusal carrying an empty Failed SOP Instance UID List made it abort).
+    args = [f"{k}={v}" for k, v in keys.items()]
+    getscu = run_dcmtk("getscu", "-v", "-S", "-od", str(tmp_path), "-aec", qr_server.ae_title,
+                       *[a for arg in args for a in ("-k", arg)], "127.0.0.1", str(qr_server.dicom_port))
+    assert "DataSetDoesNotMatchSOPClass" in getscu.stderr, getscu.stderr
+    assert "Release Failed" not in getscu.stderr and "Aborting" not in getscu.stderr, getscu.stderr
     assert qr_server.alive()
 
 
