@@ -71,12 +71,21 @@ class OtherIdentifier:
 
 @dataclass
 class PatientInfo:
+    """The HIS's view of a patient. A demographic that is None was not sent
+    and keeps its stored value (HL7 v2.5 2.5.3, a key absent from JSON); an
+    empty string was sent as null and deletes it."""
+
     patient_id: str
     issuer: str = ""
-    name: str = ""
-    birth_date: str = ""
-    sex: str = ""
+    name: str | None = None
+    birth_date: str | None = None
+    sex: str | None = None
     other_ids: list[OtherIdentifier] = field(default_factory=list)
+
+    def demographics(self) -> dict[str, str]:
+        """The DICOM keywords this update sets (only what was sent)."""
+        sent = {"PatientName": self.name, "PatientBirthDate": self.birth_date, "PatientSex": self.sex}
+        return {k: v for k, v in sent.items() if v is not None}
 
 
 @dataclass
@@ -109,6 +118,43 @@ class OrderInfo:
 
 _ORDER_COLUMNS = [f for f in OrderInfo.__dataclass_fields__ if f != "patient"]
 
+# What the worklist returns these values as (PS3.5 table 6.2-1): a longer value
+# would be an invalid DICOM response, so every entry point refuses it here.
+_VR_LIMITS: dict[str, tuple[str, str, int]] = {
+    "accession_number": ("AccessionNumber", "SH", 16),
+    "requested_procedure_id": ("RequestedProcedureID", "SH", 16),
+    "step_id": ("ScheduledProcedureStepID", "SH", 16),
+    "modality": ("Modality", "CS", 16),
+    "station_ae_title": ("ScheduledStationAETitle", "AE", 16),
+    "station_name": ("ScheduledStationName", "SH", 16),
+    "location": ("ScheduledProcedureStepLocation", "SH", 16),
+}
+_PATIENT_ID_LIMIT = 64  # PatientID is LO
+
+
+def validate_order(info: OrderInfo) -> None:
+    """Refuse values the worklist could not return (HL7: AE with ERR 102,
+    JSON: 400). The message names the field, never its value (PHI)."""
+    for name, (keyword, vr, limit) in _VR_LIMITS.items():
+        length = len(getattr(info, name))
+        if length > limit:
+            raise OrderError(
+                f"{name} ({keyword}, VR {vr}) has {length} characters; at most {limit} are allowed",
+                code="102", http_status=400,
+            )
+
+
+def _patient_columns(p: PatientInfo) -> dict[str, Any]:
+    """Patient row values for the demographics *p* carries (None: keep)."""
+    values: dict[str, Any] = {}
+    if p.name is not None:
+        values.update(name=p.name, name_folded=fold_name(p.name), name_words=name_words(p.name))
+    if p.birth_date is not None:
+        values["birth_date"] = p.birth_date
+    if p.sex is not None:
+        values["sex"] = p.sex
+    return values
+
 
 def _now() -> datetime:
     return datetime.now(UTC)
@@ -121,19 +167,55 @@ class OrderService:
         self.engine = engine
 
     # -- patients ------------------------------------------------------------------
-    def _upsert_patient(self, conn: Connection, p: PatientInfo) -> int:
-        """The HIS patient, created or updated (the HIS wins on demographics)."""
+    def _upsert_patient(self, conn: Connection, p: PatientInfo, *, match_identifiers: bool = True) -> int:
+        """The HIS patient, created or updated (the HIS wins on demographics,
+        but only on those it sent: a value left out keeps the stored one)."""
         if not p.patient_id:
             raise OrderError("the patient has no identifier", code="101", http_status=400)
+        if len(p.patient_id) > _PATIENT_ID_LIMIT:
+            raise OrderError(f"the patient ID (PatientID, VR LO) is longer than {_PATIENT_ID_LIMIT} characters",
+                             code="102", http_status=400)
         now = _now()
-        values = {
-            "name": p.name,
-            "name_folded": fold_name(p.name),
-            "name_words": name_words(p.name),
-            "birth_date": p.birth_date,
-            "sex": p.sex,
-            "updated_at": now,
-        }
+        pk = self._existing_patient(conn, p, match_identifiers)
+        if pk is None:
+            blank = PatientInfo(p.patient_id, name="", birth_date="", sex="")
+            pk = insert_ignore(
+                conn,
+                patients_t,
+                {"patient_id": p.patient_id, "issuer": p.issuer, "created_at": now, "updated_at": now,
+                 **_patient_columns(blank), **_patient_columns(p)},
+                ["patient_id", "issuer"],
+            )
+            if pk is None:  # created meanwhile by another writer
+                pk = conn.execute(
+                    select(patients_t.c.pk).where(patients_t.c.patient_id == p.patient_id,
+                                                  patients_t.c.issuer == p.issuer)
+                ).scalar_one()
+                self._update_demographics(conn, pk, p, now)
+        else:
+            self._update_demographics(conn, pk, p, now)
+        for other in p.other_ids:
+            self._add_identifier(conn, pk, other)
+        return int(pk)
+
+    def _update_demographics(self, conn: Connection, pk: int, p: PatientInfo, now: datetime) -> None:
+        values = _patient_columns(p)
+        if not values:
+            return
+        changed = self._demographics_changed(conn, pk, p)
+        if changed:
+            conn.execute(update(patients_t).where(patients_t.c.pk == pk).values(**values, updated_at=now))
+            # Only what really changed becomes a correction of the stored studies.
+            self._record_patient_change(conn, pk, changed, "HIS patient update")
+
+    @staticmethod
+    def _patient_pk(conn: Connection, patient_id: str, issuer: str) -> int | None:
+        return conn.execute(
+            select(patients_t.c.pk).where(patients_t.c.patient_id == patient_id, patients_t.c.issuer == issuer)
+        ).scalar()
+
+    def _existing_patient(self, conn: Connection, p: PatientInfo, match_identifiers: bool) -> int | None:
+        """The stored patient *p* is, or None for a new one."""
         if p.issuer:
             # The same ID received from a modality without an issuer is this
             # patient: give it the HIS's issuer instead of creating a twin.
@@ -144,39 +226,53 @@ class OrderService:
                                                       patients_t.c.issuer == p.issuer).exists())
                 .values(issuer=p.issuer)
             )
-        pk = insert_ignore(
-            conn,
-            patients_t,
-            {"patient_id": p.patient_id, "issuer": p.issuer, "created_at": now, **values},
-            ["patient_id", "issuer"],
-        )
-        if pk is None:
-            pk = conn.execute(
-                select(patients_t.c.pk).where(
-                    patients_t.c.patient_id == p.patient_id, patients_t.c.issuer == p.issuer
-                )
-            ).scalar_one()
-            changed = self._demographics_changed(conn, pk, p)
-            conn.execute(update(patients_t).where(patients_t.c.pk == pk).values(**values))
-            if changed:
-                self._record_patient_change(conn, pk, changed, "HIS patient update")
-        for other in p.other_ids:
-            if other.value:
-                insert_ignore(
-                    conn,
-                    identifiers_t,
-                    {"patient_pk": pk, "value": other.value, "issuer": other.issuer, "id_type": other.id_type},
-                    ["patient_pk", "value", "issuer"],
-                )
-        return int(pk)
+        pk = self._patient_pk(conn, p.patient_id, p.issuer)
+        if pk is None and match_identifiers:
+            pk = self._patient_by_identifier(conn, p)
+        return pk
+
+    def _patient_by_identifier(self, conn: Connection, p: PatientInfo) -> int | None:
+        """A patient first filed under another of the identifiers this message
+        carries (e.g. created from the citizen ID before the HIS sent its
+        hospital number): the one patient whose key is one of our other IDs,
+        or who already holds our patient ID as an other ID. Only identifiers
+        with an issuer count, and other IDs are never matched against other
+        IDs (insurance numbers are mistyped and shared); an ambiguous match
+        creates a new patient, for ADT^A40 to merge."""
+        keys = [(o.value, o.issuer) for o in p.other_ids if o.value and o.issuer]
+        candidates: set[int] = set()
+        for value, issuer in keys:
+            found = self._patient_pk(conn, value, issuer)
+            if found is not None:
+                candidates.add(int(found))
+        if p.issuer:
+            candidates.update(int(pk) for pk in conn.execute(
+                select(identifiers_t.c.patient_pk).where(identifiers_t.c.value == p.patient_id,
+                                                          identifiers_t.c.issuer == p.issuer)
+            ).scalars())
+        if len(candidates) != 1:
+            return None
+        pk = candidates.pop()
+        # Remember the ID we were given, so the next message finds the patient directly.
+        self._add_identifier(conn, pk, OtherIdentifier(p.patient_id, p.issuer, ""))
+        return pk
+
+    @staticmethod
+    def _add_identifier(conn: Connection, patient_pk: int, other: OtherIdentifier) -> None:
+        if other.value:
+            insert_ignore(
+                conn,
+                identifiers_t,
+                {"patient_pk": patient_pk, "value": other.value, "issuer": other.issuer, "id_type": other.id_type},
+                ["patient_pk", "value", "issuer"],
+            )
 
     @staticmethod
     def _demographics_changed(conn: Connection, pk: int, p: PatientInfo) -> dict[str, tuple[str, str]]:
         row = conn.execute(select(patients_t).where(patients_t.c.pk == pk)).one()
-        new = {"PatientName": p.name, "PatientBirthDate": p.birth_date, "PatientSex": p.sex}
         return {
             k: (getattr(row, PATIENT_COLUMNS[k]), v)
-            for k, v in new.items()
+            for k, v in p.demographics().items()
             if getattr(row, PATIENT_COLUMNS[k]) != v
         }
 
@@ -229,7 +325,9 @@ class OrderService:
         return int(self.apply([("merge", (surviving, prior))])[0])
 
     def _merge(self, conn: Connection, surviving: PatientInfo, prior: list[tuple[str, str]]) -> int:
-        target = self._upsert_patient(conn, surviving)
+        # No matching by other IDs here: the message may well list the prior
+        # patient's IDs, and the merge must not collapse into that patient.
+        target = self._upsert_patient(conn, surviving, match_identifiers=False)
         moved = 0
         for prior_id, prior_issuer in prior:
             old = conn.execute(
@@ -299,6 +397,7 @@ class OrderService:
     def _place(self, conn: Connection, info: OrderInfo, source: str) -> dict[str, Any]:
         if not info.accession_number:
             raise OrderError("the order has no accession number", code="101", http_status=400)
+        validate_order(info)  # the derived procedure and step IDs default to the accession
         if info.study_uid and not valid_uid(info.study_uid):
             raise OrderError(f"invalid Study Instance UID {info.study_uid!r}", code="102", http_status=400)
         if self._find_order(conn, info) is not None:
@@ -319,6 +418,7 @@ class OrderService:
         return self._order_dict(conn, pk)
 
     def _change(self, conn: Connection, info: OrderInfo, source: str) -> dict[str, Any]:
+        validate_order(info)
         row = self._find_order(conn, info)
         if row is None:
             raise OrderError("no such order to change", code="204", http_status=404)
@@ -511,4 +611,5 @@ def link_study(conn: Connection, study_pk: int, order_pk: int, matched_by: str) 
             conn.execute(delete(patients_t).where(patients_t.c.pk == received_patient.pk))
 
 
-__all__ = ["OrderError", "OrderInfo", "OrderService", "OtherIdentifier", "PatientInfo", "STATUSES", "asdict"]
+__all__ = ["OrderError", "OrderInfo", "OrderService", "OtherIdentifier", "PatientInfo", "STATUSES", "asdict",
+           "validate_order"]

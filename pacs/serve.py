@@ -31,7 +31,8 @@ def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
 
     service = OrderService(pacs.engine)
     settings = pacs.settings
-    listener = MLLPServer(settings.host, settings.hl7_port, lambda raw: hl7v2.handle(service, raw)).start()
+    listener = MLLPServer(settings.host, settings.hl7_port, lambda raw: hl7v2.handle(service, raw),
+                          idle_timeout=settings.hl7_idle_timeout).start()
     sender = None
     if settings.his_mllp:
         host, _, port = settings.his_mllp.rpartition(":")

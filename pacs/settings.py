@@ -129,6 +129,8 @@ class Settings(BaseSettings):
     dicom_port: int = 11112
     http_port: int = 8042
     hl7_port: int = 2575
+    # Close an HL7 MLLP connection that sends nothing for this many seconds (0: never).
+    hl7_idle_timeout: float = 300.0
     ae_title: str = "FILMLESS"
 
     # TLS (PS3.15 Annex B): this node's certificate and key, PEM (pacs certs issue).

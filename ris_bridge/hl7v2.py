@@ -8,6 +8,9 @@ DC/OD discontinue), ADT^A01/A04/A08/A31 (patient update), ADT^A40 (merge).
 from __future__ import annotations
 
 import itertools
+import logging
+import re
+import traceback
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,6 +18,8 @@ from typing import Any
 import hl7
 
 from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo
+
+log = logging.getLogger(__name__)
 
 # MSH-18 values and the Python codec for each (HL7 table 0211).
 _CHARSETS = {
@@ -31,6 +36,19 @@ _CONTROL_IDS = itertools.count(1)
 # protocol). Real orders are a few kilobytes and a few hundred delimiters.
 MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_DELIMITERS = 20_000
+# Some Windows HIS interfaces write a UTF-8 byte order mark before MSH.
+_BOM = b"\xef\xbb\xbf"
+# HL7 v2.5 2.5.3: a field (or component) of two double quotes is the null
+# value -- "delete the stored value" -- never the text.
+NULL = '""'
+# CX-5 identifier type codes (HL7 table 0203) that name the hospital's own
+# patient number; citizen ID (NI) and insurance numbers become other IDs.
+PRIMARY_ID_TYPES = ("PI", "MR")
+_ERROR_MEANINGS = {
+    "100": "Segment sequence error", "101": "Required field missing", "102": "Data type error",
+    "103": "Table value not found", "200": "Unsupported message type", "201": "Unsupported event code",
+    "204": "Unknown key identifier", "205": "Duplicate key identifier", "207": "Application internal error",
+}
 
 
 class HL7Reject(Exception):
@@ -72,11 +90,56 @@ def decode(raw: bytes) -> tuple[str, str]:
     try:
         return raw.decode(codec), declared
     except UnicodeDecodeError as exc:
-        raise HL7Reject(f"message is not valid {declared}: {exc}", code="103") from None
+        # The bytes do not fit the declared data: a data type error (table 0357).
+        raise HL7Reject(f"message is not valid {declared}: {exc}", code="102") from None
+
+
+def _strip_bom(raw: bytes) -> bytes:
+    return raw[len(_BOM):] if raw.startswith(_BOM) else raw
+
+
+def _header_from_msh(line: str, charset: str) -> Header:
+    """The MSH fields an ACK needs, from the MSH segment's text alone."""
+    fields = line.split(line[3])
+    components = fields[1][:1] if len(fields) > 1 and fields[1] else "^"
+
+    def field(number: int) -> str:  # MSH-1 is the separator itself: MSH-n is fields[n - 1]
+        return _text(fields[number - 1]) if len(fields) >= number else ""
+
+    kind = (fields[8] if len(fields) > 8 else "").split(components)
+    return Header(
+        sending_app=field(3),
+        sending_facility=field(4),
+        receiving_app=field(5),
+        receiving_facility=field(6),
+        message_type=_text(kind[0]).upper(),
+        trigger=_text(kind[1]).upper() if len(kind) > 1 else "",
+        control_id=field(10),
+        version=field(12) or "2.5",
+        charset=charset,
+    )
+
+
+def read_header(raw: bytes) -> Header | None:
+    """The MSH of a message that may be unusable otherwise (too large, bytes
+    not valid in its character set), so that even an AR echoes MSH-10 and
+    goes back to the sender; None when there is no readable MSH."""
+    raw = _strip_bom(raw).lstrip(b"\r\n")
+    if not raw.startswith(b"MSH") or len(raw) < 8:
+        return None
+    line = re.split(rb"[\r\n]", raw[:8192], maxsplit=1)[0]
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        text = line.decode("latin-1")  # MSH is ASCII by the standard; do not fail on a stray byte
+    fields = text.split(text[3])
+    charset = fields[17].split("^")[0].strip().upper() if len(fields) > 17 else ""
+    return _header_from_msh(text, charset)
 
 
 def parse(raw: bytes) -> tuple[Any, Header]:
     """Parse a message; raise HL7Reject when it is not a usable HL7 v2 message."""
+    raw = _strip_bom(raw)
     if len(raw) > MAX_MESSAGE_BYTES:
         raise HL7Reject(f"message of {len(raw)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}", code="207")
     text, charset = decode(raw)
@@ -88,20 +151,10 @@ def parse(raw: bytes) -> tuple[Any, Header]:
         raise HL7Reject(f"message has {delimiters} delimiters, more than the limit of {MAX_DELIMITERS}", code="207")
     try:
         message = hl7.parse(text)
-        msh = message.segment("MSH")
+        message.segment("MSH")
     except Exception as exc:
         raise HL7Reject(f"unparsable message: {exc}", code="100") from None
-    header = Header(
-        sending_app=_get(msh, 3),
-        sending_facility=_get(msh, 4),
-        receiving_app=_get(msh, 5),
-        receiving_facility=_get(msh, 6),
-        message_type=_get(msh, 9, comp=0).upper(),
-        trigger=_get(msh, 9, comp=1).upper(),
-        control_id=_get(msh, 10),
-        version=_get(msh, 12) or "2.5",
-        charset=charset,
-    )
+    header = _header_from_msh(text.split("\r", 1)[0], charset)
     if not header.message_type:
         raise HL7Reject("MSH-9 (message type) is empty", code="101")
     if not header.control_id:
@@ -118,11 +171,26 @@ def _raw(segment: Any, field: int) -> str:
         return ""
 
 
+_ESCAPES = {"F": "|", "S": "^", "R": "~", "T": "&", "E": "\\", "H": "", "N": ""}
+_ESCAPE_SEQUENCE = re.compile(r"\\([FSRTEHN])\\")
+
+
 def _unescape(text: str) -> str:
-    return (
-        text.replace("\\F\\", "|").replace("\\S\\", "^").replace("\\R\\", "~").replace("\\T\\", "&")
-        .replace("\\E\\", "\\")
-    )
+    # One pass: "\E\F\" is an escaped backslash followed by "F\", not a "|".
+    # \H\ / \N\ (highlighting on/off) carry no text.
+    return _ESCAPE_SEQUENCE.sub(lambda m: _ESCAPES[m.group(1)], text)
+
+
+def _text(value: str) -> str:
+    """One field or component as text: the HL7 null value "" reads as empty."""
+    value = value.strip()
+    return "" if value == NULL else _unescape(value).strip()
+
+
+def _present(segment: Any, field: int) -> bool:
+    """Whether *field* was sent at all: an empty field means "leave the
+    stored value as it is"; "" (null) is present and means "delete"."""
+    return bool(_raw(segment, field).strip())
 
 
 def _get(segment: Any, field: int, comp: int | None = None) -> str:
@@ -131,7 +199,7 @@ def _get(segment: Any, field: int, comp: int | None = None) -> str:
     if comp is not None:
         parts = value.split("^")
         value = parts[comp] if comp < len(parts) else ""
-    return _unescape(value).strip()
+    return _text(value)
 
 
 def _repetitions(segment: Any, field: int) -> list[str]:
@@ -139,7 +207,7 @@ def _repetitions(segment: Any, field: int) -> list[str]:
 
 
 def _components(text: str) -> list[str]:
-    return [_unescape(c).strip() for c in text.split("^")]
+    return [_text(c) for c in text.split("^")]
 
 
 def _segments(message: Any, name: str) -> list[Any]:
@@ -170,24 +238,46 @@ def _person(components: list[str], offset: int = 0) -> str:
     return "^".join([family, given, middle, prefix, suffix]).rstrip("^")
 
 
-def patient_from_pid(pid: Any) -> PatientInfo:
-    ids = [_components(r) for r in _repetitions(pid, 3)]
-    if not ids or not ids[0][0]:
+def _identifier(components: list[str]) -> OtherIdentifier:
+    """CX: ID^check digit^scheme^assigning authority^identifier type code."""
+    return OtherIdentifier(
+        value=components[0],
+        issuer=components[3] if len(components) > 3 else "",
+        id_type=(components[4] if len(components) > 4 else "").upper(),
+    )
+
+
+def _patient_ids(pid: Any) -> tuple[OtherIdentifier, list[OtherIdentifier]]:
+    """The patient ID and the other IDs from PID-3. The hospital's own number
+    (type PI or MR) is the patient ID wherever the HIS lists it, so a message
+    that puts the citizen ID first still files under the same patient; with
+    no such type the first repetition is the patient ID (as before)."""
+    ids = [_identifier(_components(r)) for r in _repetitions(pid, 3)]
+    ids = [i for i in ids if i.value]
+    if not ids:
         raise OrderError("PID-3 (patient identifier) is empty", code="101", http_status=400)
-    primary = ids[0]
-    others = [
-        OtherIdentifier(value=c[0], issuer=c[3] if len(c) > 3 else "", id_type=c[4] if len(c) > 4 else "")
-        for c in ids[1:]
-        if c and c[0]
-    ]
-    names = _repetitions(pid, 5)
+    primary = next((i for i in ids if i.id_type in PRIMARY_ID_TYPES), ids[0])
+    return primary, [i for i in ids if i is not primary]
+
+
+def _sex(pid: Any) -> str | None:
+    if not _present(pid, 8):
+        return None
     sex = _get(pid, 8)[:1].upper()
+    return sex if sex in ("M", "F", "O") else ""  # U (unknown), A, N: no DICOM value
+
+
+def patient_from_pid(pid: Any) -> PatientInfo:
+    """PID to the core's patient. Demographics not sent are None (keep what
+    is stored); the null value "" is an empty string (delete it)."""
+    primary, others = _patient_ids(pid)
+    names = _repetitions(pid, 5)
     return PatientInfo(
-        patient_id=primary[0],
-        issuer=primary[3] if len(primary) > 3 else "",
-        name=_person(_components(names[0])) if names else "",
-        birth_date=_dicom_date(_get(pid, 7)),
-        sex=sex if sex in ("M", "F", "O") else "",
+        patient_id=primary.value,
+        issuer=primary.issuer,
+        name=_person(_components(names[0])) if names else None,
+        birth_date=_dicom_date(_get(pid, 7)) if _present(pid, 7) else None,
+        sex=_sex(pid),
         other_ids=others,
     )
 
@@ -264,39 +354,101 @@ def orders_from(message: Any) -> list[tuple[str, OrderInfo]]:
 
 def handle(service: OrderService, raw: bytes) -> bytes:
     """Process one inbound message; return the ACK to send back (never raises)."""
+    header, code, text, error_code = _process(service, raw)
+    if code != "AA":
+        _log_refusal(header, code, error_code)
+    return ack(header, code, text, error_code)
+
+
+def _process(service: OrderService, raw: bytes) -> tuple[Header, str, str, str]:
+    """(header, MSA-1, text, table 0357 code) for one message.
+
+    HL7 v2.5 2.9.2 (original mode): AE says the message itself is wrong (the
+    HIS must fix it); AR says it could not be processed for reasons that are
+    not its content -- unusable framing or encoding, unsupported type, or our
+    own failure (database down) -- and the HIS may resend it unchanged.
+    """
     try:
         message, header = parse(raw)
     except HL7Reject as exc:
-        return ack(Header(control_id="", version="2.5"), "AR", str(exc), exc.code)
-    kind = f"{header.message_type}^{header.trigger}"
+        return read_header(raw) or Header(), "AR", str(exc), exc.code
     try:
-        if header.message_type in ("ORM", "OMI"):
-            if kind not in ("ORM^O01", "OMI^O23"):
-                return ack(header, "AR", f"{kind} is not supported", "201")
-            service.apply(orders_from(message), source=f"hl7:{header.sending_app}")
-        elif header.message_type == "ADT":
-            pids = _segments(message, "PID")
-            if not pids:
-                raise OrderError("ADT message without PID segment", code="100", http_status=400)
-            if header.trigger == "A40":
-                mrgs = _segments(message, "MRG")
-                if not mrgs:
-                    raise OrderError("ADT^A40 without MRG segment", code="100", http_status=400)
-                prior = [(c[0], c[3] if len(c) > 3 else "") for c in map(_components, _repetitions(mrgs[0], 1)) if c[0]]
-                if not prior:
-                    raise OrderError("MRG-1 (prior patient identifier) is empty", code="101", http_status=400)
-                service.apply([("merge", (patient_from_pid(pids[0]), prior))], source=f"hl7:{header.sending_app}")
-            elif header.trigger in ("A01", "A04", "A05", "A08", "A28", "A31"):
-                service.apply([("patient", patient_from_pid(pids[0]))], source=f"hl7:{header.sending_app}")
-            else:
-                return ack(header, "AR", f"{kind} is not supported", "201")
-        else:
-            return ack(header, "AR", f"message type {header.message_type} is not supported", "200")
+        unsupported = _dispatch(service, message, header)
     except OrderError as exc:
-        return ack(header, "AE", str(exc), exc.code)
-    except Exception as exc:  # keep the link up; say what went wrong
-        return ack(header, "AE", f"internal error: {exc.__class__.__name__}", "207")
-    return ack(header, "AA", "")
+        return header, "AE", str(exc), exc.code
+    except Exception as exc:  # keep the link up; the HIS resends on AR
+        _log_internal_error(header, exc)
+        return header, "AR", f"internal error: {exc.__class__.__name__}; please resend", "207"
+    if unsupported is not None:
+        return header, "AR", *unsupported
+    return header, "AA", "", ""
+
+
+def _dispatch(service: OrderService, message: Any, header: Header) -> tuple[str, str] | None:
+    """Apply the message; (text, code) when its type or event is not supported."""
+    kind = f"{header.message_type}^{header.trigger}"
+    source = f"hl7:{header.sending_app}"
+    if header.message_type in ("ORM", "OMI"):
+        if kind not in ("ORM^O01", "OMI^O23"):
+            return f"{kind} is not supported", "201"
+        service.apply(orders_from(message), source=source)
+    elif header.message_type == "ADT":
+        pids = _segments(message, "PID")
+        if not pids:
+            raise OrderError("ADT message without PID segment", code="100", http_status=400)
+        if header.trigger == "A40":
+            service.apply([("merge", (patient_from_pid(pids[0]), _prior_ids(message)))], source=source)
+        elif header.trigger in ("A01", "A04", "A05", "A08", "A28", "A31"):
+            service.apply([("patient", patient_from_pid(pids[0]))], source=source)
+        else:
+            return f"{kind} is not supported", "201"
+    else:
+        return f"message type {header.message_type} is not supported", "200"
+    return None
+
+
+def _prior_ids(message: Any) -> list[tuple[str, str]]:
+    """MRG-1 of an ADT^A40: the patient IDs being merged away."""
+    mrgs = _segments(message, "MRG")
+    if not mrgs:
+        raise OrderError("ADT^A40 without MRG segment", code="100", http_status=400)
+    prior = [(c[0], c[3] if len(c) > 3 else "") for c in map(_components, _repetitions(mrgs[0], 1)) if c[0]]
+    if not prior:
+        raise OrderError("MRG-1 (prior patient identifier) is empty", code="101", http_status=400)
+    return prior
+
+
+def _describe(header: Header) -> str:
+    """Message type, control ID and sender for the log: never the message
+    text, which names the patient (error texts quote IDs and accessions)."""
+    kind = f"{header.message_type}^{header.trigger}" if header.trigger else header.message_type or "?"
+    return f"HL7 {kind[:20]} control ID {header.control_id[:40]!r} from {header.sending_app[:40]!r}"
+
+
+def _log_refusal(header: Header, code: str, error_code: str) -> None:
+    meaning = _ERROR_MEANINGS.get(error_code, "Application error")
+    log.warning("%s answered %s (%s %s)", _describe(header), code, error_code, meaning)
+
+
+def _log_internal_error(header: Header, exc: BaseException) -> None:
+    log.error("%s failed with an internal error; answered AR so the HIS resends\n%s",
+              _describe(header), _traceback_without_values(exc))
+
+
+def _traceback_without_values(exc: BaseException) -> str:
+    """The traceback with exception types but not their messages: database
+    errors quote the SQL parameters, i.e. patient names and IDs."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    parts = [
+        "Traceback (most recent call last):\n" + "".join(traceback.format_tb(e.__traceback__))
+        + f"{type(e).__module__}.{type(e).__qualname__} (message withheld: may contain patient data)"
+        for e in reversed(chain)
+    ]
+    return "\n\nDuring handling of the above exception, another exception occurred:\n\n".join(parts)
 
 
 def ack(header: Header, code: str, text: str, error_code: str = "207", *, app: str = "FILMLESS") -> bytes:
@@ -312,21 +464,32 @@ def ack(header: Header, code: str, text: str, error_code: str = "207", *, app: s
         "|".join(["MSA", code, header.control_id, escape(text)[:80]]),
     ]
     if code != "AA":
-        meaning = {"100": "Segment sequence error", "101": "Required field missing", "102": "Data type error",
-                   "103": "Table value not found", "200": "Unsupported message type", "201": "Unsupported event code",
-                   "204": "Unknown key identifier", "205": "Duplicate key identifier",
-                   "207": "Application internal error"}.get(error_code, "Application error")
+        meaning = _ERROR_MEANINGS.get(error_code, "Application error")
         segments.append("|".join(["ERR", "", "", f"{error_code}^{meaning}^HL70357", "E", "", "", "", escape(text)]))
     codec = _CHARSETS.get(charset.upper(), "utf-8")
     return "\r".join(segments).encode(codec, errors="replace") + b"\r"
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# Other C0 controls: VT and FS would end the MLLP frame early.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
 def escape(text: str) -> str:
-    """HL7 escape sequences for the delimiters (| ^ ~ \\ &)."""
+    """One line of text for an HL7 field: the delimiters (| ^ ~ \\ &) as
+    escape sequences; a line break becomes a space (a CR or LF inside a
+    field reads as a segment break to many engines)."""
+    text = _CONTROL.sub(" ", _LINE_BREAK.sub(" ", text))
     return (
-        text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\").replace("~", "\\R\\").replace("&", "\\T\\")
-        .replace("\r", " ")
+        text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\").replace("~", "\\R\\")
+        .replace("&", "\\T\\")
     )
+
+
+def escape_lines(text: str) -> str:
+    """Multi-line text for a repeating TX field: one repetition per line,
+    which HL7 v2.5 (2.A.79 TX) defines as a hard line break."""
+    return "~".join(escape(line) for line in _LINE_BREAK.split(text.strip("\r\n")))
 
 
 def ack_code(raw: bytes) -> tuple[str, str]:

@@ -3,7 +3,10 @@
 The listener answers every framed message with the ACK its handler returns,
 one message at a time per connection, many connections at once; the handler
 runs in a worker thread so database work never blocks the event loop.
-Garbage between frames is skipped; an oversized frame closes the connection.
+Garbage between frames is skipped; an oversized frame closes the connection,
+and so does a connection that sends nothing for ``idle_timeout`` seconds (a
+client that stopped half-way through a frame would otherwise hold its socket
+and buffer forever).
 """
 
 from __future__ import annotations
@@ -18,14 +21,24 @@ log = logging.getLogger(__name__)
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
 MAX_MESSAGE = 16 * 1024 * 1024
+IDLE_TIMEOUT = 300.0
 
 
 def frame(message: bytes) -> bytes:
     return VT + message + FS + CR
 
 
+async def _read(reader: asyncio.StreamReader, idle_timeout: float | None) -> bytes | None:
+    """The next chunk; None when the peer sent nothing for *idle_timeout* s."""
+    try:
+        return await asyncio.wait_for(reader.read(65536), idle_timeout)
+    except TimeoutError:
+        return None
+
+
 async def _serve_connection(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Callable[[bytes], bytes]
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Callable[[bytes], bytes],
+    idle_timeout: float | None = IDLE_TIMEOUT,
 ) -> None:
     peer = writer.get_extra_info("peername")
     sock = writer.get_extra_info("socket")
@@ -34,7 +47,11 @@ async def _serve_connection(
     buffer = b""
     try:
         while True:
-            chunk = await reader.read(65536)
+            chunk = await _read(reader, idle_timeout)
+            if chunk is None:
+                log.warning("MLLP connection from %s idle for %.0fs%s; closing", peer, idle_timeout,
+                            " in the middle of a message" if buffer else "")
+                return
             if not chunk:
                 return
             buffer += chunk
@@ -63,8 +80,12 @@ async def _serve_connection(
 class MLLPServer:
     """An MLLP listener in its own thread and event loop."""
 
-    def __init__(self, host: str, port: int, handler: Callable[[bytes], bytes]) -> None:
+    def __init__(
+        self, host: str, port: int, handler: Callable[[bytes], bytes], *, idle_timeout: float | None = IDLE_TIMEOUT
+    ) -> None:
         self.host, self.port, self.handler = host, port, handler
+        # None or 0: never close an idle connection.
+        self.idle_timeout = idle_timeout or None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._ready = threading.Event()
@@ -83,7 +104,7 @@ class MLLPServer:
         try:
             self._server = self._loop.run_until_complete(
                 asyncio.start_server(
-                    lambda r, w: _serve_connection(r, w, self.handler), self.host, self.port, reuse_address=True
+                    lambda r, w: _serve_connection(r, w, self.handler, self.idle_timeout), self.host, self.port, reuse_address=True
                 )
             )
         except BaseException as exc:

@@ -17,11 +17,14 @@ from pacs import outbox
 from pacs.app import Pacs
 
 from . import mllp
-from .hl7v2 import ack_code, escape
+from .hl7v2 import ack_code, escape, escape_lines
 
 log = logging.getLogger(__name__)
 
 _ORC_STATUS = {"IN PROGRESS": "IP", "COMPLETED": "CM", "DISCONTINUED": "DC", "SCHEDULED": "SC", "CANCELLED": "CA"}
+# Result status (HL7 tables 0123 for OBR-25, 0085 for OBX-11): an amended
+# report replaces a final one, so it goes out as C (corrected), not F.
+_RESULT_STATUS = {"final": "F", "amended": "C"}
 MAX_REJECTIONS = 10
 MAX_BACKOFF = 60.0
 
@@ -50,13 +53,25 @@ def render(kind: str, data: dict[str, Any], control_id: str, app: str = "FILMLES
         segments.append("|".join(["ORC", "SC", placer, filler, "", status]))
         segments.append("|".join(["OBR", "1", placer, filler, service] + [""] * 13 + [accession]))
     else:
+        result_status = _RESULT_STATUS.get(data.get("status", "final"), "F")
         segments.append("|".join(["ORC", "RE", placer, filler, "", "CM"]))
         segments.append("|".join(["OBR", "1", placer, filler, service] + [""] * 13 + [accession]
-                                 + [""] * 6 + ["F"]))
-        for index, line in enumerate(data.get("lines", []), start=1):
-            segments.append("|".join(["OBX", str(index), line.get("type", "TX"), line.get("code", "GDT^Report^L"),
-                                      "", escape(line.get("value", "")), "", "", "", "", "", "F"]))
+                                 + [""] * 6 + [result_status]))
+        segments.extend(_obx(index, line, result_status) for index, line in enumerate(data.get("lines", []), start=1))
     return "\r".join(segments).encode("utf-8") + b"\r"
+
+
+def _obx(index: int, line: dict[str, Any], result_status: str) -> str:
+    """One OBX per report section (its own OBX-3 code). TX text keeps its
+    line breaks as repetitions of OBX-5 (a repetition is a hard line break
+    for TX, HL7 v2.5 2.A.79), so no CR/LF ever sits inside the segment and the
+    one-OBX-per-LOINC-section layout the HIS already reads stays as it is;
+    other types (RP: the viewer link) are one value."""
+    value_type = line.get("type", "TX")
+    value = line.get("value", "")
+    encoded = escape_lines(value) if value_type == "TX" else escape(value)
+    return "|".join(["OBX", str(index), value_type, line.get("code", "GDT^Report^L"),
+                     "", encoded, "", "", "", "", "", result_status])
 
 
 class OutboundSender:

@@ -4,6 +4,7 @@ PostgreSQL databases and `pacs serve` processes. No pytest here, so
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -377,3 +379,19 @@ class MLLPRecorder:
         self._stop.set()
         self._server.close()
         self._thread.join(5)
+
+
+@contextlib.contextmanager
+def serving_with_his(server: PacsServer, his_port: int, radiologist: tuple[str, str]) -> Iterator[PacsServer]:
+    """Start *server* (configured with ``PACS_HIS_MLLP=127.0.0.1:his_port``)
+    with a stand-in HIS on *his_port* recording what it sends (``server.his``)
+    and a radiologist's token (``server.radiologist``, for *radiologist* =
+    (user, display name)); both stopped at the end."""
+    server.start()
+    server.his = MLLPRecorder(his_port)  # type: ignore[attr-defined]
+    server.radiologist = server.make_token(radiologist[0], "radiologist", radiologist[1])  # type: ignore[attr-defined]
+    try:
+        yield server
+    finally:
+        server.his.stop()  # type: ignore[attr-defined]
+        server.stop()

@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.uid import EncapsulatedPDFStorage
 
 from .conftest import Backend, PacsServer, free_port
-from .peers import MLLPRecorder
+from .peers import serving_with_his
 from .qr_corpus import study_uid, write_corpus
 
 
@@ -26,12 +26,8 @@ def reporting(tmp_path: Path) -> Iterator[PacsServer]:
                         extra_env={"PACS_HIS_MLLP": f"127.0.0.1:{his_port}"})
     write_corpus(tmp_path / "corpus")
     server.cli("import", str(tmp_path / "corpus"))
-    server.start()
-    server.his = MLLPRecorder(his_port)  # type: ignore[attr-defined]
-    server.radiologist = server.make_token("bs.tung", "radiologist", "Đỗ^Thanh Tùng")  # type: ignore[attr-defined]
-    yield server
-    server.his.stop()  # type: ignore[attr-defined]
-    server.stop()
+    with serving_with_his(server, his_port, ("bs.tung", "Đỗ^Thanh Tùng")) as serving:
+        yield serving
 
 
 def test_sign_stores_pdf_fhir_and_oru(reporting: PacsServer) -> None:

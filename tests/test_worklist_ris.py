@@ -145,7 +145,7 @@ def test_malformed_messages_get_ae_or_ar_and_leave_no_partial_state(ris: PacsSer
     assert ris.alive()
 
 
-def _mpps(server: PacsServer, uid: str, attributes: Dataset, *, create: bool) -> int:
+def _mpps_status(server: PacsServer, uid: str, attributes: Dataset, *, create: bool) -> Dataset:
     ae = AE(ae_title="CT_ROOM1")
     ae.add_requested_context(ModalityPerformedProcedureStep)
     assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)

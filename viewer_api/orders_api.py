@@ -60,8 +60,10 @@ class OrderModel(BaseModel):
     def to_info(self) -> OrderInfo:
         data = self.model_dump(exclude={"patient"})
         p = self.patient
+        sent = p.model_fields_set  # a key absent from the body keeps the stored value (None)
         patient = PatientInfo(
-            patient_id=p.id, issuer=p.issuer, name=p.name, birth_date=p.birth_date, sex=p.sex,
+            patient_id=p.id, issuer=p.issuer, name=p.name if "name" in sent else None,
+            birth_date=p.birth_date if "birth_date" in sent else None, sex=p.sex if "sex" in sent else None,
             other_ids=[OtherIdentifier(o.value, o.issuer, o.type) for o in p.other_ids],
         )
         return OrderInfo(patient=patient, **data)

@@ -1,0 +1,285 @@
+"""The HIS link under an exploratory tester's findings: partial patient updates,
+the HL7 null value, ACK rules (AE vs AR, readable MSH), VR limits, result status
+and line breaks of outbound reports, identifier types and idle connections.
+
+Everything talks over real sockets: a real `pacs serve`, MLLP clients (python-hl7
+and raw sockets for byte-exact frames), DCMTK findscu for the worklist, HTTP
+for DICOMweb and the JSON API, and a stand-in HIS for outbound messages.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import hl7
+import psycopg
+import pytest
+from pydicom import dcmread
+
+from .conftest import Backend, PacsServer, free_port
+from .peers import PG_ADMIN, create_database, drop_database, serving_with_his, wait_until
+from .test_dimse_failures import make_ct
+from .test_worklist_ris import WL_KEYS, msa, orm, send, worklist
+
+IDLE_TIMEOUT = 2.0
+
+
+@pytest.fixture(scope="module")
+def his(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    """One server for the module (each test uses its own accessions and
+    patients): a stand-in HIS receives the outbound messages."""
+    tmp = tmp_path_factory.mktemp("hl7")
+    his_port = free_port()
+    server = PacsServer(tmp / "data", Backend("sqlite", None, None, {}), extra_env={
+        "PACS_HIS_MLLP": f"127.0.0.1:{his_port}", "PACS_HL7_IDLE_TIMEOUT": str(IDLE_TIMEOUT),
+    })
+    with serving_with_his(server, his_port, ("bs.lan", "Trần^Thị Lan")) as serving:
+        yield serving
+
+
+def with_pid(message: str, pid: str) -> str:
+    """*message* (from orm()) with its PID segment replaced."""
+    return "\n".join(pid if s.startswith("PID|") else s for s in message.split("\n"))
+
+
+def adt(control: str, pid: str, trigger: str = "A08") -> str:
+    return (f"MSH|^~\\&|HIS|BVDK|PACS|BVDK|20241120083000||ADT^{trigger}|{control}|P|2.5|||||VN|UNICODE UTF-8\n"
+            f"EVN|{trigger}|20241120083000\n{pid}")
+
+
+def send_raw(server: PacsServer, data: bytes) -> bytes:
+    """One byte-exact MLLP frame over a plain socket; the ACK's bytes."""
+    with socket.create_connection(("127.0.0.1", server.hl7_port), timeout=30) as sock:
+        sock.sendall(b"\x0b" + data + b"\x1c\r")
+        reply = b""
+        while b"\x1c\r" not in reply:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed before the ACK"
+            reply += chunk
+    return reply[reply.index(b"\x0b") + 1 : reply.index(b"\x1c\r")]
+
+
+def fields(ack: str | bytes, segment: str) -> list[str]:
+    text = ack.decode("utf-8", "replace") if isinstance(ack, bytes) else ack
+    return next(s for s in text.replace("\n", "\r").split("\r") if s.startswith(segment + "|")).split("|")
+
+
+def one_item(server: PacsServer, tmp_path: Path, accession: str) -> object:
+    items = worklist(server, tmp_path, *WL_KEYS, f"AccessionNumber={accession}")
+    assert len(items) == 1, items
+    return items[0]
+
+
+# -- 1 and 8: fields left out keep their value; "" deletes --------------------------------
+def test_patient_update_without_birth_date_and_sex_keeps_them(his: PacsServer, tmp_path: Path) -> None:
+    pid = "PID|1||BN123456^^^BVDK^PI||Nguyễn^Văn Ánh||19850101|M"
+    assert msa(send(his, with_pid(orm("U1", "HRU001"), pid)))[0] == "AA"
+    ct = make_ct(tmp_path / "u.dcm", PatientName="NGUYEN^VAN ANH", PatientID="BN123456", AccessionNumber="HRU001",
+                 PatientBirthDate="19850101", PatientSex="M", SpecificCharacterSet="ISO_IR 192")
+    assert his.storescu(str(ct)).returncode == 0
+    study = str(dcmread(ct, stop_before_pixels=True).StudyInstanceUID)
+
+    # ADT^A08 with only PID-3 and PID-5: a new name, nothing else touched.
+    assert msa(send(his, adt("U2", "PID|1||BN123456^^^BVDK^PI||Nguyễn Văn Ánh^Thị Đức")))[0] == "AA"
+    item = one_item(his, tmp_path, "HRU001")
+    assert str(item.PatientName) == "Nguyễn Văn Ánh^Thị Đức"  # type: ignore[attr-defined]
+    assert (item.PatientBirthDate, item.PatientSex) == ("19850101", "M")  # type: ignore[attr-defined]
+    with his.http() as http:
+        meta = http.get(f"/dicom-web/studies/{study}/metadata").json()[0]
+        assert meta["00100030"]["Value"] == ["19850101"] and meta["00100040"]["Value"] == ["M"]
+        assert meta["00100010"]["Value"][0]["Alphabetic"] == "Nguyễn Văn Ánh^Thị Đức"
+        updates = [c for c in http.get(f"/api/studies/{study}/corrections").json()
+                   if c["reason"] == "HIS patient update"]
+        assert [c["keyword"] for c in updates] == ["PatientName"]  # nothing recorded for what was not sent
+
+    # ORC-1 XO without PID-7/8 keeps them too.
+    change = with_pid(orm("U3", "HRU001", order_control="XO"), "PID|1||BN123456^^^BVDK^PI")
+    assert msa(send(his, change))[0] == "AA"
+    item = one_item(his, tmp_path, "HRU001")
+    assert (item.PatientBirthDate, item.PatientSex) == ("19850101", "M")  # type: ignore[attr-defined]
+
+    # JSON PUT: keys absent from the body keep the stored values.
+    with his.http() as http:
+        put = http.put("/api/orders/HRU001", json={"patient": {"id": "BN123456", "issuer": "BVDK"},
+                                                   "accession_number": "HRU001", "reason": "tái khám"})
+        assert put.status_code == 200, put.text
+    item = one_item(his, tmp_path, "HRU001")
+    assert str(item.PatientName) == "Nguyễn Văn Ánh^Thị Đức"  # type: ignore[attr-defined]
+    assert (item.PatientBirthDate, item.PatientSex) == ("19850101", "M")  # type: ignore[attr-defined]
+
+    # The null value "" deletes: PID-7 and PID-8 "" empty them.
+    assert msa(send(his, adt("U4", 'PID|1||BN123456^^^BVDK^PI||||""|""')))[0] == "AA"
+    item = one_item(his, tmp_path, "HRU001")
+    assert (item.PatientBirthDate, item.PatientSex) == ("", "")  # type: ignore[attr-defined]
+    assert str(item.PatientName) == "Nguyễn Văn Ánh^Thị Đức"  # type: ignore[attr-defined]
+
+
+def test_hl7_null_value_is_never_stored_as_text(his: PacsServer, tmp_path: Path) -> None:
+    pid = 'PID|1||BN200001^^^BVDK^PI||Lê^Văn Tám^""||19700707|M'
+    assert msa(send(his, with_pid(orm("N1", "HRN001"), pid)))[0] == "AA"
+    item = one_item(his, tmp_path, "HRN001")
+    assert str(item.PatientName) == "Lê^Văn Tám"  # type: ignore[attr-defined]
+    assert msa(send(his, adt("N2", 'PID|1||BN200001^^^BVDK^PI||""')))[0] == "AA"
+    item = one_item(his, tmp_path, "HRN001")
+    assert str(item.PatientName) == ""  # type: ignore[attr-defined]
+    assert (item.PatientBirthDate, item.PatientSex) == ("19700707", "M")  # type: ignore[attr-defined]
+    # A null component elsewhere (the referring physician's middle name) is empty too.
+    ref = orm("N3", "HRN002").replace("PV1|1|O||||||BS001^Đỗ^Thanh Tùng", 'PV1|1|O||||||BS001^Đỗ^Thanh Tùng^""')
+    assert msa(send(his, with_pid(ref, "PID|1||BN200002^^^BVDK^PI||Võ^An")))[0] == "AA"
+    assert str(one_item(his, tmp_path, "HRN002").ReferringPhysicianName) == "Đỗ^Thanh Tùng"  # type: ignore[attr-defined]
+
+
+# -- 2: our own failure is AR (resend), logged without PHI ----------------------------------
+@pytest.fixture
+def pg_server(tmp_path: Path) -> Iterator[PacsServer]:
+    pg = create_database()
+    server = PacsServer(tmp_path / "data", Backend("pg", pg, None, {}), extra_env={"PACS_LOG_LEVEL": "INFO"})
+    server.start()
+    yield server
+    server.stop()
+    _allow_connections(pg, True)
+    drop_database(pg)
+
+
+def _allow_connections(url: str, allow: bool) -> None:
+    """Take the index database away from the server (as a failover would) or give it back."""
+    name = url.rsplit("/", 1)[1]
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'ALTER DATABASE "{name}" WITH ALLOW_CONNECTIONS {"true" if allow else "false"}')
+        if not allow:
+            conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s", (name,))
+
+
+def test_database_failure_is_answered_ar_and_logged(pg_server: PacsServer, tmp_path: Path) -> None:
+    message = orm("D1", "HRD001", name="Phùng^Thị Xuyến", pid="079301234567")
+    _allow_connections(pg_server.backend.index_url or "", False)
+    started = time.monotonic()
+    ack = send(pg_server, message)
+    assert time.monotonic() - started < 30
+    assert msa(ack) == ("AR", "D1")  # not AE: the message is fine, the HIS should resend it
+    assert fields(ack, "ERR")[3].startswith("207^")
+    _allow_connections(pg_server.backend.index_url or "", True)
+    assert msa(send(pg_server, message)) == ("AA", "D1")  # the resend goes through
+    assert len(worklist(pg_server, tmp_path, "AccessionNumber=HRD001", "PatientName")) == 1
+    pg_server.stop()
+    log = pg_server.log_text()
+    assert "WARNING" in log and "ORM^O01 control ID 'D1'" in log and "answered AR (207" in log
+    assert "Traceback (most recent call last)" in log and "OperationalError" in log
+    for secret in ("Phùng", "Xuyến", "079301234567", "HRD001"):
+        assert secret not in log, f"{secret!r} in the log"
+
+
+# -- 4: an AR still echoes MSH-10 and answers the sender -----------------------------------------
+def test_ar_echoes_the_readable_msh(his: PacsServer) -> None:
+    ok = orm("H1", "HRH001").replace("\n", "\r").encode("utf-8")
+    ack = send_raw(his, b"\xef\xbb\xbf" + ok)  # a BOM before MSH is skipped
+    assert msa(ack.decode()) == ("AA", "H1")
+
+    bad = orm("H2", "HRH002").replace("\n", "\r").encode("utf-8").replace("Nguyễn".encode(), b"Nguy\xff\xfen")
+    ack = send_raw(his, bad)
+    assert msa(ack.decode("utf-8", "replace")) == ("AR", "H2")
+    assert fields(ack, "ERR")[3].startswith("102^")
+    msh = fields(ack, "MSH")
+    assert (msh[2], msh[3], msh[4], msh[5]) == ("PACS", "BVDK", "HIS", "BVDK")  # MSH-3..6 swapped
+
+    huge = orm("H3", "HRH003") + "\nNTE|1||" + "x" * (1024 * 1024 + 10)
+    ack = send_raw(his, huge.replace("\n", "\r").encode())
+    assert msa(ack.decode()) == ("AR", "H3")
+    assert fields(ack, "MSH")[4] == "HIS"
+    assert his.alive()
+
+
+# -- 5: values longer than their DICOM VR are refused like the JSON API does --------------
+def test_too_long_accession_and_ids_are_refused(his: PacsServer, tmp_path: Path) -> None:
+    long_accession = "HRL" + "1" * 14  # 17 characters; AccessionNumber is SH (16)
+    ack = send(his, orm("L1", long_accession))
+    assert msa(ack) == ("AE", "L1")
+    err = fields(ack, "ERR")
+    assert err[3].startswith("102^") and "accession_number" in err[8] and "AccessionNumber" in err[8]
+    long_rp = orm("L2", "HRL002").replace("|RPHRL002|", "|RP-0123456789-ABCDEF|")  # OBR-19, 20 characters
+    ack = send(his, long_rp)
+    assert msa(ack)[0] == "AE" and "RequestedProcedureID" in fields(ack, "ERR")[8]
+    assert worklist(his, tmp_path, "AccessionNumber=HRL*", "PatientName") == []
+    with his.http() as http:
+        body = {"patient": {"id": "BN300001"}, "accession_number": "HRL003", "step_id": "S" * 17}
+        refused = http.post("/api/orders", json=body)
+        assert refused.status_code == 400 and "ScheduledProcedureStepID" in refused.text
+
+
+# -- 6 and 7: amended reports are C; line breaks are TX repetitions ---------------------------
+def _oru_segments(message: bytes) -> dict[str, list[list[str]]]:
+    assert b"\n" not in message, "raw LF inside an ORU"
+    parsed = hl7.parse(message.decode("utf-8"))
+    out: dict[str, list[list[str]]] = {}
+    for segment in parsed:
+        out.setdefault(str(segment[0]), []).append(str(segment).split("|"))
+    return out
+
+
+def test_amended_report_is_corrected_and_lines_are_repetitions(his: PacsServer, tmp_path: Path) -> None:
+    ct = make_ct(tmp_path / "r.dcm", PatientName="Đặng^Văn Hải", PatientID="BN400001", AccessionNumber="HRR001",
+                 SpecificCharacterSet="ISO_IR 192")
+    assert his.storescu(str(ct)).returncode == 0
+    study = str(dcmread(ct, stop_before_pixels=True).StudyInstanceUID)
+    findings = "Phổi hai bên sáng.\nKhông tràn dịch | khí.\r\nTim không to."
+    with his.http(token=his.radiologist) as rad:  # type: ignore[attr-defined]
+        assert rad.put(f"/api/studies/{study}/report", json={"findings": findings, "impression": "Bình thường."}
+                       ).status_code == 200
+        assert rad.post(f"/api/studies/{study}/report/sign").status_code == 200
+        assert rad.post(f"/api/studies/{study}/report/amend").status_code == 200
+        rad.put(f"/api/studies/{study}/report", json={"findings": "Bổ sung:\nnốt mờ 3 mm.", "impression": "Theo dõi."})
+        assert rad.post(f"/api/studies/{study}/report/sign").status_code == 200
+
+    def orus() -> list[bytes]:
+        return [m for m in his.his.messages if b"ORU^R01" in m and b"HRR001" in m]  # type: ignore[attr-defined]
+
+    assert wait_until(lambda: len(orus()) >= 2, timeout=60), orus()
+    first = next(m for m in orus() if "Phổi".encode() in m)
+    amended = next(m for m in orus() if "Bổ sung".encode() in m)
+    segments = _oru_segments(first)
+    assert segments["OBR"][0][25] == "F" and {obx[11] for obx in segments["OBX"]} == {"F"}
+    by_code = {obx[3].split("^")[0]: obx for obx in segments["OBX"]}
+    assert by_code["59776-5"][2] == "TX"
+    assert by_code["59776-5"][5] == "Phổi hai bên sáng.~Không tràn dịch \\F\\ khí.~Tim không to."
+    assert by_code["19005-8"][5] == "Bình thường."
+    segments = _oru_segments(amended)
+    assert segments["OBR"][0][25] == "C" and {obx[11] for obx in segments["OBX"]} == {"C"}
+    assert {obx[3].split("^")[0]: obx for obx in segments["OBX"]}["59776-5"][5] == "Bổ sung:~nốt mờ 3 mm."
+
+
+# -- 3: the hospital number is the patient ID wherever PID-3 lists it ----------------------------
+def test_patient_id_is_chosen_by_identifier_type(his: PacsServer, tmp_path: Path) -> None:
+    cccd_first = "PID|1||079085001234^^^CCCD^NI~BN500001^^^BVDK^PI~DN4797900000001^^^BHYT^HC||Hồ^Văn Nam||19850101|M"
+    assert msa(send(his, with_pid(orm("I1", "HRI001"), cccd_first)))[0] == "AA"
+    pi_first = "PID|1||BN500001^^^BVDK^PI~079085001234^^^CCCD^NI||Hồ^Văn Nam||19850101|M"
+    assert msa(send(his, with_pid(orm("I2", "HRI002"), pi_first)))[0] == "AA"
+    items = worklist(his, tmp_path, "AccessionNumber=HRI*", "PatientID", "IssuerOfPatientID")
+    assert sorted((i.AccessionNumber, i.PatientID) for i in items) == [("HRI001", "BN500001"), ("HRI002", "BN500001")]
+    # The citizen ID and the insurance number stay other identifiers of that patient.
+    for other in ("079085001234", "DN4797900000001"):
+        found = worklist(his, tmp_path, f"PatientID={other}", "AccessionNumber")
+        assert {i.AccessionNumber for i in found} >= {"HRI001"}, other
+
+    # A patient first filed under the citizen ID is found again when the HIS
+    # later sends its hospital number as well: still one patient.
+    assert msa(send(his, with_pid(orm("I3", "HRI003"), "PID|1||079085009999^^^CCCD^NI||Mai^Lan")))[0] == "AA"
+    both = "PID|1||079085009999^^^CCCD^NI~BN500002^^^BVDK^PI||Mai^Thị Lan"
+    assert msa(send(his, with_pid(orm("I4", "HRI004"), both)))[0] == "AA"
+    items = worklist(his, tmp_path, "PatientID=BN500002", "AccessionNumber", "PatientName")
+    assert sorted(i.AccessionNumber for i in items) == ["HRI003", "HRI004"]
+    assert {(i.PatientID, str(i.PatientName)) for i in items} == {("079085009999", "Mai^Thị Lan")}
+
+
+# -- 9: a half-sent frame does not hold a connection forever ---------------------------------------
+def test_idle_connection_is_closed(his: PacsServer) -> None:
+    with socket.create_connection(("127.0.0.1", his.hl7_port), timeout=30) as sock:
+        sock.sendall(b"\x0bMSH|^~\\&|HIS|BVDK|PACS|BVDK|20241120083000||ADT^A08|Z1|P|2.5\rPID|1||")
+        started = time.monotonic()
+        assert sock.recv(1024) == b""  # closed by the server
+        assert IDLE_TIMEOUT - 0.5 <= time.monotonic() - started < IDLE_TIMEOUT + 10
+    assert wait_until(lambda: "idle for 2s in the middle of a message" in his.log_text(), timeout=10)
+    # A connection that keeps talking is not affected.
+    assert msa(send(his, orm("Z2", "HRZ001")))[0] == "AA"
