@@ -22,6 +22,8 @@ class Status(IntEnum):
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     NOT_AUTHORIZED = 0x0124
     PROCESSING_FAILURE = 0x0110
+    # Another object already holds this SOP Instance UID (PS3.7 C.4.2.1.4).
+    DUPLICATE_SOP_INSTANCE = 0x0111
 
 
 HTTP_FOR_STATUS: dict[int, int] = {
@@ -34,6 +36,7 @@ HTTP_FOR_STATUS: dict[int, int] = {
     Status.SOP_CLASS_NOT_SUPPORTED: 415,
     Status.NOT_AUTHORIZED: 403,
     Status.PROCESSING_FAILURE: 500,
+    Status.DUPLICATE_SOP_INSTANCE: 409,
 }
 
 

@@ -62,6 +62,15 @@ class IngestResult:
     def sop_uid(self) -> str:
         return self.header.sop_uid
 
+    @property
+    def kept_elsewhere(self) -> bool:
+        """A duplicate whose first copy, kept, was received in another study or
+        series than this one: not a resend but a conflicting object, whose
+        content was not stored (keep-first policy)."""
+        h = self.header
+        return self.outcome is Outcome.DUPLICATE and self.storage_key != object_key(
+            h.study_uid, h.series_uid, h.sop_uid)
+
 
 def object_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
     """Storage key of an instance: one folder (prefix) per study and series."""
@@ -191,8 +200,7 @@ class Ingestor:
             # at all. Two nodes racing on one instance both upload either way.
             existing = self._indexed_key(header.sop_uid, key)
             if existing is not None:
-                log.debug("duplicate instance kept as first received (%s)", existing)
-                return IngestResult(Status.SUCCESS, Outcome.DUPLICATE, header, existing, source.size)
+                return _duplicate(header, existing, source.size)
         try:
             staged = self.store.stage(source.open(), source.size)
             try:
@@ -207,8 +215,7 @@ class Ingestor:
                     raise
                 if existing is not None:
                     staged.abort()
-                    log.debug("duplicate instance kept as first received (%s)", existing)
-                    return IngestResult(Status.SUCCESS, Outcome.DUPLICATE, header, existing, source.size)
+                    return _duplicate(header, existing, source.size)
                 # An unindexed object under our key is an orphan of a crash:
                 # the copy being acknowledged now takes its place.
                 info = staged.commit(key, replace=True)
@@ -248,18 +255,38 @@ class Ingestor:
         unreferenced = added.obsolete_key
         if added.outcome is Outcome.DUPLICATE and added.existing_key not in (None, key):
             unreferenced = key
+            key = added.existing_key  # the copy the index keeps is the result
         if unreferenced:
             try:
                 self.store.delete(unreferenced)
             except StorageError as exc:
                 log.warning("could not delete unreferenced object %s: %s", unreferenced, exc)
         result = IngestResult(Status.SUCCESS, added.outcome, header, key, info.size)
+        if result.kept_elsewhere:
+            _warn_conflict(result)
         for listener in self.listeners:
             try:
                 listener(result, origin)
             except Exception:
                 log.exception("ingest listener failed")
         return result
+
+
+def _duplicate(header: InstanceHeader, existing: str, size: int) -> IngestResult:
+    result = IngestResult(Status.SUCCESS, Outcome.DUPLICATE, header, existing, size)
+    if result.kept_elsewhere:
+        _warn_conflict(result)
+    else:
+        log.debug("duplicate instance kept as first received (%s)", existing)
+    return result
+
+
+def _warn_conflict(result: IngestResult) -> None:
+    # The operator must hear of it: two different objects share a UID (a
+    # modality's UID bug, or an edited copy sent back), and only one is kept.
+    log.warning("SOP Instance UID %s received again in another study/series (%s/%s); the first copy, "
+                "at %s, is kept", result.sop_uid, result.header.study_uid, result.header.series_uid,
+                result.storage_key)
 
 
 def _check_expected(header: InstanceHeader, sop_class: str | None, sop_uid: str | None) -> None:

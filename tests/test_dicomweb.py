@@ -291,6 +291,36 @@ def test_stow_with_dicomweb_client_and_status_codes(web: PacsServer) -> None:
         assert response.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA900]
 
 
+def test_stow_resend_and_conflicting_duplicate(web: PacsServer) -> None:
+    """A resend of the same object is stored (idempotent); another object under
+    a SOP Instance UID already kept in another study is refused with 0x0111
+    and points nowhere: the first copy stays."""
+    original = _ct_bytes()
+    ds = dcmread(io.BytesIO(original))
+    edited = dcmread(io.BytesIO(original))
+    edited.StudyInstanceUID = generate_uid()
+    edited.PatientName = "Khác^Bệnh Nhân"
+    out = io.BytesIO()
+    edited.save_as(out, enforce_file_format=True)
+    with web.http() as http:
+        for _ in range(2):
+            body, content_type = build_multipart_related([("application/dicom", original)])
+            response = http.post("/dicom-web/studies", content=body, headers={"Content-Type": content_type})
+            assert response.status_code == 200, response.text
+            assert f"/studies/{ds.StudyInstanceUID}/series/" in response.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
+        body, content_type = build_multipart_related([("application/dicom", out.getvalue())])
+        response = http.post("/dicom-web/studies", content=body, headers={"Content-Type": content_type})
+        assert response.status_code == 409, response.text
+        result = response.json()
+        failure = result["00081198"]["Value"][0]
+        assert failure["00081197"]["Value"] == [0x0111]
+        assert str(ds.StudyInstanceUID) in failure["0040A160"]["Value"][0]
+        assert "00081190" not in result  # no RetrieveURL of a study where nothing was stored
+        assert http.get(f"/dicom-web/studies/{edited.StudyInstanceUID}/metadata").status_code == 404
+        kept = http.get(f"/dicom-web/studies/{ds.StudyInstanceUID}/metadata").json()
+    assert any(item["00080018"]["Value"] == [str(ds.SOPInstanceUID)] for item in kept)
+
+
 # -- WADO-URI, OpenAPI, health ---------------------------------------------------------------------
 def test_wado_uri(web: PacsServer) -> None:
     ds = dcmread(pydicom_file("CT_small.dcm"))

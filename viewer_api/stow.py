@@ -54,8 +54,16 @@ def _store_part(request: Request, path: str, study: str | None) -> tuple[bool, d
     except IngestError as exc:
         sop_class, sop_uid = _uids_of(path)
         return False, {"class": sop_class, "uid": sop_uid, "reason": exc.status, "comment": exc.reason}
-    base = base_url(request) + "/dicom-web"
     h = result.header
+    if result.kept_elsewhere:
+        # Not a resend: a different object under a UID already used. Saying
+        # "stored" with a RetrieveURL of this study would point at nothing.
+        kept_study = result.storage_key.split("/", 1)[0]
+        return False, {"class": h.sop_class_uid, "uid": h.sop_uid, "reason": Status.DUPLICATE_SOP_INSTANCE,
+                       "comment": f"SOP Instance UID already stored in study {kept_study}, in another "
+                                  "study or series than this object's; the first copy is kept and this one "
+                                  "was not stored"}
+    base = base_url(request) + "/dicom-web"
     return True, {
         "class": h.sop_class_uid,
         "uid": h.sop_uid,
@@ -110,7 +118,8 @@ async def store(request: Request, study: str | None) -> Response:
 def _response_dataset(request: Request, study: str | None, stored: list[dict[str, Any]], failed: list[dict[str, Any]]) -> Dataset:
     ds = Dataset()
     studies = {s["study"] for s in stored}
-    if study or len(studies) == 1:
+    # A RetrieveURL of the study only where something was stored in it.
+    if stored and (study or len(studies) == 1):
         base = base_url(request) + "/dicom-web"
         ds.RetrieveURL = f"{base}/studies/{study or next(iter(studies))}"
     refs = []
