@@ -377,3 +377,32 @@ def test_sigterm_stops_cleanly(pacs_server: PacsServer) -> None:
     pacs_server.stop(signal.SIGTERM)
     assert pacs_server.proc is not None and pacs_server.proc.returncode == 0
     assert free_port() > 0
+
+
+def test_instance_naming_another_patient_is_filed_with_its_study_and_flagged(fs_server: PacsServer,
+                                                                            tmp_path: Path) -> None:
+    """One study, one patient: an instance whose Patient ID differs from its
+    study's is stored (never lost) under the study's patient, the differing
+    values are recorded as corrections (retrieval then gives every instance
+    the study's patient) and the operator is warned."""
+    study, series = generate_uid(), generate_uid()
+    first = make_ct(tmp_path / "first.dcm", StudyInstanceUID=study, SeriesInstanceUID=series,
+                    PatientID="079000111222", PatientName="PHAM^THI MAI")
+    stray = make_ct(tmp_path / "stray.dcm", StudyInstanceUID=study, SeriesInstanceUID=series,
+                    PatientID="ABORT001", PatientName="Other^Person")
+    assert scu_store_file(fs_server, first) == 0x0000
+    assert scu_store_file(fs_server, stray) == 0x0000
+    assert scu_store_file(fs_server, make_ct(tmp_path / "again.dcm", StudyInstanceUID=study, SeriesInstanceUID=series,
+                                             PatientID="ABORT001", PatientName="Other^Person")) == 0x0000
+    stats = fs_server.stats()
+    assert (stats["patients"], stats["studies"], stats["instances"]) == (1, 1, 3)
+    with fs_server.http() as http:
+        corrections = http.get(f"/api/studies/{study}/corrections").json()
+        metadata = http.get(f"/dicom-web/studies/{study}/metadata").json()
+    rows = corrections if isinstance(corrections, list) else corrections["corrections"]
+    assert {(c["keyword"], c["received"], c["corrected"]) for c in rows} == {
+        ("PatientID", "ABORT001", "079000111222"), ("PatientName", "Other^Person", "PHAM^THI MAI")}
+    assert {m["00100020"]["Value"][0] for m in metadata} == {"079000111222"}
+    log = fs_server.log_text()
+    assert log.count("names another patient than the study's") == 1
+    assert "ABORT001" not in log and "Other^Person" not in log  # no patient data in the log

@@ -8,6 +8,8 @@ instance row decides duplicates through its unique SOP Instance UID.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,8 +21,8 @@ from sqlalchemy import Connection, Table, select, update
 from ..header import InstanceHeader
 from ..names import fold_name
 from ..routing import create_jobs  # no cycle: pacs.routing imports only writer_helpers from here
-from .models import Instance, Patient, PatientIdentifier, Series, Study
-from .reconcile import find_order, record_reconciliation
+from .models import Correction, Instance, Patient, PatientIdentifier, Series, Study
+from .reconcile import PATIENT_COLUMNS, find_order, record_reconciliation
 from .writer_helpers import insert_ignore
 
 patients: Table = Patient.__table__  # type: ignore[assignment]
@@ -28,6 +30,10 @@ identifiers: Table = PatientIdentifier.__table__  # type: ignore[assignment]
 studies: Table = Study.__table__  # type: ignore[assignment]
 series_t: Table = Series.__table__  # type: ignore[assignment]
 instances: Table = Instance.__table__  # type: ignore[assignment]
+corrections: Table = Correction.__table__  # type: ignore[assignment]
+log = logging.getLogger(__name__)
+# Seconds a study's patient is trusted from the cache (see _study_patient).
+STUDY_PATIENT_TTL = 10.0
 
 
 @dataclass
@@ -87,11 +93,14 @@ class IndexWriter:
         self._patients = _Lru(cache_size)
         self._studies = _Lru(cache_size)
         self._series = _Lru(cache_size)
+        # Study UID -> (study pk, its patient's attributes), for _check_patient.
+        self._study_patients: OrderedDict[str, tuple[float, tuple[int, dict[str, str]]]] = OrderedDict()
 
     def clear_cache(self) -> None:
         self._patients.clear()
         self._studies.clear()
         self._series.clear()
+        self._study_patients.clear()
 
     # -- parents ----------------------------------------------------------
     def _patient_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
@@ -275,6 +284,55 @@ class IndexWriter:
             "received_at": rec.received_at,
         }
 
+    # -- one study, one patient ---------------------------------------------
+    def _study_patient(self, conn: Connection, study_uid: str) -> tuple[int, dict[str, str]]:
+        """(study pk, the patient attributes the study is filed under)."""
+        cached = self._study_patients.get(study_uid)
+        now = time.monotonic()
+        # Short-lived: an HIS merge or ID change (another connection) moves
+        # the study to another patient, and a stale entry would call the
+        # next instance a conflict.
+        if cached is not None and now - cached[0] < STUDY_PATIENT_TTL:
+            return cached[1]
+        row = conn.execute(
+            select(studies.c.pk, *(patients.c[column] for column in PATIENT_COLUMNS.values()))
+            .join(patients, patients.c.pk == studies.c.patient_pk)
+            .where(studies.c.study_uid == study_uid)
+        ).one()
+        found = (int(row.pk), {k: getattr(row, c) or "" for k, c in PATIENT_COLUMNS.items()})
+        self._study_patients[study_uid] = (now, found)
+        self._study_patients.move_to_end(study_uid)
+        if len(self._study_patients) > self._patients.limit:
+            self._study_patients.popitem(last=False)
+        return found
+
+    def _check_patient(self, conn: Connection, rec: IndexRecord) -> None:
+        """An instance whose patient is not its study's (another Patient ID, or
+        issuer) is filed with the study, as the first received instance decided,
+        and the differing attributes are recorded as corrections: retrieval
+        then gives every instance of the study one patient, and the operator
+        sees it (a warning, `GET /api/studies/{uid}/corrections`)."""
+        h = rec.header
+        study_pk, patient = self._study_patient(conn, h.study_uid)
+        if h.patient_id == patient["PatientID"] and (not h.issuer or h.issuer == patient["IssuerOfPatientID"]):
+            return
+        received = {"PatientName": h.patient_name, "PatientID": h.patient_id, "IssuerOfPatientID": h.issuer,
+                    "PatientBirthDate": h.birth_date, "PatientSex": h.sex}
+        recorded = set(conn.execute(
+            select(corrections.c.keyword).where(corrections.c.study_pk == study_pk)).scalars())
+        rows = [
+            {"study_pk": study_pk, "keyword": k, "received": v or "", "corrected": patient[k],
+             "reason": f"instance {h.sop_uid} received with another patient than its study's",
+             "created_at": rec.received_at}
+            for k, v in received.items()
+            if (v or "") != patient[k] and k not in recorded and not (k == "IssuerOfPatientID" and not v)
+        ]
+        if rows:
+            conn.execute(corrections.insert(), rows)
+            log.warning("instance %s of study %s names another patient than the study's; filed with the "
+                        "study, %s recorded as corrections", h.sop_uid, h.study_uid,
+                        ", ".join(r["keyword"] for r in rows))
+
     def add(self, conn: Connection, rec: IndexRecord) -> AddResult:
         """Index one record inside the caller's transaction.
 
@@ -285,6 +343,7 @@ class IndexWriter:
         values = self._instance_values(rec, series_pk)
         pk = insert_ignore(conn, instances, values, ["sop_uid"])
         if pk is not None:
+            self._check_patient(conn, rec)
             if rec.routes:
                 create_jobs(conn, rec.routes, rec.header.sop_uid, rec.header.study_uid, rec.received_at)
             return AddResult(Outcome.INSERTED, pk)
