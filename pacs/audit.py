@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select
 
+from .index.db import write_transaction
 from .index.models import AuditEvent, Patient, Study
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,9 @@ class AuditTrail:
         if not batch:
             return
         try:
-            with self.engine.begin() as conn:
+            # Read (the patients), then write: BEGIN IMMEDIATE on SQLite, or a
+            # commit by another process in between fails the upgrade at once.
+            with write_transaction(self.engine) as conn:
                 _add_patient_ids(conn, batch)
                 conn.execute(insert(events_t), [asdict(e) for e in batch])
         except Exception:
