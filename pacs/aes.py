@@ -40,6 +40,10 @@ def validate_ae_title(title: str) -> str:
     return value
 
 
+# A DNS name, an IPv4 or an IPv6 address: what a modality's address can be.
+_HOST = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._-]{0,252}[A-Za-z0-9])?|[0-9A-Fa-f:.]{2,45}")
+
+
 class AeRegistry:
     """CRUD on known AEs plus a short-lived cache for association checks."""
 
@@ -88,6 +92,8 @@ class AeRegistry:
         title = validate_ae_title(title)
         if not host or not 0 < port < 65536:
             raise ValueError("host must be set and port must be 1-65535")
+        if not _HOST.fullmatch(host):
+            raise ValueError(f"host {host!r} is not a host name or an IP address")
         values = {"host": host, "port": port, "description": description, "enabled": True, "tls": tls}
         with self.engine.begin() as conn:
             inserted = insert_ignore(

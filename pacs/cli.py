@@ -224,14 +224,22 @@ def cmd_ae(args: argparse.Namespace) -> int:
     pacs = _open(args)
     try:
         if args.ae_command == "add":
+            before = {a.title: a for a in pacs.aes.list()}.get(args.name.strip())
             try:
                 ae = pacs.aes.add(args.name, args.host, args.port, args.description or "", tls=args.tls)
             except ValueError as exc:
                 err.print(f"[red]{exc}[/red]")
                 return 2
-            _print_result(args, {"added": ae.title, "host": ae.host, "port": ae.port, "tls": ae.tls})
+            result: dict[str, Any] = {"added": ae.title, "host": ae.host, "port": ae.port, "tls": ae.tls}
+            if before is not None:
+                # Re-adding a title changes its address: say what it was.
+                result["replaced"] = f"{before.host}:{before.port}"
+            _print_result(args, result)
         elif args.ae_command == "remove":
             removed = pacs.aes.remove(args.name)
+            if not removed and not args.json:
+                err.print(f"[red]no AE {args.name!r} is registered[/red] (pacs ae list)")
+                return 1
             _print_result(args, {"removed": args.name if removed else None})
             return 0 if removed else 1
         else:

@@ -179,6 +179,18 @@ class Settings(BaseSettings):
     route: list[RouteEntry] = Field(default_factory=list)
     # The HIS MLLP endpoint ("host:port") for outbound HL7 (status, results).
     his_mllp: str | None = None
+
+    @field_validator("his_mllp")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        # Checked at start: a value without a port used to fail only once
+        # the listeners were up, with an int() traceback.
+        if not value:
+            return None
+        host, _, port = value.strip().rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"his_mllp must be host:port (e.g. 10.0.0.7:2575), not {value!r}")
+        return value.strip()
     # Absolute URL clients reach the HTTP API at (behind a reverse proxy);
     # default: taken from each request.
     public_url: str | None = None

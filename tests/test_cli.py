@@ -60,12 +60,18 @@ def test_ae_registry(tmp_path: Path) -> None:
     d = tmp_path / "data"
     assert pacs("ae", "add", "CT_ROOM1", "--host", "10.0.0.5", "--port", "104", data_dir=d).returncode == 0
     assert pacs("ae", "add", "WS_RAD", "--host", "10.0.0.9", "--port", "11112", data_dir=d).returncode == 0
-    # Re-adding updates the address.
-    assert pacs("ae", "add", "CT_ROOM1", "--host", "10.0.0.6", "--port", "105", data_dir=d).returncode == 0
+    # Re-adding updates the address, and says which one it replaced.
+    readded = pacs("ae", "add", "CT_ROOM1", "--host", "10.0.0.6", "--port", "105", data_dir=d)
+    assert readded.returncode == 0 and "replaced=10.0.0.5:104" in readded.stdout
     listed = json.loads(pacs("ae", "list", "--json", data_dir=d).stdout)
     assert [(a["title"], a["host"], a["port"]) for a in listed] == [("CT_ROOM1", "10.0.0.6", 105), ("WS_RAD", "10.0.0.9", 11112)]
     assert pacs("ae", "remove", "WS_RAD", data_dir=d).returncode == 0
-    assert pacs("ae", "remove", "WS_RAD", data_dir=d).returncode == 1
+    gone = pacs("ae", "remove", "WS_RAD", data_dir=d)
+    assert gone.returncode == 1 and "no AE 'WS_RAD' is registered" in gone.stderr
+    bad_host = pacs("ae", "add", "X", "--host", "bad host name!", "--port", "104", data_dir=d)
+    assert bad_host.returncode == 2 and "not a host name or an IP address" in bad_host.stderr
+    for host in ("fe80::1", "pacs-01.bvdk.local", "192.168.1.20"):
+        assert pacs("ae", "add", "HOSTS", "--host", host, "--port", "104", data_dir=d).returncode == 0
     bad = pacs("ae", "add", "WAY_TOO_LONG_AE_TITLE_X", "--host", "h", "--port", "1", data_dir=d)
     assert bad.returncode == 2 and "invalid AE title" in bad.stderr
     assert pacs("ae", "add", "OK", "--host", "h", "--port", "70000", data_dir=d).returncode == 2
@@ -145,3 +151,7 @@ def test_misspelt_settings_are_named(tmp_path: Path) -> None:
                             timeout=120)
     assert warned.returncode == 0, warned.stderr
     assert warned.stderr.count("'PACS_AE_TITEL' (did you mean 'PACS_AE_TITLE'?) is not a setting") == 1
+    # An outbound HIS address without its port is refused at start, not after.
+    no_port = subprocess.run([PACS, "ae", "list", "--data-dir", str(data)], capture_output=True, text=True,
+                             env={**os.environ, "PACS_HIS_MLLP": "hisserver"}, timeout=120)
+    assert no_port.returncode == 1 and "his_mllp must be host:port" in no_port.stderr
