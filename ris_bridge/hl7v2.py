@@ -132,6 +132,10 @@ def read_header(raw: bytes) -> Header | None:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         text = line.decode("latin-1")  # MSH is ASCII by the standard; do not fail on a stray byte
+    # MSH-1 must be a separator: "MSH\r..." (a segment break where it
+    # belongs) has no readable header, and the AR goes out without one.
+    if len(text) < 8 or text[3].isalnum() or text[3].isspace():
+        return None
     fields = text.split(text[3])
     charset = fields[17].split("^")[0].strip().upper() if len(fields) > 17 else ""
     return _header_from_msh(text, charset)

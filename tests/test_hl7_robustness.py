@@ -283,3 +283,13 @@ def test_idle_connection_is_closed(his: PacsServer) -> None:
     assert wait_until(lambda: "idle for 2s in the middle of a message" in his.log_text(), timeout=10)
     # A connection that keeps talking is not affected.
     assert msa(send(his, orm("Z2", "HRZ001")))[0] == "AA"
+
+
+def test_a_segment_break_where_msh_1_belongs_leaves_no_header() -> None:
+    """Fuzzing found "MSH\\r^~\\&|..." (no field separator) made the AR path
+    itself fail, so the peer got no ACK at all; now it gets an AR without an
+    echoed header (tests/test_fuzz.py sends it over MLLP)."""
+    from ris_bridge.hl7v2 import read_header
+
+    assert read_header(b"MSH\r^~\\&|HIS|BVDK|PACS|BVDK|20241120||ORM^O01|FZ1|P|2.5") is None
+    assert read_header(b"MSH|^~\\&|HIS|BVDK|PACS|BVDK|20241120||ORM^O01|FZ1|P|2.5").control_id == "FZ1"
