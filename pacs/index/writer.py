@@ -68,12 +68,19 @@ class AddResult:
     existing_key: str | None = None
 
 
-class _Lru(OrderedDict[Any, int]):
+def _received_patient(h: InstanceHeader) -> dict[str, str]:
+    """The patient attributes an object arrived with, by DICOM keyword (the
+    keys of :data:`PATIENT_COLUMNS`)."""
+    return {"PatientName": h.patient_name, "PatientID": h.patient_id, "IssuerOfPatientID": h.issuer,
+            "PatientBirthDate": h.birth_date, "PatientSex": h.sex}
+
+
+class _Lru(OrderedDict[Any, Any]):
     def __init__(self, limit: int) -> None:
         super().__init__()
         self.limit = limit
 
-    def put(self, key: Any, value: int) -> None:
+    def put(self, key: Any, value: Any) -> None:
         self[key] = value
         self.move_to_end(key)
         if len(self) > self.limit:
@@ -93,8 +100,8 @@ class IndexWriter:
         self._patients = _Lru(cache_size)
         self._studies = _Lru(cache_size)
         self._series = _Lru(cache_size)
-        # Study UID -> (study pk, its patient's attributes), for _check_patient.
-        self._study_patients: OrderedDict[str, tuple[float, tuple[int, dict[str, str]]]] = OrderedDict()
+        # Study UID -> (when read, (study pk, its patient's attributes)), for _check_patient.
+        self._study_patients = _Lru(cache_size)
 
     def clear_cache(self) -> None:
         self._patients.clear()
@@ -199,10 +206,7 @@ class IndexWriter:
         if pk is None:
             pk = conn.execute(select(studies.c.pk).where(studies.c.study_uid == h.study_uid)).scalar_one()
         elif order is not None:
-            received = {
-                "PatientName": h.patient_name, "PatientID": h.patient_id, "IssuerOfPatientID": h.issuer,
-                "PatientBirthDate": h.birth_date, "PatientSex": h.sex,
-            }
+            received = _received_patient(h)
             matched_by = "study uid" if order.study_uid == h.study_uid else "accession number"
             record_reconciliation(conn, pk, order, received, h.accession_number, matched_by, now)
         self._studies.put(h.study_uid, pk)
@@ -300,10 +304,7 @@ class IndexWriter:
             .where(studies.c.study_uid == study_uid)
         ).one()
         found = (int(row.pk), {k: getattr(row, c) or "" for k, c in PATIENT_COLUMNS.items()})
-        self._study_patients[study_uid] = (now, found)
-        self._study_patients.move_to_end(study_uid)
-        if len(self._study_patients) > self._patients.limit:
-            self._study_patients.popitem(last=False)
+        self._study_patients.put(study_uid, (now, found))
         return found
 
     def _check_patient(self, conn: Connection, rec: IndexRecord) -> None:
@@ -316,8 +317,7 @@ class IndexWriter:
         study_pk, patient = self._study_patient(conn, h.study_uid)
         if h.patient_id == patient["PatientID"] and (not h.issuer or h.issuer == patient["IssuerOfPatientID"]):
             return
-        received = {"PatientName": h.patient_name, "PatientID": h.patient_id, "IssuerOfPatientID": h.issuer,
-                    "PatientBirthDate": h.birth_date, "PatientSex": h.sex}
+        received = _received_patient(h)
         recorded = set(conn.execute(
             select(corrections.c.keyword).where(corrections.c.study_pk == study_pk)).scalars())
         rows = [
