@@ -27,6 +27,8 @@ from rich.progress import (
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
+from storage import file_store_path
+
 from .settings import Settings, load_settings
 
 from .console import err, out
@@ -75,9 +77,9 @@ def missing_archive(settings: Settings, *, index: bool = True, store: bool = Fal
     if index and url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         if not Path(url.database).exists():
             return f"no archive index at {url.database}"
-    storage = settings.resolved_storage_url
-    if store and storage.startswith("file://") and not Path(storage[len("file://"):]).is_dir():
-        return f"no object store at {storage[len('file://'):]}"
+    folder = file_store_path(settings.resolved_storage_url) if store else None
+    if folder is not None and not Path(folder).is_dir():
+        return f"no object store at {folder}"
     return None
 
 
@@ -224,7 +226,7 @@ def cmd_ae(args: argparse.Namespace) -> int:
     pacs = _open(args)
     try:
         if args.ae_command == "add":
-            before = {a.title: a for a in pacs.aes.list()}.get(args.name.strip())
+            before = pacs.aes.lookup(args.name)
             try:
                 ae = pacs.aes.add(args.name, args.host, args.port, args.description or "", tls=args.tls)
             except ValueError as exc:

@@ -33,17 +33,27 @@ __all__ = [
     "StagedObject",
     "StorageError",
     "StorageFullError",
+    "file_store_path",
     "open_store",
     "sha256_of",
     "validate_key",
 ]
 
 
+def file_store_path(url: str) -> str | None:
+    """The folder a ``file://`` URL (or a plain path) names; None for other stores."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("", "file"):
+        return None
+    return unquote(parts.path) if parts.scheme else url
+
+
 def open_store(url: str, access_key: str | None = None, secret_key: str | None = None) -> ObjectStore:
     """Open the object store that *url* names."""
     parts = urlsplit(url)
-    if parts.scheme in ("", "file"):
-        return FileStore(unquote(parts.path) if parts.scheme else url)
+    path = file_store_path(url)
+    if path is not None:
+        return FileStore(path)
     if parts.scheme == "s3":
         from .s3 import S3Store  # the minio client is only imported when used
 
