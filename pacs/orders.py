@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pydicom.uid import generate_uid
@@ -31,6 +31,7 @@ from .index.models import (
     Patient,
     PatientIdentifier,
     PerformedStep,
+    ReceivedMessage,
     Study,
     StudyOrderLink,
 )
@@ -48,6 +49,11 @@ links_t = StudyOrderLink.__table__
 corrections_t = Correction.__table__
 steps_t = PerformedStep.__table__
 outbox_t = OutboundMessage.__table__
+received_t = ReceivedMessage.__table__
+
+# How long an applied message is remembered to recognise its resend: HIS
+# engines retry for minutes or hours, never for weeks.
+KEEP_RECEIVED = timedelta(days=30)
 
 STATUSES = ("SCHEDULED", "IN PROGRESS", "COMPLETED", "DISCONTINUED", "CANCELLED")
 
@@ -60,6 +66,16 @@ class OrderError(PacsError):
         super().__init__(message)
         self.code = code
         self.http_status = http_status
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """Who sent an inbound message and its control ID (HL7 MSH-3^MSH-4 and
+    MSH-10): the identity a resend of the same message carries again."""
+
+    sender: str
+    control_id: str
+    kind: str = ""
 
 
 @dataclass
@@ -296,21 +312,42 @@ class OrderService:
         applied whole or not at all. Actions: ("place"|"change"|"cancel"|
         "discontinue", OrderInfo), ("patient", PatientInfo),
         ("merge", (PatientInfo, [(prior id, issuer)]))."""
-        results = []
         with write_transaction(self.engine) as conn:
-            for action, arg in actions:
-                if action == "place":
-                    results.append(self._place(conn, arg, source))
-                elif action == "change":
-                    results.append(self._change(conn, arg, source))
-                elif action in ("cancel", "discontinue"):
-                    results.append(self._cancel(conn, arg, "CANCELLED" if action == "cancel" else "DISCONTINUED"))
-                elif action == "patient":
-                    results.append(self._upsert_patient(conn, arg))
-                elif action == "merge":
-                    results.append(self._merge(conn, *arg))
-                else:
-                    raise OrderError(f"unknown action {action!r}", code="207", http_status=400)
+            return self._apply(conn, actions, source)
+
+    def apply_message(self, actions: list[tuple[str, Any]], receipt: Receipt, source: str = "") -> bool:
+        """:meth:`apply` for an inbound message, recorded as applied in the
+        same transaction. False (and nothing applied) when a message with the
+        same sender and control ID was applied before: the sender resends
+        when our acknowledgement was lost, and must not get an error
+        ("order already exists") for what it already did."""
+        with write_transaction(self.engine) as conn:
+            seen = conn.execute(select(received_t.c.pk).where(
+                received_t.c.sender == receipt.sender, received_t.c.control_id == receipt.control_id)).first()
+            if seen is not None:
+                return False
+            self._apply(conn, actions, source)
+            now = _now()
+            conn.execute(delete(received_t).where(received_t.c.received_at < now - KEEP_RECEIVED))
+            conn.execute(received_t.insert().values(
+                sender=receipt.sender, control_id=receipt.control_id, kind=receipt.kind, received_at=now))
+        return True
+
+    def _apply(self, conn: Connection, actions: list[tuple[str, Any]], source: str) -> list[Any]:
+        results = []
+        for action, arg in actions:
+            if action == "place":
+                results.append(self._place(conn, arg, source))
+            elif action == "change":
+                results.append(self._change(conn, arg, source))
+            elif action in ("cancel", "discontinue"):
+                results.append(self._cancel(conn, arg, "CANCELLED" if action == "cancel" else "DISCONTINUED"))
+            elif action == "patient":
+                results.append(self._upsert_patient(conn, arg))
+            elif action == "merge":
+                results.append(self._merge(conn, *arg))
+            else:
+                raise OrderError(f"unknown action {action!r}", code="207", http_status=400)
         return results
 
     def update_patient(self, p: PatientInfo) -> None:

@@ -7,10 +7,14 @@ HTTP stops, then the index committer drains and closes.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
-from typing import Any
+import socket
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any, TypeVar
 
 import uvicorn
 
@@ -20,6 +24,29 @@ from .audit import Event
 from .settings import Settings
 
 log = logging.getLogger("pacs.serve")
+
+T = TypeVar("T")
+
+
+class ListenError(Exception):
+    """A port the configuration names cannot be listened on."""
+
+
+def _listen(what: str, option: str, host: str, port: int, start: Callable[[], T]) -> T:
+    """*start()*, with a bind failure named by its port and the option that
+    sets it: a bare "[Errno 98] Address already in use" leaves the operator
+    guessing which of four ports is taken."""
+    try:
+        return start()
+    except OSError as exc:
+        if exc.errno not in (errno.EADDRINUSE, errno.EACCES, errno.EADDRNOTAVAIL):
+            raise
+        reason = {errno.EADDRINUSE: "is already in use by another program",
+                  errno.EACCES: "needs privileges this user does not have",
+                  errno.EADDRNOTAVAIL: "is not an address of this machine"}[exc.errno]
+        raise ListenError(f"cannot listen for {what} on {host}:{port}: the "
+                          f"{'address' if exc.errno == errno.EADDRNOTAVAIL else 'port'} {reason} "
+                          f"(choose another with {option})") from None
 
 
 def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
@@ -31,8 +58,11 @@ def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
 
     service = OrderService(pacs.engine)
     settings = pacs.settings
-    listener = MLLPServer(settings.host, settings.hl7_port, lambda raw: hl7v2.handle(service, raw),
-                          idle_timeout=settings.hl7_idle_timeout).start()
+    def answer(raw: bytes) -> bytes:
+        return hl7v2.handle(service, raw, processing_id=settings.hl7_processing_id)
+
+    listener = _listen("HL7 (MLLP)", "--hl7-port / PACS_HL7_PORT", settings.host, settings.hl7_port,
+                       MLLPServer(settings.host, settings.hl7_port, answer, idle_timeout=settings.hl7_idle_timeout).start)
     sender = None
     if settings.his_mllp:
         host, _, port = settings.his_mllp.rpartition(":")
@@ -41,9 +71,53 @@ def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
     return listener, sender
 
 
+def _start_listeners(pacs: Pacs, dicom_ssl: Any, running: ExitStack) -> None:
+    """DICOM (TLS, then plain: one process or worker processes) and HL7,
+    each registered in *running* to be stopped."""
+    from dicom_scp import start_dicom_server
+
+    settings = pacs.settings
+    if dicom_ssl is not None:
+        tls_server = _listen(
+            "DICOM over TLS", "--dicom-tls-port / PACS_DICOM_TLS_PORT", settings.host, settings.dicom_tls_port,
+            lambda: start_dicom_server(pacs, port=settings.dicom_tls_port, ssl_context=dicom_ssl))
+        running.callback(tls_server.shutdown)
+        log.info("DICOM over TLS on %s:%d (client certificates %s)", settings.host, settings.dicom_tls_port,
+                 "required" if settings.tls_require_client_cert else "not requested")
+    workers = settings.dicom_workers or os.cpu_count() or 1
+    dicom_option = "--dicom-port / PACS_DICOM_PORT"
+    if settings.dicom_plain and workers > 1:
+        from dicom_scp.workers import WorkerPool, open_listener
+
+        listener = _listen("DICOM", dicom_option, settings.host, settings.dicom_port,
+                           lambda: open_listener(settings.host, settings.dicom_port))
+        running.callback(WorkerPool(settings, listener, workers).start().stop)
+    elif settings.dicom_plain:
+        plain = _listen("DICOM", dicom_option, settings.host, settings.dicom_port, lambda: start_dicom_server(pacs))
+        running.callback(plain.shutdown)
+    hl7_listener, sender = _start_ris_bridge(pacs)
+    running.callback(hl7_listener.stop)
+    if sender is not None:
+        running.callback(sender.stop)
+
+
+def _http_socket(host: str, port: int) -> socket.socket:
+    """The HTTP listening socket, bound here so that a taken port is reported
+    like the others (uvicorn only logs it and exits 3)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def serve(settings: Settings, *, with_samples: bool = False) -> int:
     """Run until interrupted; returns the process exit code."""
-    from dicom_scp import start_dicom_server
     from viewer_api.app import create_app
 
     pacs = Pacs.open(settings)
@@ -74,32 +148,21 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
                       f"--password ...)\n", flush=True)
         else:
             log.warning("HTTP access control is DISABLED (PACS_AUTH_ENABLED=false): local demo only")
-        # The TLS listener first: if its port is taken, nothing is left listening half-configured.
-        dicom_servers: list[Any] = []
-        if dicom_ssl is not None:
-            dicom_servers.append(start_dicom_server(pacs, port=settings.dicom_tls_port, ssl_context=dicom_ssl))
-            log.info("DICOM over TLS on %s:%d (client certificates %s)", settings.host, settings.dicom_tls_port,
-                     "required" if settings.tls_require_client_cert else "not requested")
-        workers = settings.dicom_workers or os.cpu_count() or 1
-        pool = None
-        if settings.dicom_plain and workers > 1:
-            from dicom_scp.workers import WorkerPool, open_listener
+        # Whatever started is stopped again, also when a later port is taken.
+        with ExitStack() as running:
+            _start_listeners(pacs, dicom_ssl, running)
+            http_socket = _listen("HTTP", "--http-port / PACS_HTTP_PORT", settings.host, settings.http_port,
+                                  lambda: _http_socket(settings.host, settings.http_port))
+            running.callback(http_socket.close)
+            from .forwarding import Forwarder
 
-            pool = WorkerPool(settings, open_listener(settings.host, settings.dicom_port), workers).start()
-        elif settings.dicom_plain:
-            dicom_servers.append(start_dicom_server(pacs))
-        hl7_listener, sender = _start_ris_bridge(pacs)
-        from .forwarding import Forwarder
-
-        forwarder = Forwarder(
-            pacs, max_attempts=settings.route_max_attempts, concurrency=settings.route_concurrency
-        ).start()
-        freeze_startup_heap()
-        try:
+            forwarder = Forwarder(
+                pacs, max_attempts=settings.route_max_attempts, concurrency=settings.route_concurrency
+            ).start()
+            running.callback(forwarder.stop)
+            freeze_startup_heap()
             config = uvicorn.Config(
                 create_app(pacs),
-                host=settings.host,
-                port=settings.http_port,
                 log_level=settings.log_level.lower(),
                 access_log=False,
                 timeout_graceful_shutdown=10,
@@ -111,17 +174,8 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             # and the DICOM listener and the committer are closed properly.
             for sig in (signal.SIGINT, signal.SIGTERM):
                 signal.signal(sig, lambda *_: None)
-            uvicorn.Server(config).run()
+            uvicorn.Server(config).run(sockets=[http_socket])
             log.info("stopping")
-        finally:
-            forwarder.stop()
-            if pool is not None:
-                pool.stop()
-            for dicom in dicom_servers:
-                dicom.shutdown()
-            hl7_listener.stop()
-            if sender is not None:
-                sender.stop()
     finally:
         pacs.close()
     return 0

@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     hl7_port: int = 2575
     # Close an HL7 MLLP connection that sends nothing for this many seconds (0: never).
     hl7_idle_timeout: float = 300.0
+    # MSH-11 this archive applies (P production, T training, D debugging):
+    # messages for another are refused (AR 202), so a test HIS cannot change
+    # real patients. Empty MSH-11 counts as ours.
+    hl7_processing_id: str = "P"
     ae_title: str = "FILMLESS"
 
     # TLS (PS3.15 Annex B): this node's certificate and key, PEM (pacs certs issue).
@@ -179,6 +183,12 @@ class Settings(BaseSettings):
     route: list[RouteEntry] = Field(default_factory=list)
     # The HIS MLLP endpoint ("host:port") for outbound HL7 (status, results).
     his_mllp: str | None = None
+    # MSH-3/4 (us) and MSH-5/6 (the HIS) of outbound messages: interface
+    # engines route on them. Our application defaults to the AE title.
+    hl7_application: str | None = None
+    hl7_facility: str = ""
+    his_application: str = "HIS"
+    his_facility: str = ""
 
     @field_validator("his_mllp")
     @classmethod
@@ -194,6 +204,10 @@ class Settings(BaseSettings):
     # Absolute URL clients reach the HTTP API at (behind a reverse proxy);
     # default: taken from each request.
     public_url: str | None = None
+    # Web origins (comma-separated, e.g. "https://emr.bvdk.vn"; "*" for any)
+    # whose pages may call the HTTP API from the browser: an EMR or a DICOMweb
+    # viewer (OHIF) served from another host. Empty: same origin only.
+    cors_origins: str = ""
     # Encoded rendered frames and thumbnails kept in memory (LRU).
     render_cache_bytes: int = 128 * 1024**2
     log_level: str = "INFO"

@@ -17,7 +17,7 @@ from typing import Any
 
 import hl7
 
-from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo
+from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo, Receipt
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ PRIMARY_ID_TYPES = ("PI", "MR")
 _ERROR_MEANINGS = {
     "100": "Segment sequence error", "101": "Required field missing", "102": "Data type error",
     "103": "Table value not found", "200": "Unsupported message type", "201": "Unsupported event code",
+    "202": "Unsupported processing id",
     "204": "Unknown key identifier", "205": "Duplicate key identifier", "207": "Application internal error",
 }
 
@@ -70,6 +71,8 @@ class Header:
     control_id: str = ""
     version: str = "2.5"
     charset: str = ""
+    # MSH-11: P (production), T (training), D (debugging).
+    processing_id: str = ""
 
 
 def decode(raw: bytes) -> tuple[str, str]:
@@ -117,6 +120,7 @@ def _header_from_msh(line: str, charset: str) -> Header:
         control_id=field(10),
         version=field(12) or "2.5",
         charset=charset,
+        processing_id=field(11).split(components)[0].strip().upper(),
     )
 
 
@@ -176,13 +180,33 @@ def _raw(segment: Any, field: int) -> str:
 
 
 _ESCAPES = {"F": "|", "S": "^", "R": "~", "T": "&", "E": "\\", "H": "", "N": ""}
-_ESCAPE_SEQUENCE = re.compile(r"\\([FSRTEHN])\\")
+# HL7 v2.5 2.7: separators, highlighting, hexadecimal data, and the
+# formatting commands of FT fields that mean a line break -- a space here:
+# every inbound value lands in a one-line DICOM value (LO, PN, SH), where a
+# line feed is not allowed.
+_ESCAPE_SEQUENCE = re.compile(r"\\(?:([FSRTEHN])|X((?:[0-9A-Fa-f]{2})+)|(\.br|\.sp(?: ?\d+)?))\\")
+
+
+def _hex_text(digits: str) -> str:
+    data = bytes.fromhex(digits)
+    try:  # the charset the whole message is read in (UTF-8 in practice), else one byte per letter
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = data.decode("latin-1")
+    return "".join(" " if ord(c) < 0x20 or c == "\x7f" else c for c in text)
 
 
 def _unescape(text: str) -> str:
     # One pass: "\E\F\" is an escaped backslash followed by "F\", not a "|".
     # \H\ / \N\ (highlighting on/off) carry no text.
-    return _ESCAPE_SEQUENCE.sub(lambda m: _ESCAPES[m.group(1)], text)
+    def one(m: re.Match[str]) -> str:
+        if m.group(1):
+            return _ESCAPES[m.group(1)]
+        if m.group(2):
+            return _hex_text(m.group(2))
+        return " "
+
+    return _ESCAPE_SEQUENCE.sub(one, text)
 
 
 def _text(value: str) -> str:
@@ -356,15 +380,16 @@ def orders_from(message: Any) -> list[tuple[str, OrderInfo]]:
     return actions
 
 
-def handle(service: OrderService, raw: bytes) -> bytes:
-    """Process one inbound message; return the ACK to send back (never raises)."""
-    header, code, text, error_code = _process(service, raw)
+def handle(service: OrderService, raw: bytes, *, processing_id: str = "P") -> bytes:
+    """Process one inbound message; return the ACK to send back (never raises).
+    Only messages for *processing_id* (MSH-11; empty counts as ours) are applied."""
+    header, code, text, error_code = _process(service, raw, processing_id)
     if code != "AA":
         _log_refusal(header, code, error_code)
     return ack(header, code, text, error_code)
 
 
-def _process(service: OrderService, raw: bytes) -> tuple[Header, str, str, str]:
+def _process(service: OrderService, raw: bytes, processing_id: str) -> tuple[Header, str, str, str]:
     """(header, MSA-1, text, table 0357 code) for one message.
 
     HL7 v2.5 2.9.2 (original mode): AE says the message itself is wrong (the
@@ -376,39 +401,46 @@ def _process(service: OrderService, raw: bytes) -> tuple[Header, str, str, str]:
         message, header = parse(raw)
     except HL7Reject as exc:
         return read_header(raw) or Header(), "AR", str(exc), exc.code
+    if header.processing_id and header.processing_id != processing_id.upper():
+        # A training or test HIS pointed at this archive must not change its patients.
+        return header, "AR", (f"processing ID {header.processing_id[:3]!r} is not accepted here: this "
+                              f"system processes {processing_id!r} messages"), "202"
     try:
-        unsupported = _dispatch(service, message, header)
+        actions = _actions(message, header)
+        if isinstance(actions, tuple):  # (text, code): a type or event we do not handle
+            return header, "AR", *actions
+        receipt = Receipt(sender=f"{header.sending_app}^{header.sending_facility}", control_id=header.control_id,
+                          kind=f"{header.message_type}^{header.trigger}")
+        if not service.apply_message(actions, receipt, source=f"hl7:{header.sending_app}"):
+            # A resend after our ACK was lost: acknowledged again, not applied twice.
+            log.info("%s was already applied: acknowledged again", _describe(header))
+            return header, "AA", "duplicate: this message was already applied", ""
     except OrderError as exc:
         return header, "AE", str(exc), exc.code
     except Exception as exc:  # keep the link up; the HIS resends on AR
         _log_internal_error(header, exc)
         return header, "AR", f"internal error: {exc.__class__.__name__}; please resend", "207"
-    if unsupported is not None:
-        return header, "AR", *unsupported
     return header, "AA", "", ""
 
 
-def _dispatch(service: OrderService, message: Any, header: Header) -> tuple[str, str] | None:
-    """Apply the message; (text, code) when its type or event is not supported."""
+def _actions(message: Any, header: Header) -> list[tuple[str, Any]] | tuple[str, str]:
+    """What the message asks of the order service, or (text, code) when its
+    type or event is not supported."""
     kind = f"{header.message_type}^{header.trigger}"
-    source = f"hl7:{header.sending_app}"
     if header.message_type in ("ORM", "OMI"):
         if kind not in ("ORM^O01", "OMI^O23"):
             return f"{kind} is not supported", "201"
-        service.apply(orders_from(message), source=source)
-    elif header.message_type == "ADT":
+        return orders_from(message)
+    if header.message_type == "ADT":
         pids = _segments(message, "PID")
         if not pids:
             raise OrderError("ADT message without PID segment", code="100", http_status=400)
         if header.trigger == "A40":
-            service.apply([("merge", (patient_from_pid(pids[0]), _prior_ids(message)))], source=source)
-        elif header.trigger in ("A01", "A04", "A05", "A08", "A28", "A31"):
-            service.apply([("patient", patient_from_pid(pids[0]))], source=source)
-        else:
-            return f"{kind} is not supported", "201"
-    else:
-        return f"message type {header.message_type} is not supported", "200"
-    return None
+            return [("merge", (patient_from_pid(pids[0]), _prior_ids(message)))]
+        if header.trigger in ("A01", "A04", "A05", "A08", "A28", "A31"):
+            return [("patient", patient_from_pid(pids[0]))]
+        return f"{kind} is not supported", "201"
+    return f"message type {header.message_type} is not supported", "200"
 
 
 def _prior_ids(message: Any) -> list[tuple[str, str]]:
@@ -463,7 +495,8 @@ def ack(header: Header, code: str, text: str, error_code: str = "207", *, app: s
         "|".join([
             "MSH", "^~\\&", header.receiving_app or app, header.receiving_facility, header.sending_app,
             header.sending_facility, now, "", f"ACK^{header.trigger}^ACK" if header.trigger else "ACK",
-            f"ACK{now}{next(_CONTROL_IDS)}", "P", header.version or "2.5", "", "", "", "", "", charset,
+            f"ACK{now}{next(_CONTROL_IDS)}", escape(header.processing_id) or "P", header.version or "2.5",
+            "", "", "", "", "", charset,
         ]),
         "|".join(["MSA", code, header.control_id, escape(text)[:80]]),
     ]

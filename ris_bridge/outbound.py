@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import threading
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from pacs import outbox
 from pacs.app import Pacs
+from pacs.settings import Settings
 
 from . import mllp
 from .hl7v2 import ack_code, escape, escape_lines
@@ -34,13 +36,29 @@ def _pn_to_xpn(name: str) -> str:
     return "^".join(escape(p) for p in parts[:3])
 
 
-def render(kind: str, data: dict[str, Any], control_id: str, app: str = "FILMLESS") -> bytes:
+@dataclass(frozen=True)
+class Addresses:
+    """MSH-3 to MSH-6 of outbound messages: who sends, who receives."""
+
+    application: str = "FILMLESS"
+    facility: str = ""
+    his_application: str = "HIS"
+    his_facility: str = ""
+
+    @classmethod
+    def of(cls, settings: Settings) -> Addresses:
+        return cls(settings.hl7_application or settings.ae_title, settings.hl7_facility,
+                   settings.his_application, settings.his_facility)
+
+
+def render(kind: str, data: dict[str, Any], control_id: str, to: Addresses = Addresses()) -> bytes:
     """The HL7 v2 message for an outbox event."""
     now = datetime.now().strftime("%Y%m%d%H%M%S")
     order = data.get("order", {})
     msh_type = {"order_status": "ORM^O01^ORM_O01", "report": "ORU^R01^ORU_R01"}[kind]
     segments = [
-        "|".join(["MSH", "^~\\&", app, "", "HIS", "", now, "", msh_type, control_id, "P", "2.5",
+        "|".join(["MSH", "^~\\&", escape(to.application), escape(to.facility), escape(to.his_application),
+                  escape(to.his_facility), now, "", msh_type, control_id, "P", "2.5",
                   "", "", "", "", "", "UNICODE UTF-8"]),
         "|".join(["PID", "1", "", f"{escape(order.get('patient_id', ''))}^^^{escape(order.get('issuer', ''))}",
                   "", _pn_to_xpn(order.get("name", ""))]),
@@ -110,7 +128,7 @@ class OutboundSender:
         claimed = outbox.claim_due(self.pacs.engine, "his")
         for index, message in enumerate(claimed):
             control_id = f"FILMLESS{message.pk}"  # stable: a resend can be recognised
-            payload = render(message.kind, message.data, control_id, app=self.pacs.settings.ae_title)
+            payload = render(message.kind, message.data, control_id, Addresses.of(self.pacs.settings))
             try:
                 reply = mllp.send(self.host, self.port, payload)
             except OSError as exc:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
-from .conftest import PACS, Backend, PacsServer
+from .conftest import PACS, Backend, PacsServer, free_port
 from .dicomfiles import PYDICOM_FILES, copy_files
 
 
@@ -155,3 +156,22 @@ def test_misspelt_settings_are_named(tmp_path: Path) -> None:
     no_port = subprocess.run([PACS, "ae", "list", "--data-dir", str(data)], capture_output=True, text=True,
                              env={**os.environ, "PACS_HIS_MLLP": "hisserver"}, timeout=120)
     assert no_port.returncode == 1 and "his_mllp must be host:port" in no_port.stderr
+
+
+def test_a_taken_port_is_named_with_its_option(tmp_path: Path) -> None:
+    """Another program on one of the four ports: serve stops with that port
+    and the option that moves it, not a bare "Address already in use"."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = str(taken.getsockname()[1])
+        for flag, option in (("--dicom-port", "--dicom-port / PACS_DICOM_PORT"),
+                             ("--hl7-port", "--hl7-port / PACS_HL7_PORT")):
+            ports = {name: str(free_port()) for name in ("--dicom-port", "--http-port", "--hl7-port")}
+            ports[flag] = busy
+            for workers in ("1", "2"):  # the one-process listener and the worker processes' one
+                result = pacs("serve", *[x for kv in ports.items() for x in kv], "--dicom-workers", workers,
+                              data_dir=tmp_path / "data")
+                assert result.returncode == 1, result.stderr
+                assert f"on 127.0.0.1:{busy}: the port is already in use by another program (choose another " \
+                       f"with {option})" in result.stderr, result.stderr

@@ -35,6 +35,7 @@ def his(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     his_port = free_port()
     server = PacsServer(tmp / "data", Backend("sqlite", None, None, {}), extra_env={
         "PACS_HIS_MLLP": f"127.0.0.1:{his_port}", "PACS_HL7_IDLE_TIMEOUT": str(IDLE_TIMEOUT),
+        "PACS_HL7_FACILITY": "BVDK-CDHA", "PACS_HIS_APPLICATION": "HIS-VNPT", "PACS_HIS_FACILITY": "BVDK",
     })
     with serving_with_his(server, his_port, ("bs.lan", "Trần^Thị Lan")) as serving:
         yield serving
@@ -240,6 +241,8 @@ def test_amended_report_is_corrected_and_lines_are_repetitions(his: PacsServer, 
     first = next(m for m in orus() if "Phổi".encode() in m)
     amended = next(m for m in orus() if "Bổ sung".encode() in m)
     segments = _oru_segments(first)
+    # MSH-3 to MSH-6: our application (the AE title) and facility, the HIS's as configured.
+    assert segments["MSH"][0][2:6] == [his.ae_title, "BVDK-CDHA", "HIS-VNPT", "BVDK"]
     assert segments["OBR"][0][25] == "F" and {obx[11] for obx in segments["OBX"]} == {"F"}
     by_code = {obx[3].split("^")[0]: obx for obx in segments["OBX"]}
     assert by_code["59776-5"][2] == "TX"
@@ -293,3 +296,57 @@ def test_a_segment_break_where_msh_1_belongs_leaves_no_header() -> None:
 
     assert read_header(b"MSH\r^~\\&|HIS|BVDK|PACS|BVDK|20241120||ORM^O01|FZ1|P|2.5") is None
     assert read_header(b"MSH|^~\\&|HIS|BVDK|PACS|BVDK|20241120||ORM^O01|FZ1|P|2.5").control_id == "FZ1"
+
+
+# -- a resend after a lost ACK (slow links to satellite hospitals drop) ----------------------
+def test_a_resent_message_is_acknowledged_again_not_applied_twice(his: PacsServer, tmp_path: Path) -> None:
+    # The HIS never got our ACK and sends the very same message (same MSH-10) again.
+    placed = orm("RS1", "HRS001", pid="BN310001", name="Phạm^Thị Hoa")
+    assert msa(send(his, placed))[0] == "AA"
+    again = fields(send(his, placed), "MSA")
+    assert again[1] == "AA" and "already applied" in again[3]
+    assert len(worklist(his, tmp_path, *WL_KEYS, "AccessionNumber=HRS001")) == 1
+
+    # Another message (another control ID) placing the same accession is still refused.
+    refused = send(his, orm("RS2", "HRS001", pid="BN310001", name="Phạm^Thị Hoa"))
+    assert msa(refused)[0] == "AE" and fields(refused, "ERR")[3].startswith("205")
+
+    # A cancel resent after its ACK was lost: acknowledged, the order stays cancelled.
+    cancel = orm("RS3", "HRS001", pid="BN310001", order_control="CA")
+    assert msa(send(his, cancel))[0] == "AA"
+    assert msa(send(his, cancel))[0] == "AA"
+    assert worklist(his, tmp_path, *WL_KEYS, "AccessionNumber=HRS001") == []
+
+    # The same control ID from another sending application is another message.
+    other = orm("RS1", "HRS002", pid="BN310002").replace("MSH|^~\\&|HIS|", "MSH|^~\\&|LIS|")
+    assert msa(send(his, other))[0] == "AA"
+    assert len(worklist(his, tmp_path, *WL_KEYS, "AccessionNumber=HRS002")) == 1
+
+    # A message refused (AE) is not remembered: corrected and resent under its ID, it is applied.
+    bad = orm("RS4", "HRS003", pid="BN310003", study_uid="1.2.bad..uid")
+    assert msa(send(his, bad))[0] == "AE"
+    assert msa(send(his, orm("RS4", "HRS003", pid="BN310003")))[0] == "AA"
+    assert len(worklist(his, tmp_path, *WL_KEYS, "AccessionNumber=HRS003")) == 1
+
+
+def test_hl7_escape_sequences_are_decoded(his: PacsServer, tmp_path: Path) -> None:
+    # A HIS on a 7-bit link writes "ễ" as hexadecimal data (\X..\, HL7 v2.5 2.7.5)
+    # and breaks a long procedure name with \.br\; separators are escaped.
+    message = with_pid(orm("ES1", "HRE001"), "PID|1||BN600001^^^BVDK^PI||Nguy\\XE1BB85\\n^V\\XC483\\n An")
+    message = message.replace("CT-NGUC^CT ngực không cản quang^L",
+                              "CT-NGUC^CT ngực\\.br\\không cản quang \\T\\ bụng^L")
+    assert msa(send(his, message))[0] == "AA"
+    item = one_item(his, tmp_path, "HRE001")
+    assert str(item.PatientName) == "Nguyễn^Văn An"  # type: ignore[attr-defined]
+    assert item.RequestedProcedureDescription == "CT ngực không cản quang & bụng"  # type: ignore[attr-defined]
+
+
+def test_messages_of_a_training_his_are_refused(his: PacsServer, tmp_path: Path) -> None:
+    # MSH-11 T: the HIS's training system, wrongly pointed at the production archive.
+    training = orm("PT1", "HRP001").replace("|PT1|P|2.5|", "|PT1|T|2.5|")
+    ack = send(his, training)
+    assert msa(ack) == ("AR", "PT1") and fields(ack, "ERR")[3].startswith("202^")
+    assert fields(ack, "MSH")[10] == "T"  # MSH-11; the ACK echoes the message's processing ID
+    assert worklist(his, tmp_path, *WL_KEYS, "AccessionNumber=HRP001") == []
+    # An empty MSH-11 counts as ours.
+    assert msa(send(his, orm("PT2", "HRP002").replace("|PT2|P|2.5|", "|PT2||2.5|")))[0] == "AA"

@@ -270,6 +270,23 @@ class OutboundMessage(Base):
     sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
+class ReceivedMessage(Base):
+    """An inbound HL7 message that was applied, so that the same message sent
+    again (the sender never got our ACK: the link dropped) is acknowledged
+    again instead of being applied twice (HL7 v2.5 2.10.2). Recorded in the
+    transaction that applied it; kept 30 days (:mod:`pacs.orders`)."""
+
+    __tablename__ = "received_messages"
+    __table_args__ = (UniqueConstraint("sender", "control_id"),)
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    # MSH-3^MSH-4: control IDs are unique per sending application only.
+    sender: Mapped[str] = mapped_column(String)
+    control_id: Mapped[str] = mapped_column(String)
+    kind: Mapped[str] = mapped_column(String, default="")
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
 class User(Base):
     """A person or system that uses the HTTP API, with one role."""
 
