@@ -21,7 +21,8 @@ READ = {"radiologist", "admin", "emr", "referring"}
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     tmp = tmp_path_factory.mktemp("acl")
-    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}))
+    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_CORS_ORIGINS": "https://emr.bvdk.vn, https://ohif.bvdk.vn/"})
     write_corpus(tmp / "corpus")
     server.cli("import", str(tmp / "corpus"))
     server.start()
@@ -72,9 +73,12 @@ def test_every_route_checks_its_role(secured: PacsServer) -> None:
     for method, path, allowed, body in _routes(secured):
         with secured.http(token="none") as anonymous:
             anonymous.headers.pop("Authorization", None)
-            code = anonymous.request(method, path, json=body).status_code
+            answer = anonymous.request(method, path, json=body)
+            code = answer.status_code
             if code != 401:
                 failures.append(f"{method} {path} without a token -> {code}, want 401")
+            elif not answer.headers.get("www-authenticate", "").startswith("Bearer "):
+                failures.append(f"{method} {path}: 401 without WWW-Authenticate: Bearer")
         for role in ROLES:
             with secured.http(token=secured.tokens[role]) as http:  # type: ignore[attr-defined]
                 response = http.request(method, path, json=body)
@@ -245,3 +249,28 @@ def test_dicom_accesses_are_audited(secured: PacsServer, tmp_path: Path) -> None
     assert stored and stored[0]["action"] == "store" and stored[0]["protocol"] == "dicom"
     assert stored[0]["study_uid"] == str(dcmread(ct, stop_before_pixels=True).StudyInstanceUID)
     assert queried and queried[0]["action"] == "query" and queried[0]["study_uid"] == study_uid("S3")
+
+
+def test_cors_lets_only_configured_web_origins_call(secured: PacsServer) -> None:
+    """An EMR page or an OHIF viewer on another host calls DICOMweb from the
+    browser: its preflight is answered, the real request still needs a token."""
+    emr = "https://emr.bvdk.vn"
+    with secured.http(token="none") as anonymous:
+        anonymous.headers.pop("Authorization", None)
+        preflight = anonymous.options("/dicom-web/studies", headers={
+            "Origin": emr, "Access-Control-Request-Method": "GET",
+            "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 200, preflight.text
+        assert preflight.headers["access-control-allow-origin"] == emr
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+        refused = anonymous.get("/dicom-web/studies", headers={"Origin": emr})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == emr
+        other = anonymous.options("/dicom-web/studies", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "GET"})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+    with secured.http(token=secured.tokens["emr"]) as http:  # type: ignore[attr-defined]
+        answer = http.get("/dicom-web/studies", headers={"Origin": "https://ohif.bvdk.vn"})
+        assert answer.status_code == 200
+        assert answer.headers["access-control-allow-origin"] == "https://ohif.bvdk.vn"
+        assert "access-control-allow-origin" not in http.get(
+            "/dicom-web/studies", headers={"Origin": "https://evil.example"}).headers

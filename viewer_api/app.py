@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -31,6 +32,15 @@ def create_app(pacs: Pacs) -> FastAPI:
     errors.install(app)
     fhir.install(app)  # OperationOutcome errors under /fhir
     app.add_middleware(AuditMiddleware)
+    origins = [o.strip().rstrip("/") for o in pacs.settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        # Outermost, so a browser's preflight is answered before the role
+        # checks (it carries no credentials); the real request is checked.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Accept", "Content-Type"],
+            expose_headers=["Content-Location", "Warning", "Content-Disposition"], max_age=600,
+        )
     # Who may do what (the table tests/test_access_control.py checks).
     app.include_router(qido.router, dependencies=requires("radiologist", "admin", "emr", action="query"))
     app.include_router(wado.router, dependencies=requires(*READERS, action="retrieve"))

@@ -63,7 +63,11 @@ def _format_of(request: Request) -> ErrorFormat | None:
 def answer(request: Request, status: int, message: str) -> Response:
     """The error answer for *request*'s API."""
     build = _format_of(request)
-    return build(status, message) if build else problem(status, message)
+    response = build(status, message) if build else problem(status, message)
+    if status == 401:
+        # RFC 9110 11.6.1: a 401 names the scheme the client must use.
+        response.headers["WWW-Authenticate"] = 'Bearer realm="filmless-pacs"'
+    return response
 
 
 def install(app: FastAPI) -> None:
@@ -95,6 +99,12 @@ def install(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
         details = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
         return answer(request, 400, f"bad request parameters: {details}")
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> Response:
+        # Our own fault: the server logs the traceback; the client gets its
+        # API's error body (an OperationOutcome under /fhir), never our internals.
+        return answer(request, 500, "internal server error: the server's log has the details")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
