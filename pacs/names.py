@@ -52,6 +52,22 @@ def fold_name(name: object) -> str:
     return fold("=".join(groups).rstrip("="))
 
 
+def same_person(a: object, b: object) -> bool:
+    """Whether two person names are written the same, diacritics included:
+    "Hoàng^Minh Tuân" and "Hoàng^Minh Tuấn" are two people, whom the folded
+    form (for searching) confuses. Case, Unicode normalisation, spacing and
+    trailing empty components do not count. For access rules, not search."""
+    return bool(_person_key(a)) and _person_key(a) == _person_key(b)
+
+
+def _person_key(name: object) -> str:
+    if name is None:
+        return ""
+    text = unicodedata.normalize("NFC", str(name))
+    groups = [" ".join(g.rstrip("^").split()) for g in text.split("=")]
+    return "=".join(groups).rstrip("=").casefold()
+
+
 def name_words(name: object) -> str:
     """Folded name with component separators read as spaces, for word search."""
     return " ".join(fold_name(name).replace("^", " ").replace("=", " ").split())

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 from .index.models import Instance, Report, Series
-from .names import fold_name
+from .names import fold_name, same_person
 from .query import Level, Query, build_select
 from .query.attributes import patients, studies
 
@@ -63,10 +63,12 @@ def study_list(
         stmt = stmt.where(report_status.is_(None))
     elif status in ("draft", "signed"):
         stmt = stmt.where(report_status == status)
-    if referring:
-        # A referring physician sees the studies they referred.
-        stmt = stmt.where(studies.c.referring_physician_folded == fold_name(referring))
     with engine.connect() as conn:
+        if referring:
+            # A referring physician sees the studies they referred: the folded
+            # name finds the candidates (indexed), the exact spelling decides.
+            stmt = stmt.where(studies.c.referring_physician_folded == fold_name(referring),
+                              studies.c.referring_physician.in_(_spellings_of(conn, referring)))
         total = conn.execute(select(func.count()).select_from(stmt.subquery())).scalar_one()
         rows = conn.execute(
             stmt.order_by(studies.c.study_date.desc(), studies.c.study_time.desc(), studies.c.pk.desc())
@@ -148,9 +150,17 @@ def study_detail(engine: Engine, study_uid: str) -> dict[str, Any] | None:
     }
 
 
+def _spellings_of(conn: Connection, name: str) -> list[str]:
+    """The Referring Physician's Name values in the index that are *name*
+    (:func:`~pacs.names.same_person`), among those that fold alike."""
+    candidates = conn.execute(select(studies.c.referring_physician).distinct()
+                              .where(studies.c.referring_physician_folded == fold_name(name))).scalars()
+    return [value for value in candidates if same_person(value, name)]
+
+
 def referring_of(engine: Engine, study_uid: str) -> str | None:
-    """The folded referring physician of a study (access checks)."""
+    """The referring physician of a study as stored (access checks)."""
     with engine.connect() as conn:
         return conn.execute(
-            select(studies.c.referring_physician_folded).where(studies.c.study_uid == study_uid)
+            select(studies.c.referring_physician).where(studies.c.study_uid == study_uid)
         ).scalar()

@@ -139,6 +139,14 @@ def test_referring_physician_sees_only_referred_studies(secured: PacsServer) -> 
                 assert study_uid("S2") not in json.dumps(bundle), (resource, query)
         found = http.get("/fhir/ImagingStudy?patient.identifier=001085012345").json()
         assert [e["resource"]["id"] for e in found["entry"]] == [study_uid("S1")]
+    # Another doctor whose name differs only in a diacritic (Tung, not Tùng) is another
+    # person: nothing; the same name in capitals is the same person.
+    other = secured.make_token("user-tung", "referring", display_name="Đỗ^Thanh Tung")
+    same = secured.make_token("user-tung-caps", "referring", display_name="ĐỖ^THANH TÙNG^")
+    for token, expected in ((other, set()), (same, {study_uid("S1")})):
+        with secured.http(token=token) as http:
+            assert {i["study_uid"] for i in http.get("/api/worklist").json()["items"]} == expected
+            assert http.get(f"/api/studies/{study_uid('S1')}").status_code == (200 if expected else 403)
 
 
 def test_login_logout_and_revoked_tokens(secured: PacsServer) -> None:

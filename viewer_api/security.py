@@ -17,7 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacs.audit import Event
 from pacs.auth import Principal
-from pacs.names import fold_name
+from pacs.names import same_person
 from pacs.studylist import referring_of
 
 from .errors import HTTPProblem
@@ -42,22 +42,27 @@ def principal_of(request: Request) -> Principal | None:
     return pacs.auth.authenticate(token) if token else None
 
 
+def _event(request: Request, action: str, principal: Principal | None, *, outcome: str = "success",
+           study_uid: str = "", patient_id: str = "", detail: str = "") -> Event:
+    """The audit event of one HTTP access by *principal* (None: not authenticated)."""
+    return Event(
+        action=action,
+        user=principal.username if principal else "",
+        role=principal.role if principal else "",
+        client=request.client.host if request.client else "",
+        protocol="http",
+        outcome=outcome,
+        study_uid=study_uid,
+        patient_id=patient_id,
+        detail=detail[:500],
+    )
+
+
 def audit(request: Request, action: str, principal: Principal | None, *, outcome: str = "success",
           study_uid: str = "", patient_id: str = "", detail: str = "") -> None:
     """Record an access in the audit trail."""
-    request.app.state.pacs.audit.record(
-        Event(
-            action=action,
-            user=principal.username if principal else "",
-            role=principal.role if principal else "",
-            client=request.client.host if request.client else "",
-            protocol="http",
-            outcome=outcome,
-            study_uid=study_uid,
-            patient_id=patient_id,
-            detail=detail[:500],
-        )
-    )
+    request.app.state.pacs.audit.record(_event(request, action, principal, outcome=outcome, study_uid=study_uid,
+                                               patient_id=patient_id, detail=detail))
 
 
 def _study_of(request: Request) -> str:
@@ -75,7 +80,7 @@ def may_see_study(request: Request, principal: Principal, study_uid: str) -> boo
     if principal.role != "referring":
         return True
     referring = referring_of(request.app.state.pacs.engine, study_uid)
-    return referring is not None and referring == fold_name(principal.display_name)
+    return referring is not None and same_person(referring, principal.display_name)
 
 
 def guard(*roles: str, action: str) -> Any:
@@ -100,11 +105,8 @@ def guard(*roles: str, action: str) -> Any:
             audit(request, action, principal, outcome="denied", study_uid=study, detail="not the referring physician")
             raise HTTPProblem(403, "this study was not referred by you")
         detail = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-        request.state.audit = Event(
-            action=action, user=principal.username, role=principal.role,
-            client=request.client.host if request.client else "", protocol="http",
-            study_uid=study, detail=detail[:500],
-        )
+        # Recorded by AuditMiddleware once the answer's status is known.
+        request.state.audit = _event(request, action, principal, study_uid=study, detail=detail)
         request.state.user = principal.username
         request.state.principal = principal
         return principal
