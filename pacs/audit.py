@@ -29,7 +29,7 @@ patients_t = Patient.__table__
 # RFC 3881 EventActionCode: C create, R read, U update, D delete, E execute.
 _ACTION_CODE = {
     "view": "R", "download": "R", "query": "E", "store": "C", "report-create": "C", "report-update": "U",
-    "report-sign": "U", "report-amend": "C", "export": "R", "delete": "D", "login": "E", "login-failed": "E",
+    "report-sign": "U", "report-amend": "C", "export": "R", "delete": "D", "login": "E", "login-failed": "E", "logout": "E",
     "denied": "E", "order": "U", "patient-update": "U", "retrieve": "R", "commit": "E",
 }
 

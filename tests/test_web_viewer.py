@@ -283,6 +283,9 @@ def test_radiologist_reads_and_signs_a_ct(page: Any, viewer_server: PacsServer) 
     page.goto("/viewer/accession/NO-SUCH-ACC")
     expect(page.locator("#app")).to_contain_text("NO-SUCH-ACC")
     steps.shot("accession-unknown")
+    page.goto("/viewer/accession/*")  # a wildcard opens nobody (it opened the first patient)
+    expect(page.locator("#accession-message")).to_contain_text("*")
+    expect(page).to_have_url(re.compile(r"#/accession/"))
 
     assert not page.errors, page.errors
     assert len(list(ARTIFACTS.glob("*.png"))) == steps.n
@@ -291,7 +294,7 @@ def test_radiologist_reads_and_signs_a_ct(page: Any, viewer_server: PacsServer) 
     with viewer_server.http() as admin:
         events = admin.get("/api/audit", params={"user": USERNAME, "limit": 5000}).json()
     actions = {(e["action"], e["study_uid"]) for e in events if e["outcome"] == "success"}
-    for action in ("login", "query"):
+    for action in ("login", "logout", "query"):
         assert action in {a for a, _ in actions}, action
     for action in ("view", "retrieve", "report-update", "report-sign", "download"):
         assert (action, study_uid) in actions, action

@@ -71,7 +71,11 @@ def logout(request: Request) -> Response:
 
     token = token_of(request)
     if token:
+        # Who ended their session, before the token that names them is gone.
+        principal = principal_of(request)
         request.app.state.pacs.auth.revoke(token=token)
+        if principal is not None:
+            audit(request, "logout", principal)
     response = Response(status_code=204)
     response.delete_cookie(COOKIE, path="/")
     return response

@@ -5,7 +5,7 @@ import { api, setToken, setUnauthorizedHandler } from "./api.js";
 import { applyI18n, onLangChange, t, toggleLang } from "./i18n.js";
 import { mountLogin } from "./login.js";
 import { mountStudy } from "./study.js";
-import { h, toast } from "./util.js";
+import { formatPN, h, toast } from "./util.js";
 import { mountWorklist } from "./worklist.js";
 
 const NEXT_KEY = "pacs.next";
@@ -44,7 +44,7 @@ function updateTopbar() {
   document.body.classList.toggle("signed-in", Boolean(user));
   const who = document.getElementById("current-user");
   if (who) {
-    who.textContent = user ? user.display_name || user.username : "";
+    who.textContent = user ? formatPN(user.display_name) || user.username : "";
     who.title = user ? `${user.username} (${user.role})` : "";
   }
 }
@@ -127,17 +127,36 @@ function render() {
 // after login, through the worklist with the user's own access rights.
 function openAccession(el, ctx, accession) {
   const controller = new AbortController();
-  const message = h("p.notice", { "data-i18n": "loading" });
+  const message = h("p#accession-message.notice", { "data-i18n": "loading" });
   el.append(message);
-  api("GET", "/api/worklist", { query: { accession, limit: 1 }, signal: controller.signal })
+  const say = (text) => {
+    message.removeAttribute("data-i18n"); // no longer "loading": a language switch must not bring it back
+    message.textContent = text;
+  };
+  const notFound = () => say(t("accession_not_found").replace("{accession}", accession));
+  // The link names one accession exactly: a wildcard would open whichever
+  // patient came first (the search API matches * and ?).
+  if (!accession || /[*?\\]/.test(accession)) {
+    notFound();
+    return { cleanup: () => controller.abort() };
+  }
+  api("GET", "/api/worklist", { query: { accession, limit: 20 }, signal: controller.signal })
     .then((data) => {
-      const found = data && data.items && data.items[0];
-      if (found) ctx.navigate(`#/study/${encodeURIComponent(found.study_uid)}`, true);
-      else message.textContent = t("accession_not_found").replace("{accession}", accession);
+      const found = ((data && data.items) || []).filter((item) => item.accession === accession);
+      if (found.length === 1) {
+        ctx.navigate(`#/study/${encodeURIComponent(found[0].study_uid)}`, true);
+      } else if (found.length > 1) {
+        // Two studies under one accession (a repeat, a merge): the user chooses, never the first.
+        say(t("accession_many").replace("{accession}", accession));
+        el.append(h("ul#accession-choices", ...found.map((item) => h("li", h("a", {
+          href: `#/study/${encodeURIComponent(item.study_uid)}` },
+          [formatPN(item.patient_name), item.patient_id, item.study_date, item.modalities, item.description]
+            .filter(Boolean).join(" · "))))));
+      } else notFound();
     })
     .catch((exc) => {
       if (exc && exc.name === "AbortError") return;
-      message.textContent = exc && exc.message ? exc.message : String(exc);
+      say(exc && exc.message ? exc.message : String(exc));
     });
   return { cleanup: () => controller.abort() };
 }

@@ -3,7 +3,7 @@
 
 import { api } from "./api.js";
 import { onLangChange, t } from "./i18n.js";
-import { formatDateTime, h, toast } from "./util.js";
+import { formatDateTime, formatPN, h, toast } from "./util.js";
 
 // Only radiologists write and sign reports (the server enforces it too).
 const EDITOR_ROLES = new Set(["radiologist"]);
@@ -125,7 +125,7 @@ export class ReportPanel {
 
     let meta = "";
     if (current && signed && (current.signed_by || current.signed_at)) {
-      meta = t("signed_by", { who: current.signed_by || current.author || "", when: formatDateTime(current.signed_at) });
+      meta = t("signed_by", { who: formatPN(current.signed_by) || current.author || "", when: formatDateTime(current.signed_at) });
     } else if (current && visibleText && (current.author || current.updated_at)) {
       meta = t("updated_by", { who: current.author || "", when: formatDateTime(current.updated_at) });
     }
@@ -142,7 +142,7 @@ export class ReportPanel {
     this.versions.hidden = versions.length < 2;
     this.versionList.replaceChildren(
       ...versions.map((v) => {
-        const who = v.signed_by || v.author || "";
+        const who = formatPN(v.signed_by) || v.author || "";
         const when = formatDateTime(v.signed_at || v.updated_at);
         const key = v.status === "signed" ? "report_signed" : v.status === "draft" ? "report_draft" : "report_none";
         const text = [v.findings, v.impression].filter(Boolean).join("\n\n");
