@@ -58,7 +58,21 @@ def _row_dict(row: Any) -> dict[str, Any]:
         "signed_by": row.signed_by,
         "signed_at": _iso(row.signed_at),
         "pdf_sop_uid": row.pdf_sop_uid,
+        "revision": row.revision,
     }
+
+
+def _check_revision(current: Any, revision: int | None) -> None:
+    """409 when the author's *revision* is not the current draft's: a
+    colleague saved in between, and their text would be lost (a save) or
+    signed unseen under this author's name (a signature)."""
+    if revision is None:
+        return
+    have = current.revision if current is not None else 0
+    if revision != have:
+        who = f" by {current.author}" if current is not None and current.author else ""
+        raise ReportError(f"the report was changed{who} after you opened it (revision {have}, yours {revision}): "
+                          "reload it, compare, then save again", 409)
 
 
 class ReportService:
@@ -95,7 +109,11 @@ class ReportService:
             "versions": [_row_dict(v) for v in versions],
         }
 
-    def save_draft(self, study_uid: str, findings: str, impression: str, author: str) -> dict[str, Any]:
+    def save_draft(self, study_uid: str, findings: str, impression: str, author: str,
+                   revision: int | None = None) -> dict[str, Any]:
+        """Save the draft. *revision* is the one the author loaded (0: no
+        report yet); another save since then is a 409, never overwritten.
+        None skips the check (API clients that do not send it)."""
         now = datetime.now(UTC)
         with write_transaction(self.pacs.engine) as conn:
             study = self._study(conn, study_uid)
@@ -103,14 +121,16 @@ class ReportService:
             current = versions[-1] if versions else None
             if current is not None and current.status == "signed":
                 raise ReportError("the report is signed and cannot change; amend it for a new version", 409)
+            _check_revision(current, revision)
             if current is None:
                 conn.execute(reports_t.insert().values(
                     study_pk=study.pk, version=1, status="draft", findings=findings, impression=impression,
-                    author=author, created_at=now, updated_at=now,
+                    author=author, created_at=now, updated_at=now, revision=1,
                 ))
             else:
                 conn.execute(update(reports_t).where(reports_t.c.pk == current.pk).values(
                     findings=findings, impression=impression, author=author, updated_at=now,
+                    revision=current.revision + 1,
                 ))
         return self.get(study_uid)
 
@@ -129,8 +149,9 @@ class ReportService:
             ))
         return self.get(study_uid)
 
-    def sign(self, study_uid: str, signer: str, signer_name: str = "") -> dict[str, Any]:
-        """Sign the current draft: PDF into the study, ORU^R01 queued for the HIS."""
+    def sign(self, study_uid: str, signer: str, signer_name: str = "", revision: int | None = None) -> dict[str, Any]:
+        """Sign the current draft: PDF into the study, ORU^R01 queued for the
+        HIS. *revision*: the draft revision the signer read (see save_draft)."""
         now = datetime.now(UTC)
         with self.pacs.engine.connect() as conn:
             study = self._study(conn, study_uid)
@@ -138,6 +159,7 @@ class ReportService:
         if not versions or versions[-1].status != "draft":
             raise ReportError("there is no draft to sign", 409)
         draft = versions[-1]
+        _check_revision(draft, revision)
         if not (draft.findings.strip() or draft.impression.strip()):
             raise ReportError("an empty report cannot be signed", 422)
         viewer_url = f"{self.public_url}/viewer/study/{study_uid}" if self.public_url else f"/viewer/study/{study_uid}"
@@ -153,7 +175,8 @@ class ReportService:
         with self.pacs.engine.begin() as conn:
             done = conn.execute(
                 update(reports_t)
-                .where(reports_t.c.pk == draft.pk, reports_t.c.status == "draft")
+                .where(reports_t.c.pk == draft.pk, reports_t.c.status == "draft",
+                       reports_t.c.revision == draft.revision)
                 .values(status="signed", signed_by=signer_name or signer, signed_at=now, pdf_sop_uid=sop_uid,
                         updated_at=now)
             ).rowcount

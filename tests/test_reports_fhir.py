@@ -109,6 +109,35 @@ def test_amendment_keeps_the_signed_version(reporting: PacsServer) -> None:
 
 
 
+def test_a_colleagues_save_is_never_overwritten_nor_signed_unseen(reporting: PacsServer) -> None:
+    """Two radiologists open the same study; each save and signature names the
+    draft revision its author read, and one made stale by a colleague is 409."""
+    s3 = study_uid("S3")
+    other = reporting.make_token("bs.lan", "radiologist", "Trần^Thị Lan")
+    url = f"/api/studies/{s3}/report"
+    with reporting.http(token=reporting.radiologist) as tung, reporting.http(token=other) as lan:  # type: ignore[attr-defined]
+        first = tung.put(url, json={"findings": "Không thấy tổn thương.", "impression": "Bình thường.", "revision": 0})
+        assert first.status_code == 200 and first.json()["current"]["revision"] == 1
+        # Lan opened the study before Tùng's save (no report then): her first save is refused.
+        stale = lan.put(url, json={"findings": "Khối u thùy trán trái 3 cm.", "impression": "U não.", "revision": 0})
+        assert stale.status_code == 409 and "bs.tung" in stale.json()["error"]
+        # She reloads (revision 1), writes her findings and saves them.
+        assert lan.put(url, json={"findings": "Khối u thùy trán trái 3 cm.", "impression": "U não.",
+                                  "revision": 1}).json()["current"]["revision"] == 2
+        # Tùng, still at revision 1, can neither overwrite her text nor sign it unseen.
+        assert tung.put(url, json={"findings": "x", "impression": "y", "revision": 1}).status_code == 409
+        refused = tung.post(f"{url}/sign", json={"revision": 1})
+        assert refused.status_code == 409, refused.text
+        report = tung.get(url).json()
+        assert report["status"] == "draft" and report["current"]["findings"] == "Khối u thùy trán trái 3 cm."
+        # Having read revision 2, he signs it.
+        signed = tung.post(f"{url}/sign", json={"revision": 2})
+        assert signed.status_code == 200 and signed.json()["status"] == "signed"
+        # Clients that send no revision keep working as before.
+        assert tung.post(f"{url}/amend").status_code == 200
+        assert tung.put(url, json={"findings": "Bổ sung.", "impression": "U não."}).status_code == 200
+
+
 def _outcome(response: object, status: int) -> dict:
     """An error under /fhir: the status, as an OperationOutcome (FHIR JSON)."""
     assert response.status_code == status, (response.status_code, response.text)  # type: ignore[attr-defined]

@@ -298,3 +298,61 @@ def test_radiologist_reads_and_signs_a_ct(page: Any, viewer_server: PacsServer) 
         assert action in {a for a, _ in actions}, action
     for action in ("view", "retrieve", "report-update", "report-sign", "download"):
         assert (action, study_uid) in actions, action
+
+
+def _log_in(page: Any) -> None:
+    from playwright.sync_api import expect
+
+    expect(page).to_have_url(re.compile(r"#/login$"))
+    page.fill("#username", USERNAME)
+    page.fill("#password", PASSWORD)
+    page.press("#password", "Enter")
+
+
+def test_report_text_survives_a_lost_session_and_a_colleagues_save(page: Any, viewer_server: PacsServer) -> None:
+    """Typed text is never lost: not when the session ends before the save
+    (re-login brings it back), not when a colleague saved first (their text
+    is shown, the author's own beside it, nothing overwritten)."""
+    from playwright.sync_api import expect
+
+    with viewer_server.http() as admin:
+        items = admin.get("/api/worklist", params={"modality": "CT"}).json()["items"]
+    study = items[0]["study_uid"]
+    page.goto(f"/#/study/{study}")
+    _log_in(page)
+    expect(page).to_have_url(re.compile(rf"#/study/{re.escape(study)}$"))
+    mine = "Tổn thương dạng nốt thùy trên phổi phải, kích thước 8 mm."
+    page.fill("#findings", mine)
+    page.fill("#impression", "Theo dõi.")
+
+    # The session ends behind the viewer's back (12-hour expiry, an administrator).
+    token = page.evaluate("sessionStorage.getItem('pacs.token')")
+    assert page.request.post("/api/auth/logout", headers={"Authorization": f"Bearer {token}"}).status == 204
+    page.click("#save-report")
+    _log_in(page)
+    expect(page).to_have_url(re.compile(rf"#/study/{re.escape(study)}$"))
+    expect(page.locator("#findings")).to_have_value(mine)
+    expect(page.locator("#report-dirty")).to_be_visible()
+    page.click("#save-report")
+    expect(page.locator("#report-status")).to_have_attribute("data-status", "draft")
+    expect(page.locator("#report-dirty")).to_be_hidden()
+
+    # A colleague saves while this one is still editing: the save is refused, their
+    # text is shown and this author's text is kept beside it.
+    colleague = viewer_server.make_token("bs.lan", "radiologist", "Trần^Thị Lan")
+    with viewer_server.http(token=colleague) as lan:
+        assert lan.put(f"/api/studies/{study}/report", json={
+            "findings": "Nốt mờ 8 mm, nghĩ tới u hạt.", "impression": "Sinh thiết.", "revision": 1}).status_code == 200
+    page.fill("#findings", mine + " Không hạch trung thất.")
+    page.click("#save-report")
+    expect(page.locator("#report-error")).to_be_visible()
+    expect(page.locator("#findings")).to_have_value("Nốt mờ 8 mm, nghĩ tới u hạt.")
+    expect(page.locator("#report-mine")).to_have_value(re.compile("Không hạch trung thất"))
+    # Signing now signs what is on the screen (the colleague's revision 2), nothing else.
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#sign-report")
+    expect(page.locator("#report-status")).to_have_attribute("data-status", "signed")
+    with viewer_server.http() as admin:
+        report = admin.get(f"/api/studies/{study}/report").json()
+    assert report["current"]["findings"] == "Nốt mờ 8 mm, nghĩ tới u hạt." and report["current"]["revision"] == 2
+    assert not page.errors, page.errors

@@ -31,6 +31,13 @@ class Login(BaseModel):
 class ReportText(BaseModel):
     findings: str = Field("", max_length=100_000)
     impression: str = Field("", max_length=100_000)
+    # The draft revision the author loaded (0: none yet); absent: no check.
+    revision: int | None = Field(None, ge=0)
+
+
+class SignRequest(BaseModel):
+    # The draft revision the signer read; absent: no check.
+    revision: int | None = Field(None, ge=0)
 
 
 class NewUser(BaseModel):
@@ -151,13 +158,15 @@ def get_report(request: Request, study: str, principal: Principal = guard(*READE
 @router.put("/api/studies/{study}/report", summary="Save the draft report")
 def save_report(request: Request, study: str, body: ReportText,
                 principal: Principal = guard("radiologist", action="report-update")) -> dict[str, Any]:
-    return _report_call(_reports(request).save_draft, study, body.findings, body.impression, principal.username)
+    return _report_call(_reports(request).save_draft, study, body.findings, body.impression, principal.username,
+                        revision=body.revision)
 
 
 @router.post("/api/studies/{study}/report/sign", summary="Sign the draft (immutable afterwards)")
-def sign_report(request: Request, study: str,
+def sign_report(request: Request, study: str, body: SignRequest | None = None,
                 principal: Principal = guard("radiologist", action="report-sign")) -> dict[str, Any]:
-    return _report_call(_reports(request).sign, study, principal.username, principal.display_name)
+    return _report_call(_reports(request).sign, study, principal.username, principal.display_name,
+                        revision=body.revision if body else None)
 
 
 @router.post("/api/studies/{study}/report/amend", summary="Start an amendment (a new version)")

@@ -358,6 +358,9 @@ class Report(Base):
     signed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     # The Encapsulated PDF instance stored into the study when signed.
     pdf_sop_uid: Mapped[str] = mapped_column(String, default="")
+    # Counts the saves of this version: a save or a signature names the
+    # revision its author saw, and is refused (409) when another came between.
+    revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
 class RoutingRule(Base):

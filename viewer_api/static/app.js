@@ -4,6 +4,7 @@
 import { api, setToken, setUnauthorizedHandler } from "./api.js";
 import { applyI18n, onLangChange, t, toggleLang } from "./i18n.js";
 import { mountLogin } from "./login.js";
+import { forgetUnsaved } from "./report.js";
 import { mountStudy } from "./study.js";
 import { formatPN, h, toast } from "./util.js";
 import { mountWorklist } from "./worklist.js";
@@ -51,6 +52,7 @@ function updateTopbar() {
 
 async function logout() {
   if (state.view && state.view.canLeave && !state.view.canLeave() && !confirm(t("confirm_leave"))) return;
+  forgetUnsaved(); // the next user of this browser tab sees none of it
   try {
     await api("POST", "/api/auth/logout", { auth401: false });
   } catch {
@@ -167,10 +169,13 @@ window.addEventListener("hashchange", () => {
     return;
   }
   const view = state.view;
-  if (view && view.canLeave && !view.canLeave() && !confirm(t("confirm_leave"))) {
-    state.ignoreHash = true;
-    location.hash = state.hash;
-    return;
+  if (view && view.canLeave && !view.canLeave()) {
+    if (!confirm(t("confirm_leave"))) {
+      state.ignoreHash = true;
+      location.hash = state.hash;
+      return;
+    }
+    if (view.discard) view.discard();
   }
   render();
 });

@@ -102,6 +102,10 @@ export const LABELS = {
     versions: "Lịch sử phiên bản",
     report_not_signed: "Báo cáo chưa được ký duyệt.",
     shortcuts_report: "Ctrl+S: lưu nháp",
+    report_conflict: "Báo cáo đã được người khác thay đổi sau khi bạn mở. Nội dung hiện tại ở trên; văn bản của bạn (chưa lưu) ở khung dưới: so sánh, sao chép phần cần giữ rồi lưu lại.",
+    report_restored: "Đã khôi phục văn bản báo cáo chưa lưu.",
+    your_text: "Văn bản của bạn (chưa lưu)",
+    network_error: "Không kết nối được máy chủ. Văn bản vẫn còn trên trang; thử lưu lại sau.",
   },
   en: {
     app_title: "Filmless PACS",
@@ -195,6 +199,10 @@ export const LABELS = {
     versions: "Version history",
     report_not_signed: "The report has not been signed yet.",
     shortcuts_report: "Ctrl+S: save draft",
+    report_conflict: "Someone else changed this report after you opened it. What it says now is above; your unsaved text is in the box below: compare, copy what to keep, and save again.",
+    report_restored: "Your unsaved report text was restored.",
+    your_text: "Your text (not saved)",
+    network_error: "The server cannot be reached. Your text is still on the page; try saving again later.",
   },
 };
 

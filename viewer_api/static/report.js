@@ -7,12 +7,26 @@ import { formatDateTime, formatPN, h, toast } from "./util.js";
 
 // Only radiologists write and sign reports (the server enforces it too).
 const EDITOR_ROLES = new Set(["radiologist"]);
+export const UNSAVED_PREFIX = "pacs.unsaved.";
+
+/** Forget every unsaved report text of this tab (explicit logout). */
+export function forgetUnsaved() {
+  try {
+    for (const key of Object.keys(sessionStorage)) if (key.startsWith(UNSAVED_PREFIX)) sessionStorage.removeItem(key);
+  } catch {
+    /* storage disabled */
+  }
+}
 
 export class ReportPanel {
   constructor(studyUid, user) {
     this.studyUid = studyUid;
     this.base = `/api/studies/${encodeURIComponent(studyUid)}/report`;
     this.canEdit = Boolean(user && EDITOR_ROLES.has(user.role));
+    this.username = user ? user.username : "";
+    // Unsaved text survives a lost session (re-login comes back here) in this
+    // tab's sessionStorage, for this user only; an explicit logout clears it.
+    this.keepKey = `${UNSAVED_PREFIX}${studyUid}`;
     this.report = null;
     this.dirty = false;
     this.busy = false;
@@ -25,6 +39,10 @@ export class ReportPanel {
     this.dirtyMark = h("span#report-dirty.dirty", { hidden: true, "data-i18n": "unsaved" });
     this.error = h("div#report-error.error", { role: "alert", hidden: true });
     this.notice = h("div#report-notice.muted", { hidden: true });
+    // A colleague's save came first: the author's own text, to copy from.
+    this.mine = h("textarea#report-mine", { readonly: true, spellcheck: "false" });
+    this.mineBox = h("div#report-mine-box.report-mine", { hidden: true },
+      h("label.report-label", { for: "report-mine", "data-i18n": "your_text" }), this.mine);
     this.findings = h("textarea#findings", { spellcheck: "false", readonly: true });
     this.impression = h("textarea#impression", { spellcheck: "false", readonly: true });
     this.meta = h("div#report-meta.report-meta");
@@ -40,6 +58,7 @@ export class ReportPanel {
       h("div.report-head", h("h2", { "data-i18n": "report" }), this.status, this.version, this.dirtyMark),
       this.error,
       this.notice,
+      this.mineBox,
       h("label.report-label", { for: "findings", "data-i18n": "findings" }),
       this.findings,
       h("label.report-label", { for: "impression", "data-i18n": "impression" }),
@@ -50,7 +69,10 @@ export class ReportPanel {
     );
 
     for (const area of [this.findings, this.impression]) {
-      area.addEventListener("input", () => this.setDirty(true));
+      area.addEventListener("input", () => {
+        this.setDirty(true);
+        this.keepUnsaved();
+      });
     }
     this.onKey = (event) => {
       if ((event.ctrlKey || event.metaKey) && !event.altKey && event.key.toLowerCase() === "s") {
@@ -76,6 +98,58 @@ export class ReportPanel {
     this.dirtyMark.hidden = !dirty;
   }
 
+  revision() {
+    return this.report && this.report.current && this.report.current.revision != null ? this.report.current.revision : 0;
+  }
+
+  keepUnsaved() {
+    try {
+      sessionStorage.setItem(this.keepKey, JSON.stringify({
+        user: this.username, revision: this.revision(), findings: this.findings.value, impression: this.impression.value,
+      }));
+    } catch {
+      /* storage full or disabled: the beforeunload warning still protects */
+    }
+  }
+
+  dropUnsaved() {
+    try {
+      sessionStorage.removeItem(this.keepKey);
+    } catch {
+      /* storage disabled */
+    }
+  }
+
+  /** Text this user typed here before the session was lost: back into the
+   * editor when nobody saved since, else beside the colleague's text. */
+  restoreUnsaved() {
+    let kept = null;
+    try {
+      kept = JSON.parse(sessionStorage.getItem(this.keepKey) || "null");
+    } catch {
+      kept = null;
+    }
+    if (!kept || kept.user !== this.username || !this.editable()) return;
+    if (kept.findings === this.findings.value && kept.impression === this.impression.value) {
+      this.dropUnsaved();
+      return;
+    }
+    if (kept.revision === this.revision()) {
+      this.findings.value = kept.findings;
+      this.impression.value = kept.impression;
+      this.setDirty(true);
+      toast(t("report_restored"));
+    } else {
+      this.showMine(kept.findings, kept.impression);
+    }
+  }
+
+  showMine(findings, impression) {
+    this.mine.value = [findings, impression].filter(Boolean).join("\n\n");
+    this.mineBox.hidden = !this.mine.value;
+    this.showError(t("report_conflict"));
+  }
+
   showError(message) {
     this.error.textContent = message || "";
     this.error.hidden = !message;
@@ -85,6 +159,7 @@ export class ReportPanel {
     this.showError("");
     try {
       this.render(await api("GET", this.base));
+      this.restoreUnsaved();
     } catch (exc) {
       if (exc.status === 404 && exc.body && typeof exc.body === "object" && !exc.body.error) {
         // no report API yet / no report: start an empty draft
@@ -170,7 +245,20 @@ export class ReportPanel {
       await action();
       return true;
     } catch (exc) {
-      if (exc.status !== 401) this.showError(exc.message);
+      if (exc.status === 409 && this.canEdit) {
+        // Someone else saved, signed or amended first: show what is there now,
+        // and the author's own text beside it (nothing is lost, nothing signed unseen).
+        const findings = this.findings.value;
+        const impression = this.impression.value;
+        try {
+          this.render(await api("GET", this.base));
+        } catch {
+          /* the message below still says what happened */
+        }
+        this.showMine(findings, impression);
+      } else if (exc.status !== 401) {
+        this.showError(exc.status === 0 ? t("network_error") : exc.message);
+      }
       return false;
     } finally {
       this.busy = false;
@@ -181,8 +269,10 @@ export class ReportPanel {
 
   async put() {
     const response = await api("PUT", this.base, {
-      json: { findings: this.findings.value, impression: this.impression.value },
+      json: { findings: this.findings.value, impression: this.impression.value, revision: this.revision() },
     });
+    this.dropUnsaved();
+    this.mineBox.hidden = true;
     await this.accept(response);
   }
 
@@ -196,7 +286,7 @@ export class ReportPanel {
     if (!confirm(t("confirm_sign"))) return;
     const ok = await this.run(async () => {
       if (this.dirty || !this.report.current) await this.put();
-      await this.accept(await api("POST", `${this.base}/sign`));
+      await this.accept(await api("POST", `${this.base}/sign`, { json: { revision: this.revision() } }));
     });
     if (ok) toast(t("signed_ok"));
   }

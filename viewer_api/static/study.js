@@ -151,6 +151,8 @@ export function mountStudy(root, ctx, studyUid) {
 
   return {
     canLeave: () => !report.dirty,
+    // The user chose to leave without saving: the kept copy goes too.
+    discard: () => report.dropUnsaved(),
     cleanup() {
       destroyed = true;
       document.removeEventListener("keydown", onKey);
