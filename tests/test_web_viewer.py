@@ -356,3 +356,29 @@ def test_report_text_survives_a_lost_session_and_a_colleagues_save(page: Any, vi
         report = admin.get(f"/api/studies/{study}/report").json()
     assert report["current"]["findings"] == "Nốt mờ 8 mm, nghĩ tới u hạt." and report["current"]["revision"] == 2
     assert not page.errors, page.errors
+
+
+def test_ultrasound_clip_plays_at_its_frame_rate(page: Any, viewer_server: PacsServer) -> None:
+    """A multi-frame clip is counted in frames and plays (button or P) at
+    its own rate (25 fps, Recommended Display Frame Rate); P pauses it."""
+    from playwright.sync_api import expect
+
+    with viewer_server.http() as admin:
+        study = admin.get("/api/worklist", params={"modality": "US"}).json()["items"][0]["study_uid"]
+    page.goto(f"/#/study/{study}")
+    _log_in(page)
+    label = page.locator("#slice-label")
+    expect(label).to_have_text(re.compile(r"^Khung hình 1 / \d+$"))
+    total = int(label.get_attribute("data-total"))
+    assert total > 1
+    page.click("#cine-play")
+    expect(page.locator("#cine-play")).to_have_attribute("aria-pressed", "true")
+    expect(label).not_to_have_attribute("data-index", "1")
+    page.wait_for_function(f"Number(document.querySelector('#slice-label').dataset.index) >= {min(total, 5)}")
+    page.locator("#viewport").focus()
+    page.keyboard.press("p")
+    expect(page.locator("#cine-play")).to_have_attribute("aria-pressed", "false")
+    paused = label.get_attribute("data-index")
+    page.wait_for_timeout(300)
+    assert label.get_attribute("data-index") == paused
+    assert not page.errors, page.errors

@@ -27,6 +27,8 @@ const MIN_ZOOM = 0.25;
 const MAX_ZOOM = 16;
 const VIEWPORT_STEP = 64; // requested sizes are rounded to this (stable cache keys)
 const MAX_VIEWPORT = 2048;
+const DEFAULT_FPS = 15; // cine speed when the object gives none
+const MAX_FPS = 60;
 
 /** A number for a URL: integers stay integers, others keep 2 decimals. */
 function num(value) {
@@ -42,6 +44,15 @@ function dicomValue(dataset, tag) {
 }
 
 /** The object's own window (or a range from the stored bits), from DICOM JSON. */
+/** Frames per second a clip was acquired at: Recommended Display Frame Rate,
+ * Cine Rate or Frame Time (ms); null when the object gives none. */
+export function frameRateFromMetadata(dataset) {
+  const rate = dicomValue(dataset, "00082144") || dicomValue(dataset, "00180040");
+  if (rate > 0) return Math.min(MAX_FPS, rate);
+  const frameTime = dicomValue(dataset, "00181063");
+  return frameTime > 0 ? Math.min(MAX_FPS, 1000 / frameTime) : null;
+}
+
 export function windowFromMetadata(dataset) {
   const c = dicomValue(dataset, "00281050");
   const w = dicomValue(dataset, "00281051");
@@ -80,6 +91,9 @@ export class Viewer {
     this.windowGate = false;
     this.windowWanted = false;
     this.generation = 0; // bumps with every series change (drops stale work)
+    this.multiframe = false; // the series' slices are frames of a clip (ultrasound, XA)
+    this.fps = DEFAULT_FPS;
+    this.playing = false;
     this.build();
   }
 
@@ -110,6 +124,9 @@ export class Viewer {
     );
     this.slider = h("input#slice-slider.slider", { type: "range", min: "1", max: "1", value: "1", step: "1" });
     this.sliceLabel = h("span#slice-label.slice-label");
+    this.playButton = h("button#cine-play.btn.small.icon", {
+      type: "button", hidden: true, "data-i18n-title": "cine_help", onclick: () => this.togglePlay(),
+    }, "▶");
     this.element = h(
       "div.viewer",
       h(
@@ -123,10 +140,13 @@ export class Viewer {
         h("button#zoom-reset.btn.small", { type: "button", "data-i18n": "zoom_fit", "data-i18n-title": "zoom_reset", onclick: () => this.resetView() }),
       ),
       this.viewport,
-      h("div.viewer-footer", this.slider, this.sliceLabel),
+      h("div.viewer-footer", this.playButton, this.slider, this.sliceLabel),
     );
 
-    this.slider.addEventListener("input", () => this.go(Number(this.slider.value) - 1));
+    this.slider.addEventListener("input", () => {
+      this.stop();
+      this.go(Number(this.slider.value) - 1);
+    });
     this.viewport.addEventListener("wheel", (e) => this.onWheel(e), { passive: false });
     this.viewport.addEventListener("pointerdown", (e) => this.onPointerDown(e));
     this.viewport.addEventListener("pointermove", (e) => this.onPointerMove(e));
@@ -143,6 +163,7 @@ export class Viewer {
   }
 
   destroy() {
+    this.stop();
     document.removeEventListener("keydown", this.onKey);
     this.resizeObserver.disconnect();
     this.offLang();
@@ -153,6 +174,7 @@ export class Viewer {
 
   // -- series and slices -------------------------------------------------------------
   setSeries(series) {
+    this.stop();
     this.generation += 1;
     this.series = series;
     this.slices = [];
@@ -162,9 +184,12 @@ export class Viewer {
       else this.slices.push({ sop: inst.sop_uid, frame: null });
     }
     this.defaultWindow = null;
+    this.multiframe = this.slices.some((slice) => slice.frame);
+    this.fps = DEFAULT_FPS;
     this.resetView();
     this.viewportParam = this.computeViewport();
     const n = this.slices.length;
+    this.playButton.hidden = n <= 1;
     this.slider.max = String(Math.max(1, n));
     this.slider.disabled = n <= 1;
     const parts = [series.modality, series.series_number != null ? `#${series.series_number}` : "", series.description];
@@ -189,7 +214,9 @@ export class Viewer {
       const url = `/dicom-web/studies/${encodeURIComponent(this.studyUid)}/series/${encodeURIComponent(series.series_uid)}/instances/${encodeURIComponent(inst.sop_uid)}/metadata`;
       const data = await api("GET", url, { accept: "application/dicom+json" });
       if (generation !== this.generation) return;
-      this.defaultWindow = windowFromMetadata(Array.isArray(data) ? data[0] : data);
+      const dataset = Array.isArray(data) ? data[0] : data;
+      this.defaultWindow = windowFromMetadata(dataset);
+      this.fps = frameRateFromMetadata(dataset) || DEFAULT_FPS;
       this.updateLabels();
     } catch {
       /* dragging then starts from a generic window */
@@ -362,6 +389,41 @@ export class Viewer {
     return this.series && this.series.modality === "CT" ? { c: 40, w: 400 } : { c: 128, w: 256 };
   }
 
+  // -- cine ---------------------------------------------------------------------------
+  togglePlay() {
+    if (this.playing) this.stop();
+    else this.play();
+  }
+
+  /** Loop through the slices / frames at the clip's own rate; each next
+   * frame is asked for only once the current one is on screen. */
+  play() {
+    if (this.playing || this.slices.length <= 1) return;
+    this.playing = true;
+    const generation = this.generation;
+    this.playButton.textContent = "❚❚";
+    this.playButton.classList.add("active");
+    this.playButton.setAttribute("aria-pressed", "true");
+    const tick = async () => {
+      if (!this.playing || generation !== this.generation) return;
+      const started = performance.now();
+      await this.go((this.index + 1) % this.slices.length);
+      if (!this.playing || generation !== this.generation) return;
+      const wait = Math.max(0, 1000 / this.fps - (performance.now() - started));
+      this.playTimer = setTimeout(tick, wait);
+    };
+    this.playTimer = setTimeout(tick, 0);
+  }
+
+  stop() {
+    this.playing = false;
+    clearTimeout(this.playTimer);
+    if (!this.playButton) return;
+    this.playButton.textContent = "▶";
+    this.playButton.classList.remove("active");
+    this.playButton.setAttribute("aria-pressed", "false");
+  }
+
   // -- zoom / pan ---------------------------------------------------------------------
   resetView() {
     this.zoom = 1;
@@ -436,6 +498,7 @@ export class Viewer {
       this.zoomBy(Math.exp(-delta / 500), event.clientX, event.clientY);
       return;
     }
+    this.stop();
     if (Math.sign(delta) !== Math.sign(this.wheelAccumulator)) this.wheelAccumulator = 0;
     this.wheelAccumulator += delta;
     let steps = Math.trunc(this.wheelAccumulator / WHEEL_STEP);
@@ -497,7 +560,12 @@ export class Viewer {
     if (target instanceof HTMLElement && target.tagName === "BUTTON" && (event.key === "Enter" || event.key === " ")) return;
     const n = this.slices.length;
     let handled = true;
+    if (this.playing && event.key !== "p" && event.key !== "P") this.stop(); // the user takes over
     switch (event.key) {
+      case "p":
+      case "P":
+        this.togglePlay();
+        break;
       case "ArrowDown":
       case "PageDown":
         this.step(1);
@@ -536,7 +604,8 @@ export class Viewer {
   // -- labels -------------------------------------------------------------------------
   updateLabels() {
     const n = this.slices.length;
-    this.sliceLabel.textContent = n ? `${t("slice")} ${this.index + 1} / ${n}` : `${t("slice")} – / –`;
+    const unit = t(this.multiframe ? "frame" : "slice");
+    this.sliceLabel.textContent = n ? `${unit} ${this.index + 1} / ${n}` : `${unit} – / –`;
     this.sliceLabel.dataset.index = String(this.index + 1);
     this.sliceLabel.dataset.total = String(n);
     if (n && Number(this.slider.value) !== this.index + 1) this.slider.value = String(this.index + 1);
