@@ -358,7 +358,7 @@ def test_report_text_survives_a_lost_session_and_a_colleagues_save(page: Any, vi
     assert not page.errors, page.errors
 
 
-def test_ultrasound_clip_plays_at_its_frame_rate(page: Any, viewer_server: PacsServer) -> None:
+def test_clip_plays_and_a_zoomed_radiograph_is_sharp(page: Any, viewer_server: PacsServer) -> None:
     """A multi-frame clip is counted in frames and plays (button or P) at
     its own rate (25 fps, Recommended Display Frame Rate); P pauses it."""
     from playwright.sync_api import expect
@@ -381,4 +381,25 @@ def test_ultrasound_clip_plays_at_its_frame_rate(page: Any, viewer_server: PacsS
     paused = label.get_attribute("data-index")
     page.wait_for_timeout(300)
     assert label.get_attribute("data-index") == paused
+
+    # A 2k x 2k radiograph zoomed in is fetched with its own pixels, not a
+    # screen-sized rendering enlarged; back at 100 % the lighter one returns.
+    with viewer_server.http() as admin:
+        dx = admin.get("/api/worklist", params={"modality": "DX"}).json()["items"][0]["study_uid"]
+    page.goto(f"/#/study/{dx}")
+    image = page.locator("#viewer-image")
+    expect(image).to_have_attribute("src", re.compile(r"viewport="))
+    fit = image.get_attribute("src")
+
+    def viewport_width(src: str) -> int:
+        return int(re.search(r"viewport=(\d+),", src).group(1))
+
+    page.locator("#viewport").focus()
+    for _ in range(4):
+        page.keyboard.press("+")
+    expect(image).not_to_have_attribute("src", fit)
+    assert viewport_width(image.get_attribute("src")) > viewport_width(fit)
+    page.wait_for_function("document.querySelector('#viewer-image').naturalWidth > 1000")
+    page.keyboard.press("0")
+    expect(image).to_have_attribute("src", fit)
     assert not page.errors, page.errors

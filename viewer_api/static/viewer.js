@@ -164,6 +164,7 @@ export class Viewer {
 
   destroy() {
     this.stop();
+    clearTimeout(this.zoomTimer);
     document.removeEventListener("keydown", this.onKey);
     this.resizeObserver.disconnect();
     this.offLang();
@@ -185,6 +186,12 @@ export class Viewer {
     }
     this.defaultWindow = null;
     this.multiframe = this.slices.some((slice) => slice.frame);
+    // The largest image of the series: zooming asks for more pixels, up to these.
+    this.native = { w: 0, h: 0 };
+    for (const inst of series.instances || []) {
+      this.native.w = Math.max(this.native.w, Number(inst.columns) || 0);
+      this.native.h = Math.max(this.native.h, Number(inst.rows) || 0);
+    }
     this.fps = DEFAULT_FPS;
     this.resetView();
     this.viewportParam = this.computeViewport();
@@ -426,10 +433,12 @@ export class Viewer {
 
   // -- zoom / pan ---------------------------------------------------------------------
   resetView() {
+    const zoomed = this.zoom > 1;
     this.zoom = 1;
     this.tx = 0;
     this.ty = 0;
     this.applyTransform();
+    if (zoomed) this.refreshResolution();
   }
 
   zoomBy(factor, clientX, clientY) {
@@ -445,6 +454,7 @@ export class Viewer {
     this.ty = qy - cy - (zoom * (qy - cy - this.ty)) / this.zoom;
     this.zoom = zoom;
     this.applyTransform();
+    this.refreshResolution();
   }
 
   applyTransform() {
@@ -469,12 +479,31 @@ export class Viewer {
     this.applyTransform();
   }
 
+  /** The rendered size to ask for: the viewport's pixels, times the zoom
+   * (a zoomed 2k x 2k radiograph shows its own pixels, not an enlarged
+   * screen-sized copy), never beyond the image's own size. */
   computeViewport() {
     const dpr = Math.min(2, window.devicePixelRatio || 1);
-    const round = (v) => Math.max(VIEWPORT_STEP, Math.min(MAX_VIEWPORT, Math.ceil((v * dpr) / VIEWPORT_STEP) * VIEWPORT_STEP));
-    const w = this.viewport.clientWidth || 512;
-    const hgt = this.viewport.clientHeight || 512;
-    return `${round(w)},${round(hgt)}`;
+    const zoom = Math.max(1, this.zoom);
+    const round = (v, native) => {
+      const fit = v * dpr;
+      const wanted = Math.min(fit * zoom, Math.max(fit, native || 0));
+      return Math.max(VIEWPORT_STEP, Math.min(MAX_VIEWPORT, Math.ceil(wanted / VIEWPORT_STEP) * VIEWPORT_STEP));
+    };
+    const native = this.native || { w: 0, h: 0 };
+    return `${round(this.viewport.clientWidth || 512, native.w)},${round(this.viewport.clientHeight || 512, native.h)}`;
+  }
+
+  /** After the zoom settles, fetch the sharper (or, back at 100 %, the lighter) rendering. */
+  refreshResolution() {
+    clearTimeout(this.zoomTimer);
+    this.zoomTimer = setTimeout(() => {
+      const param = this.computeViewport();
+      if (param !== this.viewportParam && this.series && this.slices.length) {
+        this.viewportParam = param;
+        this.show();
+      }
+    }, 250);
   }
 
   onResize() {
