@@ -129,6 +129,23 @@ def test_radiologist_reads_and_signs_a_ct(page: Any, viewer_server: PacsServer) 
     assert_no_horizontal_scroll(page)
     steps.shot("worklist")
 
+    # An accession number typed from its start finds its study; a reversed date range says so.
+    with viewer_server.http() as admin:
+        dx = admin.get("/api/worklist", params={"modality": "DX"}).json()["items"][0]
+    page.fill("#search-name", "")
+    page.fill("#search-accession", dx["accession"][:-1])
+    page.click("#search-button")
+    expect(rows).to_have_count(1)
+    expect(rows.first).to_have_attribute("data-study-uid", dx["study_uid"])
+    page.fill("#search-date-from", "2024-08-31")
+    page.fill("#search-date-to", "2024-08-01")
+    page.click("#search-button")
+    expect(page.locator("#worklist-message")).to_have_class(re.compile("error"))
+    page.click("#clear-button")
+    page.fill("#search-name", "nguyen")
+    page.click("#search-button")
+    expect(rows.filter(has_text="Nguyễn Văn An").first).to_be_visible()
+
     # The language toggle switches the labels, and the choice is remembered.
     search_label = page.locator('label[for="search-name"]')
     expect(search_label).to_have_text("Họ tên bệnh nhân")

@@ -44,6 +44,7 @@ export function mountWorklist(root, ctx) {
     type: "search", value: filters.q || "", "data-i18n-placeholder": "search_name_ph", autocomplete: "off", spellcheck: "false",
   });
   const pid = h("input#search-patient-id", { type: "search", value: filters.patient_id || "", autocomplete: "off" });
+  const accession = h("input#search-accession", { type: "search", value: filters.accession || "", autocomplete: "off" });
   const from = h("input#search-date-from", { type: "date", value: filters.date_from || "" });
   const to = h("input#search-date-to", { type: "date", value: filters.date_to || "" });
   const modality = h(
@@ -63,6 +64,7 @@ export function mountWorklist(root, ctx) {
     "form#search-form.search",
     field("search-name", "search_name", name),
     field("search-patient-id", "search_pid", pid),
+    field("search-accession", "col_accession", accession),
     field("search-date-from", "date_from", from),
     field("search-date-to", "date_to", to),
     field("search-modality", "modality", modality),
@@ -118,6 +120,7 @@ export function mountWorklist(root, ctx) {
   function readForm() {
     filters.q = name.value.trim();
     filters.patient_id = pid.value.trim();
+    filters.accession = accession.value.trim();
     filters.date_from = from.value;
     filters.date_to = to.value;
     filters.modality = modality.value;
@@ -125,7 +128,7 @@ export function mountWorklist(root, ctx) {
   }
 
   function clear() {
-    for (const input of [name, pid, from, to]) input.value = "";
+    for (const input of [name, pid, accession, from, to]) input.value = "";
     modality.value = "";
     status.value = "";
     filters.offset = 0;
@@ -206,8 +209,18 @@ export function mountWorklist(root, ctx) {
     next.disabled = filters.offset + items.length >= total;
   }
 
+  function prefix(value) {
+    return value && !/[*?]/.test(value) ? `${value}*` : value;
+  }
+
   async function load() {
     saveFilters(filters);
+    if (filters.date_from && filters.date_to && filters.date_from > filters.date_to) {
+      tbody.replaceChildren();
+      message.textContent = t("dates_reversed");
+      message.className = "message error";
+      return;
+    }
     if (controller) controller.abort();
     controller = new AbortController();
     const signal = controller.signal;
@@ -218,7 +231,9 @@ export function mountWorklist(root, ctx) {
       const data = await api("GET", "/api/worklist", {
         query: {
           q: filters.q,
-          patient_id: filters.patient_id,
+          // IDs are typed from their start (a citizen ID's first digits): prefix matching.
+          patient_id: prefix(filters.patient_id),
+          accession: prefix(filters.accession),
           date_from: toDicomDate(filters.date_from),
           date_to: toDicomDate(filters.date_to),
           modality: filters.modality,
