@@ -260,6 +260,14 @@ def test_radiologist_reads_and_signs_a_ct(page: Any, viewer_server: PacsServer) 
     pdf = page.request.get(pdf_link.get_attribute("href"))  # the session cookie goes along
     assert pdf.status == 200, pdf.text()
     assert pdf.body().startswith(b"%PDF")
+    # The signed report is also a series of the study (Encapsulated PDF): it opens as a document.
+    page.reload()
+    page.click('[data-testid="series-thumb"][data-modality="DOC"]')
+    link = page.locator(".document-link").first
+    expect(link).to_be_visible()
+    document = page.request.get(link.get_attribute("href"))
+    assert document.status == 200 and document.body().startswith(b"%PDF"), document.status
+    page.click('[data-testid="series-thumb"]:not([data-modality="DOC"])')
     assert_no_horizontal_scroll(page)
     steps.shot("report-signed")
 

@@ -51,7 +51,8 @@ export function mountStudy(root, ctx, studyUid) {
 
   function thumbnail(series) {
     const s = encodeURIComponent;
-    const img = h("img", {
+    // Documents and structured objects have no picture to ask for (a 4xx per series).
+    const img = NON_IMAGE.has(series.modality) ? h("div.thumb-missing", series.modality || "?") : h("img", {
       src: `/dicom-web/studies/${s(studyUid)}/series/${s(series.series_uid)}/thumbnail`,
       alt: "",
       loading: "lazy",
@@ -59,7 +60,7 @@ export function mountStudy(root, ctx, studyUid) {
       width: "96",
       height: "96",
     });
-    img.addEventListener("error", () => img.replaceWith(h("div.thumb-missing", series.modality || "?")));
+    if (img.tagName === "IMG") img.addEventListener("error", () => img.replaceWith(h("div.thumb-missing", series.modality || "?")));
     const count = series.num_instances ?? (series.instances || []).length;
     const button = h(
       "button.series-thumb",

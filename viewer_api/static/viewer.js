@@ -16,6 +16,7 @@ export const PRESETS = [
 ];
 
 // Series without pixel data to show (structured reports, key objects, states, PDFs).
+const ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1";
 export const NON_IMAGE = new Set(["SR", "KO", "PR", "DOC", "RWV", "REG", "SEG", "RTSTRUCT", "RTPLAN"]);
 
 const CACHE_LIMIT = 80; // decoded images kept in memory
@@ -206,7 +207,9 @@ export class Viewer {
     if (!n) {
       this.currentUrl = "";
       this.image.hidden = true;
-      this.showError(t("no_image"));
+      const documents = (series.instances || []).filter((inst) => inst.sop_class_uid === ENCAPSULATED_PDF);
+      if (documents.length) this.showDocuments(series, documents);
+      else this.showError(t("no_image"));
       this.updateLabels();
       return;
     }
@@ -305,6 +308,20 @@ export class Viewer {
 
   showError(message) {
     this.error.textContent = message;
+    this.error.hidden = false;
+  }
+
+  /** A series of PDFs (the signed reports): links that open each one. */
+  showDocuments(series, documents) {
+    const s = encodeURIComponent;
+    this.error.replaceChildren(
+      h("p", t("documents")),
+      ...documents.map((inst, i) => h("a.btn.document-link", {
+        href: `/wado?requestType=WADO&studyUID=${s(this.studyUid)}&seriesUID=${s(series.series_uid)}`
+          + `&objectUID=${s(inst.sop_uid)}&contentType=application/pdf`,
+        target: "_blank", rel: "noopener",
+      }, `${t("open_pdf")}${documents.length > 1 ? ` ${i + 1}` : ""}`)),
+    );
     this.error.hidden = false;
   }
 
