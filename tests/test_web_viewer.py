@@ -427,4 +427,17 @@ def test_clip_plays_and_a_zoomed_radiograph_is_sharp(page: Any, viewer_server: P
     page.wait_for_function("document.querySelector('#viewer-image').naturalWidth > 1000")
     page.keyboard.press("0")
     expect(image).to_have_attribute("src", fit)
+
+    # The patient's other study is one click away, for comparison.
+    with viewer_server.http() as admin:
+        items = admin.get("/api/worklist", params={"limit": 100}).json()["items"]
+    by_patient: dict[str, list[str]] = {}
+    for item in items:
+        by_patient.setdefault(item["patient_id"], []).append(item["study_uid"])
+    first, other = next(uids for uids in by_patient.values() if len(uids) == 2)
+    page.goto(f"/#/study/{first}")
+    prior = page.locator('[data-testid="prior-study"]')
+    expect(prior).to_have_count(1)
+    prior.click()
+    expect(page).to_have_url(re.compile(rf"#/study/{re.escape(other)}$"))
     assert not page.errors, page.errors

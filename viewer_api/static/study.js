@@ -80,8 +80,29 @@ export function mountStudy(root, ctx, studyUid) {
   }
 
   function renderSeries() {
-    seriesList.replaceChildren(...(study.series || []).map(thumbnail));
+    seriesList.replaceChildren(...(study.series || []).map(thumbnail), priors);
     markSelected();
+  }
+
+  // The patient's other studies (priors and later ones) for comparison, as far
+  // as this user may see them (the list API applies the same access rule).
+  const priors = h("div#prior-studies.priors", { hidden: true });
+  async function loadPriors() {
+    if (!study || !study.patient_id) return;
+    try {
+      const data = await api("GET", "/api/worklist", { query: { patient_id: study.patient_id, limit: 20 } });
+      const others = ((data && data.items) || []).filter((i) => i.study_uid !== studyUid && i.patient_id === study.patient_id);
+      if (destroyed || !others.length) return;
+      priors.replaceChildren(
+        h("div.priors-title", { "data-i18n": "other_studies" }, t("other_studies")),
+        ...others.map((i) => h("a.prior-study", {
+          href: `#/study/${encodeURIComponent(i.study_uid)}`, "data-testid": "prior-study", title: i.description || "",
+        }, h("b", formatDate(i.study_date)), ` ${listText(i.modalities)}`, h("span.thumb-desc", i.description || ""))),
+      );
+      priors.hidden = false;
+    } catch {
+      /* comparison is a convenience: the study itself is shown */
+    }
   }
 
   function markSelected() {
@@ -145,6 +166,7 @@ export function mountStudy(root, ctx, studyUid) {
     const first = all.find((s) => !NON_IMAGE.has(s.modality) && (s.instances || []).length) || all[0];
     if (first) select(first);
     viewer.viewport.focus({ preventScroll: true });
+    loadPriors();
   }
 
   load();
