@@ -102,7 +102,7 @@ def test_radiologist_reads_and_signs_a_ct(page: Any, viewer_server: PacsServer) 
 
     steps = Steps(page)
 
-    # 1. Login; a wrong password shows the server's message.
+    # 1. Login; a wrong password is said so in the UI language.
     page.goto("/")
     expect(page).to_have_url(re.compile(r"#/login$"))
     expect(page.locator("#username")).to_be_focused()
@@ -111,7 +111,7 @@ def test_radiologist_reads_and_signs_a_ct(page: Any, viewer_server: PacsServer) 
     page.fill("#password", "wrong-password")
     page.click("#login-button")
     expect(page.locator("#login-error")).to_be_visible()
-    assert page.locator("#login-error").inner_text().strip()
+    expect(page.locator("#login-error")).to_have_text("Đăng nhập thất bại: sai tên đăng nhập hoặc mật khẩu")
     steps.shot("login-error")
     page.fill("#password", PASSWORD)
     page.press("#password", "Enter")

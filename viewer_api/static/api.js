@@ -2,6 +2,8 @@
 // pacs_session cookie goes along too), {"error": "..."} bodies as ApiError,
 // and any 401 sends the user back to the login screen.
 
+import { t } from "./i18n.js";
+
 const TOKEN_KEY = "pacs.token";
 
 export class ApiError extends Error {
@@ -36,7 +38,7 @@ export function setToken(token) {
   }
 }
 
-function errorMessage(status, body, fallback) {
+function serverMessage(status, body, fallback) {
   if (body && typeof body === "object") {
     if (typeof body.error === "string") return body.error;
     if (typeof body.detail === "string") return body.detail;
@@ -44,6 +46,15 @@ function errorMessage(status, body, fallback) {
   }
   if (typeof body === "string" && body.trim()) return body.trim().slice(0, 300);
   return fallback || `HTTP ${status}`;
+}
+
+// What the user reads first is in the UI's language; the server's own words
+// (English, for the IT staff) follow in parentheses.
+const LOCALIZED = new Set([403, 404, 413, 422, 500, 502, 503, 504]);
+
+function errorMessage(status, body, fallback) {
+  const detail = serverMessage(status, body, fallback);
+  return LOCALIZED.has(status) ? `${t(`http_${status}`)} (${detail})` : detail;
 }
 
 /**
@@ -76,7 +87,7 @@ export async function api(method, path, options = {}) {
     response = await fetch(url, { method, headers, body, credentials: "same-origin", signal: options.signal });
   } catch (exc) {
     if (exc && exc.name === "AbortError") throw exc;
-    throw new ApiError(0, `${method} ${path}: ${exc && exc.message ? exc.message : "network error"}`);
+    throw new ApiError(0, `${t("network_error")} (${method} ${path}: ${exc && exc.message ? exc.message : "network error"})`);
   }
   const text = await response.text();
   let data = null;

@@ -44,7 +44,9 @@ export function mountLogin(root, ctx) {
       ctx.setUser(res && res.user);
       ctx.afterLogin();
     } catch (exc) {
-      showError(exc.message ? `${t("login_failed")}: ${exc.message}` : t("login_failed"));
+      // 401: the server says only that the pair is wrong (no user enumeration), in English.
+      showError(exc.status === 401 ? `${t("login_failed")}: ${t("wrong_credentials")}`
+        : exc.message ? `${t("login_failed")}: ${exc.message}` : t("login_failed"));
       password.select();
       password.focus();
     } finally {
