@@ -144,6 +144,8 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
         except Exception as exc:  # never let one object take the listener down
             log.exception("C-STORE failed unexpectedly")
             return Status.CANNOT_UNDERSTAND, f"internal error: {exc}"
+        if result.conflict:
+            return Status.DUPLICATE_SOP_INSTANCE, result.conflict
         # One audit event per study and association, not per instance.
         study = result.header.study_uid
         if getattr(assoc, "_audited_study", None) != study:

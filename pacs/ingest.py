@@ -71,6 +71,18 @@ class IngestResult:
         return self.outcome is Outcome.DUPLICATE and self.storage_key != object_key(
             h.study_uid, h.series_uid, h.sop_uid)
 
+    @property
+    def conflict(self) -> str | None:
+        """Why this object was NOT stored, when it is :attr:`kept_elsewhere`:
+        every entry point answers that as a failure, 0111H Duplicate SOP
+        Instance (a success would let the modality delete an object that
+        this archive does not hold)."""
+        if not self.kept_elsewhere:
+            return None
+        kept_study = self.storage_key.split("/", 1)[0]
+        return (f"SOP Instance UID already stored in study {kept_study}, in another study or series than "
+                "this object's; the first copy is kept and this one was not stored")
+
 
 def object_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
     """Storage key of an instance: one folder (prefix) per study and series."""

@@ -184,6 +184,24 @@ def test_resend_keeps_first_and_creates_no_duplicates(pacs_server: PacsServer, t
         core.close()
 
 
+def test_another_object_under_a_kept_uid_is_refused_0111(pacs_server: PacsServer, tmp_path: Path) -> None:
+    """Not a resend but a different object (another patient and study) under
+    a SOP Instance UID already kept: 0111H, never 0000H (the modality would
+    delete what this archive does not hold), and no empty study is left."""
+    first = make_ct(tmp_path / "first.dcm", PatientID="DUP-A")
+    assert scu_store_file(pacs_server, first) == 0x0000
+    other = dcmread(first)
+    other.PatientID = "DUP-B"
+    other.StudyInstanceUID = generate_uid()
+    other.SeriesInstanceUID = generate_uid()
+    other.save_as(tmp_path / "other.dcm")
+    assert scu_store_file(pacs_server, tmp_path / "other.dcm") == 0x0111
+    stats = pacs_server.stats()
+    assert (stats["patients"], stats["studies"], stats["series"], stats["instances"]) == (1, 1, 1, 1), stats
+    # A true resend of the first is still a success.
+    assert scu_store_file(pacs_server, first) == 0x0000
+
+
 def test_overwrite_policy_replaces(tmp_path: Path) -> None:
     server = PacsServer(
         tmp_path / "data", Backend("sqlite-fs", None, None, {}), extra_env={"PACS_DUPLICATE_POLICY": "overwrite"}

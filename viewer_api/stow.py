@@ -55,14 +55,11 @@ def _store_part(request: Request, path: str, study: str | None) -> tuple[bool, d
         sop_class, sop_uid = _uids_of(path)
         return False, {"class": sop_class, "uid": sop_uid, "reason": exc.status, "comment": exc.reason}
     h = result.header
-    if result.kept_elsewhere:
+    if result.conflict:
         # Not a resend: a different object under a UID already used. Saying
         # "stored" with a RetrieveURL of this study would point at nothing.
-        kept_study = result.storage_key.split("/", 1)[0]
         return False, {"class": h.sop_class_uid, "uid": h.sop_uid, "reason": Status.DUPLICATE_SOP_INSTANCE,
-                       "comment": f"SOP Instance UID already stored in study {kept_study}, in another "
-                                  "study or series than this object's; the first copy is kept and this one "
-                                  "was not stored"}
+                       "comment": result.conflict}
     base = base_url(request) + "/dicom-web"
     return True, {
         "class": h.sop_class_uid,

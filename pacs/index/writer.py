@@ -339,6 +339,14 @@ class IndexWriter:
         Series and study counters are kept by database triggers (migration
         0002), so a new instance costs one INSERT.
         """
+        if not self.overwrite and self._series.get(rec.header.series_uid) is None:
+            # The first instance of a series (as far as the cache knows) may
+            # carry a UID the index already holds elsewhere: answered before
+            # its study and series rows are made, which would stay empty.
+            old = conn.execute(select(instances.c.pk, instances.c.storage_key)
+                               .where(instances.c.sop_uid == rec.header.sop_uid)).first()
+            if old is not None:
+                return AddResult(Outcome.DUPLICATE, old.pk, existing_key=old.storage_key)
         series_pk = self._series_pk(conn, rec.header, rec.received_at)
         values = self._instance_values(rec, series_pk)
         pk = insert_ignore(conn, instances, values, ["sop_uid"])
