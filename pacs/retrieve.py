@@ -50,7 +50,7 @@ class TranscodeError(Exception):
 
 def resolve(pacs: Pacs, level: Level, match: dict[str, str], *, limit: int | None = None) -> list[RetrieveItem]:
     """Every stored instance under the entities that *match* names."""
-    stmt, _ = build_select(Query(Level.IMAGE, {k: v for k, v in match.items() if v}))
+    stmt, _ = build_select(Query(Level.IMAGE, {k: v for k, v in match.items() if v}, other_ids=False))
     stmt = stmt.add_columns(
         studies.c.pk.label("_study_pk"),
         instances.c.storage_key,

@@ -17,6 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import AE
 from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelMove,
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelMove,
@@ -435,6 +436,33 @@ def _move_responses(server: PacsServer, identifier: Dataset, destination: str = 
                 if s is not None]
     finally:
         assoc.release()
+
+
+def test_retrieve_by_patient_id_is_the_patient_id_not_another_id(qr_server: PacsServer, tmp_path: Path) -> None:
+    """C-FIND finds a patient by an insurance or citizen number too, but a
+    C-MOVE selects by Patient ID itself (PS3.4 C.4.2.2.1): one patient's other
+    ID that is another's Patient ID must never export the wrong patient."""
+    scp = StoreSCP(tmp_path / "dest", accept_all=True)
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelMove)
+    try:
+        qr_server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
+        time.sleep(2.2)
+        finals = {}
+        for pid in ("DN4797912345678", "001085012345"):  # P1's insurance number, then its Patient ID
+            assoc = ae.associate("127.0.0.1", qr_server.dicom_port, ae_title=qr_server.ae_title)
+            try:
+                identifier = _ident(QueryRetrieveLevel="PATIENT", PatientID=pid)
+                responses = [s for s, _ in assoc.send_c_move(identifier, "MOVEDEST",
+                                                             PatientRootQueryRetrieveInformationModelMove) if s]
+            finally:
+                assoc.release()
+            finals[pid] = responses[-1]
+    finally:
+        scp.stop()
+    by_other = finals["DN4797912345678"]
+    assert by_other.Status == 0x0000 and int(by_other.get("NumberOfCompletedSuboperations", 0)) == 0
+    assert int(finals["001085012345"].NumberOfCompletedSuboperations) == len(scp.received()) > 0
 
 
 def test_move_unknown_destination_is_a801(qr_server: PacsServer) -> None:

@@ -53,6 +53,11 @@ class Query:
     fuzzy: bool = False
     # Newest studies first (QIDO, the worklist of a viewer); else index order.
     newest_first: bool = False
+    # Patient ID also matches a patient's other IDs (citizen ID, insurance
+    # number): for searching. A retrieve selects by the Patient ID itself
+    # (PS3.4 C.4.2.2.1), so one patient's insurance number that happens to be
+    # another's Patient ID never exports the wrong patient.
+    other_ids: bool = True
 
     def validate(self) -> None:
         for keyword, value in self.match.items():
@@ -65,7 +70,7 @@ class Query:
                     f"in a {self.level.value}-level query"
                 )
             if value:
-                condition(attribute, value, fuzzy=self.fuzzy)  # raises on values it cannot match
+                condition(attribute, value, fuzzy=self.fuzzy, other_ids=self.other_ids)  # raises on values it cannot match
         if self.limit is not None and self.limit < 0 or self.offset < 0:
             raise QueryError("limit and offset must not be negative")
         # The database binds it as a 64-bit integer: a larger one was a 500.
@@ -127,7 +132,8 @@ def build_select(query: Query) -> tuple[Select[Any], list[str]]:
     stmt = select(base.c.pk.label("_pk"), patients.c.pk.label("_patient_pk"), *columns, *computed)
     stmt = stmt.select_from(_from(level))
     conditions = [
-        condition(ATTRIBUTES[k], v, fuzzy=query.fuzzy) for k, v in query.match.items() if v not in ("", None)
+        condition(ATTRIBUTES[k], v, fuzzy=query.fuzzy, other_ids=query.other_ids)
+        for k, v in query.match.items() if v not in ("", None)
     ]
     if conditions:
         stmt = stmt.where(and_(*conditions))
@@ -199,7 +205,7 @@ def _emit(engine: Engine, rows: Any, keywords: list[str], want_other_ids: bool) 
 
 def count_query(engine: Engine, query: Query) -> int:
     """How many matches *query* has (without fetching them)."""
-    stmt, _ = build_select(Query(query.level, query.match, fuzzy=query.fuzzy))
+    stmt, _ = build_select(Query(query.level, query.match, fuzzy=query.fuzzy, other_ids=query.other_ids))
     with engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(stmt.subquery())).scalar_one())
 

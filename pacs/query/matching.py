@@ -89,10 +89,12 @@ def pn_match(value: str, folded_column: Any, words_column: Any = None, *, fuzzy:
     return text_match(column, folded)
 
 
-def patient_id_match(value: str) -> ColumnElement[bool]:
+def patient_id_match(value: str, *, other_ids: bool = True) -> ColumnElement[bool]:
     # Citizen-ID and insurance numbers are first-class identifiers: a match on
     # any of a patient's other IDs is a match on the patient. A UNION of two
     # index lookups, not an OR across tables (which would scan patients).
+    if not other_ids:
+        return list_match(patients.c.patient_id, value)
     by_id = select(patients.c.pk).where(list_match(patients.c.patient_id, value))
     by_other = select(identifiers.c.patient_pk).where(list_match(identifiers.c.value, value))
     return patients.c.pk.in_(by_id.union(by_other))
@@ -140,7 +142,7 @@ def _check_range(keyword: str, value: str, kind: Kind) -> None:
         raise QueryError(f"{keyword} must be {form} or a range {form}-{form}")
 
 
-def condition(attribute: Attribute, value: str, *, fuzzy: bool = False) -> ColumnElement[bool]:
+def condition(attribute: Attribute, value: str, *, fuzzy: bool = False, other_ids: bool = True) -> ColumnElement[bool]:
     """The SQL condition for one matching key with a non-empty value."""
     kind = attribute.kind
     if kind is Kind.PN:
@@ -148,7 +150,7 @@ def condition(attribute: Attribute, value: str, *, fuzzy: bool = False) -> Colum
             return pn_match(value, patients.c.name_folded, patients.c.name_words, fuzzy=fuzzy)
         return pn_match(value, attribute.match_column, fuzzy=fuzzy)
     if kind is Kind.PATIENT_ID:
-        return patient_id_match(value)
+        return patient_id_match(value, other_ids=other_ids)
     if kind is Kind.MODALITIES:
         return _modalities(value)
     if kind is Kind.UID:
