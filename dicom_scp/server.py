@@ -31,7 +31,7 @@ from pacs.app import Pacs
 from pacs.audit import Event
 from pacs.errors import IngestError, Status
 from pacs.ingest import Origin
-from pacs.part10 import BufferSource, file_meta_bytes
+from pacs.part10 import BufferSource, file_meta_bytes, meta_group_length
 
 from .acceptor import InlineAssociationServer
 from .contexts import (
@@ -131,8 +131,15 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
         requestor = assoc.requestor
         try:
             meta = file_meta_bytes(sop_class, sop_uid, transfer_syntax, requestor.ae_title)
+            body = dataset.getbuffer()
+            stray = meta_group_length(body, transfer_syntax)
+            if stray:
+                # Kept as received except these: our File Meta is the one header.
+                log.warning("C-STORE from %s: %d bytes of File Meta elements (group 0002) inside the data set "
+                            "of %s dropped (PS3.10 7.1)", requestor.ae_title, stray, sop_uid)
+                body = body[stray:]
             result = pacs.ingestor.ingest(
-                BufferSource(meta, dataset.getbuffer()),
+                BufferSource(meta, body),
                 origin_of(assoc, source),
                 transfer_syntax=transfer_syntax,
                 expected_sop_class=sop_class,

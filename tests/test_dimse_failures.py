@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import uuid
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from .conftest import (
     Backend,
     PacsServer,
     S3Server,
+    dataset_bytes,
     weed_ports,
     free_port,
     run_dcmtk,
@@ -200,6 +202,33 @@ def test_another_object_under_a_kept_uid_is_refused_0111(pacs_server: PacsServer
     assert (stats["patients"], stats["studies"], stats["series"], stats["instances"]) == (1, 1, 1, 1), stats
     # A true resend of the first is still a success.
     assert scu_store_file(pacs_server, first) == 0x0000
+
+
+def test_file_meta_elements_inside_the_data_set_are_dropped(pacs_server: PacsServer, tmp_path: Path) -> None:
+    """A modality that puts (0002,xxxx) elements into the data set (PS3.10
+    7.1: they belong in the File Meta only): stored without them, so they
+    never read as a second header (its transfer syntax broke retrieval)."""
+    ct = make_ct(tmp_path / "ct.dcm")
+    data = ct.read_bytes()
+    ds = dcmread(ct)
+    ds.add_new(0x00020010, "UI", "1.2.840.10008.1.2.4.50")  # JPEG Baseline, in the data set
+    ae = AE(ae_title="PYSCU")
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", pacs_server.dicom_port, ae_title=pacs_server.ae_title)
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert status.Status == 0x0000
+    sop = str(dcmread(ct, stop_before_pixels=True).SOPInstanceUID)
+    core = pacs_server.core()
+    try:
+        stored = core.store.read_bytes(core.reader.stored_instance(sop).storage_key)
+    finally:
+        core.close()
+    assert stored.count(b"1.2.840.10008.1.2.4.50") == 0
+    assert dataset_bytes(stored) == dataset_bytes(data)  # the rest exactly as received
+    assert "File Meta elements (group 0002) inside the data set" in pacs_server.log_text()
 
 
 def test_overwrite_policy_replaces(tmp_path: Path) -> None:
