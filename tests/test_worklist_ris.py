@@ -172,14 +172,30 @@ def test_mpps_moves_the_order_and_reports_to_the_his_even_when_it_was_down(ris: 
     create.PerformedStationAETitle = "CT_ROOM1"
     create.PerformedProcedureStepStartDate = "20241121"
     create.PerformedProcedureStepStartTime = "091500"
+    create.PerformedProcedureStepID = "PPS4001"
     scheduled = Dataset()
     scheduled.AccessionNumber = "ACC4001"
     scheduled.StudyInstanceUID = study_uid
     scheduled.ScheduledProcedureStepID = "SPSACC4001"
     create.ScheduledStepAttributesSequence = Sequence([scheduled])
+    # Type 1 attributes missing or empty, N-SETs of what may not change, a
+    # completion without its end: refused with the attributes named (PS3.4 F.7.2).
+    lacking = Dataset()
+    lacking.update(create)
+    del lacking.PerformedProcedureStepID
+    refused = _mpps_status(ris, generate_uid(), lacking, create=True)
+    assert int(refused.Status) == 0x0120 and "PerformedProcedureStepID" in refused.ErrorComment
+    lacking.PerformedProcedureStepID = ""
+    assert _mpps(ris, generate_uid(), lacking, create=True) == 0x0121
     assert _mpps(ris, mpps_uid, create, create=True) == 0x0000
     with ris.http() as http:
         assert http.get("/api/orders/ACC4001").json()["status"] == "IN PROGRESS"
+    moved = Dataset()
+    moved.Modality = "MR"
+    assert _mpps(ris, mpps_uid, moved, create=False) == 0x0106
+    unfinished = Dataset()
+    unfinished.PerformedProcedureStepStatus = "COMPLETED"
+    assert _mpps(ris, mpps_uid, unfinished, create=False) == 0x0110
     # The HIS is down: nothing may be lost. Complete the step meanwhile.
     done = Dataset()
     done.PerformedProcedureStepStatus = "COMPLETED"

@@ -15,6 +15,7 @@ from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
+from pydicom.tag import Tag
 from pynetdicom import evt
 from pynetdicom.sop_class import (
     ModalityPerformedProcedureStep,
@@ -187,12 +188,53 @@ def _series(attributes: Dataset) -> list[dict[str, Any]] | None:
     ]
 
 
+# PS3.4 Table F.7.2-1: Type 1 in an N-CREATE.
+_CREATE_REQUIRED = ("ScheduledStepAttributesSequence", "PerformedProcedureStepID", "PerformedStationAETitle",
+                    "PerformedProcedureStepStartDate", "PerformedProcedureStepStartTime",
+                    "PerformedProcedureStepStatus", "Modality")
+# ...and what an N-SET may not change (the table's "Not allowed"): who and
+# what was scheduled, where and when the step started.
+_SET_NOT_ALLOWED = ("ScheduledStepAttributesSequence", "PerformedProcedureStepID", "PerformedStationAETitle",
+                    "PerformedStationName", "PerformedLocation", "PerformedProcedureStepStartDate",
+                    "PerformedProcedureStepStartTime", "Modality", "StudyID", "ReferencedPatientSequence")
+MISSING_ATTRIBUTE, MISSING_VALUE = 0x0120, 0x0121
+
+
+def _refused(code: int, comment: str, keywords: list[str]) -> Dataset:
+    """A failure naming the attributes concerned (Attribute Identifier List, PS3.7 10.1)."""
+    status = _status(code, comment)
+    status.AttributeIdentifierList = [Tag(keyword) for keyword in keywords]
+    return status
+
+
+def _create_problem(attributes: Dataset) -> Dataset | None:
+    missing = [k for k in _CREATE_REQUIRED if k not in attributes]
+    if missing:
+        return _refused(MISSING_ATTRIBUTE, f"N-CREATE lacks Type 1 {', '.join(missing)}", missing)
+    empty = [k for k in _CREATE_REQUIRED if attributes[k].is_empty]
+    if empty:
+        return _refused(MISSING_VALUE, f"N-CREATE has empty Type 1 {', '.join(empty)}", empty)
+    return None
+
+
+def _set_problem(changes: Dataset) -> Dataset | None:
+    refused = [k for k in _SET_NOT_ALLOWED if k in changes]
+    refused += [e.keyword or str(e.tag) for e in changes if e.tag.group == 0x0010]  # the patient's attributes
+    if refused:
+        return _refused(INVALID_VALUE, f"N-SET may not change {', '.join(refused)}",
+                        [k for k in refused if k in _SET_NOT_ALLOWED or k.isalpha()])
+    return None
+
+
 def make_mpps_handlers(pacs: Pacs) -> list[tuple[Any, Any]]:
     service = OrderService(pacs.engine)
 
     def handle_create(event: Any) -> tuple[int | Dataset, Dataset | None]:
         uid = str(event.request.AffectedSOPInstanceUID or "")
         attributes = event.attribute_list
+        problem = _create_problem(attributes)
+        if problem is not None:
+            return problem, None
         status = _text(attributes.get("PerformedProcedureStepStatus"))
         if status != "IN PROGRESS":
             return _status(INVALID_VALUE, "N-CREATE must have status IN PROGRESS"), None
@@ -219,6 +261,9 @@ def make_mpps_handlers(pacs: Pacs) -> list[tuple[Any, Any]]:
     def handle_set(event: Any) -> tuple[int | Dataset, Dataset | None]:
         uid = str(event.request.RequestedSOPInstanceUID or "")
         changes = event.modification_list
+        problem = _set_problem(changes)
+        if problem is not None:
+            return problem, None
         status = _text(changes.get("PerformedProcedureStepStatus")) or "IN PROGRESS"
         try:
             service.record_step(
