@@ -435,10 +435,19 @@ def cmd_audit(args: argparse.Namespace) -> int:
         events = audit.query(pacs.engine, study_uid=args.study or "", user=args.user or "", limit=args.limit)
     finally:
         pacs.close()
-    if args.format == "syslog":
+    fmt = args.format or ("table" if sys.stdout.isatty() else "json")
+    if fmt == "table":
+        table = Table(title=f"audit trail ({len(events)} events, newest first)")
+        for column in ("time (UTC)", "user", "role", "action", "outcome", "client", "patient", "study", "detail"):
+            table.add_column(column, overflow="fold")
+        for e in events:
+            table.add_row(e["at"].strftime("%Y-%m-%d %H:%M:%S"), e["user"], e["role"], e["action"], e["outcome"],
+                          e["client"], e["patient_id"], e["study_uid"], e["detail"][:80])
+        out.print(table)
+    elif fmt == "syslog":
         for e in events:
             print(audit.to_syslog(e, "filmless-pacs"))
-    elif args.format == "atna":
+    elif fmt == "atna":
         print(json.dumps([audit.to_atna(e, "filmless-pacs") for e in events], ensure_ascii=False))
     else:
         print(json.dumps([{**e, "at": e["at"].isoformat()} for e in events], ensure_ascii=False))
@@ -653,7 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study")
     p.add_argument("--user")
     p.add_argument("--limit", type=int, default=1000)
-    p.add_argument("--format", choices=["json", "atna", "syslog"], default="json")
+    p.add_argument("--format", choices=["table", "json", "atna", "syslog"],
+                   help="default: a table on a terminal, JSON when piped or redirected")
     p.set_defaults(func=cmd_audit)
 
     p = sub.add_parser("route", help="routing rules and the forwarding queue")

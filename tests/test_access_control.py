@@ -191,8 +191,10 @@ def test_accesses_are_audited_with_user_and_study(secured: PacsServer) -> None:
     assert all(e["client"] == "127.0.0.1" for e in events)
     assert atna[0]["ParticipantObjectIdentification"][0]["ParticipantObjectID"] == s1
     assert "AUDIT" in syslog and s1 in syslog
-    exported = json.loads(secured.cli("audit", "--study", s1).stdout)
+    exported = json.loads(secured.cli("audit", "--study", s1).stdout)  # JSON when piped
     assert len(exported) >= 2
+    table = secured.cli("audit", "--study", s1, "--format", "table").stdout  # what a terminal shows
+    assert table.startswith(f"audit trail ({len(exported)} events") and "{" not in table
     # The trail is append-only: the database itself refuses edits.
     from sqlalchemy import text
 
