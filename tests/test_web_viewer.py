@@ -406,6 +406,8 @@ def test_clip_plays_and_a_zoomed_radiograph_is_sharp(page: Any, viewer_server: P
     paused = label.get_attribute("data-index")
     page.wait_for_timeout(300)
     assert label.get_attribute("data-index") == paused
+    page.reload()  # the same frame again, not the first
+    expect(label).to_have_attribute("data-index", paused)
 
     # A 2k x 2k radiograph zoomed in is fetched with its own pixels, not a
     # screen-sized rendering enlarged; back at 100 % the lighter one returns.

@@ -13,6 +13,26 @@ export function mountStudy(root, ctx, studyUid) {
   let destroyed = false;
 
   const viewer = new Viewer(studyUid);
+  // Where the reader was (series, slice, preset), so that a reload or coming
+  // back from the worklist shows the same image; this tab only.
+  const viewKey = `pacs.view.${studyUid}`;
+  let restoring = false;
+  viewer.onChange = () => {
+    if (restoring || !selected || viewer.index < 0) return;
+    try {
+      sessionStorage.setItem(viewKey, JSON.stringify({
+        series: selected.series_uid, index: viewer.index, preset: viewer.preset }));
+    } catch {
+      /* storage disabled: start from the first image */
+    }
+  };
+  function savedView() {
+    try {
+      return JSON.parse(sessionStorage.getItem(viewKey) || "null");
+    } catch {
+      return null;
+    }
+  }
   const report = new ReportPanel(studyUid, ctx.user);
   const header = h("header#study-header.study-header", h("span.muted", { "data-i18n": "loading" }));
   const seriesList = h("nav#series-list.series-list", { "data-i18n-aria": "series" });
@@ -163,8 +183,16 @@ export function mountStudy(root, ctx, studyUid) {
     renderHeader();
     renderSeries();
     const all = study.series || [];
-    const first = all.find((s) => !NON_IMAGE.has(s.modality) && (s.instances || []).length) || all[0];
+    const saved = savedView();
+    const before = saved && all.find((s) => s.series_uid === saved.series);
+    const first = before || all.find((s) => !NON_IMAGE.has(s.modality) && (s.instances || []).length) || all[0];
+    restoring = Boolean(before);
     if (first) select(first);
+    if (before) {
+      if (saved.preset && saved.preset !== "default" && saved.preset !== "custom") viewer.applyPreset(saved.preset);
+      viewer.go(Number(saved.index) || 0);
+    }
+    restoring = false;
     viewer.viewport.focus({ preventScroll: true });
     loadPriors();
   }

@@ -649,6 +649,7 @@ export class Viewer {
 
   // -- labels -------------------------------------------------------------------------
   updateLabels() {
+    if (this.onChange) this.onChange();
     const n = this.slices.length;
     const unit = t(this.multiframe ? "frame" : "slice");
     this.sliceLabel.textContent = n ? `${unit} ${this.index + 1} / ${n}` : `${unit} – / –`;
