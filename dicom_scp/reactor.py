@@ -189,6 +189,11 @@ def _run_acceptor_reactor(assoc: Any) -> None:
         context_id, message = assoc.dimse.get_msg(block=False)
         if message:
             assoc._serve_request(message, context_id)
+            # Serving is activity: a C-MOVE to a slow satellite that took
+            # longer than the network timeout otherwise ended with the
+            # requester's association aborted as "idle" (pynetdicom restarts
+            # the timer only for PDUs received).
+            assoc.dul._idle_timer.restart()
         if assoc.is_established and assoc.acse.is_release_requested():
             assoc.acse.send_release(is_response=True)
             assoc.is_released = True

@@ -32,6 +32,7 @@ from pacs.audit import Event
 from pacs.errors import IngestError, Status
 from pacs.ingest import Origin
 from pacs.part10 import BufferSource, file_meta_bytes, meta_group_length
+from pacs.dicom_net import apply_limits, tune_socket
 
 from .acceptor import InlineAssociationServer
 from .contexts import (
@@ -174,17 +175,8 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
     return handle_store
 
 
-def _nodelay(assoc: Any) -> None:
-    # DIMSE is request/response: Nagle's algorithm would hold each small
-    # response for ~40 ms waiting for an ACK.
-    try:
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
-
-
 def _on_conn_open(event: Any) -> None:
-    _nodelay(event.assoc)
+    tune_socket(event.assoc)
     _abort_on_action_error(event.assoc)
 
 
@@ -330,14 +322,9 @@ def build_ae(pacs: Pacs) -> FilmlessAE:
     ae.add_supported_context(StorageCommitmentPushModel, STORAGE_TRANSFER_SYNTAXES[:1] + _UNCOMPRESSED_QR,
                              scu_role=True, scp_role=True)
     # C-MOVE sub-operations: requests to destinations use the same limits.
-    ae.maximum_pdu_size = settings.max_pdu_size
     ae.require_called_aet = True
     ae.maximum_associations = settings.max_associations
-    ae.maximum_pdu_size = settings.max_pdu_size
-    ae.acse_timeout = 30
-    ae.dimse_timeout = settings.dicom_timeout
-    ae.network_timeout = settings.dicom_timeout
-    return ae
+    return apply_limits(ae, settings)
 
 
 def start_dicom_server(
@@ -368,7 +355,7 @@ def start_dicom_server(
 
     ae = build_ae(pacs)
     destinations = MoveDestinations()
-    ae.on_associate.extend([_nodelay, destinations.remember, lambda assoc: send_stored_as_is(pacs, assoc)])
+    ae.on_associate.extend([tune_socket, destinations.remember, lambda assoc: send_stored_as_is(pacs, assoc)])
     if pacs.settings.dicom_event_driven:
         from .reactor import event_driven
 

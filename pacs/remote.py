@@ -8,7 +8,6 @@ enters through the normal ingest path.
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from dicom_scp.contexts import QR_MODELS as _MODELS
 
 from .aes import RemoteAE
 from .app import Pacs
+from .dicom_net import apply_limits, tune_socket
 from .errors import PacsError
 from .tls import association_tls
 
@@ -61,12 +61,7 @@ def _remote(pacs: Pacs, title: str) -> RemoteAE:
 
 def local_ae(pacs: Pacs) -> AE:
     """This node as the calling AE of an outbound association, with its timeouts."""
-    ae = AE(ae_title=pacs.settings.ae_title)
-    ae.acse_timeout = 30
-    ae.dimse_timeout = pacs.settings.dicom_timeout
-    ae.network_timeout = pacs.settings.dicom_timeout
-    ae.maximum_pdu_size = pacs.settings.max_pdu_size
-    return ae
+    return apply_limits(AE(ae_title=pacs.settings.ae_title), pacs.settings)
 
 
 def associate(pacs: Pacs, ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
@@ -76,10 +71,7 @@ def associate(pacs: Pacs, ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
     assoc = ae.associate(remote.host, remote.port, ae_title=remote.title, **tls, **kwargs)
     if not assoc.is_established:
         raise RemoteError(f"association with {remote.title} at {remote.host}:{remote.port} failed")
-    try:
-        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):
-        pass
+    tune_socket(assoc)
     return assoc
 
 

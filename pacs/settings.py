@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     # messages for another are refused (AR 202), so a test HIS cannot change
     # real patients. Empty MSH-11 counts as ours.
     hl7_processing_id: str = "P"
+    # Seconds the HIS has to ACK an outbound message before it is sent again
+    # (behind a slow link a HIS may take longer than a LAN one).
+    hl7_ack_timeout: float = Field(default=30.0, gt=0)
     ae_title: str = "FILMLESS"
 
     # TLS (PS3.15 Annex B): this node's certificate and key, PEM (pacs certs issue).
@@ -164,6 +167,9 @@ class Settings(BaseSettings):
     dicom_event_driven: bool = True
     max_pdu_size: int = 262_144
     dicom_timeout: float = 60.0
+    # Seconds to open a TCP connection to a DICOM peer (C-MOVE destination,
+    # routing, remote Q/R, storage commitment reports).
+    dicom_connect_timeout: float = Field(default=15.0, gt=0)
     max_object_bytes: int = 4 * 1024**3
     # Refuse new objects (0xA700) before the disk is full rather than fail mid-write.
     min_free_bytes: int = 512 * 1024**2

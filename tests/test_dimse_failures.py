@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
-from pynetdicom.sop_class import Verification
+from pynetdicom import AE, _config, evt
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove, Verification
 
 from .conftest import (
     S3_ACCESS,
@@ -27,7 +29,7 @@ from .conftest import (
     free_port,
     run_dcmtk,
 )
-from .peers import PG_ADMIN
+from .peers import PG_ADMIN, wait_until
 
 
 def scu_store_file(server: PacsServer, path: Path, calling: str = "PYSCU") -> int:
@@ -162,6 +164,72 @@ def test_allowlist_rejects_unknown_calling_ae(tmp_path: Path) -> None:
         assert late.returncode == 0, late.stderr
         assert server.alive()
     finally:
+        server.stop()
+
+
+def test_a_link_silent_halfway_through_a_pdu_frees_its_association(tmp_path: Path) -> None:
+    """A satellite link that stalls in the middle of a PDU (no FIN, no RST):
+    after the network timeout its association and its slot are free again,
+    and the server still stops on SIGTERM (it waited for that thread forever)."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}), extra_env={
+        "PACS_DICOM_TIMEOUT": "3", "PACS_MAX_ASSOCIATIONS": "1", "PACS_DICOM_WORKERS": "1"}).start()
+    try:
+        ae = AE(ae_title="STALLED")
+        ae.add_requested_context(Verification)
+        ae.network_timeout = ae.acse_timeout = 600
+        stalled = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+        assert stalled.is_established
+        sock = stalled.dul.socket.socket
+        stalled.dul._kill_thread = True  # our side stops reading; the socket stays open
+        time.sleep(0.2)
+        sock.sendall(bytes([0x04, 0]) + (16384).to_bytes(4, "big") + b"\x00" * 100)  # 100 of 16,384 bytes
+        echo = ("echoscu", "-aet", "AFTER", "-aec", server.ae_title, "127.0.0.1", str(server.dicom_port))
+        assert wait_until(lambda: run_dcmtk(*echo).returncode == 0, timeout=60), "the stalled association kept its slot"
+        sock.close()
+    finally:
+        server.stop()
+    assert server.proc is not None and server.proc.returncode in (0, -signal.SIGTERM), server.proc.returncode
+
+
+def test_a_move_longer_than_the_network_timeout_keeps_the_association(tmp_path: Path) -> None:
+    """A C-MOVE to a slow satellite takes longer than the network timeout:
+    the requester's association stays usable afterwards (it was aborted as
+    "idle" while the server was busy serving it)."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_DICOM_TIMEOUT": "2"}).start()
+    slow = AE(ae_title="SLOWSAT")
+    slow.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+
+    def store(event: Any) -> int:
+        time.sleep(0.8)  # a slow link: each object takes a while
+        return 0x0000
+
+    port = free_port()
+    satellite = slow.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, store)])
+    try:
+        study = generate_uid()
+        for i in range(4):
+            assert scu_store_file(server, make_ct(tmp_path / f"{i}.dcm", StudyInstanceUID=study)) == 0x0000
+        server.cli("ae", "add", "SLOWSAT", "--host", "127.0.0.1", "--port", str(port))
+        time.sleep(2.2)  # the registry cache of the running server
+        ae = AE(ae_title="WORKSTATION")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+        try:
+            identifier = Dataset()
+            identifier.QueryRetrieveLevel = "STUDY"
+            identifier.StudyInstanceUID = study
+            final = [s for s, _ in assoc.send_c_move(identifier, "SLOWSAT", StudyRootQueryRetrieveInformationModelMove)
+                     if s][-1]
+            assert final.Status == 0x0000 and int(final.NumberOfCompletedSuboperations) == 4
+            echo = assoc.send_c_echo()
+            assert assoc.is_established and echo and echo.Status == 0x0000, "the association was aborted after the move"
+        finally:
+            if assoc.is_established:
+                assoc.release()
+    finally:
+        satellite.shutdown()
         server.stop()
 
 
