@@ -90,6 +90,10 @@ def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule) -> Dataset | None:
     return ds
 
 
+# How often a batch still being sent renews its claim (routing.LEASE is 5 min).
+RENEW_EVERY = 60.0
+
+
 class Forwarder:
     """Background delivery of routing jobs."""
 
@@ -102,6 +106,13 @@ class Forwarder:
         self._pruned_at: float | None = None
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="route")
         self._busy: set[str] = set()
+        self.concurrency = concurrency
+        # Destinations whose last round failed (a satellite whose link is
+        # down): they may hold at most concurrency - 1 workers, so one is
+        # always left for the healthy ones.
+        self._suspect: set[str] = set()
+        # This round's failures per destination: (new state, error).
+        self._failures: dict[str, list[tuple[str, str]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="routing", daemon=True)
@@ -137,9 +148,13 @@ class Forwarder:
             except Exception:
                 log.exception("pruning finished routing jobs failed")
             try:
-                for destination in routing.due_destinations(self.pacs.engine):
+                due = routing.due_destinations(self.pacs.engine)
+                for destination in sorted(due, key=lambda d: d in self._suspect):  # healthy ones first
                     with self._lock:
                         if destination in self._busy:
+                            continue
+                        suspects_busy = len(self._busy & self._suspect)
+                        if destination in self._suspect and suspects_busy >= max(1, self.concurrency - 1):
                             continue
                         self._busy.add(destination)
                     self._pool.submit(self._drain_guarded, destination)
@@ -157,11 +172,39 @@ class Forwarder:
             with self._lock:
                 self._busy.discard(destination)
 
+    def _fail(self, destination: str, job: Job, error: str, *, permanent: bool = False) -> None:
+        state = routing.fail(self.pacs.engine, job, error, max_attempts=1 if permanent else self.max_attempts,
+                             permanent=permanent)
+        self._failures.setdefault(destination, []).append((state, error))
+
     def drain(self, destination: str) -> int:
         """Send one batch for *destination*; returns how many jobs were claimed."""
         jobs = routing.claim(self.pacs.engine, destination, self.node)
         if not jobs:
             return 0
+        self._failures[destination] = []
+        try:
+            self._drain(destination, jobs)
+        finally:
+            self._report(destination, len(jobs), self._failures.pop(destination, []))
+        return len(jobs)
+
+    def _report(self, destination: str, claimed: int, failures: list[tuple[str, str]]) -> None:
+        """One log line per failed round (not one per object), naming the
+        destination: the operator sees which satellite is down."""
+        with self._lock:
+            if failures:
+                self._suspect.add(destination)
+            else:
+                self._suspect.discard(destination)
+        if not failures:
+            return
+        dead = sum(1 for state, _ in failures if state == "dead")
+        log.warning("routing to %s: %d of %d jobs failed (%s); last error: %s", destination, len(failures), claimed,
+                    f"{dead} parked as dead, see pacs route list --state dead" if dead else "retried later",
+                    failures[-1][1])
+
+    def _drain(self, destination: str, jobs: list[Job]) -> None:
         rules = {r.pk: r for r in routing.RoutingRules(self.pacs.engine).list()}
         items = {
             i.sop_uid: i
@@ -171,32 +214,31 @@ class Forwarder:
         for job in jobs:
             rule, item = rules.get(job.rule_pk), items.get(job.sop_uid)
             if rule is None or item is None:
-                routing.fail(self.pacs.engine, job, "rule or instance no longer exists", max_attempts=1, permanent=True)
+                self._fail(destination, job, "rule or instance no longer exists", permanent=True)
                 continue
             ready.append((job, rule, item))
         if not ready:
-            return len(jobs)
+            return
         kind, _, target = destination.partition(":")
         if kind == "dicom":
-            self._send_dicom(target, ready)
+            self._send_dicom(destination, target, ready)
         else:
-            self._send_dicomweb(target, ready)
-        return len(jobs)
+            self._send_dicomweb(destination, target, ready)
 
     # -- C-STORE ----------------------------------------------------------------------------
-    def _send_dicom(self, title: str, batch: list[tuple[Job, Rule, RetrieveItem]]) -> None:
+    def _send_dicom(self, destination: str, title: str, batch: list[tuple[Job, Rule, RetrieveItem]]) -> None:
         engine = self.pacs.engine
         remote = self.pacs.aes.get(title)
         if remote is None:
             for job, _, _ in batch:
-                routing.fail(engine, job, f"AE {title} is not registered", max_attempts=self.max_attempts)
+                self._fail(destination, job, f"AE {title} is not registered")
             return
         prepared = []
         for job, rule, item in batch:
             try:
                 prepared.append((job, item, transformed(self.pacs, item, rule)))
             except Exception as exc:
-                routing.fail(engine, job, f"cannot prepare: {exc}", max_attempts=self.max_attempts, permanent=True)
+                self._fail(destination, job, f"cannot prepare: {exc}", permanent=True)
         if not prepared:
             return
         # The operator's dicom_timeout and PDU size apply to routing too: a
@@ -206,14 +248,18 @@ class Forwarder:
             ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
         try:
             assoc = associate(self.pacs, ae, remote)
-        except RemoteError:
+        except RemoteError as exc:
             for job, _, _ in prepared:
-                routing.fail(engine, job, f"association with {title} failed", max_attempts=self.max_attempts)
+                self._fail(destination, job, str(exc))
             return
+        renewed = time.monotonic()
         try:
-            for job, item, ds in prepared:
+            for index, (job, item, ds) in enumerate(prepared):
+                if time.monotonic() - renewed > RENEW_EVERY:
+                    routing.extend(engine, [j.pk for j, _, _ in prepared[index:]], self.node)
+                    renewed = time.monotonic()
                 if not assoc.is_established:
-                    routing.fail(engine, job, "association lost", max_attempts=self.max_attempts)
+                    self._fail(destination, job, "association lost")
                     continue
                 try:
                     if ds is None:
@@ -229,23 +275,25 @@ class Forwarder:
                 if code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF):
                     routing.finish(engine, job)
                 else:
-                    routing.fail(engine, job, f"C-STORE to {title}: {error}", max_attempts=self.max_attempts)
+                    self._fail(destination, job, f"C-STORE to {title}: {error}")
         finally:
             if assoc.is_established:
                 assoc.release()
 
     # -- STOW-RS -----------------------------------------------------------------------------
-    def _send_dicomweb(self, url: str, batch: list[tuple[Job, Rule, RetrieveItem]]) -> None:
+    def _send_dicomweb(self, destination: str, url: str, batch: list[tuple[Job, Rule, RetrieveItem]]) -> None:
         from viewer_api.multipart import content_type_header, multipart_related_iter, new_boundary
 
         engine = self.pacs.engine
         for start in range(0, len(batch), STOW_BATCH):
             chunk = batch[start : start + STOW_BATCH]
+            if start:  # the earlier requests may have taken long on a slow link
+                routing.extend(engine, [job.pk for job, _, _ in batch[start:]], self.node)
             # Each part is prepared (and read from the store) only as the
             # request body reaches it: one object's chunk in memory at a time.
             sent: list[tuple[Job, RetrieveItem]] = []
             dropped: list[Job] = []
-            parts = self._stow_parts(chunk, sent, dropped)
+            parts = self._stow_parts(destination, chunk, sent, dropped)
             first = next(parts, None)
             if first is None:
                 continue  # nothing could be prepared: no request
@@ -259,14 +307,13 @@ class Forwarder:
                 response = httpx.post(url.rstrip("/") + "/studies", content=body, headers=headers, timeout=120)
             except httpx.HTTPError as exc:
                 for job, _ in sent:
-                    routing.fail(engine, job, f"STOW-RS to {url}: {exc}", max_attempts=self.max_attempts)
+                    self._fail(destination, job, f"STOW-RS to {url}: {exc}")
                 response = None
             # Jobs the body never reached (the request ended early) go back to the queue.
             reached = {job.pk for job, _ in sent} | {job.pk for job in dropped}
             for job, _, _ in chunk:
                 if job.pk not in reached:
-                    routing.fail(engine, job, f"STOW-RS to {url}: not sent, the request ended early",
-                                 max_attempts=self.max_attempts)
+                    self._fail(destination, job, f"STOW-RS to {url}: not sent, the request ended early")
             if response is None:
                 continue
             failed = _stow_failures(response)
@@ -275,10 +322,10 @@ class Forwarder:
                     routing.finish(engine, job)
                 else:
                     reason = failed.get(item.sop_uid) or f"HTTP {response.status_code}"
-                    routing.fail(engine, job, f"STOW-RS to {url}: {reason}", max_attempts=self.max_attempts)
+                    self._fail(destination, job, f"STOW-RS to {url}: {reason}")
 
-    def _stow_parts(self, chunk: list[tuple[Job, Rule, RetrieveItem]], sent: list[tuple[Job, RetrieveItem]],
-                    dropped: list[Job]) -> Iterator[Part]:
+    def _stow_parts(self, destination: str, chunk: list[tuple[Job, Rule, RetrieveItem]],
+                    sent: list[tuple[Job, RetrieveItem]], dropped: list[Job]) -> Iterator[Part]:
         """The parts of one STOW-RS request, each made when the body needs
         it; a job that cannot be prepared fails for good and is left out."""
         from viewer_api.multipart import Part
@@ -287,7 +334,7 @@ class Forwarder:
             try:
                 ds = transformed(self.pacs, item, rule)
             except Exception as exc:
-                routing.fail(self.pacs.engine, job, f"cannot prepare: {exc}", max_attempts=1, permanent=True)
+                self._fail(destination, job, f"cannot prepare: {exc}", permanent=True)
                 dropped.append(job)
                 continue
             sent.append((job, item))

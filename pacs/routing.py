@@ -320,6 +320,17 @@ def claim(engine: Engine, destination_key: str, node: str, limit: int = 50) -> l
     return [Job(r.pk, r.rule_pk, r.sop_uid, r.study_uid, r.attempts) for r in rows]
 
 
+def extend(engine: Engine, pks: list[int], node: str) -> None:
+    """Keep *node*'s claim on jobs it is still sending: over a slow link a
+    batch outlasts the lease, and another node would send them again."""
+    if not pks:
+        return
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(update(jobs_t).where(jobs_t.c.pk.in_(pks), jobs_t.c.claimed_by == node,
+                                          jobs_t.c.state == "sending").values(next_attempt_at=now + LEASE))
+
+
 def finish(engine: Engine, job: Job) -> None:
     now = datetime.now(UTC)
     with engine.begin() as conn:

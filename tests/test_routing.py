@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -89,6 +90,9 @@ def test_rule_waits_for_a_down_receiver_and_survives_restarts(tmp_path: Path) ->
         jobs = _jobs(server)
         assert sum(jobs["counts"].values()) == 3
         assert all(j["attempts"] >= 1 and "READING" in j["last_error"] for j in jobs["jobs"])
+        # The operator reads which destination is down, once per round, not per object.
+        assert re.search(r"routing to dicom:READING: \d+ of \d+ jobs failed \(retried later\); last error: "
+                         r"association with READING", server.log_text()), server.log_text()[-2000:]
         # A graceful restart with the queue full...
         server.stop()
         server.start()
