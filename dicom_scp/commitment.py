@@ -41,8 +41,11 @@ log = logging.getLogger(__name__)
 NO_SUCH_SOP_CLASS, INVALID_OBJECT_INSTANCE, NO_SUCH_ACTION = 0x0118, 0x0117, 0x0123
 INVALID_ARGUMENT_VALUE, MISSING_ATTRIBUTE, PROCESSING_FAILURE = 0x0115, 0x0120, 0x0110
 REQUEST_COMMITMENT = 1  # Action Type ID (PS3.4 J.3.2.1)
-# Seconds to wait before each try on a new association.
-RETRY_DELAYS = (0.0, 5.0, 30.0)
+# Seconds to wait before each try on a new association: the modality's link
+# may be down for a while (a satellite), and without the report it never
+# learns that it may delete its copy. About 35 minutes in all; each try that
+# cannot connect costs at most dicom_connect_timeout.
+RETRY_DELAYS = (0.0, 5.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1020.0)
 # A modality that does not wait for the report releases right after the
 # N-ACTION-RSP; one that waits keeps its association open for seconds. The
 # report waits this long after the response, so that it does not cross the
@@ -183,7 +186,8 @@ def report(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: S
     if delivered:
         log.info("%s: reported to %s", detail, calling)
     else:
-        log.error("%s: the report could not be delivered to %s", detail, calling)
+        log.error("%s: the report could not be delivered to %s (tried for %.0f minutes); the modality must "
+                  "ask again", detail, calling, sum(RETRY_DELAYS) / 60)
     return delivered
 
 

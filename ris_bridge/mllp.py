@@ -129,17 +129,32 @@ class MLLPServer:
         self._thread.join(10)
 
 
-def send(host: str, port: int, message: bytes, timeout: float = 10.0) -> bytes:
-    """Send one message and return the ACK (raises OSError/TimeoutError)."""
+class NoAck(TimeoutError):
+    """The peer took the message but sent no ACK in time: it is reachable,
+    and may well have applied it (a resend must be recognisable, MSH-10)."""
+
+
+def send(host: str, port: int, message: bytes, timeout: float = 10.0, ack_timeout: float = 30.0) -> bytes:
+    """Send one message and return the ACK. Raises OSError (TimeoutError:
+    no connection within *timeout*) or :class:`NoAck` (no ACK within
+    *ack_timeout* of sending)."""
     with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.sendall(frame(message))
-        buffer = b""
-        while True:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionError("connection closed before the ACK")
-            buffer += chunk
-            start, end = buffer.find(VT), buffer.find(FS + CR)
-            if start >= 0 and end > start:
-                return buffer[start + 1 : end]
+        sock.settimeout(ack_timeout)
+        try:
+            return _read_ack(sock)
+        except TimeoutError:
+            raise NoAck(f"no ACK within {ack_timeout:g} s") from None
+
+
+def _read_ack(sock: socket.socket) -> bytes:
+    buffer = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("connection closed before the ACK")
+        buffer += chunk
+        start, end = buffer.find(VT), buffer.find(FS + CR)
+        if start >= 0 and end > start:
+            return buffer[start + 1 : end]

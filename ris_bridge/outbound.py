@@ -130,11 +130,15 @@ class OutboundSender:
             control_id = f"FILMLESS{message.pk}"  # stable: a resend can be recognised
             payload = render(message.kind, message.data, control_id, Addresses.of(self.pacs.settings))
             try:
-                reply = mllp.send(self.host, self.port, payload)
+                reply = mllp.send(self.host, self.port, payload, ack_timeout=self.pacs.settings.hl7_ack_timeout)
             except OSError as exc:
                 backoff = min(MAX_BACKOFF, 2.0 ** min(message.attempts, 6))
-                outbox.mark_failed(self.pacs.engine, message.pk, f"HIS unreachable: {exc}", dead=False, retry_in=backoff)
-                log.info("HIS %s:%d unreachable; message %d retried in %.0fs", self.host, self.port, message.pk, backoff)
+                # A slow HIS (no ACK in time) is not a down one: the operator
+                # must know which, and the HIS sees the resend's same MSH-10.
+                what = "sent no ACK" if isinstance(exc, mllp.NoAck) else "unreachable"
+                outbox.mark_failed(self.pacs.engine, message.pk, f"HIS {what}: {exc}", dead=False, retry_in=backoff)
+                log.info("HIS %s:%d %s (%s); message %d retried in %.0fs", self.host, self.port, what, exc,
+                         message.pk, backoff)
                 # The HIS is down: hand the rest back for the next round, in order.
                 outbox.release(self.pacs.engine, [m.pk for m in claimed[index + 1 :]], backoff)
                 break

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from viewer_api.multipart import build_multipart_related
 
 from .conftest import Backend, PacsServer, dataset_bytes, pydicom_file
-from .peers import create_database, drop_database
+from .peers import create_database, drop_database, wait_until
 from .qr_corpus import series_uid, study_uid, write_corpus
 
 
@@ -465,3 +467,26 @@ def test_wado_uri_refuses_what_it_does_not_do(web: PacsServer) -> None:
                             ({"region": "0.0,0.0,0.5,0.5"}, "region")):
             response = http.get("/wado", params={**p, **extra})
             assert response.status_code == 400 and word in response.json()["error"], extra
+
+
+def test_a_stalled_upload_ends_with_408_and_leaves_no_spooled_part(tmp_path: Path) -> None:
+    """A STOW-RS body whose link goes silent halfway (no FIN, no RST) is ended
+    after the network timeout (dicom_timeout) with 408, its spooled part
+    deleted; before, the connection and the part stayed until a restart."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_DICOM_TIMEOUT": "2"}).start()
+    try:
+        boundary = "stall-boundary"
+        head = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n").encode() + b"\0" * 200_000
+        request = (f"POST /dicom-web/studies HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                   f"Authorization: Bearer {server.token}\r\n"
+                   f'Content-Type: multipart/related; type="application/dicom"; boundary={boundary}\r\n'
+                   f"Content-Length: {10_000_000}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as sock:
+            sock.sendall(request + head)  # then silence: 200 kB of 10 MB sent
+            answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"stalled" in answer
+        assert wait_until(lambda: not list((server.data_dir / "stow-spool").glob("*.part")), timeout=30)
+    finally:
+        server.stop()

@@ -9,7 +9,10 @@ all were stored, 202 when some failed, 409 when none was stored.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,6 +21,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 
 from pacs.errors import IngestError, Status
 from pacs.ingest import Origin
@@ -27,6 +31,8 @@ from .dicomjson import dumps, to_json
 from .errors import HTTPProblem, require_uids
 from .multipart import MultipartError, parse_multipart_related
 from .urls import base_url
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/dicom-web", tags=["STOW-RS"])
 
@@ -84,8 +90,9 @@ async def store(request: Request, study: str | None) -> Response:
     stored: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
     try:
+        body = _stalling_stops(request.stream(), settings.dicom_timeout)
         async for part in parse_multipart_related(
-            content_type, request.stream(), spool_dir=spool, max_part_bytes=settings.max_object_bytes
+            content_type, body, spool_dir=spool, max_part_bytes=settings.max_object_bytes
         ):
             try:
                 media = part.content_type.split(";")[0].strip().lower()
@@ -100,6 +107,11 @@ async def store(request: Request, study: str | None) -> Response:
                     os.unlink(part.path)
                 except OSError:
                     pass
+    except ClientDisconnect:
+        # The sender went away (a dropped link): nothing to answer; what was
+        # stored before stays stored, the partial part is gone.
+        log.info("STOW-RS sender disconnected after %d stored, %d failed parts", len(stored), len(failed))
+        return Response(status_code=400)
     except MultipartError as exc:
         if not stored and not failed:
             raise HTTPProblem(exc.http_status, str(exc)) from None
@@ -110,6 +122,21 @@ async def store(request: Request, study: str | None) -> Response:
     body = _response_dataset(request, study, stored, failed)
     status = 200 if not failed else 202 if stored else 409
     return Response(dumps(to_json(body)), status_code=status, media_type="application/dicom+json")
+
+
+async def _stalling_stops(stream: AsyncIterator[bytes], timeout: float) -> AsyncIterator[bytes]:
+    """The request body, ended by a 408 when no byte comes for *timeout*
+    seconds (dicom_timeout): a link that goes silent mid-upload otherwise
+    held the connection and its spooled part until the server restarted."""
+    chunks = stream.__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(chunks.__anext__(), timeout)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise MultipartError(408, f"no request data for {timeout:g} s: the upload stalled") from None
+        yield chunk
 
 
 def _response_dataset(request: Request, study: str | None, stored: list[dict[str, Any]], failed: list[dict[str, Any]]) -> Dataset:
