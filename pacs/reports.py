@@ -22,8 +22,9 @@ from sqlalchemy import select, update
 from .app import Pacs
 from .errors import PacsError
 from .index.db import write_transaction
-from .index.models import Order, Patient, Report, Study, StudyOrderLink
+from .index.models import Instance, Order, Patient, Report, Study, StudyOrderLink
 from .ingest import Origin
+from .maintenance.common import delete_instance_rows
 from .orders import OrderService
 from .part10 import BufferSource
 from .report_pdf import ReportContent, render
@@ -34,6 +35,7 @@ studies_t = Study.__table__
 patients_t = Patient.__table__
 orders_t = Order.__table__
 links_t = StudyOrderLink.__table__
+instances_t = Instance.__table__
 
 
 class ReportError(PacsError):
@@ -180,19 +182,37 @@ class ReportService:
                 .values(status="signed", signed_by=signer_name or signer, signed_at=now, pdf_sop_uid=sop_uid,
                         updated_at=now)
             ).rowcount
-            if not done:
-                raise ReportError("the draft changed while signing; try again", 409)
-            order = self._order_for(conn, study)
-            OrderService.enqueue(conn, "his", "report", {
-                "order": order,
-                "status": "final" if draft.version == 1 else "amended",
-                "lines": [
-                    {"type": "TX", "code": "59776-5^Findings^LN", "value": draft.findings},
-                    {"type": "TX", "code": "19005-8^Impression^LN", "value": draft.impression},
-                    {"type": "RP", "code": "IMAGES^Images^L", "value": viewer_url},
-                ],
-            })
+            if done:
+                order = self._order_for(conn, study)
+                OrderService.enqueue(conn, "his", "report", {
+                    "order": order,
+                    "status": "final" if draft.version == 1 else "amended",
+                    "lines": [
+                        {"type": "TX", "code": "59776-5^Findings^LN", "value": draft.findings},
+                        {"type": "TX", "code": "19005-8^Impression^LN", "value": draft.impression},
+                        {"type": "RP", "code": "IMAGES^Images^L", "value": viewer_url},
+                    ],
+                })
+        if not done:  # after that transaction: the withdrawal writes too
+            self._withdraw_pdf(sop_uid)
+            raise ReportError("the draft changed while signing; try again", 409)
         return self.get(study_uid)
+
+    def _withdraw_pdf(self, sop_uid: str) -> None:
+        """Remove the PDF stored for a signature that did not happen (a
+        colleague saved in between): left in the study it would read as a
+        signed report of a text nobody signed. Index row first: a crash
+        between leaves an orphan object, never a row without its object."""
+        with self.pacs.engine.connect() as conn:
+            row = conn.execute(select(instances_t.c.pk, instances_t.c.storage_key)
+                               .where(instances_t.c.sop_uid == sop_uid)).first()
+        if row is None:
+            return
+        delete_instance_rows(self.pacs.engine, [row.pk])
+        try:
+            self.pacs.store.delete(row.storage_key)
+        except Exception as exc:
+            log.warning("withdrawn report PDF %s left in storage as an orphan: %s", sop_uid, exc)
 
     def _order_for(self, conn: Any, study: Any) -> dict[str, Any]:
         row = conn.execute(

@@ -138,6 +138,40 @@ def test_a_colleagues_save_is_never_overwritten_nor_signed_unseen(reporting: Pac
         assert tung.put(url, json={"findings": "Bổ sung.", "impression": "U não."}).status_code == 200
 
 
+def test_a_signature_that_loses_the_race_leaves_no_pdf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A colleague saves while the PDF of a signature is being made: the
+    signature is refused (409) and the PDF already stored in the study is
+    withdrawn, index row and object; it would read as a signed report of a
+    text nobody signed. (The core in-process, on real SQLite and files, to
+    place the colleague's save inside the signature.)"""
+    import pacs.reports as reports
+    from pacs.ingest import Origin
+    from pacs.part10 import FileSource
+
+    from .fuzzing import core_on
+    from .test_dimse_failures import make_ct
+
+    with core_on(tmp_path / "data") as core:
+        ct = make_ct(tmp_path / "ct.dcm")
+        study = core.ingestor.ingest(FileSource(ct), Origin("test")).header.study_uid
+        service = reports.ReportService(core)
+        service.save_draft(study, "Không thấy tổn thương.", "Bình thường.", "bs.an", revision=0)
+        real_render = reports.render
+
+        def render_while_a_colleague_saves(content: object) -> bytes:
+            service.save_draft(study, "Khối u 3 cm.", "U não.", "bs.lan", revision=1)
+            return real_render(content)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(reports, "render", render_while_a_colleague_saves)
+        with pytest.raises(reports.ReportError) as refused:
+            service.sign(study, "bs.an", revision=1)
+        assert refused.value.http_status == 409
+        assert core.reader.stats().instances == 1  # the CT alone: no PDF row
+        assert len(list(core.store.list())) == 1  # and no PDF object
+        report = service.get(study)
+        assert report["status"] == "draft" and report["current"]["findings"] == "Khối u 3 cm."
+
+
 def _outcome(response: object, status: int) -> dict:
     """An error under /fhir: the status, as an OperationOutcome (FHIR JSON)."""
     assert response.status_code == status, (response.status_code, response.text)  # type: ignore[attr-defined]
