@@ -437,12 +437,22 @@ def cmd_audit(args: argparse.Namespace) -> int:
         pacs.close()
     fmt = args.format or ("table" if sys.stdout.isatty() else "json")
     if fmt == "table":
+        # One line per event at any width: columns are cut (…), never wrapped;
+        # --format json has every value whole.
+        wide = out.width >= 120  # the client address only where there is room for it
+        columns = [("time (UTC)", 14), ("user", 10), ("action", 11), ("outcome", 7), ("patient", 12)]
+        columns += [("client", 15)] if wide else []
         table = Table(title=f"audit trail ({len(events)} events, newest first)")
-        for column in ("time (UTC)", "user", "role", "action", "outcome", "client", "patient", "study", "detail"):
-            table.add_column(column, overflow="fold")
+        for column, width in columns:
+            table.add_column(column, no_wrap=True, overflow="ellipsis", width=width)
+        # What is left of the line goes to the study and the detail.
+        table.add_column("study, detail", no_wrap=True, overflow="ellipsis",
+                         width=max(12, out.width - sum(w + 3 for _, w in columns) - 4))
         for e in events:
-            table.add_row(e["at"].strftime("%Y-%m-%d %H:%M:%S"), e["user"], e["role"], e["action"], e["outcome"],
-                          e["client"], e["patient_id"], e["study_uid"], e["detail"][:80])
+            study = e["study_uid"]
+            what = " ".join(v for v in (f"…{study[-12:]}" if len(study) > 13 else study, e["detail"][:120]) if v)
+            row = [e["at"].strftime("%m-%d %H:%M:%S"), e["user"], e["action"], e["outcome"], e["patient_id"]]
+            table.add_row(*row, *([e["client"]] if wide else []), what)
         out.print(table)
     elif fmt == "syslog":
         for e in events:

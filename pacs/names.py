@@ -61,11 +61,11 @@ def same_person(a: object, b: object) -> bool:
 
 
 def _person_key(name: object) -> str:
+    # The alphabetic group: "Nguyễn^Văn An=グエン" is "Nguyễn^Văn An" written twice more.
     if name is None:
         return ""
-    text = unicodedata.normalize("NFC", str(name))
-    groups = [" ".join(g.rstrip("^").split()) for g in text.split("=")]
-    return "=".join(groups).rstrip("=").casefold()
+    alphabetic = unicodedata.normalize("NFC", str(name)).split("=")[0]
+    return " ".join(alphabetic.rstrip("^").split()).casefold()
 
 
 def name_words(name: object) -> str:

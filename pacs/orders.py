@@ -523,9 +523,11 @@ class OrderService:
                 raise OrderError("no such performed procedure step", http_status=404)
             if existing is not None and existing.status != "IN PROGRESS":
                 raise OrderError(f"performed procedure step is already {existing.status}", http_status=409)
-            if status in ("COMPLETED", "DISCONTINUED") and not (end or (existing.end if existing is not None else "")):
-                # PS3.4 Table F.7.2-1, final state: when the step ended is Type 1.
-                raise OrderError(f"a {status} step needs its End Date and Time", http_status=422)
+            final_end = end or (existing.end if existing is not None else "")
+            if status in ("COMPLETED", "DISCONTINUED") and len(final_end) <= 8:
+                # PS3.4 Table F.7.2-1, final state: End Date and End Time are Type 1
+                # (kept as date + time: eight characters are a date alone).
+                raise OrderError(f"a {status} step needs its End Date and End Time", http_status=422)
             order_pk = existing.order_pk if existing is not None else self._order_for_step(conn, accession, study_uid, step_id)
             values: dict[str, Any] = {"status": status, "updated_at": now}
             for key, value in (("modality", modality), ("station_ae_title", station_ae_title),

@@ -145,9 +145,12 @@ class ReportService:
             if not versions or versions[-1].status != "signed":
                 raise ReportError("only a signed report can be amended", 409)
             last = versions[-1]
+            # Revisions go on counting across versions: one read from the
+            # signed version must not match the new draft.
             conn.execute(reports_t.insert().values(
                 study_pk=study.pk, version=last.version + 1, status="draft", findings=last.findings,
                 impression=last.impression, author=author, created_at=now, updated_at=now,
+                revision=last.revision + 1,
             ))
         return self.get(study_uid)
 

@@ -107,7 +107,12 @@ def _header_from_msh(line: str, charset: str) -> Header:
     components = fields[1][:1] if len(fields) > 1 and fields[1] else "^"
 
     def field(number: int) -> str:  # MSH-1 is the separator itself: MSH-n is fields[n - 1]
-        return _text(fields[number - 1]) if len(fields) >= number else ""
+        if len(fields) < number:
+            return ""
+        try:
+            return _text(fields[number - 1])
+        except OrderError:  # undecodable hex data: the header is still read (ACKs echo it)
+            return fields[number - 1].strip()
 
     kind = (fields[8] if len(fields) > 8 else "").split(components)
     return Header(
@@ -115,8 +120,8 @@ def _header_from_msh(line: str, charset: str) -> Header:
         sending_facility=field(4),
         receiving_app=field(5),
         receiving_facility=field(6),
-        message_type=_text(kind[0]).upper(),
-        trigger=_text(kind[1]).upper() if len(kind) > 1 else "",
+        message_type=kind[0].strip().upper(),
+        trigger=kind[1].strip().upper() if len(kind) > 1 else "",
         control_id=field(10),
         version=field(12) or "2.5",
         charset=charset,
@@ -188,11 +193,11 @@ _ESCAPE_SEQUENCE = re.compile(r"\\(?:([FSRTEHN])|X((?:[0-9A-Fa-f]{2})+)|(\.br|\.
 
 
 def _hex_text(digits: str) -> str:
-    data = bytes.fromhex(digits)
-    try:  # the charset the whole message is read in (UTF-8 in practice), else one byte per letter
-        text = data.decode("utf-8")
+    try:  # UTF-8, what Vietnamese HIS send; a guess at other bytes would store a wrong name
+        text = bytes.fromhex(digits).decode("utf-8")
     except UnicodeDecodeError:
-        text = data.decode("latin-1")
+        raise OrderError(f"hexadecimal data \\X{digits[:40]}\\ is not UTF-8 text", code="102",
+                         http_status=400) from None
     return "".join(" " if ord(c) < 0x20 or c == "\x7f" else c for c in text)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from pacs.errors import IngestError
 from pacs.header import parse_header
-from pacs.names import fold, fold_name
+from pacs.names import fold, fold_name, same_person
 
 from .conftest import pydicom_file
 
@@ -29,6 +29,17 @@ from .conftest import pydicom_file
 )
 def test_fold_name(raw: str, folded: str) -> None:
     assert fold_name(raw) == folded
+
+
+def test_same_person_keeps_diacritics_and_ignores_form() -> None:
+    """Access to referred studies: the same name, diacritics included (the
+    folded form, for searching, confuses Tuân and Tuấn)."""
+    assert same_person("Hoàng^Minh Tuấn", "HOÀNG^MINH TUẤN^^")
+    assert same_person("Nguyễn^Văn An=グエン^ヴァン", "Nguyễn^Văn  An")  # the alphabetic group decides
+    assert same_person("Nguye\u0302\u0303n^Văn An", "Nguyễn^Văn An")  # NFD and NFC
+    assert not same_person("Hoàng^Minh Tuân", "Hoàng^Minh Tuấn")
+    assert not same_person("Hoang^Minh Tuan", "Hoàng^Minh Tuấn")
+    assert not same_person("", "") and not same_person(None, "")
 
 
 def test_fold_is_idempotent() -> None:

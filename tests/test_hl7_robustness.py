@@ -339,6 +339,11 @@ def test_hl7_escape_sequences_are_decoded(his: PacsServer, tmp_path: Path) -> No
     item = one_item(his, tmp_path, "HRE001")
     assert str(item.PatientName) == "Nguyễn^Văn An"  # type: ignore[attr-defined]
     assert item.RequestedProcedureDescription == "CT ngực không cản quang & bụng"  # type: ignore[attr-defined]
+    # Hexadecimal data that is not UTF-8 text is refused, not stored as a guess.
+    garbled = with_pid(orm("ES2", "HRE002"), "PID|1||BN600002^^^BVDK^PI||Ph\\X1EA1\\m^V\\XC4\\83n")
+    refused = send(his, garbled)
+    assert msa(refused)[0] == "AE" and fields(refused, "ERR")[3].startswith("102^")
+    assert worklist(his, tmp_path, *WL_KEYS, "AccessionNumber=HRE002") == []
 
 
 def test_messages_of_a_training_his_are_refused(his: PacsServer, tmp_path: Path) -> None:

@@ -133,8 +133,11 @@ def test_a_colleagues_save_is_never_overwritten_nor_signed_unseen(reporting: Pac
         # Having read revision 2, he signs it.
         signed = tung.post(f"{url}/sign", json={"revision": 2})
         assert signed.status_code == 200 and signed.json()["status"] == "signed"
+        # An amendment goes on counting: a revision read from the signed version is stale.
+        amended = tung.post(f"{url}/amend")
+        assert amended.status_code == 200 and amended.json()["current"]["revision"] == 3
+        assert lan.put(url, json={"findings": "cũ", "impression": "cũ", "revision": 2}).status_code == 409
         # Clients that send no revision keep working as before.
-        assert tung.post(f"{url}/amend").status_code == 200
         assert tung.put(url, json={"findings": "Bổ sung.", "impression": "U não."}).status_code == 200
 
 

@@ -4,6 +4,7 @@ to the HIS, studies are reconciled with their orders, patients merge."""
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from collections.abc import Iterator
@@ -180,12 +181,17 @@ def test_mpps_moves_the_order_and_reports_to_the_his_even_when_it_was_down(ris: 
     create.ScheduledStepAttributesSequence = Sequence([scheduled])
     # Type 1 attributes missing or empty, N-SETs of what may not change, a
     # completion without its end: refused with the attributes named (PS3.4 F.7.2).
-    lacking = Dataset()
-    lacking.update(create)
+    lacking = copy.deepcopy(create)
     del lacking.PerformedProcedureStepID
     refused = _mpps_status(ris, generate_uid(), lacking, create=True)
     assert int(refused.Status) == 0x0120 and "PerformedProcedureStepID" in refused.ErrorComment
     lacking.PerformedProcedureStepID = ""
+    assert _mpps(ris, generate_uid(), lacking, create=True) == 0x0121
+    lacking.PerformedProcedureStepID = "PPS4001"
+    unnamed = Dataset()
+    unnamed.AccessionNumber = "ACC4001"
+    unnamed.StudyInstanceUID = ""  # Type 1 in the scheduled step item too
+    lacking.ScheduledStepAttributesSequence = Sequence([unnamed])
     assert _mpps(ris, generate_uid(), lacking, create=True) == 0x0121
     assert _mpps(ris, mpps_uid, create, create=True) == 0x0000
     with ris.http() as http:
@@ -195,6 +201,8 @@ def test_mpps_moves_the_order_and_reports_to_the_his_even_when_it_was_down(ris: 
     assert _mpps(ris, mpps_uid, moved, create=False) == 0x0106
     unfinished = Dataset()
     unfinished.PerformedProcedureStepStatus = "COMPLETED"
+    assert _mpps(ris, mpps_uid, unfinished, create=False) == 0x0110
+    unfinished.PerformedProcedureStepEndDate = "20241121"  # a date without its time is not an end either
     assert _mpps(ris, mpps_uid, unfinished, create=False) == 0x0110
     # The HIS is down: nothing may be lost. Complete the step meanwhile.
     done = Dataset()

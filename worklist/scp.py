@@ -214,6 +214,14 @@ def _create_problem(attributes: Dataset) -> Dataset | None:
     empty = [k for k in _CREATE_REQUIRED if attributes[k].is_empty]
     if empty:
         return _refused(MISSING_VALUE, f"N-CREATE has empty Type 1 {', '.join(empty)}", empty)
+    # Each scheduled step item names its study (Type 1 there too).
+    for item in attributes.ScheduledStepAttributesSequence:
+        if "StudyInstanceUID" not in item:
+            return _refused(MISSING_ATTRIBUTE, "a Scheduled Step Attributes item lacks StudyInstanceUID",
+                            ["StudyInstanceUID"])
+        if item["StudyInstanceUID"].is_empty:
+            return _refused(MISSING_VALUE, "a Scheduled Step Attributes item has an empty StudyInstanceUID",
+                            ["StudyInstanceUID"])
     return None
 
 
