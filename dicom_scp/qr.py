@@ -85,6 +85,18 @@ def _match_text(identifier: Dataset, tag: Any, declared: bool) -> str:
     return _value_text(identifier[tag].value)
 
 
+def cancelled(event: Any) -> bool:
+    """Whether the request being served was cancelled, also by a C-CANCEL
+    that arrived before it was served (dicom_scp.reactor keeps that one)."""
+    if event.is_cancelled:
+        return True
+    assoc = event.assoc
+    if getattr(assoc, "_early_cancel", None) == event.request.MessageID:
+        assoc._early_cancel = None
+        return True
+    return False
+
+
 def identifier_query(identifier: Dataset, sop_class: str) -> tuple[Query, list[str]]:
     """Translate a C-FIND/MOVE/GET identifier into a query and its return keys."""
     try:
@@ -139,7 +151,7 @@ def make_find_handler(pacs: Pacs) -> Any:
         writer = PendingResponses.open(event, shape)
         try:
             for row in run_query(pacs.engine, query):
-                if event.is_cancelled:
+                if cancelled(event):
                     if writer is not None:
                         writer.flush()
                     yield CANCEL, None
@@ -190,10 +202,10 @@ def _send_each(pacs: Pacs, event: Any, items: list[RetrieveItem], peer_accepts: 
                failed: list[str], fetch: Any) -> Iterator[tuple[int, Dataset | None]]:
     stored_index = 0
     for item in items:
-        if event.is_cancelled:
-            cancelled = Dataset()
-            cancelled.FailedSOPInstanceUIDList = failed
-            yield CANCEL, cancelled
+        if cancelled(event):
+            counts = Dataset()
+            counts.FailedSOPInstanceUIDList = failed
+            yield CANCEL, counts
             return
         if sendable_as_stored(item, peer_accepts):
             instance = StoredInstance(item)
