@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -469,6 +470,21 @@ def test_wado_uri_refuses_what_it_does_not_do(web: PacsServer) -> None:
             assert response.status_code == 400 and word in response.json()["error"], extra
 
 
+def _http_answer(sock: socket.socket) -> bytes:
+    """One whole HTTP/1.1 answer (head and Content-Length body), which may
+    come in several segments."""
+    answer = b""
+    while True:
+        head, sep, body = answer.partition(b"\r\n\r\n")
+        length = re.search(rb"content-length: *(\d+)", head, re.I)
+        if sep and (length is None or len(body) >= int(length.group(1))):
+            return answer
+        chunk = sock.recv(65536)
+        if not chunk:
+            return answer
+        answer += chunk
+
+
 def test_a_stalled_upload_ends_with_408_and_leaves_no_spooled_part(tmp_path: Path) -> None:
     """A STOW-RS body whose link goes silent halfway (no FIN, no RST) is ended
     after the network timeout (dicom_timeout) with 408, its spooled part
@@ -484,7 +500,7 @@ def test_a_stalled_upload_ends_with_408_and_leaves_no_spooled_part(tmp_path: Pat
                    f"Content-Length: {10_000_000}\r\n\r\n").encode()
         with socket.create_connection(("127.0.0.1", server.http_port), timeout=60) as sock:
             sock.sendall(request + head)  # then silence: 200 kB of 10 MB sent
-            answer = sock.recv(65536)
+            answer = _http_answer(sock)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
         assert b"stalled" in answer
         assert wait_until(lambda: not list((server.data_dir / "stow-spool").glob("*.part")), timeout=30)
