@@ -29,10 +29,11 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.app import Pacs
 from pacs.audit import Event
-from pacs.errors import IngestError, Status
-from pacs.ingest import Origin
-from pacs.part10 import BufferSource, file_meta_bytes, meta_group_length
 from pacs.dicom_net import apply_limits, tune_socket
+from pacs.errors import IngestError, Status
+from pacs.header import stray_meta_length
+from pacs.ingest import Origin
+from pacs.part10 import BufferSource, file_meta_bytes
 
 from .acceptor import InlineAssociationServer
 from .contexts import (
@@ -133,7 +134,7 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
         try:
             meta = file_meta_bytes(sop_class, sop_uid, transfer_syntax, requestor.ae_title)
             body = dataset.getbuffer()
-            stray = meta_group_length(body, transfer_syntax)
+            stray = stray_meta_length(body, transfer_syntax)
             if stray:
                 # Kept as received except these: our File Meta is the one header.
                 log.warning("C-STORE from %s: %d bytes of File Meta elements (group 0002) inside the data set "

@@ -26,7 +26,7 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import IngestError, Status
-from .header_scan import ScanFailed, ScannedDataset, scan, single_codec, uses_code_extensions
+from .header_scan import ScanFailed, ScannedDataset, leading_meta_length, scan, single_codec, uses_code_extensions
 from .names import fold_name, name_words
 
 log = logging.getLogger(__name__)
@@ -292,6 +292,16 @@ def _scan_syntax(transfer_syntax: str) -> bool | None:
     if not syntax.is_transfer_syntax or not syntax.is_little_endian or syntax.is_deflated:
         return None
     return not syntax.is_implicit_VR
+
+
+def stray_meta_length(dataset: bytes | bytearray | memoryview, transfer_syntax: str) -> int:
+    """How many leading bytes of a received dataset are File Meta elements
+    (group 0002), which belong only in the Part 10 header (PS3.10 7.1):
+    stored after our meta they read as a second, conflicting header (a stray
+    (0002,0010) was taken for the transfer syntax on retrieval). 0 for
+    well-formed data and for syntaxes the scanner does not read."""
+    explicit = _scan_syntax(transfer_syntax)
+    return 0 if explicit is None else leading_meta_length(memoryview(dataset).cast("B"), explicit)
 
 
 def _uid(values: _Values | _ScannedValues, keyword: str, *, required: bool = True) -> str:

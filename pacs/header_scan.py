@@ -137,6 +137,26 @@ class _Scanner:
         return found
 
 
+def leading_meta_length(data: memoryview, explicit: bool) -> int:
+    """How many leading bytes of a Little Endian dataset are File Meta
+    elements (group 0002), which belong in the Part 10 header only; 0 when
+    there are none or they are not well-formed elements (the parser judges
+    the dataset then)."""
+    scanner = _Scanner(data, explicit)
+    pos = 0
+    try:
+        while pos < scanner.size:
+            tag, _, length, start = scanner.header(pos)
+            if tag >> 16 != 0x0002:
+                break
+            if length == _UNDEFINED:
+                return 0
+            pos = scanner.skip_value(tag, length, start, 0)
+    except ScanFailed:
+        return 0
+    return pos
+
+
 def scan(data: memoryview, explicit: bool, wanted: frozenset[int]) -> ScannedDataset:
     """Walk a whole Little Endian dataset; keep the *wanted* top-level values."""
     scanner = _Scanner(data, explicit)

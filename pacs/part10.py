@@ -113,44 +113,6 @@ class Part10Stream(io.RawIOBase):
         return self._parts[0][pos:].tobytes() + self._parts[1][: end - self._split].tobytes()
 
 
-# VRs whose explicit-VR length field is 4 bytes (after 2 reserved ones).
-_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-_IMPLICIT_VR_LE = "1.2.840.10008.1.2"
-_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
-
-
-def meta_group_length(dataset: bytes | bytearray | memoryview, transfer_syntax: str) -> int:
-    """How many leading bytes of a received little endian *dataset* are
-    File Meta elements (group 0002), which belong only in the Part 10 header
-    (PS3.10 7.1; PS3.5 7.1): stored after our meta they read as a second,
-    conflicting header (a stray (0002,0010) was taken for the transfer syntax
-    on retrieval). 0 for well-formed data, big endian, deflated and
-    compressed syntaxes (encapsulated ones are explicit little endian too)."""
-    view = memoryview(dataset).cast("B")
-    explicit = transfer_syntax != _IMPLICIT_VR_LE
-    if transfer_syntax not in _LITTLE_ENDIAN and not transfer_syntax.startswith("1.2.840.10008.1.2.4") \
-            and transfer_syntax != "1.2.840.10008.1.2.5":
-        return 0
-    pos = 0
-    while pos + 8 <= len(view) and view[pos] == 0x02 and view[pos + 1] == 0x00:
-        if explicit:
-            vr = bytes(view[pos + 4:pos + 6])
-            if vr in _LONG_VRS:
-                if pos + 12 > len(view):
-                    break
-                length = struct.unpack_from("<L", view, pos + 8)[0]
-                pos += 12 + length
-            else:
-                length = struct.unpack_from("<H", view, pos + 6)[0]
-                pos += 8 + length
-        else:
-            length = struct.unpack_from("<L", view, pos + 4)[0]
-            pos += 8 + length
-        if length == 0xFFFFFFFF or pos > len(view):
-            return 0  # not a well-formed element: leave the dataset to the parser's verdict
-    return pos
-
-
 class Source(Protocol):
     """Where an object's bytes can be read from, as often as needed."""
 
