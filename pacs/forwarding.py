@@ -173,8 +173,7 @@ class Forwarder:
                 self._busy.discard(destination)
 
     def _fail(self, destination: str, job: Job, error: str, *, permanent: bool = False) -> None:
-        state = routing.fail(self.pacs.engine, job, error, max_attempts=1 if permanent else self.max_attempts,
-                             permanent=permanent)
+        state = routing.fail(self.pacs.engine, job, error, max_attempts=self.max_attempts, permanent=permanent)
         self._failures.setdefault(destination, []).append((state, error))
 
     def drain(self, destination: str) -> int:

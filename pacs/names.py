@@ -57,7 +57,8 @@ def same_person(a: object, b: object) -> bool:
     "Hoàng^Minh Tuân" and "Hoàng^Minh Tuấn" are two people, whom the folded
     form (for searching) confuses. Case, Unicode normalisation, spacing and
     trailing empty components do not count. For access rules, not search."""
-    return bool(_person_key(a)) and _person_key(a) == _person_key(b)
+    key = _person_key(a)
+    return bool(key) and key == _person_key(b)
 
 
 def _person_key(name: object) -> str:

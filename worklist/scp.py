@@ -200,10 +200,11 @@ _SET_NOT_ALLOWED = ("ScheduledStepAttributesSequence", "PerformedProcedureStepID
 MISSING_ATTRIBUTE, MISSING_VALUE = 0x0120, 0x0121
 
 
-def _refused(code: int, comment: str, keywords: list[str]) -> Dataset:
-    """A failure naming the attributes concerned (Attribute Identifier List, PS3.7 10.1)."""
+def _refused(code: int, comment: str, attributes: list[str] | list[int]) -> Dataset:
+    """A failure naming the attributes concerned, by keyword or tag
+    (Attribute Identifier List, PS3.7 10.1)."""
     status = _status(code, comment)
-    status.AttributeIdentifierList = [Tag(keyword) for keyword in keywords]
+    status.AttributeIdentifierList = [Tag(attribute) for attribute in attributes]
     return status
 
 
@@ -226,11 +227,11 @@ def _create_problem(attributes: Dataset) -> Dataset | None:
 
 
 def _set_problem(changes: Dataset) -> Dataset | None:
-    refused = [k for k in _SET_NOT_ALLOWED if k in changes]
-    refused += [e.keyword or str(e.tag) for e in changes if e.tag.group == 0x0010]  # the patient's attributes
+    # Besides the listed ones, none of the patient's attributes (group 0010).
+    refused = [e for e in changes if e.keyword in _SET_NOT_ALLOWED or e.tag.group == 0x0010]
     if refused:
-        return _refused(INVALID_VALUE, f"N-SET may not change {', '.join(refused)}",
-                        [k for k in refused if k in _SET_NOT_ALLOWED or k.isalpha()])
+        names = ", ".join(e.keyword or str(e.tag) for e in refused)
+        return _refused(INVALID_VALUE, f"N-SET may not change {names}", [e.tag for e in refused])
     return None
 
 

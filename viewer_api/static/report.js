@@ -3,7 +3,7 @@
 
 import { api } from "./api.js";
 import { onLangChange, t } from "./i18n.js";
-import { formatDateTime, formatPN, h, toast } from "./util.js";
+import { formatDateTime, formatPN, h, readSession, toast, writeSession } from "./util.js";
 
 // Only radiologists write and sign reports (the server enforces it too).
 const EDITOR_ROLES = new Set(["radiologist"]);
@@ -103,32 +103,20 @@ export class ReportPanel {
   }
 
   keepUnsaved() {
-    try {
-      sessionStorage.setItem(this.keepKey, JSON.stringify({
-        user: this.username, revision: this.revision(), findings: this.findings.value, impression: this.impression.value,
-      }));
-    } catch {
-      /* storage full or disabled: the beforeunload warning still protects */
-    }
+    // Storage full or disabled: the beforeunload warning still protects.
+    writeSession(this.keepKey, {
+      user: this.username, revision: this.revision(), findings: this.findings.value, impression: this.impression.value,
+    });
   }
 
   dropUnsaved() {
-    try {
-      sessionStorage.removeItem(this.keepKey);
-    } catch {
-      /* storage disabled */
-    }
+    writeSession(this.keepKey, null);
   }
 
   /** Text this user typed here before the session was lost: back into the
    * editor when nobody saved since, else beside the colleague's text. */
   restoreUnsaved() {
-    let kept = null;
-    try {
-      kept = JSON.parse(sessionStorage.getItem(this.keepKey) || "null");
-    } catch {
-      kept = null;
-    }
+    const kept = readSession(this.keepKey);
     if (!kept || kept.user !== this.username || !this.editable()) return;
     if (kept.findings === this.findings.value && kept.impression === this.impression.value) {
       this.dropUnsaved();

@@ -3,7 +3,7 @@
 import { api } from "./api.js";
 import { onLangChange, t } from "./i18n.js";
 import { ReportPanel } from "./report.js";
-import { formatDate, formatPN, h, isTyping, listText, sexLabel } from "./util.js";
+import { formatDate, formatPN, h, isTyping, listText, readSession, sexLabel, writeSession } from "./util.js";
 import { NON_IMAGE, Viewer } from "./viewer.js";
 
 
@@ -19,20 +19,8 @@ export function mountStudy(root, ctx, studyUid) {
   let restoring = false;
   viewer.onChange = () => {
     if (restoring || !selected || viewer.index < 0) return;
-    try {
-      sessionStorage.setItem(viewKey, JSON.stringify({
-        series: selected.series_uid, index: viewer.index, preset: viewer.preset }));
-    } catch {
-      /* storage disabled: start from the first image */
-    }
+    writeSession(viewKey, { series: selected.series_uid, index: viewer.index, preset: viewer.preset });
   };
-  function savedView() {
-    try {
-      return JSON.parse(sessionStorage.getItem(viewKey) || "null");
-    } catch {
-      return null;
-    }
-  }
   const report = new ReportPanel(studyUid, ctx.user);
   const header = h("header#study-header.study-header", h("span.muted", { "data-i18n": "loading" }));
   const seriesList = h("nav#series-list.series-list", { "data-i18n-aria": "series" });
@@ -183,7 +171,7 @@ export function mountStudy(root, ctx, studyUid) {
     renderHeader();
     renderSeries();
     const all = study.series || [];
-    const saved = savedView();
+    const saved = readSession(viewKey);
     const before = saved && all.find((s) => s.series_uid === saved.series);
     const first = before || all.find((s) => !NON_IMAGE.has(s.modality) && (s.instances || []).length) || all[0];
     restoring = Boolean(before);

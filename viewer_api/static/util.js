@@ -115,3 +115,23 @@ export function isTyping(event) {
   if (tag === "INPUT") return !["button", "checkbox", "radio", "submit", "range"].includes(el.type);
   return false;
 }
+
+/** A JSON value kept in this tab's sessionStorage; null when absent or unreadable. */
+export function readSession(key) {
+  try {
+    return JSON.parse(sessionStorage.getItem(key) || "null");
+  } catch {
+    return null;
+  }
+}
+
+/** Keep *value* (as JSON) under *key* in this tab; null removes it. A storage
+ * that is disabled or full is ignored: what it keeps is a convenience. */
+export function writeSession(key, value) {
+  try {
+    if (value === null) sessionStorage.removeItem(key);
+    else sessionStorage.setItem(key, JSON.stringify(value));
+  } catch {
+    /* disabled or full */
+  }
+}

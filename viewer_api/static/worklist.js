@@ -2,7 +2,7 @@
 
 import { api } from "./api.js";
 import { onLangChange, t } from "./i18n.js";
-import { formatDate, formatPN, formatTime, h, isTyping, listText, sexLabel, toDicomDate } from "./util.js";
+import { formatDate, formatPN, formatTime, h, isTyping, listText, readSession, sexLabel, toDicomDate, writeSession } from "./util.js";
 
 const FILTER_KEY = "pacs.worklist";
 const PAGE_SIZE = 50;
@@ -10,19 +10,11 @@ const MODALITIES = ["CT", "MR", "DX", "CR", "US", "MG", "XA"];
 const STATUSES = ["unread", "draft", "signed"];
 
 function loadFilters() {
-  try {
-    return { offset: 0, ...JSON.parse(sessionStorage.getItem(FILTER_KEY) || "{}") };
-  } catch {
-    return { offset: 0 };
-  }
+  return { offset: 0, ...readSession(FILTER_KEY) };
 }
 
 function saveFilters(filters) {
-  try {
-    sessionStorage.setItem(FILTER_KEY, JSON.stringify(filters));
-  } catch {
-    /* ignore */
-  }
+  writeSession(FILTER_KEY, filters);
 }
 
 /** The status badge of a worklist row or a report ("none" and "unread" read the same). */
