@@ -959,8 +959,10 @@ class CStoreSender:
 def cstore_checker(sender: CStoreSender) -> Callable[[DicomCase], str]:
     """A check that sends one malformed dataset inside a valid association:
     the answer must be a C-STORE response with success or a refusal status
-    (0xA900 / 0xC000), never silence or an internal error."""
-    allowed = {0x0000, 0xA900, 0xC000}
+    (0xA900 / 0xC000, or 0x0111 when what the damaged header names is a SOP
+    Instance UID already kept in another study or series), never silence or
+    an internal error."""
+    allowed = {0x0000, 0xA900, 0xC000, 0x0111}
 
     def check(case: DicomCase) -> str:
         data = apply_case(case, network=True)
