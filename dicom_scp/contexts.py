@@ -13,9 +13,10 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
 )
-from pynetdicom import AllStoragePresentationContexts
+from pynetdicom import AllStoragePresentationContexts, register_uid
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import PresentationContext
+from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     PatientRootQueryRetrieveInformationModelGet,
@@ -55,12 +56,51 @@ STORAGE_TRANSFER_SYNTAXES: list[UID] = [
 ]
 
 
+# Storage classes retired from the standard that pynetdicom does not know,
+# yet old machines still send them: an ultrasound bought before 2000 sends
+# 1.2.840.10008.5.1.4.1.1.6 for every image. DCMTK's storescp and Orthanc
+# accept them, so a hospital replacing either must too (PS3.4 2003 Annex B).
+RETIRED_STORAGE_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.1.27": "StoredPrintStorageRetired",
+    "1.2.840.10008.5.1.1.29": "HardcopyGrayscaleImageStorageRetired",
+    "1.2.840.10008.5.1.1.30": "HardcopyColorImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.3": "UltrasoundMultiFrameImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.5": "NuclearMedicineImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.6": "UltrasoundImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.8": "StandaloneOverlayStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.9": "StandaloneCurveStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.9.1": "WaveformStorageTrialRetired",
+    "1.2.840.10008.5.1.4.1.1.10": "StandaloneModalityLUTStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.11": "StandaloneVOILUTStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.12.3": "XRayAngiographicBiPlaneImageStorageRetired",
+    "1.2.840.10008.5.1.4.1.1.77.1": "VLImageStorageTrialRetired",
+    "1.2.840.10008.5.1.4.1.1.77.2": "VLMultiFrameImageStorageTrialRetired",
+    "1.2.840.10008.5.1.4.1.1.88.1": "TextSRStorageTrialRetired",
+    "1.2.840.10008.5.1.4.1.1.88.2": "AudioSRStorageTrialRetired",
+    "1.2.840.10008.5.1.4.1.1.88.3": "DetailSRStorageTrialRetired",
+    "1.2.840.10008.5.1.4.1.1.88.4": "ComprehensiveSRStorageTrialRetired",
+    "1.2.840.10008.5.1.4.1.1.129": "StandalonePETCurveStorageRetired",
+}
+
+
+def storage_classes() -> list[str]:
+    """Every storage SOP class we accept: pynetdicom's and the retired ones.
+
+    The retired ones are registered with pynetdicom as storage classes (it
+    would otherwise abort an association that sends one, or refuse to send
+    one back on a C-GET); registering twice is harmless.
+    """
+    for uid, keyword in RETIRED_STORAGE_CLASSES.items():
+        register_uid(uid, keyword, StorageServiceClass)
+    return [cx.abstract_syntax for cx in AllStoragePresentationContexts] + list(RETIRED_STORAGE_CLASSES)
+
+
 def storage_contexts() -> list[PresentationContext]:
-    """One context per storage SOP class pynetdicom knows, every syntax above."""
+    """One context per storage SOP class we accept, every syntax above."""
     contexts = []
-    for template in AllStoragePresentationContexts:
+    for abstract_syntax in storage_classes():
         cx = PresentationContext()
-        cx.abstract_syntax = template.abstract_syntax
+        cx.abstract_syntax = abstract_syntax
         cx.transfer_syntax = list(STORAGE_TRANSFER_SYNTAXES)
         # Accept SCP/SCU role selection: a C-GET requestor takes the storage
         # SCP role and we send its instances back on the same association.

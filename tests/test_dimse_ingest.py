@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from pacs.index.models import Instance, Patient, PatientIdentifier, Series, Study
@@ -132,3 +133,54 @@ def test_sample_studies_indexed_right(any_backend_server: PacsServer, samples: P
                     assert ident.issuer == other["issuer"]
     finally:
         core.close()
+
+
+def test_retired_storage_class_stored_and_retrieved(pacs_server: PacsServer, tmp_path: Path) -> None:
+    """An old ultrasound sends Ultrasound Image Storage (Retired): kept as sent, and
+    a C-GET requestor gets it back (DCMTK's storescp and Orthanc take it too)."""
+    from pydicom.data import get_testdata_file
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    retired_us = "1.2.840.10008.5.1.4.1.1.6"
+    ds = dcmread(get_testdata_file("CT_small.dcm", download=False))
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = retired_us
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.Modality = "US"
+    path = tmp_path / "in" / "old-us.dcm"
+    path.parent.mkdir()
+    ds.save_as(path, enforce_file_format=True)
+
+    result = pacs_server.storescu("-R", str(path))  # -R: propose the file's own class
+    assert result.returncode == 0, result.stderr
+    core = pacs_server.core()
+    try:
+        stored = core.reader.stored_instance(ds.SOPInstanceUID)
+        assert stored is not None and stored.sop_class_uid == retired_us, stored
+        kept = dataset_bytes(core.store.read_bytes(stored.storage_key))
+    finally:
+        core.close()
+
+    received: list[bytes] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.request.DataSet.getvalue())
+        return 0
+
+    ae = AE(ae_title="OLDVIEWER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(retired_us, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", pacs_server.dicom_port, ae_title=pacs_server.ae_title,
+                         ext_neg=[build_role(retired_us, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = ds.StudyInstanceUID
+    statuses = [status.Status for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+    assoc.release()
+    assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
+    assert len(received) == 1
+    assert received[0] == kept
+    assert dcmread(io.BytesIO(received[0]), force=True).PixelData == ds.PixelData
