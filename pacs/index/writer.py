@@ -34,6 +34,8 @@ corrections: Table = Correction.__table__  # type: ignore[assignment]
 log = logging.getLogger(__name__)
 # Seconds a study's patient is trusted from the cache (see _study_patient).
 STUDY_PATIENT_TTL = 10.0
+# Seconds a series' primary key is trusted from the cache (see IndexWriter).
+SERIES_TTL = 10.0
 
 
 @dataclass
@@ -90,9 +92,15 @@ class _Lru(OrderedDict[Any, Any]):
 class IndexWriter:
     """Upserts records; caches parent primary keys between calls.
 
-    The cache only saves lookups: if a cached row vanished (purged by another
-    process), the instance insert fails its foreign key; the caller rolls
-    back, clears the cache and retries.
+    The cache only saves lookups, and a cached key is not trusted blindly:
+    a patient merged or re-filed by the HIS (another connection, another
+    process) is deleted, and SQLite gives the next new row the freed
+    primary key, so a stale entry would file a study under a stranger.
+    Patient and study keys are checked against their row when used (once
+    per new study or series); series keys, used for every instance, are
+    kept for SERIES_TTL seconds only, and a vanished series fails the
+    instance's foreign key (the caller rolls back, clears the cache and
+    retries).
     """
 
     def __init__(self, overwrite: bool = False, cache_size: int = 20_000) -> None:
@@ -114,7 +122,10 @@ class IndexWriter:
         key = (h.patient_id, h.issuer)
         pk = self._patients.get(key)
         if pk is not None:
-            return pk
+            row = conn.execute(select(patients.c.patient_id, patients.c.issuer).where(patients.c.pk == pk)).first()
+            if row is not None and row.patient_id == h.patient_id and (not h.issuer or row.issuer == h.issuer):
+                return pk
+            del self._patients[key]
         if not h.issuer and h.patient_id:
             # Modalities rarely send Issuer of Patient ID: an ID without issuer
             # is the patient the HIS registered under that ID with its issuer,
@@ -175,7 +186,9 @@ class IndexWriter:
     def _study_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
         pk = self._studies.get(h.study_uid)
         if pk is not None:
-            return pk
+            if conn.execute(select(studies.c.study_uid).where(studies.c.pk == pk)).scalar() == h.study_uid:
+                return pk
+            del self._studies[h.study_uid]
         # A study the HIS ordered is filed under the HIS patient: the
         # modality's (possibly mistyped) patient is never created.
         order = find_order(conn, h.study_uid, h.accession_number)
@@ -212,8 +225,14 @@ class IndexWriter:
         self._studies.put(h.study_uid, pk)
         return pk
 
+    def _cached_series(self, series_uid: str) -> int | None:
+        cached = self._series.get(series_uid)
+        if cached is None or time.monotonic() - cached[0] >= SERIES_TTL:
+            return None
+        return int(cached[1])
+
     def _series_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
-        pk = self._series.get(h.series_uid)
+        pk = self._cached_series(h.series_uid)
         if pk is not None:
             return pk
         study_pk = self._study_pk(conn, h, now)
@@ -243,7 +262,7 @@ class IndexWriter:
             ).scalar_one()
         else:
             self._add_series_to_study(conn, study_pk, h.modality)
-        self._series.put(h.series_uid, pk)
+        self._series.put(h.series_uid, (time.monotonic(), pk))
         return pk
 
     @staticmethod
@@ -339,7 +358,7 @@ class IndexWriter:
         Series and study counters are kept by database triggers (migration
         0002), so a new instance costs one INSERT.
         """
-        if not self.overwrite and self._series.get(rec.header.series_uid) is None:
+        if not self.overwrite and self._cached_series(rec.header.series_uid) is None:
             # The first instance of a series (as far as the cache knows) may
             # carry a UID the index already holds elsewhere: answered before
             # its study and series rows are made, which would stay empty.
