@@ -33,3 +33,22 @@ def test_a_patient_the_his_deleted_is_not_confused_with_the_next_new_one(ris: Pa
     second = _store(ris, make_ct(tmp_path / "er2.dcm", PatientID="TEMP7", PatientName="CAP^CUU"))
     assert _cfind_names(ris, StudyInstanceUID=second) == [("CAP^CUU", "TEMP7", second)]
     assert _cfind_names(ris, StudyInstanceUID=other) == [("KHAC^NGUOI", "OTHER7", other)]
+
+
+def test_an_instance_after_a_purge_is_not_filed_in_another_study(ris: PacsServer, tmp_path: Path) -> None:
+    """Purge while serving deletes the newest series; SQLite gives its key to the
+    next new series; the purged series' next instance must make its own study
+    again, not join the newer one."""
+    study, series = "1.2.826.0.1.3680043.8.498.7100", "1.2.826.0.1.3680043.8.498.7100.1"
+    _store(ris, make_ct(tmp_path / "x1.dcm", PatientID="PX", PatientName="LE^X", StudyDate="20000101",
+                        StudyInstanceUID=study, SeriesInstanceUID=series))
+    purged = ris.cli("purge", "--older-than", "3650", "--yes")
+    assert "studies deleted" in purged.stdout, purged.stdout
+    newer = _store(ris, make_ct(tmp_path / "y1.dcm", PatientID="PY", PatientName="PHAM^Y"))
+    _store(ris, make_ct(tmp_path / "x2.dcm", PatientID="PX", PatientName="LE^X", StudyDate="20000101",
+                        StudyInstanceUID=study, SeriesInstanceUID=series))
+    assert _cfind_names(ris, StudyInstanceUID=study) == [("LE^X", "PX", study)]
+    assert _cfind_names(ris, StudyInstanceUID=newer) == [("PHAM^Y", "PY", newer)]
+    with ris.http() as http:
+        counts = http.get("/dicom-web/studies", params={"StudyInstanceUID": newer}).json()[0]
+        assert counts["00201208"]["Value"] == [1]  # NumberOfStudyRelatedInstances

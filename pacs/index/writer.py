@@ -16,7 +16,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Connection, Table, select, update
+from sqlalchemy import Connection, Table, bindparam, select, update
 
 from ..header import InstanceHeader
 from ..names import fold_name
@@ -32,10 +32,9 @@ series_t: Table = Series.__table__  # type: ignore[assignment]
 instances: Table = Instance.__table__  # type: ignore[assignment]
 corrections: Table = Correction.__table__  # type: ignore[assignment]
 log = logging.getLogger(__name__)
+_SERIES_UID = select(series_t.c.series_uid).where(series_t.c.pk == bindparam("pk"))
 # Seconds a study's patient is trusted from the cache (see _study_patient).
 STUDY_PATIENT_TTL = 10.0
-# Seconds a series' primary key is trusted from the cache (see IndexWriter).
-SERIES_TTL = 10.0
 
 
 @dataclass
@@ -96,11 +95,8 @@ class IndexWriter:
     a patient merged or re-filed by the HIS (another connection, another
     process) is deleted, and SQLite gives the next new row the freed
     primary key, so a stale entry would file a study under a stranger.
-    Patient and study keys are checked against their row when used (once
-    per new study or series); series keys, used for every instance, are
-    kept for SERIES_TTL seconds only, and a vanished series fails the
-    instance's foreign key (the caller rolls back, clears the cache and
-    retries).
+    Every cached key is checked against its row when used: one indexed
+    lookup by primary key (~16 us on SQLite), per instance for the series.
     """
 
     def __init__(self, overwrite: bool = False, cache_size: int = 20_000) -> None:
@@ -225,16 +221,12 @@ class IndexWriter:
         self._studies.put(h.study_uid, pk)
         return pk
 
-    def _cached_series(self, series_uid: str) -> int | None:
-        cached = self._series.get(series_uid)
-        if cached is None or time.monotonic() - cached[0] >= SERIES_TTL:
-            return None
-        return int(cached[1])
-
     def _series_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
-        pk = self._cached_series(h.series_uid)
+        pk = self._series.get(h.series_uid)
         if pk is not None:
-            return pk
+            if conn.execute(_SERIES_UID, {"pk": pk}).scalar() == h.series_uid:
+                return pk
+            del self._series[h.series_uid]
         study_pk = self._study_pk(conn, h, now)
         pk = insert_ignore(
             conn,
@@ -262,7 +254,7 @@ class IndexWriter:
             ).scalar_one()
         else:
             self._add_series_to_study(conn, study_pk, h.modality)
-        self._series.put(h.series_uid, (time.monotonic(), pk))
+        self._series.put(h.series_uid, pk)
         return pk
 
     @staticmethod
@@ -356,9 +348,10 @@ class IndexWriter:
         """Index one record inside the caller's transaction.
 
         Series and study counters are kept by database triggers (migration
-        0002), so a new instance costs one INSERT.
+        0002), so a new instance of a known series costs the check of its
+        cached series key and one INSERT.
         """
-        if not self.overwrite and self._cached_series(rec.header.series_uid) is None:
+        if not self.overwrite and self._series.get(rec.header.series_uid) is None:
             # The first instance of a series (as far as the cache knows) may
             # carry a UID the index already holds elsewhere: answered before
             # its study and series rows are made, which would stay empty.
