@@ -35,6 +35,8 @@ class BackupResult:
     path: str
     bytes: int
     seconds: float
+    # Restore of a SQLite index: where the index it replaced was kept.
+    previous: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,30 +81,74 @@ def backup_index(index_url: str, out: Path) -> BackupResult:
     """
     kind = _kind(index_url)
     out = out.absolute()
+    if out.is_dir():
+        raise BackupError(f"{out} is a directory: name the backup file, e.g. {out / 'index.bak'}")
+    if kind == "sqlite":
+        _refuse_live_file(_sqlite_path(index_url), out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_name(out.name + ".partial")
     partial.unlink(missing_ok=True)
     private_file(partial)  # a copy of the index: no more readable than it
     start = time.perf_counter()
-    if kind == "sqlite":
-        source = sqlite3.connect(f"file:{_sqlite_path(index_url)}?mode=ro", uri=True)
-        target = sqlite3.connect(partial)
-        try:
-            source.backup(target, pages=4096)
-        finally:
-            target.close()
-            source.close()
-    else:
-        result = subprocess.run(
-            [_pg_tool("pg_dump"), "--format=custom", "--no-owner", "--file", str(partial), _libpq_url(index_url)],
-            capture_output=True, text=True, check=False,
-        )
-        if result.returncode != 0:
-            partial.unlink(missing_ok=True)
-            raise BackupError(f"pg_dump failed: {result.stderr.strip()[-500:]}")
-    # Only a complete backup carries the final name.
-    partial.replace(out)
+    try:
+        if kind == "sqlite":
+            _sqlite_copy(f"file:{_sqlite_path(index_url)}?mode=ro", partial)
+        else:
+            result = subprocess.run(
+                [_pg_tool("pg_dump"), "--format=custom", "--no-owner", "--file", str(partial),
+                 _libpq_url(index_url)],
+                capture_output=True, text=True, check=False,
+            )
+            if result.returncode != 0:
+                raise BackupError(f"pg_dump failed: {result.stderr.strip()[-500:]}")
+        # Only a complete backup carries the final name.
+        partial.replace(out)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return BackupResult(kind, str(out), out.stat().st_size, time.perf_counter() - start)
+
+
+def _refuse_live_file(index: Path, out: Path) -> None:
+    live = index.absolute()
+    if out in {live, live.with_name(live.name + "-wal"), live.with_name(live.name + "-shm")} or (
+        out.exists() and live.exists() and out.samefile(live)
+    ):
+        raise BackupError(f"{out} is the live index itself: write the backup elsewhere")
+
+
+def _sqlite_copy(source_uri: str, target: Path) -> None:
+    """Copy a SQLite database with the online backup API, in one step.
+
+    In steps, SQLite restarts the copy whenever another connection commits:
+    on a server ingesting all day, a backup of a large index never ended.
+    One step reads under one read transaction; in WAL mode writers go on.
+    """
+    source = sqlite3.connect(source_uri, uri=True)
+    copy = sqlite3.connect(target)
+    try:
+        source.backup(copy)
+    finally:
+        copy.close()
+        source.close()
+
+
+# Tables every filmless-pacs index has: a restore refuses a file without them.
+_INDEX_TABLES = {"alembic_version", "patients", "studies", "series", "instances"}
+
+
+def _check_sqlite_backup(backup: Path) -> sqlite3.Connection:
+    try:
+        source = sqlite3.connect(f"file:{backup.absolute()}?mode=ro", uri=True)
+        tables = {row[0] for row in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        raise BackupError(f"{backup} is not a SQLite backup: {exc}") from exc
+    missing = _INDEX_TABLES - tables
+    if missing:
+        source.close()
+        raise BackupError(f"{backup} is not a backup of a filmless-pacs index (no table "
+                          f"{', '.join(sorted(missing))}); the current index is left as it is")
+    return source
 
 
 def restore_index(index_url: str, backup: Path) -> BackupResult:
@@ -116,14 +162,17 @@ def restore_index(index_url: str, backup: Path) -> BackupResult:
     if not backup.is_file():
         raise BackupError(f"no backup file {backup}")
     start = time.perf_counter()
+    previous = ""
     if kind == "sqlite":
-        try:
-            source = sqlite3.connect(f"file:{backup.absolute()}?mode=ro", uri=True)
-            source.execute("SELECT count(*) FROM sqlite_master").fetchone()
-        except sqlite3.DatabaseError as exc:
-            raise BackupError(f"{backup} is not a SQLite backup: {exc}") from exc
+        source = _check_sqlite_backup(backup)
         path = _sqlite_path(index_url)
         path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() and path.stat().st_size:
+            # Users, reports, orders and the audit trail live only here: keep them.
+            kept = path.with_name(f"{path.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}")
+            private_file(kept)
+            _sqlite_copy(f"file:{path.absolute()}?mode=ro", kept)
+            previous = str(kept)
         target = sqlite3.connect(path, timeout=5)
         try:
             source.backup(target)
@@ -140,4 +189,4 @@ def restore_index(index_url: str, backup: Path) -> BackupResult:
         )
         if result.returncode != 0:
             raise BackupError(f"pg_restore failed: {result.stderr.strip()[-500:]}")
-    return BackupResult(kind, str(backup), backup.stat().st_size, time.perf_counter() - start)
+    return BackupResult(kind, str(backup), backup.stat().st_size, time.perf_counter() - start, previous)

@@ -68,15 +68,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if not args.yes:
         err.print("restore replaces the whole index; stop `pacs serve`, then run again with --yes")
         return 2
+    from .running import ServerRunning, hold_exclusively
+
     settings = settings_from(args)
     try:
-        result = restore_index(settings.resolved_index_url, args.backup)
-    except BackupError as exc:
+        with hold_exclusively(settings.data_dir):
+            result = restore_index(settings.resolved_index_url, args.backup)
+    except (BackupError, ServerRunning) as exc:
         err.print(f"[red]restore failed:[/red] {exc}")
         return 1
     # Opening the index afterwards brings an older backup's schema up to date.
     _audit(args, "restore", f"index restored from {result.path}")
     _report(args, result, "restored")
     if not args.json:
+        if result.previous:
+            out.print(f"the index it replaced is kept as {result.previous}")
         out.print("objects stored after the backup are now orphans: run `pacs verify --repair` to index them")
     return 0

@@ -120,6 +120,10 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
     """Run until interrupted; returns the process exit code."""
     from viewer_api.app import create_app
 
+    from .running import hold_for_serving
+
+    # Held until the process ends: `pacs restore` refuses to swap the index meanwhile.
+    serving = hold_for_serving(settings.data_dir)
     pacs = Pacs.open(settings)
     try:
         # TLS settings are checked before anything listens: a wrong path fails the start, not a modality.
@@ -178,4 +182,5 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             log.info("stopping")
     finally:
         pacs.close()
+        serving.close()
     return 0

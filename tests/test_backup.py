@@ -66,3 +66,76 @@ def test_restore_refuses_a_file_that_is_not_a_backup(tmp_path: Path) -> None:
     junk.write_bytes(b"not a database" * 100)
     result = server.cli("restore", str(junk), "--yes", check=False)
     assert result.returncode == 1 and "not a SQLite backup" in result.stderr
+
+
+def test_restore_refuses_what_is_not_ours_and_keeps_the_index_it_replaces(tmp_path: Path) -> None:
+    import sqlite3
+
+    server = PacsServer(tmp_path / "data", Backend("sqlite", None, None, {})).start()
+    try:
+        assert server.storescu(*map(str, _series(tmp_path, "kept", 3))).returncode == 0
+        # Restoring under a running server would swap the index under it.
+        good = tmp_path / "good.bak"
+        assert server.cli("backup", "--out", str(good)).returncode == 0
+        refused = server.cli("restore", str(good), "--yes", check=False)
+        assert refused.returncode == 1 and "pacs serve is running" in refused.stderr
+        # Nor may a backup overwrite the live index, or be a directory.
+        live = server.cli("backup", "--out", str(tmp_path / "data" / "index.sqlite"), check=False)
+        assert live.returncode == 1 and "live index" in live.stderr
+        folder = server.cli("backup", "--out", str(tmp_path), check=False)
+        assert folder.returncode == 1 and "is a directory" in folder.stderr
+    finally:
+        server.stop()
+    assert server.stats()["instances"] == 3
+    empty = tmp_path / "empty.bak"
+    empty.touch()
+    other = tmp_path / "other.db"
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE notes (text TEXT)")
+    for not_ours in (empty, other):
+        result = server.cli("restore", str(not_ours), "--yes", check=False)
+        assert result.returncode == 1 and "not a backup of a filmless-pacs index" in result.stderr, result.stderr
+        assert server.stats()["instances"] == 3  # untouched
+    restored = server.cli("restore", str(good), "--yes")
+    kept = [p for p in (tmp_path / "data").iterdir() if ".before-restore-" in p.name]
+    assert len(kept) == 1 and str(kept[0]) in restored.stdout
+
+
+def test_backup_of_a_large_index_ends_while_commits_go_on(tmp_path: Path) -> None:
+    """SQLite restarts a stepwise backup at every commit of another connection:
+    a busy server's backup never ended."""
+    import sqlite3
+    import threading
+
+    from pacs.backup import backup_index
+
+    db = tmp_path / "index.sqlite"
+    with sqlite3.connect(db) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("CREATE TABLE filler (blob BLOB)")
+        conn.executemany("INSERT INTO filler VALUES (?)", [(bytes(4000),)] * 25_000)  # ~100 MB, > 6 x 4096 pages
+    stop = threading.Event()
+    commits = 0
+
+    def commit_all_day() -> None:
+        nonlocal commits
+        with sqlite3.connect(db) as writer:
+            writer.execute("PRAGMA synchronous=OFF")  # commits as fast as a busy server's, without the disk
+            while not stop.is_set() and commits < 200_000:
+                writer.execute("INSERT INTO filler VALUES (x'00')")
+                writer.commit()
+                commits += 1
+
+    thread = threading.Thread(target=commit_all_day)
+    thread.start()
+    try:
+        while commits < 10:
+            threading.Event().wait(0.01)
+        backup_index(f"sqlite:///{db}", tmp_path / "out.bak")
+        still_committing = thread.is_alive()
+    finally:
+        stop.set()
+        thread.join()
+    assert still_committing, "the backup ended only when the commits did"
+    with sqlite3.connect(tmp_path / "out.bak") as copy:
+        assert copy.execute("SELECT count(*) FROM filler").fetchone()[0] >= 25_000

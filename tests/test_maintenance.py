@@ -433,3 +433,26 @@ def test_export_plain_and_deidentified(archive: Path, tmp_path: Path) -> None:
         events = audit.query(pacs.engine, action="export")
     assert sorted(e["study_uid"] for e in events) == sorted([s1, s2] * 3 + [s1])
     assert all(e["protocol"] == "cli" and e["patient_id"] == "001085012345" for e in events)
+
+
+def test_verify_names_stray_files_and_will_not_empty_the_index_of_an_unmounted_disk(archive: Path) -> None:
+    cli = Cli(archive)
+    objects = archive / "objects"
+    (objects / "README.txt").write_text("copied in by hand")
+    some_object = next(p for p in objects.rglob("*.dcm"))
+    (some_object.parent / "copy of it.dcm").write_bytes(some_object.read_bytes())
+    report = cli.json("verify", rc=1)
+    stray = {o["key"]: o for o in report["orphans"]["items"] if not o["valid"]}
+    assert set(stray) == {"?README.txt", "?" + str((some_object.parent / "copy of it.dcm").relative_to(objects))}
+    assert all("not an object of this store" in o["detail"] for o in stray.values())
+    repaired = cli.json("verify", "--repair", rc=1)
+    assert repaired["invalid_orphans"]["count"] == 2 and (objects / "README.txt").exists()
+
+    # The data disk not mounted: the store is an empty folder.
+    shutil.move(objects, archive / "objects-elsewhere")
+    with cli.core() as pacs:
+        before = pacs.reader.stats().instances
+    refused = cli("verify", "--repair", "--drop-missing")
+    assert refused.returncode == 1 and "is the data disk mounted" in refused.stderr, refused.stderr
+    with cli.core() as pacs:
+        assert pacs.reader.stats().instances == before

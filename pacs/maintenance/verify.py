@@ -34,10 +34,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from storage import ObjectNotFound, StorageError, sha256_of
+from storage import ObjectNotFound, StorageError, sha256_of, validate_key
 
 from ..app import Pacs
-from ..errors import IngestError, Status
+from ..errors import IngestError, PacsError, Status
 from ..index.writer import Outcome
 from ..ingest import Origin
 from ..part10 import FileSource
@@ -211,6 +211,15 @@ def _storage_pass(pacs: Pacs, report: VerifyReport, repair: bool, progress: Prog
             if key in pending:
                 report.pending_purge += 1
                 continue
+            try:
+                validate_key(key)
+            except ValueError:
+                stray = {"key": key, "valid": False,
+                         "detail": "not an object of this store (a file or object the store's layout does not "
+                                   "explain); move it out of the store or delete it"}
+                report.orphans.add(stray)
+                report.invalid_orphans.add({"key": key, "detail": stray["detail"]})
+                continue
             problem = _classify_orphan(pacs, key)
             report.orphans.add({"key": key, "valid": problem is None, "detail": problem or ""})
             if problem is not None:
@@ -241,5 +250,12 @@ def verify(
     _index_pass(pacs, report, quick, workers, progress, missing_pks)
     _storage_pass(pacs, report, repair, progress, pending)
     if repair and drop_missing and missing_pks:
+        if report.stored == 0 and len(missing_pks) == report.checked:
+            # Every object gone and the store empty: an unmounted data disk or
+            # a wrong --storage-url, not lost objects. Dropping would empty the index.
+            raise PacsError(
+                f"all {report.checked} indexed objects are missing and the store {pacs.store.url} is empty: "
+                "is the data disk mounted, is the storage URL right? Nothing was dropped."
+            )
         report.dropped = delete_instance_rows(pacs.engine, missing_pks)
     return report
