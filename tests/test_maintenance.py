@@ -456,3 +456,13 @@ def test_verify_names_stray_files_and_will_not_empty_the_index_of_an_unmounted_d
     assert refused.returncode == 1 and "is the data disk mounted" in refused.stderr, refused.stderr
     with cli.core() as pacs:
         assert pacs.reader.stats().instances == before
+
+
+def test_purge_keeps_a_study_whose_date_is_a_placeholder_by_when_it_arrived(archive: Path) -> None:
+    from sqlalchemy import update
+
+    cli = Cli(archive)
+    with cli.core() as pacs, pacs.engine.begin() as conn:
+        conn.execute(update(Study.__table__).where(Study.study_uid == study_uid("S2")).values(study_date="00000000"))
+    dry = cli.json("purge", "--older-than", "30")
+    assert study_uid("S2") not in {s["study_uid"] for s in dry["studies"]["items"]}  # it arrived today

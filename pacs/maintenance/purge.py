@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 
 STATUSES = ("unread", "draft", "signed")
 
+# Study dates before this are placeholders, not dates (see PurgeRules.condition).
+EARLIEST_STUDY_DATE = "19000101"
+
 
 class PurgeJournal:
     """Keys of objects whose index rows are (being) deleted by a purge."""
@@ -138,7 +141,9 @@ class PurgeRules:
             received_cutoff = datetime.combine(
                 today - timedelta(days=self.older_than_days), datetime.min.time()
             ).astimezone(UTC)
-            dated = func.length(studies_t.c.study_date) == 8
+            # "00000000" or "18000101" (a modality's unset clock) is no date to
+            # keep a study by: such a study is kept by when it arrived.
+            dated = and_(func.length(studies_t.c.study_date) == 8, studies_t.c.study_date >= EARLIEST_STUDY_DATE)
             clauses.append(
                 or_(
                     and_(dated, studies_t.c.study_date < cutoff),
