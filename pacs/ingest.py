@@ -202,6 +202,25 @@ class Ingestor:
             log.error("index lookup failed for %s: %s", key, exc)
             raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
 
+    def _settle_race(self, key: str, record: IndexRecord, indexed_sha256: str) -> None:
+        """Two nodes received different objects under one SOP Instance UID at
+        once: both checked the index, both uploaded to *key* (an S3 PUT
+        replaces), and the other node's row won. The object now under *key*
+        is whichever PUT ended last; the index must describe those bytes."""
+        try:
+            kept = self.store.checksum(key)
+        except StorageError as exc:
+            log.error("could not read back %s after a concurrent upload: %s", key, exc)
+            raise IngestError(Status.STORAGE_FAILED, f"storage unavailable: {exc}") from exc
+        log.warning("SOP Instance UID %s was received twice at once with different content; %s",
+                    record.header.sop_uid, _settled(kept, record.sha256, indexed_sha256))
+        if kept == record.sha256:
+            try:
+                self.committer.replace(record)
+            except Exception as exc:
+                log.error("index commit failed for %s: %s", key, exc)
+                raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
+
     def _store_and_index(self, source: Source, header: InstanceHeader, origin: Origin) -> IngestResult:
         key = object_key(header.study_uid, header.series_uid, header.sop_uid)
         if self.store.remote and not self.overwrite:
@@ -238,11 +257,17 @@ class Ingestor:
             log.error("storage write failed: %s", exc)
             raise IngestError(Status.STORAGE_FAILED, f"storage unavailable: {exc}") from exc
 
-        routes = (
-            self.routes.plan(header.full_dataset, origin.calling_ae, header.sop_class_uid, header.modality)
-            if self.routes is not None
-            else []
-        )
+        try:
+            routes = (
+                self.routes.plan(header.full_dataset, origin.calling_ae, header.sop_class_uid, header.modality)
+                if self.routes is not None
+                else []
+            )
+        except Exception as exc:
+            # The rules are read from the index: its outage is "try again later"
+            # (A703), not the 0xC000 "cannot understand" a modality gives up on.
+            log.error("routing rules unavailable for %s: %s", key, exc)
+            raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
         record = IndexRecord(
             header=header,
             size=info.size,
@@ -262,6 +287,9 @@ class Ingestor:
             log.error("index commit failed for %s: %s", key, exc)
             raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
 
+        if (added.outcome is Outcome.DUPLICATE and added.existing_key == key and self.store.remote
+                and not self.overwrite and info.sha256 and added.existing_sha256 not in (None, info.sha256)):
+            self._settle_race(key, record, added.existing_sha256 or "")
         # The index keeps one object per instance: remove the one it dropped
         # (replaced), or ours if a copy under another key won (duplicate).
         unreferenced = added.obsolete_key
@@ -282,6 +310,14 @@ class Ingestor:
             except Exception:
                 log.exception("ingest listener failed")
         return result
+
+
+def _settled(kept: str, ours: str, indexed: str) -> str:
+    if kept == indexed:
+        return "the first copy's bytes are stored: nothing to do"
+    if kept == ours:
+        return "the second copy's bytes are stored: the index now describes them"
+    return "neither copy's bytes are stored (a third sender?): run pacs verify"
 
 
 def _duplicate(header: InstanceHeader, existing: str, size: int) -> IngestResult:

@@ -520,3 +520,90 @@ def test_instance_naming_another_patient_is_filed_with_its_study_and_flagged(fs_
     log = fs_server.log_text()
     assert log.count("names another patient than the study's") == 1
     assert "ABORT001" not in log and "Other^Person" not in log  # no patient data in the log
+
+
+class _TcpProxy:
+    """A TCP relay to PostgreSQL that can be cut (a database outage) and restored."""
+
+    def __init__(self, target_port: int) -> None:
+        import socket
+        import threading
+
+        self._socket, self._threading, self.target_port = socket, threading, target_port
+        self.port = free_port()
+        self._conns: list[Any] = []
+        self._listener: Any = None
+        self.up()
+
+    def up(self) -> None:
+        self._listener = self._socket.create_server(("127.0.0.1", self.port))
+        self._threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def _accept(self, listener: Any) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = self._socket.create_connection(("127.0.0.1", self.target_port))
+            self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                self._threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: Any, dst: Any) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.close()
+                except OSError:
+                    pass
+
+    def down(self) -> None:
+        # shutdown() wakes the thread blocked in accept(); close() alone would not.
+        try:
+            self._listener.shutdown(self._socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        for conn in self._conns:
+            try:
+                conn.shutdown(2)
+                conn.close()
+            except OSError:
+                pass
+        self._conns.clear()
+
+
+def test_a_database_outage_is_answered_a703_with_a_routing_rule_and_ingest_recovers(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """PostgreSQL index, filesystem store, one routing rule: the rules are read
+    from the index, and their failed read was answered 0xC000 (a modality gives
+    up) instead of A703 (try again later)."""
+    from sqlalchemy.engine import make_url
+
+    url = make_url(pg_url)
+    proxy = _TcpProxy(url.port or 5432)
+    server = PacsServer(tmp_path / "data", Backend("pg", url.set(port=proxy.port).render_as_string(False), None, {}))
+    server.start()
+    try:
+        server.cli("ae", "add", "READING", "--host", "127.0.0.1", "--port", str(free_port()))
+        server.cli("route", "add", "all-ct", "--if", "Modality=CT", "--to-ae", "READING")
+        assert scu_store_file(server, make_ct(tmp_path / "before.dcm")) == 0
+        proxy.down()
+        time.sleep(2.5)  # past the routing rules' cache (2 s)
+        status = scu_store_file(server, make_ct(tmp_path / "during.dcm"))
+        assert status == 0xA703, hex(status)
+        proxy.up()
+        assert wait_until(lambda: scu_store_file(server, make_ct(tmp_path / f"after{time.monotonic_ns()}.dcm")) == 0,
+                          timeout=60)
+    finally:
+        server.stop()
+        proxy.down()
+    assert "C-STORE failed unexpectedly" not in server.log_text()

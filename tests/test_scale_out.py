@@ -15,6 +15,7 @@ S3 (SeaweedFS) bucket behave as one archive.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -364,3 +365,56 @@ def test_lease_is_exclusive_heartbeats_and_expires(db: str, tmp_path: Path, requ
     finally:
         engine.dispose()
 
+
+
+def test_one_uid_sent_to_both_nodes_at_once_leaves_the_index_describing_the_stored_bytes(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """Two modalities send different objects under one SOP Instance UID to the
+    two nodes at the same instant: both are answered success (keep-first), one
+    row is kept, and the object in the bucket is the one that row describes
+    (an S3 PUT replaces: the loser's upload used to leave its bytes under the
+    winner's row)."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    study, series = generate_uid(), generate_uid()
+    pairs = []
+    for i in range(30):
+        sop = generate_uid()
+        pairs.append(tuple(
+            dcmread(make_ct(tmp_path / f"{side}{i}.dcm", StudyInstanceUID=study, SeriesInstanceUID=series,
+                            SOPInstanceUID=sop, InstanceNumber=str(i + 1), PixelData=bytes([fill]) * 512))
+            for side, fill in (("a", 1), ("b", 2))
+        ))
+    barrier = threading.Barrier(2)
+    statuses: dict[str, list[int]] = {"a": [], "b": []}
+
+    def send_side(side: int, node: PacsServer, calling: str) -> None:
+        ae = AE(ae_title=calling)
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", node.dicom_port, ae_title=node.ae_title)
+        try:
+            for pair in pairs:
+                barrier.wait(timeout=60)
+                statuses["ab"[side]].append(assoc.send_c_store(pair[side]).Status)
+        finally:
+            assoc.release()
+
+    threads = [threading.Thread(target=send_side, args=(0, cluster.a, "CT_A")),
+               threading.Thread(target=send_side, args=(1, cluster.b, "CT_B"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert statuses["a"] == statuses["b"] == [0] * len(pairs)
+    core = cluster.a.core()
+    try:
+        for pair in pairs:
+            stored = core.reader.stored_instance(str(pair[0].SOPInstanceUID))
+            assert stored is not None
+            data = core.store.read_bytes(stored.storage_key)
+            assert (len(data), hashlib.sha256(data).hexdigest()) == (stored.size, stored.sha256), (
+                f"{pair[0].SOPInstanceUID}: the index describes bytes that are not stored")
+    finally:
+        core.close()

@@ -135,6 +135,12 @@ class GroupCommitter:
                 raise
         raise AssertionError("unreachable")
 
+    def replace(self, record: IndexRecord) -> AddResult:
+        """Make the index row of *record*'s instance describe *record* (the
+        overwrite policy, for one instance), outside the batches."""
+        with self._engine.begin() as conn:
+            return IndexWriter(overwrite=True).add(conn, record)
+
     def _connection(self) -> Connection:
         # One connection kept for the leader (only one leads at a time): no
         # pool checkout and reset-on-return per batch.

@@ -65,8 +65,9 @@ class AddResult:
     instance_pk: int
     # The storage key the index no longer references (to delete after commit).
     obsolete_key: str | None = None
-    # For a duplicate: where the instance kept in the index is stored.
+    # For a duplicate: where the instance kept in the index is stored, and its sha256.
     existing_key: str | None = None
+    existing_sha256: str | None = None
 
 
 def _received_patient(h: InstanceHeader) -> dict[str, str]:
@@ -355,10 +356,10 @@ class IndexWriter:
             # The first instance of a series (as far as the cache knows) may
             # carry a UID the index already holds elsewhere: answered before
             # its study and series rows are made, which would stay empty.
-            old = conn.execute(select(instances.c.pk, instances.c.storage_key)
+            old = conn.execute(select(instances.c.pk, instances.c.storage_key, instances.c.sha256)
                                .where(instances.c.sop_uid == rec.header.sop_uid)).first()
             if old is not None:
-                return AddResult(Outcome.DUPLICATE, old.pk, existing_key=old.storage_key)
+                return AddResult(Outcome.DUPLICATE, old.pk, existing_key=old.storage_key, existing_sha256=old.sha256)
         series_pk = self._series_pk(conn, rec.header, rec.received_at)
         values = self._instance_values(rec, series_pk)
         pk = insert_ignore(conn, instances, values, ["sop_uid"])
@@ -368,12 +369,12 @@ class IndexWriter:
                 create_jobs(conn, rec.routes, rec.header.sop_uid, rec.header.study_uid, rec.received_at)
             return AddResult(Outcome.INSERTED, pk)
         old = conn.execute(
-            select(instances.c.pk, instances.c.storage_key)
+            select(instances.c.pk, instances.c.storage_key, instances.c.sha256)
             .where(instances.c.sop_uid == rec.header.sop_uid)
             .with_for_update()
         ).one()
         if not self.overwrite:
-            return AddResult(Outcome.DUPLICATE, old.pk, existing_key=old.storage_key)
+            return AddResult(Outcome.DUPLICATE, old.pk, existing_key=old.storage_key, existing_sha256=old.sha256)
         conn.execute(update(instances).where(instances.c.pk == old.pk).values(**values))
         obsolete = old.storage_key if old.storage_key != rec.storage_key else None
         return AddResult(Outcome.REPLACED, old.pk, obsolete)
