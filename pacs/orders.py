@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -32,6 +32,7 @@ from .index.models import (
     PatientIdentifier,
     PerformedStep,
     ReceivedMessage,
+    Report,
     Study,
     StudyOrderLink,
 )
@@ -50,6 +51,7 @@ corrections_t = Correction.__table__
 steps_t = PerformedStep.__table__
 outbox_t = OutboundMessage.__table__
 received_t = ReceivedMessage.__table__
+reports_t = Report.__table__
 
 # How long an applied message is remembered to recognise its resend: HIS
 # engines retry for minutes or hours, never for weeks.
@@ -76,6 +78,9 @@ class Receipt:
     sender: str
     control_id: str
     kind: str = ""
+    # sha256 of the message without its date/time (MSH-7): a HIS that
+    # restarted its counter reuses control IDs for other messages.
+    digest: str = ""
 
 
 @dataclass
@@ -176,6 +181,34 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+# received_messages.kind holds "<type^trigger> sha256:<digest>": the digest
+# rides in the existing column (no schema change); rows written before it
+# carry none and count as the same message, as they did.
+_DIGEST_MARK = " sha256:"
+
+
+def _received_kind(receipt: Receipt) -> str:
+    return f"{receipt.kind}{_DIGEST_MARK}{receipt.digest}" if receipt.digest else receipt.kind
+
+
+def _same_message(stored_kind: str, receipt: Receipt) -> bool:
+    """Whether the message remembered under this sender and control ID is
+    *receipt*'s (a resend), not another one under a reused control ID."""
+    _, mark, digest = (stored_kind or "").partition(_DIGEST_MARK)
+    return not (mark and receipt.digest) or digest == receipt.digest
+
+
+def _resolve_birth_date(sent: str | None, stored: str | None) -> str | None:
+    """A birth date as the patient row can hold it (DICOM DA, 8 digits).
+    A partial date (YYYY or YYYYMM, from HL7 PID-7) keeps a stored full date
+    it agrees with -- "1990" says nothing new about 19900101 -- and otherwise
+    leaves the date empty rather than inventing a day (a new patient, or a
+    stored date the HIS now contradicts)."""
+    if sent is None or len(sent) in (0, 8):
+        return sent
+    return stored if stored and len(stored) == 8 and stored.startswith(sent) else ""
+
+
 class OrderService:
     """Transactions on orders, patients, performed steps and the outbox."""
 
@@ -193,6 +226,10 @@ class OrderService:
                              code="102", http_status=400)
         now = _now()
         pk = self._existing_patient(conn, p, match_identifiers)
+        if p.birth_date is not None and len(p.birth_date) not in (0, 8):
+            stored = conn.execute(select(patients_t.c.birth_date).where(patients_t.c.pk == pk)).scalar() \
+                if pk is not None else None
+            p = replace(p, birth_date=_resolve_birth_date(p.birth_date, stored))
         if pk is None:
             blank = PatientInfo(p.patient_id, name="", birth_date="", sex="")
             pk = insert_ignore(
@@ -243,9 +280,19 @@ class OrderService:
                 .values(issuer=p.issuer)
             )
         pk = self._patient_pk(conn, p.patient_id, p.issuer)
+        if pk is None and not p.issuer:
+            pk = self._single_patient_with_id(conn, p.patient_id)
         if pk is None and match_identifiers:
             pk = self._patient_by_identifier(conn, p)
         return pk
+
+    @staticmethod
+    def _single_patient_with_id(conn: Connection, patient_id: str) -> int | None:
+        """A PID-3 without assigning authority names the patient registered
+        under that ID with an issuer, when there is exactly one (as the DICOM
+        ingest does for modalities): otherwise it would become a twin."""
+        known = conn.execute(select(patients_t.c.pk).where(patients_t.c.patient_id == patient_id).limit(2)).scalars().all()
+        return int(known[0]) if len(known) == 1 else None
 
     def _patient_by_identifier(self, conn: Connection, p: PatientInfo) -> int | None:
         """A patient first filed under another of the identifiers this message
@@ -322,15 +369,19 @@ class OrderService:
         when our acknowledgement was lost, and must not get an error
         ("order already exists") for what it already did."""
         with write_transaction(self.engine) as conn:
-            seen = conn.execute(select(received_t.c.pk).where(
+            seen = conn.execute(select(received_t.c.pk, received_t.c.kind).where(
                 received_t.c.sender == receipt.sender, received_t.c.control_id == receipt.control_id)).first()
-            if seen is not None:
+            if seen is not None and _same_message(seen.kind, receipt):
                 return False
             self._apply(conn, actions, source)
             now = _now()
             conn.execute(delete(received_t).where(received_t.c.received_at < now - KEEP_RECEIVED))
-            conn.execute(received_t.insert().values(
-                sender=receipt.sender, control_id=receipt.control_id, kind=receipt.kind, received_at=now))
+            kind = _received_kind(receipt)
+            if seen is None:
+                conn.execute(received_t.insert().values(
+                    sender=receipt.sender, control_id=receipt.control_id, kind=kind, received_at=now))
+            else:  # the control ID now names this message: its resend is the one to recognise
+                conn.execute(update(received_t).where(received_t.c.pk == seen.pk).values(kind=kind, received_at=now))
         return True
 
     def _apply(self, conn: Connection, actions: list[tuple[str, Any]], source: str) -> list[Any]:
@@ -378,6 +429,8 @@ class OrderService:
                     select(patients_t).where(patients_t.c.patient_id == prior_id).limit(2)
                 ).first()
             if old is None:
+                old = self._patient_by_other_id(conn, prior_id, prior_issuer)
+            if old is None:
                 raise OrderError(f"prior patient {prior_id} is unknown", code="204", http_status=404)
             if old.pk == target:
                 continue
@@ -407,16 +460,41 @@ class OrderService:
             moved += len(study_pks)
         return moved
 
+    @staticmethod
+    def _patient_by_other_id(conn: Connection, value: str, issuer: str) -> Any:
+        """The one patient holding *value* as an other ID (MRG-1 may name the
+        prior patient by its citizen ID); None when none or several do."""
+        condition = identifiers_t.c.value == value
+        if issuer:
+            condition = and_(condition, identifiers_t.c.issuer == issuer)
+        pks = conn.execute(select(identifiers_t.c.patient_pk).where(condition).distinct().limit(2)).scalars().all()
+        if len(pks) != 1:
+            return None
+        return conn.execute(select(patients_t).where(patients_t.c.pk == pks[0])).first()
+
     # -- orders ----------------------------------------------------------------------
     def _find_order(self, conn: Connection, info: OrderInfo) -> Any:
-        conditions = []
+        """The order a change or cancel names. The accession number identifies
+        a requested procedure; a placer order number may be shared by several
+        (one HIS order, several procedures), so it decides only when the
+        message sends no accession, and only when it names one order."""
         if info.accession_number:
-            conditions.append(orders_t.c.accession_number == info.accession_number)
-        if info.placer_order_number:
-            conditions.append(orders_t.c.placer_order_number == info.placer_order_number)
-        if not conditions:
+            return self._order_by_accession(conn, info.accession_number)
+        if not info.placer_order_number:
             raise OrderError("the order has neither an accession nor a placer order number", code="101", http_status=400)
-        return conn.execute(select(orders_t).where(or_(*conditions))).first()
+        rows = conn.execute(
+            select(orders_t).where(orders_t.c.placer_order_number == info.placer_order_number).limit(2)
+        ).all()
+        if len(rows) > 1:
+            raise OrderError(f"placer order number {info.placer_order_number} names several procedures; "
+                             "send the accession number of the one meant", code="205", http_status=409)
+        return rows[0] if rows else None
+
+    @staticmethod
+    def _order_by_accession(conn: Connection, accession: str) -> Any:
+        if not accession:
+            return None
+        return conn.execute(select(orders_t).where(orders_t.c.accession_number == accession)).first()
 
     def place(self, info: OrderInfo, source: str = "") -> dict[str, Any]:
         """A new order (HL7 ORC-1 NW). Returns the stored order."""
@@ -437,8 +515,11 @@ class OrderService:
         validate_order(info)  # the derived procedure and step IDs default to the accession
         if info.study_uid and not valid_uid(info.study_uid):
             raise OrderError(f"invalid Study Instance UID {info.study_uid!r}", code="102", http_status=400)
-        if self._find_order(conn, info) is not None:
+        # A new procedure is new by its accession alone: the placer order
+        # number it may share with procedures placed before is no conflict.
+        if self._order_by_accession(conn, info.accession_number) is not None:
             raise OrderError(f"order {info.accession_number} already exists", code="205", http_status=409)
+        self._check_study_uid_free(conn, info)
         patient_pk = self._upsert_patient(conn, info.patient)
         now = _now()
         values = {c: getattr(info, c) for c in _ORDER_COLUMNS}
@@ -453,6 +534,20 @@ class OrderService:
         ).scalar_one()
         self._reconcile_existing(conn, pk)
         return self._order_dict(conn, pk)
+
+    @staticmethod
+    def _check_study_uid_free(conn: Connection, info: OrderInfo) -> None:
+        """A Study Instance UID names one requested procedure: another order's
+        UID is an error in the message (AE / 409), never a database failure
+        the HIS would resend forever."""
+        if not info.study_uid:
+            return
+        taken = conn.execute(
+            select(orders_t.c.accession_number).where(orders_t.c.study_uid == info.study_uid)
+        ).scalar()
+        if taken is not None:
+            raise OrderError(f"Study Instance UID {info.study_uid} is already used by order {taken}",
+                             code="205", http_status=409)
 
     def _change(self, conn: Connection, info: OrderInfo, source: str) -> dict[str, Any]:
         validate_order(info)
@@ -469,14 +564,48 @@ class OrderService:
             .where(orders_t.c.pk == row.pk)
             .values(**values, patient_pk=patient_pk, source=source, updated_at=_now())
         )
+        if patient_pk != row.patient_pk:
+            self._move_linked_studies(conn, row.pk)
         return self._order_dict(conn, row.pk)
+
+    @staticmethod
+    def _move_linked_studies(conn: Connection, order_pk: int) -> None:
+        """The HIS moved the order to another patient (ORC XO with another
+        PID): its studies, and so their reports, follow, with the differences
+        recorded as corrections -- what a study receives when its order comes
+        late. The previous patient stays: the HIS registered it."""
+        order = conn.execute(select(orders_t).where(orders_t.c.pk == order_pk)).one()
+        now = _now()
+        for study in conn.execute(
+            select(studies_t).join(links_t, links_t.c.study_pk == studies_t.c.pk).where(links_t.c.order_pk == order_pk)
+        ).all():
+            previous = conn.execute(select(patients_t).where(patients_t.c.pk == study.patient_pk)).one()
+            current = {k: getattr(previous, c) for k, c in PATIENT_COLUMNS.items()}
+            record_reconciliation(conn, study.pk, order, current, study.accession_number,
+                                  "order moved to another patient", now)
 
     def _cancel(self, conn: Connection, info: OrderInfo, status: str) -> dict[str, Any]:
         row = self._find_order(conn, info)
         if row is None:
             raise OrderError("no such order to cancel", code="204", http_status=404)
+        verb = "cancel" if status == "CANCELLED" else "discontinue"
+        if row.status == "COMPLETED" or self._has_signed_report(conn, row.pk):
+            # HL7 ORC-1 UC / UD: what was performed (or reported) cannot be
+            # undone by the HIS, as an XO of a completed order is refused.
+            raise OrderError(f"unable to {verb}: order {row.accession_number} is already performed "
+                             f"({row.status.lower()}{', reported' if row.status != 'COMPLETED' else ''})",
+                             code="207", http_status=409)
         conn.execute(update(orders_t).where(orders_t.c.pk == row.pk).values(status=status, updated_at=_now()))
         return self._order_dict(conn, row.pk)
+
+    @staticmethod
+    def _has_signed_report(conn: Connection, order_pk: int) -> bool:
+        return conn.execute(
+            select(reports_t.c.pk)
+            .join(links_t, links_t.c.study_pk == reports_t.c.study_pk)
+            .where(links_t.c.order_pk == order_pk, reports_t.c.status == "signed")
+            .limit(1)
+        ).first() is not None
 
     def get(self, accession: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:
@@ -504,6 +633,7 @@ class OrderService:
         accession: str = "",
         study_uid: str = "",
         step_id: str = "",
+        scheduled: list[tuple[str, str, str]] | None = None,
         modality: str = "",
         station_ae_title: str = "",
         start: str = "",
@@ -511,7 +641,12 @@ class OrderService:
         performed_series: list[dict[str, Any]] | None = None,
         create: bool,
     ) -> dict[str, Any]:
-        """MPPS N-CREATE (create=True) or N-SET: track the step, move the order."""
+        """MPPS N-CREATE (create=True) or N-SET: track the step, move its orders.
+
+        *scheduled*: (accession, study UID, step ID) of each Scheduled Step
+        Attributes item of the N-CREATE (default: the one given by *accession*,
+        *study_uid*, *step_id*); every order they name is performed by the step.
+        Returns the first order (empty when the step matches none)."""
         if status not in ("IN PROGRESS", "COMPLETED", "DISCONTINUED"):
             raise OrderError(f"invalid performed procedure step status {status!r}", http_status=400)
         now = _now()
@@ -528,7 +663,11 @@ class OrderService:
                 # PS3.4 Table F.7.2-1, final state: End Date and End Time are Type 1
                 # (kept as date + time: eight characters are a date alone).
                 raise OrderError(f"a {status} step needs its End Date and End Time", http_status=422)
-            order_pk = existing.order_pk if existing is not None else self._order_for_step(conn, accession, study_uid, step_id)
+            if existing is not None:
+                order_pks = _step_orders(existing)
+            else:
+                refs = scheduled if scheduled is not None else [(accession, study_uid, step_id)]
+                order_pks = self._orders_for_steps(conn, refs)
             values: dict[str, Any] = {"status": status, "updated_at": now}
             for key, value in (("modality", modality), ("station_ae_title", station_ae_title),
                                ("start", start), ("end", end)):
@@ -537,29 +676,55 @@ class OrderService:
             if performed_series is not None:
                 values["performed_series"] = json.dumps(performed_series)
             if existing is None:
-                conn.execute(steps_t.insert().values(sop_uid=sop_uid, order_pk=order_pk, created_at=now, **values))
+                conn.execute(steps_t.insert().values(
+                    sop_uid=sop_uid, order_pk=order_pks[0] if order_pks else None, order_pks=json.dumps(order_pks),
+                    created_at=now, **values))
             else:
                 conn.execute(update(steps_t).where(steps_t.c.pk == existing.pk).values(**values))
-            if order_pk is not None:
-                conn.execute(update(orders_t).where(orders_t.c.pk == order_pk).values(status=status, updated_at=now))
-                order = self._order_dict(conn, order_pk)
-                self.enqueue(conn, "his", "order_status", {"order": order, "status": status, "step": sop_uid})
-                return order
-            log.info("performed procedure step %s matches no order", sop_uid)
-            return {}
+            orders = [self._move_order(conn, pk, status, sop_uid, now) for pk in order_pks]
+            if not orders:
+                log.info("performed procedure step %s matches no order", sop_uid)
+            return orders[0] if orders else {}
+
+    def _orders_for_steps(self, conn: Connection, refs: list[tuple[str, str, str]]) -> list[int]:
+        """The orders a new step performs, each once, in the items' order. A
+        cancelled one refuses the step: the HIS withdrew it, and an MPPS must
+        not bring it back to the worklist (the modality shows the reason)."""
+        order_pks: list[int] = []
+        for accession, study_uid, step_id in refs:
+            pk = self._order_for_step(conn, accession, study_uid, step_id)
+            if pk is not None and pk not in order_pks:
+                order_pks.append(int(pk))
+        for pk in order_pks:
+            row = conn.execute(select(orders_t.c.accession_number, orders_t.c.status).where(orders_t.c.pk == pk)).one()
+            if row.status == "CANCELLED":
+                raise OrderError(f"order {row.accession_number} was cancelled by the HIS", http_status=422)
+        return order_pks
+
+    def _move_order(self, conn: Connection, order_pk: int, status: str, sop_uid: str, now: datetime) -> dict[str, Any]:
+        """The order follows its step and the HIS is told (outbox) -- except
+        an order cancelled meanwhile, which stays cancelled."""
+        current = conn.execute(select(orders_t.c.status).where(orders_t.c.pk == order_pk)).scalar_one()
+        if current != "CANCELLED":
+            conn.execute(update(orders_t).where(orders_t.c.pk == order_pk).values(status=status, updated_at=now))
+        order = self._order_dict(conn, order_pk)
+        if current != "CANCELLED":
+            self.enqueue(conn, "his", "order_status", {"order": order, "status": status, "step": sop_uid})
+        return order
 
     @staticmethod
     def _order_for_step(conn: Connection, accession: str, study_uid: str, step_id: str) -> int | None:
-        conditions = []
-        if accession:
-            conditions.append(orders_t.c.accession_number == accession)
-        if study_uid:
-            conditions.append(orders_t.c.study_uid == study_uid)
-        if not conditions and step_id:
-            conditions.append(orders_t.c.step_id == step_id)
-        if not conditions:
+        """The order one scheduled step item names: by the Study Instance UID
+        the worklist handed out (the stronger evidence), else the accession,
+        else (neither sent) the step ID."""
+        for column, value in ((orders_t.c.study_uid, study_uid), (orders_t.c.accession_number, accession)):
+            if value:
+                pk = conn.execute(select(orders_t.c.pk).where(column == value)).scalar()
+                if pk is not None:
+                    return int(pk)
+        if accession or study_uid or not step_id:
             return None
-        return conn.execute(select(orders_t.c.pk).where(or_(*conditions)).limit(1)).scalar()
+        return conn.execute(select(orders_t.c.pk).where(orders_t.c.step_id == step_id).limit(1)).scalar()
 
     # -- the outbox --------------------------------------------------------------------------
     @staticmethod
@@ -631,6 +796,15 @@ class OrderService:
     def count_pending(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(outbox_t).where(outbox_t.c.state == "pending")).scalar_one())
+
+
+def _step_orders(step: Any) -> list[int]:
+    """The orders a stored step performs (steps recorded before order_pks
+    existed have their single order_pk only)."""
+    pks = [int(pk) for pk in json.loads(step.order_pks or "[]")]
+    if not pks and step.order_pk is not None:
+        pks = [int(step.order_pk)]
+    return pks
 
 
 def link_study(conn: Connection, study_pk: int, order_pk: int, matched_by: str) -> None:

@@ -40,6 +40,16 @@ _STEP_TEXT_KEYS = {
 }
 
 
+# Type of Patient ID (0010,0022) defined terms (PS3.3 C.2.2.1.1). The stored
+# type is HL7's CX-5 code (NI citizen ID, HC insurance...), which a modality
+# would read as an invalid CS value; it says what the ID is, not its medium.
+_DICOM_ID_TYPES = ("TEXT", "RFID", "BARCODE")
+
+
+def dicom_id_type(stored: str) -> str:
+    return stored if stored in _DICOM_ID_TYPES else "TEXT"
+
+
 def worklist_conditions(match: dict[str, str], step: dict[str, str]) -> list[Any]:
     """SQL conditions for the top-level and Scheduled Procedure Step keys."""
     conditions: list[Any] = []
@@ -100,7 +110,8 @@ def run_worklist(engine: Engine, match: dict[str, str], step: dict[str, str], *,
         if patient_pks:
             for ident in conn.execute(select(identifiers).where(identifiers.c.patient_pk.in_(patient_pks))):
                 others.setdefault(ident.patient_pk, []).append(
-                    {"PatientID": ident.value, "IssuerOfPatientID": ident.issuer, "TypeOfPatientID": ident.id_type}
+                    {"PatientID": ident.value, "IssuerOfPatientID": ident.issuer,
+                     "TypeOfPatientID": dicom_id_type(ident.id_type)}
                 )
     for row in rows:
         item = dict(row)

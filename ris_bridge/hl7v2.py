@@ -3,15 +3,19 @@ patient updates onto the core's models, and ACKs (AA / AE with ERR / AR).
 
 Inbound: ORM^O01 and OMI^O23 (ORC-1 NW new, XO change, CA/OC cancel,
 DC/OD discontinue), ADT^A01/A04/A08/A31 (patient update), ADT^A40 (merge).
+One message per MLLP frame; segments end with CR, CRLF or LF. An order
+message is read as ORDER groups (an ORC and what follows it), and every IPC
+of a group is a scheduled step of its own (IHE RAD-4: its own accession).
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import re
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -52,12 +56,20 @@ _ERROR_MEANINGS = {
 }
 
 
-class HL7Reject(Exception):
-    """The message cannot be processed at all: answer AR (code: table 0357)."""
+# Segment separators accepted inbound: CR by the standard, CRLF and LF from
+# HIS interfaces that write text files line by line.
+_SEGMENT_BREAK = re.compile(rb"\r\n|\r|\n")
 
-    def __init__(self, message: str, code: str = "200") -> None:
+
+class HL7Reject(Exception):
+    """The message cannot be processed at all (code: table 0357). Answered
+    AR by default (the HIS may resend); *ack_code* AE when resending the same
+    bytes can never succeed."""
+
+    def __init__(self, message: str, code: str = "200", ack_code: str = "AR") -> None:
         super().__init__(message)
         self.code = code
+        self.ack_code = ack_code
 
 
 @dataclass
@@ -81,7 +93,9 @@ def decode(raw: bytes) -> tuple[str, str]:
     Returns (text, charset name). Undeclared non-ASCII is read as UTF-8 when
     it is valid UTF-8 (what Vietnamese HIS send), else Latin-1.
     """
-    head = raw.split(b"\r", 1)[0].decode("latin-1")
+    # The MSH ends at the first segment break, whichever the sender uses
+    # (CR, CRLF, LF): reading on past an LF took a PID field for MSH-18.
+    head = _SEGMENT_BREAK.split(raw, maxsplit=1)[0].decode("latin-1")
     fields = head.split(head[3]) if head.startswith("MSH") and len(head) > 3 else []
     declared = fields[17].split("^")[0].strip().upper() if len(fields) > 17 else ""
     codec = _CHARSETS.get(declared)
@@ -168,11 +182,37 @@ def parse(raw: bytes) -> tuple[Any, Header]:
     except Exception as exc:
         raise HL7Reject(f"unparsable message: {exc}", code="100") from None
     header = _header_from_msh(text.split("\r", 1)[0], charset)
+    _refuse_batched(text)
     if not header.message_type:
         raise HL7Reject("MSH-9 (message type) is empty", code="101")
     if not header.control_id:
         raise HL7Reject("MSH-10 (message control ID) is empty", code="101")
     return message, header
+
+
+def _refuse_batched(text: str) -> None:
+    """One MLLP frame carries one message (HL7 v2.5 Appendix C.4). A sender
+    that packs several into a frame gets one ACK and would take it for all of
+    them: refuse the frame (AE: as sent it can never be accepted) instead of
+    applying the first and dropping the others without a word."""
+    count = sum(1 for segment in text.split("\r") if segment.startswith("MSH"))
+    if count > 1:
+        raise HL7Reject(f"the frame holds {count} messages (MSH segments); send one message per MLLP frame, "
+                        f"nothing of this frame was applied", code="100", ack_code="AE")
+
+
+def message_digest(message: Any) -> str:
+    """sha256 of the message as parsed, without MSH-7 (date/time of message),
+    which an engine may refresh when it resends: what tells a resend (same
+    MSH-10, same content) from a new message under a reused MSH-10."""
+    segments = str(message).strip("\r").split("\r")
+    msh = segments[0]
+    separator = msh[3]
+    msh_fields = msh.split(separator)
+    if len(msh_fields) > 6:
+        msh_fields[6] = ""  # MSH-7 (MSH-1 is the separator: MSH-n is fields[n - 1])
+    segments[0] = separator.join(msh_fields)
+    return hashlib.sha256("\r".join(segments).encode("utf-8")).hexdigest()
 
 
 def _raw(segment: Any, field: int) -> str:
@@ -256,6 +296,17 @@ def _dicom_date(value: str) -> str:
     return digits[:8] if len(digits) >= 8 else ""
 
 
+def _birth_date(value: str) -> str:
+    """PID-7 as a DICOM date, or its year (YYYY) or year and month (YYYYMM)
+    when that is all the HIS knows -- common for elderly patients. A partial
+    date is not a DA value: the order service keeps a stored date it agrees
+    with and stores no invented day (:meth:`OrderService._upsert_patient`)."""
+    digits = "".join(c for c in value.split("+")[0] if c.isdigit())
+    if len(digits) >= 8:
+        return digits[:8]
+    return digits if len(digits) in (4, 6) else ""
+
+
 def _dicom_time(value: str) -> str:
     digits = "".join(c for c in value.split("+")[0].split("-")[0] if c.isdigit() or c == ".")
     return digits[8:14] if len(digits) >= 12 else ""
@@ -309,79 +360,127 @@ def patient_from_pid(pid: Any) -> PatientInfo:
         patient_id=primary.value,
         issuer=primary.issuer,
         name=_person(_components(names[0])) if names else None,
-        birth_date=_dicom_date(_get(pid, 7)) if _present(pid, 7) else None,
+        birth_date=_birth_date(_get(pid, 7)) if _present(pid, 7) else None,
         sex=_sex(pid),
         other_ids=others,
     )
 
 
-def _study_uid(message: Any) -> str:
-    for zds in _segments(message, "ZDS"):
-        return _get(zds, 1, comp=0)
-    return ""
+@dataclass
+class OrderGroup:
+    """One ORDER group of an ORM^O01 / OMI^O23: an ORC and the segments that
+    follow it up to the next ORC (HL7 v2.5 4.4.1, 4.4.6). Segments are paired
+    by the group they belong to, never by position in the message: a TQ1 sent
+    for the second order only must not time the first."""
+
+    orc: Any
+    obr: Any = None
+    tq1: Any = None
+    zds: Any = None
+    ipcs: list[Any] = field(default_factory=list)
+
+
+def order_groups(message: Any) -> tuple[list[OrderGroup], Any]:
+    """The ORDER groups, and a ZDS sent outside any of them (before the first ORC)."""
+    groups: list[OrderGroup] = []
+    loose_zds = None
+    for segment in message:
+        name = str(segment[0]).strip().upper()
+        if name == "ORC":
+            groups.append(OrderGroup(orc=segment))
+            continue
+        group = groups[-1] if groups else None
+        if group is None:
+            if name == "ZDS" and loose_zds is None:
+                loose_zds = segment
+            continue
+        # The first OBR/TQ1/ZDS of the group is its own; IPC repeats (one per
+        # scheduled step of the requested procedure, IHE RAD-4 OMI).
+        if name == "OBR" and group.obr is None:
+            group.obr = segment
+        elif name == "TQ1" and group.tq1 is None:
+            group.tq1 = segment
+        elif name == "ZDS" and group.zds is None:
+            group.zds = segment
+        elif name == "IPC":
+            group.ipcs.append(segment)
+    return groups, loose_zds
+
+
+_ORDER_CONTROLS = {"NW": "place", "XO": "change", "SC": "change", "CA": "cancel", "OC": "cancel",
+                   "DC": "discontinue", "OD": "discontinue"}
+_PRIORITIES = {"S": "STAT", "A": "HIGH", "R": "ROUTINE"}
+
+
+def _component(segment: Any, field_number: int, index: int) -> str:
+    parts = _components(_get(segment, field_number)) if segment is not None else []
+    return parts[index] if len(parts) > index else ""
+
+
+def _timing(group: OrderGroup) -> tuple[str, str]:
+    """(start date/time, priority code): TQ1-7/TQ1-9 (v2.5), OBR-27 and ORC-7
+    quantity/timing components 4 and 6 (v2.3 HIS put it in either), the
+    observation date OBR-7 last."""
+    start = (_get(group.tq1, 7) or _component(group.obr, 27, 3) or _component(group.orc, 7, 3)
+             or _get(group.obr, 7))
+    priority = _get(group.tq1, 9) or _component(group.obr, 27, 5) or _component(group.orc, 7, 5)
+    return start, priority
+
+
+def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: str, study_uid: str) -> OrderInfo:
+    """One requested procedure and step: the group's ORC/OBR/TQ1 with one of its IPCs."""
+    orc, obr = group.orc, group.obr
+    start, priority = _timing(group)
+    service = _components(_get(obr, 4)) if obr is not None else []
+    accession = _get(ipc, 1, comp=0) or _get(obr, 18) or _get(orc, 3, comp=0) or _get(obr, 3, comp=0)
+    return OrderInfo(
+        patient=patient,
+        accession_number=accession,
+        placer_order_number=_get(orc, 2, comp=0) or _get(obr, 2, comp=0),
+        filler_order_number=_get(orc, 3, comp=0) or _get(obr, 3, comp=0),
+        study_uid=_get(ipc, 3, comp=0) or _get(group.zds, 1, comp=0) or study_uid,
+        requested_procedure_id=_get(ipc, 2, comp=0) or _get(obr, 19),
+        requested_procedure_description=service[1] if len(service) > 1 else "",
+        procedure_code=service[0] if service else "",
+        procedure_code_scheme=service[2] if len(service) > 2 else "",
+        procedure_code_meaning=service[1] if len(service) > 1 else "",
+        step_id=_get(ipc, 4, comp=0) or _get(obr, 20),
+        step_description=service[1] if len(service) > 1 else "",
+        modality=(_get(ipc, 5, comp=0) or _get(obr, 24)).upper(),
+        station_ae_title=_get(ipc, 9, comp=0),
+        station_name=_get(ipc, 7, comp=0),
+        location=_get(ipc, 8, comp=0),
+        start_date=_dicom_date(start),
+        start_time=_dicom_time(start),
+        performing_physician=_person(_components(_get(obr, 34)), offset=1) if obr is not None else "",
+        referring_physician=referring or (_person(_components(_get(obr, 16)), offset=1) if obr is not None else ""),
+        priority=_PRIORITIES.get(priority[:1].upper(), ""),
+        reason=_get(obr, 31),
+    )
 
 
 def orders_from(message: Any) -> list[tuple[str, OrderInfo]]:
-    """(action, order) for each ORC/OBR group of an ORM^O01 or OMI^O23."""
+    """(action, order) for each scheduled step of each ORDER group of an
+    ORM^O01 or OMI^O23: one per IPC (a requested procedure may have several
+    steps, each with its accession in IHE's OMI), or one for a group without IPC."""
     pids = _segments(message, "PID")
     if not pids:
         raise OrderError("the order message has no PID segment", code="100", http_status=400)
     patient = patient_from_pid(pids[0])
     pv1 = next(iter(_segments(message, "PV1")), None)
     referring = _person(_components(_get(pv1, 8)), offset=1) if pv1 is not None else ""
-    ipcs = _segments(message, "IPC")
-    tq1s = _segments(message, "TQ1")
-    study_uid = _study_uid(message)
-    actions = []
-    orcs, obrs = _segments(message, "ORC"), _segments(message, "OBR")
-    if not orcs:
+    groups, loose_zds = order_groups(message)
+    if not groups:
         raise OrderError("the order message has no ORC segment", code="100", http_status=400)
-    for index, orc in enumerate(orcs):
-        control = _get(orc, 1).upper()
-        action = {"NW": "place", "XO": "change", "SC": "change", "CA": "cancel", "OC": "cancel",
-                  "DC": "discontinue", "OD": "discontinue"}.get(control)
+    study_uid = _get(loose_zds, 1, comp=0)
+    actions = []
+    for group in groups:
+        control = _get(group.orc, 1).upper()
+        action = _ORDER_CONTROLS.get(control)
         if action is None:
             raise OrderError(f"order control {control!r} (ORC-1) is not supported", code="207", http_status=400)
-        obr = obrs[index] if index < len(obrs) else None
-        ipc = ipcs[index] if index < len(ipcs) else None
-        tq1 = tq1s[index] if index < len(tq1s) else None
-        start = (_get(tq1, 7) if tq1 is not None else "") or (
-            _components(_get(obr, 27))[3] if obr is not None and len(_components(_get(obr, 27))) > 3 else ""
-        ) or (_get(obr, 7) if obr is not None else "")
-        service = _components(_get(obr, 4)) if obr is not None else []
-        accession = (
-            (_get(ipc, 1, comp=0) if ipc is not None else "")
-            or (_get(obr, 18) if obr is not None else "")
-            or _get(orc, 3, comp=0)
-            or (_get(obr, 3, comp=0) if obr is not None else "")
-        )
-        info = OrderInfo(
-            patient=patient,
-            accession_number=accession,
-            placer_order_number=_get(orc, 2, comp=0) or (_get(obr, 2, comp=0) if obr is not None else ""),
-            filler_order_number=_get(orc, 3, comp=0) or (_get(obr, 3, comp=0) if obr is not None else ""),
-            study_uid=(_get(ipc, 3, comp=0) if ipc is not None else "") or study_uid,
-            requested_procedure_id=(_get(ipc, 2, comp=0) if ipc is not None else "") or (_get(obr, 19) if obr is not None else ""),
-            requested_procedure_description=service[1] if len(service) > 1 else "",
-            procedure_code=service[0] if service else "",
-            procedure_code_scheme=service[2] if len(service) > 2 else "",
-            procedure_code_meaning=service[1] if len(service) > 1 else "",
-            step_id=(_get(ipc, 4, comp=0) if ipc is not None else "") or (_get(obr, 20) if obr is not None else ""),
-            step_description=service[1] if len(service) > 1 else "",
-            modality=((_get(ipc, 5, comp=0) if ipc is not None else "") or (_get(obr, 24) if obr is not None else "")).upper(),
-            station_ae_title=_get(ipc, 9, comp=0) if ipc is not None else "",
-            station_name=_get(ipc, 7, comp=0) if ipc is not None else "",
-            location=_get(ipc, 8, comp=0) if ipc is not None else "",
-            start_date=_dicom_date(start),
-            start_time=_dicom_time(start),
-            performing_physician=_person(_components(_get(obr, 34)), offset=1) if obr is not None else "",
-            referring_physician=referring or (_person(_components(_get(obr, 16)), offset=1) if obr is not None else ""),
-            priority={"S": "STAT", "A": "HIGH", "R": "ROUTINE"}.get(
-                ((_get(tq1, 9) if tq1 is not None else "") or (_components(_get(obr, 27))[5] if obr is not None and len(_components(_get(obr, 27))) > 5 else ""))[:1].upper(), ""
-            ),
-            reason=_get(obr, 31) if obr is not None else "",
-        )
-        actions.append((action, info))
+        for ipc in group.ipcs or [None]:
+            actions.append((action, _order_info(group, ipc, patient, referring, study_uid)))
     return actions
 
 
@@ -405,7 +504,7 @@ def _process(service: OrderService, raw: bytes, processing_id: str) -> tuple[Hea
     try:
         message, header = parse(raw)
     except HL7Reject as exc:
-        return read_header(raw) or Header(), "AR", str(exc), exc.code
+        return read_header(raw) or Header(), exc.ack_code, str(exc), exc.code
     if header.processing_id and header.processing_id != processing_id.upper():
         # A training or test HIS pointed at this archive must not change its patients.
         return header, "AR", (f"processing ID {header.processing_id[:3]!r} is not accepted here: this "
@@ -415,7 +514,7 @@ def _process(service: OrderService, raw: bytes, processing_id: str) -> tuple[Hea
         if isinstance(actions, tuple):  # (text, code): a type or event we do not handle
             return header, "AR", *actions
         receipt = Receipt(sender=f"{header.sending_app}^{header.sending_facility}", control_id=header.control_id,
-                          kind=f"{header.message_type}^{header.trigger}")
+                          kind=f"{header.message_type}^{header.trigger}", digest=message_digest(message))
         if not service.apply_message(actions, receipt, source=f"hl7:{header.sending_app}"):
             # A resend after our ACK was lost: acknowledged again, not applied twice.
             log.info("%s was already applied: acknowledged again", _describe(header))

@@ -165,15 +165,18 @@ def _status(code: int, comment: str) -> Dataset:
     return ds
 
 
-def _step_refs(attributes: Dataset) -> tuple[str, str, str]:
-    """Accession, Study Instance UID and SPS ID of the step that was performed."""
-    for item in attributes.get("ScheduledStepAttributesSequence") or []:
-        return (
+def _step_refs(attributes: Dataset) -> list[tuple[str, str, str]]:
+    """Accession, Study Instance UID and SPS ID of each scheduled step that was
+    performed: one item per step, several when one acquisition performs
+    several requested procedures (IHE SWF group case), and each is done."""
+    return [
+        (
             _text(item.get("AccessionNumber")),
             _text(item.get("StudyInstanceUID")),
             _text(item.get("ScheduledProcedureStepID")),
         )
-    return "", "", ""
+        for item in attributes.get("ScheduledStepAttributesSequence") or []
+    ]
 
 
 def _series(attributes: Dataset) -> list[dict[str, Any]] | None:
@@ -247,14 +250,11 @@ def make_mpps_handlers(pacs: Pacs) -> list[tuple[Any, Any]]:
         status = _text(attributes.get("PerformedProcedureStepStatus"))
         if status != "IN PROGRESS":
             return _status(INVALID_VALUE, "N-CREATE must have status IN PROGRESS"), None
-        accession, study_uid, step_id = _step_refs(attributes)
         try:
             service.record_step(
                 uid,
                 status=status,
-                accession=accession,
-                study_uid=study_uid,
-                step_id=step_id,
+                scheduled=_step_refs(attributes),
                 modality=_text(attributes.get("Modality")),
                 station_ae_title=_text(attributes.get("PerformedStationAETitle")),
                 start=_text(attributes.get("PerformedProcedureStepStartDate"))

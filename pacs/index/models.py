@@ -241,6 +241,9 @@ class PerformedStep(Base):
     pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
     sop_uid: Mapped[str] = mapped_column(UID, unique=True)
     order_pk: Mapped[int | None] = mapped_column(ForeignKey("orders.pk"), nullable=True, index=True)
+    # JSON list of the pks of every order the step performs: an N-CREATE may
+    # list several scheduled steps (IHE group case); order_pk is the first.
+    order_pks: Mapped[str] = mapped_column(String, default="[]", server_default="[]")
     status: Mapped[str] = mapped_column(String, default="IN PROGRESS")
     modality: Mapped[str] = mapped_column(String, default="")
     station_ae_title: Mapped[str] = mapped_column(String, default="")
