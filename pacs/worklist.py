@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import Engine, and_, or_, select
 
 from .index.models import Order, Patient, PatientIdentifier
+from .query.results import dicom_id_type
 from .query.matching import (
     QueryError,
     list_match,
@@ -38,16 +39,6 @@ _STEP_TEXT_KEYS = {
     "ScheduledProcedureStepLocation": orders.c.location,
     "ScheduledProcedureStepStatus": orders.c.status,
 }
-
-
-# Type of Patient ID (0010,0022) defined terms (PS3.3 C.2.2.1.1). The stored
-# type is HL7's CX-5 code (NI citizen ID, HC insurance...), which a modality
-# would read as an invalid CS value; it says what the ID is, not its medium.
-_DICOM_ID_TYPES = ("TEXT", "RFID", "BARCODE")
-
-
-def dicom_id_type(stored: str) -> str:
-    return stored if stored in _DICOM_ID_TYPES else "TEXT"
 
 
 def worklist_conditions(match: dict[str, str], step: dict[str, str]) -> list[Any]:

@@ -349,4 +349,11 @@ def test_other_ids_type_is_a_dicom_defined_term(server: PacsServer, tmp_path: Pa
     assert msa(send(server, with_pid(orm("TY1", "HTY001"), pid)))[0] == "AA"
     items = worklist(server, tmp_path, "AccessionNumber=HTY001", "OtherPatientIDsSequence")
     assert {o.TypeOfPatientID for o in items[0].OtherPatientIDsSequence} == {"TEXT"}
+    # The study's C-FIND / QIDO answers too.
+    assert server.storescu(str(make_ct(tmp_path / "ty.dcm", PatientID="BN701310", AccessionNumber="HTY001"))).returncode == 0
+    with server.http() as http:
+        found = http.get("/dicom-web/studies", params={"AccessionNumber": "HTY001",
+                                                       "includefield": "OtherPatientIDsSequence"}).json()
+    types = {item["00100022"]["Value"][0] for item in found[0]["00101002"]["Value"]}
+    assert types == {"TEXT"}
 

@@ -112,12 +112,23 @@ def convert_value(field: ResultField, value: Any) -> Value:
 _PATIENT_ID, _ISSUER, _ID_TYPE = 0x00100020, 0x00100021, 0x00100022
 
 
+# Type of Patient ID (0010,0022) defined terms (PS3.3 C.2.2.1.1). The stored
+# type is HL7's CX-5 code (NI citizen ID, HC insurance...), which a modality
+# would read as an invalid CS value; it says what the ID is, not its medium.
+_DICOM_ID_TYPES = ("TEXT", "RFID", "BARCODE")
+
+
+def dicom_id_type(stored: str) -> str:
+    """The Type of Patient ID to send for a stored identifier type."""
+    return stored if stored in _DICOM_ID_TYPES else "TEXT"
+
+
 def other_id_elements(other: dict[str, str]) -> ItemElements:
     """An Other Patient IDs Sequence item (citizen ID, insurance number...)."""
     return [
         (_PATIENT_ID, "LO", other["PatientID"]),
         (_ISSUER, "LO", other["IssuerOfPatientID"]),
-        (_ID_TYPE, "CS", other["TypeOfPatientID"] or "TEXT"),
+        (_ID_TYPE, "CS", dicom_id_type(other["TypeOfPatientID"])),
     ]
 
 
