@@ -1,5 +1,6 @@
 """Storage maintenance commands of the `pacs` CLI (verify, reindex, migrate,
-purge, compress, export). Registered by :func:`register` from pacs.cli.
+purge, compress, export) and of the HL7 outbox (list, retry). Registered by
+:func:`register` from pacs.cli.
 
 Each command opens the appliance, runs one job of :mod:`pacs.maintenance`
 and prints a rich summary (or one JSON object with ``--json``); a progress
@@ -90,6 +91,19 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     p.add_argument("--deidentify", action="store_true", help="PS3.15 Basic Profile, consistent UIDs and pseudonyms")
     p.add_argument("--salt", help="de-identification secret (default: the appliance's own)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("outbox", help="messages to the HIS (ORM status, ORU reports): list, retry dead ones")
+    o_sub = p.add_subparsers(dest="outbox_command", required=True)
+    q = o_sub.add_parser("list", help="counts per state and the latest messages (no patient data)")
+    common(q, json_flag=True)
+    q.add_argument("--state", choices=["pending", "sending", "sent", "dead", "superseded"])
+    q.add_argument("--limit", type=int, default=100, help="messages listed, newest first (default 100)")
+    q = o_sub.add_parser("retry", help="send dead messages again (one, or all)")
+    common(q, json_flag=True)
+    which = q.add_mutually_exclusive_group(required=True)
+    which.add_argument("--id", type=int, dest="message_id", metavar="N", help="the message N")
+    which.add_argument("--all-dead", action="store_true", help="every dead message")
+    p.set_defaults(func=cmd_outbox)
 
 
 # -- plumbing -------------------------------------------------------------------
@@ -436,3 +450,44 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _emit(args, data, human)
     return 1 if report.missing_studies or report.failed.count else 0
+
+
+def cmd_outbox(args: argparse.Namespace) -> int:
+    """pacs outbox list|retry: 0 done, 1 when retry --id names no dead message."""
+    import getpass
+
+    from pacs import outbox
+    from pacs.audit import Event
+
+    pacs = _open(args)
+    try:
+        if args.outbox_command == "list":
+            counts = outbox.depth(pacs.engine)
+            messages = outbox.list_messages(pacs.engine, args.state or "", args.limit)
+
+            def human() -> None:
+                _counts("outbox (messages to the HIS)", sorted(counts.items()))
+                table = Table(title=f"messages{' ' + args.state if args.state else ''} (newest first)")
+                for col in ("id", "kind", "key", "accession", "status", "state", "tries", "next / sent", "error"):
+                    table.add_column(col, overflow="fold")
+                for m in messages:
+                    when = m["sent_at"] if m["state"] == "sent" else m["next_attempt_at"]
+                    table.add_row(str(m["id"]), m["kind"], m["key"], m["accession"], m["status"], m["state"],
+                                  str(m["attempts"]), str(when or "")[:19], m["last_error"][:60])
+                out.print(table)
+
+            _emit(args, {"counts": counts, "messages": messages}, human)
+            return 0
+        retried = outbox.retry(pacs.engine, pk=args.message_id if not args.all_dead else None)
+        for pk in retried:
+            pacs.audit.record(Event(action="outbox-retry", user=getpass.getuser(), protocol="cli",
+                                    detail=f"outbox message {pk} queued again for the HIS"))
+        pacs.audit.flush()
+        _emit(args, {"retried": retried},
+              lambda: out.print(f"{len(retried)} dead message(s) queued again: {', '.join(map(str, retried)) or '-'}"))
+        if args.message_id is not None and not retried:
+            err.print(f"[red]message {args.message_id} is not dead (see pacs outbox list)[/red]")
+            return 1
+        return 0
+    finally:
+        pacs.close()

@@ -4,6 +4,16 @@ Rows are claimed with a conditional UPDATE (state and lease checked in the
 WHERE clause), which is atomic on SQLite and PostgreSQL alike: two nodes
 never send the same message at once, and a sender that dies mid-send only
 delays the message until its lease expires.
+
+Order: messages about the same thing (their *key*: the order, or the study
+when no order is linked; :func:`message_key`) are delivered one after the
+other in the order they were queued. Only the oldest undelivered message of
+a key is ever claimed, so a message in backoff (the HIS refused it, or is
+down) holds back the later ones of its order, never those of other orders.
+A dead message (the HIS kept answering AE) does not hold its key back: it
+waits for an operator (:func:`retry`), and a later message of the same kind
+and key that reaches the HIS supersedes it (state "superseded": a newer
+status or report version replaced it, so it is never resent out of order).
 """
 
 from __future__ import annotations
@@ -13,12 +23,14 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, select, update
+from sqlalchemy import Engine, and_, func, select, update
 
 from .index.models import OutboundMessage
 
 outbox = OutboundMessage.__table__
 LEASE = timedelta(minutes=2)
+UNDELIVERED = ("pending", "sending")
+STATES = ("pending", "sending", "sent", "dead", "superseded")
 
 
 @dataclass(frozen=True)
@@ -27,27 +39,85 @@ class Message:
     kind: str
     data: dict[str, Any]
     attempts: int
+    last_error: str = ""
+    key: str = ""
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def message_key(kind: str, data: dict[str, Any], pk: int = 0) -> str:
+    """What a message is about, for in-order delivery: its order (by the
+    order's row), else its study. Reports name it (``key``); an order status
+    carries the order row. Unknown shapes get their own key (no ordering)."""
+    if data.get("key"):
+        return str(data["key"])
+    order = data.get("order") or {}
+    if kind == "order_status" and order.get("pk") is not None:
+        return f"order:{order['pk']}"
+    if data.get("study_uid"):
+        return f"study:{data['study_uid']}"
+    if order.get("accession_number"):
+        return f"accession:{order['accession_number']}"
+    return f"message:{pk}"
+
+
+# (database, pk, created_at) -> key: a payload never changes, so each is
+# parsed once per process; created_at tells a row apart from one that had
+# its pk before (a restored index, another database in the same process).
+_keys: dict[tuple[str, int, Any], str] = {}
+
+
+def _keys_of(conn: Any, rows: list[Any]) -> dict[int, str]:
+    """The keys of outbox *rows* (with pk and created_at)."""
+    database = conn.engine.url.render_as_string(hide_password=True)
+    ident = {row.pk: (database, row.pk, row.created_at) for row in rows}
+    missing = [pk for pk, cached in ident.items() if cached not in _keys]
+    for start in range(0, len(missing), 500):
+        chunk = missing[start : start + 500]
+        for row in conn.execute(select(outbox.c.pk, outbox.c.kind, outbox.c.payload).where(outbox.c.pk.in_(chunk))):
+            _keys[ident[row.pk]] = message_key(row.kind, json.loads(row.payload), row.pk)
+    found = {pk: _keys[cached] for pk, cached in ident.items() if cached in _keys}
+    if len(_keys) > 200_000:  # bounded: forget all but what is asked now
+        _keys.clear()
+        _keys.update({ident[pk]: key for pk, key in found.items()})
+    return found
+
+
 def claim_due(engine: Engine, destination: str, limit: int = 20) -> list[Message]:
-    """Claim up to *limit* messages that are due (pending, or stuck past their lease)."""
+    """Claim up to *limit* messages that are due (pending, or stuck past
+    their lease) and are the oldest undelivered message of their key: at
+    most one per key, in queue order."""
     now = _now()
     due = and_(
         outbox.c.destination == destination,
-        outbox.c.state.in_(["pending", "sending"]),
+        outbox.c.state.in_(UNDELIVERED),
         outbox.c.next_attempt_at <= now,
     )
     with engine.connect() as conn:
-        candidates = conn.execute(
-            select(outbox.c.pk, outbox.c.kind, outbox.c.payload, outbox.c.attempts)
-            .where(due)
+        waiting = conn.execute(
+            select(outbox.c.pk, outbox.c.created_at, outbox.c.next_attempt_at)
+            .where(outbox.c.destination == destination, outbox.c.state.in_(UNDELIVERED))
             .order_by(outbox.c.pk)
-            .limit(limit)
         ).all()
+        keys = _keys_of(conn, waiting)
+        heads: list[int] = []
+        seen: set[str] = set()
+        for row in waiting:
+            key = keys.get(row.pk, f"message:{row.pk}")
+            if key in seen:
+                continue  # an older message of its order is not delivered yet
+            seen.add(key)
+            if _aware(row.next_attempt_at) <= now:
+                heads.append(row.pk)
+                if len(heads) >= limit:
+                    break
+        candidates = conn.execute(
+            select(outbox.c.pk, outbox.c.kind, outbox.c.payload, outbox.c.attempts, outbox.c.last_error)
+            .where(outbox.c.pk.in_(heads))
+            .order_by(outbox.c.pk)
+        ).all() if heads else []
     claimed = []
     for row in candidates:
         with engine.begin() as conn:
@@ -58,13 +128,41 @@ def claim_due(engine: Engine, destination: str, limit: int = 20) -> list[Message
                 .values(state="sending", next_attempt_at=now + LEASE)
             ).rowcount
         if won:
-            claimed.append(Message(row.pk, row.kind, json.loads(row.payload), row.attempts))
+            data = json.loads(row.payload)
+            claimed.append(Message(row.pk, row.kind, data, row.attempts, row.last_error or "",
+                                   message_key(row.kind, data, row.pk)))
     return claimed
 
 
-def mark_sent(engine: Engine, pk: int) -> None:
+def _aware(moment: datetime) -> datetime:
+    """SQLite hands timestamps back without their zone (they are UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def mark_sent(engine: Engine, pk: int) -> int:
+    """The message reached its destination. Dead messages of the same kind
+    and key queued before it are superseded by it; returns how many."""
     with engine.begin() as conn:
+        row = conn.execute(select(outbox.c.kind, outbox.c.payload, outbox.c.destination)
+                           .where(outbox.c.pk == pk)).first()
         conn.execute(update(outbox).where(outbox.c.pk == pk).values(state="sent", sent_at=_now(), last_error=""))
+        if row is None:
+            return 0
+        key = message_key(row.kind, json.loads(row.payload), pk)
+        older_dead = conn.execute(
+            select(outbox.c.pk, outbox.c.created_at).where(
+                outbox.c.destination == row.destination, outbox.c.state == "dead",
+                outbox.c.kind == row.kind, outbox.c.pk < pk)
+        ).all()
+        replaced = [other for other, other_key in _keys_of(conn, older_dead).items() if other_key == key]
+        if replaced:
+            conn.execute(
+                update(outbox)
+                .where(outbox.c.pk.in_(replaced), outbox.c.state == "dead")
+                .values(state="superseded", last_error=func.substr(
+                    f"superseded by message {pk}; " + outbox.c.last_error, 1, 500))
+            )
+        return len(replaced)
 
 
 def mark_failed(engine: Engine, pk: int, error: str, *, dead: bool, retry_in: float) -> None:
@@ -95,8 +193,54 @@ def release(engine: Engine, pks: list[int], retry_in: float) -> None:
 
 def depth(engine: Engine) -> dict[str, int]:
     """Messages per state (queue depth for stats and health)."""
-    from sqlalchemy import func
-
     with engine.connect() as conn:
         rows = conn.execute(select(outbox.c.state, func.count()).group_by(outbox.c.state)).all()
     return {state: int(n) for state, n in rows}
+
+
+def list_messages(engine: Engine, state: str = "", limit: int = 100) -> list[dict[str, Any]]:
+    """Messages for an operator (newest first), without their patient data:
+    kind, key, state, attempts, last error, times."""
+    stmt = select(outbox.c.pk, outbox.c.destination, outbox.c.kind, outbox.c.payload, outbox.c.state,
+                  outbox.c.attempts, outbox.c.last_error, outbox.c.created_at, outbox.c.next_attempt_at,
+                  outbox.c.sent_at).order_by(outbox.c.pk.desc()).limit(limit)
+    if state:
+        stmt = stmt.where(outbox.c.state == state)
+    with engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    listed = []
+    for row in rows:
+        data = json.loads(row.payload)
+        order = data.get("order") or {}
+        listed.append({
+            "id": row.pk, "destination": row.destination, "kind": row.kind,
+            "key": message_key(row.kind, data, row.pk), "accession": order.get("accession_number", ""),
+            "status": data.get("status", ""), "state": row.state, "attempts": row.attempts,
+            "last_error": row.last_error or "", "created_at": row.created_at,
+            "next_attempt_at": row.next_attempt_at if row.state in UNDELIVERED else None,
+            "sent_at": row.sent_at,
+        })
+    return listed
+
+
+def retry(engine: Engine, *, pk: int | None = None) -> list[int]:
+    """Give dead messages (one, or all) another round: pending, due now,
+    their attempts and rejections counted afresh. Returns the ids retried.
+    A retried message is again the oldest undelivered one of its key, so
+    later messages of its order wait for it."""
+    now = _now()
+    stmt = update(outbox).where(outbox.c.state == "dead")
+    if pk is not None:
+        stmt = stmt.where(outbox.c.pk == pk)
+    with engine.begin() as conn:
+        pks = conn.execute(
+            select(outbox.c.pk).where(outbox.c.state == "dead", *([outbox.c.pk == pk] if pk is not None else []))
+        ).scalars().all()
+        if pks:
+            conn.execute(
+                stmt.where(outbox.c.pk.in_(pks)).values(
+                    state="pending", attempts=0, next_attempt_at=now,
+                    last_error=func.substr("retried by an operator; " + outbox.c.last_error, 1, 500),
+                )
+            )
+    return list(pks)

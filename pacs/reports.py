@@ -189,6 +189,12 @@ class ReportService:
                 order = self._order_for(conn, study)
                 OrderService.enqueue(conn, "his", "report", {
                     "order": order,
+                    # In-order delivery per order (or study): pacs.outbox.message_key.
+                    "key": f"order:{order['order_pk']}" if order.get("order_pk") else f"study:{study_uid}",
+                    "study_uid": study_uid,
+                    "modalities": study.modalities.replace("\\", "/"),
+                    "signed_by": signer, "signed_by_name": signer_name or signer,
+                    "signed_at": now.astimezone().strftime("%Y%m%d%H%M%S%z"),
                     "status": "final" if draft.version == 1 else "amended",
                     "lines": [
                         {"type": "TX", "code": "59776-5^Findings^LN", "value": draft.findings},
@@ -226,6 +232,7 @@ class ReportService:
                 "filler_order_number": "", "procedure_code": "", "procedure_code_scheme": "",
                 "requested_procedure_description": study.description}
         if row is not None:
+            base["order_pk"] = row.pk
             base.update({k: getattr(row, k) for k in ("placer_order_number", "filler_order_number",
                                                        "procedure_code", "procedure_code_scheme",
                                                        "requested_procedure_description")})

@@ -1,14 +1,20 @@
 """Messages to the HIS: rendering outbox events as HL7 v2 and delivering
 them over MLLP with retries (exponential backoff) until the HIS says AA.
 
-Connection failures are retried for as long as it takes (nothing is lost
-while the HIS is down); a message the HIS rejects (AE/AR) is retried a few
-times and then parked as "dead" for an operator to look at.
+Connection failures and AR answers (the HIS cannot take it now: a system
+rejection, "send it again") are retried for as long as it takes, with a
+backoff capped at MAX_BACKOFF: nothing is lost while the HIS is down or
+refusing. AE (the HIS says this message is wrong) is retried
+MAX_ERROR_ANSWERS times in a row and then parked "dead", where
+`pacs outbox list --state dead` shows it and `pacs outbox retry` sends it
+again. Messages about the same order (or study) go out one at a time in the
+order they were queued (see :mod:`pacs.outbox`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from dataclasses import dataclass
 from datetime import datetime
@@ -27,8 +33,10 @@ _ORC_STATUS = {"IN PROGRESS": "IP", "COMPLETED": "CM", "DISCONTINUED": "DC", "SC
 # Result status (HL7 tables 0123 for OBR-25, 0085 for OBX-11): an amended
 # report replaces a final one, so it goes out as C (corrected), not F.
 _RESULT_STATUS = {"final": "F", "amended": "C"}
-MAX_REJECTIONS = 10
+# AE/CE answers in a row before a message is parked dead; AR/CR never park it.
+MAX_ERROR_ANSWERS = 3
 MAX_BACKOFF = 60.0
+_REJECTIONS = re.compile(r"HIS answered [AC]E \(rejection (\d+) of")
 
 
 def _pn_to_xpn(name: str) -> str:
@@ -64,8 +72,16 @@ def render(kind: str, data: dict[str, Any], control_id: str, to: Addresses = Add
                   "", _pn_to_xpn(order.get("name", ""))]),
     ]
     placer, filler = escape(order.get("placer_order_number", "")), escape(order.get("filler_order_number", ""))
-    service = f"{escape(order.get('procedure_code', ''))}^{escape(order.get('requested_procedure_description', ''))}^{escape(order.get('procedure_code_scheme', ''))}"
     accession = escape(order.get("accession_number", ""))
+    code, text = order.get("procedure_code", ""), order.get("requested_procedure_description", "")
+    if kind == "report" and not (placer or filler):
+        # A report on a study no order explains: the accession is the number
+        # this side gave the examination (ORC-3/OBR-3, filler order number).
+        filler = accession
+    if not (code or text):
+        # OBR-4 is required: a study without an order is named by what it is.
+        text = data.get("modalities", "")
+    service = f"{escape(code)}^{escape(text)}^{escape(order.get('procedure_code_scheme', '') if code else '')}"
     if kind == "order_status":
         status = _ORC_STATUS.get(data.get("status", ""), "SC")
         segments.append("|".join(["ORC", "SC", placer, filler, "", status]))
@@ -73,10 +89,25 @@ def render(kind: str, data: dict[str, Any], control_id: str, to: Addresses = Add
     else:
         result_status = _RESULT_STATUS.get(data.get("status", "final"), "F")
         segments.append("|".join(["ORC", "RE", placer, filler, "", "CM"]))
-        segments.append("|".join(["OBR", "1", placer, filler, service] + [""] * 13 + [accession]
-                                 + [""] * 6 + [result_status]))
+        # OBR-22 results date/time (the signature), OBR-25 result status,
+        # OBR-32 principal result interpreter (the signer, NDL: ID&family&given).
+        obr = ["OBR", "1", placer, filler, service] + [""] * 13 + [accession] + [""] * 14
+        obr[22] = escape(data.get("signed_at", ""))
+        obr[25] = result_status
+        obr[32] = _interpreter(data.get("signed_by", ""), data.get("signed_by_name", ""))
+        segments.append("|".join(obr).rstrip("|"))
         segments.extend(_obx(index, line, result_status) for index, line in enumerate(data.get("lines", []), start=1))
     return "\r".join(segments).encode("utf-8") + b"\r"
+
+
+def _interpreter(user: str, name: str) -> str:
+    """OBR-32 (NDL) of the signer: its first component is a CNN, whose
+    subcomponents (ID number, family name, given name) are separated by &."""
+    if not (user or name):
+        return ""
+    parts = name.split("^") if name and name != user else ["", ""]
+    family, given = (parts + [""])[:2]
+    return "&".join(escape(p) for p in (user, family, given)).rstrip("&")
 
 
 def _obx(index: int, line: dict[str, Any], result_status: str) -> str:
@@ -122,17 +153,31 @@ class OutboundSender:
             self._wake.wait(self.interval)
             self._wake.clear()
 
-    def deliver_due(self) -> int:
-        """Send what is due now; returns how many were delivered."""
+    def deliver_due(self, *, rounds: int = 50) -> int:
+        """Send what is due now; returns how many were delivered. A message
+        delivered lets the next one of its order go at once (another round),
+        up to *rounds* rounds."""
+        delivered = 0
+        for _ in range(rounds):
+            sent, more = self._deliver_round()
+            delivered += sent
+            if not (sent and more) or self._stop.is_set():
+                break
+        return delivered
+
+    def _deliver_round(self) -> tuple[int, bool]:
+        """One batch: (delivered, whether the HIS was reachable throughout)."""
         delivered = 0
         claimed = outbox.claim_due(self.pacs.engine, "his")
+        if not claimed:
+            return 0, False
         for index, message in enumerate(claimed):
             control_id = f"FILMLESS{message.pk}"  # stable: a resend can be recognised
             payload = render(message.kind, message.data, control_id, Addresses.of(self.pacs.settings))
+            backoff = min(MAX_BACKOFF, 2.0 ** min(message.attempts, 6))
             try:
                 reply = mllp.send(self.host, self.port, payload, ack_timeout=self.pacs.settings.hl7_ack_timeout)
             except OSError as exc:
-                backoff = min(MAX_BACKOFF, 2.0 ** min(message.attempts, 6))
                 # A slow HIS (no ACK in time) is not a down one: the operator
                 # must know which, and the HIS sees the resend's same MSH-10.
                 what = "sent no ACK" if isinstance(exc, mllp.NoAck) else "unreachable"
@@ -141,16 +186,32 @@ class OutboundSender:
                          message.pk, backoff)
                 # The HIS is down: hand the rest back for the next round, in order.
                 outbox.release(self.pacs.engine, [m.pk for m in claimed[index + 1 :]], backoff)
-                break
+                return delivered, False
             code, text = ack_code(reply)
             if code in ("AA", "CA"):
-                outbox.mark_sent(self.pacs.engine, message.pk)
+                superseded = outbox.mark_sent(self.pacs.engine, message.pk)
+                if superseded:
+                    log.info("message %d superseded %d dead message(s) of %s", message.pk, superseded, message.key)
                 delivered += 1
-            else:
-                dead = message.attempts + 1 >= MAX_REJECTIONS
+            elif code in ("AE", "CE"):
+                # The HIS says the message itself is wrong: resending the same
+                # bytes rarely helps. A few tries, then parked for an operator
+                # (pacs outbox list/retry); it holds back no later message.
+                previous = _REJECTIONS.match(message.last_error)
+                rejections = (int(previous.group(1)) if previous else 0) + 1
+                dead = rejections >= MAX_ERROR_ANSWERS
                 outbox.mark_failed(
-                    self.pacs.engine, message.pk, f"HIS answered {code}: {text}", dead=dead,
-                    retry_in=min(MAX_BACKOFF, 2.0 ** min(message.attempts, 6)),
+                    self.pacs.engine, message.pk,
+                    f"HIS answered {code} (rejection {rejections} of {MAX_ERROR_ANSWERS}): {text}",
+                    dead=dead, retry_in=backoff,
                 )
-                log.warning("HIS refused message %d (%s %s)%s", message.pk, code, text, "; parked" if dead else "")
-        return delivered
+                log.warning("HIS refused message %d (%s %s)%s", message.pk, code, text,
+                            "; parked dead: pacs outbox retry sends it again" if dead else "")
+            else:
+                # AR (or CR, or no readable MSA): the HIS cannot take it now
+                # (its own failure, "send it again"). Never parked: retried with
+                # a capped backoff, holding back the later messages of its order.
+                outbox.mark_failed(self.pacs.engine, message.pk, f"HIS answered {code or 'no MSA'}: {text}",
+                                   dead=False, retry_in=backoff)
+                log.warning("HIS rejected message %d (%s %s); retried in %.0fs", message.pk, code, text, backoff)
+        return delivered, True

@@ -266,3 +266,139 @@ def test_fhir_conformance(reporting: PacsServer) -> None:
     with reporting.http() as http:
         assert http.get("/dicom-web/studies/1.2.3/metadata").json()["error"]
         assert http.get("/nowhere").status_code == 404
+
+
+def _empty_values(value: object, path: str = "$") -> list[str]:
+    """Where a FHIR JSON value is empty ("", null, [], {}): R4 json.html 2.6.2 forbids it."""
+    if value in ("", None, [], {}) or (isinstance(value, str) and not value.strip()):
+        return [path]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _empty_values(v, f"{path}.{k}")]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _empty_values(v, f"{path}[{i}]")]
+    return []
+
+
+def _query(url: str) -> list[tuple[str, str]]:
+    import urllib.parse
+
+    return urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query)
+
+
+PATIENT_ID_SYSTEM = "https://filmless-pacs.org/fhir/NamingSystem/patient-id"
+
+
+def test_fhir_resources_are_valid_without_dicom_values(reporting: PacsServer, tmp_path: Path) -> None:
+    """A study with no Study/Series Description, Series Number nor accession
+    and a report without impression: the absent values are left out (FHIR has
+    no empty strings, nulls or empty arrays), and the patient identifier has
+    its system, one a patient.identifier search accepts back."""
+    from .test_dimse_failures import make_ct
+
+    ct = make_ct(tmp_path / "bare.dcm", PatientID="BN000700", PatientName="Lê^Văn Bảy",
+                 SpecificCharacterSet="ISO_IR 192")
+    assert reporting.storescu(str(ct)).returncode == 0
+    bare = str(dcmread(ct, stop_before_pixels=True).StudyInstanceUID)
+    with reporting.http(token=reporting.radiologist) as rad:  # type: ignore[attr-defined]
+        assert rad.put(f"/api/studies/{bare}/report", json={"findings": "Không thấy tổn thương.",
+                                                             "impression": ""}).status_code == 200
+        assert rad.post(f"/api/studies/{bare}/report/sign").status_code == 200
+    _sign(reporting, study_uid("S1"))
+    with reporting.http() as http:
+        study = http.get(f"/fhir/ImagingStudy/{bare}").json()
+        assert _empty_values(study) == [], study
+        assert "description" not in study
+        assert "description" not in study["series"][0] and "number" not in study["series"][0]
+        assert study["series"][0]["modality"]["code"] == "CT" and study["series"][0]["instance"][0]["uid"]
+        assert study["subject"] == {"identifier": {"system": PATIENT_ID_SYSTEM, "value": "BN000700"},
+                                    "display": "Lê Văn Bảy"}
+        report = http.get(f"/fhir/DiagnosticReport/{bare}-v1").json()
+        assert _empty_values(report) == [], report
+        assert "conclusion" not in report and "identifier" not in report
+        assert report["subject"]["identifier"]["system"] == PATIENT_ID_SYSTEM
+        # A study with its values keeps them; the issuer is in the system.
+        full = http.get(f"/fhir/ImagingStudy/{study_uid('S1')}").json()
+        assert _empty_values(full) == [] and full["description"] == "CT ngực"
+        assert full["series"][0]["number"] == 1
+        subject = full["subject"]["identifier"]
+        assert subject == {"system": f"{PATIENT_ID_SYSTEM}/CCCD", "value": "001085012345"}
+        signed = http.get(f"/fhir/DiagnosticReport/{study_uid('S1')}-v1").json()
+        assert signed["conclusion"] == "Bình thường." and signed["identifier"][0]["value"] == "ACC001"
+        # The identifier as given out finds the patient's studies again.
+        again = http.get("/fhir/ImagingStudy", params={"patient.identifier": f"{subject['system']}|{subject['value']}"})
+        assert {e["resource"]["id"] for e in again.json()["entry"]} == {study_uid("S1"), study_uid("S2")}
+        mine = http.get("/fhir/ImagingStudy", params={"patient.identifier": f"{PATIENT_ID_SYSTEM}|BN000700"}).json()
+        assert [e["resource"]["id"] for e in mine["entry"]] == [bare]
+        for bundle in (again.json(), mine):
+            assert _empty_values(bundle) == []
+
+
+def test_fhir_search_links_show_only_the_parameters_applied(reporting: PacsServer) -> None:
+    """R4 search 3.1.1.3.4: an unsupported parameter is ignored and left out
+    of the self link (which says what was searched), or refused 400 with
+    Prefer: handling=strict."""
+    with reporting.http() as http:
+        lenient = http.get("/fhir/ImagingStudy", params=[("patient.identifier", "CCCD|001085012345"),
+                                                         ("date", "ge2030-01-01"), ("_count", "1")])
+        assert lenient.status_code == 200
+        bundle = lenient.json()
+        assert bundle["total"] == 2  # the date was not applied...
+        links = {link["relation"]: link["url"] for link in bundle["link"]}
+        # ...so the self link does not claim it was.
+        assert _query(links["self"]) == [("patient.identifier", "CCCD|001085012345"), ("_count", "1")]
+        assert links["self"].startswith(f"http://127.0.0.1:{reporting.http_port}/fhir/ImagingStudy?")
+        assert _query(links["next"]) == [("patient.identifier", "CCCD|001085012345"), ("_count", "1"),
+                                         ("_offset", "1")]
+        assert http.get(links["next"]).json()["total"] == 2
+        # A modifier this server does not implement is an unknown parameter too.
+        modified = http.get("/fhir/DiagnosticReport", params={"identifier:exact": "ACC001",
+                                                              "patient.identifier": "CCCD|001085012345"}).json()
+        assert _query(modified["link"][0]["url"]) == [("patient.identifier", "CCCD|001085012345")]
+        # _format is honoured, not a search parameter: accepted, not echoed.
+        formatted = http.get("/fhir/ImagingStudy", params={"identifier": "ACC001", "_format": "json"}).json()
+        assert _query(formatted["link"][0]["url"]) == [("identifier", "ACC001")]
+
+        strict = {"Prefer": "return=representation, handling=strict"}
+        refused = _outcome(http.get("/fhir/ImagingStudy", params={"patient.identifier": "CCCD|001085012345",
+                                                                  "date": "ge2030-01-01"}, headers=strict), 400)
+        assert "date" in refused["issue"][0]["diagnostics"]
+        _outcome(http.get("/fhir/DiagnosticReport", params={"identifier": "ACC001", "status": "final"},
+                          headers=strict), 400)
+        applied = http.get("/fhir/ImagingStudy", params={"identifier": "ACC001", "_format": "json"}, headers=strict)
+        assert applied.status_code == 200 and applied.json()["total"] == 1
+        lenient_header = http.get("/fhir/ImagingStudy", params={"identifier": "ACC001", "date": "x"},
+                                  headers={"Prefer": "handling=lenient"})
+        assert lenient_header.status_code == 200 and _query(lenient_header.json()["link"][0]["url"]) == [
+            ("identifier", "ACC001")]
+
+
+def test_oru_names_its_interpreter_time_and_unordered_study(reporting: PacsServer, tmp_path: Path) -> None:
+    """OBR-32 (principal result interpreter) is the signer, OBR-22 the time of
+    the signature; a study no order explains still has OBR-4 (what it is) and
+    its accession as OBR-3."""
+    import re
+
+    from .peers import wait_until
+    from .test_dimse_failures import make_ct
+
+    ct = make_ct(tmp_path / "bare.dcm", PatientID="BN000701")  # no accession, no description
+    assert reporting.storescu(str(ct)).returncode == 0
+    bare = str(dcmread(ct, stop_before_pixels=True).StudyInstanceUID)
+    _sign(reporting, study_uid("S1"))
+    _sign(reporting, bare)
+    assert wait_until(lambda: len(reporting.his.messages) >= 2, timeout=30)  # type: ignore[attr-defined]
+
+    def obr(message: bytes) -> list[str]:
+        return next(s for s in message.decode().split("\r") if s.startswith("OBR|")).split("|")
+
+    messages = reporting.his.messages  # type: ignore[attr-defined]
+    by_patient = {("BN000701" if b"BN000701" in m else "P1"): obr(m) for m in messages}
+    s1 = by_patient["P1"]
+    assert s1[2] == "" and s1[3] == "ACC001" and s1[4] == "^CT ngực^" and s1[18] == "ACC001"
+    assert s1[25] == "F" and s1[32] == "bs.tung&Đỗ&Thanh Tùng"
+    assert re.fullmatch(r"\d{14}[+-]\d{4}", s1[22]), s1[22]
+    signed_at = datetime.strptime(s1[22], "%Y%m%d%H%M%S%z")
+    assert abs((datetime.now(UTC) - signed_at).total_seconds()) < 600
+    unordered = by_patient["BN000701"]
+    assert unordered[2] == unordered[3] == "" and unordered[4] == "^CT^"
+    assert unordered[25] == "F" and unordered[32] == "bs.tung&Đỗ&Thanh Tùng" and unordered[22]

@@ -34,6 +34,14 @@ identifiers = PatientIdentifier.__table__
 reports_t = Report.__table__
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
+# Identifier.system of patient IDs: this base for IDs without an issuer,
+# followed by "/{issuer}" (percent-encoded) for those with one (BVDK, CCCD,
+# BHYT...). A search by patient.identifier={system}|{value} takes it back.
+PATIENT_ID_SYSTEM = "https://filmless-pacs.org/fhir/NamingSystem/patient-id"
+# Search parameters applied (R4 search 3.1.1.3.4: others are ignored, or
+# refused with Prefer: handling=strict); _format is a general parameter.
+_SEARCH_PARAMETERS = ("patient.identifier", "subject.identifier", "identifier", "_count", "_offset")
+_GENERAL_PARAMETERS = ("_format",)
 
 
 def _fhir(body: Any, status: int = 200) -> Response:
@@ -97,8 +105,7 @@ def _study_uids(request: Request, patient_identifier: str, identifier: str, *, s
             reports_t.c.study_pk == studies.c.pk, reports_t.c.status == "signed")))
     if patient_identifier:
         system, value = _split(patient_identifier)
-        # The system is the issuer (CCCD, BHYT...) or a URI ending with it.
-        issuer = system.rsplit("/", 1)[-1].rsplit(":", 1)[-1] if system else None
+        issuer = _issuer_of(system)
         own = patients.c.patient_id == value
         if issuer:
             own = own & (patients.c.issuer == issuer)
@@ -118,8 +125,60 @@ def _study_uids(request: Request, patient_identifier: str, identifier: str, *, s
         return [r[0] for r in conn.execute(stmt.order_by(studies.c.study_date.desc(), studies.c.pk.desc()))]
 
 
-def _patient_ref(detail: dict[str, Any]) -> dict[str, Any]:
-    return {"identifier": {"value": detail["patient_id"]}, "display": (detail["patient_name"] or "").replace("^", " ")}
+def _issuer_of(system: str | None) -> str | None:
+    """The issuer a patient.identifier system names (None: any). Ours
+    (PATIENT_ID_SYSTEM[/issuer]), the issuer itself (CCCD, BHYT...) or a URI
+    ending with it."""
+    if not system:
+        return None
+    if system == PATIENT_ID_SYSTEM:
+        return None
+    if system.startswith(PATIENT_ID_SYSTEM + "/"):
+        return urllib.parse.unquote(system[len(PATIENT_ID_SYSTEM) + 1 :]) or None
+    return system.rsplit("/", 1)[-1].rsplit(":", 1)[-1] or None
+
+
+def patient_id_system(issuer: str) -> str:
+    return f"{PATIENT_ID_SYSTEM}/{urllib.parse.quote(issuer, safe='')}" if issuer else PATIENT_ID_SYSTEM
+
+
+def _patient_ref(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
+    """Reference(Patient) by identifier (there is no Patient resource here):
+    the patient ID with its system, and the name to display."""
+    reference: dict[str, Any] = {}
+    if detail["patient_id"]:
+        reference["identifier"] = {"system": patient_id_system(_patient_issuer(request, detail)),
+                                   "value": detail["patient_id"]}
+    display = " ".join((detail["patient_name"] or "").replace("^", " ").split())
+    if display:
+        reference["display"] = display
+    return reference
+
+
+def _patient_issuer(request: Request, detail: dict[str, Any]) -> str:
+    if "issuer" in detail:
+        return detail["issuer"] or ""
+    with request.app.state.pacs.engine.connect() as conn:
+        issuer = conn.execute(
+            select(patients.c.issuer).join(studies, studies.c.patient_pk == patients.c.pk)
+            .where(studies.c.study_uid == detail["study_uid"])
+        ).scalar()
+    detail["issuer"] = issuer or ""
+    return detail["issuer"]
+
+
+def _pruned(value: Any) -> Any:
+    """FHIR JSON has no empty values (R4 json.html 2.6.2: no "", [], {} or
+    null): a DICOM attribute that is absent or empty leaves its element out."""
+    if isinstance(value, dict):
+        kept = {k: _pruned(v) for k, v in value.items()}
+        return {k: v for k, v in kept.items() if v not in ("", None, [], {})}
+    if isinstance(value, list):
+        kept_items = [_pruned(v) for v in value]
+        return [v for v in kept_items if v not in ("", None, [], {})]
+    if isinstance(value, str) and not value.strip():
+        return ""
+    return value
 
 
 def _datetime(date: str, time: str) -> str | None:
@@ -160,7 +219,7 @@ def imaging_study(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
         "id": detail["study_uid"],
         "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{detail['study_uid']}"}],
         "status": "available",
-        "subject": _patient_ref(detail),
+        "subject": _patient_ref(request, detail),
         "numberOfSeries": len(series),
         "numberOfInstances": sum(s["num_instances"] for s in series),
         "modality": [{"system": DCM, "code": m} for m in detail["modalities"].split("\\") if m],
@@ -187,7 +246,7 @@ def imaging_study(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
     started = _datetime(detail["study_date"], detail["study_time"])
     if started:
         resource["started"] = started
-    return resource
+    return _pruned(resource)
 
 
 def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str, Any],
@@ -205,7 +264,7 @@ def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str
         "status": "final" if current["version"] == 1 else "amended",
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
         "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}]},
-        "subject": _patient_ref(detail),
+        "subject": _patient_ref(request, detail),
         "resultsInterpreter": [{"display": current["signed_by"]}],
         "imagingStudy": [{"reference": f"ImagingStudy/{detail['study_uid']}"}],
         "identifier": [{"type": ACSN, "value": detail["accession"]}] if detail["accession"] else [],
@@ -219,7 +278,7 @@ def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str
     issued = _instant(current["signed_at"])
     if issued:
         resource["issued"] = issued
-    return resource
+    return _pruned(resource)
 
 
 def report_id(study_uid: str, version: int) -> str:
@@ -234,18 +293,58 @@ def _parse_report_id(value: str) -> tuple[str, int]:
     return match.group(1), int(match.group(2))
 
 
-def _page_url(request: Request, offset: int) -> str:
-    params = [(k, v) for k, v in request.query_params.multi_items() if k != "_offset"] + [("_offset", str(offset))]
-    return f"{base_url(request)}{request.url.path}?{urllib.parse.urlencode(params)}"
+def _page_url(request: Request, applied: list[tuple[str, str]], offset: int | None = None) -> str:
+    """The search as it was applied (its parameters only), at *offset*."""
+    params = [(k, v) for k, v in applied if offset is None or k != "_offset"]
+    if offset is not None:
+        params.append(("_offset", str(offset)))
+    query = urllib.parse.urlencode(params)
+    return f"{base_url(request)}{request.url.path}{'?' + query if query else ''}"
+
+
+def _strict(request: Request) -> bool:
+    """Prefer: handling=strict (R4 http.html 3.1.0.1.8, search 3.1.1.3.4)."""
+    for header in request.headers.getlist("prefer"):
+        for preference in header.split(","):
+            name, _, value = preference.strip().partition("=")
+            if name.strip().lower() == "handling" and value.strip().strip('"').lower() == "strict":
+                return True
+    return False
+
+
+def _applied_parameters(request: Request) -> list[tuple[str, str]]:
+    """The search parameters this server applies, as given, in order; the
+    others are ignored (and left out of the self link), or refused with 400
+    when the client asked Prefer: handling=strict."""
+    params = request.query_params
+    patient_param = "patient.identifier" if params.get("patient.identifier", "") else "subject.identifier"
+    used = {patient_param: params.get(patient_param, ""), "identifier": params.get("identifier", ""),
+            "_count": params.get("_count", ""), "_offset": params.get("_offset", "")}
+    applied: list[tuple[str, str]] = []
+    ignored: list[str] = []
+    for name, value in params.multi_items():
+        if name in _GENERAL_PARAMETERS or not value:
+            continue  # _format is honoured by json_only; an empty value means nothing
+        if used.get(name) == value and (name, value) not in applied:
+            applied.append((name, value))
+        else:
+            ignored.append(name)
+    if ignored and _strict(request):
+        names = ", ".join(sorted({n[:40] for n in ignored}))
+        raise HTTPProblem(400, f"search parameter(s) not supported or repeated: {names}; this server searches by "
+                               "patient.identifier (or subject.identifier), identifier, _count and _offset")
+    return applied
 
 
 def _bundle(request: Request, resources: list[dict[str, Any]], total: int, offset: int, count: int) -> dict[str, Any]:
     """A searchset page: total counts every match (R4 Bundle.total), a next
-    link when more follow."""
+    link when more follow. The links carry the parameters applied only
+    (R4 search 3.1.1.3.4): one the server ignored is not in the self link."""
     base = base_url(request) + "/fhir"
-    links = [{"relation": "self", "url": str(request.url)}]
+    applied = _applied_parameters(request)
+    links = [{"relation": "self", "url": _page_url(request, applied)}]
     if offset + count < total:
-        links.append({"relation": "next", "url": _page_url(request, offset + count)})
+        links.append({"relation": "next", "url": _page_url(request, applied, offset + count)})
     return {
         "resourceType": "Bundle",
         "type": "searchset",
@@ -260,6 +359,7 @@ def _search(request: Request, principal: Principal, count: int, offset: int, *,
             signed_only: bool) -> tuple[list[dict[str, Any]], int]:
     """One page of the studies a search matches (those the caller may see)
     and how many there are in all."""
+    _applied_parameters(request)  # Prefer: handling=strict refuses what would be ignored
     if not 1 <= count <= 200:
         raise HTTPProblem(400, "_count must be 1-200")
     if offset < 0:
