@@ -115,11 +115,13 @@ class S3Store(ObjectStore):
             f"&sse={sse}" if sse else "")
         self._sse = server_side_encryption(sse)
         # Few, quick retries: a C-STORE must fail within seconds when the
-        # server is down rather than hang the modality.
+        # server is down rather than hang the modality. A server that stops
+        # answering (stalled, not down) is given 30 s once: a read timeout is
+        # not retried (it was 3 x 120 s, a modality waited over three minutes).
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=5, read=120),
+            timeout=urllib3.Timeout(connect=5, read=30),
             maxsize=pool_size,
-            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+            retries=urllib3.Retry(total=2, read=0, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
         )
         self._client = Minio(
             endpoint,

@@ -121,13 +121,14 @@ class GroupCommitter:
                 conn = self._connection()
                 with conn.begin():
                     return [self._writer.add(conn, rec) for rec in records]
-            except (IntegrityError, OperationalError):
-                # A cached key may point at a purged row, a lock may have
-                # timed out, PostgreSQL may have restarted: forget the cache
-                # and retry on a fresh connection.
+            except (IntegrityError, OperationalError) as exc:
+                # A cached key may point at a purged row, PostgreSQL may have
+                # restarted: forget the cache and retry on a fresh connection.
+                # SQLite's lock was already waited for (busy_timeout): another
+                # wait would only hold the modality longer.
                 self._writer.clear_cache()
                 self._drop_connection()
-                if attempt == attempts - 1:
+                if attempt == attempts - 1 or "database is locked" in str(exc):
                     raise
             except Exception:
                 self._writer.clear_cache()

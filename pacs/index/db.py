@@ -88,7 +88,24 @@ def create_index_engine(url: str, *, pool_size: int = 10) -> Engine:
         kwargs = {"poolclass": NullPool}
     else:
         kwargs.update(pool_size=pool_size, max_overflow=20)
+    if parsed.get_backend_name() == "postgresql":
+        kwargs["connect_args"] = PG_NETWORK_LIMITS
     return create_engine(url, **kwargs)
+
+
+# A database host that vanishes from the network (no RST, no FIN) held every
+# C-STORE, C-FIND and HTTP request for as long as the kernel retransmits
+# (minutes): libpq gives up connecting after 5 s, on unacknowledged data after
+# 30 s, and on an idle connection whose peer is gone after ~30 s of keepalives.
+# Only a client-side limit: a long maintenance query that is answered is not cut.
+PG_NETWORK_LIMITS: dict[str, Any] = {
+    "connect_timeout": 5,
+    "keepalives": 1,
+    "keepalives_idle": 15,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
 
 
 def _configure_sqlite(engine: Engine) -> None:
