@@ -17,7 +17,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config
 from pynetdicom.presentation import PresentationContext
+from sqlalchemy.exc import SQLAlchemyError
 
 from . import routing
 from .app import Pacs
@@ -116,6 +118,12 @@ class Forwarder:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="routing", daemon=True)
+        # Index writes that failed while the index was down (a delivery to
+        # record as done, claims to give back), in order, retried each round:
+        # a delivered object is not sent again, the rest of its batch not held
+        # for the 5-minute lease.
+        self._unsettled: deque[Callable[[], object]] = deque()
+        self._outage_logged = 0.0
 
     def start(self) -> Forwarder:
         released = routing.release_node(self.pacs.engine, self.node)
@@ -141,10 +149,55 @@ class Forwarder:
         if pruned:
             log.info("routing: %d finished jobs older than %d days deleted", pruned, keep_days)
 
+    def _outage(self, exc: Exception) -> None:
+        """One line a minute while the index is down, not a traceback a second."""
+        now = time.monotonic()
+        if now - self._outage_logged >= 60:
+            self._outage_logged = now
+            log.warning("routing paused: the index is unavailable (%s)", str(exc).splitlines()[0][:200])
+
+    def _record(self, action: Callable[[], object]) -> bool:
+        """Run an index write of the queue; kept for later if the index is down."""
+        with self._lock:
+            if self._unsettled:  # keep the order of the writes
+                self._unsettled.append(action)
+                return False
+        try:
+            action()
+            return True
+        except SQLAlchemyError as exc:
+            self._outage(exc)
+            with self._lock:
+                self._unsettled.append(action)
+            return False
+
+    def _settle(self) -> None:
+        while True:
+            with self._lock:
+                if not self._unsettled:
+                    return
+                action = self._unsettled[0]
+            try:
+                action()
+            except SQLAlchemyError as exc:
+                self._outage(exc)
+                return
+            with self._lock:
+                self._unsettled.popleft()
+
+    def _finish(self, job: Job) -> bool:
+        return self._record(lambda: routing.finish(self.pacs.engine, job))
+
+    def _give_back(self, jobs: list[Job]) -> None:
+        self._record(lambda: routing.release(self.pacs.engine, [j.pk for j in jobs], self.node))
+
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._settle()
             try:
                 self._prune()
+            except SQLAlchemyError as exc:
+                self._outage(exc)
             except Exception:
                 log.exception("pruning finished routing jobs failed")
             try:
@@ -158,14 +211,18 @@ class Forwarder:
                             continue
                         self._busy.add(destination)
                     self._pool.submit(self._drain_guarded, destination)
+            except SQLAlchemyError as exc:
+                self._outage(exc)
             except Exception:
                 log.exception("routing round failed")
             self._stop.wait(self.interval)
 
     def _drain_guarded(self, destination: str) -> None:
         try:
-            while not self._stop.is_set() and self.drain(destination):
+            while not self._stop.is_set() and not self._unsettled and self.drain(destination):
                 pass
+        except SQLAlchemyError as exc:
+            self._outage(exc)
         except Exception:
             log.exception("routing to %s failed", destination)
         finally:
@@ -173,8 +230,10 @@ class Forwarder:
                 self._busy.discard(destination)
 
     def _fail(self, destination: str, job: Job, error: str, *, permanent: bool = False) -> None:
-        state = routing.fail(self.pacs.engine, job, error, max_attempts=self.max_attempts, permanent=permanent)
-        self._failures.setdefault(destination, []).append((state, error))
+        states: list[str] = []
+        self._record(lambda: states.append(
+            routing.fail(self.pacs.engine, job, error, max_attempts=self.max_attempts, permanent=permanent)))
+        self._failures.setdefault(destination, []).append((states[0] if states else "pending", error))
 
     def drain(self, destination: str) -> int:
         """Send one batch for *destination*; returns how many jobs were claimed."""
@@ -184,6 +243,11 @@ class Forwarder:
         self._failures[destination] = []
         try:
             self._drain(destination, jobs)
+        except SQLAlchemyError:
+            # Down before the batch was sent: its claims go back (recorded
+            # deliveries and failures come first in the queue of writes).
+            self._give_back(jobs)
+            raise
         finally:
             self._report(destination, len(jobs), self._failures.pop(destination, []))
         return len(jobs)
@@ -254,8 +318,14 @@ class Forwarder:
         renewed = time.monotonic()
         try:
             for index, (job, item, ds) in enumerate(prepared):
+                if self._unsettled:
+                    # The index went down: what was sent is kept to record,
+                    # the rest goes back to the queue instead of being held.
+                    self._give_back([j for j, _, _ in prepared[index:]])
+                    break
                 if time.monotonic() - renewed > RENEW_EVERY:
-                    routing.extend(engine, [j.pk for j, _, _ in prepared[index:]], self.node)
+                    self._record(lambda rest=[j.pk for j, _, _ in prepared[index:]]: routing.extend(
+                        engine, rest, self.node))
                     renewed = time.monotonic()
                 if not assoc.is_established:
                     self._fail(destination, job, "association lost")
@@ -272,7 +342,7 @@ class Forwarder:
                 else:
                     error = f"status 0x{code:04X}" if code is not None else "no response"
                 if code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF):
-                    routing.finish(engine, job)
+                    self._finish(job)
                 else:
                     self._fail(destination, job, f"C-STORE to {title}: {error}")
         finally:
@@ -286,8 +356,12 @@ class Forwarder:
         engine = self.pacs.engine
         for start in range(0, len(batch), STOW_BATCH):
             chunk = batch[start : start + STOW_BATCH]
+            if self._unsettled:  # the index went down: give the rest back
+                self._give_back([job for job, _, _ in batch[start:]])
+                return
             if start:  # the earlier requests may have taken long on a slow link
-                routing.extend(engine, [job.pk for job, _, _ in batch[start:]], self.node)
+                self._record(lambda rest=[job.pk for job, _, _ in batch[start:]]: routing.extend(
+                    engine, rest, self.node))
             # Each part is prepared (and read from the store) only as the
             # request body reaches it: one object's chunk in memory at a time.
             sent: list[tuple[Job, RetrieveItem]] = []
@@ -318,7 +392,7 @@ class Forwarder:
             failed = _stow_failures(response)
             for job, item in sent:
                 if response.status_code in (200, 202) and item.sop_uid not in failed:
-                    routing.finish(engine, job)
+                    self._finish(job)
                 else:
                     reason = failed.get(item.sop_uid) or f"HTTP {response.status_code}"
                     self._fail(destination, job, f"STOW-RS to {url}: {reason}")

@@ -352,6 +352,17 @@ def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: 
     return "dead" if dead else "pending"
 
 
+def release(engine: Engine, pks: list[int], node: str) -> None:
+    """Put back jobs *node* claimed but will not send now (due at once)."""
+    if not pks:
+        return
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        conn.execute(update(jobs_t).where(jobs_t.c.pk.in_(pks), jobs_t.c.claimed_by == node,
+                                          jobs_t.c.state == "sending").values(state="pending", next_attempt_at=now,
+                                                                              updated_at=now))
+
+
 def release_node(engine: Engine, node: str) -> int:
     """Put back what this node had claimed (start-up after a crash, shutdown)."""
     now = datetime.now(UTC)

@@ -277,3 +277,51 @@ def test_finished_jobs_are_pruned_after_the_keep_time(tmp_path: Path) -> None:
         assert _jobs(server)["counts"] == {"dead": 1, "pending": 1, "done": 1}
     finally:
         engine.dispose()
+
+
+def test_a_database_outage_mid_batch_neither_resends_nor_holds_the_rest(tmp_path: Path, pg_url: str) -> None:
+    """The index goes down while a batch is being forwarded: the object whose
+    delivery could not be recorded is not sent again, and the rest of the
+    batch goes out once the index is back, not after the 5-minute lease."""
+    import threading
+    from collections import Counter
+
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+    from sqlalchemy.engine import make_url
+
+    from .test_dimse_failures import _TcpProxy
+
+    url = make_url(pg_url)
+    proxy = _TcpProxy(url.port or 5432)
+    received: Counter[str] = Counter()
+
+    def on_store(event: evt.Event) -> int:
+        received[str(event.request.AffectedSOPInstanceUID)] += 1
+        if len(received) == 3 and received.total() == 3:
+            proxy.down()
+            threading.Timer(4.0, proxy.up).start()
+        return 0
+
+    dest = AE(ae_title="DEST")
+    dest.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    dest_port = free_port()
+    scp = dest.start_server(("127.0.0.1", dest_port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server = PacsServer(tmp_path / "data", Backend("pg", url.set(port=proxy.port).render_as_string(False), None, {}))
+    server.start()
+    try:
+        server.cli("ae", "add", "DEST", "--host", "127.0.0.1", "--port", str(dest_port))
+        server.cli("route", "add", "all", "--if", "Modality=CT", "--to-ae", "DEST", "--stable", "2")
+        folder = tmp_path / "study"
+        folder.mkdir()
+        sent = {str(dcmread(make_ct(folder / f"{i}.dcm", StudyInstanceUID="1.2.826.0.1.3680043.9.7136.55",
+                                    InstanceNumber=i), stop_before_pixels=True).SOPInstanceUID) for i in range(10)}
+        assert server.storescu("+sd", str(folder)).returncode == 0
+        assert wait_until(lambda: set(received) == sent, timeout=90), f"{len(received)} of 10 delivered"
+        time.sleep(3)  # a resend would show up now
+    finally:
+        server.stop()
+        scp.shutdown()
+        proxy.down()
+    assert max(received.values()) == 1, received
