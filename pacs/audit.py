@@ -12,16 +12,22 @@ import logging
 import queue
 import socket
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from .index.db import write_transaction
 from .index.models import AuditEvent, Patient, Study
 
 log = logging.getLogger(__name__)
+# While the index is down: how often kept audit events are tried again, and
+# how many are kept (~100 MB at most; beyond that the oldest are lost, said loudly).
+RETRY_SECONDS = 2.0
+MAX_UNWRITTEN = 200_000
 events_t = AuditEvent.__table__
 studies_t = Study.__table__
 patients_t = Patient.__table__
@@ -55,6 +61,10 @@ class AuditTrail:
         self.engine = engine
         self.flush_seconds = flush_seconds
         self._queue: queue.SimpleQueue[Event | None] = queue.SimpleQueue()
+        # Events the index could not take (it was down): written with the next
+        # batch, retried every RETRY_SECONDS meanwhile, at most MAX_UNWRITTEN.
+        self._unwritten: list[Event] = []
+        self._outage_logged = 0.0
         self._thread = threading.Thread(target=self._run, name="audit", daemon=True)
         self._thread.start()
 
@@ -74,7 +84,11 @@ class AuditTrail:
 
     def _run(self) -> None:
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=RETRY_SECONDS if self._unwritten else None)
+            except queue.Empty:
+                self._write([])
+                continue
             batch: list[Event] = []
             waiters: list[threading.Event] = []
             stop = False
@@ -96,6 +110,7 @@ class AuditTrail:
                 return
 
     def _write(self, batch: list[Event]) -> None:
+        batch = self._unwritten + batch
         if not batch:
             return
         try:
@@ -104,8 +119,21 @@ class AuditTrail:
             with write_transaction(self.engine) as conn:
                 _add_patient_ids(conn, batch)
                 conn.execute(insert(events_t), [asdict(e) for e in batch])
+            if self._unwritten:
+                log.info("%d audit events kept during an index outage are written", len(self._unwritten))
+            self._unwritten = []
+        except SQLAlchemyError as exc:
+            # The index is down or locked: who read what must not be lost to it.
+            lost = max(0, len(batch) - MAX_UNWRITTEN)
+            self._unwritten = batch[lost:]
+            now = time.monotonic()
+            if lost or now - self._outage_logged >= 60:
+                self._outage_logged = now
+                log.warning("audit events wait for the index (%d kept%s): %s", len(self._unwritten),
+                            f", {lost} oldest LOST" if lost else "", str(exc).splitlines()[0][:200])
         except Exception:
-            # The trail must not take the service down; say loudly what was lost.
+            # A bug, not an outage: retrying would fail the same way.
+            self._unwritten = []
             log.exception("could not write %d audit events", len(batch))
 
 

@@ -600,6 +600,14 @@ def test_a_database_outage_is_answered_a703_with_a_routing_rule_and_ingest_recov
         time.sleep(2.5)  # past the routing rules' cache (2 s)
         status = scu_store_file(server, make_ct(tmp_path / "during.dcm"))
         assert status == 0xA703, hex(status)
+        # HTTP readers and senders are told "later" (503), not "broken" (500) or "wrong" (409).
+        with server.http() as http:
+            assert http.get("/dicom-web/studies").status_code == 503
+            part = make_ct(tmp_path / "stow.dcm").read_bytes()
+            body = b"--B\r\nContent-Type: application/dicom\r\n\r\n" + part + b"\r\n--B--\r\n"
+            stow = http.post("/dicom-web/studies", content=body,
+                             headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'})
+            assert stow.status_code == 503, stow.text
         proxy.up()
         assert wait_until(lambda: scu_store_file(server, make_ct(tmp_path / f"after{time.monotonic_ns()}.dcm")) == 0,
                           timeout=60)
@@ -607,3 +615,26 @@ def test_a_database_outage_is_answered_a703_with_a_routing_rule_and_ingest_recov
         server.stop()
         proxy.down()
     assert "C-STORE failed unexpectedly" not in server.log_text()
+
+
+def test_audit_events_recorded_during_a_database_outage_are_written_once_it_is_back(pg_url: str) -> None:
+    from sqlalchemy.engine import make_url
+
+    from pacs import audit
+    from pacs.index import create_index_engine, upgrade_schema
+
+    url = make_url(pg_url)
+    upgrade_schema(create_index_engine(pg_url, pool_size=0))
+    proxy = _TcpProxy(url.port or 5432)
+    engine = create_index_engine(url.set(port=proxy.port).render_as_string(False))
+    trail = audit.AuditTrail(engine)
+    try:
+        proxy.down()
+        trail.record(audit.Event(action="read", user="bs.an", protocol="http", study_uid="1.2.3", detail="outage"))
+        trail.flush()
+        proxy.up()
+        assert wait_until(lambda: audit.query(engine, user="bs.an") != [], timeout=30)
+    finally:
+        trail.close()
+        proxy.down()
+        engine.dispose()
