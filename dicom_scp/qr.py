@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (
 )
 
 from pacs.app import Pacs
+from pacs.errors import query_failure
 from pacs.query import ATTRIBUTES, UNIQUE_KEY, Level, Query, QueryError, run_query
 from pacs.query.results import ResultShape
 from pacs.retrieve import RetrieveItem, contexts_for, for_peer, resolve
@@ -163,10 +164,10 @@ def make_find_handler(pacs: Pacs) -> Any:
             if writer is not None:
                 writer.flush()
         except Exception as exc:
-            log.exception("C-FIND failed")
+            status, comment = query_failure(log, "C-FIND", exc)
             if writer is not None:
                 writer.flush()
-            yield status_dataset(UNABLE, f"query failed: {exc}"), None
+            yield status_dataset(status, comment), None
 
     return handle_find
 

@@ -6,6 +6,7 @@ what DICOMweb and the JSON API answer for the same failure.
 
 from __future__ import annotations
 
+import logging
 from enum import IntEnum
 
 
@@ -58,3 +59,18 @@ class IngestError(PacsError):
 
     def __str__(self) -> str:
         return f"0x{self.status:04X}: {self.reason}"
+
+
+def query_failure(log: logging.Logger, what: str, exc: Exception) -> tuple[int, str]:
+    """The C-FIND status and comment for a query that raised *exc*.
+
+    An unreachable index is "out of resources, try again" (A700), one log
+    line per query; anything else is our bug: C000 and the traceback.
+    """
+    from sqlalchemy.exc import OperationalError
+
+    if isinstance(exc, OperationalError):
+        log.warning("%s refused, the index is unavailable: %s", what, str(exc).splitlines()[0][:200])
+        return Status.OUT_OF_RESOURCES, "the archive's index is unavailable; try again later"
+    log.exception("%s failed", what)
+    return Status.CANNOT_UNDERSTAND, f"{what} failed: {exc}"

@@ -16,7 +16,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove, Verification
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
 
 from .conftest import (
     S3_ACCESS,
@@ -600,6 +604,16 @@ def test_a_database_outage_is_answered_a703_with_a_routing_rule_and_ingest_recov
         time.sleep(2.5)  # past the routing rules' cache (2 s)
         status = scu_store_file(server, make_ct(tmp_path / "during.dcm"))
         assert status == 0xA703, hex(status)
+        # A C-FIND is refused "out of resources" (A700: later), not C000 with a traceback logged.
+        ae = AE(ae_title="PYSCU")
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        statuses = [s.Status for s, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
+        assoc.release()
+        assert statuses[-1] == 0xA700, [hex(s) for s in statuses]
         # HTTP readers and senders are told "later" (503), not "broken" (500) or "wrong" (409).
         with server.http() as http:
             assert http.get("/dicom-web/studies").status_code == 503

@@ -23,6 +23,7 @@ from pynetdicom.sop_class import (
 )
 
 from pacs.app import Pacs
+from pacs.errors import query_failure
 from pacs.orders import OrderError, OrderService
 from pacs.query import QueryError
 from pacs.query.results import other_ids_sequence
@@ -31,7 +32,7 @@ from pacs.worklist import run_worklist
 log = logging.getLogger(__name__)
 
 WORKLIST_CONTEXTS = [ModalityWorklistInformationFind, ModalityPerformedProcedureStep]
-PENDING, CANCEL, IDENTIFIER_MISMATCH, UNABLE = 0xFF00, 0xFE00, 0xA900, 0xC000
+PENDING, CANCEL, IDENTIFIER_MISMATCH = 0xFF00, 0xFE00, 0xA900
 # N-CREATE / N-SET failures (PS3.7 C.4.2 / PS3.4 F.7)
 NO_SUCH_INSTANCE, DUPLICATE_INSTANCE, INVALID_VALUE, PROCESSING = 0x0112, 0x0111, 0x0106, 0x0110
 # PS3.4 F.7.2.2.4: a step that is COMPLETED or DISCONTINUED "may no longer be
@@ -146,8 +147,7 @@ def make_worklist_handler(pacs: Pacs) -> Any:
             yield _status(IDENTIFIER_MISMATCH, str(exc)), None
             return
         except Exception as exc:
-            log.exception("worklist query failed")
-            yield _status(UNABLE, f"worklist query failed: {exc}"), None
+            yield _status(*query_failure(log, "worklist query", exc)), None
             return
         for row in rows:
             if event.is_cancelled:
