@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import io
 import logging
+import os
+import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, BinaryIO
@@ -35,6 +38,9 @@ log = logging.getLogger(__name__)
 PART_SIZE = 16 * 1024 * 1024
 _NOT_FOUND = {"NoSuchKey", "NoSuchObject", "NotFound"}
 _FULL = {"XMinioStorageFull", "EntityTooLarge", "QuotaExceeded"}
+# check(): a write probe (an empty object, removed at once) at most this often.
+PROBE_SECONDS = 15.0
+PROBE_PREFIX = "_health/"
 
 
 @contextmanager
@@ -114,6 +120,8 @@ class S3Store(ObjectStore):
         self.url = f"s3://{bucket}?{scheme_query}" + (f"&prefix={prefix}" if prefix else "") + (
             f"&sse={sse}" if sse else "")
         self._sse = server_side_encryption(sse)
+        self._probed_at = -PROBE_SECONDS
+        self._probe_error: str | None = None
         # Few, quick retries: a C-STORE must fail within seconds when the
         # server is down rather than hang the modality. A server that stops
         # answering (stalled, not down) is given 30 s once: a read timeout is
@@ -207,7 +215,25 @@ class S3Store(ObjectStore):
                 yield ObjectInfo(key=name[len(self.prefix) :], size=int(obj.size or 0))
 
     def check(self) -> None:
-        with _s3_errors("check", self.bucket):
-            exists = self._client.bucket_exists(self.bucket)
-        if not exists:
-            raise StorageError(f"bucket {self.bucket} does not exist")
+        """The bucket exists and takes writes (a read-only key or a full
+        quota refused every C-STORE while /health said "ok", and a load
+        balancer kept sending to the node). The write probe runs at most
+        every PROBE_SECONDS: load balancers poll /health often."""
+        now = time.monotonic()
+        if now - self._probed_at < PROBE_SECONDS:
+            if self._probe_error is not None:
+                raise StorageError(self._probe_error)
+            return
+        self._probed_at, self._probe_error = now, None
+        try:
+            with _s3_errors("check", self.bucket):
+                exists = self._client.bucket_exists(self.bucket)
+            if not exists:
+                raise StorageError(f"bucket {self.bucket} does not exist")
+            probe = f"{self.prefix}{PROBE_PREFIX}{socket.gethostname()}-{os.getpid()}"
+            with _s3_errors("write probe", probe):
+                self._client.put_object(self.bucket, probe, io.BytesIO(b""), 0)
+                self._client.remove_object(self.bucket, probe)
+        except StorageError as exc:
+            self._probe_error = str(exc)
+            raise

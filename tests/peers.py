@@ -89,6 +89,8 @@ def run_dcmtk(tool: str, *args: str, timeout: float = 120) -> subprocess.Complet
 
 
 # -- SeaweedFS (S3) ---------------------------------------------------------------
+# Access and secret key of a read-only identity every test S3 server has.
+S3_READONLY = ("pacs-readonly", "pacs-readonly-secret-0123456789")
 @dataclass
 class S3Server:
     endpoint: str
@@ -115,7 +117,12 @@ class S3Server:
                             "name": "pacs",
                             "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
                             "actions": ["Admin", "Read", "List", "Tagging", "Write"],
-                        }
+                        },
+                        {  # a key that may read but not write (a misconfigured IAM policy)
+                            "name": "reader",
+                            "credentials": [{"accessKey": S3_READONLY[0], "secretKey": S3_READONLY[1]}],
+                            "actions": ["Read", "List"],
+                        },
                     ]
                 }
             )

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from pydicom import dcmread
@@ -652,3 +653,25 @@ def test_audit_events_recorded_during_a_database_outage_are_written_once_it_is_b
         trail.close()
         proxy.down()
         engine.dispose()
+
+
+def test_health_tells_a_bucket_that_refuses_writes(tmp_path: Path, s3_server: S3Server) -> None:
+    """A key that may read but not write (a wrong IAM policy, a full quota):
+    every C-STORE is refused A702, and /health must say so (it said "ok", and
+    a load balancer kept sending modalities to the node)."""
+    from minio import Minio
+
+    from .peers import S3_READONLY
+
+    bucket = f"ro-{uuid.uuid4().hex[:10]}"
+    Minio(s3_server.endpoint, access_key=S3_ACCESS, secret_key=S3_SECRET, secure=False,
+          region="us-east-1").make_bucket(bucket)
+    env = {"PACS_S3_ACCESS_KEY": S3_READONLY[0], "PACS_S3_SECRET_KEY": S3_READONLY[1]}
+    server = PacsServer(tmp_path / "data", Backend("sqlite-s3", None, s3_server.url(bucket), env)).start()
+    try:
+        assert scu_store_file(server, make_ct(tmp_path / "a.dcm")) == 0xA702
+        health = httpx.get(f"http://127.0.0.1:{server.http_port}/health", timeout=30)
+        assert health.status_code == 503, health.text
+        assert health.json()["storage"].startswith("error"), health.json()
+    finally:
+        server.stop()
