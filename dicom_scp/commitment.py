@@ -46,6 +46,9 @@ REQUEST_COMMITMENT = 1  # Action Type ID (PS3.4 J.3.2.1)
 # learns that it may delete its copy. About 35 minutes in all; each try that
 # cannot connect costs at most dicom_connect_timeout.
 RETRY_DELAYS = (0.0, 5.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1020.0)
+# Seconds between checks of the instances while the index or the store
+# cannot answer (~4 minutes in all) before the report says "failed".
+CHECK_RETRY_DELAYS = (0.0, 5.0, 15.0, 30.0, 60.0, 120.0)
 # A modality that does not wait for the report releases right after the
 # N-ACTION-RSP; one that waits keeps its association open for seconds. The
 # report waits this long after the response, so that it does not cross the
@@ -165,15 +168,28 @@ def make_commitment_handler(pacs: Pacs) -> Any:
     return handle_action
 
 
+def _checked(pacs: Pacs, transaction: str, references: Sequence[Reference]) -> CommitmentResult:
+    """The commitment result, checked again while the index or the store is
+    unavailable: an outage of a few minutes must not make the modality read
+    "failed" (0110H) for instances that are safely stored."""
+    result = CommitmentResult(transaction, failed=[(r, PROCESSING_FAILURE) for r in references])
+    for delay in CHECK_RETRY_DELAYS:
+        time.sleep(delay)
+        try:
+            result = check_commitment(pacs, transaction, references)
+        except Exception as exc:  # the index failed: nothing can be vouched for yet
+            log.warning("storage commitment %s: cannot check yet: %s", transaction, str(exc).splitlines()[0][:200])
+            continue
+        if not any(reason == PROCESSING_FAILURE for _, reason in result.failed):
+            break
+    return result
+
+
 def report(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: Sequence[Reference],
            answered_at: float) -> bool:
     """Check the references and send the N-EVENT-REPORT; True once delivered.
     *answered_at*: when the N-ACTION-RSP went out (``time.monotonic()``)."""
-    try:
-        result = check_commitment(pacs, transaction, references)
-    except Exception:  # the index or the store failed: nothing can be vouched for
-        log.exception("storage commitment check failed")
-        result = CommitmentResult(transaction, failed=[(r, PROCESSING_FAILURE) for r in references])
+    result = _checked(pacs, transaction, references)
     info = report_dataset(result)
     detail = (f"storage commitment {transaction}: {len(result.committed)} committed, "
               f"{len(result.failed)} failed")

@@ -194,3 +194,39 @@ def test_bad_requests_get_clear_statuses(stored: tuple[PacsServer, list[tuple[st
         assoc.release()
     assert server.alive()
 
+
+
+def test_a_short_index_outage_delays_the_report_instead_of_failing_it(tmp_path: Path, pg_url: str) -> None:
+    """The index is down when the check runs: the report waits for it and
+    commits the stored instances (it reported them all failed, 0110H, and the
+    modality kept copies it could have deleted, or worse, sent them again)."""
+    import threading
+
+    from sqlalchemy.engine import make_url
+
+    from .conftest import Backend
+    from .test_dimse_failures import _TcpProxy
+
+    url = make_url(pg_url)
+    proxy = _TcpProxy(url.port or 5432)
+    server = PacsServer(tmp_path / "data", Backend("pg", url.set(port=proxy.port).render_as_string(False), None, {}))
+    server.start()
+    try:
+        uids = _send_study(server, tmp_path / "study", 2)
+        received, on_report = _reports()
+        role = build_role(StorageCommitmentPushModel, scu_role=True, scp_role=True)
+        assoc = _modality_ae().associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title, ext_neg=[role],
+                                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+        assert assoc.is_established
+        try:
+            proxy.down()
+            threading.Timer(3.0, proxy.up).start()
+            transaction = generate_uid()
+            assert _ask(assoc, _request(transaction, [(CTImageStorage, sop) for _, _, sop in uids])).Status == 0
+            event_type, committed, failed = _report(received, transaction)
+        finally:
+            assoc.release()
+    finally:
+        server.stop()
+        proxy.down()
+    assert (event_type, committed, failed) == (1, {sop for _, _, sop in uids}, {})
