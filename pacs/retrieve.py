@@ -4,7 +4,6 @@ accepts -- as stored when it can, decompressed when it must."""
 
 from __future__ import annotations
 
-import io
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -122,8 +121,10 @@ def apply_overrides(ds: Dataset, overrides: tuple[tuple[str, str], ...]) -> Data
 def read_dataset(pacs: Pacs, item: RetrieveItem) -> Dataset:
     """The stored object as a dataset whose untouched elements re-encode to
     exactly the stored bytes (pydicom writes raw elements verbatim)."""
-    data = pacs.store.read_bytes(item.storage_key)
-    return dcmread(io.BytesIO(data))
+    # From a file (a local copy of a remote object): no bytes copy of the
+    # whole object besides the dataset's own values.
+    with pacs.store.local_path(item.storage_key) as path:
+        return dcmread(path)
 
 
 def for_peer(pacs: Pacs, item: RetrieveItem, accepted: set[tuple[str, str]]) -> Dataset:

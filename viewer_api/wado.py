@@ -6,19 +6,21 @@ frames, bulk data, and rendered images and thumbnails.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import ExitStack
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
+from starlette.background import BackgroundTask
 from pydicom.uid import UID
 
 from pacs import frames as framelib
 from pacs.query import Level
 from pacs.retrieve import RetrieveItem, apply_overrides, resolve
-from pacs.transcode import TransferSyntaxError, can_serve, instance_bytes, prepared_bytes
+from pacs.transcode import TransferSyntaxError, instance_bytes, prepared_bytes, unservable_reason
 
 from . import negotiation, rendering
-from .dicomjson import dumps
+from .dicomjson import dumps, is_binary, to_json
 from .documents import document_bytes, document_media_type
 from .errors import HTTPProblem, require_uids
 from .multipart import Part, content_type_header, multipart_related_stream, new_boundary
@@ -53,16 +55,22 @@ def retrieve(request: Request, items: list[RetrieveItem]) -> StreamingResponse:
     offer = negotiation.negotiate_instances(request)
     target = offer.transfer_syntax or DEFAULT_TS
     if target != "*":
-        bad = [i.sop_uid for i in items if not can_serve(i, target)]
-        if bad:
-            raise HTTPProblem(406, f"cannot provide {len(bad)} instance(s) in transfer syntax {target}")
+        # Every instance is checked before the first byte, from the index
+        # and the codecs installed (a stored syntax nothing here decodes, a
+        # target nothing encodes): such a study is a 406, not a 200 whose
+        # body breaks off at that instance.
+        reasons = [r for r in (unservable_reason(i, target) for i in items) if r]
+        if reasons:
+            raise HTTPProblem(406, f"cannot provide {len(reasons)} instance(s) in transfer syntax {target}: "
+                                   f"{reasons[0]}")
     pacs = request.app.state.pacs
     boundary = new_boundary()
     wanted = None if target == "*" else target
-    # The first object is converted now (if it must be): a syntax this
-    # archive cannot produce for these pixels is a 406, not a 200 whose body
-    # breaks off. Later ones stream; they can only fail the same way for
-    # their own pixel data, and then the aborted chunked body tells the client.
+    # The first object is prepared now (its header re-encoded, or converted
+    # if its codec changes): a failure is a 406, not a 200 whose body breaks
+    # off. Later ones are prepared as they are sent; only pixel data a codec
+    # cannot read (found by decoding, the cost of the conversion itself) can
+    # still fail there, and then the aborted chunked body tells the client.
     first = prepared_bytes(pacs, items[0], wanted)
 
     def parts() -> Iterator[Part]:
@@ -96,6 +104,12 @@ def retrieve_instance(request: Request, study: str, series: str, sop: str) -> St
 
 
 # -- metadata ---------------------------------------------------------------------------
+def bulk_path(path: tuple[int, ...]) -> str:
+    """An element path (sequence tag, item index, ..., tag) as the end of a
+    BulkDataURI: ``54000100/1/54001010``; :func:`retrieve_bulk` resolves it."""
+    return "/".join(f"{v:08X}" if n % 2 == 0 else str(v) for n, v in enumerate(path))
+
+
 def metadata(request: Request, items: list[RetrieveItem]) -> Response:
     negotiation.negotiate_json(request)
     pacs = request.app.state.pacs
@@ -103,15 +117,16 @@ def metadata(request: Request, items: list[RetrieveItem]) -> Response:
     for item in items:
         with framelib.local_object(pacs, item) as path:
             ds = apply_overrides(framelib.header(path), item.overrides)
+            has_pixels = framelib.has_pixel_data(path, item)
         location = _content_location(request, item)
 
-        def bulk_uri(elem: Any, location: str = location) -> str:
-            return f"{location}/bulk/{elem.tag:08X}"
-
-        from .dicomjson import to_json
+        def bulk_uri(elem: Any, where: tuple[int, ...], location: str = location) -> str:
+            # Path-addressed: two WaveformData values in two items of one
+            # sequence are two URIs, each retrievable (PS3.18 F.2.6).
+            return f"{location}/bulk/{bulk_path(where)}"
 
         meta = to_json(ds, bulk_uri=bulk_uri)
-        if item.pixel_offset is not None:
+        if has_pixels:
             meta["7FE00010"] = {
                 "vr": "OB" if UID(item.transfer_syntax_uid).is_encapsulated else "OW",
                 "BulkDataURI": f"{location}/frames/" + ",".join(str(n) for n in range(1, (item.frames or 1) + 1)),
@@ -157,53 +172,99 @@ def retrieve_frames(request: Request, study: str, series: str, sop: str, frame_l
     # Uncompressed octet-stream unless the client takes the stored encoding.
     decode = offer.part_type == "application/octet-stream" and offer.transfer_syntax != "*"
     boundary = new_boundary()
-    with framelib.local_object(pacs, item) as path:
+    # The object stays open (a local copy of a remote one) while the frames
+    # are sent, one frame in memory at a time; the numbers are checked first.
+    # The first frame is read (decoded) now, so that a frame the codecs
+    # cannot decode is an error status, not a body that breaks off.
+    opened = ExitStack()
+    try:
+        path = opened.enter_context(framelib.local_object(pacs, item))
         info = framelib.pixel_info(path, item)
         framelib.check_numbers(info, numbers)
-        bodies = []
-        for n in numbers:
+
+        def frame(n: int) -> bytes:
             if not info.encapsulated:
-                bodies.append(framelib.native_frame(path, info, n))
-            elif decode:
-                bodies.append(framelib.decoded_frame(path, n))
-            else:
-                bodies.append(framelib.encapsulated_frame(path, info, n))
+                return framelib.native_frame(path, info, n)
+            if decode:
+                return framelib.decoded_frame(path, n)
+            return framelib.encapsulated_frame(path, info, n)
+
+        first = frame(numbers[0])
+    except BaseException:
+        opened.close()
+        raise
     if not info.encapsulated or decode:
         part_type = "application/octet-stream"
     else:
         part_type = f"{stored_type}; transfer-syntax={item.transfer_syntax_uid}"
     location = _content_location(request, item)
-    parts = [
-        Part(content_type=part_type, headers={"Content-Location": f"{location}/frames/{n}"}, body=body)
-        for n, body in zip(numbers, bodies, strict=True)
-    ]
+
+    def parts() -> Iterator[Part]:
+        with opened:
+            for i, n in enumerate(numbers):
+                yield Part(content_type=part_type, headers={"Content-Location": f"{location}/frames/{n}"},
+                           body=first if i == 0 else frame(n))
+
     return StreamingResponse(
-        multipart_related_stream(iter(parts), boundary),
+        multipart_related_stream(parts(), boundary),
         media_type=content_type_header(part_type.split(";")[0], boundary),
+        background=BackgroundTask(opened.close),
     )
 
 
-@router.get("/studies/{study}/series/{series}/instances/{sop}/bulk/{tag}", summary="Retrieve bulk data")
+@router.get("/studies/{study}/series/{series}/instances/{sop}/bulk/{tag:path}", summary="Retrieve bulk data")
 def retrieve_bulk(request: Request, study: str, series: str, sop: str, tag: str) -> Response:
-    try:
-        tag_value = int(tag, 16)
-    except ValueError:
-        raise HTTPProblem(400, f"bulk data tag must be 8 hex digits, not {tag!r}") from None
+    """The value a BulkDataURI of the metadata names: ``bulk/{tag}`` at the
+    top level, ``bulk/{sequence}/{item}/.../{tag}`` inside sequences (item
+    indexes from 0, as the metadata's Value arrays)."""
+    path = _bulk_path(tag)
     item = items_for(request, study, series, sop)[0]
-    if tag_value == 0x7FE00010:
+    if path == (0x7FE00010,):
         numbers = ",".join(str(n) for n in range(1, (item.frames or 1) + 1))
         return retrieve_frames(request, study, series, sop, numbers)
-    with framelib.local_object(request.app.state.pacs, item) as path:
-        ds = framelib.header(path)
-    if tag_value not in ds:
-        raise HTTPProblem(404, f"no element {tag} in this instance")
-    value = ds[tag_value].value
-    data = value if isinstance(value, bytes) else str(value).encode()
+    with framelib.local_object(request.app.state.pacs, item) as local:
+        ds = framelib.header(local)
+    data = _bulk_value(ds, path, tag)
     boundary = new_boundary()
     return StreamingResponse(
         multipart_related_stream(iter([Part("application/octet-stream", {}, data)]), boundary),
         media_type=content_type_header("application/octet-stream", boundary),
     )
+
+
+def _bulk_path(text: str) -> tuple[int, ...]:
+    pieces = text.strip("/").split("/")
+    values: list[int] = []
+    for n, piece in enumerate(pieces):
+        if n % 2 == 0:
+            if len(piece) != 8 or any(c not in "0123456789abcdefABCDEF" for c in piece):
+                raise HTTPProblem(400, f"bulk data tag must be 8 hex digits, not {piece[:20]!r}")
+            values.append(int(piece, 16))
+        else:
+            if not piece.isdigit() or len(piece) > 9:
+                raise HTTPProblem(400, f"bulk data item index must be a number from 0, not {piece[:20]!r}")
+            values.append(int(piece))
+    if len(values) % 2 == 0:
+        raise HTTPProblem(400, "a bulk data path ends with a tag (sequence/item/.../tag)")
+    return tuple(values)
+
+
+def _bulk_value(ds: Any, path: tuple[int, ...], text: str) -> bytes:
+    """The binary value at *path* of *ds*; 404 for anything else (missing,
+    a sequence, a text or number value: never their printed form)."""
+    for n in range(0, len(path) - 1, 2):
+        seq, index = path[n], path[n + 1]
+        elem = ds.get(seq) if seq in ds else None
+        if elem is None or elem.VR != "SQ" or not 0 <= index < len(elem.value or []):
+            raise HTTPProblem(404, f"no sequence item {bulk_path(path[:n + 2])} in this instance")
+        ds = elem.value[index]
+    last = path[-1]
+    if last not in ds:
+        raise HTTPProblem(404, f"no element {text} in this instance")
+    elem = ds[last]
+    if elem.VR == "SQ" or not isinstance(elem.value, bytes) or not (is_binary(elem) or " or " in str(elem.VR)):
+        raise HTTPProblem(404, f"element {text} ({elem.VR}) is not bulk data")
+    return elem.value
 
 
 # -- rendered and thumbnails -------------------------------------------------------------
