@@ -61,10 +61,20 @@ class PixelInfo:
     transfer_syntax: UID
     value_offset: int  # file offset of the Pixel Data value
     value_length: int  # 0xFFFFFFFF when encapsulated
+    photometric: str = ""
+    pixel_vr: str = ""  # Pixel Data's VR where the file says it (explicit VR)
+    # The Pixel Data value of a deflated object, inflated: such a file
+    # cannot be read by byte range.
+    inflated: bytes | None = None
 
     @property
     def frame_bytes(self) -> int:
-        return self.rows * self.columns * self.samples * self.bits_allocated // 8
+        samples = self.samples
+        if self.photometric in ("YBR_FULL_422", "YBR_PARTIAL_422") and samples == 3 and not self.encapsulated:
+            # PS3.3 C.7.6.3.1.2: native 4:2:2 keeps Y for every pixel and one
+            # CB, CR pair per two pixels: two samples per pixel, not three.
+            samples = 2
+        return self.rows * self.columns * samples * self.bits_allocated // 8
 
     @property
     def encapsulated(self) -> bool:
@@ -76,34 +86,72 @@ def header(path: Path) -> Dataset:
     return dcmread(path, stop_before_pixels=True)
 
 
+def has_pixel_data(path: Path, item: RetrieveItem) -> bool:
+    """Whether the stored object has Pixel Data. The index knows its offset,
+    except in a deflated object, whose dataset is inflated to see."""
+    if item.pixel_offset is not None:
+        return True
+    if not UID(item.transfer_syntax_uid).is_deflated:
+        return False
+    return "PixelData" in dcmread(path, defer_size=1024)
+
+
+def _number(ds: Dataset, keyword: str, default: int) -> int:
+    """An IS/US value as int; *default* when absent, empty or invalid ('1A')."""
+    try:
+        return int(ds.get(keyword, default) or default)
+    except (TypeError, ValueError):
+        return default
+
+
 def pixel_info(path: Path, item: RetrieveItem, ds: Dataset | None = None) -> PixelInfo:
+    ts = UID(item.transfer_syntax_uid)
+    if ts.is_deflated:
+        # Deflated Explicit VR Little Endian: no byte offsets into the file;
+        # the object is inflated (pydicom) and its frames cut from the value.
+        return _inflated_info(path, item, ts)
     if item.pixel_offset is None:
         raise FrameError(f"instance {item.sop_uid} has no pixel data", 404)
     ds = ds if ds is not None else header(path)
-    ts = UID(item.transfer_syntax_uid)
-    if ts.is_deflated:
-        raise FrameError("frames of deflated objects are not served", 406)
     explicit = ts != ImplicitVRLittleEndian
     order = "<" if ts.is_little_endian else ">"
     with path.open("rb") as f:
         f.seek(item.pixel_offset)
         head = f.read(12)
     if explicit:
+        vr = head[4:6].decode("ascii", "replace")
         length = struct.unpack(order + "L", head[8:12])[0]
         offset = item.pixel_offset + 12
     else:
+        vr = ""
         length = struct.unpack(order + "L", head[4:8])[0]
         offset = item.pixel_offset + 8
+    return _info(ds, item, ts, offset, length, vr)
+
+
+def _info(ds: Dataset, item: RetrieveItem, ts: UID, offset: int, length: int, vr: str,
+          inflated: bytes | None = None) -> PixelInfo:
     return PixelInfo(
         rows=int(ds.Rows),
         columns=int(ds.Columns),
-        samples=int(ds.get("SamplesPerPixel", 1) or 1),
+        samples=_number(ds, "SamplesPerPixel", 1),
         bits_allocated=int(ds.BitsAllocated),
-        frames=int(ds.get("NumberOfFrames", 1) or 1),
+        frames=_number(ds, "NumberOfFrames", item.frames or 1),
         transfer_syntax=ts,
         value_offset=offset,
         value_length=length,
+        photometric=str(ds.get("PhotometricInterpretation", "") or "").strip(),
+        pixel_vr=vr,
+        inflated=inflated,
     )
+
+
+def _inflated_info(path: Path, item: RetrieveItem, ts: UID) -> PixelInfo:
+    ds = dcmread(path)
+    if "PixelData" not in ds:
+        raise FrameError(f"instance {item.sop_uid} has no pixel data", 404)
+    data = ds.PixelData
+    return _info(ds, item, ts, 0, len(data), str(ds["PixelData"].VR), inflated=data)
 
 
 @contextmanager
@@ -125,26 +173,50 @@ def encapsulated_frame(path: Path, info: PixelInfo, number: int) -> bytes:
 def native_frame(path: Path, info: PixelInfo, number: int) -> bytes:
     """Frame *number* (1-based) of native pixel data, little endian."""
     size = info.frame_bytes
-    with path.open("rb") as f:
-        f.seek(info.value_offset + (number - 1) * size)
-        data = f.read(size)
-    if len(data) != size:
+    start = (number - 1) * size
+    big_endian = not info.transfer_syntax.is_little_endian
+    # OW in Big Endian is byte-swapped per 16-bit word even when the pixels
+    # are 8-bit (PS3.5 7.3): read whole words around the frame, swap, cut.
+    words = big_endian and info.bits_allocated == 8 and info.pixel_vr == "OW"
+    first = start - start % 2 if words else start
+    end = start + size + (start + size) % 2 if words else start + size
+    data = _read_value(path, info, first, end - first)
+    if len(data) < start + size - first:
         raise FrameError(f"frame {number} is truncated in storage", 500)
-    if not info.transfer_syntax.is_little_endian and info.bits_allocated > 8:
-        dtype = {16: ">u2", 32: ">u4"}.get(info.bits_allocated)
+    if words:
+        data = data[: len(data) - len(data) % 2]
+        data = np.frombuffer(data, dtype="<u2").byteswap().tobytes()[start - first: start - first + size]
+    elif big_endian and info.bits_allocated > 8:
+        dtype = {16: ">u2", 32: ">u4", 64: ">u8"}.get(info.bits_allocated)
         if dtype:
             data = np.frombuffer(data, dtype=dtype).astype(dtype.replace(">", "<")).tobytes()
     return data
 
 
+def _read_value(path: Path, info: PixelInfo, start: int, size: int) -> bytes:
+    """*size* bytes of the Pixel Data value from *start* (fewer at its end)."""
+    if info.inflated is not None:
+        return info.inflated[start: start + size]
+    with path.open("rb") as f:
+        f.seek(info.value_offset + start)
+        return f.read(size)
+
+
 def decoded_frame(path: Path, number: int) -> bytes:
-    """Frame *number* decoded to native little-endian pixel bytes."""
+    """Frame *number* decoded to native little-endian pixel bytes.
+
+    A frame the codecs cannot decode is a 406 (PS3.18 8.7: the uncompressed
+    representation asked for cannot be produced; 415 is for request bodies):
+    the client can still take the frame as stored."""
     from pydicom.pixels import pixel_array
 
     try:
         arr = pixel_array(str(path), index=number - 1, raw=True)
     except Exception as exc:
-        raise FrameError(f"cannot decode frame {number}: {exc}", 415) from exc
+        raise FrameError(
+            f"cannot decode frame {number} to application/octet-stream ({type(exc).__name__}: {exc}); "
+            'retrieve it as stored instead (Accept: multipart/related; type="application/octet-stream"; '
+            "transfer-syntax=*)", 406) from exc
     return np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
 
 

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacs import __version__
 from pacs.app import Pacs, health
@@ -32,6 +33,7 @@ def create_app(pacs: Pacs) -> FastAPI:
     errors.install(app)
     fhir.install(app)  # OperationOutcome errors under /fhir
     app.add_middleware(AuditMiddleware)
+    app.add_middleware(HeadAsGet)
     origins = [o.strip().rstrip("/") for o in pacs.settings.cors_origins.split(",") if o.strip()]
     if origins:
         # Outermost, so a browser's preflight is answered before the role
@@ -68,3 +70,42 @@ def create_app(pacs: Pacs) -> FastAPI:
         return JSONResponse(body, status_code=200 if healthy else 503)
 
     return app
+
+
+class _HeadDone(Exception):
+    """Stops a GET's body once a HEAD has its status and headers."""
+
+
+class HeadAsGet:
+    """HEAD wherever GET exists (RFC 9110 9.3.2): the GET route answers,
+    status and headers are sent, and the body is not made: a streamed body
+    (a whole study) is stopped at its first chunk rather than read to the
+    end. The server (uvicorn) itself never writes a body for HEAD."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        # A copy: the server's own scope keeps HEAD (no body written).
+        get_scope = dict(scope, method="GET")
+        finished = False
+
+        async def head_send(message: Message) -> None:
+            nonlocal finished
+            if finished:
+                raise _HeadDone
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            finished = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if message.get("more_body", False):
+                raise _HeadDone
+
+        try:
+            await self.app(get_scope, receive, head_send)
+        except _HeadDone:
+            pass

@@ -3,30 +3,109 @@
 from __future__ import annotations
 
 import json
+import logging
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+
+log = logging.getLogger(__name__)
 
 # Binary values larger than this become BulkDataURIs instead of inline base64.
 BULK_THRESHOLD = 1024
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+
+# Where an element sits in a dataset: (sequence tag, item index)* then its
+# own tag, e.g. (0x54000100, 1, 0x54001010) for WaveformData of the second
+# WaveformSequence item; (tag,) at the top level.
+ElementPath = tuple[int, ...]
+BulkURI = Callable[[DataElement, ElementPath], str]
 
 
 def to_json(
     ds: Dataset,
     *,
     drop: Iterable[str] = (),
-    bulk_uri: Callable[[DataElement], str] | None = None,
+    bulk_uri: BulkURI | None = None,
 ) -> dict[str, Any]:
-    """The dataset as a DICOM JSON object; *drop* removes keywords first."""
+    """The dataset as a DICOM JSON object; *drop* removes keywords first.
+
+    Binary values above :data:`BULK_THRESHOLD` get ``bulk_uri(element,
+    path)`` as their BulkDataURI (inline base64 without *bulk_uri*); *path*
+    locates nested elements (sequence tag, item index, ..., tag) so each
+    BulkDataURI names one value. A value that cannot be written (an IS of
+    '1A', a DS of 'abc') does not fail the whole answer: an invalid number
+    is null among valid ones, an element with no valid value is sent
+    without Value, and a warning is logged (PS3.18 F.2.5 allows an element
+    without a value)."""
     for keyword in drop:
         if keyword in ds:
             delattr(ds, keyword)
-    if bulk_uri is None:
-        return ds.to_json_dict()
-    return ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk_uri)
+    return _dataset_json(ds, (), bulk_uri)
+
+
+def _dataset_json(ds: Dataset, parent: ElementPath, bulk_uri: BulkURI | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for tag in ds.keys():
+        try:
+            elem = ds[tag]
+        except Exception as exc:  # a raw value pydicom cannot even convert
+            vr = getattr(ds.get_item(tag), "VR", None)
+            _warn(tag, parent, str(vr), exc)
+            if vr:
+                out[f"{tag:08X}"] = {"vr": str(vr)}
+            continue
+        out[f"{tag:08X}"] = _element_to_json(elem, (*parent, int(tag)), bulk_uri)
+    return out
+
+
+def _element_to_json(elem: DataElement, path: ElementPath, bulk_uri: BulkURI | None) -> dict[str, Any]:
+    if elem.VR == "SQ":
+        return {"vr": "SQ", "Value": [
+            _dataset_json(item, (*path, index), bulk_uri) for index, item in enumerate(elem.value or [])
+        ]}
+    handler = None if bulk_uri is None else (lambda e: bulk_uri(e, path))
+    try:
+        return elem.to_json_dict(bulk_data_element_handler=handler, bulk_data_threshold=BULK_THRESHOLD)
+    except Exception as exc:
+        _warn(elem.tag, path[:-1], elem.VR, exc)
+        return _lenient_json(elem)
+
+
+def _warn(tag: int, parent: ElementPath, vr: str, exc: Exception) -> None:
+    # The value itself is not logged: it may identify the patient.
+    where = "".join(f"({t:08X})[{i}]" for t, i in zip(parent[::2], parent[1::2], strict=True))
+    log.warning("DICOM JSON: invalid %s value of %s(%08X) left out (%s)", vr, where, tag, type(exc).__name__)
+
+
+def _lenient_json(elem: DataElement) -> dict[str, Any]:
+    """*elem* without the values that cannot be written: for IS and DS the
+    valid numbers stay (an invalid one is null, so positions keep their
+    meaning); otherwise the element has no Value."""
+    out: dict[str, Any] = {"vr": elem.VR}
+    if elem.VR not in ("IS", "DS"):
+        return out
+    raw = elem.value
+    values = list(raw) if isinstance(raw, (list, tuple, MultiValue)) else [raw]
+    numbers = [_number(elem.VR, v) for v in values]
+    if any(n is not None for n in numbers):
+        out["Value"] = numbers
+    return out
+
+
+def _number(vr: str, value: Any) -> int | float | None:
+    try:
+        number = float(str(value).strip())
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number):
+        return None
+    if vr == "IS":  # as pydicom writes them: IS an int, DS a float
+        return int(number) if number.is_integer() else None
+    return number
 
 
 def dumps(value: Any) -> bytes:
@@ -49,7 +128,12 @@ _SINGLE_TEXT_VRS = {"LT", "ST", "UT"}
 
 def _json_value(vr: str, value: Any) -> list[Any]:
     if vr in _NUMBER_VRS:
-        return [int(value)]
+        try:
+            return [int(value)]
+        except (TypeError, ValueError):
+            # Not a number ("abc" from a malformed object): the Dataset path
+            # writes the element without it.
+            raise NotDirect(f"{vr} value that is not a number") from None
     if isinstance(value, list):
         texts = value
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -10,6 +11,9 @@ from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sqlalchemy.exc import OperationalError
 
 from pacs.errors import IngestError
 from pacs.frames import FrameError
@@ -17,8 +21,13 @@ from pacs.header import valid_uid
 from pacs.query import QueryError
 from pacs.transcode import TransferSyntaxError
 
+from storage import ObjectNotFound, StorageError
+
 from .mediatypes import NotAcceptable
 from .multipart import MultipartError
+
+log = logging.getLogger(__name__)
+INTERNAL_ERROR = "internal server error: the server's log has the details"
 
 
 class HTTPProblem(Exception):
@@ -81,6 +90,10 @@ def install(app: FastAPI) -> None:
         NotAcceptable: lambda e: 406,
         MultipartError: lambda e: e.http_status,
         TransferSyntaxError: lambda e: 406,
+        # The store or the index is down: try again later, not a bug of ours.
+        StorageError: lambda e: 503,
+        OperationalError: lambda e: 503,
+        ObjectNotFound: lambda e: 500,
     }
 
     app.state.error_formats = {}
@@ -88,7 +101,19 @@ def install(app: FastAPI) -> None:
     def handler(status_of: Callable[[Any], int]) -> Callable[[Request, Exception], Awaitable[Response]]:
         async def handle(request: Request, exc: Exception) -> Response:
             message = exc.message if isinstance(exc, HTTPProblem) else str(exc)
-            return answer(request, status_of(exc), message)
+            status = status_of(exc)
+            if isinstance(exc, ObjectNotFound):
+                # An indexed object gone from the store: ours to repair, not the client's to retry.
+                log.error("%s %s: an indexed object is missing from the store (pacs verify): %s",
+                          request.method, request.url.path, exc)
+                message = INTERNAL_ERROR
+            elif isinstance(exc, OperationalError | StorageError):
+                # One line per refused request during an outage, no traceback;
+                # the client is not told the database's connection details.
+                log.warning("%s %s answered %d: %s", request.method, request.url.path, status,
+                            str(exc).splitlines()[0][:200])
+                message = "the archive's storage or index is unavailable; try again later"
+            return answer(request, status, message)
 
         return handle
 
@@ -102,9 +127,12 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> Response:
-        # Our own fault: the server logs the traceback; the client gets its
-        # API's error body (an OperationOutcome under /fhir), never our internals.
-        return answer(request, 500, "internal server error: the server's log has the details")
+        # Reached only for an error raised once the answer had started (then
+        # nothing can be sent; Starlette re-raises and the server drops the
+        # connection, which tells the client the body is incomplete).
+        return answer(request, 500, INTERNAL_ERROR)
+
+    app.add_middleware(UnexpectedErrors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> Response:
@@ -113,3 +141,41 @@ def install(app: FastAPI) -> None:
         if _format_of(request) is not None:
             return answer(request, exc.status_code, str(exc.detail))
         return await http_exception_handler(request, exc)
+
+
+class UnexpectedErrors:
+    """A 500 for an unexpected error before the answer started, sent by us.
+
+    Starlette's own handler (ServerErrorMiddleware) sends the 500 and then
+    re-raises, and uvicorn then closes the keep-alive connection without
+    ``Connection: close``: the next request a pooled client sends on it gets
+    a reset. Here the error is logged and answered, and the connection
+    stays usable. An error after the answer started is re-raised: the
+    dropped connection is then the only way to say the body is incomplete.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            # Our own fault: the log has the traceback; the client gets its
+            # API's error body (an OperationOutcome under /fhir), never our internals.
+            log.error("unexpected error answering %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            response = answer(Request(scope), 500, INTERNAL_ERROR)
+            await response(scope, receive, send)

@@ -3,9 +3,13 @@ Accept header (or ``accept=`` query parameter) with :mod:`mediatypes`."""
 
 from __future__ import annotations
 
-from fastapi import Request
+from collections.abc import Sequence
 
-from pacs.transcode import ENCODABLE, UNCOMPRESSED
+from fastapi import Request
+from pydicom.uid import AllTransferSyntaxes
+
+from pacs.retrieve import RetrieveItem
+from pacs.transcode import ENCODABLE, UNCOMPRESSED, can_serve
 
 from . import mediatypes
 from .mediatypes import MULTIPART_RELATED, Offer
@@ -18,11 +22,24 @@ def effective_accept(request: Request) -> str | None:
     )
 
 
-def negotiate_instances(request: Request) -> Offer:
+def negotiate_instances(request: Request, items: Sequence[RetrieveItem] | None = None) -> Offer:
     """Instances: as stored (``transfer-syntax=*``), the default Explicit VR
-    Little Endian, or any syntax we can convert to."""
+    Little Endian, any syntax we can convert to, and the syntax they are
+    stored in (a JPEG Baseline object asked for in JPEG Baseline is sent
+    as is, not refused).
+
+    With *items*, a syntax is offered when every instance is stored in it or
+    can be converted to it (:func:`pacs.transcode.can_serve`), so a 406
+    lists exactly what can be had. Without, every transfer syntax is offered
+    and the caller checks each instance with ``can_serve`` (a 406 then)."""
     offers = mediatypes.instance_offers(None)
-    for ts in sorted(str(t) for t in (*UNCOMPRESSED, *ENCODABLE)):
+    candidates = {str(t) for t in (*UNCOMPRESSED, *ENCODABLE)}
+    if items is None:
+        candidates |= {str(t) for t in AllTransferSyntaxes}
+    else:
+        candidates |= {i.transfer_syntax_uid for i in items}
+        candidates = {ts for ts in candidates if all(can_serve(i, ts) for i in items)}
+    for ts in sorted(candidates):
         offers.append(Offer(MULTIPART_RELATED, "application/dicom", ts))
     return mediatypes.negotiate(effective_accept(request), offers, default=mediatypes.INSTANCE_DEFAULT)
 

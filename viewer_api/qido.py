@@ -12,7 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from pydicom.datadict import keyword_for_tag
+from pydicom.datadict import keyword_dict, keyword_for_tag
 
 from pacs.query import ATTRIBUTES, DEFAULT_RETURN, Kind, Level, Query, QueryError, run_query
 from pacs.query.results import ResultShape
@@ -69,6 +69,15 @@ def _matching(params: list[tuple[str, str]], fixed: dict[str, str]) -> dict[str,
     return match
 
 
+def _dicom_attribute(name: str) -> bool:
+    """A DICOM keyword or tag (8 hex digits), or a dotted path of them
+    (``ReferencedSeriesSequence.SeriesInstanceUID``)."""
+    return all(
+        piece in keyword_dict or (len(piece) == 8 and all(c in "0123456789abcdefABCDEF" for c in piece))
+        for piece in name.split(".")
+    )
+
+
 def _return_keys(level: Level, includes: list[str], upper: tuple[Level, ...]) -> list[str]:
     """The level's default attributes, those of the *upper* levels the target
     resource requires (PS3.18 10.6.3.3.2-3: all series carry the study's,
@@ -79,10 +88,13 @@ def _return_keys(level: Level, includes: list[str], upper: tuple[Level, ...]) ->
         return [k for k, a in ATTRIBUTES.items() if a.level.depth <= level.depth]
     keys = [k for above in upper for k in DEFAULT_RETURN[above]] + list(DEFAULT_RETURN[level])
     asked = [_keyword(i) for i in includes]
-    unknown = [r for r in asked if r not in ATTRIBUTES]
+    # PS3.18 8.3.4.3 (C-FIND return keys): an attribute the archive does not
+    # index is simply not returned; only a name that is no DICOM keyword or
+    # tag at all is an error.
+    unknown = [r for r in asked if r not in ATTRIBUTES and not _dicom_attribute(r)]
     if unknown:
         raise QueryError(f"includefield names unknown attributes: {', '.join(unknown)}")
-    keys += [k for k in asked if ATTRIBUTES[k].level.depth <= level.depth]
+    keys += [k for k in asked if k in ATTRIBUTES and ATTRIBUTES[k].level.depth <= level.depth]
     return list(dict.fromkeys(keys))
 
 

@@ -9,6 +9,7 @@ stored object's sha256, so a replaced object never serves a stale image.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -30,10 +31,13 @@ from .render import (
     parse_window,
     render_dataset_bytes,
 )
+from .urls import base_url
 
 log = logging.getLogger(__name__)
 
 THUMBNAIL_SIZE = (128, 128)
+# Rendered parts of a multipart answer held in memory up to this; a file beyond.
+SPOOL_IN_MEMORY = 8 << 20
 
 
 class RenderCache:
@@ -111,29 +115,67 @@ def rendered_response(request: Request, item: RetrieveItem, frame: int) -> Respo
 
 
 def rendered_multipart(request: Request, targets: list[tuple[RetrieveItem, int]]) -> StreamingResponse:
-    """Rendered frames as multipart/related. The first part is rendered before
-    the response starts, so an error common to all parts is a real status;
-    once streaming, a status can no longer be sent, so a part that fails is
-    left out (and logged) rather than cutting the response short."""
+    """Rendered frames as multipart/related, each part with a Content-Location
+    naming what it shows (the instance's ``/rendered``, or ``/frames/{n}/rendered``
+    of a multi-frame instance).
+
+    Every part is rendered before the response starts, so that what cannot
+    be rendered (no pixel data, a codec missing) is said in the answer: a
+    ``Warning: 299`` header counts and names the instances left out. If
+    nothing can be rendered, the first error is the answer's status. The
+    encoded images wait in a temporary file beyond a few MB, not in memory."""
     params = params_from(request)
     boundary = new_boundary()
     if not targets:
         raise HTTPProblem(404, "nothing to render")
-    first = render_item(request, targets[0][0], targets[0][1], params)
-
-    def parts() -> Iterator[Part]:
-        yield Part(params.media_type, {}, first)
-        for item, frame in targets[1:]:
+    base = base_url(request)
+    spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 - closed by the stream
+    rendered: list[tuple[str, int, int]] = []  # (Content-Location, offset, length)
+    skipped: list[tuple[RetrieveItem, int, HTTPProblem]] = []
+    try:
+        for item, frame in targets:
             try:
                 data = render_item(request, item, frame, params)
             except HTTPProblem as exc:
                 log.warning("rendered part left out (%s frame %d): %s", item.sop_uid, frame, exc.message)
+                skipped.append((item, frame, exc))
                 continue
-            yield Part(params.media_type, {}, data)
+            except Exception:  # one broken object does not take the others down
+                log.exception("rendered part left out (%s frame %d)", item.sop_uid, frame)
+                skipped.append((item, frame, HTTPProblem(500, "internal error while rendering")))
+                continue
+            rendered.append((_rendered_location(base, item, frame), spool.tell(), len(data)))
+            spool.write(data)
+    except BaseException:
+        spool.close()
+        raise
+    if not rendered:
+        spool.close()
+        raise skipped[0][2]
+    headers = {}
+    if skipped:
+        names = ", ".join(f"{item.sop_uid}" + (f" frame {frame}" if (item.frames or 1) > 1 else "")
+                          for item, frame, _ in skipped[:10])
+        more = f" and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+        text = (f"{len(skipped)} of {len(targets)} requested frame(s) could not be rendered and are left out "
+                f"(the server's log says why): {names}{more}")
+        headers["Warning"] = f'299 filmless-pacs: "{text}"'
+
+    def parts() -> Iterator[Part]:
+        with spool:
+            for location, offset, length in rendered:
+                spool.seek(offset)
+                yield Part(params.media_type, {"Content-Location": location}, spool.read(length))
 
     return StreamingResponse(
-        multipart_related_stream(parts(), boundary), media_type=content_type_header(params.media_type, boundary)
+        multipart_related_stream(parts(), boundary), media_type=content_type_header(params.media_type, boundary),
+        headers=headers,
     )
+
+
+def _rendered_location(base: str, item: RetrieveItem, frame: int) -> str:
+    url = f"{base}/dicom-web/studies/{item.study_uid}/series/{item.series_uid}/instances/{item.sop_uid}"
+    return f"{url}/frames/{frame}/rendered" if (item.frames or 1) > 1 else f"{url}/rendered"
 
 
 def thumbnail_response(request: Request, items: list[RetrieveItem], frame: int | None = None) -> Response:

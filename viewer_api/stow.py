@@ -23,13 +23,15 @@ from pydicom.sequence import Sequence
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
-from pacs.errors import IngestError, Status
+from pacs.errors import HTTP_FOR_STATUS, IngestError, Status
+from pacs.header import parse_header
 from pacs.ingest import Origin
 from pacs.part10 import FileSource
 
+from . import negotiation
 from .dicomjson import dumps, to_json
 from .errors import HTTPProblem, require_uids
-from .multipart import MultipartError, parse_multipart_related
+from .multipart import MultipartError, parse_multipart_content_type, parse_multipart_related
 from .urls import base_url
 
 log = logging.getLogger(__name__)
@@ -52,10 +54,8 @@ def _store_part(request: Request, path: str, study: str | None) -> tuple[bool, d
     origin = Origin(source="stow", remote_host=client, user=getattr(request.state, "user", "") or "")
     try:
         source = FileSource(path)
-        if study is not None:
-            header_study = _study_of(path)
-            if header_study != study:
-                raise IngestError(Status.INVALID_DATASET, "StudyInstanceUID differs from the request's study")
+        if study is not None and _study_of(source) != study:
+            raise IngestError(Status.INVALID_DATASET, "StudyInstanceUID differs from the request's study")
         result = pacs.ingestor.ingest(source, origin)
     except IngestError as exc:
         sop_class, sop_uid = _uids_of(path)
@@ -75,15 +75,37 @@ def _store_part(request: Request, path: str, study: str | None) -> tuple[bool, d
     }
 
 
-def _study_of(path: str) -> str:
-    try:
-        return str(dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"]).StudyInstanceUID)
-    except Exception:
-        return ""
+def _study_of(source: FileSource) -> str:
+    """The part's StudyInstanceUID, read as ingest reads it: a part that is
+    not a DICOM Part 10 object is refused as such (0xC000), one without a
+    valid StudyInstanceUID with 0xA900, before the study is compared."""
+    with source.open() as stream:
+        return parse_header(stream, source.size).study_uid
+
+
+# Request types PS3.18 10.5.1.2.2 defines that this archive does not take.
+_METADATA_TYPES = {"application/dicom+json", "application/dicom+xml"}
+
+
+def _all_ours(failed: list[dict[str, Any]]) -> bool:
+    """Every part failed for want of storage or index, not for what it is:
+    503 says "send it again later", where 409 would say "this is wrong"."""
+    return all(HTTP_FOR_STATUS.get(f["reason"]) == 503 for f in failed)
 
 
 async def store(request: Request, study: str | None) -> Response:
     content_type = request.headers.get("content-type", "")
+    # Before any byte of the body: a 406 for a response type we cannot
+    # write (PS3.18 10.5.3: DICOM JSON; XML is not implemented) ...
+    media_type = negotiation.negotiate_json(request).media_type
+    # ... and a 415 for the metadata + bulk data form of the request.
+    try:
+        request_type = (parse_multipart_content_type(content_type).type_param or "").strip().lower()
+    except MultipartError:
+        request_type = ""  # the parser below answers it
+    if request_type in _METADATA_TYPES:
+        raise HTTPProblem(415, f"STOW-RS of metadata and bulk data (type={request_type}) is not supported: "
+                               'send Part 10 objects as multipart/related; type="application/dicom"')
     settings = request.app.state.pacs.settings
     spool = os.path.join(settings.data_dir, "stow-spool")
     os.makedirs(spool, exist_ok=True)
@@ -120,8 +142,8 @@ async def store(request: Request, study: str | None) -> Response:
     if not stored and not failed:
         raise HTTPProblem(400, "the request contained no parts")
     body = _response_dataset(request, study, stored, failed)
-    status = 200 if not failed else 202 if stored else 409
-    return Response(dumps(to_json(body)), status_code=status, media_type="application/dicom+json")
+    status = 200 if not failed else 202 if stored else 503 if _all_ours(failed) else 409
+    return Response(dumps(to_json(body)), status_code=status, media_type=media_type)
 
 
 async def _stalling_stops(stream: AsyncIterator[bytes], timeout: float) -> AsyncIterator[bytes]:
