@@ -209,6 +209,10 @@ def _resolve_birth_date(sent: str | None, stored: str | None) -> str | None:
     return stored if stored and len(stored) == 8 and stored.startswith(sent) else ""
 
 
+# Order statuses no performed step changes any more.
+FINAL_STATUSES = ("CANCELLED", "COMPLETED")
+
+
 class OrderService:
     """Transactions on orders, patients, performed steps and the outbox."""
 
@@ -423,11 +427,17 @@ class OrderService:
                     patients_t.c.patient_id == prior_id, patients_t.c.issuer == prior_issuer
                 )
             ).first()
-            if old is None:
-                # Some HIS send the assigning authority only in PID: try any issuer.
-                old = conn.execute(
+            if old is None and not prior_issuer:
+                # Some HIS send the assigning authority only in PID: an MRG-1
+                # without one names the patient holding that ID, if only one does
+                # (a merge into the wrong one of two cannot be undone).
+                found = conn.execute(
                     select(patients_t).where(patients_t.c.patient_id == prior_id).limit(2)
-                ).first()
+                ).all()
+                if len(found) > 1:
+                    raise OrderError(f"prior patient {prior_id} is ambiguous: several assigning authorities hold "
+                                     "it; send MRG-1 with its assigning authority", code="204", http_status=409)
+                old = found[0] if found else None
             if old is None:
                 old = self._patient_by_other_id(conn, prior_id, prior_issuer)
             if old is None:
@@ -703,12 +713,16 @@ class OrderService:
 
     def _move_order(self, conn: Connection, order_pk: int, status: str, sop_uid: str, now: datetime) -> dict[str, Any]:
         """The order follows its step and the HIS is told (outbox) -- except
-        an order cancelled meanwhile, which stays cancelled."""
+        an order cancelled meanwhile, which stays cancelled, and a completed
+        one, which a later step (a repeat acquisition, a step discontinued
+        after the exam was done) does not move back: the HIS would read the
+        finished exam as running again, and could then cancel it."""
         current = conn.execute(select(orders_t.c.status).where(orders_t.c.pk == order_pk)).scalar_one()
-        if current != "CANCELLED":
+        moves = current not in FINAL_STATUSES
+        if moves:
             conn.execute(update(orders_t).where(orders_t.c.pk == order_pk).values(status=status, updated_at=now))
         order = self._order_dict(conn, order_pk)
-        if current != "CANCELLED":
+        if moves:
             self.enqueue(conn, "his", "order_status", {"order": order, "status": status, "step": sop_uid})
         return order
 

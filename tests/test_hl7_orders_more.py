@@ -248,6 +248,18 @@ def test_cancelled_order_is_not_resurrected_and_completed_one_not_cancelled(serv
     assert order(server, "HSG002")["status"] == "COMPLETED"
     with server.http() as http:
         assert http.delete("/api/orders/HSG002").status_code == 409
+    # A later step on the completed exam (a repeat acquisition, then discontinued) does not move it back.
+    again = generate_uid()
+    assert int(_mpps_status(server, again, _create([("HSG002", order(server, "HSG002")["study_uid"])]),
+                            create=True).Status) == 0
+    assert order(server, "HSG002")["status"] == "COMPLETED"
+    discontinued = Dataset()
+    discontinued.PerformedProcedureStepStatus = "DISCONTINUED"
+    discontinued.PerformedProcedureStepEndDate = "20261204"
+    discontinued.PerformedProcedureStepEndTime = "120000"
+    _mpps_status(server, again, discontinued, create=False)
+    assert order(server, "HSG002")["status"] == "COMPLETED"
+    assert msa(send(server, orm("SG4b", "HSG002", pid="BN700801", order_control="CA")))[0] == "AE"
 
     # Cancelled while the modality was at it: the step completes, the order stays cancelled.
     assert msa(send(server, orm("SG5", "HSG003", pid="BN700801")))[0] == "AA"
@@ -357,3 +369,17 @@ def test_other_ids_type_is_a_dicom_defined_term(server: PacsServer, tmp_path: Pa
     types = {item["00100022"]["Value"][0] for item in found[0]["00101002"]["Value"]}
     assert types == {"TEXT"}
 
+
+
+def test_a40_never_guesses_between_patients_of_one_id(server: PacsServer, tmp_path: Path) -> None:
+    """Patient ID DUP under two assigning authorities: an MRG-1 without one, or
+    with one nobody has, must not merge whichever the database returns first."""
+    for issuer, accession in (("BVDK", "HDU001"), ("XYZ", "HDU002")):
+        pid = f"PID|1||DUP7^^^{issuer}^PI||Trùng^{issuer}||19800101|M"
+        assert msa(send(server, with_pid(orm(f"DU{issuer}", accession), pid)))[0] == "AA"
+    for control, mrg in (("DU3", "MRG|DUP7"), ("DU4", "MRG|DUP7^^^NOPE")):
+        ack = send(server, adt(control, f"PID|1||NEW7^^^BVDK^PI||Mới^Người||19800101|M\n{mrg}", "A40"))
+        assert msa(ack)[0] == "AE", ack
+    for accession in ("HDU001", "HDU002"):
+        assert [str(i.PatientID) for i in worklist(server, tmp_path, f"AccessionNumber={accession}", "PatientID")] \
+            == ["DUP7"]
