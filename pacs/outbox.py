@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import Engine, and_, func, select, update
 
+from .index.db import write_transaction
 from .index.models import OutboundMessage
 
 outbox = OutboundMessage.__table__
@@ -142,7 +143,10 @@ def _aware(moment: datetime) -> datetime:
 def mark_sent(engine: Engine, pk: int) -> int:
     """The message reached its destination. Dead messages of the same kind
     and key queued before it are superseded by it; returns how many."""
-    with engine.begin() as conn:
+    # Reads, then writes: BEGIN IMMEDIATE on SQLite (a deferred transaction
+    # failed "database is locked" at once under load, and the HIS got the
+    # message a second time).
+    with write_transaction(engine) as conn:
         row = conn.execute(select(outbox.c.kind, outbox.c.payload, outbox.c.destination)
                            .where(outbox.c.pk == pk)).first()
         conn.execute(update(outbox).where(outbox.c.pk == pk).values(state="sent", sent_at=_now(), last_error=""))
@@ -232,7 +236,7 @@ def retry(engine: Engine, *, pk: int | None = None) -> list[int]:
     stmt = update(outbox).where(outbox.c.state == "dead")
     if pk is not None:
         stmt = stmt.where(outbox.c.pk == pk)
-    with engine.begin() as conn:
+    with write_transaction(engine) as conn:
         pks = conn.execute(
             select(outbox.c.pk).where(outbox.c.state == "dead", *([outbox.c.pk == pk] if pk is not None else []))
         ).scalars().all()

@@ -146,6 +146,8 @@ def send(host: str, port: int, message: bytes, timeout: float = 10.0, ack_timeou
             return _read_ack(sock)
         except TimeoutError:
             raise NoAck(f"no ACK within {ack_timeout:g} s") from None
+        except ConnectionError as exc:  # took the message, then hung up
+            raise NoAck(str(exc)) from None
 
 
 def _read_ack(sock: socket.socket) -> bytes:

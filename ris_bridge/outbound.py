@@ -36,6 +36,9 @@ _RESULT_STATUS = {"final": "F", "amended": "C"}
 # AE/CE answers in a row before a message is parked dead; AR/CR never park it.
 MAX_ERROR_ANSWERS = 3
 MAX_BACKOFF = 60.0
+# Messages the HIS may take without an ACK in one round before it is taken
+# for stuck (each costs hl7_ack_timeout) and the rest waits for the next round.
+MAX_SILENT_IN_A_ROUND = 3
 _REJECTIONS = re.compile(r"HIS answered [AC]E \(rejection (\d+) of")
 
 
@@ -171,18 +174,31 @@ class OutboundSender:
         claimed = outbox.claim_due(self.pacs.engine, "his")
         if not claimed:
             return 0, False
+        silent = 0
         for index, message in enumerate(claimed):
             control_id = f"FILMLESS{message.pk}"  # stable: a resend can be recognised
             payload = render(message.kind, message.data, control_id, Addresses.of(self.pacs.settings))
             backoff = min(MAX_BACKOFF, 2.0 ** min(message.attempts, 6))
             try:
                 reply = mllp.send(self.host, self.port, payload, ack_timeout=self.pacs.settings.hl7_ack_timeout)
+            except mllp.NoAck as exc:
+                # The HIS took this message and said nothing (or hung up): it
+                # is up, and one message it chokes on must not hold back the
+                # other orders'. A HIS silent to several in a row is stuck: the
+                # rest waits for the next round.
+                silent += 1
+                outbox.mark_failed(self.pacs.engine, message.pk, f"HIS sent no ACK: {exc}", dead=False,
+                                   retry_in=backoff)
+                log.info("HIS %s:%d sent no ACK for message %d (%s); retried in %.0fs", self.host, self.port,
+                         message.pk, exc, backoff)
+                if silent < MAX_SILENT_IN_A_ROUND:
+                    continue
+                outbox.release(self.pacs.engine, [m.pk for m in claimed[index + 1 :]], backoff)
+                return delivered, False
             except OSError as exc:
-                # A slow HIS (no ACK in time) is not a down one: the operator
-                # must know which, and the HIS sees the resend's same MSH-10.
-                what = "sent no ACK" if isinstance(exc, mllp.NoAck) else "unreachable"
-                outbox.mark_failed(self.pacs.engine, message.pk, f"HIS {what}: {exc}", dead=False, retry_in=backoff)
-                log.info("HIS %s:%d %s (%s); message %d retried in %.0fs", self.host, self.port, what, exc,
+                outbox.mark_failed(self.pacs.engine, message.pk, f"HIS unreachable: {exc}", dead=False,
+                                   retry_in=backoff)
+                log.info("HIS %s:%d unreachable (%s); message %d retried in %.0fs", self.host, self.port, exc,
                          message.pk, backoff)
                 # The HIS is down: hand the rest back for the next round, in order.
                 outbox.release(self.pacs.engine, [m.pk for m in claimed[index + 1 :]], backoff)

@@ -69,6 +69,8 @@ class ScriptedHIS:
                             message, buffer = buffer[start + 1 : end].decode(), buffer[end + 2 :]
                             code = self.answer(message)
                             self.received.append(Received(time.monotonic(), message, code))
+                            if code == "CLOSE":  # takes the message, hangs up without an ACK
+                                raise OSError("closed")
                             control = message.split("\r")[0].split("|")[9]
                             ack = f"MSH|^~\\&|HIS||PACS||20240101||ACK|A1|P|2.5\rMSA|{code}|{control}|scripted\r"
                             conn.sendall(b"\x0b" + ack.encode() + b"\x1c\r")
@@ -338,3 +340,23 @@ def test_dead_messages_wait_for_an_operator_or_a_newer_message(sender: tuple[obj
     assert outbox.depth(core.engine) == {"sent": 2, "superseded": 1}
     sent = [(r.field("OBR", 18), r.field("ORC", 5), r.answer) for r in his.received]
     assert sent[-2:] == [("ACC9001", "CM", "AA"), ("ACC9002", "IP", "AA")]
+
+
+def test_a_message_the_his_never_acknowledges_holds_back_only_its_own_order(
+    sender: tuple[object, ScriptedHIS]
+) -> None:
+    """The HIS takes one message and hangs up without an ACK, every time: the
+    other orders' messages still go out in the same round (they waited as long
+    as that one message was retried), and it is retried itself."""
+    from pacs.outbox import outbox
+
+    out, his = sender
+    core = out.pacs  # type: ignore[attr-defined]
+    his.answer = lambda m: "CLOSE" if "|PACC9101|" in m else "AA"
+    for n, accession in enumerate(("ACC9101", "ACC9102", "ACC9103"), start=1):
+        _enqueue(core, "order_status", _order_status(n, accession, "IN PROGRESS"))
+    assert out.deliver_due() == 2  # type: ignore[attr-defined]
+    assert [r.field("OBR", 18) for r in his.received if r.answer == "AA"] == ["ACC9102", "ACC9103"]
+    with core.engine.connect() as conn:
+        stuck = conn.execute(select(outbox).where(outbox.c.state != "sent")).one()
+    assert stuck.state == "pending" and "no ACK" in stuck.last_error
