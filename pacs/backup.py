@@ -109,6 +109,29 @@ def backup_index(index_url: str, out: Path) -> BackupResult:
     return BackupResult(kind, str(out), out.stat().st_size, time.perf_counter() - start)
 
 
+def _refuse_other_sessions(index_url: str) -> None:
+    """Other sessions on the database are nodes (or tools) still using it:
+    a restore would swap the index under them (the lock file of pacs serve
+    only covers one data dir, and nodes have one each)."""
+    from sqlalchemy import text
+
+    from .index.db import create_index_engine
+
+    engine = create_index_engine(index_url, pool_size=0)
+    try:
+        with engine.connect() as conn:
+            others = conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid()")).scalar_one()
+    except Exception as exc:
+        raise BackupError(f"cannot reach the database to restore into: {exc}") from exc
+    finally:
+        engine.dispose()
+    if others:
+        raise BackupError(f"{others} other session(s) use the database (a pacs serve node still running?); "
+                          "stop every node first")
+
+
 def _refuse_live_file(index: Path, out: Path) -> None:
     live = index.absolute()
     if out in {live, live.with_name(live.name + "-wal"), live.with_name(live.name + "-shm")} or (
@@ -151,12 +174,14 @@ def _check_sqlite_backup(backup: Path) -> sqlite3.Connection:
     return source
 
 
-def restore_index(index_url: str, backup: Path) -> BackupResult:
+def restore_index(index_url: str, backup: Path, keep_dir: Path | None = None) -> BackupResult:
     """Replace the index with *backup*. `pacs serve` must be stopped.
 
     SQLite: the backup is copied into the index file page by page (the same
-    API, in reverse), so a crash midway leaves the old file intact.
-    PostgreSQL: ``pg_restore --clean`` into the configured database.
+    API, in reverse), so a crash midway leaves the old file intact; the
+    replaced index is kept beside it. PostgreSQL: refused while other
+    sessions use the database (a node still serving); the current database
+    is dumped into *keep_dir* first, then ``pg_restore --clean``.
     """
     kind = _kind(index_url)
     if not backup.is_file():
@@ -182,6 +207,10 @@ def restore_index(index_url: str, backup: Path) -> BackupResult:
             target.close()
             source.close()
     else:
+        _refuse_other_sessions(index_url)
+        if keep_dir is not None:
+            kept_dump = keep_dir / f"index-before-restore-{time.strftime('%Y%m%dT%H%M%S')}.dump"
+            previous = backup_index(index_url, kept_dump).path
         result = subprocess.run(
             [_pg_tool("pg_restore"), "--clean", "--if-exists", "--no-owner", "--single-transaction",
              "--dbname", _libpq_url(index_url), str(backup)],

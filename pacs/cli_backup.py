@@ -73,7 +73,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     try:
         with hold_exclusively(settings.data_dir):
-            result = restore_index(settings.resolved_index_url, args.backup)
+            result = restore_index(settings.resolved_index_url, args.backup, keep_dir=settings.data_dir)
     except (BackupError, ServerRunning) as exc:
         err.print(f"[red]restore failed:[/red] {exc}")
         return 1

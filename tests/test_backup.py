@@ -139,3 +139,23 @@ def test_backup_of_a_large_index_ends_while_commits_go_on(tmp_path: Path) -> Non
     assert still_committing, "the backup ended only when the commits did"
     with sqlite3.connect(tmp_path / "out.bak") as copy:
         assert copy.execute("SELECT count(*) FROM filler").fetchone()[0] >= 25_000
+
+
+def test_postgresql_restore_refused_while_a_node_serves_and_keeps_the_database_it_replaces(
+    tmp_path: Path, pg_url: str
+) -> None:
+    server = PacsServer(tmp_path / "data", Backend("pg", pg_url, None, {})).start()
+    backup = tmp_path / "index.dump"
+    try:
+        assert server.storescu(*map(str, _series(tmp_path, "pg", 2))).returncode == 0
+        assert server.cli("backup", "--out", str(backup)).returncode == 0
+        # Another node's data dir: its lock file says nothing of this one; the database does.
+        other_node = PacsServer(tmp_path / "other", Backend("pg", pg_url, None, {}))
+        refused = other_node.cli("restore", str(backup), "--yes", check=False)
+        assert refused.returncode == 1 and "other session" in refused.stderr, refused.stderr
+    finally:
+        server.stop()
+    restored = server.cli("restore", str(backup), "--yes")
+    kept = list((tmp_path / "data").glob("index-before-restore-*.dump"))
+    assert len(kept) == 1 and kept[0].stat().st_size > 0 and str(kept[0]) in restored.stdout
+    assert server.stats()["instances"] == 2
