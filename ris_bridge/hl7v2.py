@@ -168,14 +168,16 @@ def parse(raw: bytes) -> tuple[Any, Header]:
     """Parse a message; raise HL7Reject when it is not a usable HL7 v2 message."""
     raw = _strip_bom(raw)
     if len(raw) > MAX_MESSAGE_BYTES:
-        raise HL7Reject(f"message of {len(raw)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}", code="207")
+        raise HL7Reject(f"message of {len(raw)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}", code="207",
+                        ack_code="AE")  # resending the same bytes can never succeed
     text, charset = decode(raw)
-    text = text.replace("\r\n", "\r").replace("\n", "\r").strip("\r")
+    text = _segments_by_cr(text)
     if not text.startswith("MSH") or len(text) < 8:
         raise HL7Reject("not an HL7 v2 message: it must start with an MSH segment", code="100")
     delimiters = sum(text.count(c) for c in set(text[3:8]))
     if delimiters > MAX_DELIMITERS:
-        raise HL7Reject(f"message has {delimiters} delimiters, more than the limit of {MAX_DELIMITERS}", code="207")
+        raise HL7Reject(f"message has {delimiters} delimiters, more than the limit of {MAX_DELIMITERS}", code="207",
+                        ack_code="AE")
     try:
         message = hl7.parse(text)
         message.segment("MSH")
@@ -190,6 +192,17 @@ def parse(raw: bytes) -> tuple[Any, Header]:
     return message, header
 
 
+def _segments_by_cr(text: str) -> str:
+    """The message with CR between segments. CR is the separator (HL7 v2.5
+    2.5.3); CRLF and, in a message with no CR at all, LF are taken as one.
+    A bare LF inside a CR-separated message is a line break typed into a
+    field (an escape the sender forgot): it becomes a space, so that the
+    rest of the segment (accession, modality) is not cut off."""
+    text = text.replace("\r\n", "\r")
+    text = text.replace("\n", " ") if "\r" in text.strip("\r\n") else text.replace("\n", "\r")
+    return text.strip("\r ")
+
+
 def _refuse_batched(text: str) -> None:
     """One MLLP frame carries one message (HL7 v2.5 Appendix C.4). A sender
     that packs several into a frame gets one ACK and would take it for all of
@@ -201,18 +214,30 @@ def _refuse_batched(text: str) -> None:
                         f"nothing of this frame was applied", code="100", ack_code="AE")
 
 
+# Fields an interface engine may set anew when it resends a message: MSH-7,
+# the EVN segment (recorded/planned times) and ORC-9 (date/time of
+# transaction). Left out of the digest that tells a resend from a new message.
+_RESEND_STAMPS = {"MSH": (6,), "ORC": (9,)}
+
+
 def message_digest(message: Any) -> str:
-    """sha256 of the message as parsed, without MSH-7 (date/time of message),
-    which an engine may refresh when it resends: what tells a resend (same
-    MSH-10, same content) from a new message under a reused MSH-10."""
+    """sha256 of the message as parsed, without what a resend may refresh
+    (:data:`_RESEND_STAMPS`): what tells a resend (same MSH-10, same content)
+    from a new message under a reused MSH-10."""
     segments = str(message).strip("\r").split("\r")
-    msh = segments[0]
-    separator = msh[3]
-    msh_fields = msh.split(separator)
-    if len(msh_fields) > 6:
-        msh_fields[6] = ""  # MSH-7 (MSH-1 is the separator: MSH-n is fields[n - 1])
-    segments[0] = separator.join(msh_fields)
-    return hashlib.sha256("\r".join(segments).encode("utf-8")).hexdigest()
+    separator = segments[0][3]
+    kept = []
+    for segment in segments:
+        name = segment[:3]
+        if name == "EVN":
+            continue
+        fields = segment.split(separator)
+        for index in _RESEND_STAMPS.get(name, ()):
+            # MSH-1 is the separator: MSH-n is fields[n - 1]; other segments' n is fields[n].
+            if index < len(fields):
+                fields[index] = ""
+        kept.append(separator.join(fields))
+    return hashlib.sha256("\r".join(kept).encode("utf-8")).hexdigest()
 
 
 def _raw(segment: Any, field: int) -> str:
@@ -304,7 +329,9 @@ def _birth_date(value: str) -> str:
     digits = "".join(c for c in value.split("+")[0] if c.isdigit())
     if len(digits) >= 8:
         return digits[:8]
-    return digits if len(digits) in (4, 6) else ""
+    if len(digits) in (4, 6) or not value.strip():
+        return digits
+    raise OrderError(f"PID-7 {value!r} is not a date (YYYY[MM[DD]])", code="102", http_status=400)
 
 
 def _dicom_time(value: str) -> str:

@@ -383,3 +383,37 @@ def test_a40_never_guesses_between_patients_of_one_id(server: PacsServer, tmp_pa
     for accession in ("HDU001", "HDU002"):
         assert [str(i.PatientID) for i in worklist(server, tmp_path, f"AccessionNumber={accession}", "PatientID")] \
             == ["DUP7"]
+
+
+def test_resends_a_his_engine_restamps_are_still_resends(server: PacsServer) -> None:
+    """An engine that rebuilds a message for its resend refreshes EVN and ORC-9
+    (date/time of transaction) besides MSH-7: still the same message (it was
+    applied again and refused AE 205 "already exists")."""
+    first = orm("RS1", "HRS001", pid="BN700601").replace("||SC\n", "||SC||||20241120083000\n")
+    assert msa(send(server, first))[0] == "AA"
+    rebuilt = first.replace("|20241120083000|", "|20241120090500|").replace("||||20241120083000\n",
+                                                                          "||||20241120090500\n")
+    assert rebuilt != first
+    again = fields(send(server, rebuilt), "MSA")
+    assert again[1] == "AA" and "already applied" in again[3]
+
+
+def test_a_raw_line_feed_inside_a_field_does_not_cut_the_segment(server: PacsServer) -> None:
+    message = orm("LF1", "HLF001", pid="BN700602").replace("\n", "\r").replace(
+        "CT ngực không cản quang", "CT ngực\nkhông cản quang")
+    assert msa(send_raw(server, message.encode()).decode())[0] == "AA"
+    placed = order(server, "HLF001")
+    assert placed["modality"] == "CT"
+
+
+def test_a_malformed_birth_date_is_refused_not_erased(server: PacsServer, tmp_path: Path) -> None:
+    assert msa(send(server, with_pid(orm("BM1", "HBM001"), "PID|1||BN700603^^^BVDK^PI||Lê^Văn Tám||19700101|M")))[0] == "AA"
+    ack = send(server, adt("BM2", "PID|1||BN700603^^^BVDK^PI||Lê^Văn Tám||1970010|M"))
+    assert msa(ack)[0] == "AE" and fields(ack, "ERR")[3].startswith("102")
+    assert one_birth_date(server, tmp_path, "HBM001") == "19700101"
+
+
+def test_an_oversized_message_is_ae_not_a_request_to_resend(server: PacsServer) -> None:
+    huge = orm("BIG1", "HBG001").replace("\n", "\r") + "\rNTE|1||" + "x" * (1024 * 1024 + 10)
+    ack = send_raw(server, huge.encode()).decode()
+    assert msa(ack)[0] == "AE"
