@@ -45,6 +45,8 @@ from storage import ObjectStore
 
 from .direct_send import message_pdus, p_data_pdu, store_request_command, write_pdus
 
+# The largest PDU sent, also to a peer that sets no maximum (PS3.8: 0).
+LARGEST_PDU = 1024 * 1024
 # Objects read ahead from a remote store, and the largest one read whole.
 READ_AHEAD = 4
 READ_AHEAD_MAX_BYTES = 8 * 1024**2
@@ -216,7 +218,9 @@ def _write_message(assoc: Any, command: bytes, context_id: int, stream: BinaryIO
     """Write the C-STORE-RQ's PDUs to the socket from this thread (see
     :mod:`dicom_scp.direct_send`), reading the dataset as it goes."""
     max_pdu = assoc.dimse.maximum_pdu_size
-    fragment = max_pdu - 6 if max_pdu else 1 << 30
+    # PDUs of at most LARGEST_PDU, whatever the peer allows (0: no limit):
+    # one PDU per dataset held a whole 200 MB object in memory.
+    fragment = min(max_pdu or LARGEST_PDU, LARGEST_PDU) - 6
 
     def pdus() -> Iterator[bytes]:
         yield from message_pdus(context_id, command, None, max_pdu)

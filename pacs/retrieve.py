@@ -147,6 +147,10 @@ def for_peer(pacs: Pacs, item: RetrieveItem, accepted: set[tuple[str, str]]) -> 
         raise TranscodeError(f"cannot decompress {item.sop_uid}: {exc}") from exc
     if target == ImplicitVRLittleEndian:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        # Decoded as Explicit VR: pynetdicom refused to send a dataset whose
+        # encoding differs from its file meta, and the instance was lost to
+        # an Implicit-only destination.
+        ds.set_original_encoding(True, True)
     return ds
 
 

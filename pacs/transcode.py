@@ -51,6 +51,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from storage import StorageError
+
 from .app import Pacs
 from .errors import PacsError
 from .retrieve import RetrieveItem, apply_overrides
@@ -696,7 +698,7 @@ def _convert_whole(pacs: Pacs, item: RetrieveItem, uid: UID) -> BinaryIO:
                         ds.file_meta.TransferSyntaxUID = uid
                     ds.save_as(out, enforce_file_format=True)
             except Exception as exc:
-                raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {uid.name}: {exc}") from exc
+                raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {uid.name}: {_one_line(exc)}") from exc
             finally:
                 del ds
     except BaseException:
@@ -704,6 +706,13 @@ def _convert_whole(pacs: Pacs, item: RetrieveItem, uid: UID) -> BinaryIO:
         raise
     out.seek(0)
     return out
+
+
+def _one_line(exc: Exception) -> str:
+    """An error for a client: the last line only (a codec's message may carry
+    a whole traceback with the server's paths)."""
+    text = str(exc).strip()
+    return text.splitlines()[-1][:300] if text else repr(exc)
 
 
 def _file_chunks(stream: BinaryIO) -> Iterator[bytes]:
@@ -737,10 +746,10 @@ def _prepare(pacs: Pacs, item: RetrieveItem, target: str) -> Iterator[bytes]:
         raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {uid.name}: {reason}")
     try:
         plan = conversion_plan(pacs, item, target)
-    except TransferSyntaxError:
-        raise
+    except (TransferSyntaxError, StorageError):
+        raise  # a store that cannot be read is "later" (503), not "never" (406)
     except Exception as exc:
-        raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {uid.name}: {exc}") from exc
+        raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {uid.name}: {_one_line(exc)}") from exc
     if plan is not None:
         return plan.part10()
     return _file_chunks(_convert_whole(pacs, item, uid))
@@ -778,6 +787,8 @@ def prepared_bytes(pacs: Pacs, item: RetrieveItem, target: str | None) -> Iterat
     body. Pixel data are streamed when the codec does not change; otherwise
     the one converted object waits in a spooled temporary file."""
     if not needs_conversion(item, target):
-        return stream_stored(pacs, item)
+        # Opened now: a store that cannot be read is a 503 before the status
+        # line, not a 200 whose body breaks off.
+        return _file_chunks(pacs.store.open(item.storage_key))
     as_stored = target in (None, "*")
     return _prepare(pacs, item, item.transfer_syntax_uid if as_stored else str(target))

@@ -675,3 +675,32 @@ def test_health_tells_a_bucket_that_refuses_writes(tmp_path: Path, s3_server: S3
         assert health.json()["storage"].startswith("error"), health.json()
     finally:
         server.stop()
+
+
+def test_retrieval_while_s3_is_down_is_503_before_any_byte(tmp_path: Path) -> None:
+    """Stored as asked (no conversion) the object was opened only once the 200
+    had gone out, and the body broke off; converted, the store's failure was
+    reported as 406 (never), where 503 says "later"."""
+    from .peers import start_s3
+
+    s3 = start_s3(tmp_path / "weed")
+    env = {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET}
+    server = PacsServer(tmp_path / "data", Backend("sqlite-s3", None, s3.url("down"), env)).start()
+    try:
+        ct = make_ct(tmp_path / "a.dcm")
+        assert scu_store_file(server, ct) == 0
+        ds = dcmread(ct, stop_before_pixels=True)
+        url = f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+        s3.stop()
+        with server.http() as http:
+            as_stored = http.get(url)
+            converted = http.get(url, headers={
+                "Accept": 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'})
+            legacy = http.get("/wado", params={"requestType": "WADO", "studyUID": ds.StudyInstanceUID,
+                                               "seriesUID": ds.SeriesInstanceUID, "objectUID": ds.SOPInstanceUID,
+                                               "contentType": "application/dicom"})
+        assert (as_stored.status_code, converted.status_code, legacy.status_code) == (503, 503, 503), (
+            as_stored.text[:200], converted.text[:200], legacy.text[:200])
+    finally:
+        server.stop()
+        s3.stop()

@@ -334,11 +334,11 @@ def test_cancel_is_honoured(tmp_path: Path) -> None:
 class StoreSCP:
     """DCMTK storescp as a move destination, bit-preserving."""
 
-    def __init__(self, out: Path, accept_all: bool) -> None:
+    def __init__(self, out: Path, accept_all: bool, flags: tuple[str, ...] = ()) -> None:
         self.out = out
         out.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
-        args = [dcmtk("storescp"), "+B", "-od", str(out), "-aet", "MOVEDEST", str(self.port)]
+        args = [dcmtk("storescp"), "+B", *flags, "-od", str(out), "-aet", "MOVEDEST", str(self.port)]
         if accept_all:
             args.insert(1, "+xa")
         self.proc = subprocess.Popen(
@@ -395,8 +395,11 @@ def test_movescu_to_storescp_byte_identical(
         assert dataset_bytes(data) == dataset_bytes(sources[uid].read_bytes()), f"{uid} changed in transit"
 
 
-def test_move_transcodes_for_uncompressed_only_destination(qr_server: PacsServer, tmp_path: Path) -> None:
-    scp = StoreSCP(tmp_path / "dest", accept_all=False)  # storescp default: uncompressed only
+@pytest.mark.parametrize("flags", [(), ("+xi",)], ids=["uncompressed", "implicit-only"])
+def test_move_transcodes_for_uncompressed_only_destination(qr_server: PacsServer, tmp_path: Path,
+                                                           flags: tuple[str, ...]) -> None:
+    # storescp default: uncompressed only; +xi: Implicit VR Little Endian only (old viewers)
+    scp = StoreSCP(tmp_path / "dest", accept_all=False, flags=flags)
     try:
         qr_server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
         time.sleep(2.2)
