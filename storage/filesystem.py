@@ -262,8 +262,9 @@ class FileStore(ObjectStore):
 
     def _holds(self, key: str, path: Path) -> bool:
         try:
+            key.encode("utf-8")  # a name that is not UTF-8 is no key (surrogates)
             return self._file_for(key) == str(path)
-        except ValueError:
+        except (ValueError, UnicodeError):
             return False
 
     def _ensure_dir(self, directory: str) -> None:
@@ -399,8 +400,10 @@ class FileStore(ObjectStore):
                     if not self._holds(key, path):
                         # A file the layout does not explain (copied in by hand,
                         # put back by fsck): listed under a name no key can
-                        # have, so that `pacs verify` names it and goes on.
-                        key = STRAY_PREFIX + str(path.relative_to(self.root))
+                        # have, so that `pacs verify` names it and goes on
+                        # (bytes of a name that are not UTF-8 shown escaped).
+                        rel = os.fsencode(path.relative_to(self.root)).decode("utf-8", "backslashreplace")
+                        key = STRAY_PREFIX + rel
                     if key.startswith(prefix):
                         try:
                             size = path.stat().st_size

@@ -441,12 +441,14 @@ def test_verify_names_stray_files_and_will_not_empty_the_index_of_an_unmounted_d
     (objects / "README.txt").write_text("copied in by hand")
     some_object = next(p for p in objects.rglob("*.dcm"))
     (some_object.parent / "copy of it.dcm").write_bytes(some_object.read_bytes())
+    (objects / os.fsdecode(b"bad\xff.dcm")).write_bytes(b"x")  # a name that is not UTF-8
     report = cli.json("verify", rc=1)
     stray = {o["key"]: o for o in report["orphans"]["items"] if not o["valid"]}
-    assert set(stray) == {"?README.txt", "?" + str((some_object.parent / "copy of it.dcm").relative_to(objects))}
+    assert set(stray) == {"?README.txt", "?" + str((some_object.parent / "copy of it.dcm").relative_to(objects)),
+                          "?bad\\xff.dcm"}
     assert all("not an object of this store" in o["detail"] for o in stray.values())
     repaired = cli.json("verify", "--repair", rc=1)
-    assert repaired["invalid_orphans"]["count"] == 2 and (objects / "README.txt").exists()
+    assert repaired["invalid_orphans"]["count"] == 3 and (objects / "README.txt").exists()
 
     # The data disk not mounted: the store is an empty folder.
     shutil.move(objects, archive / "objects-elsewhere")
