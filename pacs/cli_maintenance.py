@@ -486,7 +486,9 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         _emit(args, {"retried": retried},
               lambda: out.print(f"{len(retried)} dead message(s) queued again: {', '.join(map(str, retried)) or '-'}"))
         if args.message_id is not None and not retried:
-            err.print(f"[red]message {args.message_id} is not dead (see pacs outbox list)[/red]")
+            state = outbox.state_of(pacs.engine, args.message_id)
+            err.print(f"[red]message {args.message_id} "
+                      f"{f'is {state}, not dead' if state else 'does not exist'} (see pacs outbox list)[/red]")
             return 1
         return 0
     finally:

@@ -195,6 +195,12 @@ def release(engine: Engine, pks: list[int], retry_in: float) -> None:
         )
 
 
+def state_of(engine: Engine, pk: int) -> str | None:
+    """A message's state, or None when there is no such message."""
+    with engine.connect() as conn:
+        return conn.execute(select(outbox.c.state).where(outbox.c.pk == pk)).scalar()
+
+
 def depth(engine: Engine) -> dict[str, int]:
     """Messages per state (queue depth for stats and health)."""
     with engine.connect() as conn:

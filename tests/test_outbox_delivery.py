@@ -179,7 +179,10 @@ def test_a_dead_message_is_listed_retried_and_superseded(serving: tuple[PacsServ
     assert retried == {"retried": [parked["id"]]}
     assert wait_until(lambda: [r.answer for r in his.about("ACC001")] == ["AE"] * 3 + ["AA"], timeout=30)
     assert dead() == []
-    assert server.cli("outbox", "retry", "--id", str(parked["id"]), check=False).returncode == 1
+    again = server.cli("outbox", "retry", "--id", str(parked["id"]), check=False)
+    assert again.returncode == 1 and "not dead" in again.stderr
+    missing = server.cli("outbox", "retry", "--id", "999999", check=False)
+    assert missing.returncode == 1 and "does not exist" in missing.stderr
     audit = json.loads(server.cli("audit", "--format", "json").stdout)
     assert any(e["action"] == "outbox-retry" and str(parked["id"]) in e["detail"] for e in audit)
 

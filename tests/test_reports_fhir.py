@@ -74,6 +74,7 @@ def test_sign_stores_pdf_fhir_and_oru(reporting: PacsServer) -> None:
         report = reports["entry"][0]["resource"]
         assert report["status"] == "final" and report["imagingStudy"] == [{"reference": f"ImagingStudy/{s1}"}]
         assert report["conclusion"] == "Không thấy bất thường trên CT ngực."
+        assert report["resultsInterpreter"] == [{"display": "Đỗ Thanh Tùng"}]  # a name to read, not DICOM PN
         forms = {f["contentType"]: f for f in report["presentedForm"]}
         assert http.get(forms["application/pdf"]["url"]).content.startswith(b"%PDF")
         assert "Phổi hai bên" in base64.b64decode(forms["text/plain; charset=utf-8"]["data"]).decode()
@@ -357,6 +358,9 @@ def test_fhir_search_links_show_only_the_parameters_applied(reporting: PacsServe
         # _format is honoured, not a search parameter: accepted, not echoed.
         formatted = http.get("/fhir/ImagingStudy", params={"identifier": "ACC001", "_format": "json"}).json()
         assert _query(formatted["link"][0]["url"]) == [("identifier", "ACC001")]
+        # No hits: no "entry" at all (FHIR JSON has no empty arrays).
+        nothing = http.get("/fhir/ImagingStudy", params={"identifier": "NO-SUCH-ACCESSION"}).json()
+        assert nothing["total"] == 0 and "entry" not in nothing
 
         strict = {"Prefer": "return=representation, handling=strict"}
         refused = _outcome(http.get("/fhir/ImagingStudy", params={"patient.identifier": "CCCD|001085012345",

@@ -265,7 +265,7 @@ def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
         "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}]},
         "subject": _patient_ref(request, detail),
-        "resultsInterpreter": [{"display": current["signed_by"]}],
+        "resultsInterpreter": [{"display": " ".join((current["signed_by"] or "").replace("^", " ").split())}],
         "imagingStudy": [{"reference": f"ImagingStudy/{detail['study_uid']}"}],
         "identifier": [{"type": ACSN, "value": detail["accession"]}] if detail["accession"] else [],
         "conclusion": current["impression"],
@@ -345,14 +345,11 @@ def _bundle(request: Request, resources: list[dict[str, Any]], total: int, offse
     links = [{"relation": "self", "url": _page_url(request, applied)}]
     if offset + count < total:
         links.append({"relation": "next", "url": _page_url(request, applied, offset + count)})
-    return {
-        "resourceType": "Bundle",
-        "type": "searchset",
-        "total": total,
-        "link": links,
-        "entry": [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r, "search": {"mode": "match"}}
-                  for r in resources],
-    }
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": total, "link": links}
+    if resources:  # no empty arrays in FHIR JSON: a page without hits has no "entry"
+        bundle["entry"] = [{"fullUrl": f"{base}/{r['resourceType']}/{r['id']}", "resource": r,
+                            "search": {"mode": "match"}} for r in resources]
+    return bundle
 
 
 def _search(request: Request, principal: Principal, count: int, offset: int, *,
