@@ -122,6 +122,20 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
 
     from .running import hold_for_serving
 
+    # A stop asked for while starting (the ports already answer, uvicorn's
+    # own handlers are not in place yet) ended the process with SIGTERM's
+    # default action: workers, committer and audit not closed, exit -15.
+    # It is kept and handed to uvicorn, which then stops at once, cleanly.
+    http_server: list[uvicorn.Server] = []
+    stop_asked: list[int] = []
+
+    def ask_stop(signum: int, _frame: object) -> None:
+        stop_asked.append(signum)
+        for started in http_server:
+            started.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, ask_stop)
     # Held until the process ends: `pacs restore` refuses to swap the index meanwhile.
     serving = hold_for_serving(settings.data_dir)
     pacs = Pacs.open(settings)
@@ -174,11 +188,11 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             )
             log.info("HTTP listening on %s://%s:%d", scheme, settings.host, settings.http_port)
             # Uvicorn re-raises the signal that stopped it once it has shut
-            # down; with a no-op handler in place that lands here harmlessly
-            # and the DICOM listener and the committer are closed properly.
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: None)
-            uvicorn.Server(config).run(sockets=[http_socket])
+            # down; with ask_stop in place that lands here harmlessly and the
+            # DICOM listener and the committer are closed properly.
+            http_server.append(uvicorn.Server(config))
+            http_server[0].should_exit = bool(stop_asked)
+            http_server[0].run(sockets=[http_socket])
             log.info("stopping")
     finally:
         pacs.close()
