@@ -346,8 +346,16 @@ def dataset_bytes(data: bytes) -> bytes:
     return data[pos:]
 
 
+def ack_for(message: bytes, code: str, text: str = "") -> bytes:
+    """An HL7 ACK with MSA-1 *code* for *message* (its MSH-10 echoed)."""
+    control = message.split(b"\r")[0].split(b"|")[9]
+    return (b"MSH|^~\\&|HIS||PACS||20240101||ACK|A1|P|2.5\rMSA|" + code.encode() + b"|" + control
+            + (b"|" + text.encode() if text else b"") + b"\r")
+
+
 class MLLPRecorder:
-    """A stand-in HIS: an MLLP listener that records messages and answers AA."""
+    """A stand-in HIS: an MLLP listener that records messages and answers AA
+    (subclasses answer otherwise through :meth:`reply`)."""
 
     def __init__(self, port: int) -> None:
         import threading
@@ -379,12 +387,17 @@ class MLLPRecorder:
                             start = buffer.find(b"\x0b")
                             end = buffer.find(b"\x1c\r")
                             message, buffer = buffer[start + 1 : end], buffer[end + 2 :]
-                            self.messages.append(message)
-                            control = message.split(b"\r")[0].split(b"|")[9]
-                            ack = b"MSH|^~\\&|HIS||PACS||20240101||ACK|A1|P|2.5\rMSA|AA|" + control + b"\r"
+                            ack = self.reply(message)
+                            if ack is None:  # takes the message, hangs up without an ACK
+                                raise OSError("closed")
                             conn.sendall(b"\x0b" + ack + b"\x1c\r")
                 except OSError:
                     continue
+
+    def reply(self, message: bytes) -> bytes | None:
+        """Record *message*; the ACK to send (None: hang up instead)."""
+        self.messages.append(message)
+        return ack_for(message, "AA")
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[bytes]:
         deadline = time.monotonic() + timeout

@@ -6,8 +6,6 @@ order they were queued, without holding back those of other orders."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -18,7 +16,7 @@ import pytest
 from sqlalchemy import select, update
 
 from .conftest import Backend, PacsServer, free_port
-from .peers import wait_until
+from .peers import MLLPRecorder, ack_for, wait_until
 from .qr_corpus import study_uid, write_corpus
 
 
@@ -36,54 +34,24 @@ class Received:
         return ""
 
 
-class ScriptedHIS:
+class ScriptedHIS(MLLPRecorder):
     """A stand-in HIS over real MLLP that answers each message with what
-    ``answer(message)`` says (AA, AE, AR) and records it all, in order."""
+    ``answer(message)`` says (AA, AE, AR; CLOSE hangs up without an ACK)
+    and records it all, in order."""
 
     def __init__(self, port: int, answer: Callable[[str], str] = lambda m: "AA") -> None:
         self.answer = answer
         self.received: list[Received] = []
-        self._server = socket.create_server(("127.0.0.1", port))
-        self._server.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(port)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except (TimeoutError, OSError):
-                continue
-            with conn:
-                conn.settimeout(5)
-                buffer = b""
-                try:
-                    while not self._stop.is_set():
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        buffer += chunk
-                        while b"\x1c\r" in buffer:
-                            start, end = buffer.find(b"\x0b"), buffer.find(b"\x1c\r")
-                            message, buffer = buffer[start + 1 : end].decode(), buffer[end + 2 :]
-                            code = self.answer(message)
-                            self.received.append(Received(time.monotonic(), message, code))
-                            if code == "CLOSE":  # takes the message, hangs up without an ACK
-                                raise OSError("closed")
-                            control = message.split("\r")[0].split("|")[9]
-                            ack = f"MSH|^~\\&|HIS||PACS||20240101||ACK|A1|P|2.5\rMSA|{code}|{control}|scripted\r"
-                            conn.sendall(b"\x0b" + ack.encode() + b"\x1c\r")
-                except OSError:
-                    continue
+    def reply(self, message: bytes) -> bytes | None:
+        text = message.decode()
+        code = self.answer(text)
+        self.received.append(Received(time.monotonic(), text, code))
+        return None if code == "CLOSE" else ack_for(message, code, "scripted")
 
     def about(self, accession: str, kind: str = "ORU^R01") -> list[Received]:
         return [r for r in self.received if kind in r.message and f"|{accession}|" in r.message]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._server.close()
-        self._thread.join(5)
 
 
 @pytest.fixture
