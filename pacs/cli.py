@@ -180,8 +180,6 @@ def _progress(quiet: bool) -> Any:
 def cmd_stats(args: argparse.Namespace) -> int:
     from .maintenance import storage_report
 
-    if (refused := open_existing(args)) is not None:
-        return refused
     pacs = _open(args)
     try:
         stats = pacs.reader.stats()
@@ -731,11 +729,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that may make a new archive (set one up, fill it, rebuild its
+# index from the store, restore it); every other command reads an existing
+# one, and opening would create an empty archive where --data-dir was
+# mistyped (`pacs route list` then shows "no rules" for a busy hospital).
+MAY_CREATE = {"serve", "import", "samples", "ae add", "user add", "token create", "route add", "db", "restore",
+              "reindex", "certs"}
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    sub = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        if args.command not in MAY_CREATE and _command_name(args) not in MAY_CREATE:
+            if (refused := open_existing(args)) is not None:
+                return refused
         return func(args)
     except KeyboardInterrupt:
         return 130

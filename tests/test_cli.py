@@ -83,6 +83,7 @@ def test_settings_from_environment_and_config_file(tmp_path: Path) -> None:
     d.mkdir()
     (d / "pacs.toml").write_text('[[ae]]\ntitle = "FROM_FILE"\nhost = "127.0.0.1"\nport = 4242\n'
                                  '[[ae]]\ntitle = "SAT_TLS"\nhost = "sat.local"\nport = 2762\ntls = "yes"\n')
+    assert pacs("db", "upgrade", data_dir=d).returncode == 0  # the archive the listings read
     listed = {a["title"]: a for a in json.loads(pacs("ae", "list", "--json", data_dir=d).stdout)}
     assert set(listed) == {"FROM_FILE", "SAT_TLS"}
     assert listed["SAT_TLS"]["tls"] is True and listed["FROM_FILE"]["tls"] is False
@@ -115,7 +116,10 @@ def test_reading_commands_refuse_a_data_dir_that_holds_no_archive(tmp_path: Path
     """A mistyped --data-dir (or an unmounted disk) is an error, not a new,
     empty archive that `pacs verify` would call healthy."""
     typo = tmp_path / "dta"
-    for command in (["stats", "--json"], ["verify", "--json"], ["reindex", "--json"]):
+    for command in (["stats", "--json"], ["verify", "--json"], ["reindex", "--json"], ["ae", "list"],
+                    ["route", "list"], ["route", "rules"], ["outbox", "list"], ["audit"], ["user", "list"],
+                    ["orders", "unmatched"], ["purge", "--older-than", "10", "--yes"],
+                    ["backup", "--out", str(tmp_path / "b.sqlite")], ["export", "1.2.3", "--out", str(tmp_path / "x")]):
         result = pacs(*command, data_dir=typo)
         assert result.returncode == 1, (command, result.stdout)
         assert "no archive index" in result.stderr or "no object store" in result.stderr, result.stderr
@@ -147,6 +151,7 @@ def test_misspelt_settings_are_named(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "'index_ulr' (did you mean 'index_url'?)" in result.stderr
     (data / "pacs.toml").unlink()
+    assert pacs("db", "upgrade", data_dir=data).returncode == 0
     env = {**os.environ, "PACS_AE_TITEL": "X"}
     warned = subprocess.run([PACS, "ae", "list", "--data-dir", str(data)], capture_output=True, text=True, env=env,
                             timeout=120)
