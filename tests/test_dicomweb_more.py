@@ -343,6 +343,13 @@ def test_rendered_study_parts_are_named_and_left_out_ones_said(web: PacsServer) 
         ybr = dcmread(pydicom_file("US1_J2KI.dcm"), stop_before_pixels=True)
         single = _parts(http.get(f"/dicom-web/studies/{ybr.StudyInstanceUID}/rendered"))
         assert single[0][0]["content-location"].endswith(f"/instances/{ybr.SOPInstanceUID}/rendered")
+        # The PS3.18 Accept of a multipart rendered answer names the parts' type (it was 406).
+        typed = http.get(f"/dicom-web/studies/{MIXED_STUDY}/rendered",
+                         headers={"Accept": 'multipart/related; type="image/png"'})
+        assert typed.status_code == 200 and 'type="image/png"' in typed.headers["content-type"]
+        assert all(h["content-type"] == "image/png" for h, _ in _parts(typed))
+        assert http.get(f"/dicom-web/studies/{MIXED_STUDY}/rendered",
+                        headers={"Accept": 'multipart/related; type="application/dicom"'}).status_code == 406
 
 
 # -- 9. HEAD ----------------------------------------------------------------------------------------------

@@ -55,11 +55,15 @@ def negotiate_frames(request: Request, stored_transfer_syntax: str) -> Offer:
     return mediatypes.negotiate(effective_accept(request), offers, default=offers[0])
 
 
-def negotiate_rendered(request: Request) -> str:
-    offer = mediatypes.negotiate(
-        effective_accept(request), list(mediatypes.RENDERED_OFFERS), default=mediatypes.RENDERED_DEFAULT
-    )
-    return offer.media_type
+def negotiate_rendered(request: Request, *, multipart: bool = False) -> str:
+    """The image media type of a rendered answer. A multipart answer (a
+    series, a study, several frames) also takes its PS3.18 form of Accept,
+    ``multipart/related; type="image/jpeg"``."""
+    offers = list(mediatypes.RENDERED_OFFERS)
+    if multipart:
+        offers += [Offer(MULTIPART_RELATED, o.media_type) for o in mediatypes.RENDERED_OFFERS]
+    offer = mediatypes.negotiate(effective_accept(request), offers, default=mediatypes.RENDERED_DEFAULT)
+    return offer.part_type
 
 
 def negotiate_document(request: Request, media_type: str) -> Offer:

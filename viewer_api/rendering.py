@@ -75,10 +75,10 @@ class RenderCache:
                 self._size -= len(dropped)
 
 
-def params_from(request: Request, *, thumbnail: bool = False) -> RenderParams:
+def params_from(request: Request, *, thumbnail: bool = False, multipart: bool = False) -> RenderParams:
     """The rendered-resource parameters of PS3.18 8.3.5.1 (annotation ignored)."""
     query = request.query_params
-    media_type = negotiation.negotiate_rendered(request)
+    media_type = negotiation.negotiate_rendered(request, multipart=multipart)
     try:
         window = parse_window(query["window"]) if "window" in query else None
         # PS3.18: a thumbnail's viewport is only "vw,vh" (no source region).
@@ -124,7 +124,7 @@ def rendered_multipart(request: Request, targets: list[tuple[RetrieveItem, int]]
     ``Warning: 299`` header counts and names the instances left out. If
     nothing can be rendered, the first error is the answer's status. The
     encoded images wait in a temporary file beyond a few MB, not in memory."""
-    params = params_from(request)
+    params = params_from(request, multipart=True)
     boundary = new_boundary()
     if not targets:
         raise HTTPProblem(404, "nothing to render")
