@@ -25,6 +25,7 @@ from .errors import PacsError
 from .header import valid_uid
 from .index.db import write_transaction
 from .index.models import (
+    PATIENT_HAS_ID,
     Correction,
     Order,
     OutboundMessage,
@@ -242,6 +243,7 @@ class OrderService:
                 {"patient_id": p.patient_id, "issuer": p.issuer, "created_at": now, "updated_at": now,
                  **_patient_columns(blank), **_patient_columns(p)},
                 ["patient_id", "issuer"],
+                where=PATIENT_HAS_ID,
             )
             if pk is None:  # created meanwhile by another writer
                 pk = conn.execute(

@@ -88,7 +88,8 @@ def corrected_values(conn: Any, study_pks: set[int]) -> dict[int, tuple[tuple[st
         return {}
     rows = conn.execute(
         select(corrections.c.study_pk, corrections.c.keyword, patients.c.name, patients.c.patient_id,
-               patients.c.issuer, patients.c.birth_date, patients.c.sex, studies.c.accession_number)
+               patients.c.issuer, patients.c.birth_date, patients.c.sex, studies.c.accession_number,
+               studies.c.study_uid)
         .join(studies, studies.c.pk == corrections.c.study_pk)
         .join(patients, patients.c.pk == studies.c.patient_pk)
         .where(corrections.c.study_pk.in_(study_pks))
@@ -97,6 +98,8 @@ def corrected_values(conn: Any, study_pks: set[int]) -> dict[int, tuple[tuple[st
     for row in rows:
         if row.keyword == "AccessionNumber":
             value = row.accession_number
+        elif row.keyword == "StudyInstanceUID":
+            value = row.study_uid
         else:
             value = getattr(row, PATIENT_COLUMNS[row.keyword])
         result.setdefault(row.study_pk, {})[row.keyword] = value

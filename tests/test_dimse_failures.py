@@ -527,6 +527,46 @@ def test_instance_naming_another_patient_is_filed_with_its_study_and_flagged(fs_
     assert "ABORT001" not in log and "Other^Person" not in log  # no patient data in the log
 
 
+
+def test_instance_naming_another_study_than_its_series_is_filed_with_its_series(fs_server: PacsServer,
+                                                                               tmp_path: Path) -> None:
+    """A Series Instance UID is unique: an instance of a known series that
+    names another study (a series copied into an edited study, a UID bug) is
+    stored with its series, not refused with "index unavailable" (A703, the
+    server's cached series key met a study it had never seen: the fuzz run
+    caught it) and not filed under a new empty study; retrieval gives it the
+    study it is filed in. Both through the receiving server (series key
+    cached) and through `pacs import` (not cached)."""
+    study, series, other = generate_uid(), generate_uid(), generate_uid()
+    first = make_ct(tmp_path / "first.dcm", StudyInstanceUID=study, SeriesInstanceUID=series,
+                    PatientID="079000111333", PatientName="VO^THI HOA")
+    assert scu_store_file(fs_server, first) == 0x0000
+    moved = make_ct(tmp_path / "moved.dcm", StudyInstanceUID=other, SeriesInstanceUID=series,
+                    PatientID="079000111333", PatientName="VO^THI HOA")
+    assert scu_store_file(fs_server, moved) == 0x0000
+    (tmp_path / "imp").mkdir()
+    imported = make_ct(tmp_path / "imp" / "imported.dcm", StudyInstanceUID=generate_uid(),
+                       SeriesInstanceUID=series, PatientID="OTHER9", PatientName="KHAC^AI")
+    fs_server.cli("import", str(tmp_path / "imp"))
+    stats = fs_server.stats()
+    assert (stats["patients"], stats["studies"], stats["series"], stats["instances"]) == (1, 1, 1, 3)
+    with fs_server.http() as http:
+        missed = http.get("/dicom-web/studies", params={"StudyInstanceUID": other})
+        assert missed.status_code in (200, 204) and (not missed.content or missed.json() == [])
+        metadata = http.get(f"/dicom-web/studies/{study}/metadata").json()
+        rows = http.get(f"/api/studies/{study}/corrections").json()
+        sop = str(dcmread(imported, stop_before_pixels=True).SOPInstanceUID)
+        part = http.get(f"/dicom-web/studies/{study}/series/{series}/instances/{sop}",
+                        headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
+    assert part.status_code == 200
+    assert {m["0020000D"]["Value"][0] for m in metadata} == {study}
+    assert {m["00100020"]["Value"][0] for m in metadata} == {"079000111333"}
+    assert ("StudyInstanceUID", other, study) in {(c["keyword"], c["received"], c["corrected"]) for c in rows}
+    body = part.content
+    assert study.encode() in body and b"OTHER9" not in body  # the corrected header is what leaves
+    assert "filed with its series" in fs_server.log_text()
+
+
 class _TcpProxy:
     """A TCP relay to PostgreSQL that can be cut (a database outage) and restored."""
 

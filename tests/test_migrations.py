@@ -121,3 +121,61 @@ def test_kept_lookup_connection_sees_later_commits(tmp_path: Path) -> None:
     finally:
         reader.close()
         engine.dispose()
+
+
+def _upgrade_across_0013(engine: Engine) -> None:
+    """An index at 0012 holding a patient with identifiers, studies, an order;
+    upgraded to head: nothing lost (the SQLite rebuild of `patients` runs with
+    foreign keys off, else dropping the old table would delete every
+    identifier), and the unique key now spares patients without an ID."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import func, select
+    from sqlalchemy.exc import IntegrityError
+
+    from pacs.index.models import Patient, PatientIdentifier, Study
+
+    upgrade_schema(engine, "0012")
+    now = datetime.now(UTC)
+    patients, identifiers, studies = Patient.__table__, PatientIdentifier.__table__, Study.__table__
+    blank = {"issuer": "", "name": "", "name_folded": "", "name_words": "", "birth_date": "", "sex": "",
+             "created_at": now, "updated_at": now}
+    with engine.begin() as conn:
+        pk = conn.execute(patients.insert().values(patient_id="001085012345", **blank)).inserted_primary_key[0]
+        conn.execute(identifiers.insert().values(patient_pk=pk, value="DN4797912345678", issuer="BHYT", id_type="HC"))
+        conn.execute(studies.insert().values(
+            patient_pk=pk, study_uid="1.2.3.4", study_date="", study_time="", accession_number="A1", study_id="",
+            referring_physician="", referring_physician_folded="", description="", institution="", modalities="",
+            num_series=0, num_instances=0, size_bytes=0, created_at=now, updated_at=now))
+    upgrade_schema(engine)
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(identifiers)).scalar() == 1
+        assert conn.execute(select(studies.c.patient_pk)).scalar() == pk
+    with engine.begin() as conn:
+        conn.execute(patients.insert().values(patient_id="", **blank))
+        conn.execute(patients.insert().values(patient_id="", **blank))  # two people without an ID
+    try:
+        with engine.begin() as conn:
+            conn.execute(patients.insert().values(patient_id="001085012345", **blank))
+        raise AssertionError("a second patient with the same ID and issuer was accepted")
+    except IntegrityError:
+        pass
+    if engine.dialect.name == "sqlite":
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # back on for the pool
+
+
+def test_upgrade_across_0013_keeps_everything_sqlite(tmp_path: Path) -> None:
+    engine = create_index_engine(f"sqlite:///{tmp_path}/index.sqlite")
+    try:
+        _upgrade_across_0013(engine)
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_across_0013_keeps_everything_postgresql(pg_url: str) -> None:
+    engine = create_index_engine(pg_url)
+    try:
+        _upgrade_across_0013(engine)
+    finally:
+        engine.dispose()

@@ -52,3 +52,23 @@ def test_an_instance_after_a_purge_is_not_filed_in_another_study(ris: PacsServer
     with ris.http() as http:
         counts = http.get("/dicom-web/studies", params={"StudyInstanceUID": newer}).json()[0]
         assert counts["00201208"]["Value"] == [1]  # NumberOfStudyRelatedInstances
+
+
+def test_people_sent_without_a_patient_id_are_not_one_patient(ris: PacsServer, tmp_path: Path) -> None:
+    """Two unidentified emergency patients, both sent with an empty Patient
+    ID: two patients, each study listed under its own name (the second was
+    listed under the first one's name). More objects of a study, through the
+    server or `pacs import` (no cached keys), make no further patient."""
+    series = "1.2.826.0.1.3680043.8.498.7300.1"
+    first = _store(ris, make_ct(tmp_path / "a1.dcm", PatientID="", PatientName="CAP CUU^NAM 1",
+                                SeriesInstanceUID=series))
+    _store(ris, make_ct(tmp_path / "a2.dcm", PatientID="", PatientName="CAP CUU^NAM 1",
+                        StudyInstanceUID=first, SeriesInstanceUID=series))
+    second = _store(ris, make_ct(tmp_path / "b1.dcm", PatientID="", PatientName="CAP CUU^NU 2"))
+    (tmp_path / "imp").mkdir()
+    make_ct(tmp_path / "imp" / "a3.dcm", PatientID="", PatientName="CAP CUU^NAM 1", StudyInstanceUID=first)
+    ris.cli("import", str(tmp_path / "imp"))
+    assert _cfind_names(ris, StudyInstanceUID=first) == [("CAP CUU^NAM 1", "", first)]
+    assert _cfind_names(ris, StudyInstanceUID=second) == [("CAP CUU^NU 2", "", second)]
+    stats = ris.stats()
+    assert (stats["patients"], stats["studies"], stats["series"], stats["instances"]) == (2, 2, 3, 4)

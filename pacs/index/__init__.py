@@ -33,10 +33,20 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> None:
             conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
             conn.commit()
         cfg.attributes["connection"] = conn
+        if is_sqlite(engine):
+            # A migration that rebuilds a table (SQLite cannot alter a
+            # constraint) must run with foreign keys off, or dropping the old
+            # table deletes or refuses what refers to it. Only outside a
+            # transaction does the pragma take effect: on the driver's own
+            # connection, before SQLAlchemy begins one.
+            conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
         try:
             command.upgrade(cfg, revision)
         finally:
-            if not is_sqlite(engine):
+            if is_sqlite(engine):
+                conn.rollback()
+                conn.connection.driver_connection.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
+            else:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
                 conn.commit()
 

@@ -19,17 +19,21 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
     UniqueConstraint,
     false,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
 PK = BigInteger().with_variant(Integer(), "sqlite")
 UID = String(64)
+# The rows the patients' unique key covers (see Patient).
+PATIENT_HAS_ID = "patient_id <> ''"
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -44,10 +48,14 @@ class Base(DeclarativeBase):
 
 
 class Patient(Base):
-    """A patient as (Patient ID, Issuer of Patient ID)."""
+    """A patient as (Patient ID, Issuer of Patient ID). Patients without an
+    ID are not one patient: the key covers those with an ID (migration 0013)."""
 
     __tablename__ = "patients"
-    __table_args__ = (UniqueConstraint("patient_id", "issuer"),)
+    __table_args__ = (
+        Index("uq_patients_patient_id_issuer", "patient_id", "issuer", unique=True,
+              sqlite_where=text(PATIENT_HAS_ID), postgresql_where=text(PATIENT_HAS_ID)),
+    )
 
     pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
     patient_id: Mapped[str] = mapped_column(String, default="")

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, Table, select, update
 from ..header import InstanceHeader
 from ..names import fold_name
 from ..routing import create_jobs  # no cycle: pacs.routing imports only writer_helpers from here
-from .models import Correction, Instance, Patient, PatientIdentifier, Series, Study
+from .models import PATIENT_HAS_ID, Correction, Instance, Patient, PatientIdentifier, Series, Study
 from .reconcile import PATIENT_COLUMNS, find_order, record_reconciliation
 from .writer_helpers import insert_ignore, insert_under_parent
 
@@ -32,7 +32,7 @@ series_t: Table = Series.__table__  # type: ignore[assignment]
 instances: Table = Instance.__table__  # type: ignore[assignment]
 corrections: Table = Correction.__table__  # type: ignore[assignment]
 log = logging.getLogger(__name__)
-# Seconds a study's patient is trusted from the cache (see _study_patient).
+# Seconds a series' study and patient are trusted from the cache (see _series_study).
 STUDY_PATIENT_TTL = 10.0
 
 
@@ -107,17 +107,19 @@ class IndexWriter:
         self._patients = _Lru(cache_size)
         self._studies = _Lru(cache_size)
         self._series = _Lru(cache_size)
-        # Study UID -> (when read, (study pk, its patient's attributes)), for _check_patient.
-        self._study_patients = _Lru(cache_size)
+        # (series pk, UID) -> (when read, (study pk, its UID and patient's attributes)), for _check_patient.
+        self._series_studies = _Lru(cache_size)
 
     def clear_cache(self) -> None:
         self._patients.clear()
         self._studies.clear()
         self._series.clear()
-        self._study_patients.clear()
+        self._series_studies.clear()
 
     # -- parents ----------------------------------------------------------
     def _patient_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
+        if not h.patient_id:
+            return self._new_patient_without_id(conn, h, now)
         key = (h.patient_id, h.issuer)
         pk = self._patients.get(key)
         if pk is not None:
@@ -150,6 +152,7 @@ class IndexWriter:
                 "updated_at": now,
             },
             ["patient_id", "issuer"],
+            where=PATIENT_HAS_ID,
         )
         if pk is None:
             row = conn.execute(
@@ -182,12 +185,31 @@ class IndexWriter:
         self._patients.put(key, pk)
         return pk
 
+    def _new_patient_without_id(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
+        """A patient of its own for a new study received without a Patient
+        ID: such objects of different people are not one patient."""
+        pk = conn.execute(patients.insert().values(
+            patient_id="", issuer=h.issuer, name=h.patient_name, name_folded=h.patient_name_folded,
+            name_words=h.patient_name_words, birth_date=h.birth_date, sex=h.sex, created_at=now, updated_at=now,
+        ).returning(patients.c.pk)).scalar_one()
+        for other in h.other_ids:
+            insert_ignore(conn, identifiers,
+                          {"patient_pk": pk, "value": other.value, "issuer": other.issuer, "id_type": other.id_type},
+                          ["patient_pk", "value", "issuer"])
+        return int(pk)
+
     def _study_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
         pk = self._studies.get(h.study_uid)
         if pk is not None:
             if conn.execute(select(studies.c.study_uid).where(studies.c.pk == pk)).scalar() == h.study_uid:
                 return pk
             del self._studies[h.study_uid]
+        if not h.patient_id:
+            # Its patient is made with the study: a study already there keeps its own.
+            pk = conn.execute(select(studies.c.pk).where(studies.c.study_uid == h.study_uid)).scalar()
+            if pk is not None:
+                self._studies.put(h.study_uid, pk)
+                return int(pk)
         # A study the HIS ordered is filed under the HIS patient: the
         # modality's (possibly mistyped) patient is never created.
         order = find_order(conn, h.study_uid, h.accession_number)
@@ -217,6 +239,9 @@ class IndexWriter:
         )
         if pk is None:
             pk = conn.execute(select(studies.c.pk).where(studies.c.study_uid == h.study_uid)).scalar_one()
+            if order is None and not h.patient_id:
+                # Another writer made the study meanwhile, with its own patient.
+                conn.execute(patients.delete().where(patients.c.pk == patient_pk))
         elif order is not None:
             received = _received_patient(h)
             matched_by = "study uid" if order.study_uid == h.study_uid else "accession number"
@@ -228,6 +253,13 @@ class IndexWriter:
         pk = self._series.get(h.series_uid)
         if pk is not None:
             return pk  # checked by the instance's insert itself (see add)
+        pk = conn.execute(select(series_t.c.pk).where(series_t.c.series_uid == h.series_uid)).scalar()
+        if pk is not None:
+            # Known series: filed where it is, even when this instance names
+            # another study (see _check_study); no study or patient row is
+            # made for what it names.
+            self._series.put(h.series_uid, pk)
+            return int(pk)
         study_pk = self._study_pk(conn, h, now)
         pk = insert_ignore(
             conn,
@@ -301,9 +333,14 @@ class IndexWriter:
         }
 
     # -- one study, one patient ---------------------------------------------
-    def _study_patient(self, conn: Connection, study_uid: str) -> tuple[int, dict[str, str]]:
-        """(study pk, the patient attributes the study is filed under)."""
-        cached = self._study_patients.get(study_uid)
+    def _series_study(self, conn: Connection, series_pk: int, series_uid: str) -> tuple[int, dict[str, str]]:
+        """(study pk, the study's UID and the patient attributes it is filed
+        under, by DICOM keyword) of the series just inserted into."""
+        # Keyed by pk *and* UID: the instance's INSERT has just checked that
+        # this pk names this series, so a key SQLite gave to another series
+        # after a purge cannot match a stale entry.
+        cache_key = (series_pk, series_uid)
+        cached = self._series_studies.get(cache_key)
         now = time.monotonic()
         # Short-lived: an HIS merge or ID change (another connection) moves
         # the study to another patient, and a stale entry would call the
@@ -311,39 +348,57 @@ class IndexWriter:
         if cached is not None and now - cached[0] < STUDY_PATIENT_TTL:
             return cached[1]
         row = conn.execute(
-            select(studies.c.pk, *(patients.c[column] for column in PATIENT_COLUMNS.values()))
+            select(studies.c.pk, studies.c.study_uid, *(patients.c[column] for column in PATIENT_COLUMNS.values()))
+            .select_from(series_t)
+            .join(studies, studies.c.pk == series_t.c.study_pk)
             .join(patients, patients.c.pk == studies.c.patient_pk)
-            .where(studies.c.study_uid == study_uid)
+            .where(series_t.c.pk == series_pk)
         ).one()
-        found = (int(row.pk), {k: getattr(row, c) or "" for k, c in PATIENT_COLUMNS.items()})
-        self._study_patients.put(study_uid, (now, found))
+        attributes = {k: getattr(row, c) or "" for k, c in PATIENT_COLUMNS.items()}
+        attributes["StudyInstanceUID"] = row.study_uid
+        found = (int(row.pk), attributes)
+        self._series_studies.put(cache_key, (now, found))
         return found
 
-    def _check_patient(self, conn: Connection, rec: IndexRecord) -> None:
+    def _check_patient(self, conn: Connection, rec: IndexRecord, series_pk: int) -> None:
         """An instance whose patient is not its study's (another Patient ID, or
         issuer) is filed with the study, as the first received instance decided,
         and the differing attributes are recorded as corrections: retrieval
         then gives every instance of the study one patient, and the operator
-        sees it (a warning, `GET /api/studies/{uid}/corrections`)."""
+        sees it (a warning, `GET /api/studies/{uid}/corrections`). Likewise
+        an instance of a known series naming another study is filed with its
+        series, and its Study Instance UID is corrected."""
         h = rec.header
-        study_pk, patient = self._study_patient(conn, h.study_uid)
-        if h.patient_id == patient["PatientID"] and (not h.issuer or h.issuer == patient["IssuerOfPatientID"]):
+        study_pk, filed = self._series_study(conn, series_pk, h.series_uid)
+        same_study = h.study_uid == filed["StudyInstanceUID"]
+        if same_study and h.patient_id == filed["PatientID"] and (not h.issuer or h.issuer == filed["IssuerOfPatientID"]):
             return
         received = _received_patient(h)
+        reason = f"instance {h.sop_uid} received with another patient than its study's"
+        if not same_study:
+            # The series is already filed in another study (a series copied
+            # into an edited study, a modality's UID bug): the instance joins
+            # its series, and retrieval gives it the study it is filed in.
+            received["StudyInstanceUID"] = h.study_uid
+            reason = f"instance {h.sop_uid} received naming another study than its series'"
         recorded = set(conn.execute(
             select(corrections.c.keyword).where(corrections.c.study_pk == study_pk)).scalars())
         rows = [
-            {"study_pk": study_pk, "keyword": k, "received": v or "", "corrected": patient[k],
-             "reason": f"instance {h.sop_uid} received with another patient than its study's",
-             "created_at": rec.received_at}
+            {"study_pk": study_pk, "keyword": k, "received": v or "", "corrected": filed[k],
+             "reason": reason, "created_at": rec.received_at}
             for k, v in received.items()
-            if (v or "") != patient[k] and k not in recorded and not (k == "IssuerOfPatientID" and not v)
+            if (v or "") != filed[k] and k not in recorded and not (k == "IssuerOfPatientID" and not v)
         ]
         if rows:
             conn.execute(corrections.insert(), rows)
-            log.warning("instance %s of study %s names another patient than the study's; filed with the "
-                        "study, %s recorded as corrections", h.sop_uid, h.study_uid,
-                        ", ".join(r["keyword"] for r in rows))
+            keywords = ", ".join(r["keyword"] for r in rows)
+            if same_study:
+                log.warning("instance %s of study %s names another patient than the study's; filed with the "
+                            "study, %s recorded as corrections", h.sop_uid, h.study_uid, keywords)
+            else:
+                log.warning("instance %s of series %s names study %s, but the series is filed in study %s; "
+                            "filed with its series, %s recorded as corrections", h.sop_uid, h.series_uid,
+                            h.study_uid, filed["StudyInstanceUID"], keywords)
 
     def add(self, conn: Connection, rec: IndexRecord) -> AddResult:
         """Index one record inside the caller's transaction.
@@ -372,7 +427,7 @@ class IndexWriter:
             values = self._instance_values(rec, self._series_pk(conn, rec.header, rec.received_at))
             pk = insert_ignore(conn, instances, values, ["sop_uid"])
         if pk is not None:
-            self._check_patient(conn, rec)
+            self._check_patient(conn, rec, int(values["series_pk"]))
             if rec.routes:
                 create_jobs(conn, rec.routes, rec.header.sop_uid, rec.header.study_uid, rec.received_at)
             return AddResult(Outcome.INSERTED, pk)

@@ -5,24 +5,28 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Any
 
-from sqlalchemy import Connection, Table, bindparam, select
+from sqlalchemy import Connection, Table, bindparam, select, text
 from sqlalchemy.dialects import postgresql, sqlite
 
 
 @lru_cache(maxsize=64)
-def _insert_ignore_stmt(dialect_name: str, table: Table, keys: tuple[str, ...]) -> Any:
+def _insert_ignore_stmt(dialect_name: str, table: Table, keys: tuple[str, ...], where: str | None) -> Any:
     dialect = postgresql if dialect_name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing(index_elements=list(keys)).returning(next(iter(table.primary_key.columns)))
+    return dialect.insert(table).on_conflict_do_nothing(
+        index_elements=list(keys), index_where=text(where) if where else None,
+    ).returning(next(iter(table.primary_key.columns)))
 
 
-def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], keys: list[str]) -> Any:
+def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], keys: list[str],
+                  where: str | None = None) -> Any:
     """INSERT ... ON CONFLICT (keys) DO NOTHING RETURNING the primary key;
-    None if the row existed.
+    None if the row existed. *where* names the rows a partial unique index
+    on *keys* covers (the databases infer the index from it).
 
     The statement is built once per table and executed with parameters, so
     SQLAlchemy's compiled cache is hit on the ingest hot path.
     """
-    stmt = _insert_ignore_stmt(conn.dialect.name, table, tuple(keys))
+    stmt = _insert_ignore_stmt(conn.dialect.name, table, tuple(keys), where)
     return conn.execute(stmt, values).scalar()
 
 
