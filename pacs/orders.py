@@ -20,6 +20,7 @@ from typing import Any
 
 from pydicom.uid import generate_uid
 from sqlalchemy import Connection, and_, delete, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from .errors import PacsError
 from .header import valid_uid
@@ -57,6 +58,8 @@ reports_t = Report.__table__
 # How long an applied message is remembered to recognise its resend: HIS
 # engines retry for minutes or hours, never for weeks.
 KEEP_RECEIVED = timedelta(days=30)
+# Transactions of one inbound message before a lost race is reported (see apply_message).
+RACE_ATTEMPTS = 3
 
 STATUSES = ("SCHEDULED", "IN PROGRESS", "COMPLETED", "DISCONTINUED", "CANCELLED")
 
@@ -373,7 +376,37 @@ class OrderService:
         same transaction. False (and nothing applied) when a message with the
         same sender and control ID was applied before: the sender resends
         when our acknowledgement was lost, and must not get an error
-        ("order already exists") for what it already did."""
+        ("order already exists") for what it already did.
+
+        On PostgreSQL two messages about one patient or order (or one
+        message sent twice at once over two connections) can both find
+        nothing and both insert: the loser's transaction is refused by a
+        unique key, and replayed, when it sees what the winner did."""
+        for attempt in range(RACE_ATTEMPTS):
+            try:
+                return self._apply_message_once(actions, receipt, source)
+            except IntegrityError:
+                if attempt == RACE_ATTEMPTS - 1:
+                    raise
+                log.info("message %s raced another writer; applied again", receipt.control_id)
+            except OrderError:
+                # "Order already exists" because the same message, sent twice
+                # at once, was applied by the other connection meanwhile.
+                with self.engine.connect() as conn:
+                    if self._already_applied(conn, receipt):
+                        return False
+                raise
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _already_applied(conn: Connection, receipt: Receipt) -> Any:
+        """The receipt row of this sender's control ID, or None; False when
+        that row records another message (the control ID was reused)."""
+        seen = conn.execute(select(received_t.c.pk, received_t.c.kind).where(
+            received_t.c.sender == receipt.sender, received_t.c.control_id == receipt.control_id)).first()
+        return seen if seen is None or _same_message(seen.kind, receipt) else False
+
+    def _apply_message_once(self, actions: list[tuple[str, Any]], receipt: Receipt, source: str) -> bool:
         with write_transaction(self.engine) as conn:
             seen = conn.execute(select(received_t.c.pk, received_t.c.kind).where(
                 received_t.c.sender == receipt.sender, received_t.c.control_id == receipt.control_id)).first()

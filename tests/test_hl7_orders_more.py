@@ -417,3 +417,21 @@ def test_an_oversized_message_is_ae_not_a_request_to_resend(server: PacsServer) 
     huge = orm("BIG1", "HBG001").replace("\n", "\r") + "\rNTE|1||" + "x" * (1024 * 1024 + 10)
     ack = send_raw(server, huge.encode()).decode()
     assert msa(ack)[0] == "AE"
+
+
+# -- one message over several connections at once (a HIS engine with parallel senders) ----------
+def test_messages_racing_for_one_patient_and_order_are_all_accepted(server: PacsServer) -> None:
+    """Eight connections send the same new order (a resend while the first
+    is in flight) and eight others new orders of one new patient, all at
+    once. On PostgreSQL the writers that lost a unique-key race answered AR
+    (the HIS resent them or raised an alarm); every ACK is now AA, applied
+    once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    same = orm("RACE1", "HRACE000", pid="BN709000")
+    others = [orm(f"RACE{n + 2}", f"HRACE{n + 1:03d}", pid="BN709001") for n in range(8)]
+    with ThreadPoolExecutor(16) as pool:
+        acks = list(pool.map(lambda m: fields(send(server, m), "MSA"), [same] * 8 + others))
+    assert [a[1] for a in acks] == ["AA"] * 16, [a[1:4] for a in acks if a[1] != "AA"]
+    assert sum("already applied" in a[3] for a in acks[:8]) == 7
+    assert all(order(server, f"HRACE{n:03d}")["status"] == "SCHEDULED" for n in range(9))
