@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from pydicom import dcmread
@@ -124,6 +124,10 @@ class Forwarder:
         # for the 5-minute lease.
         self._unsettled: deque[Callable[[], object]] = deque()
         self._outage_logged = 0.0
+        # Associations being sent on: aborted by stop(), so that a frozen
+        # satellite link does not hold the server's shutdown for the network
+        # timeout (a minute: the port stayed taken, systemd or Docker killed it).
+        self._sending: set[Any] = set()
 
     def start(self) -> Forwarder:
         released = routing.release_node(self.pacs.engine, self.node)
@@ -134,6 +138,13 @@ class Forwarder:
 
     def stop(self) -> None:
         self._stop.set()
+        with self._lock:
+            sending = list(self._sending)
+        for assoc in sending:
+            assoc.abort(block=False)
+            # The sending thread waits for the C-STORE response on this queue
+            # (for dimse_timeout): wake it now.
+            assoc.dimse.msg_queue.put((None, None))
         self._thread.join(30)
         self._pool.shutdown(wait=True)
         routing.release_node(self.pacs.engine, self.node)
@@ -316,11 +327,14 @@ class Forwarder:
                 self._fail(destination, job, str(exc))
             return
         renewed = time.monotonic()
+        with self._lock:
+            self._sending.add(assoc)
         try:
             for index, (job, item, ds) in enumerate(prepared):
-                if self._unsettled:
-                    # The index went down: what was sent is kept to record,
-                    # the rest goes back to the queue instead of being held.
+                if self._unsettled or self._stop.is_set():
+                    # The index went down (or the server stops): what was sent
+                    # is kept to record, the rest goes back to the queue
+                    # instead of being held.
                     self._give_back([j for j, _, _ in prepared[index:]])
                     break
                 if time.monotonic() - renewed > RENEW_EVERY:
@@ -343,10 +357,17 @@ class Forwarder:
                     error = f"status 0x{code:04X}" if code is not None else "no response"
                 if code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF):
                     self._finish(job)
+                elif self._stop.is_set():  # aborted by stop(): not the destination's failure
+                    self._give_back([j for j, _, _ in prepared[index:]])
+                    break
                 else:
                     self._fail(destination, job, f"C-STORE to {title}: {error}")
         finally:
-            if assoc.is_established:
+            with self._lock:
+                self._sending.discard(assoc)
+            if self._stop.is_set():
+                assoc.abort(block=False)  # a release would wait for a frozen peer's answer
+            elif assoc.is_established:
                 assoc.release()
 
     # -- STOW-RS -----------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from storage import ObjectExists, ObjectStore, StorageError, StorageFullError
 
@@ -231,7 +232,7 @@ class Ingestor:
             # at all. Two nodes racing on one instance both upload either way.
             existing = self._indexed_key(header.sop_uid, key)
             if existing is not None:
-                return _duplicate(header, existing, source.size)
+                return self._duplicate(header, existing, source.size, origin, key)
         try:
             staged = self.store.stage(source.open(), source.size)
             try:
@@ -246,7 +247,7 @@ class Ingestor:
                     raise
                 if existing is not None:
                     staged.abort()
-                    return _duplicate(header, existing, source.size)
+                    return self._duplicate(header, existing, source.size, origin, key)
                 # An unindexed object under our key is an orphan of a crash:
                 # the copy being acknowledged now takes its place.
                 info = staged.commit(key, replace=True)
@@ -257,17 +258,7 @@ class Ingestor:
             log.error("storage write failed: %s", exc)
             raise IngestError(Status.STORAGE_FAILED, f"storage unavailable: {exc}") from exc
 
-        try:
-            routes = (
-                self.routes.plan(header.full_dataset, origin.calling_ae, header.sop_class_uid, header.modality)
-                if self.routes is not None
-                else []
-            )
-        except Exception as exc:
-            # The rules are read from the index: its outage is "try again later"
-            # (A703), not the 0xC000 "cannot understand" a modality gives up on.
-            log.error("routing rules unavailable for %s: %s", key, exc)
-            raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
+        routes = self._plan_routes(header, origin, key)
         record = IndexRecord(
             header=header,
             size=info.size,
@@ -310,6 +301,34 @@ class Ingestor:
             except Exception:
                 log.exception("ingest listener failed")
         return result
+
+
+    def _plan_routes(self, header: InstanceHeader, origin: Origin, key: str) -> list[Any]:
+        try:
+            return (
+                self.routes.plan(header.full_dataset, origin.calling_ae, header.sop_class_uid, header.modality)
+                if self.routes is not None
+                else []
+            )
+        except Exception as exc:
+            # The rules are read from the index: its outage is "try again later"
+            # (A703), not the 0xC000 "cannot understand" a modality gives up on.
+            log.error("routing rules unavailable for %s: %s", key, exc)
+            raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
+
+    def _duplicate(self, header: InstanceHeader, existing: str, size: int, origin: Origin, key: str) -> IngestResult:
+        """A resend of a kept instance is routed as this sender's objects are:
+        a satellite resending a study that partly arrived by another path
+        must reach the rule's destination whole (a job already made for the
+        rule and instance is not made twice)."""
+        routes = self._plan_routes(header, origin, key)
+        if routes:
+            try:
+                self.committer.add_jobs(routes, header.sop_uid, header.study_uid)
+            except Exception as exc:
+                log.error("routing jobs of a resent instance not recorded (%s): %s", key, exc)
+                raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
+        return _duplicate(header, existing, size)
 
 
 def _settled(kept: str, ours: str, indexed: str) -> str:

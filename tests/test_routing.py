@@ -325,3 +325,66 @@ def test_a_database_outage_mid_batch_neither_resends_nor_holds_the_rest(tmp_path
         scp.shutdown()
         proxy.down()
     assert max(received.values()) == 1, received
+
+
+def test_a_resent_instance_is_routed_as_its_sender_s_objects_are(tmp_path: Path) -> None:
+    """A satellite resends a study that partly arrived by another path (no
+    rule for it): the resent duplicates were acknowledged and never routed,
+    so the destination had the study incomplete. Routed once, not twice."""
+    receiver = Receiver(tmp_path / "reading").start()
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}))
+    server.cli("ae", "add", "READING", "--host", "127.0.0.1", "--port", str(receiver.port))
+    server.cli("route", "add", "from-satellite", "--if", "CallingAE=SATELLITE", "--to-ae", "READING")
+    server.start()
+    try:
+        study = "1.2.826.0.1.3680043.9.7136.55"
+        paths = [make_ct(tmp_path / f"s{i}.dcm", StudyInstanceUID=study) for i in range(3)]
+        assert server.storescu(str(paths[0]), calling="MODALITY").returncode == 0  # the other path
+        for path in paths:
+            assert server.storescu(str(path), calling="SATELLITE").returncode == 0
+        assert receiver.wait_for(3) == 3
+        assert server.storescu(str(paths[0]), calling="SATELLITE").returncode == 0  # once more
+        assert receiver.wait_for(4, timeout=5) == 3, "a routed instance was sent again"
+        assert len(receiver.files()) == 3
+    finally:
+        server.stop()
+        receiver.stop()
+
+
+def test_stop_is_not_held_by_a_frozen_destination(tmp_path: Path) -> None:
+    """A satellite that stops answering in the middle of a C-STORE (a frozen
+    link) held `pacs serve`'s shutdown for the network timeout: the port
+    stayed taken and systemd or Docker killed the process. The send is now
+    aborted and its job goes back to the queue, untried."""
+    import threading
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import CTImageStorage
+
+    frozen, release = threading.Event(), threading.Event()
+
+    def hang(event):  # type: ignore[no-untyped-def]
+        frozen.set()
+        release.wait(120)
+        return 0x0000
+
+    scp = AE(ae_title="FROZEN")
+    scp.add_supported_context(CTImageStorage, "1.2.840.10008.1.2.1")
+    port = free_port()
+    listener = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, hang)])
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_DICOM_TIMEOUT": "600"})
+    server.cli("ae", "add", "FROZEN", "--host", "127.0.0.1", "--port", str(port))
+    server.cli("route", "add", "to-frozen", "--if", "Modality=CT", "--to-ae", "FROZEN")
+    server.start()
+    try:
+        assert server.storescu(str(make_ct(tmp_path / "x.dcm"))).returncode == 0
+        assert frozen.wait(60), "the routed C-STORE never reached the destination"
+        server.stop()
+        assert server.proc is not None and server.proc.returncode == 0, "stopped only by SIGKILL"
+        assert _jobs(server)["counts"] == {"pending": 1}
+        assert _jobs(server)["jobs"][0]["attempts"] == 0
+    finally:
+        release.set()
+        server.stop()
+        listener.shutdown()

@@ -17,10 +17,13 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
+from ..routing import create_jobs
 from .db import discard_connection
 from .writer import AddResult, IndexRecord, IndexWriter
 
@@ -135,6 +138,11 @@ class GroupCommitter:
                 self._drop_connection()
                 raise
         raise AssertionError("unreachable")
+
+    def add_jobs(self, routes: list[Any], sop_uid: str, study_uid: str) -> None:
+        """Routing jobs for an instance already indexed, outside the batches."""
+        with self._engine.connect().execution_options(immediate=True) as conn, conn.begin():
+            create_jobs(conn, routes, sop_uid, study_uid, datetime.now(UTC))
 
     def replace(self, record: IndexRecord) -> AddResult:
         """Make the index row of *record*'s instance describe *record* (the

@@ -400,6 +400,13 @@ class IndexWriter:
                             "filed with its series, %s recorded as corrections", h.sop_uid, h.series_uid,
                             h.study_uid, filed["StudyInstanceUID"], keywords)
 
+    @staticmethod
+    def _duplicate(conn: Connection, rec: IndexRecord, old: Any) -> AddResult:
+        # Routed as this sender's objects are (see Ingestor._duplicate).
+        if rec.routes:
+            create_jobs(conn, rec.routes, rec.header.sop_uid, rec.header.study_uid, rec.received_at)
+        return AddResult(Outcome.DUPLICATE, old.pk, existing_key=old.storage_key, existing_sha256=old.sha256)
+
     def add(self, conn: Connection, rec: IndexRecord) -> AddResult:
         """Index one record inside the caller's transaction.
 
@@ -413,7 +420,7 @@ class IndexWriter:
             old = conn.execute(select(instances.c.pk, instances.c.storage_key, instances.c.sha256)
                                .where(instances.c.sop_uid == rec.header.sop_uid)).first()
             if old is not None:
-                return AddResult(Outcome.DUPLICATE, old.pk, existing_key=old.storage_key, existing_sha256=old.sha256)
+                return self._duplicate(conn, rec, old)
         series_pk = self._series_pk(conn, rec.header, rec.received_at)
         values = self._instance_values(rec, series_pk)
         # Inserted only under the series the cached key still names.
@@ -437,7 +444,7 @@ class IndexWriter:
             .with_for_update()
         ).one()
         if not self.overwrite:
-            return AddResult(Outcome.DUPLICATE, old.pk, existing_key=old.storage_key, existing_sha256=old.sha256)
+            return self._duplicate(conn, rec, old)
         conn.execute(update(instances).where(instances.c.pk == old.pk).values(**values))
         obsolete = old.storage_key if old.storage_key != rec.storage_key else None
         return AddResult(Outcome.REPLACED, old.pk, obsolete)
