@@ -13,6 +13,7 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -179,6 +180,57 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
 def _on_conn_open(event: Any) -> None:
     tune_socket(event.assoc)
     _abort_on_action_error(event.assoc)
+
+
+# Seconds a new connection has to send its A-ASSOCIATE-RQ (a few hundred
+# bytes, sent at once by every modality, in well under a second over a slow
+# satellite link). pynetdicom waits acse_timeout (30 s) holding a slot of
+# max_associations: 32 silent connections, re-opened every 30 s (a frozen
+# link, a port scanner, a hostile peer), refused every modality for good.
+FIRST_REQUEST_WAIT = 10.0
+# Warnings about one peer's refused connections: at most one per minute.
+_REFUSAL_LOG_EVERY = 60.0
+
+
+class ConnectionGuard:
+    """EVT_CONN_OPEN / EVT_REQUESTED: a short wait for the first request, and
+    at most *per_host* connections from one address at once (the others
+    are closed at once, holding no slot): one peer cannot take every slot."""
+
+    def __init__(self, per_host: int) -> None:
+        self.per_host = per_host
+        self._logged: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def opened(self, event: Any) -> None:
+        assoc = event.assoc
+        normal = assoc.acse_timeout
+        address = event.address[0] if event.address else ""
+        peers = sum(1 for other in assoc.ae.active_associations
+                    if other is not assoc and other.is_acceptor and other.requestor.address == address)
+        if self.per_host and peers >= self.per_host:
+            assoc.acse_timeout = 0.001  # the acceptor gives up on the request at once and closes
+            self._warn(address, peers)
+            return
+        assoc.acse_timeout = min(normal or FIRST_REQUEST_WAIT, FIRST_REQUEST_WAIT)
+        assoc._pacs_acse_timeout = normal
+
+    @staticmethod
+    def requested(event: Any) -> None:
+        assoc = event.assoc
+        # Releases and aborts wait the usual time again.
+        assoc.acse_timeout = getattr(assoc, "_pacs_acse_timeout", assoc.ae.acse_timeout)
+
+    def _warn(self, address: str, peers: int) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._logged.get(address, -_REFUSAL_LOG_EVERY) < _REFUSAL_LOG_EVERY:
+                return
+            self._logged[address] = now
+            if len(self._logged) > 10_000:
+                self._logged.clear()
+        log.warning("connection from %s closed: it already has %d open (max_associations_per_host %d)",
+                    address, peers, self.per_host)
 
 
 # State-machine events raised by primitives from the local user (PS3.8 9.2),
@@ -355,6 +407,8 @@ def start_dicom_server(
     )
 
     ae = build_ae(pacs)
+    settings = pacs.settings
+    guard = ConnectionGuard(settings.max_associations_per_host or max(1, settings.max_associations // 2))
     destinations = MoveDestinations()
     ae.on_associate.extend([tune_socket, destinations.remember, lambda assoc: send_stored_as_is(pacs, assoc)])
     if pacs.settings.dicom_event_driven:
@@ -364,8 +418,10 @@ def start_dicom_server(
     handlers = [
         (evt.EVT_C_STORE, make_store_handler(pacs)),
         (evt.EVT_CONN_OPEN, _on_conn_open),
+        (evt.EVT_CONN_OPEN, guard.opened),
         *([(evt.EVT_CONN_OPEN, _event_driven)] if pacs.settings.dicom_event_driven else []),
         (evt.EVT_CONN_CLOSE, _on_conn_close),
+        (evt.EVT_REQUESTED, guard.requested),
         (evt.EVT_REQUESTED, _abort_invalid_request),
         (evt.EVT_ACSE_RECV, prefer_requestor_order),
         # One C-FIND handler per association: dispatch on the information model.

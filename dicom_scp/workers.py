@@ -103,6 +103,8 @@ def worker_settings(settings: Settings, workers: int) -> dict[str, Any]:
     association limit, and no workers of its own."""
     data = settings.model_dump(mode="json")
     data["max_associations"] = max(1, math.ceil(settings.max_associations / workers))
+    if settings.max_associations_per_host:
+        data["max_associations_per_host"] = max(1, math.ceil(settings.max_associations_per_host / workers))
     data["dicom_workers"] = 1
     return data
 
@@ -228,7 +230,9 @@ def _tell_ready() -> None:
 def worker_main() -> int:
     """Entry point of one worker process (started by :class:`WorkerPool`)."""
     _die_with_supervisor(int(os.environ["PACS_SUPERVISOR_PID"]))
-    from pacs.app import Pacs, freeze_startup_heap
+    from pacs.app import Pacs, freeze_startup_heap, limit_malloc_arenas
+
+    limit_malloc_arenas()  # inherited MALLOC_ARENA_MAX already did it; an explicit run too
     from pacs.cli import setup_logging
     from pacs.settings import Settings
 

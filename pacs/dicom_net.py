@@ -33,6 +33,14 @@ def apply_limits(ae: AE, settings: Settings) -> AE:
 _KEEPALIVE = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4))
 
 
+def set_keepalive(raw: socket.socket) -> None:
+    """TCP keepalive with the node's probe timing on *raw*."""
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in _KEEPALIVE:
+        if hasattr(socket, name):
+            raw.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
 def tune_socket(assoc: Any) -> None:
     """TCP_NODELAY (DIMSE is request/response: Nagle would hold each small
     message ~40 ms), keepalive, and a read/write timeout of the association's
@@ -42,10 +50,7 @@ def tune_socket(assoc: Any) -> None:
     try:
         raw = assoc.dul.socket.socket
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        for name, value in _KEEPALIVE:
-            if hasattr(socket, name):
-                raw.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        set_keepalive(raw)
         if assoc.network_timeout:
             raw.settimeout(assoc.network_timeout)
     except (OSError, AttributeError):

@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     ae_allowlist: bool = False
     duplicate_policy: Literal["keep", "overwrite"] = "keep"
     max_associations: int = 32
+    # Connections one peer address may hold at once (0 = half of
+    # max_associations): one host cannot take every slot.
+    max_associations_per_host: int = Field(default=0, ge=0)
     # DICOM worker processes sharing the port (dicom_scp.workers): more than 1
     # spreads concurrent associations over the cores; max_associations is the
     # total, split between them. 0 = one per core.

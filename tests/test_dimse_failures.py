@@ -196,6 +196,36 @@ def test_a_link_silent_halfway_through_a_pdu_frees_its_association(tmp_path: Pat
     assert server.proc is not None and server.proc.returncode in (0, -signal.SIGTERM), server.proc.returncode
 
 
+
+def test_silent_connections_of_one_host_do_not_take_every_slot(tmp_path: Path) -> None:
+    """Connections that never send an A-ASSOCIATE-RQ (a link frozen after the
+    TCP handshake, a scanner, a hostile peer) each held a slot for 30 s: as
+    many as max_associations, re-opened, refused every modality for good. One
+    address now holds at most half the slots (the rest are closed at once,
+    holding none) and gets 10 s to send its request."""
+    import socket
+
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}), extra_env={
+        "PACS_MAX_ASSOCIATIONS": "8", "PACS_DICOM_WORKERS": "1"}).start()
+    silent: list[socket.socket] = []
+    try:
+        for _ in range(12):
+            sock = socket.socket()
+            sock.bind(("127.0.0.2", 0))  # another host than the modality below
+            sock.connect(("127.0.0.1", server.dicom_port))
+            silent.append(sock)
+        time.sleep(1)
+        echo = ("echoscu", "-aet", "MODALITY", "-aec", server.ae_title, "127.0.0.1", str(server.dicom_port))
+        assert run_dcmtk(*echo).returncode == 0, "a modality was refused while one host held silent connections"
+        assert "connection from 127.0.0.2 closed: it already has 4 open" in server.log_text()
+        for sock in silent:  # every silent connection is closed by the server in the end
+            sock.settimeout(60)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in silent:
+            sock.close()
+        server.stop()
+
 def test_a_move_longer_than_the_network_timeout_keeps_the_association(tmp_path: Path) -> None:
     """A C-MOVE to a slow satellite takes longer than the network timeout:
     the requester's association stays usable afterwards (it was aborted as
