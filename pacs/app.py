@@ -19,7 +19,8 @@ from storage import ObjectStore, open_store
 from .aes import AeRegistry
 from .audit import AuditTrail
 from .auth import AuthService
-from .index import create_index_engine, upgrade_schema
+from .index import create_index_engine
+from .index.schema import prepare_schema
 from .index.committer import GroupCommitter
 from .index.writer import IndexWriter
 from .ingest import Ingestor, IngestResult, Origin
@@ -45,12 +46,18 @@ class Pacs:
     _closed: bool = field(default=False, repr=False)
 
     @classmethod
-    def open(cls, settings: Settings, *, migrate: bool = True) -> Pacs:
-        """Open storage and index (migrating the schema) and start the committer."""
+    def open(cls, settings: Settings, *, migrate: bool = True, upgrade: bool = False, others: str = "") -> Pacs:
+        """Open storage and index and start the committer. A new index is
+        created (unless not *migrate*); an older one is upgraded only with
+        *upgrade* and no *others* (see :func:`pacs.index.schema.prepare_schema`)."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = create_index_engine(settings.resolved_index_url)
         if migrate:
-            upgrade_schema(engine)
+            try:
+                prepare_schema(engine, upgrade=upgrade, others=others)
+            except BaseException:
+                engine.dispose()
+                raise
         store = open_store(
             settings.resolved_storage_url,
             access_key=settings.s3_access_key or os.environ.get("PACS_S3_ACCESS_KEY"),
@@ -125,3 +132,30 @@ def freeze_startup_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+
+
+# glibc's mallopt parameter number for the arena limit (malloc.h).
+_M_ARENA_MAX = -8
+MALLOC_ARENAS = 2
+
+
+def limit_malloc_arenas() -> None:
+    """At most two glibc malloc arenas in a server process (unless the
+    operator set ``MALLOC_ARENA_MAX``).
+
+    glibc gives threads that allocate at once arenas of their own, up to
+    eight per core, and returns little of them: every DICOM association and
+    HTTP request runs on a thread, and after 15 minutes of mixed load the
+    server stayed at ~760 MB (160 MB at start), in 17 fragmented 32-48 MB
+    arenas. With two it stayed under 300 MB. Call before threads start; the
+    variable is set too so that worker processes start with the same limit.
+    """
+    if os.environ.get("MALLOC_ARENA_MAX"):
+        return
+    os.environ["MALLOC_ARENA_MAX"] = str(MALLOC_ARENAS)
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(_M_ARENA_MAX, MALLOC_ARENAS)
+    except (OSError, AttributeError):  # not glibc: nothing to limit
+        pass

@@ -207,6 +207,13 @@ def restore_index(index_url: str, backup: Path, keep_dir: Path | None = None) ->
             target.close()
             source.close()
     else:
+        with backup.open("rb") as head:
+            magic = head.read(16)
+        if not magic.startswith(b"PGDMP"):
+            kind_of = "a SQLite index backup" if magic.startswith(b"SQLite format 3") else "not a pg_dump archive"
+            raise BackupError(f"{backup} is {kind_of}: a PostgreSQL index is restored from a `pacs backup` "
+                              "of a PostgreSQL index (moving a SQLite index to PostgreSQL: `pacs reindex` into "
+                              "the new database rebuilds studies from the objects, not orders, reports or users)")
         _refuse_other_sessions(index_url)
         if keep_dir is not None:
             kept_dump = keep_dir / f"index-before-restore-{time.strftime('%Y%m%dT%H%M%S')}.dump"

@@ -180,6 +180,8 @@ def _progress(quiet: bool) -> Any:
 def cmd_stats(args: argparse.Namespace) -> int:
     from .maintenance import storage_report
 
+    if (refused := open_existing(args)) is not None:
+        return refused
     pacs = _open(args)
     try:
         stats = pacs.reader.stats()
@@ -535,16 +537,31 @@ def cmd_route(args: argparse.Namespace) -> int:
 
 # -- db -----------------------------------------------------------------------
 def cmd_db(args: argparse.Namespace) -> int:
-    from .index import create_index_engine, current_revision, upgrade_schema
+    from .index import create_index_engine, current_revision
+    from .index.schema import prepare_schema
 
+    from .running import hold_as_sole_server
+
+    if args.db_command == "copy":
+        from .cli_maintenance import cmd_db_copy
+
+        return cmd_db_copy(args)
     settings = settings_from(args)
     engine = create_index_engine(settings.resolved_index_url)
+    lock = None
     try:
         if args.db_command == "upgrade":
-            upgrade_schema(engine)
+            lock = hold_as_sole_server(settings.data_dir)
+            others = "" if lock is not None else f"a pacs serve runs on {settings.data_dir}"
+            before = current_revision(engine)
+            prepare_schema(engine, upgrade=True, others=others)
+            if before not in (None, current_revision(engine)):
+                out.print(f"index schema upgraded from revision {before}")
         _print_result(args, {"revision": current_revision(engine)})
     finally:
         engine.dispose()
+        if lock is not None:
+            lock.close()
     return 0
 
 
@@ -720,11 +737,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_backup(sub, _common)
 
-    p = sub.add_parser("db", help="index schema migrations")
+    p = sub.add_parser("db", help="index schema migrations; copy the index into another database")
     db_sub = p.add_subparsers(dest="db_command", required=True)
     for name in ("upgrade", "current"):
         q = db_sub.add_parser(name)
         _common(q, json_flag=True)
+    q = db_sub.add_parser("copy", help="copy the whole index (orders, reports, users, audit...) into an empty "
+                                       "database, e.g. from SQLite to PostgreSQL; stop pacs serve first")
+    _common(q, json_flag=True)
+    q.add_argument("--to", required=True, dest="target", metavar="INDEX_URL", help="SQLAlchemy URL of the new database")
+    q.add_argument("--switch", action="store_true", help="then set index_url in the config file")
     p.set_defaults(func=cmd_db)
     return parser
 
@@ -733,8 +755,14 @@ def build_parser() -> argparse.ArgumentParser:
 # index from the store, restore it); every other command reads an existing
 # one, and opening would create an empty archive where --data-dir was
 # mistyped (`pacs route list` then shows "no rules" for a busy hospital).
-MAY_CREATE = {"serve", "import", "samples", "ae add", "user add", "token create", "route add", "db", "restore",
+MAY_CREATE = {"serve", "import", "samples", "ae add", "user add", "token create", "route add", "db upgrade", "restore",
               "reindex", "certs"}
+
+
+def _configured(args: argparse.Namespace) -> bool:
+    """A data dir set up with a config file before its first start (where an
+    operator checks `pacs ae list` or `pacs route rules`): not a typo."""
+    return (settings_from(args).data_dir / "pacs.toml").is_file()
 
 
 def _command_name(args: argparse.Namespace) -> str:
@@ -747,7 +775,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
-        if args.command not in MAY_CREATE and _command_name(args) not in MAY_CREATE:
+        if args.command not in MAY_CREATE and _command_name(args) not in MAY_CREATE and not _configured(args):
             if (refused := open_existing(args)) is not None:
                 return refused
         return func(args)

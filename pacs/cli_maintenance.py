@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -348,6 +349,50 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     _emit(args, data, human)
     return 1 if report.failed.count or (args.switch and not report.switched) else 0
+
+
+def cmd_db_copy(args: argparse.Namespace) -> int:
+    """pacs db copy: 0 copied (and switched), 1 refused or failed."""
+    from pacs.cli import settings_from, setup_logging
+    from pacs.index import create_index_engine
+    from pacs.maintenance import config_path, set_config_value
+    from pacs.maintenance.copy_index import CopyRefused, copy_index
+    from pacs.running import hold_as_sole_server
+
+    settings = settings_from(args)
+    setup_logging(settings.log_level if not args.json else "WARNING")
+    lock = hold_as_sole_server(settings.data_dir)
+    if lock is None:
+        err.print(f"[red]pacs serve runs on {settings.data_dir}[/red]: the index would change during the copy; "
+                  "stop it (every node of a shared index) first")
+        return 1
+    source = create_index_engine(settings.resolved_index_url)
+    try:
+        with _Bar(args.json) as bar:
+            report = copy_index(source, args.target, bar)
+        if args.switch:
+            path = config_path(settings)
+            set_config_value(path, "index_url", args.target)
+            report.switched, report.config_file = True, str(path)
+    except CopyRefused as exc:
+        err.print(f"[red]not copied:[/red] {exc}")
+        return 1
+    finally:
+        source.dispose()
+        lock.close()
+    data = report.as_dict()
+
+    def human() -> None:
+        _counts(f"index copied to {report.target} in {report.seconds:.1f} s", list(report.rows.items()))
+        if report.switched:
+            out.print(f"[green]index_url set in {report.config_file}[/green]: start pacs serve to use it")
+        else:
+            out.print("the current index is unchanged; use the copy with --index-url (or run again with --switch)")
+        if os.environ.get("PACS_INDEX_URL"):
+            err.print("[yellow]PACS_INDEX_URL is set and overrides the config file[/yellow]")
+
+    _emit(args, data, human)
+    return 0
 
 
 def cmd_purge(args: argparse.Namespace) -> int:

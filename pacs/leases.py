@@ -220,12 +220,38 @@ def acquire(
         if info.token == token:
             log.info("lease %s acquired by %s", name, node)
             return Lease(engine, info, ttl)
+        if _holder_died_here(info.token) and _drop(engine, name, info.token):
+            # Killed on this machine (kill -9, OOM): its lease is not worth
+            # waiting out a TTL for; the job can be rerun, as after an expiry.
+            log.warning("lease %s of process %s taken over: that process is gone", name, info.token)
+            continue
         if not wait:
             raise LeaseHeld(info)
         if not told and on_wait is not None:
             on_wait(info)
             told = True
         time.sleep(poll)
+
+
+def _holder_died_here(token: str) -> bool:
+    """The token's process ran on this machine and no longer exists."""
+    host, _, rest = token.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # alive, someone else's
+        return False
+    return False
+
+
+def _drop(engine: Engine, name: str, token: str) -> bool:
+    with write_transaction(engine) as conn:
+        gone = conn.execute(delete(leases_t).where(leases_t.c.name == name, leases_t.c.token == token))
+    return bool(gone.rowcount)
 
 
 @contextmanager

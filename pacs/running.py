@@ -43,10 +43,25 @@ def hold_for_serving(data_dir: Path) -> IO[bytes]:
                                           "once it has finished")
 
 
+def hold_as_sole_server(data_dir: Path) -> IO[bytes] | None:
+    """The lock taken exclusively when no other server (or restore) holds
+    it, else None: the first server may upgrade the index schema, then
+    shares the lock (:func:`share`)."""
+    try:
+        return _take(data_dir, fcntl.LOCK_EX, "")
+    except ServerRunning:
+        return None
+
+
+def share(handle: IO[bytes]) -> None:
+    """Let other servers start beside the holder of an exclusive lock."""
+    fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
+
+
 def hold_exclusively(data_dir: Path) -> IO[bytes]:
     """For work that must not run beside a server of *data_dir* (restore)."""
     return _take(data_dir, fcntl.LOCK_EX, f"pacs serve is running on {data_dir} (process holding "
                                           f"{data_dir / LOCK_NAME}); stop it first")
 
 
-__all__ = ["LOCK_NAME", "ServerRunning", "hold_exclusively", "hold_for_serving"]
+__all__ = ["LOCK_NAME", "ServerRunning", "hold_as_sole_server", "hold_exclusively", "hold_for_serving", "share"]

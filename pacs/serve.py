@@ -21,6 +21,7 @@ import uvicorn
 from . import tls
 from .app import Pacs, freeze_startup_heap
 from .audit import Event
+from .dicom_net import set_keepalive
 from .settings import Settings
 
 log = logging.getLogger("pacs.serve")
@@ -108,6 +109,11 @@ def _http_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted connections inherit TCP keepalive: a viewer or EMR client
+        # that vanished mid-request (wifi gone, laptop asleep: no FIN) is
+        # closed in about two minutes instead of holding a descriptor for
+        # good (uvicorn has no timeout for a request that never completes).
+        set_keepalive(sock)
         sock.bind((host, port))
         sock.listen(2048)
     except OSError:
@@ -120,7 +126,11 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
     """Run until interrupted; returns the process exit code."""
     from viewer_api.app import create_app
 
-    from .running import hold_for_serving
+    from .app import limit_malloc_arenas
+
+    limit_malloc_arenas()
+
+    from .running import hold_as_sole_server, hold_for_serving, share
 
     # A stop asked for while starting (the ports already answer, uvicorn's
     # own handlers are not in place yet) ended the process with SIGTERM's
@@ -136,9 +146,18 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, ask_stop)
-    # Held until the process ends: `pacs restore` refuses to swap the index meanwhile.
-    serving = hold_for_serving(settings.data_dir)
-    pacs = Pacs.open(settings)
+    # Held until the process ends: `pacs restore` refuses to swap the index
+    # meanwhile. Only the data dir's sole server upgrades an older index:
+    # another one still running would fail on the upgraded schema.
+    serving = hold_as_sole_server(settings.data_dir)
+    if serving is not None:
+        try:
+            pacs = Pacs.open(settings, upgrade=True)
+        finally:
+            share(serving)
+    else:
+        serving = hold_for_serving(settings.data_dir)
+        pacs = Pacs.open(settings, upgrade=True, others=f"another pacs serve runs on {settings.data_dir}")
     try:
         # TLS settings are checked before anything listens: a wrong path fails the start, not a modality.
         dicom_ssl = tls.dicom_server_context(settings, on_refused=lambda peer, reason: pacs.audit.record(

@@ -68,6 +68,19 @@ def test_restore_refuses_a_file_that_is_not_a_backup(tmp_path: Path) -> None:
     assert result.returncode == 1 and "not a SQLite backup" in result.stderr
 
 
+def test_restore_into_postgresql_names_a_sqlite_backup(tmp_path: Path, pg_url: str) -> None:
+    """A SQLite backup restored into a PostgreSQL index failed with pg_restore's
+    own "input file does not appear to be a valid archive"."""
+    import sqlite3
+
+    backup = tmp_path / "index.bak"
+    sqlite3.connect(backup).execute("CREATE TABLE t (x)").connection.commit()
+    server = PacsServer(tmp_path / "data", Backend("pg", pg_url, None, {}))
+    (tmp_path / "data").mkdir()
+    result = server.cli("restore", str(backup), "--yes", check=False)
+    assert result.returncode == 1 and "is a SQLite index backup" in result.stderr, result.stderr
+
+
 def test_restore_refuses_what_is_not_ours_and_keeps_the_index_it_replaces(tmp_path: Path) -> None:
     import sqlite3
 

@@ -106,15 +106,20 @@ def archive(tmp_path: Path, archive_template: Path) -> Path:
     return data
 
 
-def _new_instance_bytes(pacs: Pacs) -> tuple[str, bytes]:
-    """A valid object of an existing study that was stored but never indexed:
-    what a crash between the object write and the index commit leaves."""
+def _new_instance_bytes_of_ct() -> tuple[Any, bytes]:
     ds = dcmread(pydicom_file("CT_small.dcm"))
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    return f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm", buffer.getvalue()
+    return ds, buffer.getvalue()
+
+
+def _new_instance_bytes(pacs: Pacs) -> tuple[str, bytes]:
+    """A valid object of an existing study that was stored but never indexed:
+    what a crash between the object write and the index commit leaves."""
+    ds, data = _new_instance_bytes_of_ct()
+    return f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm", data
 
 
 def _sha(data: bytes) -> str:
@@ -263,6 +268,36 @@ def test_migrate_filesystem_to_s3_and_back_with_switch(archive: Path, tmp_path: 
     old = FileStore(tmp_path / "old-objects")
     assert {info.key: old.checksum(info.key) for info in old.list()} == shas
 
+
+
+def test_migrate_switch_waits_until_no_server_runs(archive: Path, tmp_path: Path) -> None:
+    """A switch while `pacs serve` runs on the data dir left the server writing
+    to the old store: what it acknowledged was missing after its restart
+    (WADO-RS 500). The switch is refused then; once the server is stopped the
+    same command copies what arrived meanwhile and switches. A target inside
+    the current store is refused."""
+    from pacs.running import hold_for_serving
+
+    cli = Cli(archive)
+    target = f"file://{tmp_path / 'moved'}"
+    serving = hold_for_serving(archive)  # what a running pacs serve holds
+    try:
+        refused = cli.json("migrate", "--to", target, "--switch", rc=1)
+    finally:
+        serving.close()
+    assert refused["complete"] and not refused["switched"]
+    assert any("pacs serve runs on" in w for w in refused["warnings"])
+    assert not (archive / "pacs.toml").exists() or "storage_url" not in (archive / "pacs.toml").read_text()
+    late = tmp_path / "late"
+    late.mkdir()
+    _, data = _new_instance_bytes_of_ct()
+    (late / "late.dcm").write_bytes(data)  # arrives after the copy
+    assert cli.json("import", str(late))["stored"] == 1
+    switched = cli.json("migrate", "--to", target, "--switch")
+    assert switched["switched"] and switched["copied"] == 1
+    assert cli.json("verify")["ok"]
+    nested = cli("migrate", "--to", f"file://{tmp_path / 'moved' / 'inner'}")
+    assert nested.returncode == 2 and "inside one another" in nested.stderr
 
 def test_verify_repair_and_migrate_on_postgresql_and_s3(tmp_path: Path, pg_url: str, s3_bucket_url: str) -> None:
     cli = Cli(tmp_path / "data", index_url=pg_url, storage_url=s3_bucket_url, env=S3_ENV)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
@@ -123,7 +124,7 @@ def test_kept_lookup_connection_sees_later_commits(tmp_path: Path) -> None:
         engine.dispose()
 
 
-def _upgrade_across_0013(engine: Engine) -> None:
+def _upgrade_across_0013(engine: Engine, caplog: Any) -> None:
     """An index at 0012 holding a patient with identifiers, studies, an order;
     upgraded to head: nothing lost (the SQLite rebuild of `patients` runs with
     foreign keys off, else dropping the old table would delete every
@@ -143,14 +144,18 @@ def _upgrade_across_0013(engine: Engine) -> None:
     with engine.begin() as conn:
         pk = conn.execute(patients.insert().values(patient_id="001085012345", **blank)).inserted_primary_key[0]
         conn.execute(identifiers.insert().values(patient_pk=pk, value="DN4797912345678", issuer="BHYT", id_type="HC"))
-        conn.execute(studies.insert().values(
-            patient_pk=pk, study_uid="1.2.3.4", study_date="", study_time="", accession_number="A1", study_id="",
-            referring_physician="", referring_physician_folded="", description="", institution="", modalities="",
-            num_series=0, num_instances=0, size_bytes=0, created_at=now, updated_at=now))
-    upgrade_schema(engine)
+        unknown = conn.execute(patients.insert().values(patient_id="", **blank)).inserted_primary_key[0]
+        for owner, uid in ((pk, "1.2.3.4"), (unknown, "1.2.3.5"), (unknown, "1.2.3.6")):
+            conn.execute(studies.insert().values(
+                patient_pk=owner, study_uid=uid, study_date="", study_time="", accession_number="", study_id="",
+                referring_physician="", referring_physician_folded="", description="", institution="",
+                modalities="", num_series=0, num_instances=0, size_bytes=0, created_at=now, updated_at=now))
+    with caplog.at_level("WARNING"):
+        upgrade_schema(engine)
+    assert "2 studies received without a Patient ID share one patient" in caplog.text
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(identifiers)).scalar() == 1
-        assert conn.execute(select(studies.c.patient_pk)).scalar() == pk
+        assert conn.execute(select(studies.c.patient_pk).where(studies.c.study_uid == "1.2.3.4")).scalar() == pk
     with engine.begin() as conn:
         conn.execute(patients.insert().values(patient_id="", **blank))
         conn.execute(patients.insert().values(patient_id="", **blank))  # two people without an ID
@@ -165,17 +170,115 @@ def _upgrade_across_0013(engine: Engine) -> None:
             assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1  # back on for the pool
 
 
-def test_upgrade_across_0013_keeps_everything_sqlite(tmp_path: Path) -> None:
+def test_upgrade_across_0013_keeps_everything_sqlite(tmp_path: Path, caplog: Any) -> None:
     engine = create_index_engine(f"sqlite:///{tmp_path}/index.sqlite")
     try:
-        _upgrade_across_0013(engine)
+        _upgrade_across_0013(engine, caplog)
     finally:
         engine.dispose()
 
 
-def test_upgrade_across_0013_keeps_everything_postgresql(pg_url: str) -> None:
+def test_upgrade_across_0013_keeps_everything_postgresql(pg_url: str, caplog: Any) -> None:
     engine = create_index_engine(pg_url)
     try:
-        _upgrade_across_0013(engine)
+        _upgrade_across_0013(engine, caplog)
+    finally:
+        engine.dispose()
+
+
+# -- who may upgrade an existing index ---------------------------------------------------------
+def _cli(*args: str, data_dir: Path, index_url: str | None = None) -> Any:
+    import subprocess
+
+    from .peers import PACS
+
+    extra = ["--index-url", index_url] if index_url else []
+    return subprocess.run([PACS, *args, "--data-dir", str(data_dir), *extra], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_only_serve_and_db_upgrade_upgrade_an_older_index_and_never_under_a_server(tmp_path: Path) -> None:
+    """Any command of a new version upgraded the index it opened (`pacs stats`,
+    a backup before the upgrade...), also under an older `pacs serve` still
+    running, which then refused every C-STORE (A703: the ON CONFLICT of its
+    patients insert no longer matched a key). Now only `pacs db upgrade` and
+    `pacs serve` upgrade, not while a server runs on the data dir; the others
+    say what to do. An index from a newer version is named as such."""
+    from pacs.running import hold_for_serving
+
+    data = tmp_path / "data"
+    engine = create_index_engine(f"sqlite:///{data}/index.sqlite")
+    try:
+        upgrade_schema(engine, "0012")
+    finally:
+        engine.dispose()
+    stats = _cli("stats", data_dir=data)
+    assert stats.returncode == 1 and "revision 0012" in stats.stderr and "pacs db upgrade" in stats.stderr
+    serving = hold_for_serving(data)
+    try:
+        refused = _cli("db", "upgrade", data_dir=data)
+    finally:
+        serving.close()
+    assert refused.returncode == 1 and "a pacs serve runs on" in refused.stderr, refused.stderr
+    upgraded = _cli("db", "upgrade", data_dir=data)
+    assert upgraded.returncode == 0 and "upgraded from revision 0012" in upgraded.stdout, upgraded.stderr
+    assert _cli("stats", data_dir=data).returncode == 0
+    engine = create_index_engine(f"sqlite:///{data}/index.sqlite")
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+    finally:
+        engine.dispose()
+    newer = _cli("stats", data_dir=data)
+    assert newer.returncode == 1 and "written by a newer version" in newer.stderr, newer.stderr
+
+
+def test_no_upgrade_while_another_server_uses_the_postgresql_index(tmp_path: Path, pg_url: str) -> None:
+    """On a shared PostgreSQL index (two nodes) the data dir lock says nothing
+    of the other node: its sessions do. A session without a name (an older
+    version's server) holds the upgrade back; a DBA's psql does not."""
+    import psycopg
+
+    engine = create_index_engine(pg_url)
+    try:
+        upgrade_schema(engine, "0012")
+    finally:
+        engine.dispose()
+    libpq = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(libpq, application_name="psql"):
+        for old_node in ("", "filmless-pacs 0012"):  # before sessions were named; a named older version
+            with psycopg.connect(libpq, application_name=old_node):
+                refused = _cli("db", "upgrade", data_dir=tmp_path / "d", index_url=pg_url)
+                assert refused.returncode == 1 and "connection(s) from" in refused.stderr, refused.stderr
+        upgraded = _cli("db", "upgrade", data_dir=tmp_path / "d", index_url=pg_url)
+        assert upgraded.returncode == 0 and "upgraded from revision 0012" in upgraded.stdout, upgraded.stderr
+
+
+def test_nodes_starting_together_upgrade_once_and_both_start(pg_url: str) -> None:
+    """All nodes stopped, upgraded and started at once (docker compose up):
+    each node's upgrading session must not count as the other's running
+    server, or neither would start."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pacs.index.schema import head_revision, prepare_schema
+
+    engines = [create_index_engine(pg_url) for _ in range(3)]
+    try:
+        upgrade_schema(engines[0], "0012")
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(lambda e: prepare_schema(e, upgrade=True), engines))
+        assert current_revision(engines[0]) == head_revision(engines[0])
+    finally:
+        for engine in engines:
+            engine.dispose()
+
+
+def test_schema_head_constant_is_the_newest_migration(tmp_path: Path) -> None:
+    from pacs.index.db import SCHEMA_HEAD
+    from pacs.index.schema import head_revision
+
+    engine = create_index_engine(f"sqlite:///{tmp_path}/index.sqlite")
+    try:
+        assert head_revision(engine) == SCHEMA_HEAD
     finally:
         engine.dispose()

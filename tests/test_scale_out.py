@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -32,7 +33,7 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from pacs.index import create_index_engine, upgrade_schema
-from pacs.leases import LeaseHeld, acquire, current, lease
+from pacs.leases import LeaseHeld, acquire, current, lease, leases_t
 
 from .conftest import (
     PACS,
@@ -362,6 +363,17 @@ def test_lease_is_exclusive_heartbeats_and_expires(db: str, tmp_path: Path, requ
         with lease(engine, "purge", "x", 5.0), lease(engine, "reindex", "x", 5.0):
             assert {current(engine, n).holder for n in ("purge", "reindex")} == {"x"}  # type: ignore[union-attr]
         assert current(engine, "purge") is None and current(engine, "reindex") is None
+
+        # Its holder killed (kill -9) on this machine: no need to wait out the TTL.
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        killed = acquire(engine, "verify-repair", "killed", 600.0)
+        killed._stop.set()
+        killed._thread.join()
+        with engine.begin() as conn:
+            conn.execute(leases_t.update().where(leases_t.c.name == "verify-repair")
+                         .values(token=f"{socket.gethostname()}:{dead.pid}:0000"))
+        acquire(engine, "verify-repair", "rerun", 5.0).release()
     finally:
         engine.dispose()
 

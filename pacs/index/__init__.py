@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from .db import create_index_engine, is_sqlite
 from .models import Base
@@ -23,8 +24,12 @@ def alembic_config(engine: Engine) -> Config:
     return cfg
 
 
-def upgrade_schema(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to *revision*; safe when several nodes start at once."""
+def upgrade_schema(engine: Engine, revision: str = "head", *,
+                   guard: Callable[[Connection], None] | None = None) -> None:
+    """Bring the schema to *revision*; safe when several nodes start at once.
+
+    *guard* is called on the migrating connection once it holds the schema
+    lock (PostgreSQL), before anything changes; it raises to refuse."""
     cfg = alembic_config(engine)
     with engine.connect().execution_options(immediate=True) as conn:
         if not is_sqlite(engine):
@@ -41,10 +46,13 @@ def upgrade_schema(engine: Engine, revision: str = "head") -> None:
             # connection, before SQLAlchemy begins one.
             conn.connection.driver_connection.execute("PRAGMA foreign_keys=OFF")  # type: ignore[union-attr]
         try:
+            if guard is not None:
+                guard(conn)
+                conn.commit()
             command.upgrade(cfg, revision)
         finally:
+            conn.rollback()
             if is_sqlite(engine):
-                conn.rollback()
                 conn.connection.driver_connection.execute("PRAGMA foreign_keys=ON")  # type: ignore[union-attr]
             else:
                 conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})

@@ -89,10 +89,18 @@ def create_index_engine(url: str, *, pool_size: int = 10) -> Engine:
     else:
         kwargs.update(pool_size=pool_size, max_overflow=20)
     if parsed.get_backend_name() == "postgresql":
-        kwargs["connect_args"] = PG_NETWORK_LIMITS
+        # Named, so that an upgrade can tell the archive's servers of another
+        # version from a DBA's psql (see pacs.index.schema.other_servers).
+        kwargs["connect_args"] = {"application_name": f"{APPLICATION_NAME} {SCHEMA_HEAD}", **PG_NETWORK_LIMITS}
     return create_engine(url, **kwargs)
 
 
+APPLICATION_NAME = "filmless-pacs"
+# The schema revision this code works on (the newest migration; a test keeps
+# them equal). PostgreSQL sessions carry it in their application name, so an
+# upgrade can tell servers of another version (which would fail on the
+# upgraded schema) from nodes of its own starting beside it.
+SCHEMA_HEAD = "0013"
 # A database host that vanishes from the network (no RST, no FIN) held every
 # C-STORE, C-FIND and HTTP request for as long as the kernel retransmits
 # (minutes): libpq gives up connecting after 5 s, on unacknowledged data after

@@ -40,9 +40,10 @@ from typing import Any
 
 from sqlalchemy import select
 
-from storage import ObjectNotFound, ObjectStore, StorageError, open_store
+from storage import ObjectNotFound, ObjectStore, StorageError, file_store_path, open_store
 
 from ..app import Pacs
+from ..settings import Settings
 from .common import BATCH, Capped, NullProgress, Progress, count_rows, instances_t
 
 log = logging.getLogger(__name__)
@@ -158,31 +159,76 @@ def migrate(
     try:
         if target.url == pacs.store.url:
             raise ValueError(f"the target is the current store ({target.url})")
+        _refuse_nested(pacs.store.url, target.url)
         report = MigrateReport(source=_redacted(pacs.store.url), target=_redacted(target.url))
         _run(pacs, target, report, limit, workers, progress)
+        if switch:
+            _switch(pacs, target, target_url, report, workers, progress)
     finally:
         target.close()
-    if switch:
-        if not report.complete:
-            report.warnings.append("not switched: the copy is incomplete or had failures")
-        else:
-            path = config_path(pacs)
-            set_config_value(path, "storage_url", target_url)
-            report.switched = True
-            report.config_file = str(path)
-            if os.environ.get("PACS_STORAGE_URL"):
-                report.warnings.append("PACS_STORAGE_URL is set and overrides the config file: unset it")
     return report
 
 
+def _switch(pacs: Pacs, target: ObjectStore, target_url: str, report: MigrateReport, workers: int,
+            progress: Progress) -> None:
+    """Point the config file at *target*, once nothing can store into the old
+    store any more: a server still running would go on writing there, and
+    what it acknowledged would be missing after its restart."""
+    from ..running import hold_as_sole_server
+
+    if not report.complete:
+        report.warnings.append("not switched: the copy is incomplete or had failures")
+        return
+    lock = hold_as_sole_server(pacs.settings.data_dir)
+    try:
+        # The config file switched is this node's (other nodes have their own).
+        if lock is None:
+            report.warnings.append(f"not switched: pacs serve runs on {pacs.settings.data_dir}; objects it "
+                                   "receives would stay in the old store. "
+                                   "Stop every pacs serve and run the same command again (it copies what "
+                                   "arrived meanwhile, then switches)")
+            return
+        # What arrived between the copy and the lock.
+        _run(pacs, target, report, None, workers, progress, after_checkpoint=True)
+        if not report.complete:
+            report.warnings.append("not switched: the copy is incomplete or had failures")
+            return
+        path = config_path(pacs.settings)
+        set_config_value(path, "storage_url", target_url)
+        report.switched = True
+        report.config_file = str(path)
+        if os.environ.get("PACS_STORAGE_URL"):
+            report.warnings.append("PACS_STORAGE_URL is set and overrides the config file: unset it")
+        if target_url.startswith("s3://"):
+            report.warnings.append("only storage_url was written: pacs serve needs the S3 keys too "
+                                   "(PACS_S3_ACCESS_KEY and PACS_S3_SECRET_KEY in its environment, or "
+                                   "s3_access_key and s3_secret_key in the config file)")
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _refuse_nested(source_url: str, target_url: str) -> None:
+    """A folder store inside the other one: each would list the other's
+    files as its own (orphans, and a copy of the copy)."""
+    source, target = file_store_path(source_url), file_store_path(target_url)
+    if source is None or target is None:
+        return
+    a, b = Path(source).resolve(), Path(target).resolve()
+    if a == b:
+        raise ValueError(f"the target is the current store ({target})")
+    if a in b.parents or b in a.parents:
+        raise ValueError(f"the target {target} and the current store {source} must not be inside one another")
+
+
 def _run(pacs: Pacs, target: ObjectStore, report: MigrateReport, limit: int | None, workers: int,
-         progress: Progress) -> None:
+         progress: Progress, *, after_checkpoint: bool = False) -> None:
     checkpoint = _Checkpoint(pacs.settings.data_dir, target.url)
     done_pk = checkpoint.load()
     report.total = count_rows(pacs.engine, instances_t)
     progress.start("copying objects", report.total)
     columns = (instances_t.c.pk, instances_t.c.storage_key, instances_t.c.size_bytes, instances_t.c.sha256)
-    last_pk = 0
+    last_pk = done_pk if after_checkpoint else 0
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         while True:
             page = BATCH if limit is None else max(1, min(BATCH, limit - report.copied))
@@ -214,10 +260,10 @@ def _run(pacs: Pacs, target: ObjectStore, report: MigrateReport, limit: int | No
                 checkpoint.save(done_pk, copied=report.copied, failed=report.failed.count)
 
 
-def config_path(pacs: Pacs) -> Path:
+def config_path(settings: Settings) -> Path:
     """The config file the appliance reads (the one a switch must change)."""
-    explicit = pacs.settings.config_file or os.environ.get("PACS_CONFIG")
-    return Path(explicit) if explicit else Path(pacs.settings.data_dir) / "pacs.toml"
+    explicit = settings.config_file or os.environ.get("PACS_CONFIG")
+    return Path(explicit) if explicit else Path(settings.data_dir) / "pacs.toml"
 
 
 _TABLE_HEADER = re.compile(r"^\s*\[")

@@ -18,6 +18,8 @@ Create Date: 2026-12-04 22:00:00
 
 from __future__ import annotations
 
+import logging
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -46,6 +48,16 @@ def upgrade() -> None:
         broken = op.get_bind().exec_driver_sql('PRAGMA foreign_key_check').all()
         if broken:
             raise RuntimeError(f'foreign keys broken by the patients rebuild: {broken[:5]}')
+    shared = op.get_bind().execute(sa.text(
+        "SELECT count(*) FROM studies JOIN patients ON patients.pk = studies.patient_pk "
+        "WHERE patients.patient_id = '' AND patients.pk IN (SELECT patient_pk FROM studies GROUP BY patient_pk "
+        "HAVING count(*) > 1)")).scalar()
+    if shared:
+        logging.getLogger('pacs.migrations').warning(
+            '%d studies received without a Patient ID share one patient (their names may be wrong in queries); '
+            'new studies get a patient each. To separate these too: pacs backup, then pacs reindex into a new, '
+            'empty index (it rebuilds patients from the objects; orders, reports and users are not in the objects)',
+            shared)
 
 
 def downgrade() -> None:
