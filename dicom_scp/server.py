@@ -333,11 +333,20 @@ class _PeerPduErrors(logging.Filter):
     PEER_DATA_FUNCTIONS = ("_read_pdu_data", "do_action", "decode_bytes", "receive_primitive")
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if (record.funcName == "_read_pdu_data" and not record.exc_info
+                and record.getMessage() == "Connection closed before the entire PDU was received"):
+            return False  # said once, by the record with the exception that follows
         if record.exc_info and record.funcName in self.PEER_DATA_FUNCTIONS:
             exc = record.exc_info[1]
-            record.msg, record.args = f"malformed PDU from peer: {exc.__class__.__name__}: {exc}", None
+            if isinstance(exc, OSError) and record.funcName == "_read_pdu_data":
+                # A peer that hung up or a link that dropped mid-PDU (a
+                # killed storescu, a satellite link): not a protocol fault.
+                record.msg, record.args = f"connection lost in the middle of a PDU: {exc.__class__.__name__}", None
+                record.levelno, record.levelname = logging.INFO, "INFO"
+            else:
+                record.msg, record.args = f"malformed PDU from peer: {exc.__class__.__name__}: {exc}", None
+                record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 
