@@ -210,7 +210,7 @@ def acquire(
     poll until it is free instead (*on_wait* is told about the holder once)."""
     if ttl <= 0:
         raise ValueError("a lease needs a positive TTL")
-    token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    token = f"{_machine()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     told = False
     # Polling a few times per TTL notices a released lease quickly and an
     # expired one within a fraction of the TTL, without hammering the index.
@@ -233,11 +233,25 @@ def acquire(
         time.sleep(poll)
 
 
+def _machine() -> str:
+    """Where a process id means something: the host name and, when known, the
+    PID namespace (containers sharing the host's name and network have
+    their own process ids)."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid").replace(":", "")
+    except OSError:
+        return socket.gethostname()
+    return f"{socket.gethostname()}/{namespace}"
+
+
 def _holder_died_here(token: str) -> bool:
-    """The token's process ran on this machine and no longer exists."""
-    host, _, rest = token.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
+    """The token's process ran where this one runs and no longer exists."""
+    parts = token.rsplit(":", 2)
+    if len(parts) != 3:
+        return False
+    machine, pid, _ = parts
+    # A token without a namespace (older versions, no /proc) is never judged here.
+    if "/" not in machine or machine != _machine() or not pid.isdigit():
         return False
     try:
         os.kill(int(pid), 0)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -268,11 +267,16 @@ def test_purge_started_on_both_nodes_runs_once_and_a_killed_holder_expires(
                 p.wait()
     engine = create_index_engine(cluster.pg, pool_size=0)
     try:
-        # Until its lease expires, the dead holder still holds the job ...
+        info = current(engine, "purge")
+        assert info is not None and info.holder == winner, "the killed holder's lease is still there"
+        # Seen from another machine, the dead holder holds the job until its
+        # lease expires, at most TTL after the last heartbeat ...
+        with engine.begin() as conn:
+            conn.execute(leases_t.update().where(leases_t.c.name == "purge")
+                         .values(token="elsewhere/pid[1]:4242:0000"))
         with pytest.raises(LeaseHeld) as held:
             acquire(engine, "purge", "tester", TTL)
         assert held.value.info.holder == winner
-        # ... then it is free, at most TTL after the last heartbeat.
         while current(engine, "purge") is not None:
             assert time.monotonic() - killed_at < TTL + 5, "a dead holder's lease must expire"
             time.sleep(0.2)
@@ -370,9 +374,10 @@ def test_lease_is_exclusive_heartbeats_and_expires(db: str, tmp_path: Path, requ
         killed = acquire(engine, "verify-repair", "killed", 600.0)
         killed._stop.set()
         killed._thread.join()
+        machine = killed.token.rsplit(":", 2)[0]
         with engine.begin() as conn:
             conn.execute(leases_t.update().where(leases_t.c.name == "verify-repair")
-                         .values(token=f"{socket.gethostname()}:{dead.pid}:0000"))
+                         .values(token=f"{machine}:{dead.pid}:0000"))
         acquire(engine, "verify-repair", "rerun", 5.0).release()
     finally:
         engine.dispose()
