@@ -14,6 +14,7 @@ import io
 import itertools
 import logging
 import os
+import queue
 import socket
 import threading
 import time
@@ -94,6 +95,35 @@ def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule) -> Dataset | None:
 
 # How often a batch still being sent renews its claim (routing.LEASE is 5 min).
 RENEW_EVERY = 60.0
+# Seconds between looks at the stop flag while waiting for a response.
+STOP_CHECK = 0.5
+
+
+def _stop_aware(assoc: Any, stop: threading.Event) -> None:
+    """Make the association's wait for a response end when *stop* is set.
+
+    pynetdicom waits for a C-STORE response on its message queue for the
+    whole DIMSE timeout; a wake-up put there is taken by the association's
+    own reactor once an abort restarts it, so the sender slept on (a stop
+    waited ~1 min for a frozen destination). The wait is cut into short
+    slices that look at *stop*; a response still ends it at once."""
+    dimse = assoc.dimse
+    plain = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if not block:
+            return plain(False)
+        deadline = None if dimse.dimse_timeout is None else time.monotonic() + dimse.dimse_timeout
+        while True:
+            remaining = STOP_CHECK if deadline is None else min(STOP_CHECK, deadline - time.monotonic())
+            if remaining <= 0 or stop.is_set():
+                return None, None
+            try:
+                return dimse.msg_queue.get(block=True, timeout=remaining)
+            except queue.Empty:
+                continue
+
+    dimse.get_msg = get_msg
 
 
 class Forwarder:
@@ -142,9 +172,6 @@ class Forwarder:
             sending = list(self._sending)
         for assoc in sending:
             assoc.abort(block=False)
-            # The sending thread waits for the C-STORE response on this queue
-            # (for dimse_timeout): wake it now.
-            assoc.dimse.msg_queue.put((None, None))
         self._thread.join(30)
         self._pool.shutdown(wait=True)
         routing.release_node(self.pacs.engine, self.node)
@@ -327,6 +354,7 @@ class Forwarder:
                 self._fail(destination, job, str(exc))
             return
         renewed = time.monotonic()
+        _stop_aware(assoc, self._stop)
         with self._lock:
             self._sending.add(assoc)
         try:
