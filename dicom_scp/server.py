@@ -192,6 +192,17 @@ FIRST_REQUEST_WAIT = 10.0
 _REFUSAL_LOG_EVERY = 60.0
 
 
+def _shut(assoc: Any) -> None:
+    """End a connection whose request never completed: its reading thread
+    returns at once, and the association ends as on a closed connection."""
+    log.info("connection from %s closed: no complete A-ASSOCIATE-RQ within %.0f s",
+             getattr(assoc.requestor, "address", "?"), FIRST_REQUEST_WAIT)
+    try:
+        assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+    except (OSError, AttributeError):
+        pass
+
+
 class ConnectionGuard:
     """EVT_CONN_OPEN / EVT_REQUESTED: a short wait for the first request, and
     at most *per_host* connections from one address at once (the others
@@ -201,6 +212,9 @@ class ConnectionGuard:
         self.per_host = per_host
         self._logged: dict[str, float] = {}
         self._lock = threading.Lock()
+        # Connections whose A-ASSOCIATE-RQ has not arrived yet -> deadline.
+        self._waiting: dict[Any, float] = {}
+        self._watch: threading.Thread | None = None
 
     def opened(self, event: Any) -> None:
         assoc = event.assoc
@@ -214,6 +228,29 @@ class ConnectionGuard:
             return
         assoc.acse_timeout = min(normal or FIRST_REQUEST_WAIT, FIRST_REQUEST_WAIT)
         assoc._pacs_acse_timeout = normal
+        # A request sent a byte at a time keeps pynetdicom reading its PDU
+        # past that wait (each byte restarts the network timeout): the
+        # watchdog shuts such a connection once its time is up.
+        with self._lock:
+            self._waiting[assoc] = time.monotonic() + FIRST_REQUEST_WAIT + 1.0
+            if self._watch is None:
+                self._watch = threading.Thread(target=self._run_watch, name="dicom-first-request", daemon=True)
+                self._watch.start()
+
+    def _run_watch(self) -> None:
+        while True:
+            time.sleep(1.0)
+            now = time.monotonic()
+            with self._lock:
+                items = list(self._waiting.items())
+            for assoc, deadline in items:
+                answered = assoc.requestor.primitive is not None or assoc.is_established
+                if not answered and now <= deadline:
+                    continue
+                if not answered and assoc.is_alive():
+                    _shut(assoc)
+                with self._lock:
+                    self._waiting.pop(assoc, None)
 
     @staticmethod
     def requested(event: Any) -> None:

@@ -356,7 +356,7 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
     from pacs.cli import settings_from, setup_logging
     from pacs.index import create_index_engine
     from pacs.maintenance import config_path, set_config_value
-    from pacs.maintenance.copy_index import CopyRefused, copy_index
+    from pacs.maintenance.copy_index import COPY_ROLE, CopyRefused, copy_index
     from pacs.running import hold_as_sole_server
 
     settings = settings_from(args)
@@ -366,7 +366,7 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
         err.print(f"[red]pacs serve runs on {settings.data_dir}[/red]: the index would change during the copy; "
                   "stop it (every node of a shared index) first")
         return 1
-    source = create_index_engine(settings.resolved_index_url)
+    source = create_index_engine(settings.resolved_index_url, role=COPY_ROLE)
     try:
         with _Bar(args.json) as bar:
             report = copy_index(source, args.target, bar)

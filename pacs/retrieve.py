@@ -16,7 +16,7 @@ from sqlalchemy import select
 
 from .app import Pacs
 from .index.models import Correction
-from .index.reconcile import PATIENT_COLUMNS
+from .index.reconcile import PATIENT_COLUMNS, STUDY_COLUMNS
 from .query import Level, Query, build_select
 from .query.attributes import instances, patients, studies
 
@@ -87,21 +87,17 @@ def corrected_values(conn: Any, study_pks: set[int]) -> dict[int, tuple[tuple[st
     if not study_pks:
         return {}
     rows = conn.execute(
-        select(corrections.c.study_pk, corrections.c.keyword, patients.c.name, patients.c.patient_id,
-               patients.c.issuer, patients.c.birth_date, patients.c.sex, studies.c.accession_number,
-               studies.c.study_uid)
+        select(corrections.c.study_pk, corrections.c.keyword,
+               *(patients.c[column] for column in PATIENT_COLUMNS.values()),
+               *(studies.c[column] for column in STUDY_COLUMNS.values()))
         .join(studies, studies.c.pk == corrections.c.study_pk)
         .join(patients, patients.c.pk == studies.c.patient_pk)
         .where(corrections.c.study_pk.in_(study_pks))
     ).all()
     result: dict[int, dict[str, str]] = {}
     for row in rows:
-        if row.keyword == "AccessionNumber":
-            value = row.accession_number
-        elif row.keyword == "StudyInstanceUID":
-            value = row.study_uid
-        else:
-            value = getattr(row, PATIENT_COLUMNS[row.keyword])
+        column = STUDY_COLUMNS.get(row.keyword) or PATIENT_COLUMNS[row.keyword]
+        value = getattr(row, column)
         result.setdefault(row.study_pk, {})[row.keyword] = value
     return {pk: tuple(sorted(values.items())) for pk, values in result.items()}
 

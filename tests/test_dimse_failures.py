@@ -225,6 +225,26 @@ def test_silent_connections_of_one_host_do_not_take_every_slot(tmp_path: Path) -
         for sock in silent:  # every silent connection is closed by the server in the end
             sock.settimeout(60)
             assert sock.recv(1) == b""
+        # A request sent a byte at a time (each byte restarted the read's
+        # network timeout: it held its slot for good) is cut off too.
+        dribbler = socket.socket()
+        dribbler.bind(("127.0.0.3", 0))
+        dribbler.connect(("127.0.0.1", server.dicom_port))
+        silent.append(dribbler)
+        dribbler.sendall(bytes([0x01, 0]) + (2006).to_bytes(4, "big"))
+        dribbler.settimeout(1)
+        closed = False
+        for _ in range(60):
+            try:
+                dribbler.sendall(b"\x00")
+                closed = dribbler.recv(1) == b""
+            except TimeoutError:
+                continue
+            except OSError:
+                closed = True
+            if closed:
+                break
+        assert closed, "a request dribbled a byte a second kept its connection"
     finally:
         for sock in silent:
             sock.close()
@@ -573,10 +593,12 @@ def test_instance_naming_another_study_than_its_series_is_filed_with_its_series(
     cached) and through `pacs import` (not cached)."""
     study, series, other = generate_uid(), generate_uid(), generate_uid()
     first = make_ct(tmp_path / "first.dcm", StudyInstanceUID=study, SeriesInstanceUID=series,
-                    PatientID="079000111333", PatientName="VO^THI HOA")
+                    PatientID="079000111333", PatientName="VO^THI HOA", AccessionNumber="ACC001",
+                    StudyDescription="Chest")
     assert scu_store_file(fs_server, first) == 0x0000
     moved = make_ct(tmp_path / "moved.dcm", StudyInstanceUID=other, SeriesInstanceUID=series,
-                    PatientID="079000111333", PatientName="VO^THI HOA")
+                    PatientID="079000111333", PatientName="VO^THI HOA", AccessionNumber="ACC777",
+                    StudyDescription="Abdomen")
     assert scu_store_file(fs_server, moved) == 0x0000
     (tmp_path / "imp").mkdir()
     imported = make_ct(tmp_path / "imp" / "imported.dcm", StudyInstanceUID=generate_uid(),
@@ -594,6 +616,9 @@ def test_instance_naming_another_study_than_its_series_is_filed_with_its_series(
                         headers={"Accept": 'multipart/related; type="application/dicom"; transfer-syntax=*'})
     assert part.status_code == 200
     assert {m["0020000D"]["Value"][0] for m in metadata} == {study}
+    # The study's own accession and description, not those of the study the instance named.
+    assert {m["00080050"]["Value"][0] for m in metadata} == {"ACC001"}
+    assert {m["00081030"]["Value"][0] for m in metadata} == {"Chest"}
     assert {m["00100020"]["Value"][0] for m in metadata} == {"079000111333"}
     assert ("StudyInstanceUID", other, study) in {(c["keyword"], c["received"], c["corrected"]) for c in rows}
     body = part.content

@@ -56,3 +56,26 @@ def test_sqlite_index_copied_into_postgresql_and_served_from_there(tmp_path: Pat
         assert len(json.loads(new.cli("audit", "--format", "json").stdout)) >= audit_before
     finally:
         new.stop()
+
+
+def test_copy_of_a_postgresql_index_is_refused_while_a_node_serves_it(tmp_path: Path, pg_url: str) -> None:
+    """Another node serving the shared index from another machine (no lock
+    on this data dir): the copy would miss what it stores meanwhile."""
+    import psycopg
+
+    from pacs.index import create_index_engine, upgrade_schema
+
+    engine = create_index_engine(pg_url)
+    try:
+        upgrade_schema(engine)
+    finally:
+        engine.dispose()
+    server = PacsServer(tmp_path / "data", Backend("pg", pg_url, None, {}))
+    (tmp_path / "data").mkdir()
+    target = f"sqlite:///{tmp_path}/copy.sqlite"
+    libpq = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    with psycopg.connect(libpq, application_name="filmless-pacs 0013"):
+        refused = server.cli("db", "copy", "--to", target, check=False)
+        assert refused.returncode == 1 and "the index is in use" in refused.stderr, refused.stderr
+    copied = json.loads(server.cli("db", "copy", "--to", target, "--json").stdout)
+    assert copied["rows"]["instances"] == 0 and not copied["switched"]

@@ -68,7 +68,7 @@ def is_sqlite(engine: Engine) -> bool:
     return engine.dialect.name == "sqlite"
 
 
-def create_index_engine(url: str, *, pool_size: int = 10) -> Engine:
+def create_index_engine(url: str, *, pool_size: int = 10, role: str = "") -> Engine:
     """Create the engine for *url* with the settings the index relies on."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -91,7 +91,8 @@ def create_index_engine(url: str, *, pool_size: int = 10) -> Engine:
     if parsed.get_backend_name() == "postgresql":
         # Named, so that an upgrade can tell the archive's servers of another
         # version from a DBA's psql (see pacs.index.schema.other_servers).
-        kwargs["connect_args"] = {"application_name": f"{APPLICATION_NAME} {SCHEMA_HEAD}", **PG_NETWORK_LIMITS}
+        name = f"{APPLICATION_NAME} {SCHEMA_HEAD}" + (f" {role}" if role else "")
+        kwargs["connect_args"] = {"application_name": name, **PG_NETWORK_LIMITS}
     return create_engine(url, **kwargs)
 
 

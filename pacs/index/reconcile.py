@@ -30,6 +30,19 @@ PATIENT_COLUMNS = {
 }
 
 
+# Study attributes the index keeps per study: keyword -> studies column (an
+# instance filed into a study it did not name is corrected to these).
+STUDY_COLUMNS = {
+    "StudyInstanceUID": "study_uid",
+    "AccessionNumber": "accession_number",
+    "StudyID": "study_id",
+    "StudyDate": "study_date",
+    "StudyTime": "study_time",
+    "StudyDescription": "description",
+    "ReferringPhysicianName": "referring_physician",
+}
+
+
 def find_order(conn: Connection, study_uid: str, accession: str) -> Any:
     """The order a new study belongs to: by Study Instance UID, else accession."""
     conditions = [orders_t.c.study_uid == study_uid]

@@ -78,10 +78,22 @@ def other_servers(conn: Connection) -> str:
     rows = conn.execute(text(
         "SELECT coalesce(host(client_addr), 'local socket') AS client, count(*) AS n FROM pg_stat_activity "
         "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
-        "AND (application_name = '' OR (application_name LIKE :ours AND application_name <> :same)) "
+        "AND (application_name = '' OR (application_name LIKE :ours AND application_name NOT LIKE :same)) "
         "GROUP BY 1 ORDER BY 1"
-    ), {"ours": f"{APPLICATION_NAME}%", "same": f"{APPLICATION_NAME} {SCHEMA_HEAD}"}).all()
+    ), {"ours": f"{APPLICATION_NAME}%", "same": f"{APPLICATION_NAME} {SCHEMA_HEAD}%"}).all()
     return ", ".join(f"{r.n} connection(s) from {r.client}" for r in rows)
 
 
-__all__ = ["SchemaError", "head_revision", "other_servers", "prepare_schema"]
+def sessions_besides(conn: Connection, role: str) -> str:
+    """Sessions of the archive's servers (any version) on this PostgreSQL
+    database other than those of an engine made with *role* ("" when none)."""
+    rows = conn.execute(text(
+        "SELECT coalesce(host(client_addr), 'local socket') AS client, count(*) AS n FROM pg_stat_activity "
+        "WHERE datname = current_database() AND backend_type = 'client backend' "
+        "AND (application_name = '' OR application_name LIKE :ours) AND application_name NOT LIKE :mine "
+        "GROUP BY 1 ORDER BY 1"
+    ), {"ours": f"{APPLICATION_NAME}%", "mine": f"{APPLICATION_NAME} % {role}"}).all()
+    return ", ".join(f"{r.n} connection(s) from {r.client}" for r in rows)
+
+
+__all__ = ["SchemaError", "head_revision", "other_servers", "prepare_schema", "sessions_besides"]

@@ -22,7 +22,7 @@ from ..header import InstanceHeader
 from ..names import fold_name
 from ..routing import create_jobs  # no cycle: pacs.routing imports only writer_helpers from here
 from .models import PATIENT_HAS_ID, Correction, Instance, Patient, PatientIdentifier, Series, Study
-from .reconcile import PATIENT_COLUMNS, find_order, record_reconciliation
+from .reconcile import PATIENT_COLUMNS, STUDY_COLUMNS, find_order, record_reconciliation
 from .writer_helpers import insert_ignore, insert_under_parent
 
 patients: Table = Patient.__table__  # type: ignore[assignment]
@@ -86,6 +86,10 @@ class _Lru(OrderedDict[Any, Any]):
         self.move_to_end(key)
         if len(self) > self.limit:
             self.popitem(last=False)
+
+
+class _SeriesTaken(Exception):
+    """Another writer inserted the series first (rolls back a savepoint)."""
 
 
 class IndexWriter:
@@ -256,37 +260,43 @@ class IndexWriter:
         pk = conn.execute(select(series_t.c.pk).where(series_t.c.series_uid == h.series_uid)).scalar()
         if pk is not None:
             # Known series: filed where it is, even when this instance names
-            # another study (see _check_study); no study or patient row is
+            # another study (see _check_patient); no study or patient row is
             # made for what it names.
             self._series.put(h.series_uid, pk)
             return int(pk)
-        study_pk = self._study_pk(conn, h, now)
-        pk = insert_ignore(
-            conn,
-            series_t,
-            {
-                "study_pk": study_pk,
-                "series_uid": h.series_uid,
-                "modality": h.modality,
-                "series_number": h.series_number,
-                "description": h.series_description,
-                "body_part": h.body_part,
-                "station_name": h.station_name,
-                "series_date": h.series_date,
-                "series_time": h.series_time,
-                "num_instances": 0,
-                "size_bytes": 0,
-                "created_at": now,
-                "updated_at": now,
-            },
-            ["series_uid"],
-        )
-        if pk is None:
-            pk = conn.execute(
-                select(series_t.c.pk).where(series_t.c.series_uid == h.series_uid)
-            ).scalar_one()
-        else:
-            self._add_series_to_study(conn, study_pk, h.modality)
+        try:
+            # In a savepoint: if another writer (node, worker) made the series
+            # meanwhile, naming another study, the study and patient made
+            # here for it are undone, not left empty in the study list.
+            with conn.begin_nested():
+                study_pk = self._study_pk(conn, h, now)
+                pk = insert_ignore(
+                    conn,
+                    series_t,
+                    {
+                        "study_pk": study_pk,
+                        "series_uid": h.series_uid,
+                        "modality": h.modality,
+                        "series_number": h.series_number,
+                        "description": h.series_description,
+                        "body_part": h.body_part,
+                        "station_name": h.station_name,
+                        "series_date": h.series_date,
+                        "series_time": h.series_time,
+                        "num_instances": 0,
+                        "size_bytes": 0,
+                        "created_at": now,
+                        "updated_at": now,
+                    },
+                    ["series_uid"],
+                )
+                if pk is None:
+                    raise _SeriesTaken
+                self._add_series_to_study(conn, study_pk, h.modality)
+        except _SeriesTaken:
+            self._studies.pop(h.study_uid, None)
+            self._patients.pop((h.patient_id, h.issuer), None)
+            pk = conn.execute(select(series_t.c.pk).where(series_t.c.series_uid == h.series_uid)).scalar_one()
         self._series.put(h.series_uid, pk)
         return pk
 
@@ -348,19 +358,19 @@ class IndexWriter:
         if cached is not None and now - cached[0] < STUDY_PATIENT_TTL:
             return cached[1]
         row = conn.execute(
-            select(studies.c.pk, studies.c.study_uid, *(patients.c[column] for column in PATIENT_COLUMNS.values()))
+            select(studies.c.pk, *(studies.c[column] for column in STUDY_COLUMNS.values()),
+                   *(patients.c[column] for column in PATIENT_COLUMNS.values()))
             .select_from(series_t)
             .join(studies, studies.c.pk == series_t.c.study_pk)
             .join(patients, patients.c.pk == studies.c.patient_pk)
             .where(series_t.c.pk == series_pk)
         ).one()
-        attributes = {k: getattr(row, c) or "" for k, c in PATIENT_COLUMNS.items()}
-        attributes["StudyInstanceUID"] = row.study_uid
+        attributes = {k: getattr(row, c) or "" for k, c in (PATIENT_COLUMNS | STUDY_COLUMNS).items()}
         found = (int(row.pk), attributes)
         self._series_studies.put(cache_key, (now, found))
         return found
 
-    def _check_patient(self, conn: Connection, rec: IndexRecord, series_pk: int) -> None:
+    def _check_patient(self, conn: Connection, rec: IndexRecord, series_pk: int) -> str:
         """An instance whose patient is not its study's (another Patient ID, or
         issuer) is filed with the study, as the first received instance decided,
         and the differing attributes are recorded as corrections: retrieval
@@ -372,14 +382,17 @@ class IndexWriter:
         study_pk, filed = self._series_study(conn, series_pk, h.series_uid)
         same_study = h.study_uid == filed["StudyInstanceUID"]
         if same_study and h.patient_id == filed["PatientID"] and (not h.issuer or h.issuer == filed["IssuerOfPatientID"]):
-            return
+            return h.study_uid
         received = _received_patient(h)
         reason = f"instance {h.sop_uid} received with another patient than its study's"
         if not same_study:
             # The series is already filed in another study (a series copied
             # into an edited study, a modality's UID bug): the instance joins
-            # its series, and retrieval gives it the study it is filed in.
-            received["StudyInstanceUID"] = h.study_uid
+            # its series, and retrieval gives it the study it is filed in,
+            # accession and description included.
+            received |= {"StudyInstanceUID": h.study_uid, "AccessionNumber": h.accession_number,
+                         "StudyID": h.study_id, "StudyDate": h.study_date, "StudyTime": h.study_time,
+                         "StudyDescription": h.study_description, "ReferringPhysicianName": h.referring_physician}
             reason = f"instance {h.sop_uid} received naming another study than its series'"
         recorded = set(conn.execute(
             select(corrections.c.keyword).where(corrections.c.study_pk == study_pk)).scalars())
@@ -399,6 +412,7 @@ class IndexWriter:
                 log.warning("instance %s of series %s names study %s, but the series is filed in study %s; "
                             "filed with its series, %s recorded as corrections", h.sop_uid, h.series_uid,
                             h.study_uid, filed["StudyInstanceUID"], keywords)
+        return filed["StudyInstanceUID"]
 
     @staticmethod
     def _duplicate(conn: Connection, rec: IndexRecord, old: Any) -> AddResult:
@@ -434,9 +448,9 @@ class IndexWriter:
             values = self._instance_values(rec, self._series_pk(conn, rec.header, rec.received_at))
             pk = insert_ignore(conn, instances, values, ["sop_uid"])
         if pk is not None:
-            self._check_patient(conn, rec, int(values["series_pk"]))
+            study_uid = self._check_patient(conn, rec, int(values["series_pk"]))
             if rec.routes:
-                create_jobs(conn, rec.routes, rec.header.sop_uid, rec.header.study_uid, rec.received_at)
+                create_jobs(conn, rec.routes, rec.header.sop_uid, study_uid, rec.received_at)
             return AddResult(Outcome.INSERTED, pk)
         old = conn.execute(
             select(instances.c.pk, instances.c.storage_key, instances.c.sha256)

@@ -26,10 +26,12 @@ from sqlalchemy.engine import make_url
 
 from ..index import create_index_engine
 from ..index.models import Base
-from ..index.schema import prepare_schema
+from ..index.schema import prepare_schema, sessions_besides
 from .common import NullProgress, Progress
 
 CHUNK = 2_000
+# The application name of the copy's own sessions (create_index_engine role).
+COPY_ROLE = "copy"
 # Leases name the processes of the old database's nodes: nothing to carry over.
 SKIPPED = {"job_leases"}
 # Kept by triggers on `instances` (migration 0002): copied as zero, recounted.
@@ -70,8 +72,15 @@ def copy_index(source: Engine, target_url: str, progress: Progress | None = None
                 source.url.render_as_string(hide_password=False):
             raise CopyRefused("the target is the current index")
         prepare_schema(target, upgrade=False)  # a new database gets this version's schema
+        if source.dialect.name == "postgresql":
+            with source.connect() as conn:
+                others = sessions_besides(conn, COPY_ROLE)
+            if others:
+                raise CopyRefused(f"the index is in use ({others}): stop pacs serve on every node first")
         tables = [t for t in Base.metadata.sorted_tables if t.name not in SKIPPED]
-        with source.connect() as src, target.begin() as dst:
+        # One snapshot of every table (PostgreSQL reads each statement anew otherwise).
+        options = {"isolation_level": "REPEATABLE READ"} if source.dialect.name == "postgresql" else {}
+        with source.connect().execution_options(**options) as src, target.begin() as dst:
             full = [t.name for t in tables if dst.execute(select(func.count()).select_from(t)).scalar()]
             if full:
                 raise CopyRefused(f"the target database already holds data ({', '.join(full)}): give an "
@@ -131,4 +140,4 @@ def _advance_sequences(conn: Any, tables: list[Table]) -> None:
             f"(SELECT coalesce(max(pk), 0) + 1 FROM {table.name}), false)"))
 
 
-__all__ = ["CopyRefused", "CopyReport", "copy_index", "redacted"]
+__all__ = ["COPY_ROLE", "CopyRefused", "CopyReport", "copy_index", "redacted"]
