@@ -75,24 +75,24 @@ def other_servers(conn: Connection) -> str:
     their code in their name; versions before that connect without a name
     (a DBA's psql or a monitoring tool has its own). Nodes of this version,
     starting beside us, do not count."""
-    rows = conn.execute(text(
-        "SELECT coalesce(host(client_addr), 'local socket') AS client, count(*) AS n FROM pg_stat_activity "
-        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
-        "AND (application_name = '' OR (application_name LIKE :ours AND application_name NOT LIKE :same)) "
-        "GROUP BY 1 ORDER BY 1"
-    ), {"ours": f"{APPLICATION_NAME}%", "same": f"{APPLICATION_NAME} {SCHEMA_HEAD}%"}).all()
-    return ", ".join(f"{r.n} connection(s) from {r.client}" for r in rows)
+    return _sessions(conn, f"{APPLICATION_NAME} {SCHEMA_HEAD}%")
 
 
 def sessions_besides(conn: Connection, role: str) -> str:
     """Sessions of the archive's servers (any version) on this PostgreSQL
     database other than those of an engine made with *role* ("" when none)."""
+    return _sessions(conn, f"{APPLICATION_NAME} % {role}")
+
+
+def _sessions(conn: Connection, excluded: str) -> str:
+    """The archive's sessions (named ours, or unnamed) other than this one and
+    those whose name is LIKE *excluded*, counted per client address."""
     rows = conn.execute(text(
         "SELECT coalesce(host(client_addr), 'local socket') AS client, count(*) AS n FROM pg_stat_activity "
-        "WHERE datname = current_database() AND backend_type = 'client backend' "
-        "AND (application_name = '' OR application_name LIKE :ours) AND application_name NOT LIKE :mine "
+        "WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
+        "AND (application_name = '' OR application_name LIKE :ours) AND application_name NOT LIKE :excluded "
         "GROUP BY 1 ORDER BY 1"
-    ), {"ours": f"{APPLICATION_NAME}%", "mine": f"{APPLICATION_NAME} % {role}"}).all()
+    ), {"ours": f"{APPLICATION_NAME}%", "excluded": excluded}).all()
     return ", ".join(f"{r.n} connection(s) from {r.client}" for r in rows)
 
 
