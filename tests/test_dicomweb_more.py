@@ -350,6 +350,10 @@ def test_rendered_study_parts_are_named_and_left_out_ones_said(web: PacsServer) 
         assert all(h["content-type"] == "image/png" for h, _ in _parts(typed))
         assert http.get(f"/dicom-web/studies/{MIXED_STUDY}/rendered",
                         headers={"Accept": 'multipart/related; type="application/dicom"'}).status_code == 406
+        # One instance asked for in that form: a multipart answer of one part.
+        one = http.get(locations[0], headers={"Accept": 'multipart/related; type="image/png"'})
+        assert one.status_code == 200 and 'type="image/png"' in one.headers["content-type"]
+        assert len(_parts(one)) == 1
 
 
 # -- 9. HEAD ----------------------------------------------------------------------------------------------

@@ -55,15 +55,13 @@ def negotiate_frames(request: Request, stored_transfer_syntax: str) -> Offer:
     return mediatypes.negotiate(effective_accept(request), offers, default=offers[0])
 
 
-def negotiate_rendered(request: Request, *, multipart: bool = False) -> str:
-    """The image media type of a rendered answer. A multipart answer (a
-    series, a study, several frames) also takes its PS3.18 form of Accept,
-    ``multipart/related; type="image/jpeg"``."""
+def negotiate_rendered(request: Request) -> Offer:
+    """The form of a rendered answer: an image, or (PS3.18's form of Accept
+    for a series, a study, several frames) ``multipart/related;
+    type="image/jpeg"``, which a single image may be asked in too."""
     offers = list(mediatypes.RENDERED_OFFERS)
-    if multipart:
-        offers += [Offer(MULTIPART_RELATED, o.media_type) for o in mediatypes.RENDERED_OFFERS]
-    offer = mediatypes.negotiate(effective_accept(request), offers, default=mediatypes.RENDERED_DEFAULT)
-    return offer.part_type
+    offers += [Offer(MULTIPART_RELATED, o.media_type) for o in mediatypes.RENDERED_OFFERS]
+    return mediatypes.negotiate(effective_accept(request), offers, default=mediatypes.RENDERED_DEFAULT)
 
 
 def negotiate_document(request: Request, media_type: str) -> Offer:

@@ -75,10 +75,10 @@ class RenderCache:
                 self._size -= len(dropped)
 
 
-def params_from(request: Request, *, thumbnail: bool = False, multipart: bool = False) -> RenderParams:
+def params_from(request: Request, *, thumbnail: bool = False) -> RenderParams:
     """The rendered-resource parameters of PS3.18 8.3.5.1 (annotation ignored)."""
     query = request.query_params
-    media_type = negotiation.negotiate_rendered(request, multipart=multipart)
+    media_type = negotiation.negotiate_rendered(request).part_type
     try:
         window = parse_window(query["window"]) if "window" in query else None
         # PS3.18: a thumbnail's viewport is only "vw,vh" (no source region).
@@ -110,6 +110,8 @@ def render_item(request: Request, item: RetrieveItem, frame: int, params: Render
 
 
 def rendered_response(request: Request, item: RetrieveItem, frame: int) -> Response:
+    if negotiation.negotiate_rendered(request).is_multipart:
+        return rendered_multipart(request, [(item, frame)])
     params = params_from(request)
     return Response(render_item(request, item, frame, params), media_type=params.media_type)
 
@@ -124,7 +126,7 @@ def rendered_multipart(request: Request, targets: list[tuple[RetrieveItem, int]]
     ``Warning: 299`` header counts and names the instances left out. If
     nothing can be rendered, the first error is the answer's status. The
     encoded images wait in a temporary file beyond a few MB, not in memory."""
-    params = params_from(request, multipart=True)
+    params = params_from(request)
     boundary = new_boundary()
     if not targets:
         raise HTTPProblem(404, "nothing to render")
