@@ -10,6 +10,7 @@ corrections for the study.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import logging
@@ -28,7 +29,7 @@ import httpx
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import _config
+from pynetdicom import _config, evt
 from pynetdicom.presentation import PresentationContext
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -171,7 +172,13 @@ class Forwarder:
         with self._lock:
             sending = list(self._sending)
         for assoc in sending:
-            assoc.abort(block=False)
+            if assoc.is_established:
+                assoc.abort(block=False)
+            else:
+                # Still waiting for the peer's A-ASSOCIATE-AC (a link frozen
+                # at connect): end the wait, it would last the ACSE timeout.
+                with contextlib.suppress(OSError, AttributeError):
+                    assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
         self._thread.join(30)
         self._pool.shutdown(wait=True)
         routing.release_node(self.pacs.engine, self.node)
@@ -347,11 +354,23 @@ class Forwarder:
         ae = local_ae(self.pacs)
         for cx in _contexts(prepared):
             ae.add_requested_context(cx.abstract_syntax, cx.transfer_syntax)
+        opened: list[Any] = []
+
+        def connected(event: Any) -> None:  # stop() may end the association from here on
+            with self._lock:
+                opened.append(event.assoc)
+                self._sending.add(event.assoc)
+
         try:
-            assoc = associate(self.pacs, ae, remote)
+            assoc = associate(self.pacs, ae, remote, evt_handlers=[(evt.EVT_CONN_OPEN, connected)])
         except RemoteError as exc:
-            for job, _, _ in prepared:
-                self._fail(destination, job, str(exc))
+            with self._lock:
+                self._sending.difference_update(opened)
+            if self._stop.is_set():  # cut by stop(): not the destination's failure
+                self._give_back([job for job, _, _ in prepared])
+            else:
+                for job, _, _ in prepared:
+                    self._fail(destination, job, str(exc))
             return
         renewed = time.monotonic()
         _stop_aware(assoc, self._stop)

@@ -388,3 +388,39 @@ def test_stop_is_not_held_by_a_frozen_destination(tmp_path: Path) -> None:
         release.set()
         server.stop()
         listener.shutdown()
+
+
+def test_stop_is_not_held_by_a_destination_frozen_at_connect(tmp_path: Path) -> None:
+    """A link that freezes right after the TCP handshake (no A-ASSOCIATE-AC):
+    the stop waited the ACSE timeout and charged the jobs a failed attempt."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    accepted: list[socket.socket] = []
+    got = threading.Event()
+
+    def accept() -> None:
+        conn, _ = listener.accept()  # and never answers
+        accepted.append(conn)
+        got.set()
+
+    threading.Thread(target=accept, daemon=True).start()
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}))
+    server.cli("ae", "add", "FROZEN", "--host", "127.0.0.1", "--port", str(listener.getsockname()[1]))
+    server.cli("route", "add", "to-frozen", "--if", "Modality=CT", "--to-ae", "FROZEN")
+    server.start()
+    try:
+        assert server.storescu(str(make_ct(tmp_path / "x.dcm"))).returncode == 0
+        assert got.wait(60), "the routing association never connected"
+        server.stop()
+        assert server.proc is not None and server.proc.returncode == 0, "stopped only by SIGKILL"
+        jobs = _jobs(server)
+        assert jobs["counts"] == {"pending": 1} and jobs["jobs"][0]["attempts"] == 0, jobs
+    finally:
+        server.stop()
+        for conn in accepted:
+            conn.close()
+        listener.close()
