@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom import dcmread
@@ -372,21 +373,11 @@ def test_stop_is_not_held_by_a_frozen_destination(tmp_path: Path) -> None:
     scp.add_supported_context(CTImageStorage, "1.2.840.10008.1.2.1")
     port = free_port()
     listener = scp.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, hang)])
-    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
-                        extra_env={"PACS_DICOM_TIMEOUT": "600"})
-    server.cli("ae", "add", "FROZEN", "--host", "127.0.0.1", "--port", str(port))
-    server.cli("route", "add", "to-frozen", "--if", "Modality=CT", "--to-ae", "FROZEN")
-    server.start()
     try:
-        assert server.storescu(str(make_ct(tmp_path / "x.dcm"))).returncode == 0
-        assert frozen.wait(60), "the routed C-STORE never reached the destination"
-        server.stop()
-        assert server.proc is not None and server.proc.returncode == 0, "stopped only by SIGKILL"
-        assert _jobs(server)["counts"] == {"pending": 1}
-        assert _jobs(server)["jobs"][0]["attempts"] == 0
+        _stop_while_routing_to(tmp_path, port, frozen, "the routed C-STORE never reached the destination",
+                               {"PACS_DICOM_TIMEOUT": "600"})
     finally:
         release.set()
-        server.stop()
         listener.shutdown()
 
 
@@ -408,19 +399,29 @@ def test_stop_is_not_held_by_a_destination_frozen_at_connect(tmp_path: Path) -> 
         got.set()
 
     threading.Thread(target=accept, daemon=True).start()
-    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}))
-    server.cli("ae", "add", "FROZEN", "--host", "127.0.0.1", "--port", str(listener.getsockname()[1]))
+    try:
+        _stop_while_routing_to(tmp_path, listener.getsockname()[1], got, "the routing association never connected")
+    finally:
+        for conn in accepted:
+            conn.close()
+        listener.close()
+
+
+def _stop_while_routing_to(tmp_path: Path, port: int, reached: Any, never: str,
+                           env: dict[str, str] | None = None) -> None:
+    """Route a CT to the frozen destination FROZEN on *port*, wait until it is
+    *reached*, stop the server: a clean exit, and the job back in the queue
+    untried."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}), extra_env=env or {})
+    server.cli("ae", "add", "FROZEN", "--host", "127.0.0.1", "--port", str(port))
     server.cli("route", "add", "to-frozen", "--if", "Modality=CT", "--to-ae", "FROZEN")
     server.start()
     try:
         assert server.storescu(str(make_ct(tmp_path / "x.dcm"))).returncode == 0
-        assert got.wait(60), "the routing association never connected"
+        assert reached.wait(60), never
         server.stop()
         assert server.proc is not None and server.proc.returncode == 0, "stopped only by SIGKILL"
         jobs = _jobs(server)
         assert jobs["counts"] == {"pending": 1} and jobs["jobs"][0]["attempts"] == 0, jobs
     finally:
         server.stop()
-        for conn in accepted:
-            conn.close()
-        listener.close()
