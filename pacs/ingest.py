@@ -302,7 +302,6 @@ class Ingestor:
                 log.exception("ingest listener failed")
         return result
 
-
     def _plan_routes(self, header: InstanceHeader, origin: Origin, key: str) -> list[Any]:
         try:
             return (

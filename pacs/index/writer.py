@@ -76,6 +76,29 @@ def _received_patient(h: InstanceHeader) -> dict[str, str]:
             "PatientBirthDate": h.birth_date, "PatientSex": h.sex}
 
 
+def _received_study(h: InstanceHeader) -> dict[str, str]:
+    """The study attributes an object arrived with, by DICOM keyword (the
+    keys of :data:`STUDY_COLUMNS`)."""
+    return {"StudyInstanceUID": h.study_uid, "AccessionNumber": h.accession_number, "StudyID": h.study_id,
+            "StudyDate": h.study_date, "StudyTime": h.study_time, "StudyDescription": h.study_description,
+            "ReferringPhysicianName": h.referring_physician}
+
+
+def _patient_row(h: InstanceHeader, now: datetime) -> dict[str, Any]:
+    """The patients row an object's patient starts as."""
+    return {"patient_id": h.patient_id, "issuer": h.issuer, "name": h.patient_name,
+            "name_folded": h.patient_name_folded, "name_words": h.patient_name_words,
+            "birth_date": h.birth_date, "sex": h.sex, "created_at": now, "updated_at": now}
+
+
+def _add_identifiers(conn: Connection, patient_pk: int, h: InstanceHeader) -> None:
+    """The object's other patient IDs (citizen ID, insurance...), once each."""
+    for other in h.other_ids:
+        insert_ignore(conn, identifiers,
+                      {"patient_pk": patient_pk, "value": other.value, "issuer": other.issuer, "id_type": other.id_type},
+                      ["patient_pk", "value", "issuer"])
+
+
 class _Lru(OrderedDict[Any, Any]):
     def __init__(self, limit: int) -> None:
         super().__init__()
@@ -131,7 +154,7 @@ class IndexWriter:
             if row is not None and row.patient_id == h.patient_id and (not h.issuer or row.issuer == h.issuer):
                 return pk
             del self._patients[key]
-        if not h.issuer and h.patient_id:
+        if not h.issuer:
             # Modalities rarely send Issuer of Patient ID: an ID without issuer
             # is the patient the HIS registered under that ID with its issuer,
             # when there is exactly one.
@@ -141,23 +164,7 @@ class IndexWriter:
             if len(known) == 1:
                 self._patients.put(key, known[0])
                 return int(known[0])
-        pk = insert_ignore(
-            conn,
-            patients,
-            {
-                "patient_id": h.patient_id,
-                "issuer": h.issuer,
-                "name": h.patient_name,
-                "name_folded": h.patient_name_folded,
-                "name_words": h.patient_name_words,
-                "birth_date": h.birth_date,
-                "sex": h.sex,
-                "created_at": now,
-                "updated_at": now,
-            },
-            ["patient_id", "issuer"],
-            where=PATIENT_HAS_ID,
-        )
+        pk = insert_ignore(conn, patients, _patient_row(h, now), ["patient_id", "issuer"], where=PATIENT_HAS_ID)
         if pk is None:
             row = conn.execute(
                 select(patients.c.pk, patients.c.name).where(
@@ -179,27 +186,15 @@ class IndexWriter:
                         updated_at=now,
                     )
                 )
-        for other in h.other_ids:
-            insert_ignore(
-                conn,
-                identifiers,
-                {"patient_pk": pk, "value": other.value, "issuer": other.issuer, "id_type": other.id_type},
-                ["patient_pk", "value", "issuer"],
-            )
+        _add_identifiers(conn, pk, h)
         self._patients.put(key, pk)
         return pk
 
     def _new_patient_without_id(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
         """A patient of its own for a new study received without a Patient
         ID: such objects of different people are not one patient."""
-        pk = conn.execute(patients.insert().values(
-            patient_id="", issuer=h.issuer, name=h.patient_name, name_folded=h.patient_name_folded,
-            name_words=h.patient_name_words, birth_date=h.birth_date, sex=h.sex, created_at=now, updated_at=now,
-        ).returning(patients.c.pk)).scalar_one()
-        for other in h.other_ids:
-            insert_ignore(conn, identifiers,
-                          {"patient_pk": pk, "value": other.value, "issuer": other.issuer, "id_type": other.id_type},
-                          ["patient_pk", "value", "issuer"])
+        pk = conn.execute(patients.insert().values(_patient_row(h, now)).returning(patients.c.pk)).scalar_one()
+        _add_identifiers(conn, pk, h)
         return int(pk)
 
     def _study_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
@@ -390,9 +385,7 @@ class IndexWriter:
             # into an edited study, a modality's UID bug): the instance joins
             # its series, and retrieval gives it the study it is filed in,
             # accession and description included.
-            received |= {"StudyInstanceUID": h.study_uid, "AccessionNumber": h.accession_number,
-                         "StudyID": h.study_id, "StudyDate": h.study_date, "StudyTime": h.study_time,
-                         "StudyDescription": h.study_description, "ReferringPhysicianName": h.referring_physician}
+            received |= _received_study(h)
             reason = f"instance {h.sop_uid} received naming another study than its series'"
         recorded = set(conn.execute(
             select(corrections.c.keyword).where(corrections.c.study_pk == study_pk)).scalars())
