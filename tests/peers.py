@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,17 +35,38 @@ class PeerMissing(RuntimeError):
 
 
 _HANDED_OUT: set[int] = set()
+# Below the kernel's ephemeral range (32768-60999 by default, where every
+# outgoing connection takes its local port: one took a SeaweedFS port between
+# the check and weed's bind) and low enough that SeaweedFS's gRPC port
+# (port + 10000) stays below it too.
+PORT_RANGE = (12000, 22000)
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def free_port() -> int:
-    """A port free now and not handed out before by this test process: the
-    kernel may give the same ephemeral port to two binds in a row once the
-    first socket is closed (a server's DICOM and HTTP ports collided once)."""
+    """A port free now, outside the range outgoing connections draw from, and
+    not handed out before by this test process (two servers' ports collided
+    once when the kernel chose them)."""
+    low, high = PORT_RANGE
+    high = min(high, _ephemeral_low() - 10000)
     while True:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-        if port not in _HANDED_OUT:
+        port = random.randrange(low, high)
+        if port not in _HANDED_OUT and _bindable(port):
             _HANDED_OUT.add(port)
             return port
 
@@ -91,6 +113,9 @@ def run_dcmtk(tool: str, *args: str, timeout: float = 120) -> subprocess.Complet
 # -- SeaweedFS (S3) ---------------------------------------------------------------
 # Access and secret key of a read-only identity every test S3 server has.
 S3_READONLY = ("pacs-readonly", "pacs-readonly-secret-0123456789")
+START_ATTEMPTS = 3
+
+
 @dataclass
 class S3Server:
     endpoint: str
@@ -99,6 +124,7 @@ class S3Server:
     proc: subprocess.Popen | None = None
     workdir: Path | None = None
     ports: dict[str, int] = field(default_factory=dict)
+    _started: bool = False
 
     def url(self, bucket: str) -> str:
         return f"s3://{bucket}?endpoint={self.endpoint}&secure=false"
@@ -129,21 +155,50 @@ class S3Server:
         )
         data = self.workdir / "data"
         data.mkdir(exist_ok=True)
-        p = self.ports
-        self.proc = subprocess.Popen(
-            [
-                weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-                "-master.telemetry=false", f"-s3.config={config}", f"-s3.port={p['s3']}",
-                f"-master.port={p['master']}", f"-volume.port={p['volume']}",
-                f"-filer.port={p['filer']}", "-webdav=false", "-admin.ui=false",
-                "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.localSocket={self.workdir}/s3.sock",
-            ],
-            stdout=open(self.workdir / "weed.log", "ab"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        wait_port(p["s3"], timeout=60, proc=self.proc)
+        # A port checked free may be taken (an outgoing connection's ephemeral
+        # port) before weed binds it; weed then exits at once with "Port
+        # allocation failed" and every S3 test of the session fails with it.
+        for attempt in range(START_ATTEMPTS):
+            self.proc = self._launch(weed, config, data)
+            try:
+                wait_port(self.ports["s3"], timeout=60, proc=self.proc)
+                break
+            except RuntimeError as exc:
+                log = self._log_tail()
+                if attempt + 1 == START_ATTEMPTS:
+                    raise RuntimeError(f"{exc}; weed said: {log}") from exc
+                if not self._started and "Port allocation failed" in log:
+                    self.ports = weed_ports()  # nobody knows the endpoint yet
+                    self.endpoint = f"127.0.0.1:{self.ports['s3']}"
+                time.sleep(1)
+        self._started = True
         self._wait_ready()
+
+    def _launch(self, weed: str, config: Path, data: Path) -> subprocess.Popen:
+        assert self.workdir is not None
+        p = self.ports
+        with open(self.workdir / "weed.log", "ab") as log:
+            return subprocess.Popen(
+                [
+                    weed, "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                    "-master.telemetry=false", f"-s3.config={config}", f"-s3.port={p['s3']}",
+                    f"-master.port={p['master']}", f"-volume.port={p['volume']}",
+                    f"-filer.port={p['filer']}", "-webdav=false", "-admin.ui=false",
+                    "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.localSocket={self.workdir}/s3.sock",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _log_tail(self) -> str:
+        assert self.workdir is not None
+        try:
+            lines = (self.workdir / "weed.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return "(no log)"
+        errors = [line for line in lines if line.startswith(("E", "F"))]
+        return " | ".join((errors or lines)[-3:])
 
     def _wait_ready(self) -> None:
         from minio import Minio
@@ -170,10 +225,10 @@ class S3Server:
 
 
 def weed_ports() -> dict[str, int]:
-    # SeaweedFS also opens gRPC on port+10000: keep every base port low enough.
+    """Ports for one SeaweedFS; it also opens gRPC on each port + 10000."""
     while True:
         ports = {k: free_port() for k in ("s3", "master", "volume", "filer")}
-        if all(v + 10000 < 65535 for v in ports.values()):
+        if all(_bindable(v + 10000) for v in ports.values()):
             return ports
 
 

@@ -30,11 +30,10 @@ from .conftest import (
     PacsServer,
     S3Server,
     dataset_bytes,
-    weed_ports,
     free_port,
     run_dcmtk,
 )
-from .peers import PG_ADMIN, wait_until
+from .peers import PG_ADMIN, start_s3, wait_until
 
 
 def scu_store_file(server: PacsServer, path: Path, calling: str = "PYSCU") -> int:
@@ -386,10 +385,7 @@ def test_overwrite_policy_replaces(tmp_path: Path) -> None:
 
 # -- storage failures ----------------------------------------------------------------
 def test_s3_down_gives_failure_status_and_no_index_row(tmp_path: Path, pg_url: str) -> None:
-    ports = weed_ports()
-    s3 = S3Server(f"127.0.0.1:{ports['s3']}", S3_ACCESS, S3_SECRET, workdir=tmp_path / "weed", ports=ports)
-    (tmp_path / "weed").mkdir()
-    s3.start()
+    s3 = start_s3(tmp_path / "weed")
     env = {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET}
     server = PacsServer(tmp_path / "data", Backend("pg-s3", pg_url, s3.url("failing"), env)).start()
     try:
@@ -780,8 +776,6 @@ def test_retrieval_while_s3_is_down_is_503_before_any_byte(tmp_path: Path) -> No
     """Stored as asked (no conversion) the object was opened only once the 200
     had gone out, and the body broke off; converted, the store's failure was
     reported as 406 (never), where 503 says "later"."""
-    from .peers import start_s3
-
     s3 = start_s3(tmp_path / "weed")
     env = {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET}
     server = PacsServer(tmp_path / "data", Backend("sqlite-s3", None, s3.url("down"), env)).start()

@@ -198,3 +198,25 @@ def test_s3_server_side_encryption_is_requested(s3_bucket_url: str) -> None:
         assert stream.read() == b"secret pixels" * 100
     with pytest.raises(ValueError, match="server-side encryption"):
         open_store(s3_bucket_url + "&sse=rot13", access_key=S3_ACCESS, secret_key=S3_SECRET)
+
+
+def test_the_test_s3_server_starts_although_its_port_was_taken(tmp_path: Path) -> None:
+    """A port checked free can be taken before SeaweedFS binds it (weed exits
+    at once); one such start once failed every S3 test of a CI run."""
+    import socket
+
+    from .peers import S3Server, weed_ports
+
+    ports = weed_ports()
+    (tmp_path / "weed").mkdir()
+    s3 = S3Server(f"127.0.0.1:{ports['s3']}", S3_ACCESS, S3_SECRET, workdir=tmp_path / "weed", ports=ports)
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", ports["s3"]))  # bound, not listening: a client's port
+        try:
+            s3.start()
+            assert s3.ports["s3"] != ports["s3"]
+            stored = open_store(s3.url("taken"), access_key=S3_ACCESS, secret_key=S3_SECRET)
+            put_bytes(stored, "k", b"payload")
+            assert stored.read_bytes("k") == b"payload"
+        finally:
+            s3.stop()
