@@ -125,6 +125,7 @@ def _http_socket(host: str, port: int) -> socket.socket:
 def serve(settings: Settings, *, with_samples: bool = False) -> int:
     """Run until interrupted; returns the process exit code."""
     from viewer_api.app import create_app
+    from viewer_api.protocol import header_deadline_protocol
 
     from .app import limit_malloc_arenas
 
@@ -203,6 +204,7 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
                 log_level=settings.log_level.lower(),
                 access_log=False,
                 timeout_graceful_shutdown=10,
+                http=header_deadline_protocol(settings.http_header_timeout),
                 **http_ssl,
             )
             log.info("HTTP listening on %s://%s:%d", scheme, settings.host, settings.http_port)

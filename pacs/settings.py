@@ -128,6 +128,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     dicom_port: int = 11112
     http_port: int = 8042
+    # Seconds an HTTP client has to send a request's line and headers (from
+    # connecting, or from its first byte on a kept-alive connection): a client
+    # that sends nothing, or dribbles headers, would hold its descriptor for
+    # good. Bodies are not limited (a STOW over a slow satellite link).
+    http_header_timeout: float = Field(default=30.0, gt=0)
     hl7_port: int = 2575
     # Close an HL7 MLLP connection that sends nothing for this many seconds (0: never).
     hl7_idle_timeout: float = 300.0

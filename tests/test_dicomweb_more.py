@@ -31,6 +31,8 @@ AS_IS = ("badVR.dcm", "waveform_ecg.dcm", "OBXXXX1A_expb.dcm", "SC_rgb_small_odd
 BAD_IS_STUDY = generate_uid()
 # Two CTs and a waveform (nothing to render) in one study.
 MIXED_STUDY = generate_uid()
+# Seconds the module's server gives a client to send its request headers.
+HEADER_TIMEOUT = 5
 # A study whose stored object goes missing (an unexpected error).
 LOST_STUDY = generate_uid()
 
@@ -56,7 +58,8 @@ def _copy(name: str, study: str | None = None, **changes: object) -> object:
 @pytest.fixture(scope="module")
 def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     tmp = tmp_path_factory.mktemp("web-more")
-    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}))
+    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_HTTP_HEADER_TIMEOUT": str(HEADER_TIMEOUT)})
     inbox = tmp / "in"
     for name in AS_IS:
         (inbox / name).parent.mkdir(parents=True, exist_ok=True)
@@ -370,3 +373,31 @@ def test_head_where_get_exists(web: PacsServer) -> None:
             assert head.headers["content-type"].startswith(media_type) and head.content == b""
             assert http.get(path).status_code == 200
         assert http.head("/dicom-web/studies/1.2.3/metadata").status_code == 404
+
+
+def test_clients_that_never_complete_their_headers_are_cut_off(web: PacsServer) -> None:
+    """A client that connects and sends nothing, or sends its headers a byte at
+    a time (slowloris), held its connection for good: enough of them and the
+    appliance accepts no EMR or viewer request."""
+    import select
+    import time
+
+    silent = socket.create_connection(("127.0.0.1", web.http_port), timeout=60)
+    dribbler = socket.create_connection(("127.0.0.1", web.http_port), timeout=60)
+    dribbler.sendall(b"GET /health HTTP/1.1\r\nHost: pacs\r\nX-Slow: ")
+    answer = b""
+    give_up = time.monotonic() + 12 * HEADER_TIMEOUT
+    with silent, dribbler:
+        while time.monotonic() < give_up:
+            readable, _, _ = select.select([dribbler], [], [], 0.5)
+            if readable:
+                chunk = dribbler.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+            else:
+                dribbler.sendall(b"a")
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert silent.recv(100) == b""  # closed without an answer: it asked nothing
+    # Everyone else is served meanwhile and after.
+    assert web.http().get("/health").status_code == 200
