@@ -540,7 +540,7 @@ def cmd_db(args: argparse.Namespace) -> int:
     from .index import create_index_engine, current_revision
     from .index.schema import prepare_schema
 
-    from .running import hold_as_sole_server
+    from .running import no_server_running
 
     if args.db_command == "copy":
         from .cli_maintenance import cmd_db_copy
@@ -548,20 +548,17 @@ def cmd_db(args: argparse.Namespace) -> int:
         return cmd_db_copy(args)
     settings = settings_from(args)
     engine = create_index_engine(settings.resolved_index_url)
-    lock = None
     try:
         if args.db_command == "upgrade":
-            lock = hold_as_sole_server(settings.data_dir)
-            others = "" if lock is not None else f"a pacs serve runs on {settings.data_dir}"
-            before = current_revision(engine)
-            prepare_schema(engine, upgrade=True, others=others)
+            with no_server_running(settings.data_dir) as alone:
+                others = "" if alone else f"a pacs serve runs on {settings.data_dir}"
+                before = current_revision(engine)
+                prepare_schema(engine, upgrade=True, others=others)
             if before not in (None, current_revision(engine)):
                 out.print(f"index schema upgraded from revision {before}")
         _print_result(args, {"revision": current_revision(engine)})
     finally:
         engine.dispose()
-        if lock is not None:
-            lock.close()
     return 0
 
 

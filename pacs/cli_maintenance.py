@@ -357,29 +357,28 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
     from pacs.index import create_index_engine
     from pacs.maintenance import config_path, set_config_value
     from pacs.maintenance.copy_index import COPY_ROLE, CopyRefused, copy_index
-    from pacs.running import hold_as_sole_server
+    from pacs.running import no_server_running
 
     settings = settings_from(args)
     setup_logging(settings.log_level if not args.json else "WARNING")
-    lock = hold_as_sole_server(settings.data_dir)
-    if lock is None:
-        err.print(f"[red]pacs serve runs on {settings.data_dir}[/red]: the index would change during the copy; "
-                  "stop it (every node of a shared index) first")
-        return 1
-    source = create_index_engine(settings.resolved_index_url, role=COPY_ROLE)
-    try:
-        with _Bar(args.json) as bar:
-            report = copy_index(source, args.target, bar)
-        if args.switch:
-            path = config_path(settings)
-            set_config_value(path, "index_url", args.target)
-            report.switched, report.config_file = True, str(path)
-    except CopyRefused as exc:
-        err.print(f"[red]not copied:[/red] {exc}")
-        return 1
-    finally:
-        source.dispose()
-        lock.close()
+    with no_server_running(settings.data_dir) as alone:
+        if not alone:
+            err.print(f"[red]pacs serve runs on {settings.data_dir}[/red]: the index would change during the "
+                      "copy; stop it (every node of a shared index) first")
+            return 1
+        source = create_index_engine(settings.resolved_index_url, role=COPY_ROLE)
+        try:
+            with _Bar(args.json) as bar:
+                report = copy_index(source, args.target, bar)
+            if args.switch:
+                path = config_path(settings)
+                set_config_value(path, "index_url", args.target)
+                report.switched, report.config_file = True, str(path)
+        except CopyRefused as exc:
+            err.print(f"[red]not copied:[/red] {exc}")
+            return 1
+        finally:
+            source.dispose()
     data = report.as_dict()
 
     def human() -> None:

@@ -9,6 +9,8 @@ leaves nothing stale behind.
 from __future__ import annotations
 
 import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
@@ -53,6 +55,18 @@ def hold_as_sole_server(data_dir: Path) -> IO[bytes] | None:
         return None
 
 
+@contextmanager
+def no_server_running(data_dir: Path) -> Iterator[bool]:
+    """Whether no `pacs serve` (or restore) holds *data_dir*; while the
+    answer is True none can start, until the block ends."""
+    lock = hold_as_sole_server(data_dir)
+    try:
+        yield lock is not None
+    finally:
+        if lock is not None:
+            lock.close()
+
+
 def share(handle: IO[bytes]) -> None:
     """Let other servers start beside the holder of an exclusive lock."""
     fcntl.flock(handle.fileno(), fcntl.LOCK_SH)
@@ -64,4 +78,5 @@ def hold_exclusively(data_dir: Path) -> IO[bytes]:
                                           f"{data_dir / LOCK_NAME}); stop it first")
 
 
-__all__ = ["LOCK_NAME", "ServerRunning", "hold_as_sole_server", "hold_exclusively", "hold_for_serving", "share"]
+__all__ = ["LOCK_NAME", "ServerRunning", "hold_as_sole_server", "hold_exclusively", "hold_for_serving", "no_server_running",
+           "share"]

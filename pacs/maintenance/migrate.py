@@ -174,15 +174,14 @@ def _switch(pacs: Pacs, target: ObjectStore, target_url: str, report: MigrateRep
     """Point the config file at *target*, once nothing can store into the old
     store any more: a server still running would go on writing there, and
     what it acknowledged would be missing after its restart."""
-    from ..running import hold_as_sole_server
+    from ..running import no_server_running
 
     if not report.complete:
         report.warnings.append("not switched: the copy is incomplete or had failures")
         return
-    lock = hold_as_sole_server(pacs.settings.data_dir)
-    try:
+    with no_server_running(pacs.settings.data_dir) as alone:
         # The config file switched is this node's (other nodes have their own).
-        if lock is None:
+        if not alone:
             report.warnings.append(f"not switched: pacs serve runs on {pacs.settings.data_dir}; objects it "
                                    "receives would stay in the old store. "
                                    "Stop every pacs serve and run the same command again (it copies what "
@@ -203,9 +202,6 @@ def _switch(pacs: Pacs, target: ObjectStore, target_url: str, report: MigrateRep
             report.warnings.append("only storage_url was written: pacs serve needs the S3 keys too "
                                    "(PACS_S3_ACCESS_KEY and PACS_S3_SECRET_KEY in its environment, or "
                                    "s3_access_key and s3_secret_key in the config file)")
-    finally:
-        if lock is not None:
-            lock.close()
 
 
 def _refuse_nested(source_url: str, target_url: str) -> None:
