@@ -1,9 +1,10 @@
 # filmless-pacs appliance image: DICOM 11112, HTTP 8042, HL7 2575, data in /data.
 FROM python:3.11-slim
 
-# DCMTK for operators (echoscu, storescu, findscu...); DejaVu for report PDFs.
+# DCMTK for operators (echoscu, storescu, findscu...); DejaVu for report PDFs;
+# tzdata so TZ (the hospital's zone, e.g. Asia/Ho_Chi_Minh) is honoured.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends dcmtk fonts-dejavu-core \
+    && apt-get install -y --no-install-recommends dcmtk fonts-dejavu-core tzdata \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --system --create-home --uid 1000 pacs \

@@ -406,3 +406,46 @@ def test_oru_names_its_interpreter_time_and_unordered_study(reporting: PacsServe
     unordered = by_patient["BN000701"]
     assert unordered[2] == unordered[3] == "" and unordered[4] == "^CT^"
     assert unordered[25] == "F" and unordered[32] == "bs.tung&Đỗ&Thanh Tùng" and unordered[22]
+
+
+def test_fhir_conformance_of_long_uids_unknown_patients_and_or_searches(reporting: PacsServer,
+                                                                        tmp_path: Path) -> None:
+    """Findings of a conformance run with fhir.resources: a report of a
+    64-character Study UID had a 67-character id (FHIR ids: at most 64); a
+    study without patient ID or name had no ImagingStudy.subject (1..1);
+    ``identifier=A,B`` (R4: any of) found nothing; a study date without a
+    time became midnight in the server's zone; a series without a modality
+    (OT) was missing from the study's modalities."""
+    import re
+
+    from .test_dimse_failures import make_ct
+
+    long_uid = "1.2.826.0.1.3680043.8.498." + "1234567890" * 3 + "12345678"
+    assert len(long_uid) == 64
+    long_ct = make_ct(tmp_path / "long.dcm", StudyInstanceUID=long_uid, AccessionNumber="LONG64",
+                      StudyDate="20240103")
+    nobody = make_ct(tmp_path / "nobody.dcm", PatientID=None, PatientName=None, AccessionNumber="NOBODY1",
+                     Modality=None)
+    for path in (long_ct, nobody):
+        assert reporting.storescu(str(path)).returncode == 0
+    _sign(reporting, long_uid)
+    with reporting.http() as http:
+        reports = http.get("/fhir/DiagnosticReport", params={"identifier": "LONG64"}).json()
+        report = reports["entry"][0]["resource"]
+        assert re.fullmatch(r"[A-Za-z0-9\-.]{1,64}", report["id"]), report["id"]
+        assert report["imagingStudy"] == [{"reference": f"ImagingStudy/{long_uid}"}]
+        read = http.get(reports["entry"][0]["fullUrl"])
+        assert read.status_code == 200 and read.json()["id"] == report["id"]
+
+        study = http.get(f"/fhir/ImagingStudy/{long_uid}").json()
+        assert study["started"] == "2024-01-03"  # a date alone: no invented midnight nor zone
+
+        unknown = http.get("/fhir/ImagingStudy", params={"identifier": "NOBODY1"}).json()["entry"][0]["resource"]
+        assert unknown["subject"] == {"display": "unidentified patient"}
+        assert unknown["modality"] == [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "OT"}]
+
+        either = http.get("/fhir/ImagingStudy", params={"identifier": "LONG64,NOBODY1"}).json()
+        assert either["total"] == 2
+        assert {e["resource"]["id"] for e in either["entry"]} == {long_uid, unknown["id"]}
+        escaped = http.get("/fhir/ImagingStudy", params={"identifier": r"LONG64\,NOBODY1"}).json()
+        assert escaped["total"] == 0  # one accession with a comma in it

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
-from sqlalchemy import exists, or_, select
+from sqlalchemy import ColumnElement, exists, false, or_, select
 
 from pacs import __version__
 from pacs.auth import Principal
@@ -42,6 +42,7 @@ PATIENT_ID_SYSTEM = "https://filmless-pacs.org/fhir/NamingSystem/patient-id"
 # refused with Prefer: handling=strict); _format is a general parameter.
 _SEARCH_PARAMETERS = ("patient.identifier", "subject.identifier", "identifier", "_count", "_offset")
 _GENERAL_PARAMETERS = ("_format",)
+UNIDENTIFIED = "unidentified patient"
 
 
 def _fhir(body: Any, status: int = 200) -> Response:
@@ -86,12 +87,44 @@ def json_only(request: Request) -> None:
 router = APIRouter(prefix="/fhir", tags=["FHIR R4"], dependencies=[Depends(json_only)])
 
 
-def _split(token: str) -> tuple[str | None, str]:
-    """A FHIR token search value: ``system|value`` or ``value``."""
-    if "|" in token:
-        system, value = token.split("|", 1)
-        return system, value
-    return None, token
+def _token_values(raw: str) -> list[tuple[str | None, str]]:
+    """A FHIR token search value as (system, value) alternatives: commas
+    separate values any of which may match (R4 search 3.1.1.5.5), ``|``
+    separates the system, and ``\\,`` ``\\|`` ``\\$`` ``\\\\`` are those
+    characters as data ("Escaping search parameters")."""
+    alternatives: list[tuple[str | None, str]] = []
+    for part in _unescaped_split(raw, ","):
+        pieces = _unescaped_split(part, "|", maxsplit=1)
+        value = _unescape(pieces[-1])
+        system = _unescape(pieces[0]) if len(pieces) == 2 else None
+        if value:
+            alternatives.append((system, value))
+    return alternatives
+
+
+def _unescaped_split(text: str, separator: str, maxsplit: int = -1) -> list[str]:
+    parts: list[str] = []
+    current: list[str] = []
+    escaped = False
+    for char in text:
+        if escaped:
+            current.append("\\" + char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == separator and maxsplit != len(parts):
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    if escaped:
+        current.append("\\")
+    parts.append("".join(current))
+    return parts
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\([\\,|$])", r"\1", text)
 
 
 def _study_uids(request: Request, patient_identifier: str, identifier: str, *, signed_only: bool) -> list[str]:
@@ -104,25 +137,35 @@ def _study_uids(request: Request, patient_identifier: str, identifier: str, *, s
         stmt = stmt.where(exists(select(reports_t.c.pk).where(
             reports_t.c.study_pk == studies.c.pk, reports_t.c.status == "signed")))
     if patient_identifier:
-        system, value = _split(patient_identifier)
-        issuer = _issuer_of(system)
-        own = patients.c.patient_id == value
-        if issuer:
-            own = own & (patients.c.issuer == issuer)
-        other = select(identifiers.c.patient_pk).where(identifiers.c.value == value)
-        if issuer:
-            other = other.where(identifiers.c.issuer == issuer)
-        stmt = stmt.where(or_(own, patients.c.pk.in_(other)))
+        stmt = stmt.where(or_(false(), *(_patient_matches(system, value)
+                                         for system, value in _token_values(patient_identifier))))
     if identifier:
-        system, value = _split(identifier)
-        if system == "urn:dicom:uid":
-            stmt = stmt.where(studies.c.study_uid == value.removeprefix("urn:oid:"))
-        else:
-            stmt = stmt.where(studies.c.accession_number == value)
+        stmt = stmt.where(or_(false(), *(_study_matches(system, value)
+                                         for system, value in _token_values(identifier))))
     if not patient_identifier and not identifier:
         raise HTTPProblem(400, "search by patient.identifier or identifier (accession or urn:dicom:uid)")
     with engine.connect() as conn:
         return [r[0] for r in conn.execute(stmt.order_by(studies.c.study_date.desc(), studies.c.pk.desc()))]
+
+
+def _patient_matches(system: str | None, value: str) -> ColumnElement[bool]:
+    """Studies of the patient *value* identifies: its patient ID, or one of
+    its other identifiers (citizen ID, insurance number), under *system*'s issuer."""
+    issuer = _issuer_of(system)
+    own = patients.c.patient_id == value
+    if issuer:
+        own = own & (patients.c.issuer == issuer)
+    other = select(identifiers.c.patient_pk).where(identifiers.c.value == value)
+    if issuer:
+        other = other.where(identifiers.c.issuer == issuer)
+    return or_(own, patients.c.pk.in_(other))
+
+
+def _study_matches(system: str | None, value: str) -> ColumnElement[bool]:
+    """The study a study identifier names: its UID, or its accession number."""
+    if system == "urn:dicom:uid":
+        return studies.c.study_uid == value.removeprefix("urn:oid:")
+    return studies.c.accession_number == value
 
 
 def _issuer_of(system: str | None) -> str | None:
@@ -152,6 +195,10 @@ def _patient_ref(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
     display = " ".join((detail["patient_name"] or "").replace("^", " ").split())
     if display:
         reference["display"] = display
+    elif not reference:
+        # ImagingStudy.subject is 1..1: a study sent without patient ID or
+        # name (an unidentified emergency patient) still names someone.
+        reference["display"] = UNIDENTIFIED
     return reference
 
 
@@ -188,6 +235,8 @@ def _datetime(date: str, time: str) -> str | None:
     offset on that date (daylight saving included)."""
     if not re.fullmatch(r"\d{8}", date or ""):
         return None
+    if not (time or "").strip():
+        time = ""
     t = (time or "000000").split(".")[0].ljust(6, "0")
     try:
         naive = datetime(int(date[:4]), int(date[4:6]), int(date[6:8]), int(t[:2]), int(t[2:4]), int(t[4:6]))
@@ -197,6 +246,8 @@ def _datetime(date: str, time: str) -> str | None:
             return datetime(int(date[:4]), int(date[4:6]), int(date[6:8])).date().isoformat()
         except ValueError:
             return None
+    if not time:
+        return naive.date().isoformat()  # a date alone: no midnight, no zone invented
     return naive.astimezone().isoformat()
 
 
@@ -211,6 +262,14 @@ def _instant(value: str | None) -> str | None:
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def _study_modalities(detail: dict[str, Any], series: list[dict[str, Any]]) -> list[str]:
+    """The study's modalities: those indexed, and each series' (OT for a
+    series without one, as in ImagingStudy.series.modality)."""
+    found = [m for m in (detail["modalities"] or "").split("\\") if m]
+    found += [s["modality"] or "OT" for s in series]
+    return list(dict.fromkeys(found))
+
+
 def imaging_study(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
     base = base_url(request)
     series = [s for s in detail["series"]]
@@ -222,7 +281,7 @@ def imaging_study(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
         "subject": _patient_ref(request, detail),
         "numberOfSeries": len(series),
         "numberOfInstances": sum(s["num_instances"] for s in series),
-        "modality": [{"system": DCM, "code": m} for m in detail["modalities"].split("\\") if m],
+        "modality": [{"system": DCM, "code": m} for m in _study_modalities(detail, series)],
         "description": detail["description"],
         "endpoint": [{"reference": "Endpoint/dicomweb"}],
         "extension": [{"url": "https://filmless-pacs.org/fhir/StructureDefinition/viewer-url",
@@ -282,15 +341,52 @@ def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str
 
 
 def report_id(study_uid: str, version: int) -> str:
-    return f"{study_uid}-v{version}"
+    """``{StudyInstanceUID}-v{version}``; a UID too long for that to fit a
+    FHIR id (64 characters: UIDs of 62-64) is written compactly, ``u{base62}``."""
+    plain = f"{study_uid}-v{version}"
+    if len(plain) <= _ID_LENGTH:
+        return plain
+    return f"u{_uid_to_base62(study_uid)}-v{version}"
 
 
 def _parse_report_id(value: str) -> tuple[str, int]:
-    """``{StudyInstanceUID}-v{version}`` -> (study UID, version); 404 otherwise."""
-    match = re.fullmatch(r"([0-9.]{1,64})-v([1-9][0-9]{0,5})", value)
-    if match is None:
+    """A report id -> (study UID, version); 404 otherwise."""
+    match = re.fullmatch(r"([0-9.]{1,64}|u[0-9A-Za-z]{1,40})-v([1-9][0-9]{0,5})", value)
+    study = _uid_from_base62(match.group(1)[1:]) if match and match.group(1)[0] == "u" else None
+    if match is None or (match.group(1)[0] == "u" and study is None):
         raise HTTPProblem(404, f"no DiagnosticReport {value[:80]!r}")
-    return match.group(1), int(match.group(2))
+    return study or match.group(1), int(match.group(2))
+
+
+_ID_LENGTH = 64  # R4 datatypes: id is [A-Za-z0-9\-\.]{1,64}
+_UID_DIGITS = "0123456789."
+_BASE62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def _uid_to_base62(uid: str) -> str:
+    # The UID's characters as base-11 digits under a leading 1 (kept zeros),
+    # that number in base 62: 64 characters become 38.
+    number = 1
+    for char in uid:
+        number = number * 11 + _UID_DIGITS.index(char)
+    digits = []
+    while number:
+        number, rest = divmod(number, 62)
+        digits.append(_BASE62[rest])
+    return "".join(reversed(digits))
+
+
+def _uid_from_base62(text: str) -> str | None:
+    number = 0
+    for char in text:
+        number = number * 62 + _BASE62.index(char)
+    chars = []
+    while number > 1:
+        number, rest = divmod(number, 11)
+        chars.append(_UID_DIGITS[rest])
+    if number != 1 or not chars:
+        return None
+    return "".join(reversed(chars))
 
 
 def _page_url(request: Request, applied: list[tuple[str, str]], offset: int | None = None) -> str:
@@ -441,7 +537,10 @@ _SEARCH_PARAMS = [
      "documentation": "accession number, or urn:dicom:uid|{StudyInstanceUID}"},
     {"name": "patient", "type": "reference",
      "documentation": "chained only: patient.identifier={system|}value (any patient identifier: "
-                      "patient ID, citizen ID CCCD, insurance number BHYT); subject.identifier likewise"},
+                      "patient ID, citizen ID CCCD, insurance number BHYT); values separated by commas "
+                      "match any"},
+    {"name": "subject", "type": "reference",
+     "documentation": "chained only: subject.identifier, as patient.identifier"},
     {"name": "_count", "type": "number", "documentation": "page size, 1-200 (default 50)"},
     {"name": "_offset", "type": "number", "documentation": "matches to skip (the next links use it)"},
 ]
@@ -477,7 +576,8 @@ def capability_statement(request: Request) -> dict[str, Any]:
                 _resource("ImagingStudy", search=True, read=True,
                           documentation="id = StudyInstanceUID; endpoint Endpoint/dicomweb"),
                 _resource("DiagnosticReport", search=True, read=True,
-                          documentation="signed reports; id = {StudyInstanceUID}-v{version}"),
+                          documentation="signed reports; id = {StudyInstanceUID}-v{version} "
+                                        "(u{UID in base 62}-v{version} for UIDs over 61 characters)"),
                 _resource("Endpoint", search=False, read=True, documentation="only Endpoint/dicomweb"),
             ],
         }],
