@@ -449,3 +449,6 @@ def test_fhir_conformance_of_long_uids_unknown_patients_and_or_searches(reportin
         assert {e["resource"]["id"] for e in either["entry"]} == {long_uid, unknown["id"]}
         escaped = http.get("/fhir/ImagingStudy", params={"identifier": r"LONG64\,NOBODY1"}).json()
         assert escaped["total"] == 0  # one accession with a comma in it
+        both = http.get("/fhir/ImagingStudy", params=[("identifier", "LONG64"), ("identifier", "NOBODY1")]).json()
+        assert both["total"] == 0  # given twice: both must match (it was the last one alone)
+        assert sum("identifier=" in part for part in both["link"][0]["url"].split("&")) == 2

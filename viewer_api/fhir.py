@@ -39,8 +39,9 @@ ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "
 # BHYT...). A search by patient.identifier={system}|{value} takes it back.
 PATIENT_ID_SYSTEM = "https://filmless-pacs.org/fhir/NamingSystem/patient-id"
 # Search parameters applied (R4 search 3.1.1.3.4: others are ignored, or
-# refused with Prefer: handling=strict); _format is a general parameter.
-_SEARCH_PARAMETERS = ("patient.identifier", "subject.identifier", "identifier", "_count", "_offset")
+# refused with Prefer: handling=strict): the identifiers, each as often as
+# given, and _count and _offset once; _format is a general parameter.
+_REPEATABLE = ("patient.identifier", "subject.identifier", "identifier")
 _GENERAL_PARAMETERS = ("_format",)
 UNIDENTIFIED = "unidentified patient"
 
@@ -127,21 +128,21 @@ def _unescape(text: str) -> str:
     return re.sub(r"\\([\\,|$])", r"\1", text)
 
 
-def _study_uids(request: Request, patient_identifier: str, identifier: str, *, signed_only: bool) -> list[str]:
+def _study_uids(request: Request, patient_identifier: list[str], identifier: list[str], *,
+                signed_only: bool) -> list[str]:
     """Every study the search names, newest first (a patient's or an
-    accession's: few). All of them, so that Bundle.total counts matches."""
+    accession's: few). All of them, so that Bundle.total counts matches.
+    A parameter given twice must match both times (R4 search 3.1.1.5.5: AND)."""
     engine = request.app.state.pacs.engine
     stmt = select(studies.c.study_uid).join(patients, patients.c.pk == studies.c.patient_pk)
     if signed_only:
         # A DiagnosticReport exists for a study with a signed version.
         stmt = stmt.where(exists(select(reports_t.c.pk).where(
             reports_t.c.study_pk == studies.c.pk, reports_t.c.status == "signed")))
-    if patient_identifier:
-        stmt = stmt.where(or_(false(), *(_patient_matches(system, value)
-                                         for system, value in _token_values(patient_identifier))))
-    if identifier:
-        stmt = stmt.where(or_(false(), *(_study_matches(system, value)
-                                         for system, value in _token_values(identifier))))
+    for raw in patient_identifier:
+        stmt = stmt.where(or_(false(), *(_patient_matches(system, value) for system, value in _token_values(raw))))
+    for raw in identifier:
+        stmt = stmt.where(or_(false(), *(_study_matches(system, value) for system, value in _token_values(raw))))
     if not patient_identifier and not identifier:
         raise HTTPProblem(400, "search by patient.identifier or identifier (accession or urn:dicom:uid)")
     with engine.connect() as conn:
@@ -413,15 +414,14 @@ def _applied_parameters(request: Request) -> list[tuple[str, str]]:
     others are ignored (and left out of the self link), or refused with 400
     when the client asked Prefer: handling=strict."""
     params = request.query_params
-    patient_param = "patient.identifier" if params.get("patient.identifier", "") else "subject.identifier"
-    used = {patient_param: params.get(patient_param, ""), "identifier": params.get("identifier", ""),
-            "_count": params.get("_count", ""), "_offset": params.get("_offset", "")}
     applied: list[tuple[str, str]] = []
     ignored: list[str] = []
     for name, value in params.multi_items():
         if name in _GENERAL_PARAMETERS or not value:
             continue  # _format is honoured by json_only; an empty value means nothing
-        if used.get(name) == value and (name, value) not in applied:
+        # Identifiers may repeat (each must match); a page is given once.
+        if name in _REPEATABLE or (name in ("_count", "_offset") and params.get(name) == value
+                                   and (name, value) not in applied):
             applied.append((name, value))
         else:
             ignored.append(name)
@@ -457,8 +457,9 @@ def _search(request: Request, principal: Principal, count: int, offset: int, *,
         raise HTTPProblem(400, "_count must be 1-200")
     if offset < 0:
         raise HTTPProblem(400, "_offset must not be negative")
-    patient_identifier = request.query_params.get("patient.identifier", "") or request.query_params.get("subject.identifier", "")
-    identifier = request.query_params.get("identifier", "")
+    params = request.query_params
+    patient_identifier = [v for v in params.getlist("patient.identifier") + params.getlist("subject.identifier") if v]
+    identifier = [v for v in params.getlist("identifier") if v]
     engine = request.app.state.pacs.engine
     uids = [uid for uid in _study_uids(request, patient_identifier, identifier, signed_only=signed_only)
             if may_see_study(request, principal, uid)]
