@@ -11,9 +11,9 @@ of a group is a scheduled step of its own (IHE RAD-4: its own accession).
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import re
+import secrets
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -34,7 +34,10 @@ _CHARSETS = {
     "8859/15": "iso8859-15",
     "ASCII": "ascii",
 }
-_CONTROL_IDS = itertools.count(1)
+# HL7 v2.5 lengths: MSH-10 (ST) 20, MSA-3 (ST) 80, ERR-8 (TX) 250 characters.
+CONTROL_ID_LENGTH = 20
+_MSA_TEXT_LENGTH = 80
+_ERR_TEXT_LENGTH = 250
 # python-hl7 builds an object per field, repetition and component: a 4 MB
 # message made of "|" or "^" took 25 s of CPU (holding the GIL over every
 # protocol). Real orders are a few kilobytes and a few hundred delimiters.
@@ -120,26 +123,32 @@ def _header_from_msh(line: str, charset: str) -> Header:
     fields = line.split(line[3])
     components = fields[1][:1] if len(fields) > 1 and fields[1] else "^"
 
-    def field(number: int) -> str:  # MSH-1 is the separator itself: MSH-n is fields[n - 1]
+    def field(number: int) -> list[str]:  # MSH-1 is the separator itself: MSH-n is fields[n - 1]
+        """MSH-n's components, each decoded on its own (HL7 v2.5 2.7: an
+        escaped separator is data, so the split comes first)."""
         if len(fields) < number:
-            return ""
+            return [""]
+        parts = fields[number - 1].split(components)
         try:
-            return _text(fields[number - 1])
+            return [_text(p) for p in parts]
         except OrderError:  # undecodable hex data: the header is still read (ACKs echo it)
-            return fields[number - 1].strip()
+            return [p.strip() for p in parts]
+
+    def hd(number: int) -> str:  # an HD (namespace^universal ID^type) as one string, as it was read before
+        return components.join(field(number))
 
     kind = (fields[8] if len(fields) > 8 else "").split(components)
     return Header(
-        sending_app=field(3),
-        sending_facility=field(4),
-        receiving_app=field(5),
-        receiving_facility=field(6),
+        sending_app=hd(3),
+        sending_facility=hd(4),
+        receiving_app=hd(5),
+        receiving_facility=hd(6),
         message_type=kind[0].strip().upper(),
         trigger=kind[1].strip().upper() if len(kind) > 1 else "",
-        control_id=field(10),
-        version=field(12) or "2.5",
+        control_id=components.join(field(10)),  # an ST: a stray "^" is part of it (echoed escaped)
+        version=field(12)[0] or "2.5",
         charset=charset,
-        processing_id=field(11).split(components)[0].strip().upper(),
+        processing_id=field(11)[0].upper(),
     )
 
 
@@ -280,7 +289,11 @@ def _unescape(text: str) -> str:
 
 
 def _text(value: str) -> str:
-    """One field or component as text: the HL7 null value "" reads as empty."""
+    """One component (never a whole field: split first, then decode, so an
+    escaped separator stays data -- HL7 v2.5 2.7) as text: the HL7 null
+    value "" reads as empty. Subcomponents are not split: no escape sequence
+    holds a "&", so decoding a component whole equals decoding each of its
+    subcomponents, and nothing splits a decoded value on "&" afterwards."""
     value = value.strip()
     return "" if value == NULL else _unescape(value).strip()
 
@@ -291,20 +304,27 @@ def _present(segment: Any, field: int) -> bool:
     return bool(_raw(segment, field).strip())
 
 
-def _get(segment: Any, field: int, comp: int | None = None) -> str:
-    """Field *field* (first repetition) or one of its components, as text."""
-    value = _raw(segment, field).split("~")[0]
-    if comp is not None:
-        parts = value.split("^")
-        value = parts[comp] if comp < len(parts) else ""
-    return _text(value)
+def _get(segment: Any, field: int, comp: int = 0) -> str:
+    """One component (by default the first) of field *field*'s first
+    repetition, as text."""
+    parts = _field(segment, field)
+    return parts[comp] if comp < len(parts) else ""
+
+
+def _field(segment: Any, field: int) -> list[str]:
+    """The components of field *field*'s first repetition, each decoded."""
+    return _components(_raw(segment, field).split("~")[0])
 
 
 def _repetitions(segment: Any, field: int) -> list[str]:
+    """The repetitions of a field, still encoded (split them with _components)."""
     return [r for r in _raw(segment, field).split("~") if r.strip()]
 
 
 def _components(text: str) -> list[str]:
+    """Encoded text (one repetition) to its decoded components. The only
+    place components are decoded: decoding twice would read "\\E\\S\\E\\"
+    (the text "\\S\\") as "^"."""
     return [_text(c) for c in text.split("^")]
 
 
@@ -339,13 +359,15 @@ def _dicom_time(value: str) -> str:
     return digits[8:14] if len(digits) >= 12 else ""
 
 
+# Delimiters of a DICOM PN (components, groups, values): an escaped "^" in
+# an HL7 name component is data there, but would split the PN's components.
+_PN_DELIMITERS = re.compile(r"\s*[\\^=]+\s*")
+
+
 def _person(components: list[str], offset: int = 0) -> str:
     """XPN / XCN components to a DICOM PN: Family^Given^Middle^Prefix^Suffix."""
-    family = components[offset] if len(components) > offset else ""
-    given = components[offset + 1] if len(components) > offset + 1 else ""
-    middle = components[offset + 2] if len(components) > offset + 2 else ""
-    suffix = components[offset + 3] if len(components) > offset + 3 else ""
-    prefix = components[offset + 4] if len(components) > offset + 4 else ""
+    parts = [_PN_DELIMITERS.sub(" ", c).strip() for c in components[offset : offset + 5]]
+    family, given, middle, suffix, prefix = (parts + [""] * 5)[:5]
     return "^".join([family, given, middle, prefix, suffix]).rstrip("^")
 
 
@@ -440,8 +462,13 @@ _PRIORITIES = {"S": "STAT", "A": "HIGH", "R": "ROUTINE"}
 
 
 def _component(segment: Any, field_number: int, index: int) -> str:
-    parts = _components(_get(segment, field_number)) if segment is not None else []
-    return parts[index] if len(parts) > index else ""
+    return _get(segment, field_number, comp=index)
+
+
+def _coded_text(segment: Any, field_number: int) -> str:
+    """A CE/CWE field as text: its text component, else its identifier."""
+    parts = _field(segment, field_number)
+    return parts[1] if len(parts) > 1 and parts[1] else parts[0]
 
 
 def _timing(group: OrderGroup) -> tuple[str, str]:
@@ -458,7 +485,7 @@ def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: st
     """One requested procedure and step: the group's ORC/OBR/TQ1 with one of its IPCs."""
     orc, obr = group.orc, group.obr
     start, priority = _timing(group)
-    service = _components(_get(obr, 4)) if obr is not None else []
+    service = _field(obr, 4) if obr is not None else []
     accession = _get(ipc, 1, comp=0) or _get(obr, 18) or _get(orc, 3, comp=0) or _get(obr, 3, comp=0)
     return OrderInfo(
         patient=patient,
@@ -479,10 +506,10 @@ def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: st
         location=_get(ipc, 8, comp=0),
         start_date=_dicom_date(start),
         start_time=_dicom_time(start),
-        performing_physician=_person(_components(_get(obr, 34)), offset=1) if obr is not None else "",
-        referring_physician=referring or (_person(_components(_get(obr, 16)), offset=1) if obr is not None else ""),
+        performing_physician=_person(_field(obr, 34), offset=1) if obr is not None else "",
+        referring_physician=referring or (_person(_field(obr, 16), offset=1) if obr is not None else ""),
         priority=_PRIORITIES.get(priority[:1].upper(), ""),
-        reason=_get(obr, 31),
+        reason=_coded_text(obr, 31),
     )
 
 
@@ -495,7 +522,7 @@ def orders_from(message: Any) -> list[tuple[str, OrderInfo]]:
         raise OrderError("the order message has no PID segment", code="100", http_status=400)
     patient = patient_from_pid(pids[0])
     pv1 = next(iter(_segments(message, "PV1")), None)
-    referring = _person(_components(_get(pv1, 8)), offset=1) if pv1 is not None else ""
+    referring = _person(_field(pv1, 8), offset=1) if pv1 is not None else ""
     groups, loose_zds = order_groups(message)
     if not groups:
         raise OrderError("the order message has no ORC segment", code="100", http_status=400)
@@ -505,7 +532,8 @@ def orders_from(message: Any) -> list[tuple[str, OrderInfo]]:
         control = _get(group.orc, 1).upper()
         action = _ORDER_CONTROLS.get(control)
         if action is None:
-            raise OrderError(f"order control {control!r} (ORC-1) is not supported", code="207", http_status=400)
+            # Table 0357 103 "Table value not found": ORC-1 is coded by table 0119.
+            raise OrderError(f"order control {control!r} (ORC-1) is not supported", code="103", http_status=400)
         for ipc in group.ipcs or [None]:
             actions.append((action, _order_info(group, ipc, patient, referring, study_uid)))
     return actions
@@ -618,24 +646,51 @@ def _traceback_without_values(exc: BaseException) -> str:
     return "\n\nDuring handling of the above exception, another exception occurred:\n\n".join(parts)
 
 
+def control_id() -> str:
+    """A new MSH-10 of CONTROL_ID_LENGTH characters (the ST limit): 80
+    random bits, unique across processes and nodes without coordination
+    (a per-process counter restarts with the process and repeats on every node)."""
+    return secrets.token_hex(CONTROL_ID_LENGTH // 2)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    """MSH-12 as numbers ("2.3.1" -> (2, 3, 1)); v2.5 when unreadable."""
+    try:
+        return tuple(int(part) for part in text.strip().split("."))
+    except ValueError:
+        return (2, 5)
+
+
 def ack(header: Header, code: str, text: str, error_code: str = "207", *, app: str = "FILMLESS") -> bytes:
-    """An ACK for *header*'s message: MSA-1 AA/AE/AR, an ERR segment on errors."""
+    """An ACK for *header*'s message: MSA-1 AA/AE/AR, an ERR segment on errors,
+    laid out for the message's version (MSH-12), which the ACK echoes."""
     now = datetime.now().strftime("%Y%m%d%H%M%S")
     charset = header.charset or "UNICODE UTF-8"
+    version = _version(header.version or "2.5")
+    # MSH-9: the message structure (third component) exists from v2.3.1 on.
+    kind = "ACK" if not header.trigger else f"ACK^{escape(header.trigger)}" + ("^ACK" if version >= (2, 3, 1) else "")
     segments = [
         "|".join([
-            "MSH", "^~\\&", header.receiving_app or app, header.receiving_facility, header.sending_app,
-            header.sending_facility, now, "", f"ACK^{header.trigger}^ACK" if header.trigger else "ACK",
-            f"ACK{now}{next(_CONTROL_IDS)}", escape(header.processing_id) or "P", header.version or "2.5",
-            "", "", "", "", "", charset,
+            "MSH", "^~\\&", _echo(header.receiving_app) or app, _echo(header.receiving_facility),
+            _echo(header.sending_app), _echo(header.sending_facility), now, "", kind, control_id(),
+            escape(header.processing_id) or "P", escape(header.version) or "2.5", "", "", "", "", "", charset,
         ]),
-        "|".join(["MSA", code, header.control_id, escape(text)[:80]]),
+        "|".join(["MSA", code, escape(header.control_id), escape_within(text, _MSA_TEXT_LENGTH)]),
     ]
     if code != "AA":
         meaning = _ERROR_MEANINGS.get(error_code, "Application error")
-        segments.append("|".join(["ERR", "", "", f"{error_code}^{meaning}^HL70357", "E", "", "", "", escape(text)]))
+        if version >= (2, 5):  # ERR-3 error code, ERR-4 severity, ERR-8 user message
+            segments.append("|".join(["ERR", "", "", f"{error_code}^{meaning}^HL70357", "E", "", "", "",
+                                      escape_within(text, _ERR_TEXT_LENGTH)]))
+        else:  # before v2.5 ERR has ERR-1 only: segment^sequence^field^code (a CE: subcomponents)
+            segments.append(f"ERR|^^^{error_code}&{meaning}&HL70357")
     codec = _CHARSETS.get(charset.upper(), "utf-8")
     return "\r".join(segments).encode(codec, errors="replace") + b"\r"
+
+
+def _echo(value: str) -> str:
+    """A decoded HD field of the header (components joined by "^") encoded again."""
+    return "^".join(escape(part) for part in value.split("^"))
 
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
@@ -652,6 +707,25 @@ def escape(text: str) -> str:
         text.replace("\\", "\\E\\").replace("|", "\\F\\").replace("^", "\\S\\").replace("~", "\\R\\")
         .replace("&", "\\T\\")
     )
+
+
+# What escape() writes, token by token: an escape sequence or one other character.
+_ESCAPED_TOKEN = re.compile(r"\\[FSRTE]\\|[^\\]")
+
+
+def escape_within(text: str, limit: int) -> str:
+    """*text* escaped (:func:`escape`) and cut to at most *limit* characters
+    as sent. The cut falls between characters of the text, never inside an
+    escape sequence ("...\\F" or a lone "\\" reads as broken data)."""
+    escaped = escape(text)
+    if len(escaped) <= limit:
+        return escaped
+    length = 0
+    for token in _ESCAPED_TOKEN.finditer(escaped):  # one character or one escape sequence
+        if token.end() > limit:
+            break
+        length = token.end()
+    return escaped[:length]
 
 
 def escape_lines(text: str) -> str:

@@ -20,12 +20,15 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from sqlalchemy import Engine, select
+
 from pacs import outbox
 from pacs.app import Pacs
+from pacs.index.models import Study
 from pacs.settings import Settings
 
 from . import mllp
-from .hl7v2 import ack_code, escape, escape_lines
+from .hl7v2 import CONTROL_ID_LENGTH, ack_code, escape, escape_lines
 
 log = logging.getLogger(__name__)
 
@@ -95,12 +98,42 @@ def render(kind: str, data: dict[str, Any], control_id: str, to: Addresses = Add
         # OBR-22 results date/time (the signature), OBR-25 result status,
         # OBR-32 principal result interpreter (the signer, NDL: ID&family&given).
         obr = ["OBR", "1", placer, filler, service] + [""] * 13 + [accession] + [""] * 14
+        obr[7] = _observation_time(data.get("study_date", ""), data.get("study_time", ""))
         obr[22] = escape(data.get("signed_at", ""))
         obr[25] = result_status
         obr[32] = _interpreter(data.get("signed_by", ""), data.get("signed_by_name", ""))
         segments.append("|".join(obr).rstrip("|"))
         segments.extend(_obx(index, line, result_status) for index, line in enumerate(data.get("lines", []), start=1))
     return "\r".join(segments).encode("utf-8") + b"\r"
+
+
+def _observation_time(study_date: str, study_time: str) -> str:
+    """OBR-7 (required in a result, HL7 v2.5 4.5.3.7): the study's DICOM
+    date and time as an HL7 TS, YYYYMMDD[HH[MM[SS]]] -- the precision the
+    modality gave, no fraction; the date alone without a time. Empty when
+    the date is not a DICOM date (nothing better than no value)."""
+    date = re.sub(r"\D", "", study_date)  # ACR-NEMA wrote 2024.12.01
+    if len(date) != 8:
+        return ""
+    time = re.sub(r"\D", "", study_time.split(".")[0])[:6]
+    return date + (time if len(time) in (2, 4, 6) else "")
+
+
+def study_date_time(engine: Engine, study_uid: str) -> dict[str, str]:
+    """The study's date and time from the index, for OBR-7 of a report."""
+    if not study_uid:
+        return {}
+    with engine.connect() as conn:
+        row = conn.execute(select(Study.study_date, Study.study_time).where(Study.study_uid == study_uid)).first()
+    return {"study_date": row.study_date or "", "study_time": row.study_time or ""} if row else {}
+
+
+def control_id(pk: int) -> str:
+    """MSH-10 of outbox message *pk*: stable, so a resend can be recognised,
+    and unique across nodes (the outbox is shared); the prefix gives way to
+    the digits so that it never exceeds CONTROL_ID_LENGTH (ST, 20)."""
+    digits = str(pk)
+    return "FILMLESS"[: max(0, CONTROL_ID_LENGTH - len(digits))] + digits[-CONTROL_ID_LENGTH:]
 
 
 def _interpreter(user: str, name: str) -> str:
@@ -176,8 +209,11 @@ class OutboundSender:
             return 0, False
         silent = 0
         for index, message in enumerate(claimed):
-            control_id = f"FILMLESS{message.pk}"  # stable: a resend can be recognised
-            payload = render(message.kind, message.data, control_id, Addresses.of(self.pacs.settings))
+            data = message.data
+            if message.kind == "report" and "study_date" not in data:
+                # Reports are queued without the study's date/time: OBR-7 takes them from the index.
+                data = {**data, **study_date_time(self.pacs.engine, data.get("study_uid", ""))}
+            payload = render(message.kind, data, control_id(message.pk), Addresses.of(self.pacs.settings))
             backoff = min(MAX_BACKOFF, 2.0 ** min(message.attempts, 6))
             try:
                 reply = mllp.send(self.host, self.port, payload, ack_timeout=self.pacs.settings.hl7_ack_timeout)

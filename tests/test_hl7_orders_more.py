@@ -435,3 +435,43 @@ def test_messages_racing_for_one_patient_and_order_are_all_accepted(server: Pacs
     assert [a[1] for a in acks] == ["AA"] * 16, [a[1:4] for a in acks if a[1] != "AA"]
     assert sum("already applied" in a[3] for a in acks[:8]) == 7
     assert all(order(server, f"HRACE{n:03d}")["status"] == "SCHEDULED" for n in range(9))
+
+
+# -- conformance: ACK control IDs and the ACK layout of older versions --------------------------------
+def test_ack_control_ids_stay_within_20_characters_and_unique(server: PacsServer) -> None:
+    """MSH-10 is an ST of at most 20 characters (HL7 v2.5): it ran to 21 from
+    the 1000th ACK of a process, and the counter in it restarted with every
+    process and node. 1001 ACKs over one connection (a type we refuse: AR)."""
+    import socket
+
+    ids = []
+    with socket.create_connection(("127.0.0.1", server.hl7_port), timeout=30) as sock:
+        for n in range(1001):
+            sock.sendall(b"\x0b" + MSH.format(kind="QRY^A19", control=f"CI{n}").encode() + b"\r\x1c\r")
+            reply = b""
+            while b"\x1c\r" not in reply:
+                chunk = sock.recv(65536)
+                assert chunk, "connection closed before the ACK"
+                reply += chunk
+            ack = reply[reply.index(b"\x0b") + 1 : reply.index(b"\x1c\r")]
+            assert msa(ack.decode()) == ("AR", f"CI{n}")
+            ids.append(fields(ack, "MSH")[9])
+    assert max(len(i) for i in ids) <= 20, max(ids, key=len)
+    assert len(set(ids)) == len(ids)
+
+
+@pytest.mark.parametrize("version", ["2.3", "2.3.1", "2.4", "2.5"])
+def test_ack_layout_follows_the_message_version(server: PacsServer, version: str) -> None:
+    """MSH-9's third component (message structure) exists from v2.3.1; ERR-2
+    and later from v2.5 -- before, the error is ERR-1 (segment^sequence^field^code)."""
+    control = f"VR{version.replace('.', '')}"
+    refused = orm(control, f"HVR{version.replace('.', '')}", order_control="ZZ").replace("|P|2.5|", f"|P|{version}|")
+    ack = send(server, refused)
+    assert msa(ack) == ("AE", control)
+    msh, err = fields(ack, "MSH"), fields(ack, "ERR")
+    assert msh[11] == version
+    assert msh[8] == ("ACK^O01" if version == "2.3" else "ACK^O01^ACK")
+    if version == "2.5":
+        assert err[3] == "103^Table value not found^HL70357" and err[4] == "E"
+    else:
+        assert err[1:] == ["^^^103&Table value not found&HL70357"]

@@ -9,6 +9,7 @@ for DICOMweb and the JSON API, and a stand-in HIS for outbound messages.
 
 from __future__ import annotations
 
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -18,11 +19,14 @@ import hl7
 import psycopg
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer, free_port
 from .peers import PG_ADMIN, create_database, drop_database, serving_with_his, wait_until
 from .test_dimse_failures import make_ct
-from .test_worklist_ris import WL_KEYS, msa, orm, send, worklist
+from .test_worklist_ris import WL_KEYS, _mpps_status, msa, orm, send, worklist
 
 IDLE_TIMEOUT = 2.0
 
@@ -355,3 +359,93 @@ def test_messages_of_a_training_his_are_refused(his: PacsServer, tmp_path: Path)
     assert worklist(his, tmp_path, *WL_KEYS, "AccessionNumber=HRP001") == []
     # An empty MSH-11 counts as ours.
     assert msa(send(his, orm("PT2", "HRP002").replace("|PT2|P|2.5|", "|PT2||2.5|")))[0] == "AA"
+
+
+# -- conformance: escaped separators are data, in and out -------------------------------------------
+def _segment(message: bytes, name: str) -> list[str]:
+    """Fields of segment *name* as sent (still escaped): split by hand, not
+    by a parser that could hide a wrong escape."""
+    text = message.decode("utf-8")
+    return next(s for s in text.split("\r") if s.startswith(name + "|")).split("|")
+
+
+def test_escaped_separators_are_data_in_the_order_and_in_what_goes_back(his: PacsServer, tmp_path: Path) -> None:
+    # HL7 v2.5 2.7: split into components first, then decode each; \E\S\E\ is the text "\S\".
+    sent = "CT bụng có cản quang \\F\\ thì động mạch \\T\\ tĩnh mạch \\S\\ \\E\\ \\E\\S\\E\\"
+    message = with_pid(orm("EX1", "HRX001"), "PID|1||BN610001^^^BVDK^PI||Nguyễn \\T\\ Trần^Thị \\F\\ Hoa||19800101|F")
+    message = message.replace("CT-NGUC^CT ngực không cản quang^L", f"CT-BUNG^{sent}^L")
+    assert msa(send(his, message))[0] == "AA"
+    with his.http() as http:
+        placed = http.get("/api/orders/HRX001").json()
+    text = "CT bụng có cản quang | thì động mạch & tĩnh mạch ^ \\ \\S\\"
+    assert (placed["procedure_code"], placed["requested_procedure_description"], placed["procedure_code_scheme"]) \
+        == ("CT-BUNG", text, "L")
+    assert placed["name"] == "Nguyễn & Trần^Thị | Hoa"
+    items = worklist(his, tmp_path, "AccessionNumber=HRX001", "PatientName")
+    assert [str(i.PatientName) for i in items] == ["Nguyễn & Trần^Thị | Hoa"]
+
+    # Back to the HIS, escaped again: the ORU of a signed report and the ORM of a started step.
+    ct = make_ct(tmp_path / "x.dcm", PatientName="Nguyễn & Trần^Thị | Hoa", PatientID="BN610001",
+                 AccessionNumber="HRX001", StudyInstanceUID=placed["study_uid"], SpecificCharacterSet="ISO_IR 192")
+    assert his.storescu(str(ct)).returncode == 0
+    with his.http(token=his.radiologist) as rad:  # type: ignore[attr-defined]
+        assert rad.put(f"/api/studies/{placed['study_uid']}/report", json={"findings": "Gan to."}).status_code == 200
+        assert rad.post(f"/api/studies/{placed['study_uid']}/report/sign").status_code == 200
+    step = Dataset()
+    step.PerformedProcedureStepStatus = "IN PROGRESS"
+    step.Modality = "CT"
+    step.PerformedStationAETitle = "CT_ROOM1"
+    step.PerformedProcedureStepStartDate = "20241121"
+    step.PerformedProcedureStepStartTime = "090000"
+    step.PerformedProcedureStepID = "PPSX1"
+    ref = Dataset()
+    ref.AccessionNumber = "HRX001"
+    ref.StudyInstanceUID = placed["study_uid"]
+    step.ScheduledStepAttributesSequence = Sequence([ref])
+    assert int(_mpps_status(his, generate_uid(), step, create=True).Status) == 0
+
+    def sent_back(kind: bytes) -> list[bytes]:
+        return [m for m in his.his.messages if kind in m and b"HRX001" in m]  # type: ignore[attr-defined]
+
+    assert wait_until(lambda: sent_back(b"ORU^R01") and sent_back(b"ORM^O01"), timeout=60)
+    for outbound in (sent_back(b"ORU^R01")[0], sent_back(b"ORM^O01")[0]):
+        assert _segment(outbound, "OBR")[4] == f"CT-BUNG^{sent}^L"
+    assert _segment(sent_back(b"ORM^O01")[0], "PID")[5] == "Nguyễn \\T\\ Trần^Thị \\F\\ Hoa"
+
+
+def test_report_carries_the_study_date_time_as_observation_time(his: PacsServer, tmp_path: Path) -> None:
+    # OBR-7 is required in a result (HL7 v2.5 4.5.3.7): the study's date and time, or its date alone.
+    for accession, (date, time_) in {"HRO001": ("20241203", "101530.25"), "HRO002": ("20241204", "")}.items():
+        ct = make_ct(tmp_path / f"{accession}.dcm", PatientID="BN620001", AccessionNumber=accession,
+                     StudyDate=date, StudyTime=time_)
+        assert his.storescu(str(ct)).returncode == 0
+        study = str(dcmread(ct, stop_before_pixels=True).StudyInstanceUID)
+        with his.http(token=his.radiologist) as rad:  # type: ignore[attr-defined]
+            assert rad.put(f"/api/studies/{study}/report", json={"impression": "Bình thường."}).status_code == 200
+            assert rad.post(f"/api/studies/{study}/report/sign").status_code == 200
+
+    def oru(accession: str) -> list[bytes]:
+        messages: list[bytes] = his.his.messages  # type: ignore[attr-defined]
+        return [m for m in messages if b"ORU^R01" in m and accession.encode() in m]
+
+    assert wait_until(lambda: oru("HRO001") and oru("HRO002"), timeout=60)
+    assert _segment(oru("HRO001")[0], "OBR")[7] == "20241203101530"
+    assert _segment(oru("HRO002")[0], "OBR")[7] == "20241204"
+    assert len(_segment(oru("HRO001")[0], "MSH")[9]) <= 20  # MSH-10 is an ST of at most 20
+
+
+def test_ack_text_is_cut_between_escape_sequences(his: PacsServer) -> None:
+    # "order control '" + 63 or 64 Z: the escaped "|" falls across MSA-3's 80th character.
+    for count in (63, 64):
+        ack = send(his, orm(f"MT{count}", f"HRM0{count}", order_control="Z" * count + "\\F\\ABC"))
+        msa3 = fields(ack, "MSA")[3]
+        assert msa(ack)[0] == "AE" and len(msa3) <= 80
+        assert re.fullmatch(r"(?:[^\\]|\\[FSRTE]\\)*", msa3), msa3  # no "\F" or lone "\" at the end
+        assert msa3.startswith("order control 'ZZZ")
+        assert re.fullmatch(r"(?:[^\\]|\\[FSRTE]\\)*", fields(ack, "ERR")[8])
+
+
+def test_unsupported_order_control_is_table_value_not_found(his: PacsServer) -> None:
+    ack = send(his, orm("OC1", "HRC901", order_control="ZZ"))
+    assert msa(ack) == ("AE", "OC1")
+    assert fields(ack, "ERR")[3] == "103^Table value not found^HL70357"
