@@ -40,7 +40,7 @@ from .query import Level
 from .remote import RemoteError, associate, local_ae
 from .retrieve import RetrieveItem, apply_overrides, resolve
 from .routing import TRANSCODES, Job, Rule
-from .transcode import ENCODABLE, stream_stored
+from .transcode import convert_dataset, stream_stored
 
 if TYPE_CHECKING:
     from viewer_api.multipart import Part
@@ -67,24 +67,26 @@ def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule) -> Dataset | None:
     if not (target and target != item.transfer_syntax_uid) and not rule.deidentify and not rule.morph \
             and not item.overrides:
         return None
-    ds = apply_overrides(dcmread(io.BytesIO(pacs.store.read_bytes(item.storage_key))), item.overrides)
+
+    def stored_copy() -> Dataset:
+        return apply_overrides(dcmread(io.BytesIO(pacs.store.read_bytes(item.storage_key))), item.overrides)
+
+    ds = stored_copy()
     stored = UID(item.transfer_syntax_uid)
     if target and target != stored:
-        if stored.is_compressed:
-            ds.decompress(generate_instance_uid=False)
-        if UID(target) in ENCODABLE:
-            try:
-                # Lossless: the pixels decode identically, so the instance keeps its UID.
-                ds.compress(UID(target), generate_instance_uid=False)
-            except Exception as exc:  # noqa: BLE001 - the codec refuses this pixel format
-                # Compression only saves bandwidth: an image the codec cannot
-                # take (e.g. smaller than JPEG 2000's resolution levels) goes
-                # uncompressed rather than not at all.
-                log.warning("%s goes uncompressed: %s cannot encode it (%s)", item.sop_uid, UID(target).name,
-                            str(exc).splitlines()[0][:120])
-                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        else:
-            ds.file_meta.TransferSyntaxUID = UID(target)
+        try:
+            # Lossless: the pixels decode identically, so the instance keeps its UID.
+            convert_dataset(ds, stored, UID(target))
+        except Exception as exc:  # noqa: BLE001 - the codec refuses this pixel format
+            if UID(target) == ExplicitVRLittleEndian:
+                raise
+            # Compression only saves bandwidth: an image the codec cannot
+            # take (e.g. smaller than JPEG 2000's resolution levels, bits
+            # above Bits Stored in use) goes uncompressed rather than not at all.
+            log.warning("%s goes uncompressed: %s cannot encode it (%s)", item.sop_uid, UID(target).name,
+                        str(exc).splitlines()[0][:120])
+            ds = stored_copy()
+            convert_dataset(ds, stored, ExplicitVRLittleEndian)
     if rule.deidentify:
         from .deidentify import Deidentifier
 

@@ -47,6 +47,8 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
+    JPEGLosslessSV1,
+    JPEGLossless,
     JPEGLSLossless,
     RLELossless,
 )
@@ -62,6 +64,10 @@ UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEnd
 # Lossless encoders pydicom has with the codecs we ship.
 ENCODABLE = {RLELossless, JPEGLSLossless, JPEG2000Lossless}
 # Syntaxes written by streaming the pixel data (header re-encoded).
+# Compressed syntaxes whose decoded samples are the ones encoded: turning
+# their YBR_FULL into RGB would round them, a lossy change under a lossless
+# name (lossy sources are given as RGB, as viewers expect).
+LOSSLESS_SOURCES = {RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1}
 LITTLE_ENDIAN_NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
 # Whole-object conversions (codec changes) running at once in this process.
 MAX_WHOLE_CONVERSIONS = 2
@@ -476,6 +482,7 @@ def encode_plan(opener: Opener, item: RetrieveItem, target: str) -> CodecPlan | 
     if bits not in (8, 16, 32) or not rows or not columns or photometric.endswith("_422"):
         return None  # 1-bit, subsampled or odd layouts: the whole-object path
     frame_size = rows * columns * samples * bits // 8
+    keeps_high_bits = 0 < _number(ds, "BitsStored", bits) < bits
     if frames * frame_size > pixels.length:
         raise TransferSyntaxError(f"{item.sop_uid}: Pixel Data is shorter than its attributes say")
     encoder, native = get_encoder(uid), get_decoder(ExplicitVRLittleEndian)
@@ -500,8 +507,16 @@ def encode_plan(opener: Opener, item: RetrieveItem, target: str) -> CodecPlan | 
         if len(data) != frame_size:
             raise TransferSyntaxError(f"{item.sop_uid}: frame {index + 1} is truncated in storage")
         try:
-            arr, _ = native.as_array(data, as_rgb=False, **read_options)
-            frame = encoder.encode(arr, **options)
+            # Every stored bit, bits above Bits Stored included (RLE keeps them;
+            # the others are refused below rather than drop them).
+            raw, _ = native.as_array(data, as_rgb=False, **{**read_options, "correct_unused_bits": False})
+            if uid != RLELossless and keeps_high_bits:
+                corrected, _ = native.as_array(data, as_rgb=False, **read_options)
+                if not np.array_equal(raw, corrected):
+                    raise ValueError("bits above Bits Stored are in use (an overlay or padding): they would "
+                                     "be dropped")
+            # From bytes: an array is checked against Bits Stored (refusing RLE's extra bits).
+            frame = encoder.encode(_little_endian_bytes(raw), **options)
         except Exception as exc:
             raise TransferSyntaxError(f"cannot encode {item.sop_uid} as {uid.name}: {exc}") from exc
         return frame + b"\0" * (len(frame) % 2)
@@ -575,7 +590,8 @@ def decode_plan(pacs: Pacs, item: RetrieveItem, target: str) -> CodecPlan | None
         source = resources.enter_context(open(path, "rb"))  # noqa: SIM115
         source.seek(pixels.value_offset)
         try:
-            decoded = get_decoder(stored).iter_array(source, validate=True, as_rgb=True, **options)
+            decoded = get_decoder(stored).iter_array(source, validate=True, as_rgb=stored not in LOSSLESS_SOURCES,
+                                                     **options)
             arr, image_pixel = next(decoded)
         except Exception as exc:
             raise TransferSyntaxError(f"cannot decode {item.sop_uid} ({stored.name}): {exc}") from exc
@@ -661,6 +677,67 @@ def _interleaved(ds: Dataset) -> None:
         ds.PlanarConfiguration = 0
 
 
+def decompress(ds: Dataset, stored: UID) -> None:
+    """*ds*'s compressed pixel data decoded in place; lossless sources keep
+    their colour space (see LOSSLESS_SOURCES)."""
+    ds.decompress(generate_instance_uid=False, as_rgb=stored not in LOSSLESS_SOURCES)
+
+
+def high_bits_in_use(ds: Dataset) -> bool:
+    """Whether native pixel words carry bits above Bits Stored (an overlay in
+    the high bits, padding values): JPEG-LS and JPEG 2000 encode Bits Stored
+    bits per sample and would drop them, yet decode "identical" once pydicom
+    has masked them away."""
+    from pydicom.pixels import get_decoder
+
+    allocated = int(ds.get("BitsAllocated", 0) or 0)
+    stored_bits = int(ds.get("BitsStored", allocated) or allocated)
+    if "PixelData" not in ds or not 0 < stored_bits < allocated:
+        return False
+    decoder = get_decoder(UID(ds.file_meta.TransferSyntaxUID))
+    raw, _ = decoder.as_array(ds, as_rgb=False, correct_unused_bits=False)
+    corrected, _ = decoder.as_array(ds, as_rgb=False, correct_unused_bits=True)
+    return not np.array_equal(raw, corrected)
+
+
+def convert_dataset(ds: Dataset, stored: UID, uid: UID) -> None:
+    """*ds*, read from an object stored in *stored*, rewritten in place for
+    *uid*: byte-swapped, decoded, encoded losslessly. Raises ValueError (or
+    the codec's error) when that cannot be done without changing a sample."""
+    if stored == ExplicitVRBigEndian:
+        if uid not in LITTLE_ENDIAN_NATIVE and uid not in ENCODABLE:
+            raise ValueError(f"big endian objects are not converted to {uid.name}")
+        _to_little_endian(ds)
+        if "PixelData" in ds:
+            pixels = ds["PixelData"]
+            bits = int(ds.get("BitsAllocated", 8) or 8)
+            swap = bits // 8 if bits > 8 else (2 if pixels.VR == "OW" else 1)
+            pixels.value = _swapped(pixels.value, swap)
+            pixels.VR = "OW" if swap > 1 else "OB"
+        ds.file_meta.TransferSyntaxUID = stored = ExplicitVRLittleEndian
+        # What the dataset now is: pydicom and pynetdicom encode by it, not by the file meta.
+        ds.set_original_encoding(uid == ImplicitVRLittleEndian, True, ds.original_character_set)
+        if uid in LITTLE_ENDIAN_NATIVE:
+            ds.file_meta.TransferSyntaxUID = uid
+            return
+    if uid != stored and stored.is_compressed and stored != DeflatedExplicitVRLittleEndian:
+        decompress(ds, stored)
+    if uid == stored:
+        return
+    if uid in ENCODABLE and "PixelData" in ds:
+        if uid != RLELossless and high_bits_in_use(ds):  # RLE keeps every bit of each byte
+            raise ValueError(f"bits above Bits Stored are in use (an overlay or padding): {uid.name} "
+                             "would drop them")
+        _interleaved(ds)
+        ds.compress(uid, generate_instance_uid=False)
+    elif uid.is_encapsulated and any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise ValueError(f"no lossless encoder of these pixels for {uid.name}")
+    else:
+        # Without pixel data (reports, SR, PDF) a compressed syntax
+        # encodes the dataset exactly as Explicit VR Little Endian.
+        ds.file_meta.TransferSyntaxUID = uid
+
+
 def _convert_whole(pacs: Pacs, item: RetrieveItem, uid: UID) -> BinaryIO:
     """The object converted to *uid*, in a rewound spooled temporary file.
     Holds one of the process's conversion slots while it works."""
@@ -672,31 +749,8 @@ def _convert_whole(pacs: Pacs, item: RetrieveItem, uid: UID) -> BinaryIO:
                 ds = dcmread(path)
             apply_overrides(ds, item.overrides)
             try:
-                if stored == ExplicitVRBigEndian:
-                    if uid not in LITTLE_ENDIAN_NATIVE:
-                        raise ValueError("big endian objects are converted to uncompressed little endian only")
-                    _to_little_endian(ds)
-                    if "PixelData" in ds:
-                        pixels = ds["PixelData"]
-                        bits = int(ds.get("BitsAllocated", 8) or 8)
-                        swap = bits // 8 if bits > 8 else (2 if pixels.VR == "OW" else 1)
-                        pixels.value = _swapped(pixels.value, swap)
-                        pixels.VR = "OW" if swap > 1 else "OB"
-                    ds.file_meta.TransferSyntaxUID = uid
-                    dcmwrite(out, ds, enforce_file_format=True)
-                else:
-                    if uid != stored and stored.is_compressed and stored != DeflatedExplicitVRLittleEndian:
-                        ds.decompress(generate_instance_uid=False)
-                    if uid == stored:
-                        pass
-                    elif uid in ENCODABLE and "PixelData" in ds:
-                        _interleaved(ds)
-                        ds.compress(uid, generate_instance_uid=False)
-                    else:
-                        # Without pixel data (reports, SR, PDF) a compressed syntax
-                        # encodes the dataset exactly as Explicit VR Little Endian.
-                        ds.file_meta.TransferSyntaxUID = uid
-                    ds.save_as(out, enforce_file_format=True)
+                convert_dataset(ds, stored, uid)
+                ds.save_as(out, enforce_file_format=True)
             except Exception as exc:
                 raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {uid.name}: {_one_line(exc)}") from exc
             finally:

@@ -425,3 +425,28 @@ def _stop_while_routing_to(tmp_path: Path, port: int, reached: Any, never: str,
         assert jobs["counts"] == {"pending": 1} and jobs["jobs"][0]["attempts"] == 0, jobs
     finally:
         server.stop()
+
+
+def test_a_big_endian_object_reaches_a_transcoding_destination(tmp_path: Path) -> None:
+    """A Big Endian object (an old modality) under a --transcode rule was
+    relabelled, not converted: the destination refused it and the job was
+    retried for good (found by a codec tester). It is byte-swapped, then
+    encoded; its pixel values are the originals."""
+    from .conftest import pydicom_file
+
+    receiver = Receiver(tmp_path / "reading").start()
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}))
+    server.cli("ae", "add", "READING", "--host", "127.0.0.1", "--port", str(receiver.port))
+    server.cli("route", "add", "old-mr", "--if", "CallingAE=OLD_MR", "--to-ae", "READING",
+               "--transcode", "j2k-lossless")
+    server.start()
+    source = pydicom_file("MR_small_bigendian.dcm")
+    try:
+        assert server.storescu(str(source), calling="OLD_MR").returncode == 0
+        assert receiver.wait_for(1) == 1
+        got = dcmread(next(iter(receiver.files().values())))
+    finally:
+        server.stop()
+        receiver.stop()
+    assert got.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert np.array_equal(got.pixel_array, dcmread(source).pixel_array)

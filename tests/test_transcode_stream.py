@@ -474,3 +474,100 @@ def test_c_get_decodes_a_large_compressed_object_frame_by_frame(archive: tuple[P
     assert got.SOPInstanceUID == objects.compressed.SOPInstanceUID
     assert np.array_equal(got.pixel_array, objects.pixels)
     assert memory.growth_mb < GROWTH_LIMIT_MB, f"the server grew by {memory.growth_mb:.0f} MB over C-GET"
+
+
+# -- every stored bit kept, or the conversion refused ------------------------------------------
+def _image(path: Path, pixels: np.ndarray, *, bits_stored: int, photometric: str = "MONOCHROME2",
+           planar: int | None = None, extra: bytes = b"") -> Dataset:
+    """A native Explicit VR Little Endian object of *pixels* (rows, columns[, samples])."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    _new_uids(ds)
+    ds.PatientID, ds.PatientName, ds.Modality = "079000333444", "LE^VAN BIT", "OT"
+    ds.Rows, ds.Columns = pixels.shape[:2]
+    ds.SamplesPerPixel = 1 if pixels.ndim == 2 else pixels.shape[2]
+    ds.PhotometricInterpretation = photometric
+    if planar is not None:
+        ds.PlanarConfiguration = planar
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored, ds.HighBit, ds.PixelRepresentation = bits_stored, bits_stored - 1, 0
+    data = pixels.transpose(2, 0, 1) if planar == 1 else pixels
+    ds.PixelData = np.ascontiguousarray(data).astype(pixels.dtype.newbyteorder("<")).tobytes() + extra
+    ds.save_as(path, enforce_file_format=True)
+    return ds
+
+
+def _raw_samples(ds: Dataset) -> np.ndarray:
+    from pydicom.pixels import get_decoder
+
+    arr, _ = get_decoder(ds.file_meta.TransferSyntaxUID).as_array(ds, as_rgb=False, correct_unused_bits=False)
+    return arr
+
+
+def test_lossless_means_every_stored_bit(tmp_path: Path) -> None:
+    """Findings of a codec tester: `pacs compress` and conversions to JPEG-LS /
+    JPEG 2000 dropped the bits above Bits Stored (an overlay kept in bit 15)
+    while the check, on pydicom's masked pixel_array, called it identical;
+    YBR_FULL samples served uncompressed were turned into rounded RGB; colour
+    stored plane by plane kept Planar Configuration 1 inside JPEG-LS while its
+    frames came out pixel by pixel; bytes after the described pixels were
+    dropped; a float image asked for as JPEG-LS was a 200 with a broken object."""
+    from .test_maintenance import Cli
+
+    rng = np.random.default_rng(7)
+    smooth = (np.add.outer(np.arange(64), np.arange(64)) * 31 % 4096).astype(np.uint16)
+    overlay = smooth | ((rng.random((64, 64)) < 0.1).astype(np.uint16) << 15)  # an overlay in bit 15
+    colour = np.stack([np.add.outer(np.arange(32), np.arange(32)) * k % 256 for k in (1, 2, 3)], -1).astype(np.uint8)
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    objects = {
+        "overlay": _image(inbox / "overlay.dcm", overlay, bits_stored=12),
+        "plain": _image(inbox / "plain.dcm", smooth, bits_stored=12),
+        "planar": _image(inbox / "planar.dcm", colour, bits_stored=8, photometric="RGB", planar=1),
+        "ybr": _image(inbox / "ybr.dcm", colour, bits_stored=8, photometric="YBR_FULL", planar=0),
+        "padded": _image(inbox / "padded.dcm", smooth, bits_stored=12, extra=b"\x07\x00" * 50),
+    }
+    originals = {name: _raw_samples(dcmread(inbox / f"{name}.dcm")) for name in objects}
+    floating = _image(inbox / "float.dcm", smooth, bits_stored=16)
+    del floating.PixelData
+    floating.BitsAllocated = floating.BitsStored = 32
+    del floating.HighBit, floating.PixelRepresentation
+    floating.FloatPixelData = smooth.astype("<f4").tobytes()
+    floating.save_as(inbox / "float.dcm", enforce_file_format=True)
+    objects["float"] = floating
+    data = tmp_path / "data"
+    cli = Cli(data)
+    assert cli.json("import", str(inbox))["stored"] == len(objects)
+    report = cli.json("compress", "--codec", "jpeg-ls")
+    skipped = {item["sop_uid"]: item for item in report["skipped"]["not encodable"]["items"]}
+    assert set(skipped) == {str(objects["overlay"].SOPInstanceUID), str(objects["padded"].SOPInstanceUID)}
+    assert "Bits Stored" in skipped[str(objects["overlay"].SOPInstanceUID)]["detail"]
+    assert report["compressed"] == 3 and report["failed"]["count"] == 0
+
+    server = PacsServer(data, Backend("sqlite-fs", None, None, {})).start()
+    try:
+        with server.http() as http:
+            def retrieve(name: str, syntax: str) -> httpx.Response:
+                accept = f"{ACCEPT}; transfer-syntax={syntax}"
+                return http.get(_url(objects[name]), headers={"Accept": accept})
+
+            assert retrieve("float", JPEGLSLossless).status_code == 406  # was a 200 with a broken object
+            for name in originals:  # as stored: every bit as sent
+                got = dcmread(io.BytesIO(_parts(retrieve(name, "*"))[0][1]))
+                assert np.array_equal(_raw_samples(got), originals[name]), name
+            planar = dcmread(io.BytesIO(_parts(retrieve("planar", "*"))[0][1]))
+            assert planar.file_meta.TransferSyntaxUID == JPEGLSLossless and planar.PlanarConfiguration == 0
+            ybr = dcmread(io.BytesIO(_parts(retrieve("ybr", ExplicitVRLittleEndian))[0][1]))
+            assert ybr.PhotometricInterpretation == "YBR_FULL"
+            assert np.array_equal(_raw_samples(ybr), originals["ybr"])  # not rounded through RGB
+            # The overlay's bits cannot be kept by JPEG-LS or JPEG 2000: refused, not dropped...
+            for syntax in (JPEGLSLossless, JPEG2000Lossless):
+                assert retrieve("overlay", syntax).status_code == 406, syntax
+            # ...RLE keeps every bit of each byte.
+            rle = dcmread(io.BytesIO(_parts(retrieve("overlay", RLELossless))[0][1]))
+            assert rle.file_meta.TransferSyntaxUID == RLELossless
+            assert np.array_equal(_raw_samples(rle), originals["overlay"])
+    finally:
+        server.stop()

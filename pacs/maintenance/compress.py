@@ -49,6 +49,7 @@ from ..index.committer import GroupCommitter
 from ..index.writer import IndexWriter
 from ..ingest import Ingestor, Origin
 from ..part10 import FileSource
+from ..transcode import convert_dataset
 from .common import (
     BATCH,
     Capped,
@@ -140,6 +141,18 @@ def _same_pixels(original: np.ndarray, path: Path) -> bool:
     return original.shape == decoded.shape and original.dtype == decoded.dtype and bool(np.array_equal(original, decoded))
 
 
+def _native_length(ds: Any) -> int | None:
+    """Bytes of native pixel data the image attributes describe (None: not an
+    image layout this can tell, e.g. 1-bit)."""
+    try:
+        bits = int(ds.BitsAllocated)
+        count = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) \
+            * int(ds.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return count * bits // 8 if bits % 8 == 0 else None
+
+
 def _encode(src: Path, target: UID, tmp_dir: Path) -> tuple[str, Path | None, str]:
     """(state, path of the encoded object, detail); state is "encoded",
     "already" (the stored object is compressed already) or a skip reason."""
@@ -148,9 +161,15 @@ def _encode(src: Path, target: UID, tmp_dir: Path) -> tuple[str, Path | None, st
         return "already", None, str(ds.file_meta.TransferSyntaxUID)
     if "PixelData" not in ds:
         return "not an image", None, "no Pixel Data"
+    expected = _native_length(ds)
+    if expected is not None and len(ds.PixelData) not in (expected, expected + 1):
+        # Bytes beyond (or missing from) what the attributes describe would be lost.
+        return "not encodable", None, f"Pixel Data is {len(ds.PixelData)} bytes, its attributes say {expected}"
     try:
         original = ds.pixel_array.copy()
-        ds.compress(target, generate_instance_uid=False)
+        # The high-bit check, planar pixels interleaved (Planar Configuration
+        # 0, as PS3.5 requires of JPEG-LS and JPEG 2000), the encoding.
+        convert_dataset(ds, UID(ds.file_meta.TransferSyntaxUID), target)
     except Exception as exc:  # the codec refuses this pixel format
         return "not encodable", None, str(exc).splitlines()[0][:200]
     fd, name = tempfile.mkstemp(prefix="compress-", suffix=".dcm", dir=tmp_dir)
