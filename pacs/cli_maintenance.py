@@ -91,6 +91,9 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR|FILE.zip")
     p.add_argument("--deidentify", action="store_true", help="PS3.15 Basic Profile, consistent UIDs and pseudonyms")
     p.add_argument("--salt", help="de-identification secret (default: the appliance's own)")
+    p.add_argument("--include-burned-in", action="store_true",
+                   help="with --deidentify: also write objects with burned-in annotation (identifying text in the "
+                        "pixels, not removed); by default they are left out and listed")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("outbox", help="messages to the HIS (ORM status, ORU reports): list, retry dead ones")
@@ -468,15 +471,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """pacs export: 0 every study written, 1 unknown studies or failed objects."""
+    """pacs export: 0 every study written, 1 unknown studies, failed objects or
+    objects left out of a de-identified export for burned-in annotation."""
     from pacs.maintenance import export_studies
 
     if args.salt and not args.deidentify:
         return _usage("--salt only makes sense with --deidentify")
+    if args.include_burned_in and not args.deidentify:
+        return _usage("--include-burned-in only makes sense with --deidentify")
     if args.out.exists() and args.out.suffix.lower() == ".zip":
         return _usage(f"{args.out} exists: choose another name")
     report = _run(args, lambda pacs, bar: export_studies(pacs, args.studies, args.out, deidentify=args.deidentify,
-                                                         salt=args.salt, progress=bar))
+                                                         salt=args.salt, include_burned_in=args.include_burned_in,
+                                                         progress=bar))
     data = report.as_dict()
 
     def human() -> None:
@@ -484,16 +491,25 @@ def cmd_export(args: argparse.Namespace) -> int:
             ("studies", report.studies), ("instances written", report.instances),
             ("bytes", _size(report.bytes)), ("already there", report.kept),
             ("failed", report.failed.count),
+            ("left out: burned-in annotation", report.not_exported_burned_in.count),
         ])
         for uid in report.missing_studies:
             err.print(f"[red]no such study:[/red] {uid}")
         _list("failed", data["failed"], ("sop_uid", "detail"))
-        if report.burned_in_annotation.count:
-            err.print(f"[yellow]{report.burned_in_annotation.count} object(s) have burned-in annotation: "
-                      "their pixels may show identifying text (not removed)[/yellow]")
+        _list("not exported: burned-in annotation", data["not_exported_burned_in"], ("sop_uid", "detail"))
+        if report.not_exported_burned_in.count:
+            err.print(f"[red]{report.not_exported_burned_in.count} object(s) not exported: their pixels show "
+                      "identifying text that de-identification cannot remove (--include-burned-in to write them "
+                      "anyway)[/red]")
+        _list("written with burned-in annotation (pixels not de-identified)", data["burned_in_included"],
+              ("sop_uid", "detail"))
+        _list("warnings", data["warnings"], ("sop_uid", "detail"))
 
     _emit(args, data, human)
-    return 1 if report.missing_studies or report.failed.count else 0
+    if report.not_exported_burned_in.count and args.json:
+        # The JSON goes to stdout; the operator still hears why the exit code is 1.
+        err.print(f"{report.not_exported_burned_in.count} object(s) not exported: burned-in annotation")
+    return 1 if report.missing_studies or report.failed.count or report.not_exported_burned_in.count else 0
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:

@@ -1,5 +1,5 @@
 """De-identification: DICOM PS3.15 Annex E, Basic Application Level
-Confidentiality Profile.
+Confidentiality Profile (Table E.1-1 as of 2024b).
 
 What :func:`deidentify` does to a dataset (in place):
 
@@ -11,29 +11,68 @@ What :func:`deidentify` does to a dataset (in place):
   attributes unknown to pydicom's dictionary (nobody can vouch for them);
 - replaces UIDs with :class:`UidMap`: ``2.25.<uuid5 keyed by a secret salt>``, so
   one original UID becomes the same new UID in every instance, every sequence
-  and every run with the same salt (Study/Series/SOP Instance, Frame of
-  Reference, Referenced SOP Instance UIDs...);
-- replaces Patient's Name and Patient ID with a pseudonym derived from the salt
-  and the original Patient ID (same patient, same pseudonym);
-- sets Patient Identity Removed = YES, De-identification Method, its Code
+  and every run with the same salt. Every UI value is remapped (Study/Series/
+  SOP Instance, Frame of Reference, Acquisition, Pyramid UIDs...) except
+  well-known UIDs (pydicom's UID dictionary: classes, transfer syntaxes,
+  coding schemes) and the attributes naming a class or a transfer syntax
+  (a vendor's private SOP Class UID stays: it says what the object is);
+- replaces Patient's Name and Patient ID with a pseudonym derived from the salt,
+  the original Patient ID and its Issuer of Patient ID (same patient at the
+  same issuer, same pseudonym; the same local ID at two issuers, two
+  pseudonyms). Patients without an issuer keep the pseudonym earlier versions
+  gave them; patients with one get a different pseudonym than in exports made
+  before the issuer was taken into account;
+- replaces Encapsulated Document (D) by a blank document of the same MIME type
+  (an empty one-page PDF, an empty CDA, an empty STL...): a PDF cannot be
+  cleaned reliably, so not one byte of the original goes out. Document Title is
+  emptied, Encapsulated Document Length follows, Burned In Annotation of a
+  document (it speaks of the document's content) becomes NO, and De-identification
+  Method gets a second value saying the document was replaced;
+- sets Patient Identity Removed = YES (NO when Burned In Annotation = YES: the
+  pixels still identify the patient), De-identification Method, its Code
   Sequence (DCM 113100 "Basic Application Confidentiality Profile") and
   Longitudinal Temporal Information Modified = REMOVED.
 
 Compound actions are resolved without knowing the IOD, always keeping the
 object conformant: for plain attributes the last alternative wins (X/Z -> Z,
 X/D, Z/D, X/Z/D -> D: an empty or dummy value is legal where removal might
-not be); for sequences X/Z -> an empty sequence, X/D and X/Z/D -> removed
-(those sequences are Type 3 in the image IODs), D, Z/D and X/Z/U* -> kept with
-each item de-identified recursively (UIDs remapped, PHI inside removed).
-Dates: Z dates become empty, D dates the dummy 19000101 / 000000.
+not be; D on a UI value remaps it, a dummy string is no UID); for sequences
+X, X/D and X/Z/D -> removed (those sequences are Type 3 in the image IODs),
+Z and X/Z -> an empty sequence, D, Z/D, C and X/Z/U* -> a skeleton of the
+original items cleaned *strictly* (Content Sequence and Graphic Annotation
+Sequence are Type 1: emptying them would break the object). Dates: Z dates
+become empty, D dates the dummy 19000101 / 000000.
 
-Beyond the table (stricter): dates and times the table does not list
-(Instance Creation Date, content item dates...) get dummy values, and so does
-Text Value of structured-report content items (free text).
+Strict cleaning (inside a sequence the table replaces, a sequence whose
+keyword says "Identification", and everything nested in them) keeps only
+structure: code strings (CS: Value Type, Relationship Type, Graphic Layer...),
+numbers and coordinates, remapped UIDs and codes of public coding schemes
+(:data:`STANDARD_CODING_SCHEMES`: DCM 121071 "Finding" is vocabulary). Every
+other value (PN, LO, SH, AE, AS, LT, ST, UT, UC, UR, OB, OW, UN, dates) gets a
+dummy, whatever the attribute, so e.g. Unformatted Text Value in a GSPS text
+object or a licence number in Person Identification Code Sequence never
+survives; attributes the table lists keep their own action (X still removes).
+
+Beyond the table (stricter), everywhere:
+
+- every date and time the table does not list gets a dummy value;
+- every PN, LT, ST, UT, UC and UR value the table does not list gets a dummy
+  (names and free text wherever they hide: sequences outside the table such
+  as Requesting Physician Identification Sequence, Text Value of SR content
+  items, Unformatted Text Value...);
+- codes of a local coding scheme (anything not in
+  :data:`STANDARD_CODING_SCHEMES`, e.g. "L" or "99..."): Code Value, Code
+  Meaning, Long and URN Code Value get dummies (a department's or a
+  physician's name is typical there);
+- Patient's Birth/Death Date in Alternative Calendar and Patient's Alternative
+  Calendar are removed (a lunar birth date undoes the removal of the birth
+  date); Document Title and Content Description are emptied, Content Label
+  gets a dummy (see :data:`EXTRA`).
 
 Pixel data is never touched. Burned-in annotation (text inside the pixels,
 Burned In Annotation = YES, typical of ultrasound and secondary captures) is
-OUT OF SCOPE: callers should report such objects (see :func:`burned_in`).
+not removed: :func:`may_release` tells callers (export, routing) whether a
+de-identified copy may leave, see there.
 """
 
 from __future__ import annotations
@@ -43,6 +82,7 @@ import hmac
 import logging
 import uuid
 from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import Enum
 
 from pydicom.datadict import dictionary_VR, get_entry, keyword_for_tag
@@ -50,6 +90,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
+from pydicom.uid import UID_dictionary
 
 log = logging.getLogger(__name__)
 
@@ -175,27 +216,128 @@ _TABLE = """
 FFFAFFFA X      FFFCFFFC X
 """
 
+# Entries of the 2024b table that the encoding above lacked (found missing by
+# an exploratory test: Station/Retrieve AE Title, the GPS group, Acquisition
+# and Pyramid UIDs, Encapsulated Document...). Kept as a separate block so the
+# first one still reads against its source; the two are merged below and an
+# entry may not appear in both (checked at import).
+_TABLE_2024B = """
+00080012 X/D    00080013 X/Z/D  00080017 U      00080019 U      00080054 X
+00080055 X      00080106 D      00080107 D      00081000 X      00081088 X
+00120022 X      00120023 X      00120032 X      00120041 X      00120043 X
+00120055 X      00120073 X      00120086 X      00120087 X
+0014407C X      0014407E X
+00160070 X      00160071 X      00160072 X      00160073 X      00160074 X
+00160075 X      00160076 X      00160077 X      00160078 X      00160079 X
+0016007A X      0016007B X      0016007C X      0016007D X      0016007E X
+0016007F X      00160080 X      00160081 X      00160082 X      00160083 X
+00160084 X      00160085 X      00160086 X      00160087 X      00160088 X
+00160089 X      0016008A X      0016008B X      0016008C X      0016008D X
+0016008E X
+00180027 X      00180035 X      00181012 X      00181014 X      00181042 X
+00181043 X      00181072 X      00181073 X      00181078 X      00181079 X
+00181200 X      00181201 X      00181202 X      00181203 Z      00181204 X
+00181205 X      0018700C X/D    0018700E X/D    00189074 D      00189151 D
+00189623 D      00189701 D      00189804 D      00189919 Z/D    0018A002 X
+00200027 X      00203403 X      00203405 X
+00320032 X      00320033 X      00320034 X      00320035 X      00321000 X
+00321001 X      00321010 X      00321011 X      00321040 X      00321041 X
+00321050 X      00321051 X
+0038001A X      0038001B X      0038001C X      0038001D X      00380030 X
+00380032 X
+003A0329 X      003A032B X
+00402004 X      00402005 X      0040A023 X      0040A024 X      0040A030 D
+0040A032 X/D    0040A033 X      0040A082 Z      0040A110 X      0040A112 X
+0040A120 D      0040A121 D      0040A122 D      0040A13A D      0040DB06 X
+0040DB07 X      0040E004 X
+00420011 D
+00440004 X      0044000B X      00440010 X      00440104 D      00440105 X
+00640003 U
+00686226 D      00686270 D
+006A0003 D      006A0005 D      006A0006 X
+00700082 X      00700083 X
+0072000A D      0072005E D      0072005F D      00720061 D      00720063 D
+00720065 D      00720066 D      00720068 D      0072006A D      0072006B D
+0072006C D      0072006D D      0072006E D      00720070 D      00720071 D
+00741234 X      00741236 X
+01000420 X
+04000105 D      04000115 D      04000310 X      04000562 D      04000563 D
+04000564 Z      04000565 D
+21000040 X      21000050 X      21000070 X      21000140 D
+30020121 X      30020123 X
+3006002D X      3006002E X      3006004D X      3006004E X
+30080024 D      30080025 D      30080162 D      30080164 D      30080166 D
+30080168 D
+300A000B X      300A022C D      300A022E D      300A0785 U      300A078E X
+300A0792 X      300A0794 X      300A079A X
+300C0127 D
+300E0004 Z      300E0005 Z
+30100038 D      30100085 X
+40080040 X      40080100 X      40080101 X      40080108 X      40080109 X
+40080112 X      40080113 X      40080200 X
+"""
+
 
 def _parse_table(text: str) -> dict[int, Action]:
     tokens = text.split()
     return {int(tag, 16): Action(code) for tag, code in zip(tokens[::2], tokens[1::2], strict=True)}
 
 
-BASIC_PROFILE: dict[int, Action] = _parse_table(_TABLE)
+def _merge(*tables: dict[int, Action]) -> dict[int, Action]:
+    merged: dict[int, Action] = {}
+    for table in tables:
+        twice = merged.keys() & table.keys()
+        if twice:
+            raise ValueError(f"table entries listed twice: {sorted(f'{t:08X}' for t in twice)}")
+        merged.update(table)
+    return merged
 
-# Stricter than the table: free text inside structured-report content items,
-# which the table keeps when it cleans the Content Sequence. (Dates and times
-# the table does not list are handled by VR, see _Cleaner.dataset.)
+
+BASIC_PROFILE: dict[int, Action] = _merge(_parse_table(_TABLE), _parse_table(_TABLE_2024B))
+
+# Stricter than the table (see the module doc, "Beyond the table").
 EXTRA: dict[int, Action] = {
-    0x0040A160: Action.D,  # Text Value
+    0x0040A160: Action.D,  # Text Value: free text of structured-report content items
+    # Dates in other calendars undo the removal of Patient's Birth Date (a
+    # Vietnamese lunar birth date is as identifying as the solar one).
+    0x00100033: Action.X,  # Patient's Birth Date in Alternative Calendar
+    0x00100034: Action.X,  # Patient's Death Date in Alternative Calendar
+    0x00100035: Action.X,  # Patient's Alternative Calendar
+    0x00420010: Action.Z,  # Document Title (Type 2): reports are titled with the patient's name
+    0x00700080: Action.D,  # Content Label (CS, Type 1): operators type names into it
+    0x00700081: Action.Z,  # Content Description (Type 2)
 }
 _DATE_VRS = {"DA", "DT", "TM"}
+# Values that are text someone typed (names, notes, addresses, URLs): replaced
+# wherever they are, unless the table says otherwise.
+_FREE_TEXT_VRS = {"PN", "LT", "ST", "UT", "UC", "UR"}
+# Inside a sequence the table replaces (D, Z/D, C, X/Z/U*) short strings and
+# raw bytes go too: only structure survives (see _Cleaner).
+_STRICT_VRS = _FREE_TEXT_VRS | {"LO", "SH", "AE", "AS", "OB", "OW", "UN"}
+
+_CODE_VALUE, _CODING_SCHEME, _CODE_MEANING = 0x00080100, 0x00080102, 0x00080104
+_CODE_TEXT = {_CODE_VALUE, _CODE_MEANING, 0x00080119, 0x00080120}  # + Long and URN Code Value
+# Code attributes that only name a vocabulary (Coding Scheme Designator and
+# Version, Context Identifier, Mapping Resource): never identifying.
+_CODE_VOCABULARY = {_CODING_SCHEME, 0x00080103, 0x0008010F, 0x00080105}
+# Public coding schemes: their codes are vocabulary (DCM 121071 "Finding"), not
+# data about a person. Any other scheme ("L", "99LOCAL"...) is local and its
+# codes can be a licence number and a physician's or a department's name.
+STANDARD_CODING_SCHEMES = frozenset({
+    "DCM", "SCT", "SRT", "SNM3", "LN", "UCUM", "FMA", "RADLEX", "NCIt", "UMLS", "MSH", "ICD10", "I10", "I10P",
+    "I9C", "ICD9CM", "ICDO3", "ATC", "RXNORM", "MDC", "ACR", "NEU", "BARI", "NCDR", "ITIS_TSN", "PUBCHEM_CID",
+    "ISO639_1", "ISO639_2", "ISO3166_1", "IBSI", "HUGO", "NDC", "NICIP", "UNS", "UPC",
+})
 
 _PATIENT_NAME, _PATIENT_ID = 0x00100010, 0x00100020
+_ENCAPSULATED_DOCUMENT, _DOCUMENT_LENGTH, _DOCUMENT_MIME = 0x00420011, 0x00420015, 0x00420012
 # Attributes we set ourselves after cleaning.
 _IDENTITY_REMOVED, _METHOD, _METHOD_CODES = 0x00120062, 0x00120063, 0x00120064
 _LONGITUDINAL = 0x00280303
+_BURNED_IN, _PIXEL_DATA = 0x00280301, 0x7FE00010
 _FILE_META_KEPT = {0x00020000, 0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012, 0x00020013}
+DOCUMENT_REPLACED = "Encapsulated Document replaced by a blank one"
+PIXELS_NOT_CLEANED = "Burned In Annotation not removed"
 
 _DUMMY_TEXT = "ANONYMIZED"
 _DUMMY: dict[str, object] = {
@@ -204,6 +346,42 @@ _DUMMY: dict[str, object] = {
     "US": 0, "SS": 0, "UL": 0, "SL": 0, "FL": 0.0, "FD": 0.0, "SV": 0, "UV": 0,
     "OB": b"\x00\x00", "OW": b"\x00\x00", "UN": b"\x00\x00",
 }
+
+
+def _blank_pdf() -> bytes:
+    # One empty page, with a correct cross-reference table so strict readers
+    # open it without repair; no Info dictionary (no author, no title).
+    objects = [b"<</Type/Catalog/Pages 2 0 R>>", b"<</Type/Pages/Kids[3 0 R]/Count 1>>",
+               b"<</Type/Page/Parent 2 0 R/MediaBox[0 0 595 842]/Resources<<>>>>"]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += b"%d 0 obj\n" % number + body + b"\nendobj\n"
+    xref = len(out)
+    out += b"xref\n0 %d\n0000000000 65535 f \n" % (len(objects) + 1)
+    out += b"".join(b"%010d 00000 n \n" % offset for offset in offsets)
+    out += b"trailer\n<</Size %d/Root 1 0 R>>\nstartxref\n%d\n%%%%EOF\n" % (len(objects) + 1, xref)
+    return bytes(out)
+
+
+BLANK_PDF = _blank_pdf()
+# Placeholders by MIME type of the encapsulated document: a valid, empty
+# document of the same kind, so the object stays what its SOP class says.
+_BLANK_DOCUMENTS: dict[str, bytes] = {
+    "application/pdf": BLANK_PDF,
+    "text/xml": b'<?xml version="1.0" encoding="UTF-8"?>\n<ClinicalDocument xmlns="urn:hl7-org:v3"/>\n',
+    "model/stl": b"solid anonymized\nendsolid anonymized\n",
+    "model/obj": b"# anonymized\n",
+    "model/mtl": b"# anonymized\n",
+}
+
+
+def blank_document(mime_type: str) -> bytes:
+    """The placeholder for an encapsulated document of *mime_type* (even length,
+    as OB values must be); none of the original document's bytes."""
+    body = _BLANK_DOCUMENTS.get(mime_type.strip().lower(), b"ANONYMIZED")
+    return body + b"\n" if len(body) % 2 else body
 
 
 def _keyed(salt: str, purpose: str) -> bytes:
@@ -239,10 +417,22 @@ class UidMap:
 
     __call__ = map
 
-    def pseudonym(self, patient_id: str, fallback: str = "") -> str:
-        """The pseudonym of a patient: same ID (or, without one, same fallback
-        such as name + birth date), same pseudonym."""
-        basis = patient_id.strip() or "\x00" + fallback.strip()
+    def pseudonym(self, patient_id: str, fallback: str = "", issuer: str = "") -> str:
+        """The pseudonym of a patient: same ID and issuer (or, without an ID,
+        same fallback such as name + birth date), same pseudonym.
+
+        The issuer (Issuer of Patient ID) tells apart two patients with the
+        same local ID at two hospitals. Without an issuer the pseudonym is the
+        one earlier versions gave; with one it differs from what exports made
+        before the issuer was taken into account.
+        """
+        patient_id, issuer = patient_id.strip(), issuer.strip()
+        if patient_id:
+            # NUL cannot occur in an LO value: "ID" + NUL + "issuer" is
+            # unambiguous, and differs from the ID alone and from a fallback.
+            basis = patient_id + "\x00" + issuer if issuer else patient_id
+        else:
+            basis = "\x00" + fallback.strip()
         digest = hmac.new(self._pseudonym_key, basis.encode("utf-8"), hashlib.sha256).hexdigest()
         return "ANON" + digest[:12].upper()
 
@@ -250,6 +440,8 @@ class UidMap:
 def _text(value: object) -> str:
     if value is None:
         return ""
+    if isinstance(value, bytes):
+        return value.decode("latin-1")
     if isinstance(value, MultiValue | list | tuple):
         return "\\".join(str(v) for v in value)
     return str(value)
@@ -275,21 +467,37 @@ def _vr(ds: Dataset, tag: int) -> str:
     return str(vr or "UN").split(" or ")[0]
 
 
-def _uid_like(tag: int) -> bool:
-    # Instance UIDs the table does not list (e.g. SOP Instance UID of
-    # Concatenation Source) still point at instances: remap them too, so
-    # references stay consistent. Class, syntax and coding-scheme UIDs stay.
+def _names_a_class(tag: int) -> bool:
+    # SOP Class and Transfer Syntax UIDs say what the object is, not whose it
+    # is: a private class UID (a vendor's) stays, or the object is unreadable.
     keyword = keyword_for_tag(tag)
-    return "InstanceUID" in keyword or keyword.endswith("FrameOfReferenceUID")
+    return "ClassUID" in keyword or "TransferSyntaxUID" in keyword
+
+
+def _well_known(uid: str) -> bool:
+    """True for UIDs of the standard (classes, transfer syntaxes, coding
+    schemes, well-known instances): pydicom's UID dictionary."""
+    return uid in UID_dictionary
+
+
+def _standard_code(item: Dataset) -> bool:
+    scheme = _text(item[_CODING_SCHEME].value).strip() if _CODING_SCHEME in item else ""
+    return scheme in STANDARD_CODING_SCHEMES
 
 
 class _Cleaner:
+    """One pass over a dataset; *strict* while inside a sequence the table
+    replaces (see the module doc)."""
+
     def __init__(self, uid_map: UidMap) -> None:
         self.uids = uid_map
+        self.document_replaced = False
 
-    def dataset(self, ds: Dataset, depth: int = 0) -> None:
+    def dataset(self, ds: Dataset, depth: int = 0, strict: bool = False) -> None:
         if depth > 64:
             raise ValueError("sequences nested too deep to de-identify")
+        code_item = _CODING_SCHEME in ds
+        standard_code = code_item and _standard_code(ds)
         for tag in list(ds.keys()):
             t = int(tag)
             group, element = t >> 16, t & 0xFFFF
@@ -301,30 +509,50 @@ class _Cleaner:
                 del ds[tag]
                 continue
             vr = _vr(ds, t)
-            action = BASIC_PROFILE.get(t) or EXTRA.get(t) or self._default(t, vr)
+            if t == _ENCAPSULATED_DOCUMENT:
+                self._document(ds)
+                continue
+            action = BASIC_PROFILE.get(t) or EXTRA.get(t) or self._default(t, vr, strict, code_item, standard_code)
             if vr == "SQ":
-                self._sequence(ds, t, action, depth)
+                self._sequence(ds, t, action, depth, strict)
             else:
                 self._element(ds, t, vr, action)
 
     @staticmethod
-    def _default(tag: int, vr: str) -> Action:
+    def _default(tag: int, vr: str, strict: bool, code_item: bool, standard_code: bool) -> Action:
+        """The action for an attribute the table does not list."""
         if vr in _DATE_VRS:
             # Every date and time goes, not only those the table lists: that
             # is what Longitudinal Temporal Information Modified = REMOVED says.
             return Action.D
-        if vr == "UI" and _uid_like(tag):
-            return Action.U
+        if vr == "UI":
+            # Any UID may name an instance, a device or an organisation (e.g.
+            # Acquisition UID, Pyramid UID): all are remapped but the class
+            # and syntax attributes; well-known UIDs are kept by _element.
+            return Action.K if _names_a_class(tag) else Action.U
+        if code_item and tag in _CODE_VOCABULARY:
+            return Action.K
+        if code_item and tag in _CODE_TEXT:
+            # Codes of a public scheme are vocabulary; a local scheme's
+            # values and meanings are the hospital's own words.
+            return Action.K if standard_code else Action.D
+        if vr in (_STRICT_VRS if strict else _FREE_TEXT_VRS):
+            return Action.D
         return Action.K
 
-    def _sequence(self, ds: Dataset, tag: int, action: Action, depth: int) -> None:
+    def _sequence(self, ds: Dataset, tag: int, action: Action, depth: int, strict: bool) -> None:
         if action in (Action.X, Action.XD, Action.XZD):
             del ds[tag]
         elif action in (Action.Z, Action.XZ):
             ds[tag] = DataElement(tag, "SQ", Sequence())
-        else:  # K, C, D, Z/D, X/Z/U*: keep the items, each de-identified
+        else:
+            # D, Z/D, C, X/Z/U*: the items stay as a skeleton (Graphic
+            # Annotation and Content Sequence are Type 1), cleaned strictly.
+            # K: cleaned with the general rules, strictly when the sequence
+            # identifies someone (e.g. Requesting Physician Identification).
+            inner = strict or action is not Action.K or "Identification" in keyword_for_tag(tag)
             for item in ds[tag].value or []:
-                self.dataset(item, depth + 1)
+                self.dataset(item, depth + 1, inner)
 
     def _element(self, ds: Dataset, tag: int, vr: str, action: Action) -> None:
         if action in (Action.K,):
@@ -333,33 +561,74 @@ class _Cleaner:
             del ds[tag]
         elif action in (Action.Z, Action.XZ):
             ds[tag] = DataElement(tag, vr, None)
-        elif action is Action.U or action is Action.XZU:
+        elif action is Action.U or action is Action.XZU or vr == "UI":
+            # A UID given D (e.g. Annotation Group UID) gets a remapped UID:
+            # a dummy string would not be a valid UID.
             value = ds[tag].value
-            if isinstance(value, MultiValue | list | tuple):
-                ds[tag] = DataElement(tag, vr, [self.uids.map(v) for v in value])
-            else:
-                ds[tag] = DataElement(tag, vr, self.uids.map(_text(value)))
+            values = list(value) if isinstance(value, MultiValue | list | tuple) else [_text(value)]
+            new = [str(v) if _well_known(str(v)) else self.uids.map(v) for v in values]
+            ds[tag] = DataElement(tag, vr, new if len(new) != 1 else new[0])
         else:  # D, X/D, Z/D, X/Z/D, C: a dummy keeps even Type 1 conformant
             ds[tag] = DataElement(tag, vr, _DUMMY.get(vr, _DUMMY_TEXT))
+
+    def _document(self, ds: Dataset) -> None:
+        # Table E.1-1: D. A PDF (CDA, STL...) cannot be cleaned reliably (text
+        # in streams, fonts, metadata, images): a blank document of the same
+        # MIME type replaces it, and not one byte of the original goes out.
+        mime = _text(ds[_DOCUMENT_MIME].value) if _DOCUMENT_MIME in ds else ""
+        blank = blank_document(mime)
+        ds[_ENCAPSULATED_DOCUMENT] = DataElement(_ENCAPSULATED_DOCUMENT, "OB", blank)
+        if _DOCUMENT_LENGTH in ds:
+            ds[_DOCUMENT_LENGTH] = DataElement(_DOCUMENT_LENGTH, "UL", len(blank))
+        if _BURNED_IN in ds and _PIXEL_DATA not in ds:
+            # Burned In Annotation of a document speaks of the document's
+            # content: the blank one identifies nobody.
+            ds[_BURNED_IN] = DataElement(_BURNED_IN, "CS", "NO")
+        self.document_replaced = True
+
+
+def _is_document(ds: Dataset) -> bool:
+    """An encapsulated document without pixels: deidentify() blanks all of it."""
+    return _ENCAPSULATED_DOCUMENT in ds and _PIXEL_DATA not in ds
+
+
+def _issuer(ds: Dataset) -> str:
+    issuer = _text(ds.get("IssuerOfPatientID"))
+    if not issuer.strip():
+        qualifiers = ds.get("IssuerOfPatientIDQualifiersSequence")
+        if qualifiers:
+            issuer = _text(qualifiers[0].get("UniversalEntityID"))
+    return issuer
 
 
 def deidentify(ds: Dataset, uid_map: UidMap, *, pseudonym: str | None = None) -> Dataset:
     """De-identify *ds* in place (Basic Profile, see the module doc); returns it.
 
     *pseudonym* replaces Patient's Name and Patient ID; by default it is
-    derived from the salt of *uid_map* and the original Patient ID.
+    derived from the salt of *uid_map*, the original Patient ID and its
+    Issuer of Patient ID. This does not decide whether the object may leave:
+    ask :func:`may_release` (burned-in annotation).
     """
     if pseudonym is None:
         fallback = _text(ds.get("PatientName")) + "\x00" + _text(ds.get("PatientBirthDate"))
-        pseudonym = uid_map.pseudonym(_text(ds.get("PatientID")), fallback)
-    if burned_in(ds):
+        pseudonym = uid_map.pseudonym(_text(ds.get("PatientID")), fallback, issuer=_issuer(ds))
+    pixels_identify = burned_in(ds) and not _is_document(ds)
+    if pixels_identify:
         log.warning("%s has burned-in annotation: its pixels are not de-identified", ds.get("SOPInstanceUID", "?"))
-    _Cleaner(uid_map).dataset(ds)
+    cleaner = _Cleaner(uid_map)
+    cleaner.dataset(ds)
 
     ds[_PATIENT_NAME] = DataElement(_PATIENT_NAME, "PN", pseudonym)
     ds[_PATIENT_ID] = DataElement(_PATIENT_ID, "LO", pseudonym)
-    ds[_IDENTITY_REMOVED] = DataElement(_IDENTITY_REMOVED, "CS", "YES")
-    ds[_METHOD] = DataElement(_METHOD, "LO", METHOD)
+    # YES would claim the pixels are clean too (PS3.3 C.7.1.1): they are not
+    # when the object itself says they carry burned-in text.
+    ds[_IDENTITY_REMOVED] = DataElement(_IDENTITY_REMOVED, "CS", "NO" if pixels_identify else "YES")
+    method = [METHOD]
+    if cleaner.document_replaced:
+        method.append(DOCUMENT_REPLACED)
+    if pixels_identify:
+        method.append(PIXELS_NOT_CLEANED)
+    ds[_METHOD] = DataElement(_METHOD, "LO", method if len(method) > 1 else METHOD)
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = PROFILE_CODE
     ds[_METHOD_CODES] = DataElement(_METHOD_CODES, "SQ", Sequence([code]))
@@ -381,7 +650,69 @@ def deidentify(ds: Dataset, uid_map: UidMap, *, pseudonym: str | None = None) ->
 
 def burned_in(ds: Dataset) -> bool:
     """True when the object says its pixels carry identifying text (not handled)."""
-    return _text(ds.get("BurnedInAnnotation")).upper() == "YES"
+    return _text(ds.get("BurnedInAnnotation")).strip().upper() == "YES"
+
+
+# SOP classes whose pixels typically carry text (screen grabs, scanned forms,
+# ultrasound with the patient banner): without Burned In Annotation = NO we
+# assume there is some.
+BURNED_IN_LIKELY_CLASSES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image",
+    "1.2.840.10008.5.1.4.1.1.7.1": "Multi-frame Single Bit Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image",
+    "1.2.840.10008.5.1.4.1.1.6": "Ultrasound Image (retired)",
+    "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame Image",
+    "1.2.840.10008.5.1.4.1.1.3": "Ultrasound Multi-frame Image (retired)",
+}
+
+
+@dataclass(frozen=True)
+class Release:
+    """Whether a de-identified copy of an object may leave the appliance.
+
+    ``allowed`` False: do not send or write it; ``reason`` says why. When
+    ``allowed`` is True a non-empty ``reason`` is a warning to pass on (e.g.
+    burned-in text likely but not declared).
+    """
+
+    allowed: bool
+    reason: str = ""
+
+
+def may_release(ds: Dataset, *, include_burned_in: bool = False) -> Release:
+    """May a de-identified copy of *ds* go out? Only the pixels are judged:
+    :func:`deidentify` cleans the attributes, nobody cleans burned-in text.
+
+    - Burned In Annotation = YES: not allowed, unless *include_burned_in*
+      (the operator's explicit choice; the reason is then kept as a warning);
+    - attribute absent or empty and a SOP class where text in the pixels is
+      typical (:data:`BURNED_IN_LIKELY_CLASSES`): allowed, with a warning;
+    - an encapsulated document (PDF, CDA...): allowed, whatever its Burned In
+      Annotation says, since its document is replaced by a blank one; the
+      reason says so;
+    - otherwise (including Burned In Annotation = NO): allowed, no reason.
+
+    Works on the original or the de-identified dataset (both keep Burned In
+    Annotation and the SOP Class UID) and never reads the pixel data.
+    """
+    if _is_document(ds):
+        # Burned In Annotation = YES there speaks of the document, which
+        # deidentify() replaces by a blank one: nothing identifying is left.
+        return Release(True, DOCUMENT_REPLACED.lower())
+    if burned_in(ds):
+        return Release(include_burned_in, "burned-in annotation (Burned In Annotation = YES)")
+    declared = _text(ds.get("BurnedInAnnotation")).strip()
+    sop_class = _text(ds.get("SOPClassUID")).strip()
+    if not sop_class:
+        meta = getattr(ds, "file_meta", None)
+        sop_class = _text(meta.get("MediaStorageSOPClassUID")).strip() if meta is not None else ""
+    if not declared and sop_class in BURNED_IN_LIKELY_CLASSES:
+        return Release(True, f"burned-in annotation likely: {BURNED_IN_LIKELY_CLASSES[sop_class]} "
+                             "without Burned In Annotation")
+    return Release(True)
 
 
 class Deidentifier:
@@ -396,13 +727,16 @@ class Deidentifier:
         """De-identify *ds* in place; returns it."""
         return deidentify(ds, self.uid_map)
 
-    def pseudonym(self, patient_id: str) -> str:
-        """The pseudonym the patient with *patient_id* gets."""
-        return self.uid_map.pseudonym(patient_id)
+    def pseudonym(self, patient_id: str, issuer: str = "") -> str:
+        """The pseudonym the patient with *patient_id* (at *issuer*) gets."""
+        return self.uid_map.pseudonym(patient_id, issuer=issuer)
 
     def map_uids(self, uids: Iterable[str]) -> list[str]:
         """The new UIDs of *uids* (e.g. to tell a recipient which study is which)."""
         return [self.uid_map.map(u) for u in uids]
 
 
-__all__ = ["BASIC_PROFILE", "EXTRA", "Action", "Deidentifier", "UidMap", "burned_in", "deidentify"]
+__all__ = [
+    "BASIC_PROFILE", "BLANK_PDF", "BURNED_IN_LIKELY_CLASSES", "EXTRA", "STANDARD_CODING_SCHEMES", "Action",
+    "Deidentifier", "Release", "UidMap", "blank_document", "burned_in", "deidentify", "may_release",
+]

@@ -14,7 +14,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from pacs.deidentify import BASIC_PROFILE, Action, Deidentifier, UidMap, deidentify
+from pacs.deidentify import BASIC_PROFILE, Action, Deidentifier, Release, UidMap, deidentify, may_release
 
 from .conftest import pydicom_file, run_dcmtk
 
@@ -255,3 +255,200 @@ def test_every_value_representation_written_by_the_profile_reads_back(tmp_path: 
     assert "Đức" not in str(back.ContentCreatorName)
     check = run_dcmtk("dcmdump", "+E", str(out))
     assert check.returncode == 0 and "E:" not in check.stderr, check.stderr
+
+
+# -- leaks found by exploratory testing ---------------------------------------------------
+NAME, CCCD = "Nguyễn^Văn Thành", "079075001234"
+
+
+def _code(value: str, scheme: str, meaning: str) -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def _strings(ds: Dataset) -> str:
+    """Every value of *ds* as text, bytes included (raw document content too)."""
+    out = []
+    for e in ds.iterall():
+        if e.VR == "SQ":
+            continue
+        value = e.value
+        out.append(value.decode("latin-1") if isinstance(value, bytes) else str(value))
+    return " ".join(out)
+
+
+def _pdf_report() -> Dataset:
+    ds = _series(1)[0]
+    del ds.PixelData
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.104.1"
+    body = (b"%PDF-1.4\n1 0 obj<</Type/Catalog>>endobj\n4 0 obj<</Length 60>>stream\n"
+            b"BT (Benh nhan NGUYEN VAN THANH CCCD 079075001234) Tj ET\nendstream endobj\n"
+            b"5 0 obj<</Author(Pham Minh Duc)>>endobj\ntrailer<</Root 1 0 R/Info 5 0 R>>\n%%EOF\n")
+    ds.DocumentTitle = "Kết quả CT - " + NAME
+    ds.MIMETypeOfEncapsulatedDocument = "application/pdf"
+    ds.EncapsulatedDocument = body + b"\n" * (len(body) % 2)
+    ds.EncapsulatedDocumentLength = len(ds.EncapsulatedDocument)
+    ds.BurnedInAnnotation = "YES"  # the document's content identifies the patient
+    return ds
+
+
+def test_encapsulated_document_is_replaced_by_a_blank_one(tmp_path: Path) -> None:
+    original = _pdf_report()
+    body = original.EncapsulatedDocument
+    back = _roundtrip(Deidentifier(SALT).apply(copy.deepcopy(original)), tmp_path / "pdf.dcm")
+    document = back.EncapsulatedDocument
+    assert document.startswith(b"%PDF-") and b"%%EOF" in document and len(document) % 2 == 0
+    for needle in (b"THANH", b"079075001234", b"Pham", b"Author", b"BT "):
+        assert needle not in document
+    assert document != body and body not in (tmp_path / "pdf.dcm").read_bytes()
+    assert back.EncapsulatedDocumentLength == len(document)
+    assert back.MIMETypeOfEncapsulatedDocument == "application/pdf"
+    assert not back.get("DocumentTitle")
+    assert "Document replaced" in " ".join(back.DeidentificationMethod)
+    # The blank document identifies nobody: the object is de-identified and may go out.
+    assert back.BurnedInAnnotation == "NO" and back.PatientIdentityRemoved == "YES"
+    assert may_release(original).allowed
+    assert "Thành" not in _strings(back) and CCCD not in _strings(back)
+
+
+def test_sequences_the_table_replaces_keep_no_original_content() -> None:
+    ds = _series(1)[0]
+    # GSPS free text, a physician's licence number and name in a sequence the
+    # table does not list, a department's name in a local code.
+    text = Dataset()
+    text.UnformattedTextValue = "Nguyễn Văn Thành - nốt phổi"
+    text.AnchorPointAnnotationUnits, text.AnchorPoint, text.AnchorPointVisibility = "PIXEL", [10.0, 12.0], "N"
+    annotation = Dataset()
+    annotation.GraphicLayer = "LAYER1"
+    annotation.GraphicLayerDescription = "ghi chú BS Phạm"  # LO: only a strict pass replaces it
+    annotation.TextObjectSequence = Sequence([text])
+    ds.GraphicAnnotationSequence = Sequence([annotation])
+    # Names and free text in attributes the table does not list.
+    ds.EvaluatorName = "Phạm^Minh Đức"
+    ds.InstructionPerformanceComment = "Nguyễn Văn Thành did not hold his breath"
+    ds.ContentLabel, ds.ContentDescription = "NGUYEN", "Ghi chú của BS Phạm Minh Đức"
+    physician = Dataset()
+    physician.PersonIdentificationCodeSequence = Sequence([_code("BS-CCHN-004455", "L", "Bùi Thanh Tâm")])
+    ds.RequestingPhysicianIdentificationSequence = Sequence([physician])
+    ds.RequestingServiceCodeSequence = Sequence([_code("HOHAP", "99CHORAY", "Khoa Hô Hấp Chợ Rẫy")])
+    item = Dataset()
+    item.RelationshipType, item.ValueType = "CONTAINS", "TEXT"
+    item.ConceptNameCodeSequence = Sequence([_code("121071", "DCM", "Finding")])
+    item.TextValue = "Bệnh nhân Nguyễn Văn Thành"
+    ds.ContentSequence = Sequence([item])
+    ds.add_new(0x00189004, "CS", "RESEARCH")  # unrelated attributes stay
+    back = _roundtrip(Deidentifier(SALT).apply(ds))
+    values = _strings(back)
+    for phi in ("Thành", "NGUYEN", "Phạm", "BS-CCHN", "Bùi", "HOHAP", "Chợ Rẫy"):
+        assert phi not in values, phi
+    # The skeleton stays valid: layer, coordinates, SR structure and public codes.
+    annotation = back.GraphicAnnotationSequence[0]
+    assert annotation.GraphicLayer == "LAYER1"
+    assert list(annotation.TextObjectSequence[0].AnchorPoint) == [10.0, 12.0]
+    assert back.ContentSequence[0].ValueType == "TEXT"
+    assert back.ContentSequence[0].ConceptNameCodeSequence[0].CodeMeaning == "Finding"
+    assert back.ContentLabel and back.ContentLabel != "NGUYEN"
+    code = back.RequestingPhysicianIdentificationSequence[0].PersonIdentificationCodeSequence[0]
+    assert code.CodingSchemeDesignator == "L" and code.CodeValue and code.CodeValue != "BS-CCHN-004455"
+    assert back[0x00189004].value == "RESEARCH"
+
+
+def test_attributes_of_the_2024b_table_and_every_uid_are_handled() -> None:
+    ds = _series(1)[0]
+    ds.StationAETitle, ds.RetrieveAETitle = "CHORAY_CT01AE", "CHORAY_PACS"
+    ds.GPSLatitudeRef, ds.GPSLatitude, ds.GPSLongitude = "N", "10.7579", "106.6596"
+    ds.AcquisitionUID, ds.PyramidUID = "1.2.826.0.1.3680043.8.498.1900", "1.2.826.0.1.3680043.8.498.1901"
+    ds.PyramidLabel, ds.PyramidDescription = "NGUYEN slide", "THANH biopsy"
+    ds.add_new(0x300A000B, "LO", "NGUYEN left lung")  # Treatment Sites
+    ds.add_new(0x003A0329, "ST", "Filter by NGUYEN")  # Waveform Filter Description
+    ds.add_new(0x21000140, "AE", "CHORAY_PRT")  # Destination AE
+    ds.add_new(0x00120022, "LO", "CHORAY-IRB")  # Issuer of Clinical Trial Protocol ID
+    ds.PatientBirthDateInAlternativeCalendar = "1975-02-01 AMLICH"
+    ds.PatientDeathDateInAlternativeCalendar = "2024-02-01 AMLICH"
+    ds.PatientAlternativeCalendar = "LUNAR"
+    ds.RetrieveLocationUID = "1.2.826.0.1.3680043.8.498.77"  # not in the table: an organisation's UID
+    ds.ReferencedSOPClassUID = "1.3.12.2.1107.5.9.1"  # a vendor's class UID stays
+    back = _roundtrip(Deidentifier(SALT).apply(ds))
+    for keyword in ("StationAETitle", "RetrieveAETitle", "GPSLatitudeRef", "GPSLatitude", "GPSLongitude",
+                    "PyramidLabel", "PyramidDescription", "TreatmentSites", "WaveformFilterDescription",
+                    "IssuerOfClinicalTrialProtocolID", "PatientBirthDateInAlternativeCalendar",
+                    "PatientDeathDateInAlternativeCalendar", "PatientAlternativeCalendar"):
+        assert keyword not in back, keyword
+    assert back.DestinationAE and back.DestinationAE != "CHORAY_PRT"
+    for keyword in ("AcquisitionUID", "PyramidUID", "RetrieveLocationUID"):
+        assert back[keyword].value.startswith("2.25."), keyword
+    assert back.AcquisitionUID == UidMap(SALT).map("1.2.826.0.1.3680043.8.498.1900")  # consistent
+    assert back.ReferencedSOPClassUID == "1.3.12.2.1107.5.9.1"
+    assert back.SOPClassUID == ds.SOPClassUID
+    assert "CHORAY" not in _strings(back) and "AMLICH" not in _strings(back)
+
+
+def test_pseudonym_takes_the_issuer_into_account() -> None:
+    def pseudonym(issuer: str | None) -> str:
+        (ds,) = _series(1, patient_id="BN2024")
+        if issuer is not None:
+            ds.IssuerOfPatientID = issuer
+        assert issuer is not None or "IssuerOfPatientID" not in ds
+        return deidentify(ds, UidMap(SALT)).PatientID
+
+    at_a, at_b = pseudonym("CHORAY-HIS"), pseudonym("BACHMAI-HIS")
+    assert at_a != at_b  # same local ID, two hospitals: two patients
+    assert at_a == pseudonym("CHORAY-HIS")  # deterministic
+    assert at_a == Deidentifier(SALT).pseudonym("BN2024", issuer="CHORAY-HIS")
+    # Without an issuer: the pseudonym earlier versions gave (ID alone).
+    assert pseudonym(None) == pseudonym("") == Deidentifier(SALT).pseudonym("BN2024") != at_a
+
+
+def test_may_release_judges_burned_in_annotation() -> None:
+    ct = _series(1)[0]
+    assert may_release(ct) == Release(True, "")
+    burned = copy.deepcopy(ct)
+    burned.BurnedInAnnotation = "YES"
+    verdict = may_release(burned)
+    assert not verdict.allowed and "burned-in" in verdict.reason
+    assert may_release(burned, include_burned_in=True).allowed
+    # Written anyway, it does not claim to be de-identified.
+    out = Deidentifier(SALT).apply(copy.deepcopy(burned))
+    assert out.PatientIdentityRemoved == "NO" and may_release(out).allowed is False
+    for sop_class in ("1.2.840.10008.5.1.4.1.1.7", "1.2.840.10008.5.1.4.1.1.6.1", "1.2.840.10008.5.1.4.1.1.3.1"):
+        risky = copy.deepcopy(ct)
+        risky.SOPClassUID = sop_class
+        verdict = may_release(risky)
+        assert verdict.allowed and "likely" in verdict.reason, sop_class
+        risky.BurnedInAnnotation = "NO"
+        assert may_release(risky) == Release(True, "")
+
+
+def test_deidentified_export_leaves_out_burned_in_objects(tmp_path: Path) -> None:
+    from .test_maintenance import Cli
+
+    src = tmp_path / "in"
+    src.mkdir()
+    ct, burned, capture = _series(1)[0], _series(1)[0], _series(1)[0]
+    for i, (ds, sop_class, flag) in enumerate([(ct, None, None), (burned, "1.2.840.10008.5.1.4.1.1.7", "YES"),
+                                               (capture, "1.2.840.10008.5.1.4.1.1.7", None)]):
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"1.2.826.0.1.3680043.9.7134.88.{i}"
+        if sop_class:
+            ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = sop_class
+        if flag:
+            ds.BurnedInAnnotation = flag
+        ds.save_as(src / f"{i}.dcm", enforce_file_format=True)
+    cli = Cli(tmp_path / "data")
+    assert cli.json("import", str(src))["stored"] == 3
+    study = ct.StudyInstanceUID
+
+    report = cli.json("export", study, "--out", str(tmp_path / "deid"), "--deidentify", "--salt", SALT, rc=1)
+    assert report["instances"] == 2
+    assert [i["sop_uid"] for i in report["not_exported_burned_in"]["items"]] == [burned.SOPInstanceUID]
+    assert [i["sop_uid"] for i in report["warnings"]["items"]] == [capture.SOPInstanceUID]
+    written = [dcmread(p) for p in (tmp_path / "deid").rglob("*.dcm")]
+    assert len(written) == 2 and all(ds.get("BurnedInAnnotation") != "YES" for ds in written)
+
+    forced = cli.json("export", study, "--out", str(tmp_path / "all"), "--deidentify", "--salt", SALT,
+                      "--include-burned-in")
+    assert forced["instances"] == 3
+    assert [i["sop_uid"] for i in forced["burned_in_included"]["items"]] == [burned.SOPInstanceUID]
+    flagged = [dcmread(p) for p in (tmp_path / "all").rglob("*.dcm")]
+    assert [ds.PatientIdentityRemoved for ds in flagged if ds.get("BurnedInAnnotation") == "YES"] == ["NO"]
+    assert cli("export", study, "--out", str(tmp_path / "x"), "--include-burned-in").returncode == 2

@@ -12,6 +12,16 @@ Folder exports resume: files are written under a temporary name and renamed,
 and a file already there (with the stored size, for plain exports) is kept.
 A zip is written as ``NAME.zip.partial`` and renamed when complete. Each
 exported study is audited (action "export").
+
+Burned-in annotation: a de-identified export leaves out every object whose
+pixels carry identifying text (Burned In Annotation = YES, see
+:func:`pacs.deidentify.may_release`): they are listed in the report
+(``not_exported_burned_in``) and the command exits 1, since the export is not
+complete. ``include_burned_in`` (``--include-burned-in``) writes them anyway,
+listed in ``burned_in_included`` (with Patient Identity Removed = NO). Objects
+of classes where burned-in text is typical but not declared (secondary
+captures, ultrasound without Burned In Annotation) are written and listed in
+``warnings``, as are encapsulated documents (replaced by a blank one).
 """
 
 from __future__ import annotations
@@ -32,7 +42,7 @@ from sqlalchemy import select
 
 from ..app import Pacs
 from ..audit import Event
-from ..deidentify import Deidentifier, burned_in
+from ..deidentify import Deidentifier, burned_in, may_release
 from ..reads import StoredInstance
 from .common import Capped, NullProgress, Progress, os_user, patients_t, studies_t
 
@@ -50,7 +60,12 @@ class ExportReport:
     kept: int = 0
     missing_studies: list[str] = field(default_factory=list)
     failed: Capped = field(default_factory=Capped)
-    burned_in_annotation: Capped = field(default_factory=Capped)
+    # De-identified exports: objects left out because their pixels carry
+    # identifying text, those written anyway (include_burned_in), and
+    # warnings about objects written (burned-in text likely, document blanked).
+    not_exported_burned_in: Capped = field(default_factory=Capped)
+    burned_in_included: Capped = field(default_factory=Capped)
+    warnings: Capped = field(default_factory=Capped)
     study_map: dict[str, str] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
@@ -63,7 +78,9 @@ class ExportReport:
             "already_there": self.kept,
             "missing_studies": self.missing_studies,
             "failed": self.failed.as_dict(),
-            "burned_in_annotation": self.burned_in_annotation.as_dict(),
+            "not_exported_burned_in": self.not_exported_burned_in.as_dict(),
+            "burned_in_included": self.burned_in_included.as_dict(),
+            "warnings": self.warnings.as_dict(),
         }
 
 
@@ -163,10 +180,15 @@ def export_studies(
     *,
     deidentify: bool = False,
     salt: str | None = None,
+    include_burned_in: bool = False,
     user: str | None = None,
     progress: Progress | None = None,
 ) -> ExportReport:
-    """Write the objects of *study_uids* to the folder or ``.zip`` *out*."""
+    """Write the objects of *study_uids* to the folder or ``.zip`` *out*.
+
+    With *deidentify*, objects with burned-in annotation are left out (listed
+    in the report) unless *include_burned_in*; see the module doc.
+    """
     progress = progress or NullProgress()
     user = user or os_user()
     report = ExportReport(out=str(out), deidentified=deidentify)
@@ -195,7 +217,7 @@ def export_studies(
                             sink.add_stream(stream, name, item.size)
                         size = item.size
                     else:
-                        rewritten = _rewrite(pacs, item, sink, deid, overrides, report)
+                        rewritten = _rewrite(pacs, item, sink, deid, overrides, report, include_burned_in)
                         if rewritten is None:
                             continue
                         size = rewritten
@@ -225,17 +247,26 @@ def _rewrite(
     deid: Deidentifier | None,
     overrides: tuple[tuple[str, str], ...],
     report: ExportReport,
+    include_burned_in: bool = False,
 ) -> int | None:
     """Decode, correct and/or de-identify one object; returns its size (None:
-    already exported). Large values stay on disk until written (deferred reads)."""
+    already exported or left out). Large values stay on disk until written
+    (deferred reads)."""
     from ..retrieve import apply_overrides
 
     with pacs.store.local_path(item.storage_key) as path:
         ds = dcmread(path, defer_size=256 * 1024)
         apply_overrides(ds, overrides)
         if deid is not None:
-            if burned_in(ds):
-                report.burned_in_annotation.add({"sop_uid": item.sop_uid})
+            release = may_release(ds, include_burned_in=include_burned_in)
+            if not release.allowed:
+                report.not_exported_burned_in.add({"sop_uid": item.sop_uid, "detail": release.reason})
+                return None
+            if release.reason:
+                # Written although its pixels say they identify: the operator's choice.
+                declared = burned_in(ds) and "PixelData" in ds
+                listed = report.burned_in_included if declared else report.warnings
+                listed.add({"sop_uid": item.sop_uid, "detail": release.reason})
             deid.apply(ds)
         name = f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
         if sink.has(name, None):
