@@ -88,8 +88,15 @@ def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule) -> Dataset | None:
             ds = stored_copy()
             convert_dataset(ds, stored, ExplicitVRLittleEndian)
     if rule.deidentify:
-        from .deidentify import Deidentifier
+        from .deidentify import Deidentifier, may_release
 
+        release = may_release(ds)
+        if not release.allowed:
+            # Nobody cleans text burned into the pixels: such an object does
+            # not leave under a de-identifying rule (the job fails for good, with this reason).
+            raise ValueError(f"not sent de-identified: {release.reason}")
+        if release.reason:
+            log.warning("%s sent de-identified: %s", item.sop_uid, release.reason)
         Deidentifier(deidentify_salt(pacs)).apply(ds)
     for keyword, value in rule.morph:
         setattr(ds, keyword, value)
@@ -434,7 +441,9 @@ class Forwarder:
                     engine, rest, self.node))
             # Each part is prepared (and read from the store) only as the
             # request body reaches it: one object's chunk in memory at a time.
-            sent: list[tuple[Job, RetrieveItem]] = []
+            # Each job with the SOP Instance UID it was sent under (a
+            # de-identified copy has a new one: the answer names that one).
+            sent: list[tuple[Job, str]] = []
             dropped: list[Job] = []
             parts = self._stow_parts(destination, chunk, sent, dropped)
             first = next(parts, None)
@@ -460,15 +469,15 @@ class Forwarder:
             if response is None:
                 continue
             failed = _stow_failures(response)
-            for job, item in sent:
-                if response.status_code in (200, 202) and item.sop_uid not in failed:
+            for job, uid in sent:
+                if response.status_code in (200, 202) and uid not in failed:
                     self._finish(job)
                 else:
-                    reason = failed.get(item.sop_uid) or f"HTTP {response.status_code}"
+                    reason = failed.get(uid) or f"HTTP {response.status_code}"
                     self._fail(destination, job, f"STOW-RS to {url}: {reason}")
 
     def _stow_parts(self, destination: str, chunk: list[tuple[Job, Rule, RetrieveItem]],
-                    sent: list[tuple[Job, RetrieveItem]], dropped: list[Job]) -> Iterator[Part]:
+                    sent: list[tuple[Job, str]], dropped: list[Job]) -> Iterator[Part]:
         """The parts of one STOW-RS request, each made when the body needs
         it; a job that cannot be prepared fails for good and is left out."""
         from viewer_api.multipart import Part
@@ -480,7 +489,7 @@ class Forwarder:
                 self._fail(destination, job, f"cannot prepare: {exc}", permanent=True)
                 dropped.append(job)
                 continue
-            sent.append((job, item))
+            sent.append((job, item.sop_uid if ds is None else str(ds.SOPInstanceUID)))
             body = stream_stored(self.pacs, item) if ds is None else _encoded(ds)
             yield Part("application/dicom", body=body)
 

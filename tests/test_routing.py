@@ -450,3 +450,80 @@ def test_a_big_endian_object_reaches_a_transcoding_destination(tmp_path: Path) -
         receiver.stop()
     assert got.file_meta.TransferSyntaxUID == JPEG2000Lossless
     assert np.array_equal(got.pixel_array, dcmread(source).pixel_array)
+
+
+class _RefusingStow:
+    """A STOW-RS endpoint that answers 202 and lists every instance it got as
+    failed (0xA700), as a full archive does: a real HTTP server on a socket."""
+
+    def __init__(self) -> None:
+        import http.server
+        import io as _io
+        import threading
+
+        received: list[str] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                body = self.rfile.read(int(self.headers["Content-Length"] or 0)) if self.headers.get(
+                    "Content-Length") else self._chunked()
+                boundary = self.headers["Content-Type"].split("boundary=", 1)[1].split(";")[0].strip('"')
+                failed = []
+                for part in body.split(b"--" + boundary.encode())[1:-1]:
+                    uid = str(dcmread(_io.BytesIO(part.split(b"\r\n\r\n", 1)[1])).SOPInstanceUID)
+                    received.append(uid)
+                    failed.append({"00081155": {"vr": "UI", "Value": [uid]}, "00081197": {"vr": "US", "Value": [0xA700]}})
+                answer = json.dumps({"00081198": {"vr": "SQ", "Value": failed}}).encode()
+                self.send_response(202)
+                self.send_header("Content-Type", "application/dicom+json")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def _chunked(self) -> bytes:
+                data = b""
+                while True:
+                    size = int(self.rfile.readline().strip(), 16)
+                    if not size:
+                        self.rfile.readline()
+                        return data
+                    data += self.rfile.read(size)
+                    self.rfile.readline()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.received = received
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/dicom-web"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_deidentified_copies_are_checked_and_burned_in_ones_stay(tmp_path: Path) -> None:
+    """Findings of a privacy tester: a --deidentify rule sent objects with
+    Burned In Annotation = YES (text in the pixels nobody cleans) and marked
+    them done; over STOW-RS the destination's failures were looked up under
+    the original SOP Instance UID, so refused de-identified copies were done too."""
+    stow = _RefusingStow()
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_ROUTE_MAX_ATTEMPTS": "1"})
+    server.cli("route", "add", "research", "--if", "CallingAE=RESEARCH_US", "--to-url", stow.url, "--deidentify")
+    server.start()
+    try:
+        clean = _send(server, tmp_path / "clean", "RESEARCH_US", 1, BurnedInAnnotation="NO")
+        burned = _send(server, tmp_path / "burned", "RESEARCH_US", 1, BurnedInAnnotation="YES")
+        assert wait_until(lambda: sum(_jobs(server)["counts"].values()) == 2
+                          and not _jobs(server)["counts"].get("pending")), _jobs(server)
+        jobs = json.loads(server.cli("route", "list", "--state", "dead", "--json").stdout)["jobs"]
+        by_uid = {j["sop_uid"]: j for j in jobs}
+        assert set(by_uid) == set(clean + burned), _jobs(server)  # refused by STOW: not done
+        assert "0xA700" in by_uid[clean[0]]["last_error"]
+        assert "burned-in" in by_uid[burned[0]]["last_error"]
+        assert len(stow.received) == 1 and stow.received[0] != clean[0]  # only the clean one, de-identified
+    finally:
+        server.stop()
+        stow.stop()
