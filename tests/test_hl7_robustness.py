@@ -381,8 +381,10 @@ def test_escaped_separators_are_data_in_the_order_and_in_what_goes_back(his: Pac
     assert (placed["procedure_code"], placed["requested_procedure_description"], placed["procedure_code_scheme"]) \
         == ("CT-BUNG", text, "L")
     assert placed["name"] == "Nguyễn & Trần^Thị | Hoa"
-    items = worklist(his, tmp_path, "AccessionNumber=HRX001", "PatientName")
+    items = worklist(his, tmp_path, "AccessionNumber=HRX001", "PatientName", "RequestedProcedureDescription")
     assert [str(i.PatientName) for i in items] == ["Nguyễn & Trần^Thị | Hoa"]
+    # A "\" separates DICOM values: the modality gets one description, the "\" shown as "/".
+    assert [i.RequestedProcedureDescription for i in items] == [text.replace("\\", "/")]
 
     # Back to the HIS, escaped again: the ORU of a signed report and the ORM of a started step.
     ct = make_ct(tmp_path / "x.dcm", PatientName="Nguyễn & Trần^Thị | Hoa", PatientID="BN610001",

@@ -101,7 +101,23 @@ def full_item(row: dict[str, Any]) -> Dataset:
     step.ScheduledProtocolCodeSequence = Sequence([])
     step.ScheduledProcedureStepStatus = row["status"].replace(" ", "")[:16] if row["status"] != "IN PROGRESS" else "STARTED"
     ds.ScheduledProcedureStepSequence = Sequence([step])
+    _single_values(ds)
     return ds
+
+
+# VRs whose "\" separates values: text from the HIS (an escaped \E\ in
+# HL7) would turn one description into two values for the modality. Every
+# attribute of a worklist item with these VRs has one value.
+_MULTI_VALUE_VRS = {"LO", "SH", "PN", "CS"}
+
+
+def _single_values(ds: Dataset) -> None:
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _single_values(item)
+        elif elem.VR in _MULTI_VALUE_VRS and elem.VM > 1:  # pydicom split the text at its "\\"
+            elem.value = "/".join(str(v) for v in elem.value)
 
 
 def answer(identifier: Dataset, row: dict[str, Any]) -> Dataset:
