@@ -73,17 +73,23 @@ def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule) -> Dataset | None:
 
     ds = stored_copy()
     stored = UID(item.transfer_syntax_uid)
-    if target and target != stored:
+    wanted = UID(target) if target else None
+    if wanted is not None and wanted.is_encapsulated and not any(
+            k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        # Nothing to compress (a report, an SR, an RT plan): Explicit VR Little
+        # Endian, which every peer accepts (only the compressed syntax was proposed).
+        wanted = ExplicitVRLittleEndian
+    if wanted is not None and wanted != stored:
         try:
             # Lossless: the pixels decode identically, so the instance keeps its UID.
-            convert_dataset(ds, stored, UID(target))
+            convert_dataset(ds, stored, wanted)
         except Exception as exc:  # noqa: BLE001 - the codec refuses this pixel format
-            if UID(target) == ExplicitVRLittleEndian:
+            if wanted == ExplicitVRLittleEndian:
                 raise
             # Compression only saves bandwidth: an image the codec cannot
             # take (e.g. smaller than JPEG 2000's resolution levels, bits
             # above Bits Stored in use) goes uncompressed rather than not at all.
-            log.warning("%s goes uncompressed: %s cannot encode it (%s)", item.sop_uid, UID(target).name,
+            log.warning("%s goes uncompressed: %s cannot encode it (%s)", item.sop_uid, wanted.name,
                         str(exc).splitlines()[0][:120])
             ds = stored_copy()
             convert_dataset(ds, stored, ExplicitVRLittleEndian)

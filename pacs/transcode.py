@@ -24,6 +24,7 @@ temporary file and released before its bytes are sent.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
 import tempfile
@@ -482,7 +483,8 @@ def encode_plan(opener: Opener, item: RetrieveItem, target: str) -> CodecPlan | 
     if bits not in (8, 16, 32) or not rows or not columns or photometric.endswith("_422"):
         return None  # 1-bit, subsampled or odd layouts: the whole-object path
     frame_size = rows * columns * samples * bits // 8
-    keeps_high_bits = 0 < _number(ds, "BitsStored", bits) < bits
+    bits_stored = _number(ds, "BitsStored", bits)
+    keeps_high_bits, signed = 0 < bits_stored < bits, _number(ds, "PixelRepresentation", 0) == 1
     if frames * frame_size > pixels.length:
         raise TransferSyntaxError(f"{item.sop_uid}: Pixel Data is shorter than its attributes say")
     encoder, native = get_encoder(uid), get_decoder(ExplicitVRLittleEndian)
@@ -507,16 +509,20 @@ def encode_plan(opener: Opener, item: RetrieveItem, target: str) -> CodecPlan | 
         if len(data) != frame_size:
             raise TransferSyntaxError(f"{item.sop_uid}: frame {index + 1} is truncated in storage")
         try:
-            # Every stored bit, bits above Bits Stored included (RLE keeps them;
-            # the others are refused below rather than drop them).
+            # Every stored bit, bits above Bits Stored included: RLE keeps them
+            # (encoded from bytes: an array is checked against Bits Stored), the
+            # others are refused rather than drop any that carry data.
             raw, _ = native.as_array(data, as_rgb=False, **{**read_options, "correct_unused_bits": False})
-            if uid != RLELossless and keeps_high_bits:
-                corrected, _ = native.as_array(data, as_rgb=False, **read_options)
-                if not np.array_equal(raw, corrected):
+            source: np.ndarray | bytes = raw
+            if uid == RLELossless:
+                source = _little_endian_bytes(raw)
+            elif keeps_high_bits:
+                if _unused_bits_carry_data(raw, bits_stored, signed):
                     raise ValueError("bits above Bits Stored are in use (an overlay or padding): they would "
                                      "be dropped")
-            # From bytes: an array is checked against Bits Stored (refusing RLE's extra bits).
-            frame = encoder.encode(_little_endian_bytes(raw), **options)
+                source, _ = native.as_array(data, as_rgb=False, **read_options)
+            with encoder_lock(uid):
+                frame = encoder.encode(source, **options)
         except Exception as exc:
             raise TransferSyntaxError(f"cannot encode {item.sop_uid} as {uid.name}: {exc}") from exc
         return frame + b"\0" * (len(frame) % 2)
@@ -696,8 +702,34 @@ def high_bits_in_use(ds: Dataset) -> bool:
         return False
     decoder = get_decoder(UID(ds.file_meta.TransferSyntaxUID))
     raw, _ = decoder.as_array(ds, as_rgb=False, correct_unused_bits=False)
-    corrected, _ = decoder.as_array(ds, as_rgb=False, correct_unused_bits=True)
-    return not np.array_equal(raw, corrected)
+    return _unused_bits_carry_data(raw, stored_bits, int(ds.get("PixelRepresentation", 0) or 0) == 1)
+
+
+def _unused_bits_carry_data(raw: np.ndarray, bits_stored: int, signed: bool) -> bool:
+    """Whether the bits above Bits Stored of *raw* (samples as stored) hold
+    anything but zeros or, for signed samples, the sign's extension: padding
+    of that kind is what a decoder writes back, anything else is data."""
+    width = raw.dtype.itemsize * 8
+    if not 0 < bits_stored < width:
+        return False
+    words = np.ascontiguousarray(raw).view(np.dtype(f"u{raw.dtype.itemsize}"))
+    high = words >> bits_stored
+    if not signed:
+        return bool(high.any())
+    negative = ((words >> (bits_stored - 1)) & 1).astype(bool)
+    extension = (1 << (width - bits_stored)) - 1
+    return bool(((high != 0) & ~(negative & (high == extension))).any())
+
+
+# pylibjpeg-openjpeg's encoder is not thread-safe: two JPEG 2000 encodes at
+# once (two viewers, or routing beside a WADO request) crashed the whole
+# process with SIGSEGV. Its decoder and the other codecs are safe.
+_J2K_ENCODER = threading.Lock()
+
+
+def encoder_lock(uid: UID) -> contextlib.AbstractContextManager[object]:
+    """Held around an encode to *uid*: one JPEG 2000 encode in the process at a time."""
+    return _J2K_ENCODER if "JPEG 2000" in UID(uid).name else contextlib.nullcontext()
 
 
 def convert_dataset(ds: Dataset, stored: UID, uid: UID) -> None:
@@ -729,7 +761,8 @@ def convert_dataset(ds: Dataset, stored: UID, uid: UID) -> None:
             raise ValueError(f"bits above Bits Stored are in use (an overlay or padding): {uid.name} "
                              "would drop them")
         _interleaved(ds)
-        ds.compress(uid, generate_instance_uid=False)
+        with encoder_lock(uid):
+            ds.compress(uid, generate_instance_uid=False)
     elif uid.is_encapsulated and any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         raise ValueError(f"no lossless encoder of these pixels for {uid.name}")
     else:

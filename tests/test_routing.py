@@ -427,29 +427,39 @@ def _stop_while_routing_to(tmp_path: Path, port: int, reached: Any, never: str,
         server.stop()
 
 
-def test_a_big_endian_object_reaches_a_transcoding_destination(tmp_path: Path) -> None:
+def test_a_big_endian_object_and_a_report_reach_a_transcoding_destination(tmp_path: Path) -> None:
     """A Big Endian object (an old modality) under a --transcode rule was
     relabelled, not converted: the destination refused it and the job was
     retried for good (found by a codec tester). It is byte-swapped, then
-    encoded; its pixel values are the originals."""
+    encoded; its pixel values are the originals. An object without pixels
+    (an SR) was labelled JPEG 2000 and only that was proposed: a destination
+    taking uncompressed objects refused it (found by a regression tester)."""
     from .conftest import pydicom_file
 
     receiver = Receiver(tmp_path / "reading").start()
+    plain = Receiver(tmp_path / "plain", accept_all=False).start()  # uncompressed syntaxes only
     server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}))
     server.cli("ae", "add", "READING", "--host", "127.0.0.1", "--port", str(receiver.port))
+    server.cli("ae", "add", "PLAIN", "--host", "127.0.0.1", "--port", str(plain.port))
     server.cli("route", "add", "old-mr", "--if", "CallingAE=OLD_MR", "--to-ae", "READING",
                "--transcode", "j2k-lossless")
+    server.cli("route", "add", "reports", "--if", "Modality=SR", "--to-ae", "PLAIN", "--transcode", "j2k-lossless")
     server.start()
-    source = pydicom_file("MR_small_bigendian.dcm")
+    source, report = pydicom_file("MR_small_bigendian.dcm"), pydicom_file("test-SR.dcm")
     try:
         assert server.storescu(str(source), calling="OLD_MR").returncode == 0
+        assert server.storescu(str(report), calling="SR_APP").returncode == 0
         assert receiver.wait_for(1) == 1
+        assert plain.wait_for(1) == 1, _jobs(server)
         got = dcmread(next(iter(receiver.files().values())))
+        sent_report = dcmread(next(iter(plain.files().values())))
     finally:
         server.stop()
         receiver.stop()
+        plain.stop()
     assert got.file_meta.TransferSyntaxUID == JPEG2000Lossless
     assert np.array_equal(got.pixel_array, dcmread(source).pixel_array)
+    assert sent_report.SOPInstanceUID == dcmread(report).SOPInstanceUID
 
 
 class _RefusingStow:

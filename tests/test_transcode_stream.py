@@ -530,6 +530,15 @@ def test_lossless_means_every_stored_bit(tmp_path: Path) -> None:
         "padded": _image(inbox / "padded.dcm", smooth, bits_stored=12, extra=b"\x07\x00" * 50),
     }
     originals = {name: _raw_samples(dcmread(inbox / f"{name}.dcm")) for name in objects}
+    # Signed 12-bit samples whose negative values were not sign-extended
+    # (0x0FFF for -1): zeros above Bits Stored are padding, not data (the
+    # regression tester's mlut_18.dcm was refused by the first fix).
+    signed = _image(inbox / "signed.dcm", (smooth.astype(np.int16) - 2048).astype(np.uint16) & 0x0FFF, bits_stored=12)
+    signed.PixelRepresentation = 1
+    signed.save_as(inbox / "signed.dcm", enforce_file_format=True)
+    objects["signed"] = signed
+    signed_values = dcmread(inbox / "signed.dcm").pixel_array.copy()
+    assert signed_values.min() == -2048
     floating = _image(inbox / "float.dcm", smooth, bits_stored=16)
     del floating.PixelData
     floating.BitsAllocated = floating.BitsStored = 32
@@ -544,7 +553,7 @@ def test_lossless_means_every_stored_bit(tmp_path: Path) -> None:
     skipped = {item["sop_uid"]: item for item in report["skipped"]["not encodable"]["items"]}
     assert set(skipped) == {str(objects["overlay"].SOPInstanceUID), str(objects["padded"].SOPInstanceUID)}
     assert "Bits Stored" in skipped[str(objects["overlay"].SOPInstanceUID)]["detail"]
-    assert report["compressed"] == 3 and report["failed"]["count"] == 0
+    assert report["compressed"] == 4 and report["failed"]["count"] == 0
 
     server = PacsServer(data, Backend("sqlite-fs", None, None, {})).start()
     try:
@@ -557,6 +566,9 @@ def test_lossless_means_every_stored_bit(tmp_path: Path) -> None:
             for name in originals:  # as stored: every bit as sent
                 got = dcmread(io.BytesIO(_parts(retrieve(name, "*"))[0][1]))
                 assert np.array_equal(_raw_samples(got), originals[name]), name
+            kept = dcmread(io.BytesIO(_parts(retrieve("signed", "*"))[0][1]))
+            assert kept.file_meta.TransferSyntaxUID == JPEGLSLossless
+            assert np.array_equal(kept.pixel_array, signed_values)
             planar = dcmread(io.BytesIO(_parts(retrieve("planar", "*"))[0][1]))
             assert planar.file_meta.TransferSyntaxUID == JPEGLSLossless and planar.PlanarConfiguration == 0
             ybr = dcmread(io.BytesIO(_parts(retrieve("ybr", ExplicitVRLittleEndian))[0][1]))
@@ -569,5 +581,36 @@ def test_lossless_means_every_stored_bit(tmp_path: Path) -> None:
             rle = dcmread(io.BytesIO(_parts(retrieve("overlay", RLELossless))[0][1]))
             assert rle.file_meta.TransferSyntaxUID == RLELossless
             assert np.array_equal(_raw_samples(rle), originals["overlay"])
+    finally:
+        server.stop()
+
+
+def test_parallel_jpeg2000_conversions_do_not_crash_the_server(tmp_path: Path) -> None:
+    """pylibjpeg-openjpeg's encoder is not thread-safe: a viewer fetching
+    several instances as JPEG 2000 at once crashed `pacs serve` with SIGSEGV
+    (found by a regression tester). Encodes to JPEG 2000 take turns."""
+    import concurrent.futures
+
+    inbox = tmp_path / "in"
+    inbox.mkdir()
+    study, series = generate_uid(), generate_uid()
+    objects = []
+    for n in range(8):
+        ds = _new_uids(dcmread(pydicom_file("CT_small.dcm")), study, series)
+        ds.save_as(inbox / f"ct{n}.dcm", enforce_file_format=True)
+        objects.append(ds)
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {})).start()
+    try:
+        server.cli("import", str(inbox))
+        accept = f"{ACCEPT}; transfer-syntax={JPEG2000Lossless}"
+        with server.http() as http:
+            def fetch(ds: Dataset) -> int:
+                with httpx.Client(base_url=str(http.base_url), headers=http.headers, timeout=120) as own:
+                    return own.get(_url(ds), headers={"Accept": accept}).status_code
+
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                for _ in range(20):  # without the turns the server died within a few rounds
+                    assert list(pool.map(fetch, objects)) == [200] * len(objects)
+        assert server.alive()
     finally:
         server.stop()
