@@ -555,7 +555,7 @@ class _Cleaner:
                 self.dataset(item, depth + 1, inner)
 
     def _element(self, ds: Dataset, tag: int, vr: str, action: Action) -> None:
-        if action in (Action.K,):
+        if action is Action.K:
             return
         if action is Action.X:
             del ds[tag]

@@ -40,7 +40,7 @@ from .query import Level
 from .remote import RemoteError, associate, local_ae
 from .retrieve import RetrieveItem, apply_overrides, resolve
 from .routing import TRANSCODES, Job, Rule
-from .transcode import convert_dataset, stream_stored
+from .transcode import convert_dataset, has_pixels, stream_stored
 
 if TYPE_CHECKING:
     from viewer_api.multipart import Part
@@ -74,8 +74,7 @@ def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule) -> Dataset | None:
     ds = stored_copy()
     stored = UID(item.transfer_syntax_uid)
     wanted = UID(target) if target else None
-    if wanted is not None and wanted.is_encapsulated and not any(
-            k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    if wanted is not None and wanted.is_encapsulated and not has_pixels(ds):
         # Nothing to compress (a report, an SR, an RT plan): Explicit VR Little
         # Endian, which every peer accepts (only the compressed syntax was proposed).
         wanted = ExplicitVRLittleEndian

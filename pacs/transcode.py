@@ -64,11 +64,11 @@ CHUNK = 1 << 20
 UNCOMPRESSED = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian, DeflatedExplicitVRLittleEndian}
 # Lossless encoders pydicom has with the codecs we ship.
 ENCODABLE = {RLELossless, JPEGLSLossless, JPEG2000Lossless}
-# Syntaxes written by streaming the pixel data (header re-encoded).
 # Compressed syntaxes whose decoded samples are the ones encoded: turning
 # their YBR_FULL into RGB would round them, a lossy change under a lossless
 # name (lossy sources are given as RGB, as viewers expect).
 LOSSLESS_SOURCES = {RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1}
+# Syntaxes written by streaming the pixel data (header re-encoded).
 LITTLE_ENDIAN_NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
 # Whole-object conversions (codec changes) running at once in this process.
 MAX_WHOLE_CONVERSIONS = 2
@@ -518,8 +518,7 @@ def encode_plan(opener: Opener, item: RetrieveItem, target: str) -> CodecPlan | 
                 source = _little_endian_bytes(raw)
             elif keeps_high_bits:
                 if _unused_bits_carry_data(raw, bits_stored, signed):
-                    raise ValueError("bits above Bits Stored are in use (an overlay or padding): they would "
-                                     "be dropped")
+                    raise ValueError(HIGH_BITS_IN_USE)
                 source, _ = native.as_array(data, as_rgb=False, **read_options)
             with encoder_lock(uid):
                 frame = encoder.encode(source, **options)
@@ -689,6 +688,9 @@ def decompress(ds: Dataset, stored: UID) -> None:
     ds.decompress(generate_instance_uid=False, as_rgb=stored not in LOSSLESS_SOURCES)
 
 
+HIGH_BITS_IN_USE = "bits above Bits Stored are in use (an overlay or padding): they would be dropped"
+
+
 def high_bits_in_use(ds: Dataset) -> bool:
     """Whether native pixel words carry bits above Bits Stored (an overlay in
     the high bits, padding values): JPEG-LS and JPEG 2000 encode Bits Stored
@@ -732,6 +734,11 @@ def encoder_lock(uid: UID) -> contextlib.AbstractContextManager[object]:
     return _J2K_ENCODER if "JPEG 2000" in UID(uid).name else contextlib.nullcontext()
 
 
+def has_pixels(ds: Dataset) -> bool:
+    """Whether *ds* holds pixel data of any kind (integer or float)."""
+    return any(keyword in ds for keyword in ("PixelData", "FloatPixelData", "DoubleFloatPixelData"))
+
+
 def convert_dataset(ds: Dataset, stored: UID, uid: UID) -> None:
     """*ds*, read from an object stored in *stored*, rewritten in place for
     *uid*: byte-swapped, decoded, encoded losslessly. Raises ValueError (or
@@ -758,12 +765,11 @@ def convert_dataset(ds: Dataset, stored: UID, uid: UID) -> None:
         return
     if uid in ENCODABLE and "PixelData" in ds:
         if uid != RLELossless and high_bits_in_use(ds):  # RLE keeps every bit of each byte
-            raise ValueError(f"bits above Bits Stored are in use (an overlay or padding): {uid.name} "
-                             "would drop them")
+            raise ValueError(HIGH_BITS_IN_USE)
         _interleaved(ds)
         with encoder_lock(uid):
             ds.compress(uid, generate_instance_uid=False)
-    elif uid.is_encapsulated and any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    elif uid.is_encapsulated and has_pixels(ds):
         raise ValueError(f"no lossless encoder of these pixels for {uid.name}")
     else:
         # Without pixel data (reports, SR, PDF) a compressed syntax

@@ -461,10 +461,6 @@ _ORDER_CONTROLS = {"NW": "place", "XO": "change", "SC": "change", "CA": "cancel"
 _PRIORITIES = {"S": "STAT", "A": "HIGH", "R": "ROUTINE"}
 
 
-def _component(segment: Any, field_number: int, index: int) -> str:
-    return _get(segment, field_number, comp=index)
-
-
 def _coded_text(segment: Any, field_number: int) -> str:
     """A CE/CWE field as text: its text component, else its identifier."""
     parts = _field(segment, field_number)
@@ -475,9 +471,9 @@ def _timing(group: OrderGroup) -> tuple[str, str]:
     """(start date/time, priority code): TQ1-7/TQ1-9 (v2.5), OBR-27 and ORC-7
     quantity/timing components 4 and 6 (v2.3 HIS put it in either), the
     observation date OBR-7 last."""
-    start = (_get(group.tq1, 7) or _component(group.obr, 27, 3) or _component(group.orc, 7, 3)
+    start = (_get(group.tq1, 7) or _get(group.obr, 27, comp=3) or _get(group.orc, 7, comp=3)
              or _get(group.obr, 7))
-    priority = _get(group.tq1, 9) or _component(group.obr, 27, 5) or _component(group.orc, 7, 5)
+    priority = _get(group.tq1, 9) or _get(group.obr, 27, comp=5) or _get(group.orc, 7, comp=5)
     return start, priority
 
 

@@ -236,20 +236,19 @@ def _datetime(date: str, time: str) -> str | None:
     offset on that date (daylight saving included)."""
     if not re.fullmatch(r"\d{8}", date or ""):
         return None
-    if not (time or "").strip():
-        time = ""
-    t = (time or "000000").split(".")[0].ljust(6, "0")
     try:
-        naive = datetime(int(date[:4]), int(date[4:6]), int(date[6:8]), int(t[:2]), int(t[2:4]), int(t[4:6]))
+        day = datetime(int(date[:4]), int(date[4:6]), int(date[6:8]))
     except ValueError:
-        # A bad time keeps the date (a dateTime may be a date alone); a bad date is dropped.
-        try:
-            return datetime(int(date[:4]), int(date[4:6]), int(date[6:8])).date().isoformat()
-        except ValueError:
-            return None
-    if not time:
-        return naive.date().isoformat()  # a date alone: no midnight, no zone invented
-    return naive.astimezone().isoformat()
+        return None  # a bad date is dropped
+    t = (time or "").strip().split(".")[0]
+    if not t:
+        return day.date().isoformat()  # a date alone: no midnight, no zone invented
+    t = t.ljust(6, "0")
+    try:
+        moment = day.replace(hour=int(t[:2]), minute=int(t[2:4]), second=int(t[4:6]))
+    except ValueError:
+        return day.date().isoformat()  # a bad time keeps the date (a dateTime may be a date alone)
+    return moment.astimezone().isoformat()
 
 
 def _instant(value: str | None) -> str | None:
@@ -353,10 +352,12 @@ def report_id(study_uid: str, version: int) -> str:
 def _parse_report_id(value: str) -> tuple[str, int]:
     """A report id -> (study UID, version); 404 otherwise."""
     match = re.fullmatch(r"([0-9.]{1,64}|u[0-9A-Za-z]{1,40})-v([1-9][0-9]{0,5})", value)
-    study = _uid_from_base62(match.group(1)[1:]) if match and match.group(1)[0] == "u" else None
-    if match is None or (match.group(1)[0] == "u" and study is None):
+    study = match.group(1) if match else None
+    if study and study.startswith("u"):
+        study = _uid_from_base62(study[1:])
+    if match is None or study is None:
         raise HTTPProblem(404, f"no DiagnosticReport {value[:80]!r}")
-    return study or match.group(1), int(match.group(2))
+    return study, int(match.group(2))
 
 
 _ID_LENGTH = 64  # R4 datatypes: id is [A-Za-z0-9\-\.]{1,64}

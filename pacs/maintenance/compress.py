@@ -142,15 +142,14 @@ def _same_pixels(original: np.ndarray, path: Path) -> bool:
 
 
 def _native_length(ds: Any) -> int | None:
-    """Bytes of native pixel data the image attributes describe (None: not an
-    image layout this can tell, e.g. 1-bit)."""
+    """Bytes of native pixel data the image attributes describe (pydicom's
+    count; None when the attributes do not say)."""
+    from pydicom.pixels.utils import get_expected_length
+
     try:
-        bits = int(ds.BitsAllocated)
-        count = int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1) \
-            * int(ds.get("NumberOfFrames", 1) or 1)
-    except (AttributeError, TypeError, ValueError):
+        return get_expected_length(ds, "bytes")
+    except (AttributeError, KeyError, TypeError, ValueError):
         return None
-    return count * bits // 8 if bits % 8 == 0 else None
 
 
 def _encode(src: Path, target: UID, tmp_dir: Path) -> tuple[str, Path | None, str]:
