@@ -9,6 +9,12 @@ in the SCP role (SCP/SCU Role Selection, PS3.7 D.3.3.4). Modalities may be
 busy or switched off when the report is due: a new association is tried a
 few times before the report is given up, logged and audited.
 
+A request is queued in the database (the outbox, destination
+``commitment``) before it is answered: a report still owed when the node
+stops is sent by the next node or start (:class:`CommitmentReporter`), with
+the instances checked again then. Only while the index itself is down does
+a request live in memory alone.
+
 The report must follow the N-ACTION-RSP, which pynetdicom sends after the
 handler returns: the work starts from :func:`run_after_response`, once the
 request has been answered.
@@ -20,6 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -28,12 +35,15 @@ from pynetdicom import build_role, evt
 from pynetdicom.sop_class import StorageCommitmentPushModel, StorageCommitmentPushModelInstance
 from pynetdicom.status import STATUS_SUCCESS, STATUS_WARNING, code_to_category
 
+from pacs import outbox
+from pacs.aes import RemoteAE
 from pacs.app import Pacs
+from pacs.audit import Event
 from pacs.commitment import CommitmentResult, Reference, check_commitment
 from pacs.header import valid_uid
 from pacs.remote import associate, local_ae
 
-from .server import audit_association, status_dataset
+from .server import status_dataset
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +68,11 @@ CHECK_RETRY_DELAYS = (0.0, 5.0, 15.0, 30.0, 60.0, 120.0)
 # but not lost.
 SAME_ASSOCIATION_GRACE = 0.5
 _AFTER = "_filmless_after_response"
+# The outbox's destination for reports owed to modalities.
+DESTINATION, KIND = "commitment", "storage_commitment"
+# The request's own thread delivers first; its row is its own this long (the
+# check may wait out an index outage), then any node's reporter takes over.
+OWNED_FOR = timedelta(seconds=sum(CHECK_RETRY_DELAYS) + 60)
 
 
 class CommitmentRequestError(ValueError):
@@ -159,8 +174,9 @@ def make_commitment_handler(pacs: Pacs) -> Any:
             return status_dataset(exc.status, str(exc)), None
         log.info("storage commitment requested by %s: %d instances (transaction %s)",
                  calling, len(references), transaction)
+        pk = queue_report(pacs, calling, transaction, references, owned=True)
         after_response(assoc, lambda: threading.Thread(
-            target=report, args=(pacs, assoc, calling, transaction, references, time.monotonic()),
+            target=report, args=(pacs, assoc, calling, transaction, references, time.monotonic(), pk),
             name="storage-commitment", daemon=True,
         ).start())
         return 0x0000, None
@@ -185,26 +201,78 @@ def _checked(pacs: Pacs, transaction: str, references: Sequence[Reference]) -> C
     return result
 
 
+def queue_report(pacs: Pacs, calling: str, transaction: str, references: Sequence[Reference], *,
+                 owned: bool) -> int | None:
+    """The report owed for a request, kept in the outbox; its pk, or None
+    while the index cannot take it (the report then lives in memory only).
+    *owned*: the request's thread tries first (:data:`OWNED_FOR`)."""
+    data = {"key": f"commitment:{transaction}", "calling": calling, "transaction": transaction,
+            "references": [[r.sop_class_uid, r.sop_instance_uid] for r in references]}
+    try:
+        with pacs.engine.begin() as conn:
+            return outbox.enqueue(conn, DESTINATION, KIND, data, owned_for=OWNED_FOR if owned else None)
+    except Exception as exc:
+        log.warning("storage commitment %s: not queued in the index (%s); kept in memory",
+                    transaction, str(exc).splitlines()[0][:200])
+        return None
+
+
 def report(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: Sequence[Reference],
-           answered_at: float) -> bool:
-    """Check the references and send the N-EVENT-REPORT; True once delivered.
-    *answered_at*: when the N-ACTION-RSP went out (``time.monotonic()``)."""
+           answered_at: float, pk: int | None = None) -> bool:
+    """Check the references and send the N-EVENT-REPORT on the request's
+    association; True once delivered. Otherwise the queued report (*pk*) is
+    handed to the reporter at once. *answered_at*: when the N-ACTION-RSP went
+    out (``time.monotonic()``)."""
     result = _checked(pacs, transaction, references)
     info = report_dataset(result)
-    detail = (f"storage commitment {transaction}: {len(result.committed)} committed, "
-              f"{len(result.failed)} failed")
     time.sleep(max(0.0, answered_at + SAME_ASSOCIATION_GRACE - time.monotonic()))
-    delivered = _on_same_association(assoc, result.event_type, info)
-    if not delivered:
-        delivered = _on_new_association(pacs, calling, result.event_type, info)
-    audit_association(pacs, assoc, "commit", detail=detail + ("" if delivered else ", report not delivered"),
-                      outcome="success" if delivered and not result.failed else "failure")
+    if _on_same_association(assoc, result.event_type, info):
+        if pk is not None:
+            _settle(pacs, lambda: outbox.mark_sent(pacs.engine, pk))
+        _reported(pacs, calling, result, True, client=str(assoc.requestor.address))
+        return True
+    if pk is None:
+        pk = queue_report(pacs, calling, transaction, references, owned=False)
+    elif not _settle(pacs, lambda: outbox.release(pacs.engine, [pk], 0)):
+        pk = None
+    if pk is not None:
+        log.info("storage commitment %s: the report to %s goes on a new association (outbox %d)",
+                 transaction, calling, pk)
+        return False
+    remote = _registered(pacs, calling)
+    delivered = False
+    for delay in RETRY_DELAYS if remote is not None else ():
+        time.sleep(delay)
+        if delivered := _on_new_association(pacs, remote, result.event_type, info):
+            break
+    _reported(pacs, calling, result, delivered, client=str(assoc.requestor.address))
+    return delivered
+
+
+def _settle(pacs: Pacs, change: Callable[[], Any]) -> bool:
+    """Apply an outbox change; False (logged) while the index cannot."""
+    try:
+        change()
+        return True
+    except Exception as exc:
+        log.warning("storage commitment: the outbox cannot be updated: %s", str(exc).splitlines()[0][:200])
+        return False
+
+
+def _reported(pacs: Pacs, calling: str, result: CommitmentResult, delivered: bool, *, client: str = "") -> None:
+    """Log and audit a report delivered, or given up."""
+    detail = (f"storage commitment {result.transaction_uid}: {len(result.committed)} committed, "
+              f"{len(result.failed)} failed")
+    pacs.audit.record(Event(
+        action="commit", user=calling, role="dicom", client=client, protocol="dicom",
+        outcome="success" if delivered and not result.failed else "failure",
+        detail=(detail + ("" if delivered else ", report not delivered"))[:500],
+    ))
     if delivered:
         log.info("%s: reported to %s", detail, calling)
     else:
         log.error("%s: the report could not be delivered to %s (tried for %.0f minutes); the modality must "
                   "ask again", detail, calling, sum(RETRY_DELAYS) / 60)
-    return delivered
 
 
 def _send(assoc: Any, event_type: int, info: Dataset) -> bool:
@@ -231,31 +299,84 @@ def _on_same_association(assoc: Any, event_type: int, info: Dataset) -> bool:
         return False
 
 
-def _on_new_association(pacs: Pacs, calling: str, event_type: int, info: Dataset) -> bool:
+def _registered(pacs: Pacs, calling: str) -> RemoteAE | None:
     remote = pacs.aes.lookup(calling)  # registered maybe seconds ago: not the cache
     if remote is None:
         log.error("storage commitment: %s closed its association and is not in the AE registry "
                   "(pacs ae add %s --host H --port P): the report cannot be sent", calling, calling)
-        return False
+    return remote
+
+
+def _on_new_association(pacs: Pacs, remote: RemoteAE, event_type: int, info: Dataset) -> bool:
+    """One try on a new association, this node in the SCP role."""
     ae = local_ae(pacs)
     ae.add_requested_context(StorageCommitmentPushModel)
     role = build_role(StorageCommitmentPushModel, scu_role=False, scp_role=True)
-    for delay in RETRY_DELAYS:
-        time.sleep(delay)
+    try:
+        assoc = associate(pacs, ae, remote, ext_neg=[role])
+    except Exception as exc:  # refused, unreachable, TLS: the next try may find it up
+        log.warning("storage commitment: no association with %s: %s", remote.title, exc)
+        return False
+    try:
+        return _send(assoc, event_type, info)
+    except Exception as exc:
+        log.warning("storage commitment: report to %s failed: %s", remote.title, exc)
+        return False
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+class CommitmentReporter:
+    """Sends the reports in the outbox that did not go on their request's
+    association: on a new association to the modality, tried on the
+    :data:`RETRY_DELAYS` schedule (across restarts: the tries are counted in
+    the row), then parked dead (``pacs outbox list --state dead``, ``pacs
+    outbox retry``). Rows are claimed atomically: one node sends each."""
+
+    def __init__(self, pacs: Pacs, *, interval: float = 2.0) -> None:
+        self.pacs, self.interval = pacs, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="storage-commitment-reports", daemon=True)
+
+    def start(self) -> CommitmentReporter:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(30)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                for message in outbox.claim_due(self.pacs.engine, DESTINATION, limit=5):
+                    self.deliver(message)
+            except Exception as exc:  # the index is down: the next round tries again
+                log.warning("storage commitment reports: %s", str(exc).splitlines()[0][:200])
+
+    def deliver(self, message: outbox.Message) -> None:
+        """Check the instances again (now) and try the modality once."""
+        data, engine = message.data, self.pacs.engine
+        calling, transaction = str(data["calling"]), str(data["transaction"])
+        references = [Reference(str(c), str(u)) for c, u in data["references"]]
         try:
-            assoc = associate(pacs, ae, remote, ext_neg=[role])
-        except Exception as exc:  # refused, unreachable, TLS: the next try may find it up
-            log.warning("storage commitment: no association with %s: %s", calling, exc)
-            continue
-        try:
-            if _send(assoc, event_type, info):
-                return True
+            result = check_commitment(self.pacs, transaction, references)
         except Exception as exc:
-            log.warning("storage commitment: report to %s failed: %s", calling, exc)
-        finally:
-            if assoc.is_established:
-                assoc.release()
-    return False
+            outbox.mark_failed(engine, message.pk, f"cannot check yet: {exc}"[:500], dead=False, retry_in=30)
+            return
+        remote = _registered(self.pacs, calling)
+        if remote is not None and _on_new_association(self.pacs, remote, result.event_type, report_dataset(result)):
+            outbox.mark_sent(engine, message.pk)
+            _reported(self.pacs, calling, result, True)
+            return
+        tries = message.attempts + 1
+        dead = tries >= len(RETRY_DELAYS)
+        error = f"{calling} not in the AE registry" if remote is None else f"no report delivered to {calling}"
+        outbox.mark_failed(engine, message.pk, f"{error} (try {tries} of {len(RETRY_DELAYS)})", dead=dead,
+                           retry_in=RETRY_DELAYS[min(tries, len(RETRY_DELAYS) - 1)])
+        if dead:
+            _reported(self.pacs, calling, result, False)
 
 
 def handlers(pacs: Pacs) -> list[tuple[Any, Any]]:

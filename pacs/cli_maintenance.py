@@ -96,7 +96,7 @@ def register(sub: Any, common: Callable[..., None]) -> None:
                         "pixels, not removed); by default they are left out and listed")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("outbox", help="messages to the HIS (ORM status, ORU reports): list, retry dead ones")
+    p = sub.add_parser("outbox", help="messages to the HIS (ORM status, ORU reports) and storage commitment reports: list, retry dead ones")
     o_sub = p.add_subparsers(dest="outbox_command", required=True)
     q = o_sub.add_parser("list", help="counts per state and the latest messages (no patient data)")
     common(q, json_flag=True)
@@ -526,13 +526,15 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             messages = outbox.list_messages(pacs.engine, args.state or "", args.limit)
 
             def human() -> None:
-                _counts("outbox (messages to the HIS)", sorted(counts.items()))
+                _counts("outbox (HL7 to the HIS, storage commitment reports)", sorted(counts.items()))
                 table = Table(title=f"messages{' ' + args.state if args.state else ''} (newest first)")
-                for col in ("id", "kind", "key", "accession", "status", "state", "tries", "next / sent", "error"):
+                for col in ("id", "to", "kind", "key", "accession", "status", "state", "tries", "next / sent",
+                            "error"):
                     table.add_column(col, overflow="fold")
                 for m in messages:
                     when = m["sent_at"] if m["state"] == "sent" else m["next_attempt_at"]
-                    table.add_row(str(m["id"]), m["kind"], m["key"], m["accession"], m["status"], m["state"],
+                    table.add_row(str(m["id"]), m["destination"], m["kind"], m["key"], m["accession"], m["status"],
+                                  m["state"],
                                   str(m["attempts"]), str(when or "")[:19], m["last_error"][:60])
                 out.print(table)
 
@@ -541,7 +543,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
         retried = outbox.retry(pacs.engine, pk=args.message_id if not args.all_dead else None)
         for pk in retried:
             pacs.audit.record(Event(action="outbox-retry", user=getpass.getuser(), protocol="cli",
-                                    detail=f"outbox message {pk} queued again for the HIS"))
+                                    detail=f"outbox message {pk} queued again"))
         pacs.audit.flush()
         _emit(args, {"retried": retried},
               lambda: out.print(f"{len(retried)} dead message(s) queued again: {', '.join(map(str, retried)) or '-'}"))

@@ -22,6 +22,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import Connection, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
+from . import outbox
 from .errors import PacsError
 from .header import valid_uid
 from .index.db import write_transaction
@@ -779,13 +780,7 @@ class OrderService:
     @staticmethod
     def enqueue(conn: Connection, destination: str, kind: str, data: dict[str, Any]) -> None:
         """Queue a message in the same transaction as the change it reports."""
-        now = _now()
-        conn.execute(
-            outbox_t.insert().values(
-                destination=destination, kind=kind, payload=json.dumps(data, default=str), state="pending",
-                attempts=0, next_attempt_at=now, created_at=now,
-            )
-        )
+        outbox.enqueue(conn, destination, kind, data)
 
     # -- reconciliation ---------------------------------------------------------------------
     def _reconcile_existing(self, conn: Connection, order_pk: int) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, and_, func, select, update
+from sqlalchemy import Connection, Engine, and_, func, select, update
 
 from .index.db import write_transaction
 from .index.models import OutboundMessage
@@ -84,6 +84,22 @@ def _keys_of(conn: Any, rows: list[Any]) -> dict[int, str]:
         _keys.clear()
         _keys.update({ident[pk]: key for pk, key in found.items()})
     return found
+
+
+def enqueue(conn: Connection, destination: str, kind: str, data: dict[str, Any], *,
+            owned_for: timedelta | None = None) -> int:
+    """Queue a message in *conn*'s transaction (the change it reports commits
+    with it); its pk. *owned_for*: the caller delivers it first and owns it
+    that long ("sending" under a lease); should the caller die, any node's
+    sender takes it over once the lease has run out."""
+    now = _now()
+    return int(conn.execute(
+        outbox.insert().values(
+            destination=destination, kind=kind, payload=json.dumps(data, default=str),
+            state="sending" if owned_for else "pending", attempts=0,
+            next_attempt_at=now + (owned_for or timedelta()), created_at=now,
+        )
+    ).inserted_primary_key[0])
 
 
 def claim_due(engine: Engine, destination: str, limit: int = 20) -> list[Message]:

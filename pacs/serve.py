@@ -198,6 +198,9 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
                 pacs, max_attempts=settings.route_max_attempts, concurrency=settings.route_concurrency
             ).start()
             running.callback(forwarder.stop)
+            from dicom_scp.commitment import CommitmentReporter
+
+            running.callback(CommitmentReporter(pacs).start().stop)
             freeze_startup_heap()
             config = uvicorn.Config(
                 create_app(pacs),

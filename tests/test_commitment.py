@@ -93,6 +93,27 @@ def _report(received: queue.Queue[tuple[int, Dataset]], transaction: str) -> tup
     return event_type, committed, failed
 
 
+def _ask_and_leave(server: PacsServer, uids: list[tuple[str, str, str]]) -> str:
+    """Ask for the commitment of *uids* and release at once (refusing a report
+    that beats the release, as modalities that take reports only on an
+    association of their own do); the transaction UID."""
+    assoc = _modality_ae().associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title,
+                                     evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: (0x0110, None))])
+    transaction = generate_uid()
+    status = _ask(assoc, _request(transaction, [(CTImageStorage, sop) for _, _, sop in uids]))
+    assoc.release()
+    assert status.Status == 0x0000
+    return transaction
+
+
+def _modality_listener(port: int, on_report: Any) -> Any:
+    """The modality's own SCU port, taking reports from the PACS proposing
+    itself as the Storage Commitment SCP."""
+    listener = AE(ae_title=MODALITY)
+    listener.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
+    return listener.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+
+
 @pytest.fixture
 def stored(pacs_server: PacsServer, tmp_path: Path) -> Iterator[tuple[PacsServer, list[tuple[str, str, str]]]]:
     yield pacs_server, _send_study(pacs_server, tmp_path / "study", 4)
@@ -140,22 +161,11 @@ def test_report_on_a_new_association_to_the_registered_modality(
     for its AE title on a new association, the PACS in the SCP role."""
     server, uids = stored
     received, on_report = _reports()
-    listener = AE(ae_title=MODALITY)
-    # Accept the PACS proposing itself as the Storage Commitment SCP.
-    listener.add_supported_context(StorageCommitmentPushModel, scu_role=False, scp_role=True)
     port = free_port()
-    scp = listener.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_N_EVENT_REPORT, on_report)])
+    scp = _modality_listener(port, on_report)
     try:
         server.cli("ae", "add", MODALITY, "--host", "127.0.0.1", "--port", str(port))
-        # Should the report beat the release, this modality refuses it there
-        # (as those that take reports only on an association of their own do).
-        assoc = _modality_ae().associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title,
-                                         evt_handlers=[(evt.EVT_N_EVENT_REPORT, lambda event: (0x0110, None))])
-        transaction = generate_uid()
-        status = _ask(assoc, _request(transaction, [(CTImageStorage, sop) for _, _, sop in uids]))
-        assoc.release()
-        assert status.Status == 0x0000
-        report = _report(received, transaction)
+        report = _report(received, _ask_and_leave(server, uids))
     finally:
         scp.shutdown()
     assert report == (1, {sop for _, _, sop in uids}, {})  # all committed
@@ -230,3 +240,48 @@ def test_a_short_index_outage_delays_the_report_instead_of_failing_it(tmp_path: 
         server.stop()
         proxy.down()
     assert (event_type, committed, failed) == (1, {sop for _, _, sop in uids}, {})
+
+
+def _wait_for(predicate: Any, timeout: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_a_report_owed_when_the_node_dies_is_sent_after_the_restart(
+    stored: tuple[PacsServer, list[tuple[str, str, str]]],
+) -> None:
+    """The modality closed its association and is switched off when the
+    report is due; the PACS is killed while the report waits for its next try.
+    After the restart the report still reaches the modality (it was kept in
+    memory only, and lost with the process), and the outbox shows it sent."""
+    import json
+    import signal
+
+    server, uids = stored
+    port = free_port()  # the modality's report port: nothing listens yet
+    server.cli("ae", "add", MODALITY, "--host", "127.0.0.1", "--port", str(port))
+    transaction = _ask_and_leave(server, uids)
+
+    def owed() -> list[dict[str, Any]]:
+        listed = json.loads(server.cli("outbox", "list", "--json").stdout)
+        return [m for m in listed["messages"] if m["destination"] == "commitment"]
+
+    _wait_for(lambda: [(m["state"], m["attempts"]) for m in owed()] == [("pending", 1)], 60,
+              "a first try on a new association")
+    server.stop(signal.SIGKILL)
+
+    received, on_report = _reports()
+    scp = _modality_listener(port, on_report)
+    try:
+        server.start()
+        report = _report(received, transaction)
+    finally:
+        scp.shutdown()
+    assert report == (1, {sop for _, _, sop in uids}, {})
+    _wait_for(lambda: "reported to CT_COMMIT" in server.log_text(), 30, "the report marked sent")
+    assert [(m["kind"], m["state"], m["attempts"]) for m in owed()] == [("storage_commitment", "sent", 1)]
