@@ -229,3 +229,26 @@ def test_nginx_config_passes_nginx_t(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "syntax is ok" in result.stderr and "test is successful" in result.stderr
+
+
+def test_the_systemd_unit_is_valid_and_runs_the_documented_command(tmp_path: Path) -> None:
+    """One server as a service (scripts/install-service.sh): the unit it
+    installs passes ``systemd-analyze verify``, starts the clone's own
+    ``pacs serve`` on the data dir given, restarts it, and reads the settings file."""
+    printed = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "install-service.sh"), "--print", str(tmp_path / "pacs data/../data")],
+        capture_output=True, text=True, check=True, env={"PATH": "/usr/bin:/bin", "PACS_ENV_FILE": "/etc/x.env"},
+    ).stdout
+    assert "@" not in printed.replace("multi-user.target", "")
+    unit = tmp_path / "filmless-pacs.service"
+    unit.write_text(printed)
+    verify = subprocess.run(["systemd-analyze", "verify", unit.name], cwd=tmp_path, capture_output=True, text=True)
+    assert verify.returncode == 0 and not verify.stderr.strip(), verify.stderr
+    service = dict(
+        line.split("=", 1) for line in printed.splitlines() if "=" in line and not line.startswith("#")
+    )
+    assert service["ExecStart"] == f"{ROOT}/.venv/bin/pacs serve --data-dir {tmp_path}/data"
+    assert service["EnvironmentFile"] == "-/etc/x.env" and service["Restart"] == "always"
+    assert service["ReadWritePaths"] == f"{tmp_path}/data"
+    usage = subprocess.run([*service["ExecStart"].split()[:2], "--help"], capture_output=True, text=True)
+    assert usage.returncode == 0 and "--data-dir" in usage.stdout
