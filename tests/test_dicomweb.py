@@ -343,6 +343,29 @@ def test_wado_uri(web: PacsServer) -> None:
         assert http.get("/wado", params={**params, "windowCenter": "40"}).status_code == 400
 
 
+def test_rendered_sizes_and_frame_numbers_as_ps3_18_says(web: PacsServer) -> None:
+    """WADO-URI rows alone is the returned image's height, its width following
+    the image (a 640 x 480 ultrasound asked rows=100 came back 100 x 75);
+    imageQuality beyond 100 is a 400 (was taken as 100); frame numbers start
+    at 1 (a thumbnail of frame 0 was the middle frame) and a list has no
+    empty items."""
+    us = dcmread(pydicom_file("US1_J2KR.dcm"), stop_before_pixels=True)
+    params = {"requestType": "WADO", "studyUID": str(us.StudyInstanceUID), "seriesUID": str(us.SeriesInstanceUID),
+              "objectUID": str(us.SOPInstanceUID), "contentType": "image/png"}
+    clip = dcmread(pydicom_file("examples_ybr_color.dcm"), stop_before_pixels=True)
+    frames = (f"/dicom-web/studies/{clip.StudyInstanceUID}/series/{clip.SeriesInstanceUID}"
+              f"/instances/{clip.SOPInstanceUID}/frames")
+    with web.http() as http:
+        assert Image.open(io.BytesIO(http.get("/wado", params={**params, "rows": "100"}).content)).size == (133, 100)
+        assert Image.open(io.BytesIO(http.get("/wado", params={**params, "columns": "320"}).content)).size == (320, 240)
+        assert Image.open(io.BytesIO(http.get("/wado", params={**params, "rows": "100", "columns": "100"}).content)
+                          ).size == (100, 75)
+        assert http.get("/wado", params={**params, "imageQuality": "150"}).status_code == 400
+        assert http.get(frames + "/0/thumbnail").status_code == 404
+        assert http.get(frames + "/2/thumbnail").status_code == 200
+        assert http.get(frames + "/1,,2/rendered").status_code == 400
+
+
 def test_openapi_and_health(web: PacsServer) -> None:
     with web.http() as http:
         spec = http.get("/openapi.json").json()

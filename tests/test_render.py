@@ -925,3 +925,101 @@ def test_timing_report() -> None:
     print(f"  {'':<45s} {'best':>8s}    {'median':>8s}")
     for label, (best, median) in rows:
         print(f"  {label:<45s} {best:8.2f} ms {median:8.2f} ms")
+
+
+# -- found by comparing with DCMTK's dcm2pnm / dcml2pnm ----------------------------------------
+def _grey_image(rows: int, columns: int, pixels: np.ndarray, **attrs: Any) -> Dataset:
+    """A CT-like grey object holding *pixels* as 16-bit native data."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = generate_uid(), generate_uid(), "CT"
+    ds.Rows, ds.Columns, ds.SamplesPerPixel, ds.PhotometricInterpretation = rows, columns, 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    for keyword, value in attrs.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = pixels.astype("<u2" if ds.PixelRepresentation == 0 else "<i2").tobytes()
+    return ds
+
+
+def test_signed_12_bit_jpeg_ls_from_dcmtk_renders_like_its_original(tmp_path: Path) -> None:
+    """dcmcjpls declares 16-bit precision for signed 12-bit data; the decoder
+    then hands out -1000 HU as 3096 (air rendered white, every negative
+    sample wrong). Rendered after masking and sign extension from Bits Stored."""
+    import subprocess
+
+    yy, xx = np.mgrid[0:64, 0:64]
+    hu = np.where((xx - 32) ** 2 + (yy - 32) ** 2 < 25**2, 40, -1000).astype(np.int16)
+    ds = _grey_image(64, 64, hu & 0x0FFF, BitsStored=12, HighBit=11, WindowCenter=40, WindowWidth=400)
+    ds.PixelRepresentation = 1
+    original, compressed = tmp_path / "ct.dcm", tmp_path / "ct-jls.dcm"
+    ds.save_as(original, enforce_file_format=True)
+    subprocess.run(["dcmcjpls", str(original), str(compressed)], check=True, capture_output=True)
+    params = RenderParams(media_type="image/png")
+    with open(original, "rb") as a, open(compressed, "rb") as b:
+        expected = np.asarray(decode(render_dataset_bytes(a, 0, params)))
+        actual = np.asarray(decode(render_dataset_bytes(b, 0, params)))
+    assert expected[0, 0] == 0 and expected[32, 32] == 128  # air black, soft tissue mid-grey
+    assert np.array_equal(actual, expected)
+
+
+def test_a_voi_lut_starting_below_zero_read_as_unsigned(tmp_path: Path) -> None:
+    """Unsigned CT with Rescale Intercept -1024 and a VOI LUT whose first
+    mapped value is -1024, read back from Implicit VR as 64512: the VOI LUT's
+    input is the rescaled value, so that is -1024 (the image was all black)."""
+    stored = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
+    ds = _grey_image(16, 16, stored, BitsStored=12, HighBit=11, RescaleIntercept=-1024, RescaleSlope=1)
+    item = Dataset()
+    lut = np.clip(np.arange(4096) // 16, 0, 255).astype("<u2")
+    item.LUTDescriptor = [4096, 64512, 8]
+    item.LUTData = lut.tobytes()
+    ds.VOILUTSequence = [item]
+    path = tmp_path / "implicit.dcm"
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2"
+    ds.save_as(path, enforce_file_format=True)
+    read_back = pydicom.dcmread(path)
+    assert int(read_back.VOILUTSequence[0].LUTDescriptor[1]) == 64512
+    expected = lut[stored.astype(np.int64)].astype(np.float64)  # HU + 1024 indexes the LUT
+    assert_close(png(read_back), to8(expected * 255 / 255))
+
+
+@pytest.mark.parametrize(("attrs", "size"), [
+    ({"PixelSpacing": [1.0, 0.5]}, (256, 400)),  # rows 1 mm apart, columns 0.5 mm: twice as tall
+    ({"PixelAspectRatio": [2, 1]}, (256, 400)),
+    ({"PixelSpacing": [0.5, 1.0]}, (512, 200)),
+    ({"PixelSpacing": [0.7, 0.7]}, (256, 200)),
+    ({"PixelSpacing": [0.0, 0.0]}, (256, 200)),  # meaningless: left as it is
+])
+def test_pixels_that_are_not_square_are_shown_in_proportion(attrs: dict[str, Any], size: tuple[int, int]) -> None:
+    """PS3.3 C.7.6.3.1.7 / 10.7.1.3: a 256 x 200 image of pixels twice as tall
+    as wide is 256 x 400 on screen (as dcm2pnm and viewers show it); it was
+    squashed to half its height."""
+    stripes = np.repeat((np.arange(200) // 50 % 2 * 1000)[:, None], 256, axis=1)
+    ds = _grey_image(200, 256, stripes, **attrs)
+    assert decode(render_frame(ds, 0, RenderParams(media_type="image/png"))).size == size
+    fitted = decode(render_frame(ds, 0, RenderParams(media_type="image/png", viewport=(256, 256))))
+    assert fitted.size == tuple(round(v * min(256 / size[0], 256 / size[1])) for v in size)
+    # A source region is in the object's own grid: its top half is the first two stripes.
+    shown = (size[0], size[1] // 2)
+    top = np.asarray(decode(render_frame(ds, 0, RenderParams(
+        media_type="image/png", viewport=Viewport(*shown, 0, 0, 256, 100)))))
+    assert top.shape == (shown[1], shown[0])
+    assert top[: shown[1] // 2 - 3].max() == 0 and top[shown[1] // 2 + 3 : -3].min() == 255
+
+
+def test_one_bit_frames_that_do_not_start_on_a_byte() -> None:
+    """Three 7 x 9 frames of 1-bit data (63 bits each, packed end to end):
+    frames 2 and 3 were 422 (pydicom cannot index them)."""
+    rng = np.random.default_rng(7)
+    frames = rng.integers(0, 2, size=(3, 7, 9), dtype=np.uint8)
+    ds = _grey_image(7, 9, np.zeros(1), BitsAllocated=1, BitsStored=1, HighBit=0, NumberOfFrames=3)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.66.4"
+    ds.PixelData = np.packbits(frames.ravel(), bitorder="little").tobytes()
+    for n in range(3):
+        assert np.array_equal(png(ds, n), frames[n] * 255), n
+        with io.BytesIO() as f:
+            ds.save_as(f, enforce_file_format=True)
+            streamed = decode(render_dataset_bytes(f.getvalue(), n, RenderParams(media_type="image/png")))
+        assert np.array_equal(np.asarray(streamed), frames[n] * 255), n

@@ -64,7 +64,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO, Final
 
 import numpy as np
@@ -382,8 +382,10 @@ class _Lut:
         return self.data[idx.astype(np.intp)]
 
 
-def _read_lut(item: Dataset, ds: Dataset) -> _Lut | None:
-    """Decode a LUT Descriptor / LUT Data pair; None if absent or malformed."""
+def _read_lut(item: Dataset, ds: Dataset, *, signed_input: bool | None = None) -> _Lut | None:
+    """Decode a LUT Descriptor / LUT Data pair; None if absent or malformed.
+    *signed_input*: whether the values the LUT maps can be negative (default:
+    stored pixel values, signed by Pixel Representation)."""
     desc = item.get("LUTDescriptor")
     if desc is None or "LUTData" not in item:
         return None
@@ -395,9 +397,12 @@ def _read_lut(item: Dataset, ds: Dataset) -> _Lut | None:
     except (TypeError, ValueError):
         return None
     n = n or 65536  # PS3.3: 0 means 2^16 entries
-    # The first mapped value is US or SS depending on Pixel Representation; a
-    # reader that could not resolve the ambiguous VR leaves it unsigned.
-    if ds.get("PixelRepresentation", 0) == 1 and first >= 32768:
+    # The first mapped value is US or SS as the LUT's input is (PS3.3
+    # C.11.1.1, C.11.2.1.1); a reader that could not resolve the ambiguous VR
+    # (Implicit VR, or written as US) leaves it unsigned.
+    if signed_input is None:
+        signed_input = ds.get("PixelRepresentation", 0) == 1
+    if signed_input and first >= 32768:
         first -= 65536
     raw = item.LUTData
     if raw is None:
@@ -467,9 +472,13 @@ def _grey_attrs(ds: Dataset, frame_index: int, photometric: str) -> _GreyAttrs:
     if window is None:
         window = _object_window(ds)
     voi_lut = None
+    # The VOI LUT maps the modality transformation's output: negative when
+    # the samples are signed or the rescale shifts them below 0 (CT's -1024).
+    voi_signed = modality_lut is None and (
+        ds.get("PixelRepresentation", 0) == 1 or (intercept or 0.0) < 0 or (slope or 1.0) < 0)
     for holder in (voi_item, ds):
         if holder is not None and holder.get("VOILUTSequence"):
-            voi_lut = _read_lut(holder.VOILUTSequence[0], ds)
+            voi_lut = _read_lut(holder.VOILUTSequence[0], ds, signed_input=voi_signed)
             if voi_lut is not None:
                 break
 
@@ -712,6 +721,34 @@ def _check_decoder(tsyntax: object) -> None:
         )
 
 
+def _decode(src: Dataset | BinaryIO, header: Dataset, frame_index: int) -> np.ndarray:
+    """One frame of *src* (*header*: its attributes)."""
+    if int(header.get("BitsAllocated") or 0) == 1 and frame_index > 0:
+        # pydicom cannot index 1-bit frames that do not start on a byte
+        # (rows x columns not a multiple of 8: SEG of odd sizes); such pixel
+        # data is small, read whole.
+        ds = src if isinstance(src, Dataset) else pydicom.dcmread(src, force=True)
+        return _one_bit_frame(ds, frame_index)
+    return _decode_frame(src, frame_index)
+
+
+def _one_bit_frame(ds: Dataset, frame_index: int) -> np.ndarray:
+    """Frame *frame_index* of 1-bit native pixel data, frames packed end to
+    end, least significant bit first (PS3.5 8.1.1)."""
+    try:
+        raw = ds.PixelData
+        rows, columns = int(ds.Rows), int(ds.Columns)
+    except Exception as exc:
+        raise RenderError(f"cannot decode frame {frame_index}: {exc}") from exc
+    bits = rows * columns
+    first = frame_index * bits
+    packed = np.frombuffer(raw, dtype=np.uint8)[first // 8 : (first + bits + 7) // 8]
+    frame = np.unpackbits(packed, bitorder="little")[first % 8 : first % 8 + bits]
+    if frame.size < bits:
+        raise RenderError(f"cannot decode frame {frame_index}: the pixel data ends before it")
+    return frame.reshape(rows, columns)
+
+
 def _decode_frame(src: Dataset | BinaryIO, frame_index: int) -> np.ndarray:
     try:
         return pixel_array(src, index=frame_index)
@@ -719,6 +756,29 @@ def _decode_frame(src: Dataset | BinaryIO, frame_index: int) -> np.ndarray:
         raise
     except Exception as exc:  # corrupt / truncated / inconsistent pixel data
         raise RenderError(f"cannot decode frame {frame_index}: {exc}") from exc
+
+
+def _stored_bits(pixel: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Grey samples as Bits Stored says (PS3.3 C.7.6.3.1): a decoder may hand
+    out what lies above them. JPEG-LS from DCMTK declares 16-bit precision for
+    12-bit data, and pydicom then leaves signed samples unextended (-1000 HU
+    read as 3096: air rendered white) and unsigned ones unmasked. Masked, and
+    sign-extended when Pixel Representation is 1; a no-op (one min/max pass)
+    for samples already in range."""
+    if pixel.dtype.kind not in "iu":
+        return pixel
+    stored = int(ds.get("BitsStored") or 0)
+    if not 0 < stored < 8 * pixel.dtype.itemsize:
+        return pixel
+    signed = ds.get("PixelRepresentation", 0) == 1
+    low, high = (-(1 << (stored - 1)), (1 << (stored - 1)) - 1) if signed else (0, (1 << stored) - 1)
+    if pixel.size == 0 or (low <= int(pixel.min()) and int(pixel.max()) <= high):
+        return pixel
+    wide = pixel.astype(np.int64) & ((1 << stored) - 1)
+    if signed:
+        sign = 1 << (stored - 1)
+        wide = (wide ^ sign) - sign
+    return wide.astype(np.dtype(f"i{pixel.dtype.itemsize}") if signed else pixel.dtype)
 
 
 # -- rendering -----------------------------------------------------------------------------
@@ -733,7 +793,7 @@ def _display_array(
     if pi in ("MONOCHROME1", "MONOCHROME2"):
         if pixel.ndim != 2:
             raise RenderError(f"expected one grayscale frame (rows, columns), got {pixel.shape}")
-        return _grey_to_uint8(pixel, _grey_attrs(ds, frame_index, pi), params.window)
+        return _grey_to_uint8(_stored_bits(pixel, ds), _grey_attrs(ds, frame_index, pi), params.window)
     if pi == "PALETTE COLOR":
         if pixel.ndim != 2:
             raise RenderError(f"expected one palette frame (rows, columns), got {pixel.shape}")
@@ -801,10 +861,44 @@ def _display_image(
     photometric: str | None,
 ) -> Image.Image:
     arr = _display_array(ds, pixel, params, frame_index, photometric)
-    img = Image.fromarray(np.ascontiguousarray(arr))
-    if params.viewport is not None:
-        img = _apply_viewport(img, _resolve_viewport(params.viewport))
-    return img
+    return _shown(Image.fromarray(np.ascontiguousarray(arr)), ds, frame_index, params)
+
+
+def _shown(img: Image.Image, ds: Dataset, frame_index: int, params: RenderParams) -> Image.Image:
+    """Square display pixels, then the viewport (its source region is in the
+    object's own pixel grid)."""
+    fx, fy = _square_pixel_factors(ds, frame_index)
+    vp = _resolve_viewport(params.viewport) if params.viewport is not None else None
+    if (fx, fy) != (1.0, 1.0):
+        cols, rows = img.size
+        img = img.resize((max(1, round(cols * fx)), max(1, round(rows * fy))), Image.Resampling.BICUBIC)
+        if vp is not None:
+            vp = replace(vp, sx=vp.sx * fx, sy=vp.sy * fy, sw=None if vp.sw is None else vp.sw * fx,
+                         sh=None if vp.sh is None else vp.sh * fy)
+    return img if vp is None else _apply_viewport(img, vp)
+
+
+def _square_pixel_factors(ds: Dataset, frame_index: int) -> tuple[float, float]:
+    """How much to stretch columns and rows so that pixels that are not
+    square (Pixel Spacing 1.0\\0.5, Pixel Aspect Ratio 2\\1: ultrasound, some
+    CR) are shown in their true proportions, as PS3.18 rendering and every
+    viewer do; the smaller side is stretched, never shrunk. (1, 1) for square
+    pixels or values that cannot be right (a ratio beyond 4)."""
+    measures = _fg_item(ds, frame_index, "PixelMeasuresSequence")
+    for holder, keyword in ((measures, "PixelSpacing"), (ds, "PixelSpacing"), (ds, "ImagerPixelSpacing"),
+                            (ds, "PixelAspectRatio")):
+        values = _floats(holder.get(keyword)) if holder is not None else []
+        if len(values) == 2:
+            break
+    else:
+        return 1.0, 1.0
+    vertical, horizontal = values
+    if not (vertical > 0 and horizontal > 0):
+        return 1.0, 1.0
+    ratio = vertical / horizontal
+    if abs(ratio - 1.0) < 1e-3 or not 0.25 <= ratio <= 4.0:
+        return 1.0, 1.0
+    return (1.0, ratio) if ratio > 1 else (1.0 / ratio, 1.0)
 
 
 def _encode(img: Image.Image, params: RenderParams) -> bytes:
@@ -849,10 +943,9 @@ def frame_to_display(
     (H, W, 3) RGB. Raises :class:`RenderError`.
     """
     arr = _display_array(ds, pixel, params, frame_index, photometric)
-    if params.viewport is None:
+    if params.viewport is None and _square_pixel_factors(ds, frame_index) == (1.0, 1.0):
         return np.ascontiguousarray(arr)
-    img = Image.fromarray(np.ascontiguousarray(arr))
-    return np.array(_apply_viewport(img, _resolve_viewport(params.viewport)))
+    return np.array(_shown(Image.fromarray(np.ascontiguousarray(arr)), ds, frame_index, params))
 
 
 def render_frame(ds: Dataset, frame_index: int, params: RenderParams) -> bytes:
@@ -871,9 +964,9 @@ def render_frame(ds: Dataset, frame_index: int, params: RenderParams) -> bytes:
     path = _deferred_pixel_path(ds, tsyntax)
     if path is not None:
         with open(path, "rb") as f:
-            pixel = _decode_frame(f, frame_index)
+            pixel = _decode(f, ds, frame_index)
     else:
-        pixel = _decode_frame(ds, frame_index)
+        pixel = _decode(ds, ds, frame_index)
     return _encode(_display_image(ds, pixel, params, frame_index, None), params)
 
 
@@ -935,7 +1028,7 @@ def render_dataset_bytes(
         _check_frame(header, frame_index)
         _check_decoder(tsyntax)
         f.seek(0)
-        pixel = _decode_frame(f, frame_index)
+        pixel = _decode(f, header, frame_index)
         return _encode(_display_image(header, pixel, params, frame_index, None), params)
     finally:
         f.seek(start)

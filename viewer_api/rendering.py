@@ -185,6 +185,6 @@ def thumbnail_response(request: Request, items: list[RetrieveItem], frame: int |
     params = params_from(request, thumbnail=True)
     images = [i for i in items if i.pixel_offset is not None] or items
     item = images[len(images) // 2]
-    number = frame or max(1, ((item.frames or 1) + 1) // 2)
+    number = frame if frame is not None else max(1, ((item.frames or 1) + 1) // 2)
     data = render_item(request, item, number, params)
     return Response(data, media_type=params.media_type)

@@ -154,11 +154,9 @@ def instance_metadata(request: Request, study: str, series: str, sop: str) -> Re
 # -- frames and bulk data ------------------------------------------------------------------
 def _frame_numbers(text: str) -> list[int]:
     try:
-        numbers = [int(n) for n in text.split(",") if n.strip()]
+        numbers = [int(n) for n in text.split(",")]
     except ValueError:
         raise HTTPProblem(400, f"frame list must be comma-separated integers, not {text!r}") from None
-    if not numbers:
-        raise HTTPProblem(400, "empty frame list")
     return numbers
 
 

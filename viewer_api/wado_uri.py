@@ -12,7 +12,7 @@ from pacs.transcode import can_serve, prepared_bytes
 
 from .documents import document_bytes, document_media_type
 from .errors import HTTPProblem, require_uids
-from .render import RenderError, RenderParams
+from .render import MAX_VIEWPORT_DIMENSION, RenderError, RenderParams
 from .rendering import render_item
 
 router = APIRouter(tags=["WADO-URI"])
@@ -115,13 +115,15 @@ def _rendered(request: Request, item: RetrieveItem, content_type: str) -> Respon
     except ValueError:
         raise HTTPProblem(400, "windowCenter and windowWidth must be numbers") from None
     rows, columns = _int_param(request, "rows"), _int_param(request, "columns")
-    viewport = (columns or rows or 0, rows or columns or 0) if (rows or columns) else None
+    # One of the two is the returned image's size, the other side follows the
+    # image's proportions; both are a box it fits in (PS3.18 WADO-URI).
+    viewport = (columns or MAX_VIEWPORT_DIMENSION, rows or MAX_VIEWPORT_DIMENSION) if (rows or columns) else None
     quality = _int_param(request, "imageQuality") or 90
     frame = _int_param(request, "frameNumber") or 1
     try:
         # RenderParams validates (viewport size, window width): inside the try,
         # or a bad rows/windowWidth was a 500.
-        params = RenderParams(media_type=content_type, quality=min(quality, 100), window=window, viewport=viewport)
+        params = RenderParams(media_type=content_type, quality=quality, window=window, viewport=viewport)
         return Response(render_item(request, item, frame, params), media_type=content_type)
     except RenderError as exc:
         raise HTTPProblem(exc.http_status, str(exc)) from None
