@@ -136,6 +136,10 @@ class Settings(BaseSettings):
     hl7_port: int = 2575
     # Close an HL7 MLLP connection that sends nothing for this many seconds (0: never).
     hl7_idle_timeout: float = 300.0
+    # Addresses or networks (comma-separated, e.g. "10.0.5.20, 10.0.6.0/24")
+    # that may send HL7 (orders, patient updates and merges): MLLP carries no
+    # credentials. Empty: any (with a warning when the listener is not local).
+    hl7_allowed_hosts: str = ""
     # MSH-11 this archive applies (P production, T training, D debugging):
     # messages for another are refused (AR 202), so a test HIS cannot change
     # real patients. Empty MSH-11 counts as ours.
@@ -161,6 +165,9 @@ class Settings(BaseSettings):
 
     # Calling-AE allowlist: off for ease on a demo, on in production config.
     ae_allowlist: bool = False
+    # With the allowlist: a calling AE must also come from its registered host
+    # (an AE title alone is easily claimed by any machine on the network).
+    ae_check_host: bool = False
     duplicate_policy: Literal["keep", "overwrite"] = "keep"
     max_associations: int = 32
     # Connections one peer address may hold at once (0 = half of
@@ -222,6 +229,10 @@ class Settings(BaseSettings):
     # whose pages may call the HTTP API from the browser: an EMR or a DICOMweb
     # viewer (OHIF) served from another host. Empty: same origin only.
     cors_origins: str = ""
+    # Reverse proxies (comma-separated addresses, "*" for any) whose
+    # X-Forwarded-For / X-Forwarded-Proto are believed: the client address in
+    # the audit trail. Empty: none (a client cannot name another address).
+    trusted_proxies: str = ""
     # Encoded rendered frames and thumbnails kept in memory (LRU).
     render_cache_bytes: int = 128 * 1024**2
     log_level: str = "INFO"
