@@ -29,6 +29,7 @@ from pynetdicom.sop_class import (
 from pynetdicom.transport import ThreadedAssociationServer
 
 from pacs.app import Pacs
+from pacs.addresses import host_matches
 from pacs.audit import Event
 from pacs.dicom_net import apply_limits, tune_socket
 from pacs.errors import IngestError, Status
@@ -341,6 +342,54 @@ def _on_conn_close(event: Any) -> None:
         assoc.dul.to_user_queue.put(None)
 
 
+def refuse_calls_from_elsewhere(pacs: Pacs) -> Any:
+    """EVT_REQUESTED: with ``ae_allowlist`` and ``ae_check_host``, a
+    registered AE title calling from another address than its registered
+    host is refused as an unknown calling AE (A-ASSOCIATE-RJ 1/1/3, PS3.8
+    9.3.4): any machine can claim a modality's title, not its address."""
+
+    def requested(event: Any) -> None:
+        settings = pacs.settings
+        if not (settings.ae_allowlist and settings.ae_check_host):
+            return
+        assoc = event.assoc
+        if assoc.is_aborted or assoc.is_rejected:
+            return
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        remote = pacs.aes.cached().get(calling)
+        if remote is None or not remote.enabled:
+            return  # not on the allowlist: pynetdicom refuses it, and audit_refusal records it
+        address = str(assoc.requestor.address)
+        if host_matches(address, remote.host):
+            return
+        log.warning("association from %s calling as %s refused: %s is registered at %s (ae_check_host)",
+                    address, calling, calling, remote.host)
+        assoc._pacs_refusal = f"calling AE {calling} is registered at another host"
+        assoc.acse.send_reject(0x01, 0x01, 0x03)
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
+    return requested
+
+
+def audit_refusal(pacs: Pacs) -> Any:
+    """EVT_REJECTED: a refused association is an access attempt the audit
+    trail must show (IHE ATNA), with the title and address it came from."""
+
+    def rejected(event: Any) -> None:
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        reason = getattr(assoc, "_pacs_refusal", "")
+        if not reason:
+            allowed = assoc.ae.require_calling_aet
+            reason = ("calling AE title not in the registry (ae_allowlist)" if allowed and calling not in allowed
+                      else "refused (too many associations, or the called AE title)")
+        pacs.audit.record(Event(action="associate", user=calling, role="dicom", client=str(assoc.requestor.address),
+                                protocol="dicom", outcome="denied", detail=reason[:500]))
+
+    return rejected
+
+
 def _abort_invalid_request(event: Any) -> None:
     """EVT_REQUESTED: abort an A-ASSOCIATE-RQ that proposes a presentation
     context without a transfer syntax (PS3.8 9.3.2.2 requires at least one).
@@ -469,6 +518,8 @@ def start_dicom_server(
         (evt.EVT_CONN_CLOSE, _on_conn_close),
         (evt.EVT_REQUESTED, guard.requested),
         (evt.EVT_REQUESTED, _abort_invalid_request),
+        (evt.EVT_REQUESTED, refuse_calls_from_elsewhere(pacs)),
+        (evt.EVT_REJECTED, audit_refusal(pacs)),
         (evt.EVT_ACSE_RECV, prefer_requestor_order),
         # One C-FIND handler per association: dispatch on the information model.
         (evt.EVT_C_FIND, find_dispatcher(make_find_handler(pacs), make_worklist_handler(pacs))),

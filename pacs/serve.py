@@ -57,13 +57,34 @@ def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
     from ris_bridge.mllp import MLLPServer
     from ris_bridge.outbound import OutboundSender
 
+    from .addresses import Allowlist, is_loopback
+    from .audit import Event
+
     service = OrderService(pacs.engine)
     settings = pacs.settings
-    def answer(raw: bytes) -> bytes:
-        return hl7v2.handle(service, raw, processing_id=settings.hl7_processing_id)
+    def answer(raw: bytes, peer: str) -> bytes:
+        return hl7v2.handle(service, raw, processing_id=settings.hl7_processing_id, peer=peer,
+                            audit=pacs.audit.record)
 
+    senders = Allowlist(settings.hl7_allowed_hosts)
+
+    def allowed(peer: str) -> bool:
+        if senders.allows(peer):
+            return True
+        log.warning("HL7 connection from %s refused: not in hl7_allowed_hosts", peer)
+        pacs.audit.record(Event(action="hl7-connect", client=peer, protocol="hl7", outcome="denied",
+                                detail="address not in hl7_allowed_hosts"))
+        return False
+
+    unknown = senders.check()
+    if unknown:
+        raise ValueError(f"hl7_allowed_hosts: not an address, network or known host name: {', '.join(unknown)}")
+    if not senders and not is_loopback(settings.host):
+        log.warning("HL7 (MLLP) is reachable from the network and takes patient updates and merges from any "
+                    "address: set hl7_allowed_hosts (PACS_HL7_ALLOWED_HOSTS) to the HIS's addresses")
     listener = _listen("HL7 (MLLP)", "--hl7-port / PACS_HL7_PORT", settings.host, settings.hl7_port,
-                       MLLPServer(settings.host, settings.hl7_port, answer, idle_timeout=settings.hl7_idle_timeout).start)
+                       MLLPServer(settings.host, settings.hl7_port, answer, idle_timeout=settings.hl7_idle_timeout,
+                                  allowed=allowed).start)
     sender = None
     if settings.his_mllp:
         host, _, port = settings.his_mllp.rpartition(":")
@@ -120,6 +141,18 @@ def _http_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+def proxy_header_kwargs(trusted_proxies: str) -> dict[str, Any]:
+    """Uvicorn's proxy header options for ``trusted_proxies``: X-Forwarded-For
+    and -Proto are believed from those addresses only, and not at all when
+    none is set. Uvicorn's own default believes them from 127.0.0.1, so a
+    local client (or anything a local process relays) could name any
+    address it liked for the audit trail."""
+    trusted = [entry.strip() for entry in trusted_proxies.split(",") if entry.strip()]
+    if not trusted:
+        return {"proxy_headers": False}
+    return {"proxy_headers": True, "forwarded_allow_ips": trusted}
 
 
 def serve(settings: Settings, *, with_samples: bool = False) -> int:
@@ -206,6 +239,7 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
                 create_app(pacs),
                 log_level=settings.log_level.lower(),
                 access_log=False,
+                **proxy_header_kwargs(settings.trusted_proxies),
                 timeout_graceful_shutdown=10,
                 http=header_deadline_protocol(settings.http_header_timeout),
                 **http_ssl,

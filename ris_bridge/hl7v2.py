@@ -17,10 +17,12 @@ import secrets
 import traceback
 from dataclasses import dataclass, field
 from datetime import datetime
+from collections.abc import Callable
 from typing import Any
 
 import hl7
 
+from pacs.audit import Event
 from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo, Receipt
 
 log = logging.getLogger(__name__)
@@ -535,17 +537,51 @@ def orders_from(message: Any) -> list[tuple[str, OrderInfo]]:
     return actions
 
 
-def handle(service: OrderService, raw: bytes, *, processing_id: str = "P") -> bytes:
+def handle(service: OrderService, raw: bytes, *, processing_id: str = "P", peer: str = "",
+           audit: Callable[[Event], None] | None = None) -> bytes:
     """Process one inbound message; return the ACK to send back (never raises).
-    Only messages for *processing_id* (MSH-11; empty counts as ours) are applied."""
-    header, code, text, error_code = _process(service, raw, processing_id)
+    Only messages for *processing_id* (MSH-11; empty counts as ours) are applied.
+    *audit* records what the message did to which patients (from *peer*)."""
+    header, code, text, error_code, patients = _process(service, raw, processing_id)
     if code != "AA":
         _log_refusal(header, code, error_code)
+    if audit is not None:
+        kind = f"{header.message_type}^{header.trigger}" if header.trigger else header.message_type or "?"
+        action = _AUDIT_ACTIONS.get(header.message_type, "hl7-message")
+        if header.trigger == "A40":
+            action = "patient-merge"
+        for patient_id in patients or [""]:
+            audit(Event(
+                action=action, user=f"{header.sending_app}^{header.sending_facility}"[:64], role="his",
+                client=peer, protocol="hl7", outcome="success" if code == "AA" else "failure",
+                patient_id=patient_id,
+                detail=f"{kind[:20]} control ID {header.control_id[:40]}: {code}"
+                       + (f" {error_code}" if error_code else ""),
+            ))
     return ack(header, code, text, error_code)
 
 
-def _process(service: OrderService, raw: bytes, processing_id: str) -> tuple[Header, str, str, str]:
-    """(header, MSA-1, text, table 0357 code) for one message.
+# Audit actions of the messages a HIS sends (a merge is "patient-merge").
+_AUDIT_ACTIONS = {"ADT": "patient-update", "ORM": "order", "OMI": "order"}
+
+
+def _patients(actions: list[tuple[str, Any]]) -> list[str]:
+    """The patient IDs a message's actions touch (a merge: the kept one first)."""
+    found: list[str] = []
+    for kind, value in actions:
+        if kind == "merge":
+            patient, prior = value
+            ids = [patient.patient_id, *(pid for pid, _ in prior)]
+        elif kind == "patient":
+            ids = [value.patient_id]
+        else:
+            ids = [value.patient.patient_id]
+        found.extend(i for i in ids if i and i not in found)
+    return found
+
+
+def _process(service: OrderService, raw: bytes, processing_id: str) -> tuple[Header, str, str, str, list[str]]:
+    """(header, MSA-1, text, table 0357 code, patient IDs named) for one message.
 
     HL7 v2.5 2.9.2 (original mode): AE says the message itself is wrong (the
     HIS must fix it); AR says it could not be processed for reasons that are
@@ -555,27 +591,29 @@ def _process(service: OrderService, raw: bytes, processing_id: str) -> tuple[Hea
     try:
         message, header = parse(raw)
     except HL7Reject as exc:
-        return read_header(raw) or Header(), exc.ack_code, str(exc), exc.code
+        return read_header(raw) or Header(), exc.ack_code, str(exc), exc.code, []
     if header.processing_id and header.processing_id != processing_id.upper():
         # A training or test HIS pointed at this archive must not change its patients.
         return header, "AR", (f"processing ID {header.processing_id[:3]!r} is not accepted here: this "
-                              f"system processes {processing_id!r} messages"), "202"
+                              f"system processes {processing_id!r} messages"), "202", []
+    patients: list[str] = []
     try:
         actions = _actions(message, header)
         if isinstance(actions, tuple):  # (text, code): a type or event we do not handle
-            return header, "AR", *actions
+            return header, "AR", *actions, []
+        patients = _patients(actions)
         receipt = Receipt(sender=f"{header.sending_app}^{header.sending_facility}", control_id=header.control_id,
                           kind=f"{header.message_type}^{header.trigger}", digest=message_digest(message))
         if not service.apply_message(actions, receipt, source=f"hl7:{header.sending_app}"):
             # A resend after our ACK was lost: acknowledged again, not applied twice.
             log.info("%s was already applied: acknowledged again", _describe(header))
-            return header, "AA", "duplicate: this message was already applied", ""
+            return header, "AA", "duplicate: this message was already applied", "", patients
     except OrderError as exc:
-        return header, "AE", str(exc), exc.code
+        return header, "AE", str(exc), exc.code, patients
     except Exception as exc:  # keep the link up; the HIS resends on AR
         _log_internal_error(header, exc)
-        return header, "AR", f"internal error: {exc.__class__.__name__}; please resend", "207"
-    return header, "AA", "", ""
+        return header, "AR", f"internal error: {exc.__class__.__name__}; please resend", "207", patients
+    return header, "AA", "", "", patients
 
 
 def _actions(message: Any, header: Header) -> list[tuple[str, Any]] | tuple[str, str]:

@@ -37,10 +37,15 @@ async def _read(reader: asyncio.StreamReader, idle_timeout: float | None) -> byt
 
 
 async def _serve_connection(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Callable[[bytes], bytes],
-    idle_timeout: float | None = IDLE_TIMEOUT,
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Callable[[bytes, str], bytes],
+    idle_timeout: float | None = IDLE_TIMEOUT, allowed: Callable[[str], bool] | None = None,
 ) -> None:
     peer = writer.get_extra_info("peername")
+    address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
+    if allowed is not None and not await asyncio.to_thread(allowed, address):
+        # MLLP has no credentials: the address is all there is to go by.
+        writer.close()
+        return
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -68,7 +73,7 @@ async def _serve_connection(
                         return
                     break
                 message, buffer = buffer[start + 1 : end], buffer[end + 2 :]
-                reply = await asyncio.to_thread(handler, message)
+                reply = await asyncio.to_thread(handler, message, address)
                 writer.write(frame(reply))
                 await writer.drain()
     except (ConnectionError, asyncio.IncompleteReadError):
@@ -81,9 +86,12 @@ class MLLPServer:
     """An MLLP listener in its own thread and event loop."""
 
     def __init__(
-        self, host: str, port: int, handler: Callable[[bytes], bytes], *, idle_timeout: float | None = IDLE_TIMEOUT
+        self, host: str, port: int, handler: Callable[[bytes, str], bytes], *,
+        idle_timeout: float | None = IDLE_TIMEOUT, allowed: Callable[[str], bool] | None = None,
     ) -> None:
-        self.host, self.port, self.handler = host, port, handler
+        """*handler*: (message, peer address) -> ACK. *allowed*: whether a peer
+        address may connect at all (it is closed at once otherwise)."""
+        self.host, self.port, self.handler, self.allowed = host, port, handler, allowed
         # None or 0: never close an idle connection.
         self.idle_timeout = idle_timeout or None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -104,7 +112,8 @@ class MLLPServer:
         try:
             self._server = self._loop.run_until_complete(
                 asyncio.start_server(
-                    lambda r, w: _serve_connection(r, w, self.handler, self.idle_timeout), self.host, self.port, reuse_address=True
+                    lambda r, w: _serve_connection(r, w, self.handler, self.idle_timeout, self.allowed), self.host,
+                    self.port, reuse_address=True,
                 )
             )
         except BaseException as exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+from typing import Any
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -92,6 +93,11 @@ def test_order_reaches_the_worklist_and_cancel_removes_it(ris: PacsServer, tmp_p
     assert (code, control) == ("AA", "M1")
     items = worklist(ris, tmp_path, *WL_KEYS)
     assert len(items) == 1
+    from .test_network_access import _events
+
+    queries = [e for e in _events(ris, lambda evs: any(e["action"] == "worklist-query" for e in evs))
+               if e["action"] == "worklist-query"]
+    assert [(e["user"], e["detail"].split(";")[0]) for e in queries] == [("CT_ROOM1", "MWL C-FIND: 1 scheduled step(s)")]
     item = items[0]
     assert item.SpecificCharacterSet == "ISO_IR 192"
     assert str(item.PatientName) == "Nguyễn^Văn An"
@@ -327,3 +333,15 @@ def test_adt_a40_merges_patients(ris: PacsServer, tmp_path: Path) -> None:
     assert msa(send(ris, a08))[0] == "AA"
     names = {n for n, _, _ in _cfind_names(ris, PatientID="079195000444")}
     assert names == {"Phạm^Thị Thu Hương"}
+    # What the HIS did to which patients is in the audit trail (IHE ATNA Patient Record).
+    from .test_network_access import _events
+
+    def changes(events: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+        return {(e["action"], e["patient_id"], e["outcome"]) for e in events
+                if e["protocol"] == "hl7" and e["action"].startswith("patient")}
+
+    assert changes(_events(ris, lambda evs: len(changes(evs)) >= 5)) == {
+        ("patient-merge", "079195000444", "success"), ("patient-merge", "OLD-77", "success"),
+        ("patient-merge", "079195000444", "failure"), ("patient-merge", "NOBODY", "failure"),
+        ("patient-update", "079195000444", "success"),
+    }

@@ -23,6 +23,7 @@ from pynetdicom.sop_class import (
 )
 
 from pacs.app import Pacs
+from pacs.audit import Event
 from pacs.errors import query_failure
 from pacs.orders import OrderError, OrderService
 from pacs.query import QueryError
@@ -165,6 +166,14 @@ def make_worklist_handler(pacs: Pacs) -> Any:
         except Exception as exc:
             yield _status(*query_failure(log, "worklist query", exc)), None
             return
+        # The worklist names the patients scheduled: reading it is an access to
+        # their data (IHE ATNA "Query"), recorded like any C-FIND.
+        requestor = event.assoc.requestor
+        pacs.audit.record(Event(
+            action="worklist-query", user=requestor.ae_title.strip(), role="dicom", client=str(requestor.address),
+            protocol="dicom", detail=(f"MWL C-FIND: {len(rows)} scheduled step(s); "
+                                      + " ".join(f"{k}={v}" for k, v in {**match, **step}.items() if v))[:500],
+        ))
         for row in rows:
             if event.is_cancelled:
                 yield CANCEL, None
