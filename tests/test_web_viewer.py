@@ -399,7 +399,7 @@ def test_clip_plays_and_a_zoomed_radiograph_is_sharp(page: Any, viewer_server: P
     page.click("#cine-play")
     expect(page.locator("#cine-play")).to_have_attribute("aria-pressed", "true")
     expect(label).not_to_have_attribute("data-index", "1")
-    page.wait_for_function(f"Number(document.querySelector('#slice-label').dataset.index) >= {min(total, 5)}")
+    page.wait_for_function(f"() => Number(document.querySelector('#slice-label').dataset.index) >= {min(total, 5)}")
     page.locator("#viewport").focus()
     page.keyboard.press("p")
     expect(page.locator("#cine-play")).to_have_attribute("aria-pressed", "false")
@@ -426,7 +426,7 @@ def test_clip_plays_and_a_zoomed_radiograph_is_sharp(page: Any, viewer_server: P
         page.keyboard.press("+")
     expect(image).not_to_have_attribute("src", fit)
     assert viewport_width(image.get_attribute("src")) > viewport_width(fit)
-    page.wait_for_function("document.querySelector('#viewer-image').naturalWidth > 1000")
+    page.wait_for_function("() => document.querySelector('#viewer-image').naturalWidth > 1000")
     page.keyboard.press("0")
     expect(image).to_have_attribute("src", fit)
 

@@ -16,7 +16,7 @@ from pacs.app import Pacs, health
 
 from . import errors, fhir, orders_api, qido, stow, ui_api, wado, wado_uri
 from .rendering import RenderCache
-from .security import READERS, AuditMiddleware, requires
+from .security import READERS, AuditMiddleware, CsrfMiddleware, SecurityHeaders, requires, searched_study
 
 STATIC = Path(__file__).resolve().parent / "static"
 
@@ -34,19 +34,25 @@ def create_app(pacs: Pacs) -> FastAPI:
     fhir.install(app)  # OperationOutcome errors under /fhir
     app.add_middleware(AuditMiddleware)
     app.add_middleware(HeadAsGet)
+    app.add_middleware(CsrfMiddleware)
     origins = [o.strip().rstrip("/") for o in pacs.settings.cors_origins.split(",") if o.strip()]
     if origins:
-        # Outermost, so a browser's preflight is answered before the role
-        # checks (it carries no credentials); the real request is checked.
+        # Outside the role and cross-site checks, so a browser's preflight is
+        # answered first (it carries no credentials); the real request is checked.
         app.add_middleware(
             CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "PUT", "DELETE"],
             allow_headers=["Authorization", "Accept", "Content-Type"],
             expose_headers=["Content-Location", "Warning", "Content-Disposition"], max_age=600,
         )
+    # Outermost of all: every answer carries them, a CORS preflight's and an error's too.
+    app.add_middleware(SecurityHeaders)
     # Who may do what (the table tests/test_access_control.py checks).
-    app.include_router(qido.router, dependencies=requires("radiologist", "admin", "emr", action="query"))
+    # study_of: the study each API serves, for the referring check and the audit.
+    app.include_router(qido.router, dependencies=requires("radiologist", "admin", "emr", action="query",
+                                                          study_of=searched_study))
     app.include_router(wado.router, dependencies=requires(*READERS, action="retrieve"))
-    app.include_router(wado_uri.router, dependencies=requires(*READERS, action="retrieve"))
+    app.include_router(wado_uri.router, dependencies=requires(*READERS, action="retrieve",
+                                                              study_of=wado_uri.requested_study))
     app.include_router(stow.router, dependencies=requires("modality", "admin", action="store"))
     app.include_router(orders_api.router)
     app.include_router(ui_api.router)

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacs.audit import Event
@@ -20,7 +23,7 @@ from pacs.auth import Principal
 from pacs.names import same_person
 from pacs.studylist import referring_of
 
-from .errors import HTTPProblem
+from .errors import HTTPProblem, answer
 
 COOKIE = "pacs_session"
 READERS = ("radiologist", "admin", "emr", "referring")
@@ -65,13 +68,36 @@ def audit(request: Request, action: str, principal: Principal | None, *, outcome
                                                patient_id=patient_id, detail=detail))
 
 
-def _study_of(request: Request) -> str:
-    return str(
-        request.path_params.get("study")
-        or request.query_params.get("StudyInstanceUID")
-        or request.query_params.get("studyUID")
-        or ""
-    )
+StudyOf = Callable[[Request], str]
+"""How a route tells which study a request names: the one its handler
+serves, so the access check and the audit see exactly that study."""
+
+
+def path_study(request: Request) -> str:
+    """The study a route's path names (``{study}``); '' for none. The
+    default: a route that serves a study names it in its path (WADO-RS,
+    FHIR ImagingStudy, the JSON API); a query parameter of such a route
+    (``?StudyInstanceUID=``) is not what it serves."""
+    return str(request.path_params.get("study") or "")
+
+
+def searched_study(request: Request) -> str:
+    """QIDO-RS: the study of the path, else the StudyInstanceUID (keyword or
+    tag) values searched for, backslash-separated, for the audit trail."""
+    study = path_study(request)
+    if study:
+        return study
+    values = [v for k, v in request.query_params.multi_items()
+              if (k == "StudyInstanceUID" or k.upper() == "0020000D") and v]
+    return "\\".join(dict.fromkeys(values))
+
+
+def _quietly(study_of: StudyOf, request: Request) -> str:
+    """The study for the audit of a refused request ('' if it names it badly)."""
+    try:
+        return study_of(request)
+    except HTTPProblem:
+        return ""
 
 
 def may_see_study(request: Request, principal: Principal, study_uid: str) -> bool:
@@ -83,21 +109,28 @@ def may_see_study(request: Request, principal: Principal, study_uid: str) -> boo
     return referring is not None and same_person(referring, principal.display_name)
 
 
-def guard(*roles: str, action: str) -> Any:
+def guard(*roles: str, action: str, study_of: StudyOf = path_study) -> Any:
     """A dependency: the caller must hold one of *roles* (and, for a referring
-    physician, have referred the study the request names); the access is
-    audited with the answer's outcome (:class:`AuditMiddleware`)."""
+    physician, have referred the study the request names: *study_of*, which
+    must return the study the handler serves); the access is audited with
+    the answer's outcome (:class:`AuditMiddleware`)."""
 
     def check(request: Request) -> Principal:
         principal = principal_of(request)
-        study = _study_of(request)
         if principal is None:
-            audit(request, action, None, outcome="denied", study_uid=study, detail="not authenticated")
+            audit(request, action, None, outcome="denied", study_uid=_quietly(study_of, request),
+                  detail="not authenticated")
             raise HTTPProblem(401, "authentication required: log in or send Authorization: Bearer <token>")
         if principal.role not in roles:
-            audit(request, action, principal, outcome="denied", study_uid=study,
+            audit(request, action, principal, outcome="denied", study_uid=_quietly(study_of, request),
                   detail=f"role {principal.role} not allowed")
             raise HTTPProblem(403, f"role {principal.role!r} may not do this (needs: {', '.join(roles)})")
+        try:
+            study = study_of(request)
+        except HTTPProblem as exc:
+            # A request naming two studies: refused, never guessed at.
+            audit(request, action, principal, outcome="failure", detail=exc.message)
+            raise
         # Every route that names a study is checked here, whatever its API
         # (DICOMweb, WADO-URI, FHIR, JSON): one rule, no route forgotten.
         # Routes that search without naming a study filter their answers.
@@ -151,9 +184,143 @@ class AuditMiddleware:
             raise
 
 
-def requires(*roles: str, action: str) -> list[Any]:
+def requires(*roles: str, action: str, study_of: StudyOf = path_study) -> list[Any]:
     """Router-level dependencies list for :func:`guard`."""
-    return [guard(*roles, action=action)]
+    return [guard(*roles, action=action, study_of=study_of)]
 
 
 Guard = Callable[..., Principal]
+
+
+# -- cross-site request forgery ------------------------------------------------------------
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def _origin_parts(url: str) -> tuple[str, str] | None:
+    """(scheme, host[:port]) of an origin or URL, lower case; None for
+    anything else (``null``, the origin of a sandboxed or opaque document)."""
+    parts = urlsplit(url.strip())
+    if parts.scheme not in ("http", "https") or not parts.netloc or "@" in parts.netloc:
+        return None
+    return parts.scheme, parts.netloc.lower()
+
+
+def _same_origin(request: Request, origin: tuple[str, str]) -> bool:
+    """Whether *origin* is the app's own: the public_url, or the host the
+    browser addressed (the Host header, port included, as a browser writes
+    both). A TLS-terminating proxy may reach us over plain HTTP, so an
+    https page is ours when the request came over http; an http page is
+    never ours when the request came over https."""
+    settings = request.app.state.pacs.settings
+    public = _origin_parts(settings.public_url or "")
+    if public is not None and origin == public:
+        return True
+    host = request.headers.get("host", "").lower()
+    scheme = request.url.scheme
+    return bool(host) and origin[1] == host and (origin[0] == scheme or scheme == "http")
+
+
+def cross_site_refusal(request: Request) -> str | None:
+    """Why a browser's state-changing request authenticated by the session
+    cookie must be refused as cross-site; None when it may go on.
+
+    Origin (else Referer) must be the app's own origin or one of
+    cors_origins ("*" does not count: it opens reading to token clients, not
+    the cookie to every site). A request with neither header is let through:
+    browsers send Origin with every POST/PUT/PATCH/DELETE (a page can make
+    it ``null``, never drop it), so only a non-browser client omits both,
+    and the cookie stays SameSite=Strict."""
+    origin = request.headers.get("origin")
+    source, value = ("Origin", origin) if origin is not None else ("Referer", request.headers.get("referer"))
+    if value is None:
+        return None
+    parts = _origin_parts(value)
+    if parts is not None:
+        if _same_origin(request, parts):
+            return None
+        allowed = request.app.state.pacs.settings.cors_origins.split(",")
+        if any(_origin_parts(o) == parts for o in allowed if o.strip() not in ("", "*")):
+            return None
+    return (f"cross-site request refused: {source} {value[:100]!r} is not this server's origin; "
+            "a session cookie is only honoured from the server's own pages "
+            "(other clients send Authorization: Bearer <token>)")
+
+
+def _cookie_authenticated(request: Request) -> bool:
+    """Whether the request's credentials are ambient (the browser adds them
+    to any request, whichever site makes it): the session cookie without a
+    Bearer token, or no credentials at all when auth is off (everyone is an
+    admin then)."""
+    if request.headers.get("authorization", "").lower().startswith("bearer "):
+        return False
+    return COOKIE in request.cookies or not request.app.state.pacs.settings.auth_enabled
+
+
+class CsrfMiddleware:
+    """403 for a cookie-authenticated POST/PUT/PATCH/DELETE from another
+    site (:func:`cross_site_refusal`), before any route runs: a form on
+    another site must not sign a report or create a user with the session
+    of whoever visits it. Bearer-token requests are not checked (a browser
+    never adds that header by itself)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in UNSAFE_METHODS:
+            request = Request(scope)
+            refusal = cross_site_refusal(request) if _cookie_authenticated(request) else None
+            if refusal is not None:
+                # Whose session the other site tried to use (a thread: it may read the index).
+                principal = await run_in_threadpool(principal_of, request)
+                audit(request, "csrf", principal, outcome="denied",
+                      detail=f"{scope['method']} {request.url.path}: {refusal}")
+                await answer(request, 403, refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# -- response headers ---------------------------------------------------------------------
+# The web viewer (viewer_api/static): its own modules, stylesheet and
+# rendered images, fetch() to its own API, the data: favicon; no inline
+# script or style (inline style values are set through CSSOM, allowed).
+VIEWER_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+              "connect-src 'self'; font-src 'self'; object-src 'none'; base-uri 'none'; "
+              "form-action 'self'; frame-ancestors 'none'")
+# FastAPI's /docs and /redoc load their scripts from a CDN with inline
+# bootstrap code: no viewer policy there, but never framed either.
+_DOCS_PATHS = ("/docs", "/redoc")
+HSTS = "max-age=31536000"
+REFERRER_POLICY = "no-referrer"
+
+
+class SecurityHeaders:
+    """Headers every answer carries unless its route set them: nosniff (an
+    answer is never run as another type than it says), no framing
+    (clickjacking), no Referer to other sites (viewer URLs hold study UIDs),
+    the viewer's Content-Security-Policy on HTML pages, and HSTS over HTTPS."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        tls = scope.get("scheme") == "https" or bool(scope["app"].state.pacs.settings.http_tls)
+        path = str(scope.get("path", ""))
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                headers.setdefault("X-Content-Type-Options", "nosniff")
+                headers.setdefault("X-Frame-Options", "DENY")
+                headers.setdefault("Referrer-Policy", REFERRER_POLICY)
+                is_html = headers.get("content-type", "").lower().startswith("text/html")
+                if is_html and not path.startswith(_DOCS_PATHS):
+                    headers.setdefault("Content-Security-Policy", VIEWER_CSP)
+                if tls:
+                    headers.setdefault("Strict-Transport-Security", HSTS)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)

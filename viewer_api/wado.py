@@ -21,7 +21,7 @@ from pacs.transcode import TransferSyntaxError, instance_bytes, prepared_bytes, 
 
 from . import negotiation, rendering
 from .dicomjson import dumps, is_binary, to_json
-from .documents import document_bytes, document_media_type
+from .documents import document_media_type, document_response
 from .errors import HTTPProblem, require_uids
 from .multipart import Part, content_type_header, multipart_related_stream, new_boundary
 from .urls import base_url
@@ -276,12 +276,12 @@ def rendered_instance(request: Request, study: str, series: str, sop: str) -> Re
 
 def rendered_document(request: Request, item: RetrieveItem) -> Response:
     """An encapsulated document rendered is the document itself (PS3.18
-    Table 8.7.4-1: application/pdf for Encapsulated PDF); an image type
-    asked of it is a 406."""
+    Table 8.7.4-1: application/pdf for Encapsulated PDF, text/xml for CDA);
+    an image type asked of it is a 406. Only a PDF is shown inline; the
+    others are attachments (:func:`~.documents.document_response`)."""
     media_type = document_media_type(item) or "application/pdf"
     negotiation.negotiate_document(request, media_type)
-    stored_type, data = document_bytes(request.app.state.pacs, item)
-    return Response(data, media_type=stored_type)
+    return document_response(request.app.state.pacs, item)
 
 
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}/rendered", summary="Rendered frames")

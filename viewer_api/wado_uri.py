@@ -10,7 +10,7 @@ from pacs.query import Level
 from pacs.retrieve import RetrieveItem, resolve
 from pacs.transcode import can_serve, prepared_bytes
 
-from .documents import document_bytes, document_media_type
+from .documents import document_media_type, document_response
 from .errors import HTTPProblem, require_uids
 from .render import MAX_VIEWPORT_DIMENSION, RenderError, RenderParams
 from .rendering import render_item
@@ -71,12 +71,32 @@ def _content_type(request: Request, item: RetrieveItem) -> str:
     return default if chosen == "*/*" else chosen
 
 
+# Spellings of "the study" a client or an attacker may put in a WADO-URI
+# query (lower case): only studyUID is served; the others must not name
+# another study, or the access check and the audit could be fooled.
+_STUDY_NAMES = frozenset({"studyuid", "studyinstanceuid", "0020000d"})
+
+
+def requested_study(request: Request) -> str:
+    """The study a WADO-URI request is served from: its studyUID ('' when
+    absent: the handler answers 400). The role check and the audit use this
+    same function (viewer_api.app), so they see exactly the study served;
+    a request naming different studies (studyUID repeated, or also as
+    StudyInstanceUID or another spelling) is a 400."""
+    named = {v for k, v in request.query_params.multi_items() if k.lower() in _STUDY_NAMES}
+    if len(named) > 1:
+        raise HTTPProblem(400, "the request names more than one study (studyUID, StudyInstanceUID): "
+                               "give the study once, as studyUID")
+    return request.query_params.get("studyUID") or ""
+
+
 @router.get("/wado", summary="WADO-URI retrieve")
 def wado(request: Request) -> Response:
     q = request.query_params
     if q.get("requestType") != "WADO":
         raise HTTPProblem(400, "requestType=WADO is required")
-    uids = {k: q.get(k) for k in ("studyUID", "seriesUID", "objectUID")}
+    # The study through requested_study, as the role check saw it.
+    uids = {"studyUID": requested_study(request), "seriesUID": q.get("seriesUID"), "objectUID": q.get("objectUID")}
     for name, uid in uids.items():
         if not uid:
             raise HTTPProblem(400, f"{name} is required")
@@ -100,8 +120,7 @@ def wado(request: Request) -> Response:
         # Converted (if it must be) before the 200 goes out: a failure is a 406.
         return StreamingResponse(prepared_bytes(pacs, item, target), media_type=_DICOM)
     if content_type not in _IMAGE_TYPES:
-        media_type, data = document_bytes(pacs, item)
-        return Response(data, media_type=media_type)
+        return document_response(pacs, item)
     return _rendered(request, item, content_type)
 
 

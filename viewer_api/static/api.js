@@ -84,7 +84,12 @@ export async function api(method, path, options = {}) {
   }
   let response;
   try {
-    response = await fetch(url, { method, headers, body, credentials: "same-origin", signal: options.signal });
+    // The pages' Referrer-Policy is no-referrer; with it a browser may send
+    // "Origin: null" on a POST, which the server's cross-site check refuses.
+    // Our own API may see our own origin: "same-origin" for these requests.
+    response = await fetch(url, {
+      method, headers, body, credentials: "same-origin", referrerPolicy: "same-origin", signal: options.signal,
+    });
   } catch (exc) {
     if (exc && exc.name === "AbortError") throw exc;
     throw new ApiError(0, `${t("network_error")} (${method} ${path}: ${exc && exc.message ? exc.message : "network error"})`);

@@ -5,7 +5,9 @@ import { getLang, t } from "./i18n.js";
 /**
  * h("button#id.cls", {attrs...}, children...) -> HTMLElement.
  * attrs: "on<event>" functions become listeners, "dataset" an object,
- * booleans toggle attributes, everything else is setAttribute().
+ * booleans toggle attributes, "style" is set through CSSOM (the page's
+ * Content-Security-Policy refuses style attributes), everything else is
+ * setAttribute().
  */
 export function h(spec, attrs, ...children) {
   const m = /^([a-z0-9-]+)?(?:#([\w-]+))?((?:\.[\w-]+)*)$/i.exec(spec);
@@ -26,6 +28,8 @@ export function h(spec, attrs, ...children) {
       el.textContent = value;
     } else if (key === "value") {
       el.value = value;
+    } else if (key === "style") {
+      el.style.cssText = String(value);
     } else {
       el.setAttribute(key, value === true ? "" : String(value));
     }
