@@ -31,7 +31,8 @@ from pynetdicom.sop_class import (
 
 from pacs.app import Pacs
 from pacs.errors import query_failure
-from pacs.query import ATTRIBUTES, UNIQUE_KEY, Level, Query, QueryError, run_query
+from pacs.query import UNIQUE_KEY, Level, Query, QueryError, run_query
+from pacs.query.attributes import QUALIFIERS
 from pacs.query.results import ResultShape
 from pacs.retrieve import RetrieveItem, contexts_for, for_peer, resolve
 from pacs.tls import association_tls
@@ -108,6 +109,7 @@ def identifier_query(identifier: Dataset, sop_class: str) -> tuple[Query, list[s
         raise QueryError("PATIENT level is not part of the Study Root information model")
     match: dict[str, str] = {}
     returns: list[str] = []
+    not_matched: list[str] = []
     declared = _declared_charset(identifier)
     # Walk tags, not elements: iterating a dataset decodes every value with
     # the declared character set before we can look at the raw bytes.
@@ -119,17 +121,35 @@ def identifier_query(identifier: Dataset, sop_class: str) -> tuple[Query, list[s
         raw = identifier.get_item(tag)
         vr = getattr(raw, "VR", None) or dictionary_VR(tag)
         if vr == "SQ":
-            continue  # sequence matching is not supported; returned when we know it
-        text = _match_text(identifier, tag, declared)
-        if not text:
+            # Sequence matching is not supported: ignored for matching, the
+            # key returned when the index holds it (PS3.4 C.2.2.1.3).
+            if _sequence_has_values(identifier, tag):
+                not_matched.append(keyword)
             continue
-        attribute = ATTRIBUTES.get(keyword)
-        if attribute is None:
-            raise QueryError(f"matching on {keyword} is not supported")
-        match[keyword] = text
+        if keyword in QUALIFIERS:
+            continue  # qualifies the query (Timezone Offset From UTC...), no matching key
+        text = _match_text(identifier, tag, declared)
+        if text:
+            match[keyword] = text
     query = Query(level, match, returns)
     query.validate()
+    not_matched += query.ignored
+    if not_matched:
+        # PS3.4 C.2.2.1.3: an optional key the SCP does not match on is
+        # ignored for matching and returned like a return key (keywords
+        # only: values can be patient data).
+        log.info("%s-level query: not used for matching: %s", level.value, ", ".join(not_matched))
     return query, returns
+
+
+def _sequence_has_values(identifier: Dataset, tag: Any) -> bool:
+    """Whether a sequence key carries matching values (an item with a
+    non-empty element), as opposed to a return key (no or an empty item)."""
+    try:
+        items = identifier[tag].value or []
+        return any(element.value not in (None, "", b"") for item in items for element in item)
+    except Exception:
+        return False
 
 
 def make_find_handler(pacs: Pacs) -> Any:
@@ -172,14 +192,35 @@ def make_find_handler(pacs: Pacs) -> Any:
     return handle_find
 
 
+def retrieve_keys(query: Query) -> dict[str, str]:
+    """The keys of a C-MOVE/C-GET identifier that select what to send.
+
+    The unique keys (PS3.4 C.4.2.2.1), Patient ID with single value
+    matching only (C.4.2.1.4.1: a wildcard or a list of IDs sent several
+    patients, "*" the whole archive), and Issuer of Patient ID along with
+    a Patient ID: two patients may share an ID under different issuers, and
+    a C-FIND that told them apart must not be followed by a retrieve of
+    both. Raises :class:`QueryError` (answered 0xA900).
+    """
+    # "*" alone is universal matching, as an empty value (some viewers send it
+    # beside the Study Instance UID): not a selection to refuse.
+    match = {k: v for k, v in query.match.items() if k in UNIQUE_KEY.values() and v and v != "*"}
+    if not match:
+        raise QueryError("a retrieve needs the unique key of its level")
+    for keyword in ("PatientID", "IssuerOfPatientID"):
+        value = query.match.get(keyword, "")
+        if value != "*" and ("*" in value or "?" in value or "\\" in value):
+            raise QueryError(f"{keyword} in a retrieve must be a single value, without wildcards")
+    if match.get("PatientID") and query.match.get("IssuerOfPatientID"):
+        match["IssuerOfPatientID"] = query.match["IssuerOfPatientID"]
+    return match
+
+
 def _retrieve_items(pacs: Pacs, event: Any, what: str) -> tuple[list[RetrieveItem], Dataset | None]:
     """The instances a C-MOVE/C-GET names, or the failure status to answer."""
     try:
         query, _ = identifier_query(event.identifier, str(event.request.AffectedSOPClassUID))
-        # Only the unique keys select what to send (PS3.4 C.4.2.2.1).
-        match = {k: v for k, v in query.match.items() if k in UNIQUE_KEY.values()}
-        if not match:
-            raise QueryError("a retrieve needs the unique key of its level")
+        match = retrieve_keys(query)
     except QueryError as exc:
         log.warning("%s from %s refused: %s", what, event.assoc.requestor.ae_title, exc)
         return [], status_dataset(IDENTIFIER_MISMATCH, str(exc))

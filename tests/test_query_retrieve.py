@@ -264,7 +264,8 @@ def _ident(**keys: str) -> Dataset:
         _ident(PatientName="X*"),  # no QueryRetrieveLevel
         _ident(QueryRetrieveLevel="BOGUS", PatientName="X*"),
         _ident(QueryRetrieveLevel="STUDY", SeriesInstanceUID="1.2.3"),  # key below the level
-        _ident(QueryRetrieveLevel="STUDY", PatientAge="030Y"),  # unsupported matching key
+        _ident(QueryRetrieveLevel="STUDY", StudyDate="2024-01-15"),  # not a DA value (PatientAge=030Y, an
+        # optional key not matched on, is ignored now: PS3.4 C.2.2.1.3, test_query_conformance.py)
         _ident(QueryRetrieveLevel="STUDY", StudyInstanceUID="1.2.*"),  # wildcard in a UID
     ],
 )

@@ -8,6 +8,7 @@ matching values, ``fuzzymatching``, ``includefield`` (``all``), ``limit`` and
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,6 +16,7 @@ from fastapi.responses import Response
 from pydicom.datadict import keyword_dict, keyword_for_tag
 
 from pacs.query import ATTRIBUTES, DEFAULT_RETURN, Kind, Level, Query, QueryError, run_query
+from pacs.query.attributes import QUALIFIERS, matchable
 from pacs.query.results import ResultShape
 
 from . import negotiation
@@ -22,6 +24,7 @@ from .dicomjson import NotDirect, dumps, to_json, values_json
 from .errors import require_uids
 from .urls import base_url
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/dicom-web", tags=["QIDO-RS"])
 _CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "accept", "charset"}
 # Without a limit a search is cut here and says so (Warning header, PS3.18 8.3.4.3).
@@ -48,11 +51,22 @@ def _matching(params: list[tuple[str, str]], fixed: dict[str, str]) -> dict[str,
     given: dict[str, list[str]] = {}
     for name, value in params:
         keyword = _keyword(name)
-        if keyword not in ATTRIBUTES:
-            raise QueryError(f"{name} is not a supported search attribute")
+        if keyword not in ATTRIBUTES and not _dicom_attribute(name):
+            raise QueryError(f"{name} is not a DICOM attribute")
+        if keyword in QUALIFIERS:
+            # Timezone Offset From UTC qualifies the query's dates and times
+            # (PS3.4 C.2.2.2.5); it is no matching key.
+            log.info("QIDO-RS: %s qualifies the query, not used for matching", keyword)
+            continue
         given.setdefault(keyword, []).append(value)
     match = dict(fixed)
     for keyword, values in given.items():
+        if not matchable(keyword):
+            # A DICOM attribute the archive does not match on: ignored for
+            # matching (PS3.4 C.2.2.1.3, which QIDO-RS follows); the Query
+            # lists it (Query.ignored) for the log and the Warning header.
+            match[keyword] = values[-1]
+            continue
         if keyword not in _LIST_KEYS:
             if len(values) > 1:
                 raise QueryError(f"{keyword} is given {len(values)} times; only UID attributes and "
@@ -116,8 +130,16 @@ def parse_query(request: Request, level: Level, fixed: dict[str, str], upper: tu
     except ValueError:
         raise QueryError("limit and offset must be integers") from None
     fuzzy = params.get("fuzzymatching", "false").lower() == "true"
+    if limit == 0:
+        # PS3.18 8.3.4.4: limit is the most results wanted; 0 asks for no
+        # page size at all and was answered [] with "there are additional
+        # results". Taken as no limit: the server's maximum applies, with
+        # its Warning when the answer is cut.
+        limit = None
     query = Query(level, match, returns, limit=limit, offset=offset, fuzzy=fuzzy, newest_first=True)
     query.validate()
+    if query.ignored:
+        log.info("QIDO-RS %s search: not used for matching: %s", level.value, ", ".join(query.ignored))
     return query
 
 
@@ -161,10 +183,14 @@ def search(request: Request, level: Level, fixed: dict[str, str], upper: tuple[L
     shape = ResultShape(level, query.return_keys, pacs.settings.ae_title)
     for row in run_query(pacs.engine, query):
         results.append(_match_json(shape, row, _retrieve_url(base, level, row)))
-    headers = {}
+    warnings = []
     if len(results) > cap:
         results = results[:cap]
-        headers["Warning"] = '299 filmless-pacs: "There are additional results that can be requested"'
+        warnings.append('299 filmless-pacs: "There are additional results that can be requested"')
+    if query.ignored:
+        warnings.append('299 filmless-pacs: "The following attributes are not supported as matching keys '
+                        f'and were ignored: {", ".join(query.ignored)}"')
+    headers = {"Warning": ", ".join(warnings)} if warnings else {}
     # An empty match is 200 with an empty array (PS3.18 as amended by CP-2473).
     return Response(dumps(results), media_type=media_type, headers=headers)
 

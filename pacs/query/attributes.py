@@ -69,6 +69,7 @@ ATTRIBUTES: dict[str, Attribute] = {
         _a("PatientBirthDate", P, Kind.DATE, patients.c.birth_date),
         _a("PatientSex", P, Kind.TEXT, patients.c.sex),
         _a("OtherPatientIDsSequence", P, Kind.COMPUTED),
+        _a("OtherPatientIDs", P, Kind.COMPUTED),  # retired, still asked for by older SCUs
         _a("NumberOfPatientRelatedStudies", P, Kind.COMPUTED),
         _a("NumberOfPatientRelatedSeries", P, Kind.COMPUTED),
         _a("NumberOfPatientRelatedInstances", P, Kind.COMPUTED),
@@ -81,6 +82,7 @@ ATTRIBUTES: dict[str, Attribute] = {
         _a("StudyDescription", ST, Kind.TEXT, studies.c.description),
         _a("InstitutionName", ST, Kind.TEXT, studies.c.institution),
         _a("ModalitiesInStudy", ST, Kind.MODALITIES, studies.c.modalities),
+        _a("SOPClassesInStudy", ST, Kind.COMPUTED),
         _a("NumberOfStudyRelatedSeries", ST, Kind.INT, studies.c.num_series),
         _a("NumberOfStudyRelatedInstances", ST, Kind.INT, studies.c.num_instances),
         _a("SeriesInstanceUID", SE, Kind.UID, series.c.series_uid),
@@ -103,6 +105,24 @@ ATTRIBUTES: dict[str, Attribute] = {
         _a("AvailableTransferSyntaxUID", IM, Kind.UID, instances.c.transfer_syntax_uid),
     ]
 }
+
+# Attributes of an identifier that are no matching keys at all: they qualify
+# the query (Timezone Offset From UTC qualifies its dates and times, PS3.4
+# C.2.2.2.5; Query/Retrieve View, C.6.1.1.1) or are answer attributes an SCU
+# may echo (Retrieve AE Title, Instance Availability). Accepted with any
+# value and never matched.
+QUALIFIERS = frozenset({
+    "SpecificCharacterSet", "QueryRetrieveLevel", "TimezoneOffsetFromUTC", "QueryRetrieveView",
+    "RetrieveAETitle", "InstanceAvailability",
+})
+
+
+def matchable(keyword: str) -> bool:
+    """Whether the archive matches on *keyword* (else a value given for it is
+    ignored for matching and the key is only returned, PS3.4 C.2.2.1.3)."""
+    attribute = ATTRIBUTES.get(keyword)
+    return attribute is not None and attribute.kind is not Kind.COMPUTED
+
 
 # The unique key of each level (PS3.4 C.3).
 UNIQUE_KEY = {

@@ -22,6 +22,7 @@ from .attributes import (
     Kind,
     Level,
     instances,
+    matchable,
     patients,
     series,
     studies,
@@ -39,6 +40,7 @@ _BASE = {
 
 
 _MAX_OFFSET = 2**31 - 1
+_STUDY_PK = "_sop_classes_study_pk"
 
 
 @dataclass
@@ -59,17 +61,29 @@ class Query:
     # another's Patient ID never exports the wrong patient.
     other_ids: bool = True
 
+    @property
+    def ignored(self) -> list[str]:
+        """Keys given a value that are not used for matching: qualifiers
+        (Timezone Offset From UTC...) and optional keys the archive does not
+        match on. PS3.4 C.2.2.1.3: such a key is ignored for matching and
+        processed as a return key; refusing the query (0xA900) is not
+        conformant, nor was it consistent (sequence keys were ignored)."""
+        return [k for k, v in self.match.items() if v and not matchable(k)]
+
     def validate(self) -> None:
+        """Raise :class:`QueryError` for a key of a level below the query's
+        or a value that cannot be matched (a wildcard in a UID, a malformed
+        date); keys not used for matching (:attr:`ignored`) pass."""
         for keyword, value in self.match.items():
             attribute = ATTRIBUTES.get(keyword)
-            if attribute is None:
-                raise QueryError(f"{keyword} is not a supported matching key")
-            if value and attribute.level.depth > self.level.depth:
+            if attribute is None or not value:
+                continue
+            if attribute.level.depth > self.level.depth:
                 raise QueryError(
                     f"{keyword} is a {attribute.level.value}-level key and cannot be matched "
                     f"in a {self.level.value}-level query"
                 )
-            if value:
+            if matchable(keyword):
                 condition(attribute, value, fuzzy=self.fuzzy, other_ids=self.other_ids)  # raises on values it cannot match
         if self.limit is not None and self.limit < 0 or self.offset < 0:
             raise QueryError("limit and offset must not be negative")
@@ -129,11 +143,15 @@ def build_select(query: Query) -> tuple[Select[Any], list[str]]:
     ]
     columns = [ATTRIBUTES[k].column.label(k) for k in keywords]
     computed = _computed_columns(level, wanted)
-    stmt = select(base.c.pk.label("_pk"), patients.c.pk.label("_patient_pk"), *columns, *computed)
+    extra = []
+    if "SOPClassesInStudy" in wanted and level.depth >= Level.STUDY.depth:
+        # Filled per page of matches by _emit (one query for the page).
+        extra.append(studies.c.pk.label(_STUDY_PK))
+    stmt = select(base.c.pk.label("_pk"), patients.c.pk.label("_patient_pk"), *columns, *computed, *extra)
     stmt = stmt.select_from(_from(level))
     conditions = [
         condition(ATTRIBUTES[k], v, fuzzy=query.fuzzy, other_ids=query.other_ids)
-        for k, v in query.match.items() if v not in ("", None)
+        for k, v in query.match.items() if v not in ("", None) and matchable(k)
     ]
     if conditions:
         stmt = stmt.where(and_(*conditions))
@@ -144,7 +162,10 @@ def run_query(engine: Engine, query: Query, *, page: int = 500) -> Iterator[dict
     """Stream the matches of *query* as {keyword: value} dicts."""
     stmt, keywords = build_select(query)
     order_pk = _BASE[query.level].c.pk
-    want_other_ids = "OtherPatientIDsSequence" in query.return_keys
+    want = _Wanted(
+        other_ids="OtherPatientIDsSequence" in query.return_keys or "OtherPatientIDs" in query.return_keys,
+        sop_classes="SOPClassesInStudy" in query.return_keys and query.level is not Level.PATIENT,
+    )
     remaining = query.limit
     if query.newest_first and query.level is not Level.PATIENT:
         # Date order cannot be paged by key; limit/offset pages it instead.
@@ -154,7 +175,7 @@ def run_query(engine: Engine, query: Query, *, page: int = 500) -> Iterator[dict
             size = page if remaining is None else min(page, remaining)
             with engine.connect() as conn:
                 rows = conn.execute(stmt.limit(size).offset(offset)).mappings().all()
-            yield from _emit(engine, rows, keywords, want_other_ids)
+            yield from _emit(engine, rows, keywords, want)
             if len(rows) < size:
                 return
             offset += len(rows)
@@ -175,16 +196,42 @@ def run_query(engine: Engine, query: Query, *, page: int = 500) -> Iterator[dict
         last_pk = rows[-1]["_pk"]
         emitted = rows[skip:]
         skip = max(0, skip - len(rows))
-        yield from _emit(engine, emitted, keywords, want_other_ids)
+        yield from _emit(engine, emitted, keywords, want)
         if remaining is not None:
             remaining -= len(emitted)
         if len(rows) < size:
             return
 
 
-def _emit(engine: Engine, rows: Any, keywords: list[str], want_other_ids: bool) -> Iterator[dict[str, Any]]:
+@dataclass(frozen=True)
+class _Wanted:
+    """Return keys filled by a query per page of matches, not by a column."""
+
+    other_ids: bool = False
+    sop_classes: bool = False
+
+
+def _sop_classes(engine: Engine, study_pks: set[int]) -> dict[int, list[str]]:
+    """The SOP classes of each study's instances (SOPClassesInStudy): one
+    query per page of matches, bounded by the page size."""
+    classes: dict[int, list[str]] = {}
+    if not study_pks:
+        return classes
+    with engine.connect() as conn:
+        for row in conn.execute(
+            select(series.c.study_pk, instances.c.sop_class_uid)
+            .distinct()
+            .select_from(instances.join(series, series.c.pk == instances.c.series_pk))
+            .where(series.c.study_pk.in_(study_pks))
+            .order_by(series.c.study_pk, instances.c.sop_class_uid)
+        ):
+            classes.setdefault(row.study_pk, []).append(row.sop_class_uid)
+    return classes
+
+
+def _emit(engine: Engine, rows: Any, keywords: list[str], want: _Wanted) -> Iterator[dict[str, Any]]:
     other_ids: dict[int, list[dict[str, str]]] = {}
-    if want_other_ids and rows:
+    if want.other_ids and rows:
         patient_pks = {r["_patient_pk"] for r in rows}
         with engine.connect() as conn:
             for ident in conn.execute(
@@ -195,11 +242,17 @@ def _emit(engine: Engine, rows: Any, keywords: list[str], want_other_ids: bool) 
                 other_ids.setdefault(ident.patient_pk, []).append(
                     {"PatientID": ident.value, "IssuerOfPatientID": ident.issuer, "TypeOfPatientID": ident.id_type}
                 )
+    sop_classes = _sop_classes(engine, {r[_STUDY_PK] for r in rows}) if want.sop_classes and rows else {}
     for row in rows:
         result = {k: row[k] for k in keywords}
         result["_pk"] = row["_pk"]
-        if want_other_ids:
-            result["OtherPatientIDsSequence"] = other_ids.get(row["_patient_pk"], [])
+        if want.other_ids:
+            others = other_ids.get(row["_patient_pk"], [])
+            result["OtherPatientIDsSequence"] = others
+            # Other Patient IDs (0010,1000): the same identifiers, values only.
+            result["OtherPatientIDs"] = "\\".join(o["PatientID"] for o in others if o["PatientID"])
+        if want.sop_classes:
+            result["SOPClassesInStudy"] = "\\".join(sop_classes.get(row[_STUDY_PK], []))
         yield result
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, exists, or_, select, true
+from sqlalchemy import ColumnElement, String, and_, exists, func, or_, select, true
 
 from ..errors import PacsError
 from ..index.models import PatientIdentifier
@@ -52,23 +52,70 @@ def list_match(column: Any, value: str) -> ColumnElement[bool]:
     return text_match(column, value)
 
 
+def _not_empty(column: Any) -> ColumnElement[bool]:
+    # A zero-length value is unknown, and an unknown value fails every
+    # non-universal match (dcmqrscp; PS3.4 K.2.2.1.1.1 for the worklist):
+    # without this "-20240101" matched "" (it sorts first) while
+    # "20240101" and "20240101-" never did.
+    return and_(column.is_not(None), column != "")
+
+
+def time_key(column: Any) -> Any:
+    """A TM column as 12 digits, HHMMSS then the fraction to 6 digits.
+
+    TM values may stop after the hour or minute ("10", "1015") and carry
+    0-6 fraction digits; as text "1015" < "101500" and a range bound had to
+    be padded with "~", whose order depends on the database collation (an
+    ICU vi-VN one put "16~" before "160000.5"). Fixed-length digit strings
+    compare alike under every collation and on SQLite and PostgreSQL, and
+    need no new column: ``substr(t || '000000', 1, 6)`` pads the
+    HHMMSS part, ``substr(substr(t, 8) || '000000', 1, 6)`` the fraction.
+    """
+    hhmmss = func.substr(column + "000000", 1, 6, type_=String)
+    fraction = func.substr(func.substr(column, 8, type_=String) + "000000", 1, 6, type_=String)
+    return hhmmss + fraction
+
+
+def time_bound(value: str, *, high: bool) -> str:
+    """A query TM value as :func:`time_key` digits; a high bound (or the top
+    of a single value) takes the whole precision given: "1200" reaches
+    12:00:59.999999."""
+    hhmmss, _, fraction = value.partition(".")
+    pad = "9" if high else "0"
+    if fraction or len(hhmmss) == 6 or not high:
+        digits = hhmmss.ljust(6, "0") + fraction.ljust(6, pad)
+    else:
+        digits = hhmmss.ljust(12, pad)
+    return digits
+
+
 def range_match(column: Any, value: str, *, is_time: bool = False) -> ColumnElement[bool]:
+    """Single value or range matching of a DA or TM column (PS3.4 C.2.2.2.5).
+
+    Times compare as times of day (see :func:`time_key`): "0830" and
+    "083000" are the same time, a value of lower precision ("1015") stands
+    for the whole minute. Empty values never match.
+    """
     value = value.strip()
+    if has_wildcard(value):
+        # Wildcards are not DA/TM matching (C.2.2.2.4); only "*" gets here
+        # (_check_range), and it is universal matching.
+        if value.strip("*") == "":
+            return true()
+        return and_(_not_empty(column), text_match(column, value))
+    subject = time_key(column) if is_time else column
+    conditions = [_not_empty(column)]
     if "-" in value:
         low, high = (v.strip() for v in value.split("-", 1))
-        conditions = []
-        if low:
-            conditions.append(column >= low)
-        if high:
-            # A time bound "1200" includes 12:00:59.9: compare up to the
-            # digits given ("~" sorts after every digit and ".").
-            conditions.append(column <= (high + "~" if is_time else high))
-        if not conditions:
+        if not low and not high:
             return true()
-        return and_(*conditions)
-    if has_wildcard(value):
-        return text_match(column, value)
-    return column == value
+    else:
+        low = high = value
+    if low:
+        conditions.append(subject >= (time_bound(low, high=False) if is_time else low))
+    if high:
+        conditions.append(subject <= (time_bound(high, high=True) if is_time else high))
+    return and_(*conditions)
 
 
 def pn_match(value: str, folded_column: Any, words_column: Any = None, *, fuzzy: bool = False) -> ColumnElement[bool]:
@@ -94,7 +141,12 @@ def patient_id_match(value: str, *, other_ids: bool = True) -> ColumnElement[boo
     # any of a patient's other IDs is a match on the patient. A UNION of two
     # index lookups, not an OR across tables (which would scan patients).
     if not other_ids:
-        return list_match(patients.c.patient_id, value)
+        # A retrieve: Patient ID is a unique key there, single value
+        # matching only (PS3.4 C.4.2.1.4.1). "VN*" sent three patients and
+        # "*" the whole archive.
+        if has_wildcard(value) or "\\" in value:
+            raise QueryError("PatientID in a retrieve must be a single value, without wildcards")
+        return patients.c.patient_id == value
     by_id = select(patients.c.pk).where(list_match(patients.c.patient_id, value))
     by_other = select(identifiers.c.patient_pk).where(list_match(identifiers.c.value, value))
     return patients.c.pk.in_(by_id.union(by_other))
@@ -171,6 +223,8 @@ def condition(attribute: Attribute, value: str, *, fuzzy: bool = False, other_id
             raise QueryError(f"{attribute.keyword} must be a 32-bit integer")
         return attribute.column.in_(numbers) if len(numbers) > 1 else attribute.column == numbers[0]
     if kind is Kind.COMPUTED:
+        # Callers leave these out (engine.matching_keys): an optional key we
+        # do not match on is ignored for matching (PS3.4 C.2.2.1.3).
         raise QueryError(f"{attribute.keyword} is a return key and cannot be matched")
     return list_match(attribute.column, value)
 
@@ -184,4 +238,6 @@ __all__ = [
     "pn_match",
     "range_match",
     "text_match",
+    "time_bound",
+    "time_key",
 ]

@@ -91,6 +91,10 @@ class ResultShape:
         return ds
 
 
+# Index values holding several values, backslash-separated.
+_MULTI_VALUED = frozenset({"ModalitiesInStudy", "OtherPatientIDs", "SOPClassesInStudy"})
+
+
 def convert_value(field: ResultField, value: Any) -> Value:
     """An index value as *field*'s answer value (None: empty)."""
     vr = field.vr
@@ -100,7 +104,7 @@ def convert_value(field: ResultField, value: Any) -> Value:
         return []  # a sequence we do not index: returned empty
     if value is None or value == "":
         return None
-    if field.keyword == "ModalitiesInStudy":
+    if field.keyword in _MULTI_VALUED:
         return [m for m in str(value).split("\\") if m]
     if vr in ("US", "UL", "SS", "SL"):
         return int(value)
