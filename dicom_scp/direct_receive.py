@@ -32,7 +32,6 @@ import logging
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from io import BytesIO
 from typing import Any
 
 from pynetdicom import _config, evt
@@ -44,6 +43,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from pacs.header import valid_uid
 
 from .direct_send import can_write_directly, message_pdus, store_response_command, write_pdus
+from .received import Limits, ReceivedData, new_dataset
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class ReceivedStore:
     message_id: int
     priority: int
     context_id: int = 0
-    dataset: BytesIO = field(default_factory=BytesIO)
+    dataset: ReceivedData = field(default_factory=lambda: new_dataset(None))
 
 
 # (association, request, transfer syntax UID) -> (status, error comment)
@@ -210,27 +210,29 @@ def direct_store_of(assoc: Any) -> DirectStore | None:
 class _Incoming:
     """The C-STORE-RQ being received on one association."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Limits | None) -> None:
+        self.limits = limits
         self.reset()
 
     def reset(self) -> None:
         self.command_pdvs: list[list[Any]] = []
         self.request: C_STORE | ReceivedStore | None = None
         self.context_id = 0
-        self.dataset = BytesIO()
+        self.dataset = new_dataset(self.limits)
         # True while pynetdicom receives the current message itself.
         self.theirs = False
 
 
-def receive_directly(assoc: Any) -> None:
-    """Make *assoc* take C-STORE requests off the wire itself (idempotent)."""
+def receive_directly(assoc: Any, limits: Limits | None = None) -> None:
+    """Make *assoc* take C-STORE requests off the wire itself (idempotent);
+    their data sets are kept under *limits* (:mod:`dicom_scp.received`)."""
     if logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
         return
     dimse = assoc.dimse
     original: Callable[[Any], None] = dimse.receive_primitive
     if getattr(original, "direct", False):
         return
-    incoming = _Incoming()
+    incoming = _Incoming(limits)
     store = direct_store_of(assoc)
     if store is not None:
         serve = assoc._serve_request

@@ -45,6 +45,7 @@ from .contexts import (
     prefer_requestor_order,
     storage_contexts,
 )
+from .received import Limits, ReceivedData
 from .stored_send import send_stored_as_is
 
 log = logging.getLogger(__name__)
@@ -135,15 +136,18 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
         requestor = assoc.requestor
         try:
             meta = file_meta_bytes(sop_class, sop_uid, transfer_syntax, requestor.ae_title)
-            body = dataset.getbuffer()
-            stray = stray_meta_length(body, transfer_syntax)
+            if isinstance(dataset, ReceivedData):
+                received, stray = dataset.source(meta, transfer_syntax)
+            else:  # pynetdicom's own BytesIO
+                body = dataset.getbuffer()
+                stray = stray_meta_length(body, transfer_syntax)
+                received = BufferSource(meta, body[stray:])
             if stray:
                 # Kept as received except these: our File Meta is the one header.
                 log.warning("C-STORE from %s: %d bytes of File Meta elements (group 0002) inside the data set "
                             "of %s dropped (PS3.10 7.1)", requestor.ae_title, stray, sop_uid)
-                body = body[stray:]
             result = pacs.ingestor.ingest(
-                BufferSource(meta, body),
+                received,
                 origin_of(assoc, source),
                 transfer_syntax=transfer_syntax,
                 expected_sop_class=sop_class,
@@ -155,6 +159,9 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
         except Exception as exc:  # never let one object take the listener down
             log.exception("C-STORE failed unexpectedly")
             return Status.CANNOT_UNDERSTAND, f"internal error: {exc}"
+        finally:
+            if isinstance(dataset, ReceivedData):
+                dataset.close()
         if result.conflict:
             return Status.DUPLICATE_SOP_INSTANCE, result.conflict
         # One audit event per study and association, not per instance.
@@ -276,14 +283,18 @@ class ConnectionGuard:
 _LOCAL_PRIMITIVE_EVENTS = {"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"}
 
 
-def _event_driven(event: Any) -> None:
+def _event_driven(limits: Limits) -> Any:
+    """EVT_CONN_OPEN: our reactor, sender and receiver on the association."""
     from .direct_receive import receive_directly
     from .direct_send import send_directly
     from .reactor import event_driven
 
-    event_driven(event.assoc)
-    send_directly(event.assoc)
-    receive_directly(event.assoc)
+    def opened(event: Any) -> None:
+        event_driven(event.assoc)
+        send_directly(event.assoc)
+        receive_directly(event.assoc, limits)
+
+    return opened
 
 
 def _abort_on_action_error(assoc: Any) -> None:
@@ -514,7 +525,7 @@ def start_dicom_server(
         (evt.EVT_C_STORE, make_store_handler(pacs)),
         (evt.EVT_CONN_OPEN, _on_conn_open),
         (evt.EVT_CONN_OPEN, guard.opened),
-        *([(evt.EVT_CONN_OPEN, _event_driven)] if pacs.settings.dicom_event_driven else []),
+        *([(evt.EVT_CONN_OPEN, _event_driven(Limits.of(pacs)))] if pacs.settings.dicom_event_driven else []),
         (evt.EVT_CONN_CLOSE, _on_conn_close),
         (evt.EVT_REQUESTED, guard.requested),
         (evt.EVT_REQUESTED, _abort_invalid_request),

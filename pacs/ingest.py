@@ -142,7 +142,11 @@ class Ingestor:
         # Routing rules, evaluated before the commit that creates the jobs.
         self.routes: RoutingRules | None = None
 
-    def _check_space(self, size: int) -> None:
+    def check_space(self, size: int) -> None:
+        """Raise the :class:`IngestError` an object of *size* bytes gets now:
+        too large (0xA701), or the store below its low-water mark (0xA700).
+        Receivers call it before the object has arrived (size 0) to refuse
+        early without keeping what still comes."""
         if size > self.max_object_bytes:
             raise IngestError(
                 Status.OBJECT_TOO_LARGE,
@@ -181,7 +185,7 @@ class Ingestor:
         :class:`IngestError` with the DICOM status to answer otherwise.
         """
         size = source.size
-        self._check_space(size)
+        self.check_space(size)
         with source.open() as stream:
             header = parse_header(stream, size, transfer_syntax=transfer_syntax)
         _check_expected(header, expected_sop_class, expected_sop_uid)

@@ -50,26 +50,14 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     return PREAMBLE + _element(0x0000, b"UL", struct.pack("<L", len(body))) + body
 
 
-class Part10Stream(io.RawIOBase):
-    """Read-only, seekable concatenation of a small prefix and a large body."""
+class _Seekable(io.RawIOBase):
+    """A read-only stream of *size* bytes that keeps its own position."""
 
-    def __init__(self, prefix: bytes, body: bytes | bytearray | memoryview) -> None:
-        self._parts = (memoryview(prefix), memoryview(body).cast("B"))
-        self._split = len(prefix)
-        self.size = self._split + len(self._parts[1])
-        self._pos = 0
+    size = 0
+    _pos = 0
 
     def readable(self) -> bool:
         return True
-
-    def dataset_view(self) -> tuple[int, memoryview]:
-        """(offset in the object, the body's bytes): the received dataset,
-        for readers that scan memory instead of reading a stream."""
-        return self._split, self._parts[1]
-
-    def reopen(self) -> Part10Stream:
-        """A new reader over the same bytes, from the start."""
-        return Part10Stream(self._parts[0], self._parts[1])
 
     def seekable(self) -> bool:
         return True
@@ -81,6 +69,25 @@ class Part10Stream(io.RawIOBase):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]
         self._pos = max(0, base + offset)
         return self._pos
+
+
+class Part10Stream(_Seekable):
+    """Read-only, seekable concatenation of a small prefix and a large body."""
+
+    def __init__(self, prefix: bytes, body: bytes | bytearray | memoryview) -> None:
+        self._parts = (memoryview(prefix), memoryview(body).cast("B"))
+        self._split = len(prefix)
+        self.size = self._split + len(self._parts[1])
+        self._pos = 0
+
+    def dataset_view(self) -> tuple[int, memoryview]:
+        """(offset in the object, the body's bytes): the received dataset,
+        for readers that scan memory instead of reading a stream."""
+        return self._split, self._parts[1]
+
+    def reopen(self) -> Part10Stream:
+        """A new reader over the same bytes, from the start."""
+        return Part10Stream(self._parts[0], self._parts[1])
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
         out = memoryview(buffer).cast("B")
@@ -143,3 +150,44 @@ class FileSource:
 
     def open(self) -> io.BufferedReader:
         return open(self.path, "rb")  # noqa: SIM115 - the caller closes it
+
+
+class _PreadStream(_Seekable):
+    """Read-only, seekable: a small prefix, then *length* bytes of an open
+    file from *offset*, read with ``pread`` (readers over one file descriptor
+    never move each other's position)."""
+
+    def __init__(self, prefix: bytes, fd: int, offset: int, length: int) -> None:
+        self._prefix, self._fd, self._offset = memoryview(prefix), fd, offset
+        self._split = len(prefix)
+        self.size = self._split + length
+        self._pos = 0
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        out = memoryview(buffer).cast("B")[: max(0, self.size - self._pos)]
+        written = 0
+        if self._pos < self._split and len(out):
+            n = min(len(out), self._split - self._pos)
+            out[:n] = self._prefix[self._pos : self._pos + n]
+            written = n
+        while written < len(out):
+            n = os.preadv(self._fd, [out[written:]], self._offset + self._pos + written - self._split)
+            if n <= 0:
+                break  # the file is shorter than it was: the reader sees its end
+            written += n
+        self._pos += written
+        return written
+
+
+class FileBodySource:
+    """A received dataset kept in a file (one too large to hold in memory):
+    our Part 10 header, then the file's bytes from *offset* on. The file is
+    the caller's, open for the source's lifetime."""
+
+    def __init__(self, prefix: bytes, fd: int, offset: int, length: int) -> None:
+        self._prefix, self._fd, self._offset, self._length = prefix, fd, offset, length
+        self.size = len(prefix) + length
+
+    def open(self) -> _PreadStream:
+        """A new independent reader over the object."""
+        return _PreadStream(self._prefix, self._fd, self._offset, self._length)
