@@ -37,6 +37,8 @@ _ACTION_CODE = {
     "view": "R", "download": "R", "query": "E", "store": "C", "report-create": "C", "report-update": "U",
     "report-sign": "U", "report-amend": "C", "export": "R", "delete": "D", "login": "E", "login-failed": "E", "logout": "E",
     "denied": "E", "order": "U", "patient-update": "U", "retrieve": "R", "commit": "E",
+    "user-add": "U", "user-disable": "U", "token-create": "C", "token-revoke": "D", "login-lockout": "E",
+    "patient-merge": "U", "worklist-query": "E", "associate": "E", "hl7-connect": "E", "csrf": "E",
 }
 
 

@@ -5,11 +5,24 @@ which only the sha256 is stored, so a copy of the database yields no usable
 credential. A login creates a session token (expiring); API tokens for
 systems (modalities, the HIS, the EMR) are created by an admin and revoked
 by name.
+
+Sessions end after SESSION_IDLE_MINUTES without use or SESSION_HOURS after
+login, whichever comes first. Setting a user's password (``pacs user add`` of
+an existing user: a reset) or disabling them ends their sessions; a reset
+also revokes their API tokens unless the caller keeps them (a reset after a
+compromise must not leave a stolen token working).
+
+Logins are throttled per username and per client address, in the index (so
+across nodes and restarts): too many failures in THROTTLE_WINDOW lock the
+key for LOCK_FIRST, doubling with each lock in a row up to LOCK_MAX. Locks
+are short on purpose: a permanent lockout would let anyone lock the admins
+out for good by guessing wrong on their behalf.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import secrets
 import threading
 import time
@@ -18,20 +31,48 @@ from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Engine, select, update
+from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import PacsError
 from .index.db import write_transaction
-from .index.models import ApiToken, User
+from .index.models import ApiToken, LoginThrottle, User
 
+log = logging.getLogger(__name__)
 ROLES = ("modality", "radiologist", "referring", "emr", "his", "admin")
-SESSION_HOURS = 12
+# The name of login session tokens (API tokens get other names).
+SESSION = "session"
+SESSION_HOURS = 12  # absolute lifetime of a session
+SESSION_IDLE_MINUTES = 30  # a session unused this long has ended
+# A used session's end is pushed forward at most once a minute: not a write per request.
+_SESSION_REFRESH = timedelta(minutes=1)
+# Login throttling (see the module doc).
+THROTTLE_WINDOW = timedelta(minutes=15)
+USER_FAILURES = 5
+# Higher: many people share one address behind a hospital's NAT.
+ADDRESS_FAILURES = 20
+LOCK_FIRST = timedelta(minutes=1)
+LOCK_MAX = timedelta(minutes=15)
+_THROTTLE_PRUNE = timedelta(days=1)
 users_t = User.__table__
 tokens_t = ApiToken.__table__
+throttle_t = LoginThrottle.__table__
 
 
 class AuthError(PacsError):
     """Bad credentials or a bad request about users/tokens."""
+
+
+class LoginThrottled(AuthError):
+    """Too many failed logins for this username or client address: try again
+    in *retry_after* seconds. *new_locks* names the locks this attempt set
+    (for the audit trail), empty when the key was locked already."""
+
+    def __init__(self, retry_after: int, new_locks: list[str]) -> None:
+        super().__init__(f"too many failed logins: try again in {retry_after} s")
+        self.retry_after = retry_after
+        self.new_locks = new_locks
 
 
 @dataclass(frozen=True)
@@ -47,6 +88,19 @@ def _hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def _aware(value: datetime | None) -> datetime | None:
+    """SQLite gives back naive datetimes: they were written in UTC."""
+    return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+def _throttle_keys(username: str, client: str) -> list[tuple[str, int]]:
+    """The throttle keys of a login attempt and their failure limits."""
+    keys = [(f"u:{username}"[:128], USER_FAILURES)]
+    if client:
+        keys.append((f"a:{client}"[:128], ADDRESS_FAILURES))
+    return keys
+
+
 class AuthService:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -56,8 +110,15 @@ class AuthService:
         self._lock = threading.Lock()
 
     # -- users -----------------------------------------------------------------------
-    def add_user(self, username: str, role: str, password: str | None = None, display_name: str = "") -> str:
-        """Create (or update) a user; returns the password (generated if not given)."""
+    def add_user(self, username: str, role: str, password: str | None = None, display_name: str = "",
+                 *, revoke_tokens: bool = False) -> str:
+        """Create (or update) a user; returns the password (generated if not given).
+
+        Updating an existing user sets a new password: their sessions end
+        (also those of a disabled user being enabled again, which would
+        otherwise come back to life) and any login lock on the name is
+        lifted; with *revoke_tokens* their API tokens are revoked too.
+        """
         if role not in ROLES:
             raise AuthError(f"unknown role {role!r}; roles: {', '.join(ROLES)}")
         if not username or len(username) > 64 or not username.replace(".", "").replace("-", "").replace("_", "").isalnum():
@@ -75,14 +136,35 @@ class AuthService:
                 conn.execute(users_t.insert().values(username=username, created_at=datetime.now(UTC), **values))
             else:
                 conn.execute(update(users_t).where(users_t.c.pk == exists).values(**values))
+                _revoke_of_user(conn, exists, sessions_only=not revoke_tokens)
+                conn.execute(delete(throttle_t).where(throttle_t.c.key == _throttle_keys(username, "")[0][0]))
         self._cache.clear()
         return password
 
     def disable_user(self, username: str) -> bool:
-        with self.engine.begin() as conn:
-            done = conn.execute(update(users_t).where(users_t.c.username == username).values(active=False)).rowcount
+        """Disable a user and end their sessions (enabling them again must not
+        bring old sessions back); their API tokens stop working while disabled."""
+        with write_transaction(self.engine) as conn:
+            user_pk = conn.execute(select(users_t.c.pk).where(users_t.c.username == username)).scalar()
+            if user_pk is not None:
+                conn.execute(update(users_t).where(users_t.c.pk == user_pk).values(active=False))
+                _revoke_of_user(conn, user_pk, sessions_only=True)
         self._cache.clear()
-        return bool(done)
+        return user_pk is not None
+
+    def role_of(self, username: str) -> str | None:
+        """The role of an existing user (None: no such user)."""
+        with self.engine.connect() as conn:
+            return conn.execute(select(users_t.c.role).where(users_t.c.username == username)).scalar()
+
+    @staticmethod
+    def describe_user_change(username: str, role: str, before: str | None, *, keep_tokens: bool) -> str:
+        """What add_user does to *username* (whose role is *before*, None: new),
+        for the audit trail and the operator."""
+        if before is None:
+            return f"user {username} created with role {role}"
+        return (f"user {username} updated, role {before} -> {role}: password reset, sessions ended, "
+                f"API tokens {'kept' if keep_tokens else 'revoked'}")
 
     def list_users(self) -> list[dict[str, object]]:
         with self.engine.connect() as conn:
@@ -104,8 +186,14 @@ class AuthService:
         return self.add_user("admin", "admin", display_name="Administrator")
 
     # -- tokens ----------------------------------------------------------------------
-    def login(self, username: str, password: str) -> tuple[str, Principal]:
-        """Check a password; return a new session token."""
+    def login(self, username: str, password: str, client: str = "") -> tuple[str, Principal]:
+        """Check a password; return a new session token. Raises
+        LoginThrottled while the username or the *client* address is locked
+        (without checking the password) and when this failure locks one."""
+        keys = _throttle_keys(username, client)
+        wait = self._locked_for([k for k, _ in keys])
+        if wait:
+            raise LoginThrottled(wait, [])
         with self.engine.connect() as conn:
             row = conn.execute(select(users_t).where(users_t.c.username == username)).first()
         ok = False
@@ -121,9 +209,58 @@ class AuthService:
             except VerificationError:
                 pass
         if not ok or row is None:
+            locks = self._failed(keys)
+            if locks:
+                raise LoginThrottled(max(seconds for _, seconds in locks),
+                                     [f"{key[2:]} locked for {seconds} s" for key, seconds in locks])
             raise AuthError("wrong username or password")
-        token = self._issue(row.pk, "session", timedelta(hours=SESSION_HOURS))
+        # The name's count starts again; the address's does not (a valid login
+        # of the attacker's own account must not reset their guesses).
+        with self.engine.begin() as conn:
+            conn.execute(delete(throttle_t).where(throttle_t.c.key == keys[0][0]))
+        token = self._issue(row.pk, SESSION, timedelta(minutes=SESSION_IDLE_MINUTES))
         return token, Principal(row.username, row.role, row.display_name)
+
+    def _locked_for(self, keys: list[str]) -> int:
+        """Seconds until the last of *keys*' locks ends (0: none is locked)."""
+        now = datetime.now(UTC)
+        with self.engine.connect() as conn:
+            ends = conn.execute(select(throttle_t.c.locked_until).where(throttle_t.c.key.in_(keys))).scalars().all()
+        left = [(end - now).total_seconds() for end in map(_aware, ends) if end is not None and end > now]
+        return int(max(left)) + 1 if left else 0
+
+    def _failed(self, keys: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Count a failed login against each key; returns the keys this
+        failure locked, with the lock's length in seconds."""
+        now = datetime.now(UTC)
+        locks: list[tuple[str, int]] = []
+        dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        with write_transaction(self.engine) as conn:
+            conn.execute(delete(throttle_t).where(throttle_t.c.last_failure_at < now - _THROTTLE_PRUNE))
+            for key, limit in keys:
+                # Insert-if-missing, then lock the row: two nodes counting the
+                # same key at once neither collide nor lose a failure.
+                conn.execute(dialect.insert(throttle_t).values(
+                    key=key, failures=0, window_start=now, last_failure_at=now, lockouts=0,
+                ).on_conflict_do_nothing())
+                row = conn.execute(select(throttle_t).where(throttle_t.c.key == key).with_for_update()).one()
+                failures, start, lockouts = row.failures, _aware(row.window_start), row.lockouts
+                locked_until = _aware(row.locked_until)
+                if start is None or now - start > THROTTLE_WINDOW:
+                    failures, start = 0, now
+                    # Locks "in a row" only: quiet for a while, the next lock is short again.
+                    if locked_until is None or now - locked_until > 4 * THROTTLE_WINDOW:
+                        lockouts = 0
+                failures += 1
+                if failures >= limit:
+                    lockouts += 1
+                    length = min(LOCK_FIRST * 2 ** (lockouts - 1), LOCK_MAX)
+                    locked_until, failures, start = now + length, 0, now
+                    locks.append((key, int(length.total_seconds())))
+                conn.execute(update(throttle_t).where(throttle_t.c.key == key).values(
+                    failures=failures, window_start=start, last_failure_at=now, locked_until=locked_until,
+                    lockouts=lockouts))
+        return locks
 
     def create_token(self, username: str, name: str, days: int | None = None) -> str:
         """An API token for a system account (or a person), optionally expiring."""
@@ -131,6 +268,9 @@ class AuthService:
             user_pk = conn.execute(select(users_t.c.pk).where(users_t.c.username == username)).scalar()
         if user_pk is None:
             raise AuthError(f"no user {username!r}")
+        if name == SESSION:
+            # Tokens of that name are sessions: they would expire when idle.
+            raise AuthError(f"token name {SESSION!r} is reserved for login sessions")
         return self._issue(user_pk, name, timedelta(days=days) if days else None)
 
     def _issue(self, user_pk: int, name: str, lifetime: timedelta | None) -> str:
@@ -171,19 +311,47 @@ class AuthService:
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(users_t.c.username, users_t.c.role, users_t.c.display_name, users_t.c.active,
-                       tokens_t.c.expires_at, tokens_t.c.revoked)
+                       tokens_t.c.expires_at, tokens_t.c.revoked, tokens_t.c.name, tokens_t.c.created_at)
                 .join(users_t, users_t.c.pk == tokens_t.c.user_pk)
                 .where(tokens_t.c.token_hash == key)
             ).first()
         principal = None
         if row is not None and row.active and not row.revoked:
-            expires = row.expires_at
-            if expires is not None and expires.tzinfo is None:
-                expires = expires.replace(tzinfo=UTC)
-            if expires is None or expires > datetime.now(UTC):
+            expires = _aware(row.expires_at)
+            wall = datetime.now(UTC)
+            if expires is None or expires > wall:
                 principal = Principal(row.username, row.role, row.display_name)
+                if row.name == SESSION and expires is not None:
+                    self._touch_session(key, _aware(row.created_at), expires, wall)
         with self._lock:
             if len(self._cache) > 10_000:
                 self._cache.clear()
             self._cache[key] = (now, principal)
         return principal
+
+    def _touch_session(self, key: str, created: datetime | None, expires: datetime, now: datetime) -> None:
+        """A session in use: push its end to SESSION_IDLE_MINUTES from now,
+        never past SESSION_HOURS after login (the idle timeout)."""
+        idle = timedelta(minutes=SESSION_IDLE_MINUTES)
+        if expires - now > idle - _SESSION_REFRESH:
+            return  # pushed less than a minute ago
+        end = now + idle
+        if created is not None:
+            end = min(end, created + timedelta(hours=SESSION_HOURS))
+        if end <= expires:
+            return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(update(tokens_t).where(tokens_t.c.token_hash == key, tokens_t.c.revoked.is_(False))
+                             .values(expires_at=end))
+        except SQLAlchemyError as exc:
+            # The request goes on: the session merely ends sooner if this never succeeds.
+            log.warning("could not extend a session: %s", exc)
+
+
+def _revoke_of_user(conn: Connection, user_pk: int, *, sessions_only: bool) -> None:
+    """Revoke a user's sessions (and, unless *sessions_only*, API tokens)."""
+    stmt = update(tokens_t).where(tokens_t.c.user_pk == user_pk, tokens_t.c.revoked.is_(False)).values(revoked=True)
+    if sessions_only:
+        stmt = stmt.where(tokens_t.c.name == SESSION)
+    conn.execute(stmt)

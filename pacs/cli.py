@@ -372,6 +372,15 @@ def cmd_orders(args: argparse.Namespace) -> int:
 
 
 # -- users, tokens, audit ---------------------------------------------------------
+def _audit_admin(pacs: Any, action: str, detail: str, outcome: str = "success") -> None:
+    """Audit a user/token command, by the operating system account that ran
+    it (the HTTP routes audit the same actions by the admin who called them)."""
+    from .audit import Event
+    from .maintenance.common import os_user
+
+    pacs.audit.record(Event(action=action, user=os_user(), protocol="cli", outcome=outcome, detail=detail[:500]))
+
+
 def cmd_user(args: argparse.Namespace) -> int:
     from .auth import AuthError
 
@@ -390,17 +399,29 @@ def cmd_user(args: argparse.Namespace) -> int:
                 out.print(table)
             return 0
         if args.user_command == "disable":
+            role = pacs.auth.role_of(args.username)
             done = pacs.auth.disable_user(args.username)
+            _audit_admin(pacs, "user-disable", f"user {args.username} (role {role}) disabled, sessions ended"
+                         if done else f"no user {args.username}", "success" if done else "failure")
             _print_result(args, {"disabled": args.username if done else None})
             return 0 if done else 1
+        before = pacs.auth.role_of(args.username)
+        change = pacs.auth.describe_user_change(args.username, args.role, before, keep_tokens=args.keep_tokens)
         try:
-            password = pacs.auth.add_user(args.username, args.role, args.password, args.display_name or "")
+            password = pacs.auth.add_user(args.username, args.role, args.password, args.display_name or "",
+                                          revoke_tokens=not args.keep_tokens)
         except AuthError as exc:
+            _audit_admin(pacs, "user-add", f"{change}: refused: {exc}", "failure")
             err.print(f"[red]{exc}[/red]")
             return 2
-        result = {"username": args.username, "role": args.role}
+        _audit_admin(pacs, "user-add", change)
+        result: dict[str, Any] = {"username": args.username, "role": args.role}
         if not args.password:
             result["password"] = password  # generated: shown once
+        if before is not None:
+            # A reset: say what happened to the ways in the user had.
+            result["sessions_ended"] = True
+            result["tokens_revoked"] = not args.keep_tokens
         _print_result(args, result)
         return 0
     finally:
@@ -412,15 +433,22 @@ def cmd_token(args: argparse.Namespace) -> int:
 
     pacs = _open(args)
     try:
+        role = pacs.auth.role_of(args.username)
         if args.token_command == "create":
+            detail = (f"token {args.name!r} for user {args.username} (role {role}), "
+                      + (f"expires in {args.days} days" if args.days else "no expiry"))
             try:
                 token = pacs.auth.create_token(args.username, args.name, args.days)
             except AuthError as exc:
+                _audit_admin(pacs, "token-create", f"{detail}: refused: {exc}", "failure")
                 err.print(f"[red]{exc}[/red]")
                 return 2
+            _audit_admin(pacs, "token-create", detail)
             _print_result(args, {"username": args.username, "name": args.name, "token": token})
             return 0
         revoked = pacs.auth.revoke(username=args.username, name=args.name)
+        _audit_admin(pacs, "token-revoke", f"tokens {args.name!r} of user {args.username} (role {role}): "
+                     f"{revoked} revoked", "success" if revoked else "failure")
         _print_result(args, {"revoked": revoked})
         return 0 if revoked else 1
     finally:
@@ -653,12 +681,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("user", help="users of the HTTP API and their roles")
     u_sub = p.add_subparsers(dest="user_command", required=True)
-    q = u_sub.add_parser("add", help="create or update a user (prints a generated password once)")
+    q = u_sub.add_parser("add", help="create or update a user (prints a generated password once); updating an "
+                         "existing user resets the password, ends their sessions and revokes their API tokens")
     _common(q, json_flag=True)
     q.add_argument("username")
     q.add_argument("--role", required=True, choices=["modality", "radiologist", "referring", "emr", "his", "admin"])
     q.add_argument("--password")
     q.add_argument("--display-name")
+    q.add_argument("--keep-tokens", action="store_true",
+                   help="on a reset, keep the user's API tokens (a system account whose tokens are not compromised); "
+                        "sessions end anyway")
     q = u_sub.add_parser("list")
     _common(q, json_flag=True)
     q = u_sub.add_parser("disable")

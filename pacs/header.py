@@ -100,8 +100,9 @@ class InstanceHeader:
         return self.dataset
 
 
-def _text(ds: Dataset, keyword: str) -> str:
-    """A value as text via pydicom's full conversion (the general path)."""
+def _text(ds: Dataset, keyword: str, *, uid: bool = False) -> str:
+    """A value as text via pydicom's full conversion (the general path;
+    *uid*: see _uid_text)."""
     try:
         value = ds.get(keyword)
     except Exception:  # a malformed optional element must not sink the object
@@ -112,6 +113,8 @@ def _text(ds: Dataset, keyword: str) -> str:
         text = "\\".join(str(v) for v in value)
     else:
         text = str(value)
+    if uid:
+        return _uid_text(text)
     return text.strip().replace("\x00", "")[:_MAX_TEXT]
 
 
@@ -167,15 +170,15 @@ class _Values:
             return False  # already converted, or deferred: take the slow path
         return elem
 
-    def text(self, keyword: str) -> str:
+    def text(self, keyword: str, *, uid: bool = False) -> str:
         tag = keyword_dict[keyword]
         elem = self._raw(tag)
         if elem is None:
             return ""
         vr = elem and (elem.VR or dictionary_VR(tag))
         if elem is False or vr in _BINARY_INT or (vr in _CHARSET_VRS and self.codec is None):
-            return _text(self.ds, keyword)
-        return _decode_text(elem.value, vr, self.codec, self.undeclared)
+            return _text(self.ds, keyword, uid=uid)
+        return _decode_text(elem.value, vr, self.codec, self.undeclared, uid=uid)
 
     def int(self, keyword: str) -> int | None:
         tag = keyword_dict[keyword]
@@ -191,8 +194,17 @@ class _Values:
         return _other_ids(self.ds)
 
 
-def _decode_text(value: bytes, vr: str, codec: str | None, undeclared: bool) -> str:
-    """A raw text value as the index keeps it."""
+def _uid_text(text: str) -> str:
+    """A UID value without its padding (a trailing NUL or spaces) only: a NUL
+    inside it is kept, so that valid_uid refuses "1.2.3\\0.4" instead of
+    the index filing it as "1.2.3.4" while the stored object says otherwise."""
+    return text.strip(" ").rstrip(" \x00")[:_MAX_TEXT]
+
+
+def _decode_text(value: bytes, vr: str, codec: str | None, undeclared: bool, *, uid: bool = False) -> str:
+    """A raw text value as the index keeps it (*uid*: see _uid_text)."""
+    if uid:
+        return _uid_text(value.decode("latin-1", "replace"))
     if vr in _CHARSET_VRS:
         if undeclared and not value.isascii():
             try:
@@ -231,17 +243,17 @@ class _ScannedValues:
         self.codec, declared = single_codec(charset[1] if charset else None)
         self.undeclared = not declared
 
-    def _decoded(self, elements: dict[int, tuple[str, memoryview]], tag: int) -> str:
+    def _decoded(self, elements: dict[int, tuple[str, memoryview]], tag: int, *, uid: bool = False) -> str:
         found = elements.get(tag)
         if found is None:
             return ""
         vr, value = found
         if vr in _BINARY_INT or vr in ("SQ", "UN", "OB", "OW", "FL", "FD", "AT"):
             raise ScanFailed(f"{vr} value where the index expects text")
-        return _decode_text(bytes(value), vr, self.codec, self.undeclared)
+        return _decode_text(bytes(value), vr, self.codec, self.undeclared, uid=uid)
 
-    def text(self, keyword: str) -> str:
-        return self._decoded(self.scanned.values, keyword_dict[keyword])
+    def text(self, keyword: str, *, uid: bool = False) -> str:
+        return self._decoded(self.scanned.values, keyword_dict[keyword], uid=uid)
 
     def int(self, keyword: str) -> int | None:
         found = self.scanned.values.get(keyword_dict[keyword])
@@ -305,7 +317,7 @@ def stray_meta_length(dataset: bytes | bytearray | memoryview, transfer_syntax: 
 
 
 def _uid(values: _Values | _ScannedValues, keyword: str, *, required: bool = True) -> str:
-    value = values.text(keyword)
+    value = values.text(keyword, uid=True)
     if not value:
         if required:
             raise IngestError(Status.INVALID_DATASET, f"missing {keyword}")

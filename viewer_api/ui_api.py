@@ -12,11 +12,12 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from pacs import audit as audit_log
-from pacs.auth import ROLES, AuthError, Principal
+from pacs.audit import Event
+from pacs.auth import ROLES, SESSION_HOURS, AuthError, LoginThrottled, Principal
 from pacs.reports import ReportError, ReportService
 from pacs.studylist import study_detail, study_list
 
-from .errors import HTTPProblem
+from .errors import HTTPProblem, problem
 from .security import COOKIE, READERS, audit, guard, principal_of
 from .urls import base_url
 
@@ -45,6 +46,9 @@ class NewUser(BaseModel):
     role: str
     password: str | None = None
     display_name: str = ""
+    # Updating an existing user resets the password and ends their sessions;
+    # their API tokens are revoked too unless kept (a system account's reset).
+    keep_tokens: bool = False
 
 
 class NewToken(BaseModel):
@@ -57,18 +61,45 @@ def _user_json(p: Principal) -> dict[str, str]:
     return {"username": p.username, "display_name": p.display_name, "role": p.role}
 
 
+def _audit_detail(request: Request, detail: str) -> None:
+    """Name what an administrative action did to whom in the audit event its
+    guard prepared (written by AuditMiddleware with the outcome)."""
+    event = getattr(request.state, "audit", None)
+    if isinstance(event, Event):
+        event.detail = detail[:500]
+
+
+def _session_cookie_secure(request: Request) -> bool:
+    """Whether the session cookie must be Secure: over HTTPS, served by us
+    (http_tls) or by a trusted proxy in front (X-Forwarded-Proto)."""
+    return bool(request.app.state.pacs.settings.http_tls) or request.url.scheme == "https"
+
+
 # -- authentication -------------------------------------------------------------------
 @router.post("/api/auth/login", summary="Log in; returns a session token (also set as a cookie)")
 def login(request: Request, body: Login) -> JSONResponse:
     pacs = request.app.state.pacs
+    client = request.client.host if request.client else ""
     try:
-        token, principal = pacs.auth.login(body.username, body.password)
+        token, principal = pacs.auth.login(body.username, body.password, client)
+    except LoginThrottled as exc:
+        for lock in exc.new_locks:
+            audit(request, "login-lockout", Principal(body.username, ""), outcome="denied",
+                  detail=f"{lock} after repeated failed logins")
+        audit(request, "login-failed", Principal(body.username, ""),
+              outcome="failure" if exc.new_locks else "denied",
+              detail="wrong password; now locked" if exc.new_locks else "refused unchecked: login locked")
+        answer = problem(429, str(exc))
+        answer.headers["Retry-After"] = str(exc.retry_after)
+        return answer
     except AuthError as exc:
         audit(request, "login-failed", Principal(body.username, ""), outcome="failure")
         raise HTTPProblem(401, str(exc)) from None
     audit(request, "login", principal)
     response = JSONResponse({"token": token, "user": _user_json(principal)})
-    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=12 * 3600, path="/")
+    # The server ends an idle session sooner (pacs.auth.SESSION_IDLE_MINUTES).
+    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", max_age=SESSION_HOURS * 3600, path="/",
+                        secure=_session_cookie_secure(request))
     return response
 
 
@@ -84,7 +115,8 @@ def logout(request: Request) -> Response:
         if principal is not None:
             audit(request, "logout", principal)
     response = Response(status_code=204)
-    response.delete_cookie(COOKIE, path="/")
+    response.delete_cookie(COOKIE, path="/", secure=_session_cookie_secure(request), httponly=True,
+                           samesite="strict")
     return response
 
 
@@ -189,29 +221,43 @@ def list_users(request: Request, _: Principal = guard("admin", action="query")) 
     return request.app.state.pacs.auth.list_users()
 
 
-@router.post("/api/users", status_code=201, summary="Create or update a user")
-def add_user(request: Request, body: NewUser, _: Principal = guard("admin", action="patient-update")) -> dict[str, Any]:
+@router.post("/api/users", status_code=201,
+             summary="Create or update a user (an update resets the password, ends sessions, revokes API tokens "
+                     "unless keep_tokens)")
+def add_user(request: Request, body: NewUser, _: Principal = guard("admin", action="user-add")) -> dict[str, Any]:
+    auth = request.app.state.pacs.auth
+    before = auth.role_of(body.username)
+    _audit_detail(request, auth.describe_user_change(body.username, body.role, before, keep_tokens=body.keep_tokens))
     if body.role not in ROLES:
         raise HTTPProblem(400, f"role must be one of {', '.join(ROLES)}")
     try:
-        password = request.app.state.pacs.auth.add_user(body.username, body.role, body.password, body.display_name)
+        password = auth.add_user(body.username, body.role, body.password, body.display_name,
+                                 revoke_tokens=not body.keep_tokens)
     except AuthError as exc:
         raise HTTPProblem(400, str(exc)) from None
-    return {"username": body.username, "role": body.role, "password": None if body.password else password}
+    return {"username": body.username, "role": body.role, "password": None if body.password else password,
+            "sessions_ended": before is not None, "tokens_revoked": before is not None and not body.keep_tokens}
 
 
 @router.post("/api/tokens", status_code=201, summary="Create an API token for a user")
-def add_token(request: Request, body: NewToken, _: Principal = guard("admin", action="login")) -> dict[str, Any]:
+def add_token(request: Request, body: NewToken, _: Principal = guard("admin", action="token-create")) -> dict[str, Any]:
+    auth = request.app.state.pacs.auth
+    _audit_detail(request, f"token {body.name!r} for user {body.username} (role {auth.role_of(body.username)}), "
+                           + (f"expires in {body.days} days" if body.days else "no expiry"))
     try:
-        token = request.app.state.pacs.auth.create_token(body.username, body.name, body.days)
+        token = auth.create_token(body.username, body.name, body.days)
     except AuthError as exc:
         raise HTTPProblem(400, str(exc)) from None
     return {"username": body.username, "name": body.name, "token": token}
 
 
 @router.delete("/api/tokens/{username}/{name}", summary="Revoke a user's tokens of that name")
-def revoke_token(request: Request, username: str, name: str, _: Principal = guard("admin", action="login")) -> dict[str, int]:
-    return {"revoked": request.app.state.pacs.auth.revoke(username=username, name=name)}
+def revoke_token(request: Request, username: str, name: str,
+                 _: Principal = guard("admin", action="token-revoke")) -> dict[str, int]:
+    auth = request.app.state.pacs.auth
+    revoked = auth.revoke(username=username, name=name)
+    _audit_detail(request, f"tokens {name!r} of user {username} (role {auth.role_of(username)}): {revoked} revoked")
+    return {"revoked": revoked}
 
 
 @router.get("/api/audit", summary="The audit trail (JSON, ATNA-shaped JSON or syslog lines)")

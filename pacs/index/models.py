@@ -340,7 +340,8 @@ class AuditEvent(Base):
     client: Mapped[str] = mapped_column(String, default="")
     protocol: Mapped[str] = mapped_column(String, default="")
     # view, download, query, store, report-create, report-update, report-sign,
-    # report-amend, export, delete, login, login-failed, denied
+    # report-amend, export, delete, login, login-failed, login-lockout, denied,
+    # user-add, user-disable, token-create, token-revoke
     action: Mapped[str] = mapped_column(String, index=True)
     outcome: Mapped[str] = mapped_column(String, default="success")
     study_uid: Mapped[str] = mapped_column(String, default="", index=True)
@@ -436,3 +437,21 @@ class JobLease(Base):
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     # The holder's last sign of life (each one pushes expires_at forward).
     heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class LoginThrottle(Base):
+    """Failed logins per username (``u:NAME``) or client address (``a:ADDR``),
+    kept in the index so that every node and a restart see them: after too
+    many failures in a window the key is locked for a short, increasing time
+    (see pacs.auth). Rows idle for a day are pruned."""
+
+    __tablename__ = "login_throttle"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    # Failures since window_start (reset when the window has passed or a lock is set).
+    failures: Mapped[int] = mapped_column(Integer, default=0)
+    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_failure_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    # Locks in a row: each one doubles the next lock's length (capped).
+    lockouts: Mapped[int] = mapped_column(Integer, default=0)

@@ -109,7 +109,13 @@ class _Sink:
         if out.suffix.lower() == ".zip":
             out.parent.mkdir(parents=True, exist_ok=True)
             self.partial = out.with_name(out.name + ".partial")
-            self.zip = stack.enter_context(zipfile.ZipFile(self.partial, "w", zipfile.ZIP_STORED, allowZip64=True))
+            # Identified objects: owner only, like the folder exports' files
+            # (mkstemp's 0600), whatever the umask; fchmod also covers a
+            # partial file an interrupted run left with another mode.
+            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.fchmod(fd, 0o600)
+            self._file = stack.enter_context(os.fdopen(fd, "wb"))
+            self.zip = stack.enter_context(zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True))
             self.tmp_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pacs-export-")))
         else:
             out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +159,7 @@ class _Sink:
     def finish(self) -> None:
         if self.zip is not None:
             self.zip.close()
+            self._file.close()  # ZipFile leaves a file it was given open
             os.replace(self.partial, self.out)
 
 
