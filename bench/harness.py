@@ -287,8 +287,10 @@ def bare_receiver(ctx: Ctx, event_driven: bool = False) -> Iterator[int]:
 
 # -- senders ------------------------------------------------------------------------
 def send(port: int, called: str, folders: Sequence[Path], *, calling: str = "MODALITY",
-         sample_pid: int | None = None) -> tuple[float, int]:
+         sample_pid: int | None = None, nagle: bool = False) -> tuple[float, int]:
     """Send each folder over its own DCMTK storescu association, all at once.
+    *nagle*: storescu as installed, without TCP_NODELAY=1 (what most
+    DCMTK-based modalities do).
 
     Returns (wall seconds from the first start to the last end, peak RSS in kB
     of the *sample_pid* process tree during the send, 0 if not sampled)."""
@@ -305,7 +307,8 @@ def send(port: int, called: str, folders: Sequence[Path], *, calling: str = "MOD
         procs.append(subprocess.Popen(
             [dcmtk("storescu"), "-v", "-aet", aet, "-aec", called, "127.0.0.1", str(port), "+sd", str(folder),
              "--scan-pattern", "*.dcm"],
-            env=dcmtk_env(), stdout=outs[i], stderr=subprocess.STDOUT,
+            env={k: v for k, v in dcmtk_env().items() if k != "TCP_NODELAY"} if nagle else dcmtk_env(),
+            stdout=outs[i], stderr=subprocess.STDOUT,
         ))
     errors = []
     for proc, out_file in zip(procs, outs, strict=True):

@@ -355,6 +355,9 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
         destination = pacs.aes.get(str(event.move_destination).strip())
         if destination is None or not destination.enabled:
             log.warning("C-MOVE from %s to unknown destination %s", requestor, event.move_destination)
+            # An export attempt to an address we do not know: the trail shows who tried.
+            audit_dimse(pacs, event, "export", outcome="denied",
+                        detail=f"C-MOVE to unknown destination {str(event.move_destination).strip()[:16]}")
             yield None, None  # pynetdicom answers 0xA801
             return
         items, refusal = _resolved_items(pacs, event, "C-MOVE")

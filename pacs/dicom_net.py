@@ -53,5 +53,30 @@ def tune_socket(assoc: Any) -> None:
         set_keepalive(raw)
         if assoc.network_timeout:
             raw.settimeout(assoc.network_timeout)
+        _acknowledge_at_once(assoc.dul.socket, raw)
     except (OSError, AttributeError):
         pass
+
+
+def _acknowledge_at_once(wrapper: Any, raw: socket.socket) -> None:
+    """Acknowledge every segment at once (TCP_QUICKACK, renewed after each
+    read: Linux drops back to delayed ACKs on its own). A peer that keeps
+    Nagle's algorithm on -- DCMTK's default, so most DCMTK-based modalities
+    and workstations -- sends a PDU's second segment only once its first is
+    acknowledged, and a delayed ACK holds that ~40 ms: such a storescu sent
+    22 objects/s here, a getscu took 22 objects/s, instead of hundreds."""
+    quickack = getattr(socket, "TCP_QUICKACK", None)
+    if quickack is None:
+        return
+    recv = wrapper.recv
+
+    def recv_and_acknowledge(nr_bytes: int) -> bytearray:
+        data = recv(nr_bytes)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+        except OSError:
+            pass
+        return data
+
+    raw.setsockopt(socket.IPPROTO_TCP, quickack, 1)
+    wrapper.recv = recv_and_acknowledge

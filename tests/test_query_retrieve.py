@@ -479,6 +479,11 @@ def test_move_unknown_destination_is_a801(qr_server: PacsServer) -> None:
     responses = _move_responses(qr_server, _ident(QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid("S1")), "NOWHERE")
     assert [int(s.Status) for s in responses] == [0xA801]
     assert qr_server.alive()
+    from .test_network_access import _events
+
+    tried = [e for e in _events(qr_server, lambda evs: any("NOWHERE" in e["detail"] for e in evs))
+             if "NOWHERE" in e["detail"]]
+    assert [(e["action"], e["outcome"]) for e in tried] == [("export", "denied")]
 
 
 @pytest.mark.parametrize(
