@@ -464,6 +464,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
         if "verification failed" in data["skipped"]:
             _list("pixels did not verify (left as they were)", data["skipped"]["verification failed"],
                   ("sop_uid", "detail"))
+        if report.stopped:
+            err.print(f"[red]stopped: {report.stopped}[/red]")
 
     _emit(args, data, human)
     unverified = report.skipped.get("verification failed")

@@ -29,6 +29,7 @@ to the body.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import tempfile
@@ -59,6 +60,7 @@ __all__ = [
     "MultipartError",
     "Part",
     "ReceivedPart",
+    "SpoolFull",
     "build_multipart_related",
     "multipart_related_iter",
     "content_type_header",
@@ -89,6 +91,12 @@ _COALESCE: Final = 64 * 1024
 _WRITE_BATCH: Final = 1024 * 1024
 _THREAD_WRITE_MIN: Final = 256 * 1024
 _DEFAULT_PART_TYPE: Final = "text/plain; charset=us-ascii"  # RFC 2046 5.1
+# Free space of the spool's filesystem is looked at again after this many
+# bytes: often enough that a refusal comes a few MB past the low-water mark,
+# rarely enough that statvfs costs nothing next to the writes.
+_FREE_CHECK_EVERY: Final = 4 * 1024 * 1024
+# Errors that say "the disk is full", not "this request is wrong".
+_FULL_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT})
 _DONE: Final = object()
 _ListIterator: Final[type] = type(iter([]))
 _TupleIterator: Final[type] = type(iter(()))
@@ -105,6 +113,25 @@ class MultipartError(Exception):
         super().__init__(message)
         self.http_status = http_status
         self.message = message
+
+
+class SpoolFull(MultipartError):
+    """The spool's filesystem is full or below its low-water mark: the
+    archive's lack of resources (HTTP 503, DICOM 0xA700), not a bad request.
+    The part being spooled is deleted before this is raised."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(503, message)
+
+
+def free_bytes(directory: str | os.PathLike[str]) -> int | None:
+    """Bytes an unprivileged writer may still use on *directory*'s
+    filesystem, or None when it cannot be told."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
 
 
 # -- writer ------------------------------------------------------------------------
@@ -403,16 +430,61 @@ class ReceivedPart:
 
 
 class _Spool:
-    """Body of the part being received: batched writes to a temporary file."""
+    """Body of the part being received: batched writes to a temporary file.
 
-    def __init__(self, spool_dir: str | None, max_bytes: int, part_no: int) -> None:
-        fd, name = tempfile.mkstemp(prefix="stow-", suffix=".part", dir=spool_dir)
+    With ``min_free_bytes`` the filesystem's free space is checked before
+    the file is made and every few MB while it grows: a part that would take
+    the disk below the mark is refused (:class:`SpoolFull`) before it is
+    written, rather than spooled whole and refused by the ingest afterwards
+    (a 721 MB request once took the disk to 15 MB free, endangering the
+    index and every C-STORE). A disk that fills anyway (ENOSPC) is the same
+    refusal, not a server error.
+    """
+
+    def __init__(self, spool_dir: str | None, max_bytes: int, part_no: int, min_free_bytes: int = 0) -> None:
+        self.dir = spool_dir or tempfile.gettempdir()
+        self.min_free_bytes = min_free_bytes
+        self.part_no = part_no
+        self._check_free(0)
+        try:
+            fd, name = tempfile.mkstemp(prefix="stow-", suffix=".part", dir=spool_dir)
+        except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:  # no inode left: full as well
+                raise self._full(exc) from None
+            raise
         self.path = Path(name)
         self.file = os.fdopen(fd, "wb")
         self.max_bytes = max_bytes
-        self.part_no = part_no
         self.size = 0
         self.pending = bytearray()
+        self._unchecked = 0
+
+    def _check_free(self, coming: int) -> None:
+        """Refuse when *coming* more bytes would leave less than the mark."""
+        if not self.min_free_bytes:
+            return
+        free = free_bytes(self.dir)
+        if free is not None and free - coming < self.min_free_bytes:
+            raise SpoolFull(f"part {self.part_no}: the archive is below its low-water mark of free space "
+                            f"({free} bytes free, {self.min_free_bytes} kept free); try again later")
+
+    def _full(self, exc: OSError) -> SpoolFull:
+        return SpoolFull(f"part {self.part_no}: the archive's disk is full ({exc.strerror}); try again later")
+
+    async def _write(self, data: bytes | bytearray | memoryview) -> None:
+        self._unchecked += len(data)
+        if self._unchecked >= _FREE_CHECK_EVERY:
+            self._check_free(len(data))
+            self._unchecked = 0
+        try:
+            if len(data) >= _THREAD_WRITE_MIN:
+                await anyio.to_thread.run_sync(self.file.write, data)
+            else:
+                self.file.write(data)
+        except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                raise self._full(exc) from None
+            raise
 
     async def write(self, data: memoryview) -> None:
         self.size += len(data)
@@ -420,7 +492,7 @@ class _Spool:
             raise MultipartError(413, f"part {self.part_no} exceeds the limit of {self.max_bytes} bytes")
         if len(data) >= _WRITE_BATCH:
             await self._flush()
-            await anyio.to_thread.run_sync(self.file.write, data)
+            await self._write(data)
         else:
             self.pending += data
             if len(self.pending) >= _WRITE_BATCH:
@@ -430,14 +502,16 @@ class _Spool:
         if not self.pending:
             return
         data, self.pending = self.pending, bytearray()
-        if len(data) >= _THREAD_WRITE_MIN:
-            await anyio.to_thread.run_sync(self.file.write, data)
-        else:
-            self.file.write(data)
+        await self._write(data)
 
     async def finish(self) -> tuple[Path, int]:
         await self._flush()
-        self.file.close()
+        try:
+            self.file.close()  # flushes the file's own buffer: may meet a full disk too
+        except OSError as exc:
+            if exc.errno in _FULL_ERRNOS:
+                raise self._full(exc) from None
+            raise
         return self.path, self.size
 
     def abort(self) -> None:
@@ -515,7 +589,8 @@ async def _aiter_chunks(chunks: AsyncIterable[bytes] | Iterable[bytes]) -> Async
 async def parse_multipart_related(content_type_header: str | None,
                                   chunks: AsyncIterable[bytes] | Iterable[bytes], *,
                                   spool_dir: str | None = None, max_part_bytes: int,
-                                  max_parts: int = 10000) -> AsyncGenerator[ReceivedPart, None]:
+                                  max_parts: int = 10000,
+                                  min_free_bytes: int = 0) -> AsyncGenerator[ReceivedPart, None]:
     """Stream-parse a ``multipart/related`` body (STOW-RS), yielding each part
     once its body is spooled to a temporary file in ``spool_dir``.
 
@@ -528,7 +603,8 @@ async def parse_multipart_related(content_type_header: str | None,
 
     Raises :class:`MultipartError` (400 malformed or truncated body, 413 part
     larger than ``max_part_bytes`` or more than ``max_parts`` parts, 415 not
-    ``multipart/related``).  The file of a part being received when an error
+    ``multipart/related``), or :class:`SpoolFull` (503) when the spool's
+    disk is full or a part would take it below ``min_free_bytes`` free.  The file of a part being received when an error
     or cancellation happens is deleted; files of parts already yielded belong
     to the caller.  Use ``contextlib.aclosing`` when leaving the loop early.
     """
@@ -579,7 +655,7 @@ async def parse_multipart_related(content_type_header: str | None,
                     if not headers.get("content-type"):
                         headers["content-type"] = default_type
                     del buf[:body_start]
-                    spool = _Spool(spool_dir, max_part_bytes, part_no)
+                    spool = _Spool(spool_dir, max_part_bytes, part_no, min_free_bytes)
                     spool_headers = headers
                     state, search_from = "body", 0
                     continue

@@ -5,6 +5,12 @@ memory); each part goes through the same ingest function as C-STORE. The
 answer is the PS3.18 store response: ReferencedSOPSequence for stored
 instances, FailedSOPSequence with a FailureReason for the others; 200 when
 all were stored, 202 when some failed, 409 when none was stored.
+
+Lack of space is the archive's failure, not the sender's: a declared
+Content-Length that would take the spool's disk below ``min_free_bytes``
+is refused before the body is read, a body that gets there (or fills the
+disk) while spooling is cut off there; both answer FailureReason 0xA700
+(Out of Resources), 503 when nothing was stored (202 when earlier parts were).
 """
 
 from __future__ import annotations
@@ -31,12 +37,24 @@ from pacs.part10 import FileSource
 from . import negotiation
 from .dicomjson import dumps, to_json
 from .errors import HTTPProblem, require_uids
-from .multipart import MultipartError, parse_multipart_content_type, parse_multipart_related
+from .multipart import (
+    MultipartError,
+    SpoolFull,
+    free_bytes,
+    parse_multipart_content_type,
+    parse_multipart_related,
+)
 from .urls import base_url
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/dicom-web", tags=["STOW-RS"])
+
+# After a refusal for lack of space mid-body, at most this much of the rest
+# of the body is read and thrown away so that the sender, still writing,
+# gets to read the 503 instead of a reset connection (uvicorn closes without
+# a lingering close). Larger remainders are cut off.
+_DRAIN_LIMIT = 64 * 1024 * 1024
 
 
 def _uids_of(path: str) -> tuple[str, str]:
@@ -111,10 +129,17 @@ async def store(request: Request, study: str | None) -> Response:
     os.makedirs(spool, exist_ok=True)
     stored: list[dict[str, Any]] = []
     failed: list[dict[str, Any]] = []
+    if (refusal := _no_room_for(request, spool, settings.min_free_bytes)) is not None:
+        # Answered before the body is read: a sender that asked
+        # "Expect: 100-continue" never sends it.
+        failed.append({"class": "", "uid": "", "reason": Status.OUT_OF_RESOURCES, "comment": refusal})
+        return Response(dumps(to_json(_response_dataset(request, study, stored, failed))),
+                        status_code=HTTP_FOR_STATUS[Status.OUT_OF_RESOURCES], media_type=media_type)
+    body = _stalling_stops(request.stream(), settings.dicom_timeout)
     try:
-        body = _stalling_stops(request.stream(), settings.dicom_timeout)
         async for part in parse_multipart_related(
-            content_type, body, spool_dir=spool, max_part_bytes=settings.max_object_bytes
+            content_type, body, spool_dir=spool, max_part_bytes=settings.max_object_bytes,
+            min_free_bytes=settings.min_free_bytes,
         ):
             try:
                 media = part.content_type.split(";")[0].strip().lower()
@@ -134,6 +159,12 @@ async def store(request: Request, study: str | None) -> Response:
         # stored before stays stored, the partial part is gone.
         log.info("STOW-RS sender disconnected after %d stored, %d failed parts", len(stored), len(failed))
         return Response(status_code=400)
+    except SpoolFull as exc:
+        # The archive's shortage, not the sender's error: 0xA700 for the part
+        # that could not be kept (PS3.18 10.5.3), 503 when nothing was stored.
+        log.warning("STOW-RS refused after %d stored parts: %s", len(stored), exc.message)
+        failed.append({"class": "", "uid": "", "reason": Status.OUT_OF_RESOURCES, "comment": exc.message})
+        await _drain(body, _DRAIN_LIMIT)
     except MultipartError as exc:
         if not stored and not failed:
             raise HTTPProblem(exc.http_status, str(exc)) from None
@@ -144,6 +175,35 @@ async def store(request: Request, study: str | None) -> Response:
     body = _response_dataset(request, study, stored, failed)
     status = 200 if not failed else 202 if stored else 503 if _all_ours(failed) else 409
     return Response(dumps(to_json(body)), status_code=status, media_type=media_type)
+
+
+def _no_room_for(request: Request, spool: str, min_free_bytes: int) -> str | None:
+    """Why a request whose declared Content-Length would take the spool's
+    disk below the low-water mark is refused up front, or None."""
+    if not min_free_bytes:
+        return None
+    try:
+        declared = int(request.headers.get("content-length", ""))
+    except ValueError:
+        return None  # chunked: the spool checks as the body comes
+    free = free_bytes(spool)
+    if free is None or free - declared >= min_free_bytes:
+        return None
+    log.warning("STOW-RS of %d bytes refused: %d bytes free, %d kept free", declared, free, min_free_bytes)
+    return (f"the archive cannot take {declared} bytes now: {free} bytes free and {min_free_bytes} are kept "
+            "free (low-water mark); try again later")
+
+
+async def _drain(body: AsyncIterator[bytes], limit: int) -> None:
+    """Read and drop what is left of the body, up to *limit* bytes."""
+    seen = 0
+    try:
+        async for chunk in body:
+            seen += len(chunk)
+            if seen > limit:
+                return
+    except (ClientDisconnect, MultipartError):
+        return
 
 
 async def _stalling_stops(stream: AsyncIterator[bytes], timeout: float) -> AsyncIterator[bytes]:

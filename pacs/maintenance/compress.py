@@ -11,7 +11,16 @@ series byte counters follow by trigger; the row's provenance is kept).
 
 Skipped and reported: objects without Pixel Data (non-image), pixel formats
 the codec cannot encode (e.g. 1-bit, 32-bit), encodings that would not be
-smaller, and any verification mismatch. One object is in memory at a time.
+smaller, and any verification mismatch. One object is in memory at a time,
+but several times over (the dataset, a copy of its pixels, the encoding, the
+decoded check): objects above :data:`MAX_REENCODE_BYTES`, or more than a
+sixth of the memory available, are left as they are ("too large to
+re-encode in memory") rather than risk the OOM killer on a small server.
+
+A full disk (ENOSPC/EDQUOT, the store or the index full) stops the run: it
+is reported as "disk full" in ``failed`` and ``stopped`` (not as pixels
+that did not verify, which reads as damaged images), the object being
+replaced keeps its old version and index row.
 
 Resuming is free: a replaced object's row no longer has an uncompressed
 syntax. If a crash came between the object replace and the index commit,
@@ -20,6 +29,7 @@ the rerun finds the object already compressed and only re-indexes it.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import tempfile
@@ -41,10 +51,10 @@ from pydicom.uid import (
 )
 from sqlalchemy import select
 
-from storage import StorageError
+from storage import StorageError, StorageFullError
 
 from ..app import Pacs
-from ..errors import IngestError
+from ..errors import IngestError, Status
 from ..index.committer import GroupCommitter
 from ..index.writer import IndexWriter
 from ..ingest import Ingestor, Origin
@@ -65,6 +75,59 @@ log = logging.getLogger(__name__)
 
 CODECS = {"jpeg-ls": JPEGLSLossless, "j2k": JPEG2000Lossless}
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
+# Re-encoding holds an object about five times (dataset, pixel copy, encoded
+# dataset, written file read back, decoded check): a 900 MB multi-frame CT
+# took 5 GB. Larger objects stay uncompressed; so do objects whose five-fold
+# (plus margin) does not fit in the memory available now.
+MAX_REENCODE_BYTES = 256 * 1024**2
+MEMORY_PER_OBJECT_BYTE = 6
+TOO_LARGE = "too large to re-encode in memory"
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class _DiskFull(Exception):
+    """Raised inside a run when the disk is full; stops it."""
+
+
+def _disk_full(exc: BaseException) -> bool:
+    """Whether *exc* (or what caused it) says the disk or the index is full."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _DiskFull | StorageFullError):
+            return True
+        if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
+            return True
+        if isinstance(current, IngestError) and current.status == Status.OUT_OF_RESOURCES:
+            return True
+        # SQLite's SQLITE_FULL arrives as an OperationalError with this text.
+        if "database or disk is full" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
+
+
+def _available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo in bytes (None off Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _too_large(size: int) -> str | None:
+    """Why an object of *size* bytes is not re-encoded here, or None."""
+    if size > MAX_REENCODE_BYTES:
+        return f"{size} bytes, over the {MAX_REENCODE_BYTES} compress re-encodes in memory"
+    available = _available_memory()
+    if available is not None and size * MEMORY_PER_OBJECT_BYTE > available:
+        return f"{size} bytes would need ~{size * MEMORY_PER_OBJECT_BYTE} bytes of memory, {available} available"
+    return None
 
 
 @dataclass
@@ -78,6 +141,8 @@ class CompressReport:
     reindexed: int = 0
     skipped: dict[str, Capped] = field(default_factory=dict)
     failed: Capped = field(default_factory=Capped)
+    # Why the run ended before its last candidate (a full disk), or None.
+    stopped: str | None = None
 
     def skip(self, reason: str, sop_uid: str, detail: str = "") -> None:
         self.skipped.setdefault(reason, Capped()).add({"sop_uid": sop_uid, "detail": detail})
@@ -98,6 +163,7 @@ class CompressReport:
             "reindexed": self.reindexed,
             "skipped": {reason: c.as_dict() for reason, c in sorted(self.skipped.items())},
             "failed": self.failed.as_dict(),
+            "stopped": self.stopped,
         }
 
 
@@ -182,6 +248,9 @@ def _encode(src: Path, target: UID, tmp_dir: Path) -> tuple[str, Path | None, st
             return "verification failed", None, "decoded pixels differ from the original"
     except Exception as exc:
         path.unlink(missing_ok=True)
+        if _disk_full(exc):
+            # Not the pixels' fault: "did not verify" reads as damaged images.
+            raise _DiskFull(f"disk full writing the encoded object in {tmp_dir}: {exc}") from exc
         return "verification failed", None, str(exc)[:200]
     return "encoded", path, ""
 
@@ -215,7 +284,15 @@ def compress(
             progress.advance()
             try:
                 _one(pacs, ingestor, row, target, tmp_dir, report)
-            except (StorageError, IngestError, OSError) as exc:
+            except (StorageError, IngestError, OSError, _DiskFull) as exc:
+                if _disk_full(exc):
+                    # Every later object would fail the same way: stop here.
+                    report.stopped = (f"disk full: compress stopped at {row.sop_uid} ({exc}); "
+                                      "that object is unchanged, free space and run it again")
+                    report.failed.add({"sop_uid": row.sop_uid, "key": row.storage_key,
+                                       "detail": f"disk full, compress stopped here: {exc}"})
+                    log.error("%s", report.stopped)
+                    break
                 report.failed.add({"sop_uid": row.sop_uid, "key": row.storage_key, "detail": str(exc)})
     finally:
         committer.close()
@@ -224,10 +301,18 @@ def compress(
 
 def _one(pacs: Pacs, ingestor: Ingestor, row: Any, target: UID, tmp_dir: Path, report: CompressReport) -> None:
     origin = Origin(source=row.source or "compress", calling_ae=row.calling_ae, remote_host=row.remote_host)
+    if (why := _too_large(row.size_bytes)) is not None:
+        # Decided from the index row, before a byte is read.
+        report.skip(TOO_LARGE, row.sop_uid, why)
+        return
     with pacs.store.local_path(row.storage_key) as stored:
         try:
             state, encoded, detail = _encode(stored, target, tmp_dir)
+        except _DiskFull:
+            raise
         except Exception as exc:  # unreadable by pydicom
+            if _disk_full(exc):  # e.g. no room for the temporary file
+                raise _DiskFull(str(exc)) from exc
             report.skip("unreadable", row.sop_uid, str(exc)[:200])
             return
         if state == "already":

@@ -13,6 +13,13 @@ and a file already there (with the stored size, for plain exports) is kept.
 A zip is written as ``NAME.zip.partial`` and renamed when complete. Each
 exported study is audited (action "export").
 
+A full destination (ENOSPC, EDQUOT) stops the export at the first object
+that does not fit, with one :class:`ExportDiskFull`: every later object
+would fail the same way. A zip's ``.partial`` is removed (left, it kept the
+disk full and is no use without its central directory); a folder keeps the
+complete files it has (a rerun with more room resumes) and loses only the
+temporary file being written.
+
 Burned-in annotation: a de-identified export leaves out every object whose
 pixels carry identifying text (Burned In Annotation = YES, see
 :func:`pacs.deidentify.may_release`): they are listed in the report
@@ -26,6 +33,8 @@ captures, ultrasound without Burned In Annotation) are written and listed in
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import secrets
@@ -48,6 +57,24 @@ from .common import Capped, NullProgress, Progress, os_user, patients_t, studies
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class ExportDiskFull(Exception):
+    """The export's destination (or its temporary space) is full: the export
+    stopped, see the message for what was kept."""
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind *exc* (itself or a cause), or None."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
+            return current
+        current = current.__cause__ or current.__context__
+    return None
 
 
 @dataclass
@@ -152,15 +179,37 @@ class _Sink:
                 shutil.copyfileobj(stream, dest, CHUNK)
             return
         tmp = self.temp_file()
-        with open(tmp, "wb") as dest:
-            shutil.copyfileobj(stream, dest, CHUNK)
-        self.add_file(tmp, name)
+        try:
+            with open(tmp, "wb") as dest:
+                shutil.copyfileobj(stream, dest, CHUNK)
+            self.add_file(tmp, name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a half-written file only takes room
+            raise
 
     def finish(self) -> None:
         if self.zip is not None:
             self.zip.close()
             self._file.close()  # ZipFile leaves a file it was given open
             os.replace(self.partial, self.out)
+
+    def abort(self) -> str:
+        """Give up after a full disk; says what is left behind.
+
+        A zip is closed without its central directory (writing it would meet
+        the full disk again) and its ``.partial`` deleted; a folder keeps its
+        complete files and loses its temporary ones."""
+        if self.zip is not None:
+            # ZipFile.close() would write the central directory; dropping its
+            # file first makes the ExitStack's close a no-op.
+            self.zip.fp = None
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self.partial.unlink(missing_ok=True)
+            return f"{self.partial} removed"
+        for stale in self.out.glob(".export-*.tmp"):
+            stale.unlink(missing_ok=True)
+        return f"the complete files in {self.out} are kept: run the export again with more room to resume"
 
 
 def _study(pacs: Pacs, study_uid: str) -> Any:
@@ -202,49 +251,84 @@ def export_studies(
     deid = Deidentifier(salt or deidentify_salt(pacs)) if deidentify else None
     with ExitStack() as stack:
         sink = _Sink(out, stack)
-        for study_uid in study_uids:
-            study = _study(pacs, study_uid)
-            if study is None:
-                report.missing_studies.append(study_uid)
-                continue
-            overrides = _overrides(pacs, study.pk)
-            progress.start(f"exporting {study_uid[-24:]}", None)
-            count = 0
-            # Paged from the index: a study of any size is never listed whole.
-            for item in pacs.reader.iter_stored(study_uid):
-                count += 1
-                progress.advance()
-                try:
-                    if deid is None and not overrides:
-                        name = f"{item.study_uid}/{item.series_uid}/{item.sop_uid}.dcm"
-                        if sink.has(name, item.size):
-                            report.kept += 1
-                            continue
-                        with pacs.store.open(item.storage_key) as stream:
-                            sink.add_stream(stream, name, item.size)
-                        size = item.size
-                    else:
-                        rewritten = _rewrite(pacs, item, sink, deid, overrides, report, include_burned_in)
-                        if rewritten is None:
-                            continue
-                        size = rewritten
-                    report.instances += 1
-                    report.bytes += size
-                except Exception as exc:  # one bad object must not sink the export
-                    log.warning("export of %s failed: %s", item.sop_uid, exc)
-                    report.failed.add({"sop_uid": item.sop_uid, "detail": str(exc)[:200]})
-            report.studies += 1
-            if deid is not None:
-                report.study_map[study_uid] = deid.uid_map.map(study_uid)
-            pacs.audit.record(
-                Event(
-                    action="export", user=user, protocol="cli", study_uid=study_uid, patient_id=study.patient_id,
-                    detail=f"{'de-identified ' if deid else ''}export of {count} instances to {out}",
-                )
-            )
-        sink.finish()
-    pacs.audit.flush()
+        try:
+            _export_all(pacs, study_uids, out, sink, deid, include_burned_in, user, progress, report)
+            sink.finish()
+        except BaseException as exc:
+            full = _disk_full(exc)
+            if full is None:
+                raise
+            kept = sink.abort()
+            raise ExportDiskFull(
+                f"disk full writing the export ({full.strerror}{': ' + str(full.filename) if full.filename else ''}): "
+                f"stopped after {report.instances} objects; {kept}"
+            ) from None
+        finally:
+            pacs.audit.flush()
     return report
+
+
+def _export_all(
+    pacs: Pacs,
+    study_uids: list[str],
+    out: Path,
+    sink: _Sink,
+    deid: Deidentifier | None,
+    include_burned_in: bool,
+    user: str,
+    progress: Progress,
+    report: ExportReport,
+) -> None:
+    """The export loop of :func:`export_studies`; a full disk propagates."""
+    for study_uid in study_uids:
+        study = _study(pacs, study_uid)
+        if study is None:
+            report.missing_studies.append(study_uid)
+            continue
+        overrides = _overrides(pacs, study.pk)
+        progress.start(f"exporting {study_uid[-24:]}", None)
+        count = 0
+        # Paged from the index: a study of any size is never listed whole.
+        for item in pacs.reader.iter_stored(study_uid):
+            count += 1
+            progress.advance()
+            try:
+                if deid is None and not overrides:
+                    name = f"{item.study_uid}/{item.series_uid}/{item.sop_uid}.dcm"
+                    if sink.has(name, item.size):
+                        report.kept += 1
+                        continue
+                    with pacs.store.open(item.storage_key) as stream:
+                        sink.add_stream(stream, name, item.size)
+                    size = item.size
+                else:
+                    rewritten = _rewrite(pacs, item, sink, deid, overrides, report, include_burned_in)
+                    if rewritten is None:
+                        continue
+                    size = rewritten
+                report.instances += 1
+                report.bytes += size
+            except Exception as exc:  # one bad object must not sink the export
+                if _disk_full(exc) is not None:
+                    # ... but a full disk sinks every later one as well.
+                    _audit(pacs, user, study_uid, study.patient_id, deid,
+                           f"export of {count} instances to {out} stopped: disk full")
+                    raise
+                log.warning("export of %s failed: %s", item.sop_uid, exc)
+                report.failed.add({"sop_uid": item.sop_uid, "detail": str(exc)[:200]})
+        report.studies += 1
+        if deid is not None:
+            report.study_map[study_uid] = deid.uid_map.map(study_uid)
+        _audit(pacs, user, study_uid, study.patient_id, deid, f"export of {count} instances to {out}")
+
+
+def _audit(pacs: Pacs, user: str, study_uid: str, patient_id: str, deid: Deidentifier | None, detail: str) -> None:
+    pacs.audit.record(
+        Event(
+            action="export", user=user, protocol="cli", study_uid=study_uid, patient_id=patient_id,
+            detail=f"{'de-identified ' if deid else ''}{detail}",
+        )
+    )
 
 
 def _rewrite(
