@@ -234,7 +234,7 @@ class Settings(BaseSettings):
     # the audit trail. Empty: none (a client cannot name another address).
     trusted_proxies: str = ""
     # Encoded rendered frames and thumbnails kept in memory (LRU).
-    render_cache_bytes: int = 128 * 1024**2
+    render_cache_bytes: int = 64 * 1024**2
     log_level: str = "INFO"
     ae: list[KnownAeEntry] = Field(default_factory=list)
 
