@@ -43,7 +43,7 @@ from pynetdicom.sop_class import uid_to_service_class
 from pacs.header import valid_uid
 
 from .direct_send import can_write_directly, message_pdus, store_response_command, write_pdus
-from .received import Limits, ReceivedData, new_dataset
+from .received import Limits, ReceivedData
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ class ReceivedStore:
     message_id: int
     priority: int
     context_id: int = 0
-    dataset: ReceivedData = field(default_factory=lambda: new_dataset(None))
+    dataset: ReceivedData = field(default_factory=lambda: ReceivedData(None))
 
 
 # (association, request, transfer syntax UID) -> (status, error comment)
@@ -218,7 +218,7 @@ class _Incoming:
         self.command_pdvs: list[list[Any]] = []
         self.request: C_STORE | ReceivedStore | None = None
         self.context_id = 0
-        self.dataset = new_dataset(self.limits)
+        self.dataset = ReceivedData(self.limits)
         # True while pynetdicom receives the current message itself.
         self.theirs = False
 

@@ -125,8 +125,3 @@ class ReceivedData:
     def close(self) -> None:
         """Let the bytes go (the spool file disappears)."""
         self._release()
-
-
-def new_dataset(limits: Limits | None) -> ReceivedData:
-    """A sink for the next data set received under *limits*."""
-    return ReceivedData(limits)

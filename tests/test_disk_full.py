@@ -78,11 +78,26 @@ def failure_reasons(body: dict[str, Any]) -> list[int]:
     return [item["00081197"]["Value"][0] for item in items]
 
 
-def one_part_body(size: int) -> tuple[bytes, bytes, bytes]:
-    """(head, close) around a single part body of *size* bytes, and the boundary."""
-    boundary = "disk-full-" + generate_uid()[-12:]
-    head = f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-    return head, f"\r\n--{boundary}--\r\n".encode(), boundary.encode()
+def new_boundary() -> str:
+    return "disk-full-" + generate_uid()[-12:]
+
+
+def stow_streamed(server: PacsServer, megabytes: int, before_each: Callable[[], object] = lambda: None) -> Any:
+    """STOW-RS of one part of *megabytes* MB of noise, sent as it is made (no
+    Content-Length); *before_each* runs before each MB goes out."""
+    boundary = new_boundary()
+
+    def body() -> Iterator[bytes]:
+        yield f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\nDICM".encode()
+        for _ in range(megabytes):
+            before_each()
+            yield os.urandom(MB)
+        yield f"\r\n--{boundary}--\r\n".encode()
+
+    with server.http() as http:
+        return http.post("/dicom-web/studies", content=body(), headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
+            "Accept": "application/dicom+json"})
 
 
 def stow_small(server: PacsServer, tmp_path: Path) -> int:
@@ -97,18 +112,7 @@ def test_stow_on_a_full_disk_is_503_out_of_resources_and_leaves_no_spool(tmp_pat
     """ENOSPC while spooling a part was an HTTP 500; it is the archive's lack
     of resources: 503 with FailureReason 0xA700, and the spool file is gone."""
     with tmpfs(tmp_path / "data", 40) as data, serving(data, PACS_MIN_FREE_BYTES="0") as server:
-        head, close, boundary = one_part_body(60 * MB)
-
-        def body() -> Iterator[bytes]:
-            yield head + b"DICM"
-            for _ in range(60):
-                yield os.urandom(MB)
-            yield close
-
-        with server.http() as http:
-            r = http.post("/dicom-web/studies", content=body(), headers={
-                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary.decode()}',
-                "Accept": "application/dicom+json"})
+        r = stow_streamed(server, 60)
         assert r.status_code == 503, r.text
         assert failure_reasons(r.json()) == [OUT_OF_RESOURCES], r.text
         assert list((data / "stow-spool").iterdir()) == []
@@ -122,20 +126,8 @@ def test_stow_refuses_at_the_low_water_mark_while_spooling(tmp_path: Path) -> No
     filled) and only then refused by the ingest: the spool keeps the mark."""
     mark = 40 * MB
     with tmpfs(tmp_path / "data", 100) as data, serving(data, PACS_MIN_FREE_BYTES=str(mark)) as server:
-        head, close, boundary = one_part_body(90 * MB)
         lowest = [free(data)]
-
-        def body() -> Iterator[bytes]:
-            yield head + b"DICM"
-            for _ in range(90):
-                lowest.append(free(data))
-                yield os.urandom(MB)
-            yield close
-
-        with server.http() as http:
-            r = http.post("/dicom-web/studies", content=body(), headers={
-                "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary.decode()}',
-                "Accept": "application/dicom+json"})
+        r = stow_streamed(server, 90, lambda: lowest.append(free(data)))
         assert r.status_code == 503, r.text
         assert failure_reasons(r.json()) == [OUT_OF_RESOURCES], r.text
         # The spool looks at free space every few MB: it may pass the mark by
@@ -151,11 +143,11 @@ def test_stow_with_a_content_length_over_the_mark_is_refused_before_the_body(tmp
     never sends the body."""
     mark = 32 * MB
     with tmpfs(tmp_path / "data", 64) as data, serving(data, PACS_MIN_FREE_BYTES=str(mark)) as server:
-        _, _, boundary = one_part_body(0)
+        boundary = new_boundary()
         request = (
             "POST /dicom-web/studies HTTP/1.1\r\nHost: localhost\r\n"
             f"Authorization: Bearer {server.token}\r\nAccept: application/dicom+json\r\n"
-            f'Content-Type: multipart/related; type="application/dicom"; boundary={boundary.decode()}\r\n'
+            f'Content-Type: multipart/related; type="application/dicom"; boundary={boundary}\r\n'
             f"Content-Length: {48 * MB}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
         ).encode()
         with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
