@@ -13,7 +13,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from datetime import timedelta
+from datetime import date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -305,6 +305,8 @@ def cmd_remote(args: argparse.Namespace) -> int:
             status = remote.echo(pacs, args.ae)
             _print_result(args, {"ae": args.ae, "status": f"0x{status:04X}"})
             return 0 if status == 0 else 1
+        if args.remote_command == "pull":
+            return _remote_pull(pacs, args)
         keys = _keys(args)
         if args.remote_command == "find":
             results = []
@@ -328,6 +330,63 @@ def cmd_remote(args: argparse.Namespace) -> int:
         return 1
     finally:
         pacs.close()
+
+
+def _remote_pull(pacs: Any, args: argparse.Namespace) -> int:
+    from .pull import PullOptions, Puller, StudyResult
+
+    options = PullOptions(
+        since=args.since, until=args.until, patient_id=args.patient or "", method=args.method,
+        find_limit=args.find_limit, max_studies=args.max_studies, stop_at=args.stop_at, pause=args.pause,
+        dry_run=args.dry_run,
+    )
+
+    def shown(result: StudyResult) -> None:
+        if not args.json and result.state != "complete":
+            colour = {"pulled": "green", "missing": "yellow"}.get(result.state, "red")
+            out.print(f"[{colour}]{result.state:10}[/{colour}] {result.study_date or '--------'} "
+                      f"{result.patient_id} {result.study_uid} {result.after - result.before:+d} {result.detail}")
+
+    report = Puller(pacs, args.ae, options, on_study=shown).run()
+    if args.json:
+        print(json.dumps(report.as_dict(), ensure_ascii=False))
+    else:
+        out.print(f"{report.studies} studies at {report.remote} ({report.since}-{report.until}): "
+                  f"{report.complete} already complete, {report.pulled} pulled ({report.instances} instances), "
+                  f"{report.missing} to pull, {report.incomplete} incomplete, {report.failed} failed; "
+                  f"{report.queries} C-FINDs")
+        for window in report.capped:
+            err.print(f"[yellow]{window}: the remote answered {options.find_limit} or more studies; "
+                      "some may be left out (pull them again with --patient)[/yellow]")
+        if report.stopped:
+            err.print(f"[yellow]stopped: {report.stopped}; run the same command again to go on[/yellow]")
+    return 0 if report.ok else 1
+
+
+def _day(text: str) -> date:
+    try:
+        return datetime.strptime(text, "%Y%m%d").date() if "-" not in text else date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYYMMDD or YYYY-MM-DD)") from None
+
+
+def _clock(text: str) -> time:
+    try:
+        return datetime.strptime(text, "%H:%M").time()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a time of day (HH:MM)") from None
+
+
+def _at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}")
+        return value
+    return parse
 
 
 def _json_value(value: Any) -> Any:
@@ -666,6 +725,24 @@ def build_parser() -> argparse.ArgumentParser:
             q.add_argument("--series", help="SeriesInstanceUID shortcut")
         if name == "move":
             q.add_argument("--destination", help="move destination AE (default: ours)")
+    q = r_sub.add_parser(
+        "pull", help="copy a remote archive (an old PACS) here: newest first, resumable, verified",
+        description="Retrieve every study of the remote AE between --since and --until that is not complete "
+        "here, newest first, and check that each instance the remote lists is indexed. Running it again "
+        "goes on where it stopped. C-MOVE (default) needs this node registered at the remote and pacs serve "
+        "running; --method get needs neither.")
+    _common(q, json_flag=True)
+    q.add_argument("ae", help="remote AE title (must be registered with pacs ae add)")
+    q.add_argument("--since", type=_day, help="first study date (YYYYMMDD; default: the earliest)")
+    q.add_argument("--until", type=_day, help="last study date (YYYYMMDD; default: today)")
+    q.add_argument("--patient", help="only this Patient ID")
+    q.add_argument("--method", choices=["move", "get"], default="move")
+    q.add_argument("--find-limit", type=_at_least(2), default=500,
+                   help="the most C-FIND matches the remote answers: a date window with that many is split (500)")
+    q.add_argument("--max-studies", type=_at_least(0), default=0, help="stop after retrieving this many studies")
+    q.add_argument("--stop-at", type=_clock, help="stop at this time of day (HH:MM), e.g. when the day shift starts")
+    q.add_argument("--pause", type=float, default=0.0, help="seconds to wait between studies (spare the remote)")
+    q.add_argument("--dry-run", action="store_true", help="only say what would be pulled")
     p.set_defaults(func=cmd_remote)
 
     p = sub.add_parser("orders", help="reconcile studies with HIS orders")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, build_role, evt
+from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import Verification
 
 from dicom_scp.contexts import QR_MODELS as _MODELS
@@ -144,6 +144,21 @@ def move(
         assoc.release()
 
 
+def _sop_classes(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str) -> set[str]:
+    """SOP classes of what a retrieve at *level* would send, asked level by
+    level: a remote that only knows the hierarchical model (PS3.4 C.4.1.3.1,
+    as most do) refuses an IMAGE-level query without its Series Instance UID."""
+    if level in ("SERIES", "IMAGE"):
+        image_keys = {**keys, "SOPInstanceUID": keys.get("SOPInstanceUID", ""), "SOPClassUID": ""}
+        return {str(m.SOPClassUID) for m in find(pacs, title, "IMAGE", image_keys, model)
+                if m is not None and m.get("SOPClassUID")}
+    below, key = ("SERIES", "SeriesInstanceUID") if level == "STUDY" else ("STUDY", "StudyInstanceUID")
+    classes: set[str] = set()
+    for uid in {str(m.get(key)) for m in find(pacs, title, below, {**keys, key: ""}, model) if m is not None and m.get(key)}:
+        classes |= _sop_classes(pacs, title, below, {**keys, key: uid}, model)
+    return classes
+
+
 def get(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = "study") -> RetrieveSummary:
     """C-GET from the remote AE; received objects are ingested here."""
     from dicom_scp.contexts import STORAGE_TRANSFER_SYNTAXES
@@ -151,15 +166,11 @@ def get(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = "
 
     # Ask for the SOP classes first: at most 128 contexts fit in an
     # association, far fewer than all storage classes.
-    sop_classes = sorted(
-        {
-            str(m.SOPClassUID)
-            for m in find(pacs, title, "IMAGE", {**keys, "SOPClassUID": "", "SOPInstanceUID": ""}, model)
-            if m is not None and "SOPClassUID" in m
-        }
-    )
-    if not sop_classes:
-        return RetrieveSummary(0x0000)
+    # A remote that does not return SOP Class UID (dcmqrscp, many old PACS)
+    # is offered pynetdicom's 120 common storage classes instead.
+    sop_classes = sorted(_sop_classes(pacs, title, level.upper(), keys, model)) or [
+        cx.abstract_syntax for cx in StoragePresentationContexts
+    ]
     get_class = _MODELS[model][2]
     ae = local_ae(pacs)
     ae.add_requested_context(get_class)

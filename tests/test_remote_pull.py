@@ -1,0 +1,221 @@
+"""`pacs remote pull`: copying an old PACS into ours, against DCMTK's dcmqrscp
+as the old PACS (a real Q/R SCP with its own database, C-MOVE and C-GET)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+from .conftest import PacsServer, make_backend
+from .peers import dataset_bytes, dcmtk, free_port, run_dcmtk, wait_port
+
+ROOT = "1.2.826.0.1.3680043.8.498.4242."
+# (study, date, time, patient ID, name, series x instances)
+STUDIES = [
+    ("1", "20240110", "081500", "079201000001", "Nguyễn^Văn An", (2, 3)),
+    ("2", "20240110", "143000", "079201000002", "Trần^Thị Bình", (1, 2)),
+    ("3", "20230505", "101010", "079201000003", "Lê^Văn Cường", (1, 2)),
+    ("4", "20220101", "090000", "079201000004", "Phạm^Minh Đức", (2, 2)),
+    ("5", "20191231", "235900", "079201000001", "Nguyễn^Văn An", (1, 1)),
+    ("6", "", "", "079201000001", "Nguyễn^Văn An", (1, 1)),  # an old film scan without a date
+]
+
+
+def _instance(study: tuple, series: int, number: int) -> Dataset:
+    key, day, clock, patient_id, name, _shape = study
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = f"{ROOT}{key}.{series}.{number}"
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.StudyInstanceUID = f"{ROOT}{key}"
+    ds.SeriesInstanceUID = f"{ROOT}{key}.{series}"
+    ds.PatientID, ds.PatientName = patient_id, name
+    ds.StudyDate, ds.StudyTime, ds.AccessionNumber = day, clock, f"ACC{key}"
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", series, number
+    ds.Rows = ds.Columns = 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+    ds.PixelData = (np.arange(64, dtype=np.int16) * number).tobytes()
+    return ds
+
+
+@dataclass
+class Legacy:
+    """dcmqrscp serving the corpus as the hospital's old PACS."""
+
+    port: int
+    files: dict[str, Path]
+    proc: subprocess.Popen
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def _legacy(tmp: Path, ours: PacsServer) -> Iterator[Legacy]:
+    db = tmp / "legacy-db"
+    db.mkdir()
+    files: dict[str, Path] = {}
+    for study in STUDIES:
+        series_count, per_series = study[5]
+        for series in range(1, series_count + 1):
+            for number in range(1, per_series + 1):
+                ds = _instance(study, series, number)
+                path = tmp / "legacy-src" / f"{ds.SOPInstanceUID}.dcm"
+                path.parent.mkdir(exist_ok=True)
+                ds.save_as(path, enforce_file_format=True)
+                files[str(ds.SOPInstanceUID)] = path
+    port = free_port()
+    config = tmp / "dcmqrscp.cfg"
+    config.write_text(
+        f'NetworkTCPPort = {port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n'
+        f"HostTable BEGIN\nfilmless = ({ours.ae_title}, 127.0.0.1, {ours.dicom_port})\nHostTable END\n"
+        "VendorTable BEGIN\nVendorTable END\n"
+        f"AETable BEGIN\nLEGACY {db} RW (200, 1024mb) ANY\nAETable END\n"
+    )
+    indexed = run_dcmtk("dcmqridx", str(db), *map(str, files.values()))
+    assert indexed.returncode == 0, indexed.stderr
+    log = tmp / "dcmqrscp.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([dcmtk("dcmqrscp"), "-d", "-c", str(config)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TCP_NODELAY": "1"})
+    try:
+        wait_port(port, timeout=30, proc=proc)
+        ours.cli("ae", "add", "LEGACY", "--host", "127.0.0.1", "--port", str(port))
+        yield Legacy(port, files, proc, log)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def ours(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[PacsServer]:
+    server = PacsServer(tmp_path / "data", make_backend("sqlite-fs", request)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def legacy(tmp_path: Path, ours: PacsServer) -> Iterator[Legacy]:
+    yield from _legacy(tmp_path, ours)
+
+
+def _pull(server: PacsServer, *args: str) -> tuple[int, dict]:
+    result = server.cli("remote", "pull", "LEGACY", "--json", *args, check=False)
+    assert result.stdout.strip(), result.stderr
+    return result.returncode, json.loads(result.stdout)
+
+
+def _stored(server: PacsServer) -> dict[str, bytes]:
+    core = server.core()
+    try:
+        return {item.sop_uid: dataset_bytes(core.store.read_bytes(item.storage_key)) for item in core.reader.iter_stored()}
+    finally:
+        core.close()
+
+
+def test_pull_copies_an_old_pacs_newest_first_resumes_and_verifies(ours: PacsServer, legacy: Legacy) -> None:
+    """The old PACS answers at most 2 matches per C-FIND here (--find-limit
+    2): the whole range, then halves, then the day with two studies by hour."""
+    dates = ("--since", "20000101", "--until", "20301231")
+    code, first = _pull(ours, "--find-limit", "2", "--max-studies", "2", *dates)
+    assert code == 1 and first["stopped"].startswith("--max-studies 2")
+    assert first["pulled"] == 2 and first["problems"] == []
+    # Newest first: both studies of 2024-01-10.
+    assert {uid.rsplit(".", 1)[-1] for uid in _stored_studies(ours)} == {"1", "2"}
+
+    code, second = _pull(ours, "--find-limit", "2", *dates)
+    assert code == 0, second
+    assert (second["complete"], second["pulled"], second["studies"]) == (2, 3, 5)
+    assert second["capped"] == [] and second["stopped"] == ""
+    sent = {uid: dataset_bytes(path.read_bytes()) for uid, path in legacy.files.items() if not uid.startswith(f"{ROOT}6.")}
+    assert _stored(ours) == sent  # every instance, byte for byte
+    assert ours.stats()["studies"] == 5 and ours.stats()["patients"] == 4
+
+    moves = legacy.log_text().count("Move Destination")
+    code, third = _pull(ours, "--find-limit", "2", *dates)
+    assert code == 0 and (third["complete"], third["pulled"]) == (5, 0)
+    assert legacy.log_text().count("Move Destination") == moves  # nothing retrieved again
+
+    audit = ours.cli("audit", "--format", "json").stdout
+    assert audit.count("pull: ") == 5
+
+
+def _stored_studies(server: PacsServer) -> set[str]:
+    core = server.core()
+    try:
+        return {item.study_uid for item in core.reader.iter_stored()}
+    finally:
+        core.close()
+
+
+def test_pull_takes_only_missing_series_and_names_what_it_cannot_get(ours: PacsServer, legacy: Legacy,
+                                                                      tmp_path: Path) -> None:
+    # One series of study 4 is already here (sent by the modality to both).
+    here = [legacy.files[f"{ROOT}4.1.{n}"] for n in (1, 2)]
+    assert ours.storescu(*map(str, here)).returncode == 0
+    # The old PACS lost one file of study 1: listed, but it cannot send it.
+    lost = legacy.files[f"{ROOT}1.2.3"]
+    lost.rename(tmp_path / "lost.dcm")
+
+    code, dry = _pull(ours, "--dry-run")
+    assert code == 0 and dry["missing"] == 6 and dry["pulled"] == 0
+    assert ours.stats()["instances"] == 2
+
+    moves_before = legacy.log_text().count("Move Destination")
+    code, report = _pull(ours)
+    assert code == 1
+    assert report["pulled"] == 5 and report["incomplete"] == 1 and report["complete"] == 0
+    (problem,) = report["problems"]
+    assert problem["study_uid"] == f"{ROOT}1" and problem["detail"].startswith("1 of 6 instances missing")
+    # Study 4 came by its missing series only; the others whole: one move each.
+    assert legacy.log_text().count("Move Destination") - moves_before == 6
+    assert ours.stats()["instances"] == sum(s * n for *_x, (s, n) in STUDIES) - 1
+
+    lost.parent.mkdir(exist_ok=True)
+    (tmp_path / "lost.dcm").rename(lost)  # found again: the next run completes it
+    code, again = _pull(ours)
+    assert code == 0 and (again["pulled"], again["complete"]) == (1, 5)
+    assert ours.stats()["instances"] == sum(s * n for *_x, (s, n) in STUDIES)
+
+
+def test_pull_by_c_get_for_one_patient_and_a_date_range(tmp_path: Path, ours: PacsServer, legacy: Legacy) -> None:
+    """C-GET needs neither our AE at the remote nor a running listener."""
+    ours.stop()
+    code, report = _pull(ours, "--method", "get", "--patient", "079201000001", "--since", "20200101")
+    assert code == 0 and report["pulled"] == 1 and report["studies"] == 1, json.dumps(report)
+    code, report = _pull(ours, "--method", "get", "--patient", "079201000001", "--until", "2019-12-31")
+    assert code == 0 and report["pulled"] == 1
+    assert _stored_studies(ours) == {f"{ROOT}1", f"{ROOT}5"}
+    # Without dates the undated study is found too, unless the remote's
+    # limit forces splitting by date: then the report says so (exit 1).
+    code, report = _pull(ours, "--method", "get", "--patient", "079201000001", "--find-limit", "3")
+    assert code == 1 and report["capped"] == ["studies without a Study Date"] and report["complete"] == 2
+    code, report = _pull(ours, "--method", "get", "--patient", "079201000001")
+    assert code == 0 and (report["pulled"], report["complete"]) == (1, 2)
+
+
+def test_pull_refuses_bad_arguments_and_unknown_or_unreachable_remotes(ours: PacsServer) -> None:
+    bad = ours.cli("remote", "pull", "LEGACY", "--since", "2024-13-01", check=False)
+    assert bad.returncode == 2 and "is not a date" in bad.stderr
+    bad = ours.cli("remote", "pull", "LEGACY", "--find-limit", "1", check=False)
+    assert bad.returncode == 2 and "at least 2" in bad.stderr
+    unknown = ours.cli("remote", "pull", "NOSUCH", check=False)
+    assert unknown.returncode == 1 and "not in the AE registry" in unknown.stdout + unknown.stderr
+    ours.cli("ae", "add", "GONE", "--host", "127.0.0.1", "--port", str(free_port()))
+    code_gone = ours.cli("remote", "pull", "GONE", "--json", check=False)
+    assert code_gone.returncode == 1 and "association with GONE" in json.loads(code_gone.stdout)["stopped"]
