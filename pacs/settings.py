@@ -233,6 +233,11 @@ class Settings(BaseSettings):
     # X-Forwarded-For / X-Forwarded-Proto are believed: the client address in
     # the audit trail. Empty: none (a client cannot name another address).
     trusted_proxies: str = ""
+    # The hospital's time zone (IANA name, e.g. "Asia/Ho_Chi_Minh"): DICOM
+    # dates and times we write, HL7 timestamps, the time of day of an order
+    # without one. Empty: the server's own zone (TZ), which in a container or
+    # on a server set to UTC is 7 hours off for Vietnam: `pacs serve` warns.
+    timezone: str = ""
     # Encoded rendered frames and thumbnails kept in memory (LRU).
     render_cache_bytes: int = 64 * 1024**2
     log_level: str = "INFO"
@@ -244,6 +249,19 @@ class Settings(BaseSettings):
         value = value.strip()
         if not 0 < len(value) <= 16 or "\\" in value:
             raise ValueError("AE title must be 1-16 characters without backslash")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        value = value.strip()
+        if value:
+            from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+            try:
+                ZoneInfo(value)
+            except (ZoneInfoNotFoundError, ValueError):
+                raise ValueError(f"unknown time zone {value!r} (an IANA name such as Asia/Ho_Chi_Minh)") from None
         return value
 
     @classmethod
