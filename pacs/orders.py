@@ -687,7 +687,9 @@ class OrderService:
         performed_series: list[dict[str, Any]] | None = None,
         create: bool,
     ) -> dict[str, Any]:
-        """MPPS N-CREATE (create=True) or N-SET: track the step, move its orders.
+        """MPPS N-CREATE (create=True) or N-SET: track the step, move its orders
+        (IN PROGRESS, COMPLETED; back to SCHEDULED when the step is DISCONTINUED
+        and no other step of the order is in progress or completed).
 
         *scheduled*: (accession, study UID, step ID) of each Scheduled Step
         Attributes item of the N-CREATE (default: the one given by *accession*,
@@ -752,15 +754,60 @@ class OrderService:
         an order cancelled meanwhile, which stays cancelled, and a completed
         one, which a later step (a repeat acquisition, a step discontinued
         after the exam was done) does not move back: the HIS would read the
-        finished exam as running again, and could then cancel it."""
+        finished exam as running again, and could then cancel it.
+
+        A DISCONTINUED step puts its order back on the worklist (see
+        :meth:`_after_discontinued`). The HIS hears of a change only: a
+        second step on an order already IN PROGRESS tells it nothing."""
         current = conn.execute(select(orders_t.c.status).where(orders_t.c.pk == order_pk)).scalar_one()
-        moves = current not in FINAL_STATUSES
+        target: str | None = None if current in FINAL_STATUSES else status
+        if status == "DISCONTINUED" and target is not None:
+            target = self._after_discontinued(conn, order_pk, current, sop_uid)
+        moves = target is not None and target != current
         if moves:
-            conn.execute(update(orders_t).where(orders_t.c.pk == order_pk).values(status=status, updated_at=now))
+            conn.execute(update(orders_t).where(orders_t.c.pk == order_pk).values(status=target, updated_at=now))
         order = self._order_dict(conn, order_pk)
         if moves:
-            self.enqueue(conn, "his", "order_status", {"order": order, "status": status, "step": sop_uid})
+            # A step discontinued: ORC-5 SC (HL7 table 0038 "in process,
+            # scheduled") -- the order is open and waits to be performed, which
+            # is the truth. DC would tell the HIS the order itself was stopped
+            # (many close or bill it then, and we would refuse its XO), CA that
+            # it was withdrawn, IP that it is being performed. The outbound
+            # renderer maps SCHEDULED to SC; step_status says why it came back.
+            self.enqueue(conn, "his", "order_status",
+                         {"order": order, "status": target, "step": sop_uid, "step_status": status})
         return order
+
+    @staticmethod
+    def _after_discontinued(conn: Connection, order_pk: int, current: str, sop_uid: str) -> str | None:
+        """The order status after one of its performed steps was discontinued
+        (None: unchanged).
+
+        IHE RAD-7 (Modality PPS Discontinued): a discontinued performed step
+        is void for the scheduled step, which is still to be done -- the
+        modality picked the wrong worklist entry (110514), the patient could
+        not go on. So an order the step had put IN PROGRESS goes back to
+        SCHEDULED, on the worklist again and changeable by the HIS; unless
+        another performed step of the order is in progress (it stays IN
+        PROGRESS: no IP, SC, IP flapping at the HIS) or completed (the order
+        is then COMPLETED and final). An order in any other state (the HIS
+        discontinued or cancelled it) stays as it is."""
+        if current != "IN PROGRESS":
+            return None
+        # order_pk covers the step's first order; a group step (IHE group
+        # case) lists the others in order_pks, JSON without an index: this
+        # LIKE scans performed_steps, once per discontinued step (rare), and
+        # _step_orders confirms each candidate (%12% also finds 112).
+        candidates = conn.execute(
+            select(steps_t.c.order_pk, steps_t.c.order_pks).where(
+                steps_t.c.sop_uid != sop_uid,
+                steps_t.c.status.in_(("IN PROGRESS", "COMPLETED")),
+                or_(steps_t.c.order_pk == order_pk, steps_t.c.order_pks.like(f"%{order_pk}%")),
+            )
+        ).all()
+        if any(order_pk in _step_orders(step) for step in candidates):
+            return None
+        return "SCHEDULED"
 
     @staticmethod
     def _order_for_step(conn: Connection, accession: str, study_uid: str, step_id: str) -> int | None:

@@ -2,9 +2,11 @@
 
 The worklist answers from the orders the HIS sent (PS3.4 K.6): every type 1
 and 2 return key the modality asks for, patient names in ISO_IR 192 and
-matched without diacritics. MPPS moves the order through IN PROGRESS to
-COMPLETED or DISCONTINUED and queues a status message for the HIS, in the
-same transaction.
+matched without diacritics, every match streamed (no cap). Keys it does not
+match on are ignored for matching and returned (PS3.4 C.2.2.1.3). MPPS moves
+the order through IN PROGRESS to COMPLETED (a DISCONTINUED step puts it back
+on the worklist, see :meth:`pacs.orders.OrderService.record_step`) and
+queues a status message for the HIS, in the same transaction.
 """
 
 from __future__ import annotations
@@ -16,19 +18,22 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
+from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.sop_class import (
     ModalityPerformedProcedureStep,
     ModalityWorklistInformationFind,
 )
 
+from dicom_scp.qr import _sequence_has_values, cancelled
 from pacs.app import Pacs
 from pacs.audit import Event
 from pacs.errors import query_failure
 from pacs.orders import OrderError, OrderService
 from pacs.query import QueryError
+from pacs.query.matching import is_date, is_time
 from pacs.query.results import other_ids_sequence
-from pacs.worklist import run_worklist
+from pacs.worklist import ignored_keys, run_worklist, sps_status
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +45,6 @@ NO_SUCH_INSTANCE, DUPLICATE_INSTANCE, INVALID_VALUE, PROCESSING = 0x0112, 0x0111
 # updated" is a processing failure (0110H) whose Error ID is A710H; A710H is
 # not a status of its own, and modalities decode statuses by category.
 NO_LONGER_UPDATABLE_ERROR_ID = 0xA710
-
-_STEP_KEYS = [
-    "ScheduledStationAETitle", "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartTime",
-    "Modality", "ScheduledPerformingPhysicianName", "ScheduledProcedureStepDescription",
-    "ScheduledProcedureStepID", "ScheduledStationName", "ScheduledProcedureStepLocation",
-    "ScheduledProtocolCodeSequence", "ScheduledProcedureStepStatus",
-]
 
 
 def _text(value: Any) -> str:
@@ -100,7 +98,7 @@ def full_item(row: dict[str, Any]) -> Dataset:
     step.ScheduledStationName = row["station_name"]
     step.ScheduledProcedureStepLocation = row["location"]
     step.ScheduledProtocolCodeSequence = Sequence([])
-    step.ScheduledProcedureStepStatus = row["status"].replace(" ", "")[:16] if row["status"] != "IN PROGRESS" else "STARTED"
+    step.ScheduledProcedureStepStatus = sps_status(row["status"])
     ds.ScheduledProcedureStepSequence = Sequence([step])
     _single_values(ds)
     return ds
@@ -121,64 +119,97 @@ def _single_values(ds: Dataset) -> None:
             elem.value = "/".join(str(v) for v in elem.value)
 
 
-def answer(identifier: Dataset, row: dict[str, Any]) -> Dataset:
-    """The requested keys, filled from the full item (PS3.4 K.6.1.2.2)."""
-    full = full_item(row)
+def _requested(wanted: Dataset, full: Dataset) -> Dataset:
+    """The keys of *wanted* (an identifier or one of its sequence items),
+    filled from *full*: zero-length when unknown (PS3.4 K.6.1.2.2)."""
     out = Dataset()
-    out.SpecificCharacterSet = "ISO_IR 192"
-    for elem in identifier:
+    for elem in wanted:
         keyword = elem.keyword
         if not keyword or keyword == "SpecificCharacterSet":
             continue
-        if keyword == "ScheduledProcedureStepSequence":
-            wanted = identifier.ScheduledProcedureStepSequence
-            source = full.ScheduledProcedureStepSequence[0]
-            item = Dataset()
-            step_keys = [e.keyword for e in wanted[0]] if len(wanted) and len(wanted[0]) else _STEP_KEYS
-            for k in step_keys:
-                if k in source:
-                    item[k] = source[k]
-                elif k:
-                    setattr(item, k, None)
-            out.ScheduledProcedureStepSequence = Sequence([item])
+        if elem.VR == "SQ":
+            known = full[keyword].value if keyword in full else []
+            setattr(out, keyword, _requested_items(elem.value, known))
         elif keyword in full:
             out[keyword] = full[keyword]
         else:
-            out[elem.tag] = elem.__class__(elem.tag, elem.VR, None) if elem.VR != "SQ" else elem
-            if elem.VR == "SQ":
-                setattr(out, keyword, Sequence([]))
+            out[elem.tag] = elem.__class__(elem.tag, elem.VR, None)
     return out
+
+
+def _requested_items(wanted: Sequence, items: Sequence | list[Dataset]) -> Sequence:
+    """A sequence key answered item by item (PS3.4 C.2.2.2.6): an item with
+    keys asks for those keys of every item (a Requested Procedure Code
+    Sequence item with CodeValue alone gets CodeValue alone); no item, or an
+    empty one, asks for the items whole."""
+    if not len(wanted) or not len(wanted[0]):
+        return Sequence(list(items))
+    return Sequence([_requested(wanted[0], item) for item in items])
+
+
+def answer(identifier: Dataset, row: dict[str, Any]) -> Dataset:
+    """The requested keys, filled from the full item (PS3.4 K.6.1.2.2)."""
+    out = _requested(identifier, full_item(row))
+    out.SpecificCharacterSet = "ISO_IR 192"
+    return out
+
+
+def _sequences_with_values(ds: Dataset, skip: str = "") -> list[str]:
+    """Sequence keys of *ds* that carry matching values: not matched on,
+    ignored for matching and returned (as the Q/R C-FIND does)."""
+    return [e.keyword for e in ds if e.VR == "SQ" and e.keyword and e.keyword != skip
+            and _sequence_has_values(ds, e.tag)]
 
 
 def make_worklist_handler(pacs: Pacs) -> Any:
     def handle_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
+        requestor = event.assoc.requestor
         try:
             identifier = event.identifier
             match = _keys(identifier)
             match.pop("SpecificCharacterSet", None)
             steps = identifier.get("ScheduledProcedureStepSequence") or []
             step = _keys(steps[0]) if len(steps) else {}
-            rows = list(run_worklist(pacs.engine, match, step))
+            # Refuses a key it cannot match before anything is answered; the
+            # rows are then read page by page as they are sent.
+            rows = run_worklist(pacs.engine, match, step)
+            not_matched = ignored_keys(match, step)
+            not_matched += _sequences_with_values(identifier, skip="ScheduledProcedureStepSequence")
+            if len(steps):
+                not_matched += _sequences_with_values(steps[0])
         except QueryError as exc:
-            log.warning("worklist query from %s refused: %s", event.assoc.requestor.ae_title, exc)
+            log.warning("worklist query from %s refused: %s", requestor.ae_title, exc)
             yield _status(IDENTIFIER_MISMATCH, str(exc)), None
             return
         except Exception as exc:
             yield _status(*query_failure(log, "worklist query", exc)), None
             return
-        # The worklist names the patients scheduled: reading it is an access to
-        # their data (IHE ATNA "Query"), recorded like any C-FIND.
-        requestor = event.assoc.requestor
-        pacs.audit.record(Event(
-            action="worklist-query", user=requestor.ae_title.strip(), role="dicom", client=str(requestor.address),
-            protocol="dicom", detail=(f"MWL C-FIND: {len(rows)} scheduled step(s); "
-                                      + " ".join(f"{k}={v}" for k, v in {**match, **step}.items() if v))[:500],
-        ))
-        for row in rows:
-            if event.is_cancelled:
-                yield CANCEL, None
-                return
-            yield PENDING, answer(identifier, row)
+        if not_matched:
+            # PS3.4 C.2.2.1.3 / K.2.2.1.1.2: an optional key the SCP does not
+            # match on is ignored for matching and returned like a return key
+            # (keywords only: values can be patient data).
+            log.info("worklist query: not used for matching: %s", ", ".join(not_matched))
+        answered = 0
+        try:
+            for row in rows:
+                if cancelled(event):
+                    yield CANCEL, None
+                    return
+                yield PENDING, answer(identifier, row)
+                answered += 1
+        except Exception as exc:
+            yield _status(*query_failure(log, "worklist query", exc)), None
+            return
+        finally:
+            # The worklist names the patients scheduled: reading it is an access to
+            # their data (IHE ATNA "Query"), recorded like any C-FIND -- once the
+            # answer is sent, with how many steps it named.
+            pacs.audit.record(Event(
+                action="worklist-query", user=requestor.ae_title.strip(), role="dicom",
+                client=str(requestor.address), protocol="dicom",
+                detail=(f"MWL C-FIND: {answered} scheduled step(s); "
+                        + " ".join(f"{k}={v}" for k, v in {**match, **step}.items() if v))[:500],
+            ))
 
     return handle_find
 
@@ -260,6 +291,23 @@ def _set_problem(changes: Dataset) -> Dataset | None:
     if refused:
         names = ", ".join(e.keyword or str(e.tag) for e in refused)
         return _refused(INVALID_VALUE, f"N-SET may not change {names}", [e.tag for e in refused])
+    return _date_time_problem(changes, "N-SET")
+
+
+# The step's dates and times: stored and compared as DA and TM, and an end
+# "2026-12-05" or "9:30" would be kept as the step's end for ever.
+_DATE_TIMES = (("PerformedProcedureStepStartDate", is_date), ("PerformedProcedureStepStartTime", is_time),
+               ("PerformedProcedureStepEndDate", is_date), ("PerformedProcedureStepEndTime", is_time))
+
+
+def _date_time_problem(attributes: Dataset, operation: str) -> Dataset | None:
+    """0106H (invalid attribute value) naming each start or end date or
+    time that is not a DICOM DA or TM value; empty ones are left to the
+    Type 1 / final state checks."""
+    bad = [k for k, valid in _DATE_TIMES if k in attributes and _text(attributes[k].value)
+           and not valid(_text(attributes[k].value))]
+    if bad:
+        return _refused(INVALID_VALUE, f"{operation} has invalid {', '.join(bad)}", bad)
     return None
 
 
@@ -269,9 +317,17 @@ def make_mpps_handlers(pacs: Pacs) -> list[tuple[Any, Any]]:
     def handle_create(event: Any) -> tuple[int | Dataset, Dataset | None]:
         uid = str(event.request.AffectedSOPInstanceUID or "")
         attributes = event.attribute_list
-        problem = _create_problem(attributes)
+        problem = _create_problem(attributes) or _date_time_problem(attributes, "N-CREATE")
         if problem is not None:
             return problem, None
+        # PS3.7 10.1.5.1.4: without an Affected SOP Instance UID in the
+        # request the SCP creates the instance under a UID of its own and
+        # answers it (pynetdicom takes it from the returned Attribute List
+        # into the response's Affected SOP Instance UID). The step was
+        # recorded under "" before, and the next such N-CREATE was refused.
+        assigned = not uid
+        if assigned:
+            uid = generate_uid()
         status = _text(attributes.get("PerformedProcedureStepStatus"))
         if status != "IN PROGRESS":
             return _status(INVALID_VALUE, "N-CREATE must have status IN PROGRESS"), None
@@ -290,6 +346,8 @@ def make_mpps_handlers(pacs: Pacs) -> list[tuple[Any, Any]]:
         except OrderError as exc:
             code = DUPLICATE_INSTANCE if exc.http_status == 409 else PROCESSING
             return _status(code, str(exc)), None
+        if assigned:
+            attributes.AffectedSOPInstanceUID = uid
         return 0x0000, attributes
 
     def handle_set(event: Any) -> tuple[int | Dataset, Dataset | None]:

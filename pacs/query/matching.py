@@ -11,6 +11,7 @@ without ``^`` is matched against the name with its components read as words
 from __future__ import annotations
 
 import re
+from datetime import date
 from typing import Any
 
 from sqlalchemy import ColumnElement, String, and_, exists, func, or_, select, true
@@ -99,7 +100,7 @@ def range_match(column: Any, value: str, *, is_time: bool = False) -> ColumnElem
     value = value.strip()
     if has_wildcard(value):
         # Wildcards are not DA/TM matching (C.2.2.2.4); only "*" gets here
-        # (_check_range), and it is universal matching.
+        # (check_range), and it is universal matching.
         if value.strip("*") == "":
             return true()
         return and_(_not_empty(column), text_match(column, value))
@@ -175,22 +176,41 @@ def _modalities(value: str) -> ColumnElement[bool]:
     )
 
 
-_DATE = re.compile(r"\d{8}")
-_TIME = re.compile(r"\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?")
+# DA: YYYYMMDD; TM: HH[MM[SS[.F{1,6}]]] with the ranges of PS3.5 table 6.2-1
+# (SS up to 60: a leap second). "20261305", "25" and "2400" are no values.
+_DATE = re.compile(r"\d{4}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])")
+_TIME = re.compile(r"([01]\d|2[0-3])([0-5]\d(([0-5]\d|60)(\.\d{1,6})?)?)?")
 
 
-def _check_range(keyword: str, value: str, kind: Kind) -> None:
+def is_date(value: str) -> bool:
+    """Whether *value* is one DICOM DA value, a day of the calendar."""
+    if not _DATE.fullmatch(value):
+        return False
+    try:
+        date(int(value[:4]), int(value[4:6]), int(value[6:]))
+    except ValueError:  # 20260231, or year 0000
+        return False
+    return True
+
+
+def is_time(value: str) -> bool:
+    """Whether *value* is one DICOM TM value (HH, HHMM, HHMMSS[.FFFFFF])."""
+    return _TIME.fullmatch(value) is not None
+
+
+def check_range(keyword: str, value: str, kind: Kind) -> None:
     """Reject what is neither a DA/TM value nor a range of them (PS3.4 C.2.2.2.5).
 
-    The value is left out of the message: it reaches the log, and a mistyped
-    key can hold anything, a patient's ID included.
+    Shared by C-FIND, QIDO-RS and the worklist. The value is left out of
+    the message: it reaches the log, and a mistyped key can hold anything,
+    a patient's ID included.
     """
     value = value.strip()
     if value.strip("*") == "":
         return
-    pattern, form = (_DATE, "YYYYMMDD") if kind is Kind.DATE else (_TIME, "HHMMSS[.FFFFFF]")
+    valid, form = (is_date, "YYYYMMDD") if kind is Kind.DATE else (is_time, "HHMMSS[.FFFFFF]")
     bounds = [b.strip() for b in value.split("-", 1)] if "-" in value else [value]
-    if not any(bounds) or not all(pattern.fullmatch(b) for b in bounds if b):
+    if not any(bounds) or not all(valid(b) for b in bounds if b):
         raise QueryError(f"{keyword} must be {form} or a range {form}-{form}")
 
 
@@ -211,7 +231,7 @@ def condition(attribute: Attribute, value: str, *, fuzzy: bool = False, other_id
             raise QueryError(f"wildcards are not allowed in {attribute.keyword}")
         return attribute.column.in_(uids) if len(uids) > 1 else attribute.column == uids[0]
     if kind in (Kind.DATE, Kind.TIME):
-        _check_range(attribute.keyword, value, kind)
+        check_range(attribute.keyword, value, kind)
         return range_match(attribute.column, value, is_time=kind is Kind.TIME)
     if kind is Kind.INT:
         try:
@@ -231,7 +251,10 @@ def condition(attribute: Attribute, value: str, *, fuzzy: bool = False, other_id
 
 __all__ = [
     "QueryError",
+    "check_range",
     "condition",
+    "is_date",
+    "is_time",
     "like_pattern",
     "list_match",
     "patient_id_match",
