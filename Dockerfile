@@ -29,8 +29,11 @@ RUN pip install --no-cache-dir . && python -c "import importlib, pkgutil; \
 USER pacs
 VOLUME ["/data"]
 # Inside a container the listeners must accept connections from outside it.
+# A container's clock is UTC: PACS_TIMEZONE is the hospital's zone (DICOM and
+# HL7 times written, FHIR times, "today"); override it with -e for another.
 ENV PACS_DATA_DIR=/data \
-    PACS_HOST=0.0.0.0
+    PACS_HOST=0.0.0.0 \
+    PACS_TIMEZONE=Asia/Ho_Chi_Minh
 EXPOSE 11112 8042 2575
 HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8042/health').status==200 else 1)"
 CMD ["pacs", "serve"]

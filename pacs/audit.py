@@ -174,6 +174,17 @@ def query(engine: Engine, *, study_uid: str = "", user: str = "", action: str = 
         return [dict(r) for r in conn.execute(stmt).mappings()]
 
 
+def event_time(at: datetime | str) -> str:
+    """When an event happened, unambiguously: UTC with its "Z" (RFC 3881 5.1
+    EventDateTime is an xs:dateTime, RFC 5424 6.2.3 TIMESTAMP needs its
+    TIME-OFFSET). Times are written in UTC; one read back without a zone
+    is taken as such."""
+    if isinstance(at, str):
+        return at
+    moment = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
 def to_atna(event: dict[str, Any], source_id: str) -> dict[str, Any]:
     """One event as an RFC 3881 / ATNA shaped record (JSON)."""
     participants = []
@@ -191,7 +202,7 @@ def to_atna(event: dict[str, Any], source_id: str) -> dict[str, Any]:
         "EventIdentification": {
             "EventID": {"code": event["action"], "codeSystemName": "filmless-pacs"},
             "EventActionCode": _ACTION_CODE.get(event["action"], "E"),
-            "EventDateTime": event["at"].isoformat() if hasattr(event["at"], "isoformat") else str(event["at"]),
+            "EventDateTime": event_time(event["at"]),
             "EventOutcomeIndicator": 0 if event["outcome"] == "success" else 4 if event["outcome"] == "failure" else 8,
         },
         "ActiveParticipant": [{"UserID": event["user"], "RoleIDCode": event["role"], "UserIsRequestor": True,
@@ -204,7 +215,7 @@ def to_atna(event: dict[str, Any], source_id: str) -> dict[str, Any]:
 
 def to_syslog(event: dict[str, Any], source_id: str) -> str:
     """One event as an RFC 5424 syslog line (facility authpriv, severity notice)."""
-    at = event["at"].isoformat() if hasattr(event["at"], "isoformat") else str(event["at"])
+    at = event_time(event["at"])
     host = socket.gethostname()
     msg = " ".join(f'{k}="{event[k]}"' for k in ("user", "role", "client", "protocol", "action", "outcome",
                                                  "study_uid", "patient_id") if event[k])

@@ -596,12 +596,16 @@ def cmd_route(args: argparse.Namespace) -> int:
                 print(json.dumps({"counts": routing.counts(pacs.engine), "jobs": jobs}, default=str))
             else:
                 out.print(routing.counts(pacs.engine))
+                from .timezones import shown
+
                 table = Table(title="routing jobs")
                 for col in ("job", "rule", "instance", "state", "tries", "next", "error"):
                     table.add_column(col)
                 for j in jobs:
+                    # The hospital's wall time with its offset: the index's UTC
+                    # printed bare read as local time, 7 hours off in Vietnam.
                     table.add_row(str(j["pk"]), j["rule"], j["sop_uid"][-20:], j["state"], str(j["attempts"]),
-                                  str(j["next_attempt_at"])[:19], j["last_error"][:40])
+                                  shown(j["next_attempt_at"], pacs.settings), j["last_error"][:40])
                 out.print(table)
         elif command == "retry":
             _print_result(args, {"retried": routing.retry(pacs.engine, pk=args.job, state=args.state)})

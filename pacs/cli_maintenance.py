@@ -528,6 +528,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             messages = outbox.list_messages(pacs.engine, args.state or "", args.limit)
 
             def human() -> None:
+                from pacs.timezones import shown  # the hospital's time with its offset, not bare UTC
+
                 _counts("outbox (HL7 to the HIS, storage commitment reports)", sorted(counts.items()))
                 table = Table(title=f"messages{' ' + args.state if args.state else ''} (newest first)")
                 for col in ("id", "to", "kind", "key", "accession", "status", "state", "tries", "next / sent",
@@ -537,7 +539,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
                     when = m["sent_at"] if m["state"] == "sent" else m["next_attempt_at"]
                     table.add_row(str(m["id"]), m["destination"], m["kind"], m["key"], m["accession"], m["status"],
                                   m["state"],
-                                  str(m["attempts"]), str(when or "")[:19], m["last_error"][:60])
+                                  str(m["attempts"]), shown(when, pacs.settings), m["last_error"][:60])
                 out.print(table)
 
             _emit(args, {"counts": counts, "messages": messages}, human)

@@ -30,6 +30,7 @@ from . import remote
 from .app import Pacs
 from .audit import Event
 from .index.models import Instance, Series, Study
+from .timezones import hospital_now
 
 log = logging.getLogger(__name__)
 
@@ -117,18 +118,23 @@ class Puller:
         self.title = title
         self.options = options
         self.on_study = on_study or (lambda _r: None)
+        # "Today" and the clock of --stop-at are the hospital's (the timezone
+        # setting): on a server in UTC, date.today() is yesterday for the first
+        # 7 hours of a Vietnamese day, and 06:00 would be 13:00 in Hanoi.
+        now = hospital_now(pacs.settings)
         self.since = options.since or EARLIEST
-        self.until = options.until or date.today()
+        self.until = options.until or now.date()
         self.report = PullReport(title, _da(self.since), _da(self.until))
         self._pulled = 0
         self._deadline: datetime | None = None
         if options.stop_at is not None:
             # The next time the clock shows stop_at: a night run started at
-            # 19:00 with --stop-at 06:00 stops tomorrow morning.
-            now = datetime.now()
-            self._deadline = datetime.combine(now.date(), options.stop_at)
+            # 19:00 with --stop-at 06:00 stops tomorrow morning. Aware: the
+            # comparison holds whatever the server's own zone.
+            self._deadline = datetime.combine(now.date(), options.stop_at, tzinfo=now.tzinfo)
             if self._deadline <= now:
-                self._deadline += timedelta(days=1)
+                self._deadline = datetime.combine(now.date() + timedelta(days=1), options.stop_at,
+                                                  tzinfo=now.tzinfo)
 
     # -- what the remote holds --------------------------------------------
     def _find_studies(self, day_keys: str, time_keys: str = "") -> tuple[list[Dataset], bool]:
@@ -265,7 +271,7 @@ class Puller:
     def _should_stop(self) -> str:
         if self.options.max_studies and self._pulled >= self.options.max_studies:
             return f"--max-studies {self.options.max_studies} reached"
-        if self._deadline is not None and datetime.now() >= self._deadline:
+        if self._deadline is not None and datetime.now(self._deadline.tzinfo) >= self._deadline:
             return f"--stop-at {self._deadline.strftime('%H:%M')} reached"
         return ""
 

@@ -28,6 +28,7 @@ from .maintenance.common import delete_instance_rows
 from .orders import OrderService
 from .part10 import BufferSource
 from .report_pdf import ReportContent, render
+from .timezones import dicom_date_time, hl7_timestamp, hospital_zone, in_hospital_zone, utc_offset
 
 log = logging.getLogger(__name__)
 reports_t = Report.__table__
@@ -168,12 +169,16 @@ class ReportService:
         if not (draft.findings.strip() or draft.impression.strip()):
             raise ReportError("an empty report cannot be signed", 422)
         viewer_url = f"{self.public_url}/viewer/study/{study_uid}" if self.public_url else f"/viewer/study/{study_uid}"
+        # The signature as the hospital's clock showed it, with the offset
+        # (a bare UTC time read as local is 7 hours off in Vietnam).
+        local = in_hospital_zone(now, self.pacs.settings)
+        offset = utc_offset(local)
         content = ReportContent(
             institution=study.institution, patient_name=study.patient_name, patient_id=study.patient_id,
             birth_date=study.birth_date, sex=study.sex, study_date=study.study_date,
             accession=study.accession_number, description=study.description, modalities=study.modalities.replace("\\", "/"),
             findings=draft.findings, impression=draft.impression, signed_by=signer_name or signer,
-            signed_at=now.strftime("%Y-%m-%d %H:%M UTC"), version=draft.version, viewer_url=viewer_url,
+            signed_at=f"{local:%Y-%m-%d %H:%M} (UTC{offset[:3]}:{offset[3:]})", version=draft.version, viewer_url=viewer_url,
         )
         pdf = render(content)
         sop_uid = self._store_pdf(study, draft.version, pdf, content, now)
@@ -194,7 +199,7 @@ class ReportService:
                     "study_uid": study_uid,
                     "modalities": study.modalities.replace("\\", "/"),
                     "signed_by": signer, "signed_by_name": signer_name or signer,
-                    "signed_at": now.astimezone().strftime("%Y%m%d%H%M%S%z"),
+                    "signed_at": hl7_timestamp(now, hospital_zone(self.pacs.settings)),
                     "status": "final" if draft.version == 1 else "amended",
                     "lines": [
                         {"type": "TX", "code": "59776-5^Findings^LN", "value": draft.findings},
@@ -264,9 +269,14 @@ class ReportService:
         ds.SeriesNumber = 900 + version
         ds.SeriesDescription = f"Report v{version}"
         ds.InstanceNumber = 1
-        ds.ContentDate = now.strftime("%Y%m%d")
-        ds.ContentTime = now.strftime("%H%M%S")
-        ds.AcquisitionDateTime = now.strftime("%Y%m%d%H%M%S")
+        # DICOM dates and times are the local ones of the place (PS3.3
+        # C.12.1.1.8): the hospital's, with TimezoneOffsetFromUTC saying which.
+        day, clock, offset = dicom_date_time(now, hospital_zone(self.pacs.settings))
+        ds.InstanceCreationDate, ds.InstanceCreationTime = day, clock
+        ds.TimezoneOffsetFromUTC = offset
+        ds.ContentDate = day
+        ds.ContentTime = clock
+        ds.AcquisitionDateTime = day + clock
         ds.Manufacturer = "filmless-pacs"
         ds.ConversionType = "WSD"
         ds.BurnedInAnnotation = "YES"

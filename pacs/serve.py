@@ -23,6 +23,7 @@ from .app import Pacs, freeze_startup_heap
 from .audit import Event
 from .dicom_net import set_keepalive
 from .settings import Settings
+from .timezones import hospital_zone, zone_is_unset_utc
 
 log = logging.getLogger("pacs.serve")
 
@@ -62,9 +63,11 @@ def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
 
     service = OrderService(pacs.engine)
     settings = pacs.settings
+    zone = hospital_zone(settings)  # HL7 times with an offset are read, and ACKs written, in it
+
     def answer(raw: bytes, peer: str) -> bytes:
         return hl7v2.handle(service, raw, processing_id=settings.hl7_processing_id, peer=peer,
-                            audit=pacs.audit.record)
+                            audit=pacs.audit.record, zone=zone)
 
     senders = Allowlist(settings.hl7_allowed_hosts)
 
@@ -198,6 +201,12 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             Event(action="denied", role="dicom", client=peer, protocol="dicom", outcome="denied", detail=reason)))
         http_ssl = tls.uvicorn_ssl_kwargs(settings)
         scheme = "https" if http_ssl else "http"
+        if zone_is_unset_utc(settings):
+            # Containers and many servers run in UTC: every date and time we
+            # write for the hospital would be 7 hours off in Vietnam.
+            log.warning("the server's time zone is UTC and PACS_TIMEZONE is not set: DICOM dates and times "
+                        "written here (report PDFs), HL7 timestamps, FHIR times and 'today' (purge, pull) "
+                        "follow UTC; set timezone (PACS_TIMEZONE=Asia/Ho_Chi_Minh) to the hospital's zone")
         if pacs.reader.stats().studies == 0:
             if with_samples:
                 from .samples import load_samples

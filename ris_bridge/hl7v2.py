@@ -16,14 +16,15 @@ import re
 import secrets
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta, timezone, tzinfo
 from typing import Any
 
 import hl7
 
 from pacs.audit import Event
 from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo, Receipt
+from pacs.timezones import hl7_timestamp, server_zone
 
 log = logging.getLogger(__name__)
 
@@ -361,6 +362,32 @@ def _dicom_time(value: str) -> str:
     return digits[8:14] if len(digits) >= 12 else ""
 
 
+# An HL7 TS/DTM: YYYY[MM[DD[HH[MM[SS[.S[S[S[S]]]]]]]]][+/-ZZZZ] (v2.5 2.A.22).
+_TS = re.compile(r"(\d{8})(\d{2})?(\d{2})?(\d{2})?(?:\.\d{1,4})?([+-])(\d{2})(\d{2})")
+
+
+def _local_date_time(value: str, zone: tzinfo | None) -> tuple[str, str]:
+    """A scheduled TS as the hospital's DICOM (DA, TM). One with an offset
+    (a HIS on UTC sends 20261204183000+0000) is converted to *zone* first:
+    taken as it is, that order landed on the wrong day in Vietnam. One
+    without is local already (HL7 v2.5 2.A.22: the sender's zone, which is
+    the hospital's). The time keeps the precision given (HHMM or HHMMSS);
+    a date alone or an hour alone is not shifted (no instant to convert)."""
+    match = _TS.fullmatch(value.strip())
+    if match is None or zone is None or match.group(2) is None:
+        return _dicom_date(value), _dicom_time(value)
+    day, hour, minute, second, sign, off_h, off_m = match.groups()
+    try:
+        offset = timedelta(hours=int(off_h), minutes=int(off_m)) * (-1 if sign == "-" else 1)
+        sent = datetime.strptime(day + hour + (minute or "00") + (second or "00"), "%Y%m%d%H%M%S")
+        local = sent.replace(tzinfo=timezone(offset)).astimezone(zone)
+    except ValueError:
+        return _dicom_date(value), _dicom_time(value)  # not a real date or time: read as before
+    if minute is None:
+        return local.strftime("%Y%m%d"), ""  # as before: no time from an hour alone
+    return local.strftime("%Y%m%d"), local.strftime("%H%M" if second is None else "%H%M%S")
+
+
 # Delimiters of a DICOM PN (components, groups, values): an escaped "^" in
 # an HL7 name component is data there, but would split the PN's components.
 _PN_DELIMITERS = re.compile(r"\s*[\\^=]+\s*")
@@ -479,10 +506,15 @@ def _timing(group: OrderGroup) -> tuple[str, str]:
     return start, priority
 
 
-def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: str, study_uid: str) -> OrderInfo:
-    """One requested procedure and step: the group's ORC/OBR/TQ1 with one of its IPCs."""
+def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: str, study_uid: str,
+                zone: tzinfo | None = None) -> OrderInfo:
+    """One requested procedure and step: the group's ORC/OBR/TQ1 with one of
+    its IPCs; a start time with an offset is converted to *zone* (the
+    hospital's). Without a start (no TQ1-7, OBR-27.4, ORC-7.4 or OBR-7) the
+    step has no scheduled date or time: no default is invented here."""
     orc, obr = group.orc, group.obr
     start, priority = _timing(group)
+    start_date, start_time = _local_date_time(start, zone)
     service = _field(obr, 4) if obr is not None else []
     accession = _get(ipc, 1, comp=0) or _get(obr, 18) or _get(orc, 3, comp=0) or _get(obr, 3, comp=0)
     return OrderInfo(
@@ -502,8 +534,8 @@ def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: st
         station_ae_title=_get(ipc, 9, comp=0),
         station_name=_get(ipc, 7, comp=0),
         location=_get(ipc, 8, comp=0),
-        start_date=_dicom_date(start),
-        start_time=_dicom_time(start),
+        start_date=start_date,
+        start_time=start_time,
         performing_physician=_person(_field(obr, 34), offset=1) if obr is not None else "",
         referring_physician=referring or (_person(_field(obr, 16), offset=1) if obr is not None else ""),
         priority=_PRIORITIES.get(priority[:1].upper(), ""),
@@ -511,10 +543,13 @@ def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: st
     )
 
 
-def orders_from(message: Any) -> list[tuple[str, OrderInfo]]:
+def orders_from(message: Any, zone: tzinfo | None = None) -> list[tuple[str, OrderInfo]]:
     """(action, order) for each scheduled step of each ORDER group of an
     ORM^O01 or OMI^O23: one per IPC (a requested procedure may have several
-    steps, each with its accession in IHE's OMI), or one for a group without IPC."""
+    steps, each with its accession in IHE's OMI), or one for a group without
+    IPC. *zone*: the hospital's, that start times with an offset are
+    converted to (default: the server's)."""
+    zone = zone or server_zone()
     pids = _segments(message, "PID")
     if not pids:
         raise OrderError("the order message has no PID segment", code="100", http_status=400)
@@ -533,16 +568,19 @@ def orders_from(message: Any) -> list[tuple[str, OrderInfo]]:
             # Table 0357 103 "Table value not found": ORC-1 is coded by table 0119.
             raise OrderError(f"order control {control!r} (ORC-1) is not supported", code="103", http_status=400)
         for ipc in group.ipcs or [None]:
-            actions.append((action, _order_info(group, ipc, patient, referring, study_uid)))
+            actions.append((action, _order_info(group, ipc, patient, referring, study_uid, zone)))
     return actions
 
 
 def handle(service: OrderService, raw: bytes, *, processing_id: str = "P", peer: str = "",
-           audit: Callable[[Event], None] | None = None) -> bytes:
+           audit: Callable[[Event], None] | None = None, zone: tzinfo | None = None) -> bytes:
     """Process one inbound message; return the ACK to send back (never raises).
     Only messages for *processing_id* (MSH-11; empty counts as ours) are applied.
-    *audit* records what the message did to which patients (from *peer*)."""
-    header, code, text, error_code, patients = _process(service, raw, processing_id)
+    *audit* records what the message did to which patients (from *peer*).
+    *zone*: the hospital's (the ``timezone`` setting; default the server's),
+    for timestamps read with an offset and the ACK's MSH-7."""
+    zone = zone or server_zone()
+    header, code, text, error_code, patients = _process(service, raw, processing_id, zone)
     if code != "AA":
         _log_refusal(header, code, error_code)
     if audit is not None:
@@ -558,7 +596,7 @@ def handle(service: OrderService, raw: bytes, *, processing_id: str = "P", peer:
                 detail=f"{kind[:20]} control ID {header.control_id[:40]}: {code}"
                        + (f" {error_code}" if error_code else ""),
             ))
-    return ack(header, code, text, error_code)
+    return ack(header, code, text, error_code, zone=zone)
 
 
 # Audit actions of the messages a HIS sends (a merge is "patient-merge").
@@ -580,7 +618,8 @@ def _patients(actions: list[tuple[str, Any]]) -> list[str]:
     return found
 
 
-def _process(service: OrderService, raw: bytes, processing_id: str) -> tuple[Header, str, str, str, list[str]]:
+def _process(service: OrderService, raw: bytes, processing_id: str,
+             zone: tzinfo | None = None) -> tuple[Header, str, str, str, list[str]]:
     """(header, MSA-1, text, table 0357 code, patient IDs named) for one message.
 
     HL7 v2.5 2.9.2 (original mode): AE says the message itself is wrong (the
@@ -598,7 +637,7 @@ def _process(service: OrderService, raw: bytes, processing_id: str) -> tuple[Hea
                               f"system processes {processing_id!r} messages"), "202", []
     patients: list[str] = []
     try:
-        actions = _actions(message, header)
+        actions = _actions(message, header, zone)
         if isinstance(actions, tuple):  # (text, code): a type or event we do not handle
             return header, "AR", *actions, []
         patients = _patients(actions)
@@ -616,14 +655,14 @@ def _process(service: OrderService, raw: bytes, processing_id: str) -> tuple[Hea
     return header, "AA", "", "", patients
 
 
-def _actions(message: Any, header: Header) -> list[tuple[str, Any]] | tuple[str, str]:
+def _actions(message: Any, header: Header, zone: tzinfo | None = None) -> list[tuple[str, Any]] | tuple[str, str]:
     """What the message asks of the order service, or (text, code) when its
     type or event is not supported."""
     kind = f"{header.message_type}^{header.trigger}"
     if header.message_type in ("ORM", "OMI"):
         if kind not in ("ORM^O01", "OMI^O23"):
             return f"{kind} is not supported", "201"
-        return orders_from(message)
+        return orders_from(message, zone)
     if header.message_type == "ADT":
         pids = _segments(message, "PID")
         if not pids:
@@ -695,10 +734,12 @@ def _version(text: str) -> tuple[int, ...]:
         return (2, 5)
 
 
-def ack(header: Header, code: str, text: str, error_code: str = "207", *, app: str = "FILMLESS") -> bytes:
+def ack(header: Header, code: str, text: str, error_code: str = "207", *, app: str = "FILMLESS",
+        zone: tzinfo | None = None) -> bytes:
     """An ACK for *header*'s message: MSA-1 AA/AE/AR, an ERR segment on errors,
-    laid out for the message's version (MSH-12), which the ACK echoes."""
-    now = datetime.now().strftime("%Y%m%d%H%M%S")
+    laid out for the message's version (MSH-12), which the ACK echoes. MSH-7
+    is in *zone* (the hospital's; default the server's) with its offset."""
+    now = hl7_timestamp(datetime.now(UTC), zone or server_zone())
     charset = header.charset or "UNICODE UTF-8"
     version = _version(header.version or "2.5")
     # MSH-9: the message structure (third component) exists from v2.3.1 on.

@@ -17,7 +17,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -26,6 +26,7 @@ from pacs import outbox
 from pacs.app import Pacs
 from pacs.index.models import Study
 from pacs.settings import Settings
+from pacs.timezones import hl7_timestamp, hospital_zone, server_zone, utc_offset
 
 from . import mllp
 from .hl7v2 import CONTROL_ID_LENGTH, ack_code, escape, escape_lines
@@ -65,9 +66,13 @@ class Addresses:
                    settings.his_application, settings.his_facility)
 
 
-def render(kind: str, data: dict[str, Any], control_id: str, to: Addresses = Addresses()) -> bytes:
-    """The HL7 v2 message for an outbox event."""
-    now = datetime.now().strftime("%Y%m%d%H%M%S")
+def render(kind: str, data: dict[str, Any], control_id: str, to: Addresses = Addresses(),
+           zone: tzinfo | None = None) -> bytes:
+    """The HL7 v2 message for an outbox event. Its timestamps (MSH-7, OBR-7,
+    OBR-22) are in *zone*, the hospital's (default: the server's), each with
+    its offset: a HIS must not have to guess which clock wrote them."""
+    zone = zone or server_zone()
+    now = hl7_timestamp(datetime.now(UTC), zone)
     order = data.get("order", {})
     msh_type = {"order_status": "ORM^O01^ORM_O01", "report": "ORU^R01^ORU_R01"}[kind]
     segments = [
@@ -98,8 +103,8 @@ def render(kind: str, data: dict[str, Any], control_id: str, to: Addresses = Add
         # OBR-22 results date/time (the signature), OBR-25 result status,
         # OBR-32 principal result interpreter (the signer, NDL: ID&family&given).
         obr = ["OBR", "1", placer, filler, service] + [""] * 13 + [accession] + [""] * 14
-        obr[7] = _observation_time(data.get("study_date", ""), data.get("study_time", ""))
-        obr[22] = escape(data.get("signed_at", ""))
+        obr[7] = _observation_time(data.get("study_date", ""), data.get("study_time", ""), zone)
+        obr[22] = escape(_in_zone(data.get("signed_at", ""), zone))
         obr[25] = result_status
         obr[32] = _interpreter(data.get("signed_by", ""), data.get("signed_by_name", ""))
         segments.append("|".join(obr).rstrip("|"))
@@ -107,16 +112,40 @@ def render(kind: str, data: dict[str, Any], control_id: str, to: Addresses = Add
     return "\r".join(segments).encode("utf-8") + b"\r"
 
 
-def _observation_time(study_date: str, study_time: str) -> str:
+def _observation_time(study_date: str, study_time: str, zone: tzinfo) -> str:
     """OBR-7 (required in a result, HL7 v2.5 4.5.3.7): the study's DICOM
     date and time as an HL7 TS, YYYYMMDD[HH[MM[SS]]] -- the precision the
-    modality gave, no fraction; the date alone without a time. Empty when
-    the date is not a DICOM date (nothing better than no value)."""
+    modality gave, no fraction -- followed by *zone*'s offset on that day
+    (a modality's clock is the hospital's); the date alone without a time
+    and without an offset. Empty when the date is not a DICOM date
+    (nothing better than no value)."""
     date = re.sub(r"\D", "", study_date)  # ACR-NEMA wrote 2024.12.01
     if len(date) != 8:
         return ""
     time = re.sub(r"\D", "", study_time.split(".")[0])[:6]
-    return date + (time if len(time) in (2, 4, 6) else "")
+    if len(time) not in (2, 4, 6):
+        return date
+    try:
+        wall = datetime.strptime(date + time.ljust(6, "0"), "%Y%m%d%H%M%S")
+    except ValueError:
+        return date + time  # not a real date or time: as the modality wrote it, no offset invented
+    return date + time + utc_offset(wall.replace(tzinfo=zone))
+
+
+_TS_WITH_OFFSET = re.compile(r"\d{14}[+-]\d{4}")
+
+
+def _in_zone(value: str, zone: tzinfo) -> str:
+    """A queued TS with its offset (the signature time) written in *zone*,
+    so that every timestamp of a message is in the same zone (messages
+    queued before an upgrade carry the server's offset)."""
+    if _TS_WITH_OFFSET.fullmatch(value) is None:
+        return value
+    try:
+        moment = datetime.strptime(value, "%Y%m%d%H%M%S%z")
+    except ValueError:
+        return value
+    return hl7_timestamp(moment, zone)
 
 
 def study_date_time(engine: Engine, study_uid: str) -> dict[str, str]:
@@ -213,7 +242,8 @@ class OutboundSender:
             if message.kind == "report" and "study_date" not in data:
                 # Reports are queued without the study's date/time: OBR-7 takes them from the index.
                 data = {**data, **study_date_time(self.pacs.engine, data.get("study_uid", ""))}
-            payload = render(message.kind, data, control_id(message.pk), Addresses.of(self.pacs.settings))
+            payload = render(message.kind, data, control_id(message.pk), Addresses.of(self.pacs.settings),
+                             hospital_zone(self.pacs.settings))
             backoff = min(MAX_BACKOFF, 2.0 ** min(message.attempts, 6))
             try:
                 reply = mllp.send(self.host, self.port, payload, ack_timeout=self.pacs.settings.hl7_ack_timeout)

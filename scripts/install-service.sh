@@ -37,6 +37,8 @@ if [ ! -e "$ENV_FILE" ]; then
 #   systemctl restart filmless-pacs
 PACS_HOST=127.0.0.1
 PACS_AE_TITLE=FILMLESS
+# The hospital's time zone (DICOM/HL7 times written, FHIR times, "today"): an IANA name.
+PACS_TIMEZONE=Asia/Ho_Chi_Minh
 #PACS_INDEX_URL=postgresql+psycopg://pacs@127.0.0.1/pacs
 #PACS_STORAGE_URL=s3://pacs?endpoint=127.0.0.1:9000&secure=false
 #PACS_S3_ACCESS_KEY=

@@ -431,7 +431,8 @@ def test_report_carries_the_study_date_time_as_observation_time(his: PacsServer,
         return [m for m in messages if b"ORU^R01" in m and accession.encode() in m]
 
     assert wait_until(lambda: oru("HRO001") and oru("HRO002"), timeout=60)
-    assert _segment(oru("HRO001")[0], "OBR")[7] == "20241203101530"
+    # The modality's precision, then the hospital zone's offset (a time without one is ambiguous to the HIS).
+    assert re.fullmatch(r"20241203101530[+-]\d{4}", _segment(oru("HRO001")[0], "OBR")[7])
     assert _segment(oru("HRO002")[0], "OBR")[7] == "20241204"
     assert len(_segment(oru("HRO001")[0], "MSH")[9]) <= 20  # MSH-10 is an ST of at most 20
 

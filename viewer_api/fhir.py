@@ -8,7 +8,7 @@ from __future__ import annotations
 import base64
 import re
 import urllib.parse
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -21,6 +21,7 @@ from pacs.index.models import PatientIdentifier, Report
 from pacs.query.attributes import patients, studies
 from pacs.reports import ReportError, ReportService
 from pacs.studylist import study_detail
+from pacs.timezones import hospital_zone
 
 from . import mediatypes
 from .dicomjson import dumps
@@ -229,11 +230,11 @@ def _pruned(value: Any) -> Any:
     return value
 
 
-def _datetime(date: str, time: str) -> str | None:
+def _datetime(date: str, time: str, zone: tzinfo) -> str | None:
     """A DICOM date and time as a FHIR dateTime. A dateTime with a time SHALL
     have a zone; DICOM's have none (TimezoneOffsetFromUTC is not indexed),
-    and the modalities run in the hospital's zone like this server: its local
-    offset on that date (daylight saving included)."""
+    and the modalities run on the hospital's clock: *zone*'s offset on that
+    date (the ``timezone`` setting, not the server's, which is often UTC)."""
     if not re.fullmatch(r"\d{8}", date or ""):
         return None
     try:
@@ -248,7 +249,12 @@ def _datetime(date: str, time: str) -> str | None:
         moment = day.replace(hour=int(t[:2]), minute=int(t[2:4]), second=int(t[4:6]))
     except ValueError:
         return day.date().isoformat()  # a bad time keeps the date (a dateTime may be a date alone)
-    return moment.astimezone().isoformat()
+    return moment.replace(tzinfo=zone).isoformat()
+
+
+def _zone(request: Request) -> tzinfo:
+    """The hospital's zone (the ``timezone`` setting, else the server's)."""
+    return hospital_zone(request.app.state.pacs.settings)
 
 
 def _instant(value: str | None) -> str | None:
@@ -302,7 +308,7 @@ def imaging_study(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
     }
     if detail["accession"]:
         resource["identifier"].append({"type": ACSN, "value": detail["accession"]})
-    started = _datetime(detail["study_date"], detail["study_time"])
+    started = _datetime(detail["study_date"], detail["study_time"], _zone(request))
     if started:
         resource["started"] = started
     return _pruned(resource)
@@ -337,6 +343,10 @@ def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str
     issued = _instant(current["signed_at"])
     if issued:
         resource["issued"] = issued
+    # The clinically relevant time: the examination's (as ImagingStudy.started).
+    effective = _datetime(detail["study_date"], detail["study_time"], _zone(request))
+    if effective:
+        resource["effectiveDateTime"] = effective
     return _pruned(resource)
 
 

@@ -12,7 +12,8 @@ migrations produce exactly this metadata.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import (
     BigInteger,
@@ -27,7 +28,9 @@ from sqlalchemy import (
     false,
     text,
 )
+from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
 PK = BigInteger().with_variant(Integer(), "sqlite")
@@ -41,6 +44,35 @@ NAMING = {
     "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
     "pk": "pk_%(table_name)s",
 }
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """An instant, kept in UTC and always handed back aware (UTC).
+
+    SQLite has no zone type: DateTime(timezone=True) writes the wall time of
+    whatever datetime it is given, zone dropped, and reads it back naive --
+    so a value written in another zone would be silently shifted, and every
+    reader had to remember the values were UTC (the JSON API and the exports
+    printed them without an offset; the viewer then read them as local time,
+    7 hours off). PostgreSQL answers in the session's zone. Converting to UTC
+    on the way in and marking UTC on the way out gives one behaviour on both.
+    The DDL is DateTime(timezone=True)'s: no migration."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
+        """Aware values are converted to UTC; naive ones are taken as UTC
+        (what the index always held)."""
+        if isinstance(value, datetime):
+            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return value
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        """The stored instant, aware, in UTC."""
+        if not isinstance(value, datetime):
+            return value  # type: ignore[no-any-return]
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
@@ -66,8 +98,8 @@ class Patient(Base):
     name_words: Mapped[str] = mapped_column(String, default="", index=True)
     birth_date: Mapped[str] = mapped_column(String, default="")
     sex: Mapped[str] = mapped_column(String, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class PatientIdentifier(Base):
@@ -102,9 +134,9 @@ class Study(Base):
     num_series: Mapped[int] = mapped_column(Integer, default=0)
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # Time of the last instance received: drives "study stable" triggers.
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 class Series(Base):
@@ -122,8 +154,8 @@ class Series(Base):
     series_time: Mapped[str] = mapped_column(String, default="")
     num_instances: Mapped[int] = mapped_column(Integer, default=0)
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class Instance(Base):
@@ -151,7 +183,7 @@ class Instance(Base):
     source: Mapped[str] = mapped_column(String, default="")
     calling_ae: Mapped[str] = mapped_column(String, default="")
     remote_host: Mapped[str] = mapped_column(String, default="")
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 class KnownAE(Base):
@@ -167,7 +199,7 @@ class KnownAE(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     # Associations we open to it (C-MOVE destination, routing, remote Q/R) use DICOM TLS.
     tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 
@@ -207,8 +239,8 @@ class Order(Base):
     # SCHEDULED, IN PROGRESS, COMPLETED, DISCONTINUED, CANCELLED
     status: Mapped[str] = mapped_column(String, default="SCHEDULED", index=True)
     source: Mapped[str] = mapped_column(String, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class StudyOrderLink(Base):
@@ -221,7 +253,7 @@ class StudyOrderLink(Base):
     )
     order_pk: Mapped[int] = mapped_column(ForeignKey("orders.pk", ondelete="CASCADE"), index=True)
     matched_by: Mapped[str] = mapped_column(String, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class Correction(Base):
@@ -238,7 +270,7 @@ class Correction(Base):
     received: Mapped[str] = mapped_column(String, default="")
     corrected: Mapped[str] = mapped_column(String, default="")
     reason: Mapped[str] = mapped_column(String, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class PerformedStep(Base):
@@ -259,8 +291,8 @@ class PerformedStep(Base):
     end: Mapped[str] = mapped_column(String, default="")
     # JSON list of {"series_uid", "instances": [sop uids]} from PerformedSeriesSequence.
     performed_series: Mapped[str] = mapped_column(String, default="[]")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class OutboundMessage(Base):
@@ -275,10 +307,10 @@ class OutboundMessage(Base):
     # pending, sent, dead
     state: Mapped[str] = mapped_column(String, default="pending", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     last_error: Mapped[str] = mapped_column(String, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class ReceivedMessage(Base):
@@ -295,7 +327,7 @@ class ReceivedMessage(Base):
     sender: Mapped[str] = mapped_column(String)
     control_id: Mapped[str] = mapped_column(String)
     kind: Mapped[str] = mapped_column(String, default="")
-    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 class User(Base):
@@ -310,7 +342,7 @@ class User(Base):
     role: Mapped[str] = mapped_column(String(16))
     password_hash: Mapped[str] = mapped_column(String, default="")
     active: Mapped[bool] = mapped_column(Boolean, default=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class ApiToken(Base):
@@ -322,8 +354,8 @@ class ApiToken(Base):
     user_pk: Mapped[int] = mapped_column(ForeignKey("users.pk", ondelete="CASCADE"), index=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     name: Mapped[str] = mapped_column(String, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     revoked: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
@@ -334,7 +366,7 @@ class AuditEvent(Base):
     __tablename__ = "audit_events"
 
     pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     user: Mapped[str] = mapped_column(String, default="", index=True)
     role: Mapped[str] = mapped_column(String, default="")
     client: Mapped[str] = mapped_column(String, default="")
@@ -364,10 +396,10 @@ class Report(Base):
     findings: Mapped[str] = mapped_column(String, default="")
     impression: Mapped[str] = mapped_column(String, default="")
     author: Mapped[str] = mapped_column(String, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     signed_by: Mapped[str] = mapped_column(String, default="")
-    signed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # The Encapsulated PDF instance stored into the study when signed.
     pdf_sop_uid: Mapped[str] = mapped_column(String, default="")
     # Counts the saves of this version: a save or a signature names the
@@ -397,7 +429,7 @@ class RoutingRule(Base):
     morph: Mapped[str] = mapped_column(String, default="{}")
     # Route each instance at once (0) or a study once no instance arrived for N seconds.
     stable_seconds: Mapped[int] = mapped_column(Integer, default=0)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class RouteJob(Base):
@@ -414,11 +446,11 @@ class RouteJob(Base):
     # pending, sending, done, dead, cancelled
     state: Mapped[str] = mapped_column(String, default="pending", index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     claimed_by: Mapped[str] = mapped_column(String, default="")
     last_error: Mapped[str] = mapped_column(String, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class JobLease(Base):
@@ -433,10 +465,10 @@ class JobLease(Base):
     holder: Mapped[str] = mapped_column(String)
     # Unique per acquisition (host:pid:random): two runs on one node still exclude each other.
     token: Mapped[str] = mapped_column(String(128))
-    acquired_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # The holder's last sign of life (each one pushes expires_at forward).
-    heartbeat: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    heartbeat: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
 class LoginThrottle(Base):
@@ -450,8 +482,8 @@ class LoginThrottle(Base):
     key: Mapped[str] = mapped_column(String(128), primary_key=True)
     # Failures since window_start (reset when the window has passed or a lock is set).
     failures: Mapped[int] = mapped_column(Integer, default=0)
-    window_start: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    last_failure_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
-    locked_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    window_start: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_failure_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # Locks in a row: each one doubles the next lock's length (capped).
     lockouts: Mapped[int] = mapped_column(Integer, default=0)

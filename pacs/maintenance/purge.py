@@ -1,7 +1,9 @@
 """``pacs purge``: retention, deleting whole studies that match rules.
 
 "Older than N days" measures the Study Date (the day of the examination,
-what retention periods count from), compared with today's local date; a
+what retention periods count from), compared with today's date in the
+hospital's zone (the ``timezone`` setting: a server on UTC is still on
+yesterday for the first 7 hours of a Vietnamese day); a
 study without a usable Study Date (empty or not YYYYMMDD) is measured by the
 day it was first received instead. ``--modality`` matches any series of the
 study; ``--status`` is the status of the latest report version: ``unread``
@@ -24,7 +26,7 @@ import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from storage import StorageError
 from ..app import Pacs
 from ..audit import Event
 from ..index.db import write_transaction
+from ..timezones import hospital_now, server_zone
 from .common import (
     BATCH,
     Capped,
@@ -132,14 +135,17 @@ class PurgeRules:
         if unknown:
             raise ValueError(f"unknown status {', '.join(sorted(unknown))}; use {', '.join(STATUSES)}")
 
-    def condition(self, today: date | None = None) -> Any:
-        """The WHERE clause on studies."""
+    def condition(self, today: date | None = None, zone: tzinfo | None = None) -> Any:
+        """The WHERE clause on studies. *today* and *zone*: the hospital's
+        (default: the server's); a study without a Study Date counts from
+        the hospital's midnight of the day it arrived."""
         clauses = []
         if self.older_than_days is not None:
-            today = today or date.today()
+            zone = zone or server_zone()
+            today = today or datetime.now(zone).date()
             cutoff = (today - timedelta(days=self.older_than_days)).strftime("%Y%m%d")
             received_cutoff = datetime.combine(
-                today - timedelta(days=self.older_than_days), datetime.min.time()
+                today - timedelta(days=self.older_than_days), datetime.min.time(), tzinfo=zone
             ).astimezone(UTC)
             # "00000000" or "18000101" (a modality's unset clock) is no date to
             # keep a study by: such a study is kept by when it arrived.
@@ -280,7 +286,8 @@ def purge(
 ) -> PurgeReport:
     """Summarise (``execute=False``) or delete the studies *rules* select."""
     progress = progress or NullProgress()
-    where = rules.condition(today)
+    now = hospital_now(pacs.settings)
+    where = rules.condition(today or now.date(), now.tzinfo)
     report = PurgeReport(rules=rules, dry_run=not execute)
     _summary(pacs, where, report)
     if not execute:
