@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from pydicom.uid import generate_uid
@@ -221,8 +221,11 @@ FINAL_STATUSES = ("CANCELLED", "COMPLETED")
 class OrderService:
     """Transactions on orders, patients, performed steps and the outbox."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, zone: tzinfo | None = None) -> None:
         self.engine = engine
+        # The hospital's zone: the scheduled date and time of an order that
+        # comes without one (see _place). None: the server's.
+        self.zone = zone
 
     # -- patients ------------------------------------------------------------------
     def _upsert_patient(self, conn: Connection, p: PatientInfo, *, match_identifiers: bool = True) -> int:
@@ -572,6 +575,15 @@ class OrderService:
         values["study_uid"] = info.study_uid or generate_uid()
         values["requested_procedure_id"] = info.requested_procedure_id or info.accession_number
         values["step_id"] = info.step_id or info.accession_number
+        if not values["start_date"]:
+            # No scheduled date (no TQ1-7, OBR-27 or OBR-7: "as soon as
+            # possible"): scheduled for when it came, in the hospital's day. The
+            # start date and time are Type 1 return keys (PS3.4 K.6-1), and a
+            # modality asks for today's steps: an undated one was never offered.
+            # Only a new order: a change leaving the date empty keeps what is stored.
+            received = datetime.now(UTC).astimezone(self.zone) if self.zone else datetime.now().astimezone()
+            values["start_date"] = received.strftime("%Y%m%d")
+            values["start_time"] = values["start_time"] or received.strftime("%H%M%S")
         pk = conn.execute(
             orders_t.insert()
             .values(**values, patient_pk=patient_pk, status="SCHEDULED", source=source,

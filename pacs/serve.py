@@ -61,9 +61,9 @@ def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
     from .addresses import Allowlist, is_loopback
     from .audit import Event
 
-    service = OrderService(pacs.engine)
     settings = pacs.settings
     zone = hospital_zone(settings)  # HL7 times with an offset are read, and ACKs written, in it
+    service = OrderService(pacs.engine, zone)
 
     def answer(raw: bytes, peer: str) -> bytes:
         return hl7v2.handle(service, raw, processing_id=settings.hl7_processing_id, peer=peer,

@@ -296,6 +296,25 @@ def test_hl7_scheduled_times_with_an_offset_become_local(utc_server: PacsServer,
         assert birth == "19800101"
 
 
+def test_an_order_without_a_scheduled_time_is_scheduled_when_it_came(utc_server: PacsServer) -> None:
+    """No TQ1-7, OBR-27 or OBR-7: scheduled at its arrival in the hospital's
+    day (a modality asking for today's steps never saw it); a later change
+    without a date keeps it."""
+    before = datetime.now(ZoneInfo(VN))
+    message = _orm("TNOW", "TNOW", "TNOWP", "").split(b"\rTQ1")[0]
+    assert b"TQ1" not in message
+    assert fields(send_raw(utc_server, message), "MSA")[1] == "AA"
+    after = datetime.now(ZoneInfo(VN))
+    with utc_server.http() as http:
+        order = http.get("/api/orders/TNOW").json()
+        arrived = datetime.strptime(order["start_date"] + order["start_time"], "%Y%m%d%H%M%S").replace(tzinfo=ZoneInfo(VN))
+        assert _between(arrived, before.replace(microsecond=0), after), (order, before, after)
+        change = message.replace(b"ORC|NW|", b"ORC|XO|").replace(b"|TNOW|P|", b"|TNOW2|P|")
+        assert fields(send_raw(utc_server, change), "MSA")[1] == "AA"
+        again = http.get("/api/orders/TNOW").json()
+        assert (again["start_date"], again["start_time"]) == (order["start_date"], order["start_time"])
+
+
 # -- 7: "today" of purge and pull ------------------------------------------------------------------
 def _far_zone() -> str:
     """A zone whose date differs from the server's own now (UTC+14 and UTC-12

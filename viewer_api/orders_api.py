@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo
+from pacs.timezones import hospital_zone
 
 from .errors import HTTPProblem
 from .security import requires
@@ -74,7 +75,8 @@ class MatchModel(BaseModel):
 
 
 def _service(request: Request) -> OrderService:
-    return OrderService(request.app.state.pacs.engine)
+    pacs = request.app.state.pacs
+    return OrderService(pacs.engine, hospital_zone(pacs.settings))
 
 
 def _call(fn: Any, *args: Any) -> Any:
