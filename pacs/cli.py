@@ -310,15 +310,21 @@ def cmd_remote(args: argparse.Namespace) -> int:
         keys = _keys(args)
         if args.remote_command == "find":
             results = []
-            for match in remote.find(pacs, args.ae, args.level, keys, args.model):
-                results.append({e.keyword: _json_value(e.value) for e in match if e.keyword})
+            truncated = ""
+            try:
+                for match in remote.find(pacs, args.ae, args.level, keys, args.model):
+                    results.append({e.keyword: _json_value(e.value) for e in match if e.keyword})
+            except remote.Truncated as exc:
+                truncated = str(exc)  # what came is shown, and said to be partial
             if args.json:
                 print(json.dumps(results, ensure_ascii=False))
             else:
                 for r in results:
                     out.print("  ".join(f"{k}={v}" for k, v in r.items() if k != "QueryRetrieveLevel"))
                 out.print(f"{len(results)} matches")
-            return 0
+            if truncated:
+                err.print(f"[yellow]{truncated}[/yellow]")
+            return 1 if truncated else 0
         if args.remote_command == "move":
             summary = remote.move(pacs, args.ae, args.level, keys, args.destination, args.model)
         else:

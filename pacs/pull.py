@@ -105,6 +105,15 @@ def _da(day: date) -> str:
     return day.strftime("%Y%m%d")
 
 
+def _count(value: Any) -> int | None:
+    """A count the remote sent (IS), or None when it sent none or nonsense."""
+    try:
+        first = str(value).split("\\")[0].strip() if value not in (None, "") else ""
+        return int(first) if first else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _date_keys(start: date, end: date) -> str:
     return _da(start) if start == end else f"{_da(start)}-{_da(end)}"
 
@@ -137,8 +146,13 @@ class Puller:
                                                   tzinfo=now.tzinfo)
 
     # -- what the remote holds --------------------------------------------
-    def _find_studies(self, day_keys: str, time_keys: str = "") -> tuple[list[Dataset], bool]:
-        """Matches of one window, and whether the remote may have left some out."""
+    def _find_studies(self, day_keys: str, time_keys: str = "", *,
+                      also: Callable[[Dataset], bool] = lambda _m: False) -> tuple[list[Dataset], bool, bool]:
+        """Matches of one window (the first find_limit, and beyond them those
+        *also* keeps: what splitting the window cannot find),
+        whether the window must be split (as many as the limit, or the remote
+        ended early with 0xFE00), and whether the remote seems to have cut its
+        answer (0xFE00, or exactly the limit: a silent cap)."""
         keys = {
             "StudyDate": day_keys, "StudyTime": time_keys, "StudyInstanceUID": "", "PatientID": self.options.patient_id,
             "PatientName": "", "AccessionNumber": "", "NumberOfStudyRelatedInstances": "",
@@ -146,49 +160,82 @@ class Puller:
         self.report.queries += 1
         matches: list[Dataset] = []
         count = 0
-        for match in remote.find(self.pacs, self.title, "STUDY", keys):
-            count += 1
-            # Beyond the limit the window is split and asked again: not kept.
-            if match is not None and count <= self.options.find_limit:
-                matches.append(match)
-        return matches, count >= self.options.find_limit
+        truncated = False
+        try:
+            for match in remote.find(self.pacs, self.title, "STUDY", keys):
+                count += 1
+                # Beyond the limit the window is split and asked again.
+                if match is not None and (count <= self.options.find_limit or also(match)):
+                    matches.append(match)
+        except remote.Truncated:
+            truncated = True
+        limit = self.options.find_limit
+        return matches, truncated or count >= limit, truncated or count == limit
 
     def windows(self, start: date, end: date, *, any_date: bool = False) -> Iterator[list[Dataset]]:
         """The remote's studies from *start* to *end* (*any_date*: with or
         without a date), newest windows first, each window small enough to
         be answered whole."""
-        matches, capped = self._find_studies("" if any_date else _date_keys(start, end))
-        if not capped:
+        span = (_da(start), _da(end))
+        if any_date:
+            def unsplittable(m: Dataset) -> bool:  # no date, or one outside the range
+                return not span[0] <= str(m.get("StudyDate", "") or "") <= span[1]
+        else:
+            def unsplittable(m: Dataset) -> bool:  # no time (only a single day is split by hour)
+                return start == end and not str(m.get("StudyTime", "") or "").strip()
+        matches, split, cut = self._find_studies("" if any_date else _date_keys(start, end), also=unsplittable)
+        if not split:
             yield matches
             return
-        if any_date:
-            # Splitting by date cannot find what has none.
-            self.report.capped.append(UNDATED)
         if start < end:
             middle = start + (end - start) // 2
             yield from self.windows(middle + timedelta(days=1), end)
             yield from self.windows(start, middle)
-            return
+        else:
+            yield from self._hours(start, matches, cut)
+        if any_date:
+            # Splitting by date cannot find what has no date, or one outside
+            # the range (a modality's clock wrong): those of the first answer
+            # are taken, and if the remote cut that answer others may exist.
+            yield [m for m in matches if unsplittable(m)]
+            if cut:
+                self.report.capped.append(UNDATED)
+
+    def _hours(self, day: date, day_matches: list[Dataset], cut: bool) -> Iterator[list[Dataset]]:
+        """One day with too many studies, hour by hour (newest first)."""
+        found: set[str] = set()
         for hour in range(23, -1, -1):
-            matches, capped = self._find_studies(_da(start), f"{hour:02d}0000-{hour:02d}5959")
-            if capped:
-                window = f"{_da(start)} {hour:02d}h"
+            # Up to the last fraction of the hour's last second (095959.5).
+            matches, split, _cut = self._find_studies(_da(day), f"{hour:02d}0000-{hour:02d}5959.999999")
+            if split:
+                window = f"{_da(day)} {hour:02d}h"
                 log.warning("pull from %s: %s still has %d or more studies; only those are pulled",
                             self.title, window, self.options.find_limit)
                 self.report.capped.append(window)
+            found.update(str(m.get("StudyInstanceUID", "")) for m in matches)
             yield matches
+        # A study without a Study Time is in no hour: those of the day's own
+        # answer are taken; if the remote cut that answer, more may exist.
+        yield [m for m in day_matches if str(m.get("StudyInstanceUID", "")) not in found]
+        if cut:
+            self.report.capped.append(f"{_da(day)}: studies without a Study Time")
 
-    def _remote_instances(self, study_uid: str) -> dict[str, str]:
-        """SOP Instance UID -> Series Instance UID of everything the remote
-        lists in the study (hierarchical: series first, then each series)."""
-        found: dict[str, str] = {}
+    def _remote_series(self, study_uid: str) -> list[tuple[str, int | None]]:
+        """Each series of the study at the remote, with the number of
+        instances it says the series has (None: it does not say)."""
         self.report.queries += 1
-        series = [
-            str(m.SeriesInstanceUID)
-            for m in remote.find(self.pacs, self.title, "SERIES", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": ""})
-            if m is not None and m.get("SeriesInstanceUID")
-        ]
-        for series_uid in series:
+        keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": "", "NumberOfSeriesRelatedInstances": ""}
+        series: dict[str, int | None] = {}
+        for m in remote.find(self.pacs, self.title, "SERIES", keys):
+            if m is not None and m.get("SeriesInstanceUID"):
+                series[str(m.SeriesInstanceUID)] = _count(m.get("NumberOfSeriesRelatedInstances"))
+        return list(series.items())
+
+    def _remote_instances(self, study_uid: str, series: list[tuple[str, int | None]]) -> dict[str, str]:
+        """SOP Instance UID -> Series Instance UID of everything the remote
+        lists in the study (hierarchical: series by series)."""
+        found: dict[str, str] = {}
+        for series_uid, _count_ in series:
             self.report.queries += 1
             keys = {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid, "SOPInstanceUID": ""}
             for m in remote.find(self.pacs, self.title, "IMAGE", keys):
@@ -197,12 +244,14 @@ class Puller:
         return found
 
     # -- what we hold ------------------------------------------------------
-    def _local_count(self, study_uid: str) -> int:
+    def _local_series_counts(self, study_uid: str) -> dict[str, int]:
         with self.pacs.engine.connect() as conn:
-            return int(conn.execute(
-                select(func.count(Instance.pk)).join(Series, Series.pk == Instance.series_pk)
+            rows = conn.execute(
+                select(Series.series_uid, func.count(Instance.pk)).join(Instance, Instance.series_pk == Series.pk)
                 .join(Study, Study.pk == Series.study_pk).where(Study.study_uid == study_uid)
-            ).scalar_one())
+                .group_by(Series.series_uid)
+            ).all()
+        return {str(uid): int(n) for uid, n in rows}
 
     def _local_uids(self, study_uid: str) -> set[str]:
         return {item.sop_uid for item in self.pacs.reader.iter_stored(study_uid)}
@@ -214,18 +263,33 @@ class Puller:
         return remote.move(self.pacs, self.title, level, keys)
 
     def pull_study(self, match: Dataset) -> StudyResult:
-        """Make one study complete here, or say what is missing."""
+        """Make one study complete here, or say what is missing. A study the
+        remote cannot answer for is failed, and the pull goes on with the
+        next; only a remote that cannot be reached at all ends it."""
         study_uid = str(match.StudyInstanceUID)
-        counted = match.get("NumberOfStudyRelatedInstances")
-        remote_count = int(counted) if counted not in (None, "") else None
-        before = self._local_count(study_uid)
+        local_series = self._local_series_counts(study_uid)
+        before = sum(local_series.values())
         result = StudyResult(study_uid, str(match.get("StudyDate", "") or ""), str(match.get("PatientID", "") or ""),
-                             remote_count, before, before, "complete")
-        if remote_count is not None and before >= remote_count and before > 0:
+                             _count(match.get("NumberOfStudyRelatedInstances")), before, before, "complete")
+        try:
+            series = self._remote_series(study_uid)
+            # Complete without listing instances when the remote counts its
+            # series and each is here with as many (a count for the whole
+            # study could match with other series here: not enough).
+            if before and series and all(n is not None and local_series.get(uid, 0) >= n for uid, n in series):
+                return result
+            listed = self._remote_instances(study_uid, series)
+        except remote.Truncated as exc:
+            result.state = "failed"
+            result.detail = f"{exc} while listing the study's instances: raise its limit (Orthanc: LimitFindInstances)"
             return result
-        listed = self._remote_instances(study_uid)
+        except remote.Unreachable:
+            raise
+        except remote.RemoteError as exc:
+            result.state, result.detail = "failed", str(exc)
+            return result
         local = self._local_uids(study_uid) if before else set()
-        missing = {uid: series for uid, series in listed.items() if uid not in local}
+        missing = {uid: series_uid for uid, series_uid in listed.items() if uid not in local}
         if not missing:
             if not listed:
                 result.state, result.detail = "failed", "the remote lists no instances in this study"
@@ -244,18 +308,21 @@ class Puller:
         for level, keys in batches:
             try:
                 summary = self._retrieve(level, keys)
+            except remote.Unreachable:
+                raise
             except remote.RemoteError as exc:
                 notes.append(str(exc))
                 continue
             if summary.status not in (0x0000, 0xB000):
                 notes.append(f"C-{self.options.method.upper()} status 0x{summary.status:04X}: "
                              f"{summary.completed} completed, {summary.failed} failed")
-        still = [uid for uid in listed if uid not in self._local_uids(study_uid)]
-        result.after = self._local_count(study_uid)
+        here = self._local_uids(study_uid)
+        still = [uid for uid in listed if uid not in here]
+        result.after = len(here)
         if not still:
             result.state = "pulled"
         else:
-            result.state = "incomplete" if result.after > before or len(still) < len(listed) else "failed"
+            result.state = "incomplete" if len(still) < len(listed) else "failed"
             if self.options.method == "move":
                 notes.append(f"is this node ({self.pacs.settings.ae_title}) registered at {self.title} "
                              "and pacs serve running to receive?")

@@ -32,6 +32,16 @@ class RemoteError(PacsError):
     """The remote AE is unknown, unreachable or refused the request."""
 
 
+class Unreachable(RemoteError):
+    """No association with the remote AE (unknown, down, or it refused us)."""
+
+
+class Truncated(RemoteError):
+    """The remote ended a C-FIND with 0xFE00 after some matches: it stopped
+    (Orthanc does at its LimitFindResults) and more may exist. Raised after
+    the matches it did send were yielded."""
+
+
 @dataclass
 class RetrieveSummary:
     status: int
@@ -55,7 +65,7 @@ class RetrieveSummary:
 def _remote(pacs: Pacs, title: str) -> RemoteAE:
     remote = pacs.aes.get(title)
     if remote is None:
-        raise RemoteError(f"{title} is not in the AE registry (pacs ae add {title} --host H --port P)")
+        raise Unreachable(f"{title} is not in the AE registry (pacs ae add {title} --host H --port P)")
     return remote
 
 
@@ -70,7 +80,7 @@ def associate(pacs: Pacs, ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
     tls = association_tls(pacs.settings, remote)
     assoc = ae.associate(remote.host, remote.port, ae_title=remote.title, **tls, **kwargs)
     if not assoc.is_established:
-        raise RemoteError(f"association with {remote.title} at {remote.host}:{remote.port} failed")
+        raise Unreachable(f"association with {remote.title} at {remote.host}:{remote.port} failed")
     tune_socket(assoc)
     return assoc
 
@@ -109,6 +119,8 @@ def find(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = 
             code = int(status.Status)
             if code in (0xFF00, 0xFF01):
                 yield match
+            elif code == 0xFE00:
+                raise Truncated(f"{title} ended its C-FIND answer early (0xFE00): it may hold more matches")
             elif code != 0x0000:
                 raise RemoteError(f"C-FIND failed with status 0x{code:04X} {status.get('ErrorComment', '')}")
     finally:

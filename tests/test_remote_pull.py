@@ -27,6 +27,8 @@ STUDIES = [
     ("4", "20220101", "090000", "079201000004", "Phạm^Minh Đức", (2, 2)),
     ("5", "20191231", "235900", "079201000001", "Nguyễn^Văn An", (1, 1)),
     ("6", "", "", "079201000001", "Nguyễn^Văn An", (1, 1)),  # an old film scan without a date
+    ("7", "20240110", "095959.5", "079201000007", "Hoàng^Minh Tuấn", (1, 1)),  # the hour's last fraction
+    ("8", "20240110", "", "079201000008", "Đỗ^Thị Hoa", (1, 1)),  # no Study Time
 ]
 
 
@@ -66,9 +68,7 @@ class Legacy:
         return self.log.read_text(errors="replace")
 
 
-def _legacy(tmp: Path, ours: PacsServer) -> Iterator[Legacy]:
-    db = tmp / "legacy-db"
-    db.mkdir()
+def _corpus(tmp: Path) -> dict[str, Path]:
     files: dict[str, Path] = {}
     for study in STUDIES:
         series_count, per_series = study[5]
@@ -79,6 +79,13 @@ def _legacy(tmp: Path, ours: PacsServer) -> Iterator[Legacy]:
                 path.parent.mkdir(exist_ok=True)
                 ds.save_as(path, enforce_file_format=True)
                 files[str(ds.SOPInstanceUID)] = path
+    return files
+
+
+def _legacy(tmp: Path, ours: PacsServer) -> Iterator[Legacy]:
+    db = tmp / "legacy-db"
+    db.mkdir()
+    files = _corpus(tmp)
     port = free_port()
     config = tmp / "dcmqrscp.cfg"
     config.write_text(
@@ -130,29 +137,30 @@ def _stored(server: PacsServer) -> dict[str, bytes]:
 
 def test_pull_copies_an_old_pacs_newest_first_resumes_and_verifies(ours: PacsServer, legacy: Legacy) -> None:
     """The old PACS answers at most 2 matches per C-FIND here (--find-limit
-    2): the whole range, then halves, then the day with two studies by hour."""
+    2): the whole range, then halves, then the day with four studies by hour
+    (one at 09:59:59.5, one without a time: found in the day's answer)."""
     dates = ("--since", "20000101", "--until", "20301231")
     code, first = _pull(ours, "--find-limit", "2", "--max-studies", "2", *dates)
     assert code == 1 and first["stopped"].startswith("--max-studies 2")
     assert first["pulled"] == 2 and first["problems"] == []
-    # Newest first: both studies of 2024-01-10.
-    assert {uid.rsplit(".", 1)[-1] for uid in _stored_studies(ours)} == {"1", "2"}
+    # Newest first: the two latest of 2024-01-10.
+    assert {uid.rsplit(".", 1)[-1] for uid in _stored_studies(ours)} == {"2", "7"}
 
     code, second = _pull(ours, "--find-limit", "2", *dates)
     assert code == 0, second
-    assert (second["complete"], second["pulled"], second["studies"]) == (2, 3, 5)
+    assert (second["complete"], second["pulled"], second["studies"]) == (2, 5, 7)
     assert second["capped"] == [] and second["stopped"] == ""
     sent = {uid: dataset_bytes(path.read_bytes()) for uid, path in legacy.files.items() if not uid.startswith(f"{ROOT}6.")}
     assert _stored(ours) == sent  # every instance, byte for byte
-    assert ours.stats()["studies"] == 5 and ours.stats()["patients"] == 4
+    assert ours.stats()["studies"] == 7 and ours.stats()["patients"] == 6
 
     moves = legacy.log_text().count("Move Destination")
     code, third = _pull(ours, "--find-limit", "2", *dates)
-    assert code == 0 and (third["complete"], third["pulled"]) == (5, 0)
+    assert code == 0 and (third["complete"], third["pulled"]) == (7, 0)
     assert legacy.log_text().count("Move Destination") == moves  # nothing retrieved again
 
     audit = ours.cli("audit", "--format", "json").stdout
-    assert audit.count("pull: ") == 5
+    assert audit.count("pull: ") == 7
 
 
 def _stored_studies(server: PacsServer) -> set[str]:
@@ -173,23 +181,23 @@ def test_pull_takes_only_missing_series_and_names_what_it_cannot_get(ours: PacsS
     lost.rename(tmp_path / "lost.dcm")
 
     code, dry = _pull(ours, "--dry-run")
-    assert code == 0 and dry["missing"] == 6 and dry["pulled"] == 0
+    assert code == 0 and dry["missing"] == 8 and dry["pulled"] == 0
     assert ours.stats()["instances"] == 2
 
     moves_before = legacy.log_text().count("Move Destination")
     code, report = _pull(ours)
     assert code == 1
-    assert report["pulled"] == 5 and report["incomplete"] == 1 and report["complete"] == 0
+    assert report["pulled"] == 7 and report["incomplete"] == 1 and report["complete"] == 0
     (problem,) = report["problems"]
     assert problem["study_uid"] == f"{ROOT}1" and problem["detail"].startswith("1 of 6 instances missing")
     # Study 4 came by its missing series only; the others whole: one move each.
-    assert legacy.log_text().count("Move Destination") - moves_before == 6
+    assert legacy.log_text().count("Move Destination") - moves_before == 8
     assert ours.stats()["instances"] == sum(s * n for *_x, (s, n) in STUDIES) - 1
 
     lost.parent.mkdir(exist_ok=True)
     (tmp_path / "lost.dcm").rename(lost)  # found again: the next run completes it
     code, again = _pull(ours)
-    assert code == 0 and (again["pulled"], again["complete"]) == (1, 5)
+    assert code == 0 and (again["pulled"], again["complete"]) == (1, 7)
     assert ours.stats()["instances"] == sum(s * n for *_x, (s, n) in STUDIES)
 
 
@@ -201,12 +209,14 @@ def test_pull_by_c_get_for_one_patient_and_a_date_range(tmp_path: Path, ours: Pa
     code, report = _pull(ours, "--method", "get", "--patient", "079201000001", "--until", "2019-12-31")
     assert code == 0 and report["pulled"] == 1
     assert _stored_studies(ours) == {f"{ROOT}1", f"{ROOT}5"}
-    # Without dates the undated study is found too, unless the remote's
-    # limit forces splitting by date: then the report says so (exit 1).
+    # Without dates the undated study is found too. When the remote's limit
+    # forces splitting by date, the undated ones of the first answer are
+    # taken and the report says more may exist (exit 1).
     code, report = _pull(ours, "--method", "get", "--patient", "079201000001", "--find-limit", "3")
-    assert code == 1 and report["capped"] == ["studies without a Study Date"] and report["complete"] == 2
+    assert code == 1 and report["capped"] == ["studies without a Study Date"], report
+    assert (report["complete"], report["pulled"]) == (2, 1), report
     code, report = _pull(ours, "--method", "get", "--patient", "079201000001")
-    assert code == 0 and (report["pulled"], report["complete"]) == (1, 2)
+    assert code == 0 and (report["pulled"], report["complete"]) == (0, 3)
 
 
 def test_pull_refuses_bad_arguments_and_unknown_or_unreachable_remotes(ours: PacsServer) -> None:
@@ -219,3 +229,79 @@ def test_pull_refuses_bad_arguments_and_unknown_or_unreachable_remotes(ours: Pac
     ours.cli("ae", "add", "GONE", "--host", "127.0.0.1", "--port", str(free_port()))
     code_gone = ours.cli("remote", "pull", "GONE", "--json", check=False)
     assert code_gone.returncode == 1 and "association with GONE" in json.loads(code_gone.stdout)["stopped"]
+
+
+def test_pull_from_orthanc_that_cuts_its_answers_short(tmp_path: Path, ours: PacsServer) -> None:
+    """Orthanc as the old PACS, with its C-FIND caps: at LimitFindResults it
+    ends the answer with 0xFE00 (more exist), which splits the window; at
+    LimitFindInstances a study's instance list is cut short, which fails that
+    study (it cannot be verified) and the pull goes on with the others."""
+    files = _corpus(tmp_path)
+    work = tmp_path / "orthanc"
+    work.mkdir()
+    port, http_port = free_port(), free_port()
+    (work / "orthanc.json").write_text(json.dumps({
+        "Name": "old-pacs", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
+        "HttpPort": http_port, "RemoteAccessAllowed": False, "DicomAet": "LEGACY", "DicomPort": port,
+        "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
+        "DicomAlwaysAllowMove": True, "DicomAlwaysAllowGet": True, "DefaultEncoding": "Utf8",
+        "LimitFindResults": 3, "LimitFindInstances": 2,
+        "DicomModalities": {"filmless": [ours.ae_title, "127.0.0.1", ours.dicom_port]},
+    }))
+    with (work / "orthanc.log").open("wb") as log:
+        proc = subprocess.Popen(["/usr/sbin/Orthanc", str(work / "orthanc.json")], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=work, env={**os.environ, "TCP_NODELAY": "1"})
+    try:
+        wait_port(port, timeout=60, proc=proc)
+        stored = run_dcmtk("storescu", "-aec", "LEGACY", "127.0.0.1", str(port), *map(str, files.values()))
+        assert stored.returncode == 0, stored.stderr
+        ours.cli("ae", "add", "LEGACY", "--host", "127.0.0.1", "--port", str(port))
+        # Study 2 is here already with as many instances as Orthanc counts for
+        # it, but of another series (the modality sent that one here only).
+        other = []
+        for number in (1, 2):
+            ds = _instance(STUDIES[1], 9, number)
+            other.append(tmp_path / f"other{number}.dcm")
+            ds.save_as(other[-1], enforce_file_format=True)
+        assert ours.storescu(*map(str, other)).returncode == 0
+
+        code, report = _pull(ours)
+        # Study 1 has a series of 3 instances, over the instance cap: failed,
+        # named; the other dated studies came although every list of more than
+        # 3 studies was cut short. The undated one is beyond the cut of the
+        # first answer: said, not silently missed.
+        assert code == 1, report
+        (problem,) = report["problems"]
+        assert problem["study_uid"] == f"{ROOT}1" and "LimitFindInstances" in problem["detail"], problem
+        # 20240110 has four studies, one without a time: Orthanc's cut answer
+        # for that day may have left it out, which is said too.
+        assert report["pulled"] >= 5, report
+        assert set(report["capped"]) == {"studies without a Study Date", "20240110: studies without a Study Time"}
+        assert {f"{ROOT}{k}" for k in "23457"} <= _stored_studies(ours)
+        assert {f"{ROOT}2.1.1", f"{ROOT}2.1.2", f"{ROOT}2.9.1"} <= _stored_instances(ours)  # both series of 2
+
+        # One patient's three studies fit in one answer: the undated one too.
+        code, report = _pull(ours, "--patient", "079201000001")
+        assert {f"{ROOT}5", f"{ROOT}6"} <= _stored_studies(ours), report
+        assert report["capped"] == [] and [p["study_uid"] for p in report["problems"]] == [f"{ROOT}1"]
+
+        # Run again: the complete studies are known by Orthanc's series counts.
+        code, again = _pull(ours, "--since", "20190101")
+        assert again["pulled"] == 0 and again["complete"] >= 5 and again["failed"] == 1, again
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _stored_instances(server: PacsServer) -> set[str]:
+    core = server.core()
+    try:
+        return {item.sop_uid for item in core.reader.iter_stored()}
+    finally:
+        core.close()
+
+
+def test_counts_an_old_pacs_sends_are_read_or_ignored() -> None:
+    from pacs.pull import _count
+
+    assert [_count(v) for v in ("5", " 7 ", "1\\2", "abc", "", None)] == [5, 7, 1, None, None, None]
