@@ -3,6 +3,11 @@
 # the Python packages) and run the whole test suite against those real peers.
 source "$(dirname "$0")/lib.sh"
 apt_need dcmtk postgresql chromium fonts-dejavu-core nginx libnginx-mod-stream systemd orthanc
+# Orthanc is a test peer (an old PACS) started on its own ports; on a systemd
+# machine its Debian service would hold 8042, the appliance's HTTP port.
+if [ -d /run/systemd/system ] && systemctl is-active --quiet orthanc 2>/dev/null; then
+    as_root systemctl disable --now orthanc
+fi
 if ! pg_isready -h 127.0.0.1 -p 5432 -q 2>/dev/null; then
     as_root pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start
     for _ in $(seq 60); do pg_isready -h 127.0.0.1 -p 5432 -q && break; sleep 0.5; done
