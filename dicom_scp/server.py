@@ -231,7 +231,11 @@ class ConnectionGuard:
         peers = sum(1 for other in assoc.ae.active_associations
                     if other is not assoc and other.is_acceptor and other.requestor.address == address)
         if self.per_host and peers >= self.per_host:
-            assoc.acse_timeout = 0.001  # the acceptor gives up on the request at once and closes
+            # A silent connection: the acceptor gives up on the request at
+            # once and closes. A request already there (any real client sends
+            # it at once) is refused when it is read (requested).
+            assoc.acse_timeout = 0.001
+            assoc._pacs_over_host_limit = peers
             self._warn(address, peers)
             return
         assoc.acse_timeout = min(normal or FIRST_REQUEST_WAIT, FIRST_REQUEST_WAIT)
@@ -260,11 +264,17 @@ class ConnectionGuard:
                 with self._lock:
                     self._waiting.pop(assoc, None)
 
-    @staticmethod
-    def requested(event: Any) -> None:
+    def requested(self, event: Any) -> None:
         assoc = event.assoc
         # Releases and aborts wait the usual time again.
         assoc.acse_timeout = getattr(assoc, "_pacs_acse_timeout", assoc.ae.acse_timeout)
+        if getattr(assoc, "_pacs_over_host_limit", None) is not None and not (assoc.is_aborted or assoc.is_rejected):
+            # Rejected-transient, local limit exceeded (PS3.8 9.3.4), as at max_associations.
+            assoc._pacs_refusal = f"more than {self.per_host} associations from {assoc.requestor.address} " \
+                                  "(max_associations_per_host)"
+            assoc.acse.send_reject(0x02, 0x03, 0x02)
+            evt.trigger(assoc, evt.EVT_REJECTED, {})
+            assoc.kill()
 
     def _warn(self, address: str, peers: int) -> None:
         now = time.monotonic()

@@ -204,6 +204,35 @@ def test_a_link_silent_halfway_through_a_pdu_frees_its_association(tmp_path: Pat
 
 
 
+def test_one_host_gets_no_more_associations_than_its_share(tmp_path: Path) -> None:
+    """max_associations_per_host held only against silent connections: a
+    real client sends its A-ASSOCIATE-RQ at once, and 32 of 32 slots went to
+    one address. The one over its share is rejected (transient, local limit
+    exceeded) and audited; another host still gets in."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}), extra_env={
+        "PACS_MAX_ASSOCIATIONS": "8", "PACS_MAX_ASSOCIATIONS_PER_HOST": "2", "PACS_DICOM_WORKERS": "1"}).start()
+    held = []
+    try:
+        ae = AE(ae_title="HOG")
+        ae.add_requested_context(Verification)
+        for _ in range(2):
+            held.append(ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title,
+                                     bind_address=("127.0.0.2", 0)))
+            assert held[-1].is_established
+        third = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title, bind_address=("127.0.0.2", 0))
+        assert third.is_rejected and not third.is_established
+        other = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title, bind_address=("127.0.0.3", 0))
+        assert other.is_established
+        other.release()
+    finally:
+        for assoc in held:
+            assoc.release()
+        server.stop()
+    assert "connection from 127.0.0.2 closed: it already has 2 open" in server.log_text()
+    audit = server.cli("audit", "--format", "json").stdout
+    assert "max_associations_per_host" in audit
+
+
 def test_silent_connections_of_one_host_do_not_take_every_slot(tmp_path: Path) -> None:
     """Connections that never send an A-ASSOCIATE-RQ (a link frozen after the
     TCP handshake, a scanner, a hostile peer) each held a slot for 30 s: as
