@@ -214,6 +214,13 @@ class _Incoming:
         self.limits = limits
         self.reset()
 
+    def discard(self) -> None:
+        """Let go of a data set that will never be handed over (the link
+        dropped, or pynetdicom takes the message): its spool file goes now,
+        not when a garbage collection finds the association's cycles."""
+        self.dataset.close()
+        self.reset()
+
     def reset(self) -> None:
         self.command_pdvs: list[list[Any]] = []
         self.request: C_STORE | ReceivedStore | None = None
@@ -252,7 +259,7 @@ def receive_directly(assoc: Any, limits: Limits | None = None) -> None:
 
     def hand_over(pdvs: list[list[Any]]) -> None:
         """Give pynetdicom the message from its first fragment on."""
-        incoming.reset()
+        incoming.discard()
         replay = P_DATA()
         # pynetdicom's setter takes [context ID, PDV] lists only.
         replay.presentation_data_value_list = [[cx, pdv] for cx, pdv in pdvs]
@@ -302,6 +309,11 @@ def receive_directly(assoc: Any, limits: Limits | None = None) -> None:
 
     receive_primitive.direct = True  # type: ignore[attr-defined]
     dimse.receive_primitive = receive_primitive
+    # An association that ends in the middle of a data set (a modality
+    # killed, a satellite link gone) leaves it unfinished: a spool file of
+    # up to max_object_bytes, held while the association's reference cycles
+    # wait for a collection (35 minutes were seen).
+    assoc.bind(evt.EVT_CONN_CLOSE, lambda _event: incoming.discard())
 
 
 __all__ = ["ReceivedStore", "parse_direct_store", "parse_store_request", "receive_directly", "serve_store"]

@@ -74,3 +74,49 @@ def test_an_object_over_the_size_limit_is_refused_and_the_next_is_taken(pacs_ser
     assert pacs_server.storescu(str(small)).returncode == 0
     stats = pacs_server.cli("stats", "--json").stdout
     assert '"instances": 1' in stats
+
+
+def _spool_files(pid: int) -> int:
+    """Deleted spool files the server process tree holds open."""
+    pids = [pid] + [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    held = 0
+    for each in pids:
+        try:
+            for fd in os.listdir(f"/proc/{each}/fd"):
+                try:
+                    held += "dimse-spool" in os.readlink(f"/proc/{each}/fd/{fd}")
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return held
+
+
+def test_a_sender_gone_in_the_middle_of_a_big_object_leaves_no_spool_file(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A modality killed (or a link dropped) half way through an object that
+    went to the spool: the unnamed file is let go when the connection ends;
+    it was held until a garbage collection (35 minutes were seen)."""
+    import signal
+    import subprocess
+
+    from .conftest import make_backend
+    from .peers import dcmtk, wait_until
+
+    path = _big_ct(tmp_path / "volume.dcm", 400)
+    server = PacsServer(tmp_path / "data", make_backend("sqlite-fs", request),
+                        extra_env={"PACS_DICOM_TIMEOUT": "600"}).start()
+    try:
+        assert server.proc is not None
+        pid = server.proc.pid
+        sender = subprocess.Popen([dcmtk("storescu"), "-aec", server.ae_title, "127.0.0.1", str(server.dicom_port),
+                                   str(path)], env={**os.environ, "TCP_NODELAY": "1"})
+        assert wait_until(lambda: _spool_files(pid) > 0 or sender.poll() is not None, timeout=60, interval=0.01)
+        sender.send_signal(signal.SIGKILL)
+        sender.wait()
+        # When the connection ends: not when a later garbage collection finds
+        # it (after ~30 s on an idle test server, 35 minutes on a busy one).
+        assert wait_until(lambda: _spool_files(pid) == 0, timeout=10), "the spool file is still held"
+        assert server.stats()["instances"] == 0
+    finally:
+        server.stop()
