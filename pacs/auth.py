@@ -31,7 +31,7 @@ from datetime import UTC, datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy import Connection, Engine, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -277,6 +277,12 @@ class AuthService:
         token = secrets.token_urlsafe(32)
         now = datetime.now(UTC)
         with self.engine.begin() as conn:
+            if name == SESSION:
+                # Ended sessions (logged out, revoked, expired) serve nothing
+                # more: one row per login was kept for good. The audit trail
+                # keeps the logins and logouts.
+                conn.execute(delete(tokens_t).where(
+                    tokens_t.c.name == SESSION, or_(tokens_t.c.revoked.is_(True), tokens_t.c.expires_at < now)))
             conn.execute(
                 tokens_t.insert().values(
                     user_pk=user_pk, token_hash=_hash_token(token), name=name, created_at=now,

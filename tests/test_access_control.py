@@ -160,6 +160,22 @@ def test_login_logout_and_revoked_tokens(secured: PacsServer) -> None:
         assert http.get("/api/me").json()["username"] == "user-radiologist"  # the cookie
         assert http.post("/api/auth/logout").status_code == 204
         assert http.get("/api/me", headers={"Authorization": f"Bearer {good.json()['token']}"}).status_code == 401
+        # Ended sessions are not kept (one row per login was, for good): the
+        # next login clears them.
+        again = http.post("/api/auth/login", json={"username": "user-radiologist", "password": "test-password-123"})
+        assert again.status_code == 200
+    core = secured.core()
+    try:
+        from sqlalchemy import func, select
+
+        from pacs.index.models import ApiToken, User
+
+        with core.engine.connect() as conn:
+            sessions = conn.execute(select(func.count()).select_from(ApiToken).join(User, User.pk == ApiToken.user_pk)
+                                    .where(User.username == "user-radiologist", ApiToken.name == "session")).scalar()
+    finally:
+        core.close()
+    assert sessions == 1
     token = json.loads(secured.cli("token", "create", "user-emr", "--name", "emr-link", "--json").stdout)["token"]
     with secured.http(token=token) as http:
         assert http.get("/api/worklist").status_code == 200

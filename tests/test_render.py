@@ -1023,3 +1023,16 @@ def test_one_bit_frames_that_do_not_start_on_a_byte() -> None:
             ds.save_as(f, enforce_file_format=True)
             streamed = decode(render_dataset_bytes(f.getvalue(), n, RenderParams(media_type="image/png")))
         assert np.array_equal(np.asarray(streamed), frames[n] * 255), n
+
+
+def test_render_cache_counts_what_each_entry_costs() -> None:
+    """10,000 tiny images (1x1 GIFs of 43 bytes, soak tester) were counted as
+    430 KB against a 64 MB bound while taking ~14 MB: each entry now counts
+    its overhead too, so the bound holds for many small images."""
+    from viewer_api.rendering import ENTRY_OVERHEAD, RenderCache
+
+    cache = RenderCache(64 * 1024)
+    for n in range(10_000):
+        cache.put(("1.2.3", n, (40, 400)), b"G" * 43)
+    assert len(cache._items) <= 64 * 1024 // (43 + ENTRY_OVERHEAD)
+    assert cache.get(("1.2.3", 9_999, (40, 400))) == b"G" * 43

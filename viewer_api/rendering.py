@@ -39,8 +39,14 @@ log = logging.getLogger(__name__)
 THUMBNAIL_SIZE = (128, 128)
 
 
+# What an entry costs beyond its image: the key tuple (UIDs, window,
+# viewport...), the bytes object and the LRU's links. Counted so that many
+# tiny images (1x1 GIFs, 43 bytes each) cannot grow memory 30x past the bound.
+ENTRY_OVERHEAD = 1024
+
+
 class RenderCache:
-    """LRU of encoded images, bounded in bytes."""
+    """LRU of encoded images, bounded in bytes (each entry counted with its overhead)."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
@@ -66,12 +72,12 @@ class RenderCache:
         with self._lock:
             old = self._items.pop(key, None)
             if old is not None:
-                self._size -= len(old)
+                self._size -= len(old) + ENTRY_OVERHEAD
             self._items[key] = data
-            self._size += len(data)
+            self._size += len(data) + ENTRY_OVERHEAD
             while self._size > self.max_bytes and self._items:
                 _, dropped = self._items.popitem(last=False)
-                self._size -= len(dropped)
+                self._size -= len(dropped) + ENTRY_OVERHEAD
 
 
 def params_from(request: Request, *, thumbnail: bool = False) -> RenderParams:
