@@ -250,7 +250,8 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
                 access_log=False,
                 **proxy_header_kwargs(settings.trusted_proxies),
                 timeout_graceful_shutdown=10,
-                http=header_deadline_protocol(settings.http_header_timeout),
+                http=header_deadline_protocol(settings.http_header_timeout, settings.http_body_stall_timeout,
+                                              settings.dicom_timeout),
                 **http_ssl,
             )
             log.info("HTTP listening on %s://%s:%d", scheme, settings.host, settings.http_port)

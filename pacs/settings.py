@@ -131,8 +131,14 @@ class Settings(BaseSettings):
     # Seconds an HTTP client has to send a request's line and headers (from
     # connecting, or from its first byte on a kept-alive connection): a client
     # that sends nothing, or dribbles headers, would hold its descriptor for
-    # good. Bodies are not limited (a STOW over a slow satellite link).
+    # good. Bodies have the stall limit below, never a total deadline.
     http_header_timeout: float = Field(default=30.0, gt=0)
+    # Seconds a request body may send no byte at all (from its headers, or
+    # its last byte) before the connection is closed (408 if nothing was
+    # answered yet): a half-sent body held its descriptor and connection for
+    # good. A slow link that keeps sending is never cut. STOW-RS uploads keep
+    # dicom_timeout as their own limit (answered with their STOW report).
+    http_body_stall_timeout: float = Field(default=60.0, gt=0)
     hl7_port: int = 2575
     # Close an HL7 MLLP connection that sends nothing for this many seconds (0: never).
     hl7_idle_timeout: float = 300.0

@@ -16,6 +16,7 @@ from pacs import __version__
 from pacs.app import Pacs, health
 
 from . import errors, fhir, orders_api, qido, stow, ui_api, wado, wado_uri
+from .limits import BodyLimit
 from .rendering import RenderCache
 from .security import READERS, AuditMiddleware, CsrfMiddleware, SecurityHeaders, requires, searched_study
 
@@ -64,6 +65,9 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.add_middleware(AuditMiddleware)
     app.add_middleware(HeadAsGet)
     app.add_middleware(CsrfMiddleware)
+    # Before any route, its access check and its JSON parsing: a body over
+    # 1 MiB is refused (413) unread, with or without a token; STOW-RS excepted.
+    app.add_middleware(BodyLimit)
     origins = [o.strip().rstrip("/") for o in pacs.settings.cors_origins.split(",") if o.strip()]
     if origins:
         # Outside the role and cross-site checks, so a browser's preflight is
