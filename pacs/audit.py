@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .index.db import write_transaction
 from .index.models import AuditEvent, Patient, Study
+from .timezones import in_zone
 
 log = logging.getLogger(__name__)
 # While the index is down: how often kept audit events are tried again, and
@@ -181,8 +182,7 @@ def event_time(at: datetime | str) -> str:
     is taken as such."""
     if isinstance(at, str):
         return at
-    moment = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
-    return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return in_zone(at, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def to_atna(event: dict[str, Any], source_id: str) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from .index.models import (
 from .index.reconcile import PATIENT_COLUMNS, record_reconciliation
 from .index.writer_helpers import insert_ignore
 from .names import fold_name, name_words
+from .timezones import server_zone
 
 log = logging.getLogger(__name__)
 
@@ -581,7 +582,7 @@ class OrderService:
             # start date and time are Type 1 return keys (PS3.4 K.6-1), and a
             # modality asks for today's steps: an undated one was never offered.
             # Only a new order: a change leaving the date empty keeps what is stored.
-            received = datetime.now(UTC).astimezone(self.zone) if self.zone else datetime.now().astimezone()
+            received = datetime.now(self.zone or server_zone())
             values["start_date"] = received.strftime("%Y%m%d")
             values["start_time"] = values["start_time"] or received.strftime("%H%M%S")
         pk = conn.execute(

@@ -57,9 +57,7 @@ def hospital_now(settings: Settings) -> datetime:
 
 def in_hospital_zone(moment: datetime, settings: Settings) -> datetime:
     """*moment* in the hospital's zone (a naive one is taken as UTC, as the index keeps them)."""
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(hospital_zone(settings))
+    return in_zone(moment, hospital_zone(settings))
 
 
 def utc_offset(moment: datetime) -> str:
@@ -70,7 +68,8 @@ def utc_offset(moment: datetime) -> str:
     return f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
 
 
-def _in(moment: datetime, zone: tzinfo) -> datetime:
+def in_zone(moment: datetime, zone: tzinfo) -> datetime:
+    """*moment* in *zone*; a naive one is taken as UTC (what the index always held)."""
     return (moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment).astimezone(zone)
 
 
@@ -78,7 +77,7 @@ def hl7_timestamp(moment: datetime, zone: tzinfo) -> str:
     """An instant as an HL7 v2 TS/DTM in *zone* (the hospital's) with its
     offset, ``YYYYMMDDHHMMSS+ZZZZ``: a receiver needs no guess about our clock.
     A naive *moment* is taken as UTC."""
-    local = _in(moment, zone)
+    local = in_zone(moment, zone)
     return local.strftime("%Y%m%d%H%M%S") + utc_offset(local)
 
 
@@ -86,7 +85,7 @@ def dicom_date_time(moment: datetime, zone: tzinfo) -> tuple[str, str, str]:
     """An instant as DICOM (DA, TM, TimezoneOffsetFromUTC) in *zone* (the
     hospital's): dates and times DICOM objects carry are local (PS3.3
     C.12.1.1.8), the offset saying which local. A naive *moment* is UTC."""
-    local = _in(moment, zone)
+    local = in_zone(moment, zone)
     return local.strftime("%Y%m%d"), local.strftime("%H%M%S"), utc_offset(local)
 
 

@@ -128,9 +128,19 @@ def _pull(server: PacsServer, *args: str) -> tuple[int, dict]:
 
 
 def _stored(server: PacsServer) -> dict[str, bytes]:
+    """Each instance's data set bytes, by SOP Instance UID."""
     core = server.core()
     try:
         return {item.sop_uid: dataset_bytes(core.store.read_bytes(item.storage_key)) for item in core.reader.iter_stored()}
+    finally:
+        core.close()
+
+
+def _uids(server: PacsServer, level: str) -> set[str]:
+    """The study_uid or sop_uid (*level*) of every instance the server holds."""
+    core = server.core()
+    try:
+        return {getattr(item, level) for item in core.reader.iter_stored()}
     finally:
         core.close()
 
@@ -144,7 +154,7 @@ def test_pull_copies_an_old_pacs_newest_first_resumes_and_verifies(ours: PacsSer
     assert code == 1 and first["stopped"].startswith("--max-studies 2")
     assert first["pulled"] == 2 and first["problems"] == []
     # Newest first: the two latest of 2024-01-10.
-    assert {uid.rsplit(".", 1)[-1] for uid in _stored_studies(ours)} == {"2", "7"}
+    assert {uid.rsplit(".", 1)[-1] for uid in _uids(ours, "study_uid")} == {"2", "7"}
 
     code, second = _pull(ours, "--find-limit", "2", *dates)
     assert code == 0, second
@@ -161,14 +171,6 @@ def test_pull_copies_an_old_pacs_newest_first_resumes_and_verifies(ours: PacsSer
 
     audit = ours.cli("audit", "--format", "json").stdout
     assert audit.count("pull: ") == 7
-
-
-def _stored_studies(server: PacsServer) -> set[str]:
-    core = server.core()
-    try:
-        return {item.study_uid for item in core.reader.iter_stored()}
-    finally:
-        core.close()
 
 
 def test_pull_takes_only_missing_series_and_names_what_it_cannot_get(ours: PacsServer, legacy: Legacy,
@@ -208,7 +210,7 @@ def test_pull_by_c_get_for_one_patient_and_a_date_range(tmp_path: Path, ours: Pa
     assert code == 0 and report["pulled"] == 1 and report["studies"] == 1, json.dumps(report)
     code, report = _pull(ours, "--method", "get", "--patient", "079201000001", "--until", "2019-12-31")
     assert code == 0 and report["pulled"] == 1
-    assert _stored_studies(ours) == {f"{ROOT}1", f"{ROOT}5"}
+    assert _uids(ours, "study_uid") == {f"{ROOT}1", f"{ROOT}5"}
     # Without dates the undated study is found too. When the remote's limit
     # forces splitting by date, the undated ones of the first answer are
     # taken and the report says more may exist (exit 1).
@@ -277,12 +279,12 @@ def test_pull_from_orthanc_that_cuts_its_answers_short(tmp_path: Path, ours: Pac
         # for that day may have left it out, which is said too.
         assert report["pulled"] >= 5, report
         assert set(report["capped"]) == {"studies without a Study Date", "20240110: studies without a Study Time"}
-        assert {f"{ROOT}{k}" for k in "23457"} <= _stored_studies(ours)
-        assert {f"{ROOT}2.1.1", f"{ROOT}2.1.2", f"{ROOT}2.9.1"} <= _stored_instances(ours)  # both series of 2
+        assert {f"{ROOT}{k}" for k in "23457"} <= _uids(ours, "study_uid")
+        assert {f"{ROOT}2.1.1", f"{ROOT}2.1.2", f"{ROOT}2.9.1"} <= _uids(ours, "sop_uid")  # both series of 2
 
         # One patient's three studies fit in one answer: the undated one too.
         code, report = _pull(ours, "--patient", "079201000001")
-        assert {f"{ROOT}5", f"{ROOT}6"} <= _stored_studies(ours), report
+        assert {f"{ROOT}5", f"{ROOT}6"} <= _uids(ours, "study_uid"), report
         assert report["capped"] == [] and [p["study_uid"] for p in report["problems"]] == [f"{ROOT}1"]
 
         # Run again: the complete studies are known by Orthanc's series counts.
@@ -291,14 +293,6 @@ def test_pull_from_orthanc_that_cuts_its_answers_short(tmp_path: Path, ours: Pac
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-
-
-def _stored_instances(server: PacsServer) -> set[str]:
-    core = server.core()
-    try:
-        return {item.sop_uid for item in core.reader.iter_stored()}
-    finally:
-        core.close()
 
 
 def test_counts_an_old_pacs_sends_are_read_or_ignored() -> None:

@@ -32,6 +32,8 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from ..timezones import in_zone
+
 # SQLite only auto-increments an INTEGER PRIMARY KEY; PostgreSQL wants BIGINT.
 PK = BigInteger().with_variant(Integer(), "sqlite")
 UID = String(64)
@@ -64,15 +66,11 @@ class UTCDateTime(TypeDecorator[datetime]):
     def process_bind_param(self, value: Any, dialect: Dialect) -> Any:
         """Aware values are converted to UTC; naive ones are taken as UTC
         (what the index always held)."""
-        if isinstance(value, datetime):
-            return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        return value
+        return in_zone(value, UTC) if isinstance(value, datetime) else value
 
     def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
         """The stored instant, aware, in UTC."""
-        if not isinstance(value, datetime):
-            return value  # type: ignore[no-any-return]
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return in_zone(value, UTC) if isinstance(value, datetime) else value
 
 
 class Base(DeclarativeBase):
