@@ -26,8 +26,6 @@ from .limits import is_dicom_upload
 log = logging.getLogger(__name__)
 
 # Used when the served app carries no settings (pacs.settings: http_body_stall_timeout, dicom_timeout).
-DEFAULT_BODY_STALL_TIMEOUT = 60.0
-DEFAULT_UPLOAD_STALL_TIMEOUT = 60.0
 
 
 def _timeout_answer(text: str) -> bytes:
@@ -54,13 +52,8 @@ class _ReadingWatched(FlowControl):
         super().resume_reading()
 
 
-def _app_settings(config: Any) -> Any:  # noqa: ANN401
-    """The served app's settings (``app.state.pacs.settings``), or None."""
-    return getattr(getattr(getattr(getattr(config, "app", None), "state", None), "pacs", None), "settings", None)
-
-
-def header_deadline_protocol(timeout: float, body_stall_timeout: float | None = None,
-                             upload_stall_timeout: float | None = None) -> type[asyncio.Protocol]:
+def header_deadline_protocol(timeout: float, body_stall_timeout: float,
+                             upload_stall_timeout: float) -> type[asyncio.Protocol]:
     """Uvicorn's httptools protocol closing a connection whose request line
     and headers are not complete *timeout* seconds after it connected or
     after the request's first byte (408 if part of a request came), and one
@@ -72,7 +65,7 @@ def header_deadline_protocol(timeout: float, body_stall_timeout: float | None = 
     was stored; the connection gives it *body_stall_timeout* more before it
     steps in. Time the server itself is not reading (the app has not taken
     what came: flow control) or the client waits for our ``100 Continue``
-    never counts. None: from the served app's settings."""
+    never counts."""
 
     class HeaderDeadlineProtocol(HttpToolsProtocol):
         _deadline: asyncio.TimerHandle | None = None
@@ -149,21 +142,11 @@ def header_deadline_protocol(timeout: float, body_stall_timeout: float | None = 
                     return True
             return False
 
-        def _limits(self) -> tuple[float, float]:
-            settings = _app_settings(self.config)
-            body = body_stall_timeout
-            if body is None:
-                body = getattr(settings, "http_body_stall_timeout", None) or DEFAULT_BODY_STALL_TIMEOUT
-            upload = upload_stall_timeout
-            if upload is None:
-                upload = getattr(settings, "dicom_timeout", None) or DEFAULT_UPLOAD_STALL_TIMEOUT
-            return float(body), float(upload)
-
         def _watch_body(self) -> None:
-            body, upload = self._limits()
+            body = body_stall_timeout
             scope = self.scope or {}
             if is_dicom_upload(str(scope.get("method", "")), str(scope.get("path", ""))):
-                body += upload
+                body += upload_stall_timeout
             self._stall_limit = body
             self._last_byte = self.loop.time()
             self._go_ahead_pending = self.expect_100_continue
