@@ -11,7 +11,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from fpdf import FPDF
 
 _FONT_CANDIDATES = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
@@ -53,6 +52,10 @@ def _date(value: str) -> str:
 
 def render(content: ReportContent) -> bytes:
     """The report as PDF bytes."""
+    # fpdf (with fontTools) takes most of a second to import: loaded at the
+    # first signed report, not at every start of pacs serve and the CLI.
+    from fpdf import FPDF
+
     pdf = FPDF(format="A4")
     pdf.set_auto_page_break(auto=True, margin=15)
     pdf.add_font("body", "", font_path())

@@ -5,19 +5,25 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, inspect, text
 
 from .db import create_index_engine, is_sqlite
 from .models import Base
+
+if TYPE_CHECKING:
+    from alembic.config import Config
 
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
 def alembic_config(engine: Engine) -> Config:
     """An Alembic config bound to *engine* (no alembic.ini needed)."""
+    # Alembic is imported only when a schema changes or is compared with the
+    # scripts: it costs every start of every command otherwise.
+    from alembic.config import Config
+
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
@@ -30,6 +36,8 @@ def upgrade_schema(engine: Engine, revision: str = "head", *,
 
     *guard* is called on the migrating connection once it holds the schema
     lock (PostgreSQL), before anything changes; it raises to refuse."""
+    from alembic import command
+
     cfg = alembic_config(engine)
     with engine.connect().execution_options(immediate=True) as conn:
         if not is_sqlite(engine):
@@ -60,10 +68,11 @@ def upgrade_schema(engine: Engine, revision: str = "head", *,
 
 
 def current_revision(engine: Engine) -> str | None:
-    from alembic.runtime.migration import MigrationContext
-
+    """The schema revision the index is at (None for a new, empty index)."""
     with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        if not inspect(conn).has_table("alembic_version"):
+            return None
+        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
 
 
 __all__ = ["Base", "alembic_config", "create_index_engine", "current_revision", "upgrade_schema"]

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import logging
 
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, text
 
 from ..errors import PacsError
@@ -28,6 +26,9 @@ class SchemaError(PacsError):
 
 
 def head_revision(engine: Engine) -> str:
+    """The newest revision among the migration scripts (SCHEMA_HEAD names it)."""
+    from alembic.script import ScriptDirectory
+
     return str(ScriptDirectory.from_config(alembic_config(engine)).get_current_head())
 
 
@@ -35,13 +36,17 @@ def prepare_schema(engine: Engine, *, upgrade: bool, others: str = "") -> None:
     """Create a new index; upgrade an older one when *upgrade*; otherwise
     raise :class:`SchemaError` with what the operator should do. *others*
     names other servers known to use the index (they forbid an upgrade)."""
-    current, head = current_revision(engine), head_revision(engine)
+    # SCHEMA_HEAD, not head_revision(): loading the scripts to learn it cost
+    # every start half a second (tests/test_migrations checks they agree).
+    current, head = current_revision(engine), SCHEMA_HEAD
     if current == head:
         return
     if current is not None:
         _refuse(engine, current, head, upgrade, others)  # before the schema lock: a plain refusal waits for nothing
 
     def guard(conn: Connection) -> None:
+        from alembic.runtime.migration import MigrationContext
+
         # Under the schema lock: another node may have done it meanwhile.
         now = MigrationContext.configure(conn).get_current_revision()
         if now in (None, head):
@@ -57,6 +62,8 @@ def prepare_schema(engine: Engine, *, upgrade: bool, others: str = "") -> None:
 
 
 def _refuse(engine: Engine, current: str, head: str, upgrade: bool, others: str) -> None:
+    from alembic.script import ScriptDirectory
+
     known = {rev.revision for rev in ScriptDirectory.from_config(alembic_config(engine)).walk_revisions()}
     if current not in known:
         raise SchemaError(f"the index is at schema revision {current}, written by a newer version of "
