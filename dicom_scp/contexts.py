@@ -95,21 +95,6 @@ def storage_classes() -> list[str]:
     return [cx.abstract_syntax for cx in AllStoragePresentationContexts] + list(RETIRED_STORAGE_CLASSES)
 
 
-def storage_contexts() -> list[PresentationContext]:
-    """One context per storage SOP class we accept, every syntax above."""
-    contexts = []
-    for abstract_syntax in storage_classes():
-        cx = PresentationContext()
-        cx.abstract_syntax = abstract_syntax
-        cx.transfer_syntax = list(STORAGE_TRANSFER_SYNTAXES)
-        # Accept SCP/SCU role selection: a C-GET requestor takes the storage
-        # SCP role and we send its instances back on the same association.
-        cx.scu_role = True
-        cx.scp_role = True
-        contexts.append(cx)
-    return contexts
-
-
 def prefer_requestor_order(event: Any) -> None:
     """EVT_ACSE_RECV handler: accept the syntax the requestor lists first.
 

@@ -43,7 +43,7 @@ from .contexts import (
     STORAGE_TRANSFER_SYNTAXES,
     ContextList,
     prefer_requestor_order,
-    storage_contexts,
+    storage_classes,
 )
 from .received import Limits, ReceivedData
 from .stored_send import send_stored_as_is
@@ -196,6 +196,10 @@ def _on_conn_open(event: Any) -> None:
 # max_associations: 32 silent connections, re-opened every 30 s (a frozen
 # link, a port scanner, a hostile peer), refused every modality for good.
 FIRST_REQUEST_WAIT = 10.0
+# A connection over its host's share waits this long for its request, to be
+# rejected (a real client sends it at once) rather than cut off: with 1 ms, a
+# busy server had not read the request yet and aborted instead.
+OVER_SHARE_REQUEST_WAIT = 0.5
 # Warnings about one peer's refused connections: at most one per minute.
 _REFUSAL_LOG_EVERY = 60.0
 
@@ -231,10 +235,10 @@ class ConnectionGuard:
         peers = sum(1 for other in assoc.ae.active_associations
                     if other is not assoc and other.is_acceptor and other.requestor.address == address)
         if self.per_host and peers >= self.per_host:
-            # A silent connection: the acceptor gives up on the request at
-            # once and closes. A request already there (any real client sends
-            # it at once) is refused when it is read (requested).
-            assoc.acse_timeout = 0.001
+            # A silent connection: the acceptor gives up on the request
+            # soon and closes. A request (any real client sends it at once)
+            # is refused when it is read (requested).
+            assoc.acse_timeout = OVER_SHARE_REQUEST_WAIT
             assoc._pacs_over_host_limit = peers
             self._warn(address, peers)
             return
@@ -478,9 +482,12 @@ def build_ae(pacs: Pacs) -> FilmlessAE:
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
         _config.LOG_HANDLER_LEVEL = "none"
     ae = FilmlessAE(pacs)
-    for cx in storage_contexts():
-        # add_supported_context keeps the SCP/SCU roles (the list setter drops them).
-        ae.add_supported_context(cx.abstract_syntax, cx.transfer_syntax, scu_role=True, scp_role=True)
+    for sop_class in storage_classes():
+        # Every syntax for every storage class, and SCP/SCU role selection
+        # accepted: a C-GET requestor takes the storage SCP role and we send
+        # its instances back on the same association. (add_supported_context
+        # keeps the roles; the list setter drops them.)
+        ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
     ae.add_supported_context(Verification)
     for sop_class in (*FIND_CLASSES, *MOVE_CLASSES):
         ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES[:1] + _UNCOMPRESSED_QR)
