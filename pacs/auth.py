@@ -102,9 +102,11 @@ def _throttle_keys(username: str, client: str) -> list[tuple[str, int]]:
 
 
 class AuthService:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, hasher: PasswordHasher | None = None) -> None:
+        """*hasher* sets the cost of new password hashes (argon2's defaults
+        when None); a stored hash carries its own, so any of them verifies."""
         self.engine = engine
-        self._hasher = PasswordHasher()
+        self._hasher = hasher or PasswordHasher()
         # Token checks happen on every request: cache them briefly.
         self._cache: dict[str, tuple[float, Principal | None]] = {}
         self._lock = threading.Lock()

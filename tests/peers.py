@@ -42,6 +42,19 @@ _HANDED_OUT: set[int] = set()
 PORT_RANGE = (12000, 22000)
 
 
+def _worker_range(low: int, high: int) -> tuple[int, int]:
+    """This test process's share of [low, high): pytest-xdist workers
+    (PYTEST_XDIST_WORKER gw0, gw1...) draw from disjoint slices, so two
+    workers never hand out the same port between a check and a bind."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") or 1)
+    if not worker.startswith("gw") or count <= 1:
+        return low, high
+    index = int(worker[2:]) % count
+    width = (high - low) // count
+    return low + index * width, low + (index + 1) * width
+
+
 def _ephemeral_low() -> int:
     try:
         return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
@@ -62,8 +75,7 @@ def free_port() -> int:
     """A port free now, outside the range outgoing connections draw from, and
     not handed out before by this test process (two servers' ports collided
     once when the kernel chose them)."""
-    low, high = PORT_RANGE
-    high = min(high, _ephemeral_low() - 10000)
+    low, high = _worker_range(PORT_RANGE[0], min(PORT_RANGE[1], _ephemeral_low() - 10000))
     while True:
         port = random.randrange(low, high)
         if port not in _HANDED_OUT and _bindable(port):
@@ -321,7 +333,11 @@ class PacsServer:
 
         engine = create_index_engine(self.backend.index_url or f"sqlite:///{self.data_dir}/index.sqlite", pool_size=0)
         try:
-            auth = AuthService(engine)
+            # The cheapest argon2 hash: a test user's password guards nothing,
+            # and the default cost (a third of a second here) came with every server start.
+            from argon2 import PasswordHasher
+
+            auth = AuthService(engine, PasswordHasher(time_cost=1, memory_cost=8, parallelism=1))
             auth.add_user(username, role, "test-password-123", display_name or username)
             return auth.create_token(username, "tests")
         finally:
@@ -360,9 +376,18 @@ class PacsServer:
         return result
 
     def stats(self) -> dict[str, int]:
-        """The counts of `pacs stats --json` (its storage report varies with the disk)."""
-        data = json.loads(self.cli("stats", "--json").stdout)
-        return {k: data[k] for k in ("patients", "studies", "series", "instances", "bytes")}
+        """The counts `pacs stats --json` prints, read here from the index:
+        a `pacs` process per call cost two seconds of CPU on a slow machine,
+        and test_cli checks the command itself."""
+        if not self.backend.index_url and not (self.data_dir / "index.sqlite").exists():
+            raise AssertionError(f"no archive index in {self.data_dir}")
+        core = self.core()
+        try:
+            counts = core.reader.stats()
+        finally:
+            core.close()
+        return {"patients": counts.patients, "studies": counts.studies, "series": counts.series,
+                "instances": counts.instances, "bytes": counts.bytes}
 
     def http(self, token: str | None = None) -> httpx.Client:
         """An HTTP client, authenticated as the test admin unless told otherwise."""

@@ -302,11 +302,16 @@ def test_wait_waits_for_the_holder(cluster: Cluster) -> None:
             assert refused.returncode == 1
             assert "running on node node-elsewhere" in _words(refused.stderr), refused.stderr
             waiting = _pacs(cluster.b, "verify", "--repair", "--quick", "--wait", "--json")
-            time.sleep(TTL)  # longer than a lease without heartbeats would last
+            # Once it says it waits (a loaded machine takes seconds to start a
+            # command), for longer than a lease without heartbeats would last.
+            said = ""
+            while "waiting" not in said and waiting.poll() is None:
+                said += waiting.stderr.readline()  # type: ignore[union-attr]
+            time.sleep(TTL)
             assert waiting.poll() is None, "--wait must wait while the holder heartbeats"
         out, err = waiting.communicate(timeout=120)
         assert waiting.returncode == 0, (out, err)
-        assert "waiting: verify-repair is running on node node-elsewhere" in _words(err)
+        assert "waiting: verify-repair is running on node node-elsewhere" in _words(said + err)
         assert json.loads(out)["problems"] == 0
     finally:
         engine.dispose()
