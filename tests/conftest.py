@@ -147,3 +147,19 @@ def pydicom_file(name: str) -> Path:
     if path is None:
         pytest.fail(f"test file {name} not found (pip install pydicom-data)")
     return Path(path)
+
+
+# -- order ------------------------------------------------------------------------
+# The longest files (measured with --durations=0) run first, so that with two
+# workers the run does not end on one worker alone with a long file.
+LONGEST_FIRST = (
+    "test_dimse_failures.py", "test_routing.py", "test_query_retrieve.py", "test_auth_hardening.py",
+    "test_transcode_stream.py", "test_worklist_ris.py", "test_maintenance.py", "test_remote_pull.py",
+    "test_dimse_ingest.py", "test_tls.py", "test_cli.py", "test_backup.py", "test_read_memory.py",
+    "test_outbox_delivery.py", "test_crash.py", "test_reports_fhir.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
