@@ -5,6 +5,7 @@ PostgreSQL databases and `pacs serve` processes. No pytest here, so
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import random
@@ -386,8 +387,7 @@ class PacsServer:
             counts = core.reader.stats()
         finally:
             core.close()
-        return {"patients": counts.patients, "studies": counts.studies, "series": counts.series,
-                "instances": counts.instances, "bytes": counts.bytes}
+        return dataclasses.asdict(counts)
 
     def http(self, token: str | None = None) -> httpx.Client:
         """An HTTP client, authenticated as the test admin unless told otherwise."""

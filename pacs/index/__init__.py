@@ -67,12 +67,17 @@ def upgrade_schema(engine: Engine, revision: str = "head", *,
                 conn.commit()
 
 
+def revision_of(conn: Connection) -> str | None:
+    """The schema revision the index on *conn* is at (None for a new, empty index)."""
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+
+
 def current_revision(engine: Engine) -> str | None:
     """The schema revision the index is at (None for a new, empty index)."""
     with engine.connect() as conn:
-        if not inspect(conn).has_table("alembic_version"):
-            return None
-        return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        return revision_of(conn)
 
 
-__all__ = ["Base", "alembic_config", "create_index_engine", "current_revision", "upgrade_schema"]
+__all__ = ["Base", "alembic_config", "create_index_engine", "current_revision", "revision_of", "upgrade_schema"]

@@ -15,7 +15,7 @@ import logging
 from sqlalchemy import Connection, Engine, text
 
 from ..errors import PacsError
-from . import alembic_config, current_revision, upgrade_schema
+from . import alembic_config, current_revision, revision_of, upgrade_schema
 from .db import APPLICATION_NAME, SCHEMA_HEAD, is_sqlite
 
 log = logging.getLogger(__name__)
@@ -45,10 +45,8 @@ def prepare_schema(engine: Engine, *, upgrade: bool, others: str = "") -> None:
         _refuse(engine, current, head, upgrade, others)  # before the schema lock: a plain refusal waits for nothing
 
     def guard(conn: Connection) -> None:
-        from alembic.runtime.migration import MigrationContext
-
         # Under the schema lock: another node may have done it meanwhile.
-        now = MigrationContext.configure(conn).get_current_revision()
+        now = revision_of(conn)
         if now in (None, head):
             return
         _refuse(engine, now, head, upgrade, others or (other_servers(conn) if not is_sqlite(engine) else ""))
