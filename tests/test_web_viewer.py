@@ -60,8 +60,6 @@ def viewer_server(tmp_path: Path, samples: Path) -> Iterator[PacsServer]:
 def page(request: pytest.FixtureRequest) -> Iterator[Any]:
     sync_playwright = _sync_playwright()  # fail fast, before starting the server
     viewer_server: PacsServer = request.getfixturevalue("viewer_server")
-    shutil.rmtree(ARTIFACTS, ignore_errors=True)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
@@ -81,9 +79,17 @@ def page(request: pytest.FixtureRequest) -> Iterator[Any]:
 
 
 class Steps:
+    """Numbered screenshots of one walk-through, in a folder only it clears.
+
+    The `page` fixture is shared with other test files that may run at the
+    same time on another worker, so it must not touch the screenshots.
+    """
+
     def __init__(self, page: Any) -> None:
         self.page = page
         self.n = 0
+        shutil.rmtree(ARTIFACTS, ignore_errors=True)
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
     def shot(self, name: str) -> None:
         self.n += 1
