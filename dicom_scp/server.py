@@ -132,8 +132,14 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
     Its ``direct`` attribute is the same handler without pynetdicom's event
     (dicom_scp.direct_receive calls it for requests it serves itself)."""
 
+    from .permissions import refusal
+
     def store(assoc: Any, sop_class: str, sop_uid: str, dataset: Any, transfer_syntax: str) -> tuple[int, str]:
         requestor = assoc.requestor
+        if (comment := refusal(pacs, assoc, "store")) is not None:
+            if isinstance(dataset, ReceivedData):
+                dataset.close()
+            return Status.NOT_AUTHORIZED, comment
         try:
             meta = file_meta_bytes(sop_class, sop_uid, transfer_syntax, requestor.ae_title)
             if isinstance(dataset, ReceivedData):
@@ -367,29 +373,39 @@ def _on_conn_close(event: Any) -> None:
         assoc.dul.to_user_queue.put(None)
 
 
-def refuse_calls_from_elsewhere(pacs: Pacs) -> Any:
-    """EVT_REQUESTED: with ``ae_allowlist`` and ``ae_check_host``, a
-    registered AE title calling from another address than its registered
-    host is refused as an unknown calling AE (A-ASSOCIATE-RJ 1/1/3, PS3.8
-    9.3.4): any machine can claim a modality's title, not its address."""
+def refuse_impostors(pacs: Pacs) -> Any:
+    """EVT_REQUESTED: refuse a known AE title called by what is not that AE,
+    as an unknown calling AE (A-ASSOCIATE-RJ 1/1/3, PS3.8 9.3.4): any machine
+    can claim a modality's title, not its address or its certificate.
+
+    - with ``ae_allowlist`` and ``ae_check_host``: a call from another
+      address than the title's registered host;
+    - a title with a pinned TLS client certificate (``pacs ae add
+      --client-cert``): a call without exactly that certificate
+      (:func:`dicom_scp.permissions.certificate_refusal`).
+    """
+    from .permissions import certificate_refusal
 
     def requested(event: Any) -> None:
         settings = pacs.settings
-        if not (settings.ae_allowlist and settings.ae_check_host):
-            return
         assoc = event.assoc
         if assoc.is_aborted or assoc.is_rejected:
             return
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
-        remote = pacs.aes.cached().get(calling)
-        if remote is None or not remote.enabled:
-            return  # not on the allowlist: pynetdicom refuses it, and audit_refusal records it
         address = str(assoc.requestor.address)
-        if host_matches(address, remote.host):
+        reason = certificate_refusal(pacs, assoc, calling)
+        remote = pacs.aes.cached().get(calling)
+        # An unlisted title is pynetdicom's to refuse, and audit_refusal records it.
+        if (reason is None and settings.ae_allowlist and settings.ae_check_host and remote is not None
+                and remote.enabled and not host_matches(address, remote.host)):
+            reason = f"calling AE {calling} is registered at another host"
+            log.warning("association from %s calling as %s refused: %s is registered at %s (ae_check_host)",
+                        address, calling, calling, remote.host)
+        elif reason is not None:
+            log.warning("association from %s calling as %s refused: %s", address, calling, reason)
+        else:
             return
-        log.warning("association from %s calling as %s refused: %s is registered at %s (ae_check_host)",
-                    address, calling, calling, remote.host)
-        assoc._pacs_refusal = f"calling AE {calling} is registered at another host"
+        assoc._pacs_refusal = reason
         assoc.acse.send_reject(0x01, 0x01, 0x03)
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
@@ -519,7 +535,7 @@ def start_dicom_server(
     """
     from worklist.scp import make_mpps_handlers, make_worklist_handler
 
-    from . import commitment
+    from . import commitment, permissions
 
     from .qr import (
         MoveDestinations,
@@ -546,7 +562,7 @@ def start_dicom_server(
         (evt.EVT_CONN_CLOSE, _on_conn_close),
         (evt.EVT_REQUESTED, guard.requested),
         (evt.EVT_REQUESTED, _abort_invalid_request),
-        (evt.EVT_REQUESTED, refuse_calls_from_elsewhere(pacs)),
+        (evt.EVT_REQUESTED, refuse_impostors(pacs)),
         (evt.EVT_REJECTED, audit_refusal(pacs)),
         (evt.EVT_ACSE_RECV, prefer_requestor_order),
         # One C-FIND handler per association: dispatch on the information model.
@@ -557,6 +573,7 @@ def start_dicom_server(
         *make_mpps_handlers(pacs),
         *commitment.handlers(pacs),
         *extra_handlers,
+        (evt.EVT_CONN_OPEN, permissions.gate_services(pacs)),  # last: it wraps every other request hook
     ]
     address = (host or pacs.settings.host, port if port is not None else pacs.settings.dicom_port)
     if listen_socket is None:

@@ -21,6 +21,42 @@ from .index.writer_helpers import insert_ignore
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
 
+# What a registered AE may ask of us over DICOM (C-ECHO is always allowed):
+# C-STORE to us; C-FIND on the archive; C-MOVE and C-GET from it; the
+# modality worklist; MPPS; storage commitment.
+SERVICES = ("store", "query", "retrieve", "worklist", "mpps", "commitment")
+ALL_SERVICES = frozenset(SERVICES)
+
+
+def parse_services(text: str) -> frozenset[str]:
+    """``"*"``/``"all"`` or a comma list of :data:`SERVICES`; ``ValueError`` otherwise."""
+    words = {w.strip().lower() for w in text.split(",") if w.strip()}
+    if words & {"*", "all"}:
+        return ALL_SERVICES
+    unknown = words - ALL_SERVICES
+    if unknown or not words:
+        raise ValueError(f"unknown DICOM service {', '.join(sorted(unknown)) or text!r}: "
+                         f"give 'all' or a comma list of {', '.join(SERVICES)}")
+    return frozenset(words)
+
+
+def services_text(services: frozenset[str]) -> str:
+    """How *services* are stored and shown: ``*`` for all, else in :data:`SERVICES` order."""
+    return "*" if services >= ALL_SERVICES else ",".join(s for s in SERVICES if s in services)
+
+
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_fingerprint(text: str) -> str:
+    """A SHA-256 certificate fingerprint as 64 lower-case hex digits (colons
+    and case as ``openssl x509 -fingerprint -sha256`` prints them are accepted)."""
+    value = text.strip().lower().removeprefix("sha256 fingerprint=").replace(":", "")
+    if not _FINGERPRINT.match(value):
+        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+    return value
+
+
 @dataclass(frozen=True)
 class RemoteAE:
     title: str
@@ -30,6 +66,18 @@ class RemoteAE:
     enabled: bool = True
     # We open associations to it over DICOM TLS (pacs.tls.client_context).
     tls: bool = False
+    services: frozenset[str] = ALL_SERVICES
+    # Calls under this title must come over TLS with exactly this client certificate.
+    cert_sha256: str | None = None
+
+    def permits(self, service: str) -> bool:
+        """May this AE use *service* (one of :data:`SERVICES`)?"""
+        return service in self.services
+
+    def as_json(self) -> dict[str, Any]:
+        return {"title": self.title, "host": self.host, "port": self.port, "description": self.description,
+                "enabled": self.enabled, "tls": self.tls, "services": services_text(self.services),
+                "cert_sha256": self.cert_sha256}
 
 
 def validate_ae_title(title: str) -> str:
@@ -57,11 +105,17 @@ class AeRegistry:
 
     @staticmethod
     def _select() -> Any:
-        return select(KnownAE.title, KnownAE.host, KnownAE.port, KnownAE.description, KnownAE.enabled, KnownAE.tls)
+        return select(KnownAE.title, KnownAE.host, KnownAE.port, KnownAE.description, KnownAE.enabled, KnownAE.tls,
+                      KnownAE.services, KnownAE.cert_sha256)
 
     @staticmethod
     def _remote(row: Any) -> RemoteAE:
-        return RemoteAE(row.title, row.host, row.port, row.description, row.enabled, bool(row.tls))
+        try:
+            services = parse_services(row.services)
+        except ValueError:
+            services = frozenset()  # a hand-edited row we cannot read grants nothing
+        return RemoteAE(row.title, row.host, row.port, row.description, row.enabled, bool(row.tls),
+                        services, row.cert_sha256)
 
     def list(self) -> list[RemoteAE]:
         with self.engine.connect() as conn:
@@ -87,22 +141,36 @@ class AeRegistry:
                 self._cached_at = now
             return self._cache
 
-    def add(self, title: str, host: str, port: int, description: str = "", *, tls: bool = False) -> RemoteAE:
-        """Register *title* (or update its address); *tls*: we reach it over DICOM TLS."""
+    def add(self, title: str, host: str, port: int, description: str = "", *, tls: bool = False,
+            services: frozenset[str] | None = None, cert_sha256: str | None = None,
+            forget_cert: bool = False) -> RemoteAE:
+        """Register *title* (or update its address); *tls*: we reach it over DICOM TLS.
+
+        *services* (default: all for a new AE, unchanged for a known one) are
+        what it may ask of us; *cert_sha256* pins its TLS client certificate
+        (unchanged when None, removed with *forget_cert*).
+        """
         title = validate_ae_title(title)
         if not host or not 0 < port < 65536:
             raise ValueError("host must be set and port must be 1-65535")
         if not _HOST.fullmatch(host):
             raise ValueError(f"host {host!r} is not a host name or an IP address")
-        values = {"host": host, "port": port, "description": description, "enabled": True, "tls": tls}
+        if services is not None and not services:
+            raise ValueError("an AE needs at least one service (remove it to refuse it everything)")
+        values: dict[str, Any] = {"host": host, "port": port, "description": description, "enabled": True, "tls": tls}
+        if services is not None:
+            values["services"] = services_text(services)
+        if cert_sha256 is not None or forget_cert:
+            values["cert_sha256"] = cert_sha256
         with self.engine.begin() as conn:
             inserted = insert_ignore(
                 conn, KnownAE.__table__, {"title": title, "created_at": datetime.now(UTC), **values}, ["title"]  # type: ignore[arg-type]
             )
             if inserted is None:
                 conn.execute(update(KnownAE).where(KnownAE.title == title).values(**values))
+            row = conn.execute(self._select().where(KnownAE.title == title)).one()
         self._cache = None
-        return RemoteAE(title, host, port, description, tls=tls)
+        return self._remote(row)
 
     def remove(self, title: str) -> bool:
         with self.engine.begin() as conn:

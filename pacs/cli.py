@@ -223,16 +223,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 # -- ae -----------------------------------------------------------------------
 def cmd_ae(args: argparse.Namespace) -> int:
+    from .aes import parse_services, services_text
+
+    if args.ae_command == "add":
+        try:
+            services = parse_services(args.services) if args.services is not None else None
+            forget_cert = (args.client_cert or "").strip().lower() == "none"
+            cert = None if forget_cert or args.client_cert is None else client_cert_fingerprint(args.client_cert)
+        except ValueError as exc:
+            err.print(f"[red]{exc}[/red]")
+            return 2
     pacs = _open(args)
     try:
         if args.ae_command == "add":
             before = pacs.aes.lookup(args.name)
             try:
-                ae = pacs.aes.add(args.name, args.host, args.port, args.description or "", tls=args.tls)
+                ae = pacs.aes.add(args.name, args.host, args.port, args.description or "", tls=args.tls,
+                                  services=services, cert_sha256=cert, forget_cert=forget_cert)
             except ValueError as exc:
                 err.print(f"[red]{exc}[/red]")
                 return 2
-            result: dict[str, Any] = {"added": ae.title, "host": ae.host, "port": ae.port, "tls": ae.tls}
+            result: dict[str, Any] = {"added": ae.title, "host": ae.host, "port": ae.port, "tls": ae.tls,
+                                      "services": services_text(ae.services), "cert_sha256": ae.cert_sha256}
             if before is not None:
                 # Re-adding a title changes its address: say what it was.
                 result["replaced"] = f"{before.host}:{before.port}"
@@ -247,17 +259,27 @@ def cmd_ae(args: argparse.Namespace) -> int:
         else:
             aes = pacs.aes.list()
             if args.json:
-                print(json.dumps([ae.__dict__ for ae in aes]))
+                print(json.dumps([ae.as_json() for ae in aes]))
             else:
                 table = Table(title="known AEs")
-                for col in ("AE title", "host", "port", "TLS", "description"):
+                for col in ("AE title", "host", "port", "TLS", "services", "client certificate", "description"):
                     table.add_column(col)
                 for ae in aes:
-                    table.add_row(ae.title, ae.host, str(ae.port), "yes" if ae.tls else "", ae.description)
+                    table.add_row(ae.title, ae.host, str(ae.port), "yes" if ae.tls else "", services_text(ae.services),
+                                  (ae.cert_sha256 or "")[:16], ae.description)
                 out.print(table)
     finally:
         pacs.close()
     return 0
+
+
+def client_cert_fingerprint(value: str) -> str:
+    """The SHA-256 fingerprint of a PEM certificate file, or *value* itself as one."""
+    from .aes import parse_fingerprint
+    from .tls import pem_certificate_sha256
+
+    path = Path(value)
+    return pem_certificate_sha256(path) if path.is_file() else parse_fingerprint(value)
 
 
 def _print_result(args: argparse.Namespace, data: dict[str, Any]) -> None:
@@ -705,6 +727,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tls", action="store_true",
                    help="reach it over DICOM TLS (C-MOVE, routing, remote Q/R): its certificate is checked "
                         "against tls_ca, ours (tls_cert) presented for mutual TLS")
+    q.add_argument("--services", metavar="LIST",
+                   help="what it may ask of us: 'all' (a new AE's default) or a comma list of "
+                        "store, query, retrieve, worklist, mpps, commitment; others get 0x0124 "
+                        "(refused: not authorized). Unchanged when re-adding without it")
+    q.add_argument("--client-cert", metavar="PEM|SHA256|none",
+                   help="pin its TLS client certificate (a PEM file, or its SHA-256 fingerprint): calls under "
+                        "this title must then come over DICOM TLS with that certificate; 'none' removes the pin")
     q = ae_sub.add_parser("remove")
     _common(q, json_flag=True)
     q.add_argument("name")

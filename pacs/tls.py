@@ -92,6 +92,34 @@ def _client_ca(settings: Settings) -> Path | None:
     return _check_file(settings.tls_ca, "tls_ca")
 
 
+def certificate_sha256(der: bytes) -> str:
+    """The SHA-256 fingerprint of a DER certificate, 64 lower-case hex digits."""
+    import hashlib
+
+    return hashlib.sha256(der).hexdigest()
+
+
+def pem_certificate_sha256(path: Path) -> str:
+    """The fingerprint of the (first) certificate in PEM file *path*; ``ValueError`` if it holds none."""
+    try:
+        der = ssl.PEM_cert_to_DER_cert(path.read_text(encoding="ascii"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not a PEM certificate ({exc})") from None
+    return certificate_sha256(der)
+
+
+def peer_certificate_sha256(sock: Any) -> str | None:
+    """The fingerprint of the certificate the TLS peer on *sock* presented,
+    or None (plain TCP, or no client certificate)."""
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    try:
+        der = sock.getpeercert(binary_form=True)
+    except (ValueError, OSError):  # handshake not done or connection gone
+        return None
+    return certificate_sha256(der) if der else None
+
+
 def _peer(sock: socket.socket) -> tuple[str, int]:
     try:
         host, port = sock.getpeername()[:2]

@@ -282,6 +282,42 @@ def test_plain_port_still_works_alongside_tls(mtls: tuple[PacsServer, int], tmp_
     assert server.stats()["instances"] == before + 1
 
 
+def test_a_pinned_client_certificate_ties_the_title_to_one_device(mtls: tuple[PacsServer, int], pki: Pki,
+                                                                  tmp_path: Path) -> None:
+    """`pacs ae add CT_PINNED --client-cert CT_ROOM1.pem`: another device with
+    a certificate from the same hospital CA (valid for mutual TLS) cannot
+    call as CT_PINNED, nor can anyone over plain TCP; the pinned device can,
+    and the other device under its own title too. Refusals are A-ASSOCIATE-RJ
+    (calling AE not recognised) and audited."""
+    server, tls_port = mtls
+    pacs_cli("certs", "issue", "CT_ROOM2", "--ca", str(pki.ca.parent), "--out", str(tmp_path / "ct2"), "--client")
+    second = ("+tls", str(tmp_path / "ct2" / "CT_ROOM2.key"), str(tmp_path / "ct2" / "CT_ROOM2.pem"), "+cf", str(pki.ca))
+    server.cli("ae", "add", "CT_PINNED", "--host", "127.0.0.1", "--port", "104", "--client-cert", str(pki.client_cert))
+    try:
+        time.sleep(AeRegistry.CACHE_SECONDS + 0.5)  # the running server re-reads the registry
+        before = server.stats()["instances"]
+        pinned = storescu_tls(tls_port, *with_cert(pki), files=[make_ct(tmp_path / "a.dcm")], calling="CT_PINNED")
+        assert pinned.returncode == 0, pinned.stdout + pinned.stderr
+        impostor = storescu_tls(tls_port, *second, files=[make_ct(tmp_path / "b.dcm")], calling="CT_PINNED")
+        assert impostor.returncode != 0 and "Rejected" in impostor.stdout + impostor.stderr, impostor.stderr
+        plain = storescu_tls(server.dicom_port, files=[make_ct(tmp_path / "c.dcm")], calling="CT_PINNED")
+        assert plain.returncode != 0 and "Rejected" in plain.stdout + plain.stderr, plain.stderr
+        own = storescu_tls(tls_port, *second, files=[make_ct(tmp_path / "d.dcm")], calling="CT_ROOM2")
+        assert own.returncode == 0, own.stdout + own.stderr
+        assert server.stats()["instances"] == before + 2
+        deadline = time.monotonic() + 20
+        while True:
+            events = json.loads(server.cli("audit", "--user", "CT_PINNED", "--format", "json").stdout)
+            denied = sorted(e["detail"] for e in events if e["action"] == "associate" and e["outcome"] == "denied")
+            if len(denied) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.3)
+        assert len(denied) == 2 and "must call over DICOM TLS" in denied[0] and "another TLS client" in denied[1], denied
+        assert server.alive()
+    finally:
+        server.cli("ae", "remove", "CT_PINNED")
+
+
 def test_tls_only_without_client_certificates(tmp_path: Path, pki: Pki) -> None:
     """dicom_plain=false: one TLS port; no mutual TLS, so a modality without a certificate may store."""
     tls_port = free_port()

@@ -197,6 +197,10 @@ class KnownAE(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     # Associations we open to it (C-MOVE destination, routing, remote Q/R) use DICOM TLS.
     tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # What it may ask of us over DICOM: "*" or a comma list of pacs.aes.SERVICES.
+    services: Mapped[str] = mapped_column(String, default="*", server_default="*")
+    # SHA-256 of the only TLS client certificate it may call us with (hex), or None.
+    cert_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
