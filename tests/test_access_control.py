@@ -5,6 +5,7 @@ access lands in the audit trail with the right user and study."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,13 +99,36 @@ def test_public_routes(secured: PacsServer) -> None:
         http.headers.pop("Authorization", None)
         assert http.get("/health").status_code == 200
         assert http.get("/").status_code == 200
-        assert http.get("/openapi.json").status_code == 200
+        # The API's map is for signed-in users (any role), not for anyone on the network.
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            assert http.get(path).status_code == 401, path
         assert http.get(f"/viewer/study/{study_uid('S1')}", follow_redirects=False).status_code == 302
         # An accession link is resolved by the viewer after login: before it,
         # a known and an unknown accession number get the same answer.
         for accession in ("ACC001", "NOPE"):
             link = http.get(f"/viewer/accession/{accession}", follow_redirects=False)
             assert (link.status_code, link.headers["location"]) == (302, f"/#/accession/{accession}")
+
+
+def test_api_docs_for_every_signed_in_role(secured: PacsServer) -> None:
+    """/openapi.json, /docs and /redoc answer any role; the reads are audited."""
+    for role, token in secured.tokens.items():  # type: ignore[attr-defined]
+        with secured.http(token) as http:
+            spec = http.get("/openapi.json")
+            assert spec.status_code == 200 and "/dicom-web/studies" in spec.json()["paths"], role
+            for page in ("/docs", "/redoc"):
+                html = http.get(page)
+                assert html.status_code == 200 and "/openapi.json" in html.text, (role, page)
+    wanted = {f"user-{role}" for role in secured.tokens}  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 20
+    while True:  # audit events are written in batches
+        with secured.http() as http:
+            events = http.get("/api/audit", params={"action": "api-docs"}).json()
+        users = {e["user"] for e in events if e["outcome"] == "success"}
+        if users >= wanted or time.monotonic() > deadline:
+            break
+        time.sleep(0.3)
+    assert users == wanted
 
 
 def _study_routes(server: PacsServer, key: str) -> list[str]:

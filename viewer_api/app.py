@@ -8,12 +8,14 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pacs import __version__
 from pacs.app import Pacs, health
+from pacs.auth import ROLES
 
 from . import errors, fhir, orders_api, qido, stow, ui_api, wado, wado_uri
 from .limits import BodyLimit
@@ -57,6 +59,8 @@ def create_app(pacs: Pacs) -> FastAPI:
         title="filmless-pacs",
         version=__version__,
         description="PACS and DICOM routing appliance: DICOMweb, WADO-URI, FHIR and JSON API.",
+        # Served below to signed-in users only: the API's map is no one else's business.
+        docs_url=None, redoc_url=None, openapi_url=None,
     )
     app.state.pacs = pacs
     app.state.render_cache = RenderCache(pacs.settings.render_cache_bytes)
@@ -95,6 +99,20 @@ def create_app(pacs: Pacs) -> FastAPI:
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    docs_access = requires(*ROLES, action="api-docs")
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=docs_access)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=docs_access)
+    def swagger() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="filmless-pacs API")
+
+    @app.get("/redoc", include_in_schema=False, dependencies=docs_access)
+    def redoc() -> HTMLResponse:
+        return get_redoc_html(openapi_url="/openapi.json", title="filmless-pacs API")
 
     @app.get("/health", tags=["system"], summary="Liveness and dependency health")
     def get_health() -> JSONResponse:
