@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -95,6 +96,16 @@ def register(sub: Any, common: Callable[..., None]) -> None:
                    help="with --deidentify: also write objects with burned-in annotation (identifying text in the "
                         "pixels, not removed); by default they are left out and listed")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("audit-archive", help="retention: move audit events older than a date to a verified "
+                                               "archive file, or check archive files (--verify)")
+    common(p, json_flag=True)
+    p.add_argument("--before", type=_date, metavar="YYYY-MM-DD",
+                   help="archive the events before this day (hospital time; at least a day ago)")
+    p.add_argument("--to", type=Path, dest="folder", metavar="DIR", help="folder for the archive file")
+    p.add_argument("--verify", nargs="+", type=Path, metavar="FILE", help="check archive files instead")
+    p.add_argument("--wait", action="store_true", help=WAIT_HELP)
+    p.set_defaults(func=cmd_audit_archive)
 
     p = sub.add_parser("outbox", help="messages to the HIS (ORM status, ORU reports) and storage commitment reports: list, retry dead ones")
     o_sub = p.add_subparsers(dest="outbox_command", required=True)
@@ -439,6 +450,62 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
     _emit(args, data, human)
     return 1 if report.object_failures.count else 0
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a date (YYYY-MM-DD)") from None
+
+
+def cmd_audit_archive(args: argparse.Namespace) -> int:
+    """pacs audit-archive: 0 archived (or nothing to archive) / every file
+    checks, 1 a check failed or the archive could not be made, 2 bad usage."""
+    from pacs.maintenance.audit_archive import ArchiveError, archive_audit, cutoff_of, verify_archive
+
+    if args.verify:
+        if args.before or args.folder:
+            return _usage("--verify takes only archive files")
+        checks = _run(args, lambda pacs, bar: [verify_archive(path, pacs) for path in args.verify])
+        if checks is None:
+            return 1
+        data = {"files": [c.as_dict() for c in checks], "ok": all(c.ok for c in checks)}
+
+        def human_checks() -> None:
+            for c in checks:
+                verdict = "[green]ok[/green]" if c.ok else "[red]FAILED[/red]: " + "; ".join(c.problems)
+                out.print(f"{c.file}: {c.events:,} events, sha256 {c.sha256}: {verdict}")
+
+        _emit(args, data, human_checks)
+        return 0 if data["ok"] else 1
+    if args.before is None or args.folder is None:
+        return _usage("give --before YYYY-MM-DD and --to DIR (or --verify FILE...)")
+
+    def work(pacs: Any, bar: Any) -> Any:
+        cutoff_of(args.before, pacs)  # too recent: refused before anything is read
+        return archive_audit(pacs, args.before, args.folder, progress=bar)
+
+    try:
+        report = _run(args, work, lease="audit-archive")
+    except ValueError as exc:
+        return _usage(str(exc))
+    except (ArchiveError, OSError) as exc:
+        err.print(f"[red]audit archive failed, nothing deleted: {exc}[/red]")
+        return 1
+    if report is None:
+        return 1
+
+    def human() -> None:
+        if not report.events:
+            out.print(f"no audit events before {report.before}: nothing to archive")
+            return
+        _counts("audit archive", [("events archived and removed from the index", report.deleted),
+                                  ("first event", report.first_at), ("last event", report.last_at),
+                                  ("file", report.file), ("sha256", report.sha256)])
+
+    _emit(args, report.as_dict(), human)
+    return 0
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
