@@ -97,6 +97,17 @@ def register(sub: Any, common: Callable[..., None]) -> None:
                         "pixels, not removed); by default they are left out and listed")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("delete", help="delete a study, series or instance sent in error (a dry run unless --yes)")
+    common(p, json_flag=True)
+    p.add_argument("study", metavar="STUDY_UID")
+    p.add_argument("--series", default="", metavar="UID", help="only this series of the study")
+    p.add_argument("--instance", default="", metavar="UID", help="only this instance (with --series)")
+    p.add_argument("--reason", required=True, help="why (kept in the audit trail)")
+    p.add_argument("--force", action="store_true",
+                   help="also a study with a signed report (part of the patient's record: its reports go with it)")
+    p.add_argument("--yes", action="store_true", help="really delete")
+    p.set_defaults(func=cmd_delete)
+
     p = sub.add_parser("audit-archive", help="retention: move audit events older than a date to a verified "
                                                "archive file, or check archive files (--verify)")
     common(p, json_flag=True)
@@ -450,6 +461,36 @@ def cmd_purge(args: argparse.Namespace) -> int:
 
     _emit(args, data, human)
     return 1 if report.object_failures.count else 0
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    """pacs delete: 0 deleted (or would be), 1 refused or objects left, 2 bad usage."""
+    from pacs.maintenance.common import os_user
+    from pacs.maintenance.delete import DeleteRefused, Target, delete_target
+
+    try:
+        target = Target(args.study, args.series, args.instance)
+    except ValueError as exc:
+        return _usage(str(exc))
+    try:
+        report = _run(args, lambda pacs, bar: delete_target(pacs, target, reason=args.reason, user=os_user(),
+                                                             force=args.force, dry_run=not args.yes))
+    except DeleteRefused as exc:
+        err.print(f"[red]not deleted: {exc}[/red]")
+        return 2 if exc.http_status == 400 else 1
+    data = report.as_dict()
+
+    def human() -> None:
+        verb = "would delete" if report.dry_run else "deleted"
+        _counts(f"delete {report.level} ({verb})", [
+            ("instances", report.instances), ("bytes", _size(report.bytes)), ("reports", report.reports_deleted),
+            ("objects deleted", report.objects_deleted), ("objects not deleted", len(report.object_failures)),
+        ])
+        if report.dry_run:
+            err.print("nothing deleted: add --yes to delete")
+
+    _emit(args, data, human)
+    return 1 if report.object_failures else 0
 
 
 def _date(text: str) -> date:

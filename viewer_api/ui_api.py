@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
@@ -167,6 +167,48 @@ def study(request: Request, study: str, principal: Principal = guard(*READERS, a
     if detail is None:
         raise HTTPProblem(404, f"no study {study}")
     return detail
+
+
+# -- deletion (admin) ------------------------------------------------------------------------
+def _delete(request: Request, uids: tuple[str, ...], reason: str, force: bool = False) -> dict[str, Any]:
+    # Imported here: the maintenance jobs (codecs among them) are not needed to start serving.
+    from pacs.maintenance.delete import DeleteRefused, Target, delete_target
+
+    target = Target(*uids)
+    try:
+        report = delete_target(request.app.state.pacs, target, reason=reason, force=force)
+    except DeleteRefused as exc:
+        _audit_detail(request, f"{target.level} not deleted: {exc}")
+        raise HTTPProblem(exc.http_status, str(exc)) from None
+    _audit_detail(request, report.detail)
+    event = getattr(request.state, "audit", None)
+    if isinstance(event, Event):
+        # Filled in from the study when the event is written, but the study is gone by then.
+        event.patient_id = report.patient_id
+    return report.as_dict()
+
+
+_REASON = Query(..., min_length=1, max_length=400, description="why (kept in the audit trail)")
+_FORCE = Query(False, description="also a study with a signed report (its reports are deleted with it)")
+
+
+@router.delete("/api/studies/{study}", summary="Delete a study (sent in error); admin, audited with the reason")
+def delete_study(request: Request, study: str, reason: str = _REASON, force: bool = _FORCE,
+                 _: Principal = guard("admin", action="delete")) -> dict[str, Any]:
+    return _delete(request, (study,), reason, force)
+
+
+@router.delete("/api/studies/{study}/series/{series}", summary="Delete one series of a study; admin, audited")
+def delete_series(request: Request, study: str, series: str, reason: str = _REASON,
+                  _: Principal = guard("admin", action="delete")) -> dict[str, Any]:
+    return _delete(request, (study, series), reason)
+
+
+@router.delete("/api/studies/{study}/series/{series}/instances/{sop}",
+               summary="Delete one instance; admin, audited")
+def delete_instance(request: Request, study: str, series: str, sop: str, reason: str = _REASON,
+                    _: Principal = guard("admin", action="delete")) -> dict[str, Any]:
+    return _delete(request, (study, series, sop), reason)
 
 
 # -- reports ---------------------------------------------------------------------------------

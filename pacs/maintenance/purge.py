@@ -63,10 +63,19 @@ EARLIEST_STUDY_DATE = "19000101"
 
 
 class PurgeJournal:
-    """Keys of objects whose index rows are (being) deleted by a purge."""
+    """Keys of objects whose index rows are (being) deleted by a purge, or
+    by one deletion (``pacs delete``, ``DELETE /api/studies/...``: each its
+    own file, so a purge that empties its journal never drops their keys)."""
 
-    def __init__(self, data_dir: Path | str) -> None:
-        self.path = Path(data_dir) / "purge.journal"
+    def __init__(self, data_dir: Path | str, name: str = "purge.journal") -> None:
+        self.path = Path(data_dir) / name
+
+    @classmethod
+    def every(cls, data_dir: Path | str) -> list[PurgeJournal]:
+        """The purge journal and every deletion's journal left in *data_dir*."""
+        folder = Path(data_dir)
+        names = ["purge.journal", *sorted(p.name for p in folder.glob("delete-*.journal"))] if folder.is_dir() else []
+        return [cls(folder, name) for name in names]
 
     def append(self, keys: list[str]) -> None:
         """Record *keys* durably before their index rows are deleted."""
@@ -293,7 +302,7 @@ def purge(
     if not execute:
         return report
     journal = PurgeJournal(pacs.settings.data_dir)
-    report.leftovers_deleted = journal.finish(pacs)
+    report.leftovers_deleted = sum(j.finish(pacs) for j in PurgeJournal.every(pacs.settings.data_dir))
     user = user or os_user()
     progress.start("purging studies", report.studies)
     last_pk = 0

@@ -240,12 +240,12 @@ def verify(
     """Check index against storage and storage against index (see module doc)."""
     progress = progress or NullProgress()
     report = VerifyReport(repair=repair)
-    journal = PurgeJournal(pacs.settings.data_dir)
+    journals = PurgeJournal.every(pacs.settings.data_dir)
     if repair:
-        report.purged_leftovers = journal.finish(pacs)
+        report.purged_leftovers = sum(journal.finish(pacs) for journal in journals)
         pending: set[str] = set()
     else:
-        pending = journal.keys()
+        pending = set().union(*(journal.keys() for journal in journals))
     missing_pks: list[int] = []
     _index_pass(pacs, report, quick, workers, progress, missing_pks)
     _storage_pass(pacs, report, repair, progress, pending)

@@ -1,0 +1,163 @@
+"""Deleting one study, series or instance on request (sent in error, wrong
+patient, test images on the production archive).
+
+The entry points are ``pacs delete`` and ``DELETE /api/studies/...`` (admin).
+A reason is required and goes to the audit trail with who, what and how
+much. A study with a signed report is clinical record: it is deleted only
+when the request says so (``force``), and its reports go with it.
+
+Order, as in :mod:`pacs.maintenance.purge` (an index row is never left
+without its object): the object keys go to this deletion's own journal
+(``DATA_DIR/delete-<id>.journal``, fsynced), the rows are deleted in one
+transaction (series and studies left empty are removed, a study keeping a
+report stays), and only then are the objects deleted. A crash or a store
+failure in between leaves orphans the journal names; the next ``pacs purge
+--yes`` or ``pacs verify --repair`` deletes them and never adopts them back.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import Connection, delete, func, select
+
+from storage import StorageError
+
+from ..app import Pacs
+from ..audit import Event
+from ..errors import PacsError
+from ..index.db import write_transaction
+from .common import instances_t, patients_t, prune_after_delete, prune_patients, reports_t, series_t, studies_t
+from .purge import PurgeJournal
+
+log = logging.getLogger(__name__)
+
+
+class DeleteRefused(PacsError):
+    """The deletion was not done; *http_status* is what an HTTP client sees."""
+
+    def __init__(self, message: str, http_status: int) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to delete: a study, one of its series, or one instance of that series."""
+
+    study_uid: str
+    series_uid: str = ""
+    sop_uid: str = ""
+
+    @property
+    def level(self) -> str:
+        return "instance" if self.sop_uid else "series" if self.series_uid else "study"
+
+    def __post_init__(self) -> None:
+        if self.sop_uid and not self.series_uid:
+            raise ValueError("an instance is named with its series")
+
+
+@dataclass
+class DeleteReport:
+    level: str
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+    patient_id: str = ""
+    instances: int = 0
+    bytes: int = 0
+    reports_deleted: int = 0
+    removed: dict[str, int] = field(default_factory=dict)
+    objects_deleted: int = 0
+    object_failures: list[str] = field(default_factory=list)
+    dry_run: bool = False
+    detail: str = ""  # what the audit trail says of it
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _selected(conn: Connection, target: Target) -> tuple[Any, list[Any]]:
+    """The study row and the (pk, storage key, size) of the target's instances."""
+    study = conn.execute(
+        select(studies_t.c.pk, studies_t.c.patient_pk, patients_t.c.patient_id)
+        .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
+        .where(studies_t.c.study_uid == target.study_uid)
+    ).first()
+    if study is None:
+        raise DeleteRefused(f"no study {target.study_uid}", 404)
+    query = (select(instances_t.c.pk, instances_t.c.storage_key, instances_t.c.size_bytes, instances_t.c.series_pk)
+             .join(series_t, series_t.c.pk == instances_t.c.series_pk)
+             .where(series_t.c.study_pk == study.pk))
+    if target.series_uid:
+        query = query.where(series_t.c.series_uid == target.series_uid)
+    if target.sop_uid:
+        query = query.where(instances_t.c.sop_uid == target.sop_uid)
+    rows = conn.execute(query).all()
+    if not rows and target.level != "study":
+        raise DeleteRefused(f"no {target.level} {target.sop_uid or target.series_uid} in study {target.study_uid}", 404)
+    return study, rows
+
+
+def _signed_reports(conn: Connection, study_pk: int) -> int:
+    return int(conn.execute(select(func.count()).select_from(reports_t)
+                            .where(reports_t.c.study_pk == study_pk, reports_t.c.status == "signed")).scalar_one())
+
+
+def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", force: bool = False,
+                  dry_run: bool = False) -> DeleteReport:
+    """Delete *target* (see the module docstring); raises :class:`DeleteRefused`.
+
+    With *user* (the CLI), the deletion is audited here; without (HTTP),
+    the caller's access event carries :attr:`DeleteReport.detail`."""
+    reason = " ".join(reason.split())
+    if not reason:
+        raise DeleteRefused("a reason is required (it goes to the audit trail)", 400)
+    report = DeleteReport(target.level, target.study_uid, target.series_uid, target.sop_uid, dry_run=dry_run)
+    journal = PurgeJournal(pacs.settings.data_dir, f"delete-{uuid.uuid4().hex}.journal")
+    with write_transaction(pacs.engine) as conn:
+        study, rows = _selected(conn, target)
+        report.patient_id = study.patient_id
+        report.instances = len(rows)
+        report.bytes = sum(int(r.size_bytes or 0) for r in rows)
+        signed = _signed_reports(conn, study.pk) if target.level == "study" else 0
+        if signed and not force:
+            raise DeleteRefused(f"study {target.study_uid} has a signed report: it is part of the patient's record; "
+                                "delete it only on purpose (force)", 409)
+        if dry_run:
+            report.reports_deleted = signed
+            return report
+        keys = [r.storage_key for r in rows]
+        journal.append(keys)
+        if target.level == "study":
+            report.reports_deleted = int(conn.execute(select(func.count()).select_from(reports_t)
+                                                      .where(reports_t.c.study_pk == study.pk)).scalar_one())
+            conn.execute(delete(studies_t).where(studies_t.c.pk == study.pk))  # series, instances, reports cascade
+            report.removed = {"instances": len(rows), "studies": 1, "patients": prune_patients(conn, {study.patient_pk})}
+        else:
+            conn.execute(delete(instances_t).where(instances_t.c.pk.in_([r.pk for r in rows])))
+            report.removed = {"instances": len(rows),
+                              **prune_after_delete(conn, {r.series_pk for r in rows}, set())}
+    for key in keys:
+        try:
+            pacs.store.delete(key)
+            report.objects_deleted += 1
+        except StorageError as exc:
+            report.object_failures.append(key)
+            log.warning("deleted %s: object %s not deleted (the journal keeps it for pacs verify --repair): %s",
+                        target.level, key, exc)
+    if not report.object_failures:
+        journal.clear()
+    what = {"study": target.study_uid, "series": target.series_uid, "instance": target.sop_uid}[target.level]
+    report.detail = (f"{target.level} {what}: {report.instances} instances, {report.bytes} bytes"
+                     + (f", {report.reports_deleted} reports" if report.reports_deleted else "")
+                     + f"; reason: {reason}")[:500]
+    if user:
+        pacs.audit.record(Event(action="delete", user=user, role="admin", protocol="cli",
+                                study_uid=target.study_uid, patient_id=report.patient_id, detail=report.detail))
+        pacs.audit.flush()
+    return report
