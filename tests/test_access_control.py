@@ -66,6 +66,12 @@ def _routes(server: PacsServer) -> list[tuple[str, str, set[str], dict | None]]:
         ("GET", f"/fhir/ImagingStudy/{s1}", READ, None),
         ("GET", "/fhir/DiagnosticReport?identifier=ACC001", READ, None),
         ("GET", "/fhir/Endpoint/dicomweb", READ, None),
+        # Deletion is for admins (an unknown study here: the admin gets 404, nothing is deleted).
+        ("DELETE", "/api/studies/1.2.3.404?reason=test", {"admin"}, None),
+        ("DELETE", "/api/studies/1.2.3.404/series/1.2.3.405?reason=test", {"admin"}, None),
+        ("DELETE", "/api/studies/1.2.3.404/series/1.2.3.405/instances/1.2.3.406?reason=test", {"admin"}, None),
+        ("GET", "/fhir/Patient?identifier=001085012345", READ, None),
+        ("GET", "/fhir/Patient/CCCD.001085012345", READ, None),  # S1's patient
     ]
 
 

@@ -245,7 +245,8 @@ def test_fhir_conformance(reporting: PacsServer) -> None:
         _outcome(http.get("/fhir/ImagingStudy", params={"identifier": "ACC001", "_count": "many"}), 400)
         _outcome(http.get("/fhir/ImagingStudy/1.2.3"), 404)
         _outcome(http.get(f"/fhir/DiagnosticReport/{s1}-v9"), 404)
-        _outcome(http.get("/fhir/Patient"), 404)
+        _outcome(http.get("/fhir/Practitioner"), 404)
+        _outcome(http.get("/fhir/Patient"), 400)  # a search names someone
         _outcome(http.get("/fhir/ImagingStudy", params={"identifier": "ACC001", "_format": "xml"}), 406)
         _outcome(http.get("/fhir/ImagingStudy", params={"identifier": "ACC001"},
                           headers={"Accept": "application/fhir+xml"}), 406)
@@ -258,7 +259,7 @@ def test_fhir_conformance(reporting: PacsServer) -> None:
         statement = capabilities.json()
         assert statement["resourceType"] == "CapabilityStatement" and statement["fhirVersion"] == "4.0.1"
         resources = {r["type"]: r for r in statement["rest"][0]["resource"]}
-        assert set(resources) == {"ImagingStudy", "DiagnosticReport", "Endpoint"}
+        assert set(resources) == {"Patient", "ImagingStudy", "DiagnosticReport", "Endpoint"}
         assert {p["name"] for p in resources["ImagingStudy"]["searchParam"]} >= {"identifier", "patient"}
     modality = reporting.make_token("ct1", "modality", "CT 1")
     with reporting.http(token=modality) as http:
@@ -311,7 +312,8 @@ def test_fhir_resources_are_valid_without_dicom_values(reporting: PacsServer, tm
         assert "description" not in study
         assert "description" not in study["series"][0] and "number" not in study["series"][0]
         assert study["series"][0]["modality"]["code"] == "CT" and study["series"][0]["instance"][0]["uid"]
-        assert study["subject"] == {"identifier": {"system": PATIENT_ID_SYSTEM, "value": "BN000700"},
+        assert study["subject"] == {"reference": "Patient/BN000700",
+                                    "identifier": {"system": PATIENT_ID_SYSTEM, "value": "BN000700"},
                                     "display": "Lê Văn Bảy"}
         report = http.get(f"/fhir/DiagnosticReport/{bare}-v1").json()
         assert _empty_values(report) == [], report
@@ -441,7 +443,8 @@ def test_fhir_conformance_of_long_uids_unknown_patients_and_or_searches(reportin
         assert study["started"] == "2024-01-03"  # a date alone: no invented midnight nor zone
 
         unknown = http.get("/fhir/ImagingStudy", params={"identifier": "NOBODY1"}).json()["entry"][0]["resource"]
-        assert unknown["subject"] == {"display": "unidentified patient"}
+        assert unknown["subject"]["display"] == "unidentified patient"
+        assert unknown["subject"]["reference"].startswith("Patient/--")  # its own Patient, without identifier
         assert unknown["modality"] == [{"system": "http://dicom.nema.org/resources/ontology/DCM", "code": "OT"}]
 
         either = http.get("/fhir/ImagingStudy", params={"identifier": "LONG64,NOBODY1"}).json()

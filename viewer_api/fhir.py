@@ -1,23 +1,28 @@
-"""FHIR R4 for the EMR: ImagingStudy and DiagnosticReport searches, and the
-Endpoint of our DICOMweb service. Patients are found by any identifier,
-the citizen ID (CCCD) and insurance number included; studies also by
-accession number. JSON only (``application/fhir+json``)."""
+"""FHIR R4 for the EMR: Patient, ImagingStudy and DiagnosticReport reads and
+searches, and the Endpoint of our DICOMweb service. Patients are found by
+any identifier, the citizen ID (CCCD) and insurance number included, and by
+name without diacritics; studies by their patient (a Patient reference or
+any identifier) and by accession number. JSON only (``application/fhir+json``)."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
+import string
 import urllib.parse
-from datetime import UTC, datetime, tzinfo
+from collections.abc import Iterable, Sequence
+from datetime import UTC, date, datetime, tzinfo
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
-from sqlalchemy import ColumnElement, exists, false, or_, select
+from sqlalchemy import ColumnElement, Connection, and_, exists, false, func, or_, select
 
 from pacs import __version__
 from pacs.auth import Principal
 from pacs.index.models import PatientIdentifier, Report
+from pacs.names import fold, fold_name, name_words, same_person
 from pacs.query.attributes import patients, studies
 from pacs.reports import ReportError, ReportService
 from pacs.studylist import study_detail
@@ -40,9 +45,10 @@ ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "
 # BHYT...). A search by patient.identifier={system}|{value} takes it back.
 PATIENT_ID_SYSTEM = "https://filmless-pacs.org/fhir/NamingSystem/patient-id"
 # Search parameters applied (R4 search 3.1.1.3.4: others are ignored, or
-# refused with Prefer: handling=strict): the identifiers, each as often as
-# given, and _count and _offset once; _format is a general parameter.
-_REPEATABLE = ("patient.identifier", "subject.identifier", "identifier")
+# refused with Prefer: handling=strict): a search's own, each as often as
+# given (AND), and _count and _offset once; _format is a general parameter.
+_STUDY_PARAMETERS = ("patient", "subject", "patient.identifier", "subject.identifier", "identifier")
+_PATIENT_PARAMETERS = ("_id", "identifier", "name", "family", "given", "birthdate", "gender")
 _GENERAL_PARAMETERS = ("_format",)
 UNIDENTIFIED = "unidentified patient"
 
@@ -129,11 +135,14 @@ def _unescape(text: str) -> str:
     return re.sub(r"\\([\\,|$])", r"\1", text)
 
 
-def _study_uids(request: Request, patient_identifier: list[str], identifier: list[str], *,
-                signed_only: bool) -> list[str]:
+def _study_uids(request: Request, patient_reference: list[str], patient_identifier: list[str],
+                identifier: list[str], *, signed_only: bool) -> list[str]:
     """Every study the search names, newest first (a patient's or an
     accession's: few). All of them, so that Bundle.total counts matches.
     A parameter given twice must match both times (R4 search 3.1.1.5.5: AND)."""
+    if not patient_reference and not patient_identifier and not identifier:
+        raise HTTPProblem(400, "search by patient (Patient/{id}), patient.identifier or identifier "
+                               "(accession or urn:dicom:uid)")
     engine = request.app.state.pacs.engine
     stmt = select(studies.c.study_uid).join(patients, patients.c.pk == studies.c.patient_pk)
     if signed_only:
@@ -144,10 +153,27 @@ def _study_uids(request: Request, patient_identifier: list[str], identifier: lis
         stmt = stmt.where(or_(false(), *(_patient_matches(system, value) for system, value in _token_values(raw))))
     for raw in identifier:
         stmt = stmt.where(or_(false(), *(_study_matches(system, value) for system, value in _token_values(raw))))
-    if not patient_identifier and not identifier:
-        raise HTTPProblem(400, "search by patient.identifier or identifier (accession or urn:dicom:uid)")
     with engine.connect() as conn:
+        for raw in patient_reference:
+            # Ours to resolve (the id is derived, not stored): to the patients' keys first.
+            stmt = stmt.where(studies.c.patient_pk.in_(_patient_pks(conn, _reference_ids(raw))))
         return [r[0] for r in conn.execute(stmt.order_by(studies.c.study_date.desc(), studies.c.pk.desc()))]
+
+
+def _reference_ids(raw: str) -> list[str]:
+    """The Patient ids a reference search value names (commas: any of them):
+    ``{id}``, ``Patient/{id}`` or ``[base]/Patient/{id}`` (R4 search
+    3.1.1.4.6); a reference to another type names no patient."""
+    ids: list[str] = []
+    for part in _unescaped_split(raw, ","):
+        value = _unescape(part).strip()
+        if "/" in value:
+            kind, _, value = value.rpartition("/")
+            if kind.rsplit("/", 1)[-1] != "Patient":
+                continue
+        if value:
+            ids.append(value)
+    return ids
 
 
 def _patient_matches(system: str | None, value: str) -> ColumnElement[bool]:
@@ -184,36 +210,43 @@ def _issuer_of(system: str | None) -> str | None:
 
 
 def patient_id_system(issuer: str) -> str:
+    """The Identifier.system of a patient identifier under *issuer* (its
+    Issuer of Patient ID, or an other ID's issuer: CCCD, BHYT...)."""
     return f"{PATIENT_ID_SYSTEM}/{urllib.parse.quote(issuer, safe='')}" if issuer else PATIENT_ID_SYSTEM
 
 
 def _patient_ref(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
-    """Reference(Patient) by identifier (there is no Patient resource here):
-    the patient ID with its system, and the name to display."""
+    """Reference(Patient): the Patient resource, the patient ID with its
+    system (EMRs that match patients by identifier keep working), and the
+    name to display."""
     reference: dict[str, Any] = {}
+    issuer, fhir_id = _subject_of(request, detail)
+    if fhir_id:
+        reference["reference"] = f"Patient/{fhir_id}"
     if detail["patient_id"]:
-        reference["identifier"] = {"system": patient_id_system(_patient_issuer(request, detail)),
-                                   "value": detail["patient_id"]}
+        reference["identifier"] = {"system": patient_id_system(issuer), "value": detail["patient_id"]}
     display = " ".join((detail["patient_name"] or "").replace("^", " ").split())
     if display:
         reference["display"] = display
-    elif not reference:
-        # ImagingStudy.subject is 1..1: a study sent without patient ID or
-        # name (an unidentified emergency patient) still names someone.
+    elif not detail["patient_id"]:
+        # A study sent without patient ID or name (an unidentified emergency
+        # patient): say so, rather than show a bare reference.
         reference["display"] = UNIDENTIFIED
     return reference
 
 
-def _patient_issuer(request: Request, detail: dict[str, Any]) -> str:
-    if "issuer" in detail:
-        return detail["issuer"] or ""
-    with request.app.state.pacs.engine.connect() as conn:
-        issuer = conn.execute(
-            select(patients.c.issuer).join(studies, studies.c.patient_pk == patients.c.pk)
-            .where(studies.c.study_uid == detail["study_uid"])
-        ).scalar()
-    detail["issuer"] = issuer or ""
-    return detail["issuer"]
+def _subject_of(request: Request, detail: dict[str, Any]) -> tuple[str, str | None]:
+    """The issuer and Patient id of a study's patient (kept in *detail*)."""
+    if "patient_fhir_id" not in detail:
+        with request.app.state.pacs.engine.connect() as conn:
+            row = conn.execute(
+                select(patients.c.patient_id, patients.c.issuer, _ANCHOR_STUDY)
+                .join(studies, studies.c.patient_pk == patients.c.pk)
+                .where(studies.c.study_uid == detail["study_uid"])
+            ).first()
+        detail["issuer"] = (row.issuer if row else "") or ""
+        detail["patient_fhir_id"] = patient_fhir_id(row.patient_id, row.issuer, row.anchor) if row else None
+    return detail["issuer"], detail["patient_fhir_id"]
 
 
 def _pruned(value: Any) -> Any:
@@ -420,35 +453,44 @@ def _strict(request: Request) -> bool:
     return False
 
 
-def _applied_parameters(request: Request) -> list[tuple[str, str]]:
-    """The search parameters this server applies, as given, in order; the
-    others are ignored (and left out of the self link), or refused with 400
-    when the client asked Prefer: handling=strict."""
+def _applied_parameters(request: Request, searched: Sequence[str] = _STUDY_PARAMETERS) -> list[tuple[str, str]]:
+    """The search parameters this server applies (*searched*, the search's
+    own), as given, in order; the others are ignored (and left out of the
+    self link), or refused with 400 when the client asked Prefer: handling=strict."""
     params = request.query_params
     applied: list[tuple[str, str]] = []
     ignored: list[str] = []
     for name, value in params.multi_items():
         if name in _GENERAL_PARAMETERS or not value:
             continue  # _format is honoured by json_only; an empty value means nothing
-        # Identifiers may repeat (each must match); a page is given once.
-        if name in _REPEATABLE or (name in ("_count", "_offset") and params.get(name) == value
-                                   and (name, value) not in applied):
+        # A search's own parameters may repeat (each must match); a page is given once.
+        if name in searched or (name in ("_count", "_offset") and params.get(name) == value
+                                and (name, value) not in applied):
             applied.append((name, value))
         else:
             ignored.append(name)
     if ignored and _strict(request):
         names = ", ".join(sorted({n[:40] for n in ignored}))
-        raise HTTPProblem(400, f"search parameter(s) not supported or repeated: {names}; this server searches by "
-                               "patient.identifier (or subject.identifier), identifier, _count and _offset")
+        raise HTTPProblem(400, f"search parameter(s) not supported or repeated: {names}; this server searches "
+                               f"{request.url.path.rsplit('/', 1)[-1]} by {', '.join(searched)}, _count and _offset")
     return applied
 
 
-def _bundle(request: Request, resources: list[dict[str, Any]], total: int, offset: int, count: int) -> dict[str, Any]:
+def _page_bounds(count: int, offset: int) -> None:
+    """400 for a page the search cannot give."""
+    if not 1 <= count <= 200:
+        raise HTTPProblem(400, "_count must be 1-200")
+    if offset < 0:
+        raise HTTPProblem(400, "_offset must not be negative")
+
+
+def _bundle(request: Request, resources: list[dict[str, Any]], total: int, offset: int, count: int,
+            searched: Sequence[str] = _STUDY_PARAMETERS) -> dict[str, Any]:
     """A searchset page: total counts every match (R4 Bundle.total), a next
     link when more follow. The links carry the parameters applied only
     (R4 search 3.1.1.3.4): one the server ignored is not in the self link."""
     base = base_url(request) + "/fhir"
-    applied = _applied_parameters(request)
+    applied = _applied_parameters(request, searched)
     links = [{"relation": "self", "url": _page_url(request, applied)}]
     if offset + count < total:
         links.append({"relation": "next", "url": _page_url(request, applied, offset + count)})
@@ -464,21 +506,20 @@ def _search(request: Request, principal: Principal, count: int, offset: int, *,
     """One page of the studies a search matches (those the caller may see)
     and how many there are in all."""
     _applied_parameters(request)  # Prefer: handling=strict refuses what would be ignored
-    if not 1 <= count <= 200:
-        raise HTTPProblem(400, "_count must be 1-200")
-    if offset < 0:
-        raise HTTPProblem(400, "_offset must not be negative")
+    _page_bounds(count, offset)
     params = request.query_params
+    patient_reference = [v for v in params.getlist("patient") + params.getlist("subject") if v]
     patient_identifier = [v for v in params.getlist("patient.identifier") + params.getlist("subject.identifier") if v]
     identifier = [v for v in params.getlist("identifier") if v]
     engine = request.app.state.pacs.engine
-    uids = [uid for uid in _study_uids(request, patient_identifier, identifier, signed_only=signed_only)
+    uids = [uid for uid in _study_uids(request, patient_reference, patient_identifier, identifier,
+                                       signed_only=signed_only)
             if may_see_study(request, principal, uid)]
     found = [study_detail(engine, uid) for uid in uids[offset:offset + count]]
     return [d for d in found if d is not None], len(uids)
 
 
-@router.get("/ImagingStudy", summary="Search ImagingStudy by patient.identifier or identifier")
+@router.get("/ImagingStudy", summary="Search ImagingStudy by patient, patient.identifier or identifier")
 def search_imaging_studies(request: Request, _count: int = 50, _offset: int = 0,
                            principal: Principal = guard(*READERS, action="query")) -> Response:
     details, total = _search(request, principal, _count, _offset, signed_only=False)
@@ -493,7 +534,7 @@ def read_imaging_study(request: Request, study: str, _: Any = guard(*READERS, ac
     return _fhir(imaging_study(request, detail))
 
 
-@router.get("/DiagnosticReport", summary="Search signed reports by patient.identifier or identifier")
+@router.get("/DiagnosticReport", summary="Search signed reports by patient, patient.identifier or identifier")
 def search_reports(request: Request, _count: int = 50, _offset: int = 0,
                    principal: Principal = guard(*READERS, action="query")) -> Response:
     details, total = _search(request, principal, _count, _offset, signed_only=True)
@@ -543,26 +584,408 @@ def dicomweb_endpoint(request: Request, _: Any = guard(*READERS, action="query")
     })
 
 
+# -- Patient (R4 patient.html) --------------------------------------------------------------
+# The index stores no FHIR id: a patient's id is derived from its row (see
+# patient_fhir_id), and a read finds the row back from the id.
+_ID_PLAIN = frozenset(string.ascii_letters + string.digits)
+_ID_HEX = frozenset("0123456789ABCDEF")
+_ID_FORM = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_HASH_DIGITS = 20  # 80 bits of SHA-256: two patients sharing them would take ~10^12 long IDs
+_LONG_HEAD = _ID_LENGTH - 2 - _HASH_DIGITS
+# The first study of a patient (an alias: the query may select from studies too).
+_ANCHOR = studies.alias("anchor_study")
+_ANCHOR_STUDY = (select(func.min(_ANCHOR.c.study_uid)).where(_ANCHOR.c.patient_pk == patients.c.pk)
+                 .scalar_subquery().label("anchor"))
+_PATIENT_COLUMNS = (patients.c.pk, patients.c.patient_id, patients.c.issuer, patients.c.name,
+                    patients.c.birth_date, patients.c.sex, _ANCHOR_STUDY)
+# A patient without Patient ID is a Patient only through a study (its id names one).
+_HAS_RESOURCE = or_(patients.c.patient_id != "",
+                    exists(select(studies.c.pk).where(studies.c.patient_pk == patients.c.pk)))
+ADMINISTRATIVE_GENDER = "http://hl7.org/fhir/administrative-gender"
+V2_0203 = "http://terminology.hl7.org/CodeSystem/v2-0203"
+_GENDER_OF = {"M": "male", "F": "female", "O": "other"}
+_SEX_OF = {gender: sex for sex, gender in _GENDER_OF.items()}
+# Type of Patient ID (0010,0022) terms: how a DICOM ID was read, not an HL7 v2-0203 type.
+_DICOM_ID_TYPES = ("TEXT", "RFID", "BARCODE")
+
+
+def patient_fhir_id(patient_id: str, issuer: str, anchor_study: str | None) -> str | None:
+    """The Patient id of a patients row (None: no Patient resource).
+
+    Derived from what identifies the patient, not the row number: ``pacs
+    reindex`` renumbers every row, and a number the EMR kept would then name
+    another person; an id derived from (Issuer of Patient ID, Patient ID)
+    names the same patient after it, or none (404) when the patient no longer
+    exists as such (merged by the HIS). The forms (R4 id: ``[A-Za-z0-9\\-.]{1,64}``):
+
+    - ``{issuer}.{patient ID}`` (``CCCD.001085012345``), ``{patient ID}``
+      without issuer: letters and digits as they are, any other character as
+      ``-XX`` per UTF-8 byte (a space ``-20``, ``-`` ``-2D``, ``.`` ``-2E``).
+      Reversible, so a read is one index lookup;
+    - over 64 characters (long or non-Latin IDs and issuers):
+      ``{start of the patient ID}--{20 hex digits of SHA-256(issuer NUL ID)}``,
+      the start finds the candidates, the digest picks one;
+    - a patient without Patient ID (each study received without one has its
+      own): ``--{base 62 of its Study Instance UID}`` (*anchor_study*).
+
+    ``--`` never occurs in the first form (its ``-`` always precedes two hex
+    digits) and starts only the last, so no two forms meet; a read recomputes
+    the id of the rows it finds and answers an exact match only.
+
+    The id carries the patient ID, as every search by ``patient.identifier``
+    already carries it in its URL: an EMR reads both over the same TLS link.
+    """
+    if not patient_id:
+        return f"--{_uid_to_base62(anchor_study)}" if anchor_study else None
+    readable = (f"{_id_text(issuer)}." if issuer else "") + _id_text(patient_id)
+    if len(readable) <= _ID_LENGTH:
+        return readable
+    head = ""
+    for char in patient_id:
+        piece = _id_text(char)
+        if len(head) + len(piece) > _LONG_HEAD:
+            break
+        head += piece
+    digest = hashlib.sha256(f"{issuer}\0{patient_id}".encode()).hexdigest()[:_HASH_DIGITS]
+    return f"{head}--{digest}"
+
+
+def _id_text(text: str) -> str:
+    """*text* in a Patient id: letters and digits, ``-XX`` for each other UTF-8 byte."""
+    return "".join(c if c in _ID_PLAIN else "".join(f"-{b:02X}" for b in c.encode()) for c in text)
+
+
+def _text_of_id(part: str) -> str | None:
+    """The text :func:`_id_text` wrote as *part*; None if it wrote no such thing."""
+    data = bytearray()
+    i = 0
+    while i < len(part):
+        if part[i] == "-":
+            digits = part[i + 1 : i + 3]
+            if len(digits) != 2 or not set(digits) <= _ID_HEX:
+                return None
+            data.append(int(digits, 16))
+            i += 3
+        elif part[i] in _ID_PLAIN:
+            data += part[i].encode()
+            i += 1
+        else:
+            return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return None
+
+
+def _id_candidates(fhir_id: str) -> list[ColumnElement[bool]]:
+    """Conditions on patients that hold the patient *fhir_id* names (tried
+    in turn, narrowest first); none for an id this server never gives."""
+    if not _ID_FORM.fullmatch(fhir_id):
+        return []
+    if fhir_id.startswith("--"):
+        try:
+            uid = _uid_from_base62(fhir_id[2:]) if fhir_id[2:] else None
+        except ValueError:  # a character that is no base-62 digit
+            uid = None
+        if uid is None:
+            return []
+        return [and_(patients.c.patient_id == "",
+                     patients.c.pk.in_(select(studies.c.patient_pk).where(studies.c.study_uid == uid)))]
+    head, long_form, _ = fhir_id.partition("--")
+    if long_form:
+        start = _text_of_id(head)
+        if not start:
+            return []
+        # The whole patient ID when a long issuer made the id long (an index
+        # lookup), else its start.
+        return [patients.c.patient_id == start, patients.c.patient_id.startswith(start, autoescape=True)]
+    issuer_part, dot, id_part = fhir_id.rpartition(".")
+    issuer = _text_of_id(issuer_part) if dot else ""
+    patient_id = _text_of_id(id_part)
+    if not patient_id or issuer is None or (dot and not issuer):
+        return []
+    return [and_(patients.c.patient_id == patient_id, patients.c.issuer == issuer)]
+
+
+def _patient_pks(conn: Connection, fhir_ids: Iterable[str]) -> list[int]:
+    """The patients (keys) the Patient ids name; an unknown id names none."""
+    found: list[int] = []
+    for fhir_id in fhir_ids:
+        for condition in _id_candidates(fhir_id):
+            rows = conn.execute(select(patients.c.pk, patients.c.patient_id, patients.c.issuer, _ANCHOR_STUDY)
+                                .where(condition)).all()
+            matched = [r.pk for r in rows if patient_fhir_id(r.patient_id, r.issuer, r.anchor) == fhir_id]
+            if matched:
+                found += matched
+                break
+    return found
+
+
+def patient_resource(row: Any, others: Sequence[Any]) -> dict[str, Any]:
+    """A patients row (with its anchor study) and its other identifiers
+    (patient_identifiers rows) as a FHIR Patient."""
+    identifier: list[dict[str, Any]] = []
+    if row.patient_id:
+        identifier.append({"use": "usual", "system": patient_id_system(row.issuer), "value": row.patient_id})
+    seen = {(row.patient_id, row.issuer)}
+    for other in others:
+        if (other.value, other.issuer) in seen:
+            continue
+        seen.add((other.value, other.issuer))
+        entry: dict[str, Any] = {"system": patient_id_system(other.issuer), "value": other.value}
+        # The type an HL7 CX-5 gave (NI citizen ID, HC insurance...) is a
+        # v2-0203 code; a DICOM Type of Patient ID is not.
+        kind = other.id_type or ""
+        if re.fullmatch(r"[A-Z]{2,5}", kind) and kind not in _DICOM_ID_TYPES:
+            entry["type"] = {"coding": [{"system": V2_0203, "code": kind}]}
+        identifier.append(entry)
+    sex = (row.sex or "").strip().upper()
+    return _pruned({
+        "resourceType": "Patient",
+        "id": patient_fhir_id(row.patient_id, row.issuer, row.anchor),
+        "identifier": identifier,
+        "name": _human_names(row.name),
+        "gender": _GENDER_OF.get(sex, "unknown") if sex else None,
+        "birthDate": _birth_date(row.birth_date),
+    })
+
+
+def _human_names(name: str | None) -> list[dict[str, Any]]:
+    """A DICOM PN as HumanNames, one per representation it has (alphabetic,
+    then ideographic, phonetic): family is the first component, given the
+    words of the given and middle names, text the name as written (the
+    diacritics kept), as subject.display shows it."""
+    names: list[dict[str, Any]] = []
+    for group in (name or "").split("="):
+        family, given, middle, prefix, suffix = ([" ".join(p.split()) for p in group.split("^")] + [""] * 5)[:5]
+        text = " ".join(group.replace("^", " ").split())
+        if text:
+            names.append({"text": text, "family": family, "given": f"{given} {middle}".split(),
+                          "prefix": prefix.split(), "suffix": suffix.split()})
+    return names
+
+
+def _birth_date(value: str | None) -> str | None:
+    """A DICOM DA as a FHIR date; None for an invalid one (left out)."""
+    text = value or ""
+    if not re.fullmatch(r"\d{8}", text):
+        return None
+    try:
+        return date(int(text[:4]), int(text[4:6]), int(text[6:])).isoformat()
+    except ValueError:
+        return None
+
+
+def _patient_resources(conn: Connection, rows: Sequence[Any]) -> list[dict[str, Any]]:
+    """The Patient resources of patients rows (selected with _PATIENT_COLUMNS), in order."""
+    others: dict[int, list[Any]] = {}
+    if rows:
+        for ident in conn.execute(select(identifiers).where(identifiers.c.patient_pk.in_([r.pk for r in rows]))
+                                  .order_by(identifiers.c.pk)):
+            others.setdefault(ident.patient_pk, []).append(ident)
+    return [patient_resource(r, others.get(r.pk, [])) for r in rows]
+
+
+def _referred_by(conn: Connection, principal: Principal) -> ColumnElement[bool]:
+    """Patients with a study *principal* (a referring physician) referred:
+    may_see_study's rule for a search (the folded name finds the candidate
+    spellings, the exact one decides, diacritics included)."""
+    name = principal.display_name
+    folded = fold_name(name)
+    spellings = [value for value in conn.execute(select(studies.c.referring_physician).distinct()
+                                                 .where(studies.c.referring_physician_folded == folded)).scalars()
+                 if same_person(value, name)]
+    return exists(select(studies.c.pk).where(studies.c.patient_pk == patients.c.pk,
+                                             studies.c.referring_physician_folded == folded,
+                                             studies.c.referring_physician.in_(spellings)))
+
+
+def _string_values(raw: str) -> list[str]:
+    """A string search value's alternatives (commas: any of them)."""
+    return [v for v in (_unescape(p).strip() for p in _unescaped_split(raw, ",")) if v]
+
+
+def _like_text(text: str) -> str:
+    """*text* as literal characters of a LIKE pattern (escape ``\\``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _folded_words(value: str) -> str:
+    # What people type: no diacritics, any case, a PN's separators as spaces.
+    return " ".join(fold(value.replace("^", " ").replace("=", " ")).split())
+
+
+def _name_matches(value: str) -> ColumnElement[bool]:
+    """name: a word of the name (any part) starts with *value*, case and
+    diacritics ignored (R4 string search): nguyen, Nguyễn and NGUY find
+    Nguyễn^Văn An, and so does "van an"."""
+    words = _like_text(name_words(value))
+    if not words:
+        return false()
+    return or_(patients.c.name_words.like(words + "%", escape="\\"),
+               patients.c.name_words.like("% " + words + "%", escape="\\"))
+
+
+def _family_matches(value: str) -> ColumnElement[bool]:
+    """family: the family name (first PN component) starts with *value*."""
+    words = _like_text(_folded_words(value))
+    if not words:
+        return false()
+    return patients.c.name_folded.like(words + "%", escape="\\")
+
+
+def _given_matches(value: str) -> ColumnElement[bool]:
+    """given: a word of a later PN component starts with *value*."""
+    words = _like_text(_folded_words(value))
+    if not words:
+        return false()
+    return or_(patients.c.name_folded.like("%^" + words + "%", escape="\\"),
+               patients.c.name_folded.like("%^% " + words + "%", escape="\\"))
+
+
+_DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
+
+
+def _birthdate_matches(value: str) -> ColumnElement[bool]:
+    """birthdate: equality with a day (YYYY-MM-DD), or within a month or a
+    year (YYYY-MM, YYYY: a date search value is its period, R4 search
+    3.1.1.5.8); 400 for anything else, comparisons included."""
+    prefix = value[:2] if value[:2] in _DATE_PREFIXES else ""
+    if prefix not in ("", "eq"):
+        raise HTTPProblem(400, f"birthdate: only equality is supported, not the prefix {prefix!r}")
+    text = value[len(prefix):]
+    match = re.fullmatch(r"(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?", text)
+    try:
+        if match is None:
+            raise ValueError(text)
+        date(int(match[1]), int(match[2] or 1), int(match[3] or 1))
+    except ValueError:
+        raise HTTPProblem(400, f"birthdate {value[:40]!r} is not a date: YYYY-MM-DD (or YYYY-MM, YYYY)") from None
+    digits = text.replace("-", "")
+    if match[3]:
+        return patients.c.birth_date == digits
+    return patients.c.birth_date.like(digits + "%")
+
+
+def _gender_matches(system: str | None, code: str) -> ColumnElement[bool]:
+    """gender: male, female, other or unknown (administrative-gender); 400
+    for another code, a typo the EMR should hear about rather than get nothing."""
+    if code not in _SEX_OF and code != "unknown":
+        raise HTTPProblem(400, f"gender {code[:40]!r}: male, female, other or unknown")
+    if system is not None and system != ADMINISTRATIVE_GENDER:
+        return false()
+    sex = func.upper(patients.c.sex)
+    if code == "unknown":  # a Patient Sex that says something else (an empty one: no gender)
+        return and_(patients.c.sex != "", sex.not_in(list(_GENDER_OF)))
+    return sex == _SEX_OF[code]
+
+
+def _patient_search(request: Request, principal: Principal, count: int,
+                    offset: int) -> tuple[list[dict[str, Any]], list[str], int]:
+    """One page of the patients a search matches (those the caller may
+    see), their patient IDs (for the audit trail), and how many there are in all."""
+    _applied_parameters(request, _PATIENT_PARAMETERS)  # Prefer: handling=strict refuses what would be ignored
+    _page_bounds(count, offset)
+    params = request.query_params
+    values = {name: [v for v in params.getlist(name) if v] for name in _PATIENT_PARAMETERS}
+    if not any(values.values()):
+        # As the study searches: a search names someone, it does not list the archive.
+        raise HTTPProblem(400, f"search Patient by {', '.join(_PATIENT_PARAMETERS)}")
+    conditions: list[ColumnElement[bool]] = [_HAS_RESOURCE]
+    # Each parameter as often as given (AND), each value's commas OR.
+    for raw in values["identifier"]:
+        conditions.append(or_(false(), *(_patient_matches(system, value) for system, value in _token_values(raw))))
+    for key, matches in (("name", _name_matches), ("family", _family_matches), ("given", _given_matches),
+                         ("birthdate", _birthdate_matches)):
+        for raw in values[key]:
+            conditions.append(or_(false(), *(matches(value) for value in _string_values(raw))))
+    for raw in values["gender"]:
+        conditions.append(or_(false(), *(_gender_matches(system, value) for system, value in _token_values(raw))))
+    with request.app.state.pacs.engine.connect() as conn:
+        for raw in values["_id"]:
+            conditions.append(patients.c.pk.in_(_patient_pks(conn, (value for _, value in _token_values(raw)))))
+        if principal.role == "referring":
+            conditions.append(_referred_by(conn, principal))
+        total = conn.execute(select(func.count()).select_from(patients).where(*conditions)).scalar_one()
+        rows = conn.execute(select(*_PATIENT_COLUMNS).where(*conditions)
+                            .order_by(patients.c.name_words, patients.c.patient_id, patients.c.pk)
+                            .limit(count).offset(offset)).all()
+        return _patient_resources(conn, rows), [r.patient_id for r in rows], int(total)
+
+
+def _audit_patients(request: Request, patient_ids: Iterable[str]) -> None:
+    """Name the patients an answer shows in its audit event ("who saw which
+    patient"; study routes get theirs from the study), backslash-separated."""
+    event = getattr(request.state, "audit", None)
+    if event is not None:
+        event.patient_id = "\\".join(dict.fromkeys(i for i in patient_ids if i))
+
+
+@router.get("/Patient", summary="Search Patient by identifier, name, family, given, birthdate, gender or _id")
+def search_patients(request: Request, _count: int = 50, _offset: int = 0,
+                    principal: Principal = guard(*READERS, action="query")) -> Response:
+    resources, patient_ids, total = _patient_search(request, principal, _count, _offset)
+    _audit_patients(request, patient_ids)
+    return _fhir(_bundle(request, resources, total, _offset, _count, _PATIENT_PARAMETERS))
+
+
+@router.get("/Patient/{patient}", summary="One Patient (id: {issuer}.{patient ID}, see the CapabilityStatement)")
+def read_patient(request: Request, patient: str, principal: Principal = guard(*READERS, action="view")) -> Response:
+    with request.app.state.pacs.engine.connect() as conn:
+        pks = _patient_pks(conn, [patient])
+        stmt = select(*_PATIENT_COLUMNS).where(patients.c.pk.in_(pks), _HAS_RESOURCE)
+        if principal.role == "referring":
+            stmt = stmt.where(_referred_by(conn, principal))
+        rows = conn.execute(stmt).all()
+        resources = _patient_resources(conn, rows[:1])
+        named = conn.execute(select(patients.c.patient_id).where(patients.c.pk.in_(pks))).scalars().all()
+    _audit_patients(request, named)  # a refusal names the patient asked for too
+    if not resources:
+        if principal.role == "referring":
+            # Whether or not the patient exists, as for studies: a referring
+            # physician does not learn who else is in the archive.
+            raise HTTPProblem(403, "no study of this patient was referred by you")
+        raise HTTPProblem(404, f"no Patient {patient[:80]!r}")
+    return _fhir(resources[0])
+
+
 # -- capabilities (R4 http.html 3.1.0.13: GET [base]/metadata) ------------------------------
+_PAGE_PARAMS = [
+    {"name": "_count", "type": "number", "documentation": "page size, 1-200 (default 50)"},
+    {"name": "_offset", "type": "number", "documentation": "matches to skip (the next links use it)"},
+]
 _SEARCH_PARAMS = [
     {"name": "identifier", "type": "token",
      "documentation": "accession number, or urn:dicom:uid|{StudyInstanceUID}"},
     {"name": "patient", "type": "reference",
-     "documentation": "chained only: patient.identifier={system|}value (any patient identifier: "
-                      "patient ID, citizen ID CCCD, insurance number BHYT); values separated by commas "
-                      "match any"},
+     "documentation": "Patient/{id} or {id} (a Patient of this server), or chained: "
+                      "patient.identifier={system|}value (any patient identifier: patient ID, citizen ID CCCD, "
+                      "insurance number BHYT); values separated by commas match any"},
     {"name": "subject", "type": "reference",
-     "documentation": "chained only: subject.identifier, as patient.identifier"},
-    {"name": "_count", "type": "number", "documentation": "page size, 1-200 (default 50)"},
-    {"name": "_offset", "type": "number", "documentation": "matches to skip (the next links use it)"},
+     "documentation": "as patient: subject=Patient/{id}, subject.identifier"},
+    *_PAGE_PARAMS,
+]
+_PATIENT_SEARCH_PARAMS = [
+    {"name": "_id", "type": "token", "documentation": "Patient ids"},
+    {"name": "identifier", "type": "token",
+     "documentation": "{system|}value: the patient ID or any other (citizen ID CCCD, insurance number BHYT); "
+                      "the system is ours, " + PATIENT_ID_SYSTEM + "/{issuer}, or the issuer alone (CCCD|...)"},
+    {"name": "name", "type": "string",
+     "documentation": "a word of the name starts with it, case and diacritics ignored (nguyen finds Nguyễn)"},
+    {"name": "family", "type": "string", "documentation": "the family name starts with it (as name)"},
+    {"name": "given", "type": "string", "documentation": "a given or middle name starts with it (as name)"},
+    {"name": "birthdate", "type": "date", "documentation": "equality only: YYYY-MM-DD, or YYYY-MM, YYYY"},
+    {"name": "gender", "type": "token", "documentation": "male, female, other, unknown"},
+    *_PAGE_PARAMS,
 ]
 
 
-def _resource(kind: str, *, search: bool, read: bool, documentation: str) -> dict[str, Any]:
+def _resource(kind: str, *, search: bool, read: bool, documentation: str,
+              params: list[dict[str, str]] = _SEARCH_PARAMS) -> dict[str, Any]:
     interactions = ([{"code": "read"}] if read else []) + ([{"code": "search-type"}] if search else [])
     resource: dict[str, Any] = {"type": kind, "interaction": interactions, "documentation": documentation}
     if search:
-        resource["searchParam"] = _SEARCH_PARAMS
+        resource["searchParam"] = params
     return resource
 
 
@@ -585,8 +1008,16 @@ def capability_statement(request: Request) -> dict[str, Any]:
             "security": {"description": "Authorization: Bearer <API token> or a session cookie; "
                                         "roles radiologist, referring (referred studies only), emr, his, admin"},
             "resource": [
+                _resource("Patient", search=True, read=True, params=_PATIENT_SEARCH_PARAMS,
+                          documentation="id = {issuer}.{patient ID} ({patient ID} without issuer; characters "
+                                        "other than letters and digits as -XX per UTF-8 byte; longer ones "
+                                        "{start of the ID}--{digest}; a patient without ID --{Study UID in "
+                                        "base 62}): derived, so it outlives a reindex; identifiers: the patient "
+                                        "ID and every other ID (CCCD, BHYT), system " + PATIENT_ID_SYSTEM
+                                        + "/{issuer}; a referring physician sees the patients of the studies "
+                                          "they referred"),
                 _resource("ImagingStudy", search=True, read=True,
-                          documentation="id = StudyInstanceUID; endpoint Endpoint/dicomweb"),
+                          documentation="id = StudyInstanceUID; subject Patient/{id}; endpoint Endpoint/dicomweb"),
                 _resource("DiagnosticReport", search=True, read=True,
                           documentation="signed reports; id = {StudyInstanceUID}-v{version} "
                                         "(u{UID in base 62}-v{version} for UIDs over 61 characters)"),
