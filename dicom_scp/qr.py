@@ -323,7 +323,7 @@ def _refused(pacs: Pacs, assoc: Any, request: C_MOVE | C_GET, context_id: int) -
     if context is None:
         return False  # pynetdicom aborts for a bad context
     if isinstance(request, C_MOVE):
-        destination = pacs.aes.get(str(request.MoveDestination or "").strip())
+        destination = pacs.aes.lookup(str(request.MoveDestination or "").strip())
         if destination is None or not destination.enabled:
             return False  # the handler's 0xA801 comes first
     syntax = context.transfer_syntax[0]
@@ -352,7 +352,7 @@ def _refused(pacs: Pacs, assoc: Any, request: C_MOVE | C_GET, context_id: int) -
 def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
     def handle_move(event: Any) -> Iterator[Any]:
         requestor = event.assoc.requestor.ae_title.strip()
-        destination = pacs.aes.get(str(event.move_destination).strip())
+        destination = pacs.aes.lookup(str(event.move_destination).strip())
         if destination is None or not destination.enabled:
             log.warning("C-MOVE from %s to unknown destination %s", requestor, event.move_destination)
             # An export attempt to an address we do not know: the trail shows who tried.

@@ -123,11 +123,13 @@ class AeRegistry:
         return [self._remote(r) for r in rows]
 
     def get(self, title: str) -> RemoteAE | None:
+        """*title* as cached (checks made per association or object)."""
         return self.cached().get(title.strip())
 
     def lookup(self, title: str) -> RemoteAE | None:
-        """*title* as registered now, not as cached (for rare calls made long
-        after the association that named the AE)."""
+        """*title* as registered now, not as cached: where we are about to
+        open an association to it (C-MOVE, routing), an address changed or
+        added a moment ago must be used at once."""
         with self.engine.connect() as conn:
             row = conn.execute(self._select().where(KnownAE.title == title.strip())).first()
         return self._remote(row) if row else None

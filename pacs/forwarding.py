@@ -350,7 +350,7 @@ class Forwarder:
     # -- C-STORE ----------------------------------------------------------------------------
     def _send_dicom(self, destination: str, title: str, batch: list[tuple[Job, Rule, RetrieveItem]]) -> None:
         engine = self.pacs.engine
-        remote = self.pacs.aes.get(title)
+        remote = self.pacs.aes.lookup(title)
         if remote is None:
             for job, _, _ in batch:
                 self._fail(destination, job, f"AE {title} is not registered")
