@@ -68,8 +68,8 @@ def refusal(pacs: Pacs, assoc: Any, service: str) -> str | None:
     return comment
 
 
-def _not_authorized(request: Any, comment: str) -> Any:
-    """The response primitive refusing *request* with 0x0124."""
+def _response(request: Any, status: int, comment: str) -> Any:
+    """The response primitive refusing *request* with *status*."""
     response = type(request)()
     response.MessageIDBeingRespondedTo = request.MessageID
     sop_class = getattr(request, "AffectedSOPClassUID", None) or getattr(request, "RequestedSOPClassUID", None)
@@ -80,7 +80,7 @@ def _not_authorized(request: Any, comment: str) -> Any:
             response.AffectedSOPInstanceUID = instance
     if isinstance(request, N_ACTION) and request.ActionTypeID is not None:
         response.ActionTypeID = request.ActionTypeID
-    response.Status = int(Status.NOT_AUTHORIZED)
+    response.Status = int(status)
     response.ErrorComment = comment
     return response
 
@@ -98,10 +98,17 @@ def gate_services(pacs: Pacs) -> Callable[[Any], None]:
         def serve_request(message: Any, context_id: int) -> None:
             service = service_of(message)
             if (service is not None and service != "store" and message.is_valid_request
-                    and context_id in assoc._accepted_cx
-                    and (comment := refusal(pacs, assoc, service)) is not None):
-                assoc.dimse.send_msg(_not_authorized(message, comment), context_id)
-                return
+                    and context_id in assoc._accepted_cx):
+                try:
+                    comment = refusal(pacs, assoc, service)
+                except Exception as exc:  # the registry is in the index: it may be down
+                    log.warning("%s request refused: the AE registry cannot be read: %s", service, exc)
+                    assoc.dimse.send_msg(_response(message, Status.PROCESSING_FAILURE,
+                                                   "the AE registry cannot be read"), context_id)
+                    return
+                if comment is not None:
+                    assoc.dimse.send_msg(_response(message, Status.NOT_AUTHORIZED, comment), context_id)
+                    return
             serve(message, context_id)
 
         assoc._serve_request = serve_request

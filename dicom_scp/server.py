@@ -136,11 +136,9 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
 
     def store(assoc: Any, sop_class: str, sop_uid: str, dataset: Any, transfer_syntax: str) -> tuple[int, str]:
         requestor = assoc.requestor
-        if (comment := refusal(pacs, assoc, "store")) is not None:
-            if isinstance(dataset, ReceivedData):
-                dataset.close()
-            return Status.NOT_AUTHORIZED, comment
         try:
+            if (comment := refusal(pacs, assoc, "store")) is not None:
+                return Status.NOT_AUTHORIZED, comment
             meta = file_meta_bytes(sop_class, sop_uid, transfer_syntax, requestor.ae_title)
             if isinstance(dataset, ReceivedData):
                 received, stray = dataset.source(meta, transfer_syntax)
