@@ -248,6 +248,11 @@ def cmd_ae(args: argparse.Namespace) -> int:
             if before is not None:
                 # Re-adding a title changes its address: say what it was.
                 result["replaced"] = f"{before.host}:{before.port}"
+            if ae.cert_sha256 and not (pacs.settings.dicom_tls_port and pacs.settings.tls_require_client_cert):
+                # Without mutual TLS no client presents a certificate: the pin would refuse every call.
+                err.print(f"[yellow]warning: {ae.title} can only call over DICOM TLS with its certificate, and this "
+                          "configuration does not ask clients for one: set dicom_tls_port and "
+                          "tls_require_client_cert (PACS_DICOM_TLS_PORT, PACS_TLS_REQUIRE_CLIENT_CERT)[/yellow]")
             _print_result(args, result)
         elif args.ae_command == "remove":
             removed = pacs.aes.remove(args.name)

@@ -203,9 +203,11 @@ def test_the_registry_keeps_and_shows_services(server: PacsServer) -> None:
         assert refused.returncode == 2 and "SHA-256" in refused.stderr, refused.stderr
     assert "CT_BAD" not in server.cli("ae", "list").stdout
     # Fingerprints as openssl prints them (colons, upper case) are stored plain.
-    pinned = json.loads(server.cli("ae", "add", "CT_PIN", "--host", "127.0.0.1", "--port", "104", "--client-cert",
-                                   ":".join(["AB"] * 32), "--json").stdout)
-    assert pinned["cert_sha256"] == "ab" * 32
+    pinning = server.cli("ae", "add", "CT_PIN", "--host", "127.0.0.1", "--port", "104", "--client-cert",
+                         ":".join(["AB"] * 32), "--json")
+    assert json.loads(pinning.stdout)["cert_sha256"] == "ab" * 32
+    # This server asks no client for a certificate: the pin would refuse every call, and the command says so.
+    assert "tls_require_client_cert" in pinning.stderr
     cleared = json.loads(server.cli("ae", "add", "CT_PIN", "--host", "127.0.0.1", "--port", "104",
                                     "--client-cert", "none", "--json").stdout)
     assert cleared["cert_sha256"] is None
