@@ -109,6 +109,10 @@ def gate_services(pacs: Pacs) -> Callable[[Any], None]:
                 if comment is not None:
                     assoc.dimse.send_msg(_response(message, Status.NOT_AUTHORIZED, comment), context_id)
                     return
+                # A C-CANCEL that came while the check ran: pynetdicom forgets it
+                # when it starts serving; keep it for the handler (see dicom_scp.reactor).
+                if getattr(message, "MessageID", None) in assoc.dimse.cancel_req:
+                    assoc._early_cancel = message.MessageID
             serve(message, context_id)
 
         assoc._serve_request = serve_request
