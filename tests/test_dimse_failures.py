@@ -302,7 +302,6 @@ def test_a_move_longer_than_the_network_timeout_keeps_the_association(tmp_path: 
         for i in range(4):
             assert scu_store_file(server, make_ct(tmp_path / f"{i}.dcm", StudyInstanceUID=study)) == 0x0000
         server.cli("ae", "add", "SLOWSAT", "--host", "127.0.0.1", "--port", str(port))
-        time.sleep(2.2)  # the registry cache of the running server
         ae = AE(ae_title="WORKSTATION")
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
         ae.add_requested_context(Verification)

@@ -7,7 +7,6 @@ PostgreSQL."""
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -160,7 +159,6 @@ def test_get_patient_id_wildcard_or_list_refused(server: PacsServer, tmp_path: P
 
 def test_move_patient_id_wildcard_refused(server: PacsServer) -> None:
     server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(free_port()), check=False)
-    time.sleep(2.2)  # the AE table is re-read by the server
     ae = AE(ae_title="PYSCU")
     ae.add_requested_context(PatientRootQueryRetrieveInformationModelMove)
     assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)

@@ -383,7 +383,6 @@ def test_movescu_to_storescp_byte_identical(
     scp = StoreSCP(tmp_path / "dest", accept_all=True)
     try:
         qr_server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
-        time.sleep(2.2)  # the registry cache of the running server
         result = _movescu(qr_server, level, keys)
         assert result.returncode == 0, result.stderr
         assert "Final Move Response (Success)" in result.stderr
@@ -403,7 +402,6 @@ def test_move_transcodes_for_uncompressed_only_destination(qr_server: PacsServer
     scp = StoreSCP(tmp_path / "dest", accept_all=False, flags=flags)
     try:
         qr_server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
-        time.sleep(2.2)
         result = _movescu(qr_server, "STUDY", {"StudyInstanceUID": study_uid("S6")})
         assert result.returncode == 0, result.stderr
         assert "Final Move Response (Success)" in result.stderr
@@ -425,7 +423,6 @@ def test_move_counts_and_partial_failure(qr_server: PacsServer, tmp_path: Path) 
     scp = StoreSCP(tmp_path / "dest", accept_all=True)
     try:
         qr_server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
-        time.sleep(2.2)
         responses = _move_responses(qr_server, _ident(QueryRetrieveLevel="STUDY", StudyInstanceUID=study_uid("S1")))
     finally:
         scp.stop()
@@ -457,7 +454,6 @@ def test_retrieve_by_patient_id_is_the_patient_id_not_another_id(qr_server: Pacs
     ae.add_requested_context(PatientRootQueryRetrieveInformationModelMove)
     try:
         qr_server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
-        time.sleep(2.2)
         finals = {}
         for pid in ("DN4797912345678", "001085012345"):  # P1's insurance number, then its Patient ID
             assoc = ae.associate("127.0.0.1", qr_server.dicom_port, ae_title=qr_server.ae_title)
@@ -502,7 +498,6 @@ def test_refused_move_is_a900_and_never_contacts_the_destination(
     scp = StoreSCP(tmp_path / "dest", accept_all=True)
     try:
         qr_server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
-        time.sleep(2.2)
         responses = _move_responses(qr_server, _ident(**keys))
         movescu = _movescu(qr_server, keys["QueryRetrieveLevel"], {k: v for k, v in keys.items() if k != "QueryRetrieveLevel"})
     finally:

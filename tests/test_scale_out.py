@@ -142,7 +142,6 @@ def test_stored_on_a_is_found_and_retrieved_on_b(cluster: Cluster, tmp_path: Pat
     scp = StoreSCP(tmp_path / "moved", accept_all=True)
     try:
         a.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(scp.port))
-        time.sleep(2.2)  # B's registry cache
         moved = run_dcmtk("movescu", "-S", "-v", "-aem", "MOVEDEST", "-aec", b.ae_title,
                           "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}",
                           "127.0.0.1", str(b.dicom_port))
