@@ -2,7 +2,14 @@
 
 Every entry point (HL7 v2 over MLLP, the JSON API, MPPS) maps its message
 onto these models and calls :class:`OrderService`; each call is one
-transaction, so a rejected message leaves no partial state. The HIS is the
+transaction, so a rejected message leaves no partial state.
+
+An order is a requested procedure (one accession, one Study Instance UID)
+with one or more scheduled procedure steps (IHE RAD-4), a row and a worklist
+item each. MPPS moves steps; the procedure's status, which the HIS is told
+and the API shows, follows from its steps' (:func:`procedure_status`). What
+needs one row for the procedure (the link of a received study, the order
+key of the HIS messages) uses its first step's. The HIS is the
 source of truth for demographics: a received study that matches an order by
 Study Instance UID or Accession Number is filed under the HIS patient, and
 every value the index then holds differently from the received object is
@@ -16,10 +23,11 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta, tzinfo
+from collections.abc import Iterable
 from typing import Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import Connection, and_, delete, func, or_, select, update
+from sqlalchemy import Connection, and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from . import outbox
@@ -117,7 +125,8 @@ class PatientInfo:
 
 @dataclass
 class OrderInfo:
-    """One requested procedure with its scheduled step, as the HIS sent it."""
+    """One scheduled step with its requested procedure, as the HIS sent it
+    (a procedure of several steps is several OrderInfo of one accession)."""
 
     patient: PatientInfo
     accession_number: str = ""
@@ -144,6 +153,15 @@ class OrderInfo:
 
 
 _ORDER_COLUMNS = [f for f in OrderInfo.__dataclass_fields__ if f != "patient"]
+# The requested procedure's values, the same on each of its steps' rows
+# (DICOM: Requested Procedure and Imaging Service Request modules)...
+PROCEDURE_COLUMNS = ("placer_order_number", "filler_order_number", "accession_number", "study_uid",
+                     "requested_procedure_id", "requested_procedure_description", "procedure_code",
+                     "procedure_code_scheme", "procedure_code_meaning", "referring_physician", "priority", "reason")
+# ...and each scheduled step's own (Scheduled Procedure Step Sequence item).
+STEP_COLUMNS = ("step_id", "step_description", "modality", "station_ae_title", "station_name", "location",
+                "start_date", "start_time", "performing_physician")
+assert set(PROCEDURE_COLUMNS) | set(STEP_COLUMNS) == set(_ORDER_COLUMNS)
 
 # What the worklist returns these values as (PS3.5 table 6.2-1): a longer value
 # would be an invalid DICOM response, so every entry point refuses it here.
@@ -217,6 +235,75 @@ def _resolve_birth_date(sent: str | None, stored: str | None) -> str | None:
 
 # Order statuses no performed step changes any more.
 FINAL_STATUSES = ("CANCELLED", "COMPLETED")
+# Steps still to be done (offered on the worklist), and steps the HIS may no longer change.
+ACTIVE_STATUSES = ("SCHEDULED", "IN PROGRESS")
+CLOSED_STATUSES = ("CANCELLED", "DISCONTINUED", "COMPLETED")
+_ORDER_ACTIONS = ("place", "change", "cancel", "discontinue")
+
+
+def procedure_status(statuses: Iterable[str]) -> str:
+    """A requested procedure's status from its steps' -- what the HIS is
+    told (ORC-5) and the API shows. A single step's status is the
+    procedure's, as before steps. Of several: IN PROGRESS while one is
+    being performed, or while some are done and others still wait (the
+    exam is under way); COMPLETED once every step is completed or was
+    withdrawn by the HIS (cancelled, discontinued) and one at least was
+    performed; SCHEDULED while none has started; DISCONTINUED or CANCELLED
+    when the HIS withdrew all of them."""
+    seen = set(statuses)
+    if "IN PROGRESS" in seen:
+        return "IN PROGRESS"
+    if "SCHEDULED" in seen:
+        return "IN PROGRESS" if "COMPLETED" in seen else "SCHEDULED"
+    for status in ("COMPLETED", "DISCONTINUED"):
+        if status in seen:
+            return status
+    return "CANCELLED"
+
+
+@dataclass
+class _Batch:
+    """One transaction of actions (one message): the accessions it placed (a
+    later step of one joins its procedure), and each procedure's status
+    before the transaction first touched it (None: placed by it), so that
+    the HIS hears of the net change once."""
+
+    placed: set[str] = field(default_factory=set)
+    before: dict[str, str | None] = field(default_factory=dict)
+    # Accessions a step of which the transaction changed, added or withdrew,
+    # and the first refusal of an item naming a step it can no longer change:
+    # raised at the end unless another item of the message did something to
+    # that procedure (a HIS resends every step of an order with its change
+    # or cancel, performed ones too; alone, the item is refused as before).
+    changed: set[str] = field(default_factory=set)
+    refusals: dict[str, OrderError] = field(default_factory=dict)
+
+    def refuse(self, accession: str, error: OrderError) -> None:
+        self.refusals.setdefault(accession, error)
+
+    def check(self) -> None:
+        """Raise the refusal of a procedure nothing else in the message changed."""
+        for accession, error in self.refusals.items():
+            if accession not in self.changed:
+                raise error
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def _status_order(procedure: dict[str, Any]) -> dict[str, Any]:
+    """The order of an order_status message: the procedure as it was sent
+    before steps (its first step's row). The HL7 status message is about the
+    order, not a step; its pk keys in-order delivery (pacs.outbox.message_key)."""
+    return {k: v for k, v in procedure.items() if k != "steps"}
+
+
+def _fits(step: Any, modality: str, station_ae_title: str) -> bool:
+    """Whether a scheduled step may be the one a performing station and
+    modality did (a step without them fits any, as on the worklist)."""
+    return ((not step.station_ae_title or not station_ae_title or step.station_ae_title == station_ae_title)
+            and (not step.modality or not modality or step.modality == modality))
 
 
 class OrderService:
@@ -372,7 +459,8 @@ class OrderService:
         """Several actions in ONE transaction: a message with three orders is
         applied whole or not at all. Actions: ("place"|"change"|"cancel"|
         "discontinue", OrderInfo), ("patient", PatientInfo),
-        ("merge", (PatientInfo, [(prior id, issuer)]))."""
+        ("merge", (PatientInfo, [(prior id, issuer)])). Several "place" of
+        one accession are the scheduled steps of one new requested procedure."""
         with write_transaction(self.engine) as conn:
             return self._apply(conn, actions, source)
 
@@ -430,19 +518,23 @@ class OrderService:
 
     def _apply(self, conn: Connection, actions: list[tuple[str, Any]], source: str) -> list[Any]:
         results = []
+        batch = _Batch()
+        self._lock_procedures(conn, actions)
         for action, arg in actions:
             if action == "place":
-                results.append(self._place(conn, arg, source))
+                results.append(self._place(conn, arg, source, batch))
             elif action == "change":
-                results.append(self._change(conn, arg, source))
+                results.append(self._change(conn, arg, source, batch))
             elif action in ("cancel", "discontinue"):
-                results.append(self._cancel(conn, arg, "CANCELLED" if action == "cancel" else "DISCONTINUED"))
+                results.append(self._cancel(conn, arg, "CANCELLED" if action == "cancel" else "DISCONTINUED", batch))
             elif action == "patient":
                 results.append(self._upsert_patient(conn, arg))
             elif action == "merge":
                 results.append(self._merge(conn, *arg))
             else:
                 raise OrderError(f"unknown action {action!r}", code="207", http_status=400)
+        batch.check()
+        self._report_changes(conn, batch)
         return results
 
     def update_patient(self, p: PatientInfo) -> None:
@@ -523,52 +615,88 @@ class OrderService:
         return conn.execute(select(patients_t).where(patients_t.c.pk == pks[0])).first()
 
     # -- orders ----------------------------------------------------------------------
-    def _find_order(self, conn: Connection, info: OrderInfo) -> Any:
-        """The order a change or cancel names. The accession number identifies
-        a requested procedure; a placer order number may be shared by several
-        (one HIS order, several procedures), so it decides only when the
-        message sends no accession, and only when it names one order."""
+    # A requested procedure is the rows of its accession (one per scheduled
+    # step), its first row first: see the Order model.
+    @staticmethod
+    def _procedure_rows(conn: Connection, accession: str) -> list[Any]:
+        """The steps of the requested procedure *accession*, in the order they were placed."""
+        if not accession:
+            return []
+        return list(conn.execute(
+            select(orders_t).where(orders_t.c.accession_number == accession).order_by(orders_t.c.pk)
+        ).all())
+
+    def _find_procedure(self, conn: Connection, info: OrderInfo) -> list[Any]:
+        """The requested procedure a change or cancel names: its steps (none
+        when unknown). The accession number identifies a requested procedure;
+        a placer order number may be shared by several (one HIS order,
+        several procedures), so it decides only when the message sends no
+        accession, and only when it names one procedure."""
         if info.accession_number:
-            return self._order_by_accession(conn, info.accession_number)
+            return self._procedure_rows(conn, info.accession_number)
         if not info.placer_order_number:
             raise OrderError("the order has neither an accession nor a placer order number", code="101", http_status=400)
-        rows = conn.execute(
-            select(orders_t).where(orders_t.c.placer_order_number == info.placer_order_number).limit(2)
-        ).all()
-        if len(rows) > 1:
+        accessions = conn.execute(
+            select(orders_t.c.accession_number).where(orders_t.c.placer_order_number == info.placer_order_number)
+            .distinct().limit(2)
+        ).scalars().all()
+        if len(accessions) > 1:
             raise OrderError(f"placer order number {info.placer_order_number} names several procedures; "
                              "send the accession number of the one meant", code="205", http_status=409)
-        return rows[0] if rows else None
-
-    @staticmethod
-    def _order_by_accession(conn: Connection, accession: str) -> Any:
-        if not accession:
-            return None
-        return conn.execute(select(orders_t).where(orders_t.c.accession_number == accession)).first()
+        return self._procedure_rows(conn, accessions[0]) if accessions else []
 
     def place(self, info: OrderInfo, source: str = "") -> dict[str, Any]:
-        """A new order (HL7 ORC-1 NW). Returns the stored order."""
+        """A new order (HL7 ORC-1 NW) of one scheduled step. Returns the stored
+        requested procedure (:meth:`get`)."""
         return dict(self.apply([("place", info)], source)[0])
 
+    def place_steps(self, steps: list[OrderInfo], source: str = "") -> dict[str, Any]:
+        """A new requested procedure with several scheduled steps (one
+        OrderInfo each, all of one accession), placed in one transaction."""
+        if not steps:
+            raise OrderError("the order has no scheduled step", code="101", http_status=400)
+        return dict(self.apply([("place", step) for step in steps], source)[-1])
+
     def change(self, info: OrderInfo, source: str = "") -> dict[str, Any]:
-        """An order change (ORC-1 XO): new values for an existing order."""
+        """An order change (ORC-1 XO): new values for an existing order, or
+        a new step for it (see :meth:`_change`)."""
         return dict(self.apply([("change", info)], source)[0])
 
+    def change_steps(self, steps: list[OrderInfo], source: str = "") -> dict[str, Any]:
+        """Several steps of one requested procedure changed (or added) in one transaction."""
+        if not steps:
+            raise OrderError("the change names no scheduled step", code="101", http_status=400)
+        return dict(self.apply([("change", step) for step in steps], source)[-1])
+
     def cancel(self, info: OrderInfo, status: str = "CANCELLED") -> dict[str, Any]:
-        """Cancel (CA) or discontinue (DC) an order: it leaves the worklist."""
+        """Cancel (CA) or discontinue (DC) an order -- its steps not performed
+        yet, or the one step *info* names: they leave the worklist."""
         action = "cancel" if status == "CANCELLED" else "discontinue"
         return dict(self.apply([(action, info)])[0])
 
-    def _place(self, conn: Connection, info: OrderInfo, source: str) -> dict[str, Any]:
+    def _place(self, conn: Connection, info: OrderInfo, source: str, batch: _Batch) -> dict[str, Any]:
         if not info.accession_number:
             raise OrderError("the order has no accession number", code="101", http_status=400)
         validate_order(info)  # the derived procedure and step IDs default to the accession
         if info.study_uid and not valid_uid(info.study_uid):
             raise OrderError(f"invalid Study Instance UID {info.study_uid!r}", code="102", http_status=400)
-        # A new procedure is new by its accession alone: the placer order
-        # number it may share with procedures placed before is no conflict.
-        if self._order_by_accession(conn, info.accession_number) is not None:
-            raise OrderError(f"order {info.accession_number} already exists", code="205", http_status=409)
+        rows = self._procedure_rows(conn, info.accession_number)
+        if rows:
+            # A new procedure is new by its accession alone: the placer order
+            # number it may share with procedures placed before is no conflict.
+            # Another step of a procedure this message placed joins it (IHE
+            # RAD-4: several IPC, or ORC/OBR groups, under one accession); an
+            # existing procedure gets new steps by a change (XO), never by NW.
+            if info.accession_number not in batch.placed:
+                raise OrderError(f"order {info.accession_number} already exists", code="205", http_status=409)
+            step_id = info.step_id or info.accession_number
+            if any(row.step_id == step_id for row in rows):
+                if info.step_id:
+                    raise OrderError(f"order {info.accession_number} has scheduled step {step_id} twice",
+                                     code="205", http_status=409)
+                raise OrderError(f"order {info.accession_number} has several scheduled steps: each needs its "
+                                 "Scheduled Procedure Step ID (IPC-4, OBR-20)", code="101", http_status=400)
+            return self._change(conn, replace(info, step_id=step_id), source, batch)
         self._check_study_uid_free(conn, info)
         patient_pk = self._upsert_patient(conn, info.patient)
         now = _now()
@@ -576,23 +704,28 @@ class OrderService:
         values["study_uid"] = info.study_uid or generate_uid()
         values["requested_procedure_id"] = info.requested_procedure_id or info.accession_number
         values["step_id"] = info.step_id or info.accession_number
-        if not values["start_date"]:
-            # No scheduled date (no TQ1-7, OBR-27 or OBR-7: "as soon as
-            # possible"): scheduled for when it came, in the hospital's day. The
-            # start date and time are Type 1 return keys (PS3.4 K.6-1), and a
-            # modality asks for today's steps: an undated one was never offered.
-            # Only a new order: a change leaving the date empty keeps what is stored.
-            received = datetime.now(self.zone or server_zone())
-            values["start_date"] = received.strftime("%Y%m%d")
-            values["start_time"] = values["start_time"] or received.strftime("%H%M%S")
+        self._schedule_undated(values)
         pk = conn.execute(
             orders_t.insert()
             .values(**values, patient_pk=patient_pk, status="SCHEDULED", source=source,
                     created_at=now, updated_at=now)
             .returning(orders_t.c.pk)
         ).scalar_one()
+        batch.placed.add(info.accession_number)
+        batch.before.setdefault(info.accession_number, None)  # new: nothing to tell the HIS
         self._reconcile_existing(conn, pk)
-        return self._order_dict(conn, pk)
+        return self._procedure_dict(conn, info.accession_number)
+
+    def _schedule_undated(self, values: dict[str, Any]) -> None:
+        """No scheduled date (no TQ1-7, OBR-27 or OBR-7: "as soon as
+        possible"): scheduled for when it came, in the hospital's day. The
+        start date and time are Type 1 return keys (PS3.4 K.6-1), and a
+        modality asks for today's steps: an undated one was never offered.
+        Only a new step: a change leaving the date empty keeps what is stored."""
+        if not values["start_date"]:
+            received = datetime.now(self.zone or server_zone())
+            values["start_date"] = received.strftime("%Y%m%d")
+            values["start_time"] = values["start_time"] or received.strftime("%H%M%S")
 
     @staticmethod
     def _check_study_uid_free(conn: Connection, info: OrderInfo) -> None:
@@ -602,86 +735,227 @@ class OrderService:
         if not info.study_uid:
             return
         taken = conn.execute(
-            select(orders_t.c.accession_number).where(orders_t.c.study_uid == info.study_uid)
+            select(orders_t.c.accession_number).where(orders_t.c.study_uid == info.study_uid).limit(1)
         ).scalar()
         if taken is not None:
             raise OrderError(f"Study Instance UID {info.study_uid} is already used by order {taken}",
                              code="205", http_status=409)
 
-    def _change(self, conn: Connection, info: OrderInfo, source: str) -> dict[str, Any]:
+    def _change(self, conn: Connection, info: OrderInfo, source: str, batch: _Batch) -> dict[str, Any]:
+        """New values for a requested procedure and the step *info* names by
+        its step ID (HL7 IPC-4 / OBR-20), or a new step when it names none of
+        the procedure's. Values of the requested procedure (patient, placer
+        and filler numbers, procedure code, priority...) are kept the same on
+        every step; the step's own (modality, station, start...) on its row.
+        A change naming no step is the one step of a single-step procedure;
+        for several steps it may change the procedure's values only."""
         validate_order(info)
-        row = self._find_order(conn, info)
-        if row is None:
+        rows = self._find_procedure(conn, info)
+        if not rows:
             raise OrderError("no such order to change", code="204", http_status=404)
-        if row.status in ("CANCELLED", "DISCONTINUED", "COMPLETED"):
-            raise OrderError(f"order is {row.status.lower()} and cannot change", code="207", http_status=409)
+        first = rows[0]
+        accession = first.accession_number
+        self._note(conn, batch, accession)
+        target, adding = self._step_to_change(rows, info)
+        if target is not None and target.status in CLOSED_STATUSES:
+            what = "order" if len(rows) == 1 else f"step {target.step_id} of order {accession}"
+            batch.refuse(accession, OrderError(f"{what} is {target.status.lower()} and cannot change", code="207",
+                                               http_status=409))
+            return self._procedure_dict(conn, accession)
+        overall = procedure_status(row.status for row in rows)
+        if target is None and overall in CLOSED_STATUSES:
+            raise OrderError(f"order is {overall.lower()} and cannot change", code="207", http_status=409)
+        if adding:
+            self._check_same_procedure(first, info)
         patient_pk = self._upsert_patient(conn, info.patient)
-        values = {c: getattr(info, c) for c in _ORDER_COLUMNS if getattr(info, c)}
-        values.pop("study_uid", None)  # the study UID handed to modalities never changes
+        now = _now()
+        shared = {c: getattr(info, c) for c in PROCEDURE_COLUMNS if getattr(info, c)}
+        shared.pop("study_uid", None)  # the study UID handed to modalities never changes
+        shared.pop("accession_number", None)  # the key the procedure was found by
         conn.execute(
             update(orders_t)
-            .where(orders_t.c.pk == row.pk)
-            .values(**values, patient_pk=patient_pk, source=source, updated_at=_now())
+            .where(orders_t.c.accession_number == accession)
+            .values(**shared, patient_pk=patient_pk, source=source, updated_at=now)
         )
-        if patient_pk != row.patient_pk:
-            self._move_linked_studies(conn, row.pk)
-        return self._order_dict(conn, row.pk)
+        own = {c: getattr(info, c) for c in STEP_COLUMNS if getattr(info, c)}
+        if target is not None:
+            if own:
+                conn.execute(update(orders_t).where(orders_t.c.pk == target.pk).values(**own))
+        elif adding:
+            current = conn.execute(select(orders_t).where(orders_t.c.pk == first.pk)).one()
+            values = {c: getattr(current, c) for c in PROCEDURE_COLUMNS}
+            values.update({c: getattr(info, c) for c in STEP_COLUMNS})
+            self._schedule_undated(values)
+            conn.execute(orders_t.insert().values(**values, patient_pk=patient_pk, status="SCHEDULED",
+                                                  source=source, created_at=now, updated_at=now))
+        if patient_pk != first.patient_pk:
+            self._move_linked_studies(conn, accession)
+        batch.changed.add(accession)
+        return self._procedure_dict(conn, accession)
 
     @staticmethod
-    def _move_linked_studies(conn: Connection, order_pk: int) -> None:
+    def _step_to_change(rows: list[Any], info: OrderInfo) -> tuple[Any, bool]:
+        """(the step *info* changes, or None; whether it is a new step)."""
+        if info.step_id:
+            named = next((row for row in rows if row.step_id == info.step_id), None)
+            return named, named is None
+        if len(rows) == 1:
+            return rows[0], False
+        sent = [c for c in STEP_COLUMNS if getattr(info, c)]
+        if sent:
+            raise OrderError(f"order {rows[0].accession_number} has {len(rows)} scheduled steps: name the step "
+                             f"to change ({', '.join(sent)} given without a Scheduled Procedure Step ID, IPC-4 or "
+                             "OBR-20)", code="101", http_status=400)
+        return None, False
+
+    @staticmethod
+    def _check_same_procedure(first: Any, info: OrderInfo) -> None:
+        """A new step belongs to its accession's requested procedure: another
+        Study Instance UID or Requested Procedure ID would be a second
+        requested procedure under one accession (DICOM allows it, this
+        archive's orders do not): refused, never half stored."""
+        for name, sent, stored in (("Study Instance UID", info.study_uid, first.study_uid),
+                                   ("Requested Procedure ID", info.requested_procedure_id,
+                                    first.requested_procedure_id)):
+            if sent and sent != stored:
+                raise OrderError(f"{name} {sent} of a step of order {first.accession_number} differs from the "
+                                 f"order's ({stored}): several requested procedures under one accession are not "
+                                 "supported; send each with its own accession", code="205", http_status=409)
+
+    def _move_linked_studies(self, conn: Connection, accession: str) -> None:
         """The HIS moved the order to another patient (ORC XO with another
         PID): its studies, and so their reports, follow, with the differences
         recorded as corrections -- what a study receives when its order comes
         late. The previous patient stays: the HIS registered it."""
-        order = conn.execute(select(orders_t).where(orders_t.c.pk == order_pk)).one()
+        order = self._procedure_rows(conn, accession)[0]
         now = _now()
         for study in conn.execute(
-            select(studies_t).join(links_t, links_t.c.study_pk == studies_t.c.pk).where(links_t.c.order_pk == order_pk)
+            select(studies_t).join(links_t, links_t.c.study_pk == studies_t.c.pk)
+            .join(orders_t, orders_t.c.pk == links_t.c.order_pk).where(orders_t.c.accession_number == accession)
         ).all():
             previous = conn.execute(select(patients_t).where(patients_t.c.pk == study.patient_pk)).one()
             current = {k: getattr(previous, c) for k, c in PATIENT_COLUMNS.items()}
             record_reconciliation(conn, study.pk, order, current, study.accession_number,
                                   "order moved to another patient", now)
 
-    def _cancel(self, conn: Connection, info: OrderInfo, status: str) -> dict[str, Any]:
-        row = self._find_order(conn, info)
-        if row is None:
+    def _cancel(self, conn: Connection, info: OrderInfo, status: str, batch: _Batch) -> dict[str, Any]:
+        """CA / DC: the steps *info* names (one by its step ID, else all)
+        that are not performed yet become *status*; completed ones stay."""
+        rows = self._find_procedure(conn, info)
+        if not rows:
             raise OrderError("no such order to cancel", code="204", http_status=404)
+        accession = rows[0].accession_number
+        self._note(conn, batch, accession)
+        targets = self._steps_to_cancel(rows, info)
         verb = "cancel" if status == "CANCELLED" else "discontinue"
-        if row.status == "COMPLETED" or self._has_signed_report(conn, row.pk):
-            # HL7 ORC-1 UC / UD: what was performed (or reported) cannot be
-            # undone by the HIS, as an XO of a completed order is refused.
-            raise OrderError(f"unable to {verb}: order {row.accession_number} is already performed "
-                             f"({row.status.lower()}{', reported' if row.status != 'COMPLETED' else ''})",
+        what = f"order {accession}" + (f" step {targets[0].step_id}" if len(targets) < len(rows) else "")
+        left = [row for row in targets if row.status != "COMPLETED"]
+        # HL7 ORC-1 UC / UD: what was performed (or reported) cannot be
+        # undone by the HIS, as an XO of a completed order is refused.
+        if self._has_signed_report(conn, accession):
+            state = procedure_status(row.status for row in targets).lower()
+            raise OrderError(f"unable to {verb}: {what} is already performed ({state}, reported)",
                              code="207", http_status=409)
-        conn.execute(update(orders_t).where(orders_t.c.pk == row.pk).values(status=status, updated_at=_now()))
-        return self._order_dict(conn, row.pk)
+        if not left:
+            batch.refuse(accession, OrderError(f"unable to {verb}: {what} is already performed (completed)",
+                                               code="207", http_status=409))
+            return self._procedure_dict(conn, accession)
+        # Steps still to be done; a repeated CA / DC of a withdrawn one is
+        # applied again (the HIS gets AA, as before steps).
+        active = [row.pk for row in left if row.status in ACTIVE_STATUSES]
+        conn.execute(update(orders_t).where(orders_t.c.pk.in_(active or [row.pk for row in left]))
+                     .values(status=status, updated_at=_now()))
+        batch.changed.add(accession)
+        return self._procedure_dict(conn, accession)
 
     @staticmethod
-    def _has_signed_report(conn: Connection, order_pk: int) -> bool:
+    def _steps_to_cancel(rows: list[Any], info: OrderInfo) -> list[Any]:
+        """The steps a CA / DC withdraws: the one its step ID names, else all.
+        A step ID naming none of several steps is refused (which one?); with
+        one step the message names its order, as before steps."""
+        if not info.step_id:
+            return rows
+        named = [row for row in rows if row.step_id == info.step_id]
+        if named or len(rows) == 1:
+            return named or rows
+        raise OrderError(f"order {rows[0].accession_number} has no scheduled step {info.step_id}",
+                         code="204", http_status=404)
+
+    @staticmethod
+    def _has_signed_report(conn: Connection, accession: str) -> bool:
         return conn.execute(
             select(reports_t.c.pk)
             .join(links_t, links_t.c.study_pk == reports_t.c.study_pk)
-            .where(links_t.c.order_pk == order_pk, reports_t.c.status == "signed")
+            .join(orders_t, orders_t.c.pk == links_t.c.order_pk)
+            .where(orders_t.c.accession_number == accession, reports_t.c.status == "signed")
             .limit(1)
         ).first() is not None
 
     def get(self, accession: str) -> dict[str, Any] | None:
+        """The requested procedure *accession* (see :meth:`_procedure_dict`), or None."""
         with self.engine.connect() as conn:
-            pk = conn.execute(select(orders_t.c.pk).where(orders_t.c.accession_number == accession)).scalar()
-            return self._order_dict(conn, pk) if pk is not None else None
+            return self._procedure_dict(conn, accession) if self._procedure_rows(conn, accession) else None
 
     @staticmethod
-    def _order_dict(conn: Connection, pk: int) -> dict[str, Any]:
-        row = conn.execute(
+    def _procedure_dict(conn: Connection, accession: str) -> dict[str, Any]:
+        """A requested procedure as the API and the HIS messages show it: the
+        columns of its first step (as one order was shown before steps) with
+        the patient, ``status`` the procedure's (:func:`procedure_status`),
+        and ``steps``, each step's own values and status."""
+        rows = conn.execute(
             select(orders_t, patients_t.c.patient_id, patients_t.c.issuer, patients_t.c.name)
             .join(patients_t, patients_t.c.pk == orders_t.c.patient_pk)
-            .where(orders_t.c.pk == pk)
-        ).one()
-        data = dict(row._mapping)
-        for key in ("created_at", "updated_at"):
-            data[key] = data[key].isoformat() if data[key] else None
+            .where(orders_t.c.accession_number == accession)
+            .order_by(orders_t.c.pk)
+        ).all()
+        data = dict(rows[0]._mapping)
+        data["status"] = procedure_status(row.status for row in rows)
+        data["created_at"] = _iso(data["created_at"])
+        data["updated_at"] = _iso(max(row.updated_at for row in rows))
+        data["steps"] = [
+            {"pk": row.pk, **{c: getattr(row, c) for c in STEP_COLUMNS}, "status": row.status,
+             "updated_at": _iso(row.updated_at)}
+            for row in rows
+        ]
         return data
+
+    def _note(self, conn: Connection, batch: _Batch, accession: str) -> None:
+        """Remember the procedure's status before this transaction changes it."""
+        if accession not in batch.before:
+            batch.before[accession] = procedure_status(row.status for row in self._procedure_rows(conn, accession))
+
+    def _report_changes(self, conn: Connection, batch: _Batch) -> None:
+        """Tell the HIS what its own message changed that it cannot know:
+        cancelling the last open step of a partly performed procedure
+        completes it (CM), cancelling the running step of one whose other
+        step waits puts it back to scheduled (SC). The CANCELLED or
+        DISCONTINUED it set itself is not echoed (as before steps), nor a
+        new procedure; once per procedure and message (its net change)."""
+        for accession, before in batch.before.items():
+            if before is None:
+                continue
+            procedure = self._procedure_dict(conn, accession)
+            after = procedure["status"]
+            if after != before and after not in ("CANCELLED", "DISCONTINUED"):
+                self.enqueue(conn, "his", "order_status", {"order": _status_order(procedure), "status": after})
+
+    @staticmethod
+    def _lock_procedures(conn: Connection, actions: list[tuple[str, Any]]) -> None:
+        """PostgreSQL: serialise the messages about one accession or Study
+        Instance UID. Their uniqueness is no database key any more (one
+        procedure has a row per step): two connections placing one accession
+        (or one UID under two accessions) at once would both see nothing and
+        both insert. Locks are taken in one sorted go (no deadlock between
+        messages) and released at commit. SQLite writers queue already
+        (BEGIN IMMEDIATE)."""
+        if conn.dialect.name != "postgresql":
+            return
+        keys = sorted({f"{kind}:{value}" for action, info in actions if action in _ORDER_ACTIONS
+                       for kind, value in (("accession", info.accession_number), ("study", info.study_uid))
+                       if value})
+        for key in keys:
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                         {"key": f"filmless-pacs order {key}"})
 
     # -- status and performed steps -----------------------------------------------------
     def record_step(
@@ -700,14 +974,23 @@ class OrderService:
         performed_series: list[dict[str, Any]] | None = None,
         create: bool,
     ) -> dict[str, Any]:
-        """MPPS N-CREATE (create=True) or N-SET: track the step, move its orders
-        (IN PROGRESS, COMPLETED; back to SCHEDULED when the step is DISCONTINUED
-        and no other step of the order is in progress or completed).
+        """MPPS N-CREATE (create=True) or N-SET: track the performed step and
+        move the scheduled steps it performs (IN PROGRESS, COMPLETED; back to
+        SCHEDULED when it is DISCONTINUED and no other performed step of the
+        scheduled step is in progress or completed).
 
         *scheduled*: (accession, study UID, step ID) of each Scheduled Step
         Attributes item of the N-CREATE (default: the one given by *accession*,
-        *study_uid*, *step_id*); every order they name is performed by the step.
-        Returns the first order (empty when the step matches none)."""
+        *study_uid*, *step_id*). Each item names one scheduled step (IHE RAD-6
+        simple case); several items, several steps, of one requested
+        procedure or of several (group case): each is performed, and the
+        N-SET moves them all. Which step an item names: see
+        :meth:`_steps_for_item`.
+
+        The HIS is told the status of each requested procedure concerned
+        when it changes (:func:`procedure_status`: COMPLETED once every step
+        is completed or withdrawn). Returns the first requested procedure
+        (empty when the step matches none)."""
         if status not in ("IN PROGRESS", "COMPLETED", "DISCONTINUED"):
             raise OrderError(f"invalid performed procedure step status {status!r}", http_status=400)
         now = _now()
@@ -728,7 +1011,7 @@ class OrderService:
                 order_pks = _step_orders(existing)
             else:
                 refs = scheduled if scheduled is not None else [(accession, study_uid, step_id)]
-                order_pks = self._orders_for_steps(conn, refs)
+                order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
             values: dict[str, Any] = {"status": status, "updated_at": now}
             for key, value in (("modality", modality), ("station_ae_title", station_ae_title),
                                ("start", start), ("end", end)):
@@ -742,68 +1025,82 @@ class OrderService:
                     created_at=now, **values))
             else:
                 conn.execute(update(steps_t).where(steps_t.c.pk == existing.pk).values(**values))
-            orders = [self._move_order(conn, pk, status, sop_uid, now) for pk in order_pks]
-            if not orders:
+            # The requested procedures concerned, in the items' order.
+            procedure_of = {row.pk: row.accession_number for row in conn.execute(
+                select(orders_t.c.pk, orders_t.c.accession_number).where(orders_t.c.pk.in_(order_pks)))}
+            accessions = list(dict.fromkeys(procedure_of[pk] for pk in order_pks if pk in procedure_of))
+            before = {a: procedure_status(row.status for row in self._procedure_rows(conn, a)) for a in accessions}
+            for pk in order_pks:
+                self._move_step(conn, pk, status, sop_uid, now)
+            procedures = [self._procedure_dict(conn, a) for a in accessions]
+            for procedure in procedures:
+                if procedure["status"] != before[procedure["accession_number"]]:
+                    # The HIS hears of a change of the requested procedure only:
+                    # a second step of one IN PROGRESS tells it nothing, nor does
+                    # the first of two steps completing. A step discontinued:
+                    # ORC-5 SC (HL7 table 0038 "in process, scheduled") -- the
+                    # order is open and waits to be performed, which is the
+                    # truth. DC would tell the HIS the order itself was stopped
+                    # (many close or bill it then, and we would refuse its XO),
+                    # CA that it was withdrawn, IP that it is being performed.
+                    # The outbound renderer maps SCHEDULED to SC; step_status
+                    # says why it came back.
+                    self.enqueue(conn, "his", "order_status",
+                                 {"order": _status_order(procedure), "status": procedure["status"], "step": sop_uid,
+                                  "step_status": status})
+            if not procedures:
                 log.info("performed procedure step %s matches no order", sop_uid)
-            return orders[0] if orders else {}
+            return procedures[0] if procedures else {}
 
-    def _orders_for_steps(self, conn: Connection, refs: list[tuple[str, str, str]]) -> list[int]:
-        """The orders a new step performs, each once, in the items' order. A
-        cancelled one refuses the step: the HIS withdrew it, and an MPPS must
-        not bring it back to the worklist (the modality shows the reason)."""
-        order_pks: list[int] = []
+    def _steps_for_refs(self, conn: Connection, refs: list[tuple[str, str, str]], modality: str,
+                        station_ae_title: str) -> list[int]:
+        """The scheduled steps a new performed step performs, each once, in
+        the items' order. A cancelled one refuses the performed step: the HIS
+        withdrew it, and an MPPS must not bring it back to the worklist (the
+        modality shows the reason)."""
+        step_pks: list[int] = []
         for accession, study_uid, step_id in refs:
-            pk = self._order_for_step(conn, accession, study_uid, step_id)
-            if pk is not None and pk not in order_pks:
-                order_pks.append(int(pk))
-        for pk in order_pks:
-            row = conn.execute(select(orders_t.c.accession_number, orders_t.c.status).where(orders_t.c.pk == pk)).one()
+            for pk in self._steps_for_item(conn, accession, study_uid, step_id, modality, station_ae_title):
+                if pk not in step_pks:
+                    step_pks.append(pk)
+        for pk in step_pks:
+            row = conn.execute(select(orders_t.c.accession_number, orders_t.c.step_id, orders_t.c.status)
+                               .where(orders_t.c.pk == pk)).one()
             if row.status == "CANCELLED":
-                raise OrderError(f"order {row.accession_number} was cancelled by the HIS", http_status=422)
-        return order_pks
+                several = len(self._procedure_rows(conn, row.accession_number)) > 1
+                step = f" (step {row.step_id})" if several else ""
+                raise OrderError(f"order {row.accession_number}{step} was cancelled by the HIS", http_status=422)
+        return step_pks
 
-    def _move_order(self, conn: Connection, order_pk: int, status: str, sop_uid: str, now: datetime) -> dict[str, Any]:
-        """The order follows its step and the HIS is told (outbox) -- except
-        an order cancelled meanwhile, which stays cancelled, and a completed
-        one, which a later step (a repeat acquisition, a step discontinued
-        after the exam was done) does not move back: the HIS would read the
+    def _move_step(self, conn: Connection, step_pk: int, status: str, sop_uid: str, now: datetime) -> None:
+        """A scheduled step follows its performed step -- except one
+        cancelled meanwhile, which stays cancelled, and a completed one, which
+        a later performed step (a repeat acquisition, one discontinued after
+        the exam was done) does not move back: the HIS would read the
         finished exam as running again, and could then cancel it.
 
-        A DISCONTINUED step puts its order back on the worklist (see
-        :meth:`_after_discontinued`). The HIS hears of a change only: a
-        second step on an order already IN PROGRESS tells it nothing."""
-        current = conn.execute(select(orders_t.c.status).where(orders_t.c.pk == order_pk)).scalar_one()
+        A DISCONTINUED performed step puts its scheduled step back on the
+        worklist (see :meth:`_after_discontinued`)."""
+        current = conn.execute(select(orders_t.c.status).where(orders_t.c.pk == step_pk)).scalar_one()
         target: str | None = None if current in FINAL_STATUSES else status
         if status == "DISCONTINUED" and target is not None:
-            target = self._after_discontinued(conn, order_pk, current, sop_uid)
-        moves = target is not None and target != current
-        if moves:
-            conn.execute(update(orders_t).where(orders_t.c.pk == order_pk).values(status=target, updated_at=now))
-        order = self._order_dict(conn, order_pk)
-        if moves:
-            # A step discontinued: ORC-5 SC (HL7 table 0038 "in process,
-            # scheduled") -- the order is open and waits to be performed, which
-            # is the truth. DC would tell the HIS the order itself was stopped
-            # (many close or bill it then, and we would refuse its XO), CA that
-            # it was withdrawn, IP that it is being performed. The outbound
-            # renderer maps SCHEDULED to SC; step_status says why it came back.
-            self.enqueue(conn, "his", "order_status",
-                         {"order": order, "status": target, "step": sop_uid, "step_status": status})
-        return order
+            target = self._after_discontinued(conn, step_pk, current, sop_uid)
+        if target is not None and target != current:
+            conn.execute(update(orders_t).where(orders_t.c.pk == step_pk).values(status=target, updated_at=now))
 
     @staticmethod
     def _after_discontinued(conn: Connection, order_pk: int, current: str, sop_uid: str) -> str | None:
-        """The order status after one of its performed steps was discontinued
-        (None: unchanged).
+        """A scheduled step's status after one of its performed steps was
+        discontinued (None: unchanged).
 
         IHE RAD-7 (Modality PPS Discontinued): a discontinued performed step
         is void for the scheduled step, which is still to be done -- the
         modality picked the wrong worklist entry (110514), the patient could
-        not go on. So an order the step had put IN PROGRESS goes back to
-        SCHEDULED, on the worklist again and changeable by the HIS; unless
-        another performed step of the order is in progress (it stays IN
-        PROGRESS: no IP, SC, IP flapping at the HIS) or completed (the order
-        is then COMPLETED and final). An order in any other state (the HIS
+        not go on. So a step it had put IN PROGRESS goes back to SCHEDULED,
+        on the worklist again and changeable by the HIS; unless another
+        performed step of the scheduled step is in progress (it stays IN
+        PROGRESS: no IP, SC, IP flapping at the HIS) or completed (the step
+        is then COMPLETED and final). A step in any other state (the HIS
         discontinued or cancelled it) stays as it is."""
         if current != "IN PROGRESS":
             return None
@@ -822,19 +1119,63 @@ class OrderService:
             return None
         return "SCHEDULED"
 
-    @staticmethod
-    def _order_for_step(conn: Connection, accession: str, study_uid: str, step_id: str) -> int | None:
-        """The order one scheduled step item names: by the Study Instance UID
-        the worklist handed out (the stronger evidence), else the accession,
-        else (neither sent) the step ID."""
-        for column, value in ((orders_t.c.study_uid, study_uid), (orders_t.c.accession_number, accession)):
-            if value:
-                pk = conn.execute(select(orders_t.c.pk).where(column == value)).scalar()
-                if pk is not None:
-                    return int(pk)
-        if accession or study_uid or not step_id:
-            return None
-        return conn.execute(select(orders_t.c.pk).where(orders_t.c.step_id == step_id).limit(1)).scalar()
+    def _steps_for_item(self, conn: Connection, accession: str, study_uid: str, step_id: str, modality: str,
+                        station_ae_title: str) -> list[int]:
+        """The scheduled step(s) one Scheduled Step Attributes item names.
+
+        The requested procedure is found by the Study Instance UID the
+        worklist handed out (the stronger evidence), else the accession, else
+        (neither sent) by the step ID alone when one step has it. Within it:
+
+        - the step whose ID the item gives (IHE RAD-6: the modality copies the
+          SPS ID of the worklist item it performs);
+        - the one step of a single-step procedure, whatever the item says (as
+          before steps);
+        - without a step ID, or with one the procedure does not know (the
+          unscheduled case: the accession typed or scanned at the console):
+          the first of these that is not empty decides, when it holds one
+          step -- the steps not started yet that are scheduled for this
+          station AE and modality (a step without them fits any), those in
+          progress there (a repeat), the steps not started yet anywhere (a
+          room change), those in progress anywhere. When it holds several,
+          the item does not say which was performed and none is guessed: an
+          MPPS that performs several steps lists them (the group case), and
+          completing a step that was not done would tell the HIS an exam
+          happened. The performed step is then kept without a scheduled
+          step (logged), the steps stay on the worklist for the modality to
+          pick;
+        - when no step is left to do (an acquisition appended to a finished
+          exam), the first completed step, which it does not move back; all
+          withdrawn: the first, whose cancellation refuses the MPPS.
+        """
+        rows: list[Any] = []
+        if study_uid:
+            rows = list(conn.execute(
+                select(orders_t).where(orders_t.c.study_uid == study_uid).order_by(orders_t.c.pk)).all())
+        if not rows and accession:
+            rows = self._procedure_rows(conn, accession)
+        if not rows:
+            if accession or study_uid or not step_id:
+                return []
+            alone = conn.execute(select(orders_t.c.pk).where(orders_t.c.step_id == step_id).limit(2)).scalars().all()
+            return [int(alone[0])] if len(alone) == 1 else []
+        named = [row for row in rows if step_id and row.step_id == step_id]
+        if named or len(rows) == 1:
+            return [int((named or rows)[0].pk)]
+        active = [row for row in rows if row.status in ACTIVE_STATUSES]
+        here = [row for row in active if _fits(row, modality, station_ae_title)]
+        for candidates in ([row for row in here if row.status == "SCHEDULED"], here,
+                           [row for row in active if row.status == "SCHEDULED"], active):
+            if len(candidates) == 1:
+                return [int(candidates[0].pk)]
+            if candidates:
+                # No accession in the log (patient data): the station and the counts say enough.
+                log.warning("a performed procedure step names a requested procedure of %d steps but none of "
+                            "them: %d fit station %s and modality %s; none is taken as performed", len(rows),
+                            len(candidates), station_ae_title or "-", modality or "-")
+                return []
+        done = [row for row in rows if row.status == "COMPLETED"]
+        return [int((done or rows)[0].pk)]
 
     # -- the outbox --------------------------------------------------------------------------
     @staticmethod
@@ -844,7 +1185,10 @@ class OrderService:
 
     # -- reconciliation ---------------------------------------------------------------------
     def _reconcile_existing(self, conn: Connection, order_pk: int) -> None:
-        """A new order may match studies that arrived before it."""
+        """A new order may match studies that arrived before it. A study is
+        linked to its requested procedure's first step (*order_pk*), one link
+        per study as before steps: the study is the procedure's (IHE RAD-4:
+        one Study Instance UID for all its steps)."""
         order = conn.execute(select(orders_t).where(orders_t.c.pk == order_pk)).one()
         matches = conn.execute(
             select(studies_t.c.pk)
@@ -879,12 +1223,12 @@ class OrderService:
             study_pk = conn.execute(select(studies_t.c.pk).where(studies_t.c.study_uid == study_uid)).scalar()
             if study_pk is None:
                 raise OrderError(f"no study {study_uid}", http_status=404)
-            order_pk = conn.execute(select(orders_t.c.pk).where(orders_t.c.accession_number == accession)).scalar()
-            if order_pk is None:
+            rows = self._procedure_rows(conn, accession)
+            if not rows:
                 raise OrderError(f"no order {accession}", http_status=404)
             conn.execute(delete(links_t).where(links_t.c.study_pk == study_pk))
-            link_study(conn, study_pk, order_pk, "matched by hand")
-            return self._order_dict(conn, order_pk)
+            link_study(conn, study_pk, rows[0].pk, "matched by hand")  # the procedure's first step
+            return self._procedure_dict(conn, accession)
 
     def corrections(self, study_uid: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -932,4 +1276,4 @@ def link_study(conn: Connection, study_pk: int, order_pk: int, matched_by: str) 
 
 
 __all__ = ["OrderError", "OrderInfo", "OrderService", "OtherIdentifier", "PatientInfo", "STATUSES", "asdict",
-           "validate_order"]
+           "procedure_status", "validate_order"]

@@ -51,7 +51,10 @@ def _now() -> datetime:
 def message_key(kind: str, data: dict[str, Any], pk: int = 0) -> str:
     """What a message is about, for in-order delivery: its order (by the
     order's row), else its study. Reports name it (``key``); an order status
-    carries the order row. Unknown shapes get their own key (no ordering)."""
+    carries the order row. For an order of several scheduled steps that row
+    is its first step's, in status messages and study links alike
+    (pacs.orders), so whichever step moved, one order is one key. Unknown
+    shapes get their own key (no ordering)."""
     if data.get("key"):
         return str(data["key"])
     order = data.get("order") or {}

@@ -1,6 +1,11 @@
 """The Modality Worklist as a query on orders (PS3.4 K.6), answered from the
 index with the same matching rules as C-FIND and QIDO-RS.
 
+An item is one scheduled procedure step (a row of ``orders``): the steps of
+a requested procedure are items of their own with its accession, Study
+Instance UID and Requested Procedure ID, each matched on its own modality,
+station, start and status (a station asking sees the steps scheduled for it).
+
 Every match is returned, read from the database a page at a time (keyset on
 the order of the answer), so a worklist of any length is answered whole in
 bounded memory. Keys the worklist does not match on are ignored for matching
@@ -164,7 +169,8 @@ def worklist_conditions(match: dict[str, str], step: dict[str, str]) -> list[Any
 
 def run_worklist(engine: Engine, match: dict[str, str], step: dict[str, str], *,
                  page: int = 500) -> Iterator[dict[str, Any]]:
-    """Every scheduled procedure step matching the keys, soonest first.
+    """Every scheduled procedure step matching the keys, soonest first
+    (each step of a requested procedure on its own).
 
     Raises :class:`QueryError` at once, before any row is read, for a key
     it cannot match. The rows are then read *page* at a time as the

@@ -5,7 +5,11 @@ Inbound: ORM^O01 and OMI^O23 (ORC-1 NW new, XO change, CA/OC cancel,
 DC/OD discontinue), ADT^A01/A04/A08/A31 (patient update), ADT^A40 (merge).
 One message per MLLP frame; segments end with CR, CRLF or LF. An order
 message is read as ORDER groups (an ORC and what follows it), and every IPC
-of a group is a scheduled step of its own (IHE RAD-4: its own accession).
+of a group (OMI), or every group without IPC (ORM: one ORC/OBR per step), is
+a scheduled step of its own. Steps with the same accession (IPC-1, OBR-18)
+are the steps of one requested procedure (IHE RAD-4: one accession, one
+Study Instance UID, several Scheduled Procedure Steps told apart by IPC-4 or
+OBR-20); steps with their own accessions are procedures of their own.
 """
 
 from __future__ import annotations
@@ -474,7 +478,8 @@ def order_groups(message: Any) -> tuple[list[OrderGroup], Any]:
                 loose_zds = segment
             continue
         # The first OBR/TQ1/ZDS of the group is its own; IPC repeats (one per
-        # scheduled step of the requested procedure, IHE RAD-4 OMI).
+        # scheduled step, IHE RAD-4 OMI: of one requested procedure when they
+        # share IPC-1, the accession, else of a procedure each).
         if name == "OBR" and group.obr is None:
             group.obr = segment
         elif name == "TQ1" and group.tq1 is None:
@@ -512,11 +517,15 @@ def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: st
     """One requested procedure and step: the group's ORC/OBR/TQ1 with one of
     its IPCs; a start time with an offset is converted to *zone* (the
     hospital's). Without a start (no TQ1-7, OBR-27.4, ORC-7.4 or OBR-7) the
-    step has no scheduled date or time: no default is invented here."""
+    step has no scheduled date or time: no default is invented here. The
+    step's description is the text of its protocol code (IPC-6: two steps
+    of one OBR, "without" and "with contrast", differ only there), else the
+    procedure's (OBR-4)."""
     orc, obr = group.orc, group.obr
     start, priority = _timing(group)
     start_date, start_time = _local_date_time(start, zone)
     service = _field(obr, 4) if obr is not None else []
+    protocol = _field(ipc, 6) if ipc is not None else []
     accession = _get(ipc, 1, comp=0) or _get(obr, 18) or _get(orc, 3, comp=0) or _get(obr, 3, comp=0)
     return OrderInfo(
         patient=patient,
@@ -530,7 +539,7 @@ def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: st
         procedure_code_scheme=service[2] if len(service) > 2 else "",
         procedure_code_meaning=service[1] if len(service) > 1 else "",
         step_id=_get(ipc, 4, comp=0) or _get(obr, 20),
-        step_description=service[1] if len(service) > 1 else "",
+        step_description=(protocol[1] if len(protocol) > 1 else "") or (service[1] if len(service) > 1 else ""),
         modality=(_get(ipc, 5, comp=0) or _get(obr, 24)).upper(),
         station_ae_title=_get(ipc, 9, comp=0),
         station_name=_get(ipc, 7, comp=0),
@@ -546,10 +555,12 @@ def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: st
 
 def orders_from(message: Any, zone: tzinfo | None = None) -> list[tuple[str, OrderInfo]]:
     """(action, order) for each scheduled step of each ORDER group of an
-    ORM^O01 or OMI^O23: one per IPC (a requested procedure may have several
-    steps, each with its accession in IHE's OMI), or one for a group without
-    IPC. *zone*: the hospital's, that start times with an offset are
-    converted to (default: the server's)."""
+    ORM^O01 or OMI^O23: one per IPC, or one for a group without IPC. Steps
+    of one accession are one requested procedure (:mod:`pacs.orders`): NW
+    places them together; XO changes the steps its IPC-4 / OBR-20 name and
+    adds the others; CA / DC withdraw the step named, or every step not
+    performed yet when the group names none. *zone*: the hospital's, that
+    start times with an offset are converted to (default: the server's)."""
     zone = zone or server_zone()
     pids = _segments(message, "PID")
     if not pids:

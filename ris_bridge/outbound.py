@@ -94,6 +94,10 @@ def render(kind: str, data: dict[str, Any], control_id: str, to: Addresses = Add
         text = data.get("modalities", "")
     service = f"{escape(code)}^{escape(text)}^{escape(order.get('procedure_code_scheme', '') if code else '')}"
     if kind == "order_status":
+        # About the order -- the requested procedure, whatever its number of
+        # scheduled steps: ORC-5 is its status (pacs.orders.procedure_status:
+        # CM once every step is done or withdrawn), sent when that changes,
+        # so the HIS gets for an order of two steps what it got for one.
         status = _ORC_STATUS.get(data.get("status", ""), "SC")
         segments.append("|".join(["ORC", "SC", placer, filler, "", status]))
         segments.append("|".join(["OBR", "1", placer, filler, service] + [""] * 13 + [accession]))

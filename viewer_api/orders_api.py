@@ -1,8 +1,14 @@
 """JSON API for HIS systems that prefer REST to HL7: create, change and cancel
-orders (the same model the HL7 listener fills), and reconcile studies."""
+orders (the same model the HL7 listener fills), and reconcile studies.
+
+An order is a requested procedure with one scheduled step (the body's step
+fields) or several (``steps``: each a worklist item of its own, sharing the
+accession and Study Instance UID). GET answers the procedure: its first
+step's fields, as before steps, ``status`` the procedure's, and ``steps``."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -32,8 +38,29 @@ class PatientModel(BaseModel):
     other_ids: list[OtherIdModel] = []
 
 
-class OrderModel(BaseModel):
-    """One requested procedure with its scheduled step."""
+_DATE = r"^(\d{8})?$"
+_TIME = r"^(\d{2,6}(\.\d+)?)?$"
+# A requested procedure of more steps than this is a mistake, not an exam.
+MAX_STEPS = 20
+
+
+class StepModel(BaseModel):
+    """One scheduled procedure step; a value left out is the order's (the top-level field)."""
+
+    step_id: str = Field("", max_length=16, description="Scheduled Procedure Step ID, unique within the order")
+    step_description: str = ""
+    modality: str = Field("", max_length=16)
+    station_ae_title: str = Field("", max_length=16)
+    station_name: str = ""
+    location: str = ""
+    start_date: str = Field("", pattern=_DATE)
+    start_time: str = Field("", pattern=_TIME)
+    performing_physician: str = ""
+
+
+class OrderModel(StepModel):
+    """One requested procedure with its scheduled step (the step fields
+    inherited from :class:`StepModel`), or its ``steps``."""
 
     patient: PatientModel
     accession_number: str = Field(..., min_length=1, max_length=16)
@@ -45,21 +72,15 @@ class OrderModel(BaseModel):
     procedure_code: str = ""
     procedure_code_scheme: str = ""
     procedure_code_meaning: str = ""
-    step_id: str = ""
-    step_description: str = ""
-    modality: str = Field("", max_length=16)
-    station_ae_title: str = Field("", max_length=16)
-    station_name: str = ""
-    location: str = ""
-    start_date: str = Field("", pattern=r"^(\d{8})?$")
-    start_time: str = Field("", pattern=r"^(\d{2,6}(\.\d+)?)?$")
-    performing_physician: str = ""
     referring_physician: str = ""
     priority: str = ""
     reason: str = ""
+    steps: list[StepModel] = Field([], max_length=MAX_STEPS,
+                                   description="The scheduled steps, when several (each its own worklist item)")
 
     def to_info(self) -> OrderInfo:
-        data = self.model_dump(exclude={"patient"})
+        """The order with its top-level step fields (the one step, or the steps' defaults)."""
+        data = self.model_dump(exclude={"patient", "steps"})
         p = self.patient
         sent = p.model_fields_set  # a key absent from the body keeps the stored value (None)
         patient = PatientInfo(
@@ -68,6 +89,14 @@ class OrderModel(BaseModel):
             other_ids=[OtherIdentifier(o.value, o.issuer, o.type) for o in p.other_ids],
         )
         return OrderInfo(patient=patient, **data)
+
+    def to_steps(self) -> list[OrderInfo]:
+        """One OrderInfo per scheduled step: the top-level values with each
+        step's own (what a step leaves empty is the order's)."""
+        order = self.to_info()
+        if not self.steps:
+            return [order]
+        return [replace(order, **{k: v for k, v in step.model_dump().items() if v}) for step in self.steps]
 
 
 class MatchModel(BaseModel):
@@ -89,24 +118,26 @@ def _call(fn: Any, *args: Any) -> Any:
 @router.post("/orders", status_code=201, summary="Create an order (it appears in the worklist)",
              dependencies=requires("his", "admin", action="order"))
 def create_order(request: Request, order: OrderModel) -> dict[str, Any]:
-    return _call(_service(request).place, order.to_info(), "json")
+    return _call(_service(request).place_steps, order.to_steps(), "json")
 
 
-@router.put("/orders/{accession}", summary="Change an order", dependencies=requires("his", "admin", action="order"))
+@router.put("/orders/{accession}", summary="Change an order (the steps named by step_id; new ones are added)",
+            dependencies=requires("his", "admin", action="order"))
 def change_order(request: Request, accession: str, order: OrderModel) -> dict[str, Any]:
     if order.accession_number != accession:
         raise HTTPProblem(400, "accession number in the body differs from the URL")
-    return _call(_service(request).change, order.to_info(), "json")
+    return _call(_service(request).change_steps, order.to_steps(), "json")
 
 
-@router.delete("/orders/{accession}", summary="Cancel an order (it leaves the worklist)",
+@router.delete("/orders/{accession}", summary="Cancel an order, or one step of it (it leaves the worklist)",
                dependencies=requires("his", "admin", action="order"))
-def cancel_order(request: Request, accession: str) -> dict[str, Any]:
-    info = OrderInfo(patient=PatientInfo(patient_id="-"), accession_number=accession)
+def cancel_order(request: Request, accession: str, step_id: str = "") -> dict[str, Any]:
+    """Every step not performed yet is cancelled; with ``step_id``, that step only."""
+    info = OrderInfo(patient=PatientInfo(patient_id="-"), accession_number=accession, step_id=step_id)
     return _call(_service(request).cancel, info)
 
 
-@router.get("/orders/{accession}", summary="One order and its status",
+@router.get("/orders/{accession}", summary="One order, its status and its steps",
             dependencies=requires("his", "admin", "radiologist", action="query"))
 def get_order(request: Request, accession: str) -> dict[str, Any]:
     order = _service(request).get(accession)

@@ -3,10 +3,14 @@
 The worklist answers from the orders the HIS sent (PS3.4 K.6): every type 1
 and 2 return key the modality asks for, patient names in ISO_IR 192 and
 matched without diacritics, every match streamed (no cap). Keys it does not
-match on are ignored for matching and returned (PS3.4 C.2.2.1.3). MPPS moves
-the order through IN PROGRESS to COMPLETED (a DISCONTINUED step puts it back
-on the worklist, see :meth:`pacs.orders.OrderService.record_step`) and
-queues a status message for the HIS, in the same transaction.
+match on are ignored for matching and returned (PS3.4 C.2.2.1.3). Each
+scheduled step of an order is an item of its own: the steps of one requested
+procedure share Accession Number, Study Instance UID and Requested Procedure
+ID, each with its own Scheduled Procedure Step ID, modality, station and
+start. MPPS moves the scheduled steps it names through IN PROGRESS to
+COMPLETED (a DISCONTINUED step puts them back on the worklist, see
+:meth:`pacs.orders.OrderService.record_step`) and queues a status message for
+the HIS when the requested procedure's status changes, in the same transaction.
 """
 
 from __future__ import annotations
@@ -224,7 +228,9 @@ def _status(code: int, comment: str) -> Dataset:
 def _step_refs(attributes: Dataset) -> list[tuple[str, str, str]]:
     """Accession, Study Instance UID and SPS ID of each scheduled step that was
     performed: one item per step, several when one acquisition performs
-    several requested procedures (IHE SWF group case), and each is done."""
+    several steps or requested procedures (IHE SWF group case), and each is
+    done. An item without SPS ID names its procedure only (see
+    :meth:`pacs.orders.OrderService._steps_for_item` for the step taken)."""
     return [
         (
             _text(item.get("AccessionNumber")),

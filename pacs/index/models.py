@@ -206,26 +206,36 @@ class KnownAE(Base):
 
 
 class Order(Base):
-    """A scheduled imaging procedure from the HIS: one worklist item.
+    """A scheduled procedure step from the HIS: one worklist item.
 
-    One row per requested procedure / scheduled procedure step. The HIS is the
-    source of truth for its patient and codes; modalities read it as the
-    Modality Worklist and report progress with MPPS.
+    One row per scheduled procedure step. The steps of one requested
+    procedure (IHE RAD-4: one accession, one Study Instance UID, several
+    Scheduled Procedure Steps) are rows with the same accession, study UID
+    and requested procedure values, each with its own step ID, modality,
+    station, start and status; its first row (lowest pk) stands for the
+    requested procedure where one row is needed (study links, the HIS
+    messages' order key; see :mod:`pacs.orders`). The HIS is the source of
+    truth for its patient and codes; modalities read it as the Modality
+    Worklist and report progress with MPPS.
     """
 
     __tablename__ = "orders"
+    # A step is named by its accession and Scheduled Procedure Step ID; a
+    # requested procedure sends its study UID once per step (indexed, not unique).
+    __table_args__ = (UniqueConstraint("accession_number", "step_id"),)
 
     pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
     patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.pk"), index=True)
     placer_order_number: Mapped[str] = mapped_column(String, default="", index=True)
     filler_order_number: Mapped[str] = mapped_column(String, default="")
-    accession_number: Mapped[str] = mapped_column(String, unique=True)
-    study_uid: Mapped[str] = mapped_column(UID, unique=True)
+    accession_number: Mapped[str] = mapped_column(String)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
     requested_procedure_id: Mapped[str] = mapped_column(String, default="")
     requested_procedure_description: Mapped[str] = mapped_column(String, default="")
     procedure_code: Mapped[str] = mapped_column(String, default="")
     procedure_code_scheme: Mapped[str] = mapped_column(String, default="")
     procedure_code_meaning: Mapped[str] = mapped_column(String, default="")
+    # Never empty: the accession when the HIS sent no step ID (migration 0016).
     step_id: Mapped[str] = mapped_column(String, default="")
     step_description: Mapped[str] = mapped_column(String, default="")
     modality: Mapped[str] = mapped_column(String, default="", index=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, or_, select, update
+from sqlalchemy import Connection, case, or_, select, update
 
 from .models import Correction, Order, Patient, Study, StudyOrderLink
 from .writer_helpers import insert_ignore
@@ -44,15 +44,19 @@ STUDY_COLUMNS = {
 
 
 def find_order(conn: Connection, study_uid: str, accession: str) -> Any:
-    """The order a new study belongs to: by Study Instance UID, else accession."""
+    """The order a new study belongs to: by Study Instance UID, else accession.
+
+    An order (a requested procedure) has a row per scheduled step, all with
+    its accession and study UID; the study is the procedure's, and is linked
+    to its first step's row (lowest pk), the one row that stands for the
+    procedure (pacs.orders): whichever step the modality performed, the
+    link, the reports' order and the HIS messages' order key are the same."""
     conditions = [orders_t.c.study_uid == study_uid]
     if accession:
         conditions.append(orders_t.c.accession_number == accession)
-    rows = conn.execute(select(orders_t).where(or_(*conditions)).limit(2)).all()
-    if not rows:
-        return None
     # The study UID the worklist handed out is the stronger evidence.
-    return next((r for r in rows if r.study_uid == study_uid), rows[0])
+    by_uid = case((orders_t.c.study_uid == study_uid, 0), else_=1)
+    return conn.execute(select(orders_t).where(or_(*conditions)).order_by(by_uid, orders_t.c.pk).limit(1)).first()
 
 
 def record_reconciliation(
