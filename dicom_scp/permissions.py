@@ -34,8 +34,8 @@ from .server import audit_association
 log = logging.getLogger(__name__)
 
 # The audit action of a refused request, as a granted one is recorded.
-_ACTIONS = {"store": "store", "query": "query", "retrieve": "retrieve", "worklist": "query",
-            "mpps": "mpps", "commitment": "commitment"}
+_ACTIONS = {"store": "store", "query": "query", "retrieve": "retrieve", "worklist": "worklist-query",
+            "mpps": "mpps", "commitment": "commit"}
 
 
 def service_of(message: Any) -> str | None:

@@ -173,6 +173,7 @@ def test_worklist_client_gets_worklist_and_mpps_only(server: PacsServer) -> None
         assert assoc.is_established
     finally:
         assoc.release()
+    assert _denied(server, "US_WL", "commit")  # audited as storage commitment is when granted
     assert server.alive()
 
 
