@@ -141,6 +141,11 @@ def test_a_signed_report_protects_its_study_and_the_cli_dry_runs(pacs_server: Pa
     with server.http() as http:
         refused = http.delete(f"/api/studies/{study}", params={"reason": "nhầm"})
         assert refused.status_code == 409 and "signed report" in refused.text
+        # Its images one series at a time are the same record: refused as well.
+        ct_series = http.get(f"/api/studies/{study}").json()["series"][0]["series_uid"]
+        refused = http.delete(f"/api/studies/{study}/series/{ct_series}", params={"reason": "nhầm"})
+        assert refused.status_code == 409 and "signed report" in refused.text
+        assert http.delete(f"/api/studies/{study}/series/1.2.abc", params={"reason": "x"}).status_code == 400
     refused = server.cli("delete", study, "--reason", "nhầm", "--yes", check=False)
     assert refused.returncode == 1 and "signed report" in refused.stderr
     dry = json.loads(server.cli("delete", study, "--reason", "nhầm", "--force", "--json").stdout)
@@ -182,3 +187,37 @@ def test_an_interrupted_deletion_is_finished_not_undone(pacs_server: PacsServer,
     assert not any(_stored(server, k) for k in keys)
     assert server.stats()["instances"] == 0
     assert not (server.data_dir / "delete-interrupted.journal").exists()
+
+
+def test_an_instance_resent_during_the_deletion_is_kept(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The objects' keys follow their UIDs: a modality resending an instance
+    of a study being deleted, once its rows are gone and before its objects
+    are, stores and indexes it under the same key, acknowledged. The
+    deletion must not then delete that object (it did: an index row without
+    its object)."""
+    from pacs.app import Pacs
+    from pacs.ingest import Origin
+    from pacs.maintenance import delete as deletion
+    from pacs.maintenance.verify import verify
+    from pacs.settings import load_settings
+
+    study = generate_uid()
+    files = [make_ct(tmp_path / f"{n}.dcm", StudyInstanceUID=study, PatientID="DEL-4") for n in range(3)]
+    pacs = Pacs.open(load_settings(data_dir=tmp_path / "data"))
+    try:
+        for path in files:
+            assert pacs.ingest_file(path, Origin(source="import")).conflict is None
+        check = deletion.indexed_among
+
+        def resend_first(engine: Any, keys: list[str]) -> set[str]:
+            resent = pacs.ingest_file(files[0], Origin(source="dimse", calling_ae="CT1"))
+            assert resent.conflict is None  # acknowledged as stored
+            return check(engine, keys)
+
+        monkeypatch.setattr(deletion, "indexed_among", resend_first)
+        report = deletion.delete_target(pacs, deletion.Target(study), reason="gửi nhầm", user="tester")
+        assert report.instances == 3 and report.objects_deleted == 2 and report.kept_resent == 1
+        checked = verify(pacs).as_dict()
+        assert checked["ok"] and checked["checked"] == 1, checked
+    finally:
+        pacs.close()

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 from pacs import audit as audit_log
 from pacs.audit import Event
 from pacs.auth import ROLES, SESSION_HOURS, AuthError, LoginThrottled, Principal
+from pacs.header import valid_uid
 from pacs.reports import ReportError, ReportService
 from pacs.studylist import study_detail, study_list
 
@@ -174,6 +175,8 @@ def _delete(request: Request, uids: tuple[str, ...], reason: str, force: bool = 
     # Imported here: the maintenance jobs (codecs among them) are not needed to start serving.
     from pacs.maintenance.delete import DeleteRefused, Target, delete_target
 
+    if not all(valid_uid(uid) for uid in uids):
+        raise HTTPProblem(400, "not a DICOM UID (digits and dots, at most 64 characters)")
     target = Target(*uids)
     try:
         report = delete_target(request.app.state.pacs, target, reason=reason, force=force)
@@ -189,7 +192,7 @@ def _delete(request: Request, uids: tuple[str, ...], reason: str, force: bool = 
 
 
 _REASON = Query(..., min_length=1, max_length=400, description="why (kept in the audit trail)")
-_FORCE = Query(False, description="also a study with a signed report (its reports are deleted with it)")
+_FORCE = Query(False, description="also from a study with a signed report (a whole study's reports go with it)")
 
 
 @router.delete("/api/studies/{study}", summary="Delete a study (sent in error); admin, audited with the reason")
@@ -199,16 +202,16 @@ def delete_study(request: Request, study: str, reason: str = _REASON, force: boo
 
 
 @router.delete("/api/studies/{study}/series/{series}", summary="Delete one series of a study; admin, audited")
-def delete_series(request: Request, study: str, series: str, reason: str = _REASON,
+def delete_series(request: Request, study: str, series: str, reason: str = _REASON, force: bool = _FORCE,
                   _: Principal = guard("admin", action="delete")) -> dict[str, Any]:
-    return _delete(request, (study, series), reason)
+    return _delete(request, (study, series), reason, force)
 
 
 @router.delete("/api/studies/{study}/series/{series}/instances/{sop}",
                summary="Delete one instance; admin, audited")
 def delete_instance(request: Request, study: str, series: str, sop: str, reason: str = _REASON,
-                    _: Principal = guard("admin", action="delete")) -> dict[str, Any]:
-    return _delete(request, (study, series, sop), reason)
+                    force: bool = _FORCE, _: Principal = guard("admin", action="delete")) -> dict[str, Any]:
+    return _delete(request, (study, series, sop), reason, force)
 
 
 # -- reports ---------------------------------------------------------------------------------
