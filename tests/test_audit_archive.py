@@ -118,6 +118,8 @@ def test_a_changed_archive_and_bad_requests_are_refused(server: PacsServer, tmp_
     refused = _archive(server, "--before", tomorrow, "--to", str(tmp_path / "a"), check=False)
     assert refused.returncode == 2 and "too recent" in refused.stderr
     assert _archive(server, "--before", "2024-01-02", check=False).returncode == 2  # no --to
+    ancient = _archive(server, "--before", "0001-01-01", "--to", str(tmp_path / "a"), check=False)
+    assert ancient.returncode == 2 and "not a date" in ancient.stderr, ancient.stderr
     assert _count(server, events_t.c.at < datetime(2024, 1, 2, tzinfo=UTC)) == 24
 
     made = json.loads(_archive(server, "--before", "2024-01-02", "--to", str(tmp_path / "a")).stdout)
@@ -144,3 +146,27 @@ def test_a_changed_archive_and_bad_requests_are_refused(server: PacsServer, tmp_
         out.write("".join(lines) + json.dumps({"trailer": {"events": made["events"], "sha256": digest}}) + "\n")
     check = json.loads(_archive(server, "--verify", str(resealed), check=False).stdout)
     assert not check["ok"] and check["files"][0]["in_trail"] is False
+
+
+def test_archive_deletes_in_batches_and_records_above_every_archived_pk(
+        server: PacsServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many small transactions (a serving appliance's writes wait for each);
+    the archive's record is written with the first, above every archived pk
+    (SQLite reuses a freed highest pk: the record took an archived event's)."""
+    from pacs.maintenance import audit_archive
+
+    _old_events(server, 250, OLD)  # every event of the table is archived, the highest pk included
+    monkeypatch.setattr(audit_archive, "DELETE_BATCH", 40)
+    core = server.core()
+    try:
+        report = audit_archive.archive_audit(core, datetime(2024, 2, 1).date(), tmp_path / "archive")
+    finally:
+        core.close()
+    assert report.events == report.deleted == 250
+    engine = _engine(server)
+    try:
+        with engine.connect() as conn:
+            record = conn.execute(select(events_t).where(events_t.c.action == "audit-archive")).one()
+    finally:
+        engine.dispose()
+    assert record.pk > report.last_pk and f"sha256={report.sha256}" in record.detail

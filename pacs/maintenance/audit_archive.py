@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -32,19 +33,23 @@ from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, select
+from sqlalchemy import Connection, and_, delete, func, insert, select
 
 from ..app import Pacs
 from ..audit import Event, events_t
 from ..index.db import is_sqlite, write_transaction
 from ..timezones import hospital_zone
-from .common import BATCH, NullProgress, Progress, os_user
+from .common import BATCH, NullProgress, Progress, batched, os_user
 
 FORMAT = "filmless-pacs audit archive 1"
 ACTION = "audit-archive"
 # The youngest cut-off accepted: events of the last day may still be on
 # their way to the index (written in batches, or held through an outage).
 MIN_AGE = timedelta(days=1)
+# Events deleted per transaction: SQLite has one writer, and a serving
+# appliance's ingest and audit writes wait for each transaction (PostgreSQL's
+# ALTER TABLE ... DISABLE TRIGGER holds its audit inserts likewise).
+DELETE_BATCH = 5_000
 _SHA = re.compile(r"sha256=([0-9a-f]{64})")
 
 # The guard migration 0005 installed, lifted and restored inside the
@@ -92,7 +97,10 @@ class ArchiveCheck:
 def cutoff_of(day: date, pacs: Pacs, now: datetime | None = None) -> datetime:
     """The start of *day* in the hospital's time zone, as UTC; ``ValueError``
     when it is less than :data:`MIN_AGE` ago."""
-    cutoff = datetime.combine(day, time(0), hospital_zone(pacs.settings)).astimezone(UTC)
+    try:
+        cutoff = datetime.combine(day, time(0), hospital_zone(pacs.settings)).astimezone(UTC)
+    except OverflowError:  # 0001-01-01 east of UTC
+        raise ValueError(f"--before {day.isoformat()} is not a date the trail can hold") from None
     if cutoff > (now or datetime.now(UTC)) - MIN_AGE:
         raise ValueError(f"--before {day.isoformat()} is too recent: archive only events more than a day old")
     return cutoff
@@ -114,30 +122,44 @@ def archive_audit(pacs: Pacs, before: date, folder: Path, *, progress: Progress 
     folder.mkdir(parents=True, exist_ok=True)
     in_range = and_(old, events_t.c.pk.between(first, last))
     progress.start("archiving audit events", total=int(count))
-    path = _write(pacs, folder, in_range, report, progress)
+    path, pks = _write(pacs, folder, in_range, report, progress)
     check = verify_archive(path)
     if not check.ok or check.events != report.events or check.sha256 != report.sha256:
         path.unlink(missing_ok=True)
         raise ArchiveError(f"{path} did not read back as written: {'; '.join(check.problems) or 'hash differs'}")
-    try:
-        with write_transaction(pacs.engine) as conn, _append_only_lifted(conn):
-            deleted = conn.execute(delete(events_t).where(in_range)).rowcount
-            if deleted != report.events:
-                # An event of the range reached the index after it was read:
-                # it is in no file, so none is deleted (the transaction rolls back).
-                raise ArchiveError(f"{deleted} events to delete but {report.events} archived; nothing deleted, "
-                                   "run the command again")
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-    report.deleted = deleted
-    pacs.audit.record(Event(
-        action=ACTION, user=os_user(), role="admin", protocol="cli",
-        detail=(f"{report.events} events pk {report.first_pk}-{report.last_pk} before {report.before} "
-                f"to {path.name} sha256={report.sha256}"),
-    ))
-    pacs.audit.flush()
+    record = Event(action=ACTION, user=os_user(), role="admin", protocol="cli",
+                   detail=(f"{report.events} events pk {report.first_pk}-{report.last_pk} before {report.before} "
+                           f"to {path.name} sha256={report.sha256}"))
+    for number, chunk in enumerate(batched(pks, DELETE_BATCH)):
+        try:
+            report.deleted += _delete_chunk(pacs, chunk, cutoff, record if number == 0 else None)
+        except BaseException as exc:
+            if number == 0:
+                path.unlink(missing_ok=True)  # nothing deleted, nothing recorded
+                raise
+            # The file is recorded and holds every event; the ones left are in both.
+            raise ArchiveError(f"{report.deleted} of {report.events} archived events left the index, then: {exc}; "
+                               f"the others stay in it (and in {path.name}): run the command again later") from exc
     return report
+
+
+def _delete_chunk(pacs: Pacs, pks: list[int], cutoff: datetime, record: Event | None) -> int:
+    """Delete archived events *pks* (ascending) in one transaction, with the
+    archive's *record* written first in the first one: the record and the
+    deletion stand or fall together, and the record takes a pk above every
+    archived event (SQLite would reuse a freed highest pk)."""
+    with write_transaction(pacs.engine) as conn:
+        if record is not None:
+            conn.execute(insert(events_t).values(**asdict(record)))
+        with _append_only_lifted(conn):
+            deleted = conn.execute(delete(events_t).where(
+                events_t.c.pk.between(pks[0], pks[-1]), events_t.c.at < cutoff)).rowcount
+            if deleted != len(pks):
+                # An event of the range reached the index after it was read:
+                # it is in no file, so none of the range goes (the transaction rolls back).
+                raise ArchiveError(f"{deleted} events to delete where {len(pks)} were archived; "
+                                   "nothing of this range deleted, run the command again")
+    return deleted
 
 
 def _last_archive_sha(conn: Connection) -> str | None:
@@ -153,10 +175,13 @@ def _event_json(row: Any) -> dict[str, Any]:
     return event
 
 
-def _write(pacs: Pacs, folder: Path, in_range: Any, report: ArchiveReport, progress: Progress) -> Path:
+def _write(pacs: Pacs, folder: Path, in_range: Any, report: ArchiveReport,
+           progress: Progress) -> tuple[Path, array[int]]:
     """Write the events to a temporary file, make it durable and give it its
-    final name (``audit-FIRSTDAY-LASTDAY-pkFIRST-LAST.jsonl.gz``)."""
+    final name (``audit-FIRSTDAY-LASTDAY-pkFIRST-LAST.jsonl.gz``); the path
+    and the written events' pks, ascending."""
     digest = hashlib.sha256()
+    pks: array[int] = array("q")
     temporary = folder / f".audit-archive-{os.getpid()}.tmp"
     try:
         with open(temporary, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as out:
@@ -174,6 +199,7 @@ def _write(pacs: Pacs, folder: Path, in_range: Any, report: ArchiveReport, progr
                 report.first_pk = report.first_pk if report.first_pk is not None else event["pk"]
                 report.first_at = report.first_at or event["at"]
                 report.last_pk, report.last_at = event["pk"], event["at"]
+                pks.append(event["pk"])
                 line(event)
                 progress.advance()
             report.sha256 = digest.hexdigest()
@@ -195,7 +221,7 @@ def _write(pacs: Pacs, folder: Path, in_range: Any, report: ArchiveReport, progr
     finally:
         temporary.unlink(missing_ok=True)
     report.file = str(path)
-    return path
+    return path, pks
 
 
 def _rows(pacs: Pacs, in_range: Any) -> Iterator[Any]:
