@@ -16,7 +16,7 @@ from sqlalchemy import Engine
 
 from storage import ObjectStore, open_store
 
-from .aes import AeRegistry
+from .aes import AeRegistry, parse_services
 from .audit import AuditTrail
 from .auth import AuthService
 from .index import create_index_engine
@@ -28,6 +28,7 @@ from .part10 import FileSource
 from .reads import IndexReader
 from .routing import RoutingRules, load_rule
 from .settings import Settings
+from .tls import certificate_pin
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,11 @@ class Pacs:
             load_rule(ingestor.routes, entry)
         aes = AeRegistry(engine)
         for entry in settings.ae:
-            aes.add(entry.title, entry.host, entry.port, entry.description, tls=entry.tls)
+            # The config file is the truth for its AEs: services and pin as written (none: no pin).
+            aes.add(entry.title, entry.host, entry.port, entry.description, tls=entry.tls,
+                    services=parse_services(entry.services),
+                    cert_sha256=certificate_pin(entry.client_cert) if entry.client_cert else None,
+                    forget_cert=not entry.client_cert)
         return cls(settings, engine, store, reader, aes, committer, ingestor, AuditTrail(engine), AuthService(engine))
 
     def ingest_file(self, path: Path, origin: Origin) -> IngestResult:

@@ -224,12 +224,13 @@ def cmd_stats(args: argparse.Namespace) -> int:
 # -- ae -----------------------------------------------------------------------
 def cmd_ae(args: argparse.Namespace) -> int:
     from .aes import parse_services, services_text
+    from .tls import certificate_pin
 
     if args.ae_command == "add":
         try:
             services = parse_services(args.services) if args.services is not None else None
             forget_cert = (args.client_cert or "").strip().lower() == "none"
-            cert = None if forget_cert or args.client_cert is None else client_cert_fingerprint(args.client_cert)
+            cert = None if forget_cert or args.client_cert is None else certificate_pin(args.client_cert)
         except ValueError as exc:
             err.print(f"[red]{exc}[/red]")
             return 2
@@ -276,15 +277,6 @@ def cmd_ae(args: argparse.Namespace) -> int:
     finally:
         pacs.close()
     return 0
-
-
-def client_cert_fingerprint(value: str) -> str:
-    """The SHA-256 fingerprint of a PEM certificate file, or *value* itself as one."""
-    from .aes import parse_fingerprint
-    from .tls import pem_certificate_sha256
-
-    path = Path(value)
-    return pem_certificate_sha256(path) if path.is_file() else parse_fingerprint(value)
 
 
 def _print_result(args: argparse.Namespace, data: dict[str, Any]) -> None:

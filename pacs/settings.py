@@ -89,6 +89,18 @@ class KnownAeEntry(BaseModel):
     port: int = Field(ge=1, le=65535)
     description: str = ""
     tls: bool = False
+    # What it may ask of us ("all" or a comma list: pacs ae add --services).
+    services: str = "all"
+    # A PEM file or SHA-256 fingerprint pinning its TLS client certificate (pacs ae add --client-cert).
+    client_cert: str = ""
+
+    @field_validator("services")
+    @classmethod
+    def _known_services(cls, value: str) -> str:
+        from .aes import parse_services  # the registry imports the index: not at settings import
+
+        parse_services(value)
+        return value
 
 
 class RouteEntry(BaseModel):

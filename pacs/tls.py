@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import re
 import socket
 import ssl
 from collections.abc import Callable
@@ -92,6 +93,9 @@ def _client_ca(settings: Settings) -> Path | None:
     return _check_file(settings.tls_ca, "tls_ca")
 
 
+_PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?-----END CERTIFICATE-----")
+
+
 def certificate_sha256(der: bytes) -> str:
     """The SHA-256 fingerprint of a DER certificate, 64 lower-case hex digits."""
     import hashlib
@@ -102,10 +106,28 @@ def certificate_sha256(der: bytes) -> str:
 def pem_certificate_sha256(path: Path) -> str:
     """The fingerprint of the (first) certificate in PEM file *path*; ``ValueError`` if it holds none."""
     try:
-        der = ssl.PEM_cert_to_DER_cert(path.read_text(encoding="ascii"))
-    except (ValueError, UnicodeDecodeError) as exc:
+        text = path.read_text(encoding="ascii", errors="replace")
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+    # The first certificate, wherever it starts: exports (openssl pkcs12)
+    # put "Bag Attributes" or comments before it, chain files more after.
+    found = _PEM_CERTIFICATE.search(text)
+    if found is None:
+        raise ValueError(f"{path}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it")
+    try:
+        der = ssl.PEM_cert_to_DER_cert(found.group(0))
+    except ValueError as exc:
         raise ValueError(f"{path}: not a PEM certificate ({exc})") from None
     return certificate_sha256(der)
+
+
+def certificate_pin(value: str) -> str:
+    """The SHA-256 fingerprint a ``--client-cert`` / ``client_cert`` value
+    names: a PEM certificate file's, or the value itself as a fingerprint."""
+    from .aes import parse_fingerprint
+
+    path = Path(value)
+    return pem_certificate_sha256(path) if path.is_file() else parse_fingerprint(value)
 
 
 def peer_certificate_sha256(sock: Any) -> str | None:

@@ -82,13 +82,18 @@ def test_settings_from_environment_and_config_file(tmp_path: Path) -> None:
     d = tmp_path / "data"
     d.mkdir()
     (d / "pacs.toml").write_text('[[ae]]\ntitle = "FROM_FILE"\nhost = "127.0.0.1"\nport = 4242\n'
-                                 '[[ae]]\ntitle = "SAT_TLS"\nhost = "sat.local"\nport = 2762\ntls = "yes"\n')
+                                 '[[ae]]\ntitle = "SAT_TLS"\nhost = "sat.local"\nport = 2762\ntls = "yes"\n'
+                                 '[[ae]]\ntitle = "CT_PINNED"\nhost = "10.0.0.21"\nport = 104\n'
+                                 f'services = "store, mpps"\nclient_cert = "{":".join(["AB"] * 32)}"\n')
     assert pacs("db", "upgrade", data_dir=d).returncode == 0  # the archive the listings read
     listed = {a["title"]: a for a in json.loads(pacs("ae", "list", "--json", data_dir=d).stdout)}
-    assert set(listed) == {"FROM_FILE", "SAT_TLS"}
+    assert set(listed) == {"FROM_FILE", "SAT_TLS", "CT_PINNED"}
     assert listed["SAT_TLS"]["tls"] is True and listed["FROM_FILE"]["tls"] is False
+    assert listed["FROM_FILE"]["services"] == "*" and listed["FROM_FILE"]["cert_sha256"] is None
+    assert listed["CT_PINNED"]["services"] == "store,mpps" and listed["CT_PINNED"]["cert_sha256"] == "ab" * 32
     # A misspelt key or an impossible value stops the command with the key named, no trace.
-    for table, key in (('port = 4242\ntsl = true', "tsl"), ("port = 0", "port"), ('port = 1\ntls = "maybe"', "tls")):
+    for table, key in (('port = 4242\ntsl = true', "tsl"), ("port = 0", "port"), ('port = 1\ntls = "maybe"', "tls"),
+                       ('port = 1\nservices = "store,print"', "services")):
         (d / "pacs.toml").write_text(f'[[ae]]\ntitle = "BAD"\nhost = "h"\n{table}\n')
         result = pacs("ae", "list", data_dir=d)
         assert result.returncode == 1 and key in result.stderr and "Traceback" not in result.stderr

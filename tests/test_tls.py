@@ -292,8 +292,12 @@ def test_a_pinned_client_certificate_ties_the_title_to_one_device(mtls: tuple[Pa
     server, tls_port = mtls
     pacs_cli("certs", "issue", "CT_ROOM2", "--ca", str(pki.ca.parent), "--out", str(tmp_path / "ct2"), "--client")
     second = ("+tls", str(tmp_path / "ct2" / "CT_ROOM2.key"), str(tmp_path / "ct2" / "CT_ROOM2.pem"), "+cf", str(pki.ca))
+    # As `openssl pkcs12` exports it: attributes before the certificate.
+    exported = tmp_path / "CT_ROOM1-export.pem"
+    exported.write_text("Bag Attributes\n    localKeyID: 01 00 00 00\nsubject=CN = CT_ROOM1\n\n"
+                        + pki.client_cert.read_text())
     pinned = server.cli("ae", "add", "CT_PINNED", "--host", "127.0.0.1", "--port", "104",
-                        "--client-cert", str(pki.client_cert))
+                        "--client-cert", str(exported))
     assert "warning" not in pinned.stderr  # mutual TLS is on here: the pin can be met
     try:
         time.sleep(AeRegistry.CACHE_SECONDS + 0.5)  # the running server re-reads the registry
