@@ -241,6 +241,41 @@ CLOSED_STATUSES = ("CANCELLED", "DISCONTINUED", "COMPLETED")
 _ORDER_ACTIONS = ("place", "change", "cancel", "discontinue")
 
 
+def _procedure_key(info: OrderInfo) -> str:
+    """What tells a change item's requested procedure apart within a message."""
+    return info.accession_number or info.placer_order_number
+
+
+def _changes_per_procedure(actions: list[tuple[str, Any]]) -> dict[str, int]:
+    """How many change items of *actions* name each requested procedure;
+    AE 205 for a step named twice (a message must not say two things of one
+    step, and the last must not silently win)."""
+    counts: dict[str, int] = {}
+    steps: set[tuple[str, str]] = set()
+    for action, info in actions:
+        if action != "change":
+            continue
+        key = _procedure_key(info)
+        counts[key] = counts.get(key, 0) + 1
+        if info.step_id:
+            if (key, info.step_id) in steps:
+                raise OrderError(f"step {info.step_id} of order {key} is named twice in one change",
+                                 code="205", http_status=409)
+            steps.add((key, info.step_id))
+    return counts
+
+
+def _lock_keys(conn: Connection, keys: set[str]) -> None:
+    """PostgreSQL: take the transaction-scoped advisory locks of *keys*
+    (``accession:A``, ``study:UID``) in sorted order; SQLite writers queue
+    already (BEGIN IMMEDIATE)."""
+    if conn.dialect.name != "postgresql":
+        return
+    for key in sorted(keys):
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                     {"key": f"filmless-pacs order {key}"})
+
+
 def procedure_status(statuses: Iterable[str]) -> str:
     """A requested procedure's status from its steps' -- what the HIS is
     told (ORC-5) and the API shows. A single step's status is the
@@ -520,11 +555,12 @@ class OrderService:
         results = []
         batch = _Batch()
         self._lock_procedures(conn, actions)
+        changes = _changes_per_procedure(actions)
         for action, arg in actions:
             if action == "place":
                 results.append(self._place(conn, arg, source, batch))
             elif action == "change":
-                results.append(self._change(conn, arg, source, batch))
+                results.append(self._change(conn, arg, source, batch, alone=changes[_procedure_key(arg)] == 1))
             elif action in ("cancel", "discontinue"):
                 results.append(self._cancel(conn, arg, "CANCELLED" if action == "cancel" else "DISCONTINUED", batch))
             elif action == "patient":
@@ -741,14 +777,19 @@ class OrderService:
             raise OrderError(f"Study Instance UID {info.study_uid} is already used by order {taken}",
                              code="205", http_status=409)
 
-    def _change(self, conn: Connection, info: OrderInfo, source: str, batch: _Batch) -> dict[str, Any]:
+    def _change(self, conn: Connection, info: OrderInfo, source: str, batch: _Batch, *,
+                alone: bool = False) -> dict[str, Any]:
         """New values for a requested procedure and the step *info* names by
         its step ID (HL7 IPC-4 / OBR-20), or a new step when it names none of
         the procedure's. Values of the requested procedure (patient, placer
         and filler numbers, procedure code, priority...) are kept the same on
         every step; the step's own (modality, station, start...) on its row.
         A change naming no step is the one step of a single-step procedure;
-        for several steps it may change the procedure's values only."""
+        for several steps it may change the procedure's values only. The
+        only item of a message for a single-step procedure changes that step
+        whatever step ID it sends (*alone*): an HIS that sent no SPS ID with
+        its NW (the accession stood in) may send one with its XO, and means
+        the same step, as before several steps existed."""
         validate_order(info)
         rows = self._find_procedure(conn, info)
         if not rows:
@@ -756,7 +797,7 @@ class OrderService:
         first = rows[0]
         accession = first.accession_number
         self._note(conn, batch, accession)
-        target, adding = self._step_to_change(rows, info)
+        target, adding = self._step_to_change(rows, info, alone)
         if target is not None and target.status in CLOSED_STATUSES:
             what = "order" if len(rows) == 1 else f"step {target.step_id} of order {accession}"
             batch.refuse(accession, OrderError(f"{what} is {target.status.lower()} and cannot change", code="207",
@@ -794,10 +835,12 @@ class OrderService:
         return self._procedure_dict(conn, accession)
 
     @staticmethod
-    def _step_to_change(rows: list[Any], info: OrderInfo) -> tuple[Any, bool]:
+    def _step_to_change(rows: list[Any], info: OrderInfo, alone: bool = False) -> tuple[Any, bool]:
         """(the step *info* changes, or None; whether it is a new step)."""
         if info.step_id:
             named = next((row for row in rows if row.step_id == info.step_id), None)
+            if named is None and alone and len(rows) == 1:
+                return rows[0], False  # the one step, its ID sent at last (or changed)
             return named, named is None
         if len(rows) == 1:
             return rows[0], False
@@ -856,13 +899,15 @@ class OrderService:
             state = procedure_status(row.status for row in targets).lower()
             raise OrderError(f"unable to {verb}: {what} is already performed ({state}, reported)",
                              code="207", http_status=409)
-        if not left:
+        active = [row.pk for row in left if row.status in ACTIVE_STATUSES]
+        if not left or (not active and len(left) < len(targets)):
+            # Nothing left to withdraw and something performed: the procedure
+            # is completed (the HIS was told CM), as a single completed step.
             batch.refuse(accession, OrderError(f"unable to {verb}: {what} is already performed (completed)",
                                                code="207", http_status=409))
             return self._procedure_dict(conn, accession)
         # Steps still to be done; a repeated CA / DC of a withdrawn one is
         # applied again (the HIS gets AA, as before steps).
-        active = [row.pk for row in left if row.status in ACTIVE_STATUSES]
         conn.execute(update(orders_t).where(orders_t.c.pk.in_(active or [row.pk for row in left]))
                      .values(status=status, updated_at=_now()))
         batch.changed.add(accession)
@@ -948,14 +993,9 @@ class OrderService:
         both insert. Locks are taken in one sorted go (no deadlock between
         messages) and released at commit. SQLite writers queue already
         (BEGIN IMMEDIATE)."""
-        if conn.dialect.name != "postgresql":
-            return
-        keys = sorted({f"{kind}:{value}" for action, info in actions if action in _ORDER_ACTIONS
-                       for kind, value in (("accession", info.accession_number), ("study", info.study_uid))
-                       if value})
-        for key in keys:
-            conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-                         {"key": f"filmless-pacs order {key}"})
+        _lock_keys(conn, {f"{kind}:{value}" for action, info in actions if action in _ORDER_ACTIONS
+                          for kind, value in (("accession", info.accession_number), ("study", info.study_uid))
+                          if value})
 
     # -- status and performed steps -----------------------------------------------------
     def record_step(
@@ -1012,6 +1052,12 @@ class OrderService:
             else:
                 refs = scheduled if scheduled is not None else [(accession, study_uid, step_id)]
                 order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
+            # The HIS's messages about these procedures take the same locks
+            # (sorted, so the two never deadlock), and the steps' statuses
+            # read after them are the committed ones: an MPPS racing a cancel
+            # does not put a cancelled step back IN PROGRESS.
+            _lock_keys(conn, {f"accession:{a}" for a in conn.execute(
+                select(orders_t.c.accession_number).where(orders_t.c.pk.in_(order_pks))).scalars()})
             values: dict[str, Any] = {"status": status, "updated_at": now}
             for key, value in (("modality", modality), ("station_ae_title", station_ae_title),
                                ("start", start), ("end", end)):

@@ -362,6 +362,43 @@ def test_change_updates_the_named_step_and_adds_new_ones(server: PacsServer, tmp
     assert msa(alone)[0] == "AE" and "completed and cannot change" in fields(alone, "ERR")[8]
 
 
+def test_a_change_of_a_single_step_order_changes_that_step(server: PacsServer, tmp_path: Path) -> None:
+    """An HIS that placed an order without SPS ID (the accession stands in)
+    and sends one with its XO means the same step: it changes, no second
+    item appears (a later CA of that ID left the first on the worklist); a
+    step named twice in one change is refused, not merged (the last won)."""
+    study_uid = generate_uid()
+    assert msa(send(server, omi("Y1", "SXO009", study_uid=study_uid)))[0] == "AA"
+    assert [i[0] for i in items(server, tmp_path, "SXO009")] == ["SXO009"]
+    moved = omi("Y2", "SXO009", step("SXO009-A", "CT_ROOM2"), order_control="XO", study_uid=study_uid)
+    assert msa(send(server, moved))[0] == "AA"
+    assert [i[:2] for i in items(server, tmp_path, "SXO009")] == [("SXO009-A", "CT_ROOM2")]
+    twice = omi("Y3", "SXO009", step("SXO009-A", "CT_ROOM1"), step("SXO009-A", "CT_ROOM3"),
+                order_control="XO", study_uid=study_uid)
+    refused = send(server, twice)
+    assert msa(refused)[0] == "AE" and fields(refused, "ERR")[3].startswith("205^")
+    assert [i[:2] for i in items(server, tmp_path, "SXO009")] == [("SXO009-A", "CT_ROOM2")]
+    assert msa(send(server, omi("Y4", "SXO009", step("SXO009-A"), order_control="CA", study_uid=study_uid)))[0] == "AA"
+    assert items(server, tmp_path, "SXO009") == []
+
+
+def test_a_withdrawal_after_completion_is_refused(server: PacsServer) -> None:
+    """One step performed, the other withdrawn: the order is completed (the
+    HIS heard CM). A CA or DC of the whole order is refused AE 207, as for a
+    completed order of one step, and changes no step."""
+    study_uid = generate_uid()
+    assert msa(send(server, omi("W1", "SWD001", step("SWD001-1"), step("SWD001-2", protocol=WITH),
+                                study_uid=study_uid)))[0] == "AA"
+    perform(server, pps("SWD001", study_uid, "SWD001-1"))
+    assert msa(send(server, omi("W2", "SWD001", step("SWD001-2", protocol=WITH), order_control="CA",
+                                study_uid=study_uid)))[0] == "AA"
+    assert order(server, "SWD001")["status"] == "COMPLETED"
+    for control, kind in (("W3", "DC"), ("W4", "CA")):
+        refused = send(server, omi(control, "SWD001", order_control=kind, study_uid=study_uid))
+        assert msa(refused)[0] == "AE" and fields(refused, "ERR")[3].startswith("207^"), kind
+    assert step_statuses(server, "SWD001") == {"SWD001-1": "COMPLETED", "SWD001-2": "CANCELLED"}
+
+
 def test_what_stays_unsupported_is_refused_whole(server: PacsServer) -> None:
     """Two Study Instance UIDs under one accession (two requested procedures of
     one order: DICOM allows it, these orders do not), a step twice, steps
@@ -558,5 +595,75 @@ def test_upgrade_across_0016_keeps_a_single_step_order_postgresql(pg_url: str) -
     engine = create_index_engine(pg_url)
     try:
         _upgrade_keeps_a_single_step_order(engine)
+    finally:
+        engine.dispose()
+
+
+def test_an_hl7_change_and_a_group_mpps_in_opposite_order_do_not_deadlock(
+        pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL: an XO of procedures A then B while a group N-SET names B
+    then A. The MPPS now takes the HIS messages' per-accession locks, in the
+    same sorted order; it took none, and one of the two failed with
+    DeadlockDetected (an N-SET COMPLETED most modalities never resend).
+    The pauses only force the interleaving."""
+    import threading
+    import time
+
+    from pacs.index import create_index_engine, upgrade_schema
+    from pacs.orders import OrderInfo, OrderService, PatientInfo
+
+    engine = create_index_engine(pg_url)
+    try:
+        upgrade_schema(engine)
+        service = OrderService(engine)
+        patient = PatientInfo("BN900077", issuer="BVDK", name="Test^A")
+        for accession in ("LKA", "LKB"):
+            service.place_steps([OrderInfo(patient=patient, accession_number=accession, step_id=f"{accession}1",
+                                           station_ae_title="CT_ROOM1")])
+        sop = generate_uid()
+
+        def mpps(status: str, create: bool) -> None:
+            service.record_step(sop, status=status, scheduled=[("LKB", "", "LKB1"), ("LKA", "", "LKA1")] if create
+                                else None, modality="CT", station_ae_title="CT_ROOM1", start="20261206090000",
+                                end="" if create else "20261206100000", create=create)
+
+        mpps("IN PROGRESS", True)
+        change, move = OrderService._change, OrderService._move_step
+
+        def slow_change(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = change(self, *args, **kwargs)
+            time.sleep(1.0)
+            return result
+
+        def slow_move(self: Any, *args: Any, **kwargs: Any) -> Any:
+            result = move(self, *args, **kwargs)
+            time.sleep(1.0)
+            return result
+
+        monkeypatch.setattr(OrderService, "_change", slow_change)
+        monkeypatch.setattr(OrderService, "_move_step", slow_move)
+        outcome: dict[str, str] = {}
+
+        def run(name: str, job: Any, delay: float) -> None:
+            time.sleep(delay)
+            try:
+                job()
+                outcome[name] = "ok"
+            except Exception as exc:  # what failed, for the assertion below
+                outcome[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+
+        threads = [
+            threading.Thread(target=run, args=("hl7", lambda: service.apply([
+                ("change", OrderInfo(patient=patient, accession_number="LKA", step_id="LKA1", priority="STAT")),
+                ("change", OrderInfo(patient=patient, accession_number="LKB", step_id="LKB1", priority="STAT"))]),
+                0.0)),
+            threading.Thread(target=run, args=("mpps", lambda: mpps("COMPLETED", False), 0.3)),
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert outcome == {"hl7": "ok", "mpps": "ok"}
+        assert {service.get(a)["status"] for a in ("LKA", "LKB")} == {"COMPLETED"}
     finally:
         engine.dispose()
