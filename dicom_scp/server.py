@@ -27,6 +27,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 from pynetdicom.transport import ThreadedAssociationServer
+from sqlalchemy.exc import SQLAlchemyError
 
 from pacs.app import Pacs
 from pacs.addresses import host_matches
@@ -160,6 +161,9 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
         except IngestError as exc:
             log.warning("C-STORE from %s refused: %s", requestor.ae_title, exc)
             return exc.status, exc.reason
+        except SQLAlchemyError as exc:  # the AE registry's first read, during an index outage
+            log.warning("C-STORE from %s refused: the index cannot be read: %s", requestor.ae_title, exc)
+            return Status.INDEX_FAILED, "index unavailable, try again later"
         except Exception as exc:  # never let one object take the listener down
             log.exception("C-STORE failed unexpectedly")
             return Status.CANNOT_UNDERSTAND, f"internal error: {exc}"

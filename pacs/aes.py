@@ -6,6 +6,7 @@ Rows live in the index database so every node of a cluster shares them and
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -14,9 +15,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Engine, delete, select, update
+from sqlalchemy.exc import SQLAlchemyError
 
 from .index.models import KnownAE
 from .index.writer_helpers import insert_ignore
+
+log = logging.getLogger(__name__)
 
 _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backslash
 
@@ -100,6 +104,7 @@ class AeRegistry:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self._cache: dict[str, RemoteAE] | None = None
+        self._last: dict[str, RemoteAE] | None = None  # kept through invalidations, for index outages
         self._cached_at = 0.0
         self._lock = threading.Lock()
 
@@ -135,11 +140,23 @@ class AeRegistry:
         return self._remote(row) if row else None
 
     def cached(self) -> dict[str, RemoteAE]:
-        """All known AEs, at most a few seconds old (hot path of every association)."""
+        """All known AEs, at most a few seconds old (hot path of every association).
+
+        While the index cannot be read, the last copy read stays in use (an
+        association check must not fail where the object it brings would be
+        answered "index unavailable, try again": 0xA703); with no copy at
+        all the error goes to the caller."""
         with self._lock:
             now = time.monotonic()
             if self._cache is None or now - self._cached_at > self.CACHE_SECONDS:
-                self._cache = {ae.title: ae for ae in self.list()}
+                try:
+                    self._cache = {ae.title: ae for ae in self.list()}
+                except SQLAlchemyError as exc:
+                    if self._last is None:
+                        raise
+                    log.warning("AE registry unreadable, its last copy stays in use: %s", str(exc).splitlines()[0])
+                    self._cache = self._last
+                self._last = self._cache
                 self._cached_at = now
             return self._cache
 

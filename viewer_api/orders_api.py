@@ -47,7 +47,8 @@ MAX_STEPS = 20
 class StepModel(BaseModel):
     """One scheduled procedure step; a value left out is the order's (the top-level field)."""
 
-    step_id: str = Field("", max_length=16, description="Scheduled Procedure Step ID, unique within the order")
+    # Its length is checked by the core, which names the DICOM attribute (ScheduledProcedureStepID).
+    step_id: str = Field("", description="Scheduled Procedure Step ID, unique within the order")
     step_description: str = ""
     modality: str = Field("", max_length=16)
     station_ae_title: str = Field("", max_length=16)
