@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 import queue
+import re
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, insert, select
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import DataError, SQLAlchemyError
 
 from .index.db import write_transaction
 from .index.models import AuditEvent, Patient, Study
@@ -44,6 +45,10 @@ _ACTION_CODE = {
 }
 
 
+# Control characters other than tab: never meaningful in an audit field.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 @dataclass
 class Event:
     action: str
@@ -56,6 +61,9 @@ class Event:
     patient_id: str = ""
     detail: str = ""
     at: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+_TEXT_FIELDS = tuple(f.name for f in fields(Event) if f.type in ("str", str))
 
 
 class AuditTrail:
@@ -73,6 +81,13 @@ class AuditTrail:
         self._thread.start()
 
     def record(self, event: Event) -> None:
+        for name in _TEXT_FIELDS:
+            value = getattr(event, name)
+            if _CONTROL.search(value):
+                # What a client typed (a %00 in a path) is kept visible but
+                # storable: PostgreSQL refuses NUL in text, and one such row
+                # held every later event back as if the index were down.
+                setattr(event, name, _CONTROL.sub("\ufffd", value))
         self._queue.put(event)
 
     def flush(self) -> None:
@@ -126,6 +141,11 @@ class AuditTrail:
             if self._unwritten:
                 log.info("%d audit events kept during an index outage are written", len(self._unwritten))
             self._unwritten = []
+        except DataError:
+            # A value the database refuses (not an outage): the other events
+            # are written one by one, the refused one is logged and dropped.
+            self._unwritten = []
+            self._write_one_by_one(batch)
         except SQLAlchemyError as exc:
             # The index is down or locked: who read what must not be lost to it.
             lost = max(0, len(batch) - MAX_UNWRITTEN)
@@ -139,6 +159,19 @@ class AuditTrail:
             # A bug, not an outage: retrying would fail the same way.
             self._unwritten = []
             log.exception("could not write %d audit events", len(batch))
+
+
+    def _write_one_by_one(self, batch: list[Event]) -> None:
+        for event in batch:
+            try:
+                with write_transaction(self.engine) as conn:
+                    _add_patient_ids(conn, [event])
+                    conn.execute(insert(events_t), [asdict(event)])
+            except DataError as exc:
+                log.error("audit event refused by the index, dropped: %s %s by %s (%s)", event.action,
+                          event.study_uid[:80], event.user[:40], str(exc).splitlines()[0][:200])
+            except SQLAlchemyError:
+                self._unwritten.append(event)  # an outage after all: kept, tried again
 
 
 def _add_patient_ids(conn: Connection, batch: list[Event]) -> None:

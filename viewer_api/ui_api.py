@@ -26,7 +26,8 @@ router = APIRouter(tags=["viewer"])
 
 
 class Login(BaseModel):
-    username: str = Field(..., min_length=1, max_length=64)
+    # No control characters: a NUL reached the index's login throttle (a 500 on PostgreSQL).
+    username: str = Field(..., min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
     password: str = Field(..., min_length=1, max_length=256)
 
 
