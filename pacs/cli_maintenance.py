@@ -532,7 +532,7 @@ def cmd_audit_archive(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _usage(str(exc))
     except (ArchiveError, OSError) as exc:
-        err.print(f"[red]audit archive failed, nothing deleted: {exc}[/red]")
+        err.print(f"[red]audit archive failed: {exc}[/red]")
         return 1
     if report is None:
         return 1

@@ -325,6 +325,15 @@ def test_paging_links_and_parameters_applied(served: PacsServer) -> None:
         nothing = _search(http, name="zzz")
         assert nothing["total"] == 0 and "entry" not in nothing and _empty_values(nothing) == []
         _outcome(http.get("/fhir/Patient", params={"name": "nguyen", "_format": "xml"}), 406)
+        # A modifier this server does not apply would widen the search (another
+        # patient for the EMR): refused even without handling=strict.
+        for modified in ({"name:exact": "Nguyen", "gender": "male"}, {"gender:not": "male", "name": "nguyen"},
+                         {"identifier:of-type": "x"}):
+            refused = _outcome(http.get("/fhir/Patient", params=modified), 400)
+            assert "modifier" in refused["issue"][0]["diagnostics"]
+        _outcome(http.get("/fhir/ImagingStudy", params={"identifier:text": "ACC001"}), 400)
+        for offset in ("9223372036854775808", "1000000001"):  # was a 500 (bigint out of range on PostgreSQL)
+            _outcome(http.get("/fhir/Patient", params={"name": "nguyen", "_offset": offset}), 400)
 
 
 # -- references from studies and reports -----------------------------------------------------

@@ -467,6 +467,12 @@ def _applied_parameters(request: Request, searched: Sequence[str] = _STUDY_PARAM
         if name in searched or (name in ("_count", "_offset") and params.get(name) == value
                                 and (name, value) not in applied):
             applied.append((name, value))
+        elif ":" in name and name.split(":", 1)[0] in searched:
+            # name:exact, gender:not...: ignoring the modifier would widen the
+            # search (another patient's studies for the EMR), so refused even
+            # without handling=strict (R4 search 3.1.1.5.5).
+            raise HTTPProblem(400, f"search modifier of {name[:60]} not supported: search by "
+                                   f"{name.split(':', 1)[0]} without it")
         else:
             ignored.append(name)
     if ignored and _strict(request):
@@ -476,12 +482,16 @@ def _applied_parameters(request: Request, searched: Sequence[str] = _STUDY_PARAM
     return applied
 
 
+# Far past any archive's matches, and within the index's integers (a larger one was a 500).
+MAX_OFFSET = 1_000_000_000
+
+
 def _page_bounds(count: int, offset: int) -> None:
     """400 for a page the search cannot give."""
     if not 1 <= count <= 200:
         raise HTTPProblem(400, "_count must be 1-200")
-    if offset < 0:
-        raise HTTPProblem(400, "_offset must not be negative")
+    if not 0 <= offset <= MAX_OFFSET:
+        raise HTTPProblem(400, f"_offset must be 0-{MAX_OFFSET}")
 
 
 def _bundle(request: Request, resources: list[dict[str, Any]], total: int, offset: int, count: int,

@@ -139,7 +139,8 @@ def archive_audit(pacs: Pacs, before: date, folder: Path, *, progress: Progress 
                 raise
             # The file is recorded and holds every event; the ones left are in both.
             raise ArchiveError(f"{report.deleted} of {report.events} archived events left the index, then: {exc}; "
-                               f"the others stay in it (and in {path.name}): run the command again later") from exc
+                               f"the others stay in it and are in {path.name} too (a later archive holds them "
+                               "again: count each event once, by its pk)") from exc
     return report
 
 
