@@ -25,6 +25,7 @@ from pydicom.uid import UID
 from pynetdicom.dimse_primitives import C_FIND, C_GET, C_MOVE, C_STORE, N_ACTION, N_CREATE, N_SET
 from pynetdicom.sop_class import ModalityWorklistInformationFind
 
+from pacs.aes import RemoteAE
 from pacs.app import Pacs
 from pacs.errors import Status
 from pacs.tls import peer_certificate_sha256
@@ -120,10 +121,10 @@ def gate_services(pacs: Pacs) -> Callable[[Any], None]:
     return on_open
 
 
-def certificate_refusal(pacs: Pacs, assoc: Any, calling: str) -> str | None:
-    """Why an association calling as *calling* must be refused because the
-    title's pinned TLS client certificate was not presented, or None."""
-    remote = pacs.aes.cached().get(calling)
+def certificate_refusal(assoc: Any, calling: str, remote: RemoteAE | None) -> str | None:
+    """Why an association calling as *calling* (registered as *remote*)
+    must be refused because the title's pinned TLS client certificate was
+    not presented, or None."""
     if remote is None or not remote.enabled or remote.cert_sha256 is None:
         return None
     presented = peer_certificate_sha256(getattr(assoc.dul.socket, "socket", None))

@@ -395,8 +395,8 @@ def refuse_impostors(pacs: Pacs) -> Any:
             return
         calling = str(assoc.requestor.primitive.calling_ae_title).strip()
         address = str(assoc.requestor.address)
-        reason = certificate_refusal(pacs, assoc, calling)
         remote = pacs.aes.cached().get(calling)
+        reason = certificate_refusal(assoc, calling, remote)
         # An unlisted title is pynetdicom's to refuse, and audit_refusal records it.
         if (reason is None and settings.ae_allowlist and settings.ae_check_host and remote is not None
                 and remote.enabled and not host_matches(address, remote.host)):

@@ -49,18 +49,6 @@ def services_text(services: frozenset[str]) -> str:
     return "*" if services >= ALL_SERVICES else ",".join(s for s in SERVICES if s in services)
 
 
-_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
-
-
-def parse_fingerprint(text: str) -> str:
-    """A SHA-256 certificate fingerprint as 64 lower-case hex digits (colons
-    and case as ``openssl x509 -fingerprint -sha256`` prints them are accepted)."""
-    value = text.strip().lower().removeprefix("sha256 fingerprint=").replace(":", "")
-    if not _FINGERPRINT.match(value):
-        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
-    return value
-
-
 @dataclass(frozen=True)
 class RemoteAE:
     title: str

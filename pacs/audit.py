@@ -136,8 +136,7 @@ class AuditTrail:
             # Read (the patients), then write: BEGIN IMMEDIATE on SQLite, or a
             # commit by another process in between fails the upgrade at once.
             with write_transaction(self.engine) as conn:
-                _add_patient_ids(conn, batch)
-                conn.execute(insert(events_t), [asdict(e) for e in batch])
+                _insert(conn, batch)
             if self._unwritten:
                 log.info("%d audit events kept during an index outage are written", len(self._unwritten))
             self._unwritten = []
@@ -160,18 +159,21 @@ class AuditTrail:
             self._unwritten = []
             log.exception("could not write %d audit events", len(batch))
 
-
     def _write_one_by_one(self, batch: list[Event]) -> None:
         for event in batch:
             try:
                 with write_transaction(self.engine) as conn:
-                    _add_patient_ids(conn, [event])
-                    conn.execute(insert(events_t), [asdict(event)])
+                    _insert(conn, [event])
             except DataError as exc:
                 log.error("audit event refused by the index, dropped: %s %s by %s (%s)", event.action,
                           event.study_uid[:80], event.user[:40], str(exc).splitlines()[0][:200])
             except SQLAlchemyError:
                 self._unwritten.append(event)  # an outage after all: kept, tried again
+
+
+def _insert(conn: Connection, events: list[Event]) -> None:
+    _add_patient_ids(conn, events)
+    conn.execute(insert(events_t), [asdict(e) for e in events])
 
 
 def _add_patient_ids(conn: Connection, batch: list[Event]) -> None:

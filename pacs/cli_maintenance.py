@@ -503,7 +503,7 @@ def _date(text: str) -> date:
 def cmd_audit_archive(args: argparse.Namespace) -> int:
     """pacs audit-archive: 0 archived (or nothing to archive) / every file
     checks, 1 a check failed or the archive could not be made, 2 bad usage."""
-    from pacs.maintenance.audit_archive import ArchiveError, archive_audit, cutoff_of, verify_archive
+    from pacs.maintenance.audit_archive import ArchiveError, archive_audit, verify_archive
 
     if args.verify:
         if args.before or args.folder:
@@ -523,12 +523,10 @@ def cmd_audit_archive(args: argparse.Namespace) -> int:
     if args.before is None or args.folder is None:
         return _usage("give --before YYYY-MM-DD and --to DIR (or --verify FILE...)")
 
-    def work(pacs: Any, bar: Any) -> Any:
-        cutoff_of(args.before, pacs)  # too recent: refused before anything is read
-        return archive_audit(pacs, args.before, args.folder, progress=bar)
-
     try:
-        report = _run(args, work, lease="audit-archive")
+        # A date too recent is refused (ValueError) before anything is read.
+        report = _run(args, lambda pacs, bar: archive_audit(pacs, args.before, args.folder, progress=bar),
+                      lease="audit-archive")
     except ValueError as exc:
         return _usage(str(exc))
     except (ArchiveError, OSError) as exc:

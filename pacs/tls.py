@@ -15,6 +15,7 @@ client that connects and stalls cannot stop the listener accepting others.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import re
@@ -98,8 +99,6 @@ _PEM_CERTIFICATE = re.compile(r"-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+?---
 
 def certificate_sha256(der: bytes) -> str:
     """The SHA-256 fingerprint of a DER certificate, 64 lower-case hex digits."""
-    import hashlib
-
     return hashlib.sha256(der).hexdigest()
 
 
@@ -121,11 +120,21 @@ def pem_certificate_sha256(path: Path) -> str:
     return certificate_sha256(der)
 
 
+_FINGERPRINT = re.compile(r"^[0-9a-f]{64}$")
+
+
+def parse_fingerprint(text: str) -> str:
+    """A SHA-256 certificate fingerprint as 64 lower-case hex digits (colons
+    and case as ``openssl x509 -fingerprint -sha256`` prints them are accepted)."""
+    value = text.strip().lower().removeprefix("sha256 fingerprint=").replace(":", "")
+    if not _FINGERPRINT.match(value):
+        raise ValueError(f"{text!r} is not a SHA-256 fingerprint (64 hex digits, colons allowed)")
+    return value
+
+
 def certificate_pin(value: str) -> str:
     """The SHA-256 fingerprint a ``--client-cert`` / ``client_cert`` value
     names: a PEM certificate file's, or the value itself as a fingerprint."""
-    from .aes import parse_fingerprint
-
     path = Path(value)
     return pem_certificate_sha256(path) if path.is_file() else parse_fingerprint(value)
 

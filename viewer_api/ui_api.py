@@ -63,12 +63,15 @@ def _user_json(p: Principal) -> dict[str, str]:
     return {"username": p.username, "display_name": p.display_name, "role": p.role}
 
 
-def _audit_detail(request: Request, detail: str) -> None:
+def _audit_detail(request: Request, detail: str, patient_id: str = "") -> None:
     """Name what an administrative action did to whom in the audit event its
-    guard prepared (written by AuditMiddleware with the outcome)."""
+    guard prepared (written by AuditMiddleware with the outcome); *patient_id*
+    where the study that would tell it is gone by the time the event is written."""
     event = getattr(request.state, "audit", None)
     if isinstance(event, Event):
         event.detail = detail[:500]
+        if patient_id:
+            event.patient_id = patient_id
 
 
 def _session_cookie_secure(request: Request) -> bool:
@@ -184,11 +187,7 @@ def _delete(request: Request, uids: tuple[str, ...], reason: str, force: bool = 
     except DeleteRefused as exc:
         _audit_detail(request, f"{target.level} not deleted: {exc}")
         raise HTTPProblem(exc.http_status, str(exc)) from None
-    _audit_detail(request, report.detail)
-    event = getattr(request.state, "audit", None)
-    if isinstance(event, Event):
-        # Filled in from the study when the event is written, but the study is gone by then.
-        event.patient_id = report.patient_id
+    _audit_detail(request, report.detail, report.patient_id)
     return report.as_dict()
 
 

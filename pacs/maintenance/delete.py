@@ -139,9 +139,12 @@ def delete_unindexed(pacs: Pacs, keys: list[str], report: DeleteReport) -> None:
                 log.warning("object %s not deleted (the journal keeps it for pacs verify --repair): %s", key, exc)
 
 
-def _signed_reports(conn: Connection, study_pk: int) -> int:
-    return int(conn.execute(select(func.count()).select_from(reports_t)
-                            .where(reports_t.c.study_pk == study_pk, reports_t.c.status == "signed")).scalar_one())
+def _report_counts(conn: Connection, study_pk: int) -> tuple[int, int]:
+    """(every report version, the signed ones) of the study."""
+    total, signed = conn.execute(
+        select(func.count(), func.count().filter(reports_t.c.status == "signed"))
+        .select_from(reports_t).where(reports_t.c.study_pk == study_pk)).one()
+    return int(total), int(signed)
 
 
 def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", force: bool = False,
@@ -162,18 +165,17 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", fo
         report.bytes = sum(int(r.size_bytes or 0) for r in rows)
         # A signed report makes the study's images part of the patient's
         # record: any of them, not only the whole study, go only on purpose.
-        signed = _signed_reports(conn, study.pk)
+        reports, signed = _report_counts(conn, study.pk)
         if signed and not force:
             raise DeleteRefused(f"study {target.study_uid} has a signed report: its images are part of the patient's "
                                 "record; delete them only on purpose (force)", 409)
+        # A whole study's report versions go with it (drafts too); a series or instance takes none.
+        report.reports_deleted = reports if target.level == "study" else 0
         if dry_run:
-            report.reports_deleted = signed if target.level == "study" else 0
             return report
         keys = [r.storage_key for r in rows]
         journal.append(keys)
         if target.level == "study":
-            report.reports_deleted = int(conn.execute(select(func.count()).select_from(reports_t)
-                                                      .where(reports_t.c.study_pk == study.pk)).scalar_one())
             conn.execute(delete(studies_t).where(studies_t.c.pk == study.pk))  # series, instances, reports cascade
             report.removed = {"instances": len(rows), "studies": 1, "patients": prune_patients(conn, {study.patient_pk})}
         else:
