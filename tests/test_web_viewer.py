@@ -128,7 +128,9 @@ def test_radiologist_reads_and_signs_a_ct(page: Any, viewer_server: PacsServer) 
     page.fill("#search-name", "nguyen")
     page.click("#search-button")
     rows = page.locator('[data-testid="study-row"]')
-    expect(rows.first).to_be_visible()
+    # The unfiltered list of the first load stays on screen until the search answers: wait until
+    # every row is a match before reading the names (CI read the old list once).
+    expect(rows.filter(has_not_text="Nguyễn")).to_have_count(0)
     expect(rows.filter(has_text="Nguyễn Văn An").first).to_be_visible()
     names = rows.locator("td.name").all_inner_texts()
     assert names and all("Nguyễn" in n and "^" not in n for n in names), names
