@@ -9,6 +9,11 @@ Order of work, which is what makes an acknowledgement trustworthy:
    instance is recognised by the filesystem store (publishing never
    replaces) or, for a remote store, by the index before any upload;
 4. index it (group-committed transaction) and only then return success.
+   A deletion removing the same key meanwhile (a resend of an instance
+   whose study is being deleted) is settled in that transaction: the
+   resend takes the key back and is kept, or, if its object was already
+   deleted under it, is refused with a transient status (0xA702, HTTP 503)
+   the modality retries (see :mod:`pacs.index.tombstones`).
 
 (Writing the bytes in a second thread while parsing was measured slower: the
 GIL hand-offs cost more than the overlap saves.)
@@ -33,6 +38,7 @@ from storage import ObjectExists, ObjectStore, StorageError, StorageFullError
 from .errors import IngestError, Status
 from .header import InstanceHeader, parse_header
 from .index.committer import GroupCommitter
+from .index.tombstones import ObjectDeleted
 from .index.writer import AddResult, IndexRecord, Outcome
 from .part10 import Source
 from .reads import IndexReader
@@ -273,9 +279,18 @@ class Ingestor:
             calling_ae=origin.calling_ae,
             remote_host=origin.remote_host,
             routes=routes,
+            object_present=lambda key=key: self.store.exists(key),
         )
         try:
             added: AddResult = self.committer.submit(record)
+        except ObjectDeleted as exc:
+            # A deletion of this instance (pacs delete, purge) removed the key
+            # after our write: nothing of ours is left to keep or to delete.
+            # Transient: the modality's retry stores it anew.
+            log.warning("%s refused: %s", key, exc)
+            # The Error Comment keeps 64 characters: the reason first.
+            raise IngestError(Status.STORAGE_FAILED, "instance being deleted while received; send it again "
+                                                     f"(its object went with the deletion: {header.sop_uid})") from exc
         except Exception as exc:
             # The object stays as an orphan: deleting it could remove the bytes
             # of a commit that did succeed before the error reached us.

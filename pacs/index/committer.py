@@ -24,8 +24,9 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ..routing import create_jobs
+from . import tombstones
 from .db import discard_connection
-from .writer import AddResult, IndexRecord, IndexWriter
+from .writer import AddResult, IndexRecord, IndexWriter, Outcome
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,9 @@ class GroupCommitter:
             try:
                 conn = self._connection()
                 with conn.begin():
-                    return [self._writer.add(conn, rec) for rec in records]
+                    results = [self._writer.add(conn, rec) for rec in records]
+                    _settle(conn, records, results)
+                    return results
             except (IntegrityError, OperationalError) as exc:
                 # A cached key may point at a purged row, PostgreSQL may have
                 # restarted: forget the cache and retry on a fresh connection.
@@ -148,7 +151,9 @@ class GroupCommitter:
         """Make the index row of *record*'s instance describe *record* (the
         overwrite policy, for one instance), outside the batches."""
         with self._engine.begin() as conn:
-            return IndexWriter(overwrite=True).add(conn, record)
+            result = IndexWriter(overwrite=True).add(conn, record)
+            _settle(conn, [record], [result])
+            return result
 
     def _connection(self) -> Connection:
         # One connection kept for the leader (only one leads at a time): no
@@ -160,6 +165,14 @@ class GroupCommitter:
     def _drop_connection(self) -> None:
         discard_connection(self._conn)
         self._conn = None
+
+
+def _settle(conn: Connection, records: list[IndexRecord], results: list[AddResult]) -> None:
+    """Rows just inserted (or replaced) whose key a deletion is deleting, or
+    deleted: claimed or refused in this transaction (see pacs.index.tombstones)."""
+    tombstones.settle(conn, [(rec.storage_key, rec.object_present, rec.written, rec.source)
+                             for rec, res in zip(records, results, strict=True)
+                             if res.outcome is not Outcome.DUPLICATE])
 
 
 def _outcome(waiter: _Waiter) -> AddResult:

@@ -499,3 +499,24 @@ class LoginThrottle(Base):
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     # Locks in a row: each one doubles the next lock's length (capped).
     lockouts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class DeletingObject(Base):
+    """A storage key whose index row a deletion (``pacs delete``, ``pacs
+    purge``, ``DELETE /api/studies/...``) removed, written in the same
+    transaction: the key's object is being deleted (see pacs.index.tombstones).
+
+    ``finished_at`` is set once the object is gone (``outcome`` "deleted")
+    or a resend of the instance took the key back first ("kept"); finished
+    rows are kept a while (tombstones.RETAIN) so that an ingest whose object
+    was written before that deletion can tell, then pruned."""
+
+    __tablename__ = "deleting_objects"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    storage_key: Mapped[str] = mapped_column(String, index=True)
+    # Which deletion (its id, also in the log) recorded it.
+    deletion: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
+    outcome: Mapped[str] = mapped_column(String(16), default="")

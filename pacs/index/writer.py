@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum
@@ -50,6 +51,11 @@ class IndexRecord:
     remote_host: str = ""
     # Routing jobs to create in the same transaction (see pacs.routing).
     routes: list[Any] = field(default_factory=list)
+    # Is the object still stored under storage_key? Asked in the index
+    # transaction only after a deletion of that key (see pacs.index.tombstones).
+    object_present: Callable[[], bool] | None = None
+    # When the object was written (time.monotonic(); see tombstones.INGEST_GUARD).
+    written: float = field(default_factory=time.monotonic)
 
 
 class Outcome(Enum):

@@ -142,6 +142,7 @@ def index_stored_object(pacs: Pacs, key: str, *, source: str = "reindex") -> Add
         storage_key=key,
         received_at=datetime.now(UTC),
         source=source,
+        object_present=lambda key=key: pacs.store.exists(key),
     )
     return pacs.committer.submit(record)
 

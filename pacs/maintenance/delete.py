@@ -7,13 +7,17 @@ much. A study with a signed report is clinical record: it, or any of its
 series or instances, is deleted only when the request says so
 (``force``); a deleted study's reports go with it.
 
-Order, as in :mod:`pacs.maintenance.purge` (an index row is never left
-without its object): the object keys go to this deletion's own journal
-(``DATA_DIR/delete-<id>.journal``, fsynced), the rows are deleted in one
-transaction (series and studies left empty are removed, a study keeping a
-report stays), and only then are the objects deleted. A crash or a store
-failure in between leaves orphans the journal names; the next ``pacs purge
---yes`` or ``pacs verify --repair`` deletes them and never adopts them back.
+Order (an index row is never left without its object): the rows are
+deleted in one transaction (series and studies left empty are removed, a
+study keeping a report stays) that also records their storage keys as
+tombstones (:mod:`pacs.index.tombstones`); only then are the objects
+deleted, each while its tombstone is locked, and the tombstones finished.
+A modality resending an instance meanwhile (same UIDs, same key) either
+takes its key back before the object is deleted (acknowledged and kept) or,
+if the deletion got there first, is refused with a transient status it
+retries. A crash or a store failure in between leaves active tombstones; the
+next ``pacs purge --yes`` or ``pacs verify --repair`` deletes their objects
+and never adopts them back.
 """
 
 from __future__ import annotations
@@ -25,11 +29,10 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, select
 
-from storage import StorageError
-
 from ..app import Pacs
 from ..audit import Event
 from ..errors import PacsError
+from ..index import tombstones
 from ..index.db import write_transaction
 from .common import (
     batched,
@@ -42,7 +45,6 @@ from .common import (
     series_t,
     studies_t,
 )
-from .purge import PurgeJournal
 
 log = logging.getLogger(__name__)
 
@@ -116,27 +118,25 @@ def _selected(conn: Connection, target: Target) -> tuple[Any, list[Any]]:
 
 
 def delete_unindexed(pacs: Pacs, keys: list[str], report: DeleteReport) -> None:
-    """Delete the objects of *keys* no index row references (any more).
+    """Delete the objects of *keys*, whose rows (and tombstones) the
+    deletion's transaction deleted (recorded).
 
     The keys follow the UIDs: a modality resending an instance while its
-    study is being deleted stores it under the same key and indexes it,
-    acknowledged. Each batch is checked against the index right before its
-    objects go, so such a resend is kept (a resend stored and not yet
-    indexed in the milliseconds between that check and the delete is not:
-    see the closing note of stop 25)."""
-    for batch in batched(keys, 100):
-        kept = indexed_among(pacs.engine, batch)
-        for key in batch:
-            if key in kept:
-                log.warning("%s was stored again while it was being deleted: kept", key)
-                report.kept_resent += 1
-                continue
-            try:
-                pacs.store.delete(key)
-                report.objects_deleted += 1
-            except StorageError as exc:
-                report.object_failures.append(key)
-                log.warning("object %s not deleted (the journal keeps it for pacs verify --repair): %s", key, exc)
+    study is being deleted stores it under the same key. Its index
+    transaction claims the key's tombstone, and an object is deleted only
+    while its tombstone is active and locked (see
+    :mod:`pacs.index.tombstones`), so such a resend, once acknowledged, is
+    kept; one whose object this deletion removed first is refused, and
+    stored again by the modality's retry."""
+    for batch in batched(keys, tombstones.FINISH_BATCH):
+        # Resends indexed already need no lock (their tombstones are claimed).
+        indexed = indexed_among(pacs.engine, batch)
+        done = tombstones.finish(pacs.engine, pacs.store, [k for k in batch if k not in indexed])
+        for key in [*indexed, *done.kept]:
+            log.warning("%s was stored again while it was being deleted: kept", key)
+        report.kept_resent += len(indexed) + len(done.kept)
+        report.objects_deleted += len(done.deleted)
+        report.object_failures.extend(key for key, _ in done.failed)
 
 
 def _report_counts(conn: Connection, study_pk: int) -> tuple[int, int]:
@@ -157,7 +157,7 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", fo
     if not reason:
         raise DeleteRefused("a reason is required (it goes to the audit trail)", 400)
     report = DeleteReport(target.level, target.study_uid, target.series_uid, target.sop_uid, dry_run=dry_run)
-    journal = PurgeJournal(pacs.settings.data_dir, f"delete-{uuid.uuid4().hex}.journal")
+    deletion = f"delete-{uuid.uuid4().hex}"
     with write_transaction(pacs.engine) as conn:
         study, rows = _selected(conn, target)
         report.patient_id = study.patient_id
@@ -174,7 +174,7 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", fo
         if dry_run:
             return report
         keys = [r.storage_key for r in rows]
-        journal.append(keys)
+        tombstones.record(conn, keys, deletion)
         if target.level == "study":
             conn.execute(delete(studies_t).where(studies_t.c.pk == study.pk))  # series, instances, reports cascade
             report.removed = {"instances": len(rows), "studies": 1, "patients": prune_patients(conn, {study.patient_pk})}
@@ -183,8 +183,7 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", fo
             report.removed = {"instances": len(rows),
                               **prune_after_delete(conn, {r.series_pk for r in rows}, set())}
     delete_unindexed(pacs, keys, report)
-    if not report.object_failures:
-        journal.clear()
+    tombstones.prune(pacs.engine)  # those finished long enough ago
     what = {"study": target.study_uid, "series": target.series_uid, "instance": target.sop_uid}[target.level]
     report.detail = (f"{target.level} {what}: {report.instances} instances, {report.bytes} bytes"
                      + (f", {report.reports_deleted} reports" if report.reports_deleted else "")

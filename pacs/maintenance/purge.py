@@ -11,19 +11,23 @@ study; ``--status`` is the status of the latest report version: ``unread``
 of one rule with OR. At least one rule is required.
 
 Deletion order, per study, keeps the durability invariant (an index row
-never without its object): the study's object keys are written to a journal
-(``DATA_DIR/purge.journal``, fsynced), the study row is deleted (series,
-instances, reports, links cascade; triggers keep the counters), and only
-after that commit are the objects deleted. A crash in between leaves orphan
-objects that the journal names; the next purge or ``verify --repair``
-deletes them (and never adopts them back). A patient left without studies
-and orders is deleted too. One audit event (action "delete") per study.
+never without its object): the study row is deleted (series, instances,
+reports, links cascade; triggers keep the counters) in a transaction that
+records the study's object keys as tombstones (:mod:`pacs.index.tombstones`),
+and only after that commit are the objects deleted, each while its
+tombstone is locked. A modality resending an instance of the study
+meanwhile takes its key back (kept) or, if its object was deleted first,
+is refused with a transient status it retries. A crash in between leaves
+active tombstones; the next purge or ``verify --repair`` deletes their
+objects (and never adopts them back). A patient left without studies and
+orders is deleted too. One audit event (action "delete") per study.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta, tzinfo
@@ -32,10 +36,9 @@ from typing import Any
 
 from sqlalchemy import and_, delete, exists, func, or_, select
 
-from storage import StorageError
-
 from ..app import Pacs
 from ..audit import Event
+from ..index import tombstones
 from ..index.db import write_transaction
 from ..timezones import hospital_now, server_zone
 from .common import (
@@ -44,7 +47,6 @@ from .common import (
     NullProgress,
     Progress,
     batched,
-    indexed_among,
     instances_t,
     os_user,
     patients_t,
@@ -63,9 +65,11 @@ EARLIEST_STUDY_DATE = "19000101"
 
 
 class PurgeJournal:
-    """Keys of objects whose index rows are (being) deleted by a purge, or
-    by one deletion (``pacs delete``, ``DELETE /api/studies/...``: each its
-    own file, so a purge that empties its journal never drops their keys)."""
+    """Keys of objects whose index rows were (being) deleted, as a purge or a
+    deletion of an earlier version wrote them (``DATA_DIR/purge.journal``,
+    ``delete-<id>.journal``) before the rows' transaction. Tombstones in the
+    index replaced them (see :mod:`pacs.index.tombstones`); a journal left by
+    a crash is finished through them."""
 
     def __init__(self, data_dir: Path | str, name: str = "purge.journal") -> None:
         self.path = Path(data_dir) / name
@@ -107,24 +111,34 @@ class PurgeJournal:
 
     def finish(self, pacs: Pacs) -> int:
         """Delete the journaled objects no index row references (a crashed
-        purge's leftovers) and empty the journal. Objects still indexed (the
-        crash came before the commit) are kept. Returns how many went."""
+        run's leftovers) and empty the journal. Objects still indexed (the
+        crash came before the commit) are kept. The unindexed keys become
+        tombstones first, in one transaction with the check, and go through
+        :func:`pacs.index.tombstones.finish` like a deletion's (on
+        PostgreSQL a resend whose INSERT is in flight during that check is
+        not covered: a journal is only left by a crash of an older
+        version). Returns how many went."""
         deleted = 0
         failed = False
         for keys in batched(self.iter_keys()):
-            indexed = indexed_among(pacs.engine, keys)
-            for key in keys:
-                if key in indexed:
-                    continue
-                try:
-                    pacs.store.delete(key)
-                    deleted += 1
-                except StorageError as exc:
-                    failed = True
-                    log.warning("could not delete purged object %s: %s", key, exc)
+            with write_transaction(pacs.engine) as conn:
+                indexed = set(conn.execute(select(instances_t.c.storage_key)
+                                           .where(instances_t.c.storage_key.in_(keys))).scalars())
+                unindexed = [k for k in keys if k not in indexed]
+                tombstones.record(conn, unindexed, f"journal {self.path.name}")
+            done = tombstones.finish(pacs.engine, pacs.store, unindexed)
+            deleted += len(done.deleted)
+            failed = failed or bool(done.failed)
         if not failed:
             self.clear()
         return deleted
+
+
+def finish_interrupted(pacs: Pacs) -> int:
+    """Finish what deletions that died half way left (journals of an older
+    version, active tombstones); objects deleted."""
+    deleted = sum(j.finish(pacs) for j in PurgeJournal.every(pacs.settings.data_dir))
+    return deleted + len(tombstones.finish_all(pacs.engine, pacs.store).deleted)
 
 
 @dataclass(frozen=True)
@@ -257,7 +271,7 @@ def _summary(pacs: Pacs, where: Any, report: PurgeReport) -> None:
     ]
 
 
-def _delete_study(pacs: Pacs, study_pk: int, where: Any, journal: PurgeJournal) -> dict[str, Any] | None:
+def _delete_study(pacs: Pacs, study_pk: int, where: Any, deletion: str) -> dict[str, Any] | None:
     """Delete one study's index rows (if it still matches); return what it was."""
     with write_transaction(pacs.engine) as conn:
         row = conn.execute(
@@ -275,7 +289,7 @@ def _delete_study(pacs: Pacs, study_pk: int, where: Any, journal: PurgeJournal) 
                 .where(series_t.c.study_pk == study_pk)
             ).scalars()
         )
-        journal.append(keys)
+        tombstones.record(conn, keys, deletion)
         conn.execute(delete(studies_t).where(studies_t.c.pk == study_pk))
         patients_removed = prune_patients(conn, {row.patient_pk})
     return {
@@ -301,8 +315,8 @@ def purge(
     _summary(pacs, where, report)
     if not execute:
         return report
-    journal = PurgeJournal(pacs.settings.data_dir)
-    report.leftovers_deleted = sum(j.finish(pacs) for j in PurgeJournal.every(pacs.settings.data_dir))
+    deletion = f"purge-{uuid.uuid4().hex}"
+    report.leftovers_deleted = finish_interrupted(pacs)
     user = user or os_user()
     progress.start("purging studies", report.studies)
     last_pk = 0
@@ -317,7 +331,7 @@ def purge(
             break
         last_pk = pks[-1]
         for study_pk in pks:
-            done = _delete_study(pacs, study_pk, where, journal)
+            done = _delete_study(pacs, study_pk, where, deletion)
             progress.advance()
             if done is None:
                 continue
@@ -325,12 +339,10 @@ def purge(
             report.deleted_instances += int(done["instances"])
             report.deleted_bytes += int(done["bytes"])
             report.deleted_patients += done["patients_removed"]
-            for key in done["keys"]:
-                try:
-                    pacs.store.delete(key)
-                    report.objects_deleted += 1
-                except StorageError as exc:
-                    report.object_failures.add({"key": key, "detail": str(exc)})
+            finished = tombstones.finish(pacs.engine, pacs.store, done["keys"])
+            report.objects_deleted += len(finished.deleted)
+            for key, detail in finished.failed:
+                report.object_failures.add({"key": key, "detail": detail})
             pacs.audit.record(
                 Event(
                     action="delete", user=user, protocol="cli", study_uid=done["study_uid"],
@@ -339,6 +351,4 @@ def purge(
                 )
             )
     pacs.audit.flush()
-    if not report.object_failures.count:
-        journal.clear()
     return report

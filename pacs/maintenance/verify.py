@@ -38,6 +38,7 @@ from storage import ObjectNotFound, StorageError, sha256_of, validate_key
 
 from ..app import Pacs
 from ..errors import IngestError, PacsError, Status
+from ..index import tombstones
 from ..index.writer import Outcome
 from ..ingest import Origin
 from ..part10 import FileSource
@@ -52,7 +53,7 @@ from .common import (
     indexed_among,
     instances_t,
 )
-from .purge import PurgeJournal
+from .purge import PurgeJournal, finish_interrupted
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +243,11 @@ def verify(
     report = VerifyReport(repair=repair)
     journals = PurgeJournal.every(pacs.settings.data_dir)
     if repair:
-        report.purged_leftovers = sum(journal.finish(pacs) for journal in journals)
-        pending: set[str] = set()
+        report.purged_leftovers = finish_interrupted(pacs)
+        pending: set[str] = set(tombstones.active_keys(pacs.engine))  # deletions started meanwhile
     else:
-        pending = set().union(*(journal.keys() for journal in journals))
+        # Objects of deletions under way (or interrupted): not orphans.
+        pending = set().union(*(journal.keys() for journal in journals), tombstones.active_keys(pacs.engine))
     missing_pks: list[int] = []
     _index_pass(pacs, report, quick, workers, progress, missing_pks)
     _storage_pass(pacs, report, repair, progress, pending)

@@ -1,0 +1,245 @@
+"""Tombstones: the storage keys whose objects a deletion is removing.
+
+Storage keys follow the UIDs, so a modality resending an instance of a study
+being deleted writes the very key the deletion is about to delete. Checking
+the index right before each ``store.delete`` left a window (a resend written
+and indexed between that check and the delete lost its acknowledged object:
+an index row without its object). The rules that close it:
+
+1. The deletion's transaction that deletes the index rows also inserts one
+   ``deleting_objects`` row (a tombstone) per key (:func:`record`). A key is
+   deleted from the store only by :func:`finish`, and only while a tombstone
+   of it is *active* (not finished) *and locked*: ``BEGIN IMMEDIATE`` on
+   SQLite (the one writer), ``SELECT ... FOR UPDATE`` on PostgreSQL; the
+   same transaction marks it finished ("deleted") after the delete.
+2. The ingest's index transaction, after inserting an instance row, looks
+   its key up among the tombstones (one query per batch; nothing found is
+   the common case) (:func:`settle`):
+
+   - an active tombstone is *claimed*: marked finished ("kept") in the
+     transaction that commits the row, so the deletion then skips the key
+     and the resend is acknowledged and kept. On PostgreSQL the claim is an
+     ``UPDATE ... WHERE finished_at IS NULL``: it waits for a deletion that
+     holds the row locked, then sees it finished and claims nothing;
+   - a tombstone finished "deleted" (its object was deleted at some moment,
+     maybe after this ingest wrote it) makes the ingest check that the
+     object is there now. No deletion can delete the key any more before
+     this row is committed (a new tombstone needs a committed row to
+     delete), so present means kept; absent means the store is refused with
+     a transient status (C-STORE 0xA702, STOW 503) and the modality's retry
+     succeeds. Nothing is left behind: the refused copy is already gone.
+
+   The check comes after the row's INSERT: on PostgreSQL an INSERT that
+   meets the old row deleted by a deletion still in progress waits for it to
+   commit, so the lookup then sees its tombstones (read committed takes a
+   new snapshot per statement). A deletion that commits before the INSERT
+   is seen too; one whose row deletion comes after the INSERT met a live row
+   (the resend is a duplicate of an instance the deletion then removes,
+   object and row together).
+3. Finished tombstones are kept for :data:`RETAIN` and then pruned
+   (:func:`prune`); an ingest whose index transaction comes more than
+   :data:`INGEST_GUARD` seconds after its object was written is refused
+   (transient), so it can never miss a pruned "deleted" tombstone.
+4. A deletion that dies after its commit leaves active tombstones (as
+   durable as the rows' deletion); the next ``pacs purge --yes`` or ``pacs
+   verify --repair`` finishes them (:func:`finish_all`). Their objects are
+   never adopted back: an active tombstone's key is not an orphan.
+
+Nothing here deletes an object an index row references: a refused ingest
+deletes nothing; :func:`finish` deletes only keys of an active, locked
+tombstone, which no committed row references (the row that did was deleted
+with the tombstone's insert; a resend's row claims the tombstone in its
+own transaction, and the claim conflicts with the lock).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import Connection, Engine, Table, delete, exists, insert, select, update
+
+from .models import DeletingObject, Instance
+
+log = logging.getLogger(__name__)
+
+tombstones_t: Table = DeletingObject.__table__  # type: ignore[assignment]
+_instances_t: Table = Instance.__table__  # type: ignore[assignment]
+
+# How long finished tombstones are kept; far more than INGEST_GUARD, so that
+# clocks of different nodes may differ by most of an hour.
+RETAIN = timedelta(hours=1)
+# Seconds an ingest may take from its object write to its index transaction.
+INGEST_GUARD = 600.0
+# Objects deleted per locked transaction (the lock holds SQLite ingest commits).
+FINISH_BATCH = 50
+
+
+class ObjectDeleted(Exception):
+    """The object of a record being indexed may be gone (deleted by a
+    deletion after it was written): the ingest is refused, transiently."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(reason)
+        self.key = key
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def record(conn: Connection, keys: Iterable[str], deletion: str) -> None:
+    """Tombstones for *keys*, in the caller's transaction (the one deleting their rows)."""
+    at = now()
+    rows = [{"storage_key": k, "deletion": deletion[:64], "created_at": at, "outcome": ""} for k in keys]
+    for start in range(0, len(rows), 500):
+        conn.execute(insert(tombstones_t), rows[start:start + 500])
+
+
+# Sources that index objects found in the store (not received): they never
+# take a key back from a deletion (that would undo it), see settle.
+NOT_RECEIVED = frozenset({"repair", "reindex"})
+
+
+def settle(conn: Connection, records: list[tuple[str, Callable[[], bool] | None, float, str]]) -> None:
+    """The ingest side (rule 2), in the index transaction after the rows'
+    INSERTs: *records* are (storage key, "is the object there?", monotonic
+    time the object was written, source) of the rows inserted or replaced.
+    Raises :class:`ObjectDeleted` for a record that must be refused; an
+    object found in the store (``verify --repair``, ``reindex``) whose key
+    is being deleted is refused rather than kept: it is no orphan."""
+    if not records:
+        return
+    clock = time.monotonic()
+    for key, _, written, _ in records:
+        if clock - written > INGEST_GUARD:
+            raise ObjectDeleted(key, f"{key} was written {clock - written:.0f} s before its index transaction: "
+                                     "a deletion may have removed it meanwhile")
+    keys = {key for key, _, _, _ in records}
+    hit = set(conn.execute(select(tombstones_t.c.storage_key).where(tombstones_t.c.storage_key.in_(keys))
+                           .distinct()).scalars())
+    for key, present, _, source in records:
+        if key not in hit:
+            continue
+        if source in NOT_RECEIVED:
+            if conn.execute(select(exists().where(tombstones_t.c.storage_key == key,
+                                                  tombstones_t.c.finished_at.is_(None)))).scalar():
+                raise ObjectDeleted(key, f"{key} is being deleted: not adopted")
+        claimed = conn.execute(
+            update(tombstones_t)
+            .where(tombstones_t.c.storage_key == key, tombstones_t.c.finished_at.is_(None))
+            .values(finished_at=now(), outcome="kept")
+        ).rowcount
+        if claimed:
+            log.warning("%s was stored again while its deletion was under way: kept", key)
+        deleted = conn.execute(select(exists().where(tombstones_t.c.storage_key == key,
+                                                     tombstones_t.c.outcome == "deleted"))).scalar()
+        if not deleted:
+            continue
+        try:
+            there = present() if present is not None else False
+        except Exception as exc:  # the store cannot tell: refuse, the retry will
+            log.warning("could not check %s after a deletion: %s", key, exc)
+            there = False
+        if not there:
+            raise ObjectDeleted(key, f"{key} was deleted by a deletion of its instance while it was received")
+
+
+@dataclass
+class Finished:
+    deleted: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    # Keys without an active tombstone any more (a resend took the key back).
+    kept: list[str] = field(default_factory=list)
+
+
+def finish(engine: Engine, store: Any, keys: list[str],
+           before_delete: Callable[[str], None] | None = None) -> Finished:
+    """Delete the objects of *keys* whose tombstones are active, in locked
+    transactions of :data:`FINISH_BATCH` keys (rule 1). A key whose delete
+    fails keeps its tombstone active (finished by a later run)."""
+    from storage import StorageError
+
+    from .db import is_sqlite, write_transaction
+
+    done = Finished()
+    for start in range(0, len(keys), FINISH_BATCH):
+        batch = list(dict.fromkeys(keys[start:start + FINISH_BATCH]))
+        with write_transaction(engine) as conn:
+            query = select(tombstones_t.c.pk, tombstones_t.c.storage_key).where(
+                tombstones_t.c.storage_key.in_(batch), tombstones_t.c.finished_at.is_(None))
+            if not is_sqlite(engine):
+                query = query.with_for_update()
+            rows = conn.execute(query).all()
+            active: dict[str, list[int]] = {}
+            for row in rows:
+                active.setdefault(row.storage_key, []).append(row.pk)
+            # Belt and braces: a key some row references is never deleted.
+            referenced = set(conn.execute(select(_instances_t.c.storage_key)
+                                          .where(_instances_t.c.storage_key.in_(list(active)))).scalars())
+            finished: dict[str, list[int]] = {"deleted": [], "kept": []}
+            for key in batch:
+                if key not in active:
+                    done.kept.append(key)
+                    continue
+                if key in referenced:
+                    log.warning("%s is indexed again: kept", key)
+                    done.kept.append(key)
+                    finished["kept"].extend(active[key])
+                    continue
+                try:
+                    if before_delete is not None:
+                        before_delete(key)
+                    store.delete(key)
+                except StorageError as exc:
+                    done.failed.append((key, str(exc)))
+                    log.warning("object %s not deleted (its tombstone stays for pacs verify --repair): %s", key, exc)
+                    continue
+                done.deleted.append(key)
+                finished["deleted"].extend(active[key])
+            at = now()
+            for outcome, pks in finished.items():
+                if pks:
+                    conn.execute(update(tombstones_t).where(tombstones_t.c.pk.in_(pks))
+                                 .values(finished_at=at, outcome=outcome))
+    return done
+
+
+def active_keys(engine: Engine, limit: int | None = None) -> list[str]:
+    """Keys of active tombstones (objects still to delete), oldest first."""
+    with engine.connect() as conn:
+        query = (select(tombstones_t.c.storage_key).where(tombstones_t.c.finished_at.is_(None))
+                 .order_by(tombstones_t.c.pk))
+        if limit is not None:
+            query = query.limit(limit)
+        return list(dict.fromkeys(conn.execute(query).scalars()))
+
+
+def prune(engine: Engine) -> int:
+    """Drop tombstones finished more than :data:`RETAIN` ago."""
+    from .db import write_transaction
+
+    with write_transaction(engine) as conn:
+        return conn.execute(delete(tombstones_t).where(tombstones_t.c.finished_at < now() - RETAIN)).rowcount or 0
+
+
+def finish_all(engine: Engine, store: Any) -> Finished:
+    """Finish every active tombstone (a deletion that died half way), then
+    prune old finished ones. Returns what was done."""
+    total = Finished()
+    tried: set[str] = set()
+    while True:
+        keys = [k for k in active_keys(engine, limit=len(tried) + 500) if k not in tried]
+        if not keys:
+            break
+        tried.update(keys)
+        done = finish(engine, store, keys)
+        total.deleted += done.deleted
+        total.failed += done.failed
+        total.kept += done.kept
+    prune(engine)
+    return total
