@@ -550,6 +550,7 @@ def cmd_audit_archive(args: argparse.Namespace) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     """pacs compress: 0 done, 1 failures or pixels that did not verify."""
     from pacs.maintenance import compress
+    from pacs.maintenance.compress import READERS_GRACE
 
     report = _run(args, lambda pacs, bar: compress(pacs, codec=args.codec, study_uids=args.study, progress=bar),
                   lease="compress")
@@ -565,7 +566,13 @@ def cmd_compress(args: argparse.Namespace) -> int:
         ]
         rows += [(f"skipped: {reason}", c["count"]) for reason, c in data["skipped"].items()]
         rows.append(("failed", report.failed.count))
+        rows.append(("old copies deleted", report.old_deleted))
+        rows.append(("old copies kept for readers", report.old_pending))
         _counts(f"compress ({args.codec})", rows)
+        if report.old_pending:
+            err.print(f"{report.old_pending} replaced objects stay {int(READERS_GRACE // 60)} minutes "
+                      "for readers that opened them; the next pacs compress, pacs purge --yes or pacs verify "
+                      "--repair deletes them")
         _list("failed", data["failed"], ("sop_uid", "detail"))
         if "verification failed" in data["skipped"]:
             _list("pixels did not verify (left as they were)", data["skipped"]["verification failed"],

@@ -64,6 +64,9 @@ class IngestResult:
     header: InstanceHeader
     storage_key: str
     size: int
+    # The key of the object this one replaced, left in the store for the
+    # caller to delete (Ingestor(keep_obsolete=True)).
+    obsolete_key: str | None = None
 
     @property
     def sop_uid(self) -> str:
@@ -75,8 +78,8 @@ class IngestResult:
         series than this one: not a resend but a conflicting object, whose
         content was not stored (keep-first policy)."""
         h = self.header
-        return self.outcome is Outcome.DUPLICATE and self.storage_key != object_key(
-            h.study_uid, h.series_uid, h.sop_uid)
+        return self.outcome is Outcome.DUPLICATE and not self.storage_key.startswith(
+            f"{h.study_uid}/{h.series_uid}/")
 
     @property
     def conflict(self) -> str | None:
@@ -91,9 +94,13 @@ class IngestResult:
                 "this object's; the first copy is kept and this one was not stored")
 
 
-def object_key(study_uid: str, series_uid: str, sop_uid: str) -> str:
-    """Storage key of an instance: one folder (prefix) per study and series."""
-    return f"{study_uid}/{series_uid}/{sop_uid}.dcm"
+def object_key(study_uid: str, series_uid: str, sop_uid: str, variant: str = "") -> str:
+    """Storage key of an instance: one folder (prefix) per study and series.
+
+    A *variant* (``pacs compress``: ``jls``, ``j2k``) names another encoding
+    of the same instance, written beside the received one so that a reader
+    who looked the old row up still finds the object that row describes."""
+    return f"{study_uid}/{series_uid}/{sop_uid}{'.' + variant if variant else ''}.dcm"
 
 
 class _KeyedLocks:
@@ -132,11 +139,15 @@ class Ingestor:
         overwrite: bool = False,
         max_object_bytes: int = 4 * 1024**3,
         min_free_bytes: int = 0,
+        key_variant: str = "",
+        keep_obsolete: bool = False,
     ) -> None:
         self.store = store
         self.committer = committer
         self.reader = reader
         self.overwrite = overwrite
+        self.key_variant = key_variant
+        self.keep_obsolete = keep_obsolete
         self.max_object_bytes = max_object_bytes
         self.min_free_bytes = min_free_bytes
         self._locks = _KeyedLocks()
@@ -233,7 +244,7 @@ class Ingestor:
                 raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
 
     def _store_and_index(self, source: Source, header: InstanceHeader, origin: Origin) -> IngestResult:
-        key = object_key(header.study_uid, header.series_uid, header.sop_uid)
+        key = object_key(header.study_uid, header.series_uid, header.sop_uid, self.key_variant)
         if self.store.remote and not self.overwrite:
             # On S3 "publish unless present" costs a HEAD round trip before
             # every PUT (a tenth of a CT slice's ingest time against a local
@@ -303,15 +314,18 @@ class Ingestor:
         # The index keeps one object per instance: remove the one it dropped
         # (replaced), or ours if a copy under another key won (duplicate).
         unreferenced = added.obsolete_key
+        kept_obsolete = None
         if added.outcome is Outcome.DUPLICATE and added.existing_key not in (None, key):
             unreferenced = key
             key = added.existing_key  # the copy the index keeps is the result
+        elif unreferenced and self.keep_obsolete:
+            kept_obsolete, unreferenced = unreferenced, None
         if unreferenced:
             try:
                 self.store.delete(unreferenced)
             except StorageError as exc:
                 log.warning("could not delete unreferenced object %s: %s", unreferenced, exc)
-        result = IngestResult(Status.SUCCESS, added.outcome, header, key, info.size)
+        result = IngestResult(Status.SUCCESS, added.outcome, header, key, info.size, kept_obsolete)
         if result.kept_elsewhere:
             _warn_conflict(result)
         for listener in self.listeners:

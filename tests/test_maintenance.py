@@ -405,21 +405,38 @@ def test_compress_is_lossless_and_smaller(archive: Path, codec: str, syntax: str
     assert [s["sop_uid"] for s in report["skipped"]["not encodable"]["items"]] == [liver]
     assert report["bytes_saved"] > 0 and report["failed"]["count"] == 0
 
+    variant = {"jpeg-ls": "jls", "j2k": "j2k"}[codec]
+    assert report["old_objects_pending"] == len(originals) - 1 and report["old_objects_deleted"] == 0
     with cli.core() as pacs:
         for sop, (key, size, pixels) in originals.items():
             stored = pacs.reader.stored_instance(sop)
-            assert stored is not None and stored.storage_key == key
+            assert stored is not None
             if sop == liver:
-                assert stored.size == size
+                assert stored.storage_key == key and stored.size == size
                 continue
+            # A key of its own: a server that looked the old row up before the
+            # replacement still reads the object that row describes (it read
+            # JPEG-LS bytes under the old size and syntax).
+            assert stored.storage_key == key.removesuffix(".dcm") + f".{variant}.dcm"
+            assert len(store.read_bytes(key)) == size
+            assert not dcmread(io.BytesIO(store.read_bytes(key))).file_meta.TransferSyntaxUID.is_compressed
             assert stored.transfer_syntax_uid == syntax and stored.size < size
-            ds = dcmread(io.BytesIO(store.read_bytes(key)))
+            ds = dcmread(io.BytesIO(store.read_bytes(stored.storage_key)))
             assert ds.SOPInstanceUID == sop and ds.file_meta.TransferSyntaxUID == syntax
             decoded = ds.pixel_array
             assert decoded.dtype == pixels.dtype and np.array_equal(decoded, pixels)
-        assert verify(pacs).problems == 0  # sizes and checksums in the index follow
+        checked = verify(pacs)
+        assert checked.problems == 0  # sizes and checksums in the index follow
+        assert checked.pending_purge == len(originals) - 1  # the old copies: no orphans
     again = cli.json("compress", "--codec", codec)
     assert again["candidates"] == 1 and again["compressed"] == 0
+    # The old copies go at the latest with verify --repair (or purge --yes), never adopted back.
+    repaired = cli.json("verify", "--repair")
+    assert repaired["problems"] == 0 and repaired["adopted"]["count"] == 0, repaired
+    for sop, (key, _size, _pixels) in originals.items():
+        assert store.exists(key) == (sop == liver)
+    with cli.core() as pacs:
+        assert verify(pacs).problems == 0
 
 
 # -- export -----------------------------------------------------------------------------

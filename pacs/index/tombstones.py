@@ -209,11 +209,17 @@ def finish(engine: Engine, store: Any, keys: list[str],
     return done
 
 
-def active_keys(engine: Engine, limit: int | None = None) -> list[str]:
-    """Keys of active tombstones (objects still to delete), oldest first."""
+def active_keys(engine: Engine, limit: int | None = None, *, deletion: str | None = None,
+                before: datetime | None = None) -> list[str]:
+    """Keys of active tombstones (objects still to delete), oldest first;
+    only those of *deletion*, recorded before *before*, when given."""
     with engine.connect() as conn:
         query = (select(tombstones_t.c.storage_key).where(tombstones_t.c.finished_at.is_(None))
                  .order_by(tombstones_t.c.pk))
+        if deletion is not None:
+            query = query.where(tombstones_t.c.deletion == deletion)
+        if before is not None:
+            query = query.where(tombstones_t.c.created_at < before)
         if limit is not None:
             query = query.limit(limit)
         return list(dict.fromkeys(conn.execute(query).scalars()))

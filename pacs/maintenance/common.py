@@ -89,7 +89,9 @@ def batched(items: Iterable[Any], size: int = BATCH) -> Iterator[list[Any]]:
         yield batch
 
 
-_CANONICAL = re.compile(r"^[^/]+/[^/]+/(?P<sop>[^/]+)\.dcm$")
+# study/series/sop.dcm, or sop.<variant>.dcm for another encoding of the
+# instance (pacs compress: .jls, .j2k; a UID has no letters).
+_CANONICAL = re.compile(r"^[^/]+/[^/]+/(?P<sop>[^/]+?)(?:\.[a-z][a-z0-9]*)?\.dcm$")
 
 
 def sop_of_key(key: str) -> str | None:

@@ -17,14 +17,27 @@ decoded check): objects above :data:`MAX_REENCODE_BYTES`, or more than a
 sixth of the memory available, are left as they are ("too large to
 re-encode in memory") rather than risk the OOM killer on a small server.
 
+The new object goes under a key of its own (``<sop>.jls.dcm``,
+``<sop>.j2k.dcm``), never over the received one: a server reading the
+instance meanwhile (WADO-RS, C-GET, C-MOVE) looked its row up before the
+replacement and streams the object that row describes, its size and its
+transfer syntax (writing over it served JPEG-LS bytes labelled Explicit VR
+Little Endian, and ended C-GETs early). The old object is recorded as being
+deleted (a tombstone, as ``pacs delete`` does) and deleted once
+:data:`READERS_GRACE` has passed, by this run or the next one, ``pacs purge
+--yes`` or ``pacs verify --repair``; until then ``verify`` counts it pending,
+never an orphan.
+
 A full disk (ENOSPC/EDQUOT, the store or the index full) stops the run: it
 is reported as "disk full" in ``failed`` and ``stopped`` (not as pixels
 that did not verify, which reads as damaged images), the object being
 replaced keeps its old version and index row.
 
 Resuming is free: a replaced object's row no longer has an uncompressed
-syntax. If a crash came between the object replace and the index commit,
-the rerun finds the object already compressed and only re-indexes it.
+syntax. A crash between the new object's write and the index commit leaves
+the row on the old object; the rerun encodes it again over the new key.
+(Versions before the key of its own wrote over the received object: such a
+leftover is found already compressed and only re-indexed.)
 """
 
 from __future__ import annotations
@@ -36,6 +49,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +69,9 @@ from storage import StorageError, StorageFullError
 
 from ..app import Pacs
 from ..errors import IngestError, Status
+from ..index import tombstones
 from ..index.committer import GroupCommitter
+from ..index.db import write_transaction
 from ..index.writer import IndexWriter
 from ..ingest import Ingestor, Origin
 from ..part10 import FileSource
@@ -74,6 +90,14 @@ from .common import (
 log = logging.getLogger(__name__)
 
 CODECS = {"jpeg-ls": JPEGLSLossless, "j2k": JPEG2000Lossless}
+# The key variant of each codec's objects (pacs.ingest.object_key).
+KEY_VARIANTS = {"jpeg-ls": "jls", "j2k": "j2k"}
+# How long a replaced object stays for the readers that looked its row up
+# before the replacement: a C-MOVE to a slow satellite link resolves its
+# instances a batch ahead of sending them.
+READERS_GRACE = 600.0
+# The tombstones' name for the objects compress replaced.
+DELETION = "compress"
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 # Re-encoding holds an object about five times (dataset, pixel copy, encoded
 # dataset, written file read back, decoded check): a 900 MB multi-frame CT
@@ -143,6 +167,10 @@ class CompressReport:
     failed: Capped = field(default_factory=Capped)
     # Why the run ended before its last candidate (a full disk), or None.
     stopped: str | None = None
+    # Replaced objects deleted by this run, and those left for the readers
+    # (deleted by the next run, purge --yes or verify --repair).
+    old_deleted: int = 0
+    old_pending: int = 0
 
     def skip(self, reason: str, sop_uid: str, detail: str = "") -> None:
         self.skipped.setdefault(reason, Capped()).add({"sop_uid": sop_uid, "detail": detail})
@@ -164,6 +192,8 @@ class CompressReport:
             "skipped": {reason: c.as_dict() for reason, c in sorted(self.skipped.items())},
             "failed": self.failed.as_dict(),
             "stopped": self.stopped,
+            "old_objects_deleted": self.old_deleted,
+            "old_objects_pending": self.old_pending,
         }
 
 
@@ -275,7 +305,10 @@ def compress(
     # ingestor with it, on its own committer, leaves the appliance's alone.
     committer = GroupCommitter(pacs.engine, IndexWriter(overwrite=True), batch_max=pacs.settings.commit_batch_max)
     ingestor = Ingestor(pacs.store, committer, pacs.reader, overwrite=True,
-                        max_object_bytes=pacs.settings.max_object_bytes)
+                        max_object_bytes=pacs.settings.max_object_bytes,
+                        key_variant=KEY_VARIANTS[codec], keep_obsolete=True)
+    retired = _Retired(pacs)
+    retired.finish_earlier_runs()
     where = [instances_t.c.transfer_syntax_uid.in_([str(u) for u in UNCOMPRESSED]), instances_t.c.rows.isnot(None)]
     progress.start(f"compressing ({codec})", count_rows(pacs.engine, instances_t, *where) if not study_uids else None)
     try:
@@ -283,7 +316,8 @@ def compress(
             report.candidates += 1
             progress.advance()
             try:
-                _one(pacs, ingestor, row, target, tmp_dir, report)
+                _one(pacs, ingestor, row, target, tmp_dir, report, retired)
+                retired.finish_due(report)
             except (StorageError, IngestError, OSError, _DiskFull) as exc:
                 if _disk_full(exc):
                     # Every later object would fail the same way: stop here.
@@ -296,10 +330,50 @@ def compress(
                 report.failed.add({"sop_uid": row.sop_uid, "key": row.storage_key, "detail": str(exc)})
     finally:
         committer.close()
+        retired.finish_due(report)
+        report.old_pending = retired.pending
     return report
 
 
-def _one(pacs: Pacs, ingestor: Ingestor, row: Any, target: UID, tmp_dir: Path, report: CompressReport) -> None:
+class _Retired:
+    """Replaced objects waiting :data:`READERS_GRACE` before their deletion.
+
+    Each is recorded as a tombstone right after its replacement committed,
+    so a crash leaves them to ``verify --repair`` or ``purge --yes``, never
+    as orphans to adopt back."""
+
+    def __init__(self, pacs: Pacs) -> None:
+        self.pacs = pacs
+        self.waiting: list[tuple[float, str]] = []
+
+    @property
+    def pending(self) -> int:
+        return len(self.waiting)
+
+    def add(self, key: str) -> None:
+        with write_transaction(self.pacs.engine) as conn:
+            tombstones.record(conn, [key], DELETION)
+        self.waiting.append((time.monotonic(), key))
+
+    def finish_earlier_runs(self) -> None:
+        """Delete what earlier runs left for their readers, once due."""
+        before = tombstones.now() - timedelta(seconds=READERS_GRACE)
+        keys = tombstones.active_keys(self.pacs.engine, deletion=DELETION, before=before)
+        if keys:
+            tombstones.finish(self.pacs.engine, self.pacs.store, keys)
+
+    def finish_due(self, report: CompressReport) -> None:
+        due_at = time.monotonic() - READERS_GRACE
+        due = [key for at, key in self.waiting if at <= due_at]
+        if not due:
+            return
+        self.waiting = [(at, key) for at, key in self.waiting if at > due_at]
+        done = tombstones.finish(self.pacs.engine, self.pacs.store, due)
+        report.old_deleted += len(done.deleted)
+
+
+def _one(pacs: Pacs, ingestor: Ingestor, row: Any, target: UID, tmp_dir: Path, report: CompressReport,
+         retired: _Retired) -> None:
     origin = Origin(source=row.source or "compress", calling_ae=row.calling_ae, remote_host=row.remote_host)
     if (why := _too_large(row.size_bytes)) is not None:
         # Decided from the index row, before a byte is read.
@@ -329,6 +403,8 @@ def _one(pacs: Pacs, ingestor: Ingestor, row: Any, target: UID, tmp_dir: Path, r
             report.skip("no gain", row.sop_uid, f"{new_size} >= {row.size_bytes} bytes")
             return
         result = ingestor.ingest(FileSource(encoded), origin, expected_sop_uid=row.sop_uid)
+        if result.obsolete_key:
+            retired.add(result.obsolete_key)
         report.compressed += 1
         report.bytes_before += row.size_bytes
         report.bytes_after += result.size
