@@ -386,7 +386,8 @@ def test_purge_dry_run_changes_nothing_and_yes_deletes_exactly_the_selection(arc
 
 # -- compress ---------------------------------------------------------------------------
 @pytest.mark.parametrize(("codec", "syntax"), [("jpeg-ls", JPEGLSLossless), ("j2k", JPEG2000Lossless)])
-def test_compress_is_lossless_and_smaller(archive: Path, codec: str, syntax: str) -> None:
+def test_compress_is_lossless_and_smaller(archive: Path, codec: str, syntax: str, tmp_path: Path) -> None:
+    from pacs.ingest import Origin
     from pacs.maintenance import verify
 
     cli = Cli(archive)
@@ -428,6 +429,12 @@ def test_compress_is_lossless_and_smaller(archive: Path, codec: str, syntax: str
         checked = verify(pacs)
         assert checked.problems == 0  # sizes and checksums in the index follow
         assert checked.pending_purge == len(originals) - 1  # the old copies: no orphans
+        # The modality sends a compressed instance again: a resend (kept, 0000H), not
+        # another object under a kept UID (0111H), though the kept copy's key differs.
+        sop, (key, _size, _pixels) = next((s, o) for s, o in originals.items() if s != liver)
+        (tmp_path / "resent.dcm").write_bytes(store.read_bytes(key))
+        resent = pacs.ingest_file(tmp_path / "resent.dcm", Origin(source="test", calling_ae="CT1", remote_host=""))
+        assert resent.storage_key.endswith(f".{variant}.dcm") and resent.conflict is None
     again = cli.json("compress", "--codec", codec)
     assert again["candidates"] == 1 and again["compressed"] == 0
     # The old copies go at the latest with verify --repair (or purge --yes), never adopted back.
