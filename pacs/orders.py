@@ -233,8 +233,12 @@ def _resolve_birth_date(sent: str | None, stored: str | None) -> str | None:
     return stored if stored and len(stored) == 8 and stored.startswith(sent) else ""
 
 
-# Order statuses no performed step changes any more.
-FINAL_STATUSES = ("CANCELLED", "COMPLETED")
+# Steps the HIS withdrew (CA/OC, DC/OD). A scheduled step is DISCONTINUED by
+# the HIS only: a discontinued performed step (MPPS) puts its step back to
+# SCHEDULED (see OrderService._after_discontinued), never to DISCONTINUED.
+WITHDRAWN_STATUSES = ("CANCELLED", "DISCONTINUED")
+# Step statuses no performed step changes any more: withdrawn, or done.
+FINAL_STATUSES = (*WITHDRAWN_STATUSES, "COMPLETED")
 # Steps still to be done (offered on the worklist), and steps the HIS may no longer change.
 ACTIVE_STATUSES = ("SCHEDULED", "IN PROGRESS")
 CLOSED_STATUSES = ("CANCELLED", "DISCONTINUED", "COMPLETED")
@@ -672,14 +676,36 @@ class OrderService:
             return self._procedure_rows(conn, info.accession_number)
         if not info.placer_order_number:
             raise OrderError("the order has neither an accession nor a placer order number", code="101", http_status=400)
-        accessions = conn.execute(
-            select(orders_t.c.accession_number).where(orders_t.c.placer_order_number == info.placer_order_number)
-            .distinct().limit(2)
-        ).scalars().all()
-        if len(accessions) > 1:
-            raise OrderError(f"placer order number {info.placer_order_number} names several procedures; "
-                             "send the accession number of the one meant", code="205", http_status=409)
-        return self._procedure_rows(conn, accessions[0]) if accessions else []
+        # Found by its placer number, the procedure is locked like one named
+        # by its accession (the MPPS and the other messages about it wait, or
+        # are waited for), and read again under the lock: what it was before
+        # the lock may have changed meanwhile. :meth:`_lock_procedures` took
+        # the lock already (sorted with the message's others), unless the
+        # placer number came to name this procedure since: then it is taken
+        # here, and the name checked once more.
+        accessions = self._placer_accessions(conn, info.placer_order_number)
+        for _ in range(RACE_ATTEMPTS):
+            if len(accessions) > 1:
+                raise OrderError(f"placer order number {info.placer_order_number} names several procedures; "
+                                 "send the accession number of the one meant", code="205", http_status=409)
+            if not accessions:
+                return []
+            _lock_keys(conn, {f"accession:{accessions[0]}"})  # held already: no wait
+            again = self._placer_accessions(conn, info.placer_order_number)
+            if again == accessions:
+                return self._procedure_rows(conn, accessions[0])
+            accessions = again
+        raise OrderError(f"the procedures of placer order number {info.placer_order_number} kept changing; "
+                         "send the message again", code="207", http_status=409)
+
+    @staticmethod
+    def _placer_accessions(conn: Connection, placer_order_number: str) -> list[str]:
+        """The accessions of the procedures placed under *placer_order_number*
+        (two at most: one, or "several")."""
+        return list(conn.execute(
+            select(orders_t.c.accession_number).where(orders_t.c.placer_order_number == placer_order_number)
+            .distinct().order_by(orders_t.c.accession_number).limit(2)
+        ).scalars().all())
 
     def place(self, info: OrderInfo, source: str = "") -> dict[str, Any]:
         """A new order (HL7 ORC-1 NW) of one scheduled step. Returns the stored
@@ -916,13 +942,21 @@ class OrderService:
     @staticmethod
     def _steps_to_cancel(rows: list[Any], info: OrderInfo) -> list[Any]:
         """The steps a CA / DC withdraws: the one its step ID names, else all.
-        A step ID naming none of several steps is refused (which one?); with
-        one step the message names its order, as before steps."""
+
+        A step ID naming no step of the order is refused AE 204 (404 on
+        ``DELETE /api/orders/{accession}?step_id=``) whatever the number of
+        steps: the HIS means a step we do not have (one added by an XO that
+        was refused or lost, another procedure's), and withdrawing the one
+        we have instead would take an exam off the worklist that the HIS
+        still wants done. (A change is lenient for a single-step order, see
+        :meth:`_change`: it updates the step and so agrees with the HIS
+        again; a withdrawal cannot be taken back.) A withdrawal without
+        step ID withdraws every step not performed yet."""
         if not info.step_id:
             return rows
         named = [row for row in rows if row.step_id == info.step_id]
-        if named or len(rows) == 1:
-            return named or rows
+        if named:
+            return named
         raise OrderError(f"order {rows[0].accession_number} has no scheduled step {info.step_id}",
                          code="204", http_status=404)
 
@@ -984,18 +1018,29 @@ class OrderService:
             if after != before and after not in ("CANCELLED", "DISCONTINUED"):
                 self.enqueue(conn, "his", "order_status", {"order": _status_order(procedure), "status": after})
 
-    @staticmethod
-    def _lock_procedures(conn: Connection, actions: list[tuple[str, Any]]) -> None:
+    @classmethod
+    def _lock_procedures(cls, conn: Connection, actions: list[tuple[str, Any]]) -> None:
         """PostgreSQL: serialise the messages about one accession or Study
         Instance UID. Their uniqueness is no database key any more (one
         procedure has a row per step): two connections placing one accession
         (or one UID under two accessions) at once would both see nothing and
         both insert. Locks are taken in one sorted go (no deadlock between
         messages) and released at commit. SQLite writers queue already
-        (BEGIN IMMEDIATE)."""
-        _lock_keys(conn, {f"{kind}:{value}" for action, info in actions if action in _ORDER_ACTIONS
-                          for kind, value in (("accession", info.accession_number), ("study", info.study_uid))
-                          if value})
+        (BEGIN IMMEDIATE).
+
+        A change or withdrawal that names its order by the placer order
+        number only (no accession, no filler number) locks the procedures
+        that number names now; :meth:`_find_procedure` reads them again
+        under the lock. It took no lock, and raced the MPPS: a CA read a
+        step IN PROGRESS, waited on the row the N-SET was completing, then
+        overwrote COMPLETED with CANCELLED (the HIS had been told CM)."""
+        keys = {f"{kind}:{value}" for action, info in actions if action in _ORDER_ACTIONS
+                for kind, value in (("accession", info.accession_number), ("study", info.study_uid)) if value}
+        if conn.dialect.name == "postgresql":
+            for action, info in actions:
+                if action in _ORDER_ACTIONS and not info.accession_number and info.placer_order_number:
+                    keys.update(f"accession:{a}" for a in cls._placer_accessions(conn, info.placer_order_number))
+        _lock_keys(conn, keys)
 
     # -- status and performed steps -----------------------------------------------------
     def record_step(
@@ -1047,17 +1092,40 @@ class OrderService:
                 # PS3.4 Table F.7.2-1, final state: End Date and End Time are Type 1
                 # (kept as date + time: eight characters are a date alone).
                 raise OrderError(f"a {status} step needs its End Date and End Time", http_status=422)
-            if existing is not None:
-                order_pks = _step_orders(existing)
-            else:
-                refs = scheduled if scheduled is not None else [(accession, study_uid, step_id)]
-                order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
             # The HIS's messages about these procedures take the same locks
             # (sorted, so the two never deadlock), and the steps' statuses
             # read after them are the committed ones: an MPPS racing a cancel
             # does not put a cancelled step back IN PROGRESS.
-            _lock_keys(conn, {f"accession:{a}" for a in conn.execute(
-                select(orders_t.c.accession_number).where(orders_t.c.pk.in_(order_pks))).scalars()})
+            if existing is not None:
+                order_pks = _step_orders(existing)
+                _lock_keys(conn, {f"accession:{a}" for a in _step_accessions(conn, order_pks)})
+                # Read again under the locks, its row locked too (PostgreSQL;
+                # SQLite writers queue already): of two N-SETs of one performed
+                # step at once (a modality resending after a timeout, or
+                # COMPLETED then DISCONTINUED), the second read IN PROGRESS
+                # before the first committed, and then overwrote its final
+                # status. Now it is refused as any N-SET of a final step.
+                existing = conn.execute(select(steps_t).where(steps_t.c.pk == existing.pk).with_for_update()).one()
+                if existing.status != "IN PROGRESS":
+                    raise OrderError(f"performed procedure step is already {existing.status}", http_status=409)
+            else:
+                refs = scheduled if scheduled is not None else [(accession, study_uid, step_id)]
+                order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
+                if conn.dialect.name == "postgresql":
+                    # Which steps the items name, and whether the HIS withdrew
+                    # them, is decided again under the locks: read before them,
+                    # a CA committed meanwhile let the N-CREATE in (0110H is
+                    # the answer), and the unscheduled case picked among stale
+                    # statuses. A step the new reading adds (an order placed
+                    # meanwhile) is locked too, then read once more.
+                    locked: set[str] = set()
+                    for _ in range(RACE_ATTEMPTS):
+                        wanted = _step_accessions(conn, order_pks)
+                        if wanted <= locked:
+                            break
+                        _lock_keys(conn, {f"accession:{a}" for a in wanted - locked})
+                        locked |= wanted
+                        order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
             values: dict[str, Any] = {"status": status, "updated_at": now}
             for key, value in (("modality", modality), ("station_ae_title", station_ae_title),
                                ("start", start), ("end", end)):
@@ -1112,22 +1180,47 @@ class OrderService:
         for pk in step_pks:
             row = conn.execute(select(orders_t.c.accession_number, orders_t.c.step_id, orders_t.c.status)
                                .where(orders_t.c.pk == pk)).one()
-            if row.status == "CANCELLED":
+            if row.status in WITHDRAWN_STATUSES:
+                # Discontinued by the HIS (DC) is withdrawn as much as
+                # cancelled (CA): it was let in, put the step back IN
+                # PROGRESS and on the worklist (STARTED), and its N-SET
+                # COMPLETED told the HIS CM for an order it had stopped.
                 several = len(self._procedure_rows(conn, row.accession_number)) > 1
                 step = f" (step {row.step_id})" if several else ""
-                raise OrderError(f"order {row.accession_number}{step} was cancelled by the HIS", http_status=422)
+                raise OrderError(f"order {row.accession_number}{step} was {row.status.lower()} by the HIS",
+                                 http_status=422)
         return step_pks
 
     def _move_step(self, conn: Connection, step_pk: int, status: str, sop_uid: str, now: datetime) -> None:
-        """A scheduled step follows its performed step -- except one
-        cancelled meanwhile, which stays cancelled, and a completed one, which
-        a later performed step (a repeat acquisition, one discontinued after
-        the exam was done) does not move back: the HIS would read the
-        finished exam as running again, and could then cancel it.
+        """A scheduled step follows its performed step -- except one the HIS
+        withdrew meanwhile, and a completed one, which a later performed step
+        (a repeat acquisition, one discontinued after the exam was done) does
+        not move back: the HIS would read the finished exam as running
+        again, and could then cancel it.
+
+        Withdrawn meanwhile: the HIS cancelled (CA) or discontinued (DC) the
+        step while its MPPS was in progress, which it may (a step is
+        withdrawable until it is completed; AE 207 only once nothing is left
+        to withdraw, or the order is reported). The examination did happen:
+        the performed step is kept and completes (or is discontinued), and
+        the images stay filed under the order. But the scheduled step keeps
+        the status the HIS gave it, CANCELLED or DISCONTINUED alike: it does
+        not come back on the worklist, and the HIS is not told IP or CM for
+        a procedure it withdrew -- what it hears follows from the steps'
+        statuses (:func:`procedure_status`) as for any other message: a
+        withdrawn step of an order whose other step is completed still
+        makes that order COMPLETED, as the withdrawal itself did. (Only a
+        CA was kept before: after a DC the N-SET COMPLETED completed the
+        discontinued step and told the HIS CM -- or IP, another step
+        waiting -- and an N-SET IN PROGRESS put it back on the worklist.)
 
         A DISCONTINUED performed step puts its scheduled step back on the
         worklist (see :meth:`_after_discontinued`)."""
         current = conn.execute(select(orders_t.c.status).where(orders_t.c.pk == step_pk)).scalar_one()
+        if current in WITHDRAWN_STATUSES and status != "IN PROGRESS":
+            # No patient data in the log: the performed step's UID says which.
+            log.info("performed procedure step %s is %s; its scheduled step, %s by the HIS meanwhile, stays so",
+                     sop_uid, status, current.lower())
         target: str | None = None if current in FINAL_STATUSES else status
         if status == "DISCONTINUED" and target is not None:
             target = self._after_discontinued(conn, step_pk, current, sop_uid)
@@ -1192,7 +1285,7 @@ class OrderService:
           pick;
         - when no step is left to do (an acquisition appended to a finished
           exam), the first completed step, which it does not move back; all
-          withdrawn: the first, whose cancellation refuses the MPPS.
+          withdrawn: the first, whose withdrawal (CA or DC) refuses the MPPS.
         """
         rows: list[Any] = []
         if study_uid:
@@ -1290,6 +1383,13 @@ class OrderService:
     def count_pending(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(outbox_t).where(outbox_t.c.state == "pending")).scalar_one())
+
+
+def _step_accessions(conn: Connection, order_pks: list[int]) -> set[str]:
+    """The accessions (requested procedures) of the scheduled steps *order_pks*."""
+    if not order_pks:
+        return set()
+    return set(conn.execute(select(orders_t.c.accession_number).where(orders_t.c.pk.in_(order_pks))).scalars())
 
 
 def _step_orders(step: Any) -> list[int]:

@@ -138,7 +138,8 @@ def test_procedures_sharing_a_placer_order_number_are_all_placed(server: PacsSer
     assert msa(send(server, third))[0] == "AA"
     assert order(server, "PACC2003")["placer_order_number"] == "PLS2000"
     # The accession decides what a CA cancels: only that procedure.
-    cancel = orm("PL3", "PACC2002", pid="BN700200", order_control="CA").replace("|PPACC2002|", "|PLS2000|")
+    cancel = (orm("PL3", "PACC2002", pid="BN700200", order_control="CA").replace("|PPACC2002|", "|PLS2000|")
+              .replace("|SPSPACC2002|", "|PSPS2002|"))  # OBR-20: the step's SPS ID (IPC-4 of the NW)
     assert msa(send(server, cancel))[0] == "AA"
     assert [order(server, a)["status"] for a in ("PACC2001", "PACC2002", "PACC2003")] == [
         "SCHEDULED", "CANCELLED", "SCHEDULED"]
