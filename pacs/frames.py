@@ -17,7 +17,6 @@ from typing import BinaryIO
 import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.encaps import generate_frames
 from pydicom.uid import UID, ImplicitVRLittleEndian
 
 from .app import Pacs
@@ -39,7 +38,7 @@ FRAME_MEDIA_TYPE = {
     "1.2.840.10008.1.2.4.201": "image/jphc",
     "1.2.840.10008.1.2.4.202": "image/jphc",
     "1.2.840.10008.1.2.4.203": "image/jphc",
-    "1.2.840.10008.1.2.5": "image/x-dicom-rle",
+    "1.2.840.10008.1.2.5": "image/dicom-rle",  # PS3.18's current name; image/x-dicom-rle when asked so
 }
 
 
@@ -118,6 +117,12 @@ def pixel_info(path: Path, item: RetrieveItem, ds: Dataset | None = None) -> Pix
     with path.open("rb") as f:
         f.seek(item.pixel_offset)
         head = f.read(12)
+    if explicit and head[4:6] not in _PIXEL_VRS and head[4:8] == b"\xff\xff\xff\xff":
+        # Written in Implicit VR under an explicit syntax's name (pydicom's
+        # SC_rgb_jpeg.dcm; pydicom reads such headers too): the value
+        # follows the length, not a VR. Read as explicit, the offsets were
+        # 4 bytes off (a 500: "unexpected tag (0000,0000)").
+        explicit = False
     if explicit:
         vr = head[4:6].decode("ascii", "replace")
         length = struct.unpack(order + "L", head[8:12])[0]
@@ -160,14 +165,171 @@ def local_object(pacs: Pacs, item: RetrieveItem) -> Iterator[Path]:
         yield path
 
 
-def encapsulated_frame(path: Path, info: PixelInfo, number: int) -> bytes:
-    """Frame *number* (1-based) of encapsulated pixel data, as stored."""
+_PIXEL_VRS = {b"OB", b"OW", b"UN", b"OF", b"OD", b"OL", b"OV"}
+_ITEM = 0xE000FFFE  # (FFFE,E000) read as a little-endian uint32
+_SEQUENCE_END = 0xE0DDFFFE
+_UNDEFINED = 0xFFFFFFFF
+# JPEG markers that end a frame's codestream (EOI; J2K's EOC is the same bytes).
+_END_OF_IMAGE = b"\xff\xd9"
+
+Fragment = tuple[int, int]  # file offset of a fragment's value, its length
+
+
+def frame_index(path: Path, info: PixelInfo, ds: Dataset | None = None) -> list[list[Fragment]]:
+    """Where each frame of encapsulated pixel data is: its fragments' file
+    offsets and lengths, found once per request (reading a frame is then one
+    seek, whatever its number).
+
+    One pass over the item headers, seeking past each fragment's value; the
+    fragments are then grouped into frames by the Extended Offset Table or
+    the Basic Offset Table when it agrees with the fragments found, else one
+    fragment per frame when the counts match, else by the end-of-image
+    marker at the end of a frame's last fragment (as pydicom does). A
+    stream that cannot be cut into its frames is a :class:`FrameError` 422,
+    never a 500."""
+    if info.inflated is not None:
+        raise FrameError("encapsulated pixel data in a deflated object is not supported", 422)
     with path.open("rb") as f:
         f.seek(info.value_offset)
-        for index, frame in enumerate(generate_frames(f, number_of_frames=info.frames), start=1):
-            if index == number:
-                return frame
-    raise FrameError(f"frame {number} not found in the encapsulated pixel data", 404)
+        tag, length = _item_header(f)
+        if tag != _ITEM or length == _UNDEFINED or length % 4:
+            raise FrameError("the encapsulated pixel data does not start with an offset table item "
+                             "(PS3.5 A.4): its frames cannot be found", 422)
+        table = f.read(length)
+        bot = list(struct.unpack(f"<{length // 4}L", table)) if len(table) == length else []
+        first = f.tell()
+        fragments: list[Fragment] = []
+        starts: dict[int, int] = {}  # offset from the first fragment's item -> fragment index
+        while True:
+            at = f.tell()
+            tag, length = _item_header(f)
+            if tag == _SEQUENCE_END or tag is None:
+                break  # the end (a file cut short ends the list too: frames found so far)
+            if tag != _ITEM or length == _UNDEFINED:
+                raise FrameError(f"unexpected element ({tag & 0xFFFF:04X},{tag >> 16:04X}) among the pixel data "
+                                 "fragments: the encapsulated pixel data is malformed", 422)
+            starts[at - first] = len(fragments)
+            fragments.append((at + 8, length))
+            f.seek(length, 1)
+        frames = _grouped(f, info, ds, fragments, starts, bot)
+    if len(frames) < info.frames:
+        raise FrameError(f"the encapsulated pixel data holds {len(frames)} frame(s), "
+                         f"not the {info.frames} the object declares", 422)
+    return frames
+
+
+def _item_header(f: BinaryIO) -> tuple[int | None, int]:
+    head = f.read(8)
+    if len(head) < 8:
+        return None, 0
+    tag, length = struct.unpack("<LL", head)
+    return tag, length
+
+
+def _by_offsets(offsets: list[int], fragments: list[Fragment], starts: dict[int, int]) -> list[list[Fragment]] | None:
+    """Fragments grouped at the given item offsets; None when they are not
+    increasing offsets of fragments found (an offset table not to trust)."""
+    if not offsets or offsets[0] != 0 or any(b <= a for a, b in zip(offsets, offsets[1:])):
+        return None
+    indexes = [starts.get(o) for o in offsets]
+    if any(i is None for i in indexes):
+        return None
+    bounds = [*indexes, len(fragments)]
+    return [fragments[bounds[n]:bounds[n + 1]] for n in range(len(offsets))]  # type: ignore[misc]
+
+
+def _grouped(f: BinaryIO, info: PixelInfo, ds: Dataset | None, fragments: list[Fragment],
+             starts: dict[int, int], bot: list[int]) -> list[list[Fragment]]:
+    count = info.frames
+    if ds is not None and "ExtendedOffsetTable" in ds:
+        raw = ds.ExtendedOffsetTable
+        if isinstance(raw, bytes) and len(raw) == 8 * count:
+            grouped = _by_offsets(list(struct.unpack(f"<{count}Q", raw)), fragments, starts)
+            if grouped is not None:
+                return grouped
+    if len(bot) == count:
+        grouped = _by_offsets(bot, fragments, starts)
+        if grouped is not None:
+            return grouped
+    if count == 1:
+        return [fragments] if fragments else []
+    if len(fragments) == count:
+        return [[fragment] for fragment in fragments]
+    # More fragments than frames, no table to trust: a frame ends with the
+    # fragment whose data ends with an end-of-image marker (padding allowed).
+    frames: list[list[Fragment]] = []
+    current: list[Fragment] = []
+    for offset, length in fragments:
+        current.append((offset, length))
+        f.seek(offset + max(0, length - 4))
+        if _END_OF_IMAGE in f.read(min(length, 4)):
+            frames.append(current)
+            current = []
+    if current and frames:
+        frames[-1].extend(current)
+    elif current:
+        frames.append(current)
+    if len(frames) != count:
+        raise FrameError(f"the {len(fragments)} pixel data fragments cannot be told apart into {count} frames "
+                         "(no valid offset table, no end-of-image markers to follow)", 422)
+    return frames
+
+
+def read_fragments(f: BinaryIO, fragments: list[Fragment]) -> bytes:
+    """One frame's bytes: its fragments' values, concatenated."""
+    parts = []
+    for offset, length in fragments:
+        f.seek(offset)
+        data = f.read(length)
+        if len(data) < length:
+            raise FrameError("a frame is truncated in storage", 500)
+        parts.append(data)
+    return b"".join(parts)
+
+
+class FrameReader:
+    """The frames of one stored object, for one request: the encapsulated
+    frames' offsets are found once (:func:`frame_index`), each frame is
+    then read by offset, one in memory at a time."""
+
+    def __init__(self, path: Path, info: PixelInfo, ds: Dataset | None = None) -> None:
+        self.path = path
+        self.info = info
+        self._ds = ds
+        self._index: list[list[Fragment]] | None = None
+
+    @property
+    def header(self) -> Dataset:
+        if self._ds is None:
+            self._ds = header(self.path)
+        return self._ds
+
+    @property
+    def index(self) -> list[list[Fragment]]:
+        if self._index is None:
+            self._index = frame_index(self.path, self.info, self.header)
+        return self._index
+
+    def stored(self, number: int) -> bytes:
+        """Frame *number* (1-based) as stored: native bytes or the codestream."""
+        if not self.info.encapsulated:
+            return native_frame(self.path, self.info, number)
+        with self.path.open("rb") as f:
+            return read_fragments(f, self.index[number - 1])
+
+    def decoded(self, number: int) -> bytes:
+        """Frame *number* as native little-endian pixels, as the instance
+        converted to Explicit VR Little Endian has them (lossy YBR sources
+        as RGB)."""
+        if not self.info.encapsulated:
+            return native_frame(self.path, self.info, number)
+        return decode_frame(self.stored(number), self.header, self.info.transfer_syntax, number)
+
+
+def encapsulated_frame(path: Path, info: PixelInfo, number: int) -> bytes:
+    """Frame *number* (1-based) of encapsulated pixel data, as stored (one
+    frame: several use a :class:`FrameReader`, which indexes them once)."""
+    return FrameReader(path, info).stored(number)
 
 
 def native_frame(path: Path, info: PixelInfo, number: int) -> bytes:
@@ -202,6 +364,42 @@ def _read_value(path: Path, info: PixelInfo, start: int, size: int) -> bytes:
         return f.read(size)
 
 
+def decode_frame(data: bytes, ds: Dataset, ts: UID, number: int) -> bytes:
+    """One compressed frame decoded to native little-endian pixel bytes,
+    as instance conversion decodes it (:func:`pacs.transcode.decode_plan`:
+    YBR of lossy sources as RGB, lossless ones' samples as they are).
+
+    A frame the codecs cannot decode is a 406 (PS3.18 8.7: the uncompressed
+    representation asked for cannot be produced; 415 is for request bodies):
+    the client can still take the frame as stored."""
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels import get_decoder
+    from pydicom.pixels.utils import as_pixel_options
+
+    from .transcode import LOSSLESS_SOURCES
+
+    try:
+        options = as_pixel_options(ds, transfer_syntax_uid=ts)
+        options.update(number_of_frames=1, pixel_keyword="PixelData", pixel_vr="OB")
+        arr, _ = get_decoder(ts).as_array(encapsulate([data]), index=0, as_rgb=ts not in LOSSLESS_SOURCES,
+                                          **options)
+    except Exception as exc:
+        raise _undecodable(number, exc) from exc
+    return _native_bytes(arr)
+
+
+def _undecodable(number: int, exc: Exception) -> FrameError:
+    """A frame the codecs cannot decode: 406 (PS3.18 8.7), the client can take it as stored."""
+    return FrameError(
+        f"cannot decode frame {number} to application/octet-stream ({type(exc).__name__}: {exc}); "
+        'retrieve it as stored instead (Accept: multipart/related; type="application/octet-stream"; '
+        "transfer-syntax=*)", 406)
+
+
+def _native_bytes(arr: np.ndarray) -> bytes:
+    return np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
+
+
 def decoded_frame(path: Path, number: int) -> bytes:
     """Frame *number* decoded to native little-endian pixel bytes.
 
@@ -213,11 +411,8 @@ def decoded_frame(path: Path, number: int) -> bytes:
     try:
         arr = pixel_array(str(path), index=number - 1, raw=True)
     except Exception as exc:
-        raise FrameError(
-            f"cannot decode frame {number} to application/octet-stream ({type(exc).__name__}: {exc}); "
-            'retrieve it as stored instead (Accept: multipart/related; type="application/octet-stream"; '
-            "transfer-syntax=*)", 406) from exc
-    return np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
+        raise _undecodable(number, exc) from exc
+    return _native_bytes(arr)
 
 
 def check_numbers(info: PixelInfo, numbers: list[int]) -> None:

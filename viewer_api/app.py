@@ -67,6 +67,8 @@ def create_app(pacs: Pacs) -> FastAPI:
     errors.install(app)
     fhir.install(app)  # OperationOutcome errors under /fhir
     app.add_middleware(AuditMiddleware)
+    # Before the access check: a control character in /api or /fhir is a 400.
+    app.add_middleware(errors.ControlCharacters)
     app.add_middleware(HeadAsGet)
     app.add_middleware(CsrfMiddleware)
     # Before any route, its access check and its JSON parsing: a body over

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import unquote_plus
 
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -179,3 +181,42 @@ class UnexpectedErrors:
             log.error("unexpected error answering %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
             response = answer(Request(scope), 500, INTERNAL_ERROR)
             await response(scope, receive, send)
+
+
+# Control characters other than tab: no search value, identifier or path
+# segment of the JSON and FHIR APIs holds one, and NUL made PostgreSQL
+# refuse the statement (a 500: psycopg DataError).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+CHECKED_PREFIXES = ("/api/", "/fhir/")
+
+
+def control_character_refusal(path: str, query_string: bytes) -> str | None:
+    """Why a request whose path or query holds a control character is
+    refused (400), or None."""
+    if (bad := _CONTROL.search(path)) is not None:
+        where = "the path"
+    else:
+        query = unquote_plus(query_string.decode("latin-1"), errors="replace") if query_string else ""
+        bad = _CONTROL.search(query)
+        where = "a query parameter"
+    if bad is None:
+        return None
+    return f"{where} holds the control character U+{ord(bad.group()):04X}: no value of this API contains one"
+
+
+class ControlCharacters:
+    """400 for a control character in the path or query of the JSON API
+    (``/api``) and FHIR (``/fhir``), before any route reads the index: one
+    check for every parameter of every route (QIDO-RS's are checked by
+    :meth:`pacs.query.Query.validate`, as C-FIND's)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and str(scope.get("path", "")).startswith(CHECKED_PREFIXES):
+            refusal = control_character_refusal(str(scope["path"]), scope.get("query_string", b""))
+            if refusal is not None:
+                await answer(Request(scope), 400, refusal)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

@@ -32,7 +32,7 @@ from . import mediatypes
 from .dicomjson import dumps
 from .errors import HTTPProblem, register_format
 from .negotiation import effective_accept
-from .security import READERS, guard, may_see_study
+from .security import READERS, audit_patients, guard, may_see_study
 from .urls import base_url
 
 FHIR_JSON = "application/fhir+json"
@@ -533,6 +533,7 @@ def _search(request: Request, principal: Principal, count: int, offset: int, *,
 def search_imaging_studies(request: Request, _count: int = 50, _offset: int = 0,
                            principal: Principal = guard(*READERS, action="query")) -> Response:
     details, total = _search(request, principal, _count, _offset, signed_only=False)
+    _audit_patients(request, (d.get("patient_id") or "" for d in details))
     return _fhir(_bundle(request, [imaging_study(request, d) for d in details], total, _offset, _count))
 
 
@@ -550,10 +551,13 @@ def search_reports(request: Request, _count: int = 50, _offset: int = 0,
     details, total = _search(request, principal, _count, _offset, signed_only=True)
     service = ReportService(request.app.state.pacs, base_url(request))
     resources = []
+    shown = []
     for detail in details:
         report = diagnostic_report(request, detail, service.get(detail["study_uid"], signed_only=True))
         if report is not None:
             resources.append(report)
+            shown.append(detail.get("patient_id") or "")
+    _audit_patients(request, shown)
     return _fhir(_bundle(request, resources, total, _offset, _count))
 
 
@@ -925,10 +929,9 @@ def _patient_search(request: Request, principal: Principal, count: int,
 
 def _audit_patients(request: Request, patient_ids: Iterable[str]) -> None:
     """Name the patients an answer shows in its audit event ("who saw which
-    patient"; study routes get theirs from the study), backslash-separated."""
-    event = getattr(request.state, "audit", None)
-    if event is not None:
-        event.patient_id = "\\".join(dict.fromkeys(i for i in patient_ids if i))
+    patient"; study routes get theirs from the study), backslash-separated
+    and bounded (:func:`security.audit_patients`)."""
+    audit_patients(request, patient_ids)
 
 
 @router.get("/Patient", summary="Search Patient by identifier, name, family, given, birthdate, gender or _id")

@@ -22,6 +22,7 @@ from pacs.query.results import ResultShape
 from . import negotiation
 from .dicomjson import NotDirect, dumps, to_json, values_json
 from .errors import require_uids
+from .security import audit_patients
 from .urls import base_url
 
 log = logging.getLogger(__name__)
@@ -180,13 +181,17 @@ def search(request: Request, level: Level, fixed: dict[str, str], upper: tuple[L
     query.limit = cap + 1  # one more tells us whether the answer was cut
     base = base_url(request) + "/dicom-web"
     results = []
+    shown: list[str] = []
     shape = ResultShape(level, query.return_keys, pacs.settings.ae_title)
     for row in run_query(pacs.engine, query):
         results.append(_match_json(shape, row, _retrieve_url(base, level, row)))
+        shown.append(row["_patient_id"] or "")
     warnings = []
     if len(results) > cap:
         results = results[:cap]
+        shown = shown[:cap]
         warnings.append('299 filmless-pacs: "There are additional results that can be requested"')
+    audit_patients(request, shown)  # who was shown (bounded by the page)
     if query.ignored:
         warnings.append('299 filmless-pacs: "The following attributes are not supported as matching keys '
                         f'and were ignored: {", ".join(query.ignored)}"')

@@ -103,6 +103,8 @@ WINDOW_FUNCTIONS: Final = ("linear", "linear-exact", "sigmoid")
 #: Largest accepted ``vw`` / ``vh``; a request for a huge canvas is a cheap
 #: way to make the server allocate gigabytes.
 MAX_VIEWPORT_DIMENSION: Final = 8192
+# The longest side an image is enlarged to (see _apply_viewport).
+UPSCALE_LIMIT: Final = 2048
 PNG_COMPRESS_LEVEL: Final = 1
 
 _FORMATS: Final = {"image/jpeg": "JPEG", "image/png": "PNG", "image/gif": "GIF"}
@@ -828,7 +830,15 @@ def _apply_viewport(img: Image.Image, vp: Viewport) -> Image.Image:
         raise RenderParamError(
             f"viewport region ({x0:g}, {y0:g}, {rw:g}, {rh:g}) lies outside the {cols}x{rows} image"
         )
-    scale = min(vp.vw / rw, vp.vh / rh)
+    # PS3.18 8.3.5.1.3 leaves the scale to the server: the region fits the
+    # viewport, but is enlarged at most to UPSCALE_LIMIT pixels on its longer
+    # side (640x480 asked as 8192x8192 was 200 MB per request; a client
+    # wanting more enlarges its display), and no region, even one
+    # overhanging the image, makes more pixels than the image or that limit.
+    scale = min(vp.vw / rw, vp.vh / rh, max(1.0, UPSCALE_LIMIT / max(rw, rh)))
+    budget = max(cols * rows, UPSCALE_LIMIT * UPSCALE_LIMIT)
+    if rw * rh * scale * scale > budget:
+        scale *= math.sqrt(budget / (rw * rh * scale * scale))
     out_w = min(vp.vw, max(1, round(rw * scale)))
     out_h = min(vp.vh, max(1, round(rh * scale)))
     # Only the right / bottom edges can overhang (sx, sy >= 0); that part stays black.

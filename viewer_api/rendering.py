@@ -9,6 +9,7 @@ stored object's sha256, so a replaced object never serves a stale image.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -37,6 +38,13 @@ from .urls import base_url
 log = logging.getLogger(__name__)
 
 THUMBNAIL_SIZE = (128, 128)
+# A thumbnail is small: a larger viewport asked of one is brought down to this.
+MAX_THUMBNAIL = 512
+# Renders running at once in this process (decoding and scaling use a CPU
+# and tens of MB each): more requests wait their turn rather than all
+# holding their images at once.
+MAX_RENDERS = max(1, os.cpu_count() or 1)
+_RENDERS = threading.BoundedSemaphore(MAX_RENDERS)
 
 
 # What an entry costs beyond its image: the key tuple (UIDs, window,
@@ -93,6 +101,9 @@ def params_from(request: Request, *, thumbnail: bool = False) -> RenderParams:
         raise HTTPProblem(getattr(exc, "http_status", 400), str(exc)) from None
     if thumbnail and viewport is None:
         viewport = THUMBNAIL_SIZE
+    elif thumbnail:
+        # Each side capped; the image keeps its aspect inside the box.
+        viewport = (min(viewport.vw, MAX_THUMBNAIL), min(viewport.vh, MAX_THUMBNAIL))
     return RenderParams(media_type=media_type, quality=quality, window=window, viewport=viewport)
 
 
@@ -109,7 +120,7 @@ def render_item(request: Request, item: RetrieveItem, frame: int, params: Render
     if cached is not None:
         return cached
     pacs = request.app.state.pacs
-    with framelib.local_object(pacs, item) as path, open(path, "rb") as f:
+    with _RENDERS, framelib.local_object(pacs, item) as path, open(path, "rb") as f:
         # From the file, only the frame asked for is read and decoded.
         try:
             data = render_dataset_bytes(f, frame - 1, params)

@@ -9,7 +9,8 @@ With ``PACS_AUTH_ENABLED=false`` (a local demo only) everyone is an admin.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -66,6 +67,59 @@ def audit(request: Request, action: str, principal: Principal | None, *, outcome
     """Record an access in the audit trail."""
     request.app.state.pacs.audit.record(_event(request, action, principal, outcome=outcome, study_uid=study_uid,
                                                patient_id=patient_id, detail=detail))
+
+
+# The patients named in one audit event, backslash-separated, at most this
+# many UTF-8 bytes: the column is indexed, and PostgreSQL refuses an index
+# entry over ~2.7 kB (an event it refuses was held back as if the index were
+# down). More patients go in further events with the same action and detail.
+MAX_PATIENT_BYTES = 2000
+
+
+def _chunks(values: Iterable[str], limit: int) -> list[str]:
+    """Distinct non-empty *values* joined with backslashes, in chunks of at
+    most *limit* UTF-8 bytes (one value longer than that is cut)."""
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for value in dict.fromkeys(v for v in values if v):
+        value = value.encode()[:limit].decode(errors="ignore")
+        length = len(value.encode()) + (1 if current else 0)
+        if current and size + length > limit:
+            chunks.append("\\".join(current))
+            current, size, length = [], 0, len(value.encode())
+        current.append(value)
+        size += length
+    if current:
+        chunks.append("\\".join(current))
+    return chunks
+
+
+def audit_patients(request: Request, patient_ids: Iterable[str]) -> None:
+    """Name the patients an answer shows in its audit event ("who saw which
+    patient"): backslash-separated, in as many events as their size needs
+    (:data:`MAX_PATIENT_BYTES` each). Study routes get theirs from the study."""
+    event = getattr(request.state, "audit", None)
+    if event is None:
+        return
+    chunks = _chunks(patient_ids, MAX_PATIENT_BYTES)
+    event.patient_id = chunks[0] if chunks else ""
+    request.state.audit_more = [(event.study_uid, chunk) for chunk in chunks[1:]]
+
+
+def audit_studies(request: Request, studies: Iterable[tuple[str, str]]) -> None:
+    """Name the (study, patient) pairs a request touched in its audit
+    trail, one event per study (``pacs audit --study UID`` finds each): the
+    first in the route's own event, the others in copies of it written with
+    the same outcome. A patient left empty is filled in from the study."""
+    event = getattr(request.state, "audit", None)
+    if event is None:
+        return
+    pairs = list(dict.fromkeys((s, p) for s, p in studies if s))
+    if not pairs:
+        return
+    event.study_uid, event.patient_id = pairs[0]
+    request.state.audit_more = pairs[1:]
 
 
 StudyOf = Callable[[Request], str]
@@ -170,7 +224,12 @@ class AuditMiddleware:
             if status >= 400:
                 event.outcome = "denied" if status in (401, 403) else "failure"
                 event.detail = f"{event.detail} -> {status}"[:500]
-            scope["app"].state.pacs.audit.record(event)
+            trail = scope["app"].state.pacs.audit
+            trail.record(event)
+            # More studies or patients than one event names (audit_studies,
+            # audit_patients): copies with the same outcome, one per name.
+            for study_uid, patient_id in scope.get("state", {}).get("audit_more", ()):
+                trail.record(dataclasses.replace(event, study_uid=study_uid, patient_id=patient_id))
 
         async def send_and_record(message: Message) -> None:
             if message["type"] == "http.response.start":

@@ -44,6 +44,7 @@ from .multipart import (
     parse_multipart_content_type,
     parse_multipart_related,
 )
+from .security import audit_studies
 from .urls import base_url
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,7 @@ async def store(request: Request, study: str | None) -> Response:
         # The sender went away (a dropped link): nothing to answer; what was
         # stored before stays stored, the partial part is gone.
         log.info("STOW-RS sender disconnected after %d stored, %d failed parts", len(stored), len(failed))
+        audit_studies(request, [(s["study"], "") for s in stored])
         return Response(status_code=400)
     except SpoolFull as exc:
         # The archive's shortage, not the sender's error: 0xA700 for the part
@@ -170,6 +172,10 @@ async def store(request: Request, study: str | None) -> Response:
             raise HTTPProblem(exc.http_status, str(exc)) from None
         # Parts before the broken one were handled; report them and the break.
         failed.append({"class": "", "uid": "", "reason": Status.CANNOT_UNDERSTAND, "comment": str(exc)})
+    # The audit event names each study stored into (one event per study, as
+    # C-STORE writes one per study and association; the patient is filled
+    # in from the index).
+    audit_studies(request, [(s["study"], "") for s in stored])
     if not stored and not failed:
         raise HTTPProblem(400, "the request contained no parts")
     body = _response_dataset(request, study, stored, failed)

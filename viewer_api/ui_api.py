@@ -19,7 +19,7 @@ from pacs.reports import ReportError, ReportService
 from pacs.studylist import study_detail, study_list
 
 from .errors import HTTPProblem, problem
-from .security import COOKIE, READERS, audit, guard, principal_of
+from .security import COOKIE, READERS, audit, audit_patients, guard, principal_of
 from .urls import base_url
 
 router = APIRouter(tags=["viewer"])
@@ -134,6 +134,10 @@ def me(request: Request) -> dict[str, str]:
 
 
 # -- reading worklist and study ----------------------------------------------------------
+# As QIDO-RS (pacs.query): an offset the index can bind.
+MAX_OFFSET = 2**31 - 1
+
+
 def _referring_filter(principal: Principal) -> str:
     return principal.display_name if principal.role == "referring" else ""
 
@@ -157,13 +161,16 @@ def worklist(
     for value in (date_from, date_to):
         if value and not (len(value) == 8 and value.isdigit()):
             raise HTTPProblem(400, "dates are YYYYMMDD")
-    if not 1 <= limit <= 500 or offset < 0:
-        raise HTTPProblem(400, "limit must be 1-500 and offset >= 0")
-    return study_list(
+    if not 1 <= limit <= 500 or not 0 <= offset <= MAX_OFFSET:
+        # The database binds it as a 64-bit integer: a larger one was a 500.
+        raise HTTPProblem(400, f"limit must be 1-500 and offset 0-{MAX_OFFSET}")
+    found = study_list(
         request.app.state.pacs.engine, name=q.strip(), patient_id=patient_id.strip(), date_from=date_from,
         date_to=date_to, modality=modality.strip().upper(), status=status, accession=accession.strip(),
         referring=_referring_filter(principal), limit=limit, offset=offset,
     )
+    audit_patients(request, (item["patient_id"] or "" for item in found["items"]))  # who was shown
+    return found
 
 
 @router.get("/api/studies/{study}", summary="A study with its series and instances")
@@ -305,6 +312,9 @@ def revoke_token(request: Request, username: str, name: str,
     return {"revoked": revoked}
 
 
+_AUDIT_FORMATS = ("json", "atna", "syslog")
+
+
 @router.get("/api/audit", summary="The audit trail (JSON, ATNA-shaped JSON or syslog lines)")
 def get_audit(request: Request, study: str = "", user: str = "", action: str = "", format: str = "json",
               limit: int = 1000, _: Principal = guard("admin", action="query")) -> Any:
@@ -312,6 +322,9 @@ def get_audit(request: Request, study: str = "", user: str = "", action: str = "
     # integer (500): refuse it like the other list routes do.
     if limit < 0:
         raise HTTPProblem(400, "limit must be >= 0")
+    if format not in _AUDIT_FORMATS:
+        # Not silently JSON: a client asking for XML must learn it gets none.
+        raise HTTPProblem(400, f"format must be one of {', '.join(_AUDIT_FORMATS)}, not {format[:40]!r}")
     pacs = request.app.state.pacs
     pacs.audit.flush()
     events = audit_log.query(pacs.engine, study_uid=study, user=user, action=action, limit=min(limit, 10_000))

@@ -23,6 +23,7 @@ from . import negotiation, rendering
 from .dicomjson import dumps, is_binary, to_json
 from .documents import document_media_type, document_response
 from .errors import HTTPProblem, require_uids
+from .mediatypes import NotAcceptable
 from .multipart import Part, content_type_header, multipart_related_stream, new_boundary
 from .urls import base_url
 
@@ -52,7 +53,15 @@ def _content_location(request: Request, item: RetrieveItem) -> str:
 
 def retrieve(request: Request, items: list[RetrieveItem]) -> StreamingResponse:
     """Instances as multipart/related; type="application/dicom"."""
-    offer = negotiation.negotiate_instances(request)
+    try:
+        # Only what every instance can be given in is offered: the client's
+        # best choice among those (a JPEG Baseline first choice on a CT with
+        # no encoder falls back to its next acceptable one, PS3.18 8.7.3).
+        offer = negotiation.negotiate_instances(request, items)
+    except NotAcceptable:
+        # Nothing acceptable can be had: the 406 says why for the client's
+        # first choice (below), or lists what could be had.
+        offer = negotiation.negotiate_instances(request)
     target = offer.transfer_syntax or DEFAULT_TS
     if target != "*":
         # Every instance is checked before the first byte, from the index
@@ -154,7 +163,7 @@ def metadata(request: Request, items: list[RetrieveItem]) -> Response:
     a later instance that fails ends the body early (the connection is
     dropped, which tells the client the JSON is incomplete), as in
     :func:`retrieve`."""
-    negotiation.negotiate_json(request)
+    media_type = negotiation.negotiate_json(request).media_type
     base = base_url(request)
     first = _instance_json(request, items[0], base)
 
@@ -170,7 +179,7 @@ def metadata(request: Request, items: list[RetrieveItem]) -> Response:
         chunk += b"]"
         yield bytes(chunk)
 
-    return StreamingResponse(body(), media_type="application/dicom+json")
+    return StreamingResponse(body(), media_type=media_type)
 
 
 @router.get("/studies/{study}/metadata", summary="Study metadata")
@@ -197,6 +206,19 @@ def _frame_numbers(text: str) -> list[int]:
     return numbers
 
 
+# Older PS3.18 names of frame media types that clients still send: the
+# answer uses the name the client asked for, else the current one.
+_OLD_NAMES = {"image/dicom-rle": "image/x-dicom-rle", "image/jls": "image/x-jls"}
+
+
+def _as_asked(request: Request, media_type: str | None) -> str | None:
+    old = _OLD_NAMES.get(media_type or "")
+    accept = (negotiation.effective_accept(request) or "").lower()
+    if old and old in accept and media_type not in accept.replace(old, ""):
+        return old
+    return media_type
+
+
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}", summary="Retrieve frames")
 def retrieve_frames(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
     numbers = _frame_numbers(frame_list)
@@ -216,13 +238,12 @@ def retrieve_frames(request: Request, study: str, series: str, sop: str, frame_l
         path = opened.enter_context(framelib.local_object(pacs, item))
         info = framelib.pixel_info(path, item)
         framelib.check_numbers(info, numbers)
+        # Encapsulated frames are located once for the request (offset
+        # tables or one pass over the fragment headers), then read by offset.
+        reader = framelib.FrameReader(path, info)
 
         def frame(n: int) -> bytes:
-            if not info.encapsulated:
-                return framelib.native_frame(path, info, n)
-            if decode:
-                return framelib.decoded_frame(path, n)
-            return framelib.encapsulated_frame(path, info, n)
+            return reader.decoded(n) if decode else reader.stored(n)
 
         first = frame(numbers[0])
     except BaseException:
@@ -231,7 +252,7 @@ def retrieve_frames(request: Request, study: str, series: str, sop: str, frame_l
     if not info.encapsulated or decode:
         part_type = "application/octet-stream"
     else:
-        part_type = f"{stored_type}; transfer-syntax={item.transfer_syntax_uid}"
+        part_type = f"{_as_asked(request, stored_type)}; transfer-syntax={item.transfer_syntax_uid}"
     location = _content_location(request, item)
 
     def parts() -> Iterator[Part]:

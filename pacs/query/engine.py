@@ -8,6 +8,7 @@ index columns only, no stored object is opened.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +41,10 @@ _BASE = {
 
 
 _MAX_OFFSET = 2**31 - 1
+# Control characters no DICOM value holds (PS3.5 6.1.2.3 allows ESC, LF, FF,
+# CR and TAB in some VRs): NUL in a matching value made PostgreSQL refuse the
+# query (a 500 over QIDO-RS), the others can match nothing.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 _STUDY_PK = "_sop_classes_study_pk"
 
 
@@ -75,6 +80,9 @@ class Query:
         or a value that cannot be matched (a wildcard in a UID, a malformed
         date); keys not used for matching (:attr:`ignored`) pass."""
         for keyword, value in self.match.items():
+            if isinstance(value, str) and (bad := _CONTROL.search(value)):
+                raise QueryError(f"{keyword} holds the control character U+{ord(bad.group()):04X}, "
+                                 "which no DICOM value may contain")
             attribute = ATTRIBUTES.get(keyword)
             if attribute is None or not value:
                 continue
@@ -147,7 +155,9 @@ def build_select(query: Query) -> tuple[Select[Any], list[str]]:
     if "SOPClassesInStudy" in wanted and level.depth >= Level.STUDY.depth:
         # Filled per page of matches by _emit (one query for the page).
         extra.append(studies.c.pk.label(_STUDY_PK))
-    stmt = select(base.c.pk.label("_pk"), patients.c.pk.label("_patient_pk"), *columns, *computed, *extra)
+    # The patient's ID always (``_patient_id``): who was shown goes in the audit trail.
+    stmt = select(base.c.pk.label("_pk"), patients.c.pk.label("_patient_pk"),
+                  patients.c.patient_id.label("_patient_id"), *columns, *computed, *extra)
     stmt = stmt.select_from(_from(level))
     conditions = [
         condition(ATTRIBUTES[k], v, fuzzy=query.fuzzy, other_ids=query.other_ids)
@@ -246,6 +256,7 @@ def _emit(engine: Engine, rows: Any, keywords: list[str], want: _Wanted) -> Iter
     for row in rows:
         result = {k: row[k] for k in keywords}
         result["_pk"] = row["_pk"]
+        result["_patient_id"] = row["_patient_id"]
         if want.other_ids:
             others = other_ids.get(row["_patient_pk"], [])
             result["OtherPatientIDsSequence"] = others
