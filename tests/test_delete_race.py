@@ -273,3 +273,67 @@ def test_an_interrupted_deletion_is_finished_by_verify_repair(pacs_server: PacsS
         core.close()
     assert server.stats()["instances"] == 0
     _verified(server)
+
+
+def _waiting_for_a_lock(engine: Any) -> bool:
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        return bool(conn.execute(text("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                      "AND wait_event_type = 'Lock'")).scalar())
+
+
+@pytest.mark.parametrize("backend", ["pg-fs"], indirect=True)
+def test_an_instance_indexed_while_its_study_is_deleted_leaves_no_orphan(pacs_server: PacsServer,
+                                                                         tmp_path: Path) -> None:
+    """PostgreSQL: an instance being indexed into the study (its object stored,
+    its row inserted, not committed yet) when the deletion starts. The
+    deletion selected the instances before that commit and its cascade
+    deleted the new row after it: the object had no tombstone and stayed an
+    orphan, which verify --repair adopted back. Now the deletion waits for
+    the ingest's transaction, then deletes its object with the others."""
+    import io
+
+    from sqlalchemy import select
+
+    from pacs.index.models import Instance, Series, Study
+    from pacs.maintenance import delete as deletion
+
+    server = pacs_server
+    study, _files = _send_study(server, tmp_path / "s", "RACE-5")
+    core = server.core()
+    instances = Instance.__table__
+    try:
+        conn = core.engine.connect()
+        ingest = conn.begin()
+        row = conn.execute(select(instances).join(Series, Series.pk == instances.c.series_pk)
+                           .join(Study, Study.pk == Series.study_pk).where(Study.study_uid == study)
+                           .limit(1)).mappings().one()
+        new_sop = generate_uid()
+        new_key = row["storage_key"].rsplit("/", 1)[0] + f"/{new_sop}.dcm"
+        core.store.put(new_key, io.BytesIO(core.store.read_bytes(row["storage_key"])))
+        values = {k: v for k, v in row.items() if k != "pk"} | {"sop_uid": new_sop, "storage_key": new_key}
+        conn.execute(instances.insert().values(**values))
+
+        done: dict[str, Any] = {}
+
+        def delete_study() -> None:
+            try:
+                done["report"] = deletion.delete_target(core, deletion.Target(study), reason="gửi nhầm",
+                                                        user="tester")
+            except BaseException as exc:  # reported by the assertion below
+                done["error"] = exc
+
+        worker = threading.Thread(target=delete_study, daemon=True)
+        worker.start()
+        _wait(lambda: _waiting_for_a_lock(core.engine), "the deletion waiting for the ingest's transaction")
+        ingest.commit()
+        conn.close()
+        worker.join(timeout=120)
+        assert "error" not in done, done.get("error")
+        assert done["report"].instances == 4  # the three sent and the one indexed meanwhile
+        assert not core.store.exists(new_key), "the instance indexed meanwhile left its object behind"
+    finally:
+        core.close()
+    checked = _verified(server)
+    assert checked["orphans"]["count"] == 0, checked

@@ -154,6 +154,24 @@ def count_rows(engine: Engine, table: Any, *where: Any) -> int:
         return int(conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one())
 
 
+def lock_study(conn: Connection, study_pk: int) -> None:
+    """Hold *study_pk*'s series, then the study, for this deletion's
+    transaction, before its instances are selected (PostgreSQL; SQLite's
+    deletion already holds the one write lock).
+
+    An instance being indexed into one of its series holds that series row
+    (the foreign key's share lock) until it commits; without this lock the
+    deletion selected the instances before that commit and its cascade
+    deleted the new row after it, so the new object's key had no tombstone
+    and the object was left an orphan (which ``verify --repair`` adopted
+    back). Series first, as the ingest's counters take them."""
+    if conn.dialect.name == "sqlite":
+        return
+    conn.execute(select(series_t.c.pk).where(series_t.c.study_pk == study_pk).order_by(series_t.c.pk)
+                 .with_for_update())
+    conn.execute(select(studies_t.c.pk).where(studies_t.c.pk == study_pk).with_for_update())
+
+
 def prune_after_delete(conn: Connection, series_pks: set[int], patient_pks: set[int]) -> dict[str, int]:
     """After instance or study rows were deleted: drop series left without
     instances, fix their studies' series counters and modalities, drop

@@ -38,6 +38,7 @@ from .common import (
     batched,
     indexed_among,
     instances_t,
+    lock_study,
     patients_t,
     prune_after_delete,
     prune_patients,
@@ -104,6 +105,7 @@ def _selected(conn: Connection, target: Target) -> tuple[Any, list[Any]]:
     ).first()
     if study is None:
         raise DeleteRefused(f"no study {target.study_uid}", 404)
+    lock_study(conn, study.pk)
     query = (select(instances_t.c.pk, instances_t.c.storage_key, instances_t.c.size_bytes, instances_t.c.series_pk)
              .join(series_t, series_t.c.pk == instances_t.c.series_pk)
              .where(series_t.c.study_pk == study.pk))

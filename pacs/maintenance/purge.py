@@ -48,6 +48,7 @@ from .common import (
     Progress,
     batched,
     instances_t,
+    lock_study,
     os_user,
     patients_t,
     prune_patients,
@@ -282,6 +283,7 @@ def _delete_study(pacs: Pacs, study_pk: int, where: Any, deletion: str) -> dict[
         ).first()
         if row is None:
             return None  # changed since it was selected (new report, new date...)
+        lock_study(conn, study_pk)
         keys = list(
             conn.execute(
                 select(instances_t.c.storage_key)
