@@ -27,14 +27,19 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     p.set_defaults(func=cmd_restore)
 
 
-def _audit(args: argparse.Namespace, action: str, detail: str) -> None:
+def _audit(args: argparse.Namespace, action: str, detail: str, *, restored: bool = False) -> int:
+    """Record *action* in the audit trail; after a restore, also set the
+    restored index's unfinished deletions aside (their number)."""
     from .audit import Event
     from .cli import _open
+    from .index import tombstones
 
     pacs = _open(args)
     try:
+        set_aside = tombstones.set_aside_after_restore(pacs.engine) if restored else 0
         pacs.audit.record(Event(action=action, user=getpass.getuser(), protocol="cli", detail=detail))
         pacs.audit.flush()
+        return set_aside
     finally:
         pacs.close()
 
@@ -78,10 +83,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
         err.print(f"[red]restore failed:[/red] {exc}")
         return 1
     # Opening the index afterwards brings an older backup's schema up to date.
-    _audit(args, "restore", f"index restored from {result.path}")
+    set_aside = _audit(args, "restore", f"index restored from {result.path}", restored=True)
     _report(args, result, "restored")
     if not args.json:
         if result.previous:
             out.print(f"the index it replaced is kept as {result.previous}")
         out.print("objects stored after the backup are now orphans: run `pacs verify --repair` to index them")
+        if set_aside:
+            out.print(f"{set_aside} objects of deletions under way at the backup's time are kept: `pacs verify "
+                      "--repair` indexes them again (they may have been sent again since); delete them again if "
+                      "they were not")
     return 0

@@ -195,11 +195,17 @@ class Ingestor:
         transfer_syntax: str | None = None,
         expected_sop_class: str | None = None,
         expected_sop_uid: str | None = None,
+        replaces: tuple[str, str | None] | None = None,
+        retire_as: str = "",
     ) -> IngestResult:
         """Store and index one Part 10 object.
 
         Returns once the object is durable and indexed. Raises
         :class:`IngestError` with the DICOM status to answer otherwise.
+        With *replaces* (the storage key and sha256 of the row the object
+        was prepared from: ``pacs compress``), the row is replaced only if it
+        still holds them; otherwise nothing stays of this object and the
+        result's outcome is ``Outcome.STALE`` (see ``IndexRecord.replaces``).
         """
         size = source.size
         self.check_space(size)
@@ -208,7 +214,7 @@ class Ingestor:
         _check_expected(header, expected_sop_class, expected_sop_uid)
         self._locks.acquire(header.sop_uid)
         try:
-            return self._store_and_index(source, header, origin)
+            return self._store_and_index(source, header, origin, replaces, retire_as)
         finally:
             self._locks.release(header.sop_uid)
 
@@ -243,7 +249,8 @@ class Ingestor:
                 log.error("index commit failed for %s: %s", key, exc)
                 raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
 
-    def _store_and_index(self, source: Source, header: InstanceHeader, origin: Origin) -> IngestResult:
+    def _store_and_index(self, source: Source, header: InstanceHeader, origin: Origin,
+                         replaces: tuple[str, str | None] | None = None, retire_as: str = "") -> IngestResult:
         key = object_key(header.study_uid, header.series_uid, header.sop_uid, self.key_variant)
         if self.store.remote and not self.overwrite:
             # On S3 "publish unless present" costs a HEAD round trip before
@@ -291,6 +298,8 @@ class Ingestor:
             remote_host=origin.remote_host,
             routes=routes,
             object_present=lambda key=key: self.store.exists(key),
+            replaces=replaces,
+            retire_as=retire_as,
         )
         try:
             added: AddResult = self.committer.submit(record)
@@ -315,7 +324,10 @@ class Ingestor:
         # (replaced), or ours if a copy under another key won (duplicate).
         unreferenced = added.obsolete_key
         kept_obsolete = None
-        if added.outcome is Outcome.DUPLICATE and added.existing_key not in (None, key):
+        if added.outcome is Outcome.STALE:
+            # Nothing indexed: ours goes, unless the row holds this very key.
+            unreferenced = key if added.existing_key != key else None
+        elif added.outcome is Outcome.DUPLICATE and added.existing_key not in (None, key):
             unreferenced = key
             key = added.existing_key  # the copy the index keeps is the result
         elif unreferenced and self.keep_obsolete:
@@ -326,6 +338,8 @@ class Ingestor:
             except StorageError as exc:
                 log.warning("could not delete unreferenced object %s: %s", unreferenced, exc)
         result = IngestResult(Status.SUCCESS, added.outcome, header, key, info.size, kept_obsolete)
+        if added.outcome is Outcome.STALE:
+            return result  # nothing was stored: no listener hears of it
         if result.kept_elsewhere:
             _warn_conflict(result)
         for listener in self.listeners:

@@ -243,6 +243,9 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             from dicom_scp.commitment import CommitmentReporter
 
             running.callback(CommitmentReporter(pacs).start().stop)
+            from .sweeper import Sweeper
+
+            running.callback(Sweeper(pacs, interval=settings.tombstone_sweep_interval).start().stop)
             freeze_startup_heap()
             config = uvicorn.Config(
                 create_app(pacs),

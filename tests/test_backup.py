@@ -172,3 +172,40 @@ def test_postgresql_restore_refused_while_a_node_serves_and_keeps_the_database_i
     kept = list((tmp_path / "data").glob("index-before-restore-*.dump"))
     assert len(kept) == 1 and kept[0].stat().st_size > 0 and str(kept[0]) in restored.stdout
     assert server.stats()["instances"] == 2
+
+
+def test_restore_sets_aside_deletions_under_way_at_the_backup(tmp_path: Path) -> None:
+    """A backup taken while a deletion's objects were still to delete (a
+    crash, a store that refused) holds its active tombstones; the modality
+    then sent the instances again and was acknowledged. After a restore,
+    `verify --repair` finished those tombstones: it deleted the acknowledged
+    objects. Now the restore sets them aside and verify indexes them again."""
+    from storage import StorageError
+
+    from pacs.maintenance import delete as deletion
+
+    server = PacsServer(tmp_path / "data", Backend("sqlite", None, None, {}))
+    files = _series(tmp_path, "sent", 3)
+    server.cli("import", *map(str, files))
+    study = str(__import__("pydicom").dcmread(files[0], stop_before_pixels=True).StudyInstanceUID)
+    core = server.core()
+    try:
+        def refuse(key: str) -> None:
+            raise StorageError("the store refused the delete")
+
+        core.store.delete = refuse  # type: ignore[method-assign]
+        report = deletion.delete_target(core, deletion.Target(study), reason="gửi nhầm", user="tester")
+        assert report.object_failures and server.stats()["instances"] == 0
+    finally:
+        core.close()
+    backup = tmp_path / "index.bak"
+    server.cli("backup", "--out", str(backup))
+    # The modality sends the study again: acknowledged (stored, indexed).
+    assert json.loads(server.cli("import", *map(str, files), "--json").stdout)["stored"] == 3
+
+    restored = server.cli("restore", str(backup), "--yes")
+    assert "3 objects of deletions under way" in restored.stdout
+    server.cli("verify", "--repair", "--json", check=False)
+    assert server.stats()["instances"] == 3
+    checked = json.loads(server.cli("verify", "--json").stdout)
+    assert checked["ok"] and checked["missing"]["count"] == 0, checked

@@ -437,13 +437,127 @@ def test_compress_is_lossless_and_smaller(archive: Path, codec: str, syntax: str
         assert resent.storage_key.endswith(f".{variant}.dcm") and resent.conflict is None
     again = cli.json("compress", "--codec", codec)
     assert again["candidates"] == 1 and again["compressed"] == 0
-    # The old copies go at the latest with verify --repair (or purge --yes), never adopted back.
+    # The old copies stay for readers 10 minutes, even for verify --repair, and are never adopted back...
     repaired = cli.json("verify", "--repair")
     assert repaired["problems"] == 0 and repaired["adopted"]["count"] == 0, repaired
+    assert all(store.exists(key) for key, _size, _pixels in originals.values())
+    # ... then go: pacs serve's sweep once the tombstones are 11 minutes old (or verify --repair, purge --yes).
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from pacs.index.tombstones import tombstones_t
+    from pacs.sweeper import Sweeper
+    with cli.core() as pacs:
+        assert Sweeper(pacs).sweep() == 0
+        with pacs.engine.begin() as conn:
+            conn.execute(update(tombstones_t).values(created_at=datetime.now(UTC) - timedelta(minutes=11)))
+        assert Sweeper(pacs).sweep() == len(originals) - 1
+    assert cli.json("verify")["problems"] == 0
     for sop, (key, _size, _pixels) in originals.items():
         assert store.exists(key) == (sop == liver)
     with cli.core() as pacs:
         assert verify(pacs).problems == 0
+
+
+def test_compress_never_overrides_a_resend_or_a_deletion_made_while_it_encoded(
+        archive: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While compress encodes an image, a modality sends it again (overwrite
+    policy: acknowledged, replaced) or an admin deletes its study. The
+    encoding was made from the old row: written over, it replaced the
+    acknowledged resend with the old content, and brought the deleted
+    instance (with its patient, study and series) back."""
+    from pacs.index.committer import GroupCommitter
+    from pacs.index.writer import IndexWriter
+    from pacs.ingest import Ingestor, Origin
+    import importlib
+
+    from pacs.maintenance import delete as deletion
+
+    compress_module = importlib.import_module("pacs.maintenance.compress")
+    compress = compress_module.compress
+    from pacs.part10 import FileSource
+
+    cli = Cli(archive)
+    store = FileStore(archive / "objects")
+    with cli.core() as pacs:
+        candidates = [i for i in pacs.reader.iter_stored()
+                      if i.transfer_syntax_uid in ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")]
+        by_study: dict[str, list[Any]] = {}
+        for item in candidates:
+            by_study.setdefault(item.study_uid, []).append(item)
+        single = [items[0] for items in by_study.values() if len(items) == 1]
+        resent, deleted = single[0], single[1]
+        changed = dcmread(io.BytesIO(store.read_bytes(resent.storage_key)))
+        changed.ImageComments = "sent again, acknowledged"
+        changed.save_as(tmp_path / "resend.dcm", enforce_file_format=True)
+        overwriting = Ingestor(pacs.store, GroupCommitter(pacs.engine, IndexWriter(overwrite=True)), pacs.reader,
+                               overwrite=True)
+        real_encode = compress_module._encode
+        done: list[str] = []
+
+        def encode_meanwhile(src: Path, target: Any, tmp_dir: Path) -> Any:
+            encoded = real_encode(src, target, tmp_dir)
+            sop = dcmread(src, stop_before_pixels=True).SOPInstanceUID
+            if sop == resent.sop_uid:
+                overwriting.ingest(FileSource(tmp_path / "resend.dcm"), Origin(source="test", calling_ae="CT1"))
+                done.append("resent")
+            elif sop == deleted.sop_uid:
+                deletion.delete_target(pacs, deletion.Target(deleted.study_uid), reason="gửi nhầm", user="tester")
+                done.append("deleted")
+            return encoded
+
+        monkeypatch.setattr(compress_module, "_encode", encode_meanwhile)
+        report = compress(pacs, study_uids=[resent.study_uid, deleted.study_uid])
+        assert sorted(done) == ["deleted", "resent"]
+        assert report.skipped["changed meanwhile"].count == 2 and report.compressed == 0
+        kept = pacs.reader.stored_instance(resent.sop_uid)
+        assert kept is not None and kept.storage_key == resent.storage_key
+        assert b"sent again, acknowledged" in store.read_bytes(kept.storage_key)
+        assert pacs.reader.stored_instance(deleted.sop_uid) is None
+        with pacs.engine.connect() as conn:
+            from sqlalchemy import select
+
+            from pacs.index.models import Study
+            assert conn.execute(select(Study.pk).where(Study.study_uid == deleted.study_uid)).first() is None
+        assert not [info.key for info in store.list() if info.key.endswith(".jls.dcm")]
+
+
+def test_index_restored_from_before_compress_is_repaired_onto_the_compressed_objects(
+        archive: Path, tmp_path: Path) -> None:
+    """The backup's rows name <sop>.dcm, which compress replaced by
+    <sop>.jls.dcm and deleted. verify --repair ingested each orphan under the
+    row's key: JPEG-LS bytes under a row still saying Explicit VR LE and the
+    old size (then "corrupt"). Now the row is pointed at the orphan."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    from pacs.index.tombstones import tombstones_t
+    from pacs.sweeper import Sweeper
+
+    cli = Cli(archive)
+    cli.json("backup", "--out", str(tmp_path / "index.bak"))
+    compressed = cli.json("compress", "--codec", "jpeg-ls")["compressed"]
+    assert compressed > 0
+    with cli.core() as pacs:
+        with pacs.engine.begin() as conn:
+            conn.execute(update(tombstones_t).values(created_at=datetime.now(UTC) - timedelta(minutes=11)))
+        assert Sweeper(pacs).sweep() == compressed
+    assert cli("restore", str(tmp_path / "index.bak"), "--yes").returncode == 0
+    before = cli.json("verify", rc=1)
+    assert before["missing"]["count"] == compressed and before["orphans"]["count"] == compressed
+
+    repaired = cli.json("verify", "--repair")
+    assert repaired["repointed"] == compressed and repaired["problems"] == 0, repaired
+    assert cli.json("verify")["problems"] == 0
+    store = FileStore(archive / "objects")
+    with cli.core() as pacs:
+        moved = [i for i in pacs.reader.iter_stored() if i.storage_key.endswith(".jls.dcm")]
+        assert len(moved) == compressed
+        for item in moved:
+            assert item.transfer_syntax_uid == JPEGLSLossless
+            assert len(store.read_bytes(item.storage_key)) == item.size
 
 
 # -- export -----------------------------------------------------------------------------

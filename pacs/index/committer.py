@@ -172,7 +172,7 @@ def _settle(conn: Connection, records: list[IndexRecord], results: list[AddResul
     deleted: claimed or refused in this transaction (see pacs.index.tombstones)."""
     tombstones.settle(conn, [(rec.storage_key, rec.object_present, rec.written, rec.source)
                              for rec, res in zip(records, results, strict=True)
-                             if res.outcome is not Outcome.DUPLICATE])
+                             if res.outcome in (Outcome.INSERTED, Outcome.REPLACED)])
 
 
 def _outcome(waiter: _Waiter) -> AddResult:

@@ -77,6 +77,12 @@ RETAIN = timedelta(hours=1)
 INGEST_GUARD = 600.0
 # Objects deleted per locked transaction (the lock holds SQLite ingest commits).
 FINISH_BATCH = 50
+# The tombstones of objects `pacs compress` replaced, and how long such an
+# object stays for a server that looked the old row up before the
+# replacement (a C-MOVE to a slow satellite link resolves its instances a
+# batch ahead of sending them): no one deletes it earlier.
+REPLACED = "compress"
+READERS_GRACE = timedelta(minutes=10)
 
 
 class ObjectDeleted(Exception):
@@ -225,6 +231,22 @@ def active_keys(engine: Engine, limit: int | None = None, *, deletion: str | Non
         return list(dict.fromkeys(conn.execute(query).scalars()))
 
 
+def set_aside_after_restore(engine: Engine) -> int:
+    """Retire the active tombstones of a restored index (``pacs restore``).
+
+    They name deletions under way when the backup was taken, but since then
+    a modality may have sent those instances again and been acknowledged
+    (the claim is not in the backup): finishing them would delete
+    acknowledged objects. Set aside ("restored"), their objects are orphans
+    that ``verify --repair`` indexes again; a deletion can be redone, an
+    acknowledged object lost cannot be."""
+    from .db import write_transaction
+
+    with write_transaction(engine) as conn:
+        return conn.execute(update(tombstones_t).where(tombstones_t.c.finished_at.is_(None))
+                            .values(finished_at=now(), outcome="restored")).rowcount or 0
+
+
 def prune(engine: Engine) -> int:
     """Drop tombstones finished more than :data:`RETAIN` ago."""
     from .db import write_transaction
@@ -233,13 +255,24 @@ def prune(engine: Engine) -> int:
         return conn.execute(delete(tombstones_t).where(tombstones_t.c.finished_at < now() - RETAIN)).rowcount or 0
 
 
+def _due_keys(engine: Engine, limit: int) -> list[str]:
+    """Active tombstones' keys, oldest first, but for replaced objects still
+    within :data:`READERS_GRACE`."""
+    young = (tombstones_t.c.deletion == REPLACED) & (tombstones_t.c.created_at > now() - READERS_GRACE)
+    with engine.connect() as conn:
+        query = (select(tombstones_t.c.storage_key).where(tombstones_t.c.finished_at.is_(None), ~young)
+                 .order_by(tombstones_t.c.pk).limit(limit))
+        return list(dict.fromkeys(conn.execute(query).scalars()))
+
+
 def finish_all(engine: Engine, store: Any) -> Finished:
-    """Finish every active tombstone (a deletion that died half way), then
-    prune old finished ones. Returns what was done."""
+    """Finish every active tombstone that is due (a deletion that died half
+    way, an object compress replaced more than :data:`READERS_GRACE` ago),
+    then prune old finished ones. Returns what was done."""
     total = Finished()
     tried: set[str] = set()
     while True:
-        keys = [k for k in active_keys(engine, limit=len(tried) + 500) if k not in tried]
+        keys = [k for k in _due_keys(engine, limit=len(tried) + 500) if k not in tried]
         if not keys:
             break
         tried.update(keys)

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Table, select, update
 from ..header import InstanceHeader
 from ..names import fold_name
 from ..routing import create_jobs  # no cycle: pacs.routing imports only writer_helpers from here
+from . import tombstones
 from .models import PATIENT_HAS_ID, Correction, Instance, Patient, PatientIdentifier, Series, Study
 from .reconcile import PATIENT_COLUMNS, STUDY_COLUMNS, find_order, record_reconciliation
 from .writer_helpers import insert_ignore, insert_under_parent
@@ -56,12 +57,21 @@ class IndexRecord:
     object_present: Callable[[], bool] | None = None
     # When the object was written (time.monotonic(); see tombstones.INGEST_GUARD).
     written: float = field(default_factory=time.monotonic)
+    # A replacement prepared from a row read earlier (pacs compress): the
+    # (storage key, sha256) that row must still hold, else nothing is written
+    # (Outcome.STALE); the object it replaces is recorded for deletion under
+    # *retire_as* in the same transaction (see pacs.index.tombstones).
+    replaces: tuple[str, str | None] | None = None
+    retire_as: str = ""
 
 
 class Outcome(Enum):
     INSERTED = "inserted"
     DUPLICATE = "duplicate"
     REPLACED = "replaced"
+    # A conditional replacement (IndexRecord.replaces) whose row changed or
+    # went meanwhile: nothing written.
+    STALE = "stale"
 
 
 @dataclass
@@ -413,6 +423,27 @@ class IndexWriter:
                             h.study_uid, filed["StudyInstanceUID"], keywords)
         return filed["StudyInstanceUID"]
 
+    def _replace_if_unchanged(self, conn: Connection, rec: IndexRecord) -> AddResult:
+        """The row of *rec*'s instance made to describe *rec*, only if it
+        still holds the object the replacement was prepared from: a resend
+        acknowledged meanwhile (overwrite policy) or a deletion wins, and a
+        deleted instance is never indexed again."""
+        old = conn.execute(
+            select(instances.c.pk, instances.c.storage_key, instances.c.sha256, instances.c.series_pk)
+            .where(instances.c.sop_uid == rec.header.sop_uid)
+            .with_for_update()
+        ).first()
+        if old is None or (old.storage_key, old.sha256) != rec.replaces:
+            return AddResult(Outcome.STALE, old.pk if old is not None else 0,
+                             existing_key=old.storage_key if old is not None else None)
+        conn.execute(update(instances).where(instances.c.pk == old.pk)
+                     .values(**self._instance_values(rec, old.series_pk)))
+        if old.storage_key == rec.storage_key:
+            return AddResult(Outcome.REPLACED, old.pk)
+        if rec.retire_as:
+            tombstones.record(conn, [old.storage_key], rec.retire_as)
+        return AddResult(Outcome.REPLACED, old.pk, old.storage_key)
+
     @staticmethod
     def _duplicate(conn: Connection, rec: IndexRecord, old: Any) -> AddResult:
         # Routed as this sender's objects are (see Ingestor._duplicate).
@@ -426,6 +457,8 @@ class IndexWriter:
         Series and study counters are kept by database triggers (migration
         0002), so a new instance of a known series costs one INSERT.
         """
+        if rec.replaces is not None:
+            return self._replace_if_unchanged(conn, rec)
         if not self.overwrite and self._series.get(rec.header.series_uid) is None:
             # The first instance of a series (as far as the cache knows) may
             # carry a UID the index already holds elsewhere: answered before

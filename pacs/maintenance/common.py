@@ -121,13 +121,16 @@ def indexed_among(engine: Engine, keys: list[str]) -> set[str]:
     return found
 
 
-def index_stored_object(pacs: Pacs, key: str, *, source: str = "reindex") -> AddResult:
+def index_stored_object(pacs: Pacs, key: str, *, source: str = "reindex",
+                        replaces: tuple[str, str | None] | None = None) -> AddResult:
     """Index the object stored under *key* as it is: nothing is written to
     storage. Parses the header (validating the object like ingest does) and
     hashes the bytes, then commits through the group committer.
 
     Raises :class:`pacs.errors.IngestError` for an object that is not valid
-    DICOM, :class:`storage.StorageError` when it cannot be read.
+    DICOM, :class:`storage.StorageError` when it cannot be read. With
+    *replaces*, the instance's row is pointed at *key* if it still holds
+    that (storage key, sha256) (see ``IndexRecord.replaces``).
     """
     from ..header import parse_header
 
@@ -145,6 +148,7 @@ def index_stored_object(pacs: Pacs, key: str, *, source: str = "reindex") -> Add
         received_at=datetime.now(UTC),
         source=source,
         object_present=lambda key=key: pacs.store.exists(key),
+        replaces=replaces,
     )
     return pacs.committer.submit(record)
 

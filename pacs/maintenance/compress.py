@@ -22,11 +22,14 @@ The new object goes under a key of its own (``<sop>.jls.dcm``,
 instance meanwhile (WADO-RS, C-GET, C-MOVE) looked its row up before the
 replacement and streams the object that row describes, its size and its
 transfer syntax (writing over it served JPEG-LS bytes labelled Explicit VR
-Little Endian, and ended C-GETs early). The old object is recorded as being
-deleted (a tombstone, as ``pacs delete`` does) and deleted once
-:data:`READERS_GRACE` has passed, by this run or the next one, ``pacs purge
---yes`` or ``pacs verify --repair``; until then ``verify`` counts it pending,
-never an orphan.
+Little Endian, and ended C-GETs early). The replacement is made only if the
+row still holds the object the encoding was made from (a resend
+acknowledged meanwhile, or a deletion, wins: "changed meanwhile"). The old
+object is recorded as being deleted (a tombstone, in the replacement's
+transaction) and deleted once :data:`READERS_GRACE` has passed: by this
+run, `pacs serve` (every few minutes), the next run, ``pacs purge --yes``
+or ``pacs verify --repair``; until then ``verify`` counts it pending, never
+an orphan.
 
 A full disk (ENOSPC/EDQUOT, the store or the index full) stops the run: it
 is reported as "disk full" in ``failed`` and ``stopped`` (not as pixels
@@ -71,8 +74,7 @@ from ..app import Pacs
 from ..errors import IngestError, Status
 from ..index import tombstones
 from ..index.committer import GroupCommitter
-from ..index.db import write_transaction
-from ..index.writer import IndexWriter
+from ..index.writer import IndexWriter, Outcome
 from ..ingest import Ingestor, Origin
 from ..part10 import FileSource
 from ..transcode import convert_dataset
@@ -93,11 +95,10 @@ CODECS = {"jpeg-ls": JPEGLSLossless, "j2k": JPEG2000Lossless}
 # The key variant of each codec's objects (pacs.ingest.object_key).
 KEY_VARIANTS = {"jpeg-ls": "jls", "j2k": "j2k"}
 # How long a replaced object stays for the readers that looked its row up
-# before the replacement: a C-MOVE to a slow satellite link resolves its
-# instances a batch ahead of sending them.
-READERS_GRACE = 600.0
-# The tombstones' name for the objects compress replaced.
-DELETION = "compress"
+# before the replacement (see pacs.index.tombstones), and the tombstones'
+# name for the objects compress replaced.
+READERS_GRACE = tombstones.READERS_GRACE.total_seconds()
+DELETION = tombstones.REPLACED
 UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, ExplicitVRBigEndian)
 # Re-encoding holds an object about five times (dataset, pixel copy, encoded
 # dataset, written file read back, decoded check): a 900 MB multi-frame CT
@@ -200,7 +201,7 @@ class CompressReport:
 def _candidates(pacs: Pacs, study_uids: list[str] | None) -> Iterator[Any]:
     columns = (
         instances_t.c.pk, instances_t.c.sop_uid, instances_t.c.storage_key, instances_t.c.size_bytes,
-        instances_t.c.source, instances_t.c.calling_ae, instances_t.c.remote_host,
+        instances_t.c.sha256, instances_t.c.source, instances_t.c.calling_ae, instances_t.c.remote_host,
     )
     where = [instances_t.c.transfer_syntax_uid.in_([str(u) for u in UNCOMPRESSED]), instances_t.c.rows.isnot(None)]
     last_pk = 0
@@ -338,9 +339,9 @@ def compress(
 class _Retired:
     """Replaced objects waiting :data:`READERS_GRACE` before their deletion.
 
-    Each is recorded as a tombstone right after its replacement committed,
-    so a crash leaves them to ``verify --repair`` or ``purge --yes``, never
-    as orphans to adopt back."""
+    Each is recorded as a tombstone in the transaction of its replacement
+    (IndexRecord.retire_as), so a crash leaves them to ``verify --repair``
+    or ``purge --yes``, never as orphans to adopt back."""
 
     def __init__(self, pacs: Pacs) -> None:
         self.pacs = pacs
@@ -351,8 +352,6 @@ class _Retired:
         return len(self.waiting)
 
     def add(self, key: str) -> None:
-        with write_transaction(self.pacs.engine) as conn:
-            tombstones.record(conn, [key], DELETION)
         self.waiting.append((time.monotonic(), key))
 
     def finish_earlier_runs(self) -> None:
@@ -402,7 +401,13 @@ def _one(pacs: Pacs, ingestor: Ingestor, row: Any, target: UID, tmp_dir: Path, r
         if new_size >= row.size_bytes:
             report.skip("no gain", row.sop_uid, f"{new_size} >= {row.size_bytes} bytes")
             return
-        result = ingestor.ingest(FileSource(encoded), origin, expected_sop_uid=row.sop_uid)
+        # Only over the object this encoding was made from: a resend
+        # acknowledged meanwhile (overwrite policy) or a deletion wins.
+        result = ingestor.ingest(FileSource(encoded), origin, expected_sop_uid=row.sop_uid,
+                                 replaces=(row.storage_key, row.sha256), retire_as=DELETION)
+        if result.outcome is Outcome.STALE:
+            report.skip("changed meanwhile", row.sop_uid, "sent again or deleted while it was being encoded")
+            return
         if result.obsolete_key:
             retired.add(result.obsolete_key)
         report.compressed += 1

@@ -50,8 +50,10 @@ from .common import (
     batched,
     count_rows,
     delete_instance_rows,
+    index_stored_object,
     indexed_among,
     instances_t,
+    sop_of_key,
 )
 from .purge import PurgeJournal, finish_interrupted
 
@@ -74,6 +76,8 @@ class VerifyReport:
     adopted: Capped = field(default_factory=Capped)
     not_adopted: Capped = field(default_factory=Capped)
     pending_purge: int = 0
+    # Rows whose missing object was found under another key and pointed at it.
+    repointed_pks: set[int] = field(default_factory=set)
     purged_leftovers: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     repair: bool = False
@@ -81,7 +85,7 @@ class VerifyReport:
     @property
     def problems(self) -> int:
         """Problems left after this run (what makes the exit code 1)."""
-        missing = max(0, self.missing.count - self.dropped.get("instances", 0))
+        missing = max(0, self.missing.count - self.dropped.get("instances", 0) - len(self.repointed_pks))
         # Orphans not adopted: invalid ones and duplicates of indexed instances.
         orphans = max(0, self.orphans.count - self.adopted.count)
         return missing + self.corrupt.count + self.unreadable.count + orphans
@@ -94,6 +98,7 @@ class VerifyReport:
             "checked_bytes": self.checked_bytes,
             "stored_objects": self.stored,
             "missing": self.missing.as_dict(),
+            "repointed": len(self.repointed_pks),
             "corrupt": self.corrupt.as_dict(),
             "unreadable": self.unreadable.as_dict(),
             "orphans": self.orphans.as_dict(),
@@ -171,8 +176,36 @@ def _classify_orphan(pacs: Pacs, key: str) -> str | None:
     return None
 
 
+def _repoint(pacs: Pacs, key: str, report: VerifyReport) -> bool:
+    """Point the row of the orphan's instance at the orphan when the object
+    that row names is missing (an index restored from before ``pacs
+    compress``: the row names ``<sop>.dcm``, the store holds
+    ``<sop>.jls.dcm``). Ingesting it instead wrote its bytes under the row's
+    key and left the row describing the old ones (size, transfer syntax)."""
+    sop = sop_of_key(key)
+    if sop is None:
+        return False
+    with pacs.engine.connect() as conn:
+        row = conn.execute(select(instances_t.c.pk, instances_t.c.storage_key, instances_t.c.sha256)
+                           .where(instances_t.c.sop_uid == sop)).first()
+    if row is None or row.storage_key == key or pacs.store.exists(row.storage_key):
+        return False
+    try:
+        added = index_stored_object(pacs, key, source="repair", replaces=(row.storage_key, row.sha256))
+    except (IngestError, StorageError) as exc:
+        report.not_adopted.add({"key": key, "detail": str(exc)})
+        return True
+    if added.outcome is not Outcome.REPLACED:
+        return False  # the row changed meanwhile: the ordinary way
+    report.adopted.add({"key": key, "sop_uid": sop, "replaces_missing": row.storage_key})
+    report.repointed_pks.add(row.pk)
+    return True
+
+
 def _adopt(pacs: Pacs, key: str, report: VerifyReport) -> None:
     """Ingest a valid orphan from the store through the one ingest path."""
+    if _repoint(pacs, key, report):
+        return
     try:
         with pacs.store.local_path(key) as path:
             result = pacs.ingestor.ingest(FileSource(path), Origin(source="repair", remote_host="localhost"))
@@ -251,6 +284,7 @@ def verify(
     missing_pks: list[int] = []
     _index_pass(pacs, report, quick, workers, progress, missing_pks)
     _storage_pass(pacs, report, repair, progress, pending)
+    missing_pks = [pk for pk in missing_pks if pk not in report.repointed_pks]
     if repair and drop_missing and missing_pks:
         if report.stored == 0 and len(missing_pks) == report.checked:
             # Every object gone and the store empty: an unmounted data disk or
