@@ -614,7 +614,15 @@ def cmd_route(args: argparse.Namespace) -> int:
                                   r["destination"], r["transcode"], str(r["deidentify"]), str(r["stable_seconds"]))
                 out.print(table)
         elif command == "remove":
-            return 0 if rules.remove(args.name) else 1
+            try:
+                discarded = rules.remove(args.name, force=args.force)
+            except routing.RoutingError as exc:  # unfinished jobs, no --force
+                err.print(f"[red]{exc}[/red]")
+                return 2
+            if discarded is None:
+                err.print(f"[red]no rule named {args.name}[/red]")
+                return 1
+            _print_result(args, {"removed": args.name, "discarded": discarded})
         elif command == "list":
             jobs = routing.list_jobs(pacs.engine, args.state or "", args.limit)
             if args.json:
@@ -849,9 +857,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--stable", type=int, default=0, help="route a study once no instance arrived for N s")
     q = r_sub.add_parser("rules", help="list the rules")
     _common(q, json_flag=True)
-    q = r_sub.add_parser("remove", help="remove a rule")
+    q = r_sub.add_parser("remove", help="remove a rule (refused while it has pending, sending or dead jobs)")
     _common(q, json_flag=True)
     q.add_argument("name")
+    q.add_argument("--force", action="store_true", help="remove it with its unfinished jobs (they are discarded)")
     q = r_sub.add_parser("list", help="jobs and counts per state")
     _common(q, json_flag=True)
     q.add_argument("--state", choices=["pending", "sending", "done", "dead", "cancelled"])
@@ -863,7 +872,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = r_sub.add_parser("prune", help="delete done and cancelled jobs (pacs serve does it hourly, after route_keep_days)")
     _common(q, json_flag=True)
     q.add_argument("--older-than-days", type=float, help="default: route_keep_days (30); needed when that is 0")
-    q = r_sub.add_parser("cancel", help="cancel pending/dead jobs of a rule (or one job)")
+    q = r_sub.add_parser("cancel", help="cancel pending/dead jobs of a rule (or one job), and jobs whose sender "
+                                        "stopped (sending, lease expired)")
     _common(q, json_flag=True)
     q.add_argument("--job", type=int)
     q.add_argument("--rule")

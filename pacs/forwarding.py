@@ -11,6 +11,7 @@ corrections for the study.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import logging
@@ -27,20 +28,25 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 from pydicom import dcmread
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import _config, evt
 from pynetdicom.presentation import PresentationContext
 from sqlalchemy.exc import SQLAlchemyError
+from storage import ObjectNotFound, StorageError
 
 from . import routing
 from .app import Pacs
 from .maintenance.export import deidentify_salt
 from .query import Level
 from .remote import RemoteError, associate, local_ae
-from .retrieve import RetrieveItem, apply_overrides, resolve
-from .routing import TRANSCODES, Job, Rule
-from .transcode import convert_dataset, has_pixels, stream_stored
+from .retrieve import RetrieveItem, apply_overrides, contexts_for, for_peer, resolve
+from .routing import TRANSCODES, Job, Rule, morph_element
+from .transcode import CHUNK, convert_dataset, has_pixels
 
 if TYPE_CHECKING:
     from viewer_api.multipart import Part
@@ -61,10 +67,18 @@ def _target_syntax(rule: Rule) -> str:
     return TRANSCODES.get(rule.transcode, rule.transcode)
 
 
-def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule) -> Dataset | None:
-    """The copy a rule sends, or None when the stored bytes go as they are."""
-    target = _target_syntax(rule)
-    if not (target and target != item.transfer_syntax_uid) and not rule.deidentify and not rule.morph \
+def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule, *, uncompressed: bool = False) -> Dataset | None:
+    """The copy a rule sends, or None when the stored bytes go as they are.
+
+    *uncompressed*: for a destination that takes no compressed syntax (the
+    rule's transcoding then gives way to Explicit VR Little Endian).
+    Raises ObjectNotFound / StorageError when the object cannot be read,
+    anything else when the copy cannot be made (a job failing for good)."""
+    target = str(ExplicitVRLittleEndian) if uncompressed else _target_syntax(rule)
+    # Checked before any read: a bad value from a rule older than the check
+    # at `route add` fails here, not as a failure of the destination.
+    morph = [morph_element(keyword, value) for keyword, value in rule.morph]
+    if not (target and target != item.transfer_syntax_uid) and not rule.deidentify and not morph \
             and not item.overrides:
         return None
 
@@ -103,9 +117,58 @@ def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule) -> Dataset | None:
         if release.reason:
             log.warning("%s sent de-identified: %s", item.sop_uid, release.reason)
         Deidentifier(deidentify_salt(pacs)).apply(ds)
-    for keyword, value in rule.morph:
-        setattr(ds, keyword, value)
+    if morph:
+        _unicode_if_needed(ds, [value for _, value in rule.morph])
+        for element in morph:
+            ds[element.tag] = element
+    _check_encodes(ds)
     return ds
+
+
+def _unicode_if_needed(ds: Dataset, values: list[str]) -> None:
+    """Values the dataset's character set cannot hold (Vietnamese text in an
+    ISO_IR 100 or ASCII object) would arrive as "?": the dataset's text is
+    decoded and the copy goes in UTF-8 (ISO_IR 192), every value exact."""
+    texts = [v for v in values if not v.isascii()]
+    if not texts:
+        return
+    charset = ds.get("SpecificCharacterSet")
+    names = [charset] if isinstance(charset, str) else [str(c) for c in (charset or [])]
+    if names == ["ISO_IR 192"]:
+        return
+    if len(names) == 1 and names[0] not in ("", "ISO_IR 6"):
+        with contextlib.suppress(UnicodeError, LookupError):
+            codec = convert_encodings(names)[0]
+            for text in texts:
+                text.encode(codec)
+            return
+    ds.decode()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+
+
+def _check_encodes(ds: Dataset) -> None:
+    """Encode what changed in the copy's header (elements read from the
+    object are written as read; Pixel Data is bytes): a value that cannot be
+    encoded fails the job here, as "cannot prepare", not at the peer."""
+    syntax = UID(ds.file_meta.TransferSyntaxUID)
+    fp = DicomBytesIO()
+    fp.is_little_endian, fp.is_implicit_VR = syntax.is_little_endian, syntax.is_implicit_VR
+    encodings = convert_encodings(ds.get("SpecificCharacterSet"))
+    for tag in list(ds.keys()):
+        if tag.group == 0x7FE0:
+            continue
+        element = ds.get_item(tag)
+        if isinstance(element, RawDataElement):
+            continue
+        try:
+            write_data_element(fp, element, encodings)
+        except Exception as exc:
+            raise ValueError(f"{element.keyword or element.tag} cannot be encoded: {str(exc).splitlines()[0]}") \
+                from None
+
+
+class _NotAccepted(Exception):
+    """The destination accepted no presentation context for the SOP class."""
 
 
 # How often a batch still being sent renews its claim (routing.LEASE is 5 min).
@@ -158,8 +221,8 @@ class Forwarder:
         # down): they may hold at most concurrency - 1 workers, so one is
         # always left for the healthy ones.
         self._suspect: set[str] = set()
-        # This round's failures per destination: (new state, error).
-        self._failures: dict[str, list[tuple[str, str]]] = {}
+        # This round's failures per destination: (new state, error, the peer's fault).
+        self._failures: dict[str, list[tuple[str, str, bool]]] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="routing", daemon=True)
@@ -288,11 +351,21 @@ class Forwarder:
             with self._lock:
                 self._busy.discard(destination)
 
-    def _fail(self, destination: str, job: Job, error: str, *, permanent: bool = False) -> None:
+    def _fail(self, destination: str, job: Job, error: str, *, permanent: bool = False, peer: bool = True) -> None:
+        """Count a failed try (or park the job as dead). *peer*: the
+        destination's failure (it then counts as suspect); not for an object
+        that cannot be read or prepared here."""
         states: list[str] = []
         self._record(lambda: states.append(
             routing.fail(self.pacs.engine, job, error, max_attempts=self.max_attempts, permanent=permanent)))
-        self._failures.setdefault(destination, []).append((states[0] if states else "pending", error))
+        self._failures.setdefault(destination, []).append((states[0] if states else "pending", error, peer))
+
+    def _unreadable(self, destination: str, job: Job, exc: Exception) -> None:
+        """The stored object cannot be read: gone for good, or the store is down."""
+        if isinstance(exc, ObjectNotFound):
+            self._fail(destination, job, "the object is missing from the store", permanent=True, peer=False)
+        else:
+            self._fail(destination, job, f"cannot read the stored object: {exc}", peer=False)
 
     def drain(self, destination: str) -> int:
         """Send one batch for *destination*; returns how many jobs were claimed."""
@@ -307,21 +380,30 @@ class Forwarder:
             # deliveries and failures come first in the queue of writes).
             self._give_back(jobs)
             raise
+        except Exception as exc:
+            # Whatever went wrong, the batch's jobs are not left claimed (they
+            # stalled in "sending" until the lease expired, again and again):
+            # those not settled yet count a failed try, so a job that always
+            # breaks the batch ends as dead.
+            log.exception("routing to %s failed", destination)
+            error = f"internal error: {(str(exc).splitlines() or [repr(exc)])[0][:200]}"
+            for job in jobs:
+                self._fail(destination, job, error, peer=False)
         finally:
             self._report(destination, len(jobs), self._failures.pop(destination, []))
         return len(jobs)
 
-    def _report(self, destination: str, claimed: int, failures: list[tuple[str, str]]) -> None:
+    def _report(self, destination: str, claimed: int, failures: list[tuple[str, str, bool]]) -> None:
         """One log line per failed round (not one per object), naming the
         destination: the operator sees which satellite is down."""
         with self._lock:
-            if failures:
+            if any(peer for _, _, peer in failures):
                 self._suspect.add(destination)
             else:
                 self._suspect.discard(destination)
         if not failures:
             return
-        dead = sum(1 for state, _ in failures if state == "dead")
+        dead = sum(1 for state, _, _ in failures if state == "dead")
         log.warning("routing to %s: %d of %d jobs failed (%s); last error: %s", destination, len(failures), claimed,
                     f"{dead} parked as dead, see pacs route list --state dead" if dead else "retried later",
                     failures[-1][1])
@@ -336,7 +418,7 @@ class Forwarder:
         for job in jobs:
             rule, item = rules.get(job.rule_pk), items.get(job.sop_uid)
             if rule is None or item is None:
-                self._fail(destination, job, "rule or instance no longer exists", permanent=True)
+                self._fail(destination, job, "rule or instance no longer exists", permanent=True, peer=False)
                 continue
             ready.append((job, rule, item))
         if not ready:
@@ -358,9 +440,11 @@ class Forwarder:
         prepared = []
         for job, rule, item in batch:
             try:
-                prepared.append((job, item, transformed(self.pacs, item, rule)))
+                prepared.append((job, rule, item, transformed(self.pacs, item, rule)))
+            except StorageError as exc:
+                self._unreadable(destination, job, exc)
             except Exception as exc:
-                self._fail(destination, job, f"cannot prepare: {exc}", permanent=True)
+                self._fail(destination, job, f"cannot prepare: {exc}", permanent=True, peer=False)
         if not prepared:
             return
         # The operator's dicom_timeout and PDU size apply to routing too: a
@@ -381,29 +465,41 @@ class Forwarder:
             with self._lock:
                 self._sending.difference_update(opened)
             if self._stop.is_set():  # cut by stop(): not the destination's failure
-                self._give_back([job for job, _, _ in prepared])
+                self._give_back([job for job, _, _, _ in prepared])
             else:
-                for job, _, _ in prepared:
+                for job, _, _, _ in prepared:
                     self._fail(destination, job, str(exc))
             return
         renewed = time.monotonic()
         _stop_aware(assoc, self._stop)
         with self._lock:
             self._sending.add(assoc)
+        accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
         try:
-            for index, (job, item, ds) in enumerate(prepared):
+            for index, (job, rule, item, ds) in enumerate(prepared):
                 if self._unsettled or self._stop.is_set():
                     # The index went down (or the server stops): what was sent
                     # is kept to record, the rest goes back to the queue
                     # instead of being held.
-                    self._give_back([j for j, _, _ in prepared[index:]])
+                    self._give_back([j for j, _, _, _ in prepared[index:]])
                     break
                 if time.monotonic() - renewed > RENEW_EVERY:
-                    self._record(lambda rest=[j.pk for j, _, _ in prepared[index:]]: routing.extend(
+                    self._record(lambda rest=[j.pk for j, _, _, _ in prepared[index:]]: routing.extend(
                         engine, rest, self.node))
                     renewed = time.monotonic()
                 if not assoc.is_established:
                     self._fail(destination, job, "association lost")
+                    continue
+                try:
+                    ds = self._for_destination(title, rule, item, ds, accepted)
+                except _NotAccepted as exc:
+                    self._fail(destination, job, str(exc))
+                    continue
+                except StorageError as exc:
+                    self._unreadable(destination, job, exc)
+                    continue
+                except Exception as exc:
+                    self._fail(destination, job, str(exc), permanent=True, peer=False)
                     continue
                 try:
                     if ds is None:
@@ -419,7 +515,7 @@ class Forwarder:
                 if code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF):
                     self._finish(job)
                 elif self._stop.is_set():  # aborted by stop(): not the destination's failure
-                    self._give_back([j for j, _, _ in prepared[index:]])
+                    self._give_back([j for j, _, _, _ in prepared[index:]])
                     break
                 else:
                     self._fail(destination, job, f"C-STORE to {title}: {error}")
@@ -430,6 +526,29 @@ class Forwarder:
                 assoc.abort(block=False)  # a release would wait for a frozen peer's answer
             elif assoc.is_established:
                 assoc.release()
+
+    def _for_destination(self, title: str, rule: Rule, item: RetrieveItem, ds: Dataset | None,
+                         accepted: set[tuple[str, str]]) -> Dataset | None:
+        """The copy in a syntax the destination accepted: as prepared when it
+        takes that syntax; else decoded to Explicit/Implicit VR Little Endian
+        (the fallbacks proposed with every SOP class, as C-MOVE does)."""
+        syntax = str(ds.file_meta.TransferSyntaxUID) if ds is not None else item.transfer_syntax_uid
+        if (item.sop_class_uid, syntax) in accepted:
+            return ds
+        if not any(sop_class == item.sop_class_uid for sop_class, _ in accepted):
+            raise _NotAccepted(f"C-STORE to {title}: it accepted no presentation context for "
+                               f"{UID(item.sop_class_uid).name}")
+        if ds is not None and not UID(syntax).is_compressed:
+            return ds  # pynetdicom converts between the uncompressed syntaxes
+        try:
+            if ds is None:
+                return for_peer(self.pacs, item, accepted)  # decoded, or uncompressed as stored
+            return transformed(self.pacs, item, rule, uncompressed=True)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"cannot send {UID(syntax).name} to {title}, which accepts only uncompressed syntaxes "
+                             f"for {UID(item.sop_class_uid).name}: {exc}") from None
 
     # -- STOW-RS -----------------------------------------------------------------------------
     def _send_dicomweb(self, destination: str, url: str, batch: list[tuple[Job, Rule, RetrieveItem]]) -> None:
@@ -450,7 +569,9 @@ class Forwarder:
             # de-identified copy has a new one: the answer names that one).
             sent: list[tuple[Job, str]] = []
             dropped: list[Job] = []
-            parts = self._stow_parts(destination, chunk, sent, dropped)
+            # A stored object whose read failed while the body was being sent.
+            broken: list[tuple[Job, Exception]] = []
+            parts = self._stow_parts(destination, chunk, sent, dropped, broken)
             first = next(parts, None)
             if first is None:
                 continue  # nothing could be prepared: no request
@@ -460,12 +581,29 @@ class Forwarder:
             if chunk[0][1].destination_auth:
                 headers["Authorization"] = chunk[0][1].destination_auth
             body = multipart_related_iter(itertools.chain([first], parts), boundary)
+            response = None
             try:
                 response = httpx.post(url.rstrip("/") + "/studies", content=body, headers=headers, timeout=120)
-            except httpx.HTTPError as exc:
+            except Exception as exc:
+                # Any error, not only httpx's: one escaping here left the
+                # whole batch claimed ("sending") and retried every 5 minutes.
+                if broken:
+                    # An object could not be read mid-request: that job
+                    # fails; the others did not reach the destination whole
+                    # and go back to the queue without a try counted.
+                    culprit, error = broken[0]
+                    self._unreadable(destination, culprit, error)
+                    self._give_back([job for job, _, _ in chunk
+                                     if job.pk != culprit.pk and job.pk not in {d.pk for d in dropped}])
+                    continue
+                peer = isinstance(exc, httpx.HTTPError)
+                if not peer:
+                    log.exception("STOW-RS to %s failed", url)
                 for job, _ in sent:
-                    self._fail(destination, job, f"STOW-RS to {url}: {exc}")
-                response = None
+                    self._fail(destination, job, f"STOW-RS to {url}: {str(exc) or repr(exc)}", peer=peer)
+            finally:
+                with contextlib.suppress(Exception):
+                    parts.close()  # a part's stored object left open by a request that ended early
             # Jobs the body never reached (the request ended early) go back to the queue.
             reached = {job.pk for job, _ in sent} | {job.pk for job in dropped}
             for job, _, _ in chunk:
@@ -482,21 +620,45 @@ class Forwarder:
                     self._fail(destination, job, f"STOW-RS to {url}: {reason}")
 
     def _stow_parts(self, destination: str, chunk: list[tuple[Job, Rule, RetrieveItem]],
-                    sent: list[tuple[Job, str]], dropped: list[Job]) -> Iterator[Part]:
+                    sent: list[tuple[Job, str]], dropped: list[Job],
+                    broken: list[tuple[Job, Exception]]) -> Iterator[Part]:
         """The parts of one STOW-RS request, each made when the body needs
-        it; a job that cannot be prepared fails for good and is left out."""
+        it; a job that cannot be prepared, or whose stored object cannot be
+        opened, fails and is left out (the others are sent)."""
         from viewer_api.multipart import Part
 
         for job, rule, item in chunk:
+            stream = None
             try:
                 ds = transformed(self.pacs, item, rule)
+                if ds is None:
+                    # Opened before its part starts: a missing object is
+                    # this job's failure, not an error inside the request.
+                    stream = self.pacs.store.open(item.storage_key)
+            except StorageError as exc:
+                self._unreadable(destination, job, exc)
+                dropped.append(job)
+                continue
             except Exception as exc:
-                self._fail(destination, job, f"cannot prepare: {exc}", permanent=True)
+                self._fail(destination, job, f"cannot prepare: {exc}", permanent=True, peer=False)
                 dropped.append(job)
                 continue
             sent.append((job, item.sop_uid if ds is None else str(ds.SOPInstanceUID)))
-            body = stream_stored(self.pacs, item) if ds is None else _encoded(ds)
+            body = _streamed(stream, job, broken) if stream is not None else _encoded(ds)
             yield Part("application/dicom", body=body)
+
+
+def _streamed(stream: Any, job: Job, broken: list[tuple[Job, Exception]]) -> Iterator[bytes]:
+    """A stored object's bytes; a read error is noted for *job* (then raised)."""
+    try:
+        with stream:
+            while chunk := stream.read(CHUNK):
+                yield chunk
+    except GeneratorExit:
+        raise
+    except Exception as exc:
+        broken.append((job, exc))
+        raise
 
 
 def _encoded(ds: Dataset) -> Iterator[bytes]:
@@ -519,17 +681,16 @@ def _stow_failures(response: httpx.Response) -> dict[str, str]:
     return failures
 
 
-def _contexts(prepared: list[tuple[Job, RetrieveItem, Dataset | None]]) -> list[PresentationContext]:
-    """One context per (SOP class, syntax) to send, uncompressed fallbacks after."""
-    wanted: dict[tuple[str, str], None] = {}
-    for _, item, ds in prepared:
-        syntax = str(ds.file_meta.TransferSyntaxUID) if ds is not None else item.transfer_syntax_uid
-        wanted[(item.sop_class_uid, syntax)] = None
+def _contexts(prepared: list[tuple[Job, Rule, RetrieveItem, Dataset | None]]) -> list[PresentationContext]:
+    """Per SOP class Explicit/Implicit VR Little Endian, then each syntax to
+    send alone (see :func:`pacs.retrieve.contexts_for`): a destination that
+    takes no compressed syntax still gets the object, decoded."""
+    items = [item if ds is None else dataclasses.replace(item, transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID))
+             for _, _, item, ds in prepared]
     contexts = []
-    for sop_class, syntax in list(wanted)[:120]:
+    for sop_class, syntaxes in contexts_for(items):
         cx = PresentationContext()
         cx.abstract_syntax = sop_class
-        fallbacks = [] if UID(syntax).is_compressed else [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
-        cx.transfer_syntax = list(dict.fromkeys([syntax, *fallbacks]))
+        cx.transfer_syntax = syntaxes
         contexts.append(cx)
     return contexts

@@ -16,15 +16,20 @@ import fnmatch
 import json
 import re
 import threading
+from struct import error as struct_error
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from pydicom.datadict import keyword_dict
+from pydicom import config as pydicom_config
+from pydicom.dataelem import DataElement
+from pydicom.datadict import dictionary_VM, dictionary_VR, keyword_dict, tag_for_keyword
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, Engine, and_, delete, func, select, update
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_data_element
+from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, update
 
 from .errors import PacsError
 from .index.db import write_transaction
@@ -37,6 +42,8 @@ if TYPE_CHECKING:
 rules_t = RoutingRule.__table__
 jobs_t = RouteJob.__table__
 LEASE = timedelta(minutes=5)
+# Jobs that still mean to deliver (or, dead, wait for the operator).
+UNFINISHED = ("pending", "sending", "dead")
 TRANSCODES = {
     "": "",
     "uncompressed": "1.2.840.10008.1.2.1",
@@ -96,11 +103,17 @@ class Rule:
 
 @dataclass(frozen=True)
 class PlannedRoute:
-    """A job to create with the instance's index row."""
+    """A job to create with the instance's index row.
+
+    *rule_name* is checked when the job is written: a rule removed while
+    ingest still had it cached (2 s) gets no job, and its primary key,
+    which SQLite gives to the next rule added, does not send the object
+    under that other rule (say, without de-identification)."""
 
     rule_pk: int
     destination_key: str
     stable_seconds: int
+    rule_name: str = ""
 
 
 @dataclass
@@ -124,6 +137,51 @@ def parse_condition(text: str) -> Condition:
             attribute, value = text.split(sep, 1)
             return _condition(attribute, op, value)
     raise RoutingError(f"cannot read condition {text!r}: use Key=value, Key~wild*card or Key=/regex/")
+
+
+# Binary numeric VRs: a --set value is converted to numbers (the text "512" cannot be written as US).
+_INT_VRS = {"US": (0, 2**16 - 1), "SS": (-(2**15), 2**15 - 1), "UL": (0, 2**32 - 1), "SL": (-(2**31), 2**31 - 1),
+            "UV": (0, 2**64 - 1), "SV": (-(2**63), 2**63 - 1)}
+_FLOAT_VRS = ("FL", "FD")
+# VRs a value given as text cannot stand for.
+_NOT_SETTABLE = ("SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "AT")
+
+
+def morph_element(keyword: str, value: str) -> DataElement:
+    """The element a rule's ``--set Keyword=value`` puts on the copy, checked
+    against the keyword's VR and VM and encoded once (RoutingError if the
+    value does not fit: refused at ``route add``, a job fails for good)."""
+    tag = tag_for_keyword(keyword) if keyword in keyword_dict else None
+    if tag is None:
+        raise RoutingError(f"unknown attribute to set: {keyword!r}")
+    vrs = dictionary_VR(tag).split(" or ")
+    if any(vr in _NOT_SETTABLE for vr in vrs):
+        raise RoutingError(f"--set {keyword}: its VR ({dictionary_VR(tag)}) cannot be set from text")
+    parts = value.split("\\") if value else []
+    vm = dictionary_VM(tag)
+    if vm == "1" and len(parts) > 1:
+        raise RoutingError(f"--set {keyword}={value!r}: {keyword} takes one value")
+    vr = vrs[0]
+    converted: Any = value
+    try:
+        if vr in _INT_VRS:
+            numbers = [int(p) for p in parts]
+            if len(vrs) > 1 and any(n < 0 for n in numbers):  # "US or SS"
+                vr = next((v for v in vrs if _INT_VRS.get(v, (0,))[0] < 0), vr)
+            low, high = _INT_VRS[vr]
+            if any(not low <= n <= high for n in numbers):
+                raise ValueError(f"out of range for {vr} ({low}..{high})")
+            converted = numbers[0] if len(numbers) == 1 else numbers
+        elif vr in _FLOAT_VRS:
+            floats = [float(p) for p in parts]
+            converted = floats[0] if len(floats) == 1 else floats
+        elem = DataElement(tag, vr, converted if parts else None, validation_mode=pydicom_config.RAISE)
+        fp = DicomBytesIO()
+        fp.is_little_endian, fp.is_implicit_VR = True, False
+        write_data_element(fp, elem, ["UTF8"])
+    except (ValueError, TypeError, OverflowError, OSError, struct_error) as exc:
+        raise RoutingError(f"--set {keyword}={value!r} does not fit its VR {vr}: {str(exc).splitlines()[0]}") from None
+    return elem
 
 
 def _condition(attribute: str, op: str, value: str) -> Condition:
@@ -156,9 +214,8 @@ class RoutingRules:
             raise RoutingError("destination kind is dicom or dicomweb")
         if transcode not in TRANSCODES and not re.fullmatch(r"[0-9.]{3,64}", transcode):
             raise RoutingError(f"transcode must be one of {', '.join(k for k in TRANSCODES if k)} or a UID")
-        for keyword in (morph or {}):
-            if keyword not in keyword_dict:
-                raise RoutingError(f"unknown attribute to set: {keyword!r}")
+        for keyword, value in (morph or {}).items():
+            morph_element(keyword, value)
         values = {
             "enabled": True, "conditions": json.dumps([c.__dict__ for c in conditions]),
             "destination_kind": destination_kind, "destination": destination, "destination_auth": destination_auth,
@@ -172,11 +229,30 @@ class RoutingRules:
         self._cache = None
         return next(r for r in self.list() if r.name == name)
 
-    def remove(self, name: str) -> bool:
-        with self.engine.begin() as conn:
-            done = conn.execute(delete(rules_t).where(rules_t.c.name == name)).rowcount
+    def remove(self, name: str, *, force: bool = False) -> int | None:
+        """Remove a rule; None if there is none by that name, else how many
+        unfinished jobs (pending, sending, dead) went with it. A rule with
+        unfinished jobs is removed only with *force* (RoutingError): its jobs
+        are deleted with it (ON DELETE CASCADE), dead letters included."""
+        with write_transaction(self.engine) as conn:
+            # Locked first: an ingest writing a job for this rule (which
+            # key-share locks it) finishes before the count, none starts after.
+            pk = conn.execute(select(rules_t.c.pk).where(rules_t.c.name == name).with_for_update()).scalar()
+            if pk is None:
+                return None
+            unfinished = dict(conn.execute(
+                select(jobs_t.c.state, func.count()).where(jobs_t.c.rule_pk == pk, jobs_t.c.state.in_(UNFINISHED))
+                .group_by(jobs_t.c.state)).all())
+            total = sum(unfinished.values())
+            if total and not force:
+                detail = ", ".join(f"{n} {state}" for state, n in sorted(unfinished.items()))
+                raise RoutingError(
+                    f"rule {name} has {total} unfinished jobs ({detail}); `pacs route remove {name} --force` "
+                    f"discards them (or wait for them, or `pacs route cancel --rule {name}` first)")
+            conn.execute(delete(jobs_t).where(jobs_t.c.rule_pk == pk))
+            conn.execute(delete(rules_t).where(rules_t.c.pk == pk))
         self._cache = None
-        return bool(done)
+        return total
 
     def list(self) -> list[Rule]:
         with self.engine.connect() as conn:
@@ -202,7 +278,7 @@ class RoutingRules:
             return []
         values = _Values(dataset, {"CallingAE": calling_ae, "SOPClassUID": sop_class, "Modality": modality})
         return [
-            PlannedRoute(r.pk, r.destination_key, r.stable_seconds)
+            PlannedRoute(r.pk, r.destination_key, r.stable_seconds, r.name)
             for r in rules
             if all(c.matches(values) for c in r.conditions)
         ]
@@ -270,13 +346,13 @@ def create_jobs(conn: Connection, routes: list[PlannedRoute], sop_uid: str, stud
     pushes back the study's jobs that have not been tried yet."""
     for route in routes:
         due = now + timedelta(seconds=route.stable_seconds)
-        insert_ignore(
-            conn, jobs_t,
-            {"rule_pk": route.rule_pk, "sop_uid": sop_uid, "study_uid": study_uid,
-             "destination_key": route.destination_key, "state": "pending", "attempts": 0,
-             "next_attempt_at": due, "created_at": now, "updated_at": now},
-            ["rule_pk", "sop_uid"],
-        )
+        values = {"rule_pk": route.rule_pk, "sop_uid": sop_uid, "study_uid": study_uid,
+                  "destination_key": route.destination_key, "state": "pending", "attempts": 0,
+                  "next_attempt_at": due, "created_at": now, "updated_at": now}
+        if not route.rule_name:
+            insert_ignore(conn, jobs_t, values, ["rule_pk", "sop_uid"])
+        elif not _insert_job_of_rule(conn, values, route.rule_name):
+            continue  # the rule was removed (or its key given to another) since ingest cached it
         if route.stable_seconds:
             conn.execute(
                 update(jobs_t)
@@ -284,6 +360,22 @@ def create_jobs(conn: Connection, routes: list[PlannedRoute], sop_uid: str, stud
                        jobs_t.c.state == "pending", jobs_t.c.attempts == 0)
                 .values(next_attempt_at=due)
             )
+
+
+def _insert_job_of_rule(conn: Connection, values: dict[str, Any], rule_name: str) -> bool:
+    """INSERT the job only if its rule still exists under that name; False if not.
+
+    Inside the ingest's write transaction (SQLite holds the write lock by
+    now); on PostgreSQL the rule's row is key-share locked, so a `route
+    remove` waits for this transaction and counts its job."""
+    found = conn.execute(
+        select(rules_t.c.pk).where(rules_t.c.pk == values["rule_pk"], rules_t.c.name == rule_name)
+        .with_for_update(key_share=True)
+    ).scalar()
+    if found is None:
+        return False
+    insert_ignore(conn, jobs_t, values, ["rule_pk", "sop_uid"])
+    return True
 
 
 def due_destinations(engine: Engine) -> list[str]:
@@ -343,8 +435,10 @@ def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: 
     dead = permanent or attempts >= max_attempts
     now = datetime.now(UTC)
     with engine.begin() as conn:
+        # Only a job still being sent: one cancelled meanwhile (its lease had
+        # expired) stays cancelled.
         conn.execute(
-            update(jobs_t).where(jobs_t.c.pk == job.pk).values(
+            update(jobs_t).where(jobs_t.c.pk == job.pk, jobs_t.c.state == "sending").values(
                 state="dead" if dead else "pending", attempts=attempts, last_error=error[:500],
                 next_attempt_at=now + timedelta(seconds=min(600, 2 ** min(attempts, 10))), updated_at=now,
             )
@@ -418,8 +512,14 @@ def prune(engine: Engine, older_than: timedelta, *, batch: int = 5000) -> int:
 
 
 def cancel(engine: Engine, *, pk: int | None = None, rule: str = "") -> int:
+    """Cancel pending and dead jobs, and jobs left in ``sending`` whose lease
+    expired (their sender is gone or stuck); one being sent keeps its lease
+    renewed and is left alone."""
     now = datetime.now(UTC)
-    stmt = update(jobs_t).values(state="cancelled", updated_at=now).where(jobs_t.c.state.in_(["pending", "dead"]))
+    stmt = update(jobs_t).values(state="cancelled", updated_at=now).where(or_(
+        jobs_t.c.state.in_(["pending", "dead"]),
+        and_(jobs_t.c.state == "sending", jobs_t.c.next_attempt_at <= now),
+    ))
     if pk is not None:
         stmt = stmt.where(jobs_t.c.pk == pk)
     elif rule:

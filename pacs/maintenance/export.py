@@ -247,6 +247,7 @@ def export_studies(
     """
     progress = progress or NullProgress()
     user = user or os_user()
+    study_uids = list(dict.fromkeys(study_uids))  # a study named twice is exported once
     report = ExportReport(out=str(out), deidentified=deidentify)
     deid = Deidentifier(salt or deidentify_salt(pacs)) if deidentify else None
     with ExitStack() as stack:
