@@ -174,9 +174,9 @@ def make_commitment_handler(pacs: Pacs) -> Any:
             return status_dataset(exc.status, str(exc)), None
         log.info("storage commitment requested by %s: %d instances (transaction %s)",
                  calling, len(references), transaction)
-        pk = queue_report(pacs, calling, transaction, references, owned=True)
+        queued = queue_report(pacs, calling, transaction, references, owned=True)
         after_response(assoc, lambda: threading.Thread(
-            target=report, args=(pacs, assoc, calling, transaction, references, time.monotonic(), pk),
+            target=report, args=(pacs, assoc, calling, transaction, references, time.monotonic(), queued),
             name="storage-commitment", daemon=True,
         ).start())
         return 0x0000, None
@@ -202,15 +202,18 @@ def _checked(pacs: Pacs, transaction: str, references: Sequence[Reference]) -> C
 
 
 def queue_report(pacs: Pacs, calling: str, transaction: str, references: Sequence[Reference], *,
-                 owned: bool) -> int | None:
-    """The report owed for a request, kept in the outbox; its pk, or None
-    while the index cannot take it (the report then lives in memory only).
-    *owned*: the request's thread tries first (:data:`OWNED_FOR`)."""
+                 owned: bool) -> outbox.Message | None:
+    """The report owed for a request, kept in the outbox (with the request's
+    claim when *owned*: its thread tries first, :data:`OWNED_FOR`), or None
+    while the index cannot take it (the report then lives in memory only)."""
     data = {"key": f"commitment:{transaction}", "calling": calling, "transaction": transaction,
             "references": [[r.sop_class_uid, r.sop_instance_uid] for r in references]}
     try:
         with pacs.engine.begin() as conn:
-            return outbox.enqueue(conn, DESTINATION, KIND, data, owned_for=OWNED_FOR if owned else None)
+            if owned:
+                return outbox.enqueue_owned(conn, DESTINATION, KIND, data, OWNED_FOR)
+            pk = outbox.enqueue(conn, DESTINATION, KIND, data)
+            return outbox.Message(pk, KIND, data, 0, "", data["key"])
     except Exception as exc:
         log.warning("storage commitment %s: not queued in the index (%s); kept in memory",
                     transaction, str(exc).splitlines()[0][:200])
@@ -218,26 +221,38 @@ def queue_report(pacs: Pacs, calling: str, transaction: str, references: Sequenc
 
 
 def report(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: Sequence[Reference],
-           answered_at: float, pk: int | None = None) -> bool:
+           answered_at: float, queued: outbox.Message | None = None) -> bool:
     """Check the references and send the N-EVENT-REPORT on the request's
-    association; True once delivered. Otherwise the queued report (*pk*) is
-    handed to the reporter at once. *answered_at*: when the N-ACTION-RSP went
-    out (``time.monotonic()``)."""
+    association; True once delivered. Otherwise the queued report (*queued*,
+    claimed by this request) is handed to the reporter at once. Should the
+    claim have run out and another node's reporter taken the report over
+    (the checks waited out a long outage), it is left to that reporter.
+    *answered_at*: when the N-ACTION-RSP went out (``time.monotonic()``)."""
     result = _checked(pacs, transaction, references)
     info = report_dataset(result)
     time.sleep(max(0.0, answered_at + SAME_ASSOCIATION_GRACE - time.monotonic()))
+    if queued is not None and queued.lease is not None:
+        try:
+            held = outbox.renew(pacs.engine, [queued], report_lease(pacs))
+        except Exception as exc:  # the index is down: send it anyway, as when it could not be queued
+            log.warning("storage commitment: the outbox cannot be updated: %s", str(exc).splitlines()[0][:200])
+        else:
+            if not held:
+                log.info("storage commitment %s: another node's reporter has the report now", transaction)
+                return False
+            queued = held[0]
     if _on_same_association(assoc, result.event_type, info):
-        if pk is not None:
-            _settle(pacs, lambda: outbox.mark_sent(pacs.engine, pk))
+        if queued is not None:
+            _settle(pacs, lambda: outbox.mark_sent(pacs.engine, queued))
         _reported(pacs, calling, result, True, client=str(assoc.requestor.address))
         return True
-    if pk is None:
-        pk = queue_report(pacs, calling, transaction, references, owned=False)
-    elif not _settle(pacs, lambda: outbox.release(pacs.engine, [pk], 0)):
-        pk = None
-    if pk is not None:
+    if queued is None:
+        queued = queue_report(pacs, calling, transaction, references, owned=False)
+    elif not _settle(pacs, lambda: outbox.release(pacs.engine, [queued], 0)):
+        queued = None
+    if queued is not None:
         log.info("storage commitment %s: the report to %s goes on a new association (outbox %d)",
-                 transaction, calling, pk)
+                 transaction, calling, queued.pk)
         return False
     remote = _registered(pacs, calling)
     delivered = False
@@ -327,6 +342,15 @@ def _on_new_association(pacs: Pacs, remote: RemoteAE, event_type: int, info: Dat
             assoc.release()
 
 
+def report_lease(pacs: Pacs) -> timedelta:
+    """How long a claim on a queued report lasts: more than one check and
+    one try on an association (connection, association, report and its
+    answer), renewed before each."""
+    settings = pacs.settings
+    one_try = settings.dicom_connect_timeout + 2 * settings.dicom_timeout + 30
+    return max(outbox.LEASE, timedelta(seconds=2 * one_try))
+
+
 class CommitmentReporter:
     """Sends the reports in the outbox that did not go on their request's
     association: on a new association to the modality, tried on the
@@ -350,10 +374,23 @@ class CommitmentReporter:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                for message in outbox.claim_due(self.pacs.engine, DESTINATION, limit=5):
-                    self.deliver(message)
+                self.deliver_due()
             except Exception as exc:  # the index is down: the next round tries again
                 log.warning("storage commitment reports: %s", str(exc).splitlines()[0][:200])
+
+    def deliver_due(self) -> None:
+        """One batch of due reports, each one's claim renewed before it is
+        tried: one another node took over meanwhile is not sent here."""
+        engine, lease = self.pacs.engine, report_lease(self.pacs)
+        queue = outbox.claim_due(engine, DESTINATION, limit=5, lease=lease)
+        while queue:
+            if self._stop.is_set():
+                outbox.release(engine, queue, 0)
+                return
+            queue = outbox.renew(engine, queue, lease)
+            if queue:
+                message, queue = queue[0], queue[1:]
+                self.deliver(message)
 
     def deliver(self, message: outbox.Message) -> None:
         """Check the instances again (now) and try the modality once."""
@@ -363,17 +400,17 @@ class CommitmentReporter:
         try:
             result = check_commitment(self.pacs, transaction, references)
         except Exception as exc:
-            outbox.mark_failed(engine, message.pk, f"cannot check yet: {exc}"[:500], dead=False, retry_in=30)
+            outbox.mark_failed(engine, message, f"cannot check yet: {exc}"[:500], dead=False, retry_in=30)
             return
         remote = _registered(self.pacs, calling)
         if remote is not None and _on_new_association(self.pacs, remote, result.event_type, report_dataset(result)):
-            outbox.mark_sent(engine, message.pk)
+            outbox.mark_sent(engine, message)
             _reported(self.pacs, calling, result, True)
             return
         tries = message.attempts + 1
         dead = tries >= len(RETRY_DELAYS)
         error = f"{calling} not in the AE registry" if remote is None else f"no report delivered to {calling}"
-        outbox.mark_failed(engine, message.pk, f"{error} (try {tries} of {len(RETRY_DELAYS)})", dead=dead,
+        outbox.mark_failed(engine, message, f"{error} (try {tries} of {len(RETRY_DELAYS)})", dead=dead,
                            retry_in=RETRY_DELAYS[min(tries, len(RETRY_DELAYS) - 1)])
         if dead:
             _reported(self.pacs, calling, result, False)

@@ -5,6 +5,21 @@ WHERE clause), which is atomic on SQLite and PostgreSQL alike: two nodes
 never send the same message at once, and a sender that dies mid-send only
 delays the message until its lease expires.
 
+The lease is the claim: the ``next_attempt_at`` a claim or a renewal wrote
+is the holder's token (:attr:`Message.lease`). Every claim and renewal
+writes a later instant than the row held (a claim needs the lease to have
+run out, and adds a whole lease to a "now" at or past it), so a token is
+never handed out twice, whatever the nodes' clocks. A sender renews the
+lease of what it still has to send before each send (:func:`renew`), and
+:func:`mark_failed`, :func:`release` and :func:`renew` change a row only
+while it still carries the caller's token: a sender whose lease ran out
+(stalled, or slower than its lease) and another node took the message over
+sends nothing more of it and changes nothing of its row -- it cannot put a
+message the other node delivered back to pending, nor send a stale copy
+after the later messages of its order. A delivery, however, is a fact:
+:func:`mark_sent` records it also after the claim passed on, as long as the
+message is still undelivered, so that it is not sent once more.
+
 Order: messages about the same thing (their *key*: the order, or the study
 when no order is linked; :func:`message_key`) are delivered one after the
 other in the order they were queued. Only the oldest undelivered message of
@@ -19,7 +34,8 @@ status or report version replaced it, so it is never resent out of order).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -28,6 +44,7 @@ from sqlalchemy import Connection, Engine, and_, func, select, update
 from .index.db import write_transaction
 from .index.models import OutboundMessage
 
+log = logging.getLogger(__name__)
 outbox = OutboundMessage.__table__
 LEASE = timedelta(minutes=2)
 UNDELIVERED = ("pending", "sending")
@@ -42,6 +59,8 @@ class Message:
     attempts: int
     last_error: str = ""
     key: str = ""
+    # The claim: the next_attempt_at this holder wrote (None: not claimed).
+    lease: datetime | None = None
 
 
 def _now() -> datetime:
@@ -94,21 +113,37 @@ def enqueue(conn: Connection, destination: str, kind: str, data: dict[str, Any],
     """Queue a message in *conn*'s transaction (the change it reports commits
     with it); its pk. *owned_for*: the caller delivers it first and owns it
     that long ("sending" under a lease); should the caller die, any node's
-    sender takes it over once the lease has run out."""
-    now = _now()
+    sender takes it over once the lease has run out. A caller that owns it
+    needs its claim to settle it: :func:`enqueue_owned`."""
+    return enqueue_owned(conn, destination, kind, data, owned_for).pk if owned_for else _insert(
+        conn, destination, kind, data, "pending", _now())
+
+
+def enqueue_owned(conn: Connection, destination: str, kind: str, data: dict[str, Any],
+                  owned_for: timedelta) -> Message:
+    """Queue a message the caller delivers first, claimed by it for
+    *owned_for* (:func:`enqueue`): the message with its claim, for
+    :func:`mark_sent`, :func:`release` and :func:`renew`."""
+    lease = _now() + owned_for
+    pk = _insert(conn, destination, kind, data, "sending", lease)
+    return Message(pk, kind, data, 0, "", message_key(kind, data, pk), lease)
+
+
+def _insert(conn: Connection, destination: str, kind: str, data: dict[str, Any], state: str,
+            due: datetime) -> int:
     return int(conn.execute(
         outbox.insert().values(
             destination=destination, kind=kind, payload=json.dumps(data, default=str),
-            state="sending" if owned_for else "pending", attempts=0,
-            next_attempt_at=now + (owned_for or timedelta()), created_at=now,
+            state=state, attempts=0, next_attempt_at=due, created_at=_now(),
         )
     ).inserted_primary_key[0])
 
 
-def claim_due(engine: Engine, destination: str, limit: int = 20) -> list[Message]:
+def claim_due(engine: Engine, destination: str, limit: int = 20, *, lease: timedelta = LEASE) -> list[Message]:
     """Claim up to *limit* messages that are due (pending, or stuck past
     their lease) and are the oldest undelivered message of their key: at
-    most one per key, in queue order."""
+    most one per key, in queue order; each held for *lease* (claim no more
+    than that covers, and :func:`renew` before each send)."""
     now = _now()
     due = and_(
         outbox.c.destination == destination,
@@ -141,17 +176,51 @@ def claim_due(engine: Engine, destination: str, limit: int = 20) -> list[Message
     claimed = []
     for row in candidates:
         with engine.begin() as conn:
-            # Whoever moves next_attempt_at past "now" first owns the message.
+            # Whoever moves next_attempt_at past "now" first owns the message;
+            # the instant written is its claim (later than any before it).
             won = conn.execute(
                 update(outbox)
                 .where(outbox.c.pk == row.pk, due)
-                .values(state="sending", next_attempt_at=now + LEASE)
+                .values(state="sending", next_attempt_at=now + lease)
             ).rowcount
         if won:
             data = json.loads(row.payload)
             claimed.append(Message(row.pk, row.kind, data, row.attempts, row.last_error or "",
-                                   message_key(row.kind, data, row.pk)))
+                                   message_key(row.kind, data, row.pk), now + lease))
     return claimed
+
+
+def _held(message: Message) -> Any:
+    """WHERE clause: *message*'s row still carries its holder's claim."""
+    if message.lease is None:
+        raise ValueError(f"outbox message {message.pk} was not claimed")
+    return and_(outbox.c.pk == message.pk, outbox.c.state == "sending", outbox.c.next_attempt_at == message.lease)
+
+
+def _lost(message: Message, what: str) -> None:
+    log.warning("outbox message %d: its claim ran out and passed to another sender; not %s here",
+                message.pk, what)
+
+
+def renew(engine: Engine, messages: list[Message], lease: timedelta = LEASE) -> list[Message]:
+    """Extend the claim on *messages* (a sender's batch, before each send):
+    those still held, in order, with their new claim. A message whose lease
+    ran out and was claimed again (or settled) elsewhere is dropped (logged):
+    its holder must not send it."""
+    if not messages:
+        return []
+    now = _now()
+    held = []
+    with engine.begin() as conn:
+        for message in messages:
+            still = _held(message)
+            # Always later than the claim it replaces: tokens never repeat.
+            until = max(now + lease, _aware(message.lease) + timedelta(microseconds=1))  # type: ignore[arg-type]
+            if conn.execute(update(outbox).where(still).values(next_attempt_at=until)).rowcount:
+                held.append(replace(message, lease=until))
+            else:
+                _lost(message, "sent")
+    return held
 
 
 def _aware(moment: datetime) -> datetime:
@@ -159,18 +228,33 @@ def _aware(moment: datetime) -> datetime:
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
-def mark_sent(engine: Engine, pk: int) -> int:
+def mark_sent(engine: Engine, message: Message) -> int | None:
     """The message reached its destination. Dead messages of the same kind
-    and key queued before it are superseded by it; returns how many."""
+    and key queued before it are superseded by it; returns how many. Also
+    recorded when the claim passed to another sender meanwhile, as long as
+    the message is still undelivered (pending or sending): it did reach the
+    destination, and must not be sent again. None (nothing changed) when it
+    was settled elsewhere already (sent, or parked by the other sender)."""
+    pk = message.pk
     # Reads, then writes: BEGIN IMMEDIATE on SQLite (a deferred transaction
     # failed "database is locked" at once under load, and the HIS got the
     # message a second time).
     with write_transaction(engine) as conn:
         row = conn.execute(select(outbox.c.kind, outbox.c.payload, outbox.c.destination)
                            .where(outbox.c.pk == pk)).first()
-        conn.execute(update(outbox).where(outbox.c.pk == pk).values(state="sent", sent_at=_now(), last_error=""))
         if row is None:
             return 0
+        if message.lease is None or not conn.execute(
+            update(outbox).where(_held(message)).values(state="sent", sent_at=_now(), last_error="")
+        ).rowcount:
+            if not conn.execute(
+                update(outbox).where(outbox.c.pk == pk, outbox.c.state.in_(UNDELIVERED))
+                .values(state="sent", sent_at=_now(), last_error="")
+            ).rowcount:
+                log.warning("outbox message %d: delivered again after its claim ran out; another sender "
+                            "settled it already", pk)
+                return None
+            log.warning("outbox message %d: delivered after its claim ran out; recorded as sent", pk)
         key = message_key(row.kind, json.loads(row.payload), pk)
         older_dead = conn.execute(
             select(outbox.c.pk, outbox.c.created_at).where(
@@ -188,30 +272,39 @@ def mark_sent(engine: Engine, pk: int) -> int:
         return len(replaced)
 
 
-def mark_failed(engine: Engine, pk: int, error: str, *, dead: bool, retry_in: float) -> None:
+def mark_failed(engine: Engine, message: Message, error: str, *, dead: bool, retry_in: float) -> bool:
+    """A try that did not deliver *message*: pending again after *retry_in*
+    s, or *dead*. Only while the caller still holds its claim; False (logged,
+    nothing changed) when another sender has it now, or delivered it."""
     with engine.begin() as conn:
-        conn.execute(
+        changed = conn.execute(
             update(outbox)
-            .where(outbox.c.pk == pk)
+            .where(_held(message))
             .values(
                 state="dead" if dead else "pending",
                 attempts=outbox.c.attempts + 1,
                 last_error=error[:500],
                 next_attempt_at=_now() + timedelta(seconds=retry_in),
             )
-        )
+        ).rowcount
+    if not changed:
+        _lost(message, "marked failed")
+    return bool(changed)
 
 
-def release(engine: Engine, pks: list[int], retry_in: float) -> None:
-    """Give claimed messages back unsent (their turn comes after *retry_in* s)."""
-    if not pks:
-        return
+def release(engine: Engine, messages: list[Message], retry_in: float) -> int:
+    """Give claimed messages back unsent (their turn comes after *retry_in*
+    s); those another sender holds now are left alone. How many went back."""
+    released = 0
+    if not messages:
+        return 0
+    due = _now() + timedelta(seconds=retry_in)
     with engine.begin() as conn:
-        conn.execute(
-            update(outbox)
-            .where(outbox.c.pk.in_(pks), outbox.c.state == "sending")
-            .values(state="pending", next_attempt_at=_now() + timedelta(seconds=retry_in))
-        )
+        for message in messages:
+            released += conn.execute(
+                update(outbox).where(_held(message)).values(state="pending", next_attempt_at=due)
+            ).rowcount
+    return released
 
 
 def state_of(engine: Engine, pk: int) -> str | None:

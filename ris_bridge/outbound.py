@@ -17,7 +17,7 @@ import logging
 import re
 import threading
 from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from sqlalchemy import Engine, select
@@ -43,6 +43,10 @@ MAX_BACKOFF = 60.0
 # Messages the HIS may take without an ACK in one round before it is taken
 # for stuck (each costs hl7_ack_timeout) and the rest waits for the next round.
 MAX_SILENT_IN_A_ROUND = 3
+# Seconds to connect to the HIS (mllp.send's own default).
+CONNECT_TIMEOUT = 10.0
+# At most this many messages claimed at once (fewer when the ACK timeout is long).
+MAX_BATCH = 20
 _REJECTIONS = re.compile(r"HIS answered [AC]E \(rejection (\d+) of")
 
 
@@ -234,48 +238,76 @@ class OutboundSender:
                 break
         return delivered
 
+    def _lease(self) -> tuple[timedelta, int]:
+        """How long a claim lasts, and how many messages to claim at once.
+
+        One send may take the connection timeout plus ``hl7_ack_timeout``;
+        the lease, renewed before each send, outlasts two of them (a claim
+        never runs out in the middle of a send), and a batch is no larger
+        than the lease covers even without renewals: a slow HIS does not let
+        one node hoard messages another could send meanwhile."""
+        per_send = CONNECT_TIMEOUT + self.pacs.settings.hl7_ack_timeout
+        lease = max(outbox.LEASE, timedelta(seconds=2 * per_send + 10))
+        return lease, max(1, min(MAX_BATCH, int(lease.total_seconds() // per_send)))
+
     def _deliver_round(self) -> tuple[int, bool]:
-        """One batch: (delivered, whether the HIS was reachable throughout)."""
+        """One batch: (delivered, whether the HIS was reachable throughout).
+        Before each send the claims of the batch are renewed; a message whose
+        claim ran out and passed to another node is not sent (nor settled)
+        here. One message that fails in any way (its rendering, an ACK that
+        cannot be read) fails alone: the others of the batch still go."""
         delivered = 0
-        claimed = outbox.claim_due(self.pacs.engine, "his")
-        if not claimed:
+        engine = self.pacs.engine
+        lease, limit = self._lease()
+        queue = outbox.claim_due(engine, "his", limit, lease=lease)
+        if not queue:
             return 0, False
         silent = 0
-        for index, message in enumerate(claimed):
-            data = message.data
-            if message.kind == "report" and "study_date" not in data:
-                # Reports are queued without the study's date/time: OBR-7 takes them from the index.
-                data = {**data, **study_date_time(self.pacs.engine, data.get("study_uid", ""))}
-            payload = render(message.kind, data, control_id(message.pk), Addresses.of(self.pacs.settings),
-                             hospital_zone(self.pacs.settings))
+        while queue:
+            if self._stop.is_set():
+                outbox.release(engine, queue, 0)
+                return delivered, False
+            queue = outbox.renew(engine, queue, lease)
+            if not queue:
+                break
+            message, queue = queue[0], queue[1:]
             backoff = min(MAX_BACKOFF, 2.0 ** min(message.attempts, 6))
             try:
-                reply = mllp.send(self.host, self.port, payload, ack_timeout=self.pacs.settings.hl7_ack_timeout)
+                payload = self._render(message)
+            except Exception as exc:  # a payload this version cannot render: retried, never dropped
+                log.exception("message %d cannot be rendered; retried in %.0fs", message.pk, backoff)
+                outbox.mark_failed(engine, message, f"cannot render: {exc}", dead=False, retry_in=backoff)
+                continue
+            try:
+                reply = mllp.send(self.host, self.port, payload, timeout=CONNECT_TIMEOUT,
+                                  ack_timeout=self.pacs.settings.hl7_ack_timeout)
             except mllp.NoAck as exc:
                 # The HIS took this message and said nothing (or hung up): it
                 # is up, and one message it chokes on must not hold back the
                 # other orders'. A HIS silent to several in a row is stuck: the
                 # rest waits for the next round.
                 silent += 1
-                outbox.mark_failed(self.pacs.engine, message.pk, f"HIS sent no ACK: {exc}", dead=False,
-                                   retry_in=backoff)
+                outbox.mark_failed(engine, message, f"HIS sent no ACK: {exc}", dead=False, retry_in=backoff)
                 log.info("HIS %s:%d sent no ACK for message %d (%s); retried in %.0fs", self.host, self.port,
                          message.pk, exc, backoff)
                 if silent < MAX_SILENT_IN_A_ROUND:
                     continue
-                outbox.release(self.pacs.engine, [m.pk for m in claimed[index + 1 :]], backoff)
+                outbox.release(engine, queue, backoff)
                 return delivered, False
             except OSError as exc:
-                outbox.mark_failed(self.pacs.engine, message.pk, f"HIS unreachable: {exc}", dead=False,
-                                   retry_in=backoff)
+                outbox.mark_failed(engine, message, f"HIS unreachable: {exc}", dead=False, retry_in=backoff)
                 log.info("HIS %s:%d unreachable (%s); message %d retried in %.0fs", self.host, self.port, exc,
                          message.pk, backoff)
                 # The HIS is down: hand the rest back for the next round, in order.
-                outbox.release(self.pacs.engine, [m.pk for m in claimed[index + 1 :]], backoff)
+                outbox.release(engine, queue, backoff)
                 return delivered, False
-            code, text = ack_code(reply)
+            except Exception as exc:  # anything else about this one send: this message only
+                log.exception("sending message %d to HIS %s:%d failed", message.pk, self.host, self.port)
+                outbox.mark_failed(engine, message, f"send failed: {exc}", dead=False, retry_in=backoff)
+                continue
+            code, text = read_ack(reply)
             if code in ("AA", "CA"):
-                superseded = outbox.mark_sent(self.pacs.engine, message.pk)
+                superseded = outbox.mark_sent(engine, message)
                 if superseded:
                     log.info("message %d superseded %d dead message(s) of %s", message.pk, superseded, message.key)
                 delivered += 1
@@ -287,7 +319,7 @@ class OutboundSender:
                 rejections = (int(previous.group(1)) if previous else 0) + 1
                 dead = rejections >= MAX_ERROR_ANSWERS
                 outbox.mark_failed(
-                    self.pacs.engine, message.pk,
+                    engine, message,
                     f"HIS answered {code} (rejection {rejections} of {MAX_ERROR_ANSWERS}): {text}",
                     dead=dead, retry_in=backoff,
                 )
@@ -297,7 +329,33 @@ class OutboundSender:
                 # AR (or CR, or no readable MSA): the HIS cannot take it now
                 # (its own failure, "send it again"). Never parked: retried with
                 # a capped backoff, holding back the later messages of its order.
-                outbox.mark_failed(self.pacs.engine, message.pk, f"HIS answered {code or 'no MSA'}: {text}",
+                outbox.mark_failed(engine, message, f"HIS answered {code or 'no MSA'}: {text}",
                                    dead=False, retry_in=backoff)
                 log.warning("HIS rejected message %d (%s %s); retried in %.0fs", message.pk, code, text, backoff)
         return delivered, True
+
+    def _render(self, message: outbox.Message) -> bytes:
+        data = message.data
+        if message.kind == "report" and "study_date" not in data:
+            # Reports are queued without the study's date/time: OBR-7 takes them from the index.
+            data = {**data, **study_date_time(self.pacs.engine, data.get("study_uid", ""))}
+        return render(message.kind, data, control_id(message.pk), Addresses.of(self.pacs.settings),
+                      hospital_zone(self.pacs.settings))
+
+
+def read_ack(reply: bytes) -> tuple[str, str]:
+    """MSA-1 and MSA-3 of the HIS's ACK, never raising: an ACK not valid in
+    the character set it declares still has its ASCII MSA-1 read (the HIS
+    said AA: sending it again would only repeat it); one that cannot be read
+    at all is ("", why), retried like AR."""
+    try:
+        return ack_code(reply)
+    except Exception as exc:
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    for segment in reply.decode("latin-1").replace("\n", "\r").split("\r"):
+        if segment.startswith("MSA") and len(segment) > 4:
+            fields = segment.split(segment[3])
+            code = fields[1] if len(fields) > 1 else ""
+            if code in ("AA", "AE", "AR", "CA", "CE", "CR"):
+                return code, f"(ACK unreadable: {why})"
+    return "", f"ACK unreadable: {why}"
