@@ -48,6 +48,7 @@ from .index.models import (
     StudyOrderLink,
 )
 from .index.reconcile import PATIENT_COLUMNS, record_reconciliation
+from .index.writer import MERGED_ID_TYPE, merged_patient
 from .index.writer_helpers import insert_ignore
 from .names import fold_name, name_words
 from .timezones import server_zone
@@ -72,6 +73,9 @@ KEEP_RECEIVED = timedelta(days=30)
 RACE_ATTEMPTS = 3
 
 STATUSES = ("SCHEDULED", "IN PROGRESS", "COMPLETED", "DISCONTINUED", "CANCELLED")
+# CX-5 identifier type codes (HL7 table 0203) that name the hospital's own
+# patient number; citizen ID (NI) and insurance numbers become other IDs.
+PRIMARY_ID_TYPES = ("PI", "MR")
 
 
 class OrderError(PacsError):
@@ -116,6 +120,8 @@ class PatientInfo:
     birth_date: str | None = None
     sex: str | None = None
     other_ids: list[OtherIdentifier] = field(default_factory=list)
+    # The identifier type of patient_id (HL7 CX-5: PI, MR...; "" unknown).
+    id_type: str = ""
 
     def demographics(self) -> dict[str, str]:
         """The DICOM keywords this update sets (only what was sent)."""
@@ -387,8 +393,16 @@ class OrderService:
                 self._update_demographics(conn, pk, p, now)
         else:
             self._update_demographics(conn, pk, p, now)
+        # The patient's own key is no other ID of it: Other Patient IDs
+        # repeated the Patient ID (a message listing the ID the patient was
+        # found by, rows written before this check).
+        key = conn.execute(select(patients_t.c.patient_id, patients_t.c.issuer).where(patients_t.c.pk == pk)).one()
+        conn.execute(delete(identifiers_t).where(identifiers_t.c.patient_pk == pk,
+                                                 identifiers_t.c.value == key.patient_id,
+                                                 identifiers_t.c.issuer == key.issuer))
         for other in p.other_ids:
-            self._add_identifier(conn, pk, other)
+            if (other.value, other.issuer) != (key.patient_id, key.issuer):
+                self._add_identifier(conn, pk, other)
         return int(pk)
 
     def _update_demographics(self, conn: Connection, pk: int, p: PatientInfo, now: datetime) -> None:
@@ -422,6 +436,9 @@ class OrderService:
         pk = self._patient_pk(conn, p.patient_id, p.issuer)
         if pk is None and not p.issuer:
             pk = self._single_patient_with_id(conn, p.patient_id)
+        if pk is None:
+            # An ID merged away (ADT^A40) names the patient it was merged into.
+            pk = merged_patient(conn, p.patient_id, p.issuer)
         if pk is None and match_identifiers:
             pk = self._patient_by_identifier(conn, p)
         return pk
@@ -456,9 +473,39 @@ class OrderService:
         if len(candidates) != 1:
             return None
         pk = candidates.pop()
-        # Remember the ID we were given, so the next message finds the patient directly.
-        self._add_identifier(conn, pk, OtherIdentifier(p.patient_id, p.issuer, ""))
+        if not self._promote_hospital_number(conn, pk, p):
+            # Remember the ID we were given, so the next message finds the patient directly.
+            self._add_identifier(conn, pk, OtherIdentifier(p.patient_id, p.issuer, ""))
         return pk
+
+    def _promote_hospital_number(self, conn: Connection, pk: int, p: PatientInfo) -> bool:
+        """A patient first registered by another ID (a citizen ID: the HIS
+        sent no hospital number yet) gets the hospital's own number (PID-3 of
+        type PI or MR) as its Patient ID once a message brings it, listing
+        the old key as another ID of a non-primary type: the old key becomes
+        an other ID, and the studies stored already get the new Patient ID
+        and issuer as corrections (retrieval applies them; the worklist reads
+        the patient row). Otherwise the modalities kept stamping the citizen
+        ID, whatever the HIS sent. False when *p* does not say so."""
+        if p.id_type not in PRIMARY_ID_TYPES:
+            return False
+        row = conn.execute(select(patients_t).where(patients_t.c.pk == pk)).one()
+        demoted = next((o for o in p.other_ids
+                        if (o.value, o.issuer) == (row.patient_id, row.issuer) and o.id_type not in PRIMARY_ID_TYPES),
+                       None)
+        if demoted is None:
+            return False
+        conn.execute(delete(identifiers_t).where(identifiers_t.c.patient_pk == pk,
+                                                 identifiers_t.c.value == p.patient_id,
+                                                 identifiers_t.c.issuer == p.issuer))
+        conn.execute(update(patients_t).where(patients_t.c.pk == pk)
+                     .values(patient_id=p.patient_id, issuer=p.issuer, updated_at=_now()))
+        self._add_identifier(conn, pk, demoted)
+        changed = {k: (old, new) for k, old, new in (("PatientID", row.patient_id, p.patient_id),
+                                                     ("IssuerOfPatientID", row.issuer, p.issuer)) if old != new}
+        self._record_patient_change(conn, pk, changed, "HIS hospital number (PID-3 type PI/MR) became the patient ID")
+        log.info("patient %d: the hospital number became the patient ID, the former one an other ID", pk)
+        return True
 
     @staticmethod
     def _add_identifier(conn: Connection, patient_pk: int, other: OtherIdentifier) -> None:
@@ -592,6 +639,7 @@ class OrderService:
         # No matching by other IDs here: the message may well list the prior
         # patient's IDs, and the merge must not collapse into that patient.
         target = self._upsert_patient(conn, surviving, match_identifiers=False)
+        kept = conn.execute(select(patients_t).where(patients_t.c.pk == target)).one()
         moved = 0
         for prior_id, prior_issuer in prior:
             old = conn.execute(
@@ -620,27 +668,54 @@ class OrderService:
             now = _now()
             if study_pks:
                 conn.execute(update(studies_t).where(studies_t.c.pk.in_(study_pks)).values(patient_pk=target))
-                conn.execute(
-                    corrections_t.insert(),
-                    [
-                        {"study_pk": s, "keyword": "PatientID", "received": old.patient_id,
-                         "corrected": surviving.patient_id, "reason": "patient merge (ADT^A40)",
-                         "created_at": now}
-                        for s in study_pks
-                    ],
-                )
+                # Every patient attribute the moved studies now hold otherwise
+                # (retrieval applies only corrected keywords: a PatientID alone
+                # sent the new ID with the old patient's name, birth date, sex).
+                differing = [(keyword, getattr(old, column) or "", getattr(kept, column) or "")
+                             for keyword, column in PATIENT_COLUMNS.items()
+                             if (getattr(old, column) or "") != (getattr(kept, column) or "")]
+                if differing:
+                    conn.execute(
+                        corrections_t.insert(),
+                        [
+                            {"study_pk": s, "keyword": keyword, "received": received, "corrected": corrected,
+                             "reason": "patient merge (ADT^A40)", "created_at": now}
+                            for s in study_pks
+                            for keyword, received, corrected in differing
+                        ],
+                    )
             conn.execute(update(orders_t).where(orders_t.c.patient_pk == old.pk).values(patient_pk=target))
             for ident in conn.execute(select(identifiers_t).where(identifiers_t.c.patient_pk == old.pk)).all():
-                insert_ignore(
-                    conn,
-                    identifiers_t,
-                    {"patient_pk": target, "value": ident.value, "issuer": ident.issuer, "id_type": ident.id_type},
-                    ["patient_pk", "value", "issuer"],
-                )
+                if (ident.value, ident.issuer) != (kept.patient_id, kept.issuer):
+                    insert_ignore(
+                        conn,
+                        identifiers_t,
+                        {"patient_pk": target, "value": ident.value, "issuer": ident.issuer,
+                         "id_type": ident.id_type},
+                        ["patient_pk", "value", "issuer"],
+                    )
             conn.execute(delete(identifiers_t).where(identifiers_t.c.patient_pk == old.pk))
             conn.execute(delete(patients_t).where(patients_t.c.pk == old.pk))
+            self._keep_alias(conn, target, kept, old)
             moved += len(study_pks)
         return moved
+
+    def _keep_alias(self, conn: Connection, target: int, kept: Any, old: Any) -> None:
+        """The merged-away Patient ID (with its issuer) stays an identifier of
+        the surviving patient, of type MERGED_ID_TYPE: a modality or HIS that
+        still uses it (an old worklist entry, a printed label) reaches the
+        surviving patient instead of creating the merged one anew -- the HL7
+        patient lookup and the ingest's (pacs.index.writer.merged_patient)
+        resolve it. It is an Other Patient ID too: a query by it finds the
+        patient."""
+        if not old.patient_id or (old.patient_id, old.issuer) == (kept.patient_id, kept.issuer):
+            return
+        alias = {"patient_pk": target, "value": old.patient_id, "issuer": old.issuer}
+        if insert_ignore(conn, identifiers_t, {**alias, "id_type": MERGED_ID_TYPE},
+                         ["patient_pk", "value", "issuer"]) is None:
+            # Listed before (the HIS sent it as another ID): it is a former key now.
+            conn.execute(update(identifiers_t).where(*(identifiers_t.c[k] == v for k, v in alias.items()))
+                         .values(id_type=MERGED_ID_TYPE))
 
     @staticmethod
     def _patient_by_other_id(conn: Connection, value: str, issuer: str) -> Any:

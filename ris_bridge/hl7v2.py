@@ -27,7 +27,8 @@ from typing import Any
 import hl7
 
 from pacs.audit import Event
-from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo, Receipt
+from pacs.orders import (PRIMARY_ID_TYPES, OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo,
+                         Receipt)
 from pacs.timezones import hl7_timestamp, server_zone
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,9 @@ _BOM = b"\xef\xbb\xbf"
 # HL7 v2.5 2.5.3: a field (or component) of two double quotes is the null
 # value -- "delete the stored value" -- never the text.
 NULL = '""'
-# CX-5 identifier type codes (HL7 table 0203) that name the hospital's own
-# patient number; citizen ID (NI) and insurance numbers become other IDs.
-PRIMARY_ID_TYPES = ("PI", "MR")
+# PRIMARY_ID_TYPES (from pacs.orders): the CX-5 identifier type codes (HL7
+# table 0203) of the hospital's own patient number; citizen ID (NI) and
+# insurance numbers become other IDs.
 _ERROR_MEANINGS = {
     "100": "Segment sequence error", "101": "Required field missing", "102": "Data type error",
     "103": "Table value not found", "200": "Unsupported message type", "201": "Unsupported event code",
@@ -201,10 +202,12 @@ def parse(raw: bytes) -> tuple[Any, Header]:
         raise HL7Reject(f"unparsable message: {exc}", code="100") from None
     header = _header_from_msh(text.split("\r", 1)[0], charset)
     _refuse_batched(text)
+    # AE, not AR: the message itself is wrong, and resent unchanged it would
+    # be refused again, forever (AR tells the HIS to resend).
     if not header.message_type:
-        raise HL7Reject("MSH-9 (message type) is empty", code="101")
+        raise HL7Reject("MSH-9 (message type) is empty", code="101", ack_code="AE")
     if not header.control_id:
-        raise HL7Reject("MSH-10 (message control ID) is empty", code="101")
+        raise HL7Reject("MSH-10 (message control ID) is empty", code="101", ack_code="AE")
     return message, header
 
 
@@ -442,6 +445,7 @@ def patient_from_pid(pid: Any) -> PatientInfo:
     return PatientInfo(
         patient_id=primary.value,
         issuer=primary.issuer,
+        id_type=primary.id_type,
         name=_person(_components(names[0])) if names else None,
         birth_date=_birth_date(_get(pid, 7)) if _present(pid, 7) else None,
         sex=_sex(pid),
@@ -680,19 +684,44 @@ def _actions(message: Any, header: Header, zone: tzinfo | None = None) -> list[t
         if not pids:
             raise OrderError("ADT message without PID segment", code="100", http_status=400)
         if header.trigger == "A40":
-            return [("merge", (patient_from_pid(pids[0]), _prior_ids(message)))]
+            return [("merge", pair) for pair in _merge_pairs(message)]
         if header.trigger in ("A01", "A04", "A05", "A08", "A28", "A31"):
             return [("patient", patient_from_pid(pids[0]))]
         return f"{kind} is not supported", "201"
     return f"message type {header.message_type} is not supported", "200"
 
 
-def _prior_ids(message: Any) -> list[tuple[str, str]]:
-    """MRG-1 of an ADT^A40: the patient IDs being merged away."""
-    mrgs = _segments(message, "MRG")
-    if not mrgs:
-        raise OrderError("ADT^A40 without MRG segment", code="100", http_status=400)
-    prior = [(c[0], c[3] if len(c) > 3 else "") for c in map(_components, _repetitions(mrgs[0], 1)) if c[0]]
+def _merge_pairs(message: Any) -> list[tuple[PatientInfo, list[tuple[str, str]]]]:
+    """The PATIENT groups of an ADT^A40 (ADT_A39: PID, [PD1], MRG, [PV1],
+    repeated): each PID with the MRG that follows it, (surviving patient,
+    prior IDs) per group. Every group is merged, in the message's one
+    transaction; a PID without its MRG (or an MRG without its PID) refuses
+    the whole message (AE 100), so that no pair is merged without the others."""
+    pairs: list[tuple[PatientInfo, list[tuple[str, str]]]] = []
+    pid = None
+    for segment in message:
+        name = str(segment[0]).strip().upper()
+        if name == "PID":
+            if pid is not None:
+                raise OrderError(f"ADT^A40 patient group {len(pairs) + 1} has a PID without MRG segment",
+                                 code="100", http_status=400)
+            pid = segment
+        elif name == "MRG":
+            if pid is None:
+                raise OrderError(f"ADT^A40 patient group {len(pairs) + 1} has an MRG without PID segment",
+                                 code="100", http_status=400)
+            pairs.append((patient_from_pid(pid), _prior_ids(segment)))
+            pid = None
+    if pid is not None:
+        text = "ADT^A40 without MRG segment" if not pairs else \
+            f"ADT^A40 patient group {len(pairs) + 1} has a PID without MRG segment"
+        raise OrderError(text, code="100", http_status=400)
+    return pairs
+
+
+def _prior_ids(mrg: Any) -> list[tuple[str, str]]:
+    """MRG-1 of one ADT^A40 patient group: the patient IDs being merged away."""
+    prior = [(c[0], c[3] if len(c) > 3 else "") for c in map(_components, _repetitions(mrg, 1)) if c[0]]
     if not prior:
         raise OrderError("MRG-1 (prior patient identifier) is empty", code="101", http_status=400)
     return prior

@@ -277,7 +277,8 @@ def test_patient_id_is_chosen_by_identifier_type(his: PacsServer, tmp_path: Path
     assert msa(send(his, with_pid(orm("I4", "HRI004"), both)))[0] == "AA"
     items = worklist(his, tmp_path, "PatientID=BN500002", "AccessionNumber", "PatientName")
     assert sorted(i.AccessionNumber for i in items) == ["HRI003", "HRI004"]
-    assert {(i.PatientID, str(i.PatientName)) for i in items} == {("079085009999", "Mai^Thị Lan")}
+    # The hospital number (PI) becomes the patient ID; the citizen ID an other ID.
+    assert {(i.PatientID, str(i.PatientName)) for i in items} == {("BN500002", "Mai^Thị Lan")}
 
 
 # -- 9: a half-sent frame does not hold a connection forever ---------------------------------------

@@ -36,6 +36,23 @@ corrections: Table = Correction.__table__  # type: ignore[assignment]
 log = logging.getLogger(__name__)
 # Seconds a series' study and patient are trusted from the cache (see _series_study).
 STUDY_PATIENT_TTL = 10.0
+# patient_identifiers.id_type of a Patient ID merged away by the HIS (ADT^A40):
+# an alias of the surviving patient (see pacs.orders.OrderService._keep_alias).
+MERGED_ID_TYPE = "MERGED"
+
+
+def merged_patient(conn: Connection, patient_id: str, issuer: str) -> int | None:
+    """The patient *patient_id* was merged into, when exactly one holds it as
+    a merged-away ID (an alias without issuer matches any issuer, an ID sent
+    without issuer any alias) and no patient has that ID and issuer as its
+    own; None otherwise. One indexed query."""
+    condition = [identifiers.c.value == patient_id, identifiers.c.id_type == MERGED_ID_TYPE,
+                 ~select(patients.c.pk).where(patients.c.patient_id == patient_id,
+                                              patients.c.issuer == issuer).exists()]
+    if issuer:
+        condition.append(identifiers.c.issuer.in_((issuer, "")))
+    found = conn.execute(select(identifiers.c.patient_pk).where(*condition).distinct().limit(2)).scalars().all()
+    return int(found[0]) if len(found) == 1 else None
 
 
 @dataclass
@@ -160,15 +177,16 @@ class IndexWriter:
         self._series_studies.clear()
 
     # -- parents ----------------------------------------------------------
-    def _patient_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
+    def _patient_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> tuple[int, bool]:
+        """(patient pk, whether h's Patient ID is one the HIS merged away)."""
         if not h.patient_id:
-            return self._new_patient_without_id(conn, h, now)
+            return self._new_patient_without_id(conn, h, now), False
         key = (h.patient_id, h.issuer)
         pk = self._patients.get(key)
         if pk is not None:
             row = conn.execute(select(patients.c.patient_id, patients.c.issuer).where(patients.c.pk == pk)).first()
             if row is not None and row.patient_id == h.patient_id and (not h.issuer or row.issuer == h.issuer):
-                return pk
+                return pk, False
             del self._patients[key]
         if not h.issuer:
             # Modalities rarely send Issuer of Patient ID: an ID without issuer
@@ -179,7 +197,12 @@ class IndexWriter:
             ).scalars().all()
             if len(known) == 1:
                 self._patients.put(key, known[0])
-                return int(known[0])
+                return int(known[0]), False
+        # Not cached: one query more, once per new study whose patient is
+        # not in the cache (a merged-away ID is never cached).
+        merged = merged_patient(conn, h.patient_id, h.issuer)
+        if merged is not None:
+            return merged, True
         pk = insert_ignore(conn, patients, _patient_row(h, now), ["patient_id", "issuer"], where=PATIENT_HAS_ID)
         if pk is None:
             row = conn.execute(
@@ -204,7 +227,7 @@ class IndexWriter:
                 )
         _add_identifiers(conn, pk, h)
         self._patients.put(key, pk)
-        return pk
+        return pk, False
 
     def _new_patient_without_id(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
         """A patient of its own for a new study received without a Patient
@@ -228,7 +251,7 @@ class IndexWriter:
         # A study the HIS ordered is filed under the HIS patient: the
         # modality's (possibly mistyped) patient is never created.
         order = find_order(conn, h.study_uid, h.accession_number)
-        patient_pk = order.patient_pk if order is not None else self._patient_pk(conn, h, now)
+        patient_pk, merged = (order.patient_pk, False) if order is not None else self._patient_pk(conn, h, now)
         pk = insert_ignore(
             conn,
             studies,
@@ -261,6 +284,15 @@ class IndexWriter:
             received = _received_patient(h)
             matched_by = "study uid" if order.study_uid == h.study_uid else "accession number"
             record_reconciliation(conn, pk, order, received, h.accession_number, matched_by, now)
+        elif merged:
+            # Filed under the patient the HIS merged this ID into; what differs is corrected on retrieval.
+            kept = conn.execute(select(patients).where(patients.c.pk == patient_pk)).one()
+            received = _received_patient(h)
+            rows = [{"study_pk": pk, "keyword": k, "received": received[k] or "", "corrected": getattr(kept, c) or "",
+                     "reason": "received under a patient ID merged away by the HIS (ADT^A40)", "created_at": now}
+                    for k, c in PATIENT_COLUMNS.items() if (received[k] or "") != (getattr(kept, c) or "")]
+            if rows:
+                conn.execute(corrections.insert(), rows)
         self._studies.put(h.study_uid, pk)
         return pk
 
