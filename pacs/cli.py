@@ -381,8 +381,9 @@ def _remote_pull(pacs: Any, args: argparse.Namespace) -> int:
                   f"{report.missing} to pull, {report.incomplete} incomplete, {report.failed} failed; "
                   f"{report.queries} C-FINDs")
         for window in report.capped:
-            err.print(f"[yellow]{window}: the remote answered {options.find_limit} or more studies; "
-                      "some may be left out (pull them again with --patient)[/yellow]")
+            detail = report.capped_detail.get(window) or f"the remote answered {options.find_limit} or more studies"
+            err.print(f"[yellow]{window}: {detail} (pull them with --patient, or raise the remote's "
+                      "limit)[/yellow]")
         if report.stopped:
             err.print(f"[yellow]stopped: {report.stopped}; run the same command again to go on[/yellow]")
     return 0 if report.ok else 1

@@ -83,6 +83,9 @@ class PullReport:
     failed: int = 0
     instances: int = 0
     capped: list[str] = field(default_factory=list)
+    # Each capped window: what the remote did (its answer cut with 0xFE00,
+    # or exactly --find-limit matches) and what may be left out.
+    capped_detail: dict[str, str] = field(default_factory=dict)
     stopped: str = ""
     problems: list[StudyResult] = field(default_factory=list)
 
@@ -135,6 +138,10 @@ class Puller:
         self.until = options.until or now.date()
         self.report = PullReport(title, _da(self.since), _da(self.until))
         self._pulled = 0
+        # Every study the windows listed, and how the last C-FIND ended
+        # (matches, cut with 0xFE00): what a capped window is said to be.
+        self._listed: set[str] = set()
+        self._last_answer = (0, False)
         self._deadline: datetime | None = None
         if options.stop_at is not None:
             # The next time the clock shows stop_at: a night run started at
@@ -170,6 +177,8 @@ class Puller:
         except remote.Truncated:
             truncated = True
         limit = self.options.find_limit
+        self._last_answer = (count, truncated)
+        self._listed.update(str(m.get("StudyInstanceUID", "") or "") for m in matches)
         return matches, truncated or count >= limit, truncated or count == limit
 
     def windows(self, start: date, end: date, *, any_date: bool = False) -> Iterator[list[Dataset]]:
@@ -184,6 +193,7 @@ class Puller:
             def unsplittable(m: Dataset) -> bool:  # no time (only a single day is split by hour)
                 return start == end and not str(m.get("StudyTime", "") or "").strip()
         matches, split, cut = self._find_studies("" if any_date else _date_keys(start, end), also=unsplittable)
+        answer = self._answered()
         if not split:
             yield matches
             return
@@ -197,28 +207,81 @@ class Puller:
             # Splitting by date cannot find what has no date, or one outside
             # the range (a modality's clock wrong): those of the first answer
             # are taken, and if the remote cut that answer others may exist.
-            yield [m for m in matches if unsplittable(m)]
+            undated = [m for m in matches if unsplittable(m)]
+            yield undated
             if cut:
-                self.report.capped.append(UNDATED)
+                self._undated_beyond_the_cut(answer, len(undated))
+
+    def _answered(self) -> str:
+        """How the remote ended its last answer, in words."""
+        count, truncated = self._last_answer
+        if truncated:
+            return f"{self.title} cut its answer short after {count} studies (0xFE00: more exist)"
+        return f"{self.title} answered exactly {count} studies, the --find-limit (it may cap its answers there)"
+
+    def _capped(self, window: str, detail: str) -> None:
+        self.report.capped.append(window)
+        self.report.capped_detail[window] = detail
+
+    def _remote_total(self) -> int | None:
+        """How many studies the remote holds (for --patient, that patient's),
+        from its patient-level answer; None when it cannot say: no counts,
+        an answer cut short, or no patient-level queries."""
+        keys = {"PatientID": self.options.patient_id, "NumberOfPatientRelatedStudies": ""}
+        self.report.queries += 1
+        total = patients = 0
+        try:
+            for m in remote.find(self.pacs, self.title, "PATIENT", keys, "patient"):
+                if m is None:
+                    continue
+                count = _count(m.get("NumberOfPatientRelatedStudies"))
+                if count is None:
+                    return None
+                total, patients = total + count, patients + 1
+        except remote.Unreachable:
+            raise
+        except remote.RemoteError:  # Truncated too
+            return None
+        return None if patients >= self.options.find_limit else total
+
+    def _undated_beyond_the_cut(self, answer: str, undated: int) -> None:
+        """The first answer (every study, any date) was cut: studies without a
+        date (or outside the range) past the cut cannot be found by date. Said
+        unless the remote's own count of its studies (patient level) is no
+        more than the windows listed: then every study was found."""
+        total = self._remote_total()
+        listed = len(self._listed - {""})
+        if total is not None and total <= listed:
+            return
+        if undated:
+            self._capped(UNDATED, f"{answer}, {undated} of them without a Study Date (or outside the dates): "
+                                  "more may be beyond the cut")
+        elif total is None:
+            self._capped(UNDATED, f"{answer}, all with a Study Date, and it does not say how many studies it "
+                                  "holds: some without a date may be beyond the cut")
+        else:
+            self._capped(UNDATED, f"{answer}; it holds {total} studies and {listed} were found by date: "
+                                  f"{total - listed} may have no Study Date (or one outside the dates)")
 
     def _hours(self, day: date, day_matches: list[Dataset], cut: bool) -> Iterator[list[Dataset]]:
         """One day with too many studies, hour by hour (newest first)."""
+        answer = self._answered()
         found: set[str] = set()
         for hour in range(23, -1, -1):
             # Up to the last fraction of the hour's last second (095959.5).
             matches, split, _cut = self._find_studies(_da(day), f"{hour:02d}0000-{hour:02d}5959.999999")
             if split:
                 window = f"{_da(day)} {hour:02d}h"
-                log.warning("pull from %s: %s still has %d or more studies; only those are pulled",
-                            self.title, window, self.options.find_limit)
-                self.report.capped.append(window)
+                log.warning("pull from %s: %s: %s; only those are pulled", self.title, window, self._answered())
+                self._capped(window, f"{self._answered()}; studies beyond it are left out")
             found.update(str(m.get("StudyInstanceUID", "")) for m in matches)
             yield matches
         # A study without a Study Time is in no hour: those of the day's own
         # answer are taken; if the remote cut that answer, more may exist.
         yield [m for m in day_matches if str(m.get("StudyInstanceUID", "")) not in found]
         if cut:
-            self.report.capped.append(f"{_da(day)}: studies without a Study Time")
+            self._capped(f"{_da(day)}: studies without a Study Time",
+                         f"{answer}; a study without a Study Time beyond it is in no hour's answer")
 
     def _remote_series(self, study_uid: str) -> list[tuple[str, int | None]]:
         """Each series of the study at the remote, with the number of

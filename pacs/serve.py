@@ -87,7 +87,9 @@ def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
                     "address: set hl7_allowed_hosts (PACS_HL7_ALLOWED_HOSTS) to the HIS's addresses")
     listener = _listen("HL7 (MLLP)", "--hl7-port / PACS_HL7_PORT", settings.host, settings.hl7_port,
                        MLLPServer(settings.host, settings.hl7_port, answer, idle_timeout=settings.hl7_idle_timeout,
-                                  allowed=allowed).start)
+                                  allowed=allowed, frame_timeout=settings.hl7_frame_timeout,
+                                  max_connections=settings.hl7_max_connections,
+                                  max_per_host=settings.hl7_max_connections_per_host).start)
     sender = None
     if settings.his_mllp:
         host, _, port = settings.his_mllp.rpartition(":")

@@ -165,6 +165,14 @@ class Settings(BaseSettings):
     # Seconds the HIS has to ACK an outbound message before it is sent again
     # (behind a slow link a HIS may take longer than a LAN one).
     hl7_ack_timeout: float = Field(default=30.0, gt=0)
+    # HL7 (MLLP) connections served at once (a HIS uses a handful), and from
+    # one address (0: half of hl7_max_connections). More are closed as soon as
+    # accepted: idle connections by the thousand took the node down.
+    hl7_max_connections: int = Field(default=32, ge=1)
+    hl7_max_connections_per_host: int = Field(default=0, ge=0)
+    # Seconds a client has to finish an HL7 message once its first byte came
+    # (however slowly it trickles the rest); the connection is closed otherwise.
+    hl7_frame_timeout: float = Field(default=60.0, gt=0)
     ae_title: str = "FILMLESS"
 
     # TLS (PS3.15 Annex B): this node's certificate and key, PEM (pacs certs issue).

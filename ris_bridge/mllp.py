@@ -6,15 +6,26 @@ runs in a worker thread so database work never blocks the event loop.
 Garbage between frames is skipped; an oversized frame closes the connection,
 and so does a connection that sends nothing for ``idle_timeout`` seconds (a
 client that stopped half-way through a frame would otherwise hold its socket
-and buffer forever).
+and buffer forever), or that does not finish a message within
+``frame_timeout`` seconds of its first byte however slowly it trickles.
+
+A HIS uses a handful of connections: at most ``max_connections`` are served
+at once, ``max_per_host`` of them from one address, and the excess is closed
+as soon as it is accepted (idle connections by the thousand once took the
+process past 1024 descriptors, where select()-based DICOM code fails, and
+then to its descriptor limit). Refusals and accept errors (EMFILE) are
+logged at most once per ``LOG_INTERVAL``, never a line per connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import threading
+import time
+from collections import Counter
 from collections.abc import Callable
 
 log = logging.getLogger(__name__)
@@ -22,6 +33,62 @@ log = logging.getLogger(__name__)
 VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
 MAX_MESSAGE = 16 * 1024 * 1024
 IDLE_TIMEOUT = 300.0
+FRAME_TIMEOUT = 60.0
+MAX_CONNECTIONS = 32
+LOG_INTERVAL = 60.0
+_RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+class _Throttled:
+    """Log lines of one kind at most once per *interval*, saying how many were held back."""
+
+    def __init__(self, interval: float = LOG_INTERVAL) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._held: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def warning(self, kind: str, message: str, *args: object) -> None:
+        now = time.monotonic()
+        with self._lock:
+            last = self._last.get(kind)
+            if last is not None and now - last < self.interval:
+                self._held[kind] += 1
+                return
+            self._last[kind] = now
+            held = self._held.pop(kind, 0)
+        if held:
+            message += f" ({held} more like this in the last {self.interval:.0f}s)"
+        log.warning(message, *args)
+
+
+class _Limits:
+    """Connections served at once, overall and per peer address (used only
+    from the listener's event loop thread)."""
+
+    def __init__(self, total: int, per_host: int) -> None:
+        self.total = max(1, total)
+        self.per_host = per_host if per_host > 0 else max(1, self.total // 2)
+        self.open = 0
+        self.by_host: Counter[str] = Counter()
+
+    def take(self, address: str) -> tuple[str, str]:
+        """("", "") when *address* may have one more connection (counted),
+        else which limit refuses it ("total", "host") and why."""
+        if self.open >= self.total:
+            return "total", f"{self.open} HL7 connections open, the most allowed (hl7_max_connections {self.total})"
+        if self.by_host[address] >= self.per_host:
+            return "host", (f"{self.by_host[address]} HL7 connections open from that address, the most allowed "
+                    f"(hl7_max_connections_per_host {self.per_host})")
+        self.open += 1
+        self.by_host[address] += 1
+        return "", ""
+
+    def give_back(self, address: str) -> None:
+        self.open -= 1
+        self.by_host[address] -= 1
+        if self.by_host[address] <= 0:
+            del self.by_host[address]
 
 
 def frame(message: bytes) -> bytes:
@@ -39,20 +106,55 @@ async def _read(reader: asyncio.StreamReader, idle_timeout: float | None) -> byt
 async def _serve_connection(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Callable[[bytes, str], bytes],
     idle_timeout: float | None = IDLE_TIMEOUT, allowed: Callable[[str], bool] | None = None,
+    frame_timeout: float | None = FRAME_TIMEOUT, limits: _Limits | None = None,
+    throttled: _Throttled | None = None,
 ) -> None:
     peer = writer.get_extra_info("peername")
     address = str(peer[0]) if isinstance(peer, tuple) and peer else ""
-    if allowed is not None and not await asyncio.to_thread(allowed, address):
-        # MLLP has no credentials: the address is all there is to go by.
-        writer.close()
-        return
+    if limits is not None:
+        limit, refused = limits.take(address)
+        if limit:
+            # Closed at once: before the allowlist check, so a flood costs no thread or audit row each.
+            (throttled or _Throttled()).warning(
+                f"refused-{limit}", "HL7 connection from %s refused: %s", address, refused)
+            writer.transport.abort()
+            return
+    try:
+        if allowed is not None and not await asyncio.to_thread(allowed, address):
+            # MLLP has no credentials: the address is all there is to go by.
+            writer.close()
+            return
+        await _converse(reader, writer, handler, peer, address, idle_timeout, frame_timeout)
+    finally:
+        if limits is not None:
+            limits.give_back(address)
+
+
+async def _converse(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Callable[[bytes, str], bytes],
+    peer: object, address: str, idle_timeout: float | None, frame_timeout: float | None,
+) -> None:
     sock = writer.get_extra_info("socket")
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    loop = asyncio.get_running_loop()
     buffer = b""
+    # When the bytes not yet part of a complete message began to arrive
+    # (None: between messages); the frame deadline counts from there, so a
+    # client trickling a byte now and then cannot hold the connection.
+    frame_started: float | None = None
     try:
         while True:
-            chunk = await _read(reader, idle_timeout)
+            timeout, frame_due = idle_timeout, False
+            if frame_started is not None and frame_timeout:
+                remaining = frame_started + frame_timeout - loop.time()
+                if timeout is None or remaining <= timeout:
+                    timeout, frame_due = max(0.0, remaining), True
+            chunk = await _read(reader, timeout) if timeout != 0.0 else None
+            if chunk is None and frame_due:
+                log.warning("MLLP connection from %s did not finish a message within %gs; closing",
+                            peer, frame_timeout)
+                return
             if chunk is None:
                 log.warning("MLLP connection from %s idle for %.0fs%s; closing", peer, idle_timeout,
                             " in the middle of a message" if buffer else "")
@@ -60,11 +162,14 @@ async def _serve_connection(
             if not chunk:
                 return
             buffer += chunk
+            stray = False
             while True:
                 start = buffer.find(VT)
                 if start < 0:
+                    stray = stray or bool(buffer.strip())
                     buffer = b""  # nothing framed yet: discard the noise
                     break
+                stray = stray or bool(buffer[:start].strip())
                 end = buffer.find(FS + CR, start)
                 if end < 0:
                     buffer = buffer[start:]
@@ -73,9 +178,12 @@ async def _serve_connection(
                         return
                     break
                 message, buffer = buffer[start + 1 : end], buffer[end + 2 :]
+                frame_started, stray = None, False
                 reply = await asyncio.to_thread(handler, message, address)
                 writer.write(frame(reply))
                 await writer.drain()
+            if (buffer or stray) and frame_started is None:
+                frame_started = loop.time()  # a partial frame, or noise (not a bare line break)
     except (ConnectionError, asyncio.IncompleteReadError):
         return
     finally:
@@ -88,12 +196,18 @@ class MLLPServer:
     def __init__(
         self, host: str, port: int, handler: Callable[[bytes, str], bytes], *,
         idle_timeout: float | None = IDLE_TIMEOUT, allowed: Callable[[str], bool] | None = None,
+        frame_timeout: float | None = FRAME_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
+        max_per_host: int = 0,
     ) -> None:
         """*handler*: (message, peer address) -> ACK. *allowed*: whether a peer
-        address may connect at all (it is closed at once otherwise)."""
+        address may connect at all (it is closed at once otherwise).
+        *max_per_host* 0: half of *max_connections*."""
         self.host, self.port, self.handler, self.allowed = host, port, handler, allowed
-        # None or 0: never close an idle connection.
+        # None or 0: never close an idle connection (or a slow frame).
         self.idle_timeout = idle_timeout or None
+        self.frame_timeout = frame_timeout or None
+        self.limits = _Limits(max_connections, max_per_host)
+        self.throttled = _Throttled()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
         self._ready = threading.Event()
@@ -109,11 +223,13 @@ class MLLPServer:
 
     def _run(self) -> None:
         self._loop = asyncio.new_event_loop()
+        self._loop.set_exception_handler(self._loop_error)
         try:
             self._server = self._loop.run_until_complete(
                 asyncio.start_server(
-                    lambda r, w: _serve_connection(r, w, self.handler, self.idle_timeout, self.allowed), self.host,
-                    self.port, reuse_address=True,
+                    lambda r, w: _serve_connection(r, w, self.handler, self.idle_timeout, self.allowed,
+                                                   self.frame_timeout, self.limits, self.throttled),
+                    self.host, self.port, reuse_address=True,
                 )
             )
         except BaseException as exc:
@@ -123,6 +239,16 @@ class MLLPServer:
         self._ready.set()
         log.info("HL7 MLLP listening on %s:%d", self.host, self.port)
         self._loop.run_forever()
+
+    def _loop_error(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        """Out of descriptors (EMFILE and the like) asyncio stops accepting for
+        a second and logs a traceback per failed accept(): hundreds a second
+        while it lasts. One line per interval says it instead."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in _RESOURCE_ERRORS:
+            self.throttled.warning("accept", "HL7 (MLLP) cannot accept connections: %s; retrying", exc)
+            return
+        loop.default_exception_handler(context)
 
     def stop(self) -> None:
         loop, server = self._loop, self._server
