@@ -30,6 +30,7 @@ from pacs.app import Pacs
 from pacs.errors import Status
 from pacs.tls import peer_certificate_sha256
 
+from .cancels import track_cancels
 from .server import audit_association
 
 log = logging.getLogger(__name__)
@@ -110,13 +111,14 @@ def gate_services(pacs: Pacs) -> Callable[[Any], None]:
                 if comment is not None:
                     assoc.dimse.send_msg(_response(message, Status.NOT_AUTHORIZED, comment), context_id)
                     return
-                # A C-CANCEL that came while the check ran: pynetdicom forgets it
-                # when it starts serving; keep it for the handler (see dicom_scp.reactor).
-                if getattr(message, "MessageID", None) in assoc.dimse.cancel_req:
-                    assoc._early_cancel = message.MessageID
             serve(message, context_id)
 
         assoc._serve_request = serve_request
+        # Outermost: ties each C-CANCEL to the request it cancels, also one
+        # that came while this check ran (pynetdicom forgets those), and
+        # drops a late one (it must not cancel the next request reusing its
+        # Message ID): dicom_scp.cancels.
+        track_cancels(assoc)
 
     return on_open
 

@@ -4,9 +4,10 @@ C-MOVE and C-GET over the same retrieval core.
 Identifiers become :class:`pacs.query.Query` objects; answers are built from
 index columns only. Failure statuses (PS3.4 C.4.1.1.4 / C.4.2.1.5):
 0xA900 identifier does not match SOP class (bad level, key of a lower
-level, unsupported matching key), 0xA801 unknown move destination,
-0xC000-family unable to process, 0xFE00 cancelled, 0xB000 some sub-operations
-failed.
+level, unsupported matching key), 0xA801 unknown move destination, 0xA702
+out of resources (a registered destination that cannot be reached or
+accepts none of the SOP classes, more than 65535 instances), 0xC000-family
+unable to process, 0xFE00 cancelled, 0xB000 some sub-operations failed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
 
@@ -29,6 +31,7 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelMove,
 )
 
+from pacs.aes import RemoteAE
 from pacs.app import Pacs
 from pacs.errors import query_failure
 from pacs.query import UNIQUE_KEY, Level, Query, QueryError, run_query
@@ -37,8 +40,9 @@ from pacs.query.results import ResultShape
 from pacs.retrieve import RetrieveItem, contexts_for, for_peer, resolve
 from pacs.tls import association_tls
 
+from .cancels import is_cancelled
 from .find_responses import PendingResponses
-from .server import audit_dimse, status_dataset
+from .server import audit_dimse, error_comment, status_dataset
 from .stored_send import StoredInstance, read_ahead, send_stored_as_is, sendable_as_stored
 
 log = logging.getLogger(__name__)
@@ -51,7 +55,8 @@ _PATIENT_ROOT = {
 _SKIP = {"QueryRetrieveLevel", "SpecificCharacterSet"}
 # DICOM statuses
 PENDING, CANCEL, IDENTIFIER_MISMATCH, UNABLE = 0xFF00, 0xFE00, 0xA900, 0xC000
-UNKNOWN_DESTINATION, TOO_MANY = 0xA801, 0xA702
+UNKNOWN_DESTINATION, OUT_OF_RESOURCES = 0xA801, 0xA702
+TOO_MANY = OUT_OF_RESOURCES
 MAX_SUBOPERATIONS = 65535
 
 
@@ -87,16 +92,37 @@ def _match_text(identifier: Dataset, tag: Any, declared: bool) -> str:
     return _value_text(identifier[tag].value)
 
 
+def _key_elements(ds: Dataset) -> Iterator[tuple[Any, str, str]]:
+    """(tag, keyword, VR) of each standard element of an identifier or of
+    one of its items, without decoding any value.
+
+    Walk tags, not elements: iterating a dataset decodes every value with
+    the declared character set (the default repertoire when none is
+    declared) before :func:`_match_text` can look at the raw bytes."""
+    for tag in list(ds.keys()):
+        keyword = keyword_for_tag(tag)
+        if not keyword or tag.is_private:
+            continue
+        raw = ds.get_item(tag)
+        yield tag, keyword, getattr(raw, "VR", None) or dictionary_VR(tag)
+
+
+def text_keys(ds: Dataset, declared: bool | None = None) -> dict[str, str]:
+    """Keyword -> value as text of the non-sequence elements of *ds* (an
+    identifier, or an item of one: pass the identifier's *declared*), read as
+    the Q/R C-FIND reads its matching keys (undeclared UTF-8 included, see
+    :func:`_match_text`)."""
+    if declared is None:
+        declared = _declared_charset(ds)
+    return {keyword: _match_text(ds, tag, declared)
+            for tag, keyword, vr in _key_elements(ds) if vr != "SQ"}
+
+
 def cancelled(event: Any) -> bool:
     """Whether the request being served was cancelled, also by a C-CANCEL
-    that arrived before it was served (dicom_scp.reactor keeps that one)."""
-    if event.is_cancelled:
-        return True
-    assoc = event.assoc
-    if getattr(assoc, "_early_cancel", None) == event.request.MessageID:
-        assoc._early_cancel = None
-        return True
-    return False
+    that arrived before it was served (dicom_scp.cancels marks it); never by
+    a late one for an earlier request under the same Message ID."""
+    return is_cancelled(event.request) or bool(event.is_cancelled)
 
 
 def identifier_query(identifier: Dataset, sop_class: str) -> tuple[Query, list[str]]:
@@ -111,15 +137,10 @@ def identifier_query(identifier: Dataset, sop_class: str) -> tuple[Query, list[s
     returns: list[str] = []
     not_matched: list[str] = []
     declared = _declared_charset(identifier)
-    # Walk tags, not elements: iterating a dataset decodes every value with
-    # the declared character set before we can look at the raw bytes.
-    for tag in list(identifier.keys()):
-        keyword = keyword_for_tag(tag)
-        if not keyword or keyword in _SKIP or tag.is_private:
+    for tag, keyword, vr in _key_elements(identifier):
+        if keyword in _SKIP:
             continue
         returns.append(keyword)
-        raw = identifier.get_item(tag)
-        vr = getattr(raw, "VR", None) or dictionary_VR(tag)
         if vr == "SQ":
             # Sequence matching is not supported: ignored for matching, the
             # key returned when the index holds it (PS3.4 C.2.2.1.3).
@@ -165,7 +186,8 @@ def make_find_handler(pacs: Pacs) -> Any:
             log.warning("C-FIND identifier unreadable: %s", exc)
             yield status_dataset(UNABLE, f"cannot read identifier: {exc}"), None
             return
-        audit_dimse(pacs, event, "query", study_uid=query.match.get("StudyInstanceUID", ""),
+        study = query.match.get("StudyInstanceUID", "")
+        audit_dimse(pacs, event, "query", study_uid="" if study == "*" else study,
                     detail=f"C-FIND {query.level.value} " + " ".join(f"{k}={v}" for k, v in query.match.items()))
         shape = ResultShape(query.level, returns, pacs.settings.ae_title)
         # Matches written here, many per socket write; None: pynetdicom sends each.
@@ -279,6 +301,13 @@ class MoveDestinations:
     def remember(self, assoc: Any) -> None:
         self._local.assoc = assoc
 
+    def forget(self) -> None:
+        self._local.assoc = None
+
+    def last(self) -> Any:
+        """The association pynetdicom opened last on this thread (None: none)."""
+        return getattr(self._local, "assoc", None)
+
     def accepted(self) -> set[tuple[str, str]]:
         assoc = getattr(self._local, "assoc", None)
         if assoc is None:
@@ -287,6 +316,33 @@ class MoveDestinations:
 
 
 _RETRIEVE_ITEMS = "_filmless_retrieve_items"
+# On the requesting association while pynetdicom opens the store association
+# of a C-MOVE to a registered destination: an _OpeningMove.
+_MOVE_OPENING = "_filmless_move_opening"
+
+
+@dataclass
+class _OpeningMove:
+    message_id: int
+    destination: RemoteAE
+    count: int
+    studies: list[str]
+    event: Any
+    destinations: MoveDestinations
+
+
+def _destination_failure(opening: _OpeningMove) -> str:
+    """Why the store association to a registered C-MOVE destination could not be opened."""
+    dest = opening.destination
+    store = opening.destinations.last()
+    answer = getattr(getattr(store, "acceptor", None), "primitive", None)
+    if store is None or answer is None:
+        return f"{dest.title} unreachable at {dest.host}:{dest.port}"
+    if getattr(store, "is_rejected", False):
+        return f"{dest.title} rejected the association: {answer.reason_str}"
+    if answer.result == 0 and not store.accepted_contexts:
+        return f"{dest.title} accepts none of the SOP classes of the study"
+    return f"{dest.title} aborted the association"
 
 
 def refuse_retrieves_early(pacs: Pacs) -> Any:
@@ -313,8 +369,36 @@ def refuse_retrieves_early(pacs: Pacs) -> Any:
             serve(message, context_id)
 
         assoc._serve_request = serve_request
+        send = assoc.dimse.send_msg
+
+        def send_msg(primitive: Any, context_id: int) -> None:
+            if isinstance(primitive, C_MOVE) and primitive.Status == UNKNOWN_DESTINATION:
+                opening = assoc.__dict__.pop(_MOVE_OPENING, None)
+                if opening is not None and opening.message_id == primitive.MessageIDBeingRespondedTo:
+                    _destination_failed(pacs, primitive, opening)
+            send(primitive, context_id)
+
+        assoc.dimse.send_msg = send_msg
 
     return on_open
+
+
+def _destination_failed(pacs: Pacs, response: C_MOVE, opening: _OpeningMove) -> None:
+    """Turn pynetdicom's 0xA801 for a registered destination it could not
+    associate with into 0xA702 naming the cause (PS3.4 C.4.2.1.5: A801 is
+    for a destination the SCP does not know), logged and audited."""
+    cause = _destination_failure(opening)
+    log.warning("C-MOVE of %d instances from %s refused: %s", opening.count,
+                opening.event.assoc.requestor.ae_title.strip(), cause)
+    for study in opening.studies:
+        audit_dimse(pacs, opening.event, "export", study_uid=study, outcome="failure",
+                    detail=f"C-MOVE to {opening.destination.title}: {cause}")
+    response.Status = OUT_OF_RESOURCES  # Refused: Out of resources - unable to perform sub-operations
+    response.ErrorComment = error_comment(cause)
+    response.NumberOfRemainingSuboperations = 0
+    response.NumberOfCompletedSuboperations = 0
+    response.NumberOfFailedSuboperations = opening.count
+    response.NumberOfWarningSuboperations = 0
 
 
 def _refused(pacs: Pacs, assoc: Any, request: C_MOVE | C_GET, context_id: int) -> bool:
@@ -351,6 +435,7 @@ def _refused(pacs: Pacs, assoc: Any, request: C_MOVE | C_GET, context_id: int) -
 
 def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
     def handle_move(event: Any) -> Iterator[Any]:
+        event.assoc.__dict__.pop(_MOVE_OPENING, None)
         requestor = event.assoc.requestor.ae_title.strip()
         destination = pacs.aes.lookup(str(event.move_destination).strip())
         if destination is None or not destination.enabled:
@@ -374,11 +459,20 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
             cx.abstract_syntax = sop_class
             cx.transfer_syntax = syntaxes
             contexts.append(cx)
-        for study in sorted({i.study_uid for i in items}):
-            audit_dimse(pacs, event, "export", study_uid=study, detail=f"C-MOVE to {destination.title}")
+        studies = sorted({i.study_uid for i in items})
+        if items:
+            # pynetdicom answers 0xA801 when it cannot open the store
+            # association: refuse_retrieves_early makes that 0xA702 with its cause.
+            destinations.forget()
+            event.assoc.__dict__[_MOVE_OPENING] = _OpeningMove(
+                event.request.MessageID, destination, len(items), studies, event, destinations)
         yield destination.host, destination.port, {
             "contexts": contexts, **association_tls(pacs.settings, destination)}
         yield len(items)
+        # Asked for the sub-operations: the destination is associated.
+        event.assoc.__dict__.pop(_MOVE_OPENING, None)
+        for study in studies:
+            audit_dimse(pacs, event, "export", study_uid=study, detail=f"C-MOVE to {destination.title}")
         log.info("C-MOVE of %d instances from %s to %s", len(items), requestor, destination.title)
         yield from _send_items(pacs, event, items, destinations.accepted)
 

@@ -188,11 +188,8 @@ def _run_acceptor_reactor(assoc: Any) -> None:
             assoc._is_paused = False
         context_id, message = assoc.dimse.get_msg(block=False)
         if message:
-            # pynetdicom forgets every C-CANCEL received before it starts to
-            # serve a request, also one for this very request (a C-FIND
-            # cancelled at once): keep that one for the handler (qr.cancelled).
-            message_id = getattr(message, "MessageID", None)
-            assoc._early_cancel = message_id if message_id in assoc.dimse.cancel_req else None
+            # A C-CANCEL received before the request is served (pynetdicom
+            # forgets those) has marked it already: dicom_scp.cancels.
             assoc._serve_request(message, context_id)
             # Serving is activity: a C-MOVE to a slow satellite that took
             # longer than the network timeout otherwise ended with the

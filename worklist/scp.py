@@ -29,7 +29,7 @@ from pynetdicom.sop_class import (
     ModalityWorklistInformationFind,
 )
 
-from dicom_scp.qr import _sequence_has_values, cancelled
+from dicom_scp.qr import _declared_charset, _sequence_has_values, cancelled, text_keys
 from pacs.app import Pacs
 from pacs.audit import Event
 from pacs.errors import query_failure
@@ -59,8 +59,6 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
-def _keys(ds: Dataset) -> dict[str, str]:
-    return {e.keyword: _text(e.value) for e in ds if e.keyword and e.VR != "SQ"}
 
 
 def full_item(row: dict[str, Any]) -> Dataset:
@@ -170,10 +168,13 @@ def make_worklist_handler(pacs: Pacs) -> Any:
         requestor = event.assoc.requestor
         try:
             identifier = event.identifier
-            match = _keys(identifier)
+            # Read as the Q/R C-FIND reads its keys: UTF-8 sent without a
+            # Specific Character Set (many consoles do) still matches.
+            declared = _declared_charset(identifier)
+            match = text_keys(identifier, declared)
             match.pop("SpecificCharacterSet", None)
             steps = identifier.get("ScheduledProcedureStepSequence") or []
-            step = _keys(steps[0]) if len(steps) else {}
+            step = text_keys(steps[0], declared) if len(steps) else {}
             # Refuses a key it cannot match before anything is answered; the
             # rows are then read page by page as they are sent.
             rows = run_worklist(pacs.engine, match, step)

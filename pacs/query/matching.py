@@ -119,22 +119,57 @@ def range_match(column: Any, value: str, *, is_time: bool = False) -> ColumnElem
     return and_(*conditions)
 
 
+def _one_group(column: Any, value: str, index_column: Any, whole: ColumnElement[bool]) -> ColumnElement[bool]:
+    """*value* (folded, without "=") matches one component group of the
+    stored name in *column* (groups joined by "="), or *whole* holds.
+
+    Latin text matches the alphabetic group, the first: equality or a LIKE
+    on the start of the name, narrowed by a prefix LIKE on *index_column*
+    (whose value starts like *column*'s) so its index is used. Text in
+    another script (the folded form is not ASCII: kanji, kana, hangul) may
+    be the ideographic or phonetic group too, which needs a scan."""
+    pattern = like_pattern(value)
+    if has_wildcard(value):
+        conditions = [column.like(pattern, escape="\\")]
+        if not pattern.endswith("%"):
+            conditions.append(column.like(pattern + "=%", escape="\\"))
+    else:
+        conditions = [column == value, column.like(pattern + "=%", escape="\\")]
+    if not value.isascii():
+        conditions += [column.like("%=" + pattern, escape="\\"), column.like("%=" + pattern + "=%", escape="\\")]
+        return or_(whole, *conditions)
+    prefix = re.split(r"[*?]", value, maxsplit=1)[0]
+    if not prefix:
+        return or_(whole, *conditions)
+    return and_(index_column.like(like_pattern(prefix) + "%", escape="\\"), or_(whole, *conditions))
+
+
 def pn_match(value: str, folded_column: Any, words_column: Any = None, *, fuzzy: bool = False) -> ColumnElement[bool]:
     """Person-name matching on the folded column (or its word form, when the
-    query has no component separators and a word column exists)."""
-    if words_column is not None and "^" not in value and "=" not in value:
-        column = words_column
-        folded = " ".join(fold(value).split())
-    else:
-        column = folded_column
-        folded = fold_name(value)
+    query has no component separators and a word column exists).
+
+    A stored name may carry ideographic and phonetic groups after its
+    alphabetic one ("Trần^Thị Bích=ちば^ていこ"). A query value without "="
+    is one group (PS3.4 C.2.2.2.1): it matches the alphabetic group, and a
+    value in another script than Latin also the ideographic or phonetic
+    group (see :func:`_one_group`). A value with "=" is compared with the
+    name whole."""
+    words = words_column is not None and "^" not in value and "=" not in value
+    folded = " ".join(fold(value).split()) if words else fold_name(value)
+    column = words_column if words else folded_column
     if not folded or folded.strip("*") == "":
         return true()
     if fuzzy and not has_wildcard(folded):
         # QIDO-RS fuzzymatching: any word of the name starts with the term.
         pattern = like_pattern(folded)
         return or_(column.like(pattern + "%", escape="\\"), column.like("% " + pattern + "%", escape="\\"))
-    return text_match(column, folded)
+    whole = text_match(column, folded)
+    if "=" in folded:
+        return whole
+    # One group of the name: in word form, the folded name with its
+    # component separators read as spaces (the word column runs the groups together).
+    grouped = func.replace(folded_column, "^", " ", type_=String) if words else folded_column
+    return _one_group(grouped, folded, column, whole)
 
 
 def patient_id_match(value: str, *, other_ids: bool = True) -> ColumnElement[bool]:
@@ -226,6 +261,10 @@ def condition(attribute: Attribute, value: str, *, fuzzy: bool = False, other_id
     if kind is Kind.MODALITIES:
         return _modalities(value)
     if kind is Kind.UID:
+        if value.strip() == "*":
+            # Universal matching, as an empty value (some viewers send it):
+            # C-MOVE and C-GET read it so too (dicom_scp.qr.retrieve_keys).
+            return true()
         uids = [u.strip() for u in value.split("\\") if u.strip()]
         if any(has_wildcard(u) for u in uids):
             raise QueryError(f"wildcards are not allowed in {attribute.keyword}")
