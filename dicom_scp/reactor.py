@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import select
 import ssl
 import time
 import weakref
@@ -26,6 +25,8 @@ from typing import Any
 
 from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
+
+from pacs.dicom_net import readable
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +84,12 @@ class _EventDrivenDUL(DULServiceProvider):
             if fd >= 0:
                 fds.append(fd)
         try:
-            readable, _, _ = select.select(fds, [], [], IDLE_WAIT)
+            # poll, not select: see pacs.dicom_net.readable (descriptors >= 1024).
+            ready = readable(fds, IDLE_WAIT)
         except (OSError, ValueError):  # the socket closed under us
             time.sleep(0.001)
             return
-        if self._wake_r in readable:
+        if self._wake_r in ready:
             try:
                 os.read(self._wake_r, 4096)
             except BlockingIOError:

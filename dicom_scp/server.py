@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pacs.app import Pacs
 from pacs.addresses import host_matches
 from pacs.audit import Event
-from pacs.dicom_net import apply_limits, tune_socket
+from pacs.dicom_net import apply_limits, tune_socket, with_polling
 from pacs.errors import IngestError, Status
 from pacs.header import stray_meta_length
 from pacs.ingest import Origin
@@ -66,7 +66,7 @@ class FilmlessAE(AE):
 
     def associate(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Open an association (C-MOVE sub-operations) with TCP_NODELAY on."""
-        assoc = super().associate(*args, **kwargs)
+        assoc = super().associate(*args, **with_polling(kwargs))
         for callback in self.on_associate:
             callback(assoc)
         return assoc

@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -41,6 +40,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from pacs.dicom_net import readable
 
 from .acceptor import InlineAssociationServer
 
@@ -164,8 +165,7 @@ class WorkerPool:
             if pipe is None:
                 continue
             try:
-                readable, _, _ = select.select([pipe], [], [], max(0.0, deadline - time.monotonic()))
-                if not readable:
+                if not readable([pipe], max(0.0, deadline - time.monotonic())):
                     log.warning("DICOM worker %d not ready after %.0f s", number, self.ready_timeout)
                 elif not os.read(pipe, 1):
                     log.error("DICOM worker %d exited while starting", number)

@@ -8,10 +8,13 @@ thread, an association slot or a routing worker.
 
 from __future__ import annotations
 
+import select
 import socket
+import ssl
 from typing import Any
 
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom.transport import AssociationSocket
 
 from .settings import Settings
 
@@ -54,8 +57,66 @@ def tune_socket(assoc: Any) -> None:
         if assoc.network_timeout:
             raw.settimeout(assoc.network_timeout)
         _acknowledge_at_once(assoc.dul.socket, raw)
+        _ready_by_poll(assoc.dul.socket)
     except (OSError, AttributeError):
         pass
+
+
+_READABLE = select.POLLIN | select.POLLPRI | select.POLLHUP | select.POLLERR
+
+
+def readable(fds: list[int], timeout: float) -> set[int]:
+    """Which of *fds* can be read (or hit end of file, or an error) within
+    *timeout* seconds. poll(), not select(): select() refuses any descriptor
+    numbered 1024 or more, and a node holding many connections (HTTP
+    clients, HL7, associations) gives new sockets such numbers; every
+    association on one then died at its first read. Raises OSError for a
+    closed descriptor."""
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+    found = set()
+    for fd, events in poller.poll(max(0, int(timeout * 1000))):
+        if events & select.POLLNVAL:
+            raise OSError(f"descriptor {fd} is closed")
+        if events & _READABLE:
+            found.add(fd)
+    return found
+
+
+def _poll_ready(wrapper: Any) -> bool:
+    raw = wrapper.socket
+    if raw is None or wrapper._is_connected is False:
+        return False
+    try:
+        is_ready = bool(readable([raw.fileno()], 0))
+    except (OSError, ValueError):
+        wrapper.event_queue.put("Evt17")  # transport connection closed
+        return False
+    # An SSL socket may hold decrypted bytes poll() cannot see.
+    return is_ready or (isinstance(raw, ssl.SSLSocket) and bool(raw.pending()))
+
+
+class _PollingSocket(AssociationSocket):
+    """pynetdicom's association socket, its ``ready`` by poll()."""
+
+    ready = property(_poll_ready)  # type: ignore[assignment]
+
+
+def _ready_by_poll(wrapper: Any) -> None:
+    """pynetdicom's AssociationSocket.ready (a property), with poll() instead
+    of select() (see :func:`readable`), on this association's socket."""
+    if type(wrapper) is AssociationSocket:
+        wrapper.__class__ = _PollingSocket
+
+
+def with_polling(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """*kwargs* of ``AE.associate`` with a handler that puts the requested
+    association's socket on poll() as soon as it connects (see
+    :func:`readable`), before the A-ASSOCIATE-AC is read."""
+    handlers = list(kwargs.get("evt_handlers") or [])
+    handlers.append((evt.EVT_CONN_OPEN, lambda event: _ready_by_poll(event.assoc.dul.socket)))
+    return {**kwargs, "evt_handlers": handlers}
 
 
 def _acknowledge_at_once(wrapper: Any, raw: socket.socket) -> None:
