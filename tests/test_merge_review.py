@@ -183,6 +183,12 @@ def test_a_merged_away_id_files_under_the_surviving_patient(his: PacsServer, tmp
         assert dataset_bytes(core.store.read_bytes(stored.storage_key)) == dataset_bytes(sent)
     finally:
         core.close()
+    # FHIR lists the merged-away ID as the surviving patient's old identifier.
+    with his.http() as http:
+        bundle = http.get("/fhir/Patient", params={"identifier": "P610"}).json()
+    (entry,) = bundle["entry"]
+    old = [i for i in entry["resource"]["identifier"] if i["value"] == "P510"]
+    assert [i.get("use") for i in old] == ["old"], entry["resource"]["identifier"]
     # An order for the old ID (with its issuer) is the surviving patient's too.
     _aa(his, _orm("P510^^^BVDK^PI", "ALIAS1", name="Lê^Văn C"))
     items = _worklist(his, tmp_path, "ALIAS1", "PatientID", "PatientName")

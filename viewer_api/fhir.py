@@ -22,6 +22,7 @@ from sqlalchemy import ColumnElement, Connection, and_, exists, false, func, or_
 from pacs import __version__
 from pacs.auth import Principal
 from pacs.index.models import PatientIdentifier, Report
+from pacs.index.writer import MERGED_ID_TYPE
 from pacs.names import fold, fold_name, name_words, same_person
 from pacs.query.attributes import patients, studies
 from pacs.reports import ReportError, ReportService
@@ -747,6 +748,11 @@ def patient_resource(row: Any, others: Sequence[Any]) -> dict[str, Any]:
             continue
         seen.add((other.value, other.issuer))
         entry: dict[str, Any] = {"system": patient_id_system(other.issuer), "value": other.value}
+        if other.id_type == MERGED_ID_TYPE:
+            # Merged away by the HIS (ADT^A40): still found by it, no longer in use.
+            entry["use"] = "old"
+            identifier.append(entry)
+            continue
         # The type an HL7 CX-5 gave (NI citizen ID, HC insurance...) is a
         # v2-0203 code; a DICOM Type of Patient ID is not.
         kind = other.id_type or ""
