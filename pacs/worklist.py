@@ -106,7 +106,16 @@ def _pn_filter(column: str, value: str) -> RowFilter:
     wanted = " ".join(fold(value).split()) if words else fold_name(value)
     form = name_words if words else fold_name
     pattern = re.compile("".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in wanted), re.DOTALL)
-    return lambda row: pattern.fullmatch(form(row[column] or "")) is not None
+
+    def matches(row: Any) -> bool:
+        stored = row[column] or ""
+        if pattern.fullmatch(form(stored)) is not None:
+            return True
+        # A value without "=" is one group of the name (PS3.4 C.2.2.2.1), as in pn_match.
+        return "=" not in value and "=" in stored and any(
+            pattern.fullmatch(form(group)) is not None for group in stored.split("="))
+
+    return matches
 
 
 def _status_condition(value: str) -> Any:

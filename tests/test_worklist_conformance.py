@@ -430,3 +430,9 @@ def test_physician_names_match_without_case_and_diacritics(server: PacsServer) -
         assert str(matches[0].PatientName) == "Nguyễn^Văn An"
     for top, step in (({"ReferringPhysicianName": "Trần*"}, {}), ({}, {"ScheduledPerformingPhysicianName": "DO*"})):
         assert find(server, identifier({"AccessionNumber": "PH8A", **top}, step)) == (0, [])
+    # A name with ideographic or phonetic groups is found by one group alone, as patient names are.
+    place(server, "PH8B", referring_physician="Trần^Văn Bình=ちば^ていこ")
+    for value in ("TRAN^VAN BINH", "tran van binh", "Trần*", "ちば^ていこ"):
+        code, matches = find(server, identifier({"AccessionNumber": "PH8B", "ReferringPhysicianName": value}))
+        assert (code, accessions(matches)) == (0, ["PH8B"]), value
+    assert find(server, identifier({"AccessionNumber": "PH8B", "ReferringPhysicianName": "NGUYEN*"})) == (0, [])
