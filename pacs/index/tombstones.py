@@ -215,17 +215,11 @@ def finish(engine: Engine, store: Any, keys: list[str],
     return done
 
 
-def active_keys(engine: Engine, limit: int | None = None, *, deletion: str | None = None,
-                before: datetime | None = None) -> list[str]:
-    """Keys of active tombstones (objects still to delete), oldest first;
-    only those of *deletion*, recorded before *before*, when given."""
+def active_keys(engine: Engine, limit: int | None = None) -> list[str]:
+    """Keys of active tombstones (objects still to delete), oldest first."""
     with engine.connect() as conn:
         query = (select(tombstones_t.c.storage_key).where(tombstones_t.c.finished_at.is_(None))
                  .order_by(tombstones_t.c.pk))
-        if deletion is not None:
-            query = query.where(tombstones_t.c.deletion == deletion)
-        if before is not None:
-            query = query.where(tombstones_t.c.created_at < before)
         if limit is not None:
             query = query.limit(limit)
         return list(dict.fromkeys(conn.execute(query).scalars()))
@@ -255,24 +249,26 @@ def prune(engine: Engine) -> int:
         return conn.execute(delete(tombstones_t).where(tombstones_t.c.finished_at < now() - RETAIN)).rowcount or 0
 
 
-def _due_keys(engine: Engine, limit: int) -> list[str]:
-    """Active tombstones' keys, oldest first, but for replaced objects still
-    within :data:`READERS_GRACE`."""
+def _due_keys(engine: Engine, limit: int, deletion: str | None) -> list[str]:
+    """Active tombstones' keys (of *deletion* only, when given), oldest
+    first, but for replaced objects still within :data:`READERS_GRACE`."""
     young = (tombstones_t.c.deletion == REPLACED) & (tombstones_t.c.created_at > now() - READERS_GRACE)
     with engine.connect() as conn:
         query = (select(tombstones_t.c.storage_key).where(tombstones_t.c.finished_at.is_(None), ~young)
                  .order_by(tombstones_t.c.pk).limit(limit))
+        if deletion is not None:
+            query = query.where(tombstones_t.c.deletion == deletion)
         return list(dict.fromkeys(conn.execute(query).scalars()))
 
 
-def finish_all(engine: Engine, store: Any) -> Finished:
+def finish_due(engine: Engine, store: Any, deletion: str | None = None) -> Finished:
     """Finish every active tombstone that is due (a deletion that died half
-    way, an object compress replaced more than :data:`READERS_GRACE` ago),
-    then prune old finished ones. Returns what was done."""
+    way, an object compress replaced more than :data:`READERS_GRACE` ago);
+    only those of *deletion*, when given. Returns what was done."""
     total = Finished()
     tried: set[str] = set()
     while True:
-        keys = [k for k in _due_keys(engine, limit=len(tried) + 500) if k not in tried]
+        keys = [k for k in _due_keys(engine, len(tried) + 500, deletion) if k not in tried]
         if not keys:
             break
         tried.update(keys)
@@ -280,5 +276,11 @@ def finish_all(engine: Engine, store: Any) -> Finished:
         total.deleted += done.deleted
         total.failed += done.failed
         total.kept += done.kept
+    return total
+
+
+def finish_all(engine: Engine, store: Any) -> Finished:
+    """:func:`finish_due` for every deletion, then prune old finished ones."""
+    total = finish_due(engine, store)
     prune(engine)
     return total

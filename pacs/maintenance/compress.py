@@ -52,7 +52,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -356,10 +355,7 @@ class _Retired:
 
     def finish_earlier_runs(self) -> None:
         """Delete what earlier runs left for their readers, once due."""
-        before = tombstones.now() - timedelta(seconds=READERS_GRACE)
-        keys = tombstones.active_keys(self.pacs.engine, deletion=DELETION, before=before)
-        if keys:
-            tombstones.finish(self.pacs.engine, self.pacs.store, keys)
+        tombstones.finish_due(self.pacs.engine, self.pacs.store, deletion=DELETION)
 
     def finish_due(self, report: CompressReport) -> None:
         due_at = time.monotonic() - READERS_GRACE
