@@ -240,20 +240,19 @@ def mark_sent(engine: Engine, message: Message) -> int | None:
     # failed "database is locked" at once under load, and the HIS got the
     # message a second time).
     with write_transaction(engine) as conn:
-        row = conn.execute(select(outbox.c.kind, outbox.c.payload, outbox.c.destination)
-                           .where(outbox.c.pk == pk)).first()
+        row = conn.execute(select(outbox.c.kind, outbox.c.payload, outbox.c.destination, outbox.c.state,
+                                  outbox.c.next_attempt_at).where(outbox.c.pk == pk)).first()
         if row is None:
             return 0
-        if message.lease is None or not conn.execute(
-            update(outbox).where(_held(message)).values(state="sent", sent_at=_now(), last_error="")
+        # Whoever holds the claim now: the message did arrive.
+        if not conn.execute(
+            update(outbox).where(outbox.c.pk == pk, outbox.c.state.in_(UNDELIVERED))
+            .values(state="sent", sent_at=_now(), last_error="")
         ).rowcount:
-            if not conn.execute(
-                update(outbox).where(outbox.c.pk == pk, outbox.c.state.in_(UNDELIVERED))
-                .values(state="sent", sent_at=_now(), last_error="")
-            ).rowcount:
-                log.warning("outbox message %d: delivered again after its claim ran out; another sender "
-                            "settled it already", pk)
-                return None
+            log.warning("outbox message %d: delivered again after its claim ran out; another sender "
+                        "settled it already", pk)
+            return None
+        if row.state != "sending" or message.lease is None or _aware(row.next_attempt_at) != message.lease:
             log.warning("outbox message %d: delivered after its claim ran out; recorded as sent", pk)
         key = message_key(row.kind, json.loads(row.payload), pk)
         older_dead = conn.execute(
