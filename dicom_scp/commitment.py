@@ -41,6 +41,7 @@ from pacs.app import Pacs
 from pacs.audit import Event
 from pacs.commitment import CommitmentResult, Reference, check_commitment
 from pacs.header import valid_uid
+from pacs.periodic import Periodic
 from pacs.remote import associate, local_ae
 
 from .server import status_dataset
@@ -351,32 +352,21 @@ def report_lease(pacs: Pacs) -> timedelta:
     return max(outbox.LEASE, timedelta(seconds=2 * one_try))
 
 
-class CommitmentReporter:
+class CommitmentReporter(Periodic):
     """Sends the reports in the outbox that did not go on their request's
     association: on a new association to the modality, tried on the
     :data:`RETRY_DELAYS` schedule (across restarts: the tries are counted in
     the row), then parked dead (``pacs outbox list --state dead``, ``pacs
     outbox retry``). Rows are claimed atomically: one node sends each."""
 
+    thread_name = "storage-commitment-reports"
+
     def __init__(self, pacs: Pacs, *, interval: float = 2.0) -> None:
-        self.pacs, self.interval = pacs, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="storage-commitment-reports", daemon=True)
+        super().__init__(interval)
+        self.pacs = pacs
 
-    def start(self) -> CommitmentReporter:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.deliver_due()
-            except Exception as exc:  # the index is down: the next round tries again
-                log.warning("storage commitment reports: %s", str(exc).splitlines()[0][:200])
+    def round(self) -> None:
+        self.deliver_due()
 
     def deliver_due(self) -> None:
         """One batch of due reports, each one's claim renewed before it is
@@ -384,7 +374,7 @@ class CommitmentReporter:
         engine, lease = self.pacs.engine, report_lease(self.pacs)
         queue = outbox.claim_due(engine, DESTINATION, limit=5, lease=lease)
         while queue:
-            if self._stop.is_set():
+            if self.stopping:
                 outbox.release(engine, queue, 0)
                 return
             queue = outbox.renew(engine, queue, lease)

@@ -42,6 +42,7 @@ from storage import ObjectNotFound, StorageError
 from . import routing
 from .app import Pacs
 from .maintenance.export import deidentify_salt
+from .periodic import Periodic
 from .query import Level
 from .remote import RemoteError, associate, local_ae
 from .retrieve import RetrieveItem, apply_overrides, contexts_for, for_peer, resolve
@@ -204,14 +205,18 @@ def _stop_aware(assoc: Any, stop: threading.Event) -> None:
     dimse.get_msg = get_msg
 
 
-class Forwarder:
+class Forwarder(Periodic):
     """Background delivery of routing jobs."""
+
+    thread_name = "routing"
+    round_at_start = True
 
     def __init__(self, pacs: Pacs, *, interval: float = 1.0, max_attempts: int = 10, concurrency: int = 4,
                  prune_every: float = 3600.0) -> None:
+        super().__init__(interval)
         self.pacs = pacs
         self.node = node_name(pacs)
-        self.interval, self.max_attempts = interval, max_attempts
+        self.max_attempts = max_attempts
         self.prune_every = prune_every
         self._pruned_at: float | None = None
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="route")
@@ -224,8 +229,6 @@ class Forwarder:
         # This round's failures per destination: (new state, error, the peer's fault).
         self._failures: dict[str, list[tuple[str, str, bool]]] = {}
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="routing", daemon=True)
         # Index writes that failed while the index was down (a delivery to
         # record as done, claims to give back), in order, retried each round:
         # a delivered object is not sent again, the rest of its batch not held
@@ -241,8 +244,7 @@ class Forwarder:
         released = routing.release_node(self.pacs.engine, self.node)
         if released:
             log.info("routing: %d jobs claimed before a restart are queued again", released)
-        self._thread.start()
-        return self
+        return super().start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -256,7 +258,7 @@ class Forwarder:
                 # at connect): end the wait, it would last the ACSE timeout.
                 with contextlib.suppress(OSError, AttributeError):
                     assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
-        self._thread.join(30)
+        super().stop()
         self._pool.shutdown(wait=True)
         routing.release_node(self.pacs.engine, self.node)
 
@@ -313,31 +315,30 @@ class Forwarder:
     def _give_back(self, jobs: list[Job]) -> None:
         self._record(lambda: routing.release(self.pacs.engine, [j.pk for j in jobs], self.node))
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._settle()
-            try:
-                self._prune()
-            except SQLAlchemyError as exc:
-                self._outage(exc)
-            except Exception:
-                log.exception("pruning finished routing jobs failed")
-            try:
-                due = routing.due_destinations(self.pacs.engine)
-                for destination in sorted(due, key=lambda d: d in self._suspect):  # healthy ones first
-                    with self._lock:
-                        if destination in self._busy:
-                            continue
-                        suspects_busy = len(self._busy & self._suspect)
-                        if destination in self._suspect and suspects_busy >= max(1, self.concurrency - 1):
-                            continue
-                        self._busy.add(destination)
-                    self._pool.submit(self._drain_guarded, destination)
-            except SQLAlchemyError as exc:
-                self._outage(exc)
-            except Exception:
-                log.exception("routing round failed")
-            self._stop.wait(self.interval)
+    def round(self) -> None:
+        self._settle()
+        try:
+            self._prune()
+        except SQLAlchemyError as exc:
+            self._outage(exc)
+        except Exception:
+            log.exception("pruning finished routing jobs failed")
+        due = routing.due_destinations(self.pacs.engine)
+        for destination in sorted(due, key=lambda d: d in self._suspect):  # healthy ones first
+            with self._lock:
+                if destination in self._busy:
+                    continue
+                suspects_busy = len(self._busy & self._suspect)
+                if destination in self._suspect and suspects_busy >= max(1, self.concurrency - 1):
+                    continue
+                self._busy.add(destination)
+            self._pool.submit(self._drain_guarded, destination)
+
+    def round_failed(self, exc: Exception) -> None:
+        if isinstance(exc, SQLAlchemyError):
+            self._outage(exc)
+        else:
+            log.error("routing round failed", exc_info=exc)
 
     def _drain_guarded(self, destination: str) -> None:
         try:

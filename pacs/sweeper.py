@@ -9,29 +9,22 @@ object twice, and a row an ingest claimed back is never touched."""
 from __future__ import annotations
 
 import logging
-import threading
 
 from .app import Pacs
 from .index import tombstones
+from .periodic import Periodic
 
 log = logging.getLogger(__name__)
 
 
-class Sweeper:
+class Sweeper(Periodic):
     """Finishes due tombstones every *interval* seconds."""
 
+    thread_name = "tombstone-sweeper"
+
     def __init__(self, pacs: Pacs, *, interval: float = 300.0) -> None:
-        self.pacs, self.interval = pacs, interval
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="tombstone-sweeper", daemon=True)
-
-    def start(self) -> Sweeper:
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(30)
+        super().__init__(interval)
+        self.pacs = pacs
 
     def sweep(self) -> int:
         """One round: objects deleted."""
@@ -40,9 +33,5 @@ class Sweeper:
             log.info("tombstones: %d objects deleted, %d to try again", len(done.deleted), len(done.failed))
         return len(done.deleted)
 
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.sweep()
-            except Exception as exc:  # the index or the store is down: the next round tries again
-                log.warning("tombstone sweep: %s", str(exc).splitlines()[0][:200])
+    def round(self) -> None:
+        self.sweep()

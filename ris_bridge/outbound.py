@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
@@ -25,6 +24,7 @@ from sqlalchemy import Engine, select
 from pacs import outbox
 from pacs.app import Pacs
 from pacs.index.models import Study
+from pacs.periodic import Periodic
 from pacs.settings import Settings
 from pacs.timezones import hl7_timestamp, hospital_zone, server_zone, utc_offset
 
@@ -196,35 +196,22 @@ def _obx(index: int, line: dict[str, Any], result_status: str) -> str:
                      "", encoded, "", "", "", "", "", result_status])
 
 
-class OutboundSender:
+class OutboundSender(Periodic):
     """Background delivery of the outbox to the HIS MLLP endpoint."""
 
+    thread_name = "hl7-outbound"
+    join_timeout = 15.0
+    round_at_start = True
+
     def __init__(self, pacs: Pacs, host: str, port: int, *, interval: float = 1.0) -> None:
-        self.pacs, self.host, self.port, self.interval = pacs, host, port, interval
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="hl7-outbound", daemon=True)
+        super().__init__(interval)
+        self.pacs, self.host, self.port = pacs, host, port
 
-    def start(self) -> OutboundSender:
-        self._thread.start()
-        return self
+    def round(self) -> None:
+        self.deliver_due()
 
-    def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(15)
-
-    def wake(self) -> None:
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.deliver_due()
-            except Exception:
-                log.exception("outbound delivery round failed")
-            self._wake.wait(self.interval)
-            self._wake.clear()
+    def round_failed(self, exc: Exception) -> None:
+        log.error("outbound delivery round failed", exc_info=exc)
 
     def deliver_due(self, *, rounds: int = 50) -> int:
         """Send what is due now; returns how many were delivered. A message
@@ -234,7 +221,7 @@ class OutboundSender:
         for _ in range(rounds):
             sent, more = self._deliver_round()
             delivered += sent
-            if not (sent and more) or self._stop.is_set():
+            if not (sent and more) or self.stopping:
                 break
         return delivered
 
@@ -264,7 +251,7 @@ class OutboundSender:
             return 0, False
         silent = 0
         while queue:
-            if self._stop.is_set():
+            if self.stopping:
                 outbox.release(engine, queue, 0)
                 return delivered, False
             queue = outbox.renew(engine, queue, lease)
