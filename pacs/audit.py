@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy import ColumnElement, Connection, Engine, insert, or_, select
 from sqlalchemy.exc import DataError, SQLAlchemyError
 
 from .index.db import write_transaction
@@ -199,10 +199,27 @@ class _Flush:
     done: threading.Event
 
 
-def query(engine: Engine, *, study_uid: str = "", user: str = "", action: str = "", limit: int = 1000) -> list[dict[str, Any]]:
+def _names_patient(patient_id: str) -> ColumnElement[bool]:
+    """An event naming *patient_id*: alone, or as one of the backslash-
+    separated patients of a search answer (see viewer_api.security)."""
+    column = events_t.c.patient_id
+    # "!" escapes LIKE's wildcards (a patient ID has no backslash: DICOM LO).
+    like = patient_id.replace("!", "!!").replace("%", "!%").replace("_", "!_")
+    sep = "\\"
+    return or_(column == patient_id,
+               column.like(f"{like}{sep}%", escape="!"),
+               column.like(f"%{sep}{like}", escape="!"),
+               column.like(f"%{sep}{like}{sep}%", escape="!"))
+
+
+def query(engine: Engine, *, study_uid: str = "", user: str = "", action: str = "", patient_id: str = "",
+          limit: int = 1000) -> list[dict[str, Any]]:
+    """The events, newest first, that match every filter given."""
     stmt = select(events_t).order_by(events_t.c.pk.desc()).limit(limit)
     if study_uid:
         stmt = stmt.where(events_t.c.study_uid == study_uid)
+    if patient_id:
+        stmt = stmt.where(_names_patient(patient_id))
     if user:
         stmt = stmt.where(events_t.c.user == user)
     if action:

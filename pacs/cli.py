@@ -545,7 +545,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
     pacs = _open(args)
     try:
-        events = audit.query(pacs.engine, study_uid=args.study or "", user=args.user or "", limit=args.limit)
+        events = audit.query(pacs.engine, study_uid=args.study or "", user=args.user or "",
+                             patient_id=args.patient or "", limit=args.limit)
     finally:
         pacs.close()
     fmt = args.format or ("table" if sys.stdout.isatty() else "json")
@@ -837,6 +838,7 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--study")
     p.add_argument("--user")
+    p.add_argument("--patient", help="events naming this patient ID (alone or among a search's patients)")
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--format", choices=["table", "json", "atna", "syslog"],
                    help="default: a table on a terminal, JSON when piped or redirected")

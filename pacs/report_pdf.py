@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 _FONT_CANDIDATES = [
@@ -50,14 +51,48 @@ def _date(value: str) -> str:
     return f"{value[6:8]}/{value[4:6]}/{value[0:4]}" if len(value) == 8 and value.isdigit() else value
 
 
+# A tab stop as the PDF shows it: fpdf2 has no tab, and the font no glyph
+# for one (the character was dropped, "Tổn thươngkích").
+_TAB = "    "
+
+
+def _text(value: str) -> str:
+    return value.replace("\t", _TAB)
+
+
+def _report_pdf(content: ReportContent) -> Any:
+    """An FPDF whose every page after the first names the patient (a loose
+    page of a printed report must say whose it is), and whose every page is
+    numbered "Trang n/N" (none goes missing unnoticed)."""
+    from fpdf import FPDF
+
+    patient = " — ".join(v for v in (content.patient_name.replace("^", " "),
+                                     f"Mã BN / ID {content.patient_id}" if content.patient_id else "",
+                                     f"Số phiếu / Acc. {content.accession}" if content.accession else "") if v)
+
+    class _ReportPDF(FPDF):  # type: ignore[misc]
+        def header(self) -> None:
+            if self.page_no() == 1:
+                return  # the first page has the full patient block
+            self.set_font("body", size=8)
+            self.cell(0, 5, patient, new_x="LMARGIN", new_y="NEXT")
+            self.ln(2)
+
+        def footer(self) -> None:
+            self.set_y(-12)
+            self.set_font("body", size=8)
+            self.cell(0, 5, f"Trang / Page {self.page_no()}/{{nb}}", align="C")
+
+    return _ReportPDF(format="A4")
+
+
 def render(content: ReportContent) -> bytes:
     """The report as PDF bytes."""
     # fpdf (with fontTools) takes most of a second to import: loaded at the
     # first signed report, not at every start of pacs serve and the CLI.
-    from fpdf import FPDF
-
-    pdf = FPDF(format="A4")
-    pdf.set_auto_page_break(auto=True, margin=15)
+    pdf = _report_pdf(content)
+    pdf.alias_nb_pages()
+    pdf.set_auto_page_break(auto=True, margin=18)  # room for the page number
     pdf.add_font("body", "", font_path())
     pdf.add_page()
     pdf.set_font("body", size=14)
@@ -76,7 +111,7 @@ def render(content: ReportContent) -> bytes:
         ("Giới / Sex", content.sex),
         ("Ngày chụp / Study date", _date(content.study_date)),
         ("Số phiếu / Accession", content.accession),
-        ("Kỹ thuật / Procedure", f"{content.modalities} {content.description}".strip()),
+        ("Kỹ thuật / Procedure", _text(f"{content.modalities} {content.description}".strip())),
     ]
     for label, value in rows:
         pdf.cell(55, 6, label)
@@ -86,7 +121,7 @@ def render(content: ReportContent) -> bytes:
         pdf.set_font("body", size=11)
         pdf.cell(0, 7, heading, new_x="LMARGIN", new_y="NEXT")
         pdf.set_font("body", size=10)
-        pdf.multi_cell(0, 5.5, text or "-")
+        pdf.multi_cell(0, 5.5, _text(text) or "-")
     pdf.ln(5)
     pdf.cell(0, 6, f"Ký / Signed: {content.signed_by.replace('^', ' ')} — {content.signed_at}",
              new_x="LMARGIN", new_y="NEXT")

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 
 from .app import Pacs
 from .errors import PacsError
@@ -65,6 +66,33 @@ def _row_dict(row: Any) -> dict[str, Any]:
     }
 
 
+# Objects the archive adds to a study that are not the procedure performed:
+# the report PDFs themselves (DOC), structured reports, key object
+# selections, presentation states. "Procedure CT/DOC" on an amendment's PDF
+# would name the first signature as part of the examination.
+_NOT_PROCEDURE = frozenset({"DOC", "SR", "KO", "PR"})
+
+
+
+def procedure_modalities(modalities: str) -> str:
+    """The study's modalities as the procedure performed, "/"-separated
+    (CT/MR), without the documents and annotations stored alongside."""
+    return "/".join(m for m in modalities.split("\\") if m and m not in _NOT_PROCEDURE)
+
+
+def _check_text(findings: str, impression: str) -> None:
+    """400 for a NUL character (pasted from another program): PostgreSQL
+    refuses it in text (a 500, the draft lost), an HL7 or PDF peer cuts
+    the text there."""
+    if "\x00" in findings or "\x00" in impression:
+        raise ReportError("the report text contains a NUL character (U+0000), likely pasted from another "
+                          "program: remove it and save again", 400)
+
+
+def _conflict() -> ReportError:
+    return ReportError("a colleague changed the report at the same moment: reload it, compare, then try again", 409)
+
+
 def _check_revision(current: Any, revision: int | None) -> None:
     """409 when the author's *revision* is not the current draft's: a
     colleague saved in between, and their text would be lost (a save) or
@@ -79,17 +107,29 @@ def _check_revision(current: Any, revision: int | None) -> None:
 
 
 class ReportService:
-    def __init__(self, pacs: Pacs, public_url: str = "") -> None:
+    def __init__(self, pacs: Pacs) -> None:
         self.pacs = pacs
-        self.public_url = public_url.rstrip("/")
+        # Only the configured address: a link built from a request's Host
+        # header would put whatever a client sent into a signed document.
+        self.public_url = (pacs.settings.public_url or "").rstrip("/")
 
-    def _study(self, conn: Any, study_uid: str) -> Any:
-        row = conn.execute(
+    def _study(self, conn: Any, study_uid: str, *, lock: bool = False) -> Any:
+        """The study and its patient; *lock*: the study row locked for the
+        rest of the transaction (PostgreSQL; SQLite's BEGIN IMMEDIATE already
+        serialises writers), so that the report writes of one study (saves,
+        signatures, amendments) queue instead of deciding on rows a
+        concurrent one is changing."""
+        stmt = (
             select(studies_t, patients_t.c.name.label("patient_name"), patients_t.c.patient_id,
                    patients_t.c.issuer, patients_t.c.birth_date, patients_t.c.sex)
             .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
             .where(studies_t.c.study_uid == study_uid)
-        ).first()
+        )
+        if lock:
+            # NO KEY UPDATE: ingest's inserts of series referencing the
+            # study (a KEY SHARE lock) are not held up.
+            stmt = stmt.with_for_update(of=studies_t, key_share=True)
+        row = conn.execute(stmt).first()
         if row is None:
             raise ReportError(f"no study {study_uid}", 404)
         return row
@@ -117,42 +157,57 @@ class ReportService:
         """Save the draft. *revision* is the one the author loaded (0: no
         report yet); another save since then is a 409, never overwritten.
         None skips the check (API clients that do not send it)."""
+        _check_text(findings, impression)
         now = datetime.now(UTC)
-        with write_transaction(self.pacs.engine) as conn:
-            study = self._study(conn, study_uid)
-            versions = self._versions(conn, study.pk)
-            current = versions[-1] if versions else None
-            if current is not None and current.status == "signed":
-                raise ReportError("the report is signed and cannot change; amend it for a new version", 409)
-            _check_revision(current, revision)
-            if current is None:
-                conn.execute(reports_t.insert().values(
-                    study_pk=study.pk, version=1, status="draft", findings=findings, impression=impression,
-                    author=author, created_at=now, updated_at=now, revision=1,
-                ))
-            else:
-                conn.execute(update(reports_t).where(reports_t.c.pk == current.pk).values(
-                    findings=findings, impression=impression, author=author, updated_at=now,
-                    revision=current.revision + 1,
-                ))
+        try:
+            with write_transaction(self.pacs.engine) as conn:
+                study = self._study(conn, study_uid, lock=True)
+                versions = self._versions(conn, study.pk)
+                current = versions[-1] if versions else None
+                if current is not None and current.status == "signed":
+                    raise ReportError("the report is signed and cannot change; amend it for a new version", 409)
+                _check_revision(current, revision)
+                if current is None:
+                    conn.execute(reports_t.insert().values(
+                        study_pk=study.pk, version=1, status="draft", findings=findings, impression=impression,
+                        author=author, created_at=now, updated_at=now, revision=1,
+                    ))
+                else:
+                    # Conditional on what was read: a signature or a save
+                    # committed since (the lock above aside) makes it match
+                    # no row, never overwrite a signed version or a colleague's text.
+                    done = conn.execute(
+                        update(reports_t)
+                        .where(reports_t.c.pk == current.pk, reports_t.c.status == "draft",
+                               reports_t.c.revision == current.revision)
+                        .values(findings=findings, impression=impression, author=author, updated_at=now,
+                                revision=current.revision + 1)
+                    ).rowcount
+                    if done != 1:
+                        raise _conflict()
+        except IntegrityError:  # a first version inserted concurrently (uq study_pk, version)
+            raise _conflict() from None
         return self.get(study_uid)
 
     def amend(self, study_uid: str, author: str) -> dict[str, Any]:
         """A new draft version carrying the signed text forward."""
         now = datetime.now(UTC)
-        with write_transaction(self.pacs.engine) as conn:
-            study = self._study(conn, study_uid)
-            versions = self._versions(conn, study.pk)
-            if not versions or versions[-1].status != "signed":
-                raise ReportError("only a signed report can be amended", 409)
-            last = versions[-1]
-            # Revisions go on counting across versions: one read from the
-            # signed version must not match the new draft.
-            conn.execute(reports_t.insert().values(
-                study_pk=study.pk, version=last.version + 1, status="draft", findings=last.findings,
-                impression=last.impression, author=author, created_at=now, updated_at=now,
-                revision=last.revision + 1,
-            ))
+        try:
+            with write_transaction(self.pacs.engine) as conn:
+                study = self._study(conn, study_uid, lock=True)
+                versions = self._versions(conn, study.pk)
+                if not versions or versions[-1].status != "signed":
+                    raise ReportError("only a signed report can be amended", 409)
+                last = versions[-1]
+                # Revisions go on counting across versions: one read from the
+                # signed version must not match the new draft.
+                conn.execute(reports_t.insert().values(
+                    study_pk=study.pk, version=last.version + 1, status="draft", findings=last.findings,
+                    impression=last.impression, author=author, created_at=now, updated_at=now,
+                    revision=last.revision + 1,
+                ))
+        except IntegrityError:  # a colleague's amendment inserted that version first
+            raise ReportError("a colleague amended the report at the same moment: reload it", 409) from None
         return self.get(study_uid)
 
     def sign(self, study_uid: str, signer: str, signer_name: str = "", revision: int | None = None) -> dict[str, Any]:
@@ -168,7 +223,8 @@ class ReportService:
         _check_revision(draft, revision)
         if not (draft.findings.strip() or draft.impression.strip()):
             raise ReportError("an empty report cannot be signed", 422)
-        viewer_url = f"{self.public_url}/viewer/study/{study_uid}" if self.public_url else f"/viewer/study/{study_uid}"
+        viewer_url = self._viewer_url(study_uid)
+        modalities = procedure_modalities(study.modalities)
         # The signature as the hospital's clock showed it, with the offset
         # (a bare UTC time read as local is 7 hours off in Vietnam).
         local = in_hospital_zone(now, self.pacs.settings)
@@ -176,13 +232,14 @@ class ReportService:
         content = ReportContent(
             institution=study.institution, patient_name=study.patient_name, patient_id=study.patient_id,
             birth_date=study.birth_date, sex=study.sex, study_date=study.study_date,
-            accession=study.accession_number, description=study.description, modalities=study.modalities.replace("\\", "/"),
+            accession=study.accession_number, description=study.description, modalities=modalities,
             findings=draft.findings, impression=draft.impression, signed_by=signer_name or signer,
             signed_at=f"{local:%Y-%m-%d %H:%M} (UTC{offset[:3]}:{offset[3:]})", version=draft.version, viewer_url=viewer_url,
         )
         pdf = render(content)
         sop_uid = self._store_pdf(study, draft.version, pdf, content, now)
-        with self.pacs.engine.begin() as conn:
+        with write_transaction(self.pacs.engine) as conn:
+            self._study(conn, study_uid, lock=True)  # after a save or amendment under way, not amid it
             done = conn.execute(
                 update(reports_t)
                 .where(reports_t.c.pk == draft.pk, reports_t.c.status == "draft",
@@ -197,20 +254,26 @@ class ReportService:
                     # In-order delivery per order (or study): pacs.outbox.message_key.
                     "key": f"order:{order['order_pk']}" if order.get("order_pk") else f"study:{study_uid}",
                     "study_uid": study_uid,
-                    "modalities": study.modalities.replace("\\", "/"),
+                    "modalities": modalities,
                     "signed_by": signer, "signed_by_name": signer_name or signer,
                     "signed_at": hl7_timestamp(now, hospital_zone(self.pacs.settings)),
                     "status": "final" if draft.version == 1 else "amended",
                     "lines": [
                         {"type": "TX", "code": "59776-5^Findings^LN", "value": draft.findings},
                         {"type": "TX", "code": "19005-8^Impression^LN", "value": draft.impression},
-                        {"type": "RP", "code": "IMAGES^Images^L", "value": viewer_url},
-                    ],
+                    ] + ([{"type": "RP", "code": "IMAGES^Images^L", "value": viewer_url}] if viewer_url else []),
                 })
         if not done:  # after that transaction: the withdrawal writes too
             self._withdraw_pdf(sop_uid)
             raise ReportError("the draft changed while signing; try again", 409)
         return self.get(study_uid)
+
+    def _viewer_url(self, study_uid: str) -> str:
+        """The absolute link to the images for the signed PDF and the ORU;
+        '' when public_url is not configured (a relative link is of no use
+        in the HIS, and the request's Host is not ours to sign)."""
+        # `pacs serve` warns at start when it is not set.
+        return f"{self.public_url}/viewer/study/{study_uid}" if self.public_url else ""
 
     def _withdraw_pdf(self, sop_uid: str) -> None:
         """Remove the PDF stored for a signature that did not happen (a

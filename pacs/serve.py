@@ -209,6 +209,9 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             log.warning("the server's time zone is UTC and PACS_TIMEZONE is not set: DICOM dates and times "
                         "written here (report PDFs), HL7 timestamps, FHIR times and 'today' (purge, pull) "
                         "follow UTC; set timezone (PACS_TIMEZONE=Asia/Ho_Chi_Minh) to the hospital's zone")
+        if not settings.public_url:
+            log.warning("public_url (PACS_PUBLIC_URL) is not set: signed reports (PDF, ORU^R01) carry no link "
+                        "to the images; set it to the address the EMR and HIS reach this server at")
         if pacs.reader.stats().studies == 0:
             if with_samples:
                 from .samples import load_samples

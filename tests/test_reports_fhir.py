@@ -21,9 +21,11 @@ from .qr_corpus import study_uid, write_corpus
 
 @pytest.fixture
 def reporting(tmp_path: Path) -> Iterator[PacsServer]:
-    his_port = free_port()
-    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
-                        extra_env={"PACS_HIS_MLLP": f"127.0.0.1:{his_port}"})
+    his_port, http_port = free_port(), free_port()
+    # The image link in the signed PDF and the ORU comes from public_url only.
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}), http_port=http_port,
+                        extra_env={"PACS_HIS_MLLP": f"127.0.0.1:{his_port}",
+                                   "PACS_PUBLIC_URL": f"http://127.0.0.1:{http_port}"})
     write_corpus(tmp_path / "corpus")
     server.cli("import", str(tmp_path / "corpus"))
     with serving_with_his(server, his_port, ("bs.tung", "Đỗ^Thanh Tùng")) as serving:

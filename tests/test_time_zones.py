@@ -18,7 +18,6 @@ import io
 import json
 import re
 import subprocess
-import zlib
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -31,6 +30,7 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from .conftest import PACS, Backend, PacsServer, free_port
+from .pdftext import page_texts
 from .peers import create_database, drop_database, serving_with_his, wait_until
 from .qr_corpus import study_uid, write_corpus
 from .test_dimse_failures import make_ct
@@ -170,27 +170,6 @@ def test_cli_exports_and_tables_say_their_zone(utc_server: PacsServer, signed: d
 
 
 # -- 2: the signed report's PDF instance and its text ---------------------------------------------
-def _pdf_text(pdf: bytes) -> str:
-    """The text of an fpdf2 report: its lines are glyph IDs, decoded with the
-    font's ToUnicode map."""
-    unicode: dict[int, str] = {}
-    for block in re.findall(rb"beginbfchar(.*?)endbfchar", pdf, re.S):
-        for code, char in re.findall(rb"<([0-9A-Fa-f]{4})>\s*<([0-9A-Fa-f]{4,8})>", block):
-            unicode[int(code, 16)] = bytes.fromhex(char.decode()).decode("utf-16-be")
-    lines = []
-    for stream in re.findall(rb"stream\r?\n(.*?)\r?\nendstream", pdf, re.S):
-        try:
-            content = zlib.decompress(stream)
-        except zlib.error:
-            content = stream
-        for literal in re.findall(rb"\(((?:\\.|[^\\)])*)\)\s*Tj", content, re.S):
-            raw = re.sub(rb"\\([nrtbf()\\])", lambda m: {b"n": b"\n", b"r": b"\r", b"t": b"\t", b"b": b"\b",
-                                                         b"f": b"\f"}.get(m.group(1), m.group(1)), literal)
-            lines.append("".join(unicode.get(int.from_bytes(raw[i : i + 2], "big"), "?")
-                                 for i in range(0, len(raw) - 1, 2)))
-    return "\n".join(lines)
-
-
 def test_signed_report_pdf_is_dated_in_the_hospital_zone(utc_server: PacsServer, signed: dict[str, Any]) -> None:
     signed_at = _aware(signed["report"]["signed_at"])
     core = utc_server.core()
@@ -205,7 +184,7 @@ def test_signed_report_pdf_is_dated_in_the_hospital_zone(utc_server: PacsServer,
     content = datetime.strptime(ds.ContentDate + ds.ContentTime + ds.TimezoneOffsetFromUTC, "%Y%m%d%H%M%S%z")
     assert abs(content - signed_at) < timedelta(seconds=2)
 
-    text = _pdf_text(bytes(ds.EncapsulatedDocument))
+    text = "\n".join(page_texts(bytes(ds.EncapsulatedDocument)))
     line = next((row for row in text.splitlines() if "Signed:" in row), None)
     assert line is not None, text
     shown = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d) \(UTC\+07:00\)$", line)

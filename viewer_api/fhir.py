@@ -33,7 +33,7 @@ from . import mediatypes
 from .dicomjson import dumps
 from .errors import HTTPProblem, register_format
 from .negotiation import effective_accept
-from .security import READERS, audit_patients, guard, may_see_study
+from .security import READERS, audit_patients, audit_studies, guard, may_see_study
 from .urls import base_url
 
 FHIR_JSON = "application/fhir+json"
@@ -487,12 +487,19 @@ def _applied_parameters(request: Request, searched: Sequence[str] = _STUDY_PARAM
 MAX_OFFSET = 1_000_000_000
 
 
-def _page_bounds(count: int, offset: int) -> None:
-    """400 for a page the search cannot give."""
-    if not 1 <= count <= 200:
-        raise HTTPProblem(400, "_count must be 1-200")
+MAX_COUNT = 200
+
+
+def _page_bounds(count: int, offset: int) -> int:
+    """The page size to give for *count*: at most :data:`MAX_COUNT` (R4
+    search 3.1.1.5.6: the server may return fewer than asked, an EMR asking
+    for more gets a page, not an error); 0 is a count alone (total, no
+    entries). 400 for a page the search cannot give."""
+    if count < 0:
+        raise HTTPProblem(400, f"_count must be 0-{MAX_COUNT} (more is capped at {MAX_COUNT})")
     if not 0 <= offset <= MAX_OFFSET:
         raise HTTPProblem(400, f"_offset must be 0-{MAX_OFFSET}")
+    return min(count, MAX_COUNT)
 
 
 def _bundle(request: Request, resources: list[dict[str, Any]], total: int, offset: int, count: int,
@@ -501,9 +508,10 @@ def _bundle(request: Request, resources: list[dict[str, Any]], total: int, offse
     link when more follow. The links carry the parameters applied only
     (R4 search 3.1.1.3.4): one the server ignored is not in the self link."""
     base = base_url(request) + "/fhir"
-    applied = _applied_parameters(request, searched)
+    # The page size given, not the one asked for (capped at MAX_COUNT).
+    applied = [(k, str(count) if k == "_count" else v) for k, v in _applied_parameters(request, searched)]
     links = [{"relation": "self", "url": _page_url(request, applied)}]
-    if offset + count < total:
+    if count and offset + count < total:
         links.append({"relation": "next", "url": _page_url(request, applied, offset + count)})
     bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": total, "link": links}
     if resources:  # no empty arrays in FHIR JSON: a page without hits has no "entry"
@@ -513,11 +521,11 @@ def _bundle(request: Request, resources: list[dict[str, Any]], total: int, offse
 
 
 def _search(request: Request, principal: Principal, count: int, offset: int, *,
-            signed_only: bool) -> tuple[list[dict[str, Any]], int]:
-    """One page of the studies a search matches (those the caller may see)
-    and how many there are in all."""
+            signed_only: bool) -> tuple[list[dict[str, Any]], int, int]:
+    """One page of the studies a search matches (those the caller may see),
+    how many there are in all, and the page size given."""
     _applied_parameters(request)  # Prefer: handling=strict refuses what would be ignored
-    _page_bounds(count, offset)
+    count = _page_bounds(count, offset)
     params = request.query_params
     patient_reference = [v for v in params.getlist("patient") + params.getlist("subject") if v]
     patient_identifier = [v for v in params.getlist("patient.identifier") + params.getlist("subject.identifier") if v]
@@ -527,15 +535,22 @@ def _search(request: Request, principal: Principal, count: int, offset: int, *,
                                        signed_only=signed_only)
             if may_see_study(request, principal, uid)]
     found = [study_detail(engine, uid) for uid in uids[offset:offset + count]]
-    return [d for d in found if d is not None], len(uids)
+    return [d for d in found if d is not None], len(uids), count
+
+
+def _audit_studies_shown(request: Request, details: Iterable[dict[str, Any]]) -> None:
+    """Name each study a search answer shows, with its patient, in the audit
+    trail (one event per study: ``pacs audit --study UID`` finds the EMR's
+    searches that showed it, as it finds the reads)."""
+    audit_studies(request, ((d["study_uid"], d.get("patient_id") or "") for d in details))
 
 
 @router.get("/ImagingStudy", summary="Search ImagingStudy by patient, patient.identifier or identifier")
 def search_imaging_studies(request: Request, _count: int = 50, _offset: int = 0,
                            principal: Principal = guard(*READERS, action="query")) -> Response:
-    details, total = _search(request, principal, _count, _offset, signed_only=False)
-    _audit_patients(request, (d.get("patient_id") or "" for d in details))
-    return _fhir(_bundle(request, [imaging_study(request, d) for d in details], total, _offset, _count))
+    details, total, count = _search(request, principal, _count, _offset, signed_only=False)
+    _audit_studies_shown(request, details)
+    return _fhir(_bundle(request, [imaging_study(request, d) for d in details], total, _offset, count))
 
 
 @router.get("/ImagingStudy/{study}", summary="One ImagingStudy")
@@ -549,17 +564,17 @@ def read_imaging_study(request: Request, study: str, _: Any = guard(*READERS, ac
 @router.get("/DiagnosticReport", summary="Search signed reports by patient, patient.identifier or identifier")
 def search_reports(request: Request, _count: int = 50, _offset: int = 0,
                    principal: Principal = guard(*READERS, action="query")) -> Response:
-    details, total = _search(request, principal, _count, _offset, signed_only=True)
-    service = ReportService(request.app.state.pacs, base_url(request))
+    details, total, count = _search(request, principal, _count, _offset, signed_only=True)
+    service = ReportService(request.app.state.pacs)
     resources = []
     shown = []
     for detail in details:
         report = diagnostic_report(request, detail, service.get(detail["study_uid"], signed_only=True))
         if report is not None:
             resources.append(report)
-            shown.append(detail.get("patient_id") or "")
-    _audit_patients(request, shown)
-    return _fhir(_bundle(request, resources, total, _offset, _count))
+            shown.append(detail)
+    _audit_studies_shown(request, shown)
+    return _fhir(_bundle(request, resources, total, _offset, count))
 
 
 @router.get("/DiagnosticReport/{report}", summary="One signed report version ({StudyInstanceUID}-v{version})")
@@ -575,7 +590,7 @@ def read_report(request: Request, report: str, principal: Principal = guard(*REA
     if detail is None:
         raise HTTPProblem(404, f"no DiagnosticReport {report[:80]!r}")
     try:
-        signed = ReportService(request.app.state.pacs, base_url(request)).get(study, signed_only=True)
+        signed = ReportService(request.app.state.pacs).get(study, signed_only=True)
     except ReportError as exc:
         raise HTTPProblem(exc.http_status, str(exc)) from None
     resource = diagnostic_report(request, detail, signed, version)
@@ -901,11 +916,12 @@ def _gender_matches(system: str | None, code: str) -> ColumnElement[bool]:
 
 
 def _patient_search(request: Request, principal: Principal, count: int,
-                    offset: int) -> tuple[list[dict[str, Any]], list[str], int]:
+                    offset: int) -> tuple[list[dict[str, Any]], list[str], int, int]:
     """One page of the patients a search matches (those the caller may
-    see), their patient IDs (for the audit trail), and how many there are in all."""
+    see), their patient IDs (for the audit trail), how many there are in
+    all, and the page size given."""
     _applied_parameters(request, _PATIENT_PARAMETERS)  # Prefer: handling=strict refuses what would be ignored
-    _page_bounds(count, offset)
+    count = _page_bounds(count, offset)
     params = request.query_params
     values = {name: [v for v in params.getlist(name) if v] for name in _PATIENT_PARAMETERS}
     if not any(values.values()):
@@ -930,7 +946,7 @@ def _patient_search(request: Request, principal: Principal, count: int,
         rows = conn.execute(select(*_PATIENT_COLUMNS).where(*conditions)
                             .order_by(patients.c.name_words, patients.c.patient_id, patients.c.pk)
                             .limit(count).offset(offset)).all()
-        return _patient_resources(conn, rows), [r.patient_id for r in rows], int(total)
+        return _patient_resources(conn, rows), [r.patient_id for r in rows], int(total), count
 
 
 def _audit_patients(request: Request, patient_ids: Iterable[str]) -> None:
@@ -943,9 +959,9 @@ def _audit_patients(request: Request, patient_ids: Iterable[str]) -> None:
 @router.get("/Patient", summary="Search Patient by identifier, name, family, given, birthdate, gender or _id")
 def search_patients(request: Request, _count: int = 50, _offset: int = 0,
                     principal: Principal = guard(*READERS, action="query")) -> Response:
-    resources, patient_ids, total = _patient_search(request, principal, _count, _offset)
+    resources, patient_ids, total, count = _patient_search(request, principal, _count, _offset)
     _audit_patients(request, patient_ids)
-    return _fhir(_bundle(request, resources, total, _offset, _count, _PATIENT_PARAMETERS))
+    return _fhir(_bundle(request, resources, total, _offset, count, _PATIENT_PARAMETERS))
 
 
 @router.get("/Patient/{patient}", summary="One Patient (id: {issuer}.{patient ID}, see the CapabilityStatement)")
@@ -970,7 +986,7 @@ def read_patient(request: Request, patient: str, principal: Principal = guard(*R
 
 # -- capabilities (R4 http.html 3.1.0.13: GET [base]/metadata) ------------------------------
 _PAGE_PARAMS = [
-    {"name": "_count", "type": "number", "documentation": "page size, 1-200 (default 50)"},
+    {"name": "_count", "type": "number", "documentation": "page size (default 50); more than 200 gives 200, 0 the total alone"},
     {"name": "_offset", "type": "number", "documentation": "matches to skip (the next links use it)"},
 ]
 _SEARCH_PARAMS = [

@@ -20,7 +20,6 @@ from pacs.studylist import study_detail, study_list
 
 from .errors import HTTPProblem, problem
 from .security import COOKIE, READERS, audit, audit_patients, guard, principal_of
-from .urls import base_url
 
 router = APIRouter(tags=["viewer"])
 
@@ -223,7 +222,7 @@ def delete_instance(request: Request, study: str, series: str, sop: str, reason:
 
 # -- reports ---------------------------------------------------------------------------------
 def _reports(request: Request) -> ReportService:
-    return ReportService(request.app.state.pacs, base_url(request))
+    return ReportService(request.app.state.pacs)
 
 
 def _report_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
