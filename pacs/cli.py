@@ -438,11 +438,11 @@ def cmd_orders(args: argparse.Namespace) -> int:
                 print(json.dumps(rows, ensure_ascii=False, default=str))
             else:
                 table = Table(title="studies without an order")
-                for col in ("study", "accession", "date", "modalities", "patient ID", "name"):
+                for col in ("study", "accession", "date", "modalities", "patient ID", "name", "why not matched"):
                     table.add_column(col)
                 for r in rows:
                     table.add_row(r["study_uid"], r["accession_number"], r["study_date"], r["modalities"],
-                                  r["patient_id"], r["name"])
+                                  r["patient_id"], r["name"], r["reason"])
                 out.print(table)
             return 0
         try:

@@ -47,10 +47,11 @@ from .index.models import (
     Study,
     StudyOrderLink,
 )
-from .index.reconcile import PATIENT_COLUMNS, record_reconciliation
+from .index.reconcile import PATIENT_COLUMNS, accession_match_doubt, record_reconciliation
 from .index.writer import MERGED_ID_TYPE, merged_patient
 from .index.writer_helpers import insert_ignore
 from .names import fold_name, name_words
+from .query.matching import is_date, is_time
 from .timezones import server_zone
 
 log = logging.getLogger(__name__)
@@ -181,11 +182,15 @@ _VR_LIMITS: dict[str, tuple[str, str, int]] = {
     "location": ("ScheduledProcedureStepLocation", "SH", 16),
 }
 _PATIENT_ID_LIMIT = 64  # PatientID is LO
+# The start time of a step scheduled for a day without a time (see OrderService._schedule_undated).
+UNTIMED_START = "000000"
 
 
 def validate_order(info: OrderInfo) -> None:
     """Refuse values the worklist could not return (HL7: AE with ERR 102,
-    JSON: 400). The message names the field, never its value (PHI)."""
+    JSON: 400 for a length, 422 for an impossible date or time). The message
+    names the field, never its value (PHI) -- a date or time is no PHI and
+    is quoted, so the HIS sees what it sent."""
     for name, (keyword, vr, limit) in _VR_LIMITS.items():
         length = len(getattr(info, name))
         if length > limit:
@@ -193,6 +198,16 @@ def validate_order(info: OrderInfo) -> None:
                 f"{name} ({keyword}, VR {vr}) has {length} characters; at most {limit} are allowed",
                 code="102", http_status=400,
             )
+    # A day that does not exist (20261399) or a time past 23:59:59 (250000,
+    # or "123", no TM form) went to the modality as it was: a worklist
+    # answer it cannot read, and an item no date or time range query finds.
+    for name, keyword, valid, form in (("start_date", "ScheduledProcedureStepStartDate", is_date, "YYYYMMDD"),
+                                       ("start_time", "ScheduledProcedureStepStartTime", is_time,
+                                        "HH[MM[SS[.FFFFFF]]]")):
+        value = getattr(info, name)
+        if value and not valid(value):
+            raise OrderError(f"{name} ({keyword}, VR {'DA' if name == 'start_date' else 'TM'}) {value[:20]!r} is "
+                             f"not a valid {form}", code="102", http_status=422)
 
 
 def _patient_columns(p: PatientInfo) -> dict[str, Any]:
@@ -253,7 +268,7 @@ _ORDER_ACTIONS = ("place", "change", "cancel", "discontinue")
 
 def _procedure_key(info: OrderInfo) -> str:
     """What tells a change item's requested procedure apart within a message."""
-    return info.accession_number or info.placer_order_number
+    return info.accession_number or info.filler_order_number or info.placer_order_number
 
 
 def _changes_per_procedure(actions: list[tuple[str, Any]]) -> dict[str, int]:
@@ -622,6 +637,8 @@ class OrderService:
                 raise OrderError(f"unknown action {action!r}", code="207", http_status=400)
         batch.check()
         self._report_changes(conn, batch)
+        for accession in sorted(batch.placed):
+            self._adopt_performed_steps(conn, accession)
         return results
 
     def update_patient(self, p: PatientInfo) -> None:
@@ -744,34 +761,38 @@ class OrderService:
     def _find_procedure(self, conn: Connection, info: OrderInfo) -> list[Any]:
         """The requested procedure a change or cancel names: its steps (none
         when unknown). The accession number identifies a requested procedure;
-        a placer order number may be shared by several (one HIS order,
-        several procedures), so it decides only when the message sends no
-        accession, and only when it names one procedure."""
+        without one, the order numbers do (HL7 v2.5 4.5.1.2 / 4.5.1.3: ORC-2
+        placer, ORC-3 filler; a CA of ORC alone sends no OBR-18): the stored
+        filler order number first, then the filler number as an accession (a
+        HIS whose filler number is the accession), then the placer number. A
+        placer order number may be shared by several procedures (one HIS
+        order, several procedures), so it decides only when it names one."""
         if info.accession_number:
             return self._procedure_rows(conn, info.accession_number)
-        if not info.placer_order_number:
-            raise OrderError("the order has neither an accession nor a placer order number", code="101", http_status=400)
-        # Found by its placer number, the procedure is locked like one named
+        if not info.placer_order_number and not info.filler_order_number:
+            raise OrderError("the order has neither an accession nor a placer or filler order number", code="101",
+                             http_status=400)
+        # Found by an order number, the procedure is locked like one named
         # by its accession (the MPPS and the other messages about it wait, or
         # are waited for), and read again under the lock: what it was before
         # the lock may have changed meanwhile. :meth:`_lock_procedures` took
         # the lock already (sorted with the message's others), unless the
-        # placer number came to name this procedure since: then it is taken
-        # here, and the name checked once more.
-        accessions = self._placer_accessions(conn, info.placer_order_number)
+        # number came to name this procedure since: then it is taken here,
+        # and the name checked once more.
+        accessions, number = self._numbered_accessions(conn, info)
         for _ in range(RACE_ATTEMPTS):
             if len(accessions) > 1:
-                raise OrderError(f"placer order number {info.placer_order_number} names several procedures; "
-                                 "send the accession number of the one meant", code="205", http_status=409)
+                raise OrderError(f"{number} names several procedures; send the accession number of the one meant",
+                                 code="205", http_status=409)
             if not accessions:
                 return []
             _lock_keys(conn, {f"accession:{accessions[0]}"})  # held already: no wait
-            again = self._placer_accessions(conn, info.placer_order_number)
+            again, number = self._numbered_accessions(conn, info)
             if again == accessions:
                 return self._procedure_rows(conn, accessions[0])
             accessions = again
-        raise OrderError(f"the procedures of placer order number {info.placer_order_number} kept changing; "
-                         "send the message again", code="207", http_status=409)
+        raise OrderError(f"the procedures of {number} kept changing; send the message again", code="207",
+                         http_status=409)
 
     @staticmethod
     def _placer_accessions(conn: Connection, placer_order_number: str) -> list[str]:
@@ -781,6 +802,25 @@ class OrderService:
             select(orders_t.c.accession_number).where(orders_t.c.placer_order_number == placer_order_number)
             .distinct().order_by(orders_t.c.accession_number).limit(2)
         ).scalars().all())
+
+    @classmethod
+    def _numbered_accessions(cls, conn: Connection, info: OrderInfo) -> tuple[list[str], str]:
+        """The accessions (two at most: one, or "several") the order numbers
+        of *info* name, and which number named them (for the refusal)."""
+        filler = info.filler_order_number
+        if filler:
+            found = list(conn.execute(
+                select(orders_t.c.accession_number).where(orders_t.c.filler_order_number == filler)
+                .distinct().order_by(orders_t.c.accession_number).limit(2)
+            ).scalars().all())
+            if found:
+                return found, f"filler order number {filler}"
+            if cls._procedure_rows(conn, filler):
+                return [filler], f"filler order number {filler}"
+        if info.placer_order_number:
+            return (cls._placer_accessions(conn, info.placer_order_number),
+                    f"placer order number {info.placer_order_number}")
+        return [], f"filler order number {filler}"
 
     def place(self, info: OrderInfo, source: str = "") -> dict[str, Any]:
         """A new order (HL7 ORC-1 NW) of one scheduled step. Returns the stored
@@ -858,11 +898,17 @@ class OrderService:
         possible"): scheduled for when it came, in the hospital's day. The
         start date and time are Type 1 return keys (PS3.4 K.6-1), and a
         modality asks for today's steps: an undated one was never offered.
-        Only a new step: a change leaving the date empty keeps what is stored."""
+        A date without a time (OBR-27.4 / TQ1-7 ``20261207``, JSON
+        ``start_date`` alone) is due from the start of that day:
+        UNTIMED_START (000000), so that the time is never empty and a time
+        range query (0000-2359) finds the step. Only a new step: a change
+        leaving the date empty keeps what is stored."""
         if not values["start_date"]:
             received = datetime.now(self.zone or server_zone())
             values["start_date"] = received.strftime("%Y%m%d")
             values["start_time"] = values["start_time"] or received.strftime("%H%M%S")
+        elif not values["start_time"]:
+            values["start_time"] = UNTIMED_START
 
     @staticmethod
     def _check_study_uid_free(conn: Connection, info: OrderInfo) -> None:
@@ -1103,9 +1149,9 @@ class OrderService:
         messages) and released at commit. SQLite writers queue already
         (BEGIN IMMEDIATE).
 
-        A change or withdrawal that names its order by the placer order
-        number only (no accession, no filler number) locks the procedures
-        that number names now; :meth:`_find_procedure` reads them again
+        A change or withdrawal that names its order by its order numbers
+        only (no accession: a CA of ORC alone) locks the procedures they
+        name now; :meth:`_find_procedure` reads them again
         under the lock. It took no lock, and raced the MPPS: a CA read a
         step IN PROGRESS, waited on the row the N-SET was completing, then
         overwrote COMPLETED with CANCELLED (the HIS had been told CM)."""
@@ -1113,8 +1159,9 @@ class OrderService:
                 for kind, value in (("accession", info.accession_number), ("study", info.study_uid)) if value}
         if conn.dialect.name == "postgresql":
             for action, info in actions:
-                if action in _ORDER_ACTIONS and not info.accession_number and info.placer_order_number:
-                    keys.update(f"accession:{a}" for a in cls._placer_accessions(conn, info.placer_order_number))
+                if action in _ORDER_ACTIONS and not info.accession_number and (info.placer_order_number
+                                                                               or info.filler_order_number):
+                    keys.update(f"accession:{a}" for a in cls._numbered_accessions(conn, info)[0])
         _lock_keys(conn, keys)
 
     # -- status and performed steps -----------------------------------------------------
@@ -1211,7 +1258,7 @@ class OrderService:
             if existing is None:
                 conn.execute(steps_t.insert().values(
                     sop_uid=sop_uid, order_pk=order_pks[0] if order_pks else None, order_pks=json.dumps(order_pks),
-                    created_at=now, **values))
+                    scheduled=json.dumps([list(ref) for ref in refs]), created_at=now, **values))
             else:
                 conn.execute(update(steps_t).where(steps_t.c.pk == existing.pk).values(**values))
             # The requested procedures concerned, in the items' order.
@@ -1240,6 +1287,59 @@ class OrderService:
             if not procedures:
                 log.info("performed procedure step %s matches no order", sop_uid)
             return procedures[0] if procedures else {}
+
+    def _adopt_performed_steps(self, conn: Connection, accession: str) -> None:
+        """A new requested procedure takes the performed steps done before it
+        was ordered (an emergency exam: the MPPS named the accession typed at
+        the console and matched no order). Each such step whose Scheduled
+        Step Attributes items name this procedure -- by its Study Instance
+        UID, or by its accession when the step started within
+        ACCESSION_MATCH_DAYS of the order's date (an old step under a
+        repeated accession number is not the same exam) -- performs the
+        scheduled step(s) those items name (:meth:`_steps_for_item`), which
+        move as if the MPPS had come after the order: a completed exam
+        leaves the worklist (it was offered for imaging again, a repeat
+        exposure). The HIS is told IP, then CM when the step is completed,
+        the messages an N-CREATE and N-SET after the order would have sent;
+        a discontinued step changes nothing (the order stays scheduled)."""
+        first = self._procedure_rows(conn, accession)[0]
+        candidates = conn.execute(
+            select(steps_t).where(steps_t.c.order_pk.is_(None),
+                                  or_(*(steps_t.c.scheduled.like(f"%{_json_like(value)}%", escape="\\")
+                                        for value in (accession, first.study_uid))))
+            .order_by(steps_t.c.pk)
+        ).all()
+        now = _now()
+        for step in candidates:
+            items = [tuple(item) for item in json.loads(step.scheduled or "[]")]
+            mine = [(a, uid, sps) for a, uid, sps in items
+                    if uid == first.study_uid or (a == accession and self._step_date_fits(conn, first, step))]
+            order_pks: list[int] = []
+            for acc, uid, sps in mine:
+                for pk in self._steps_for_item(conn, acc, uid, sps, step.modality, step.station_ae_title):
+                    if pk not in order_pks:
+                        order_pks.append(pk)
+            if not order_pks:
+                continue
+            conn.execute(update(steps_t).where(steps_t.c.pk == step.pk)
+                         .values(order_pk=order_pks[0], order_pks=json.dumps(order_pks), updated_at=now))
+            log.info("performed procedure step %s, done before its order, is now the order's", step.sop_uid)
+            told = procedure_status(row.status for row in self._procedure_rows(conn, accession))
+            for status in ("IN PROGRESS", "COMPLETED") if step.status == "COMPLETED" else (step.status,):
+                for pk in order_pks:
+                    self._move_step(conn, pk, status, step.sop_uid, now)
+                procedure = self._procedure_dict(conn, accession)
+                if procedure["status"] != told:
+                    told = procedure["status"]
+                    self.enqueue(conn, "his", "order_status",
+                                 {"order": _status_order(procedure), "status": told, "step": step.sop_uid,
+                                  "step_status": status})
+
+    @staticmethod
+    def _step_date_fits(conn: Connection, order: Any, step: Any) -> bool:
+        """Whether a performed step started close enough to *order* for its
+        accession alone to make it the order's (see :meth:`_adopt_performed_steps`)."""
+        return not accession_match_doubt(conn, order, "", (step.start or "")[:8], step.created_at)
 
     def _steps_for_refs(self, conn: Connection, refs: list[tuple[str, str, str]], modality: str,
                         station_ae_title: str) -> list[int]:
@@ -1402,10 +1502,19 @@ class OrderService:
         """A new order may match studies that arrived before it. A study is
         linked to its requested procedure's first step (*order_pk*), one link
         per study as before steps: the study is the procedure's (IHE RAD-4:
-        one Study Instance UID for all its steps)."""
+        one Study Instance UID for all its steps).
+
+        A study found by its Accession Number alone is linked only when that
+        is plausible (:func:`pacs.index.reconcile.accession_match_doubt`: the
+        patient's identifiers, or the study date close to the order's): an
+        old study whose accession the HIS's counter repeats (migrated from
+        the old PACS) stays under its own patient and is listed unmatched
+        with the reason, for a person to decide (IHE PIR)."""
         order = conn.execute(select(orders_t).where(orders_t.c.pk == order_pk)).one()
         matches = conn.execute(
-            select(studies_t.c.pk)
+            select(studies_t.c.pk, studies_t.c.study_uid, studies_t.c.study_date, studies_t.c.created_at,
+                   patients_t.c.patient_id)
+            .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
             .outerjoin(links_t, links_t.c.study_pk == studies_t.c.pk)
             .where(
                 links_t.c.study_pk.is_(None),
@@ -1413,23 +1522,39 @@ class OrderService:
                     and_(studies_t.c.accession_number == order.accession_number,
                          studies_t.c.accession_number != "")),
             )
-        ).scalars().all()
-        for study_pk in matches:
-            link_study(conn, study_pk, order_pk, "order placed after the study")
+        ).all()
+        for study in matches:
+            if study.study_uid != order.study_uid and accession_match_doubt(
+                    conn, order, study.patient_id, study.study_date or "", study.created_at):
+                # No accession or patient data in the log: the study key says which.
+                log.warning("study %d shares its accession number with a new order but neither its patient nor "
+                            "its date fits: not reconciled, listed as unmatched", study.pk)
+                continue
+            link_study(conn, study.pk, order_pk, "order placed after the study")
 
     def unmatched_studies(self, limit: int = 100) -> list[dict[str, Any]]:
-        """Studies no order explains, newest first (for the admin to match)."""
+        """Studies no order explains, newest first (for the admin to match).
+        ``reason``: why one whose accession names an order was not linked to
+        it (:func:`pacs.index.reconcile.accession_match_doubt`), else ""."""
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(studies_t.c.study_uid, studies_t.c.accession_number, studies_t.c.study_date,
-                       studies_t.c.modalities, patients_t.c.patient_id, patients_t.c.name)
+                       studies_t.c.modalities, patients_t.c.patient_id, patients_t.c.name, studies_t.c.created_at)
                 .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
                 .outerjoin(links_t, links_t.c.study_pk == studies_t.c.pk)
                 .where(links_t.c.study_pk.is_(None))
                 .order_by(studies_t.c.created_at.desc())
                 .limit(limit)
             ).mappings().all()
-        return [dict(r) for r in rows]
+            found = []
+            for row in rows:
+                data = dict(row)
+                received_at = data.pop("created_at")
+                order = self._procedure_rows(conn, row["accession_number"])[:1]
+                data["reason"] = accession_match_doubt(conn, order[0], row["patient_id"], row["study_date"] or "",
+                                                       received_at) if order else ""
+                found.append(data)
+        return found
 
     def match(self, study_uid: str, accession: str) -> dict[str, Any]:
         """Link a study to an order by hand; the HIS demographics then apply."""
@@ -1458,6 +1583,13 @@ class OrderService:
     def count_pending(self) -> int:
         with self.engine.connect() as conn:
             return int(conn.execute(select(func.count()).select_from(outbox_t).where(outbox_t.c.state == "pending")).scalar_one())
+
+
+def _json_like(value: str) -> str:
+    """*value* as a JSON string's text holds it, escaped as a LIKE pattern's
+    literal text (escape character backslash)."""
+    encoded = json.dumps(value)[1:-1]
+    return encoded.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def _step_accessions(conn: Connection, order_pks: list[int]) -> set[str]:

@@ -366,6 +366,8 @@ def _birth_date(value: str) -> str:
 
 def _dicom_time(value: str) -> str:
     digits = "".join(c for c in value.split("+")[0].split("-")[0] if c.isdigit() or c == ".")
+    if len(digits) == 10:  # an hour alone (YYYYMMDDHH): that hour's start, a TM range query finds it
+        return digits[8:10] + "00"
     return digits[8:14] if len(digits) >= 12 else ""
 
 
@@ -378,9 +380,9 @@ def _local_date_time(value: str, zone: tzinfo | None) -> tuple[str, str]:
     (a HIS on UTC sends 20261204183000+0000) is converted to *zone* first:
     taken as it is, that order landed on the wrong day in Vietnam. One
     without is local already (HL7 v2.5 2.A.22: the sender's zone, which is
-    the hospital's). The time keeps the precision given (HHMM or HHMMSS);
-    a date alone is not shifted (no instant to convert); an hour alone gives
-    its converted date and no time, as it gave no time before."""
+    the hospital's). The time keeps the precision given (HHMM or HHMMSS;
+    an hour alone is that hour's start, HH00); a date alone is not shifted
+    (no instant to convert)."""
     match = _TS.fullmatch(value.strip())
     if match is None or zone is None or match.group(2) is None:
         return _dicom_date(value), _dicom_time(value)
@@ -392,7 +394,7 @@ def _local_date_time(value: str, zone: tzinfo | None) -> tuple[str, str]:
     except ValueError:
         return _dicom_date(value), _dicom_time(value)  # not a real date or time: read as before
     if minute is None:
-        return local.strftime("%Y%m%d"), ""  # as before: no time from an hour alone
+        return local.strftime("%Y%m%d"), local.strftime("%H00")
     return local.strftime("%Y%m%d"), local.strftime("%H%M" if second is None else "%H%M%S")
 
 
@@ -486,6 +488,12 @@ def order_groups(message: Any) -> tuple[list[OrderGroup], Any]:
         # share IPC-1, the accession, else of a procedure each).
         if name == "OBR" and group.obr is None:
             group.obr = segment
+        elif name == "OBR":
+            # ORM^O01 / OMI^O23: an ORDER group has one ORC and one order
+            # detail segment. A second OBR under one ORC was dropped (the
+            # HIS got AA, the exam never reached the worklist): refused whole.
+            raise OrderError(f"ORDER group {len(groups)} has a second OBR segment: each OBR needs its own ORC "
+                             "(HL7 v2.5 4.4.1); nothing of the message was applied", code="100", http_status=400)
         elif name == "TQ1" and group.tq1 is None:
             group.tq1 = segment
         elif name == "ZDS" and group.zds is None:
@@ -517,11 +525,16 @@ def _timing(group: OrderGroup) -> tuple[str, str]:
 
 
 def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: str, study_uid: str,
-                zone: tzinfo | None = None) -> OrderInfo:
+                zone: tzinfo | None = None, *, named_only: bool = False) -> OrderInfo:
     """One requested procedure and step: the group's ORC/OBR/TQ1 with one of
     its IPCs; a start time with an offset is converted to *zone* (the
     hospital's). Without a start (no TQ1-7, OBR-27.4, ORC-7.4 or OBR-7) the
-    step has no scheduled date or time: no default is invented here. The
+    step has no scheduled date or time: no default is invented here.
+    *named_only* (a change or withdrawal): the accession is the one sent
+    (IPC-1, OBR-18), never the filler order number standing in for it -- a
+    CA of ORC alone names its order by ORC-2 / ORC-3 (HL7 v2.5 4.5.1.2,
+    4.5.1.3), which :meth:`pacs.orders.OrderService._find_procedure` looks
+    up as the stored numbers. The
     step's description is the text of its protocol code (IPC-6: two steps
     of one OBR, "without" and "with contrast", differ only there), else the
     procedure's (OBR-4)."""
@@ -530,7 +543,10 @@ def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: st
     start_date, start_time = _local_date_time(start, zone)
     service = _field(obr, 4) if obr is not None else []
     protocol = _field(ipc, 6) if ipc is not None else []
-    accession = _get(ipc, 1, comp=0) or _get(obr, 18) or _get(orc, 3, comp=0) or _get(obr, 3, comp=0)
+    accession = _get(ipc, 1, comp=0) or _get(obr, 18)
+    if not named_only:
+        # A new order without OBR-18 / IPC-1: its filler order number is its accession.
+        accession = accession or _get(orc, 3, comp=0) or _get(obr, 3, comp=0)
     return OrderInfo(
         patient=patient,
         accession_number=accession,
@@ -584,7 +600,8 @@ def orders_from(message: Any, zone: tzinfo | None = None) -> list[tuple[str, Ord
             # Table 0357 103 "Table value not found": ORC-1 is coded by table 0119.
             raise OrderError(f"order control {control!r} (ORC-1) is not supported", code="103", http_status=400)
         for ipc in group.ipcs or [None]:
-            actions.append((action, _order_info(group, ipc, patient, referring, study_uid, zone)))
+            actions.append((action, _order_info(group, ipc, patient, referring, study_uid, zone,
+                                                named_only=action != "place")))
     return actions
 
 

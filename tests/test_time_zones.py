@@ -231,7 +231,7 @@ SCHEDULED = {
     "B": ("20261205013000", "20261205", "013000"),  # no offset: local already
     "C": ("202612050600+0700", "20261205", "0600"),  # Vietnam's own offset, minutes precision kept
     "D": ("20261204200000-0500", "20261205", "080000"),
-    "E": ("20261205", "20261205", ""),  # a date alone is not shifted
+    "E": ("20261205", "20261205", "000000"),  # a date alone is not shifted; due from the day's start
 }
 
 

@@ -59,6 +59,20 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
+# LO holds 64 characters (PS3.5 6.2). HIS descriptions are free text and
+# often longer: served cut (the order keeps the whole text), as a value a
+# modality may refuse the whole item for would be worse.
+_LO_LIMIT = 64
+
+
+def _lo(value: str) -> str:
+    """*value* cut to LO's length. The space padding a value of odd length
+    in bytes counts as a 65th character to some readers (pydicom warns):
+    such a value keeps 63."""
+    cut = value[:_LO_LIMIT].rstrip()
+    if len(cut) == _LO_LIMIT and len(cut.encode("utf-8")) % 2:
+        cut = cut[:_LO_LIMIT - 1].rstrip()
+    return cut
 
 
 def full_item(row: dict[str, Any]) -> Dataset:
@@ -75,15 +89,15 @@ def full_item(row: dict[str, Any]) -> Dataset:
     ds.OtherPatientIDsSequence = other_ids_sequence(row["other_ids"])
     ds.StudyInstanceUID = row["study_uid"]
     ds.RequestedProcedureID = row["requested_procedure_id"]
-    ds.RequestedProcedureDescription = row["requested_procedure_description"]
+    ds.RequestedProcedureDescription = _lo(row["requested_procedure_description"])
     ds.RequestedProcedurePriority = row["priority"] or None
     code = Dataset()
     if row["procedure_code"]:
         code.CodeValue = row["procedure_code"]
         code.CodingSchemeDesignator = row["procedure_code_scheme"] or "L"
-        code.CodeMeaning = row["procedure_code_meaning"] or row["requested_procedure_description"]
+        code.CodeMeaning = _lo(row["procedure_code_meaning"] or row["requested_procedure_description"])
     ds.RequestedProcedureCodeSequence = Sequence([code] if row["procedure_code"] else [])
-    ds.ReasonForTheRequestedProcedure = row["reason"] or None
+    ds.ReasonForTheRequestedProcedure = _lo(row["reason"]) or None
     ds.AdmissionID = None
     ds.PatientWeight = None
     ds.MedicalAlerts = None
@@ -95,7 +109,7 @@ def full_item(row: dict[str, Any]) -> Dataset:
     step.ScheduledProcedureStepStartTime = row["start_time"]
     step.Modality = row["modality"]
     step.ScheduledPerformingPhysicianName = row["performing_physician"]
-    step.ScheduledProcedureStepDescription = row["step_description"] or row["requested_procedure_description"]
+    step.ScheduledProcedureStepDescription = _lo(row["step_description"] or row["requested_procedure_description"])
     step.ScheduledProcedureStepID = row["step_id"]
     step.ScheduledStationName = row["station_name"]
     step.ScheduledProcedureStepLocation = row["location"]

@@ -296,6 +296,12 @@ class PerformedStep(Base):
     # JSON list of the pks of every order the step performs: an N-CREATE may
     # list several scheduled steps (IHE group case); order_pk is the first.
     order_pks: Mapped[str] = mapped_column(String, default="[]", server_default="[]")
+    # JSON list of the N-CREATE's Scheduled Step Attributes items, [accession,
+    # study UID, SPS ID] each: a step that matched no order (done before the
+    # HIS ordered it) is adopted by the order that names it later. Only a
+    # server default: an insert that leaves it out stays valid on an index
+    # of an older schema (the migration tests write one).
+    scheduled: Mapped[str] = mapped_column(String, server_default="[]")
     status: Mapped[str] = mapped_column(String, default="IN PROGRESS")
     modality: Mapped[str] = mapped_column(String, default="")
     station_ae_title: Mapped[str] = mapped_column(String, default="")

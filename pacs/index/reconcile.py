@@ -8,17 +8,27 @@ a study is never visible under the modality's patient first and moved later.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, case, or_, select, update
 
-from .models import Correction, Order, Patient, Study, StudyOrderLink
+from ..timezones import server_zone
+from .models import Correction, Order, Patient, PatientIdentifier, Study, StudyOrderLink
 from .writer_helpers import insert_ignore
 
 orders_t = Order.__table__
 patients_t = Patient.__table__
+identifiers_t = PatientIdentifier.__table__
 studies_t = Study.__table__
+
+# How far (in days) a study's date may lie from its order's scheduled or
+# placed date for the accession number alone to file it under the order's
+# patient. An emergency exam under a temporary ID is ordered the same day or
+# the next (the weekend's by Monday); an accession number shared with a
+# study years old (migrated from an old PACS whose counter the new HIS
+# repeats) is a collision, not the same exam.
+ACCESSION_MATCH_DAYS = 3
 
 # Patient attributes the HIS decides: keyword -> patients column.
 PATIENT_COLUMNS = {
@@ -43,20 +53,68 @@ STUDY_COLUMNS = {
 }
 
 
-def find_order(conn: Connection, study_uid: str, accession: str) -> Any:
+def find_order(conn: Connection, study_uid: str, accession: str, patient_id: str = "",
+               study_date: str = "") -> Any:
     """The order a new study belongs to: by Study Instance UID, else accession.
 
     An order (a requested procedure) has a row per scheduled step, all with
     its accession and study UID; the study is the procedure's, and is linked
     to its first step's row (lowest pk), the one row that stands for the
     procedure (pacs.orders): whichever step the modality performed, the
-    link, the reports' order and the HIS messages' order key are the same."""
+    link, the reports' order and the HIS messages' order key are the same.
+
+    Found by the accession alone, the order is taken only when the match is
+    plausible (:func:`accession_match_doubt`, with the received *patient_id*
+    and *study_date*); otherwise None: the study keeps the patient it was
+    sent with and is listed as unmatched, for a person to decide (IHE PIR)."""
     conditions = [orders_t.c.study_uid == study_uid]
     if accession:
         conditions.append(orders_t.c.accession_number == accession)
     # The study UID the worklist handed out is the stronger evidence.
     by_uid = case((orders_t.c.study_uid == study_uid, 0), else_=1)
-    return conn.execute(select(orders_t).where(or_(*conditions)).order_by(by_uid, orders_t.c.pk).limit(1)).first()
+    order = conn.execute(select(orders_t).where(or_(*conditions)).order_by(by_uid, orders_t.c.pk).limit(1)).first()
+    if order is None or order.study_uid == study_uid:
+        return order
+    return None if accession_match_doubt(conn, order, patient_id, study_date, None) else order
+
+
+def _day(value: str) -> date | None:
+    try:
+        return datetime.strptime(value[:8], "%Y%m%d").date() if len(value) >= 8 else None
+    except ValueError:
+        return None
+
+
+def accession_match_doubt(conn: Connection, order: Any, patient_id: str, study_date: str,
+                          received_at: datetime | None) -> str:
+    """Why a study matching *order* by its Accession Number alone may be
+    another exam ("" when the match is plausible). Plausible: the study's
+    Patient ID is one of the order patient's identifiers (its Patient ID,
+    other IDs, IDs merged into it), or the study was done within
+    ACCESSION_MATCH_DAYS of the order's scheduled or placed date. A study
+    without a Study Date counts by the day it was received (*received_at*;
+    None: today): the emergency exam sent as it is done."""
+    if patient_id and patient_id in _patient_identifiers(conn, order.patient_pk):
+        return ""
+    zone = server_zone()
+    done = _day(study_date) or (received_at or datetime.now(zone)).astimezone(zone).date()
+    ordered = [day for day in (_day(order.start_date or ""),
+                               order.created_at.astimezone(zone).date() if order.created_at else None) if day]
+    window = timedelta(days=ACCESSION_MATCH_DAYS)
+    if any(abs(done - day) <= window for day in ordered):
+        return ""
+    when = " or ".join(sorted({day.strftime("%Y%m%d") for day in ordered}))
+    return (f"order {order.accession_number} has this accession number, but its patient has none of the study's "
+            f"Patient ID and it is dated {when}, more than {ACCESSION_MATCH_DAYS} days from the study "
+            f"({done.strftime('%Y%m%d')}): not filed under it; `pacs orders match` if it is that exam")
+
+
+def _patient_identifiers(conn: Connection, patient_pk: int) -> set[str]:
+    """Every identifier of a patient: its Patient ID and its other (and merged-away) IDs."""
+    ids = set(conn.execute(select(identifiers_t.c.value).where(identifiers_t.c.patient_pk == patient_pk)).scalars())
+    ids.add(conn.execute(select(patients_t.c.patient_id).where(patients_t.c.pk == patient_pk)).scalar() or "")
+    ids.discard("")
+    return ids
 
 
 def record_reconciliation(

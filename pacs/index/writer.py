@@ -250,7 +250,7 @@ class IndexWriter:
                 return int(pk)
         # A study the HIS ordered is filed under the HIS patient: the
         # modality's (possibly mistyped) patient is never created.
-        order = find_order(conn, h.study_uid, h.accession_number)
+        order = find_order(conn, h.study_uid, h.accession_number, h.patient_id, h.study_date)
         patient_pk, merged = (order.patient_pk, False) if order is not None else self._patient_pk(conn, h, now)
         pk = insert_ignore(
             conn,
