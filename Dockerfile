@@ -29,10 +29,17 @@ RUN pip install --no-cache-dir . && python -c "import importlib, pkgutil; \
 USER pacs
 VOLUME ["/data"]
 # Inside a container the listeners must accept connections from outside it.
+# So only registered calling AEs may associate (open to the network, DICOM
+# would let anyone query and retrieve every patient): register each modality
+# and workstation once, e.g. `docker exec CONTAINER pacs ae add CT_ROOM1
+# --host 10.0.0.21 --port 104` (read at once by the running server); add
+# -e PACS_AE_CHECK_HOST=true when the modalities' addresses reach the
+# container unchanged (not behind NAT or a TCP balancer).
 # A container's clock is UTC: PACS_TIMEZONE is the hospital's zone (DICOM and
 # HL7 times written, FHIR times, "today"); override it with -e for another.
 ENV PACS_DATA_DIR=/data \
     PACS_HOST=0.0.0.0 \
+    PACS_AE_ALLOWLIST=true \
     PACS_TIMEZONE=Asia/Ho_Chi_Minh
 EXPOSE 11112 8042 2575
 HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8042/health').status==200 else 1)"

@@ -16,7 +16,10 @@ Logins are throttled per username and per client address, in the index (so
 across nodes and restarts): too many failures in THROTTLE_WINDOW lock the
 key for LOCK_FIRST, doubling with each lock in a row up to LOCK_MAX. Locks
 are short on purpose: a permanent lockout would let anyone lock the admins
-out for good by guessing wrong on their behalf.
+out for good by guessing wrong on their behalf. An attempt is counted before
+its password is checked (and given back when it logs in), so guesses sent at
+the same time get no more checks than guesses sent one by one; an attempt
+whose process died while checking stays counted until its window ends.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import Connection, Engine, delete, or_, select, update
+from sqlalchemy import Connection, Engine, Row, delete, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -91,6 +95,18 @@ def _hash_token(token: str) -> str:
 def _aware(value: datetime | None) -> datetime | None:
     """SQLite gives back naive datetimes: they were written in UTC."""
     return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+@dataclass
+class _Throttle:
+    """One throttle key's row, read for update (see LoginThrottle)."""
+
+    key: str
+    limit: int
+    failures: int
+    start: datetime | None
+    locked_until: datetime | None
+    lockouts: int
 
 
 def _throttle_keys(username: str, client: str) -> list[tuple[str, int]]:
@@ -191,78 +207,119 @@ class AuthService:
     def login(self, username: str, password: str, client: str = "") -> tuple[str, Principal]:
         """Check a password; return a new session token. Raises
         LoginThrottled while the username or the *client* address is locked
-        (without checking the password) and when this failure locks one."""
+        or has its whole allowance of attempts in flight (without checking
+        the password), and when this failure locks one."""
         keys = _throttle_keys(username, client)
-        wait = self._locked_for([k for k, _ in keys])
-        if wait:
-            raise LoginThrottled(wait, [])
-        with self.engine.connect() as conn:
-            row = conn.execute(select(users_t).where(users_t.c.username == username)).first()
-        ok = False
-        if row is not None and row.active:
-            try:
-                ok = self._hasher.verify(row.password_hash, password)
-            except (VerificationError, InvalidHashError):
-                ok = False
-        else:
-            # Spend the same time as a real check: no user enumeration by timing.
-            try:
-                self._hasher.verify(self._hasher.hash("x"), "y")
-            except VerificationError:
-                pass
-        if not ok or row is None:
+        # The attempt is counted before the slow password check, not after:
+        # counted after, every guess sent at the same time passed the lock
+        # check before any of them had failed (60 at once got 33 checks).
+        self._reserve(keys)
+        row = self._check_password(username, password)
+        if row is None:
             locks = self._failed(keys)
             if locks:
                 raise LoginThrottled(max(seconds for _, seconds in locks),
                                      [f"{key[2:]} locked for {seconds} s" for key, seconds in locks])
             raise AuthError("wrong username or password")
-        # The name's count starts again; the address's does not (a valid login
-        # of the attacker's own account must not reset their guesses).
-        with self.engine.begin() as conn:
-            conn.execute(delete(throttle_t).where(throttle_t.c.key == keys[0][0]))
+        self._succeeded(keys)
         token = self._issue(row.pk, SESSION, timedelta(minutes=SESSION_IDLE_MINUTES))
         return token, Principal(row.username, row.role, row.display_name)
 
-    def _locked_for(self, keys: list[str]) -> int:
-        """Seconds until the last of *keys*' locks ends (0: none is locked)."""
-        now = datetime.now(UTC)
+    def _check_password(self, username: str, password: str) -> Row[Any] | None:
+        """The active user *username* if *password* is theirs, else None."""
         with self.engine.connect() as conn:
-            ends = conn.execute(select(throttle_t.c.locked_until).where(throttle_t.c.key.in_(keys))).scalars().all()
-        left = [(end - now).total_seconds() for end in map(_aware, ends) if end is not None and end > now]
-        return int(max(left)) + 1 if left else 0
+            row = conn.execute(select(users_t).where(users_t.c.username == username)).first()
+        if row is not None and row.active:
+            try:
+                return row if self._hasher.verify(row.password_hash, password) else None
+            except (VerificationError, InvalidHashError):
+                return None
+        # Spend the same time as a real check: no user enumeration by timing.
+        try:
+            self._hasher.verify(self._hasher.hash("x"), "y")
+        except VerificationError:
+            pass
+        return None
 
-    def _failed(self, keys: list[tuple[str, int]]) -> list[tuple[str, int]]:
-        """Count a failed login against each key; returns the keys this
-        failure locked, with the lock's length in seconds."""
-        now = datetime.now(UTC)
-        locks: list[tuple[str, int]] = []
+    def _throttle_rows(self, conn: Connection, keys: list[tuple[str, int]], now: datetime) -> list[_Throttle]:
+        """The throttle rows of *keys*, created if missing and locked for this
+        transaction (FOR UPDATE on PostgreSQL; SQLite's write_transaction
+        holds the database's write lock), with an ended window started again."""
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
+        rows = []
+        for key, limit in keys:
+            # Insert-if-missing, then lock the row: two nodes counting the
+            # same key at once neither collide nor lose an attempt.
+            conn.execute(dialect.insert(throttle_t).values(
+                key=key, failures=0, window_start=now, last_failure_at=now, lockouts=0,
+            ).on_conflict_do_nothing())
+            row = conn.execute(select(throttle_t).where(throttle_t.c.key == key).with_for_update()).one()
+            state = _Throttle(key, limit, row.failures, _aware(row.window_start), _aware(row.locked_until),
+                              row.lockouts)
+            if state.start is None or now - state.start > THROTTLE_WINDOW:
+                state.failures, state.start = 0, now
+                # Locks "in a row" only: quiet for a while, the next lock is short again.
+                if state.locked_until is None or now - state.locked_until > 4 * THROTTLE_WINDOW:
+                    state.lockouts = 0
+            rows.append(state)
+        return rows
+
+    def _reserve(self, keys: list[tuple[str, int]]) -> None:
+        """Count a login attempt against each key before its password is
+        checked, in one transaction with the check of the keys' locks:
+        raises LoginThrottled (nothing counted) while a key is locked or has
+        its limit of attempts failed or still being checked. Attempts are
+        failures until _succeeded gives theirs back."""
+        now = datetime.now(UTC)
         with write_transaction(self.engine) as conn:
             conn.execute(delete(throttle_t).where(throttle_t.c.last_failure_at < now - _THROTTLE_PRUNE))
-            for key, limit in keys:
-                # Insert-if-missing, then lock the row: two nodes counting the
-                # same key at once neither collide nor lose a failure.
-                conn.execute(dialect.insert(throttle_t).values(
-                    key=key, failures=0, window_start=now, last_failure_at=now, lockouts=0,
-                ).on_conflict_do_nothing())
-                row = conn.execute(select(throttle_t).where(throttle_t.c.key == key).with_for_update()).one()
-                failures, start, lockouts = row.failures, _aware(row.window_start), row.lockouts
-                locked_until = _aware(row.locked_until)
-                if start is None or now - start > THROTTLE_WINDOW:
-                    failures, start = 0, now
-                    # Locks "in a row" only: quiet for a while, the next lock is short again.
-                    if locked_until is None or now - locked_until > 4 * THROTTLE_WINDOW:
-                        lockouts = 0
-                failures += 1
-                if failures >= limit:
-                    lockouts += 1
-                    length = min(LOCK_FIRST * 2 ** (lockouts - 1), LOCK_MAX)
-                    locked_until, failures, start = now + length, 0, now
-                    locks.append((key, int(length.total_seconds())))
-                conn.execute(update(throttle_t).where(throttle_t.c.key == key).values(
-                    failures=failures, window_start=start, last_failure_at=now, locked_until=locked_until,
-                    lockouts=lockouts))
+            rows = self._throttle_rows(conn, keys, now)
+            left = [(r.locked_until - now).total_seconds() for r in rows
+                    if r.locked_until is not None and r.locked_until > now]
+            if left:
+                raise LoginThrottled(int(max(left)) + 1, [])
+            if any(r.failures >= r.limit for r in rows):
+                # The last allowed attempts are still being checked: they end
+                # in a lock or a login within a second. Raising rolls back.
+                raise LoginThrottled(1, [])
+            for r in rows:
+                conn.execute(update(throttle_t).where(throttle_t.c.key == r.key).values(
+                    failures=r.failures + 1, window_start=r.start, last_failure_at=now, lockouts=r.lockouts))
+
+    def _failed(self, keys: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """A reserved attempt failed: lock each key whose count (failures and
+        attempts still being checked, all counted as failures) reached its
+        limit; returns the keys this failure locked, with the lock's length
+        in seconds. A key a concurrent failure locked already stays as it is."""
+        now = datetime.now(UTC)
+        locks: list[tuple[str, int]] = []
+        with write_transaction(self.engine) as conn:
+            for r in self._throttle_rows(conn, keys, now):
+                if r.failures == 0 and (r.locked_until is None or r.locked_until <= now):
+                    # Our reservation went (a login reset the name's count, or
+                    # the window ended meanwhile): this failure counts again.
+                    r.failures = 1
+                if r.locked_until is not None and r.locked_until > now:
+                    continue
+                if r.failures >= r.limit:
+                    r.lockouts += 1
+                    length = min(LOCK_FIRST * 2 ** (r.lockouts - 1), LOCK_MAX)
+                    r.locked_until, r.failures, r.start = now + length, 0, now
+                    locks.append((r.key, int(length.total_seconds())))
+                conn.execute(update(throttle_t).where(throttle_t.c.key == r.key).values(
+                    failures=r.failures, window_start=r.start, last_failure_at=now, locked_until=r.locked_until,
+                    lockouts=r.lockouts))
         return locks
+
+    def _succeeded(self, keys: list[tuple[str, int]]) -> None:
+        """A reserved attempt logged in. The name's count starts again; the
+        address only gets this attempt back (a valid login of the attacker's
+        own account must not reset their guesses)."""
+        with write_transaction(self.engine) as conn:
+            conn.execute(delete(throttle_t).where(throttle_t.c.key == keys[0][0]))
+            for key, _ in keys[1:]:
+                conn.execute(update(throttle_t).where(throttle_t.c.key == key, throttle_t.c.failures > 0)
+                             .values(failures=throttle_t.c.failures - 1))
 
     def create_token(self, username: str, name: str, days: int | None = None) -> str:
         """An API token for a system account (or a person), optionally expiring."""

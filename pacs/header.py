@@ -5,6 +5,12 @@ Pixel Data with pydicom (``stop_before_pixels``) and then walks the element
 headers from there to the end of the object to prove it is complete (a
 truncated upload is refused, not stored). What it extracts is exactly what
 the index needs.
+
+Sequences nested deeper than :data:`~pacs.header_scan.MAX_NESTING`, before
+or after Pixel Data, are refused 0xC000 on every path: pydicom reads a
+sequence of defined length only when a value in it is first used, so such
+an object was stored and then failed every reader (WADO-RS metadata of its
+whole study) with a RecursionError.
 """
 
 from __future__ import annotations
@@ -26,7 +32,17 @@ from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import IngestError, Status
-from .header_scan import ScanFailed, ScannedDataset, leading_meta_length, scan, single_codec, uses_code_extensions
+from .header_scan import (
+    MAX_NESTING,
+    NestedTooDeep,
+    ScanFailed,
+    ScannedDataset,
+    implicit_vr,
+    leading_meta_length,
+    scan,
+    single_codec,
+    uses_code_extensions,
+)
 from .names import fold_name, name_words
 
 log = logging.getLogger(__name__)
@@ -397,7 +413,9 @@ def parse_header(
     if ts != DeflatedExplicitVRLittleEndian:
         if end_of_header < size:
             header.pixel_offset = end_of_header
-            _check_complete(stream, end_of_header, size, ts)
+            # The header too, not only from Pixel Data on: its sequences'
+            # nesting (pydicom read the defined-length ones lazily, unchecked).
+            _check_structure(stream, size, ts)
         elif end_of_header > size:
             raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset")
         else:
@@ -439,6 +457,11 @@ def _parse_scanned(stream: BinaryIO, transfer_syntax: str | None) -> InstanceHea
     offset, data = view()
     try:
         scanned = scan(data, explicit, _SCANNED_TAGS)
+    except NestedTooDeep as exc:
+        raise IngestError(Status.CANNOT_UNDERSTAND, str(exc)) from None
+    except (ScanFailed, struct.error):
+        return None  # pydicom's path decides, and words any error
+    try:
         values = _ScannedValues(scanned)
         header = _identified(values, str(transfer_syntax))
         _fill(header, values)
@@ -520,14 +543,18 @@ class _Walker:
             raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset")
         self.stream.seek(pos)
 
-    def element(self, depth: int = 0) -> int:
-        """Skip one element; return its tag."""
+    def element(self, depth: int = 0, *, in_sequence: bool = False) -> int:
+        """Skip one element (an item where *in_sequence*); return its tag.
+        Sequences and their items are walked into, whatever their length,
+        to refuse nesting deeper than MAX_NESTING (0xC000)."""
         group, elem = struct.unpack(self.order + "HH", self._read(4))
         tag = (group << 16) | elem
+        sequence = False
         if group == 0xFFFE:  # item and delimiters have no VR, even when explicit
             (length,) = struct.unpack(self.order + "L", self._read(4))
         elif self.explicit:
             vr = self._read(2)
+            sequence = vr == b"SQ"
             if vr in _LONG_VRS:
                 self._read(2)
                 (length,) = struct.unpack(self.order + "L", self._read(4))
@@ -539,17 +566,25 @@ class _Walker:
                 (length,) = struct.unpack(self.order + "L", vr + self._read(2))
         else:
             (length,) = struct.unpack(self.order + "L", self._read(4))
-        if length != _UNDEFINED:
-            self._skip(length)
-        elif tag in (_ITEM_END, _SEQ_END):
+            sequence = implicit_vr(tag) == "SQ"
+        container = sequence or (in_sequence and tag == _ITEM)
+        if tag in (_ITEM_END, _SEQ_END):
             pass
-        elif depth > 32:
-            raise IngestError(Status.CANNOT_UNDERSTAND, "sequences nested too deep")
+        elif (container or length == _UNDEFINED) and depth > MAX_NESTING:
+            raise IngestError(Status.CANNOT_UNDERSTAND, f"sequences nested more than {MAX_NESTING} levels deep")
+        elif length != _UNDEFINED and container:
+            end = self.stream.tell() + length
+            if end > self.end:
+                raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset")
+            while self.stream.tell() < end:
+                self.element(depth + 1, in_sequence=sequence)
+        elif length != _UNDEFINED:
+            self._skip(length)
         else:
             # Undefined length: a sequence, an item or encapsulated pixel data;
             # their contents end with a delimiter.
             end_tag = _ITEM_END if tag == _ITEM else _SEQ_END
-            while self.element(depth + 1) != end_tag:
+            while self.element(depth + 1, in_sequence=sequence) != end_tag:
                 pass
         return tag
 

@@ -11,9 +11,12 @@ one pass.
 It handles the ordinary case only. Anything else raises :class:`ScanFailed`
 and the caller takes pydicom's path, which also words the error a peer sees:
 big endian or deflated syntaxes, elements whose lengths run past the end,
-implicit-VR elements inside an explicit-VR dataset, sequences nested deeper
-than 32, several character sets (ISO 2022 code extensions), a VR the index
-cannot read as text or a number.
+implicit-VR elements inside an explicit-VR dataset, several character sets
+(ISO 2022 code extensions), a VR the index cannot read as text or a number.
+Sequences nested deeper than MAX_NESTING (counting sequences and items, of
+defined or undefined length, anywhere in the dataset) raise
+:class:`NestedTooDeep`: the object is refused, not handed to pydicom, whose
+reader and JSON writer recurse once per level and fail a few hundred down.
 """
 
 from __future__ import annotations
@@ -31,7 +34,10 @@ _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b
 # Where pydicom's stop_before_pixels stops: Pixel Data, Float and Double Float Pixel Data.
 PIXEL_TAGS = frozenset({0x7FE00010, 0x7FE00009, 0x7FE00008})
 OTHER_IDS_SEQUENCE = keyword_dict["OtherPatientIDsSequence"]
-_MAX_DEPTH = 32
+# Levels of sequences and items (a sequence in an item of a sequence is 3)
+# any part of an accepted dataset may be nested in: real objects (SR content
+# trees included) stay far below; pydicom's reader fails near 300.
+MAX_NESTING = 32
 _TAG = struct.Struct("<HH")
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
@@ -39,6 +45,10 @@ _U32 = struct.Struct("<I")
 
 class ScanFailed(ValueError):
     """Not a dataset this scanner reads: use pydicom's reader."""
+
+
+class NestedTooDeep(ScanFailed):
+    """Sequences nested deeper than MAX_NESTING: no reader should try it."""
 
 
 @lru_cache(maxsize=4096)
@@ -85,22 +95,36 @@ class _Scanner:
             raise ScanFailed("implicit VR element in an explicit VR dataset")
         return tag, vr.decode(), _U16.unpack_from(self.data, pos + 6)[0], pos + 8
 
-    def skip_undefined(self, pos: int, end_tag: int, depth: int) -> int:
-        """Offset after the delimiter that closes an undefined-length value."""
-        if depth > _MAX_DEPTH:
-            raise ScanFailed("sequences nested too deep")
+    def skip_undefined(self, pos: int, end_tag: int, depth: int, sequence: bool = False) -> int:
+        """Offset after the delimiter that closes an undefined-length value
+        (a *sequence*'s items are walked into, encapsulated fragments not)."""
+        if depth > MAX_NESTING:
+            raise NestedTooDeep(f"sequences nested more than {MAX_NESTING} levels deep")
         while True:
-            tag, _, length, start = self.header(pos)
+            tag, vr, length, start = self.header(pos)
             if tag == end_tag:
                 return start
-            pos = self.skip_value(tag, length, start, depth + 1)
+            pos = self.skip_value(tag, vr, length, start, depth + 1, item=sequence and tag == _ITEM)
 
-    def skip_value(self, tag: int, length: int, start: int, depth: int) -> int:
+    def skip_value(self, tag: int, vr: str, length: int, start: int, depth: int, *, item: bool = False) -> int:
+        """Offset after the value at *start*. Sequences and their items are
+        walked into even with a defined length (DCMTK sends them so), to
+        count how deep they nest."""
         if length == _UNDEFINED:
-            return self.skip_undefined(start, _ITEM_END if tag == _ITEM else _SEQ_END, depth)
+            return self.skip_undefined(start, _ITEM_END if tag == _ITEM else _SEQ_END, depth, vr == "SQ")
         end = start + length
         if end > self.size:
             raise ScanFailed("value runs past the end of the dataset")
+        if vr == "SQ" or item:
+            if depth > MAX_NESTING:
+                raise NestedTooDeep(f"sequences nested more than {MAX_NESTING} levels deep")
+            pos = start
+            while pos < end:
+                tag, inner_vr, inner_length, inner_start = self.header(pos)
+                pos = self.skip_value(tag, inner_vr, inner_length, inner_start, depth + 1,
+                                      item=vr == "SQ" and tag == _ITEM)
+            if pos != end:
+                raise ScanFailed("sequence or item length does not match its contents")
         return end
 
     def items(self, start: int, length: int) -> Iterator[tuple[int, int]]:
@@ -117,9 +141,7 @@ class _Scanner:
                 after = self.skip_undefined(item_start, _ITEM_END, 1)
                 yield item_start, after - 8
             else:
-                after = item_start + item_length
-                if after > self.size:
-                    raise ScanFailed("item runs past the end of the dataset")
+                after = self.skip_value(tag, "", item_length, item_start, 1, item=True)
                 yield item_start, after
             pos = after
         if pos != end:
@@ -131,7 +153,7 @@ class _Scanner:
         pos = start
         while pos < end:
             tag, vr, length, value = self.header(pos)
-            pos = self.skip_value(tag, length, value, 2)
+            pos = self.skip_value(tag, vr, length, value, 2)
             if length != _UNDEFINED and vr != "SQ":
                 found[tag] = (vr, self.data[value:pos])
         return found
@@ -151,7 +173,7 @@ def leading_meta_length(data: memoryview, explicit: bool) -> int:
                 break
             if length == _UNDEFINED:
                 return 0
-            pos = scanner.skip_value(tag, length, start, 0)
+            pos = scanner.skip_value(tag, "", length, start, 0)
     except ScanFailed:
         return 0
     return pos
@@ -171,7 +193,7 @@ def scan(data: memoryview, explicit: bool, wanted: frozenset[int]) -> ScannedDat
         if tag == OTHER_IDS_SEQUENCE and result.pixel_offset is None:
             for item_start, item_end in scanner.items(start, length):
                 result.other_id_items.append(scanner.elements(item_start, item_end))
-        end = scanner.skip_value(tag, length, start, 0)
+        end = scanner.skip_value(tag, vr, length, start, 0)
         if tag in wanted and result.pixel_offset is None and length != _UNDEFINED:
             result.values[tag] = (vr, data[start:end])
         pos = end
@@ -203,4 +225,4 @@ def uses_code_extensions(terms: list[str]) -> bool:
     return any(term.strip().startswith("ISO 2022") for term in terms)
 
 
-__all__ = ["PIXEL_TAGS", "ScanFailed", "ScannedDataset", "implicit_vr", "scan", "single_codec", "uses_code_extensions"]
+__all__ = ["MAX_NESTING", "PIXEL_TAGS", "NestedTooDeep", "ScanFailed", "ScannedDataset", "implicit_vr", "scan", "single_codec", "uses_code_extensions"]

@@ -98,12 +98,32 @@ def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
     return listener, sender
 
 
+def _warn_open_dicom(pacs: Pacs) -> None:
+    """Say at start when DICOM listens beyond this machine to any calling AE
+    title: anyone on the network could then query, retrieve and store any
+    patient's images (HL7's twin is in _start_ris_bridge)."""
+    from .addresses import is_loopback
+
+    settings = pacs.settings
+    if is_loopback(settings.host) or not (settings.dicom_plain or settings.dicom_tls_port):
+        return
+    if not settings.ae_allowlist:
+        log.warning("DICOM is reachable from the network and answers any calling AE title (C-FIND, C-MOVE, "
+                    "C-GET and C-STORE of every patient): set ae_allowlist (PACS_AE_ALLOWLIST=true), register "
+                    "each modality and workstation with `pacs ae add TITLE --host H --port P`, and ae_check_host "
+                    "(PACS_AE_CHECK_HOST=true) so that a title is accepted only from its registered host")
+    elif not any(ae.enabled for ae in pacs.aes.list()):
+        log.warning("ae_allowlist is on and no AE is registered: every DICOM association is refused until one "
+                    "is added with `pacs ae add TITLE --host H --port P`")
+
+
 def _start_listeners(pacs: Pacs, dicom_ssl: Any, running: ExitStack) -> None:
     """DICOM (TLS, then plain: one process or worker processes) and HL7,
     each registered in *running* to be stopped."""
     from dicom_scp import start_dicom_server
 
     settings = pacs.settings
+    _warn_open_dicom(pacs)
     if dicom_ssl is not None:
         tls_server = _listen(
             "DICOM over TLS", "--dicom-tls-port / PACS_DICOM_TLS_PORT", settings.host, settings.dicom_tls_port,

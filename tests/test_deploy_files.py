@@ -252,3 +252,24 @@ def test_the_systemd_unit_is_valid_and_runs_the_documented_command(tmp_path: Pat
     assert service["ReadWritePaths"] == f"{tmp_path}/data"
     usage = subprocess.run([*service["ExecStart"].split()[:2], "--help"], capture_output=True, text=True)
     assert usage.returncode == 0 and "--data-dir" in usage.stdout
+
+
+def _dockerfile_env() -> dict[str, str]:
+    """The Dockerfile's ENV settings (``ENV A=1 \\`` continued lines included)."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    env: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("ENV "):
+            env.update(pair.split("=", 1) for pair in line[4:].split())
+    return env
+
+
+def test_image_listening_on_the_network_takes_only_registered_aes() -> None:
+    """The image listens on every interface: without the allowlist any
+    machine could query and retrieve every patient under any AE title."""
+    env = _dockerfile_env()
+    assert env["PACS_HOST"] == "0.0.0.0"
+    assert env.get("PACS_AE_ALLOWLIST") == "true"
+    assert {k[5:].lower() for k in env if k.startswith("PACS_")} <= set(Settings.model_fields)
+    # How an operator registers the modalities is said where the image is built.
+    assert "pacs ae add" in (ROOT / "Dockerfile").read_text()

@@ -5,6 +5,7 @@ frames, bulk data, and rendered images and thumbnails.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -26,6 +27,8 @@ from .errors import HTTPProblem, require_uids
 from .mediatypes import NotAcceptable
 from .multipart import Part, content_type_header, multipart_related_stream, new_boundary
 from .urls import base_url
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/dicom-web", tags=["WADO-RS"])
 DEFAULT_TS = "1.2.840.10008.1.2.1"
@@ -125,14 +128,13 @@ def bulk_path(path: tuple[int, ...]) -> str:
 METADATA_CHUNK = 64 * 1024
 
 
-def _instance_json(request: Request, item: RetrieveItem, base: str | None = None) -> bytes:
+def _instance_json(request: Request, item: RetrieveItem, base: str | None = None) -> bytes | None:
     """One instance's DICOM JSON object (PS3.18 F.2), UTF-8 encoded: its
     header with the index's corrections, BulkDataURIs for binary values and
-    the pixel data's frames, and its transfer syntax."""
+    the pixel data's frames, and its transfer syntax. None (logged) when
+    the stored header cannot be read or written as JSON: one such instance
+    must not take its whole study's metadata down with it."""
     pacs = request.app.state.pacs
-    with framelib.local_object(pacs, item) as path:
-        ds = apply_overrides(framelib.header(path), item.overrides)
-        has_pixels = framelib.has_pixel_data(path, item)
     root = base if base is not None else base_url(request)
     location = f"{root}/dicom-web/studies/{item.study_uid}/series/{item.series_uid}/instances/{item.sop_uid}"
 
@@ -141,7 +143,19 @@ def _instance_json(request: Request, item: RetrieveItem, base: str | None = None
         # sequence are two URIs, each retrievable (PS3.18 F.2.6).
         return f"{location}/bulk/{bulk_path(where)}"
 
-    meta = to_json(ds, bulk_uri=bulk_uri)
+    with framelib.local_object(pacs, item) as path:
+        try:
+            ds = apply_overrides(framelib.header(path), item.overrides)
+            has_pixels = framelib.has_pixel_data(path, item)
+            meta = to_json(ds, bulk_uri=bulk_uri)
+        except OSError:
+            raise  # the store's trouble, not the object's: a 500 as before
+        except Exception as exc:
+            # E.g. sequences nested hundreds deep, stored before ingest
+            # refused them: pydicom's reader recurses once per level.
+            log.error("metadata: instance %s left out, its header cannot be read as DICOM JSON: %s",
+                      item.sop_uid, type(exc).__name__)
+            return None
     if has_pixels:
         meta["7FE00010"] = {
             "vr": "OB" if UID(item.transfer_syntax_uid).is_encapsulated else "OW",
@@ -160,22 +174,33 @@ def metadata(request: Request, items: list[RetrieveItem]) -> Response:
     ~50 MB per request, and the first byte waited for the last instance).
     The first instance is built before the answer starts, so what fails
     for it (an object missing from storage: a 500) is still the status;
-    a later instance that fails ends the body early (the connection is
+    a later instance that fails so ends the body early (the connection is
     dropped, which tells the client the JSON is incomplete), as in
-    :func:`retrieve`."""
+    :func:`retrieve`. An instance whose stored header cannot be read or
+    written as JSON is left out (logged); a 422 when that is all of them."""
     media_type = negotiation.negotiate_json(request).media_type
     base = base_url(request)
-    first = _instance_json(request, items[0], base)
+    first, rest = None, iter(items)
+    for item in rest:
+        first = _instance_json(request, item, base)
+        if first is not None:
+            break
+    if first is None:
+        raise HTTPProblem(422, f"the header of {'this instance' if len(items) == 1 else 'every instance'} "
+                               "cannot be read as DICOM JSON")
+    opening: bytes = first
 
     def body() -> Iterator[bytes]:
         chunk = bytearray(b"[")
-        chunk += first
-        for item in items[1:]:
+        chunk += opening
+        for item in rest:
             if len(chunk) >= METADATA_CHUNK:
                 yield bytes(chunk)
                 chunk.clear()
-            chunk += b","
-            chunk += _instance_json(request, item, base)
+            written = _instance_json(request, item, base)
+            if written is not None:  # an unreadable one is left out (logged)
+                chunk += b","
+                chunk += written
         chunk += b"]"
         yield bytes(chunk)
 
