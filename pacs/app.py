@@ -47,10 +47,12 @@ class Pacs:
     _closed: bool = field(default=False, repr=False)
 
     @classmethod
-    def open(cls, settings: Settings, *, migrate: bool = True, upgrade: bool = False, others: str = "") -> Pacs:
+    def open(cls, settings: Settings, *, migrate: bool = True, upgrade: bool = False, others: str = "",
+             create_store: bool = True) -> Pacs:
         """Open storage and index and start the committer. A new index is
         created (unless not *migrate*); an older one is upgraded only with
-        *upgrade* and no *others* (see :func:`pacs.index.schema.prepare_schema`)."""
+        *upgrade* and no *others* (see :func:`pacs.index.schema.prepare_schema`).
+        A missing S3 bucket is created only with *create_store*."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         engine = create_index_engine(settings.resolved_index_url)
         if migrate:
@@ -63,6 +65,7 @@ class Pacs:
             settings.resolved_storage_url,
             access_key=settings.s3_access_key or os.environ.get("PACS_S3_ACCESS_KEY"),
             secret_key=settings.s3_secret_key or os.environ.get("PACS_S3_SECRET_KEY"),
+            create=create_store,
         )
         reader = IndexReader(engine)
         committer = GroupCommitter(

@@ -85,7 +85,10 @@ def backup_index(index_url: str, out: Path) -> BackupResult:
         raise BackupError(f"{out} is a directory: name the backup file, e.g. {out / 'index.bak'}")
     if kind == "sqlite":
         _refuse_live_file(_sqlite_path(index_url), out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if not out.parent.is_dir():
+        # Creating it would put the backup on the local disk when the NAS or
+        # USB disk meant to hold it is not mounted, and report success.
+        raise BackupError(f"folder {out.parent} does not exist (is the backup disk or share mounted?)")
     partial = out.with_name(out.name + ".partial")
     partial.unlink(missing_ok=True)
     private_file(partial)  # a copy of the index: no more readable than it

@@ -24,12 +24,13 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.markup import escape
 from rich.table import Table
 from sqlalchemy.engine import make_url
 
 from storage import file_store_path
 
-from .settings import Settings, load_settings
+from .settings import Settings, load_env_file, load_settings
 
 from .console import err, out
 
@@ -70,17 +71,41 @@ def missing_archive(settings: Settings, *, index: bool = True, store: bool = Fal
 
     Opening an archive creates it; a mistyped --data-dir or an unmounted disk
     would then give an empty archive that a cron job's `pacs verify` reports
-    as healthy. Only the embedded default (SQLite file, filesystem store) can
-    be checked this way; a server database or bucket answers for itself.
+    as healthy. The embedded default (SQLite file, filesystem store with
+    *store*) is checked on disk; an S3 store's bucket is asked for (a
+    mistyped bucket was created empty, and `pacs reindex` from it reported
+    success). A server database answers for itself.
     """
     url = make_url(settings.resolved_index_url)
     if index and url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         if not Path(url.database).exists():
             return f"no archive index at {url.database}"
-    folder = file_store_path(settings.resolved_storage_url) if store else None
-    if folder is not None and not Path(folder).is_dir():
+    folder = file_store_path(settings.resolved_storage_url)
+    if folder is None:
+        return _missing_bucket(settings)
+    if store and not Path(folder).is_dir():
         return f"no object store at {folder}"
     return None
+
+
+def _missing_bucket(settings: Settings) -> str | None:
+    """"no bucket ..." when S3 says the store's bucket does not exist; None
+    when it does, or when S3 does not answer (the command says so itself
+    where it needs the store)."""
+    import os
+
+    from storage import StorageError, open_store
+
+    store = open_store(settings.resolved_storage_url,
+                       access_key=settings.s3_access_key or os.environ.get("PACS_S3_ACCESS_KEY"),
+                       secret_key=settings.s3_secret_key or os.environ.get("PACS_S3_SECRET_KEY"), create=False)
+    try:
+        exists = store.bucket_exists()  # type: ignore[attr-defined]
+    except StorageError:
+        return None
+    finally:
+        store.close()
+    return None if exists else f"no bucket {store.bucket} at {settings.resolved_storage_url}"  # type: ignore[attr-defined]
 
 
 def open_existing(args: argparse.Namespace, *, index: bool = True, store: bool = False) -> int | None:
@@ -89,8 +114,19 @@ def open_existing(args: argparse.Namespace, *, index: bool = True, store: bool =
     problem = missing_archive(settings_from(args), index=index, store=store)
     if problem is None:
         return None
-    err.print(f"[red]{problem}[/red]: check --data-dir / PACS_DATA_DIR (`pacs serve` or `pacs import` create an archive)")
+    where = "--storage-url / PACS_STORAGE_URL" if problem.startswith("no bucket") else "--data-dir / PACS_DATA_DIR"
+    err.print(f"[red]{problem}[/red]: check {where} (`pacs serve` or `pacs import` create an archive)")
     return 1
+
+
+# Commands that store objects into the archive (and so may begin a new one):
+# only they create a missing S3 bucket.
+CREATES_STORE = {"serve", "import", "samples", "remote get", "remote pull"}
+
+
+def creates_store(args: argparse.Namespace) -> bool:
+    """Whether the command may create its S3 bucket (see CREATES_STORE)."""
+    return args.command in CREATES_STORE or _command_name(args) in CREATES_STORE
 
 
 def _open(args: argparse.Namespace, **extra: Any):  # type: ignore[no-untyped-def]
@@ -98,7 +134,7 @@ def _open(args: argparse.Namespace, **extra: Any):  # type: ignore[no-untyped-de
 
     settings = settings_from(args, **extra)
     setup_logging(settings.log_level if not getattr(args, "json", False) else "WARNING")
-    return Pacs.open(settings)
+    return Pacs.open(settings, create_store=creates_store(args))
 
 
 # -- serve --------------------------------------------------------------------
@@ -117,6 +153,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dicom_workers=args.dicom_workers,
     )
     setup_logging(settings.log_level)
+    from .archive_record import record_archive
+
+    # What commands run on this data dir must open too (pacs.archive_record).
+    record_archive(settings)
     return serve(settings, with_samples=args.with_samples)
 
 
@@ -142,7 +182,9 @@ def cmd_import(args: argparse.Namespace) -> int:
     else:
         out.print(
             f"{summary.files} files: {summary.stored} stored, {summary.duplicates} already stored, "
-            f"{summary.not_dicom} not DICOM (skipped), {summary.failed} failed; "
+            f"{summary.not_dicom} not DICOM (skipped), "
+            + (f"{summary.skipped} DICOMDIR (skipped), " if summary.skipped else "")
+            + f"{summary.failed} failed; "
             f"{summary.bytes / 1e6:.1f} MB"
         )
         for e in summary.errors[:20]:
@@ -256,6 +298,8 @@ def cmd_ae(args: argparse.Namespace) -> int:
                           "tls_require_client_cert (PACS_DICOM_TLS_PORT, PACS_TLS_REQUIRE_CLIENT_CERT)[/yellow]")
             _print_result(args, result)
         elif args.ae_command == "remove":
+            if (refused := _in_config_file(pacs.settings, "ae", args.name)) is not None:
+                return refused
             removed = pacs.aes.remove(args.name)
             if not removed and not args.json:
                 err.print(f"[red]no AE {args.name!r} is registered[/red] (pacs ae list)")
@@ -277,6 +321,22 @@ def cmd_ae(args: argparse.Namespace) -> int:
     finally:
         pacs.close()
     return 0
+
+
+def _in_config_file(settings: Settings, table: str, name: str) -> int | None:
+    """Exit status 1, saying so, when *name* is an ``[[ae]]`` / ``[[route]]``
+    entry of the config file: removed from the index only, it came back at
+    the next command or start."""
+    from .maintenance import config_path
+
+    entries = settings.ae if table == "ae" else settings.route
+    names = [e.title.strip() for e in settings.ae] if table == "ae" else [e.name for e in settings.route]
+    if not entries or name.strip() not in names:
+        return None
+    where = escape(f"{config_path(settings)} ([[{table}]])")
+    err.print(f"[red]{escape(name)} is defined in the config file {where}: remove it there[/red] (removed here "
+              "only, it would come back at the next start)", soft_wrap=True)
+    return 1
 
 
 def _print_result(args: argparse.Namespace, data: dict[str, Any]) -> None:
@@ -327,6 +387,7 @@ def cmd_remote(args: argparse.Namespace) -> int:
         if args.remote_command == "pull":
             return _remote_pull(pacs, args)
         keys = _keys(args)
+        remote.identifier(args.level, keys)  # a mistyped keyword is refused before calling the remote
         if args.remote_command == "find":
             results = []
             truncated = ""
@@ -616,6 +677,8 @@ def cmd_route(args: argparse.Namespace) -> int:
                                   r["destination"], r["transcode"], str(r["deidentify"]), str(r["stable_seconds"]))
                 out.print(table)
         elif command == "remove":
+            if (refused := _in_config_file(pacs.settings, "route", args.name)) is not None:
+                return refused
             try:
                 discarded = rules.remove(args.name, force=args.force)
             except routing.RoutingError as exc:  # unfinished jobs, no --force
@@ -643,7 +706,11 @@ def cmd_route(args: argparse.Namespace) -> int:
                                   shown(j["next_attempt_at"], pacs.settings), j["last_error"][:40])
                 out.print(table)
         elif command == "retry":
-            _print_result(args, {"retried": routing.retry(pacs.engine, pk=args.job, state=args.state)})
+            retried = routing.retry(pacs.engine, pk=args.job, state=args.state)
+            if args.job is not None and not retried:
+                err.print(f"[red]no routing job {args.job}[/red] (pacs route list)")
+                return 1
+            _print_result(args, {"retried": retried})
         elif command == "prune":
             days = args.older_than_days if args.older_than_days is not None else pacs.settings.route_keep_days
             if not days or days < 0:
@@ -925,11 +992,32 @@ def _command_name(args: argparse.Namespace) -> str:
     return f"{args.command} {sub}" if sub else args.command
 
 
+def _other_archive(args: argparse.Namespace) -> int | None:
+    """Exit status 1 with a message when the command would open another
+    index or store than the data dir's server uses (pacs.archive_record)."""
+    from .archive_record import other_archive
+
+    # serve records its archive; certs opens none; db copy reads the index
+    # it is told to copy (an old one after a --switch, say) into another.
+    if args.command in ("serve", "certs") or _command_name(args) == "db copy":
+        return None
+    problem = other_archive(settings_from(args))
+    if problem is None:
+        return None
+    err.print(f"[red]refused:[/red] {problem}", soft_wrap=True)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
+        # The service's settings (systemd EnvironmentFile): a command run
+        # beside the service opens the same archive as the service.
+        load_env_file()
+        if (refused := _other_archive(args)) is not None:
+            return refused
         if args.command not in MAY_CREATE and _command_name(args) not in MAY_CREATE and not _configured(args):
             if (refused := open_existing(args)) is not None:
                 return refused

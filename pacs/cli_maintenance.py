@@ -135,11 +135,11 @@ def register(sub: Any, common: Callable[..., None]) -> None:
 # -- plumbing -------------------------------------------------------------------
 def _open(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from pacs.app import Pacs
-    from pacs.cli import settings_from, setup_logging
+    from pacs.cli import creates_store, settings_from, setup_logging
 
     settings = settings_from(args)
     setup_logging(settings.log_level if not args.json else "WARNING")
-    return Pacs.open(settings)
+    return Pacs.open(settings, create_store=creates_store(args))
 
 
 @contextmanager
@@ -354,6 +354,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return _usage(str(exc))
     if report is None:
         return 1
+    if report.switched:
+        from pacs.archive_record import follow_switch
+        from pacs.cli import settings_from
+
+        follow_switch(settings_from(args), storage_url=args.target)
     if report.switched and args.storage_url:
         report.warnings.append("--storage-url on the command line overrides the config file: drop it from now on")
     data = report.as_dict()
@@ -399,6 +404,9 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
                 path = config_path(settings)
                 set_config_value(path, "index_url", args.target)
                 report.switched, report.config_file = True, str(path)
+                from pacs.archive_record import follow_switch
+
+                follow_switch(settings, index_url=args.target)
         except CopyRefused as exc:
             err.print(f"[red]not copied:[/red] {exc}")
             return 1

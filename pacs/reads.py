@@ -10,7 +10,7 @@ from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import DBAPIError
 
 from .index.db import discard_connection
-from .index.models import Instance, Patient, Series, Study
+from .index.models import Instance, Series, Study
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,9 @@ class IndexReader:
 
     def stats(self) -> Stats:
         with self.engine.connect() as conn:
-            patients = conn.execute(select(func.count()).select_from(Patient)).scalar_one()
+            # Patients with images: the HIS registers (ADT, orders) many who
+            # never come to imaging, and "patients" sits beside the image counts.
+            patients = conn.execute(select(func.count(func.distinct(Study.patient_pk)))).scalar_one()
             studies, series_count, instances, size = conn.execute(
                 select(
                     func.count(),

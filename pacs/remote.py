@@ -7,11 +7,13 @@ enters through the normal ingest path.
 
 from __future__ import annotations
 
+import difflib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydicom.datadict import keyword_dict, tag_for_keyword
 from pydicom.dataset import Dataset
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import Verification
@@ -86,12 +88,25 @@ def associate(pacs: Pacs, ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
 
 
 def identifier(level: str, keys: dict[str, str]) -> Dataset:
+    """The C-FIND/C-MOVE/C-GET identifier of *level* with *keys* (keyword:
+    value; empty value: a return key). Raises RemoteError for a keyword
+    that is no DICOM attribute: pydicom kept it as a plain Python attribute,
+    dropped from the request, and a typo then matched every study."""
+    unknown = [k for k in keys if tag_for_keyword(k) is None]
+    if unknown:
+        raise RemoteError("unknown attribute(s) " + ", ".join(_unknown_keyword(k) for k in unknown)
+                          + ": use DICOM keywords, e.g. PatientName=NGUYEN*")
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.QueryRetrieveLevel = level.upper()
     for keyword, value in keys.items():
         setattr(ds, keyword, value)
     return ds
+
+
+def _unknown_keyword(name: str) -> str:
+    close = difflib.get_close_matches(name.replace(" ", ""), list(keyword_dict), n=1)
+    return f"{name!r}" + (f" (did you mean {close[0]}?)" if close else "")
 
 
 def echo(pacs: Pacs, title: str) -> int:

@@ -66,7 +66,7 @@ def _unknown_key(name: str, known: list[str]) -> str:
 
 
 # PACS_* variables that are read outside the settings (or by our own tools).
-_OTHER_ENV = {"PACS_CONFIG", "PACS_LEASE_TTL", "PACS_REPORT_FONT", "PACS_SUPERVISOR_PID", "PACS_WORKER_NUMBER",
+_OTHER_ENV = {"PACS_CONFIG", "PACS_ENV_FILE", "PACS_LEASE_TTL", "PACS_REPORT_FONT", "PACS_SUPERVISOR_PID", "PACS_WORKER_NUMBER",
               "PACS_BENCH_CACHE"}
 
 
@@ -327,6 +327,70 @@ def _warn_unknown_environment() -> None:
     # Once per process: a command loads its settings more than once.
     for name in unknown_environment():
         print(f"warning: environment variable {name} is not a setting; ignored", file=sys.stderr)
+
+
+# The service's settings (deploy/filmless-pacs.service's EnvironmentFile,
+# written by scripts/install-service.sh).
+DEFAULT_ENV_FILE = Path("/etc/filmless-pacs.env")
+
+
+def _env_value(raw: str) -> str:
+    # systemd's EnvironmentFile: one pair of surrounding quotes is removed;
+    # a '#' inside a value is part of it (comments are whole lines only).
+    value = raw.strip()
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        value = value[1:-1]
+        if raw.strip()[0] == '"':
+            value = value.replace('\\"', '"').replace("\\\\", "\\")
+    return value
+
+
+def parse_env_file(text: str) -> dict[str, str]:
+    """The ``KEY=VALUE`` pairs of a systemd EnvironmentFile (``#``/``;``
+    comment lines and blank lines skipped)."""
+    pairs: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line[0] in "#;" or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        if key:
+            pairs[key] = _env_value(value)
+    return pairs
+
+
+def load_env_file() -> Path | None:
+    """Put the ``PACS_*`` variables of the service's settings file into this
+    process's environment, so that a command run beside the service opens
+    the service's archive (a `pacs import` that did not read it filled a
+    second, SQLite index nobody served). The file is ``$PACS_ENV_FILE``
+    (empty: none), else /etc/filmless-pacs.env when it exists. Variables
+    already set win. Returns the file read, or None.
+
+    Raises ValueError when the file named by PACS_ENV_FILE cannot be read.
+    """
+    named = os.environ.get("PACS_ENV_FILE")
+    if named == "":
+        return None
+    path = Path(named) if named else DEFAULT_ENV_FILE
+    if named is None and not path.exists():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        if named is None:
+            # Readable by root and the service user only: a command of
+            # another user opens what its own settings say (the data dir's
+            # record of the server's archive refuses a different one).
+            print(f"warning: the service's settings {path} cannot be read ({exc.strerror}); run commands as the "
+                  "service user (sudo -u pacs ...)", file=sys.stderr)
+            return None
+        raise ValueError(f"PACS_ENV_FILE={path}: cannot read it ({exc.strerror})") from None
+    for key, value in parse_env_file(text).items():
+        if key.startswith("PACS_") and key != "PACS_ENV_FILE":
+            os.environ.setdefault(key, value)
+    return path
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -48,8 +48,12 @@ def file_store_path(url: str) -> str | None:
     return unquote(parts.path) if parts.scheme else url
 
 
-def open_store(url: str, access_key: str | None = None, secret_key: str | None = None) -> ObjectStore:
-    """Open the object store that *url* names."""
+def open_store(
+    url: str, access_key: str | None = None, secret_key: str | None = None, *, create: bool = True
+) -> ObjectStore:
+    """Open the object store that *url* names. Without *create*, an S3
+    bucket that does not exist is not created (a mistyped bucket name given
+    to a command reading an archive made a new, empty one)."""
     parts = urlsplit(url)
     path = file_store_path(url)
     if path is not None:
@@ -70,5 +74,6 @@ def open_store(url: str, access_key: str | None = None, secret_key: str | None =
             region=query.get("region", "us-east-1"),
             prefix=query.get("prefix", ""),
             sse=query.get("sse", ""),
+            create_bucket=create,
         )
     raise ValueError(f"unsupported storage URL scheme {parts.scheme!r} in {url!r}")

@@ -149,6 +149,11 @@ class S3Store(ObjectStore):
                 # work meanwhile, and the first write tries again.
                 log.warning("S3 not ready at start (%s); will retry on first write", exc)
 
+    def bucket_exists(self) -> bool:
+        """Whether the bucket exists (StorageError when S3 does not answer)."""
+        with _s3_errors("check", self.bucket):
+            return bool(self._client.bucket_exists(self.bucket))
+
     def _ensure_bucket(self) -> None:
         if self._bucket_ready or not self._create_bucket:
             return

@@ -37,6 +37,10 @@ from .peers import (
     weed_ports,
 )
 
+# The tests' commands never read a service's settings file installed on this
+# machine (/etc/filmless-pacs.env): only what each test sets.
+os.environ.setdefault("PACS_ENV_FILE", "")
+
 __all__ = [
     "PACS", "S3_ACCESS", "S3_SECRET", "Backend", "PacsServer", "S3Server", "dataset_bytes",
     "free_port", "run_dcmtk", "wait_port", "weed_ports", "pydicom_file",

@@ -292,6 +292,8 @@ class PacsServer:
     @property
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_")}
+        # Not a service's settings file (/etc/filmless-pacs.env) of this machine.
+        env["PACS_ENV_FILE"] = ""
         env.update(self.backend.env)
         env.update(self.extra_env)
         env["PACS_OFFER_SAMPLES"] = "false"

@@ -29,6 +29,7 @@ def test_backup_while_serving_then_restore_and_repair(tmp_path: Path, kind: str,
     index_url = request.getfixturevalue("pg_url") if kind == "pg" else None
     server = PacsServer(tmp_path / "data", Backend(kind, index_url, None, {})).start()
     backup = tmp_path / "backups" / f"index.{kind}"
+    backup.parent.mkdir()  # pacs backup does not create it (an unmounted share would be written locally)
     try:
         assert server.storescu(*map(str, _series(tmp_path, "before", 5))).returncode == 0
         # A backup taken while a modality is sending is consistent (it opens and migrates).
