@@ -6,8 +6,9 @@ index columns only. Failure statuses (PS3.4 C.4.1.1.4 / C.4.2.1.5):
 0xA900 identifier does not match SOP class (bad level, key of a lower
 level, unsupported matching key), 0xA801 unknown move destination, 0xA702
 out of resources (a registered destination that cannot be reached or
-accepts none of the SOP classes, more than 65535 instances), 0xC000-family
-unable to process, 0xFE00 cancelled, 0xB000 some sub-operations failed.
+accepts none of the SOP classes, more than 65535 instances), 0xA701 the
+index is unavailable (C-MOVE/C-GET), 0xC000-family unable to process,
+0xFE00 cancelled, 0xB000 some sub-operations failed.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from pynetdicom.sop_class import (
 
 from pacs.aes import RemoteAE
 from pacs.app import Pacs
-from pacs.errors import query_failure
+from pacs.errors import Status, query_failure
 from pacs.query import UNIQUE_KEY, Level, Query, QueryError, run_query
 from pacs.query.attributes import QUALIFIERS
 from pacs.query.results import ResultShape
 from pacs.retrieve import RetrieveItem, contexts_for, for_peer, resolve
 from pacs.tls import association_tls
+from pacs.transcode import check_stored_size
 
 from .cancels import is_cancelled
 from .find_responses import PendingResponses
@@ -56,6 +58,9 @@ _SKIP = {"QueryRetrieveLevel", "SpecificCharacterSet"}
 # DICOM statuses
 PENDING, CANCEL, IDENTIFIER_MISMATCH, UNABLE = 0xFF00, 0xFE00, 0xA900, 0xC000
 UNKNOWN_DESTINATION, OUT_OF_RESOURCES = 0xA801, 0xA702
+# Refused: Out of Resources - unable to calculate number of matches (PS3.4
+# C.4.2.1.5, C.4.3.1.3): the index that names the instances cannot be read.
+UNABLE_TO_COUNT = 0xA701
 TOO_MANY = OUT_OF_RESOURCES
 MAX_SUBOPERATIONS = 65535
 
@@ -246,10 +251,22 @@ def _retrieve_items(pacs: Pacs, event: Any, what: str) -> tuple[list[RetrieveIte
     except QueryError as exc:
         log.warning("%s from %s refused: %s", what, event.assoc.requestor.ae_title, exc)
         return [], status_dataset(IDENTIFIER_MISMATCH, str(exc))
-    items = resolve(pacs, query.level, match, limit=MAX_SUBOPERATIONS + 1)
+    try:
+        items = resolve(pacs, query.level, match, limit=MAX_SUBOPERATIONS + 1)
+    except Exception as exc:
+        return [], _lookup_failed(what, exc)
     if len(items) > MAX_SUBOPERATIONS:
         return [], status_dataset(TOO_MANY, "more than 65535 instances: retrieve by series")
     return items, None
+
+
+def _lookup_failed(what: str, exc: Exception) -> Dataset:
+    """The prompt refusal of a C-MOVE/C-GET whose index lookup raised *exc*:
+    0xA701 with its Error Comment while the index is unavailable (the peer
+    may try again), 0xC000 for anything else; never an uncaught error, which
+    ended the association's thread and left the peer waiting for an answer."""
+    status, comment = query_failure(log, what, exc)
+    return status_dataset(UNABLE_TO_COUNT if status == Status.OUT_OF_RESOURCES else status, comment)
 
 
 def _send_items(
@@ -278,6 +295,7 @@ def _send_each(pacs: Pacs, event: Any, items: list[RetrieveItem], peer_accepts: 
             yield PENDING, instance
             continue
         try:
+            check_stored_size(pacs, item)  # a truncated file may still parse
             ds = for_peer(pacs, item, peer_accepts)
         except Exception as exc:
             log.warning("cannot send %s: %s", item.sop_uid, exc)
@@ -406,8 +424,13 @@ def _refused(pacs: Pacs, assoc: Any, request: C_MOVE | C_GET, context_id: int) -
     context = assoc._accepted_cx.get(context_id)
     if context is None:
         return False  # pynetdicom aborts for a bad context
+    what = "C-MOVE" if isinstance(request, C_MOVE) else "C-GET"
     if isinstance(request, C_MOVE):
-        destination = pacs.aes.lookup(str(request.MoveDestination or "").strip())
+        try:
+            destination = pacs.aes.lookup(str(request.MoveDestination or "").strip())
+        except Exception as exc:
+            _answer_refusal(assoc, request, context_id, _lookup_failed(what, exc))
+            return True
         if destination is None or not destination.enabled:
             return False  # the handler's 0xA801 comes first
     syntax = context.transfer_syntax[0]
@@ -420,17 +443,22 @@ def _refused(pacs: Pacs, assoc: Any, request: C_MOVE | C_GET, context_id: int) -
         if identifier_bytes is not None:
             identifier_bytes.seek(0)
     event = SimpleNamespace(identifier=identifier, request=request, assoc=assoc)
-    items, refusal = _retrieve_items(pacs, event, "C-MOVE" if isinstance(request, C_MOVE) else "C-GET")
+    items, refusal = _retrieve_items(pacs, event, what)
     if refusal is None:
         assoc.__dict__[_RETRIEVE_ITEMS] = (request.MessageID, items)
         return False
+    _answer_refusal(assoc, request, context_id, refusal)
+    return True
+
+
+def _answer_refusal(assoc: Any, request: C_MOVE | C_GET, context_id: int, refusal: Dataset) -> None:
+    """Send the final response refusing *request* with *refusal*'s status and comment."""
     response = C_MOVE() if isinstance(request, C_MOVE) else C_GET()
     response.MessageIDBeingRespondedTo = request.MessageID
     response.AffectedSOPClassUID = request.AffectedSOPClassUID
     response.Status = int(refusal.Status)
     response.ErrorComment = refusal.get("ErrorComment")
     assoc.dimse.send_msg(response, context_id)
-    return True
 
 
 def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:

@@ -37,6 +37,8 @@ from pacs.transcode import (
     TransferSyntaxError,
     bytes_opener,
     can_serve,
+    check_size,
+    check_stored_size,
     conversion_plan,
     read_exact,
     streamable,
@@ -285,6 +287,13 @@ def send_stored_as_is(pacs: Pacs, assoc: Any) -> None:
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
         if isinstance(dataset, StoredInstance):
             item: RetrieveItem = dataset.item
+            # Before the request is written: a damaged file fails its own
+            # sub-operation (PS3.4 C.4.2.3.1, C.4.3.3.1) and the rest are
+            # sent, where a file ending mid-message had to abort the association.
+            if dataset.prefetched is not None:
+                check_size(item, len(dataset.prefetched.result()))
+            else:
+                check_stored_size(pacs, item)
             try:
                 syntax = streamed_syntax(item, lambda ts: _has_context(assoc, item.sop_class_uid, ts))
                 if syntax is not None and (syntax != item.transfer_syntax_uid or item.overrides):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import struct
 import tempfile
 import threading
@@ -54,7 +55,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from storage import StorageError
+from storage import ObjectDamaged, StorageError
 
 from .app import Pacs
 from .errors import PacsError
@@ -151,10 +152,63 @@ def _encodable(uid: UID) -> bool:
 
 
 def stream_stored(pacs: Pacs, item: RetrieveItem) -> Iterator[bytes]:
-    """The stored Part 10 bytes, chunk by chunk."""
-    with pacs.store.open(item.storage_key) as stream:
+    """The stored Part 10 bytes, chunk by chunk; :class:`ObjectDamaged` when
+    they are not as many as the index recorded (before the first chunk when
+    the size is known up front, else at the short end: never a body that
+    ends as if complete)."""
+    yield from _stored_chunks(_open_checked(pacs, item), item)
+
+
+def _open_checked(pacs: Pacs, item: RetrieveItem) -> BinaryIO:
+    """The stored object opened, its size checked (:func:`check_stored_size`)."""
+    stream = pacs.store.open(item.storage_key)
+    try:
+        check_stored_size(pacs, item, stream)
+    except BaseException:
+        stream.close()
+        raise
+    return stream
+
+
+def check_size(item: RetrieveItem, size: int) -> None:
+    """Raise :class:`ObjectDamaged` when the store holds *size* bytes for
+    *item*, not the size the index recorded when it was stored."""
+    if size != item.size:
+        raise ObjectDamaged(f"the stored object {item.sop_uid} is damaged: {size} bytes in the store, "
+                            f"{item.size} indexed (pacs verify)")
+
+
+def check_stored_size(pacs: Pacs, item: RetrieveItem, stream: BinaryIO | None = None) -> None:
+    """Compare the stored object's size with the indexed one before any of
+    it is sent, so that a damaged file is a failure status (a failed C-STORE
+    sub-operation, an HTTP error) rather than an object cut short: from the
+    open *stream* (fstat) or the store's stat. A remote store is not asked
+    (a round trip per object; its objects are written whole): a short body
+    is found as it is read."""
+    if pacs.store.remote:
+        return
+    try:
+        size = os.fstat(stream.fileno()).st_size if stream is not None else None
+    except (OSError, ValueError):  # not a plain file (a byte range)
+        size = None
+    if size is None:
+        size = pacs.store.stat(item.storage_key).size
+    check_size(item, size)
+
+
+def _stored_chunks(stream: BinaryIO, item: RetrieveItem) -> Iterator[bytes]:
+    """The stored bytes of *item* from *stream*, closed at the end; a short
+    read raises :class:`ObjectDamaged`, so that a streamed answer breaks off
+    (the client sees it incomplete) instead of ending as if whole."""
+    sent = 0
+    try:
         while chunk := stream.read(CHUNK):
+            sent += len(chunk)
             yield chunk
+    finally:
+        stream.close()
+    if sent < item.size:
+        raise ObjectDamaged(f"the stored object {item.sop_uid} ended after {sent} of {item.size} bytes (pacs verify)")
 
 
 def read_exact(stream: BinaryIO, n: int) -> bytes:
@@ -837,6 +891,8 @@ def _prepare(pacs: Pacs, item: RetrieveItem, target: str) -> Iterator[bytes]:
     reason = unservable_reason(item, target)
     if reason:
         raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {uid.name}: {reason}")
+    # A damaged file is the store's fault (500), not an unconvertible object (406).
+    check_stored_size(pacs, item)
     try:
         plan = conversion_plan(pacs, item, target)
     except (TransferSyntaxError, StorageError):
@@ -880,8 +936,9 @@ def prepared_bytes(pacs: Pacs, item: RetrieveItem, target: str | None) -> Iterat
     body. Pixel data are streamed when the codec does not change; otherwise
     the one converted object waits in a spooled temporary file."""
     if not needs_conversion(item, target):
-        # Opened now: a store that cannot be read is a 503 before the status
-        # line, not a 200 whose body breaks off.
-        return _file_chunks(pacs.store.open(item.storage_key))
+        # Opened and its size checked now: a store that cannot be read is a
+        # 503, a damaged object a 500, before the status line, not a 200
+        # whose body breaks off or, worse, ends short as if complete.
+        return _stored_chunks(_open_checked(pacs, item), item)
     as_stored = target in (None, "*")
     return _prepare(pacs, item, item.transfer_syntax_uid if as_stored else str(target))

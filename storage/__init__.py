@@ -12,6 +12,7 @@ from __future__ import annotations
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .base import (
+    ObjectDamaged,
     ObjectExists,
     ObjectInfo,
     ObjectNotFound,
@@ -26,6 +27,7 @@ from .filesystem import FileStore
 
 __all__ = [
     "FileStore",
+    "ObjectDamaged",
     "ObjectExists",
     "ObjectInfo",
     "ObjectNotFound",

@@ -41,6 +41,13 @@ class ObjectNotFound(StorageError, KeyError):
     """No object exists under the requested key."""
 
 
+class ObjectDamaged(StorageError):
+    """The stored bytes of an object are not those that were stored: the
+    store holds a different size than the index recorded (a file truncated
+    by disk damage or by hand). Ours to repair (``pacs verify``), not the
+    client's to retry."""
+
+
 class ObjectExists(StorageError):
     """A commit without ``replace`` found the key taken; nothing was changed."""
 

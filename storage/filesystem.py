@@ -323,20 +323,41 @@ class FileStore(ObjectStore):
         target = self._file_for(key)
         directory = target.rpartition("/")[0]
         try:
-            self._ensure_dir(directory)
-            if replace:
-                os.rename(tmp, target)
-            else:
-                # link() never replaces: an atomic "create if absent".
-                try:
-                    os.link(tmp, target)
-                except FileExistsError:
-                    raise ObjectExists(key) from None
-                os.unlink(tmp)
-            _fsync_dir(directory)
+            try:
+                self._place(tmp, target, directory, key, replace)
+            except FileNotFoundError:
+                if not tmp.exists():
+                    raise
+                # A folder we made was removed since (by hand, a cleanup
+                # script): the cache of folders made would skip re-creating
+                # it and refuse every later object of that series until a
+                # restart. Forget it, make the folders again, retry once.
+                log.warning("folder %s of the object store was removed while serving: made again", directory)
+                self._forget_dirs()
+                self._place(tmp, target, directory, key, replace)
         except OSError as exc:
             _remove_quietly(tmp)
             raise _os_error(exc, f"store {key}") from exc
+
+    def _place(self, tmp: Path, target: str, directory: str, key: str, replace: bool) -> None:
+        """Move the staged *tmp* to *target*, durably."""
+        self._ensure_dir(directory)
+        if replace:
+            os.rename(tmp, target)
+        else:
+            # link() never replaces: an atomic "create if absent".
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise ObjectExists(key) from None
+            os.unlink(tmp)
+        _fsync_dir(directory)
+
+    def _forget_dirs(self) -> None:
+        """Drop the folders known to exist, but the root and staging ones:
+        which of them a removal took is not known (a shard folder holds
+        other studies' folders too); each is checked again when next used."""
+        self._durable_dirs = {str(self.root), str(self._tmp)}
 
     def put(self, key: str, stream: BinaryIO, size: int | None = None) -> ObjectInfo:
         self.path_for(key)  # validate the key before writing anything

@@ -23,13 +23,17 @@ from pacs.header import valid_uid
 from pacs.query import QueryError
 from pacs.transcode import TransferSyntaxError
 
-from storage import ObjectNotFound, StorageError
+from storage import ObjectDamaged, ObjectNotFound, StorageError
 
 from .mediatypes import NotAcceptable
 from .multipart import MultipartError
 
 log = logging.getLogger(__name__)
 INTERNAL_ERROR = "internal server error: the server's log has the details"
+# Ours to repair, not the client's to retry (a 500, not a 503): the
+# administrator finds and repairs such objects with `pacs verify`.
+MISSING_OBJECT = "an indexed object is missing from the archive's store (pacs verify)"
+DAMAGED_OBJECT = "an indexed object is damaged in the archive's store (pacs verify)"
 
 
 class HTTPProblem(Exception):
@@ -96,6 +100,7 @@ def install(app: FastAPI) -> None:
         StorageError: lambda e: 503,
         OperationalError: lambda e: 503,
         ObjectNotFound: lambda e: 500,
+        ObjectDamaged: lambda e: 500,
     }
 
     app.state.error_formats = {}
@@ -104,11 +109,10 @@ def install(app: FastAPI) -> None:
         async def handle(request: Request, exc: Exception) -> Response:
             message = exc.message if isinstance(exc, HTTPProblem) else str(exc)
             status = status_of(exc)
-            if isinstance(exc, ObjectNotFound):
-                # An indexed object gone from the store: ours to repair, not the client's to retry.
-                log.error("%s %s: an indexed object is missing from the store (pacs verify): %s",
-                          request.method, request.url.path, exc)
-                message = INTERNAL_ERROR
+            if isinstance(exc, ObjectNotFound | ObjectDamaged):
+                # An indexed object gone from the store or cut short.
+                message = MISSING_OBJECT if isinstance(exc, ObjectNotFound) else DAMAGED_OBJECT
+                log.error("%s %s: %s: %s", request.method, request.url.path, message, exc)
             elif isinstance(exc, OperationalError | StorageError):
                 # One line per refused request during an outage, no traceback;
                 # the client is not told the database's connection details.
