@@ -176,6 +176,10 @@ class _NotAccepted(Exception):
 RENEW_EVERY = 60.0
 # Seconds between looks at the stop flag while waiting for a response.
 STOP_CHECK = 0.5
+# An association lost before it delivered anything: the rest of its batch
+# waits this long (no try counted) rather than reconnecting at once, again
+# and again, to a peer that accepts and then drops.
+LOST_PAUSE = 5.0
 
 
 def _stop_aware(assoc: Any, stop: threading.Event) -> None:
@@ -312,8 +316,8 @@ class Forwarder(Periodic):
     def _finish(self, job: Job) -> bool:
         return self._record(lambda: routing.finish(self.pacs.engine, job))
 
-    def _give_back(self, jobs: list[Job]) -> None:
-        self._record(lambda: routing.release(self.pacs.engine, [j.pk for j in jobs], self.node))
+    def _give_back(self, jobs: list[Job], after: float = 0.0) -> None:
+        self._record(lambda: routing.release(self.pacs.engine, [j.pk for j in jobs], self.node, after=after))
 
     def round(self) -> None:
         self._settle()
@@ -476,6 +480,7 @@ class Forwarder(Periodic):
         with self._lock:
             self._sending.add(assoc)
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+        delivered = 0
         try:
             for index, (job, rule, item, ds) in enumerate(prepared):
                 if self._unsettled or self._stop.is_set():
@@ -489,8 +494,17 @@ class Forwarder(Periodic):
                         engine, rest, self.node))
                     renewed = time.monotonic()
                 if not assoc.is_established:
-                    self._fail(destination, job, "association lost")
-                    continue
+                    # The link dropped: the object in flight counted its try,
+                    # the rest were never tried and go back without one (on a
+                    # flaky link that keeps delivering they went dead, 10
+                    # tries counted for one attempt). Due at once when this
+                    # association delivered something: the link works.
+                    rest = [j for j, _, _, _ in prepared[index:]]
+                    if index == 0:  # lost before any object: the first counts, or this never ends
+                        self._fail(destination, job, "association lost")
+                        rest = rest[1:]
+                    self._give_back(rest, after=0.0 if delivered else LOST_PAUSE)
+                    break
                 try:
                     ds = self._for_destination(title, rule, item, ds, accepted)
                 except _NotAccepted as exc:
@@ -515,6 +529,7 @@ class Forwarder(Periodic):
                     error = f"status 0x{code:04X}" if code is not None else "no response"
                 if code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF):
                     self._finish(job)
+                    delivered += 1
                 elif self._stop.is_set():  # aborted by stop(): not the destination's failure
                     self._give_back([j for j, _, _, _ in prepared[index:]])
                     break

@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 
 EARLIEST = date(1900, 1, 1)
 UNDATED = "studies without a Study Date"
+# SOP Instance UIDs per IMAGE-level retrieve: up to ~6.5 KB of identifier
+# (64-character UIDs), which old PACS accept, and few associations per series.
+UID_CHUNK = 100
 
 
 @dataclass
@@ -119,6 +122,26 @@ def _count(value: Any) -> int | None:
 
 def _date_keys(start: date, end: date) -> str:
     return _da(start) if start == end else f"{_da(start)}-{_da(end)}"
+
+
+def _batches(study_uid: str, missing: dict[str, str], *, whole: bool) -> Iterator[tuple[str, dict[str, str]]]:
+    """The retrieves that bring *missing* (SOP Instance UID -> Series
+    Instance UID): the study whole when nothing of it is here, else only the
+    missing instances, series by series (the hierarchical model wants the
+    series named), UID_CHUNK UIDs at a time. Asking for a whole series again
+    re-sent what a dropped link had already brought, in the same order, and
+    stopped at the same point each run."""
+    if whole:
+        yield "STUDY", {"StudyInstanceUID": study_uid}
+        return
+    by_series: dict[str, list[str]] = {}
+    for sop_uid, series_uid in missing.items():
+        by_series.setdefault(series_uid, []).append(sop_uid)
+    for series_uid in sorted(by_series):
+        uids = by_series[series_uid]  # in the remote's listing order
+        for start in range(0, len(uids), UID_CHUNK):
+            yield "IMAGE", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid,
+                            "SOPInstanceUID": "\\".join(uids[start:start + UID_CHUNK])}
 
 
 class Puller:
@@ -361,14 +384,7 @@ class Puller:
             result.state, result.detail = "missing", f"{len(missing)} of {len(listed)} instances to pull"
             return result
         notes: list[str] = []
-        # A study with nothing here comes whole; otherwise only its series
-        # that miss something (a duplicate is cheap here, but not on the link).
-        if not local:
-            batches = [("STUDY", {"StudyInstanceUID": study_uid})]
-        else:
-            batches = [("SERIES", {"StudyInstanceUID": study_uid, "SeriesInstanceUID": s})
-                       for s in sorted(set(missing.values()))]
-        for level, keys in batches:
+        for level, keys in _batches(study_uid, missing, whole=not local):
             try:
                 summary = self._retrieve(level, keys)
             except remote.Unreachable:
@@ -376,9 +392,11 @@ class Puller:
             except remote.RemoteError as exc:
                 notes.append(str(exc))
                 continue
-            if summary.status not in (0x0000, 0xB000):
+            if summary.status not in (0x0000, 0xB000) or summary.failed:
+                # The counts tell a link dropped mid-study (some completed,
+                # the rest failed) from a node the remote cannot send to.
                 notes.append(f"C-{self.options.method.upper()} status 0x{summary.status:04X}: "
-                             f"{summary.completed} completed, {summary.failed} failed")
+                             f"{summary.completed} completed, {summary.failed} failed, {summary.warning} warning")
         here = self._local_uids(study_uid)
         still = [uid for uid in listed if uid not in here]
         result.after = len(here)
@@ -386,7 +404,8 @@ class Puller:
             result.state = "pulled"
         else:
             result.state = "incomplete" if len(still) < len(listed) else "failed"
-            if self.options.method == "move":
+            if self.options.method == "move" and result.after == before:
+                # Nothing arrived at all: the remote cannot send to us.
                 notes.append(f"is this node ({self.pacs.settings.ae_title}) registered at {self.title} "
                              "and pacs serve running to receive?")
             result.detail = f"{len(still)} of {len(listed)} instances missing; " + "; ".join(notes)

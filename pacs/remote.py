@@ -129,9 +129,7 @@ def find(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = 
     assoc = associate(pacs, ae, _remote(pacs, title))
     try:
         for status, match in assoc.send_c_find(identifier(level, keys), find_class):
-            if status is None:
-                raise RemoteError("no C-FIND response (timeout)")
-            code = int(status.Status)
+            code = _status_code(status, "C-FIND")
             if code in (0xFF00, 0xFF01):
                 yield match
             elif code == 0xFE00:
@@ -142,11 +140,19 @@ def find(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = 
         assoc.release()
 
 
+def _status_code(status: Dataset | None, what: str) -> int:
+    """The Status of a response; RemoteError when there is none. pynetdicom
+    yields an empty Dataset (not None) when the association was aborted or
+    lost, or the DIMSE timeout passed: reading its Status crashed the whole
+    pull on a dropped link."""
+    if status is None or "Status" not in status:
+        raise RemoteError(f"no {what} response: the association was lost (link dropped, aborted or timed out)")
+    return int(status.Status)
+
+
 def _summary(responses: Iterator[tuple[Any, Any]], summary: RetrieveSummary, what: str) -> RetrieveSummary:
     for status, ident in responses:
-        if status is None:
-            raise RemoteError(f"no {what} response (timeout or aborted)")
-        code = int(status.Status)
+        code = _status_code(status, what)
         summary.status = code
         summary.completed = int(status.get("NumberOfCompletedSuboperations", summary.completed) or 0)
         summary.failed = int(status.get("NumberOfFailedSuboperations", summary.failed) or 0)

@@ -446,15 +446,16 @@ def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: 
     return "dead" if dead else "pending"
 
 
-def release(engine: Engine, pks: list[int], node: str) -> None:
-    """Put back jobs *node* claimed but will not send now (due at once)."""
+def release(engine: Engine, pks: list[int], node: str, *, after: float = 0.0) -> None:
+    """Put back jobs *node* claimed but will not send now, without counting
+    a try: due at once, or in *after* seconds."""
     if not pks:
         return
     now = datetime.now(UTC)
     with engine.begin() as conn:
         conn.execute(update(jobs_t).where(jobs_t.c.pk.in_(pks), jobs_t.c.claimed_by == node,
-                                          jobs_t.c.state == "sending").values(state="pending", next_attempt_at=now,
-                                                                              updated_at=now))
+                                          jobs_t.c.state == "sending").values(
+            state="pending", next_attempt_at=now + timedelta(seconds=after), updated_at=now))
 
 
 def release_node(engine: Engine, node: str) -> int:
