@@ -250,8 +250,8 @@ def test_stored_compressed_syntax_can_be_asked_for(web: PacsServer) -> None:
 
 # -- 5. a 500 keeps the connection usable ----------------------------------------------------------------
 def test_connection_survives_a_500(web: PacsServer) -> None:
-    """An unexpected error (a stored object gone from storage) is a 500 with
-    the JSON error body, and the keep-alive connection stays usable."""
+    """A stored object gone from storage is a 500 with the JSON error body
+    naming the cause, and the keep-alive connection stays usable."""
     sop = web.lost_sop  # type: ignore[attr-defined]
     for path in web.data_dir.rglob(f"{sop}*"):
         path.unlink()
@@ -263,7 +263,7 @@ def test_connection_survives_a_500(web: PacsServer) -> None:
         sock.sendall(request)
         first = _http_answer(sock)
         assert first.startswith(b"HTTP/1.1 500"), first[:200]
-        assert b"internal server error" in first
+        assert b"missing from the archive's store" in first
         sock.sendall(follow)
         try:
             second = _http_answer(sock)
