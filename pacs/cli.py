@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import pwd
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -1008,6 +1010,30 @@ def _other_archive(args: argparse.Namespace) -> int | None:
     return 1
 
 
+def _root_in_service_dir(args: argparse.Namespace) -> int | None:
+    """Exit status 1 when root runs a command on a data dir another user
+    (the service's) owns: every file it wrote there (objects, shard
+    folders, SQLite's -wal/-shm even on a read) would be root's, and the
+    service could not read or write them."""
+    if os.geteuid() != 0:
+        return None
+    data_dir = settings_from(args).data_dir
+    try:
+        owner = data_dir.stat().st_uid
+    except OSError:
+        return None
+    if owner == 0:
+        return None
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = str(owner)
+    err.print(f"[red]refused:[/red] running as root on {data_dir}, which belongs to {name}: what root writes "
+              f"there the service could not read; run it as that user: sudo -u {name} {Path(sys.argv[0]).name} ...",
+              soft_wrap=True)
+    return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -1016,6 +1042,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The service's settings (systemd EnvironmentFile): a command run
         # beside the service opens the same archive as the service.
         load_env_file()
+        if (refused := _root_in_service_dir(args)) is not None:
+            return refused
         if (refused := _other_archive(args)) is not None:
             return refused
         if args.command not in MAY_CREATE and _command_name(args) not in MAY_CREATE and not _configured(args):

@@ -232,3 +232,30 @@ def test_stats_counts_patients_with_images(tmp_path: Path) -> None:
         assert (stats["patients"], stats["studies"], stats["instances"]) == (1, 1, 1)
     finally:
         server.stop()
+
+
+# -- root on the service's data dir ---------------------------------------------------
+def test_root_is_refused_on_a_data_dir_of_the_service_user(tmp_path: Path) -> None:
+    """`sudo pacs import ...` left root-owned objects, shard folders and
+    SQLite -wal/-shm files the service could not read: root is refused on a
+    data dir another user owns, and writes nothing there (these tests run as
+    root, as the install does)."""
+    assert os.geteuid() == 0, "this test checks what root may do"
+    data = tmp_path / "data"
+    assert pacs("ae", "add", "CT1", "--host", "127.0.0.1", "--port", "104", data_dir=data).returncode == 0
+    service = 65534  # nobody: the service user here
+    for path in [data, *data.rglob("*")]:
+        os.chown(path, service, service)
+    before = sorted(str(p) for p in data.rglob("*"))
+    src = tmp_path / "cd"
+    src.mkdir()
+    (src / "a.dcm").write_bytes(pydicom_file("CT_small.dcm").read_bytes())
+    for command in (("stats", "--json"), ("import", str(src))):
+        result = pacs(*command, data_dir=data)
+        assert result.returncode == 1 and "sudo -u nobody" in result.stderr, (command, result.stderr)
+    assert sorted(str(p) for p in data.rglob("*")) == before
+    assert all(p.stat().st_uid == service for p in [data, *data.rglob("*")])
+    # A data dir root owns (a root-run install, these tests) is root's to use.
+    for path in [data, *data.rglob("*")]:
+        os.chown(path, 0, 0)
+    assert pacs("stats", "--json", data_dir=data).returncode == 0
