@@ -507,3 +507,30 @@ def serving_with_his(server: PacsServer, his_port: int, radiologist: tuple[str, 
     finally:
         server.his.stop()  # type: ignore[attr-defined]
         server.stop()
+
+
+# -- Orthanc as an old PACS ---------------------------------------------------------
+@contextlib.contextmanager
+def orthanc_old_pacs(work: Path, aet: str, ours: PacsServer, **limits: int) -> Iterator[int]:
+    """Debian's Orthanc, configured in *work* as an old PACS with AE title
+    *aet* that answers any C-FIND/C-MOVE/C-GET and stores to *ours* (its
+    C-MOVE destination); *limits* are Orthanc's (LimitFindResults...).
+    Yields its DICOM port; stopped on the way out."""
+    work.mkdir(parents=True, exist_ok=True)
+    port, http_port = free_port(), free_port()
+    (work / "orthanc.json").write_text(json.dumps({
+        "Name": "old-pacs", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
+        "HttpPort": http_port, "RemoteAccessAllowed": False, "DicomAet": aet, "DicomPort": port,
+        "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
+        "DicomAlwaysAllowMove": True, "DicomAlwaysAllowGet": True, "DefaultEncoding": "Utf8", **limits,
+        "DicomModalities": {"filmless": [ours.ae_title, "127.0.0.1", ours.dicom_port]},
+    }))
+    with (work / "orthanc.log").open("wb") as log:
+        proc = subprocess.Popen(["/usr/sbin/Orthanc", str(work / "orthanc.json")], stdout=log,
+                                stderr=subprocess.STDOUT, cwd=work, env={**os.environ, "TCP_NODELAY": "1"})
+    try:
+        wait_port(port, timeout=60, proc=proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

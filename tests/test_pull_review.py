@@ -9,15 +9,13 @@ found, or it gives none), and says what the remote did (cut its answer with
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from .conftest import PacsServer, make_backend
-from .peers import free_port, run_dcmtk, wait_port
+from .peers import orthanc_old_pacs, run_dcmtk
 from .test_remote_pull import ROOT, _instance, _uids
 
 LIMIT = 5
@@ -43,29 +41,13 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServer
             raise AssertionError(name)
 
     ours = PacsServer(tmp / "data", make_backend("sqlite-fs", _Request())).start()  # type: ignore[arg-type]
-    work = tmp / "orthanc"
-    work.mkdir()
-    port, http_port = free_port(), free_port()
-    (work / "orthanc.json").write_text(json.dumps({
-        "Name": "old-pacs", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
-        "HttpPort": http_port, "RemoteAccessAllowed": False, "DicomAet": "OLDPACS", "DicomPort": port,
-        "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
-        "DicomAlwaysAllowMove": True, "DicomAlwaysAllowGet": True, "DefaultEncoding": "Utf8",
-        "LimitFindResults": LIMIT, "DicomModalities": {"filmless": [ours.ae_title, "127.0.0.1", ours.dicom_port]},
-    }))
-    log = (work / "orthanc.log").open("wb")
-    proc = subprocess.Popen(["/usr/sbin/Orthanc", str(work / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
-                            cwd=work, env={**os.environ, "TCP_NODELAY": "1"})
     try:
-        wait_port(port, timeout=60, proc=proc)
-        for study in STUDIES:
-            _store(port, tmp, study)
-        ours.cli("ae", "add", "OLDPACS", "--host", "127.0.0.1", "--port", str(port))
-        yield ours, port, tmp
+        with orthanc_old_pacs(tmp / "orthanc", "OLDPACS", ours, LimitFindResults=LIMIT) as port:
+            for study in STUDIES:
+                _store(port, tmp, study)
+            ours.cli("ae", "add", "OLDPACS", "--host", "127.0.0.1", "--port", str(port))
+            yield ours, port, tmp
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
         ours.stop()
 
 

@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
 from .conftest import PacsServer, make_backend
-from .peers import dataset_bytes, dcmtk, free_port, run_dcmtk, wait_port
+from .peers import dataset_bytes, dcmtk, free_port, orthanc_old_pacs, run_dcmtk, wait_port
 
 ROOT = "1.2.826.0.1.3680043.8.498.4242."
 # (study, date, time, patient ID, name, series x instances)
@@ -239,22 +239,7 @@ def test_pull_from_orthanc_that_cuts_its_answers_short(tmp_path: Path, ours: Pac
     LimitFindInstances a study's instance list is cut short, which fails that
     study (it cannot be verified) and the pull goes on with the others."""
     files = _corpus(tmp_path)
-    work = tmp_path / "orthanc"
-    work.mkdir()
-    port, http_port = free_port(), free_port()
-    (work / "orthanc.json").write_text(json.dumps({
-        "Name": "old-pacs", "StorageDirectory": str(work / "storage"), "IndexDirectory": str(work / "index"),
-        "HttpPort": http_port, "RemoteAccessAllowed": False, "DicomAet": "LEGACY", "DicomPort": port,
-        "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True, "DicomAlwaysAllowFind": True,
-        "DicomAlwaysAllowMove": True, "DicomAlwaysAllowGet": True, "DefaultEncoding": "Utf8",
-        "LimitFindResults": 3, "LimitFindInstances": 2,
-        "DicomModalities": {"filmless": [ours.ae_title, "127.0.0.1", ours.dicom_port]},
-    }))
-    with (work / "orthanc.log").open("wb") as log:
-        proc = subprocess.Popen(["/usr/sbin/Orthanc", str(work / "orthanc.json")], stdout=log,
-                                stderr=subprocess.STDOUT, cwd=work, env={**os.environ, "TCP_NODELAY": "1"})
-    try:
-        wait_port(port, timeout=60, proc=proc)
+    with orthanc_old_pacs(tmp_path / "orthanc", "LEGACY", ours, LimitFindResults=3, LimitFindInstances=2) as port:
         stored = run_dcmtk("storescu", "-aec", "LEGACY", "127.0.0.1", str(port), *map(str, files.values()))
         assert stored.returncode == 0, stored.stderr
         ours.cli("ae", "add", "LEGACY", "--host", "127.0.0.1", "--port", str(port))
@@ -290,9 +275,6 @@ def test_pull_from_orthanc_that_cuts_its_answers_short(tmp_path: Path, ours: Pac
         # Run again: the complete studies are known by Orthanc's series counts.
         code, again = _pull(ours, "--since", "20190101")
         assert again["pulled"] == 0 and again["complete"] >= 5 and again["failed"] == 1, again
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_counts_an_old_pacs_sends_are_read_or_ignored() -> None:
