@@ -1314,11 +1314,7 @@ class OrderService:
             items = [tuple(item) for item in json.loads(step.scheduled or "[]")]
             mine = [(a, uid, sps) for a, uid, sps in items
                     if uid == first.study_uid or (a == accession and self._step_date_fits(conn, first, step))]
-            order_pks: list[int] = []
-            for acc, uid, sps in mine:
-                for pk in self._steps_for_item(conn, acc, uid, sps, step.modality, step.station_ae_title):
-                    if pk not in order_pks:
-                        order_pks.append(pk)
+            order_pks = self._steps_of_items(conn, mine, step.modality, step.station_ae_title)
             if not order_pks:
                 continue
             conn.execute(update(steps_t).where(steps_t.c.pk == step.pk)
@@ -1341,17 +1337,24 @@ class OrderService:
         accession alone to make it the order's (see :meth:`_adopt_performed_steps`)."""
         return not accession_match_doubt(conn, order, "", (step.start or "")[:8], step.created_at)
 
+    def _steps_of_items(self, conn: Connection, refs: list[tuple[str, str, str]], modality: str,
+                        station_ae_title: str) -> list[int]:
+        """The scheduled steps (pks) the (accession, study UID, step ID)
+        items of a performed step name, each once, in the items' order."""
+        step_pks: list[int] = []
+        for accession, study_uid, step_id in refs:
+            for pk in self._steps_for_item(conn, accession, study_uid, step_id, modality, station_ae_title):
+                if pk not in step_pks:
+                    step_pks.append(pk)
+        return step_pks
+
     def _steps_for_refs(self, conn: Connection, refs: list[tuple[str, str, str]], modality: str,
                         station_ae_title: str) -> list[int]:
         """The scheduled steps a new performed step performs, each once, in
         the items' order. A cancelled one refuses the performed step: the HIS
         withdrew it, and an MPPS must not bring it back to the worklist (the
         modality shows the reason)."""
-        step_pks: list[int] = []
-        for accession, study_uid, step_id in refs:
-            for pk in self._steps_for_item(conn, accession, study_uid, step_id, modality, station_ae_title):
-                if pk not in step_pks:
-                    step_pks.append(pk)
+        step_pks = self._steps_of_items(conn, refs, modality, station_ae_title)
         for pk in step_pks:
             row = conn.execute(select(orders_t.c.accession_number, orders_t.c.step_id, orders_t.c.status)
                                .where(orders_t.c.pk == pk)).one()
