@@ -55,6 +55,17 @@ def negotiate_frames(request: Request, stored_transfer_syntax: str) -> Offer:
     return mediatypes.negotiate(effective_accept(request), offers, default=offers[0])
 
 
+def negotiate_bulk(request: Request) -> Offer:
+    """A bulk data value other than Pixel Data (waveforms, overlays, an
+    encapsulated document's bytes): ``multipart/related;
+    type="application/octet-stream"`` only, as stored or in the default
+    syntax (the same bytes); anything else is a 406, not octets under a
+    type the client did not accept."""
+    offers = [Offer(MULTIPART_RELATED, "application/octet-stream", mediatypes.EXPLICIT_VR_LITTLE_ENDIAN),
+              Offer(MULTIPART_RELATED, "application/octet-stream", "*")]
+    return mediatypes.negotiate(effective_accept(request), offers, default=offers[0])
+
+
 def negotiate_rendered(request: Request) -> Offer:
     """The form of a rendered answer: an image, or (PS3.18's form of Accept
     for a series, a study, several frames) ``multipart/related;

@@ -8,16 +8,13 @@ from fastapi import Request
 def base_url(request: Request) -> str:
     """Absolute URL of the app's root for links in responses (no trailing /).
 
-    ``public_url`` (PACS_PUBLIC_URL) wins, for a reverse proxy; otherwise the
-    request's own, with the port put back when a client's Host header
-    dropped it (dicomweb-client does).
+    ``public_url`` (PACS_PUBLIC_URL) wins; otherwise the scheme and the Host
+    header as the client sent them. A Host without a port means the
+    scheme's default port (RFC 9110 7.2): a reverse proxy passing
+    ``Host $host`` in front of us on 80/443 must get links to itself, never
+    to our own listening port behind it.
     """
     public = request.app.state.pacs.settings.public_url
     if public:
         return public.rstrip("/")
-    url = str(request.base_url).rstrip("/")
-    host = request.headers.get("host", "")
-    server = request.scope.get("server")
-    if host and ":" not in host.rsplit("]", 1)[-1] and server and server[1] not in (80, 443):
-        url = url.replace(f"://{host}", f"://{host}:{server[1]}", 1)
-    return url
+    return str(request.base_url).rstrip("/")

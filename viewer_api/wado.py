@@ -303,6 +303,7 @@ def retrieve_bulk(request: Request, study: str, series: str, sop: str, tag: str)
     if path == (0x7FE00010,):
         numbers = ",".join(str(n) for n in range(1, (item.frames or 1) + 1))
         return retrieve_frames(request, study, series, sop, numbers)
+    negotiation.negotiate_bulk(request)
     with framelib.local_object(request.app.state.pacs, item) as local:
         ds = framelib.header(local)
     data = _bulk_value(ds, path, tag)
