@@ -68,12 +68,14 @@ class PixelInfo:
 
     @property
     def frame_bytes(self) -> int:
+        """Bytes of one native frame sent as its own value (1-bit frames
+        padded to a whole byte)."""
         samples = self.samples
         if self.photometric in ("YBR_FULL_422", "YBR_PARTIAL_422") and samples == 3 and not self.encapsulated:
             # PS3.3 C.7.6.3.1.2: native 4:2:2 keeps Y for every pixel and one
             # CB, CR pair per two pixels: two samples per pixel, not three.
             samples = 2
-        return self.rows * self.columns * samples * self.bits_allocated // 8
+        return (self.rows * self.columns * samples * self.bits_allocated + 7) // 8
 
     @property
     def encapsulated(self) -> bool:
@@ -334,6 +336,8 @@ def encapsulated_frame(path: Path, info: PixelInfo, number: int) -> bytes:
 
 def native_frame(path: Path, info: PixelInfo, number: int) -> bytes:
     """Frame *number* (1-based) of native pixel data, little endian."""
+    if info.bits_allocated == 1:
+        return _one_bit_native_frame(path, info, number)
     size = info.frame_bytes
     start = (number - 1) * size
     big_endian = not info.transfer_syntax.is_little_endian
@@ -353,6 +357,29 @@ def native_frame(path: Path, info: PixelInfo, number: int) -> bytes:
         if dtype:
             data = np.frombuffer(data, dtype=dtype).astype(dtype.replace(">", "<")).tobytes()
     return data
+
+
+def one_bit_pixels(packed: bytes, first: int, count: int) -> np.ndarray:
+    """Pixels *first* .. *first* + *count* - 1 of 1-bit pixel data (one
+    0/1 byte each; fewer where the data ends). The pixels of all frames are
+    packed end to end, least significant bit first (PS3.5 8.1.1), so a frame
+    of a size not a multiple of 8 starts inside a byte."""
+    data = np.frombuffer(packed, dtype=np.uint8)[first // 8: (first + count + 7) // 8]
+    return np.unpackbits(data, bitorder="little")[first % 8: first % 8 + count]
+
+
+def _one_bit_native_frame(path: Path, info: PixelInfo, number: int) -> bytes:
+    """Frame *number* of 1-bit pixel data as a value of its own (PS3.18
+    frames), its first pixel in bit 0 (PS3.5 8.1.1). Cut at whole bytes of
+    the packed frames, a 5x5 SEG's frame 1 lost its last bit and frames 2
+    on were bit-shifted."""
+    count = info.rows * info.columns * info.samples
+    first = (number - 1) * count
+    data = _read_value(path, info, first // 8, (first % 8 + count + 7) // 8)
+    pixels = one_bit_pixels(data, first % 8, count)
+    if pixels.size < count:
+        raise FrameError(f"frame {number} is truncated in storage", 500)
+    return np.packbits(pixels, bitorder="little").tobytes()
 
 
 def _read_value(path: Path, info: PixelInfo, start: int, size: int) -> bytes:

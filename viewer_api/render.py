@@ -742,10 +742,12 @@ def _one_bit_frame(ds: Dataset, frame_index: int) -> np.ndarray:
         rows, columns = int(ds.Rows), int(ds.Columns)
     except Exception as exc:
         raise RenderError(f"cannot decode frame {frame_index}: {exc}") from exc
+    # Imported here: this module is a plain library, and pacs.frames brings
+    # in the whole core (the server has it loaded anyway).
+    from pacs.frames import one_bit_pixels
+
     bits = rows * columns
-    first = frame_index * bits
-    packed = np.frombuffer(raw, dtype=np.uint8)[first // 8 : (first + bits + 7) // 8]
-    frame = np.unpackbits(packed, bitorder="little")[first % 8 : first % 8 + bits]
+    frame = one_bit_pixels(raw, frame_index * bits, bits)
     if frame.size < bits:
         raise RenderError(f"cannot decode frame {frame_index}: the pixel data ends before it")
     return frame.reshape(rows, columns)
@@ -1038,7 +1040,32 @@ def render_dataset_bytes(
         _check_frame(header, frame_index)
         _check_decoder(tsyntax)
         f.seek(0)
-        pixel = _decode(f, header, frame_index)
+        try:
+            pixel = _decode(f, header, frame_index)
+        except RenderError:
+            if not _implicit_under_explicit(f, header, UID(str(tsyntax))):
+                raise
+            # dcmread reads such a data set as it is written; pixel_array()
+            # streaming from the file parses it as the syntax says and fails
+            # on pixels the frames resource serves (a 422 "unexpected tag
+            # (0000,0000)"). Only such objects are read whole: were every
+            # undecodable one, a corrupt 1 GB object would be loaded for its 422.
+            f.seek(0)
+            return render_frame(pydicom.dcmread(f, force=True), frame_index, params)
         return _encode(_display_image(header, pixel, params, frame_index, None), params)
     finally:
         f.seek(start)
+
+
+def _implicit_under_explicit(f: BinaryIO, header: Dataset, tsyntax: UID) -> bool:
+    """Whether the data set of *f* is written in Implicit VR under an
+    explicit VR syntax's name (pydicom's SC_rgb_jpeg.dcm)."""
+    length = header.file_meta.get("FileMetaInformationGroupLength") if header.file_meta else None
+    if tsyntax.is_implicit_VR or not isinstance(length, int):
+        return False
+    f.seek(128)
+    preamble = 132 if f.read(4) == b"DICM" else 0
+    f.seek(preamble + 12 + length)  # past the group length element (12 bytes) and the group
+    head = f.read(6)
+    # The test dcmread makes: an explicit VR is two upper-case letters after the tag.
+    return len(head) == 6 and not (0x40 < head[4] < 0x5B and 0x40 < head[5] < 0x5B)

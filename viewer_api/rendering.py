@@ -107,6 +107,15 @@ def params_from(request: Request, *, thumbnail: bool = False) -> RenderParams:
     return RenderParams(media_type=media_type, quality=quality, window=window, viewport=viewport)
 
 
+def check_frame_number(item: RetrieveItem, number: int, name: str = "frame") -> None:
+    """A 404 for a frame the instance does not have, worded in the 1-based
+    number the client gave (*name*: its parameter), not the renderer's
+    0-based index ("frame index 8 ... 0..2" answered frameNumber=9)."""
+    count = item.frames or 1
+    if not 1 <= number <= count:
+        raise HTTPProblem(404, f"{name} {number} is out of range: the instance has {count} frame(s)")
+
+
 def render_item(request: Request, item: RetrieveItem, frame: int, params: RenderParams,
                 *, cache_result: bool = True) -> bytes:
     """Encoded image of one frame (1-based), from the cache when possible.
@@ -114,6 +123,7 @@ def render_item(request: Request, item: RetrieveItem, frame: int, params: Render
     *cache_result* False looks the cache up but does not fill it: the parts
     of a multipart answer (a whole study) are read once, and would only
     push the viewer's images out."""
+    check_frame_number(item, frame)
     cache: RenderCache = request.app.state.render_cache
     key = (item.sop_uid, item.sha256, frame, params)
     cached = cache.get(key)

@@ -13,7 +13,7 @@ from pacs.transcode import can_serve, prepared_bytes
 from .documents import document_media_type, document_response
 from .errors import HTTPProblem, require_uids
 from .render import MAX_VIEWPORT_DIMENSION, RenderError, RenderParams
-from .rendering import render_item
+from .rendering import check_frame_number, render_item
 
 router = APIRouter(tags=["WADO-URI"])
 _IMAGE_TYPES = {"image/jpeg", "image/png", "image/gif"}
@@ -139,6 +139,7 @@ def _rendered(request: Request, item: RetrieveItem, content_type: str) -> Respon
     viewport = (columns or MAX_VIEWPORT_DIMENSION, rows or MAX_VIEWPORT_DIMENSION) if (rows or columns) else None
     quality = _int_param(request, "imageQuality") or 90
     frame = _int_param(request, "frameNumber") or 1
+    check_frame_number(item, frame, "frameNumber")
     try:
         # RenderParams validates (viewport size, window width): inside the try,
         # or a bad rows/windowWidth was a 500.

@@ -4,7 +4,7 @@ import { api } from "./api.js";
 import { onLangChange, t } from "./i18n.js";
 import { ReportPanel } from "./report.js";
 import { formatDate, formatPN, h, isTyping, listText, readSession, sexLabel, writeSession } from "./util.js";
-import { NON_IMAGE, Viewer } from "./viewer.js";
+import { NON_IMAGE, Viewer, isImage } from "./viewer.js";
 
 
 export function mountStudy(root, ctx, studyUid) {
@@ -43,7 +43,8 @@ export function mountStudy(root, ctx, studyUid) {
   function renderHeader() {
     if (!study) return;
     const name = formatPN(study.patient_name);
-    header.replaceChildren(
+    // item() is null for an empty value: replaceChildren() would show it as the text "null".
+    header.replaceChildren(...[
       h("a#back-to-worklist.btn.small", { href: "#/worklist", "data-i18n": "back", "data-i18n-title": "back_title" }, t("back")),
       h("strong#patient-name.patient-name", { title: name }, name),
       item("patient_id", study.patient_id, "patient-id"),
@@ -52,7 +53,7 @@ export function mountStudy(root, ctx, studyUid) {
       item("accession", study.accession, "study-accession"),
       h("span.hitem.modalities", listText(study.modalities)),
       h("span#study-description.hitem.description", { title: study.description || "" }, study.description || ""),
-    );
+    ].filter(Boolean));
     header.querySelector("#back-to-worklist").title = t("back_title");
     document.title = `${name} – ${t("app_title")}`;
   }
@@ -60,7 +61,7 @@ export function mountStudy(root, ctx, studyUid) {
   function thumbnail(series) {
     const s = encodeURIComponent;
     // Documents and structured objects have no picture to ask for (a 4xx per series).
-    const img = NON_IMAGE.has(series.modality) ? h("div.thumb-missing", series.modality || "?") : h("img", {
+    const img = NON_IMAGE.has(series.modality) || series.has_pixels === false ? h("div.thumb-missing", series.modality || "?") : h("img", {
       src: `/dicom-web/studies/${s(studyUid)}/series/${s(series.series_uid)}/thumbnail`,
       alt: "",
       loading: "lazy",
@@ -173,7 +174,7 @@ export function mountStudy(root, ctx, studyUid) {
     const all = study.series || [];
     const saved = readSession(viewKey);
     const before = saved && all.find((s) => s.series_uid === saved.series);
-    const first = before || all.find((s) => !NON_IMAGE.has(s.modality) && (s.instances || []).length) || all[0];
+    const first = before || all.find((s) => !NON_IMAGE.has(s.modality) && (s.instances || []).some(isImage)) || all[0];
     restoring = Boolean(before);
     if (first) select(first);
     if (before) {

@@ -19,6 +19,13 @@ export const PRESETS = [
 const ENCAPSULATED_PDF = "1.2.840.10008.5.1.4.1.1.104.1";
 export const NON_IMAGE = new Set(["SR", "KO", "PR", "DOC", "RWV", "REG", "SEG", "RTSTRUCT", "RTPLAN"]);
 
+/** Whether an instance of /api/studies is a picture: it has Rows. Encapsulated
+ * PDF / CDA, SR, KO and PR have none, whatever modality their series gives
+ * (a scanned request form sent as OT was a slice that failed to render). */
+export function isImage(inst) {
+  return Number(inst.rows) > 0;
+}
+
 const CACHE_LIMIT = 80; // decoded images kept in memory
 const PRELOAD_AHEAD = 4; // slices preloaded in the scroll direction
 const PRELOAD_BEHIND = 2;
@@ -44,7 +51,6 @@ function dicomValue(dataset, tag) {
   return Number.isFinite(n) ? n : undefined;
 }
 
-/** The object's own window (or a range from the stored bits), from DICOM JSON. */
 /** Frames per second a clip was acquired at: Recommended Display Frame Rate,
  * Cine Rate or Frame Time (ms); null when the object gives none. */
 export function frameRateFromMetadata(dataset) {
@@ -54,15 +60,33 @@ export function frameRateFromMetadata(dataset) {
   return frameTime > 0 ? Math.min(MAX_FPS, 1000 / frameTime) : null;
 }
 
-export function windowFromMetadata(dataset) {
-  const c = dicomValue(dataset, "00281050");
-  const w = dicomValue(dataset, "00281051");
-  if (c !== undefined && w !== undefined && w >= 1) return { c, w };
+/** The item of a functional group macro (a sequence's tag) for frame
+ * `frame` (0-based) of an enhanced object: Per-Frame, then Shared
+ * Functional Groups, as the server renders it; undefined when neither has it. */
+function functionalGroup(dataset, frame, tag) {
+  for (const [groups, index] of [["52009230", frame], ["52009229", 0]]) {
+    const item = dataset && dataset[groups] && dataset[groups].Value && dataset[groups].Value[index];
+    const macro = item && item[tag] && item[tag].Value && item[tag].Value[0];
+    if (macro) return macro;
+  }
+  return undefined;
+}
+
+/** The window the server renders frame `frame` (0-based) with by default:
+ * Enhanced CT / MR / XA keep it (Frame VOI LUT) and the rescale (Pixel
+ * Value Transformation) in functional groups only, not at the top level. */
+export function windowFromMetadata(dataset, frame = 0) {
+  for (const holder of [functionalGroup(dataset, frame, "00289132"), dataset]) {
+    const c = dicomValue(holder, "00281050");
+    const w = dicomValue(holder, "00281051");
+    if (c !== undefined && w !== undefined && w >= 1) return { c, w };
+  }
   const bits = dicomValue(dataset, "00280101");
   if (!bits) return null;
   const signed = dicomValue(dataset, "00280103") === 1;
-  const slope = dicomValue(dataset, "00281053") ?? 1;
-  const intercept = dicomValue(dataset, "00281052") ?? 0;
+  const rescale = functionalGroup(dataset, frame, "00289145") || dataset;
+  const slope = dicomValue(rescale, "00281053") ?? 1;
+  const intercept = dicomValue(rescale, "00281052") ?? 0;
   const lo = signed ? -(2 ** (bits - 1)) : 0;
   const hi = signed ? 2 ** (bits - 1) - 1 : 2 ** bits - 1;
   const a = lo * slope + intercept;
@@ -79,6 +103,7 @@ export class Viewer {
     this.preset = "default";
     this.window = null; // {c, w} or null: the server uses the object's own window
     this.defaultWindow = null; // the object's window, when known (for dragging)
+    this.metadata = null; // {sop, dataset}: the instance defaultWindow is read from
     this.zoom = 1;
     this.tx = 0;
     this.ty = 0;
@@ -180,12 +205,13 @@ export class Viewer {
     this.generation += 1;
     this.series = series;
     this.slices = [];
-    for (const inst of NON_IMAGE.has(series.modality) ? [] : series.instances || []) {
+    for (const inst of NON_IMAGE.has(series.modality) ? [] : (series.instances || []).filter(isImage)) {
       const frames = Number(inst.frames) || 1;
       if (frames > 1) for (let f = 1; f <= frames; f += 1) this.slices.push({ sop: inst.sop_uid, frame: f });
       else this.slices.push({ sop: inst.sop_uid, frame: null });
     }
     this.defaultWindow = null;
+    this.metadata = null;
     this.multiframe = this.slices.some((slice) => slice.frame);
     // The largest image of the series: zooming asks for more pixels, up to these.
     this.native = { w: 0, h: 0 };
@@ -225,7 +251,7 @@ export class Viewer {
       const data = await api("GET", url, { accept: "application/dicom+json" });
       if (generation !== this.generation) return;
       const dataset = Array.isArray(data) ? data[0] : data;
-      this.defaultWindow = windowFromMetadata(dataset);
+      this.metadata = { sop: inst.sop_uid, dataset };
       this.fps = frameRateFromMetadata(dataset) || DEFAULT_FPS;
       this.updateLabels();
     } catch {
@@ -647,6 +673,16 @@ export class Viewer {
     if (handled) event.preventDefault();
   }
 
+  /** The object's window for the slice shown: an enhanced object may give
+   * each frame its own. Other instances of the series use the first frame's. */
+  frameWindow() {
+    const m = this.metadata;
+    if (!m) return null;
+    const slice = this.slices[this.index];
+    const frame = slice && slice.sop === m.sop && slice.frame ? slice.frame - 1 : 0;
+    return windowFromMetadata(m.dataset, frame);
+  }
+
   // -- labels -------------------------------------------------------------------------
   updateLabels() {
     if (this.onChange) this.onChange();
@@ -661,6 +697,7 @@ export class Viewer {
       button.classList.toggle("active", active);
       button.setAttribute("aria-pressed", String(active));
     }
+    this.defaultWindow = this.frameWindow();
     const shown = this.window || this.defaultWindow;
     let text = shown ? `C ${num(shown.c)} / W ${num(shown.w)}` : "C / W";
     if (!this.window) text += ` (${t("window_default")})`;
