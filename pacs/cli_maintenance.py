@@ -368,6 +368,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             ("indexed objects", report.total), ("copied and verified", report.copied),
             ("bytes copied", _size(report.copied_bytes)), ("already in the target", report.already_present),
             ("failed", report.failed.count), ("complete", "yes" if report.complete else "no"),
+            ("unreferenced objects removed from the target", report.removed_unreferenced),
         ])
         _list("failed copies", data["failed"])
         if report.stopped_at_limit:

@@ -49,8 +49,10 @@ import errno
 import logging
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -234,7 +236,41 @@ def _remove_stale(tmp_dir: Path, age: float = 3600.0) -> None:
 
 def _same_pixels(original: np.ndarray, path: Path) -> bool:
     decoded = dcmread(path).pixel_array
-    return original.shape == decoded.shape and original.dtype == decoded.dtype and bool(np.array_equal(original, decoded))
+    # A Big Endian original decodes to '>i2', its encoding to '<i2': the
+    # values and their type must match, not the byte order they came in.
+    same_type = original.dtype.newbyteorder("=") == decoded.dtype.newbyteorder("=")
+    return original.shape == decoded.shape and same_type and bool(np.array_equal(original, decoded))
+
+
+class _QuietInThread(logging.Filter):
+    """Drops the records of the threads that asked for quiet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(self.local, "quiet", False)
+
+
+# pydicom logs a codec's refusal (a 3x3 RGB image CharLS cannot take) with its
+# traceback at ERROR, openjpeg its own errors; the object is skipped as "not
+# encodable" with that reason, so these records only alarm whoever reads the
+# output. Filtered for the encoding thread alone: a transcode elsewhere in the
+# process still logs its failures.
+_ENCODER_LOGGERS = ("pydicom.pixels.encoders.base", "openjpeg.encode")
+_quiet = _QuietInThread()
+for _name in _ENCODER_LOGGERS:
+    logging.getLogger(_name).addFilter(_quiet)
+
+
+@contextmanager
+def _encoders_quiet() -> Iterator[None]:
+    _quiet.local.quiet = True
+    try:
+        yield
+    finally:
+        _quiet.local.quiet = False
 
 
 def _native_length(ds: Any) -> int | None:
@@ -264,9 +300,12 @@ def _encode(src: Path, target: UID, tmp_dir: Path) -> tuple[str, Path | None, st
         original = ds.pixel_array.copy()
         # The high-bit check, planar pixels interleaved (Planar Configuration
         # 0, as PS3.5 requires of JPEG-LS and JPEG 2000), the encoding.
-        convert_dataset(ds, UID(ds.file_meta.TransferSyntaxUID), target)
+        with _encoders_quiet():
+            convert_dataset(ds, UID(ds.file_meta.TransferSyntaxUID), target)
     except Exception as exc:  # the codec refuses this pixel format
-        return "not encodable", None, str(exc).splitlines()[0][:200]
+        # pydicom names each plugin's reason on the lines after its first:
+        # the only place it is told now that its log is quiet.
+        return "not encodable", None, " ".join(line.strip() for line in str(exc).splitlines())[:200]
     fd, name = tempfile.mkstemp(prefix="compress-", suffix=".dcm", dir=tmp_dir)
     os.close(fd)
     path = Path(name)

@@ -6,11 +6,16 @@ index. The source is never modified.
 
 Resuming: progress is checkpointed in ``DATA_DIR/migrate-<target hash>.json``
 as the highest instance primary key below which every row is done (rows are
-taken in primary-key order, in batches). On a rerun, rows at or below the
-checkpoint cost one ``stat`` of the target (an object gone or of another size
-is copied again); rows above it whose object is already in the target with
-the right size are read back and kept when the sha256 matches (nothing is
-rewritten). A failed copy never stays in the target, so a rerun retries it.
+taken in primary-key order, in batches), and ``migrate-<target hash>.sha256``
+keeps, per row verified in the target, its primary key and the first 64 bits
+of the sha256 it was verified against (~25 bytes a row on disk, 16 in
+memory). On a rerun, a row whose sha256 is the one recorded costs one
+``stat`` of the target (an object gone or of another size is copied again);
+any other row whose object is already in the target with the right size is
+read back and kept when the sha256 matches (nothing is rewritten). A row
+whose sha256 changed since its copy (a corrected resend under the overwrite
+policy keeps its primary key, its key and often its size) is thus copied
+again. A failed copy never stays in the target, so a rerun retries it.
 ``limit`` stops after that many copies (maintenance windows); rerun to go on.
 
 Objects received while the copy runs are picked up as long as they arrive
@@ -18,10 +23,25 @@ before the last page is read; for a final switch stop ``pacs serve``, rerun
 with ``switch=True`` (fast: everything done is skipped), then start again.
 Orphan objects (not indexed) are not copied: run ``pacs verify --repair`` first.
 
-``switch=True``, only after a complete run without failures, sets
-``storage_url`` in the config file the appliance reads (``--config``,
-``$PACS_CONFIG`` or ``DATA_DIR/pacs.toml``; other keys are kept, the previous
-file is saved as ``.bak``). S3 keys stay in the environment.
+``switch=True``, only after a complete run without failures, makes a last
+pass alone (no ``pacs serve`` on the data dir): every row is compared with
+its recorded sha256, from the index and the local record only, and only rows
+added or changed since their copy touch the target (re-reading a million
+objects from S3 while the service is down is what this avoids). Then it
+lists the target and deletes every object no index row references: copies
+of instances deleted, purged or replaced (compress) since they were copied,
+which after the switch ``pacs verify --repair`` would adopt back (a study
+deleted for the wrong patient reappearing). Deleted, not set aside: they are
+copies of objects a deletion removed from the current store, and a set-aside
+copy would keep what a deletion was meant to remove, with nobody to clear
+it. They go through tombstones like any deletion, so an object a node
+already on the new store is receiving at that moment is kept or refused for
+a retry, never lost. Keys outside the store's layout are left (verify
+reports them, never adopts them). Then it sets ``storage_url`` in the config
+file the appliance reads (``--config``, ``$PACS_CONFIG`` or
+``DATA_DIR/pacs.toml``; other keys are kept, the previous file is saved as
+``.bak``). S3 keys stay in the environment. The target must hold this
+archive's objects only.
 """
 
 from __future__ import annotations
@@ -33,6 +53,8 @@ import os
 import re
 import tempfile
 import tomllib
+from array import array
+from bisect import bisect_left
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +62,13 @@ from typing import Any
 
 from sqlalchemy import select
 
-from storage import ObjectNotFound, ObjectStore, StorageError, file_store_path, open_store
+from storage import ObjectNotFound, ObjectStore, StorageError, file_store_path, open_store, validate_key
 
 from ..app import Pacs
+from ..index import tombstones
+from ..index.db import write_transaction
 from ..settings import Settings
-from .common import BATCH, Capped, NullProgress, Progress, count_rows, instances_t
+from .common import BATCH, Capped, NullProgress, Progress, batched, count_rows, indexed_among, instances_t
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +82,8 @@ class MigrateReport:
     copied_bytes: int = 0
     already_present: int = 0
     failed: Capped = field(default_factory=Capped)
+    # Objects of the target no index row references, deleted by the switch.
+    removed_unreferenced: int = 0
     complete: bool = False
     stopped_at_limit: bool = False
     switched: bool = False
@@ -73,6 +99,7 @@ class MigrateReport:
             "copied_bytes": self.copied_bytes,
             "already_present": self.already_present,
             "failed": self.failed.as_dict(),
+            "removed_unreferenced": self.removed_unreferenced,
             "complete": self.complete,
             "stopped_at_limit": self.stopped_at_limit,
             "switched": self.switched,
@@ -85,10 +112,45 @@ def _redacted(url: str) -> str:
     return re.sub(r"(access_key|secret_key)=[^&]*", r"\1=***", url)
 
 
+def _short(sha256: str) -> int:
+    """The part of a sha256 the record keeps (a changed object is told by it)."""
+    return int(sha256[:16], 16)
+
+
+class _Sums:
+    """Row primary key -> short sha256 the row's object was verified against
+    in the target. Sorted arrays (16 bytes a row) rather than a dict (over
+    100 on a million rows); rows are recorded in primary-key order but for
+    the few copied again, which are updated in place."""
+
+    def __init__(self) -> None:
+        self.pks = array("q")
+        self.values = array("Q")
+        self.extra: dict[int, int] = {}
+
+    def add(self, pk: int, value: int) -> None:
+        if not self.pks or pk > self.pks[-1]:
+            self.pks.append(pk)
+            self.values.append(value)
+            return
+        i = bisect_left(self.pks, pk)
+        if i < len(self.pks) and self.pks[i] == pk:
+            self.values[i] = value
+        else:
+            self.extra[pk] = value
+
+    def get(self, pk: int) -> int | None:
+        if pk in self.extra:
+            return self.extra[pk]
+        i = bisect_left(self.pks, pk)
+        return self.values[i] if i < len(self.pks) and self.pks[i] == pk else None
+
+
 class _Checkpoint:
     def __init__(self, data_dir: Path, target_url: str) -> None:
         name = hashlib.sha1(target_url.encode()).hexdigest()[:12]
         self.path = Path(data_dir) / f"migrate-{name}.json"
+        self.sums_path = Path(data_dir) / f"migrate-{name}.sha256"
         self.target_url = target_url
 
     def load(self) -> int:
@@ -103,9 +165,37 @@ class _Checkpoint:
         tmp.write_text(json.dumps({"target": _redacted(self.target_url), "last_pk": last_pk, **extra}))
         os.replace(tmp, self.path)
 
+    def load_sums(self, fresh: bool) -> _Sums:
+        """The rows verified in the target; none when *fresh* (no checkpoint,
+        or one of another target: nothing in the target is vouched for)."""
+        sums = _Sums()
+        if fresh:
+            self.sums_path.unlink(missing_ok=True)
+            return sums
+        try:
+            with self.sums_path.open(encoding="ascii", errors="replace") as f:
+                for line in f:
+                    pk, _, value = line.partition(" ")
+                    try:
+                        sums.add(int(pk), int(value, 16))
+                    except ValueError:
+                        continue  # a line cut by a crash: that row is checked again
+        except FileNotFoundError:
+            pass
+        return sums
 
-def _copy_one(source: ObjectStore, target: ObjectStore, row: Any, checkpointed: bool) -> tuple[str, str]:
-    """("copied" | "present" | "failed", detail) for one index row."""
+    def record(self, sums: _Sums, rows: list[tuple[int, str]]) -> None:
+        """Record rows verified in the target. A record lost in a crash only
+        costs reading that object back on the next run."""
+        with self.sums_path.open("a", encoding="ascii") as f:
+            for pk, sha256 in rows:
+                sums.add(pk, _short(sha256))
+                f.write(f"{pk} {sha256[:16]}\n")
+
+
+def _copy_one(source: ObjectStore, target: ObjectStore, row: Any, verified: bool) -> tuple[str, str]:
+    """("copied" | "present" | "failed", detail) for one index row;
+    *verified*: the target held the row's sha256 under its key when last checked."""
     key = row.storage_key
     written = False
     try:
@@ -113,7 +203,7 @@ def _copy_one(source: ObjectStore, target: ObjectStore, row: Any, checkpointed: 
             present = target.stat(key).size == row.size_bytes
         except ObjectNotFound:
             present = False
-        if present and (checkpointed or target.checksum(key) == row.sha256):
+        if present and (verified or target.checksum(key) == row.sha256):
             return "present", ""
         with source.open(key) as stream:
             written = True
@@ -130,7 +220,7 @@ def _copy_one(source: ObjectStore, target: ObjectStore, row: Any, checkpointed: 
         detail = str(exc)
     if written:
         # Nothing unverified may stay in the target: a rerun trusts what the
-        # checkpoint passed when its size is right.
+        # record vouches for when its size is right.
         try:
             target.delete(key)
         except StorageError:
@@ -187,8 +277,10 @@ def _switch(pacs: Pacs, target: ObjectStore, target_url: str, report: MigrateRep
                                    "Stop every pacs serve and run the same command again (it copies what "
                                    "arrived meanwhile, then switches)")
             return
-        # What arrived between the copy and the lock.
-        _run(pacs, target, report, None, workers, progress, after_checkpoint=True)
+        # What arrived or changed between the copy and the lock.
+        _run(pacs, target, report, None, workers, progress, final=True)
+        if report.complete:
+            _remove_unreferenced(pacs, target, report, progress)
         if not report.complete:
             report.warnings.append("not switched: the copy is incomplete or had failures")
             return
@@ -217,14 +309,56 @@ def _refuse_nested(source_url: str, target_url: str) -> None:
         raise ValueError(f"the target {target} and the current store {source} must not be inside one another")
 
 
+def _remove_unreferenced(pacs: Pacs, target: ObjectStore, report: MigrateReport, progress: Progress) -> None:
+    """Delete from *target* the objects no index row references (see module
+    doc); one that cannot be is a failure: the switch waits for a rerun."""
+    progress.start("removing objects no index row references from the target", None)
+    strays = Capped(cap=1)
+    for keys in batched(info.key for info in target.list()):
+        progress.advance(len(keys))
+        indexed = indexed_among(pacs.engine, keys)
+        unreferenced = []
+        for key in keys:
+            if key in indexed:
+                continue
+            try:
+                validate_key(key)
+            except ValueError:
+                strays.add(key)
+                continue
+            unreferenced.append(key)
+        if not unreferenced:
+            continue
+        with write_transaction(pacs.engine) as conn:
+            tombstones.record(conn, unreferenced, "migrate")
+        done = tombstones.finish(pacs.engine, target, unreferenced)
+        report.removed_unreferenced += len(done.deleted)
+        for key, detail in done.failed:
+            report.failed.add({"key": key, "detail": f"not indexed, could not be deleted from the target: {detail}"})
+        # Kept: indexed again meanwhile (fine), or its tombstone finished by
+        # another node's sweep on its own store: still here, still unreferenced.
+        left = [key for key in done.kept if key not in indexed_among(pacs.engine, [key]) and target.exists(key)]
+        for key in left:
+            report.failed.add({"key": key, "detail": "not indexed and still in the target: run again"})
+    if strays.count:
+        report.warnings.append(f"{strays.count} files in the target are not objects of its layout, left as they "
+                               f"are (pacs verify lists them), e.g. {strays.items[0]}")
+    if report.failed.count:
+        report.complete = False
+
+
 def _run(pacs: Pacs, target: ObjectStore, report: MigrateReport, limit: int | None, workers: int,
-         progress: Progress, *, after_checkpoint: bool = False) -> None:
+         progress: Progress, *, final: bool = False) -> None:
+    """Copy what the target lacks (see module doc). *final*: the switch's
+    last pass, where a row recorded with its current sha256 is not even
+    looked up in the target (the run just before checked them all)."""
     checkpoint = _Checkpoint(pacs.settings.data_dir, target.url)
     done_pk = checkpoint.load()
+    sums = checkpoint.load_sums(fresh=done_pk == 0)
     report.total = count_rows(pacs.engine, instances_t)
     progress.start("copying objects", report.total)
     columns = (instances_t.c.pk, instances_t.c.storage_key, instances_t.c.size_bytes, instances_t.c.sha256)
-    last_pk = done_pk if after_checkpoint else 0
+    last_pk = 0
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         while True:
             page = BATCH if limit is None else max(1, min(BATCH, limit - report.copied))
@@ -238,8 +372,12 @@ def _run(pacs: Pacs, target: ObjectStore, report: MigrateReport, limit: int | No
             if limit is not None and report.copied >= limit:
                 report.stopped_at_limit = True
                 return
-            results = pool.map(lambda r, done=done_pk: _copy_one(pacs.store, target, r, r.pk <= done), rows)
-            for row, (state, detail) in zip(rows, results, strict=True):
+            verified = {row.pk for row in rows if sums.get(row.pk) == _short(row.sha256)}
+            todo = [row for row in rows if not (final and row.pk in verified)]
+            progress.advance(len(rows) - len(todo))
+            results = pool.map(lambda r: _copy_one(pacs.store, target, r, r.pk in verified), todo)
+            checked: list[tuple[int, str]] = []
+            for row, (state, detail) in zip(todo, results, strict=True):
                 progress.advance()
                 if state == "copied":
                     report.copied += 1
@@ -248,6 +386,11 @@ def _run(pacs: Pacs, target: ObjectStore, report: MigrateReport, limit: int | No
                     report.already_present += 1
                 else:
                     report.failed.add({"key": row.storage_key, "detail": detail})
+                    continue
+                if row.pk not in verified:
+                    checked.append((row.pk, row.sha256))
+            if checked:
+                checkpoint.record(sums, checked)
             last_pk = rows[-1].pk
             if last_pk > done_pk:
                 # Failed rows left nothing in the target: a rerun copies them
