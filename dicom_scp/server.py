@@ -172,6 +172,11 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
                 dataset.close()
         if result.conflict:
             return Status.DUPLICATE_SOP_INSTANCE, result.conflict
+        if result.header.mislabelled_utf8 and not getattr(assoc, "_warned_charset", False):
+            # Once per association; no value in the log (names are PHI).
+            assoc._warned_charset = True
+            log.warning("C-STORE from %s: text declared ISO_IR 100 (Latin-1) is UTF-8; indexed as UTF-8 "
+                        "(the modality should declare ISO_IR 192)", requestor.ae_title)
         # One audit event per study and association, not per instance.
         study = result.header.study_uid
         if getattr(assoc, "_audited_study", None) != study:

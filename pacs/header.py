@@ -15,6 +15,7 @@ whole study) with a RecursionError.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import logging
 import re
@@ -103,6 +104,9 @@ class InstanceHeader:
     content_date: str = ""
     content_time: str = ""
     pixel_offset: int | None = None
+    # A value under a declared Latin-1 set (ISO_IR 100) was UTF-8 and read
+    # as such (see _Decoder): the receiving service warns the sender's admin.
+    mislabelled_utf8: bool = False
     # The parsed header itself, for rules that look at any tag (routing);
     # after a scan, parsed only when asked for (full_dataset).
     dataset: Dataset | None = field(default=None, repr=False, compare=False)
@@ -152,7 +156,39 @@ _BINARY_INT = {"US": "H", "SS": "h", "UL": "L", "SL": "l"}
 _CHARSET_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
 
 
-class _Values:
+class _Decoder:
+    """Raw text values to str with one data set's character set.
+
+    Latin-1 cannot write Vietnamese: non-ASCII bytes under ISO_IR 100 that
+    are valid UTF-8 (multi-byte sequences, which Latin-1 text practically
+    never forms: "Ã¼" for "ü") come from a sender that writes UTF-8 and
+    labels it wrongly, and are read as UTF-8, as undeclared bytes are. A
+    real Latin-1 name ("Müller", 0xFC alone) is not valid UTF-8 and stays
+    Latin-1. The stored object keeps its bytes as received."""
+
+    codec: str | None = None
+    undeclared: bool = False
+    latin1: bool = False
+    mislabelled: bool = False
+
+    def _set_codec(self, codec: str | None, undeclared: bool) -> None:
+        self.codec, self.undeclared = codec, undeclared
+        self.latin1 = codec is not None and codecs.lookup(codec).name == "iso8859-1"
+
+    def decode(self, value: bytes, vr: str, *, uid: bool = False) -> str:
+        """*value* as the index keeps it (see :func:`_decode_text`)."""
+        if self.latin1 and not uid and vr in _CHARSET_VRS and not value.isascii():
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+            else:
+                self.mislabelled = True
+                return text.strip(" \x00").replace("\x00", "")[:_MAX_TEXT]
+        return _decode_text(value, vr, self.codec, self.undeclared, uid=uid)
+
+
+class _Values(_Decoder):
     """Reads the few values the index needs straight from pydicom's raw
     elements: ~20x cheaper than pydicom's per-element conversion, which
     matters once per received object. Anything unusual (ISO 2022 code
@@ -169,15 +205,15 @@ class _Values:
         except Exception:
             encodings = []
         # One character set (no ISO 2022 switching): a plain codec decodes it.
-        self.codec = encodings[0] if len(encodings) == 1 and not uses_code_extensions(terms) else None
         # No declared set means ASCII (PS3.5 default repertoire); non-ASCII
         # bytes there are invalid, and in practice UTF-8 from a modality that
         # forgot to declare it: read them as UTF-8 when they decode as such.
-        self.undeclared = not terms
+        self._set_codec(encodings[0] if len(encodings) == 1 and not uses_code_extensions(terms) else None,
+                        not terms)
 
-    def _raw(self, tag: int) -> Any:
+    def _raw(self, ds: Dataset, tag: int) -> Any:
         try:
-            elem = self.ds.get_item(tag)
+            elem = ds.get_item(tag)
         except Exception:
             return None
         if elem is None:
@@ -186,19 +222,21 @@ class _Values:
             return False  # already converted, or deferred: take the slow path
         return elem
 
-    def text(self, keyword: str, *, uid: bool = False) -> str:
+    def text(self, keyword: str, *, uid: bool = False, ds: Dataset | None = None) -> str:
+        """*keyword*'s value in the data set, or in *ds* (an item of it)."""
+        ds = self.ds if ds is None else ds
         tag = keyword_dict[keyword]
-        elem = self._raw(tag)
+        elem = self._raw(ds, tag)
         if elem is None:
             return ""
         vr = elem and (elem.VR or dictionary_VR(tag))
         if elem is False or vr in _BINARY_INT or (vr in _CHARSET_VRS and self.codec is None):
-            return _text(self.ds, keyword, uid=uid)
-        return _decode_text(elem.value, vr, self.codec, self.undeclared, uid=uid)
+            return _text(ds, keyword, uid=uid)
+        return self.decode(elem.value, vr, uid=uid)
 
     def int(self, keyword: str) -> int | None:
         tag = keyword_dict[keyword]
-        elem = self._raw(tag)
+        elem = self._raw(self.ds, tag)
         if elem is None:
             return None
         vr = elem and (elem.VR or dictionary_VR(tag))
@@ -207,7 +245,23 @@ class _Values:
         return _decode_int(elem.value, vr, self.order)
 
     def other_ids(self) -> list[OtherId]:
-        return _other_ids(self.ds)
+        """Other Patient IDs, item values read as top-level ones are (the
+        data set's character set, undeclared UTF-8), as the scan reads them."""
+        ids: list[OtherId] = []
+        try:
+            for item in self.ds.get("OtherPatientIDsSequence") or []:
+                value = self.text("PatientID", ds=item)
+                if value:
+                    ids.append(OtherId(value, self.text("IssuerOfPatientID", ds=item),
+                                       self.text("TypeOfPatientID", ds=item)))
+            legacy = self.text("OtherPatientIDs")  # retired (0010,1000), still sent
+        except Exception:  # a malformed optional sequence must not sink the object
+            return ids
+        for part in legacy.split("\\") if legacy else []:
+            part = part.strip()
+            if part and all(o.value != part for o in ids):
+                ids.append(OtherId(part))
+        return ids
 
 
 def _uid_text(text: str) -> str:
@@ -249,15 +303,15 @@ def _decode_int(value: bytes, vr: str, order: str) -> int | None:
     return int(struct.unpack_from(fmt, value)[0])
 
 
-class _ScannedValues:
+class _ScannedValues(_Decoder):
     """The same reads as :class:`_Values` over a :func:`~pacs.header_scan.scan`
     of the received bytes; raises ScanFailed where only pydicom can tell."""
 
     def __init__(self, scanned: ScannedDataset) -> None:
         self.scanned = scanned
         charset = scanned.values.get(_CHARSET_TAG)
-        self.codec, declared = single_codec(charset[1] if charset else None)
-        self.undeclared = not declared
+        codec, declared = single_codec(charset[1] if charset else None)
+        self._set_codec(codec, not declared)
 
     def _decoded(self, elements: dict[int, tuple[str, memoryview]], tag: int, *, uid: bool = False) -> str:
         found = elements.get(tag)
@@ -266,7 +320,7 @@ class _ScannedValues:
         vr, value = found
         if vr in _BINARY_INT or vr in ("SQ", "UN", "OB", "OW", "FL", "FD", "AT"):
             raise ScanFailed(f"{vr} value where the index expects text")
-        return _decode_text(bytes(value), vr, self.codec, self.undeclared, uid=uid)
+        return self.decode(bytes(value), vr, uid=uid)
 
     def text(self, keyword: str, *, uid: bool = False) -> str:
         return self._decoded(self.scanned.values, keyword_dict[keyword], uid=uid)
@@ -342,25 +396,6 @@ def _uid(values: _Values | _ScannedValues, keyword: str, *, required: bool = Tru
     if not valid_uid(value):
         raise IngestError(Status.INVALID_DATASET, f"invalid {keyword} {value[:80]!r}")
     return value
-
-
-def _other_ids(ds: Dataset) -> list[OtherId]:
-    ids: list[OtherId] = []
-    try:
-        for item in ds.get("OtherPatientIDsSequence") or []:
-            value = _text(item, "PatientID")
-            if value:
-                ids.append(
-                    OtherId(value, _text(item, "IssuerOfPatientID"), _text(item, "TypeOfPatientID"))
-                )
-        legacy = ds.get("OtherPatientIDs")  # retired (0010,1000), still sent
-        if legacy:
-            for value in legacy if isinstance(legacy, MultiValue) else [legacy]:
-                if str(value).strip() and all(o.value != str(value).strip() for o in ids):
-                    ids.append(OtherId(str(value).strip()))
-    except Exception:
-        pass
-    return ids
 
 
 def parse_header(
@@ -519,6 +554,7 @@ def _fill(h: InstanceHeader, v: _Values | _ScannedValues) -> None:
     h.charset = v.text("SpecificCharacterSet")
     h.content_date = v.text("ContentDate")
     h.content_time = v.text("ContentTime")
+    h.mislabelled_utf8 = v.mislabelled
 
 
 # -- completeness ------------------------------------------------------------

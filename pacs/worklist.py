@@ -29,6 +29,7 @@ from .query.matching import (
     list_match,
     patient_id_match,
     pn_match,
+    qualifying_issuer,
     range_match,
 )
 from .query.results import dicom_id_type
@@ -128,13 +129,15 @@ def _plan(match: dict[str, str], step: dict[str, str]) -> tuple[list[Any], list[
     value that cannot be matched (a malformed date or time)."""
     conditions: list[Any] = []
     filters: list[RowFilter] = []
+    # An issuer given with a Patient ID qualifies that ID (see patient_id_match).
+    issuer = qualifying_issuer(match)
     for keyword, value in match.items():
-        if universal(value) or keyword not in MATCHED_KEYS:
+        if universal(value) or keyword not in MATCHED_KEYS or (issuer and keyword == "IssuerOfPatientID"):
             continue
         if keyword == "PatientName":
             conditions.append(pn_match(value, patients.c.name_folded, patients.c.name_words))
         elif keyword == "PatientID":
-            conditions.append(patient_id_match(value))
+            conditions.append(patient_id_match(value, issuer=issuer))
         elif keyword == "PatientBirthDate":
             check_range(keyword, value, Kind.DATE)
             conditions.append(range_match(patients.c.birth_date, value))

@@ -102,7 +102,8 @@ def decode(raw: bytes) -> tuple[str, str]:
     """Bytes to text using the character set MSH-18 declares.
 
     Returns (text, charset name). Undeclared non-ASCII is read as UTF-8 when
-    it is valid UTF-8 (what Vietnamese HIS send), else Latin-1.
+    it is valid UTF-8 (what Vietnamese HIS send), else Latin-1; so is
+    non-ASCII declared 8859/1 (mislabelled UTF-8).
     """
     # The MSH ends at the first segment break, whichever the sender uses
     # (CR, CRLF, LF): reading on past an LF took a PID field for MSH-18.
@@ -115,6 +116,19 @@ def decode(raw: bytes) -> tuple[str, str]:
             return raw.decode("utf-8"), declared
         except UnicodeDecodeError:
             return raw.decode("latin-1"), declared
+    if codec == "latin-1" and not raw.isascii():
+        # Latin-1 cannot write Vietnamese: valid multi-byte UTF-8 under an
+        # 8859/1 label is a HIS writing UTF-8 and labelling it wrongly (a
+        # real Latin-1 "Müller", 0xFC alone, is not valid UTF-8).
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
+        else:
+            # Once per message; no field in the log (they are PHI).
+            log.warning("HL7 message declares MSH-18 %s but its text is UTF-8: read as UTF-8 "
+                        "(the HIS should declare UNICODE UTF-8)", declared)
+            return text, declared
     try:
         return raw.decode(codec), declared
     except UnicodeDecodeError as exc:

@@ -80,6 +80,11 @@ def _store_part(request: Request, path: str, study: str | None) -> tuple[bool, d
         sop_class, sop_uid = _uids_of(path)
         return False, {"class": sop_class, "uid": sop_uid, "reason": exc.status, "comment": exc.reason}
     h = result.header
+    if h.mislabelled_utf8 and not getattr(request.state, "warned_charset", False):
+        # Once per request; no value in the log (names are PHI).
+        request.state.warned_charset = True
+        log.warning("STOW-RS from %s: text declared ISO_IR 100 (Latin-1) is UTF-8; indexed as UTF-8 "
+                    "(the sender should declare ISO_IR 192)", client)
     if result.conflict:
         # Not a resend: a different object under a UID already used. Saying
         # "stored" with a RetrieveURL of this study would point at nothing.

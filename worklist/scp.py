@@ -117,6 +117,9 @@ def full_item(row: dict[str, Any]) -> Dataset:
     step.ScheduledProcedureStepStatus = sps_status(row["status"])
     ds.ScheduledProcedureStepSequence = Sequence([step])
     _single_values(ds)
+    # After _single_values: Other Patient IDs (0010,1000) is multi-valued,
+    # the sequence's values as the Q/R C-FIND answers them (pacs.query.engine).
+    ds.OtherPatientIDs = "\\".join(o["PatientID"] for o in row["other_ids"] if o["PatientID"])
     return ds
 
 

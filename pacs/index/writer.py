@@ -178,7 +178,17 @@ class IndexWriter:
 
     # -- parents ----------------------------------------------------------
     def _patient_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> tuple[int, bool]:
-        """(patient pk, whether h's Patient ID is one the HIS merged away)."""
+        """(patient pk, whether h's Patient ID is one the HIS merged away),
+        with the object's other patient IDs added to that patient."""
+        pk, merged = self._find_patient(conn, h, now)
+        # On every path, not only when the row is made: a later study often
+        # brings the citizen ID or insurance number the first one lacked.
+        # Once per new study; no statement at all without other IDs.
+        _add_identifiers(conn, pk, h)
+        return pk, merged
+
+    def _find_patient(self, conn: Connection, h: InstanceHeader, now: datetime) -> tuple[int, bool]:
+        """(patient pk, merged away?) of h's patient, made if new."""
         if not h.patient_id:
             return self._new_patient_without_id(conn, h, now), False
         key = (h.patient_id, h.issuer)
@@ -225,7 +235,6 @@ class IndexWriter:
                         updated_at=now,
                     )
                 )
-        _add_identifiers(conn, pk, h)
         self._patients.put(key, pk)
         return pk, False
 
@@ -233,7 +242,6 @@ class IndexWriter:
         """A patient of its own for a new study received without a Patient
         ID: such objects of different people are not one patient."""
         pk = conn.execute(patients.insert().values(_patient_row(h, now)).returning(patients.c.pk)).scalar_one()
-        _add_identifiers(conn, pk, h)
         return int(pk)
 
     def _study_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:

@@ -28,7 +28,7 @@ from .attributes import (
     series,
     studies,
 )
-from .matching import QueryError, condition
+from .matching import QueryError, condition, qualifying_issuer
 
 identifiers = PatientIdentifier.__table__
 
@@ -159,9 +159,13 @@ def build_select(query: Query) -> tuple[Select[Any], list[str]]:
     stmt = select(base.c.pk.label("_pk"), patients.c.pk.label("_patient_pk"),
                   patients.c.patient_id.label("_patient_id"), *columns, *computed, *extra)
     stmt = stmt.select_from(_from(level))
+    # An issuer given with a Patient ID qualifies that ID (the patient's own
+    # or one of its other IDs), no condition of its own on the patient.
+    issuer = qualifying_issuer(query.match)
     conditions = [
-        condition(ATTRIBUTES[k], v, fuzzy=query.fuzzy, other_ids=query.other_ids)
-        for k, v in query.match.items() if v not in ("", None) and matchable(k)
+        condition(ATTRIBUTES[k], v, fuzzy=query.fuzzy, other_ids=query.other_ids, issuer=issuer)
+        for k, v in query.match.items()
+        if v not in ("", None) and matchable(k) and not (issuer and k == "IssuerOfPatientID")
     ]
     if conditions:
         stmt = stmt.where(and_(*conditions))

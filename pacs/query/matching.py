@@ -11,6 +11,7 @@ without ``^`` is matched against the name with its components read as words
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from datetime import date
 from typing import Any
 
@@ -172,7 +173,20 @@ def pn_match(value: str, folded_column: Any, words_column: Any = None, *, fuzzy:
     return _one_group(grouped, folded, column, whole)
 
 
-def patient_id_match(value: str, *, other_ids: bool = True) -> ColumnElement[bool]:
+def qualifying_issuer(match: Mapping[str, str]) -> str:
+    """The Issuer of Patient ID that qualifies the Patient ID of *match*
+    (both given, neither universal), else "": then the issuer, alone, is a
+    condition on the patient's own issuer as any other text key."""
+    value, issuer = match.get("PatientID") or "", match.get("IssuerOfPatientID") or ""
+    return issuer if value.strip("*") and issuer.strip("*") else ""
+
+
+def patient_id_match(value: str, *, issuer: str = "", other_ids: bool = True) -> ColumnElement[bool]:
+    """The patients *value* identifies: their own Patient ID, or (with
+    *other_ids*) one of their other IDs. With *issuer* the ID and its issuer
+    are one identifier (PS3.3 Patient Identification: the issuer qualifies
+    the ID it comes with): the own ID under the own issuer, or an other ID
+    under that ID's issuer, never an ID of one and the issuer of another."""
     # Citizen-ID and insurance numbers are first-class identifiers: a match on
     # any of a patient's other IDs is a match on the patient. A UNION of two
     # index lookups, not an OR across tables (which would scan patients).
@@ -182,9 +196,18 @@ def patient_id_match(value: str, *, other_ids: bool = True) -> ColumnElement[boo
         # "*" the whole archive.
         if has_wildcard(value) or "\\" in value:
             raise QueryError("PatientID in a retrieve must be a single value, without wildcards")
-        return patients.c.patient_id == value
+        own = patients.c.patient_id == value
+        return and_(own, list_match(patients.c.issuer, issuer)) if issuer else own
     by_id = select(patients.c.pk).where(list_match(patients.c.patient_id, value))
     by_other = select(identifiers.c.patient_pk).where(list_match(identifiers.c.value, value))
+    if issuer:
+        # An ID stored without issuer (a modality that sent none) is not
+        # taken for the ID under the issuer asked for: under another issuer
+        # the same number may be another person's, and a query naming its
+        # issuer must never answer a stranger. Such IDs are found without
+        # an issuer in the query.
+        by_id = by_id.where(list_match(patients.c.issuer, issuer))
+        by_other = by_other.where(list_match(identifiers.c.issuer, issuer))
     return patients.c.pk.in_(by_id.union(by_other))
 
 
@@ -249,15 +272,17 @@ def check_range(keyword: str, value: str, kind: Kind) -> None:
         raise QueryError(f"{keyword} must be {form} or a range {form}-{form}")
 
 
-def condition(attribute: Attribute, value: str, *, fuzzy: bool = False, other_ids: bool = True) -> ColumnElement[bool]:
-    """The SQL condition for one matching key with a non-empty value."""
+def condition(attribute: Attribute, value: str, *, fuzzy: bool = False, other_ids: bool = True,
+              issuer: str = "") -> ColumnElement[bool]:
+    """The SQL condition for one matching key with a non-empty value
+    (*issuer*: the :func:`qualifying_issuer` of a Patient ID)."""
     kind = attribute.kind
     if kind is Kind.PN:
         if attribute.keyword == "PatientName":
             return pn_match(value, patients.c.name_folded, patients.c.name_words, fuzzy=fuzzy)
         return pn_match(value, attribute.match_column, fuzzy=fuzzy)
     if kind is Kind.PATIENT_ID:
-        return patient_id_match(value, other_ids=other_ids)
+        return patient_id_match(value, issuer=issuer, other_ids=other_ids)
     if kind is Kind.MODALITIES:
         return _modalities(value)
     if kind is Kind.UID:
@@ -298,6 +323,7 @@ __all__ = [
     "list_match",
     "patient_id_match",
     "pn_match",
+    "qualifying_issuer",
     "range_match",
     "text_match",
     "time_bound",
