@@ -7,7 +7,10 @@ Order of work, which is what makes an acknowledgement trustworthy:
 2. parse and validate the header only (pixel data is never decoded);
 3. write the object to storage, durably and atomically; a resend of a kept
    instance is recognised by the filesystem store (publishing never
-   replaces) or, for a remote store, by the index before any upload;
+   replaces) or, for a remote store, by the index before any upload.
+   Under the overwrite policy, 3 and 4 of one SOP Instance UID hold a lock
+   that every node sharing a PostgreSQL index takes, so the row and the
+   stored object are the same copy (see ``Ingestor._lock_across_nodes``);
 4. index it (group-committed transaction) and only then return success.
    A deletion removing the same key meanwhile (a resend of an instance
    whose study is being deleted) is settled in that transaction: the
@@ -29,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -214,9 +218,30 @@ class Ingestor:
         _check_expected(header, expected_sop_class, expected_sop_uid)
         self._locks.acquire(header.sop_uid)
         try:
-            return self._store_and_index(source, header, origin, replaces, retire_as)
+            with ExitStack() as held:
+                if self.overwrite and replaces is None:
+                    self._lock_across_nodes(header.sop_uid, held)
+                return self._store_and_index(source, header, origin, replaces, retire_as)
         finally:
             self._locks.release(header.sop_uid)
+
+    def _lock_across_nodes(self, sop_uid: str, held: ExitStack) -> None:
+        """Overwrite policy: copies of one instance received by several nodes
+        at once are written and indexed one after the other. Unserialised,
+        the index kept whichever copy committed last and the shared store
+        whichever was uploaded last: the row described bytes that were not
+        stored (wrong size and sha256, frames cut at the other copy's pixel
+        offset). Held until the unreferenced object is deleted, so a copy
+        under another key that replaces ours meanwhile is not the one deleted.
+        (Keep-first needs no lock: the first row wins and _settle_race makes
+        it describe the stored bytes; nor does a conditional replacement,
+        ``pacs compress``, written under a key of its own.) Unavailable, it
+        answers 0xA703, which the modality retries."""
+        try:
+            held.enter_context(self.committer.instance_lock(sop_uid))
+        except Exception as exc:
+            log.error("index lock of %s not taken: %s", sop_uid, exc)
+            raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
 
     def _indexed_key(self, sop_uid: str, key: str) -> str | None:
         """Storage key the index holds for *sop_uid*, or None.

@@ -17,15 +17,17 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ..routing import create_jobs
 from . import tombstones
-from .db import discard_connection
+from .db import discard_connection, is_sqlite
 from .writer import AddResult, IndexRecord, IndexWriter, Outcome
 
 log = logging.getLogger(__name__)
@@ -154,6 +156,36 @@ class GroupCommitter:
             result = IndexWriter(overwrite=True).add(conn, record)
             _settle(conn, [record], [result])
             return result
+
+    @contextmanager
+    def instance_lock(self, sop_uid: str) -> Iterator[None]:
+        """Hold, for the block, the lock of *sop_uid* that every node sharing
+        this index takes: a PostgreSQL transaction-scoped advisory lock, on
+        a connection of its own (the batches commit on another one). None on
+        SQLite, an index of one node (whose ingestor serialises copies of one
+        instance itself). Raises what the database raises when the lock
+        cannot be taken."""
+        if is_sqlite(self._engine):
+            yield
+            return
+        conn = self._engine.connect()
+        try:
+            conn.begin()
+            conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                         {"key": f"filmless-pacs instance {sop_uid}"})
+        except BaseException:
+            discard_connection(conn)
+            raise
+        try:
+            yield
+        finally:
+            # The rollback lets go of the lock. If it fails the connection is
+            # dropped, which lets go too: the block's outcome stands either way.
+            try:
+                conn.rollback()
+                conn.close()
+            except Exception:
+                discard_connection(conn)
 
     def _connection(self) -> Connection:
         # One connection kept for the leader (only one leads at a time): no
