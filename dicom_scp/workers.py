@@ -122,6 +122,7 @@ class WorkerPool:
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
     _watcher: threading.Thread | None = None
+    _stop_timeout: float = 30.0
 
     def start(self) -> WorkerPool:
         """Start the workers from this (long-lived) thread and the watcher;
@@ -174,7 +175,9 @@ class WorkerPool:
 
     def _watch(self) -> None:
         # Also the thread that respawns: PR_SET_PDEATHSIG fires when the
-        # *thread* that forked a child ends, and this one lives until stop().
+        # *thread* that forked a child ends. So this thread also stops the
+        # workers, and ends only once they have: the restarted ones, its
+        # children, were SIGKILLed when it returned before the SIGTERM.
         while not self._stopping.wait(0.5):
             for number, proc in enumerate(self.procs):
                 code = proc.poll()
@@ -182,15 +185,23 @@ class WorkerPool:
                     continue
                 log.error("DICOM worker %d (pid %d) exited with %s; restarting it", number, proc.pid, code)
                 if self._stopping.wait(self.restart_delay):
-                    return
+                    break
                 self.procs[number] = self._spawn(number)[0]
+        self._terminate()
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM every worker (each finishes its associations), then wait;
         SIGKILL what is still running after *timeout*."""
+        self._stop_timeout = timeout
         self._stopping.set()
         if self._watcher is not None:
-            self._watcher.join()
+            self._watcher.join()  # it stops the workers (see _watch)
+        # Nothing left to do unless the watcher died of an error.
+        self._terminate()
+        self.listener.close()
+
+    def _terminate(self) -> None:
+        timeout = self._stop_timeout
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -202,7 +213,6 @@ class WorkerPool:
                 log.warning("DICOM worker pid %d did not stop in %.0f s; killing it", proc.pid, timeout)
                 proc.kill()
                 proc.wait()
-        self.listener.close()
 
 
 def _die_with_supervisor(supervisor: int) -> None:
@@ -243,8 +253,16 @@ def worker_main() -> int:
     number = os.environ.get("PACS_WORKER_NUMBER", "?")
     listener = socket.socket(fileno=int(os.environ[FD_ENV]))
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    stopped_by: list[int] = []
+
+    def ask_stop(signum: int, _frame: object) -> None:
+        stopped_by.append(signum)
+        stop.set()
+
+    # SIGHUP too (a closing terminal signals the whole process group): its
+    # default action killed the worker mid-association, audit unwritten.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, ask_stop)
     # The supervisor migrated the schema before starting us.
     pacs = Pacs.open(settings, migrate=False)
     try:
@@ -254,6 +272,7 @@ def worker_main() -> int:
         _tell_ready()
         while not stop.wait(1.0):
             pass
+        log.info("DICOM worker %s stopping on %s", number, signal.Signals(stopped_by[0]).name)
         server.shutdown()
     finally:
         pacs.close()

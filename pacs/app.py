@@ -19,6 +19,7 @@ from storage import ObjectStore, open_store
 from .aes import AeRegistry, parse_services
 from .audit import AuditTrail
 from .auth import AuthService
+from .errors import IngestError
 from .index import create_index_engine
 from .index.schema import prepare_schema
 from .index.committer import GroupCommitter
@@ -121,7 +122,13 @@ def health(pacs: Pacs) -> dict[str, str]:
         report["index"] = f"error: {exc.__class__.__name__}"
     try:
         pacs.store.check()
+        # The very test every received object gets: a store below its
+        # low-water mark refuses each C-STORE (0xA700) and STOW-RS (503),
+        # and /health said "ok" meanwhile.
+        pacs.ingestor.check_space(0)
         report["storage"] = "ok"
+    except IngestError as exc:
+        report["storage"] = f"error: new objects refused, {exc}"
     except Exception as exc:
         report["storage"] = f"error: {exc}"
     return report

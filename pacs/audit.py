@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 # how many are kept (~100 MB at most; beyond that the oldest are lost, said loudly).
 RETRY_SECONDS = 2.0
 MAX_UNWRITTEN = 200_000
+# Events written in one transaction at most: a burst is not held back until
+# its deadline, nor made one huge INSERT.
+MAX_BATCH = 500
 events_t = AuditEvent.__table__
 studies_t = Study.__table__
 patients_t = Patient.__table__
@@ -111,6 +114,10 @@ class AuditTrail:
             batch: list[Event] = []
             waiters: list[threading.Event] = []
             stop = False
+            # The batch is due flush_seconds after its first event: waiting
+            # for a quiet gap instead wrote nothing for as long as a viewer
+            # kept scrolling, and a crash then lost all of it.
+            deadline = time.monotonic() + self.flush_seconds
             while True:
                 if item is None:
                     stop = True
@@ -118,8 +125,11 @@ class AuditTrail:
                     waiters.append(item.done)
                 else:
                     batch.append(item)
+                remaining = deadline - time.monotonic()
+                if waiters or stop or len(batch) >= MAX_BATCH or remaining <= 0:
+                    break
                 try:
-                    item = self._queue.get(timeout=self.flush_seconds if not waiters and not stop else 0)
+                    item = self._queue.get(timeout=remaining)
                 except queue.Empty:
                     break
             self._write(batch)

@@ -188,7 +188,7 @@ class Ingestor:
         if free is not None and free - size < self.min_free_bytes:
             raise IngestError(
                 Status.OUT_OF_RESOURCES,
-                f"storage below its low-water mark ({free} bytes free)",
+                f"storage below its low-water mark ({free} bytes free, {self.min_free_bytes} kept free)",
             )
 
     def ingest(

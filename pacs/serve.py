@@ -1,8 +1,9 @@
 """``pacs serve``: the DICOM listener and the HTTP app in one supervised process.
 
 Uvicorn owns the main thread and the signal handlers (SIGINT/SIGTERM stop it
-gracefully); the DICOM server runs in its own threads and is shut down after
-HTTP stops, then the index committer drains and closes.
+gracefully; SIGHUP, ours, does the same); the DICOM server runs in its own
+threads and is shut down after HTTP stops, then the index committer drains
+and closes.
 """
 
 from __future__ import annotations
@@ -203,7 +204,10 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
         for started in http_server:
             started.should_exit = True
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    # SIGHUP (a closing ssh session, `systemctl kill -s HUP`, a log rotation
+    # script) is a stop too: its default action ended the process at once,
+    # unlogged, with the same losses as above. Uvicorn leaves it to us.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, ask_stop)
     # Held until the process ends: `pacs restore` refuses to swap the index
     # meanwhile. Only the data dir's sole server upgrades an older index:
@@ -289,7 +293,10 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             http_server.append(uvicorn.Server(config))
             http_server[0].should_exit = bool(stop_asked)
             http_server[0].run(sockets=[http_socket])
-            log.info("stopping")
+            if stop_asked:
+                log.info("stopping on %s", signal.Signals(stop_asked[0]).name)
+            else:
+                log.info("stopping")
     finally:
         pacs.close()
         serving.close()
