@@ -35,11 +35,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, Engine, Table, delete, func, select, update
+from sqlalchemy import Connection, Engine, Table, delete, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from .errors import PacsError
-from .index.db import write_transaction
+from .index.db import db_now as _now, write_transaction
 from .index.models import JobLease
 
 log = logging.getLogger(__name__)
@@ -94,12 +94,6 @@ def lease_ttl() -> float:
     if ttl <= 0:
         raise ValueError(f"{TTL_ENV} must be a positive number of seconds, not {raw!r}")
     return ttl
-
-
-def _now(conn: Connection) -> datetime:
-    if conn.dialect.name == "postgresql":
-        return _aware(conn.execute(select(func.now())).scalar_one())
-    return datetime.now(UTC)
 
 
 def _row(conn: Connection, name: str) -> LeaseInfo | None:

@@ -41,7 +41,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, select, update
 
-from .index.db import write_transaction
+from .index.db import db_now, write_transaction
 from .index.models import OutboundMessage
 
 log = logging.getLogger(__name__)
@@ -63,8 +63,11 @@ class Message:
     lease: datetime | None = None
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+def _now(conn: Connection) -> datetime:
+    # The database's clock (see db_now): leases and due times are compared
+    # by every node, and one whose clock runs ahead would take over messages
+    # another node is still sending.
+    return db_now(conn)
 
 
 def message_key(kind: str, data: dict[str, Any], pk: int = 0) -> str:
@@ -116,7 +119,7 @@ def enqueue(conn: Connection, destination: str, kind: str, data: dict[str, Any],
     sender takes it over once the lease has run out. A caller that owns it
     needs its claim to settle it: :func:`enqueue_owned`."""
     return enqueue_owned(conn, destination, kind, data, owned_for).pk if owned_for else _insert(
-        conn, destination, kind, data, "pending", _now())
+        conn, destination, kind, data, "pending", _now(conn))
 
 
 def enqueue_owned(conn: Connection, destination: str, kind: str, data: dict[str, Any],
@@ -124,7 +127,7 @@ def enqueue_owned(conn: Connection, destination: str, kind: str, data: dict[str,
     """Queue a message the caller delivers first, claimed by it for
     *owned_for* (:func:`enqueue`): the message with its claim, for
     :func:`mark_sent`, :func:`release` and :func:`renew`."""
-    lease = _now() + owned_for
+    lease = _now(conn) + owned_for
     pk = _insert(conn, destination, kind, data, "sending", lease)
     return Message(pk, kind, data, 0, "", message_key(kind, data, pk), lease)
 
@@ -134,7 +137,7 @@ def _insert(conn: Connection, destination: str, kind: str, data: dict[str, Any],
     return int(conn.execute(
         outbox.insert().values(
             destination=destination, kind=kind, payload=json.dumps(data, default=str),
-            state=state, attempts=0, next_attempt_at=due, created_at=_now(),
+            state=state, attempts=0, next_attempt_at=due, created_at=_now(conn),
         )
     ).inserted_primary_key[0])
 
@@ -144,13 +147,13 @@ def claim_due(engine: Engine, destination: str, limit: int = 20, *, lease: timed
     their lease) and are the oldest undelivered message of their key: at
     most one per key, in queue order; each held for *lease* (claim no more
     than that covers, and :func:`renew` before each send)."""
-    now = _now()
-    due = and_(
-        outbox.c.destination == destination,
-        outbox.c.state.in_(UNDELIVERED),
-        outbox.c.next_attempt_at <= now,
-    )
     with engine.connect() as conn:
+        now = _now(conn)
+        due = and_(
+            outbox.c.destination == destination,
+            outbox.c.state.in_(UNDELIVERED),
+            outbox.c.next_attempt_at <= now,
+        )
         waiting = conn.execute(
             select(outbox.c.pk, outbox.c.created_at, outbox.c.next_attempt_at)
             .where(outbox.c.destination == destination, outbox.c.state.in_(UNDELIVERED))
@@ -209,9 +212,9 @@ def renew(engine: Engine, messages: list[Message], lease: timedelta = LEASE) -> 
     its holder must not send it."""
     if not messages:
         return []
-    now = _now()
     held = []
     with engine.begin() as conn:
+        now = _now(conn)
         for message in messages:
             still = _held(message)
             # Always later than the claim it replaces: tokens never repeat.
@@ -247,7 +250,7 @@ def mark_sent(engine: Engine, message: Message) -> int | None:
         # Whoever holds the claim now: the message did arrive.
         if not conn.execute(
             update(outbox).where(outbox.c.pk == pk, outbox.c.state.in_(UNDELIVERED))
-            .values(state="sent", sent_at=_now(), last_error="")
+            .values(state="sent", sent_at=_now(conn), last_error="")
         ).rowcount:
             log.warning("outbox message %d: delivered again after its claim ran out; another sender "
                         "settled it already", pk)
@@ -283,7 +286,7 @@ def mark_failed(engine: Engine, message: Message, error: str, *, dead: bool, ret
                 state="dead" if dead else "pending",
                 attempts=outbox.c.attempts + 1,
                 last_error=error[:500],
-                next_attempt_at=_now() + timedelta(seconds=retry_in),
+                next_attempt_at=_now(conn) + timedelta(seconds=retry_in),
             )
         ).rowcount
     if not changed:
@@ -297,8 +300,8 @@ def release(engine: Engine, messages: list[Message], retry_in: float) -> int:
     released = 0
     if not messages:
         return 0
-    due = _now() + timedelta(seconds=retry_in)
     with engine.begin() as conn:
+        due = _now(conn) + timedelta(seconds=retry_in)
         for message in messages:
             released += conn.execute(
                 update(outbox).where(_held(message)).values(state="pending", next_attempt_at=due)
@@ -349,11 +352,11 @@ def retry(engine: Engine, *, pk: int | None = None) -> list[int]:
     their attempts and rejections counted afresh. Returns the ids retried.
     A retried message is again the oldest undelivered one of its key, so
     later messages of its order wait for it."""
-    now = _now()
     stmt = update(outbox).where(outbox.c.state == "dead")
     if pk is not None:
         stmt = stmt.where(outbox.c.pk == pk)
     with write_transaction(engine) as conn:
+        now = _now(conn)
         pks = conn.execute(
             select(outbox.c.pk).where(outbox.c.state == "dead", *([outbox.c.pk == pk] if pk is not None else []))
         ).scalars().all()

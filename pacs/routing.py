@@ -32,7 +32,7 @@ from pydicom.filewriter import write_data_element
 from sqlalchemy import Connection, Engine, and_, delete, func, or_, select, update
 
 from .errors import PacsError
-from .index.db import write_transaction
+from .index.db import db_now, write_transaction
 from .index.models import RouteJob, RoutingRule
 from .index.writer_helpers import insert_ignore
 
@@ -343,9 +343,15 @@ def _rule(row: Any) -> Rule:
 # -- the queue ----------------------------------------------------------------------------------
 def create_jobs(conn: Connection, routes: list[PlannedRoute], sop_uid: str, study_uid: str, now: datetime) -> None:
     """Inside the index transaction: one job per route; a stable-study route
-    pushes back the study's jobs that have not been tried yet."""
+    pushes back the study's jobs that have not been tried yet. *now* is
+    when the instance was received; jobs are due by the database's clock."""
+    if not routes:
+        return
+    # Every node compares next_attempt_at with the database's clock: one whose
+    # own clock runs ahead would otherwise hold its jobs back that much.
+    shared_now = db_now(conn)
     for route in routes:
-        due = now + timedelta(seconds=route.stable_seconds)
+        due = shared_now + timedelta(seconds=route.stable_seconds)
         values = {"rule_pk": route.rule_pk, "sop_uid": sop_uid, "study_uid": study_uid,
                   "destination_key": route.destination_key, "state": "pending", "attempts": 0,
                   "next_attempt_at": due, "created_at": now, "updated_at": now}
@@ -379,8 +385,9 @@ def _insert_job_of_rule(conn: Connection, values: dict[str, Any], rule_name: str
 
 
 def due_destinations(engine: Engine) -> list[str]:
-    now = datetime.now(UTC)
+    """Destinations with a job due now (by the database's clock)."""
     with engine.connect() as conn:
+        now = db_now(conn)
         return [r[0] for r in conn.execute(
             select(jobs_t.c.destination_key).distinct()
             .where(jobs_t.c.state.in_(["pending", "sending"]), jobs_t.c.next_attempt_at <= now)
@@ -389,13 +396,15 @@ def due_destinations(engine: Engine) -> list[str]:
 
 def claim(engine: Engine, destination_key: str, node: str, limit: int = 50) -> list[Job]:
     """Claim due jobs of one destination; a job claimed here is invisible to
-    every other node until it is finished or its lease expires."""
-    now = datetime.now(UTC)
-    due = and_(jobs_t.c.destination_key == destination_key, jobs_t.c.state.in_(["pending", "sending"]),
-               jobs_t.c.next_attempt_at <= now)
+    every other node until it is finished or its lease expires (by the
+    database's clock: a node whose clock runs ahead would take over jobs
+    another node is still sending)."""
     # Reads, then writes: on SQLite a deferred transaction would fail at
     # once with "database is locked" if an ingest committed in between.
     with write_transaction(engine) as conn:
+        now = db_now(conn)
+        due = and_(jobs_t.c.destination_key == destination_key, jobs_t.c.state.in_(["pending", "sending"]),
+                   jobs_t.c.next_attempt_at <= now)
         pks = conn.execute(
             select(jobs_t.c.pk).where(due).order_by(jobs_t.c.pk).limit(limit).with_for_update(skip_locked=True)
         ).scalars().all()
@@ -417,15 +426,15 @@ def extend(engine: Engine, pks: list[int], node: str) -> None:
     batch outlasts the lease, and another node would send them again."""
     if not pks:
         return
-    now = datetime.now(UTC)
     with engine.begin() as conn:
+        now = db_now(conn)
         conn.execute(update(jobs_t).where(jobs_t.c.pk.in_(pks), jobs_t.c.claimed_by == node,
                                           jobs_t.c.state == "sending").values(next_attempt_at=now + LEASE))
 
 
 def finish(engine: Engine, job: Job) -> None:
-    now = datetime.now(UTC)
     with engine.begin() as conn:
+        now = db_now(conn)
         conn.execute(update(jobs_t).where(jobs_t.c.pk == job.pk).values(state="done", last_error="", updated_at=now))
 
 
@@ -433,8 +442,8 @@ def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: 
     """Back off (2^n s, at most 10 min) or park as dead; returns the new state."""
     attempts = job.attempts + 1
     dead = permanent or attempts >= max_attempts
-    now = datetime.now(UTC)
     with engine.begin() as conn:
+        now = db_now(conn)
         # Only a job still being sent: one cancelled meanwhile (its lease had
         # expired) stays cancelled.
         conn.execute(
@@ -451,8 +460,8 @@ def release(engine: Engine, pks: list[int], node: str, *, after: float = 0.0) ->
     a try: due at once, or in *after* seconds."""
     if not pks:
         return
-    now = datetime.now(UTC)
     with engine.begin() as conn:
+        now = db_now(conn)
         conn.execute(update(jobs_t).where(jobs_t.c.pk.in_(pks), jobs_t.c.claimed_by == node,
                                           jobs_t.c.state == "sending").values(
             state="pending", next_attempt_at=now + timedelta(seconds=after), updated_at=now))
@@ -460,8 +469,8 @@ def release(engine: Engine, pks: list[int], node: str, *, after: float = 0.0) ->
 
 def release_node(engine: Engine, node: str) -> int:
     """Put back what this node had claimed (start-up after a crash, shutdown)."""
-    now = datetime.now(UTC)
     with engine.begin() as conn:
+        now = db_now(conn)
         return int(conn.execute(
             update(jobs_t).where(jobs_t.c.claimed_by == node, jobs_t.c.state == "sending")
             .values(state="pending", next_attempt_at=now, updated_at=now)
@@ -484,10 +493,10 @@ def counts(engine: Engine) -> dict[str, int]:
 
 def retry(engine: Engine, *, pk: int | None = None, state: str = "dead") -> int:
     """Give dead (or cancelled) jobs another round."""
-    now = datetime.now(UTC)
-    stmt = update(jobs_t).values(state="pending", attempts=0, next_attempt_at=now, updated_at=now)
-    stmt = stmt.where(jobs_t.c.pk == pk) if pk is not None else stmt.where(jobs_t.c.state == state)
     with engine.begin() as conn:
+        now = db_now(conn)
+        stmt = update(jobs_t).values(state="pending", attempts=0, next_attempt_at=now, updated_at=now)
+        stmt = stmt.where(jobs_t.c.pk == pk) if pk is not None else stmt.where(jobs_t.c.state == state)
         return int(conn.execute(stmt).rowcount)
 
 
@@ -496,16 +505,15 @@ def prune(engine: Engine, older_than: timedelta, *, batch: int = 5000) -> int:
     *older_than* ago; returns how many. Dead jobs stay until retried or
     cancelled: they are what an operator has to see. Deleted in batches so
     that no transaction holds SQLite's write lock long while modalities send."""
-    cutoff = datetime.now(UTC) - older_than
-    finished = (
-        select(jobs_t.c.pk)
-        .where(jobs_t.c.state.in_(("done", "cancelled")), jobs_t.c.updated_at < cutoff)
-        .limit(batch)
-        .scalar_subquery()
-    )
     total = 0
     while True:
         with engine.begin() as conn:
+            finished = (
+                select(jobs_t.c.pk)
+                .where(jobs_t.c.state.in_(("done", "cancelled")), jobs_t.c.updated_at < db_now(conn) - older_than)
+                .limit(batch)
+                .scalar_subquery()
+            )
             deleted = int(conn.execute(delete(jobs_t).where(jobs_t.c.pk.in_(finished))).rowcount)
         total += deleted
         if deleted < batch:
@@ -516,14 +524,14 @@ def cancel(engine: Engine, *, pk: int | None = None, rule: str = "") -> int:
     """Cancel pending and dead jobs, and jobs left in ``sending`` whose lease
     expired (their sender is gone or stuck); one being sent keeps its lease
     renewed and is left alone."""
-    now = datetime.now(UTC)
-    stmt = update(jobs_t).values(state="cancelled", updated_at=now).where(or_(
-        jobs_t.c.state.in_(["pending", "dead"]),
-        and_(jobs_t.c.state == "sending", jobs_t.c.next_attempt_at <= now),
-    ))
-    if pk is not None:
-        stmt = stmt.where(jobs_t.c.pk == pk)
-    elif rule:
-        stmt = stmt.where(jobs_t.c.rule_pk == select(rules_t.c.pk).where(rules_t.c.name == rule).scalar_subquery())
     with engine.begin() as conn:
+        now = db_now(conn)
+        stmt = update(jobs_t).values(state="cancelled", updated_at=now).where(or_(
+            jobs_t.c.state.in_(["pending", "dead"]),
+            and_(jobs_t.c.state == "sending", jobs_t.c.next_attempt_at <= now),
+        ))
+        if pk is not None:
+            stmt = stmt.where(jobs_t.c.pk == pk)
+        elif rule:
+            stmt = stmt.where(jobs_t.c.rule_pk == select(rules_t.c.pk).where(rules_t.c.name == rule).scalar_subquery())
         return int(conn.execute(stmt).rowcount)

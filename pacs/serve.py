@@ -15,6 +15,7 @@ import signal
 import socket
 from collections.abc import Callable
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import uvicorn
@@ -23,12 +24,16 @@ from . import tls
 from .app import Pacs, freeze_startup_heap
 from .audit import Event
 from .dicom_net import set_keepalive
+from .index.db import db_now
 from .settings import Settings
 from .timezones import hospital_zone, zone_is_unset_utc
 
 log = logging.getLogger("pacs.serve")
 
 T = TypeVar("T")
+
+# Beyond this, log and audit times of this node visibly disagree with other nodes'.
+CLOCK_SKEW_WARNING = 30.0
 
 
 class ListenError(Exception):
@@ -97,6 +102,21 @@ def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
         sender = OutboundSender(pacs, host, int(port)).start()
         log.info("outbound HL7 to the HIS at %s", settings.his_mllp)
     return listener, sender
+
+
+def _warn_clock_skew(pacs: Pacs) -> None:
+    """One line when this node's clock is far from the index database's:
+    shared claims and leases follow the database's clock, but received
+    times, logs and audit records follow this one (set up NTP)."""
+    try:
+        with pacs.engine.connect() as conn:
+            skew = (datetime.now(UTC) - db_now(conn)).total_seconds()
+    except Exception as exc:  # a warning's check must not stop the start
+        log.debug("clock check skipped: %s", exc)
+        return
+    if abs(skew) > CLOCK_SKEW_WARNING:
+        log.warning("this server's clock is %.0f s %s the index database's: set up time synchronisation (NTP)",
+                    abs(skew), "ahead of" if skew > 0 else "behind")
 
 
 def _warn_open_dicom(pacs: Pacs) -> None:
@@ -233,6 +253,7 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             log.warning("the server's time zone is UTC and PACS_TIMEZONE is not set: DICOM dates and times "
                         "written here (report PDFs), HL7 timestamps, FHIR times and 'today' (purge, pull) "
                         "follow UTC; set timezone (PACS_TIMEZONE=Asia/Ho_Chi_Minh) to the hospital's zone")
+        _warn_clock_skew(pacs)
         if not settings.public_url:
             log.warning("public_url (PACS_PUBLIC_URL) is not set: signed reports (PDF, ORU^R01) carry no link "
                         "to the images; set it to the address the EMR and HIS reach this server at")

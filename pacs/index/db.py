@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.pool import NullPool
 
@@ -29,6 +30,20 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
     Committed at the end of the block, rolled back on an exception."""
     with engine.connect().execution_options(immediate=True) as conn, conn.begin():
         yield conn
+
+
+def db_now(conn: Connection) -> datetime:
+    """The instant every node agrees on, aware (UTC), for claims, leases,
+    due times and grace periods shared through the index.
+
+    On PostgreSQL the database server's clock (``now()``: the start of
+    *conn*'s transaction): nodes whose clocks drift apart (no NTP) would
+    otherwise take over each other's claims early or wait minutes too long.
+    SQLite is only ever shared by processes of one machine, whose clock it is."""
+    if conn.dialect.name == "postgresql":
+        moment: datetime = conn.execute(select(func.now())).scalar_one()
+        return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return datetime.now(UTC)
 
 
 def discard_connection(conn: Connection | None) -> None:

@@ -58,11 +58,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, delete, exists, insert, select, update
 
+from .db import db_now
 from .models import DeletingObject, Instance
 
 log = logging.getLogger(__name__)
@@ -94,13 +95,16 @@ class ObjectDeleted(Exception):
         self.key = key
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
+def now(conn: Connection) -> datetime:
+    """The time of tombstones: the database's (:func:`pacs.index.db.db_now`),
+    so that a node whose clock runs ahead does not find a replaced object's
+    readers' grace over minutes early, nor prune tombstones early."""
+    return db_now(conn)
 
 
 def record(conn: Connection, keys: Iterable[str], deletion: str) -> None:
     """Tombstones for *keys*, in the caller's transaction (the one deleting their rows)."""
-    at = now()
+    at = now(conn)
     rows = [{"storage_key": k, "deletion": deletion[:64], "created_at": at, "outcome": ""} for k in keys]
     for start in range(0, len(rows), 500):
         conn.execute(insert(tombstones_t), rows[start:start + 500])
@@ -138,7 +142,7 @@ def settle(conn: Connection, records: list[tuple[str, Callable[[], bool] | None,
         claimed = conn.execute(
             update(tombstones_t)
             .where(tombstones_t.c.storage_key == key, tombstones_t.c.finished_at.is_(None))
-            .values(finished_at=now(), outcome="kept")
+            .values(finished_at=now(conn), outcome="kept")
         ).rowcount
         if claimed:
             log.warning("%s was stored again while its deletion was under way: kept", key)
@@ -207,7 +211,7 @@ def finish(engine: Engine, store: Any, keys: list[str],
                     continue
                 done.deleted.append(key)
                 finished["deleted"].extend(active[key])
-            at = now()
+            at = now(conn)
             for outcome, pks in finished.items():
                 if pks:
                     conn.execute(update(tombstones_t).where(tombstones_t.c.pk.in_(pks))
@@ -238,7 +242,7 @@ def set_aside_after_restore(engine: Engine) -> int:
 
     with write_transaction(engine) as conn:
         return conn.execute(update(tombstones_t).where(tombstones_t.c.finished_at.is_(None))
-                            .values(finished_at=now(), outcome="restored")).rowcount or 0
+                            .values(finished_at=now(conn), outcome="restored")).rowcount or 0
 
 
 def prune(engine: Engine) -> int:
@@ -246,14 +250,14 @@ def prune(engine: Engine) -> int:
     from .db import write_transaction
 
     with write_transaction(engine) as conn:
-        return conn.execute(delete(tombstones_t).where(tombstones_t.c.finished_at < now() - RETAIN)).rowcount or 0
+        return conn.execute(delete(tombstones_t).where(tombstones_t.c.finished_at < now(conn) - RETAIN)).rowcount or 0
 
 
 def _due_keys(engine: Engine, limit: int, deletion: str | None) -> list[str]:
     """Active tombstones' keys (of *deletion* only, when given), oldest
     first, but for replaced objects still within :data:`READERS_GRACE`."""
-    young = (tombstones_t.c.deletion == REPLACED) & (tombstones_t.c.created_at > now() - READERS_GRACE)
     with engine.connect() as conn:
+        young = (tombstones_t.c.deletion == REPLACED) & (tombstones_t.c.created_at > now(conn) - READERS_GRACE)
         query = (select(tombstones_t.c.storage_key).where(tombstones_t.c.finished_at.is_(None), ~young)
                  .order_by(tombstones_t.c.pk).limit(limit))
         if deletion is not None:
