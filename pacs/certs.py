@@ -119,6 +119,12 @@ def _describe(kind: str, cert: x509.Certificate, cert_path: Path, key_path: Path
     )
 
 
+def _check_days(days: int) -> None:
+    # 0 made a certificate expired at once, a negative count a bare ValueError (exit 1).
+    if days < 1:
+        raise CertError(f"--days {days}: a certificate must be valid for at least 1 day")
+
+
 def init_ca(out: Path, name: str = "filmless-pacs local CA", *, days: int = CA_DAYS,
             key_size: int = DEFAULT_KEY_SIZE) -> Issued:
     """Create a CA in *out* (``ca.pem``, ``ca.key``); refuses to replace an existing one.
@@ -126,6 +132,7 @@ def init_ca(out: Path, name: str = "filmless-pacs local CA", *, days: int = CA_D
     Replacing a CA key silently would invalidate every certificate already
     installed on the modalities, so an existing ``ca.key`` is an error.
     """
+    _check_days(days)
     cert_path, key_path = out / CA_CERT, out / CA_KEY
     if key_path.exists() or cert_path.exists():
         raise CertError(f"a CA already exists in {out} (remove {CA_KEY} and {CA_CERT} to replace it)")
@@ -172,6 +179,15 @@ def load_ca(ca_dir: Path) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
     if not cert_path.is_file() or not key_path.is_file():
         raise CertError(f"no CA in {ca_dir} (expected {CA_CERT} and {CA_KEY}; run: pacs certs init-ca --out DIR)")
     cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    # A leaf written over ca.pem (or any non-CA certificate) signs
+    # certificates no peer accepts, with exit 0: refuse it here.
+    try:
+        is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        is_ca = False
+    if not is_ca:
+        raise CertError(f"{cert_path} is not a CA certificate (no BasicConstraints CA:TRUE): "
+                        "not a directory made by pacs certs init-ca")
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     if not isinstance(key, rsa.RSAPrivateKey):
         raise CertError(f"{key_path} is not an RSA key")
@@ -179,7 +195,8 @@ def load_ca(ca_dir: Path) -> tuple[x509.Certificate, rsa.RSAPrivateKey]:
 
 
 def issue(name: str, ca_dir: Path, out: Path, *, dns: list[str] | None = None, ips: list[str] | None = None,
-          client: bool = False, days: int = LEAF_DAYS, key_size: int = DEFAULT_KEY_SIZE) -> Issued:
+          client: bool = False, days: int = LEAF_DAYS, key_size: int = DEFAULT_KEY_SIZE,
+          force: bool = False) -> Issued:
     """Issue ``NAME.pem`` and ``NAME.key`` in *out*, signed by the CA in *ca_dir*.
 
     A server certificate (the default) is good for TLS server and client
@@ -188,9 +205,20 @@ def issue(name: str, ca_dir: Path, out: Path, *, dns: list[str] | None = None, i
     (hostname checks look only there); with neither, NAME itself is the DNS
     name. A *client* certificate (a modality) is good for client
     authentication only, with NAME (e.g. the AE title) as its common name.
+
+    Existing ``NAME.pem``/``NAME.key`` are replaced only with *force*
+    (renewal); ``ca.pem``/``ca.key`` never.
     """
     if not _SAFE_NAME.match(name):
         raise CertError(f"name {name!r}: use letters, digits, '.', '_' or '-' (it names the files)")
+    _check_days(days)
+    cert_path, key_path = out / f"{name}.pem", out / f"{name}.key"
+    # Issuing "ca" into the CA directory replaced the CA key with a leaf's: the CA was lost.
+    if cert_path.name == CA_CERT or key_path.name == CA_KEY:
+        raise CertError(f"name {name!r} would write {CA_CERT} and {CA_KEY}, the CA's file names: choose another")
+    if not force and (cert_path.exists() or key_path.exists()):
+        raise CertError(f"{cert_path} or {key_path} exists (to renew it, add --force; "
+                        "the running pacs serve uses the new one after a restart)")
     dns = list(dns or [])
     try:
         ip_values = [ipaddress.ip_address(v) for v in (ips or [])]
@@ -235,7 +263,6 @@ def issue(name: str, ca_dir: Path, out: Path, *, dns: list[str] | None = None, i
         builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     out.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = out / f"{name}.pem", out / f"{name}.key"
     _write_key(key_path, key)
     _write_cert(cert_path, cert)
     return _describe("client" if client else "server", cert, cert_path, key_path, ca_dir / CA_CERT,

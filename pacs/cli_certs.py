@@ -26,7 +26,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
             result = certs.init_ca(args.out, args.name, days=args.days)
         else:
             result = certs.issue(args.name, args.ca, args.out, dns=args.dns, ips=args.ip,
-                                 client=args.client, days=args.days)
+                                 client=args.client, days=args.days, force=args.force)
     except certs.CertError as exc:
         err.print(f"[red]{exc}[/red]")
         return 2
@@ -69,4 +69,6 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     q.add_argument("--client", action="store_true",
                    help="a client certificate (a modality, for mutual TLS) instead of a server one")
     q.add_argument("--days", type=int, default=825, help="validity (default 825 days, capped by the CA's)")
+    q.add_argument("--force", action="store_true",
+                   help="replace an existing NAME.pem and NAME.key (renewal; never the CA's files)")
     p.set_defaults(func=cmd_certs)

@@ -18,6 +18,7 @@ import logging
 import os
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -243,6 +244,8 @@ class Forwarder(Periodic):
         # satellite link does not hold the server's shutdown for the network
         # timeout (a minute: the port stayed taken, systemd or Docker killed it).
         self._sending: set[Any] = set()
+        # The HTTPS context of STOW-RS destinations, made on first use.
+        self._tls_client: ssl.SSLContext | None = None
 
     def start(self) -> Forwarder:
         released = routing.release_node(self.pacs.engine, self.node)
@@ -567,6 +570,17 @@ class Forwarder(Periodic):
                              f"for {UID(item.sop_class_uid).name}: {exc}") from None
 
     # -- STOW-RS -----------------------------------------------------------------------------
+    def _https_context(self) -> ssl.SSLContext:
+        """What STOW-RS checks a destination's certificate with: the hospital
+        CA (``tls_ca``; httpx alone trusted only certifi's public CAs, so a
+        destination with a hospital certificate failed every try), and our
+        ``tls_cert`` presented for its mutual TLS, as DIMSE routing does."""
+        if self._tls_client is None:
+            from . import tls
+
+            self._tls_client = tls.client_context(self.pacs.settings)
+        return self._tls_client
+
     def _send_dicomweb(self, destination: str, url: str, batch: list[tuple[Job, Rule, RetrieveItem]]) -> None:
         from viewer_api.multipart import content_type_header, multipart_related_iter, new_boundary
 
@@ -599,7 +613,8 @@ class Forwarder(Periodic):
             body = multipart_related_iter(itertools.chain([first], parts), boundary)
             response = None
             try:
-                response = httpx.post(url.rstrip("/") + "/studies", content=body, headers=headers, timeout=120)
+                response = httpx.post(url.rstrip("/") + "/studies", content=body, headers=headers, timeout=120,
+                                      verify=self._https_context() if url.lower().startswith("https:") else True)
             except Exception as exc:
                 # Any error, not only httpx's: one escaping here left the
                 # whole batch claimed ("sending") and retried every 5 minutes.

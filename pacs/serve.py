@@ -243,9 +243,11 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
         pacs = Pacs.open(settings, upgrade=True, others=f"another pacs serve runs on {settings.data_dir}")
     try:
         # TLS settings are checked before anything listens: a wrong path fails the start, not a modality.
-        dicom_ssl = tls.dicom_server_context(settings, on_refused=lambda peer, reason: pacs.audit.record(
-            Event(action="denied", role="dicom", client=peer, protocol="dicom", outcome="denied", detail=reason)))
+        dicom_ssl = tls.dicom_server_context(settings, on_refused=lambda peer, reason, refused: pacs.audit.record(
+            Event(action="denied" if refused else "tls-handshake", role="dicom", client=peer, protocol="dicom",
+                  outcome="denied" if refused else "failure", detail=reason)))
         http_ssl = tls.uvicorn_ssl_kwargs(settings)
+        tls.check_certificate_expiry(settings)
         scheme = "https" if http_ssl else "http"
         if zone_is_unset_utc(settings):
             # Containers and many servers run in UTC: every date and time we
@@ -296,6 +298,8 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             from .sweeper import Sweeper
 
             running.callback(Sweeper(pacs, interval=settings.tombstone_sweep_interval).start().stop)
+            if settings.tls_cert is not None:
+                running.callback(tls.CertificateExpiryWatch(settings).start().stop)
             freeze_startup_heap()
             config = uvicorn.Config(
                 create_app(pacs),

@@ -15,16 +15,23 @@ client that connects and stalls cannot stop the listener accepting others.
 
 from __future__ import annotations
 
+import grp
 import hashlib
 import inspect
 import logging
+import os
+import pwd
 import re
 import socket
 import ssl
+import stat
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .periodic import Periodic
 from .settings import Settings
 
 if TYPE_CHECKING:
@@ -48,8 +55,19 @@ _SUITES = (
 )
 CIPHERS = ":".join(_SUITES)
 
-#: Called with (peer host, reason) when a TLS client is refused at the handshake.
-RefusalHook = Callable[[str, str], None]
+#: Called with (peer host, reason, refused) when a TLS handshake with a client
+#: fails: *refused* is True when we turned the client down, False when the
+#: client turned us down (it sent an alert, e.g. about our expired certificate).
+RefusalHook = Callable[[str, str, bool], None]
+
+#: A server certificate this close to its notAfter is warned about at start and daily.
+EXPIRY_WARNING = timedelta(days=30)
+# RFC 7919 ffdhe2048: the DHE suites of the B.9 profile need a group, and
+# OpenSSL has none by default for a server context (a DHE-only peer got
+# NO_SHARED_CIPHER). A named public group: nothing secret to generate per install.
+_DH_PARAMS = "ffdhe2048.pem"
+# Alerts a client sent us: it ended the handshake, we did not refuse it.
+_PEER_ALERT = ("SSLV3_ALERT_", "TLSV1_ALERT_")
 
 
 class TLSConfigError(ValueError):
@@ -69,9 +87,36 @@ def _harden(ctx: ssl.SSLContext, *, server: bool) -> None:
 def _check_file(path: Path | None, setting: str) -> Path:
     if path is None:
         raise TLSConfigError(f"{setting} is not set")
-    if not path.is_file():
+    # The service runs as its own user (scripts/install-service.sh): a key made
+    # 0600 by root, or a file inside a 0700 directory, failed the start with a
+    # bare "Permission denied" naming neither the setting nor the file.
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise TLSConfigError(f"{setting}: no such file {path}") from None
+    except OSError as exc:
+        raise TLSConfigError(f"{setting}: cannot reach {path} as user {_user()} ({exc.strerror}): "
+                             "a directory on the way is not open to this user") from None
+    if not stat.S_ISREG(mode):
         raise TLSConfigError(f"{setting}: no such file {path}")
+    if not os.access(path, os.R_OK):
+        raise TLSConfigError(f"{setting}: {path} is not readable by user {_user()}: let its group read it "
+                             f"(chgrp {_group()} {path}; chmod 640 {path})")
     return path
+
+
+def _user() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:  # a uid with no passwd entry (containers)
+        return str(os.geteuid())
+
+
+def _group() -> str:
+    try:
+        return grp.getgrgid(os.getegid()).gr_name
+    except KeyError:
+        return str(os.getegid())
 
 
 def _identity(settings: Settings, needed_by: str) -> tuple[Path, Path | None]:
@@ -181,13 +226,24 @@ class _DicomTLSSocket(ssl.SSLSocket):
                 log.debug("DICOM TLS connection from %s closed before the handshake: %s", peer, exc)
                 return b""
             except (ssl.SSLError, OSError) as exc:
-                reason = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc)
-                log.warning("DICOM TLS handshake from %s refused: %s", peer, reason)
+                reason = str(getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc)
+                refused = not reason.startswith(_PEER_ALERT)
+                if refused:
+                    detail = f"TLS handshake refused: {reason}"
+                    log.warning("DICOM TLS handshake from %s refused: %s", peer, reason)
+                else:
+                    # An alert the client sent: it refused us (mostly our certificate:
+                    # expired, unknown CA), which an operator must not read as a
+                    # misbehaving modality.
+                    about = ("the peer rejected our certificate" if "CERTIFICATE" in reason or "UNKNOWN_CA" in reason
+                             else "the peer ended the handshake")
+                    detail = f"TLS handshake failed: {about}: {reason}"
+                    log.error("DICOM TLS handshake from %s failed: %s: %s", peer, about, reason)
                 hook = getattr(self.context, "on_refused", None)
                 if hook is not None:
                     try:
                         # The host alone, as the other DICOM audit events record the client.
-                        hook(host, f"TLS handshake refused: {reason}")
+                        hook(host, detail, refused)
                     except Exception:  # an audit hiccup must not take the listener thread down
                         log.exception("TLS refusal hook failed")
                 return b""
@@ -235,6 +291,7 @@ def dicom_server_context(settings: Settings, *, on_refused: RefusalHook | None =
     ca = _client_ca(settings)
     ctx = _DicomServerContext(ssl.PROTOCOL_TLS_SERVER)
     _harden(ctx, server=True)
+    _load_dh_params(ctx)
     ctx.load_cert_chain(cert, key)
     if ca is not None:
         ctx.verify_mode = ssl.CERT_REQUIRED
@@ -273,7 +330,64 @@ def uvicorn_ssl_kwargs(settings: Settings) -> dict[str, Any]:
 def _finish_uvicorn_context(config: Any, default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
     ctx = default()
     _harden(ctx, server=True)
+    _load_dh_params(ctx)
     return ctx
+
+
+def _load_dh_params(ctx: ssl.SSLContext) -> None:
+    """Give a server context the ffdhe2048 group its DHE suites need."""
+    with resources.as_file(resources.files(__package__ or "pacs").joinpath(_DH_PARAMS)) as path:
+        ctx.load_dh_params(str(path))
+
+
+def certificate_not_after(path: Path) -> datetime:
+    """The notAfter (UTC) of the first certificate in PEM file *path*."""
+    from cryptography import x509
+
+    found = _PEM_CERTIFICATE.search(path.read_text(encoding="ascii", errors="replace"))
+    if found is None:
+        raise ValueError(f"{path}: no PEM certificate (-----BEGIN CERTIFICATE-----) in it")
+    return x509.load_pem_x509_certificate(found.group(0).encode("ascii")).not_valid_after_utc
+
+
+def check_certificate_expiry(settings: Settings, now: datetime | None = None) -> None:
+    """Log an error when ``tls_cert`` has expired, a warning within
+    :data:`EXPIRY_WARNING` of it; nothing without ``tls_cert``.
+
+    Peers refuse an expired certificate at every handshake (DICOM TLS,
+    HTTPS, and our own outbound associations), so this is said before they
+    start failing. The certificate is read once at start: a renewed one is
+    served only after ``pacs serve`` is restarted.
+    """
+    if settings.tls_cert is None:
+        return
+    try:
+        not_after = certificate_not_after(settings.tls_cert)
+    except (OSError, ValueError) as exc:
+        log.warning("tls_cert %s: cannot read its expiry: %s", settings.tls_cert, exc)
+        return
+    left = not_after - (now or datetime.now(UTC))
+    renew = "renew it (pacs certs issue ... --force) and restart pacs serve"
+    if left <= timedelta(0):
+        log.error("tls_cert %s EXPIRED on %s: peers refuse DICOM TLS and HTTPS with this server; %s",
+                  settings.tls_cert, not_after.isoformat(timespec="minutes"), renew)
+    elif left <= EXPIRY_WARNING:
+        log.warning("tls_cert %s expires on %s (in %d days): %s", settings.tls_cert,
+                    not_after.isoformat(timespec="minutes"), left.days, renew)
+
+
+class CertificateExpiryWatch(Periodic):
+    """Repeats :func:`check_certificate_expiry` every *interval* seconds (a
+    day) while serving: a server runs for months, past the 30-day warning."""
+
+    thread_name = "tls-expiry-watch"
+
+    def __init__(self, settings: Settings, *, interval: float = 86400.0) -> None:
+        super().__init__(interval)
+        self.settings = settings
+
+    def round(self) -> None:
+        check_certificate_expiry(self.settings)
 
 
 def client_context(settings: Settings, *, check_hostname: bool = True) -> ssl.SSLContext:
