@@ -84,14 +84,7 @@ class AuditTrail:
         self._thread.start()
 
     def record(self, event: Event) -> None:
-        for name in _TEXT_FIELDS:
-            value = getattr(event, name)
-            if _CONTROL.search(value):
-                # What a client typed (a %00 in a path) is kept visible but
-                # storable: PostgreSQL refuses NUL in text, and one such row
-                # held every later event back as if the index were down.
-                setattr(event, name, _CONTROL.sub("\ufffd", value))
-        self._queue.put(event)
+        self._queue.put(_storable(event))
 
     def flush(self) -> None:
         """Write everything recorded so far (tests, shutdown)."""
@@ -179,6 +172,24 @@ class AuditTrail:
                           event.study_uid[:80], event.user[:40], str(exc).splitlines()[0][:200])
             except SQLAlchemyError:
                 self._unwritten.append(event)  # an outage after all: kept, tried again
+
+
+def _storable(event: Event) -> Event:
+    for name in _TEXT_FIELDS:
+        value = getattr(event, name)
+        if _CONTROL.search(value):
+            # What a client typed (a %00 in a path) is kept visible but
+            # storable: PostgreSQL refuses NUL in text, and one such row
+            # held every later event back as if the index were down.
+            setattr(event, name, _CONTROL.sub("\ufffd", value))
+    return event
+
+
+def record_in(conn: Connection, event: Event) -> None:
+    """Write *event* in the caller's transaction, not through the buffered
+    writer: the event of a change (a deletion) commits with the change, so a
+    process killed after that commit cannot lose it."""
+    _insert(conn, [_storable(event)])
 
 
 def _insert(conn: Connection, events: list[Event]) -> None:

@@ -294,6 +294,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             ("orphans", report.orphans.count), ("invalid orphans", report.invalid_orphans.count),
             ("adopted", report.adopted.count), ("not adopted (retry)", report.not_adopted.count),
             ("duplicate orphans", report.duplicate_orphans.count),
+            ("originals superseded by their compressed copy, removed", report.superseded_removed.count),
             ("rows dropped", report.dropped.get("instances", 0)),
             ("purge leftovers deleted", report.purged_leftovers),
         ])
@@ -302,6 +303,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _list("unreadable objects", data["unreadable"], ("key", "detail"))
         _list("orphans", data["orphans"], ("key", "valid", "detail"))
         _list("duplicate orphans", data["duplicate_orphans"], ("key", "indexed_key"))
+        _list("superseded originals removed", data["superseded_removed"], ("key", "indexed_key"))
         _list("orphans not adopted", data["not_adopted"])
         if report.problems:
             err.print(f"[red]{report.problems} problem(s)[/red]"
@@ -332,10 +334,16 @@ def cmd_reindex(args: argparse.Namespace) -> int:
             ("objects in storage", report.listed), ("already indexed", report.already_indexed),
             ("indexed now", report.indexed), ("bytes indexed", _size(report.indexed_bytes)),
             ("duplicates (instance already indexed elsewhere)", report.duplicates.count),
+            ("originals superseded by their compressed copy", report.superseded.count),
             ("not indexable", report.failed.count),
         ])
         _list("duplicates", data["duplicates"], ("key", "indexed_key"))
         _list("not indexable", data["failed"])
+        if report.superseded.count:
+            out.print(f"{report.superseded.count:,} originals left by pacs compress were not indexed (their verified "
+                      "compressed copy was): pacs verify --repair removes them")
+        for warning in report.warnings:
+            err.print(f"[yellow]warning: {warning}[/yellow]")
 
     _emit(args, data, human)
     return 1 if report.failed.count or report.duplicates.count else 0

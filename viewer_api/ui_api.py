@@ -188,12 +188,15 @@ def _delete(request: Request, uids: tuple[str, ...], reason: str, force: bool = 
     if not all(valid_uid(uid) for uid in uids):
         raise HTTPProblem(400, "not a DICOM UID (digits and dots, at most 64 characters)")
     target = Target(*uids)
+    event = getattr(request.state, "audit", None)
     try:
-        report = delete_target(request.app.state.pacs, target, reason=reason, force=force)
+        report = delete_target(request.app.state.pacs, target, reason=reason, force=force,
+                               event=event if isinstance(event, Event) else None)
     except DeleteRefused as exc:
         _audit_detail(request, f"{target.level} not deleted: {exc}")
         raise HTTPProblem(exc.http_status, str(exc)) from None
-    _audit_detail(request, report.detail, report.patient_id)
+    # Written with the deletion's commit: AuditMiddleware must not write it again.
+    request.state.audit = None
     return report.as_dict()
 
 

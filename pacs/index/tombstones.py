@@ -55,13 +55,14 @@ own transaction, and the claim conflicts with the lock).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Table, delete, exists, insert, select, update
+from sqlalchemy import Connection, Engine, Table, delete, exists, insert, or_, select, update
 
 from .db import db_now
 from .models import DeletingObject, Instance
@@ -102,12 +103,51 @@ def now(conn: Connection) -> datetime:
     return db_now(conn)
 
 
-def record(conn: Connection, keys: Iterable[str], deletion: str) -> None:
-    """Tombstones for *keys*, in the caller's transaction (the one deleting their rows)."""
+def record(conn: Connection, keys: Iterable[str], deletion: str, *, instances_deleted: bool = False) -> list[str]:
+    """Tombstones for *keys*, in the caller's transaction (the one deleting their rows).
+
+    With *instances_deleted* (``pacs delete``, ``pacs purge``, HTTP DELETE:
+    the instances go, not only these objects), the deletion also takes over
+    the replaced objects of the same instances still within their readers'
+    grace (``<sop>.dcm`` after ``pacs compress`` made ``<sop>.jls.dcm``):
+    their keys are returned, for the caller to finish with its own. The
+    grace is for readers of a replacement; left to it, an index lost
+    meanwhile made ``pacs reindex`` bring the deleted instance back from
+    that copy."""
+    keys = list(keys)
     at = now(conn)
     rows = [{"storage_key": k, "deletion": deletion[:64], "created_at": at, "outcome": ""} for k in keys]
     for start in range(0, len(rows), 500):
         conn.execute(insert(tombstones_t), rows[start:start + 500])
+    if not instances_deleted:
+        return []
+    return _take_over_replaced(conn, keys, deletion[:64])
+
+
+# study/series/sop.dcm or sop.<variant>.dcm (a UID has no letters); the same
+# layout as pacs.maintenance.common.sop_of_key.
+_INSTANCE_KEY = re.compile(r"^(?P<folder>[^/]+/[^/]+)/(?P<sop>[^/]+?)(?:\.[a-z][a-z0-9]*)?\.dcm$")
+
+
+def _take_over_replaced(conn: Connection, keys: list[str], deletion: str) -> list[str]:
+    """Make the active :data:`REPLACED` tombstones of *keys*' instances part
+    of *deletion* (due at once); their keys."""
+    instances = {(m["folder"], m["sop"]) for k in keys if (m := _INSTANCE_KEY.match(k))}
+    taken: list[str] = []
+    wanted = sorted(instances)
+    for start in range(0, len(wanted), 100):
+        chunk = wanted[start:start + 100]
+        # UIDs hold dots: "1.2.3." also starts "1.2.3.4.dcm", hence the exact check after.
+        prefixes = [tombstones_t.c.storage_key.startswith(f"{folder}/{sop}.", autoescape=True)
+                    for folder, sop in chunk]
+        rows = conn.execute(select(tombstones_t.c.pk, tombstones_t.c.storage_key).where(
+            tombstones_t.c.deletion == REPLACED, tombstones_t.c.finished_at.is_(None), or_(*prefixes))).all()
+        mine = [r for r in rows if (m := _INSTANCE_KEY.match(r.storage_key)) and (m["folder"], m["sop"]) in instances]
+        if mine:
+            conn.execute(update(tombstones_t).where(tombstones_t.c.pk.in_([r.pk for r in mine]))
+                         .values(deletion=deletion))
+            taken.extend(dict.fromkeys(r.storage_key for r in mine))
+    return taken
 
 
 # Sources that index objects found in the store (not received): they never

@@ -30,7 +30,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, select
 
 from ..app import Pacs
-from ..audit import Event
+from ..audit import Event, record_in
 from ..errors import PacsError
 from ..index import tombstones
 from ..index.db import write_transaction
@@ -149,12 +149,14 @@ def _report_counts(conn: Connection, study_pk: int) -> tuple[int, int]:
     return int(total), int(signed)
 
 
-def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", force: bool = False,
-                  dry_run: bool = False) -> DeleteReport:
+def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", event: Event | None = None,
+                  force: bool = False, dry_run: bool = False) -> DeleteReport:
     """Delete *target* (see the module docstring); raises :class:`DeleteRefused`.
 
-    With *user* (the CLI), the deletion is audited here; without (HTTP),
-    the caller's access event carries :attr:`DeleteReport.detail`."""
+    The "delete" audit event is written in the transaction that deletes the
+    rows (a process killed after that commit cannot lose it): *event* (HTTP:
+    the request's access event, given :attr:`DeleteReport.detail` here; the
+    caller must not write it again) or, with *user* (the CLI), one made here."""
     reason = " ".join(reason.split())
     if not reason:
         raise DeleteRefused("a reason is required (it goes to the audit trail)", 400)
@@ -176,7 +178,16 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", fo
         if dry_run:
             return report
         keys = [r.storage_key for r in rows]
-        tombstones.record(conn, keys, deletion)
+        keys += tombstones.record(conn, keys, deletion, instances_deleted=True)
+        what = {"study": target.study_uid, "series": target.series_uid, "instance": target.sop_uid}[target.level]
+        report.detail = (f"{target.level} {what}: {report.instances} instances, {report.bytes} bytes"
+                         + (f", {report.reports_deleted} reports" if report.reports_deleted else "")
+                         + f"; reason: {reason}")[:500]
+        if event is None and user:
+            event = Event(action="delete", user=user, role="admin", protocol="cli", study_uid=target.study_uid)
+        if event is not None:
+            event.detail, event.patient_id = report.detail, report.patient_id
+            record_in(conn, event)
         if target.level == "study":
             conn.execute(delete(studies_t).where(studies_t.c.pk == study.pk))  # series, instances, reports cascade
             report.removed = {"instances": len(rows), "studies": 1, "patients": prune_patients(conn, {study.patient_pk})}
@@ -186,12 +197,4 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", fo
                               **prune_after_delete(conn, {r.series_pk for r in rows}, set())}
     delete_unindexed(pacs, keys, report)
     tombstones.prune(pacs.engine)  # those finished long enough ago
-    what = {"study": target.study_uid, "series": target.series_uid, "instance": target.sop_uid}[target.level]
-    report.detail = (f"{target.level} {what}: {report.instances} instances, {report.bytes} bytes"
-                     + (f", {report.reports_deleted} reports" if report.reports_deleted else "")
-                     + f"; reason: {reason}")[:500]
-    if user:
-        pacs.audit.record(Event(action="delete", user=user, role="admin", protocol="cli",
-                                study_uid=target.study_uid, patient_id=report.patient_id, detail=report.detail))
-        pacs.audit.flush()
     return report

@@ -20,7 +20,8 @@ meanwhile takes its key back (kept) or, if its object was deleted first,
 is refused with a transient status it retries. A crash in between leaves
 active tombstones; the next purge or ``verify --repair`` deletes their
 objects (and never adopts them back). A patient left without studies and
-orders is deleted too. One audit event (action "delete") per study.
+orders is deleted too. One audit event (action "delete") per study, written in
+the transaction that deletes its rows.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 from sqlalchemy import and_, delete, exists, func, or_, select
 
 from ..app import Pacs
-from ..audit import Event
+from ..audit import Event, record_in
 from ..index import tombstones
 from ..index.db import write_transaction
 from ..timezones import hospital_now, server_zone
@@ -272,8 +273,10 @@ def _summary(pacs: Pacs, where: Any, report: PurgeReport) -> None:
     ]
 
 
-def _delete_study(pacs: Pacs, study_pk: int, where: Any, deletion: str) -> dict[str, Any] | None:
-    """Delete one study's index rows (if it still matches); return what it was."""
+def _delete_study(pacs: Pacs, study_pk: int, where: Any, deletion: str, user: str) -> dict[str, Any] | None:
+    """Delete one study's index rows (if it still matches), audited in the
+    same transaction (a purge killed after the commit cannot lose the event);
+    return what it was."""
     with write_transaction(pacs.engine) as conn:
         row = conn.execute(
             select(studies_t.c.study_uid, studies_t.c.patient_pk, studies_t.c.num_instances,
@@ -291,7 +294,10 @@ def _delete_study(pacs: Pacs, study_pk: int, where: Any, deletion: str) -> dict[
                 .where(series_t.c.study_pk == study_pk)
             ).scalars()
         )
-        tombstones.record(conn, keys, deletion)
+        keys += tombstones.record(conn, keys, deletion, instances_deleted=True)
+        record_in(conn, Event(action="delete", user=user, protocol="cli", study_uid=row.study_uid,
+                              patient_id=row.patient_id,
+                              detail=f"purge: {row.num_instances} instances, {row.size_bytes} bytes"))
         conn.execute(delete(studies_t).where(studies_t.c.pk == study_pk))
         patients_removed = prune_patients(conn, {row.patient_pk})
     return {
@@ -333,7 +339,7 @@ def purge(
             break
         last_pk = pks[-1]
         for study_pk in pks:
-            done = _delete_study(pacs, study_pk, where, deletion)
+            done = _delete_study(pacs, study_pk, where, deletion, user)
             progress.advance()
             if done is None:
                 continue
@@ -345,12 +351,4 @@ def purge(
             report.objects_deleted += len(finished.deleted)
             for key, detail in finished.failed:
                 report.object_failures.add({"key": key, "detail": detail})
-            pacs.audit.record(
-                Event(
-                    action="delete", user=user, protocol="cli", study_uid=done["study_uid"],
-                    patient_id=done["patient_id"],
-                    detail=f"purge: {done['instances']} instances, {done['bytes']} bytes",
-                )
-            )
-    pacs.audit.flush()
     return report

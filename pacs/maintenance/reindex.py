@@ -12,6 +12,11 @@ What only lived in the database (reports, orders, users, audit trail,
 routing rules, reconciliation) is not in the objects and does not come
 back; signed reports come back as their Encapsulated PDF instances.
 ``received_at`` of a rebuilt row is the time of the rebuild.
+
+An original ``<sop>.dcm`` that ``pacs compress`` left for its readers'
+grace next to its re-encoding ``<sop>.jls.dcm`` (or ``.j2k``) is not
+indexed: the re-encoding is ("superseded"; ``pacs verify --repair``
+removes the original).
 """
 
 from __future__ import annotations
@@ -33,7 +38,9 @@ from .common import (
     batched,
     index_stored_object,
     indexed_among,
+    sop_of_key,
 )
+from .compress import KEY_VARIANTS
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +53,9 @@ class ReindexReport:
     indexed_bytes: int = 0
     duplicates: Capped = field(default_factory=Capped)
     failed: Capped = field(default_factory=Capped)
+    # Originals left by pacs compress next to their verified re-encoding.
+    superseded: Capped = field(default_factory=Capped)
+    warnings: list[str] = field(default_factory=lambda: list(WARNINGS))
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -55,11 +65,44 @@ class ReindexReport:
             "indexed_bytes": self.indexed_bytes,
             "duplicates": self.duplicates.as_dict(),
             "failed": self.failed.as_dict(),
+            "superseded": self.superseded.as_dict(),
+            "warnings": self.warnings,
         }
+
+
+# What the operator must know after every rebuild: the objects cannot tell it.
+WARNINGS = (
+    "not rebuilt (they only lived in the index): reports (signed ones come back as their PDF instances), "
+    "orders, users and API tokens, routing rules and the forwarding queue, the AE registry, the audit trail; "
+    "restore them from an index backup with `pacs restore FILE --yes` (then `pacs verify --repair` adopts "
+    "the objects received since that backup)",
+    "deletions still under way when the index was lost (objects whose delete had not been done yet, e.g. a "
+    "store outage) cannot be told from stored objects: such instances may be back; check deletions made "
+    "shortly before the loss",
+)
+
+
+def _newer_encoding(pacs: Pacs, key: str) -> str | None:
+    """The key of ``pacs compress``'s re-encoding of the object under *key*
+    (``<sop>.dcm``), if the store holds one: that copy is written only once
+    verified identical, after the original; the original is what compress
+    leaves for its readers' grace."""
+    sop = sop_of_key(key)
+    if sop is None or not key.endswith(f"/{sop}.dcm"):
+        return None
+    base = key[: -len(".dcm")]
+    for variant in KEY_VARIANTS.values():
+        if pacs.store.exists(f"{base}.{variant}.dcm"):
+            return f"{base}.{variant}.dcm"
+    return None
 
 
 def _one(pacs: Pacs, key: str, size: int) -> tuple[str, str]:
     try:
+        # Both copies indexed by parallel workers left a random one of the
+        # two indexed: the re-encoding is the one that counts, whatever the order.
+        if (newer := _newer_encoding(pacs, key)) is not None:
+            return "superseded", newer
         added = index_stored_object(pacs, key, source="reindex")
     except IngestError as exc:
         return "failed", str(exc)
@@ -94,6 +137,8 @@ def reindex(pacs: Pacs, *, workers: int = 4, progress: Progress | None = None) -
                     report.indexed_bytes += info.size
                 elif state == "duplicate":
                     report.duplicates.add({"key": info.key, "indexed_key": detail})
+                elif state == "superseded":
+                    report.superseded.add({"key": info.key, "indexed_key": detail})
                 else:
                     report.failed.add({"key": info.key, "detail": detail})
     return report

@@ -19,6 +19,8 @@ Repair (``repair=True``):
   another key is reported as a duplicate and left alone;
 - invalid orphans are reported, never deleted (somebody must look at them);
 - objects a crashed ``pacs purge`` left behind are deleted (see purge);
+- an original ``<sop>.dcm`` whose instance's row names its intact
+  ``pacs compress`` re-encoding is deleted ("superseded", after a reindex);
 - index rows whose object is missing are only dropped with
   ``drop_missing=True`` (the study then loses those instances; series and
   studies left empty go too). Corrupt objects are never dropped: the row
@@ -32,13 +34,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import exists, select
 
 from storage import ObjectNotFound, StorageError, sha256_of, validate_key
 
 from ..app import Pacs
 from ..errors import IngestError, PacsError, Status
 from ..index import tombstones
+from ..index.db import write_transaction
 from ..index.writer import Outcome
 from ..ingest import Origin
 from ..part10 import FileSource
@@ -55,6 +58,7 @@ from .common import (
     instances_t,
     sop_of_key,
 )
+from .compress import KEY_VARIANTS
 from .purge import PurgeJournal, finish_interrupted
 
 log = logging.getLogger(__name__)
@@ -75,6 +79,8 @@ class VerifyReport:
     duplicate_orphans: Capped = field(default_factory=Capped)
     adopted: Capped = field(default_factory=Capped)
     not_adopted: Capped = field(default_factory=Capped)
+    # Originals pacs compress left next to their indexed, intact re-encoding, deleted.
+    superseded_removed: Capped = field(default_factory=Capped)
     pending_purge: int = 0
     # Rows whose missing object was found under another key and pointed at it.
     repointed_pks: set[int] = field(default_factory=set)
@@ -87,7 +93,7 @@ class VerifyReport:
         """Problems left after this run (what makes the exit code 1)."""
         missing = max(0, self.missing.count - self.dropped.get("instances", 0) - len(self.repointed_pks))
         # Orphans not adopted: invalid ones and duplicates of indexed instances.
-        orphans = max(0, self.orphans.count - self.adopted.count)
+        orphans = max(0, self.orphans.count - self.adopted.count - self.superseded_removed.count)
         return missing + self.corrupt.count + self.unreadable.count + orphans
 
     def as_dict(self) -> dict[str, Any]:
@@ -106,6 +112,7 @@ class VerifyReport:
             "duplicate_orphans": self.duplicate_orphans.as_dict(),
             "adopted": self.adopted.as_dict(),
             "not_adopted": self.not_adopted.as_dict(),
+            "superseded_removed": self.superseded_removed.as_dict(),
             "pending_purge": self.pending_purge,
             "purged_leftovers": self.purged_leftovers,
             "dropped": self.dropped,
@@ -202,9 +209,49 @@ def _repoint(pacs: Pacs, key: str, report: VerifyReport) -> bool:
     return True
 
 
+def _remove_superseded(pacs: Pacs, key: str, report: VerifyReport) -> bool:
+    """Delete the orphan ``<sop>.dcm`` when its instance's row names the
+    re-encoding ``pacs compress`` made of it (``<sop>.jls.dcm``,
+    ``<sop>.j2k.dcm``) and that object is intact (its sha256 is the row's):
+    what ``pacs reindex`` leaves after an index loss within compress's
+    readers' grace. Deleted through a tombstone, like any deletion, so a
+    resend of the instance meanwhile is kept or refused, never lost."""
+    sop = sop_of_key(key)
+    if sop is None or not key.endswith(f"/{sop}.dcm"):
+        return False
+    encodings = {f"{key[:-len('.dcm')]}.{variant}.dcm" for variant in KEY_VARIANTS.values()}
+    with pacs.engine.connect() as conn:
+        row = conn.execute(select(instances_t.c.storage_key, instances_t.c.sha256)
+                           .where(instances_t.c.sop_uid == sop)).first()
+    if row is None or row.storage_key not in encodings:
+        return False
+    try:
+        with pacs.store.open(row.storage_key) as stream:
+            digest, _ = sha256_of(stream)
+    except StorageError:
+        return False
+    if digest != row.sha256:
+        return False  # the re-encoding is damaged: the original is the evidence, kept
+    with write_transaction(pacs.engine) as conn:
+        still = conn.execute(select(exists().where(instances_t.c.sop_uid == sop,
+                                                   instances_t.c.storage_key == row.storage_key,
+                                                   instances_t.c.sha256 == row.sha256))).scalar()
+        # Replaced within the readers' grace (compress ran meanwhile): its sweep's.
+        busy = conn.execute(select(exists().where(tombstones.tombstones_t.c.storage_key == key,
+                                                  tombstones.tombstones_t.c.finished_at.is_(None)))).scalar()
+        if not still or busy:
+            return False
+        tombstones.record(conn, [key], "verify-superseded")
+    done = tombstones.finish(pacs.engine, pacs.store, [key])
+    if not done.deleted:
+        return False
+    report.superseded_removed.add({"key": key, "sop_uid": sop, "indexed_key": row.storage_key})
+    return True
+
+
 def _adopt(pacs: Pacs, key: str, report: VerifyReport) -> None:
     """Ingest a valid orphan from the store through the one ingest path."""
-    if _repoint(pacs, key, report):
+    if _remove_superseded(pacs, key, report) or _repoint(pacs, key, report):
         return
     try:
         with pacs.store.local_path(key) as path:
