@@ -42,5 +42,7 @@ ENV PACS_DATA_DIR=/data \
     PACS_AE_ALLOWLIST=true \
     PACS_TIMEZONE=Asia/Ho_Chi_Minh
 EXPOSE 11112 8042 2575
-HEALTHCHECK --interval=30s --timeout=5s CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8042/health').status==200 else 1)"
+# `pacs health` asks /health where the settings say the server listens
+# (PACS_HTTP_PORT, PACS_HTTP_TLS), not a fixed http://127.0.0.1:8042.
+HEALTHCHECK --interval=30s --timeout=5s CMD ["pacs", "health", "--quiet"]
 CMD ["pacs", "serve"]

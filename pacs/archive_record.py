@@ -81,7 +81,30 @@ def other_archive(settings: Settings) -> str | None:
         return None
     return (f"{settings.data_dir} is served with another archive than these settings open: pass "
             + " and ".join(wrong) + " or run as the service user so that its settings file is read "
-            "(PACS_ENV_FILE, default /etc/filmless-pacs.env); a pacs serve with new settings records them")
+            "(PACS_ENV_FILE, default /etc/filmless-pacs.env); `pacs serve --new-archive` records new settings")
+
+
+def served_elsewhere(settings: Settings) -> str | None:
+    """Why `pacs serve` with these settings would serve another archive than
+    the one the data dir's record names (recorded and configured index and
+    store, no password), or None.
+
+    A typo in the service's settings file (PACS_INDEX_ULR) started a new,
+    empty SQLite archive in the data dir: every study vanished from the
+    viewer while modalities stored into the hidden index.
+    """
+    record = recorded_archive(settings.data_dir)
+    if record is None:
+        return None
+    index, store = index_identity(settings.resolved_index_url), store_identity(settings.resolved_storage_url)
+    if (index, store) == (record["index"], record["storage"]):
+        return None
+    return (f"{settings.data_dir} is served with index {record['index']} and store {record['storage']} "
+            f"({settings.data_dir / RECORD_NAME}), but these settings open index {index} and store {store}: "
+            f"check PACS_INDEX_URL / PACS_STORAGE_URL (unknown variables are warned about above) or pass "
+            f"--index-url {record['index']} --storage-url {record['storage']}; to serve another archive "
+            "from this data dir on purpose, pass --new-archive (`pacs db copy --switch` and "
+            "`pacs migrate --switch` record their new index or store themselves)")
 
 
 def follow_switch(settings: Settings, **changes: str) -> None:

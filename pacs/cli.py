@@ -155,11 +155,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dicom_workers=args.dicom_workers,
     )
     setup_logging(settings.log_level)
-    from .archive_record import record_archive
+    from .archive_record import record_archive, served_elsewhere
 
+    if not args.new_archive and (problem := served_elsewhere(settings)) is not None:
+        err.print(f"[red]refused:[/red] {escape(problem)}", soft_wrap=True)
+        return 1
     # What commands run on this data dir must open too (pacs.archive_record).
     record_archive(settings)
     return serve(settings, with_samples=args.with_samples)
+
+
+# -- health -------------------------------------------------------------------
+def cmd_health(args: argparse.Namespace) -> int:
+    """0 when this machine's `pacs serve` answers /health with 200, else 1.
+
+    The container's HEALTHCHECK: it asked http://127.0.0.1:8042 whatever
+    PACS_HTTP_PORT or PACS_HTTP_TLS said, so such a node stayed unhealthy
+    for good (and compose's pacs-b never started)."""
+    import ssl
+
+    import httpx
+
+    settings = settings_from(args, host=args.host, http_port=args.http_port)
+    # A server listening on every interface answers on loopback too.
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(settings.host, settings.host)
+    verify: ssl.SSLContext | bool = False
+    if settings.http_tls:
+        # Our own server on this machine: its liveness is asked, not its name.
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        if settings.tls_require_client_cert and settings.tls_cert and settings.tls_key:
+            context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        verify = context
+    url = f"{'https' if settings.http_tls else 'http'}://{f'[{host}]' if ':' in host else host}:{settings.http_port}/health"
+    try:
+        response = httpx.get(url, timeout=args.timeout, verify=verify)
+    except (httpx.HTTPError, OSError) as exc:
+        err.print(f"[red]unhealthy:[/red] {url}: {exc.__class__.__name__}: {exc}", soft_wrap=True)
+        return 1
+    if response.status_code != 200:
+        err.print(f"[red]unhealthy:[/red] {url}: HTTP {response.status_code} {response.text[:300]}", soft_wrap=True)
+        return 1
+    if not args.quiet:
+        out.print(f"healthy: {url}", soft_wrap=True)
+    return 0
 
 
 # -- import -------------------------------------------------------------------
@@ -769,6 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hl7-port", type=int, help="HL7 MLLP port (PACS_HL7_PORT, default 2575)")
     p.add_argument("--ae-title", help="our AE title (PACS_AE_TITLE, default FILMLESS)")
     p.add_argument("--with-samples", action="store_true", help="load synthetic sample studies into an empty archive")
+    p.add_argument("--new-archive", action="store_true",
+                   help="serve another index or store than the one this data dir's archive.json records")
     p.add_argument("--dicom-tls-port", type=int, help="DICOM over TLS port, e.g. 2762 (PACS_DICOM_TLS_PORT)")
     p.add_argument("--tls-cert", type=Path, help="certificate, PEM (PACS_TLS_CERT; pacs certs issue)")
     p.add_argument("--tls-key", type=Path, help="private key, PEM (PACS_TLS_KEY)")
@@ -779,6 +820,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-workers", type=int, metavar="N",
                    help="DICOM worker processes sharing the port; 0 = one per core (PACS_DICOM_WORKERS, default 1)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("health", help="exit 0 when this machine's pacs serve answers /health with 200 "
+                                      "(a container's HEALTHCHECK)")
+    _common(p)
+    p.add_argument("--host", help="address pacs serve binds (PACS_HOST; 0.0.0.0 is asked on 127.0.0.1)")
+    p.add_argument("--http-port", type=int, help="HTTP port (PACS_HTTP_PORT, default 8042)")
+    p.add_argument("--timeout", type=float, default=4.0, help="seconds to wait for the answer (default 4)")
+    p.add_argument("--quiet", action="store_true", help="print nothing when healthy")
+    p.set_defaults(func=cmd_health)
 
     p = sub.add_parser("import", help="import DICOM files and folders (recursive)")
     _common(p, json_flag=True)
@@ -980,7 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
 # one, and opening would create an empty archive where --data-dir was
 # mistyped (`pacs route list` then shows "no rules" for a busy hospital).
 MAY_CREATE = {"serve", "import", "samples", "ae add", "user add", "token create", "route add", "db upgrade", "restore",
-              "reindex", "certs"}
+              "reindex", "certs", "health"}
 
 
 def _configured(args: argparse.Namespace) -> bool:
@@ -999,9 +1049,9 @@ def _other_archive(args: argparse.Namespace) -> int | None:
     index or store than the data dir's server uses (pacs.archive_record)."""
     from .archive_record import other_archive
 
-    # serve records its archive; certs opens none; db copy reads the index
+    # serve checks and records its archive itself; certs and health open none; db copy reads the index
     # it is told to copy (an old one after a --switch, say) into another.
-    if args.command in ("serve", "certs") or _command_name(args) == "db copy":
+    if args.command in ("serve", "certs", "health") or _command_name(args) == "db copy":
         return None
     problem = other_archive(settings_from(args))
     if problem is None:
@@ -1015,7 +1065,7 @@ def _root_in_service_dir(args: argparse.Namespace) -> int | None:
     (the service's) owns: every file it wrote there (objects, shard
     folders, SQLite's -wal/-shm even on a read) would be root's, and the
     service could not read or write them."""
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or args.command == "health":  # health writes nothing
         return None
     data_dir = settings_from(args).data_dir
     try:

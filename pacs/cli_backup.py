@@ -29,12 +29,17 @@ def register(sub: Any, common: Callable[..., None]) -> None:
 
 def _audit(args: argparse.Namespace, action: str, detail: str, *, restored: bool = False) -> int:
     """Record *action* in the audit trail; after a restore, also set the
-    restored index's unfinished deletions aside (their number)."""
+    restored index's unfinished deletions aside (their number). A restored
+    index older than the code is upgraded: the caller holds the data dir
+    exclusively, so no server uses it."""
+    from .app import Pacs
     from .audit import Event
-    from .cli import _open
+    from .cli import creates_store, settings_from, setup_logging
     from .index import tombstones
 
-    pacs = _open(args)
+    settings = settings_from(args)
+    setup_logging(settings.log_level if not args.json else "WARNING")
+    pacs = Pacs.open(settings, upgrade=restored, create_store=creates_store(args))
     try:
         set_aside = tombstones.set_aside_after_restore(pacs.engine) if restored else 0
         pacs.audit.record(Event(action=action, user=getpass.getuser(), protocol="cli", detail=detail))
@@ -61,7 +66,15 @@ def cmd_backup(args: argparse.Namespace) -> int:
     except BackupError as exc:
         err.print(f"[red]backup failed:[/red] {exc}")
         return 1
-    _audit(args, "backup", f"index backup to {result.path} ({result.bytes} bytes)")
+    from .index.schema import SchemaError
+
+    try:
+        _audit(args, "backup", f"index backup to {result.path} ({result.bytes} bytes)")
+    except SchemaError as exc:
+        # The backup is complete (the one to take before an upgrade, say); only
+        # its audit event needs the current schema, which only `pacs db upgrade`
+        # or `pacs serve` may bring: not a failed backup.
+        err.print(f"[yellow]backup not audited:[/yellow] {exc}")
     _report(args, result, "backed up")
     return 0
 
@@ -79,11 +92,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     try:
         with hold_exclusively(settings.data_dir):
             result = restore_index(settings.resolved_index_url, args.backup, keep_dir=settings.data_dir)
+            # Still alone on the data dir: an older backup's schema is upgraded
+            # here, or the restore would end in a SchemaError after its work.
+            set_aside = _audit(args, "restore", f"index restored from {result.path}", restored=True)
     except (BackupError, ServerRunning) as exc:
         err.print(f"[red]restore failed:[/red] {exc}")
         return 1
-    # Opening the index afterwards brings an older backup's schema up to date.
-    set_aside = _audit(args, "restore", f"index restored from {result.path}", restored=True)
     _report(args, result, "restored")
     if not args.json:
         if result.previous:

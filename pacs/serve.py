@@ -57,6 +57,34 @@ def _listen(what: str, option: str, host: str, port: int, start: Callable[[], T]
                           f"(choose another with {option})") from None
 
 
+def _probe(host: str, port: int) -> None:
+    """Bind (host, port) as the listener will, and let go at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+
+
+def check_ports(settings: Settings) -> None:
+    """Raise :class:`ListenError` when a port the settings name cannot be
+    listened on. Checked before the index is opened: a start that failed on
+    a port in use (an older server without serve.lock still running) had
+    already upgraded the index under that server, which then refused every
+    C-STORE (0xA703) and answered HIS orders 500."""
+    ports = [("HTTP", "--http-port / PACS_HTTP_PORT", settings.http_port),
+             ("HL7 (MLLP)", "--hl7-port / PACS_HL7_PORT", settings.hl7_port)]
+    if settings.dicom_plain:
+        ports.append(("DICOM", "--dicom-port / PACS_DICOM_PORT", settings.dicom_port))
+    if settings.dicom_tls_port:
+        ports.append(("DICOM over TLS", "--dicom-tls-port / PACS_DICOM_TLS_PORT", settings.dicom_tls_port))
+    for what, option, port in ports:
+        try:
+            _listen(what, option, settings.host, port, lambda: _probe(settings.host, port))  # noqa: B023
+        except socket.gaierror as exc:
+            raise ListenError(f"cannot listen on {settings.host!r}: not an address or known host name of this "
+                              f"machine ({exc.strerror}); set --host / PACS_HOST") from None
+
+
 def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
     """The HL7 listener (orders, ADT) and, when a HIS is configured, the sender."""
     from pacs.orders import OrderService
@@ -229,6 +257,7 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
     # unlogged, with the same losses as above. Uvicorn leaves it to us.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, ask_stop)
+    check_ports(settings)
     # Held until the process ends: `pacs restore` refuses to swap the index
     # meanwhile. Only the data dir's sole server upgrades an older index:
     # another one still running would fail on the upgraded schema.

@@ -138,8 +138,10 @@ class Settings(BaseSettings):
     s3_secret_key: str | None = None
 
     host: str = "127.0.0.1"
-    dicom_port: int = 11112
-    http_port: int = 8042
+    # Ports are checked here: 70000 failed with an OverflowError only after
+    # the archive was created and the admin password printed.
+    dicom_port: int = Field(default=11112, ge=1, le=65535)
+    http_port: int = Field(default=8042, ge=1, le=65535)
     # Seconds an HTTP client has to send a request's line and headers (from
     # connecting, or from its first byte on a kept-alive connection): a client
     # that sends nothing, or dribbles headers, would hold its descriptor for
@@ -151,7 +153,7 @@ class Settings(BaseSettings):
     # good. A slow link that keeps sending is never cut. STOW-RS uploads keep
     # dicom_timeout as their own limit (answered with their STOW report).
     http_body_stall_timeout: float = Field(default=60.0, gt=0)
-    hl7_port: int = 2575
+    hl7_port: int = Field(default=2575, ge=1, le=65535)
     # Close an HL7 MLLP connection that sends nothing for this many seconds (0: never).
     hl7_idle_timeout: float = 300.0
     # Addresses or networks (comma-separated, e.g. "10.0.5.20, 10.0.6.0/24")
@@ -183,7 +185,7 @@ class Settings(BaseSettings):
     # Mutual TLS: only clients with a certificate from tls_ca may connect (DICOM and HTTPS).
     tls_require_client_cert: bool = False
     # A second DICOM listener speaking TLS (2762 is IANA's dicom-tls); needs tls_cert.
-    dicom_tls_port: int | None = None
+    dicom_tls_port: int | None = Field(default=None, ge=1, le=65535)
     # Keep the plain DICOM port for legacy modalities; false leaves only the TLS one.
     dicom_plain: bool = True
     # Serve the HTTP API as HTTPS with the same certificate.
@@ -195,7 +197,7 @@ class Settings(BaseSettings):
     # (an AE title alone is easily claimed by any machine on the network).
     ae_check_host: bool = False
     duplicate_policy: Literal["keep", "overwrite"] = "keep"
-    max_associations: int = 32
+    max_associations: int = Field(default=32, ge=1)
     # Connections one peer address may hold at once (0 = half of
     # max_associations): one host cannot take every slot.
     max_associations_per_host: int = Field(default=0, ge=0)
@@ -268,8 +270,44 @@ class Settings(BaseSettings):
     timezone: str = ""
     # Encoded rendered frames and thumbnails kept in memory (LRU).
     render_cache_bytes: int = 64 * 1024**2
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     ae: list[KnownAeEntry] = Field(default_factory=list)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_any_case(cls, value: Any) -> Any:
+        # "verbose" failed only once DICOM and HL7 listened (uvicorn's KeyError).
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _proxy_addresses(cls, value: str) -> str:
+        import ipaddress
+
+        for entry in (e.strip() for e in value.split(",")):
+            if not entry or entry == "*":
+                continue
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise ValueError(f"trusted_proxies: {entry!r} is not an address or network "
+                                 "(e.g. 10.0.5.20, 10.0.6.0/24, or * for any)") from None
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins_with_scheme(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        for entry in (e.strip().rstrip("/") for e in value.split(",")):
+            if not entry or entry == "*":
+                continue
+            # A browser sends Origin as scheme://host[:port]: "emr.local" never matched any.
+            parts = urlsplit(entry)
+            if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
+                raise ValueError(f"cors_origins: {entry!r} is not an origin (scheme://host[:port], "
+                                 "e.g. https://emr.bvdk.vn)")
+        return value
 
     @field_validator("ae_title")
     @classmethod

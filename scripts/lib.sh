@@ -34,7 +34,16 @@ venv_install() {
     python_ok || apt_need python3 python3-venv python3-pip
     [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
     "$VENV/bin/python" -m pip install -q --upgrade pip 2>&1 | grep -v -i "warning" || true
-    "$VENV/bin/python" -m pip install -q -e "$ROOT$1" 2>&1 | grep -v -i "warning\|location" || true
-    "$VENV/bin/python" -c "import pacs, dicom_scp, viewer_api, storage" \
-        || { echo "python install failed" >&2; exit 1; }
+    # pip's own status: grep's (1 when pip printed nothing) is not an error,
+    # but a failed install was, and install-service.sh went on to enable a
+    # service that could not start (or ran the previous install's code).
+    local pip_status=0
+    "$VENV/bin/python" -m pip install -q -e "$ROOT$1" 2>&1 | grep -v -i "warning\|location" \
+        || pip_status=${PIPESTATUS[0]}
+    if [ "$pip_status" -ne 0 ]; then
+        echo "python install failed: pip install -e $ROOT$1 exited $pip_status" >&2
+        exit 1
+    fi
+    "$VENV/bin/python" -c "import storage, pacs, pacs.cli, dicom_scp, worklist, ris_bridge, viewer_api, sample_studies" \
+        || { echo "python install failed: a module does not import" >&2; exit 1; }
 }
