@@ -114,7 +114,10 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     p.add_argument("--before", type=_date, metavar="YYYY-MM-DD",
                    help="archive the events before this day (hospital time; at least a day ago)")
     p.add_argument("--to", type=Path, dest="folder", metavar="DIR", help="folder for the archive file")
-    p.add_argument("--verify", nargs="+", type=Path, metavar="FILE", help="check archive files instead")
+    p.add_argument("--verify", nargs="+", type=Path, metavar="FILE",
+                   help="check archive files instead: give every archive file of this server (e.g. DIR/audit-*.jsonl.gz) "
+                        "to check the whole chain, from the trail's newest archive back to the first; an older "
+                        "archive's record is inside a newer archive, and a file left out is reported missing")
     p.add_argument("--wait", action="store_true", help=WAIT_HELP)
     p.set_defaults(func=cmd_audit_archive)
 
@@ -519,21 +522,27 @@ def _date(text: str) -> date:
 
 def cmd_audit_archive(args: argparse.Namespace) -> int:
     """pacs audit-archive: 0 archived (or nothing to archive) / every file
-    checks, 1 a check failed or the archive could not be made, 2 bad usage."""
-    from pacs.maintenance.audit_archive import ArchiveError, archive_audit, verify_archive
+    and the chain check, 1 a check failed (a file, or a link of the chain
+    missing) or the archive could not be made, 2 bad usage."""
+    from pacs.maintenance.audit_archive import ArchiveError, archive_audit, verify_archives
 
     if args.verify:
         if args.before or args.folder:
             return _usage("--verify takes only archive files")
-        checks = _run(args, lambda pacs, bar: [verify_archive(path, pacs) for path in args.verify])
-        if checks is None:
+        checked = _run(args, lambda pacs, bar: verify_archives(args.verify, pacs))
+        if checked is None:
             return 1
-        data = {"files": [c.as_dict() for c in checks], "ok": all(c.ok for c in checks)}
+        data = checked.as_dict()
 
         def human_checks() -> None:
-            for c in checks:
+            for c in checked.files:
                 verdict = "[green]ok[/green]" if c.ok else "[red]FAILED[/red]: " + "; ".join(c.problems)
                 out.print(f"{c.file}: {c.events:,} events, sha256 {c.sha256}: {verdict}")
+            for problem in checked.chain:
+                out.print(f"[red]chain broken[/red]: {problem}")
+            if not checked.chain:
+                out.print(f"[green]chain ok[/green]: {checked.linked} archives linked from the trail's newest "
+                          "archive back to the first")
 
         _emit(args, data, human_checks)
         return 0 if data["ok"] else 1
@@ -556,6 +565,9 @@ def cmd_audit_archive(args: argparse.Namespace) -> int:
         if not report.events:
             out.print(f"no audit events before {report.before}: nothing to archive")
             return
+        if report.replaced:
+            err.print(f"[yellow]replaced {report.replaced}: an earlier run wrote it and stopped before the trail "
+                      "recorded it (its events stayed in the index)[/yellow]")
         _counts("audit archive", [("events archived and removed from the index", report.deleted),
                                   ("first event", report.first_at), ("last event", report.last_at),
                                   ("file", report.file), ("sha256", report.sha256)])

@@ -10,7 +10,9 @@ exactly those rows, in one transaction that lifts the append-only guard for
 itself alone. The archive is recorded in the trail that stays (an
 ``audit-archive`` event with the file's name, its event range and its
 SHA-256), and each archive names the SHA-256 of the one before it, so a file
-changed or removed later is detected (``pacs audit-archive --verify``).
+changed or removed later is detected (``pacs audit-archive --verify`` with
+every archive file: an archive's record is often inside a newer archive,
+which took it along with the other old events).
 
 File layout: a header line (``{"archive": ..., "previous_sha256": ...}``),
 one line per event (the form ``pacs audit --format json`` prints), and a
@@ -26,7 +28,7 @@ import json
 import os
 import re
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
@@ -51,6 +53,9 @@ MIN_AGE = timedelta(days=1)
 # ALTER TABLE ... DISABLE TRIGGER holds its audit inserts likewise).
 DELETE_BATCH = 5_000
 _SHA = re.compile(r"sha256=([0-9a-f]{64})")
+# An archive's record, as archive_audit writes its detail.
+_RECORD = re.compile(r"(\d+) events pk (\d+)-(\d+) before (\S+) to (\S+) sha256=([0-9a-f]{64})")
+TRAIL = "the audit trail"
 
 # The guard migration 0005 installed, lifted and restored inside the
 # archiving transaction only (DDL is transactional on both databases).
@@ -75,6 +80,7 @@ class ArchiveReport:
     sha256: str | None = None
     previous_sha256: str | None = None
     deleted: int = 0
+    replaced: str | None = None  # a file an interrupted run left, never recorded, written over
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,13 +91,58 @@ class ArchiveCheck:
     file: str
     ok: bool = False
     events: int = 0
+    first_pk: int | None = None
+    last_pk: int | None = None
+    first_at: str | None = None
+    last_at: str | None = None
     sha256: str | None = None
     previous_sha256: str | None = None
     in_trail: bool | None = None  # the index's audit-archive event names this file and hash
+    recorded_in: str | None = None  # where its hash is vouched for: the trail, or another file given
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class ArchiveSetCheck:
+    """The files given to ``--verify`` and the hash chain they make."""
+    files: list[ArchiveCheck]
+    linked: int = 0  # archives of the chain found among the files
+    chain: list[str] = field(default_factory=list)  # missing or mismatched links
+
+    @property
+    def ok(self) -> bool:
+        return not self.chain and all(c.ok for c in self.files)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"files": [c.as_dict() for c in self.files], "linked": self.linked, "chain": self.chain,
+                "ok": self.ok}
+
+
+@dataclass(frozen=True)
+class _Record:
+    """An archive as an ``audit-archive`` event recorded it, and where that event is."""
+    sha256: str
+    file: str
+    first_pk: int
+    last_pk: int
+    before: str
+    where: str
+
+    def describe(self) -> str:
+        return (f"{self.file} (events pk {self.first_pk}-{self.last_pk} before {self.before}, "
+                f"sha256 {self.sha256}, recorded in {self.where})")
+
+
+def _record(detail: str, where: str) -> _Record | None:
+    """The archive an ``audit-archive`` event's *detail* records, found in *where*."""
+    match = _RECORD.search(detail)
+    if not match:
+        return None
+    return _Record(sha256=match.group(6), file=match.group(5), first_pk=int(match.group(2)),
+                   last_pk=int(match.group(3)), before=match.group(4), where=where)
 
 
 def cutoff_of(day: date, pacs: Pacs, now: datetime | None = None) -> datetime:
@@ -212,7 +263,13 @@ def _write(pacs: Pacs, folder: Path, in_range: Any, report: ArchiveReport,
                 f"-pk{report.first_pk}-{report.last_pk}.jsonl.gz")
         path = folder / name
         if path.exists():
-            raise ArchiveError(f"{path} exists already: these events were archived before and are still in the index?")
+            if _recorded(pacs, path):
+                raise ArchiveError(f"{path} exists already and the trail records it: these events were "
+                                   "archived before and are still in the index?")
+            # A run stopped between naming the file and recording it (killed,
+            # or its deletion failed): nothing vouches for that file, and its
+            # events never left the index, so this one takes its place.
+            report.replaced = str(path)
         os.rename(temporary, path)
         directory = os.open(folder, os.O_RDONLY)
         try:
@@ -223,6 +280,15 @@ def _write(pacs: Pacs, folder: Path, in_range: Any, report: ArchiveReport,
         temporary.unlink(missing_ok=True)
     report.file = str(path)
     return path, pks
+
+
+def _recorded(pacs: Pacs, path: Path) -> bool:
+    """Whether the trail records the archive *path*, by its content's hash or its name."""
+    sha = verify_archive(path).sha256
+    with pacs.engine.connect() as conn:
+        records = [_record(d, TRAIL) for d in conn.execute(
+            select(events_t.c.detail).where(events_t.c.action == ACTION)).scalars()]
+    return any(r is not None and (r.sha256 == sha or r.file == path.name) for r in records)
 
 
 def _rows(pacs: Pacs, in_range: Any) -> Iterator[Any]:
@@ -255,10 +321,17 @@ def _append_only_lifted(conn: Connection) -> Iterator[None]:
         conn.exec_driver_sql(f"ALTER TABLE audit_events ENABLE TRIGGER {_PG_TRIGGER}")
 
 
-def verify_archive(path: Path, pacs: Pacs | None = None) -> ArchiveCheck:
-    """Check an archive file: readable, its hash and count as its trailer
-    says, and (with *pacs*) recorded in the trail with that hash."""
+def verify_archive(path: Path) -> ArchiveCheck:
+    """Check an archive file on its own: readable, its hash and count as its
+    trailer says (:func:`verify_archives` checks it against the trail)."""
+    return _read(path)[0]
+
+
+def _read(path: Path) -> tuple[ArchiveCheck, list[str]]:
+    """The check of *path* on its own, and the details of the archive records
+    (``audit-archive`` events) it carries."""
     check = ArchiveCheck(file=str(path))
+    records: list[str] = []
     digest = hashlib.sha256()
     trailer: dict[str, Any] | None = None
     try:
@@ -279,6 +352,11 @@ def verify_archive(path: Path, pacs: Pacs | None = None) -> ArchiveCheck:
                     check.previous_sha256 = value.get("previous_sha256")
                 else:
                     check.events += 1
+                    check.first_pk = check.first_pk if check.first_pk is not None else value.get("pk")
+                    check.first_at = check.first_at or value.get("at")
+                    check.last_pk, check.last_at = value.get("pk"), value.get("at")
+                    if value.get("action") == ACTION:
+                        records.append(str(value.get("detail") or ""))
     except (OSError, EOFError, ValueError) as exc:  # gzip, JSON and UTF-8 errors
         check.problems.append(f"unreadable: {exc}")
     check.sha256 = digest.hexdigest()
@@ -286,16 +364,113 @@ def verify_archive(path: Path, pacs: Pacs | None = None) -> ArchiveCheck:
         check.problems.append("no trailer: the file is cut short")
     else:
         if trailer.get("sha256") != check.sha256:
-            check.problems.append("the content does not match the trailer's sha256 (changed after archiving)")
+            check.problems.append("the content does not match the trailer's sha256 (changed after archiving: "
+                                  "damaged or forged)")
         if trailer.get("events") != check.events:
             check.problems.append(f"{check.events} events where the trailer says {trailer.get('events')}")
-    if pacs is not None and not check.problems:
-        with pacs.engine.connect() as conn:
-            details = conn.execute(select(events_t.c.detail).where(events_t.c.action == ACTION)).scalars().all()
-        # By content, not name: an archive may be copied or renamed on its way to long-term storage.
-        check.in_trail = any(f"sha256={check.sha256}" in d for d in details)
-        if not check.in_trail:
-            check.problems.append("the audit trail records no archive with this sha256 (made elsewhere, "
-                                  "or its record was archived too: check against the newer archive)")
     check.ok = not check.problems
-    return check
+    return check, records
+
+
+def verify_archives(paths: list[Path], pacs: Pacs) -> ArchiveSetCheck:
+    """Check archive files against the trail and against each other.
+
+    Each file must match its own trailer and a hash something trusted
+    vouches for: an archive record of the live trail, a record carried by
+    another file given that is vouched for itself (older archives' records
+    leave the trail with the events of their day), or the previous_sha256 of
+    such a file. The chain is then walked from the live trail's newest
+    archive back to the first one: every archive of it not among *paths*,
+    and every vouched-for archive record without its file, is a missing link.
+    """
+    read = [_read(path) for path in paths]
+    with pacs.engine.connect() as conn:
+        details = conn.execute(select(events_t.c.detail).where(events_t.c.action == ACTION)
+                               .order_by(events_t.c.pk)).scalars().all()
+    live = [r for r in (_record(d, TRAIL) for d in details) if r is not None]
+    known = {r.sha256: r for r in live}  # the archives trusted records describe
+    # By content, not name: an archive may be copied or renamed on its way to long-term storage.
+    vouched = {r.sha256: TRAIL for r in live}  # trusted hash -> who vouches for it
+    sound = [(c, records) for c, records in read if c.ok]
+    for check, _ in sound:
+        check.in_trail = check.sha256 in known
+    progress = True
+    while progress:  # a file vouched for vouches for the archives it names, which may be given too
+        progress = False
+        for check, records in sound:
+            if check.recorded_in is not None or check.sha256 not in vouched:
+                continue
+            check.recorded_in = vouched[check.sha256]
+            progress = True
+            name = Path(check.file).name
+            for record in (_record(d, name) for d in records):
+                if record is not None:
+                    known.setdefault(record.sha256, record)
+                    vouched.setdefault(record.sha256, name)
+            if check.previous_sha256:
+                vouched.setdefault(check.previous_sha256, f"the header of {name}")
+    for check, _ in sound:
+        if check.recorded_in is None:
+            check.problems.append(_unvouched(check, known.values()))
+            check.ok = False
+    result = ArchiveSetCheck(files=[c for c, _ in read])
+    _walk_chain(result, live[-1].sha256 if live else None, known, [c for c, _ in sound if c.ok])
+    return result
+
+
+def _unvouched(check: ArchiveCheck, known: Iterable[_Record]) -> str:
+    """Why nothing given vouches for a file that matches its own trailer."""
+    same = next((r for r in known if (r.first_pk, r.last_pk) == (check.first_pk, check.last_pk)), None)
+    if same is not None:
+        return (f"the content does not match the sha256 recorded for its events: {same.describe()}; "
+                "changed after archiving and its trailer recomputed (forged), or left by an archive run "
+                "that never completed")
+    return (f"recorded nowhere given: neither the audit trail nor the other files given record an archive "
+            f"with this sha256 or its events (pk {check.first_pk}-{check.last_pk}); an archive's record "
+            "often left the trail inside a newer archive: pass every archive file together "
+            "(or it was made by another server, or by a run that never completed)")
+
+
+def _walk_chain(result: ArchiveSetCheck, newest: str | None, known: dict[str, _Record],
+                files: list[ArchiveCheck]) -> None:
+    """Follow previous_sha256 from the trail's newest archive through *files*
+    (each vouched for), noting every archive of the chain that is not among
+    them, and every archive a trusted record names that is not among them
+    (the other files of *result* are named when they hold its events)."""
+    by_sha = {c.sha256: c for c in files}
+    seen: set[str] = set()
+    missing: dict[str, tuple[int, str]] = {}  # sha -> (order, problem)
+    current, newer = newest, None
+    while current is not None and current not in seen:
+        seen.add(current)
+        check = by_sha.get(current)
+        if check is not None:
+            result.linked += 1
+            current, newer = check.previous_sha256, check
+            continue
+        missing[current] = _missing(current, known.get(current), newer, result.files)
+        # Past the gap, the older files given are still chained to each other.
+        older = [c for c in files if c.sha256 not in seen
+                 and (newer is None or (c.last_pk or 0) < (newer.first_pk or 0))]
+        if not older:
+            break
+        current = max(older, key=lambda c: c.last_pk or 0).sha256
+    for sha, record in known.items():
+        if sha not in by_sha and sha not in missing:
+            missing[sha] = _missing(sha, record, None, result.files)
+    result.chain = [problem for _, problem in sorted(missing.values())]
+
+
+def _missing(sha: str, record: _Record | None, newer: ArchiveCheck | None,
+             files: list[ArchiveCheck]) -> tuple[int, str]:
+    """A missing link of the chain, named as well as what is known allows,
+    with its place in the chain (for the order of the report)."""
+    if record is not None:
+        problem = f"missing archive: {record.describe()}"
+        holders = [Path(c.file).name for c in files if (c.first_pk, c.last_pk) == (record.first_pk, record.last_pk)]
+        return record.first_pk, problem + (f"; {', '.join(holders)} holds these events, not this content"
+                                           if holders else "")
+    named_by = Path(newer.file).name if newer is not None else TRAIL
+    before = f", events before {newer.first_at}" if newer is not None and newer.first_at else ""
+    return ((newer.first_pk or 0) - 1 if newer is not None else 0,
+            f"missing archive: the one with sha256 {sha} that {named_by} names as the one before it{before}")
