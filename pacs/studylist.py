@@ -20,10 +20,15 @@ series_t = Series.__table__
 instances_t = Instance.__table__
 
 
-def _report_status() -> Any:
+def _report_status(signed_only: bool = False) -> Any:
+    # Roles that read signed reports only must see the status of the newest
+    # signed version: an amendment in progress is not theirs to see (the
+    # report API shows them the signed one).
+    current = select(reports.c.status).where(reports.c.study_pk == studies.c.pk)
+    if signed_only:
+        current = current.where(reports.c.status == "signed")
     return (
-        select(reports.c.status)
-        .where(reports.c.study_pk == studies.c.pk)
+        current
         .order_by(reports.c.version.desc())
         .limit(1)
         .scalar_subquery()
@@ -41,10 +46,14 @@ def study_list(
     status: str = "",
     accession: str = "",
     referring: str = "",
+    signed_only: bool = False,
+    patient_pk: int | None = None,
     limit: int = 50,
     offset: int = 0,
 ) -> dict[str, Any]:
-    """Studies matching the reader's search, newest first, with report status."""
+    """Studies matching the reader's search, newest first, with report status
+    (of the newest signed version if *signed_only*); *patient_pk*: only the
+    studies of that index patient (:func:`patient_of`)."""
     match: dict[str, str] = {}
     if name:
         match["PatientName"] = name
@@ -57,12 +66,14 @@ def study_list(
     if accession:
         match["AccessionNumber"] = accession
     stmt, _ = build_select(Query(Level.STUDY, match, fuzzy=True))
-    report_status = _report_status()
+    report_status = _report_status(signed_only)
     stmt = stmt.add_columns(report_status.label("report_status"), studies.c.num_series, studies.c.num_instances)
     if status == "unread":
         stmt = stmt.where(report_status.is_(None))
     elif status in ("draft", "signed"):
         stmt = stmt.where(report_status == status)
+    if patient_pk is not None:
+        stmt = stmt.where(studies.c.patient_pk == patient_pk)
     with engine.connect() as conn:
         if referring:
             # A referring physician sees the studies they referred: the folded
@@ -156,6 +167,13 @@ def _spellings_of(conn: Connection, name: str) -> list[str]:
     candidates = conn.execute(select(studies.c.referring_physician).distinct()
                               .where(studies.c.referring_physician_folded == fold_name(name))).scalars()
     return [value for value in candidates if same_person(value, name)]
+
+
+def patient_of(engine: Engine, study_uid: str) -> int | None:
+    """The index patient of a study (None: no such study): the person, where
+    a Patient ID alone may be another issuer's patient's too."""
+    with engine.connect() as conn:
+        return conn.execute(select(studies.c.patient_pk).where(studies.c.study_uid == study_uid)).scalar()
 
 
 def referring_of(engine: Engine, study_uid: str) -> str | None:

@@ -16,7 +16,7 @@ from pacs.audit import Event
 from pacs.auth import ROLES, SESSION_HOURS, AuthError, LoginThrottled, Principal
 from pacs.header import valid_uid
 from pacs.reports import ReportError, ReportService
-from pacs.studylist import study_detail, study_list
+from pacs.studylist import patient_of, study_detail, study_list
 
 from .errors import HTTPProblem, problem
 from .security import COOKIE, READERS, audit, audit_patients, guard, principal_of
@@ -141,6 +141,11 @@ def _referring_filter(principal: Principal) -> str:
     return principal.display_name if principal.role == "referring" else ""
 
 
+def _signed_only(principal: Principal) -> bool:
+    # Drafts (an amendment in progress too) are the radiologists' own.
+    return principal.role not in ("radiologist", "admin")
+
+
 @router.get("/api/worklist", summary="Studies to read: search by name (no diacritics needed), ID, date, modality, status")
 def worklist(
     request: Request,
@@ -166,10 +171,30 @@ def worklist(
     found = study_list(
         request.app.state.pacs.engine, name=q.strip(), patient_id=patient_id.strip(), date_from=date_from,
         date_to=date_to, modality=modality.strip().upper(), status=status, accession=accession.strip(),
-        referring=_referring_filter(principal), limit=limit, offset=offset,
+        referring=_referring_filter(principal), signed_only=_signed_only(principal), limit=limit, offset=offset,
     )
     audit_patients(request, (item["patient_id"] or "" for item in found["items"]))  # who was shown
     return found
+
+
+@router.get("/api/studies/{study}/priors", summary="The other studies of the study's patient (comparison)")
+def priors(request: Request, study: str, limit: int = 20,
+           principal: Principal = guard(*READERS, action="query")) -> dict[str, Any]:
+    """The other studies of this study's patient, newest first, as far as the
+    user may see them (a referring physician: the ones they referred). By
+    the index's patient, not the Patient ID, which another issuer's patient
+    may share."""
+    if not 1 <= limit <= 500:
+        raise HTTPProblem(400, "limit must be 1-500")
+    engine = request.app.state.pacs.engine
+    patient_pk = patient_of(engine, study)
+    if patient_pk is None:
+        raise HTTPProblem(404, f"no study {study}")
+    found = study_list(engine, patient_pk=patient_pk, referring=_referring_filter(principal),
+                       signed_only=_signed_only(principal), limit=limit + 1)
+    others = [item for item in found["items"] if item["study_uid"] != study][:limit]
+    audit_patients(request, (item["patient_id"] or "" for item in others))
+    return {"items": others}
 
 
 @router.get("/api/studies/{study}", summary="A study with its series and instances")
@@ -237,8 +262,7 @@ def _report_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 @router.get("/api/studies/{study}/report", summary="The study's report (drafts only for radiologists)")
 def get_report(request: Request, study: str, principal: Principal = guard(*READERS, action="view")) -> dict[str, Any]:
-    signed_only = principal.role not in ("radiologist", "admin")
-    return _report_call(_reports(request).get, study, signed_only=signed_only)
+    return _report_call(_reports(request).get, study, signed_only=_signed_only(principal))
 
 
 @router.put("/api/studies/{study}/report", summary="Save the draft report")
@@ -344,7 +368,8 @@ def viewer_study(study: str) -> RedirectResponse:
     return RedirectResponse(f"/#/study/{study}", status_code=302)
 
 
-@router.get("/viewer/accession/{accession}", summary="Open the study of an accession number (EMR link)")
+# :path: an accession number may hold a "/" (legal in SH), which arrives decoded.
+@router.get("/viewer/accession/{accession:path}", summary="Open the study of an accession number (EMR link)")
 def viewer_accession(accession: str) -> RedirectResponse:
     # Resolved by the viewer after login (with the user's own access rights):
     # answering here, before any login, would let anyone map accession

@@ -6,7 +6,7 @@ import { applyI18n, onLangChange, t, toggleLang } from "./i18n.js";
 import { mountLogin } from "./login.js";
 import { forgetUnsaved } from "./report.js";
 import { mountStudy } from "./study.js";
-import { formatPN, h, toast } from "./util.js";
+import { formatDate, formatPN, h, toast } from "./util.js";
 import { mountWorklist } from "./worklist.js";
 
 const NEXT_KEY = "pacs.next";
@@ -64,7 +64,20 @@ async function logout() {
   if (state.view && state.view.cleanup) state.view.cleanup();
   state.view = null;
   sessionStorage.removeItem(NEXT_KEY);
+  forgetSearches();
   navigate("#/login");
+}
+
+// The worklist's search and the place in each study (this tab's memory):
+// the next user of the tab must not find the previous one's patient search run.
+function forgetSearches() {
+  try {
+    for (const key of Object.keys(sessionStorage)) {
+      if (key === "pacs.worklist" || key.startsWith("pacs.view.")) sessionStorage.removeItem(key);
+    }
+  } catch {
+    /* storage disabled */
+  }
 }
 
 // -- routing -------------------------------------------------------------------------
@@ -152,7 +165,7 @@ function openAccession(el, ctx, accession) {
         say(t("accession_many").replace("{accession}", accession));
         el.append(h("ul#accession-choices", ...found.map((item) => h("li", h("a", {
           href: `#/study/${encodeURIComponent(item.study_uid)}` },
-          [formatPN(item.patient_name), item.patient_id, item.study_date, item.modalities, item.description]
+          [formatPN(item.patient_name), item.patient_id, formatDate(item.study_date), item.modalities, item.description]
             .filter(Boolean).join(" · "))))));
       } else notFound();
     })

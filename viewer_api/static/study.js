@@ -94,13 +94,14 @@ export function mountStudy(root, ctx, studyUid) {
   }
 
   // The patient's other studies (priors and later ones) for comparison, as far
-  // as this user may see them (the list API applies the same access rule).
+  // as this user may see them (the priors API applies the worklist's access rule).
   const priors = h("div#prior-studies.priors", { hidden: true });
   async function loadPriors() {
     if (!study || !study.patient_id) return;
     try {
-      const data = await api("GET", "/api/worklist", { query: { patient_id: study.patient_id, limit: 20 } });
-      const others = ((data && data.items) || []).filter((i) => i.study_uid !== studyUid && i.patient_id === study.patient_id);
+      // By the server's patient, not the Patient ID: another issuer's patient may have the same one.
+      const data = await api("GET", `/api/studies/${encodeURIComponent(studyUid)}/priors`, { query: { limit: 20 } });
+      const others = ((data && data.items) || []).filter((i) => i.study_uid !== studyUid);
       if (destroyed || !others.length) return;
       priors.replaceChildren(
         h("div.priors-title", { "data-i18n": "other_studies" }, t("other_studies")),

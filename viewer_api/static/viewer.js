@@ -230,9 +230,13 @@ export class Viewer {
     this.overlay.textContent = parts.filter((p) => p !== undefined && p !== null && p !== "").join("  ");
     this.index = -1;
     this.shownUrl = "";
+    // The previous series' image must not stay on screen under this one's
+    // label (a slow or failing render): blank until its first slice is shown.
+    this.image.hidden = true;
+    this.error.hidden = true;
+    delete this.viewport.dataset.shownUrl;
     if (!n) {
       this.currentUrl = "";
-      this.image.hidden = true;
       const documents = (series.instances || []).filter((inst) => inst.sop_class_uid === ENCAPSULATED_PDF);
       if (documents.length) this.showDocuments(series, documents);
       else this.showError(t("no_image"));
@@ -290,6 +294,7 @@ export class Viewer {
     this.currentUrl = url;
     const generation = this.generation;
     const entry = this.load(url, false);
+    this.cancelStale();
     if (!entry.done) this.spinnerTimer = this.spinnerTimer || setTimeout(() => (this.spinner.hidden = false), 150);
     return entry.promise.then(
       (img) => {
@@ -300,6 +305,8 @@ export class Viewer {
       () => {
         if (this.currentUrl !== url || generation !== this.generation) return;
         this.stopSpinner();
+        // Not the previous image under this slice's label and the message.
+        this.image.hidden = true;
         this.showError(t("image_error"));
         // <img> hides the status: a lost session (401) sends the user to the login
         api("GET", "/api/me").catch(() => {});
@@ -361,7 +368,7 @@ export class Viewer {
     const img = new Image();
     img.decoding = "async";
     if (low) img.fetchPriority = "low";
-    entry = { img, done: false, promise: null };
+    entry = { img, done: false, low: Boolean(low), promise: null };
     entry.promise = new Promise((resolve, reject) => {
       img.onload = () => {
         entry.done = true;
@@ -369,7 +376,7 @@ export class Viewer {
         (img.decode ? img.decode().catch(() => {}) : Promise.resolve()).then(() => resolve(img));
       };
       img.onerror = () => {
-        this.cache.delete(url);
+        if (this.cache.get(url) === entry) this.cache.delete(url); // not a newer request of the URL
         reject(new Error(`image failed: ${url}`));
       };
     });
@@ -385,7 +392,8 @@ export class Viewer {
     return entry;
   }
 
-  preload() {
+  /** The URLs of the slices preload() asks for around the current one. */
+  preloadUrls() {
     const n = this.slices.length;
     const ahead = this.direction >= 0 ? PRELOAD_AHEAD : PRELOAD_BEHIND;
     const behind = this.direction >= 0 ? PRELOAD_BEHIND : PRELOAD_AHEAD;
@@ -394,7 +402,23 @@ export class Viewer {
       if (d <= ahead) order.push(this.index + d * (this.direction >= 0 ? 1 : -1));
       if (d <= behind) order.push(this.index - d * (this.direction >= 0 ? 1 : -1));
     }
-    for (const i of order) if (i >= 0 && i < n) this.load(this.urlFor(i), true);
+    return order.filter((i) => i >= 0 && i < n).map((i) => this.urlFor(i));
+  }
+
+  preload() {
+    for (const url of this.preloadUrls()) this.load(url, true);
+  }
+
+  /** Drop the requests of slices scrolled past: a fast wheel asked for
+   * each, and the slice stopped on waited behind all of them. */
+  cancelStale() {
+    const wanted = new Set(this.preloadUrls());
+    wanted.add(this.currentUrl);
+    for (const [url, entry] of this.cache) {
+      if (entry.done || entry.low || wanted.has(url) || entry.img === this.image) continue;
+      this.cache.delete(url);
+      entry.img.src = "";
+    }
   }
 
   // -- window / level -----------------------------------------------------------------
@@ -583,6 +607,8 @@ export class Viewer {
   }
 
   onPointerDown(event) {
+    // A document's link takes its own click (captured, it went to the viewport).
+    if (event.target instanceof Element && event.target.closest("a")) return;
     this.viewport.focus({ preventScroll: true });
     let mode = null;
     if (event.button === 2 || (event.button === 0 && event.shiftKey)) mode = "window";
