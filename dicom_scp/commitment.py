@@ -58,7 +58,10 @@ REQUEST_COMMITMENT = 1  # Action Type ID (PS3.4 J.3.2.1)
 # cannot connect costs at most dicom_connect_timeout.
 RETRY_DELAYS = (0.0, 5.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1020.0)
 # Seconds between checks of the instances while the index or the store
-# cannot answer (~4 minutes in all) before the report says "failed".
+# cannot answer before the report says "failed" (0110H). Cut at half the
+# dicom_timeout: a modality waiting on its association is aborted at
+# dicom_timeout, and its report must arrive before that. A definite
+# mismatch (missing, damaged, a refused conflict) is never checked again.
 CHECK_RETRY_DELAYS = (0.0, 5.0, 15.0, 30.0, 60.0, 120.0)
 # A modality that does not wait for the report releases right after the
 # N-ACTION-RSP; one that waits keeps its association open for seconds. The
@@ -176,8 +179,9 @@ def make_commitment_handler(pacs: Pacs) -> Any:
         log.info("storage commitment requested by %s: %d instances (transaction %s)",
                  calling, len(references), transaction)
         queued = queue_report(pacs, calling, transaction, references, owned=True)
+        _owned.hold(queued)
         after_response(assoc, lambda: threading.Thread(
-            target=report, args=(pacs, assoc, calling, transaction, references, time.monotonic(), queued),
+            target=_report_owned, args=(pacs, assoc, calling, transaction, references, time.monotonic(), queued),
             name="storage-commitment", daemon=True,
         ).start())
         return 0x0000, None
@@ -185,19 +189,29 @@ def make_commitment_handler(pacs: Pacs) -> Any:
     return handle_action
 
 
-def _checked(pacs: Pacs, transaction: str, references: Sequence[Reference]) -> CommitmentResult:
+def _checked(pacs: Pacs, transaction: str, references: Sequence[Reference], calling: str,
+             budget: float) -> CommitmentResult:
     """The commitment result, checked again while the index or the store is
-    unavailable: an outage of a few minutes must not make the modality read
-    "failed" (0110H) for instances that are safely stored."""
+    unavailable (:data:`CHECK_RETRY_DELAYS`, no try later than *budget* s
+    from now): a short outage must not make the modality read "failed"
+    (0110H) for instances that are safely stored. A definite failure is
+    final: checking it again only held the report back past the modality's
+    patience."""
     result = CommitmentResult(transaction, failed=[(r, PROCESSING_FAILURE) for r in references])
+    started, waited = time.monotonic(), 0.0
     for delay in CHECK_RETRY_DELAYS:
-        time.sleep(delay)
+        waited += delay
+        if waited > budget:
+            log.warning("storage commitment %s: the index or the store did not answer within %.0f s: "
+                        "reported as failed (0110H); the modality may ask again", transaction, budget)
+            break
+        time.sleep(max(0.0, started + waited - time.monotonic()))
         try:
-            result = check_commitment(pacs, transaction, references)
+            result = check_commitment(pacs, transaction, references, calling)
         except Exception as exc:  # the index failed: nothing can be vouched for yet
             log.warning("storage commitment %s: cannot check yet: %s", transaction, str(exc).splitlines()[0][:200])
             continue
-        if not any(reason == PROCESSING_FAILURE for _, reason in result.failed):
+        if not result.unavailable:
             break
     return result
 
@@ -229,7 +243,7 @@ def report(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: S
     claim have run out and another node's reporter taken the report over
     (the checks waited out a long outage), it is left to that reporter.
     *answered_at*: when the N-ACTION-RSP went out (``time.monotonic()``)."""
-    result = _checked(pacs, transaction, references)
+    result = _checked(pacs, transaction, references, calling, pacs.settings.dicom_timeout / 2)
     info = report_dataset(result)
     time.sleep(max(0.0, answered_at + SAME_ASSOCIATION_GRACE - time.monotonic()))
     if queued is not None and queued.lease is not None:
@@ -242,6 +256,7 @@ def report(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: S
                 log.info("storage commitment %s: another node's reporter has the report now", transaction)
                 return False
             queued = held[0]
+            _owned.hold(queued)
     if _on_same_association(assoc, result.event_type, info):
         if queued is not None:
             _settle(pacs, lambda: outbox.mark_sent(pacs.engine, queued))
@@ -263,6 +278,57 @@ def report(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: S
             break
     _reported(pacs, calling, result, delivered, client=str(assoc.requestor.address))
     return delivered
+
+
+class _OwnedReports:
+    """The outbox rows request threads hold (:data:`OWNED_FOR`): a node
+    stopping gives them back (:func:`release_owned`), so the next start or
+    another node sends them at once instead of after the claim runs out."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[int, outbox.Message] = {}
+
+    def hold(self, message: outbox.Message | None) -> None:
+        if message is not None and message.lease is not None:
+            with self._lock:
+                self._held[message.pk] = message  # the newest claim: release matches it
+
+    def drop(self, message: outbox.Message | None) -> None:
+        if message is not None:
+            with self._lock:
+                self._held.pop(message.pk, None)
+
+    def take_all(self) -> list[outbox.Message]:
+        with self._lock:
+            held, self._held = list(self._held.values()), {}
+        return held
+
+
+_owned = _OwnedReports()
+
+
+def _report_owned(pacs: Pacs, assoc: Any, calling: str, transaction: str, references: Sequence[Reference],
+                  answered_at: float, queued: outbox.Message | None) -> None:
+    try:
+        report(pacs, assoc, calling, transaction, references, answered_at, queued)
+    finally:
+        _owned.drop(queued)
+
+
+def release_owned(pacs: Pacs) -> None:
+    """On a clean stop: give the reports request threads still hold back to
+    the outbox, due now (a report owed is otherwise held up to OWNED_FOR)."""
+    held = _owned.take_all()
+    if not held:
+        return
+    try:
+        released = outbox.release(pacs.engine, held, 0)
+    except Exception as exc:
+        log.warning("storage commitment: %d reports not given back to the outbox (%s); sent once their claim "
+                    "runs out", len(held), str(exc).splitlines()[0][:200])
+        return
+    log.info("storage commitment: %d reports owed given back to the outbox for the next start", released)
 
 
 def _settle(pacs: Pacs, change: Callable[[], Any]) -> bool:
@@ -388,9 +454,13 @@ class CommitmentReporter(Periodic):
         calling, transaction = str(data["calling"]), str(data["transaction"])
         references = [Reference(str(c), str(u)) for c, u in data["references"]]
         try:
-            result = check_commitment(self.pacs, transaction, references)
+            result = check_commitment(self.pacs, transaction, references, calling)
         except Exception as exc:
             outbox.mark_failed(engine, message, f"cannot check yet: {exc}"[:500], dead=False, retry_in=30)
+            return
+        if result.unavailable:  # the store failed to read back: not a definite "failed" either
+            outbox.mark_failed(engine, message, "cannot check yet: the store did not answer", dead=False,
+                               retry_in=30)
             return
         remote = _registered(self.pacs, calling)
         if remote is not None and _on_new_association(self.pacs, remote, result.event_type, report_dataset(result)):

@@ -367,6 +367,8 @@ class Ingestor:
             return result  # nothing was stored: no listener hears of it
         if result.kept_elsewhere:
             _warn_conflict(result)
+        if added.outcome is Outcome.DUPLICATE:
+            self._note_conflict(result, origin)
         for listener in self.listeners:
             try:
                 listener(result, origin)
@@ -399,7 +401,29 @@ class Ingestor:
             except Exception as exc:
                 log.error("routing jobs of a resent instance not recorded (%s): %s", key, exc)
                 raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
-        return _duplicate(header, existing, size)
+        result = _duplicate(header, existing, size)
+        self._note_conflict(result, origin)
+        return result
+
+    def _note_conflict(self, result: IngestResult, origin: Origin) -> None:
+        """A duplicate from a DICOM AE: a conflict (not stored, refused 0111H)
+        is recorded for storage commitment; a resend into the kept study and
+        series clears that AE's earlier conflicts for the UID. Only here, on
+        the duplicate paths: a new instance costs no statement (pacs.commitment
+        ignores a conflict whose study/series is where the instance is kept).
+        Unrecorded, a later commitment could vouch for an object we do not
+        hold: 0xA703, the modality sends it again."""
+        if not origin.calling_ae:
+            return  # commitment is asked by AE title: STOW and imports cannot ask
+        h = result.header
+        try:
+            if result.kept_elsewhere:
+                self.committer.record_conflict(h.sop_uid, origin.calling_ae, h.study_uid, h.series_uid)
+            else:
+                self.committer.clear_conflicts(h.sop_uid, origin.calling_ae)
+        except Exception as exc:
+            log.error("UID conflict of %s from %s not recorded: %s", h.sop_uid, origin.calling_ae, exc)
+            raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
 
 
 def _settled(kept: str, ours: str, indexed: str) -> str:

@@ -311,6 +311,10 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             log.warning("HTTP access control is DISABLED (PACS_AUTH_ENABLED=false): local demo only")
         # Whatever started is stopped again, also when a later port is taken.
         with ExitStack() as running:
+            from dicom_scp.commitment import release_owned
+
+            # Last, once no N-ACTION can come: reports owed go back to the outbox.
+            running.callback(release_owned, pacs)
             _start_listeners(pacs, dicom_ssl, running)
             http_socket = _listen("HTTP", "--http-port / PACS_HTTP_PORT", settings.host, settings.http_port,
                                   lambda: _http_socket(settings.host, settings.http_port))

@@ -22,12 +22,13 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine, delete, insert, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ..routing import create_jobs
 from . import tombstones
 from .db import discard_connection, is_sqlite
+from .models import CommitmentConflict
 from .writer import AddResult, IndexRecord, IndexWriter, Outcome
 
 log = logging.getLogger(__name__)
@@ -148,6 +149,27 @@ class GroupCommitter:
         """Routing jobs for an instance already indexed, outside the batches."""
         with self._engine.connect().execution_options(immediate=True) as conn, conn.begin():
             create_jobs(conn, routes, sop_uid, study_uid, datetime.now(UTC))
+
+    def record_conflict(self, sop_uid: str, calling_ae: str, study_uid: str, series_uid: str) -> None:
+        """Keep that *calling_ae*'s object for *sop_uid* (to go into *study_uid*
+        / *series_uid*) was refused as a UID conflict, outside the batches:
+        its storage commitment must fail (see pacs.commitment)."""
+        conflicts = CommitmentConflict.__table__
+        same = ((conflicts.c.sop_uid == sop_uid) & (conflicts.c.calling_ae == calling_ae)
+                & (conflicts.c.study_uid == study_uid) & (conflicts.c.series_uid == series_uid))
+        with self._engine.connect().execution_options(immediate=True) as conn, conn.begin():
+            # A modality retrying the refused object must not grow the table.
+            conn.execute(delete(conflicts).where(same))
+            conn.execute(insert(conflicts).values(sop_uid=sop_uid, calling_ae=calling_ae, study_uid=study_uid,
+                                                  series_uid=series_uid, received_at=datetime.now(UTC)))
+
+    def clear_conflicts(self, sop_uid: str, calling_ae: str) -> None:
+        """*calling_ae* stored *sop_uid* into the kept study and series: its
+        earlier conflicts for the UID no longer stand."""
+        conflicts = CommitmentConflict.__table__
+        with self._engine.connect().execution_options(immediate=True) as conn, conn.begin():
+            conn.execute(delete(conflicts).where(conflicts.c.sop_uid == sop_uid,
+                                                 conflicts.c.calling_ae == calling_ae))
 
     def replace(self, record: IndexRecord) -> AddResult:
         """Make the index row of *record*'s instance describe *record* (the

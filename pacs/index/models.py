@@ -526,3 +526,25 @@ class DeletingObject(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
     outcome: Mapped[str] = mapped_column(String(16), default="")
+
+
+class CommitmentConflict(Base):
+    """An object refused 0111H (its SOP Instance UID is kept in another
+    study or series): the sender's copy was not stored, so a storage
+    commitment request of that AE must not be answered "committed" for the
+    UID (the modality would delete the only copy; see pacs.commitment).
+    Written by the ingest; removed when that AE sends the UID again into the
+    kept study and series. A row whose study and series are where the index
+    now keeps the instance is moot (the kept copy was deleted and the
+    sender's was stored since)."""
+
+    __tablename__ = "commitment_conflicts"
+    __table_args__ = (Index("ix_commitment_conflicts_sop_uid_calling_ae", "sop_uid", "calling_ae"),)
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    sop_uid: Mapped[str] = mapped_column(UID)
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    # Where the refused object was to go.
+    study_uid: Mapped[str] = mapped_column(UID)
+    series_uid: Mapped[str] = mapped_column(UID)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime())
