@@ -177,15 +177,18 @@ class _Decoder:
 
     def decode(self, value: bytes, vr: str, *, uid: bool = False) -> str:
         """*value* as the index keeps it (see :func:`_decode_text`)."""
-        if self.latin1 and not uid and vr in _CHARSET_VRS and not value.isascii():
-            try:
-                text = value.decode("utf-8")
-            except UnicodeDecodeError:
-                pass
-            else:
-                self.mislabelled = True
-                return text.strip(" \x00").replace("\x00", "")[:_MAX_TEXT]
+        if self.latin1 and not uid and vr in _CHARSET_VRS and not value.isascii() and _is_utf8(value):
+            self.mislabelled = True
+            return _decode_text(value, vr, "utf-8", False)
         return _decode_text(value, vr, self.codec, self.undeclared, uid=uid)
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 class _Values(_Decoder):
