@@ -32,8 +32,10 @@ from .conftest import S3_ACCESS, S3_SECRET, Backend, PacsServer, pydicom_file
 S3_ENV = {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET}
 
 
-def _study(out: Path, name: str, patient_id: str, patient_name: str, n: int = 2) -> tuple[str, list[Path]]:
-    """*n* CT images of one new study of one patient, as files to send."""
+def _study(out: Path, name: str, patient_id: str, patient_name: str | None = None, n: int = 2,
+           study_date: str | None = None) -> tuple[str, list[Path]]:
+    """*n* uncompressed CT images of one new study of one patient, as files
+    to send (CT_small's own name and date unless given)."""
     out.mkdir(parents=True, exist_ok=True)
     study, series = generate_uid(), generate_uid()
     files = []
@@ -41,7 +43,11 @@ def _study(out: Path, name: str, patient_id: str, patient_name: str, n: int = 2)
         ds = dcmread(pydicom_file("CT_small.dcm"))
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.PatientID, ds.PatientName, ds.InstanceNumber = patient_id, patient_name, i + 1
+        ds.PatientID, ds.InstanceNumber = patient_id, i + 1
+        if patient_name is not None:
+            ds.PatientName = patient_name
+        if study_date is not None:
+            ds.StudyDate = study_date
         path = out / f"{name}_{i}.dcm"
         ds.save_as(path)
         files.append(path)

@@ -12,7 +12,6 @@ PostgreSQL, the `pacs` CLI, the object store on disk):
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import threading
@@ -20,36 +19,19 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydicom import dcmread
-from pydicom.uid import generate_uid
 from sqlalchemy import text
 
 from storage import FileStore
 
-from .conftest import Backend, PacsServer, pydicom_file
+from .conftest import Backend, PacsServer
 from .peers import PACS, wait_until
+from .test_maintenance_review import _json
+from .test_maintenance_review import _study as ct_study
 
 
 def _study(out: Path, name: str, patient_id: str, n: int = 2, study_date: str = "20240101") -> tuple[str, list[Path]]:
     """*n* uncompressed CT images of one new study, as files to send."""
-    out.mkdir(parents=True, exist_ok=True)
-    study, series = generate_uid(), generate_uid()
-    files = []
-    for i in range(n):
-        ds = dcmread(pydicom_file("CT_small.dcm"))
-        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = study, series, generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        ds.PatientID, ds.InstanceNumber, ds.StudyDate = patient_id, i + 1, study_date
-        path = out / f"{name}_{i}.dcm"
-        ds.save_as(path)
-        files.append(path)
-    return study, files
-
-
-def _json(server: PacsServer, *args: str, rc: int = 0) -> dict[str, Any]:
-    result = server.cli(*args, "--json", check=False)
-    assert result.returncode == rc, f"pacs {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}"
-    return json.loads(result.stdout)
+    return ct_study(out, name, patient_id, n=n, study_date=study_date)
 
 
 def _send(server: PacsServer, *files: Path) -> None:
