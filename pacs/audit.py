@@ -197,19 +197,28 @@ def _insert(conn: Connection, events: list[Event]) -> None:
     conn.execute(insert(events_t), [asdict(e) for e in events])
 
 
+def patient_cx(patient_id: str, issuer: str) -> str:
+    """A patient as an event names it: the Patient ID with its issuer as an
+    HL7 CX (``BN100^^^BVDK``, what IHE ATNA's patient ParticipantObjectID
+    holds), the ID alone without one. Two hospitals' BN100 are two people."""
+    if not patient_id or not issuer:
+        return patient_id
+    return f"{patient_id}^^^{issuer}"
+
+
 def _add_patient_ids(conn: Connection, batch: list[Event]) -> None:
     """Fill in the patient of events that name only a study (most HTTP
-    accesses): "who saw which patient" must not need a join at audit time,
-    and must survive the study's later deletion."""
+    accesses, every DICOM one): "who saw which patient" must not need a join
+    at audit time, and must survive the study's later deletion."""
     wanted = {e.study_uid for e in batch if e.study_uid and not e.patient_id}
     if not wanted:
         return
     rows = conn.execute(
-        select(studies_t.c.study_uid, patients_t.c.patient_id)
+        select(studies_t.c.study_uid, patients_t.c.patient_id, patients_t.c.issuer)
         .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
         .where(studies_t.c.study_uid.in_(wanted))
     ).all()
-    patient_of = {row.study_uid: row.patient_id for row in rows}
+    patient_of = {row.study_uid: patient_cx(row.patient_id, row.issuer) for row in rows}
     for event in batch:
         if event.study_uid and not event.patient_id:
             event.patient_id = patient_of.get(event.study_uid) or ""
@@ -222,15 +231,21 @@ class _Flush:
 
 def _names_patient(patient_id: str) -> ColumnElement[bool]:
     """An event naming *patient_id*: alone, or as one of the backslash-
-    separated patients of a search answer (see viewer_api.security)."""
+    separated patients of a search answer (see viewer_api.security). An ID
+    without issuer finds it under any issuer (``BN100`` finds
+    ``BN100^^^BVDK``), an ID with one (:func:`patient_cx`) that patient only."""
     column = events_t.c.patient_id
     # "!" escapes LIKE's wildcards (a patient ID has no backslash: DICOM LO).
     like = patient_id.replace("!", "!!").replace("%", "!%").replace("_", "!_")
     sep = "\\"
-    return or_(column == patient_id,
-               column.like(f"{like}{sep}%", escape="!"),
-               column.like(f"%{sep}{like}", escape="!"),
-               column.like(f"%{sep}{like}{sep}%", escape="!"))
+    forms = [like] if "^" in patient_id else [like, like + "^^^%"]
+    conditions = [column == patient_id]
+    for form in forms:
+        conditions += [column.like(f"{form}{sep}%", escape="!"), column.like(f"%{sep}{form}", escape="!"),
+                       column.like(f"%{sep}{form}{sep}%", escape="!")]
+    if len(forms) > 1:
+        conditions.append(column.like(forms[1], escape="!"))
+    return or_(*conditions)
 
 
 def query(engine: Engine, *, study_uid: str = "", user: str = "", action: str = "", patient_id: str = "",
@@ -267,11 +282,13 @@ def to_atna(event: dict[str, Any], source_id: str) -> dict[str, Any]:
                              "ParticipantObjectIDTypeCode": {"code": "110180", "codeSystemName": "DCM",
                                                              "displayName": "Study Instance UID"},
                              "ParticipantObjectID": event["study_uid"]})
-    if event["patient_id"]:
+    # One participant per patient named (a search names several, backslash-
+    # separated), each as its CX: ID^^^issuer.
+    for patient in dict.fromkeys(p for p in (event["patient_id"] or "").split("\\") if p):
         participants.append({"ParticipantObjectTypeCode": 1, "ParticipantObjectTypeCodeRole": 1,
                              "ParticipantObjectIDTypeCode": {"code": "2", "codeSystemName": "RFC-3881",
                                                              "displayName": "Patient Number"},
-                             "ParticipantObjectID": event["patient_id"]})
+                             "ParticipantObjectID": patient})
     return {
         "EventIdentification": {
             "EventID": {"code": event["action"], "codeSystemName": "filmless-pacs"},

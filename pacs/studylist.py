@@ -93,6 +93,7 @@ def study_list(
                 "study_uid": r["StudyInstanceUID"],
                 "patient_name": r["PatientName"],
                 "patient_id": r["PatientID"],
+                "issuer": r["_issuer"],
                 "birth_date": r["PatientBirthDate"],
                 "sex": r["PatientSex"],
                 "study_date": r["StudyDate"],

@@ -232,8 +232,9 @@ def test_accesses_are_audited_with_user_and_study(secured: PacsServer) -> None:
     seen = {(e["user"], e["role"], e["action"], e["outcome"]) for e in events}
     assert ("user-radiologist", "radiologist", "retrieve", "success") in seen
     assert ("user-modality", "modality", "retrieve", "denied") in seen
-    # The patient is recorded with the study ("who saw which patient").
-    assert {e["patient_id"] for e in events} == {"001085012345"}
+    # The patient is recorded with the study ("who saw which patient"), with
+    # the issuer of its ID (ID^^^issuer, HL7 CX).
+    assert {e["patient_id"] for e in events} == {"001085012345^^^CCCD"}
     assert all(e["client"] == "127.0.0.1" for e in events)
     assert atna[0]["ParticipantObjectIdentification"][0]["ParticipantObjectID"] == s1
     assert "AUDIT" in syslog and s1 in syslog

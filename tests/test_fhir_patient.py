@@ -363,7 +363,7 @@ def test_subject_reference_resolves_and_finds_the_studies(served: PacsServer) ->
         both = http.get("/fhir/ImagingStudy", params={"patient": f"Patient/{P1}", "identifier": "ACC002"}).json()
         assert [e["resource"]["id"] for e in both["entry"]] == [s2]
         reports = http.get("/fhir/DiagnosticReport", params={"patient": f"Patient/{P1}"}).json()
-        assert [e["resource"]["id"] for e in reports["entry"]] == [f"{s1}-v1"]
+        assert [e["resource"]["id"] for e in reports["entry"]] == [s1]  # a report's id: its study's UID
         assert http.get("/fhir/DiagnosticReport", params={"subject": P2}).json()["total"] == 0
 
 
@@ -433,9 +433,10 @@ def test_patient_accesses_are_audited(served: PacsServer) -> None:
         assert http.get("/fhir/Patient/CCCD.999999999999").status_code == 404
     events = _audit_events(served, "emr.audit", 3)
     seen = [(e["action"], e["outcome"], e["patient_id"]) for e in reversed(events)]
-    assert seen[0] == ("view", "success", "001085012345")
+    # Each patient with the issuer of its ID (ID^^^issuer, HL7 CX).
+    assert seen[0] == ("view", "success", "001085012345^^^CCCD")
     assert seen[1][:2] == ("query", "success")
-    assert set(seen[1][2].split("\\")) == {"001085012345", "079190000111", "OLD123"}  # who was shown
+    assert set(seen[1][2].split("\\")) == {"001085012345^^^CCCD", "079190000111^^^CCCD", "OLD123^^^CCCD"}
     assert seen[2] == ("view", "failure", "")
     assert all(e["role"] == "emr" and e["protocol"] == "http" for e in events)
     assert events[-1]["detail"] == f"/fhir/Patient/{P1}"
@@ -445,4 +446,4 @@ def test_patient_accesses_are_audited(served: PacsServer) -> None:
         assert http.get("/fhir/Patient/CCCD.038095000333").status_code == 403
     events = _audit_events(served, "bs.audit.ref", 2)
     assert [(e["action"], e["outcome"], e["patient_id"]) for e in reversed(events)] == [
-        ("view", "success", "079190000111"), ("view", "denied", "038095000333")]
+        ("view", "success", "079190000111^^^CCCD"), ("view", "denied", "038095000333^^^CCCD")]

@@ -164,11 +164,12 @@ def test_searches_name_the_patients_shown(server: PacsServer) -> None:
     events = _events(server, 7, user="search.audit")
     queries = [e for e in reversed(events) if e["action"] == "query"]
     shown = [set(e["patient_id"].split("\\")) for e in queries]
-    nguyen = {"001085012345", "079190000111", "OLD123"}
+    # Each with the issuer of its ID (ID^^^issuer, HL7 CX).
+    nguyen = {"001085012345^^^CCCD", "079190000111^^^CCCD", "OLD123^^^CCCD"}
     assert shown[0] == nguyen  # QIDO-RS
     assert shown[1] == nguyen  # the worklist
-    assert shown[3] == {"001085012345"}  # ImagingStudy
-    assert shown[4] == {"001085012345"}  # DiagnosticReport
+    assert shown[3] == {"001085012345^^^CCCD"}  # ImagingStudy
+    assert shown[4] == {"001085012345^^^CCCD"}  # DiagnosticReport
 
 
 def test_many_patients_shown_are_named_in_bounded_events(server: PacsServer) -> None:

@@ -312,7 +312,7 @@ def test_fhir_searches_audit_each_study_shown_and_cap_count(reporting: PacsServe
             events = admin.get("/api/audit", params={"study": study, "user": "emr"}).json()
             searched = [e for e in events if e["action"] == "query" and e["outcome"] == "success"]
             # Each search that showed it (DiagnosticReport, ImagingStudy), not the counts alone.
-            assert len(searched) == 2 and {e["patient_id"] for e in searched} == {"001085012345"}, events
+            assert len(searched) == 2 and {e["patient_id"] for e in searched} == {"001085012345^^^CCCD"}, events
     by_patient_cli = json.loads(reporting.cli("audit", "--patient", "001085012345", "--user", "emr",
                                               "--format", "json").stdout)
     assert {e["study_uid"] for e in by_patient_cli if e["action"] == "query"} >= {s1, s2}

@@ -236,10 +236,12 @@ def test_fhir_conformance(reporting: PacsServer) -> None:
         assert abs((datetime.now(UTC) - issued).total_seconds()) < 600
         # fullUrl is readable; the next link gives the other match.
         read = http.get(bundle["entry"][0]["fullUrl"])
-        assert read.status_code == 200 and read.json()["id"] == report["id"] == f"{report['imagingStudy'][0]['reference'].split('/')[1]}-v1"
+        # One report per study, its id the Study UID (each signed version a meta.versionId).
+        study_of_report = report["imagingStudy"][0]["reference"].split("/")[1]
+        assert read.status_code == 200 and read.json()["id"] == report["id"] == study_of_report
         following = http.get([link["url"] for link in bundle["link"] if link["relation"] == "next"][0]).json()
         assert following["total"] == 2 and [link["relation"] for link in following["link"]] == ["self"]
-        assert {e["resource"]["id"] for e in [*bundle["entry"], *following["entry"]]} == {f"{s1}-v1", f"{s2}-v1"}
+        assert {e["resource"]["id"] for e in [*bundle["entry"], *following["entry"]]} == {s1, s2}
         studies = http.get("/fhir/ImagingStudy", params={"patient.identifier": "CCCD|001085012345", "_count": 1}).json()
         assert studies["total"] == 2 and len(studies["entry"]) == 1
         # Errors are OperationOutcomes; XML is not spoken.

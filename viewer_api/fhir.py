@@ -11,15 +11,19 @@ import hashlib
 import re
 import string
 import urllib.parse
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, date, datetime, tzinfo
+from email.utils import format_datetime
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import ImmutableMultiDict
 from sqlalchemy import ColumnElement, Connection, and_, exists, false, func, or_, select
 
 from pacs import __version__
+from pacs.audit import patient_cx
 from pacs.auth import Principal
 from pacs.index.models import PatientIdentifier, Report
 from pacs.index.writer import MERGED_ID_TYPE
@@ -31,7 +35,7 @@ from pacs.timezones import hospital_zone
 
 from . import mediatypes
 from .dicomjson import dumps
-from .errors import HTTPProblem, register_format
+from .errors import HTTPProblem, control_character_refusal, register_format
 from .negotiation import effective_accept
 from .security import READERS, audit_patients, audit_studies, guard, may_see_study
 from .urls import base_url
@@ -48,7 +52,10 @@ PATIENT_ID_SYSTEM = "https://filmless-pacs.org/fhir/NamingSystem/patient-id"
 # Search parameters applied (R4 search 3.1.1.3.4: others are ignored, or
 # refused with Prefer: handling=strict): a search's own, each as often as
 # given (AND), and _count and _offset once; _format is a general parameter.
-_STUDY_PARAMETERS = ("patient", "subject", "patient.identifier", "subject.identifier", "identifier")
+# patient:Patient, subject:Patient: the reference [type] modifier naming the
+# only type these refer to, the same search (R4 search 3.1.1.4.6).
+_STUDY_PARAMETERS = ("patient", "subject", "patient:Patient", "subject:Patient", "patient.identifier",
+                     "subject.identifier", "identifier")
 _PATIENT_PARAMETERS = ("_id", "identifier", "name", "family", "given", "birthdate", "gender")
 _GENERAL_PARAMETERS = ("_format",)
 UNIDENTIFIED = "unidentified patient"
@@ -60,7 +67,7 @@ def _fhir(body: Any, status: int = 200) -> Response:
 
 # -- errors and formats (R4 http.html 3.1.0.1.9, 3.1.0.4) ---------------------------------
 _ISSUE_CODES = {400: "invalid", 401: "login", 403: "forbidden", 404: "not-found", 405: "not-supported",
-                406: "not-supported", 409: "conflict", 422: "processing"}
+                406: "not-supported", 409: "conflict", 415: "not-supported", 422: "processing"}
 
 
 def operation_outcome(status: int, message: str) -> Response:
@@ -76,16 +83,27 @@ def install(app: FastAPI) -> None:
 
 
 _JSON_FORMATS = {"json", "application/json", "application/fhir+json", "application/json+fhir"}
-_JSON_OFFERS = [mediatypes.Offer(FHIR_JSON), mediatypes.Offer("application/json")]
+# application/json+fhir: the DSTU2 name, which R4 lets servers go on accepting.
+_JSON_OFFERS = [mediatypes.Offer(FHIR_JSON), mediatypes.Offer("application/json"),
+                mediatypes.Offer("application/json+fhir")]
+
+
+def check_format(wanted: str) -> None:
+    """406 unless *wanted* (a _format value) names JSON. A ``+`` typed as
+    is in a URL arrives as a space (form encoding), and a media type's
+    parameters (``; fhirVersion=4.0``) do not change the format."""
+    media_type = wanted.split(";", 1)[0].strip().lower().replace(" ", "+")
+    if media_type not in _JSON_FORMATS:
+        raise HTTPProblem(406, f"_format {wanted[:40]!r} is not supported: this server answers FHIR JSON only")
 
 
 def json_only(request: Request) -> None:
     """406 for XML (or anything but JSON) asked by _format or Accept: this
     server speaks FHIR JSON only (R4 http.html 3.1.0.1.9)."""
     wanted = request.query_params.get("_format")
-    if wanted is not None and wanted.strip().lower() not in _JSON_FORMATS:
-        raise HTTPProblem(406, f"_format {wanted[:40]!r} is not supported: this server answers FHIR JSON only")
-    if wanted is None:
+    if wanted is not None:
+        check_format(wanted)
+    else:
         try:
             mediatypes.negotiate(effective_accept(request), _JSON_OFFERS, default=_JSON_OFFERS[0])
         except mediatypes.NotAcceptable:
@@ -94,6 +112,39 @@ def json_only(request: Request) -> None:
 
 
 router = APIRouter(prefix="/fhir", tags=["FHIR R4"], dependencies=[Depends(json_only)])
+FORM = "application/x-www-form-urlencoded"
+
+
+def search_params(request: Request) -> ImmutableMultiDict[str, str]:
+    """A search's parameters: the query string's, and those of the form
+    body of a POST to [type]/_search (:func:`_posted_search`)."""
+    posted = getattr(request.state, "fhir_search", None)
+    return posted if posted is not None else request.query_params
+
+
+async def _posted_search(request: Request) -> tuple[int, int]:
+    """POST [type]/_search (R4 http.html "search"): the form body's
+    parameters join the query string's, and the search runs as its GET
+    would (the Bundle's links are GET links); its page (_count, _offset)."""
+    body = await request.body()
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if body and media_type != FORM:
+        raise HTTPProblem(415, f"a search body is {FORM}, not {media_type[:60] or 'untyped'}")
+    refusal = control_character_refusal("", body)
+    if refusal is not None:
+        raise HTTPProblem(400, refusal.replace("a query parameter", "a form parameter"))
+    try:
+        form = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise HTTPProblem(400, "the form body is not UTF-8") from None
+    params = ImmutableMultiDict([*request.query_params.multi_items(), *form])
+    request.state.fhir_search = params
+    if "_format" not in request.query_params and "_format" in params:
+        check_format(params["_format"])
+    try:
+        return int(params.get("_count", "50")), int(params.get("_offset", "0"))
+    except ValueError:
+        raise HTTPProblem(400, "_count and _offset are whole numbers") from None
 
 
 def _token_values(raw: str) -> list[tuple[str | None, str]]:
@@ -106,6 +157,11 @@ def _token_values(raw: str) -> list[tuple[str | None, str]]:
         pieces = _unescaped_split(part, "|", maxsplit=1)
         value = _unescape(pieces[-1])
         system = _unescape(pieces[0]) if len(pieces) == 2 else None
+        if system is not None and not value:
+            # R4 "system|": every code of the system (a whole issuer's
+            # patients). Not offered: answering nothing would hide them.
+            raise HTTPProblem(400, f"token {part[:60]!r}: a system without a value is not supported; "
+                                   "search system|value, or value alone for any system")
         if value:
             alternatives.append((system, value))
     return alternatives
@@ -157,7 +213,8 @@ def _study_uids(request: Request, patient_reference: list[str], patient_identifi
     with engine.connect() as conn:
         for raw in patient_reference:
             # Ours to resolve (the id is derived, not stored): to the patients' keys first.
-            stmt = stmt.where(studies.c.patient_pk.in_(_patient_pks(conn, _reference_ids(raw))))
+            # A former id (merged away, replaced by the hospital number) finds the patient it became.
+            stmt = stmt.where(studies.c.patient_pk.in_(_patient_pks(conn, _reference_ids(raw), former=True)))
         return [r[0] for r in conn.execute(stmt.order_by(studies.c.study_date.desc(), studies.c.pk.desc()))]
 
 
@@ -178,14 +235,16 @@ def _reference_ids(raw: str) -> list[str]:
 
 
 def _patient_matches(system: str | None, value: str) -> ColumnElement[bool]:
-    """Studies of the patient *value* identifies: its patient ID, or one of
-    its other identifiers (citizen ID, insurance number), under *system*'s issuer."""
-    issuer = _issuer_of(system)
+    """Patients *value* identifies: their patient ID, or one of their other
+    identifiers (citizen ID, insurance number), under *system*'s issuer
+    (None: no system given, any issuer)."""
     own = patients.c.patient_id == value
-    if issuer:
-        own = own & (patients.c.issuer == issuer)
     other = select(identifiers.c.patient_pk).where(identifiers.c.value == value)
-    if issuer:
+    if system is not None:
+        issuer = _issuer_of(system)
+        if issuer is None:
+            return false()
+        own = own & (patients.c.issuer == issuer)
         other = other.where(identifiers.c.issuer == issuer)
     return or_(own, patients.c.pk.in_(other))
 
@@ -197,14 +256,14 @@ def _study_matches(system: str | None, value: str) -> ColumnElement[bool]:
     return studies.c.accession_number == value
 
 
-def _issuer_of(system: str | None) -> str | None:
-    """The issuer a patient.identifier system names (None: any). Ours
-    (PATIENT_ID_SYSTEM[/issuer]), the issuer itself (CCCD, BHYT...) or a URI
-    ending with it."""
-    if not system:
-        return None
+def _issuer_of(system: str) -> str | None:
+    """The issuer a patient identifier's system names: ours exactly, for
+    IDs without an issuer (""), PATIENT_ID_SYSTEM/{issuer}, the issuer itself
+    (CCCD, BHYT...) or a URI ending with it. None when it names none: an
+    empty system (R4 ``|value``) asks for identifiers without a system, and
+    every identifier of ours has one."""
     if system == PATIENT_ID_SYSTEM:
-        return None
+        return ""
     if system.startswith(PATIENT_ID_SYSTEM + "/"):
         return urllib.parse.unquote(system[len(PATIENT_ID_SYSTEM) + 1 :]) or None
     return system.rsplit("/", 1)[-1].rsplit(":", 1)[-1] or None
@@ -310,6 +369,12 @@ def _study_modalities(detail: dict[str, Any], series: list[dict[str, Any]]) -> l
     return list(dict.fromkeys(found))
 
 
+def _unsigned(number: int | None) -> int | None:
+    """A DICOM IS as an R4 unsignedInt: a negative Series or Instance Number
+    (valid IS) is left out, or a strict client refuses the whole Bundle."""
+    return number if number is not None and number >= 0 else None
+
+
 def imaging_study(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
     base = base_url(request)
     series = [s for s in detail["series"]]
@@ -329,13 +394,13 @@ def imaging_study(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
         "series": [
             {
                 "uid": s["series_uid"],
-                "number": s["series_number"],
+                "number": _unsigned(s["series_number"]),
                 "modality": {"system": DCM, "code": s["modality"] or "OT"},
                 "description": s["description"],
                 "numberOfInstances": s["num_instances"],
                 "instance": [{"uid": i["sop_uid"], "sopClass": {"system": "urn:ietf:rfc:3986",
                                                                  "code": f"urn:oid:{i['sop_class_uid']}"},
-                              "number": i["instance_number"]} for i in s["instances"]],
+                              "number": _unsigned(i["instance_number"])} for i in s["instances"]],
             }
             for s in series
         ],
@@ -350,7 +415,10 @@ def imaging_study(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
 
 def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str, Any],
                       version: int | None = None) -> dict[str, Any] | None:
-    """The DiagnosticReport of a signed version (the latest by default)."""
+    """The DiagnosticReport of a signed version (the latest by default): one
+    resource per study's report, each signed version a version of it
+    (meta.versionId; an amendment is version 2 of the same id, so the EMR
+    that kept the id reads the amendment)."""
     signed = [v for v in report["versions"] if version is None or v["version"] == version]
     if not signed:
         return None
@@ -359,7 +427,8 @@ def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str
     text = f"{current['findings']}\n\n{current['impression']}".strip()
     resource: dict[str, Any] = {
         "resourceType": "DiagnosticReport",
-        "id": report_id(detail["study_uid"], current["version"]),
+        "id": report_id(detail["study_uid"]),
+        "meta": {"versionId": str(current["version"]), "lastUpdated": _instant(current["signed_at"])},
         "status": "final" if current["version"] == 1 else "amended",
         "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0074", "code": "RAD"}]}],
         "code": {"coding": [{"system": "http://loinc.org", "code": "18748-4", "display": "Diagnostic imaging study"}]},
@@ -384,24 +453,27 @@ def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str
     return _pruned(resource)
 
 
-def report_id(study_uid: str, version: int) -> str:
-    """``{StudyInstanceUID}-v{version}``; a UID too long for that to fit a
-    FHIR id (64 characters: UIDs of 62-64) is written compactly, ``u{base62}``."""
-    plain = f"{study_uid}-v{version}"
-    if len(plain) <= _ID_LENGTH:
-        return plain
-    return f"u{_uid_to_base62(study_uid)}-v{version}"
+def report_id(study_uid: str) -> str:
+    """The logical id of a study's report: its StudyInstanceUID (a FHIR id
+    holds 64 characters, as a UID does); a longer, malformed UID is written
+    compactly, ``u{base62}``."""
+    if len(study_uid) <= _ID_LENGTH:
+        return study_uid
+    return f"u{_uid_to_base62(study_uid)}"
 
 
-def _parse_report_id(value: str) -> tuple[str, int]:
-    """A report id -> (study UID, version); 404 otherwise."""
-    match = re.fullmatch(r"([0-9.]{1,64}|u[0-9A-Za-z]{1,40})-v([1-9][0-9]{0,5})", value)
+def _parse_report_id(value: str) -> tuple[str, int | None]:
+    """A report id -> (its study's UID, the version an id of earlier
+    releases named); 404 otherwise. Those ids, one per signed version
+    (``{uid}-v{n}``, ``u{base62}-v{n}``), name the same report now: an EMR
+    that kept one reads the current version."""
+    match = re.fullmatch(r"([0-9.]{1,64}|u[0-9A-Za-z]{1,40})(?:-v([1-9][0-9]{0,5}))?", value)
     study = match.group(1) if match else None
     if study and study.startswith("u"):
         study = _uid_from_base62(study[1:])
     if match is None or study is None:
         raise HTTPProblem(404, f"no DiagnosticReport {value[:80]!r}")
-    return study, int(match.group(2))
+    return study, int(match.group(2)) if match.group(2) else None
 
 
 _ID_LENGTH = 64  # R4 datatypes: id is [A-Za-z0-9\-\.]{1,64}
@@ -441,7 +513,9 @@ def _page_url(request: Request, applied: list[tuple[str, str]], offset: int | No
     if offset is not None:
         params.append(("_offset", str(offset)))
     query = urllib.parse.urlencode(params)
-    return f"{base_url(request)}{request.url.path}{'?' + query if query else ''}"
+    # A search POSTed to [type]/_search pages as the GET of [type].
+    path = request.url.path.removesuffix("/_search")
+    return f"{base_url(request)}{path}{'?' + query if query else ''}"
 
 
 def _strict(request: Request) -> bool:
@@ -458,7 +532,7 @@ def _applied_parameters(request: Request, searched: Sequence[str] = _STUDY_PARAM
     """The search parameters this server applies (*searched*, the search's
     own), as given, in order; the others are ignored (and left out of the
     self link), or refused with 400 when the client asked Prefer: handling=strict."""
-    params = request.query_params
+    params = search_params(request)
     applied: list[tuple[str, str]] = []
     ignored: list[str] = []
     for name, value in params.multi_items():
@@ -479,7 +553,8 @@ def _applied_parameters(request: Request, searched: Sequence[str] = _STUDY_PARAM
     if ignored and _strict(request):
         names = ", ".join(sorted({n[:40] for n in ignored}))
         raise HTTPProblem(400, f"search parameter(s) not supported or repeated: {names}; this server searches "
-                               f"{request.url.path.rsplit('/', 1)[-1]} by {', '.join(searched)}, _count and _offset")
+                               f"{request.url.path.removesuffix('/_search').rsplit('/', 1)[-1]} by "
+                               f"{', '.join(searched)}, _count and _offset")
     return applied
 
 
@@ -526,8 +601,9 @@ def _search(request: Request, principal: Principal, count: int, offset: int, *,
     how many there are in all, and the page size given."""
     _applied_parameters(request)  # Prefer: handling=strict refuses what would be ignored
     count = _page_bounds(count, offset)
-    params = request.query_params
-    patient_reference = [v for v in params.getlist("patient") + params.getlist("subject") if v]
+    params = search_params(request)
+    patient_reference = [v for name in ("patient", "subject", "patient:Patient", "subject:Patient")
+                         for v in params.getlist(name) if v]
     patient_identifier = [v for v in params.getlist("patient.identifier") + params.getlist("subject.identifier") if v]
     identifier = [v for v in params.getlist("identifier") if v]
     engine = request.app.state.pacs.engine
@@ -541,16 +617,29 @@ def _search(request: Request, principal: Principal, count: int, offset: int, *,
 def _audit_studies_shown(request: Request, details: Iterable[dict[str, Any]]) -> None:
     """Name each study a search answer shows, with its patient, in the audit
     trail (one event per study: ``pacs audit --study UID`` finds the EMR's
-    searches that showed it, as it finds the reads)."""
-    audit_studies(request, ((d["study_uid"], d.get("patient_id") or "") for d in details))
+    searches that showed it, as it finds the reads). The patient is left for
+    the trail to fill in from the study, with its issuer, as for every
+    event naming a study (pacs.audit.patient_cx)."""
+    audit_studies(request, ((d["study_uid"], "") for d in details))
 
 
 @router.get("/ImagingStudy", summary="Search ImagingStudy by patient, patient.identifier or identifier")
 def search_imaging_studies(request: Request, _count: int = 50, _offset: int = 0,
                            principal: Principal = guard(*READERS, action="query")) -> Response:
-    details, total, count = _search(request, principal, _count, _offset, signed_only=False)
+    return _imaging_study_bundle(request, principal, _count, _offset)
+
+
+@router.post("/ImagingStudy/_search", summary="Search ImagingStudy with the parameters in a form body")
+async def search_imaging_studies_posted(request: Request,
+                                        principal: Principal = guard(*READERS, action="query")) -> Response:
+    count, offset = await _posted_search(request)
+    return await run_in_threadpool(_imaging_study_bundle, request, principal, count, offset)
+
+
+def _imaging_study_bundle(request: Request, principal: Principal, count: int, offset: int) -> Response:
+    details, total, count = _search(request, principal, count, offset, signed_only=False)
     _audit_studies_shown(request, details)
-    return _fhir(_bundle(request, [imaging_study(request, d) for d in details], total, _offset, count))
+    return _fhir(_bundle(request, [imaging_study(request, d) for d in details], total, offset, count))
 
 
 @router.get("/ImagingStudy/{study}", summary="One ImagingStudy")
@@ -564,7 +653,18 @@ def read_imaging_study(request: Request, study: str, _: Any = guard(*READERS, ac
 @router.get("/DiagnosticReport", summary="Search signed reports by patient, patient.identifier or identifier")
 def search_reports(request: Request, _count: int = 50, _offset: int = 0,
                    principal: Principal = guard(*READERS, action="query")) -> Response:
-    details, total, count = _search(request, principal, _count, _offset, signed_only=True)
+    return _report_bundle(request, principal, _count, _offset)
+
+
+@router.post("/DiagnosticReport/_search", summary="Search signed reports with the parameters in a form body")
+async def search_reports_posted(request: Request, principal: Principal = guard(*READERS, action="query")) -> Response:
+    count, offset = await _posted_search(request)
+    return await run_in_threadpool(_report_bundle, request, principal, count, offset)
+
+
+def _report_bundle(request: Request, principal: Principal, count: int, offset: int) -> Response:
+    """The current version of each matching study's report, one page."""
+    details, total, count = _search(request, principal, count, offset, signed_only=True)
     service = ReportService(request.app.state.pacs)
     resources = []
     shown = []
@@ -574,12 +674,27 @@ def search_reports(request: Request, _count: int = 50, _offset: int = 0,
             resources.append(report)
             shown.append(detail)
     _audit_studies_shown(request, shown)
-    return _fhir(_bundle(request, resources, total, _offset, count))
+    return _fhir(_bundle(request, resources, total, offset, count))
 
 
-@router.get("/DiagnosticReport/{report}", summary="One signed report version ({StudyInstanceUID}-v{version})")
+@router.get("/DiagnosticReport/{report}", summary="A study's report, its current signed version ({StudyInstanceUID})")
 def read_report(request: Request, report: str, principal: Principal = guard(*READERS, action="view")) -> Response:
-    study, version = _parse_report_id(report)
+    return _report_version(request, principal, report, None)
+
+
+@router.get("/DiagnosticReport/{report}/_history/{version}", summary="One signed version of a report (vread)")
+def vread_report(request: Request, report: str, version: str,
+                 principal: Principal = guard(*READERS, action="view")) -> Response:
+    if not re.fullmatch(r"[1-9][0-9]{0,5}", version):
+        raise HTTPProblem(404, f"no version {version[:20]!r} of DiagnosticReport {report[:80]!r}")
+    return _report_version(request, principal, report, int(version))
+
+
+def _report_version(request: Request, principal: Principal, report: str, version: int | None) -> Response:
+    """A read (the current signed version) or vread (*version*) of a report,
+    with its version as a weak ETag and its signing as Last-Modified (R4
+    http.html "read")."""
+    study, former_version = _parse_report_id(report)
     # The guard only sees a study named "study" in the path: check it here.
     if not may_see_study(request, principal, study):
         raise HTTPProblem(403, "this study was not referred by you")
@@ -594,9 +709,17 @@ def read_report(request: Request, report: str, principal: Principal = guard(*REA
     except ReportError as exc:
         raise HTTPProblem(exc.http_status, str(exc)) from None
     resource = diagnostic_report(request, detail, signed, version)
+    if former_version is not None and former_version not in {v["version"] for v in signed["versions"]}:
+        resource = None  # an old per-version id never given out (no such signed version)
     if resource is None:
-        raise HTTPProblem(404, f"no DiagnosticReport {report[:80]!r}")
-    return _fhir(resource)
+        what = f"version {version} of " if version is not None else ""
+        raise HTTPProblem(404, f"no {what}DiagnosticReport {report[:80]!r}")
+    response = _fhir(resource)
+    response.headers["ETag"] = f'W/"{resource["meta"]["versionId"]}"'
+    if "lastUpdated" in resource["meta"]:
+        signed_at = datetime.fromisoformat(resource["meta"]["lastUpdated"].replace("Z", "+00:00"))
+        response.headers["Last-Modified"] = format_datetime(signed_at, usegmt=True)
+    return response
 
 
 @router.get("/Endpoint/dicomweb", summary="Our DICOMweb endpoint")
@@ -737,24 +860,85 @@ def _id_candidates(fhir_id: str) -> list[ColumnElement[bool]]:
     return [and_(patients.c.patient_id == patient_id, patients.c.issuer == issuer)]
 
 
-def _patient_pks(conn: Connection, fhir_ids: Iterable[str]) -> list[int]:
-    """The patients (keys) the Patient ids name; an unknown id names none."""
+def _patient_pks(conn: Connection, fhir_ids: Iterable[str], *, former: bool = False) -> list[int]:
+    """The patients (keys) the Patient ids name; an unknown id names none.
+    With *former*, an id that names no patient any more names the one it
+    became (:func:`_former_patient`)."""
     found: list[int] = []
     for fhir_id in fhir_ids:
-        for condition in _id_candidates(fhir_id):
-            rows = conn.execute(select(patients.c.pk, patients.c.patient_id, patients.c.issuer, _ANCHOR_STUDY)
-                                .where(condition)).all()
-            matched = [r.pk for r in rows if patient_fhir_id(r.patient_id, r.issuer, r.anchor) == fhir_id]
-            if matched:
-                found += matched
-                break
+        matched = _current_pks(conn, fhir_id)
+        if not matched and former:
+            replaced = _former_patient(conn, fhir_id)
+            matched = [replaced[0]] if replaced else []
+        found += matched
     return found
 
 
-def patient_resource(row: Any, others: Sequence[Any]) -> dict[str, Any]:
+def _current_pks(conn: Connection, fhir_id: str) -> list[int]:
+    """The patients rows whose own key *fhir_id* is."""
+    for condition in _id_candidates(fhir_id):
+        rows = conn.execute(select(patients.c.pk, patients.c.patient_id, patients.c.issuer, _ANCHOR_STUDY)
+                            .where(condition)).all()
+        matched = [r.pk for r in rows if patient_fhir_id(r.patient_id, r.issuer, r.anchor) == fhir_id]
+        if matched:
+            return matched
+    return []
+
+
+def _former_patient(conn: Connection, fhir_id: str) -> tuple[int, Any] | None:
+    """The patient a former Patient id names now, with the identifier row
+    that holds it: a key merged away by the HIS (ADT^A40, kept as a MERGED
+    alias) or replaced by its hospital number (ADT^A08 with a PI: the old
+    key became an other ID), as pacs.orders keeps them. Exactly one
+    patient, else None (never a guess between two people). Indexed lookups
+    on patient_identifiers.value only; the caller has found no patients
+    row with this key."""
+    condition = _former_key(fhir_id)
+    if condition is None:
+        return None
+    rows = [r for r in conn.execute(select(identifiers).where(condition).order_by(identifiers.c.pk)).all()
+            if patient_fhir_id(r.value, r.issuer, None) == fhir_id]
+    if len({r.patient_pk for r in rows}) != 1:
+        return None
+    return int(rows[0].patient_pk), rows[0]
+
+
+def _former_key(fhir_id: str) -> ColumnElement[bool] | None:
+    """The condition on patient_identifiers for the (issuer, ID) *fhir_id*
+    was derived from: the readable form, or a long one whose start is the
+    whole ID (an ID-less patient's id names a study, never an identifier)."""
+    if not _ID_FORM.fullmatch(fhir_id) or fhir_id.startswith("--"):
+        return None
+    head, long_form, _ = fhir_id.partition("--")
+    if long_form:
+        start = _text_of_id(head)
+        return identifiers.c.value == start if start else None
+    issuer_part, dot, id_part = fhir_id.rpartition(".")
+    issuer = _text_of_id(issuer_part) if dot else ""
+    patient_id = _text_of_id(id_part)
+    if not patient_id or issuer is None or (dot and not issuer):
+        return None
+    return and_(identifiers.c.value == patient_id, identifiers.c.issuer == issuer)
+
+
+def _replaced_ids(conn: Connection, others: Sequence[Any]) -> set[tuple[str, str]]:
+    """Of the MERGED aliases in *others* (patient_identifiers rows), those no
+    patient holds as its own key again: ids the patient replaces."""
+    merged = {(o.value, o.issuer) for o in others if o.id_type == MERGED_ID_TYPE and o.value}
+    if not merged:
+        return set()
+    taken = conn.execute(select(patients.c.patient_id, patients.c.issuer).where(or_(*(
+        and_(patients.c.patient_id == value, patients.c.issuer == issuer) for value, issuer in merged)))).all()
+    return merged - {(r.patient_id, r.issuer) for r in taken}
+
+
+def patient_resource(row: Any, others: Sequence[Any],
+                     replaced: Collection[tuple[str, str]] = ()) -> dict[str, Any]:
     """A patients row (with its anchor study) and its other identifiers
-    (patient_identifiers rows) as a FHIR Patient."""
+    (patient_identifiers rows) as a FHIR Patient; *replaced*: the (ID,
+    issuer) of merged-away patients whose former ids it replaces."""
     identifier: list[dict[str, Any]] = []
+    links: list[dict[str, Any]] = []
     if row.patient_id:
         identifier.append({"use": "usual", "system": patient_id_system(row.issuer), "value": row.patient_id})
     seen = {(row.patient_id, row.issuer)}
@@ -767,6 +951,9 @@ def patient_resource(row: Any, others: Sequence[Any]) -> dict[str, Any]:
             # Merged away by the HIS (ADT^A40): still found by it, no longer in use.
             entry["use"] = "old"
             identifier.append(entry)
+            former_id = patient_fhir_id(other.value, other.issuer, None)
+            if (other.value, other.issuer) in replaced and former_id:
+                links.append({"other": {"reference": f"Patient/{former_id}"}, "type": "replaces"})
             continue
         # The type an HL7 CX-5 gave (NI citizen ID, HC insurance...) is a
         # v2-0203 code; a DICOM Type of Patient ID is not.
@@ -782,6 +969,7 @@ def patient_resource(row: Any, others: Sequence[Any]) -> dict[str, Any]:
         "name": _human_names(row.name),
         "gender": _GENDER_OF.get(sex, "unknown") if sex else None,
         "birthDate": _birth_date(row.birth_date),
+        "link": links,
     })
 
 
@@ -818,7 +1006,22 @@ def _patient_resources(conn: Connection, rows: Sequence[Any]) -> list[dict[str, 
         for ident in conn.execute(select(identifiers).where(identifiers.c.patient_pk.in_([r.pk for r in rows]))
                                   .order_by(identifiers.c.pk)):
             others.setdefault(ident.patient_pk, []).append(ident)
-    return [patient_resource(r, others.get(r.pk, [])) for r in rows]
+    replaced = _replaced_ids(conn, [o for found in others.values() for o in found])
+    return [patient_resource(r, others.get(r.pk, []), replaced) for r in rows]
+
+
+def replaced_patient(fhir_id: str, former: Any, current_id: str) -> dict[str, Any]:
+    """The Patient a former id (*former*: the identifier row its key became)
+    reads as: no longer in use, replaced by the current one (R4 Patient
+    "Linking Patients", ``replaced-by``), so that a reference the EMR kept
+    leads to the patient and their studies."""
+    return _pruned({
+        "resourceType": "Patient",
+        "id": fhir_id,
+        "active": False,
+        "identifier": [{"use": "old", "system": patient_id_system(former.issuer), "value": former.value}],
+        "link": [{"other": {"reference": f"Patient/{current_id}"}, "type": "replaced-by"}],
+    })
 
 
 def _referred_by(conn: Connection, principal: Principal) -> ColumnElement[bool]:
@@ -918,11 +1121,11 @@ def _gender_matches(system: str | None, code: str) -> ColumnElement[bool]:
 def _patient_search(request: Request, principal: Principal, count: int,
                     offset: int) -> tuple[list[dict[str, Any]], list[str], int, int]:
     """One page of the patients a search matches (those the caller may
-    see), their patient IDs (for the audit trail), how many there are in
-    all, and the page size given."""
+    see), those patients as the audit trail names them (ID^^^issuer), how
+    many there are in all, and the page size given."""
     _applied_parameters(request, _PATIENT_PARAMETERS)  # Prefer: handling=strict refuses what would be ignored
     count = _page_bounds(count, offset)
-    params = request.query_params
+    params = search_params(request)
     values = {name: [v for v in params.getlist(name) if v] for name in _PATIENT_PARAMETERS}
     if not any(values.values()):
         # As the study searches: a search names someone, it does not list the archive.
@@ -946,7 +1149,7 @@ def _patient_search(request: Request, principal: Principal, count: int,
         rows = conn.execute(select(*_PATIENT_COLUMNS).where(*conditions)
                             .order_by(patients.c.name_words, patients.c.patient_id, patients.c.pk)
                             .limit(count).offset(offset)).all()
-        return _patient_resources(conn, rows), [r.patient_id for r in rows], int(total), count
+        return _patient_resources(conn, rows), [patient_cx(r.patient_id, r.issuer) for r in rows], int(total), count
 
 
 def _audit_patients(request: Request, patient_ids: Iterable[str]) -> None:
@@ -959,22 +1162,38 @@ def _audit_patients(request: Request, patient_ids: Iterable[str]) -> None:
 @router.get("/Patient", summary="Search Patient by identifier, name, family, given, birthdate, gender or _id")
 def search_patients(request: Request, _count: int = 50, _offset: int = 0,
                     principal: Principal = guard(*READERS, action="query")) -> Response:
-    resources, patient_ids, total, count = _patient_search(request, principal, _count, _offset)
+    return _patient_bundle(request, principal, _count, _offset)
+
+
+@router.post("/Patient/_search", summary="Search Patient with the parameters in a form body")
+async def search_patients_posted(request: Request, principal: Principal = guard(*READERS, action="query")) -> Response:
+    count, offset = await _posted_search(request)
+    return await run_in_threadpool(_patient_bundle, request, principal, count, offset)
+
+
+def _patient_bundle(request: Request, principal: Principal, count: int, offset: int) -> Response:
+    resources, patient_ids, total, count = _patient_search(request, principal, count, offset)
     _audit_patients(request, patient_ids)
-    return _fhir(_bundle(request, resources, total, _offset, count, _PATIENT_PARAMETERS))
+    return _fhir(_bundle(request, resources, total, offset, count, _PATIENT_PARAMETERS))
 
 
 @router.get("/Patient/{patient}", summary="One Patient (id: {issuer}.{patient ID}, see the CapabilityStatement)")
 def read_patient(request: Request, patient: str, principal: Principal = guard(*READERS, action="view")) -> Response:
     with request.app.state.pacs.engine.connect() as conn:
-        pks = _patient_pks(conn, [patient])
+        pks = _current_pks(conn, patient)
+        former = None if pks else _former_patient(conn, patient)
+        if former is not None:
+            pks = [former[0]]
         stmt = select(*_PATIENT_COLUMNS).where(patients.c.pk.in_(pks), _HAS_RESOURCE)
         if principal.role == "referring":
             stmt = stmt.where(_referred_by(conn, principal))
         rows = conn.execute(stmt).all()
         resources = _patient_resources(conn, rows[:1])
-        named = conn.execute(select(patients.c.patient_id).where(patients.c.pk.in_(pks))).scalars().all()
-    _audit_patients(request, named)  # a refusal names the patient asked for too
+        named = conn.execute(select(patients.c.patient_id, patients.c.issuer).where(patients.c.pk.in_(pks))).all()
+    _audit_patients(request, (patient_cx(r.patient_id, r.issuer) for r in named))  # a refusal names them too
+    if resources and former is not None:
+        # The id the EMR kept: inactive, pointing at the patient it became.
+        resources = [replaced_patient(patient, former[1], resources[0]["id"])]
     if not resources:
         if principal.role == "referring":
             # Whether or not the patient exists, as for studies: a referring
@@ -1004,7 +1223,10 @@ _PATIENT_SEARCH_PARAMS = [
     {"name": "_id", "type": "token", "documentation": "Patient ids"},
     {"name": "identifier", "type": "token",
      "documentation": "{system|}value: the patient ID or any other (citizen ID CCCD, insurance number BHYT); "
-                      "the system is ours, " + PATIENT_ID_SYSTEM + "/{issuer}, or the issuer alone (CCCD|...)"},
+                      "the system is ours, " + PATIENT_ID_SYSTEM + "/{issuer} (" + PATIENT_ID_SYSTEM
+                      + " alone: an ID without issuer), or the issuer alone (CCCD|...); value alone: any "
+                        "issuer; |value (no system) matches nothing, every identifier has one; system| "
+                        "(a whole issuer) is refused (400)"},
     {"name": "name", "type": "string",
      "documentation": "a word of the name starts with it, case and diacritics ignored (nguyen finds Nguyễn)"},
     {"name": "family", "type": "string", "documentation": "the family name starts with it (as name)"},
@@ -1016,9 +1238,12 @@ _PATIENT_SEARCH_PARAMS = [
 
 
 def _resource(kind: str, *, search: bool, read: bool, documentation: str,
-              params: list[dict[str, str]] = _SEARCH_PARAMS) -> dict[str, Any]:
-    interactions = ([{"code": "read"}] if read else []) + ([{"code": "search-type"}] if search else [])
+              params: list[dict[str, str]] = _SEARCH_PARAMS, vread: bool = False) -> dict[str, Any]:
+    interactions = [{"code": code} for code, offered in (("read", read), ("vread", vread), ("search-type", search))
+                    if offered]
     resource: dict[str, Any] = {"type": kind, "interaction": interactions, "documentation": documentation}
+    if vread:
+        resource["versioning"] = "versioned"
     if search:
         resource["searchParam"] = params
     return resource
@@ -1040,8 +1265,9 @@ def capability_statement(request: Request) -> dict[str, Any]:
         "format": ["json"],
         "rest": [{
             "mode": "server",
-            "security": {"description": "Authorization: Bearer <API token> or a session cookie; "
-                                        "roles radiologist, referring (referred studies only), emr, his, admin"},
+            "security": {"description": "Authorization: Bearer <API token> or a session cookie; roles "
+                                        + ", ".join(f"{role} (referred studies only)" if role == "referring"
+                                                    else role for role in READERS)},
             "resource": [
                 _resource("Patient", search=True, read=True, params=_PATIENT_SEARCH_PARAMS,
                           documentation="id = {issuer}.{patient ID} ({patient ID} without issuer; characters "
@@ -1050,12 +1276,18 @@ def capability_statement(request: Request) -> dict[str, Any]:
                                         "base 62}): derived, so it outlives a reindex; identifiers: the patient "
                                         "ID and every other ID (CCCD, BHYT), system " + PATIENT_ID_SYSTEM
                                         + "/{issuer}; a referring physician sees the patients of the studies "
-                                          "they referred"),
+                                          "they referred; a former id (merged away by ADT^A40, or a key "
+                                          "replaced by the hospital number) reads as an inactive Patient with "
+                                          "link replaced-by the current one, and patient= finds its studies"),
                 _resource("ImagingStudy", search=True, read=True,
                           documentation="id = StudyInstanceUID; subject Patient/{id}; endpoint Endpoint/dicomweb"),
-                _resource("DiagnosticReport", search=True, read=True,
-                          documentation="signed reports; id = {StudyInstanceUID}-v{version} "
-                                        "(u{UID in base 62}-v{version} for UIDs over 61 characters)"),
+                _resource("DiagnosticReport", search=True, read=True, vread=True,
+                          documentation="signed reports, one per study: id = {StudyInstanceUID}; each signed "
+                                        "version (an amendment) is a version of it, meta.versionId = the "
+                                        "version, meta.lastUpdated = its signing, ETag W/\"{version}\"; a read "
+                                        "gives the current version, a vread (_history/{version}) that one; "
+                                        "a search gives the current ones; the ids of earlier releases, "
+                                        "{StudyInstanceUID}-v{version}, read the current version"),
                 _resource("Endpoint", search=False, read=True, documentation="only Endpoint/dicomweb"),
             ],
         }],

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydicom.datadict import keyword_dict, keyword_for_tag
 
+from pacs.audit import patient_cx
 from pacs.query import ATTRIBUTES, DEFAULT_RETURN, Kind, Level, Query, QueryError, run_query
 from pacs.query.attributes import QUALIFIERS, matchable
 from pacs.query.results import ResultShape
@@ -185,7 +186,7 @@ def search(request: Request, level: Level, fixed: dict[str, str], upper: tuple[L
     shape = ResultShape(level, query.return_keys, pacs.settings.ae_title)
     for row in run_query(pacs.engine, query):
         results.append(_match_json(shape, row, _retrieve_url(base, level, row)))
-        shown.append(row["_patient_id"] or "")
+        shown.append(patient_cx(row["_patient_id"] or "", row["_issuer"] or ""))
     warnings = []
     if len(results) > cap:
         results = results[:cap]

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
 from pacs import audit as audit_log
-from pacs.audit import Event
+from pacs.audit import Event, patient_cx
 from pacs.auth import ROLES, SESSION_HOURS, AuthError, LoginThrottled, Principal
 from pacs.header import valid_uid
 from pacs.reports import ReportError, ReportService
@@ -173,7 +173,8 @@ def worklist(
         date_to=date_to, modality=modality.strip().upper(), status=status, accession=accession.strip(),
         referring=_referring_filter(principal), signed_only=_signed_only(principal), limit=limit, offset=offset,
     )
-    audit_patients(request, (item["patient_id"] or "" for item in found["items"]))  # who was shown
+    # Who was shown, each with the issuer of the ID (two hospitals' BN100 are two people).
+    audit_patients(request, (patient_cx(item["patient_id"] or "", item["issuer"] or "") for item in found["items"]))
     return found
 
 
@@ -193,7 +194,7 @@ def priors(request: Request, study: str, limit: int = 20,
     found = study_list(engine, patient_pk=patient_pk, referring=_referring_filter(principal),
                        signed_only=_signed_only(principal), limit=limit + 1)
     others = [item for item in found["items"] if item["study_uid"] != study][:limit]
-    audit_patients(request, (item["patient_id"] or "" for item in others))
+    audit_patients(request, (patient_cx(item["patient_id"] or "", item["issuer"] or "") for item in others))
     return {"items": others}
 
 

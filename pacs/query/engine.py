@@ -155,9 +155,11 @@ def build_select(query: Query) -> tuple[Select[Any], list[str]]:
     if "SOPClassesInStudy" in wanted and level.depth >= Level.STUDY.depth:
         # Filled per page of matches by _emit (one query for the page).
         extra.append(studies.c.pk.label(_STUDY_PK))
-    # The patient's ID always (``_patient_id``): who was shown goes in the audit trail.
+    # The patient's ID and issuer always (``_patient_id``, ``_issuer``): who
+    # was shown goes in the audit trail.
     stmt = select(base.c.pk.label("_pk"), patients.c.pk.label("_patient_pk"),
-                  patients.c.patient_id.label("_patient_id"), *columns, *computed, *extra)
+                  patients.c.patient_id.label("_patient_id"), patients.c.issuer.label("_issuer"),
+                  *columns, *computed, *extra)
     stmt = stmt.select_from(_from(level))
     # An issuer given with a Patient ID qualifies that ID (the patient's own
     # or one of its other IDs), no condition of its own on the patient.
@@ -261,6 +263,7 @@ def _emit(engine: Engine, rows: Any, keywords: list[str], want: _Wanted) -> Iter
         result = {k: row[k] for k in keywords}
         result["_pk"] = row["_pk"]
         result["_patient_id"] = row["_patient_id"]
+        result["_issuer"] = row["_issuer"]
         if want.other_ids:
             others = other_ids.get(row["_patient_pk"], [])
             result["OtherPatientIDsSequence"] = others
