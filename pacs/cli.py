@@ -533,7 +533,7 @@ def cmd_orders(args: argparse.Namespace) -> int:
 
     pacs = _open(args)
     try:
-        service = OrderService(pacs.engine)
+        service = OrderService(pacs.engine, order_status=pacs.settings.his_order_status)
         if args.orders_command == "unmatched":
             rows = service.unmatched_studies(args.limit)
             if args.json:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta, tzinfo
 from collections.abc import Iterable
@@ -369,11 +370,15 @@ def _fits(step: Any, modality: str, station_ae_title: str) -> bool:
 class OrderService:
     """Transactions on orders, patients, performed steps and the outbox."""
 
-    def __init__(self, engine: Any, zone: tzinfo | None = None) -> None:
+    def __init__(self, engine: Any, zone: tzinfo | None = None, *, order_status: bool = True) -> None:
+        """*order_status*: tell the HIS of status changes of its orders
+        (ORM^O01; the ``his_order_status`` setting): a results-only HIS
+        refuses them."""
         self.engine = engine
         # The hospital's zone: the scheduled date and time of an order that
         # comes without one (see _place). None: the server's.
         self.zone = zone
+        self.order_status = order_status
 
     # -- patients ------------------------------------------------------------------
     def _upsert_patient(self, conn: Connection, p: PatientInfo, *, match_identifiers: bool = True) -> int:
@@ -646,7 +651,8 @@ class OrderService:
         self.apply([("patient", p)])
 
     def merge_patients(self, surviving: PatientInfo, prior: list[tuple[str, str]]) -> int:
-        """ADT^A40: move everything of the prior patient IDs to the surviving one.
+        """ADT^A40: move everything of the prior patient (named by the
+        identifiers *prior*, MRG-1) to the surviving one.
 
         Returns how many studies moved.
         """
@@ -658,29 +664,7 @@ class OrderService:
         target = self._upsert_patient(conn, surviving, match_identifiers=False)
         kept = conn.execute(select(patients_t).where(patients_t.c.pk == target)).one()
         moved = 0
-        for prior_id, prior_issuer in prior:
-            old = conn.execute(
-                select(patients_t).where(
-                    patients_t.c.patient_id == prior_id, patients_t.c.issuer == prior_issuer
-                )
-            ).first()
-            if old is None and not prior_issuer:
-                # Some HIS send the assigning authority only in PID: an MRG-1
-                # without one names the patient holding that ID, if only one does
-                # (a merge into the wrong one of two cannot be undone).
-                found = conn.execute(
-                    select(patients_t).where(patients_t.c.patient_id == prior_id).limit(2)
-                ).all()
-                if len(found) > 1:
-                    raise OrderError(f"prior patient {prior_id} is ambiguous: several assigning authorities hold "
-                                     "it; send MRG-1 with its assigning authority", code="204", http_status=409)
-                old = found[0] if found else None
-            if old is None:
-                old = self._patient_by_other_id(conn, prior_id, prior_issuer)
-            if old is None:
-                raise OrderError(f"prior patient {prior_id} is unknown", code="204", http_status=404)
-            if old.pk == target:
-                continue
+        for old in self._prior_patient(conn, prior, target):
             study_pks = list(conn.execute(select(studies_t.c.pk).where(studies_t.c.patient_pk == old.pk)).scalars())
             now = _now()
             if study_pks:
@@ -734,17 +718,59 @@ class OrderService:
             conn.execute(update(identifiers_t).where(*(identifiers_t.c[k] == v for k, v in alias.items()))
                          .values(id_type=MERGED_ID_TYPE))
 
+    def _prior_patient(self, conn: Connection, prior: list[tuple[str, str]], target: int) -> list[Any]:
+        """The prior patient of an MRG-1: [its row], or [] when that is the
+        surviving patient (merged already). MRG-1 lists the identifiers of ONE
+        patient (HL7 v2.5 3.4.9.1), the hospital number first: they are
+        resolved together. One that names the surviving patient, or several
+        patients (a citizen ID shared by the very duplicates being merged),
+        is passed over; refused (AE) when none names a patient, or two name
+        different ones -- a merge into the wrong patient cannot be undone."""
+        found: dict[int, Any] = {}
+        ambiguous: list[OrderError] = []
+        for prior_id, prior_issuer in prior:
+            rows = self._patients_named(conn, prior_id, prior_issuer)
+            if len(rows) > 1:
+                ambiguous.append(OrderError(
+                    f"prior patient {prior_id} is ambiguous: several patients hold it; send MRG-1 with "
+                    + ("its assigning authority" if not prior_issuer else "the hospital number (type PI or MR)"),
+                    code="204", http_status=409))
+            elif rows:
+                found.setdefault(int(rows[0].pk), rows[0])
+        others = [row for pk, row in found.items() if pk != target]
+        if len(others) > 1:
+            raise OrderError(f"MRG-1 names {len(others)} different patients: an ADT^A40 patient group merges one "
+                             "prior patient (send a PID/MRG pair for each)", code="205", http_status=409)
+        if found:
+            return others
+        if ambiguous:
+            raise ambiguous[0]
+        raise OrderError(f"prior patient {prior[0][0]} is unknown", code="204", http_status=404)
+
+    def _patients_named(self, conn: Connection, value: str, issuer: str) -> list[Any]:
+        """The patients an MRG-1 identifier can name (none, one, or two when
+        several could): the patient with that key; without an issuer the
+        patients with that ID under any (some HIS send the assigning
+        authority only in PID); else those holding it as an other ID (MRG-1
+        may name the prior patient by its citizen ID)."""
+        row = conn.execute(select(patients_t).where(patients_t.c.patient_id == value,
+                                                    patients_t.c.issuer == issuer)).first()
+        if row is not None:
+            return [row]
+        if not issuer:
+            rows = list(conn.execute(select(patients_t).where(patients_t.c.patient_id == value).limit(2)).all())
+            if rows:
+                return rows
+        return self._patients_by_other_id(conn, value, issuer)
+
     @staticmethod
-    def _patient_by_other_id(conn: Connection, value: str, issuer: str) -> Any:
-        """The one patient holding *value* as an other ID (MRG-1 may name the
-        prior patient by its citizen ID); None when none or several do."""
+    def _patients_by_other_id(conn: Connection, value: str, issuer: str) -> list[Any]:
+        """Up to two patients holding *value* as an other ID (with *issuer*, when given)."""
         condition = identifiers_t.c.value == value
         if issuer:
             condition = and_(condition, identifiers_t.c.issuer == issuer)
         pks = conn.execute(select(identifiers_t.c.patient_pk).where(condition).distinct().limit(2)).scalars().all()
-        if len(pks) != 1:
-            return None
-        return conn.execute(select(patients_t).where(patients_t.c.pk == pks[0])).first()
+        return list(conn.execute(select(patients_t).where(patients_t.c.pk.in_(pks))).all()) if pks else []
 
     # -- orders ----------------------------------------------------------------------
     # A requested procedure is the rows of its accession (one per scheduled
@@ -1137,7 +1163,7 @@ class OrderService:
             procedure = self._procedure_dict(conn, accession)
             after = procedure["status"]
             if after != before and after not in ("CANCELLED", "DISCONTINUED"):
-                self.enqueue(conn, "his", "order_status", {"order": _status_order(procedure), "status": after})
+                self._tell_status(conn, {"order": _status_order(procedure), "status": after})
 
     @classmethod
     def _lock_procedures(cls, conn: Connection, actions: list[tuple[str, Any]]) -> None:
@@ -1281,9 +1307,8 @@ class OrderService:
                     # CA that it was withdrawn, IP that it is being performed.
                     # The outbound renderer maps SCHEDULED to SC; step_status
                     # says why it came back.
-                    self.enqueue(conn, "his", "order_status",
-                                 {"order": _status_order(procedure), "status": procedure["status"], "step": sop_uid,
-                                  "step_status": status})
+                    self._tell_status(conn, {"order": _status_order(procedure), "status": procedure["status"],
+                                             "step": sop_uid, "step_status": status})
             if not procedures:
                 log.info("performed procedure step %s matches no order", sop_uid)
             return procedures[0] if procedures else {}
@@ -1327,9 +1352,8 @@ class OrderService:
                 procedure = self._procedure_dict(conn, accession)
                 if procedure["status"] != told:
                     told = procedure["status"]
-                    self.enqueue(conn, "his", "order_status",
-                                 {"order": _status_order(procedure), "status": told, "step": step.sop_uid,
-                                  "step_status": status})
+                    self._tell_status(conn, {"order": _status_order(procedure), "status": told,
+                                             "step": step.sop_uid, "step_status": status})
 
     @staticmethod
     def _step_date_fits(conn: Connection, order: Any, step: Any) -> bool:
@@ -1497,8 +1521,21 @@ class OrderService:
     # -- the outbox --------------------------------------------------------------------------
     @staticmethod
     def enqueue(conn: Connection, destination: str, kind: str, data: dict[str, Any]) -> None:
-        """Queue a message in the same transaction as the change it reports."""
+        """Queue a message in the same transaction as the change it reports.
+        An HL7 message to the HIS gets its MSH-10 here, kept with it so that
+        every resend repeats it: random (80 bits, CONTROL_ID_LENGTH hex
+        digits), never derived from the outbox row, whose numbers start
+        again after a restore or a new install -- a HIS that deduplicates
+        by MSH-10 dropped the next report as one it already had."""
+        if destination == "his" and not data.get("control_id"):
+            data = {**data, "control_id": secrets.token_hex(10)}
         outbox.enqueue(conn, destination, kind, data)
+
+    def _tell_status(self, conn: Connection, data: dict[str, Any]) -> None:
+        """Queue an order status message (ORM^O01) for the HIS, unless it is
+        not to be told (``his_order_status`` off)."""
+        if self.order_status:
+            self.enqueue(conn, "his", "order_status", data)
 
     # -- reconciliation ---------------------------------------------------------------------
     def _reconcile_existing(self, conn: Connection, order_pk: int) -> None:

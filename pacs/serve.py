@@ -97,7 +97,7 @@ def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
 
     settings = pacs.settings
     zone = hospital_zone(settings)  # HL7 times with an offset are read, and ACKs written, in it
-    service = OrderService(pacs.engine, zone)
+    service = OrderService(pacs.engine, zone, order_status=settings.his_order_status)
 
     def answer(raw: bytes, peer: str) -> bytes:
         return hl7v2.handle(service, raw, processing_id=settings.hl7_processing_id, peer=peer,

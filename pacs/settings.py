@@ -234,6 +234,9 @@ class Settings(BaseSettings):
     route: list[RouteEntry] = Field(default_factory=list)
     # The HIS MLLP endpoint ("host:port") for outbound HL7 (status, results).
     his_mllp: str | None = None
+    # Tell the HIS of its orders' status changes (ORM^O01 IP/CM/SC); false
+    # for a HIS that takes results (ORU) only and refuses them.
+    his_order_status: bool = True
     # MSH-3/4 (us) and MSH-5/6 (the HIS) of outbound messages: interface
     # engines route on them. Our application defaults to the AE title.
     hl7_application: str | None = None

@@ -96,6 +96,14 @@ class Header:
     charset: str = ""
     # MSH-11: P (production), T (training), D (debugging).
     processing_id: str = ""
+    # MSH-15 / MSH-16 (table 0155: AL, NE, ER, SU): either set is enhanced
+    # acknowledgment mode (HL7 v2.5 2.9.3); both empty, original mode.
+    accept_ack: str = ""
+    application_ack: str = ""
+    # MSH-3 to MSH-6 encoded again with the standard delimiters, components
+    # and subcomponents kept apart (an HD may be namespace&universal ID&type):
+    # what the ACK echoes. Empty for a header not read from a message.
+    addresses: tuple[str, str, str, str] = ("", "", "", "")
 
 
 def decode(raw: bytes) -> tuple[str, str]:
@@ -159,6 +167,16 @@ def _header_from_msh(line: str, charset: str) -> Header:
     def hd(number: int) -> str:  # an HD (namespace^universal ID^type) as one string, as it was read before
         return components.join(field(number))
 
+    def echo(number: int) -> str:
+        """MSH-n for the ACK: each component and subcomponent decoded and
+        encoded again on its own, so a "&" between subcomponents stays a
+        separator (it was sent back as the data "\\T\\")."""
+        if len(fields) < number:
+            return ""
+        subcomponents = fields[1][3:4] if len(fields) > 1 and len(fields[1]) > 3 else "&"
+        return "^".join("&".join(escape(_text_or_raw(sub)) for sub in part.split(subcomponents))
+                        for part in fields[number - 1].split(components))
+
     kind = (fields[8] if len(fields) > 8 else "").split(components)
     return Header(
         sending_app=hd(3),
@@ -171,7 +189,19 @@ def _header_from_msh(line: str, charset: str) -> Header:
         version=field(12)[0] or "2.5",
         charset=charset,
         processing_id=field(11)[0].upper(),
+        accept_ack=field(15)[0].upper(),
+        application_ack=field(16)[0].upper(),
+        addresses=(echo(3), echo(4), echo(5), echo(6)),
     )
+
+
+def _text_or_raw(value: str) -> str:
+    """A header value decoded; as sent when its hexadecimal data cannot be
+    (the ACK still echoes it)."""
+    try:
+        return _text(value)
+    except OrderError:
+        return value.strip()
 
 
 def read_header(raw: bytes) -> Header | None:
@@ -190,6 +220,10 @@ def read_header(raw: bytes) -> Header | None:
     # belongs) has no readable header, and the AR goes out without one.
     if len(text) < 8 or text[3].isalnum() or text[3].isspace():
         return None
+    try:
+        text = standard_delimiters(text)
+    except HL7Reject:
+        pass  # MSH-2 unusable: read as sent, the components by its first character
     fields = text.split(text[3])
     charset = fields[17].split("^")[0].strip().upper() if len(fields) > 17 else ""
     return _header_from_msh(text, charset)
@@ -201,10 +235,16 @@ def parse(raw: bytes) -> tuple[Any, Header]:
     if len(raw) > MAX_MESSAGE_BYTES:
         raise HL7Reject(f"message of {len(raw)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}", code="207",
                         ack_code="AE")  # resending the same bytes can never succeed
+    if _FRAMING.search(raw):
+        # A start or end block inside a message is broken framing (the rest
+        # of another frame), never data: read on, it mixed two messages.
+        raise HL7Reject("the message contains an MLLP start block (0x0B) or end block (0x1C): its framing is "
+                        "broken; nothing of it was applied", code="100")
     text, charset = decode(raw)
     text = _segments_by_cr(text)
     if not text.startswith("MSH") or len(text) < 8:
         raise HL7Reject("not an HL7 v2 message: it must start with an MSH segment", code="100")
+    text = standard_delimiters(text)
     delimiters = sum(text.count(c) for c in set(text[3:8]))
     if delimiters > MAX_DELIMITERS:
         raise HL7Reject(f"message has {delimiters} delimiters, more than the limit of {MAX_DELIMITERS}", code="207",
@@ -223,6 +263,61 @@ def parse(raw: bytes) -> tuple[Any, Header]:
     if not header.control_id:
         raise HL7Reject("MSH-10 (message control ID) is empty", code="101", ack_code="AE")
     return message, header
+
+
+# The encoding characters (MSH-2) every reader below assumes: component,
+# repetition, escape, subcomponent (HL7 v2.5 2.5.4).
+STANDARD_ENCODING = "^~\\&"
+_STANDARD_ESCAPES = {"|": "\\F\\", "^": "\\S\\", "~": "\\R\\", "\\": "\\E\\", "&": "\\T\\"}
+_FRAMING = re.compile(rb"[\x0b\x1c]")
+
+
+def standard_delimiters(text: str) -> str:
+    """*text* (a message or its MSH, segments separated by CR) written with
+    the standard encoding characters ``|^~\\&``, when its MSH-2 declares
+    others (HL7 v2.5 2.5.4: each message names its own). Read with the
+    standard ones, "BN891$$$BVDK$MR" (component separator "$") became one
+    patient ID and its other IDs were lost. A character that is a delimiter
+    here but data in the message is escaped; escape sequences keep their
+    meaning. Unchanged when MSH-2 is the standard (any field separator, a
+    5th character of v2.7, or fewer characters, which default to the
+    standard ones). Raises HL7Reject (AE 102) for an MSH-2 no message can use."""
+    if not text.startswith("MSH") or len(text) < 5:
+        return text
+    separator = text[3]
+    end = text.find(separator, 4)
+    encoding = text[4:] if end < 0 else text[4:end]
+    encoding = encoding.split("\r", 1)[0]
+    if STANDARD_ENCODING.startswith(encoding[:4]):
+        return text
+    delimiters = separator + encoding[:4]
+    if (len(encoding) < 4 or len(set(delimiters)) < 5
+            or any(c.isalnum() or c.isspace() for c in delimiters)):
+        raise HL7Reject(f"MSH-2 encoding characters {encoding[:8]!r} are not usable: four distinct "
+                        "characters (component, repetition, escape, subcomponent) are needed",
+                        code="102", ack_code="AE")
+    component, repetition, escape_char, subcomponent = encoding[:4]
+    mapping = {separator: "|", component: "^", repetition: "~", subcomponent: "&", "\r": "\r"}
+    rest = text[4 + len(encoding):]
+    out = ["MSH|", STANDARD_ENCODING, encoding[4:]]
+    i = 0
+    while i < len(rest):
+        char = rest[i]
+        if char == escape_char:
+            close = rest.find(escape_char, i + 1)
+            body = rest[i + 1 : close] if close > i else None
+            if body is not None and not any(c in mapping for c in body):
+                # An escape sequence (\F\, \X41\, \.br\): its letters name the
+                # message's delimiters, and mean the standard ones alike.
+                out.append("\\" + body + "\\")
+                i = close + 1
+                continue
+        if char in mapping:
+            out.append(mapping[char])
+        else:  # data: escaped where it is a standard delimiter
+            out.append(_STANDARD_ESCAPES.get(char, char))
+        i += 1
+    return "".join(out)
 
 
 def _segments_by_cr(text: str) -> str:
@@ -315,9 +410,10 @@ def _unescape(text: str) -> str:
 def _text(value: str) -> str:
     """One component (never a whole field: split first, then decode, so an
     escaped separator stays data -- HL7 v2.5 2.7) as text: the HL7 null
-    value "" reads as empty. Subcomponents are not split: no escape sequence
-    holds a "&", so decoding a component whole equals decoding each of its
-    subcomponents, and nothing splits a decoded value on "&" afterwards."""
+    value "" reads as empty. Subcomponents are split first where they
+    mean something (an HD assigning authority: :func:`_identifier`);
+    elsewhere a component is decoded whole, its "&" kept as written (no
+    escape sequence holds one)."""
     value = value.strip()
     return "" if value == NULL else _unescape(value).strip()
 
@@ -424,13 +520,31 @@ def _person(components: list[str], offset: int = 0) -> str:
     return "^".join([family, given, middle, prefix, suffix]).rstrip("^")
 
 
-def _identifier(components: list[str]) -> OtherIdentifier:
-    """CX: ID^check digit^scheme^assigning authority^identifier type code."""
+def _identifier(repetition: str) -> OtherIdentifier:
+    """CX (one repetition, still encoded): ID^check digit^scheme^assigning
+    authority^identifier type code. The assigning authority is an HD,
+    namespace&universal ID&universal ID type (HL7 v2.5 2.A.36): its
+    namespace is the issuer (Issuer of Patient ID, IHE RAD's mapping), so
+    the patient matches images whose issuer is "BVDK" (it was the text
+    "BVDK&1.2.840...&ISO"); the universal ID stands in for a namespace not
+    sent. The universal ID and its type are not kept otherwise: the index
+    has no column for the Issuer of Patient ID Qualifiers."""
+    parts = repetition.split("^")
+    components = [_text(c) for c in parts]
+    authority = [_text(sub) for sub in parts[3].split("&")] if len(parts) > 3 else [""]
     return OtherIdentifier(
         value=components[0],
-        issuer=components[3] if len(components) > 3 else "",
+        issuer=authority[0] or (authority[1] if len(authority) > 1 else ""),
         id_type=(components[4] if len(components) > 4 else "").upper(),
     )
+
+
+def _identifier_list(segment: Any, field: int) -> list[OtherIdentifier]:
+    """The identifiers of a repeating CX field (PID-3, MRG-1), those with an
+    ID, the hospital's own number (type PI or MR) first: the identifier the
+    patient is known by, wherever the HIS lists it."""
+    ids = [i for i in (_identifier(r) for r in _repetitions(segment, field)) if i.value]
+    return sorted(ids, key=lambda i: i.id_type not in PRIMARY_ID_TYPES)  # stable: the HIS's order otherwise
 
 
 def _patient_ids(pid: Any) -> tuple[OtherIdentifier, list[OtherIdentifier]]:
@@ -438,8 +552,7 @@ def _patient_ids(pid: Any) -> tuple[OtherIdentifier, list[OtherIdentifier]]:
     (type PI or MR) is the patient ID wherever the HIS lists it, so a message
     that puts the citizen ID first still files under the same patient; with
     no such type the first repetition is the patient ID (as before)."""
-    ids = [_identifier(_components(r)) for r in _repetitions(pid, 3)]
-    ids = [i for i in ids if i.value]
+    ids = [i for i in (_identifier(r) for r in _repetitions(pid, 3)) if i.value]
     if not ids:
         raise OrderError("PID-3 (patient identifier) is empty", code="101", http_status=400)
     primary = next((i for i in ids if i.id_type in PRIMARY_ID_TYPES), ids[0])
@@ -621,7 +734,11 @@ def orders_from(message: Any, zone: tzinfo | None = None) -> list[tuple[str, Ord
 
 def handle(service: OrderService, raw: bytes, *, processing_id: str = "P", peer: str = "",
            audit: Callable[[Event], None] | None = None, zone: tzinfo | None = None) -> bytes:
-    """Process one inbound message; return the ACK to send back (never raises).
+    """Process one inbound message; return the ACK to send back (never
+    raises): AA/AE/AR in original mode, the accept ACK CA/CE/CR in enhanced
+    mode (MSH-15 set), or b"" when MSH-15 asks for none (NE; ER on success,
+    SU on failure). Application ACKs (MSH-16) are never sent: a message is
+    applied before it is acknowledged, and the accept ACK says so.
     Only messages for *processing_id* (MSH-11; empty counts as ours) are applied.
     *audit* records what the message did to which patients (from *peer*).
     *zone*: the hospital's (the ``timezone`` setting; default the server's),
@@ -643,7 +760,29 @@ def handle(service: OrderService, raw: bytes, *, processing_id: str = "P", peer:
                 detail=f"{kind[:20]} control ID {header.control_id[:40]}: {code}"
                        + (f" {error_code}" if error_code else ""),
             ))
+    if header.accept_ack:
+        # Enhanced mode (HL7 v2.5 2.9.3): the commit ACK, when MSH-15's condition holds.
+        if not _accept_ack_wanted(header.accept_ack, code == "AA"):
+            return b""
+        code = _COMMIT_CODES[code]
     return ack(header, code, text, error_code, zone=zone)
+
+
+# Original mode's MSA-1 and the accept (commit) ACK's of enhanced mode.
+_COMMIT_CODES = {"AA": "CA", "AE": "CE", "AR": "CR"}
+
+
+def _accept_ack_wanted(condition: str, success: bool) -> bool:
+    """Whether MSH-15 (table 0155) asks for an accept ACK: AL always, NE
+    never, ER on failure only, SU on success only; an unknown value as AL
+    (an ACK the sender did not want does less harm than one it waits for)."""
+    if condition == "NE":
+        return False
+    if condition == "ER":
+        return not success
+    if condition == "SU":
+        return success
+    return True
 
 
 # Audit actions of the messages a HIS sends (a merge is "patient-merge").
@@ -751,8 +890,11 @@ def _merge_pairs(message: Any) -> list[tuple[PatientInfo, list[tuple[str, str]]]
 
 
 def _prior_ids(mrg: Any) -> list[tuple[str, str]]:
-    """MRG-1 of one ADT^A40 patient group: the patient IDs being merged away."""
-    prior = [(c[0], c[3] if len(c) > 3 else "") for c in map(_components, _repetitions(mrg, 1)) if c[0]]
+    """MRG-1 of one ADT^A40 patient group: the identifiers of the ONE prior
+    patient being merged away (HL7 v2.5 3.4.9.1: a list of that patient's
+    IDs), its hospital number (PI, MR) first, as PID-3 is read; the order
+    service resolves them as one (:meth:`pacs.orders.OrderService._merge`)."""
+    prior = [(i.value, i.issuer) for i in _identifier_list(mrg, 1)]
     if not prior:
         raise OrderError("MRG-1 (prior patient identifier) is empty", code="101", http_status=400)
     return prior
@@ -808,23 +950,28 @@ def _version(text: str) -> tuple[int, ...]:
 
 def ack(header: Header, code: str, text: str, error_code: str = "207", *, app: str = "FILMLESS",
         zone: tzinfo | None = None) -> bytes:
-    """An ACK for *header*'s message: MSA-1 AA/AE/AR, an ERR segment on errors,
-    laid out for the message's version (MSH-12), which the ACK echoes. MSH-7
-    is in *zone* (the hospital's; default the server's) with its offset."""
+    """An ACK for *header*'s message: MSA-1 AA/AE/AR (CA/CE/CR in enhanced
+    mode), an ERR segment on errors, laid out for the message's version
+    (MSH-12), which the ACK echoes. MSH-7 is in *zone* (the hospital's;
+    default the server's) with its offset."""
     now = hl7_timestamp(datetime.now(UTC), zone or server_zone())
     charset = header.charset or "UNICODE UTF-8"
     version = _version(header.version or "2.5")
     # MSH-9: the message structure (third component) exists from v2.3.1 on.
     kind = "ACK" if not header.trigger else f"ACK^{escape(header.trigger)}" + ("^ACK" if version >= (2, 3, 1) else "")
+    # MSH-3..6 as the sender wrote them (subcomponents included), else from the decoded values.
+    sending_app, sending_facility, receiving_app, receiving_facility = (
+        sent or _echo(value) for sent, value in zip(header.addresses, (
+            header.sending_app, header.sending_facility, header.receiving_app, header.receiving_facility)))
     segments = [
         "|".join([
-            "MSH", "^~\\&", _echo(header.receiving_app) or app, _echo(header.receiving_facility),
-            _echo(header.sending_app), _echo(header.sending_facility), now, "", kind, control_id(),
+            "MSH", "^~\\&", receiving_app or app, receiving_facility,
+            sending_app, sending_facility, now, "", kind, control_id(),
             escape(header.processing_id) or "P", escape(header.version) or "2.5", "", "", "", "", "", charset,
         ]),
         "|".join(["MSA", code, escape(header.control_id), escape_within(text, _MSA_TEXT_LENGTH)]),
     ]
-    if code != "AA":
+    if code not in ("AA", "CA"):
         meaning = _ERROR_MEANINGS.get(error_code, "Application error")
         if version >= (2, 5):  # ERR-3 error code, ERR-4 severity, ERR-8 user message
             segments.append("|".join(["ERR", "", "", f"{error_code}^{meaning}^HL70357", "E", "", "", "",
@@ -889,3 +1036,25 @@ def ack_code(raw: bytes) -> tuple[str, str]:
             fields = segment.split("|")
             return (fields[1] if len(fields) > 1 else ""), (fields[3] if len(fields) > 3 else "")
     return "", "no MSA segment"
+
+
+def ack_error_code(raw: bytes) -> str:
+    """The HL7 table 0357 code of an ACK's error ("" when it gives none):
+    ERR-3 (v2.5 on), else the code in ERR-1 (ELD, before v2.5:
+    segment^sequence^field^code&text), else MSA-6 (v2.1 to 2.4). Never raises."""
+    text = raw.decode("latin-1")  # the codes are ASCII; nothing else is read
+    segments = text.replace("\n", "\r").split("\r")
+    for segment in segments:
+        if segment.startswith("ERR") and len(segment) > 4:
+            fields = segment.split(segment[3])
+            code = fields[3].split("^")[0] if len(fields) > 3 else ""
+            if not code and len(fields) > 1:
+                code = ((fields[1].split("~")[0].split("^") + [""] * 4)[3]).split("&")[0]
+            if code.strip():
+                return code.strip()
+    for segment in segments:
+        if segment.startswith("MSA") and len(segment) > 4:
+            fields = segment.split(segment[3])
+            if len(fields) > 6 and fields[6].split("^")[0].strip():
+                return fields[6].split("^")[0].strip()
+    return ""

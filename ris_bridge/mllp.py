@@ -1,5 +1,10 @@
 """MLLP framing (HL7 v2 over TCP): <VT> message <FS><CR>.
 
+Read leniently: <FS> alone ends a frame (a <CR> or LF right after it
+belongs to it; one coming later is a line break between frames, ignored),
+and a second <VT> before the end block begins the message anew (HL7 v2.5
+Appendix C: the one begun before was abandoned; dropped and logged).
+
 The listener answers every framed message with the ACK its handler returns,
 one message at a time per connection, many connections at once; the handler
 runs in a worker thread so database work never blocks the event loop.
@@ -30,7 +35,7 @@ from collections.abc import Callable
 
 log = logging.getLogger(__name__)
 
-VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
+VT, FS, CR, LF = b"\x0b", b"\x1c", b"\x0d", b"\x0a"
 MAX_MESSAGE = 16 * 1024 * 1024
 IDLE_TIMEOUT = 300.0
 FRAME_TIMEOUT = 60.0
@@ -93,6 +98,24 @@ class _Limits:
 
 def frame(message: bytes) -> bytes:
     return VT + message + FS + CR
+
+
+def _frame_in(buffer: bytes, first: int) -> tuple[int, int, int] | None:
+    """The first complete frame in *buffer* from its start block at *first*:
+    (its last start block, its end block, where what follows it begins), or
+    None while no end block has come. The last start block before the end
+    block begins the message (an earlier one began a frame abandoned
+    half-way); the end block alone ends it, and a CR (as the standard says)
+    or LF right after it is part of it -- a peer that leaves it out is still
+    understood (its frame waited for a CR that never came)."""
+    end = buffer.find(FS, first)
+    if end < 0:
+        return None
+    start = buffer.rfind(VT, first, end)
+    after = end + 1
+    if buffer[after : after + 1] in (CR, LF):
+        after += 1
+    return start, end, after
 
 
 async def _read(reader: asyncio.StreamReader, idle_timeout: float | None) -> bytes | None:
@@ -164,24 +187,32 @@ async def _converse(
             buffer += chunk
             stray = False
             while True:
-                start = buffer.find(VT)
-                if start < 0:
+                first = buffer.find(VT)
+                if first < 0:
                     stray = stray or bool(buffer.strip())
                     buffer = b""  # nothing framed yet: discard the noise
                     break
-                stray = stray or bool(buffer[:start].strip())
-                end = buffer.find(FS + CR, start)
-                if end < 0:
-                    buffer = buffer[start:]
+                stray = stray or bool(buffer[:first].strip())
+                found = _frame_in(buffer, first)
+                if found is None:
+                    buffer = buffer[first:]
                     if len(buffer) > MAX_MESSAGE:
                         log.warning("MLLP message from %s exceeds %d bytes; closing", peer, MAX_MESSAGE)
                         return
                     break
-                message, buffer = buffer[start + 1 : end], buffer[end + 2 :]
+                start, end, after = found
+                if buffer[first:start].strip(VT):
+                    # HL7 v2.5 Appendix C: a start block before the end block
+                    # means the frame begun was abandoned. Taken as one message
+                    # with the next, its MSH and PID headed the next one's orders.
+                    log.warning("MLLP connection from %s started a new message before ending the one before: "
+                                "%d bytes of the unfinished message dropped", peer, start - first)
+                message, buffer = buffer[start + 1 : end], buffer[after:]
                 frame_started, stray = None, False
                 reply = await asyncio.to_thread(handler, message, address)
-                writer.write(frame(reply))
-                await writer.drain()
+                if reply:  # nothing when the sender asked for no acknowledgment (MSH-15)
+                    writer.write(frame(reply))
+                    await writer.drain()
             if (buffer or stray) and frame_started is None:
                 frame_started = loop.time()  # a partial frame, or noise (not a bare line break)
     except (ConnectionError, asyncio.IncompleteReadError):
@@ -286,12 +317,17 @@ def send(host: str, port: int, message: bytes, timeout: float = 10.0, ack_timeou
 
 
 def _read_ack(sock: socket.socket) -> bytes:
+    """The first framed message the peer sends back; its end block alone
+    ends it (a HIS that leaves out the CR after it had its ACK never read,
+    and every message sent again forever)."""
     buffer = b""
     while True:
         chunk = sock.recv(65536)
         if not chunk:
             raise ConnectionError("connection closed before the ACK")
         buffer += chunk
-        start, end = buffer.find(VT), buffer.find(FS + CR)
-        if start >= 0 and end > start:
+        first = buffer.find(VT)
+        found = _frame_in(buffer, first) if first >= 0 else None
+        if found is not None:
+            start, end, _ = found
             return buffer[start + 1 : end]

@@ -7,8 +7,12 @@ backoff capped at MAX_BACKOFF: nothing is lost while the HIS is down or
 refusing. AE (the HIS says this message is wrong) is retried
 MAX_ERROR_ANSWERS times in a row and then parked "dead", where
 `pacs outbox list --state dead` shows it and `pacs outbox retry` sends it
-again. Messages about the same order (or study) go out one at a time in the
-order they were queued (see :mod:`pacs.outbox`).
+again. So is, at once, an AR or CR whose error code (ERR-3; ERR-1 or MSA-6
+before v2.5) says the HIS does not take this kind of message at all
+(UNSUPPORTED: a results-only HIS refusing our ORM^O01 status messages):
+resent, it would be refused forever and hold back the report queued after
+it for the same order. Messages about the same order (or study) go out one
+at a time in the order they were queued (see :mod:`pacs.outbox`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from pacs.settings import Settings
 from pacs.timezones import hl7_timestamp, hospital_zone, server_zone, utc_offset
 
 from . import mllp
-from .hl7v2 import CONTROL_ID_LENGTH, ack_code, escape, escape_lines
+from .hl7v2 import CONTROL_ID_LENGTH, ack_code, ack_error_code, escape, escape_lines
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,27 @@ CONNECT_TIMEOUT = 10.0
 # At most this many messages claimed at once (fewer when the ACK timeout is long).
 MAX_BATCH = 20
 _REJECTIONS = re.compile(r"HIS answered [AC]E \(rejection (\d+) of")
+# HL7 table 0357 codes that refuse the kind of message, not this one: unsupported
+# message type, event code, processing ID, version ID.
+UNSUPPORTED = {"200": "unsupported message type", "201": "unsupported event code",
+               "202": "unsupported processing id", "203": "unsupported version id"}
+
+
+# An issuer stored as a whole HD ("BVDK&1.2.840.99999.1&ISO", as HL7 input
+# was kept before its subcomponents were read apart): namespace, universal
+# ID and its type (HL7 table 0301).
+_STORED_HD = re.compile(r"([^&]*)&([^&]+)&(DNS|GUID|HCD|HL7|ISO|L|M|N|Random|URI|UUID|x400|x500)")
+
+
+def _hd(issuer: str) -> str:
+    """The assigning authority (CX-4, an HD) for a stored issuer: the
+    namespace, escaped; an issuer stored as a whole HD, its subcomponents
+    each escaped on its own with the "&" between them left a separator
+    (they went out as the data "\\T\\")."""
+    stored = _STORED_HD.fullmatch(issuer)
+    if stored is None:
+        return escape(issuer)
+    return "&".join(escape(part) for part in stored.groups())
 
 
 def _pn_to_xpn(name: str) -> str:
@@ -83,7 +108,7 @@ def render(kind: str, data: dict[str, Any], control_id: str, to: Addresses = Add
         "|".join(["MSH", "^~\\&", escape(to.application), escape(to.facility), escape(to.his_application),
                   escape(to.his_facility), now, "", msh_type, control_id, "P", "2.5",
                   "", "", "", "", "", "UNICODE UTF-8"]),
-        "|".join(["PID", "1", "", f"{escape(order.get('patient_id', ''))}^^^{escape(order.get('issuer', ''))}",
+        "|".join(["PID", "1", "", f"{escape(order.get('patient_id', ''))}^^^{_hd(order.get('issuer', ''))}",
                   "", _pn_to_xpn(order.get("name", ""))]),
     ]
     placer, filler = escape(order.get("placer_order_number", "")), escape(order.get("filler_order_number", ""))
@@ -166,9 +191,11 @@ def study_date_time(engine: Engine, study_uid: str) -> dict[str, str]:
 
 
 def control_id(pk: int) -> str:
-    """MSH-10 of outbox message *pk*: stable, so a resend can be recognised,
-    and unique across nodes (the outbox is shared); the prefix gives way to
-    the digits so that it never exceeds CONTROL_ID_LENGTH (ST, 20)."""
+    """MSH-10 of outbox message *pk* queued without one (before MSH-10s were
+    chosen at queueing, :meth:`pacs.orders.OrderService.enqueue`): stable,
+    so a resend can be recognised; the prefix gives way to the digits so
+    that it never exceeds CONTROL_ID_LENGTH (ST, 20). Not unique across
+    archives: the pks start again after a restore or a new install."""
     digits = str(pk)
     return "FILMLESS"[: max(0, CONTROL_ID_LENGTH - len(digits))] + digits[-CONTROL_ID_LENGTH:]
 
@@ -293,6 +320,17 @@ class OutboundSender(Periodic):
                 outbox.mark_failed(engine, message, f"send failed: {exc}", dead=False, retry_in=backoff)
                 continue
             code, text = read_ack(reply)
+            error = ack_error_code(reply) if code in ("AR", "CR") else ""
+            if error in UNSUPPORTED:
+                # Not this message but its kind is refused: resent, it would be
+                # refused forever, holding back the later messages of its order
+                # (the signed report). Parked at once; the next ones go.
+                outbox.mark_failed(engine, message,
+                                   f"HIS answered {code} {error} ({UNSUPPORTED[error]}): {text}; not sent again",
+                                   dead=True, retry_in=backoff)
+                log.warning("HIS refused message %d (%s %s, %s): parked dead, the messages after it go on; "
+                            "pacs outbox retry sends it again", message.pk, code, error, UNSUPPORTED[error])
+                continue
             if code in ("AA", "CA"):
                 superseded = outbox.mark_sent(engine, message)
                 if superseded:
@@ -326,7 +364,10 @@ class OutboundSender(Periodic):
         if message.kind == "report" and "study_date" not in data:
             # Reports are queued without the study's date/time: OBR-7 takes them from the index.
             data = {**data, **study_date_time(self.pacs.engine, data.get("study_uid", ""))}
-        return render(message.kind, data, control_id(message.pk), Addresses.of(self.pacs.settings),
+        # MSH-10 chosen when the message was queued (every resend repeats it);
+        # messages queued before that carry none and keep the one of their pk.
+        control = str(data.get("control_id") or control_id(message.pk))
+        return render(message.kind, data, control, Addresses.of(self.pacs.settings),
                       hospital_zone(self.pacs.settings))
 
 

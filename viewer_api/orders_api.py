@@ -106,7 +106,7 @@ class MatchModel(BaseModel):
 
 def _service(request: Request) -> OrderService:
     pacs = request.app.state.pacs
-    return OrderService(pacs.engine, hospital_zone(pacs.settings))
+    return OrderService(pacs.engine, hospital_zone(pacs.settings), order_status=pacs.settings.his_order_status)
 
 
 def _call(fn: Any, *args: Any) -> Any:

@@ -336,7 +336,7 @@ def _date_time_problem(attributes: Dataset, operation: str) -> Dataset | None:
 
 
 def make_mpps_handlers(pacs: Pacs) -> list[tuple[Any, Any]]:
-    service = OrderService(pacs.engine)
+    service = OrderService(pacs.engine, order_status=pacs.settings.his_order_status)
 
     def handle_create(event: Any) -> tuple[int | Dataset, Dataset | None]:
         uid = str(event.request.AffectedSOPInstanceUID or "")
