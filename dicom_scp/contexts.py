@@ -14,7 +14,7 @@ from pydicom.uid import (
     ImplicitVRLittleEndian,
 )
 from pynetdicom import AllStoragePresentationContexts, register_uid
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, SCP_SCU_RoleSelectionNegotiation
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import (
@@ -25,6 +25,8 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
+
+from pacs.transcode import ENCODABLE, LITTLE_ENDIAN_NATIVE
 
 # Query/Retrieve information models: (FIND, MOVE, GET) SOP classes.
 QR_MODELS: dict[str, tuple[UID, UID, UID]] = {
@@ -95,6 +97,32 @@ def storage_classes() -> list[str]:
     return [cx.abstract_syntax for cx in AllStoragePresentationContexts] + list(RETIRED_STORAGE_CLASSES)
 
 
+# What the archive can give any stored object in (pacs.transcode converts to
+# them from every stored syntax it can decode): a C-GET requester proposing
+# one of them gets it. Big Endian is retired and never written (PS3.5 A.3).
+ANY_OBJECT_SYNTAXES = LITTLE_ENDIAN_NATIVE
+
+
+def _sent_order(wanted: list[str]) -> list[str]:
+    """The requestor's syntaxes for a context where this node sends (C-GET),
+    in the order to accept them: those any stored object can be given in,
+    then the lossless encodings transcode writes (most objects can be
+    encoded in them), then the rest (Big Endian, lossy: what is
+    stored in them goes as is, nothing else), each group in the
+    requestor's order. pynetdicom then accepts, per context, the first of
+    these it proposed: never Big Endian or a lossy syntax beside an
+    uncompressed one the archive can always produce."""
+    return sorted(wanted, key=lambda ts: 0 if ts in ANY_OBJECT_SYNTAXES else 1 if ts in ENCODABLE else 2)
+
+
+def _scp_role_proposed(primitive: A_ASSOCIATE) -> set[str]:
+    """The SOP classes whose SCP role the requestor proposed to take
+    (SCP/SCU Role Selection, PS3.7 D.3.3.4): a C-GET's storage classes, on
+    which this node sends the C-STOREs."""
+    return {str(item.sop_class_uid) for item in primitive.user_information or []
+            if isinstance(item, SCP_SCU_RoleSelectionNegotiation) and item.scp_role}
+
+
 def prefer_requestor_order(event: Any) -> None:
     """EVT_ACSE_RECV handler: accept the syntax the requestor lists first.
 
@@ -102,8 +130,11 @@ def prefer_requestor_order(event: Any) -> None:
     requestor proposed. A modality lists its own preference first (the
     syntax its data is in), so following the requestor keeps a big-endian,
     deflated or compressed object exactly as the modality holds it instead
-    of making it convert. Only this association's copy of the contexts is
-    changed.
+    of making it convert. Where the requestor takes the SCP role (C-GET),
+    this node sends, so only its first syntax the archive can produce from
+    anything stored is put first (see :func:`_sent_order`): getscu +xb or
+    +xs accepted in Big Endian or JPEG got none of the other objects. Only
+    this association's copy of the contexts is changed.
     """
     primitive = event.primitive
     if not isinstance(primitive, A_ASSOCIATE) or primitive.result is not None:
@@ -112,6 +143,9 @@ def prefer_requestor_order(event: Any) -> None:
     for rq in primitive.presentation_context_definition_list or []:
         order = proposed.setdefault(rq.abstract_syntax, [])
         order.extend(ts for ts in rq.transfer_syntax if ts not in order)
+    for sop_class in _scp_role_proposed(primitive):
+        if sop_class in proposed:
+            proposed[sop_class] = _sent_order(proposed[sop_class])
     try:
         contexts = event.assoc.acceptor.supported_contexts
     except Exception:

@@ -38,14 +38,21 @@ from pacs.errors import Status, query_failure
 from pacs.query import UNIQUE_KEY, Level, Query, QueryError, run_query
 from pacs.query.attributes import QUALIFIERS
 from pacs.query.results import ResultShape
-from pacs.retrieve import RetrieveItem, contexts_for, for_peer, resolve
+from pacs.retrieve import RetrieveItem, contexts_for, resolve
 from pacs.tls import association_tls
-from pacs.transcode import check_stored_size
 
 from .cancels import is_cancelled
 from .find_responses import PendingResponses
 from .server import audit_dimse, error_comment, status_dataset
-from .stored_send import StoredInstance, read_ahead, send_stored_as_is, sendable_as_stored
+from .stored_send import (
+    StoredInstance,
+    accepted_syntaxes,
+    read_ahead,
+    reads_by_range,
+    send_stored_as_is,
+    send_syntax,
+    unsendable_reason,
+)
 
 log = logging.getLogger(__name__)
 
@@ -269,44 +276,42 @@ def _lookup_failed(what: str, exc: Exception) -> Dataset:
     return status_dataset(UNABLE_TO_COUNT if status == Status.OUT_OF_RESOURCES else status, comment)
 
 
-def _send_items(
-    pacs: Pacs, event: Any, items: list[RetrieveItem], accepted: Any
-) -> Iterator[tuple[int, Dataset | None]]:
+def _send_items(pacs: Pacs, event: Any, items: list[RetrieveItem], accepted: Any,
+                move_originator: str | None = None) -> Iterator[tuple[int, Dataset | None]]:
+    """The handler's sub-operations: each item in the syntax it goes out in
+    (:func:`send_syntax`), or counted failed when the peer accepted none it
+    can be given in. The reasons of failures are kept for the final
+    response's Error Comment (:func:`_explain_failure`)."""
+    peer_accepts: dict[str, list[str]] = accepted()
     failed: list[str] = []
-    peer_accepts = accepted()
-    as_stored = [item for item in items if sendable_as_stored(item, peer_accepts)]
-    with read_ahead(pacs.store, as_stored) as fetch:
-        yield from _send_each(pacs, event, items, peer_accepts, failed, fetch)
-
-
-def _send_each(pacs: Pacs, event: Any, items: list[RetrieveItem], peer_accepts: set[tuple[str, str]],
-               failed: list[str], fetch: Any) -> Iterator[tuple[int, Dataset | None]]:
-    stored_index = 0
-    for item in items:
-        if cancelled(event):
-            counts = Dataset()
-            counts.FailedSOPInstanceUIDList = failed
-            yield CANCEL, counts
-            return
-        if sendable_as_stored(item, peer_accepts):
-            instance = StoredInstance(item)
-            instance.prefetched = fetch(stored_index)
-            stored_index += 1
+    failures: list[str] = []
+    event.assoc.__dict__[_FAILURES] = (event.request.MessageID, failures)
+    syntaxes = [send_syntax(item, peer_accepts.get(item.sop_class_uid, [])) for item in items]
+    ranged = [item for item, syntax in zip(items, syntaxes) if syntax is not None and reads_by_range(item, syntax)]
+    with read_ahead(pacs.store, ranged) as fetch:
+        ranged_index = 0
+        for item, syntax in zip(items, syntaxes):
+            if cancelled(event):
+                counts = Dataset()
+                counts.FailedSOPInstanceUIDList = failed
+                yield CANCEL, counts
+                return
+            if syntax is None:
+                reason = unsendable_reason(item, peer_accepts.get(item.sop_class_uid, []))
+                log.warning("cannot send %s: %s", item.sop_uid, reason)
+                failed.append(item.sop_uid)
+                failures.append(reason)
+                # pynetdicom counts a dataset it cannot send (no SOP Class
+                # UID) as a failed sub-operation and lists its SOP Instance UID.
+                unsendable = Dataset()
+                unsendable.SOPInstanceUID = item.sop_uid
+                yield PENDING, unsendable
+                continue
+            instance = StoredInstance(item, syntax, failures, move_originator)
+            if reads_by_range(item, syntax):
+                instance.prefetched = fetch(ranged_index)
+                ranged_index += 1
             yield PENDING, instance
-            continue
-        try:
-            check_stored_size(pacs, item)  # a truncated file may still parse
-            ds = for_peer(pacs, item, peer_accepts)
-        except Exception as exc:
-            log.warning("cannot send %s: %s", item.sop_uid, exc)
-            failed.append(item.sop_uid)
-            # pynetdicom counts a dataset it cannot send (no SOP Class UID)
-            # as a failed sub-operation and lists its SOP Instance UID.
-            unsendable = Dataset()
-            unsendable.SOPInstanceUID = item.sop_uid
-            yield PENDING, unsendable
-            continue
-        yield PENDING, ds
 
 
 class MoveDestinations:
@@ -326,14 +331,18 @@ class MoveDestinations:
         """The association pynetdicom opened last on this thread (None: none)."""
         return getattr(self._local, "assoc", None)
 
-    def accepted(self) -> set[tuple[str, str]]:
+    def accepted(self) -> dict[str, list[str]]:
+        """SOP class -> the syntaxes the destination accepted for it."""
         assoc = getattr(self._local, "assoc", None)
         if assoc is None:
-            return set()
-        return {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
+            return {}
+        return accepted_syntaxes(assoc.accepted_contexts)
 
 
 _RETRIEVE_ITEMS = "_filmless_retrieve_items"
+# On the requesting association while a C-MOVE/C-GET sends: (its Message ID,
+# the reasons of its failed sub-operations).
+_FAILURES = "_filmless_retrieve_failures"
 # On the requesting association while pynetdicom opens the store association
 # of a C-MOVE to a registered destination: an _OpeningMove.
 _MOVE_OPENING = "_filmless_move_opening"
@@ -394,11 +403,25 @@ def refuse_retrieves_early(pacs: Pacs) -> Any:
                 opening = assoc.__dict__.pop(_MOVE_OPENING, None)
                 if opening is not None and opening.message_id == primitive.MessageIDBeingRespondedTo:
                     _destination_failed(pacs, primitive, opening)
+            if isinstance(primitive, C_MOVE | C_GET) and primitive.Status not in (None, PENDING):
+                _explain_failure(assoc, primitive)
             send(primitive, context_id)
 
         assoc.dimse.send_msg = send_msg
 
     return on_open
+
+
+def _explain_failure(assoc: Any, response: C_MOVE | C_GET) -> None:
+    """Give the final 0xA702 of a C-MOVE/C-GET whose every sub-operation
+    failed (pynetdicom sends it bare) an Error Comment saying why: the
+    reason of the first failure, which usually holds for the rest."""
+    message_id, failures = assoc.__dict__.get(_FAILURES, (None, []))
+    if message_id != response.MessageIDBeingRespondedTo:
+        return
+    del assoc.__dict__[_FAILURES]
+    if response.Status == OUT_OF_RESOURCES and not response.ErrorComment and failures:
+        response.ErrorComment = error_comment(failures[0])
 
 
 def _destination_failed(pacs: Pacs, response: C_MOVE, opening: _OpeningMove) -> None:
@@ -502,7 +525,7 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
         for study in studies:
             audit_dimse(pacs, event, "export", study_uid=study, detail=f"C-MOVE to {destination.title}")
         log.info("C-MOVE of %d instances from %s to %s", len(items), requestor, destination.title)
-        yield from _send_items(pacs, event, items, destinations.accepted)
+        yield from _send_items(pacs, event, items, destinations.accepted, requestor)
 
     return handle_move
 
@@ -528,14 +551,7 @@ def make_get_handler(pacs: Pacs) -> Any:
         yield len(items)
         send_stored_as_is(pacs, event.assoc)
 
-        def accepted() -> set[tuple[str, str]]:
-            return {
-                (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-                for cx in event.assoc.accepted_contexts
-                if cx.as_scu
-            }
-
-        yield from _send_items(pacs, event, items, accepted)
+        yield from _send_items(pacs, event, items, lambda: accepted_syntaxes(event.assoc.accepted_contexts))
 
     return handle_get
 

@@ -1,47 +1,51 @@
-"""C-STORE sub-operations (C-MOVE, C-GET) that send the stored bytes as they are.
+"""C-STORE sub-operations (C-MOVE, C-GET) streamed from storage.
 
 pynetdicom's retrieve services only take a :class:`~pydicom.dataset.Dataset`
 from the handler and re-encode it element by element. When the peer accepted
 the stored transfer syntax and no attribute needs correcting, that parse and
 re-encode is pure cost (it was most of the time of a C-MOVE). The handler
 yields a :class:`StoredInstance` -- a Dataset with only the identifying
-attributes -- and the association's ``send_c_store`` is wrapped so such an
-instance is streamed from the stored file, header and pixels untouched,
-its PDUs written to the socket by the sending thread (see
-:func:`_write_message`). With both, a C-MOVE of a CT study went from ~100 to
-~450-500 objects/s on the 2-core test machine.
+attributes, and the syntax it goes out in -- and the association's
+``send_c_store`` is wrapped so such an instance is streamed from the stored
+file, header and pixels untouched, its PDUs written to the socket by the
+sending thread (see :func:`_write_message`). With both, a C-MOVE of a CT
+study went from ~100 to ~450-500 objects/s on the 2-core test machine.
 
-The same sender streams an object whose encoding must change for the peer
-(:mod:`pacs.transcode`): corrected patient data, Implicit <-> Explicit VR
-Little Endian, Big Endian to Little Endian (header re-encoded, pixel data
-copied or byte-swapped from storage), and a large compressed object the
-peer cannot take (decoded frame by frame). Nothing holds the whole object.
+An object whose encoding must change for the peer goes through
+:mod:`pacs.transcode`, as for WADO-RS: corrected patient data, Implicit <->
+Explicit VR Little Endian, Big Endian to Little Endian, Deflated (header
+re-encoded, pixel data copied or byte-swapped from storage), compressed
+pixel data decoded frame by frame for an uncompressed peer (the first frame
+before the request is written, so a codec's refusal fails only that
+sub-operation), lossless encodings frame by frame. Only conversions
+transcode cannot stream (one compression to another) are made whole, one of
+its few whole-conversion slots held, in a spooled file.
 """
 
 from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, BinaryIO
 
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom.status import STATUS_FAILURE, STORAGE_SERVICE_CLASS_STATUS
 
 from pacs.app import Pacs
-from pacs.retrieve import RetrieveItem, for_peer
+from pacs.retrieve import RetrieveItem
 from pacs.transcode import (
-    Opener,
-    TransferSyntaxError,
     bytes_opener,
     can_serve,
     check_size,
     check_stored_size,
-    conversion_plan,
+    prepared_dataset,
     read_exact,
     streamable,
+    unservable_reason,
 )
 from storage import ObjectStore
 
@@ -52,56 +56,79 @@ LARGEST_PDU = 1024 * 1024
 # Objects read ahead from a remote store, and the largest one read whole.
 READ_AHEAD = 4
 READ_AHEAD_MAX_BYTES = 8 * 1024**2
-# Compressed objects at least this large are decoded frame by frame while
-# they are sent to a peer that does not take their syntax.
-STREAM_DECODE_BYTES = 32 * 1024**2
+# What any stored object can be given in (pacs.transcode), the peer's
+# preference first among them; compressed syntaxes only after them.
+UNCOMPRESSED_TARGETS = (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian), str(DeflatedExplicitVRLittleEndian))
 
 
 class StoredInstance(Dataset):
     """Stands for a stored object in a retrieve handler's output.
 
     Carries what pynetdicom's retrieve service reads itself (SOP Class and
-    Instance UIDs, for its failure lists) plus the storage key.
+    Instance UIDs, for its failure lists) plus the storage key, the syntax
+    it goes out in, where a failure's reason goes (the Error Comment of a
+    final 0xA702) and, for a C-MOVE, the AE title of the requester.
     """
 
-    def __init__(self, item: RetrieveItem) -> None:
+    def __init__(self, item: RetrieveItem, syntax: str | None = None, failures: list[str] | None = None,
+                 move_originator: str | None = None) -> None:
         super().__init__()
         self.SOPClassUID = item.sop_class_uid
         self.SOPInstanceUID = item.sop_uid
         self.file_meta = FileMetaDataset()
         self.file_meta.TransferSyntaxUID = item.transfer_syntax_uid
-        # Not a DICOM attribute: Dataset keeps plain Python attributes aside.
+        # Not DICOM attributes: Dataset keeps plain Python attributes aside.
         self.storage_key = item.storage_key
         self.stored_size = item.size
         self.item = item
+        self.syntax = syntax or item.transfer_syntax_uid
+        self.failures = failures if failures is not None else []
+        self.move_originator = move_originator
         # The object's bytes, being read ahead from a remote store.
         self.prefetched: Future[bytes] | None = None
 
 
-def sendable_as_stored(item: RetrieveItem, accepted: set[tuple[str, str]]) -> bool:
-    """True when the object goes out streamed from storage: the stored bytes
-    unchanged when the peer takes them, or with only the header re-encoded
-    (corrected patient data, Implicit <-> Explicit VR Little Endian, Big
-    Endian to Little Endian) while the pixel data stream as stored."""
-    return streamed_syntax(item, lambda ts: (item.sop_class_uid, ts) in accepted) is not None
+def accepted_syntaxes(contexts: Iterable[Any]) -> dict[str, list[str]]:
+    """SOP class -> the syntaxes of its accepted contexts where this node
+    sends C-STOREs (the SCU role), in the contexts' order."""
+    accepted: dict[str, list[str]] = {}
+    for cx in contexts:
+        if cx.as_scu:
+            syntaxes = accepted.setdefault(str(cx.abstract_syntax), [])
+            if str(cx.transfer_syntax[0]) not in syntaxes:
+                syntaxes.append(str(cx.transfer_syntax[0]))
+    return accepted
 
 
-def streamed_syntax(item: RetrieveItem, accepts: Callable[[str], bool]) -> str | None:
-    """The syntax *item* is streamed in to a peer that *accepts*, or None
-    (then it is decoded or encoded whole: a codec change)."""
-    stored = item.transfer_syntax_uid
-    if accepts(stored):
-        if not item.overrides or streamable(item, stored):
-            return stored
-        return None
-    # A large compressed object is decoded frame by frame as it is sent (a
-    # frame that fails to decode then aborts the association); a small one
-    # is decoded whole first (for_peer), so its failure is only its own.
-    decode = UID(stored).is_encapsulated and item.size >= STREAM_DECODE_BYTES and item.pixel_offset is not None
-    for ts in (str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)):
-        if accepts(ts) and (streamable(item, ts) or decode) and can_serve(item, ts):
-            return ts
-    return None
+def _preferred(accepted: Sequence[str]) -> list[str]:
+    """*accepted* with the syntaxes any object can be given in first."""
+    return sorted(accepted, key=lambda ts: UNCOMPRESSED_TARGETS.index(ts) if ts in UNCOMPRESSED_TARGETS
+                  else len(UNCOMPRESSED_TARGETS))
+
+
+def send_syntax(item: RetrieveItem, accepted: Sequence[str]) -> str | None:
+    """The syntax *item* goes out in to a peer that accepted *accepted* for
+    its SOP class: the stored one (its bytes as they are), else one
+    :mod:`pacs.transcode` can produce from it, uncompressed first; None
+    when there is none."""
+    if item.transfer_syntax_uid in accepted:
+        return item.transfer_syntax_uid
+    return next((ts for ts in _preferred(accepted) if can_serve(item, ts)), None)
+
+
+def unsendable_reason(item: RetrieveItem, accepted: Sequence[str]) -> str:
+    """Why :func:`send_syntax` found none, short enough for an Error Comment."""
+    if not accepted:
+        return f"no context accepted for {UID(item.sop_class_uid).name}"
+    first = _preferred(accepted)[0]
+    return unservable_reason(item, first) or f"cannot be given in {UID(first).name}"
+
+
+def reads_by_range(item: RetrieveItem, syntax: str) -> bool:
+    """Whether sending *item* in *syntax* reads the stored object by byte
+    range (worth reading ahead from a remote store): as stored, or with only
+    its header re-encoded."""
+    return syntax == item.transfer_syntax_uid or streamable(item, syntax)
 
 
 def _dataset_offset(stream: BinaryIO) -> int | None:
@@ -131,45 +158,48 @@ def _pause_reactor(assoc: Any) -> None:
         time.sleep(0.0001)
 
 
-def _send_stored(assoc: Any, instance: StoredInstance, stream: BinaryIO, msg_id: int, priority: int = 2,
-                 originator_aet: str | None = None, originator_id: int | None = None) -> Dataset:
-    """One C-STORE request whose dataset is streamed from the stored object."""
+def _send_instance(pacs: Pacs, assoc: Any, instance: StoredInstance, msg_id: int, priority: int = 2,
+                   originator_aet: str | None = None, originator_id: int | None = None) -> Dataset:
+    """One C-STORE request for *instance* in its syntax: the stored data set
+    as it is when that is the stored syntax, else converted by
+    :mod:`pacs.transcode`. What can fail (a damaged file, no context, a
+    codec refusing the first frame) raises before the request is written."""
     if not assoc.is_established or assoc.acse.is_aborted():
         raise RuntimeError("the store association is no longer established")
-    context = assoc._get_valid_context(instance.SOPClassUID, instance.file_meta.TransferSyntaxUID, "scu",
-                                       allow_conversion=False)
-    offset = _dataset_offset(stream)
-    if offset is None or instance.stored_size <= offset:
-        raise ValueError("no group length in the file meta, or no dataset")
-    return _send_message(assoc, instance, context, stream, instance.stored_size - offset, msg_id, priority,
-                         originator_aet, originator_id)
+    item, syntax = instance.item, instance.syntax
+    # A damaged file fails its own sub-operation (PS3.4 C.4.2.3.1,
+    # C.4.3.3.1) and the rest are sent, where a file ending mid-message had
+    # to abort the association.
+    prefetched = instance.prefetched.result() if instance.prefetched is not None else None
+    if prefetched is not None:
+        check_size(item, len(prefetched))
+    else:
+        check_stored_size(pacs, item)
+    context = assoc._get_valid_context(item.sop_class_uid, syntax, "scu", allow_conversion=False)
+    message = (msg_id, priority, originator_aet, originator_id)
+    if syntax == item.transfer_syntax_uid and not item.overrides:
+        stream = io.BytesIO(prefetched) if prefetched is not None else pacs.store.open(item.storage_key)
+        with stream:
+            offset = _dataset_offset(stream)
+            if offset is not None and item.size > offset:
+                return _send_message(assoc, instance, context, stream, item.size - offset, *message)
+        # No File Meta group length (some archives write none): the data set
+        # re-encoded in its own syntax below.
+    if prefetched is not None:
+        opener = bytes_opener(prefetched)
+    else:
+        opener = lambda offset, length: pacs.store.open(item.storage_key, offset, length)  # noqa: E731
+    chunks = prepared_dataset(pacs, item, syntax, opener)
 
-
-def _send_converted(pacs: Pacs, assoc: Any, instance: StoredInstance, syntax: str, opener: Opener, msg_id: int,
-                    priority: int = 2, originator_aet: str | None = None,
-                    originator_id: int | None = None) -> Dataset:
-    """One C-STORE request whose dataset is the stored object with its
-    header re-encoded in *syntax* (corrections applied), the pixel data
-    streamed from storage (decoded frame by frame if compressed). Raises
-    ValueError or TransferSyntaxError before sending anything when the
-    object is not laid out for it."""
-    if not assoc.is_established or assoc.acse.is_aborted():
-        raise RuntimeError("the store association is no longer established")
-    context = assoc._get_valid_context(instance.SOPClassUID, syntax, "scu", allow_conversion=False)
-    plan = conversion_plan(pacs, instance.item, syntax, opener)
-    if plan is None or plan.dataset_length is None:
-        raise ValueError("not streamable")
-
-    def chunks() -> Iterator[bytes]:
+    def guarded() -> Iterator[bytes]:
         try:
-            yield from plan.dataset()
+            yield from chunks
         except Exception as exc:
             # Part of the message is out: the association cannot go on.
             assoc.abort()
-            raise RuntimeError(f"reading {instance.SOPInstanceUID} failed while sending it: {exc}") from exc
+            raise RuntimeError(f"reading {item.sop_uid} failed while sending it: {exc}") from exc
 
-    return _send_message(assoc, instance, context, _ChunkReader(chunks()), plan.dataset_length, msg_id,
-                         priority, originator_aet, originator_id)
+    return _send_message(assoc, instance, context, _ChunkReader(guarded()), None, *message)
 
 
 class _ChunkReader(io.RawIOBase):
@@ -203,8 +233,8 @@ class _ChunkReader(io.RawIOBase):
         return b"".join(out)
 
 
-def _send_message(assoc: Any, instance: StoredInstance, context: Any, stream: BinaryIO, length: int, msg_id: int,
-                  priority: int, originator_aet: str | None, originator_id: int | None) -> Dataset:
+def _send_message(assoc: Any, instance: StoredInstance, context: Any, stream: BinaryIO, length: int | None,
+                  msg_id: int, priority: int, originator_aet: str | None, originator_id: int | None) -> Dataset:
     command = store_request_command(str(instance.SOPClassUID), str(instance.SOPInstanceUID), msg_id, priority,
                                     originator_aet, originator_id)
     _pause_reactor(assoc)
@@ -216,26 +246,44 @@ def _send_message(assoc: Any, instance: StoredInstance, context: Any, stream: Bi
     return assoc._check_received_status(rsp)
 
 
-def _write_message(assoc: Any, command: bytes, context_id: int, stream: BinaryIO, remaining: int) -> None:
+def _write_message(assoc: Any, command: bytes, context_id: int, stream: BinaryIO, length: int | None) -> None:
     """Write the C-STORE-RQ's PDUs to the socket from this thread (see
-    :mod:`dicom_scp.direct_send`), reading the dataset as it goes."""
+    :mod:`dicom_scp.direct_send`), reading the data set as it goes: *length*
+    bytes, or up to the end of *stream* when None. An odd-length data set
+    (a deflated one written by older software) gets one trailing NULL byte,
+    as PS3.5 A.5 pads an odd deflate output: DCMTK peers refuse an odd PDV
+    and drop the association. The stored object stays as it is."""
     max_pdu = assoc.dimse.maximum_pdu_size
     # PDUs of at most LARGEST_PDU, whatever the peer allows (0: no limit):
-    # one PDU per dataset held a whole 200 MB object in memory.
+    # one PDU per dataset held a whole 200 MB object in memory. Fragments
+    # of even length: only the last one may need the pad.
     fragment = min(max_pdu or LARGEST_PDU, LARGEST_PDU) - 6
+    fragment -= fragment % 2
 
-    def pdus() -> Iterator[bytes]:
-        yield from message_pdus(context_id, command, None, max_pdu)
-        left = remaining
-        while left > 0:
-            data = read_exact(stream, min(fragment, left))
+    def fragments() -> Iterator[bytes]:
+        left = length
+        while left is None or left > 0:
+            data = read_exact(stream, fragment if left is None else min(fragment, left))
             if not data:
+                if left is None:
+                    return
                 # Part of the message is out: the peer cannot make sense of
                 # what would follow on this association.
                 assoc.abort()
                 raise RuntimeError("the stored file ended early")
-            left -= len(data)
-            yield p_data_pdu(context_id, (b"\x00" if left > 0 else b"\x02") + data)
+            if left is not None:
+                left -= len(data)
+            yield data
+
+    def pdus() -> Iterator[bytes]:
+        yield from message_pdus(context_id, command, None, max_pdu)
+        last, total = b"", 0
+        for data in fragments():
+            # Held back one fragment: the last one is marked as such.
+            if last:
+                yield p_data_pdu(context_id, b"\x00" + last)
+            last, total = data, total + len(data)
+        yield p_data_pdu(context_id, b"\x02" + last + b"\0" * (total % 2))
 
     write_pdus(assoc, pdus())
 
@@ -267,16 +315,9 @@ def read_ahead(store: ObjectStore, items: list[RetrieveItem]) -> Iterator[Callab
                 future.cancel()
 
 
-def _has_context(assoc: Any, sop_class: str, syntax: str) -> bool:
-    """Whether the peer accepted *syntax* for *sop_class* (roles are
-    checked when the context is taken; pynetdicom's own lookup logs an
-    error for every miss)."""
-    return any(str(cx.abstract_syntax) == sop_class and str(cx.transfer_syntax[0]) == syntax
-               for cx in assoc.accepted_contexts)
-
-
 def send_stored_as_is(pacs: Pacs, assoc: Any) -> None:
-    """Make *assoc* stream :class:`StoredInstance` objects from storage.
+    """Make *assoc* send :class:`StoredInstance` objects from storage (see
+    :func:`_send_instance`); a failure's reason is kept on the instance.
 
     Any other dataset still goes through pynetdicom's own encoding.
     """
@@ -285,37 +326,24 @@ def send_stored_as_is(pacs: Pacs, assoc: Any) -> None:
         return
 
     def send_c_store(dataset: Any, *args: Any, **kwargs: Any) -> Dataset:
-        if isinstance(dataset, StoredInstance):
-            item: RetrieveItem = dataset.item
-            # Before the request is written: a damaged file fails its own
-            # sub-operation (PS3.4 C.4.2.3.1, C.4.3.3.1) and the rest are
-            # sent, where a file ending mid-message had to abort the association.
-            if dataset.prefetched is not None:
-                check_size(item, len(dataset.prefetched.result()))
-            else:
-                check_stored_size(pacs, item)
-            try:
-                syntax = streamed_syntax(item, lambda ts: _has_context(assoc, item.sop_class_uid, ts))
-                if syntax is not None and (syntax != item.transfer_syntax_uid or item.overrides):
-                    if dataset.prefetched is not None:
-                        opener = bytes_opener(dataset.prefetched.result())
-                    else:
-                        opener = lambda offset, length: pacs.store.open(item.storage_key, offset, length)  # noqa: E731
-                    return _send_converted(pacs, assoc, dataset, syntax, opener, *args, **kwargs)
-                if dataset.prefetched is not None:
-                    stream: BinaryIO = io.BytesIO(dataset.prefetched.result())
-                else:
-                    stream = pacs.store.open(dataset.storage_key)
-                with stream:
-                    return _send_stored(assoc, dataset, stream, *args, **kwargs)
-            except (ValueError, TransferSyntaxError):
-                # Raised before anything is sent: a file without a meta
-                # group length, no context pynetdicom matches exactly, a
-                # header that cannot be re-encoded. Encode it the ordinary
-                # way (whole, corrections applied).
-                accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
-                return original(for_peer(pacs, item, accepted), *args, **kwargs)
-        return original(dataset, *args, **kwargs)
+        if not isinstance(dataset, StoredInstance):
+            return original(dataset, *args, **kwargs)
+        if dataset.move_originator and kwargs.get("originator_aet") is not None:
+            # PS3.7 9.1.1.1: the AE that asked for the C-MOVE (pynetdicom
+            # names this one); the Message ID it passes is the C-MOVE's.
+            kwargs["originator_aet"] = dataset.move_originator
+        try:
+            status = _send_instance(pacs, assoc, dataset, *args, **kwargs)
+        except Exception as exc:
+            dataset.failures.append(str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc))
+            raise
+        code = status.get("Status") if status is not None else None
+        if code is None:
+            dataset.failures.append("no C-STORE response from the peer")
+        elif STORAGE_SERVICE_CLASS_STATUS.get(int(code), (STATUS_FAILURE,))[0] == STATUS_FAILURE:
+            # As pynetdicom counts it (an unknown status is a failure).
+            dataset.failures.append(f"the peer answered C-STORE with 0x{int(code):04X}")
+        return status
 
     send_c_store.sends_stored = True  # type: ignore[attr-defined]
     assoc.send_c_store = send_c_store

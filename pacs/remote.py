@@ -15,7 +15,21 @@ from typing import Any
 
 from pydicom.datadict import keyword_dict, tag_for_keyword
 from pydicom.dataset import Dataset
+from pydicom.uid import (
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 from pynetdicom import AE, StoragePresentationContexts, build_role, evt
+from pynetdicom import sop_class as sop
 from pynetdicom.sop_class import Verification
 
 from dicom_scp.contexts import QR_MODELS as _MODELS
@@ -27,6 +41,33 @@ from .errors import PacsError
 from .tls import association_tls
 
 log = logging.getLogger(__name__)
+
+# A C-GET's storage contexts. The SCP accepts one syntax per context (PS3.8
+# 9.3.2.2) and sends each object in an accepted one, converting it when none
+# is its own: one context listing every syntax made the old PACS pick one
+# (Explicit VR LE, listed first) and decompress everything into it, or fail
+# an object it could not decompress. So the uncompressed syntaxes go in one
+# context and each common compression in a context of its own, most common
+# first (what does not fit in 128 contexts is left out).
+GET_UNCOMPRESSED = [str(ExplicitVRLittleEndian), str(ImplicitVRLittleEndian)]
+GET_COMPRESSED = [str(ts) for ts in (JPEGBaseline8Bit, JPEG2000Lossless, JPEGLSLossless, RLELossless)]
+GET_COMPRESSED_RARE = [str(ts) for ts in (
+    JPEGLosslessSV1, JPEG2000, JPEGExtended12Bit, JPEGLSNearLossless, DeflatedExplicitVRLittleEndian)]
+# When the remote does not say which SOP classes a study holds: the image
+# classes given the compressed contexts, and the other classes that come
+# next (then the rest of pynetdicom's storage classes, uncompressed only).
+COMMON_IMAGE_CLASSES = [str(uid) for uid in (
+    sop.CTImageStorage, sop.MRImageStorage, sop.ComputedRadiographyImageStorage,
+    sop.DigitalXRayImageStorageForPresentation, sop.DigitalMammographyXRayImageStorageForPresentation,
+    sop.UltrasoundImageStorage, sop.UltrasoundMultiFrameImageStorage, sop.SecondaryCaptureImageStorage,
+    sop.MultiFrameTrueColorSecondaryCaptureImageStorage, sop.XRayAngiographicImageStorage,
+    sop.XRayRadiofluoroscopicImageStorage, sop.NuclearMedicineImageStorage,
+    sop.PositronEmissionTomographyImageStorage)]
+COMMON_OTHER_CLASSES = [str(uid) for uid in (
+    sop.BasicTextSRStorage, sop.EnhancedSRStorage, sop.ComprehensiveSRStorage,
+    sop.KeyObjectSelectionDocumentStorage, sop.GrayscaleSoftcopyPresentationStateStorage,
+    sop.EncapsulatedPDFStorage, sop.TwelveLeadECGWaveformStorage, sop.EnhancedCTImageStorage)]
+MAX_CONTEXTS = 128
 
 
 
@@ -192,25 +233,47 @@ def _sop_classes(pacs: Pacs, title: str, level: str, keys: dict[str, str], model
     return classes
 
 
+def get_contexts(sop_classes: list[str], limit: int = MAX_CONTEXTS - 1) -> list[tuple[str, list[str]]]:
+    """The storage contexts a C-GET proposes (SCP role), at most *limit*:
+    for each SOP class one with Explicit and Implicit VR Little Endian, so
+    that every object can come, then one per compressed syntax so that a
+    compressed object comes as the remote holds it (:data:`GET_COMPRESSED`,
+    then :data:`GET_COMPRESSED_RARE`).
+
+    *sop_classes* are those the remote said the request covers; without
+    them, the common image classes get the compressed contexts and other
+    storage classes the uncompressed one, as many as fit."""
+    imaging, common, rest = sop_classes, [], []
+    if not sop_classes:
+        imaging, common = COMMON_IMAGE_CLASSES, COMMON_OTHER_CLASSES
+        rest = [str(cx.abstract_syntax) for cx in StoragePresentationContexts
+                if cx.abstract_syntax not in imaging + common]
+    # In order of need, cut at the limit: every class at all, the common
+    # compressions (syntax by syntax), the other classes, the rare compressions.
+    contexts = [(sc, GET_UNCOMPRESSED) for sc in imaging + common]
+    contexts += [(sc, [ts]) for ts in GET_COMPRESSED for sc in imaging]
+    contexts += [(sc, GET_UNCOMPRESSED) for sc in rest]
+    contexts += [(sc, [ts]) for ts in GET_COMPRESSED_RARE for sc in imaging]
+    return contexts[:limit]
+
+
 def get(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = "study") -> RetrieveSummary:
-    """C-GET from the remote AE; received objects are ingested here."""
-    from dicom_scp.contexts import STORAGE_TRANSFER_SYNTAXES
+    """C-GET from the remote AE; received objects are ingested here as they
+    arrive (compressed ones stay compressed: see :func:`get_contexts`)."""
     from dicom_scp.server import make_store_handler
 
     # Ask for the SOP classes first: at most 128 contexts fit in an
-    # association, far fewer than all storage classes.
+    # association, far fewer than all storage classes with their syntaxes.
     # A remote that does not return SOP Class UID (dcmqrscp, many old PACS)
-    # is offered pynetdicom's 120 common storage classes instead.
-    sop_classes = sorted(_sop_classes(pacs, title, level.upper(), keys, model)) or [
-        cx.abstract_syntax for cx in StoragePresentationContexts
-    ]
+    # is offered the common storage classes instead.
+    sop_classes = sorted(_sop_classes(pacs, title, level.upper(), keys, model))
     get_class = _MODELS[model][2]
     ae = local_ae(pacs)
     ae.add_requested_context(get_class)
-    roles = []
-    for sop_class in sop_classes[:127]:
-        ae.add_requested_context(sop_class, STORAGE_TRANSFER_SYNTAXES)
-        roles.append(build_role(sop_class, scp_role=True))
+    roles: dict[str, Any] = {}
+    for sop_class, syntaxes in get_contexts(sop_classes):
+        ae.add_requested_context(sop_class, syntaxes)
+        roles.setdefault(sop_class, build_role(sop_class, scp_role=True))
     store = make_store_handler(pacs, source="c-get")
     stored = {"n": 0}
 
@@ -220,7 +283,8 @@ def get(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = "
             stored["n"] += 1
         return status
 
-    assoc = associate(pacs, ae, _remote(pacs, title), ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assoc = associate(pacs, ae, _remote(pacs, title), ext_neg=list(roles.values()),
+                      evt_handlers=[(evt.EVT_C_STORE, on_store)])
     try:
         responses = assoc.send_c_get(identifier(level, keys), get_class)
         summary = _summary(responses, RetrieveSummary(0xC000), "C-GET")

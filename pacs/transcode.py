@@ -263,11 +263,7 @@ class StreamPlan:
         if self.target != DeflatedExplicitVRLittleEndian:
             yield from self._dataset()
             return
-        deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
-        for chunk in self._dataset():
-            if out := deflater.compress(chunk):
-                yield out
-        yield deflater.flush()
+        yield from _deflated(self._dataset())
 
     def part10(self) -> Iterator[bytes]:
         yield self.meta
@@ -490,11 +486,17 @@ class CodecPlan:
 
 
 def _deflated(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """*chunks* deflated, padded to even length: PS3.5 A.5 gives an odd
+    deflate output one trailing NULL byte, and DCMTK peers refuse an odd
+    data set ("Odd Fragment Length")."""
     deflater = zlib.compressobj(6, zlib.DEFLATED, -zlib.MAX_WBITS)
+    length = 0
     for chunk in chunks:
         if out := deflater.compress(chunk):
+            length += len(out)
             yield out
-    yield deflater.flush()
+    out = deflater.flush()
+    yield out + b"\0" * ((length + len(out)) % 2)
 
 
 def _number(ds: Dataset, keyword: str, default: int) -> int:
@@ -902,6 +904,34 @@ def _prepare(pacs: Pacs, item: RetrieveItem, target: str) -> Iterator[bytes]:
     if plan is not None:
         return plan.part10()
     return _file_chunks(_convert_whole(pacs, item, uid))
+
+
+def prepared_dataset(pacs: Pacs, item: RetrieveItem, target: str, opener: Opener | None = None) -> Iterator[bytes]:
+    """The data set of *item* in *target* (the bytes after the File Meta), for
+    a DIMSE message: like :func:`prepared_bytes`, what can fail (no decoder or
+    encoder, the first frame's decode or encode, a whole conversion) is done
+    now and raises :class:`TransferSyntaxError` before any byte is sent;
+    pixel data are then streamed frame by frame where the codec allows."""
+    uid = UID(target)
+    reason = unservable_reason(item, target)
+    if reason:
+        raise TransferSyntaxError(reason)
+    try:
+        plan = conversion_plan(pacs, item, target, opener)
+    except (TransferSyntaxError, StorageError):
+        raise
+    except Exception as exc:
+        raise TransferSyntaxError(f"cannot convert to {uid.name}: {_one_line(exc)}") from exc
+    if plan is not None:
+        return plan.dataset()
+    converted = _convert_whole(pacs, item, uid)
+    try:
+        # pydicom wrote the File Meta with its group length: skip it.
+        converted.seek(_meta_length(read_exact(converted, 144)))
+    except BaseException:
+        converted.close()
+        raise
+    return _file_chunks(converted)
 
 
 def conversion_plan(pacs: Pacs, item: RetrieveItem, target: str,
