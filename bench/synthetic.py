@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import Engine, insert, select
 
 from pacs.index.models import Instance, Patient, PatientIdentifier, Series, Study
-from pacs.names import fold_name, name_words
+from pacs.names import fold_name, name_reading, name_words
 
 FAMILY = [("Nguyễn", 38), ("Trần", 11), ("Lê", 9), ("Phạm", 7), ("Hoàng", 5), ("Huỳnh", 4), ("Phan", 4),
           ("Vũ", 4), ("Võ", 3), ("Đặng", 2), ("Bùi", 2), ("Đỗ", 2), ("Hồ", 2), ("Ngô", 2), ("Dương", 1),
@@ -68,6 +68,7 @@ def load(engine: Engine, spec: LoadSpec, *, batch: int = 20_000, progress: Any =
                 "pk": base_patient + i + 1,
                 "patient_id": f"{rng.randint(1, 96):03d}{rng.randint(0, 1)}{rng.randint(40, 99):02d}{i % 1_000_000:06d}",
                 "issuer": "CCCD", "name": name, "name_folded": fold_name(name), "name_words": name_words(name),
+                "name_reading": name_reading(name),
                 "birth_date": f"19{rng.randint(40, 99)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}",
                 "sex": rng.choice("MF"), "created_at": now, "updated_at": now,
             }
@@ -92,6 +93,7 @@ def load(engine: Engine, spec: LoadSpec, *, batch: int = 20_000, progress: Any =
                 "study_time": f"{rng.randint(7, 19):02d}{rng.randint(0, 59):02d}00",
                 "accession_number": f"A{base_study + i:09d}", "study_id": str(i),
                 "referring_physician": "Đỗ^Thanh Tùng", "referring_physician_folded": "DO^THANH TUNG",
+                "referring_physician_words": "DO THANH TUNG", "referring_physician_reading": "DO THANH TUNG",
                 "description": f"{modality} study", "institution": "BV Synthetic", "modalities": modality,
                 "num_series": n_series, "num_instances": 0, "size_bytes": 0,
                 "created_at": now, "updated_at": now,

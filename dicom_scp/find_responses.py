@@ -35,7 +35,7 @@ PENDING = 0xFF00
 class PendingResponses:
     """Encodes and writes the pending responses of one C-FIND request."""
 
-    def __init__(self, event: Any, shape: ResultShape, syntax: UID) -> None:
+    def __init__(self, event: Any, shape: ResultShape, syntax: UID, status: int = PENDING) -> None:
         self.assoc = event.assoc
         self.shape = shape
         self.syntax = syntax
@@ -43,29 +43,30 @@ class PendingResponses:
         self.encoder = IdentifierEncoder(shape, self.explicit)
         self.context_id = int(event.context.context_id)
         self.max_pdu = int(self.assoc.dimse.maximum_pdu_size or 0)
-        self.command = _pending_command(event.request)
+        self.command = _pending_command(event.request, status)
         self._buffer: list[bytes] = []
         self._size = 0
 
     @classmethod
-    def open(cls, event: Any, shape: ResultShape) -> PendingResponses | None:
-        """A writer for *event*'s request, or None where pynetdicom's own path
-        must send the matches (no direct sending, a syntax or VR we do not
-        write ourselves)."""
+    def open(cls, event: Any, shape: ResultShape, status: int = PENDING) -> PendingResponses | None:
+        """A writer for *event*'s request, its matches sent with the pending
+        *status* (FF00, or FF01 when optional keys were not supported), or
+        None where pynetdicom's own path must send the matches (no direct
+        sending, a syntax or VR we do not write ourselves)."""
         assoc = event.assoc
         if not getattr(assoc.dimse.send_msg, "direct", False) or not can_write_directly(assoc):
             return None
         syntax = UID(str(event.context.transfer_syntax))
         if not syntax.is_little_endian or syntax.is_deflated or not can_encode(shape):
             return None
-        return cls(event, shape, syntax)
+        return cls(event, shape, syntax, status)
 
     def send(self, row: dict[str, Any]) -> bool:
         """Queue one match; False once the association can take no more."""
         try:
             identifier = self.encoder.encode(row)
         except NotEncodable:
-            identifier = encode(self.shape.dataset(row), self.syntax.is_implicit_VR, True, False)
+            identifier = encode(self.shape.dataset(row, wire=True), self.syntax.is_implicit_VR, True, False)
         for pdu in message_pdus(self.context_id, self.command, identifier, self.max_pdu):
             self._buffer.append(pdu)
             self._size += len(pdu)
@@ -89,12 +90,12 @@ class PendingResponses:
         return True
 
 
-def _pending_command(request: Any) -> bytes:
-    """The command set of a pending C-FIND-RSP to *request*, as pynetdicom
-    encodes it (PS3.7 9.3.2.2)."""
+def _pending_command(request: Any, status: int = PENDING) -> bytes:
+    """The command set of a pending C-FIND-RSP to *request* with *status*
+    (FF00 or FF01), as pynetdicom encodes it (PS3.7 9.3.2.2)."""
     return encode_command([
         (0x0002, "UI", request.AffectedSOPClassUID), (0x0100, "US", C_FIND_RSP),
-        (0x0120, "US", request.MessageID), (0x0800, "US", DATASET), (0x0900, "US", PENDING),
+        (0x0120, "US", request.MessageID), (0x0800, "US", DATASET), (0x0900, "US", status),
     ])
 
 

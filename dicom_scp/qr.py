@@ -35,6 +35,7 @@ from pynetdicom.sop_class import (
 from pacs.aes import RemoteAE
 from pacs.app import Pacs
 from pacs.errors import Status, query_failure
+from pacs.header import dataset_codec, decode_text
 from pacs.query import UNIQUE_KEY, Level, Query, QueryError, run_query
 from pacs.query.attributes import QUALIFIERS
 from pacs.query.results import ResultShape
@@ -64,6 +65,9 @@ _PATIENT_ROOT = {
 _SKIP = {"QueryRetrieveLevel", "SpecificCharacterSet"}
 # DICOM statuses
 PENDING, CANCEL, IDENTIFIER_MISMATCH, UNABLE = 0xFF00, 0xFE00, 0xA900, 0xC000
+# Pending, "one or more Optional Keys were not supported for existence
+# and/or matching for this Identifier" (PS3.4 Table C.4-1).
+PENDING_UNSUPPORTED_KEYS = 0xFF01
 UNKNOWN_DESTINATION, OUT_OF_RESOURCES = 0xA801, 0xA702
 # Refused: Out of Resources - unable to calculate number of matches (PS3.4
 # C.4.2.1.5, C.4.3.1.3): the index that names the instances cannot be read.
@@ -80,27 +84,20 @@ def _value_text(value: Any) -> str:
     return str(value).strip()
 
 
-def _declared_charset(identifier: Dataset) -> bool:
-    try:
-        return bool(identifier.get("SpecificCharacterSet"))
-    except Exception:
-        return False
-
-
-def _match_text(identifier: Dataset, tag: Any, declared: bool) -> str:
-    """A matching key's value as text.
+def _match_text(identifier: Dataset, tag: Any, vr: str, codec: str | None) -> str:
+    """A matching key's value as text, decoded as ingest decodes the objects
+    (:func:`pacs.header.decode_text`; *codec*: the identifier's
+    :func:`pacs.header.dataset_codec`, None where only pydicom decodes it).
 
     Without a declared character set only ASCII is valid (PS3.5 default
-    repertoire); many modalities and tools still send UTF-8 then (a
-    Vietnamese name typed at the console), so undeclared non-ASCII bytes are
-    read as UTF-8 when they are valid UTF-8, else as Latin-1.
+    repertoire), and ISO_IR 100 cannot write Vietnamese; many modalities and
+    tools still send UTF-8 so (a Vietnamese name typed at the console), and
+    the archive indexed their objects' names as UTF-8: such non-ASCII bytes
+    are read as UTF-8 when they are valid UTF-8, else as Latin-1.
     """
     raw = identifier.get_item(tag)
-    if not declared and getattr(raw, "is_raw", False) and isinstance(raw.value, bytes):
-        try:
-            return raw.value.decode("utf-8").strip(" \x00")
-        except UnicodeDecodeError:
-            return raw.value.decode("latin-1").strip(" \x00")
+    if codec is not None and getattr(raw, "is_raw", False) and isinstance(raw.value, bytes):
+        return decode_text(raw.value, vr, codec).strip(" \x00")
     return _value_text(identifier[tag].value)
 
 
@@ -119,14 +116,12 @@ def _key_elements(ds: Dataset) -> Iterator[tuple[Any, str, str]]:
         yield tag, keyword, getattr(raw, "VR", None) or dictionary_VR(tag)
 
 
-def text_keys(ds: Dataset, declared: bool | None = None) -> dict[str, str]:
+def text_keys(ds: Dataset, codec: str | None) -> dict[str, str]:
     """Keyword -> value as text of the non-sequence elements of *ds* (an
-    identifier, or an item of one: pass the identifier's *declared*), read as
-    the Q/R C-FIND reads its matching keys (undeclared UTF-8 included, see
-    :func:`_match_text`)."""
-    if declared is None:
-        declared = _declared_charset(ds)
-    return {keyword: _match_text(ds, tag, declared)
+    identifier, or an item of one) whose identifier's character set is
+    *codec* (:func:`pacs.header.dataset_codec`), read as the Q/R C-FIND
+    reads its matching keys (see :func:`_match_text`)."""
+    return {keyword: _match_text(ds, tag, vr, codec)
             for tag, keyword, vr in _key_elements(ds) if vr != "SQ"}
 
 
@@ -137,8 +132,10 @@ def cancelled(event: Any) -> bool:
     return is_cancelled(event.request) or bool(event.is_cancelled)
 
 
-def identifier_query(identifier: Dataset, sop_class: str) -> tuple[Query, list[str]]:
-    """Translate a C-FIND/MOVE/GET identifier into a query and its return keys."""
+def identifier_query(identifier: Dataset, sop_class: str) -> tuple[Query, list[str], list[str]]:
+    """Translate a C-FIND/MOVE/GET identifier into a query, its return keys
+    and the keys given a value that are not used for matching (optional
+    keys the archive does not match on, sequence matching)."""
     try:
         level = Level(str(identifier.get("QueryRetrieveLevel", "")).strip().upper())
     except ValueError:
@@ -148,7 +145,7 @@ def identifier_query(identifier: Dataset, sop_class: str) -> tuple[Query, list[s
     match: dict[str, str] = {}
     returns: list[str] = []
     not_matched: list[str] = []
-    declared = _declared_charset(identifier)
+    codec = dataset_codec(identifier)
     for tag, keyword, vr in _key_elements(identifier):
         if keyword in _SKIP:
             continue
@@ -161,7 +158,7 @@ def identifier_query(identifier: Dataset, sop_class: str) -> tuple[Query, list[s
             continue
         if keyword in QUALIFIERS:
             continue  # qualifies the query (Timezone Offset From UTC...), no matching key
-        text = _match_text(identifier, tag, declared)
+        text = _match_text(identifier, tag, vr, codec)
         if text:
             match[keyword] = text
     query = Query(level, match, returns)
@@ -172,7 +169,7 @@ def identifier_query(identifier: Dataset, sop_class: str) -> tuple[Query, list[s
         # ignored for matching and returned like a return key (keywords
         # only: values can be patient data).
         log.info("%s-level query: not used for matching: %s", level.value, ", ".join(not_matched))
-    return query, returns
+    return query, returns, not_matched
 
 
 def _sequence_has_values(identifier: Dataset, tag: Any) -> bool:
@@ -189,7 +186,7 @@ def make_find_handler(pacs: Pacs) -> Any:
     def handle_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
         sop_class = str(event.request.AffectedSOPClassUID)
         try:
-            query, returns = identifier_query(event.identifier, sop_class)
+            query, returns, not_matched = identifier_query(event.identifier, sop_class)
         except QueryError as exc:
             log.warning("C-FIND from %s refused: %s", event.assoc.requestor.ae_title, exc)
             yield status_dataset(IDENTIFIER_MISMATCH, str(exc)), None
@@ -202,8 +199,11 @@ def make_find_handler(pacs: Pacs) -> Any:
         audit_dimse(pacs, event, "query", study_uid="" if study == "*" else study,
                     detail=f"C-FIND {query.level.value} " + " ".join(f"{k}={v}" for k, v in query.match.items()))
         shape = ResultShape(query.level, returns, pacs.settings.ae_title)
+        # PS3.4 C.4.1.1.4: FF01 says an optional key was not supported for
+        # matching, so the SCU knows its matches were not narrowed by it.
+        pending = PENDING_UNSUPPORTED_KEYS if not_matched else PENDING
         # Matches written here, many per socket write; None: pynetdicom sends each.
-        writer = PendingResponses.open(event, shape)
+        writer = PendingResponses.open(event, shape, pending)
         try:
             for row in run_query(pacs.engine, query):
                 if cancelled(event):
@@ -212,7 +212,7 @@ def make_find_handler(pacs: Pacs) -> Any:
                     yield CANCEL, None
                     return
                 if writer is None:
-                    yield PENDING, shape.dataset(row)
+                    yield pending, shape.dataset(row, wire=True)
                 elif not writer.send(row):
                     return  # the peer is gone: nothing more to answer
             if writer is not None:
@@ -253,7 +253,7 @@ def retrieve_keys(query: Query) -> dict[str, str]:
 def _retrieve_items(pacs: Pacs, event: Any, what: str) -> tuple[list[RetrieveItem], Dataset | None]:
     """The instances a C-MOVE/C-GET names, or the failure status to answer."""
     try:
-        query, _ = identifier_query(event.identifier, str(event.request.AffectedSOPClassUID))
+        query, _, _ = identifier_query(event.identifier, str(event.request.AffectedSOPClassUID))
         match = retrieve_keys(query)
     except QueryError as exc:
         log.warning("%s from %s refused: %s", what, event.assoc.requestor.ae_title, exc)

@@ -44,7 +44,7 @@ from .header_scan import (
     single_codec,
     uses_code_extensions,
 )
-from .names import fold_name, name_words
+from .names import fold_name, name_reading, name_words
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ class InstanceHeader:
     patient_name: str = ""
     patient_name_folded: str = ""
     patient_name_words: str = ""
+    patient_name_reading: str = ""
     birth_date: str = ""
     sex: str = ""
     other_ids: list[OtherId] = field(default_factory=list)
@@ -153,34 +154,68 @@ def _int(ds: Dataset, keyword: str) -> int | None:
 
 
 _BINARY_INT = {"US": "H", "SS": "h", "UL": "L", "SL": "l"}
-_CHARSET_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
+# Values the data set's character set applies to. CS is the default
+# repertoire only (PS3.5 6.1.2.3), yet modalities and local RIS write
+# Vietnamese in it (Patient's Sex "Nữ", Body Part Examined "NGỰC") in the
+# data set's set: read with it, not as Latin-1 ("Ná»¯", which no search finds).
+_CHARSET_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC", "CS"}
+
+
+@functools.lru_cache(maxsize=64)
+def _is_latin1(codec: str | None) -> bool:
+    return codec is not None and codecs.lookup(codec).name == "iso8859-1"
+
+
+def dataset_codec(ds: Dataset) -> str | None:
+    """The Python codec of *ds*'s Specific Character Set: pydicom's Latin-1
+    default when none is declared (the default repertoire is ASCII); None
+    for ISO 2022 code extensions or several sets, which only pydicom's own
+    conversion decodes."""
+    try:
+        charset = ds.get("SpecificCharacterSet")
+        terms = list(charset) if isinstance(charset, MultiValue) else ([charset] if charset else [])
+        encodings = convert_encodings([t for t in terms if t] or None)
+    except Exception:
+        return None
+    return encodings[0] if len(encodings) == 1 and not uses_code_extensions(terms) else None
+
+
+def utf8_under_latin1(value: bytes, vr: str, codec: str | None) -> bool:
+    """Whether a raw *value* of *vr* in a data set of character set *codec*
+    (:func:`dataset_codec`) is UTF-8 its sender labelled wrongly or not at all.
+
+    Latin-1 cannot write Vietnamese: non-ASCII bytes under ISO_IR 100 (or
+    under no declared set, where only ASCII is valid) that are valid UTF-8
+    (multi-byte sequences, which Latin-1 text practically never forms: "Ã¼"
+    for "ü") come from a sender that writes UTF-8, and are read as UTF-8. A
+    real Latin-1 name ("Müller", 0xFC alone) is not valid UTF-8 and stays
+    Latin-1. Ingest and every C-FIND identifier read values so."""
+    return vr in _CHARSET_VRS and not value.isascii() and _is_latin1(codec) and _is_utf8(value)
+
+
+def decode_text(value: bytes, vr: str, codec: str | None) -> str:
+    """A raw value of *vr* as text, padding and all: with *codec* where the
+    character set applies (UTF-8 where :func:`utf8_under_latin1`), as
+    Latin-1 (ASCII, kept byte for byte if not) elsewhere."""
+    if utf8_under_latin1(value, vr, codec):
+        return value.decode("utf-8")
+    return value.decode((codec or "latin-1") if vr in _CHARSET_VRS else "latin-1", "replace")
 
 
 class _Decoder:
-    """Raw text values to str with one data set's character set.
-
-    Latin-1 cannot write Vietnamese: non-ASCII bytes under ISO_IR 100 that
-    are valid UTF-8 (multi-byte sequences, which Latin-1 text practically
-    never forms: "Ã¼" for "ü") come from a sender that writes UTF-8 and
-    labels it wrongly, and are read as UTF-8, as undeclared bytes are. A
-    real Latin-1 name ("Müller", 0xFC alone) is not valid UTF-8 and stays
-    Latin-1. The stored object keeps its bytes as received."""
+    """Raw text values to str with one data set's character set (see
+    :func:`utf8_under_latin1` for UTF-8 labelled Latin-1 or not labelled).
+    The stored object keeps its bytes as received."""
 
     codec: str | None = None
-    undeclared: bool = False
-    latin1: bool = False
     mislabelled: bool = False
-
-    def _set_codec(self, codec: str | None, undeclared: bool) -> None:
-        self.codec, self.undeclared = codec, undeclared
-        self.latin1 = codec is not None and codecs.lookup(codec).name == "iso8859-1"
 
     def decode(self, value: bytes, vr: str, *, uid: bool = False) -> str:
         """*value* as the index keeps it (see :func:`_decode_text`)."""
-        if self.latin1 and not uid and vr in _CHARSET_VRS and not value.isascii() and _is_utf8(value):
+        if not uid and utf8_under_latin1(value, vr, self.codec):
+            # The receiving service warns the sender's admin.
             self.mislabelled = True
-            return _decode_text(value, vr, "utf-8", False)
-        return _decode_text(value, vr, self.codec, self.undeclared, uid=uid)
+        return _decode_text(value, vr, self.codec, uid=uid)
 
 
 def _is_utf8(value: bytes) -> bool:
@@ -200,19 +235,11 @@ class _Values(_Decoder):
     def __init__(self, ds: Dataset) -> None:
         self.ds = ds
         self.order = "<" if ds.original_encoding[1] is not False else ">"
-        # pydicom has already read the character set to decode the dataset.
-        try:
-            charset = ds.get("SpecificCharacterSet")
-            terms = list(charset) if isinstance(charset, MultiValue) else ([charset] if charset else [])
-            encodings = convert_encodings([t for t in terms if t] or None)
-        except Exception:
-            encodings = []
         # One character set (no ISO 2022 switching): a plain codec decodes it.
         # No declared set means ASCII (PS3.5 default repertoire); non-ASCII
         # bytes there are invalid, and in practice UTF-8 from a modality that
-        # forgot to declare it: read them as UTF-8 when they decode as such.
-        self._set_codec(encodings[0] if len(encodings) == 1 and not uses_code_extensions(terms) else None,
-                        not terms)
+        # forgot to declare it: read as UTF-8 when they decode as such.
+        self.codec = dataset_codec(ds)
 
     def _raw(self, ds: Dataset, tag: int) -> Any:
         try:
@@ -274,21 +301,11 @@ def _uid_text(text: str) -> str:
     return text.strip(" ").rstrip(" \x00")[:_MAX_TEXT]
 
 
-def _decode_text(value: bytes, vr: str, codec: str | None, undeclared: bool, *, uid: bool = False) -> str:
-    """A raw text value as the index keeps it (*uid*: see _uid_text)."""
+def _decode_text(value: bytes, vr: str, codec: str | None, *, uid: bool = False) -> str:
+    """A raw value as the index keeps it (*uid*: see _uid_text)."""
     if uid:
         return _uid_text(value.decode("latin-1", "replace"))
-    if vr in _CHARSET_VRS:
-        if undeclared and not value.isascii():
-            try:
-                text = value.decode("utf-8")
-            except UnicodeDecodeError:
-                text = value.decode("latin-1")
-            return text.strip(" \x00").replace("\x00", "")[:_MAX_TEXT]
-        text = value.decode(codec or "latin-1", "replace")
-    else:
-        text = value.decode("latin-1", "replace")
-    return text.strip(" \x00").replace("\x00", "")[:_MAX_TEXT]
+    return decode_text(value, vr, codec).strip(" \x00").replace("\x00", "")[:_MAX_TEXT]
 
 
 def _decode_int(value: bytes, vr: str, order: str) -> int | None:
@@ -313,8 +330,7 @@ class _ScannedValues(_Decoder):
     def __init__(self, scanned: ScannedDataset) -> None:
         self.scanned = scanned
         charset = scanned.values.get(_CHARSET_TAG)
-        codec, declared = single_codec(charset[1] if charset else None)
-        self._set_codec(codec, not declared)
+        self.codec = single_codec(charset[1] if charset else None)[0]
 
     def _decoded(self, elements: dict[int, tuple[str, memoryview]], tag: int, *, uid: bool = False) -> str:
         found = elements.get(tag)
@@ -525,17 +541,37 @@ def _identified(values: _Values | _ScannedValues, transfer_syntax: str) -> Insta
     )
 
 
+# DA and TM as written before DICOM 3.0, which PS3.5 Table 6.2-1 asks
+# readers to accept: "2024.01.15", "10:15:00.5" (and "08:30"). Indexed as
+# they were, a date or time range compared them as text and found the wrong
+# studies, and QIDO-RS answered an invalid DA value. The index keeps the
+# DICOM form; the stored object keeps its bytes.
+_LEGACY_DATE = re.compile(r"\d{4}\.\d{2}\.\d{2}")
+_LEGACY_TIME = re.compile(r"\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?")
+
+
+def index_date(text: str) -> str:
+    """A DA value as the index keeps it: "yyyy.mm.dd" as "yyyymmdd"."""
+    return text.replace(".", "") if _LEGACY_DATE.fullmatch(text) else text
+
+
+def index_time(text: str) -> str:
+    """A TM value as the index keeps it: "hh:mm[:ss[.ffffff]]" as "hhmm[ss[.ffffff]]"."""
+    return text.replace(":", "") if _LEGACY_TIME.fullmatch(text) else text
+
+
 def _fill(h: InstanceHeader, v: _Values | _ScannedValues) -> None:
     h.patient_id = v.text("PatientID")
     h.issuer = v.text("IssuerOfPatientID")
     h.patient_name = v.text("PatientName")
     h.patient_name_folded = fold_name(h.patient_name)
     h.patient_name_words = name_words(h.patient_name)
-    h.birth_date = v.text("PatientBirthDate")
+    h.patient_name_reading = name_reading(h.patient_name)
+    h.birth_date = index_date(v.text("PatientBirthDate"))
     h.sex = v.text("PatientSex")
     h.other_ids = v.other_ids()
-    h.study_date = v.text("StudyDate")
-    h.study_time = v.text("StudyTime")
+    h.study_date = index_date(v.text("StudyDate"))
+    h.study_time = index_time(v.text("StudyTime"))
     h.accession_number = v.text("AccessionNumber")
     h.study_id = v.text("StudyID")
     h.referring_physician = v.text("ReferringPhysicianName")
@@ -546,8 +582,8 @@ def _fill(h: InstanceHeader, v: _Values | _ScannedValues) -> None:
     h.series_description = v.text("SeriesDescription")
     h.body_part = v.text("BodyPartExamined")
     h.station_name = v.text("StationName")
-    h.series_date = v.text("SeriesDate")
-    h.series_time = v.text("SeriesTime")
+    h.series_date = index_date(v.text("SeriesDate"))
+    h.series_time = index_time(v.text("SeriesTime"))
     h.instance_number = v.int("InstanceNumber")
     h.rows = v.int("Rows")
     h.columns = v.int("Columns")
@@ -555,8 +591,8 @@ def _fill(h: InstanceHeader, v: _Values | _ScannedValues) -> None:
     h.bits_allocated = v.int("BitsAllocated")
     h.photometric = v.text("PhotometricInterpretation")
     h.charset = v.text("SpecificCharacterSet")
-    h.content_date = v.text("ContentDate")
-    h.content_time = v.text("ContentTime")
+    h.content_date = index_date(v.text("ContentDate"))
+    h.content_time = index_time(v.text("ContentTime"))
     h.mislabelled_utf8 = v.mislabelled
 
 

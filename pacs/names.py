@@ -72,3 +72,17 @@ def _person_key(name: object) -> str:
 def name_words(name: object) -> str:
     """Folded name with component separators read as spaces, for word search."""
     return " ".join(fold_name(name).replace("^", " ").replace("=", " ").split())
+
+
+def name_reading(name: object) -> str:
+    """Words of the name's alphabetic group in the order they are read and
+    typed where the family name comes first and the middle name before the
+    given name (Vietnamese, Chinese, Korean): "Trịnh^Bình^Văn"
+    (Family^Given^Middle, as DICOM and HL7 order the components) is "Trịnh
+    Văn Bình", searched as "TRINH VAN BINH". Without a middle name the
+    components' own order, as :func:`name_words` (kept filled, not empty:
+    an index column of one dominant value misleads query planners)."""
+    components = fold_name(name).split("=")[0].split("^")
+    if len(components) >= 3:
+        components = [components[0], components[2], components[1], *components[3:]]
+    return " ".join(" ".join(components).split())

@@ -51,7 +51,7 @@ from .index.models import (
 from .index.reconcile import PATIENT_COLUMNS, accession_match_doubt, record_reconciliation
 from .index.writer import MERGED_ID_TYPE, merged_patient
 from .index.writer_helpers import insert_ignore
-from .names import fold_name, name_words
+from .names import fold_name, name_reading, name_words
 from .query.matching import is_date, is_time
 from .timezones import server_zone
 
@@ -215,7 +215,8 @@ def _patient_columns(p: PatientInfo) -> dict[str, Any]:
     """Patient row values for the demographics *p* carries (None: keep)."""
     values: dict[str, Any] = {}
     if p.name is not None:
-        values.update(name=p.name, name_folded=fold_name(p.name), name_words=name_words(p.name))
+        values.update(name=p.name, name_folded=fold_name(p.name), name_words=name_words(p.name),
+                      name_reading=name_reading(p.name))
     if p.birth_date is not None:
         values["birth_date"] = p.birth_date
     if p.sex is not None:

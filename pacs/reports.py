@@ -28,6 +28,7 @@ from .ingest import Origin
 from .maintenance.common import delete_instance_rows
 from .orders import OrderService
 from .part10 import BufferSource
+from .query.results import as_written
 from .report_pdf import ReportContent, render
 from .timezones import dicom_date_time, hl7_timestamp, hospital_zone, in_hospital_zone, utc_offset
 
@@ -322,7 +323,7 @@ class ReportService:
         ds.PatientID = study.patient_id
         ds.IssuerOfPatientID = study.issuer
         ds.PatientBirthDate = study.birth_date
-        ds.PatientSex = study.sex
+        ds.PatientSex = as_written("CS", study.sex)
         ds.StudyDate, ds.StudyTime = study.study_date, study.study_time
         ds.AccessionNumber = study.accession_number
         ds.StudyID = study.study_id

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from sqlalchemy import select
@@ -19,6 +20,7 @@ from .index.models import Correction
 from .index.reconcile import PATIENT_COLUMNS, STUDY_COLUMNS
 from .query import Level, Query, build_select
 from .query.attributes import instances, patients, studies
+from .query.results import as_written
 
 log = logging.getLogger(__name__)
 corrections = Correction.__table__
@@ -113,7 +115,8 @@ def apply_overrides(ds: Dataset, overrides: tuple[tuple[str, str], ...]) -> Data
         ds.decode()
         ds.SpecificCharacterSet = "ISO_IR 192"
     for keyword, value in overrides:
-        setattr(ds, keyword, value)
+        # Patient's Sex "Nữ" as received (CS, see as_written).
+        setattr(ds, keyword, as_written(dictionary_VR(keyword), value))
     return ds
 
 

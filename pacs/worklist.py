@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Select, and_, case, literal, or_, select
 
 from .index.models import Order, Patient, PatientIdentifier
-from .names import fold, fold_name, name_words
+from .names import fold, fold_name, name_reading, name_words
 from .query.attributes import QUALIFIERS, Kind
 from .query.matching import (
     QueryError,
@@ -31,6 +31,7 @@ from .query.matching import (
     pn_match,
     qualifying_issuer,
     range_match,
+    universal,
 )
 from .query.results import dicom_id_type
 
@@ -79,12 +80,6 @@ def sps_status(stored: str) -> str:
     return _SPS_STATUS.get(stored, stored.replace(" ", "")[:16])
 
 
-def universal(value: str) -> bool:
-    """Whether a key's value is universal matching: empty, or a lone "*"
-    (PS3.4 C.2.2.2.4: "*" alone matches every value, as zero length does)."""
-    return value.strip().strip("*") == ""
-
-
 def ignored_keys(match: dict[str, str], step: dict[str, str]) -> list[str]:
     """Keys given a (non-universal) value that the worklist does not match
     on: optional keys, ignored for matching and returned (PS3.4 C.2.2.1.3).
@@ -101,8 +96,9 @@ RowFilter = Callable[[Mapping[str, Any]], bool]
 def _pn_filter(column: str, value: str) -> RowFilter:
     """Person-name matching of an order column in Python, with the rules of
     :func:`pacs.query.matching.pn_match` (folded: no case, no diacritics;
-    a value without "^" matched as words). Orders keep physician names as
-    the HIS sent them, without a folded column to search in SQL."""
+    a value without "^" matched as words, in the order of the components or
+    as the name is read). Orders keep physician names as the HIS sent them,
+    without a folded column to search in SQL."""
     words = "^" not in value and "=" not in value
     wanted = " ".join(fold(value).split()) if words else fold_name(value)
     form = name_words if words else fold_name
@@ -111,6 +107,8 @@ def _pn_filter(column: str, value: str) -> RowFilter:
     def matches(row: Any) -> bool:
         stored = row[column] or ""
         if pattern.fullmatch(form(stored)) is not None:
+            return True
+        if words and (reading := name_reading(stored)) and pattern.fullmatch(reading) is not None:
             return True
         # A value without "=" is one group of the name (PS3.4 C.2.2.2.1), as in pn_match.
         return "=" not in value and "=" in stored and any(
@@ -135,7 +133,7 @@ def _plan(match: dict[str, str], step: dict[str, str]) -> tuple[list[Any], list[
         if universal(value) or keyword not in MATCHED_KEYS or (issuer and keyword == "IssuerOfPatientID"):
             continue
         if keyword == "PatientName":
-            conditions.append(pn_match(value, patients.c.name_folded, patients.c.name_words))
+            conditions.append(pn_match(value, patients.c.name_folded, patients.c.name_words, patients.c.name_reading))
         elif keyword == "PatientID":
             conditions.append(patient_id_match(value, issuer=issuer))
         elif keyword == "PatientBirthDate":

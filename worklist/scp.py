@@ -29,14 +29,15 @@ from pynetdicom.sop_class import (
     ModalityWorklistInformationFind,
 )
 
-from dicom_scp.qr import _declared_charset, _sequence_has_values, cancelled, text_keys
+from dicom_scp.qr import PENDING_UNSUPPORTED_KEYS, _sequence_has_values, cancelled, text_keys
 from pacs.app import Pacs
 from pacs.audit import Event
 from pacs.errors import query_failure
+from pacs.header import dataset_codec
 from pacs.orders import OrderError, OrderService
 from pacs.query import QueryError
 from pacs.query.matching import is_date, is_time
-from pacs.query.results import other_ids_sequence
+from pacs.query.results import as_written, other_ids_sequence
 from pacs.worklist import ignored_keys, run_worklist, sps_status
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ def full_item(row: dict[str, Any]) -> Dataset:
     ds.PatientID = row["patient_id"]
     ds.IssuerOfPatientID = row["issuer"]
     ds.PatientBirthDate = row["birth_date"]
-    ds.PatientSex = row["sex"]
+    ds.PatientSex = as_written("CS", row["sex"])
     ds.OtherPatientIDsSequence = other_ids_sequence(row["other_ids"])
     ds.StudyInstanceUID = row["study_uid"]
     ds.RequestedProcedureID = row["requested_procedure_id"]
@@ -186,12 +187,13 @@ def make_worklist_handler(pacs: Pacs) -> Any:
         try:
             identifier = event.identifier
             # Read as the Q/R C-FIND reads its keys: UTF-8 sent without a
-            # Specific Character Set (many consoles do) still matches.
-            declared = _declared_charset(identifier)
-            match = text_keys(identifier, declared)
+            # Specific Character Set or labelled ISO_IR 100 (many consoles
+            # do) still matches.
+            codec = dataset_codec(identifier)
+            match = text_keys(identifier, codec)
             match.pop("SpecificCharacterSet", None)
             steps = identifier.get("ScheduledProcedureStepSequence") or []
-            step = text_keys(steps[0], declared) if len(steps) else {}
+            step = text_keys(steps[0], codec) if len(steps) else {}
             # Refuses a key it cannot match before anything is answered; the
             # rows are then read page by page as they are sent.
             rows = run_worklist(pacs.engine, match, step)
@@ -211,13 +213,15 @@ def make_worklist_handler(pacs: Pacs) -> Any:
             # match on is ignored for matching and returned like a return key
             # (keywords only: values can be patient data).
             log.info("worklist query: not used for matching: %s", ", ".join(not_matched))
+        # FF01: an optional key was not supported for matching (PS3.4 Annex K, as C.4.1.1.4).
+        pending = PENDING_UNSUPPORTED_KEYS if not_matched else PENDING
         answered = 0
         try:
             for row in rows:
                 if cancelled(event):
                     yield CANCEL, None
                     return
-                yield PENDING, answer(identifier, row)
+                yield pending, answer(identifier, row)
                 answered += 1
         except Exception as exc:
             yield _status(*query_failure(log, "worklist query", exc)), None

@@ -94,6 +94,11 @@ class Patient(Base):
     name_folded: Mapped[str] = mapped_column(String, default="", index=True)
     # The folded name with "^" read as a space: what people type ("NGUYEN VAN AN").
     name_words: Mapped[str] = mapped_column(String, default="", index=True)
+    # The name as read, family middle given ("TRINH VAN BINH" for
+    # "Trịnh^Bình^Văn", pacs.names.name_reading). Added by migration 0021
+    # with a server default and no Python one, as the study's two below: an
+    # insert written for an earlier revision, which names them not, still works.
+    name_reading: Mapped[str] = mapped_column(String, server_default="", index=True)
     birth_date: Mapped[str] = mapped_column(String, default="")
     sex: Mapped[str] = mapped_column(String, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
@@ -125,6 +130,9 @@ class Study(Base):
     study_id: Mapped[str] = mapped_column(String, default="")
     referring_physician: Mapped[str] = mapped_column(String, default="")
     referring_physician_folded: Mapped[str] = mapped_column(String, default="", index=True)
+    # Its word forms, searched as the patient's name is (name_words, name_reading).
+    referring_physician_words: Mapped[str] = mapped_column(String, server_default="", index=True)
+    referring_physician_reading: Mapped[str] = mapped_column(String, server_default="", index=True)
     description: Mapped[str] = mapped_column(String, default="")
     institution: Mapped[str] = mapped_column(String, default="")
     # Backslash-joined, the DICOM multi-value form of ModalitiesInStudy.

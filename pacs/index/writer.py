@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import Connection, Table, select, update
 
 from ..header import InstanceHeader
-from ..names import fold_name
+from ..names import fold_name, name_reading, name_words
 from ..routing import create_jobs  # no cycle: pacs.routing imports only writer_helpers from here
 from . import tombstones
 from .models import PATIENT_HAS_ID, Correction, Instance, Patient, PatientIdentifier, Series, Study
@@ -121,6 +121,7 @@ def _patient_row(h: InstanceHeader, now: datetime) -> dict[str, Any]:
     """The patients row an object's patient starts as."""
     return {"patient_id": h.patient_id, "issuer": h.issuer, "name": h.patient_name,
             "name_folded": h.patient_name_folded, "name_words": h.patient_name_words,
+            "name_reading": h.patient_name_reading,
             "birth_date": h.birth_date, "sex": h.sex, "created_at": now, "updated_at": now}
 
 
@@ -230,6 +231,7 @@ class IndexWriter:
                         name=h.patient_name,
                         name_folded=h.patient_name_folded,
                         name_words=h.patient_name_words,
+                        name_reading=h.patient_name_reading,
                         birth_date=h.birth_date,
                         sex=h.sex,
                         updated_at=now,
@@ -272,6 +274,8 @@ class IndexWriter:
                 "study_id": h.study_id,
                 "referring_physician": h.referring_physician,
                 "referring_physician_folded": fold_name(h.referring_physician),
+                "referring_physician_words": name_words(h.referring_physician),
+                "referring_physician_reading": name_reading(h.referring_physician),
                 "description": h.study_description,
                 "institution": h.institution,
                 "modalities": "",

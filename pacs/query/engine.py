@@ -28,7 +28,7 @@ from .attributes import (
     series,
     studies,
 )
-from .matching import QueryError, condition, qualifying_issuer
+from .matching import QueryError, condition, qualifying_issuer, universal
 
 identifiers = PatientIdentifier.__table__
 
@@ -73,7 +73,7 @@ class Query:
         match on. PS3.4 C.2.2.1.3: such a key is ignored for matching and
         processed as a return key; refusing the query (0xA900) is not
         conformant, nor was it consistent (sequence keys were ignored)."""
-        return [k for k, v in self.match.items() if v and not matchable(k)]
+        return [k for k, v in self.match.items() if v and not universal(v) and not matchable(k)]
 
     def validate(self) -> None:
         """Raise :class:`QueryError` for a key of a level below the query's
@@ -84,7 +84,9 @@ class Query:
                 raise QueryError(f"{keyword} holds the control character U+{ord(bad.group()):04X}, "
                                  "which no DICOM value may contain")
             attribute = ATTRIBUTES.get(keyword)
-            if attribute is None or not value:
+            if attribute is None or not value or universal(value):
+                # "*" matches everything as an empty value does, also in a
+                # number key or one of a lower level (viewers send it).
                 continue
             if attribute.level.depth > self.level.depth:
                 raise QueryError(
@@ -167,7 +169,7 @@ def build_select(query: Query) -> tuple[Select[Any], list[str]]:
     conditions = [
         condition(ATTRIBUTES[k], v, fuzzy=query.fuzzy, other_ids=query.other_ids, issuer=issuer)
         for k, v in query.match.items()
-        if v not in ("", None) and matchable(k) and not (issuer and k == "IssuerOfPatientID")
+        if v and not universal(v) and matchable(k) and not (issuer and k == "IssuerOfPatientID")
     ]
     if conditions:
         stmt = stmt.where(and_(*conditions))

@@ -29,6 +29,13 @@ class QueryError(PacsError):
     """An identifier or query parameter that cannot be matched (0xA900 / 400)."""
 
 
+def universal(value: str) -> bool:
+    """Whether a key's value is universal matching: empty, or made of "*"
+    only (PS3.4 C.2.2.2.4: "*" alone matches every value, as zero length
+    does), whatever the key's VR and level."""
+    return value.strip().strip("*") == ""
+
+
 def has_wildcard(value: str) -> bool:
     return "*" in value or "?" in value
 
@@ -145,9 +152,15 @@ def _one_group(column: Any, value: str, index_column: Any, whole: ColumnElement[
     return and_(index_column.like(like_pattern(prefix) + "%", escape="\\"), or_(whole, *conditions))
 
 
-def pn_match(value: str, folded_column: Any, words_column: Any = None, *, fuzzy: bool = False) -> ColumnElement[bool]:
-    """Person-name matching on the folded column (or its word form, when the
-    query has no component separators and a word column exists).
+def pn_match(value: str, folded_column: Any, words_column: Any = None, reading_column: Any = None, *,
+             fuzzy: bool = False) -> ColumnElement[bool]:
+    """Person-name matching on the folded column (or its word forms, when the
+    query has no component separators and word columns exist).
+
+    A value without separators is words as people type them: in the order
+    of the components ("TRINH BINH VAN", *words_column*) or as the name is
+    read, family middle given ("Trịnh Văn Bình" for "Trịnh^Bình^Văn",
+    *reading_column*, see :func:`pacs.names.name_reading`).
 
     A stored name may carry ideographic and phonetic groups after its
     alphabetic one ("Trần^Thị Bích=ちば^ていこ"). A query value without "="
@@ -160,17 +173,23 @@ def pn_match(value: str, folded_column: Any, words_column: Any = None, *, fuzzy:
     column = words_column if words else folded_column
     if not folded or folded.strip("*") == "":
         return true()
+    # The reading order differs from the word order in the order of its (3 or
+    # more) words only: one word without wildcards matches both or neither.
+    reading = reading_column if words and (" " in folded or has_wildcard(folded)) else None
     if fuzzy and not has_wildcard(folded):
         # QIDO-RS fuzzymatching: any word of the name starts with the term.
         pattern = like_pattern(folded)
-        return or_(column.like(pattern + "%", escape="\\"), column.like("% " + pattern + "%", escape="\\"))
+        columns = [column] if reading is None else [column, reading]
+        return or_(*(c.like(p, escape="\\") for c in columns for p in (pattern + "%", "% " + pattern + "%")))
     whole = text_match(column, folded)
     if "=" in folded:
         return whole
     # One group of the name: in word form, the folded name with its
     # component separators read as spaces (the word column runs the groups together).
     grouped = func.replace(folded_column, "^", " ", type_=String) if words else folded_column
-    return _one_group(grouped, folded, column, whole)
+    matched = _one_group(grouped, folded, column, whole)
+    # The reading column holds the alphabetic group alone (indexed: prefix LIKE or equality).
+    return matched if reading is None else or_(matched, text_match(reading, folded))
 
 
 def qualifying_issuer(match: Mapping[str, str]) -> str:
@@ -272,15 +291,21 @@ def check_range(keyword: str, value: str, kind: Kind) -> None:
         raise QueryError(f"{keyword} must be {form} or a range {form}-{form}")
 
 
+# Person-name keys: their folded, word-order and reading-order columns (see pn_match).
+_PN_COLUMNS = {
+    "PatientName": (patients.c.name_folded, patients.c.name_words, patients.c.name_reading),
+    "ReferringPhysicianName": (studies.c.referring_physician_folded, studies.c.referring_physician_words,
+                               studies.c.referring_physician_reading),
+}
+
+
 def condition(attribute: Attribute, value: str, *, fuzzy: bool = False, other_ids: bool = True,
               issuer: str = "") -> ColumnElement[bool]:
     """The SQL condition for one matching key with a non-empty value
     (*issuer*: the :func:`qualifying_issuer` of a Patient ID)."""
     kind = attribute.kind
     if kind is Kind.PN:
-        if attribute.keyword == "PatientName":
-            return pn_match(value, patients.c.name_folded, patients.c.name_words, fuzzy=fuzzy)
-        return pn_match(value, attribute.match_column, fuzzy=fuzzy)
+        return pn_match(value, *_PN_COLUMNS[attribute.keyword], fuzzy=fuzzy)
     if kind is Kind.PATIENT_ID:
         return patient_id_match(value, issuer=issuer, other_ids=other_ids)
     if kind is Kind.MODALITIES:
@@ -328,4 +353,5 @@ __all__ = [
     "text_match",
     "time_bound",
     "time_key",
+    "universal",
 ]

@@ -79,16 +79,42 @@ class ResultShape:
         """Each field with the match's value, converted for its VR."""
         return [(f, f.constant if f.is_constant else convert_value(f, row.get(f.keyword))) for f in self.fields]
 
-    def dataset(self, row: dict[str, Any]) -> Dataset:
-        """One match as a dataset (QIDO-RS turns it into DICOM JSON)."""
+    def dataset(self, row: dict[str, Any], *, wire: bool = False) -> Dataset:
+        """One match as a dataset (QIDO-RS turns it into DICOM JSON; *wire*:
+        to be encoded by pydicom, see :func:`as_written`)."""
         ds = Dataset()
         for field, value in self.values(row):
             if field.vr == "SQ":
                 value = Sequence([_item(elements) for elements in value or []])  # type: ignore[union-attr]
+            elif wire:
+                value = as_written(field.vr, value)
             # Values come from the index, validated when the object was
             # received: checking each again was a fifth of a match's cost.
             ds[field.tag] = DataElement(field.tag, field.vr, value, validation_mode=config.IGNORE)
         return ds
+
+
+# VRs pydicom writes in the data set's character set; the others (the
+# default repertoire: CS, DA, UI...) it writes as Latin-1.
+_CHARSET_VRS = frozenset({"LO", "LT", "PN", "SH", "ST", "UC", "UT"})
+
+
+def as_written(vr: str, value: Value) -> Value:
+    """*value* of *vr* as pydicom must be given it to write it in a data set
+    of ISO_IR 192 (every answer's, and the archive's own objects').
+
+    Non-ASCII text in a default-repertoire VR is invalid (PS3.5 6.1.2.3) but
+    kept as it was received, in the sender's character set (Patient's Sex
+    "Nữ", see :mod:`pacs.header`); pydicom cannot write it but as Latin-1,
+    so it is given the value's UTF-8 bytes, each as the Latin-1 character
+    written as that byte: the peer reads the text as it was received."""
+    if vr in _CHARSET_VRS:
+        return value
+    if isinstance(value, str):
+        return value if value.isascii() else value.encode("utf-8").decode("latin-1")
+    if isinstance(value, list):
+        return [as_written(vr, v) if isinstance(v, str) else v for v in value]  # type: ignore[misc]
+    return value
 
 
 # Index values holding several values, backslash-separated.
