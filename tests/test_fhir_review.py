@@ -57,6 +57,8 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
             StudyInstanceUID=AMENDED_STUDY, AccessionNumber="AMEND1", **utf8)
     make_ct(rest / "negative.dcm", PatientID="BN700", IssuerOfPatientID="BVDK", PatientName="Hồ^Văn Bảy",
             StudyInstanceUID=NEGATIVE_STUDY, AccessionNumber="NEG1", SeriesNumber="-1", InstanceNumber="-3", **utf8)
+    make_ct(rest / "reading.dcm", PatientID="BN800", IssuerOfPatientID="BVDK", PatientName="Trịnh^Bình^Văn",
+            StudyInstanceUID=f"{UID}.800", AccessionNumber="READ1", **utf8)
     server.cli("import", str(first))
     server.cli("import", str(rest))
     server.start()
@@ -316,3 +318,13 @@ def test_the_audit_trail_names_the_patient_with_its_issuer(served: PacsServer) -
     finally:
         engine.dispose()
     assert len(by_id) == 6 and len(by_cx) == 3  # the read, the search by BVTW|BN100, the search of all three
+
+
+def test_a_name_is_found_in_the_order_it_is_read(served: PacsServer) -> None:
+    """Trịnh^Bình^Văn (Family^Given^Middle, as HL7 and modalities write it) is
+    read "Trịnh Văn Bình": the Patient name search finds it so, as C-FIND and
+    QIDO-RS do (patients.name_reading)."""
+    with _emr(served) as http:
+        for value in ("trinh van binh", "Trịnh Văn Bình", "van binh", "trinh binh van"):
+            bundle = http.get("/fhir/Patient", params={"name": value}).json()
+            assert _ids(bundle) == ["BVDK.BN800"], value

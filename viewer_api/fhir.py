@@ -1056,12 +1056,14 @@ def _folded_words(value: str) -> str:
 def _name_matches(value: str) -> ColumnElement[bool]:
     """name: a word of the name (any part) starts with *value*, case and
     diacritics ignored (R4 string search): nguyen, Nguyễn and NGUY find
-    Nguyễn^Văn An, and so does "van an"."""
+    Nguyễn^Văn An, and so does "van an"; a name stored Family^Given^Middle
+    is found in the order it is read too ("trinh van binh")."""
     words = _like_text(name_words(value))
     if not words:
         return false()
-    return or_(patients.c.name_words.like(words + "%", escape="\\"),
-               patients.c.name_words.like("% " + words + "%", escape="\\"))
+    return or_(*(column.like(pattern, escape="\\")
+                 for column in (patients.c.name_words, patients.c.name_reading)
+                 for pattern in (words + "%", "% " + words + "%")))
 
 
 def _family_matches(value: str) -> ColumnElement[bool]:
