@@ -1,5 +1,11 @@
 """Backups of the index: SQLite's online backup, PostgreSQL's pg_dump.
 
+The appliance's de-identification secret (``DATA_DIR/deidentify.salt``)
+goes beside the backup, as ``FILE.deidentify-salt``: it lives in no index
+and no store, and without it a restored appliance gives the same studies
+new UIDs and the same patients new pseudonyms, silently. ``pacs restore``
+puts it back.
+
 The objects are not copied here: the filesystem store is backed up by the
 hospital's file backup (it only ever gains whole, immutable files) and an S3
 bucket by its replication. After a restore, objects stored since the backup
@@ -9,6 +15,7 @@ rebuilds everything from the objects alone if no backup exists at all.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -37,6 +44,11 @@ class BackupResult:
     seconds: float
     # Restore of a SQLite index: where the index it replaced was kept.
     previous: str = ""
+    # The de-identification secret written beside the backup (backup), or
+    # put back from there (restore); "" when there was none.
+    salt: str = ""
+    # Restore: where a different secret the data dir had was kept.
+    previous_salt: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -229,3 +241,70 @@ def restore_index(index_url: str, backup: Path, keep_dir: Path | None = None) ->
         if result.returncode != 0:
             raise BackupError(f"pg_restore failed: {result.stderr.strip()[-500:]}")
     return BackupResult(kind, str(backup), backup.stat().st_size, time.perf_counter() - start, previous)
+
+
+SALT_FILE = "deidentify.salt"
+SALT_SUFFIX = ".deidentify-salt"
+
+
+def salt_beside(backup: Path) -> Path:
+    """Where the de-identification secret of the backup *backup* goes."""
+    return backup.absolute().with_name(backup.name + SALT_SUFFIX)
+
+
+def backup_salt(data_dir: Path, backup: Path) -> str:
+    """Copy the data dir's de-identification secret beside *backup*; its path,
+    or "" when the appliance has none yet (a stale one from an earlier backup
+    under that name is removed: it would come back as this one's)."""
+    source, target = Path(data_dir) / SALT_FILE, salt_beside(backup)
+    try:
+        salt = source.read_bytes()
+    except FileNotFoundError:
+        target.unlink(missing_ok=True)
+        return ""
+    _write_private(target, salt)
+    return str(target)
+
+
+def restore_salt(data_dir: Path, backup: Path) -> tuple[str, str]:
+    """Put the de-identification secret saved beside *backup* back into the
+    data dir: (its path, or "" when the backup has none; where a different
+    secret the data dir had is kept, or "")."""
+    source = salt_beside(backup)
+    try:
+        salt = source.read_bytes()
+    except FileNotFoundError:
+        return "", ""
+    if not salt.strip():
+        raise BackupError(f"{source} is empty: it is not the de-identification secret of the backup")
+    target = Path(data_dir) / SALT_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    previous = ""
+    try:
+        current = target.read_bytes()
+    except FileNotFoundError:
+        current = None
+    if current is not None and current.strip() != salt.strip():
+        # Copies exported with it are only recognised with it: never lost.
+        kept = target.with_name(f"{target.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}")
+        _write_private(kept, current)
+        previous = str(kept)
+    if current is None or previous:
+        _write_private(target, salt)
+    return str(target), previous
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write *path* whole (owner-only, synced, renamed into place)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import getpass
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -36,13 +35,14 @@ def _audit(args: argparse.Namespace, action: str, detail: str, *, restored: bool
     from .audit import Event
     from .cli import creates_store, settings_from, setup_logging
     from .index import tombstones
+    from .maintenance.common import os_user
 
     settings = settings_from(args)
     setup_logging(settings.log_level if not args.json else "WARNING")
     pacs = Pacs.open(settings, upgrade=restored, create_store=creates_store(args))
     try:
         set_aside = tombstones.set_aside_after_restore(pacs.engine) if restored else 0
-        pacs.audit.record(Event(action=action, user=getpass.getuser(), protocol="cli", detail=detail))
+        pacs.audit.record(Event(action=action, user=os_user(), protocol="cli", detail=detail))
         pacs.audit.flush()
         return set_aside
     finally:
@@ -57,30 +57,35 @@ def _report(args: argparse.Namespace, result: Any, verb: str) -> None:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    from .backup import BackupError, backup_index
+    from .backup import BackupError, backup_index, backup_salt
     from .cli import settings_from
 
     settings = settings_from(args)
     try:
         result = backup_index(settings.resolved_index_url, args.out)
-    except BackupError as exc:
+        result.salt = backup_salt(settings.data_dir, args.out)
+    except (BackupError, OSError) as exc:
         err.print(f"[red]backup failed:[/red] {exc}")
         return 1
     from .index.schema import SchemaError
 
     try:
-        _audit(args, "backup", f"index backup to {result.path} ({result.bytes} bytes)")
+        _audit(args, "backup", f"index backup to {result.path} ({result.bytes} bytes)"
+               + (f", de-identification secret to {result.salt}" if result.salt else ""))
     except SchemaError as exc:
         # The backup is complete (the one to take before an upgrade, say); only
         # its audit event needs the current schema, which only `pacs db upgrade`
         # or `pacs serve` may bring: not a failed backup.
         err.print(f"[yellow]backup not audited:[/yellow] {exc}")
     _report(args, result, "backed up")
+    if result.salt and not args.json:
+        out.print(f"the de-identification secret is in {result.salt}: keep it with the backup (restore reads it "
+                  "from there)")
     return 0
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .backup import BackupError, restore_index
+    from .backup import SALT_FILE, BackupError, restore_index, restore_salt
     from .cli import settings_from
 
     if not args.yes:
@@ -92,16 +97,28 @@ def cmd_restore(args: argparse.Namespace) -> int:
     try:
         with hold_exclusively(settings.data_dir):
             result = restore_index(settings.resolved_index_url, args.backup, keep_dir=settings.data_dir)
+            # The secret de-identified copies were made with, or the same
+            # studies get other UIDs and the same patients other pseudonyms.
+            result.salt, result.previous_salt = restore_salt(settings.data_dir, args.backup)
             # Still alone on the data dir: an older backup's schema is upgraded
             # here, or the restore would end in a SchemaError after its work.
-            set_aside = _audit(args, "restore", f"index restored from {result.path}", restored=True)
-    except (BackupError, ServerRunning) as exc:
+            set_aside = _audit(args, "restore", f"index restored from {result.path}"
+                               + (", with its de-identification secret" if result.salt else ""), restored=True)
+    except (BackupError, ServerRunning, OSError) as exc:
         err.print(f"[red]restore failed:[/red] {exc}")
         return 1
     _report(args, result, "restored")
     if not args.json:
         if result.previous:
             out.print(f"the index it replaced is kept as {result.previous}")
+        if result.salt:
+            out.print(f"the de-identification secret is back in {result.salt}")
+        if result.previous_salt:
+            out.print(f"the data dir's other de-identification secret is kept as {result.previous_salt}")
+        if not result.salt and not settings.deidentify_salt and not (Path(settings.data_dir) / SALT_FILE).exists():
+            err.print("[yellow]the backup carries no de-identification secret[/yellow]: de-identified copies made "
+                      "from now on get other UIDs and pseudonyms than before unless the old "
+                      f"{SALT_FILE} is put in the data dir")
         out.print("objects stored after the backup are now orphans: run `pacs verify --repair` to index them")
         if set_aside:
             out.print(f"{set_aside} objects of deletions under way at the backup's time are kept: `pacs verify "

@@ -639,6 +639,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         ])
         for uid in report.missing_studies:
             err.print(f"[red]no such study:[/red] {uid}")
+        for original, new in report.study_map.items():
+            out.print(f"study {original} exported as {new}")
         _list("failed", data["failed"], ("sop_uid", "detail"))
         _list("not exported: burned-in annotation", data["not_exported_burned_in"], ("sop_uid", "detail"))
         if report.not_exported_burned_in.count:

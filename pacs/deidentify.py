@@ -28,6 +28,9 @@ What :func:`deidentify` does to a dataset (in place):
   emptied, Encapsulated Document Length follows, Burned In Annotation of a
   document (it speaks of the document's content) becomes NO, and De-identification
   Method gets a second value saying the document was replaced;
+- writes a zero File Preamble: the original's 128 bytes are free for any
+  use (a TIFF header, a vendor's label with the patient's name) and went out
+  unchanged in every file written from the dataset;
 - sets Patient Identity Removed = YES (NO when Burned In Annotation = YES: the
   pixels still identify the patient), De-identification Method, its Code
   Sequence (DCM 113100 "Basic Application Confidentiality Profile") and
@@ -37,11 +40,13 @@ Compound actions are resolved without knowing the IOD, always keeping the
 object conformant: for plain attributes the last alternative wins (X/Z -> Z,
 X/D, Z/D, X/Z/D -> D: an empty or dummy value is legal where removal might
 not be; D on a UI value remaps it, a dummy string is no UID); for sequences
-X, X/D and X/Z/D -> removed (those sequences are Type 3 in the image IODs),
-Z and X/Z -> an empty sequence, D, Z/D, C and X/Z/U* -> a skeleton of the
-original items cleaned *strictly* (Content Sequence and Graphic Annotation
-Sequence are Type 1: emptying them would break the object). Dates: Z dates
-become empty, D dates the dummy 19000101 / 000000.
+X and X/D -> removed (those sequences are Type 3 in the image IODs), Z, X/Z
+and X/Z/D -> an empty sequence (Referenced Performed Procedure Step Sequence
+is Type 2 in SR and KOS: removed, the object failed IOD validation), D, Z/D,
+C and X/Z/U* -> a skeleton of the original items cleaned *strictly*
+(Content Sequence and Graphic Annotation Sequence are Type 1: emptying them
+would break the object). Dates: Z dates become empty, D dates the dummy
+19000101 / 000000.
 
 Strict cleaning (inside a sequence the table replaces, a sequence whose
 keyword says "Identification", and everything nested in them) keeps only
@@ -457,7 +462,7 @@ def _known(tag: int) -> bool:
 
 def _vr(ds: Dataset, tag: int) -> str:
     # get_item never reads a deferred value: large elements stay on disk.
-    raw = ds.get_item(tag)
+    raw = ds.get_item(tag, keep_deferred=True)
     vr = getattr(raw, "VR", None)
     if (not vr or vr == "UN") and _known(tag):
         try:
@@ -541,9 +546,11 @@ class _Cleaner:
         return Action.K
 
     def _sequence(self, ds: Dataset, tag: int, action: Action, depth: int, strict: bool) -> None:
-        if action in (Action.X, Action.XD, Action.XZD):
+        if action in (Action.X, Action.XD):
             del ds[tag]
-        elif action in (Action.Z, Action.XZ):
+        elif action in (Action.Z, Action.XZ, Action.XZD):
+            # X/Z/D: an empty sequence is legal wherever removal is (Type 3)
+            # and where it is not (Type 2 in some IODs); a dummy item is not.
             ds[tag] = DataElement(tag, "SQ", Sequence())
         else:
             # D, Z/D, C, X/Z/U*: the items stay as a skeleton (Graphic
@@ -634,6 +641,8 @@ def deidentify(ds: Dataset, uid_map: UidMap, *, pseudonym: str | None = None) ->
     ds[_METHOD_CODES] = DataElement(_METHOD_CODES, "SQ", Sequence([code]))
     ds[_LONGITUDINAL] = DataElement(_LONGITUDINAL, "CS", "REMOVED")
 
+    # The preamble is outside the dataset: pydicom writes back what it read.
+    ds.preamble = b"\0" * 128
     meta = getattr(ds, "file_meta", None)
     if meta is not None:
         for tag in list(meta.keys()):
@@ -723,9 +732,20 @@ class Deidentifier:
     def __init__(self, salt: str) -> None:
         self.uid_map = UidMap(salt)
 
-    def apply(self, ds: Dataset) -> Dataset:
-        """De-identify *ds* in place; returns it."""
-        return deidentify(ds, self.uid_map)
+    def apply(self, ds: Dataset, *, patient: tuple[str, str] | None = None) -> Dataset:
+        """De-identify *ds* in place; returns it.
+
+        *patient*: the index's (Patient ID, Issuer of Patient ID) of the
+        object's study. The pseudonym is then that patient's, whatever the
+        object itself says: one modality sends the issuer, another does not,
+        and the index files both under one patient, who must get one
+        pseudonym. Without it (or without an ID there) the object's own
+        attributes decide.
+        """
+        pseudonym = None
+        if patient is not None and patient[0].strip():
+            pseudonym = self.pseudonym(patient[0], issuer=patient[1])
+        return deidentify(ds, self.uid_map, pseudonym=pseudonym)
 
     def pseudonym(self, patient_id: str, issuer: str = "") -> str:
         """The pseudonym the patient with *patient_id* (at *issuer*) gets."""

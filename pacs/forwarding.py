@@ -19,12 +19,14 @@ import os
 import queue
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -34,7 +36,7 @@ from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_data_element
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import _config, evt
 from pynetdicom.presentation import PresentationContext
 from sqlalchemy.exc import SQLAlchemyError
@@ -42,13 +44,24 @@ from storage import ObjectNotFound, StorageError
 
 from . import routing
 from .app import Pacs
-from .maintenance.export import deidentify_salt
+from .audit import Event
+from .deidentify import UidMap
+from .maintenance.export import deidentify_salt, study_patient
 from .periodic import Periodic
 from .query import Level
 from .remote import RemoteError, associate, local_ae
 from .retrieve import RetrieveItem, apply_overrides, contexts_for, for_peer, resolve
 from .routing import TRANSCODES, Job, Rule, morph_element
-from .transcode import CHUNK, convert_dataset, has_pixels
+from .transcode import (
+    CHUNK,
+    LITTLE_ENDIAN_NATIVE,
+    UNCOMPRESSED,
+    StreamPlan,
+    convert_dataset,
+    has_pixels,
+    stream_plan,
+    streamable,
+)
 
 if TYPE_CHECKING:
     from viewer_api.multipart import Part
@@ -58,6 +71,8 @@ log = logging.getLogger(__name__)
 # Send stored files as they are, without decoding (an exact context is needed).
 _config.STORE_SEND_CHUNKED_DATASET = True
 STOW_BATCH = 20
+# Streamed copies are written to DATA_DIR/tmp/<prefix>*.dcm while they are sent.
+STAGED_PREFIX = "route-"
 
 
 def node_name(pacs: Pacs) -> str:
@@ -69,23 +84,53 @@ def _target_syntax(rule: Rule) -> str:
     return TRANSCODES.get(rule.transcode, rule.transcode)
 
 
-def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule, *, uncompressed: bool = False) -> Dataset | None:
+@dataclasses.dataclass
+class Copy:
+    """The copy of a stored object a rule sends. Laid out to stream (*plan*)
+    when only its header changes (de-identification, --set values,
+    corrections, Big Endian to Little Endian): the header is rewritten, the
+    stored Pixel Data are copied by byte range as it is sent, never held
+    whole. In memory (*dataset*) when its pixels change codec or it has
+    none (a report, an SR)."""
+
+    syntax: str
+    sop_uid: str
+    dataset: Dataset | None = None
+    plan: StreamPlan | None = None
+
+    def part10(self) -> Iterator[bytes]:
+        """The copy's Part 10 bytes, chunk by chunk."""
+        if self.plan is not None:
+            yield from self.plan.part10()
+        elif self.dataset is not None:
+            yield from _encoded(self.dataset)
+
+
+def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule, *, target: str | None = None) -> Copy | None:
     """The copy a rule sends, or None when the stored bytes go as they are.
 
-    *uncompressed*: for a destination that takes no compressed syntax (the
-    rule's transcoding then gives way to Explicit VR Little Endian).
+    *target*: the syntax a destination takes instead of the rule's (e.g.
+    Explicit VR Little Endian where no compressed syntax is taken).
     Raises ObjectNotFound / StorageError when the object cannot be read,
     anything else when the copy cannot be made (a job failing for good)."""
-    target = str(ExplicitVRLittleEndian) if uncompressed else _target_syntax(rule)
+    target = target if target is not None else _target_syntax(rule)
     # Checked before any read: a bad value from a rule older than the check
     # at `route add` fails here, not as a failure of the destination.
     morph = [morph_element(keyword, value) for keyword, value in rule.morph]
     if not (target and target != item.transfer_syntax_uid) and not rule.deidentify and not morph \
             and not item.overrides:
         return None
+    edit, made = _editor(pacs, item, rule, morph)
+    streamed = _streamed_target(item, target)
+    if streamed is not None:
+        opener = lambda offset, length: pacs.store.open(item.storage_key, offset, length)  # noqa: E731
+        plan = stream_plan(opener, item, streamed, edit)
+        if plan is not None:
+            return Copy(str(plan.target), made["sop_uid"], plan=plan)
 
     def stored_copy() -> Dataset:
-        return apply_overrides(dcmread(io.BytesIO(pacs.store.read_bytes(item.storage_key))), item.overrides)
+        with pacs.store.local_path(item.storage_key) as path:
+            return apply_overrides(dcmread(path), item.overrides)
 
     ds = stored_copy()
     stored = UID(item.transfer_syntax_uid)
@@ -108,23 +153,61 @@ def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule, *, uncompressed: boo
                         str(exc).splitlines()[0][:120])
             ds = stored_copy()
             convert_dataset(ds, stored, ExplicitVRLittleEndian)
-    if rule.deidentify:
-        from .deidentify import Deidentifier, may_release
+    edit(ds)
+    return Copy(str(ds.file_meta.TransferSyntaxUID), made["sop_uid"], dataset=ds)
 
-        release = may_release(ds)
-        if not release.allowed:
-            # Nobody cleans text burned into the pixels: such an object does
-            # not leave under a de-identifying rule (the job fails for good, with this reason).
-            raise ValueError(f"not sent de-identified: {release.reason}")
-        if release.reason:
-            log.warning("%s sent de-identified: %s", item.sop_uid, release.reason)
-        Deidentifier(deidentify_salt(pacs)).apply(ds)
-    if morph:
-        _unicode_if_needed(ds, [value for _, value in rule.morph])
-        for element in morph:
-            ds[element.tag] = element
-    _check_encodes(ds)
-    return ds
+
+def _streamed_target(item: RetrieveItem, target: str) -> str | None:
+    """The syntax *item*'s copy streams in when no codec changes: the
+    stored one (Big Endian, retired, becomes Explicit VR Little Endian), or
+    a little endian *target* of uncompressed pixel data. None: a codec
+    change, or an object not laid out to stream."""
+    stored = UID(item.transfer_syntax_uid)
+    if not target or target == stored:
+        wanted = str(ExplicitVRLittleEndian) if stored == ExplicitVRBigEndian else str(stored)
+    elif stored in UNCOMPRESSED and UID(target) in LITTLE_ENDIAN_NATIVE:
+        wanted = target
+    else:
+        return None
+    return wanted if streamable(item, wanted) else None
+
+
+def _editor(pacs: Pacs, item: RetrieveItem, rule: Rule,
+            morph: list[Any]) -> tuple[Callable[[Dataset], None], dict[str, str]]:
+    """What the rule changes in a copy (de-identification, --set values), as
+    an edit of its dataset; and where the edit notes the copy's SOP Instance
+    UID (a new one when de-identified: a STOW-RS answer names that one)."""
+    deid = None
+    patient = None
+    if rule.deidentify:
+        from .deidentify import Deidentifier
+
+        deid = Deidentifier(deidentify_salt(pacs))
+        # The index's patient: one pseudonym for the patient however each
+        # modality filled Issuer of Patient ID.
+        patient = study_patient(pacs, item.study_uid)
+    made = {"sop_uid": item.sop_uid}
+
+    def edit(ds: Dataset) -> None:
+        if deid is not None:
+            from .deidentify import may_release
+
+            release = may_release(ds)
+            if not release.allowed:
+                # Nobody cleans text burned into the pixels: such an object does
+                # not leave under a de-identifying rule (the job fails for good, with this reason).
+                raise ValueError(f"not sent de-identified: {release.reason}")
+            if release.reason:
+                log.warning("%s sent de-identified: %s", item.sop_uid, release.reason)
+            deid.apply(ds, patient=patient)
+        if morph:
+            _unicode_if_needed(ds, [value for _, value in rule.morph])
+            for element in morph:
+                ds[element.tag] = element
+        _check_encodes(ds)
+        made["sop_uid"] = str(ds.get("SOPInstanceUID", item.sop_uid))
+
+    return edit, made
 
 
 def _unicode_if_needed(ds: Dataset, values: list[str]) -> None:
@@ -251,6 +334,10 @@ class Forwarder(Periodic):
         released = routing.release_node(self.pacs.engine, self.node)
         if released:
             log.info("routing: %d jobs claimed before a restart are queued again", released)
+        # Copies a killed server was sending: nobody else writes them (one
+        # `pacs serve` per data dir), and each may be an object's size.
+        for stale in (Path(self.pacs.settings.data_dir) / "tmp").glob(f"{STAGED_PREFIX}*.dcm"):
+            stale.unlink(missing_ok=True)
         return super().start()
 
     def stop(self) -> None:
@@ -484,8 +571,10 @@ class Forwarder(Periodic):
             self._sending.add(assoc)
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}
         delivered = 0
+        # What the destination confirmed or refused, for the audit trail.
+        answered: list[tuple[Rule, RetrieveItem, bool]] = []
         try:
-            for index, (job, rule, item, ds) in enumerate(prepared):
+            for index, (job, rule, item, copy) in enumerate(prepared):
                 if self._unsettled or self._stop.is_set():
                     # The index went down (or the server stops): what was sent
                     # is kept to record, the rest goes back to the queue
@@ -509,7 +598,7 @@ class Forwarder(Periodic):
                     self._give_back(rest, after=0.0 if delivered else LOST_PAUSE)
                     break
                 try:
-                    ds = self._for_destination(title, rule, item, ds, accepted)
+                    copy = self._for_destination(title, rule, item, copy, accepted)
                 except _NotAccepted as exc:
                     self._fail(destination, job, str(exc))
                     continue
@@ -520,16 +609,21 @@ class Forwarder(Periodic):
                     self._fail(destination, job, str(exc), permanent=True, peer=False)
                     continue
                 try:
-                    if ds is None:
+                    if copy is None:
                         with self.pacs.store.local_path(item.storage_key) as path:
                             status = assoc.send_c_store(path)
+                    elif copy.plan is not None:
+                        with self._staged(copy) as path:
+                            status = assoc.send_c_store(path)
                     else:
-                        status = assoc.send_c_store(ds)
+                        status = assoc.send_c_store(copy.dataset)
                     code = int(status.Status) if status is not None and "Status" in status else None
                 except Exception as exc:
                     code, error = None, str(exc)
                 else:
                     error = f"status 0x{code:04X}" if code is not None else "no response"
+                if code is not None:
+                    answered.append((rule, item, code == 0 or 0xB000 <= code <= 0xBFFF))
                 if code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF):
                     self._finish(job)
                     delivered += 1
@@ -545,29 +639,81 @@ class Forwarder(Periodic):
                 assoc.abort(block=False)  # a release would wait for a frozen peer's answer
             elif assoc.is_established:
                 assoc.release()
+            self._audit(f"AE {title}", "dicom", title, answered)
 
-    def _for_destination(self, title: str, rule: Rule, item: RetrieveItem, ds: Dataset | None,
-                         accepted: set[tuple[str, str]]) -> Dataset | None:
+    def _for_destination(self, title: str, rule: Rule, item: RetrieveItem, copy: Copy | None,
+                         accepted: set[tuple[str, str]]) -> Copy | None:
         """The copy in a syntax the destination accepted: as prepared when it
-        takes that syntax; else decoded to Explicit/Implicit VR Little Endian
-        (the fallbacks proposed with every SOP class, as C-MOVE does)."""
-        syntax = str(ds.file_meta.TransferSyntaxUID) if ds is not None else item.transfer_syntax_uid
+        takes that syntax; else in Explicit/Implicit VR Little Endian (the
+        fallbacks proposed with every SOP class, as C-MOVE does): uncompressed
+        pixel data streamed with the header re-encoded (Big Endian
+        byte-swapped: pynetdicom converts only between the little endian
+        syntaxes, and a Big Endian object never reached a little endian
+        only destination), compressed ones decoded."""
+        syntax = copy.syntax if copy is not None else item.transfer_syntax_uid
         if (item.sop_class_uid, syntax) in accepted:
-            return ds
+            return copy
         if not any(sop_class == item.sop_class_uid for sop_class, _ in accepted):
             raise _NotAccepted(f"C-STORE to {title}: it accepted no presentation context for "
                                f"{UID(item.sop_class_uid).name}")
-        if ds is not None and not UID(syntax).is_compressed:
-            return ds  # pynetdicom converts between the uncompressed syntaxes
+        if copy is not None and copy.dataset is not None and UID(syntax) in (ExplicitVRLittleEndian,
+                                                                            ImplicitVRLittleEndian):
+            return copy  # pynetdicom converts between the little endian syntaxes
+        little = next((str(ts) for ts in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+                       if (item.sop_class_uid, str(ts)) in accepted), None)
         try:
-            if ds is None:
-                return for_peer(self.pacs, item, accepted)  # decoded, or uncompressed as stored
-            return transformed(self.pacs, item, rule, uncompressed=True)
+            if little is not None and _streamed_target(item, little) == little:
+                again = transformed(self.pacs, item, rule, target=little)
+                if again is None or (item.sop_class_uid, again.syntax) in accepted:
+                    return again  # None: stored in that syntax, nothing to change
+            if copy is None:
+                return _as_copy(for_peer(self.pacs, item, accepted))  # decoded, or uncompressed as stored
+            return transformed(self.pacs, item, rule, target=str(ExplicitVRLittleEndian))
         except StorageError:
             raise
         except Exception as exc:
             raise ValueError(f"cannot send {UID(syntax).name} to {title}, which accepts only uncompressed syntaxes "
                              f"for {UID(item.sop_class_uid).name}: {exc}") from None
+
+    @contextlib.contextmanager
+    def _staged(self, copy: Copy) -> Iterator[Path]:
+        """The streamed *copy* written to a file of the data dir's tmp/ (what
+        pynetdicom sends from, in chunks), removed after."""
+        folder = Path(self.pacs.settings.data_dir) / "tmp"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix=STAGED_PREFIX, suffix=".dcm", dir=folder)
+        path = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for chunk in copy.part10():
+                    out.write(chunk)
+            yield path
+        finally:
+            path.unlink(missing_ok=True)
+
+    def _audit(self, destination: str, protocol: str, client: str,
+               answered: list[tuple[Rule, RetrieveItem, bool]]) -> None:
+        """One ``export`` event per study and rule for what a destination
+        confirmed or refused: routing sends patients' studies out of the
+        archive as C-MOVE does, and the trail must show where they went,
+        de-identified or not."""
+        groups: dict[tuple[str, int], tuple[Rule, list[bool]]] = {}
+        for rule, item, ok in answered:
+            groups.setdefault((item.study_uid, rule.pk), (rule, []))[1].append(ok)
+        mapped: UidMap | None = None
+        for (study_uid, _), (rule, outcomes) in groups.items():
+            delivered = sum(outcomes)
+            detail = f"routed to {destination} by rule {rule.name}"
+            if rule.deidentify:
+                mapped = mapped or UidMap(deidentify_salt(self.pacs))
+                detail += f", de-identified as study {mapped.map(study_uid)}"
+            detail += f": {delivered} instances delivered"
+            if delivered < len(outcomes):
+                detail += f", {len(outcomes) - delivered} refused"
+            self.pacs.audit.record(Event(
+                action="export", user="routing", role="system", client=client[:200], protocol=protocol,
+                outcome="success" if delivered == len(outcomes) else "failure", study_uid=study_uid,
+                detail=detail[:500]))
 
     # -- STOW-RS -----------------------------------------------------------------------------
     def _https_context(self) -> ssl.SSLContext:
@@ -598,6 +744,7 @@ class Forwarder(Periodic):
             # Each job with the SOP Instance UID it was sent under (a
             # de-identified copy has a new one: the answer names that one).
             sent: list[tuple[Job, str]] = []
+            rules = {job.pk: (rule, item) for job, rule, item in chunk}
             dropped: list[Job] = []
             # A stored object whose read failed while the body was being sent.
             broken: list[tuple[Job, Exception]] = []
@@ -643,12 +790,16 @@ class Forwarder(Periodic):
             if response is None:
                 continue
             failed = _stow_failures(response)
+            answered: list[tuple[Rule, RetrieveItem, bool]] = []
             for job, uid in sent:
-                if response.status_code in (200, 202) and uid not in failed:
+                ok = response.status_code in (200, 202) and uid not in failed
+                answered.append((*rules[job.pk], ok))
+                if ok:
                     self._finish(job)
                 else:
                     reason = failed.get(uid) or f"HTTP {response.status_code}"
                     self._fail(destination, job, f"STOW-RS to {url}: {reason}")
+            self._audit(f"STOW-RS {url}", "dicomweb", url, answered)
 
     def _stow_parts(self, destination: str, chunk: list[tuple[Job, Rule, RetrieveItem]],
                     sent: list[tuple[Job, str]], dropped: list[Job],
@@ -661,8 +812,8 @@ class Forwarder(Periodic):
         for job, rule, item in chunk:
             stream = None
             try:
-                ds = transformed(self.pacs, item, rule)
-                if ds is None:
+                copy = transformed(self.pacs, item, rule)
+                if copy is None:
                     # Opened before its part starts: a missing object is
                     # this job's failure, not an error inside the request.
                     stream = self.pacs.store.open(item.storage_key)
@@ -674,22 +825,35 @@ class Forwarder(Periodic):
                 self._fail(destination, job, f"cannot prepare: {exc}", permanent=True, peer=False)
                 dropped.append(job)
                 continue
-            sent.append((job, item.sop_uid if ds is None else str(ds.SOPInstanceUID)))
-            body = _streamed(stream, job, broken) if stream is not None else _encoded(ds)
+            sent.append((job, item.sop_uid if copy is None else copy.sop_uid))
+            if stream is not None:
+                body = _streamed(_read_chunks(stream), job, broken)
+            else:
+                assert copy is not None
+                # A streamed copy reads the stored pixel data as the body goes.
+                body = _streamed(copy.part10(), job, broken)
             yield Part("application/dicom", body=body)
 
 
-def _streamed(stream: Any, job: Job, broken: list[tuple[Job, Exception]]) -> Iterator[bytes]:
-    """A stored object's bytes; a read error is noted for *job* (then raised)."""
+def _read_chunks(stream: Any) -> Iterator[bytes]:
+    with stream:
+        while chunk := stream.read(CHUNK):
+            yield chunk
+
+
+def _streamed(chunks: Iterator[bytes], job: Job, broken: list[tuple[Job, Exception]]) -> Iterator[bytes]:
+    """An object's bytes; a read error is noted for *job* (then raised)."""
     try:
-        with stream:
-            while chunk := stream.read(CHUNK):
-                yield chunk
+        yield from chunks
     except GeneratorExit:
         raise
     except Exception as exc:
         broken.append((job, exc))
         raise
+
+
+def _as_copy(ds: Dataset) -> Copy:
+    return Copy(str(ds.file_meta.TransferSyntaxUID), str(ds.SOPInstanceUID), dataset=ds)
 
 
 def _encoded(ds: Dataset) -> Iterator[bytes]:
@@ -712,12 +876,12 @@ def _stow_failures(response: httpx.Response) -> dict[str, str]:
     return failures
 
 
-def _contexts(prepared: list[tuple[Job, Rule, RetrieveItem, Dataset | None]]) -> list[PresentationContext]:
+def _contexts(prepared: list[tuple[Job, Rule, RetrieveItem, Copy | None]]) -> list[PresentationContext]:
     """Per SOP class Explicit/Implicit VR Little Endian, then each syntax to
     send alone (see :func:`pacs.retrieve.contexts_for`): a destination that
     takes no compressed syntax still gets the object, decoded."""
-    items = [item if ds is None else dataclasses.replace(item, transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID))
-             for _, _, item, ds in prepared]
+    items = [item if copy is None else dataclasses.replace(item, transfer_syntax_uid=copy.syntax)
+             for _, _, item, copy in prepared]
     contexts = []
     for sop_class, syntaxes in contexts_for(items):
         cx = PresentationContext()

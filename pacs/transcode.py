@@ -38,6 +38,7 @@ from typing import BinaryIO
 
 import numpy as np
 from pydicom import dcmread
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
@@ -368,13 +369,26 @@ def _stored_pixels(opener: Opener, item: RetrieveItem) -> _StoredPixels | None:
     return _StoredPixels(head, start, vr, struct.unpack(order + "H", elem[6:8])[0], start + 8)
 
 
-def stream_plan(opener: Opener, item: RetrieveItem, target: str) -> StreamPlan | None:
+# Changes a caller makes to the header of a streamed copy (de-identification,
+# a routing rule's values) before it is encoded; see stream_plan.
+Edit = Callable[[Dataset], None]
+
+
+def stream_plan(opener: Opener, item: RetrieveItem, target: str, edit: Edit | None = None) -> StreamPlan | None:
     """Lay out *item* in *target* with its header re-encoded and corrected,
     or None when the stored object is not laid out for it (then the
-    whole-object path does the work). Reads the header only."""
+    whole-object path does the work). Reads the header only.
+
+    *edit* changes the dataset before it is encoded: it gets the header and
+    the elements after Pixel Data (which it may remove; that is where
+    signatures and padding are), with an empty Pixel Data element standing
+    for the value that is streamed unchanged. Big Endian is never written
+    with an edit (*target* Little Endian instead): None."""
     if not streamable(item, target):
         return None
     uid, stored = UID(target), UID(item.transfer_syntax_uid)
+    if edit is not None and uid == ExplicitVRBigEndian:
+        return None
     pixels = _stored_pixels(opener, item)
     if pixels is None:
         return None
@@ -384,33 +398,90 @@ def stream_plan(opener: Opener, item: RetrieveItem, target: str) -> StreamPlan |
     source_implicit = stored == ImplicitVRLittleEndian
     ds = dcmread(io.BytesIO(head))
     apply_overrides(ds, item.overrides)
-    if uid == stored:
+    if uid == stored and edit is None:
         # Only the header changes: the rest of the object is copied as it is.
         meta, header = _encoded_header(ds, uid)
         return StreamPlan(uid, meta, header, b"", opener, start, item.size - start, 1, b"")
-    if length == _UNDEFINED:
-        return None  # encapsulated in an "uncompressed" syntax: not ours to stream
-    bits = int(ds.get("BitsAllocated", 8) or 8)
-    if not vr or vr not in (b"OB", b"OW"):
-        vr = b"OW" if bits > 8 else b"OB"
+    implicit = uid == ImplicitVRLittleEndian
     swap = 1
-    if not little:
-        swap = bits // 8 if bits > 8 else (2 if vr == b"OW" else 1)
-        if swap > 1:
-            vr = b"OW"
-        _to_little_endian(ds)
-    value_end = value_offset + length
+    if length == _UNDEFINED:
+        if uid != stored:
+            return None  # encapsulated in an "uncompressed" syntax: not ours to stream
+        # Encapsulated, kept as it is: items and delimiter are copied.
+        value_end = _encapsulated_end_at(opener, value_offset, item.size)
+        if value_end is None:
+            return None
+        pixel_header = _element_header(_PIXEL_DATA, vr or b"OB", _UNDEFINED, implicit)
+    else:
+        bits = int(ds.get("BitsAllocated", 8) or 8)
+        if not vr or vr not in (b"OB", b"OW"):
+            vr = b"OW" if bits > 8 else b"OB"
+        if not little:
+            swap = bits // 8 if bits > 8 else (2 if vr == b"OW" else 1)
+            if swap > 1:
+                vr = b"OW"
+            _to_little_endian(ds)
+        value_end = value_offset + length
+        pixel_header = _element_header(_PIXEL_DATA, vr, length, implicit)
     if item.size - value_end > MAX_TRAILING:
         return None
-    meta, header = _encoded_header(ds, uid)
-    implicit = uid == ImplicitVRLittleEndian
-    trailing = b""
+    rest = b""
     if item.size > value_end:
         with opener(value_end, item.size - value_end) as stream:
             rest = read_exact(stream, item.size - value_end)
-        trailing = _reencoded(rest, source_implicit, little, implicit)
-    return StreamPlan(uid, meta, header, _element_header(_PIXEL_DATA, vr, length, implicit),
-                      opener, value_offset, length, swap, trailing)
+    if edit is None:
+        trailing = _reencoded(rest, source_implicit, little, implicit) if rest else b""
+    else:
+        tail = _edited(ds, rest, source_implicit, little, vr or b"OB", edit)
+        trailing = _written(tail, implicit) if len(tail) else b""
+    meta, header = _encoded_header(ds, uid)
+    return StreamPlan(uid, meta, header, pixel_header, opener, value_offset, value_end - value_offset, swap,
+                      trailing)
+
+
+def _edited(ds: Dataset, rest: bytes, implicit: bool, little: bool, vr: bytes, edit: Edit) -> Dataset:
+    """Run *edit* on the header *ds* joined with the elements after Pixel
+    Data (*rest*, stored encoding); returns those that are left after it,
+    taken out of *ds* again."""
+    tail = read_dataset(io.BytesIO(rest), implicit, little) if rest else Dataset()
+    if not little:
+        _to_little_endian(tail)
+    for tag in list(tail.keys()):
+        ds[tag] = tail.get_item(tag)
+    # Stands for the streamed value: the edit sees an object with pixels.
+    ds[_PIXEL_DATA] = DataElement(_PIXEL_DATA, vr.decode(), b"")
+    edit(ds)
+    after = Dataset()
+    for tag in [t for t in ds.keys() if t >= _PIXEL_DATA]:
+        if tag != _PIXEL_DATA:
+            after[tag] = ds.get_item(tag)
+        del ds[tag]
+    return after
+
+
+def _written(ds: Dataset, implicit: bool) -> bytes:
+    out = DicomBytesIO()
+    out.is_little_endian = True
+    out.is_implicit_VR = implicit
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+def _encapsulated_end_at(opener: Opener, offset: int, size: int) -> int | None:
+    """:func:`_encapsulated_end` read through *opener*: item headers only."""
+    pos = offset
+    while pos + 8 <= size:
+        with opener(pos, 8) as stream:
+            head = read_exact(stream, 8)
+        if len(head) < 8:
+            return None
+        group, element, length = struct.unpack("<HHI", head)
+        if (group, element) == (0xFFFE, 0xE0DD):
+            return pos + 8
+        if (group, element) != (0xFFFE, 0xE000) or length == _UNDEFINED:
+            return None
+        pos += 8 + length
+    return None
 
 
 def _reencoded(data: bytes, implicit: bool, little: bool, target_implicit: bool) -> bytes:
@@ -418,11 +489,7 @@ def _reencoded(data: bytes, implicit: bool, little: bool, target_implicit: bool)
     ds = read_dataset(io.BytesIO(data), implicit, little)
     if not little:
         _to_little_endian(ds)
-    out = DicomBytesIO()
-    out.is_little_endian = True
-    out.is_implicit_VR = target_implicit
-    write_dataset(out, ds)
-    return out.getvalue()
+    return _written(ds, target_implicit)
 
 
 def _encoded_header(ds: Dataset, uid: UID) -> tuple[bytes, bytes]:

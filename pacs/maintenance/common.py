@@ -70,11 +70,17 @@ class Capped:
 
 
 def os_user() -> str:
-    """Who runs the command, for the audit trail."""
+    """Who runs the command, for the audit trail: the person, when sudo
+    made them the service account (``alice (as pacs)``, the README's
+    ``sudo -u pacs pacs ...``), else the account."""
     try:
-        return getpass.getuser() or "cli"
+        account = getpass.getuser() or "cli"
     except Exception:  # no passwd entry in a container
-        return "cli"
+        account = "cli"
+    person = os.environ.get("SUDO_USER", "").strip()
+    if person and person != account:
+        return f"{person} (as {account})"
+    return account
 
 
 def batched(items: Iterable[Any], size: int = BATCH) -> Iterator[list[Any]]:

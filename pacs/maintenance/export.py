@@ -40,20 +40,25 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 import zipfile
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from ..app import Pacs
 from ..audit import Event
+from ..backup import SALT_FILE
 from ..deidentify import Deidentifier, burned_in, may_release
 from ..reads import StoredInstance
-from .common import Capped, NullProgress, Progress, os_user, patients_t, studies_t
+from ..transcode import StreamPlan, stream_plan
+from .common import Capped, NullProgress, Progress, instances_t, os_user, patients_t, studies_t
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -108,23 +113,75 @@ class ExportReport:
             "not_exported_burned_in": self.not_exported_burned_in.as_dict(),
             "burned_in_included": self.burned_in_included.as_dict(),
             "warnings": self.warnings.as_dict(),
+            # De-identified exports: original Study Instance UID -> the new one
+            # (which study is which, for whoever sends the data on).
+            "study_map": self.study_map,
         }
 
 
 def deidentify_salt(pacs: Pacs) -> str:
     """The appliance's de-identification secret: ``deidentify_salt`` in the
     settings (``PACS_DEIDENTIFY_SALT``), else a random one created once in
-    ``DATA_DIR/deidentify.salt`` (mode 0600)."""
+    ``DATA_DIR/deidentify.salt`` (mode 0600; ``pacs backup`` carries it).
+
+    Safe on first use by concurrent callers (routing threads, an export
+    beside the server): the file appears whole or not at all, and every
+    caller reads the one that won."""
     configured = getattr(pacs.settings, "deidentify_salt", None)
     if configured:
         return str(configured)
-    path = Path(pacs.settings.data_dir) / "deidentify.salt"
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(16))
-    return path.read_text().strip()
+    return salt_file(Path(pacs.settings.data_dir) / SALT_FILE)
+
+
+# How long a caller waits for an empty salt file to be filled: an older
+# version created the file first and wrote it after.
+_SALT_WAIT = 5.0
+
+
+def salt_file(path: Path) -> str:
+    """The salt in *path*, created (random) when there is none."""
+    deadline = time.monotonic() + _SALT_WAIT
+    while True:
+        try:
+            salt = path.read_text().strip()
+        except FileNotFoundError:
+            salt = None
+        if salt:
+            return salt
+        if salt is None and _create_salt(path):
+            continue  # ours is in place: read it back like everyone else
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{path} is empty: remove it (a new secret is made) or restore it from a backup")
+        time.sleep(0.01)
+
+
+def _create_salt(path: Path) -> bool:
+    """Put a new random salt at *path* unless one is there; False when
+    another caller's came first. Written to a temporary file, synced, then
+    linked into place: a reader never sees a partial or empty salt."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, secrets.token_hex(16).encode())
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        try:
+            os.link(name, path)
+        except FileExistsError:
+            return False
+        with contextlib.suppress(OSError):  # the new name survives a power cut
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        return True
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        os.unlink(name)
 
 
 class _Sink:
@@ -213,13 +270,21 @@ class _Sink:
 
 
 def _study(pacs: Pacs, study_uid: str) -> Any:
-    """(pk, patient_id) of a study, or None."""
+    """(pk, patient_id, issuer) of a study, or None."""
     with pacs.engine.connect() as conn:
         return conn.execute(
-            select(studies_t.c.pk, patients_t.c.patient_id)
+            select(studies_t.c.pk, patients_t.c.patient_id, patients_t.c.issuer)
             .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
             .where(studies_t.c.study_uid == study_uid)
         ).first()
+
+
+def study_patient(pacs: Pacs, study_uid: str) -> tuple[str, str] | None:
+    """The index's (Patient ID, Issuer of Patient ID) of a study, or None:
+    whom a de-identified copy's pseudonym stands for (see
+    :meth:`pacs.deidentify.Deidentifier.apply`)."""
+    study = _study(pacs, study_uid)
+    return None if study is None else (study.patient_id or "", study.issuer or "")
 
 
 def _overrides(pacs: Pacs, study_pk: int) -> tuple[tuple[str, str], ...]:
@@ -247,6 +312,7 @@ def export_studies(
     """
     progress = progress or NullProgress()
     user = user or os_user()
+    out = out.absolute()  # the audit trail says where the copy went, from anywhere
     study_uids = list(dict.fromkeys(study_uids))  # a study named twice is exported once
     report = ExportReport(out=str(out), deidentified=deidentify)
     deid = Deidentifier(salt or deidentify_salt(pacs)) if deidentify else None
@@ -287,11 +353,11 @@ def _export_all(
             report.missing_studies.append(study_uid)
             continue
         overrides = _overrides(pacs, study.pk)
+        patient = (study.patient_id or "", study.issuer or "")
         progress.start(f"exporting {study_uid[-24:]}", None)
-        count = 0
+        before = _Counts.of(report)
         # Paged from the index: a study of any size is never listed whole.
         for item in pacs.reader.iter_stored(study_uid):
-            count += 1
             progress.advance()
             try:
                 if deid is None and not overrides:
@@ -303,7 +369,7 @@ def _export_all(
                         sink.add_stream(stream, name, item.size)
                     size = item.size
                 else:
-                    rewritten = _rewrite(pacs, item, sink, deid, overrides, report, include_burned_in)
+                    rewritten = _rewrite(pacs, item, sink, deid, overrides, report, include_burned_in, patient)
                     if rewritten is None:
                         continue
                     size = rewritten
@@ -312,24 +378,63 @@ def _export_all(
             except Exception as exc:  # one bad object must not sink the export
                 if _disk_full(exc) is not None:
                     # ... but a full disk sinks every later one as well.
-                    _audit(pacs, user, study_uid, study.patient_id, deid,
-                           f"export of {count} instances to {out} stopped: disk full")
+                    _audit(pacs, user, study_uid, study.patient_id, deid, out,
+                           _Counts.of(report) - before, "stopped: disk full")
                     raise
                 log.warning("export of %s failed: %s", item.sop_uid, exc)
                 report.failed.add({"sop_uid": item.sop_uid, "detail": str(exc)[:200]})
         report.studies += 1
         if deid is not None:
             report.study_map[study_uid] = deid.uid_map.map(study_uid)
-        _audit(pacs, user, study_uid, study.patient_id, deid, f"export of {count} instances to {out}")
+        _audit(pacs, user, study_uid, study.patient_id, deid, out, _Counts.of(report) - before)
 
 
-def _audit(pacs: Pacs, user: str, study_uid: str, patient_id: str, deid: Deidentifier | None, detail: str) -> None:
+@dataclass(frozen=True)
+class _Counts:
+    """What became of a study's objects: the report's counters, subtracted."""
+
+    written: int = 0
+    kept: int = 0
+    withheld: int = 0
+    failed: int = 0
+
+    @staticmethod
+    def of(report: ExportReport) -> _Counts:
+        return _Counts(report.instances, report.kept, report.not_exported_burned_in.count, report.failed.count)
+
+    def __sub__(self, other: _Counts) -> _Counts:
+        return _Counts(self.written - other.written, self.kept - other.kept, self.withheld - other.withheld,
+                       self.failed - other.failed)
+
+
+def _audit(pacs: Pacs, user: str, study_uid: str, patient_id: str, deid: Deidentifier | None, out: Path,
+           counts: _Counts, stopped: str = "") -> None:
+    """One ``export`` event for a study: where it went, what was written and
+    what not (an incomplete export is a failure), the new Study Instance
+    UID of a de-identified copy (who received which study)."""
+    parts = [f"{counts.written} instances written"]
+    if counts.kept:
+        parts.append(f"{counts.kept} already there")
+    if counts.withheld:
+        parts.append(f"{counts.withheld} withheld (burned-in annotation)")
+    if counts.failed:
+        parts.append(f"{counts.failed} failed")
+    detail = f"{'de-identified ' if deid else ''}export to {out}: {', '.join(parts)}"
+    if stopped:
+        detail += f"; {stopped}"
+    if deid is not None:
+        detail += f"; new Study Instance UID {deid.uid_map.map(study_uid)}"
+    complete = not (counts.withheld or counts.failed or stopped)
     pacs.audit.record(
         Event(
             action="export", user=user, protocol="cli", study_uid=study_uid, patient_id=patient_id,
-            detail=f"{'de-identified ' if deid else ''}{detail}",
+            outcome="success" if complete else "failure", detail=detail,
         )
     )
+
+
+class _Withheld(Exception):
+    """A de-identified copy that may not be written (burned-in annotation)."""
 
 
 def _rewrite(
@@ -340,36 +445,82 @@ def _rewrite(
     overrides: tuple[tuple[str, str], ...],
     report: ExportReport,
     include_burned_in: bool = False,
+    patient: tuple[str, str] | None = None,
 ) -> int | None:
-    """Decode, correct and/or de-identify one object; returns its size (None:
-    already exported or left out). Large values stay on disk until written
-    (deferred reads)."""
+    """Correct and/or de-identify one object; returns its size (None:
+    already exported or left out).
+
+    Only the header is read and rewritten when the object is laid out for
+    it: the stored Pixel Data follow, copied by byte range (a 600 MB object
+    was held whole, twice). Otherwise the object is read with its large
+    values left on disk until written (deferred reads)."""
     from ..retrieve import apply_overrides
 
-    with pacs.store.local_path(item.storage_key) as path:
-        ds = dcmread(path, defer_size=256 * 1024)
-        apply_overrides(ds, overrides)
+    names: list[str] = []
+
+    def edit(ds: Dataset) -> None:
         if deid is not None:
             release = may_release(ds, include_burned_in=include_burned_in)
             if not release.allowed:
-                report.not_exported_burned_in.add({"sop_uid": item.sop_uid, "detail": release.reason})
-                return None
+                raise _Withheld(release.reason)
             if release.reason:
                 # Written although its pixels say they identify: the operator's choice.
                 declared = burned_in(ds) and "PixelData" in ds
                 listed = report.burned_in_included if declared else report.warnings
                 listed.add({"sop_uid": item.sop_uid, "detail": release.reason})
-            deid.apply(ds)
-        name = f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm"
-        if sink.has(name, None):
-            report.kept += 1
-            return None
-        tmp = sink.temp_file()
-        try:
-            ds.save_as(tmp, enforce_file_format=True)
-            size = tmp.stat().st_size
-            sink.add_file(tmp, name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            deid.apply(ds, patient=patient)
+        names.append(f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm")
+
+    try:
+        plan = _header_only(pacs, item, overrides, edit)
+        if plan is not None:
+            return _write(sink, names[-1], report, lambda out: _write_chunks(out, plan.part10()))
+        with pacs.store.local_path(item.storage_key) as path:
+            ds = dcmread(path, defer_size=256 * 1024)
+            apply_overrides(ds, overrides)
+            edit(ds)
+            return _write(sink, names[-1], report, lambda out: ds.save_as(out, enforce_file_format=True))
+    except _Withheld as exc:
+        report.not_exported_burned_in.add({"sop_uid": item.sop_uid, "detail": str(exc)})
+        return None
+
+
+def _header_only(pacs: Pacs, item: StoredInstance, overrides: tuple[tuple[str, str], ...],
+                 edit: Callable[[Dataset], None]) -> StreamPlan | None:
+    """*item* in its stored syntax with *edit* made to its header, its Pixel
+    Data to be copied from the store; None when it is not laid out for that
+    (no pixel data, Deflated or Big Endian, an unusual layout)."""
+    from ..retrieve import RetrieveItem
+
+    with pacs.engine.connect() as conn:
+        pixel_offset = conn.execute(
+            select(instances_t.c.pixel_offset).where(instances_t.c.sop_uid == item.sop_uid)).scalar()
+    if pixel_offset is None:
+        return None
+    stored = RetrieveItem(item.sop_uid, item.sop_class_uid, item.transfer_syntax_uid, item.storage_key, item.size,
+                          item.study_uid, item.series_uid, item.sha256, pixel_offset=pixel_offset,
+                          overrides=overrides)
+    opener = lambda offset, length: pacs.store.open(item.storage_key, offset, length)  # noqa: E731
+    return stream_plan(opener, stored, item.transfer_syntax_uid, edit)
+
+
+def _write_chunks(out: Path, chunks: Iterator[bytes]) -> None:
+    with open(out, "wb") as dest:
+        for chunk in chunks:
+            dest.write(chunk)
+
+
+def _write(sink: _Sink, name: str, report: ExportReport, write: Callable[[Path], None]) -> int | None:
+    """Write one object under *name* with *write* (None: already there)."""
+    if sink.has(name, None):
+        report.kept += 1
+        return None
+    tmp = sink.temp_file()
+    try:
+        write(tmp)
+        size = tmp.stat().st_size
+        sink.add_file(tmp, name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return size
