@@ -15,7 +15,7 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian
@@ -48,6 +48,9 @@ from .contexts import (
 )
 from .received import Limits, ReceivedData
 from .stored_send import send_stored_as_is
+
+if TYPE_CHECKING:
+    from .workers import PoolHostCounts
 
 log = logging.getLogger(__name__)
 
@@ -231,15 +234,21 @@ def _shut(assoc: Any) -> None:
 class ConnectionGuard:
     """EVT_CONN_OPEN / EVT_REQUESTED: a short wait for the first request, and
     at most *per_host* connections from one address at once (the others
-    are closed at once, holding no slot): one peer cannot take every slot."""
+    are closed at once, holding no slot): one peer cannot take every slot.
+    With *pool* (a DICOM worker), the connections the other workers hold
+    count too, and this worker's are published there."""
 
-    def __init__(self, per_host: int) -> None:
+    def __init__(self, per_host: int, pool: PoolHostCounts | None = None) -> None:
         self.per_host = per_host
+        self._pool = pool
         self._logged: dict[str, float] = {}
         self._lock = threading.Lock()
         # Connections whose A-ASSOCIATE-RQ has not arrived yet -> deadline.
         self._waiting: dict[Any, float] = {}
         self._watch: threading.Thread | None = None
+        # Connections published to the pool -> (their address bucket, when); count per bucket.
+        self._counted: dict[Any, tuple[int, float]] = {}
+        self._per_bucket: dict[int, int] = {}
 
     def opened(self, event: Any) -> None:
         assoc = event.assoc
@@ -247,6 +256,8 @@ class ConnectionGuard:
         address = event.address[0] if event.address else ""
         peers = sum(1 for other in assoc.ae.active_associations
                     if other is not assoc and other.is_acceptor and other.requestor.address == address)
+        if self._pool is not None:
+            peers += self._pool.elsewhere(address)
         if self.per_host and peers >= self.per_host:
             # A silent connection: the acceptor gives up on the request
             # soon and closes. A request (any real client sends it at once)
@@ -262,13 +273,50 @@ class ConnectionGuard:
         # watchdog shuts such a connection once its time is up.
         with self._lock:
             self._waiting[assoc] = time.monotonic() + FIRST_REQUEST_WAIT + 1.0
+            if self._pool is not None:
+                self._count(assoc, self._pool.bucket(address))
             if self._watch is None:
                 self._watch = threading.Thread(target=self._run_watch, name="dicom-first-request", daemon=True)
                 self._watch.start()
 
+    def closed(self, event: Any) -> None:
+        """EVT_CONN_CLOSE: the connection no longer counts for the pool."""
+        if self._pool is not None:
+            with self._lock:
+                self._uncount(event.assoc)
+
+    def _count(self, assoc: Any, bucket: int) -> None:
+        assert self._pool is not None
+        self._counted[assoc] = (bucket, time.monotonic())
+        self._per_bucket[bucket] = self._per_bucket.get(bucket, 0) + 1
+        self._pool.publish(bucket, self._per_bucket[bucket])
+
+    def _uncount(self, assoc: Any) -> None:
+        counted = self._counted.pop(assoc, None)
+        if counted is None or self._pool is None:
+            return
+        bucket = counted[0]
+        left = self._per_bucket.pop(bucket) - 1
+        if left:
+            self._per_bucket[bucket] = left
+        self._pool.publish(bucket, left)
+
+    def _forget_ended(self) -> None:
+        """Connections whose association ended without EVT_CONN_CLOSE (not
+        every way out of pynetdicom's state machine triggers it), or whose
+        thread never started, stop counting for the pool, so a host is
+        never refused for ghosts."""
+        never = time.monotonic() - 3 * FIRST_REQUEST_WAIT
+        with self._lock:
+            for assoc in [a for a, (_, at) in self._counted.items()
+                          if not a.is_alive() and (a.ident is not None or at < never)]:
+                self._uncount(assoc)
+
     def _run_watch(self) -> None:
         while True:
             time.sleep(1.0)
+            if self._pool is not None:
+                self._forget_ended()
             now = time.monotonic()
             with self._lock:
                 items = list(self._waiting.items())
@@ -534,11 +582,13 @@ def start_dicom_server(
     ssl_context: ssl.SSLContext | None = None,
     extra_handlers: Sequence[tuple[Any, Any]] = (),
     listen_socket: socket.socket | None = None,
+    host_counts: PoolHostCounts | None = None,
 ) -> ThreadedAssociationServer:
     """Start listening in background threads; returns the server to shut down.
 
     With *listen_socket* (a DICOM worker process), accept on that socket,
-    shared with the other workers, instead of binding host and port.
+    shared with the other workers, instead of binding host and port; with
+    *host_counts*, the per-host limit counts the other workers' connections.
     """
     from worklist.scp import make_mpps_handlers, make_worklist_handler
 
@@ -554,7 +604,7 @@ def start_dicom_server(
 
     ae = build_ae(pacs)
     settings = pacs.settings
-    guard = ConnectionGuard(settings.max_associations_per_host or max(1, settings.max_associations // 2))
+    guard = ConnectionGuard(settings.max_associations_per_host or max(1, settings.max_associations // 2), host_counts)
     destinations = MoveDestinations()
     ae.on_associate.extend([tune_socket, destinations.remember, lambda assoc: send_stored_as_is(pacs, assoc)])
     if pacs.settings.dicom_event_driven:
@@ -567,6 +617,7 @@ def start_dicom_server(
         (evt.EVT_CONN_OPEN, guard.opened),
         *([(evt.EVT_CONN_OPEN, _event_driven(Limits.of(pacs)))] if pacs.settings.dicom_event_driven else []),
         (evt.EVT_CONN_CLOSE, _on_conn_close),
+        (evt.EVT_CONN_CLOSE, guard.closed),
         (evt.EVT_REQUESTED, guard.requested),
         (evt.EVT_REQUESTED, _abort_invalid_request),
         (evt.EVT_REQUESTED, refuse_impostors(pacs)),

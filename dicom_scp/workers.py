@@ -13,7 +13,9 @@ processes (``python -m dicom_scp.workers``) that all accept on it:
 - each worker opens its own :class:`pacs.app.Pacs` (index engine, store,
   group committer) and runs exactly the handlers of the single-process server:
   ingest, C-FIND, C-MOVE, C-GET, worklist and MPPS all go through the index,
-  so nothing is shared in memory between workers;
+  so nothing is shared in memory between workers but the count of
+  connections per peer address (:class:`PoolHostCounts`), so that
+  ``max_associations_per_host`` holds for the pool;
 - a worker dies with its supervisor (``PR_SET_PDEATHSIG``): a SIGKILLed
   ``pacs serve`` leaves no process answering on the port, and a crash loses
   nothing acknowledged because every worker acknowledges only after the
@@ -31,6 +33,7 @@ import ctypes
 import json
 import logging
 import math
+import mmap
 import os
 import signal
 import socket
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +57,8 @@ log = logging.getLogger("dicom_scp.workers")  # not __main__ in a worker
 FD_ENV = "PACS_DICOM_LISTEN_FD"
 READY_FD_ENV = "PACS_WORKER_READY_FD"
 SETTINGS_ENV = "PACS_WORKER_SETTINGS"
+HOSTS_FD_ENV = "PACS_DICOM_HOSTS_FD"
+COUNT_ENV = "PACS_WORKER_COUNT"
 _PR_SET_PDEATHSIG = 1
 
 
@@ -99,15 +105,77 @@ def open_listener(host: str, port: int, backlog: int = 128) -> socket.socket:
     return sock
 
 
-def worker_settings(settings: Settings, workers: int) -> dict[str, Any]:
+def worker_settings(settings: Settings, workers: int, shared_hosts: bool = True) -> dict[str, Any]:
     """What a worker runs with: the supervisor's settings, its share of the
-    association limit, and no workers of its own."""
+    association limit, and no workers of its own. The per-host limit is the
+    pool's (the explicit setting, or half the total as for one process),
+    held across the workers by :class:`PoolHostCounts`; only without that
+    shared count is it split too. (Split, a host's connections landing
+    unevenly on the workers were refused below the limit: 14 of 16.)"""
     data = settings.model_dump(mode="json")
     data["max_associations"] = max(1, math.ceil(settings.max_associations / workers))
-    if settings.max_associations_per_host:
-        data["max_associations_per_host"] = max(1, math.ceil(settings.max_associations_per_host / workers))
+    per_host = settings.max_associations_per_host or max(1, settings.max_associations // 2)
+    data["max_associations_per_host"] = per_host if shared_hosts else max(1, math.ceil(per_host / workers))
     data["dicom_workers"] = 1
     return data
+
+
+class PoolHostCounts:
+    """Open connections per peer address of each worker of the pool, in
+    memory the workers share (a memfd the supervisor makes, one row per
+    worker, one cell per bucket of addresses): ``max_associations_per_host``
+    then holds for the pool as for one process, whichever worker the
+    kernel hands a connection to. A worker writes only its own row and
+    reads the others'; a restarted worker clears its row (the connections
+    of the one it replaces died with it). Two addresses sharing a bucket
+    share what other workers hold of them: rare with 16384 buckets."""
+
+    BUCKETS = 16384
+    _CELL = 4  # bytes of an unsigned count
+
+    def __init__(self, fd: int, workers: int, number: int) -> None:
+        self.workers, self.number = workers, number
+        self._map = mmap.mmap(fd, self.size(workers))
+        row = number * self.BUCKETS * self._CELL
+        self._map[row:row + self.BUCKETS * self._CELL] = bytes(self.BUCKETS * self._CELL)
+        self._cells = memoryview(self._map).cast("I")
+
+    @classmethod
+    def size(cls, workers: int) -> int:
+        return workers * cls.BUCKETS * cls._CELL
+
+    @classmethod
+    def make(cls, workers: int) -> int | None:
+        """The shared memory for *workers* (a file descriptor to hand them),
+        or None where memfd_create is missing (not Linux)."""
+        try:
+            fd = os.memfd_create("pacs-dicom-hosts")
+        except (AttributeError, OSError) as exc:
+            log.warning("per-host association counts not shared by the DICOM workers (%s): "
+                        "each holds its share of max_associations_per_host", exc)
+            return None
+        os.ftruncate(fd, cls.size(workers))
+        return fd
+
+    @classmethod
+    def from_env(cls) -> PoolHostCounts | None:
+        """A worker's view of the pool's counts, when the supervisor made them."""
+        fd = os.environ.get(HOSTS_FD_ENV)
+        if fd is None:
+            return None
+        return cls(int(fd), int(os.environ[COUNT_ENV]), int(os.environ["PACS_WORKER_NUMBER"]))
+
+    def bucket(self, address: str) -> int:
+        return zlib.crc32(address.encode()) % self.BUCKETS
+
+    def elsewhere(self, address: str) -> int:
+        """Connections from *address* the other workers hold."""
+        b = self.bucket(address)
+        return sum(self._cells[w * self.BUCKETS + b] for w in range(self.workers) if w != self.number)
+
+    def publish(self, bucket: int, count: int) -> None:
+        """This worker holds *count* connections from the addresses of *bucket*."""
+        self._cells[self.number * self.BUCKETS + bucket] = count
 
 
 @dataclass
@@ -121,6 +189,7 @@ class WorkerPool:
     ready_timeout: float = 60.0
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     _stopping: threading.Event = field(default_factory=threading.Event)
+    _hosts_fd: int | None = None
     _watcher: threading.Thread | None = None
     _stop_timeout: float = 30.0
 
@@ -128,6 +197,7 @@ class WorkerPool:
         """Start the workers from this (long-lived) thread and the watcher;
         return once each is accepting (or has failed, which is logged and
         left to the watcher to restart)."""
+        self._hosts_fd = PoolHostCounts.make(self.count)
         spawned = [self._spawn(i, ready=True) for i in range(self.count)]
         self.procs = [proc for proc, _ in spawned]
         self._await_ready([pipe for _, pipe in spawned])
@@ -142,10 +212,13 @@ class WorkerPool:
         fd = self.listener.fileno()
         env = dict(os.environ)
         env[FD_ENV] = str(fd)
-        env[SETTINGS_ENV] = json.dumps(worker_settings(self.settings, self.count))
+        env[SETTINGS_ENV] = json.dumps(worker_settings(self.settings, self.count, self._hosts_fd is not None))
         env["PACS_WORKER_NUMBER"] = str(number)
         env["PACS_SUPERVISOR_PID"] = str(os.getpid())
         fds: tuple[int, ...] = (fd,)
+        if self._hosts_fd is not None:
+            env[HOSTS_FD_ENV], env[COUNT_ENV] = str(self._hosts_fd), str(self.count)
+            fds += (self._hosts_fd,)
         read_end = write_end = None
         if ready:
             read_end, write_end = os.pipe()
@@ -199,6 +272,9 @@ class WorkerPool:
         # Nothing left to do unless the watcher died of an error.
         self._terminate()
         self.listener.close()
+        if self._hosts_fd is not None:
+            os.close(self._hosts_fd)
+            self._hosts_fd = None
 
     def _terminate(self) -> None:
         timeout = self._stop_timeout
@@ -266,7 +342,7 @@ def worker_main() -> int:
     # The supervisor migrated the schema before starting us.
     pacs = Pacs.open(settings, migrate=False)
     try:
-        server = start_dicom_server(pacs, listen_socket=listener)
+        server = start_dicom_server(pacs, listen_socket=listener, host_counts=PoolHostCounts.from_env())
         freeze_startup_heap()
         log.info("DICOM worker %s ready (pid %d)", number, os.getpid())
         _tell_ready()

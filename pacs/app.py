@@ -23,8 +23,10 @@ from .errors import IngestError
 from .index import create_index_engine
 from .index.schema import prepare_schema
 from .index.committer import GroupCommitter
+from .index.db import is_sqlite
 from .index.writer import IndexWriter
 from .ingest import Ingestor, IngestResult, Origin
+from .instance_locks import InstanceFileLocks
 from .part10 import FileSource
 from .reads import IndexReader
 from .routing import RoutingRules, load_rule
@@ -81,6 +83,10 @@ class Pacs:
             overwrite=settings.duplicate_policy == "overwrite",
             max_object_bytes=settings.max_object_bytes,
             min_free_bytes=settings.min_free_bytes,
+            # One node (a local store, or a SQLite index): its processes
+            # serialise copies of one instance among themselves.
+            instance_locks=(InstanceFileLocks(settings.data_dir / "locks")
+                            if not store.remote or is_sqlite(engine) else None),
         )
         ingestor.routes = RoutingRules(engine)
         for entry in settings.route:

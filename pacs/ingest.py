@@ -8,9 +8,12 @@ Order of work, which is what makes an acknowledgement trustworthy:
 3. write the object to storage, durably and atomically; a resend of a kept
    instance is recognised by the filesystem store (publishing never
    replaces) or, for a remote store, by the index before any upload.
-   Under the overwrite policy, 3 and 4 of one SOP Instance UID hold a lock
-   that every node sharing a PostgreSQL index takes, so the row and the
-   stored object are the same copy (see ``Ingestor._lock_across_nodes``);
+   3 and 4 of one SOP Instance UID hold a lock, so the row and the stored
+   object are the same copy when several processes receive it at once: an
+   flock under ``DATA_DIR/locks`` on one node (a filesystem store, or a
+   SQLite index; see :mod:`pacs.instance_locks`), or, under the overwrite
+   policy, one that every node sharing a PostgreSQL index takes (see
+   ``Ingestor._lock_across_nodes``);
 4. index it (group-committed transaction) and only then return success.
    A deletion removing the same key meanwhile (a resend of an instance
    whose study is being deleted) is settled in that transaction: the
@@ -44,6 +47,7 @@ from .header import InstanceHeader, parse_header
 from .index.committer import GroupCommitter
 from .index.tombstones import ObjectDeleted
 from .index.writer import AddResult, IndexRecord, Outcome
+from .instance_locks import InstanceFileLocks
 from .part10 import Source
 from .reads import IndexReader
 from .routing import RoutingRules
@@ -145,8 +149,11 @@ class Ingestor:
         min_free_bytes: int = 0,
         key_variant: str = "",
         keep_obsolete: bool = False,
+        instance_locks: InstanceFileLocks | None = None,
     ) -> None:
         self.store = store
+        # Locks shared with the other processes of this node (see ingest).
+        self.instance_locks = instance_locks
         self.committer = committer
         self.reader = reader
         self.overwrite = overwrite
@@ -219,11 +226,33 @@ class Ingestor:
         self._locks.acquire(header.sop_uid)
         try:
             with ExitStack() as held:
-                if self.overwrite and replaces is None:
-                    self._lock_across_nodes(header.sop_uid, held)
+                if replaces is None:
+                    self._lock_instance(header.sop_uid, held)
                 return self._store_and_index(source, header, origin, replaces, retire_as)
         finally:
             self._locks.release(header.sop_uid)
+
+    def _lock_instance(self, sop_uid: str, held: ExitStack) -> None:
+        """Copies of one instance received by other processes at once wait
+        for this one's write and index commit. Without it, a second worker
+        finding the first one's object under the key, not indexed yet, took
+        it for a crash's orphan and replaced it, while the first one's row
+        won: the row described bytes that were not stored (wrong sha256 and
+        size, frames cut at the other copy's pixel offset). On one node
+        (a filesystem store or a SQLite index) an flock does it; between
+        nodes sharing a PostgreSQL index and S3, the overwrite policy takes
+        an index lock and keep-first settles the race afterwards
+        (_settle_race). (A conditional replacement, ``pacs compress``, is
+        written under a key of its own and needs neither.)"""
+        if self.instance_locks is None:
+            if self.overwrite:
+                self._lock_across_nodes(sop_uid, held)
+            return
+        try:
+            held.enter_context(self.instance_locks.hold(sop_uid))
+        except OSError as exc:
+            log.error("instance lock of %s not taken: %s", sop_uid, exc)
+            raise IngestError(Status.STORAGE_FAILED, f"storage unavailable: {exc}") from exc
 
     def _lock_across_nodes(self, sop_uid: str, held: ExitStack) -> None:
         """Overwrite policy: copies of one instance received by several nodes

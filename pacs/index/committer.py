@@ -185,8 +185,8 @@ class GroupCommitter:
         this index takes: a PostgreSQL transaction-scoped advisory lock, on
         a connection of its own (the batches commit on another one). None on
         SQLite, an index of one node (whose ingestor serialises copies of one
-        instance itself). Raises what the database raises when the lock
-        cannot be taken."""
+        instance across its processes with file locks, pacs.instance_locks).
+        Raises what the database raises when the lock cannot be taken."""
         if is_sqlite(self._engine):
             yield
             return

@@ -23,7 +23,8 @@ from ..header import InstanceHeader
 from ..names import fold_name, name_reading, name_words
 from ..routing import create_jobs  # no cycle: pacs.routing imports only writer_helpers from here
 from . import tombstones
-from .models import PATIENT_HAS_ID, Correction, Instance, Patient, PatientIdentifier, Series, Study
+from .models import PATIENT_HAS_ID, Correction, Instance, Patient, PatientIdentifier, Series, Study, StudyOrderLink
+from .prune import prune_after_delete, prune_patients
 from .reconcile import PATIENT_COLUMNS, STUDY_COLUMNS, find_order, record_reconciliation
 from .writer_helpers import insert_ignore, insert_under_parent
 
@@ -33,6 +34,7 @@ studies: Table = Study.__table__  # type: ignore[assignment]
 series_t: Table = Series.__table__  # type: ignore[assignment]
 instances: Table = Instance.__table__  # type: ignore[assignment]
 corrections: Table = Correction.__table__  # type: ignore[assignment]
+links: Table = StudyOrderLink.__table__  # type: ignore[assignment]
 log = logging.getLogger(__name__)
 # Seconds a series' study and patient are trusted from the cache (see _series_study).
 STUDY_PATIENT_TTL = 10.0
@@ -115,6 +117,30 @@ def _received_study(h: InstanceHeader) -> dict[str, str]:
     return {"StudyInstanceUID": h.study_uid, "AccessionNumber": h.accession_number, "StudyID": h.study_id,
             "StudyDate": h.study_date, "StudyTime": h.study_time, "StudyDescription": h.study_description,
             "ReferringPhysicianName": h.referring_physician}
+
+
+# Study attributes a later series fills when the study has none: keyword -> studies column.
+_FILLED = {k: c for k, c in STUDY_COLUMNS.items() if k != "StudyInstanceUID"}
+# Patient attributes besides the identifiers.
+_DEMOGRAPHICS = ("PatientName", "PatientBirthDate", "PatientSex")
+
+
+def _record_corrections(conn: Connection, study_pk: int, received: dict[str, str], kept: dict[str, str],
+                        reason: str, now: datetime) -> None:
+    """Corrections for the keywords whose *received* value differs from the
+    *kept* one (the study's), unless the study has one already: retrieval
+    then gives every object of the study the kept value. An empty kept value
+    never replaces a received one (retrieval would blank it), nor is a
+    received empty issuer corrected."""
+    differing = {k: v or "" for k, v in received.items()
+                 if (v or "") != kept[k] and kept[k] and not (k == "IssuerOfPatientID" and not v)}
+    if not differing:
+        return
+    recorded = set(conn.execute(select(corrections.c.keyword).where(corrections.c.study_pk == study_pk)).scalars())
+    rows = [{"study_pk": study_pk, "keyword": k, "received": v, "corrected": kept[k], "reason": reason,
+             "created_at": now} for k, v in differing.items() if k not in recorded]
+    if rows:
+        conn.execute(corrections.insert(), rows)
 
 
 def _patient_row(h: InstanceHeader, now: datetime) -> dict[str, Any]:
@@ -246,18 +272,19 @@ class IndexWriter:
         pk = conn.execute(patients.insert().values(_patient_row(h, now)).returning(patients.c.pk)).scalar_one()
         return int(pk)
 
-    def _study_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
+    def _study_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> tuple[int, bool]:
+        """(study pk, whether this call made the study) of h's study."""
         pk = self._studies.get(h.study_uid)
         if pk is not None:
             if conn.execute(select(studies.c.study_uid).where(studies.c.pk == pk)).scalar() == h.study_uid:
-                return pk
+                return pk, False
             del self._studies[h.study_uid]
         if not h.patient_id:
             # Its patient is made with the study: a study already there keeps its own.
             pk = conn.execute(select(studies.c.pk).where(studies.c.study_uid == h.study_uid)).scalar()
             if pk is not None:
                 self._studies.put(h.study_uid, pk)
-                return int(pk)
+                return int(pk), False
         # A study the HIS ordered is filed under the HIS patient: the
         # modality's (possibly mistyped) patient is never created.
         order = find_order(conn, h.study_uid, h.accession_number, h.patient_id, h.study_date)
@@ -287,6 +314,7 @@ class IndexWriter:
             },
             ["study_uid"],
         )
+        made = pk is not None
         if pk is None:
             pk = conn.execute(select(studies.c.pk).where(studies.c.study_uid == h.study_uid)).scalar_one()
             if order is None and not h.patient_id:
@@ -306,7 +334,57 @@ class IndexWriter:
             if rows:
                 conn.execute(corrections.insert(), rows)
         self._studies.put(h.study_uid, pk)
-        return pk
+        return pk, made
+
+    def _join_study(self, conn: Connection, study_pk: int, h: InstanceHeader, now: datetime) -> None:
+        """A new series joins a study an earlier object made: the study takes
+        what that object lacked and the series brings (once per series, not
+        per instance). Its empty attributes are filled (an Accession Number
+        that came only with the series picked from the worklist after the
+        scout is then matched to its order, as at the study's creation); a
+        study filed under the patient of objects received without a Patient
+        ID is filed under the patient the series names; a differing name,
+        birth date or sex under the same Patient ID is recorded as
+        corrections: retrieval gives every object of a study one patient."""
+        row = conn.execute(
+            select(studies.c.patient_pk, *(studies.c[column] for column in _FILLED.values()),
+                   *(patients.c[column] for column in PATIENT_COLUMNS.values()),
+                   select(links.c.study_pk).where(links.c.study_pk == studies.c.pk).exists().label("ordered"))
+            .join(patients, patients.c.pk == studies.c.patient_pk)
+            .where(studies.c.pk == study_pk)
+        ).one()
+        earlier = {k: getattr(row, c) or "" for k, c in PATIENT_COLUMNS.items()}
+        brought = _received_study(h)
+        fill = {c: brought[k] for k, c in _FILLED.items() if brought[k] and not getattr(row, c)}
+        if fill:
+            if "referring_physician" in fill:
+                fill["referring_physician_folded"] = fold_name(fill["referring_physician"])
+            conn.execute(update(studies).where(studies.c.pk == study_pk).values(**fill))
+        order = None
+        if "accession_number" in fill and not row.ordered:
+            order = find_order(conn, h.study_uid, h.accession_number, h.patient_id, row.study_date or h.study_date)
+        if order is not None:
+            matched_by = "study uid" if order.study_uid == h.study_uid else "accession number"
+            record_reconciliation(conn, study_pk, order, _received_patient(h), h.accession_number, matched_by, now)
+            patient_pk, reason = order.patient_pk, f"reconciled with order {order.accession_number} ({matched_by})"
+        elif not earlier["PatientID"] and h.patient_id and not row.ordered:
+            patient_pk = self._patient_pk(conn, h, now)[0]
+            conn.execute(update(studies).where(studies.c.pk == study_pk).values(patient_pk=patient_pk))
+            reason = f"received without a Patient ID; series {h.series_uid} names the study's patient"
+        else:
+            if h.patient_id == earlier["PatientID"] and (not h.issuer or h.issuer == earlier["IssuerOfPatientID"]):
+                received = {k: v for k, v in _received_patient(h).items() if k in _DEMOGRAPHICS}
+                _record_corrections(conn, study_pk, received, earlier,
+                                    f"series {h.series_uid} received with other patient attributes than its "
+                                    "study's", now)
+            return
+        # The objects received before: corrected to the patient the study is filed under now.
+        kept = conn.execute(select(*(patients.c[c] for c in PATIENT_COLUMNS.values()))
+                            .where(patients.c.pk == patient_pk)).one()
+        _record_corrections(conn, study_pk, earlier, {k: getattr(kept, c) or "" for k, c in PATIENT_COLUMNS.items()},
+                            reason, now)
+        if patient_pk != row.patient_pk:
+            prune_patients(conn, {row.patient_pk})
 
     def _series_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
         pk = self._series.get(h.series_uid)
@@ -324,7 +402,7 @@ class IndexWriter:
             # meanwhile, naming another study, the study and patient made
             # here for it are undone, not left empty in the study list.
             with conn.begin_nested():
-                study_pk = self._study_pk(conn, h, now)
+                study_pk, made = self._study_pk(conn, h, now)
                 pk = insert_ignore(
                     conn,
                     series_t,
@@ -348,6 +426,8 @@ class IndexWriter:
                 if pk is None:
                     raise _SeriesTaken
                 self._add_series_to_study(conn, study_pk, h.modality)
+                if not made:
+                    self._join_study(conn, study_pk, h, now)
         except _SeriesTaken:
             self._studies.pop(h.study_uid, None)
             self._patients.pop((h.patient_id, h.issuer), None)
@@ -454,6 +534,9 @@ class IndexWriter:
              "reason": reason, "created_at": rec.received_at}
             for k, v in received.items()
             if (v or "") != filed[k] and k not in recorded and not (k == "IssuerOfPatientID" and not v)
+            # The study's patient lacking a value the instance has: kept as
+            # received, not blanked on retrieval.
+            and (filed[k] or not v or k not in PATIENT_COLUMNS)
         ]
         if rows:
             conn.execute(corrections.insert(), rows)
@@ -529,12 +612,17 @@ class IndexWriter:
                 create_jobs(conn, rec.routes, rec.header.sop_uid, study_uid, rec.received_at)
             return AddResult(Outcome.INSERTED, pk)
         old = conn.execute(
-            select(instances.c.pk, instances.c.storage_key, instances.c.sha256)
+            select(instances.c.pk, instances.c.storage_key, instances.c.sha256, instances.c.series_pk)
             .where(instances.c.sop_uid == rec.header.sop_uid)
             .with_for_update()
         ).one()
         if not self.overwrite:
             return self._duplicate(conn, rec, old)
         conn.execute(update(instances).where(instances.c.pk == old.pk).values(**values))
+        if old.series_pk != values["series_pk"]:
+            # Resent into another series (the modality corrected the patient
+            # and sent the same UIDs in a new study): the series, study and
+            # patient it leaves empty go, as after a deletion.
+            prune_after_delete(conn, {old.series_pk}, set())
         obsolete = old.storage_key if old.storage_key != rec.storage_key else None
         return AddResult(Outcome.REPLACED, old.pk, obsolete)

@@ -5,6 +5,7 @@ already stored, and deleting index rows without leaving empty parents."""
 from __future__ import annotations
 
 import getpass
+import logging
 import os
 import re
 from collections.abc import Iterable, Iterator
@@ -12,14 +13,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, Engine, Table, delete, exists, func, select, update
+from sqlalchemy import Connection, Engine, Table, delete, func, select
 
-from storage import sha256_of
+from storage import ObjectStore, StorageError, sha256_of
 
 from ..app import Pacs
 from ..index.db import write_transaction
 from ..index.models import Instance, Order, Patient, Report, Series, Study
+from ..index.prune import prune_after_delete
 from ..index.writer import AddResult, IndexRecord
+
+log = logging.getLogger(__name__)
 
 instances_t: Table = Instance.__table__  # type: ignore[assignment]
 series_t: Table = Series.__table__  # type: ignore[assignment]
@@ -113,17 +117,48 @@ def indexed_among(engine: Engine, keys: list[str]) -> set[str]:
     Instance UID, which is indexed: one query per batch, whatever the size
     of the archive. Other keys (rare: hand-made) are compared directly.
     """
+    with engine.connect() as conn:
+        return _indexed_in(conn, keys)
+
+
+def _indexed_in(conn: Connection, keys: list[str]) -> set[str]:
+    """:func:`indexed_among` on *conn* (in the caller's transaction)."""
     wanted = set(keys)
     by_sop = {sop for k in keys if (sop := sop_of_key(k))}
     odd = [k for k in keys if sop_of_key(k) is None]
     found: set[str] = set()
-    with engine.connect() as conn:
-        if by_sop:
-            rows = conn.execute(select(instances_t.c.storage_key).where(instances_t.c.sop_uid.in_(by_sop)))
-            found.update(k for (k,) in rows if k in wanted)
-        if odd:
-            rows = conn.execute(select(instances_t.c.storage_key).where(instances_t.c.storage_key.in_(odd)))
-            found.update(k for (k,) in rows)
+    if by_sop:
+        rows = conn.execute(select(instances_t.c.storage_key).where(instances_t.c.sop_uid.in_(by_sop)))
+        found.update(k for (k,) in rows if k in wanted)
+    if odd:
+        rows = conn.execute(select(instances_t.c.storage_key).where(instances_t.c.storage_key.in_(odd)))
+        found.update(k for (k,) in rows)
+    return found
+
+
+def unindexed_under(conn: Connection, store: ObjectStore, prefix: str, known: Iterable[str]) -> list[str]:
+    """Keys stored under *prefix* (a study's or series' folder) that no index
+    row references and that are not in *known* (the keys of the rows being
+    deleted), looked up in the caller's transaction.
+
+    A crash between an object's write and its index commit leaves it so (an
+    orphan). A deletion of its study or series takes it too: left behind,
+    ``verify --repair`` adopted it and brought the deleted study back, and
+    its patient data stayed in the store. An object being received right
+    now is among them as well; the tombstone the deletion records for it
+    settles that race as for a resend (see :mod:`pacs.index.tombstones`).
+    A store that cannot list is logged: the deletion goes on without them."""
+    known = set(known)
+    try:
+        listed = [info.key for info in store.list(prefix) if info.key not in known]
+    except StorageError as exc:
+        log.warning("unindexed objects under %s not looked for (the deletion goes on without them): %s",
+                    prefix, exc)
+        return []
+    found: list[str] = []
+    for batch in batched(listed):
+        indexed = _indexed_in(conn, batch)
+        found += [k for k in batch if k not in indexed]
     return found
 
 
@@ -180,63 +215,6 @@ def lock_study(conn: Connection, study_pk: int) -> None:
     conn.execute(select(series_t.c.pk).where(series_t.c.study_pk == study_pk).order_by(series_t.c.pk)
                  .with_for_update())
     conn.execute(select(studies_t.c.pk).where(studies_t.c.pk == study_pk).with_for_update())
-
-
-def prune_after_delete(conn: Connection, series_pks: set[int], patient_pks: set[int]) -> dict[str, int]:
-    """After instance or study rows were deleted: drop series left without
-    instances, fix their studies' series counters and modalities, drop
-    studies left without series (unless a report keeps them) and patients
-    left without studies and orders. Counters of instances are kept by the
-    database triggers; the series counter of a study is not, hence here."""
-    removed = {"series": 0, "studies": 0, "patients": 0}
-    study_pks: set[int] = set()
-    if series_pks:
-        empty = conn.execute(
-            select(series_t.c.pk, series_t.c.study_pk).where(
-                series_t.c.pk.in_(series_pks), series_t.c.num_instances <= 0
-            )
-        ).all()
-        if empty:
-            conn.execute(delete(series_t).where(series_t.c.pk.in_([r.pk for r in empty])))
-            removed["series"] = len(empty)
-            study_pks = {r.study_pk for r in empty}
-    for study_pk in study_pks:
-        mods = conn.execute(
-            select(series_t.c.modality).where(series_t.c.study_pk == study_pk).distinct()
-        ).scalars().all()
-        remaining = conn.execute(
-            select(func.count()).select_from(series_t).where(series_t.c.study_pk == study_pk)
-        ).scalar_one()
-        if remaining == 0 and not conn.execute(
-            select(exists().where(reports_t.c.study_pk == study_pk))
-        ).scalar():
-            patient_pk = conn.execute(select(studies_t.c.patient_pk).where(studies_t.c.pk == study_pk)).scalar()
-            conn.execute(delete(studies_t).where(studies_t.c.pk == study_pk))
-            removed["studies"] += 1
-            if patient_pk is not None:
-                patient_pks.add(patient_pk)
-        else:
-            conn.execute(
-                update(studies_t)
-                .where(studies_t.c.pk == study_pk)
-                .values(num_series=remaining, modalities="\\".join(sorted(m for m in mods if m)))
-            )
-    removed["patients"] = prune_patients(conn, patient_pks)
-    return removed
-
-
-def prune_patients(conn: Connection, patient_pks: set[int]) -> int:
-    """Delete the patients of *patient_pks* no study and no order refers to."""
-    removed = 0
-    for pk in patient_pks:
-        used = conn.execute(
-            select(
-                exists().where(studies_t.c.patient_pk == pk) | exists().where(orders_t.c.patient_pk == pk)
-            )
-        ).scalar()
-        if not used:
-            removed += conn.execute(delete(patients_t).where(patients_t.c.pk == pk)).rowcount or 0
-    return removed
 
 
 def delete_instance_rows(engine: Engine, pks: list[int]) -> dict[str, int]:

@@ -34,17 +34,17 @@ from ..audit import Event, record_in
 from ..errors import PacsError
 from ..index import tombstones
 from ..index.db import write_transaction
+from ..index.prune import prune_after_delete, prune_patients
 from .common import (
     batched,
     indexed_among,
     instances_t,
     lock_study,
     patients_t,
-    prune_after_delete,
-    prune_patients,
     reports_t,
     series_t,
     studies_t,
+    unindexed_under,
 )
 
 log = logging.getLogger(__name__)
@@ -178,7 +178,12 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", ev
         if dry_run:
             return report
         keys = [r.storage_key for r in rows]
-        keys += tombstones.record(conn, keys, deletion, instances_deleted=True)
+        if target.level != "instance":
+            # A crash's orphans of the study or series go with it.
+            folder = f"{target.study_uid}/" + (f"{target.series_uid}/" if target.series_uid else "")
+            keys += unindexed_under(conn, pacs.store, folder, keys)
+        # (An original pacs compress replaced is both unindexed and taken over.)
+        keys = list(dict.fromkeys(keys + tombstones.record(conn, keys, deletion, instances_deleted=True)))
         what = {"study": target.study_uid, "series": target.series_uid, "instance": target.sop_uid}[target.level]
         report.detail = (f"{target.level} {what}: {report.instances} instances, {report.bytes} bytes"
                          + (f", {report.reports_deleted} reports" if report.reports_deleted else "")

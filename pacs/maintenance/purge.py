@@ -41,6 +41,7 @@ from ..app import Pacs
 from ..audit import Event, record_in
 from ..index import tombstones
 from ..index.db import write_transaction
+from ..index.prune import prune_patients
 from ..timezones import hospital_now, server_zone
 from .common import (
     BATCH,
@@ -52,10 +53,10 @@ from .common import (
     lock_study,
     os_user,
     patients_t,
-    prune_patients,
     reports_t,
     series_t,
     studies_t,
+    unindexed_under,
 )
 
 log = logging.getLogger(__name__)
@@ -294,7 +295,10 @@ def _delete_study(pacs: Pacs, study_pk: int, where: Any, deletion: str, user: st
                 .where(series_t.c.study_pk == study_pk)
             ).scalars()
         )
-        keys += tombstones.record(conn, keys, deletion, instances_deleted=True)
+        # A crash's orphans of the study go with it.
+        keys += unindexed_under(conn, pacs.store, f"{row.study_uid}/", keys)
+        # (An original pacs compress replaced is both unindexed and taken over.)
+        keys = list(dict.fromkeys(keys + tombstones.record(conn, keys, deletion, instances_deleted=True)))
         record_in(conn, Event(action="delete", user=user, protocol="cli", study_uid=row.study_uid,
                               patient_id=row.patient_id,
                               detail=f"purge: {row.num_instances} instances, {row.size_bytes} bytes"))
