@@ -63,11 +63,11 @@ def overwrite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     server.stop()
 
 
-@pytest.fixture(scope="module")
-def keep_pg(tmp_path_factory: pytest.TempPathFactory, postgres: str) -> Iterator[PacsServer]:
-    """Two DICOM workers on a PostgreSQL index and the filesystem store."""
+@pytest.fixture
+def keep_pg(tmp_path: Path, postgres: str) -> Iterator[PacsServer]:
+    """Two DICOM workers on a PostgreSQL index and the filesystem store (one test's)."""
     url = create_database(postgres)
-    server = PacsServer(tmp_path_factory.mktemp("keep-pg") / "data", Backend("pg-fs", url, None, {}),
+    server = PacsServer(tmp_path / "data", Backend("pg-fs", url, None, {}),
                         extra_env={"PACS_DICOM_WORKERS": WORKERS}).start()
     yield server
     server.stop()
@@ -131,10 +131,10 @@ def _frames_differing(server: PacsServer, files: list[Path]) -> list[str]:
     return wrong
 
 
-@pytest.mark.parametrize("policy", ["keep", "overwrite", "keep_pg"])
+@pytest.mark.parametrize("serving", ["keep", "overwrite", "keep_pg"])
 def test_one_instance_from_two_workers_at_once_is_indexed_as_stored(
-        policy: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-    server: PacsServer = request.getfixturevalue(policy)
+        serving: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    server: PacsServer = request.getfixturevalue(serving)
     sent: list[Path] = []
     for round_ in range(3):
         files = _series(tmp_path / f"r{round_}", 30, PatientID=f"DUP{round_}", PatientName="Pham^Van C")
@@ -210,13 +210,17 @@ def test_deleted_study_does_not_come_back_from_a_crash_orphan(keep: PacsServer, 
     if how == "delete":
         keep.cli("delete", study, "--reason", "sent to the wrong patient", "--yes")
     else:
-        # Only this study is older than 20 years.
+        # Only this study (and the delete case's, sent again) is older than 20 years.
         keep.cli("purge", "--older-than", "7300", "--yes")
     assert not _stored(keep, orphan)
     repaired = json.loads(keep.cli("verify", "--repair", "--json").stdout)
     assert repaired["adopted"]["count"] == 0 and repaired["ok"], repaired
     assert findscu(keep, tmp_path, "STUDY", {"StudyInstanceUID": study}) == []
     assert study_matches(keep, tmp_path, PatientID="ORPHAN3") == set()
+    if how == "delete":
+        # The modality sending it again afterwards is stored as any new object.
+        assert keep.storescu(str(tmp_path / "orphan.dcm")).returncode == 0
+        assert _stored(keep, orphan) and study_matches(keep, tmp_path, PatientID="ORPHAN3") == {study}
 
 
 # -- 2: a study begun without a Patient ID ------------------------------------------------
