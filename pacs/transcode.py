@@ -672,21 +672,6 @@ def encode_plan(opener: Opener, item: RetrieveItem, target: str) -> CodecPlan | 
     return CodecPlan(uid, meta, header, pieces(), trailing, ExitStack())
 
 
-def _encapsulated_end(stream: BinaryIO, offset: int, size: int) -> int | None:
-    """Where the encapsulated Pixel Data value starting at *offset* ends
-    (after its Sequence Delimitation Item), walking the item headers."""
-    pos = offset
-    while pos + 8 <= size:
-        stream.seek(pos)
-        group, element, length = struct.unpack("<HHI", read_exact(stream, 8))
-        if (group, element) == (0xFFFE, 0xE0DD):
-            return pos + 8
-        if (group, element) != (0xFFFE, 0xE000) or length == _UNDEFINED:
-            return None
-        pos += 8 + length
-    return None
-
-
 def decode_plan(pacs: Pacs, item: RetrieveItem, target: str) -> CodecPlan | None:
     """Compressed pixel data decoded to native little endian *target* frame
     by frame (pydicom + pylibjpeg reading the stored file, a local copy of a
@@ -706,7 +691,7 @@ def decode_plan(pacs: Pacs, item: RetrieveItem, target: str) -> CodecPlan | None
         if pixels is None or pixels.length != _UNDEFINED:
             resources.close()
             return None
-        end = _encapsulated_end(stream, pixels.value_offset, item.size)
+        end = _encapsulated_end_at(opener, pixels.value_offset, item.size)
         if end is None:
             resources.close()
             return None

@@ -35,6 +35,7 @@ from .conftest import PACS, Backend, PacsServer, pydicom_file
 from .peers import dcmtk, wait_port, wait_until
 from .test_dimse_failures import make_ct
 from .test_routing import Receiver
+from .test_routing_review import _jobs
 
 SALT = "deid-review-salt"
 NAME, CCCD = "NGUYEN VAN THANH", "079075001234"
@@ -76,11 +77,6 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
         reader.stop()
         every.stop()
         little.stop()
-
-
-def _jobs(server: PacsServer, rule: str) -> list[dict]:
-    jobs = json.loads(server.cli("route", "list", "--json", "--limit", "100000").stdout)["jobs"]
-    return [j for j in jobs if j["rule"] == rule]
 
 
 def _all_done(server: PacsServer, rule: str, count: int) -> bool:

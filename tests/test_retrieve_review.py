@@ -83,6 +83,9 @@ class Archive:
 def _copy_into(name: str, out: Path, study: str, number: int, patient: tuple[str, str]) -> tuple[str, Path]:
     ds = dcmread(pydicom_file(name))
     ds.PatientID, ds.PatientName = patient
+    # One patient as the study's: a later series with another birth date or
+    # sex is corrected to the study's on retrieval, and no longer as stored.
+    ds.PatientBirthDate, ds.PatientSex = "19800101", "F"
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = f"{study}.{number}"
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{study}.{number}.1"
