@@ -189,7 +189,9 @@ def _header_from_msh(line: str, charset: str) -> Header:
         version=field(12)[0] or "2.5",
         charset=charset,
         processing_id=field(11)[0].upper(),
-        accept_ack=field(15)[0].upper(),
+        # Only table 0155's codes switch to enhanced mode: an ACK a garbled
+        # MSH-15 ("~~~") turned into CA is one an original-mode sender cannot read.
+        accept_ack=field(15)[0].upper() if field(15)[0].upper() in _ACK_CONDITIONS else "",
         application_ack=field(16)[0].upper(),
         addresses=(echo(3), echo(4), echo(5), echo(6)),
     )
@@ -769,13 +771,14 @@ def handle(service: OrderService, raw: bytes, *, processing_id: str = "P", peer:
 
 
 # Original mode's MSA-1 and the accept (commit) ACK's of enhanced mode.
+_ACK_CONDITIONS = ("AL", "NE", "ER", "SU")  # HL7 table 0155
 _COMMIT_CODES = {"AA": "CA", "AE": "CE", "AR": "CR"}
 
 
 def _accept_ack_wanted(condition: str, success: bool) -> bool:
     """Whether MSH-15 (table 0155) asks for an accept ACK: AL always, NE
-    never, ER on failure only, SU on success only; an unknown value as AL
-    (an ACK the sender did not want does less harm than one it waits for)."""
+    never, ER on failure only, SU on success only (any other value is
+    original mode, see :func:`_header_from_msh`)."""
     if condition == "NE":
         return False
     if condition == "ER":
