@@ -435,46 +435,78 @@ def ack_for(message: bytes, code: str, text: str = "") -> bytes:
             + (b"|" + text.encode() if text else b"") + b"\r")
 
 
-class MLLPRecorder:
-    """A stand-in HIS: an MLLP listener that records messages and answers AA
-    (subclasses answer otherwise through :meth:`reply`)."""
+class MLLPListener:
+    """A stand-in HIS's socket: an MLLP listener on 127.0.0.1:*port*, one
+    thread per connection (several senders may hold one at once). Each
+    framed message goes to :meth:`respond`, whose bytes are sent back as
+    they are (a subclass may send a malformed frame); None hangs up."""
+
+    # Seconds a connection may stay silent before this end closes it (None: never).
+    idle_timeout: float | None = 10.0
 
     def __init__(self, port: int) -> None:
         import threading
 
         self.port = port
-        self.messages: list[bytes] = []
         self._server = socket.create_server(("127.0.0.1", port), reuse_port=False)
         self._server.settimeout(0.2)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread = threading.Thread(target=self._accept, daemon=True)
         self._thread.start()
 
-    def _run(self) -> None:
+    def _accept(self) -> None:
+        import threading
+
         while not self._stop.is_set():
             try:
                 conn, _ = self._server.accept()
             except (TimeoutError, OSError):
                 continue
-            with conn:
-                conn.settimeout(5)
-                buffer = b""
-                try:
-                    while not self._stop.is_set():
-                        chunk = conn.recv(65536)
-                        if not chunk:
-                            break
-                        buffer += chunk
-                        while b"\x1c\r" in buffer:
-                            start = buffer.find(b"\x0b")
-                            end = buffer.find(b"\x1c\r")
-                            message, buffer = buffer[start + 1 : end], buffer[end + 2 :]
-                            ack = self.reply(message)
-                            if ack is None:  # takes the message, hangs up without an ACK
-                                raise OSError("closed")
-                            conn.sendall(b"\x0b" + ack + b"\x1c\r")
-                except OSError:
-                    continue
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(self.idle_timeout)
+            buffer = b""
+            try:
+                while not self._stop.is_set():
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    buffer += chunk
+                    while b"\x1c\r" in buffer:
+                        start, end = buffer.find(b"\x0b"), buffer.find(b"\x1c\r")
+                        message, buffer = buffer[start + 1 : end], buffer[end + 2 :]
+                        answer = self.respond(message)
+                        if answer is None:  # takes the message, hangs up without an ACK
+                            return
+                        conn.sendall(answer)
+            except OSError:
+                return
+
+    def respond(self, message: bytes) -> bytes | None:
+        """The bytes to send back for *message* (None: hang up instead)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._server.close()
+        self._thread.join(5)
+
+
+class MLLPRecorder(MLLPListener):
+    """A stand-in HIS that records messages and answers AA (subclasses
+    answer otherwise through :meth:`reply`)."""
+
+    idle_timeout = 5.0
+
+    def __init__(self, port: int) -> None:
+        self.messages: list[bytes] = []
+        super().__init__(port)
+
+    def respond(self, message: bytes) -> bytes | None:
+        ack = self.reply(message)
+        return None if ack is None else b"\x0b" + ack + b"\x1c\r"
 
     def reply(self, message: bytes) -> bytes | None:
         """Record *message*; the ACK to send (None: hang up instead)."""
@@ -486,11 +518,6 @@ class MLLPRecorder:
         while len(self.messages) < count and time.monotonic() < deadline:
             time.sleep(0.1)
         return self.messages
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._server.close()
-        self._thread.join(5)
 
 
 @contextlib.contextmanager

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer, free_port
-from .peers import wait_until
+from .peers import MLLPListener, wait_until
 from .test_dimse_failures import make_ct
 from .test_worklist_ris import _mpps, worklist
 
@@ -44,58 +43,23 @@ def his_ack(message: str, code: str, *, error: str = "", end: bytes = FS + CR) -
     return VT + text.encode() + end
 
 
-class StandInHIS:
+class StandInHIS(MLLPListener):
     """An MLLP listener that records every message and answers with the
     bytes ``answer(message)`` returns (a framed ACK; None hangs up)."""
 
     def __init__(self, port: int) -> None:
-        self.port = port
         self.received: list[str] = []
         self.answer: Callable[[str], bytes | None] = lambda m: his_ack(m, "AA")
-        self._server = socket.create_server(("127.0.0.1", port))
-        self._server.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        super().__init__(port)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except OSError:
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(10)
-            buffer = b""
-            try:
-                while not self._stop.is_set():
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                    while FS + CR in buffer:
-                        start, end = buffer.find(VT), buffer.find(FS + CR)
-                        message, buffer = buffer[start + 1 : end].decode(), buffer[end + 2 :]
-                        self.received.append(message)
-                        reply = self.answer(message)
-                        if reply is None:
-                            return
-                        conn.sendall(reply)
-            except OSError:
-                return
+    def respond(self, message: bytes) -> bytes | None:
+        self.received.append(message.decode())
+        return self.answer(message.decode())
 
     def about(self, accession: str, kind: str) -> list[str]:
         """The messages of type *kind* (ORM^O01, ORU^R01) for *accession* (OBR-18)."""
         return [m for m in list(self.received)
                 if kind in fields(m, "MSH")[8] and (fields(m, "OBR") + [""] * 19)[18] == accession]
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._server.close()
-        self._thread.join(5)
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +127,12 @@ def connect(server: PacsServer) -> socket.socket:
 
 
 def read_frame(sock: socket.socket) -> str:
-    """The next framed message the server sends (up to its end block)."""
+    """The next framed message the server sends (up to its end block). Read
+    a byte at a time: ACKs to pipelined messages may arrive in one segment,
+    and the bytes after this frame are the next one's."""
     data = b""
-    while FS not in data:
-        chunk = sock.recv(65536)
+    while not data.endswith(FS):
+        chunk = sock.recv(1)
         assert chunk, f"connection closed; got {data!r}"
         data += chunk
     return data[data.index(VT) + 1 : data.index(FS)].decode()

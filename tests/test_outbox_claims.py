@@ -12,7 +12,6 @@ moving a lease into the past (an UPDATE), never a wait on the clock."""
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from .peers import free_port
+from .peers import MLLPListener, free_port
 
 HOLD_LIMIT = 60.0  # seconds a held message waits at most (a failing test must not hang)
 
@@ -43,53 +42,29 @@ def _field(message: str, segment: str, index: int) -> str:
     return ""
 
 
-class SlowHIS:
+class SlowHIS(MLLPListener):
     """A HIS over real MLLP, one thread per connection (several nodes send at
     once). The first copy of a message about an accession in :attr:`holds`
     waits, unanswered, until the test sets that hold's ``release`` event (the
     HIS is slow); its ``arrived`` event tells the test it is being held.
     ``answer(message, held)`` gives MSA-1 (or raw ACK bytes)."""
 
+    idle_timeout = None
+
     def __init__(self) -> None:
-        self.port = free_port()
         self.received: list[Receipt] = []
         self.holds: dict[str, tuple[threading.Event, threading.Event]] = {}
         self.answer: Callable[[str, bool], str | bytes] = lambda message, held: "AA"
         self._lock = threading.Lock()
-        self._server = socket.create_server(("127.0.0.1", self.port))
-        self._server.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
+        super().__init__(free_port())
 
     def hold(self, accession: str) -> tuple[threading.Event, threading.Event]:
         """(arrived, release) for the first copy of *accession*'s next message."""
         self.holds[accession] = (threading.Event(), threading.Event())
         return self.holds[accession]
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._server.accept()
-            except (TimeoutError, OSError):
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            buffer = b""
-            try:
-                while not self._stop.is_set():
-                    chunk = conn.recv(65536)
-                    if not chunk:
-                        return
-                    buffer += chunk
-                    while b"\x1c\r" in buffer:
-                        start, end = buffer.find(b"\x0b"), buffer.find(b"\x1c\r")
-                        message, buffer = buffer[start + 1 : end].decode(), buffer[end + 2 :]
-                        conn.sendall(b"\x0b" + self._reply(message) + b"\x1c\r")
-            except OSError:
-                return
+    def respond(self, message: bytes) -> bytes:
+        return b"\x0b" + self._reply(message.decode()) + b"\x1c\r"
 
     def _reply(self, message: str) -> bytes:
         accession = _field(message, "OBR", 18)
@@ -114,11 +89,9 @@ class SlowHIS:
             return [r for r in self.received if r.answer == "AA"]
 
     def stop(self) -> None:
-        self._stop.set()
         for _, release in list(self.holds.values()):
             release.set()
-        self._server.close()
-        self._thread.join(5)
+        super().stop()
 
 
 def _order_status(pk: int, accession: str, status: str) -> dict:
