@@ -88,7 +88,7 @@ class Pacs:
             instance_locks=(InstanceFileLocks(settings.data_dir / "locks")
                             if not store.remote or is_sqlite(engine) else None),
         )
-        ingestor.routes = RoutingRules(engine)
+        ingestor.routes = RoutingRules(engine, settings.route_rules_refresh_seconds)
         for entry in settings.route:
             load_rule(ingestor.routes, entry)
         aes = AeRegistry(engine)

@@ -452,7 +452,8 @@ class Forwarder(Periodic):
         that cannot be read or prepared here."""
         states: list[str] = []
         self._record(lambda: states.append(
-            routing.fail(self.pacs.engine, job, error, max_attempts=self.max_attempts, permanent=permanent)))
+            routing.fail(self.pacs.engine, job, error, max_attempts=self.max_attempts, permanent=permanent,
+                         retry_seconds=self.pacs.settings.route_retry_seconds)))
         self._failures.setdefault(destination, []).append((states[0] if states else "pending", error, peer))
 
     def _unreadable(self, destination: str, job: Job, exc: Exception) -> None:

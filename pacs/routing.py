@@ -197,12 +197,15 @@ def _condition(attribute: str, op: str, value: str) -> Condition:
 
 
 class RoutingRules:
-    """CRUD on rules plus a short-lived cache for matching at ingest."""
+    """CRUD on rules plus a short-lived cache for matching at ingest: a
+    change made elsewhere (`pacs route`, another node) applies to the
+    objects received *cache_seconds* later at the latest."""
 
     CACHE_SECONDS = 2.0
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, cache_seconds: float = CACHE_SECONDS) -> None:
         self.engine = engine
+        self.cache_seconds = cache_seconds
         self._cache: list[Rule] | None = None
         self._cached_at = 0.0
         self._lock = threading.Lock()
@@ -262,7 +265,7 @@ class RoutingRules:
     def enabled(self) -> list[Rule]:
         with self._lock:
             now = time.monotonic()
-            if self._cache is None or now - self._cached_at > self.CACHE_SECONDS:
+            if self._cache is None or now - self._cached_at >= self.cache_seconds:
                 self._cache = [r for r in self.list() if r.enabled]
                 self._cached_at = now
             return self._cache
@@ -438,8 +441,10 @@ def finish(engine: Engine, job: Job) -> None:
         conn.execute(update(jobs_t).where(jobs_t.c.pk == job.pk).values(state="done", last_error="", updated_at=now))
 
 
-def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: bool = False) -> str:
-    """Back off (2^n s, at most 10 min) or park as dead; returns the new state."""
+def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: bool = False,
+         retry_seconds: float = 1.0) -> str:
+    """Back off (*retry_seconds* x 2^n, at most 10 min) or park as dead;
+    returns the new state."""
     attempts = job.attempts + 1
     dead = permanent or attempts >= max_attempts
     with engine.begin() as conn:
@@ -449,7 +454,8 @@ def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: 
         conn.execute(
             update(jobs_t).where(jobs_t.c.pk == job.pk, jobs_t.c.state == "sending").values(
                 state="dead" if dead else "pending", attempts=attempts, last_error=error[:500],
-                next_attempt_at=now + timedelta(seconds=min(600, 2 ** min(attempts, 10))), updated_at=now,
+                next_attempt_at=now + timedelta(seconds=min(600, retry_seconds * 2 ** min(attempts, 10))),
+                updated_at=now,
             )
         )
     return "dead" if dead else "pending"

@@ -226,6 +226,13 @@ class Settings(BaseSettings):
     # Secret for consistent de-identification (default: a random one kept in the data dir).
     deidentify_salt: str | None = None
     route_max_attempts: int = 10
+    # Seconds before a failed routing job is tried again, doubled per try
+    # (up to 1024x), at most 10 minutes.
+    route_retry_seconds: float = Field(default=1.0, gt=0)
+    # Seconds a serving node keeps the routing rules it read: a rule added,
+    # changed or removed by `pacs route` (or another node) applies to the
+    # objects received this long after at the latest. 0 reads them per object.
+    route_rules_refresh_seconds: float = Field(default=2.0, ge=0)
     route_concurrency: int = 4
     # Finished routing jobs (done, cancelled) are deleted after this many days; 0 keeps them.
     route_keep_days: int = Field(default=30, ge=0)
@@ -237,6 +244,10 @@ class Settings(BaseSettings):
     # Tell the HIS of its orders' status changes (ORM^O01 IP/CM/SC); false
     # for a HIS that takes results (ORU) only and refuses them.
     his_order_status: bool = True
+    # Seconds before a message the HIS refused or did not take is sent
+    # again, doubled per try (up to 64x), at most his_retry_max_seconds.
+    his_retry_seconds: float = Field(default=1.0, gt=0)
+    his_retry_max_seconds: float = Field(default=60.0, gt=0)
     # MSH-3/4 (us) and MSH-5/6 (the HIS) of outbound messages: interface
     # engines route on them. Our application defaults to the AE title.
     hl7_application: str | None = None

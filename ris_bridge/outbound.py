@@ -3,7 +3,8 @@ them over MLLP with retries (exponential backoff) until the HIS says AA.
 
 Connection failures and AR answers (the HIS cannot take it now: a system
 rejection, "send it again") are retried for as long as it takes, with a
-backoff capped at MAX_BACKOFF: nothing is lost while the HIS is down or
+backoff (``his_retry_seconds`` doubled per try) capped at
+``his_retry_max_seconds``: nothing is lost while the HIS is down or
 refusing. AE (the HIS says this message is wrong) is retried
 MAX_ERROR_ANSWERS times in a row and then parked "dead", where
 `pacs outbox list --state dead` shows it and `pacs outbox retry` sends it
@@ -43,7 +44,6 @@ _ORC_STATUS = {"IN PROGRESS": "IP", "COMPLETED": "CM", "DISCONTINUED": "DC", "SC
 _RESULT_STATUS = {"final": "F", "amended": "C"}
 # AE/CE answers in a row before a message is parked dead; AR/CR never park it.
 MAX_ERROR_ANSWERS = 3
-MAX_BACKOFF = 60.0
 # Messages the HIS may take without an ACK in one round before it is taken
 # for stuck (each costs hl7_ack_timeout) and the rest waits for the next round.
 MAX_SILENT_IN_A_ROUND = 3
@@ -285,7 +285,8 @@ class OutboundSender(Periodic):
             if not queue:
                 break
             message, queue = queue[0], queue[1:]
-            backoff = min(MAX_BACKOFF, 2.0 ** min(message.attempts, 6))
+            backoff = min(self.pacs.settings.his_retry_max_seconds,
+                          self.pacs.settings.his_retry_seconds * 2.0 ** min(message.attempts, 6))
             try:
                 payload = self._render(message)
             except Exception as exc:  # a payload this version cannot render: retried, never dropped

@@ -276,6 +276,101 @@ class Backend:
     env: dict[str, str]
 
 
+# -- pacs commands ----------------------------------------------------------------
+class PacsCommands:
+    """Runs `pacs` commands as processes forked from a zygote that has
+    imported the CLI (tests/cli_zygote.py): the same command, environment,
+    streams and exit status as the `pacs` script gives, without its second
+    of imports per command. One zygote per test process, started on first
+    use; if it cannot run, commands run as plain `pacs` processes."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self._lock = threading.Lock()
+        self._done = threading.Condition(self._lock)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._broken = False
+        self._next = 0
+        self._pids: dict[int, int] = {}
+        self._codes: dict[int, int] = {}
+        self._spool = Path(os.environ.get("TMPDIR", "/tmp")) / f"pacs-cli-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def _start(self) -> subprocess.Popen[bytes] | None:
+        """The zygote (under the lock), started if needed; None when broken."""
+        import threading
+
+        if self._proc is not None and self._proc.poll() is None:
+            return self._proc
+        if self._broken or self._proc is not None:
+            self._broken = True
+            return None
+        self._spool.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        self._proc = subprocess.Popen([sys.executable, "-m", "tests.cli_zygote"], cwd=ROOT, env=env,
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        threading.Thread(target=self._read, args=(self._proc,), daemon=True).start()
+        return self._proc
+
+    def _read(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            message = json.loads(line)
+            with self._done:
+                if "pid" in message:
+                    self._pids[message["id"]] = message["pid"]
+                else:
+                    self._codes[message["id"]] = message["rc"]
+                self._done.notify_all()
+        with self._done:
+            self._broken = True
+            self._done.notify_all()
+
+    def run(self, args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
+        """`pacs *args` with *env*; its output, as subprocess.run(capture_output=True, text=True)."""
+        with self._done:
+            proc = self._start()
+            if proc is not None:
+                self._next += 1
+                request = self._next
+                out, err = self._spool / f"{request}.out", self._spool / f"{request}.err"
+                line = json.dumps({"id": request, "argv": [PACS, *args], "env": env, "cwd": os.getcwd(),
+                                   "out": str(out), "err": str(err)}) + "\n"
+                try:
+                    assert proc.stdin is not None
+                    proc.stdin.write(line.encode())
+                    proc.stdin.flush()
+                except OSError:
+                    self._broken, proc = True, None
+        if proc is None:
+            return subprocess.run([PACS, *args], capture_output=True, text=True, env=env, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        with self._done:
+            while request not in self._codes:
+                left = deadline - time.monotonic()
+                if left <= 0 or (self._broken and request not in self._pids):
+                    break
+                self._done.wait(min(left, 1.0))
+            code = self._codes.pop(request, None)
+            pid = self._pids.pop(request, None)
+        if code is None and pid is None and self._broken:  # the zygote died first
+            return subprocess.run([PACS, *args], capture_output=True, text=True, env=env, timeout=timeout)
+        if code is None:
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            raise subprocess.TimeoutExpired([PACS, *args], timeout)
+        try:
+            return subprocess.CompletedProcess([PACS, *args], code, out.read_text(errors="replace"),
+                                               err.read_text(errors="replace"))
+        finally:
+            out.unlink(missing_ok=True)
+            err.unlink(missing_ok=True)
+
+
+PACS_COMMANDS = PacsCommands()
+
+
 # -- pacs serve -------------------------------------------------------------------
 @dataclass
 class PacsServer:
@@ -294,6 +389,9 @@ class PacsServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_")}
         # Not a service's settings file (/etc/filmless-pacs.env) of this machine.
         env["PACS_ENV_FILE"] = ""
+        # A rule a test adds applies to the next object it sends (not up to
+        # 2 s later, when `pacs route add` took that long by itself).
+        env["PACS_ROUTE_RULES_REFRESH_SECONDS"] = "0"
         env.update(self.backend.env)
         env.update(self.extra_env)
         env["PACS_OFFER_SAMPLES"] = "false"
@@ -371,9 +469,7 @@ class PacsServer:
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Run a `pacs` command against this server's data dir, index and store."""
-        result = subprocess.run(
-            [PACS, *args, *self.common_args()], capture_output=True, text=True, env=self.env, timeout=300
-        )
+        result = PACS_COMMANDS.run([*args, *self.common_args()], self.env, timeout=300)
         if check and result.returncode != 0:
             raise AssertionError(f"pacs {' '.join(args)} failed: {result.stdout}\n{result.stderr}")
         return result

@@ -58,7 +58,7 @@ class ScriptedHIS(MLLPRecorder):
 def serving(tmp_path: Path) -> Iterator[tuple[PacsServer, ScriptedHIS]]:
     his_port = free_port()
     server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
-                        extra_env={"PACS_HIS_MLLP": f"127.0.0.1:{his_port}"})
+                        extra_env={"PACS_HIS_MLLP": f"127.0.0.1:{his_port}", "PACS_HIS_RETRY_SECONDS": "0.1"})
     write_corpus(tmp_path / "corpus")
     server.cli("import", str(tmp_path / "corpus"))
     server.start()
@@ -234,10 +234,10 @@ def test_ar_is_retried_for_as_long_as_it_takes(sender: tuple[object, ScriptedHIS
     more than the old limit of ten) leave the message pending, its backoff
     capped at a minute; when the HIS recovers it is delivered."""
     from pacs.outbox import outbox
-    from ris_bridge.outbound import MAX_BACKOFF
 
     out, his = sender
     core = out.pacs  # type: ignore[attr-defined]
+    cap = core.settings.his_retry_max_seconds
     his.answer = lambda m: "AR"
     _enqueue(core, "order_status", _order_status(1, "ACC9001", "COMPLETED"))
     for _ in range(20):
@@ -250,7 +250,7 @@ def test_ar_is_retried_for_as_long_as_it_takes(sender: tuple[object, ScriptedHIS
     with core.engine.connect() as conn:
         row = conn.execute(select(outbox)).one()
     wait = row.next_attempt_at.replace(tzinfo=UTC) - datetime.now(UTC)
-    assert timedelta(seconds=MAX_BACKOFF - 5) < wait <= timedelta(seconds=MAX_BACKOFF + 1)
+    assert timedelta(seconds=cap - 5) < wait <= timedelta(seconds=cap + 1)
     his.answer = lambda m: "AA"
     _time_passes(core)
     assert out.deliver_due() == 1  # type: ignore[attr-defined]

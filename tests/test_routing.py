@@ -87,7 +87,8 @@ def test_rule_waits_for_a_down_receiver_and_survives_restarts(tmp_path: Path) ->
         routed = _send(server, tmp_path, "SAT_CT1", 3)
         _send(server, tmp_path, "LOCAL_CT", 2)  # another AE: not routed
         _send(server, tmp_path, "SAT_CT1", 1, Modality="MR")  # another modality: not routed
-        wait_until(lambda: _jobs(server)["counts"].get("pending", 0) >= 3, timeout=30)
+        wait_until(lambda: _jobs(server)["counts"].get("pending", 0) >= 3
+                   and all(j["attempts"] >= 1 for j in _jobs(server)["jobs"]), timeout=30)
         jobs = _jobs(server)
         assert sum(jobs["counts"].values()) == 3
         assert all(j["attempts"] >= 1 and "READING" in j["last_error"] for j in jobs["jobs"])
@@ -180,7 +181,7 @@ def test_two_nodes_drain_one_queue_without_sending_twice(tmp_path: Path, s3_serv
 def test_stow_route_after_the_study_is_stable_and_dead_letters(tmp_path: Path) -> None:
     reader = PacsServer(tmp_path / "reader", Backend("sqlite-fs", None, None, {})).start()
     server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
-                        extra_env={"PACS_ROUTE_MAX_ATTEMPTS": "2"})
+                        extra_env={"PACS_ROUTE_MAX_ATTEMPTS": "2", "PACS_ROUTE_RETRY_SECONDS": "0.1"})
     server.cli("route", "add", "axials-to-reader", "--if", "SeriesDescription=/^AX [0-9]+mm$/",
                "--to-url", f"http://127.0.0.1:{reader.http_port}/dicom-web", "--auth", f"Bearer {reader.token}",
                "--stable", "6")
@@ -265,7 +266,8 @@ def test_finished_jobs_are_pruned_after_the_keep_time(tmp_path: Path) -> None:
         try:
             # The serving node prunes what is older than 30 days at once.
             assert wait_until(lambda: _jobs(server)["counts"] == {"dead": 1, "pending": 1, "done": 2}, timeout=30)
-            assert "2 finished jobs older than 30 days deleted" in server.log_text()
+            # (Logged after the deletion's commit: the count may be seen first.)
+            assert wait_until(lambda: "2 finished jobs older than 30 days deleted" in server.log_text(), timeout=10)
         finally:
             server.stop()
         pruned = json.loads(server.cli("route", "prune", "--older-than-days", "7", "--json").stdout)
@@ -526,8 +528,9 @@ def test_deidentified_copies_are_checked_and_burned_in_ones_stay(tmp_path: Path)
     try:
         clean = _send(server, tmp_path / "clean", "RESEARCH_US", 1, BurnedInAnnotation="NO")
         burned = _send(server, tmp_path / "burned", "RESEARCH_US", 1, BurnedInAnnotation="YES")
+        # Settled: neither pending nor being sent.
         assert wait_until(lambda: sum(_jobs(server)["counts"].values()) == 2
-                          and not _jobs(server)["counts"].get("pending")), _jobs(server)
+                          and not set(_jobs(server)["counts"]) & {"pending", "sending"}), _jobs(server)
         jobs = json.loads(server.cli("route", "list", "--state", "dead", "--json").stdout)["jobs"]
         by_uid = {j["sop_uid"]: j for j in jobs}
         assert set(by_uid) == set(clean + burned), _jobs(server)  # refused by STOW: not done
