@@ -44,6 +44,9 @@ def _child(request: dict) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
+        import time
+
+        time.tzset()  # TZ as the command's environment has it
         random.seed()  # not the zygote's sequence in every child
         sys.argv = list(request["argv"])
         from pacs.cli import main
