@@ -42,6 +42,16 @@ FRAME_MEDIA_TYPE = {
 }
 
 
+PIXEL_DATA, FLOAT_PIXEL_DATA, DOUBLE_FLOAT_PIXEL_DATA = 0x7FE00010, 0x7FE00008, 0x7FE00009
+# The top-level pixel attributes (PS3.18 10.4.3.3.6: the Pixel Data resource
+# is whichever of them the object holds) and the VR each always has; Pixel
+# Data's is OB or OW by transfer syntax (:func:`pixel_element`).
+PIXEL_TAGS = {FLOAT_PIXEL_DATA: "OF", DOUBLE_FLOAT_PIXEL_DATA: "OD", PIXEL_DATA: "OW"}
+_PIXEL_KEYWORDS = {"FloatPixelData": FLOAT_PIXEL_DATA, "DoubleFloatPixelData": DOUBLE_FLOAT_PIXEL_DATA,
+                   "PixelData": PIXEL_DATA}
+
+
+
 class FrameError(PacsError):
     """A frame or bulk data request that cannot be served; carries the HTTP status."""
 
@@ -65,6 +75,9 @@ class PixelInfo:
     # The Pixel Data value of a deflated object, inflated: such a file
     # cannot be read by byte range.
     inflated: bytes | None = None
+    # Which pixel attribute the object holds: Pixel Data, or the Float /
+    # Double Float Pixel Data of a Parametric Map (PS3.3 C.7.6.24, C.7.6.25).
+    tag: int = PIXEL_DATA
 
     @property
     def frame_bytes(self) -> int:
@@ -92,9 +105,41 @@ def has_pixel_data(path: Path, item: RetrieveItem) -> bool:
     except in a deflated object, whose dataset is inflated to see."""
     if item.pixel_offset is not None:
         return True
-    if not UID(item.transfer_syntax_uid).is_deflated:
-        return False
-    return "PixelData" in dcmread(path, defer_size=1024)
+    return pixel_element(path, item) is not None
+
+
+def pixel_element(path: Path, item: RetrieveItem) -> tuple[int, str] | None:
+    """The stored object's pixel attribute, as (tag, VR) for its metadata
+    and BulkDataURI: Pixel Data (OB when encapsulated, else OW), Float
+    Pixel Data (OF) or Double Float Pixel Data (OD); None without one. The
+    tag is read where the index says the pixel data starts (a deflated
+    object, which has no such offset, is inflated to see)."""
+    ts = UID(item.transfer_syntax_uid)
+    if ts.is_deflated:
+        ds = dcmread(path, defer_size=1024)
+        tag = next((t for k, t in _PIXEL_KEYWORDS.items() if k in ds), None)
+    elif item.pixel_offset is None:
+        return None
+    else:
+        with path.open("rb") as f:
+            f.seek(item.pixel_offset)
+            tag = _tag_of(f.read(4), ts)
+    if tag is None:
+        return None
+    if tag == PIXEL_DATA:
+        return tag, "OB" if ts.is_encapsulated else "OW"
+    return tag, PIXEL_TAGS.get(tag, "OW")
+
+
+def _tag_of(head: bytes, ts: UID) -> int | None:
+    """The element tag the first 4 bytes of an element header give; a tag
+    that is none of the pixel attributes reads as Pixel Data (the index's
+    offset found it as one)."""
+    if len(head) < 4:
+        return None
+    group, element = struct.unpack(("<" if ts.is_little_endian else ">") + "HH", head)
+    tag = group << 16 | element
+    return tag if tag in PIXEL_TAGS else PIXEL_DATA
 
 
 def _number(ds: Dataset, keyword: str, default: int) -> int:
@@ -133,11 +178,11 @@ def pixel_info(path: Path, item: RetrieveItem, ds: Dataset | None = None) -> Pix
         vr = ""
         length = struct.unpack(order + "L", head[4:8])[0]
         offset = item.pixel_offset + 8
-    return _info(ds, item, ts, offset, length, vr)
+    return _info(ds, item, ts, offset, length, vr, tag=_tag_of(head[:4], ts) or PIXEL_DATA)
 
 
 def _info(ds: Dataset, item: RetrieveItem, ts: UID, offset: int, length: int, vr: str,
-          inflated: bytes | None = None) -> PixelInfo:
+          inflated: bytes | None = None, tag: int = PIXEL_DATA) -> PixelInfo:
     return PixelInfo(
         rows=int(ds.Rows),
         columns=int(ds.Columns),
@@ -150,15 +195,17 @@ def _info(ds: Dataset, item: RetrieveItem, ts: UID, offset: int, length: int, vr
         photometric=str(ds.get("PhotometricInterpretation", "") or "").strip(),
         pixel_vr=vr,
         inflated=inflated,
+        tag=tag,
     )
 
 
 def _inflated_info(path: Path, item: RetrieveItem, ts: UID) -> PixelInfo:
     ds = dcmread(path)
-    if "PixelData" not in ds:
+    keyword = next((k for k in _PIXEL_KEYWORDS if k in ds), None)
+    if keyword is None:
         raise FrameError(f"instance {item.sop_uid} has no pixel data", 404)
-    data = ds.PixelData
-    return _info(ds, item, ts, 0, len(data), str(ds["PixelData"].VR), inflated=data)
+    data = ds[keyword].value
+    return _info(ds, item, ts, 0, len(data), str(ds[keyword].VR), inflated=data, tag=_PIXEL_KEYWORDS[keyword])
 
 
 @contextmanager
@@ -192,32 +239,74 @@ def frame_index(path: Path, info: PixelInfo, ds: Dataset | None = None) -> list[
     if info.inflated is not None:
         raise FrameError("encapsulated pixel data in a deflated object is not supported", 422)
     with path.open("rb") as f:
-        f.seek(info.value_offset)
-        tag, length = _item_header(f)
-        if tag != _ITEM or length == _UNDEFINED or length % 4:
-            raise FrameError("the encapsulated pixel data does not start with an offset table item "
-                             "(PS3.5 A.4): its frames cannot be found", 422)
-        table = f.read(length)
-        bot = list(struct.unpack(f"<{length // 4}L", table)) if len(table) == length else []
-        first = f.tell()
-        fragments: list[Fragment] = []
-        starts: dict[int, int] = {}  # offset from the first fragment's item -> fragment index
-        while True:
-            at = f.tell()
-            tag, length = _item_header(f)
-            if tag == _SEQUENCE_END or tag is None:
-                break  # the end (a file cut short ends the list too: frames found so far)
-            if tag != _ITEM or length == _UNDEFINED:
-                raise FrameError(f"unexpected element ({tag & 0xFFFF:04X},{tag >> 16:04X}) among the pixel data "
-                                 "fragments: the encapsulated pixel data is malformed", 422)
-            starts[at - first] = len(fragments)
-            fragments.append((at + 8, length))
-            f.seek(length, 1)
+        bot, fragments, starts = _walk_fragments(f, info)
         frames = _grouped(f, info, ds, fragments, starts, bot)
     if len(frames) < info.frames:
         raise FrameError(f"the encapsulated pixel data holds {len(frames)} frame(s), "
                          f"not the {info.frames} the object declares", 422)
     return frames
+
+
+def fragments(path: Path, info: PixelInfo) -> list[Fragment]:
+    """Every fragment of encapsulated pixel data, in order (file offset of
+    its value, its length): one pass over the item headers. A video's
+    stream (PS3.5 8.2.5-8.2.7: one stream over all fragments) is their
+    values concatenated."""
+    if info.inflated is not None:
+        raise FrameError("encapsulated pixel data in a deflated object is not supported", 422)
+    with path.open("rb") as f:
+        return _walk_fragments(f, info)[1]
+
+
+def _walk_fragments(f: BinaryIO, info: PixelInfo) -> tuple[list[int], list[Fragment], dict[int, int]]:
+    """The Basic Offset Table, the fragments, and each fragment's index by
+    the offset of its item from the first fragment's (what offset tables
+    count): :class:`FrameError` 422 when the items are malformed."""
+    f.seek(info.value_offset)
+    tag, length = _item_header(f)
+    if tag != _ITEM or length == _UNDEFINED or length % 4:
+        raise FrameError("the encapsulated pixel data does not start with an offset table item "
+                         "(PS3.5 A.4): its frames cannot be found", 422)
+    table = f.read(length)
+    bot = list(struct.unpack(f"<{length // 4}L", table)) if len(table) == length else []
+    first = f.tell()
+    found: list[Fragment] = []
+    starts: dict[int, int] = {}  # offset from the first fragment's item -> fragment index
+    while True:
+        at = f.tell()
+        tag, length = _item_header(f)
+        if tag == _SEQUENCE_END or tag is None:
+            break  # the end (a file cut short ends the list too: frames found so far)
+        if tag != _ITEM or length == _UNDEFINED:
+            raise FrameError(f"unexpected element ({tag & 0xFFFF:04X},{tag >> 16:04X}) among the pixel data "
+                             "fragments: the encapsulated pixel data is malformed", 422)
+        starts[at - first] = len(found)
+        found.append((at + 8, length))
+        f.seek(length, 1)
+    return bot, found, starts
+
+
+def read_span(path: Path, pieces: list[Fragment], start: int, end: int,
+              chunk: int = 1 << 20) -> Iterator[bytes]:
+    """Bytes *start* .. *end* - 1 of the pieces' values laid end to end,
+    read from the file a chunk at a time (a video of several GB is never
+    in memory). A piece shorter in the file than its length is a
+    :class:`FrameError` 500: the stored object is truncated."""
+    with path.open("rb") as f:
+        base = 0
+        for offset, length in pieces:
+            lo, hi = max(start, base), min(end, base + length)
+            base += length
+            if lo >= hi:
+                continue
+            f.seek(offset + lo - (base - length))
+            left = hi - lo
+            while left > 0:
+                data = f.read(min(chunk, left))
+                if not data:
+                    raise FrameError("the pixel data is truncated in storage", 500)
+                left -= len(data)
+                yield data
 
 
 def _item_header(f: BinaryIO) -> tuple[int | None, int]:

@@ -212,8 +212,9 @@ def test_frames_of_a_deflated_object(web: PacsServer) -> None:
     with web.http() as http:
         assert _frame(http, "image_dfl.dcm") == dcmread(pydicom_file("image_dfl.dcm")).pixel_array.tobytes()
         meta = http.get(_url("image_dfl.dcm") + "/metadata").json()[0]
-        assert meta["7FE00010"]["BulkDataURI"].endswith("/frames/1")
-        assert http.head(_url("image_dfl.dcm") + "/bulk/7FE00010").status_code != 404
+        assert meta["7FE00010"]["BulkDataURI"].endswith(_url("image_dfl.dcm") + "/bulk/7FE00010")
+        (_, body), = _parts(http.get(_url("image_dfl.dcm") + "/bulk/7FE00010"))
+        assert body == dcmread(pydicom_file("image_dfl.dcm")).pixel_array.tobytes()
 
 
 def test_undecodable_frame_is_406_not_415(tmp_path: Path) -> None:

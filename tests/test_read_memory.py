@@ -125,7 +125,7 @@ def test_metadata_is_streamed_with_bounded_memory(server: PacsServer) -> None:
     assert len(instances) == COUNT
     assert [i["00200013"]["Value"][0] for i in instances] == list(range(1, COUNT + 1))
     assert all(len(i["00081140"]["Value"]) == REFERENCES for i in instances)
-    assert instances[0]["7FE00010"]["BulkDataURI"].endswith("/frames/1")
+    assert instances[0]["7FE00010"]["BulkDataURI"].endswith("/bulk/7FE00010")
 
 
 def test_metadata_errors_before_the_first_byte_keep_their_status(server: PacsServer) -> None:

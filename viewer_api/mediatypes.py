@@ -52,6 +52,7 @@ __all__ = [
     "negotiate",
     "parse_accept",
     "parse_media_type",
+    "video_media_types",
 ]
 
 EXPLICIT_VR_LITTLE_ENDIAN = "1.2.840.10008.1.2.1"
@@ -86,6 +87,7 @@ _TRANSFER_SYNTAXES: Mapping[str, tuple[str, ...]] = MappingProxyType({
                   "1.2.840.10008.1.2.4.105", "1.2.840.10008.1.2.4.105.1",
                   "1.2.840.10008.1.2.4.106", "1.2.840.10008.1.2.4.106.1",
                   "1.2.840.10008.1.2.4.107", "1.2.840.10008.1.2.4.108"),
+    "video/h265": ("1.2.840.10008.1.2.4.107", "1.2.840.10008.1.2.4.108"),
 })
 
 # Spellings from older PS3.18 editions that dcm4che, Orthanc and
@@ -299,6 +301,22 @@ def media_type_for_transfer_syntax(uid: str) -> str | None:
         if media_type not in ("application/dicom", "application/octet-stream") and uid in syntaxes:
             return media_type
     return None
+
+
+# PS3.18's spelling of the video types (media types compare case-insensitively;
+# the table above keeps them lowercased, as Offer does).
+_VIDEO_SPELLING: Mapping[str, str] = MappingProxyType({"video/h265": "video/H265"})
+
+
+def video_media_types(uid: str) -> tuple[str, ...]:
+    """The media types of the whole stream of a video stored in ``uid``
+    (PS3.18 Table 8.7.3-5: ``video/mpeg`` for MPEG-2, ``video/mp4`` for
+    MPEG-4 AVC/H.264, ``video/H265`` and ``video/mp4`` for HEVC), the
+    stream's own type first (the one listing fewest syntaxes); empty for
+    anything but video, whose pixel data is frames, not one stream."""
+    uid = uid.strip()
+    found = [t for t, syntaxes in _TRANSFER_SYNTAXES.items() if t.startswith("video/") and uid in syntaxes]
+    return tuple(_VIDEO_SPELLING.get(t, t) for t in sorted(found, key=lambda t: len(_TRANSFER_SYNTAXES[t])))
 
 
 # -- offers and matching ---------------------------------------------------------

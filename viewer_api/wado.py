@@ -20,10 +20,10 @@ from pacs.query import Level
 from pacs.retrieve import RetrieveItem, apply_overrides, resolve
 from pacs.transcode import TransferSyntaxError, instance_bytes, prepared_bytes, unservable_reason
 
-from . import negotiation, rendering
+from . import mediatypes, negotiation, rendering
 from .dicomjson import dumps, is_binary, to_json
 from .documents import document_media_type, document_response
-from .errors import HTTPProblem, require_uids
+from .errors import HTTPProblem, problem, require_uids
 from .mediatypes import NotAcceptable
 from .multipart import Part, content_type_header, multipart_related_stream, new_boundary
 from .urls import base_url
@@ -146,7 +146,7 @@ def _instance_json(request: Request, item: RetrieveItem, base: str | None = None
     with framelib.local_object(pacs, item) as path:
         try:
             ds = apply_overrides(framelib.header(path), item.overrides)
-            has_pixels = framelib.has_pixel_data(path, item)
+            pixels = framelib.pixel_element(path, item)
             meta = to_json(ds, bulk_uri=bulk_uri)
         except OSError:
             raise  # the store's trouble, not the object's: a 500 as before
@@ -156,11 +156,15 @@ def _instance_json(request: Request, item: RetrieveItem, base: str | None = None
             log.error("metadata: instance %s left out, its header cannot be read as DICOM JSON: %s",
                       item.sop_uid, type(exc).__name__)
             return None
-    if has_pixels:
-        meta["7FE00010"] = {
-            "vr": "OB" if UID(item.transfer_syntax_uid).is_encapsulated else "OW",
-            "BulkDataURI": f"{location}/frames/" + ",".join(str(n) for n in range(1, (item.frames or 1) + 1)),
-        }
+    if pixels is not None:
+        # Keyed by the object's own pixel attribute (Float / Double Float
+        # Pixel Data of a Parametric Map are not Pixel Data OW, PS3.18 F.2),
+        # and a URI whose length does not grow with the frame count (a list
+        # of 6,000 frame numbers was 29 KB, past a proxy's URL limit).
+        # bulk/{tag} is the whole pixel data: a video's one stream, which
+        # players (OHIF) fetch there, or every frame.
+        tag, vr = pixels
+        meta[f"{tag:08X}"] = {"vr": vr, "BulkDataURI": f"{location}/bulk/{tag:08X}"}
     meta.setdefault("00083002", {"vr": "UI", "Value": [item.transfer_syntax_uid]})
     return dumps(meta)
 
@@ -248,6 +252,15 @@ def _as_asked(request: Request, media_type: str | None) -> str | None:
 def retrieve_frames(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
     numbers = _frame_numbers(frame_list)
     item = items_for(request, study, series, sop)[0]
+    refuse_video_frames(item)
+    return frames_response(request, item, numbers)
+
+
+def frames_response(request: Request, item: RetrieveItem, numbers: list[int] | None,
+                    pixel_tag: int | None = None) -> Response:
+    """Frames *numbers* (every frame when None) as multipart/related, one
+    part each. With *pixel_tag*, the object's pixel attribute must be that
+    one (bulk/{tag} of a tag it does not hold is a 404)."""
     pacs = request.app.state.pacs
     stored_type = framelib.FRAME_MEDIA_TYPE.get(item.transfer_syntax_uid)
     offer = negotiation.negotiate_frames(request, item.transfer_syntax_uid)
@@ -262,7 +275,11 @@ def retrieve_frames(request: Request, study: str, series: str, sop: str, frame_l
     try:
         path = opened.enter_context(framelib.local_object(pacs, item))
         info = framelib.pixel_info(path, item)
-        framelib.check_numbers(info, numbers)
+        if pixel_tag is not None and info.tag != pixel_tag:
+            raise HTTPProblem(404, f"no element {pixel_tag:08X} in this instance: its pixel data is "
+                                   f"{info.tag:08X}")
+        wanted = numbers if numbers is not None else list(range(1, info.frames + 1))
+        framelib.check_numbers(info, wanted)
         # Encapsulated frames are located once for the request (offset
         # tables or one pass over the fragment headers), then read by offset.
         reader = framelib.FrameReader(path, info)
@@ -270,7 +287,7 @@ def retrieve_frames(request: Request, study: str, series: str, sop: str, frame_l
         def frame(n: int) -> bytes:
             return reader.decoded(n) if decode else reader.stored(n)
 
-        first = frame(numbers[0])
+        first = frame(wanted[0])
     except BaseException:
         opened.close()
         raise
@@ -282,7 +299,7 @@ def retrieve_frames(request: Request, study: str, series: str, sop: str, frame_l
 
     def parts() -> Iterator[Part]:
         with opened:
-            for i, n in enumerate(numbers):
+            for i, n in enumerate(wanted):
                 yield Part(content_type=part_type, headers={"Content-Location": f"{location}/frames/{n}"},
                            body=first if i == 0 else frame(n))
 
@@ -300,9 +317,12 @@ def retrieve_bulk(request: Request, study: str, series: str, sop: str, tag: str)
     indexes from 0, as the metadata's Value arrays)."""
     path = _bulk_path(tag)
     item = items_for(request, study, series, sop)[0]
-    if path == (0x7FE00010,):
-        numbers = ",".join(str(n) for n in range(1, (item.frames or 1) + 1))
-        return retrieve_frames(request, study, series, sop, numbers)
+    if len(path) == 1 and path[0] in framelib.PIXEL_TAGS:
+        # The Pixel Data resource (PS3.18 10.4.3.3.6): a video's stream
+        # whole, else every frame, one part each.
+        if video_types(item):
+            return video_bulk(request, item, path[0])
+        return frames_response(request, item, None, pixel_tag=path[0])
     negotiation.negotiate_bulk(request)
     with framelib.local_object(request.app.state.pacs, item) as local:
         ds = framelib.header(local)
@@ -355,6 +375,8 @@ def rendered_instance(request: Request, study: str, series: str, sop: str) -> Re
     item = items_for(request, study, series, sop)[0]
     if document_media_type(item) is not None:
         return rendered_document(request, item)
+    if video_types(item):
+        return rendered_video(request, item)
     return rendering.rendered_response(request, item, 1)
 
 
@@ -368,10 +390,150 @@ def rendered_document(request: Request, item: RetrieveItem) -> Response:
     return document_response(request.app.state.pacs, item)
 
 
+# -- video -------------------------------------------------------------------------------
+def video_types(item: RetrieveItem) -> tuple[str, ...]:
+    """The media types of *item*'s video stream, its own first; empty when
+    it is not stored as video (MPEG-2, MPEG-4 AVC/H.264, HEVC)."""
+    return mediatypes.video_media_types(item.transfer_syntax_uid)
+
+
+def _video_refusal(item: RetrieveItem) -> str:
+    return (f"this instance is a video ({UID(item.transfer_syntax_uid).name}): its frames are one "
+            "compressed stream and cannot be had one by one (PS3.5 8.2); retrieve the whole stream at "
+            f".../bulk/7FE00010 or .../rendered (Accept: {' or '.join(video_types(item))})")
+
+
+def refuse_video_frames(item: RetrieveItem) -> None:
+    """Frames of a video: a 422 that says why and where the stream is (a
+    422 after trying to cut one fragment into 75 frames said neither)."""
+    if video_types(item):
+        raise HTTPProblem(422, _video_refusal(item))
+
+
+def _video_offers(item: RetrieveItem, *, multipart: bool) -> list[mediatypes.Offer]:
+    """What a video's stream can be sent as: the single-part video types
+    (what a player's <video> and OHIF ask for), and for bulk data
+    (*multipart*) first PS3.18's multipart/related form, a part typed
+    application/octet-stream taken as stored (transfer-syntax=*) too."""
+    ts = item.transfer_syntax_uid
+    single = [mediatypes.Offer(t) for t in video_types(item)]
+    if not multipart:
+        return single
+    parts = [mediatypes.Offer(mediatypes.MULTIPART_RELATED, t, ts, substitutes_default=True)
+             for t in video_types(item)]
+    as_stored = mediatypes.Offer(mediatypes.MULTIPART_RELATED, "application/octet-stream", "*")
+    return [*parts, as_stored, *single]
+
+
+def _negotiate_video(request: Request, item: RetrieveItem, *, multipart: bool) -> mediatypes.Offer:
+    offers = _video_offers(item, multipart=multipart)
+    try:
+        return mediatypes.negotiate(negotiation.effective_accept(request), offers, default=offers[0])
+    except mediatypes.NotAcceptable:
+        types = ", ".join(video_types(item))
+        forms = (f"{types}, or multipart/related of one part of those (type=\"application/octet-stream\" "
+                 "only with transfer-syntax=*)") if multipart else types
+        raise HTTPProblem(406, f"this instance is a video ({UID(item.transfer_syntax_uid).name}), sent only as "
+                               f"its stored stream, never decoded: acceptable media types {forms}") from None
+
+
+def _spelled(item: RetrieveItem, media_type: str) -> str:
+    """PS3.18's spelling of a (lowercased) video media type."""
+    return next((t for t in video_types(item) if t.lower() == media_type.lower()), media_type)
+
+
+def video_bulk(request: Request, item: RetrieveItem, pixel_tag: int) -> Response:
+    """A video's Pixel Data as bulk data: the stream, all fragments
+    concatenated, as the one part of multipart/related (PS3.18 8.7.3.3) or
+    single part when asked (Accept: video/mp4, what OHIF sends)."""
+    offer = _negotiate_video(request, item, multipart=True)
+    if not offer.is_multipart:
+        return video_response(request, item, _spelled(item, offer.media_type), pixel_tag)
+    part_type = _spelled(item, video_types(item)[0] if offer.part_type == "application/octet-stream"
+                         else offer.part_type)
+    location = f"{_content_location(request, item)}/bulk/{pixel_tag:08X}"
+    return video_response(request, item, part_type, pixel_tag, multipart_location=location)
+
+
+def rendered_video(request: Request, item: RetrieveItem) -> Response:
+    """A video rendered is its stream as stored (PS3.18 Table 8.7.4-1 lists
+    the video types for rendered resources); not transcoded, so an image
+    type asked of it is a 406 naming what can be had."""
+    offer = _negotiate_video(request, item, multipart=False)
+    return video_response(request, item, _spelled(item, offer.media_type), framelib.PIXEL_DATA)
+
+
+def video_response(request: Request, item: RetrieveItem, media_type: str, pixel_tag: int,
+                   multipart_location: str | None = None) -> Response:
+    """The video stream of *item* streamed from storage, a chunk at a time.
+
+    Single part, it honours one byte range (RFC 9110 14: a browser's
+    <video> seeks with Range, and Safari plays nothing without it); with
+    *multipart_location*, it is the one part of a multipart/related body
+    (no ranges there: a range of a multipart body means nothing to a
+    DICOMweb client)."""
+    opened = ExitStack()
+    try:
+        path = opened.enter_context(framelib.local_object(request.app.state.pacs, item))
+        info = framelib.pixel_info(path, item)
+        if info.tag != pixel_tag:
+            raise HTTPProblem(404, f"no element {pixel_tag:08X} in this instance: its pixel data is {info.tag:08X}")
+        pieces = framelib.fragments(path, info)
+    except BaseException:
+        opened.close()
+        raise
+    total = sum(length for _, length in pieces)
+    close = BackgroundTask(opened.close)
+    if multipart_location is not None:
+        boundary = new_boundary()
+        part_type = f"{media_type}; transfer-syntax={item.transfer_syntax_uid}"
+        part = Part(part_type, {"Content-Location": multipart_location}, framelib.read_span(path, pieces, 0, total))
+        return StreamingResponse(multipart_related_stream(iter([part]), boundary),
+                                 media_type=content_type_header(media_type, boundary), background=close)
+    headers = {"Accept-Ranges": "bytes"}
+    try:
+        span = byte_range(request.headers.get("range"), total)
+    except RangeNotSatisfiable as exc:
+        opened.close()
+        refusal = problem(416, str(exc))
+        refusal.headers["Content-Range"] = f"bytes */{total}"
+        return refusal
+    start, end = span or (0, total)
+    if span is not None:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{total}"
+    headers["Content-Length"] = str(end - start)
+    return StreamingResponse(framelib.read_span(path, pieces, start, end), status_code=206 if span else 200,
+                             media_type=media_type, headers=headers, background=close)
+
+
+class RangeNotSatisfiable(Exception):
+    """A Range wholly past the end of the stream: 416 (RFC 9110 15.5.17)."""
+
+
+def byte_range(header: str | None, total: int) -> tuple[int, int] | None:
+    """The one byte range *header* asks of *total* bytes, as (start, end
+    exclusive); None to send everything (no Range, one this does not read,
+    or several ranges: RFC 9110 14.2 lets a server ignore Range). A range
+    wholly past the end is :class:`RangeNotSatisfiable`."""
+    if not header or not header.strip().lower().startswith("bytes=") or "," in header:
+        return None
+    first, dash, last = header.strip()[6:].strip().partition("-")
+    if not dash or not (first or last) or not all(v.isdigit() for v in (first, last) if v):
+        return None
+    if not first:  # the last N bytes
+        return (max(0, total - int(last)), total) if int(last) > 0 and total else None
+    start = int(first)
+    if start >= total:
+        raise RangeNotSatisfiable(f"range {header.strip()[:60]} is past the end of the {total}-byte stream")
+    end = min(total, int(last) + 1) if last else total
+    return (start, end) if end > start else None
+
+
 @router.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frame_list}/rendered", summary="Rendered frames")
 def rendered_frames(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
     numbers = _frame_numbers(frame_list)
     item = items_for(request, study, series, sop)[0]
+    refuse_video_frames(item)
     # All checked before a multipart response starts (it cannot change its status later).
     count = item.frames or 1
     outside = [n for n in numbers if not 1 <= n <= count]

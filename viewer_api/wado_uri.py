@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
+from pacs.frames import PIXEL_DATA
 from pacs.query import Level
 from pacs.retrieve import RetrieveItem, resolve
 from pacs.transcode import can_serve, prepared_bytes
@@ -14,6 +15,7 @@ from .documents import document_media_type, document_response
 from .errors import HTTPProblem, require_uids
 from .render import MAX_VIEWPORT_DIMENSION, RenderError, RenderParams
 from .rendering import check_frame_number, render_item
+from .wado import video_response, video_types
 
 router = APIRouter(tags=["WADO-URI"])
 _IMAGE_TYPES = {"image/jpeg", "image/png", "image/gif"}
@@ -56,7 +58,12 @@ def _content_type(request: Request, item: RetrieveItem) -> str:
     one this object can be given as; by default a JPEG of an image and the
     DICOM object itself for anything else (a report, an SR, a PDF)."""
     document = document_media_type(item)
-    if item.pixel_offset is not None and document is None:
+    videos = list(video_types(item))
+    if videos:
+        # A video is its stream as stored (PS3.18 9.1.2.1.3 lists the video
+        # types); nothing here decodes it into an image.
+        possible, default = [*videos, _DICOM], videos[0]
+    elif item.pixel_offset is not None and document is None:
         possible, default = [*sorted(_IMAGE_TYPES), _DICOM], "image/jpeg"
     else:
         possible, default = [_DICOM, *([document] if document else [])], _DICOM
@@ -64,7 +71,8 @@ def _content_type(request: Request, item: RetrieveItem) -> str:
     if not asked:
         return default
     wanted = [t.strip().split(";")[0].lower() for t in asked.split(",")]
-    chosen = next((t for t in wanted if t in possible or t == "*/*"), None)
+    spelled = {t.lower(): t for t in possible}  # video/H265 as PS3.18 writes it
+    chosen = next((spelled.get(t, t) for t in wanted if t in spelled or t == "*/*"), None)
     if chosen is None:
         raise HTTPProblem(406, f"contentType {asked} cannot be produced for this object; "
                                f"possible: {', '.join(possible)}")
@@ -119,6 +127,8 @@ def wado(request: Request) -> Response:
             raise HTTPProblem(406, f"cannot provide transfer syntax {target}")
         # Converted (if it must be) before the 200 goes out: a failure is a 406.
         return StreamingResponse(prepared_bytes(pacs, item, target), media_type=_DICOM)
+    if content_type in video_types(item):
+        return video_response(request, item, content_type, PIXEL_DATA)
     if content_type not in _IMAGE_TYPES:
         return document_response(pacs, item)
     return _rendered(request, item, content_type)
