@@ -125,7 +125,8 @@ def study_detail(engine: Engine, study_uid: str) -> dict[str, Any] | None:
         ).all()
         instance_rows = conn.execute(
             select(instances_t.c.series_pk, instances_t.c.sop_uid, instances_t.c.instance_number, instances_t.c.frames,
-                   instances_t.c.rows, instances_t.c.columns, instances_t.c.sop_class_uid)
+                   instances_t.c.rows, instances_t.c.columns, instances_t.c.sop_class_uid,
+                   instances_t.c.transfer_syntax_uid)
             .where(instances_t.c.series_pk.in_([s.pk for s in series_rows]))
             .order_by(instances_t.c.series_pk, instances_t.c.instance_number, instances_t.c.pk)
         ).all()
@@ -133,7 +134,8 @@ def study_detail(engine: Engine, study_uid: str) -> dict[str, Any] | None:
     for i in instance_rows:
         by_series.setdefault(i.series_pk, []).append(
             {"sop_uid": i.sop_uid, "instance_number": i.instance_number, "frames": i.frames or 1,
-             "rows": i.rows, "columns": i.columns, "sop_class_uid": i.sop_class_uid}
+             "rows": i.rows, "columns": i.columns, "sop_class_uid": i.sop_class_uid,
+             "transfer_syntax_uid": i.transfer_syntax_uid}
         )
     return {
         "study_uid": study.study_uid,

@@ -237,6 +237,18 @@ def test_frames_of_a_video_are_refused_with_the_reason(web: PacsServer) -> None:
             assert "video" in error and "bulk/7FE00010" in error
 
 
+def test_viewer_knows_a_series_is_a_video(web: PacsServer) -> None:
+    """The built-in viewer plays instances flagged as video in a <video>
+    element, instead of asking for 75 frames that all fail."""
+    with web.http() as http:
+        study = http.get(f"/api/studies/{STUDY}")
+        assert study.status_code == 200, study.text
+    flags = {i["sop_uid"]: i["video"] for s in study.json()["series"] for i in s["instances"]}
+    for ts, (media_type, _) in VIDEOS.items():
+        assert flags[_objects(web)[ts].SOPInstanceUID] == media_type
+    assert flags[_objects(web)["many"].SOPInstanceUID] is None
+
+
 # -- 6. the Pixel Data BulkDataURI of a multi-frame object ------------------------------------
 def test_multiframe_bulk_data_uri_is_short_and_serves_every_frame(web: PacsServer) -> None:
     """The BulkDataURI names the Pixel Data, not its 1,500 frame numbers (a

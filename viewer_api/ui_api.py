@@ -19,6 +19,7 @@ from pacs.reports import ReportError, ReportService
 from pacs.studylist import patient_of, study_detail, study_list
 
 from .errors import HTTPProblem, problem
+from .mediatypes import video_media_types
 from .security import COOKIE, READERS, audit, audit_patients, guard, principal_of
 
 router = APIRouter(tags=["viewer"])
@@ -203,6 +204,11 @@ def study(request: Request, study: str, principal: Principal = guard(*READERS, a
     detail = study_detail(request.app.state.pacs.engine, study)
     if detail is None:
         raise HTTPProblem(404, f"no study {study}")
+    for series in detail["series"]:
+        for instance in series["instances"]:
+            # The viewer plays a video (its stream at bulk/7FE00010) in a
+            # <video> element: it has no frames to render one by one.
+            instance["video"] = next(iter(video_media_types(instance["transfer_syntax_uid"] or "")), None)
     return detail
 
 

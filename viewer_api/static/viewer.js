@@ -190,6 +190,7 @@ export class Viewer {
 
   destroy() {
     this.stop();
+    this.removeVideo();
     clearTimeout(this.zoomTimer);
     document.removeEventListener("keydown", this.onKey);
     this.resizeObserver.disconnect();
@@ -205,7 +206,10 @@ export class Viewer {
     this.generation += 1;
     this.series = series;
     this.slices = [];
-    for (const inst of NON_IMAGE.has(series.modality) ? [] : (series.instances || []).filter(isImage)) {
+    this.removeVideo();
+    // A video (MPEG-2, H.264, HEVC) is one stream, not frames to render one by one.
+    const videos = (series.instances || []).filter((inst) => inst.video);
+    for (const inst of NON_IMAGE.has(series.modality) ? [] : (series.instances || []).filter((i) => isImage(i) && !i.video)) {
       const frames = Number(inst.frames) || 1;
       if (frames > 1) for (let f = 1; f <= frames; f += 1) this.slices.push({ sop: inst.sop_uid, frame: f });
       else this.slices.push({ sop: inst.sop_uid, frame: null });
@@ -238,7 +242,8 @@ export class Viewer {
     if (!n) {
       this.currentUrl = "";
       const documents = (series.instances || []).filter((inst) => inst.sop_class_uid === ENCAPSULATED_PDF);
-      if (documents.length) this.showDocuments(series, documents);
+      if (videos.length) this.showVideo(series, videos[0]);
+      else if (documents.length) this.showDocuments(series, documents);
       else this.showError(t("no_image"));
       this.updateLabels();
       return;
@@ -342,6 +347,24 @@ export class Viewer {
   showError(message) {
     this.error.textContent = message;
     this.error.hidden = false;
+  }
+
+  /** A video series: the browser plays the stored stream (bulk/7FE00010, byte ranges for seeking). */
+  showVideo(series, inst) {
+    const s = encodeURIComponent;
+    const src = `/dicom-web/studies/${s(this.studyUid)}/series/${s(series.series_uid)}/instances/${s(inst.sop_uid)}`
+      + `/bulk/7FE00010?accept=${s(inst.video)}`;
+    this.video = h("video#viewer-video.viewer-video", { controls: true, preload: "metadata", src });
+    this.video.onerror = () => this.showError(t("image_error"));
+    this.viewport.insertBefore(this.video, this.overlay);
+  }
+
+  removeVideo() {
+    if (!this.video) return;
+    this.video.pause();
+    this.video.removeAttribute("src");
+    this.video.remove();
+    this.video = null;
   }
 
   /** A series of PDFs (the signed reports): links that open each one. */
@@ -608,7 +631,7 @@ export class Viewer {
 
   onPointerDown(event) {
     // A document's link takes its own click (captured, it went to the viewport).
-    if (event.target instanceof Element && event.target.closest("a")) return;
+    if (event.target instanceof Element && event.target.closest("a, video")) return; // and a video's controls
     this.viewport.focus({ preventScroll: true });
     let mode = null;
     if (event.button === 2 || (event.button === 0 && event.shiftKey)) mode = "window";
