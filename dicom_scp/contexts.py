@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 from typing import Any
 
 from pydicom.uid import (
@@ -24,6 +25,7 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
+    uid_to_service_class,
 )
 
 from pacs.transcode import ENCODABLE, LITTLE_ENDIAN_NATIVE
@@ -85,16 +87,30 @@ RETIRED_STORAGE_CLASSES: dict[str, str] = {
 }
 
 
-def storage_classes() -> list[str]:
-    """Every storage SOP class we accept: pynetdicom's and the retired ones.
+def register_storage_classes(extra: Iterable[str] = ()) -> None:
+    """Register the retired classes and *extra* (the operator's
+    ``extra_storage_classes``) with pynetdicom as storage classes.
 
-    The retired ones are registered with pynetdicom as storage classes (it
-    would otherwise abort an association that sends one, or refuse to send
-    one back on a C-GET); registering twice is harmless.
+    pynetdicom serves a C-STORE by the service class of its context's SOP
+    class: for a class it does not know it has none, so it would abort an
+    association that sends one (to the listener, or to ``pacs remote get``)
+    and refuse to send one back on a C-GET. Registering twice is harmless.
     """
     for uid, keyword in RETIRED_STORAGE_CLASSES.items():
         register_uid(uid, keyword, StorageServiceClass)
-    return [cx.abstract_syntax for cx in AllStoragePresentationContexts] + list(RETIRED_STORAGE_CLASSES)
+    for uid in extra:
+        if uid_to_service_class(uid) is not StorageServiceClass:
+            # A keyword of our own: a vendor's class has none, and one
+            # pynetdicom already uses would be taken over.
+            register_uid(uid, "ExtraStorage_" + uid.replace(".", "_"), StorageServiceClass)
+
+
+def storage_classes(extra: Iterable[str] = ()) -> list[str]:
+    """Every storage SOP class we accept: pynetdicom's, the retired ones and
+    *extra* (``extra_storage_classes``, checked by the settings), each once."""
+    register_storage_classes(extra)
+    known = [cx.abstract_syntax for cx in AllStoragePresentationContexts] + list(RETIRED_STORAGE_CLASSES)
+    return list(dict.fromkeys([*known, *extra]))
 
 
 # What the archive can give any stored object in (pacs.transcode converts to

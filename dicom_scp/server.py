@@ -553,7 +553,7 @@ def build_ae(pacs: Pacs) -> FilmlessAE:
     if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
         _config.LOG_HANDLER_LEVEL = "none"
     ae = FilmlessAE(pacs)
-    for sop_class in storage_classes():
+    for sop_class in storage_classes(settings.extra_storage_classes):
         # Every syntax for every storage class, and SCP/SCU role selection
         # accepted: a C-GET requestor takes the storage SCP role and we send
         # its instances back on the same association. (add_supported_context

@@ -260,7 +260,11 @@ def get_contexts(sop_classes: list[str], limit: int = MAX_CONTEXTS - 1) -> list[
 def get(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = "study") -> RetrieveSummary:
     """C-GET from the remote AE; received objects are ingested here as they
     arrive (compressed ones stay compressed: see :func:`get_contexts`)."""
+    from dicom_scp.contexts import register_storage_classes
     from dicom_scp.server import make_store_handler
+
+    # The remote may send the configured private classes too.
+    register_storage_classes(pacs.settings.extra_storage_classes)
 
     # Ask for the SOP classes first: at most 128 contexts fit in an
     # association, far fewer than all storage classes with their syntaxes.

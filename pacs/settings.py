@@ -14,11 +14,12 @@ import os
 import sys
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
@@ -197,6 +198,21 @@ class Settings(BaseSettings):
     # (an AE title alone is easily claimed by any machine on the network).
     ae_check_host: bool = False
     duplicate_policy: Literal["keep", "overwrite"] = "keep"
+    # Storage SOP classes the C-STORE SCP accepts besides the standard and
+    # retired ones it knows (dicom_scp.contexts): a vendor's private class,
+    # such as the Siemens CSA Non-Image objects (spectroscopy, raw data) an
+    # MR or CT sends as 1.3.12.2.1107.5.9.1, or a standard class newer than
+    # this release. TOML list or comma-separated UIDs (PACS_EXTRA_STORAGE_CLASSES).
+    # They are accepted in every syntax a standard class is, stored as
+    # received, indexed, found by C-FIND/QIDO-RS and sent back by C-MOVE,
+    # C-GET and routing. Unlisted classes are refused (presentation context
+    # rejected: abstract syntax not supported), as DCMTK's storescp and
+    # Orthanc (UnknownSopClassAccepted=false) do by default. STOW-RS stores
+    # any SOP class whatever this list says, as dcm4chee-arc and Orthanc do:
+    # DICOMweb has no per-class negotiation, and a user who may STOW may
+    # store; this list only opens the DIMSE door for a modality (and for a
+    # C-GET requester, whose storage context of the class it accepts).
+    extra_storage_classes: Annotated[list[str], NoDecode] = Field(default_factory=list)
     max_associations: int = Field(default=32, ge=1)
     # Connections one peer address may hold at once (0 = half of
     # max_associations): one host cannot take every slot.
@@ -323,6 +339,23 @@ class Settings(BaseSettings):
                                  "e.g. https://emr.bvdk.vn)")
         return value
 
+    @field_validator("extra_storage_classes", mode="before")
+    @classmethod
+    def _uid_list(cls, value: Any) -> Any:
+        # The environment gives one string: UIDs separated by commas or spaces.
+        if isinstance(value, str):
+            return value.replace(",", " ").split()
+        return value
+
+    @field_validator("extra_storage_classes")
+    @classmethod
+    def _storage_class_uids(cls, value: list[str]) -> list[str]:
+        for uid in value:
+            problem = storage_class_problem(uid)
+            if problem:
+                raise ValueError(f"extra_storage_classes: {uid!r} {problem}")
+        return list(dict.fromkeys(value))
+
     @field_validator("ae_title")
     @classmethod
     def _valid_ae_title(cls, value: str) -> str:
@@ -372,6 +405,30 @@ class Settings(BaseSettings):
     def resolved_storage_url(self) -> str:
         """The object store URL (a folder in the data dir by default)."""
         return self.storage_url or f"file://{(self.data_dir / 'objects').absolute()}"
+
+
+def storage_class_problem(uid: str) -> str | None:
+    """Why *uid* cannot be accepted as a storage SOP class (None: it can):
+    not a UID (PS3.5 9.1: digits and dots, no leading zero, at most 64
+    characters), or a UID that names something else (a transfer syntax, a
+    query or another service's SOP class, which a storage context would
+    take over)."""
+    # Imported here: only a configured list pays for pynetdicom's import.
+    from pydicom.uid import RE_VALID_UID, UID
+    from pynetdicom.service_class import ServiceClass, StorageServiceClass
+    from pynetdicom.sop_class import uid_to_service_class
+
+    if len(uid) > 64 or not RE_VALID_UID.match(uid):
+        return "is not a UID (digits and dots, no leading zeros, at most 64 characters)"
+    parsed = UID(uid)
+    if parsed.is_transfer_syntax:
+        return f"is a transfer syntax ({parsed.name}), not a SOP class"
+    if not parsed.is_private and parsed.type and parsed.type != "SOP Class":
+        return f"is {parsed.name} ({parsed.type}), not a SOP class"
+    service = uid_to_service_class(uid)
+    if service not in (ServiceClass, StorageServiceClass):
+        return f"is {parsed.name}, a {service.__name__} SOP class, not a storage one"
+    return None
 
 
 @functools.cache
