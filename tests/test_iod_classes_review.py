@@ -5,11 +5,14 @@ storescu / storescp / movescu / findscu and pynetdicom peers:
    private class: Siemens CSA Non-Image 1.3.12.2.1107.5.9.1) is accepted
    over DIMSE, stored as received, indexed and sent back by C-MOVE and
    C-GET; without the setting it is refused (presentation context
-   rejected), and a value that names no storage class stops the start.
+   rejected), and a value that names no storage class stops the start;
+4. QIDO-RS instances carry Bits Allocated (0028,0100) (PS3.18 Table
+   10.6.3-5), and C-FIND at IMAGE level returns it when asked.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import uuid
@@ -24,10 +27,11 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
     MRImageStorage,
+    StudyRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelGet,
 )
 
-from .conftest import PACS, Backend, PacsServer, dataset_bytes, free_port, run_dcmtk
+from .conftest import PACS, Backend, PacsServer, dataset_bytes, free_port, pydicom_file, run_dcmtk
 from .peers import dcmtk, wait_port
 
 CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image Storage
@@ -225,3 +229,78 @@ def test_bad_extra_storage_class_stops_start(tmp_path: Path, value: str, says: s
     assert result.returncode == 1, result.stdout + result.stderr
     assert f"extra_storage_classes: '{value}' {says}" in result.stderr, result.stderr
     assert not (tmp_path / "data" / "index.sqlite").exists()  # refused before an archive was made
+
+
+# -- Bits Allocated ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def segmentation(archive: Archive) -> Dataset:
+    """pydicom's liver.dcm (SEG, Bits Allocated 1, 3 frames), stored by STOW-RS."""
+    ds = dcmread(pydicom_file("liver.dcm"))
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    body = io.BytesIO()
+    ds.save_as(body, enforce_file_format=True)
+    boundary = uuid.uuid4().hex
+    payload = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + body.getvalue()
+               + f"\r\n--{boundary}--\r\n".encode())
+    with archive.server.http() as client:
+        stored = client.post("/dicom-web/studies", content=payload, headers={
+            "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}'})
+    assert stored.status_code == 200, stored.text
+    return ds
+
+
+@pytest.mark.parametrize("params", [{}, {"includefield": "00280100"}, {"includefield": "BitsAllocated"},
+                                    {"includefield": "all"}])
+def test_qido_instances_carry_bits_allocated(archive: Archive, segmentation: Dataset,
+                                             params: dict[str, str]) -> None:
+    """Bits Allocated is a required instance-level return attribute (PS3.18
+    Table 10.6.3-5), beside Rows, Columns and Number of Frames."""
+    ds = segmentation
+    with archive.server.http() as client:
+        found = client.get(f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances",
+                           params=params)
+    assert found.status_code == 200, found.text
+    [instance] = found.json()
+    assert instance["00280100"] == {"vr": "US", "Value": [1]}
+    assert instance["00280010"]["Value"] == [ds.Rows] and instance["00280008"]["Value"] == [3]
+
+
+def test_qido_matches_bits_allocated(archive: Archive, segmentation: Dataset) -> None:
+    """Bits Allocated is a matching key too (single value)."""
+    with archive.server.http() as client:
+        url = f"/dicom-web/studies/{segmentation.StudyInstanceUID}/instances"
+        assert len(client.get(url, params={"BitsAllocated": "1"}).json()) == 1
+        assert client.get(url, params={"BitsAllocated": "16"}).status_code == 200
+        assert client.get(url, params={"BitsAllocated": "16"}).json() == []
+
+
+def test_c_find_image_level_returns_bits_allocated(archive: Archive, segmentation: Dataset) -> None:
+    """DCMTK findscu asking for Bits Allocated at IMAGE level gets it; a
+    pynetdicom C-FIND that does not ask does not (C-FIND returns the keys
+    asked, PS3.4 C.4.1.1.3.2)."""
+    ds = segmentation
+    out = archive.server.data_dir.parent / "find"
+    out.mkdir(exist_ok=True)
+    result = run_dcmtk("findscu", "-S", "-aec", archive.server.ae_title, "-X", "-od", str(out),
+                       "-k", "QueryRetrieveLevel=IMAGE", "-k", f"StudyInstanceUID={ds.StudyInstanceUID}",
+                       "-k", f"SeriesInstanceUID={ds.SeriesInstanceUID}", "-k", "SOPInstanceUID",
+                       "-k", "BitsAllocated", "-k", "Rows",
+                       "127.0.0.1", str(archive.server.dicom_port))
+    assert result.returncode == 0, result.stderr
+    [answer] = [dcmread(f, force=True) for f in out.iterdir()]
+    assert answer.SOPInstanceUID == ds.SOPInstanceUID
+    assert answer.BitsAllocated == 1 and answer.Rows == ds.Rows
+
+    ae = AE(ae_title="FINDER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", archive.server.dicom_port, ae_title=archive.server.ae_title)
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID, query.SeriesInstanceUID = ds.StudyInstanceUID, ds.SeriesInstanceUID
+    query.SOPInstanceUID = ""
+    answers = [identifier for status, identifier in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
+               if status.Status in (0xFF00, 0xFF01)]
+    assoc.release()
+    assert len(answers) == 1 and "BitsAllocated" not in answers[0]

@@ -99,6 +99,7 @@ ATTRIBUTES: dict[str, Attribute] = {
         _a("InstanceNumber", IM, Kind.INT, instances.c.instance_number),
         _a("Rows", IM, Kind.INT, instances.c.rows),
         _a("Columns", IM, Kind.INT, instances.c.columns),
+        _a("BitsAllocated", IM, Kind.INT, instances.c.bits_allocated),
         _a("NumberOfFrames", IM, Kind.INT, instances.c.frames),
         _a("ContentDate", IM, Kind.DATE, instances.c.content_date),
         _a("ContentTime", IM, Kind.TIME, instances.c.content_time),
@@ -133,7 +134,9 @@ UNIQUE_KEY = {
 }
 
 # Keys every response at a level carries even when not asked (QIDO-RS
-# defaults, PS3.18 Table 6.7.1-2; C-FIND adds the unique keys).
+# defaults, PS3.18 Table 10.6.3-3 to 10.6.3-5: an instance's include Rows,
+# Columns, Bits Allocated and Number of Frames, which a DICOMweb viewer
+# chooses its decoding from; C-FIND adds the unique keys).
 DEFAULT_RETURN = {
     Level.PATIENT: ["PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex"],
     Level.STUDY: [
@@ -145,5 +148,6 @@ DEFAULT_RETURN = {
         "Modality", "SeriesInstanceUID", "SeriesNumber", "SeriesDescription",
         "NumberOfSeriesRelatedInstances", "BodyPartExamined", "SeriesDate", "SeriesTime",
     ],
-    Level.IMAGE: ["SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "NumberOfFrames"],
+    Level.IMAGE: ["SOPClassUID", "SOPInstanceUID", "InstanceNumber", "Rows", "Columns", "BitsAllocated",
+                  "NumberOfFrames"],
 }
