@@ -276,6 +276,37 @@ class Backend:
     env: dict[str, str]
 
 
+def c_get_study(server: PacsServer, study_uid: str, sop_class: str, ae_title: str = "VIEWER",
+                ) -> tuple[list[int], list[bytes]]:
+    """A pynetdicom C-GET of a study, taking the SCP role for *sop_class*
+    (Explicit VR Little Endian): (every C-GET status, the data sets received)."""
+    from pydicom.dataset import Dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, build_role, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+
+    received: list[bytes] = []
+
+    def on_store(event: evt.Event) -> int:
+        received.append(event.request.DataSet.getvalue())
+        return 0
+
+    ae = AE(ae_title=ae_title)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(sop_class, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title,
+                         ext_neg=[build_role(sop_class, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid
+    statuses = [int(status.Status) for status, _ in
+                assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
+    assoc.release()
+    return statuses, received
+
+
 # -- pacs commands ----------------------------------------------------------------
 class PacsCommands:
     """Runs `pacs` commands as processes forked from a zygote that has

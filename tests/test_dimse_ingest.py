@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from pacs.index.models import Instance, Patient, PatientIdentifier, Series, Study
 from pacs.names import fold_name
 
 from .conftest import ALL_BACKENDS, PacsServer, dataset_bytes, make_backend, run_dcmtk
+from .peers import c_get_study
 from .dicomfiles import (
     PYDICOM_FILES,
     copy_files,
@@ -139,9 +139,7 @@ def test_retired_storage_class_stored_and_retrieved(pacs_server: PacsServer, tmp
     """An old ultrasound sends Ultrasound Image Storage (Retired): kept as sent, and
     a C-GET requestor gets it back (DCMTK's storescp and Orthanc take it too)."""
     from pydicom.data import get_testdata_file
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    from pynetdicom import AE, build_role, evt
-    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+    from pydicom.uid import generate_uid
 
     retired_us = "1.2.840.10008.5.1.4.1.1.6"
     ds = dcmread(get_testdata_file("CT_small.dcm", download=False))
@@ -162,24 +160,7 @@ def test_retired_storage_class_stored_and_retrieved(pacs_server: PacsServer, tmp
     finally:
         core.close()
 
-    received: list[bytes] = []
-
-    def on_store(event: evt.Event) -> int:
-        received.append(event.request.DataSet.getvalue())
-        return 0
-
-    ae = AE(ae_title="OLDVIEWER")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(retired_us, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", pacs_server.dicom_port, ae_title=pacs_server.ae_title,
-                         ext_neg=[build_role(retired_us, scp_role=True)],
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = ds.StudyInstanceUID
-    statuses = [status.Status for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
-    assoc.release()
+    statuses, received = c_get_study(pacs_server, ds.StudyInstanceUID, retired_us, "OLDVIEWER")
     assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
     assert len(received) == 1
     assert received[0] == kept

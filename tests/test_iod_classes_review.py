@@ -24,15 +24,11 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, build_role, evt
-from pynetdicom.sop_class import (
-    MRImageStorage,
-    StudyRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelGet,
-)
+from pynetdicom import AE
+from pynetdicom.sop_class import MRImageStorage, StudyRootQueryRetrieveInformationModelFind
 
 from .conftest import PACS, Backend, PacsServer, dataset_bytes, free_port, pydicom_file, run_dcmtk
-from .peers import dcmtk, wait_port
+from .peers import c_get_study, dcmtk, wait_port
 
 CSA_NON_IMAGE = "1.3.12.2.1107.5.9.1"  # Siemens CSA Non-Image Storage
 # A private class nobody listed.
@@ -191,24 +187,7 @@ def test_listed_private_class_retrieved(archive: Archive) -> None:
     assert dcmread(files[0]).SOPClassUID == CSA_NON_IMAGE
     assert dataset_bytes(files[0].read_bytes()) == kept
 
-    received: list[bytes] = []
-
-    def on_store(event: evt.Event) -> int:
-        received.append(event.request.DataSet.getvalue())
-        return 0
-
-    ae = AE(ae_title="VIEWER")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CSA_NON_IMAGE, ExplicitVRLittleEndian)
-    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title,
-                         ext_neg=[build_role(CSA_NON_IMAGE, scp_role=True)],
-                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
-    assert assoc.is_established
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = ds.StudyInstanceUID
-    statuses = [status.Status for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet)]
-    assoc.release()
+    statuses, received = c_get_study(server, ds.StudyInstanceUID, CSA_NON_IMAGE)
     assert statuses[-1] == 0x0000, [hex(s) for s in statuses]
     assert received == [kept]
 
