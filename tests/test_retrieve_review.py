@@ -80,12 +80,13 @@ class Archive:
     pydest_port: int = 0  # PYDEST
 
 
-def _copy_into(name: str, out: Path, study: str, number: int, patient: tuple[str, str]) -> tuple[str, Path]:
+def _copy_into(name: str, out: Path, study: str, number: int, patient: tuple[str, str],
+               born_and_sex: tuple[str, str] = ("19800101", "F")) -> tuple[str, Path]:
     ds = dcmread(pydicom_file(name))
     ds.PatientID, ds.PatientName = patient
     # One patient as the study's: a later series with another birth date or
     # sex is corrected to the study's on retrieval, and no longer as stored.
-    ds.PatientBirthDate, ds.PatientSex = "19800101", "F"
+    ds.PatientBirthDate, ds.PatientSex = born_and_sex
     ds.StudyInstanceUID = study
     ds.SeriesInstanceUID = f"{study}.{number}"
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{study}.{number}.1"
@@ -140,8 +141,12 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     original = dcmread(dfl, stop_before_pixels=True)
     archive.deflate_study = str(original.StudyInstanceUID)
     archive.deflate[str(original.SOPInstanceUID)] = dfl
+    # The CT names image_dfl's patient as image_dfl does (no birth date or
+    # sex): whichever the import stores first, neither is corrected, so the
+    # deflated one is sent as stored.
     uid, path = _copy_into("CT_small.dcm", inbox, archive.deflate_study, 77,
-                           (original.PatientID, str(original.PatientName)))
+                           (original.PatientID, str(original.PatientName)),
+                           (original.get("PatientBirthDate") or "", original.get("PatientSex") or ""))
     archive.deflate[uid] = path
     (inbox / "image_dfl.dcm").write_bytes(dfl.read_bytes())
     archive.cine = _cine(tmp / "cine.dcm")
