@@ -17,9 +17,11 @@ Explicit VR Little Endian, Big Endian to Little Endian, Deflated (header
 re-encoded, pixel data copied or byte-swapped from storage), compressed
 pixel data decoded frame by frame for an uncompressed peer (the first frame
 before the request is written, so a codec's refusal fails only that
-sub-operation), lossless encodings frame by frame. Only conversions
-transcode cannot stream (one compression to another) are made whole, one of
-its few whole-conversion slots held, in a spooled file.
+sub-operation), lossless encodings frame by frame, from native or from
+another compression. Only the layouts transcode cannot stream (a deflated
+object, 1-bit native pixels to a compression) are made whole, one of its few
+whole-conversion slots held, in a spooled file, and refused (the
+sub-operation fails with the reason) above ``MAX_WHOLE_DECODED``.
 """
 
 from __future__ import annotations

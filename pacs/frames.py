@@ -492,16 +492,20 @@ def decode_frame(data: bytes, ds: Dataset, ts: UID, number: int) -> bytes:
     from pydicom.pixels import get_decoder
     from pydicom.pixels.utils import as_pixel_options
 
-    from .transcode import LOSSLESS_SOURCES
+    from .transcode import LOSSLESS_SOURCES, codec_work
 
-    try:
-        options = as_pixel_options(ds, transfer_syntax_uid=ts)
-        options.update(number_of_frames=1, pixel_keyword="PixelData", pixel_vr="OB")
-        arr, _ = get_decoder(ts).as_array(encapsulate([data]), index=0, as_rgb=ts not in LOSSLESS_SOURCES,
-                                          **options)
-    except Exception as exc:
-        raise _undecodable(number, exc) from exc
-    return _native_bytes(arr)
+    frame_bytes = (_number(ds, "Rows", 0) * _number(ds, "Columns", 0) * _number(ds, "SamplesPerPixel", 1)
+                   * _number(ds, "BitsAllocated", 8) + 7) // 8
+    # Takes its turn with the conversions of whole objects (pacs.transcode).
+    with codec_work(frame_bytes):
+        try:
+            options = as_pixel_options(ds, transfer_syntax_uid=ts)
+            options.update(number_of_frames=1, pixel_keyword="PixelData", pixel_vr="OB")
+            arr, _ = get_decoder(ts).as_array(encapsulate([data]), index=0, as_rgb=ts not in LOSSLESS_SOURCES,
+                                              **options)
+        except Exception as exc:
+            raise _undecodable(number, exc) from exc
+        return _native_bytes(arr)
 
 
 def _undecodable(number: int, exc: Exception) -> FrameError:

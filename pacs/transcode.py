@@ -14,12 +14,24 @@ A codec change goes frame by frame with pydicom + pylibjpeg: native pixel
 data to RLE / JPEG-LS / JPEG 2000 lossless is read by range and encoded one
 frame at a time (colour stored plane by plane is interleaved first: pydicom's
 encoders read native data as interleaved, which scrambled RLE, PS3.5 Annex
-G), compressed pixel data is decoded one frame at a time from the stored
-file. The first frame is converted before a response starts, so a codec's
-refusal is still an error status. What remains (a compressed object to
-another compression, unusual layouts) is converted whole: at most
+G); compressed pixel data is decoded one frame at a time from the stored
+file, to native pixel data or, one compression to another (JPEG-LS to JPEG
+2000...), each decoded frame encoded at once (PS3.5 A.4 encapsulates frame
+by frame: nothing needs every frame at once). The first frame is converted
+before a response starts, so a codec's refusal is still an error status.
+The codec work of every frame in the process goes through one limit
+(:func:`codec_work`: at most one frame per CPU, and at most
+``CODEC_BUDGET`` bytes of decoded frames at once), held around the decode
+and encode only, never while a converted frame waits for the network: many
+clients of a 10 MB-per-frame tomosynthesis wait their turn rather than each
+holding its buffers. What remains (Deflated or Big Endian objects to a
+compression, unusual layouts: 1-bit or YBR_422 native pixels, Float Pixel
+Data, enormous headers) is converted whole: at most
 ``MAX_WHOLE_CONVERSIONS`` at once in the process, each written to a spooled
-temporary file and released before its bytes are sent.
+temporary file and released before its bytes are sent, and only for images
+of at most ``MAX_WHOLE_DECODED`` decoded bytes (a larger one is refused
+with a reason, 406 / a failed sub-operation, rather than risk the process
+being killed for memory).
 """
 
 from __future__ import annotations
@@ -34,6 +46,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
@@ -72,9 +85,20 @@ ENCODABLE = {RLELossless, JPEGLSLossless, JPEG2000Lossless}
 LOSSLESS_SOURCES = {RLELossless, JPEGLSLossless, JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1}
 # Syntaxes written by streaming the pixel data (header re-encoded).
 LITTLE_ENDIAN_NATIVE = {ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian}
-# Whole-object conversions (codec changes) running at once in this process.
+# Whole-object conversions (only the layouts frame by frame cannot do) running at once in this process.
 MAX_WHOLE_CONVERSIONS = 2
 _WHOLE_CONVERSIONS = threading.BoundedSemaphore(MAX_WHOLE_CONVERSIONS)
+# The largest object (decoded pixel data, or the whole data set) converted
+# whole: that path holds the object about 3.5 times (read, decoded,
+# encoded, written), ~1.1 GB for a 300 MB tomosynthesis. 32 MiB takes any
+# single frame (a 4096x3328 16-bit mammogram is 27 MB).
+MAX_WHOLE_DECODED = 32 * 1024 * 1024
+# Frames being decoded or encoded at once in this process: one per CPU (the
+# codecs use a CPU each), and at most this many bytes of decoded frames
+# (each costs 3-6 times its size in buffers while it is converted): two
+# 10 MB tomosynthesis frames at once, many CT frames.
+MAX_CODEC_WORK = max(1, os.cpu_count() or 1)
+CODEC_BUDGET = 24 * 1024 * 1024
 # Elements after Pixel Data (trailing padding, signatures) are re-encoded in memory up to this size.
 MAX_TRAILING = 16 * 1024 * 1024
 # Header bytes before Pixel Data read into memory at most (else: whole-object path).
@@ -573,22 +597,125 @@ def _number(ds: Dataset, keyword: str, default: int) -> int:
         return default
 
 
-def _trailing(opener: Opener, start: int, item: RetrieveItem, implicit: bool, target_implicit: bool) -> bytes | None:
-    """The elements after Pixel Data re-encoded (little endian source), or
-    None when there are too many bytes of them to hold."""
-    if item.size - start > MAX_TRAILING:
+class _CodecLimit:
+    """At most *slots* frames in codec work at once, and at most *budget*
+    bytes of them (a frame larger than the budget runs alone)."""
+
+    def __init__(self, slots: int, budget: int) -> None:
+        self.slots, self.budget = slots, budget
+        self._changed = threading.Condition()
+        self._running = 0
+        self._used = 0
+
+    @contextlib.contextmanager
+    def hold(self, frame_bytes: int) -> Iterator[None]:
+        """Wait for room for one frame of *frame_bytes*, hold it while the block runs."""
+        cost = max(0, min(frame_bytes, self.budget))
+        with self._changed:
+            self._changed.wait_for(lambda: self._running < self.slots and self._used + cost <= self.budget)
+            self._running += 1
+            self._used += cost
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._running -= 1
+                self._used -= cost
+                self._changed.notify_all()
+
+
+_CODEC_WORK = _CodecLimit(MAX_CODEC_WORK, CODEC_BUDGET)
+
+
+def codec_work(frame_bytes: int) -> contextlib.AbstractContextManager[None]:
+    """Held around one frame's decode and/or encode (*frame_bytes*: its
+    decoded size), and nothing else: not while the frame is sent. Every
+    frame-by-frame conversion of the process (WADO-RS, WADO-URI, C-MOVE,
+    C-GET, routing) waits here for its turn, so that the buffers of frames
+    being converted stay bounded whatever the number of clients."""
+    return _CODEC_WORK.hold(frame_bytes)
+
+
+def _pixel_bytes(ds: Dataset) -> int:
+    """Bytes of native pixel data *ds*'s Image Pixel attributes describe (all frames)."""
+    rows, columns = _number(ds, "Rows", 0), _number(ds, "Columns", 0)
+    samples, bits = _number(ds, "SamplesPerPixel", 1), _number(ds, "BitsAllocated", 8)
+    return (rows * columns * samples * _number(ds, "NumberOfFrames", 1) * bits + 7) // 8
+
+
+def _codec_header(ds: Dataset, uid: UID, opener: Opener, item: RetrieveItem, end: int, source_implicit: bool,
+                  pixel_vr: bytes, edit: Edit | None) -> tuple[bytes, bytes, bytes] | None:
+    """(File Meta, elements before Pixel Data, elements after it) of a
+    converted object in *uid*: *ds* is the stored header, corrected and its
+    pixel description already changed by the caller; the stored elements
+    after Pixel Data start at *end*. *edit* runs as for :func:`stream_plan`.
+    None when those trailing elements are too many bytes to hold."""
+    if item.size - end > MAX_TRAILING:
         return None
-    if item.size <= start:
-        return b""
-    with opener(start, item.size - start) as stream:
-        rest = read_exact(stream, item.size - start)
-    return _reencoded(rest, implicit, True, target_implicit)
+    rest = b""
+    if item.size > end:
+        with opener(end, item.size - end) as stream:
+            rest = read_exact(stream, item.size - end)
+    implicit = uid == ImplicitVRLittleEndian
+    if edit is None:
+        trailing = _reencoded(rest, source_implicit, True, implicit) if rest else b""
+    else:
+        tail = _edited(ds, rest, source_implicit, True, pixel_vr, edit)
+        trailing = _written(tail, implicit) if len(tail) else b""
+    meta, header = _encoded_header(ds, uid)
+    return meta, header, trailing
 
 
-def encode_plan(opener: Opener, item: RetrieveItem, target: str) -> CodecPlan | None:
+def _without_offset_tables(ds: Dataset) -> None:
+    """The Extended Offset Table describes the stored frames, not the converted ones."""
+    for tag in (0x7FE00001, 0x7FE00002):
+        if tag in ds:
+            del ds[tag]
+
+
+def _in_chunks(data: bytes | memoryview) -> Iterator[bytes]:
+    """*data* in pieces of at most ``CHUNK`` bytes. A whole 10-20 MB frame
+    handed to the HTTP server was copied there two or three times more (the
+    chunked encoding's join, the socket's write buffer) while the client
+    read it; pieces cost a copy of one piece at a time."""
+    if len(data) <= CHUNK and isinstance(data, bytes):
+        yield data
+        return
+    for start in range(0, len(data), CHUNK):
+        yield bytes(data[start:start + CHUNK])
+
+
+def _little_endian_view(arr: np.ndarray) -> memoryview:
+    """*arr*'s samples as little endian bytes, without a copy when they
+    already are (a decoded frame is sent from the decoder's array)."""
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return memoryview(np.ascontiguousarray(arr)).cast("B")
+
+
+def _encapsulated_value(frame: bytes, frames: int, following: Callable[[int], bytes]) -> Iterator[bytes]:
+    """An encapsulated Pixel Data value (PS3.5 A.4): an empty Basic Offset
+    Table, one item per frame (*frame*, the first, then ``following(n)``
+    for frame n from 0), the delimiter. The frames are not all known
+    before the first is sent, so there is no table of offsets to give. Each
+    frame is let go once sent."""
+    yield _ITEM
+    for number in range(frames):
+        if number:
+            frame = following(number)
+        yield struct.pack("<HHI", 0xFFFE, 0xE000, len(frame) + len(frame) % 2)
+        yield from _in_chunks(frame)
+        if len(frame) % 2:
+            yield b"\0"  # items have even lengths
+        frame = b""  # not held while the next one is converted
+    yield _SEQUENCE_END
+
+
+def encode_plan(opener: Opener, item: RetrieveItem, target: str, edit: Edit | None = None) -> CodecPlan | None:
     """Native little endian pixel data encoded to *target* (RLE, JPEG-LS,
     JPEG 2000 lossless) frame by frame, each read from storage by range;
-    None when the object is not laid out for it."""
+    None when the object is not laid out for it. *edit*: as for
+    :func:`stream_plan`."""
     from pydicom.pixels import get_decoder, get_encoder
     from pydicom.pixels.utils import as_pixel_options
 
@@ -627,60 +754,112 @@ def encode_plan(opener: Opener, item: RetrieveItem, target: str) -> CodecPlan | 
     options = as_pixel_options(frame_ds)
 
     def encoded(index: int) -> bytes:
-        with opener(pixels.value_offset + index * frame_size, frame_size) as stream:
-            data = read_exact(stream, frame_size)
-        if len(data) != frame_size:
-            raise TransferSyntaxError(f"{item.sop_uid}: frame {index + 1} is truncated in storage")
-        try:
-            # Every stored bit, bits above Bits Stored included: RLE keeps them
-            # (encoded from bytes: an array is checked against Bits Stored), the
-            # others are refused rather than drop any that carry data.
-            raw, _ = native.as_array(data, as_rgb=False, **{**read_options, "correct_unused_bits": False})
-            source: np.ndarray | bytes = raw
-            if uid == RLELossless:
-                source = _little_endian_bytes(raw)
-            elif keeps_high_bits:
-                if _unused_bits_carry_data(raw, bits_stored, signed):
-                    raise ValueError(HIGH_BITS_IN_USE)
-                source, _ = native.as_array(data, as_rgb=False, **read_options)
-            with encoder_lock(uid):
-                frame = encoder.encode(source, **options)
-        except Exception as exc:
-            raise TransferSyntaxError(f"cannot encode {item.sop_uid} as {uid.name}: {exc}") from exc
-        return frame + b"\0" * (len(frame) % 2)
+        with codec_work(frame_size):
+            with opener(pixels.value_offset + index * frame_size, frame_size) as stream:
+                data = read_exact(stream, frame_size)
+            if len(data) != frame_size:
+                raise TransferSyntaxError(f"{item.sop_uid}: frame {index + 1} is truncated in storage")
+            try:
+                # Every stored bit, bits above Bits Stored included: RLE keeps them
+                # (encoded from bytes: an array is checked against Bits Stored), the
+                # others are refused rather than drop any that carry data.
+                if uid == RLELossless and samples == 1:
+                    source: np.ndarray | bytes = data  # already the bytes RLE takes
+                else:
+                    raw, _ = native.as_array(data, as_rgb=False, **{**read_options, "correct_unused_bits": False})
+                    source = _little_endian_bytes(raw) if uid == RLELossless else raw
+                    if uid != RLELossless and keeps_high_bits:
+                        if _unused_bits_carry_data(raw, bits_stored, signed):
+                            raise ValueError(HIGH_BITS_IN_USE)
+                        if signed:  # a negative value stored without its sign's extension gets it
+                            source, _ = native.as_array(data, as_rgb=False, **read_options)
+                        # Unsigned: the high bits are all zero, raw is already what the
+                        # decoder's correction would give.
+                    del raw
+                del data
+                with encoder_lock(uid):
+                    return bytes(encoder.encode(source, **options))
+            except Exception as exc:
+                raise TransferSyntaxError(f"cannot encode {item.sop_uid} as {uid.name}: {exc}") from exc
 
     first = encoded(0)
-    trailing = _trailing(opener, pixels.value_offset + pixels.length, item, stored == ImplicitVRLittleEndian, False)
-    if trailing is None:
-        return None
     apply_overrides(ds, item.overrides)
     if samples > 1:
         ds.PlanarConfiguration = 0
-    for tag in (0x7FE00001, 0x7FE00002):  # an extended offset table of other pixels
-        if tag in ds:
-            del ds[tag]
-    meta, header = _encoded_header(ds, uid)
-
-    def pieces() -> Iterator[bytes]:
-        yield _ITEM  # an empty Basic Offset Table
-        for index in range(frames):
-            frame = first if index == 0 else encoded(index)
-            yield struct.pack("<HHI", 0xFFFE, 0xE000, len(frame)) + frame
-        yield _SEQUENCE_END
-
+    _without_offset_tables(ds)
+    parts = _codec_header(ds, uid, opener, item, pixels.value_offset + pixels.length,
+                          stored == ImplicitVRLittleEndian, b"OB", edit)
+    if parts is None:
+        return None
+    meta, header, trailing = parts
     header += struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, _UNDEFINED)
-    return CodecPlan(uid, meta, header, pieces(), trailing, ExitStack())
+    pieces = _encapsulated_value(first, frames, encoded)
+    del first  # the generator holds it until it is sent, and no longer
+    return CodecPlan(uid, meta, header, pieces, trailing, ExitStack())
 
 
-def decode_plan(pacs: Pacs, item: RetrieveItem, target: str) -> CodecPlan | None:
-    """Compressed pixel data decoded to native little endian *target* frame
-    by frame (pydicom + pylibjpeg reading the stored file, a local copy of a
-    remote object); None when the object is not laid out for it."""
-    from pydicom.pixels import get_decoder
+@dataclass
+class _Decoding:
+    """A stored object's compressed frames, each decoded on its own when
+    asked: between two frames nothing of the last one is held (pydicom's
+    frame iterator kept the last compressed and decoded frame, two or three
+    times a frame, per response, while it was sent)."""
+
+    ds: Dataset  # the stored header (up to Pixel Data)
+    stored: UID
+    frames: int
+    frame_bytes: int  # one frame decoded, from the header (what codec_work counts)
+    end: int  # where the encapsulated Pixel Data ends
+    opener: Opener
+    resources: ExitStack
+    source: BinaryIO  # the stored file
+    index: list[list[tuple[int, int]]]  # each frame's fragments: file offset, length
+    options: dict[str, object]
+    sop_uid: str
+
+    def frame(self, number: int) -> tuple[np.ndarray, dict[str, object]]:
+        """Frame *number* (from 0) decoded, and its pixel description; the
+        caller holds :func:`codec_work`."""
+        from pydicom.pixels import get_decoder
+
+        try:
+            data = _one_frame_encapsulated(self.source, self.index[number])
+            return get_decoder(self.stored).as_array(data, index=0, as_rgb=self.stored not in LOSSLESS_SOURCES,
+                                                     **self.options)
+        except Exception as exc:
+            raise TransferSyntaxError(f"cannot decode frame {number + 1} of {self.sop_uid} ({self.stored.name}): "
+                                      f"{_one_line(exc)}") from exc
+
+
+def _one_frame_encapsulated(f: BinaryIO, fragments: list[tuple[int, int]]) -> bytearray:
+    """One frame's fragments read as the encapsulated value of a one-frame
+    object (an empty Basic Offset Table, one item), what pydicom decodes."""
+    size = sum(length for _, length in fragments)
+    # Read in place: one buffer, not the fragments and then their join.
+    out = bytearray(16 + size + size % 2)
+    out[:16] = _ITEM + struct.pack("<HHI", 0xFFFE, 0xE000, size + size % 2)
+    view, at = memoryview(out), 16
+    for offset, length in fragments:
+        f.seek(offset)
+        if f.readinto(view[at:at + length]) != length:
+            raise ValueError("a frame is truncated in storage")
+        at += length
+    view.release()
+    return out
+
+
+def _decoding(pacs: Pacs, item: RetrieveItem) -> _Decoding | None:
+    """*item*'s encapsulated pixel data opened for decoding frame by frame
+    (the stored file, a local copy of a remote object), its frames located
+    as the frames of WADO-RS are (:func:`pacs.frames.frame_index`: offset
+    tables, fragment headers, end-of-image markers); None when the object
+    is not laid out for it."""
     from pydicom.pixels.utils import as_pixel_options
 
-    uid, stored = UID(target), UID(item.transfer_syntax_uid)
-    if uid not in LITTLE_ENDIAN_NATIVE or not stored.is_encapsulated or item.pixel_offset is None:
+    from .frames import FrameError, frame_index, pixel_info
+
+    stored = UID(item.transfer_syntax_uid)
+    if not stored.is_encapsulated or item.pixel_offset is None:
         return None
     resources = ExitStack()
     try:
@@ -696,61 +875,158 @@ def decode_plan(pacs: Pacs, item: RetrieveItem, target: str) -> CodecPlan | None
             resources.close()
             return None
         ds = dcmread(io.BytesIO(pixels.head))
-        options = as_pixel_options(ds, transfer_syntax_uid=stored)
-        options["pixel_keyword"] = "PixelData"
-        options["pixel_vr"] = "OB"
-        frames = int(options.get("number_of_frames", 1) or 1)
-        source = resources.enter_context(open(path, "rb"))  # noqa: SIM115
-        source.seek(pixels.value_offset)
         try:
-            decoded = get_decoder(stored).iter_array(source, validate=True, as_rgb=stored not in LOSSLESS_SOURCES,
-                                                     **options)
-            arr, image_pixel = next(decoded)
-        except Exception as exc:
-            raise TransferSyntaxError(f"cannot decode {item.sop_uid} ({stored.name}): {exc}") from exc
-        first = _little_endian_bytes(arr)
-        frame_size = len(first)
-        total = frame_size * frames
-        if total >= _UNDEFINED:
-            raise TransferSyntaxError(f"{item.sop_uid} decoded is larger than a Pixel Data value can be")
-        trailing = _trailing(opener, end, item, False, uid == ImplicitVRLittleEndian)
-        if trailing is None:
+            info = pixel_info(Path(path), item, ds)
+            index = frame_index(Path(path), info, ds)[:info.frames]
+        except (FrameError, AttributeError, TypeError, ValueError):
             resources.close()
-            return None
-        apply_overrides(ds, item.overrides)
-        # What pydicom's decompress() sets.
-        ds.PhotometricInterpretation = image_pixel["photometric_interpretation"]
-        if int(image_pixel["samples_per_pixel"]) > 1:
-            ds.PlanarConfiguration = int(image_pixel["planar_configuration"])
-        if "NumberOfFrames" in ds or frames > 1:
-            ds.NumberOfFrames = frames
-        for tag in (0x7FE00001, 0x7FE00002):  # the extended offset table of the compressed frames
-            if tag in ds:
-                del ds[tag]
-        meta, header = _encoded_header(ds, uid)
-        implicit = uid == ImplicitVRLittleEndian
-        vr = b"OB" if _number(ds, "BitsAllocated", 8) <= 8 else b"OW"
-        header += _element_header(_PIXEL_DATA, vr, total + total % 2, implicit)
+            return None  # frames that cannot be told apart: the whole-object path says why
+        options = as_pixel_options(ds, transfer_syntax_uid=stored)
+        options.update(number_of_frames=1, pixel_keyword="PixelData", pixel_vr="OB")
+        options.pop("extended_offsets", None)  # of the whole object, not of one frame
     except BaseException:
         resources.close()
         raise
+    frame_bytes = (info.rows * info.columns * info.samples * info.bits_allocated + 7) // 8
+    return _Decoding(ds, stored, info.frames, frame_bytes, end, opener, resources, stream, index, options,
+                     item.sop_uid)
 
-    def pieces() -> Iterator[bytes]:
-        yield first
-        count = 1
-        for arr, _ in decoded:
-            data = _little_endian_bytes(arr)
+
+def _decoded_description(ds: Dataset, image_pixel: dict[str, object], frames: int) -> None:
+    """*ds*'s Image Pixel attributes made to describe its decoded frames, as
+    pydicom's decompress() sets them."""
+    ds.PhotometricInterpretation = image_pixel["photometric_interpretation"]
+    if int(str(image_pixel["samples_per_pixel"])) > 1:
+        ds.PlanarConfiguration = int(str(image_pixel["planar_configuration"]))
+    if "NumberOfFrames" in ds or frames > 1:
+        ds.NumberOfFrames = frames
+    _without_offset_tables(ds)
+
+
+def decode_plan(pacs: Pacs, item: RetrieveItem, target: str, edit: Edit | None = None) -> CodecPlan | None:
+    """Compressed pixel data decoded to native little endian *target* frame
+    by frame; None when the object is not laid out for it. *edit*: as for
+    :func:`stream_plan`."""
+    uid = UID(target)
+    if uid not in LITTLE_ENDIAN_NATIVE:
+        return None
+    source = _decoding(pacs, item)
+    if source is None:
+        return None
+    try:
+        with codec_work(source.frame_bytes):
+            arr, image_pixel = source.frame(0)
+            first = _little_endian_view(arr)
+            del arr
+        frame_size = len(first)
+        total = frame_size * source.frames
+        if total >= _UNDEFINED:
+            raise TransferSyntaxError(f"{item.sop_uid} decoded is larger than a Pixel Data value can be")
+        ds = source.ds
+        apply_overrides(ds, item.overrides)
+        _decoded_description(ds, image_pixel, source.frames)
+        vr = b"OB" if _number(ds, "BitsAllocated", 8) <= 8 else b"OW"
+        parts = _codec_header(ds, uid, source.opener, item, source.end, False, vr, edit)
+        if parts is None:
+            source.resources.close()
+            return None
+        meta, header, trailing = parts
+        header += _element_header(_PIXEL_DATA, vr, total + total % 2, uid == ImplicitVRLittleEndian)
+    except BaseException:
+        source.resources.close()
+        raise
+
+    def following(number: int) -> memoryview:
+        with codec_work(source.frame_bytes):
+            return _little_endian_view(source.frame(number)[0])
+
+    def pieces(data: memoryview) -> Iterator[bytes]:
+        for number in range(source.frames):
+            if number:
+                data = following(number)
             if len(data) != frame_size:
-                raise TransferSyntaxError(f"{item.sop_uid}: frame {count + 1} decodes to another size")
-            count += 1
-            yield data
-        if count != frames:
-            raise TransferSyntaxError(f"{item.sop_uid}: {count} frames decoded, {frames} expected")
+                raise TransferSyntaxError(f"{item.sop_uid}: frame {number + 1} decodes to another size")
+            yield from _in_chunks(data)
+            data = memoryview(b"")  # not held while the next frame is decoded
         if total % 2:
             yield b"\0"
 
     length = len(header) + total + total % 2 + len(trailing)
-    return CodecPlan(uid, meta, header, pieces(), trailing, resources, length)
+    plan = CodecPlan(uid, meta, header, pieces(first), trailing, source.resources, length)
+    del first  # the generator holds it until it is sent, and no longer
+    return plan
+
+
+def recode_plan(pacs: Pacs, item: RetrieveItem, target: str, edit: Edit | None = None) -> CodecPlan | None:
+    """Compressed pixel data in another lossless compression (JPEG-LS to
+    JPEG 2000, JPEG Lossless to RLE...), frame by frame: each stored frame
+    decoded, encoded to *target* at once and sent, so that memory holds a
+    frame or two whatever the object's size. The result is what the
+    whole-object path gives (decoded as pydicom's decompress() does, encoded
+    as its compress() does), with an empty Basic Offset Table as
+    :func:`encode_plan` writes. None when the object is not laid out for it.
+    *edit*: as for :func:`stream_plan`."""
+    from pydicom.pixels import get_encoder
+    from pydicom.pixels.utils import as_pixel_options
+
+    uid, stored = UID(target), UID(item.transfer_syntax_uid)
+    if uid not in ENCODABLE or uid == stored:
+        return None
+    source = _decoding(pacs, item)
+    if source is None:
+        return None
+    try:
+        encoder = get_encoder(uid)
+        ds = source.ds
+        options: dict[str, object] = {}
+
+        def encoded(arr: np.ndarray) -> bytes:
+            try:
+                # RLE from bytes: an array is checked against Bits Stored,
+                # and RLE keeps every bit of each byte anyway.
+                frame: np.ndarray | bytes = _little_endian_bytes(arr) if uid == RLELossless else arr
+                with encoder_lock(uid):
+                    return bytes(encoder.encode(frame, **options))
+            except Exception as exc:
+                raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {uid.name}: {_one_line(exc)}") \
+                    from exc
+
+        with codec_work(source.frame_bytes):
+            arr, image_pixel = source.frame(0)
+            # The decoded frame's description, interleaved (what the decoder
+            # gives), as compress() reads it from the decompressed dataset.
+            frame_ds = Dataset()
+            for keyword in _PIXEL_MODULE:
+                if keyword in ds:
+                    setattr(frame_ds, keyword, ds[keyword].value)
+            _decoded_description(frame_ds, image_pixel, 1)
+            frame_ds.NumberOfFrames = 1
+            if _number(frame_ds, "SamplesPerPixel", 1) > 1:
+                frame_ds.PlanarConfiguration = 0
+            options.update(as_pixel_options(frame_ds))
+            first = encoded(arr)
+            del arr
+        apply_overrides(ds, item.overrides)
+        _decoded_description(ds, image_pixel, source.frames)
+        if _number(ds, "SamplesPerPixel", 1) > 1:
+            ds.PlanarConfiguration = 0
+        parts = _codec_header(ds, uid, source.opener, item, source.end, False, b"OB", edit)
+        if parts is None:
+            source.resources.close()
+            return None
+        meta, header, trailing = parts
+        header += struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, _UNDEFINED)
+    except BaseException:
+        source.resources.close()
+        raise
+
+    def following(number: int) -> bytes:
+        with codec_work(source.frame_bytes):
+            return encoded(source.frame(number)[0])
+
+    pieces = _encapsulated_value(first, source.frames, following)
+    del first  # the generator holds it until it is sent, and no longer
+    return CodecPlan(uid, meta, header, pieces, trailing, source.resources)
 
 
 def _little_endian_bytes(arr: np.ndarray) -> bytes:
@@ -822,13 +1098,24 @@ def _unused_bits_carry_data(raw: np.ndarray, bits_stored: int, signed: bool) -> 
     width = raw.dtype.itemsize * 8
     if not 0 < bits_stored < width:
         return False
-    words = np.ascontiguousarray(raw).view(np.dtype(f"u{raw.dtype.itemsize}"))
-    high = words >> bits_stored
-    if not signed:
-        return bool(high.any())
-    negative = ((words >> (bits_stored - 1)) & 1).astype(bool)
+    words = np.ascontiguousarray(raw).view(np.dtype(f"u{raw.dtype.itemsize}")).reshape(-1)
     extension = (1 << (width - bits_stored)) - 1
-    return bool(((high != 0) & ~(negative & (high == extension))).any())
+    # A slice at a time: the temporaries stay a few MB, not several times a
+    # 10 MB tomosynthesis frame.
+    for start in range(0, words.size, _UNUSED_BITS_STEP):
+        part = words[start:start + _UNUSED_BITS_STEP]
+        high = part >> bits_stored
+        if not signed:
+            if high.any():
+                return True
+            continue
+        negative = ((part >> (bits_stored - 1)) & 1).astype(bool)
+        if ((high != 0) & ~(negative & (high == extension))).any():
+            return True
+    return False
+
+
+_UNUSED_BITS_STEP = 1 << 18
 
 
 # pylibjpeg-openjpeg's encoder is not thread-safe: two JPEG 2000 encodes at
@@ -893,6 +1180,7 @@ def _convert_whole(pacs: Pacs, item: RetrieveItem, uid: UID) -> BinaryIO:
     try:
         with _WHOLE_CONVERSIONS:
             with pacs.store.local_path(item.storage_key) as path:
+                check_whole_size(path, item, uid)
                 ds = dcmread(path)
             apply_overrides(ds, item.overrides)
             try:
@@ -907,6 +1195,55 @@ def _convert_whole(pacs: Pacs, item: RetrieveItem, uid: UID) -> BinaryIO:
         raise
     out.seek(0)
     return out
+
+
+def whole_size(path: str | os.PathLike[str], item: RetrieveItem) -> int:
+    """About what converting *item* whole holds at once, once per copy: its
+    data set inflated (Deflated), else the larger of its stored size and
+    the decoded pixel data its header describes; 0 for an object without an
+    image (a report, an encapsulated PDF or STL: its elements are re-encoded,
+    nothing is decoded). Reads the header only (a deflated object is
+    inflated as it is counted, not kept)."""
+    if UID(item.transfer_syntax_uid) == DeflatedExplicitVRLittleEndian:
+        return max(item.size, _inflated_size(path, MAX_WHOLE_DECODED))
+    try:
+        header = dcmread(path, stop_before_pixels=True)
+    except Exception:  # noqa: BLE001 - unreadable here is unreadable for the conversion too: it says why
+        return item.size
+    if "Rows" not in header:
+        return 0
+    return max(item.size, _pixel_bytes(header))
+
+
+def _inflated_size(path: str | os.PathLike[str], limit: int) -> int:
+    """Bytes of a deflated object's data set, counted up to just past *limit*."""
+    with open(path, "rb") as f:
+        try:
+            f.seek(_meta_length(read_exact(f, 144)))
+        except TransferSyntaxError:
+            return 0
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        size = 0
+        while size <= limit and (chunk := f.read(CHUNK)):
+            while chunk and size <= limit:
+                try:
+                    size += len(inflater.decompress(chunk, CHUNK))
+                except zlib.error:
+                    return size
+                chunk = inflater.unconsumed_tail
+        return size
+
+
+def check_whole_size(path: str | os.PathLike[str], item: RetrieveItem, uid: UID) -> None:
+    """Refuse (:class:`TransferSyntaxError`: HTTP 406, a failed C-STORE
+    sub-operation with the reason) to convert whole an object larger than
+    ``MAX_WHOLE_DECODED``: held several times over in memory, a big one
+    could have the process killed, every client with it."""
+    size = whole_size(path, item)
+    if size > MAX_WHOLE_DECODED:
+        raise TransferSyntaxError(
+            f"cannot convert {item.sop_uid} to {uid.name}: this conversion is made in memory, and the object is "
+            f"more than the {MAX_WHOLE_DECODED >> 20} MB decoded it may take; it is available as stored")
 
 
 def _one_line(exc: Exception) -> str:
@@ -990,14 +1327,17 @@ def conversion_plan(pacs: Pacs, item: RetrieveItem, target: str,
                     opener: Opener | None = None) -> StreamPlan | CodecPlan | None:
     """*item* in *target* laid out to stream: its header re-encoded with the
     pixel data copied (or byte-swapped), or its frames encoded or decoded one
-    at a time. None when only the whole-object path can do it (another
-    compression as target of a compressed object, unusual layouts)."""
+    at a time (decoded, encoded, or both: one compression to another). None
+    when only the whole-object path can do it (unusual layouts, Deflated or
+    Big Endian objects to a compression)."""
     opener = opener or _store_opener(pacs, item.storage_key)
     plan: StreamPlan | CodecPlan | None = stream_plan(opener, item, target)
     if plan is None:
         plan = encode_plan(opener, item, target)
     if plan is None:
         plan = decode_plan(pacs, item, target)
+    if plan is None:
+        plan = recode_plan(pacs, item, target)
     return plan
 
 
