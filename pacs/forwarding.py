@@ -55,12 +55,19 @@ from .routing import TRANSCODES, Job, Rule, morph_element
 from .transcode import (
     CHUNK,
     LITTLE_ENDIAN_NATIVE,
+    MAX_WHOLE_DECODED,
     UNCOMPRESSED,
+    CodecPlan,
     StreamPlan,
+    TransferSyntaxError,
     convert_dataset,
+    decode_plan,
+    encode_plan,
     has_pixels,
+    recode_plan,
     stream_plan,
     streamable,
+    whole_size,
 )
 
 if TYPE_CHECKING:
@@ -90,13 +97,14 @@ class Copy:
     when only its header changes (de-identification, --set values,
     corrections, Big Endian to Little Endian): the header is rewritten, the
     stored Pixel Data are copied by byte range as it is sent, never held
-    whole. In memory (*dataset*) when its pixels change codec or it has
-    none (a report, an SR)."""
+    whole; and when its pixels change codec, frame by frame
+    (:mod:`pacs.transcode`). In memory (*dataset*) when it has no pixels (a
+    report, an SR) or a layout only a whole conversion takes."""
 
     syntax: str
     sop_uid: str
     dataset: Dataset | None = None
-    plan: StreamPlan | None = None
+    plan: StreamPlan | CodecPlan | None = None
 
     def part10(self) -> Iterator[bytes]:
         """The copy's Part 10 bytes, chunk by chunk."""
@@ -127,14 +135,38 @@ def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule, *, target: str | Non
         plan = stream_plan(opener, item, streamed, edit)
         if plan is not None:
             return Copy(str(plan.target), made["sop_uid"], plan=plan)
+    stored = UID(item.transfer_syntax_uid)
+    wanted = UID(target) if target else None
+    if wanted is not None and wanted != stored:
+        try:
+            codec = _codec_plan(pacs, item, str(wanted), edit)
+        except TransferSyntaxError as exc:
+            if wanted in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+                raise ValueError(str(exc)) from None
+            # Compression only saves bandwidth: pixels the codec cannot take
+            # (smaller than JPEG 2000's resolution levels, bits above Bits
+            # Stored in use) go uncompressed rather than not at all.
+            log.warning("%s goes uncompressed: %s", item.sop_uid, str(exc).splitlines()[0][:160])
+            return transformed(pacs, item, rule, target=str(ExplicitVRLittleEndian))
+        if codec is not None:
+            return Copy(str(codec.target), made["sop_uid"], plan=codec)
+        with pacs.store.local_path(item.storage_key) as path:
+            size = whole_size(path, item)
+        if size > MAX_WHOLE_DECODED:
+            # Only a conversion in memory does this layout (Big Endian or
+            # Deflated to a compression, 1-bit...): several times the object.
+            if wanted != ExplicitVRLittleEndian:
+                log.warning("%s goes uncompressed: %s would be converted in memory (%d MB decoded)",
+                            item.sop_uid, wanted.name, size >> 20)
+                return transformed(pacs, item, rule, target=str(ExplicitVRLittleEndian))
+            raise ValueError(f"cannot convert {item.sop_uid} to {wanted.name}: it would be converted in memory, "
+                             f"{size >> 20} MB decoded (at most {MAX_WHOLE_DECODED >> 20} MB)")
 
     def stored_copy() -> Dataset:
         with pacs.store.local_path(item.storage_key) as path:
             return apply_overrides(dcmread(path), item.overrides)
 
     ds = stored_copy()
-    stored = UID(item.transfer_syntax_uid)
-    wanted = UID(target) if target else None
     if wanted is not None and wanted.is_encapsulated and not has_pixels(ds):
         # Nothing to compress (a report, an SR, an RT plan): Explicit VR Little
         # Endian, which every peer accepts (only the compressed syntax was proposed).
@@ -155,6 +187,20 @@ def transformed(pacs: Pacs, item: RetrieveItem, rule: Rule, *, target: str | Non
             convert_dataset(ds, stored, ExplicitVRLittleEndian)
     edit(ds)
     return Copy(str(ds.file_meta.TransferSyntaxUID), made["sop_uid"], dataset=ds)
+
+
+def _codec_plan(pacs: Pacs, item: RetrieveItem, target: str, edit: Callable[[Dataset], None]) -> CodecPlan | None:
+    """The copy in *target* with its pixels changing codec frame by frame:
+    native pixels encoded, compressed ones decoded or encoded in another
+    compression; None when only a whole conversion does it. Raises
+    :class:`TransferSyntaxError` when the codec refuses these pixels."""
+    opener = lambda offset, length: pacs.store.open(item.storage_key, offset, length)  # noqa: E731
+    plan = encode_plan(opener, item, target, edit)
+    if plan is None:
+        plan = decode_plan(pacs, item, target, edit)
+    if plan is None:
+        plan = recode_plan(pacs, item, target, edit)
+    return plan
 
 
 def _streamed_target(item: RetrieveItem, target: str) -> str | None:
@@ -669,7 +715,9 @@ class Forwarder(Periodic):
                     return again  # None: stored in that syntax, nothing to change
             if copy is None:
                 return _as_copy(for_peer(self.pacs, item, accepted))  # decoded, or uncompressed as stored
-            return transformed(self.pacs, item, rule, target=str(ExplicitVRLittleEndian))
+            # The little endian syntax it takes: a copy decoded frame by
+            # frame is not converted again by pynetdicom (a dataset was).
+            return transformed(self.pacs, item, rule, target=little or str(ExplicitVRLittleEndian))
         except StorageError:
             raise
         except Exception as exc:

@@ -35,6 +35,8 @@ from pydicom.uid import (
 )
 
 from .conftest import Backend, PacsServer
+from .peers import wait_until
+from .test_routing import Receiver
 
 MB = 1 << 20
 ACCEPT = 'multipart/related; type="application/dicom"'
@@ -105,9 +107,11 @@ def _deflated(path: Path, pixels: np.ndarray) -> Dataset:
 
 
 class Objects:
-    """What the module's archive holds."""
+    """What the module's archive holds, and the routing destination."""
 
     def __init__(self) -> None:
+        self.tmp = Path()
+        self.receiver: Receiver | None = None
         self.recoded = Dataset()
         self.recoded_pixels = np.zeros(0)
         self.big = Dataset()
@@ -127,8 +131,11 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServ
     objects.big = _jpeg_ls(inbox / "big.dcm", objects.big_pixels)
     objects.deflated = _deflated(inbox / "deflated.dcm", objects.big_pixels)
     small = _jpeg_ls(inbox / "small.dcm", _pixels(2, 64, 3))
+    objects.tmp = tmp
+    objects.receiver = Receiver(tmp / "every").start()  # storescp +xa: every syntax
     server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}))
     server.cli("import", str(inbox))
+    server.cli("ae", "add", "EVERY", "--host", "127.0.0.1", "--port", str(objects.receiver.port))
     server.start()
     # The codecs' imports and first buffers, not counted as any test's growth.
     with _client(server) as http:
@@ -138,6 +145,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServ
         yield server, objects
     finally:
         server.stop()
+        objects.receiver.stop()
 
 
 def _status_kb(pid: int, field: str) -> int:
@@ -197,6 +205,37 @@ def test_jpeg_ls_object_in_another_compression_goes_frame_by_frame(archive: tupl
     assert np.array_equal(got.pixel_array, objects.recoded_pixels), "pixels changed"
     assert grown < RECODE_GROWTH_LIMIT, (
         f"JPEG-LS -> {target}: the server grew by {grown // MB} MB converting {FRAMES} frames "
+        f"({objects.recoded_pixels.nbytes // MB} MB decoded)")
+
+
+def test_routing_rule_recodes_a_jpeg_ls_object_frame_by_frame(archive: tuple[PacsServer, Objects]) -> None:
+    """A rule ``--transcode j2k-lossless`` on a multi-frame object a
+    modality sent as JPEG-LS: the destination gets it as JPEG 2000 lossless
+    with the same pixels, and neither its storing nor its routing grows the
+    server by the object several times over (the copy was decoded and
+    re-encoded whole in memory: ~1.1 GB for a 300 MB tomosynthesis)."""
+    server, objects = archive
+    receiver = objects.receiver
+    assert receiver is not None
+    copy = dcmread(objects.tmp / "in" / "recoded.dcm")
+    copy.SOPInstanceUID = copy.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    path = objects.tmp / "routed.dcm"
+    copy.save_as(path, enforce_file_format=True)
+    del copy
+    server.cli("route", "add", "to-j2k", "--if", "CallingAE=MF_JLS", "--to-ae", "EVERY",
+               "--transcode", "j2k-lossless")
+    sop = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    before = _reset_peak(server)
+    result = server.storescu("-xt", str(path), calling="MF_JLS")  # JPEG-LS lossless, as stored
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert wait_until(lambda: sop in receiver.files(), timeout=90), "not routed"
+    grown = _peak(server) - before
+    got = dcmread(receiver.files()[sop])
+    assert got.file_meta.TransferSyntaxUID == JPEG2000Lossless
+    assert got.NumberOfFrames == FRAMES
+    assert np.array_equal(got.pixel_array, objects.recoded_pixels), "pixels changed"
+    assert grown < RECODE_GROWTH_LIMIT, (
+        f"stored and routed as JPEG 2000: the server grew by {grown // MB} MB for {FRAMES} frames "
         f"({objects.recoded_pixels.nbytes // MB} MB decoded)")
 
 
