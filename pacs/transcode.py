@@ -685,6 +685,17 @@ def _in_chunks(data: bytes | memoryview) -> Iterator[bytes]:
         yield bytes(data[start:start + CHUNK])
 
 
+def _one_frame(ds: Dataset) -> Dataset:
+    """The Image Pixel description of one frame of *ds* (what pydicom's
+    codecs read their options from)."""
+    frame_ds = Dataset()
+    for keyword in _PIXEL_MODULE:
+        if keyword in ds:
+            setattr(frame_ds, keyword, ds[keyword].value)
+    frame_ds.NumberOfFrames = 1
+    return frame_ds
+
+
 def _little_endian_view(arr: np.ndarray) -> memoryview:
     """*arr*'s samples as little endian bytes, without a copy when they
     already are (a decoded frame is sent from the decoder's array)."""
@@ -742,11 +753,7 @@ def encode_plan(opener: Opener, item: RetrieveItem, target: str, edit: Edit | No
     # native decoder: planes interleaved, values sign-extended, as
     # pixel_array gives them), pixel by pixel to encode it (pydicom's
     # encoders read native pixel data as interleaved).
-    frame_ds = Dataset()
-    for keyword in _PIXEL_MODULE:
-        if keyword in ds:
-            setattr(frame_ds, keyword, ds[keyword].value)
-    frame_ds.NumberOfFrames = 1
+    frame_ds = _one_frame(ds)
     read_options = as_pixel_options(frame_ds, transfer_syntax_uid=ExplicitVRLittleEndian)
     read_options["pixel_keyword"] = "PixelData"
     if samples > 1:
@@ -887,8 +894,7 @@ def _decoding(pacs: Pacs, item: RetrieveItem) -> _Decoding | None:
     except BaseException:
         resources.close()
         raise
-    frame_bytes = (info.rows * info.columns * info.samples * info.bits_allocated + 7) // 8
-    return _Decoding(ds, stored, info.frames, frame_bytes, end, opener, resources, stream, index, options,
+    return _Decoding(ds, stored, info.frames, info.frame_bytes, end, opener, resources, stream, index, options,
                      item.sop_uid)
 
 
@@ -995,12 +1001,8 @@ def recode_plan(pacs: Pacs, item: RetrieveItem, target: str, edit: Edit | None =
             arr, image_pixel = source.frame(0)
             # The decoded frame's description, interleaved (what the decoder
             # gives), as compress() reads it from the decompressed dataset.
-            frame_ds = Dataset()
-            for keyword in _PIXEL_MODULE:
-                if keyword in ds:
-                    setattr(frame_ds, keyword, ds[keyword].value)
+            frame_ds = _one_frame(ds)
             _decoded_description(frame_ds, image_pixel, 1)
-            frame_ds.NumberOfFrames = 1
             if _number(frame_ds, "SamplesPerPixel", 1) > 1:
                 frame_ds.PlanarConfiguration = 0
             options.update(as_pixel_options(frame_ds))
@@ -1030,9 +1032,7 @@ def recode_plan(pacs: Pacs, item: RetrieveItem, target: str, edit: Edit | None =
 
 
 def _little_endian_bytes(arr: np.ndarray) -> bytes:
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(arr).tobytes()
+    return bytes(_little_endian_view(arr))
 
 
 class _Range(io.RawIOBase):

@@ -30,9 +30,12 @@ def _child(request: dict) -> None:
     import random
     import signal
     import threading
+    import time
 
-    for sig in (signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGPIPE):
-        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    # As a new Python process has them (SIGPIPE stays ignored, as Python sets it).
+    for sig in (signal.SIGCHLD, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rc = 1
     try:
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -44,8 +47,6 @@ def _child(request: dict) -> None:
         os.environ.clear()
         os.environ.update(request["env"])
         os.chdir(request["cwd"])
-        import time
-
         time.tzset()  # TZ as the command's environment has it
         random.seed()  # not the zygote's sequence in every child
         sys.argv = list(request["argv"])

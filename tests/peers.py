@@ -359,13 +359,14 @@ class PacsCommands:
 
     def run(self, args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
         """`pacs *args` with *env*; its output, as subprocess.run(capture_output=True, text=True)."""
+        command = [PACS, *args]
         with self._done:
             proc = self._start()
             if proc is not None:
                 self._next += 1
                 request = self._next
                 out, err = self._spool / f"{request}.out", self._spool / f"{request}.err"
-                line = json.dumps({"id": request, "argv": [PACS, *args], "env": env, "cwd": os.getcwd(),
+                line = json.dumps({"id": request, "argv": command, "env": env, "cwd": os.getcwd(),
                                    "out": str(out), "err": str(err)}) + "\n"
                 try:
                     assert proc.stdin is not None
@@ -374,7 +375,7 @@ class PacsCommands:
                 except OSError:
                     self._broken, proc = True, None
         if proc is None:
-            return subprocess.run([PACS, *args], capture_output=True, text=True, env=env, timeout=timeout)
+            return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
         deadline = time.monotonic() + timeout
         with self._done:
             while request not in self._codes:
@@ -385,14 +386,14 @@ class PacsCommands:
             code = self._codes.pop(request, None)
             pid = self._pids.pop(request, None)
         if code is None and pid is None and self._broken:  # the zygote died first
-            return subprocess.run([PACS, *args], capture_output=True, text=True, env=env, timeout=timeout)
+            return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
         if code is None:
             if pid is not None:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
-            raise subprocess.TimeoutExpired([PACS, *args], timeout)
+            raise subprocess.TimeoutExpired(command, timeout)
         try:
-            return subprocess.CompletedProcess([PACS, *args], code, out.read_text(errors="replace"),
+            return subprocess.CompletedProcess(command, code, out.read_text(errors="replace"),
                                                err.read_text(errors="replace"))
         finally:
             out.unlink(missing_ok=True)

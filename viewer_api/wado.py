@@ -256,6 +256,12 @@ def retrieve_frames(request: Request, study: str, series: str, sop: str, frame_l
     return frames_response(request, item, numbers)
 
 
+def _require_pixel_tag(info: framelib.PixelInfo, pixel_tag: int) -> None:
+    """bulk/{tag} of a pixel attribute the object does not hold is a 404 naming the one it holds."""
+    if info.tag != pixel_tag:
+        raise HTTPProblem(404, f"no element {pixel_tag:08X} in this instance: its pixel data is {info.tag:08X}")
+
+
 def frames_response(request: Request, item: RetrieveItem, numbers: list[int] | None,
                     pixel_tag: int | None = None) -> Response:
     """Frames *numbers* (every frame when None) as multipart/related, one
@@ -275,9 +281,8 @@ def frames_response(request: Request, item: RetrieveItem, numbers: list[int] | N
     try:
         path = opened.enter_context(framelib.local_object(pacs, item))
         info = framelib.pixel_info(path, item)
-        if pixel_tag is not None and info.tag != pixel_tag:
-            raise HTTPProblem(404, f"no element {pixel_tag:08X} in this instance: its pixel data is "
-                                   f"{info.tag:08X}")
+        if pixel_tag is not None:
+            _require_pixel_tag(info, pixel_tag)
         wanted = numbers if numbers is not None else list(range(1, info.frames + 1))
         framelib.check_numbers(info, wanted)
         # Encapsulated frames are located once for the request (offset
@@ -476,8 +481,7 @@ def video_response(request: Request, item: RetrieveItem, media_type: str, pixel_
     try:
         path = opened.enter_context(framelib.local_object(request.app.state.pacs, item))
         info = framelib.pixel_info(path, item)
-        if info.tag != pixel_tag:
-            raise HTTPProblem(404, f"no element {pixel_tag:08X} in this instance: its pixel data is {info.tag:08X}")
+        _require_pixel_tag(info, pixel_tag)
         pieces = framelib.fragments(path, info)
     except BaseException:
         opened.close()
