@@ -15,7 +15,6 @@ rebuilds everything from the objects alone if no backup exists at all.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 import subprocess
@@ -26,6 +25,7 @@ from typing import Any
 
 from sqlalchemy.engine import make_url
 
+from .atomic_files import write_atomic
 from .errors import PacsError
 from .index.db import private_file
 
@@ -262,7 +262,7 @@ def backup_salt(data_dir: Path, backup: Path) -> str:
     except FileNotFoundError:
         target.unlink(missing_ok=True)
         return ""
-    _write_private(target, salt)
+    write_atomic(target, salt, 0o600)
     return str(target)
 
 
@@ -287,24 +287,8 @@ def restore_salt(data_dir: Path, backup: Path) -> tuple[str, str]:
     if current is not None and current.strip() != salt.strip():
         # Copies exported with it are only recognised with it: never lost.
         kept = target.with_name(f"{target.name}.before-restore-{time.strftime('%Y%m%dT%H%M%S')}")
-        _write_private(kept, current)
+        write_atomic(kept, current, 0o600)
         previous = str(kept)
     if current is None or previous:
-        _write_private(target, salt)
+        write_atomic(target, salt, 0o600)
     return str(target), previous
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write *path* whole (owner-only, synced, renamed into place)."""
-    partial = path.with_name(path.name + ".partial")
-    partial.unlink(missing_ok=True)
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        partial.replace(path)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise

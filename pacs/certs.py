@@ -16,9 +16,7 @@ TLS stack speaks it.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,6 +25,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .atomic_files import write_atomic
 
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
@@ -70,34 +70,17 @@ def _new_key(key_size: int) -> rsa.RSAPrivateKey:
     return rsa.generate_private_key(public_exponent=65537, key_size=key_size)
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write *data* to *path* with *mode* set before any byte lands (no readable window)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp creates 0600; fchmod makes the final mode exact whatever the umask.
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _write_key(path: Path, key: rsa.RSAPrivateKey) -> None:
     # Unencrypted PKCS#8: services start unattended (DCMTK would otherwise prompt);
     # the 0600 mode is the protection.
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
-    _write_atomic(path, pem, 0o600)
+    write_atomic(path, pem, 0o600)
 
 
 def _write_cert(path: Path, cert: x509.Certificate) -> None:
-    _write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
 
 
 def _fingerprint(cert: x509.Certificate) -> str:
