@@ -314,6 +314,24 @@ def _send_items(pacs: Pacs, event: Any, items: list[RetrieveItem], accepted: Any
             yield PENDING, instance
 
 
+class _UnsendableMarker(logging.Filter):
+    """Drops pynetdicom's error for the marker of an object that cannot be
+    sent (a data set without SOP Class UID, see :func:`_send_items`).
+
+    pynetdicom counts that sub-operation failed, as wanted, but logs "required
+    element are missing: SOPClassUID", which reads as a damaged object in the
+    operator's log; the real reason is logged just before it ("cannot send").
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.ERROR
+                    and record.getMessage().startswith("Unable to send the dataset as one or more required element")
+                    and record.getMessage().endswith("missing: SOPClassUID"))
+
+
+logging.getLogger("pynetdicom.service_class").addFilter(_UnsendableMarker())
+
+
 class MoveDestinations:
     """Remembers the store association pynetdicom opens for each C-MOVE, so
     the handler can see which syntaxes the destination accepted."""

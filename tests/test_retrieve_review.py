@@ -256,6 +256,11 @@ def test_c_get_in_any_preferred_syntax_gets_every_object(archive: Archive, tmp_p
     final = responses[-1]
     assert int(final.Status) == 0xA702 and int(final.NumberOfFailedSuboperations) == 1
     assert "JPEG Baseline" in final.get("ErrorComment", ""), final
+    # The operator's log gives that reason, not pynetdicom's error for the
+    # marker of an unsendable object, which read as a damaged object.
+    log_text = server.log_text()
+    assert f"cannot send {us[0]}" in log_text
+    assert "required element are missing" not in log_text
 
 
 # -- finding 2 --------------------------------------------------------------------------------
