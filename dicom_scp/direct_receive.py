@@ -300,7 +300,11 @@ def receive_directly(assoc: Any, limits: Limits | None = None) -> None:
                     dimse.msg_queue.put((incoming.context_id, request))
                     incoming.reset()
                     continue
-                request.DataSet = incoming.dataset
+                # Not through the DataSet setter, which takes a BytesIO only:
+                # a C-STORE-RQ pynetdicom serves itself (an invalid UID in
+                # its command) still carries the received data set, which
+                # the C-STORE handler reads as the direct path does.
+                request._dataset = incoming.dataset
                 request._context_id = incoming.context_id
                 request._dataset_path = None
                 request._dataset_file = None

@@ -156,6 +156,27 @@ def test_bad_objects_get_clear_failure_status(shared_server: PacsServer, tmp_pat
     assert "refused" in pacs_server.log_text()
 
 
+def test_invalid_sop_instance_uid_in_the_command_is_refused_not_aborted(shared_server: PacsServer,
+                                                                         tmp_path: Path) -> None:
+    """DCMTK's storescu puts the object's SOP Instance UID in the C-STORE
+    command: an invalid one ("1.2.3.abc", from a badly configured modality)
+    is answered 0xA900 like any invalid UID, and the association goes on to
+    store the next object (it was aborted with "invalid PDU")."""
+    pacs_server = shared_server
+    before = pacs_server.stats()["instances"]
+    bad = make_ct(tmp_path / "badsop.dcm")
+    ds = dcmread(bad)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.abc"
+    ds.save_as(bad, enforce_file_format=True)
+    good = make_ct(tmp_path / "after.dcm")
+    result = pacs_server.storescu("-v", "--no-halt", str(bad), str(good))
+    # DCMTK names 0xA900 "DataSetDoesNotMatchSOPClass".
+    assert "DataSetDoesNotMatchSOPClass" in result.stderr, result.stderr[-2000:]
+    assert pacs_server.stats()["instances"] == before + 1, result.stderr[-2000:]
+    assert "invalid PDU" not in pacs_server.log_text()
+    assert_still_serving(pacs_server, tmp_path)
+
+
 def test_unknown_sop_class_is_rejected_at_negotiation(shared_server: PacsServer) -> None:
     pacs_server = shared_server
     ae = AE(ae_title="PYSCU")
