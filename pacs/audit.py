@@ -3,7 +3,9 @@
 Events are queued and written in small batches by one thread (a scrolling
 viewer makes dozens of requests a second; each must not cost an fsync), at
 most ~0.2 s after they happen; the table itself refuses UPDATE and DELETE.
-Export is RFC 3881 / IHE ATNA shaped JSON, or syslog lines.
+Export is RFC 3881 / IHE ATNA shaped JSON, or RFC 5424 syslog lines whose
+fields are escaped STRUCTURED-DATA parameters (a value a client chose can
+not forge another field).
 """
 
 from __future__ import annotations
@@ -304,10 +306,52 @@ def to_atna(event: dict[str, Any], source_id: str) -> dict[str, Any]:
     }
 
 
+# RFC 5424 6.3: the audit fields are one STRUCTURED-DATA element. Its SD-ID
+# names a private enterprise number, as 6.3.2 asks of a non-IANA SD-ID:
+# 32473 is RFC 5612's number for documentation and examples (we have none
+# of our own); collectors key on the name before the "@".
+SYSLOG_SD_ID = "audit@32473"
+SYSLOG_APP_NAME = "filmless-pacs"
+# The event's fields in a syslog line, in this order (empty ones left out).
+SYSLOG_FIELDS = ("user", "role", "client", "protocol", "action", "outcome", "study_uid", "patient_id", "detail")
+# Characters that end or split a line for some reader of the export (C0,
+# DEL, C1 with NEL, the Unicode line and paragraph separators): a value
+# never starts a forged line. Tab is a separator to some SIEM parsers.
+_LINE_BREAKING = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(value: str) -> str:
+    """*value* for a line of text output: control and line-breaking
+    characters shown as U+FFFD, a tab as a space. Events are stored so
+    (:func:`_storable`), but rows written before that was done, or by
+    another release, may still hold a newline or an escape sequence."""
+    return _LINE_BREAKING.sub(lambda m: " " if m.group() == "\t" else "\ufffd", value)
+
+
+def syslog_param_value(value: str) -> str:
+    """*value* as an RFC 5424 PARAM-VALUE (6.3.3): on one line
+    (:func:`one_line`), with ``\\``, ``"`` and ``]`` escaped by a backslash,
+    so no value can end its parameter or the element early and forge a
+    field, whatever a client put in it (a failed login's username, a
+    searched Study UID). UTF-8 stays as it is (PARAM-VALUE is UTF-8):
+    Vietnamese names are read as written."""
+    return one_line(value).replace("\\", "\\\\").replace('"', '\\"').replace("]", "\\]")
+
+
+def _header_field(value: str, limit: int) -> str:
+    """An RFC 5424 HEADER field: printable US-ASCII without space, at most
+    *limit* characters, the NILVALUE "-" when nothing is left."""
+    return "".join(c for c in value if "!" <= c <= "~")[:limit] or "-"
+
+
 def to_syslog(event: dict[str, Any], source_id: str) -> str:
-    """One event as an RFC 5424 syslog line (facility authpriv, severity notice)."""
+    """One event as an RFC 5424 syslog line (facility authpriv, severity
+    notice): ``<85>1 TIMESTAMP HOSTNAME filmless-pacs - AUDIT [audit@32473
+    source="AE" user="..." ...]``. Every field is a PARAM of the one
+    STRUCTURED-DATA element (:func:`syslog_param_value`), *source_id* (the
+    ATNA AuditSourceID: the AE title) as ``source``; no MSG part."""
     at = event_time(event["at"])
-    host = socket.gethostname()
-    msg = " ".join(f'{k}="{event[k]}"' for k in ("user", "role", "client", "protocol", "action", "outcome",
-                                                 "study_uid", "patient_id") if event[k])
-    return f"<85>1 {at} {host} {source_id} - AUDIT - {msg}"
+    host = _header_field(socket.gethostname(), 255)
+    params = [("source", source_id)] + [(k, str(event[k])) for k in SYSLOG_FIELDS if event[k]]
+    sd = " ".join(f'{k}="{syslog_param_value(v)}"' for k, v in params if v)
+    return f"<85>1 {at} {host} {SYSLOG_APP_NAME} - AUDIT [{' '.join(filter(None, (SYSLOG_SD_ID, sd)))}]"

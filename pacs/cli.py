@@ -28,6 +28,7 @@ from rich.progress import (
 )
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from sqlalchemy.engine import make_url
 
 from storage import file_store_path
@@ -649,6 +650,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
     try:
         events = audit.query(pacs.engine, study_uid=args.study or "", user=args.user or "",
                              patient_id=args.patient or "", limit=args.limit)
+        # The audit source, as GET /api/audit names it: one archive's lines
+        # read the same whichever way they were exported.
+        source = pacs.settings.ae_title
     finally:
         pacs.close()
     fmt = args.format or ("table" if sys.stdout.isatty() else "json")
@@ -668,13 +672,16 @@ def cmd_audit(args: argparse.Namespace) -> int:
             study = e["study_uid"]
             what = " ".join(v for v in (f"…{study[-12:]}" if len(study) > 13 else study, e["detail"][:120]) if v)
             row = [e["at"].strftime("%m-%d %H:%M:%S"), e["user"], e["action"], e["outcome"], e["patient_id"]]
-            table.add_row(*row, *([e["client"]] if wide else []), what)
+            # Text, not markup: a value from a client (a failed login's
+            # username "[/x]") would be styled, hide what follows or stop
+            # the command with a MarkupError.
+            table.add_row(*(Text(audit.one_line(v)) for v in (*row, *([e["client"]] if wide else []), what)))
         out.print(table)
     elif fmt == "syslog":
         for e in events:
-            print(audit.to_syslog(e, "filmless-pacs"))
+            print(audit.to_syslog(e, source))
     elif fmt == "atna":
-        print(json.dumps([audit.to_atna(e, "filmless-pacs") for e in events], ensure_ascii=False))
+        print(json.dumps([audit.to_atna(e, source) for e in events], ensure_ascii=False))
     else:
         print(json.dumps([{**e, "at": e["at"].isoformat()} for e in events], ensure_ascii=False))
     return 0
