@@ -86,6 +86,22 @@ class Principal:
     display_name: str = ""
 
 
+@dataclass(frozen=True)
+class RefusedToken:
+    """A token we issued that no longer authenticates: its user, its name
+    (``session`` for a login session) and why (revoked, ended, expired,
+    user disabled)."""
+
+    username: str
+    name: str
+    reason: str
+
+    def describe(self) -> str:
+        """The refusal as the audit trail says it (never the token itself)."""
+        what = "session" if self.name == SESSION else f"token {self.name!r}"
+        return f"{what} of {self.username} {self.reason}"
+
+
 def _hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -380,6 +396,32 @@ class AuthService:
                 if row.name == SESSION and expires is not None:
                     self._touch_session(key, _aware(row.created_at), expires, wall)
         return principal
+
+    def refused(self, token: str) -> RefusedToken | None:
+        """Whose token *token* is and why :meth:`authenticate` refuses it
+        (revoked, expired, user disabled), for the audit trail of the
+        refused request: a revoked token still in use is who used it, not an
+        anonymous caller. None for a token we never issued (or one whose row
+        is gone: an ended session is removed at its user's next login)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(users_t.c.username, users_t.c.active, tokens_t.c.name, tokens_t.c.revoked,
+                       tokens_t.c.expires_at)
+                .join(users_t, users_t.c.pk == tokens_t.c.user_pk)
+                .where(tokens_t.c.token_hash == _hash_token(token))
+            ).first()
+        if row is None:
+            return None
+        expires = _aware(row.expires_at)
+        if row.revoked:
+            reason = "ended" if row.name == SESSION else "revoked"
+        elif expires is not None and expires <= datetime.now(UTC):
+            reason = "expired"
+        elif not row.active:
+            reason = "user disabled"
+        else:
+            reason = "refused"  # valid again since (a race with a re-enabled user): still this request's answer
+        return RefusedToken(row.username, row.name, reason)
 
     def _touch_session(self, key: str, created: datetime | None, expires: datetime, now: datetime) -> None:
         """A session in use: push its end to SESSION_IDLE_MINUTES from now,

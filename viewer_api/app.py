@@ -20,7 +20,15 @@ from pacs.auth import ROLES
 from . import errors, fhir, orders_api, qido, stow, ui_api, wado, wado_uri
 from .limits import BodyLimit
 from .rendering import RenderCache
-from .security import READERS, AuditMiddleware, CsrfMiddleware, SecurityHeaders, requires, searched_study
+from .security import (
+    HEAD_SCOPE_KEY,
+    READERS,
+    AuditMiddleware,
+    CsrfMiddleware,
+    SecurityHeaders,
+    requires,
+    searched_study,
+)
 
 STATIC = Path(__file__).resolve().parent / "static"
 # Below this much free space where the SQLite index lives, commits start to
@@ -156,6 +164,7 @@ class HeadAsGet:
             return
         # A copy: the server's own scope keeps HEAD (no body written).
         get_scope = dict(scope, method="GET")
+        get_scope[HEAD_SCOPE_KEY] = True  # the audit trail says HEAD (security.request_target)
         finished = False
 
         async def head_send(message: Message) -> None:

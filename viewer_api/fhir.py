@@ -695,12 +695,14 @@ def _report_version(request: Request, principal: Principal, report: str, version
     with its version as a weak ETag and its signing as Last-Modified (R4
     http.html "read")."""
     study, former_version = _parse_report_id(report)
+    event = getattr(request.state, "audit", None)
+    if event is not None:
+        # The audit trail names the study read, a refused read too (before
+        # the check below): `pacs audit --study` / `--patient` find the attempt.
+        event.study_uid = study
     # The guard only sees a study named "study" in the path: check it here.
     if not may_see_study(request, principal, study):
         raise HTTPProblem(403, "this study was not referred by you")
-    event = getattr(request.state, "audit", None)
-    if event is not None:
-        event.study_uid = study  # the audit trail names the study read
     detail = study_detail(request.app.state.pacs.engine, study)
     if detail is None:
         raise HTTPProblem(404, f"no DiagnosticReport {report[:80]!r}")

@@ -163,6 +163,41 @@ def may_see_study(request: Request, principal: Principal, study_uid: str) -> boo
     return referring is not None and same_person(referring, principal.display_name)
 
 
+# Set in the scope of a HEAD that HeadAsGet (viewer_api.app) runs as a GET:
+# the route sees GET, the audit trail says HEAD.
+HEAD_SCOPE_KEY = "filmless.head"
+
+
+def request_target(request: Request) -> str:
+    """What a request asked for, as its audit event's detail: the path and
+    query string, after "HEAD " for a HEAD (it runs the GET route, with its
+    action, but was given no data: not a retrieve like the GET)."""
+    target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+    return f"HEAD {target}" if request.scope.get(HEAD_SCOPE_KEY) else target
+
+
+def refusal_detail(request: Request, status: int, reason: str) -> str:
+    """The detail of a refused request's event: what it asked for (a denied
+    ``/api/worklist?q=nguyen`` says what was searched), the status and why.
+    The reason is kept whole when the event's 500 characters cut the path."""
+    tail = f" -> {status}: {reason}"[:250]
+    return request_target(request)[:500 - len(tail)] + tail
+
+
+def _unauthenticated(request: Request) -> tuple[Principal | None, str]:
+    """Who a request without a working credential is, for its refusal's
+    event, and why it is refused: the user of a token we issued that is
+    revoked, expired or whose user is disabled (never the token itself);
+    None for no credentials or a token we never issued."""
+    token = token_of(request)
+    if token is None:
+        return None, "not authenticated: no credentials"
+    refused = request.app.state.pacs.auth.refused(token)
+    if refused is None:
+        return None, "not authenticated: unknown token"
+    return Principal(refused.username, ""), f"not authenticated: {refused.describe()}"
+
+
 def guard(*roles: str, action: str, study_of: StudyOf = path_study) -> Any:
     """A dependency: the caller must hold one of *roles* (and, for a referring
     physician, have referred the study the request names: *study_of*, which
@@ -172,28 +207,32 @@ def guard(*roles: str, action: str, study_of: StudyOf = path_study) -> Any:
     def check(request: Request) -> Principal:
         principal = principal_of(request)
         if principal is None:
-            audit(request, action, None, outcome="denied", study_uid=_quietly(study_of, request),
-                  detail="not authenticated")
+            # Who presented a token that no longer works (revoked, expired):
+            # the trail must show bob's revoked token still in use.
+            presenter, why = _unauthenticated(request)
+            audit(request, action, presenter, outcome="denied", study_uid=_quietly(study_of, request),
+                  detail=refusal_detail(request, 401, why))
             raise HTTPProblem(401, "authentication required: log in or send Authorization: Bearer <token>")
         if principal.role not in roles:
             audit(request, action, principal, outcome="denied", study_uid=_quietly(study_of, request),
-                  detail=f"role {principal.role} not allowed")
+                  detail=refusal_detail(request, 403, f"role {principal.role} not allowed"))
             raise HTTPProblem(403, f"role {principal.role!r} may not do this (needs: {', '.join(roles)})")
         try:
             study = study_of(request)
         except HTTPProblem as exc:
             # A request naming two studies: refused, never guessed at.
-            audit(request, action, principal, outcome="failure", detail=exc.message)
+            audit(request, action, principal, outcome="failure",
+                  detail=refusal_detail(request, exc.status, exc.message))
             raise
         # Every route that names a study is checked here, whatever its API
         # (DICOMweb, WADO-URI, FHIR, JSON): one rule, no route forgotten.
         # Routes that search without naming a study filter their answers.
         if study and not may_see_study(request, principal, study):
-            audit(request, action, principal, outcome="denied", study_uid=study, detail="not the referring physician")
+            audit(request, action, principal, outcome="denied", study_uid=study,
+                  detail=refusal_detail(request, 403, "not the referring physician"))
             raise HTTPProblem(403, "this study was not referred by you")
-        detail = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         # Recorded by AuditMiddleware once the answer's status is known.
-        request.state.audit = _event(request, action, principal, study_uid=study, detail=detail)
+        request.state.audit = _event(request, action, principal, study_uid=study, detail=request_target(request))
         request.state.user = principal.username
         request.state.principal = principal
         return principal
