@@ -390,13 +390,30 @@ VIEWER_CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 
 _DOCS_PATHS = ("/docs", "/redoc")
 HSTS = "max-age=31536000"
 REFERRER_POLICY = "no-referrer"
+# Every answer but the viewer's own files is stored by no cache: images,
+# metadata, reports and searches hold patient data, and a browser's disk
+# cache on a shared reading-room PC (or a proxy) must not keep them; a read
+# served from a cache would also reach neither the access check nor the
+# audit trail, and would miss an amendment. Plain no-store, not private
+# with a max-age: the viewer keeps its own in-memory cache of decoded
+# slices (viewer.js, CACHE_LIMIT), so scrolling back does not ask again,
+# and nothing is left on disk when the tab closes. FHIR DiagnosticReport
+# keeps its ETag and Last-Modified (R4 read), which no-store leaves to
+# clients comparing versions, never to a cache answering by itself.
+NO_STORE = "no-store"
+# Answers that hold no patient data and may be cached: the viewer's
+# scripts and styles (index.html says no-cache itself) and the public
+# FHIR CapabilityStatement.
+_CACHEABLE_PREFIXES = ("/static/",)
+_CACHEABLE_PATHS = frozenset({"/fhir/metadata"})
 
 
 class SecurityHeaders:
     """Headers every answer carries unless its route set them: nosniff (an
     answer is never run as another type than it says), no framing
     (clickjacking), no Referer to other sites (viewer URLs hold study UIDs),
-    the viewer's Content-Security-Policy on HTML pages, and HSTS over HTTPS."""
+    ``Cache-Control: no-store`` (:data:`NO_STORE`) but on the viewer's own
+    files, the viewer's Content-Security-Policy on HTML pages, and HSTS over HTTPS."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -414,6 +431,8 @@ class SecurityHeaders:
                 headers.setdefault("X-Content-Type-Options", "nosniff")
                 headers.setdefault("X-Frame-Options", "DENY")
                 headers.setdefault("Referrer-Policy", REFERRER_POLICY)
+                if not path.startswith(_CACHEABLE_PREFIXES) and path not in _CACHEABLE_PATHS:
+                    headers.setdefault("Cache-Control", NO_STORE)
                 is_html = headers.get("content-type", "").lower().startswith("text/html")
                 if is_html and not path.startswith(_DOCS_PATHS):
                     headers.setdefault("Content-Security-Policy", VIEWER_CSP)
