@@ -27,7 +27,6 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 from sqlalchemy.engine import make_url
 
@@ -35,7 +34,7 @@ from storage import file_store_path
 
 from .settings import Settings, load_env_file, load_settings
 
-from .console import err, out
+from .console import TextTable, err, fail, out
 
 
 def _common(parser: argparse.ArgumentParser, *, json_flag: bool = False) -> None:
@@ -282,7 +281,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({**data, **storage}))
         return 0
-    table = Table(title="filmless-pacs")
+    table = TextTable(title="filmless-pacs")
     table.add_column("what")
     table.add_column("count", justify="right")
     for key, value in data.items():
@@ -296,7 +295,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     out.print(table)
     for title, rows, unit in (("bytes per modality", storage["bytes_per_modality"], "series"),
                               ("bytes per month (study date)", storage["bytes_per_month"], "studies")):
-        breakdown = Table(title=title)
+        breakdown = TextTable(title=title)
         for column in ("", unit, "MB"):
             breakdown.add_column(column, justify="right" if column else "left")
         for key, entry in rows.items():
@@ -316,7 +315,7 @@ def cmd_ae(args: argparse.Namespace) -> int:
             forget_cert = (args.client_cert or "").strip().lower() == "none"
             cert = None if forget_cert or args.client_cert is None else certificate_pin(args.client_cert)
         except ValueError as exc:
-            err.print(f"[red]{exc}[/red]")
+            fail(exc)
             return 2
     pacs = _open(args)
     try:
@@ -326,7 +325,7 @@ def cmd_ae(args: argparse.Namespace) -> int:
                 ae = pacs.aes.add(args.name, args.host, args.port, args.description or "", tls=args.tls,
                                   services=services, cert_sha256=cert, forget_cert=forget_cert)
             except ValueError as exc:
-                err.print(f"[red]{exc}[/red]")
+                fail(exc)
                 return 2
             result: dict[str, Any] = {"added": ae.title, "host": ae.host, "port": ae.port, "tls": ae.tls,
                                       "services": services_text(ae.services), "cert_sha256": ae.cert_sha256}
@@ -353,7 +352,7 @@ def cmd_ae(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps([ae.as_json() for ae in aes]))
             else:
-                table = Table(title="known AEs")
+                table = TextTable(title="known AEs")
                 for col in ("AE title", "host", "port", "TLS", "services", "client certificate", "description"):
                     table.add_column(col)
                 for ae in aes:
@@ -454,7 +453,7 @@ def cmd_remote(args: argparse.Namespace) -> int:
         _print_result(args, summary.as_dict())
         return 0 if summary.status == 0 else 1
     except remote.RemoteError as exc:
-        err.print(f"[red]{exc}[/red]")
+        fail(exc)
         return 1
     finally:
         pacs.close()
@@ -540,7 +539,7 @@ def cmd_orders(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(rows, ensure_ascii=False, default=str))
             else:
-                table = Table(title="studies without an order")
+                table = TextTable(title="studies without an order")
                 for col in ("study", "accession", "date", "modalities", "patient ID", "name", "why not matched"):
                     table.add_column(col)
                 for r in rows:
@@ -551,7 +550,7 @@ def cmd_orders(args: argparse.Namespace) -> int:
         try:
             order = service.match(args.study, args.accession)
         except OrderError as exc:
-            err.print(f"[red]{exc}[/red]")
+            fail(exc)
             return 1
         _print_result(args, {"study": args.study, "accession": order["accession_number"], "patient": order["name"]})
         return 0
@@ -579,7 +578,7 @@ def cmd_user(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(users))
             else:
-                table = Table(title="users")
+                table = TextTable(title="users")
                 for col in ("username", "display name", "role", "active"):
                     table.add_column(col)
                 for u in users:
@@ -600,7 +599,7 @@ def cmd_user(args: argparse.Namespace) -> int:
                                           revoke_tokens=not args.keep_tokens)
         except AuthError as exc:
             _audit_admin(pacs, "user-add", f"{change}: refused: {exc}", "failure")
-            err.print(f"[red]{exc}[/red]")
+            fail(exc)
             return 2
         _audit_admin(pacs, "user-add", change)
         result: dict[str, Any] = {"username": args.username, "role": args.role}
@@ -629,7 +628,7 @@ def cmd_token(args: argparse.Namespace) -> int:
                 token = pacs.auth.create_token(args.username, args.name, args.days)
             except AuthError as exc:
                 _audit_admin(pacs, "token-create", f"{detail}: refused: {exc}", "failure")
-                err.print(f"[red]{exc}[/red]")
+                fail(exc)
                 return 2
             _audit_admin(pacs, "token-create", detail)
             _print_result(args, {"username": args.username, "name": args.name, "token": token})
@@ -662,7 +661,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         wide = out.width >= 120  # the client address only where there is room for it
         columns = [("time (UTC)", 14), ("user", 10), ("action", 11), ("outcome", 7), ("patient", 12)]
         columns += [("client", 15)] if wide else []
-        table = Table(title=f"audit trail ({len(events)} events, newest first)")
+        table = TextTable(title=f"audit trail ({len(events)} events, newest first)")
         for column, width in columns:
             table.add_column(column, no_wrap=True, overflow="ellipsis", width=width)
         # What is left of the line goes to the study and the detail.
@@ -708,7 +707,7 @@ def cmd_route(args: argparse.Namespace) -> int:
                     deidentify=args.deidentify, morph=morph, stable_seconds=args.stable,
                 )
             except (routing.RoutingError, ValueError) as exc:
-                err.print(f"[red]{exc}[/red]")
+                fail(exc)
                 return 2
             _print_result(args, rule.as_dict() if args.json else {"rule": rule.name, "to": rule.destination})
         elif command == "rules":
@@ -716,7 +715,7 @@ def cmd_route(args: argparse.Namespace) -> int:
             if args.json:
                 print(json.dumps(listed))
             else:
-                table = Table(title="routing rules")
+                table = TextTable(title="routing rules")
                 for col in ("name", "if", "to", "transcode", "deid", "stable s"):
                     table.add_column(col)
                 for r in listed:
@@ -730,7 +729,7 @@ def cmd_route(args: argparse.Namespace) -> int:
             try:
                 discarded = rules.remove(args.name, force=args.force)
             except routing.RoutingError as exc:  # unfinished jobs, no --force
-                err.print(f"[red]{exc}[/red]")
+                fail(exc)
                 return 2
             if discarded is None:
                 err.print(f"[red]no rule named {args.name}[/red]")
@@ -744,7 +743,7 @@ def cmd_route(args: argparse.Namespace) -> int:
                 out.print(routing.counts(pacs.engine))
                 from .timezones import shown
 
-                table = Table(title="routing jobs")
+                table = TextTable(title="routing jobs")
                 for col in ("job", "rule", "instance", "state", "tries", "next", "error"):
                     table.add_column(col)
                 for j in jobs:

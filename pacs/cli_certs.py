@@ -17,7 +17,7 @@ from typing import Any
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """Run ``pacs certs init-ca|issue``; 0 written, 2 bad input (nothing written)."""
-    from .console import err
+    from .console import fail
 
     from . import certs
 
@@ -28,7 +28,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
             result = certs.issue(args.name, args.ca, args.out, dns=args.dns, ips=args.ip,
                                  client=args.client, days=args.days, force=args.force)
     except certs.CertError as exc:
-        err.print(f"[red]{exc}[/red]")
+        fail(exc)
         return 2
     if args.json:
         print(json.dumps(result.as_dict()))

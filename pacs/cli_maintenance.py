@@ -26,12 +26,11 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
-from rich.table import Table
 
 if TYPE_CHECKING:
     from pacs.leases import LeaseHeld
 
-from .console import err, out
+from .console import TextTable, err, out
 
 
 WAIT_HELP = "if another node runs this job now, wait for it instead of exiting with 1"
@@ -233,7 +232,7 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], human: Callable[[], No
 def _list(title: str, capped: dict[str, Any], columns: tuple[str, ...] = ("key", "detail")) -> None:
     if not capped["count"]:
         return
-    table = Table(title=f"{title} ({capped['count']:,}{', first shown' if capped['truncated'] else ''})")
+    table = TextTable(title=f"{title} ({capped['count']:,}{', first shown' if capped['truncated'] else ''})")
     for col in columns:
         table.add_column(col, overflow="fold")
     for item in capped["items"][:20]:
@@ -242,7 +241,7 @@ def _list(title: str, capped: dict[str, Any], columns: tuple[str, ...] = ("key",
 
 
 def _counts(title: str, rows: list[tuple[str, Any]]) -> None:
-    table = Table(title=title)
+    table = TextTable(title=title)
     table.add_column("what")
     table.add_column("count", justify="right")
     for name, value in rows:
@@ -463,7 +462,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
             _counts("purge (dry run): would delete", [
                 ("studies", report.studies), ("instances", report.instances), ("bytes", _size(report.bytes)),
             ])
-            table = Table(title="studies selected" + (" (first shown)" if data["studies"]["truncated"] else ""))
+            table = TextTable(title="studies selected" + (" (first shown)" if data["studies"]["truncated"] else ""))
             for col in ("study", "date", "modalities", "patient ID", "instances", "size"):
                 table.add_column(col, overflow="fold")
             for s in data["studies"]["items"][:50]:
@@ -675,7 +674,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
                 from pacs.timezones import shown  # the hospital's time with its offset, not bare UTC
 
                 _counts("outbox (HL7 to the HIS, storage commitment reports)", sorted(counts.items()))
-                table = Table(title=f"messages{' ' + args.state if args.state else ''} (newest first)")
+                table = TextTable(title=f"messages{' ' + args.state if args.state else ''} (newest first)")
                 for col in ("id", "to", "kind", "key", "accession", "status", "state", "tries", "next / sent",
                             "error"):
                     table.add_column(col, overflow="fold")

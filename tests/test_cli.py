@@ -186,3 +186,25 @@ def test_a_taken_port_is_named_with_its_option(tmp_path: Path) -> None:
                 assert result.returncode == 1, result.stderr
                 assert f"on 127.0.0.1:{busy}: the port is already in use by another program (choose another " \
                        f"with {option})" in result.stderr, result.stderr
+
+
+def test_tables_and_errors_print_brackets_as_text(tmp_path: Path) -> None:
+    """Values in the CLI's tables and error lines are text: a patient name or
+    accession holding ``[/x]`` stopped `pacs orders unmatched` with rich's
+    MarkupError, and ``[b]`` vanished from the line."""
+    from pydicom import dcmread
+
+    data, src = tmp_path / "data", tmp_path / "in"
+    copy_files(PYDICOM_FILES[:1], src)
+    path = next(p for p in src.rglob("*") if p.is_file())
+    ds = dcmread(path)
+    ds.PatientName = "NGUYEN^[/x] [b]AN"
+    ds.AccessionNumber = "[red]A1"
+    ds.save_as(path)
+    assert pacs("import", str(src), data_dir=data).returncode == 0
+    result = subprocess.run([PACS, "orders", "unmatched", "--data-dir", str(data)], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "COLUMNS": "250"})
+    assert result.returncode == 0, result.stderr
+    assert "NGUYEN^[/x] [b]AN" in result.stdout and "[red]A1" in result.stdout, result.stdout
+    result = pacs("orders", "match", "1.2.3.4", "[/x]", data_dir=data)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
