@@ -41,6 +41,7 @@ from pacs.app import Pacs
 from pacs.audit import Event
 from pacs.commitment import CommitmentResult, Reference, check_commitment
 from pacs.header import valid_uid
+from pacs.logtext import peer_text
 from pacs.periodic import Periodic
 from pacs.remote import associate, local_ae
 
@@ -174,10 +175,10 @@ def make_commitment_handler(pacs: Pacs) -> Any:
         try:
             transaction, references = parse_request(event)
         except CommitmentRequestError as exc:
-            log.warning("storage commitment request from %s refused: %s", calling, exc)
+            log.warning("storage commitment request from %s refused: %s", calling, peer_text(exc, 300))
             return status_dataset(exc.status, str(exc)), None
         log.info("storage commitment requested by %s: %d instances (transaction %s)",
-                 calling, len(references), transaction)
+                 calling, len(references), peer_text(transaction))
         queued = queue_report(pacs, calling, transaction, references, owned=True)
         _owned.hold(queued)
         after_response(assoc, lambda: threading.Thread(

@@ -36,6 +36,7 @@ from pacs.aes import RemoteAE
 from pacs.app import Pacs
 from pacs.errors import Status, query_failure
 from pacs.header import dataset_codec, decode_text
+from pacs.logtext import peer_text
 from pacs.query import UNIQUE_KEY, Level, Query, QueryError, run_query
 from pacs.query.attributes import QUALIFIERS
 from pacs.query.results import ResultShape
@@ -188,11 +189,11 @@ def make_find_handler(pacs: Pacs) -> Any:
         try:
             query, returns, not_matched = identifier_query(event.identifier, sop_class)
         except QueryError as exc:
-            log.warning("C-FIND from %s refused: %s", event.assoc.requestor.ae_title, exc)
+            log.warning("C-FIND from %s refused: %s", event.assoc.requestor.ae_title, peer_text(exc, 300))
             yield status_dataset(IDENTIFIER_MISMATCH, str(exc)), None
             return
         except Exception as exc:
-            log.warning("C-FIND identifier unreadable: %s", exc)
+            log.warning("C-FIND identifier unreadable: %s", peer_text(exc, 300))
             yield status_dataset(UNABLE, f"cannot read identifier: {exc}"), None
             return
         study = query.match.get("StudyInstanceUID", "")
@@ -256,7 +257,7 @@ def _retrieve_items(pacs: Pacs, event: Any, what: str) -> tuple[list[RetrieveIte
         query, _, _ = identifier_query(event.identifier, str(event.request.AffectedSOPClassUID))
         match = retrieve_keys(query)
     except QueryError as exc:
-        log.warning("%s from %s refused: %s", what, event.assoc.requestor.ae_title, exc)
+        log.warning("%s from %s refused: %s", what, event.assoc.requestor.ae_title, peer_text(exc, 300))
         return [], status_dataset(IDENTIFIER_MISMATCH, str(exc))
     try:
         items = resolve(pacs, query.level, match, limit=MAX_SUBOPERATIONS + 1)
@@ -508,7 +509,7 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
         requestor = event.assoc.requestor.ae_title.strip()
         destination = pacs.aes.lookup(str(event.move_destination).strip())
         if destination is None or not destination.enabled:
-            log.warning("C-MOVE from %s to unknown destination %s", requestor, event.move_destination)
+            log.warning("C-MOVE from %s to unknown destination %s", requestor, peer_text(event.move_destination, 16))
             # An export attempt to an address we do not know: the trail shows who tried.
             audit_dimse(pacs, event, "export", outcome="denied",
                         detail=f"C-MOVE to unknown destination {str(event.move_destination).strip()[:16]}")

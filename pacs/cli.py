@@ -32,6 +32,7 @@ from sqlalchemy.engine import make_url
 
 from storage import file_store_path
 
+from . import logtext
 from .settings import Settings, load_env_file, load_settings
 
 from .console import TextTable, err, fail, out
@@ -58,6 +59,9 @@ def setup_logging(level: str) -> None:
         level=getattr(logging, level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # What DICOM peers send reaches the log through pynetdicom's messages
+    # and ours: one printable, bounded line each (pacs.logtext).
+    logtext.install()
     # pynetdicom narrates every PDU, alembic every migration step and
     # fontTools (report PDFs) every glyph subset at INFO.
     for chatty in ("pynetdicom", "alembic", "fontTools"):

@@ -34,6 +34,7 @@ from pacs.app import Pacs
 from pacs.audit import Event
 from pacs.errors import query_failure
 from pacs.header import dataset_codec
+from pacs.logtext import peer_text
 from pacs.orders import OrderError, OrderService
 from pacs.query import QueryError
 from pacs.query.matching import is_date, is_time
@@ -202,7 +203,7 @@ def make_worklist_handler(pacs: Pacs) -> Any:
             if len(steps):
                 not_matched += _sequences_with_values(steps[0])
         except QueryError as exc:
-            log.warning("worklist query from %s refused: %s", requestor.ae_title, exc)
+            log.warning("worklist query from %s refused: %s", requestor.ae_title, peer_text(exc, 300))
             yield _status(IDENTIFIER_MISMATCH, str(exc)), None
             return
         except Exception as exc:
