@@ -36,9 +36,11 @@ from pacs.dicom_net import apply_limits, tune_socket, with_polling
 from pacs.errors import IngestError, Status
 from pacs.header import stray_meta_length
 from pacs.ingest import Origin
+from pacs.logtext import peer_text
 from pacs.part10 import BufferSource, file_meta_bytes
 
 from .acceptor import InlineAssociationServer
+from .associate_rq import AssociationGate, decoding_peer_request
 from .contexts import (
     QR_MODELS,
     STORAGE_TRANSFER_SYNTAXES,
@@ -153,7 +155,7 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
             if stray:
                 # Kept as received except these: our File Meta is the one header.
                 log.warning("C-STORE from %s: %d bytes of File Meta elements (group 0002) inside the data set "
-                            "of %s dropped (PS3.10 7.1)", requestor.ae_title, stray, sop_uid)
+                            "of %s dropped (PS3.10 7.1)", peer_text(requestor.ae_title, 16), stray, peer_text(sop_uid))
             result = pacs.ingestor.ingest(
                 received,
                 origin_of(assoc, source),
@@ -162,10 +164,11 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
                 expected_sop_uid=sop_uid,
             )
         except IngestError as exc:
-            log.warning("C-STORE from %s refused: %s", requestor.ae_title, exc)
+            log.warning("C-STORE from %s refused: %s", peer_text(requestor.ae_title, 16), peer_text(exc, 300))
             return exc.status, exc.reason
         except SQLAlchemyError as exc:  # the AE registry's first read, during an index outage
-            log.warning("C-STORE from %s refused: the index cannot be read: %s", requestor.ae_title, exc)
+            log.warning("C-STORE from %s refused: the index cannot be read: %s", peer_text(requestor.ae_title, 16),
+                        peer_text(exc, 300))
             return Status.INDEX_FAILED, "index unavailable, try again later"
         except Exception as exc:  # never let one object take the listener down
             log.exception("C-STORE failed unexpectedly")
@@ -179,7 +182,7 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
             # Once per association; no value in the log (names are PHI).
             assoc._warned_charset = True
             log.warning("C-STORE from %s: text declared ISO_IR 100 (Latin-1) is UTF-8; indexed as UTF-8 "
-                        "(the modality should declare ISO_IR 192)", requestor.ae_title)
+                        "(the modality should declare ISO_IR 192)", peer_text(requestor.ae_title, 16))
         # One audit event per study and association, not per instance.
         study = result.header.study_uid
         if getattr(assoc, "_audited_study", None) != study:
@@ -406,7 +409,7 @@ def _abort_on_action_error(assoc: Any) -> None:
                 log.info("dropped %s from the local user after the association ended", fsm_event)
                 return
             log.warning("invalid PDU from %s (%s); aborting the association",
-                        getattr(assoc.requestor, "address", "?"), exc)
+                        getattr(assoc.requestor, "address", "?"), peer_text(exc, 200))
             assoc.dul._kill_thread = False  # do_action killed it: let the abort run
             original("Evt19")
 
@@ -450,15 +453,12 @@ def refuse_impostors(pacs: Pacs) -> Any:
         address = str(assoc.requestor.address)
         remote = pacs.aes.cached().get(calling)
         reason = certificate_refusal(assoc, calling, remote)
-        # An unlisted title is pynetdicom's to refuse, and audit_refusal records it.
+        # An unlisted title is pynetdicom's to refuse; AssociationGate.rejected
+        # logs and audits every refusal, with this reason.
         if (reason is None and settings.ae_allowlist and settings.ae_check_host and remote is not None
                 and remote.enabled and not host_matches(address, remote.host)):
-            reason = f"calling AE {calling} is registered at another host"
-            log.warning("association from %s calling as %s refused: %s is registered at %s (ae_check_host)",
-                        address, calling, calling, remote.host)
-        elif reason is not None:
-            log.warning("association from %s calling as %s refused: %s", address, calling, reason)
-        else:
+            reason = f"calling AE {calling} is registered at another host ({remote.host}, ae_check_host)"
+        if reason is None:
             return
         assoc._pacs_refusal = reason
         assoc.acse.send_reject(0x01, 0x01, 0x03)
@@ -468,65 +468,43 @@ def refuse_impostors(pacs: Pacs) -> Any:
     return requested
 
 
-def audit_refusal(pacs: Pacs) -> Any:
-    """EVT_REJECTED: a refused association is an access attempt the audit
-    trail must show (IHE ATNA), with the title and address it came from."""
-
-    def rejected(event: Any) -> None:
-        assoc = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
-        reason = getattr(assoc, "_pacs_refusal", "")
-        if not reason:
-            allowed = assoc.ae.require_calling_aet
-            reason = ("calling AE title not in the registry (ae_allowlist)" if allowed and calling not in allowed
-                      else "refused (too many associations, or the called AE title)")
-        pacs.audit.record(Event(action="associate", user=calling, role="dicom", client=str(assoc.requestor.address),
-                                protocol="dicom", outcome="denied", detail=reason[:500]))
-
-    return rejected
-
-
-def _abort_invalid_request(event: Any) -> None:
-    """EVT_REQUESTED: abort an A-ASSOCIATE-RQ that proposes a presentation
-    context without a transfer syntax (PS3.8 9.3.2.2 requires at least one).
-
-    pynetdicom's negotiation takes the first one unchecked: the acceptor
-    thread died with an IndexError and left the connection unanswered.
-    """
-    contexts = event.assoc.requestor.primitive.presentation_context_definition_list or []
-    if any(not cx.transfer_syntax for cx in contexts):
-        log.warning("A-ASSOCIATE-RQ from %s proposes a presentation context without a transfer syntax; aborting",
-                    event.assoc.requestor.address)
-        event.assoc.acse.send_abort(0x02)
-        # Wait for the A-ABORT to go out (and the peer to close, or ARTIM),
-        # as pynetdicom does after a rejection; the caller then closes.
-        event.assoc.kill()
-
-
 class _PeerPduErrors(logging.Filter):
-    """One line, not a traceback, for a malformed PDU from a peer.
+    """One line, not a traceback, for a malformed PDU from a peer, and that
+    line once.
 
     pynetdicom answers an undecodable PDU with an A-ABORT (correct) and logs
     the decoding exception with its traceback, which reads like a crash of
-    the server in the operator's log. Other exceptions keep theirs.
+    the server in the operator's log; its validators log the bad value at
+    ERROR first, so each value was written twice (a peer grew the log twice
+    as fast as it sent). The listener's AssociationGate says such a PDU
+    itself, with the peer's address and titles: pynetdicom's records of it
+    are dropped. Other exceptions keep their traceback.
     """
 
     # pynetdicom functions whose exceptions come from what the peer sent.
     PEER_DATA_FUNCTIONS = ("_read_pdu_data", "do_action", "decode_bytes", "receive_primitive")
+    # Said once, by the record with the exception that follows.
+    ANNOUNCEMENTS = ("Connection closed before the entire PDU was received", "Unable to decode the received PDU data")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if (record.funcName == "_read_pdu_data" and not record.exc_info
-                and record.getMessage() == "Connection closed before the entire PDU was received"):
-            return False  # said once, by the record with the exception that follows
+        if record.name == "pynetdicom.utils" and record.levelno >= logging.ERROR and decoding_peer_request():
+            return False  # the value pynetdicom refuses, and raises for: AssociationGate says it
+        if record.funcName == "_read_pdu_data" and not record.exc_info and record.msg in self.ANNOUNCEMENTS:
+            return False
+        if record.funcName == "AE_6" and str(record.msg).startswith("A-ASSOCIATE-RQ: Unsupported protocol version"):
+            return False  # AssociationGate says it, with the peer's address and titles
         if record.exc_info and record.funcName in self.PEER_DATA_FUNCTIONS:
             exc = record.exc_info[1]
+            if getattr(exc, "_pacs_said", False):
+                return False
             if isinstance(exc, OSError) and record.funcName == "_read_pdu_data":
                 # A peer that hung up or a link that dropped mid-PDU (a
                 # killed storescu, a satellite link): not a protocol fault.
                 record.msg, record.args = f"connection lost in the middle of a PDU: {exc.__class__.__name__}", None
                 record.levelno, record.levelname = logging.INFO, "INFO"
             else:
-                record.msg, record.args = f"malformed PDU from peer: {exc.__class__.__name__}: {exc}", None
+                record.msg = f"malformed PDU from peer: {exc.__class__.__name__}: {peer_text(exc, 200)}"
+                record.args = None
                 record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.exc_info = record.exc_text = None
         return True
@@ -604,6 +582,7 @@ def start_dicom_server(
 
     ae = build_ae(pacs)
     settings = pacs.settings
+    gate = AssociationGate(pacs, worker=listen_socket is not None)
     guard = ConnectionGuard(settings.max_associations_per_host or max(1, settings.max_associations // 2), host_counts)
     destinations = MoveDestinations()
     ae.on_associate.extend([tune_socket, destinations.remember, lambda assoc: send_stored_as_is(pacs, assoc)])
@@ -614,14 +593,15 @@ def start_dicom_server(
     handlers = [
         (evt.EVT_C_STORE, make_store_handler(pacs)),
         (evt.EVT_CONN_OPEN, _on_conn_open),
+        (evt.EVT_CONN_OPEN, gate.opened),
         (evt.EVT_CONN_OPEN, guard.opened),
         *([(evt.EVT_CONN_OPEN, _event_driven(Limits.of(pacs)))] if pacs.settings.dicom_event_driven else []),
         (evt.EVT_CONN_CLOSE, _on_conn_close),
         (evt.EVT_CONN_CLOSE, guard.closed),
         (evt.EVT_REQUESTED, guard.requested),
-        (evt.EVT_REQUESTED, _abort_invalid_request),
+        (evt.EVT_REQUESTED, gate.requested),
         (evt.EVT_REQUESTED, refuse_impostors(pacs)),
-        (evt.EVT_REJECTED, audit_refusal(pacs)),
+        (evt.EVT_REJECTED, gate.rejected),
         (evt.EVT_ACSE_RECV, prefer_requestor_order),
         # One C-FIND handler per association: dispatch on the information model.
         (evt.EVT_C_FIND, find_dispatcher(make_find_handler(pacs), make_worklist_handler(pacs))),

@@ -87,7 +87,9 @@ def _exception_text(exc_info: Any) -> str:
             parts.append("Traceback (most recent call last):\n")
             parts.extend(traceback.format_tb(exc.__traceback__))
         kind = type(exc)
-        name = kind.__qualname__ if kind.__module__ in ("builtins", "__main__") else f"{kind.__module__}.{kind.__qualname__}"
+        name = kind.__qualname__
+        if kind.__module__ not in ("builtins", "__main__"):
+            name = f"{kind.__module__}.{name}"
         message = peer_text(exc, LINE_LIMIT)
         parts.append(f"{name}: {message}\n" if message else f"{name}\n")
         parts.append(note)

@@ -56,7 +56,8 @@ def test_a_registered_title_from_another_host_is_refused_and_audited(guarded: Pa
     assert _echo(guarded, "CT_NAMED") == 0
     assert _echo(guarded, "CT_FAR") != 0
     assert _echo(guarded, "NOBODY") != 0
-    assert "CT_FAR is registered at 10.9.9.9 (ae_check_host)" in guarded.log_text()
+    assert ("association from 127.0.0.1 (calling CT_FAR, called FILMLESS) refused: calling AE CT_FAR is registered "
+            "at another host (10.9.9.9, ae_check_host)") in guarded.log_text()
     events = _events(guarded, lambda evs: len([e for e in evs if e["action"] == "associate"]) >= 2)
     refused = {(e["user"], e["outcome"], e["client"]) for e in events if e["action"] == "associate"}
     assert refused == {("CT_FAR", "denied", "127.0.0.1"), ("NOBODY", "denied", "127.0.0.1")}
