@@ -388,3 +388,17 @@ def test_max_associations_refusal_is_logged_and_audited(request: pytest.FixtureR
                       in server.log_text(), timeout=10), server.log_text()[-3000:]
     events = audit(server, lambda evs: any(e["client"] == source for e in evs))
     assert [e["detail"] for e in events if e["client"] == source] == [expected]
+
+
+def test_pynetdicom_lines_quoting_a_peer_are_escaped(single: PacsServer) -> None:
+    """pynetdicom's own lines echo the peer too (a non-conformant UID is
+    accepted with a WARNING quoting it): the log handlers' filter makes them
+    one escaped line (pacs.logtext.OneLineFilter)."""
+    source = "127.0.0.18"
+    start = single.log_path.stat().st_size
+    odd = b"1.2\n" + FORGED[:40] + b"\x001"  # 64 characters at most: accepted, then not supported
+    pdu = associate_rq(contexts=context() + context(3, odd))
+    assert outcome(single.dicom_port, pdu, source) == ("AC", 0)
+    raw = single.log_path.read_bytes()[start:]
+    assert b"\0" not in raw and b"\n" + FORGED[:40] not in raw, raw.decode(errors="replace")
+    assert b"Non-conformant 'Abstract Syntax Name' value '1.2\\n" + FORGED[:40] + b"\\x001'" in raw, raw
