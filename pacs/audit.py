@@ -16,7 +16,8 @@ import re
 import socket
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -185,6 +186,46 @@ def _storable(event: Event) -> Event:
             # held every later event back as if the index were down.
             setattr(event, name, _CONTROL.sub("\ufffd", value))
     return event
+
+
+# The patients named in one event, backslash-separated, at most this many
+# UTF-8 bytes: the column is indexed, and PostgreSQL refuses an index entry
+# over ~2.7 kB (an event it refuses was held back as if the index were
+# down). More patients go in further events with the same action and detail.
+MAX_PATIENT_BYTES = 2000
+
+
+def patient_chunks(values: Iterable[str], limit: int = MAX_PATIENT_BYTES) -> list[str]:
+    """Distinct non-empty *values* (patients as :func:`patient_cx` names
+    them) joined with backslashes, in chunks of at most *limit* UTF-8 bytes
+    (one value longer than that is cut): the ``patient_id`` of as many
+    events as an answer showing them needs."""
+    chunks: list[str] = []
+    current: list[str] = []
+    size = 0
+    for value in dict.fromkeys(v for v in values if v):
+        value = value.encode()[:limit].decode(errors="ignore")
+        length = len(value.encode()) + (1 if current else 0)
+        if current and size + length > limit:
+            chunks.append("\\".join(current))
+            current, size, length = [], 0, len(value.encode())
+        current.append(value)
+        size += length
+    if current:
+        chunks.append("\\".join(current))
+    return chunks
+
+
+def naming_patients(event: Event, patients: Iterable[str]) -> list[Event]:
+    """*event* naming the patients an answer showed ("who saw which
+    patient"): itself with the first :func:`patient_chunks` chunk, and a
+    copy (same action, outcome and detail) for each further chunk. Without
+    patients, *event* alone, as it is."""
+    chunks = patient_chunks(patients)
+    if not chunks:
+        return [event]
+    event.patient_id = chunks[0]
+    return [event, *(replace(event, patient_id=chunk) for chunk in chunks[1:])]
 
 
 def record_in(conn: Connection, event: Event) -> None:

@@ -162,7 +162,8 @@ class HeadAsGet:
         if scope["type"] != "http" or scope["method"] != "HEAD":
             await self.app(scope, receive, send)
             return
-        # A copy: the server's own scope keeps HEAD (no body written).
+        # A copy: the server's own scope keeps HEAD (no body written). The
+        # audit records it as the HEAD it is, complete once the headers are out.
         get_scope = dict(scope, method="GET")
         get_scope[HEAD_SCOPE_KEY] = True  # the audit trail says HEAD (security.request_target)
         finished = False

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pacs.audit import Event
+from pacs.audit import Event, patient_chunks
 from pacs.auth import Principal
 from pacs.names import same_person
 from pacs.studylist import referring_of
@@ -69,40 +69,14 @@ def audit(request: Request, action: str, principal: Principal | None, *, outcome
                                                patient_id=patient_id, detail=detail))
 
 
-# The patients named in one audit event, backslash-separated, at most this
-# many UTF-8 bytes: the column is indexed, and PostgreSQL refuses an index
-# entry over ~2.7 kB (an event it refuses was held back as if the index were
-# down). More patients go in further events with the same action and detail.
-MAX_PATIENT_BYTES = 2000
-
-
-def _chunks(values: Iterable[str], limit: int) -> list[str]:
-    """Distinct non-empty *values* joined with backslashes, in chunks of at
-    most *limit* UTF-8 bytes (one value longer than that is cut)."""
-    chunks: list[str] = []
-    current: list[str] = []
-    size = 0
-    for value in dict.fromkeys(v for v in values if v):
-        value = value.encode()[:limit].decode(errors="ignore")
-        length = len(value.encode()) + (1 if current else 0)
-        if current and size + length > limit:
-            chunks.append("\\".join(current))
-            current, size, length = [], 0, len(value.encode())
-        current.append(value)
-        size += length
-    if current:
-        chunks.append("\\".join(current))
-    return chunks
-
-
 def audit_patients(request: Request, patient_ids: Iterable[str]) -> None:
     """Name the patients an answer shows in its audit event ("who saw which
     patient"): backslash-separated, in as many events as their size needs
-    (:data:`MAX_PATIENT_BYTES` each). Study routes get theirs from the study."""
+    (:func:`pacs.audit.patient_chunks`). Study routes get theirs from the study."""
     event = getattr(request.state, "audit", None)
     if event is None:
         return
-    chunks = _chunks(patient_ids, MAX_PATIENT_BYTES)
+    chunks = patient_chunks(patient_ids)
     event.patient_id = chunks[0] if chunks else ""
     request.state.audit_more = [(event.study_uid, chunk) for chunk in chunks[1:]]
 
@@ -241,9 +215,13 @@ def guard(*roles: str, action: str, study_of: StudyOf = path_study) -> Any:
 
 
 class AuditMiddleware:
-    """Writes the audit event a route's guard prepared once the answer's
-    status is known: success, denied (401/403) or failure (any other error),
-    so a 404 or a refused store is not recorded as a successful access."""
+    """Writes the audit event a route's guard prepared once the answer has
+    ended: success, denied (401/403) or failure (any other error status),
+    so a 404 or a refused store is not recorded as a successful access; and
+    a streamed answer (a whole study over WADO-RS) that broke off before its
+    last byte is a failure saying so, by whom (the client went away, or the
+    server failed while sending) and after how many bytes. The answer is
+    passed through as it comes: nothing is held back or delayed."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -253,16 +231,28 @@ class AuditMiddleware:
             await self.app(scope, receive, send)
             return
         recorded = False
+        status = 0
+        sent = 0
+        client_failed = False
+        client_gone = False
+        # A HEAD answered by its GET route (app.HeadAsGet) is complete once
+        # its headers are out; the body is never sent.
+        head = bool(scope.get(HEAD_SCOPE_KEY))
 
-        def record(status: int) -> None:
+        def record(broken: str = "") -> None:
             nonlocal recorded
             event = scope.get("state", {}).get("audit")
             if recorded or not isinstance(event, Event):
                 return
             recorded = True
-            if status >= 400:
+            answered = f" -> {status}" if status else " -> no answer"
+            if broken:
                 event.outcome = "denied" if status in (401, 403) else "failure"
-                event.detail = f"{event.detail} -> {status}"[:500]
+                event.detail = f"{event.detail}{answered}, broken off after {sent} bytes: {broken}"
+            elif status >= 400:
+                event.outcome = "denied" if status in (401, 403) else "failure"
+                event.detail = f"{event.detail}{answered}"
+            event.detail = event.detail[:500]
             trail = scope["app"].state.pacs.audit
             trail.record(event)
             # More studies or patients than one event names (audit_studies,
@@ -270,16 +260,47 @@ class AuditMiddleware:
             for study_uid, patient_id in scope.get("state", {}).get("audit_more", ()):
                 trail.record(dataclasses.replace(event, study_uid=study_uid, patient_id=patient_id))
 
+        async def receive_and_note() -> Message:
+            nonlocal client_gone
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                client_gone = True
+            return message
+
         async def send_and_record(message: Message) -> None:
+            nonlocal status, sent, client_failed
+            # A HEAD is answered once its headers are out (no body follows).
+            last = head and message["type"] == "http.response.start"
             if message["type"] == "http.response.start":
-                record(int(message["status"]))
-            await send(message)
+                status = int(message["status"])
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+                last = not message.get("more_body", False)
+            # The server drops what is sent after the client left (ASGI 2.3),
+            # without a word: a stream that ends then did not reach it.
+            gone = client_gone
+            try:
+                await send(message)
+            except BaseException:
+                client_failed = True
+                raise
+            if last:
+                record("the client went away" if gone else "")  # the last byte is with the server
 
         try:
-            await self.app(scope, receive, send_and_record)
-        except Exception:
-            record(500)
+            await self.app(scope, receive_and_note, send_and_record)
+        except BaseException as exc:
+            if not status:
+                status = 500  # nothing went out: the server answers 500
+                record()
+            elif client_failed:
+                record("the client went away")
+            else:
+                record(f"server error ({exc.__class__.__name__})")
             raise
+        # Returned without its last byte: Starlette stops a streamed answer
+        # when the client disconnects (and the server drops what is sent then).
+        record("the client went away")
 
 
 def requires(*roles: str, action: str, study_of: StudyOf = path_study) -> list[Any]:
