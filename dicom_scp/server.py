@@ -15,6 +15,7 @@ import ssl
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydicom.dataset import Dataset
@@ -31,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from pacs.app import Pacs
 from pacs.addresses import host_matches
-from pacs.audit import Event
+from pacs.audit import Event, patient_cx
 from pacs.dicom_net import apply_limits, tune_socket, with_polling
 from pacs.errors import IngestError, Status
 from pacs.header import stray_meta_length
@@ -111,19 +112,80 @@ def status_dataset(status: int, comment: str) -> Dataset:
 
 
 def audit_dimse(pacs: Pacs, event: Any, action: str, *, study_uid: str = "", detail: str = "",
-                outcome: str = "success") -> None:
+                outcome: str = "success", patient_id: str = "") -> None:
     """Record a DICOM access: the calling AE stands for the user."""
-    audit_association(pacs, event.assoc, action, study_uid=study_uid, detail=detail, outcome=outcome)
+    audit_association(pacs, event.assoc, action, study_uid=study_uid, detail=detail, outcome=outcome,
+                      patient_id=patient_id)
 
 
 def audit_association(pacs: Pacs, assoc: Any, action: str, *, study_uid: str = "", detail: str = "",
-                      outcome: str = "success") -> None:
+                      outcome: str = "success", patient_id: str = "") -> None:
     """:func:`audit_dimse` for an association."""
+    pacs.audit.record(association_event(assoc, action, study_uid=study_uid, detail=detail, outcome=outcome,
+                                        patient_id=patient_id))
+
+
+def association_event(assoc: Any, action: str, *, study_uid: str = "", detail: str = "", outcome: str = "success",
+                      patient_id: str = "") -> Event:
+    """The audit event of a request on *assoc*: the calling AE and its
+    address stand for the user (a patient left empty is filled in from the
+    study when the event is written)."""
     requestor = assoc.requestor
-    pacs.audit.record(
-        Event(action=action, user=requestor.ae_title.strip(), role="dicom", client=str(requestor.address),
-              protocol="dicom", outcome=outcome, study_uid=study_uid, detail=detail[:500])
-    )
+    return Event(action=action, user=requestor.ae_title.strip(), role="dicom", client=str(requestor.address),
+                 protocol="dicom", outcome=outcome, study_uid=study_uid, patient_id=patient_id, detail=detail[:500])
+
+
+# On an association: its refused C-STOREs, (study, status) -> _Refusals.
+_REFUSALS = "_filmless_store_refusals"
+
+
+@dataclass
+class _Refusals:
+    count: int
+    reason: str
+    patient_id: str
+
+
+def audit_store_refusal(pacs: Pacs, assoc: Any, status: int, reason: str, sop_uid: str, header: Any) -> None:
+    """Record a refused C-STORE (PS3.15 A.5.3.3, outcome a failure): who
+    (the calling AE and its address), what (the study and patient of the
+    object when its header could be read; its SOP Instance UID) and the
+    status and reason answered.
+
+    One event for the first refusal of each study and status on an
+    association, written at once; the others are counted, and the count
+    is written when the association ends (:func:`audit_refusal_counts`).
+    A modality resending 10,000 refused objects on one association costs
+    two rows, not 10,000, and one that sends one object per association
+    gets an event per refusal, as ATNA expects."""
+    study = str(getattr(header, "study_uid", "") or "")
+    patient = patient_cx(str(getattr(header, "patient_id", "") or ""), str(getattr(header, "issuer", "") or ""))
+    refusals: dict[tuple[str, int], _Refusals] = assoc.__dict__.setdefault(_REFUSALS, {})
+    known = refusals.get((study, int(status)))
+    if known is not None:
+        known.count += 1
+        return
+    refusals[(study, int(status))] = _Refusals(1, reason, patient)
+    audit_association(pacs, assoc, "store", study_uid=study, patient_id=patient, outcome="failure",
+                      detail=f"C-STORE refused 0x{int(status):04X}: {reason} (SOP Instance {sop_uid})")
+
+
+def audit_refusal_counts(pacs: Pacs) -> Any:
+    """EVT_RELEASED / EVT_ABORTED / EVT_CONN_CLOSE: how many C-STOREs of each
+    study and status the association had refused, where more than the one
+    already recorded (:func:`audit_store_refusal`); once per association."""
+
+    def ended(event: Any) -> None:
+        assoc = event.assoc
+        refusals: dict[tuple[str, int], _Refusals] = assoc.__dict__.pop(_REFUSALS, None) or {}
+        for (study, status), refused in refusals.items():
+            if refused.count > 1:
+                audit_association(pacs, assoc, "store", study_uid=study, patient_id=refused.patient_id,
+                                  outcome="failure",
+                                  detail=f"C-STORE refused 0x{status:04X} for {refused.count} instances on this "
+                                         f"association in all (the first recorded when refused): {refused.reason}")
+
+    return ended
 
 
 def origin_of(assoc: Any, source: str = "dimse") -> Origin:
@@ -144,7 +206,7 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
         requestor = assoc.requestor
         try:
             if (comment := refusal(pacs, assoc, "store")) is not None:
-                return Status.NOT_AUTHORIZED, comment
+                return Status.NOT_AUTHORIZED, comment  # audited by refusal()
             meta = file_meta_bytes(sop_class, sop_uid, transfer_syntax, requestor.ae_title)
             if isinstance(dataset, ReceivedData):
                 received, stray = dataset.source(meta, transfer_syntax)
@@ -165,18 +227,22 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
             )
         except IngestError as exc:
             log.warning("C-STORE from %s refused: %s", peer_text(requestor.ae_title, 16), peer_text(exc, 300))
+            audit_store_refusal(pacs, assoc, exc.status, exc.reason, sop_uid, exc.header)
             return exc.status, exc.reason
         except SQLAlchemyError as exc:  # the AE registry's first read, during an index outage
             log.warning("C-STORE from %s refused: the index cannot be read: %s", peer_text(requestor.ae_title, 16),
                         peer_text(exc, 300))
+            audit_store_refusal(pacs, assoc, Status.INDEX_FAILED, "index unavailable", sop_uid, None)
             return Status.INDEX_FAILED, "index unavailable, try again later"
         except Exception as exc:  # never let one object take the listener down
             log.exception("C-STORE failed unexpectedly")
+            audit_store_refusal(pacs, assoc, Status.CANNOT_UNDERSTAND, "internal error", sop_uid, None)
             return Status.CANNOT_UNDERSTAND, f"internal error: {exc}"
         finally:
             if isinstance(dataset, ReceivedData):
                 dataset.close()
         if result.conflict:
+            audit_store_refusal(pacs, assoc, Status.DUPLICATE_SOP_INSTANCE, result.conflict, sop_uid, result.header)
             return Status.DUPLICATE_SOP_INSTANCE, result.conflict
         if result.header.mislabelled_utf8 and not getattr(assoc, "_warned_charset", False):
             # Once per association; no value in the log (names are PHI).
@@ -602,6 +668,10 @@ def start_dicom_server(
         (evt.EVT_REQUESTED, gate.requested),
         (evt.EVT_REQUESTED, refuse_impostors(pacs)),
         (evt.EVT_REJECTED, gate.rejected),
+        # Whichever comes first ends the association's count of refused C-STOREs.
+        (evt.EVT_RELEASED, audit_refusal_counts(pacs)),
+        (evt.EVT_ABORTED, audit_refusal_counts(pacs)),
+        (evt.EVT_CONN_CLOSE, audit_refusal_counts(pacs)),
         (evt.EVT_ACSE_RECV, prefer_requestor_order),
         # One C-FIND handler per association: dispatch on the information model.
         (evt.EVT_C_FIND, find_dispatcher(make_find_handler(pacs), make_worklist_handler(pacs))),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from enum import IntEnum
+from typing import Any
 
 
 class Status(IntEnum):
@@ -46,12 +47,16 @@ class PacsError(Exception):
 
 
 class IngestError(PacsError):
-    """An object was refused; ``status`` is the DICOM status to answer."""
+    """An object was refused; ``status`` is the DICOM status to answer.
+    ``header`` is the refused object's parsed header (a
+    :class:`pacs.header.InstanceHeader`) when it could be read: which study
+    and patient the refusal concerns, for the audit trail."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
         self.status = int(status)
         self.reason = reason
+        self.header: Any = None
 
     @property
     def http_status(self) -> int:

@@ -222,15 +222,19 @@ class Ingestor:
         self.check_space(size)
         with source.open() as stream:
             header = parse_header(stream, size, transfer_syntax=transfer_syntax)
-        _check_expected(header, expected_sop_class, expected_sop_uid)
-        self._locks.acquire(header.sop_uid)
         try:
-            with ExitStack() as held:
-                if replaces is None:
-                    self._lock_instance(header.sop_uid, held)
-                return self._store_and_index(source, header, origin, replaces, retire_as)
-        finally:
-            self._locks.release(header.sop_uid)
+            _check_expected(header, expected_sop_class, expected_sop_uid)
+            self._locks.acquire(header.sop_uid)
+            try:
+                with ExitStack() as held:
+                    if replaces is None:
+                        self._lock_instance(header.sop_uid, held)
+                    return self._store_and_index(source, header, origin, replaces, retire_as)
+            finally:
+                self._locks.release(header.sop_uid)
+        except IngestError as exc:
+            exc.header = header  # the refusal's audit names its study and patient
+            raise
 
     def _lock_instance(self, sop_uid: str, held: ExitStack) -> None:
         """Copies of one instance received by other processes at once wait
