@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -34,6 +34,7 @@ from pynetdicom.sop_class import (
 
 from pacs.aes import RemoteAE
 from pacs.app import Pacs
+from pacs.audit import naming_patients, patient_cx
 from pacs.errors import Status, query_failure
 from pacs.header import dataset_codec, decode_text
 from pacs.logtext import peer_text
@@ -45,7 +46,7 @@ from pacs.tls import association_tls
 
 from .cancels import is_cancelled
 from .find_responses import PendingResponses
-from .server import audit_dimse, error_comment, status_dataset
+from .server import association_event, audit_association, audit_dimse, error_comment, status_dataset
 from .stored_send import (
     StoredInstance,
     accepted_syntaxes,
@@ -66,6 +67,8 @@ _PATIENT_ROOT = {
 _SKIP = {"QueryRetrieveLevel", "SpecificCharacterSet"}
 # DICOM statuses
 PENDING, CANCEL, IDENTIFIER_MISMATCH, UNABLE = 0xFF00, 0xFE00, 0xA900, 0xC000
+# Warning: sub-operations complete, one or more failures or warnings (PS3.4 C.4.2.1.5).
+WARNING = 0xB000
 # Pending, "one or more Optional Keys were not supported for existence
 # and/or matching for this Identifier" (PS3.4 Table C.4-1).
 PENDING_UNSUPPORTED_KEYS = 0xFF01
@@ -190,41 +193,81 @@ def make_find_handler(pacs: Pacs) -> Any:
             query, returns, not_matched = identifier_query(event.identifier, sop_class)
         except QueryError as exc:
             log.warning("C-FIND from %s refused: %s", event.assoc.requestor.ae_title, peer_text(exc, 300))
+            audit_dimse(pacs, event, "query", outcome="failure",
+                        detail=f"C-FIND refused 0x{IDENTIFIER_MISMATCH:04X}: {exc}")
             yield status_dataset(IDENTIFIER_MISMATCH, str(exc)), None
             return
         except Exception as exc:
             log.warning("C-FIND identifier unreadable: %s", peer_text(exc, 300))
+            audit_dimse(pacs, event, "query", outcome="failure",
+                        detail=f"C-FIND refused 0x{UNABLE:04X}: cannot read identifier")
             yield status_dataset(UNABLE, f"cannot read identifier: {exc}"), None
             return
-        study = query.match.get("StudyInstanceUID", "")
-        audit_dimse(pacs, event, "query", study_uid="" if study == "*" else study,
-                    detail=f"C-FIND {query.level.value} " + " ".join(f"{k}={v}" for k, v in query.match.items()))
         shape = ResultShape(query.level, returns, pacs.settings.ae_title)
         # PS3.4 C.4.1.1.4: FF01 says an optional key was not supported for
         # matching, so the SCU knows its matches were not narrowed by it.
         pending = PENDING_UNSUPPORTED_KEYS if not_matched else PENDING
         # Matches written here, many per socket write; None: pynetdicom sends each.
         writer = PendingResponses.open(event, shape, pending)
+        # Recorded once the answer ended, however it ended: with the
+        # patients it showed, as QIDO-RS names them.
+        answer = FindAnswer()
         try:
             for row in run_query(pacs.engine, query):
                 if cancelled(event):
                     if writer is not None:
                         writer.flush()
+                    answer.end = "cancelled by the requester"
                     yield CANCEL, None
                     return
                 if writer is None:
                     yield pending, shape.dataset(row, wire=True)
                 elif not writer.send(row):
+                    answer.end = "the requester is gone"
                     return  # the peer is gone: nothing more to answer
-            if writer is not None:
-                writer.flush()
+                answer.shown(row)
+            if writer is not None and not writer.flush():
+                answer.end = "the requester is gone"
+                return
+            answer.end = ""
         except Exception as exc:
             status, comment = query_failure(log, "C-FIND", exc)
+            answer.end = f"failed 0x{status:04X}"
             if writer is not None:
                 writer.flush()
             yield status_dataset(status, comment), None
+        finally:
+            answer.record(pacs, event, query)
 
     return handle_find
+
+
+class FindAnswer:
+    """What a C-FIND answered, for its one audit event: the matches sent,
+    the patients they showed, and how the answer ended."""
+
+    def __init__(self) -> None:
+        self.matches = 0
+        self.patients: dict[str, None] = {}
+        # "" complete; else why it ended early. Until set: the association
+        # went away while a match was being sent (pynetdicom dropped the handler).
+        self.end = "the association ended"
+
+    def shown(self, row: dict[str, Any]) -> None:
+        """A match was sent (its patient from the index, never the identifier)."""
+        self.matches += 1
+        self.patients[patient_cx(row.get("_patient_id") or "", row.get("_issuer") or "")] = None
+
+    def record(self, pacs: Pacs, event: Any, query: Query) -> None:
+        keys = " ".join(f"{k}={v}" for k, v in query.match.items())
+        study = query.match.get("StudyInstanceUID", "")
+        # A cancel is the requester's choice: what it saw is named, the query succeeded.
+        outcome = "success" if not self.end or self.end.startswith("cancelled") else "failure"
+        detail = f"C-FIND {query.level.value} {keys}: {self.matches} match(es)" + (f", {self.end}" if self.end else "")
+        base = association_event(event.assoc, "query", outcome=outcome, study_uid="" if study == "*" else study,
+                                 detail=detail)
+        for item in naming_patients(base, self.patients):
+            pacs.audit.record(item)
 
 
 def retrieve_keys(query: Query) -> dict[str, str]:
@@ -287,6 +330,9 @@ def _send_items(pacs: Pacs, event: Any, items: list[RetrieveItem], accepted: Any
     failed: list[str] = []
     failures: list[str] = []
     event.assoc.__dict__[_FAILURES] = (event.request.MessageID, failures)
+    retrieval = _retrieval(event.assoc, event.request.MessageID)
+    if retrieval is not None:
+        retrieval.failures = failures
     syntaxes = [send_syntax(item, peer_accepts.get(item.sop_class_uid, [])) for item in items]
     ranged = [item for item, syntax in zip(items, syntaxes) if syntax is not None and reads_by_range(item, syntax)]
     with read_ahead(pacs.store, ranged) as fetch:
@@ -306,12 +352,16 @@ def _send_items(pacs: Pacs, event: Any, items: list[RetrieveItem], accepted: Any
                 # UID) as a failed sub-operation and lists its SOP Instance UID.
                 unsendable = Dataset()
                 unsendable.SOPInstanceUID = item.sop_uid
+                if retrieval is not None:
+                    retrieval.attempted += 1
                 yield PENDING, unsendable
                 continue
             instance = StoredInstance(item, syntax, failures, move_originator)
             if reads_by_range(item, syntax):
                 instance.prefetched = fetch(ranged_index)
                 ranged_index += 1
+            if retrieval is not None:
+                retrieval.attempted += 1
             yield PENDING, instance
 
 
@@ -367,6 +417,104 @@ _FAILURES = "_filmless_retrieve_failures"
 _MOVE_OPENING = "_filmless_move_opening"
 
 
+# On the requesting association while a C-MOVE/C-GET is served: its _Retrieval.
+_RETRIEVAL = "_filmless_retrieval"
+
+
+@dataclass
+class _Retrieval:
+    """A C-MOVE or C-GET being served, for its audit events: written once
+    it has ended (:func:`_record_retrieval`), with what its final response
+    said, so that a transfer whose sub-operations failed is not recorded
+    as a successful export."""
+
+    message_id: int
+    action: str  # "export" (C-MOVE) or "retrieve" (C-GET)
+    what: str  # "C-MOVE to DEST" or "C-GET"
+    studies: list[str]
+    count: int
+    event: Any
+    # Named when no study is (a request that matched nothing): the identifier's patient.
+    patient_id: str = ""
+    attempted: int = 0
+    failures: list[str] = field(default_factory=list)
+    # Why the destination could not be associated (C-MOVE).
+    cause: str = ""
+    # The final response: Status, Completed, Failed, Warning, Remaining.
+    final: tuple[int, int, int, int, int] | None = None
+
+
+def _retrieval(assoc: Any, message_id: int) -> _Retrieval | None:
+    retrieval = assoc.__dict__.get(_RETRIEVAL)
+    return retrieval if retrieval is not None and retrieval.message_id == message_id else None
+
+
+def _number(response: Any, name: str) -> int:
+    value = getattr(response, name, None)
+    return int(value) if value is not None else 0
+
+
+def _note_final(assoc: Any, response: C_MOVE | C_GET) -> None:
+    """Keep the final response of the C-MOVE/C-GET being served for its audit."""
+    retrieval = _retrieval(assoc, response.MessageIDBeingRespondedTo)
+    if retrieval is not None:
+        retrieval.final = (int(response.Status), _number(response, "NumberOfCompletedSuboperations"),
+                           _number(response, "NumberOfFailedSuboperations"),
+                           _number(response, "NumberOfWarningSuboperations"),
+                           _number(response, "NumberOfRemainingSuboperations"))
+
+
+def retrieval_outcome(retrieval: _Retrieval) -> tuple[str, str]:
+    """(outcome, detail) of a C-MOVE/C-GET from its final response, PS3.15
+    A.5.3.3 "DICOM Instances Transferred" style: success only when every
+    sub-operation completed (warnings included); otherwise a failure whose
+    detail says which kind -- partial (some failed), failed (none sent),
+    cancelled, or the association ended before the final response -- with
+    the sub-operation counts and the first failure's reason."""
+    what, total = retrieval.what, retrieval.count
+    reason = f": {retrieval.cause or retrieval.failures[0]}" if retrieval.cause or retrieval.failures else ""
+    if retrieval.final is None:
+        return "failure", (f"{what}: the association ended before the final response, after "
+                           f"{retrieval.attempted} of {total} sub-operation(s){reason}")
+    status, completed, failed, warning, remaining = retrieval.final
+    sent = completed + warning
+    counts = f"{sent} of {total} instance(s) sent" + (f", {warning} with warnings" if warning else "")
+    if failed:
+        counts += f", {failed} failed"
+    if status == CANCEL:
+        not_sent = remaining or max(0, total - sent - failed)
+        return "failure", f"{what}: cancelled by the requester: {counts}, {not_sent} not sent (0x{status:04X})"
+    if status in (0x0000, WARNING) and not failed:
+        return "success", f"{what}: {counts}" + (f" (0x{status:04X})" if status else "")
+    if sent:
+        return "failure", f"{what}: partial: {counts} (0x{status:04X}){reason}"
+    return "failure", f"{what}: failed: {counts} (0x{status:04X}){reason}"
+
+
+def _record_retrieval(pacs: Pacs, assoc: Any, message_id: int) -> None:
+    """Write the audit events of the C-MOVE/C-GET *message_id* once it was
+    served (its final response sent, or the association gone): one per
+    study it named, all with the transfer's outcome."""
+    retrieval = _retrieval(assoc, message_id)
+    if retrieval is None:
+        return
+    del assoc.__dict__[_RETRIEVAL]
+    outcome, detail = retrieval_outcome(retrieval)
+    for study in retrieval.studies or [""]:
+        audit_dimse(pacs, retrieval.event, retrieval.action, study_uid=study, outcome=outcome, detail=detail,
+                    patient_id="" if study else retrieval.patient_id)
+
+
+def _retrieval_of(event: Any, action: str, what: str, items: list[RetrieveItem]) -> _Retrieval:
+    """The :class:`_Retrieval` of the C-MOVE/C-GET *event* sending *items*:
+    the studies they belong to, else (none matched) those the identifier named."""
+    studies = sorted({i.study_uid for i in items})
+    patient = ""
+    if not studies:
+        studies, patient = requested_studies(event.identifier)
+    return _Retrieval(event.request.MessageID, action, what, studies, len(items), event, patient_id=patient)
+
+
 @dataclass
 class _OpeningMove:
     message_id: int
@@ -409,10 +557,16 @@ def refuse_retrieves_early(pacs: Pacs) -> Any:
         serve = assoc._serve_request
 
         def serve_request(message: Any, context_id: int) -> None:
-            if (isinstance(message, C_MOVE | C_GET) and message.is_valid_request
-                    and _refused(pacs, assoc, message, context_id)):
+            if not isinstance(message, C_MOVE | C_GET):
+                serve(message, context_id)
                 return
-            serve(message, context_id)
+            if message.is_valid_request and _refused(pacs, assoc, message, context_id):
+                return
+            try:
+                serve(message, context_id)
+            finally:
+                # Served: its final response is out, or never will be.
+                _record_retrieval(pacs, assoc, message.MessageID)
 
         assoc._serve_request = serve_request
         send = assoc.dimse.send_msg
@@ -421,9 +575,10 @@ def refuse_retrieves_early(pacs: Pacs) -> Any:
             if isinstance(primitive, C_MOVE) and primitive.Status == UNKNOWN_DESTINATION:
                 opening = assoc.__dict__.pop(_MOVE_OPENING, None)
                 if opening is not None and opening.message_id == primitive.MessageIDBeingRespondedTo:
-                    _destination_failed(pacs, primitive, opening)
+                    _destination_failed(primitive, opening)
             if isinstance(primitive, C_MOVE | C_GET) and primitive.Status not in (None, PENDING):
                 _explain_failure(assoc, primitive)
+                _note_final(assoc, primitive)
             send(primitive, context_id)
 
         assoc.dimse.send_msg = send_msg
@@ -443,16 +598,17 @@ def _explain_failure(assoc: Any, response: C_MOVE | C_GET) -> None:
         response.ErrorComment = error_comment(failures[0])
 
 
-def _destination_failed(pacs: Pacs, response: C_MOVE, opening: _OpeningMove) -> None:
+def _destination_failed(response: C_MOVE, opening: _OpeningMove) -> None:
     """Turn pynetdicom's 0xA801 for a registered destination it could not
     associate with into 0xA702 naming the cause (PS3.4 C.4.2.1.5: A801 is
-    for a destination the SCP does not know), logged and audited."""
+    for a destination the SCP does not know), logged and audited (the cause
+    goes to the move's audit events, :func:`_record_retrieval`)."""
     cause = _destination_failure(opening)
     log.warning("C-MOVE of %d instances from %s refused: %s", opening.count,
                 opening.event.assoc.requestor.ae_title.strip(), cause)
-    for study in opening.studies:
-        audit_dimse(pacs, opening.event, "export", study_uid=study, outcome="failure",
-                    detail=f"C-MOVE to {opening.destination.title}: {cause}")
+    retrieval = _retrieval(opening.event.assoc, opening.message_id)
+    if retrieval is not None:
+        retrieval.cause = cause  # audited with the A702 below, once served
     response.Status = OUT_OF_RESOURCES  # Refused: Out of resources - unable to perform sub-operations
     response.ErrorComment = error_comment(cause)
     response.NumberOfRemainingSuboperations = 0
@@ -490,7 +646,31 @@ def _refused(pacs: Pacs, assoc: Any, request: C_MOVE | C_GET, context_id: int) -
         assoc.__dict__[_RETRIEVE_ITEMS] = (request.MessageID, items)
         return False
     _answer_refusal(assoc, request, context_id, refusal)
+    studies, patient = requested_studies(identifier)
+    if isinstance(request, C_MOVE):
+        what = f"C-MOVE to {str(request.MoveDestination or '').strip()[:16]}"
+    detail = f"{what}: refused 0x{int(refusal.Status):04X}: {refusal.get('ErrorComment') or ''}"
+    for study in studies or [""]:
+        audit_association(pacs, assoc, "export" if isinstance(request, C_MOVE) else "retrieve", study_uid=study,
+                          patient_id="" if study else patient, outcome="failure", detail=detail)
     return True
+
+
+def requested_studies(identifier: Dataset) -> tuple[list[str], str]:
+    """The studies a C-MOVE/C-GET identifier names (its Study Instance UID
+    values), and its Patient ID (as :func:`pacs.audit.patient_cx` with its
+    issuer) for one naming a patient only: what an attempt that sent
+    nothing is audited with. Never raises: the identifier may be anything."""
+    try:
+        codec = dataset_codec(identifier)
+        keys = text_keys(identifier, codec)
+    except Exception:
+        return [], ""
+    studies = [uid.strip() for uid in keys.get("StudyInstanceUID", "").split("\\") if uid.strip() not in ("", "*")]
+    patient = keys.get("PatientID", "")
+    if "*" in patient or "?" in patient or "\\" in patient:
+        patient = ""  # a wildcard or a list names nobody
+    return list(dict.fromkeys(studies))[:100], patient_cx(patient, keys.get("IssuerOfPatientID", "") if patient else "")
 
 
 def _answer_refusal(assoc: Any, request: C_MOVE | C_GET, context_id: int, refusal: Dataset) -> None:
@@ -510,9 +690,13 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
         destination = pacs.aes.lookup(str(event.move_destination).strip())
         if destination is None or not destination.enabled:
             log.warning("C-MOVE from %s to unknown destination %s", requestor, peer_text(event.move_destination, 16))
-            # An export attempt to an address we do not know: the trail shows who tried.
-            audit_dimse(pacs, event, "export", outcome="denied",
-                        detail=f"C-MOVE to unknown destination {str(event.move_destination).strip()[:16]}")
+            # An export attempt to an address we do not know: the trail shows
+            # who tried, and what they tried to send out.
+            studies, patient = requested_studies(event.identifier)
+            for study in studies or [""]:
+                audit_dimse(pacs, event, "export", outcome="denied", study_uid=study,
+                            patient_id="" if study else patient,
+                            detail=f"C-MOVE to unknown destination {str(event.move_destination).strip()[:16]}")
             yield None, None  # pynetdicom answers 0xA801
             return
         items, refusal = _resolved_items(pacs, event, "C-MOVE")
@@ -536,13 +720,13 @@ def make_move_handler(pacs: Pacs, destinations: MoveDestinations) -> Any:
             destinations.forget()
             event.assoc.__dict__[_MOVE_OPENING] = _OpeningMove(
                 event.request.MessageID, destination, len(items), studies, event, destinations)
+        # Audited once served, with its outcome (refuse_retrieves_early).
+        event.assoc.__dict__[_RETRIEVAL] = _retrieval_of(event, "export", f"C-MOVE to {destination.title}", items)
         yield destination.host, destination.port, {
             "contexts": contexts, **association_tls(pacs.settings, destination)}
         yield len(items)
         # Asked for the sub-operations: the destination is associated.
         event.assoc.__dict__.pop(_MOVE_OPENING, None)
-        for study in studies:
-            audit_dimse(pacs, event, "export", study_uid=study, detail=f"C-MOVE to {destination.title}")
         log.info("C-MOVE of %d instances from %s to %s", len(items), requestor, destination.title)
         yield from _send_items(pacs, event, items, destinations.accepted, requestor)
 
@@ -565,8 +749,8 @@ def make_get_handler(pacs: Pacs) -> Any:
             yield 1
             yield refusal, None
             return
-        for study in sorted({i.study_uid for i in items}):
-            audit_dimse(pacs, event, "retrieve", study_uid=study, detail="C-GET")
+        # Audited once served, with its outcome (refuse_retrieves_early).
+        event.assoc.__dict__[_RETRIEVAL] = _retrieval_of(event, "retrieve", "C-GET", items)
         yield len(items)
         send_stored_as_is(pacs, event.assoc)
 
