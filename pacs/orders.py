@@ -1192,6 +1192,28 @@ class OrderService:
         _lock_keys(conn, keys)
 
     # -- status and performed steps -----------------------------------------------------
+    def step_orders(self, sop_uid: str) -> list[dict[str, str]]:
+        """The scheduled steps the performed step *sop_uid* (an MPPS
+        instance) performs: accession number, Study Instance UID, step ID
+        and the patient's ID and issuer of each, in its items' order; empty
+        for a step not recorded or matching no order. What the audit trail
+        names for an MPPS."""
+        with self.engine.connect() as conn:
+            step = conn.execute(select(steps_t).where(steps_t.c.sop_uid == sop_uid)).first()
+            if step is None:
+                return []
+            pks = _step_orders(step)
+            if not pks:
+                return []
+            rows = {row.pk: row for row in conn.execute(
+                select(orders_t.c.pk, orders_t.c.accession_number, orders_t.c.study_uid, orders_t.c.step_id,
+                       patients_t.c.patient_id, patients_t.c.issuer)
+                .join(patients_t, patients_t.c.pk == orders_t.c.patient_pk)
+                .where(orders_t.c.pk.in_(pks)))}
+        return [{"accession_number": rows[pk].accession_number, "study_uid": rows[pk].study_uid,
+                 "step_id": rows[pk].step_id, "patient_id": rows[pk].patient_id, "issuer": rows[pk].issuer}
+                for pk in pks if pk in rows]
+
     def record_step(
         self,
         sop_uid: str,

@@ -30,8 +30,9 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_scp.qr import PENDING_UNSUPPORTED_KEYS, _sequence_has_values, cancelled, text_keys
+from dicom_scp.server import association_event
 from pacs.app import Pacs
-from pacs.audit import Event
+from pacs.audit import naming_patients, patient_cx
 from pacs.errors import query_failure
 from pacs.header import dataset_codec
 from pacs.logtext import peer_text
@@ -185,6 +186,8 @@ def _sequences_with_values(ds: Dataset, skip: str = "") -> list[str]:
 def make_worklist_handler(pacs: Pacs) -> Any:
     def handle_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
         requestor = event.assoc.requestor
+        match: dict[str, str] = {}
+        step: dict[str, str] = {}
         try:
             identifier = event.identifier
             # Read as the Q/R C-FIND reads its keys: UTF-8 sent without a
@@ -204,10 +207,13 @@ def make_worklist_handler(pacs: Pacs) -> Any:
                 not_matched += _sequences_with_values(steps[0])
         except QueryError as exc:
             log.warning("worklist query from %s refused: %s", requestor.ae_title, peer_text(exc, 300))
+            _audit_query(pacs, event, match, step, 0, f"refused 0x{IDENTIFIER_MISMATCH:04X}: {exc}", {})
             yield _status(IDENTIFIER_MISMATCH, str(exc)), None
             return
         except Exception as exc:
-            yield _status(*query_failure(log, "worklist query", exc)), None
+            status, comment = query_failure(log, "worklist query", exc)
+            _audit_query(pacs, event, match, step, 0, f"failed 0x{status:04X}", {})
+            yield _status(status, comment), None
             return
         if not_matched:
             # PS3.4 C.2.2.1.3 / K.2.2.1.1.2: an optional key the SCP does not
@@ -217,28 +223,44 @@ def make_worklist_handler(pacs: Pacs) -> Any:
         # FF01: an optional key was not supported for matching (PS3.4 Annex K, as C.4.1.1.4).
         pending = PENDING_UNSUPPORTED_KEYS if not_matched else PENDING
         answered = 0
+        patients: dict[str, None] = {}
+        # Until the loop ends: the association went away while a step was sent.
+        end = "the association ended"
         try:
             for row in rows:
                 if cancelled(event):
+                    end = "cancelled by the requester"
                     yield CANCEL, None
                     return
                 yield pending, answer(identifier, row)
                 answered += 1
+                patients[patient_cx(row["patient_id"] or "", row["issuer"] or "")] = None
+            end = ""
         except Exception as exc:
-            yield _status(*query_failure(log, "worklist query", exc)), None
+            status, comment = query_failure(log, "worklist query", exc)
+            end = f"failed 0x{status:04X}"
+            yield _status(status, comment), None
             return
         finally:
             # The worklist names the patients scheduled: reading it is an access to
             # their data (IHE ATNA "Query"), recorded like any C-FIND -- once the
-            # answer is sent, with how many steps it named.
-            pacs.audit.record(Event(
-                action="worklist-query", user=requestor.ae_title.strip(), role="dicom",
-                client=str(requestor.address), protocol="dicom",
-                detail=(f"MWL C-FIND: {answered} scheduled step(s); "
-                        + " ".join(f"{k}={v}" for k, v in {**match, **step}.items() if v))[:500],
-            ))
+            # answer is sent, with how many steps it named and whose.
+            _audit_query(pacs, event, match, step, answered, end, patients)
 
     return handle_find
+
+
+def _audit_query(pacs: Pacs, event: Any, match: dict[str, str], step: dict[str, str], answered: int, end: str,
+                 patients: dict[str, None]) -> None:
+    """The audit event of one worklist query: its keys, the steps answered,
+    the patients they named (as QIDO-RS and the Q/R C-FIND name theirs)
+    and how the answer ended (*end*: "" complete; a cancel is a success)."""
+    outcome = "success" if not end or end.startswith("cancelled") else "failure"
+    detail = (f"MWL C-FIND: {answered} scheduled step(s)" + (f", {end}" if end else "") + "; "
+              + " ".join(f"{k}={v}" for k, v in {**match, **step}.items() if v))
+    for item in naming_patients(association_event(event.assoc, "worklist-query", outcome=outcome, detail=detail),
+                                patients):
+        pacs.audit.record(item)
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -403,7 +425,59 @@ def make_mpps_handlers(pacs: Pacs) -> list[tuple[Any, Any]]:
             return status, None
         return 0x0000, changes
 
-    return [(evt.EVT_N_CREATE, handle_create), (evt.EVT_N_SET, handle_set)]
+    def audited_create(event: Any) -> tuple[int | Dataset, Dataset | None]:
+        result = handle_create(event)
+        attributes = event.attribute_list
+        uid = str(event.request.AffectedSOPInstanceUID or "") or str(
+            getattr(result[1], "AffectedSOPInstanceUID", "") or "")
+        patient = patient_cx(_text(attributes.get("PatientID")), _text(attributes.get("IssuerOfPatientID")))
+        _audit_mpps(pacs, service, event, "N-CREATE", uid, result,
+                    _text(attributes.get("PerformedProcedureStepStatus")), _step_refs(attributes), patient)
+        return result
+
+    def audited_set(event: Any) -> tuple[int | Dataset, Dataset | None]:
+        result = handle_set(event)
+        uid = str(event.request.RequestedSOPInstanceUID or "")
+        _audit_mpps(pacs, service, event, "N-SET", uid, result,
+                    _text(event.modification_list.get("PerformedProcedureStepStatus")) or "IN PROGRESS", [], "")
+        return result
+
+    return [(evt.EVT_N_CREATE, audited_create), (evt.EVT_N_SET, audited_set)]
+
+
+def _audit_mpps(pacs: Pacs, service: OrderService, event: Any, operation: str, uid: str,
+                result: tuple[int | Dataset, Dataset | None], status: str, refs: list[tuple[str, str, str]],
+                patient: str) -> None:
+    """Audit an MPPS N-CREATE or N-SET (action ``mpps``): it changes the
+    state of the orders it performs (and may tell the HIS). One event per
+    study of those orders, naming its patient, with the accession numbers
+    and steps in the detail; a refused request likewise (a failure, with
+    its status), naming what the request named when no order was recorded.
+    The orders are read back from the index after the change: who they
+    are, not what the modality says they are."""
+    answer = result[0]
+    code = int(answer.Status) if isinstance(answer, Dataset) else int(answer)
+    if code == 0:
+        outcome, what = "success", status
+    else:
+        comment = answer.get("ErrorComment", "") if isinstance(answer, Dataset) else ""
+        outcome, what = "failure", f"{status} refused 0x{code:04X}: {comment}"
+    try:
+        orders = service.step_orders(uid) if uid else []
+    except Exception as exc:  # the index may be down: the event is still written, naming less
+        log.warning("MPPS %s %s: its orders could not be read for the audit trail: %s", operation, uid, exc)
+        orders = []
+    named: dict[tuple[str, str], list[str]] = {}
+    for order in orders:
+        key = (order["study_uid"], patient_cx(order["patient_id"] or "", order["issuer"] or ""))
+        named.setdefault(key, []).append(f"accession {order['accession_number']} step {order['step_id']}")
+    if not named:
+        for accession, study_uid, step_id in refs:
+            named.setdefault((study_uid, patient), []).append(f"accession {accession} step {step_id}")
+    for (study_uid, patient_id), steps in (named or {("", patient): []}).items():
+        detail = f"MPPS {operation} {uid}: {what}" + (f"; {', '.join(steps)}" if steps else "; no order")
+        pacs.audit.record(association_event(event.assoc, "mpps", study_uid=study_uid, patient_id=patient_id,
+                                            outcome=outcome, detail=detail))
 
 
 __all__ = ["WORKLIST_CONTEXTS", "make_mpps_handlers", "make_worklist_handler"]
