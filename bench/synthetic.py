@@ -96,7 +96,7 @@ def load(engine: Engine, spec: LoadSpec, *, batch: int = 20_000, progress: Any =
                 "referring_physician_words": "DO THANH TUNG", "referring_physician_reading": "DO THANH TUNG",
                 "description": f"{modality} study", "institution": "BV Synthetic", "modalities": modality,
                 "num_series": n_series, "num_instances": 0, "size_bytes": 0,
-                "created_at": now, "updated_at": now,
+                "created_at": now, "updated_at": now, "changed_at": now,
             }
 
     def series() -> Iterator[dict[str, Any]]:

@@ -143,6 +143,10 @@ class Study(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     # Time of the last instance received: drives "study stable" triggers.
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # When what the study shows last changed (its row's shown columns, its
+    # series, instances, patient's ID or name): FHIR meta.lastUpdated and
+    # _lastUpdated. Kept by triggers (migration 0022); an insert sets it.
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 class Series(Base):

@@ -311,6 +311,7 @@ class IndexWriter:
                 "size_bytes": 0,
                 "created_at": now,
                 "updated_at": now,
+                "changed_at": now,
             },
             ["study_uid"],
         )
