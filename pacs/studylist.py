@@ -149,6 +149,7 @@ def study_detail(engine: Engine, study_uid: str) -> dict[str, Any] | None:
         "description": study.description,
         "modalities": study.modalities,
         "referring_physician": study.referring_physician,
+        "changed_at": study.changed_at,
         "series": [
             {
                 "series_uid": s.series_uid,

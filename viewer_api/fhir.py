@@ -2,7 +2,9 @@
 searches, and the Endpoint of our DICOMweb service. Patients are found by
 any identifier, the citizen ID (CCCD) and insurance number included, and by
 name without diacritics; studies by their patient (a Patient reference or
-any identifier) and by accession number. JSON only (``application/fhir+json``)."""
+any identifier) and by accession number, ImagingStudy also by when it
+started, modality, series, SOP Class and when it last changed
+(meta.lastUpdated: an EMR's poll). JSON only (``application/fhir+json``)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import re
 import string
 import urllib.parse
 from collections.abc import Collection, Iterable, Sequence
-from datetime import UTC, date, datetime, tzinfo
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from email.utils import format_datetime
 from typing import Any
 
@@ -20,12 +22,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import ImmutableMultiDict
-from sqlalchemy import ColumnElement, Connection, and_, exists, false, func, or_, select
+from sqlalchemy import ColumnElement, Connection, String, and_, case, exists, false, func, or_, select
 
 from pacs import __version__
 from pacs.audit import patient_cx
 from pacs.auth import Principal
-from pacs.index.models import PatientIdentifier, Report
+from pacs.index.models import Instance, PatientIdentifier, Report, Series
 from pacs.index.writer import MERGED_ID_TYPE
 from pacs.names import fold, fold_name, name_words, same_person
 from pacs.query.attributes import patients, studies
@@ -43,6 +45,8 @@ from .urls import base_url
 FHIR_JSON = "application/fhir+json"
 identifiers = PatientIdentifier.__table__
 reports_t = Report.__table__
+series_t = Series.__table__
+instances_t = Instance.__table__
 DCM = "http://dicom.nema.org/resources/ontology/DCM"
 ACSN = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203", "code": "ACSN"}]}
 # Identifier.system of patient IDs: this base for IDs without an issuer,
@@ -56,6 +60,8 @@ PATIENT_ID_SYSTEM = "https://filmless-pacs.org/fhir/NamingSystem/patient-id"
 # only type these refer to, the same search (R4 search 3.1.1.4.6).
 _STUDY_PARAMETERS = ("patient", "subject", "patient:Patient", "subject:Patient", "patient.identifier",
                      "subject.identifier", "identifier")
+# ImagingStudy's own besides (R4 imagingstudy.html#search), and _lastUpdated (meta.lastUpdated).
+_IMAGING_STUDY_PARAMETERS = (*_STUDY_PARAMETERS, "started", "modality", "series", "dicom-class", "_lastUpdated")
 _PATIENT_PARAMETERS = ("_id", "identifier", "name", "family", "given", "birthdate", "gender")
 _GENERAL_PARAMETERS = ("_format",)
 UNIDENTIFIED = "unidentified patient"
@@ -192,30 +198,78 @@ def _unescape(text: str) -> str:
     return re.sub(r"\\([\\,|$])", r"\1", text)
 
 
-def _study_uids(request: Request, patient_reference: list[str], patient_identifier: list[str],
-                identifier: list[str], *, signed_only: bool) -> list[str]:
-    """Every study the search names, newest first (a patient's or an
-    accession's: few). All of them, so that Bundle.total counts matches.
-    A parameter given twice must match both times (R4 search 3.1.1.5.5: AND)."""
-    if not patient_reference and not patient_identifier and not identifier:
-        raise HTTPProblem(400, "search by patient (Patient/{id}), patient.identifier or identifier "
-                               "(accession or urn:dicom:uid)")
-    engine = request.app.state.pacs.engine
-    stmt = select(studies.c.study_uid).join(patients, patients.c.pk == studies.c.patient_pk)
+def _study_conditions(conn: Connection, request: Request, values: dict[str, list[str]],
+                      *, signed_only: bool) -> list[ColumnElement[bool]]:
+    """The conditions on studies (joined with their patient where
+    patient.identifier asks) of a study search's *values* (each parameter's
+    non-empty values but dicom-class's, see :func:`_study_page`): a parameter given
+    twice must match both times (R4 search 3.1.1.5.5: AND), a value's commas
+    are alternatives (OR). Indexed columns only: no object is read."""
+    conditions: list[ColumnElement[bool]] = []
     if signed_only:
         # A DiagnosticReport exists for a study with a signed version.
-        stmt = stmt.where(exists(select(reports_t.c.pk).where(
+        conditions.append(exists(select(reports_t.c.pk).where(
             reports_t.c.study_pk == studies.c.pk, reports_t.c.status == "signed")))
-    for raw in patient_identifier:
-        stmt = stmt.where(or_(false(), *(_patient_matches(system, value) for system, value in _token_values(raw))))
-    for raw in identifier:
-        stmt = stmt.where(or_(false(), *(_study_matches(system, value) for system, value in _token_values(raw))))
-    with engine.connect() as conn:
-        for raw in patient_reference:
+    for raw in values.get("patient.identifier", []) + values.get("subject.identifier", []):
+        conditions.append(or_(false(), *(_patient_matches(system, value) for system, value in _token_values(raw))))
+    for raw in values.get("identifier", []):
+        conditions.append(or_(false(), *(_study_matches(system, value) for system, value in _token_values(raw))))
+    for name in ("patient", "subject", "patient:Patient", "subject:Patient"):
+        for raw in values.get(name, []):
             # Ours to resolve (the id is derived, not stored): to the patients' keys first.
             # A former id (merged away, replaced by the hospital number) finds the patient it became.
-            stmt = stmt.where(studies.c.patient_pk.in_(_patient_pks(conn, _reference_ids(raw), former=True)))
-        return [r[0] for r in conn.execute(stmt.order_by(studies.c.study_date.desc(), studies.c.pk.desc()))]
+            conditions.append(studies.c.patient_pk.in_(_patient_pks(conn, _reference_ids(raw), former=True)))
+    zone = _zone(request)
+    for raw in values.get("started", []):
+        conditions.append(or_(false(), *(_started_matches(_date_value("started", value, zone), zone)
+                                         for value in _unescaped_split(raw, ","))))
+    for raw in values.get("_lastUpdated", []):
+        conditions.append(or_(false(), *(_changed_matches(_date_value("_lastUpdated", value, zone))
+                                         for value in _unescaped_split(raw, ","))))
+    for raw in values.get("modality", []):
+        conditions.append(_modality_matches(_token_values(raw)))
+    for raw in values.get("series", []):
+        conditions.append(_series_matches(_token_values(raw)))
+    return conditions
+
+
+# A search matching at most this many studies is paged from the matches
+# (the planner starts from the index of its condition and sorts them); more
+# by walking the Study Date index newest first, which stops at the page.
+_FEW_MATCHES = 2000
+
+
+def _study_page(request: Request, principal: Principal, values: dict[str, list[str]], count: int, offset: int,
+                *, signed_only: bool) -> tuple[list[str], int]:
+    """The studies of one page of a search, newest first, and how many match
+    in all (Bundle.total), of those the caller may see: counted and paged
+    by the index, so that a search matching the whole archive (a poll by
+    _lastUpdated after a reindex) costs one page, not every study."""
+    with request.app.state.pacs.engine.connect() as conn:
+        conditions = _study_conditions(conn, request, values, signed_only=signed_only)
+        if principal.role == "referring":
+            conditions.append(_study_referred_by(conn, principal))
+        source: Any = studies
+        if values.get("patient.identifier") or values.get("subject.identifier"):
+            source = studies.join(patients, patients.c.pk == studies.c.patient_pk)  # their conditions' columns
+        classes = [_token_values(raw) for raw in values.get("dicom-class", [])]
+        if classes:
+            # The plan for the SOP Classes follows from how many studies the rest leaves.
+            narrowed = conditions and conn.execute(select(func.count()).select_from(source).where(
+                *conditions)).scalar_one() <= _FEW_MATCHES
+            conditions += [_sop_class_matches(tokens, narrowed=bool(narrowed)) for tokens in classes]
+        total = conn.execute(select(func.count()).select_from(source).where(*conditions)).scalar_one()
+        if not count or offset >= total:
+            return [], int(total)
+        # Without statistics (SQLite is never analyzed) the planner walks the
+        # Study Date index for the ORDER BY and tests every study: 0.1 s at
+        # 100,000 studies for the five a poll by _lastUpdated finds. An
+        # expression of it is no index order: the matches are found first.
+        newest = studies.c.study_date if total > _FEW_MATCHES else studies.c.study_date + ""
+        uids = conn.execute(select(studies.c.study_uid).select_from(source).where(*conditions)
+                            .order_by(newest.desc(), studies.c.pk.desc())
+                            .limit(count).offset(offset)).scalars().all()
+        return list(uids), int(total)
 
 
 def _reference_ids(raw: str) -> list[str]:
@@ -254,6 +308,251 @@ def _study_matches(system: str | None, value: str) -> ColumnElement[bool]:
     if system == "urn:dicom:uid":
         return studies.c.study_uid == value.removeprefix("urn:oid:")
     return studies.c.accession_number == value
+
+
+# -- the ImagingStudy's own search parameters (R4 imagingstudy.html#search) -----------------
+_MODALITY_SERIES = series_t.alias("modality_series")  # an alias: the outer query may not correlate series
+_UID_SYSTEMS = (None, "urn:dicom:uid", "urn:ietf:rfc:3986")
+
+
+def _modality_matches(tokens: list[tuple[str | None, str]]) -> ColumnElement[bool]:
+    """modality: a study with a series of one of the codes (DCM, or no
+    system), as ModalitiesInStudy matches; OT also finds a series without a
+    modality, which the resource shows as OT."""
+    codes = [code for system, code in tokens if system in (None, DCM)]
+    if "OT" in codes:
+        codes.append("")
+    if not codes:
+        return false()
+    other = _MODALITY_SERIES
+    return exists(select(other.c.pk).where(other.c.study_pk == studies.c.pk, other.c.modality.in_(codes)))
+
+
+def _uids(tokens: list[tuple[str | None, str]]) -> list[str]:
+    """The UIDs of token values (urn:oid: or bare; no system, urn:dicom:uid
+    or urn:ietf:rfc:3986; another system names none)."""
+    return [value.removeprefix("urn:oid:") for system, value in tokens if system in _UID_SYSTEMS]
+
+
+def _series_matches(tokens: list[tuple[str | None, str]]) -> ColumnElement[bool]:
+    """series: the study holding a series of one of these Series Instance UIDs (unique index)."""
+    uids = _uids(tokens)
+    if not uids:
+        return false()
+    return studies.c.pk.in_(select(series_t.c.study_pk).where(series_t.c.series_uid.in_(uids)))
+
+
+_SOP_CLASS_SERIES, _SOP_CLASS_INSTANCES = series_t.alias("class_series"), instances_t.alias("class_instances")
+
+
+def _sop_class_matches(tokens: list[tuple[str | None, str]], *, narrowed: bool) -> ColumnElement[bool]:
+    """dicom-class: a study with an instance of one of these SOP Classes
+    (urn:oid:{UID} as series.instance.sopClass shows it, or the UID).
+
+    Two plans: among a few studies (*narrowed* by the other conditions to
+    at most _FEW_MATCHES), the instances of each are read by series (the
+    SOP Class compared as an expression, which no index serves: a planner
+    without statistics otherwise reads every instance of the class for
+    each study); among many, the studies holding the class are found from
+    its index (few for a report or a presentation state, every instance of
+    a modality's studies for an image class)."""
+    uids = _uids(tokens)
+    if not uids:
+        return false()
+    if narrowed:
+        s, i = _SOP_CLASS_SERIES, _SOP_CLASS_INSTANCES
+        return exists(select(i.c.pk).select_from(s.join(i, i.c.series_pk == s.c.pk))
+                      .where(s.c.study_pk == studies.c.pk, (i.c.sop_class_uid + "").in_(uids)))
+    return studies.c.pk.in_(select(series_t.c.study_pk)
+                            .join(instances_t, instances_t.c.series_pk == series_t.c.pk)
+                            .where(instances_t.c.sop_class_uid.in_(uids)))
+
+
+_SEARCH_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb")
+_DATE_SEARCH = re.compile(
+    r"(?P<year>[0-9]{4})(?:-(?P<month>[0-9]{2})(?:-(?P<day>[0-9]{2})"
+    r"(?:T(?P<hour>[0-9]{2}):(?P<minute>[0-9]{2})(?::(?P<second>[0-9]{2})(?:\.(?P<fraction>[0-9]+))?)?"
+    r"(?P<zone>Z|[+-][0-9]{2}:[0-9]{2})?)?)?)?")
+# Bounds kept a few days inside datetime's range: the comparisons below step a day either way.
+_EARLIEST, _LATEST = datetime(1, 1, 3), datetime(9999, 12, 29)
+
+
+class _Period:
+    """A date search value (R4 search 3.1.1.5.8): its prefix and the range
+    its precision gives, [low, high), aware."""
+
+    def __init__(self, prefix: str, low: datetime, high: datetime) -> None:
+        self.prefix, self.low, self.high = prefix, low, high
+
+
+def _date_value(name: str, raw: str, zone: tzinfo) -> _Period:
+    """A date parameter's value: ``[prefix]YYYY[-MM[-DD[Thh:mm[:ss[.f*]][Z|+hh:mm]]]]``,
+    the prefix eq by default; a value without zone is the hospital's time,
+    as the resource's times are. 400 for anything else (ap included)."""
+    # "+07:00" typed as is in a URL arrives as " 07:00" (form encoding).
+    text = raw.strip().replace(" ", "+")
+    prefix = text[:2] if text[:2].isalpha() else "eq"
+    if prefix == "ap":
+        raise HTTPProblem(400, f"{name}: the prefix ap (approximately) is not supported; "
+                               f"use {', '.join(_SEARCH_PREFIXES)}")
+    match = _DATE_SEARCH.fullmatch(text[2:] if text[:2].isalpha() else text)
+    try:
+        if prefix not in _SEARCH_PREFIXES or match is None:
+            raise ValueError(text)
+        low = datetime(int(match["year"]), int(match["month"] or 1), int(match["day"] or 1),
+                       int(match["hour"] or 0), int(match["minute"] or 0))
+        if match["second"] is not None:
+            second = int(match["second"])
+            if second > 60:  # 60: a leap second, the next minute's start
+                raise ValueError(text)
+            low += timedelta(seconds=second)
+        fraction = (match["fraction"] or "")[:6]
+        low += timedelta(microseconds=int(fraction.ljust(6, "0") or 0))
+        high = _period_end(low, match, len(fraction))
+        tz: tzinfo = zone
+        if match["zone"] == "Z":
+            tz = UTC
+        elif match["zone"]:
+            hours, minutes = int(match["zone"][1:3]), int(match["zone"][4:6])
+            if minutes > 59 or hours * 60 + minutes > 14 * 60:
+                raise ValueError(text)
+            tz = timezone((-1 if match["zone"][0] == "-" else 1) * timedelta(hours=hours, minutes=minutes))
+    except (ValueError, OverflowError):
+        raise HTTPProblem(400, f"{name} {raw[:40]!r} is not a date search value: [prefix]YYYY[-MM[-DD"
+                               "[Thh:mm[:ss][Z|+hh:mm]]]], prefix one of "
+                               f"{', '.join(_SEARCH_PREFIXES)}") from None
+    low, high = (max(_EARLIEST, min(moment, _LATEST)) for moment in (low, high))
+    return _Period(prefix, low.replace(tzinfo=tz), high.replace(tzinfo=tz))
+
+
+def _period_end(low: datetime, match: re.Match[str], fraction_digits: int) -> datetime:
+    """The end of the period a date search value's precision gives (exclusive)."""
+    try:
+        if match["fraction"]:
+            return low + timedelta(microseconds=10 ** (6 - fraction_digits))
+        if match["second"] is not None:
+            return low + timedelta(seconds=1)
+        if match["hour"] is not None:
+            return low + timedelta(minutes=1)
+        if match["day"] is not None:
+            return low + timedelta(days=1)
+        if match["month"] is not None:
+            return low.replace(year=low.year + low.month // 12, month=low.month % 12 + 1)
+        return low.replace(year=low.year + 1)
+    except (ValueError, OverflowError):
+        return datetime.max
+
+
+def _prefixed(period: _Period, starts_from: Any, ends_by: Any) -> ColumnElement[bool]:
+    """The condition of *period*'s prefix on a resource value that is itself a
+    range R (R4 search 3.1.1.5.8), from ``starts_from(x)``: R starts at or
+    after x, and ``ends_by(x)``: R ends by x (each with ``negate=True``)."""
+    low, high = period.low, period.high
+    within = and_(starts_from(low), ends_by(high))  # the search range contains R
+    return {
+        "eq": lambda: within,
+        "ne": lambda: or_(starts_from(low, negate=True), ends_by(high, negate=True)),
+        "gt": lambda: ends_by(high, negate=True),  # the range above the value overlaps R
+        "lt": lambda: starts_from(low, negate=True),  # the range below the value overlaps R
+        "ge": lambda: or_(ends_by(high, negate=True), starts_from(low)),  # gt, or eq
+        "le": lambda: or_(starts_from(low, negate=True), ends_by(high)),  # lt, or eq
+        "sa": lambda: starts_from(high),
+        "eb": lambda: ends_by(low),
+    }[period.prefix]()
+
+
+def _changed_matches(period: _Period) -> ColumnElement[bool]:
+    """_lastUpdated: meta.lastUpdated (studies.changed_at, shown to the
+    microsecond: that microsecond is its range) in the range *period*'s
+    prefix asks for (R4 search 3.1.1.5.8, as :func:`_prefixed` reads it:
+    gt is "at or after the end of the value's range"), indexed."""
+    changed, low, high = studies.c.changed_at, period.low.astimezone(UTC), period.high.astimezone(UTC)
+    return {
+        "eq": lambda: and_(changed >= low, changed < high),
+        "ne": lambda: or_(changed < low, changed >= high),
+        "gt": lambda: changed >= high,
+        "sa": lambda: changed >= high,
+        "lt": lambda: changed < low,
+        "eb": lambda: changed < low,
+        "ge": lambda: changed >= low,
+        "le": lambda: changed < high,
+    }[period.prefix]()
+
+
+_DIGITS = "0123456789"
+_STUDY_TIME = func.trim(studies.c.study_time, type_=String)
+_STUDY_TIME_HEAD = func.substr(_STUDY_TIME, 1, 6, type_=String)
+_STUDY_HHMMSS = func.substr(_STUDY_TIME_HEAD + "0000", 1, 6, type_=String)
+# _study_time in SQL: a time the resource shows.
+_HAS_TIME = and_(or_(func.length(_STUDY_TIME).in_((2, 4, 6)),
+                     and_(func.length(_STUDY_TIME) > 6, func.substr(_STUDY_TIME, 7, 1) == ".")),
+                 func.ltrim(_STUDY_TIME_HEAD, _DIGITS) == "",
+                 func.substr(_STUDY_HHMMSS, 1, 2) <= "23", func.substr(_STUDY_HHMMSS, 3, 2) <= "59",
+                 func.substr(_STUDY_HHMMSS, 5, 2) <= "59")
+# When the study starts: its time, or midnight for a date alone.
+_START_TIME = case((_HAS_TIME, _STUDY_HHMMSS), else_="000000")
+_MONTH = func.substr(studies.c.study_date, 5, 2, type_=String)
+_DAY = func.substr(studies.c.study_date, 7, 2, type_=String)
+_YY, _CC = func.substr(studies.c.study_date, 3, 2), func.substr(studies.c.study_date, 1, 2)
+_FOURS = [f"{n:02d}" for n in range(0, 100, 4)]
+# _study_day in SQL (text only: no CAST a junk value could break): the leap
+# years from the digits, divisible by 4 and not by 100 unless by 400.
+_LEAP = or_(and_(_YY.in_(_FOURS), _YY != "00"), and_(_YY == "00", _CC.in_(_FOURS)))
+# No comparison of study_date itself: the planner would take it for the range to scan.
+_HAS_DAY = and_(func.length(studies.c.study_date) == 8, func.ltrim(studies.c.study_date, _DIGITS) == "",
+                func.substr(studies.c.study_date, 1, 4) != "0000", _MONTH >= "01", _MONTH <= "12", _DAY >= "01",
+                _DAY <= case((_MONTH == "02", case((_LEAP, "29"), else_="28")),
+                             (_MONTH.in_(("04", "06", "09", "11")), "30"), else_="31"))
+
+
+def _started_matches(period: _Period, zone: tzinfo) -> ColumnElement[bool]:
+    """started: the study's Study Date and Time, read on the hospital's
+    clock as the resource shows them, in the range *period*'s prefix asks
+    for. What the study shows is itself a range: a date alone its day, a
+    time its second. Compared on the hospital's wall clock (a value with a
+    zone is taken there first), the day by the Study Date index, the time
+    within the days at the edges. A study without a (valid) Study Date has
+    no started, and matches no started search."""
+
+    def wall(moment: datetime) -> datetime:
+        return moment.astimezone(zone).replace(tzinfo=None)
+
+    def day(moment: datetime) -> str:
+        return f"{moment.year:04d}{moment.month:02d}{moment.day:02d}"
+
+    def at_or_after(moment: datetime, strictly: bool = False) -> ColumnElement[bool]:
+        # (Study Date, start time) at or after (strictly: after) the second *moment*.
+        d, t = day(moment), moment.strftime("%H%M%S")
+        later = _START_TIME > t if strictly else _START_TIME >= t
+        return and_(studies.c.study_date >= d, or_(studies.c.study_date > d, later))
+
+    def at_or_before(moment: datetime, strictly: bool = False) -> ColumnElement[bool]:
+        d, t = day(moment), moment.strftime("%H%M%S")
+        earlier = _START_TIME < t if strictly else _START_TIME <= t
+        return and_(studies.c.study_date <= d, or_(studies.c.study_date < d, earlier))
+
+    def starts_from(moment: datetime, negate: bool = False) -> ColumnElement[bool]:
+        # A start is a whole second: at or after the moment is at or after its next whole second.
+        local = wall(moment)
+        second = local.replace(microsecond=0) + (timedelta(seconds=1) if local.microsecond else timedelta(0))
+        return at_or_before(second, strictly=True) if negate else at_or_after(second)
+
+    def ends_by(moment: datetime, negate: bool = False) -> ColumnElement[bool]:
+        # A time ends a second after it starts, a date alone a day after: a
+        # study of a day before the moment's day ends by it whichever it
+        # shows; one of the moment's day (or the day before, at midnight)
+        # only if it shows a time, by the second before the moment.
+        local = wall(moment)
+        last = (local - timedelta(seconds=1)).replace(microsecond=0)  # the last start that ends by the moment
+        whole_days = day(local - timedelta(days=1))  # the last date alone that ends by it
+        if negate:
+            return and_(studies.c.study_date > whole_days,
+                        or_(studies.c.study_date > day(last), ~_HAS_TIME, at_or_after(last, strictly=True)))
+        return and_(studies.c.study_date <= day(last),
+                    or_(studies.c.study_date <= whole_days, and_(_HAS_TIME, at_or_before(last))))
+
+    # The validity last: evaluated for the rows the range keeps only.
+    return and_(_prefixed(period, starts_from, ends_by), _HAS_DAY)
 
 
 def _issuer_of(system: str) -> str | None:
@@ -327,22 +626,42 @@ def _datetime(date: str, time: str, zone: tzinfo) -> str | None:
     """A DICOM date and time as a FHIR dateTime. A dateTime with a time SHALL
     have a zone; DICOM's have none (TimezoneOffsetFromUTC is not indexed),
     and the modalities run on the hospital's clock: *zone*'s offset on that
-    date (the ``timezone`` setting, not the server's, which is often UTC)."""
-    if not re.fullmatch(r"\d{8}", date or ""):
+    date (the ``timezone`` setting, not the server's, which is often UTC).
+    The ``started`` search reads the same date and time by the same rules
+    (:func:`_study_day`, :func:`_study_time` and their SQL forms)."""
+    day = _study_day(date)
+    if day is None:
+        return None  # a bad date is dropped
+    t = _study_time(time)
+    if t is None:
+        return day.isoformat()  # a date alone: no midnight, no zone invented; a bad time keeps the date
+    moment = datetime(day.year, day.month, day.day, int(t[:2]), int(t[2:4]), int(t[4:6]))
+    return moment.replace(tzinfo=zone).isoformat()
+
+
+def _study_day(value: str | None) -> date | None:
+    """A Study Date the resource shows (YYYYMMDD, a day of the calendar), else None."""
+    text = value or ""
+    if not re.fullmatch(r"[0-9]{8}", text):
         return None
     try:
-        day = datetime(int(date[:4]), int(date[4:6]), int(date[6:8]))
+        return date(int(text[:4]), int(text[4:6]), int(text[6:8]))
     except ValueError:
-        return None  # a bad date is dropped
-    t = (time or "").strip().split(".")[0]
-    if not t:
-        return day.date().isoformat()  # a date alone: no midnight, no zone invented
-    t = t.ljust(6, "0")
-    try:
-        moment = day.replace(hour=int(t[:2]), minute=int(t[2:4]), second=int(t[4:6]))
-    except ValueError:
-        return day.date().isoformat()  # a bad time keeps the date (a dateTime may be a date alone)
-    return moment.replace(tzinfo=zone).isoformat()
+        return None
+
+
+def _study_time(value: str | None) -> str | None:
+    """A Study Time the resource shows, as HHMMSS (HH and HHMM filled with
+    zeros, a fraction dropped), else None (the study shows its date alone):
+    HH, HHMM, HHMMSS or HHMMSS.F* in range, a leap second (60) not."""
+    text = (value or "").strip()
+    if not (len(text) in (2, 4, 6) or (len(text) > 6 and text[6] == ".")):
+        return None
+    head = text[:6]
+    if not re.fullmatch(r"[0-9]+", head):
+        return None
+    t = (head + "0000")[:6]
+    return t if t[:2] <= "23" and t[2:4] <= "59" and t[4:6] <= "59" else None
 
 
 def _zone(request: Request) -> tzinfo:
@@ -359,6 +678,18 @@ def _instant(value: str | None) -> str | None:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return moment.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _utc(moment: datetime) -> datetime:
+    """An index timestamp, aware, in UTC (UTCDateTime hands them back so)."""
+    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def _last_updated(moment: datetime) -> str:
+    """studies.changed_at as ImagingStudy.meta.lastUpdated: to the
+    microsecond kept, so that _lastUpdated=gt{it} leaves out this version of
+    the study and finds the next change, however soon it comes."""
+    return _utc(moment).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def _study_modalities(detail: dict[str, Any], series: list[dict[str, Any]]) -> list[str]:
@@ -405,6 +736,8 @@ def imaging_study(request: Request, detail: dict[str, Any]) -> dict[str, Any]:
             for s in series
         ],
     }
+    if detail.get("changed_at") is not None:
+        resource["meta"] = {"lastUpdated": _last_updated(detail["changed_at"])}
     if detail["accession"]:
         resource["identifier"].append({"type": ACSN, "value": detail["accession"]})
     started = _datetime(detail["study_date"], detail["study_time"], _zone(request))
@@ -595,23 +928,25 @@ def _bundle(request: Request, resources: list[dict[str, Any]], total: int, offse
     return bundle
 
 
-def _search(request: Request, principal: Principal, count: int, offset: int, *,
-            signed_only: bool) -> tuple[list[dict[str, Any]], int, int]:
-    """One page of the studies a search matches (those the caller may see),
-    how many there are in all, and the page size given."""
-    _applied_parameters(request)  # Prefer: handling=strict refuses what would be ignored
+def _search(request: Request, principal: Principal, count: int, offset: int, *, signed_only: bool,
+            searched: Sequence[str] = _STUDY_PARAMETERS) -> tuple[list[dict[str, Any]], int, int]:
+    """One page of the studies a search by *searched* matches (those the
+    caller may see), how many there are in all, and the page size given."""
+    _applied_parameters(request, searched)  # Prefer: handling=strict refuses what would be ignored
     count = _page_bounds(count, offset)
     params = search_params(request)
-    patient_reference = [v for name in ("patient", "subject", "patient:Patient", "subject:Patient")
-                         for v in params.getlist(name) if v]
-    patient_identifier = [v for v in params.getlist("patient.identifier") + params.getlist("subject.identifier") if v]
-    identifier = [v for v in params.getlist("identifier") if v]
+    values = {name: [v for v in params.getlist(name) if v] for name in searched}
+    if not any(values.values()):
+        # A search names something: a patient, a study, a time; it does not list the archive.
+        if searched is _STUDY_PARAMETERS:
+            raise HTTPProblem(400, "search by patient (Patient/{id}), patient.identifier or identifier "
+                                   "(accession or urn:dicom:uid)")
+        raise HTTPProblem(400, "search by patient (Patient/{id}), patient.identifier, identifier (accession or "
+                               "urn:dicom:uid), started, modality, series, dicom-class or _lastUpdated")
+    uids, total = _study_page(request, principal, values, count, offset, signed_only=signed_only)
     engine = request.app.state.pacs.engine
-    uids = [uid for uid in _study_uids(request, patient_reference, patient_identifier, identifier,
-                                       signed_only=signed_only)
-            if may_see_study(request, principal, uid)]
-    found = [study_detail(engine, uid) for uid in uids[offset:offset + count]]
-    return [d for d in found if d is not None], len(uids), count
+    found = [study_detail(engine, uid) for uid in uids]
+    return [d for d in found if d is not None], total, count
 
 
 def _audit_studies_shown(request: Request, details: Iterable[dict[str, Any]]) -> None:
@@ -623,7 +958,8 @@ def _audit_studies_shown(request: Request, details: Iterable[dict[str, Any]]) ->
     audit_studies(request, ((d["study_uid"], "") for d in details))
 
 
-@router.get("/ImagingStudy", summary="Search ImagingStudy by patient, patient.identifier or identifier")
+@router.get("/ImagingStudy", summary="Search ImagingStudy by patient, patient.identifier, identifier, started, "
+                                    "modality, series, dicom-class or _lastUpdated")
 def search_imaging_studies(request: Request, _count: int = 50, _offset: int = 0,
                            principal: Principal = guard(*READERS, action="query")) -> Response:
     return _imaging_study_bundle(request, principal, _count, _offset)
@@ -637,9 +973,11 @@ async def search_imaging_studies_posted(request: Request,
 
 
 def _imaging_study_bundle(request: Request, principal: Principal, count: int, offset: int) -> Response:
-    details, total, count = _search(request, principal, count, offset, signed_only=False)
+    details, total, count = _search(request, principal, count, offset, signed_only=False,
+                                    searched=_IMAGING_STUDY_PARAMETERS)
     _audit_studies_shown(request, details)
-    return _fhir(_bundle(request, [imaging_study(request, d) for d in details], total, offset, count))
+    return _fhir(_bundle(request, [imaging_study(request, d) for d in details], total, offset, count,
+                         _IMAGING_STUDY_PARAMETERS))
 
 
 @router.get("/ImagingStudy/{study}", summary="One ImagingStudy")
@@ -647,7 +985,10 @@ def read_imaging_study(request: Request, study: str, _: Any = guard(*READERS, ac
     detail = study_detail(request.app.state.pacs.engine, study)
     if detail is None:
         raise HTTPProblem(404, f"no ImagingStudy {study[:80]!r}")
-    return _fhir(imaging_study(request, detail))
+    response = _fhir(imaging_study(request, detail))
+    if detail.get("changed_at") is not None:
+        response.headers["Last-Modified"] = format_datetime(_utc(detail["changed_at"]), usegmt=True)
+    return response
 
 
 @router.get("/DiagnosticReport", summary="Search signed reports by patient, patient.identifier or identifier")
@@ -1026,18 +1367,22 @@ def replaced_patient(fhir_id: str, former: Any, current_id: str) -> dict[str, An
     })
 
 
-def _referred_by(conn: Connection, principal: Principal) -> ColumnElement[bool]:
-    """Patients with a study *principal* (a referring physician) referred:
-    may_see_study's rule for a search (the folded name finds the candidate
-    spellings, the exact one decides, diacritics included)."""
+def _study_referred_by(conn: Connection, principal: Principal) -> ColumnElement[bool]:
+    """Studies *principal* (a referring physician) referred: may_see_study's
+    rule for a search (the folded name finds the candidate spellings, the
+    exact one decides, diacritics included)."""
     name = principal.display_name
     folded = fold_name(name)
     spellings = [value for value in conn.execute(select(studies.c.referring_physician).distinct()
                                                  .where(studies.c.referring_physician_folded == folded)).scalars()
                  if same_person(value, name)]
+    return and_(studies.c.referring_physician_folded == folded, studies.c.referring_physician.in_(spellings))
+
+
+def _referred_by(conn: Connection, principal: Principal) -> ColumnElement[bool]:
+    """Patients with a study *principal* (a referring physician) referred."""
     return exists(select(studies.c.pk).where(studies.c.patient_pk == patients.c.pk,
-                                             studies.c.referring_physician_folded == folded,
-                                             studies.c.referring_physician.in_(spellings)))
+                                             _study_referred_by(conn, principal)))
 
 
 def _string_values(raw: str) -> list[str]:
@@ -1223,6 +1568,29 @@ _SEARCH_PARAMS = [
      "documentation": "as patient: subject=Patient/{id}, subject.identifier"},
     *_PAGE_PARAMS,
 ]
+_DATE_PREFIX_DOCS = ("prefixes eq (default), ne, gt, lt, ge, le, sa, eb (not ap); YYYY, YYYY-MM, YYYY-MM-DD or "
+                     "YYYY-MM-DDThh:mm[:ss[.f]][Z|+hh:mm], each the period of its precision; without a zone the "
+                     "hospital's time; given twice, both apply (a range: ge2026-01-01&started=lt2026-02-01)")
+_IMAGING_STUDY_SEARCH_PARAMS = [
+    *_SEARCH_PARAMS[:-len(_PAGE_PARAMS)],
+    {"name": "started", "type": "date",
+     "documentation": "Study Date and Time on the hospital's clock, as started shows them (a date alone: its "
+                      "day; a time: its second); a study without Study Date matches none; " + _DATE_PREFIX_DOCS},
+    {"name": "modality", "type": "token",
+     "documentation": "CT or http://dicom.nema.org/resources/ontology/DCM|CT: a series of the study has it "
+                      "(ModalitiesInStudy); OT also a series without modality; commas: any"},
+    {"name": "series", "type": "token", "documentation": "a Series Instance UID of the study; commas: any"},
+    {"name": "dicom-class", "type": "token",
+     "documentation": "an SOP Class UID of an instance of the study (urn:oid:{UID} as sopClass shows it, "
+                      "or the UID); commas: any"},
+    {"name": "_lastUpdated", "type": "date",
+     "documentation": "meta.lastUpdated: when what the resource shows last changed (an instance or series added "
+                      "or deleted, the study or its patient corrected or merged), to the microsecond; "
+                      "a deleted study is no longer found; a change is found once its transaction commits, "
+                      "a moment after that time: poll with a margin (_lastUpdated=ge{last poll minus a minute}); "
+                      + _DATE_PREFIX_DOCS.replace("ge2026-01-01&started=", "ge2026-01-01&_lastUpdated=")},
+    *_PAGE_PARAMS,
+]
 _PATIENT_SEARCH_PARAMS = [
     {"name": "_id", "type": "token", "documentation": "Patient ids"},
     {"name": "identifier", "type": "token",
@@ -1283,8 +1651,9 @@ def capability_statement(request: Request) -> dict[str, Any]:
                                           "they referred; a former id (merged away by ADT^A40, or a key "
                                           "replaced by the hospital number) reads as an inactive Patient with "
                                           "link replaced-by the current one, and patient= finds its studies"),
-                _resource("ImagingStudy", search=True, read=True,
-                          documentation="id = StudyInstanceUID; subject Patient/{id}; endpoint Endpoint/dicomweb"),
+                _resource("ImagingStudy", search=True, read=True, params=_IMAGING_STUDY_SEARCH_PARAMS,
+                          documentation="id = StudyInstanceUID; subject Patient/{id}; endpoint Endpoint/dicomweb; "
+                                        "meta.lastUpdated (and Last-Modified) = when what it shows last changed"),
                 _resource("DiagnosticReport", search=True, read=True, vread=True,
                           documentation="signed reports, one per study: id = {StudyInstanceUID}; each signed "
                                         "version (an amendment) is a version of it, meta.versionId = the "

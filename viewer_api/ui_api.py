@@ -204,6 +204,7 @@ def study(request: Request, study: str, principal: Principal = guard(*READERS, a
     detail = study_detail(request.app.state.pacs.engine, study)
     if detail is None:
         raise HTTPProblem(404, f"no study {study}")
+    detail.pop("changed_at", None)  # FHIR's meta.lastUpdated: not a field of this API
     for series in detail["series"]:
         for instance in series["instances"]:
             # The viewer plays a video (its stream at bulk/7FE00010) in a

@@ -10,7 +10,9 @@ objects say (no orders, reports, users or audit trail).
 
 The source must not change meanwhile: the copy refuses while `pacs serve`
 runs on the data dir (stop every node of a shared index). Study and series
-counters are recounted by the target's own triggers as instances arrive.
+counters are recounted by the target's own triggers as instances arrive;
+the studies' changed_at (FHIR meta.lastUpdated) is then set back to the
+source's.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Engine, Table, func, select, text
+from sqlalchemy import DateTime, Engine, Table, bindparam, func, select, text, update
 from sqlalchemy.engine import make_url
 
 from ..index import create_index_engine
@@ -94,6 +96,7 @@ def copy_index(source: Engine, target_url: str, progress: Progress | None = None
                     copied += len(rows)
                     progress.advance(len(rows))
                 report.rows[table.name] = copied
+            _restore_changed_at(src, dst)
             if dst.dialect.name == "postgresql":
                 _advance_sequences(dst, tables)
             for table in tables:
@@ -119,6 +122,20 @@ def _chunks(conn: Any, table: Table) -> Iterator[list[dict[str, Any]]]:
             for name in zeroed:
                 row[name] = 0
         yield rows
+
+
+def _restore_changed_at(src: Any, dst: Any) -> None:
+    """The studies' changed_at as the source kept them: the instances
+    copied after them moved each to the copy's time (the triggers of
+    migration 0022), and an EMR polling _lastUpdated would fetch every
+    study again, though none changed."""
+    studies = Base.metadata.tables["studies"]
+    result = src.execution_options(yield_per=CHUNK).execute(
+        select(studies.c.pk, studies.c.changed_at).order_by(studies.c.pk))
+    restore = (update(studies).where(studies.c.pk == bindparam("b_pk"))
+               .values(changed_at=bindparam("b_changed_at")))
+    for part in result.partitions():
+        dst.execute(restore, [{"b_pk": row.pk, "b_changed_at": _utc(row.changed_at)} for row in part])
 
 
 def _utc(value: datetime | None) -> datetime | None:
