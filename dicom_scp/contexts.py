@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable
 from typing import Any
 
@@ -46,8 +45,9 @@ QR_MODELS: dict[str, tuple[UID, UID, UID]] = {
 
 _UNCOMPRESSED = [ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian]
 
-# Every syntax we store as received. The order is only a fallback: each
-# association follows the requestor's own preference (prefer_requestor_order).
+# Every syntax we store as received. The order does not matter: each
+# presentation context follows the requestor's own preference there
+# (prefer_requestor_order).
 # JPIP-referenced and SMPTE ST 2110 syntaxes carry no storable pixel data.
 STORAGE_TRANSFER_SYNTAXES: list[UID] = [
     ExplicitVRLittleEndian,
@@ -140,44 +140,50 @@ def _scp_role_proposed(primitive: A_ASSOCIATE) -> set[str]:
 
 
 def prefer_requestor_order(event: Any) -> None:
-    """EVT_ACSE_RECV handler: accept the syntax the requestor lists first.
+    """EVT_ACSE_RECV handler: accept, in each presentation context, the
+    syntax the requestor lists first there (that this node supports).
 
     pynetdicom picks the first syntax of the *acceptor's* list that the
     requestor proposed. A modality lists its own preference first (the
     syntax its data is in), so following the requestor keeps a big-endian,
     deflated or compressed object exactly as the modality holds it instead
-    of making it convert. Where the requestor takes the SCP role (C-GET),
-    this node sends, so only its first syntax the archive can produce from
-    anything stored is put first (see :func:`_sent_order`): getscu +xb or
-    +xs accepted in Big Endian or JPEG got none of the other objects. Only
-    this association's copy of the contexts is changed.
+    of making it convert. Each context answers for itself (PS3.8 9.3.3.2):
+    a modality proposing [JPEG Baseline, Explicit LE] beside [Explicit LE]
+    for the same SOP class gets JPEG Baseline in the first, as DCMTK's
+    storescp gives it; one preference list per SOP class gave it Explicit LE
+    in both, and it had to decompress its JPEG images or fail to send them.
+    Where the requestor takes the SCP role (C-GET), this node sends, so only
+    its first syntax the archive can produce from anything stored is put
+    first (see :func:`_sent_order`): getscu +xb or +xs accepted in Big
+    Endian or JPEG got none of the other objects.
+
+    pynetdicom negotiates each proposed context against the one acceptor
+    context of its SOP class, so the per-context choice is made here by
+    leaving in each proposed context only the syntax to accept (in this
+    association's copy of the request; the server's contexts are not
+    touched). A context with no syntax we support is left as proposed,
+    for pynetdicom to reject (result 4).
     """
     primitive = event.primitive
     if not isinstance(primitive, A_ASSOCIATE) or primitive.result is not None:
         return
-    proposed: dict[str, list[str]] = {}
-    for rq in primitive.presentation_context_definition_list or []:
-        order = proposed.setdefault(rq.abstract_syntax, [])
-        order.extend(ts for ts in rq.transfer_syntax if ts not in order)
-    for sop_class in _scp_role_proposed(primitive):
-        if sop_class in proposed:
-            proposed[sop_class] = _sent_order(proposed[sop_class])
+    proposed = primitive.presentation_context_definition_list or []
+    if not any(len(rq.transfer_syntax) > 1 for rq in proposed):
+        return  # one syntax per context (most modalities): nothing to choose
     try:
         contexts = event.assoc.acceptor.supported_contexts
     except Exception:
         return
-    for index, cx in enumerate(contexts):
-        wanted = proposed.get(cx.abstract_syntax)
-        if not wanted:
+    ours = {cx.abstract_syntax: cx.transfer_syntax for cx in contexts}
+    sends = _scp_role_proposed(primitive)
+    for rq in proposed:
+        supported = ours.get(rq.abstract_syntax)
+        if not supported or len(rq.transfer_syntax) < 2:
             continue
-        ours = list(cx.transfer_syntax)
-        first = [ts for ts in wanted if ts in ours]
-        reordered = first + [ts for ts in ours if ts not in first]
-        if reordered != ours:
-            # The list shares its contexts with the server (ContextList):
-            # change a copy, never the server's own.
-            contexts[index] = cx = copy.copy(cx)
-            cx.transfer_syntax = reordered
+        wanted = _sent_order(rq.transfer_syntax) if rq.abstract_syntax in sends else rq.transfer_syntax
+        first = next((ts for ts in wanted if ts in supported), None)
+        if first is not None:
+            rq.transfer_syntax = [first]
 
 
 class ContextList(list):  # type: ignore[type-arg]
@@ -187,9 +193,9 @@ class ContextList(list):  # type: ignore[type-arg]
     ~40 ms for 170 SOP classes x 34 syntaxes, paid by every C-ECHO and every
     findscu; even a shallow copy of each was ~0.5 ms. Each association gets
     a new list of the same context objects: pynetdicom's negotiation only
-    reads them, and :func:`prefer_requestor_order`, the one writer, replaces
-    a context by a copy before it changes it.
+    reads them (:func:`prefer_requestor_order` changes the request, not them).
     """
 
     def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
         return list(self)
+

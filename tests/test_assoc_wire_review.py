@@ -1,0 +1,307 @@
+"""Association and DIMSE wire behaviour found by the association review
+(negotiation per presentation context, releases of the associations this node
+requests, several messages in one P-DATA-TF, messages off their context),
+checked with raw PDUs, pynetdicom and DCMTK against a real `pacs serve`.
+
+1. Each presentation context is answered in its own first supported syntax
+   (PS3.8 9.3.3.2), as DCMTK's storescp does: contexts of one SOP class were
+   merged into one preference list, so [JPEG Baseline, Explicit LE] beside
+   [Explicit LE] got Explicit LE in both. The C-GET policy stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import socket
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomFileLike
+from pydicom.filewriter import write_dataset
+from pydicom.uid import (
+    CTImageStorage,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    MRImageStorage,
+    RLELossless,
+    generate_uid,
+)
+from pynetdicom.sop_class import Verification
+
+from .conftest import Backend, PacsServer, free_port
+from .peers import dcmtk, wait_port
+
+APP_CONTEXT = b"1.2.840.10008.3.1.1.1"
+VERIFICATION = Verification.encode()
+CT = CTImageStorage.encode()
+MR = MRImageStorage.encode()
+EVRLE = ExplicitVRLittleEndian.encode()
+IVRLE = ImplicitVRLittleEndian.encode()
+TRACEBACK = "Traceback (most recent call last)"
+
+
+# -- raw DICOM UL -----------------------------------------------------------------------
+def _item(kind: int, data: bytes) -> bytes:
+    return struct.pack(">BBH", kind, 0, len(data)) + data
+
+
+def _context(context_id: int, abstract: bytes, syntaxes: list[bytes]) -> bytes:
+    return _item(0x20, bytes([context_id, 0, 0, 0]) + _item(0x30, abstract)
+                 + b"".join(_item(0x40, ts) for ts in syntaxes))
+
+
+def _scp_role(sop_class: bytes) -> bytes:
+    return _item(0x54, struct.pack(">H", len(sop_class)) + sop_class + bytes([0, 1]))
+
+
+def associate_rq(contexts: list[bytes], called: bytes = b"FILMLESS", calling: bytes = b"RAWSCU",
+                 extra_user_items: bytes = b"") -> bytes:
+    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.3.4") + extra_user_items)
+    body = (struct.pack(">HH", 1, 0) + called.ljust(16) + calling.ljust(16) + bytes(32)
+            + _item(0x10, APP_CONTEXT) + b"".join(contexts) + user)
+    return struct.pack(">BBI", 1, 0, len(body)) + body
+
+
+def _recv_exact(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError(f"connection closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    kind, _, length = struct.unpack(">BBI", _recv_exact(sock, 6))
+    return kind, _recv_exact(sock, length)
+
+
+def _items(data: bytes) -> Iterator[tuple[int, bytes]]:
+    offset = 0
+    while offset + 4 <= len(data):
+        kind, _, length = struct.unpack(">BBH", data[offset:offset + 4])
+        yield kind, data[offset + 4:offset + 4 + length]
+        offset += 4 + length
+
+
+def accepted_syntaxes(ac_body: bytes) -> dict[int, str | None]:
+    """Context ID -> the syntax accepted in it (None: rejected), from an A-ASSOCIATE-AC."""
+    answers: dict[int, str | None] = {}
+    for kind, data in _items(ac_body[68:]):
+        if kind == 0x21:
+            syntaxes = [ts for sub, ts in _items(data[4:]) if sub == 0x40]
+            answers[data[0]] = syntaxes[0].decode().rstrip("\0 ") if data[2] == 0 and syntaxes else None
+    return answers
+
+
+def pdata(pdvs: list[tuple[int, int, bytes]]) -> bytes:
+    """A P-DATA-TF of (context ID, message control header, fragment) PDVs."""
+    body = b"".join(struct.pack(">IBB", len(data) + 2, cid, control) + data for cid, control, data in pdvs)
+    return struct.pack(">BBI", 4, 0, len(body)) + body
+
+
+def _pdvs(body: bytes) -> Iterator[tuple[int, int, bytes]]:
+    offset = 0
+    while offset < len(body):
+        length, cid, control = struct.unpack(">IBB", body[offset:offset + 6])
+        yield cid, control, body[offset + 6:offset + 4 + length]
+        offset += 4 + length
+
+
+RELEASE_RQ = struct.pack(">BBIxxxx", 5, 0, 4)
+RELEASE_RP = struct.pack(">BBIxxxx", 6, 0, 4)
+
+
+def _element(element: int, value: bytes | int) -> bytes:
+    if isinstance(value, int):
+        value = struct.pack("<H", value)
+    if len(value) % 2:
+        value += b"\0"
+    return struct.pack("<HHI", 0, element, len(value)) + value
+
+
+def command(elements: list[bytes]) -> bytes:
+    """A command set (Implicit VR Little Endian) with its group length."""
+    body = b"".join(elements)
+    return struct.pack("<HHII", 0, 0, 4, len(body)) + body
+
+
+def echo_rq(message_id: int) -> bytes:
+    return command([_element(0x0002, VERIFICATION), _element(0x0100, 0x0030), _element(0x0110, message_id),
+                    _element(0x0800, 0x0101)])
+
+
+def store_rq(sop_class: bytes, sop_uid: str, message_id: int, *extra: bytes) -> bytes:
+    return command([_element(0x0002, sop_class), _element(0x0100, 0x0001), _element(0x0110, message_id),
+                    _element(0x0700, 0), _element(0x0800, 0x0000), _element(0x1000, sop_uid.encode()), *extra])
+
+
+def parse_command(data: bytes) -> dict[int, Any]:
+    values: dict[int, Any] = {}
+    offset = 0
+    while offset < len(data):
+        _, element, length = struct.unpack("<HHI", data[offset:offset + 8])
+        value = data[offset + 8:offset + 8 + length]
+        values[element] = struct.unpack("<H", value)[0] if length == 2 else value
+        offset += 8 + length
+    return values
+
+
+def read_response(sock: socket.socket) -> dict[int, Any] | str:
+    """The next response command set, or what came instead ('A-ABORT', 'closed')."""
+    fragments = b""
+    while True:
+        try:
+            kind, body = read_pdu(sock)
+        except (EOFError, OSError):
+            return "closed"
+        if kind == 7:
+            return "A-ABORT"
+        assert kind == 4, f"PDU type {kind}"
+        for _, control, data in _pdvs(body):
+            assert control & 1, "a response with a data set"
+            fragments += data
+            if control & 2:
+                return parse_command(fragments)
+
+
+def ct_dataset(sop_uid: str, patient_id: str = "WIRE1") -> bytes:
+    """A small CT data set (Explicit VR Little Endian) under *sop_uid*."""
+    ds = Dataset()
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "WIRE^TEST"
+    ds.PatientID = patient_id
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = 4
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(32)
+    buffer = io.BytesIO()
+    fp = DicomFileLike(buffer)
+    fp.is_little_endian, fp.is_implicit_VR = True, False
+    write_dataset(fp, ds)
+    return buffer.getvalue()
+
+
+class Raw:
+    """An association of raw PDUs with a server."""
+
+    def __init__(self, port: int, contexts: list[bytes], extra_user_items: bytes = b"") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock.sendall(associate_rq(contexts, extra_user_items=extra_user_items))
+        kind, body = read_pdu(self.sock)
+        assert kind == 2, f"no A-ASSOCIATE-AC: PDU type {kind}"
+        self.accepted = accepted_syntaxes(body)
+
+    def release(self) -> str:
+        try:
+            self.sock.sendall(RELEASE_RQ)
+            kind, _ = read_pdu(self.sock)
+            return "A-RELEASE-RP" if kind == 6 else f"PDU type {kind}"
+        except (EOFError, OSError):
+            return "closed"
+        finally:
+            self.sock.close()
+
+
+STORE_CONTEXTS = [_context(1, VERIFICATION, [IVRLE]), _context(3, CT, [EVRLE]), _context(5, MR, [EVRLE])]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    tmp = tmp_path_factory.mktemp("assoc-wire")
+    pacs = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}),
+                      extra_env={"PACS_DICOM_TIMEOUT": "3"}).start()
+    yield pacs
+    pacs.stop()
+
+
+def stored(server: PacsServer, sop_uid: str) -> bool:
+    core = server.core()
+    try:
+        return core.reader.instance_key(sop_uid) is not None
+    finally:
+        core.close()
+
+
+def assert_serving(server: PacsServer) -> None:
+    raw = Raw(server.dicom_port, STORE_CONTEXTS)
+    raw.sock.sendall(pdata([(1, 3, echo_rq(99))]))
+    answer = read_response(raw.sock)
+    assert isinstance(answer, dict) and answer[0x0900] == 0, answer
+    assert raw.release() == "A-RELEASE-RP"
+    assert TRACEBACK not in server.log_text()
+
+
+# -- 1. transfer syntax per presentation context ---------------------------------------------
+JLL, J2K, JBASE, RLE = (JPEGLosslessSV1.encode(), JPEG2000Lossless.encode(), JPEGBaseline8Bit.encode(),
+                        RLELossless.encode())
+PER_CONTEXT_CASES = {
+    # proposed (context ID -> syntaxes, in the requestor's order) -> accepted
+    "JPEG beside an uncompressed-only context": ({3: [EVRLE], 5: [JBASE, EVRLE]},
+                                                 {3: ExplicitVRLittleEndian, 5: JPEGBaseline8Bit}),
+    "one compression per context, each with a fallback": ({3: [JLL, EVRLE], 5: [J2K, EVRLE]},
+                                                          {3: JPEGLosslessSV1, 5: JPEG2000Lossless}),
+    "overlapping lists": ({3: [RLE, EVRLE], 5: [JLL, RLE, EVRLE]}, {3: RLELossless, 5: JPEGLosslessSV1}),
+}
+
+
+@contextlib.contextmanager
+def storescp(tmp_path: Path) -> Iterator[int]:
+    """DCMTK's storescp accepting every syntax it knows (+xa); its port."""
+    port = free_port()
+    out = tmp_path / "storescp"
+    out.mkdir()
+    proc = subprocess.Popen([dcmtk("storescp"), "+xa", "-od", str(out), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc=proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("case", list(PER_CONTEXT_CASES))
+def test_each_context_is_answered_in_its_own_first_syntax_as_dcmtk_does(server: PacsServer, tmp_path: Path,
+                                                                         case: str) -> None:
+    proposed, expected = PER_CONTEXT_CASES[case]
+    contexts = [_context(1, VERIFICATION, [IVRLE])] + [_context(cid, CT, ts) for cid, ts in proposed.items()]
+    raw = Raw(server.dicom_port, contexts)
+    raw.release()
+    assert {cid: raw.accepted[cid] for cid in proposed} == expected
+    with storescp(tmp_path) as port:
+        reference = Raw(port, contexts)
+        reference.release()
+        assert {cid: reference.accepted[cid] for cid in proposed} == expected, "DCMTK's storescp answers otherwise"
+
+
+def test_a_c_get_requester_still_gets_a_syntax_the_archive_can_always_give(server: PacsServer) -> None:
+    """The policy for a context where this node sends (the requestor takes
+    the SCP role): the first syntax any stored object can be given in, also
+    when another context of the same class proposes something else; a
+    syntax proposed alone is accepted as is."""
+    contexts = [_context(1, VERIFICATION, [IVRLE]),
+                _context(3, CT, [ExplicitVRBigEndian.encode(), JBASE, EVRLE]),
+                _context(5, CT, [JLL])]
+    raw = Raw(server.dicom_port, contexts, extra_user_items=_scp_role(CT))
+    raw.release()
+    assert raw.accepted[3] == ExplicitVRLittleEndian
+    assert raw.accepted[5] == JPEGLosslessSV1
