@@ -9,7 +9,6 @@ their own modules through :func:`build_ae`'s ``extra_handlers``.
 from __future__ import annotations
 
 import logging
-import queue
 import socket
 import ssl
 import threading
@@ -33,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pacs.app import Pacs
 from pacs.addresses import host_matches
 from pacs.audit import Event, patient_cx
-from pacs.dicom_net import apply_limits, tune_socket, with_polling
+from pacs.dicom_net import abort_on_action_error, apply_limits, tune_socket, with_polling
 from pacs.errors import IngestError, Status
 from pacs.header import stray_meta_length
 from pacs.ingest import Origin
@@ -71,7 +70,8 @@ class FilmlessAE(AE):
         self.on_associate: list[Any] = []
 
     def associate(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        """Open an association (C-MOVE sub-operations) with TCP_NODELAY on."""
+        """Open an association (C-MOVE sub-operations): TCP_NODELAY on, its
+        state-machine faults answered and its release bounded (with_polling)."""
         assoc = super().associate(*args, **with_polling(kwargs))
         for callback in self.on_associate:
             callback(assoc)
@@ -272,7 +272,7 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
 
 def _on_conn_open(event: Any) -> None:
     tune_socket(event.assoc)
-    _abort_on_action_error(event.assoc)
+    abort_on_action_error(event.assoc)
 
 
 # Seconds a new connection has to send its A-ASSOCIATE-RQ (a few hundred
@@ -422,11 +422,6 @@ class ConnectionGuard:
                     address, peers, self.per_host)
 
 
-# State-machine events raised by primitives from the local user (PS3.8 9.2),
-# not by the peer's PDUs.
-_LOCAL_PRIMITIVE_EVENTS = {"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"}
-
-
 def _event_driven(limits: Limits) -> Any:
     """EVT_CONN_OPEN: our reactor, sender and receiver on the association."""
     from .direct_receive import receive_directly
@@ -439,47 +434,6 @@ def _event_driven(limits: Limits) -> Any:
         receive_directly(event.assoc, limits)
 
     return opened
-
-
-def _abort_on_action_error(assoc: Any) -> None:
-    """Answer a PDU that makes a state-machine action fail with an A-ABORT.
-
-    pynetdicom decodes some invalid fields lazily: an A-ASSOCIATE-RQ with an
-    even presentation context ID raises inside the AE-6 action, which kills
-    the association's DUL thread with a traceback and leaves the peer
-    connected, unanswered, until the ACSE timeout. Treat it as the standard
-    says for an invalid PDU (event 19: A-ABORT, then close).
-    """
-    fsm = assoc.dul.state_machine
-    original = fsm.do_action
-
-    def do_action(fsm_event: str) -> None:
-        try:
-            original(fsm_event)
-        except Exception as exc:
-            if fsm_event == "Evt19":
-                raise
-            if fsm_event in _LOCAL_PRIMITIVE_EVENTS and fsm.current_state == "Sta13":
-                # Found by the fuzz run (bench/fuzz.py, issue 8): a second
-                # A-RELEASE-RQ before our A-RELEASE-RP aborts the association
-                # (AA-8, Sta13), then our own release response arrives as
-                # Evt14, invalid in Sta13. pynetdicom only peeks at its
-                # outgoing queue, so the primitive stayed there: the DUL thread
-                # retried it forever (100% CPU, an A-ABORT and a log line per
-                # turn, ~7 MB of log a second) and never closed the socket.
-                # The association is gone: drop the primitive, let Sta13 close.
-                try:
-                    assoc.dul.to_provider_queue.get_nowait()
-                except queue.Empty:
-                    pass
-                log.info("dropped %s from the local user after the association ended", fsm_event)
-                return
-            log.warning("invalid PDU from %s (%s); aborting the association",
-                        getattr(assoc.requestor, "address", "?"), peer_text(exc, 200))
-            assoc.dul._kill_thread = False  # do_action killed it: let the abort run
-            original("Evt19")
-
-    fsm.do_action = do_action
 
 
 def _on_conn_close(event: Any) -> None:

@@ -8,15 +8,34 @@ thread, an association slot or a routing worker.
 
 from __future__ import annotations
 
+import logging
+import queue
 import select
 import socket
 import ssl
+import time
 from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.transport import AssociationSocket
 
+from .logtext import peer_text
 from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Longest wait for the A-RELEASE-RP of an association this node requested
+# (C-MOVE sub-operations, routing, storage commitment reports, remote
+# get/pull) before it is aborted; shorter when dicom_timeout is. Every request
+# on it has been answered by then, so an abort loses nothing, while the wait
+# holds what comes after: the requester's final C-MOVE response (30 s, the
+# ACSE timeout, for a destination that never answered), a routing worker. A
+# peer that answers at all answers within a round trip.
+RELEASE_WAIT = 5.0
+# After an A-ABORT of ours (a release not answered in time), how long the peer
+# has to close the connection before we do (PS3.8 ARTIM, Sta13): one that did
+# not answer the release will not close either.
+ABORT_CLOSE_WAIT = 1.0
 
 
 def apply_limits(ae: AE, settings: Settings) -> AE:
@@ -111,12 +130,106 @@ def _ready_by_poll(wrapper: Any) -> None:
 
 
 def with_polling(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """*kwargs* of ``AE.associate`` with a handler that puts the requested
-    association's socket on poll() as soon as it connects (see
-    :func:`readable`), before the A-ASSOCIATE-AC is read."""
+    """*kwargs* of ``AE.associate`` for every association this node requests:
+    a handler that, as soon as the association connects (before the
+    A-ASSOCIATE-AC is read), puts its socket on poll() (see :func:`readable`),
+    answers a state-machine fault as the listener does
+    (:func:`abort_on_action_error`) and bounds its release
+    (:func:`bound_release`)."""
     handlers = list(kwargs.get("evt_handlers") or [])
-    handlers.append((evt.EVT_CONN_OPEN, lambda event: _ready_by_poll(event.assoc.dul.socket)))
+    handlers.append((evt.EVT_CONN_OPEN, _requested_open))
     return {**kwargs, "evt_handlers": handlers}
+
+
+def _requested_open(event: Any) -> None:
+    assoc = event.assoc
+    _ready_by_poll(assoc.dul.socket)
+    abort_on_action_error(assoc)
+    bound_release(assoc)
+
+
+def bound_release(assoc: Any) -> None:
+    """Make *assoc*'s ``release()`` wait at most :data:`RELEASE_WAIT` (or its
+    network timeout, if shorter) for the A-RELEASE-RP, then abort.
+
+    pynetdicom waits the ACSE timeout (30 s) for the answer, then aborts;
+    its reactor then woke, found the network timeout long passed and
+    aborted a second time: an A-ABORT request in Sta13, which raised in the
+    DUL thread ("Invalid event 'Evt15' for the current state 'Sta13'") and
+    killed it with a traceback. The network timeout is off while the release
+    runs: the release wait bounds it.
+    """
+    release = assoc.release
+
+    def release_within() -> None:
+        if not assoc.is_established:
+            release()  # nothing to release (pynetdicom's no-op)
+            return
+        network = assoc.network_timeout
+        wait = min(RELEASE_WAIT, network) if network else RELEASE_WAIT
+        assoc.acse_timeout = wait  # (and ARTIM, set next)
+        assoc.dul.artim_timer.timeout = ABORT_CLOSE_WAIT  # only used after an abort here
+        assoc.network_timeout = None
+        started = time.monotonic()
+        release()
+        if assoc.is_aborted and not assoc.is_released and time.monotonic() - started >= wait:
+            # (An A-ABORT from the peer instead ends it sooner; pynetdicom logs that.)
+            peer = assoc.acceptor
+            log.warning("%s at %s did not answer our A-RELEASE-RQ within %g s: association aborted "
+                        "(its requests had all been answered)", str(peer.ae_title).strip(),
+                        getattr(peer, "address", "?"), wait)
+
+    assoc.release = release_within
+
+
+# State-machine events raised by primitives from the local user (PS3.8 9.2),
+# not by the peer's PDUs.
+_LOCAL_PRIMITIVE_EVENTS = {"Evt1", "Evt7", "Evt8", "Evt9", "Evt11", "Evt14", "Evt15"}
+
+
+def abort_on_action_error(assoc: Any) -> None:
+    """Answer a PDU that makes a state-machine action fail with an A-ABORT,
+    on an association this node accepted or requested.
+
+    pynetdicom decodes some invalid fields lazily: an A-ASSOCIATE-RQ with an
+    even presentation context ID raises inside the AE-6 action, which kills
+    the association's DUL thread with a traceback and leaves the peer
+    connected, unanswered, until the ACSE timeout. Treat it as the standard
+    says for an invalid PDU (event 19: A-ABORT, then close).
+    """
+    fsm = assoc.dul.state_machine
+    original = fsm.do_action
+
+    def do_action(fsm_event: str) -> None:
+        try:
+            original(fsm_event)
+        except Exception as exc:
+            if fsm_event == "Evt19":
+                raise
+            if fsm_event in _LOCAL_PRIMITIVE_EVENTS and fsm.current_state == "Sta13":
+                # Found by the fuzz run (bench/fuzz.py, issue 8): a second
+                # A-RELEASE-RQ before our A-RELEASE-RP aborts the association
+                # (AA-8, Sta13), then our own release response arrives as
+                # Evt14, invalid in Sta13. pynetdicom only peeks at its
+                # outgoing queue, so the primitive stayed there: the DUL thread
+                # retried it forever (100% CPU, an A-ABORT and a log line per
+                # turn, ~7 MB of log a second) and never closed the socket.
+                # On a requested association, a second A-ABORT of ours after
+                # a release that timed out (see bound_release) is the same.
+                # The association is gone: drop the primitive, let Sta13 close.
+                try:
+                    assoc.dul.to_provider_queue.get_nowait()
+                except queue.Empty:
+                    pass
+                log.info("dropped %s from the local user after the association ended", fsm_event)
+                return
+            peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
+            log.warning("invalid PDU from %s (%s); aborting the association", getattr(peer, "address", "?"),
+                        peer_text(exc, 200))
+            assoc.dul._kill_thread = False  # do_action killed it: let the abort run
+            original("Evt19")
+
+    fsm.do_action = do_action
 
 
 def _acknowledge_at_once(wrapper: Any, raw: socket.socket) -> None:

@@ -7,6 +7,9 @@ checked with raw PDUs, pynetdicom and DCMTK against a real `pacs serve`.
    (PS3.8 9.3.3.2), as DCMTK's storescp does: contexts of one SOP class were
    merged into one preference list, so [JPEG Baseline, Explicit LE] beside
    [Explicit LE] got Explicit LE in both. The C-GET policy stays.
+2. A C-MOVE destination that never answers our A-RELEASE-RQ: the final
+   C-MOVE response came after a hard-coded 30 s whatever dicom_timeout, and
+   a second A-ABORT in Sta13 killed the DUL thread with a traceback.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import io
 import socket
 import struct
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -36,10 +40,11 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from pynetdicom.sop_class import Verification
+from pynetdicom import AE
+from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelMove, Verification
 
 from .conftest import Backend, PacsServer, free_port
-from .peers import dcmtk, wait_port
+from .peers import dcmtk, wait_port, wait_until
 
 APP_CONTEXT = b"1.2.840.10008.3.1.1.1"
 VERIFICATION = Verification.encode()
@@ -305,3 +310,138 @@ def test_a_c_get_requester_still_gets_a_syntax_the_archive_can_always_give(serve
     raw.release()
     assert raw.accepted[3] == ExplicitVRLittleEndian
     assert raw.accepted[5] == JPEGLosslessSV1
+
+
+# -- 2. release of the associations this node requests -----------------------------------------
+class Destination:
+    """A C-MOVE destination of raw PDUs that accepts every context. Recording
+    the PDU types it receives, it either answers each C-STORE with success
+    and never answers A-RELEASE-RQ (``silent_release``, the connection
+    stays open), or answers a C-STORE-RQ with an A-RELEASE-RQ of its own
+    (``release_mid_store``: an impatient peer)."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.port = free_port()
+        self.received: list[int] = []
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._association, args=(conn,), daemon=True).start()
+
+    def _association(self, conn: socket.socket) -> None:
+        with conn:
+            _, rq = read_pdu(conn)
+            answers = b""
+            for kind, data in _items(rq[68:]):
+                if kind == 0x20:
+                    first = next(ts for sub, ts in _items(data[4:]) if sub == 0x40)
+                    answers += _item(0x21, bytes([data[0], 0, 0, 0]) + _item(0x40, first))
+            body = (struct.pack(">HH", 1, 0) + rq[4:36] + bytes(32) + _item(0x10, APP_CONTEXT) + answers
+                    + _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.3.4")))
+            conn.sendall(struct.pack(">BBI", 2, 0, len(body)) + body)
+            fragments = b""
+            while True:
+                try:
+                    kind, body = read_pdu(conn)
+                except (EOFError, OSError):
+                    return
+                self.received.append(kind)
+                if kind != 4:
+                    continue  # A-RELEASE-RQ: no answer, ever
+                for cid, control, data in _pdvs(body):
+                    if control & 1:
+                        fragments += data
+                    if not control & 2 or control & 1:
+                        continue
+                    if self.mode == "release_mid_store":
+                        conn.sendall(RELEASE_RQ)
+                        continue
+                    rq_command = parse_command(fragments)
+                    fragments = b""
+                    rsp = command([_element(0x0002, rq_command[0x0002]), _element(0x0100, 0x8001),
+                                   _element(0x0120, rq_command[0x0110]), _element(0x0800, 0x0101),
+                                   _element(0x0900, 0), _element(0x1000, rq_command[0x1000])])
+                    conn.sendall(pdata([(cid, 3, rsp)]))
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@contextlib.contextmanager
+def move_destination(server: PacsServer, mode: str, patient_id: str) -> Iterator[tuple[str, Destination]]:
+    """A registered :class:`Destination` and one CT of *patient_id* in the archive."""
+    destination = Destination(mode)
+    title = f"DEST{destination.port}"
+    try:
+        server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", str(destination.port))
+        sop_uid = generate_uid()
+        raw = Raw(server.dicom_port, STORE_CONTEXTS)
+        raw.sock.sendall(pdata([(3, 3, store_rq(CT, sop_uid, 1)), (3, 2, ct_dataset(sop_uid, patient_id))]))
+        answer = read_response(raw.sock)
+        assert isinstance(answer, dict) and answer[0x0900] == 0, answer
+        raw.release()
+        yield title, destination
+    finally:
+        destination.close()
+
+
+def c_move(server: PacsServer, title: str, patient_id: str) -> Dataset:
+    """The final response to a C-MOVE of *patient_id* to *title*, from a
+    requester that waits 20 s for each response (its DIMSE timeout)."""
+    ae = AE(ae_title="MOVESCU")
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelMove)
+    ae.dimse_timeout = 20
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+    assert assoc.is_established
+    try:
+        identifier = Dataset()
+        identifier.QueryRetrieveLevel = "PATIENT"
+        identifier.PatientID = patient_id
+        responses = [status for status, _ in
+                     assoc.send_c_move(identifier, title, PatientRootQueryRetrieveInformationModelMove)]
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert "Status" in responses[-1], "no final C-MOVE response within the requester's DIMSE timeout"
+    return responses[-1]
+
+
+def test_a_move_destination_that_never_answers_the_release_does_not_hold_the_final_response(
+        server: PacsServer) -> None:
+    """dicom_timeout is 3 s here. The requester gives the final C-MOVE
+    response 20 s (its DIMSE timeout): it came after 30 s, the ACSE timeout
+    pynetdicom waits for the A-RELEASE-RP, and then a second A-ABORT in Sta13
+    killed the association's thread with a traceback."""
+    with move_destination(server, "silent_release", "SILENT1") as (title, destination):
+        final = c_move(server, title, "SILENT1")
+        assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == 1
+        # The destination got our A-RELEASE-RQ, then our A-ABORT.
+        assert wait_until(lambda: 7 in destination.received, timeout=20), destination.received
+        assert destination.received.index(5) < destination.received.index(7)
+    log = server.log_text()
+    assert f"{title} at 127.0.0.1 did not answer our A-RELEASE-RQ" in log
+    assert "Invalid event" not in log and TRACEBACK not in log
+    assert_serving(server)
+
+
+def test_a_state_machine_fault_on_a_requested_association_is_answered_not_a_traceback(
+        server: PacsServer) -> None:
+    """A destination answers our C-STORE-RQ with an A-RELEASE-RQ: our DIMSE
+    timeout aborts the association (Sta13), then pynetdicom's reactor may
+    still answer that release (event 14, invalid in Sta13), which killed the
+    DUL thread with a traceback in 3 runs of 4. The guard the listener had
+    for its own associations now covers the ones this node requests. Three
+    moves: each is answered, none leaves a traceback."""
+    with move_destination(server, "release_mid_store", "EARLYREL1") as (title, _):
+        for _ in range(3):
+            final = c_move(server, title, "EARLYREL1")
+            assert final.Status == 0xA702 and final.NumberOfFailedSuboperations == 1
+    assert TRACEBACK not in server.log_text()
+    assert_serving(server)
