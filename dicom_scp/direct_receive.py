@@ -19,7 +19,9 @@ by pynetdicom, and failures are answered through pynetdicom's encoder.
 
 Every other message -- and a C-STORE-RQ with anything unexpected in its
 command set -- is replayed into pynetdicom's decoder unchanged, which then
-receives the rest of that message itself. pynetdicom's EVT_DIMSE_RECV and
+receives the rest of that message itself; the PDVs after it in the same
+P-DATA-TF are taken here again (pynetdicom's decoder drops them).
+pynetdicom's EVT_DIMSE_RECV and
 EVT_C_STORE are not raised for the requests taken here (nothing in the
 server listens to them but the store handler); with pynetdicom's debug
 logging on, this module is not used.
@@ -257,42 +259,75 @@ def receive_directly(assoc: Any, limits: Limits | None = None) -> None:
             return direct
         return parse_store_request(command)
 
-    def hand_over(pdvs: list[list[Any]]) -> None:
-        """Give pynetdicom the message from its first fragment on."""
+    def feed(pdvs: list[Any], index: int) -> int:
+        """Give pynetdicom pdvs[index:] until the message it receives is
+        complete; the index of the first PDV after it.
+
+        pynetdicom's decoder stops at the end of a message and ignores the
+        rest of the P-DATA-TF: a second message in it was never answered."""
+        while index < len(pdvs):
+            context_id, data = pdvs[index]
+            replay = P_DATA()
+            # pynetdicom's setter takes [context ID, PDV] lists only.
+            replay.presentation_data_value_list = [[context_id, data]]
+            original(replay)
+            index += 1
+            if dimse.message is None:
+                incoming.theirs = False
+                return index
+        return index
+
+    def hand_over(pdvs: list[Any]) -> int:
+        """Give pynetdicom the message that starts at pdvs[0]; the index of
+        the first PDV after it (pdvs' length when it goes on in later PDUs)."""
         incoming.discard()
-        replay = P_DATA()
-        # pynetdicom's setter takes [context ID, PDV] lists only.
-        replay.presentation_data_value_list = [[cx, pdv] for cx, pdv in pdvs]
         incoming.theirs = True
-        original(replay)
-        if dimse.message is None:
-            incoming.theirs = False
+        return feed(pdvs, 0)
 
     def receive_primitive(primitive: Any) -> None:
-        if incoming.theirs or not isinstance(primitive, P_DATA):
+        if not isinstance(primitive, P_DATA):
+            original(primitive)
+            return
+        pdvs = primitive.presentation_data_value_list
+        if incoming.theirs and len(pdvs) == 1:
+            # The next fragment of a message pynetdicom receives (a long
+            # C-FIND identifier, an N-ACTION...): straight to it.
             original(primitive)
             if dimse.message is None:
                 incoming.theirs = False
             return
-        pdvs = [list(pdv) for pdv in primitive.presentation_data_value_list]
-        for index, (context_id, data) in enumerate(pdvs):
+        # A P-DATA-TF may carry several messages (PS3.8 E.1 says it should
+        # not; DCMTK serves them, and so does this loop): each one goes to
+        # this module or to pynetdicom's decoder, in order.
+        index = 0
+        while index < len(pdvs):
+            if incoming.theirs:
+                index = feed(pdvs, index)
+                continue
+            context_id, data = pdvs[index]
             control = data[0]
             if control & 0x01:  # a command fragment
                 if incoming.request is not None:
-                    hand_over(pdvs[index:])  # a new command inside a data set: pynetdicom's call
-                    return
+                    # A new command inside a data set: pynetdicom's call.
+                    pdvs = pdvs[index:]
+                    index = hand_over(pdvs)
+                    continue
                 incoming.command_pdvs.append([context_id, data])
+                index += 1
                 if control & 0x02:
                     request = parse(b"".join(d[1:] for _, d in incoming.command_pdvs))
                     if request is None:
-                        hand_over(incoming.command_pdvs + pdvs[index + 1:])
-                        return
+                        pdvs = incoming.command_pdvs + list(pdvs[index:])
+                        index = hand_over(pdvs)
+                        continue
                     incoming.request, incoming.context_id = request, context_id
                 continue
             if incoming.request is None:
-                hand_over(incoming.command_pdvs + pdvs[index:])
-                return
+                pdvs = incoming.command_pdvs + list(pdvs[index:])
+                index = hand_over(pdvs)
+                continue
             incoming.dataset.write(data[1:])
+            index += 1
             if control & 0x02:
                 request = incoming.request
                 if isinstance(request, ReceivedStore):

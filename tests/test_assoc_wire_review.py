@@ -10,6 +10,8 @@ checked with raw PDUs, pynetdicom and DCMTK against a real `pacs serve`.
 2. A C-MOVE destination that never answers our A-RELEASE-RQ: the final
    C-MOVE response came after a hard-coded 30 s whatever dicom_timeout, and
    a second A-ABORT in Sta13 killed the DUL thread with a traceback.
+3. Several messages in one P-DATA-TF: a message after one served by
+   pynetdicom's own decoder was dropped unanswered (the peer timed out).
 """
 
 from __future__ import annotations
@@ -444,4 +446,33 @@ def test_a_state_machine_fault_on_a_requested_association_is_answered_not_a_trac
             final = c_move(server, title, "EARLYREL1")
             assert final.Status == 0xA702 and final.NumberOfFailedSuboperations == 1
     assert TRACEBACK not in server.log_text()
+    assert_serving(server)
+
+
+# -- 3. several messages in one P-DATA-TF ----------------------------------------------------
+def test_every_message_of_one_p_data_is_answered(server: PacsServer) -> None:
+    raw = Raw(server.dicom_port, STORE_CONTEXTS)
+    try:
+        # Two C-ECHO-RQs (pynetdicom's decoder serves C-ECHO).
+        raw.sock.sendall(pdata([(1, 3, echo_rq(1)), (1, 3, echo_rq(2))]))
+        answers = [read_response(raw.sock), read_response(raw.sock)]
+        assert [a[0x0120] for a in answers if isinstance(a, dict)] == [1, 2], answers
+
+        # A C-ECHO-RQ, then a C-STORE-RQ with its data set (this module's path).
+        first = generate_uid()
+        raw.sock.sendall(pdata([(1, 3, echo_rq(3)), (3, 3, store_rq(CT, first, 4)), (3, 2, ct_dataset(first))]))
+        answers = [read_response(raw.sock), read_response(raw.sock)]
+        assert [(a[0x0120], a[0x0900]) for a in answers if isinstance(a, dict)] == [(3, 0), (4, 0)], answers
+
+        # A C-STORE pynetdicom serves (an element this module does not take
+        # in its command), then a plain one.
+        second, third = generate_uid(), generate_uid()
+        raw.sock.sendall(pdata([(3, 3, store_rq(CT, second, 5, _element(0x7777, b"ZZ"))),
+                                (3, 2, ct_dataset(second)),
+                                (3, 3, store_rq(CT, third, 6)), (3, 2, ct_dataset(third))]))
+        answers = [read_response(raw.sock), read_response(raw.sock)]
+        assert [(a[0x0120], a[0x0900]) for a in answers if isinstance(a, dict)] == [(5, 0), (6, 0)], answers
+    finally:
+        assert raw.release() == "A-RELEASE-RP"
+    assert all(stored(server, uid) for uid in (first, second, third))
     assert_serving(server)
