@@ -199,3 +199,28 @@ class ContextList(list):  # type: ignore[type-arg]
     def __deepcopy__(self, memo: dict[int, Any]) -> list[PresentationContext]:
         return list(self)
 
+
+# The Error Comment of that refusal (at most 64 characters); the log names the classes.
+OFF_CONTEXT_COMMENT = "SOP Class not the one negotiated for this context"
+
+
+def off_context(assoc: Any, abstract_syntax: str, sop_class: str) -> str | None:
+    """Why a C-STORE-RQ of *sop_class* may not be served on a presentation
+    context negotiated for *abstract_syntax*; None when it may.
+
+    A context is negotiated for one SOP class and transfer syntax (PS3.7
+    D.3.2); a request for another class on it was stored under a class and
+    read in a syntax never agreed for it (a CT on the MR context, or on the
+    Verification context, whose syntax may not even be the data set's). It
+    is refused 0122H, "SOP Class not supported" (PS3.4 B.2.3), on the one
+    request: DCMTK's storescp aborts the association, which loses the
+    modality's other objects on it and makes many resend the whole study.
+    A specialized class on its related general class's context (SOP Class
+    Common Extended Negotiation, PS3.7 D.3.3.6) is allowed.
+    """
+    if sop_class == abstract_syntax:
+        return None
+    related = assoc.acceptor.accepted_common_extended.get(sop_class)
+    if related is not None and abstract_syntax in related[1]:
+        return None
+    return f"SOP Class {sop_class} sent on the context of {abstract_syntax}"

@@ -11,7 +11,7 @@ server's store handler does), a request whose UIDs are conformant is served
 here too: the handler is called with the request's values and a success is
 answered with a hand-encoded C-STORE-RSP, in the association thread, with
 pynetdicom's checks (release sent, context accepted, a storage SOP class)
-made first in its order. That leaves out pynetdicom's storage service class,
+made first in its order, then that the class is its context's. That leaves out pynetdicom's storage service class,
 its event object and eight UID validations per object (~20% of the Python
 time of a small object). Otherwise the primitive is filled through
 pynetdicom's own setters (which validate the UIDs and numbers) and served
@@ -20,8 +20,9 @@ by pynetdicom, and failures are answered through pynetdicom's encoder.
 Every other message -- and a C-STORE-RQ with anything unexpected in its
 command set -- is replayed into pynetdicom's decoder unchanged, which then
 receives the rest of that message itself; the PDVs after it in the same
-P-DATA-TF are taken here again (pynetdicom's decoder drops them).
-pynetdicom's EVT_DIMSE_RECV and
+P-DATA-TF are taken here again (pynetdicom's decoder drops them). Every
+fragment of a message must come on its command's presentation context
+(PS3.8 E.1), or the association is aborted. pynetdicom's EVT_DIMSE_RECV and
 EVT_C_STORE are not raised for the requests taken here (nothing in the
 server listens to them but the store handler); with pynetdicom's debug
 logging on, this module is not used.
@@ -42,8 +43,10 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.service_class import StorageServiceClass
 from pynetdicom.sop_class import uid_to_service_class
 
+from pacs.errors import Status
 from pacs.header import valid_uid
 
+from .contexts import OFF_CONTEXT_COMMENT, off_context
 from .direct_send import can_write_directly, message_pdus, store_response_command, write_pdus
 from .received import Limits, ReceivedData
 
@@ -175,16 +178,23 @@ def serve_store(assoc: Any, request: ReceivedStore, store: DirectStore, serve: C
         # pynetdicom aborts both, with its own log lines.
         serve(_as_primitive(request), context_id)
         return
-    assoc.dimse.cancel_req = {}
-    assoc._is_paused = True
-    try:
-        status, comment = store(assoc, request, context.transfer_syntax[0])
-    except Exception:
-        log.exception("Exception in the C-STORE handler")
-        status, comment = 0xC211, ""
-    finally:
-        assoc._is_paused = False
+    if request.sop_class != context.abstract_syntax and (
+            refused := off_context(assoc, context.abstract_syntax, request.sop_class)) is not None:
+        request.dataset.close()
+        log.warning("C-STORE from %s refused: %s (presentation context %d)",
+                    assoc.requestor.ae_title, refused, context_id)
+        status, comment = Status.SOP_CLASS_NOT_SUPPORTED, OFF_CONTEXT_COMMENT
+    else:
         assoc.dimse.cancel_req = {}
+        assoc._is_paused = True
+        try:
+            status, comment = store(assoc, request, context.transfer_syntax[0])
+        except Exception:
+            log.exception("Exception in the C-STORE handler")
+            status, comment = 0xC211, ""
+        finally:
+            assoc._is_paused = False
+            assoc.dimse.cancel_req = {}
     if not assoc.is_established:
         return
     if status == 0 and not comment and can_write_directly(assoc):
@@ -214,6 +224,8 @@ class _Incoming:
 
     def __init__(self, limits: Limits | None) -> None:
         self.limits = limits
+        # Set once a protocol error aborted the association: nothing more is read.
+        self.broken = False
         self.reset()
 
     def discard(self) -> None:
@@ -259,6 +271,15 @@ def receive_directly(assoc: Any, limits: Limits | None = None) -> None:
             return direct
         return parse_store_request(command)
 
+    def protocol_error(reason: str) -> None:
+        """A-ABORT the association (invalid PDU, Evt19: PS3.8 9.2.3), as
+        pynetdicom does for a message it cannot decode."""
+        log.warning("P-DATA from %s: %s; aborting the association (PS3.8 E.1)",
+                    getattr(assoc.requestor, "address", "?"), reason)
+        incoming.discard()
+        incoming.broken = True
+        dimse.dul.event_queue.put("Evt19")
+
     def feed(pdvs: list[Any], index: int) -> int:
         """Give pynetdicom pdvs[index:] until the message it receives is
         complete; the index of the first PDV after it.
@@ -267,6 +288,10 @@ def receive_directly(assoc: Any, limits: Limits | None = None) -> None:
         rest of the P-DATA-TF: a second message in it was never answered."""
         while index < len(pdvs):
             context_id, data = pdvs[index]
+            if context_id != incoming.context_id:
+                protocol_error(f"a fragment on presentation context {context_id} inside a message "
+                               f"on context {incoming.context_id}")
+                return len(pdvs)
             replay = P_DATA()
             # pynetdicom's setter takes [context ID, PDV] lists only.
             replay.presentation_data_value_list = [[context_id, data]]
@@ -282,6 +307,7 @@ def receive_directly(assoc: Any, limits: Limits | None = None) -> None:
         the first PDV after it (pdvs' length when it goes on in later PDUs)."""
         incoming.discard()
         incoming.theirs = True
+        incoming.context_id = pdvs[0][0]
         return feed(pdvs, 0)
 
     def receive_primitive(primitive: Any) -> None:
@@ -289,7 +315,9 @@ def receive_directly(assoc: Any, limits: Limits | None = None) -> None:
             original(primitive)
             return
         pdvs = primitive.presentation_data_value_list
-        if incoming.theirs and len(pdvs) == 1:
+        if incoming.broken:
+            return  # aborted: what follows is not read
+        if incoming.theirs and len(pdvs) == 1 and pdvs[0][0] == incoming.context_id:
             # The next fragment of a message pynetdicom receives (a long
             # C-FIND identifier, an N-ACTION...): straight to it.
             original(primitive)
@@ -312,6 +340,11 @@ def receive_directly(assoc: Any, limits: Limits | None = None) -> None:
                     pdvs = pdvs[index:]
                     index = hand_over(pdvs)
                     continue
+                if incoming.command_pdvs and context_id != incoming.context_id:
+                    protocol_error(f"command fragments on presentation contexts {incoming.context_id} "
+                                   f"and {context_id}")
+                    return
+                incoming.context_id = context_id
                 incoming.command_pdvs.append([context_id, data])
                 index += 1
                 if control & 0x02:
@@ -320,12 +353,17 @@ def receive_directly(assoc: Any, limits: Limits | None = None) -> None:
                         pdvs = incoming.command_pdvs + list(pdvs[index:])
                         index = hand_over(pdvs)
                         continue
-                    incoming.request, incoming.context_id = request, context_id
+                    incoming.request = request
                 continue
             if incoming.request is None:
                 pdvs = incoming.command_pdvs + list(pdvs[index:])
                 index = hand_over(pdvs)
                 continue
+            if context_id != incoming.context_id:
+                # DCMTK: "Presentation Contexts of Command and Data Differ".
+                protocol_error(f"the data set on presentation context {context_id}, "
+                               f"its command on {incoming.context_id}")
+                return
             incoming.dataset.write(data[1:])
             index += 1
             if control & 0x02:

@@ -42,9 +42,11 @@ from pacs.part10 import BufferSource, file_meta_bytes
 from .acceptor import InlineAssociationServer
 from .associate_rq import AssociationGate, decoding_peer_request
 from .contexts import (
+    OFF_CONTEXT_COMMENT,
     QR_MODELS,
     STORAGE_TRANSFER_SYNTAXES,
     ContextList,
+    off_context,
     prefer_requestor_order,
     storage_classes,
 )
@@ -258,6 +260,13 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
 
     def handle_store(event: Any) -> int | Dataset:
         request = event.request
+        abstract_syntax = event.context.abstract_syntax
+        if (refused := off_context(event.assoc, abstract_syntax, request.AffectedSOPClassUID)) is not None:
+            if isinstance(request.DataSet, ReceivedData):
+                request.DataSet.close()
+            log.warning("C-STORE from %s refused: %s (presentation context %d)",
+                        event.assoc.requestor.ae_title, refused, event.context.context_id)
+            return status_dataset(Status.SOP_CLASS_NOT_SUPPORTED, OFF_CONTEXT_COMMENT)
         status, comment = store(event.assoc, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
                                 request.DataSet, event.context.transfer_syntax)
         return status_dataset(status, comment) if comment else status

@@ -12,6 +12,9 @@ checked with raw PDUs, pynetdicom and DCMTK against a real `pacs serve`.
    a second A-ABORT in Sta13 killed the DUL thread with a traceback.
 3. Several messages in one P-DATA-TF: a message after one served by
    pynetdicom's own decoder was dropped unanswered (the peer timed out).
+4. A C-STORE for another SOP class than its context's was stored (0122H
+   now), and a data set on another context than its command was stored
+   (A-ABORT now, PS3.8 E.1, as DCMTK).
 """
 
 from __future__ import annotations
@@ -475,4 +478,49 @@ def test_every_message_of_one_p_data_is_answered(server: PacsServer) -> None:
     finally:
         assert raw.release() == "A-RELEASE-RP"
     assert all(stored(server, uid) for uid in (first, second, third))
+    assert_serving(server)
+
+
+# -- 4. a message off its presentation context -------------------------------------------------
+@pytest.mark.parametrize("extra", [(), (_element(0x7777, b"ZZ"),)], ids=["direct", "pynetdicom"])
+def test_a_store_for_another_class_than_its_context_is_refused_0122(server: PacsServer, extra: tuple) -> None:
+    """A CT on the MR context, or on the Verification context: 0122H with
+    an Error Comment, nothing stored, the association goes on."""
+    raw = Raw(server.dicom_port, STORE_CONTEXTS)
+    uids = [generate_uid(), generate_uid()]
+    try:
+        for message_id, (context_id, sop_uid) in enumerate(zip((5, 1), uids), start=1):
+            raw.sock.sendall(pdata([(context_id, 3, store_rq(CT, sop_uid, message_id, *extra))]))
+            raw.sock.sendall(pdata([(context_id, 2, ct_dataset(sop_uid))]))
+            answer = read_response(raw.sock)
+            assert isinstance(answer, dict), answer
+            assert answer[0x0900] == 0x0122 and answer[0x0120] == message_id
+            assert b"negotiated" in answer[0x0902]
+        # The association goes on: a CT on its own context is stored.
+        good = generate_uid()
+        raw.sock.sendall(pdata([(3, 3, store_rq(CT, good, 9)), (3, 2, ct_dataset(good))]))
+        answer = read_response(raw.sock)
+        assert isinstance(answer, dict) and answer[0x0900] == 0, answer
+    finally:
+        assert raw.release() == "A-RELEASE-RP"
+    assert not any(stored(server, uid) for uid in uids)
+    assert stored(server, good)
+    assert_serving(server)
+
+
+@pytest.mark.parametrize("contexts", [(3, 5), (5, 3)], ids=["data-on-MR-context", "data-on-CT-context"])
+def test_a_data_set_on_another_context_than_its_command_aborts(server: PacsServer, contexts: tuple[int, int]) -> None:
+    """PS3.8 E.1: every fragment of a message on one presentation context.
+    DCMTK's storescp aborts ("Presentation Contexts of Command and Data
+    Differ"); this was stored and answered success."""
+    command_context, data_context = contexts
+    raw = Raw(server.dicom_port, STORE_CONTEXTS)
+    sop_uid = generate_uid()
+    sop_class = CT if command_context == 3 else MR
+    raw.sock.sendall(pdata([(command_context, 3, store_rq(sop_class, sop_uid, 1)),
+                            (data_context, 2, ct_dataset(sop_uid))]))
+    assert read_response(raw.sock) == "A-ABORT"
+    raw.sock.close()
+    assert not stored(server, sop_uid)
+    assert "its command on" in server.log_text()
     assert_serving(server)
