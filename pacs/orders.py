@@ -74,6 +74,7 @@ KEEP_RECEIVED = timedelta(days=30)
 # Transactions of one inbound message before a lost race is reported (see apply_message).
 RACE_ATTEMPTS = 3
 
+
 STATUSES = ("SCHEDULED", "IN PROGRESS", "COMPLETED", "DISCONTINUED", "CANCELLED")
 # CX-5 identifier type codes (HL7 table 0203) that name the hospital's own
 # patient number; citizen ID (NI) and insurance numbers become other IDs.
@@ -173,18 +174,51 @@ assert set(PROCEDURE_COLUMNS) | set(STEP_COLUMNS) == set(_ORDER_COLUMNS)
 
 # What the worklist returns these values as (PS3.5 table 6.2-1): a longer value
 # would be an invalid DICOM response, so every entry point refuses it here.
+# Keys and codes only: a modality matches and copies them into its images
+# and MPPS, and a cut one would name another exam or station.
 _VR_LIMITS: dict[str, tuple[str, str, int]] = {
     "accession_number": ("AccessionNumber", "SH", 16),
     "requested_procedure_id": ("RequestedProcedureID", "SH", 16),
     "step_id": ("ScheduledProcedureStepID", "SH", 16),
     "modality": ("Modality", "CS", 16),
     "station_ae_title": ("ScheduledStationAETitle", "AE", 16),
+}
+# Labels a modality only shows (HIS room names: "Phòng chụp cắt lớp vi tính
+# số 1"), cut to their VR's length rather than the whole exam refused over
+# them. Stored cut: they are matching keys (a station asking by its name
+# must find what it is answered), unlike descriptions, kept whole and cut
+# when served (worklist.scp).
+_CUT_TO_VR: dict[str, tuple[str, str, int]] = {
     "station_name": ("ScheduledStationName", "SH", 16),
     "location": ("ScheduledProcedureStepLocation", "SH", 16),
 }
 _PATIENT_ID_LIMIT = 64  # PatientID is LO
 # The start time of a step scheduled for a day without a time (see OrderService._schedule_undated).
 UNTIMED_START = "000000"
+
+
+def fit_text(value: str, limit: int) -> str:
+    """*value* cut to *limit* characters (PS3.5 6.2: SH, LO and the like
+    count characters, not bytes). A value of odd length in UTF-8 bytes is
+    padded with a space on the wire, which some readers (pydicom warns)
+    count as a character too: such a value keeps *limit* - 1."""
+    cut = value[:limit].rstrip()
+    if len(cut) == limit and len(cut.encode("utf-8")) % 2:
+        cut = cut[:limit - 1].rstrip()
+    return cut
+
+
+def fit_order(info: OrderInfo) -> OrderInfo:
+    """*info* with the labels of :data:`_CUT_TO_VR` cut to their VR's
+    length (logged by field name: a room name is no patient data, but the
+    log names fields only)."""
+    cut = {name: fit_text(getattr(info, name), limit) for name, (_, _, limit) in _CUT_TO_VR.items()
+           if len(getattr(info, name)) > limit}
+    for name in cut:
+        keyword, vr, limit = _CUT_TO_VR[name]
+        log.info("%s (%s, VR %s) of %d characters cut to %d for the worklist", name, keyword, vr,
+                 len(getattr(info, name)), limit)
+    return replace(info, **cut) if cut else info
 
 
 def validate_order(info: OrderInfo) -> None:
@@ -209,6 +243,31 @@ def validate_order(info: OrderInfo) -> None:
         if value and not valid(value):
             raise OrderError(f"{name} ({keyword}, VR {'DA' if name == 'start_date' else 'TM'}) {value[:20]!r} is "
                              f"not a valid {form}", code="102", http_status=422)
+
+
+def _require_modality(info: OrderInfo) -> None:
+    """A new scheduled step names its modality: Modality is a Type 1
+    worklist return key (PS3.4 Table K.6-1), and every modality asks for its
+    own -- a step without one was acknowledged AA and then offered to no
+    console, while the HIS believed it scheduled. IHE SWF (RAD-4) maps it
+    from OBR-24 (ORM) or IPC-5 (OMI). Refused (AE 101, JSON 400) rather than
+    guessed: a procedure code says nothing reliable about the modality."""
+    if not info.modality:
+        raise OrderError("the scheduled step has no modality (OBR-24, IPC-5; JSON modality): Modality is a Type 1 "
+                         "worklist key (PS3.4 K.6-1), no modality would ever be offered the exam",
+                         code="101", http_status=400)
+
+
+def _require_patient_name(conn: Connection, patient_pk: int) -> None:
+    """An order's patient has a name: Patient's Name is a Type 1 worklist
+    return key (PS3.4 Table K.6-1); an item without one was answered with an
+    empty name, which the modality writes into the images. An order for a
+    patient the HIS has not named (PID-5 empty, or "" deleting the name) is
+    refused (AE 101, JSON 400); a PID-5 left out keeps the stored name."""
+    name = conn.execute(select(patients_t.c.name).where(patients_t.c.pk == patient_pk)).scalar()
+    if not (name or "").replace("^", "").replace("=", "").strip():
+        raise OrderError("the patient has no name (PID-5; JSON patient.name): Patient's Name is a Type 1 worklist "
+                         "key (PS3.4 K.6-1)", code="101", http_status=400)
 
 
 def _patient_columns(p: PatientInfo) -> dict[str, Any]:
@@ -881,6 +940,7 @@ class OrderService:
     def _place(self, conn: Connection, info: OrderInfo, source: str, batch: _Batch) -> dict[str, Any]:
         if not info.accession_number:
             raise OrderError("the order has no accession number", code="101", http_status=400)
+        info = fit_order(info)
         validate_order(info)  # the derived procedure and step IDs default to the accession
         if info.study_uid and not valid_uid(info.study_uid):
             raise OrderError(f"invalid Study Instance UID {info.study_uid!r}", code="102", http_status=400)
@@ -902,7 +962,9 @@ class OrderService:
                                  "Scheduled Procedure Step ID (IPC-4, OBR-20)", code="101", http_status=400)
             return self._change(conn, replace(info, step_id=step_id), source, batch)
         self._check_study_uid_free(conn, info)
+        _require_modality(info)
         patient_pk = self._upsert_patient(conn, info.patient)
+        _require_patient_name(conn, patient_pk)
         now = _now()
         values = {c: getattr(info, c) for c in _ORDER_COLUMNS}
         values["study_uid"] = info.study_uid or generate_uid()
@@ -964,6 +1026,7 @@ class OrderService:
         whatever step ID it sends (*alone*): an HIS that sent no SPS ID with
         its NW (the accession stood in) may send one with its XO, and means
         the same step, as before several steps existed."""
+        info = fit_order(info)
         validate_order(info)
         rows = self._find_procedure(conn, info)
         if not rows:
@@ -982,7 +1045,9 @@ class OrderService:
             raise OrderError(f"order is {overall.lower()} and cannot change", code="207", http_status=409)
         if adding:
             self._check_same_procedure(first, info)
+            _require_modality(info)
         patient_pk = self._upsert_patient(conn, info.patient)
+        _require_patient_name(conn, patient_pk)
         now = _now()
         shared = {c: getattr(info, c) for c in PROCEDURE_COLUMNS if getattr(info, c)}
         shared.pop("study_uid", None)  # the study UID handed to modalities never changes

@@ -39,7 +39,7 @@ def _routes(server: PacsServer) -> list[tuple[str, str, set[str], dict | None]]:
     s1 = study_uid("S1")  # referred by Đỗ^Thanh Tùng, the referring user's display name
     ds = dcmread(next(iter(sorted(server.corpus_dir.glob("S1_0_0.dcm")))), stop_before_pixels=True)  # type: ignore[attr-defined]
     inst = f"/dicom-web/studies/{s1}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
-    order = {"patient": {"id": "079000000999", "name": "Test^Order"}, "accession_number": "ACL-1"}
+    order = {"patient": {"id": "079000000999", "name": "Test^Order"}, "accession_number": "ACL-1", "modality": "CT"}
     wado = f"/wado?requestType=WADO&studyUID={s1}&seriesUID={ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}"
     return [
         ("GET", "/dicom-web/studies", {"radiologist", "admin", "emr"}, None),

@@ -282,9 +282,11 @@ def test_two_messages_in_one_frame_are_refused(server: PacsServer, tmp_path: Pat
     err = fields(ack, "ERR")
     assert err[3].startswith("100^") and "2 messages" in err[8]
     # Nothing of the frame was applied: the first patient has no order or study to show, so
-    # place one for it and check it was created by this message (its name is the new one).
-    assert msa(send(server, with_pid(orm("TWO3", "HTW001"), "PID|1||BN700971^^^BVDK^PI")))[0] == "AA"
-    assert str(worklist(server, tmp_path, "AccessionNumber=HTW001", "PatientName")[0].PatientName) == ""
+    # place one for it without a name (PID-5): it is refused for want of a name, which the
+    # frame's A08 would have given it.
+    refused = send(server, with_pid(orm("TWO3", "HTW001"), "PID|1||BN700971^^^BVDK^PI"))
+    assert msa(refused)[0] == "AE" and "no name" in fields(refused.encode(), "ERR")[8]
+    assert worklist(server, tmp_path, "AccessionNumber=HTW001", "PatientName") == []
 
 
 # -- 10: LF (or CRLF) between segments ------------------------------------------------------------

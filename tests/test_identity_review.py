@@ -139,7 +139,7 @@ def worklist_ids(server: PacsServer, tmp_path: Path, *keys: str) -> list[str]:
 def orm(control: str, pid3: str, name: str, accession: str) -> str:
     return (f"MSH|^~\\&|HIS|BV|PACS|BV|20240105130000||ORM^O01|{control}|P|2.5|||||VNM|UNICODE UTF-8\n"
             f"PID|1||{pid3}||{name}||19900101|F\nPV1|1|O\nORC|NW|O{accession}|{accession}||SC\n"
-            f"OBR|1|O{accession}|{accession}|CT001^CT ngực^L")
+            f"OBR|1|O{accession}|{accession}|CT001^CT ngực^L" + "|" * 20 + "CT")  # OBR-24: the modality
 
 
 def test_an_issuer_qualifies_the_patient_id_it_comes_with(server: PacsServer, tmp_path: Path) -> None:

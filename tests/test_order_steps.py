@@ -368,7 +368,8 @@ def test_a_change_of_a_single_step_order_changes_that_step(server: PacsServer, t
     item appears (a later CA of that ID left the first on the worklist); a
     step named twice in one change is refused, not merged (the last won)."""
     study_uid = generate_uid()
-    assert msa(send(server, omi("Y1", "SXO009", study_uid=study_uid)))[0] == "AA"
+    # An IPC without IPC-4 (the modality is needed: a step without one is refused).
+    assert msa(send(server, omi("Y1", "SXO009", step(""), study_uid=study_uid)))[0] == "AA"
     assert [i[0] for i in items(server, tmp_path, "SXO009")] == ["SXO009"]
     moved = omi("Y2", "SXO009", step("SXO009-A", "CT_ROOM2"), order_control="XO", study_uid=study_uid)
     assert msa(send(server, moved))[0] == "AA"
@@ -619,7 +620,7 @@ def test_an_hl7_change_and_a_group_mpps_in_opposite_order_do_not_deadlock(
         patient = PatientInfo("BN900077", issuer="BVDK", name="Test^A")
         for accession in ("LKA", "LKB"):
             service.place_steps([OrderInfo(patient=patient, accession_number=accession, step_id=f"{accession}1",
-                                           station_ae_title="CT_ROOM1")])
+                                           station_ae_title="CT_ROOM1", modality="CT")])
         sop = generate_uid()
 
         def mpps(status: str, create: bool) -> None:

@@ -36,7 +36,7 @@ from pacs.audit import naming_patients, patient_cx
 from pacs.errors import query_failure
 from pacs.header import dataset_codec
 from pacs.logtext import peer_text
-from pacs.orders import OrderError, OrderService
+from pacs.orders import OrderError, OrderService, fit_text
 from pacs.query import QueryError
 from pacs.query.matching import is_date, is_time
 from pacs.query.results import as_written, other_ids_sequence
@@ -62,24 +62,44 @@ def _text(value: Any) -> str:
     return str(value).strip()
 
 
-# LO holds 64 characters (PS3.5 6.2). HIS descriptions are free text and
-# often longer: served cut (the order keeps the whole text), as a value a
+# LO holds 64 characters, SH 16 (PS3.5 6.2). HIS descriptions are free text
+# and often longer: served cut (the order keeps the whole text), as a value a
 # modality may refuse the whole item for would be worse.
 _LO_LIMIT = 64
+_SH_LIMIT = 16
 
 
 def _lo(value: str) -> str:
-    """*value* cut to LO's length. The space padding a value of odd length
-    in bytes counts as a 65th character to some readers (pydicom warns):
-    such a value keeps 63."""
-    cut = value[:_LO_LIMIT].rstrip()
-    if len(cut) == _LO_LIMIT and len(cut.encode("utf-8")) % 2:
-        cut = cut[:_LO_LIMIT - 1].rstrip()
-    return cut
+    """*value* cut to LO's length (see :func:`pacs.orders.fit_text`)."""
+    return fit_text(value, _LO_LIMIT)
+
+
+def _code_item(value: str, scheme: str, meaning: str) -> Dataset:
+    """A Code Sequence Macro item (PS3.3 Table 8.8-1): Code Value, Coding
+    Scheme Designator ("L", local, when the HIS named none) and Code Meaning,
+    all Type 1 -- *meaning* is never empty (the caller's fallback ends with
+    the code value itself). A code longer than SH's 16 characters is a Long
+    Code Value (0008,0119, UC) instead, as the macro says."""
+    code = Dataset()
+    if len(value) > _SH_LIMIT:
+        code.LongCodeValue = value
+    else:
+        code.CodeValue = value
+    code.CodingSchemeDesignator = fit_text(scheme, _SH_LIMIT) or "L"
+    code.CodeMeaning = _lo(meaning or value)
+    return code
 
 
 def full_item(row: dict[str, Any]) -> Dataset:
-    """Every K.6 type 1/2 attribute of one scheduled step."""
+    """Every K.6 type 1/2 attribute of one scheduled step.
+
+    What names the exam is never empty where a code says what it is: a
+    procedure code sent without text (OBR-4 ``CT-SO-NAO``) has the best
+    text there is as its Code Meaning (Type 1) -- OBR-4's text, else the
+    requested procedure description, else the code value itself -- and that
+    text is the Requested Procedure and Scheduled Procedure Step Description
+    too when the HIS sent none (a modality shows them, and copies them into
+    the images)."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.AccessionNumber = row["accession_number"]
@@ -92,14 +112,12 @@ def full_item(row: dict[str, Any]) -> Dataset:
     ds.OtherPatientIDsSequence = other_ids_sequence(row["other_ids"])
     ds.StudyInstanceUID = row["study_uid"]
     ds.RequestedProcedureID = row["requested_procedure_id"]
-    ds.RequestedProcedureDescription = _lo(row["requested_procedure_description"])
+    meaning = row["procedure_code_meaning"] or row["requested_procedure_description"] or row["procedure_code"]
+    description = row["requested_procedure_description"] or meaning
+    ds.RequestedProcedureDescription = _lo(description)
     ds.RequestedProcedurePriority = row["priority"] or None
-    code = Dataset()
-    if row["procedure_code"]:
-        code.CodeValue = row["procedure_code"]
-        code.CodingSchemeDesignator = row["procedure_code_scheme"] or "L"
-        code.CodeMeaning = _lo(row["procedure_code_meaning"] or row["requested_procedure_description"])
-    ds.RequestedProcedureCodeSequence = Sequence([code] if row["procedure_code"] else [])
+    ds.RequestedProcedureCodeSequence = Sequence(
+        [_code_item(row["procedure_code"], row["procedure_code_scheme"], meaning)] if row["procedure_code"] else [])
     ds.ReasonForTheRequestedProcedure = _lo(row["reason"]) or None
     ds.AdmissionID = None
     ds.PatientWeight = None
@@ -112,10 +130,10 @@ def full_item(row: dict[str, Any]) -> Dataset:
     step.ScheduledProcedureStepStartTime = row["start_time"]
     step.Modality = row["modality"]
     step.ScheduledPerformingPhysicianName = row["performing_physician"]
-    step.ScheduledProcedureStepDescription = _lo(row["step_description"] or row["requested_procedure_description"])
+    step.ScheduledProcedureStepDescription = _lo(row["step_description"] or description)
     step.ScheduledProcedureStepID = row["step_id"]
-    step.ScheduledStationName = row["station_name"]
-    step.ScheduledProcedureStepLocation = row["location"]
+    step.ScheduledStationName = fit_text(row["station_name"], _SH_LIMIT)
+    step.ScheduledProcedureStepLocation = fit_text(row["location"], _SH_LIMIT)
     step.ScheduledProtocolCodeSequence = Sequence([])
     step.ScheduledProcedureStepStatus = sps_status(row["status"])
     ds.ScheduledProcedureStepSequence = Sequence([step])

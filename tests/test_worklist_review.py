@@ -1,0 +1,158 @@
+"""The worklist as a Vietnamese hospital's modalities and HIS use it (review
+of 2026-12-06): HIS room names longer than SH's 16 characters are cut, not
+the order refused; a procedure code without text still names the exam (Code
+Meaning, Type 1); an order without modality or patient name is refused, not
+served with empty Type 1 keys; the protocol code (OMI IPC-6) and the order
+numbers reach the worklist; two N-CREATEs of one MPPS at once get 0111H on
+PostgreSQL too; a NUL in a query key is refused A900 (worklist and Q/R);
+modalities without MPPS complete their step by their images, and steps
+never done expire from the worklist.
+
+Everything over real sockets to one `pacs serve` per backend (SQLite, and
+PostgreSQL where the findings were database-specific: every test runs on
+both): HL7 over MLLP with a stand-in HIS recording what the archive sends
+back, DCMTK findscu -W and storescu, pynetdicom for the worklist and MPPS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from .conftest import Backend, PacsServer, free_port
+from .peers import MLLPRecorder, create_database, drop_database
+from .test_worklist_ris import msa, send, worklist
+
+ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
+
+
+@pytest.fixture(scope="module", params=["sqlite", "pg"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    """One server per backend, with a stand-in HIS (``server.his``), the
+    hospital's zone."""
+    pg = create_database() if request.param == "pg" else None
+    his = MLLPRecorder(free_port())
+    pacs = PacsServer(tmp_path_factory.mktemp(f"wlreview-{request.param}") / "data",
+                      Backend(request.param, pg, None, {}))
+    pacs.extra_env.update({
+        "PACS_HIS_MLLP": f"127.0.0.1:{his.port}", "PACS_TIMEZONE": "Asia/Ho_Chi_Minh",
+    })
+    pacs.his = his  # type: ignore[attr-defined]
+    pacs.start()
+    yield pacs
+    pacs.stop()
+    his.stop()
+    if pg:
+        drop_database(pg)
+
+
+# -- messages -------------------------------------------------------------------------------------
+def day(offset: int = 0) -> str:
+    """The hospital's date *offset* days from today (YYYYMMDD)."""
+    return (datetime.now(ZONE).date() + timedelta(days=offset)).strftime("%Y%m%d")
+
+
+def _head(kind: str, control: str, pid: str, name: str) -> list[str]:
+    return [f"MSH|^~\\&|HIS|BVDK|PACS|BVDK|{day()}083000||{kind}|{control}|P|2.5|||||VN|UNICODE UTF-8",
+            f"PID|1||{pid}^^^BVDK^PI||{name}||19850101|M",
+            "PV1|1|O||||||BS001^Đỗ^Thanh Tùng"]
+
+
+def orm(accession: str, *, modality: str = "US", code: str = "US-BUNG^Siêu âm bụng tổng quát^L",
+        name: str = "Lê^Hoàng Phúc", pid: str = "", when: str = "", study_uid: str = "") -> str:
+    """An ORM^O01 NW of one step (OBR-4 *code*, OBR-24 *modality*), today at 09:00 unless *when*."""
+    when = when or f"{day()}090000"
+    lines = _head("ORM^O01", f"C{accession}", pid or f"BN{accession}", name)
+    lines += [f"ORC|NW|P{accession}|F{accession}||SC",
+              f"OBR|1|P{accession}|F{accession}|{code}|||{when}|||||||||||{accession}|RP{accession}|"
+              f"SPS{accession}||||{modality}|||^^^{when}^^R"]
+    if study_uid:
+        lines.append(f"ZDS|{study_uid}^100^Application^DICOM")
+    return "\r".join(lines)
+
+
+def omi(accession: str, steps: list[dict[str, str]], *, name: str = "Lê^Hoàng Phúc") -> str:
+    """An OMI^O23 NW of one requested procedure: an IPC per step (IPC-4 step
+    ID, -5 modality, -6 protocol, -7 station name, -8 location, -9 station AE)."""
+    lines = _head("OMI^O23^OMI_O23", f"C{accession}", f"BN{accession}", name)
+    lines += [f"ORC|NW|P{accession}|F{accession}||SC", f"TQ1|||||||{day()}090000||R",
+              f"OBR|1|P{accession}|F{accession}|CT-NGUC^CT ngực^L"]
+    for step in steps:
+        lines.append("|".join(["IPC", accession, f"RP{accession}", "", step["id"], step.get("modality", "CT"),
+                               step.get("protocol", ""), step.get("station", ""), step.get("location", ""),
+                               step.get("ae", "")]))
+    return "\r".join(lines)
+
+
+def accepted(server: PacsServer, message: str) -> None:
+    ack = send(server, message)
+    assert msa(ack)[0] == "AA", ack
+
+
+def order(server: PacsServer, accession: str) -> dict[str, Any]:
+    with server.http() as http:
+        found = http.get(f"/api/orders/{accession}")
+    assert found.status_code == 200, found.text
+    return dict(found.json())
+
+
+def step_statuses(server: PacsServer, accession: str) -> dict[str, str]:
+    return {s["step_id"]: s["status"] for s in order(server, accession)["steps"]}
+
+
+# -- 1. room names and locations longer than SH ----------------------------------------------------
+def test_long_room_name_and_location_are_cut_not_the_order_refused(server: PacsServer, tmp_path: Path) -> None:
+    """IPC-7/8 of 31 characters refused the whole order (AE 102): the exam
+    never reached the worklist over a label the modality only shows."""
+    room, floor = "Phòng chụp cắt lớp vi tính số 1", "Khoa Chẩn đoán hình ảnh tầng 2"
+    accepted(server, omi("RN0001", [{"id": "S1", "station": room, "location": floor, "ae": "CT_ROOM1"}]))
+    items = worklist(server, tmp_path, "AccessionNumber=RN0001", "ScheduledProcedureStepSequence[0].ScheduledStationName",
+                     "ScheduledProcedureStepSequence[0].ScheduledProcedureStepLocation")
+    assert len(items) == 1
+    step = items[0].ScheduledProcedureStepSequence[0]
+    name, location = str(step.ScheduledStationName), str(step.ScheduledProcedureStepLocation)
+    assert 0 < len(name) <= 16 and room.startswith(name), name
+    assert 0 < len(location) <= 16 and floor.startswith(location), location
+    # A station asking by its (SH) name finds the step.
+    again = worklist(server, tmp_path, "AccessionNumber", f"ScheduledProcedureStepSequence[0].ScheduledStationName={name}")
+    assert "RN0001" in [str(i.AccessionNumber) for i in again]
+    # Identifiers are still refused when too long: an AE title cut would name another station.
+    ack = send(server, omi("RN0002", [{"id": "S1", "ae": "CT_ROOM1_TANG_HAI"}]))
+    assert msa(ack)[0] == "AE" and "|102^" in ack, ack
+
+
+# -- 2. a procedure code without text -----------------------------------------------------------------
+def test_procedure_code_without_text_names_the_exam(server: PacsServer, tmp_path: Path) -> None:
+    """OBR-4 = CT-SO-NAO: Code Meaning (Type 1) and both descriptions were empty."""
+    accepted(server, orm("CM0001", modality="CT", code="CT-SO-NAO"))
+    items = worklist(server, tmp_path, "AccessionNumber=CM0001", "RequestedProcedureCodeSequence",
+                     "RequestedProcedureDescription", "ScheduledProcedureStepSequence[0].ScheduledProcedureStepDescription",
+                     aet="CT_ROOM1")
+    assert len(items) == 1
+    code = items[0].RequestedProcedureCodeSequence[0]
+    assert (str(code.CodeValue), str(code.CodingSchemeDesignator), str(code.CodeMeaning)) == \
+        ("CT-SO-NAO", "L", "CT-SO-NAO")
+    assert str(items[0].RequestedProcedureDescription) == "CT-SO-NAO"
+    assert str(items[0].ScheduledProcedureStepSequence[0].ScheduledProcedureStepDescription) == "CT-SO-NAO"
+
+
+# -- 3. Type 1 return keys the HIS left empty -------------------------------------------------------
+def test_order_without_modality_or_patient_name_is_refused(server: PacsServer, tmp_path: Path) -> None:
+    """Both were acknowledged AA and served empty: without modality the exam
+    was offered to no console while the HIS believed it scheduled."""
+    ack = send(server, orm("TY0002", modality=""))
+    assert msa(ack)[0] == "AE" and "|101^" in ack and "modality" in ack, ack
+    ack = send(server, orm("TY0003", name=""))
+    assert msa(ack)[0] == "AE" and "|101^" in ack and "name" in ack, ack
+    with server.http() as http:
+        assert http.get("/api/orders/TY0002").status_code == 404
+        assert http.get("/api/orders/TY0003").status_code == 404
+        refused = http.post("/api/orders", json={"patient": {"id": "BNTY0004", "name": "Lê^Hoàng Phúc"},
+                                                 "accession_number": "TY0004"})
+        assert refused.status_code == 400 and "modality" in refused.text, refused.text
+    assert worklist(server, tmp_path, "AccessionNumber=TY000*", aet="US_ROOM1") == []
