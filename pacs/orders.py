@@ -1370,9 +1370,20 @@ class OrderService:
             if performed_series is not None:
                 values["performed_series"] = json.dumps(performed_series)
             if existing is None:
-                conn.execute(steps_t.insert().values(
-                    sop_uid=sop_uid, order_pk=order_pks[0] if order_pks else None, order_pks=json.dumps(order_pks),
-                    scheduled=json.dumps([list(ref) for ref in refs]), created_at=now, **values))
+                try:
+                    conn.execute(steps_t.insert().values(
+                        sop_uid=sop_uid, order_pk=order_pks[0] if order_pks else None,
+                        order_pks=json.dumps(order_pks), scheduled=json.dumps([list(ref) for ref in refs]),
+                        created_at=now, **values))
+                except IntegrityError:
+                    # PostgreSQL: an N-CREATE of the same instance on another
+                    # association (a modality resending after a DIMSE timeout)
+                    # committed after this one found none, and its unique key
+                    # refused ours. The answer is the one a sequential resend
+                    # gets, 0111H (Duplicate SOP Instance, PS3.4 F.7.2.1), not
+                    # 0110H with a traceback; the transaction rolls back.
+                    # (SQLite writers queue: the check above saw it.)
+                    raise OrderError("performed procedure step already exists", http_status=409) from None
             else:
                 conn.execute(update(steps_t).where(steps_t.c.pk == existing.pk).values(**values))
             # The requested procedures concerned, in the items' order.

@@ -16,6 +16,7 @@ back, DCMTK findscu -W and storescu, pynetdicom for the worklist and MPPS.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,6 +24,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+from pynetdicom import AE
+from pynetdicom.sop_class import ModalityPerformedProcedureStep
 
 from .conftest import Backend, PacsServer, free_port
 from .peers import MLLPRecorder, create_database, drop_database
@@ -105,6 +111,22 @@ def step_statuses(server: PacsServer, accession: str) -> dict[str, str]:
     return {s["step_id"]: s["status"] for s in order(server, accession)["steps"]}
 
 
+def mpps(placed: dict[str, Any], step_id: str, modality: str = "US") -> Dataset:
+    """An N-CREATE attribute list performing step *step_id* of *placed*."""
+    ds = Dataset()
+    ds.PerformedProcedureStepStatus = "IN PROGRESS"
+    ds.Modality = modality
+    ds.PerformedStationAETitle = "US_ROOM1"
+    ds.PerformedProcedureStepStartDate, ds.PerformedProcedureStepStartTime = day(), "091000"
+    ds.PerformedProcedureStepID = f"PPS{placed['accession_number']}"
+    item = Dataset()
+    item.AccessionNumber = placed["accession_number"]
+    item.StudyInstanceUID = placed["study_uid"]
+    item.ScheduledProcedureStepID = step_id
+    ds.ScheduledStepAttributesSequence = Sequence([item])
+    return ds
+
+
 # -- 1. room names and locations longer than SH ----------------------------------------------------
 def test_long_room_name_and_location_are_cut_not_the_order_refused(server: PacsServer, tmp_path: Path) -> None:
     """IPC-7/8 of 31 characters refused the whole order (AE 102): the exam
@@ -156,3 +178,32 @@ def test_order_without_modality_or_patient_name_is_refused(server: PacsServer, t
                                                  "accession_number": "TY0004"})
         assert refused.status_code == 400 and "modality" in refused.text, refused.text
     assert worklist(server, tmp_path, "AccessionNumber=TY000*", aet="US_ROOM1") == []
+
+
+# -- 4. two N-CREATEs of one MPPS at once ---------------------------------------------------------------
+def test_simultaneous_n_creates_of_one_instance_get_duplicate_sop_instance(server: PacsServer) -> None:
+    """PostgreSQL answered the losers 0110H with a UniqueViolation traceback
+    (a modality resending after a DIMSE timeout); SQLite answered 0111H."""
+    accepted(server, orm("DU0001"))
+    placed = order(server, "DU0001")
+    uid = generate_uid()
+    barrier = threading.Barrier(4)
+    statuses: list[int] = []
+
+    def create() -> None:
+        ae = AE(ae_title="US_ROOM1")
+        ae.add_requested_context(ModalityPerformedProcedureStep)
+        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+        assert assoc.is_established
+        barrier.wait()
+        status, _ = assoc.send_n_create(mpps(placed, "SPSDU0001"), ModalityPerformedProcedureStep, uid)
+        statuses.append(int(status.Status))
+        assoc.release()
+
+    threads = [threading.Thread(target=create) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert sorted(statuses) == [0x0000, 0x0111, 0x0111, 0x0111], [hex(s) for s in statuses]
+    assert "UniqueViolation" not in server.log_text()
