@@ -149,6 +149,10 @@ class OrderInfo:
     procedure_code_meaning: str = ""
     step_id: str = ""
     step_description: str = ""
+    # The step's protocol (OMI IPC-6, a CE): Scheduled Protocol Code Sequence.
+    protocol_code: str = ""
+    protocol_code_scheme: str = ""
+    protocol_code_meaning: str = ""
     modality: str = ""
     station_ae_title: str = ""
     station_name: str = ""
@@ -168,8 +172,9 @@ PROCEDURE_COLUMNS = ("placer_order_number", "filler_order_number", "accession_nu
                      "requested_procedure_id", "requested_procedure_description", "procedure_code",
                      "procedure_code_scheme", "procedure_code_meaning", "referring_physician", "priority", "reason")
 # ...and each scheduled step's own (Scheduled Procedure Step Sequence item).
-STEP_COLUMNS = ("step_id", "step_description", "modality", "station_ae_title", "station_name", "location",
-                "start_date", "start_time", "performing_physician")
+STEP_COLUMNS = ("step_id", "step_description", "protocol_code", "protocol_code_scheme", "protocol_code_meaning",
+                "modality", "station_ae_title", "station_name", "location", "start_date", "start_time",
+                "performing_physician")
 assert set(PROCEDURE_COLUMNS) | set(STEP_COLUMNS) == set(_ORDER_COLUMNS)
 
 # What the worklist returns these values as (PS3.5 table 6.2-1): a longer value

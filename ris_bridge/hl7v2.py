@@ -666,7 +666,9 @@ def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: st
     up as the stored numbers. The
     step's description is the text of its protocol code (IPC-6: two steps
     of one OBR, "without" and "with contrast", differ only there), else the
-    procedure's (OBR-4)."""
+    procedure's (OBR-4); the protocol code itself is the step's Scheduled
+    Protocol Code Sequence item (IHE RAD-4), which a modality selects its
+    protocol by."""
     orc, obr = group.orc, group.obr
     start, priority = _timing(group)
     start_date, start_time = _local_date_time(start, zone)
@@ -689,6 +691,9 @@ def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: st
         procedure_code_meaning=service[1] if len(service) > 1 else "",
         step_id=_get(ipc, 4, comp=0) or _get(obr, 20),
         step_description=(protocol[1] if len(protocol) > 1 else "") or (service[1] if len(service) > 1 else ""),
+        protocol_code=protocol[0] if protocol else "",
+        protocol_code_scheme=protocol[2] if len(protocol) > 2 else "",
+        protocol_code_meaning=protocol[1] if len(protocol) > 1 else "",
         modality=(_get(ipc, 5, comp=0) or _get(obr, 24)).upper(),
         station_ae_title=_get(ipc, 9, comp=0),
         station_name=_get(ipc, 7, comp=0),

@@ -207,3 +207,24 @@ def test_simultaneous_n_creates_of_one_instance_get_duplicate_sop_instance(serve
         thread.join(60)
     assert sorted(statuses) == [0x0000, 0x0111, 0x0111, 0x0111], [hex(s) for s in statuses]
     assert "UniqueViolation" not in server.log_text()
+
+
+# -- 5. protocol code and order numbers ---------------------------------------------------------------
+def test_protocol_code_and_order_numbers_reach_the_worklist(server: PacsServer, tmp_path: Path) -> None:
+    """Scheduled Protocol Code Sequence was always empty and the placer and
+    filler order numbers answered zero-length."""
+    accepted(server, omi("PR0001", [{"id": "S1", "protocol": "CTCHEST-C^Ngực có cản quang^99HOSP",
+                                     "ae": "CT_ROOM1"}]))
+    items = worklist(server, tmp_path, "AccessionNumber=PR0001", "PlacerOrderNumberImagingServiceRequest",
+                     "FillerOrderNumberImagingServiceRequest",
+                     "ScheduledProcedureStepSequence[0].ScheduledProtocolCodeSequence",
+                     "ScheduledProcedureStepSequence[0].ScheduledProcedureStepDescription")
+    assert len(items) == 1
+    assert str(items[0].PlacerOrderNumberImagingServiceRequest) == "PPR0001"
+    assert str(items[0].FillerOrderNumberImagingServiceRequest) == "FPR0001"
+    step = items[0].ScheduledProcedureStepSequence[0]
+    assert len(step.ScheduledProtocolCodeSequence) == 1
+    protocol = step.ScheduledProtocolCodeSequence[0]
+    assert (str(protocol.CodeValue), str(protocol.CodingSchemeDesignator), str(protocol.CodeMeaning)) == \
+        ("CTCHEST-C", "99HOSP", "Ngực có cản quang")
+    assert str(step.ScheduledProcedureStepDescription) == "Ngực có cản quang"

@@ -50,6 +50,10 @@ class StepModel(BaseModel):
     # Its length is checked by the core, which names the DICOM attribute (ScheduledProcedureStepID).
     step_id: str = Field("", description="Scheduled Procedure Step ID, unique within the order")
     step_description: str = ""
+    # The Scheduled Protocol Code Sequence item (OMI IPC-6 over HL7).
+    protocol_code: str = ""
+    protocol_code_scheme: str = ""
+    protocol_code_meaning: str = ""
     modality: str = Field("", max_length=16)
     station_ae_title: str = Field("", max_length=16)
     station_name: str = ""

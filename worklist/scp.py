@@ -118,6 +118,9 @@ def full_item(row: dict[str, Any]) -> Dataset:
     ds.RequestedProcedurePriority = row["priority"] or None
     ds.RequestedProcedureCodeSequence = Sequence(
         [_code_item(row["procedure_code"], row["procedure_code_scheme"], meaning)] if row["procedure_code"] else [])
+    # Imaging Service Request: the HIS's order numbers (ORC-2 / ORC-3).
+    ds.PlacerOrderNumberImagingServiceRequest = _lo(row["placer_order_number"])
+    ds.FillerOrderNumberImagingServiceRequest = _lo(row["filler_order_number"])
     ds.ReasonForTheRequestedProcedure = _lo(row["reason"]) or None
     ds.AdmissionID = None
     ds.PatientWeight = None
@@ -134,7 +137,11 @@ def full_item(row: dict[str, Any]) -> Dataset:
     step.ScheduledProcedureStepID = row["step_id"]
     step.ScheduledStationName = fit_text(row["station_name"], _SH_LIMIT)
     step.ScheduledProcedureStepLocation = fit_text(row["location"], _SH_LIMIT)
-    step.ScheduledProtocolCodeSequence = Sequence([])
+    # IHE SWF: the protocol the HIS chose (OMI IPC-6), which the modality
+    # selects its protocol by and copies into the MPPS and the images.
+    step.ScheduledProtocolCodeSequence = Sequence(
+        [_code_item(row["protocol_code"], row["protocol_code_scheme"],
+                    row["protocol_code_meaning"] or row["step_description"])] if row["protocol_code"] else [])
     step.ScheduledProcedureStepStatus = sps_status(row["status"])
     ds.ScheduledProcedureStepSequence = Sequence([step])
     _single_values(ds)

@@ -260,6 +260,11 @@ class Order(Base):
     referring_physician: Mapped[str] = mapped_column(String, default="")
     priority: Mapped[str] = mapped_column(String, default="")
     reason: Mapped[str] = mapped_column(String, default="")
+    # The step's protocol (HL7 OMI IPC-6): the worklist's Scheduled Protocol
+    # Code Sequence, which the modality selects its protocol by (migration 0023).
+    protocol_code: Mapped[str] = mapped_column(String, server_default="")
+    protocol_code_scheme: Mapped[str] = mapped_column(String, server_default="")
+    protocol_code_meaning: Mapped[str] = mapped_column(String, server_default="")
     # SCHEDULED, IN PROGRESS, COMPLETED, DISCONTINUED, CANCELLED
     status: Mapped[str] = mapped_column(String, default="SCHEDULED", index=True)
     source: Mapped[str] = mapped_column(String, default="")
