@@ -25,6 +25,7 @@ from .names import fold, fold_name, name_reading, name_words
 from .query.attributes import QUALIFIERS, Kind
 from .query.matching import (
     QueryError,
+    check_characters,
     check_range,
     list_match,
     patient_id_match,
@@ -124,7 +125,10 @@ def _status_condition(value: str) -> Any:
 
 def _plan(match: dict[str, str], step: dict[str, str]) -> tuple[list[Any], list[RowFilter]]:
     """SQL conditions and Python row filters for the keys; QueryError for a
-    value that cannot be matched (a malformed date or time)."""
+    value that cannot be matched (a malformed date or time, a control
+    character, as in Q/R C-FIND: one shared check)."""
+    for keyword, value in (*match.items(), *step.items()):
+        check_characters(keyword, value)
     conditions: list[Any] = []
     filters: list[RowFilter] = []
     # An issuer given with a Patient ID qualifies that ID (see patient_id_match).

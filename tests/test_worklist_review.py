@@ -28,10 +28,11 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 from pynetdicom import AE
-from pynetdicom.sop_class import ModalityPerformedProcedureStep
+from pynetdicom.sop_class import ModalityPerformedProcedureStep, StudyRootQueryRetrieveInformationModelFind
 
 from .conftest import Backend, PacsServer, free_port
 from .peers import MLLPRecorder, create_database, drop_database
+from .test_worklist_conformance import find, identifier
 from .test_worklist_ris import msa, send, worklist
 
 ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -228,3 +229,26 @@ def test_protocol_code_and_order_numbers_reach_the_worklist(server: PacsServer, 
     assert (str(protocol.CodeValue), str(protocol.CodingSchemeDesignator), str(protocol.CodeMeaning)) == \
         ("CTCHEST-C", "99HOSP", "Ngực có cản quang")
     assert str(step.ScheduledProcedureStepDescription) == "Ngực có cản quang"
+
+
+# -- 6. a NUL byte in a query key ------------------------------------------------------------------------
+def test_nul_in_a_query_key_is_refused(server: PacsServer) -> None:
+    """PostgreSQL answered C000 with the driver's error text; SQLite 0 matches."""
+    accepted(server, orm("NU0001"))
+    status, matches = find(server, identifier({"PatientName": "L\x00*"}))
+    assert (status, matches) == (0xA900, [])
+    assert "worklist query failed" not in server.log_text()
+    # The Q/R C-FIND shares the check.
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientName = "L\x00*"
+    query.StudyInstanceUID = ""
+    ae = AE(ae_title="VIEWER")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
+    assert assoc.is_established
+    try:
+        answers = [int(s.Status) for s, _ in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)]
+    finally:
+        assoc.release()
+    assert answers == [0xA900]

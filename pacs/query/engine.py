@@ -8,7 +8,6 @@ index columns only, no stored object is opened.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,7 +27,7 @@ from .attributes import (
     series,
     studies,
 )
-from .matching import QueryError, condition, qualifying_issuer, universal
+from .matching import QueryError, check_characters, condition, qualifying_issuer, universal
 
 identifiers = PatientIdentifier.__table__
 
@@ -41,10 +40,6 @@ _BASE = {
 
 
 _MAX_OFFSET = 2**31 - 1
-# Control characters no DICOM value holds (PS3.5 6.1.2.3 allows ESC, LF, FF,
-# CR and TAB in some VRs): NUL in a matching value made PostgreSQL refuse the
-# query (a 500 over QIDO-RS), the others can match nothing.
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
 _STUDY_PK = "_sop_classes_study_pk"
 
 
@@ -80,9 +75,7 @@ class Query:
         or a value that cannot be matched (a wildcard in a UID, a malformed
         date); keys not used for matching (:attr:`ignored`) pass."""
         for keyword, value in self.match.items():
-            if isinstance(value, str) and (bad := _CONTROL.search(value)):
-                raise QueryError(f"{keyword} holds the control character U+{ord(bad.group()):04X}, "
-                                 "which no DICOM value may contain")
+            check_characters(keyword, value)
             attribute = ATTRIBUTES.get(keyword)
             if attribute is None or not value or universal(value):
                 # "*" matches everything as an empty value does, also in a

@@ -29,6 +29,22 @@ class QueryError(PacsError):
     """An identifier or query parameter that cannot be matched (0xA900 / 400)."""
 
 
+# Control characters no DICOM value holds (PS3.5 6.1.2.3 allows ESC, LF, FF,
+# CR and TAB in some VRs): NUL in a matching value made PostgreSQL refuse the
+# query (QIDO-RS: a 500; the worklist: C000 with the driver's text), the
+# others can match nothing.
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0e-\x1a\x1c-\x1f\x7f]")
+
+
+def check_characters(keyword: str, value: str) -> None:
+    """Raise :class:`QueryError` (0xA900 / 400) for a key whose value holds a
+    control character no DICOM value may contain: the one check of Q/R
+    C-FIND, QIDO-RS and the worklist, before any SQL."""
+    if isinstance(value, str) and (bad := _CONTROL.search(value)):
+        raise QueryError(f"{keyword} holds the control character U+{ord(bad.group()):04X}, "
+                         "which no DICOM value may contain")
+
+
 def universal(value: str) -> bool:
     """Whether a key's value is universal matching: empty, or made of "*"
     only (PS3.4 C.2.2.2.4: "*" alone matches every value, as zero length
