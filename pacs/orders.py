@@ -73,7 +73,16 @@ reports_t = Report.__table__
 KEEP_RECEIVED = timedelta(days=30)
 # Transactions of one inbound message before a lost race is reported (see apply_message).
 RACE_ATTEMPTS = 3
-
+# How far back a study's last instance may lie for its images to start its
+# order's scheduled step (OrderService.progress_from_images): the days within
+# which an order placed after its images is linked to them by accession
+# (pacs.index.reconcile.ACCESSION_MATCH_DAYS). Older scheduled steps with
+# images are left alone (the backlog of an archive upgraded to this: its
+# HIS is not sent months of IP and CM at once; they expire from the worklist).
+IMAGES_LOOKBACK = timedelta(days=3)
+# Modalities of objects that are no images of the exam: key objects,
+# presentation states, structured reports, documents (a signed report's PDF).
+NOT_IMAGES = frozenset({"KO", "PR", "SR", "DOC", "REG", "FID"})
 
 STATUSES = ("SCHEDULED", "IN PROGRESS", "COMPLETED", "DISCONTINUED", "CANCELLED")
 # CX-5 identifier type codes (HL7 table 0203) that name the hospital's own
@@ -1522,7 +1531,13 @@ class OrderService:
 
         A DISCONTINUED performed step puts its scheduled step back on the
         worklist (see :meth:`_after_discontinued`)."""
-        current = conn.execute(select(orders_t.c.status).where(orders_t.c.pk == step_pk)).scalar_one()
+        current, source = conn.execute(select(orders_t.c.status, orders_t.c.progress_source)
+                                       .where(orders_t.c.pk == step_pk)).one()
+        if source != "mpps":
+            # From now on the MPPS decides: images (a step they started, see
+            # progress_from_images) no longer complete it, nor start it again
+            # once a discontinued MPPS put it back to SCHEDULED.
+            conn.execute(update(orders_t).where(orders_t.c.pk == step_pk).values(progress_source="mpps"))
         if current in WITHDRAWN_STATUSES and status != "IN PROGRESS":
             # No patient data in the log: the performed step's UID says which.
             log.info("performed procedure step %s is %s; its scheduled step, %s by the HIS meanwhile, stays so",
@@ -1621,6 +1636,135 @@ class OrderService:
                 return []
         done = [row for row in rows if row.status == "COMPLETED"]
         return [int((done or rows)[0].pk)]
+
+    # -- images without MPPS -----------------------------------------------------------------
+    def progress_from_images(self, stable_seconds: float, *, lookback: timedelta = IMAGES_LOOKBACK) -> tuple[int, int]:
+        """Move the scheduled steps of modalities that send no MPPS (most
+        ultrasound, older X-ray) by the images linked to their order: they
+        stayed SCHEDULED for ever, the HIS never heard of the exam, and the
+        worklist kept offering it. One round of the worklist progress worker
+        (:mod:`pacs.worklist_progress`); returns (steps started, completed).
+
+        IHE SWF has the Order Filler learn of performed work from MPPS; without
+        it, as dcm4chee-arc and others do, the images stand in for it. A step
+        still SCHEDULED becomes IN PROGRESS (STARTED on the worklist) once a
+        study linked to its order (by Study Instance UID or accession, at
+        ingest or when the order came, :mod:`pacs.index.reconcile`) has
+        images for it, received within *lookback*; it is COMPLETED once
+        every study of the order has been stable (no new instance, the
+        studies' last-received time, which routing's "study stable" rules
+        follow too) for *stable_seconds*: it leaves the worklist as any
+        completed step does. The HIS is told what an MPPS would have told it
+        (ORM^O01 ORC-5 IP, then CM), when the order's status changes.
+
+        Which steps images perform: the one step of a single-step order
+        (whatever modality the HIS wrote: "CR" ordered, "DX" sent); of
+        several, those of a modality the images have. Objects that are no
+        images (KO, PR, SR, a report's PDF) start nothing. An MPPS decides
+        alone once it names a step (``progress_source`` "mpps", see
+        :meth:`_move_step`): images never start or complete such a step,
+        nor a step of a modality that sent an MPPS for this order (its
+        images are that MPPS's); an MPPS that comes after the images took
+        the step over, and one that comes after they completed it finds a
+        completed step, which no performed step moves back."""
+        now = _now()
+        with self.engine.connect() as conn:
+            accessions = self._image_candidates(conn, now - lookback, now - timedelta(seconds=stable_seconds))
+        started = completed = 0
+        for accession in accessions:
+            one, done = self._progress_procedure(accession, now - timedelta(seconds=stable_seconds))
+            started += one
+            completed += done
+        return started, completed
+
+    @staticmethod
+    def _image_candidates(conn: Connection, since: datetime, stable_before: datetime) -> list[str]:
+        """The accessions with a step images may move: a SCHEDULED step
+        never moved, of an order whose study received an instance since
+        *since* (an index range on studies.updated_at), and a step images
+        started whose studies are all stable since *stable_before*."""
+        step = orders_t.alias("step")
+        linked = orders_t.alias("linked")
+        starting = set(conn.execute(
+            select(step.c.accession_number).distinct()
+            .select_from(studies_t.join(links_t, links_t.c.study_pk == studies_t.c.pk)
+                         .join(linked, linked.c.pk == links_t.c.order_pk)
+                         .join(step, step.c.accession_number == linked.c.accession_number))
+            .where(studies_t.c.updated_at >= since, step.c.status == "SCHEDULED", step.c.progress_source == "")
+        ).scalars())
+        finishing = set(conn.execute(
+            select(step.c.accession_number)
+            .select_from(step.join(linked, linked.c.accession_number == step.c.accession_number)
+                         .join(links_t, links_t.c.order_pk == linked.c.pk)
+                         .join(studies_t, studies_t.c.pk == links_t.c.study_pk))
+            .where(step.c.status == "IN PROGRESS", step.c.progress_source == "images")
+            .group_by(step.c.accession_number)
+            .having(func.max(studies_t.c.updated_at) <= stable_before)
+        ).scalars())
+        return sorted(starting | finishing)
+
+    def _progress_procedure(self, accession: str, stable_before: datetime) -> tuple[int, int]:
+        """One requested procedure's steps moved by its images (see
+        :meth:`progress_from_images`): decided on a read first (a step that
+        waits for another modality's images is a candidate every round, and
+        must not take the write lock each time), then under the procedure's
+        lock, read again there: an MPPS, a HIS message or another node's
+        round may have come first."""
+        with self.engine.connect() as conn:
+            start, finish = self._images_plan(conn, accession, stable_before)
+        if not start and not finish:
+            return 0, 0
+        with write_transaction(self.engine) as conn:
+            _lock_keys(conn, {f"accession:{accession}"})
+            start, _ = self._images_plan(conn, accession, stable_before)
+            rows = self._procedure_rows(conn, accession)
+            started = completed = 0
+            if start:
+                started = self._images_move(conn, accession, start, "IN PROGRESS",
+                                            procedure_status(row.status for row in rows))
+            _, finish = self._images_plan(conn, accession, stable_before)
+            if finish:
+                completed = self._images_move(conn, accession, finish, "COMPLETED", procedure_status(
+                    row.status for row in self._procedure_rows(conn, accession)))
+            if started or completed:
+                # No accession or patient data in the log: the order's key says which.
+                log.info("order %d: %d step(s) started and %d completed by their images (no MPPS)",
+                         rows[0].pk, started, completed)
+            return started, completed
+
+    def _images_plan(self, conn: Connection, accession: str, stable_before: datetime) -> tuple[list[int], list[int]]:
+        """(the steps of *accession* its images start, those they complete)
+        as things stand: see :meth:`progress_from_images` for which."""
+        rows = self._procedure_rows(conn, accession)
+        if not rows:
+            return [], []
+        studies = conn.execute(
+            select(studies_t.c.modalities, studies_t.c.updated_at)
+            .join(links_t, links_t.c.study_pk == studies_t.c.pk)
+            .where(links_t.c.order_pk.in_([row.pk for row in rows]))
+        ).all()
+        imaged = {m for study in studies for m in (study.modalities or "").split("\\") if m} - NOT_IMAGES
+        if not imaged:
+            return [], []
+        by_mpps = {row.modality for row in rows if row.progress_source == "mpps"}
+        start = [int(row.pk) for row in rows if row.status == "SCHEDULED" and row.progress_source == ""
+                 and (len(rows) == 1 or (row.modality in imaged and row.modality not in by_mpps))]
+        stable = max(study.updated_at for study in studies) <= stable_before
+        finish = [int(row.pk) for row in rows if stable and row.status == "IN PROGRESS"
+                  and row.progress_source == "images"]
+        return start, finish
+
+    def _images_move(self, conn: Connection, accession: str, pks: list[int], status: str, told: str) -> int:
+        """Steps *pks* of *accession* moved to *status* by their images; the
+        HIS told when the order's status (*told* before) changes, as an MPPS
+        N-CREATE (IP) or N-SET COMPLETED (CM) would have told it."""
+        conn.execute(update(orders_t).where(orders_t.c.pk.in_(pks))
+                     .values(status=status, progress_source="images", updated_at=_now()))
+        procedure = self._procedure_dict(conn, accession)
+        if procedure["status"] != told:
+            self._tell_status(conn, {"order": _status_order(procedure), "status": procedure["status"],
+                                     "step_status": status, "performed_by": "images"})
+        return len(pks)
 
     # -- the outbox --------------------------------------------------------------------------
     @staticmethod

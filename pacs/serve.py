@@ -331,6 +331,10 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             from .sweeper import Sweeper
 
             running.callback(Sweeper(pacs, interval=settings.tombstone_sweep_interval).start().stop)
+            if settings.worklist_images_stable_seconds:
+                from .worklist_progress import WorklistProgress
+
+                running.callback(WorklistProgress(pacs).start().stop)
             if settings.tls_cert is not None:
                 running.callback(tls.CertificateExpiryWatch(settings).start().stop)
             freeze_startup_heap()

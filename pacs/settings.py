@@ -260,6 +260,16 @@ class Settings(BaseSettings):
     # Tell the HIS of its orders' status changes (ORM^O01 IP/CM/SC); false
     # for a HIS that takes results (ORU) only and refuses them.
     his_order_status: bool = True
+    # Modalities without MPPS (most ultrasound, older X-ray): a scheduled step
+    # becomes IN PROGRESS when images linked to its order arrive, and
+    # COMPLETED once its study received nothing for this many seconds (the
+    # HIS told IP, then CM, as an MPPS would have; an MPPS naming the step
+    # decides instead). 0: only MPPS moves worklist steps.
+    worklist_images_stable_seconds: int = Field(default=600, ge=0)
+    # A step still SCHEDULED this many days after its scheduled date is no
+    # longer offered on the worklist (the order stays, for reports and the
+    # HIS); 0: offered for ever.
+    worklist_expire_days: int = Field(default=7, ge=0)
     # Seconds before a message the HIS refused or did not take is sent
     # again, doubled per try (up to 64x), at most his_retry_max_seconds.
     his_retry_seconds: float = Field(default=1.0, gt=0)

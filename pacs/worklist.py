@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, and_, case, literal, or_, select
@@ -123,6 +124,14 @@ def _status_condition(value: str) -> Any:
     return list_match(_SPS_STATUS_COLUMN, "\\".join(parts))
 
 
+def expired_before(days: int, zone: tzinfo) -> str:
+    """The first scheduled date (YYYYMMDD) still offered when steps expire
+    *days* after it, in the hospital's *zone* ("" when they never do)."""
+    if not days:
+        return ""
+    return (datetime.now(zone).date() - timedelta(days=days)).strftime("%Y%m%d")
+
+
 def _plan(match: dict[str, str], step: dict[str, str]) -> tuple[list[Any], list[RowFilter]]:
     """SQL conditions and Python row filters for the keys; QueryError for a
     value that cannot be matched (a malformed date or time, a control
@@ -182,15 +191,24 @@ def worklist_conditions(match: dict[str, str], step: dict[str, str]) -> list[Any
 
 
 def run_worklist(engine: Engine, match: dict[str, str], step: dict[str, str], *,
-                 page: int = 500) -> Iterator[dict[str, Any]]:
+                 page: int = 500, expired: str = "") -> Iterator[dict[str, Any]]:
     """Every scheduled procedure step matching the keys, soonest first
     (each step of a requested procedure on its own).
+
+    *expired* (:func:`expired_before`): a step still SCHEDULED whose date
+    is before it is not offered any more (``worklist_expire_days``): a
+    modality without MPPS, or an exam never done nor cancelled, left it on
+    the list for ever, and a console asking without a date range (common on
+    ultrasound) got an ever longer worklist. A date condition on the
+    indexed start date; the order itself stays (reports, the HIS).
 
     Raises :class:`QueryError` at once, before any row is read, for a key
     it cannot match. The rows are then read *page* at a time as the
     caller consumes them, no connection held in between.
     """
     conditions, filters = _plan(match, step)
+    if expired:
+        conditions.append(or_(orders.c.status != "SCHEDULED", orders.c.start_date >= expired))
     stmt = (
         select(orders, patients.c.name.label("patient_name"), patients.c.patient_id,
                patients.c.issuer, patients.c.birth_date, patients.c.sex, patients.c.pk.label("ppk"))
@@ -240,5 +258,5 @@ def _other_ids(conn: Connection, patient_pks: set[int]) -> dict[int, list[dict[s
     return others
 
 
-__all__ = ["ACTIVE_STATUSES", "MATCHED_KEYS", "MATCHED_STEP_KEYS", "QueryError", "ignored_keys", "run_worklist",
-           "sps_status", "universal", "worklist_conditions"]
+__all__ = ["ACTIVE_STATUSES", "MATCHED_KEYS", "MATCHED_STEP_KEYS", "QueryError", "expired_before", "ignored_keys",
+           "run_worklist", "sps_status", "universal", "worklist_conditions"]

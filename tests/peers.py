@@ -424,6 +424,11 @@ class PacsServer:
         # A rule a test adds applies to the next object it sends (not up to
         # 2 s later, when `pacs route add` took that long by itself).
         env["PACS_ROUTE_RULES_REFRESH_SECONDS"] = "0"
+        # Orders in tests carry fixed dates, long past: they must not expire
+        # from the worklist; and images move no step unless a test asks
+        # (tests/test_worklist_review.py turns both on).
+        env["PACS_WORKLIST_EXPIRE_DAYS"] = "0"
+        env["PACS_WORKLIST_IMAGES_STABLE_SECONDS"] = "0"
         env.update(self.backend.env)
         env.update(self.extra_env)
         env["PACS_OFFER_SAMPLES"] = "false"

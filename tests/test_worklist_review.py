@@ -24,30 +24,35 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, StudyRootQueryRetrieveInformationModelFind
 
 from .conftest import Backend, PacsServer, free_port
-from .peers import MLLPRecorder, create_database, drop_database
-from .test_worklist_conformance import find, identifier
+from .peers import MLLPRecorder, create_database, drop_database, wait_until
+from .test_worklist_conformance import find, final, his_statuses, identifier, n_create, n_set
 from .test_worklist_ris import msa, send, worklist
 
 ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
+# Seconds of quiet after which images complete their step: long enough that a
+# test sees the step IN PROGRESS (and sends its MPPS) well before.
+STABLE_SECONDS = 15
 
 
 @pytest.fixture(scope="module", params=["sqlite", "pg"])
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     """One server per backend, with a stand-in HIS (``server.his``), the
-    hospital's zone."""
+    hospital's zone, steps expiring 7 days after their date and images
+    completing their step after STABLE_SECONDS of quiet."""
     pg = create_database() if request.param == "pg" else None
     his = MLLPRecorder(free_port())
     pacs = PacsServer(tmp_path_factory.mktemp(f"wlreview-{request.param}") / "data",
                       Backend(request.param, pg, None, {}))
     pacs.extra_env.update({
         "PACS_HIS_MLLP": f"127.0.0.1:{his.port}", "PACS_TIMEZONE": "Asia/Ho_Chi_Minh",
+        "PACS_WORKLIST_EXPIRE_DAYS": "7", "PACS_WORKLIST_IMAGES_STABLE_SECONDS": str(STABLE_SECONDS),
     })
     pacs.his = his  # type: ignore[attr-defined]
     pacs.start()
@@ -110,6 +115,42 @@ def order(server: PacsServer, accession: str) -> dict[str, Any]:
 
 def step_statuses(server: PacsServer, accession: str) -> dict[str, str]:
     return {s["step_id"]: s["status"] for s in order(server, accession)["steps"]}
+
+
+def images(server: PacsServer, tmp_path: Path, placed: dict[str, Any], count: int = 2, *,
+           modality: str = "US") -> None:
+    """*count* images of *modality* for the order *placed* (its Study Instance
+    UID and accession, as a modality that picked the worklist item writes
+    them), sent with DCMTK storescu."""
+    series = generate_uid()
+    files = []
+    for number in range(count):
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.MediaStorageSOPClassUID = UltrasoundImageStorage
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SOPClassUID = UltrasoundImageStorage
+        ds.StudyInstanceUID = placed["study_uid"]
+        ds.AccessionNumber = placed["accession_number"]
+        ds.SeriesInstanceUID = series
+        ds.PatientID = placed["patient_id"]
+        ds.PatientName = "LE^HOANG PHUC"
+        ds.Modality = modality
+        ds.StudyDate, ds.StudyTime = day(), "091500"
+        ds.InstanceNumber = number + 1
+        ds.Rows = ds.Columns = 8
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit = 7
+        ds.PixelRepresentation = 0
+        ds.SamplesPerPixel = 1
+        ds.PhotometricInterpretation = "MONOCHROME2"
+        ds.PixelData = bytes(64)
+        path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(str(path))
+    result = server.storescu(*files, calling="US_ROOM1")
+    assert result.returncode == 0, result.stderr
 
 
 def mpps(placed: dict[str, Any], step_id: str, modality: str = "US") -> Dataset:
@@ -252,3 +293,78 @@ def test_nul_in_a_query_key_is_refused(server: PacsServer) -> None:
     finally:
         assoc.release()
     assert answers == [0xA900]
+
+
+# -- 7a. modalities without MPPS -------------------------------------------------------------------------
+def test_images_without_mpps_complete_the_step_and_tell_the_his(server: PacsServer, tmp_path: Path) -> None:
+    """The step stayed SCHEDULED for ever: on the worklist, and the HIS never
+    heard of the exam. Now IN PROGRESS (IP) on the images, COMPLETED (CM)
+    once the study is stable, off the worklist. Of a procedure of two steps,
+    only the step of the images' modality."""
+    accepted(server, orm("IM0001"))
+    accepted(server, omi("IM0002", [{"id": "CT1", "modality": "CT", "ae": "CT_ROOM1"},
+                                    {"id": "US1", "modality": "US", "ae": "US_ROOM1"}]))
+    single, pair = order(server, "IM0001"), order(server, "IM0002")
+    images(server, tmp_path, single)
+    images(server, tmp_path, pair)
+    his = server.his  # type: ignore[attr-defined]
+    assert wait_until(lambda: order(server, "IM0001")["status"] == "COMPLETED", timeout=STABLE_SECONDS * 6)
+    assert wait_until(lambda: step_statuses(server, "IM0002")["US1"] == "COMPLETED", timeout=STABLE_SECONDS * 6)
+    assert step_statuses(server, "IM0002")["CT1"] == "SCHEDULED"
+    assert wait_until(lambda: his_statuses(his, "IM0001") == ["IP", "CM"], timeout=30), his_statuses(his, "IM0001")
+    assert wait_until(lambda: his_statuses(his, "IM0002") == ["IP"], timeout=30), his_statuses(his, "IM0002")
+    # Off the worklist as a completed step is; the waiting CT step stays on it.
+    listed = worklist(server, tmp_path, "AccessionNumber=IM000*", "ScheduledProcedureStepSequence[0].ScheduledProcedureStepID",
+                      aet="US_ROOM1")
+    assert [(str(i.AccessionNumber), str(i.ScheduledProcedureStepSequence[0].ScheduledProcedureStepID))
+            for i in listed] == [("IM0002", "CT1")]
+
+
+def test_an_mpps_after_the_images_wins(server: PacsServer, tmp_path: Path) -> None:
+    """Images start the step; an MPPS then naming it decides alone: its
+    stable study does not complete it (N-SET COMPLETED does), and a
+    DISCONTINUED MPPS puts it back to SCHEDULED for good."""
+    for accession in ("MW0001", "MW0002", "MW0003"):
+        accepted(server, orm(accession))
+    running, wrong, control = (order(server, a) for a in ("MW0001", "MW0002", "MW0003"))
+    his = server.his  # type: ignore[attr-defined]
+    images(server, tmp_path, running)
+    images(server, tmp_path, wrong)
+    for accession in ("MW0001", "MW0002"):
+        assert wait_until(lambda a=accession: order(server, a)["status"] == "IN PROGRESS", timeout=STABLE_SECONDS * 4,
+                          interval=0.2)
+    uid_running, uid_wrong = generate_uid(), generate_uid()
+    assert n_create(server, uid_running, mpps(running, "SPSMW0001")) == 0
+    assert n_create(server, uid_wrong, mpps(wrong, "SPSMW0002")) == 0
+    assert n_set(server, uid_wrong, final("DISCONTINUED", day(), "091500")) == 0
+    assert order(server, "MW0002")["status"] == "SCHEDULED"
+    # A control study sent after both: once images completed it, theirs had
+    # been stable longer -- had images still decided, both were completed.
+    images(server, tmp_path, control)
+    assert wait_until(lambda: order(server, "MW0003")["status"] == "COMPLETED", timeout=STABLE_SECONDS * 6)
+    assert order(server, "MW0001")["status"] == "IN PROGRESS"
+    assert order(server, "MW0002")["status"] == "SCHEDULED"
+    assert n_set(server, uid_running, final("COMPLETED", day(), "093000")) == 0
+    assert order(server, "MW0001")["status"] == "COMPLETED"
+    assert wait_until(lambda: his_statuses(his, "MW0001") == ["IP", "CM"], timeout=30), his_statuses(his, "MW0001")
+    assert wait_until(lambda: his_statuses(his, "MW0002") == ["IP", "SC"], timeout=30), his_statuses(his, "MW0002")
+
+
+# -- 7b. steps never done expire from the worklist ----------------------------------------------------
+def test_scheduled_steps_expire_from_the_worklist(server: PacsServer, tmp_path: Path) -> None:
+    """Nothing expired them: a console asking without a date range got every
+    order never performed nor cancelled, for ever. Expired ones are only not
+    listed; the order stays."""
+    for accession, offset in (("EX0001", -10), ("EX0002", -3), ("EX0003", 1), ("EX0004", -10)):
+        accepted(server, orm(accession, pid="BNEXPIRE", when=f"{day(offset)}090000"))
+    started = order(server, "EX0004")
+    assert n_create(server, generate_uid(), mpps(started, "SPSEX0004")) == 0
+    listed = worklist(server, tmp_path, "PatientID=BNEXPIRE", "AccessionNumber",
+                      "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus", aet="US_ROOM1")
+    assert sorted((str(i.AccessionNumber), str(i.ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus))
+                  for i in listed) == [("EX0002", "SCHEDULED"), ("EX0003", "SCHEDULED"), ("EX0004", "STARTED")]
+    # Asked for by its status or its accession, the expired step is not offered either...
+    assert worklist(server, tmp_path, "AccessionNumber=EX0001",
+                    "ScheduledProcedureStepSequence[0].ScheduledProcedureStepStatus=SCHEDULED", aet="US_ROOM1") == []
+    # ...but the order is still there.
+    assert order(server, "EX0001")["status"] == "SCHEDULED"

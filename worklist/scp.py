@@ -40,7 +40,8 @@ from pacs.orders import OrderError, OrderService, fit_text
 from pacs.query import QueryError
 from pacs.query.matching import is_date, is_time
 from pacs.query.results import as_written, other_ids_sequence
-from pacs.worklist import ignored_keys, run_worklist, sps_status
+from pacs.timezones import hospital_zone
+from pacs.worklist import expired_before, ignored_keys, run_worklist, sps_status
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +226,9 @@ def make_worklist_handler(pacs: Pacs) -> Any:
             step = text_keys(steps[0], codec) if len(steps) else {}
             # Refuses a key it cannot match before anything is answered; the
             # rows are then read page by page as they are sent.
-            rows = run_worklist(pacs.engine, match, step)
+            rows = run_worklist(pacs.engine, match, step,
+                                expired=expired_before(pacs.settings.worklist_expire_days,
+                                                       hospital_zone(pacs.settings)))
             not_matched = ignored_keys(match, step)
             not_matched += _sequences_with_values(identifier, skip="ScheduledProcedureStepSequence")
             if len(steps):

@@ -267,6 +267,10 @@ class Order(Base):
     protocol_code_meaning: Mapped[str] = mapped_column(String, server_default="")
     # SCHEDULED, IN PROGRESS, COMPLETED, DISCONTINUED, CANCELLED
     status: Mapped[str] = mapped_column(String, default="SCHEDULED", index=True)
+    # What moved the step last: "" nothing, "images" the images linked to its
+    # order (a modality without MPPS), "mpps" a performed procedure step,
+    # which then decides alone (see pacs.orders.OrderService.progress_from_images).
+    progress_source: Mapped[str] = mapped_column(String, server_default="")
     source: Mapped[str] = mapped_column(String, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())

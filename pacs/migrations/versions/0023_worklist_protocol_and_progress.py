@@ -1,10 +1,20 @@
-"""Scheduled steps keep their protocol code.
+"""Scheduled steps keep their protocol code and who moved them.
 
 Protocol: a HIS's OMI IPC-6 (Protocol Code, a CE: code^text^scheme) names
 the protocol a modality selects for the step; it was kept as the step's
 description text only, and the worklist's Scheduled Protocol Code Sequence
 (an IHE SWF integration-critical attribute) was always empty.
 orders.protocol_code, protocol_code_scheme and protocol_code_meaning hold it.
+
+Progress: a modality without MPPS (most ultrasound, older X-ray) never moved
+its step, which stayed SCHEDULED for ever. The images linked to an order now
+move it (pacs.orders.OrderService.progress_from_images): IN PROGRESS on the
+first, COMPLETED once the study is stable. orders.progress_source says what
+moved a step last: "" nothing, "images" its images (completed by them once
+stable), "mpps" a performed procedure step -- which then decides alone (an
+MPPS that comes later wins). Existing steps get "" (a step an MPPS moved
+before is IN PROGRESS or final: images only ever start a SCHEDULED step,
+and only complete one they started).
 
 Revision ID: 0023
 Revises: 0021
@@ -21,7 +31,7 @@ down_revision = '0022'
 branch_labels = None
 depends_on = None
 
-_COLUMNS = ("protocol_code", "protocol_code_scheme", "protocol_code_meaning")
+_COLUMNS = ("protocol_code", "protocol_code_scheme", "protocol_code_meaning", "progress_source")
 
 
 def upgrade() -> None:
