@@ -17,7 +17,7 @@ before is IN PROGRESS or final: images only ever start a SCHEDULED step,
 and only complete one they started).
 
 Revision ID: 0023
-Revises: 0021
+Revises: 0022
 Create Date: 2026-12-06 12:00:00
 """
 
