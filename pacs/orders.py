@@ -32,6 +32,7 @@ from sqlalchemy import Connection, and_, delete, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from . import outbox
+from .audit import patient_cx
 from .errors import PacsError
 from .header import valid_uid
 from .index.db import write_transaction
@@ -1827,7 +1828,8 @@ class OrderService:
         with self.engine.connect() as conn:
             rows = conn.execute(
                 select(studies_t.c.study_uid, studies_t.c.accession_number, studies_t.c.study_date,
-                       studies_t.c.modalities, patients_t.c.patient_id, patients_t.c.name, studies_t.c.created_at)
+                       studies_t.c.modalities, patients_t.c.patient_id, patients_t.c.issuer, patients_t.c.name,
+                       studies_t.c.created_at)
                 .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
                 .outerjoin(links_t, links_t.c.study_pk == studies_t.c.pk)
                 .where(links_t.c.study_pk.is_(None))
@@ -1856,6 +1858,18 @@ class OrderService:
             conn.execute(delete(links_t).where(links_t.c.study_pk == study_pk))
             link_study(conn, study_pk, rows[0].pk, "matched by hand")  # the procedure's first step
             return self._procedure_dict(conn, accession)
+
+    def study_patient(self, study_uid: str) -> str:
+        """The patient *study_uid* is filed under now, as an audit event names
+        it (``ID^^^issuer``); '' for an unknown study. A match files the
+        study under its order's patient: its event names the one it left."""
+        with self.engine.connect() as conn:
+            row = conn.execute(
+                select(patients_t.c.patient_id, patients_t.c.issuer)
+                .join(studies_t, studies_t.c.patient_pk == patients_t.c.pk)
+                .where(studies_t.c.study_uid == study_uid)
+            ).first()
+        return patient_cx(row.patient_id, row.issuer) if row is not None else ""
 
     def corrections(self, study_uid: str) -> list[dict[str, Any]]:
         with self.engine.connect() as conn:
@@ -1896,6 +1910,33 @@ def _step_orders(step: Any) -> list[int]:
     return pks
 
 
+def patients_named(actions: list[tuple[str, Any]]) -> list[str]:
+    """The patient IDs :meth:`OrderService.apply` *actions* name (a merge:
+    the kept one first), as the request gave them: what the audit event of
+    an order message or request names, also when it is refused before
+    anything is stored (HL7 ORM/OMI/ADT, ``/api/orders``)."""
+    found: list[str] = []
+    for kind, value in actions:
+        if kind == "merge":
+            patient, prior = value
+            ids = [patient.patient_id, *(pid for pid, _ in prior)]
+        elif kind == "patient":
+            ids = [value.patient_id]
+        else:
+            ids = [value.patient.patient_id]
+        found.extend(i for i in ids if i and i not in found)
+    return found
+
+
+def order_subject(order: dict[str, Any]) -> tuple[str, str]:
+    """(Study Instance UID, patient) an audit event names for a stored
+    requested procedure (:meth:`OrderService.get`): the study UID the order
+    gives modalities, the patient it is filed under as ``ID^^^issuer``
+    (:func:`pacs.audit.patient_cx`), the form the study's events name it in."""
+    return str(order.get("study_uid") or ""), patient_cx(str(order.get("patient_id") or ""),
+                                                         str(order.get("issuer") or ""))
+
+
 def link_study(conn: Connection, study_pk: int, order_pk: int, matched_by: str) -> None:
     """File an existing study under its order's patient, recording corrections."""
     order = conn.execute(select(orders_t).where(orders_t.c.pk == order_pk)).one()
@@ -1917,4 +1958,4 @@ def link_study(conn: Connection, study_pk: int, order_pk: int, matched_by: str) 
 
 
 __all__ = ["OrderError", "OrderInfo", "OrderService", "OtherIdentifier", "PatientInfo", "STATUSES", "asdict",
-           "procedure_status", "validate_order"]
+           "order_subject", "patients_named", "procedure_status", "validate_order"]

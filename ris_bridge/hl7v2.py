@@ -28,7 +28,7 @@ import hl7
 
 from pacs.audit import Event
 from pacs.orders import (PRIMARY_ID_TYPES, OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo,
-                         Receipt)
+                         Receipt, patients_named)
 from pacs.timezones import hl7_timestamp, server_zone
 
 log = logging.getLogger(__name__)
@@ -797,21 +797,6 @@ def _accept_ack_wanted(condition: str, success: bool) -> bool:
 _AUDIT_ACTIONS = {"ADT": "patient-update", "ORM": "order", "OMI": "order"}
 
 
-def _patients(actions: list[tuple[str, Any]]) -> list[str]:
-    """The patient IDs a message's actions touch (a merge: the kept one first)."""
-    found: list[str] = []
-    for kind, value in actions:
-        if kind == "merge":
-            patient, prior = value
-            ids = [patient.patient_id, *(pid for pid, _ in prior)]
-        elif kind == "patient":
-            ids = [value.patient_id]
-        else:
-            ids = [value.patient.patient_id]
-        found.extend(i for i in ids if i and i not in found)
-    return found
-
-
 def _process(service: OrderService, raw: bytes, processing_id: str,
              zone: tzinfo | None = None) -> tuple[Header, str, str, str, list[str]]:
     """(header, MSA-1, text, table 0357 code, patient IDs named) for one message.
@@ -834,7 +819,7 @@ def _process(service: OrderService, raw: bytes, processing_id: str,
         actions = _actions(message, header, zone)
         if isinstance(actions, tuple):  # (text, code): a type or event we do not handle
             return header, "AR", *actions, []
-        patients = _patients(actions)
+        patients = patients_named(actions)
         receipt = Receipt(sender=f"{header.sending_app}^{header.sending_facility}", control_id=header.control_id,
                           kind=f"{header.message_type}^{header.trigger}", digest=message_digest(message))
         if not service.apply_message(actions, receipt, source=f"hl7:{header.sending_app}"):

@@ -14,11 +14,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo
+from pacs.audit import Event, patient_cx
+from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo, order_subject, patients_named
 from pacs.timezones import hospital_zone
 
 from .errors import HTTPProblem
-from .security import requires
+from .security import audit_patients, audit_studies, requires
 
 router = APIRouter(prefix="/api", tags=["orders"])
 
@@ -120,10 +121,30 @@ def _call(fn: Any, *args: Any) -> Any:
         raise HTTPProblem(exc.http_status, str(exc)) from None
 
 
+def _audit_orders(request: Request, *orders: dict[str, Any] | None) -> None:
+    """Name the study and patient of each order (:func:`pacs.orders.order_subject`)
+    in the route's audit event, as an HL7 order message's event names its
+    patient: the path names neither, and ``pacs audit --patient`` must find
+    an order, a change of its patient's demographics, a read of it."""
+    audit_studies(request, [order_subject(order) for order in orders if order])
+
+
+def _audit_note(request: Request, note: str) -> None:
+    """Add *note* to the route's audit event (what the path does not say)."""
+    event = getattr(request.state, "audit", None)
+    if isinstance(event, Event):
+        event.detail = f"{event.detail}; {note}"[:500]
+
+
 @router.post("/orders", status_code=201, summary="Create an order (it appears in the worklist)",
              dependencies=requires("his", "admin", action="order"))
 def create_order(request: Request, order: OrderModel) -> dict[str, Any]:
-    return _call(_service(request).place_steps, order.to_steps(), "json")
+    steps = order.to_steps()
+    # Refused, the event still names whom the order was for.
+    audit_patients(request, patients_named([("place", step) for step in steps]))
+    placed = _call(_service(request).place_steps, steps, "json")
+    _audit_orders(request, placed)
+    return placed
 
 
 @router.put("/orders/{accession}", summary="Change an order (the steps named by step_id; new ones are added)",
@@ -131,15 +152,30 @@ def create_order(request: Request, order: OrderModel) -> dict[str, Any]:
 def change_order(request: Request, accession: str, order: OrderModel) -> dict[str, Any]:
     if order.accession_number != accession:
         raise HTTPProblem(400, "accession number in the body differs from the URL")
-    return _call(_service(request).change_steps, order.to_steps(), "json")
+    service = _service(request)
+    steps = order.to_steps()
+    before = service.get(accession)
+    if before is not None:
+        _audit_orders(request, before)
+    else:
+        audit_patients(request, patients_named([("change", step) for step in steps]))
+    changed = _call(service.change_steps, steps, "json")
+    # The patient it is for now, and the one it was moved away from.
+    _audit_orders(request, changed, before)
+    if before is not None and (before["patient_id"], before["issuer"]) == (changed["patient_id"], changed["issuer"]) \
+            and before["name"] != changed["name"]:
+        _audit_note(request, "the patient's name changed")
+    return changed
 
 
 @router.delete("/orders/{accession}", summary="Cancel an order, or one step of it (it leaves the worklist)",
                dependencies=requires("his", "admin", action="order"))
 def cancel_order(request: Request, accession: str, step_id: str = "") -> dict[str, Any]:
     """Every step not performed yet is cancelled; with ``step_id``, that step only."""
+    service = _service(request)
+    _audit_orders(request, service.get(accession))
     info = OrderInfo(patient=PatientInfo(patient_id="-"), accession_number=accession, step_id=step_id)
-    return _call(_service(request).cancel, info)
+    return _call(service.cancel, info)
 
 
 @router.get("/orders/{accession}", summary="One order, its status and its steps",
@@ -148,6 +184,7 @@ def get_order(request: Request, accession: str) -> dict[str, Any]:
     order = _service(request).get(accession)
     if order is None:
         raise HTTPProblem(404, f"no order {accession}")
+    _audit_orders(request, order)
     return order
 
 
@@ -156,13 +193,21 @@ def get_order(request: Request, accession: str) -> dict[str, Any]:
 def unmatched(request: Request, limit: int = 100) -> list[dict[str, Any]]:
     if not 1 <= limit <= 1000:
         raise HTTPProblem(400, "limit must be 1-1000")
-    return _service(request).unmatched_studies(limit)
+    rows = _service(request).unmatched_studies(limit)
+    audit_patients(request, [patient_cx(row["patient_id"], row["issuer"]) for row in rows])
+    return rows
 
 
 @router.post("/studies/{study}/match", summary="Link a study to an order by hand",
              dependencies=requires("admin", action="order"))
 def match_study(request: Request, study: str, body: MatchModel) -> dict[str, Any]:
-    return _call(_service(request).match, study, body.accession_number)
+    service = _service(request)
+    previous = service.study_patient(study)
+    order = _call(service.match, study, body.accession_number)
+    # The study, under its order's patient now, and the patient it left.
+    audit_studies(request, [(study, order_subject(order)[1]), (study, previous)])
+    _audit_note(request, f"linked to order {order['accession_number']}")
+    return order
 
 
 @router.get("/studies/{study}/corrections", summary="What the index corrected for a study",
