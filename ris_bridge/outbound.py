@@ -28,6 +28,7 @@ from sqlalchemy import Engine, select
 
 from pacs import outbox
 from pacs.app import Pacs
+from pacs.audit import Event, patient_cx
 from pacs.index.models import Study
 from pacs.periodic import Periodic
 from pacs.settings import Settings
@@ -326,14 +327,17 @@ class OutboundSender(Periodic):
                 # Not this message but its kind is refused: resent, it would be
                 # refused forever, holding back the later messages of its order
                 # (the signed report). Parked at once; the next ones go.
-                outbox.mark_failed(engine, message,
-                                   f"HIS answered {code} {error} ({UNSUPPORTED[error]}): {text}; not sent again",
-                                   dead=True, retry_in=backoff)
+                if outbox.mark_failed(engine, message,
+                                      f"HIS answered {code} {error} ({UNSUPPORTED[error]}): {text}; not sent again",
+                                      dead=True, retry_in=backoff):
+                    self._audit(message, "failure", f"HIS answered {code} {error} ({UNSUPPORTED[error]}): parked dead")
                 log.warning("HIS refused message %d (%s %s, %s): parked dead, the messages after it go on; "
                             "pacs outbox retry sends it again", message.pk, code, error, UNSUPPORTED[error])
                 continue
             if code in ("AA", "CA"):
                 superseded = outbox.mark_sent(engine, message)
+                if superseded is not None:  # None: another sender recorded (and audited) it
+                    self._audit(message, "success", f"HIS answered {code}")
                 if superseded:
                     log.info("message %d superseded %d dead message(s) of %s", message.pk, superseded, message.key)
                 delivered += 1
@@ -344,11 +348,13 @@ class OutboundSender(Periodic):
                 previous = _REJECTIONS.match(message.last_error)
                 rejections = (int(previous.group(1)) if previous else 0) + 1
                 dead = rejections >= MAX_ERROR_ANSWERS
-                outbox.mark_failed(
+                parked = outbox.mark_failed(
                     engine, message,
                     f"HIS answered {code} (rejection {rejections} of {MAX_ERROR_ANSWERS}): {text}",
                     dead=dead, retry_in=backoff,
                 )
+                if dead and parked:
+                    self._audit(message, "failure", f"HIS answered {code} {MAX_ERROR_ANSWERS} times: parked dead")
                 log.warning("HIS refused message %d (%s %s)%s", message.pk, code, text,
                             "; parked dead: pacs outbox retry sends it again" if dead else "")
             else:
@@ -359,6 +365,26 @@ class OutboundSender(Periodic):
                                    dead=False, retry_in=backoff)
                 log.warning("HIS rejected message %d (%s %s); retried in %.0fs", message.pk, code, text, backoff)
         return delivered, True
+
+    def _audit(self, message: outbox.Message, outcome: str, result: str) -> None:
+        """Audit what a message disclosed to the HIS, once: when it was
+        delivered (the HIS acknowledged it), or when it went dead (not
+        each try): the patient and study it names, what it carried, where
+        it went. Like a routed study's ``export`` (PS3.15 A.5.3.3)."""
+        data = message.data
+        order = data.get("order") or {}
+        if message.kind == "report":
+            what = f"ORU^R01 report ({data.get('status', 'final')}, signed by {data.get('signed_by', '')})"
+        else:
+            what = f"ORM^O01 order status {data.get('status', '')}"
+        address = f"{self.host}:{self.port}"
+        self.pacs.audit.record(Event(
+            action="export", user="hl7-outbound", role="system", client=address, protocol="hl7", outcome=outcome,
+            study_uid=str(data.get("study_uid") or order.get("study_uid") or ""),
+            patient_id=patient_cx(str(order.get("patient_id") or ""), str(order.get("issuer") or "")),
+            detail=(f"{what}, accession {order.get('accession_number', '')}, to HIS {address}, message "
+                    f"{message.pk} (control ID {data.get('control_id') or control_id(message.pk)}): {result}")[:500],
+        ))
 
     def _render(self, message: outbox.Message) -> bytes:
         data = message.data

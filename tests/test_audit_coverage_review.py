@@ -153,3 +153,80 @@ def test_a_match_names_the_study_and_the_patients_it_moved_between(archive: Pacs
     assert {(e["study_uid"], e["patient_id"]) for e in events} == {(study, "079555000888^^^CCCD"),
                                                                    (study, "TYPO-42")}, events
     assert all("linked to order AUD-4" in e["detail"] for e in events)
+
+
+# -- 9. outbound HL7 ----------------------------------------------------------------------------------
+def _exports(server: PacsServer, start: int) -> list[dict[str, Any]]:
+    return [e for e in since(server, start) if e["action"] == "export" and e["protocol"] == "hl7"]
+
+
+def test_a_report_delivered_to_the_his_is_audited_once_whatever_its_tries(archive: PacsServer) -> None:
+    """The HIS answers AR twice, then AA: one `export` event (success), with
+    the study, its patient, the HIS's address, after the AA."""
+    server, his = archive, archive.his  # type: ignore[attr-defined]
+    refusals = {"left": 2}
+
+    def answer(message: str) -> str:
+        if "|ACC003|" in message and refusals["left"]:
+            refusals["left"] -= 1
+            return "AR"
+        return "AA"
+
+    his.answer = answer
+    start = last_pk(server)
+    _sign(server, study_uid("S3"), "Gan nhiễm mỡ nhẹ.")
+    assert wait_until(lambda: [r.answer for r in his.about("ACC003")] == ["AR", "AR", "AA"], timeout=60), \
+        his.received
+    assert wait_until(lambda: _exports(server, start), timeout=30)
+    (event,) = _exports(server, start)
+    assert event["outcome"] == "success" and event["study_uid"] == study_uid("S3")
+    assert event["patient_id"] == "079190000111^^^CCCD"
+    assert event["client"] == f"127.0.0.1:{his.port}" and event["user"] == "hl7-outbound"
+    assert "ORU^R01" in event["detail"] and "ACC003" in event["detail"] and "AA" in event["detail"]
+    signed = [e for e in since(server, start) if e["action"] == "report-sign"]
+    assert signed and signed[0]["pk"] < event["pk"]
+
+
+def test_a_message_the_his_keeps_refusing_is_audited_as_a_failure_once_dead(archive: PacsServer) -> None:
+    server, his = archive, archive.his  # type: ignore[attr-defined]
+    his.answer = lambda m: "AE" if "|XYZ999|" in m else "AA"
+    start = last_pk(server)
+    _sign(server, study_uid("S4"), "Bình thường.")
+    assert wait_until(lambda: len(his.about("XYZ999")) >= 3 and _exports(server, start), timeout=60), his.received
+    (event,) = _exports(server, start)
+    assert event["outcome"] == "failure" and event["study_uid"] == study_uid("S4")
+    assert event["patient_id"] == "001077000222^^^CCCD"
+    assert "parked dead" in event["detail"]
+    his.answer = lambda m: "AA"
+
+
+def test_an_order_status_sent_to_the_his_is_audited(archive: PacsServer) -> None:
+    """MPPS IN PROGRESS for an order placed over the JSON API: the ORM^O01
+    (IP) the HIS acknowledges is an `export` naming the order's patient and study."""
+    server, his = archive, archive.his  # type: ignore[attr-defined]
+    his.answer = lambda m: "AA"
+    body = {"patient": {"id": "079555000999", "name": "Lý^Thu", "issuer": "CCCD"},
+            "accession_number": "AUD-3", "modality": "CT", "step_id": "SPS-AUD-3", "station_ae_title": "CT_ROOM1"}
+    with server.http(server.his_token) as http:  # type: ignore[attr-defined]
+        placed = http.post("/api/orders", json=body)
+    assert placed.status_code == 201, placed.text
+    order_study = placed.json()["study_uid"]
+    start = last_pk(server)
+    create = Dataset()
+    create.PerformedProcedureStepStatus = "IN PROGRESS"
+    create.Modality = "CT"
+    create.PerformedStationAETitle = "CT_ROOM1"
+    create.PerformedProcedureStepStartDate = "20261206"
+    create.PerformedProcedureStepStartTime = "091500"
+    create.PerformedProcedureStepID = "PPS-AUD-3"
+    scheduled = Dataset()
+    scheduled.AccessionNumber = "AUD-3"
+    scheduled.StudyInstanceUID = order_study
+    scheduled.ScheduledProcedureStepID = "SPS-AUD-3"
+    create.ScheduledStepAttributesSequence = Sequence([scheduled])
+    assert _mpps(server, generate_uid(), create, create=True) == 0
+    assert wait_until(lambda: _exports(server, start), timeout=30), his.received
+    (event,) = _exports(server, start)
+    assert event["outcome"] == "success" and event["study_uid"] == order_study
+    assert event["patient_id"] == "079555000999^^^CCCD"
+    assert "ORM^O01" in event["detail"] and "IN PROGRESS" in event["detail"] and "AUD-3" in event["detail"]
