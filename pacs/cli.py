@@ -220,6 +220,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             summary = import_paths(
                 pacs, args.paths, workers=args.workers, on_file=lambda _p, _o: progress.advance(task)
             )
+        _audit_import(pacs, args.paths, summary)
     finally:
         pacs.close()
     if args.json:
@@ -235,6 +236,27 @@ def cmd_import(args: argparse.Namespace) -> int:
         for e in summary.errors[:20]:
             err.print(f"  [red]failed[/red] {e['path']}: {e['error']}")
     return 1 if summary.failed else 0
+
+
+def _audit_import(pacs: Any, paths: list[Path], summary: Any) -> None:
+    """Audit an import (PS3.15 "Data Import"): a ``store`` event per study
+    that received objects, as a C-STORE or STOW-RS of it has (``pacs audit
+    --study`` finds it, the patient filled in from the study), and one for
+    the run when nothing was stored or files failed."""
+    source = _paths_text(paths)
+    for study_uid, stored in summary.studies.items():
+        audit_command(pacs, "store", f"pacs import from {source}: {stored} instances stored", study_uid=study_uid)
+    if summary.failed or not summary.studies:
+        audit_command(pacs, "store", f"pacs import from {source}: {summary.files} files, {summary.stored} stored, "
+                      f"{summary.duplicates} already stored, {summary.failed} failed",
+                      "failure" if summary.failed else "success")
+
+
+def _paths_text(paths: list[Path], shown: int = 3) -> str:
+    """The files or folders a command read, absolute, for its audit event
+    (the first few: a shell glob gives thousands)."""
+    text = ", ".join(str(p.absolute()) for p in paths[:shown])
+    return text + (f" and {len(paths) - shown} more" if len(paths) > shown else "")
 
 
 class _NullProgress:
@@ -329,8 +351,11 @@ def cmd_ae(args: argparse.Namespace) -> int:
                 ae = pacs.aes.add(args.name, args.host, args.port, args.description or "", tls=args.tls,
                                   services=services, cert_sha256=cert, forget_cert=forget_cert)
             except ValueError as exc:
+                audit_command(pacs, "ae-add", f"AE {args.name} at {args.host}:{args.port}: refused: {exc}", "failure")
                 fail(exc)
                 return 2
+            # Who may connect and what they may ask: a security setting (PS3.15 "Security Alert").
+            audit_command(pacs, "ae-add", _ae_text(ae) + (f" (was: {_ae_text(before)})" if before else " (new)"))
             result: dict[str, Any] = {"added": ae.title, "host": ae.host, "port": ae.port, "tls": ae.tls,
                                       "services": services_text(ae.services), "cert_sha256": ae.cert_sha256}
             if before is not None:
@@ -344,8 +369,12 @@ def cmd_ae(args: argparse.Namespace) -> int:
             _print_result(args, result)
         elif args.ae_command == "remove":
             if (refused := _in_config_file(pacs.settings, "ae", args.name)) is not None:
+                audit_command(pacs, "ae-remove", f"AE {args.name}: refused: defined in the config file", "failure")
                 return refused
+            before = pacs.aes.lookup(args.name)
             removed = pacs.aes.remove(args.name)
+            audit_command(pacs, "ae-remove", f"{_ae_text(before)} removed" if removed and before
+                          else f"no AE {args.name} registered", "success" if removed else "failure")
             if not removed and not args.json:
                 err.print(f"[red]no AE {args.name!r} is registered[/red] (pacs ae list)")
                 return 1
@@ -366,6 +395,16 @@ def cmd_ae(args: argparse.Namespace) -> int:
     finally:
         pacs.close()
     return 0
+
+
+def _ae_text(ae: Any) -> str:
+    """A registered AE as its audit events describe it: address, TLS, services, pin."""
+    from .aes import services_text
+
+    services = services_text(ae.services)
+    return (f"AE {ae.title} at {ae.host}:{ae.port}{' over TLS' if ae.tls else ''}, services "
+            f"{'all' if services == '*' else services or 'none'}"
+            + (f", client certificate {ae.cert_sha256[:16]}..." if ae.cert_sha256 else ""))
 
 
 def _in_config_file(settings: Settings, table: str, name: str) -> int | None:
@@ -450,10 +489,24 @@ def cmd_remote(args: argparse.Namespace) -> int:
             if truncated:
                 err.print(f"[yellow]{truncated}[/yellow]")
             return 1 if truncated else 0
-        if args.remote_command == "move":
-            summary = remote.move(pacs, args.ae, args.level, keys, args.destination, args.model)
-        else:
-            summary = remote.get(pacs, args.ae, args.level, keys, args.model)
+        # Who had the remote send which studies where: one event per run.
+        what = (f"C-MOVE from {args.ae} to {args.destination or pacs.settings.ae_title}"
+                if args.remote_command == "move" else f"C-GET from {args.ae}")
+        what += f" ({args.level} " + " ".join(f"{k}={v}" for k, v in keys.items()) + ")"
+        named = {"study_uid": _single(keys.get("StudyInstanceUID", "")),
+                 "patient_id": _single(keys.get("PatientID", ""))}
+        try:
+            if args.remote_command == "move":
+                summary = remote.move(pacs, args.ae, args.level, keys, args.destination, args.model)
+            else:
+                summary = remote.get(pacs, args.ae, args.level, keys, args.model)
+        except remote.RemoteError as exc:
+            audit_command(pacs, "retrieve", f"pacs remote {args.remote_command}: {what}: {exc}", "failure",
+                          client=args.ae, **named)
+            raise
+        audit_command(pacs, "retrieve", f"pacs remote {args.remote_command}: {what}: status 0x{summary.status:04X}, "
+                      f"{summary.completed} completed, {summary.failed} failed, {summary.warning} warning",
+                      "success" if summary.status == 0 else "failure", client=args.ae, **named)
         _print_result(args, summary.as_dict())
         return 0 if summary.status == 0 else 1
     except remote.RemoteError as exc:
@@ -461,6 +514,11 @@ def cmd_remote(args: argparse.Namespace) -> int:
         return 1
     finally:
         pacs.close()
+
+
+def _single(value: str) -> str:
+    """A key's value when it names one thing (no list, no wildcard), else ''."""
+    return value if value and not any(c in value for c in "\\*?") else ""
 
 
 def _remote_pull(pacs: Any, args: argparse.Namespace) -> int:
@@ -533,13 +591,18 @@ def _json_value(value: Any) -> Any:
 
 # -- orders -------------------------------------------------------------------
 def cmd_orders(args: argparse.Namespace) -> int:
-    from .orders import OrderError, OrderService
+    from .audit import patient_chunks, patient_cx
+    from .orders import OrderError, OrderService, order_subject
 
     pacs = _open(args)
     try:
         service = OrderService(pacs.engine, order_status=pacs.settings.his_order_status)
         if args.orders_command == "unmatched":
             rows = service.unmatched_studies(args.limit)
+            # The patients listed, as GET /api/studies/unmatched names them.
+            detail = f"pacs orders unmatched: {len(rows)} studies listed"
+            for chunk in patient_chunks(patient_cx(r["patient_id"], r["issuer"]) for r in rows) or [""]:
+                audit_command(pacs, "query", detail, patient_id=chunk)
             if args.json:
                 print(json.dumps(rows, ensure_ascii=False, default=str))
             else:
@@ -551,11 +614,18 @@ def cmd_orders(args: argparse.Namespace) -> int:
                                   r["patient_id"], r["name"], r["reason"])
                 out.print(table)
             return 0
+        previous = service.study_patient(args.study)
+        detail = f"pacs orders match: study linked to order {args.accession}"
         try:
             order = service.match(args.study, args.accession)
         except OrderError as exc:
+            audit_command(pacs, "order", f"{detail}: refused: {exc}", "failure", study_uid=args.study,
+                          patient_id=previous)
             fail(exc)
             return 1
+        # The study under its order's patient now, and the patient it left (as the HTTP route names them).
+        for patient in dict.fromkeys((order_subject(order)[1], previous)):
+            audit_command(pacs, "order", detail, study_uid=args.study, patient_id=patient)
         _print_result(args, {"study": args.study, "accession": order["accession_number"], "patient": order["name"]})
         return 0
     finally:
@@ -563,13 +633,17 @@ def cmd_orders(args: argparse.Namespace) -> int:
 
 
 # -- users, tokens, audit ---------------------------------------------------------
-def _audit_admin(pacs: Any, action: str, detail: str, outcome: str = "success") -> None:
-    """Audit a user/token command, by the operating system account that ran
-    it (the HTTP routes audit the same actions by the admin who called them)."""
+def audit_command(pacs: Any, action: str, detail: str, outcome: str = "success", *, study_uid: str = "",
+                  patient_id: str = "", client: str = "") -> None:
+    """Audit a command, by the operating system account that ran it (the
+    person under sudo: :func:`pacs.maintenance.common.os_user`; the HTTP
+    routes audit the same actions by the user who called them): one event
+    per run saying its scope, or per study or patient it names."""
     from .audit import Event
     from .maintenance.common import os_user
 
-    pacs.audit.record(Event(action=action, user=os_user(), protocol="cli", outcome=outcome, detail=detail[:500]))
+    pacs.audit.record(Event(action=action, user=os_user(), protocol="cli", outcome=outcome, study_uid=study_uid,
+                            patient_id=patient_id, client=client[:200], detail=detail[:500]))
 
 
 def cmd_user(args: argparse.Namespace) -> int:
@@ -592,8 +666,8 @@ def cmd_user(args: argparse.Namespace) -> int:
         if args.user_command == "disable":
             role = pacs.auth.role_of(args.username)
             done = pacs.auth.disable_user(args.username)
-            _audit_admin(pacs, "user-disable", f"user {args.username} (role {role}) disabled, sessions ended"
-                         if done else f"no user {args.username}", "success" if done else "failure")
+            audit_command(pacs, "user-disable", f"user {args.username} (role {role}) disabled, sessions ended"
+                          if done else f"no user {args.username}", "success" if done else "failure")
             _print_result(args, {"disabled": args.username if done else None})
             return 0 if done else 1
         before = pacs.auth.role_of(args.username)
@@ -602,10 +676,10 @@ def cmd_user(args: argparse.Namespace) -> int:
             password = pacs.auth.add_user(args.username, args.role, args.password, args.display_name or "",
                                           revoke_tokens=not args.keep_tokens)
         except AuthError as exc:
-            _audit_admin(pacs, "user-add", f"{change}: refused: {exc}", "failure")
+            audit_command(pacs, "user-add", f"{change}: refused: {exc}", "failure")
             fail(exc)
             return 2
-        _audit_admin(pacs, "user-add", change)
+        audit_command(pacs, "user-add", change)
         result: dict[str, Any] = {"username": args.username, "role": args.role}
         if not args.password:
             result["password"] = password  # generated: shown once
@@ -631,15 +705,15 @@ def cmd_token(args: argparse.Namespace) -> int:
             try:
                 token = pacs.auth.create_token(args.username, args.name, args.days)
             except AuthError as exc:
-                _audit_admin(pacs, "token-create", f"{detail}: refused: {exc}", "failure")
+                audit_command(pacs, "token-create", f"{detail}: refused: {exc}", "failure")
                 fail(exc)
                 return 2
-            _audit_admin(pacs, "token-create", detail)
+            audit_command(pacs, "token-create", detail)
             _print_result(args, {"username": args.username, "name": args.name, "token": token})
             return 0
         revoked = pacs.auth.revoke(username=args.username, name=args.name)
-        _audit_admin(pacs, "token-revoke", f"tokens {args.name!r} of user {args.username} (role {role}): "
-                     f"{revoked} revoked", "success" if revoked else "failure")
+        audit_command(pacs, "token-revoke", f"tokens {args.name!r} of user {args.username} (role {role}): "
+                      f"{revoked} revoked", "success" if revoked else "failure")
         _print_result(args, {"revoked": revoked})
         return 0 if revoked else 1
     finally:
@@ -649,6 +723,7 @@ def cmd_token(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     from . import audit
 
+    fmt = args.format or ("table" if sys.stdout.isatty() else "json")
     pacs = _open(args)
     try:
         events = audit.query(pacs.engine, study_uid=args.study or "", user=args.user or "",
@@ -656,9 +731,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
         # The audit source, as GET /api/audit names it: one archive's lines
         # read the same whichever way they were exported.
         source = pacs.settings.ae_title
+        # Reading the trail is itself an access to be kept (PS3.15 A.5.3 "Audit
+        # Log Used"), as GET /api/audit is; recorded after the read, so it is
+        # in the next export, not this one.
+        asked = " ".join(f"--{name} {value}" for name, value in (("study", args.study), ("user", args.user),
+                                                                 ("patient", args.patient)) if value)
+        audit_command(pacs, "query", f"pacs audit {asked + ' ' if asked else ''}--format {fmt}: "
+                      f"{len(events)} events read", study_uid=args.study or "", patient_id=args.patient or "")
     finally:
         pacs.close()
-    fmt = args.format or ("table" if sys.stdout.isatty() else "json")
     if fmt == "table":
         # One line per event at any width: columns are cut (…), never wrapped;
         # --format json has every value whole.
@@ -702,6 +783,7 @@ def cmd_route(args: argparse.Namespace) -> int:
             if bool(args.to_ae) == bool(args.to_url):
                 err.print("[red]give exactly one of --to-ae or --to-url[/red]")
                 return 2
+            before = next((r for r in rules.list() if r.name == args.name), None)
             try:
                 morph = dict(item.split("=", 1) for item in (args.set or []))
                 rule = rules.add(
@@ -711,8 +793,13 @@ def cmd_route(args: argparse.Namespace) -> int:
                     deidentify=args.deidentify, morph=morph, stable_seconds=args.stable,
                 )
             except (routing.RoutingError, ValueError) as exc:
+                audit_command(pacs, "route-add", f"rule {args.name} to {_without_userinfo(args.to_ae or args.to_url)}: "
+                              f"refused: {exc}", "failure")
                 fail(exc)
                 return 2
+            # Where patient data will be sent from now on.
+            audit_command(pacs, "route-add",
+                          _rule_text(rule) + (f" (was: {_rule_text(before)})" if before else " (new)"))
             _print_result(args, rule.as_dict() if args.json else {"rule": rule.name, "to": rule.destination})
         elif command == "rules":
             listed = [r.as_dict() for r in rules.list()]
@@ -729,15 +816,21 @@ def cmd_route(args: argparse.Namespace) -> int:
                 out.print(table)
         elif command == "remove":
             if (refused := _in_config_file(pacs.settings, "route", args.name)) is not None:
+                audit_command(pacs, "route-remove", f"rule {args.name}: refused: defined in the config file", "failure")
                 return refused
+            before = next((r for r in rules.list() if r.name == args.name), None)
             try:
                 discarded = rules.remove(args.name, force=args.force)
             except routing.RoutingError as exc:  # unfinished jobs, no --force
+                audit_command(pacs, "route-remove", f"rule {args.name}: refused: {exc}", "failure")
                 fail(exc)
                 return 2
-            if discarded is None:
+            if discarded is None or before is None:
+                audit_command(pacs, "route-remove", f"no rule named {args.name}", "failure")
                 err.print(f"[red]no rule named {args.name}[/red]")
                 return 1
+            audit_command(pacs, "route-remove", f"{_rule_text(before)} removed"
+                          + (f", {discarded} unfinished jobs discarded" if discarded else ""))
             _print_result(args, {"removed": args.name, "discarded": discarded})
         elif command == "list":
             jobs = routing.list_jobs(pacs.engine, args.state or "", args.limit)
@@ -777,6 +870,30 @@ def cmd_route(args: argparse.Namespace) -> int:
         return 0
     finally:
         pacs.close()
+
+
+def _rule_text(rule: Any) -> str:
+    """A routing rule as its audit events describe it: what it sends where, how
+    (never its Authorization header)."""
+    ops = {"eq": "=", "wildcard": "~"}
+    conditions = " ".join(f"{c.attribute}{ops[c.op]}{c.value}" if c.op in ops else f"{c.attribute}=/{c.value}/"
+                          for c in rule.conditions)
+    text = (f"rule {rule.name}: {conditions or 'every object'} to {rule.destination_kind} "
+            f"{_without_userinfo(rule.destination)}")
+    extras = [f"transcode {rule.transcode}" if rule.transcode else "", "de-identified" if rule.deidentify else "",
+              f"set {', '.join(k for k, _ in rule.morph)}" if rule.morph else "",
+              f"once stable {rule.stable_seconds} s" if rule.stable_seconds else ""]
+    return text + "".join(f", {e}" for e in extras if e)
+
+
+def _without_userinfo(destination: str) -> str:
+    """A destination URL without the credentials it may carry (user:password@)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(destination)
+    if "@" not in parts.netloc:
+        return destination
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 # -- db -----------------------------------------------------------------------

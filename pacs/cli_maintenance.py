@@ -353,13 +353,30 @@ def cmd_reindex(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """pacs migrate: 0 done (or stopped at --limit), 1 failures or switch refused, 2 bad target."""
+    from pacs.cli import audit_command
     from pacs.maintenance import migrate
+    from pacs.maintenance.migrate import redacted_url
 
     if args.limit is not None and args.limit < 1:
         return _usage("--limit must be at least 1")
+
+    def work(pacs: Any, bar: _Bar) -> Any:
+        # Every object copied to another store: one event per run, with its scope.
+        try:
+            report = migrate(pacs, args.target, switch=args.switch, limit=args.limit, workers=args.workers,
+                             progress=bar)
+        except ValueError as exc:
+            audit_command(pacs, "migrate", f"pacs migrate to {redacted_url(args.target)}: refused: {exc}", "failure")
+            raise
+        audit_command(pacs, "migrate", f"pacs migrate to {report.target}: {report.copied} objects copied "
+                      f"({report.copied_bytes} bytes), {report.already_present} already there, {report.failed.count} "
+                      f"failed, of {report.total}" + (", stopped at --limit" if report.stopped_at_limit else "")
+                      + (", the archive now uses it" if report.switched else ""),
+                      "failure" if report.failed.count else "success")
+        return report
+
     try:
-        report = _run(args, lambda pacs, bar: migrate(pacs, args.target, switch=args.switch, limit=args.limit,
-                                                      workers=args.workers, progress=bar), lease="migrate")
+        report = _run(args, work, lease="migrate")
     except ValueError as exc:
         return _usage(str(exc))
     if report is None:
@@ -397,7 +414,7 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
     from pacs.cli import settings_from, setup_logging
     from pacs.index import create_index_engine
     from pacs.maintenance import config_path, set_config_value
-    from pacs.maintenance.copy_index import COPY_ROLE, CopyRefused, copy_index
+    from pacs.maintenance.copy_index import COPY_ROLE, CopyRefused, copy_index, redacted
     from pacs.running import no_server_running
 
     settings = settings_from(args)
@@ -410,7 +427,7 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
         source = create_index_engine(settings.resolved_index_url, role=COPY_ROLE)
         try:
             with _Bar(args.json) as bar:
-                report = copy_index(source, args.target, bar)
+                report = copy_index(source, args.target, bar, record=_copy_event)
             if args.switch:
                 path = config_path(settings)
                 set_config_value(path, "index_url", args.target)
@@ -418,7 +435,11 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
                 from pacs.archive_record import follow_switch
 
                 follow_switch(settings, index_url=args.target)
+            # Also in the index copied from: the whole index, users and trail
+            # included, went to another database.
+            _record_in_index(source, _copy_event(report))
         except CopyRefused as exc:
+            _record_in_index(source, _copy_event(None, target=redacted(args.target), refused=str(exc)))
             err.print(f"[red]not copied:[/red] {exc}")
             return 1
         finally:
@@ -436,6 +457,37 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
 
     _emit(args, data, human)
     return 0
+
+
+def _copy_event(report: Any, *, target: str = "", refused: str = "") -> Any:
+    """The audit event of `pacs db copy` (*report*: done; else *refused*)."""
+    from pacs.audit import Event
+    from pacs.maintenance.common import os_user
+
+    if report is None:
+        return Event(action="index-copy", user=os_user(), protocol="cli", outcome="failure",
+                     detail=f"pacs db copy to {target}: refused: {refused}"[:500])
+    counted = ", ".join(f"{report.rows.get(table, 0)} {name}" for table, name in (
+        ("patients", "patients"), ("studies", "studies"), ("instances", "instances"), ("users", "users"),
+        ("audit_events", "audit events")))
+    return Event(action="index-copy", user=os_user(), protocol="cli",
+                 detail=(f"pacs db copy from {report.source} to {report.target}: the whole index ({counted})"
+                         + (", the archive now uses it" if report.switched else ""))[:500])
+
+
+def _record_in_index(engine: Any, event: Any) -> None:
+    """Write *event* into the index of *engine* (no appliance is open), or
+    say on the console that it could not be."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from pacs.audit import record_in
+    from pacs.index.db import write_transaction
+
+    try:
+        with write_transaction(engine) as conn:
+            record_in(conn, event)
+    except SQLAlchemyError as exc:
+        err.print(f"[yellow]not audited:[/yellow] {str(exc).splitlines()[0][:200]}")
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -659,10 +711,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_outbox(args: argparse.Namespace) -> int:
     """pacs outbox list|retry: 0 done, 1 when retry --id names no dead message."""
-    import getpass
-
     from pacs import outbox
-    from pacs.audit import Event
+    from pacs.cli import audit_command
 
     pacs = _open(args)
     try:
@@ -689,8 +739,7 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             return 0
         retried = outbox.retry(pacs.engine, pk=args.message_id if not args.all_dead else None)
         for pk in retried:
-            pacs.audit.record(Event(action="outbox-retry", user=getpass.getuser(), protocol="cli",
-                                    detail=f"outbox message {pk} queued again"))
+            audit_command(pacs, "outbox-retry", f"outbox message {pk} queued again")
         pacs.audit.flush()
         _emit(args, {"retried": retried},
               lambda: out.print(f"{len(retried)} dead message(s) queued again: {', '.join(map(str, retried)) or '-'}"))

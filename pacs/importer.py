@@ -33,6 +33,8 @@ class ImportSummary:
     failed: int = 0
     bytes: int = 0
     errors: list[dict[str, str]] = field(default_factory=list)
+    # Instances stored per Study Instance UID: what the audit trail names.
+    studies: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -166,31 +168,32 @@ def import_paths(
             return "not_dicom"
         return ingest_bare(pacs, path, *bare, origin)
 
-    def one(path: Path) -> tuple[Path, str, int, str]:
+    def one(path: Path) -> tuple[Path, str, int, str, str]:
         try:
             result = ingest(path)
         except IngestError as exc:
-            return path, "failed", 0, str(exc)
+            return path, "failed", 0, str(exc), ""
         except OSError as exc:
-            return path, "failed", 0, f"cannot read: {exc}"
+            return path, "failed", 0, f"cannot read: {exc}", ""
         if isinstance(result, str):
-            return path, result, 0, ""
+            return path, result, 0, "", ""
         if result.conflict:
             # Not stored (answered 0111H over DICOM): the file must not be
             # taken for archived and deleted from the CD or disk it came from.
-            return path, "failed", 0, result.conflict
+            return path, "failed", 0, result.conflict, ""
         outcome = "duplicate" if result.outcome is Outcome.DUPLICATE else "stored"
-        return path, outcome, result.size, ""
+        return path, outcome, result.size, "", result.header.study_uid
 
     unreadable: list[tuple[Path, OSError]] = []
     # Threads overlap file reads and storage writes; the group committer
     # turns their index rows into shared transactions.
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for path, outcome, size, error in pool.map(one, iter_files(paths, unreadable)):
+        for path, outcome, size, error, study_uid in pool.map(one, iter_files(paths, unreadable)):
             summary.files += 1
             if outcome == "stored":
                 summary.stored += 1
                 summary.bytes += size
+                summary.studies[study_uid] = summary.studies.get(study_uid, 0) + 1
             elif outcome == "duplicate":
                 summary.duplicates += 1
             elif outcome == "not_dicom":

@@ -148,11 +148,17 @@ class Puller:
     """One pull from one remote AE; see the module docstring."""
 
     def __init__(self, pacs: Pacs, title: str, options: PullOptions,
-                 on_study: Callable[[StudyResult], None] | None = None) -> None:
+                 on_study: Callable[[StudyResult], None] | None = None, *, user: str = "") -> None:
         self.pacs = pacs
         self.title = title
         self.options = options
         self.on_study = on_study or (lambda _r: None)
+        # Who pulls, for the audit trail: the person who ran `pacs remote pull`.
+        if not user:
+            from .maintenance.common import os_user
+
+            user = os_user()
+        self.user = user
         # "Today" and the clock of --stop-at are the hospital's (the timezone
         # setting): on a server in UTC, date.today() is yesterday for the first
         # 7 hours of a Vietnamese day, and 06:00 would be 13:00 in Hanoi.
@@ -410,9 +416,11 @@ class Puller:
                              "and pacs serve running to receive?")
             result.detail = f"{len(still)} of {len(listed)} instances missing; " + "; ".join(notes)
         self.pacs.audit.record(Event(
-            "retrieve", user="pacs remote pull", protocol="dicom", client=self.title,
+            "retrieve", user=self.user, protocol="dicom", client=self.title,
             outcome="success" if result.state == "pulled" else "failure", study_uid=study_uid,
-            patient_id=result.patient_id, detail=f"pull: {len(listed) - len(still)} of {len(listed)} instances",
+            patient_id=result.patient_id,
+            detail=f"pacs remote pull: {len(listed) - len(still)} of {len(listed)} instances "
+                   f"(C-{self.options.method.upper()})",
         ))
         return result
 

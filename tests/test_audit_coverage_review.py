@@ -230,3 +230,161 @@ def test_an_order_status_sent_to_the_his_is_audited(archive: PacsServer) -> None
     assert event["outcome"] == "success" and event["study_uid"] == order_study
     assert event["patient_id"] == "079555000999^^^CCCD"
     assert "ORM^O01" in event["detail"] and "IN PROGRESS" in event["detail"] and "AUD-3" in event["detail"]
+
+
+# -- 6. the command line ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def remote_pacs(archive: PacsServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    """An old PACS (a second `pacs serve`, AE OLDPACS) holding three studies
+    the archive does not; each knows the other."""
+    work = tmp_path_factory.mktemp("old-pacs")
+    (work / "in").mkdir()
+    for key in ("1", "2", "3"):
+        make_ct(work / "in" / f"{key}.dcm", StudyInstanceUID=f"{ROOT}.9.{key}", PatientID=f"OLD-{key}",
+                StudyDate="20200101", AccessionNumber=f"OLD{key}")
+    old = PacsServer(work / "data", Backend("sqlite-fs", None, None, {}), ae_title="OLDPACS")
+    old.cli("import", str(work / "in"))
+    old.start()
+    old.cli("ae", "add", archive.ae_title, "--host", "127.0.0.1", "--port", str(archive.dicom_port))
+    archive.cli("ae", "add", "OLDPACS", "--host", "127.0.0.1", "--port", str(old.dicom_port))
+    try:
+        yield old
+    finally:
+        old.stop()
+
+
+@contextlib.contextmanager
+def as_alice(server: PacsServer) -> Iterator[None]:
+    """*server*'s `pacs` commands run as `sudo -u <this account> pacs ...` by alice."""
+    server.extra_env["SUDO_USER"] = "alice"
+    try:
+        yield
+    finally:
+        server.extra_env.pop("SUDO_USER", None)
+
+
+@pytest.fixture
+def alice(archive: PacsServer) -> Iterator[None]:
+    with as_alice(archive):
+        yield
+
+
+def mine(server: PacsServer, start: int) -> list[dict[str, Any]]:
+    return [e for e in cli_trail(server) if e["pk"] > start and e["user"] == ALICE]
+
+
+def test_commands_on_patient_data_and_security_settings_are_audited(archive: PacsServer, alice: None,
+                                                                     tmp_path: Path) -> None:
+    server = archive
+    start = last_pk(server)
+    # import: an event per study, found by `pacs audit --study`
+    new_study = f"{ROOT}.6.1"
+    (tmp_path / "in").mkdir()
+    for i in range(2):
+        make_ct(tmp_path / "in" / f"{i}.dcm", StudyInstanceUID=new_study, PatientID="IMP-1")
+    server.cli("import", str(tmp_path / "in"))
+    (imported,) = [e for e in cli_trail(server, "--study", new_study) if e["action"] == "store"]
+    assert imported["user"] == ALICE and imported["protocol"] == "cli" and imported["patient_id"] == "IMP-1"
+    assert "2 instances stored" in imported["detail"] and str(tmp_path / "in") in imported["detail"]
+
+    # orders unmatched: the patients listed; orders match: the study and both patients
+    server.cli("orders", "unmatched", "--json")
+    body = {"patient": {"id": "079555000555", "name": "Đinh^Văn Nam", "issuer": "CCCD"},
+            "accession_number": "AUD-6", "modality": "CT"}
+    with server.http(server.his_token) as his:  # type: ignore[attr-defined]
+        assert his.post("/api/orders", json=body).status_code == 201
+    server.cli("orders", "match", new_study, "AUD-6")
+
+    # the AE registry and routing: who may connect, where data goes
+    server.cli("ae", "add", "WS_AUDIT", "--host", "10.0.2.10", "--port", "104", "--services", "query,retrieve")
+    server.cli("ae", "remove", "WS_AUDIT")
+    assert server.cli("ae", "remove", "NO_SUCH_AE", check=False).returncode == 1
+    server.cli("route", "add", "to-cloud", "--if", "Modality=CT", "--to-url",
+               "https://user:secret@cloud.example/dicomweb", "--auth", "Bearer TOPSECRET", "--deidentify")
+    server.cli("route", "remove", "to-cloud")
+
+    # every object to another store
+    server.cli("migrate", "--to", f"file://{tmp_path / 'elsewhere'}")
+
+    # reading the trail
+    server.cli("audit", "--patient", "079555000555", "--format", "json")
+
+    events = mine(server, start)
+    by_action: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        by_action.setdefault(e["action"], []).append(e)
+    assert all(e["protocol"] == "cli" for e in events)
+
+    listed = [e for e in by_action["query"] if e["detail"].startswith("pacs orders unmatched")]
+    assert listed and "IMP-1" in "\\".join(e["patient_id"] for e in listed)
+    matched = [e for e in by_action["order"] if "pacs orders match" in e["detail"]]
+    assert {(e["study_uid"], e["patient_id"], e["outcome"]) for e in matched} == {
+        (new_study, "079555000555^^^CCCD", "success"), (new_study, "IMP-1", "success")}
+
+    added, = by_action["ae-add"]
+    assert "WS_AUDIT at 10.0.2.10:104" in added["detail"] and "query,retrieve" in added["detail"]
+    assert [e["outcome"] for e in by_action["ae-remove"]] == ["success", "failure"]
+    assert "10.0.2.10:104" in by_action["ae-remove"][0]["detail"]
+    route, = by_action["route-add"]
+    assert "to-cloud" in route["detail"] and "cloud.example/dicomweb" in route["detail"]
+    assert "Modality=CT" in route["detail"] and "de-identified" in route["detail"]
+    assert "secret" not in route["detail"] and "TOPSECRET" not in route["detail"]
+    assert [e["outcome"] for e in by_action["route-remove"]] == ["success"]
+
+    migrated, = by_action["migrate"]
+    assert str(tmp_path / "elsewhere") in migrated["detail"] and "objects copied" in migrated["detail"]
+    assert migrated["outcome"] == "success"
+
+    read, = [e for e in by_action["query"] if e["detail"].startswith("pacs audit --patient")]
+    assert read["patient_id"] == "079555000555" and read["study_uid"] == ""
+    (by_study,) = [e for e in by_action["query"] if e["detail"].startswith("pacs audit --study")]
+    assert by_study["study_uid"] == new_study and by_study["patient_id"] == "IMP-1"
+    # Recorded after the read: the export a run prints does not hold its own event.
+    printed = json.loads(server.cli("audit", "--format", "json", "--limit", "1").stdout)
+    assert "1 events read" not in printed[0]["detail"]
+    assert "pacs audit --format json: 1 events read" in cli_trail(server)[-1]["detail"]
+
+
+def test_remote_retrieves_are_audited_with_who_ran_them(archive: PacsServer, remote_pacs: PacsServer,
+                                                        alice: None) -> None:
+    """`pacs remote get`, `remote move` (here, and to a third AE) and `remote
+    pull`: who had the old PACS send which study where, and with what result."""
+    server = archive
+    start = last_pk(server)
+    server.cli("remote", "get", "OLDPACS", "--study", f"{ROOT}.9.1")
+    server.cli("remote", "move", "OLDPACS", "--study", f"{ROOT}.9.2", "--destination", server.ae_title)
+    refused = server.cli("remote", "move", "OLDPACS", "--study", f"{ROOT}.9.2", "--destination", "NOWHERE",
+                         check=False)
+    assert refused.returncode == 1
+    server.cli("remote", "pull", "OLDPACS", "--method", "get")
+    events = [e for e in mine(server, start) if e["action"] == "retrieve"]
+    got = [e for e in events if "pacs remote get" in e["detail"]]
+    assert [(e["study_uid"], e["client"], e["outcome"]) for e in got] == [(f"{ROOT}.9.1", "OLDPACS", "success")]
+    assert "1 completed" in got[0]["detail"]
+    moved = [e for e in events if "pacs remote move" in e["detail"]]
+    assert [(e["study_uid"], e["outcome"]) for e in moved] == [(f"{ROOT}.9.2", "success"),
+                                                                (f"{ROOT}.9.2", "failure")]
+    assert f"to {server.ae_title}" in moved[0]["detail"] and "to NOWHERE" in moved[1]["detail"]
+    pulled = [e for e in events if "pacs remote pull" in e["detail"]]
+    assert [(e["study_uid"], e["patient_id"], e["outcome"]) for e in pulled] == [(f"{ROOT}.9.3", "OLD-3", "success")]
+
+
+def test_an_index_copy_is_audited_in_both_indexes(tmp_path: Path) -> None:
+    """`pacs db copy` takes the whole index -- users and the audit trail
+    included -- to another database: both trails say who did it and where."""
+    archive = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}))
+    make_ct(tmp_path / "one.dcm", StudyInstanceUID=f"{ROOT}.7.1", PatientID="COPY-1")
+    archive.cli("import", str(tmp_path / "one.dcm"))
+    target = f"sqlite:///{tmp_path / 'copy.sqlite'}"
+    with as_alice(archive):
+        archive.cli("db", "copy", "--to", target)
+        refused = archive.cli("db", "copy", "--to", target, check=False)  # not empty any more
+    assert refused.returncode == 1
+
+    events = [e for e in cli_trail(archive) if e["action"] == "index-copy"]
+    assert [(e["user"], e["outcome"]) for e in events] == [(ALICE, "success"), (ALICE, "failure")]
+    assert "copy.sqlite" in events[0]["detail"] and "1 instances" in events[0]["detail"]
+    assert "already holds data" in events[1]["detail"]
+    the_copy = PacsServer(tmp_path / "copy-data", Backend("sqlite-fs", target, None, {}))
+    copied = [e for e in cli_trail(the_copy) if e["action"] == "index-copy"]
+    assert [(e["user"], e["outcome"]) for e in copied] == [(ALICE, "success")]

@@ -18,7 +18,7 @@ source's.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +26,7 @@ from typing import Any
 from sqlalchemy import DateTime, Engine, Table, bindparam, func, select, text, update
 from sqlalchemy.engine import make_url
 
+from ..audit import Event, record_in
 from ..index import create_index_engine
 from ..index.models import Base
 from ..index.schema import prepare_schema, sessions_besides
@@ -61,9 +62,12 @@ def redacted(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def copy_index(source: Engine, target_url: str, progress: Progress | None = None) -> CopyReport:
+def copy_index(source: Engine, target_url: str, progress: Progress | None = None, *,
+               record: Callable[[CopyReport], Event] | None = None) -> CopyReport:
     """Copy every table of *source* (at this version's schema) into the
-    empty database *target_url* (created at the same schema)."""
+    empty database *target_url* (created at the same schema). *record*
+    makes the audit event of the copy, written into the copy's trail in its
+    transaction: the new index says where it came from and who copied it."""
     progress = progress or NullProgress()
     report = CopyReport(redacted(source.url.render_as_string(hide_password=False)), redacted(target_url))
     start = time.perf_counter()
@@ -103,6 +107,8 @@ def copy_index(source: Engine, target_url: str, progress: Progress | None = None
                 there = dst.execute(select(func.count()).select_from(table)).scalar_one()
                 if there != report.rows[table.name]:
                     raise CopyRefused(f"{table.name}: {there} rows in the target, {report.rows[table.name]} copied")
+            if record is not None:
+                record_in(dst, record(report))
     finally:
         target.dispose()
     report.seconds = round(time.perf_counter() - start, 3)

@@ -108,7 +108,8 @@ class MigrateReport:
         }
 
 
-def _redacted(url: str) -> str:
+def redacted_url(url: str) -> str:
+    """*url* without the S3 keys it may carry (reports, the audit trail)."""
     return re.sub(r"(access_key|secret_key)=[^&]*", r"\1=***", url)
 
 
@@ -158,11 +159,11 @@ class _Checkpoint:
             data = json.loads(self.path.read_text())
         except (FileNotFoundError, ValueError):
             return 0
-        return int(data.get("last_pk", 0)) if data.get("target") == _redacted(self.target_url) else 0
+        return int(data.get("last_pk", 0)) if data.get("target") == redacted_url(self.target_url) else 0
 
     def save(self, last_pk: int, **extra: Any) -> None:
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"target": _redacted(self.target_url), "last_pk": last_pk, **extra}))
+        tmp.write_text(json.dumps({"target": redacted_url(self.target_url), "last_pk": last_pk, **extra}))
         os.replace(tmp, self.path)
 
     def load_sums(self, fresh: bool) -> _Sums:
@@ -250,7 +251,7 @@ def migrate(
         if target.url == pacs.store.url:
             raise ValueError(f"the target is the current store ({target.url})")
         _refuse_nested(pacs.store.url, target.url)
-        report = MigrateReport(source=_redacted(pacs.store.url), target=_redacted(target.url))
+        report = MigrateReport(source=redacted_url(pacs.store.url), target=redacted_url(target.url))
         _run(pacs, target, report, limit, workers, progress)
         if switch:
             _switch(pacs, target, target_url, report, workers, progress)
