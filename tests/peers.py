@@ -12,6 +12,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -694,3 +695,19 @@ def orthanc_old_pacs(work: Path, aet: str, ours: PacsServer, **limits: int) -> I
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    """One whole DICOM upper-layer PDU off a raw socket: (type, body);
+    EOFError if the peer closes before it is complete."""
+    def exactly(size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                raise EOFError(f"connection closed after {len(data)} of {size} bytes")
+            data += chunk
+        return data
+
+    kind, _, length = struct.unpack(">BBI", exactly(6))
+    return kind, exactly(length)

@@ -33,7 +33,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 from .conftest import PacsServer, free_port, run_dcmtk
-from .peers import Backend, dcmtk, wait_port, wait_until
+from .peers import Backend, dcmtk, read_pdu, wait_port, wait_until
 
 APP = b"1.2.840.10008.3.1.1.1"
 VERIFICATION = b"1.2.840.10008.1.1"
@@ -64,21 +64,6 @@ def associate_rq(called: bytes = b"FILMLESS", calling: bytes = b"RAWSCU", *, ver
             + item(0x10, app) + (contexts if contexts is not None else context()) + extra
             + (ui if ui is not None else user_info()))
     return struct.pack(">BBI", 1, 0, len(body)) + body
-
-
-def _recv(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
-def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    kind, _, length = struct.unpack(">BBI", _recv(sock, 6))
-    return kind, _recv(sock, length)
 
 
 def _element(element: int, value: bytes | int) -> bytes:

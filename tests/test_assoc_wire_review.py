@@ -49,7 +49,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelMove, Verification
 
 from .conftest import Backend, PacsServer, free_port
-from .peers import dcmtk, wait_port, wait_until
+from .peers import dcmtk, read_pdu, wait_port, wait_until
 
 APP_CONTEXT = b"1.2.840.10008.3.1.1.1"
 VERIFICATION = Verification.encode()
@@ -80,21 +80,6 @@ def associate_rq(contexts: list[bytes], called: bytes = b"FILMLESS", calling: by
     body = (struct.pack(">HH", 1, 0) + called.ljust(16) + calling.ljust(16) + bytes(32)
             + _item(0x10, APP_CONTEXT) + b"".join(contexts) + user)
     return struct.pack(">BBI", 1, 0, len(body)) + body
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytes:
-    data = b""
-    while len(data) < size:
-        chunk = sock.recv(size - len(data))
-        if not chunk:
-            raise EOFError(f"connection closed after {len(data)} of {size} bytes")
-        data += chunk
-    return data
-
-
-def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
-    kind, _, length = struct.unpack(">BBI", _recv_exact(sock, 6))
-    return kind, _recv_exact(sock, length)
 
 
 def _items(data: bytes) -> Iterator[tuple[int, bytes]]:
