@@ -390,6 +390,23 @@ def test_referring_physician_is_found_by_the_words_of_the_name(server: PacsServe
 
 
 # -- 6. "*" is universal on any key ---------------------------------------------------------------
+def test_referring_physician_brought_by_a_later_series_is_found_by_its_words(server: PacsServer,
+                                                                              tmp_path: Path) -> None:
+    """The study's first series had no Referring Physician's Name and the
+    second brought it: the name was filled but not its word forms, so
+    "Do Van Hai" found nothing, unlike the same name on the first series."""
+    study = f"{R}1.7"
+    first = _object(tmp_path / "r1.dcm", 7, "ISO_IR 192", PatientID="REFLATE", PatientName="Mai^Lan")
+    second = _object(tmp_path / "r2.dcm", 8, "ISO_IR 192", PatientID="REFLATE", PatientName="Mai^Lan",
+                     StudyInstanceUID=study, ReferringPhysicianName="Đỗ^Văn^Hải")
+    for path in (first, second):  # one association each: the second series joins the stored study
+        sent = server.storescu(str(path))
+        assert sent.returncode == 0, sent.stderr
+    for typed in ("Do Van Hai", "Đỗ Hải Văn", "do van*"):
+        assert study in study_uids(server, ReferringPhysicianName=typed), typed
+        assert study in qido_studies(server, ReferringPhysicianName=typed), typed
+
+
 def test_lone_asterisk_is_universal_matching_on_any_key(server: PacsServer) -> None:
     """A900 "DataSetDoesNotMatchSOPClass" for "*" in a number key or a key
     of a level below the query's (int('*'), the level checked first)."""

@@ -57,6 +57,13 @@ def merged_patient(conn: Connection, patient_id: str, issuer: str) -> int | None
     return int(found[0]) if len(found) == 1 else None
 
 
+def _referring_columns(name: str) -> dict[str, str]:
+    """A study's Referring Physician's Name and the forms it is searched by
+    (folded, as words, as read), as the patient's name is."""
+    return {"referring_physician": name, "referring_physician_folded": fold_name(name),
+            "referring_physician_words": name_words(name), "referring_physician_reading": name_reading(name)}
+
+
 @dataclass
 class IndexRecord:
     """One received object, ready to be indexed."""
@@ -299,10 +306,7 @@ class IndexWriter:
                 "study_time": h.study_time,
                 "accession_number": h.accession_number,
                 "study_id": h.study_id,
-                "referring_physician": h.referring_physician,
-                "referring_physician_folded": fold_name(h.referring_physician),
-                "referring_physician_words": name_words(h.referring_physician),
-                "referring_physician_reading": name_reading(h.referring_physician),
+                **_referring_columns(h.referring_physician),
                 "description": h.study_description,
                 "institution": h.institution,
                 "modalities": "",
@@ -359,7 +363,8 @@ class IndexWriter:
         fill = {c: brought[k] for k, c in _FILLED.items() if brought[k] and not getattr(row, c)}
         if fill:
             if "referring_physician" in fill:
-                fill["referring_physician_folded"] = fold_name(fill["referring_physician"])
+                # Every searched form, or a name search misses the physician.
+                fill.update(_referring_columns(fill["referring_physician"]))
             conn.execute(update(studies).where(studies.c.pk == study_pk).values(**fill))
         order = None
         if "accession_number" in fill and not row.ordered:
