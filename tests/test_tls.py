@@ -27,6 +27,7 @@ from pynetdicom.sop_class import Verification
 from pacs.aes import AeRegistry
 
 from .conftest import PACS, Backend, PacsServer, free_port, run_dcmtk, wait_port
+from .peers import wait_until
 from .test_dimse_failures import make_ct
 
 
@@ -179,10 +180,15 @@ def test_mutual_tls_refuses_clients_without_a_valid_certificate(mtls: tuple[Pacs
         assert server.stats()["instances"] == before + 1
     finally:
         stalled.close()
-    # Each refusal is in the audit trail, with the reason.
-    events = json.loads(server.cli("audit", "--format", "json").stdout)
-    refusals = [e for e in events if e["action"] == "denied" and "TLS handshake refused" in e["detail"]]
-    assert len(refusals) >= 3, events
+    # Each refusal is in the audit trail, with the reason: written by the
+    # handshake's thread, which may finish after storescu has exited.
+    def tls_refusals() -> list[dict]:
+        events = json.loads(server.cli("audit", "--format", "json").stdout)
+        return [e for e in events if e["action"] == "denied" and "TLS handshake refused" in e["detail"]]
+
+    wait_until(lambda: len(tls_refusals()) >= 3, timeout=30)
+    refusals = tls_refusals()
+    assert len(refusals) >= 3, refusals
     assert all(e["client"] == "127.0.0.1" and e["protocol"] == "dicom" for e in refusals)
 
 
