@@ -4,11 +4,15 @@
 
 - ``file:///var/lib/pacs/objects`` (or a plain path): :class:`FileStore`;
 - ``s3://BUCKET?endpoint=HOST:PORT&secure=false[&region=R][&prefix=P]``:
-  :class:`S3Store`, keys from ``access_key``/``secret_key`` arguments.
+  :class:`S3Store`, keys from ``access_key``/``secret_key`` arguments; with
+  a ``cache_dir`` and ``cache_bytes``, its :meth:`~ObjectStore.local_path`
+  reads through a local cache (:mod:`storage.cache`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from .base import (
@@ -24,6 +28,8 @@ from .base import (
     validate_key,
 )
 from .filesystem import FileStore
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "FileStore",
@@ -51,11 +57,14 @@ def file_store_path(url: str) -> str | None:
 
 
 def open_store(
-    url: str, access_key: str | None = None, secret_key: str | None = None, *, create: bool = True
+    url: str, access_key: str | None = None, secret_key: str | None = None, *, create: bool = True,
+    cache_dir: str | os.PathLike[str] | None = None, cache_bytes: int = 0,
 ) -> ObjectStore:
     """Open the object store that *url* names. Without *create*, an S3
     bucket that does not exist is not created (a mistyped bucket name given
-    to a command reading an archive made a new, empty one)."""
+    to a command reading an archive made a new, empty one). A remote store
+    keeps local copies of what readers need random access to in *cache_dir*,
+    at most *cache_bytes* (0: none); the filesystem store needs none."""
     parts = urlsplit(url)
     path = file_store_path(url)
     if path is not None:
@@ -67,7 +76,7 @@ def open_store(
         endpoint = query.get("endpoint")
         if not parts.netloc or not endpoint:
             raise ValueError(f"S3 URL needs a bucket and ?endpoint=HOST:PORT: {url!r}")
-        return S3Store(
+        store = S3Store(
             bucket=parts.netloc,
             endpoint=endpoint,
             access_key=access_key,
@@ -78,4 +87,11 @@ def open_store(
             sse=query.get("sse", ""),
             create_bucket=create,
         )
+        if cache_dir is not None and cache_bytes > 0:
+            try:
+                store.use_cache(cache_dir, cache_bytes)
+            except OSError as exc:
+                # Reads work without it (each downloads its object), as before.
+                log.warning("S3 object cache at %s not usable, reads download whole objects: %s", cache_dir, exc)
+        return store
     raise ValueError(f"unsupported storage URL scheme {parts.scheme!r} in {url!r}")

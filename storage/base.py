@@ -207,7 +207,8 @@ class ObjectStore(ABC):
         (random access to one frame of a large multi-frame object).
 
         The default downloads to a temporary file removed on exit; the
-        filesystem store hands out the stored file itself (read-only use).
+        filesystem store hands out the stored file itself, the S3 store a
+        copy from its local cache when it has one (read-only use, both).
         """
         with tempfile.NamedTemporaryFile(prefix="pacs-", suffix=".dcm") as tmp:
             with self.open(key) as stream:

@@ -12,9 +12,11 @@ import io
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import urllib3
@@ -23,6 +25,7 @@ from minio.error import S3Error
 from minio.sse import Sse, SseKMS, SseS3
 
 from .base import (
+    CHUNK,
     HashingReader,
     ObjectInfo,
     ObjectNotFound,
@@ -31,6 +34,7 @@ from .base import (
     StorageFullError,
     validate_key,
 )
+from .cache import ObjectCache, Version
 
 log = logging.getLogger(__name__)
 
@@ -95,10 +99,21 @@ def server_side_encryption(spec: str) -> Sse | None:
     raise ValueError(f"unknown S3 server-side encryption {spec!r}: use sse=s3 or sse=kms:KEY-ID")
 
 
+def _etag(value: str | None) -> str:
+    """An ETag without its quotes (HEAD and GET answers compared as equal)."""
+    return (value or "").removeprefix("W/").strip('"')
+
+
 class S3Store(ObjectStore):
-    """Objects in one S3 bucket, optionally under a key prefix."""
+    """Objects in one S3 bucket, optionally under a key prefix.
+
+    With a :class:`~storage.cache.ObjectCache` (``cache``), :meth:`local_path`
+    reads through it: an object a reader needs random access to is
+    downloaded once, not at every frame or byte range asked of it.
+    """
 
     remote = True
+    cache: ObjectCache | None = None
 
     def __init__(
         self,
@@ -141,6 +156,11 @@ class S3Store(ObjectStore):
         )
         self._create_bucket = create_bucket
         self._bucket_ready = False
+        # GET requests made (whole objects and ranges): what the cache saves;
+        # HEADs made to validate cached copies: what it costs.
+        self.gets = 0
+        self.validations = 0
+        self._counts_lock = threading.Lock()
         if create_bucket:
             try:
                 self._ensure_bucket()
@@ -173,6 +193,17 @@ class S3Store(ObjectStore):
     def _name(self, key: str) -> str:
         return self.prefix + validate_key(key)
 
+    def use_cache(self, directory: str | os.PathLike[str], budget: int) -> ObjectCache:
+        """Read :meth:`local_path` through a local cache of *budget* bytes in *directory*."""
+        self.cache = ObjectCache(directory, budget, namespace=self.url)
+        return self.cache
+
+    def _get(self, key: str, offset: int = 0, length: int = 0) -> Any:
+        with self._counts_lock:
+            self.gets += 1
+        with _s3_errors("GET", key):
+            return self._client.get_object(self.bucket, self._name(key), offset=offset, length=length)
+
     def put(self, key: str, stream: BinaryIO, size: int | None = None) -> ObjectInfo:
         name = self._name(key)
         self._ensure_bucket()
@@ -187,15 +218,53 @@ class S3Store(ObjectStore):
                 content_type="application/octet-stream",
                 sse=self._sse,
             )
+        self._forget(key)
         if size is not None and reader.size != size:
             raise StorageError(f"short upload for {key}: {reader.size} of {size} bytes")
         return ObjectInfo(key=key, size=reader.size, sha256=reader.sha256)
 
     def open(self, key: str, offset: int = 0, length: int | None = None) -> BinaryIO:
-        name = self._name(key)
-        with _s3_errors("GET", key):
-            response = self._client.get_object(self.bucket, name, offset=offset, length=length or 0)
+        response = self._get(key, offset, length or 0)
         return io.BufferedReader(_ResponseReader(response), 1024 * 1024)  # type: ignore[return-value]
+
+    @contextmanager
+    def local_path(self, key: str) -> Iterator[Path]:
+        if self.cache is None:
+            with super().local_path(key) as path:
+                yield path
+            return
+        with self.cache.use(key, lambda: self._version(key), lambda f: self._download(key, f)) as path:
+            yield path
+
+    def _version(self, key: str) -> Version:
+        """The object's current ETag and size (one HEAD)."""
+        with self._counts_lock:
+            self.validations += 1
+        with _s3_errors("HEAD", key):
+            st = self._client.stat_object(self.bucket, self._name(key))
+        return Version(etag=_etag(st.etag), size=int(st.size or 0))
+
+    def _download(self, key: str, out: BinaryIO) -> Version:
+        """The whole object into *out*; the version those bytes are. Errors
+        writing *out* stay OSErrors (the cache's disk, not the store)."""
+        response = self._get(key)
+        try:
+            version = Version(etag=_etag(response.headers.get("ETag")),
+                              size=int(response.headers.get("Content-Length") or -1))
+            received = 0
+            while True:
+                with _s3_errors("GET", key):
+                    chunk = response.read(CHUNK)
+                if not chunk:
+                    break
+                out.write(chunk)
+                received += len(chunk)
+        finally:
+            response.close()
+            response.release_conn()
+        if received != version.size:
+            raise StorageError(f"S3 GET {key}: {received} of {version.size} bytes received")
+        return version
 
     def stat(self, key: str) -> ObjectInfo:
         name = self._name(key)
@@ -209,7 +278,17 @@ class S3Store(ObjectStore):
             with _s3_errors("DELETE", key):
                 self._client.remove_object(self.bucket, name)
         except ObjectNotFound:
-            return
+            pass
+        self._forget(key)
+
+    def _forget(self, key: str) -> None:
+        """Drop this node's cached copy of an object it replaced or deleted
+        (a copy of another version would not be used anyway: this frees its room)."""
+        if self.cache is not None:
+            try:
+                self.cache.forget(key)
+            except OSError as exc:
+                log.warning("cached copy of %s not removed: %s", key, exc)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         with _s3_errors("LIST", prefix):
