@@ -69,6 +69,8 @@ class Pacs:
             access_key=settings.s3_access_key or os.environ.get("PACS_S3_ACCESS_KEY"),
             secret_key=settings.s3_secret_key or os.environ.get("PACS_S3_SECRET_KEY"),
             create=create_store,
+            cache_dir=settings.resolved_s3_cache_dir,
+            cache_bytes=settings.s3_cache_bytes,
         )
         reader = IndexReader(engine)
         committer = GroupCommitter(

@@ -147,6 +147,18 @@ def _warn_clock_skew(pacs: Pacs) -> None:
                     abs(skew), "ahead of" if skew > 0 else "behind")
 
 
+def _log_object_cache(pacs: Pacs) -> None:
+    """Where a remote store's local copies are kept, and how much of them."""
+    if not pacs.store.remote:
+        return
+    cache = getattr(pacs.store, "cache", None)
+    if cache is None:
+        log.info("S3 object cache off: every read needing a local file (a frame, a video range, a render) "
+                 "downloads its whole object (s3_cache_bytes)")
+        return
+    log.info("S3 object cache at %s, at most %.1f GiB (s3_cache_bytes)", cache.root, cache.budget / 1024**3)
+
+
 def _warn_open_dicom(pacs: Pacs) -> None:
     """Say at start when DICOM listens beyond this machine to any calling AE
     title: anyone on the network could then query, retrieve and store any
@@ -285,6 +297,7 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
                         "written here (report PDFs), HL7 timestamps, FHIR times and 'today' (purge, pull) "
                         "follow UTC; set timezone (PACS_TIMEZONE=Asia/Ho_Chi_Minh) to the hospital's zone")
         _warn_clock_skew(pacs)
+        _log_object_cache(pacs)
         if not settings.public_url:
             log.warning("public_url (PACS_PUBLIC_URL) is not set: signed reports (PDF, ORU^R01) carry no link "
                         "to the images; set it to the address the EMR and HIS reach this server at")

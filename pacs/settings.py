@@ -137,6 +137,15 @@ class Settings(BaseSettings):
     storage_url: str | None = None
     s3_access_key: str | None = None
     s3_secret_key: str | None = None
+    # S3 store: bytes of objects kept on local disk for the reads that need a
+    # local file (a frame of a multi-frame object, a video's byte ranges, a
+    # render, a retrieval): without it each such read downloads the whole
+    # object. Least recently used first out; each use checks the copy against
+    # the store (one HEAD: a replaced or deleted object is never served from
+    # it). 0: no cache. The filesystem store reads its own files.
+    s3_cache_bytes: int = Field(default=2 * 1024**3, ge=0)
+    # Where that cache is (default DATA_DIR/cache/objects): a local disk, one per node.
+    s3_cache_dir: Path | None = None
 
     host: str = "127.0.0.1"
     # Ports are checked here: 70000 failed with an OverflowError only after
@@ -410,6 +419,11 @@ class Settings(BaseSettings):
                     url = "postgresql+psycopg://" + url[len(prefix) :]
             return url
         return f"sqlite:///{(self.data_dir / 'index.sqlite').absolute()}"
+
+    @property
+    def resolved_s3_cache_dir(self) -> Path:
+        """Where the S3 store's local cache of objects is."""
+        return (self.s3_cache_dir or self.data_dir / "cache" / "objects").absolute()
 
     @property
     def resolved_storage_url(self) -> str:
