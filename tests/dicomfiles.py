@@ -132,3 +132,37 @@ def copy_files(names: list[str], out_dir: Path) -> list[Path]:
         shutil.copy(pydicom_file(name), target)
         paths.append(target)
     return paths
+
+
+def frame_pixels(number: int, rows: int, columns: int) -> bytes:
+    """The RGB pixels of frame *number* (1-based) of :func:`multiframe_rgb`:
+    a pattern that differs from frame to frame."""
+    import numpy as np
+
+    pattern = (np.arange(rows * columns * 3, dtype=np.uint32) * 7 + number * 31) % 251
+    return pattern.astype(np.uint8).tobytes()
+
+
+def multiframe_rgb(path: Path, frames: int, rows: int, columns: int) -> tuple[str, str, str]:
+    """Write an uncompressed US Multi-frame object of *frames* RGB frames
+    (a cine clip, :func:`frame_pixels` each) to *path*; return its study,
+    series and SOP Instance UIDs."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # US Multi-frame
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PatientID, ds.PatientName = "079000123456", "TRAN^CINE"
+    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "US", 1, 1
+    ds.Rows, ds.Columns, ds.NumberOfFrames = rows, columns, frames
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.FrameIncrementPointer = 0x00181063
+    ds.FrameTime = 33.3
+    ds.PixelData = b"".join(frame_pixels(n, rows, columns) for n in range(1, frames + 1))
+    ds["PixelData"].VR = "OB"
+    ds.save_as(path, enforce_file_format=True)
+    return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
