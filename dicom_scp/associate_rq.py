@@ -23,8 +23,9 @@ standard, or every common archive, accepts it:
   accepted such an association and crashed on its first response.
 
 A request that still cannot be read is aborted as before (PS3.8 9.2, event
-19), and an application context other than DICOM's is refused with
-A-ASSOCIATE-RJ 1/1/2 (PS3.8 9.3.4). Every refusal and abort of a request
+19), and so is one with a Maximum Length (1-6) no P-DATA-TF can keep to; an
+application context other than DICOM's is refused with A-ASSOCIATE-RJ 1/1/2
+(PS3.8 9.3.4). Every refusal and abort of a request
 gives one WARNING naming the peer's address, calling and called AE title,
 the reason and the A-ASSOCIATE-RJ code, and an audit event with the same
 reason (:class:`AssociationGate`). Log lines about one peer address are
@@ -52,6 +53,10 @@ from pacs.logtext import peer_text
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+# The smallest Maximum Length a P-DATA-TF can live with: a PDV item is a
+# 4-byte length, the context ID, the message control header and at least one
+# byte of fragment (PS3.8 9.3.5).
+SMALLEST_MAXIMUM_LENGTH = 7
 
 _ITEM = struct.Struct(">BBH")
 _HEADER = struct.Struct(">BBI")
@@ -323,12 +328,14 @@ class AssociationGate:
     def _malformed_request(self, assoc: Any, data: bytes, exc: Exception) -> None:
         address = str(getattr(assoc.requestor, "address", "?"))
         called, calling = raw_titles(data)
-        reason = f"A-ASSOCIATE-RQ not understood: {_exception_reason(exc)}"
+        self._say_abort(address, calling, called, f"A-ASSOCIATE-RQ not understood: {_exception_reason(exc)}")
+        exc._pacs_said = True  # type: ignore[attr-defined]
+
+    def _say_abort(self, address: str, calling: str, called: str, reason: str) -> None:
         self.lines.say(address, "malformed-rq",
                        f"association from {address} (calling {calling}, called {called}) refused: {reason}; "
                        "A-ABORT sent")
         self._audit(address, calling, f"{reason} (A-ABORT)")
-        exc._pacs_said = True  # type: ignore[attr-defined]
 
     def _unsupported_version(self, assoc: Any, pdu: Any) -> None:
         """pynetdicom's state machine answers A-ASSOCIATE-RJ 1/2/2 (AE-6)."""
@@ -349,7 +356,8 @@ class AssociationGate:
         """Refuse an application context other than DICOM's (A-ASSOCIATE-RJ
         1/1/2, PS3.8 9.3.4, as DCMTK), and abort a request proposing a
         presentation context without a transfer syntax (PS3.8 9.3.2.2 requires
-        one; pynetdicom's negotiation died on it and left the peer unanswered)."""
+        one; pynetdicom's negotiation died on it and left the peer unanswered)
+        or a Maximum Length of 1-6 (our first response died on it)."""
         assoc = event.assoc
         if assoc.is_aborted or assoc.is_rejected:
             return
@@ -363,17 +371,25 @@ class AssociationGate:
             assoc.kill()
             return
         if any(not cx.transfer_syntax for cx in rq.presentation_context_definition_list or []):
-            address = str(assoc.requestor.address)
-            calling, called = _titles(rq)
-            reason = "a presentation context proposes no transfer syntax (PS3.8 9.3.2.2)"
-            self.lines.say(address, "malformed-rq",
-                           f"association from {address} (calling {calling}, called {called}) refused: {reason}; "
-                           "A-ABORT sent")
-            self._audit(address, calling, f"{reason} (A-ABORT)")
-            assoc.acse.send_abort(0x02)
-            # Wait for the A-ABORT to go out (and the peer to close, or
-            # ARTIM), as pynetdicom does after a rejection; the caller closes.
-            assoc.kill()
+            self._abort_request(assoc, rq, "a presentation context proposes no transfer syntax (PS3.8 9.3.2.2)")
+            return
+        maximum = assoc.requestor.maximum_length
+        if maximum is not None and 0 < maximum < SMALLEST_MAXIMUM_LENGTH:
+            # No P-DATA-TF could carry a byte of our answers: pynetdicom
+            # raised at the first response (a traceback per request), DCMTK
+            # accepts and aborts there ("receiver's max PDU size ... is
+            # illegal"), after having taken a C-STORE it cannot acknowledge.
+            self._abort_request(assoc, rq, f"Maximum Length {maximum} cannot carry a PDV (at least "
+                                           f"{SMALLEST_MAXIMUM_LENGTH}, or 0 for no limit: PS3.8 9.3.5, D.1)")
+
+    def _abort_request(self, assoc: Any, rq: Any, reason: str) -> None:
+        """Refuse a request whose values we read but cannot work with: one
+        line, one audit event, an A-ABORT (PS3.8 9.2: invalid PDU parameter)."""
+        self._say_abort(str(assoc.requestor.address), *_titles(rq), reason)
+        assoc.acse.send_abort(0x02)
+        # Wait for the A-ABORT to go out (and the peer to close, or
+        # ARTIM), as pynetdicom does after a rejection; the caller closes.
+        assoc.kill()
 
     # -- EVT_REJECTED -------------------------------------------------------------
     def rejected(self, event: Any) -> None:

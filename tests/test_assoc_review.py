@@ -301,6 +301,34 @@ def test_request_still_aborted_is_said_and_audited(server: PacsServer) -> None:
     assert [(e["user"], e["outcome"]) for e in events if e["client"] == source] == [("(blank)", "denied")]
 
 
+def test_maximum_length_no_pdv_fits_in_is_aborted_without_traceback(server: PacsServer, storescp: int) -> None:
+    """A Maximum Length of 1-6 leaves no room for a PDV (PS3.8 9.3.5): the
+    association was accepted and each response died with a traceback in the
+    log, the peer waiting for it. DCMTK accepts and aborts at its first
+    response; we abort the request at once, say it once and audit it, and
+    keep serving (7 is the smallest that works)."""
+    source = "127.0.0.19"
+    start = server.log_path.stat().st_size
+    for maximum in (1, 4, 6):
+        pdu = associate_rq(ui=user_info(max_pdu=struct.pack(">I", maximum)))
+        assert outcome(storescp, pdu) == ("AC", "no echo response", 7)  # DCMTK: A-ABORT instead of the answer
+        assert outcome(server.dicom_port, pdu, source) == ("ABORT",)
+    # The aborted associations leave as the peer closes, a few ms later
+    # (max_associations is 3): another address, so their refusals, if any,
+    # are not counted below.
+    seven = associate_rq(ui=user_info(max_pdu=struct.pack(">I", 7)))
+    assert wait_until(lambda: outcome(server.dicom_port, seven, "127.0.0.20")[0] == "AC", timeout=10, interval=0.1)
+    assert outcome(server.dicom_port, associate_rq(), "127.0.0.20") == ("AC", 0)
+    text = new_log(server, start)
+    lines = [line for line in text.splitlines() if source in line]
+    said = [f"association from {source} (calling RAWSCU, called FILMLESS) refused: Maximum Length {n} cannot carry "
+            "a PDV (at least 7, or 0 for no limit: PS3.8 9.3.5, D.1); A-ABORT sent" for n in (1, 4, 6)]
+    assert len(lines) == 3 and all(s in line and " WARNING " in line for s, line in zip(said, lines)), lines
+    assert "Traceback" not in text and " ERROR " not in text, text[-3000:]
+    events = audit(server, lambda evs: len([e for e in evs if e["client"] == source]) >= 3)
+    assert [e["detail"] for e in events if e["client"] == source][-1].startswith("Maximum Length ")
+
+
 # -- 3: every refusal said, with its reason ----------------------------------------------------
 def _echoscu(server: PacsServer, calling: str, called: str) -> subprocess.CompletedProcess[str]:
     return run_dcmtk("echoscu", "-aet", calling, "-aec", called, "127.0.0.1", str(server.dicom_port))
