@@ -48,7 +48,7 @@ from pynetdicom import evt
 
 from pacs.app import Pacs
 from pacs.audit import Event
-from pacs.logtext import peer_text
+from pacs.logtext import association_peer, peer_text
 
 log = logging.getLogger(__name__)
 
@@ -319,9 +319,8 @@ class AssociationGate:
         """A PDU after the request that pynetdicom cannot decode (A-ABORT)."""
         address = str(getattr(assoc.requestor, "address", "?"))
         name = _PDU_NAMES.get(pdu_type[0], "PDU") if pdu_type else "PDU"
-        calling = peer_text(str(getattr(assoc.requestor, "ae_title", "") or "").strip(), 16) or "?"
         self.lines.say(address, "malformed-pdu",
-                       f"malformed {name} from {address} (calling {calling}): {_exception_reason(exc)}; "
+                       f"malformed {name} from {association_peer(assoc)}: {_exception_reason(exc)}; "
                        "association aborted")
         exc._pacs_said = True  # type: ignore[attr-defined]
 

@@ -27,6 +27,7 @@ from pynetdicom import evt
 from pynetdicom.dul import DULServiceProvider
 
 from pacs.dicom_net import readable
+from pacs.logtext import association_peer
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +217,22 @@ def _run_acceptor_reactor(assoc: Any) -> None:
             assoc.kill()
             return
         if assoc.dul.idle_timer_expired():
-            log.error("network timeout reached with %s", getattr(assoc.requestor, "address", "?"))
+            log.warning("%s", idle_line(assoc))
             if assoc.network_timeout_response == "A-RELEASE":
                 assoc.release()
             else:
                 assoc.abort()
             assoc.kill()
             return
+
+
+def idle_line(assoc: Any) -> str:
+    """What an association closed for the network timeout (dicom_timeout)
+    says: a peer that went quiet, named, not an error of ours."""
+    answer = "A-RELEASE-RQ" if getattr(assoc, "network_timeout_response", "") == "A-RELEASE" else "A-ABORT"
+    timeout = getattr(assoc, "network_timeout", None)
+    idle = f"{timeout:g} s" if isinstance(timeout, int | float) else "too long"
+    return f"association from {association_peer(assoc)} idle for {idle} (dicom_timeout): {answer} sent"
 
 
 def _close_pair(read_fd: int, write_fd: int) -> None:

@@ -36,7 +36,7 @@ from pacs.dicom_net import abort_on_action_error, apply_limits, tune_socket, wit
 from pacs.errors import IngestError, Status
 from pacs.header import stray_meta_length
 from pacs.ingest import Origin
-from pacs.logtext import peer_text
+from pacs.logtext import association_peer, peer_text
 from pacs.part10 import BufferSource, file_meta_bytes
 
 from .acceptor import InlineAssociationServer
@@ -50,6 +50,7 @@ from .contexts import (
     prefer_requestor_order,
     storage_classes,
 )
+from .reactor import idle_line
 from .received import Limits, ReceivedData
 from .stored_send import send_stored_as_is
 
@@ -497,6 +498,12 @@ def refuse_impostors(pacs: Pacs) -> Any:
     return requested
 
 
+def _thread_association() -> Any:
+    """The association whose thread (its own, or its DUL's) logs now."""
+    thread = threading.current_thread()
+    return thread if hasattr(thread, "requestor") else getattr(thread, "assoc", None)
+
+
 class _PeerPduErrors(logging.Filter):
     """One line, not a traceback, for a malformed PDU from a peer, and that
     line once.
@@ -522,6 +529,12 @@ class _PeerPduErrors(logging.Filter):
             return False
         if record.funcName == "AE_6" and str(record.msg).startswith("A-ASSOCIATE-RQ: Unsupported protocol version"):
             return False  # AssociationGate says it, with the peer's address and titles
+        if record.funcName == "_run_reactor" and record.msg == "Network timeout reached":
+            # pynetdicom's own reactor (dicom_event_driven off), in the
+            # association's thread: said as ours says it.
+            record.msg, record.args = idle_line(_thread_association()), None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            return True
         if record.exc_info and record.funcName in self.PEER_DATA_FUNCTIONS:
             exc = record.exc_info[1]
             if getattr(exc, "_pacs_said", False):
@@ -529,7 +542,9 @@ class _PeerPduErrors(logging.Filter):
             if isinstance(exc, OSError) and record.funcName == "_read_pdu_data":
                 # A peer that hung up or a link that dropped mid-PDU (a
                 # killed storescu, a satellite link): not a protocol fault.
-                record.msg, record.args = f"connection lost in the middle of a PDU: {exc.__class__.__name__}", None
+                record.msg = (f"connection from {association_peer(_thread_association())} lost in the middle of a "
+                              f"PDU: {exc.__class__.__name__}")
+                record.args = None
                 record.levelno, record.levelname = logging.INFO, "INFO"
             else:
                 record.msg = f"malformed PDU from peer: {exc.__class__.__name__}: {peer_text(exc, 200)}"
@@ -539,7 +554,7 @@ class _PeerPduErrors(logging.Filter):
         return True
 
 
-for _name in ("pynetdicom.dul", "pynetdicom.fsm", "pynetdicom.utils", "pynetdicom.dimse"):
+for _name in ("pynetdicom.dul", "pynetdicom.fsm", "pynetdicom.utils", "pynetdicom.dimse", "pynetdicom.association"):
     logging.getLogger(_name).addFilter(_PeerPduErrors())
 
 

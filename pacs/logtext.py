@@ -64,6 +64,17 @@ def peer_text(value: Any, limit: int = VALUE_LIMIT) -> str:
     return shown if total <= limit else f"{shown}...({total} characters)"
 
 
+def association_peer(assoc: Any) -> str:
+    """The other end of a pynetdicom association, for a log line: its
+    address and AE title (the calling one when it asked us, the called one
+    when we asked it), escaped; ``?`` for what is not known yet."""
+    acceptor = bool(getattr(assoc, "is_acceptor", True))
+    peer = getattr(assoc, "requestor" if acceptor else "acceptor", None)
+    address = peer_text(str(getattr(peer, "address", "") or "?"), 64)
+    title = peer_text(str(getattr(peer, "ae_title", "") or "").strip(), 16) or "?"
+    return f"{address} ({'calling' if acceptor else 'called'} {title})"
+
+
 def _exception_text(exc_info: Any) -> str:
     """The traceback of *exc_info* with each exception's message escaped and
     bounded; the frames (our code's and libraries' file names and source

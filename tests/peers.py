@@ -490,8 +490,9 @@ class PacsServer:
     def log_path(self) -> Path:
         return self.data_dir.parent / f"{self.data_dir.name}-serve.log"
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+    def log_text(self, since: int = 0) -> str:
+        """The server's log from byte *since* (a ``log_path.stat().st_size`` taken before)."""
+        return self.log_path.read_bytes()[since:].decode("utf-8", "replace") if self.log_path.exists() else ""
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:

@@ -133,10 +133,6 @@ def logged(server: PacsServer, *lines: str) -> str:
     return server.log_text()
 
 
-def new_log(server: PacsServer, since: int) -> str:
-    return server.log_path.read_bytes()[since:].decode("utf-8", "replace")
-
-
 # -- servers --------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
@@ -223,7 +219,7 @@ def test_peer_text_is_escaped_bounded_said_once_and_rate_limited(single: PacsSer
     start = single.log_path.stat().st_size
     assert outcome(single.dicom_port, associate_rq(ui=user_info(version=b"X\n" + FORGED)), source) == ("AC", 0)
     assert wait_until(lambda: b"read as DCMTK reads it" in single.log_path.read_bytes()[start:], timeout=10)
-    text = new_log(single, start)
+    text = single.log_text(start)
     assert "\n" + FORGED.decode() not in text and "Implementation Version Name X\\n2031-01-01" in text, text
 
 
@@ -260,7 +256,7 @@ def test_quirk_is_said_once_at_info(single: PacsServer) -> None:
     start = single.log_path.stat().st_size
     for _ in range(3):
         assert outcome(single.dicom_port, associate_rq(called=b"FILMLESS".ljust(16, b"\0")), source) == ("AC", 0)
-    lines = [line for line in new_log(single, start).splitlines() if source in line]
+    lines = [line for line in single.log_text(start).splitlines() if source in line]
     assert len(lines) == 1 and " INFO " in lines[0], lines
     assert "(calling RAWSCU, called FILMLESS) read as DCMTK reads it: called AE title padded with NUL bytes" in lines[0]
 
@@ -319,7 +315,7 @@ def test_maximum_length_no_pdv_fits_in_is_aborted_without_traceback(server: Pacs
     seven = associate_rq(ui=user_info(max_pdu=struct.pack(">I", 7)))
     assert wait_until(lambda: outcome(server.dicom_port, seven, "127.0.0.20")[0] == "AC", timeout=10, interval=0.1)
     assert outcome(server.dicom_port, associate_rq(), "127.0.0.20") == ("AC", 0)
-    text = new_log(server, start)
+    text = server.log_text(start)
     lines = [line for line in text.splitlines() if source in line]
     said = [f"association from {source} (calling RAWSCU, called FILMLESS) refused: Maximum Length {n} cannot carry "
             "a PDV (at least 7, or 0 for no limit: PS3.8 9.3.5, D.1); A-ABORT sent" for n in (1, 4, 6)]

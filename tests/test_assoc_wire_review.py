@@ -15,6 +15,7 @@ checked with raw PDUs, pynetdicom and DCMTK against a real `pacs serve`.
 4. A C-STORE for another SOP class than its context's was stored (0122H
    now), and a data set on another context than its command was stored
    (A-ABORT now, PS3.8 E.1, as DCMTK).
+5. An association idle past dicom_timeout was an ERROR naming no AE title.
 """
 
 from __future__ import annotations
@@ -198,9 +199,10 @@ def ct_dataset(sop_uid: str, patient_id: str = "WIRE1") -> bytes:
 class Raw:
     """An association of raw PDUs with a server."""
 
-    def __init__(self, port: int, contexts: list[bytes], extra_user_items: bytes = b"") -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.sock.sendall(associate_rq(contexts, extra_user_items=extra_user_items))
+    def __init__(self, port: int, contexts: list[bytes], extra_user_items: bytes = b"", *, calling: bytes = b"RAWSCU",
+                 source: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+        self.sock.sendall(associate_rq(contexts, calling=calling, extra_user_items=extra_user_items))
         kind, body = read_pdu(self.sock)
         assert kind == 2, f"no A-ASSOCIATE-AC: PDU type {kind}"
         self.accepted = accepted_syntaxes(body)
@@ -509,3 +511,37 @@ def test_a_data_set_on_another_context_than_its_command_aborts(server: PacsServe
     assert not stored(server, sop_uid)
     assert "its command on" in server.log_text()
     assert_serving(server)
+
+
+# -- 5. an idle peer -------------------------------------------------------------------------
+@pytest.mark.parametrize("event_driven", [True, False], ids=["our reactor", "pynetdicom's reactor"])
+def test_an_idle_association_is_a_warning_naming_its_peer(server: PacsServer, tmp_path: Path,
+                                                          event_driven: bool) -> None:
+    """An association idle past dicom_timeout was an ERROR naming the address
+    alone ("network timeout reached with 127.0.0.1"; pynetdicom's reactor:
+    "Network timeout reached", no peer at all), and a link stalled in the
+    middle of a PDU named nobody: the operator could not tell which modality
+    went quiet. A quiet peer is a WARNING naming its address and AE title."""
+    if not event_driven:
+        server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}), extra_env={
+            "PACS_DICOM_TIMEOUT": "3", "PACS_DICOM_EVENT_DRIVEN": "false"}).start()
+    try:
+        start = server.log_path.stat().st_size
+        idle = Raw(server.dicom_port, STORE_CONTEXTS, calling=b"IDLE_CT", source="127.0.0.21")
+        stalled = Raw(server.dicom_port, STORE_CONTEXTS, calling=b"STALLED", source="127.0.0.22")
+        stalled.sock.sendall(pdata([(1, 3, echo_rq(1))])[:20])  # 20 bytes of a PDU, then nothing
+        assert read_pdu(idle.sock)[0] == 7  # A-ABORT, once dicom_timeout (3 s) has passed
+        idle_line = "WARNING dicom_scp.reactor: association from 127.0.0.21 (calling IDLE_CT) idle for 3 s " \
+                    "(dicom_timeout): A-ABORT sent"
+        if not event_driven:
+            idle_line = idle_line.replace("dicom_scp.reactor", "pynetdicom.association")
+        stalled_line = "connection from 127.0.0.22 (calling STALLED) lost in the middle of a PDU: TimeoutError"
+        assert wait_until(lambda: stalled_line in server.log_text(start), timeout=30, interval=0.2)
+        text = server.log_text(start)
+        assert idle_line in text and " ERROR " not in text and TRACEBACK not in text, text
+        idle.sock.close()
+        stalled.sock.close()
+        assert_serving(server)
+    finally:
+        if not event_driven:
+            server.stop()

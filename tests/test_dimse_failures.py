@@ -249,7 +249,7 @@ def test_a_link_silent_halfway_through_a_pdu_frees_its_association(tmp_path: Pat
     assert server.proc is not None and server.proc.returncode in (0, -signal.SIGTERM), server.proc.returncode
     # A dropped link is said once, as what it is, not as an ERROR with a traceback.
     log = server.log_text()
-    assert "connection lost in the middle of a PDU: TimeoutError" in log, log[-3000:]
+    assert "connection from 127.0.0.1 (calling STALLED) lost in the middle of a PDU: TimeoutError" in log, log[-3000:]
     assert "Connection closed before the entire PDU" not in log and "Traceback" not in log
 
 
