@@ -70,7 +70,7 @@ def load(engine: Engine, spec: LoadSpec, *, batch: int = 20_000, progress: Any =
                 "issuer": "CCCD", "name": name, "name_folded": fold_name(name), "name_words": name_words(name),
                 "name_reading": name_reading(name),
                 "birth_date": f"19{rng.randint(40, 99)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}",
-                "sex": rng.choice("MF"), "created_at": now, "updated_at": now,
+                "sex": rng.choice("MF"), "created_at": now, "updated_at": now, "changed_at": now,
             }
 
     def identifiers() -> Iterator[dict[str, Any]]:

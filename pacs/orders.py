@@ -476,7 +476,7 @@ class OrderService:
                 conn,
                 patients_t,
                 {"patient_id": p.patient_id, "issuer": p.issuer, "created_at": now, "updated_at": now,
-                 **_patient_columns(blank), **_patient_columns(p)},
+                 "changed_at": now, **_patient_columns(blank), **_patient_columns(p)},
                 ["patient_id", "issuer"],
                 where=PATIENT_HAS_ID,
             )

@@ -74,6 +74,7 @@ def _his_patient(server: PacsServer) -> None:
             pk = conn.execute(Patient.__table__.insert().values(
                 patient_id="BN777", issuer="BVDK", name="Hoàng^Thị Mai", name_folded="HOANG^THI MAI",
                 name_words="HOANG THI MAI", birth_date="19700707", sex="F", created_at=now, updated_at=now,
+                changed_at=now,
             )).inserted_primary_key[0]
             conn.execute(PatientIdentifier.__table__.insert(), [
                 {"patient_pk": pk, "value": "079170000777", "issuer": "CCCD", "id_type": "NI"},
@@ -377,8 +378,8 @@ def test_capability_statement_lists_patient(served: PacsServer) -> None:
     assert {i["code"] for i in patient["interaction"]} == {"read", "search-type"}
     params = {p["name"]: p["type"] for p in patient["searchParam"]}
     assert params == {"_id": "token", "identifier": "token", "name": "string", "family": "string",
-                      "given": "string", "birthdate": "date", "gender": "token", "_count": "number",
-                      "_offset": "number"}
+                      "given": "string", "birthdate": "date", "gender": "token", "_lastUpdated": "date",
+                      "_count": "number", "_offset": "number"}
     study_params = {p["name"]: p for p in resources["ImagingStudy"]["searchParam"]}
     assert study_params["patient"]["type"] == "reference" and "Patient/{id}" in study_params["patient"]["documentation"]
     assert _empty_values(statement) == []

@@ -120,11 +120,12 @@ def test_a_patient_id_replaced_by_the_hospital_number_still_leads_to_the_patient
         assert kept["subject"]["reference"] == f"Patient/{old}"
         assert _hl7(served, "F2-A08", "EVN|A08|20261206091000",
                     "PID|1||BN300^^^BVDK^PI~079300001111^^^CCCD^NI||Đặng^Thu Trang||19950505|F", "PV1|1|O") == "AA"
-        assert http.get("/fhir/Patient/BVDK.BN300").status_code == 200
+        current = http.get("/fhir/Patient/BVDK.BN300")
+        assert current.status_code == 200
         read = http.get(f"/fhir/Patient/{old}")
         assert read.status_code == 200, read.text
         assert read.json() == {
-            "resourceType": "Patient", "id": old, "active": False,
+            "resourceType": "Patient", "id": old, "meta": current.json()["meta"], "active": False,
             "identifier": [{"use": "old", "system": f"{SYSTEM}/CCCD", "value": "079300001111"}],
             "link": [{"other": {"reference": "Patient/BVDK.BN300"}, "type": "replaced-by"}]}
         for key in ("patient", "subject"):

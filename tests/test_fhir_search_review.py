@@ -5,7 +5,9 @@ modality), a series or SOP class (series, dicom-class), and "every study
 that arrived or changed since my last poll" (_lastUpdated on
 meta.lastUpdated, which moves with every change of what the resource shows:
 an instance or series added, a series deleted, the description filled by a
-later series, the patient renamed or merged by the HIS).
+later series, the patient renamed or merged by the HIS); and Patient's
+meta.lastUpdated and _lastUpdated (its name, birth date, sex or identifiers
+corrected, a patient merged into it).
 
 Studies are stored by `pacs import` and DCMTK storescu; the HIS speaks
 HL7 v2 over MLLP. No wall-clock time is asserted: times are compared with
@@ -24,6 +26,8 @@ from typing import Any
 import httpx
 import pytest
 from pydicom import dcmread
+
+from viewer_api.fhir import PATIENT_ID_SYSTEM
 
 from .conftest import Backend, PacsServer
 from .peers import create_database, drop_database
@@ -287,15 +291,15 @@ def test_a_referring_physician_searching_by_date_sees_and_counts_only_the_studie
 
 
 # -- meta.lastUpdated and _lastUpdated --------------------------------------------------------
-def _read(http: httpx.Client, study: str) -> dict[str, Any]:
-    response = http.get(f"/fhir/ImagingStudy/{study}")
+def _read(http: httpx.Client, resource_id: str, kind: str = "ImagingStudy") -> dict[str, Any]:
+    response = http.get(f"/fhir/{kind}/{resource_id}")
     assert response.status_code == 200, response.text
     assert response.headers["Last-Modified"].endswith(" GMT")
     return response.json()
 
 
-def _updated(http: httpx.Client, study: str) -> str:
-    return _read(http, study)["meta"]["lastUpdated"]
+def _updated(http: httpx.Client, resource_id: str, kind: str = "ImagingStudy") -> str:
+    return _read(http, resource_id, kind)["meta"]["lastUpdated"]
 
 
 def _since(http: httpx.Client, moment: str, **query: Any) -> set[str]:
@@ -375,3 +379,80 @@ def test_last_updated_moves_with_every_change_of_what_the_study_shows(served: Pa
         assert _found(http, {"_lastUpdated": [f"gt{a0}", f"lt{newest}"], "identifier": "A21"}).keys() == {LU_A}
         for bad in ("2026-02-30", "ap2026", "yesterday"):
             _outcome(http.get("/fhir/ImagingStudy", params={"_lastUpdated": bad}), 400)
+
+
+# -- Patient: meta.lastUpdated and _lastUpdated -------------------------------------------------
+PT_A, PT_B, PT_C = f"{UID}.31", f"{UID}.32", f"{UID}.33"  # the Patient test's own studies
+PT_ONE, PT_MERGED, PT_ALONE = "BVDK.BN920", "BVDK.BN921", "BVDK.BN922"
+
+
+def _patients(http: httpx.Client, **query: Any) -> set[str]:
+    response = http.get("/fhir/Patient", params={**query, "_count": 200})
+    assert response.status_code == 200, response.text
+    bundle = response.json()
+    assert bundle["total"] == len(bundle.get("entry", [])), bundle
+    return {e["resource"]["id"] for e in bundle.get("entry", [])}
+
+
+def test_patient_last_updated_moves_with_what_the_patient_shows(served: PacsServer, tmp_path: Path) -> None:
+    """Patient had no meta.lastUpdated (ImagingStudy had): an EMR could not
+    poll "every patient that changed since". It moves when the HIS corrects
+    the name, birth date or sex (ADT^A08), adds an identifier, merges a
+    patient into it (ADT^A40: a merged-away ID and a replaces link), and not
+    when another object repeats what it shows; _lastUpdated searches it as
+    ImagingStudy's does; a former id reads with the current patient's time."""
+    one = "Hồ^Văn Một"
+    files = [_study(tmp_path, PT_A, "BN920", one, series=f"{PT_A}.1", StudyDate="20260115"),
+             _study(tmp_path, PT_B, "BN921", one, series=f"{PT_B}.1", StudyDate="20260116"),
+             _study(tmp_path, PT_C, "BN922", "Hồ^Văn Ba", series=f"{PT_C}.1", StudyDate="20260117")]
+    assert served.storescu(*map(str, files)).returncode == 0
+    with _emr(served) as http:
+        a0, c0 = _updated(http, PT_ONE, "Patient"), _updated(http, PT_ALONE, "Patient")
+        assert a0.endswith("Z") and len(a0) == len("2026-01-10T02:00:00.000000Z")
+        latest = max(a0, c0, _updated(http, PT_MERGED, "Patient"))
+        assert _patients(http, _lastUpdated=f"gt{latest}") == set()  # nothing changed since
+        assert _patients(http, identifier="BN920", _lastUpdated=a0) == {PT_ONE}  # eq: that instant
+        assert _patients(http, identifier="BN920", _lastUpdated=f"ge{a0}") == {PT_ONE}
+        assert _patients(http, identifier="BN920", _lastUpdated=f"gt{a0}") == set()
+
+        # Another object of the patient, the same name, birth date and sex: nothing it shows changed.
+        again = _study(tmp_path, PT_A, "BN920", one, series=f"{PT_A}.1", StudyDate="20260115", InstanceNumber="2")
+        assert served.storescu(str(again)).returncode == 0
+        assert _updated(http, PT_ONE, "Patient") == a0
+
+        # The HIS corrects the name, birth date and sex.
+        assert _hl7(served, "PT-A08-1", "EVN|A08|20260115091000",
+                    "PID|1||BN920^^^BVDK^PI||Hồ^Văn Hai||19800202|F", "PV1|1|O") == "AA"
+        patient = _read(http, PT_ONE, "Patient")
+        a1 = patient["meta"]["lastUpdated"]
+        assert patient["name"][0]["text"] == "Hồ Văn Hai" and patient["birthDate"] == "1980-02-02"
+        assert a1 > a0 and _patients(http, _lastUpdated=f"gt{latest}") == {PT_ONE}
+
+        # ... then gives the citizen ID.
+        assert _hl7(served, "PT-A08-2", "EVN|A08|20260115092000",
+                    "PID|1||BN920^^^BVDK^PI~001099000920^^^CCCD^NI||Hồ^Văn Hai||19800202|F", "PV1|1|O") == "AA"
+        patient = _read(http, PT_ONE, "Patient")
+        a2 = patient["meta"]["lastUpdated"]
+        assert {"system": f"{PATIENT_ID_SYSTEM}/CCCD", "value": "001099000920"} in [
+            {k: v for k, v in i.items() if k in ("system", "value")} for i in patient["identifier"]]
+        assert a2 > a1 and _patients(http, _lastUpdated=f"gt{a1}") == {PT_ONE}
+
+        # ... and merges BN921 into it.
+        assert _hl7(served, "PT-A40", "EVN|A40|20260115093000",
+                    "PID|1||BN920^^^BVDK^PI||Hồ^Văn Hai||19800202|F", "MRG|BN921^^^BVDK^PI") == "AA"
+        patient = _read(http, PT_ONE, "Patient")
+        a3 = patient["meta"]["lastUpdated"]
+        assert {"other": {"reference": f"Patient/{PT_MERGED}"}, "type": "replaces"} in patient["link"]
+        assert a3 > a2 and _patients(http, _lastUpdated=f"gt{a2}") == {PT_ONE}
+        former = _read(http, PT_MERGED, "Patient")
+        assert former["active"] is False and former["meta"]["lastUpdated"] == a3
+
+        # The patient left alone kept its time; a poll from the last time seen finds nothing.
+        assert _updated(http, PT_ALONE, "Patient") == c0
+        assert _patients(http, _lastUpdated=f"gt{a3}") == set()
+        assert _patients(http, _lastUpdated=[f"gt{a0}", f"le{a3}"], identifier="BN920") == {PT_ONE}  # AND
+        assert _patients(http, _lastUpdated=[f"gt{a0}", f"lt{a3}"], identifier="BN920") == set()
+        for bad in ("2026-02-30", "ap2026", "yesterday"):
+            _outcome(http.get("/fhir/Patient", params={"_lastUpdated": bad}), 400)
+        params = {p["name"] for p in http.get("/fhir/metadata").json()["rest"][0]["resource"][0]["searchParam"]}
+        assert "_lastUpdated" in params

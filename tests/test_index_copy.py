@@ -25,8 +25,9 @@ def test_sqlite_index_copied_into_postgresql_and_served_from_there(tmp_path: Pat
         with old.http() as http:
             assert http.get("/dicom-web/studies").status_code == 200  # an audit event
         before = old.stats()
-        with old.http() as http:  # FHIR meta.lastUpdated: the copy changes nothing the study shows
+        with old.http() as http:  # FHIR meta.lastUpdated: the copy changes nothing the study and patient show
             updated = http.get("/fhir/ImagingStudy/1.2.826.0.1.3680043.8.498.9100").json()["meta"]["lastUpdated"]
+            patient_updated = http.get("/fhir/Patient/CCCD.001085012345").json()["meta"]["lastUpdated"]
         audit_before = len(json.loads(old.cli("audit", "--format", "json").stdout))
         while_serving = old.cli("db", "copy", "--to", pg_url, check=False)
         assert while_serving.returncode == 1 and "pacs serve runs on" in while_serving.stderr
@@ -45,6 +46,8 @@ def test_sqlite_index_copied_into_postgresql_and_served_from_there(tmp_path: Pat
         with new.http() as http:
             copied_study = http.get("/fhir/ImagingStudy/1.2.826.0.1.3680043.8.498.9100").json()
             assert copied_study["meta"]["lastUpdated"] == updated
+            # Its identifiers, copied after it, moved it in the copy (migration 0024's triggers): set back.
+            assert http.get("/fhir/Patient/CCCD.001085012345").json()["meta"]["lastUpdated"] == patient_updated
         assert _cfind_names(new, PatientName="NGUYEN*") == [("Nguyễn^Văn An", "001085012345",
                                                              "1.2.826.0.1.3680043.8.498.9100")]
         with new.http() as http:  # the copied token still works

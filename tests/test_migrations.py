@@ -156,6 +156,7 @@ def _upgrade_across_0013(engine: Engine, caplog: Any) -> None:
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(identifiers)).scalar() == 1
         assert conn.execute(select(studies.c.patient_pk).where(studies.c.study_uid == "1.2.3.4")).scalar() == pk
+    blank["changed_at"] = now  # a column of a later revision (0024)
     with engine.begin() as conn:
         conn.execute(patients.insert().values(patient_id="", **blank))
         conn.execute(patients.insert().values(patient_id="", **blank))  # two people without an ID
@@ -280,5 +281,97 @@ def test_schema_head_constant_is_the_newest_migration(tmp_path: Path) -> None:
     engine = create_index_engine(f"sqlite:///{tmp_path}/index.sqlite")
     try:
         assert head_revision(engine) == SCHEMA_HEAD
+    finally:
+        engine.dispose()
+
+
+def _patient_changes_and_downgrade(engine: Engine) -> None:
+    """Migration 0024's triggers move patients.changed_at for what the
+    Patient shows and nothing else, on the database's own clock, including
+    what the FHIR tests do not reach (a patient without ID, whose id names
+    its first study; a merged-away key taken up again); then the downgrade
+    leaves 0023's schema, and upgrading again the models' one."""
+    import time
+    from datetime import UTC, datetime
+
+    from alembic import command
+    from sqlalchemy import inspect, select, update
+
+    from pacs.index import alembic_config
+    from pacs.index.models import Patient, PatientIdentifier, Study
+
+    upgrade_schema(engine)
+    patients, identifiers, studies = Patient.__table__, PatientIdentifier.__table__, Study.__table__
+    past = datetime(2020, 1, 1, tzinfo=UTC)
+    row = {"issuer": "BVDK", "name": "", "name_folded": "", "name_words": "", "birth_date": "", "sex": "",
+           "created_at": past, "updated_at": past, "changed_at": past}
+    study = {"study_date": "", "study_time": "", "accession_number": "", "study_id": "", "referring_physician": "",
+             "referring_physician_folded": "", "description": "", "institution": "", "modalities": "",
+             "num_series": 0, "num_instances": 0, "size_bytes": 0, "created_at": past, "updated_at": past,
+             "changed_at": past}
+
+    def moved() -> set[str]:
+        """The patients whose changed_at moved (set back to the past after)."""
+        time.sleep(0.002)  # SQLite's clock counts milliseconds
+        with engine.begin() as conn:
+            found = set(conn.execute(select(patients.c.patient_id, patients.c.name).where(
+                patients.c.changed_at > past)).all())
+            conn.execute(update(patients).values(changed_at=past))
+        return {pid or name for pid, name in found}
+
+    with engine.begin() as conn:
+        one, other = (conn.execute(patients.insert().values(patient_id=pid, **row)).inserted_primary_key[0]
+                      for pid in ("BN1", "BN2"))
+        nobody = conn.execute(patients.insert().values(**{**row, "patient_id": "", "name": "NOBODY"})
+                              ).inserted_primary_key[0]
+    assert moved() == set()
+    with engine.begin() as conn:  # a value it shows, then one it does not
+        conn.execute(update(patients).where(patients.c.pk == one).values(name="A^B"))
+    assert moved() == {"BN1"}
+    with engine.begin() as conn:
+        conn.execute(update(patients).where(patients.c.pk == one).values(name_folded="A^B", name="A^B"))
+    assert moved() == set()
+    with engine.begin() as conn:
+        conn.execute(identifiers.insert().values(patient_pk=one, value="079", issuer="CCCD", id_type="NI"))
+    assert moved() == {"BN1"}
+    with engine.begin() as conn:  # BN2 merged into BN1: its key kept as a MERGED alias, its row gone
+        conn.execute(identifiers.insert().values(patient_pk=one, value="BN2", issuer="BVDK", id_type="MERGED"))
+        conn.execute(patients.delete().where(patients.c.pk == other))
+    assert moved() == {"BN1"}
+    with engine.begin() as conn:  # BN2 received anew: BN1's replaces link goes
+        conn.execute(patients.insert().values(patient_id="BN2", **row))
+    assert moved() == {"BN1"}
+    with engine.begin() as conn:  # a study of the patient without ID: its id now names it
+        conn.execute(studies.insert().values(patient_pk=nobody, study_uid="1.2.3.9", **study))
+        conn.execute(studies.insert().values(patient_pk=one, study_uid="1.2.3.8", **study))
+    assert moved() == {"NOBODY"}
+    with engine.begin() as conn:
+        conn.execute(identifiers.delete().where(identifiers.c.value == "079"))
+    assert moved() == {"BN1"}
+
+    cfg = alembic_config(engine)
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0023")
+    assert "changed_at" not in {c["name"] for c in inspect(engine).get_columns("patients")}
+    with engine.begin() as conn:  # no trigger left naming the column
+        conn.exec_driver_sql(f"UPDATE patients SET name = 'C^D', patient_id = 'BN3' WHERE pk = {int(one)}")
+        conn.exec_driver_sql("DELETE FROM patient_identifiers")
+        conn.exec_driver_sql("DELETE FROM studies")
+    assert_schema_matches(engine)
+
+
+def test_patient_changed_at_sqlite(tmp_path: Path) -> None:
+    engine = create_index_engine(f"sqlite:///{tmp_path}/index.sqlite")
+    try:
+        _patient_changes_and_downgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def test_patient_changed_at_postgresql(pg_url: str) -> None:
+    engine = create_index_engine(pg_url)
+    try:
+        _patient_changes_and_downgrade(engine)
     finally:
         engine.dispose()

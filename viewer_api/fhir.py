@@ -62,7 +62,8 @@ _STUDY_PARAMETERS = ("patient", "subject", "patient:Patient", "subject:Patient",
                      "subject.identifier", "identifier")
 # ImagingStudy's own besides (R4 imagingstudy.html#search), and _lastUpdated (meta.lastUpdated).
 _IMAGING_STUDY_PARAMETERS = (*_STUDY_PARAMETERS, "started", "modality", "series", "dicom-class", "_lastUpdated")
-_PATIENT_PARAMETERS = ("_id", "identifier", "name", "family", "given", "birthdate", "gender")
+# Patient's (R4 patient.html#search), and _lastUpdated (meta.lastUpdated) as ImagingStudy's.
+_PATIENT_PARAMETERS = ("_id", "identifier", "name", "family", "given", "birthdate", "gender", "_lastUpdated")
 _GENERAL_PARAMETERS = ("_format",)
 UNIDENTIFIED = "unidentified patient"
 
@@ -224,8 +225,7 @@ def _study_conditions(conn: Connection, request: Request, values: dict[str, list
         conditions.append(or_(false(), *(_started_matches(_date_value("started", value, zone), zone)
                                          for value in _unescaped_split(raw, ","))))
     for raw in values.get("_lastUpdated", []):
-        conditions.append(or_(false(), *(_changed_matches(_date_value("_lastUpdated", value, zone))
-                                         for value in _unescaped_split(raw, ","))))
+        conditions.append(_last_updated_matches(raw, studies.c.changed_at, zone))
     for raw in values.get("modality", []):
         conditions.append(_modality_matches(_token_values(raw)))
     for raw in values.get("series", []):
@@ -461,12 +461,20 @@ def _prefixed(period: _Period, starts_from: Any, ends_by: Any) -> ColumnElement[
     }[period.prefix]()
 
 
-def _changed_matches(period: _Period) -> ColumnElement[bool]:
-    """_lastUpdated: meta.lastUpdated (studies.changed_at, shown to the
-    microsecond: that microsecond is its range) in the range *period*'s
-    prefix asks for (R4 search 3.1.1.5.8, as :func:`_prefixed` reads it:
-    gt is "at or after the end of the value's range"), indexed."""
-    changed, low, high = studies.c.changed_at, period.low.astimezone(UTC), period.high.astimezone(UTC)
+def _last_updated_matches(raw: str, changed: Any, zone: tzinfo) -> ColumnElement[bool]:
+    """One _lastUpdated parameter (its commas: any of them) on *changed*,
+    the column a resource's meta.lastUpdated shows."""
+    return or_(false(), *(_changed_matches(_date_value("_lastUpdated", value, zone), changed)
+                          for value in _unescaped_split(raw, ",")))
+
+
+def _changed_matches(period: _Period, changed: Any) -> ColumnElement[bool]:
+    """_lastUpdated: meta.lastUpdated (*changed*: studies.changed_at or
+    patients.changed_at, shown to the microsecond: that microsecond is its
+    range) in the range *period*'s prefix asks for (R4 search 3.1.1.5.8, as
+    :func:`_prefixed` reads it: gt is "at or after the end of the value's
+    range"), indexed."""
+    low, high = period.low.astimezone(UTC), period.high.astimezone(UTC)
     return {
         "eq": lambda: and_(changed >= low, changed < high),
         "ne": lambda: or_(changed < low, changed >= high),
@@ -686,9 +694,10 @@ def _utc(moment: datetime) -> datetime:
 
 
 def _last_updated(moment: datetime) -> str:
-    """studies.changed_at as ImagingStudy.meta.lastUpdated: to the
-    microsecond kept, so that _lastUpdated=gt{it} leaves out this version of
-    the study and finds the next change, however soon it comes."""
+    """studies.changed_at (patients.changed_at) as ImagingStudy's (Patient's)
+    meta.lastUpdated: to the microsecond kept, so that _lastUpdated=gt{it}
+    leaves out this version of the resource and finds the next change,
+    however soon it comes."""
     return _utc(moment).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
@@ -985,9 +994,13 @@ def read_imaging_study(request: Request, study: str, _: Any = guard(*READERS, ac
     detail = study_detail(request.app.state.pacs.engine, study)
     if detail is None:
         raise HTTPProblem(404, f"no ImagingStudy {study[:80]!r}")
-    response = _fhir(imaging_study(request, detail))
-    if detail.get("changed_at") is not None:
-        response.headers["Last-Modified"] = format_datetime(_utc(detail["changed_at"]), usegmt=True)
+    return _with_last_modified(_fhir(imaging_study(request, detail)), detail.get("changed_at"))
+
+
+def _with_last_modified(response: Response, changed: datetime | None) -> Response:
+    """A read's *response* with Last-Modified, its meta.lastUpdated (R4 http 3.1.0.4)."""
+    if changed is not None:
+        response.headers["Last-Modified"] = format_datetime(_utc(changed), usegmt=True)
     return response
 
 
@@ -1093,7 +1106,7 @@ _ANCHOR = studies.alias("anchor_study")
 _ANCHOR_STUDY = (select(func.min(_ANCHOR.c.study_uid)).where(_ANCHOR.c.patient_pk == patients.c.pk)
                  .scalar_subquery().label("anchor"))
 _PATIENT_COLUMNS = (patients.c.pk, patients.c.patient_id, patients.c.issuer, patients.c.name,
-                    patients.c.birth_date, patients.c.sex, _ANCHOR_STUDY)
+                    patients.c.birth_date, patients.c.sex, patients.c.changed_at, _ANCHOR_STUDY)
 # A patient without Patient ID is a Patient only through a study (its id names one).
 _HAS_RESOURCE = or_(patients.c.patient_id != "",
                     exists(select(studies.c.pk).where(studies.c.patient_pk == patients.c.pk)))
@@ -1308,6 +1321,7 @@ def patient_resource(row: Any, others: Sequence[Any],
     return _pruned({
         "resourceType": "Patient",
         "id": patient_fhir_id(row.patient_id, row.issuer, row.anchor),
+        "meta": {"lastUpdated": _last_updated(row.changed_at)},
         "identifier": identifier,
         "name": _human_names(row.name),
         "gender": _GENDER_OF.get(sex, "unknown") if sex else None,
@@ -1353,17 +1367,19 @@ def _patient_resources(conn: Connection, rows: Sequence[Any]) -> list[dict[str, 
     return [patient_resource(r, others.get(r.pk, []), replaced) for r in rows]
 
 
-def replaced_patient(fhir_id: str, former: Any, current_id: str) -> dict[str, Any]:
+def replaced_patient(fhir_id: str, former: Any, current: dict[str, Any]) -> dict[str, Any]:
     """The Patient a former id (*former*: the identifier row its key became)
-    reads as: no longer in use, replaced by the current one (R4 Patient
+    reads as: no longer in use, replaced by the *current* one (R4 Patient
     "Linking Patients", ``replaced-by``), so that a reference the EMR kept
-    leads to the patient and their studies."""
+    leads to the patient and their studies. Its meta.lastUpdated is the
+    current one's: the identifier row that makes it moved that."""
     return _pruned({
         "resourceType": "Patient",
         "id": fhir_id,
+        "meta": current.get("meta"),
         "active": False,
         "identifier": [{"use": "old", "system": patient_id_system(former.issuer), "value": former.value}],
-        "link": [{"other": {"reference": f"Patient/{current_id}"}, "type": "replaced-by"}],
+        "link": [{"other": {"reference": f"Patient/{current['id']}"}, "type": "replaced-by"}],
     })
 
 
@@ -1489,6 +1505,8 @@ def _patient_search(request: Request, principal: Principal, count: int,
             conditions.append(or_(false(), *(matches(value) for value in _string_values(raw))))
     for raw in values["gender"]:
         conditions.append(or_(false(), *(_gender_matches(system, value) for system, value in _token_values(raw))))
+    for raw in values["_lastUpdated"]:
+        conditions.append(_last_updated_matches(raw, patients.c.changed_at, _zone(request)))
     with request.app.state.pacs.engine.connect() as conn:
         for raw in values["_id"]:
             conditions.append(patients.c.pk.in_(_patient_pks(conn, (value for _, value in _token_values(raw)))))
@@ -1508,7 +1526,8 @@ def _audit_patients(request: Request, patient_ids: Iterable[str]) -> None:
     audit_patients(request, patient_ids)
 
 
-@router.get("/Patient", summary="Search Patient by identifier, name, family, given, birthdate, gender or _id")
+@router.get("/Patient", summary="Search Patient by identifier, name, family, given, birthdate, gender, _id or "
+                                 "_lastUpdated")
 def search_patients(request: Request, _count: int = 50, _offset: int = 0,
                     principal: Principal = guard(*READERS, action="query")) -> Response:
     return _patient_bundle(request, principal, _count, _offset)
@@ -1542,14 +1561,14 @@ def read_patient(request: Request, patient: str, principal: Principal = guard(*R
     _audit_patients(request, (patient_cx(r.patient_id, r.issuer) for r in named))  # a refusal names them too
     if resources and former is not None:
         # The id the EMR kept: inactive, pointing at the patient it became.
-        resources = [replaced_patient(patient, former[1], resources[0]["id"])]
+        resources = [replaced_patient(patient, former[1], resources[0])]
     if not resources:
         if principal.role == "referring":
             # Whether or not the patient exists, as for studies: a referring
             # physician does not learn who else is in the archive.
             raise HTTPProblem(403, "no study of this patient was referred by you")
         raise HTTPProblem(404, f"no Patient {patient[:80]!r}")
-    return _fhir(resources[0])
+    return _with_last_modified(_fhir(resources[0]), rows[0].changed_at)
 
 
 # -- capabilities (R4 http.html 3.1.0.13: GET [base]/metadata) ------------------------------
@@ -1571,6 +1590,14 @@ _SEARCH_PARAMS = [
 _DATE_PREFIX_DOCS = ("prefixes eq (default), ne, gt, lt, ge, le, sa, eb (not ap); YYYY, YYYY-MM, YYYY-MM-DD or "
                      "YYYY-MM-DDThh:mm[:ss[.f]][Z|+hh:mm], each the period of its precision; without a zone the "
                      "hospital's time; given twice, both apply (a range: ge2026-01-01&started=lt2026-02-01)")
+_LAST_UPDATED_PARAM = {
+    "name": "_lastUpdated", "type": "date",
+    "documentation": "meta.lastUpdated: when what the resource shows last changed (ImagingStudy: an instance or "
+                     "series added or deleted, the study or its patient corrected or merged; Patient: its name, "
+                     "birth date, sex, ID or identifiers corrected, a patient merged into it), to the microsecond; "
+                     "a deleted resource is no longer found; a change is found once its transaction commits, "
+                     "a moment after that time: poll with a margin (_lastUpdated=ge{last poll minus a minute}); "
+                     + _DATE_PREFIX_DOCS.replace("ge2026-01-01&started=", "ge2026-01-01&_lastUpdated=")}
 _IMAGING_STUDY_SEARCH_PARAMS = [
     *_SEARCH_PARAMS[:-len(_PAGE_PARAMS)],
     {"name": "started", "type": "date",
@@ -1583,12 +1610,7 @@ _IMAGING_STUDY_SEARCH_PARAMS = [
     {"name": "dicom-class", "type": "token",
      "documentation": "an SOP Class UID of an instance of the study (urn:oid:{UID} as sopClass shows it, "
                       "or the UID); commas: any"},
-    {"name": "_lastUpdated", "type": "date",
-     "documentation": "meta.lastUpdated: when what the resource shows last changed (an instance or series added "
-                      "or deleted, the study or its patient corrected or merged), to the microsecond; "
-                      "a deleted study is no longer found; a change is found once its transaction commits, "
-                      "a moment after that time: poll with a margin (_lastUpdated=ge{last poll minus a minute}); "
-                      + _DATE_PREFIX_DOCS.replace("ge2026-01-01&started=", "ge2026-01-01&_lastUpdated=")},
+    _LAST_UPDATED_PARAM,
     *_PAGE_PARAMS,
 ]
 _PATIENT_SEARCH_PARAMS = [
@@ -1605,6 +1627,7 @@ _PATIENT_SEARCH_PARAMS = [
     {"name": "given", "type": "string", "documentation": "a given or middle name starts with it (as name)"},
     {"name": "birthdate", "type": "date", "documentation": "equality only: YYYY-MM-DD, or YYYY-MM, YYYY"},
     {"name": "gender", "type": "token", "documentation": "male, female, other, unknown"},
+    _LAST_UPDATED_PARAM,
     *_PAGE_PARAMS,
 ]
 
@@ -1650,7 +1673,8 @@ def capability_statement(request: Request) -> dict[str, Any]:
                                         + "/{issuer}; a referring physician sees the patients of the studies "
                                           "they referred; a former id (merged away by ADT^A40, or a key "
                                           "replaced by the hospital number) reads as an inactive Patient with "
-                                          "link replaced-by the current one, and patient= finds its studies"),
+                                          "link replaced-by the current one, and patient= finds its studies; "
+                                          "meta.lastUpdated (and Last-Modified) = when what it shows last changed"),
                 _resource("ImagingStudy", search=True, read=True, params=_IMAGING_STUDY_SEARCH_PARAMS,
                           documentation="id = StudyInstanceUID; subject Patient/{id}; endpoint Endpoint/dicomweb; "
                                         "meta.lastUpdated (and Last-Modified) = when what it shows last changed"),

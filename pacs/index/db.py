@@ -116,7 +116,7 @@ APPLICATION_NAME = "filmless-pacs"
 # them equal). PostgreSQL sessions carry it in their application name, so an
 # upgrade can tell servers of another version (which would fail on the
 # upgraded schema) from nodes of its own starting beside it.
-SCHEMA_HEAD = "0023"
+SCHEMA_HEAD = "0024"
 # A database host that vanishes from the network (no RST, no FIN) held every
 # C-STORE, C-FIND and HTTP request for as long as the kernel retransmits
 # (minutes): libpq gives up connecting after 5 s, on unacknowledged data after

@@ -103,6 +103,11 @@ class Patient(Base):
     sex: Mapped[str] = mapped_column(String, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # When what its FHIR Patient shows last changed (the shown columns, its
+    # identifiers, its replaces links; without Patient ID, the study its id
+    # names): meta.lastUpdated and _lastUpdated. Kept by triggers (migration
+    # 0024); an insert sets it.
+    changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
 class PatientIdentifier(Base):

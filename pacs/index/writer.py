@@ -155,7 +155,7 @@ def _patient_row(h: InstanceHeader, now: datetime) -> dict[str, Any]:
     return {"patient_id": h.patient_id, "issuer": h.issuer, "name": h.patient_name,
             "name_folded": h.patient_name_folded, "name_words": h.patient_name_words,
             "name_reading": h.patient_name_reading,
-            "birth_date": h.birth_date, "sex": h.sex, "created_at": now, "updated_at": now}
+            "birth_date": h.birth_date, "sex": h.sex, "created_at": now, "updated_at": now, "changed_at": now}
 
 
 def _add_identifiers(conn: Connection, patient_pk: int, h: InstanceHeader) -> None:

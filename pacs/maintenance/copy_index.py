@@ -11,8 +11,8 @@ objects say (no orders, reports, users or audit trail).
 The source must not change meanwhile: the copy refuses while `pacs serve`
 runs on the data dir (stop every node of a shared index). Study and series
 counters are recounted by the target's own triggers as instances arrive;
-the studies' changed_at (FHIR meta.lastUpdated) is then set back to the
-source's.
+the studies' and patients' changed_at (FHIR meta.lastUpdated) are then set
+back to the source's.
 """
 
 from __future__ import annotations
@@ -131,17 +131,19 @@ def _chunks(conn: Any, table: Table) -> Iterator[list[dict[str, Any]]]:
 
 
 def _restore_changed_at(src: Any, dst: Any) -> None:
-    """The studies' changed_at as the source kept them: the instances
-    copied after them moved each to the copy's time (the triggers of
-    migration 0022), and an EMR polling _lastUpdated would fetch every
-    study again, though none changed."""
-    studies = Base.metadata.tables["studies"]
-    result = src.execution_options(yield_per=CHUNK).execute(
-        select(studies.c.pk, studies.c.changed_at).order_by(studies.c.pk))
-    restore = (update(studies).where(studies.c.pk == bindparam("b_pk"))
-               .values(changed_at=bindparam("b_changed_at")))
-    for part in result.partitions():
-        dst.execute(restore, [{"b_pk": row.pk, "b_changed_at": _utc(row.changed_at)} for row in part])
+    """The studies' and patients' changed_at as the source kept them: the
+    rows copied after them (instances, identifiers, studies) moved each to
+    the copy's time (the triggers of migrations 0022 and 0024), and an EMR
+    polling _lastUpdated would fetch every study and patient again, though
+    none changed."""
+    for name in ("studies", "patients"):
+        table = Base.metadata.tables[name]
+        result = src.execution_options(yield_per=CHUNK).execute(
+            select(table.c.pk, table.c.changed_at).order_by(table.c.pk))
+        restore = (update(table).where(table.c.pk == bindparam("b_pk"))
+                   .values(changed_at=bindparam("b_changed_at")))
+        for part in result.partitions():
+            dst.execute(restore, [{"b_pk": row.pk, "b_changed_at": _utc(row.changed_at)} for row in part])
 
 
 def _utc(value: datetime | None) -> datetime | None:
