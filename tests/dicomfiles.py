@@ -1,4 +1,5 @@
-"""Test data helpers: pick real DICOM files and send them as they are."""
+"""Test data helpers: pick real DICOM files and send them as they are, and
+build small ones (:func:`image_dataset`, :func:`make_ct`)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,12 @@ from collections import defaultdict
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     JPEG2000,
+    CTImageStorage,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
@@ -166,3 +171,54 @@ def multiframe_rgb(path: Path, frames: int, rows: int, columns: int) -> tuple[st
     ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
     return str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+
+
+# -- objects built here ---------------------------------------------------------------------
+def image_dataset(sop_class: str = CTImageStorage, sop_uid: str | None = None, **overrides: object) -> Dataset:
+    """A small valid image object: a CT unless *sop_class* says otherwise,
+    under *sop_uid* (a new UID if None), in a new study and series, with its
+    file meta (Explicit VR Little Endian) naming both; one 16x16 16-bit
+    MONOCHROME2 frame of zeros. Keyword overrides then set elements, or
+    leave them out (None): the file meta keeps naming *sop_class* and *sop_uid*
+    (a test of a mismatch overrides SOPInstanceUID alone)."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    sop_uid = sop_uid or generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = sop_class
+    ds.SOPInstanceUID = sop_uid
+    ds.StudyInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.PatientName = "TEST^BAD INPUT"
+    ds.PatientID = "BAD1"
+    ds.Modality = "CT"
+    ds.Rows = ds.Columns = 16
+    ds.BitsAllocated = ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 0
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.PixelData = bytes(16 * 16 * 2)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(ds, key, value)
+        elif key in ds:
+            delattr(ds, key)
+    return ds
+
+
+def make_ct(path: Path, sop_class: str = CTImageStorage, sop_uid: str | None = None, **overrides: object) -> Path:
+    """:func:`image_dataset` written as a Part 10 file at *path*."""
+    image_dataset(sop_class, sop_uid, **overrides).save_as(path, enforce_file_format=True)
+    return path
+
+
+def encode_dataset(ds: Dataset, *, implicit_vr: bool = False) -> bytes:
+    """*ds* without file meta, little endian: what the data set PDVs of a
+    C-STORE carry, or a file written without preamble and "DICM"."""
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, implicit_vr
+    write_dataset(buffer, ds)
+    return buffer.getvalue()

@@ -42,6 +42,7 @@ from urllib.parse import quote
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from .dicomfiles import image_dataset
 from .peers import PacsServer, run_dcmtk
 
 T = TypeVar("T")
@@ -273,43 +274,19 @@ def make_seed(name: str, data: bytes) -> Seed:
 def _built_ct(transfer_syntax: str) -> bytes:
     """A tiny CT with a UTF-8 Vietnamese name and a sequence: the shapes the
     index reads (names, other IDs, UIDs, image attributes)."""
-    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.dataset import Dataset
     from pydicom.filewriter import dcmwrite
     from pydicom.sequence import Sequence
-    from pydicom.uid import CTImageStorage, generate_uid
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    sop = generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
-    ds.file_meta.TransferSyntaxUID = transfer_syntax
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop
-    ds.StudyDate, ds.StudyTime = "20241121", "090000"
-    ds.AccessionNumber = "FUZZ0001"
-    ds.Modality = "CT"
-    ds.ReferringPhysicianName = "Đỗ^Thanh Tùng"
-    ds.PatientName = "Nguyễn^Văn An"
-    ds.PatientID = "001085012345"
-    ds.PatientBirthDate = "19850101"
-    ds.PatientSex = "M"
     other = Dataset()
     other.PatientID = "DN4797912345678"
     other.IssuerOfPatientID = "BHYT"
-    ds.OtherPatientIDsSequence = Sequence([other])
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = ds.Columns = 8
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = bytes(range(128))
+    ds = image_dataset(SpecificCharacterSet="ISO_IR 192", StudyDate="20241121", StudyTime="090000",
+                       AccessionNumber="FUZZ0001", ReferringPhysicianName="Đỗ^Thanh Tùng",
+                       PatientName="Nguyễn^Văn An", PatientID="001085012345", PatientBirthDate="19850101",
+                       PatientSex="M", OtherPatientIDsSequence=Sequence([other]), SeriesNumber=1, InstanceNumber=1,
+                       Rows=8, Columns=8, PixelData=bytes(range(128)))
+    ds.file_meta.TransferSyntaxUID = transfer_syntax
     out = io.BytesIO()
     little = transfer_syntax != EXPLICIT_BE
     dcmwrite(out, ds, enforce_file_format=True, little_endian=little, implicit_vr=transfer_syntax == IMPLICIT_LE)

@@ -6,16 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
-    ExplicitVRLittleEndian,
     JPEG2000Lossless,
     MRImageStorage,
     UltrasoundImageStorage,
 )
+
+from .dicomfiles import image_dataset
 
 ROOT = "1.2.826.0.1.3680043.9.7134."  # test UIDs under a fixed root
 
@@ -87,44 +88,21 @@ def write_corpus(out: Path) -> list[Path]:
         patient = PATIENTS[s.patient]
         for si, (modality, count, compressed) in enumerate(s.series):
             for ii in range(count):
-                ds = Dataset()
-                ds.file_meta = FileMetaDataset()
-                ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-                ds.SpecificCharacterSet = "ISO_IR 192"
-                ds.SOPClassUID = _CLASSES[modality]
-                ds.SOPInstanceUID = sop_uid(s.key, si, ii)
-                ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-                ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-                ds.StudyInstanceUID = study_uid(s.key)
-                ds.SeriesInstanceUID = series_uid(s.key, si)
-                ds.PatientName = patient.name
-                ds.PatientID = patient.pid
-                ds.IssuerOfPatientID = "CCCD"
+                ds = image_dataset(
+                    _CLASSES[modality], sop_uid(s.key, si, ii), SpecificCharacterSet="ISO_IR 192",
+                    StudyInstanceUID=study_uid(s.key), SeriesInstanceUID=series_uid(s.key, si),
+                    PatientName=patient.name, PatientID=patient.pid, IssuerOfPatientID="CCCD",
+                    PatientBirthDate="19850101", PatientSex="M", StudyDate=s.date, StudyTime=s.time,
+                    SeriesDate=s.date, SeriesTime=s.time, AccessionNumber=s.accession,
+                    ReferringPhysicianName=s.referring, StudyDescription=s.description, StudyID=s.key,
+                    Modality=modality, SeriesNumber=si + 1, InstanceNumber=ii + 1, Rows=32, Columns=32,
+                    PixelData=((np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * (ii + 1)) % 4096).tobytes())
                 if patient.other:
                     item = Dataset()
                     item.PatientID = patient.other
                     item.IssuerOfPatientID = "BHYT"
                     item.TypeOfPatientID = "TEXT"
                     ds.OtherPatientIDsSequence = Sequence([item])
-                ds.PatientBirthDate = "19850101"
-                ds.PatientSex = "M"
-                ds.StudyDate, ds.StudyTime = s.date, s.time
-                ds.SeriesDate, ds.SeriesTime = s.date, s.time
-                ds.AccessionNumber = s.accession
-                ds.ReferringPhysicianName = s.referring
-                ds.StudyDescription = s.description
-                ds.StudyID = s.key
-                ds.Modality = modality
-                ds.SeriesNumber = si + 1
-                ds.InstanceNumber = ii + 1
-                ds.Rows = ds.Columns = 32
-                ds.SamplesPerPixel = 1
-                ds.PhotometricInterpretation = "MONOCHROME2"
-                ds.BitsAllocated = ds.BitsStored = 16
-                ds.HighBit = 15
-                ds.PixelRepresentation = 0
-                pixels = (np.arange(32 * 32, dtype=np.uint16).reshape(32, 32) * (ii + 1)) % 4096
-                ds.PixelData = pixels.tobytes()
                 if compressed:
                     ds.compress(JPEG2000Lossless, generate_instance_uid=False)
                 path = out / f"{s.key}_{si}_{ii}.dcm"

@@ -290,7 +290,7 @@ def test_dicom_accesses_are_audited(secured: PacsServer, tmp_path: Path) -> None
     from pynetdicom import AE
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-    from .test_dimse_failures import make_ct
+    from .dicomfiles import make_ct
 
     ct = make_ct(tmp_path / "audited.dcm")
     assert secured.storescu(str(ct), calling="CT_AUDIT").returncode == 0

@@ -29,7 +29,7 @@ from pynetdicom.sop_class import (
 from pacs.aes import AeRegistry
 
 from .conftest import Backend, PacsServer, run_dcmtk
-from .test_dimse_failures import make_ct
+from .dicomfiles import make_ct
 
 PATIENT = "PERM-001"
 

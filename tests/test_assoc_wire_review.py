@@ -21,7 +21,6 @@ checked with raw PDUs, pynetdicom and DCMTK against a real `pacs serve`.
 from __future__ import annotations
 
 import contextlib
-import io
 import socket
 import struct
 import subprocess
@@ -32,8 +31,6 @@ from typing import Any
 
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.filebase import DicomFileLike
-from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     CTImageStorage,
     ExplicitVRBigEndian,
@@ -50,6 +47,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelMove, Verification
 
 from .conftest import Backend, PacsServer, free_port
+from .dicomfiles import encode_dataset, image_dataset
 from .peers import dcmtk, read_pdu, wait_port, wait_until
 
 APP_CONTEXT = b"1.2.840.10008.3.1.1.1"
@@ -174,26 +172,7 @@ def read_response(sock: socket.socket) -> dict[int, Any] | str:
 
 def ct_dataset(sop_uid: str, patient_id: str = "WIRE1") -> bytes:
     """A small CT data set (Explicit VR Little Endian) under *sop_uid*."""
-    ds = Dataset()
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop_uid
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "WIRE^TEST"
-    ds.PatientID = patient_id
-    ds.Modality = "CT"
-    ds.Rows = ds.Columns = 4
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = bytes(32)
-    buffer = io.BytesIO()
-    fp = DicomFileLike(buffer)
-    fp.is_little_endian, fp.is_implicit_VR = True, False
-    write_dataset(fp, ds)
-    return buffer.getvalue()
+    return encode_dataset(image_dataset(sop_uid=sop_uid, PatientName="WIRE^TEST", PatientID=patient_id))
 
 
 class Raw:

@@ -32,9 +32,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer, free_port
+from .dicomfiles import make_ct
 from .peers import wait_until
 from .qr_corpus import study_uid, write_corpus
-from .test_dimse_failures import make_ct
 from .test_outbox_delivery import ScriptedHIS, _sign
 from .test_worklist_ris import _mpps
 

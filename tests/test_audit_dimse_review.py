@@ -31,7 +31,7 @@ import httpx
 import numpy as np
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian, MRImageStorage, generate_uid
 from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
 from pynetdicom.sop_class import (
@@ -41,6 +41,7 @@ from pynetdicom.sop_class import (
 )
 
 from .conftest import Backend, PacsServer, free_port, run_dcmtk
+from .dicomfiles import image_dataset
 from .peers import wait_until
 from .qr_corpus import PATIENTS, series_uid, sop_uid, study_uid, write_corpus
 from .test_dimse_review import HeldStoreSCP
@@ -89,19 +90,11 @@ def _study(out: Path, study: str, count: int, side: int, patient: tuple[str, str
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i in range(count):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = f"{study}.1.{i + 1}"
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, f"{study}.1"
-        ds.PatientID, ds.PatientName, ds.IssuerOfPatientID = patient[0], patient[1], "CCCD"
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, i + 1
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber = "20241201", "101010", ""
-        ds.Rows = ds.Columns = side
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.PixelData = np.random.default_rng(i).integers(0, 4096, side * side, dtype=np.uint16).tobytes()
+        ds = image_dataset(sop_uid=f"{study}.1.{i + 1}", StudyInstanceUID=study, SeriesInstanceUID=f"{study}.1",
+                           PatientID=patient[0], PatientName=patient[1], IssuerOfPatientID="CCCD", SeriesNumber=1,
+                           InstanceNumber=i + 1, StudyDate="20241201", StudyTime="101010", AccessionNumber="",
+                           Rows=side, Columns=side, BitsStored=12, HighBit=11,
+                           PixelData=np.random.default_rng(i).integers(0, 4096, side * side, dtype=np.uint16).tobytes())
         path = out / f"{study}-{i}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)

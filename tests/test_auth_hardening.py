@@ -27,8 +27,8 @@ from sqlalchemy import select, update
 from viewer_api.multipart import build_multipart_related
 
 from .conftest import PACS, Backend, PacsServer, free_port, wait_port
+from .dicomfiles import make_ct
 from .peers import wait_until
-from .test_dimse_failures import make_ct
 
 SQLITE = pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
 PASSWORD = "first-password-1"

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.dicomfiles import make_ct
 from tests.peers import Backend, PacsServer, dcmtk
-from tests.test_dimse_failures import make_ct
 
 
 def _series(tmp_path: Path, name: str, count: int) -> list[Path]:

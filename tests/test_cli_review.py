@@ -14,12 +14,11 @@ from pathlib import Path
 
 from minio import Minio
 from pydicom import dcmread
-from pydicom.filebase import DicomBytesIO
 from pydicom.fileset import FileSet
-from pydicom.filewriter import write_dataset
 from pydicom.uid import generate_uid
 
 from .conftest import PACS, S3_ACCESS, S3_SECRET, Backend, PacsServer, free_port, pydicom_file
+from .dicomfiles import encode_dataset
 from .peers import S3Server
 
 
@@ -133,10 +132,7 @@ def test_import_of_a_cd_copy_skips_dicomdir_and_reads_files_without_preamble(tmp
     fileset.write(cd)
     bare = dcmread(pydicom_file("MR_small.dcm"))
     del bare.file_meta
-    buffer = DicomBytesIO()
-    buffer.is_little_endian, buffer.is_implicit_VR = True, True
-    write_dataset(buffer, bare)
-    (cd / "IM000001").write_bytes(buffer.getvalue())
+    (cd / "IM000001").write_bytes(encode_dataset(bare, implicit_vr=True))
     result = pacs("import", str(cd), "--json", data_dir=tmp_path / "data")
     assert result.returncode == 0, result.stdout + result.stderr
     summary = _json(result)

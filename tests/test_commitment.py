@@ -27,7 +27,7 @@ from pacs.ingest import object_key
 from storage import open_store
 
 from .conftest import PacsServer, free_port, run_dcmtk
-from .test_dimse_failures import make_ct
+from .dicomfiles import make_ct
 
 MODALITY = "CT_COMMIT"
 # Long enough for the late path too: a report that crossed the modality's release waits

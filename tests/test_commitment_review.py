@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pydicom import dcmread
 from pydicom.uid import generate_uid
 from pynetdicom import build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StorageCommitmentPushModel
@@ -23,6 +22,7 @@ from pacs.ingest import object_key
 from storage.filesystem import FileStore
 
 from .conftest import PacsServer, free_port, run_dcmtk
+from .dicomfiles import make_ct
 from .peers import wait_until
 from .test_commitment import (
     MODALITY,
@@ -35,7 +35,6 @@ from .test_commitment import (
     _request,
     _send_study,
 )
-from .test_dimse_failures import make_ct
 
 
 def _store_as(server: PacsServer, path: Path) -> int:
@@ -50,11 +49,7 @@ def _store_as(server: PacsServer, path: Path) -> int:
 
 def _same_uid(path: Path, sop_uid: str, **attributes: Any) -> Path:
     """A CT object under *sop_uid* (file meta too), with *attributes*."""
-    make_ct(path, SOPInstanceUID=sop_uid, **attributes)
-    ds = dcmread(path)
-    ds.file_meta.MediaStorageSOPInstanceUID = sop_uid
-    ds.save_as(path)
-    return path
+    return make_ct(path, sop_uid=sop_uid, **attributes)
 
 
 def _commit_waiting(server: PacsServer, sops: list[str]) -> tuple[int, set[str], dict[str, int]]:

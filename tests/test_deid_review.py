@@ -32,8 +32,8 @@ from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 from pacs.deidentify import Deidentifier
 
 from .conftest import PACS, Backend, PacsServer, pydicom_file
+from .dicomfiles import make_ct
 from .peers import dcmtk, wait_port, wait_until
-from .test_dimse_failures import make_ct
 from .test_routing import Receiver
 from .test_routing_review import _jobs
 

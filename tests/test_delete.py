@@ -15,7 +15,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from .conftest import PacsServer
-from .test_dimse_failures import make_ct
+from .dicomfiles import make_ct
 
 NAME = "Trần^Thị Bích"
 

@@ -22,8 +22,8 @@ import pytest
 from pydicom.uid import generate_uid
 
 from .conftest import PacsServer
+from .dicomfiles import make_ct
 from .peers import run_dcmtk
-from .test_dimse_failures import make_ct
 
 
 def _send_study(server: PacsServer, folder: Path, patient: str, count: int = 3) -> tuple[str, list[Path]]:

@@ -16,8 +16,8 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from .conftest import PacsServer, run_dcmtk
+from .dicomfiles import make_ct
 from .peers import Backend, wait_until
-from .test_dimse_failures import make_ct
 from .test_dimse_ingest import assert_stored_as_sent
 from .test_query_retrieve import StoreSCP, findscu
 

@@ -15,7 +15,7 @@ import httpx
 import psycopg
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (
@@ -34,6 +34,7 @@ from .conftest import (
     free_port,
     run_dcmtk,
 )
+from .dicomfiles import make_ct
 from .peers import PG_ADMIN, create_database, drop_database, start_s3, wait_until
 
 
@@ -53,37 +54,6 @@ def scu_store_file(server: PacsServer, path: Path, calling: str = "PYSCU") -> in
         _config.STORE_SEND_CHUNKED_DATASET = old
     assert status is not None and "Status" in status, "no C-STORE response"
     return int(status.Status)
-
-
-def make_ct(path: Path, **overrides: object) -> Path:
-    """A small valid CT object; keyword overrides set or delete (None) elements."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    sop = generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = sop
-    ds.StudyInstanceUID = generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
-    ds.PatientName = "TEST^BAD INPUT"
-    ds.PatientID = "BAD1"
-    ds.Modality = "CT"
-    ds.Rows = ds.Columns = 16
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = bytes(16 * 16 * 2)
-    for key, value in overrides.items():
-        if value is None:
-            delattr(ds, key)
-        else:
-            setattr(ds, key, value)
-    ds.save_as(path, enforce_file_format=True)
-    return path
 
 
 def assert_still_serving(server: PacsServer, tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 from pydicom.dataelem import RawDataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
@@ -41,6 +41,7 @@ from pynetdicom.sop_class import (
 from bench.dimse_wire import WireFindSCU, encode_command
 
 from .conftest import Backend, PacsServer, free_port
+from .dicomfiles import image_dataset
 from .peers import create_database, drop_database, wait_until
 from .qr_corpus import STUDIES, sop_uid, study_uid, write_corpus
 from .test_query_conformance import _create_icu_database
@@ -91,24 +92,12 @@ def _grouped_study(out: Path, count: int = 2) -> None:
     out.mkdir(parents=True, exist_ok=True)
     series = GROUPED_STUDY + ".1"
     for i in range(count):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        sop = f"{series}.{i + 1}"
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
-        ds.SpecificCharacterSet = ["ISO_IR 192"]
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = GROUPED_STUDY, series
-        ds.PatientName = GROUPED_NAME
-        ds.PatientID, ds.PatientBirthDate, ds.PatientSex = "BIG001", "19700101", "F"
-        ds.StudyDate, ds.StudyTime, ds.AccessionNumber, ds.StudyID = "20240315", "101500", "ACCBIG", "1"
-        ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", 1, i + 1
-        ds.Rows = ds.Columns = 16
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit, ds.PixelRepresentation, ds.SamplesPerPixel = 15, 1, 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelData = (np.arange(16 * 16, dtype=np.int16) + i).tobytes()
+        ds = image_dataset(sop_uid=f"{series}.{i + 1}", SpecificCharacterSet=["ISO_IR 192"],
+                           StudyInstanceUID=GROUPED_STUDY, SeriesInstanceUID=series, PatientName=GROUPED_NAME,
+                           PatientID="BIG001", PatientBirthDate="19700101", PatientSex="F", StudyDate="20240315",
+                           StudyTime="101500", AccessionNumber="ACCBIG", StudyID="1", SeriesNumber=1,
+                           InstanceNumber=i + 1, PixelRepresentation=1,
+                           PixelData=(np.arange(16 * 16, dtype=np.int16) + i).tobytes())
         ds.save_as(out / f"{i:04d}.dcm", enforce_file_format=True)
 
 

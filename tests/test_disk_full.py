@@ -22,8 +22,8 @@ from pydicom.uid import generate_uid
 
 from viewer_api.multipart import build_multipart_related
 
+from .dicomfiles import make_ct
 from .peers import Backend, PacsServer
-from .test_dimse_failures import make_ct
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 

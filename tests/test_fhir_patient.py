@@ -17,8 +17,8 @@ import pytest
 from viewer_api.fhir import patient_fhir_id
 
 from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
 from .qr_corpus import study_uid, write_corpus
-from .test_dimse_failures import make_ct
 from .test_reports_fhir import _empty_values, _outcome
 
 PATIENT_ID_SYSTEM = "https://filmless-pacs.org/fhir/NamingSystem/patient-id"

@@ -17,7 +17,7 @@ import pytest
 from pacs import audit
 
 from .conftest import Backend, PacsServer
-from .test_dimse_failures import make_ct
+from .dicomfiles import make_ct
 from .test_reports_fhir import _empty_values, _outcome
 from .test_worklist_ris import msa, send
 

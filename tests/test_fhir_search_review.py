@@ -25,13 +25,12 @@ from typing import Any
 
 import httpx
 import pytest
-from pydicom import dcmread
 
 from viewer_api.fhir import PATIENT_ID_SYSTEM
 
 from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
 from .peers import create_database, drop_database
-from .test_dimse_failures import make_ct
 from .test_reports_fhir import _empty_values, _outcome
 from .test_worklist_ris import msa, send
 
@@ -63,12 +62,8 @@ def _study(directory: Path, study: str, patient: str, name: str, series: str | N
                               "IssuerOfPatientID": "BVDK", "PatientName": name, "StudyInstanceUID": study,
                               "SeriesInstanceUID": series or SERIES[study],
                               "AccessionNumber": f"A{study.rsplit('.', 1)[1]:0>2}", **overrides}
-    path = make_ct(directory / f"{uuid.uuid4().hex}.dcm", **values)
-    if "SOPClassUID" in overrides:
-        ds = dcmread(path)
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.save_as(path, enforce_file_format=True)
-    return path
+    sop_class = values.pop("SOPClassUID", CT_IMAGE)
+    return make_ct(directory / f"{uuid.uuid4().hex}.dcm", sop_class, **values)
 
 
 @pytest.fixture(scope="module", params=["sqlite-fs", "pg-fs"])

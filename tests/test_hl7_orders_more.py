@@ -23,8 +23,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
 from .peers import create_database, drop_database
-from .test_dimse_failures import make_ct
 from .test_hl7_robustness import adt, fields, send_raw, with_pid
 from .test_worklist_ris import WL_KEYS, _cfind_names, _mpps_status, msa, orm, send, worklist
 

@@ -24,8 +24,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer, free_port
+from .dicomfiles import make_ct
 from .peers import MLLPListener, wait_until
-from .test_dimse_failures import make_ct
 from .test_worklist_ris import _mpps, worklist
 
 VT, FS, CR = b"\x0b", b"\x1c", b"\r"

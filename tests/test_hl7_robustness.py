@@ -24,8 +24,8 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer, free_port
+from .dicomfiles import make_ct
 from .peers import PG_ADMIN, create_database, drop_database, serving_with_his, wait_until
-from .test_dimse_failures import make_ct
 from .test_worklist_ris import WL_KEYS, _mpps_status, msa, orm, send, worklist
 
 IDLE_TIMEOUT = 2.0

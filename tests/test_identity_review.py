@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 from hl7.client import MLLPClient
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelFind
 
 from .conftest import Backend, PacsServer
+from .dicomfiles import image_dataset
 from .peers import create_database, drop_database, wait_until
 from .test_worklist_ris import msa, send, worklist
 
@@ -49,24 +49,12 @@ def ct(path: Path, pid: str, name: str | bytes, *, charset: str | None = "ISO_IR
        others: tuple[tuple[str, str | bytes], ...] = (), accession: str = "", study_uid: str = "") -> Path:
     """A small CT object. Bytes (a name, an other ID's issuer) are written as
     given, whatever the declared character set (how mislabelling senders write)."""
-    ds = Dataset()
-    sop = generate_uid()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = sop
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    if charset is not None:
-        ds.SpecificCharacterSet = charset
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = generate_uid()
+    ds = image_dataset(SpecificCharacterSet=charset, PatientName=None, PatientID=pid,
+                       IssuerOfPatientID=issuer or None, AccessionNumber=accession, StudyDate="20240105",
+                       Rows=2, Columns=2, BitsStored=12, HighBit=11, PixelData=bytes(8))
+    if study_uid:
+        ds.StudyInstanceUID = study_uid
     ds.add(DataElement(_NAME, "PN", name))
-    ds.PatientID = pid
-    if issuer:
-        ds.IssuerOfPatientID = issuer
-    ds.AccessionNumber = accession
-    ds.Modality = "CT"
-    ds.StudyDate = "20240105"
     if others:
         items = []
         for value, other_issuer in others:
@@ -76,11 +64,6 @@ def ct(path: Path, pid: str, name: str | bytes, *, charset: str | None = "ISO_IR
             item.TypeOfPatientID = "TEXT"
             items.append(item)
         ds.OtherPatientIDsSequence = Sequence(items)
-    ds.Rows = ds.Columns = 2
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 12, 11
-    ds.PixelRepresentation, ds.SamplesPerPixel = 0, 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.PixelData = bytes(8)
     ds.save_as(path, enforce_file_format=True)
     return path
 

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .conftest import Backend, PacsServer
-from .test_dimse_failures import make_ct
+from .dicomfiles import make_ct
 from .test_worklist_ris import _cfind_names, msa, orm, send
 
 

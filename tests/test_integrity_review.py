@@ -33,9 +33,9 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select
 
 from .conftest import PacsServer
+from .dicomfiles import make_ct
 from .peers import Backend, create_database, drop_database, wait_until
 from .test_dicom_workers import _workers
-from .test_dimse_failures import make_ct
 from .test_order_review import ack, nw
 from .test_query_retrieve import findscu, study_matches
 

@@ -18,8 +18,8 @@ from pacs.ingest import object_key
 from storage import open_store
 
 from .conftest import PacsServer
+from .dicomfiles import make_ct
 from .peers import dataset_bytes
-from .test_dimse_failures import make_ct
 
 MB = 1 << 20
 

@@ -27,9 +27,9 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
 from .link_proxy import LinkProxy
 from .peers import free_port, wait_until
-from .test_dimse_failures import make_ct
 from .test_routing import Receiver
 
 SIDE = 64  # 64 x 64 x 16 bit: 8 KB of pixels per object

@@ -15,8 +15,9 @@ from sqlalchemy import func, select
 from pacs.audit import AuditTrail, Event, events_t
 from pacs.index import create_index_engine, upgrade_schema
 
+from .dicomfiles import make_ct
 from .peers import Backend, PacsServer, wait_until
-from .test_dimse_failures import make_ct, scu_store_file
+from .test_dimse_failures import scu_store_file
 from .test_disk_full import MB, OUT_OF_RESOURCES, fill, serving, tmpfs
 
 SQLITE_FS = Backend("sqlite-fs", None, None, {})

@@ -14,8 +14,8 @@ from pathlib import Path
 from pydicom import dcmread
 
 from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
 from .peers import run_dcmtk, wait_until
-from .test_dimse_failures import make_ct
 from .test_query_retrieve import StoreSCP, _movescu
 
 HELD = 1100

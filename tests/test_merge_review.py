@@ -22,8 +22,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from .conftest import Backend, PacsServer, run_dcmtk
+from .dicomfiles import make_ct
 from .peers import create_database, dataset_bytes, drop_database
-from .test_dimse_failures import make_ct
 from .test_worklist_ris import _cfind_names, msa, send, worklist
 
 

@@ -107,7 +107,7 @@ def test_segments_are_acknowledged_at_once(pacs_server: PacsServer, tmp_path: Pa
         assert raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK) == 1
     finally:
         assoc.release()
-    from .test_dimse_failures import make_ct
+    from .dicomfiles import make_ct
 
     files = [str(make_ct(tmp_path / f"{n}.dcm")) for n in range(20)]
     env = {k: v for k, v in os.environ.items() if k != "TCP_NODELAY"}  # DCMTK's default: Nagle on

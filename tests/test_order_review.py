@@ -34,8 +34,8 @@ from pydicom import dcmread
 from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer, free_port
+from .dicomfiles import make_ct
 from .peers import create_database, drop_database, serving_with_his, wait_until
-from .test_dimse_failures import make_ct
 from .test_order_edges import queued_statuses
 from .test_order_steps import completed, order, pps
 from .test_worklist_conformance import his_statuses

@@ -28,8 +28,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy import Engine
 
 from .conftest import Backend, PacsServer, free_port
+from .dicomfiles import make_ct
 from .peers import create_database, drop_database, serving_with_his, wait_until
-from .test_dimse_failures import make_ct
 from .test_hl7_robustness import fields
 from .test_worklist_conformance import his_statuses
 from .test_worklist_ris import _cfind_names, _mpps_status, msa, send, worklist

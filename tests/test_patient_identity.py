@@ -8,7 +8,7 @@ from pathlib import Path
 from pydicom import dcmread
 
 from .conftest import PacsServer
-from .test_dimse_failures import make_ct
+from .dicomfiles import make_ct
 from .test_worklist_ris import _cfind_names, msa, orm, ris, send
 
 __all__ = ["ris"]

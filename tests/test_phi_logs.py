@@ -11,8 +11,8 @@ from pathlib import Path
 
 from pydicom.uid import generate_uid
 
+from tests.dicomfiles import make_ct
 from tests.peers import Backend, PacsServer, run_dcmtk
-from tests.test_dimse_failures import make_ct
 from tests.test_worklist_ris import msa, orm, send
 
 NAME = "Phạm^Thị Quỳnh"

@@ -24,6 +24,7 @@ from pynetdicom.sop_class import (
 )
 
 from .conftest import Backend, PacsServer, dataset_bytes, free_port, run_dcmtk, wait_port
+from .dicomfiles import encode_dataset, image_dataset
 from .peers import create_database, dcmtk, drop_database
 from .qr_corpus import PATIENTS, series_uid, sop_uid, studies_of, study_uid, write_corpus
 
@@ -567,25 +568,21 @@ def _part10_without_group_length(ds: Dataset) -> bytes:
     """A Part 10 file whose File Meta has no (0002,0000) group length (some
     archives write them): the stored-bytes sender must fall back, not fail."""
     from pydicom.filebase import DicomBytesIO
-    from pydicom.filewriter import write_data_element, write_dataset
+    from pydicom.filewriter import write_data_element
 
     meta = DicomBytesIO()
     meta.is_little_endian, meta.is_implicit_VR = True, False
     for elem in ds.file_meta:
         if elem.tag != 0x00020000:
             write_data_element(meta, elem)
-    body = DicomBytesIO()
-    body.is_little_endian, body.is_implicit_VR = True, False
-    write_dataset(body, ds)
-    return b"\0" * 128 + b"DICM" + meta.getvalue() + body.getvalue()
+    return b"\0" * 128 + b"DICM" + meta.getvalue() + encode_dataset(ds)
 
 
 def test_retrieve_sends_stored_bytes_of_large_and_odd_files(backend: Backend, tmp_path: Path) -> None:
     """C-MOVE and C-GET send the stored bytes as they are: a 2 MB object that
     spans many PDUs, and a file without a meta group length (fallback path)."""
     import numpy as np
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import CTImageStorage, generate_uid
+    from pydicom.uid import generate_uid
 
     study = generate_uid()
     series = generate_uid()
@@ -593,18 +590,9 @@ def test_retrieve_sends_stored_bytes_of_large_and_odd_files(backend: Backend, tm
     corpus.mkdir()
     files: dict[str, bytes] = {}
     for number, (rows, odd) in enumerate([(1024, False), (64, True)], start=1):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.PatientName, ds.PatientID, ds.Modality, ds.InstanceNumber = "BIG^FILE", "079123456789", "CT", number
-        ds.Rows = ds.Columns = rows
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.PixelData = (np.arange(rows * rows, dtype=np.uint16) % 4096).tobytes()
+        ds = image_dataset(StudyInstanceUID=study, SeriesInstanceUID=series, PatientName="BIG^FILE",
+                           PatientID="079123456789", InstanceNumber=number, Rows=rows, Columns=rows, BitsStored=12,
+                           HighBit=11, PixelData=(np.arange(rows * rows, dtype=np.uint16) % 4096).tobytes())
         path = corpus / f"{number}.dcm"
         if odd:
             path.write_bytes(_part10_without_group_length(ds))

@@ -22,8 +22,8 @@ from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 
 from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
 from .peers import wait_until
-from .test_dimse_failures import make_ct
 
 STUDY = generate_uid()
 BIG_SERIES = generate_uid()

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.dataset import Dataset
 
 from .conftest import PacsServer, make_backend
+from .dicomfiles import image_dataset
 from .peers import dataset_bytes, dcmtk, free_port, orthanc_old_pacs, run_dcmtk, wait_port
 
 ROOT = "1.2.826.0.1.3680043.8.498.4242."
@@ -34,25 +34,11 @@ STUDIES = [
 
 def _instance(study: tuple, series: int, number: int) -> Dataset:
     key, day, clock, patient_id, name, _shape = study
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = f"{ROOT}{key}.{series}.{number}"
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID = f"{ROOT}{key}"
-    ds.SeriesInstanceUID = f"{ROOT}{key}.{series}"
-    ds.PatientID, ds.PatientName = patient_id, name
-    ds.StudyDate, ds.StudyTime, ds.AccessionNumber = day, clock, f"ACC{key}"
-    ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "CT", series, number
-    ds.Rows = ds.Columns = 8
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-    ds.PixelData = (np.arange(64, dtype=np.int16) * number).tobytes()
-    return ds
+    return image_dataset(sop_uid=f"{ROOT}{key}.{series}.{number}", SpecificCharacterSet="ISO_IR 192",
+                         StudyInstanceUID=f"{ROOT}{key}", SeriesInstanceUID=f"{ROOT}{key}.{series}",
+                         PatientID=patient_id, PatientName=name, StudyDate=day, StudyTime=clock,
+                         AccessionNumber=f"ACC{key}", SeriesNumber=series, InstanceNumber=number, Rows=8, Columns=8,
+                         PixelRepresentation=1, PixelData=(np.arange(64, dtype=np.int16) * number).tobytes())
 
 
 @dataclass

@@ -45,7 +45,7 @@ def _ingest_ct(core: Any, tmp_path: Path) -> str:
     from pacs.ingest import Origin
     from pacs.part10 import FileSource
 
-    from .test_dimse_failures import make_ct
+    from .dicomfiles import make_ct
 
     ct = make_ct(tmp_path / "ct.dcm")
     return str(core.ingestor.ingest(FileSource(ct), Origin("test")).header.study_uid)

@@ -155,7 +155,7 @@ def test_a_signature_that_loses_the_race_leaves_no_pdf(tmp_path: Path, monkeypat
     from pacs.part10 import FileSource
 
     from .fuzzing import core_on
-    from .test_dimse_failures import make_ct
+    from .dicomfiles import make_ct
 
     with core_on(tmp_path / "data") as core:
         ct = make_ct(tmp_path / "ct.dcm")
@@ -299,7 +299,7 @@ def test_fhir_resources_are_valid_without_dicom_values(reporting: PacsServer, tm
     and a report without impression: the absent values are left out (FHIR has
     no empty strings, nulls or empty arrays), and the patient identifier has
     its system, one a patient.identifier search accepts back."""
-    from .test_dimse_failures import make_ct
+    from .dicomfiles import make_ct
 
     ct = make_ct(tmp_path / "bare.dcm", PatientID="BN000700", PatientName="Lê^Văn Bảy",
                  SpecificCharacterSet="ISO_IR 192")
@@ -390,7 +390,7 @@ def test_oru_names_its_interpreter_time_and_unordered_study(reporting: PacsServe
     import re
 
     from .peers import wait_until
-    from .test_dimse_failures import make_ct
+    from .dicomfiles import make_ct
 
     ct = make_ct(tmp_path / "bare.dcm", PatientID="BN000701")  # no accession, no description
     assert reporting.storescu(str(ct)).returncode == 0
@@ -425,7 +425,7 @@ def test_fhir_conformance_of_long_uids_unknown_patients_and_or_searches(reportin
     (OT) was missing from the study's modalities."""
     import re
 
-    from .test_dimse_failures import make_ct
+    from .dicomfiles import make_ct
 
     long_uid = "1.2.826.0.1.3680043.8.498." + "1234567890" * 3 + "12345678"
     assert len(long_uid) == 64

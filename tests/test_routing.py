@@ -18,8 +18,8 @@ from pydicom import dcmread
 from pydicom.uid import JPEG2000Lossless
 
 from .conftest import S3_ACCESS, S3_SECRET, Backend, PacsServer, free_port, wait_port
+from .dicomfiles import make_ct
 from .peers import create_database, dcmtk, drop_database, wait_until
-from .test_dimse_failures import make_ct
 
 
 class Receiver:

@@ -22,8 +22,8 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, generate_uid
 
 from .conftest import Backend, PacsServer, pydicom_file
+from .dicomfiles import make_ct
 from .peers import wait_until
-from .test_dimse_failures import make_ct
 from .test_routing import Receiver
 
 VIETNAMESE = "Bệnh viện Đa khoa Tỉnh"

@@ -43,8 +43,8 @@ from .conftest import (
     dataset_bytes,
     run_dcmtk,
 )
+from .dicomfiles import make_ct
 from .peers import S3Server, create_database, drop_database
-from .test_dimse_failures import make_ct
 from .test_query_retrieve import StoreSCP, findscu
 from .test_worklist_ris import WL_KEYS, msa, orm, send, worklist
 

@@ -25,9 +25,9 @@ from pydicom import dcmread
 from storage import ObjectStore, StorageError, open_store
 
 from .conftest import S3_ACCESS, S3_SECRET, Backend, PacsServer, dataset_bytes
+from .dicomfiles import make_ct
 from .peers import S3Server, create_database, drop_database, wait_until
 from .test_dicomweb_more import _parts
-from .test_dimse_failures import make_ct
 from .test_order_edges import Background
 
 

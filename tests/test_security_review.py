@@ -20,8 +20,8 @@ from pydicom.uid import generate_uid
 from sqlalchemy import update
 
 from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
 from .peers import wait_until
-from .test_dimse_failures import make_ct
 
 PASSWORD = "right-password-1"
 

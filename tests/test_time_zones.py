@@ -30,10 +30,10 @@ from pydicom import dcmread
 from sqlalchemy import func, select
 
 from .conftest import PACS, Backend, PacsServer, free_port
+from .dicomfiles import make_ct
 from .pdftext import page_texts
 from .peers import create_database, drop_database, serving_with_his, wait_until
 from .qr_corpus import study_uid, write_corpus
-from .test_dimse_failures import make_ct
 from .test_hl7_robustness import fields, send_raw
 
 VN = "Asia/Ho_Chi_Minh"

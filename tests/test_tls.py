@@ -27,8 +27,8 @@ from pynetdicom.sop_class import Verification
 from pacs.aes import AeRegistry
 
 from .conftest import PACS, Backend, PacsServer, free_port, run_dcmtk, wait_port
+from .dicomfiles import make_ct
 from .peers import wait_until
-from .test_dimse_failures import make_ct
 
 
 def pacs_cli(*args: str) -> dict[str, object]:

@@ -29,8 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .conftest import PACS, PacsServer, free_port, wait_port
+from .dicomfiles import make_ct
 from .peers import wait_until
-from .test_dimse_failures import make_ct
 from .test_tls import Pki, pki, start_server, stop_server, storescu_tls, tls_env  # noqa: F401 (pki: fixture)
 
 

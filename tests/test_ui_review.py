@@ -18,11 +18,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
 
 from viewer_api.multipart import build_multipart_related
 
+from .dicomfiles import image_dataset
 from .peers import Backend, PacsServer, wait_until
 from .test_web_viewer import PASSWORD, USERNAME, _log_in, page  # noqa: F401 (fixtures)
 
@@ -37,23 +38,14 @@ SHARED_ID = "001079918801"
 def _instance(study: str, series: str, number: int, *,
               patient: tuple[str, str, str] = ("Nguyễn^Văn An", SHARED_ID, "BV_CHO_RAY"), series_number: int = 1, date: str = "20240301", accession: str = "", referring: str = "") -> Dataset:
     """A small CT slice (32x32) of *series* in *study*."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = CT
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-    ds.PatientName, ds.PatientID, ds.IssuerOfPatientID = patient
-    ds.StudyDate, ds.StudyTime, ds.Modality = date, "080000", "CT"
-    ds.SeriesNumber, ds.InstanceNumber, ds.SeriesDescription = series_number, number, f"Series {series_number}"
-    ds.AccessionNumber, ds.ReferringPhysicianName = accession, referring
-    ds.Rows = ds.Columns = 32
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-    ds.PixelData = np.full((32, 32), 1024 + 10 * number, np.uint16).tobytes()
-    return ds
+    name, patient_id, issuer = patient
+    return image_dataset(CT, SpecificCharacterSet="ISO_IR 192", StudyInstanceUID=study, SeriesInstanceUID=series,
+                         PatientName=name, PatientID=patient_id, IssuerOfPatientID=issuer, StudyDate=date,
+                         StudyTime="080000", SeriesNumber=series_number, InstanceNumber=number,
+                         SeriesDescription=f"Series {series_number}", AccessionNumber=accession,
+                         ReferringPhysicianName=referring, Rows=32, Columns=32, BitsStored=12, HighBit=11,
+                         RescaleSlope=1, RescaleIntercept=-1024,
+                         PixelData=np.full((32, 32), 1024 + 10 * number, np.uint16).tobytes())
 
 
 def _pdf(study: str) -> Dataset:

@@ -24,13 +24,14 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, UltrasoundImageStorage, generate_uid
+from pydicom.uid import UltrasoundImageStorage, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, StudyRootQueryRetrieveInformationModelFind
 
 from .conftest import Backend, PacsServer, free_port
+from .dicomfiles import image_dataset
 from .peers import MLLPRecorder, create_database, drop_database, wait_until
 from .test_worklist_conformance import find, final, his_statuses, identifier, n_create, n_set
 from .test_worklist_ris import msa, send, worklist
@@ -125,27 +126,10 @@ def images(server: PacsServer, tmp_path: Path, placed: dict[str, Any], count: in
     series = generate_uid()
     files = []
     for number in range(count):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = UltrasoundImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SOPClassUID = UltrasoundImageStorage
-        ds.StudyInstanceUID = placed["study_uid"]
-        ds.AccessionNumber = placed["accession_number"]
-        ds.SeriesInstanceUID = series
-        ds.PatientID = placed["patient_id"]
-        ds.PatientName = "LE^HOANG PHUC"
-        ds.Modality = modality
-        ds.StudyDate, ds.StudyTime = day(), "091500"
-        ds.InstanceNumber = number + 1
-        ds.Rows = ds.Columns = 8
-        ds.BitsAllocated = ds.BitsStored = 8
-        ds.HighBit = 7
-        ds.PixelRepresentation = 0
-        ds.SamplesPerPixel = 1
-        ds.PhotometricInterpretation = "MONOCHROME2"
-        ds.PixelData = bytes(64)
+        ds = image_dataset(UltrasoundImageStorage, StudyInstanceUID=placed["study_uid"],
+                           AccessionNumber=placed["accession_number"], SeriesInstanceUID=series,
+                           PatientID=placed["patient_id"], PatientName="LE^HOANG PHUC", Modality=modality,
+                           StudyDate=day(), StudyTime="091500", InstanceNumber=number + 1)
         path = tmp_path / f"{ds.SOPInstanceUID}.dcm"
         ds.save_as(path, enforce_file_format=True)
         files.append(str(path))

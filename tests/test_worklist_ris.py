@@ -21,8 +21,8 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep, StudyRootQueryRetrieveInformationModelFind
 
 from .conftest import Backend, PacsServer, free_port, run_dcmtk
+from .dicomfiles import make_ct
 from .peers import MLLPRecorder, create_database, drop_database
-from .test_dimse_failures import make_ct
 
 
 @pytest.fixture(params=["sqlite", "pg"])
