@@ -152,8 +152,6 @@ def multiframe_rgb(path: Path, frames: int, rows: int, columns: int) -> tuple[st
     """Write an uncompressed US Multi-frame object of *frames* RGB frames
     (a cine clip, :func:`frame_pixels` each) to *path*; return its study,
     series and SOP Instance UIDs."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.3.1"  # US Multi-frame
