@@ -27,11 +27,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 
 from ..routing import create_jobs
 from . import tombstones
-from .db import discard_connection, is_sqlite
+from .db import discard_connection, is_sqlite, is_transient, retry_transaction
 from .models import CommitmentConflict
 from .writer import AddResult, IndexRecord, IndexWriter, Outcome
 
 log = logging.getLogger(__name__)
+# Runs of a batch's transaction (see _worth_retrying).
+INGEST_ATTEMPTS = 3
 
 
 class CommitterClosed(RuntimeError):
@@ -122,28 +124,30 @@ class GroupCommitter:
         for w, result in zip(batch, results, strict=True):
             w.result = result
 
-    def _transaction(self, records: list[IndexRecord], attempts: int = 3) -> list[AddResult]:
-        for attempt in range(attempts):
-            try:
-                conn = self._connection()
-                with conn.begin():
-                    results = [self._writer.add(conn, rec) for rec in records]
-                    _settle(conn, records, results)
-                    return results
-            except (IntegrityError, OperationalError) as exc:
-                # A cached key may point at a purged row, PostgreSQL may have
-                # restarted: forget the cache and retry on a fresh connection.
-                # SQLite's lock was already waited for (busy_timeout): another
-                # wait would only hold the modality longer.
-                self._writer.clear_cache()
-                self._drop_connection()
-                if attempt == attempts - 1 or "database is locked" in str(exc):
-                    raise
-            except Exception:
-                self._writer.clear_cache()
-                self._drop_connection()
-                raise
-        raise AssertionError("unreachable")
+    def _transaction(self, records: list[IndexRecord]) -> list[AddResult]:
+        return retry_transaction(lambda: self._transaction_once(records), what="index batch",
+                                 attempts=INGEST_ATTEMPTS, retry_on=_worth_retrying)
+
+    def _transaction_once(self, records: list[IndexRecord]) -> list[AddResult]:
+        # In Study Instance UID order (each study's records in arrival order):
+        # the instances' counters lock their study rows in the order the batch
+        # is written, and an HIS update of a patient locks that patient's
+        # studies in this order too (pacs.orders.lock_patient_studies), as
+        # do other batches: no two of them wait for each other in a cycle.
+        order = sorted(range(len(records)), key=lambda i: records[i].header.study_uid)
+        try:
+            conn = self._connection()
+            with conn.begin():
+                added = {i: self._writer.add(conn, records[i]) for i in order}
+                results = [added[i] for i in range(len(records))]
+                _settle(conn, records, results)
+                return results
+        except Exception:
+            # A cached key may point at a purged row, PostgreSQL may have
+            # restarted: forget the cache, and retry on a fresh connection.
+            self._writer.clear_cache()
+            self._drop_connection()
+            raise
 
     def add_jobs(self, routes: list[Any], sop_uid: str, study_uid: str) -> None:
         """Routing jobs for an instance already indexed, outside the batches."""
@@ -219,6 +223,16 @@ class GroupCommitter:
     def _drop_connection(self) -> None:
         discard_connection(self._conn)
         self._conn = None
+
+
+def _worth_retrying(exc: BaseException) -> bool:
+    """A batch is run again after a deadlock (or another transient error, see
+    pacs.index.db.is_transient), a key its stale cache named (IntegrityError)
+    or a lost connection; not after SQLite's "database is locked": its lock
+    was already waited for (busy_timeout), another wait would only hold the
+    modality longer."""
+    return is_transient(exc) or (isinstance(exc, IntegrityError | OperationalError)
+                                 and "database is locked" not in str(exc))
 
 
 def _settle(conn: Connection, records: list[IndexRecord], results: list[AddResult]) -> None:

@@ -10,16 +10,68 @@ instead of failing on a read-to-write upgrade.
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator
+import random
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, func, select
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# SQLSTATEs of a transaction PostgreSQL aborted so that another could go on:
+# a deadlock victim (40P01) and a serialization failure (40001). Nothing of
+# it was applied, and run again it normally succeeds.
+RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+# Runs of one transaction before such a failure is given to the caller.
+TRANSACTION_ATTEMPTS = 5
+# Upper bound (seconds) of the random pause before the second run, doubled
+# for each further one: two victims of one another do not meet again in step.
+RETRY_PAUSE = 0.05
+
+
+class ConcurrentChange(Exception):
+    """A row the transaction had read was deleted (or changed) by another
+    writer before the transaction could lock it. Run again, the transaction
+    sees the other's outcome (e.g. an HIS update of a patient a deletion
+    just removed makes the patient anew)."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether *exc* failed a transaction only because of another one at the
+    same moment (:data:`RETRYABLE_SQLSTATES`, :class:`ConcurrentChange`)."""
+    if isinstance(exc, ConcurrentChange):
+        return True
+    return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
+
+
+def retry_transaction(run: Callable[[], T], *, what: str, attempts: int = TRANSACTION_ATTEMPTS,
+                      retry_on: Callable[[BaseException], bool] = is_transient) -> T:
+    """``run()`` -- one whole transaction -- run again after a short random
+    pause while it fails with an error *retry_on* accepts (by default a
+    deadlock victim, a serialization failure, a :class:`ConcurrentChange`),
+    at most *attempts* times in all; the last error is raised. *what* names
+    the transaction in the log (no patient data: database errors quote the
+    statement's parameters, so only the error's type and SQLSTATE are logged)."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return run()
+        except Exception as exc:
+            if attempt == attempts or not retry_on(exc):
+                raise
+            log.info("%s: %s (%s); running it again (%d of %d)", what, type(exc).__name__,
+                     getattr(getattr(exc, "orig", None), "sqlstate", None) or "no SQLSTATE", attempt + 1, attempts)
+            time.sleep(random.uniform(0, RETRY_PAUSE * 2 ** (attempt - 1)))
+    raise AssertionError("unreachable")
 
 
 @contextmanager
