@@ -49,7 +49,13 @@ from .index.models import (
     Study,
     StudyOrderLink,
 )
-from .index.reconcile import PATIENT_COLUMNS, accession_match_doubt, record_reconciliation
+from .index.reconcile import (
+    PATIENT_COLUMNS,
+    accession_match_doubt,
+    lock_order_keys,
+    order_keys,
+    record_reconciliation,
+)
 from .index.writer import MERGED_ID_TYPE, merged_patient
 from .index.writer_helpers import insert_ignore
 from .names import fold_name, name_reading, name_words
@@ -364,17 +370,6 @@ def _changes_per_procedure(actions: list[tuple[str, Any]]) -> dict[str, int]:
                                  code="205", http_status=409)
             steps.add((key, info.step_id))
     return counts
-
-
-def _lock_keys(conn: Connection, keys: set[str]) -> None:
-    """PostgreSQL: take the transaction-scoped advisory locks of *keys*
-    (``accession:A``, ``study:UID``) in sorted order; SQLite writers queue
-    already (BEGIN IMMEDIATE)."""
-    if conn.dialect.name != "postgresql":
-        return
-    for key in sorted(keys):
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-                     {"key": f"filmless-pacs order {key}"})
 
 
 def procedure_status(statuses: Iterable[str]) -> str:
@@ -887,7 +882,7 @@ class OrderService:
                                  code="205", http_status=409)
             if not accessions:
                 return []
-            _lock_keys(conn, {f"accession:{accessions[0]}"})  # held already: no wait
+            lock_order_keys(conn, {f"accession:{accessions[0]}"})  # held already: no wait
             again, number = self._numbered_accessions(conn, info)
             if again == accessions:
                 return self._procedure_rows(conn, accessions[0])
@@ -1262,14 +1257,14 @@ class OrderService:
         under the lock. It took no lock, and raced the MPPS: a CA read a
         step IN PROGRESS, waited on the row the N-SET was completing, then
         overwrote COMPLETED with CANCELLED (the HIS had been told CM)."""
-        keys = {f"{kind}:{value}" for action, info in actions if action in _ORDER_ACTIONS
-                for kind, value in (("accession", info.accession_number), ("study", info.study_uid)) if value}
+        keys = {key for action, info in actions if action in _ORDER_ACTIONS
+                for key in order_keys(info.study_uid, info.accession_number)}
         if conn.dialect.name == "postgresql":
             for action, info in actions:
                 if action in _ORDER_ACTIONS and not info.accession_number and (info.placer_order_number
                                                                                or info.filler_order_number):
                     keys.update(f"accession:{a}" for a in cls._numbered_accessions(conn, info)[0])
-        _lock_keys(conn, keys)
+        lock_order_keys(conn, keys)
 
     # -- status and performed steps -----------------------------------------------------
     def step_orders(self, sop_uid: str) -> list[dict[str, str]]:
@@ -1349,7 +1344,7 @@ class OrderService:
             # does not put a cancelled step back IN PROGRESS.
             if existing is not None:
                 order_pks = _step_orders(existing)
-                _lock_keys(conn, {f"accession:{a}" for a in _step_accessions(conn, order_pks)})
+                lock_order_keys(conn, {f"accession:{a}" for a in _step_accessions(conn, order_pks)})
                 # Read again under the locks, its row locked too (PostgreSQL;
                 # SQLite writers queue already): of two N-SETs of one performed
                 # step at once (a modality resending after a timeout, or
@@ -1374,7 +1369,7 @@ class OrderService:
                         wanted = _step_accessions(conn, order_pks)
                         if wanted <= locked:
                             break
-                        _lock_keys(conn, {f"accession:{a}" for a in wanted - locked})
+                        lock_order_keys(conn, {f"accession:{a}" for a in wanted - locked})
                         locked |= wanted
                         order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
             values: dict[str, Any] = {"status": status, "updated_at": now}
@@ -1716,7 +1711,7 @@ class OrderService:
         if not start and not finish:
             return 0, 0
         with write_transaction(self.engine) as conn:
-            _lock_keys(conn, {f"accession:{accession}"})
+            lock_order_keys(conn, {f"accession:{accession}"})
             start, _ = self._images_plan(conn, accession, stable_before)
             rows = self._procedure_rows(conn, accession)
             started = completed = 0

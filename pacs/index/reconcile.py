@@ -8,10 +8,11 @@ a study is never visible under the modality's patient first and moved later.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, case, or_, select, update
+from sqlalchemy import Connection, case, or_, select, text, update
 
 from ..timezones import server_zone
 from .models import Correction, Order, Patient, PatientIdentifier, Study, StudyOrderLink
@@ -51,6 +52,27 @@ STUDY_COLUMNS = {
     "StudyDescription": "description",
     "ReferringPhysicianName": "referring_physician",
 }
+
+
+def order_keys(study_uid: str, accession: str) -> set[str]:
+    """The keys of :func:`lock_order_keys` that name a procedure with this
+    Study Instance UID or Accession Number (an empty one names nothing)."""
+    return {f"{kind}:{value}" for kind, value in (("accession", accession), ("study", study_uid)) if value}
+
+
+def lock_order_keys(conn: Connection, keys: Iterable[str]) -> None:
+    """PostgreSQL: take the transaction-scoped advisory locks of *keys*
+    (:func:`order_keys`), in sorted order, so that two transactions taking
+    several never wait for each other in a cycle; held until commit. The HIS
+    messages take them before they look at a procedure (pacs.orders), the
+    ingest before it looks for the order of a study it may create: of an
+    order and the first image of its study arriving together, one then sees
+    the other's committed row. SQLite writers queue already (BEGIN IMMEDIATE)."""
+    if conn.dialect.name != "postgresql":
+        return
+    for key in sorted(set(keys)):
+        conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                     {"key": f"filmless-pacs order {key}"})
 
 
 def find_order(conn: Connection, study_uid: str, accession: str, patient_id: str = "",

@@ -25,7 +25,14 @@ from ..routing import create_jobs  # no cycle: pacs.routing imports only writer_
 from . import tombstones
 from .models import PATIENT_HAS_ID, Correction, Instance, Patient, PatientIdentifier, Series, Study, StudyOrderLink
 from .prune import prune_after_delete, prune_patients
-from .reconcile import PATIENT_COLUMNS, STUDY_COLUMNS, find_order, record_reconciliation
+from .reconcile import (
+    PATIENT_COLUMNS,
+    STUDY_COLUMNS,
+    find_order,
+    lock_order_keys,
+    order_keys,
+    record_reconciliation,
+)
 from .writer_helpers import insert_ignore, insert_under_parent
 
 patients: Table = Patient.__table__  # type: ignore[assignment]
@@ -293,7 +300,12 @@ class IndexWriter:
                 self._studies.put(h.study_uid, pk)
                 return int(pk), False
         # A study the HIS ordered is filed under the HIS patient: the
-        # modality's (possibly mistyped) patient is never created.
+        # modality's (possibly mistyped) patient is never created. The order
+        # may be being placed right now, its transaction looking for stored
+        # studies to reconcile: under its lock, one of the two sees the
+        # other's committed row (each saw nothing of the other's, and the
+        # study stayed unmatched). Once per study not in the cache.
+        lock_order_keys(conn, order_keys(h.study_uid, h.accession_number))
         order = find_order(conn, h.study_uid, h.accession_number, h.patient_id, h.study_date)
         patient_pk, merged = (order.patient_pk, False) if order is not None else self._patient_pk(conn, h, now)
         pk = insert_ignore(
@@ -368,6 +380,7 @@ class IndexWriter:
             conn.execute(update(studies).where(studies.c.pk == study_pk).values(**fill))
         order = None
         if "accession_number" in fill and not row.ordered:
+            lock_order_keys(conn, order_keys("", h.accession_number))  # as in _study_pk
             order = find_order(conn, h.study_uid, h.accession_number, h.patient_id, row.study_date or h.study_date)
         if order is not None:
             matched_by = "study uid" if order.study_uid == h.study_uid else "accession number"
