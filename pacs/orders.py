@@ -35,7 +35,7 @@ from . import outbox
 from .audit import patient_cx
 from .errors import PacsError
 from .header import valid_uid
-from .index.db import write_transaction
+from .index.db import ConcurrentChange, is_transient, retry_transaction, write_transaction
 from .index.models import (
     PATIENT_HAS_ID,
     Correction,
@@ -78,7 +78,10 @@ reports_t = Report.__table__
 # How long an applied message is remembered to recognise its resend: HIS
 # engines retry for minutes or hours, never for weeks.
 KEEP_RECEIVED = timedelta(days=30)
-# Transactions of one inbound message before a lost race is reported (see apply_message).
+# Readings of what a message names, each under the locks the previous one
+# asked for, before it is reported as changing under it (see _find_procedure,
+# record_step); a transaction that lost a race is run again by
+# pacs.index.db.retry_transaction.
 RACE_ATTEMPTS = 3
 # How far back a study's last instance may lie for its images to start its
 # order's scheduled step (OrderService.progress_from_images): the days within
@@ -372,6 +375,40 @@ def _changes_per_procedure(actions: list[tuple[str, Any]]) -> dict[str, int]:
     return counts
 
 
+def lock_patient_studies(conn: Connection, patient_pk: int) -> list[int]:
+    """The patient's studies, locked (PostgreSQL) in Study Instance UID order
+    before the patient row is changed or they are moved.
+
+    Changing a patient's name, ID or issuer makes its trigger
+    (``trg_patients_changed``, migration 0022) update every study of the
+    patient after the patient row, in no particular order, while the ingest
+    locks studies in Study Instance UID order (pacs.index.committer) and a
+    deletion locks its study, then deletes the patient. Taking the studies
+    first, in that order, and the patient after, this transaction waits for
+    a running ingest or deletion holding nothing either wants (it was part
+    of a deadlock with each: ADT^A08 answered AR). What is left (locks taken
+    in other orders) is retried as a deadlock (pacs.index.db.retry_transaction).
+    SQLite: the transaction holds the one write lock already."""
+    query = select(studies_t.c.pk).where(studies_t.c.patient_pk == patient_pk).order_by(studies_t.c.study_uid)
+    if conn.dialect.name == "postgresql":
+        # FOR NO KEY UPDATE, as the trigger's UPDATE and the ingest's counters take.
+        query = query.with_for_update(key_share=True)
+    return [int(pk) for pk in conn.execute(query).scalars()]
+
+
+def _raced(exc: BaseException) -> bool:
+    """An inbound message's transaction lost a race with another writer, and
+    is applied again (see OrderService.apply_message)."""
+    return isinstance(exc, IntegrityError) or is_transient(exc)
+
+
+def _patient_gone() -> ConcurrentChange:
+    """The patient this transaction found was deleted meanwhile (its last
+    study deleted, by a deletion that committed first): the message is
+    applied again, and then makes the patient anew."""
+    return ConcurrentChange("the patient was deleted meanwhile")
+
+
 def procedure_status(statuses: Iterable[str]) -> str:
     """A requested procedure's status from its steps' -- what the HIS is
     told (ORC-5) and the API shows. A single step's status is the
@@ -479,14 +516,18 @@ class OrderService:
                 pk = conn.execute(
                     select(patients_t.c.pk).where(patients_t.c.patient_id == p.patient_id,
                                                   patients_t.c.issuer == p.issuer)
-                ).scalar_one()
+                ).scalar()
+                if pk is None:
+                    raise ConcurrentChange("the patient was created and deleted meanwhile")
                 self._update_demographics(conn, pk, p, now)
         else:
             self._update_demographics(conn, pk, p, now)
         # The patient's own key is no other ID of it: Other Patient IDs
         # repeated the Patient ID (a message listing the ID the patient was
         # found by, rows written before this check).
-        key = conn.execute(select(patients_t.c.patient_id, patients_t.c.issuer).where(patients_t.c.pk == pk)).one()
+        key = conn.execute(select(patients_t.c.patient_id, patients_t.c.issuer).where(patients_t.c.pk == pk)).first()
+        if key is None:
+            raise _patient_gone()
         conn.execute(delete(identifiers_t).where(identifiers_t.c.patient_pk == pk,
                                                  identifiers_t.c.value == key.patient_id,
                                                  identifiers_t.c.issuer == key.issuer))
@@ -501,7 +542,10 @@ class OrderService:
             return
         changed = self._demographics_changed(conn, pk, p)
         if changed:
-            conn.execute(update(patients_t).where(patients_t.c.pk == pk).values(**values, updated_at=now))
+            lock_patient_studies(conn, pk)
+            if not conn.execute(update(patients_t).where(patients_t.c.pk == pk)
+                                .values(**values, updated_at=now)).rowcount:
+                raise _patient_gone()
             # Only what really changed becomes a correction of the stored studies.
             self._record_patient_change(conn, pk, changed, "HIS patient update")
 
@@ -516,13 +560,14 @@ class OrderService:
         if p.issuer:
             # The same ID received from a modality without an issuer is this
             # patient: give it the HIS's issuer instead of creating a twin.
-            conn.execute(
-                update(patients_t)
-                .where(patients_t.c.patient_id == p.patient_id, patients_t.c.issuer == "",
-                       ~select(patients_t.c.pk).where(patients_t.c.patient_id == p.patient_id,
-                                                      patients_t.c.issuer == p.issuer).exists())
-                .values(issuer=p.issuer)
-            )
+            no_twin = ~select(patients_t.c.pk).where(patients_t.c.patient_id == p.patient_id,
+                                                     patients_t.c.issuer == p.issuer).exists()
+            blank = conn.execute(select(patients_t.c.pk).where(
+                patients_t.c.patient_id == p.patient_id, patients_t.c.issuer == "", no_twin)).scalar()
+            if blank is not None:
+                lock_patient_studies(conn, blank)
+                conn.execute(update(patients_t).where(patients_t.c.pk == blank, patients_t.c.issuer == "", no_twin)
+                             .values(issuer=p.issuer))
         pk = self._patient_pk(conn, p.patient_id, p.issuer)
         if pk is None and not p.issuer:
             pk = self._single_patient_with_id(conn, p.patient_id)
@@ -585,6 +630,7 @@ class OrderService:
                        None)
         if demoted is None:
             return False
+        lock_patient_studies(conn, pk)
         conn.execute(delete(identifiers_t).where(identifiers_t.c.patient_pk == pk,
                                                  identifiers_t.c.value == p.patient_id,
                                                  identifiers_t.c.issuer == p.issuer))
@@ -609,7 +655,9 @@ class OrderService:
 
     @staticmethod
     def _demographics_changed(conn: Connection, pk: int, p: PatientInfo) -> dict[str, tuple[str, str]]:
-        row = conn.execute(select(patients_t).where(patients_t.c.pk == pk)).one()
+        row = conn.execute(select(patients_t).where(patients_t.c.pk == pk)).first()
+        if row is None:
+            raise _patient_gone()
         return {
             k: (getattr(row, PATIENT_COLUMNS[k]), v)
             for k, v in p.demographics().items()
@@ -637,8 +685,11 @@ class OrderService:
         "discontinue", OrderInfo), ("patient", PatientInfo),
         ("merge", (PatientInfo, [(prior id, issuer)])). Several "place" of
         one accession are the scheduled steps of one new requested procedure."""
-        with write_transaction(self.engine) as conn:
-            return self._apply(conn, actions, source)
+        def once() -> list[Any]:
+            with write_transaction(self.engine) as conn:
+                return self._apply(conn, actions, source)
+
+        return retry_transaction(once, what="order service transaction")
 
     def apply_message(self, actions: list[tuple[str, Any]], receipt: Receipt, source: str = "") -> bool:
         """:meth:`apply` for an inbound message, recorded as applied in the
@@ -650,22 +701,21 @@ class OrderService:
         On PostgreSQL two messages about one patient or order (or one
         message sent twice at once over two connections) can both find
         nothing and both insert: the loser's transaction is refused by a
-        unique key, and replayed, when it sees what the winner did."""
-        for attempt in range(RACE_ATTEMPTS):
-            try:
-                return self._apply_message_once(actions, receipt, source)
-            except IntegrityError:
-                if attempt == RACE_ATTEMPTS - 1:
-                    raise
-                log.info("message %s raced another writer; applied again", receipt.control_id)
-            except OrderError:
-                # "Order already exists" because the same message, sent twice
-                # at once, was applied by the other connection meanwhile.
-                with self.engine.connect() as conn:
-                    if self._already_applied(conn, receipt):
-                        return False
-                raise
-        raise AssertionError("unreachable")
+        unique key, and replayed, when it sees what the winner did. So is a
+        transaction PostgreSQL chose as a deadlock's victim (the ingest or a
+        deletion locking the patient's studies in another order), and one
+        whose patient a deletion removed meanwhile (pacs.index.db.is_transient):
+        the HIS gets AA, not AR for a conflict of our own making."""
+        try:
+            return retry_transaction(lambda: self._apply_message_once(actions, receipt, source),
+                                     what=f"message {receipt.control_id!r}", retry_on=_raced)
+        except OrderError:
+            # "Order already exists" because the same message, sent twice
+            # at once, was applied by the other connection meanwhile.
+            with self.engine.connect() as conn:
+                if self._already_applied(conn, receipt):
+                    return False
+            raise
 
     @staticmethod
     def _already_applied(conn: Connection, receipt: Receipt) -> Any:
@@ -735,7 +785,7 @@ class OrderService:
         kept = conn.execute(select(patients_t).where(patients_t.c.pk == target)).one()
         moved = 0
         for old in self._prior_patient(conn, prior, target):
-            study_pks = list(conn.execute(select(studies_t.c.pk).where(studies_t.c.patient_pk == old.pk)).scalars())
+            study_pks = lock_patient_studies(conn, old.pk)
             now = _now()
             if study_pks:
                 conn.execute(update(studies_t).where(studies_t.c.pk.in_(study_pks)).values(patient_pk=target))

@@ -27,6 +27,7 @@ from typing import Any
 import hl7
 
 from pacs.audit import Event
+from pacs.index.db import is_transient
 from pacs.orders import (PRIMARY_ID_TYPES, OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo,
                          Receipt, patients_named)
 from pacs.timezones import hl7_timestamp, server_zone
@@ -829,6 +830,11 @@ def _process(service: OrderService, raw: bytes, processing_id: str,
     except OrderError as exc:
         return header, "AE", str(exc), exc.code, patients
     except Exception as exc:  # keep the link up; the HIS resends on AR
+        if is_transient(exc):
+            # Lost a race every time it was applied (retry_transaction): no bug, nothing down.
+            log.warning("%s lost to concurrent changes of the same data (%s); answered AR so the HIS resends",
+                        _describe(header), type(exc).__name__)
+            return header, "AR", "the archive was busy with a conflicting change; please resend", "207", patients
         _log_internal_error(header, exc)
         return header, "AR", f"internal error: {exc.__class__.__name__}; please resend", "207", patients
     return header, "AA", "", "", patients
