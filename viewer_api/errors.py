@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from sqlalchemy.exc import OperationalError
 
 from pacs.errors import IngestError
+from pacs.index.db import ConcurrentChange, is_transient
 from pacs.frames import FrameError
 from pacs.header import valid_uid
 from pacs.query import QueryError
@@ -30,6 +31,9 @@ from .multipart import MultipartError
 
 log = logging.getLogger(__name__)
 INTERNAL_ERROR = "internal server error: the server's log has the details"
+# A transaction that lost to others at the same moment every time it was run
+# (pacs.index.db.retry_transaction): nothing is down, the request may be resent.
+BUSY = "the archive was busy with a conflicting change of the same data; try again"
 # Ours to repair, not the client's to retry (a 500, not a 503): the
 # administrator finds and repairs such objects with `pacs verify`.
 MISSING_OBJECT = "an indexed object is missing from the archive's store (pacs verify)"
@@ -99,6 +103,7 @@ def install(app: FastAPI) -> None:
         # The store or the index is down: try again later, not a bug of ours.
         StorageError: lambda e: 503,
         OperationalError: lambda e: 503,
+        ConcurrentChange: lambda e: 503,
         ObjectNotFound: lambda e: 500,
         ObjectDamaged: lambda e: 500,
     }
@@ -113,12 +118,12 @@ def install(app: FastAPI) -> None:
                 # An indexed object gone from the store or cut short.
                 message = MISSING_OBJECT if isinstance(exc, ObjectNotFound) else DAMAGED_OBJECT
                 log.error("%s %s: %s: %s", request.method, request.url.path, message, exc)
-            elif isinstance(exc, OperationalError | StorageError):
+            elif isinstance(exc, OperationalError | StorageError | ConcurrentChange):
                 # One line per refused request during an outage, no traceback;
                 # the client is not told the database's connection details.
                 log.warning("%s %s answered %d: %s", request.method, request.url.path, status,
                             str(exc).splitlines()[0][:200])
-                message = "the archive's storage or index is unavailable; try again later"
+                message = BUSY if is_transient(exc) else "the archive's storage or index is unavailable; try again later"
             return answer(request, status, message)
 
         return handle

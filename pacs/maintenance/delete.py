@@ -33,7 +33,7 @@ from ..app import Pacs
 from ..audit import Event, record_in
 from ..errors import PacsError
 from ..index import tombstones
-from ..index.db import write_transaction
+from ..index.db import retry_transaction, write_transaction
 from ..index.prune import prune_after_delete, prune_patients
 from .common import (
     batched,
@@ -162,6 +162,25 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", ev
         raise DeleteRefused("a reason is required (it goes to the audit trail)", 400)
     report = DeleteReport(target.level, target.study_uid, target.series_uid, target.sop_uid, dry_run=dry_run)
     deletion = f"delete-{uuid.uuid4().hex}"
+    if event is None and user:
+        event = Event(action="delete", user=user, role="admin", protocol="cli", study_uid=target.study_uid)
+    # A deadlock victim (an HIS update of the patient, an ingest), or a row
+    # gone meanwhile, is deleted again: not an outage to report (HTTP 503).
+    named = target.sop_uid or target.series_uid or target.study_uid
+    keys = retry_transaction(lambda: _delete_rows(pacs, target, report, deletion, event, reason, force=force),
+                             what=f"deletion of {target.level} {named}")
+    if keys is None:
+        return report
+    delete_unindexed(pacs, keys, report)
+    tombstones.prune(pacs.engine)  # those finished long enough ago
+    return report
+
+
+def _delete_rows(pacs: Pacs, target: Target, report: DeleteReport, deletion: str, event: Event | None,
+                 reason: str, *, force: bool) -> list[str] | None:
+    """The transaction of :func:`delete_target`: the rows deleted, their
+    keys recorded as tombstones of *deletion* and returned (None for a dry
+    run), *report* filled in. Run again whole when it loses a race."""
     with write_transaction(pacs.engine) as conn:
         study, rows = _selected(conn, target)
         report.patient_id = study.patient_id
@@ -175,8 +194,8 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", ev
                                 "record; delete them only on purpose (force)", 409)
         # A whole study's report versions go with it (drafts too); a series or instance takes none.
         report.reports_deleted = reports if target.level == "study" else 0
-        if dry_run:
-            return report
+        if report.dry_run:
+            return None
         keys = [r.storage_key for r in rows]
         if target.level != "instance":
             # A crash's orphans of the study or series go with it.
@@ -188,8 +207,6 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", ev
         report.detail = (f"{target.level} {what}: {report.instances} instances, {report.bytes} bytes"
                          + (f", {report.reports_deleted} reports" if report.reports_deleted else "")
                          + f"; reason: {reason}")[:500]
-        if event is None and user:
-            event = Event(action="delete", user=user, role="admin", protocol="cli", study_uid=target.study_uid)
         if event is not None:
             event.detail, event.patient_id = report.detail, report.patient_id
             record_in(conn, event)
@@ -200,6 +217,4 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", ev
             conn.execute(delete(instances_t).where(instances_t.c.pk.in_([r.pk for r in rows])))
             report.removed = {"instances": len(rows),
                               **prune_after_delete(conn, {r.series_pk for r in rows}, set())}
-    delete_unindexed(pacs, keys, report)
-    tombstones.prune(pacs.engine)  # those finished long enough ago
-    return report
+    return keys

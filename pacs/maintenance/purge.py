@@ -40,7 +40,7 @@ from sqlalchemy import and_, delete, exists, func, or_, select
 from ..app import Pacs
 from ..audit import Event, record_in
 from ..index import tombstones
-from ..index.db import write_transaction
+from ..index.db import retry_transaction, write_transaction
 from ..index.prune import prune_patients
 from ..timezones import hospital_now, server_zone
 from .common import (
@@ -343,7 +343,11 @@ def purge(
             break
         last_pk = pks[-1]
         for study_pk in pks:
-            done = _delete_study(pacs, study_pk, where, deletion, user)
+            # One study's transaction at a time, run again when it loses a
+            # deadlock (an HIS update of its patient): the nightly purge
+            # does not stop half-way for a conflict of the moment.
+            done = retry_transaction(lambda pk=study_pk: _delete_study(pacs, pk, where, deletion, user),
+                                     what=f"purge of study {study_pk}")
             progress.advance()
             if done is None:
                 continue
