@@ -25,6 +25,7 @@ transaction open until the server's backend is seen waiting for a lock.
 
 from __future__ import annotations
 
+import inspect
 import json
 import threading
 from collections.abc import Iterator
@@ -135,22 +136,34 @@ def a_backend_waits_for_a_lock(server: PacsServer) -> bool:
 
 
 class Paused:
-    """Wraps an OrderService method so that its transaction, once the method
-    ran, waits (locks held, nothing committed) until :meth:`release`."""
+    """Wraps a method of *owner* (default: OrderService; a module for one of
+    its functions) so that its transaction, once the method ran (*before*:
+    before it runs), waits (locks held, nothing committed) until
+    :meth:`release`. Calls after the release (a transaction run again) go
+    through."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, name: str, owner: Any = None, *,
+                 before: bool = False) -> None:
         from pacs.orders import OrderService
 
+        owner = OrderService if owner is None else owner
         self.reached, self._go = threading.Event(), threading.Event()
-        original = getattr(OrderService, name)
+        original = getattr(owner, name)
 
-        def paused(service: Any, *args: Any, **kwargs: Any) -> Any:
-            result = original(service, *args, **kwargs)
-            self.reached.set()
-            assert self._go.wait(120), "never released"
+        def paused(*args: Any, **kwargs: Any) -> Any:
+            if before:
+                self._wait()
+            result = original(*args, **kwargs)
+            if not before:
+                self._wait()
             return result
 
-        monkeypatch.setattr(OrderService, name, paused)
+        static = isinstance(inspect.getattr_static(owner, name), staticmethod)
+        monkeypatch.setattr(owner, name, staticmethod(paused) if static else paused)
+
+    def _wait(self) -> None:
+        self.reached.set()
+        assert self._go.wait(120), "never released"
 
     def release(self) -> None:
         self._go.set()

@@ -1,0 +1,351 @@
+"""PostgreSQL concurrency: deadlock victims and a write skew (the pgconc review).
+
+1. A transaction PostgreSQL aborts as a deadlock's victim (40P01; 40001 too)
+   is run again, by one helper (pacs.index.db.retry_transaction) for the
+   ingest, the HIS messages, deletions and purges: an ADT^A08 losing to an
+   ingest was answered AR 207 "internal error: OperationalError".
+2. The cycle itself is avoided where the writers can agree on an order: an
+   HIS update of a patient locks the patient's studies in Study Instance UID
+   order before the patient row (the patients trigger locked them after it,
+   in heap order), and an ingest batch writes its studies in that order.
+3. A deletion of a patient's last study racing an A08 of that patient: the
+   A08 waits for the study before it takes the patient (they deadlocked: the
+   deletion answered HTTP 503 "storage or index unavailable"), and makes the
+   patient anew when the deletion removed it (AR "NoResultFound"); a deletion
+   that loses a deadlock all the same is run again.
+4. `pacs purge --yes` runs a study again after losing a deadlock (it stopped
+   half-way, exit 1).
+5. An order (ORM^O01 NW) and the first image of its study arriving together:
+   the ingest takes the order's lock before it looks for the order, so one
+   of the two sees the other's row (the study stayed unreconciled).
+
+The races are forced, not timed: one side runs in this process on a real
+PostgreSQL database and is paused inside its transaction (Paused), the other
+holds row locks from a plain connection, until the database shows a backend
+waiting for a lock. The plain connection never detects a deadlock itself (30
+s), this process's sessions after 100 ms: the side under test is the victim.
+SQLite serialises its writers (BEGIN IMMEDIATE): none of this happens there.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from pydicom.uid import generate_uid
+
+from .peers import create_database, drop_database, wait_until
+from .test_dimse_failures import make_ct
+from .test_order_edges import Background, Paused
+from .test_worklist_ris import msa, orm
+
+
+@pytest.fixture(scope="module")
+def core(postgres: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The archive core on a database of its own for the module (each test
+    its own patients and UIDs)."""
+    from pacs.app import Pacs
+    from pacs.settings import load_settings
+
+    url = create_database(postgres)
+    try:
+        with psycopg.connect(postgres, autocommit=True) as admin:
+            admin.execute(f"ALTER DATABASE \"{url.rsplit('/', 1)[1]}\" SET deadlock_timeout = '100ms'")
+        pacs = Pacs.open(load_settings(data_dir=tmp_path_factory.mktemp("pgconc") / "data", index_url=url))
+        try:
+            yield pacs
+        finally:
+            pacs.close()
+    finally:
+        drop_database(url, postgres)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+def _dsn(core: Any) -> str:
+    return str(core.settings.resolved_index_url).replace("postgresql+psycopg://", "postgresql://")
+
+
+def locker(core: Any) -> psycopg.Connection[Any]:
+    """A plain connection to hold row locks as another writer would; it
+    leaves detecting a deadlock to the other side (see the module doc)."""
+    conn = psycopg.connect(_dsn(core), autocommit=True)
+    conn.execute("SET deadlock_timeout = '30s'")
+    conn.autocommit = False
+    return conn
+
+
+def waiting(core: Any) -> int:
+    """Sessions of the test database waiting for a lock (row or advisory)."""
+    with psycopg.connect(_dsn(core), autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                           "AND wait_event_type = 'Lock'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def until(predicate: Any) -> None:
+    assert wait_until(predicate, timeout=60, interval=0.02), "the other side never got there"
+
+
+def hl7(core: Any, message: str) -> str:
+    """The ACK of one message, handled as the MLLP server handles it."""
+    from pacs.orders import OrderService
+    from ris_bridge.hl7v2 import handle
+
+    return handle(OrderService(core.engine), message.replace("\n", "\r").encode()).decode()
+
+
+def a08(patient_id: str, name: str, *, other: str = "") -> str:
+    """ADT^A08 of *patient_id* (issuer BVDK); *other*: further PID-3 repetitions."""
+    return "\n".join([
+        f"MSH|^~\\&|HIS|BVDK|PACS|BVDK|20261206083000||ADT^A08^ADT_A01|{generate_uid()[-20:]}|P|2.5|||||VN|"
+        "UNICODE UTF-8",
+        "EVN|A08|20261206083000",
+        f"PID|1||{patient_id}^^^BVDK^PI{other}||{name}||19850101|M",
+        "PV1|1|O",
+    ])
+
+
+def store(core: Any, folder: Path, **attributes: Any) -> str:
+    """Ingest one CT object (a modality's C-STORE, without the network); its study UID."""
+    from pacs.ingest import Origin
+
+    result = core.ingest_file(make_ct(folder / f"{generate_uid()}.dcm", **attributes), Origin("dimse", "CT1"))
+    assert result.status == 0
+    return str(result.header.study_uid)
+
+
+def _one(core: Any, sql: str, *args: Any) -> Any:
+    with psycopg.connect(_dsn(core)) as conn:
+        return conn.execute(sql, args).fetchone()
+
+
+def keys(core: Any, study_uid: str) -> tuple[int, int]:
+    """(study pk, patient pk) of a stored study."""
+    row = _one(core, "SELECT pk, patient_pk FROM studies WHERE study_uid = %s", study_uid)
+    return int(row[0]), int(row[1])
+
+
+def patient(core: Any, patient_id: str) -> tuple[str, int] | None:
+    """(name, how many studies) of the patient, None when there is none."""
+    row = _one(core, "SELECT p.name, (SELECT count(*) FROM studies s WHERE s.patient_pk = p.pk) FROM patients p "
+                     "WHERE p.patient_id = %s", patient_id)
+    return (row[0], int(row[1])) if row else None
+
+
+def locked_now(conn: psycopg.Connection[Any], table: str, pk: int) -> bool:
+    """Whether another transaction holds the row (FOR NO KEY UPDATE, NOWAIT)."""
+    try:
+        conn.execute(f"SELECT pk FROM {table} WHERE pk = %s FOR NO KEY UPDATE NOWAIT", (pk,))
+        return False
+    except psycopg.errors.LockNotAvailable:
+        return True
+    finally:
+        conn.rollback()
+
+
+# -- 1. an HIS update chosen as a deadlock's victim ----------------------------------------------
+def test_an_hl7_update_chosen_as_a_deadlock_victim_is_applied_again(core: Any, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ingest adds a citizen ID to a patient (a new study's Other Patient
+    IDs) and then counts an instance of the patient's other study, while an
+    ADT^A08 renames the patient listing that citizen ID: the A08 holds the
+    study and waits for the ID, the ingest holds the ID and waits for the
+    study. PostgreSQL aborts the A08, which was answered AR 207 "internal
+    error: OperationalError"; it is applied again and answered AA."""
+    pid = "PGC100"
+    assert msa(hl7(core, a08(pid, "Tran^Van Mot")))[0] == "AA"
+    study_pk, patient_pk = keys(core, store(core, tmp_path, PatientID=pid, PatientName="TRAN^VAN MOT"))
+    ingest = locker(core)
+    pause = Paused(monkeypatch, "_record_patient_change")
+    try:
+        ingest.execute("INSERT INTO patient_identifiers (patient_pk, value, issuer, id_type) "
+                       "VALUES (%s, '079085000100', 'VN', 'CCCD')", (patient_pk,))
+        update = Background(lambda: hl7(core, a08(pid, "Tran^Van Hai", other="~079085000100^^^VN^CCCD")))
+        assert pause.reached.wait(60)  # the A08 holds the patient and its study
+        counted = Background(lambda: ingest.execute(
+            "UPDATE studies SET num_instances = num_instances WHERE pk = %s", (study_pk,)))
+        until(lambda: waiting(core) == 1)
+        pause.release()  # on to the citizen ID the ingest holds: a cycle
+        counted.outcome()  # the A08 was the victim
+        ingest.rollback()
+        ack = update.outcome()
+    finally:
+        pause.release()
+        ingest.close()
+    assert msa(ack)[0] == "AA", ack
+    assert patient(core, pid) == ("Tran^Van Hai", 1)
+
+
+# -- 2. the order studies are locked in ---------------------------------------------------------
+def test_an_ingest_batch_writes_its_studies_in_uid_order(core: Any, tmp_path: Path) -> None:
+    """Instances of two studies of one patient queue up while another batch
+    commits, the later study's first: their batch counts them in Study
+    Instance UID order, as an HIS update of the patient locks its studies.
+    Waiting for the first study, it holds nothing of the second (it held the
+    later one and waited for the earlier one, which the A08 held waiting for
+    the later one: the deadlock of finding 1)."""
+    pid, base = "PGC200", generate_uid()[:50]
+    low, high, first = f"{base}.1", f"{base}.2", generate_uid()
+    pks = {uid: keys(core, store(core, tmp_path, PatientID=pid, StudyInstanceUID=uid))[0] for uid in (low, high, first)}
+    held_first, held_low, probe = locker(core), locker(core), locker(core)
+    try:
+        for conn, uid in ((held_first, first), (held_low, low)):
+            conn.execute("SELECT pk FROM studies WHERE pk = %s FOR NO KEY UPDATE", (pks[uid],))
+        leader = Background(lambda: store(core, tmp_path, PatientID=pid, StudyInstanceUID=first))
+        until(lambda: waiting(core) == 1)
+        later = Background(lambda: store(core, tmp_path, PatientID=pid, StudyInstanceUID=high))
+        until(lambda: len(core.committer._pending) == 1)
+        earlier = Background(lambda: store(core, tmp_path, PatientID=pid, StudyInstanceUID=low))
+        until(lambda: len(core.committer._pending) == 2)
+        held_first.rollback()  # the leader commits; the two queued make the next batch
+        until(lambda: not leader.is_alive() and waiting(core) == 1)
+        assert not locked_now(probe, "studies", pks[high]), "the batch holds the later study while it waits"
+        held_low.rollback()
+        for ingest in (leader, later, earlier):
+            ingest.outcome()
+    finally:
+        for conn in (held_first, held_low, probe):
+            conn.close()
+
+
+# -- 3. deleting a patient's last study while the HIS updates the patient --------------------------
+def test_an_hl7_update_waits_for_a_study_being_deleted_without_holding_its_patient(
+        core: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The deletion has deleted the study (locked) and is about to delete the
+    patient when an A08 of the patient arrives. The A08 took the patient row
+    and then waited for the study (the patients trigger), and the deletion
+    waited for the patient: a deadlock (HTTP 503 or AR). It now waits for the
+    study first, holding nothing the deletion wants; once the deletion
+    commits it makes the patient anew and is answered AA."""
+    from pacs.maintenance import delete
+    from pacs.maintenance.delete import Target, delete_target
+
+    pid = "PGC300"
+    assert msa(hl7(core, a08(pid, "Pham^Van Xoa")))[0] == "AA"
+    study_uid = store(core, tmp_path, PatientID=pid)
+    patient_pk = keys(core, study_uid)[1]
+    pause = Paused(monkeypatch, "prune_patients", delete, before=True)
+    deletion = Background(lambda: delete_target(core, Target(study_uid), reason="sent to the wrong patient",
+                                                user="tester"))
+    probe = locker(core)
+    try:
+        assert pause.reached.wait(60)  # the study deleted, its patient next
+        update = Background(lambda: hl7(core, a08(pid, "Pham^Van Moi")))
+        until(lambda: waiting(core) == 1 or not update.is_alive())
+        assert not locked_now(probe, "patients", patient_pk), "the A08 holds the patient the deletion deletes next"
+        pause.release()
+        report = deletion.outcome()
+        ack = update.outcome()
+    finally:
+        pause.release()
+        probe.close()
+    assert report.removed["patients"] == 1
+    assert msa(ack)[0] == "AA", ack
+    assert patient(core, pid) == ("Pham^Van Moi", 0)
+
+
+def test_an_hl7_update_of_a_patient_deleted_meanwhile_makes_it_anew(core: Any, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The A08 found the patient, then waited for the deletion that removed
+    it (its last study): its UPDATE changed no row and it was answered AR
+    "internal error: NoResultFound". It is applied as to an unknown patient."""
+    from pacs.maintenance import delete
+    from pacs.maintenance.delete import Target, delete_target
+
+    pid = "PGC310"
+    assert msa(hl7(core, a08(pid, "Pham^Van Cu")))[0] == "AA"
+    study_uid = store(core, tmp_path, PatientID=pid)
+    pause = Paused(monkeypatch, "prune_patients", delete)
+    deletion = Background(lambda: delete_target(core, Target(study_uid), reason="test images", user="tester"))
+    try:
+        assert pause.reached.wait(60)  # the study and the patient deleted, not committed
+        update = Background(lambda: hl7(core, a08(pid, "Pham^Van Sua")))
+        until(lambda: waiting(core) == 1 or not update.is_alive())
+        pause.release()
+        report = deletion.outcome()
+        ack = update.outcome()
+    finally:
+        pause.release()
+    assert report.removed["patients"] == 1
+    assert msa(ack)[0] == "AA", ack
+    assert patient(core, pid) == ("Pham^Van Sua", 0)
+
+
+# -- 3 and 4. a deletion or a purge chosen as a deadlock's victim ----------------------------------
+@pytest.mark.parametrize("how", ["delete", "purge"])
+def test_a_deletion_chosen_as_a_deadlock_victim_is_run_again(core: Any, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch, how: str) -> None:
+    """Another transaction updated the patient and waits for its study (the
+    patients trigger; e.g. the ingest giving a patient its first name) while
+    the deletion of that study goes on to delete the patient: PostgreSQL
+    aborts the deletion. `DELETE /api/studies/...` answered 503 "storage or
+    index unavailable", `pacs purge --yes` stopped (exit 1); the study's
+    transaction is run again."""
+    from pacs.maintenance.delete import Target, delete_target
+    from pacs.maintenance.purge import PurgeRules
+
+    delete, purge = (importlib.import_module(f"pacs.maintenance.{name}") for name in ("delete", "purge"))
+    pid = f"PGC4{how}"
+    # Only the purge's own study is an XA of 2015 (whatever another test left).
+    study_uid = store(core, tmp_path, PatientID=pid, Modality="XA" if how == "purge" else "RF", StudyDate="20150101")
+    study_pk, patient_pk = keys(core, study_uid)
+    if how == "delete":
+        pause = Paused(monkeypatch, "prune_patients", delete, before=True)
+        run: Any = lambda: delete_target(core, Target(study_uid), reason="test images", user="tester").removed["studies"]
+    else:
+        pause = Paused(monkeypatch, "prune_patients", purge, before=True)
+        run = lambda: purge.purge(core, PurgeRules(older_than_days=30, modalities=("XA",)), execute=True,
+                                  user="tester").deleted_studies
+    other = locker(core)
+    try:
+        other.execute("SELECT pk FROM patients WHERE pk = %s FOR NO KEY UPDATE", (patient_pk,))  # as an UPDATE
+        deletion = Background(run)
+        assert pause.reached.wait(60)  # the deletion holds the study
+        touched = Background(lambda: other.execute("UPDATE studies SET changed_at = now() WHERE pk = %s",
+                                                    (study_pk,)))
+        until(lambda: waiting(core) == 1)
+        pause.release()  # on to the patient the other holds: a cycle
+        touched.outcome()  # the deletion was the victim
+        other.rollback()
+        deleted = deletion.outcome()
+    finally:
+        pause.release()
+        other.close()
+    assert deleted == 1
+    assert patient(core, pid) is None
+
+
+# -- 5. an order and the first image of its study at once -------------------------------------------
+def test_an_order_and_the_first_image_of_its_study_arriving_together_are_reconciled(
+        core: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ingest of the study's first image looked for its order, found none
+    and is making the study under the modality's temporary patient when the
+    ORM^O01 NW placing that order (same Study Instance UID and accession)
+    arrives. The ORM looked for stored studies, found none (not committed)
+    and committed: the study stayed under the temporary patient, unlinked.
+    The ORM now waits for the ingest's lock, then finds and reconciles it."""
+    from pacs.index.writer import IndexWriter
+    from pacs.ingest import Origin
+
+    study_uid, accession = generate_uid(), "PGC500"
+    image = make_ct(tmp_path / "first.dcm", StudyInstanceUID=study_uid, AccessionNumber=accession,
+                    PatientID="TMP500", PatientName="CAP CUU^NAM")
+    pause = Paused(monkeypatch, "_patient_pk", IndexWriter)  # after the order was looked for
+    stored = Background(lambda: core.ingest_file(image, Origin("dimse", "CTER")))
+    try:
+        assert pause.reached.wait(60)
+        ordered = Background(lambda: hl7(core, orm("PGC500", accession, pid="BN500", study_uid=study_uid)))
+        until(lambda: waiting(core) == 1 or not ordered.is_alive())
+        pause.release()
+        assert stored.outcome().status == 0
+        ack = ordered.outcome()
+    finally:
+        pause.release()
+    assert msa(ack)[0] == "AA", ack
+    filed = _one(core, "SELECT p.patient_id, (SELECT count(*) FROM study_orders l WHERE l.study_pk = s.pk) "
+                       "FROM studies s JOIN patients p ON p.pk = s.patient_pk WHERE s.study_uid = %s", study_uid)
+    assert tuple(filed) == ("BN500", 1), "the study is not filed under the order's patient and linked to it"
