@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from pydicom.uid import generate_uid
-from sqlalchemy import Connection, and_, delete, func, or_, select, text, update
+from sqlalchemy import Connection, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from . import outbox
