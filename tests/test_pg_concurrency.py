@@ -98,13 +98,13 @@ def hl7(core: Any, message: str) -> str:
     return handle(OrderService(core.engine), message.replace("\n", "\r").encode()).decode()
 
 
-def a08(patient_id: str, name: str, *, other: str = "") -> str:
-    """ADT^A08 of *patient_id* (issuer BVDK); *other*: further PID-3 repetitions."""
+def a08(patient_id: str, name: str, *, control: str = "") -> str:
+    """ADT^A08 of *patient_id* (issuer BVDK) from sender HIS^BVDK."""
     return "\n".join([
-        f"MSH|^~\\&|HIS|BVDK|PACS|BVDK|20261206083000||ADT^A08^ADT_A01|{generate_uid()[-20:]}|P|2.5|||||VN|"
-        "UNICODE UTF-8",
+        f"MSH|^~\\&|HIS|BVDK|PACS|BVDK|20261206083000||ADT^A08^ADT_A01|{control or generate_uid()[-20:]}|P|2.5|||||"
+        "VN|UNICODE UTF-8",
         "EVN|A08|20261206083000",
-        f"PID|1||{patient_id}^^^BVDK^PI{other}||{name}||19850101|M",
+        f"PID|1||{patient_id}^^^BVDK^PI||{name}||19850101|M",
         "PV1|1|O",
     ])
 
@@ -150,32 +150,33 @@ def locked_now(conn: psycopg.Connection[Any], table: str, pk: int) -> bool:
 # -- 1. an HIS update chosen as a deadlock's victim ----------------------------------------------
 def test_an_hl7_update_chosen_as_a_deadlock_victim_is_applied_again(core: Any, tmp_path: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    """An ingest adds a citizen ID to a patient (a new study's Other Patient
-    IDs) and then counts an instance of the patient's other study, while an
-    ADT^A08 renames the patient listing that citizen ID: the A08 holds the
-    study and waits for the ID, the ingest holds the ID and waits for the
-    study. PostgreSQL aborts the A08, which was answered AR 207 "internal
-    error: OperationalError"; it is applied again and answered AA."""
-    pid = "PGC100"
+    """An ADT^A08 renaming a patient holds the patient's study (the patients
+    trigger) when it goes on to a row another transaction holds, while that
+    one waits for the study: PostgreSQL aborts the A08, which was answered
+    AR 207 "internal error: OperationalError"; it is applied again and
+    answered AA. Any cycle will do (the ingest's was an instance of another
+    study of the patient): here the other transaction holds the message's
+    receipt (the same message arriving over a second connection)."""
+    pid, control = "PGC100", "PGC100-A08"
     assert msa(hl7(core, a08(pid, "Tran^Van Mot")))[0] == "AA"
-    study_pk, patient_pk = keys(core, store(core, tmp_path, PatientID=pid, PatientName="TRAN^VAN MOT"))
-    ingest = locker(core)
+    study_pk, _ = keys(core, store(core, tmp_path, PatientID=pid, PatientName="TRAN^VAN MOT"))
+    other = locker(core)
     pause = Paused(monkeypatch, "_record_patient_change")
     try:
-        ingest.execute("INSERT INTO patient_identifiers (patient_pk, value, issuer, id_type) "
-                       "VALUES (%s, '079085000100', 'VN', 'CCCD')", (patient_pk,))
-        update = Background(lambda: hl7(core, a08(pid, "Tran^Van Hai", other="~079085000100^^^VN^CCCD")))
+        other.execute("INSERT INTO received_messages (sender, control_id, kind, received_at) "
+                      "VALUES ('HIS^BVDK', %s, 'ADT^A08', now())", (control,))
+        update = Background(lambda: hl7(core, a08(pid, "Tran^Van Hai", control=control)))
         assert pause.reached.wait(60)  # the A08 holds the patient and its study
-        counted = Background(lambda: ingest.execute(
+        touched = Background(lambda: other.execute(
             "UPDATE studies SET num_instances = num_instances WHERE pk = %s", (study_pk,)))
         until(lambda: waiting(core) == 1)
-        pause.release()  # on to the citizen ID the ingest holds: a cycle
-        counted.outcome()  # the A08 was the victim
-        ingest.rollback()
+        pause.release()  # on to the receipt the other holds: a cycle
+        touched.outcome()  # the A08 was the victim
+        other.rollback()
         ack = update.outcome()
     finally:
         pause.release()
-        ingest.close()
+        other.close()
     assert msa(ack)[0] == "AA", ack
     assert patient(core, pid) == ("Tran^Van Hai", 1)
 
