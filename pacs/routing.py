@@ -436,6 +436,12 @@ def extend(engine: Engine, pks: list[int], node: str) -> None:
 
 
 def finish(engine: Engine, job: Job) -> None:
+    """The job's object reached its destination: done, whoever holds the job
+    now. Unlike :func:`fail`, no claim is checked: a send that succeeded
+    after its lease expired (another node took the job over, or an operator
+    cancelled it as stuck) still delivered the object, and "done" says so;
+    kept "sending" or "cancelled", the job would be sent again (the other
+    node failing) or shown as never sent."""
     with engine.begin() as conn:
         now = db_now(conn)
         conn.execute(update(jobs_t).where(jobs_t.c.pk == job.pk).values(state="done", last_error="", updated_at=now))
