@@ -39,7 +39,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from .peers import create_database, drop_database, wait_until
-from .test_dimse_failures import make_ct
+from .dicomfiles import make_ct
 from .test_order_edges import Background, Paused
 from .test_worklist_ris import msa, orm
 
