@@ -68,11 +68,13 @@ def lock_order_keys(conn: Connection, keys: Iterable[str]) -> None:
     ingest before it looks for the order of a study it may create: of an
     order and the first image of its study arriving together, one then sees
     the other's committed row. SQLite writers queue already (BEGIN IMMEDIATE)."""
-    if conn.dialect.name != "postgresql":
+    ordered = sorted(set(keys))
+    if conn.dialect.name != "postgresql" or not ordered:
         return
-    for key in sorted(set(keys)):
-        conn.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
-                     {"key": f"filmless-pacs order {key}"})
+    # One statement (one round trip, once per new study at ingest): a select
+    # list is evaluated from left to right, so the locks are taken in order.
+    calls = ", ".join(f"pg_advisory_xact_lock(hashtextextended(:k{i}, 0))" for i in range(len(ordered)))
+    conn.execute(text(f"SELECT {calls}"), {f"k{i}": f"filmless-pacs order {key}" for i, key in enumerate(ordered)})
 
 
 def find_order(conn: Connection, study_uid: str, accession: str, patient_id: str = "",
