@@ -12,6 +12,7 @@ durable and visible under its key in full; a failure leaves nothing visible.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from abc import ABC, abstractmethod
 import shutil
@@ -59,6 +60,17 @@ class ObjectInfo:
     key: str
     size: int
     sha256: str | None = None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process *pid* still runs (its temp files are then in use)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def validate_key(key: str) -> str:

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .base import ObjectNotFound, StorageError
+from .base import ObjectNotFound, StorageError, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +83,6 @@ def _boot_id() -> str | None:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
     except OSError:
         return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _unlink(path: str | Path) -> None:
@@ -175,7 +165,7 @@ class ObjectCache:
         for entry in os.scandir(folder):
             pid = entry.name.split(".", 1)[0]
             try:
-                if not pid.isdigit() or not _pid_alive(int(pid)) or now - entry.stat().st_mtime > _STALE_SECONDS:
+                if not pid.isdigit() or not pid_alive(int(pid)) or now - entry.stat().st_mtime > _STALE_SECONDS:
                     _unlink(entry.path)
             except FileNotFoundError:
                 continue

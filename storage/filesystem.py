@@ -37,6 +37,7 @@ from .base import (
     StagedObject,
     StorageError,
     StorageFullError,
+    pid_alive,
     validate_key,
 )
 
@@ -64,16 +65,6 @@ def _remove_quietly(path: Path) -> None:
         path.unlink(missing_ok=True)
     except OSError:
         pass
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class RangeReader(io.RawIOBase):
@@ -286,7 +277,7 @@ class FileStore(ObjectStore):
         for entry in os.scandir(self._tmp):
             pid_part = entry.name.split(".", 1)[0]
             try:
-                stale = not pid_part.isdigit() or not _pid_alive(int(pid_part))
+                stale = not pid_part.isdigit() or not pid_alive(int(pid_part))
                 stale = stale or now - entry.stat().st_mtime > _STALE_TMP_SECONDS
                 if stale:
                     os.unlink(entry.path)
