@@ -28,6 +28,7 @@ from .index.writer import IndexWriter
 from .ingest import Ingestor, IngestResult, Origin
 from .instance_locks import InstanceFileLocks
 from .part10 import FileSource
+from .pixel_memory import PIXELS
 from .reads import IndexReader
 from .routing import RoutingRules, load_rule
 from .settings import Settings
@@ -93,6 +94,8 @@ class Pacs:
         ingestor.routes = RoutingRules(engine, settings.route_rules_refresh_seconds)
         for entry in settings.route:
             load_rule(ingestor.routes, entry)
+        # One budget for the process's conversions, whichever archive opened last.
+        PIXELS.configure(settings.conversion_memory_bytes, settings.conversion_wait_seconds)
         aes = AeRegistry(engine)
         for entry in settings.ae:
             # The config file is the truth for its AEs: services and pin as written (none: no pin).

@@ -48,6 +48,7 @@ from .audit import Event
 from .deidentify import UidMap
 from .maintenance.export import deidentify_salt, study_patient
 from .periodic import Periodic
+from .pixel_memory import PIXELS
 from .query import Level
 from .remote import RemoteError, associate, local_ae
 from .retrieve import RetrieveItem, apply_overrides, contexts_for, for_peer, resolve
@@ -567,7 +568,11 @@ class Forwarder(Periodic):
             return
         kind, _, target = destination.partition(":")
         if kind == "dicom":
-            self._send_dicom(destination, target, ready)
+            # The batch's copies are prepared (each converted copy's first
+            # frame made) before the first is sent: this thread holds their
+            # frames' shares of the pixel budget and must not wait for more.
+            with PIXELS.one_holder():
+                self._send_dicom(destination, target, ready)
         else:
             self._send_dicomweb(destination, target, ready)
 

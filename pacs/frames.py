@@ -408,10 +408,10 @@ class FrameReader:
         with self.path.open("rb") as f:
             return read_fragments(f, self.index[number - 1])
 
-    def decoded(self, number: int) -> bytes:
+    def decoded(self, number: int) -> bytes | memoryview:
         """Frame *number* as native little-endian pixels, as the instance
         converted to Explicit VR Little Endian has them (lossy YBR sources
-        as RGB)."""
+        as RGB); a decoded frame is a view of the decoder's array (no copy)."""
         if not self.info.encapsulated:
             return native_frame(self.path, self.info, number)
         return decode_frame(self.stored(number), self.header, self.info.transfer_syntax, number)
@@ -480,10 +480,12 @@ def _read_value(path: Path, info: PixelInfo, start: int, size: int) -> bytes:
         return f.read(size)
 
 
-def decode_frame(data: bytes, ds: Dataset, ts: UID, number: int) -> bytes:
+def decode_frame(data: bytes, ds: Dataset, ts: UID, number: int) -> memoryview:
     """One compressed frame decoded to native little-endian pixel bytes,
     as instance conversion decodes it (:func:`pacs.transcode.decode_plan`:
-    YBR of lossy sources as RGB, lossless ones' samples as they are).
+    YBR of lossy sources as RGB, lossless ones' samples as they are): a
+    view of the decoder's array, not a copy (a 17 MB frame was held two or
+    three times while it was made).
 
     A frame the codecs cannot decode is a 406 (PS3.18 8.7: the uncompressed
     representation asked for cannot be produced; 415 is for request bodies):
@@ -505,7 +507,7 @@ def decode_frame(data: bytes, ds: Dataset, ts: UID, number: int) -> bytes:
                                               **options)
         except Exception as exc:
             raise _undecodable(number, exc) from exc
-        return _native_bytes(arr)
+        return _native_view(arr)
 
 
 def _undecodable(number: int, exc: Exception) -> FrameError:
@@ -518,6 +520,12 @@ def _undecodable(number: int, exc: Exception) -> FrameError:
 
 def _native_bytes(arr: np.ndarray) -> bytes:
     return np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<")).tobytes()
+
+
+def _native_view(arr: np.ndarray) -> memoryview:
+    """*arr*'s samples as little-endian bytes, copied only when they are not already."""
+    little = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    return memoryview(little).cast("B")
 
 
 def decoded_frame(path: Path, number: int) -> bytes:

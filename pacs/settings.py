@@ -319,6 +319,22 @@ class Settings(BaseSettings):
     timezone: str = ""
     # Encoded rendered frames and thumbnails kept in memory (LRU).
     render_cache_bytes: int = 64 * 1024**2
+    # Bytes of decoded pixels the conversions of this process may hold at
+    # once (pacs.pixel_memory): a frame counts from its decode until it is
+    # written out to the client (decoded WADO-RS frames, instances given in
+    # another transfer syntax over WADO-RS, WADO-URI, C-MOVE, C-GET and
+    # routing, rendered frames); more wait their turn, and a frame larger
+    # than this is converted alone. The default keeps `pacs serve` under
+    # 300 MB with eight clients converting 17 MB frames at once (issue 9,
+    # scenario 8): ~130 MB idle, ~95 MB for the JPEG 2000 encoder of one
+    # such frame (one at a time), leaving room for two decoded ones.
+    conversion_memory_bytes: int = Field(default=48 * 1024**2, ge=1024**2)
+    # Seconds a conversion waits for room before it is refused (HTTP 503
+    # with Retry-After; a failed C-STORE sub-operation; routing tries
+    # again). A wait lasts about one frame's conversion per client ahead in
+    # line (1-3 s for a 17 MB frame here): a minute is dozens of clients, or
+    # frames held by clients that stopped reading.
+    conversion_wait_seconds: float = Field(default=60.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     ae: list[KnownAeEntry] = Field(default_factory=list)
 

@@ -20,18 +20,22 @@ file, to native pixel data or, one compression to another (JPEG-LS to JPEG
 by frame: nothing needs every frame at once). The first frame is converted
 before a response starts, so a codec's refusal is still an error status.
 The codec work of every frame in the process goes through one limit
-(:func:`codec_work`: at most one frame per CPU, and at most
-``CODEC_BUDGET`` bytes of decoded frames at once), held around the decode
-and encode only, never while a converted frame waits for the network: many
-clients of a 10 MB-per-frame tomosynthesis wait their turn rather than each
-holding its buffers. What remains (Deflated or Big Endian objects to a
-compression, unusual layouts: 1-bit or YBR_422 native pixels, Float Pixel
-Data, enormous headers) is converted whole: at most
-``MAX_WHOLE_CONVERSIONS`` at once in the process, each written to a spooled
-temporary file and released before its bytes are sent, and only for images
-of at most ``MAX_WHOLE_DECODED`` decoded bytes (a larger one is refused
-with a reason, 406 / a failed sub-operation, rather than risk the process
-being killed for memory).
+(:func:`codec_work`: at most one frame per CPU, and at most ``CODEC_BUDGET``
+bytes of decoded frames at once), held around the decode and encode only,
+never while a converted frame waits for the network: many clients of a 10
+MB-per-frame tomosynthesis wait their turn rather than each holding its
+buffers. Each converted frame also holds its share of the process's pixel
+budget (:mod:`pacs.pixel_memory`) from before its decode until its last byte
+is sent, so that frames waiting for slow clients are bounded too, and the
+first frame is let go once sent. What remains (Deflated or Big Endian objects
+to a compression, unusual layouts: 1-bit or YBR_422 native pixels, Float
+Pixel Data, enormous headers) is converted whole: at most
+``MAX_WHOLE_CONVERSIONS`` at once in the process (their pixels counted in the
+budget while in memory), each written to a spooled temporary file and
+released before its bytes are sent, and only for images of at most
+``MAX_WHOLE_DECODED`` decoded bytes (a larger one is refused with a reason,
+406 / a failed sub-operation, rather than risk the process being killed for
+memory).
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import numpy as np
 from pydicom import dcmread
@@ -73,6 +77,7 @@ from storage import ObjectDamaged, StorageError
 
 from .app import Pacs
 from .errors import PacsError
+from .pixel_memory import PIXELS, Lease, held_pieces
 from .retrieve import RetrieveItem, apply_overrides
 
 CHUNK = 1 << 20
@@ -118,6 +123,8 @@ class TransferSyntaxError(PacsError):
 
 
 Opener = Callable[[int, "int | None"], BinaryIO]
+# A converted frame: encoded bytes, or decoded pixels (a view of the decoder's array).
+_Frame = TypeVar("_Frame", bytes, memoryview)
 
 
 def can_serve(item: RetrieveItem, target: str | None) -> bool:
@@ -673,18 +680,6 @@ def _without_offset_tables(ds: Dataset) -> None:
             del ds[tag]
 
 
-def _in_chunks(data: bytes | memoryview) -> Iterator[bytes]:
-    """*data* in pieces of at most ``CHUNK`` bytes. A whole 10-20 MB frame
-    handed to the HTTP server was copied there two or three times more (the
-    chunked encoding's join, the socket's write buffer) while the client
-    read it; pieces cost a copy of one piece at a time."""
-    if len(data) <= CHUNK and isinstance(data, bytes):
-        yield data
-        return
-    for start in range(0, len(data), CHUNK):
-        yield bytes(data[start:start + CHUNK])
-
-
 def _one_frame(ds: Dataset) -> Dataset:
     """The Image Pixel description of one frame of *ds* (what pydicom's
     codecs read their options from)."""
@@ -704,22 +699,45 @@ def _little_endian_view(arr: np.ndarray) -> memoryview:
     return memoryview(np.ascontiguousarray(arr)).cast("B")
 
 
-def _encapsulated_value(frame: bytes, frames: int, following: Callable[[int], bytes]) -> Iterator[bytes]:
+def _encapsulated_value(frame: bytes, lease: Lease, frames: int,
+                        following: Callable[[int], tuple[bytes, Lease]]) -> Iterator[bytes]:
     """An encapsulated Pixel Data value (PS3.5 A.4): an empty Basic Offset
-    Table, one item per frame (*frame*, the first, then ``following(n)``
-    for frame n from 0), the delimiter. The frames are not all known
-    before the first is sent, so there is no table of offsets to give. Each
-    frame is let go once sent."""
-    yield _ITEM
-    for number in range(frames):
-        if number:
-            frame = following(number)
-        yield struct.pack("<HHI", 0xFFFE, 0xE000, len(frame) + len(frame) % 2)
-        yield from _in_chunks(frame)
-        if len(frame) % 2:
-            yield b"\0"  # items have even lengths
-        frame = b""  # not held while the next one is converted
-    yield _SEQUENCE_END
+    Table, one item per frame (*frame*, the first, held by *lease*, then
+    ``following(n)`` for frame n from 0, with its lease), the delimiter.
+    The frames are not all known before the first is sent, so there is no
+    table of offsets to give. Each frame is let go, and its lease given
+    back, once sent, before the next one is converted; the lease also when
+    the body is abandoned."""
+    try:
+        yield _ITEM
+        for number in range(frames):
+            if number:
+                frame, lease = following(number)
+            odd = len(frame) % 2
+            yield struct.pack("<HHI", 0xFFFE, 0xE000, len(frame) + odd)
+            yield from held_pieces(frame)
+            if odd:
+                yield b"\0"  # items have even lengths
+            frame = b""  # not held while the next one is converted
+            lease.release()
+        yield _SEQUENCE_END
+    finally:
+        lease.release()
+
+
+def _leased(nbytes: int, make: Callable[[], _Frame]) -> tuple[_Frame, Lease]:
+    """The frame *make* converts, with a lease of the process's pixel budget
+    taken for *nbytes* (its decoded size) before the conversion starts, and
+    brought down to the converted frame's own size (an encoded frame is
+    smaller) once it is made."""
+    lease = PIXELS.lease(nbytes)
+    try:
+        frame = make()
+    except BaseException:
+        lease.release()
+        raise
+    lease.resize(len(frame))
+    return frame, lease
 
 
 def encode_plan(opener: Opener, item: RetrieveItem, target: str, edit: Edit | None = None) -> CodecPlan | None:
@@ -789,18 +807,26 @@ def encode_plan(opener: Opener, item: RetrieveItem, target: str, edit: Edit | No
             except Exception as exc:
                 raise TransferSyntaxError(f"cannot encode {item.sop_uid} as {uid.name}: {exc}") from exc
 
-    first = encoded(0)
-    apply_overrides(ds, item.overrides)
-    if samples > 1:
-        ds.PlanarConfiguration = 0
-    _without_offset_tables(ds)
-    parts = _codec_header(ds, uid, opener, item, pixels.value_offset + pixels.length,
-                          stored == ImplicitVRLittleEndian, b"OB", edit)
+    def following(index: int) -> tuple[bytes, Lease]:
+        return _leased(frame_size, lambda: encoded(index))
+
+    first, lease = _leased(frame_size, lambda: encoded(0))
+    try:
+        apply_overrides(ds, item.overrides)
+        if samples > 1:
+            ds.PlanarConfiguration = 0
+        _without_offset_tables(ds)
+        parts = _codec_header(ds, uid, opener, item, pixels.value_offset + pixels.length,
+                              stored == ImplicitVRLittleEndian, b"OB", edit)
+    except BaseException:
+        lease.release()
+        raise
     if parts is None:
+        lease.release()
         return None
     meta, header, trailing = parts
     header += struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OB", 0, _UNDEFINED)
-    pieces = _encapsulated_value(first, frames, encoded)
+    pieces = _encapsulated_value(first, lease, frames, following)
     del first  # the generator holds it until it is sent, and no longer
     return CodecPlan(uid, meta, header, pieces, trailing, ExitStack())
 
@@ -919,18 +945,25 @@ def decode_plan(pacs: Pacs, item: RetrieveItem, target: str, edit: Edit | None =
     source = _decoding(pacs, item)
     if source is None:
         return None
-    try:
+    described: list[dict[str, object]] = []
+
+    def decoded(number: int) -> memoryview:
         with codec_work(source.frame_bytes):
-            arr, image_pixel = source.frame(0)
-            first = _little_endian_view(arr)
-            del arr
+            arr, image_pixel = source.frame(number)
+            if not described:
+                described.append(image_pixel)
+            return _little_endian_view(arr)
+
+    try:
+        first, lease = _leased(source.frame_bytes, lambda: decoded(0))
+        source.resources.callback(lease.release)  # given back on any failure below, too
         frame_size = len(first)
         total = frame_size * source.frames
         if total >= _UNDEFINED:
             raise TransferSyntaxError(f"{item.sop_uid} decoded is larger than a Pixel Data value can be")
         ds = source.ds
         apply_overrides(ds, item.overrides)
-        _decoded_description(ds, image_pixel, source.frames)
+        _decoded_description(ds, described[0], source.frames)
         vr = b"OB" if _number(ds, "BitsAllocated", 8) <= 8 else b"OW"
         parts = _codec_header(ds, uid, source.opener, item, source.end, False, vr, edit)
         if parts is None:
@@ -942,24 +975,26 @@ def decode_plan(pacs: Pacs, item: RetrieveItem, target: str, edit: Edit | None =
         source.resources.close()
         raise
 
-    def following(number: int) -> memoryview:
-        with codec_work(source.frame_bytes):
-            return _little_endian_view(source.frame(number)[0])
-
-    def pieces(data: memoryview) -> Iterator[bytes]:
-        for number in range(source.frames):
-            if number:
-                data = following(number)
-            if len(data) != frame_size:
-                raise TransferSyntaxError(f"{item.sop_uid}: frame {number + 1} decodes to another size")
-            yield from _in_chunks(data)
-            data = memoryview(b"")  # not held while the next frame is decoded
-        if total % 2:
-            yield b"\0"
+    def pieces(data: memoryview, lease: Lease) -> Iterator[bytes]:
+        # Each frame's lease is given back once it is sent, before the next
+        # one is decoded; and when the body is abandoned (a client gone).
+        try:
+            for number in range(source.frames):
+                if number:
+                    data, lease = _leased(source.frame_bytes, lambda: decoded(number))
+                if len(data) != frame_size:
+                    raise TransferSyntaxError(f"{item.sop_uid}: frame {number + 1} decodes to another size")
+                yield from held_pieces(data)
+                data = memoryview(b"")  # not held while the next frame is decoded
+                lease.release()
+            if total % 2:
+                yield b"\0"
+        finally:
+            lease.release()
 
     length = len(header) + total + total % 2 + len(trailing)
-    plan = CodecPlan(uid, meta, header, pieces(first), trailing, source.resources, length)
-    del first  # the generator holds it until it is sent, and no longer
+    plan = CodecPlan(uid, meta, header, pieces(first, lease), trailing, source.resources, length)
+    del first, lease  # the generator holds them until the frame is sent, and no longer
     return plan
 
 
@@ -997,19 +1032,26 @@ def recode_plan(pacs: Pacs, item: RetrieveItem, target: str, edit: Edit | None =
                 raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {uid.name}: {_one_line(exc)}") \
                     from exc
 
-        with codec_work(source.frame_bytes):
-            arr, image_pixel = source.frame(0)
-            # The decoded frame's description, interleaved (what the decoder
-            # gives), as compress() reads it from the decompressed dataset.
-            frame_ds = _one_frame(ds)
-            _decoded_description(frame_ds, image_pixel, 1)
-            if _number(frame_ds, "SamplesPerPixel", 1) > 1:
-                frame_ds.PlanarConfiguration = 0
-            options.update(as_pixel_options(frame_ds))
-            first = encoded(arr)
-            del arr
+        described: list[dict[str, object]] = []
+
+        def recoded(number: int) -> bytes:
+            with codec_work(source.frame_bytes):
+                arr, image_pixel = source.frame(number)
+                if not described:
+                    # The decoded frame's description, interleaved (what the decoder
+                    # gives), as compress() reads it from the decompressed dataset.
+                    described.append(image_pixel)
+                    frame_ds = _one_frame(ds)
+                    _decoded_description(frame_ds, image_pixel, 1)
+                    if _number(frame_ds, "SamplesPerPixel", 1) > 1:
+                        frame_ds.PlanarConfiguration = 0
+                    options.update(as_pixel_options(frame_ds))
+                return encoded(arr)
+
+        first, lease = _leased(source.frame_bytes, lambda: recoded(0))
+        source.resources.callback(lease.release)  # given back on any failure below, too
         apply_overrides(ds, item.overrides)
-        _decoded_description(ds, image_pixel, source.frames)
+        _decoded_description(ds, described[0], source.frames)
         if _number(ds, "SamplesPerPixel", 1) > 1:
             ds.PlanarConfiguration = 0
         parts = _codec_header(ds, uid, source.opener, item, source.end, False, b"OB", edit)
@@ -1022,12 +1064,11 @@ def recode_plan(pacs: Pacs, item: RetrieveItem, target: str, edit: Edit | None =
         source.resources.close()
         raise
 
-    def following(number: int) -> bytes:
-        with codec_work(source.frame_bytes):
-            return encoded(source.frame(number)[0])
+    def following(number: int) -> tuple[bytes, Lease]:
+        return _leased(source.frame_bytes, lambda: recoded(number))
 
-    pieces = _encapsulated_value(first, source.frames, following)
-    del first  # the generator holds it until it is sent, and no longer
+    pieces = _encapsulated_value(first, lease, source.frames, following)
+    del first, lease  # the generator holds them until the frame is sent, and no longer
     return CodecPlan(uid, meta, header, pieces, trailing, source.resources)
 
 
@@ -1178,18 +1219,21 @@ def _convert_whole(pacs: Pacs, item: RetrieveItem, uid: UID) -> BinaryIO:
     stored = UID(item.transfer_syntax_uid)
     out = tempfile.SpooledTemporaryFile(max_size=8 * CHUNK, prefix="pacs-convert-")  # noqa: SIM115
     try:
-        with _WHOLE_CONVERSIONS:
-            with pacs.store.local_path(item.storage_key) as path:
-                check_whole_size(path, item, uid)
+        with _WHOLE_CONVERSIONS, pacs.store.local_path(item.storage_key) as path:
+            size = check_whole_size(path, item, uid)
+            # Its pixels count in the process's budget while they are in
+            # memory; the result waits in the spooled file, not counted.
+            with PIXELS.lease(size):
                 ds = dcmread(path)
-            apply_overrides(ds, item.overrides)
-            try:
-                convert_dataset(ds, stored, uid)
-                ds.save_as(out, enforce_file_format=True)
-            except Exception as exc:
-                raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {uid.name}: {_one_line(exc)}") from exc
-            finally:
-                del ds
+                apply_overrides(ds, item.overrides)
+                try:
+                    convert_dataset(ds, stored, uid)
+                    ds.save_as(out, enforce_file_format=True)
+                except Exception as exc:
+                    raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {uid.name}: "
+                                              f"{_one_line(exc)}") from exc
+                finally:
+                    del ds
     except BaseException:
         out.close()
         raise
@@ -1234,16 +1278,18 @@ def _inflated_size(path: str | os.PathLike[str], limit: int) -> int:
         return size
 
 
-def check_whole_size(path: str | os.PathLike[str], item: RetrieveItem, uid: UID) -> None:
+def check_whole_size(path: str | os.PathLike[str], item: RetrieveItem, uid: UID) -> int:
     """Refuse (:class:`TransferSyntaxError`: HTTP 406, a failed C-STORE
     sub-operation with the reason) to convert whole an object larger than
     ``MAX_WHOLE_DECODED``: held several times over in memory, a big one
-    could have the process killed, every client with it."""
+    could have the process killed, every client with it. Returns its
+    :func:`whole_size`."""
     size = whole_size(path, item)
     if size > MAX_WHOLE_DECODED:
         raise TransferSyntaxError(
             f"cannot convert {item.sop_uid} to {uid.name}: this conversion is made in memory, and the object is "
             f"more than the {MAX_WHOLE_DECODED >> 20} MB decoded it may take; it is available as stored")
+    return size
 
 
 def _one_line(exc: Exception) -> str:

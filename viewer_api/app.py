@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pacs import __version__
 from pacs.app import Pacs, health
 from pacs.auth import ROLES
+from pacs.pixel_memory import PIXELS
 
 from . import errors, fhir, orders_api, qido, stow, ui_api, wado, wado_uri
 from .limits import BodyLimit
@@ -139,6 +140,9 @@ def create_app(pacs: Pacs) -> FastAPI:
             "version": __version__,
             "ae_title": pacs.settings.ae_title,
             **checks,
+            # Decoded pixels conversions hold now, at most since the start,
+            # and conversions waiting for room (settings: conversion_memory_bytes).
+            "conversion_memory": PIXELS.stats(),
         }
         return JSONResponse(body, status_code=200 if healthy else 503)
 

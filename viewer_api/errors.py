@@ -21,6 +21,7 @@ from pacs.errors import IngestError
 from pacs.index.db import ConcurrentChange, is_transient
 from pacs.frames import FrameError
 from pacs.header import valid_uid
+from pacs.pixel_memory import PixelMemoryBusy
 from pacs.query import QueryError
 from pacs.transcode import TransferSyntaxError
 
@@ -100,6 +101,8 @@ def install(app: FastAPI) -> None:
         NotAcceptable: lambda e: 406,
         MultipartError: lambda e: e.http_status,
         TransferSyntaxError: lambda e: 406,
+        # Converting for other clients takes every byte allowed: try again later.
+        PixelMemoryBusy: lambda e: 503,
         # The store or the index is down: try again later, not a bug of ours.
         StorageError: lambda e: 503,
         OperationalError: lambda e: 503,
@@ -114,6 +117,11 @@ def install(app: FastAPI) -> None:
         async def handle(request: Request, exc: Exception) -> Response:
             message = exc.message if isinstance(exc, HTTPProblem) else str(exc)
             status = status_of(exc)
+            if isinstance(exc, PixelMemoryBusy):
+                log.warning("%s %s answered 503: %s", request.method, request.url.path, message)
+                busy = answer(request, status, message)
+                busy.headers["Retry-After"] = str(exc.retry_after)  # RFC 9110 15.6.4
+                return busy
             if isinstance(exc, ObjectNotFound | ObjectDamaged):
                 # An indexed object gone from the store or cut short.
                 message = MISSING_OBJECT if isinstance(exc, ObjectNotFound) else DAMAGED_OBJECT

@@ -64,6 +64,7 @@ import math
 import os
 import re
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Final
 
@@ -1003,8 +1004,24 @@ def _deferred_pixel_path(ds: Dataset, tsyntax: object) -> str | os.PathLike[str]
     return None
 
 
+# Around the work of one render, given the decoded frame's bytes (what the
+# caller counts in its memory budget; pacs.pixel_memory for the server).
+Hold = Callable[[int], AbstractContextManager[object]]
+
+
+def _frame_bytes(header: Dataset) -> int:
+    """Bytes of one decoded frame as *header* describes it (0 when it does not)."""
+    try:
+        rows, columns = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
+        samples, bits = int(header.get("SamplesPerPixel") or 1), int(header.get("BitsAllocated") or 8)
+    except (TypeError, ValueError):
+        return 0
+    return (rows * columns * samples * bits + 7) // 8
+
+
 def render_dataset_bytes(
-    data: bytes | bytearray | memoryview | BinaryIO, frame_index: int, params: RenderParams
+    data: bytes | bytearray | memoryview | BinaryIO, frame_index: int, params: RenderParams,
+    hold: Hold | None = None,
 ) -> bytes:
     """Parse a DICOM Part 10 file (bytes or a binary file object) and render a frame.
 
@@ -1013,7 +1030,9 @@ def render_dataset_bytes(
     read into memory first. Only the header and the requested frame's
     bytes are read and decoded, so rendering one frame of a very large
     multi-frame object neither reads nor decodes the others. Deflated and
-    headerless objects are read whole as a fallback.
+    headerless objects are read whole as a fallback. *hold*, when given, is
+    entered with the decoded frame's size (from the header) around the
+    decode and everything after it.
     """
     if isinstance(data, (bytes, bytearray, memoryview)):
         f: BinaryIO = io.BytesIO(data)  # shares an immutable bytes buffer, no copy
@@ -1028,33 +1047,41 @@ def render_dataset_bytes(
             header = pydicom.dcmread(f, stop_before_pixels=True, force=True)
         except Exception as exc:
             raise RenderError(f"not a readable DICOM Part 10 object: {exc}") from exc
-        tsyntax = header.file_meta.get("TransferSyntaxUID") if header.file_meta else None
-        if not tsyntax or UID(str(tsyntax)) == DeflatedExplicitVRLittleEndian:
-            # pixel_array() cannot stream these; read the whole object instead.
-            f.seek(0)
-            try:
-                ds = pydicom.dcmread(f, force=True)
-            except Exception as exc:
-                raise RenderError(f"not a readable DICOM Part 10 object: {exc}") from exc
-            return render_frame(ds, frame_index, params)
-        _check_frame(header, frame_index)
-        _check_decoder(tsyntax)
-        f.seek(0)
-        try:
-            pixel = _decode(f, header, frame_index)
-        except RenderError:
-            if not _implicit_under_explicit(f, header, UID(str(tsyntax))):
-                raise
-            # dcmread reads such a data set as it is written; pixel_array()
-            # streaming from the file parses it as the syntax says and fails
-            # on pixels the frames resource serves (a 422 "unexpected tag
-            # (0000,0000)"). Only such objects are read whole: were every
-            # undecodable one, a corrupt 1 GB object would be loaded for its 422.
-            f.seek(0)
-            return render_frame(pydicom.dcmread(f, force=True), frame_index, params)
-        return _encode(_display_image(header, pixel, params, frame_index, None), params)
+        if hold is None:
+            return _render_read(f, header, frame_index, params)
+        with hold(_frame_bytes(header)):
+            return _render_read(f, header, frame_index, params)
     finally:
         f.seek(start)
+
+
+def _render_read(f: BinaryIO, header: Dataset, frame_index: int, params: RenderParams) -> bytes:
+    """:func:`render_dataset_bytes` once *header* is read from *f*."""
+    tsyntax = header.file_meta.get("TransferSyntaxUID") if header.file_meta else None
+    if not tsyntax or UID(str(tsyntax)) == DeflatedExplicitVRLittleEndian:
+        # pixel_array() cannot stream these; read the whole object instead.
+        f.seek(0)
+        try:
+            ds = pydicom.dcmread(f, force=True)
+        except Exception as exc:
+            raise RenderError(f"not a readable DICOM Part 10 object: {exc}") from exc
+        return render_frame(ds, frame_index, params)
+    _check_frame(header, frame_index)
+    _check_decoder(tsyntax)
+    f.seek(0)
+    try:
+        pixel = _decode(f, header, frame_index)
+    except RenderError:
+        if not _implicit_under_explicit(f, header, UID(str(tsyntax))):
+            raise
+        # dcmread reads such a data set as it is written; pixel_array()
+        # streaming from the file parses it as the syntax says and fails
+        # on pixels the frames resource serves (a 422 "unexpected tag
+        # (0000,0000)"). Only such objects are read whole: were every
+        # undecodable one, a corrupt 1 GB object would be loaded for its 422.
+        f.seek(0)
+        return render_frame(pydicom.dcmread(f, force=True), frame_index, params)
+    return _encode(_display_image(header, pixel, params, frame_index, None), params)
 
 
 def _implicit_under_explicit(f: BinaryIO, header: Dataset, tsyntax: UID) -> bool:

@@ -20,6 +20,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from pacs import frames as framelib
+from pacs.pixel_memory import PIXELS, PixelMemoryBusy
 from pacs.retrieve import RetrieveItem
 
 from . import negotiation
@@ -33,6 +34,7 @@ from .render import (
     parse_window,
     render_dataset_bytes,
 )
+from .streaming import ClosingStreamingResponse
 from .urls import base_url
 
 log = logging.getLogger(__name__)
@@ -131,9 +133,10 @@ def render_item(request: Request, item: RetrieveItem, frame: int, params: Render
         return cached
     pacs = request.app.state.pacs
     with _RENDERS, framelib.local_object(pacs, item) as path, open(path, "rb") as f:
-        # From the file, only the frame asked for is read and decoded.
+        # From the file, only the frame asked for is read and decoded; its
+        # pixels count in the process's budget while it is rendered.
         try:
-            data = render_dataset_bytes(f, frame - 1, params)
+            data = render_dataset_bytes(f, frame - 1, params, hold=PIXELS.lease)
         except RenderError as exc:
             raise HTTPProblem(exc.http_status, str(exc)) from None
     if cache_result:
@@ -175,6 +178,8 @@ def _try_render(request: Request, item: RetrieveItem, frame: int, params: Render
     except HTTPProblem as exc:
         log.warning("rendered part left out (%s frame %d): %s", item.sop_uid, frame, exc.message)
         return exc
+    except PixelMemoryBusy:
+        raise  # the archive is busy, not this object broken: a 503 (or a body cut off)
     except Exception:  # one broken object does not take the others down
         log.exception("rendered part left out (%s frame %d)", item.sop_uid, frame)
         return HTTPProblem(500, "internal error while rendering")
@@ -281,7 +286,7 @@ def rendered_multipart(request: Request, targets: list[tuple[RetrieveItem, int]]
             log.warning("rendered multipart: %d part(s) left out after the answer started "
                         "(not in its Warning header; see above)", late)
 
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         multipart_related_stream(parts(), boundary), media_type=content_type_header(params.media_type, boundary),
         headers=headers,
     )

@@ -16,6 +16,7 @@ from starlette.background import BackgroundTask
 from pydicom.uid import UID
 
 from pacs import frames as framelib
+from pacs.pixel_memory import CHUNK, PIXELS, held_pieces
 from pacs.query import Level
 from pacs.retrieve import RetrieveItem, apply_overrides, resolve
 from pacs.transcode import TransferSyntaxError, instance_bytes, prepared_bytes, unservable_reason
@@ -25,7 +26,8 @@ from .dicomjson import dumps, is_binary, to_json
 from .documents import document_media_type, document_response
 from .errors import HTTPProblem, problem, require_uids
 from .mediatypes import NotAcceptable
-from .multipart import Part, content_type_header, multipart_related_stream, new_boundary
+from .multipart import Body, Part, content_type_header, multipart_related_stream, new_boundary
+from .streaming import ClosingStreamingResponse
 from .urls import base_url
 
 log = logging.getLogger(__name__)
@@ -94,7 +96,7 @@ def retrieve(request: Request, items: list[RetrieveItem]) -> StreamingResponse:
                 body=first if n == 0 else instance_bytes(pacs, item, wanted),
             )
 
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         multipart_related_stream(parts(), boundary),
         media_type=content_type_header("application/dicom", boundary, None if target == "*" else target),
     )
@@ -208,7 +210,7 @@ def metadata(request: Request, items: list[RetrieveItem]) -> Response:
         chunk += b"]"
         yield bytes(chunk)
 
-    return StreamingResponse(body(), media_type=media_type)
+    return ClosingStreamingResponse(body(), media_type=media_type)
 
 
 @router.get("/studies/{study}/metadata", summary="Study metadata")
@@ -256,6 +258,15 @@ def retrieve_frames(request: Request, study: str, series: str, sop: str, frame_l
     return frames_response(request, item, numbers)
 
 
+def _sent_in_pieces(data: bytes | memoryview) -> Body:
+    """A frame as a part's body: as it is up to ``CHUNK`` bytes (a CT slice:
+    no thread hop per piece), else in pieces, so that the HTTP layer copies
+    one piece at a time rather than the whole frame."""
+    if isinstance(data, bytes) and len(data) <= CHUNK:
+        return data
+    return held_pieces(data)
+
+
 def _require_pixel_tag(info: framelib.PixelInfo, pixel_tag: int) -> None:
     """bulk/{tag} of a pixel attribute the object does not hold is a 404 naming the one it holds."""
     if info.tag != pixel_tag:
@@ -276,7 +287,8 @@ def frames_response(request: Request, item: RetrieveItem, numbers: list[int] | N
     # The object stays open (a local copy of a remote one) while the frames
     # are sent, one frame in memory at a time; the numbers are checked first.
     # The first frame is read (decoded) now, so that a frame the codecs
-    # cannot decode is an error status, not a body that breaks off.
+    # cannot decode is an error status, not a body that breaks off; it is
+    # let go once sent, not kept to the end of the response.
     opened = ExitStack()
     try:
         path = opened.enter_context(framelib.local_object(pacs, item))
@@ -288,11 +300,23 @@ def frames_response(request: Request, item: RetrieveItem, numbers: list[int] | N
         # Encapsulated frames are located once for the request (offset
         # tables or one pass over the fragment headers), then read by offset.
         reader = framelib.FrameReader(path, info)
+        decoding = decode and info.encapsulated
 
-        def frame(n: int) -> bytes:
-            return reader.decoded(n) if decode else reader.stored(n)
+        def frame(n: int) -> Body:
+            if not decoding:
+                return _sent_in_pieces(reader.decoded(n) if decode else reader.stored(n))
+            # A decoded frame holds its share of the process's pixel budget
+            # from its decode until its last piece is handed to the
+            # connection, or the response ends (a client gone midway).
+            lease = PIXELS.lease(info.frame_bytes)
+            try:
+                data = reader.decoded(n)
+            except BaseException:
+                lease.release()
+                raise
+            return held_pieces(data, lease)
 
-        first = frame(wanted[0])
+        held: list[Body] = [frame(wanted[0])]
     except BaseException:
         opened.close()
         raise
@@ -305,10 +329,12 @@ def frames_response(request: Request, item: RetrieveItem, numbers: list[int] | N
     def parts() -> Iterator[Part]:
         with opened:
             for i, n in enumerate(wanted):
+                body = held.pop() if i == 0 else frame(n)
                 yield Part(content_type=part_type, headers={"Content-Location": f"{location}/frames/{n}"},
-                           body=first if i == 0 else frame(n))
+                           body=body)
+                del body
 
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         multipart_related_stream(parts(), boundary),
         media_type=content_type_header(part_type.split(";")[0], boundary),
         background=BackgroundTask(opened.close),
@@ -333,7 +359,7 @@ def retrieve_bulk(request: Request, study: str, series: str, sop: str, tag: str)
         ds = framelib.header(local)
     data = _bulk_value(ds, path, tag)
     boundary = new_boundary()
-    return StreamingResponse(
+    return ClosingStreamingResponse(
         multipart_related_stream(iter([Part("application/octet-stream", {}, data)]), boundary),
         media_type=content_type_header("application/octet-stream", boundary),
     )
@@ -492,8 +518,8 @@ def video_response(request: Request, item: RetrieveItem, media_type: str, pixel_
         boundary = new_boundary()
         part_type = f"{media_type}; transfer-syntax={item.transfer_syntax_uid}"
         part = Part(part_type, {"Content-Location": multipart_location}, framelib.read_span(path, pieces, 0, total))
-        return StreamingResponse(multipart_related_stream(iter([part]), boundary),
-                                 media_type=content_type_header(media_type, boundary), background=close)
+        return ClosingStreamingResponse(multipart_related_stream(iter([part]), boundary),
+                                        media_type=content_type_header(media_type, boundary), background=close)
     headers = {"Accept-Ranges": "bytes"}
     try:
         span = byte_range(request.headers.get("range"), total)
@@ -506,8 +532,8 @@ def video_response(request: Request, item: RetrieveItem, media_type: str, pixel_
     if span is not None:
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{total}"
     headers["Content-Length"] = str(end - start)
-    return StreamingResponse(framelib.read_span(path, pieces, start, end), status_code=206 if span else 200,
-                             media_type=media_type, headers=headers, background=close)
+    return ClosingStreamingResponse(framelib.read_span(path, pieces, start, end), status_code=206 if span else 200,
+                                    media_type=media_type, headers=headers, background=close)
 
 
 class RangeNotSatisfiable(Exception):

@@ -4,7 +4,7 @@ many EMRs still embed. Rendered JPEG/PNG/GIF or the DICOM object itself."""
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from pacs.frames import PIXEL_DATA
 from pacs.query import Level
@@ -15,6 +15,7 @@ from .documents import document_media_type, document_response
 from .errors import HTTPProblem, require_uids
 from .render import MAX_VIEWPORT_DIMENSION, RenderError, RenderParams
 from .rendering import check_frame_number, render_item
+from .streaming import ClosingStreamingResponse
 from .wado import video_response, video_types
 
 router = APIRouter(tags=["WADO-URI"])
@@ -126,7 +127,7 @@ def wado(request: Request) -> Response:
         if not can_serve(item, target):
             raise HTTPProblem(406, f"cannot provide transfer syntax {target}")
         # Converted (if it must be) before the 200 goes out: a failure is a 406.
-        return StreamingResponse(prepared_bytes(pacs, item, target), media_type=_DICOM)
+        return ClosingStreamingResponse(prepared_bytes(pacs, item, target), media_type=_DICOM)
     if content_type in video_types(item):
         return video_response(request, item, content_type, PIXEL_DATA)
     if content_type not in _IMAGE_TYPES:
