@@ -25,14 +25,20 @@ is held.
 
 What is counted: decoded WADO-RS frames, frame-by-frame instance conversions
 (WADO-RS, WADO-URI, C-MOVE, C-GET, routing), whole-object conversions and
-rendered frames. What is not: frames sent as stored (no codec), metadata.
+rendered frames. What is not: frames sent as stored (no codec), metadata,
+the codecs' own working buffers (bounded by ``codec_work``).
+
+Bounding what is in use is not all: glibc kept the freed buffers of big
+frames in its arenas, so a big frame given back, or the codec work of one
+ending, also trims the heap (:func:`trim_heap`, ``TRIM_FROM``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -44,8 +50,16 @@ from storage import StorageError
 CHUNK = 1 << 20
 # What a refused client is told to wait before it asks again (RFC 9110 10.2.3).
 RETRY_AFTER_SECONDS = 10
-DEFAULT_BUDGET = 48 * 1024 * 1024
+DEFAULT_BUDGET = 40 * 1024 * 1024  # the setting's default (pacs.settings)
 DEFAULT_WAIT_SECONDS = 60.0
+# A frame at least this big given back (and the codec work of one, in
+# pacs.transcode.codec_work) also gives the allocator's free memory back to
+# the system (glibc malloc_trim). glibc raises its mmap threshold to the size
+# of each big buffer freed (up to 32 MB), so later 17 MB frames and the
+# codecs' buffers come from its arenas and stay resident once freed: with the
+# frames held bounded, what the two arenas kept made ~90-120 MB of the peak.
+# Ordinary frames (a 512 KB CT slice) never trim.
+TRIM_FROM = 4 * 1024 * 1024
 
 
 class PixelMemoryBusy(StorageError):
@@ -179,6 +193,8 @@ class PixelMemory:
             if holder is not None:
                 holder.leases -= 1
             self._changed.notify_all()
+        if nbytes >= TRIM_FROM:
+            trim_heap()
 
     @contextmanager
     def one_holder(self) -> Iterator[None]:
@@ -201,6 +217,27 @@ class PixelMemory:
         with self._changed:
             return {"budget": self.budget, "in_use": self._used, "peak": self._peak, "waiting": len(self._queue),
                     "waited": self._waited, "refused": self._refused}
+
+
+def _heap_trimmer() -> Callable[[], object] | None:
+    """glibc's malloc_trim(0), or None where there is no glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return lambda: trim(0)
+
+
+_TRIM = _heap_trimmer()
+
+
+def trim_heap() -> None:
+    """Free memory of every malloc arena back to the system (well under a
+    millisecond to a few; the GIL is released meanwhile)."""
+    if _TRIM is not None:
+        _TRIM()
 
 
 def _mb(nbytes: int) -> str:

@@ -77,7 +77,7 @@ from storage import ObjectDamaged, StorageError
 
 from .app import Pacs
 from .errors import PacsError
-from .pixel_memory import PIXELS, Lease, held_pieces
+from .pixel_memory import PIXELS, TRIM_FROM, Lease, held_pieces, trim_heap
 from .retrieve import RetrieveItem, apply_overrides
 
 CHUNK = 1 << 20
@@ -629,6 +629,8 @@ class _CodecLimit:
                 self._running -= 1
                 self._used -= cost
                 self._changed.notify_all()
+            if frame_bytes >= TRIM_FROM:
+                trim_heap()  # the codec's buffers of a big frame, freed: not kept by the allocator
 
 
 _CODEC_WORK = _CodecLimit(MAX_CODEC_WORK, CODEC_BUDGET)
