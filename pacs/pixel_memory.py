@@ -84,7 +84,7 @@ class _Holder:
     leases: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # each ticket is itself: two waiting for as many bytes are two
 class _Ticket:
     """A conversion waiting for room."""
 
@@ -125,7 +125,10 @@ class Lease:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit the module may be half gone
+            pass
 
 
 class PixelMemory:
