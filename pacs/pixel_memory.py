@@ -50,7 +50,7 @@ from storage import StorageError
 CHUNK = 1 << 20
 # What a refused client is told to wait before it asks again (RFC 9110 10.2.3).
 RETRY_AFTER_SECONDS = 10
-DEFAULT_BUDGET = 40 * 1024 * 1024  # the setting's default (pacs.settings)
+DEFAULT_BUDGET = 24 * 1024 * 1024  # the setting's default (pacs.settings)
 DEFAULT_WAIT_SECONDS = 60.0
 # A frame at least this big given back (and the codec work of one, in
 # pacs.transcode.codec_work) also gives the allocator's free memory back to

@@ -326,12 +326,13 @@ class Settings(BaseSettings):
     # routing, rendered frames); more wait their turn, and a frame larger
     # than this is converted alone. The default keeps `pacs serve` under
     # 300 MB with eight clients converting 17 MB frames at once (issue 9,
-    # scenario 8): of 300 MB, ~136 MB idle and ~135 MB converting one such
-    # frame to JPEG 2000 (its decode and the encoder's buffers, one at a
-    # time) leave ~30 MB for the frames held beside it; 40 MB is two
-    # decoded 17 MB frames, or one being converted and encoded ones waiting
-    # to be sent (and 80 CT slices of 512 KB).
-    conversion_memory_bytes: int = Field(default=40 * 1024**2, ge=1024**2)
+    # scenario 8): of 300 MB, ~136 MB idle, ~115 MB converting one such
+    # frame to JPEG 2000 (its decode, then the encoder's buffers beside the
+    # decoded frame; codec work takes one such frame at a time) and 1-2 MB
+    # per client in the HTTP layer leave ~30 MB for what is held besides
+    # that frame's own 17 MB. 24 MB: one decoded 17 MB frame at a time, or
+    # the one being converted and little else (48 CT slices of 512 KB).
+    conversion_memory_bytes: int = Field(default=24 * 1024**2, ge=1024**2)
     # Seconds a conversion waits for room before it is refused (HTTP 503
     # with Retry-After; a failed C-STORE sub-operation; routing tries
     # again). A wait lasts about one frame's conversion per client ahead in

@@ -52,7 +52,7 @@ RECODE_GROWTH_LIMIT = 70 * MB
 # clients took the server ~450 MB up (the decoder's iterator kept each
 # response's last compressed and decoded frame, and whole frames were copied
 # again by the HTTP layer), then ~290-330 MB; with the frames held at once
-# bounded too (pacs.pixel_memory: 40 MB, two of these) and the allocator
+# bounded too (pacs.pixel_memory: 24 MB, one of these) and the allocator
 # giving back what a big frame's decode freed, ~125 MB.
 BIG_FRAMES, BIG_SIDE = 2, 3072
 CLIENTS = 8
