@@ -290,6 +290,7 @@ def _on_conn_open(event: Any) -> None:
 # satellite link). pynetdicom waits acse_timeout (30 s) holding a slot of
 # max_associations: 32 silent connections, re-opened every 30 s (a frozen
 # link, a port scanner, a hostile peer), refused every modality for good.
+# Less when dicom_timeout (the network timeout) is shorter.
 FIRST_REQUEST_WAIT = 10.0
 # A connection over its host's share waits this long for its request, to be
 # rejected (a real client sends it at once) rather than cut off: with 1 ms, a
@@ -299,11 +300,12 @@ OVER_SHARE_REQUEST_WAIT = 0.5
 _REFUSAL_LOG_EVERY = 60.0
 
 
-def _shut(assoc: Any) -> None:
-    """End a connection whose request never completed: its reading thread
-    returns at once, and the association ends as on a closed connection."""
+def _shut(assoc: Any, wait: float) -> None:
+    """End a connection whose request never completed within *wait* seconds:
+    its reading thread returns at once, and the association ends as on a
+    closed connection."""
     log.info("connection from %s closed: no complete A-ASSOCIATE-RQ within %.0f s",
-             getattr(assoc.requestor, "address", "?"), FIRST_REQUEST_WAIT)
+             getattr(assoc.requestor, "address", "?"), wait)
     try:
         assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
     except (OSError, AttributeError):
@@ -315,10 +317,13 @@ class ConnectionGuard:
     at most *per_host* connections from one address at once (the others
     are closed at once, holding no slot): one peer cannot take every slot.
     With *pool* (a DICOM worker), the connections the other workers hold
-    count too, and this worker's are published there."""
+    count too, and this worker's are published there. *first_request*:
+    seconds a new connection has to send its A-ASSOCIATE-RQ."""
 
-    def __init__(self, per_host: int, pool: PoolHostCounts | None = None) -> None:
+    def __init__(self, per_host: int, pool: PoolHostCounts | None = None,
+                 first_request: float = FIRST_REQUEST_WAIT) -> None:
         self.per_host = per_host
+        self.first_request = first_request
         self._pool = pool
         self._logged: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -345,13 +350,13 @@ class ConnectionGuard:
             assoc._pacs_over_host_limit = peers
             self._warn(address, peers)
             return
-        assoc.acse_timeout = min(normal or FIRST_REQUEST_WAIT, FIRST_REQUEST_WAIT)
+        assoc.acse_timeout = min(normal or self.first_request, self.first_request)
         assoc._pacs_acse_timeout = normal
         # A request sent a byte at a time keeps pynetdicom reading its PDU
         # past that wait (each byte restarts the network timeout): the
         # watchdog shuts such a connection once its time is up.
         with self._lock:
-            self._waiting[assoc] = time.monotonic() + FIRST_REQUEST_WAIT + 1.0
+            self._waiting[assoc] = time.monotonic() + self.first_request + 1.0
             if self._pool is not None:
                 self._count(assoc, self._pool.bucket(address))
             if self._watch is None:
@@ -385,7 +390,7 @@ class ConnectionGuard:
         every way out of pynetdicom's state machine triggers it), or whose
         thread never started, stop counting for the pool, so a host is
         never refused for ghosts."""
-        never = time.monotonic() - 3 * FIRST_REQUEST_WAIT
+        never = time.monotonic() - 3 * self.first_request
         with self._lock:
             for assoc in [a for a, (_, at) in self._counted.items()
                           if not a.is_alive() and (a.ident is not None or at < never)]:
@@ -404,7 +409,7 @@ class ConnectionGuard:
                 if not answered and now <= deadline:
                     continue
                 if not answered and assoc.is_alive():
-                    _shut(assoc)
+                    _shut(assoc, self.first_request)
                 with self._lock:
                     self._waiting.pop(assoc, None)
 
@@ -627,7 +632,8 @@ def start_dicom_server(
     ae = build_ae(pacs)
     settings = pacs.settings
     gate = AssociationGate(pacs, worker=listen_socket is not None)
-    guard = ConnectionGuard(settings.max_associations_per_host or max(1, settings.max_associations // 2), host_counts)
+    guard = ConnectionGuard(settings.max_associations_per_host or max(1, settings.max_associations // 2), host_counts,
+                            first_request=min(FIRST_REQUEST_WAIT, settings.dicom_timeout))
     destinations = MoveDestinations()
     ae.on_associate.extend([tune_socket, destinations.remember, lambda assoc: send_stored_as_is(pacs, assoc)])
     if pacs.settings.dicom_event_driven:

@@ -9,8 +9,13 @@ arguments, standard streams (files the caller reads), exit status, atexit
 handlers and non-daemon threads joined before it exits. No thread, database
 connection or file is open here when it forks.
 
+Servers (`pacs serve`) are started here too: the tests start hundreds, and
+each spent a second and a half importing before it listened. Such a request
+names one ``log`` file, appended to, for both streams, instead of ``out``
+and ``err``.
+
 Protocol (one JSON object per line): the caller writes
-``{"id", "argv", "env", "cwd", "out", "err"}``; this process answers
+``{"id", "argv", "env", "cwd", "out", "err"}`` (or ``"log"``); this process answers
 ``{"id", "pid"}`` once the child runs and ``{"id", "rc"}`` when it ended
 (a negative rc: killed by that signal, as subprocess reports it). It exits
 when its standard input closes.
@@ -39,8 +44,12 @@ def _child(request: dict) -> None:
     rc = 1
     try:
         devnull = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        err = os.open(request["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        if "log" in request:  # a server: both streams appended to its log, as the caller's Popen had them
+            out = os.open(request["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            err = os.dup(out)
+        else:
+            out = os.open(request["out"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            err = os.open(request["err"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         for fd, target in ((devnull, 0), (out, 1), (err, 2)):
             os.dup2(fd, target)
             os.close(fd)
@@ -94,12 +103,13 @@ def _answer(message: dict) -> None:
 
 
 def main() -> None:
-    # What the commands import, imported once here.
-    import pacs.app  # noqa: F401
-    import pacs.cli  # noqa: F401
-    import pacs.cli_maintenance  # noqa: F401
-    import pacs.importer  # noqa: F401
-    import pacs.maintenance  # noqa: F401
+    # What the commands and servers import, imported once here.
+    import importlib
+
+    for name in ("pacs.app", "pacs.cli", "pacs.cli_maintenance", "pacs.importer", "pacs.maintenance",
+                 "pacs.serve", "pacs.forwarding", "pacs.sweeper", "pacs.worklist_progress", "dicom_scp.commitment",
+                 "ris_bridge.mllp", "ris_bridge.outbound", "viewer_api.app", "viewer_api.protocol"):
+        importlib.import_module(name)
 
     running: dict[int, int] = {}
     buffer = b""

@@ -20,6 +20,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psycopg
@@ -358,24 +359,67 @@ class PacsCommands:
             self._broken = True
             self._done.notify_all()
 
+    def _send(self, request: dict[str, Any]) -> int | None:
+        """Hand *request* to the zygote (under the lock); its id, None when
+        there is no zygote to take it."""
+        proc = self._start()
+        if proc is None:
+            return None
+        self._next += 1
+        request["id"] = self._next
+        if "log" not in request:  # a command: its streams in the spool, read when it ended
+            request["out"], request["err"] = (str(path) for path in self._streams(self._next))
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write((json.dumps(request) + "\n").encode())
+            proc.stdin.flush()
+        except OSError:
+            self._broken = True
+            return None
+        return self._next
+
+    def _streams(self, request: int) -> tuple[Path, Path]:
+        return self._spool / f"{request}.out", self._spool / f"{request}.err"
+
+    def spawn(self, args: list[str], env: dict[str, str], log: Path) -> ZygoteProcess | subprocess.Popen[bytes]:
+        """A long-running `pacs *args` (a server) with *env*, both streams
+        appended to *log*: a Popen-like handle on the forked process (a
+        plain Popen when the zygote cannot run)."""
+        command = [PACS, *args]
+        with self._done:
+            request = self._send({"argv": command, "env": env, "cwd": os.getcwd(), "log": str(log)})
+            if request is not None:
+                while request not in self._pids and request not in self._codes and not self._broken:
+                    self._done.wait(1.0)
+                pid = self._pids.pop(request, None)
+                if pid is not None:
+                    return ZygoteProcess(self, request, pid, command)
+        with log.open("ab") as out:
+            return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def exit_code(self, request: int, pid: int, timeout: float | None) -> int | None:
+        """The exit status of spawned *request* once it ended, waiting up to
+        *timeout* (0: not at all; None: for ever); None while it runs."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._done:
+            while request not in self._codes:
+                if self._broken:  # the zygote died: the process was reaped by init, its status is lost
+                    try:
+                        os.kill(pid, 0)
+                    except ProcessLookupError:
+                        return -signal.SIGKILL
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._done.wait(1.0 if left is None else min(left, 1.0))
+            return self._codes[request]
+
     def run(self, args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
         """`pacs *args` with *env*; its output, as subprocess.run(capture_output=True, text=True)."""
         command = [PACS, *args]
         with self._done:
-            proc = self._start()
-            if proc is not None:
-                self._next += 1
-                request = self._next
-                out, err = self._spool / f"{request}.out", self._spool / f"{request}.err"
-                line = json.dumps({"id": request, "argv": command, "env": env, "cwd": os.getcwd(),
-                                   "out": str(out), "err": str(err)}) + "\n"
-                try:
-                    assert proc.stdin is not None
-                    proc.stdin.write(line.encode())
-                    proc.stdin.flush()
-                except OSError:
-                    self._broken, proc = True, None
-        if proc is None:
+            request = self._send({"argv": command, "env": env, "cwd": os.getcwd()})
+        if request is None:
             return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
         deadline = time.monotonic() + timeout
         with self._done:
@@ -386,6 +430,7 @@ class PacsCommands:
                 self._done.wait(min(left, 1.0))
             code = self._codes.pop(request, None)
             pid = self._pids.pop(request, None)
+        out, err = self._streams(request)
         if code is None and pid is None and self._broken:  # the zygote died first
             return subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
         if code is None:
@@ -401,6 +446,39 @@ class PacsCommands:
             err.unlink(missing_ok=True)
 
 
+class ZygoteProcess:
+    """A `pacs serve` forked by the zygote, as much a subprocess.Popen as the
+    tests use: pid, args, returncode, poll, wait, send_signal, terminate, kill."""
+
+    def __init__(self, commands: PacsCommands, request: int, pid: int, args: list[str]) -> None:
+        self._commands, self._request = commands, request
+        self.pid, self.args = pid, args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._commands.exit_code(self._request, self.pid, 0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self._commands.exit_code(self._request, self.pid, timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
 PACS_COMMANDS = PacsCommands()
 
 
@@ -414,8 +492,12 @@ class PacsServer:
     dicom_port: int = 0
     http_port: int = 0
     hl7_port: int = 0
-    proc: subprocess.Popen | None = None
+    proc: subprocess.Popen | ZygoteProcess | None = None
     token: str = ""
+    # Forked from the tests' zygote (PacsCommands.spawn), which has imported
+    # the server already: the same `pacs serve` a second and a half sooner.
+    # False: a fresh `pacs` process, for a test about the process itself.
+    forked: bool = True
 
     @property
     def env(self) -> dict[str, str]:
@@ -448,17 +530,13 @@ class PacsServer:
         self.dicom_port = self.dicom_port or free_port()
         self.http_port = self.http_port or free_port()
         self.hl7_port = self.hl7_port or free_port()
-        log = open(self.data_dir.parent / f"{self.data_dir.name}-serve.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [
-                PACS, "serve", *self.common_args(),
-                "--dicom-port", str(self.dicom_port), "--http-port", str(self.http_port),
-                "--hl7-port", str(self.hl7_port), "--ae-title", self.ae_title,
-            ],
-            env=self.env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+        args = ["serve", *self.common_args(), "--dicom-port", str(self.dicom_port), "--http-port", str(self.http_port),
+                "--hl7-port", str(self.hl7_port), "--ae-title", self.ae_title]
+        if self.forked:
+            self.proc = PACS_COMMANDS.spawn(args, self.env, self.log_path)
+        else:
+            with self.log_path.open("ab") as log:
+                self.proc = subprocess.Popen([PACS, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.dicom_port, timeout=60, proc=self.proc)
         wait_port(self.http_port, timeout=60, proc=self.proc)
         if not self.token:

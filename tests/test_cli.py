@@ -10,10 +10,16 @@ from pathlib import Path
 
 from .conftest import PACS, Backend, PacsServer, free_port
 from .dicomfiles import PYDICOM_FILES, copy_files
+from .peers import PACS_COMMANDS
 
 
-def pacs(*args: str, data_dir: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PACS, *args, "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=300)
+def pacs(*args: str, data_dir: Path, fresh: bool = False) -> subprocess.CompletedProcess[str]:
+    """`pacs *args --data-dir data_dir` as the tests' zygote forks it (the same
+    command, a second sooner); *fresh*: a new process from the `pacs` script."""
+    command = [*args, "--data-dir", str(data_dir)]
+    if fresh:
+        return subprocess.run([PACS, *command], capture_output=True, text=True, timeout=300)
+    return PACS_COMMANDS.run(command, dict(os.environ), timeout=300)
 
 
 def test_import_recursive_skips_non_dicom_and_reports(tmp_path: Path) -> None:
@@ -22,7 +28,7 @@ def test_import_recursive_skips_non_dicom_and_reports(tmp_path: Path) -> None:
     (src / "README.txt").write_text("not dicom")
     (src / "nested" / "photo.jpg").write_bytes(b"\xff\xd8\xff\xe0" + bytes(200))
     os.mkfifo(src / "nested" / "pipe")  # reading it would block the import forever
-    result = pacs("import", str(src), "--json", data_dir=tmp_path / "data")
+    result = pacs("import", str(src), "--json", data_dir=tmp_path / "data", fresh=True)
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["files"] == 8

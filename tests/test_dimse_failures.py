@@ -258,11 +258,12 @@ def test_silent_connections_of_one_host_do_not_take_every_slot(tmp_path: Path) -
     TCP handshake, a scanner, a hostile peer) each held a slot for 30 s: as
     many as max_associations, re-opened, refused every modality for good. One
     address now holds at most half the slots (the rest are closed at once,
-    holding none) and gets 10 s to send its request."""
+    holding none) and gets 10 s to send its request (dicom_timeout if
+    shorter: 3 s here)."""
     import socket
 
     server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}), extra_env={
-        "PACS_MAX_ASSOCIATIONS": "8", "PACS_DICOM_WORKERS": "1"}).start()
+        "PACS_MAX_ASSOCIATIONS": "8", "PACS_DICOM_WORKERS": "1", "PACS_DICOM_TIMEOUT": "3"}).start()
     silent: list[socket.socket] = []
     try:
         for _ in range(12):

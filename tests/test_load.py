@@ -18,7 +18,7 @@ def test_concurrent_stores_and_queries_without_errors(tmp_path: Path, capsys) ->
     templates = template_studies(8, slices=10, size=256)
     server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {})).start()
     try:
-        report = run_load(server, templates, 20, tmp_path / "senders")
+        report = run_load(server, templates, 12, tmp_path / "senders")
         assert server.alive()
     finally:
         server.stop()

@@ -39,7 +39,7 @@ from .test_worklist_ris import msa, send, worklist
 ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
 # Seconds of quiet after which images complete their step: long enough that a
 # test sees the step IN PROGRESS (and sends its MPPS) well before.
-STABLE_SECONDS = 15
+STABLE_SECONDS = 10
 
 
 @pytest.fixture(scope="module", params=["sqlite", "pg"])
