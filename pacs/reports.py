@@ -241,33 +241,44 @@ class ReportService:
         sop_uid = self._store_pdf(study, draft.version, pdf, content, now)
         with write_transaction(self.pacs.engine) as conn:
             self._study(conn, study_uid, lock=True)  # after a save or amendment under way, not amid it
-            done = conn.execute(
-                update(reports_t)
-                .where(reports_t.c.pk == draft.pk, reports_t.c.status == "draft",
-                       reports_t.c.revision == draft.revision)
-                .values(status="signed", signed_by=signer_name or signer, signed_at=now, pdf_sop_uid=sop_uid,
-                        updated_at=now)
-            ).rowcount
-            if done:
-                order = self._order_for(conn, study)
-                OrderService.enqueue(conn, "his", "report", {
-                    "order": order,
-                    # In-order delivery per order (or study): pacs.outbox.message_key.
-                    "key": f"order:{order['order_pk']}" if order.get("order_pk") else f"study:{study_uid}",
-                    "study_uid": study_uid,
-                    "modalities": modalities,
-                    "signed_by": signer, "signed_by_name": signer_name or signer,
-                    "signed_at": hl7_timestamp(now, hospital_zone(self.pacs.settings)),
-                    "status": "final" if draft.version == 1 else "amended",
-                    "lines": [
-                        {"type": "TX", "code": "59776-5^Findings^LN", "value": draft.findings},
-                        {"type": "TX", "code": "19005-8^Impression^LN", "value": draft.impression},
-                    ] + ([{"type": "RP", "code": "IMAGES^Images^L", "value": viewer_url}] if viewer_url else []),
-                })
+            done = self._signed(conn, study, draft, sop_uid, signer, signer_name, viewer_url, modalities, now)
         if not done:  # after that transaction: the withdrawal writes too
             self._withdraw_pdf(sop_uid)
             raise ReportError("the draft changed while signing; try again", 409)
         return self.get(study_uid)
+
+    def _signed(self, conn: Any, study: Any, draft: Any, sop_uid: str, signer: str, signer_name: str,
+                viewer_url: str, modalities: str, now: datetime) -> bool:
+        """In the signature's transaction, the study locked: *draft* signed
+        with the PDF *sop_uid* and the ORU^R01 queued; False (nothing
+        written) when the draft is no longer the one read (signed, or saved
+        again, meanwhile)."""
+        done = conn.execute(
+            update(reports_t)
+            .where(reports_t.c.pk == draft.pk, reports_t.c.status == "draft",
+                   reports_t.c.revision == draft.revision)
+            .values(status="signed", signed_by=signer_name or signer, signed_at=now, pdf_sop_uid=sop_uid,
+                    updated_at=now)
+        ).rowcount
+        if not done:
+            return False
+        study_uid = study.study_uid
+        order = self._order_for(conn, study)
+        OrderService.enqueue(conn, "his", "report", {
+            "order": order,
+            # In-order delivery per order (or study): pacs.outbox.message_key.
+            "key": f"order:{order['order_pk']}" if order.get("order_pk") else f"study:{study_uid}",
+            "study_uid": study_uid,
+            "modalities": modalities,
+            "signed_by": signer, "signed_by_name": signer_name or signer,
+            "signed_at": hl7_timestamp(now, hospital_zone(self.pacs.settings)),
+            "status": "final" if draft.version == 1 else "amended",
+            "lines": [
+                {"type": "TX", "code": "59776-5^Findings^LN", "value": draft.findings},
+                {"type": "TX", "code": "19005-8^Impression^LN", "value": draft.impression},
+            ] + ([{"type": "RP", "code": "IMAGES^Images^L", "value": viewer_url}] if viewer_url else []),
+        })
+        return True
 
     def _viewer_url(self, study_uid: str) -> str:
         """The absolute link to the images for the signed PDF and the ORU;
