@@ -1374,103 +1374,111 @@ class OrderService:
         (empty when the step matches none)."""
         if status not in ("IN PROGRESS", "COMPLETED", "DISCONTINUED"):
             raise OrderError(f"invalid performed procedure step status {status!r}", http_status=400)
-        now = _now()
-        with write_transaction(self.engine) as conn:
-            existing = conn.execute(select(steps_t).where(steps_t.c.sop_uid == sop_uid)).first()
-            if create and existing is not None:
-                raise OrderError("performed procedure step already exists", http_status=409)
-            if not create and existing is None:
-                raise OrderError("no such performed procedure step", http_status=404)
-            if existing is not None and existing.status != "IN PROGRESS":
-                raise OrderError(f"performed procedure step is already {existing.status}", http_status=409)
-            final_end = end or (existing.end if existing is not None else "")
-            if status in ("COMPLETED", "DISCONTINUED") and len(final_end) <= 8:
-                # PS3.4 Table F.7.2-1, final state: End Date and End Time are Type 1
-                # (kept as date + time: eight characters are a date alone).
-                raise OrderError(f"a {status} step needs its End Date and End Time", http_status=422)
-            # The HIS's messages about these procedures take the same locks
-            # (sorted, so the two never deadlock), and the steps' statuses
-            # read after them are the committed ones: an MPPS racing a cancel
-            # does not put a cancelled step back IN PROGRESS.
-            if existing is not None:
-                order_pks = _step_orders(existing)
-                lock_order_keys(conn, {f"accession:{a}" for a in _step_accessions(conn, order_pks)})
-                # Read again under the locks, its row locked too (PostgreSQL;
-                # SQLite writers queue already): of two N-SETs of one performed
-                # step at once (a modality resending after a timeout, or
-                # COMPLETED then DISCONTINUED), the second read IN PROGRESS
-                # before the first committed, and then overwrote its final
-                # status. Now it is refused as any N-SET of a final step.
-                existing = conn.execute(select(steps_t).where(steps_t.c.pk == existing.pk).with_for_update()).one()
-                if existing.status != "IN PROGRESS":
+        # Run again whole when PostgreSQL chose it as a deadlock's victim (an
+        # HIS message or the ingest locking the order and its step in another
+        # order): the modality was answered 0110H, and most never resend an
+        # N-SET COMPLETED. Everything is read again; an N-CREATE refused by the
+        # unique key (OrderError 409) is no transient error and is not retried.
+        def once() -> dict[str, Any]:
+            now = _now()
+            with write_transaction(self.engine) as conn:
+                existing = conn.execute(select(steps_t).where(steps_t.c.sop_uid == sop_uid)).first()
+                if create and existing is not None:
+                    raise OrderError("performed procedure step already exists", http_status=409)
+                if not create and existing is None:
+                    raise OrderError("no such performed procedure step", http_status=404)
+                if existing is not None and existing.status != "IN PROGRESS":
                     raise OrderError(f"performed procedure step is already {existing.status}", http_status=409)
-            else:
-                refs = scheduled if scheduled is not None else [(accession, study_uid, step_id)]
-                order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
-                if conn.dialect.name == "postgresql":
-                    # Which steps the items name, and whether the HIS withdrew
-                    # them, is decided again under the locks: read before them,
-                    # a CA committed meanwhile let the N-CREATE in (0110H is
-                    # the answer), and the unscheduled case picked among stale
-                    # statuses. A step the new reading adds (an order placed
-                    # meanwhile) is locked too, then read once more.
-                    locked: set[str] = set()
-                    for _ in range(RACE_ATTEMPTS):
-                        wanted = _step_accessions(conn, order_pks)
-                        if wanted <= locked:
-                            break
-                        lock_order_keys(conn, {f"accession:{a}" for a in wanted - locked})
-                        locked |= wanted
-                        order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
-            values: dict[str, Any] = {"status": status, "updated_at": now}
-            for key, value in (("modality", modality), ("station_ae_title", station_ae_title),
-                               ("start", start), ("end", end)):
-                if value:
-                    values[key] = value
-            if performed_series is not None:
-                values["performed_series"] = json.dumps(performed_series)
-            if existing is None:
-                try:
-                    conn.execute(steps_t.insert().values(
-                        sop_uid=sop_uid, order_pk=order_pks[0] if order_pks else None,
-                        order_pks=json.dumps(order_pks), scheduled=json.dumps([list(ref) for ref in refs]),
-                        created_at=now, **values))
-                except IntegrityError:
-                    # PostgreSQL: an N-CREATE of the same instance on another
-                    # association (a modality resending after a DIMSE timeout)
-                    # committed after this one found none, and its unique key
-                    # refused ours. The answer is the one a sequential resend
-                    # gets, 0111H (Duplicate SOP Instance, PS3.4 F.7.2.1), not
-                    # 0110H with a traceback; the transaction rolls back.
-                    # (SQLite writers queue: the check above saw it.)
-                    raise OrderError("performed procedure step already exists", http_status=409) from None
-            else:
-                conn.execute(update(steps_t).where(steps_t.c.pk == existing.pk).values(**values))
-            # The requested procedures concerned, in the items' order.
-            procedure_of = {row.pk: row.accession_number for row in conn.execute(
-                select(orders_t.c.pk, orders_t.c.accession_number).where(orders_t.c.pk.in_(order_pks)))}
-            accessions = list(dict.fromkeys(procedure_of[pk] for pk in order_pks if pk in procedure_of))
-            before = {a: procedure_status(row.status for row in self._procedure_rows(conn, a)) for a in accessions}
-            for pk in order_pks:
-                self._move_step(conn, pk, status, sop_uid, now)
-            procedures = [self._procedure_dict(conn, a) for a in accessions]
-            for procedure in procedures:
-                if procedure["status"] != before[procedure["accession_number"]]:
-                    # The HIS hears of a change of the requested procedure only:
-                    # a second step of one IN PROGRESS tells it nothing, nor does
-                    # the first of two steps completing. A step discontinued:
-                    # ORC-5 SC (HL7 table 0038 "in process, scheduled") -- the
-                    # order is open and waits to be performed, which is the
-                    # truth. DC would tell the HIS the order itself was stopped
-                    # (many close or bill it then, and we would refuse its XO),
-                    # CA that it was withdrawn, IP that it is being performed.
-                    # The outbound renderer maps SCHEDULED to SC; step_status
-                    # says why it came back.
-                    self._tell_status(conn, {"order": _status_order(procedure), "status": procedure["status"],
-                                             "step": sop_uid, "step_status": status})
-            if not procedures:
-                log.info("performed procedure step %s matches no order", sop_uid)
-            return procedures[0] if procedures else {}
+                final_end = end or (existing.end if existing is not None else "")
+                if status in ("COMPLETED", "DISCONTINUED") and len(final_end) <= 8:
+                    # PS3.4 Table F.7.2-1, final state: End Date and End Time are Type 1
+                    # (kept as date + time: eight characters are a date alone).
+                    raise OrderError(f"a {status} step needs its End Date and End Time", http_status=422)
+                # The HIS's messages about these procedures take the same locks
+                # (sorted, so the two never deadlock), and the steps' statuses
+                # read after them are the committed ones: an MPPS racing a cancel
+                # does not put a cancelled step back IN PROGRESS.
+                if existing is not None:
+                    order_pks = _step_orders(existing)
+                    lock_order_keys(conn, {f"accession:{a}" for a in _step_accessions(conn, order_pks)})
+                    # Read again under the locks, its row locked too (PostgreSQL;
+                    # SQLite writers queue already): of two N-SETs of one performed
+                    # step at once (a modality resending after a timeout, or
+                    # COMPLETED then DISCONTINUED), the second read IN PROGRESS
+                    # before the first committed, and then overwrote its final
+                    # status. Now it is refused as any N-SET of a final step.
+                    existing = conn.execute(select(steps_t).where(steps_t.c.pk == existing.pk).with_for_update()).one()
+                    if existing.status != "IN PROGRESS":
+                        raise OrderError(f"performed procedure step is already {existing.status}", http_status=409)
+                else:
+                    refs = scheduled if scheduled is not None else [(accession, study_uid, step_id)]
+                    order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
+                    if conn.dialect.name == "postgresql":
+                        # Which steps the items name, and whether the HIS withdrew
+                        # them, is decided again under the locks: read before them,
+                        # a CA committed meanwhile let the N-CREATE in (0110H is
+                        # the answer), and the unscheduled case picked among stale
+                        # statuses. A step the new reading adds (an order placed
+                        # meanwhile) is locked too, then read once more.
+                        locked: set[str] = set()
+                        for _ in range(RACE_ATTEMPTS):
+                            wanted = _step_accessions(conn, order_pks)
+                            if wanted <= locked:
+                                break
+                            lock_order_keys(conn, {f"accession:{a}" for a in wanted - locked})
+                            locked |= wanted
+                            order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
+                values: dict[str, Any] = {"status": status, "updated_at": now}
+                for key, value in (("modality", modality), ("station_ae_title", station_ae_title),
+                                   ("start", start), ("end", end)):
+                    if value:
+                        values[key] = value
+                if performed_series is not None:
+                    values["performed_series"] = json.dumps(performed_series)
+                if existing is None:
+                    try:
+                        conn.execute(steps_t.insert().values(
+                            sop_uid=sop_uid, order_pk=order_pks[0] if order_pks else None,
+                            order_pks=json.dumps(order_pks), scheduled=json.dumps([list(ref) for ref in refs]),
+                            created_at=now, **values))
+                    except IntegrityError:
+                        # PostgreSQL: an N-CREATE of the same instance on another
+                        # association (a modality resending after a DIMSE timeout)
+                        # committed after this one found none, and its unique key
+                        # refused ours. The answer is the one a sequential resend
+                        # gets, 0111H (Duplicate SOP Instance, PS3.4 F.7.2.1), not
+                        # 0110H with a traceback; the transaction rolls back.
+                        # (SQLite writers queue: the check above saw it.)
+                        raise OrderError("performed procedure step already exists", http_status=409) from None
+                else:
+                    conn.execute(update(steps_t).where(steps_t.c.pk == existing.pk).values(**values))
+                # The requested procedures concerned, in the items' order.
+                procedure_of = {row.pk: row.accession_number for row in conn.execute(
+                    select(orders_t.c.pk, orders_t.c.accession_number).where(orders_t.c.pk.in_(order_pks)))}
+                accessions = list(dict.fromkeys(procedure_of[pk] for pk in order_pks if pk in procedure_of))
+                before = {a: procedure_status(row.status for row in self._procedure_rows(conn, a)) for a in accessions}
+                for pk in order_pks:
+                    self._move_step(conn, pk, status, sop_uid, now)
+                procedures = [self._procedure_dict(conn, a) for a in accessions]
+                for procedure in procedures:
+                    if procedure["status"] != before[procedure["accession_number"]]:
+                        # The HIS hears of a change of the requested procedure only:
+                        # a second step of one IN PROGRESS tells it nothing, nor does
+                        # the first of two steps completing. A step discontinued:
+                        # ORC-5 SC (HL7 table 0038 "in process, scheduled") -- the
+                        # order is open and waits to be performed, which is the
+                        # truth. DC would tell the HIS the order itself was stopped
+                        # (many close or bill it then, and we would refuse its XO),
+                        # CA that it was withdrawn, IP that it is being performed.
+                        # The outbound renderer maps SCHEDULED to SC; step_status
+                        # says why it came back.
+                        self._tell_status(conn, {"order": _status_order(procedure), "status": procedure["status"],
+                                                 "step": sop_uid, "step_status": status})
+                if not procedures:
+                    log.info("performed procedure step %s matches no order", sop_uid)
+                return procedures[0] if procedures else {}
+
+        return retry_transaction(once, what=f"performed procedure step {sop_uid}")
 
     def _adopt_performed_steps(self, conn: Connection, accession: str) -> None:
         """A new requested procedure takes the performed steps done before it
@@ -1892,17 +1900,22 @@ class OrderService:
         return found
 
     def match(self, study_uid: str, accession: str) -> dict[str, Any]:
-        """Link a study to an order by hand; the HIS demographics then apply."""
-        with write_transaction(self.engine) as conn:
-            study_pk = conn.execute(select(studies_t.c.pk).where(studies_t.c.study_uid == study_uid)).scalar()
-            if study_pk is None:
-                raise OrderError(f"no study {study_uid}", http_status=404)
-            rows = self._procedure_rows(conn, accession)
-            if not rows:
-                raise OrderError(f"no order {accession}", http_status=404)
-            conn.execute(delete(links_t).where(links_t.c.study_pk == study_pk))
-            link_study(conn, study_pk, rows[0].pk, "matched by hand")  # the procedure's first step
-            return self._procedure_dict(conn, accession)
+        """Link a study to an order by hand; the HIS demographics then apply.
+        Run again whole when it loses a deadlock (the study refiled under the
+        order's patient meets an ingest or an HIS update of either patient)."""
+        def once() -> dict[str, Any]:
+            with write_transaction(self.engine) as conn:
+                study_pk = conn.execute(select(studies_t.c.pk).where(studies_t.c.study_uid == study_uid)).scalar()
+                if study_pk is None:
+                    raise OrderError(f"no study {study_uid}", http_status=404)
+                rows = self._procedure_rows(conn, accession)
+                if not rows:
+                    raise OrderError(f"no order {accession}", http_status=404)
+                conn.execute(delete(links_t).where(links_t.c.study_pk == study_pk))
+                link_study(conn, study_pk, rows[0].pk, "matched by hand")  # the procedure's first step
+                return self._procedure_dict(conn, accession)
+
+        return retry_transaction(once, what="match of a study to an order")
 
     def study_patient(self, study_uid: str) -> str:
         """The patient *study_uid* is filed under now, as an audit event names

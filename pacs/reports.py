@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError
 
 from .app import Pacs
 from .errors import PacsError
-from .index.db import write_transaction
+from .index.db import retry_transaction, write_transaction
 from .index.models import Instance, Order, Patient, Report, Study, StudyOrderLink
 from .ingest import Origin
 from .maintenance.common import delete_instance_rows
@@ -157,10 +157,13 @@ class ReportService:
                    revision: int | None = None) -> dict[str, Any]:
         """Save the draft. *revision* is the one the author loaded (0: no
         report yet); another save since then is a 409, never overwritten.
-        None skips the check (API clients that do not send it)."""
+        None skips the check (API clients that do not send it). A deadlock's
+        victim (an ingest or an HIS update holding the study) is saved again
+        (pacs.index.db.retry_transaction), not answered 503."""
         _check_text(findings, impression)
-        now = datetime.now(UTC)
-        try:
+
+        def once() -> None:
+            now = datetime.now(UTC)
             with write_transaction(self.pacs.engine) as conn:
                 study = self._study(conn, study_uid, lock=True)
                 versions = self._versions(conn, study.pk)
@@ -186,14 +189,18 @@ class ReportService:
                     ).rowcount
                     if done != 1:
                         raise _conflict()
+
+        try:
+            retry_transaction(once, what="report save")
         except IntegrityError:  # a first version inserted concurrently (uq study_pk, version)
             raise _conflict() from None
         return self.get(study_uid)
 
     def amend(self, study_uid: str, author: str) -> dict[str, Any]:
-        """A new draft version carrying the signed text forward."""
-        now = datetime.now(UTC)
-        try:
+        """A new draft version carrying the signed text forward (run again
+        when it loses a deadlock, as :meth:`save_draft`)."""
+        def once() -> None:
+            now = datetime.now(UTC)
             with write_transaction(self.pacs.engine) as conn:
                 study = self._study(conn, study_uid, lock=True)
                 versions = self._versions(conn, study.pk)
@@ -207,6 +214,9 @@ class ReportService:
                     impression=last.impression, author=author, created_at=now, updated_at=now,
                     revision=last.revision + 1,
                 ))
+
+        try:
+            retry_transaction(once, what="report amendment")
         except IntegrityError:  # a colleague's amendment inserted that version first
             raise ReportError("a colleague amended the report at the same moment: reload it", 409) from None
         return self.get(study_uid)
@@ -239,9 +249,22 @@ class ReportService:
         )
         pdf = render(content)
         sop_uid = self._store_pdf(study, draft.version, pdf, content, now)
-        with write_transaction(self.pacs.engine) as conn:
-            self._study(conn, study_uid, lock=True)  # after a save or amendment under way, not amid it
-            done = self._signed(conn, study, draft, sop_uid, signer, signer_name, viewer_url, modalities, now)
+
+        def once() -> bool:
+            with write_transaction(self.pacs.engine) as conn:
+                self._study(conn, study_uid, lock=True)  # after a save or amendment under way, not amid it
+                return self._signed(conn, study, draft, sop_uid, signer, signer_name, viewer_url, modalities, now)
+
+        # Only the transaction is run again when it loses a deadlock (a save,
+        # an ingest or an HIS update holding the study or the draft): the PDF
+        # is stored once, and is the one the signature names.
+        try:
+            done = retry_transaction(once, what="report signature")
+        except Exception:
+            # Lost every run (HTTP 503 "busy"), or the index failed: a PDF
+            # no signature names must not stay in the study.
+            self._withdraw_unsigned_pdf(sop_uid)
+            raise
         if not done:  # after that transaction: the withdrawal writes too
             self._withdraw_pdf(sop_uid)
             raise ReportError("the draft changed while signing; try again", 409)
@@ -302,6 +325,19 @@ class ReportService:
             self.pacs.store.delete(row.storage_key)
         except Exception as exc:
             log.warning("withdrawn report PDF %s left in storage as an orphan: %s", sop_uid, exc)
+
+    def _withdraw_unsigned_pdf(self, sop_uid: str) -> None:
+        """After the signature's transaction failed: withdraw the PDF unless a
+        signed version names it (a commit whose answer was lost did sign it).
+        Never raises: the caller answers the transaction's own error."""
+        try:
+            with self.pacs.engine.connect() as conn:
+                signed = conn.execute(select(reports_t.c.pk).where(reports_t.c.pdf_sop_uid == sop_uid)).first()
+            if signed is None:
+                self._withdraw_pdf(sop_uid)
+        except Exception as exc:
+            log.warning("the PDF %s of a signature that failed could not be withdrawn: %s",
+                        sop_uid, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
 
     def _order_for(self, conn: Any, study: Any) -> dict[str, Any]:
         row = conn.execute(

@@ -3,7 +3,8 @@
 1. A transaction PostgreSQL aborts as a deadlock's victim (40P01; 40001 too)
    is run again, by one helper (pacs.index.db.retry_transaction) for the
    ingest, the HIS messages, deletions and purges: an ADT^A08 losing to an
-   ingest was answered AR 207 "internal error: OperationalError".
+   ingest was answered AR 207 "internal error: OperationalError". One that
+   loses every run is answered AR "the archive was busy" (resend it).
 2. The cycle itself is avoided where the writers can agree on an order: an
    HIS update of a patient locks the patient's studies in Study Instance UID
    order before the patient row (the patients trigger locked them after it,
@@ -18,6 +19,14 @@
 5. An order (ORM^O01 NW) and the first image of its study arriving together:
    the ingest takes the order's lock before it looks for the order, so one
    of the two sees the other's row (the study stayed unreconciled).
+6. An MPPS N-CREATE or N-SET (OrderService.record_step) chosen as a
+   deadlock's victim is recorded again: it was answered 0110H.
+7. A report's save, amendment or signature likewise (HTTP 503, and a
+   signature left its unsigned PDF in the study): a signature runs its
+   transaction again, not the storing of its PDF; lost every run, the PDF
+   is withdrawn.
+8. delete_instance_rows (a signature's PDF withdrawn, `verify --repair`)
+   runs a batch again.
 
 The races are forced, not timed: one side runs in this process on a real
 PostgreSQL database and is paused inside its transaction (Paused), the other
@@ -123,6 +132,11 @@ def _one(core: Any, sql: str, *args: Any) -> Any:
         return conn.execute(sql, args).fetchone()
 
 
+def _rows(core: Any, sql: str, *args: Any) -> list[Any]:
+    with psycopg.connect(_dsn(core)) as conn:
+        return conn.execute(sql, args).fetchall()
+
+
 def keys(core: Any, study_uid: str) -> tuple[int, int]:
     """(study pk, patient pk) of a stored study."""
     row = _one(core, "SELECT pk, patient_pk FROM studies WHERE study_uid = %s", study_uid)
@@ -147,17 +161,31 @@ def locked_now(conn: psycopg.Connection[Any], table: str, pk: int) -> bool:
         conn.rollback()
 
 
+def lose_every_race(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Transactions run once (retry_transaction): the first deadlock is final,
+    as when a transaction lost every one of its runs."""
+    from pacs.index import db
+
+    monkeypatch.setattr(db, "TRANSACTION_ATTEMPTS", 1)
+
+
 # -- 1. an HIS update chosen as a deadlock's victim ----------------------------------------------
+@pytest.mark.parametrize("runs", ["again", "once"])
 def test_an_hl7_update_chosen_as_a_deadlock_victim_is_applied_again(core: Any, tmp_path: Path,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                   monkeypatch: pytest.MonkeyPatch, runs: str) -> None:
     """An ADT^A08 renaming a patient holds the patient's study (the patients
     trigger) when it goes on to a row another transaction holds, while that
     one waits for the study: PostgreSQL aborts the A08, which was answered
     AR 207 "internal error: OperationalError"; it is applied again and
     answered AA. Any cycle will do (the ingest's was an instance of another
     study of the patient): here the other transaction holds the message's
-    receipt (the same message arriving over a second connection)."""
-    pid, control = "PGC100", "PGC100-A08"
+    receipt (the same message arriving over a second connection). Lost on
+    every run ("once": a single run allowed), it is answered AR "busy" (resend
+    it), not "internal error", and nothing of it is applied."""
+    pid = "PGC100" if runs == "again" else "PGC101"
+    control = f"{pid}-A08"
+    if runs == "once":
+        lose_every_race(monkeypatch)
     assert msa(hl7(core, a08(pid, "Tran^Van Mot")))[0] == "AA"
     study_pk, _ = keys(core, store(core, tmp_path, PatientID=pid, PatientName="TRAN^VAN MOT"))
     other = locker(core)
@@ -177,6 +205,10 @@ def test_an_hl7_update_chosen_as_a_deadlock_victim_is_applied_again(core: Any, t
     finally:
         pause.release()
         other.close()
+    if runs == "once":
+        assert msa(ack)[0] == "AR" and "was busy" in ack and "internal error:" not in ack, ack
+        assert patient(core, pid) == ("Tran^Van Mot", 1)
+        return
     assert msa(ack)[0] == "AA", ack
     assert patient(core, pid) == ("Tran^Van Hai", 1)
 
@@ -350,3 +382,125 @@ def test_an_order_and_the_first_image_of_its_study_arriving_together_are_reconci
     filed = _one(core, "SELECT p.patient_id, (SELECT count(*) FROM study_orders l WHERE l.study_pk = s.pk) "
                        "FROM studies s JOIN patients p ON p.pk = s.patient_pk WHERE s.study_uid = %s", study_uid)
     assert tuple(filed) == ("BN500", 1), "the study is not filed under the order's patient and linked to it"
+
+
+# -- 6. an MPPS chosen as a deadlock's victim --------------------------------------------------------
+def test_an_mpps_n_set_chosen_as_a_deadlock_victim_is_recorded_again(core: Any,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """An N-SET COMPLETED holds its performed step when it goes on to the
+    scheduled step (the order row) another transaction holds, while that one
+    waits for the performed step: PostgreSQL aborts the N-SET, which was
+    answered 0110H (processing failure) -- a final status most modalities
+    never send again. The step is recorded again: COMPLETED."""
+    from pacs.orders import OrderInfo, OrderService, PatientInfo
+
+    service = OrderService(core.engine)
+    accession, sop = "PGC600", generate_uid()
+    service.place_steps([OrderInfo(patient=PatientInfo("PGC600", issuer="BVDK", name="Vo^Van Chup"),
+                                   accession_number=accession, step_id="PGC600-1", modality="CT",
+                                   station_ae_title="CT_ROOM1")])
+    service.record_step(sop, status="IN PROGRESS", accession=accession, step_id="PGC600-1", modality="CT",
+                        station_ae_title="CT_ROOM1", start="20261206090000", create=True)
+    order_pk = _one(core, "SELECT pk FROM orders WHERE accession_number = %s", accession)[0]
+    step_pk = _one(core, "SELECT pk FROM performed_steps WHERE sop_uid = %s", sop)[0]
+    other = locker(core)
+    pause = Paused(monkeypatch, "_procedure_rows", before=True)  # the step updated, the order next
+    try:
+        other.execute("SELECT pk FROM orders WHERE pk = %s FOR NO KEY UPDATE", (order_pk,))  # as an HIS change
+        n_set = Background(lambda: service.record_step(sop, status="COMPLETED", end="20261206093000", create=False))
+        assert pause.reached.wait(60)  # the N-SET holds its performed step
+        touched = Background(lambda: other.execute(
+            "UPDATE performed_steps SET updated_at = updated_at WHERE pk = %s", (step_pk,)))
+        until(lambda: waiting(core) == 1)
+        pause.release()  # on to the order the other holds: a cycle
+        touched.outcome()  # the N-SET was the victim
+        other.rollback()
+        procedure = n_set.outcome()
+    finally:
+        pause.release()
+        other.close()
+    assert procedure["status"] == "COMPLETED"
+    assert tuple(_one(core, "SELECT status FROM performed_steps WHERE pk = %s", step_pk)) == ("COMPLETED",)
+
+
+# -- 7. a report signature chosen as a deadlock's victim ----------------------------------------------
+@pytest.mark.parametrize("runs", ["again", "once"])
+def test_a_report_signature_chosen_as_a_deadlock_victim_is_signed_again(core: Any, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        runs: str) -> None:
+    """The signature stored its PDF and holds the study when it goes on to
+    the draft another transaction holds, while that one waits for the study:
+    PostgreSQL aborts the signature, answered HTTP 503 with the unsigned PDF
+    left in the study. Its transaction is run again (not the PDF's storing:
+    one PDF, the signed one). Lost on every run ("once"), the PDF is
+    withdrawn and the report stays a draft."""
+    from pacs.index.db import is_transient
+    from pacs.reports import ReportService
+
+    if runs == "once":
+        lose_every_race(monkeypatch)
+    reports = ReportService(core)
+    study_uid = store(core, tmp_path, PatientID=f"PGC7{runs}")
+    study_pk, _ = keys(core, study_uid)
+    reports.save_draft(study_uid, "Khong thay ton thuong.", "Binh thuong.", "dr.lan", revision=0)
+    report_pk = _one(core, "SELECT pk FROM reports WHERE study_pk = %s", study_pk)[0]
+    other = locker(core)
+    pause = Paused(monkeypatch, "_signed", ReportService, before=True)
+    try:
+        other.execute("SELECT pk FROM reports WHERE pk = %s FOR NO KEY UPDATE", (report_pk,))  # as a save
+        signing = Background(lambda: reports.sign(study_uid, "dr.lan", revision=1))
+        assert pause.reached.wait(60)  # the PDF stored, the signature holds the study
+        touched = Background(lambda: other.execute("UPDATE studies SET changed_at = now() WHERE pk = %s",
+                                                    (study_pk,)))
+        until(lambda: waiting(core) == 1)
+        pause.release()  # on to the draft the other holds: a cycle
+        touched.outcome()  # the signature was the victim
+        other.rollback()
+        signing.join(120)
+    finally:
+        pause.release()
+        other.close()
+    pdfs = [row[0] for row in _rows(core, "SELECT i.sop_uid FROM instances i JOIN series s ON s.pk = i.series_pk "
+                                          "WHERE s.study_pk = %s AND s.modality = 'DOC'", study_pk)]
+    status, pdf = _one(core, "SELECT status, pdf_sop_uid FROM reports WHERE pk = %s", report_pk)
+    if runs == "once":
+        assert signing.error is not None and is_transient(signing.error), signing.error
+        assert (status, pdf or "", pdfs) == ("draft", "", [])
+        return
+    assert signing.outcome()["status"] == "signed"
+    assert status == "signed" and pdfs == [pdf]
+
+
+# -- 8. deleting instance rows, chosen as a deadlock's victim -------------------------------------------
+def test_instance_rows_deleted_as_a_deadlock_victim_are_deleted_again(core: Any, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """delete_instance_rows (a signature's PDF withdrawn, `verify --repair`
+    dropping rows of missing objects) holds the instance's series and study
+    (the counters) when it goes on to delete the patient left empty, which
+    another transaction holds while it waits for the study: the batch was
+    aborted (HTTP 503, a repair stopped). It is deleted again."""
+    from pacs.maintenance import common
+    from pacs.maintenance.common import delete_instance_rows
+
+    pid = "PGC800"
+    study_pk, patient_pk = keys(core, store(core, tmp_path, PatientID=pid))
+    instance_pk = _one(core, "SELECT i.pk FROM instances i JOIN series s ON s.pk = i.series_pk "
+                             "WHERE s.study_pk = %s", study_pk)[0]
+    pause = Paused(monkeypatch, "prune_after_delete", common, before=True)
+    other = locker(core)
+    try:
+        other.execute("SELECT pk FROM patients WHERE pk = %s FOR NO KEY UPDATE", (patient_pk,))  # as an UPDATE
+        deletion = Background(lambda: delete_instance_rows(core.engine, [instance_pk]))
+        assert pause.reached.wait(60)  # the instance deleted: its series and study held
+        touched = Background(lambda: other.execute("UPDATE studies SET changed_at = now() WHERE pk = %s",
+                                                    (study_pk,)))
+        until(lambda: waiting(core) == 1)
+        pause.release()  # on to the patient the other holds: a cycle
+        touched.outcome()  # the deletion was the victim
+        other.rollback()
+        removed = deletion.outcome()
+    finally:
+        pause.release()
+        other.close()
+    assert removed == {"instances": 1, "series": 1, "studies": 1, "patients": 1}
+    assert patient(core, pid) is None

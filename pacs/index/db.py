@@ -54,14 +54,18 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and getattr(exc.orig, "sqlstate", None) in RETRYABLE_SQLSTATES
 
 
-def retry_transaction(run: Callable[[], T], *, what: str, attempts: int = TRANSACTION_ATTEMPTS,
+def retry_transaction(run: Callable[[], T], *, what: str, attempts: int | None = None,
                       retry_on: Callable[[BaseException], bool] = is_transient) -> T:
     """``run()`` -- one whole transaction -- run again after a short random
     pause while it fails with an error *retry_on* accepts (by default a
     deadlock victim, a serialization failure, a :class:`ConcurrentChange`),
-    at most *attempts* times in all; the last error is raised. *what* names
-    the transaction in the log (no patient data: database errors quote the
-    statement's parameters, so only the error's type and SQLSTATE are logged)."""
+    at most *attempts* (default :data:`TRANSACTION_ATTEMPTS`) times in all;
+    the last error is raised. *what* names the transaction in the log (no
+    patient data: database errors quote the statement's parameters, so only
+    the error's type and SQLSTATE are logged)."""
+    # The module's value when called, not when defined: the tests lower it to
+    # reach what a peer is answered once every run lost.
+    attempts = TRANSACTION_ATTEMPTS if attempts is None else attempts
     for attempt in range(1, attempts + 1):
         try:
             return run()

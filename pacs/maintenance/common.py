@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Engine, Table, delete, func, select
 from storage import ObjectStore, StorageError, sha256_of
 
 from ..app import Pacs
-from ..index.db import write_transaction
+from ..index.db import retry_transaction, write_transaction
 from ..index.models import Instance, Order, Patient, Report, Series, Study
 from ..index.prune import prune_after_delete
 from ..index.writer import AddResult, IndexRecord
@@ -218,14 +218,24 @@ def lock_study(conn: Connection, study_pk: int) -> None:
 
 
 def delete_instance_rows(engine: Engine, pks: list[int]) -> dict[str, int]:
-    """Delete instance rows by primary key (and the parents they leave empty)."""
+    """Delete instance rows by primary key (and the parents they leave empty).
+
+    Each batch's transaction is run again when it loses a deadlock (an
+    ingest or an HIS update holding the study or the patient it empties):
+    a signature's PDF withdrawn (HTTP) or ``verify --repair`` failed on it."""
     removed = {"instances": 0, "series": 0, "studies": 0, "patients": 0}
-    for batch in batched(pks):
+
+    def once(batch: list[int]) -> dict[str, int]:
         with write_transaction(engine) as conn:
             series_pks = set(
                 conn.execute(select(instances_t.c.series_pk).where(instances_t.c.pk.in_(batch)).distinct()).scalars()
             )
-            removed["instances"] += conn.execute(delete(instances_t).where(instances_t.c.pk.in_(batch))).rowcount or 0
-            for k, v in prune_after_delete(conn, series_pks, set()).items():
-                removed[k] += v
+            done = {"instances": conn.execute(delete(instances_t).where(instances_t.c.pk.in_(batch))).rowcount or 0}
+            done.update(prune_after_delete(conn, series_pks, set()))
+            return done
+
+    for batch in batched(pks):
+        # Counted once committed: a run rolled back deleted nothing.
+        for k, v in retry_transaction(lambda batch=batch: once(batch), what="deletion of instance rows").items():
+            removed[k] += v
     return removed
