@@ -310,6 +310,11 @@ def c_get_study(server: PacsServer, study_uid: str, sop_class: str, ae_title: st
 
 
 # -- pacs commands ----------------------------------------------------------------
+# Environment variables read when a process starts, not by the command:
+# a request setting one other than the zygote has runs as a new process.
+EXEC_TIME_VARIABLES = ("LD_", "MALLOC_", "GLIBC_TUNABLES", "PYTHON")
+
+
 class PacsCommands:
     """Runs `pacs` commands as processes forked from a zygote that has
     imported the CLI (tests/cli_zygote.py): the same command, environment,
@@ -361,7 +366,13 @@ class PacsCommands:
 
     def _send(self, request: dict[str, Any]) -> int | None:
         """Hand *request* to the zygote (under the lock); its id, None when
-        there is no zygote to take it."""
+        there is no zygote to take it or the request's environment has
+        what only a new process reads (LD_PRELOAD of libfaketime, glibc's
+        malloc settings, the interpreter's own variables)."""
+        env = request["env"]
+        if any(env.get(name) != os.environ.get(name) for name in {*env, *os.environ}
+               if name.startswith(EXEC_TIME_VARIABLES)):
+            return None
         proc = self._start()
         if proc is None:
             return None
