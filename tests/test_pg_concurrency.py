@@ -161,6 +161,30 @@ def locked_now(conn: psycopg.Connection[Any], table: str, pk: int) -> bool:
         conn.rollback()
 
 
+def lose_deadlock(core: Any, pause: Paused, job: Any, held: tuple[str, Any], touch: tuple[str, Any]) -> Background:
+    """Make *job* a deadlock's victim: a plain connection (:func:`locker`)
+    runs *held* (SQL, parameters: a row *job* will need next), *job* runs in
+    the background until *pause*, the connection then runs *touch* (a row
+    *job* holds) and waits for it; released, *job* goes on to the held row:
+    a cycle, which PostgreSQL breaks by aborting *job* (100 ms against 30 s).
+    The job's thread, for its outcome."""
+    other = locker(core)
+    try:
+        other.execute(*held)
+        running = Background(job)
+        assert pause.reached.wait(60), "the job never reached its pause"
+        touched = Background(lambda: other.execute(*touch))
+        until(lambda: waiting(core) == 1)
+        pause.release()  # on to the row the other holds: a cycle
+        touched.outcome()  # the job was the victim
+        other.rollback()
+        running.join(120)
+    finally:
+        pause.release()
+        other.close()
+    return running
+
+
 def lose_every_race(monkeypatch: pytest.MonkeyPatch) -> None:
     """Transactions run once (retry_transaction): the first deadlock is final,
     as when a transaction lost every one of its runs."""
@@ -188,23 +212,13 @@ def test_an_hl7_update_chosen_as_a_deadlock_victim_is_applied_again(core: Any, t
         lose_every_race(monkeypatch)
     assert msa(hl7(core, a08(pid, "Tran^Van Mot")))[0] == "AA"
     study_pk, _ = keys(core, store(core, tmp_path, PatientID=pid, PatientName="TRAN^VAN MOT"))
-    other = locker(core)
-    pause = Paused(monkeypatch, "_record_patient_change")
-    try:
-        other.execute("INSERT INTO received_messages (sender, control_id, kind, received_at) "
-                      "VALUES ('HIS^BVDK', %s, 'ADT^A08', now())", (control,))
-        update = Background(lambda: hl7(core, a08(pid, "Tran^Van Hai", control=control)))
-        assert pause.reached.wait(60)  # the A08 holds the patient and its study
-        touched = Background(lambda: other.execute(
-            "UPDATE studies SET num_instances = num_instances WHERE pk = %s", (study_pk,)))
-        until(lambda: waiting(core) == 1)
-        pause.release()  # on to the receipt the other holds: a cycle
-        touched.outcome()  # the A08 was the victim
-        other.rollback()
-        ack = update.outcome()
-    finally:
-        pause.release()
-        other.close()
+    # The A08 holds the patient and its study (paused), then needs the receipt the other holds.
+    ack = lose_deadlock(
+        core, Paused(monkeypatch, "_record_patient_change"),
+        lambda: hl7(core, a08(pid, "Tran^Van Hai", control=control)),
+        ("INSERT INTO received_messages (sender, control_id, kind, received_at) "
+         "VALUES ('HIS^BVDK', %s, 'ADT^A08', now())", (control,)),
+        ("UPDATE studies SET num_instances = num_instances WHERE pk = %s", (study_pk,))).outcome()
     if runs == "once":
         assert msa(ack)[0] == "AR" and "was busy" in ack and "internal error:" not in ack, ack
         assert patient(core, pid) == ("Tran^Van Mot", 1)
@@ -333,21 +347,10 @@ def test_a_deletion_chosen_as_a_deadlock_victim_is_run_again(core: Any, tmp_path
         pause = Paused(monkeypatch, "prune_patients", purge, before=True)
         run = lambda: purge.purge(core, PurgeRules(older_than_days=30, modalities=("XA",)), execute=True,
                                   user="tester").deleted_studies
-    other = locker(core)
-    try:
-        other.execute("SELECT pk FROM patients WHERE pk = %s FOR NO KEY UPDATE", (patient_pk,))  # as an UPDATE
-        deletion = Background(run)
-        assert pause.reached.wait(60)  # the deletion holds the study
-        touched = Background(lambda: other.execute("UPDATE studies SET changed_at = now() WHERE pk = %s",
-                                                    (study_pk,)))
-        until(lambda: waiting(core) == 1)
-        pause.release()  # on to the patient the other holds: a cycle
-        touched.outcome()  # the deletion was the victim
-        other.rollback()
-        deleted = deletion.outcome()
-    finally:
-        pause.release()
-        other.close()
+    # The deletion holds the study (paused), then needs the patient the other holds (as an UPDATE).
+    deleted = lose_deadlock(core, pause, run,
+                            ("SELECT pk FROM patients WHERE pk = %s FOR NO KEY UPDATE", (patient_pk,)),
+                            ("UPDATE studies SET changed_at = now() WHERE pk = %s", (study_pk,))).outcome()
     assert deleted == 1
     assert patient(core, pid) is None
 
@@ -403,22 +406,13 @@ def test_an_mpps_n_set_chosen_as_a_deadlock_victim_is_recorded_again(core: Any,
                         station_ae_title="CT_ROOM1", start="20261206090000", create=True)
     order_pk = _one(core, "SELECT pk FROM orders WHERE accession_number = %s", accession)[0]
     step_pk = _one(core, "SELECT pk FROM performed_steps WHERE sop_uid = %s", sop)[0]
-    other = locker(core)
-    pause = Paused(monkeypatch, "_procedure_rows", before=True)  # the step updated, the order next
-    try:
-        other.execute("SELECT pk FROM orders WHERE pk = %s FOR NO KEY UPDATE", (order_pk,))  # as an HIS change
-        n_set = Background(lambda: service.record_step(sop, status="COMPLETED", end="20261206093000", create=False))
-        assert pause.reached.wait(60)  # the N-SET holds its performed step
-        touched = Background(lambda: other.execute(
-            "UPDATE performed_steps SET updated_at = updated_at WHERE pk = %s", (step_pk,)))
-        until(lambda: waiting(core) == 1)
-        pause.release()  # on to the order the other holds: a cycle
-        touched.outcome()  # the N-SET was the victim
-        other.rollback()
-        procedure = n_set.outcome()
-    finally:
-        pause.release()
-        other.close()
+    # The N-SET holds its performed step (paused: updated, the order next), then needs the order the
+    # other holds (as an HIS change).
+    procedure = lose_deadlock(
+        core, Paused(monkeypatch, "_procedure_rows", before=True),
+        lambda: service.record_step(sop, status="COMPLETED", end="20261206093000", create=False),
+        ("SELECT pk FROM orders WHERE pk = %s FOR NO KEY UPDATE", (order_pk,)),
+        ("UPDATE performed_steps SET updated_at = updated_at WHERE pk = %s", (step_pk,))).outcome()
     assert procedure["status"] == "COMPLETED"
     assert tuple(_one(core, "SELECT status FROM performed_steps WHERE pk = %s", step_pk)) == ("COMPLETED",)
 
@@ -444,22 +438,11 @@ def test_a_report_signature_chosen_as_a_deadlock_victim_is_signed_again(core: An
     study_pk, _ = keys(core, study_uid)
     reports.save_draft(study_uid, "Khong thay ton thuong.", "Binh thuong.", "dr.lan", revision=0)
     report_pk = _one(core, "SELECT pk FROM reports WHERE study_pk = %s", study_pk)[0]
-    other = locker(core)
-    pause = Paused(monkeypatch, "_signed", ReportService, before=True)
-    try:
-        other.execute("SELECT pk FROM reports WHERE pk = %s FOR NO KEY UPDATE", (report_pk,))  # as a save
-        signing = Background(lambda: reports.sign(study_uid, "dr.lan", revision=1))
-        assert pause.reached.wait(60)  # the PDF stored, the signature holds the study
-        touched = Background(lambda: other.execute("UPDATE studies SET changed_at = now() WHERE pk = %s",
-                                                    (study_pk,)))
-        until(lambda: waiting(core) == 1)
-        pause.release()  # on to the draft the other holds: a cycle
-        touched.outcome()  # the signature was the victim
-        other.rollback()
-        signing.join(120)
-    finally:
-        pause.release()
-        other.close()
+    # The PDF stored, the signature holds the study (paused), then needs the draft the other holds (as a save).
+    signing = lose_deadlock(core, Paused(monkeypatch, "_signed", ReportService, before=True),
+                            lambda: reports.sign(study_uid, "dr.lan", revision=1),
+                            ("SELECT pk FROM reports WHERE pk = %s FOR NO KEY UPDATE", (report_pk,)),
+                            ("UPDATE studies SET changed_at = now() WHERE pk = %s", (study_pk,)))
     pdfs = [row[0] for row in _rows(core, "SELECT i.sop_uid FROM instances i JOIN series s ON s.pk = i.series_pk "
                                           "WHERE s.study_pk = %s AND s.modality = 'DOC'", study_pk)]
     status, pdf = _one(core, "SELECT status, pdf_sop_uid FROM reports WHERE pk = %s", report_pk)
@@ -486,21 +469,10 @@ def test_instance_rows_deleted_as_a_deadlock_victim_are_deleted_again(core: Any,
     study_pk, patient_pk = keys(core, store(core, tmp_path, PatientID=pid))
     instance_pk = _one(core, "SELECT i.pk FROM instances i JOIN series s ON s.pk = i.series_pk "
                              "WHERE s.study_pk = %s", study_pk)[0]
-    pause = Paused(monkeypatch, "prune_after_delete", common, before=True)
-    other = locker(core)
-    try:
-        other.execute("SELECT pk FROM patients WHERE pk = %s FOR NO KEY UPDATE", (patient_pk,))  # as an UPDATE
-        deletion = Background(lambda: delete_instance_rows(core.engine, [instance_pk]))
-        assert pause.reached.wait(60)  # the instance deleted: its series and study held
-        touched = Background(lambda: other.execute("UPDATE studies SET changed_at = now() WHERE pk = %s",
-                                                    (study_pk,)))
-        until(lambda: waiting(core) == 1)
-        pause.release()  # on to the patient the other holds: a cycle
-        touched.outcome()  # the deletion was the victim
-        other.rollback()
-        removed = deletion.outcome()
-    finally:
-        pause.release()
-        other.close()
+    # The instance deleted, its series and study held (paused), then the patient the other holds (as an UPDATE).
+    removed = lose_deadlock(core, Paused(monkeypatch, "prune_after_delete", common, before=True),
+                            lambda: delete_instance_rows(core.engine, [instance_pk]),
+                            ("SELECT pk FROM patients WHERE pk = %s FOR NO KEY UPDATE", (patient_pk,)),
+                            ("UPDATE studies SET changed_at = now() WHERE pk = %s", (study_pk,))).outcome()
     assert removed == {"instances": 1, "series": 1, "studies": 1, "patients": 1}
     assert patient(core, pid) is None
