@@ -48,15 +48,12 @@ from pynetdicom import evt
 
 from pacs.app import Pacs
 from pacs.audit import Event
+from pacs.dicom_net import SMALLEST_MAXIMUM_LENGTH
 from pacs.logtext import association_peer, peer_text
 
 log = logging.getLogger(__name__)
 
 APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
-# The smallest Maximum Length a P-DATA-TF can live with: a PDV item is a
-# 4-byte length, the context ID, the message control header and at least one
-# byte of fragment (PS3.8 9.3.5).
-SMALLEST_MAXIMUM_LENGTH = 7
 
 _ITEM = struct.Struct(">BBH")
 _HEADER = struct.Struct(">BBI")

@@ -35,6 +35,7 @@ from pynetdicom.sop_class import (
 from pacs.aes import RemoteAE
 from pacs.app import Pacs
 from pacs.audit import naming_patients, patient_cx
+from pacs.dicom_net import refusal
 from pacs.errors import Status, query_failure
 from pacs.header import dataset_codec, decode_text
 from pacs.logtext import peer_text
@@ -532,6 +533,8 @@ def _destination_failure(opening: _OpeningMove) -> str:
     answer = getattr(getattr(store, "acceptor", None), "primitive", None)
     if store is None or answer is None:
         return f"{dest.title} unreachable at {dest.host}:{dest.port}"
+    if (why := refusal(store)) is not None:
+        return f"{dest.title} {why}"
     if getattr(store, "is_rejected", False):
         return f"{dest.title} rejected the association: {answer.reason_str}"
     if answer.result == 0 and not store.accepted_contexts:

@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pacs.app import Pacs
 from pacs.addresses import host_matches
 from pacs.audit import Event, patient_cx
-from pacs.dicom_net import abort_on_action_error, apply_limits, tune_socket, with_polling
+from pacs.dicom_net import abort_on_action_error, apply_limits, request, tune_socket
 from pacs.errors import IngestError, Status
 from pacs.header import stray_meta_length
 from pacs.ingest import Origin
@@ -74,8 +74,9 @@ class FilmlessAE(AE):
 
     def associate(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         """Open an association (C-MOVE sub-operations): TCP_NODELAY on, its
-        state-machine faults answered and its release bounded (with_polling)."""
-        assoc = super().associate(*args, **with_polling(kwargs))
+        state-machine faults answered, its release bounded, and aborted at
+        once when no PDV fits in its Maximum Length (pacs.dicom_net.request)."""
+        assoc = request(super().associate, *args, **kwargs)
         for callback in self.on_associate:
             callback(assoc)
         return assoc

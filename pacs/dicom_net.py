@@ -1,5 +1,7 @@
 """Network limits of every DIMSE association, listening or calling: the
-node's timeouts and PDU size on an AE, and the TCP options of its sockets.
+node's timeouts and PDU size on an AE, and the TCP options of its sockets;
+on an association this node requests, the Maximum Length the peer accepted
+with (:func:`request`).
 
 Slow links to satellite hospitals drop without a FIN and stall halfway
 through a PDU: each limit here bounds how long such a link can hold a
@@ -14,6 +16,7 @@ import select
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, evt
@@ -36,6 +39,13 @@ RELEASE_WAIT = 5.0
 # has to close the connection before we do (PS3.8 ARTIM, Sta13): one that did
 # not answer the release will not close either.
 ABORT_CLOSE_WAIT = 1.0
+# The smallest Maximum Length a P-DATA-TF can live with: a PDV item is a
+# 4-byte length, the context ID, the message control header and at least one
+# byte of fragment (PS3.8 9.3.5). 0 means no limit (PS3.8 D.1).
+SMALLEST_MAXIMUM_LENGTH = 7
+# Set on an association this node requested and aborted itself at once
+# (:func:`request`): why, for the caller's answer (a C-MOVE's Error Comment).
+_REFUSAL = "_filmless_refusal"
 
 
 def apply_limits(ae: AE, settings: Settings) -> AE:
@@ -139,6 +149,51 @@ def with_polling(kwargs: dict[str, Any]) -> dict[str, Any]:
     handlers = list(kwargs.get("evt_handlers") or [])
     handlers.append((evt.EVT_CONN_OPEN, _requested_open))
     return {**kwargs, "evt_handlers": handlers}
+
+
+def request(associate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``associate(*args, **kwargs)`` (``AE.associate``) for every association
+    this node requests, with :func:`with_polling`'s handlers; one accepted
+    with a Maximum Length no P-DATA-TF can keep to is aborted at once.
+
+    A peer's A-ASSOCIATE-AC with a Maximum Length of 1-6 was taken: every
+    message then failed in pynetdicom's fragmentation ("'fragment_length'
+    cannot be between 1 and 7", "division by zero") or in ours ("range() arg
+    3 must not be zero"), after the association was open, with that for the
+    only reason (a routing job's error, a C-MOVE's Error Comment, `pacs
+    remote echo`'s). Now it is one WARNING naming the peer and the value, an
+    A-ABORT, and the association comes back not established: the caller
+    treats it as a peer that refused us (:func:`refusal` says why).
+    """
+    assoc = associate(*args, **with_polling(kwargs))
+    if not assoc.is_established:
+        return assoc
+    maximum = assoc.acceptor.maximum_length
+    if maximum is not None and 0 < maximum < SMALLEST_MAXIMUM_LENGTH:
+        peer = assoc.acceptor
+        log.warning("association with %s at %s:%s aborted: its A-ASSOCIATE-AC's Maximum Length %d cannot carry a "
+                    "PDV (at least %d, or 0 for no limit: PS3.8 9.3.5, D.1)",
+                    peer_text(str(peer.ae_title).strip(), 16) or "?", peer_text(getattr(peer, "address", "?"), 64),
+                    getattr(peer, "port", "?"), maximum, SMALLEST_MAXIMUM_LENGTH)
+        assoc.__dict__[_REFUSAL] = f"accepted with Maximum Length {maximum}: no PDV fits"
+        _abort_at_once(assoc)
+    return assoc
+
+
+def refusal(assoc: Any) -> str | None:
+    """Why :func:`request` aborted *assoc* itself (None: it did not), short
+    enough for an Error Comment with the peer's AE title before it."""
+    return assoc.__dict__.get(_REFUSAL) if assoc is not None else None
+
+
+def _abort_at_once(assoc: Any) -> None:
+    """A-ABORT from the service provider, as for an invalid PDU parameter
+    (PS3.8 9.2, as the listener aborts such a request), before any P-DATA:
+    the peer has at most :data:`ABORT_CLOSE_WAIT` to close the connection."""
+    assoc.dul.artim_timer.timeout = ABORT_CLOSE_WAIT
+    assoc.acse.send_abort(0x02)
+    evt.trigger(assoc, evt.EVT_ABORTED, {})
+    assoc.kill()
 
 
 def _requested_open(event: Any) -> None:

@@ -36,7 +36,7 @@ from dicom_scp.contexts import QR_MODELS as _MODELS
 
 from .aes import RemoteAE
 from .app import Pacs
-from .dicom_net import apply_limits, tune_socket, with_polling
+from .dicom_net import apply_limits, refusal, request, tune_socket
 from .errors import PacsError
 from .tls import association_tls
 
@@ -121,9 +121,11 @@ def associate(pacs: Pacs, ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
     """An established association with *remote* (TLS when registered so, TCP_NODELAY);
     RemoteError when it cannot be had."""
     tls = association_tls(pacs.settings, remote)
-    assoc = ae.associate(remote.host, remote.port, ae_title=remote.title, **tls, **with_polling(kwargs))
+    assoc = request(ae.associate, remote.host, remote.port, ae_title=remote.title, **tls, **kwargs)
     if not assoc.is_established:
-        raise Unreachable(f"association with {remote.title} at {remote.host}:{remote.port} failed")
+        why = refusal(assoc)
+        raise Unreachable(f"association with {remote.title} at {remote.host}:{remote.port} "
+                          + (f"aborted: it {why}" if why else "failed"))
     tune_socket(assoc)
     return assoc
 

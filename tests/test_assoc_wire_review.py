@@ -16,11 +16,19 @@ checked with raw PDUs, pynetdicom and DCMTK against a real `pacs serve`.
    now), and a data set on another context than its command was stored
    (A-ABORT now, PS3.8 E.1, as DCMTK).
 5. An association idle past dicom_timeout was an ERROR naming no AE title.
+6. A peer accepting our association with a Maximum Length of 1-6 (no PDV
+   fits): each message then failed in the fragmentation, after the
+   association was open, and that error was all the operator saw ("read
+   length must be non-negative or -1" as a C-MOVE's Error Comment, "'fragment_length'
+   cannot be between 1 and 7" or "division by zero" as a routing job's).
+   It is aborted at once now, said once, and the caller's refusal path runs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import socket
 import struct
 import subprocess
@@ -286,13 +294,17 @@ def test_a_c_get_requester_still_gets_a_syntax_the_archive_can_always_give(serve
 # -- 2. release of the associations this node requests -----------------------------------------
 class Destination:
     """A C-MOVE destination of raw PDUs that accepts every context. Recording
-    the PDU types it receives, it either answers each C-STORE with success
-    and never answers A-RELEASE-RQ (``silent_release``, the connection
-    stays open), or answers a C-STORE-RQ with an A-RELEASE-RQ of its own
-    (``release_mid_store``: an impatient peer)."""
+    the PDU types it receives, it either answers each request (C-STORE,
+    C-ECHO) with success and never answers A-RELEASE-RQ (``silent_release``,
+    the connection stays open), or answers a C-STORE-RQ with an A-RELEASE-RQ
+    of its own (``release_mid_store``: an impatient peer), or answers the
+    requests and the release (``store``). Its A-ASSOCIATE-AC says Maximum
+    Length *maximum* (None: no Maximum Length sub-item); it closes the
+    connection on an A-ABORT."""
 
-    def __init__(self, mode: str) -> None:
+    def __init__(self, mode: str, maximum: int | None = 16384) -> None:
         self.mode = mode
+        self.maximum = maximum
         self.port = free_port()
         self.received: list[int] = []
         self.listener = socket.create_server(("127.0.0.1", self.port))
@@ -314,8 +326,9 @@ class Destination:
                 if kind == 0x20:
                     first = next(ts for sub, ts in _items(data[4:]) if sub == 0x40)
                     answers += _item(0x21, bytes([data[0], 0, 0, 0]) + _item(0x40, first))
+            maximum = _item(0x51, struct.pack(">I", self.maximum)) if self.maximum is not None else b""
             body = (struct.pack(">HH", 1, 0) + rq[4:36] + bytes(32) + _item(0x10, APP_CONTEXT) + answers
-                    + _item(0x50, _item(0x51, struct.pack(">I", 16384)) + _item(0x52, b"1.2.3.4")))
+                    + _item(0x50, maximum + _item(0x52, b"1.2.3.4")))
             conn.sendall(struct.pack(">BBI", 2, 0, len(body)) + body)
             fragments = b""
             while True:
@@ -324,40 +337,55 @@ class Destination:
                 except (EOFError, OSError):
                     return
                 self.received.append(kind)
+                if kind == 7:
+                    return
+                if kind == 5 and self.mode == "store":
+                    conn.sendall(RELEASE_RP)
                 if kind != 4:
-                    continue  # A-RELEASE-RQ: no answer, ever
+                    continue  # A-RELEASE-RQ: no answer but in "store" mode
                 for cid, control, data in _pdvs(body):
                     if control & 1:
                         fragments += data
-                    if not control & 2 or control & 1:
+                        # Answered at its last fragment: a request without a data set (C-ECHO).
+                        if not control & 2 or parse_command(fragments).get(0x0800) != 0x0101:
+                            continue
+                    elif not control & 2:
                         continue
-                    if self.mode == "release_mid_store":
+                    elif self.mode == "release_mid_store":
                         conn.sendall(RELEASE_RQ)
                         continue
                     rq_command = parse_command(fragments)
                     fragments = b""
-                    rsp = command([_element(0x0002, rq_command[0x0002]), _element(0x0100, 0x8001),
+                    rsp = command([_element(0x0002, rq_command[0x0002]),
+                                   _element(0x0100, rq_command[0x0100] | 0x8000),
                                    _element(0x0120, rq_command[0x0110]), _element(0x0800, 0x0101),
-                                   _element(0x0900, 0), _element(0x1000, rq_command[0x1000])])
+                                   _element(0x0900, 0),
+                                   *([_element(0x1000, rq_command[0x1000])] if 0x1000 in rq_command else [])])
                     conn.sendall(pdata([(cid, 3, rsp)]))
 
     def close(self) -> None:
         self.listener.close()
 
 
+def store_ct(server: PacsServer, patient_id: str) -> None:
+    """One CT of *patient_id* into the archive."""
+    sop_uid = generate_uid()
+    raw = Raw(server.dicom_port, STORE_CONTEXTS)
+    raw.sock.sendall(pdata([(3, 3, store_rq(CT, sop_uid, 1)), (3, 2, ct_dataset(sop_uid, patient_id))]))
+    answer = read_response(raw.sock)
+    assert isinstance(answer, dict) and answer[0x0900] == 0, answer
+    raw.release()
+
+
 @contextlib.contextmanager
-def move_destination(server: PacsServer, mode: str, patient_id: str) -> Iterator[tuple[str, Destination]]:
+def move_destination(server: PacsServer, mode: str, patient_id: str,
+                     maximum: int | None = 16384) -> Iterator[tuple[str, Destination]]:
     """A registered :class:`Destination` and one CT of *patient_id* in the archive."""
-    destination = Destination(mode)
+    destination = Destination(mode, maximum)
     title = f"DEST{destination.port}"
     try:
         server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", str(destination.port))
-        sop_uid = generate_uid()
-        raw = Raw(server.dicom_port, STORE_CONTEXTS)
-        raw.sock.sendall(pdata([(3, 3, store_rq(CT, sop_uid, 1)), (3, 2, ct_dataset(sop_uid, patient_id))]))
-        answer = read_response(raw.sock)
-        assert isinstance(answer, dict) and answer[0x0900] == 0, answer
-        raw.release()
+        store_ct(server, patient_id)
         yield title, destination
     finally:
         destination.close()
@@ -524,3 +552,121 @@ def test_an_idle_association_is_a_warning_naming_its_peer(server: PacsServer, tm
     finally:
         if not event_driven:
             server.stop()
+
+
+# -- 6. an A-ASSOCIATE-AC whose Maximum Length no PDV fits in --------------------------------------
+def aborted_line(title: str, port: int, maximum: int) -> str:
+    return (f"WARNING pacs.dicom_net: association with {title} at 127.0.0.1:{port} aborted: its A-ASSOCIATE-AC's "
+            f"Maximum Length {maximum} cannot carry a PDV (at least 7, or 0 for no limit: PS3.8 9.3.5, D.1)")
+
+
+def said_about(text: str, title: str) -> list[str]:
+    return [line for line in text.splitlines() if "pacs.dicom_net" in line and title in line]
+
+
+@pytest.mark.parametrize("maximum", [1, 6])
+def test_a_move_destination_accepting_a_maximum_length_no_pdv_fits_in_is_aborted(server: PacsServer,
+                                                                                maximum: int) -> None:
+    """The store association was kept and each sub-operation failed with
+    the fragmentation's error as its reason (1: "read length must be
+    non-negative or -1", 6: "range() arg 3 must not be zero"; pynetdicom
+    logged it at ERROR), the destination getting an A-RELEASE-RQ. It is
+    aborted at once (the destination gets an A-ABORT and nothing before it),
+    said once, and the C-MOVE refused 0xA702 as for a destination that
+    rejects us, the cause in its Error Comment. The same destination
+    accepting with 0 (no limit) then gets the object."""
+    patient = f"MAXLEN{maximum}"
+    start = server.log_path.stat().st_size
+    with move_destination(server, "store", patient, maximum) as (title, destination):
+        final = c_move(server, title, patient)
+        assert final.Status == 0xA702, final
+        assert final.ErrorComment == f"{title} accepted with Maximum Length {maximum}: no PDV fits"
+        assert (final.NumberOfFailedSuboperations, final.NumberOfCompletedSuboperations) == (1, 0)
+        assert wait_until(lambda: destination.received, timeout=10, interval=0.05)
+        assert destination.received == [7]
+        text = server.log_text(start)
+        assert len(said_about(text, title)) == 1 and aborted_line(title, destination.port, maximum) in text, text
+        assert TRACEBACK not in text
+        destination.maximum, destination.received = 0, []
+        final = c_move(server, title, patient)
+        assert final.Status == 0x0000 and final.NumberOfCompletedSuboperations == 1, final
+        assert destination.received[0] == 4 and 7 not in destination.received
+    assert TRACEBACK not in server.log_text(start)
+    assert_serving(server)
+
+
+def _route_job(server: PacsServer, rule: str) -> dict[str, Any] | None:
+    jobs = json.loads(server.cli("route", "list", "--json").stdout)["jobs"]
+    return next((job for job in jobs if job["rule"] == rule), None)
+
+
+def test_routing_to_a_destination_accepting_a_maximum_length_no_pdv_fits_in_is_retried_with_the_reason(
+        server: PacsServer) -> None:
+    """Each try's association was kept and the job failed with "C-STORE to
+    DEST: 'fragment_length' cannot be between 1 and 7.": now the association
+    is aborted at once and the job waits for its next try with the reason;
+    once the destination takes PDUs, the job is delivered."""
+    destination = Destination("store", 1)
+    title, rule, patient = f"ROUTE{destination.port}", f"maxlen-{destination.port}", f"ROUTEMAX{destination.port}"
+    start = server.log_path.stat().st_size
+    try:
+        server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", str(destination.port))
+        server.cli("route", "add", rule, "--if", f"PatientID={patient}", "--to-ae", title)
+        store_ct(server, patient)
+        job: dict[str, Any] = {}
+
+        def tried() -> bool:
+            job.update(_route_job(server, rule) or {})
+            return bool(job.get("attempts"))
+
+        assert wait_until(tried, timeout=20, interval=0.2), job
+        assert job["state"] == "pending", job
+        assert job["last_error"] == (f"association with {title} at 127.0.0.1:{destination.port} aborted: "
+                                     f"it accepted with Maximum Length 1: no PDV fits"), job
+        assert set(destination.received) == {7}, destination.received
+        text = server.log_text(start)
+        assert aborted_line(title, destination.port, 1) in text and TRACEBACK not in text, text
+        destination.maximum = 0
+        server.cli("route", "retry", "--job", str(job["pk"]))
+        assert wait_until(lambda: (_route_job(server, rule) or {}).get("state") == "done", timeout=20,
+                          interval=0.2), _route_job(server, rule)
+    finally:
+        destination.close()
+        server.cli("route", "remove", rule, "--force", check=False)
+    assert TRACEBACK not in server.log_text(start)
+
+
+def test_remote_echo_and_a_commitment_report_to_such_a_peer_fail_with_the_reason(
+        server: PacsServer, caplog: pytest.LogCaptureFixture) -> None:
+    """The helper every other association of ours goes through (`pacs remote`
+    echo/find/move/get, `pacs remote pull`, routing, storage commitment
+    reports): `pacs remote echo` ended in "error: ValueError:
+    'fragment_length' cannot be between 1 and 7.", a commitment report in
+    "report to DEST failed" with that. Now: the peer refused us, with the
+    reason, and the report is tried again later as for a peer that is down."""
+    from dicom_scp.commitment import _on_new_association
+    from pacs import remote
+
+    destination = Destination("store", 1)
+    title = f"ECHO{destination.port}"
+    server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", str(destination.port))
+    core = server.core()
+    try:
+        with caplog.at_level(logging.WARNING):
+            with pytest.raises(remote.Unreachable) as refused:
+                remote.echo(core, title)
+            info = Dataset()
+            info.TransactionUID = generate_uid()
+            assert _on_new_association(core, core.aes.get(title), 1, info) is False
+        reason = f"association with {title} at 127.0.0.1:{destination.port} aborted: it accepted with Maximum " \
+                 "Length 1: no PDV fits"
+        assert str(refused.value) == reason
+        assert f"storage commitment: no association with {title}: {reason}" in caplog.messages
+        said = [r.getMessage() for r in caplog.records if r.name == "pacs.dicom_net"]
+        assert said == [aborted_line(title, destination.port, 1).split(": ", 1)[1]] * 2, said
+        assert set(destination.received) == {7}
+        destination.maximum = 0
+        assert remote.echo(core, title) == 0
+    finally:
+        core.close()
+        destination.close()
