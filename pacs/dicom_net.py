@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, evt
+from pynetdicom.pdu_primitives import MaximumLengthNotification
 from pynetdicom.transport import AssociationSocket
 
 from .logtext import peer_text
@@ -46,6 +47,9 @@ SMALLEST_MAXIMUM_LENGTH = 7
 # Set on an association this node requested and aborted itself at once
 # (:func:`request`): why, for the caller's answer (a C-MOVE's Error Comment).
 _REFUSAL = "_filmless_refusal"
+# Peers (title, address, port) whose A-ASSOCIATE-AC had no Maximum Length
+# sub-item, said once (forgotten past 1,000).
+_NO_MAXIMUM_SAID: set[tuple[str, str, int]] = set()
 
 
 def apply_limits(ae: AE, settings: Settings) -> AE:
@@ -168,9 +172,11 @@ def request(associate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     assoc = associate(*args, **with_polling(kwargs))
     if not assoc.is_established:
         return assoc
-    maximum = assoc.acceptor.maximum_length
-    if maximum is not None and 0 < maximum < SMALLEST_MAXIMUM_LENGTH:
-        peer = assoc.acceptor
+    peer = assoc.acceptor
+    maximum = peer.maximum_length
+    if maximum is None:
+        _no_maximum(assoc)
+    elif 0 < maximum < SMALLEST_MAXIMUM_LENGTH:
         log.warning("association with %s at %s:%s aborted: its A-ASSOCIATE-AC's Maximum Length %d cannot carry a "
                     "PDV (at least %d, or 0 for no limit: PS3.8 9.3.5, D.1)",
                     peer_text(str(peer.ae_title).strip(), 16) or "?", peer_text(getattr(peer, "address", "?"), 64),
@@ -178,6 +184,26 @@ def request(associate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         assoc.__dict__[_REFUSAL] = f"accepted with Maximum Length {maximum}: no PDV fits"
         _abort_at_once(assoc)
     return assoc
+
+
+def _no_maximum(assoc: Any) -> None:
+    """An A-ASSOCIATE-AC without a Maximum Length sub-item (PS3.8 D.1 makes
+    it mandatory) means no limit, as a request without one does to the
+    listener (dicom_scp.associate_rq). pynetdicom took the missing value as
+    None: every message failed in its fragmentation ("unsupported operand
+    type(s) for -: 'NoneType' and 'int'"), while our C-MOVE sub-operations
+    (dicom_scp.stored_send) already read it as no limit."""
+    peer = assoc.acceptor
+    item = MaximumLengthNotification()
+    item.maximum_length_received = 0
+    peer.user_information.append(item)
+    key = (str(peer.ae_title).strip(), str(getattr(peer, "address", "?")), int(getattr(peer, "port", 0) or 0))
+    if key not in _NO_MAXIMUM_SAID:
+        if len(_NO_MAXIMUM_SAID) >= 1000:
+            _NO_MAXIMUM_SAID.clear()
+        _NO_MAXIMUM_SAID.add(key)
+        log.info("%s at %s:%s accepted our association without a Maximum Length sub-item: no limit, as for 0 "
+                 "(PS3.8 D.1)", peer_text(key[0], 16) or "?", peer_text(key[1], 64), key[2])
 
 
 def refusal(assoc: Any) -> str | None:

@@ -670,3 +670,27 @@ def test_remote_echo_and_a_commitment_report_to_such_a_peer_fail_with_the_reason
     finally:
         core.close()
         destination.close()
+
+
+def test_a_peer_accepting_without_a_maximum_length_sub_item_is_sent_to_as_without_a_limit(
+        server: PacsServer, caplog: pytest.LogCaptureFixture) -> None:
+    """PS3.8 D.1 makes the sub-item mandatory, and the listener reads a
+    request without one as 0 (no limit). Our requests read its absence from
+    an A-ASSOCIATE-AC as None: `pacs remote echo` (and routing, commitment
+    reports) failed with "unsupported operand type(s) for -: 'NoneType' and
+    'int'". Said once at INFO."""
+    from pacs import remote
+
+    destination = Destination("store", None)
+    title = f"NOMAX{destination.port}"
+    server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", str(destination.port))
+    core = server.core()
+    try:
+        with caplog.at_level(logging.INFO, logger="pacs.dicom_net"):
+            assert [remote.echo(core, title) for _ in range(2)] == [0, 0]
+        assert [r.getMessage() for r in caplog.records if r.name == "pacs.dicom_net"] == [
+            f"{title} at 127.0.0.1:{destination.port} accepted our association without a Maximum Length sub-item: "
+            "no limit, as for 0 (PS3.8 D.1)"]
+    finally:
+        core.close()
+        destination.close()
