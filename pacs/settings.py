@@ -261,7 +261,8 @@ class Settings(BaseSettings):
     route_concurrency: int = 4
     # Finished routing jobs (done, cancelled) are deleted after this many days; 0 keeps them.
     route_keep_days: int = Field(default=30, ge=0)
-    # Seconds between two sweeps of due tombstones (objects compress replaced, deletions that died).
+    # Seconds between two sweeps of due tombstones (objects compress replaced, deletions that died);
+    # the same round checkpoints the SQLite index's -wal file once it has grown (pacs.index.db.checkpoint_wal).
     tombstone_sweep_interval: float = Field(default=300.0, gt=0)
     route: list[RouteEntry] = Field(default_factory=list)
     # The HIS MLLP endpoint ("host:port") for outbound HL7 (status, results).

@@ -4,7 +4,10 @@ readers had their grace; a deletion that died half way) leave the store
 while `pacs serve` runs, not only at the next `pacs verify --repair` or
 `pacs purge --yes`. Each node runs one; tombstones are finished under row
 locks (see :mod:`pacs.index.tombstones`), so two nodes never delete one
-object twice, and a row an ingest claimed back is never touched."""
+object twice, and a row an ingest claimed back is never touched.
+
+On SQLite the same round checkpoints a -wal file that a long reader let
+grow (see :func:`pacs.index.db.checkpoint_wal`)."""
 
 from __future__ import annotations
 
@@ -12,9 +15,15 @@ import logging
 
 from .app import Pacs
 from .index import tombstones
+from .index.db import checkpoint_wal
 from .periodic import Periodic
 
 log = logging.getLogger(__name__)
+MB = 1024 * 1024
+# A -wal file that cannot be checkpointed is reported from this size on, and
+# again each time it doubles: a snapshot someone keeps (a sqlite3 shell left
+# in a transaction) grows it until the disk is full.
+WAL_WARN_BYTES = 1024 * MB
 
 
 class Sweeper(Periodic):
@@ -25,6 +34,7 @@ class Sweeper(Periodic):
     def __init__(self, pacs: Pacs, *, interval: float = 300.0) -> None:
         super().__init__(interval)
         self.pacs = pacs
+        self._wal_warned = 0
 
     def sweep(self) -> int:
         """One round: objects deleted."""
@@ -33,5 +43,24 @@ class Sweeper(Periodic):
             log.info("tombstones: %d objects deleted, %d to try again", len(done.deleted), len(done.failed))
         return len(done.deleted)
 
+    def checkpoint(self) -> None:
+        """Checkpoint the SQLite index's WAL if it has grown (see
+        :func:`pacs.index.db.checkpoint_wal`); logs what it reclaimed."""
+        done = checkpoint_wal(self.pacs.engine)
+        if done is None:
+            return
+        if done.after < done.before:
+            log.info("index WAL checkpointed: %d MB -> %d MB", done.before // MB, done.after // MB)
+        if done.complete:
+            self._wal_warned = 0
+        elif done.held_back and done.before >= max(WAL_WARN_BYTES, 2 * self._wal_warned):
+            self._wal_warned = done.before
+            log.warning("index WAL is %d MB and cannot be checkpointed: a reader keeps an old snapshot of the "
+                        "index (a backup, a long query, a sqlite3 shell left in a transaction)", done.before // MB)
+
     def round(self) -> None:
-        self.sweep()
+        try:
+            self.sweep()
+        finally:
+            # Also when the store is down and the sweep failed.
+            self.checkpoint()

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -173,6 +174,17 @@ APPLICATION_NAME = "filmless-pacs"
 # upgrade can tell servers of another version (which would fail on the
 # upgraded schema) from nodes of its own starting beside it.
 SCHEMA_HEAD = "0024"
+# Bytes the SQLite -wal file is cut back to once the WAL restarts (at the
+# commit after a complete checkpoint). Without a limit the file keeps the
+# largest size it ever reached: a reader holding one snapshot for a minute
+# during ingest (a backup) left 184 MB for as long as the server ran
+# (bench/README.md, 2026-12-06). Well above the ~4-6 MB the WAL cycles through
+# between automatic checkpoints, so that steady ingest never truncates and
+# regrows it. Read at each connection (the tests lower it).
+WAL_SIZE_LIMIT = 64 * 1024 * 1024
+# How long a SQLite connection waits for another's lock (several processes
+# share the file: a writer queues behind the group commit of another).
+BUSY_TIMEOUT_MS = 60_000
 # A database host that vanishes from the network (no RST, no FIN) held every
 # C-STORE, C-FIND and HTTP request for as long as the kernel retransmits
 # (minutes): libpq gives up connecting after 5 s, on unacknowledged data after
@@ -198,8 +210,10 @@ def _configure_sqlite(engine: Engine) -> None:
         cursor.execute("PRAGMA journal_mode=WAL")
         cursor.execute("PRAGMA synchronous=FULL")
         cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.execute("PRAGMA busy_timeout=60000")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA cache_size=-65536")
+        # Per connection: whichever process's writer restarts the WAL truncates it.
+        cursor.execute(f"PRAGMA journal_size_limit={int(WAL_SIZE_LIMIT)}")
         # DICOM matching is case-sensitive (names are matched on folded,
         # upper-case columns) and a case-sensitive LIKE 'ABC%' can use an index.
         cursor.execute("PRAGMA case_sensitive_like=ON")
@@ -217,3 +231,71 @@ def _configure_sqlite(engine: Engine) -> None:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
         else:
             conn.exec_driver_sql("BEGIN")
+
+
+@dataclass(frozen=True)
+class WalCheckpoint:
+    """What :func:`checkpoint_wal` did to a -wal file that had outgrown
+    :data:`WAL_SIZE_LIMIT`."""
+
+    before: int  # bytes of the -wal file
+    after: int
+    # Every frame is in the database file.
+    complete: bool
+    # Frames were left behind for a reader still on an older snapshot (the
+    # WAL then grows with every commit until it ends); not when another
+    # process's checkpoint was running.
+    held_back: bool
+
+
+def sqlite_file(engine: Engine) -> Path | None:
+    """The index's SQLite file, None on PostgreSQL or in memory."""
+    if not is_sqlite(engine) or engine.url.database in (None, "", ":memory:"):
+        return None
+    return Path(engine.url.database)
+
+
+def checkpoint_wal(engine: Engine) -> WalCheckpoint | None:
+    """Checkpoint a SQLite index whose -wal file has grown beyond
+    :data:`WAL_SIZE_LIMIT`, and empty the file when nothing needs it any more;
+    None when there is nothing to do (PostgreSQL, a WAL within the limit).
+
+    SQLite checkpoints on its own at a commit once the WAL holds 1000 pages,
+    but it cannot go past a page a reader's snapshot still needs: a reader
+    holding one for a minute during ingest (a backup) grows the WAL by
+    hundreds of MB, and if ingest then stops, no commit comes to checkpoint
+    it (readers search the whole WAL for every page; a crash replays it all
+    at the next start). Never waits: PASSIVE copies what no reader needs
+    without taking the write lock; only if that left nothing behind does
+    TRUNCATE reset the file, with no busy wait, so a writer (another
+    process's ingest too) or a reader still on the WAL makes it give up at
+    once (the next round tries again) instead of queueing ingest behind it.
+    """
+    path = sqlite_file(engine)
+    if path is None:
+        return None
+    wal = Path(f"{path}-wal")
+    try:
+        before = wal.stat().st_size
+    except FileNotFoundError:
+        return None
+    if before <= WAL_SIZE_LIMIT:
+        return None
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        busy, frames, copied = conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)").one()
+        complete = not busy and frames == copied
+        held_back = not busy and copied < frames
+        if complete:
+            # FULL, RESTART and TRUNCATE take the write lock first and then
+            # wait (the busy timeout) for readers to leave the WAL: writers
+            # would wait as long.
+            conn.exec_driver_sql("PRAGMA busy_timeout=0")
+            try:
+                conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").one()
+            finally:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+    try:
+        after = wal.stat().st_size
+    except FileNotFoundError:
+        after = 0
+    return WalCheckpoint(before, after, complete, held_back)
