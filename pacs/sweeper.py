@@ -7,7 +7,9 @@ locks (see :mod:`pacs.index.tombstones`), so two nodes never delete one
 object twice, and a row an ingest claimed back is never touched.
 
 On SQLite the same round checkpoints a -wal file that a long reader let
-grow (see :func:`pacs.index.db.checkpoint_wal`)."""
+grow (see :func:`pacs.index.db.checkpoint_wal`) and gathers the planner's
+statistics when the archive doubled or halved since the last time (see
+:func:`pacs.index.db.refresh_statistics`)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import logging
 
 from .app import Pacs
 from .index import tombstones
-from .index.db import checkpoint_wal
+from .index.db import checkpoint_wal, refresh_statistics
 from .periodic import Periodic
 
 log = logging.getLogger(__name__)
@@ -58,9 +60,19 @@ class Sweeper(Periodic):
             log.warning("index WAL is %d MB and cannot be checkpointed: a reader keeps an old snapshot of the "
                         "index (a backup, a long query, a sqlite3 shell left in a transaction)", done.before // MB)
 
+    def analyse(self) -> None:
+        """Refresh the SQLite index's planner statistics when the archive has
+        doubled or halved since (see :func:`pacs.index.db.refresh_statistics`)."""
+        rows = refresh_statistics(self.pacs.engine)
+        if rows is not None:
+            log.info("index statistics gathered (ANALYZE) at about %d instances", rows)
+
     def round(self) -> None:
         try:
             self.sweep()
         finally:
             # Also when the store is down and the sweep failed.
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            finally:
+                self.analyse()

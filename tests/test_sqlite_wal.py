@@ -161,3 +161,47 @@ def test_checkpoint_gives_way_to_readers_and_writers(pacs: Pacs) -> None:
     sweeper.checkpoint()
     assert _wal_bytes(pacs) == 0
     assert _count(pacs) == 512 + 2 + 1
+
+
+# -- planner statistics --------------------------------------------------------------------------
+def _analysed_rows(pacs: Pacs) -> int | None:
+    """The instances counted by the last ANALYZE (None: never run)."""
+    with sqlite3.connect(_index(pacs)) as conn:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'sqlite_stat1'").fetchone():
+            return None
+        row = conn.execute("SELECT stat FROM sqlite_stat1 WHERE tbl = 'instances' LIMIT 1").fetchone()
+        return int(row[0].split()[0]) if row else None
+
+
+def test_statistics_are_gathered_once_the_archive_doubled(pacs: Pacs, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """SQLite had no planner statistics ever (nothing ran ANALYZE): it
+    guessed, and a C-FIND by patient name prefix scanned every study (73 ms
+    at 100,000 studies, 2.4 ms with statistics). The sweeper's round gathers
+    them once the archive is big enough, and again when it doubled, not
+    every round (the write lock is held meanwhile). The threshold is lowered
+    from 1,000 instances to 4."""
+    from pacs.ingest import Origin
+
+    from .dicomfiles import make_ct
+
+    monkeypatch.setattr(db, "STATISTICS_FROM_ROWS", 4)
+    rounds = Sweeper(pacs)
+
+    def store(count: int) -> None:
+        for _ in range(count):
+            path = make_ct(tmp_path / f"{len(list(tmp_path.glob('*.dcm')))}.dcm", PatientID="STAT1")
+            assert pacs.ingest_file(path, Origin("dimse", "CT1")).status == 0
+
+    store(3)
+    rounds.round()
+    assert _analysed_rows(pacs) is None  # too small to matter
+    store(2)
+    rounds.round()
+    assert _analysed_rows(pacs) == 5
+    store(4)  # 9: not yet twice 5
+    rounds.round()
+    assert _analysed_rows(pacs) == 5
+    store(2)
+    rounds.round()
+    assert _analysed_rows(pacs) == 11
