@@ -80,12 +80,18 @@ class Reader:
         self.conn.close()
 
 
-def test_wal_file_is_cut_back_once_a_long_reader_is_gone(pacs: Pacs) -> None:
+def _grown_behind_a_reader(pacs: Pacs, megabytes: int) -> tuple[Reader, int]:
+    """A reader holding a snapshot while *megabytes* MB of commits go on:
+    the reader, and the -wal file's size then."""
     _write(pacs, 64)
     reader = Reader(_index(pacs))
-    for _ in range(6):
+    for _ in range(megabytes):
         _write(pacs, 1024)
-    grown = _wal_bytes(pacs)
+    return reader, _wal_bytes(pacs)
+
+
+def test_wal_file_is_cut_back_once_a_long_reader_is_gone(pacs: Pacs) -> None:
+    reader, grown = _grown_behind_a_reader(pacs, 6)
     # More than SQLite's 1000-page automatic checkpoint: it ran at each commit, but the reader needs every page.
     assert grown > 5 * MB
     reader.release()
@@ -105,11 +111,7 @@ def test_sweeper_round_checkpoints_a_wal_no_commit_will(pacs: Pacs, caplog: pyte
     def wal_lines() -> list[str]:
         return [r.getMessage() for r in caplog.records if "WAL" in r.getMessage()]
 
-    _write(pacs, 64)
-    reader = Reader(_index(pacs))
-    for _ in range(2):
-        _write(pacs, 1024)
-    grown = _wal_bytes(pacs)
+    reader, grown = _grown_behind_a_reader(pacs, 2)
     assert grown > 2 * MB
     sweeper = Sweeper(pacs)
     # The reader still needs the WAL: the round leaves it as it is (and does not wait for the reader),
