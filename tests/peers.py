@@ -392,13 +392,15 @@ class PacsCommands:
     def _streams(self, request: int) -> tuple[Path, Path]:
         return self._spool / f"{request}.out", self._spool / f"{request}.err"
 
-    def spawn(self, args: list[str], env: dict[str, str], log: Path) -> ZygoteProcess | subprocess.Popen[bytes]:
+    def spawn(self, args: list[str], env: dict[str, str], log: Path,
+              fresh: bool = False) -> ZygoteProcess | subprocess.Popen[bytes]:
         """A long-running `pacs *args` (a server) with *env*, both streams
         appended to *log*: a Popen-like handle on the forked process (a
-        plain Popen when the zygote cannot run)."""
+        plain Popen when the zygote cannot run, or *fresh*)."""
         command = [PACS, *args]
         with self._done:
-            request = self._send({"argv": command, "env": env, "cwd": os.getcwd(), "log": str(log)})
+            request = None if fresh else self._send({"argv": command, "env": env, "cwd": os.getcwd(),
+                                                     "log": str(log)})
             if request is not None:
                 while request not in self._pids and request not in self._codes and not self._broken:
                     self._done.wait(1.0)
@@ -543,11 +545,7 @@ class PacsServer:
         self.hl7_port = self.hl7_port or free_port()
         args = ["serve", *self.common_args(), "--dicom-port", str(self.dicom_port), "--http-port", str(self.http_port),
                 "--hl7-port", str(self.hl7_port), "--ae-title", self.ae_title]
-        if self.forked:
-            self.proc = PACS_COMMANDS.spawn(args, self.env, self.log_path)
-        else:
-            with self.log_path.open("ab") as log:
-                self.proc = subprocess.Popen([PACS, *args], env=self.env, stdout=log, stderr=subprocess.STDOUT)
+        self.proc = PACS_COMMANDS.spawn(args, self.env, self.log_path, fresh=not self.forked)
         wait_port(self.dicom_port, timeout=60, proc=self.proc)
         wait_port(self.http_port, timeout=60, proc=self.proc)
         if not self.token:
