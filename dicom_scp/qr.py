@@ -35,7 +35,7 @@ from pynetdicom.sop_class import (
 from pacs.aes import RemoteAE
 from pacs.app import Pacs
 from pacs.audit import naming_patients, patient_cx
-from pacs.dicom_net import refusal
+from pacs.dicom_net import failure, refusal
 from pacs.errors import Status, query_failure
 from pacs.header import dataset_codec, decode_text
 from pacs.logtext import peer_text
@@ -376,9 +376,13 @@ class _UnsendableMarker(logging.Filter):
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno == logging.ERROR
-                    and record.getMessage().startswith("Unable to send the dataset as one or more required element")
-                    and record.getMessage().endswith("missing: SOPClassUID"))
+        if record.levelno != logging.ERROR:
+            return True
+        message = record.getMessage()
+        if message == "Move SCP: Unable to associate with destination AE":
+            return False  # _destination_failed says it, with the destination and why
+        return not (message.startswith("Unable to send the dataset as one or more required element")
+                    and message.endswith("missing: SOPClassUID"))
 
 
 logging.getLogger("pynetdicom.service_class").addFilter(_UnsendableMarker())
@@ -531,10 +535,13 @@ def _destination_failure(opening: _OpeningMove) -> str:
     dest = opening.destination
     store = opening.destinations.last()
     answer = getattr(getattr(store, "acceptor", None), "primitive", None)
-    if store is None or answer is None:
-        return f"{dest.title} unreachable at {dest.host}:{dest.port}"
+    unreachable = f"{dest.title} unreachable at {dest.host}:{dest.port}"
+    if store is None:
+        return unreachable
     if (why := refusal(store)) is not None:
         return f"{dest.title} {why}"
+    if answer is None:
+        return f"{unreachable} ({why})" if (why := failure(store)) else unreachable
     if getattr(store, "is_rejected", False):
         return f"{dest.title} rejected the association: {answer.reason_str}"
     if answer.result == 0 and not store.accepted_contexts:

@@ -15,11 +15,13 @@ import queue
 import select
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import MaximumLengthNotification
 from pynetdicom.transport import AssociationSocket
 
@@ -47,6 +49,10 @@ SMALLEST_MAXIMUM_LENGTH = 7
 # Set on an association this node requested and aborted itself at once
 # (:func:`request`): why, for the caller's answer (a C-MOVE's Error Comment).
 _REFUSAL = "_filmless_refusal"
+# Set on an association this node requested and did not get: why, in the
+# words of pynetdicom's ERROR lines about it (see _RequestFailureLines).
+_FAILURE = "_filmless_failure"
+_REJECTION = "_filmless_rejection"
 # Peers (title, address, port) whose A-ASSOCIATE-AC had no Maximum Length
 # sub-item, said once (forgotten past 1,000).
 _NO_MAXIMUM_SAID: set[tuple[str, str, int]] = set()
@@ -169,8 +175,14 @@ def request(associate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     A-ABORT, and the association comes back not established: the caller
     treats it as a peer that refused us (:func:`refusal` says why).
     """
-    assoc = associate(*args, **with_polling(kwargs))
+    _requesting.reasons = reasons = {}
+    try:
+        assoc = associate(*args, **with_polling(kwargs))
+    finally:
+        _requesting.reasons = None
     if not assoc.is_established:
+        if _FAILURE in reasons:
+            assoc.__dict__.setdefault(_FAILURE, reasons[_FAILURE])
         return assoc
     peer = assoc.acceptor
     maximum = peer.maximum_length
@@ -210,6 +222,83 @@ def refusal(assoc: Any) -> str | None:
     """Why :func:`request` aborted *assoc* itself (None: it did not), short
     enough for an Error Comment with the peer's AE title before it."""
     return assoc.__dict__.get(_REFUSAL) if assoc is not None else None
+
+
+def failure(assoc: Any) -> str | None:
+    """Why an association this node requested was not had, as pynetdicom
+    saw it ("could not connect: [Errno 111] Connection refused", "rejected
+    the association: Called AE title not recognised (Rejected Permanent,
+    Service User)"); None when nothing was said. For the caller's one line
+    (a routing job's error, a C-MOVE's Error Comment)."""
+    return assoc.__dict__.get(_FAILURE) if assoc is not None else None
+
+
+# The reasons pynetdicom logs in a thread inside :func:`request` (it
+# negotiates in the requesting thread, before the association is returned).
+_requesting = threading.local()
+
+
+def _reasons_here() -> dict[str, str] | None:
+    """Where a reason logged now belongs: the association this node
+    requested whose DUL thread logs (it connects), or the requesting
+    thread's (it negotiates); None for any other thread."""
+    thread = threading.current_thread()
+    assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
+    if getattr(assoc, "is_requestor", False):
+        return assoc.__dict__
+    return getattr(_requesting, "reasons", None)
+
+
+# pynetdicom's functions that connect and negotiate an association we request.
+_REQUESTING = ("connect", "negotiate_as_requestor", "_negotiate_as_requestor")
+# pynetdicom's ERROR lines while requesting an association, as reasons.
+_NEGOTIATION_REASONS = {
+    "No accepted presentation contexts": "accepted none of the proposed presentation contexts",
+    "Association Aborted": "aborted the association request",
+    "Received an invalid A-ASSOCIATE response from the peer": "answered with an invalid A-ASSOCIATE response",
+    "ACSE timeout reached while waiting for response to association request":
+        "did not answer the association request in time",
+}
+
+
+class _RequestFailureLines(logging.Filter):
+    """pynetdicom's ERROR lines about an association this node requested and
+    did not get (a destination down, a TLS handshake refused, an
+    A-ASSOCIATE-RJ), kept on the association for :func:`failure` and
+    dropped from the log.
+
+    Each failed routing try or C-MOVE destination wrote two or three
+    pynetdicom ERROR lines ("Association request failed: unable to connect
+    to remote", "TCP Initialisation Error: ...", a TLS traceback) beside our
+    WARNING, which did not say why ("association with DEST at ... failed").
+    Every caller of :func:`request` now says it once, with the peer's title
+    and address and this reason."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR or record.funcName not in _REQUESTING:
+            return True
+        said = _reasons_here()
+        if said is None:
+            return True
+        message = record.getMessage()
+        reason: str | None = None
+        if message.startswith("TCP Initialisation Error: "):
+            reason = "could not connect: " + message.removeprefix("TCP Initialisation Error: ")
+        elif message.startswith("Result: "):  # of an A-ASSOCIATE-RJ, its reason follows
+            said[_REJECTION] = message.removeprefix("Result: ")
+        elif message.startswith("Reason: "):
+            reason = f"rejected the association: {message.removeprefix('Reason: ')}"
+            if _REJECTION in said:
+                reason += f" ({said[_REJECTION]})"
+        elif message in _NEGOTIATION_REASONS:
+            reason = _NEGOTIATION_REASONS[message]
+        if reason and _FAILURE not in said:
+            said[_FAILURE] = reason
+        return False
+
+
+for _name in ("pynetdicom.transport", "pynetdicom.acse"):
+    logging.getLogger(_name).addFilter(_RequestFailureLines())
 
 
 def _abort_at_once(assoc: Any) -> None:

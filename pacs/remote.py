@@ -36,7 +36,7 @@ from dicom_scp.contexts import QR_MODELS as _MODELS
 
 from .aes import RemoteAE
 from .app import Pacs
-from .dicom_net import apply_limits, refusal, request, tune_socket
+from .dicom_net import apply_limits, failure, refusal, request, tune_socket
 from .errors import PacsError
 from .tls import association_tls
 
@@ -123,9 +123,11 @@ def associate(pacs: Pacs, ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
     tls = association_tls(pacs.settings, remote)
     assoc = request(ae.associate, remote.host, remote.port, ae_title=remote.title, **tls, **kwargs)
     if not assoc.is_established:
-        why = refusal(assoc)
-        raise Unreachable(f"association with {remote.title} at {remote.host}:{remote.port} "
-                          + (f"aborted: it {why}" if why else "failed"))
+        if (why := refusal(assoc)) is not None:
+            outcome = f"aborted: it {why}"
+        else:
+            outcome = f"failed: {why}" if (why := failure(assoc)) else "failed"
+        raise Unreachable(f"association with {remote.title} at {remote.host}:{remote.port} {outcome}")
     tune_socket(assoc)
     return assoc
 

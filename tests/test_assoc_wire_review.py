@@ -694,3 +694,84 @@ def test_a_peer_accepting_without_a_maximum_length_sub_item_is_sent_to_as_withou
     finally:
         core.close()
         destination.close()
+
+
+# -- 7. why an association we requested was not had: said once, with the reason -----------------
+PYNETDICOM_REQUEST_LINES = ("TCP Initialisation Error", "unable to connect to remote", "Association Rejected",
+                            "Unable to associate with destination AE", "Reason: ", "Result: ")
+
+
+@contextlib.contextmanager
+def refusing_peer() -> Iterator[int]:
+    """DCMTK's storescp refusing every association (A-ASSOCIATE-RJ, no reason given)."""
+    port = free_port()
+    peer = subprocess.Popen([dcmtk("storescp"), "--refuse", str(port)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        yield port
+    finally:
+        peer.kill()
+        peer.wait()
+
+
+def test_a_move_destination_that_is_down_is_said_once_with_the_connection_error(server: PacsServer) -> None:
+    """pynetdicom wrote three ERROR lines ("Association request failed:
+    unable to connect to remote", "TCP Initialisation Error: [Errno 111]
+    Connection refused", "Move SCP: Unable to associate with destination
+    AE") beside our WARNING, which said "DOWN unreachable at ..." without
+    why. Now one WARNING, with the connection's error."""
+    port = free_port()
+    title, patient = f"DOWN{port}", f"DOWNPAT{port}"
+    server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", str(port))
+    store_ct(server, patient)
+    start = server.log_path.stat().st_size
+    final = c_move(server, title, patient)
+    assert final.Status == 0xA702, final
+    cause = f"{title} unreachable at 127.0.0.1:{port} (could not connect: [Errno 111] Connection refused)"
+    assert str(final.ErrorComment) == cause[:64]
+    assert wait_until(lambda: cause in server.log_text(start), timeout=5, interval=0.05), server.log_text(start)
+    text = server.log_text(start)
+    assert not [line for line in text.splitlines() if "pynetdicom" in line], text
+    assert_serving(server)
+
+
+def test_routing_to_a_destination_that_rejects_us_keeps_the_reason_and_logs_it_once(server: PacsServer) -> None:
+    """Each try of a routing job wrote pynetdicom's three ERROR lines of the
+    A-ASSOCIATE-RJ and our WARNING "association with DEST at ... failed":
+    the reason was only in pynetdicom's lines. Now the job's error and our
+    one line carry it."""
+    with refusing_peer() as port:
+        title, rule, patient = f"RJ{port}", f"reject-{port}", f"RJPAT{port}"
+        server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", str(port))
+        start = server.log_path.stat().st_size
+        try:
+            server.cli("route", "add", rule, "--if", f"PatientID={patient}", "--to-ae", title)
+            store_ct(server, patient)
+            job: dict[str, Any] = {}
+
+            def tried() -> bool:
+                job.update(_route_job(server, rule) or {})
+                return bool(job.get("attempts"))
+
+            assert wait_until(tried, timeout=20, interval=0.2), job
+            reason = (f"association with {title} at 127.0.0.1:{port} failed: rejected the association: No reason "
+                      "given (Rejected Permanent, Source: Service User)")
+            assert job["last_error"] == reason, job
+            assert wait_until(lambda: reason in server.log_text(start), timeout=5, interval=0.05)
+        finally:
+            server.cli("route", "remove", rule, "--force", check=False)
+    text = server.log_text(start)
+    assert not [line for line in text.splitlines() if any(s in line for s in PYNETDICOM_REQUEST_LINES)], text
+
+
+def test_remote_echo_to_a_peer_that_is_down_says_why(server: PacsServer) -> None:
+    port = free_port()
+    title = f"NOBODY{port}"
+    server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", str(port))
+    answer = server.cli("remote", "echo", title, check=False)
+    assert answer.returncode != 0
+    said = answer.stdout + answer.stderr
+    assert (f"association with {title} at 127.0.0.1:{port} failed: could not connect: [Errno 111] Connection "
+            "refused") in said, said
+    assert "TCP Initialisation Error" not in said, said
