@@ -27,6 +27,11 @@
    is withdrawn.
 8. delete_instance_rows (a signature's PDF withdrawn, `verify --repair`)
    runs a batch again.
+9. A deletion's or a purge's objects (tombstones.finish, after the rows'
+   commit) losing a deadlock over their tombstones: the deletion answered
+   HTTP 503 (the purge stopped) though it was done; the objects are left to
+   the sweeper, reported not deleted yet. A finish locks its tombstones in
+   key order, as an ingest claiming several of them does.
 
 The races are forced, not timed: one side runs in this process on a real
 PostgreSQL database and is paused inside its transaction (Paused), the other
@@ -39,6 +44,7 @@ SQLite serialises its writers (BEGIN IMMEDIATE): none of this happens there.
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -476,3 +482,105 @@ def test_instance_rows_deleted_as_a_deadlock_victim_are_deleted_again(core: Any,
                             ("UPDATE studies SET changed_at = now() WHERE pk = %s", (study_pk,))).outcome()
     assert removed == {"instances": 1, "series": 1, "studies": 1, "patients": 1}
     assert patient(core, pid) is None
+
+
+# -- 9. a deletion's objects, their tombstones' lock lost to another finish --------------------------------
+@pytest.mark.parametrize("how", ["delete", "purge"])
+def test_objects_whose_finish_lost_a_deadlock_are_left_to_the_sweeper(
+        core: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        how: str) -> None:
+    """The rows' transaction committed, the objects' (tombstones.finish)
+    locked the first of the study's tombstones and then lost a deadlock to
+    a transaction holding the last one (another finish, an ingest claiming
+    keys): the exception reached `DELETE /api/studies/...` (HTTP 503) or
+    `pacs purge --yes` (exit 1) after the deletion had happened. The
+    deletion now succeeds, its objects reported not deleted yet (one
+    WARNING names their keys), and the sweeper's next round deletes them.
+
+    The cycle: the study's keys sort in the order they were stored, so the
+    finish meets their tombstones in that order with or without its ORDER
+    BY. A first connection holds the middle one, so the finish waits there
+    holding the first; a second one holds the last and waits for the first;
+    the first lets go, the finish goes on to the last."""
+    from pacs.index import tombstones
+    from pacs.maintenance.delete import Target, delete_target
+    from pacs.maintenance.purge import PurgeRules, purge
+    from pacs.sweeper import Sweeper
+
+    pid, study_uid, series_uid = f"PGC9{how}", generate_uid(), generate_uid()
+    # SOP UIDs in the order stored: the keys' order is the tombstones' (pk) order too.
+    sop_base = generate_uid()[:50]
+    for n in (1, 2, 3):
+        store(core, tmp_path, PatientID=pid, StudyInstanceUID=study_uid, SeriesInstanceUID=series_uid,
+              sop_uid=f"{sop_base}.{n}", Modality="MG", StudyDate="20140101")
+    stored = sorted(r[0] for r in _rows(core, "SELECT i.storage_key FROM instances i JOIN series s "
+                                              "ON s.pk = i.series_pk WHERE s.series_uid = %s", series_uid))
+    assert len(stored) == 3 and all(core.store.exists(k) for k in stored)
+    # A purge first finishes what earlier deletions left (another test's): not the finish to pause.
+    tombstones.finish_all(core.engine, core.store)
+    pause = Paused(monkeypatch, "finish", tombstones, before=True)  # the rows committed, the objects next
+    if how == "delete":
+        run: Any = lambda: delete_target(core, Target(study_uid), reason="test images", user="tester").object_failures
+    else:
+        run = lambda: [f["key"] for f in purge(core, PurgeRules(older_than_days=30, modalities=("MG",)),
+                                               execute=True, user="tester").object_failures.items]
+    middle, last = locker(core), locker(core)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pacs.index.tombstones"):
+            running = Background(run)
+            assert pause.reached.wait(60), "the deletion never reached its objects"
+            pks = [r[0] for r in _rows(core, "SELECT pk FROM deleting_objects WHERE storage_key = ANY(%s) "
+                                             "AND finished_at IS NULL ORDER BY storage_key, pk", stored)]
+            assert len(pks) == 3
+            middle.execute("SELECT pk FROM deleting_objects WHERE pk = %s FOR UPDATE", (pks[1],))
+            last.execute("SELECT pk FROM deleting_objects WHERE pk = %s FOR UPDATE", (pks[2],))
+            pause.release()
+            until(lambda: waiting(core) == 1)  # the finish holds the first, waits for the middle
+            first = Background(lambda: last.execute("SELECT pk FROM deleting_objects WHERE pk = %s FOR UPDATE",
+                                                    (pks[0],)))
+            until(lambda: waiting(core) == 2)
+            middle.rollback()  # the finish goes on to the last: a cycle, the finish its victim
+            first.outcome()
+            last.rollback()
+            left = running.outcome()
+    finally:
+        pause.release()
+        middle.close()
+        last.close()
+    assert sorted(left) == stored
+    assert _rows(core, "SELECT pk FROM studies WHERE study_uid = %s", study_uid) == []
+    warned = [r.getMessage() for r in caplog.records if "left to the sweeper" in r.getMessage()]
+    assert len(warned) == 1 and all(k in warned[0] for k in stored), warned
+    assert all(core.store.exists(k) for k in stored)  # the finish deleted nothing before it lost
+    Sweeper(core).sweep()
+    assert not any(core.store.exists(k) for k in stored)
+    assert {r[0] for r in _rows(core, "SELECT outcome FROM deleting_objects WHERE storage_key = ANY(%s)",
+                                stored)} == {"deleted"}
+
+
+def test_a_finish_locks_its_tombstones_in_key_order(core: Any) -> None:
+    """Two finishes of the same keys (two deletions, a deletion and the
+    sweeper) or a finish and an ingest claiming several of them locked the
+    tombstones in the order their scans met them, and could deadlock; they
+    lock them in key order: waiting for the first key's, a finish holds
+    none of a later key (here recorded first, so a scan meets it first)."""
+    from pacs.index import tombstones
+    from pacs.index.db import write_transaction
+
+    folder = f"{generate_uid()}/{generate_uid()}"
+    wanted = [f"{folder}/{n}.dcm" for n in (1, 2, 3)]
+    with write_transaction(core.engine) as conn:
+        tombstones.record(conn, reversed(wanted), "delete-order")
+    pks = {r[1]: r[0] for r in _rows(core, "SELECT pk, storage_key FROM deleting_objects "
+                                           "WHERE storage_key = ANY(%s)", wanted)}
+    holder, probe = locker(core), locker(core)
+    try:
+        holder.execute("SELECT pk FROM deleting_objects WHERE pk = %s FOR UPDATE", (pks[wanted[0]],))
+        finishing = Background(lambda: tombstones.finish(core.engine, core.store, list(reversed(wanted))))
+        until(lambda: waiting(core) == 1)
+        assert not locked_now(probe, "deleting_objects", pks[wanted[2]]), "the finish holds a later key's tombstone"
+        holder.rollback()
+        assert sorted(finishing.outcome().deleted) == wanted
+    finally:
+        holder.close()
+        probe.close()

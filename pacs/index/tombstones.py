@@ -12,6 +12,8 @@ an index row without its object). The rules that close it:
    of it is *active* (not finished) *and locked*: ``BEGIN IMMEDIATE`` on
    SQLite (the one writer), ``SELECT ... FOR UPDATE`` on PostgreSQL; the
    same transaction marks it finished ("deleted") after the delete.
+   Whoever locks several tombstones locks them in (storage key, pk) order
+   (:data:`LOCK_ORDER`), so two of them never wait for each other.
 2. The ingest's index transaction, after inserting an instance row, looks
    its key up among the tombstones (one query per batch; nothing found is
    the common case) (:func:`settle`):
@@ -85,6 +87,11 @@ FINISH_BATCH = 50
 # batch ahead of sending them): no one deletes it earlier.
 REPLACED = "compress"
 READERS_GRACE = timedelta(minutes=10)
+# The order in which tombstone rows are locked (finish, settle's claims,
+# _take_over_replaced): two finishes of overlapping keys (two deletions, a
+# deletion and the sweeper) or a finish and an ingest claiming several keys
+# locked them in whatever order their scans met them, and deadlocked.
+LOCK_ORDER = (tombstones_t.c.storage_key, tombstones_t.c.pk)
 
 
 class ObjectDeleted(Exception):
@@ -144,9 +151,14 @@ def _take_over_replaced(conn: Connection, keys: list[str], deletion: str) -> lis
             tombstones_t.c.deletion == REPLACED, tombstones_t.c.finished_at.is_(None), or_(*prefixes))).all()
         mine = [r for r in rows if (m := _INSTANCE_KEY.match(r.storage_key)) and (m["folder"], m["sop"]) in instances]
         if mine:
-            conn.execute(update(tombstones_t).where(tombstones_t.c.pk.in_([r.pk for r in mine]))
-                         .values(deletion=deletion))
-            taken.extend(dict.fromkeys(r.storage_key for r in mine))
+            # Locked in LOCK_ORDER first (an UPDATE locks in scan order); one
+            # a finish_due finished meanwhile is not taken over.
+            locked = set(conn.execute(select(tombstones_t.c.pk).where(
+                tombstones_t.c.pk.in_([r.pk for r in mine]), tombstones_t.c.finished_at.is_(None))
+                .order_by(*LOCK_ORDER).with_for_update()).scalars())
+            if locked:
+                conn.execute(update(tombstones_t).where(tombstones_t.c.pk.in_(locked)).values(deletion=deletion))
+                taken.extend(dict.fromkeys(r.storage_key for r in mine if r.pk in locked))
     return taken
 
 
@@ -172,7 +184,8 @@ def settle(conn: Connection, records: list[tuple[str, Callable[[], bool] | None,
     keys = {key for key, _, _, _ in records}
     hit = set(conn.execute(select(tombstones_t.c.storage_key).where(tombstones_t.c.storage_key.in_(keys))
                            .distinct()).scalars())
-    for key, present, _, source in records:
+    # In key order: each claim locks the key's tombstones (LOCK_ORDER).
+    for key, present, _, source in sorted(records, key=lambda r: r[0]):
         if key not in hit:
             continue
         if source in NOT_RECEIVED:
@@ -202,6 +215,8 @@ def settle(conn: Connection, records: list[tuple[str, Callable[[], bool] | None,
 @dataclass
 class Finished:
     deleted: list[str] = field(default_factory=list)
+    # (key, why): its tombstone stays active, a later run deletes the object
+    # (the sweeper's finish_due, ``pacs verify --repair``, ``pacs purge --yes``).
     failed: list[tuple[str, str]] = field(default_factory=list)
     # Keys without an active tombstone any more (a resend took the key back).
     kept: list[str] = field(default_factory=list)
@@ -211,51 +226,79 @@ def finish(engine: Engine, store: Any, keys: list[str],
            before_delete: Callable[[str], None] | None = None) -> Finished:
     """Delete the objects of *keys* whose tombstones are active, in locked
     transactions of :data:`FINISH_BATCH` keys (rule 1). A key whose delete
-    fails keeps its tombstone active (finished by a later run)."""
+    fails keeps its tombstone active (finished by a later run), and so does
+    a batch whose transaction lost to another (a deadlock's victim): its
+    keys are reported failed, never raised, for the deletion's rows are
+    committed already and the deletion is done but for its objects."""
+    from .db import is_transient
+
+    done = Finished()
+    for start in range(0, len(keys), FINISH_BATCH):
+        batch = list(dict.fromkeys(keys[start:start + FINISH_BATCH]))
+        try:
+            one = _finish_batch(engine, store, batch, before_delete)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            # Objects this run deleted before the rollback are deleted again
+            # (a missing key is no error) with their tombstones by the next run.
+            cause = getattr(getattr(exc, "orig", None), "sqlstate", None) or type(exc).__name__
+            why = f"left to the sweeper (or pacs verify --repair): the index was busy ({cause})"
+            log.warning("objects of %d keys left to the sweeper (the index was busy: %s): %s",
+                        len(batch), cause, ", ".join(batch))
+            done.failed.extend((key, why) for key in batch)
+            continue
+        done.deleted += one.deleted
+        done.failed += one.failed
+        done.kept += one.kept
+    return done
+
+
+def _finish_batch(engine: Engine, store: Any, batch: list[str],
+                  before_delete: Callable[[str], None] | None) -> Finished:
+    """One transaction of :func:`finish`; what it did, counted only once committed."""
     from storage import StorageError
 
     from .db import is_sqlite, write_transaction
 
     done = Finished()
-    for start in range(0, len(keys), FINISH_BATCH):
-        batch = list(dict.fromkeys(keys[start:start + FINISH_BATCH]))
-        with write_transaction(engine) as conn:
-            query = select(tombstones_t.c.pk, tombstones_t.c.storage_key).where(
-                tombstones_t.c.storage_key.in_(batch), tombstones_t.c.finished_at.is_(None))
-            if not is_sqlite(engine):
-                query = query.with_for_update()
-            rows = conn.execute(query).all()
-            active: dict[str, list[int]] = {}
-            for row in rows:
-                active.setdefault(row.storage_key, []).append(row.pk)
-            # Belt and braces: a key some row references is never deleted.
-            referenced = set(conn.execute(select(_instances_t.c.storage_key)
-                                          .where(_instances_t.c.storage_key.in_(list(active)))).scalars())
-            finished: dict[str, list[int]] = {"deleted": [], "kept": []}
-            for key in batch:
-                if key not in active:
-                    done.kept.append(key)
-                    continue
-                if key in referenced:
-                    log.warning("%s is indexed again: kept", key)
-                    done.kept.append(key)
-                    finished["kept"].extend(active[key])
-                    continue
-                try:
-                    if before_delete is not None:
-                        before_delete(key)
-                    store.delete(key)
-                except StorageError as exc:
-                    done.failed.append((key, str(exc)))
-                    log.warning("object %s not deleted (its tombstone stays for pacs verify --repair): %s", key, exc)
-                    continue
-                done.deleted.append(key)
-                finished["deleted"].extend(active[key])
-            at = now(conn)
-            for outcome, pks in finished.items():
-                if pks:
-                    conn.execute(update(tombstones_t).where(tombstones_t.c.pk.in_(pks))
-                                 .values(finished_at=at, outcome=outcome))
+    with write_transaction(engine) as conn:
+        query = select(tombstones_t.c.pk, tombstones_t.c.storage_key).where(
+            tombstones_t.c.storage_key.in_(batch), tombstones_t.c.finished_at.is_(None))
+        if not is_sqlite(engine):
+            query = query.order_by(*LOCK_ORDER).with_for_update()
+        rows = conn.execute(query).all()
+        active: dict[str, list[int]] = {}
+        for row in rows:
+            active.setdefault(row.storage_key, []).append(row.pk)
+        # Belt and braces: a key some row references is never deleted.
+        referenced = set(conn.execute(select(_instances_t.c.storage_key)
+                                      .where(_instances_t.c.storage_key.in_(list(active)))).scalars())
+        finished: dict[str, list[int]] = {"deleted": [], "kept": []}
+        for key in batch:
+            if key not in active:
+                done.kept.append(key)
+                continue
+            if key in referenced:
+                log.warning("%s is indexed again: kept", key)
+                done.kept.append(key)
+                finished["kept"].extend(active[key])
+                continue
+            try:
+                if before_delete is not None:
+                    before_delete(key)
+                store.delete(key)
+            except StorageError as exc:
+                done.failed.append((key, str(exc)))
+                log.warning("object %s not deleted (its tombstone stays for pacs verify --repair): %s", key, exc)
+                continue
+            done.deleted.append(key)
+            finished["deleted"].extend(active[key])
+        at = now(conn)
+        for outcome, pks in finished.items():
+            if pks:
+                conn.execute(update(tombstones_t).where(tombstones_t.c.pk.in_(pks))
+                             .values(finished_at=at, outcome=outcome))
     return done
 
 
