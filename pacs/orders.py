@@ -35,7 +35,7 @@ from . import outbox
 from .audit import patient_cx
 from .errors import PacsError
 from .header import valid_uid
-from .index.db import ConcurrentChange, is_transient, retry_transaction, write_transaction
+from .index.db import ConcurrentChange, is_transient, retry_write, write_transaction
 from .index.models import (
     PATIENT_HAS_ID,
     Correction,
@@ -685,11 +685,8 @@ class OrderService:
         "discontinue", OrderInfo), ("patient", PatientInfo),
         ("merge", (PatientInfo, [(prior id, issuer)])). Several "place" of
         one accession are the scheduled steps of one new requested procedure."""
-        def once() -> list[Any]:
-            with write_transaction(self.engine) as conn:
-                return self._apply(conn, actions, source)
-
-        return retry_transaction(once, what="order service transaction")
+        return retry_write(self.engine, lambda conn: self._apply(conn, actions, source),
+                           what="order service transaction")
 
     def apply_message(self, actions: list[tuple[str, Any]], receipt: Receipt, source: str = "") -> bool:
         """:meth:`apply` for an inbound message, recorded as applied in the
@@ -707,8 +704,8 @@ class OrderService:
         whose patient a deletion removed meanwhile (pacs.index.db.is_transient):
         the HIS gets AA, not AR for a conflict of our own making."""
         try:
-            return retry_transaction(lambda: self._apply_message_once(actions, receipt, source),
-                                     what=f"message {receipt.control_id!r}", retry_on=_raced)
+            return retry_write(self.engine, lambda conn: self._apply_message_once(conn, actions, receipt, source),
+                               what=f"message {receipt.control_id!r}", retry_on=_raced)
         except OrderError:
             # "Order already exists" because the same message, sent twice
             # at once, was applied by the other connection meanwhile.
@@ -725,21 +722,21 @@ class OrderService:
             received_t.c.sender == receipt.sender, received_t.c.control_id == receipt.control_id)).first()
         return seen if seen is None or _same_message(seen.kind, receipt) else False
 
-    def _apply_message_once(self, actions: list[tuple[str, Any]], receipt: Receipt, source: str) -> bool:
-        with write_transaction(self.engine) as conn:
-            seen = conn.execute(select(received_t.c.pk, received_t.c.kind).where(
-                received_t.c.sender == receipt.sender, received_t.c.control_id == receipt.control_id)).first()
-            if seen is not None and _same_message(seen.kind, receipt):
-                return False
-            self._apply(conn, actions, source)
-            now = _now()
-            conn.execute(delete(received_t).where(received_t.c.received_at < now - KEEP_RECEIVED))
-            kind = _received_kind(receipt)
-            if seen is None:
-                conn.execute(received_t.insert().values(
-                    sender=receipt.sender, control_id=receipt.control_id, kind=kind, received_at=now))
-            else:  # the control ID now names this message: its resend is the one to recognise
-                conn.execute(update(received_t).where(received_t.c.pk == seen.pk).values(kind=kind, received_at=now))
+    def _apply_message_once(self, conn: Connection, actions: list[tuple[str, Any]], receipt: Receipt,
+                            source: str) -> bool:
+        seen = conn.execute(select(received_t.c.pk, received_t.c.kind).where(
+            received_t.c.sender == receipt.sender, received_t.c.control_id == receipt.control_id)).first()
+        if seen is not None and _same_message(seen.kind, receipt):
+            return False
+        self._apply(conn, actions, source)
+        now = _now()
+        conn.execute(delete(received_t).where(received_t.c.received_at < now - KEEP_RECEIVED))
+        kind = _received_kind(receipt)
+        if seen is None:
+            conn.execute(received_t.insert().values(
+                sender=receipt.sender, control_id=receipt.control_id, kind=kind, received_at=now))
+        else:  # the control ID now names this message: its resend is the one to recognise
+            conn.execute(update(received_t).where(received_t.c.pk == seen.pk).values(kind=kind, received_at=now))
         return True
 
     def _apply(self, conn: Connection, actions: list[tuple[str, Any]], source: str) -> list[Any]:
@@ -1379,106 +1376,105 @@ class OrderService:
         # order): the modality was answered 0110H, and most never resend an
         # N-SET COMPLETED. Everything is read again; an N-CREATE refused by the
         # unique key (OrderError 409) is no transient error and is not retried.
-        def once() -> dict[str, Any]:
+        def once(conn: Connection) -> dict[str, Any]:
             now = _now()
-            with write_transaction(self.engine) as conn:
-                existing = conn.execute(select(steps_t).where(steps_t.c.sop_uid == sop_uid)).first()
-                if create and existing is not None:
-                    raise OrderError("performed procedure step already exists", http_status=409)
-                if not create and existing is None:
-                    raise OrderError("no such performed procedure step", http_status=404)
-                if existing is not None and existing.status != "IN PROGRESS":
+            existing = conn.execute(select(steps_t).where(steps_t.c.sop_uid == sop_uid)).first()
+            if create and existing is not None:
+                raise OrderError("performed procedure step already exists", http_status=409)
+            if not create and existing is None:
+                raise OrderError("no such performed procedure step", http_status=404)
+            if existing is not None and existing.status != "IN PROGRESS":
+                raise OrderError(f"performed procedure step is already {existing.status}", http_status=409)
+            final_end = end or (existing.end if existing is not None else "")
+            if status in ("COMPLETED", "DISCONTINUED") and len(final_end) <= 8:
+                # PS3.4 Table F.7.2-1, final state: End Date and End Time are Type 1
+                # (kept as date + time: eight characters are a date alone).
+                raise OrderError(f"a {status} step needs its End Date and End Time", http_status=422)
+            # The HIS's messages about these procedures take the same locks
+            # (sorted, so the two never deadlock), and the steps' statuses
+            # read after them are the committed ones: an MPPS racing a cancel
+            # does not put a cancelled step back IN PROGRESS.
+            if existing is not None:
+                order_pks = _step_orders(existing)
+                lock_order_keys(conn, {f"accession:{a}" for a in _step_accessions(conn, order_pks)})
+                # Read again under the locks, its row locked too (PostgreSQL;
+                # SQLite writers queue already): of two N-SETs of one performed
+                # step at once (a modality resending after a timeout, or
+                # COMPLETED then DISCONTINUED), the second read IN PROGRESS
+                # before the first committed, and then overwrote its final
+                # status. Now it is refused as any N-SET of a final step.
+                existing = conn.execute(select(steps_t).where(steps_t.c.pk == existing.pk).with_for_update()).one()
+                if existing.status != "IN PROGRESS":
                     raise OrderError(f"performed procedure step is already {existing.status}", http_status=409)
-                final_end = end or (existing.end if existing is not None else "")
-                if status in ("COMPLETED", "DISCONTINUED") and len(final_end) <= 8:
-                    # PS3.4 Table F.7.2-1, final state: End Date and End Time are Type 1
-                    # (kept as date + time: eight characters are a date alone).
-                    raise OrderError(f"a {status} step needs its End Date and End Time", http_status=422)
-                # The HIS's messages about these procedures take the same locks
-                # (sorted, so the two never deadlock), and the steps' statuses
-                # read after them are the committed ones: an MPPS racing a cancel
-                # does not put a cancelled step back IN PROGRESS.
-                if existing is not None:
-                    order_pks = _step_orders(existing)
-                    lock_order_keys(conn, {f"accession:{a}" for a in _step_accessions(conn, order_pks)})
-                    # Read again under the locks, its row locked too (PostgreSQL;
-                    # SQLite writers queue already): of two N-SETs of one performed
-                    # step at once (a modality resending after a timeout, or
-                    # COMPLETED then DISCONTINUED), the second read IN PROGRESS
-                    # before the first committed, and then overwrote its final
-                    # status. Now it is refused as any N-SET of a final step.
-                    existing = conn.execute(select(steps_t).where(steps_t.c.pk == existing.pk).with_for_update()).one()
-                    if existing.status != "IN PROGRESS":
-                        raise OrderError(f"performed procedure step is already {existing.status}", http_status=409)
-                else:
-                    refs = scheduled if scheduled is not None else [(accession, study_uid, step_id)]
-                    order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
-                    if conn.dialect.name == "postgresql":
-                        # Which steps the items name, and whether the HIS withdrew
-                        # them, is decided again under the locks: read before them,
-                        # a CA committed meanwhile let the N-CREATE in (0110H is
-                        # the answer), and the unscheduled case picked among stale
-                        # statuses. A step the new reading adds (an order placed
-                        # meanwhile) is locked too, then read once more.
-                        locked: set[str] = set()
-                        for _ in range(RACE_ATTEMPTS):
-                            wanted = _step_accessions(conn, order_pks)
-                            if wanted <= locked:
-                                break
-                            lock_order_keys(conn, {f"accession:{a}" for a in wanted - locked})
-                            locked |= wanted
-                            order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
-                values: dict[str, Any] = {"status": status, "updated_at": now}
-                for key, value in (("modality", modality), ("station_ae_title", station_ae_title),
-                                   ("start", start), ("end", end)):
-                    if value:
-                        values[key] = value
-                if performed_series is not None:
-                    values["performed_series"] = json.dumps(performed_series)
-                if existing is None:
-                    try:
-                        conn.execute(steps_t.insert().values(
-                            sop_uid=sop_uid, order_pk=order_pks[0] if order_pks else None,
-                            order_pks=json.dumps(order_pks), scheduled=json.dumps([list(ref) for ref in refs]),
-                            created_at=now, **values))
-                    except IntegrityError:
-                        # PostgreSQL: an N-CREATE of the same instance on another
-                        # association (a modality resending after a DIMSE timeout)
-                        # committed after this one found none, and its unique key
-                        # refused ours. The answer is the one a sequential resend
-                        # gets, 0111H (Duplicate SOP Instance, PS3.4 F.7.2.1), not
-                        # 0110H with a traceback; the transaction rolls back.
-                        # (SQLite writers queue: the check above saw it.)
-                        raise OrderError("performed procedure step already exists", http_status=409) from None
-                else:
-                    conn.execute(update(steps_t).where(steps_t.c.pk == existing.pk).values(**values))
-                # The requested procedures concerned, in the items' order.
-                procedure_of = {row.pk: row.accession_number for row in conn.execute(
-                    select(orders_t.c.pk, orders_t.c.accession_number).where(orders_t.c.pk.in_(order_pks)))}
-                accessions = list(dict.fromkeys(procedure_of[pk] for pk in order_pks if pk in procedure_of))
-                before = {a: procedure_status(row.status for row in self._procedure_rows(conn, a)) for a in accessions}
-                for pk in order_pks:
-                    self._move_step(conn, pk, status, sop_uid, now)
-                procedures = [self._procedure_dict(conn, a) for a in accessions]
-                for procedure in procedures:
-                    if procedure["status"] != before[procedure["accession_number"]]:
-                        # The HIS hears of a change of the requested procedure only:
-                        # a second step of one IN PROGRESS tells it nothing, nor does
-                        # the first of two steps completing. A step discontinued:
-                        # ORC-5 SC (HL7 table 0038 "in process, scheduled") -- the
-                        # order is open and waits to be performed, which is the
-                        # truth. DC would tell the HIS the order itself was stopped
-                        # (many close or bill it then, and we would refuse its XO),
-                        # CA that it was withdrawn, IP that it is being performed.
-                        # The outbound renderer maps SCHEDULED to SC; step_status
-                        # says why it came back.
-                        self._tell_status(conn, {"order": _status_order(procedure), "status": procedure["status"],
-                                                 "step": sop_uid, "step_status": status})
-                if not procedures:
-                    log.info("performed procedure step %s matches no order", sop_uid)
-                return procedures[0] if procedures else {}
+            else:
+                refs = scheduled if scheduled is not None else [(accession, study_uid, step_id)]
+                order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
+                if conn.dialect.name == "postgresql":
+                    # Which steps the items name, and whether the HIS withdrew
+                    # them, is decided again under the locks: read before them,
+                    # a CA committed meanwhile let the N-CREATE in (0110H is
+                    # the answer), and the unscheduled case picked among stale
+                    # statuses. A step the new reading adds (an order placed
+                    # meanwhile) is locked too, then read once more.
+                    locked: set[str] = set()
+                    for _ in range(RACE_ATTEMPTS):
+                        wanted = _step_accessions(conn, order_pks)
+                        if wanted <= locked:
+                            break
+                        lock_order_keys(conn, {f"accession:{a}" for a in wanted - locked})
+                        locked |= wanted
+                        order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
+            values: dict[str, Any] = {"status": status, "updated_at": now}
+            for key, value in (("modality", modality), ("station_ae_title", station_ae_title),
+                               ("start", start), ("end", end)):
+                if value:
+                    values[key] = value
+            if performed_series is not None:
+                values["performed_series"] = json.dumps(performed_series)
+            if existing is None:
+                try:
+                    conn.execute(steps_t.insert().values(
+                        sop_uid=sop_uid, order_pk=order_pks[0] if order_pks else None,
+                        order_pks=json.dumps(order_pks), scheduled=json.dumps([list(ref) for ref in refs]),
+                        created_at=now, **values))
+                except IntegrityError:
+                    # PostgreSQL: an N-CREATE of the same instance on another
+                    # association (a modality resending after a DIMSE timeout)
+                    # committed after this one found none, and its unique key
+                    # refused ours. The answer is the one a sequential resend
+                    # gets, 0111H (Duplicate SOP Instance, PS3.4 F.7.2.1), not
+                    # 0110H with a traceback; the transaction rolls back.
+                    # (SQLite writers queue: the check above saw it.)
+                    raise OrderError("performed procedure step already exists", http_status=409) from None
+            else:
+                conn.execute(update(steps_t).where(steps_t.c.pk == existing.pk).values(**values))
+            # The requested procedures concerned, in the items' order.
+            procedure_of = {row.pk: row.accession_number for row in conn.execute(
+                select(orders_t.c.pk, orders_t.c.accession_number).where(orders_t.c.pk.in_(order_pks)))}
+            accessions = list(dict.fromkeys(procedure_of[pk] for pk in order_pks if pk in procedure_of))
+            before = {a: procedure_status(row.status for row in self._procedure_rows(conn, a)) for a in accessions}
+            for pk in order_pks:
+                self._move_step(conn, pk, status, sop_uid, now)
+            procedures = [self._procedure_dict(conn, a) for a in accessions]
+            for procedure in procedures:
+                if procedure["status"] != before[procedure["accession_number"]]:
+                    # The HIS hears of a change of the requested procedure only:
+                    # a second step of one IN PROGRESS tells it nothing, nor does
+                    # the first of two steps completing. A step discontinued:
+                    # ORC-5 SC (HL7 table 0038 "in process, scheduled") -- the
+                    # order is open and waits to be performed, which is the
+                    # truth. DC would tell the HIS the order itself was stopped
+                    # (many close or bill it then, and we would refuse its XO),
+                    # CA that it was withdrawn, IP that it is being performed.
+                    # The outbound renderer maps SCHEDULED to SC; step_status
+                    # says why it came back.
+                    self._tell_status(conn, {"order": _status_order(procedure), "status": procedure["status"],
+                                             "step": sop_uid, "step_status": status})
+            if not procedures:
+                log.info("performed procedure step %s matches no order", sop_uid)
+            return procedures[0] if procedures else {}
 
-        return retry_transaction(once, what=f"performed procedure step {sop_uid}")
+        return retry_write(self.engine, once, what=f"performed procedure step {sop_uid}")
 
     def _adopt_performed_steps(self, conn: Connection, accession: str) -> None:
         """A new requested procedure takes the performed steps done before it
@@ -1903,19 +1899,18 @@ class OrderService:
         """Link a study to an order by hand; the HIS demographics then apply.
         Run again whole when it loses a deadlock (the study refiled under the
         order's patient meets an ingest or an HIS update of either patient)."""
-        def once() -> dict[str, Any]:
-            with write_transaction(self.engine) as conn:
-                study_pk = conn.execute(select(studies_t.c.pk).where(studies_t.c.study_uid == study_uid)).scalar()
-                if study_pk is None:
-                    raise OrderError(f"no study {study_uid}", http_status=404)
-                rows = self._procedure_rows(conn, accession)
-                if not rows:
-                    raise OrderError(f"no order {accession}", http_status=404)
-                conn.execute(delete(links_t).where(links_t.c.study_pk == study_pk))
-                link_study(conn, study_pk, rows[0].pk, "matched by hand")  # the procedure's first step
-                return self._procedure_dict(conn, accession)
+        def once(conn: Connection) -> dict[str, Any]:
+            study_pk = conn.execute(select(studies_t.c.pk).where(studies_t.c.study_uid == study_uid)).scalar()
+            if study_pk is None:
+                raise OrderError(f"no study {study_uid}", http_status=404)
+            rows = self._procedure_rows(conn, accession)
+            if not rows:
+                raise OrderError(f"no order {accession}", http_status=404)
+            conn.execute(delete(links_t).where(links_t.c.study_pk == study_pk))
+            link_study(conn, study_pk, rows[0].pk, "matched by hand")  # the procedure's first step
+            return self._procedure_dict(conn, accession)
 
-        return retry_transaction(once, what="match of a study to an order")
+        return retry_write(self.engine, once, what="match of a study to an order")
 
     def study_patient(self, study_uid: str) -> str:
         """The patient *study_uid* is filed under now, as an audit event names

@@ -17,12 +17,12 @@ from typing import Any
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
-from sqlalchemy import select, update
+from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .app import Pacs
 from .errors import PacsError
-from .index.db import retry_transaction, write_transaction
+from .index.db import retry_write
 from .index.models import Instance, Order, Patient, Report, Study, StudyOrderLink
 from .ingest import Origin
 from .maintenance.common import delete_instance_rows
@@ -162,36 +162,35 @@ class ReportService:
         (pacs.index.db.retry_transaction), not answered 503."""
         _check_text(findings, impression)
 
-        def once() -> None:
+        def once(conn: Connection) -> None:
             now = datetime.now(UTC)
-            with write_transaction(self.pacs.engine) as conn:
-                study = self._study(conn, study_uid, lock=True)
-                versions = self._versions(conn, study.pk)
-                current = versions[-1] if versions else None
-                if current is not None and current.status == "signed":
-                    raise ReportError("the report is signed and cannot change; amend it for a new version", 409)
-                _check_revision(current, revision)
-                if current is None:
-                    conn.execute(reports_t.insert().values(
-                        study_pk=study.pk, version=1, status="draft", findings=findings, impression=impression,
-                        author=author, created_at=now, updated_at=now, revision=1,
-                    ))
-                else:
-                    # Conditional on what was read: a signature or a save
-                    # committed since (the lock above aside) makes it match
-                    # no row, never overwrite a signed version or a colleague's text.
-                    done = conn.execute(
-                        update(reports_t)
-                        .where(reports_t.c.pk == current.pk, reports_t.c.status == "draft",
-                               reports_t.c.revision == current.revision)
-                        .values(findings=findings, impression=impression, author=author, updated_at=now,
-                                revision=current.revision + 1)
-                    ).rowcount
-                    if done != 1:
-                        raise _conflict()
+            study = self._study(conn, study_uid, lock=True)
+            versions = self._versions(conn, study.pk)
+            current = versions[-1] if versions else None
+            if current is not None and current.status == "signed":
+                raise ReportError("the report is signed and cannot change; amend it for a new version", 409)
+            _check_revision(current, revision)
+            if current is None:
+                conn.execute(reports_t.insert().values(
+                    study_pk=study.pk, version=1, status="draft", findings=findings, impression=impression,
+                    author=author, created_at=now, updated_at=now, revision=1,
+                ))
+            else:
+                # Conditional on what was read: a signature or a save
+                # committed since (the lock above aside) makes it match
+                # no row, never overwrite a signed version or a colleague's text.
+                done = conn.execute(
+                    update(reports_t)
+                    .where(reports_t.c.pk == current.pk, reports_t.c.status == "draft",
+                           reports_t.c.revision == current.revision)
+                    .values(findings=findings, impression=impression, author=author, updated_at=now,
+                            revision=current.revision + 1)
+                ).rowcount
+                if done != 1:
+                    raise _conflict()
 
         try:
-            retry_transaction(once, what="report save")
+            retry_write(self.pacs.engine, once, what="report save")
         except IntegrityError:  # a first version inserted concurrently (uq study_pk, version)
             raise _conflict() from None
         return self.get(study_uid)
@@ -199,24 +198,23 @@ class ReportService:
     def amend(self, study_uid: str, author: str) -> dict[str, Any]:
         """A new draft version carrying the signed text forward (run again
         when it loses a deadlock, as :meth:`save_draft`)."""
-        def once() -> None:
+        def once(conn: Connection) -> None:
             now = datetime.now(UTC)
-            with write_transaction(self.pacs.engine) as conn:
-                study = self._study(conn, study_uid, lock=True)
-                versions = self._versions(conn, study.pk)
-                if not versions or versions[-1].status != "signed":
-                    raise ReportError("only a signed report can be amended", 409)
-                last = versions[-1]
-                # Revisions go on counting across versions: one read from the
-                # signed version must not match the new draft.
-                conn.execute(reports_t.insert().values(
-                    study_pk=study.pk, version=last.version + 1, status="draft", findings=last.findings,
-                    impression=last.impression, author=author, created_at=now, updated_at=now,
-                    revision=last.revision + 1,
-                ))
+            study = self._study(conn, study_uid, lock=True)
+            versions = self._versions(conn, study.pk)
+            if not versions or versions[-1].status != "signed":
+                raise ReportError("only a signed report can be amended", 409)
+            last = versions[-1]
+            # Revisions go on counting across versions: one read from the
+            # signed version must not match the new draft.
+            conn.execute(reports_t.insert().values(
+                study_pk=study.pk, version=last.version + 1, status="draft", findings=last.findings,
+                impression=last.impression, author=author, created_at=now, updated_at=now,
+                revision=last.revision + 1,
+            ))
 
         try:
-            retry_transaction(once, what="report amendment")
+            retry_write(self.pacs.engine, once, what="report amendment")
         except IntegrityError:  # a colleague's amendment inserted that version first
             raise ReportError("a colleague amended the report at the same moment: reload it", 409) from None
         return self.get(study_uid)
@@ -250,16 +248,15 @@ class ReportService:
         pdf = render(content)
         sop_uid = self._store_pdf(study, draft.version, pdf, content, now)
 
-        def once() -> bool:
-            with write_transaction(self.pacs.engine) as conn:
-                self._study(conn, study_uid, lock=True)  # after a save or amendment under way, not amid it
-                return self._signed(conn, study, draft, sop_uid, signer, signer_name, viewer_url, modalities, now)
+        def once(conn: Connection) -> bool:
+            self._study(conn, study_uid, lock=True)  # after a save or amendment under way, not amid it
+            return self._signed(conn, study, draft, sop_uid, signer, signer_name, viewer_url, modalities, now)
 
         # Only the transaction is run again when it loses a deadlock (a save,
         # an ingest or an HIS update holding the study or the draft): the PDF
         # is stored once, and is the one the signature names.
         try:
-            done = retry_transaction(once, what="report signature")
+            done = retry_write(self.pacs.engine, once, what="report signature")
         except Exception:
             # Lost every run (HTTP 503 "busy"), or the index failed: a PDF
             # no signature names must not stay in the study.

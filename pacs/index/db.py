@@ -89,6 +89,22 @@ def write_transaction(engine: Engine) -> Iterator[Connection]:
         yield conn
 
 
+def retry_write(engine: Engine, work: Callable[[Connection], T], *, what: str, attempts: int | None = None,
+                retry_on: Callable[[BaseException], bool] = is_transient) -> T:
+    """``work(conn)`` in a :func:`write_transaction`, committed, its result
+    returned; the whole transaction run again as :func:`retry_transaction`
+    does (*what*, *attempts*, *retry_on* are its).
+
+    Each run is a whole new transaction: *work* must have no effect outside
+    it (a file stored, a message sent, a counter kept in memory), or only
+    one that is safe to repeat."""
+    def once() -> T:
+        with write_transaction(engine) as conn:
+            return work(conn)
+
+    return retry_transaction(once, what=what, attempts=attempts, retry_on=retry_on)
+
+
 def db_now(conn: Connection) -> datetime:
     """The instant every node agrees on, aware (UTC), for claims, leases,
     due times and grace periods shared through the index.

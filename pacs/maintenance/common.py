@@ -18,7 +18,7 @@ from sqlalchemy import Connection, Engine, Table, delete, func, select
 from storage import ObjectStore, StorageError, sha256_of
 
 from ..app import Pacs
-from ..index.db import retry_transaction, write_transaction
+from ..index.db import retry_write
 from ..index.models import Instance, Order, Patient, Report, Series, Study
 from ..index.prune import prune_after_delete
 from ..index.writer import AddResult, IndexRecord
@@ -225,17 +225,17 @@ def delete_instance_rows(engine: Engine, pks: list[int]) -> dict[str, int]:
     a signature's PDF withdrawn (HTTP) or ``verify --repair`` failed on it."""
     removed = {"instances": 0, "series": 0, "studies": 0, "patients": 0}
 
-    def once(batch: list[int]) -> dict[str, int]:
-        with write_transaction(engine) as conn:
-            series_pks = set(
-                conn.execute(select(instances_t.c.series_pk).where(instances_t.c.pk.in_(batch)).distinct()).scalars()
-            )
-            done = {"instances": conn.execute(delete(instances_t).where(instances_t.c.pk.in_(batch))).rowcount or 0}
-            done.update(prune_after_delete(conn, series_pks, set()))
-            return done
+    def once(conn: Connection, batch: list[int]) -> dict[str, int]:
+        series_pks = set(
+            conn.execute(select(instances_t.c.series_pk).where(instances_t.c.pk.in_(batch)).distinct()).scalars()
+        )
+        done = {"instances": conn.execute(delete(instances_t).where(instances_t.c.pk.in_(batch))).rowcount or 0}
+        done.update(prune_after_delete(conn, series_pks, set()))
+        return done
 
     for batch in batched(pks):
         # Counted once committed: a run rolled back deleted nothing.
-        for k, v in retry_transaction(lambda batch=batch: once(batch), what="deletion of instance rows").items():
+        for k, v in retry_write(engine, lambda conn, batch=batch: once(conn, batch),
+                                what="deletion of instance rows").items():
             removed[k] += v
     return removed

@@ -33,7 +33,7 @@ from ..app import Pacs
 from ..audit import Event, record_in
 from ..errors import PacsError
 from ..index import tombstones
-from ..index.db import retry_transaction, write_transaction
+from ..index.db import retry_write
 from ..index.prune import prune_after_delete, prune_patients
 from .common import (
     batched,
@@ -167,8 +167,9 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", ev
     # A deadlock victim (an HIS update of the patient, an ingest), or a row
     # gone meanwhile, is deleted again: not an outage to report (HTTP 503).
     named = target.sop_uid or target.series_uid or target.study_uid
-    keys = retry_transaction(lambda: _delete_rows(pacs, target, report, deletion, event, reason, force=force),
-                             what=f"deletion of {target.level} {named}")
+    keys = retry_write(pacs.engine,
+                       lambda conn: _delete_rows(conn, pacs, target, report, deletion, event, reason, force=force),
+                       what=f"deletion of {target.level} {named}")
     if keys is None:
         return report
     delete_unindexed(pacs, keys, report)
@@ -176,45 +177,44 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", ev
     return report
 
 
-def _delete_rows(pacs: Pacs, target: Target, report: DeleteReport, deletion: str, event: Event | None,
-                 reason: str, *, force: bool) -> list[str] | None:
+def _delete_rows(conn: Connection, pacs: Pacs, target: Target, report: DeleteReport, deletion: str,
+                 event: Event | None, reason: str, *, force: bool) -> list[str] | None:
     """The transaction of :func:`delete_target`: the rows deleted, their
     keys recorded as tombstones of *deletion* and returned (None for a dry
     run), *report* filled in. Run again whole when it loses a race."""
-    with write_transaction(pacs.engine) as conn:
-        study, rows = _selected(conn, target)
-        report.patient_id = study.patient_id
-        report.instances = len(rows)
-        report.bytes = sum(int(r.size_bytes or 0) for r in rows)
-        # A signed report makes the study's images part of the patient's
-        # record: any of them, not only the whole study, go only on purpose.
-        reports, signed = _report_counts(conn, study.pk)
-        if signed and not force:
-            raise DeleteRefused(f"study {target.study_uid} has a signed report: its images are part of the patient's "
-                                "record; delete them only on purpose (force)", 409)
-        # A whole study's report versions go with it (drafts too); a series or instance takes none.
-        report.reports_deleted = reports if target.level == "study" else 0
-        if report.dry_run:
-            return None
-        keys = [r.storage_key for r in rows]
-        if target.level != "instance":
-            # A crash's orphans of the study or series go with it.
-            folder = f"{target.study_uid}/" + (f"{target.series_uid}/" if target.series_uid else "")
-            keys += unindexed_under(conn, pacs.store, folder, keys)
-        # (An original pacs compress replaced is both unindexed and taken over.)
-        keys = list(dict.fromkeys(keys + tombstones.record(conn, keys, deletion, instances_deleted=True)))
-        what = {"study": target.study_uid, "series": target.series_uid, "instance": target.sop_uid}[target.level]
-        report.detail = (f"{target.level} {what}: {report.instances} instances, {report.bytes} bytes"
-                         + (f", {report.reports_deleted} reports" if report.reports_deleted else "")
-                         + f"; reason: {reason}")[:500]
-        if event is not None:
-            event.detail, event.patient_id = report.detail, report.patient_id
-            record_in(conn, event)
-        if target.level == "study":
-            conn.execute(delete(studies_t).where(studies_t.c.pk == study.pk))  # series, instances, reports cascade
-            report.removed = {"instances": len(rows), "studies": 1, "patients": prune_patients(conn, {study.patient_pk})}
-        else:
-            conn.execute(delete(instances_t).where(instances_t.c.pk.in_([r.pk for r in rows])))
-            report.removed = {"instances": len(rows),
-                              **prune_after_delete(conn, {r.series_pk for r in rows}, set())}
+    study, rows = _selected(conn, target)
+    report.patient_id = study.patient_id
+    report.instances = len(rows)
+    report.bytes = sum(int(r.size_bytes or 0) for r in rows)
+    # A signed report makes the study's images part of the patient's
+    # record: any of them, not only the whole study, go only on purpose.
+    reports, signed = _report_counts(conn, study.pk)
+    if signed and not force:
+        raise DeleteRefused(f"study {target.study_uid} has a signed report: its images are part of the patient's "
+                            "record; delete them only on purpose (force)", 409)
+    # A whole study's report versions go with it (drafts too); a series or instance takes none.
+    report.reports_deleted = reports if target.level == "study" else 0
+    if report.dry_run:
+        return None
+    keys = [r.storage_key for r in rows]
+    if target.level != "instance":
+        # A crash's orphans of the study or series go with it.
+        folder = f"{target.study_uid}/" + (f"{target.series_uid}/" if target.series_uid else "")
+        keys += unindexed_under(conn, pacs.store, folder, keys)
+    # (An original pacs compress replaced is both unindexed and taken over.)
+    keys = list(dict.fromkeys(keys + tombstones.record(conn, keys, deletion, instances_deleted=True)))
+    what = {"study": target.study_uid, "series": target.series_uid, "instance": target.sop_uid}[target.level]
+    report.detail = (f"{target.level} {what}: {report.instances} instances, {report.bytes} bytes"
+                     + (f", {report.reports_deleted} reports" if report.reports_deleted else "")
+                     + f"; reason: {reason}")[:500]
+    if event is not None:
+        event.detail, event.patient_id = report.detail, report.patient_id
+        record_in(conn, event)
+    if target.level == "study":
+        conn.execute(delete(studies_t).where(studies_t.c.pk == study.pk))  # series, instances, reports cascade
+        report.removed = {"instances": len(rows), "studies": 1, "patients": prune_patients(conn, {study.patient_pk})}
+    else:
+        conn.execute(delete(instances_t).where(instances_t.c.pk.in_([r.pk for r in rows])))
+        report.removed = {"instances": len(rows),
+                          **prune_after_delete(conn, {r.series_pk for r in rows}, set())}
     return keys

@@ -35,12 +35,12 @@ from datetime import UTC, date, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, delete, exists, func, or_, select
+from sqlalchemy import Connection, and_, delete, exists, func, or_, select
 
 from ..app import Pacs
 from ..audit import Event, record_in
 from ..index import tombstones
-from ..index.db import retry_transaction, write_transaction
+from ..index.db import retry_write, write_transaction
 from ..index.prune import prune_patients
 from ..timezones import hospital_now, server_zone
 from .common import (
@@ -274,36 +274,36 @@ def _summary(pacs: Pacs, where: Any, report: PurgeReport) -> None:
     ]
 
 
-def _delete_study(pacs: Pacs, study_pk: int, where: Any, deletion: str, user: str) -> dict[str, Any] | None:
+def _delete_study(conn: Connection, pacs: Pacs, study_pk: int, where: Any, deletion: str,
+                  user: str) -> dict[str, Any] | None:
     """Delete one study's index rows (if it still matches), audited in the
     same transaction (a purge killed after the commit cannot lose the event);
     return what it was."""
-    with write_transaction(pacs.engine) as conn:
-        row = conn.execute(
-            select(studies_t.c.study_uid, studies_t.c.patient_pk, studies_t.c.num_instances,
-                   studies_t.c.size_bytes, patients_t.c.patient_id)
-            .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
-            .where(studies_t.c.pk == study_pk, where)
-        ).first()
-        if row is None:
-            return None  # changed since it was selected (new report, new date...)
-        lock_study(conn, study_pk)
-        keys = list(
-            conn.execute(
-                select(instances_t.c.storage_key)
-                .join(series_t, series_t.c.pk == instances_t.c.series_pk)
-                .where(series_t.c.study_pk == study_pk)
-            ).scalars()
-        )
-        # A crash's orphans of the study go with it.
-        keys += unindexed_under(conn, pacs.store, f"{row.study_uid}/", keys)
-        # (An original pacs compress replaced is both unindexed and taken over.)
-        keys = list(dict.fromkeys(keys + tombstones.record(conn, keys, deletion, instances_deleted=True)))
-        record_in(conn, Event(action="delete", user=user, protocol="cli", study_uid=row.study_uid,
-                              patient_id=row.patient_id,
-                              detail=f"purge: {row.num_instances} instances, {row.size_bytes} bytes"))
-        conn.execute(delete(studies_t).where(studies_t.c.pk == study_pk))
-        patients_removed = prune_patients(conn, {row.patient_pk})
+    row = conn.execute(
+        select(studies_t.c.study_uid, studies_t.c.patient_pk, studies_t.c.num_instances,
+               studies_t.c.size_bytes, patients_t.c.patient_id)
+        .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
+        .where(studies_t.c.pk == study_pk, where)
+    ).first()
+    if row is None:
+        return None  # changed since it was selected (new report, new date...)
+    lock_study(conn, study_pk)
+    keys = list(
+        conn.execute(
+            select(instances_t.c.storage_key)
+            .join(series_t, series_t.c.pk == instances_t.c.series_pk)
+            .where(series_t.c.study_pk == study_pk)
+        ).scalars()
+    )
+    # A crash's orphans of the study go with it.
+    keys += unindexed_under(conn, pacs.store, f"{row.study_uid}/", keys)
+    # (An original pacs compress replaced is both unindexed and taken over.)
+    keys = list(dict.fromkeys(keys + tombstones.record(conn, keys, deletion, instances_deleted=True)))
+    record_in(conn, Event(action="delete", user=user, protocol="cli", study_uid=row.study_uid,
+                          patient_id=row.patient_id,
+                          detail=f"purge: {row.num_instances} instances, {row.size_bytes} bytes"))
+    conn.execute(delete(studies_t).where(studies_t.c.pk == study_pk))
+    patients_removed = prune_patients(conn, {row.patient_pk})
     return {
         "study_uid": row.study_uid, "patient_id": row.patient_id, "instances": row.num_instances,
         "bytes": row.size_bytes, "keys": keys, "patients_removed": patients_removed,
@@ -346,8 +346,9 @@ def purge(
             # One study's transaction at a time, run again when it loses a
             # deadlock (an HIS update of its patient): the nightly purge
             # does not stop half-way for a conflict of the moment.
-            done = retry_transaction(lambda pk=study_pk: _delete_study(pacs, pk, where, deletion, user),
-                                     what=f"purge of study {study_pk}")
+            done = retry_write(pacs.engine,
+                               lambda conn, pk=study_pk: _delete_study(conn, pacs, pk, where, deletion, user),
+                               what=f"purge of study {study_pk}")
             progress.advance()
             if done is None:
                 continue
