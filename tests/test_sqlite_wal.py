@@ -15,14 +15,15 @@ import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import func, insert, select
+from sqlalchemy import event, func, insert, select
 
 from pacs.app import Pacs
 from pacs.index import db
 from pacs.index.db import write_transaction
-from pacs.index.models import AuditEvent
+from pacs.index.models import AuditEvent, Instance
 from pacs.settings import load_settings
 from pacs import sweeper as sweeper_module
 from pacs.sweeper import Sweeper
@@ -30,6 +31,7 @@ from pacs.sweeper import Sweeper
 MB = 1024 * 1024
 LIMIT = 1 * MB
 events_t = AuditEvent.__table__
+instances_t = Instance.__table__
 
 
 @pytest.fixture
@@ -175,6 +177,17 @@ def _analysed_rows(pacs: Pacs) -> int | None:
         return int(row[0].split()[0]) if row else None
 
 
+def _store(pacs: Pacs, tmp_path: Path, count: int) -> None:
+    """*count* new CT instances of one patient, ingested."""
+    from pacs.ingest import Origin
+
+    from .dicomfiles import make_ct
+
+    for _ in range(count):
+        path = make_ct(tmp_path / f"{len(list(tmp_path.glob('*.dcm')))}.dcm", PatientID="STAT1")
+        assert pacs.ingest_file(path, Origin("dimse", "CT1")).status == 0
+
+
 def test_statistics_are_gathered_once_the_archive_doubled(pacs: Pacs, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """SQLite had no planner statistics ever (nothing ran ANALYZE): it
@@ -183,17 +196,11 @@ def test_statistics_are_gathered_once_the_archive_doubled(pacs: Pacs, tmp_path: 
     them once the archive is big enough, and again when it doubled, not
     every round (the write lock is held meanwhile). The threshold is lowered
     from 1,000 instances to 4."""
-    from pacs.ingest import Origin
-
-    from .dicomfiles import make_ct
-
     monkeypatch.setattr(db, "STATISTICS_FROM_ROWS", 4)
     rounds = Sweeper(pacs)
 
     def store(count: int) -> None:
-        for _ in range(count):
-            path = make_ct(tmp_path / f"{len(list(tmp_path.glob('*.dcm')))}.dcm", PatientID="STAT1")
-            assert pacs.ingest_file(path, Origin("dimse", "CT1")).status == 0
+        _store(pacs, tmp_path, count)
 
     store(3)
     rounds.round()
@@ -207,3 +214,41 @@ def test_statistics_are_gathered_once_the_archive_doubled(pacs: Pacs, tmp_path: 
     store(2)
     rounds.round()
     assert _analysed_rows(pacs) == 11
+
+
+def test_instances_are_counted_only_when_their_span_drifted(pacs: Pacs, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every sweeper round (300 s) counted the instances, reading a whole
+    index of the table, to find no drift almost always. The span of their
+    rowids (two seeks) is never below the count: only a span out of bounds
+    is counted, and the count decides, as rows deleted amid the span are
+    holes, not rows. A span halved is a table halved (the oldest purged)."""
+    from pacs.maintenance.common import delete_instance_rows
+
+    monkeypatch.setattr(db, "STATISTICS_FROM_ROWS", 4)
+    rounds = Sweeper(pacs)
+    counts: list[str] = []
+
+    def seen(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement == "SELECT count(*) FROM instances":
+            counts.append(statement)
+
+    def pks() -> list[int]:
+        with pacs.engine.connect() as conn:
+            return list(conn.execute(select(instances_t.c.pk).order_by(instances_t.c.pk)).scalars())
+
+    event.listen(pacs.engine, "before_cursor_execute", seen)
+    _store(pacs, tmp_path, 10)
+    rounds.analyse()
+    assert _analysed_rows(pacs) == 10 and len(counts) == 1  # no statistics yet: counted
+    rounds.analyse()
+    assert len(counts) == 1  # nothing new: not counted again
+    delete_instance_rows(pacs.engine, pks()[2:8])  # 4 left, their span 10
+    rounds.analyse()
+    assert len(counts) == 1
+    _store(pacs, tmp_path, 11)  # 15 in a span of 21: counted, not twice 10
+    rounds.analyse()
+    assert len(counts) == 2 and _analysed_rows(pacs) == 10
+    delete_instance_rows(pacs.engine, pks()[:-4])  # the oldest purged: 4 in a span of 4
+    rounds.analyse()
+    assert _analysed_rows(pacs) == 4
