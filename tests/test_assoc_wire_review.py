@@ -600,6 +600,20 @@ def _route_job(server: PacsServer, rule: str) -> dict[str, Any] | None:
     return next((job for job in jobs if job["rule"] == rule), None)
 
 
+def first_routing_try(server: PacsServer, rule: str, title: str, patient: str) -> dict[str, Any]:
+    """The job of a new rule *rule* routing *patient*'s CT to *title*, once tried."""
+    server.cli("route", "add", rule, "--if", f"PatientID={patient}", "--to-ae", title)
+    store_ct(server, patient)
+    job: dict[str, Any] = {}
+
+    def tried() -> bool:
+        job.update(_route_job(server, rule) or {})
+        return bool(job.get("attempts"))
+
+    assert wait_until(tried, timeout=20, interval=0.2), job
+    return job
+
+
 def test_routing_to_a_destination_accepting_a_maximum_length_no_pdv_fits_in_is_retried_with_the_reason(
         server: PacsServer) -> None:
     """Each try's association was kept and the job failed with "C-STORE to
@@ -611,15 +625,7 @@ def test_routing_to_a_destination_accepting_a_maximum_length_no_pdv_fits_in_is_r
     start = server.log_path.stat().st_size
     try:
         server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", str(destination.port))
-        server.cli("route", "add", rule, "--if", f"PatientID={patient}", "--to-ae", title)
-        store_ct(server, patient)
-        job: dict[str, Any] = {}
-
-        def tried() -> bool:
-            job.update(_route_job(server, rule) or {})
-            return bool(job.get("attempts"))
-
-        assert wait_until(tried, timeout=20, interval=0.2), job
+        job = first_routing_try(server, rule, title, patient)
         assert job["state"] == "pending", job
         assert job["last_error"] == (f"association with {title} at 127.0.0.1:{destination.port} aborted: "
                                      f"it accepted with Maximum Length 1: no PDV fits"), job
@@ -746,15 +752,7 @@ def test_routing_to_a_destination_that_rejects_us_keeps_the_reason_and_logs_it_o
         server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", str(port))
         start = server.log_path.stat().st_size
         try:
-            server.cli("route", "add", rule, "--if", f"PatientID={patient}", "--to-ae", title)
-            store_ct(server, patient)
-            job: dict[str, Any] = {}
-
-            def tried() -> bool:
-                job.update(_route_job(server, rule) or {})
-                return bool(job.get("attempts"))
-
-            assert wait_until(tried, timeout=20, interval=0.2), job
+            job = first_routing_try(server, rule, title, patient)
             reason = (f"association with {title} at 127.0.0.1:{port} failed: rejected the association: No reason "
                       "given (Rejected Permanent, Source: Service User)")
             assert job["last_error"] == reason, job
