@@ -16,7 +16,8 @@ from typing import Any
 
 from sqlalchemy import Engine, insert, select
 
-from pacs.index.models import Instance, Patient, PatientIdentifier, Series, Study
+from pacs.index.models import Instance, Patient, PatientIdentifier, PatientNameWord, Series, Study
+from pacs.index.name_words import words_of
 from pacs.names import fold_name, name_reading, name_words
 
 FAMILY = [("Nguyễn", 38), ("Trần", 11), ("Lê", 9), ("Phạm", 7), ("Hoàng", 5), ("Huỳnh", 4), ("Phan", 4),
@@ -61,9 +62,12 @@ def load(engine: Engine, spec: LoadSpec, *, batch: int = 20_000, progress: Any =
         base_series = conn.execute(select(Series.pk).order_by(Series.pk.desc()).limit(1)).scalar() or 0
     run = f"{spec.seed}.{base_study}."
 
+    names: list[str] = []
+
     def patients() -> Iterator[dict[str, Any]]:
         for i in range(n_patients):
             name = patient_name(rng)
+            names.append(name_words(name))
             yield {
                 "pk": base_patient + i + 1,
                 "patient_id": f"{rng.randint(1, 96):03d}{rng.randint(0, 1)}{rng.randint(40, 99):02d}{i % 1_000_000:06d}",
@@ -72,6 +76,12 @@ def load(engine: Engine, spec: LoadSpec, *, batch: int = 20_000, progress: Any =
                 "birth_date": f"19{rng.randint(40, 99)}{rng.randint(1, 12):02d}{rng.randint(1, 28):02d}",
                 "sex": rng.choice("MF"), "created_at": now, "updated_at": now, "changed_at": now,
             }
+
+    def name_word_rows() -> Iterator[dict[str, Any]]:
+        # As pacs.index.name_words.set_name_words keeps them (the patients are loaded first).
+        for i, words in enumerate(names):
+            for word in words_of(words):
+                yield {"patient_pk": base_patient + i + 1, "word": word}
 
     def identifiers() -> Iterator[dict[str, Any]]:
         for i in range(n_patients):
@@ -127,6 +137,7 @@ def load(engine: Engine, spec: LoadSpec, *, batch: int = 20_000, progress: Any =
     counts = {}
     for name, table, rows in (
         ("patients", Patient.__table__, patients()),
+        ("name words", PatientNameWord.__table__, name_word_rows()),
         ("identifiers", PatientIdentifier.__table__, identifiers()),
         ("studies", Study.__table__, studies()),
         ("series", Series.__table__, series()),

@@ -56,6 +56,7 @@ from .index.reconcile import (
     order_keys,
     record_reconciliation,
 )
+from .index.name_words import set_name_words
 from .index.writer import MERGED_ID_TYPE, merged_patient
 from .index.writer_helpers import insert_ignore
 from .names import fold_name, name_reading, name_words
@@ -512,7 +513,9 @@ class OrderService:
                 ["patient_id", "issuer"],
                 where=PATIENT_HAS_ID,
             )
-            if pk is None:  # created meanwhile by another writer
+            if pk is not None:
+                set_name_words(conn, pk, name_words(p.name or ""))
+            else:  # created meanwhile by another writer
                 pk = conn.execute(
                     select(patients_t.c.pk).where(patients_t.c.patient_id == p.patient_id,
                                                   patients_t.c.issuer == p.issuer)
@@ -546,6 +549,8 @@ class OrderService:
             if not conn.execute(update(patients_t).where(patients_t.c.pk == pk)
                                 .values(**values, updated_at=now)).rowcount:
                 raise _patient_gone()
+            if "name_words" in values:
+                set_name_words(conn, pk, values["name_words"])
             # Only what really changed becomes a correction of the stored studies.
             self._record_patient_change(conn, pk, changed, "HIS patient update")
 

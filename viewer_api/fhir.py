@@ -31,6 +31,7 @@ from pacs.index.models import Instance, PatientIdentifier, Report, Series
 from pacs.index.writer import MERGED_ID_TYPE
 from pacs.names import fold, fold_name, name_words, same_person
 from pacs.query.attributes import patients, studies
+from pacs.query.matching import first_word, patient_word_prefix
 from pacs.reports import ReportError, ReportService
 from pacs.studylist import study_detail
 from pacs.timezones import hospital_zone
@@ -1420,13 +1421,17 @@ def _name_matches(value: str) -> ColumnElement[bool]:
     """name: a word of the name (any part) starts with *value*, case and
     diacritics ignored (R4 string search): nguyen, Nguyễn and NGUY find
     Nguyễn^Văn An, and so does "van an"; a name stored Family^Given^Middle
-    is found in the order it is read too ("trinh van binh")."""
-    words = _like_text(name_words(value))
+    is found in the order it is read too ("trinh van binh"). The
+    candidates are the patients with a word starting with the first word
+    (an index range, :func:`~pacs.query.matching.patient_word_prefix`)."""
+    folded = name_words(value)
+    words = _like_text(folded)
     if not words:
         return false()
-    return or_(*(column.like(pattern, escape="\\")
-                 for column in (patients.c.name_words, patients.c.name_reading)
-                 for pattern in (words + "%", "% " + words + "%")))
+    return and_(patient_word_prefix(first_word(folded)),
+                or_(*(column.like(pattern, escape="\\")
+                      for column in (patients.c.name_words, patients.c.name_reading)
+                      for pattern in (words + "%", "% " + words + "%"))))
 
 
 def _family_matches(value: str) -> ColumnElement[bool]:
@@ -1438,12 +1443,15 @@ def _family_matches(value: str) -> ColumnElement[bool]:
 
 
 def _given_matches(value: str) -> ColumnElement[bool]:
-    """given: a word of a later PN component starts with *value*."""
-    words = _like_text(_folded_words(value))
+    """given: a word of a later PN component starts with *value* (the
+    candidates: a word of the name starts with its first word, as for name)."""
+    folded = _folded_words(value)
+    words = _like_text(folded)
     if not words:
         return false()
-    return or_(patients.c.name_folded.like("%^" + words + "%", escape="\\"),
-               patients.c.name_folded.like("%^% " + words + "%", escape="\\"))
+    return and_(patient_word_prefix(first_word(folded)),
+                or_(patients.c.name_folded.like("%^" + words + "%", escape="\\"),
+                    patients.c.name_folded.like("%^% " + words + "%", escape="\\")))
 
 
 _DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")

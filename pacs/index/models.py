@@ -110,6 +110,26 @@ class Patient(Base):
     changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
 
 
+class PatientNameWord(Base):
+    """One word of a patient's name (pacs.index.name_words): the distinct
+    words of name_words, one row each. A search for a word anywhere in the
+    name ("AN" for "Nguyễn^Văn An": people are called by the given name, the
+    last word) looks its start up here, a prefix range on the word index;
+    on the name columns it was a LIKE '% AN%', which reads every patient.
+    Added by migration 0025."""
+
+    __tablename__ = "patient_name_words"
+    __table_args__ = (
+        # text_pattern_ops on PostgreSQL: a prefix LIKE uses the index under any collation.
+        Index("ix_patient_name_words_word", "word", "patient_pk", postgresql_ops={"word": "text_pattern_ops"}),
+    )
+
+    # The key leads with the patient: its words are replaced and cascade-deleted by it.
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.pk", ondelete="CASCADE"), primary_key=True,
+                                            autoincrement=False)
+    word: Mapped[str] = mapped_column(String, primary_key=True)
+
+
 class PatientIdentifier(Base):
     """Other identifiers of a patient: citizen ID (CCCD), insurance (BHYT)..."""
 

@@ -24,6 +24,7 @@ from ..names import fold_name, name_reading, name_words
 from ..routing import create_jobs  # no cycle: pacs.routing imports only writer_helpers from here
 from . import tombstones
 from .models import PATIENT_HAS_ID, Correction, Instance, Patient, PatientIdentifier, Series, Study, StudyOrderLink
+from .name_words import set_name_words
 from .prune import prune_after_delete, prune_patients
 from .reconcile import (
     PATIENT_COLUMNS,
@@ -255,7 +256,9 @@ class IndexWriter:
         if merged is not None:
             return merged, True
         pk = insert_ignore(conn, patients, _patient_row(h, now), ["patient_id", "issuer"], where=PATIENT_HAS_ID)
-        if pk is None:
+        if pk is not None:
+            set_name_words(conn, pk, h.patient_name_words)
+        else:
             row = conn.execute(
                 select(patients.c.pk, patients.c.name).where(
                     patients.c.patient_id == h.patient_id, patients.c.issuer == h.issuer
@@ -277,6 +280,7 @@ class IndexWriter:
                         updated_at=now,
                     )
                 )
+                set_name_words(conn, pk, h.patient_name_words)
         self._patients.put(key, pk)
         return pk, False
 
@@ -284,6 +288,7 @@ class IndexWriter:
         """A patient of its own for a new study received without a Patient
         ID: such objects of different people are not one patient."""
         pk = conn.execute(patients.insert().values(_patient_row(h, now)).returning(patients.c.pk)).scalar_one()
+        set_name_words(conn, pk, h.patient_name_words)
         return int(pk)
 
     def _study_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> tuple[int, bool]:

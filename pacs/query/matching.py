@@ -11,18 +11,19 @@ without ``^`` is matched against the name with its components read as words
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import date
 from typing import Any
 
 from sqlalchemy import ColumnElement, String, and_, exists, func, or_, select, true
 
 from ..errors import PacsError
-from ..index.models import PatientIdentifier
+from ..index.models import PatientIdentifier, PatientNameWord
 from ..names import fold, fold_name
 from .attributes import Attribute, Kind, patients, series, studies
 
 identifiers = PatientIdentifier.__table__
+name_words_t = PatientNameWord.__table__
 
 
 class QueryError(PacsError):
@@ -168,8 +169,26 @@ def _one_group(column: Any, value: str, index_column: Any, whole: ColumnElement[
     return and_(index_column.like(like_pattern(prefix) + "%", escape="\\"), or_(whole, *conditions))
 
 
+def patient_word_prefix(word: str) -> ColumnElement[bool]:
+    """The patients with a word of the name (table patient_name_words,
+    :mod:`pacs.index.name_words`) that starts with *word* (folded, taken
+    literally): a prefix range on the word index, where a LIKE '% WORD%' on
+    the name columns reads every patient. A superset for a condition on the
+    name that finds a word starting so, which stays the exact filter."""
+    literal = word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return patients.c.pk.in_(select(name_words_t.c.patient_pk)
+                             .where(name_words_t.c.word.like(literal + "%", escape="\\")))
+
+
+def first_word(folded: str) -> str:
+    """The first word of a folded name or search term, the PN separators
+    read as spaces ("" when there is none)."""
+    return next((w for w in re.split(r"[ ^=]+", folded) if w), "")
+
+
 def pn_match(value: str, folded_column: Any, words_column: Any = None, reading_column: Any = None, *,
-             fuzzy: bool = False) -> ColumnElement[bool]:
+             fuzzy: bool = False,
+             word_lookup: Callable[[str], ColumnElement[bool]] | None = None) -> ColumnElement[bool]:
     """Person-name matching on the folded column (or its word forms, when the
     query has no component separators and word columns exist).
 
@@ -183,7 +202,11 @@ def pn_match(value: str, folded_column: Any, words_column: Any = None, reading_c
     is one group (PS3.4 C.2.2.2.1): it matches the alphabetic group, and a
     value in another script than Latin also the ideographic or phonetic
     group (see :func:`_one_group`). A value with "=" is compared with the
-    name whole."""
+    name whole.
+
+    *word_lookup* (fuzzy matching): the rows with a word starting with a
+    given word (:func:`patient_word_prefix` for the patient's name), which
+    narrows the any-word LIKEs to their candidates through an index."""
     words = words_column is not None and "^" not in value and "=" not in value
     folded = " ".join(fold(value).split()) if words else fold_name(value)
     column = words_column if words else folded_column
@@ -196,7 +219,12 @@ def pn_match(value: str, folded_column: Any, words_column: Any = None, reading_c
         # QIDO-RS fuzzymatching: any word of the name starts with the term.
         pattern = like_pattern(folded)
         columns = [column] if reading is None else [column, reading]
-        return or_(*(c.like(p, escape="\\") for c in columns for p in (pattern + "%", "% " + pattern + "%")))
+        any_word = or_(*(c.like(p, escape="\\") for c in columns for p in (pattern + "%", "% " + pattern + "%")))
+        # Each LIKE matches where a word of the name starts with the term's
+        # first word: the rows having such a word are the candidates (an
+        # index range), the LIKEs decide among them, as they did alone.
+        word = first_word(folded)
+        return and_(word_lookup(word), any_word) if word_lookup is not None and word else any_word
     whole = text_match(column, folded)
     if "=" in folded:
         return whole
@@ -321,7 +349,8 @@ def condition(attribute: Attribute, value: str, *, fuzzy: bool = False, other_id
     (*issuer*: the :func:`qualifying_issuer` of a Patient ID)."""
     kind = attribute.kind
     if kind is Kind.PN:
-        return pn_match(value, *_PN_COLUMNS[attribute.keyword], fuzzy=fuzzy)
+        lookup = patient_word_prefix if attribute.keyword == "PatientName" else None
+        return pn_match(value, *_PN_COLUMNS[attribute.keyword], fuzzy=fuzzy, word_lookup=lookup)
     if kind is Kind.PATIENT_ID:
         return patient_id_match(value, issuer=issuer, other_ids=other_ids)
     if kind is Kind.MODALITIES:
@@ -362,7 +391,9 @@ __all__ = [
     "is_time",
     "like_pattern",
     "list_match",
+    "first_word",
     "patient_id_match",
+    "patient_word_prefix",
     "pn_match",
     "qualifying_issuer",
     "range_match",
