@@ -66,6 +66,7 @@ def _his_patient(server: PacsServer) -> None:
     from datetime import UTC, datetime
 
     from pacs.index.models import Patient, PatientIdentifier
+    from pacs.index.name_words import set_name_words
 
     now = datetime.now(UTC)
     core = server.core()
@@ -76,6 +77,7 @@ def _his_patient(server: PacsServer) -> None:
                 name_words="HOANG THI MAI", birth_date="19700707", sex="F", created_at=now, updated_at=now,
                 changed_at=now,
             )).inserted_primary_key[0]
+            set_name_words(conn, pk, "HOANG THI MAI")
             conn.execute(PatientIdentifier.__table__.insert(), [
                 {"patient_pk": pk, "value": "079170000777", "issuer": "CCCD", "id_type": "NI"},
                 {"patient_pk": pk, "value": "HC4797900000777", "issuer": "BHYT", "id_type": "HC"},

@@ -375,3 +375,64 @@ def test_patient_changed_at_postgresql(pg_url: str) -> None:
         _patient_changes_and_downgrade(engine)
     finally:
         engine.dispose()
+
+
+def _name_words_filled_and_downgrade(engine: Engine) -> None:
+    """Migration 0025 gives the patients of an index at 0024 their name
+    words (what the fuzzy name search starts from): found by any word
+    afterwards, as before; the downgrade drops the table."""
+    from datetime import UTC, datetime
+
+    from alembic import command
+    from sqlalchemy import inspect, select
+
+    from pacs.index import alembic_config
+    from pacs.index.models import Patient
+    from pacs.index.name_words import name_words_t
+    from pacs.names import fold_name, name_reading, name_words
+    from pacs.query import Level, Query, build_select
+    from pacs.studylist import study_list
+
+    from .test_name_words import assert_words_follow_names
+
+    upgrade_schema(engine, "0024")
+    now = datetime.now(UTC)
+    patients = Patient.__table__
+    names = {"BN1": "Nguyễn^Văn An", "BN2": "Trần^Văn Bình=陳^ちば", "BN3": "", "BN4": "Trịnh^Bình^Văn"}
+    with engine.begin() as conn:
+        for pid, name in names.items():
+            conn.execute(patients.insert().values(
+                patient_id=pid, issuer="", name=name, name_folded=fold_name(name), name_words=name_words(name),
+                name_reading=name_reading(name), birth_date="", sex="", created_at=now, updated_at=now, changed_at=now))
+    upgrade_schema(engine)
+    assert_words_follow_names(engine)
+    with engine.connect() as conn:
+        assert len(conn.execute(select(name_words_t)).all()) == 3 + 5 + 3
+    # The word index answers the fuzzy search (no study here: the patient-level query).
+    for term, expected in (("an", {"BN1"}), ("VAN", {"BN1", "BN2", "BN4"}), ("ちば", {"BN2"}), ("van binh", {"BN2", "BN4"}), ("binh van", {"BN4"})):
+        stmt, _ = build_select(Query(Level.PATIENT, {"PatientName": term}, fuzzy=True))
+        with engine.connect() as conn:
+            assert {r._patient_id for r in conn.execute(stmt)} == expected, term
+    assert study_list(engine, name="an")["total"] == 0  # no studies
+    cfg = alembic_config(engine)
+    with engine.connect() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, "0024")
+    assert not inspect(engine).has_table("patient_name_words")
+    assert current_revision(engine) == "0024"
+
+
+def test_name_words_migration_sqlite(tmp_path: Path) -> None:
+    engine = create_index_engine(f"sqlite:///{tmp_path}/index.sqlite")
+    try:
+        _name_words_filled_and_downgrade(engine)
+    finally:
+        engine.dispose()
+
+
+def test_name_words_migration_postgresql(pg_url: str) -> None:
+    engine = create_index_engine(pg_url)
+    try:
+        _name_words_filled_and_downgrade(engine)
+    finally:
+        engine.dispose()
