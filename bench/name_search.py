@@ -27,7 +27,7 @@ from .archive import PgArchive, install_sqlite, sqlite_archive
 # What a radiologist types: a given name (the word people are called by), a
 # one-letter start, family + middle, a whole name, a name with its diacritics,
 # a name nobody has.
-TERMS = ["AN", "T", "NGUYEN VAN", "NGUYEN VAN AN", "Hương", "ZZZ"]
+TERMS = ["AN", "T", "NGUYEN", "NGUYEN VAN", "NGUYEN VAN AN", "Hương", "ZZZ"]
 
 
 def time_terms(url: str, calls: int) -> list[list[str]]:
