@@ -32,7 +32,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from pacs.app import Pacs
 from pacs.addresses import host_matches
 from pacs.audit import Event, patient_cx
-from pacs.dicom_net import abort_on_action_error, apply_limits, request, tune_socket
+from pacs.dicom_net import abort_on_action_error, apply_limits, request, thread_association, tune_socket
 from pacs.errors import IngestError, Status
 from pacs.header import stray_meta_length
 from pacs.ingest import Origin
@@ -506,12 +506,6 @@ def refuse_impostors(pacs: Pacs) -> Any:
     return requested
 
 
-def _thread_association() -> Any:
-    """The association whose thread (its own, or its DUL's) logs now."""
-    thread = threading.current_thread()
-    return thread if hasattr(thread, "requestor") else getattr(thread, "assoc", None)
-
-
 class _PeerPduErrors(logging.Filter):
     """One line, not a traceback, for a malformed PDU from a peer, and that
     line once.
@@ -540,7 +534,7 @@ class _PeerPduErrors(logging.Filter):
         if record.funcName == "_run_reactor" and record.msg == "Network timeout reached":
             # pynetdicom's own reactor (dicom_event_driven off), in the
             # association's thread: said as ours says it.
-            record.msg, record.args = idle_line(_thread_association()), None
+            record.msg, record.args = idle_line(thread_association()), None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             return True
         if record.exc_info and record.funcName in self.PEER_DATA_FUNCTIONS:
@@ -550,7 +544,7 @@ class _PeerPduErrors(logging.Filter):
             if isinstance(exc, OSError) and record.funcName == "_read_pdu_data":
                 # A peer that hung up or a link that dropped mid-PDU (a
                 # killed storescu, a satellite link): not a protocol fault.
-                record.msg = (f"connection from {association_peer(_thread_association())} lost in the middle of a "
+                record.msg = (f"connection from {association_peer(thread_association())} lost in the middle of a "
                               f"PDU: {exc.__class__.__name__}")
                 record.args = None
                 record.levelno, record.levelname = logging.INFO, "INFO"

@@ -22,6 +22,7 @@ from typing import Any
 
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.fsm import TRANSITION_TABLE
 from pynetdicom.pdu_primitives import MaximumLengthNotification
 from pynetdicom.transport import AssociationSocket
 
@@ -53,6 +54,8 @@ _REFUSAL = "_filmless_refusal"
 # words of pynetdicom's ERROR lines about it (see _RequestFailureLines).
 _FAILURE = "_filmless_failure"
 _REJECTION = "_filmless_rejection"
+# Set on a state machine while abort_on_action_error's wrapper runs an event.
+_ACTING_ON = "_filmless_acting_on"
 # Peers (title, address, port) whose A-ASSOCIATE-AC had no Maximum Length
 # sub-item, said once (forgotten past 1,000).
 _NO_MAXIMUM_SAID: set[tuple[str, str, int]] = set()
@@ -238,12 +241,18 @@ def failure(assoc: Any) -> str | None:
 _requesting = threading.local()
 
 
+def thread_association() -> Any:
+    """The association whose thread (its own, or its DUL's) logs now; None
+    for any other thread."""
+    thread = threading.current_thread()
+    return thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
+
+
 def _reasons_here() -> dict[str, str] | None:
     """Where a reason logged now belongs: the association this node
     requested whose DUL thread logs (it connects), or the requesting
     thread's (it negotiates); None for any other thread."""
-    thread = threading.current_thread()
-    assoc = thread if isinstance(thread, Association) else getattr(thread, "assoc", None)
+    assoc = thread_association()
     if getattr(assoc, "is_requestor", False):
         return assoc.__dict__
     return getattr(_requesting, "reasons", None)
@@ -371,6 +380,8 @@ def abort_on_action_error(assoc: Any) -> None:
     original = fsm.do_action
 
     def do_action(fsm_event: str) -> None:
+        state = fsm.current_state
+        fsm.__dict__[_ACTING_ON] = fsm_event
         try:
             original(fsm_event)
         except Exception as exc:
@@ -394,12 +405,34 @@ def abort_on_action_error(assoc: Any) -> None:
                 log.info("dropped %s from the local user after the association ended", fsm_event)
                 return
             peer = assoc.acceptor if assoc.is_requestor else assoc.requestor
-            log.warning("invalid PDU from %s (%s); aborting the association", getattr(peer, "address", "?"),
-                        peer_text(exc, 200))
+            log.warning("invalid PDU from %s (%s in %s: %s: %s); aborting the association",
+                        getattr(peer, "address", "?"), TRANSITION_TABLE.get((fsm_event, state), "?"), state,
+                        type(exc).__name__, peer_text(exc, 200))
             assoc.dul._kill_thread = False  # do_action killed it: let the abort run
             original("Evt19")
+        finally:
+            fsm.__dict__.pop(_ACTING_ON, None)
 
     fsm.do_action = do_action
+
+
+class _ActionErrorLines(logging.Filter):
+    """pynetdicom's two lines for an action that raised ("State Machine
+    received an exception attempting to perform the action 'DT-2' while in
+    state 'Sta6'" at ERROR, then the exception with its traceback), dropped
+    where :func:`abort_on_action_error` says it in one line, with the peer
+    (all events but Evt19, which it lets fail as pynetdicom would). A
+    malformed P-DATA wrote three lines for one PDU."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.funcName != "do_action" or record.levelno < logging.ERROR:
+            return True
+        fsm = getattr(getattr(thread_association(), "dul", None), "state_machine", None)
+        event = getattr(fsm, "__dict__", {}).get(_ACTING_ON)
+        return event is None or event == "Evt19"
+
+
+logging.getLogger("pynetdicom.fsm").addFilter(_ActionErrorLines())
 
 
 def _acknowledge_at_once(wrapper: Any, raw: socket.socket) -> None:

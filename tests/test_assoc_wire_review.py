@@ -773,3 +773,22 @@ def test_remote_echo_to_a_peer_that_is_down_says_why(server: PacsServer) -> None
     assert (f"association with {title} at 127.0.0.1:{port} failed: could not connect: [Errno 111] Connection "
             "refused") in said, said
     assert "TCP Initialisation Error" not in said, said
+
+
+# -- 8. a P-DATA whose command set an action cannot take: one line, not three ----------------------
+def test_a_command_set_without_a_command_field_is_aborted_and_said_once(server: PacsServer) -> None:
+    """pynetdicom raised in its DT-2 action ("'Dataset' object has no
+    attribute 'CommandField'") and wrote "State Machine received an
+    exception attempting to perform the action 'DT-2' while in state
+    'Sta6'" at ERROR, then the exception (rewritten to "malformed PDU from
+    peer"), and ours said "invalid PDU from ... aborting": three lines for
+    one PDU (a fuzz run's log). Now ours alone, naming the action."""
+    start = server.log_path.stat().st_size
+    raw = Raw(server.dicom_port, STORE_CONTEXTS)
+    raw.sock.sendall(pdata([(1, 3, command([_element(0x0002, VERIFICATION), _element(0x0110, 7)]))]))
+    assert read_response(raw.sock) == "A-ABORT"
+    said = "(DT-2 in Sta6: AttributeError: 'Dataset' object has no attribute 'CommandField'); aborting the association"
+    assert wait_until(lambda: said in server.log_text(start), timeout=5, interval=0.05), server.log_text(start)
+    lines = [line for line in server.log_text(start).splitlines() if "pynetdicom" in line or "dicom_net" in line]
+    assert lines == [f"{lines[0][:23]} WARNING pacs.dicom_net: invalid PDU from 127.0.0.1 {said}"], lines
+    assert_serving(server)
