@@ -65,16 +65,16 @@ def study_list(
         match["ModalitiesInStudy"] = modality
     if accession:
         match["AccessionNumber"] = accession
-    stmt, _ = build_select(Query(Level.STUDY, match, fuzzy=True))
-    report_status = _report_status(signed_only)
-    stmt = stmt.add_columns(report_status.label("report_status"), studies.c.num_series, studies.c.num_instances)
-    if status == "unread":
-        stmt = stmt.where(report_status.is_(None))
-    elif status in ("draft", "signed"):
-        stmt = stmt.where(report_status == status)
-    if patient_pk is not None:
-        stmt = stmt.where(studies.c.patient_pk == patient_pk)
     with engine.connect() as conn:
+        stmt, _ = build_select(Query(Level.STUDY, match, fuzzy=True), conn)
+        report_status = _report_status(signed_only)
+        stmt = stmt.add_columns(report_status.label("report_status"), studies.c.num_series, studies.c.num_instances)
+        if status == "unread":
+            stmt = stmt.where(report_status.is_(None))
+        elif status in ("draft", "signed"):
+            stmt = stmt.where(report_status == status)
+        if patient_pk is not None:
+            stmt = stmt.where(studies.c.patient_pk == patient_pk)
         if referring:
             # A referring physician sees the studies they referred: the folded
             # name finds the candidates (indexed), the exact spelling decides.

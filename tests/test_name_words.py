@@ -29,7 +29,8 @@ from pacs.index.writer import IndexRecord, IndexWriter
 from pacs.orders import OrderService, PatientInfo
 from pacs.query import Level, Query, build_select
 from pacs.query.attributes import patients
-from pacs.query.matching import pn_match
+from pacs.query import matching
+from pacs.query.matching import name_word_lookup, pn_match
 from pacs.studylist import study_list
 
 from .dicomfiles import make_ct
@@ -94,18 +95,29 @@ def assert_words_follow_names(engine: Engine) -> None:
     assert {tuple(r) for r in rows} == {(pk, word) for pk, words in names for word in words_of(words)}
 
 
-def test_matches_are_those_of_the_like_conditions(engine: Engine) -> None:
+def selective_below(monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """Words in more than *rows* rows, or more candidates than that, are not selective."""
+    monkeypatch.setattr(matching, "SELECTIVE_WORD_ROWS", rows)
+    monkeypatch.setattr(matching, "SELECTIVE_PATIENTS", {"sqlite": rows, "postgresql": rows})
+
+
+@pytest.mark.parametrize("selective", [None, 2, 0], ids=["default", "two-rows", "none"])
+def test_matches_are_those_of_the_like_conditions(engine: Engine, selective: int | None,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """Every term finds exactly the patients the LIKEs alone find, in the
-    study list and in a QIDO-RS fuzzymatching query; the word index is what
-    the query starts from."""
+    study list and in a QIDO-RS fuzzymatching query, whether its candidates
+    come from the word index (selective words) or not (every word of the
+    term in more than SELECTIVE_WORD_ROWS rows)."""
+    if selective is not None:
+        selective_below(monkeypatch, selective)
     assert_words_follow_names(engine)
     found = {}
     for term in TERMS:
         expected = _like_only(engine, term)
         found[term] = _pids(engine, term)
         assert found[term] == expected, term
-        stmt, _ = build_select(Query(Level.STUDY, {"PatientName": term}, fuzzy=True))
         with engine.connect() as conn:
+            stmt, _ = build_select(Query(Level.STUDY, {"PatientName": term}, fuzzy=True), conn)
             assert {r._patient_id for r in conn.execute(stmt)} == expected, term
     # The terms are not vacuous: the given name, inner words, the groups.
     assert found["AN"] == {"NW1", "NW2", "NW5", "NW7"}
@@ -114,8 +126,35 @@ def test_matches_are_those_of_the_like_conditions(engine: Engine) -> None:
     assert found["ちば"] == found["陳"] == {"NW3"}
     assert found["100% LAN"] == {"NW8"} and found["%"] == set()
     assert found["Nguyen^Van"] == {"NW1", "NW10"}
-    stmt, _ = build_select(Query(Level.STUDY, {"PatientName": "AN"}, fuzzy=True))
-    assert "patient_name_words" in str(stmt)
+    with engine.connect() as conn:
+        # "AN*": Nguyễn Văn An, Thị Anh, An Khang, Anne: 4 rows.
+        assert (name_word_lookup(conn)("AN") is None) is (selective is not None and selective < 4)
+
+
+@pytest.mark.parametrize(("selective", "expected"), [(None, {"NW1"}), (3, {"NW1", "NW2", "NW10"}), (2, None)])
+def test_the_candidates_are_the_patients_of_every_selective_word_of_the_term(
+        engine: Engine, selective: int | None, expected: set[str] | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A multi-word term: its words but the last are whole words, the last
+    a prefix; the candidates are the patients having each of its words that
+    is in at most SELECTIVE_WORD_ROWS rows (NGUYEN: 3 patients; VAN: 4;
+    AN*: 4); none is: no candidates, the LIKEs alone. A selective word no
+    patient has: no patient."""
+    if selective is not None:
+        selective_below(monkeypatch, selective)
+    with engine.connect() as conn:
+        lookup = name_word_lookup(conn)
+        candidates = lookup("NGUYEN VAN AN")
+        if expected is None:
+            assert candidates is None
+        else:
+            assert candidates is not None
+            assert set(conn.execute(select(patients.c.patient_id).where(candidates)).scalars()) == expected
+        nobody = lookup("ZZZ NGUYEN")
+        assert nobody is not None and conn.execute(select(patients.c.pk).where(nobody)).all() == []
+        assert lookup("") is None
+        if selective is None:  # selective words leaving more patients than SELECTIVE_PATIENTS: none
+            monkeypatch.setattr(matching, "SELECTIVE_PATIENTS", {"sqlite": 2, "postgresql": 2})
+            assert name_word_lookup(conn)("NGUYEN") is None and name_word_lookup(conn)("NGUYEN VAN AN") is not None
 
 
 def test_fhir_name_and_given_match_as_before(engine: Engine) -> None:
@@ -127,13 +166,13 @@ def test_fhir_name_and_given_match_as_before(engine: Engine) -> None:
         def pids(condition: object) -> set[str]:
             return set(conn.execute(select(patients.c.patient_id).where(condition)).scalars())  # type: ignore[arg-type]
 
+        lookup = name_word_lookup(conn)
         for matches in (_name_matches, _given_matches):
             for value in ("an", "Văn", "van an", "thi lan", "ちば", "100%", "o'b", "anne", "zzz", "nguyen van"):
-                condition = matches(value)
-                assert pids(condition) == pids(condition.clauses[-1]), (matches.__name__, value)
-        assert pids(_name_matches("an")) == {"NW1", "NW2", "NW5", "NW7"}
-        assert pids(_given_matches("an")) == {"NW1", "NW2", "NW5", "NW7"}
-        assert pids(_given_matches("nguyen")) == set()
+                assert pids(matches(value, lookup)) == pids(matches(value, lambda _: None)), (matches.__name__, value)
+        assert pids(_name_matches("an", lookup)) == {"NW1", "NW2", "NW5", "NW7"}
+        assert pids(_given_matches("an", lookup)) == {"NW1", "NW2", "NW5", "NW7"}
+        assert pids(_given_matches("nguyen", lookup)) == set()
 
 
 def test_his_rename_merge_and_deletion_keep_the_words(engine: Engine) -> None:

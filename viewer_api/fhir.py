@@ -16,6 +16,7 @@ import urllib.parse
 from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from email.utils import format_datetime
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -31,7 +32,7 @@ from pacs.index.models import Instance, PatientIdentifier, Report, Series
 from pacs.index.writer import MERGED_ID_TYPE
 from pacs.names import fold, fold_name, name_words, same_person
 from pacs.query.attributes import patients, studies
-from pacs.query.matching import first_word, patient_word_prefix
+from pacs.query.matching import NameLookup, name_word_lookup
 from pacs.reports import ReportError, ReportService
 from pacs.studylist import study_detail
 from pacs.timezones import hospital_zone
@@ -1417,21 +1418,24 @@ def _folded_words(value: str) -> str:
     return " ".join(fold(value.replace("^", " ").replace("=", " ")).split())
 
 
-def _name_matches(value: str) -> ColumnElement[bool]:
+def _name_matches(value: str, lookup: NameLookup) -> ColumnElement[bool]:
     """name: a word of the name (any part) starts with *value*, case and
     diacritics ignored (R4 string search): nguyen, Nguyễn and NGUY find
     Nguyễn^Văn An, and so does "van an"; a name stored Family^Given^Middle
-    is found in the order it is read too ("trinh van binh"). The
-    candidates are the patients with a word starting with the first word
-    (an index range, :func:`~pacs.query.matching.patient_word_prefix`)."""
+    is found in the order it is read too ("trinh van binh"). A selective
+    term takes its candidates from the name word index (*lookup*,
+    :func:`~pacs.query.matching.name_word_lookup`)."""
     folded = name_words(value)
     words = _like_text(folded)
     if not words:
         return false()
-    return and_(patient_word_prefix(first_word(folded)),
-                or_(*(column.like(pattern, escape="\\")
-                      for column in (patients.c.name_words, patients.c.name_reading)
-                      for pattern in (words + "%", "% " + words + "%"))))
+    return _among_candidates(lookup(folded), or_(*(column.like(pattern, escape="\\")
+                                                   for column in (patients.c.name_words, patients.c.name_reading)
+                                                   for pattern in (words + "%", "% " + words + "%"))))
+
+
+def _among_candidates(candidates: ColumnElement[bool] | None, matches: ColumnElement[bool]) -> ColumnElement[bool]:
+    return matches if candidates is None else and_(candidates, matches)
 
 
 def _family_matches(value: str) -> ColumnElement[bool]:
@@ -1442,16 +1446,15 @@ def _family_matches(value: str) -> ColumnElement[bool]:
     return patients.c.name_folded.like(words + "%", escape="\\")
 
 
-def _given_matches(value: str) -> ColumnElement[bool]:
-    """given: a word of a later PN component starts with *value* (the
-    candidates: a word of the name starts with its first word, as for name)."""
+def _given_matches(value: str, lookup: NameLookup) -> ColumnElement[bool]:
+    """given: a word of a later PN component starts with *value* (selective:
+    among the candidates of the name word index, as for name)."""
     folded = _folded_words(value)
     words = _like_text(folded)
     if not words:
         return false()
-    return and_(patient_word_prefix(first_word(folded)),
-                or_(patients.c.name_folded.like("%^" + words + "%", escape="\\"),
-                    patients.c.name_folded.like("%^% " + words + "%", escape="\\")))
+    return _among_candidates(lookup(folded), or_(patients.c.name_folded.like("%^" + words + "%", escape="\\"),
+                                                 patients.c.name_folded.like("%^% " + words + "%", escape="\\")))
 
 
 _DATE_PREFIXES = ("eq", "ne", "gt", "lt", "ge", "le", "sa", "eb", "ap")
@@ -1507,15 +1510,16 @@ def _patient_search(request: Request, principal: Principal, count: int,
     # Each parameter as often as given (AND), each value's commas OR.
     for raw in values["identifier"]:
         conditions.append(or_(false(), *(_patient_matches(system, value) for system, value in _token_values(raw))))
-    for key, matches in (("name", _name_matches), ("family", _family_matches), ("given", _given_matches),
-                         ("birthdate", _birthdate_matches)):
-        for raw in values[key]:
-            conditions.append(or_(false(), *(matches(value) for value in _string_values(raw))))
-    for raw in values["gender"]:
-        conditions.append(or_(false(), *(_gender_matches(system, value) for system, value in _token_values(raw))))
-    for raw in values["_lastUpdated"]:
-        conditions.append(_last_updated_matches(raw, patients.c.changed_at, _zone(request)))
     with request.app.state.pacs.engine.connect() as conn:
+        lookup = name_word_lookup(conn)
+        for key, matches in (("name", partial(_name_matches, lookup=lookup)), ("family", _family_matches),
+                             ("given", partial(_given_matches, lookup=lookup)), ("birthdate", _birthdate_matches)):
+            for raw in values[key]:
+                conditions.append(or_(false(), *(matches(value) for value in _string_values(raw))))
+        for raw in values["gender"]:
+            conditions.append(or_(false(), *(_gender_matches(system, value) for system, value in _token_values(raw))))
+        for raw in values["_lastUpdated"]:
+            conditions.append(_last_updated_matches(raw, patients.c.changed_at, _zone(request)))
         for raw in values["_id"]:
             conditions.append(patients.c.pk.in_(_patient_pks(conn, (value for _, value in _token_values(raw)))))
         if principal.role == "referring":

@@ -6,7 +6,7 @@ fuzzymatching and FHIR Patient ``name=`` find a patient by the start of any
 word. On the name columns that is a LIKE '% AN%', which no index serves:
 every search read every patient. Here each distinct word of the name is a
 row, and a word's start is a prefix range on the word index
-(:func:`pacs.query.matching.patient_word_prefix`).
+(:func:`pacs.query.matching.name_word_lookup`).
 
 Every writer of a patient's name calls :func:`set_name_words` in the
 transaction that writes it; a deleted patient's words go with it (ON DELETE

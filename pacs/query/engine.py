@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, Select, and_, func, select
+from sqlalchemy import Connection, Engine, Select, and_, func, select
 
 from ..index.models import PatientIdentifier
 from .attributes import (
@@ -27,7 +27,7 @@ from .attributes import (
     series,
     studies,
 )
-from .matching import QueryError, check_characters, condition, qualifying_issuer, universal
+from .matching import QueryError, check_characters, condition, name_word_lookup, qualifying_issuer, universal
 
 identifiers = PatientIdentifier.__table__
 
@@ -130,8 +130,11 @@ def _computed_columns(level: Level, wanted: set[str]) -> list[Any]:
     ]
 
 
-def build_select(query: Query) -> tuple[Select[Any], list[str]]:
-    """The SELECT for *query* and the keywords of its result columns."""
+def build_select(query: Query, conn: Connection | None = None) -> tuple[Select[Any], list[str]]:
+    """The SELECT for *query* and the keywords of its result columns. With
+    *conn*, a fuzzy name search may look its words up there first
+    (:func:`~pacs.query.matching.name_word_lookup`) and take its candidates
+    from the name word index."""
     query.validate()
     level = query.level
     base = _BASE[level]
@@ -159,8 +162,9 @@ def build_select(query: Query) -> tuple[Select[Any], list[str]]:
     # An issuer given with a Patient ID qualifies that ID (the patient's own
     # or one of its other IDs), no condition of its own on the patient.
     issuer = qualifying_issuer(query.match)
+    lookup = name_word_lookup(conn) if conn is not None and query.fuzzy else None
     conditions = [
-        condition(ATTRIBUTES[k], v, fuzzy=query.fuzzy, other_ids=query.other_ids, issuer=issuer)
+        condition(ATTRIBUTES[k], v, fuzzy=query.fuzzy, other_ids=query.other_ids, issuer=issuer, word_lookup=lookup)
         for k, v in query.match.items()
         if v and not universal(v) and matchable(k) and not (issuer and k == "IssuerOfPatientID")
     ]
@@ -171,7 +175,7 @@ def build_select(query: Query) -> tuple[Select[Any], list[str]]:
 
 def run_query(engine: Engine, query: Query, *, page: int = 500) -> Iterator[dict[str, Any]]:
     """Stream the matches of *query* as {keyword: value} dicts."""
-    stmt, keywords = build_select(query)
+    stmt, keywords = _select(engine, query)
     order_pk = _BASE[query.level].c.pk
     want = _Wanted(
         other_ids="OtherPatientIDsSequence" in query.return_keys or "OtherPatientIDs" in query.return_keys,
@@ -271,9 +275,18 @@ def _emit(engine: Engine, rows: Any, keywords: list[str], want: _Wanted) -> Iter
 
 def count_query(engine: Engine, query: Query) -> int:
     """How many matches *query* has (without fetching them)."""
-    stmt, _ = build_select(Query(query.level, query.match, fuzzy=query.fuzzy, other_ids=query.other_ids))
+    counted = Query(query.level, query.match, fuzzy=query.fuzzy, other_ids=query.other_ids)
     with engine.connect() as conn:
+        stmt, _ = build_select(counted, conn)
         return int(conn.execute(select(func.count()).select_from(stmt.subquery())).scalar_one())
+
+
+def _select(engine: Engine, query: Query) -> tuple[Select[Any], list[str]]:
+    """:func:`build_select`, with a connection for a fuzzy query's name word lookup."""
+    if not query.fuzzy:
+        return build_select(query)
+    with engine.connect() as conn:
+        return build_select(query, conn)
 
 
 __all__ = ["Kind", "Level", "Query", "QueryError", "build_select", "count_query", "run_query"]
