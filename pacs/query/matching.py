@@ -15,7 +15,9 @@ from collections.abc import Callable, Mapping
 from datetime import date
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Select, String, and_, exists, false, func, intersect, or_, select, true
+from sqlalchemy import (
+    ColumnElement, Connection, Select, String, and_, exists, false, func, intersect, or_, select, true,
+)
 
 from ..errors import PacsError
 from ..index.models import PatientIdentifier, PatientNameWord
