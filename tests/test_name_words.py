@@ -210,3 +210,18 @@ def test_a_first_name_arriving_later_is_searchable(engine: Engine, tmp_path: Pat
     _receive(engine, IndexWriter(), tmp_path, "NW30", "Hồ^Thị Hương", 31, IssuerOfPatientID="BVDK")
     assert _pids(engine, "huong") == {"NW30"}
     assert_words_follow_names(engine)
+
+
+@pytest.mark.parametrize("issuer", ["BVDK", ""], ids=["issuer", "no-issuer"])
+def test_a_first_name_arriving_later_fills_a_patient_the_writer_knows(engine: Engine, tmp_path: Path,
+                                                                      issuer: str) -> None:
+    """The same writer (a receiving process) had the nameless patient in its
+    cache, or found it by its ID alone (no issuer): the name of a later
+    study was dropped, and the patient stayed unfindable by name."""
+    writer = IndexWriter()
+    pid = f"NW4{len(issuer)}"
+    _receive(engine, writer, tmp_path, pid, "", 40 + len(issuer), IssuerOfPatientID=issuer)
+    given = "Nga" if issuer else "Hoa"
+    _receive(engine, writer, tmp_path, pid, f"Vũ^Thị {given}", 42 + len(issuer), IssuerOfPatientID=issuer)
+    assert _pids(engine, given) == {pid}
+    assert_words_follow_names(engine)

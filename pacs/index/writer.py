@@ -236,8 +236,10 @@ class IndexWriter:
         key = (h.patient_id, h.issuer)
         pk = self._patients.get(key)
         if pk is not None:
-            row = conn.execute(select(patients.c.patient_id, patients.c.issuer).where(patients.c.pk == pk)).first()
+            row = conn.execute(select(patients.c.patient_id, patients.c.issuer, patients.c.name)
+                               .where(patients.c.pk == pk)).first()
             if row is not None and row.patient_id == h.patient_id and (not h.issuer or row.issuer == h.issuer):
+                self._fill_blank_name(conn, pk, row.name, h, now)
                 return pk, False
             del self._patients[key]
         if not h.issuer:
@@ -245,11 +247,12 @@ class IndexWriter:
             # is the patient the HIS registered under that ID with its issuer,
             # when there is exactly one.
             known = conn.execute(
-                select(patients.c.pk).where(patients.c.patient_id == h.patient_id).limit(2)
-            ).scalars().all()
+                select(patients.c.pk, patients.c.name).where(patients.c.patient_id == h.patient_id).limit(2)
+            ).all()
             if len(known) == 1:
-                self._patients.put(key, known[0])
-                return int(known[0]), False
+                self._patients.put(key, known[0].pk)
+                self._fill_blank_name(conn, known[0].pk, known[0].name, h, now)
+                return int(known[0].pk), False
         # Not cached: one query more, once per new study whose patient is
         # not in the cache (a merged-away ID is never cached).
         merged = merged_patient(conn, h.patient_id, h.issuer)
@@ -265,24 +268,31 @@ class IndexWriter:
                 )
             ).one()
             pk = row.pk
-            if not row.name and h.patient_name:
-                # First object of the patient had no name: take the first real one.
-                conn.execute(
-                    update(patients)
-                    .where(patients.c.pk == pk)
-                    .values(
-                        name=h.patient_name,
-                        name_folded=h.patient_name_folded,
-                        name_words=h.patient_name_words,
-                        name_reading=h.patient_name_reading,
-                        birth_date=h.birth_date,
-                        sex=h.sex,
-                        updated_at=now,
-                    )
-                )
-                set_name_words(conn, pk, h.patient_name_words)
+            self._fill_blank_name(conn, pk, row.name, h, now)
         self._patients.put(key, pk)
         return pk, False
+
+    @staticmethod
+    def _fill_blank_name(conn: Connection, pk: int, name: str, h: InstanceHeader, now: datetime) -> None:
+        """The first object of the patient had no name: take the first real
+        one (on every path to the patient, once per new study: a patient
+        this writer had cached kept its blank name, unfindable by name)."""
+        if name or not h.patient_name:
+            return
+        conn.execute(
+            update(patients)
+            .where(patients.c.pk == pk)
+            .values(
+                name=h.patient_name,
+                name_folded=h.patient_name_folded,
+                name_words=h.patient_name_words,
+                name_reading=h.patient_name_reading,
+                birth_date=h.birth_date,
+                sex=h.sex,
+                updated_at=now,
+            )
+        )
+        set_name_words(conn, pk, h.patient_name_words)
 
     def _new_patient_without_id(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
         """A patient of its own for a new study received without a Patient
