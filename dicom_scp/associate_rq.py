@@ -38,6 +38,7 @@ said at INFO once an hour per address.
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 import threading
 import time
@@ -281,6 +282,40 @@ class AssociationGate:
         if assoc.is_acceptor:
             dul = assoc.dul
             dul._decode_pdu = self._screened(assoc, dul._decode_pdu)
+            dul._read_pdu_data = self._typed(assoc, dul._read_pdu_data)
+
+    def _typed(self, assoc: Any, read: Callable[[], None]) -> Callable[[], None]:
+        """pynetdicom's PDU reader, a PDU of a type no PDU has aside.
+
+        pynetdicom read such a PDU's 6-byte header only ("Unknown PDU type
+        received", at ERROR, naming no peer) and left its body: its next read
+        took the body for the next header and blocked for the rest. When the
+        garbage came with the connection (the A-ABORT is sent a turn later),
+        the connection hung without an answer until the first-request wait
+        closed it (10 s, a slot held). Now what is there is read at once, the
+        peer is said (rate-limited) and the A-ABORT follows (event 19)."""
+        dul = assoc.dul
+
+        def typed() -> None:
+            sock = getattr(dul.socket, "socket", None)
+            # Called when the socket is readable: neither read waits (a socket
+            # with a timeout polls before its recv, whatever the flags say).
+            try:
+                first = sock.recv(1, socket.MSG_PEEK) if sock is not None else b""
+            except (OSError, ValueError):  # ValueError: TLS takes no flags (its records hide the type anyway)
+                first = b""
+            if not first or first[0] in _PDU_NAMES:
+                return read()
+            try:
+                sock.recv(65536)  # what came with it; more is read as it comes (Sta13)
+            except OSError:
+                pass  # the peer left: the abort follows either way
+            address = str(getattr(assoc.requestor, "address", "?"))
+            self.lines.say(address, "malformed-pdu", f"malformed PDU from {association_peer(assoc)}: unknown PDU "
+                           f"type 0x{first[0]:02X}; association aborted")
+            dul.event_queue.put("Evt19")
+
+        return typed
 
     def _screened(self, assoc: Any, decode: Callable[[bytearray], Any]) -> Callable[[bytearray], Any]:
         def screened(bytestream: bytearray) -> Any:

@@ -40,7 +40,7 @@ from pacs.logtext import association_peer, peer_text
 from pacs.part10 import BufferSource, file_meta_bytes
 
 from .acceptor import InlineAssociationServer
-from .associate_rq import AssociationGate, PeerLines, decoding_peer_request
+from .associate_rq import AssociationGate, decoding_peer_request
 from .contexts import (
     OFF_CONTEXT_COMMENT,
     QR_MODELS,
@@ -524,11 +524,6 @@ class _PeerPduErrors(logging.Filter):
     # Said once, by the record with the exception that follows.
     ANNOUNCEMENTS = ("Connection closed before the entire PDU was received", "Unable to decode the received PDU data")
 
-    def __init__(self) -> None:
-        super().__init__()
-        # A peer sending garbage does it on every connection: rate-limited per address.
-        self.lines = PeerLines()
-
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "pynetdicom.utils" and record.levelno >= logging.ERROR and decoding_peer_request():
             return False  # the value pynetdicom refuses, and raises for: AssociationGate says it
@@ -562,20 +557,14 @@ class _PeerPduErrors(logging.Filter):
             record.exc_info = record.exc_text = None
         return True
 
-    def _pdu_header(self, record: logging.LogRecord) -> bool:
-        """pynetdicom's ERROR for a PDU type it does not know (the peer gets
-        an A-ABORT) or a PDU cut short (the peer closed the connection), which
-        named no peer: said with the peer, the first rate-limited."""
+    @staticmethod
+    def _pdu_header(record: logging.LogRecord) -> bool:
+        """pynetdicom's ERROR for a PDU cut short (the peer closed the
+        connection), which named no peer: the INFO line of a dropped link.
+        (A PDU of an unknown type the listener says itself:
+        AssociationGate._typed.)"""
         message = record.getMessage()
         assoc = thread_association()
-        if message.startswith("Unknown PDU type received"):
-            address = str(getattr(getattr(assoc, "requestor" if getattr(assoc, "is_acceptor", True) else "acceptor",
-                                          None), "address", "?"))
-            kind = message.removeprefix("Unknown PDU type received ").strip("'")
-            self.lines.say(address, "malformed-pdu",
-                           f"malformed PDU from {association_peer(assoc)}: unknown PDU type {kind}; "
-                           "association aborted")
-            return False
         if message.startswith("The received PDU is shorter than expected"):
             record.msg = (f"connection from {association_peer(assoc)} lost in the middle of a PDU: "
                           f"{message.removeprefix('The received PDU is shorter than expected ').strip('()')}")
@@ -584,9 +573,8 @@ class _PeerPduErrors(logging.Filter):
         return True
 
 
-_PEER_PDU_ERRORS = _PeerPduErrors()
 for _name in ("pynetdicom.dul", "pynetdicom.fsm", "pynetdicom.utils", "pynetdicom.dimse", "pynetdicom.association"):
-    logging.getLogger(_name).addFilter(_PEER_PDU_ERRORS)
+    logging.getLogger(_name).addFilter(_PeerPduErrors())
 
 
 def find_dispatcher(query_retrieve: Any, worklist: Any) -> Any:

@@ -797,14 +797,23 @@ def test_a_command_set_without_a_command_field_is_aborted_and_said_once(server: 
 def test_an_unknown_pdu_type_is_said_with_the_peer_and_rate_limited(server: PacsServer) -> None:
     """pynetdicom wrote "Unknown PDU type received '0x31'" at ERROR, naming
     no peer, once per connection (a fuzz run's log held 7,852 of them). Now
-    a WARNING with the peer, at most 5 a minute per address; a PDU cut
-    short by the peer's close is the INFO line of a dropped link."""
+    a WARNING with the peer, at most 5 a minute per address, and the A-ABORT
+    at once; a PDU cut short by the peer's close is the INFO line of a
+    dropped link."""
     start = server.log_path.stat().st_size
     for _ in range(7):
         raw = Raw(server.dicom_port, STORE_CONTEXTS, source="127.0.0.31")
         raw.sock.sendall(b"\x31\x00\x00\x00\x00\x02ab")
         assert read_response(raw.sock) == "A-ABORT"
         raw.sock.close()
+    # Sent with the connection, before any request: pynetdicom read its
+    # header, then blocked reading its body as the next header until the
+    # network timeout (3 s here; 30 s, or the first-request wait, in service).
+    # The answer now comes before that.
+    with socket.create_connection(("127.0.0.1", server.dicom_port), timeout=2.5,
+                                  source_address=("127.0.0.33", 0)) as sock:
+        sock.sendall(b"\x31\x00\x00\x00\x00\x02ab")
+        assert read_pdu(sock)[0] == 7
     with socket.create_connection(("127.0.0.1", server.dicom_port), timeout=10,
                                   source_address=("127.0.0.32", 0)) as sock:
         sock.sendall(b"\x01\x00\x00\x00\x00\x64" + b"\0" * 10)
@@ -815,5 +824,6 @@ def test_an_unknown_pdu_type_is_said_with_the_peer_and_rate_limited(server: Pacs
     assert wait_until(lambda: short in server.log_text(start), timeout=10, interval=0.05), server.log_text(start)
     text = server.log_text(start)
     assert text.count(unknown) == 5, text
-    assert "ERROR pynetdicom" not in text, text
+    assert "malformed PDU from 127.0.0.33 (calling ?): unknown PDU type 0x31; association aborted" in text, text
+    assert "ERROR pynetdicom" not in text and "no complete A-ASSOCIATE-RQ" not in text, text
     assert_serving(server)
