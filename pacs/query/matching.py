@@ -182,6 +182,10 @@ def _one_group(column: Any, value: str, index_column: Any, whole: ColumnElement[
 # most SELECTIVE_PATIENTS of the database's kind.
 SELECTIVE_WORD_ROWS = 5000
 SELECTIVE_PATIENTS = {"sqlite": 5000, "postgresql": 1000}
+# The distinct words of a term looked up, at most (a name has a few; the
+# LIKEs decide on the others): a query per word, and SQLite refuses an
+# INTERSECT of more than 500 SELECTs (a pasted 600-word term was a 500).
+LOOKUP_WORDS = 8
 
 NameLookup = Callable[[str], "ColumnElement[bool] | None"]
 
@@ -219,8 +223,9 @@ def name_word_lookup(conn: Connection) -> NameLookup:
 
     def lookup(folded: str) -> ColumnElement[bool] | None:
         words = [w for w in re.split(r"[ ^=]+", folded) if w]
-        selective = [having(w, i == len(words) - 1) for i, w in enumerate(words)
-                     if rows(w, i == len(words) - 1) <= SELECTIVE_WORD_ROWS]
+        # Whole words but the last, a prefix; fewer words leave more candidates, never fewer.
+        looked_up = list(dict.fromkeys((w, i == len(words) - 1) for i, w in enumerate(words)))[:LOOKUP_WORDS]
+        selective = [having(w, prefix) for w, prefix in looked_up if rows(w, prefix) <= SELECTIVE_WORD_ROWS]
         if not selective:
             return None
         both = selective[0] if len(selective) == 1 else intersect(*selective)
