@@ -409,6 +409,8 @@ def abort_on_action_error(assoc: Any) -> None:
                         getattr(peer, "address", "?"), TRANSITION_TABLE.get((fsm_event, state), "?"), state,
                         type(exc).__name__, peer_text(exc, 200))
             assoc.dul._kill_thread = False  # do_action killed it: let the abort run
+            # Its lines are pynetdicom's to say, as for any Evt19 (_ActionErrorLines).
+            fsm.__dict__[_ACTING_ON] = "Evt19"
             original("Evt19")
         finally:
             fsm.__dict__.pop(_ACTING_ON, None)

@@ -827,3 +827,41 @@ def test_an_unknown_pdu_type_is_said_with_the_peer_and_rate_limited(server: Pacs
     assert "malformed PDU from 127.0.0.33 (calling ?): unknown PDU type 0x31; association aborted" in text, text
     assert "ERROR pynetdicom" not in text and "no complete A-ASSOCIATE-RQ" not in text, text
     assert_serving(server)
+
+
+def test_the_abort_after_a_failed_action_keeps_pynetdicom_s_lines_when_it_fails_too(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """abort_on_action_error answers a failed action with event 19 and
+    drops pynetdicom's lines of the failed action; those of event 19
+    failing in turn (no transition in Sta4) are pynetdicom's to say: the
+    exception ends the DUL thread, and its ERROR lines were dropped too."""
+    from pynetdicom.association import Association
+    from pynetdicom.fsm import InvalidEventError
+    from pynetdicom.transport import AddressInformation
+
+    from pacs.dicom_net import abort_on_action_error
+
+    assoc = Association(AE(), mode="requestor")
+    assoc.acceptor.address_info = AddressInformation("127.0.0.1", 104)
+    abort_on_action_error(assoc)
+    fsm = assoc.dul.state_machine
+    fsm.current_state = "Sta4"  # awaiting the transport connection
+    raised: list[BaseException] = []
+
+    def dul_thread() -> None:
+        try:
+            fsm.do_action("Evt2")  # AE-2 without its T-CONNECT primitive: raises
+        except Exception as exc:  # noqa: BLE001 - as the DUL thread would die of it
+            raised.append(exc)
+
+    thread = threading.Thread(target=dul_thread)
+    thread.assoc = assoc  # type: ignore[attr-defined]  # what a DUL thread carries (pacs.dicom_net.thread_association)
+    with caplog.at_level(logging.INFO):
+        thread.start()
+        thread.join(5)
+    assert raised and isinstance(raised[0], InvalidEventError), raised
+    said = [(r.name, r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("pynetdicom")]
+    assert ("pynetdicom.fsm", "ERROR", "Invalid event 'Evt19' for the current state 'Sta4'") in said, said
+    # The failed action itself is said once, ours.
+    assert not [m for _, _, m in said if "'AE-2'" in m], said
+    assert [r for r in caplog.records if r.name == "pacs.dicom_net" and "AE-2 in Sta4" in r.getMessage()]
