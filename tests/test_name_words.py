@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, event, select
 
 from pacs.header import parse_header
 from pacs.index import create_index_engine, upgrade_schema
@@ -234,4 +235,31 @@ def test_a_first_name_arriving_later_fills_a_patient_the_writer_knows(engine: En
     given = "Nga" if issuer else "Hoa"
     _receive(engine, writer, tmp_path, pid, f"Vũ^Thị {given}", 42 + len(issuer), IssuerOfPatientID=issuer)
     assert _pids(engine, given) == {pid}
+    assert_words_follow_names(engine)
+
+
+def test_a_name_the_his_gives_meanwhile_is_not_overwritten_by_the_modality_s(engine: Engine, tmp_path: Path) -> None:
+    """A nameless patient: an ingest read the blank name, and the HIS named
+    the patient (ADT^A08, committed) before the ingest filled it. The
+    modality's name overwrote the HIS's. PostgreSQL only: on SQLite the
+    ingest's transaction holds the one write lock from its start."""
+    if engine.dialect.name != "postgresql":
+        pytest.skip("no concurrent writer on SQLite")
+    _receive(engine, IndexWriter(), tmp_path, "NW50", "", 50, IssuerOfPatientID="BVDK")
+    renamed: list[bool] = []
+
+    def his_first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if not renamed and statement.startswith("UPDATE patients SET name="):
+            renamed.append(True)  # the HIS commits on its own connection, before the ingest's UPDATE
+            OrderService(engine).update_patient(PatientInfo("NW50", issuer="BVDK", name="Lý^Thị Mai"))
+
+    event.listen(engine, "before_cursor_execute", his_first)
+    try:
+        _receive(engine, IndexWriter(), tmp_path, "NW50", "Ly^Mai", 51, IssuerOfPatientID="BVDK")
+    finally:
+        event.remove(engine, "before_cursor_execute", his_first)
+    assert renamed
+    with engine.connect() as conn:
+        assert conn.execute(select(patients.c.name).where(patients.c.patient_id == "NW50")).scalar_one() == "Lý^Thị Mai"
+    assert _pids(engine, "THI MAI") == {"NW50"}
     assert_words_follow_names(engine)

@@ -279,9 +279,11 @@ class IndexWriter:
         this writer had cached kept its blank name, unfindable by name)."""
         if name or not h.patient_name:
             return
-        conn.execute(
+        # Still blank: a name the HIS gave meanwhile (ADT^A08, committed
+        # since *name* was read) is not overwritten by the modality's.
+        filled = conn.execute(
             update(patients)
-            .where(patients.c.pk == pk)
+            .where(patients.c.pk == pk, patients.c.name == "")
             .values(
                 name=h.patient_name,
                 name_folded=h.patient_name_folded,
@@ -291,8 +293,9 @@ class IndexWriter:
                 sex=h.sex,
                 updated_at=now,
             )
-        )
-        set_name_words(conn, pk, h.patient_name_words)
+        ).rowcount
+        if filled:
+            set_name_words(conn, pk, h.patient_name_words)
 
     def _new_patient_without_id(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
         """A patient of its own for a new study received without a Patient
