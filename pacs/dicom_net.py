@@ -254,7 +254,10 @@ def _reasons_here() -> dict[str, str] | None:
     thread's (it negotiates); None for any other thread."""
     assoc = thread_association()
     if getattr(assoc, "is_requestor", False):
-        return assoc.__dict__
+        # Only one :func:`request` opened (its handler is bound): another
+        # caller of AE.associate (a script, a benchmark) says nothing itself.
+        opened = assoc.get_handlers(evt.EVT_CONN_OPEN)
+        return assoc.__dict__ if any(handler is _requested_open for handler, _ in opened) else None
     return getattr(_requesting, "reasons", None)
 
 
