@@ -187,6 +187,7 @@ def request(associate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         if _FAILURE in reasons:
             assoc.__dict__.setdefault(_FAILURE, reasons[_FAILURE])
         return assoc
+    keep_responses(assoc)
     peer = assoc.acceptor
     maximum = peer.maximum_length
     if maximum is None:
@@ -199,6 +200,32 @@ def request(associate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         assoc.__dict__[_REFUSAL] = f"accepted with Maximum Length {maximum}: no PDV fits"
         _abort_at_once(assoc)
     return assoc
+
+
+def keep_responses(assoc: Any) -> None:
+    """Hand a response back to the ``send_*`` call waiting for it when
+    pynetdicom's reactor took it first, on an association this node
+    requested.
+
+    A ``send_*`` call pauses the reactor (clears its checkpoint, waits for
+    its paused flag) before it sends: the reactor sets that flag just before
+    it waits at the checkpoint, and clears it only after the wait returned,
+    so a sender can see it paused while it is in fact on its way to take the
+    next message. A response arriving then was served as a request
+    ("Received unexpected C-STORE service message") and lost; the sender
+    waited the DIMSE timeout, aborted, and a routing job failed its try (a
+    fuzz run's sender lost one in ~7,000). While a sender waits (the
+    checkpoint cleared), a message that is no request goes back on the queue
+    it reads; the reactor then stops at the checkpoint."""
+    serve = assoc._serve_request
+
+    def serve_request(message: Any, context_id: int) -> None:
+        if not message.is_valid_request and not assoc._reactor_checkpoint.is_set():
+            assoc.dimse.msg_queue.put((context_id, message))
+            return
+        serve(message, context_id)
+
+    assoc._serve_request = serve_request
 
 
 def _no_maximum(assoc: Any) -> None:
