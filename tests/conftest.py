@@ -14,9 +14,11 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
+from pynetdicom.association import Association
 
 from .peers import (
     PACS,
@@ -40,6 +42,22 @@ from .peers import (
 # The tests' commands never read a service's settings file installed on this
 # machine (/etc/filmless-pacs.env): only what each test sets.
 os.environ.setdefault("PACS_ENV_FILE", "")
+
+# pynetdicom's requesting side loses a response now and then in a race of
+# its reactor's pause (see pacs.dicom_net.keep_responses, which our own
+# associations get). The tests' clients that call AE.associate themselves
+# get the same hand-back, so that race never fails a test of the server.
+PYNETDICOM_SERVE_REQUEST = Association._serve_request
+
+
+def _serve_request_keeping_responses(self: Association, message: Any, context_id: int) -> None:
+    if self.is_requestor and not message.is_valid_request and not self._reactor_checkpoint.is_set():
+        self.dimse.msg_queue.put((context_id, message))
+        return
+    PYNETDICOM_SERVE_REQUEST(self, message, context_id)
+
+
+Association._serve_request = _serve_request_keeping_responses  # type: ignore[method-assign]
 
 __all__ = [
     "PACS", "S3_ACCESS", "S3_SECRET", "Backend", "PacsServer", "S3Server", "dataset_bytes",

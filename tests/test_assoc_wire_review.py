@@ -868,15 +868,22 @@ def test_the_abort_after_a_failed_action_keeps_pynetdicom_s_lines_when_it_fails_
 
 
 # -- 9. a response pynetdicom's reactor takes while a send_* waits for it ----------------------------
-def test_a_response_the_reactor_takes_while_the_sender_waits_goes_back_to_the_sender(server: PacsServer) -> None:
+def test_a_response_the_reactor_takes_while_the_sender_waits_goes_back_to_the_sender(
+        server: PacsServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """pynetdicom's send_* pauses the reactor by a flag the reactor sets just
     before its checkpoint and clears after it: a reactor on its way past the
     checkpoint takes the response, logs "Received unexpected C-ECHO service
     message", and the sender waits the DIMSE timeout (CI's fuzz test lost a
     C-STORE response so). Forced here: the response, once it arrived, is
     handed to the reactor's serving function before the sender reads it."""
+    from pynetdicom.association import Association
+
     from pacs.dicom_net import request
 
+    from .conftest import PYNETDICOM_SERVE_REQUEST
+
+    # pynetdicom's own serving, not the tests' hand-back (conftest): the product's is tested.
+    monkeypatch.setattr(Association, "_serve_request", PYNETDICOM_SERVE_REQUEST)
     ae = AE(ae_title="RACESCU")
     ae.add_requested_context(Verification)
     ae.dimse_timeout = 3
