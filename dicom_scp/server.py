@@ -32,7 +32,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from pacs.app import Pacs
 from pacs.addresses import host_matches
 from pacs.audit import Event, patient_cx
-from pacs.dicom_net import abort_on_action_error, apply_limits, request, thread_association, tune_socket
+from pacs.dicom_net import (
+    abort_on_action_error, apply_limits, keep_responses, request, thread_association, tune_socket,
+)
 from pacs.errors import IngestError, Status
 from pacs.header import stray_meta_length
 from pacs.ingest import Origin
@@ -284,6 +286,9 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
 def _on_conn_open(event: Any) -> None:
     tune_socket(event.assoc)
     abort_on_action_error(event.assoc)
+    # A storage commitment report goes out on the modality's association from
+    # another thread: its N-EVENT-REPORT-RSP must reach that sender.
+    keep_responses(event.assoc)
 
 
 # Seconds a new connection has to send its A-ASSOCIATE-RQ (a few hundred

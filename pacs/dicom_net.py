@@ -204,8 +204,9 @@ def request(associate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
 
 def keep_responses(assoc: Any) -> None:
     """Hand a response back to the ``send_*`` call waiting for it when
-    pynetdicom's reactor took it first, on an association this node
-    requested.
+    pynetdicom's reactor took it first (an association this node requested;
+    one it accepted, where a storage commitment report is sent from another
+    thread than the reactor's).
 
     A ``send_*`` call pauses the reactor (clears its checkpoint, waits for
     its paused flag) before it sends: the reactor sets that flag just before
