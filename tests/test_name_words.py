@@ -238,28 +238,35 @@ def test_a_first_name_arriving_later_fills_a_patient_the_writer_knows(engine: En
     assert_words_follow_names(engine)
 
 
-def test_a_name_the_his_gives_meanwhile_is_not_overwritten_by_the_modality_s(engine: Engine, tmp_path: Path) -> None:
+def test_a_name_the_his_gives_meanwhile_is_not_overwritten_by_the_modality_s(tmp_path: Path) -> None:
     """A nameless patient: an ingest read the blank name, and the HIS named
     the patient (ADT^A08, committed) before the ingest filled it. The
-    modality's name overwrote the HIS's. PostgreSQL only: on SQLite the
-    ingest's transaction holds the one write lock from its start."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("no concurrent writer on SQLite")
-    _receive(engine, IndexWriter(), tmp_path, "NW50", "", 50, IssuerOfPatientID="BVDK")
-    renamed: list[bool] = []
-
-    def his_first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        if not renamed and statement.startswith("UPDATE patients SET name="):
-            renamed.append(True)  # the HIS commits on its own connection, before the ingest's UPDATE
-            OrderService(engine).update_patient(PatientInfo("NW50", issuer="BVDK", name="Lý^Thị Mai"))
-
-    event.listen(engine, "before_cursor_execute", his_first)
+    modality's name overwrote the HIS's. On PostgreSQL, in a database of its
+    own: on SQLite the ingest's transaction holds the one write lock from its
+    start, so no other writer comes between."""
+    url = create_database()
+    engine = create_index_engine(url)
     try:
-        _receive(engine, IndexWriter(), tmp_path, "NW50", "Ly^Mai", 51, IssuerOfPatientID="BVDK")
+        upgrade_schema(engine)
+        _receive(engine, IndexWriter(), tmp_path, "NW50", "", 50, IssuerOfPatientID="BVDK")
+        renamed: list[bool] = []
+
+        def his_first(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+            if not renamed and statement.startswith("UPDATE patients SET name="):
+                renamed.append(True)  # the HIS commits on its own connection, before the ingest's UPDATE
+                OrderService(engine).update_patient(PatientInfo("NW50", issuer="BVDK", name="Lý^Thị Mai"))
+
+        event.listen(engine, "before_cursor_execute", his_first)
+        try:
+            _receive(engine, IndexWriter(), tmp_path, "NW50", "Ly^Mai", 51, IssuerOfPatientID="BVDK")
+        finally:
+            event.remove(engine, "before_cursor_execute", his_first)
+        assert renamed
+        with engine.connect() as conn:
+            assert conn.execute(select(patients.c.name).where(patients.c.patient_id == "NW50")).scalar_one() \
+                == "Lý^Thị Mai"
+        assert _pids(engine, "THI MAI") == {"NW50"}
+        assert_words_follow_names(engine)
     finally:
-        event.remove(engine, "before_cursor_execute", his_first)
-    assert renamed
-    with engine.connect() as conn:
-        assert conn.execute(select(patients.c.name).where(patients.c.patient_id == "NW50")).scalar_one() == "Lý^Thị Mai"
-    assert _pids(engine, "THI MAI") == {"NW50"}
-    assert_words_follow_names(engine)
+        engine.dispose()
+        drop_database(url)
