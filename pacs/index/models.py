@@ -85,6 +85,8 @@ class Patient(Base):
     __table_args__ = (
         Index("uq_patients_patient_id_issuer", "patient_id", "issuer", unique=True,
               sqlite_where=text(PATIENT_HAS_ID), postgresql_where=text(PATIENT_HAS_ID)),
+        # SQLite uses the partial one only where a query says PATIENT_HAS_ID itself (migration 0025).
+        Index("ix_patients_patient_id", "patient_id", "issuer"),
     )
 
     pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)

@@ -96,10 +96,17 @@ class Query:
             raise QueryError(f"offset must not exceed {_MAX_OFFSET}")
 
 
-def _from(level: Level) -> Any:
+def _from(level: Level, *, walk_dates: bool = False) -> Any:
+    """The tables of *level*. *walk_dates* (SQLite): the studies are read
+    first, so that a newest-first page walks the study date index."""
     joined: Any = patients
     if level.depth >= Level.STUDY.depth:
-        joined = studies.join(patients, patients.c.pk == studies.c.patient_pk)
+        # "+ 0": the studies of each patient cannot be found by that index, so
+        # SQLite reads the studies first. It chose to read every patient and
+        # sort all their matching studies: a list of the newest CT studies
+        # took 250 ms at 100,000 studies (0.6 ms walking the dates).
+        patient_pk = studies.c.patient_pk + 0 if walk_dates else studies.c.patient_pk
+        joined = studies.join(patients, patients.c.pk == patient_pk)
     if level.depth >= Level.SERIES.depth:
         joined = series.join(joined, studies.c.pk == series.c.study_pk)
     if level.depth >= Level.IMAGE.depth:
@@ -134,7 +141,8 @@ def build_select(query: Query, conn: Connection | None = None) -> tuple[Select[A
     """The SELECT for *query* and the keywords of its result columns. With
     *conn*, a fuzzy name search may look its words up there first
     (:func:`~pacs.query.matching.name_word_lookup`) and take its candidates
-    from the name word index."""
+    from the name word index, and a newest-first query on SQLite that names
+    no patient walks the study dates (:func:`_from`)."""
     query.validate()
     level = query.level
     base = _BASE[level]
@@ -158,19 +166,40 @@ def build_select(query: Query, conn: Connection | None = None) -> tuple[Select[A
     stmt = select(base.c.pk.label("_pk"), patients.c.pk.label("_patient_pk"),
                   patients.c.patient_id.label("_patient_id"), patients.c.issuer.label("_issuer"),
                   *columns, *computed, *extra)
-    stmt = stmt.select_from(_from(level))
     # An issuer given with a Patient ID qualifies that ID (the patient's own
     # or one of its other IDs), no condition of its own on the patient.
     issuer = qualifying_issuer(query.match)
-    lookup = name_word_lookup(conn) if conn is not None and query.fuzzy else None
+    candidates: list[bool] = []
+    lookup = _noting(name_word_lookup(conn), candidates) if conn is not None and query.fuzzy else None
     conditions = [
         condition(ATTRIBUTES[k], v, fuzzy=query.fuzzy, other_ids=query.other_ids, issuer=issuer, word_lookup=lookup)
         for k, v in query.match.items()
         if v and not universal(v) and matchable(k) and not (issuer and k == "IssuerOfPatientID")
     ]
+    walk = (query.newest_first and level is not Level.PATIENT and conn is not None and conn.dialect.name == "sqlite"
+            and not any(candidates) and not _names_patients(query.match))
+    stmt = stmt.select_from(_from(level, walk_dates=walk))
     if conditions:
         stmt = stmt.where(and_(*conditions))
     return stmt, keywords + [c.name for c in computed]
+
+
+# Keys that name patients: their studies are found from the patients.
+_PATIENT_KEYS = ("PatientID", "OtherPatientIDs", "IssuerOfPatientID", "PatientBirthDate")
+
+
+def _names_patients(match: dict[str, str]) -> bool:
+    return any(match.get(k) and not universal(match[k]) for k in _PATIENT_KEYS)
+
+
+def _noting(lookup: Any, found: list[bool]) -> Any:
+    """*lookup*, noting in *found* whether it gave candidates."""
+    def noted(folded: str) -> Any:
+        result = lookup(folded)
+        found.append(result is not None)
+        return result
+
+    return noted
 
 
 def run_query(engine: Engine, query: Query, *, page: int = 500) -> Iterator[dict[str, Any]]:
@@ -282,8 +311,9 @@ def count_query(engine: Engine, query: Query) -> int:
 
 
 def _select(engine: Engine, query: Query) -> tuple[Select[Any], list[str]]:
-    """:func:`build_select`, with a connection for a fuzzy query's name word lookup."""
-    if not query.fuzzy:
+    """:func:`build_select`, with a connection for a fuzzy query's name word
+    lookup and a newest-first query's plan."""
+    if not query.fuzzy and not query.newest_first:
         return build_select(query)
     with engine.connect() as conn:
         return build_select(query, conn)

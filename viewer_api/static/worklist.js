@@ -196,7 +196,9 @@ export function mountWorklist(root, ctx) {
     message.textContent = items.length ? "" : t("no_results");
     message.className = "message";
     const first = items.length ? filters.offset + 1 : 0;
-    pageInfo.textContent = t("page_info", { from: first, to: filters.offset + items.length, total });
+    // total_exact false: at least that many (the server counts so far past the page).
+    const shown = data && data.total_exact === false ? `${total}+` : total;
+    pageInfo.textContent = t("page_info", { from: first, to: filters.offset + items.length, total: shown });
     prev.disabled = filters.offset <= 0;
     next.disabled = filters.offset + items.length >= total;
   }

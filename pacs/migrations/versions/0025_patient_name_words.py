@@ -33,7 +33,6 @@ _BATCH = 5000
 
 
 def upgrade() -> None:
-    postgresql = op.get_bind().dialect.name == "postgresql"
     op.create_table(
         "patient_name_words",
         sa.Column("patient_pk", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
@@ -47,11 +46,15 @@ def upgrade() -> None:
     # on PostgreSQL, as the name columns' pattern indexes (0003): prefix LIKE under any collation.
     op.create_index("ix_patient_name_words_word", "patient_name_words", ["word", "patient_pk"],
                     postgresql_ops={"word": "text_pattern_ops"})
+    # SQLite uses the partial unique index on (patient_id, issuer) (0013) only
+    # for a query that says "patient_id <> ''" itself: every lookup of a
+    # patient by its ID (C-FIND, QIDO, the study list, the ingest's lookup of a
+    # new study's patient, the HIS's) read every patient (8 ms at 33,000).
+    op.create_index("ix_patients_patient_id", "patients", ["patient_id", "issuer"])
     # The planner's statistics of the new table (SQLite's sweeper gathers them
     # again only once the archive has doubled).
     op.execute("ANALYZE patient_name_words")
-    if postgresql:
-        op.execute("ANALYZE patients")
+    op.execute("ANALYZE patients")
 
 
 def _fill(conn: sa.Connection) -> None:
@@ -69,5 +72,6 @@ def _fill(conn: sa.Connection) -> None:
 
 
 def downgrade() -> None:
+    op.drop_index("ix_patients_patient_id", table_name="patients")
     op.drop_index("ix_patient_name_words_word", table_name="patient_name_words")
     op.drop_table("patient_name_words")
