@@ -49,7 +49,7 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
     writer = IndexWriter()
     for n in range(40):
         _receive(index, writer, tmp, f"SL{n % 10}", f"Nguyễn^Văn {chr(65 + n % 10)}", 100 + n,
-                 Modality=MODALITIES[n % 4], StudyDate=f"202601{1 + n % 28:02d}", StudyTime=f"{n:02d}0000")
+                 Modality=MODALITIES[n % 4], StudyDate=f"202601{1 + n % 28:02d}", StudyTime=f"{n % 24:02d}{n:02d}00")
     with index.connect() as conn:
         # The planner's statistics of an archive of 100,000 studies (bench
         # archive): SQLite plans as it would there (sqlite_stat1 may be written).
