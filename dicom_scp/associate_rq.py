@@ -310,9 +310,7 @@ class AssociationGate:
                 sock.recv(65536)  # what came with it; more is read as it comes (Sta13)
             except OSError:
                 pass  # the peer left: the abort follows either way
-            address = str(getattr(assoc.requestor, "address", "?"))
-            self.lines.say(address, "malformed-pdu", f"malformed PDU from {association_peer(assoc)}: unknown PDU "
-                           f"type 0x{first[0]:02X}; association aborted")
+            self._say_malformed(assoc, "PDU", f"unknown PDU type 0x{first[0]:02X}")
             dul.event_queue.put("Evt19")
 
         return typed
@@ -349,15 +347,16 @@ class AssociationGate:
 
     def _malformed(self, assoc: Any, pdu_type: bytes, exc: Exception) -> None:
         """A PDU after the request that pynetdicom cannot decode (A-ABORT)."""
-        address = str(getattr(assoc.requestor, "address", "?"))
         name = _PDU_NAMES.get(pdu_type[0], "PDU") if pdu_type else "PDU"
-        self.lines.say(address, "malformed-pdu",
-                       f"malformed {name} from {association_peer(assoc)}: {_exception_reason(exc)}; "
-                       "association aborted")
+        self._say_malformed(assoc, name, _exception_reason(exc))
         exc._pacs_said = True  # type: ignore[attr-defined]
 
+    def _say_malformed(self, assoc: Any, name: str, reason: str) -> None:
+        self.lines.say(_address(assoc), "malformed-pdu",
+                       f"malformed {name} from {association_peer(assoc)}: {reason}; association aborted")
+
     def _malformed_request(self, assoc: Any, data: bytes, exc: Exception) -> None:
-        address = str(getattr(assoc.requestor, "address", "?"))
+        address = _address(assoc)
         called, calling = raw_titles(data)
         self._say_abort(address, calling, called, f"A-ASSOCIATE-RQ not understood: {_exception_reason(exc)}")
         exc._pacs_said = True  # type: ignore[attr-defined]
@@ -370,13 +369,13 @@ class AssociationGate:
 
     def _unsupported_version(self, assoc: Any, pdu: Any) -> None:
         """pynetdicom's state machine answers A-ASSOCIATE-RJ 1/2/2 (AE-6)."""
-        address = str(getattr(assoc.requestor, "address", "?"))
+        address = _address(assoc)
         reason = f"protocol version 0x{pdu.protocol_version:04X} not supported (bit 0 not set)"
         self._say_refusal(address, peer_text(pdu.calling_ae_title.strip(), 16),
                           peer_text(pdu.called_ae_title.strip(), 16), reason, (1, 2, 2))
 
     def _tolerated(self, assoc: Any, pdu: Any, notes: list[str]) -> None:
-        address = str(getattr(assoc.requestor, "address", "?"))
+        address = _address(assoc)
         self.quirk_lines.say(address, "tolerated",
                        f"A-ASSOCIATE-RQ from {address} (calling {peer_text(pdu.calling_ae_title.strip(), 16)}, "
                        f"called {peer_text(pdu.called_ae_title.strip(), 16)}) read as DCMTK reads it: "
@@ -477,6 +476,11 @@ class AssociationGate:
         must show (IHE ATNA), with the title and address it came from."""
         self._pacs.audit.record(Event(action="associate", user=calling[:64], role="dicom", client=address,
                                       protocol="dicom", outcome="denied", detail=detail[:500]))
+
+
+def _address(assoc: Any) -> str:
+    """The requestor's address of an association this node accepted."""
+    return str(getattr(assoc.requestor, "address", "?"))
 
 
 def _titles(rq: Any) -> tuple[str, str]:

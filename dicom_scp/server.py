@@ -569,9 +569,8 @@ class _PeerPduErrors(logging.Filter):
         (A PDU of an unknown type the listener says itself:
         AssociationGate._typed.)"""
         message = record.getMessage()
-        assoc = thread_association()
         if message.startswith("The received PDU is shorter than expected"):
-            record.msg = (f"connection from {association_peer(assoc)} lost in the middle of a PDU: "
+            record.msg = (f"connection from {association_peer(thread_association())} lost in the middle of a PDU: "
                           f"{message.removeprefix('The received PDU is shorter than expected ').strip('()')}")
             record.args = None
             record.levelno, record.levelname = logging.INFO, "INFO"

@@ -221,12 +221,20 @@ def keep_responses(assoc: Any) -> None:
     serve = assoc._serve_request
 
     def serve_request(message: Any, context_id: int) -> None:
-        if not message.is_valid_request and not assoc._reactor_checkpoint.is_set():
-            assoc.dimse.msg_queue.put((context_id, message))
-            return
-        serve(message, context_id)
+        if not handed_back(assoc, message, context_id):
+            serve(message, context_id)
 
     assoc._serve_request = serve_request
+
+
+def handed_back(assoc: Any, message: Any, context_id: int) -> bool:
+    """Whether *message*, taken by *assoc*'s reactor, was a response a
+    waiting ``send_*`` call was owed, now put back on its queue
+    (:func:`keep_responses`)."""
+    if message.is_valid_request or assoc._reactor_checkpoint.is_set():
+        return False
+    assoc.dimse.msg_queue.put((context_id, message))
+    return True
 
 
 def _no_maximum(assoc: Any) -> None:

@@ -60,7 +60,7 @@ from .index.name_words import set_name_words
 from .index.writer import MERGED_ID_TYPE, merged_patient
 from .index.writer_helpers import insert_ignore
 from .names import fold_name, name_reading, name_words
-from .query.matching import is_date, is_time
+from .query.matching import is_date, is_time, like_literal
 from .timezones import server_zone
 
 log = logging.getLogger(__name__)
@@ -1948,8 +1948,7 @@ class OrderService:
 def _json_like(value: str) -> str:
     """*value* as a JSON string's text holds it, escaped as a LIKE pattern's
     literal text (escape character backslash)."""
-    encoded = json.dumps(value)[1:-1]
-    return encoded.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return like_literal(json.dumps(value)[1:-1])
 
 
 def _step_accessions(conn: Connection, order_pks: list[int]) -> set[str]:

@@ -20,6 +20,8 @@ import psycopg
 import pytest
 from pynetdicom.association import Association
 
+from pacs.dicom_net import handed_back
+
 from .peers import (
     PACS,
     PG_ADMIN,
@@ -51,10 +53,8 @@ PYNETDICOM_SERVE_REQUEST = Association._serve_request
 
 
 def _serve_request_keeping_responses(self: Association, message: Any, context_id: int) -> None:
-    if self.is_requestor and not message.is_valid_request and not self._reactor_checkpoint.is_set():
-        self.dimse.msg_queue.put((context_id, message))
-        return
-    PYNETDICOM_SERVE_REQUEST(self, message, context_id)
+    if not (self.is_requestor and handed_back(self, message, context_id)):
+        PYNETDICOM_SERVE_REQUEST(self, message, context_id)
 
 
 Association._serve_request = _serve_request_keeping_responses  # type: ignore[method-assign]

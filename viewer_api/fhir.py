@@ -32,7 +32,7 @@ from pacs.index.models import Instance, PatientIdentifier, Report, Series
 from pacs.index.writer import MERGED_ID_TYPE
 from pacs.names import fold, fold_name, name_words, same_person
 from pacs.query.attributes import patients, studies
-from pacs.query.matching import NameLookup, name_word_lookup
+from pacs.query.matching import NameLookup, like_literal, name_word_lookup
 from pacs.reports import ReportError, ReportService
 from pacs.studylist import study_detail
 from pacs.timezones import hospital_zone
@@ -1408,11 +1408,6 @@ def _string_values(raw: str) -> list[str]:
     return [v for v in (_unescape(p).strip() for p in _unescaped_split(raw, ",")) if v]
 
 
-def _like_text(text: str) -> str:
-    """*text* as literal characters of a LIKE pattern (escape ``\\``)."""
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
 def _folded_words(value: str) -> str:
     # What people type: no diacritics, any case, a PN's separators as spaces.
     return " ".join(fold(value.replace("^", " ").replace("=", " ")).split())
@@ -1426,7 +1421,7 @@ def _name_matches(value: str, lookup: NameLookup) -> ColumnElement[bool]:
     term takes its candidates from the name word index (*lookup*,
     :func:`~pacs.query.matching.name_word_lookup`)."""
     folded = name_words(value)
-    words = _like_text(folded)
+    words = like_literal(folded)
     if not words:
         return false()
     return _among_candidates(lookup(folded), or_(*(column.like(pattern, escape="\\")
@@ -1440,7 +1435,7 @@ def _among_candidates(candidates: ColumnElement[bool] | None, matches: ColumnEle
 
 def _family_matches(value: str) -> ColumnElement[bool]:
     """family: the family name (first PN component) starts with *value*."""
-    words = _like_text(_folded_words(value))
+    words = like_literal(_folded_words(value))
     if not words:
         return false()
     return patients.c.name_folded.like(words + "%", escape="\\")
@@ -1450,7 +1445,7 @@ def _given_matches(value: str, lookup: NameLookup) -> ColumnElement[bool]:
     """given: a word of a later PN component starts with *value* (selective:
     among the candidates of the name word index, as for name)."""
     folded = _folded_words(value)
-    words = _like_text(folded)
+    words = like_literal(folded)
     if not words:
         return false()
     return _among_candidates(lookup(folded), or_(patients.c.name_folded.like("%^" + words + "%", escape="\\"),

@@ -15,13 +15,10 @@ CASCADE; SQLite runs with foreign keys on, pacs.index.db).
 
 from __future__ import annotations
 
-from functools import lru_cache
-from typing import Any
-
 from sqlalchemy import Connection, Table, delete
-from sqlalchemy.dialects import postgresql, sqlite
 
 from .models import PatientNameWord
+from .writer_helpers import insert_ignore_rows
 
 name_words_t: Table = PatientNameWord.__table__  # type: ignore[assignment]
 
@@ -31,12 +28,6 @@ def words_of(name_words: str) -> list[str]:
     :func:`pacs.names.name_words`: folded, separators read as spaces), in
     order. Its reading form (``name_reading``) has the same words."""
     return list(dict.fromkeys(name_words.split()))
-
-
-@lru_cache(maxsize=4)
-def _insert_stmt(dialect_name: str) -> Any:
-    dialect = postgresql if dialect_name == "postgresql" else sqlite
-    return dialect.insert(name_words_t).on_conflict_do_nothing(index_elements=["patient_pk", "word"])
 
 
 def set_name_words(conn: Connection, patient_pk: int, name_words: str) -> None:
@@ -49,7 +40,8 @@ def set_name_words(conn: Connection, patient_pk: int, name_words: str) -> None:
                                             name_words_t.c.word.not_in(wanted)))
     if wanted:
         # ON CONFLICT: a word the patient has already (or another writer of the same name just added).
-        conn.execute(_insert_stmt(conn.dialect.name), [{"patient_pk": patient_pk, "word": w} for w in wanted])
+        insert_ignore_rows(conn, name_words_t, [{"patient_pk": patient_pk, "word": w} for w in wanted],
+                           ["patient_pk", "word"])
 
 
 __all__ = ["name_words_t", "set_name_words", "words_of"]

@@ -10,11 +10,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 
 @lru_cache(maxsize=64)
-def _insert_ignore_stmt(dialect_name: str, table: Table, keys: tuple[str, ...], where: str | None) -> Any:
+def _insert_ignore_stmt(dialect_name: str, table: Table, keys: tuple[str, ...], where: str | None,
+                        returning: bool = True) -> Any:
     dialect = postgresql if dialect_name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing(
+    stmt = dialect.insert(table).on_conflict_do_nothing(
         index_elements=list(keys), index_where=text(where) if where else None,
-    ).returning(next(iter(table.primary_key.columns)))
+    )
+    return stmt.returning(next(iter(table.primary_key.columns))) if returning else stmt
 
 
 def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], keys: list[str],
@@ -28,6 +30,11 @@ def insert_ignore(conn: Connection, table: Table, values: dict[str, Any], keys: 
     """
     stmt = _insert_ignore_stmt(conn.dialect.name, table, tuple(keys), where)
     return conn.execute(stmt, values).scalar()
+
+
+def insert_ignore_rows(conn: Connection, table: Table, rows: list[dict[str, Any]], keys: list[str]) -> None:
+    """:func:`insert_ignore` of several rows in one statement, returning nothing."""
+    conn.execute(_insert_ignore_stmt(conn.dialect.name, table, tuple(keys), None, returning=False), rows)
 
 
 @lru_cache(maxsize=16)

@@ -59,10 +59,14 @@ def has_wildcard(value: str) -> bool:
     return "*" in value or "?" in value
 
 
+def like_literal(text: str) -> str:
+    """*text* as literal characters of a LIKE pattern (escape character ``\\``)."""
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
 def like_pattern(value: str) -> str:
     """DICOM wildcards to a LIKE pattern (escape character ``\\``)."""
-    escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return escaped.replace("*", "%").replace("?", "_")
+    return like_literal(value).replace("*", "%").replace("?", "_")
 
 
 def text_match(column: Any, value: str) -> ColumnElement[bool]:
@@ -190,10 +194,6 @@ LOOKUP_WORDS = 8
 NameLookup = Callable[[str], "ColumnElement[bool] | None"]
 
 
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
 def name_word_lookup(conn: Connection) -> NameLookup:
     """The candidates of an any-word name search, on *conn*: for a folded
     term ("NGUYEN VAN AN": whole words, the last one a prefix, as an
@@ -211,7 +211,7 @@ def name_word_lookup(conn: Connection) -> NameLookup:
     counted: dict[tuple[str, bool], int] = {}
 
     def having(word: str, prefix: bool) -> Select[Any]:
-        condition = (name_words_t.c.word.like(_escape_like(word) + "%", escape="\\") if prefix
+        condition = (name_words_t.c.word.like(like_literal(word) + "%", escape="\\") if prefix
                      else name_words_t.c.word == word)
         return select(name_words_t.c.patient_pk).where(condition)
 
@@ -225,17 +225,18 @@ def name_word_lookup(conn: Connection) -> NameLookup:
         words = [w for w in re.split(r"[ ^=]+", folded) if w]
         # Whole words but the last, a prefix; fewer words leave more candidates, never fewer.
         looked_up = list(dict.fromkeys((w, i == len(words) - 1) for i, w in enumerate(words)))[:LOOKUP_WORDS]
-        selective = [having(w, prefix) for w, prefix in looked_up if rows(w, prefix) <= SELECTIVE_WORD_ROWS]
+        selective = [(w, prefix) for w, prefix in looked_up if rows(w, prefix) <= SELECTIVE_WORD_ROWS]
         if not selective:
             return None
-        both = selective[0] if len(selective) == 1 else intersect(*selective)
+        both = having(*selective[0]) if len(selective) == 1 else intersect(*(having(*s) for s in selective))
         if conn.dialect.name == "postgresql":
             pks = list(conn.execute(select(both.subquery().c[0]).limit(most + 1)).scalars())
             if len(pks) > most:
                 return None
             return patients.c.pk.in_(sorted(pks)) if pks else false()
         # SQLite's planner takes the subquery as it is (and binds no list).
-        found = conn.execute(select(func.count()).select_from(
+        # One word: its rows are counted already.
+        found = rows(*selective[0]) if len(selective) == 1 else conn.execute(select(func.count()).select_from(
             select(both.subquery().c[0]).limit(most + 1).subquery())).scalar_one()
         if found > most:
             return None
@@ -448,6 +449,7 @@ __all__ = [
     "condition",
     "is_date",
     "is_time",
+    "like_literal",
     "like_pattern",
     "list_match",
     "patient_id_match",
