@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 from .archive import PgArchive, install_sqlite, sqlite_archive
+from .query import percentile
 
 # What a radiologist types: a given name (the word people are called by), a
 # one-letter start, family + middle, a whole name, a name with its diacritics,
@@ -45,7 +46,7 @@ def time_terms(url: str, calls: int) -> list[list[str]]:
                 start = time.perf_counter()
                 study_list(engine, name=term)
                 times.append((time.perf_counter() - start) * 1000)
-            rows.append([term, f"{statistics.median(times):.1f}", f"{sorted(times)[round(0.95 * (len(times) - 1))]:.1f}", str(total)])
+            rows.append([term, f"{statistics.median(times):.1f}", f"{percentile(times, 0.95):.1f}", str(total)])
     finally:
         engine.dispose()
     return rows

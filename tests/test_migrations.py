@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine
@@ -361,20 +363,17 @@ def _patient_changes_and_downgrade(engine: Engine) -> None:
     assert_schema_matches(engine)
 
 
-def test_patient_changed_at_sqlite(tmp_path: Path) -> None:
-    engine = create_index_engine(f"sqlite:///{tmp_path}/index.sqlite")
-    try:
-        _patient_changes_and_downgrade(engine)
-    finally:
-        engine.dispose()
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
+    """An engine on an empty index: a SQLite file, or a fresh PostgreSQL database."""
+    url = f"sqlite:///{tmp_path}/index.sqlite" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    engine = create_index_engine(url)
+    yield engine
+    engine.dispose()
 
 
-def test_patient_changed_at_postgresql(pg_url: str) -> None:
-    engine = create_index_engine(pg_url)
-    try:
-        _patient_changes_and_downgrade(engine)
-    finally:
-        engine.dispose()
+def test_patient_changed_at(empty_index: Engine) -> None:
+    _patient_changes_and_downgrade(empty_index)
 
 
 def _name_words_filled_and_downgrade(engine: Engine) -> None:
@@ -409,7 +408,8 @@ def _name_words_filled_and_downgrade(engine: Engine) -> None:
     with engine.connect() as conn:
         assert len(conn.execute(select(name_words_t)).all()) == 3 + 5 + 3
     # The word index answers the fuzzy search (no study here: the patient-level query).
-    for term, expected in (("an", {"BN1"}), ("VAN", {"BN1", "BN2", "BN4"}), ("ちば", {"BN2"}), ("van binh", {"BN2", "BN4"}), ("binh van", {"BN4"})):
+    for term, expected in (("an", {"BN1"}), ("VAN", {"BN1", "BN2", "BN4"}), ("ちば", {"BN2"}),
+                           ("van binh", {"BN2", "BN4"}), ("binh van", {"BN4"})):
         stmt, _ = build_select(Query(Level.PATIENT, {"PatientName": term}, fuzzy=True))
         with engine.connect() as conn:
             assert {r._patient_id for r in conn.execute(stmt)} == expected, term
@@ -422,17 +422,5 @@ def _name_words_filled_and_downgrade(engine: Engine) -> None:
     assert current_revision(engine) == "0024"
 
 
-def test_name_words_migration_sqlite(tmp_path: Path) -> None:
-    engine = create_index_engine(f"sqlite:///{tmp_path}/index.sqlite")
-    try:
-        _name_words_filled_and_downgrade(engine)
-    finally:
-        engine.dispose()
-
-
-def test_name_words_migration_postgresql(pg_url: str) -> None:
-    engine = create_index_engine(pg_url)
-    try:
-        _name_words_filled_and_downgrade(engine)
-    finally:
-        engine.dispose()
+def test_name_words_migration(empty_index: Engine) -> None:
+    _name_words_filled_and_downgrade(empty_index)
