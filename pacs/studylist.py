@@ -8,31 +8,30 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, false, func, select
 
-from .index.models import Instance, Report, Series
+from .index.models import Instance, Series
 from .names import fold_name, same_person
 from .query import Level, Query, build_select
 from .query.attributes import patients, studies
 
-reports = Report.__table__
 series_t = Series.__table__
 instances_t = Instance.__table__
 
 
-def _report_status(signed_only: bool = False) -> Any:
-    # Roles that read signed reports only must see the status of the newest
-    # signed version: an amendment in progress is not theirs to see (the
-    # report API shows them the signed one).
-    current = select(reports.c.status).where(reports.c.study_pk == studies.c.pk)
-    if signed_only:
-        current = current.where(reports.c.status == "signed")
-    return (
-        current
-        .order_by(reports.c.version.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
+# The report states (studies.report_state, migration 0026) a status filter
+# takes, and the status each state shows: to all readers, and to the roles
+# that read signed reports only. Those see the newest signed version: an
+# amendment in progress is not theirs to see (the report API shows them the
+# signed one), a first draft not yet a report.
+_STATES = {
+    False: {"unread": ("unread",), "draft": ("draft", "amending"), "signed": ("signed",)},
+    True: {"unread": ("unread", "draft"), "draft": (), "signed": ("signed", "amending")},
+}
+_SHOWN = {
+    False: {"unread": "unread", "draft": "draft", "amending": "draft", "signed": "signed"},
+    True: {"unread": "unread", "draft": "unread", "amending": "signed", "signed": "signed"},
+}
 
 
 # How many matches past the page asked for the study list counts at most.
@@ -71,12 +70,10 @@ def study_list(
         match["AccessionNumber"] = accession
     with engine.connect() as conn:
         stmt, _ = build_select(Query(Level.STUDY, match, fuzzy=True, newest_first=True), conn)
-        report_status = _report_status(signed_only)
-        stmt = stmt.add_columns(report_status.label("report_status"), studies.c.num_series, studies.c.num_instances)
-        if status == "unread":
-            stmt = stmt.where(report_status.is_(None))
-        elif status in ("draft", "signed"):
-            stmt = stmt.where(report_status == status)
+        stmt = stmt.add_columns(studies.c.report_state, studies.c.num_series, studies.c.num_instances)
+        if status in _STATES[signed_only]:
+            states = _STATES[signed_only][status]
+            stmt = stmt.where(studies.c.report_state.in_(states) if states else false())
         if patient_pk is not None:
             stmt = stmt.where(studies.c.patient_pk == patient_pk)
         if referring:
@@ -110,7 +107,7 @@ def study_list(
                 "description": r["StudyDescription"],
                 "num_series": r["num_series"],
                 "num_instances": r["num_instances"],
-                "report_status": r["report_status"] or "unread",
+                "report_status": _SHOWN[signed_only].get(r["report_state"], "unread"),
             }
             for r in rows
         ],

@@ -11,9 +11,10 @@ same studies in the same order either way, and the bounded total.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, event, text
 
 from pacs import studylist
 from pacs.index import create_index_engine, upgrade_schema
@@ -37,6 +38,8 @@ ARCHIVE_STATISTICS = [
     ("studies", "ix_studies_referring_physician_reading", "100000 100000"),
     ("studies", "ix_studies_referring_physician_words", "100000 100000"),
     ("studies", "ix_studies_referring_physician_folded", "100000 100000"),
+    # With reports in four states (unread, draft, signed, amending): a hospital that reports here.
+    ("studies", "ix_studies_report_state", "100000 25000 36 1"),
 ]
 
 
@@ -103,3 +106,28 @@ def test_the_total_is_counted_only_so_far_past_the_page(engine: Engine, monkeypa
     found = study_list(engine, modality="CT", limit=5, offset=5)
     assert (found["total"], found["total_exact"], len(found["items"])) == (10, True, 5)
 
+
+
+def test_the_unread_worklist_reads_the_unread_studies_from_their_index(engine: Engine) -> None:
+    """The radiologist's default list: the unread studies, newest first. Each
+    study's report status was a subquery, so finding the few unread studies
+    of a reported archive read every study (89 ms at 100,000 studies)."""
+    plans: list[str] = []
+
+    def explain(conn: object, cursor: Any, statement: str, parameters: object, *_: object) -> None:
+        if "LIMIT" in statement and not statement.startswith("EXPLAIN"):
+            rows = cursor.connection.execute("EXPLAIN QUERY PLAN " + statement, parameters)
+            plans.append(" / ".join(r[3] for r in rows))
+
+    event.listen(engine, "before_cursor_execute", explain)
+    try:
+        for status in ("unread", "draft", "signed"):
+            study_list(engine, status=status)
+            study_list(engine, status=status, modality="CT")
+    finally:
+        event.remove(engine, "before_cursor_execute", explain)
+    assert plans and all("reports" not in plan for plan in plans), plans
+    # Unread: the count and the page, with and without a modality.
+    for plan in plans[:4]:
+        first = next(step for step in plan.split(" / ") if " studies " in f"{step} ")
+        assert first.startswith("SEARCH studies USING INDEX ix_studies_report_state (report_state=?)"), plan

@@ -147,6 +147,8 @@ class PatientIdentifier(Base):
 
 class Study(Base):
     __tablename__ = "studies"
+    # A report state's studies, newest first (the unread worklist).
+    __table_args__ = (Index("ix_studies_report_state", "report_state", "study_date", "study_time"),)
 
     pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
     patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.pk"), index=True)
@@ -174,6 +176,9 @@ class Study(Base):
     # series, instances, patient's ID or name): FHIR meta.lastUpdated and
     # _lastUpdated. Kept by triggers (migration 0022); an insert sets it.
     changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # unread, draft, signed, or amending (a draft over a signed version).
+    # Kept by triggers on reports (migration 0026).
+    report_state: Mapped[str] = mapped_column(String, server_default="unread")
 
 
 class Series(Base):
