@@ -328,7 +328,6 @@ def _send_items(pacs: Pacs, event: Any, items: list[RetrieveItem], accepted: Any
     can be given in. The reasons of failures are kept for the final
     response's Error Comment (:func:`_explain_failure`)."""
     peer_accepts: dict[str, list[str]] = accepted()
-    failed: list[str] = []
     failures: list[str] = []
     event.assoc.__dict__[_FAILURES] = (event.request.MessageID, failures)
     retrieval = _retrieval(event.assoc, event.request.MessageID)
@@ -340,14 +339,15 @@ def _send_items(pacs: Pacs, event: Any, items: list[RetrieveItem], accepted: Any
         ranged_index = 0
         for item, syntax in zip(items, syntaxes):
             if cancelled(event):
-                counts = Dataset()
-                counts.FailedSOPInstanceUIDList = failed
-                yield CANCEL, counts
+                # No identifier of our own: pynetdicom then lists every failed
+                # sub-operation (PS3.4 C.4.2.3.1, C.4.3.3.1), those the peer
+                # refused too; a list of the unsendable ones alone answered
+                # "1 failed" beside an empty Failed SOP Instance UID List.
+                yield CANCEL, None
                 return
             if syntax is None:
                 reason = unsendable_reason(item, peer_accepts.get(item.sop_class_uid, []))
                 log.warning("cannot send %s: %s", item.sop_uid, reason)
-                failed.append(item.sop_uid)
                 failures.append(reason)
                 # pynetdicom counts a dataset it cannot send (no SOP Class
                 # UID) as a failed sub-operation and lists its SOP Instance UID.
