@@ -331,7 +331,10 @@ def _segments_by_cr(text: str) -> str:
     rest of the segment (accession, modality) is not cut off."""
     text = text.replace("\r\n", "\r")
     text = text.replace("\n", " ") if "\r" in text.strip("\r\n") else text.replace("\n", "\r")
-    return text.strip("\r ")
+    # An empty line between segments (a HIS writing CRLF CRLF, or a blank
+    # line in its template) is no segment: python-hl7 failed on it and the
+    # message was answered AR -- resent unchanged, refused forever.
+    return "\r".join(segment for segment in text.split("\r") if segment.strip()).strip(" ")
 
 
 def _refuse_batched(text: str) -> None:
