@@ -497,6 +497,10 @@ class OrderService:
         if len(p.patient_id) > _PATIENT_ID_LIMIT:
             raise OrderError(f"the patient ID (PatientID, VR LO) is longer than {_PATIENT_ID_LIMIT} characters",
                              code="102", http_status=400)
+        if p.birth_date and len(p.birth_date) == 8 and not is_date(p.birth_date):
+            # 19851301 went to the worklist and the studies' corrections as it was: no DA reader takes it.
+            raise OrderError(f"the birth date (PatientBirthDate, VR DA) {p.birth_date!r} is not a valid YYYYMMDD",
+                             code="102", http_status=422)
         now = _now()
         pk = self._existing_patient(conn, p, match_identifiers)
         if p.birth_date is not None and len(p.birth_date) not in (0, 8):

@@ -30,6 +30,7 @@ from pacs.audit import Event
 from pacs.index.db import is_transient
 from pacs.orders import (PRIMARY_ID_TYPES, OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo,
                          Receipt, patients_named)
+from pacs.query.matching import is_date
 from pacs.timezones import hl7_timestamp, server_zone
 
 log = logging.getLogger(__name__)
@@ -474,10 +475,20 @@ def _birth_date(value: str) -> str:
     with and stores no invented day (:meth:`OrderService._upsert_patient`)."""
     digits = "".join(c for c in value.split("+")[0] if c.isdigit())
     if len(digits) >= 8:
-        return digits[:8]
-    if len(digits) in (4, 6) or not value.strip():
-        return digits
-    raise OrderError(f"PID-7 {value!r} is not a date (YYYY[MM[DD]])", code="102", http_status=400)
+        digits = digits[:8]
+    elif not (len(digits) in (4, 6) or not value.strip()):
+        raise OrderError(f"PID-7 {value!r} is not a date (YYYY[MM[DD]])", code="102", http_status=400)
+    # A month or day of zeros is one the HIS does not know (its database
+    # holds 1945-00-00 for a patient who knows the year alone): the date is
+    # the part before it. Stored as sent, "19450000" reached the worklist
+    # and the studies' corrections as a Patient's Birth Date no DA reader takes.
+    if digits[4:6] == "00":
+        return digits[:4]
+    if digits[6:8] == "00":
+        return digits[:6]
+    if (len(digits) == 8 and not is_date(digits)) or (len(digits) == 6 and not "01" <= digits[4:] <= "12"):
+        raise OrderError(f"PID-7 {value!r} is not a date (YYYY[MM[DD]])", code="102", http_status=400)
+    return digits
 
 
 def _dicom_time(value: str) -> str:

@@ -52,3 +52,40 @@ def test_an_empty_line_between_segments_is_no_segment(server: PacsServer, tmp_pa
         items = worklist(server, tmp_path, f"AccessionNumber={accession}", "PatientID",
                          "ScheduledProcedureStepSequence[0].Modality")
         assert [i.ScheduledProcedureStepSequence[0].Modality for i in items] == ["CT"], accession
+
+
+# -- 2: birth dates with an unknown month or day, and impossible ones -------------------------
+def test_a_birth_date_of_zeros_for_the_unknown_month_or_day_is_a_partial_date(
+        server: PacsServer, tmp_path: Path) -> None:
+    """PID-7 19450000 (a HIS database's 1945-00-00: the patient knows the
+    year alone) is the year 1945, 19450300 March 1945: as PID-7 1945 and
+    194503 are read. Stored as sent, it went to the modality as a Patient's
+    Birth Date (DA) that is no date."""
+    assert msa(send(server, orm("BZ1", "RBZ001", pid="BN8200^^^BVDK^PI").replace("|19850101|", "|19450000|"))) \
+        == ("AA", "BZ1")
+    assert birth_date(server, tmp_path, "RBZ001") == ""  # a year alone: no day invented
+    # A stored date the year agrees with stays; a year and month of zeros for the day, too.
+    pid = "PID|1||BN8200^^^BVDK^PI||Nguyễn^Văn An||{}|M"
+    assert msa(send(server, adt("BZ2", "A08", pid.format("19450312"))))[0] == "AA"
+    assert birth_date(server, tmp_path, "RBZ001") == "19450312"
+    assert msa(send(server, adt("BZ3", "A08", pid.format("19450000"))))[0] == "AA"
+    assert msa(send(server, adt("BZ4", "A08", pid.format("19450300"))))[0] == "AA"
+    assert birth_date(server, tmp_path, "RBZ001") == "19450312"
+
+
+def test_a_birth_date_that_is_no_day_is_refused_not_stored(server: PacsServer, tmp_path: Path) -> None:
+    """PID-7 19851301 (month 13), 19850230: refused AE 102 as a malformed
+    PID-7 is, the stored date kept; the JSON orders API refuses it too (422)."""
+    assert msa(send(server, orm("BX1", "RBX001", pid="BN8300^^^BVDK^PI")))[0] == "AA"
+    pid = "PID|1||BN8300^^^BVDK^PI||Nguyễn^Văn An||{}|M"
+    for control, value in (("BX2", "19851301"), ("BX3", "19850230"), ("BX4", "198513")):
+        ack = send(server, adt(control, "A08", pid.format(value)))
+        assert msa(ack) == ("AE", control) and fields(ack, "ERR")[3].startswith("102^"), ack
+    assert birth_date(server, tmp_path, "RBX001") == "19850101"
+    with server.http() as http:
+        refused = http.post("/api/orders", json={
+            "patient": {"id": "BN8301", "name": "Lê^Thị Hoa", "birth_date": "19851301"},
+            "accession_number": "RBX002", "modality": "CT"})
+        assert refused.status_code == 422, refused.text
+        assert "PatientBirthDate" in refused.text
+        assert http.get("/api/orders/RBX002").status_code == 404
