@@ -67,12 +67,57 @@ def _element_to_json(elem: DataElement, path: ElementPath, bulk_uri: BulkURI | N
         return {"vr": "SQ", "Value": [
             _dataset_json(item, (*path, index), bulk_uri) for index, item in enumerate(elem.value or [])
         ]}
+    if elem.VR == "PN" and not elem.is_empty:
+        return _pn_json(elem)
     handler = None if bulk_uri is None else (lambda e: bulk_uri(e, path))
     try:
-        return elem.to_json_dict(bulk_data_element_handler=handler, bulk_data_threshold=BULK_THRESHOLD)
+        out = elem.to_json_dict(bulk_data_element_handler=handler, bulk_data_threshold=BULK_THRESHOLD)
     except Exception as exc:
         _warn(elem.tag, path[:-1], elem.VR, exc)
         return _lenient_json(elem)
+    values = out.get("Value")
+    if values and elem.VR != "SQ":
+        out["Value"] = [_json_safe(elem.VR, v) for v in values]
+    return out
+
+
+# JSON has no number for these (RFC 8259 section 6): Python's json writes the
+# bare words NaN and Infinity, which JSON.parse in a browser (OHIF) rejects,
+# taking the whole study's metadata with them. FL and FD may hold them
+# (IEEE 754); they are written as these strings, as Azure's DICOM service
+# does and fo-dicom and dicom-rs read back.
+_NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
+
+
+def _json_safe(vr: str, value: Any) -> Any:
+    """One value of a Value array as valid JSON: an empty one in a
+    multi-valued element is null (PS3.18 F.2.5), a non-finite FL/FD the
+    string naming it, a non-finite DS (not a valid DS) null."""
+    if value == "":
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return _NON_FINITE[repr(value)] if vr in ("FL", "FD") else None
+    return value
+
+
+def _pn_json(elem: DataElement) -> dict[str, Any]:
+    """A person name element as pydicom writes it, but an empty value among
+    several is null (PS3.18 F.2.5): pydicom raised on it, and the element
+    lost every name ("SMITH^J\\" as Operators' Name had no Value)."""
+    names = elem.value if isinstance(elem.value, (list, MultiValue)) else [elem.value]
+    values: list[dict[str, str] | None] = []
+    for name in names:
+        groups = getattr(name, "components", None) or ()
+        if not any(groups):
+            values.append(None)
+            continue
+        value = {"Alphabetic": groups[0]}
+        if len(groups) > 1:
+            value["Ideographic"] = groups[1]
+        if len(groups) > 2:
+            value["Phonetic"] = groups[2]
+        values.append(value)
+    return {"vr": "PN", "Value": values}
 
 
 def _warn(tag: int, parent: ElementPath, vr: str, exc: Exception) -> None:

@@ -1,0 +1,148 @@
+"""DICOMweb as OHIF, dicomweb-client and EMRs read it (review of 2026-12-06):
+metadata that a browser's JSON.parse accepts whatever floats an object
+holds, person names kept beside an empty value, and a study holding a
+video retrieved whole when the client did not name a transfer syntax."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from pydicom import dcmread
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from viewer_api.multipart import build_multipart_related
+
+from .conftest import Backend, PacsServer
+from .test_dicomweb_more import _parts
+
+ROOT = "1.2.826.0.1.3680043.8.498.78"
+H264 = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264 High Profile / Level 4.1: no decoder here
+
+
+def _base(study: str, **values: Any) -> Dataset:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    ds.PatientName, ds.PatientID = "WEB^REVIEW", "WEB1"
+    ds.StudyInstanceUID = study
+    ds.SeriesInstanceUID = generate_uid(prefix=ROOT + ".2.")
+    ds.SOPInstanceUID = generate_uid(prefix=ROOT + ".3.")
+    ds.Modality = "OT"
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    return ds
+
+
+def _image(study: str) -> Dataset:
+    ds = _base(study, Modality="ES")
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 4, 4, 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = bytes(range(16))
+    return ds
+
+
+def _video(study: str) -> Dataset:
+    """An endoscopy clip stored as H.264 (lossy; nothing here decodes it)."""
+    ds = _base(study, Modality="ES", SOPClassUID="1.2.840.10008.5.1.4.1.1.77.1.1.1")
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 480, 640, 3
+    ds.PhotometricInterpretation, ds.PlanarConfiguration = "YBR_PARTIAL_420", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.NumberOfFrames, ds.FrameTime, ds.FrameIncrementPointer = 75, 40.0, 0x00181063
+    ds.PixelData = encapsulate([b"\x00\x00\x00\x01\x67" + os.urandom(20000)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = H264
+    return ds
+
+
+def _odd_values(study: str) -> Dataset:
+    """Values modalities do write: IEEE NaN and infinities in FL/FD (also
+    inside a sequence), a trailing backslash in a multi-valued name, an
+    empty value among several."""
+    ds = _base(study)
+    ds.add_new(0x00189087, "FD", float("nan"))  # Diffusion b-value
+    ds.add_new(0x00189089, "FD", [float("inf"), 0.0, 1.0])  # Diffusion Gradient Orientation
+    item = Dataset()
+    item.add_new(0x00189089, "FD", [float("-inf"), 0.5, 0.5])
+    ds.add_new(0x00189117, "SQ", [item])  # MR Diffusion Sequence
+    ds.add_new(0x00181100, "DS", "350")
+    ds.OperatorsName = ["SMITH^J", ""]
+    ds.PerformingPhysicianName = ["", "JONES^A"]
+    ds.ImageType = ["DERIVED", "", "AXIAL"]
+    return ds
+
+
+@pytest.fixture(scope="module")
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    tmp = tmp_path_factory.mktemp("web-review-2")
+    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}))
+    server.start()
+    study = generate_uid(prefix=ROOT + ".1.")
+    objects = {"odd": _odd_values(generate_uid(prefix=ROOT + ".1.")), "image": _image(study), "video": _video(study)}
+    parts = []
+    for ds in objects.values():
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        parts.append(("application/dicom", out.getvalue()))
+    body, content_type = build_multipart_related(parts)
+    with server.http() as http:
+        stored = http.post("/dicom-web/studies", content=body, headers={"Content-Type": content_type})
+        assert stored.status_code == 200, stored.text
+    server.objects = objects  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def _objects(web: PacsServer) -> dict[str, Dataset]:
+    return web.objects  # type: ignore[attr-defined,no-any-return]
+
+
+def _url(ds: Dataset) -> str:
+    return f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
+
+
+def _strict_json(text: str) -> Any:
+    """JSON as a browser's JSON.parse reads it: no NaN or Infinity words."""
+    def refuse(word: str) -> None:
+        raise ValueError(f"{word} is not JSON (RFC 8259)")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_metadata_with_non_finite_floats_is_json(web: PacsServer) -> None:
+    """An FD of NaN or an infinity (IEEE 754 allows them) made the metadata
+    carry the bare words NaN and Infinity: not JSON, so OHIF's JSON.parse
+    failed on the whole series. They are strings now, in sequences too."""
+    ds = _objects(web)["odd"]
+    with web.http() as http:
+        for path in (f"/dicom-web/studies/{ds.StudyInstanceUID}/metadata", _url(ds) + "/metadata"):
+            response = http.get(path)
+            assert response.status_code == 200, response.text
+            meta = _strict_json(response.text)[0]
+            assert meta["00189087"]["Value"] == ["NaN"]
+            assert meta["00189089"]["Value"] == ["Infinity", 0.0, 1.0]
+            assert meta["00189117"]["Value"][0]["00189089"]["Value"] == ["-Infinity", 0.5, 0.5]
+            assert meta["00181100"]["Value"] == [350.0]
+
+
+def test_metadata_keeps_names_beside_an_empty_value(web: PacsServer) -> None:
+    """Operators' Name "SMITH^J\\" lost both names (pydicom raised on the
+    empty one and the element went out without Value); an empty value
+    among several is null (PS3.18 F.2.5), the others are kept."""
+    ds = _objects(web)["odd"]
+    with web.http() as http:
+        meta = http.get(_url(ds) + "/metadata").json()[0]
+    assert meta["00081070"] == {"vr": "PN", "Value": [{"Alphabetic": "SMITH^J"}, None]}
+    assert meta["00081050"] == {"vr": "PN", "Value": [None, {"Alphabetic": "JONES^A"}]}
+    assert meta["00080008"] == {"vr": "CS", "Value": ["DERIVED", None, "AXIAL"]}
+    assert meta["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "WEB^REVIEW"}]}
