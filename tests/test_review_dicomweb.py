@@ -146,3 +146,36 @@ def test_metadata_keeps_names_beside_an_empty_value(web: PacsServer) -> None:
     assert meta["00081050"] == {"vr": "PN", "Value": [None, {"Alphabetic": "JONES^A"}]}
     assert meta["00080008"] == {"vr": "CS", "Value": ["DERIVED", None, "AXIAL"]}
     assert meta["00100010"] == {"vr": "PN", "Value": [{"Alphabetic": "WEB^REVIEW"}]}
+
+
+def test_study_with_a_video_is_retrieved_when_no_syntax_is_named(web: PacsServer) -> None:
+    """A study holding an H.264 clip was a 406 to every client that named
+    no transfer syntax (no Accept, */*, dicomweb-client's retrieve_study):
+    PS3.18 8.7.3.4 lets lossy pixel data go in their own syntax when the
+    default syntax is only implied. The image is still converted to the
+    default syntax; a client naming Explicit VR Little Endian gets the 406."""
+    objects = _objects(web)
+    image, video = objects["image"], objects["video"]
+    study = f"/dicom-web/studies/{image.StudyInstanceUID}"
+    expected = {str(image.SOPInstanceUID): ExplicitVRLittleEndian, str(video.SOPInstanceUID): H264}
+    with web.http() as http:
+        for accept in (None, "*/*", 'multipart/related; type="application/dicom"', "application/dicom",
+                       f'multipart/related; type="application/dicom"; transfer-syntax={ExplicitVRLittleEndian}, '
+                       'multipart/related; type="application/dicom"; transfer-syntax=*; q=0.5'):
+            for path, sops in ((study, expected), (_url(video), {str(video.SOPInstanceUID): H264})):
+                response = http.get(path, headers={"Accept": accept} if accept else {})
+                assert response.status_code == 200, (accept, response.text)
+                got = {}
+                for headers, body in _parts(response):
+                    part = dcmread(io.BytesIO(body))
+                    got[str(part.SOPInstanceUID)] = str(part.file_meta.TransferSyntaxUID)
+                    assert headers["content-type"].endswith(f"transfer-syntax={part.file_meta.TransferSyntaxUID}")
+                assert got == sops, accept
+                # One syntax in the answer's Content-Type only if every part is in it.
+                assert "transfer-syntax" not in response.headers["content-type"], accept
+        named = http.get(study, headers={
+            "Accept": f'multipart/related; type="application/dicom"; transfer-syntax={ExplicitVRLittleEndian}'})
+        assert named.status_code == 406 and "H.264" in named.json()["error"]
+    client = DICOMwebClient(f"http://127.0.0.1:{web.http_port}/dicom-web", headers=web.auth_headers)
+    retrieved = client.retrieve_study(str(image.StudyInstanceUID))
+    assert {str(ds.SOPInstanceUID): str(ds.file_meta.TransferSyntaxUID) for ds in retrieved} == expected

@@ -52,6 +52,7 @@ __all__ = [
     "negotiate",
     "parse_accept",
     "parse_media_type",
+    "transfer_syntaxes_of",
     "video_media_types",
 ]
 
@@ -289,6 +290,11 @@ def default_transfer_syntax(part_type: str) -> str | None:
     None for types without transfer syntax (JSON, rendered images)."""
     syntaxes = _TRANSFER_SYNTAXES.get(canonical_media_type(part_type))
     return syntaxes[0] if syntaxes else None
+
+
+def transfer_syntaxes_of(part_type: str) -> tuple[str, ...]:
+    """The transfer syntaxes PS3.18 Table 8.7.3-5 lists for *part_type*."""
+    return _TRANSFER_SYNTAXES.get(canonical_media_type(part_type), ())
 
 
 def media_type_for_transfer_syntax(uid: str) -> str | None:

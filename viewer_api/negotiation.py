@@ -9,7 +9,7 @@ from fastapi import Request
 from pydicom.uid import AllTransferSyntaxes
 
 from pacs.retrieve import RetrieveItem
-from pacs.transcode import ENCODABLE, UNCOMPRESSED, can_serve
+from pacs.transcode import ENCODABLE, UNCOMPRESSED, can_serve, unservable_reason
 
 from . import mediatypes
 from .mediatypes import MULTIPART_RELATED, Offer
@@ -42,6 +42,41 @@ def negotiate_instances(request: Request, items: Sequence[RetrieveItem] | None =
     for ts in sorted(candidates):
         offers.append(Offer(MULTIPART_RELATED, "application/dicom", ts))
     return mediatypes.negotiate(effective_accept(request), offers, default=mediatypes.INSTANCE_DEFAULT)
+
+
+# Syntaxes whose pixel data are (or may be) lossy compressed: JPEG Baseline
+# and Extended, JPEG-LS near-lossless, JPEG 2000 and HTJ2K that allow loss,
+# JPEG XL (and its recompression of a lossy JPEG), and every video syntax.
+LOSSY_SYNTAXES = frozenset({
+    "1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81",
+    "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.203",
+    "1.2.840.10008.1.2.4.111", "1.2.840.10008.1.2.4.112",
+    *(ts for t in ("video/mpeg", "video/mp4", "video/h265") for ts in mediatypes.transfer_syntaxes_of(t)),
+})
+
+
+def sent_as_stored(request: Request, items: Sequence[RetrieveItem], target: str) -> set[str]:
+    """SOP Instance UIDs of *items* that cannot be given in the negotiated
+    *target* but are sent as stored instead, because the client accepts
+    that for them: ``*/*`` or no Accept at all, ``transfer-syntax=*``, or
+    the part type without a transfer syntax when their pixel data are lossy
+    (PS3.18 8.7.3.4: the default syntax is implied, and lossy pixel data may
+    be returned in their lossy syntax). A video in a study was a 406 for the
+    whole study even to ``Accept: */*`` (dicomweb-client's retrieve_study).
+    A syntax the client named (``transfer-syntax=1.2.840.10008.1.2.1``)
+    is never replaced: those instances stay a 406."""
+    if target == "*":
+        return set()
+    ranges = mediatypes.parse_accept(effective_accept(request))
+    kept: set[str] = set()
+    for item in items:
+        if unservable_reason(item, target) is None:
+            continue
+        stored = Offer(MULTIPART_RELATED, "application/dicom", item.transfer_syntax_uid,
+                       substitutes_default=item.transfer_syntax_uid in LOSSY_SYNTAXES)
+        if not ranges or mediatypes.choose(ranges, [stored]) is not None:
+            kept.add(item.sop_uid)
+    return kept
 
 
 def negotiate_json(request: Request) -> Offer:

@@ -68,37 +68,45 @@ def retrieve(request: Request, items: list[RetrieveItem]) -> StreamingResponse:
         # first choice (below), or lists what could be had.
         offer = negotiation.negotiate_instances(request)
     target = offer.transfer_syntax or DEFAULT_TS
+    # Instances that cannot be had in the target but that the client takes
+    # as stored (a video when the default syntax was only implied).
+    as_stored = negotiation.sent_as_stored(request, items, target)
     if target != "*":
         # Every instance is checked before the first byte, from the index
         # and the codecs installed (a stored syntax nothing here decodes, a
         # target nothing encodes): such a study is a 406, not a 200 whose
         # body breaks off at that instance.
-        reasons = [r for r in (unservable_reason(i, target) for i in items) if r]
+        reasons = [r for r in (unservable_reason(i, target) for i in items if i.sop_uid not in as_stored) if r]
         if reasons:
             raise HTTPProblem(406, f"cannot provide {len(reasons)} instance(s) in transfer syntax {target}: "
                                    f"{reasons[0]}")
     pacs = request.app.state.pacs
     boundary = new_boundary()
-    wanted = None if target == "*" else target
+
+    def wanted(item: RetrieveItem) -> str | None:
+        return None if target == "*" or item.sop_uid in as_stored else target
+
     # The first object is prepared now (its header re-encoded, or converted
     # if its codec changes): a failure is a 406, not a 200 whose body breaks
     # off. Later ones are prepared as they are sent; only pixel data a codec
     # cannot read (found by decoding, the cost of the conversion itself) can
     # still fail there, and then the aborted chunked body tells the client.
-    first = prepared_bytes(pacs, items[0], wanted)
+    first = prepared_bytes(pacs, items[0], wanted(items[0]))
 
     def parts() -> Iterator[Part]:
         for n, item in enumerate(items):
-            ts = item.transfer_syntax_uid if target == "*" else target
+            ts = wanted(item) or item.transfer_syntax_uid
             yield Part(
                 content_type=f'application/dicom; transfer-syntax={ts}',
                 headers={"Content-Location": _content_location(request, item)},
-                body=first if n == 0 else instance_bytes(pacs, item, wanted),
+                body=first if n == 0 else instance_bytes(pacs, item, wanted(item)),
             )
 
+    # The answer names one syntax only when every part is in it.
+    overall = None if target == "*" or as_stored else target
     return ClosingStreamingResponse(
         multipart_related_stream(parts(), boundary),
-        media_type=content_type_header("application/dicom", boundary, None if target == "*" else target),
+        media_type=content_type_header("application/dicom", boundary, overall),
     )
 
 
