@@ -2,7 +2,8 @@
 patient updates onto the core's models, and ACKs (AA / AE with ERR / AR).
 
 Inbound: ORM^O01 and OMI^O23 (ORC-1 NW new, XO change, CA/OC cancel,
-DC/OD discontinue), ADT^A01/A04/A08/A31 (patient update), ADT^A40 (merge).
+DC/OD discontinue), ADT^A01/A04/A08/A31 and the visit events (patient
+update, PATIENT_UPDATE_EVENTS), ADT^A40 (merge).
 One message per MLLP frame; segments end with CR, CRLF or LF. An order
 message is read as ORDER groups (an ORC and what follows it), and every IPC
 of a group (OMI), or every group without IPC (ORM: one ORC/OBR per step), is
@@ -571,6 +572,11 @@ def _patient_ids(pid: Any) -> tuple[OtherIdentifier, list[OtherIdentifier]]:
     no such type the first repetition is the patient ID (as before)."""
     ids = [i for i in (_identifier(r) for r in _repetitions(pid, 3)) if i.value]
     if not ids:
+        # A HIS of HL7 v2.2/2.3 may send its number in PID-2 alone (Patient
+        # ID (External), withdrawn since 2.3.1 for PID-3): refused AE 101, its
+        # orders never reached the worklist.
+        ids = [i for i in (_identifier(r) for r in _repetitions(pid, 2)) if i.value]
+    if not ids:
         raise OrderError("PID-3 (patient identifier) is empty", code="101", http_status=400)
     primary = next((i for i in ids if i.id_type in PRIMARY_ID_TYPES), ids[0])
     return primary, [i for i in ids if i is not primary]
@@ -854,6 +860,13 @@ def _process(service: OrderService, raw: bytes, processing_id: str,
     return header, "AA", "", "", patients
 
 
+# ADT events whose PID is the patient as the HIS has it now: each updates
+# the patient (IHE RAD-12). A HIS broadcasting every visit event (transfer,
+# discharge, their cancellations) to its subscribers resends one answered AR
+# and holds its queue behind it; the visit itself is not the archive's.
+PATIENT_UPDATE_EVENTS = ("A01", "A02", "A03", "A04", "A05", "A06", "A07", "A08", "A11", "A12", "A13", "A28", "A31")
+
+
 def _actions(message: Any, header: Header, zone: tzinfo | None = None) -> list[tuple[str, Any]] | tuple[str, str]:
     """What the message asks of the order service, or (text, code) when its
     type or event is not supported."""
@@ -868,7 +881,7 @@ def _actions(message: Any, header: Header, zone: tzinfo | None = None) -> list[t
             raise OrderError("ADT message without PID segment", code="100", http_status=400)
         if header.trigger == "A40":
             return [("merge", pair) for pair in _merge_pairs(message)]
-        if header.trigger in ("A01", "A04", "A05", "A08", "A28", "A31"):
+        if header.trigger in PATIENT_UPDATE_EVENTS:
             return [("patient", patient_from_pid(pids[0]))]
         return f"{kind} is not supported", "201"
     return f"message type {header.message_type} is not supported", "200"

@@ -1,6 +1,7 @@
 """The HIS link under a reviewer's findings (HIS/RIS/EMR interoperability):
-an empty line between segments, and birth dates a HIS database holds with
-an unknown month or day (1945-00-00) or that are no day of the calendar.
+an empty line between segments, birth dates a HIS database holds with
+an unknown month or day (1945-00-00) or that are no day of the calendar,
+the visit events (A02, A03...) a HIS broadcasts and a patient ID in PID-2.
 
 Everything over real sockets: one `pacs serve` for the module, raw MLLP
 frames, DCMTK findscu for the worklist and the JSON orders API over HTTP.
@@ -89,3 +90,43 @@ def test_a_birth_date_that_is_no_day_is_refused_not_stored(server: PacsServer, t
         assert refused.status_code == 422, refused.text
         assert "PatientBirthDate" in refused.text
         assert http.get("/api/orders/RBX002").status_code == 404
+
+
+def patient_name(server: PacsServer, tmp_path: Path, accession: str) -> str:
+    items = worklist(server, tmp_path, f"AccessionNumber={accession}", "PatientName", "PatientID")
+    assert len(items) == 1, items
+    return str(items[0].PatientName)
+
+
+# -- 3: the visit events a HIS broadcasts, and a patient ID in PID-2 ----------------------------
+def test_visit_events_update_the_patient_and_are_acknowledged(server: PacsServer, tmp_path: Path) -> None:
+    """A HIS broadcasting every ADT event to its subscribers (transfer A02,
+    discharge A03, their cancellations A11-A13) got AR 201 for each: it
+    resends an AR and holds its queue for this link behind it. Their PID is
+    the patient as the HIS has it now, applied as an A08's is."""
+    assert msa(send(server, orm("VE1", "RVE001", pid="BN8400^^^BVDK^PI")))[0] == "AA"
+    for n, (trigger, name) in enumerate((("A02", "Nguyễn^Văn Bình"), ("A03", "Nguyễn^Văn Cường"),
+                                         ("A06", "Nguyễn^Văn Dũng"), ("A07", "Nguyễn^Văn Đạt"),
+                                         ("A11", "Nguyễn^Văn Giang"), ("A12", "Nguyễn^Văn Hải"),
+                                         ("A13", "Nguyễn^Văn Khoa"))):
+        ack = send(server, adt(f"VE{n + 2}", trigger, f"PID|1||BN8400^^^BVDK^PI||{name}||19850101|M\rPV1|1|I"))
+        assert msa(ack) == ("AA", f"VE{n + 2}"), (trigger, ack)
+        assert patient_name(server, tmp_path, "RVE001") == name, trigger
+    # An event that is no patient update (A29: delete person information) is still not one.
+    ack = send(server, adt("VE20", "A29", "PID|1||BN8400^^^BVDK^PI||Ai^Đó"))
+    assert msa(ack) == ("AR", "VE20") and fields(ack, "ERR")[3].startswith("201^"), ack
+    assert patient_name(server, tmp_path, "RVE001") == "Nguyễn^Văn Khoa"
+
+
+def test_a_patient_id_in_pid_2_alone_is_the_patient_id(server: PacsServer, tmp_path: Path) -> None:
+    """A HIS of HL7 v2.2/2.3 may send its number in PID-2 (Patient ID
+    (External)) and leave PID-3 empty: refused AE 101, its orders never
+    reached the worklist. PID-3 wins when both are sent."""
+    message = orm("P21", "RP2001", pid="").replace("PID|1||", "PID|1|BN8500^^^BVDK^PI|")
+    assert msa(send(server, message)) == ("AA", "P21")
+    items = worklist(server, tmp_path, "AccessionNumber=RP2001", "PatientID", "IssuerOfPatientID")
+    assert [(i.PatientID, i.IssuerOfPatientID) for i in items] == [("BN8500", "BVDK")]
+    both = orm("P22", "RP2002", pid="BN8501^^^BVDK^PI").replace("PID|1||", "PID|1|OLD77^^^BVDK|")
+    assert msa(send(server, both)) == ("AA", "P22")
+    items = worklist(server, tmp_path, "AccessionNumber=RP2002", "PatientID")
+    assert [i.PatientID for i in items] == ["BN8501"]
