@@ -179,3 +179,33 @@ def test_study_with_a_video_is_retrieved_when_no_syntax_is_named(web: PacsServer
     client = DICOMwebClient(f"http://127.0.0.1:{web.http_port}/dicom-web", headers=web.auth_headers)
     retrieved = client.retrieve_study(str(image.StudyInstanceUID))
     assert {str(ds.SOPInstanceUID): str(ds.file_meta.TransferSyntaxUID) for ds in retrieved} == expected
+
+
+def _wado_uri(ds: Dataset, **params: str) -> dict[str, str]:
+    return {"requestType": "WADO", "studyUID": str(ds.StudyInstanceUID), "seriesUID": str(ds.SeriesInstanceUID),
+            "objectUID": str(ds.SOPInstanceUID), **params}
+
+
+def test_wado_uri_video_wildcards_and_bad_syntax(web: PacsServer) -> None:
+    """WADO-URI as WADO-RS: the video as stored to contentType=application/dicom
+    with no transferSyntax (was a 406); image/* is the JPEG of an image (was a
+    406: no wildcard but */* was read); an invalid transferSyntax is a 400
+    (PS3.18 9.1.2.1.5), not a 406 naming it as a syntax we lack."""
+    objects = _objects(web)
+    image, video = objects["image"], objects["video"]
+    with web.http() as http:
+        got = http.get("/wado", params=_wado_uri(video, contentType="application/dicom"))
+        assert got.status_code == 200, got.text
+        assert str(dcmread(io.BytesIO(got.content)).file_meta.TransferSyntaxUID) == H264
+        named = http.get("/wado", params=_wado_uri(video, contentType="application/dicom",
+                                                   transferSyntax=ExplicitVRLittleEndian))
+        assert named.status_code == 406, named.text
+        for wildcard, expected in (("image/*", "image/jpeg"), ("image/png, image/*", "image/png"),
+                                   ("application/*", "application/dicom")):
+            got = http.get("/wado", params=_wado_uri(image, contentType=wildcard))
+            assert got.status_code == 200 and got.headers["content-type"].startswith(expected), (wildcard, got.text)
+        assert http.get("/wado", params=_wado_uri(image, contentType="text/*")).status_code == 406
+        bad = http.get("/wado", params=_wado_uri(image, contentType="application/dicom", transferSyntax="abc"))
+        assert bad.status_code == 400 and "transferSyntax" in bad.json()["error"], bad.text
+        stored = http.get("/wado", params=_wado_uri(image, contentType="application/dicom", transferSyntax="*"))
+        assert stored.status_code == 200, stored.text

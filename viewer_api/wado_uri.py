@@ -13,6 +13,7 @@ from pacs.transcode import can_serve, prepared_bytes
 
 from .documents import document_media_type, document_response
 from .errors import HTTPProblem, require_uids
+from .negotiation import LOSSY_SYNTAXES
 from .render import MAX_VIEWPORT_DIMENSION, RenderError, RenderParams
 from .rendering import check_frame_number, render_item
 from .streaming import ClosingStreamingResponse
@@ -21,6 +22,7 @@ from .wado import video_response, video_types
 router = APIRouter(tags=["WADO-URI"])
 _IMAGE_TYPES = {"image/jpeg", "image/png", "image/gif"}
 _DICOM = "application/dicom"
+EXPLICIT_VR_LE = "1.2.840.10008.1.2.1"
 
 
 def _int_param(request: Request, name: str) -> int | None:
@@ -72,12 +74,23 @@ def _content_type(request: Request, item: RetrieveItem) -> str:
     if not asked:
         return default
     wanted = [t.strip().split(";")[0].lower() for t in asked.split(",")]
-    spelled = {t.lower(): t for t in possible}  # video/H265 as PS3.18 writes it
-    chosen = next((spelled.get(t, t) for t in wanted if t in spelled or t == "*/*"), None)
+    chosen = next((c for c in (_matching(t, possible, default) for t in wanted) if c), None)
     if chosen is None:
         raise HTTPProblem(406, f"contentType {asked} cannot be produced for this object; "
                                f"possible: {', '.join(possible)}")
-    return default if chosen == "*/*" else chosen
+    return chosen
+
+
+def _matching(asked: str, possible: list[str], default: str) -> str | None:
+    """The type of *possible* the lower-cased media range *asked* names
+    (``image/*``: the default if it is one, else the first), as spelled there
+    (video/H265 as PS3.18 writes it); None for none."""
+    if asked == "*/*":
+        return default
+    if asked.endswith("/*"):
+        family = [t for t in possible if t.lower().startswith(asked[:-1])]
+        return default if default in family else next(iter(family), None)
+    return next((t for t in possible if t.lower() == asked), None)
 
 
 # Spellings of "the study" a client or an attacker may put in a WADO-URI
@@ -123,7 +136,14 @@ def wado(request: Request) -> Response:
     item = items[0]
     content_type = _content_type(request, item)
     if content_type == _DICOM:
-        target = q.get("transferSyntax") or "1.2.840.10008.1.2.1"
+        named = q.get("transferSyntax")
+        if named and named != "*":
+            require_uids(named, name="transferSyntax")  # PS3.18 9.1.2.1.5: a UID, else 400
+        target = named or EXPLICIT_VR_LE
+        if not named and not can_serve(item, target) and item.transfer_syntax_uid in LOSSY_SYNTAXES:
+            # Lossy pixel data (a video) nothing here decodes: as stored when
+            # the client named no syntax (PS3.18 8.7.3.4), as WADO-RS does.
+            target = item.transfer_syntax_uid
         if not can_serve(item, target):
             raise HTTPProblem(406, f"cannot provide transfer syntax {target}")
         # Converted (if it must be) before the 200 goes out: a failure is a 406.
