@@ -475,6 +475,13 @@ def _fits(step: Any, modality: str, station_ae_title: str) -> bool:
             and (not step.modality or not modality or step.modality == modality))
 
 
+def split_end(value: str) -> tuple[str, str]:
+    """A performed step's stored End Date and Time (DA + TM, one string) as
+    (date, time). Unambiguous for valid values: a DA is exactly eight
+    digits, and a TM of eight characters has its "." at the seventh."""
+    return (value[:8], value[8:]) if is_date(value[:8]) else ("", value)
+
+
 class OrderService:
     """Transactions on orders, patients, performed steps and the outbox."""
 
@@ -1358,6 +1365,8 @@ class OrderService:
         station_ae_title: str = "",
         start: str = "",
         end: str = "",
+        end_date: str | None = None,
+        end_time: str | None = None,
         performed_series: list[dict[str, Any]] | None = None,
         create: bool,
     ) -> dict[str, Any]:
@@ -1373,6 +1382,10 @@ class OrderService:
         procedure or of several (group case): each is performed, and the
         N-SET moves them all. Which step an item names: see
         :meth:`_steps_for_item`.
+
+        *end*: the End Date and Time as one value; or *end_date* /
+        *end_time*, each kept beside the other one stored (None: not sent),
+        as a modality may send the date and the time in different N-SETs.
 
         The HIS is told the status of each requested procedure concerned
         when it changes (:func:`procedure_status`: COMPLETED once every step
@@ -1394,10 +1407,13 @@ class OrderService:
                 raise OrderError("no such performed procedure step", http_status=404)
             if existing is not None and existing.status != "IN PROGRESS":
                 raise OrderError(f"performed procedure step is already {existing.status}", http_status=409)
-            final_end = end or (existing.end if existing is not None else "")
-            if status in ("COMPLETED", "DISCONTINUED") and len(final_end) <= 8:
-                # PS3.4 Table F.7.2-1, final state: End Date and End Time are Type 1
-                # (kept as date + time: eight characters are a date alone).
+            stored_end = existing.end if existing is not None else ""
+            new_end = end
+            if end_date is not None or end_time is not None:
+                date, time = split_end(stored_end)
+                new_end = (date if end_date is None else end_date) + (time if end_time is None else end_time)
+            if status in ("COMPLETED", "DISCONTINUED") and not all(split_end(new_end or stored_end)):
+                # PS3.4 Table F.7.2-1, final state: End Date and End Time are Type 1.
                 raise OrderError(f"a {status} step needs its End Date and End Time", http_status=422)
             # The HIS's messages about these procedures take the same locks
             # (sorted, so the two never deadlock), and the steps' statuses
@@ -1435,7 +1451,7 @@ class OrderService:
                         order_pks = self._steps_for_refs(conn, refs, modality, station_ae_title)
             values: dict[str, Any] = {"status": status, "updated_at": now}
             for key, value in (("modality", modality), ("station_ae_title", station_ae_title),
-                               ("start", start), ("end", end)):
+                               ("start", start), ("end", new_end)):
                 if value:
                     values[key] = value
             if performed_series is not None:

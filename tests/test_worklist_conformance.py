@@ -436,3 +436,34 @@ def test_physician_names_match_without_case_and_diacritics(server: PacsServer) -
         code, matches = find(server, identifier({"AccessionNumber": "PH8B", "ReferringPhysicianName": value}))
         assert (code, accessions(matches)) == (0, ["PH8B"]), value
     assert find(server, identifier({"AccessionNumber": "PH8B", "ReferringPhysicianName": "NGUYEN*"})) == (0, [])
+
+
+# -- 9. End Date and End Time in different N-SETs ------------------------------------------------
+def test_mpps_end_date_and_time_sent_in_different_n_sets(server: PacsServer) -> None:
+    """A modality sending the End Date in one N-SET and the End Time with
+    COMPLETED: the time replaced the date stored, the COMPLETED was refused
+    0110H for a missing End Date and the step stayed IN PROGRESS. Each is now
+    kept beside the other; the other order too."""
+    for accession, first, then in (("ED12A", "PerformedProcedureStepEndDate", "PerformedProcedureStepEndTime"),
+                                   ("ED12B", "PerformedProcedureStepEndTime", "PerformedProcedureStepEndDate")):
+        placed = place(server, accession)
+        uid = generate_uid()
+        assert n_create(server, uid, pps(placed)) == 0
+        ending = final("COMPLETED")
+        partial = Dataset()
+        setattr(partial, first, ending[first].value)
+        assert n_set(server, uid, partial) == 0
+        closing = Dataset()
+        closing.PerformedProcedureStepStatus = "COMPLETED"
+        setattr(closing, then, ending[then].value)
+        assert n_set(server, uid, closing) == 0, accession
+        assert order_status(server, accession) == "COMPLETED"
+    # One of the two never sent: still refused, the step open.
+    placed = place(server, "ED12C")
+    uid = generate_uid()
+    assert n_create(server, uid, pps(placed)) == 0
+    time_only = Dataset()
+    time_only.PerformedProcedureStepStatus = "COMPLETED"
+    time_only.PerformedProcedureStepEndTime = "093000.1"  # eight characters, no date
+    assert n_set(server, uid, time_only) == 0x0110
+    assert order_status(server, "ED12C") == "IN PROGRESS"

@@ -440,8 +440,12 @@ def make_mpps_handlers(pacs: Pacs) -> list[tuple[Any, Any]]:
             service.record_step(
                 uid,
                 status=status,
-                end=_text(changes.get("PerformedProcedureStepEndDate"))
-                + _text(changes.get("PerformedProcedureStepEndTime")),
+                # Each kept beside the other stored: a modality may send the
+                # End Date in one N-SET and the End Time with COMPLETED.
+                end_date=_text(changes["PerformedProcedureStepEndDate"].value)
+                if "PerformedProcedureStepEndDate" in changes else None,
+                end_time=_text(changes["PerformedProcedureStepEndTime"].value)
+                if "PerformedProcedureStepEndTime" in changes else None,
                 performed_series=_series(changes),
                 create=False,
             )
