@@ -69,6 +69,10 @@ def test_sign_stores_pdf_fhir_and_oru(reporting: PacsServer) -> None:
         study = http.get("/fhir/ImagingStudy", params={"identifier": "ACC001"}).json()["entry"][0]["resource"]
         assert study["numberOfInstances"] == 4 and study["endpoint"] == [{"reference": "Endpoint/dicomweb"}]
         assert any(i.get("value") == "ACC001" for i in study["identifier"])
+        # The Study Instance UID as the resource shows it, with its system, without, or under the URI system.
+        for identifier in (f"urn:dicom:uid|urn:oid:{s1}", f"urn:oid:{s1}", f"urn:ietf:rfc:3986|urn:oid:{s1}"):
+            found = http.get("/fhir/ImagingStudy", params={"identifier": identifier}).json()
+            assert [e["resource"]["id"] for e in found.get("entry", [])] == [s1], identifier
         viewer = study["extension"][0]["valueUrl"]
         assert http.get(viewer, follow_redirects=False).headers["location"] == f"/#/study/{s1}"
         reports = http.get("/fhir/DiagnosticReport", params={"patient.identifier": "CCCD|001085012345"}).json()

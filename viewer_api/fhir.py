@@ -306,8 +306,11 @@ def _patient_matches(system: str | None, value: str) -> ColumnElement[bool]:
 
 
 def _study_matches(system: str | None, value: str) -> ColumnElement[bool]:
-    """The study a study identifier names: its UID, or its accession number."""
-    if system == "urn:dicom:uid":
+    """The study a study identifier names: its UID, or its accession number.
+    A ``urn:oid:`` value names the UID also without a system, or under the
+    URI system (``urn:ietf:rfc:3986``) some EMRs give it: no accession
+    number is written that way, and such a search found nothing."""
+    if system == "urn:dicom:uid" or (system in (None, "urn:ietf:rfc:3986") and value.startswith("urn:oid:")):
         return studies.c.study_uid == value.removeprefix("urn:oid:")
     return studies.c.accession_number == value
 
@@ -1585,7 +1588,7 @@ _PAGE_PARAMS = [
 ]
 _SEARCH_PARAMS = [
     {"name": "identifier", "type": "token",
-     "documentation": "accession number, or urn:dicom:uid|{StudyInstanceUID}"},
+     "documentation": "accession number, or urn:dicom:uid|urn:oid:{StudyInstanceUID} (also without a system)"},
     {"name": "patient", "type": "reference",
      "documentation": "Patient/{id} or {id} (a Patient of this server), or chained: "
                       "patient.identifier={system|}value (any patient identifier: patient ID, citizen ID CCCD, "
