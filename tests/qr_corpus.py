@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -113,3 +114,9 @@ def write_corpus(out: Path) -> list[Path]:
 
 def studies_of(*keys: str) -> set[str]:
     return {study_uid(k) for k in keys}
+
+
+def import_corpus(server: Any, out: Path) -> None:
+    """Write the corpus into *out* and `pacs import` it into *server*'s archive (before it starts)."""
+    write_corpus(out)
+    server.cli("import", str(out))

@@ -13,7 +13,7 @@ import pytest
 from pydicom import dcmread
 
 from .conftest import Backend, PacsServer
-from .qr_corpus import study_uid, write_corpus
+from .qr_corpus import import_corpus, study_uid
 
 ROLES = ["modality", "radiologist", "referring", "emr", "his", "admin"]
 READ = {"radiologist", "admin", "emr", "referring"}
@@ -24,8 +24,7 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     tmp = tmp_path_factory.mktemp("acl")
     server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}),
                         extra_env={"PACS_CORS_ORIGINS": "https://emr.bvdk.vn, https://ohif.bvdk.vn/"})
-    write_corpus(tmp / "corpus")
-    server.cli("import", str(tmp / "corpus"))
+    import_corpus(server, tmp / "corpus")
     server.start()
     server.tokens = {role: server.make_token(f"user-{role}", role, display_name="Đỗ^Thanh Tùng")  # type: ignore[attr-defined]
                      for role in ROLES}

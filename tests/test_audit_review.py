@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from .conftest import Backend, PacsServer
-from .qr_corpus import series_uid, sop_uid, study_uid, write_corpus
+from .qr_corpus import import_corpus, series_uid, sop_uid, study_uid
 
 S1 = study_uid("S1")  # patient 001085012345^^^CCCD, referred by Đỗ^Thanh Tùng
 S2 = study_uid("S2")  # the same patient, referred by Hoàng^Minh
@@ -29,8 +29,7 @@ REFERRER = "Đỗ^Thanh Tùng"
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     tmp = tmp_path_factory.mktemp("audit_review")
     srv = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}))
-    write_corpus(tmp / "corpus")
-    srv.cli("import", str(tmp / "corpus"))
+    import_corpus(srv, tmp / "corpus")
     srv.start()
     srv.tokens = {role: srv.make_token(f"u-{role}", role, display_name=REFERRER)  # type: ignore[attr-defined]
                   for role in ("modality", "radiologist", "referring", "emr")}

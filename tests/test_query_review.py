@@ -44,7 +44,7 @@ from pacs.index import create_index_engine, upgrade_schema
 
 from .conftest import Backend, PacsServer
 from .peers import create_database, drop_database
-from .qr_corpus import ROOT, studies_of, study_uid, write_corpus
+from .qr_corpus import ROOT, import_corpus, studies_of, study_uid
 from .test_query_retrieve import findscu
 from .test_worklist_ris import orm, send
 
@@ -109,8 +109,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     tmp = tmp_path_factory.mktemp(f"qreview-{request.param}")
     pg = create_database() if request.param == "pg" else None
     srv = PacsServer(tmp / "data", Backend(request.param, pg, None, {}))
-    write_corpus(tmp / "corpus")
-    srv.cli("import", str(tmp / "corpus"))
+    import_corpus(srv, tmp / "corpus")
     srv.start()
     extras = _write_extras(tmp / "extras")
     sent = srv.storescu(*map(str, extras))

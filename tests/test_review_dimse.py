@@ -19,7 +19,7 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage, StudyRootQueryRetrieveInformationModelGet
 
 from .conftest import Backend, PacsServer
-from .qr_corpus import sop_uid, study_uid, write_corpus
+from .qr_corpus import import_corpus, sop_uid, study_uid
 
 GET = StudyRootQueryRetrieveInformationModelGet
 OUT_OF_RESOURCES, CANCEL = 0xA700, 0xFE00
@@ -30,8 +30,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     """The known Q/R corpus (study S1: two CT images, then one MR image)."""
     tmp = tmp_path_factory.mktemp("review-dimse")
     server = PacsServer(tmp / "data", Backend("sqlite", None, None, {}))
-    write_corpus(tmp / "corpus")
-    server.cli("import", str(tmp / "corpus"))
+    import_corpus(server, tmp / "corpus")
     server.start()
     yield server
     server.stop()
