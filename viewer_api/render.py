@@ -339,9 +339,27 @@ def _floats(value: object) -> list[float]:
     return out
 
 
+def _each_float(value: object) -> list[float | None]:
+    """Each value of a (possibly multi-valued) DS/IS/FD as a number, None
+    where it is empty or not a finite number: modalities write "40\\" (an
+    empty second value), which must not cost the values beside it."""
+    if value is None or value == "":
+        return []
+    items = value if isinstance(value, (list, tuple, MultiValue)) else [value]
+    out: list[float | None] = []
+    for item in items:
+        try:
+            f = float(item)  # type: ignore[arg-type]  # DSfloat / IS / str / number
+        except (TypeError, ValueError):
+            out.append(None)
+            continue
+        out.append(f if math.isfinite(f) else None)
+    return out
+
+
 def _first_float(value: object) -> float | None:
-    values = _floats(value)
-    return values[0] if values else None
+    """The first value that is a number ("-1024\\" is -1024, not absent)."""
+    return next((f for f in _each_float(value) if f is not None), None)
 
 
 def _fg_item(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
@@ -442,23 +460,24 @@ class _GreyAttrs:
 
 
 def _object_window(src: Dataset) -> tuple[float, float, str] | None:
-    """The first Window Center/Width pair and VOI LUT Function of src, if valid."""
-    c = _first_float(src.get("WindowCenter"))
-    w = _first_float(src.get("WindowWidth"))
-    if c is None or w is None:
-        return None
+    """The first usable Window Center/Width pair of src with its VOI LUT Function.
+
+    The pairs go together by position (PS3.3 C.11.2.1.2); one with an empty
+    or unusable value ("40\\" / "400\\": a trailing backslash) is passed
+    over for the next, and without any the object falls back to its next VOI
+    option. Dropping all of them for one empty value rendered a CT with its
+    whole range (min/max) instead of its soft tissue window."""
     fn = str(src.get("VOILUTFunction") or "LINEAR")
-    try:
-        return _checked_window(c, w, fn)
-    except RenderParamError:
-        # An unknown function is treated as LINEAR (its PS3.3 default); an
-        # unusable width makes the object fall back to its next VOI option.
-        if fn.strip().upper().replace("-", "_") not in ("LINEAR", "LINEAR_EXACT", "SIGMOID"):
-            try:
-                return _checked_window(c, w, "linear")
-            except RenderParamError:
-                return None
-        return None
+    # An unknown function is treated as LINEAR (its PS3.3 default).
+    known = fn.strip().upper().replace("-", "_") in ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+    for c, w in zip(_each_float(src.get("WindowCenter")), _each_float(src.get("WindowWidth"))):
+        if c is None or w is None:
+            continue
+        try:
+            return _checked_window(c, w, fn if known else "linear")
+        except RenderParamError:
+            continue  # an unusable width (LINEAR < 1, others <= 0)
+    return None
 
 
 def _grey_attrs(ds: Dataset, frame_index: int, photometric: str) -> _GreyAttrs:
