@@ -39,14 +39,15 @@ def _base(study: str, series: str, number: int, sop_class: str, modality: str) -
     return ds
 
 
-def _ct(window_center: str, window_width: str) -> Dataset:
-    """A CT whose window is written as a modality may: "40\\" (VR DS, the
-    second value empty), its pairs by position."""
+def _ct(window_center: str, window_width: str, intercept: str = "-1024") -> Dataset:
+    """A CT whose window (and rescale) is written as a modality may: "40\\"
+    (VR DS, the second value empty), its pairs by position."""
     ds = _base(generate_uid(), generate_uid(), 1, "1.2.840.10008.5.1.4.1.1.2", "CT")
     ds.Rows = ds.Columns = 16
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.RescaleIntercept, ds.RescaleSlope = "-1024", "1"
+    ds.add_new(0x00281052, "DS", intercept)
+    ds.RescaleSlope = "1"
     ds.add_new(0x00281050, "DS", window_center)
     ds.add_new(0x00281051, "DS", window_width)
     ds.PixelData = CT_STORED.tobytes()
@@ -76,11 +77,12 @@ def _clip(study: str, series: str, number: int) -> Dataset:
     return ds
 
 
-# (Window Center, Window Width) as written, and the pair that is the window.
+# (Window Center, Window Width[, Rescale Intercept]) as written; the window is 40 / 400 HU in each.
 WINDOWS = {
     "trailing": ("40\\", "400\\"),
     "second pair incomplete": ("40\\300", "400\\"),
     "first pair empty": ("\\40", "\\400"),
+    "intercept with a trailing backslash": ("40", "400", "-1024\\"),
 }
 
 
@@ -129,7 +131,8 @@ def test_window_with_an_empty_value_among_several_is_the_objects_window(web: Pac
     whole window was dropped for it and the CT rendered with its min/max
     (-1024..3056 HU: soft tissue one flat grey) in /rendered and in the
     EMR's WADO-URI JPEG link alike. The first pair with both values is the
-    window (PS3.3 C.11.2.1.2: the pairs go by position)."""
+    window (PS3.3 C.11.2.1.2: the pairs go by position). A Rescale
+    Intercept "-1024\\" was taken as 0: every value 1024 HU too high."""
     ds = web.cts[name]  # type: ignore[attr-defined]
     expected = _soft_tissue()
     with web.http() as http:
