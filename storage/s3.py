@@ -67,14 +67,20 @@ def _s3_errors(op: str, key: str) -> Iterator[None]:
 class _ResponseReader(io.RawIOBase):
     """File-like view of a streaming S3 GET that returns the connection on close."""
 
-    def __init__(self, response: Any) -> None:
+    def __init__(self, response: Any, key: str) -> None:
         self._response = response
+        self._key = key
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        data = self._response.read(len(buffer))
+        # A connection reset or stall mid-body (the S3 server restarting)
+        # is a StorageError like a failed GET: it escaped as urllib3's
+        # ProtocolError, which `pacs verify` and `pacs migrate` did not
+        # expect (the whole run ended in a traceback, no report).
+        with _s3_errors("GET", self._key):
+            data = self._response.read(len(buffer))
         n = len(data)
         memoryview(buffer)[:n] = data
         return n
@@ -225,7 +231,7 @@ class S3Store(ObjectStore):
 
     def open(self, key: str, offset: int = 0, length: int | None = None) -> BinaryIO:
         response = self._get(key, offset, length or 0)
-        return io.BufferedReader(_ResponseReader(response), 1024 * 1024)  # type: ignore[return-value]
+        return io.BufferedReader(_ResponseReader(response, key), 1024 * 1024)  # type: ignore[return-value]
 
     @contextmanager
     def local_path(self, key: str) -> Iterator[Path]:

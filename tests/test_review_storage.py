@@ -1,0 +1,95 @@
+"""Storage review fixes, on real peers (SeaweedFS S3 behind a TCP link that
+drops, PostgreSQL, DCMTK storescu into `pacs serve`, the `pacs` CLI):
+
+- an S3 read cut off mid-object (the S3 server restarting, a network reset)
+  escaped the store as urllib3's ProtocolError instead of a StorageError:
+  `pacs verify` and `pacs migrate` ended in "error: ProtocolError" with no
+  report, where one unreadable object should be reported and the run go on.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from storage import StorageError, open_store
+
+from .conftest import S3_ACCESS, S3_SECRET, Backend, PacsServer, S3Server, free_port
+from .dicomfiles import make_ct, multiframe_rgb
+from .link_proxy import LinkProxy
+
+S3_ENV = {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET}
+BIG = 20 * 256 * 256 * 3  # pixel bytes of the multi-frame object (~3.9 MB)
+CUT = 1_500_000  # bytes the link lets through per connection before it drops
+
+
+def _json(server: PacsServer, *args: str, rc: int = 0) -> dict[str, Any]:
+    result = server.cli(*args, "--json", check=False)
+    assert result.returncode == rc, f"pacs {' '.join(args)} -> {result.returncode}\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+@pytest.fixture
+def dropping_link(s3_server: S3Server) -> Any:
+    """A link to the S3 server that passes everything until told to drop."""
+    proxy = LinkProxy(free_port(), int(s3_server.endpoint.rsplit(":", 1)[1])).start()
+    yield proxy
+    proxy.stop()
+
+
+def test_an_s3_read_cut_mid_object_is_a_storage_error(dropping_link: LinkProxy, s3_bucket_url: str) -> None:
+    data = os.urandom(4_000_000)
+    direct = open_store(s3_bucket_url, S3_ACCESS, S3_SECRET)
+    try:
+        direct.put("1.2.3/4.5.6/7.8.9.dcm", io.BytesIO(data), len(data))
+    finally:
+        direct.close()
+    dropping_link.cut_down = CUT
+    bucket = s3_bucket_url.split("://", 1)[1].split("?", 1)[0]
+    store = open_store(f"s3://{bucket}?endpoint=127.0.0.1:{dropping_link.port}&secure=false", S3_ACCESS, S3_SECRET,
+                       create=False)
+    try:
+        with pytest.raises(StorageError), store.open("1.2.3/4.5.6/7.8.9.dcm") as stream:
+            stream.read()
+        with pytest.raises(StorageError):
+            store.checksum("1.2.3/4.5.6/7.8.9.dcm")
+        with pytest.raises(StorageError), store.local_path("1.2.3/4.5.6/7.8.9.dcm"):
+            pass
+    finally:
+        store.close()
+    assert dropping_link.cuts >= 3
+
+
+def test_verify_and_migrate_report_an_s3_read_cut_mid_object_and_go_on(
+        tmp_path: Path, dropping_link: LinkProxy, s3_bucket_url: str) -> None:
+    """The S3 server restarting while `pacs verify` reads a multi-frame
+    object: that object is unreadable (exit 1, in the report), the others
+    are checked; `pacs migrate` copies the others, reports the one, and a
+    rerun once S3 answers again completes the copy."""
+    bucket = s3_bucket_url.split("://", 1)[1].split("?", 1)[0]
+    through_link = f"s3://{bucket}?endpoint=127.0.0.1:{dropping_link.port}&secure=false"
+    archive = PacsServer(tmp_path / "data", Backend("sqlite-s3", None, through_link, S3_ENV))
+    _, _, big_uid = multiframe_rgb(tmp_path / "big.dcm", 20, 256, 256)
+    small = make_ct(tmp_path / "small.dcm")
+    imported = archive.cli("import", str(tmp_path / "big.dcm"), str(small), check=False)
+    assert imported.returncode == 0, imported.stdout + imported.stderr
+
+    dropping_link.cut_down = CUT
+    checked = _json(archive, "verify", rc=1)
+    assert checked["checked"] == 2 and checked["corrupt"]["count"] == 0 and checked["missing"]["count"] == 0
+    assert [item["sop_uid"] for item in checked["unreadable"]["items"]] == [big_uid]
+
+    target = tmp_path / "new-objects"
+    copied = _json(archive, "migrate", "--to", f"file://{target}", rc=1)
+    assert copied["copied"] == 1 and copied["failed"]["count"] == 1 and not copied["complete"]
+    assert big_uid in copied["failed"]["items"][0]["key"]
+
+    dropping_link.cut_down = -1  # S3 is back
+    resumed = _json(archive, "migrate", "--to", f"file://{target}")
+    assert resumed["complete"] and resumed["copied"] == 1 and resumed["already_present"] == 1
+    assert _json(archive, "verify")["ok"]
