@@ -265,7 +265,15 @@ def _write_message(assoc: Any, command: bytes, context_id: int, stream: BinaryIO
     def fragments() -> Iterator[bytes]:
         left = length
         while left is None or left > 0:
-            data = read_exact(stream, fragment if left is None else min(fragment, left))
+            try:
+                data = read_exact(stream, fragment if left is None else min(fragment, left))
+            except Exception:
+                # The store failed mid-object (an S3 connection reset): as
+                # for a file ending early, the next C-STORE would go out
+                # inside this unfinished data set (DCMTK: "Unexpected PDV
+                # type", a garbled C-GET and a failed release).
+                assoc.abort()
+                raise
             if not data:
                 if left is None:
                     return

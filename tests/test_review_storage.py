@@ -4,7 +4,10 @@ drops, PostgreSQL, DCMTK storescu into `pacs serve`, the `pacs` CLI):
 - an S3 read cut off mid-object (the S3 server restarting, a network reset)
   escaped the store as urllib3's ProtocolError instead of a StorageError:
   `pacs verify` and `pacs migrate` ended in "error: ProtocolError" with no
-  report, where one unreadable object should be reported and the run go on.
+  report, where one unreadable object should be reported and the run go on;
+- the same cut while a C-GET or C-MOVE streamed that object into its C-STORE
+  left the message unfinished and sent the next one inside it (a garbled
+  association; getscu exited 0 with objects missing): now aborted.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 from storage import StorageError, open_store
 
-from .conftest import S3_ACCESS, S3_SECRET, Backend, PacsServer, S3Server, free_port
+from .conftest import S3_ACCESS, S3_SECRET, Backend, PacsServer, S3Server, free_port, run_dcmtk
 from .dicomfiles import make_ct, multiframe_rgb
 from .link_proxy import LinkProxy
 
@@ -93,3 +98,42 @@ def test_verify_and_migrate_report_an_s3_read_cut_mid_object_and_go_on(
     resumed = _json(archive, "migrate", "--to", f"file://{target}")
     assert resumed["complete"] and resumed["copied"] == 1 and resumed["already_present"] == 1
     assert _json(archive, "verify")["ok"]
+
+
+def test_a_c_get_whose_s3_read_breaks_mid_object_is_aborted_not_garbled(
+        tmp_path: Path, dropping_link: LinkProxy, s3_bucket_url: str) -> None:
+    """An object too large to read ahead is streamed from S3 into its
+    C-STORE; the S3 connection reset half way through. The next message (the
+    C-GET's pending response, the next C-STORE) went out inside the
+    unfinished data set: DCMTK's getscu reported "Unexpected PDV type", and
+    then, never seeing the final response, exited 0 with one object of
+    three. Part of a message out, the association can only be aborted, as
+    for a stored file ending early: the retriever knows it failed."""
+    bucket = s3_bucket_url.split("://", 1)[1].split("?", 1)[0]
+    through_link = f"s3://{bucket}?endpoint=127.0.0.1:{dropping_link.port}&secure=false"
+    # Uploads send little downstream; every GET of a big object is cut.
+    dropping_link.cut_down = 5_000_000
+    server = PacsServer(tmp_path / "data", Backend("sqlite-s3", None, through_link, S3_ENV)).start()
+    try:
+        study, series = generate_uid(), generate_uid()
+        for n in range(2):
+            multiframe_rgb(tmp_path / f"{n}.dcm", 50, 256, 256)  # ~9.8 MB, over the read-ahead size
+            ds = dcmread(tmp_path / f"{n}.dcm")
+            ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.InstanceNumber = study, series, n + 1
+            ds.save_as(tmp_path / f"{n}.dcm")
+        sent = server.storescu(str(tmp_path / "0.dcm"), str(tmp_path / "1.dcm"))
+        assert sent.returncode == 0, sent.stderr
+        got = tmp_path / "got"
+        got.mkdir()
+        result = run_dcmtk("getscu", "-od", str(got), "-S", "-v", "-aec", server.ae_title, "-k",
+                           "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={study}", "127.0.0.1",
+                           str(server.dicom_port), timeout=90)
+        out = result.stdout + result.stderr
+        assert "Unexpected PDV" not in out, out
+        assert "Peer aborted Association" in out and result.returncode != 0, out
+        assert list(got.iterdir()) == []
+        assert dropping_link.cuts >= 1
+        # The listener goes on serving.
+        assert run_dcmtk("echoscu", "-aec", server.ae_title, "127.0.0.1", str(server.dicom_port)).returncode == 0
+    finally:
+        server.stop()
