@@ -317,7 +317,7 @@ class Ingestor:
             # same question from a local query, and a resend is not uploaded
             # at all. Two nodes racing on one instance both upload either way.
             existing = self._indexed_key(header.sop_uid, key)
-            if existing is not None:
+            if existing is not None and not (existing == key and self._lost(key)):
                 return self._duplicate(header, existing, source.size, origin, key)
         try:
             staged = self.store.stage(source.open(), source.size)
@@ -408,6 +408,22 @@ class Ingestor:
             except Exception:
                 log.exception("ingest listener failed")
         return result
+
+    def _lost(self, key: str) -> bool:
+        """Whether the object of an indexed instance is missing from a remote
+        store (deleted by hand, a bucket restored from an older copy): a
+        resend then stores it again, as the filesystem store's publish does,
+        instead of being acknowledged as a duplicate that heals nothing. One
+        HEAD per resend only; a store that does not answer counts as holding
+        it (the resend is a duplicate, as before)."""
+        try:
+            present = self.store.exists(key)
+        except StorageError:
+            return False
+        if not present:
+            log.warning("the object of indexed instance %s was missing from storage: stored again from this resend",
+                        key)
+        return not present
 
     def _plan_routes(self, header: InstanceHeader, origin: Origin, key: str) -> list[Any]:
         try:

@@ -7,7 +7,9 @@ drops, PostgreSQL, DCMTK storescu into `pacs serve`, the `pacs` CLI):
   report, where one unreadable object should be reported and the run go on;
 - the same cut while a C-GET or C-MOVE streamed that object into its C-STORE
   left the message unfinished and sent the next one inside it (a garbled
-  association; getscu exited 0 with objects missing): now aborted.
+  association; getscu exited 0 with objects missing): now aborted;
+- a resend of an indexed instance whose S3 object was lost (keep-first
+  answers resends from the index) now stores it again.
 """
 
 from __future__ import annotations
@@ -137,3 +139,34 @@ def test_a_c_get_whose_s3_read_breaks_mid_object_is_aborted_not_garbled(
         assert run_dcmtk("echoscu", "-aec", server.ae_title, "127.0.0.1", str(server.dicom_port)).returncode == 0
     finally:
         server.stop()
+
+
+def test_a_resend_restores_an_indexed_objects_lost_s3_copy(tmp_path: Path, s3_bucket_url: str) -> None:
+    """Keep-first on S3 answers a resend of an indexed instance from the
+    index, without uploading it. When the object itself was gone (deleted
+    by hand, a bucket restored from an older copy), the resend was
+    acknowledged as a duplicate and the loss stayed: the modality's resend,
+    the one way to heal it, now stores it again, as on the filesystem store."""
+    archive = PacsServer(tmp_path / "data", Backend("sqlite-s3", None, s3_bucket_url, S3_ENV))
+    ct = make_ct(tmp_path / "ct.dcm")
+    archive.start()
+    try:
+        assert archive.storescu(str(ct)).returncode == 0
+        core = archive.core()
+        try:
+            key = core.engine.connect().exec_driver_sql("SELECT storage_key FROM instances").scalar_one()
+            core.store.delete(key)
+            assert not core.store.exists(key)
+            lost = _json(archive, "verify", rc=1)
+            assert lost["missing"]["count"] == 1
+            resent = archive.storescu(str(ct))
+            assert resent.returncode == 0, resent.stderr
+            assert core.store.exists(key)
+            assert _json(archive, "verify")["ok"]
+            # A resend of an object that is there is a duplicate, not uploaded again.
+            assert archive.storescu(str(ct)).returncode == 0
+        finally:
+            core.close()
+        assert "was missing from storage: stored again from this resend" in archive.log_text()
+    finally:
+        archive.stop()
