@@ -177,6 +177,26 @@ class AuditTrail:
                 self._unwritten.append(event)  # an outage after all: kept, tried again
 
 
+# The patients named in one event, backslash-separated, at most this many
+# UTF-8 bytes: the column is indexed, and PostgreSQL refuses an index entry
+# over ~2.7 kB (an event it refuses was held back as if the index were
+# down). More patients go in further events with the same action and detail.
+MAX_PATIENT_BYTES = 2000
+# The indexed columns: none may hold more than MAX_PATIENT_BYTES.
+_INDEXED_FIELDS = ("user", "action", "study_uid", "patient_id")
+
+
+def _cut(value: str, limit: int = MAX_PATIENT_BYTES) -> str:
+    """*value* in at most *limit* UTF-8 bytes: a list of UIDs (a QIDO-RS
+    search's, backslash- or comma-separated) cut after its last whole UID."""
+    data = value.encode()
+    if len(data) <= limit:
+        return value
+    cut = data[:limit].decode(errors="ignore")
+    last = max(cut.rfind("\\"), cut.rfind(","))
+    return cut[:last] if last > 0 else cut
+
+
 def _storable(event: Event) -> Event:
     for name in _TEXT_FIELDS:
         value = getattr(event, name)
@@ -185,14 +205,13 @@ def _storable(event: Event) -> Event:
             # storable: PostgreSQL refuses NUL in text, and one such row
             # held every later event back as if the index were down.
             setattr(event, name, _CONTROL.sub("\ufffd", value))
+    for name in _INDEXED_FIELDS:
+        # A client's value (an 8,000-character study in a WADO path, sent
+        # without a token) over PostgreSQL's index entry limit was refused
+        # as if the index were down: that event and every later one waited
+        # in memory for good, and the trail recorded nothing more.
+        setattr(event, name, _cut(getattr(event, name)))
     return event
-
-
-# The patients named in one event, backslash-separated, at most this many
-# UTF-8 bytes: the column is indexed, and PostgreSQL refuses an index entry
-# over ~2.7 kB (an event it refuses was held back as if the index were
-# down). More patients go in further events with the same action and detail.
-MAX_PATIENT_BYTES = 2000
 
 
 def patient_chunks(values: Iterable[str], limit: int = MAX_PATIENT_BYTES) -> list[str]:

@@ -1,0 +1,93 @@
+"""HTTP security review (2026-12): what a client sends can neither stop
+the audit trail nor turn a bad request into a 500 on PostgreSQL.
+
+A real `pacs serve` on PostgreSQL (where both bugs were: an index entry
+has a size limit, a text value holds no NUL) with the QR corpus; httpx as
+the clients."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from .conftest import Backend, PacsServer
+from .qr_corpus import study_uid, write_corpus
+
+S1 = study_uid("S1")
+S2 = study_uid("S2")
+
+
+@pytest.fixture(scope="module")
+def pg_module_url(postgres: str) -> Iterator[str]:
+    """One PostgreSQL database for the module's server."""
+    from .peers import create_database, drop_database
+
+    url = create_database(postgres)
+    yield url
+    drop_database(url, postgres)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, pg_module_url: str) -> Iterator[PacsServer]:
+    tmp = tmp_path_factory.mktemp("security_review")
+    srv = PacsServer(tmp / "data", Backend("pg-fs", pg_module_url, None, {}))
+    write_corpus(tmp / "corpus")
+    srv.cli("import", str(tmp / "corpus"))
+    srv.start()
+    srv.tokens = {role: srv.make_token(f"u-{role}", role)  # type: ignore[attr-defined]
+                  for role in ("radiologist", "his")}
+    yield srv
+    srv.stop()
+
+
+def _events(server: PacsServer, **params: Any) -> list[dict[str, Any]]:
+    """The trail, newest first (GET /api/audit writes what is queued first)."""
+    with server.http() as http:
+        answer = http.get("/api/audit", params={"limit": 200, **params})
+    assert answer.status_code == 200, answer.text
+    return list(answer.json())
+
+
+def _noise(length: int) -> str:
+    """UID-like characters that do not compress (PostgreSQL compresses a
+    long repetitive index entry below its limit)."""
+    rng = random.Random(length)
+    return "1." + "".join(rng.choice("0123456789.") for _ in range(length))
+
+
+def _uids(count: int) -> list[str]:
+    """*count* valid UIDs of 64 characters, random digits."""
+    rng = random.Random(count)
+    return ["2.25." + str(rng.randrange(1, 10**58)).rjust(59, "1") for _ in range(count)]
+
+
+def test_a_long_study_in_a_request_does_not_stop_the_audit_trail(server: PacsServer) -> None:
+    """Anyone, without a token, could stop the audit trail for good: a
+    WADO-RS path (or QIDO-RS StudyInstanceUID list) of 8,000 characters
+    became the event's study_uid, which PostgreSQL's index refuses
+    (ProgramLimitExceeded, taken for an outage): that event and every
+    later one waited in memory, retried every 2 s, never written."""
+    long_study = _noise(8000)
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30) as anonymous:
+        assert anonymous.get(f"/dicom-web/studies/{long_study}/metadata").status_code == 401
+    with server.http(token=server.tokens["radiologist"]) as http:  # type: ignore[attr-defined]
+        # A search for 100 studies by UID (PS3.18 8.3.4.1: a list): 6,500 characters.
+        searched = ",".join(_uids(100))
+        assert http.get("/dicom-web/studies", params={"StudyInstanceUID": searched}).status_code == 200
+        assert http.get(f"/api/studies/{S2}").status_code == 200
+    events = _events(server)
+    # The read after them is in the trail, with its patient.
+    read = [e for e in events if e["study_uid"] == S2 and e["action"] == "view"]
+    assert read and read[0]["patient_id"] == "001085012345^^^CCCD"
+    # The refused requests too, their study cut to what the index holds.
+    refused = [e for e in events if e["study_uid"].startswith(long_study[:100])]
+    assert [(e["action"], e["outcome"], e["user"]) for e in refused] == [("retrieve", "denied", "")]
+    search = [e for e in events if e["study_uid"].startswith(searched[:64])]
+    assert [(e["action"], e["outcome"]) for e in search] == [("query", "success")]
+    # Cut to what the index holds, between two UIDs of the list.
+    assert all(len(e["study_uid"].encode()) <= 2000 for e in refused + search)
+    assert all(len(uid) == 64 for uid in search[0]["study_uid"].split(","))
