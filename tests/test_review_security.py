@@ -91,3 +91,31 @@ def test_a_long_study_in_a_request_does_not_stop_the_audit_trail(server: PacsSer
     # Cut to what the index holds, between two UIDs of the list.
     assert all(len(e["study_uid"].encode()) <= 2000 for e in refused + search)
     assert all(len(uid) == 64 for uid in search[0]["study_uid"].split(","))
+
+
+NUL = "a\x00b"
+
+
+@pytest.mark.parametrize(("role", "path", "body"), [
+    # The HIS's order API: a NUL in any value (a C string's end sent as data).
+    ("his", "/api/orders", {"patient": {"id": "NUL1" + NUL, "name": "Test^Nul"}, "accession_number": "NUL-1",
+                            "modality": "CT"}),
+    ("his", "/api/orders", {"patient": {"id": "NUL2", "name": NUL}, "accession_number": "NUL-2", "modality": "CT"}),
+    ("his", "/api/orders", {"patient": {"id": "NUL3", "name": "Test^Nul", "other_ids": [{"value": NUL}]},
+                            "accession_number": "NUL-3", "modality": "CT"}),
+    ("his", "/api/orders", {"patient": {"id": "NUL4", "name": "Test^Nul"}, "accession_number": "NUL-4",
+                            "modality": "CT", "steps": [{"step_id": "1", "step_description": NUL}]}),
+    ("admin", f"/api/studies/{S1}/match", {"accession_number": NUL}),
+    ("admin", "/api/users", {"username": "nul-user", "role": "radiologist", "display_name": NUL}),
+    ("admin", "/api/users", {"username": "nul" + NUL, "role": "radiologist"}),
+    ("admin", "/api/tokens", {"username": "u-his", "name": NUL}),
+])
+def test_a_nul_in_a_json_body_is_a_400(server: PacsServer, role: str, path: str, body: dict[str, Any]) -> None:
+    """PostgreSQL holds no NUL in text: a JSON value with one reached the
+    index and the client got a 500 (a HIS retries a 500 forever); the path
+    and query of /api were checked already, the bodies were not."""
+    token = server.token if role == "admin" else server.tokens[role]  # type: ignore[attr-defined]
+    with server.http(token=token) as http:
+        answer = http.post(path, json=body)
+    assert answer.status_code == 400, answer.text
+    assert "U+0000" in answer.json()["error"]

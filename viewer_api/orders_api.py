@@ -12,25 +12,25 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, Field
+from pydantic import Field
 
 from pacs.audit import Event, patient_cx
 from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo, order_subject, patients_named
 from pacs.timezones import hospital_zone
 
-from .errors import HTTPProblem
+from .errors import HTTPProblem, JsonBody
 from .security import audit_patients, audit_studies, requires
 
 router = APIRouter(prefix="/api", tags=["orders"])
 
 
-class OtherIdModel(BaseModel):
+class OtherIdModel(JsonBody):
     value: str = Field(..., min_length=1, max_length=64)
     issuer: str = ""
     type: str = ""
 
 
-class PatientModel(BaseModel):
+class PatientModel(JsonBody):
     id: str = Field(..., min_length=1, max_length=64, description="Patient ID (e.g. the 12-digit citizen ID)")
     issuer: str = Field("", description="Issuer of the Patient ID, e.g. CCCD")
     name: str = Field("", description="DICOM PN: Family^Given, UTF-8 (Nguyễn^Văn An)")
@@ -45,7 +45,7 @@ _TIME = r"^(\d{2,6}(\.\d+)?)?$"
 MAX_STEPS = 20
 
 
-class StepModel(BaseModel):
+class StepModel(JsonBody):
     """One scheduled procedure step; a value left out is the order's (the top-level field)."""
 
     # Its length is checked by the core, which names the DICOM attribute (ScheduledProcedureStepID).
@@ -105,7 +105,7 @@ class OrderModel(StepModel):
         return [replace(order, **{k: v for k, v in step.model_dump().items() if v}) for step in self.steps]
 
 
-class MatchModel(BaseModel):
+class MatchModel(JsonBody):
     accession_number: str = Field(..., min_length=1)
 
 

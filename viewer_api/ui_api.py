@@ -18,7 +18,7 @@ from pacs.header import valid_uid
 from pacs.reports import ReportError, ReportService
 from pacs.studylist import patient_of, study_detail, study_list
 
-from .errors import HTTPProblem, problem
+from .errors import HTTPProblem, JsonBody, problem
 from .mediatypes import video_media_types
 from .security import COOKIE, READERS, audit, audit_patients, guard, principal_of
 
@@ -43,7 +43,7 @@ class SignRequest(BaseModel):
     revision: int | None = Field(None, ge=0)
 
 
-class NewUser(BaseModel):
+class NewUser(JsonBody):
     username: str
     role: str
     password: str | None = None
@@ -53,7 +53,7 @@ class NewUser(BaseModel):
     keep_tokens: bool = False
 
 
-class NewToken(BaseModel):
+class NewToken(JsonBody):
     username: str
     name: str = Field(..., min_length=1)
     days: int | None = Field(None, ge=1, le=3650)
