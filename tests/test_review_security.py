@@ -119,3 +119,22 @@ def test_a_nul_in_a_json_body_is_a_400(server: PacsServer, role: str, path: str,
         answer = http.post(path, json=body)
     assert answer.status_code == 400, answer.text
     assert "U+0000" in answer.json()["error"]
+
+
+@pytest.mark.parametrize(("role", "path", "body"), [
+    ("his", "/api/orders", b'{"patient": {"id": "SUR1", "name": "Test^\\ud800"}, "accession_number": "SUR-1", '
+                           b'"modality": "CT"}'),
+    ("his", "/api/orders", b'{"patient": {"id": "SUR2", "name": "Test^Sur"}, "accession_number": "SUR-2", '
+                           b'"modality": "CT", "reason": "\\udc00"}'),
+    ("admin", "/api/users", b'{"username": "sur-user", "role": "radiologist", "display_name": "\\ud800"}'),
+    ("admin", "/api/users", b'{"username": "sur-user2", "role": "radiologist", "password": "\\ud800-password"}'),
+])
+def test_a_lone_surrogate_in_a_json_body_is_a_400(server: PacsServer, role: str, path: str, body: bytes) -> None:
+    """JSON can write "\\ud800", which is no character: Python's JSON reader
+    keeps it, pydantic refuses it only in a field with a length limit, and
+    the database driver then failed to encode it (a 500)."""
+    token = server.token if role == "admin" else server.tokens[role]  # type: ignore[attr-defined]
+    with server.http(token=token) as http:
+        answer = http.post(path, content=body, headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert "surrogate" in answer.json()["error"]

@@ -61,17 +61,24 @@ def require_uids(*uids: str | None, name: str = "UID") -> None:
 
 class JsonBody(BaseModel):
     """A JSON request body of the API (an order, a user, a token): no text
-    value of it holds NUL, a 400 naming the field. PostgreSQL refuses NUL
-    in text: such a value reached the index and was a 500, which a HIS
-    sends again and again (:class:`ControlCharacters` checks the path and
-    query; a body's other control characters, a line break in an order's
-    reason, are kept as sent)."""
+    value of it holds NUL or a lone surrogate (``"\\ud800"``, which JSON
+    can write and UTF-8 cannot), a 400 naming the field. Either reached
+    the index and was a 500 (PostgreSQL refuses NUL in text; no database
+    driver encodes a surrogate), which a HIS sends again and again
+    (:class:`ControlCharacters` checks the path and query; a body's other
+    control characters, a line break in an order's reason, are kept as sent)."""
 
     @field_validator("*", mode="after")
     @classmethod
-    def _no_nul(cls, value: Any) -> Any:
-        if isinstance(value, str) and "\x00" in value:
-            raise ValueError("holds the control character U+0000: no value of this API contains one")
+    def _storable_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise ValueError("holds the control character U+0000: no value of this API contains one")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                # Pydantic refuses it only in fields with a length constraint.
+                raise ValueError("holds a lone UTF-16 surrogate (\\udXXX): not a character") from None
         return value
 
 
