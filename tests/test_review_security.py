@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from .conftest import Backend, PacsServer
-from .qr_corpus import study_uid, write_corpus
+from .qr_corpus import import_corpus, study_uid
 
 S1 = study_uid("S1")
 S2 = study_uid("S2")
@@ -35,8 +35,7 @@ def pg_module_url(postgres: str) -> Iterator[str]:
 def server(tmp_path_factory: pytest.TempPathFactory, pg_module_url: str) -> Iterator[PacsServer]:
     tmp = tmp_path_factory.mktemp("security_review")
     srv = PacsServer(tmp / "data", Backend("pg-fs", pg_module_url, None, {}))
-    write_corpus(tmp / "corpus")
-    srv.cli("import", str(tmp / "corpus"))
+    import_corpus(srv, tmp / "corpus")
     srv.start()
     srv.tokens = {role: srv.make_token(f"u-{role}", role)  # type: ignore[attr-defined]
                   for role in ("radiologist", "his")}
@@ -138,3 +137,17 @@ def test_a_lone_surrogate_in_a_json_body_is_a_400(server: PacsServer, role: str,
         answer = http.post(path, content=body, headers={"Content-Type": "application/json"})
     assert answer.status_code == 400, answer.text
     assert "surrogate" in answer.json()["error"]
+
+
+def test_a_refused_request_is_logged_without_its_path(server: PacsServer) -> None:
+    """A log line named the request's path, which can be patient data (a
+    patient's ID in a FHIR Patient id, an accession in /api/orders/...):
+    the route's template is logged, the audit trail keeps who read what."""
+    since = len(server.log_text())
+    his = server.tokens["his"]  # type: ignore[attr-defined]
+    with server.http(token=his) as http:
+        too_large = http.put("/api/orders/BN-SECRET-4711", content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
+                             headers={"Content-Type": "application/json"})
+    assert too_large.status_code == 413
+    log = server.log_text(since)
+    assert "refused 413" in log and "/api/..." in log and "BN-SECRET-4711" not in log, log

@@ -82,6 +82,18 @@ class JsonBody(BaseModel):
         return value
 
 
+def path_for_log(scope: Any) -> str:
+    """What a log line names of a request: its route's template
+    (``/fhir/Patient/{id}``), not its path, which can hold patient data (a
+    patient's ID in a FHIR id, an accession); a request no route took (yet),
+    its first segment. The audit trail, not the log, records who read what."""
+    template = getattr(scope.get("route"), "path", None)
+    if template:
+        return str(template)
+    segments = str(scope.get("path", "")).split("/")
+    return "/".join(segments[:2]) + ("/..." if len(segments) > 2 else "")
+
+
 def problem(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message, "status": status}, status_code=status)
 
@@ -142,18 +154,18 @@ def install(app: FastAPI) -> None:
             message = exc.message if isinstance(exc, HTTPProblem) else str(exc)
             status = status_of(exc)
             if isinstance(exc, PixelMemoryBusy):
-                log.warning("%s %s answered 503: %s", request.method, request.url.path, message)
+                log.warning("%s %s answered 503: %s", request.method, path_for_log(request.scope), message)
                 busy = answer(request, status, message)
                 busy.headers["Retry-After"] = str(exc.retry_after)  # RFC 9110 15.6.4
                 return busy
             if isinstance(exc, ObjectNotFound | ObjectDamaged):
                 # An indexed object gone from the store or cut short.
                 message = MISSING_OBJECT if isinstance(exc, ObjectNotFound) else DAMAGED_OBJECT
-                log.error("%s %s: %s: %s", request.method, request.url.path, message, exc)
+                log.error("%s %s: %s: %s", request.method, path_for_log(request.scope), message, exc)
             elif isinstance(exc, OperationalError | StorageError | ConcurrentChange):
                 # One line per refused request during an outage, no traceback;
                 # the client is not told the database's connection details.
-                log.warning("%s %s answered %d: %s", request.method, request.url.path, status,
+                log.warning("%s %s answered %d: %s", request.method, path_for_log(request.scope), status,
                             str(exc).splitlines()[0][:200])
                 message = BUSY if is_transient(exc) else "the archive's storage or index is unavailable; try again later"
             return answer(request, status, message)
@@ -219,7 +231,7 @@ class UnexpectedErrors:
                 raise
             # Our own fault: the log has the traceback; the client gets its
             # API's error body (an OperationOutcome under /fhir), never our internals.
-            log.error("unexpected error answering %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
+            log.error("unexpected error answering %s %s", scope.get("method"), path_for_log(scope), exc_info=exc)
             response = answer(Request(scope), 500, INTERNAL_ERROR)
             await response(scope, receive, send)
 

@@ -19,7 +19,7 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .errors import answer
+from .errors import answer, path_for_log
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class BodyLimit:
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
         client = scope.get("client")
         log.warning("%s %s from %s refused 413: its body %s, over the %d bytes a request other than a "
-                    "STOW-RS upload may have", scope["method"], scope["path"],
+                    "STOW-RS upload may have", scope["method"], path_for_log(scope),
                     client[0] if client else "?", what, self.max_bytes)
         request = Request(scope)
         response = answer(request, 413, f"request body too large: at most {self.max_bytes} bytes "
