@@ -352,6 +352,7 @@ class Forwarder(Periodic):
         self.pacs = pacs
         self.node = node_name(pacs)
         self.max_attempts = max_attempts
+        self.lease = timedelta(seconds=pacs.settings.route_lease_seconds)
         self.prune_every = prune_every
         self._pruned_at: float | None = None
         self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="route")
@@ -361,6 +362,9 @@ class Forwarder(Periodic):
         # down): they may hold at most concurrency - 1 workers, so one is
         # always left for the healthy ones.
         self._suspect: set[str] = set()
+        # Destinations not reached (no connection, no association), with
+        # the rounds in a row they were not: their jobs wait longer each time.
+        self._down: dict[str, int] = {}
         # This round's failures per destination: (new state, error, the peer's fault).
         self._failures: dict[str, list[tuple[str, str, bool]]] = {}
         self._lock = threading.Lock()
@@ -503,6 +507,22 @@ class Forwarder(Periodic):
                          retry_seconds=self.pacs.settings.route_retry_seconds)))
         self._failures.setdefault(destination, []).append((states[0] if states else "pending", error, peer))
 
+    def _unreachable(self, destination: str, jobs: list[Job], error: str) -> None:
+        """The destination could not be reached: its jobs wait (backing off
+        as a failed try would, up to 10 minutes), no try counted (see
+        :func:`routing.postpone`); the round still counts as failed."""
+        with self._lock:
+            rounds = self._down[destination] = self._down.get(destination, 0) + 1
+        after = min(600.0, self.pacs.settings.route_retry_seconds * 2 ** min(rounds, 10))
+        pks = [job.pk for job in jobs]
+        self._record(lambda: routing.postpone(self.pacs.engine, destination, pks, self.node, error, after))
+        self._failures.setdefault(destination, []).extend(("pending", error, True) for _ in jobs)
+
+    def _reached(self, destination: str) -> None:
+        """The destination answered: its next outage backs off from the start."""
+        with self._lock:
+            self._down.pop(destination, None)
+
     def _unreadable(self, destination: str, job: Job, exc: Exception) -> None:
         """The stored object cannot be read: gone for good, or the store is down."""
         if isinstance(exc, ObjectNotFound):
@@ -512,7 +532,7 @@ class Forwarder(Periodic):
 
     def drain(self, destination: str) -> int:
         """Send one batch for *destination*; returns how many jobs were claimed."""
-        jobs = routing.claim(self.pacs.engine, destination, self.node)
+        jobs = routing.claim(self.pacs.engine, destination, self.node, lease=self.lease)
         if not jobs:
             return 0
         self._failures[destination] = []
@@ -614,8 +634,7 @@ class Forwarder(Periodic):
             if self._stop.is_set():  # cut by stop(): not the destination's failure
                 self._give_back([job for job, _, _, _ in prepared])
             else:
-                for job, _, _, _ in prepared:
-                    self._fail(destination, job, str(exc))
+                self._unreachable(destination, [job for job, _, _, _ in prepared], str(exc))
             return
         renewed = time.monotonic()
         _stop_aware(assoc, self._stop)
@@ -635,7 +654,7 @@ class Forwarder(Periodic):
                     break
                 if time.monotonic() - renewed > RENEW_EVERY:
                     self._record(lambda rest=[j.pk for j, _, _, _ in prepared[index:]]: routing.extend(
-                        engine, rest, self.node))
+                        engine, rest, self.node, self.lease))
                     renewed = time.monotonic()
                 if not assoc.is_established:
                     # The link dropped: the object in flight counted its try,
@@ -644,10 +663,10 @@ class Forwarder(Periodic):
                     # tries counted for one attempt). Due at once when this
                     # association delivered something: the link works.
                     rest = [j for j, _, _, _ in prepared[index:]]
-                    if index == 0:  # lost before any object: the first counts, or this never ends
-                        self._fail(destination, job, "association lost")
-                        rest = rest[1:]
-                    self._give_back(rest, after=0.0 if delivered else LOST_PAUSE)
+                    if index == 0:  # lost before any object: as unreachable, backing off
+                        self._unreachable(destination, rest, f"association with {title} lost before any object")
+                    else:
+                        self._give_back(rest, after=0.0 if delivered else LOST_PAUSE)
                     break
                 try:
                     copy = self._for_destination(title, rule, item, copy, accepted)
@@ -675,6 +694,7 @@ class Forwarder(Periodic):
                 else:
                     error = f"status 0x{code:04X}" if code is not None else "no response"
                 if code is not None:
+                    self._reached(destination)
                     answered.append((rule, item, code == 0 or 0xB000 <= code <= 0xBFFF))
                 if code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF):
                     self._finish(job)
@@ -792,7 +812,7 @@ class Forwarder(Periodic):
                 return
             if start:  # the earlier requests may have taken long on a slow link
                 self._record(lambda rest=[job.pk for job, _, _ in batch[start:]]: routing.extend(
-                    engine, rest, self.node))
+                    engine, rest, self.node, self.lease))
             # Each part is prepared (and read from the store) only as the
             # request body reaches it: one object's chunk in memory at a time.
             # Each job with the SOP Instance UID it was sent under (a
@@ -828,6 +848,13 @@ class Forwarder(Periodic):
                     self._give_back([job for job, _, _ in chunk
                                      if job.pk != culprit.pk and job.pk not in {d.pk for d in dropped}])
                     continue
+                if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+                    # Nothing reached the destination: the rest of the batch
+                    # waits for it, no try counted.
+                    skip = {job.pk for job in dropped}
+                    self._unreachable(destination, [job for job, _, _ in batch[start:] if job.pk not in skip],
+                                      f"STOW-RS to {url}: {str(exc) or repr(exc)}")
+                    return
                 peer = isinstance(exc, httpx.HTTPError)
                 if not peer:
                     log.exception("STOW-RS to %s failed", url)
@@ -843,6 +870,7 @@ class Forwarder(Periodic):
                     self._fail(destination, job, f"STOW-RS to {url}: not sent, the request ended early")
             if response is None:
                 continue
+            self._reached(destination)
             failed = _stow_failures(response)
             answered: list[tuple[Rule, RetrieveItem, bool]] = []
             for job, uid in sent:

@@ -397,7 +397,7 @@ def due_destinations(engine: Engine) -> list[str]:
         )]
 
 
-def claim(engine: Engine, destination_key: str, node: str, limit: int = 50) -> list[Job]:
+def claim(engine: Engine, destination_key: str, node: str, limit: int = 50, lease: timedelta = LEASE) -> list[Job]:
     """Claim due jobs of one destination; a job claimed here is invisible to
     every other node until it is finished or its lease expires (by the
     database's clock: a node whose clock runs ahead would take over jobs
@@ -415,7 +415,7 @@ def claim(engine: Engine, destination_key: str, node: str, limit: int = 50) -> l
             return []
         conn.execute(
             update(jobs_t).where(jobs_t.c.pk.in_(pks), due)
-            .values(state="sending", claimed_by=node, next_attempt_at=now + LEASE, updated_at=now)
+            .values(state="sending", claimed_by=node, next_attempt_at=now + lease, updated_at=now)
         )
         rows = conn.execute(
             select(jobs_t).where(jobs_t.c.pk.in_(pks), jobs_t.c.claimed_by == node, jobs_t.c.state == "sending")
@@ -424,7 +424,7 @@ def claim(engine: Engine, destination_key: str, node: str, limit: int = 50) -> l
     return [Job(r.pk, r.rule_pk, r.sop_uid, r.study_uid, r.attempts) for r in rows]
 
 
-def extend(engine: Engine, pks: list[int], node: str) -> None:
+def extend(engine: Engine, pks: list[int], node: str, lease: timedelta = LEASE) -> None:
     """Keep *node*'s claim on jobs it is still sending: over a slow link a
     batch outlasts the lease, and another node would send them again."""
     if not pks:
@@ -432,7 +432,7 @@ def extend(engine: Engine, pks: list[int], node: str) -> None:
     with engine.begin() as conn:
         now = db_now(conn)
         conn.execute(update(jobs_t).where(jobs_t.c.pk.in_(pks), jobs_t.c.claimed_by == node,
-                                          jobs_t.c.state == "sending").values(next_attempt_at=now + LEASE))
+                                          jobs_t.c.state == "sending").values(next_attempt_at=now + lease))
 
 
 def finish(engine: Engine, job: Job) -> None:
@@ -465,6 +465,28 @@ def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: 
             )
         )
     return "dead" if dead else "pending"
+
+
+def postpone(engine: Engine, destination_key: str, pks: list[int], node: str, error: str, after: float) -> None:
+    """The destination could not be reached (its link is down, it is
+    stopped): the jobs *node* claimed, and the other jobs of the destination
+    due before then, wait *after* seconds with *error*, no try counted.
+    A try counts only when the destination was reached: counted here, a
+    satellite whose link stayed down for route_max_attempts rounds (about 17
+    minutes by default) had all its jobs parked dead, and nothing flowed once
+    it was back until an operator retried them."""
+    with engine.begin() as conn:
+        now = db_now(conn)
+        due = now + timedelta(seconds=after)
+        if pks:
+            conn.execute(update(jobs_t).where(jobs_t.c.pk.in_(pks), jobs_t.c.claimed_by == node,
+                                              jobs_t.c.state == "sending").values(
+                state="pending", next_attempt_at=due, last_error=error[:500], updated_at=now))
+        # Not claimed one batch after another, each waiting for the same
+        # connection timeout: the whole queue of a blackholed link waits.
+        conn.execute(update(jobs_t).where(jobs_t.c.destination_key == destination_key, jobs_t.c.state == "pending",
+                                          jobs_t.c.next_attempt_at < due).values(
+            next_attempt_at=due, last_error=error[:500], updated_at=now))
 
 
 def release(engine: Engine, pks: list[int], node: str, *, after: float = 0.0) -> None:

@@ -259,6 +259,10 @@ class Settings(BaseSettings):
     # objects received this long after at the latest. 0 reads them per object.
     route_rules_refresh_seconds: float = Field(default=2.0, ge=0)
     route_concurrency: int = 4
+    # Seconds a node's claim on the routing jobs it sends lasts without being
+    # renewed (it is renewed while they are sent): how long the jobs of a node
+    # that died wait before another node of the cluster takes them over.
+    route_lease_seconds: float = Field(default=300.0, gt=0)
     # Finished routing jobs (done, cancelled) are deleted after this many days; 0 keeps them.
     route_keep_days: int = Field(default=30, ge=0)
     # Seconds between two sweeps of due tombstones (objects compress replaced, deletions that died);

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 
@@ -15,12 +16,14 @@ from dataclasses import dataclass, field
 class LinkProxy:
     """127.0.0.1:*port* -> 127.0.0.1:*target*. Each new connection is cut
     (RST both ways) once more than *cut_up* bytes went client -> server or
-    *cut_down* bytes server -> client (-1: never)."""
+    *cut_down* bytes server -> client (-1: never). *rate_up*: bytes per
+    second client -> server (0: as fast as it goes), a slow satellite link."""
 
     port: int
     target: int
     cut_up: int = -1
     cut_down: int = -1
+    rate_up: int = 0
     connections: int = 0
     cuts: int = 0
     _listener: socket.socket | None = None
@@ -56,7 +59,8 @@ class LinkProxy:
             with self._lock:
                 self.connections += 1
             pair = _Pair(client, server, self)
-            threading.Thread(target=pair.pump, args=(client, server, self.cut_up), daemon=True).start()
+            threading.Thread(target=pair.pump, args=(client, server, self.cut_up, self.rate_up),
+                             daemon=True).start()
             threading.Thread(target=pair.pump, args=(server, client, self.cut_down), daemon=True).start()
 
 
@@ -66,7 +70,7 @@ class _Pair:
         self.proxy = proxy
         self.dead = False
 
-    def pump(self, src: socket.socket, dst: socket.socket, limit: int) -> None:
+    def pump(self, src: socket.socket, dst: socket.socket, limit: int, rate: int = 0) -> None:
         sent = 0
         try:
             while data := src.recv(4096):
@@ -75,6 +79,8 @@ class _Pair:
                     return
                 dst.sendall(data)
                 sent += len(data)
+                if rate:
+                    time.sleep(len(data) / rate)
         except OSError:
             pass
         if not self.dead:

@@ -88,10 +88,12 @@ def test_rule_waits_for_a_down_receiver_and_survives_restarts(tmp_path: Path) ->
         _send(server, tmp_path, "LOCAL_CT", 2)  # another AE: not routed
         _send(server, tmp_path, "SAT_CT1", 1, Modality="MR")  # another modality: not routed
         wait_until(lambda: _jobs(server)["counts"].get("pending", 0) >= 3
-                   and all(j["attempts"] >= 1 for j in _jobs(server)["jobs"]), timeout=30)
+                   and all(j["last_error"] for j in _jobs(server)["jobs"]), timeout=30)
         jobs = _jobs(server)
         assert sum(jobs["counts"].values()) == 3
-        assert all(j["attempts"] >= 1 and "READING" in j["last_error"] for j in jobs["jobs"])
+        # Waiting for the destination, each job says why; a destination never
+        # reached counts no try (its jobs would go dead while its link is down).
+        assert all(j["attempts"] == 0 and "READING" in j["last_error"] for j in jobs["jobs"])
         # The operator reads which destination is down, once per round, not per object.
         assert re.search(r"routing to dicom:READING: \d+ of \d+ jobs failed \(retried later\); last error: "
                          r"association with READING", server.log_text()), server.log_text()[-2000:]
@@ -186,6 +188,8 @@ def test_stow_route_after_the_study_is_stable_and_dead_letters(tmp_path: Path) -
                "--to-url", f"http://127.0.0.1:{reader.http_port}/dicom-web", "--auth", f"Bearer {reader.token}",
                "--stable", "6")
     server.cli("route", "add", "to-nowhere", "--if", "Modality=CT", "--to-url", f"http://127.0.0.1:{free_port()}/x")
+    server.cli("route", "add", "refused", "--if", "Modality=CT",
+               "--to-url", f"http://127.0.0.1:{reader.http_port}/dicom-web", "--auth", "Bearer not-a-token")
     server.start()
     try:
         axial = _send(server, tmp_path / "ax", "CT_ROOM1", 3, SeriesDescription="AX 5mm")
@@ -196,15 +200,20 @@ def test_stow_route_after_the_study_is_stable_and_dead_letters(tmp_path: Path) -
         with reader.http() as client:
             found = client.get("/dicom-web/instances", params={"includefield": "SOPInstanceUID"}).json()
         assert sorted(i["00080018"]["Value"][0] for i in found) == sorted(axial)
-        # The unreachable destination: two tries, then dead (a dead letter, not lost).
+        # The destination that refuses them: two tries, then dead (a dead letter, not lost).
         assert wait_until(lambda: _jobs(server)["counts"].get("dead", 0) == 4), _jobs(server)
         dead = json.loads(server.cli("route", "list", "--state", "dead", "--json").stdout)["jobs"]
-        assert {j["rule"] for j in dead} == {"to-nowhere"} and all(j["attempts"] == 2 for j in dead)
-        # retry puts them back in the queue; cancel takes them out for good.
+        assert {j["rule"] for j in dead} == {"refused"} and all(j["attempts"] == 2 for j in dead)
+        assert all("HTTP 401" in j["last_error"] for j in dead), dead
+        # The unreachable one: its jobs wait for it, saying why, however long it is down.
+        waiting = [j for j in _jobs(server)["jobs"] if j["rule"] == "to-nowhere"]
+        assert {j["state"] for j in waiting} == {"pending"} and all("STOW-RS" in j["last_error"] for j in waiting)
+        # retry puts the dead ones back in the queue; cancel takes jobs out for good.
         assert json.loads(server.cli("route", "retry", "--json").stdout) == {"retried": 4}
         assert wait_until(lambda: _jobs(server)["counts"].get("dead", 0) == 4), _jobs(server)
         server.cli("route", "cancel", "--rule", "to-nowhere")
-        assert _jobs(server)["counts"].get("cancelled", 0) == 4, _jobs(server)
+        server.cli("route", "cancel", "--rule", "refused")
+        assert _jobs(server)["counts"].get("cancelled", 0) == 8, _jobs(server)
         assert _jobs(server)["counts"].get("done") == 3
     finally:
         server.stop()
