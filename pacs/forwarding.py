@@ -303,8 +303,8 @@ class _NotAccepted(Exception):
     """The destination accepted no presentation context for the SOP class."""
 
 
-# How often a batch still being sent renews its claim (routing.LEASE is 5 min).
-RENEW_EVERY = 60.0
+# A batch being sent renews its claim this many times per lease (route_lease_seconds).
+RENEWALS_PER_LEASE = 5
 # Seconds between looks at the stop flag while waiting for a response.
 STOP_CHECK = 0.5
 # An association lost before it delivered anything: the rest of its batch
@@ -537,7 +537,8 @@ class Forwarder(Periodic):
             return 0
         self._failures[destination] = []
         try:
-            self._drain(destination, jobs)
+            with self._kept(jobs):
+                self._drain(destination, jobs)
         except SQLAlchemyError:
             # Down before the batch was sent: its claims go back (recorded
             # deliveries and failures come first in the queue of writes).
@@ -555,6 +556,34 @@ class Forwarder(Periodic):
         finally:
             self._report(destination, len(jobs), self._failures.pop(destination, []))
         return len(jobs)
+
+    @contextlib.contextmanager
+    def _kept(self, jobs: list[Job]) -> Iterator[None]:
+        """Renew the claim on *jobs* while they are sent, from a thread of its
+        own: renewed only between two objects, one object (or one STOW-RS
+        request) slower than the lease on a slow link was taken over by
+        another node and sent a second time, over the same link. Jobs
+        settled meanwhile are no longer "sending" and stay as they are."""
+        pks = [job.pk for job in jobs]
+        done = threading.Event()
+        every = self.lease.total_seconds() / RENEWALS_PER_LEASE
+
+        def renew() -> None:
+            while not done.wait(every):
+                try:
+                    routing.extend(self.pacs.engine, pks, self.node, self.lease)
+                except SQLAlchemyError as exc:  # the batch gives its jobs back when it notices
+                    self._outage(exc)
+                except Exception:
+                    log.exception("routing: renewing the claim on %d jobs failed", len(pks))
+
+        keeper = threading.Thread(target=renew, name="route-claim", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            done.set()
+            keeper.join()
 
     def _report(self, destination: str, claimed: int, failures: list[tuple[str, str, bool]]) -> None:
         """One log line per failed round (not one per object), naming the
@@ -598,7 +627,6 @@ class Forwarder(Periodic):
 
     # -- C-STORE ----------------------------------------------------------------------------
     def _send_dicom(self, destination: str, title: str, batch: list[tuple[Job, Rule, RetrieveItem]]) -> None:
-        engine = self.pacs.engine
         remote = self.pacs.aes.lookup(title)
         if remote is None:
             for job, _, _ in batch:
@@ -636,7 +664,6 @@ class Forwarder(Periodic):
             else:
                 self._unreachable(destination, [job for job, _, _, _ in prepared], str(exc))
             return
-        renewed = time.monotonic()
         _stop_aware(assoc, self._stop)
         with self._lock:
             self._sending.add(assoc)
@@ -652,10 +679,6 @@ class Forwarder(Periodic):
                     # instead of being held.
                     self._give_back([j for j, _, _, _ in prepared[index:]])
                     break
-                if time.monotonic() - renewed > RENEW_EVERY:
-                    self._record(lambda rest=[j.pk for j, _, _, _ in prepared[index:]]: routing.extend(
-                        engine, rest, self.node, self.lease))
-                    renewed = time.monotonic()
                 if not assoc.is_established:
                     # The link dropped: the object in flight counted its try,
                     # the rest were never tried and go back without one (on a
@@ -804,15 +827,11 @@ class Forwarder(Periodic):
     def _send_dicomweb(self, destination: str, url: str, batch: list[tuple[Job, Rule, RetrieveItem]]) -> None:
         from viewer_api.multipart import content_type_header, multipart_related_iter, new_boundary
 
-        engine = self.pacs.engine
         for start in range(0, len(batch), STOW_BATCH):
             chunk = batch[start : start + STOW_BATCH]
             if self._unsettled:  # the index went down: give the rest back
                 self._give_back([job for job, _, _ in batch[start:]])
                 return
-            if start:  # the earlier requests may have taken long on a slow link
-                self._record(lambda rest=[job.pk for job, _, _ in batch[start:]]: routing.extend(
-                    engine, rest, self.node, self.lease))
             # Each part is prepared (and read from the store) only as the
             # request body reaches it: one object's chunk in memory at a time.
             # Each job with the SOP Instance UID it was sent under (a
