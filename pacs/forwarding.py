@@ -299,6 +299,17 @@ def _check_encodes(ds: Dataset) -> None:
                 from None
 
 
+# Warnings of PS3.7 Annex C besides Bxxx (PS3.4 B.2.3), as C-MOVE counts them: the peer stored the object.
+GENERAL_WARNINGS = (0x0107, 0x0116)
+
+
+def stored(code: int) -> bool:
+    """Whether a C-STORE status says the peer has the object: success or a
+    warning. 0107H and 0116H were taken for failures: an object the peer
+    had stored was sent again at each try, then parked dead."""
+    return code == 0 or 0xB000 <= code <= 0xBFFF or code in GENERAL_WARNINGS
+
+
 class _NotAccepted(Exception):
     """The destination accepted no presentation context for the SOP class."""
 
@@ -718,8 +729,8 @@ class Forwarder(Periodic):
                     error = f"status 0x{code:04X}" if code is not None else "no response"
                 if code is not None:
                     self._reached(destination)
-                    answered.append((rule, item, code == 0 or 0xB000 <= code <= 0xBFFF))
-                if code is not None and (code == 0 or 0xB000 <= code <= 0xBFFF):
+                    answered.append((rule, item, stored(code)))
+                if code is not None and stored(code):
                     self._finish(job)
                     delivered += 1
                 elif self._stop.is_set():  # aborted by stop(): not the destination's failure
