@@ -847,12 +847,12 @@ def cmd_route(args: argparse.Namespace) -> int:
                     # The hospital's wall time with its offset: the index's UTC
                     # printed bare read as local time, 7 hours off in Vietnam.
                     table.add_row(str(j["pk"]), j["rule"], j["sop_uid"][-20:], j["state"], str(j["attempts"]),
-                                  shown(j["next_attempt_at"], pacs.settings), j["last_error"][:40])
+                                  shown(j["next_attempt_at"], pacs.settings), _reason(j["last_error"]))
                 out.print(table)
         elif command == "retry":
             retried = routing.retry(pacs.engine, pk=args.job, state=args.state)
             if args.job is not None and not retried:
-                err.print(f"[red]no routing job {args.job}[/red] (pacs route list)")
+                err.print(f"[red]no routing job {args.job}, or a node is sending it now[/red] (pacs route list)")
                 return 1
             _print_result(args, {"retried": retried})
         elif command == "prune":
@@ -870,6 +870,13 @@ def cmd_route(args: argparse.Namespace) -> int:
         return 0
     finally:
         pacs.close()
+
+
+def _reason(error: str, width: int = 80) -> str:
+    """A routing job's error for the table: its end, where the reason is
+    ("...failed: could not connect: [Errno 111] Connection refused"); the
+    start names the destination, which the rule column shows."""
+    return error if len(error) <= width else "..." + error[-(width - 3):]
 
 
 def _rule_text(rule: Any) -> str:

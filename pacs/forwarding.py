@@ -515,7 +515,7 @@ class Forwarder(Periodic):
         states: list[str] = []
         self._record(lambda: states.append(
             routing.fail(self.pacs.engine, job, error, max_attempts=self.max_attempts, permanent=permanent,
-                         retry_seconds=self.pacs.settings.route_retry_seconds)))
+                         node=self.node, retry_seconds=self.pacs.settings.route_retry_seconds)))
         self._failures.setdefault(destination, []).append((states[0] if states else "pending", error, peer))
 
     def _unreachable(self, destination: str, jobs: list[Job], error: str) -> None:

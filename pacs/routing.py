@@ -448,17 +448,19 @@ def finish(engine: Engine, job: Job) -> None:
 
 
 def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: bool = False,
-         retry_seconds: float = 1.0) -> str:
+         retry_seconds: float = 1.0, node: str | None = None) -> str:
     """Back off (*retry_seconds* x 2^n, at most 10 min) or park as dead;
-    returns the new state."""
+    returns the new state. *node*: only while that node's claim holds."""
     attempts = job.attempts + 1
     dead = permanent or attempts >= max_attempts
     with engine.begin() as conn:
         now = db_now(conn)
         # Only a job still being sent: one cancelled meanwhile (its lease had
-        # expired) stays cancelled.
+        # expired) stays cancelled. And only by its sender: a node whose
+        # claim expired must not put back a job another node now sends.
+        claimed = (jobs_t.c.claimed_by == node,) if node is not None else ()
         conn.execute(
-            update(jobs_t).where(jobs_t.c.pk == job.pk, jobs_t.c.state == "sending").values(
+            update(jobs_t).where(jobs_t.c.pk == job.pk, jobs_t.c.state == "sending", *claimed).values(
                 state="dead" if dead else "pending", attempts=attempts, last_error=error[:500],
                 next_attempt_at=now + timedelta(seconds=min(600, retry_seconds * 2 ** min(attempts, 10))),
                 updated_at=now,
@@ -526,11 +528,16 @@ def counts(engine: Engine) -> dict[str, int]:
 
 
 def retry(engine: Engine, *, pk: int | None = None, state: str = "dead") -> int:
-    """Give dead (or cancelled) jobs another round."""
+    """Give dead (or cancelled) jobs another round; *pk*: that job, unless a
+    node is sending it now (its claim not expired): reset, it was claimed
+    and sent again by another node beside the one sending it."""
     with engine.begin() as conn:
         now = db_now(conn)
         stmt = update(jobs_t).values(state="pending", attempts=0, next_attempt_at=now, updated_at=now)
-        stmt = stmt.where(jobs_t.c.pk == pk) if pk is not None else stmt.where(jobs_t.c.state == state)
+        if pk is None:
+            stmt = stmt.where(jobs_t.c.state == state)
+        else:
+            stmt = stmt.where(jobs_t.c.pk == pk, or_(jobs_t.c.state != "sending", jobs_t.c.next_attempt_at <= now))
         return int(conn.execute(stmt).rowcount)
 
 

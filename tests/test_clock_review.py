@@ -198,3 +198,26 @@ def test_serve_on_a_node_whose_clock_is_ahead_says_so_at_start(tmp_path: Path, p
         assert "s ahead of the index database's" in server.log_text()
     finally:
         server.stop()
+
+
+def test_an_operators_retry_and_a_late_failure_leave_a_job_being_sent_alone(node_a: Any) -> None:
+    """`pacs route retry --job N` reset a job in any state: one a node was
+    sending went back to pending, and another node claimed and sent it a
+    second time. A failure reported by a node whose claim had expired (the
+    job taken over meanwhile) put it back too. Both wait for the claim."""
+    from pacs import routing
+
+    pk = _job(node_a)
+    (claimed,) = routing.claim(node_a.engine, DESTINATION, "node-a")
+    assert routing.retry(node_a.engine, pk=pk) == 0
+    routing.fail(node_a.engine, claimed, "late", max_attempts=10, node="node-b")
+    (row,) = routing.list_jobs(node_a.engine)
+    assert (row["state"], row["claimed_by"], row["attempts"]) == ("sending", "node-a", 0)
+    # Its sender's own failure counts; once its claim is over, an operator's retry takes it.
+    assert routing.fail(node_a.engine, claimed, "refused", max_attempts=1, node="node-a") == "dead"
+    assert routing.retry(node_a.engine, pk=pk) == 1
+    (retaken,) = routing.claim(node_a.engine, DESTINATION, "node-b")
+    with node_a.engine.begin() as conn:
+        conn.execute(update(routing.jobs_t).where(routing.jobs_t.c.pk == pk)
+                     .values(next_attempt_at=_db_now(conn) - routing.LEASE))
+    assert routing.retry(node_a.engine, pk=retaken.pk) == 1  # a claim that expired: its node is gone

@@ -79,6 +79,9 @@ def test_a_destination_down_longer_than_the_tries_gets_every_job_once_it_is_back
         assert {j["state"] for j in jobs} == {"pending"}, jobs
         # The operator sees why they wait: the destination, in each job's last error.
         assert all("READING" in j["last_error"] for j in jobs), jobs
+        # And the reason in `pacs route list`'s table (it showed the error's first 40 characters).
+        table = server.cli("route", "list").stdout
+        assert "[Errno 111]" in table and "refused" in table, table
         assert "parked as dead" not in server.log_text()
         receiver.start()
         assert receiver.wait_for(3) == 3, "every job delivered once the link is back, each once"
