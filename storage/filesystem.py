@@ -51,6 +51,18 @@ _SPARE_MAX_AGE = 3600.0
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
+def _unlistable(exc: OSError) -> None:
+    """os.walk's error: a folder that vanished meanwhile holds nothing to
+    list; any other (permissions, I/O) is the store's error."""
+    if not isinstance(exc, FileNotFoundError):
+        raise StorageError(f"cannot list {exc.filename}: {exc.strerror or exc}") from exc
+
+
+def _identity(path: str) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def _fsync_dir(path: str | Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -386,11 +398,13 @@ class FileStore(ObjectStore):
         path = self.path_for(key)
         try:
             path.unlink()
+            # The removal made durable; an error of that fsync is the store's
+            # too (it escaped as a bare OSError the callers did not expect).
+            _fsync_dir(path.parent)
         except FileNotFoundError:
             return
         except OSError as exc:
             raise StorageError(f"cannot delete {key}: {exc}") from exc
-        _fsync_dir(path.parent)
 
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
         if "/" in prefix:
@@ -402,9 +416,22 @@ class FileStore(ObjectStore):
         for top in tops:
             if not top.exists():
                 continue
-            for dirpath, dirnames, filenames in os.walk(top):
+            # Folders moved to another disk and linked back are walked (each
+            # once: a link loop ends); one that cannot be read is an error,
+            # not skipped: `pacs reindex` would rebuild an index without its
+            # objects, and `pacs verify` report an archive as whole.
+            seen: set[tuple[int, int]] = set()
+            for dirpath, dirnames, filenames in os.walk(top, onerror=_unlistable, followlinks=True):
                 if Path(dirpath) == self.root:
                     dirnames[:] = [d for d in dirnames if d != _TMP]
+                try:
+                    identity = _identity(dirpath)
+                except FileNotFoundError:
+                    identity = None
+                if identity is None or identity in seen:
+                    dirnames[:] = []
+                    continue
+                seen.add(identity)
                 dirnames.sort()
                 for name in sorted(filenames):
                     path = Path(dirpath) / name

@@ -9,7 +9,9 @@ drops, PostgreSQL, DCMTK storescu into `pacs serve`, the `pacs` CLI):
   left the message unfinished and sent the next one inside it (a garbled
   association; getscu exited 0 with objects missing): now aborted;
 - a resend of an indexed instance whose S3 object was lost (keep-first
-  answers resends from the index) now stores it again.
+  answers resends from the index) now stores it again;
+- the file store's listing (reindex, verify) walks shard folders linked
+  from another disk and fails on a folder it cannot read, not skipping it.
 """
 
 from __future__ import annotations
@@ -170,3 +172,57 @@ def test_a_resend_restores_an_indexed_objects_lost_s3_copy(tmp_path: Path, s3_bu
         assert "was missing from storage: stored again from this resend" in archive.log_text()
     finally:
         archive.stop()
+
+
+def _keys(store: Any) -> set[str]:
+    return {info.key for info in store.list()}
+
+
+def test_the_file_store_lists_linked_folders_and_fails_on_unreadable_ones(tmp_path: Path) -> None:
+    """`pacs reindex` and `pacs verify` list the store. A shard folder moved to
+    a second disk and linked back was not walked, and one that could not be
+    read (restored by root with its own permissions) was skipped without a
+    word: a rebuilt index silently without those objects."""
+    import shutil
+    import tempfile
+
+    from storage.filesystem import FileStore
+
+    # Under /tmp itself: the listing runs as nobody below, who must reach the root.
+    root = Path(tempfile.mkdtemp(prefix="pacs-list-"))
+    try:
+        root.chmod(0o755)
+        store = FileStore(root / "objects")
+        keys = {f"1.2.3/4.5.{n}/7.8.{n}.dcm" for n in range(2)}
+        for key in keys:
+            store.put(key, io.BytesIO(b"DICM" * 10), 40)
+        shard = store.path_for(sorted(keys)[0]).parents[2]  # the first key's shard folder
+        moved = root / "second-disk" / shard.name
+        moved.parent.mkdir()
+        shutil.move(shard, moved)
+        shard.symlink_to(moved, target_is_directory=True)
+        (moved / "loop").symlink_to(moved, target_is_directory=True)  # a link loop ends
+        assert _keys(store) == keys
+
+        for folder in (root, root / "objects", *store.root.rglob("*")):
+            if folder.is_dir() and not folder.is_symlink():
+                folder.chmod(0o755)
+        (root / "second-disk").chmod(0o755)
+        moved.chmod(0o700)  # root's: nobody cannot read it
+        pid = os.fork()
+        if pid == 0:  # the service user, not root (root reads every folder)
+            code = 3
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                _keys(store)
+                code = 0
+            except StorageError as exc:
+                code = 1 if "cannot list" in str(exc) else 2
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 1, "an unreadable folder is a StorageError, not skipped"
+        store.close()
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
