@@ -400,6 +400,8 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         _list("failed copies", data["failed"])
         if report.stopped_at_limit:
             err.print(f"stopped after {args.limit} copies: run the same command again to continue")
+        if report.stopped:
+            err.print(f"[red]{report.stopped}[/red]")
         if report.switched:
             out.print(f"[green]storage_url set in {report.config_file}[/green]: restart pacs serve to use it")
         for warning in report.warnings:

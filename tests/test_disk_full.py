@@ -289,3 +289,23 @@ def test_health_says_the_index_is_full_when_its_disk_is(tmp_path: Path) -> None:
                 assert again.status_code == 200 and again.json()["index"] == "ok", again.text
         finally:
             server.stop()
+
+
+# -- 6: migrate -------------------------------------------------------------------------
+def test_migrate_to_a_full_target_stops_at_the_first_full_write(tmp_path: Path) -> None:
+    """A target disk too small went on failing every remaining object, one
+    by one, each with its own error: the run stops at the first, says why,
+    leaves nothing half-copied, and a rerun with room completes the copy."""
+    with serving(tmp_path / "data") as server:
+        store_study(server, tmp_path, 12)  # ~1 MB each
+    with tmpfs(tmp_path / "target", 5) as target:
+        result = server.cli("migrate", "--to", f"file://{target}/objects", "--workers", "1", "--json", check=False)
+        assert result.returncode == 1, result.stdout + result.stderr
+        report = json.loads(result.stdout)
+        assert report["stopped"] and "the target is full" in report["stopped"], report
+        assert report["failed"]["count"] == 1 and 1 <= report["copied"] < 12 and not report["complete"], report
+        copied = [p for p in (target / "objects").rglob("*.dcm")]
+        assert len(copied) == report["copied"], copied
+    with tmpfs(tmp_path / "target", 64) as target:
+        done = json.loads(server.cli("migrate", "--to", f"file://{target}/objects", "--json").stdout)
+        assert done["complete"] and done["copied"] == 12 and not done["stopped"], done

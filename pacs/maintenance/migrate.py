@@ -15,7 +15,9 @@ any other row whose object is already in the target with the right size is
 read back and kept when the sha256 matches (nothing is rewritten). A row
 whose sha256 changed since its copy (a corrected resend under the overwrite
 policy keeps its primary key, its key and often its size) is thus copied
-again. A failed copy never stays in the target, so a rerun retries it.
+again. A failed copy never stays in the target, so a rerun retries it. A
+full target stops the run at its first full write (``stopped``): the others
+would fail the same way, one by one.
 ``limit`` stops after that many copies (maintenance windows); rerun to go on.
 
 Objects received while the copy runs are picked up as long as they arrive
@@ -52,6 +54,7 @@ import logging
 import os
 import re
 import tempfile
+import threading
 import tomllib
 from array import array
 from bisect import bisect_left
@@ -62,7 +65,8 @@ from typing import Any
 
 from sqlalchemy import select
 
-from storage import ObjectNotFound, ObjectStore, StorageError, file_store_path, open_store, validate_key
+from storage import (ObjectNotFound, ObjectStore, StorageError, StorageFullError, file_store_path, open_store,
+                     validate_key)
 
 from ..app import Pacs
 from ..index import tombstones
@@ -86,6 +90,8 @@ class MigrateReport:
     removed_unreferenced: int = 0
     complete: bool = False
     stopped_at_limit: bool = False
+    # Why the run ended before its last object (the target full), or None.
+    stopped: str | None = None
     switched: bool = False
     config_file: str = ""
     warnings: list[str] = field(default_factory=list)
@@ -102,6 +108,7 @@ class MigrateReport:
             "removed_unreferenced": self.removed_unreferenced,
             "complete": self.complete,
             "stopped_at_limit": self.stopped_at_limit,
+            "stopped": self.stopped,
             "switched": self.switched,
             "config_file": self.config_file,
             "warnings": self.warnings,
@@ -199,6 +206,7 @@ def _copy_one(source: ObjectStore, target: ObjectStore, row: Any, verified: bool
     *verified*: the target held the row's sha256 under its key when last checked."""
     key = row.storage_key
     written = False
+    state = "failed"
     try:
         try:
             present = target.stat(key).size == row.size_bytes
@@ -217,6 +225,8 @@ def _copy_one(source: ObjectStore, target: ObjectStore, row: Any, verified: bool
             return "copied", ""
     except ObjectNotFound:
         return "failed", "the source object is missing (run pacs verify)"
+    except StorageFullError as exc:
+        state, detail = "full", str(exc)
     except StorageError as exc:
         detail = str(exc)
     if written:
@@ -226,7 +236,7 @@ def _copy_one(source: ObjectStore, target: ObjectStore, row: Any, verified: bool
             target.delete(key)
         except StorageError:
             log.warning("could not remove the failed copy of %s from the target", key)
-    return "failed", detail
+    return state, detail
 
 
 def migrate(
@@ -360,6 +370,18 @@ def _run(pacs: Pacs, target: ObjectStore, report: MigrateReport, limit: int | No
     progress.start("copying objects", report.total)
     columns = (instances_t.c.pk, instances_t.c.storage_key, instances_t.c.size_bytes, instances_t.c.sha256)
     last_pk = 0
+    full = threading.Event()
+
+    def copy(row: Any, verified: bool) -> tuple[str, str]:
+        # Once the target is full, the objects not yet begun are left for
+        # the rerun: each would fail the same way, one by one.
+        if full.is_set():
+            return "left", ""
+        state, detail = _copy_one(pacs.store, target, row, verified)
+        if state == "full":
+            full.set()
+        return state, detail
+
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         while True:
             page = BATCH if limit is None else max(1, min(BATCH, limit - report.copied))
@@ -376,7 +398,7 @@ def _run(pacs: Pacs, target: ObjectStore, report: MigrateReport, limit: int | No
             verified = {row.pk for row in rows if sums.get(row.pk) == _short(row.sha256)}
             todo = [row for row in rows if not (final and row.pk in verified)]
             progress.advance(len(rows) - len(todo))
-            results = pool.map(lambda r: _copy_one(pacs.store, target, r, r.pk in verified), todo)
+            results = pool.map(lambda r: copy(r, r.pk in verified), todo)
             checked: list[tuple[int, str]] = []
             for row, (state, detail) in zip(todo, results, strict=True):
                 progress.advance()
@@ -385,13 +407,22 @@ def _run(pacs: Pacs, target: ObjectStore, report: MigrateReport, limit: int | No
                     report.copied_bytes += row.size_bytes
                 elif state == "present":
                     report.already_present += 1
+                elif state == "left":
+                    continue
                 else:
                     report.failed.add({"key": row.storage_key, "detail": detail})
+                    if state == "full" and report.stopped is None:
+                        # As compress does: every later object would fail the same way, one by one.
+                        report.stopped = (f"the target is full: migrate stopped at {row.storage_key} ({detail}); "
+                                          "free space there (or choose a larger target), then run it again")
+                        log.error("%s", report.stopped)
                     continue
                 if row.pk not in verified:
                     checked.append((row.pk, row.sha256))
             if checked:
                 checkpoint.record(sums, checked)
+            if report.stopped is not None:
+                return  # this page's copies stay recorded; the checkpoint does not pass the failed ones
             last_pk = rows[-1].pk
             if last_pk > done_pk:
                 # Failed rows left nothing in the target: a rerun copies them
