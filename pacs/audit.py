@@ -204,7 +204,11 @@ def _storable(event: Event) -> Event:
             # What a client typed (a %00 in a path) is kept visible but
             # storable: PostgreSQL refuses NUL in text, and one such row
             # held every later event back as if the index were down.
-            setattr(event, name, _CONTROL.sub("\ufffd", value))
+            value = _CONTROL.sub("\ufffd", value)
+        # A lone surrogate no driver encodes: the write of the whole batch
+        # (up to 500 other users' events) failed on it and was dropped.
+        value = value.encode("utf-8", "replace").decode("utf-8")
+        setattr(event, name, value)
     for name in _INDEXED_FIELDS:
         # A client's value (an 8,000-character study in a WADO path, sent
         # without a token) over PostgreSQL's index entry limit was refused

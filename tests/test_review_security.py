@@ -151,3 +151,27 @@ def test_a_refused_request_is_logged_without_its_path(server: PacsServer) -> Non
     assert too_large.status_code == 413
     log = server.log_text(since)
     assert "refused 413" in log and "/api/..." in log and "BN-SECRET-4711" not in log, log
+
+
+def test_an_event_with_a_lone_surrogate_does_not_cost_the_batch(pg_url: str) -> None:
+    """A lone surrogate in any text of an event (no client path is known to
+    reach it since the JSON bodies refuse it) failed the write of its whole
+    batch, which was dropped with up to 500 other users' events: it is
+    stored with "?" in its place, the batch with it."""
+    from pacs.audit import AuditTrail, Event
+    from pacs.index import create_index_engine, upgrade_schema
+
+    engine = create_index_engine(pg_url)
+    upgrade_schema(engine)
+    trail = AuditTrail(engine, flush_seconds=0.05)
+    try:
+        trail.record(Event("read", user="bs.an", detail="before"))
+        trail.record(Event("read", user="x\ud800y", detail="odd \udfff one"))
+        trail.record(Event("read", user="bs.an", detail="after"))
+        trail.flush()
+    finally:
+        trail.close()
+    with engine.connect() as conn:
+        stored = conn.exec_driver_sql('SELECT "user", detail FROM audit_events ORDER BY pk').all()
+    engine.dispose()
+    assert [tuple(r) for r in stored] == [("bs.an", "before"), ("x?y", "odd ? one"), ("bs.an", "after")]
