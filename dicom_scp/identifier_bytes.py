@@ -46,6 +46,7 @@ class IdentifierEncoder:
 
     def __init__(self, shape: ResultShape, explicit: bool) -> None:
         self.explicit = explicit
+        self.shape = shape
         # (constant bytes, None) or (tag/VR prefix, field) per field, in tag order.
         self._steps: list[tuple[bytes, ResultField | None]] = []
         for field in shape.fields:
@@ -59,7 +60,7 @@ class IdentifierEncoder:
 
     def encode(self, row: dict[str, Any]) -> bytes:
         """One match; raises :class:`NotEncodable` like :func:`encode_identifier`."""
-        explicit = self.explicit
+        explicit, shape = self.explicit, self.shape
         parts: list[bytes] = []
         append = parts.append
         for prefix, field in self._steps:
@@ -67,7 +68,8 @@ class IdentifierEncoder:
                 append(prefix)
                 continue
             vr = field.vr
-            value = field.constant if field.is_constant else convert_value(field, row.get(field.keyword))
+            value = (shape.value(field, row) if shape.ascii_only
+                     else field.constant if field.is_constant else convert_value(field, row.get(field.keyword)))
             if vr == "SQ":
                 data = b"".join(_encode_item(elements, explicit) for elements in value or [])  # type: ignore[union-attr]
             else:

@@ -1,4 +1,5 @@
-"""What a registered calling AE may ask of us, and who may call under its title.
+"""What a registered calling AE may ask of us, who may call under its title,
+and the character set of its answers.
 
 Each known AE carries the DICOM services it may use (``pacs ae add NAME
 --services store,query``; all by default). A request for another service is
@@ -68,6 +69,14 @@ def refusal(pacs: Pacs, assoc: Any, service: str) -> str | None:
                 service, calling, assoc.requestor.address, calling)
     audit_association(pacs, assoc, _ACTIONS[service], outcome="denied", detail=comment)
     return comment
+
+
+def answers_in_ascii(pacs: Pacs, event: Any) -> bool:
+    """Whether the C-FIND and worklist answers to the event's calling AE go
+    without diacritics and Specific Character Set (``pacs ae add --charset
+    ascii``: a modality that reads no UTF-8)."""
+    remote = pacs.aes.get(event.assoc.requestor.ae_title.strip())
+    return remote is not None and remote.ascii_only
 
 
 def _response(request: Any, status: int, comment: str) -> Any:

@@ -47,6 +47,7 @@ from pacs.tls import association_tls
 
 from .cancels import is_cancelled
 from .find_responses import PendingResponses
+from .permissions import answers_in_ascii
 from .server import association_event, audit_association, audit_dimse, error_comment, status_dataset
 from .stored_send import (
     StoredInstance,
@@ -204,7 +205,7 @@ def make_find_handler(pacs: Pacs) -> Any:
                         detail=f"C-FIND refused 0x{UNABLE:04X}: cannot read identifier")
             yield status_dataset(UNABLE, f"cannot read identifier: {exc}"), None
             return
-        shape = ResultShape(query.level, returns, pacs.settings.ae_title)
+        shape = ResultShape(query.level, returns, pacs.settings.ae_title, ascii_only=answers_in_ascii(pacs, event))
         # PS3.4 C.4.1.1.4: FF01 says an optional key was not supported for
         # matching, so the SCU knows its matches were not narrowed by it.
         pending = PENDING_UNSUPPORTED_KEYS if not_matched else PENDING

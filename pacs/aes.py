@@ -61,6 +61,13 @@ class RemoteAE:
     services: frozenset[str] = ALL_SERVICES
     # Calls under this title must come over TLS with exactly this client certificate.
     cert_sha256: str | None = None
+    # "ascii": answers to it without diacritics (see :data:`CHARSETS`); "": UTF-8.
+    charset: str = ""
+
+    @property
+    def ascii_only(self) -> bool:
+        """Whether its C-FIND and worklist answers must be ASCII (pacs.names.ascii_text)."""
+        return self.charset == "ascii"
 
     def permits(self, service: str) -> bool:
         """May this AE use *service* (one of :data:`SERVICES`)?"""
@@ -69,7 +76,21 @@ class RemoteAE:
     def as_json(self) -> dict[str, Any]:
         return {"title": self.title, "host": self.host, "port": self.port, "description": self.description,
                 "enabled": self.enabled, "tls": self.tls, "services": services_text(self.services),
-                "cert_sha256": self.cert_sha256}
+                "cert_sha256": self.cert_sha256, "charset": self.charset or "utf-8"}
+
+
+# What an AE's C-FIND and worklist answers are written in: UTF-8 (ISO_IR 192,
+# stored as "") or ASCII, the text without diacritics, for a modality that
+# reads no other character set.
+CHARSETS = ("utf-8", "ascii")
+
+
+def parse_charset(text: str) -> str:
+    """The stored form of a charset name (:data:`CHARSETS`), or ValueError."""
+    value = text.strip().lower()
+    if value not in CHARSETS:
+        raise ValueError(f"unknown charset {text!r}: give {' or '.join(CHARSETS)}")
+    return "" if value == "utf-8" else value
 
 
 def validate_ae_title(title: str) -> str:
@@ -99,7 +120,7 @@ class AeRegistry:
     @staticmethod
     def _select() -> Any:
         return select(KnownAE.title, KnownAE.host, KnownAE.port, KnownAE.description, KnownAE.enabled, KnownAE.tls,
-                      KnownAE.services, KnownAE.cert_sha256)
+                      KnownAE.services, KnownAE.cert_sha256, KnownAE.charset)
 
     @staticmethod
     def _remote(row: Any) -> RemoteAE:
@@ -108,7 +129,7 @@ class AeRegistry:
         except ValueError:
             services = frozenset()  # a hand-edited row we cannot read grants nothing
         return RemoteAE(row.title, row.host, row.port, row.description, row.enabled, bool(row.tls),
-                        services, row.cert_sha256)
+                        services, row.cert_sha256, row.charset or "")
 
     def list(self) -> list[RemoteAE]:
         with self.engine.connect() as conn:
@@ -150,12 +171,13 @@ class AeRegistry:
 
     def add(self, title: str, host: str, port: int, description: str = "", *, tls: bool = False,
             services: frozenset[str] | None = None, cert_sha256: str | None = None,
-            forget_cert: bool = False) -> RemoteAE:
+            forget_cert: bool = False, charset: str | None = None) -> RemoteAE:
         """Register *title* (or update its address); *tls*: we reach it over DICOM TLS.
 
         *services* (default: all for a new AE, unchanged for a known one) are
         what it may ask of us; *cert_sha256* pins its TLS client certificate
-        (unchanged when None, removed with *forget_cert*).
+        (unchanged when None, removed with *forget_cert*); *charset* (a name
+        of :data:`CHARSETS`; unchanged when None) is what its answers are in.
         """
         title = validate_ae_title(title)
         if not host or not 0 < port < 65536:
@@ -169,6 +191,8 @@ class AeRegistry:
             values["services"] = services_text(services)
         if cert_sha256 is not None or forget_cert:
             values["cert_sha256"] = cert_sha256
+        if charset is not None:
+            values["charset"] = parse_charset(charset)
         with self.engine.begin() as conn:
             inserted = insert_ignore(
                 conn, KnownAE.__table__, {"title": title, "created_at": datetime.now(UTC), **values}, ["title"]  # type: ignore[arg-type]

@@ -102,7 +102,7 @@ class Pacs:
             aes.add(entry.title, entry.host, entry.port, entry.description, tls=entry.tls,
                     services=parse_services(entry.services),
                     cert_sha256=certificate_pin(entry.client_cert) if entry.client_cert else None,
-                    forget_cert=not entry.client_cert)
+                    forget_cert=not entry.client_cert, charset=entry.charset)
         return cls(settings, engine, store, reader, aes, committer, ingestor, AuditTrail(engine), AuthService(engine))
 
     def ingest_file(self, path: Path, origin: Origin) -> IngestResult:

@@ -349,7 +349,8 @@ def cmd_ae(args: argparse.Namespace) -> int:
             before = pacs.aes.lookup(args.name)
             try:
                 ae = pacs.aes.add(args.name, args.host, args.port, args.description or "", tls=args.tls,
-                                  services=services, cert_sha256=cert, forget_cert=forget_cert)
+                                  services=services, cert_sha256=cert, forget_cert=forget_cert,
+                                  charset=args.charset)
             except ValueError as exc:
                 audit_command(pacs, "ae-add", f"AE {args.name} at {args.host}:{args.port}: refused: {exc}", "failure")
                 fail(exc)
@@ -357,7 +358,8 @@ def cmd_ae(args: argparse.Namespace) -> int:
             # Who may connect and what they may ask: a security setting (PS3.15 "Security Alert").
             audit_command(pacs, "ae-add", _ae_text(ae) + (f" (was: {_ae_text(before)})" if before else " (new)"))
             result: dict[str, Any] = {"added": ae.title, "host": ae.host, "port": ae.port, "tls": ae.tls,
-                                      "services": services_text(ae.services), "cert_sha256": ae.cert_sha256}
+                                      "services": services_text(ae.services), "cert_sha256": ae.cert_sha256,
+                                      "charset": ae.charset or "utf-8"}
             if before is not None:
                 # Re-adding a title changes its address: say what it was.
                 result["replaced"] = f"{before.host}:{before.port}"
@@ -386,11 +388,12 @@ def cmd_ae(args: argparse.Namespace) -> int:
                 print(json.dumps([ae.as_json() for ae in aes]))
             else:
                 table = TextTable(title="known AEs")
-                for col in ("AE title", "host", "port", "TLS", "services", "client certificate", "description"):
+                for col in ("AE title", "host", "port", "TLS", "services", "client certificate", "charset",
+                            "description"):
                     table.add_column(col)
                 for ae in aes:
                     table.add_row(ae.title, ae.host, str(ae.port), "yes" if ae.tls else "", services_text(ae.services),
-                                  (ae.cert_sha256 or "")[:16], ae.description)
+                                  (ae.cert_sha256 or "")[:16], ae.charset or "utf-8", ae.description)
                 out.print(table)
     finally:
         pacs.close()
@@ -402,7 +405,8 @@ def _ae_text(ae: Any) -> str:
     from .aes import services_text
 
     services = services_text(ae.services)
-    return (f"AE {ae.title} at {ae.host}:{ae.port}{' over TLS' if ae.tls else ''}, services "
+    return (f"AE {ae.title} at {ae.host}:{ae.port}{' over TLS' if ae.tls else ''}"
+            f"{', answers in ASCII' if ae.ascii_only else ''}, services "
             f"{'all' if services == '*' else services or 'none'}"
             + (f", client certificate {ae.cert_sha256[:16]}..." if ae.cert_sha256 else ""))
 
@@ -994,6 +998,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--client-cert", metavar="PEM|SHA256|none",
                    help="pin its TLS client certificate (a PEM file, or its SHA-256 fingerprint): calls under "
                         "this title must then come over DICOM TLS with that certificate; 'none' removes the pin")
+    q.add_argument("--charset", choices=("utf-8", "ascii"),
+                   help="what its C-FIND and worklist answers are written in: utf-8 (a new AE's default: ISO_IR "
+                        "192, every Vietnamese letter) or ascii (names and texts without diacritics, no Specific "
+                        "Character Set: a modality that reads no UTF-8). Unchanged when re-adding without it")
     q = ae_sub.add_parser("remove")
     _common(q, json_flag=True)
     q.add_argument("name")

@@ -42,6 +42,20 @@ def fold(text: str | None) -> str:
     return " ".join(folded.upper().split())
 
 
+@lru_cache(maxsize=4096)
+def ascii_text(text: str, person_name: bool = False) -> str:
+    """*text* in the default repertoire (ASCII), for a peer that reads no
+    other (``pacs ae add --charset ascii``: a modality that shows UTF-8 as
+    "NguyÃ¡Â»â€¦n"): letters without their marks, case kept ("Nguyễn^Văn Đức"
+    is "Nguyen^Van Duc", as Vietnamese write a name without diacritics); a
+    person name keeps its alphabetic group only (the others are in other
+    scripts); any other character is "?"."""
+    if person_name:
+        text = text.split("=")[0]
+    decomposed = unicodedata.normalize("NFD", text.translate(_EXTRA))
+    return "".join(c if c.isascii() else "?" for c in decomposed if not unicodedata.combining(c))
+
+
 def fold_name(name: object) -> str:
     """Folded form of a DICOM person name (PN value, any representation)."""
     if name is None:

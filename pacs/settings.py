@@ -94,6 +94,8 @@ class KnownAeEntry(BaseModel):
     services: str = "all"
     # A PEM file or SHA-256 fingerprint pinning its TLS client certificate (pacs ae add --client-cert).
     client_cert: str = ""
+    # Its C-FIND and worklist answers: "utf-8", or "ascii" without diacritics (pacs ae add --charset).
+    charset: Literal["utf-8", "ascii"] = "utf-8"
 
     @field_validator("services")
     @classmethod

@@ -89,6 +89,7 @@ def test_settings_from_environment_and_config_file(tmp_path: Path) -> None:
     d.mkdir()
     (d / "pacs.toml").write_text('[[ae]]\ntitle = "FROM_FILE"\nhost = "127.0.0.1"\nport = 4242\n'
                                  '[[ae]]\ntitle = "SAT_TLS"\nhost = "sat.local"\nport = 2762\ntls = "yes"\n'
+                                 'charset = "ascii"\n'
                                  '[[ae]]\ntitle = "CT_PINNED"\nhost = "10.0.0.21"\nport = 104\n'
                                  f'services = "store, mpps"\nclient_cert = "{":".join(["AB"] * 32)}"\n')
     assert pacs("db", "upgrade", data_dir=d).returncode == 0  # the archive the listings read
@@ -97,9 +98,10 @@ def test_settings_from_environment_and_config_file(tmp_path: Path) -> None:
     assert listed["SAT_TLS"]["tls"] is True and listed["FROM_FILE"]["tls"] is False
     assert listed["FROM_FILE"]["services"] == "*" and listed["FROM_FILE"]["cert_sha256"] is None
     assert listed["CT_PINNED"]["services"] == "store,mpps" and listed["CT_PINNED"]["cert_sha256"] == "ab" * 32
+    assert (listed["SAT_TLS"]["charset"], listed["FROM_FILE"]["charset"]) == ("ascii", "utf-8")
     # A misspelt key or an impossible value stops the command with the key named, no trace.
     for table, key in (('port = 4242\ntsl = true', "tsl"), ("port = 0", "port"), ('port = 1\ntls = "maybe"', "tls"),
-                       ('port = 1\nservices = "store,print"', "services")):
+                       ('port = 1\nservices = "store,print"', "services"), ('port = 1\ncharset = "latin1"', "charset")):
         (d / "pacs.toml").write_text(f'[[ae]]\ntitle = "BAD"\nhost = "h"\n{table}\n')
         result = pacs("ae", "list", data_dir=d)
         assert result.returncode == 1 and key in result.stderr and "Traceback" not in result.stderr

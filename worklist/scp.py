@@ -20,8 +20,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
+from pydicom.valuerep import PersonName
 from pydicom.uid import generate_uid
 from pynetdicom import evt
 from pynetdicom.sop_class import (
@@ -30,6 +32,7 @@ from pynetdicom.sop_class import (
 )
 
 from dicom_scp.qr import PENDING_UNSUPPORTED_KEYS, _sequence_has_values, cancelled, text_keys
+from dicom_scp.permissions import answers_in_ascii
 from dicom_scp.server import association_event
 from pacs.app import Pacs
 from pacs.audit import naming_patients, patient_cx
@@ -39,7 +42,7 @@ from pacs.logtext import peer_text
 from pacs.orders import OrderError, OrderService, fit_text
 from pacs.query import QueryError
 from pacs.query.matching import is_date, is_time
-from pacs.query.results import as_written, other_ids_sequence
+from pacs.query.results import as_written, in_ascii, other_ids_sequence
 from pacs.timezones import hospital_zone
 from pacs.worklist import expired_before, ignored_keys, run_worklist, sps_status
 
@@ -195,11 +198,28 @@ def _requested_items(wanted: Sequence, items: Sequence | list[Dataset]) -> Seque
     return Sequence([_requested(wanted[0], item) for item in items])
 
 
-def answer(identifier: Dataset, row: dict[str, Any]) -> Dataset:
-    """The requested keys, filled from the full item (PS3.4 K.6.1.2.2)."""
+def answer(identifier: Dataset, row: dict[str, Any], *, ascii_only: bool = False) -> Dataset:
+    """The requested keys, filled from the full item (PS3.4 K.6.1.2.2);
+    *ascii_only*: without diacritics and Specific Character Set, for a
+    modality that reads no UTF-8 (``pacs ae add --charset ascii``)."""
     out = _requested(identifier, full_item(row))
-    out.SpecificCharacterSet = "ISO_IR 192"
+    if ascii_only:
+        _in_ascii(out)
+    else:
+        out.SpecificCharacterSet = "ISO_IR 192"
     return out
+
+
+def _in_ascii(ds: Dataset) -> None:
+    """Every text value of *ds* (its items' too) in the default repertoire."""
+    for elem in ds:
+        if elem.VR == "SQ":
+            for item in elem.value:
+                _in_ascii(item)
+        elif isinstance(elem.value, str | PersonName):
+            elem.value = in_ascii(elem.VR, str(elem.value))
+        elif isinstance(elem.value, MultiValue) and all(isinstance(v, str | PersonName) for v in elem.value):
+            elem.value = [in_ascii(elem.VR, str(v)) for v in elem.value]
 
 
 def _sequences_with_values(ds: Dataset, skip: str = "") -> list[str]:
@@ -212,6 +232,7 @@ def _sequences_with_values(ds: Dataset, skip: str = "") -> list[str]:
 def make_worklist_handler(pacs: Pacs) -> Any:
     def handle_find(event: Any) -> Iterator[tuple[int, Dataset | None]]:
         requestor = event.assoc.requestor
+        ascii_only = answers_in_ascii(pacs, event)
         match: dict[str, str] = {}
         step: dict[str, str] = {}
         try:
@@ -260,7 +281,7 @@ def make_worklist_handler(pacs: Pacs) -> Any:
                     end = "cancelled by the requester"
                     yield CANCEL, None
                     return
-                yield pending, answer(identifier, row)
+                yield pending, answer(identifier, row, ascii_only=ascii_only)
                 answered += 1
                 patients[patient_cx(row["patient_id"] or "", row["issuer"] or "")] = None
             end = ""

@@ -246,6 +246,9 @@ class KnownAE(Base):
     # SHA-256 of the only TLS client certificate it may call us with (hex), or None.
     cert_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # "ascii": its C-FIND and worklist answers carry text without diacritics
+    # and no Specific Character Set (a modality that reads no UTF-8); "": UTF-8.
+    charset: Mapped[str] = mapped_column(String, default="", server_default="")
 
 
 

@@ -19,6 +19,7 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
+from ..names import ascii_text
 from .attributes import UNIQUE_KEY, Level
 
 # An item of Other Patient IDs Sequence: (tag, VR, value) in tag order.
@@ -54,7 +55,11 @@ class ResultShape:
     attributes C-FIND responses carry (PS3.4 C.4.1.1.3.2).
     """
 
-    def __init__(self, level: Level, returns: list[str], ae_title: str) -> None:
+    def __init__(self, level: Level, returns: list[str], ae_title: str, *, ascii_only: bool = False) -> None:
+        # *ascii_only*: for a peer that reads no other character set
+        # (pacs.aes.RemoteAE.ascii_only): text without diacritics, and no
+        # Specific Character Set (the default repertoire).
+        self.ascii_only = ascii_only
         keys = list(dict.fromkeys([*returns, UNIQUE_KEY[level]]))
         for depth_level in Level:
             if depth_level.depth < level.depth and depth_level is not Level.PATIENT:
@@ -65,6 +70,8 @@ class ResultShape:
             "RetrieveAETitle": ae_title,
             "InstanceAvailability": "ONLINE",
         }
+        if ascii_only:
+            del constants["SpecificCharacterSet"]
         fields: dict[int, ResultField] = {}
         for keyword in dict.fromkeys(keys):
             known = _tag_and_vr(keyword)
@@ -75,9 +82,14 @@ class ResultShape:
             fields[tag] = ResultField(keyword, tag, vr, value, True)
         self.fields: list[ResultField] = [fields[tag] for tag in sorted(fields)]
 
+    def value(self, field: ResultField, row: dict[str, Any]) -> Value:
+        """*field*'s value for the match *row*, converted for its VR."""
+        value = field.constant if field.is_constant else convert_value(field, row.get(field.keyword))
+        return in_ascii(field.vr, value) if self.ascii_only else value
+
     def values(self, row: dict[str, Any]) -> list[tuple[ResultField, Value]]:
         """Each field with the match's value, converted for its VR."""
-        return [(f, f.constant if f.is_constant else convert_value(f, row.get(f.keyword))) for f in self.fields]
+        return [(f, self.value(f, row)) for f in self.fields]
 
     def dataset(self, row: dict[str, Any], *, wire: bool = False) -> Dataset:
         """One match as a dataset (QIDO-RS turns it into DICOM JSON; *wire*:
@@ -114,6 +126,19 @@ def as_written(vr: str, value: Value) -> Value:
         return value if value.isascii() else value.encode("utf-8").decode("latin-1")
     if isinstance(value, list):
         return [as_written(vr, v) if isinstance(v, str) else v for v in value]  # type: ignore[misc]
+    return value
+
+
+def in_ascii(vr: str, value: Value) -> Value:
+    """*value* of *vr* in the default repertoire (:func:`pacs.names.ascii_text`),
+    a sequence's items' values too."""
+    if isinstance(value, str):
+        return value if value.isascii() else ascii_text(value, person_name=vr == "PN")
+    if vr == "SQ":
+        return [[(tag, item_vr, in_ascii(item_vr, v)) for tag, item_vr, v in item]  # type: ignore[misc]
+                for item in value or []]  # type: ignore[union-attr]
+    if isinstance(value, list):
+        return [in_ascii(vr, v) for v in value]  # type: ignore[misc]
     return value
 
 
