@@ -215,17 +215,21 @@ export class ReportPanel {
   }
 
   /** A PUT/POST answer is the report; if it does not look like one, fetch it. */
-  async accept(response) {
+  async accept(response, options = {}) {
     if (response && typeof response === "object" && "status" in response && "current" in response) {
-      this.render(response);
+      this.render(response, options);
     } else {
-      this.render(await api("GET", this.base));
+      this.render(await api("GET", this.base), options);
     }
   }
 
-  async run(action) {
+  /** Run one report action; *lockText*: the editor takes no typing meanwhile
+   * (a signature signs what was on screen when it was confirmed: text typed
+   * while it is on its way would be neither signed nor kept). */
+  async run(action, { lockText = false } = {}) {
     if (this.busy) return false;
     this.busy = true;
+    if (lockText) for (const area of [this.findings, this.impression]) area.readOnly = true;
     this.element.setAttribute("aria-busy", "true");
     for (const button of [this.saveButton, this.signButton, this.amendButton]) button.disabled = true;
     this.showError("");
@@ -252,16 +256,28 @@ export class ReportPanel {
       this.busy = false;
       this.element.removeAttribute("aria-busy");
       for (const button of [this.saveButton, this.signButton, this.amendButton]) button.disabled = false;
+      if (lockText) {
+        const readOnly = !this.canEdit || !this.report || this.report.status === "signed";
+        for (const area of [this.findings, this.impression]) area.readOnly = readOnly;
+      }
     }
   }
 
   async put() {
-    const response = await api("PUT", this.base, {
-      json: { findings: this.findings.value, impression: this.impression.value, revision: this.revision() },
-    });
-    this.dropUnsaved();
+    const sent = { findings: this.findings.value, impression: this.impression.value };
+    const response = await api("PUT", this.base, { json: { ...sent, revision: this.revision() } });
+    // Typed while the save was on its way (Ctrl+S, then on typing over a slow
+    // link): not in what was saved. It stays in the editor, unsaved and kept,
+    // instead of being replaced by the saved text without a word.
+    const typed = this.findings.value !== sent.findings || this.impression.value !== sent.impression;
     this.mineBox.hidden = true;
-    await this.accept(response);
+    await this.accept(response, { keepText: typed });
+    if (typed) {
+      this.setDirty(true);
+      this.keepUnsaved(); // with the revision just saved: a lost session brings it back into the editor
+    } else {
+      this.dropUnsaved();
+    }
   }
 
   async save() {
@@ -275,12 +291,15 @@ export class ReportPanel {
     const ok = await this.run(async () => {
       if (this.dirty || !this.report.current) await this.put();
       await this.accept(await api("POST", `${this.base}/sign`, { json: { revision: this.revision() } }));
-    });
+    }, { lockText: true });
     if (ok) toast(t("signed_ok"));
   }
 
   async amend() {
     if (!this.canEdit || !this.report || this.report.status !== "signed") return;
+    // A new version cannot be taken back: a stray click left every signed
+    // study it hit a "draft" on the worklist until someone signed it again.
+    if (!confirm(t("confirm_amend"))) return;
     const ok = await this.run(async () => this.accept(await api("POST", `${this.base}/amend`)));
     if (ok) this.findings.focus();
   }
