@@ -237,7 +237,17 @@ export function mountWorklist(root, ctx) {
         },
         signal,
       });
-      if (!signal.aborted) show(data);
+      if (signal.aborted) return;
+      const total = data && Number.isFinite(data.total) ? data.total : 0;
+      if (!((data && data.items) || []).length && filters.offset > 0) {
+        // The list got shorter since this page was opened (the study just
+        // signed left the "unread" list, a study was deleted): its last page,
+        // not "no studies found" over studies that are there.
+        filters.offset = total > 0 ? Math.floor((total - 1) / PAGE_SIZE) * PAGE_SIZE : 0;
+        load();
+        return;
+      }
+      show(data);
     } catch (exc) {
       if (exc.name === "AbortError" || exc.status === 401) return;
       tbody.replaceChildren();
