@@ -50,7 +50,7 @@ function serverMessage(status, body, fallback) {
 
 // What the user reads first is in the UI's language; the server's own words
 // (English, for the IT staff) follow in parentheses.
-const LOCALIZED = new Set([403, 404, 413, 422, 500, 502, 503, 504]);
+const LOCALIZED = new Set([403, 404, 413, 422, 429, 500, 502, 503, 504]);
 
 function errorMessage(status, body, fallback) {
   const detail = serverMessage(status, body, fallback);
