@@ -452,7 +452,12 @@ class SecurityHeaders:
                 headers.setdefault("X-Content-Type-Options", "nosniff")
                 headers.setdefault("X-Frame-Options", "DENY")
                 headers.setdefault("Referrer-Policy", REFERRER_POLICY)
-                if not path.startswith(_CACHEABLE_PREFIXES) and path not in _CACHEABLE_PATHS:
+                if path.startswith(_CACHEABLE_PREFIXES):
+                    # Kept, but asked again each time (a 304 while unchanged): without a
+                    # Cache-Control a browser uses a file a tenth of its age unasked, and
+                    # ran an upgraded server with the old scripts (or old and new mixed).
+                    headers.setdefault("Cache-Control", "no-cache")
+                elif path not in _CACHEABLE_PATHS:
                     headers.setdefault("Cache-Control", NO_STORE)
                 is_html = headers.get("content-type", "").lower().startswith("text/html")
                 if is_html and not path.startswith(_DOCS_PATHS):
