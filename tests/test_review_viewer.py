@@ -4,7 +4,9 @@ save is on its way stays in the editor (and a signature takes no typing);
 an amendment asks first; the worklist page the list shrank under shows its
 last page, not "no studies found"; a login lockout is said in the UI
 language; the viewer's scripts are revalidated, never run stale after an
-upgrade."""
+upgrade; an empty report is not signed (nor saved empty); a link cut inside a
+%-escape opens no study without an error; a server restarting does not end
+the session."""
 
 from __future__ import annotations
 
@@ -238,3 +240,51 @@ def test_the_viewers_files_are_revalidated(viewer_server: PacsServer) -> None:
             again = http.get(f"/static/{name}", headers={"If-None-Match": answer.headers["etag"]})
             assert again.status_code == 304, (name, again.status_code)
         assert http.get("/").headers.get("cache-control") == "no-cache"
+
+
+# -- 6. an empty report is not signed; a broken link; a server restarting -----------------------------
+def test_an_empty_report_is_not_signed_nor_saved(page: Any, viewer_server: PacsServer) -> None:
+    """Sign on an untouched report saved an empty draft first, then got 422:
+    the study read "draft" on every worklist with nothing written."""
+    from playwright.sync_api import expect
+
+    study = generate_uid()
+    _stow(viewer_server, [_instance(study, generate_uid(), 1, patient=("Trống^Rỗng", "EMPTY-1", ""))])
+    page.goto(f"/#/study/{study}")
+    _log_in(page)
+    expect(page.locator("#findings")).to_be_editable()
+    page.click("#sign-report")
+    expect(page.locator("#toast")).to_contain_text("Báo cáo trống")
+    assert _report(viewer_server, study)["status"] == "none"
+    assert not page.errors, page.errors
+
+
+def test_a_link_cut_inside_an_escape_opens_no_study_without_an_error(page: Any, viewer_server: PacsServer) -> None:
+    """"#/study/%E0%A4%A" (a link cut short in a chat) threw URIError: the
+    address changed, the old screen stayed, without a word."""
+    from playwright.sync_api import expect
+
+    page.goto("/#/worklist")
+    _log_in(page)
+    page.goto("/#/study/%E0%A4%A")
+    expect(page.locator("#study-error")).to_be_visible()
+    assert not page.errors, page.errors
+
+
+def test_a_server_restarting_does_not_end_the_session(page: Any, viewer_server: PacsServer) -> None:
+    """A 503 (or no answer) to the start-up /api/me dropped the token: after
+    every restart of the server each radiologist had to log in again. It is
+    said, and asked again until the server answers."""
+    from playwright.sync_api import expect
+
+    page.goto("/#/worklist")
+    _log_in(page)
+    expect(page.locator("table#worklist")).to_be_visible()
+    me = re.compile(r".*/api/me$")
+    page.route(me, lambda route: route.fulfill(status=503, content_type="application/json",
+                                               body='{"error": "the archive is starting"}'))
+    page.reload()
+    expect(page.locator("#toast")).to_contain_text("Máy chủ đang quá tải hoặc bảo trì")
+    page.unroute(me)
+    expect(page.locator("table#worklist")).to_be_visible(timeout=15000)
+    assert page.evaluate("location.hash") == "#/worklist"

@@ -86,9 +86,20 @@ function parseRoute(hash) {
   const name = parts[0] || "";
   if (name === "login") return { name: "login" };
   if (name === "worklist") return { name: "worklist" };
-  if (name === "study" && parts[1]) return { name: "study", studyUid: decodeURIComponent(parts[1]) };
-  if (name === "accession" && parts[1]) return { name: "accession", accession: decodeURIComponent(parts[1]) };
+  if (name === "study" && parts[1]) return { name: "study", studyUid: decoded(parts[1]) };
+  if (name === "accession" && parts[1]) return { name: "accession", accession: decoded(parts[1]) };
   return { name: "" };
+}
+
+// A link cut inside a %-escape ("%E0%A4%A", pasted from a chat) threw
+// URIError: the address changed and the old screen stayed, without a word.
+// Kept as written, it is a study or accession nobody has: the view says so.
+function decoded(part) {
+  try {
+    return decodeURIComponent(part);
+  } catch {
+    return part;
+  }
 }
 
 function navigate(hash, replace = false) {
@@ -217,16 +228,30 @@ setUnauthorizedHandler(() => {
 onLangChange(() => updateTopbar());
 
 // -- start-up ------------------------------------------------------------------------
+// The signed-in user, or null. Only a 401/403 ends the session: a server busy
+// or restarting (503, no answer) dropped the token, and everyone had to log
+// in again after a restart. It is said, and asked again until it answers.
+async function whoAmI() {
+  for (;;) {
+    try {
+      const me = await api("GET", "/api/me", { auth401: false });
+      const user = me && (me.user || me);
+      return user && user.username ? user : null;
+    } catch (exc) {
+      if (exc.status === 401 || exc.status === 403) {
+        setToken(null);
+        return null;
+      }
+      toast(exc.status ? exc.message : t("http_502"), "error");
+      await new Promise((resolve) => setTimeout(resolve, ME_RETRY_MS));
+    }
+  }
+}
+const ME_RETRY_MS = 3000;
+
 async function start() {
   buildTopbar();
-  try {
-    const me = await api("GET", "/api/me", { auth401: false });
-    const user = me && (me.user || me);
-    state.user = user && user.username ? user : null;
-  } catch {
-    state.user = null;
-    setToken(null);
-  }
+  state.user = await whoAmI();
   updateTopbar();
   document.body.classList.add("ready");
   render();

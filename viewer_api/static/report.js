@@ -287,6 +287,13 @@ export class ReportPanel {
 
   async sign() {
     if (!this.editable()) return;
+    if (!this.findings.value.trim() && !this.impression.value.trim()) {
+      // The server refuses an empty report (422), but only after the empty
+      // draft was saved: the study then read "draft" with nothing written.
+      toast(t("report_empty"), "error");
+      this.findings.focus();
+      return;
+    }
     if (!confirm(t("confirm_sign"))) return;
     const ok = await this.run(async () => {
       if (this.dirty || !this.report.current) await this.put();
