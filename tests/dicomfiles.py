@@ -220,3 +220,22 @@ def encode_dataset(ds: Dataset, *, implicit_vr: bool = False) -> bytes:
     buffer.is_little_endian, buffer.is_implicit_VR = True, implicit_vr
     write_dataset(buffer, ds)
     return buffer.getvalue()
+
+
+H264 = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264 High Profile / Level 4.1: no decoder here
+
+
+def as_h264_clip(ds: Dataset, payload: int) -> Dataset:
+    """*ds* made a 75-frame 640x480 cine clip stored as H.264 (lossy; nothing
+    here decodes it), as ultrasound and endoscopy systems send them; *payload*
+    bytes of stream after its start code."""
+    from pydicom.encaps import encapsulate
+
+    ds.Rows, ds.Columns, ds.SamplesPerPixel = 480, 640, 3
+    ds.PhotometricInterpretation, ds.PlanarConfiguration = "YBR_PARTIAL_420", 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.NumberOfFrames, ds.FrameTime, ds.FrameIncrementPointer = 75, 40.0, 0x00181063
+    ds.PixelData = encapsulate([b"\x00\x00\x00\x01\x67" + os.urandom(payload)])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = H264
+    return ds

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,16 +14,15 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from viewer_api.multipart import build_multipart_related
 
 from .conftest import Backend, PacsServer
+from .dicomfiles import H264, as_h264_clip
 from .test_dicomweb_more import _parts
 
 ROOT = "1.2.826.0.1.3680043.8.498.78"
-H264 = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264 High Profile / Level 4.1: no decoder here
 
 
 def _base(study: str, **values: Any) -> Dataset:
@@ -54,15 +52,7 @@ def _image(study: str) -> Dataset:
 
 def _video(study: str) -> Dataset:
     """An endoscopy clip stored as H.264 (lossy; nothing here decodes it)."""
-    ds = _base(study, Modality="ES", SOPClassUID="1.2.840.10008.5.1.4.1.1.77.1.1.1")
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = 480, 640, 3
-    ds.PhotometricInterpretation, ds.PlanarConfiguration = "YBR_PARTIAL_420", 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.NumberOfFrames, ds.FrameTime, ds.FrameIncrementPointer = 75, 40.0, 0x00181063
-    ds.PixelData = encapsulate([b"\x00\x00\x00\x01\x67" + os.urandom(20000)])
-    ds["PixelData"].VR = "OB"
-    ds.file_meta.TransferSyntaxUID = H264
-    return ds
+    return as_h264_clip(_base(study, Modality="ES", SOPClassUID="1.2.840.10008.5.1.4.1.1.77.1.1.1"), 20000)
 
 
 def _odd_values(study: str) -> Dataset:

@@ -8,23 +8,21 @@ here by hand from PS3.3 C.11.2.1.2.1 (LINEAR)."""
 from __future__ import annotations
 
 import io
-import os
 from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from viewer_api.multipart import build_multipart_related
 
 from .conftest import Backend, PacsServer
+from .dicomfiles import as_h264_clip
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
-H264 = "1.2.840.10008.1.2.4.102"  # MPEG-4 AVC/H.264 High Profile / Level 4.1: no decoder here
 # Stored values 0..4095 of a 16x16 CT; HU = stored - 1024.
 CT_STORED = np.arange(0, 4096, 16, dtype=np.uint16).reshape(16, 16)
 
@@ -66,15 +64,7 @@ def _still(study: str, series: str, number: int) -> Dataset:
 def _clip(study: str, series: str, number: int) -> Dataset:
     """A cine loop stored as H.264 between the stills of its series, as
     ultrasound and endoscopy systems send them."""
-    ds = _base(study, series, number, "1.2.840.10008.5.1.4.1.1.3.1", "US")
-    ds.Rows, ds.Columns, ds.SamplesPerPixel = 480, 640, 3
-    ds.PhotometricInterpretation, ds.PlanarConfiguration = "YBR_PARTIAL_420", 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    ds.NumberOfFrames, ds.FrameTime, ds.FrameIncrementPointer = 75, 40.0, 0x00181063
-    ds.PixelData = encapsulate([b"\x00\x00\x00\x01\x67" + os.urandom(4000)])
-    ds["PixelData"].VR = "OB"
-    ds.file_meta.TransferSyntaxUID = H264
-    return ds
+    return as_h264_clip(_base(study, series, number, "1.2.840.10008.5.1.4.1.1.3.1", "US"), 4000)
 
 
 # (Window Center, Window Width[, Rescale Intercept]) as written; the window is 40 / 400 HU in each.

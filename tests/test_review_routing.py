@@ -19,7 +19,6 @@ answering a warning status.
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 from collections.abc import Iterator
@@ -35,18 +34,7 @@ from .dicomfiles import make_ct
 from .link_proxy import LinkProxy
 from .peers import create_database, drop_database, free_port, wait_until
 from .test_routing import Receiver
-
-
-def _jobs(server: PacsServer, rule: str) -> list[dict]:
-    jobs = json.loads(server.cli("route", "list", "--json", "--limit", "100000").stdout)["jobs"]
-    return [j for j in jobs if j["rule"] == rule]
-
-
-def _states(server: PacsServer, rule: str) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for job in _jobs(server, rule):
-        counts[job["state"]] = counts.get(job["state"], 0) + 1
-    return counts
+from .test_routing_review import _jobs, _states
 
 
 def _store(server: PacsServer, folder: Path, calling: str, count: int, **attrs: object) -> list[str]:

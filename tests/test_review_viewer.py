@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
 
-from .peers import Backend, PacsServer, wait_until
+from .peers import PacsServer, wait_until
 from .test_ui_review import _instance, _stow
-from .test_web_viewer import PASSWORD, USERNAME, _log_in, page  # noqa: F401 (fixtures)
+from .test_web_viewer import _log_in, answering, page, radiologist_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -28,13 +27,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.fixture(scope="module")
 def viewer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     """One server for the module (the `page` fixture asks for this name)."""
-    work: Path = tmp_path_factory.mktemp("viewer-review")
-    server = PacsServer(work / "data", Backend("sqlite-fs", None, None, {}))
-    server.cli("user", "add", USERNAME, "--role", "radiologist", "--password", PASSWORD,
-               "--display-name", "BS. Trần Văn An")
-    server.start()
-    yield server
-    server.stop()
+    with radiologist_server(tmp_path_factory.mktemp("viewer-review")) as server:
+        yield server
 
 
 def _events(page: Any) -> bool:
@@ -144,13 +138,7 @@ def test_amending_a_signed_report_asks_first(page: Any, viewer_server: PacsServe
         assert http.post(f"{base}/sign").status_code == 200
     page.goto(f"/#/study/{study}")
     _log_in(page)
-    asked: list[str] = []
-
-    def dismiss(dialog: Any) -> None:
-        asked.append(dialog.message)
-        dialog.dismiss()
-
-    page.once("dialog", dismiss)
+    asked = answering(page, accept=False)
     page.click("#amend-report")
     assert wait_until(lambda: _events(page) and bool(asked), timeout=10), "amending asked nothing"
     assert asked == ["Mở phiên bản bổ sung mới cho báo cáo đã ký?"], asked

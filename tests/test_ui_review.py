@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,8 +23,8 @@ from pydicom.uid import generate_uid
 from viewer_api.multipart import build_multipart_related
 
 from .dicomfiles import image_dataset
-from .peers import Backend, PacsServer, wait_until
-from .test_web_viewer import PASSWORD, USERNAME, _log_in, page  # noqa: F401 (fixtures)
+from .peers import PacsServer, wait_until
+from .test_web_viewer import _log_in, page, radiologist_server  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -77,13 +76,8 @@ def _stow(server: PacsServer, datasets: list[Dataset]) -> None:
 def viewer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     """One server for the module (the `page` fixture asks for this name): no
     sample studies, each test stows its own."""
-    work: Path = tmp_path_factory.mktemp("ui-review")
-    server = PacsServer(work / "data", Backend("sqlite-fs", None, None, {}))
-    server.cli("user", "add", USERNAME, "--role", "radiologist", "--password", PASSWORD,
-               "--display-name", "BS. Trần Văn An")
-    server.start()
-    yield server
-    server.stop()
+    with radiologist_server(tmp_path_factory.mktemp("ui-review")) as server:
+        yield server
 
 
 def _shown(page: Any, sop: str = "") -> None:

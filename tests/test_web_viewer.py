@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -244,13 +245,7 @@ def test_radiologist_reads_and_signs_a_ct(page: Any, viewer_server: PacsServer) 
     expect(page.locator("#report-error")).to_be_hidden()
     steps.shot("report-draft")
 
-    dialogs: list[str] = []
-
-    def accept(dialog: Any) -> None:
-        dialogs.append(dialog.message)
-        dialog.accept()
-
-    page.once("dialog", accept)
+    dialogs = answering(page)
     page.click("#sign-report")
     expect(status).to_have_attribute("data-status", "signed")
     expect(status).to_have_text("Đã ký")
@@ -331,6 +326,32 @@ def test_radiologist_reads_and_signs_a_ct(page: Any, viewer_server: PacsServer) 
         assert action in {a for a, _ in actions}, action
     for action in ("view", "retrieve", "report-update", "report-sign", "download"):
         assert (action, study_uid) in actions, action
+
+
+@contextmanager
+def radiologist_server(work: Path) -> Iterator[PacsServer]:
+    """A running server with no studies whose radiologist USERNAME logs in
+    with PASSWORD (the `page` fixture asks for a `viewer_server`)."""
+    server = PacsServer(work / "data", Backend("sqlite-fs", None, None, {}))
+    server.cli("user", "add", USERNAME, "--role", "radiologist", "--password", PASSWORD,
+               "--display-name", "BS. Trần Văn An")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def answering(page: Any, accept: bool = True) -> list[str]:
+    """The messages of the page's next dialog, which is accepted (or dismissed)."""
+    asked: list[str] = []
+
+    def answer(dialog: Any) -> None:
+        asked.append(dialog.message)
+        dialog.accept() if accept else dialog.dismiss()
+
+    page.once("dialog", answer)
+    return asked
 
 
 def _log_in(page: Any) -> None:
