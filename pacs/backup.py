@@ -196,7 +196,8 @@ def restore_index(index_url: str, backup: Path, keep_dir: Path | None = None) ->
     API, in reverse), so a crash midway leaves the old file intact; the
     replaced index is kept beside it. PostgreSQL: refused while other
     sessions use the database (a node still serving); the current database
-    is dumped into *keep_dir* first, then ``pg_restore --clean``.
+    is dumped into *keep_dir* first, emptied, then restored with
+    ``pg_restore`` in one transaction (the dump put back if that fails).
     """
     kind = _kind(index_url)
     if not backup.is_file():
@@ -233,14 +234,91 @@ def restore_index(index_url: str, backup: Path, keep_dir: Path | None = None) ->
         if keep_dir is not None:
             kept_dump = keep_dir / f"index-before-restore-{time.strftime('%Y%m%dT%H%M%S')}.dump"
             previous = backup_index(index_url, kept_dump).path
-        result = subprocess.run(
-            [_pg_tool("pg_restore"), "--clean", "--if-exists", "--no-owner", "--single-transaction",
-             "--dbname", _libpq_url(index_url), str(backup)],
-            capture_output=True, text=True, check=False,
-        )
-        if result.returncode != 0:
-            raise BackupError(f"pg_restore failed: {result.stderr.strip()[-500:]}")
+        # `pg_restore --clean` drops only what the backup holds: tables and
+        # constraints a later schema revision added stayed, so a backup taken
+        # before an upgrade (the one the README says to take) failed to
+        # restore ("cannot drop constraint pk_patients ... other objects
+        # depend on it"), or left tables the next upgrade could not create.
+        # The index is emptied first, then restored in one transaction; the
+        # database it replaced is dumped above and put back if that fails.
+        _empty_database(index_url)
+        failure = _pg_restore(index_url, backup)
+        if failure:
+            if not previous:
+                raise BackupError(f"pg_restore failed: {failure}")
+            if _pg_restore(index_url, Path(previous)):
+                raise BackupError(f"pg_restore failed: {failure}; the index is empty: restore {previous}, the "
+                                  "index as it was before, with pacs restore")
+            raise BackupError(f"pg_restore failed: {failure}; the index is back as it was before")
     return BackupResult(kind, str(backup), backup.stat().st_size, time.perf_counter() - start, previous)
+
+
+def _pg_restore(index_url: str, dump: Path) -> str:
+    """Restore *dump* into the (empty) database in one transaction; "" when
+    done, else the end of pg_restore's error output."""
+    result = subprocess.run(
+        [_pg_tool("pg_restore"), "--no-owner", "--single-transaction", "--dbname", _libpq_url(index_url),
+         str(dump)],
+        capture_output=True, text=True, check=False,
+    )
+    return "" if result.returncode == 0 else result.stderr.strip()[-500:] or f"exit status {result.returncode}"
+
+
+# Drops every table, view, sequence, function and type of the index's schema
+# (not those an extension owns), in one transaction: the database is the
+# index's own (README: createdb ... pacs).
+_EMPTY_SCHEMA = """
+DO $$
+DECLARE
+    item record;
+BEGIN
+    FOR item IN
+        SELECT c.oid, c.relkind FROM pg_class c
+        WHERE c.relnamespace = current_schema()::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S')
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = c.oid AND d.deptype = 'e')
+    LOOP
+        IF EXISTS (SELECT 1 FROM pg_class WHERE oid = item.oid) THEN
+            EXECUTE format('DROP %s IF EXISTS %s CASCADE',
+                           CASE item.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW'
+                                WHEN 'f' THEN 'FOREIGN TABLE' WHEN 'S' THEN 'SEQUENCE' ELSE 'TABLE' END,
+                           item.oid::regclass);
+        END IF;
+    END LOOP;
+    FOR item IN
+        SELECT p.oid FROM pg_proc p
+        WHERE p.pronamespace = current_schema()::regnamespace
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = p.oid AND d.deptype = 'e')
+    LOOP
+        EXECUTE format('DROP ROUTINE IF EXISTS %s CASCADE', item.oid::regprocedure);
+    END LOOP;
+    FOR item IN
+        SELECT t.oid FROM pg_type t
+        WHERE t.typnamespace = current_schema()::regnamespace AND t.typtype IN ('e', 'd', 'r', 'm')
+          AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.objid = t.oid AND d.deptype = 'e')
+    LOOP
+        IF EXISTS (SELECT 1 FROM pg_type WHERE oid = item.oid) THEN
+            EXECUTE format('DROP TYPE IF EXISTS %s CASCADE', item.oid::regtype);
+        END IF;
+    END LOOP;
+END
+$$
+"""
+
+
+def _empty_database(index_url: str) -> None:
+    """Drop everything the index's schema holds (see _EMPTY_SCHEMA)."""
+    from sqlalchemy import text
+
+    from .index.db import create_index_engine
+
+    engine = create_index_engine(index_url, pool_size=0)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(_EMPTY_SCHEMA))
+    except Exception as exc:
+        raise BackupError(f"cannot empty the database before the restore (nothing was changed): {exc}") from exc
+    finally:
+        engine.dispose()
 
 
 SALT_FILE = "deidentify.salt"

@@ -89,3 +89,46 @@ def test_a_stop_while_a_modality_sends_refuses_nothing_and_leaves_no_orphan(tmp_
     assert missing == []
     verify = json.loads(server.cli("verify", "--json", check=False).stdout)
     assert verify["orphans"]["count"] == 0 and verify["ok"], verify
+
+
+def test_postgresql_restore_of_a_backup_taken_before_an_upgrade(tmp_path: Path, pg_url: str) -> None:
+    """The README's upgrade: back up with the version you leave, upgrade,
+    and restore that backup if needed. `pg_restore --clean` dropped only what
+    the backup holds: the constraints later migrations hung on its tables
+    stopped it ("cannot drop constraint pk_patients ... other objects depend
+    on it"), exit 1. Now the index is emptied first and the backup restored
+    (then upgraded); a restore that fails puts the index back as it was."""
+    from pacs.index import create_index_engine, current_revision, upgrade_schema
+    from pacs.index.db import SCHEMA_HEAD
+
+    engine = create_index_engine(pg_url, pool_size=0)
+    try:
+        upgrade_schema(engine, "0012")
+    finally:
+        engine.dispose()
+    node = PacsServer(tmp_path / "data", Backend("pg", pg_url, None, {}))
+    old = tmp_path / "before-upgrade.dump"
+    node.cli("backup", "--out", str(old))
+    node.cli("db", "upgrade")
+    (tmp_path / "in").mkdir()
+    node.cli("import", str(make_ct(tmp_path / "in" / "ct.dcm", StudyInstanceUID=generate_uid())))
+    assert node.stats()["instances"] == 1
+
+    restored = node.cli("restore", str(old), "--yes", check=False)
+    assert restored.returncode == 0, restored.stderr
+    engine = create_index_engine(pg_url, pool_size=0)
+    try:
+        assert current_revision(engine) == SCHEMA_HEAD
+    finally:
+        engine.dispose()
+    assert node.stats()["instances"] == 0  # the backup's index: the object stored since is an orphan
+    node.cli("verify", "--repair")
+    assert node.stats()["instances"] == 1
+    assert '"action": "restore"' in node.cli("audit", "--format", "json").stdout
+
+    # A damaged backup: refused by pg_restore, the index is left as it was.
+    damaged = tmp_path / "damaged.dump"
+    damaged.write_bytes(old.read_bytes()[: old.stat().st_size // 2])
+    failed = node.cli("restore", str(damaged), "--yes", check=False)
+    assert failed.returncode == 1 and "back as it was before" in failed.stderr, failed.stderr
+    assert node.stats()["instances"] == 1
