@@ -33,7 +33,7 @@ from sqlalchemy.engine import make_url
 from storage import file_store_path
 
 from . import logtext
-from .settings import Settings, load_env_file, load_settings
+from .settings import Settings, invalid_settings, load_env_file, load_settings
 
 from .console import TextTable, err, fail, out
 
@@ -1247,7 +1247,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # an operator wants one clear line, not a trace
         if getattr(args, "log_level", None) == "DEBUG":
             raise
-        err.print(f"[red]error:[/red] {exc.__class__.__name__}: {exc}")
+        from pydantic import ValidationError
+
+        if isinstance(exc, ValidationError) and exc.title == Settings.__name__:
+            for line in invalid_settings(exc):
+                fail(f"error: {line}")
+            return 1
+        # As text: a message may hold "[...]" (a path, a peer's answer), which rich took for markup.
+        fail(f"error: {exc.__class__.__name__}: {exc}")
         return 1
 
 

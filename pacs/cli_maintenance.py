@@ -359,6 +359,11 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         return _usage("--limit must be at least 1")
+    from pacs.settings import storage_url_problem
+
+    if (problem := storage_url_problem(args.target)) is not None:
+        # file://srv/new (two slashes) copied every object to /new.
+        return _usage(f"--to: {problem}")
 
     def work(pacs: Any, bar: _Bar) -> Any:
         # Every object copied to another store: one event per run, with its scope.

@@ -29,7 +29,12 @@ def _read_config_file(path: Path | None) -> dict[str, Any]:
     if path is None or not path.is_file():
         return {}
     with path.open("rb") as f:
-        return tomllib.load(f)
+        try:
+            return tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            # "Invalid value (at line 1, column 14)" named no file: which of
+            # --config, $PACS_CONFIG or DATA_DIR/pacs.toml was read?
+            raise ValueError(f"config file {path}: {exc}") from None
 
 
 class _ConfigFileSource(PydanticBaseSettingsSource):
@@ -297,6 +302,24 @@ class Settings(BaseSettings):
     his_application: str = "HIS"
     his_facility: str = ""
 
+    @field_validator("index_url")
+    @classmethod
+    def _index_url(cls, value: str | None) -> str | None:
+        # A typo in the scheme failed later as "ModuleNotFoundError: No module
+        # named 'MySQLdb'" or "Can't load plugin", naming no setting.
+        problem = index_url_problem(value) if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, value: str | None) -> str | None:
+        problem = storage_url_problem(value) if value else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
     @field_validator("his_mllp")
     @classmethod
     def _host_and_port(cls, value: str | None) -> str | None:
@@ -458,6 +481,46 @@ class Settings(BaseSettings):
         return self.storage_url or f"file://{(self.data_dir / 'objects').absolute()}"
 
 
+def index_url_problem(url: str) -> str | None:
+    """Why *url* cannot be the index's URL (None: it can): the index is
+    SQLite or PostgreSQL."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            url = "postgresql+psycopg://" + url[len(prefix):]
+    try:
+        backend = make_url(url).get_backend_name()
+    except ArgumentError:
+        return "not a database URL (sqlite:////var/lib/pacs/index.sqlite or postgresql://USER@HOST/DB)"
+    if backend not in ("sqlite", "postgresql"):
+        return f"{backend!r} is not an index database: use sqlite:///PATH or postgresql://USER@HOST/DB"
+    return None
+
+
+def storage_url_problem(url: str) -> str | None:
+    """Why *url* cannot name an object store (None: it can): a folder
+    (``file:///path`` or a plain path) or ``s3://BUCKET?endpoint=HOST:PORT``."""
+    from urllib.parse import parse_qs, urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        # file://srv/pacs (two slashes) names the host "srv" and the folder
+        # /pacs: objects went to /pacs, created there without a word.
+        if parts.netloc not in ("", "localhost"):
+            return (f"{url!r} names the host {parts.netloc!r}, not a folder: a folder is "
+                    f"file:///{parts.netloc}{parts.path} (three slashes)")
+        if not parts.path:
+            return f"{url!r} names no folder (file:///var/lib/pacs/objects)"
+    elif parts.scheme == "s3":
+        if not parts.netloc or not parse_qs(parts.query).get("endpoint"):
+            return f"{url!r}: an S3 store is s3://BUCKET?endpoint=HOST:PORT[&secure=false]"
+    elif parts.scheme:
+        return f"{url!r}: the object store is file:///PATH or s3://BUCKET?endpoint=HOST:PORT"
+    return None
+
+
 def storage_class_problem(uid: str) -> str | None:
     """Why *uid* cannot be accepted as a storage SOP class (None: it can):
     not a UID (PS3.5 9.1: digits and dots, no leading zero, at most 64
@@ -551,6 +614,38 @@ def load_env_file() -> Path | None:
         if key.startswith("PACS_") and key != "PACS_ENV_FILE":
             os.environ.setdefault(key, value)
     return path
+
+
+# Values not repeated in an error line: they may hold a password or a key.
+_SECRET_FIELDS = {"index_url", "storage_url", "s3_access_key", "s3_secret_key", "deidentify_salt"}
+
+
+# Settings a `pacs` option sets too (pacs.cli).
+_OPTIONS = {"data_dir", "index_url", "storage_url", "config_file", "log_level", "host", "dicom_port", "http_port",
+            "hl7_port", "ae_title", "dicom_tls_port", "tls_cert", "tls_key", "tls_ca", "dicom_workers"}
+
+
+def invalid_settings(exc: Any) -> list[str]:
+    """One line per problem of a pydantic ValidationError of the settings:
+    the setting, where it is set, what is wrong and the value given. The
+    error's own text named the field only, and its value went missing
+    from the console (rich took "[type=..., input_value=...]" for markup)."""
+    lines = []
+    for error in exc.errors():
+        loc = list(error.get("loc", ())) or ["?"]
+        name = str(loc[0])
+        path = name + "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc[1:])
+        if len(loc) > 1:
+            where = f"[[{name}]] in the config file"
+        else:
+            option = f"--{name.replace('_', '-')}, " if name in _OPTIONS else ""
+            where = f"{option}PACS_{name.upper()} or {name} in the config file"
+        message = str(error.get("msg", "")).removeprefix("Value error, ")
+        value = error.get("input")
+        shown = name not in _SECRET_FIELDS and "input" in error and not isinstance(value, (dict, list)) \
+            and str(value) not in message
+        lines.append(f"setting {path} ({where}): {message}" + (f" (got {value!r})" if shown else ""))
+    return lines
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -5,7 +5,10 @@ wrong, restoring a backup)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -16,7 +19,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from .dicomfiles import make_ct
-from .peers import Backend, PacsServer, wait_until
+from .peers import PACS, Backend, PacsServer, wait_until
 
 
 class _Sender(threading.Thread):
@@ -132,3 +135,54 @@ def test_postgresql_restore_of_a_backup_taken_before_an_upgrade(tmp_path: Path, 
     failed = node.cli("restore", str(damaged), "--yes", check=False)
     assert failed.returncode == 1 and "back as it was before" in failed.stderr, failed.stderr
     assert node.stats()["instances"] == 1
+
+
+def _pacs(*args: str, data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PACS_")}
+    return subprocess.run([PACS, *args, "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=300,
+                          env={**clean, "PACS_ENV_FILE": "", **env})
+
+
+def test_wrong_settings_name_the_setting_and_the_value(tmp_path: Path) -> None:
+    """A wrong value in the service's settings file or the config file: the
+    message named the field only ("dicom_port ... unable to parse string as
+    an integer"), and the value given vanished (rich took pydantic's
+    "[type=..., input_value='abc']" for markup); a TOML error named no file;
+    file://srv/objects (two slashes) stored the objects under /objects,
+    creating it; a mistyped index URL scheme ended in "No module named
+    'MySQLdb'"."""
+    data = tmp_path / "data"
+    (tmp_path / "in").mkdir()
+    make_ct(tmp_path / "in" / "ct.dcm")
+    assert _pacs("import", str(tmp_path / "in"), data_dir=data).returncode == 0
+
+    port = _pacs("stats", data_dir=data, PACS_DICOM_PORT="11112x")
+    assert port.returncode == 1 and "Traceback" not in port.stderr
+    assert "PACS_DICOM_PORT" in port.stderr and "'11112x'" in port.stderr, port.stderr
+
+    config = tmp_path / "pacs.toml"
+    config.write_text("ae_allowlist = yes\n")
+    toml = _pacs("stats", "--config", str(config), data_dir=data)
+    assert toml.returncode == 1 and f"config file {config}" in toml.stderr, toml.stderr
+
+    index = _pacs("stats", "--index-url", "mysql://pacs@db/pacs", data_dir=data)
+    assert index.returncode == 1 and "--index-url, PACS_INDEX_URL" in index.stderr, index.stderr
+    assert "not an index database" in index.stderr and "MySQLdb" not in index.stderr
+
+    # file://tmp/... names the host "tmp" and the folder /pytest-of-...: never written.
+    wrong = Path("/" + str(tmp_path / "objects").removeprefix("/tmp/"))
+    assert str(wrong).count("/") > 2 and not wrong.exists()
+    try:
+        two_slashes = f"file:/{tmp_path / 'objects'}"
+        imported = _pacs("import", str(tmp_path / "in"), "--storage-url", two_slashes, data_dir=tmp_path / "other")
+        assert imported.returncode == 1 and f"file://{tmp_path / 'objects'}" in imported.stderr, imported.stderr
+        assert not wrong.exists()
+        moved = _pacs("migrate", "--to", two_slashes, data_dir=data)
+        assert moved.returncode == 2 and "three slashes" in moved.stderr, moved.stderr
+        assert not wrong.exists()
+    finally:
+        if wrong.exists():  # what the bug made at the root of the file system goes again
+            shutil.rmtree(wrong)
+            for parent in wrong.parents:
+                if parent != Path("/") and not any(parent.iterdir()):
+                    parent.rmdir()
