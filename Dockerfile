@@ -2,9 +2,17 @@
 FROM python:3.11-slim
 
 # DCMTK for operators (echoscu, storescu, findscu...); DejaVu for report PDFs;
-# tzdata so TZ (the hospital's zone, e.g. Asia/Ho_Chi_Minh) is honoured.
+# tzdata so TZ (the hospital's zone, e.g. Asia/Ho_Chi_Minh) is honoured;
+# pg_dump and pg_restore for `pacs backup` / `pacs restore` of a PostgreSQL
+# index, of the server's major version (docker-compose.yml: postgres:16) or
+# newer: pg_dump refuses a newer server, and the base image's Debian has 15.
+# They come from the PostgreSQL project's repository (apt.postgresql.org),
+# set up by Debian's postgresql-common with the key it ships.
+ARG PG_CLIENT_VERSION=16
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends dcmtk fonts-dejavu-core tzdata \
+    && apt-get install -y --no-install-recommends dcmtk fonts-dejavu-core tzdata postgresql-common \
+    && /usr/share/postgresql-common/pgdg/apt.postgresql.org.sh -y \
+    && apt-get install -y --no-install-recommends postgresql-client-${PG_CLIENT_VERSION} \
     && rm -rf /var/lib/apt/lists/*
 
 RUN useradd --system --create-home --uid 1000 pacs \

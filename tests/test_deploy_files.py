@@ -273,3 +273,20 @@ def test_image_listening_on_the_network_takes_only_registered_aes() -> None:
     assert {k[5:].lower() for k in env if k.startswith("PACS_")} <= set(Settings.model_fields)
     # How an operator registers the modalities is said where the image is built.
     assert "pacs ae add" in (ROOT / "Dockerfile").read_text()
+
+
+def test_the_image_can_back_up_the_compose_database(compose: dict[str, Any]) -> None:
+    """`docker compose exec pacs-a pacs backup --out /data/index.bak`, the
+    README's step before an upgrade, failed: the image had no pg_dump
+    ("install postgresql-client"), and the base image's Debian client (15)
+    refuses the compose file's PostgreSQL 16 server (pg_dump aborts on a
+    newer server). The image installs the client of that major version or newer."""
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    server = re.fullmatch(r"postgres:(\d+)(?:[.-].*)?", compose["services"]["postgres"]["image"])
+    assert server, compose["services"]["postgres"]["image"]
+    version = re.search(r"ARG PG_CLIENT_VERSION=(\d+)", text)
+    assert version and int(version.group(1)) >= int(server.group(1)), "pg_dump older than the compose's PostgreSQL"
+    install = next(line for line in text.splitlines() if "postgresql-client-${PG_CLIENT_VERSION}" in line)
+    # Debian's own repository stops at 15: the PostgreSQL project's is set up first, in the same layer.
+    assert install.index("apt.postgresql.org.sh") < install.index("postgresql-client-${PG_CLIENT_VERSION}")
+    assert "postgresql-common" in install.split("apt.postgresql.org.sh")[0]
