@@ -186,3 +186,20 @@ def test_wrong_settings_name_the_setting_and_the_value(tmp_path: Path) -> None:
             for parent in wrong.parents:
                 if parent != Path("/") and not any(parent.iterdir()):
                     parent.rmdir()
+
+
+def test_the_install_scripts_build_the_package_with_setuptools_after_february_2027() -> None:
+    """`bash scripts/quickstart.sh` (pip install -e) printed setuptools'
+    deprecation of ``license = { text = ... }``: "By 2027-Feb-18, you need
+    to update your project ... or your builds will no longer be supported".
+    After that day the quickstart and install-service.sh would stop on a
+    fresh machine. The license is an SPDX expression (setuptools >= 77)."""
+    import tomllib
+
+    from .peers import ROOT
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert not any(c.startswith("License ::") for c in project["project"].get("classifiers", []))
+    requires = [r for r in project["build-system"]["requires"] if r.startswith("setuptools")]
+    assert requires and int(requires[0].split(">=")[1].split(".")[0]) >= 77, requires
