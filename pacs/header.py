@@ -476,7 +476,7 @@ def parse_header(
             # No Pixel Data: pydicom deferred the large values unread, so walk
             # every element to prove the object is whole.
             _check_structure(stream, size, ts)
-            if header.rows is not None:
+            if _is_image(header):
                 # Pixel Data is type 1 in the Image Pixel module: an image
                 # without it was cut short where its pixels should start.
                 raise IngestError(Status.CANNOT_UNDERSTAND, NO_PIXEL_DATA)
@@ -485,7 +485,17 @@ def parse_header(
 
 # Cut short where its pixels start, or never given any: the dataset alone
 # cannot tell, so the message names both.
-NO_PIXEL_DATA = "truncated or invalid dataset: an image (Rows present) without Pixel Data"
+NO_PIXEL_DATA = "truncated or invalid dataset: an image (Rows, Bits Allocated) without Pixel Data"
+
+
+def _is_image(header: InstanceHeader) -> bool:
+    """Whether the object has the Image Pixel module, whose Pixel Data is
+    type 1: Rows and Bits Allocated, both type 1 there. Rows alone is not
+    enough: an MR Spectroscopy object (PS3.3 C.8.14.4) has Rows and
+    Columns, no Bits Allocated, and its data in Spectroscopy Data
+    (5600,0020); taken for an image cut short, every one was refused 0xC000."""
+    return header.rows is not None and header.bits_allocated is not None
+
 
 # Every top-level attribute _fill and _uid read.
 _SCANNED_TAGS = frozenset(keyword_dict[k] for k in (
@@ -523,7 +533,7 @@ def _parse_scanned(stream: BinaryIO, transfer_syntax: str | None) -> InstanceHea
         return None  # pydicom's path decides, and words any error
     if scanned.pixel_offset is not None:
         header.pixel_offset = offset + scanned.pixel_offset
-    elif header.rows is not None:
+    elif _is_image(header):
         raise IngestError(Status.CANNOT_UNDERSTAND, NO_PIXEL_DATA)
     reopen = stream.reopen  # type: ignore[attr-defined]
     header.dataset_loader = lambda: dcmread(reopen(), stop_before_pixels=True, defer_size=4096)
