@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import codecs
 import functools
+import io
 import logging
 import re
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -29,12 +31,14 @@ from pydicom.charset import convert_encodings
 from pydicom.datadict import dictionary_VR, keyword_dict
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import IngestError, Status
 from .header_scan import (
     MAX_NESTING,
+    PIXEL_TAGS,
     NestedTooDeep,
     ScanFailed,
     ScannedDataset,
@@ -431,6 +435,9 @@ def parse_header(
     scanned = _parse_scanned(stream, transfer_syntax)
     if scanned is not None:
         return scanned
+    deflated = _deflated_dataset_start(stream, transfer_syntax)
+    if deflated is not None:
+        return _parse_deflated(stream, deflated)
     stream.seek(0)
     try:
         ds = dcmread(stream, stop_before_pixels=True, defer_size=4096)
@@ -604,6 +611,175 @@ def _fill(h: InstanceHeader, v: _Values | _ScannedValues) -> None:
     h.content_date = index_date(v.text("ContentDate"))
     h.content_time = index_time(v.text("ContentTime"))
     h.mislabelled_utf8 = v.mislabelled
+
+
+# -- deflated data sets -------------------------------------------------------
+# Inflated bytes produced per step, and kept behind the reading position for
+# pydicom's look-backs (a rewind to an element's tag, an undefined-length
+# value's search for its delimiter).
+_INFLATE_STEP = 1 << 16
+_INFLATE_KEEP = 1 << 20
+
+
+class _Inflating(io.RawIOBase):
+    """The data set of a Deflated Explicit VR Little Endian object (PS3.5
+    A.5) inflated as it is read: seekable forward (what is skipped is
+    inflated and dropped) and back within the last :data:`_INFLATE_KEEP`
+    bytes. pydicom inflates the whole data set in memory before reading a
+    byte of it: a few megabytes of deflated zeros (a "zip bomb", or a long
+    cine) took gigabytes per object, enough for the kernel to kill the
+    server with every association on it."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self._inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        self._buffer = bytearray()
+        self._start = 0  # offset in the inflated data set of _buffer[0]
+        self._pos = 0
+        self._ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    @property
+    def complete(self) -> bool:
+        """Whether the deflate stream ended as it should (not cut short)."""
+        return self._inflater.eof
+
+    def _more(self, limit: int) -> bool:
+        """Inflate up to *limit* more bytes into the buffer; False at the end."""
+        while not self._ended and not self._inflater.eof:  # after its end: a padding byte, not data
+            data = self._inflater.unconsumed_tail
+            if not data:
+                data = self._raw.read(_INFLATE_STEP)
+                if not data:
+                    break
+            try:
+                out = self._inflater.decompress(data, limit)
+            except zlib.error as exc:
+                raise IngestError(Status.CANNOT_UNDERSTAND, f"deflated data set cannot be inflated: {exc}") from None
+            if out:
+                self._buffer += out
+                return True
+        self._ended = True
+        return False
+
+    def _drop_behind(self) -> None:
+        keep_from = max(self._start, self._pos - _INFLATE_KEEP)
+        if keep_from - self._start >= _INFLATE_KEEP:
+            del self._buffer[:keep_from - self._start]
+            self._start = keep_from
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            raise ValueError("a deflated data set is read by lengths")
+        end = self._pos + size
+        while self._start + len(self._buffer) < end:
+            if not self._more(max(_INFLATE_STEP, end - self._start - len(self._buffer))):
+                break
+        data = bytes(self._buffer[self._pos - self._start:end - self._start])
+        self._pos += len(data)
+        self._drop_behind()
+        return data
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        data = self.read(len(buffer))
+        buffer[:len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        target = offset + (self._pos if whence == io.SEEK_CUR else 0)
+        if whence == io.SEEK_END or target < self._start:
+            raise OSError("a deflated data set is not read backwards that far")
+        while self._start + len(self._buffer) < target:
+            # Skipped values (pixel data) are inflated and dropped as they come.
+            self._start += len(self._buffer)
+            self._buffer.clear()
+            if not self._more(min(_INFLATE_STEP << 4, target - self._start)):
+                raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset")
+        self._pos = target
+        self._drop_behind()
+        return target
+
+    def at_end(self) -> bool:
+        """Whether nothing is left to read."""
+        return self._start + len(self._buffer) <= self._pos and not self._more(_INFLATE_STEP)
+
+
+def _deflated_dataset_start(stream: BinaryIO, transfer_syntax: str | None) -> int | None:
+    """Where the data set of a Deflated Explicit VR Little Endian Part 10
+    object starts in *stream*, or None for another syntax (or no readable
+    File Meta: pydicom's reader words that)."""
+    if transfer_syntax is not None and transfer_syntax != DeflatedExplicitVRLittleEndian:
+        return None
+    try:
+        stream.seek(0)
+        if stream.read(132)[128:] != b"DICM":
+            return None
+        syntax = None
+        end = None  # where the File Meta group ends, by its group length
+        while True:
+            head = stream.read(8)
+            if len(head) < 8 or head[:2] != b"\x02\x00" or (end is not None and stream.tell() - 8 >= end):
+                # (Deflated bytes may begin as a group 0002 tag would: the group length decides.)
+                start = stream.tell() - len(head)
+                start = start if end is None else min(start, end)
+                break
+            if head[4:6] in _LONG_VRS:
+                length = struct.unpack("<L", stream.read(4))[0]
+            else:
+                length = struct.unpack("<H", head[6:8])[0]
+            value = stream.read(length)
+            if head[2:4] == b"\x00\x00" and length == 4 and end is None:  # (0002,0000) its group's length
+                end = stream.tell() + struct.unpack("<L", value)[0]
+            elif head[2:4] == b"\x10\x00":  # (0002,0010) Transfer Syntax UID
+                syntax = value.decode("ascii", "replace").strip(" \x00")
+    except (OSError, struct.error):
+        return None
+    return start if (transfer_syntax or syntax) == DeflatedExplicitVRLittleEndian else None
+
+
+def _at_pixels(tag: Any, vr: str | None, length: int) -> bool:
+    return int(tag) in PIXEL_TAGS
+
+
+def _parse_deflated(stream: BinaryIO, start: int) -> InstanceHeader:
+    """:func:`parse_header` of a deflated object, inflating it as it is read
+    (see :class:`_Inflating`): the header up to the pixel data with
+    pydicom, then every element after it walked to prove the object whole."""
+    stream.seek(start)
+    inflating: Any = _Inflating(stream)  # a binary stream, as pydicom and _Walker read one
+    try:
+        ds = read_dataset(inflating, is_implicit_VR=False, is_little_endian=True, stop_when=_at_pixels,
+                          defer_size=4096)
+        values = _Values(ds)
+        header = _identified(values, DeflatedExplicitVRLittleEndian)
+        _fill(header, values)
+    except IngestError:
+        raise
+    except Exception as exc:
+        raise IngestError(Status.CANNOT_UNDERSTAND, f"malformed dataset: {exc}") from exc
+    # Values above 4 KB were skipped, not kept: the index reads none of them,
+    # and a routing rule naming one reads it as empty.
+    header.dataset = ds
+    pixels = not inflating.at_end()
+    walker = _Walker(inflating, 1 << 62, explicit=True, little=True)
+    try:
+        while not inflating.at_end():
+            walker.element()
+    except struct.error:
+        raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset") from None
+    if not inflating.complete:
+        raise IngestError(Status.CANNOT_UNDERSTAND, "truncated dataset: the deflate stream is cut short")
+    if not pixels and _is_image(header):
+        raise IngestError(Status.CANNOT_UNDERSTAND, NO_PIXEL_DATA)
+    return header
 
 
 # -- completeness ------------------------------------------------------------
