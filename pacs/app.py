@@ -105,9 +105,10 @@ class Pacs:
                     forget_cert=not entry.client_cert, charset=entry.charset)
         return cls(settings, engine, store, reader, aes, committer, ingestor, AuditTrail(engine), AuthService(engine))
 
-    def ingest_file(self, path: Path, origin: Origin) -> IngestResult:
-        """Ingest one Part 10 file from disk (import, tests)."""
-        return self.ingestor.ingest(FileSource(path), origin)
+    def ingest_file(self, path: Path, origin: Origin, *, look_up_first: bool = False) -> IngestResult:
+        """Ingest one Part 10 file from disk (import, tests); *look_up_first*:
+        see :meth:`pacs.ingest.Ingestor.ingest`."""
+        return self.ingestor.ingest(FileSource(path), origin, look_up_first=look_up_first)
 
     def close(self) -> None:
         if self._closed:

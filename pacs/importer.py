@@ -142,7 +142,7 @@ def ingest_bare(pacs: Pacs, path: Path, syntax: str, offset: int, origin: Origin
     fd = os.open(path, os.O_RDONLY)
     try:
         source = FileBodySource(meta, fd, offset, os.fstat(fd).st_size - offset)
-        return pacs.ingestor.ingest(source, origin, transfer_syntax=syntax)
+        return pacs.ingestor.ingest(source, origin, transfer_syntax=syntax, look_up_first=True)
     finally:
         os.close(fd)
 
@@ -162,7 +162,7 @@ def import_paths(
         if is_part10(path):
             if is_dicomdir(path):
                 return "skipped"
-            return pacs.ingest_file(path, origin)
+            return pacs.ingest_file(path, origin, look_up_first=True)
         bare = bare_dataset_syntax(path)
         if bare is None:
             return "not_dicom"
