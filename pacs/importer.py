@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,24 +50,105 @@ class ImportSummary:
         }
 
 
-def iter_files(paths: Iterable[Path], unreadable: list[tuple[Path, OSError]] | None = None) -> Iterator[Path]:
+def iter_files(paths: Iterable[Path], unreadable: list[tuple[Path, str]] | None = None) -> Iterator[Path]:
     """Every regular file under *paths* (recursively), in a stable order.
 
-    Folders that cannot be listed are added to *unreadable* (an import that
-    silently left out a folder of a scratched CD reported success)."""
+    Folders that cannot be listed are added to *unreadable* with why (an
+    import that silently left out a folder of a scratched CD reported
+    success), and so are the files a DICOMDIR lists that are not there (a
+    copy of the CD that lost some). A DICOMDIR named in *paths* gives the
+    files it lists (after itself): `pacs import /media/cdrom/DICOMDIR`
+    stored nothing at all."""
 
     def failed(exc: OSError) -> None:
         if unreadable is not None:
-            unreadable.append((Path(exc.filename or "?"), exc))
+            unreadable.append((Path(exc.filename or "?"), f"cannot read: {exc.strerror or exc}"))
+
+    def missing_from(dicomdir: Path, lost: list[Path]) -> None:
+        if unreadable is not None:
+            unreadable.extend((path, f"listed in the DICOMDIR {dicomdir} but not found") for path in lost)
 
     for path in paths:
         if path.is_file():
             yield path
+            if _named_dicomdir(path.name):
+                files = dicomdir_files(path)
+                if files is None:
+                    # Unreadable: its folder holds the files.
+                    yield from (other for other in iter_files([path.parent], unreadable) if other != path)
+                else:
+                    missing_from(path, files[1])
+                    yield from files[0]
         elif path.is_dir():
             for dirpath, dirnames, filenames in os.walk(path, onerror=failed):
                 dirnames.sort()
                 for name in sorted(filenames):
                     yield Path(dirpath) / name
+                    if _named_dicomdir(name):
+                        # Its files are in the walk; those it lists and the
+                        # walk cannot find are said.
+                        files = dicomdir_files(Path(dirpath) / name)
+                        if files is not None:
+                            missing_from(Path(dirpath) / name, files[1])
+
+
+def _media_name(name: str) -> str:
+    """A file name as a DICOMDIR's File ID gives it: upper case (PS3.10
+    8.5), without the ``;1`` version or the trailing dot an ISO 9660 mount
+    may show (Linux shows a CD without Rock Ridge in lower case)."""
+    return name.split(";", 1)[0].rstrip(".").upper()
+
+
+def _named_dicomdir(name: str) -> bool:
+    return _media_name(name) == "DICOMDIR"
+
+
+def dicomdir_files(dicomdir: Path) -> tuple[list[Path], list[Path]] | None:
+    """(the files *dicomdir* references that are there, in its order; those
+    it lists that are not), File IDs matched to names whatever their case;
+    None when it is no readable DICOMDIR (a damaged one, or a file of
+    another kind so named)."""
+    from pydicom import dcmread
+
+    try:
+        if not is_part10(dicomdir) or not is_dicomdir(dicomdir):
+            return None
+        ds = dcmread(dicomdir)
+        records = list(ds.get("DirectoryRecordSequence", []))
+    except Exception:  # unreadable or damaged: the caller falls back on the folder
+        return None
+    listings: dict[Path, dict[str, str]] = {}
+
+    def entry(folder: Path, component: str) -> Path | None:
+        if folder not in listings:
+            try:
+                names = sorted(os.listdir(folder))
+            except OSError:
+                names = []
+            listings[folder] = {}
+            for name in names:
+                listings[folder].setdefault(_media_name(name), name)
+        if (found := listings[folder].get(_media_name(component))) is None:
+            return None
+        return folder / found
+
+    found: list[Path] = []
+    lost: list[Path] = []
+    seen: set[Path] = set()
+    for record in records:
+        file_id = record.get("ReferencedFileID")
+        if not file_id:
+            continue
+        components = [file_id] if isinstance(file_id, str) else [str(c) for c in file_id]
+        path: Path | None = dicomdir.parent
+        for component in components:
+            path = entry(path, component) if path is not None else None
+        if path is None:
+            lost.append(dicomdir.parent.joinpath(*components))
+        elif path not in seen:
+            seen.add(path)
+            found.append(path)
+    return found, lost
 
 
 def is_part10(path: Path) -> bool:
@@ -184,28 +266,44 @@ def import_paths(
         outcome = "duplicate" if result.outcome is Outcome.DUPLICATE else "stored"
         return path, outcome, result.size, "", result.header.study_uid
 
-    unreadable: list[tuple[Path, OSError]] = []
+    def count(path: Path, outcome: str, size: int, error: str, study_uid: str) -> None:
+        summary.files += 1
+        if outcome == "stored":
+            summary.stored += 1
+            summary.bytes += size
+            summary.studies[study_uid] = summary.studies.get(study_uid, 0) + 1
+        elif outcome == "duplicate":
+            summary.duplicates += 1
+        elif outcome == "not_dicom":
+            summary.not_dicom += 1
+        elif outcome == "skipped":
+            summary.skipped += 1
+        else:
+            summary.failed += 1
+            summary.errors.append({"path": str(path), "error": error})
+        if on_file:
+            on_file(path, outcome)
+
+    unreadable: list[tuple[Path, str]] = []
     # Threads overlap file reads and storage writes; the group committer
-    # turns their index rows into shared transactions.
+    # turns their index rows into shared transactions. Files are taken from
+    # the walk a few per thread ahead, not all at once (Executor.map queues
+    # the whole tree first: a future per file of a disk of millions, no
+    # progress until the walk ends, and Ctrl-C waiting for every one).
+    ahead = max(1, workers) * 4
+    queued: deque[Future[tuple[Path, str, int, str, str]]] = deque()
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for path, outcome, size, error, study_uid in pool.map(one, iter_files(paths, unreadable)):
-            summary.files += 1
-            if outcome == "stored":
-                summary.stored += 1
-                summary.bytes += size
-                summary.studies[study_uid] = summary.studies.get(study_uid, 0) + 1
-            elif outcome == "duplicate":
-                summary.duplicates += 1
-            elif outcome == "not_dicom":
-                summary.not_dicom += 1
-            elif outcome == "skipped":
-                summary.skipped += 1
-            else:
-                summary.failed += 1
-                summary.errors.append({"path": str(path), "error": error})
-            if on_file:
-                on_file(path, outcome)
-    for folder, exc in unreadable:
+        try:
+            for path in iter_files(paths, unreadable):
+                queued.append(pool.submit(one, path))
+                while len(queued) > ahead:
+                    count(*queued.popleft().result())
+            while queued:
+                count(*queued.popleft().result())
+        finally:
+            for future in queued:  # interrupted: what has not started is not started
+                future.cancel()
+    for path, error in unreadable:
         summary.failed += 1
-        summary.errors.append({"path": str(folder), "error": f"cannot read: {exc.strerror or exc}"})
+        summary.errors.append({"path": str(path), "error": error})
     return summary
