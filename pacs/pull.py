@@ -352,7 +352,11 @@ class Puller:
     def _retrieve(self, level: str, keys: dict[str, str]) -> remote.RetrieveSummary:
         if self.options.method == "get":
             return remote.get(self.pacs, self.title, level, keys)
-        return remote.move(self.pacs, self.title, level, keys)
+        # The remote may send no Pending response while it moves: the study
+        # growing here shows it is at work (see remote._wait_while).
+        study_uid = keys["StudyInstanceUID"]
+        return remote.move(self.pacs, self.title, level, keys,
+                           alive=lambda: sum(self._local_series_counts(study_uid).values()))
 
     def pull_study(self, match: Dataset) -> StudyResult:
         """Make one study complete here, or say what is missing. A study the

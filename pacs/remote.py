@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -208,18 +208,61 @@ def _summary(responses: Iterator[tuple[Any, Any]], summary: RetrieveSummary, wha
 
 
 def move(
-    pacs: Pacs, title: str, level: str, keys: dict[str, str], destination: str | None = None, model: str = "study"
+    pacs: Pacs, title: str, level: str, keys: dict[str, str], destination: str | None = None, model: str = "study",
+    *, alive: Callable[[], object] | None = None,
 ) -> RetrieveSummary:
-    """C-MOVE from the remote AE to *destination* (default: our own AE)."""
+    """C-MOVE from the remote AE to *destination* (default: our own AE).
+
+    *alive*: what shows the sub-operations progressing (the count of the
+    study's instances here): the wait for a response then lasts while it
+    changes, see :func:`_wait_while`."""
     move_class = _MODELS[model][1]
     ae = local_ae(pacs)
     ae.add_requested_context(move_class)
     assoc = associate(pacs, ae, _remote(pacs, title))
+    if alive is not None:
+        _wait_while(assoc, alive)
     try:
         responses = assoc.send_c_move(identifier(level, keys), destination or pacs.settings.ae_title, move_class)
         return _summary(responses, RetrieveSummary(0xC000), "C-MOVE")
     finally:
         assoc.release()
+
+
+def _wait_while(assoc: Any, alive: Callable[[], object]) -> None:
+    """Let *assoc* wait for its C-MOVE responses as long as *alive*'s value
+    changes from one dicom_timeout to the next.
+
+    Pending responses are optional (PS3.4 C.1.3) and some archives send
+    none: such an old PACS says nothing until its last sub-operation is
+    done. Waiting dicom_timeout for a response
+    aborted every move of a study that takes longer (a large CT) while its
+    objects were still arriving, and the study was left incomplete. The
+    association's network timeout is off for the same reason: the silence
+    is bounded here, a dead link by TCP keepalive."""
+    dimse = assoc.dimse
+    get_msg = dimse.get_msg
+    try:
+        last = alive()
+    except Exception:  # the index not answering: no sign of progress, the usual timeout
+        return
+    assoc.network_timeout = None
+
+    def wait(block: bool = False) -> Any:
+        nonlocal last
+        while True:
+            item = get_msg(block)
+            if item[1] is not None or not block or not assoc.is_established:
+                return item
+            try:
+                now = alive()
+            except Exception:
+                return item
+            if now == last:
+                return item  # nothing came for dicom_timeout: given up as before
+            last = now
+
+    dimse.get_msg = wait
 
 
 def _sop_classes(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str) -> set[str]:

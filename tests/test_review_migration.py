@@ -1,21 +1,28 @@
 """Moving a hospital in, as a reviewer did it: `pacs import` of CD copies
 (the DICOMDIR named on the command line, a CD mounted in lower case, a file
 the copy lost), of a tree too large to list before the first file is
-stored, and the same import run again after an interruption."""
+stored, and the same import run again after an interruption; `pacs remote
+pull` from an old PACS that sends no Pending C-MOVE responses."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.fileset import FileSet
 
-from .conftest import pydicom_file
+from .conftest import PacsServer, make_backend, pydicom_file
+from .dicomfiles import image_dataset
 from .fuzzing import core_on
+from .peers import PACS_COMMANDS, free_port
 from .test_cli_review import _json, pacs
 
 CD_FILES = ("CT_small.dcm", "MR_small.dcm", "SC_rgb.dcm")
@@ -132,3 +139,101 @@ def test_an_import_run_again_writes_no_object_already_stored(tmp_path: Path) -> 
     summary = _json(again)
     assert again.returncode == 0, again.stdout + again.stderr
     assert (summary["duplicates"], summary["stored"], summary["failed"]) == (len(CD_FILES), 0, 0), summary
+
+
+# -- pacs remote pull from an old PACS that says nothing while it moves ------------------
+QUIET_ROOT = "1.2.826.0.1.3680043.8.498.4243."
+QUIET_INSTANCES = 8
+# Our C-MOVE's wait for a response (dicom_timeout) in the pull below; the old
+# PACS sends an object every QUIET_GAP seconds: all of them take longer.
+QUIET_TIMEOUT = 3
+QUIET_GAP = 0.6
+
+
+def _quiet_study() -> list[Dataset]:
+    return [image_dataset(sop_uid=f"{QUIET_ROOT}1.1.{n}", StudyInstanceUID=f"{QUIET_ROOT}1",
+                          SeriesInstanceUID=f"{QUIET_ROOT}1.1", PatientID="QUIET1", PatientName="Quiet^Move",
+                          StudyDate="20240301", StudyTime="101010", SeriesNumber=1, InstanceNumber=n)
+            for n in range(1, QUIET_INSTANCES + 1)]
+
+
+@contextmanager
+def _quiet_old_pacs(ours: PacsServer, study: list[Dataset]) -> Iterator[int]:
+    """An old PACS (pynetdicom, real associations) whose C-MOVE sends no
+    Pending response, only the final one once every sub-operation is done:
+    Pending responses are optional (PS3.4 C.1.3) and some archives send
+    none. Answers C-FIND at study, series and image
+    level for *study*; yields its port."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (
+        CTImageStorage,
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelMove,
+    )
+
+    def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        query = event.identifier
+        level = query.QueryRetrieveLevel
+        seen: set[str] = set()
+        for ds in study:
+            key = {"STUDY": ds.StudyInstanceUID, "SERIES": ds.SeriesInstanceUID}.get(level, ds.SOPInstanceUID)
+            if key in seen or any(query.get(k) not in (None, "", ds.get(k)) for k in
+                                  ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")):
+                continue
+            seen.add(key)
+            answer = Dataset()
+            answer.QueryRetrieveLevel = level
+            for keyword in ("StudyInstanceUID", "StudyDate", "StudyTime", "PatientID", "SeriesInstanceUID",
+                            "SOPInstanceUID"):
+                if keyword in query:
+                    setattr(answer, keyword, ds.get(keyword, ""))
+            yield 0xFF00, answer
+
+    def on_move(event: evt.Event) -> Iterator[object]:
+        # The sub-operations first, on an association of its own, before any
+        # response: the requester hears nothing until the final one.
+        sender = AE(ae_title="QUIETPACS")
+        sender.add_requested_context(CTImageStorage)
+        assoc = sender.associate("127.0.0.1", ours.dicom_port, ae_title=ours.ae_title)
+        try:
+            for ds in study:
+                assoc.send_c_store(ds)
+                time.sleep(QUIET_GAP)
+        finally:
+            assoc.release()
+        yield "127.0.0.1", ours.dicom_port
+        yield 0  # the objects went above; the final response says success
+
+    ae = AE(ae_title="QUIETPACS")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_MOVE, on_move)])
+    try:
+        yield port
+    finally:
+        server.shutdown()
+
+
+def test_a_pull_waits_for_a_c_move_whose_objects_keep_arriving(tmp_path: Path,
+                                                               request: pytest.FixtureRequest) -> None:
+    """The old PACS moves a study without Pending responses: our C-MOVE
+    waited dicom_timeout for an answer and aborted the association while the
+    study's objects were still arriving, every study longer than that
+    (a large CT) ended `incomplete`, and the rerun's retrieves were cut the
+    same way. The wait now goes on while the study's objects keep arriving
+    here; it ends when nothing has come for dicom_timeout."""
+    ours = PacsServer(tmp_path / "data", make_backend("sqlite-fs", request)).start()
+    try:
+        study = _quiet_study()
+        with _quiet_old_pacs(ours, study) as port:
+            ours.cli("ae", "add", "QUIETPACS", "--host", "127.0.0.1", "--port", str(port))
+            env = {**ours.env, "PACS_DICOM_TIMEOUT": str(QUIET_TIMEOUT)}
+            result = PACS_COMMANDS.run(["remote", "pull", "QUIETPACS", "--json", *ours.common_args()], env,
+                                       timeout=300)
+            report = json.loads(result.stdout)
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert (report["pulled"], report["incomplete"], report["instances"]) == (1, 0, QUIET_INSTANCES), report
+    finally:
+        ours.stop()
