@@ -213,7 +213,7 @@ def cmd_import(args: argparse.Namespace) -> int:
     try:
         missing = [p for p in args.paths if not p.exists()]
         if missing:
-            err.print(f"[red]no such file or folder:[/red] {', '.join(map(str, missing))}")
+            err.print(f"[red]no such file or folder:[/red] {escape(', '.join(map(str, missing)))}")
             return 2
         with _progress(args.json) as progress:
             task = progress.add_task("importing", total=None)
@@ -234,7 +234,8 @@ def cmd_import(args: argparse.Namespace) -> int:
             f"{summary.bytes / 1e6:.1f} MB"
         )
         for e in summary.errors[:20]:
-            err.print(f"  [red]failed[/red] {e['path']}: {e['error']}")
+            # File names are the hospital's (a "[/...]" in one was taken for rich markup and the listing failed).
+            err.print(f"  [red]failed[/red] {escape(str(e['path']))}: {escape(str(e['error']))}")
     return 1 if summary.failed else 0
 
 
@@ -466,6 +467,10 @@ def _keys(args: argparse.Namespace) -> dict[str, str]:
 def cmd_remote(args: argparse.Namespace) -> int:
     from . import remote
 
+    if getattr(args, "since", None) and getattr(args, "until", None) and args.since > args.until:
+        # Queried as given, the range found nothing and the pull said "0 studies", exit 0.
+        err.print(f"[red]--since {args.since} is after --until {args.until}[/red]")
+        return 2
     pacs = _open(args)
     try:
         if args.remote_command == "echo":

@@ -237,3 +237,24 @@ def test_a_pull_waits_for_a_c_move_whose_objects_keep_arriving(tmp_path: Path,
             assert (report["pulled"], report["incomplete"], report["instances"]) == (1, 0, QUIET_INSTANCES), report
     finally:
         ours.stop()
+
+
+def test_an_import_lists_failed_files_whatever_their_names(tmp_path: Path) -> None:
+    """A failed file's name holding "[/...]" was taken for rich markup: the
+    listing of failures ended in a MarkupError (a traceback, no summary)."""
+    src = tmp_path / "disk"
+    folder = src / "[" / "b] scan"  # the path reads ".../[/b] scan/...": a closing tag nothing opened
+    folder.mkdir(parents=True)
+    whole = pydicom_file("CT_small.dcm").read_bytes()
+    (folder / "[red]1.dcm").write_bytes(whole[: len(whole) // 2])  # cut short: fails
+    result = pacs("import", str(src), data_dir=tmp_path / "data")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert "[/b] scan/[red]1.dcm" in result.stderr, result.stderr
+
+
+def test_a_pull_with_its_dates_reversed_is_refused(tmp_path: Path) -> None:
+    """--since after --until queried the reversed range, found nothing and
+    said "0 studies", exit 0: a night of migration that did nothing."""
+    assert pacs("db", "upgrade", data_dir=tmp_path / "d").returncode == 0
+    result = pacs("remote", "pull", "OLDPACS", "--since", "20260101", "--until", "20250101", data_dir=tmp_path / "d")
+    assert result.returncode == 2 and "--since 2026-01-01 is after --until 2025-01-01" in result.stderr, result.stderr
