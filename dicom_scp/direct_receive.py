@@ -78,6 +78,8 @@ class ReceivedStore:
     priority: int
     context_id: int = 0
     dataset: ReceivedData = field(default_factory=lambda: ReceivedData(None))
+    # (0000,1030): the AE that asked for the C-MOVE this C-STORE is a sub-operation of.
+    move_originator: str = ""
 
 
 # (association, request, transfer syntax UID) -> (status, error comment)
@@ -124,7 +126,8 @@ def parse_direct_store(command: bytes) -> ReceivedStore | None:
     values = _store_values(command)
     if values is None or not (_conformant(values[0x0002]) and _conformant(values[0x1000])):
         return None
-    return ReceivedStore(values[0x0002], values[0x1000], values[0x0110], values[0x0700])
+    return ReceivedStore(values[0x0002], values[0x1000], values[0x0110], values[0x0700],
+                         move_originator=values.get(0x1030, ""))
 
 
 def parse_store_request(command: bytes) -> C_STORE | None:

@@ -194,13 +194,14 @@ def audit_refusal_counts(pacs: Pacs) -> Any:
     return ended
 
 
-def origin_of(assoc: Any, source: str = "dimse") -> Origin:
+def origin_of(assoc: Any, source: str = "dimse", *, routed: bool = True) -> Origin:
     """Where an association's objects come from."""
     requestor = assoc.requestor
-    return Origin(source=source, calling_ae=requestor.ae_title.strip(), remote_host=str(requestor.address))
+    return Origin(source=source, calling_ae=requestor.ae_title.strip(), remote_host=str(requestor.address),
+                  routed=routed)
 
 
-def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
+def make_store_handler(pacs: Pacs, source: str = "dimse", *, retrieving: bool = False) -> Any:
     """The C-STORE handler: received bytes go to the core's ingest, untouched.
 
     Its ``direct`` attribute is the same handler without pynetdicom's event
@@ -208,8 +209,13 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
 
     from .permissions import refusal
 
-    def store(assoc: Any, sop_class: str, sop_uid: str, dataset: Any, transfer_syntax: str) -> tuple[int, str]:
+    def store(assoc: Any, sop_class: str, sop_uid: str, dataset: Any, transfer_syntax: str,
+              move_originator: str = "") -> tuple[int, str]:
         requestor = assoc.requestor
+        # Fetched by this archive itself: the objects of its own C-GET
+        # (*retrieving*), or sub-operations of a C-MOVE it asked for (their
+        # Move Originator is our AE title).
+        ours = retrieving or (bool(move_originator) and move_originator.strip() == pacs.settings.ae_title)
         try:
             if (comment := refusal(pacs, assoc, "store")) is not None:
                 return Status.NOT_AUTHORIZED, comment  # audited by refusal()
@@ -226,7 +232,7 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
                             "of %s dropped (PS3.10 7.1)", peer_text(requestor.ae_title, 16), stray, peer_text(sop_uid))
             result = pacs.ingestor.ingest(
                 received,
-                origin_of(assoc, source),
+                origin_of(assoc, source, routed=not ours or pacs.settings.route_retrieved),
                 transfer_syntax=transfer_syntax,
                 expected_sop_class=sop_class,
                 expected_sop_uid=sop_uid,
@@ -272,11 +278,13 @@ def make_store_handler(pacs: Pacs, source: str = "dimse") -> Any:
                         event.assoc.requestor.ae_title, refused, event.context.context_id)
             return status_dataset(Status.SOP_CLASS_NOT_SUPPORTED, OFF_CONTEXT_COMMENT)
         status, comment = store(event.assoc, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID,
-                                request.DataSet, event.context.transfer_syntax)
+                                request.DataSet, event.context.transfer_syntax,
+                                str(request.MoveOriginatorApplicationEntityTitle or ""))
         return status_dataset(status, comment) if comment else status
 
     def direct(assoc: Any, request: Any, transfer_syntax: str) -> tuple[int, str]:
-        status, comment = store(assoc, request.sop_class, request.sop_uid, request.dataset, transfer_syntax)
+        status, comment = store(assoc, request.sop_class, request.sop_uid, request.dataset, transfer_syntax,
+                                request.move_originator)
         return status, error_comment(comment)
 
     handle_store.direct = direct  # type: ignore[attr-defined]

@@ -218,7 +218,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         with _progress(args.json) as progress:
             task = progress.add_task("importing", total=None)
             summary = import_paths(
-                pacs, args.paths, workers=args.workers, on_file=lambda _p, _o: progress.advance(task)
+                pacs, args.paths, workers=args.workers, on_file=lambda _p, _o: progress.advance(task), routed=args.route
             )
         _audit_import(pacs, args.paths, summary)
     finally:
@@ -977,6 +977,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, json_flag=True)
     p.add_argument("paths", nargs="+", type=Path)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--route", action="store_true",
+                   help="the routing rules apply to the imported objects (off: old data brought in is not "
+                        "sent to the destinations of new examinations)")
     p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("stats", help="counts of patients, studies, series, instances, bytes")

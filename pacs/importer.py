@@ -235,10 +235,13 @@ def import_paths(
     *,
     workers: int = 4,
     on_file: Callable[[Path, str], None] | None = None,
+    routed: bool = False,
 ) -> ImportSummary:
-    """Ingest every DICOM file under *paths*; skip others with a count."""
+    """Ingest every DICOM file under *paths*; skip others with a count.
+    *routed*: the routing rules apply to them (``pacs import --route``); an
+    import is old data, not an examination arriving (see Origin.routed)."""
     summary = ImportSummary()
-    origin = Origin(source="import", calling_ae="", remote_host="localhost")
+    origin = Origin(source="import", calling_ae="", remote_host="localhost", routed=routed)
 
     def ingest(path: Path) -> IngestResult | str:
         if is_part10(path):

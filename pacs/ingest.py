@@ -63,6 +63,11 @@ class Origin:
     calling_ae: str = ""
     remote_host: str = ""
     user: str = ""
+    # False: the routing rules do not apply. An object this archive fetched
+    # itself (its own C-MOVE or C-GET: pacs remote pull, a migration) or an
+    # import is old data coming in, not an examination arriving: routed, a
+    # rule such as "chest CT to the AI server" sent it years of priors.
+    routed: bool = True
 
 
 @dataclass(frozen=True)
@@ -434,6 +439,8 @@ class Ingestor:
         return not present
 
     def _plan_routes(self, header: InstanceHeader, origin: Origin, key: str) -> list[Any]:
+        if not origin.routed:
+            return []
         try:
             return (
                 self.routes.plan(header.full_dataset, origin.calling_ae, header.sop_class_uid, header.modality)

@@ -325,7 +325,7 @@ def get(pacs: Pacs, title: str, level: str, keys: dict[str, str], model: str = "
     for sop_class, syntaxes in get_contexts(sop_classes):
         ae.add_requested_context(sop_class, syntaxes)
         roles.setdefault(sop_class, build_role(sop_class, scp_role=True))
-    store = make_store_handler(pacs, source="c-get")
+    store = make_store_handler(pacs, source="c-get", retrieving=True)
     stored = {"n": 0}
 
     def on_store(event: Any) -> Any:

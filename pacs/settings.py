@@ -266,6 +266,10 @@ class Settings(BaseSettings):
     # objects received this long after at the latest. 0 reads them per object.
     route_rules_refresh_seconds: float = Field(default=2.0, ge=0)
     route_concurrency: int = 4
+    # Objects this archive fetched itself (its C-MOVE or C-GET of an old PACS:
+    # pacs remote pull / get) take the routing rules too; off, a migration
+    # does not send years of priors to the destinations of new examinations.
+    route_retrieved: bool = False
     # Seconds a node's claim on the routing jobs it sends lasts without being
     # renewed (it is renewed while they are sent): how long the jobs of a node
     # that died wait before another node of the cluster takes them over.

@@ -128,7 +128,7 @@ def test_the_file_preamble_does_not_leave_in_deidentified_exports_and_routes(pee
     ds.preamble = PREAMBLE
     ds.save_as(path, enforce_file_format=True)
     assert NAME.encode() in path.read_bytes()
-    server.cli("import", str(cd))
+    server.cli("import", "--route", str(cd))  # routed: a CD the patient brought for this visit
 
     _export(server, study, "--out", str(tmp / "pre-export"), "--deidentify")
     (exported,) = (tmp / "pre-export").rglob("*.dcm")

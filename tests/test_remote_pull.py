@@ -15,7 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 
 from .conftest import PacsServer, make_backend
-from .dicomfiles import image_dataset
+from .dicomfiles import image_dataset, make_ct
 from .peers import dataset_bytes, dcmtk, free_port, orthanc_old_pacs, run_dcmtk, wait_port
 
 ROOT = "1.2.826.0.1.3680043.8.498.4242."
@@ -267,3 +267,37 @@ def test_counts_an_old_pacs_sends_are_read_or_ignored() -> None:
     from pacs.pull import _count
 
     assert [_count(v) for v in ("5", " 7 ", "1\\2", "abc", "", None)] == [5, 7, 1, None, None, None]
+
+
+def _jobs(server: PacsServer) -> list[dict]:
+    return list(json.loads(server.cli("route", "list", "--json", "--limit", "100000").stdout)["jobs"])
+
+
+def test_what_a_pull_or_an_import_brings_in_is_not_routed(tmp_path: Path, ours: PacsServer, legacy: Legacy) -> None:
+    """A migration is old data coming in, not examinations arriving: pulled
+    (C-MOVE sub-operations whose Move Originator is our AE, or our own
+    C-GET) or imported, it took the routing rules, and a rule such as "every
+    CT to the AI server" sent it years of priors. A modality's objects still
+    take them; `pacs import --route` asks for them (a CD for this visit)."""
+    ours.cli("ae", "add", "AI_NODE", "--host", "127.0.0.1", "--port", str(free_port()))
+    ours.cli("route", "add", "everything", "--if", "SOPClassUID~*", "--to-ae", "AI_NODE")
+    code, report = _pull(ours, "--patient", "079201000001")
+    assert code == 0 and report["pulled"] >= 1, report
+    code, report = _pull(ours, "--method", "get")
+    assert code == 0 and report["pulled"] >= 1, report
+    assert _jobs(ours) == []
+
+    (tmp_path / "cd").mkdir()
+    cd = _instance(("9", "20260101", "080000", "079201000009", "Lê^Văn Chín", (1, 1)), 1, 1)
+    cd.save_as(tmp_path / "cd" / "a.dcm", enforce_file_format=True)
+    ours.cli("import", str(tmp_path / "cd"))
+    assert _jobs(ours) == []
+    cd.SOPInstanceUID = f"{ROOT}9.1.2"
+    cd.save_as(tmp_path / "cd" / "b.dcm", enforce_file_format=True)
+    ours.cli("import", "--route", str(tmp_path / "cd" / "b.dcm"))
+    assert [j["sop_uid"] for j in _jobs(ours)] == [f"{ROOT}9.1.2"]
+
+    ct = make_ct(tmp_path / "ct.dcm")  # a modality's examination
+    sent = ours.storescu(str(ct))
+    assert sent.returncode == 0, sent.stderr
+    assert len(_jobs(ours)) == 2
