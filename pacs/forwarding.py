@@ -314,6 +314,8 @@ class _NotAccepted(Exception):
     """The destination accepted no presentation context for the SOP class."""
 
 
+# Seconds at most the jobs of a destination that cannot be reached wait before it is tried again.
+UNREACHABLE_WAIT = 60.0
 # A batch being sent renews its claim this many times per lease (route_lease_seconds).
 RENEWALS_PER_LEASE = 5
 # Seconds between looks at the stop flag while waiting for a response.
@@ -374,8 +376,9 @@ class Forwarder(Periodic):
         # always left for the healthy ones.
         self._suspect: set[str] = set()
         # Destinations not reached (no connection, no association), with
-        # the rounds in a row they were not: their jobs wait longer each time.
-        self._down: dict[str, int] = {}
+        # when they were first found so: their jobs wait longer the longer
+        # they are down (see _unreachable).
+        self._down: dict[str, float] = {}
         # This round's failures per destination: (new state, error, the peer's fault).
         self._failures: dict[str, list[tuple[str, str, bool]]] = {}
         self._lock = threading.Lock()
@@ -519,12 +522,17 @@ class Forwarder(Periodic):
         self._failures.setdefault(destination, []).append((states[0] if states else "pending", error, peer))
 
     def _unreachable(self, destination: str, jobs: list[Job], error: str) -> None:
-        """The destination could not be reached: its jobs wait (backing off
-        as a failed try would, up to 10 minutes), no try counted (see
-        :func:`routing.postpone`); the round still counts as failed."""
+        """The destination could not be reached: its jobs wait, no try
+        counted (see :func:`routing.postpone`); the round still counts as
+        failed. The wait is half the time it has been down, at most
+        UNREACHABLE_WAIT: a link back up is used within a minute. (Doubled
+        per failed round, every new object of a study being received made
+        one: after a dozen, the whole queue waited 10 minutes for a link
+        that had come back.)"""
+        now = time.monotonic()
         with self._lock:
-            rounds = self._down[destination] = self._down.get(destination, 0) + 1
-        after = min(600.0, self.pacs.settings.route_retry_seconds * 2 ** min(rounds, 10))
+            since = self._down.setdefault(destination, now)
+        after = min(UNREACHABLE_WAIT, max(self.pacs.settings.route_retry_seconds, (now - since) / 2))
         pks = [job.pk for job in jobs]
         self._record(lambda: routing.postpone(self.pacs.engine, destination, pks, self.node, error, after))
         self._failures.setdefault(destination, []).extend(("pending", error, True) for _ in jobs)

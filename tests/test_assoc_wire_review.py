@@ -601,14 +601,16 @@ def _route_job(server: PacsServer, rule: str) -> dict[str, Any] | None:
 
 
 def first_routing_try(server: PacsServer, rule: str, title: str, patient: str) -> dict[str, Any]:
-    """The job of a new rule *rule* routing *patient*'s CT to *title*, once tried."""
+    """The job of a new rule *rule* routing *patient*'s CT to *title*, once
+    tried: its error recorded (a destination that takes no association
+    counts no try, see pacs.routing.postpone)."""
     server.cli("route", "add", rule, "--if", f"PatientID={patient}", "--to-ae", title)
     store_ct(server, patient)
     job: dict[str, Any] = {}
 
     def tried() -> bool:
         job.update(_route_job(server, rule) or {})
-        return bool(job.get("attempts"))
+        return bool(job.get("last_error"))
 
     assert wait_until(tried, timeout=20, interval=0.2), job
     return job
