@@ -49,6 +49,7 @@ from .header_scan import (
     uses_code_extensions,
 )
 from .names import fold_name, name_reading, name_words
+from .part10 import PositionedReader
 
 log = logging.getLogger(__name__)
 
@@ -621,7 +622,7 @@ _INFLATE_STEP = 1 << 16
 _INFLATE_KEEP = 1 << 20
 
 
-class _Inflating(io.RawIOBase):
+class _Inflating(PositionedReader):
     """The data set of a Deflated Explicit VR Little Endian object (PS3.5
     A.5) inflated as it is read: seekable forward (what is skipped is
     inflated and dropped) and back within the last :data:`_INFLATE_KEEP`
@@ -637,15 +638,6 @@ class _Inflating(io.RawIOBase):
         self._start = 0  # offset in the inflated data set of _buffer[0]
         self._pos = 0
         self._ended = False
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
 
     @property
     def complete(self) -> bool:

@@ -50,10 +50,9 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     return PREAMBLE + _element(0x0000, b"UL", struct.pack("<L", len(body))) + body
 
 
-class _Seekable(io.RawIOBase):
-    """A read-only stream of *size* bytes that keeps its own position."""
+class PositionedReader(io.RawIOBase):
+    """A read-only, seekable stream that keeps its own position (``_pos``)."""
 
-    size = 0
     _pos = 0
 
     def readable(self) -> bool:
@@ -64,6 +63,12 @@ class _Seekable(io.RawIOBase):
 
     def tell(self) -> int:
         return self._pos
+
+
+class _Seekable(PositionedReader):
+    """A read-only stream of *size* bytes that keeps its own position."""
+
+    size = 0
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}[whence]

@@ -16,6 +16,7 @@ import psycopg
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_file_meta_info
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config, evt
 from pynetdicom.sop_class import (
@@ -39,8 +40,9 @@ from .peers import PG_ADMIN, create_database, drop_database, start_s3, wait_unti
 
 
 def scu_store_file(server: PacsServer, path: Path, calling: str = "PYSCU") -> int:
-    """Send a Part 10 file's dataset bytes exactly as they are (no re-encoding)."""
-    meta = dcmread(path, stop_before_pixels=True).file_meta
+    """Send a Part 10 file's dataset bytes exactly as they are (no
+    re-encoding; the File Meta alone is read, so a cut object goes as cut)."""
+    meta = read_file_meta_info(path)
     ae = AE(ae_title=calling)
     ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
     old = _config.STORE_SEND_CHUNKED_DATASET

@@ -16,11 +16,11 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from viewer_api.multipart import build_multipart_related
 
 from .conftest import Backend, PacsServer
 from .dicomfiles import H264, as_h264_clip
 from .test_dicomweb_more import _parts
+from .test_ui_review import _stow
 
 ROOT = "1.2.826.0.1.3680043.8.498.78"
 
@@ -79,15 +79,7 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     server.start()
     study = generate_uid(prefix=ROOT + ".1.")
     objects = {"odd": _odd_values(generate_uid(prefix=ROOT + ".1.")), "image": _image(study), "video": _video(study)}
-    parts = []
-    for ds in objects.values():
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        parts.append(("application/dicom", out.getvalue()))
-    body, content_type = build_multipart_related(parts)
-    with server.http() as http:
-        stored = http.post("/dicom-web/studies", content=body, headers={"Content-Type": content_type})
-        assert stored.status_code == 200, stored.text
+    _stow(server, list(objects.values()))
     server.objects = objects  # type: ignore[attr-defined]
     yield server
     server.stop()

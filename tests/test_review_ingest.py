@@ -25,12 +25,12 @@ import httpx
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_file_meta_info
 from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
-from pynetdicom import AE, _config
 
 from .conftest import Backend, PacsServer, dataset_bytes
+from .test_dimse_failures import scu_store_file
+from .test_multiframe_review import _peak, _reset_peak
 
 MR_SPECTROSCOPY = "1.2.840.10008.5.1.4.1.1.4.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -53,25 +53,6 @@ def _stow(server: PacsServer, data: bytes) -> httpx.Response:
         return client.post("/dicom-web/studies", content=body, timeout=300, headers={
             "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
             "Accept": "application/dicom+json"})
-
-
-def scu_store_file(server: PacsServer, path: Path) -> int:
-    """C-STORE a Part 10 file's data set bytes exactly as they are (no
-    re-encoding; the File Meta alone is read, so a cut object goes as cut)."""
-    meta = read_file_meta_info(path)
-    ae = AE(ae_title="PYSCU")
-    ae.add_requested_context(meta.MediaStorageSOPClassUID, meta.TransferSyntaxUID)
-    old = _config.STORE_SEND_CHUNKED_DATASET
-    _config.STORE_SEND_CHUNKED_DATASET = True
-    try:
-        assoc = ae.associate("127.0.0.1", server.dicom_port, ae_title=server.ae_title)
-        assert assoc.is_established
-        status = assoc.send_c_store(path)
-        assoc.release()
-    finally:
-        _config.STORE_SEND_CHUNKED_DATASET = old
-    assert status is not None and "Status" in status, "no C-STORE response"
-    return int(status.Status)
 
 
 def _stored(server: PacsServer, sop_uid: str) -> bytes:
@@ -191,23 +172,6 @@ def _deflated(path: Path, pixel_bytes: int) -> Dataset:
     # An odd-length deflated data set is padded with one byte (PS3.5 A.5).
     path.write_bytes(out.getvalue() + body + (b"\0" if len(body) % 2 else b""))
     return ds
-
-
-def _status_kb(pid: int, field: str) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":")))
-
-
-def _reset_peak(server: PacsServer) -> int:
-    """Reset the server's peak RSS (VmHWM) to its current RSS; that RSS in bytes."""
-    assert server.proc is not None
-    Path(f"/proc/{server.proc.pid}/clear_refs").write_text("5")
-    return _status_kb(server.proc.pid, "VmRSS") * 1024
-
-
-def _peak(server: PacsServer) -> int:
-    assert server.proc is not None
-    return _status_kb(server.proc.pid, "VmHWM") * 1024
 
 
 def test_deflated_object_read_in_bounded_memory(archive: PacsServer, tmp_path: Path) -> None:

@@ -16,10 +16,10 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from viewer_api.multipart import build_multipart_related
 
 from .conftest import Backend, PacsServer
 from .dicomfiles import as_h264_clip
+from .test_ui_review import _stow
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -84,15 +84,7 @@ def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     cts = {name: _ct(*values) for name, values in WINDOWS.items()}
     study, series = generate_uid(), generate_uid()
     ultrasound = [_still(study, series, 1), _clip(study, series, 2), _still(study, series, 3)]
-    parts = []
-    for ds in [*cts.values(), *ultrasound]:
-        out = io.BytesIO()
-        ds.save_as(out, enforce_file_format=True)
-        parts.append(("application/dicom", out.getvalue()))
-    body, content_type = build_multipart_related(parts)
-    with server.http() as http:
-        stored = http.post("/dicom-web/studies", content=body, headers={"Content-Type": content_type})
-        assert stored.status_code == 200, stored.text
+    _stow(server, [*cts.values(), *ultrasound])
     server.cts, server.ultrasound = cts, ultrasound  # type: ignore[attr-defined]
     yield server
     server.stop()
