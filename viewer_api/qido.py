@@ -138,7 +138,8 @@ def parse_query(request: Request, level: Level, fixed: dict[str, str], upper: tu
         # results". Taken as no limit: the server's maximum applies, with
         # its Warning when the answer is cut.
         limit = None
-    query = Query(level, match, returns, limit=limit, offset=offset, fuzzy=fuzzy, newest_first=True)
+    query = Query(level, match, returns, limit=limit, offset=offset, fuzzy=fuzzy, newest_first=True,
+                  combined_datetime=True)
     query.validate()
     if query.ignored:
         log.info("QIDO-RS %s search: not used for matching: %s", level.value, ", ".join(query.ignored))

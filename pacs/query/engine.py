@@ -27,7 +27,16 @@ from .attributes import (
     series,
     studies,
 )
-from .matching import QueryError, check_characters, condition, name_word_lookup, qualifying_issuer, universal
+from .matching import (
+    QueryError,
+    check_characters,
+    combined_pairs,
+    condition,
+    datetime_range_match,
+    name_word_lookup,
+    qualifying_issuer,
+    universal,
+)
 
 identifiers = PatientIdentifier.__table__
 
@@ -60,6 +69,10 @@ class Query:
     # (PS3.4 C.4.2.2.1), so one patient's insurance number that happens to be
     # another's Patient ID never exports the wrong patient.
     other_ids: bool = True
+    # A DA and a TM range of the same form (StudyDate with StudyTime...) are
+    # one date-time range: QIDO-RS always (PS3.18 8.3.4.1.1); C-FIND only
+    # with the extended negotiation we do not offer (PS3.4 C.2.2.2.5.4).
+    combined_datetime: bool = False
 
     @property
     def ignored(self) -> list[str]:
@@ -171,11 +184,15 @@ def build_select(query: Query, conn: Connection | None = None) -> tuple[Select[A
     issuer = qualifying_issuer(query.match)
     candidates: list[bool] = []
     lookup = _noting(name_word_lookup(conn), candidates) if conn is not None and query.fuzzy else None
+    pairs = combined_pairs(query.match) if query.combined_datetime else []
+    paired = {k for pair in pairs for k in pair}
     conditions = [
         condition(ATTRIBUTES[k], v, fuzzy=query.fuzzy, other_ids=query.other_ids, issuer=issuer, word_lookup=lookup)
         for k, v in query.match.items()
-        if v and not universal(v) and matchable(k) and not (issuer and k == "IssuerOfPatientID")
+        if v and not universal(v) and matchable(k) and not (issuer and k == "IssuerOfPatientID") and k not in paired
     ]
+    conditions += [datetime_range_match(ATTRIBUTES[d].column, ATTRIBUTES[t].column, query.match[d], query.match[t])
+                   for d, t in pairs]
     walk = (query.newest_first and level is not Level.PATIENT and conn is not None and conn.dialect.name == "sqlite"
             and not any(candidates) and not _names_patients(query.match))
     stmt = stmt.select_from(_from(level, walk_dates=walk))
@@ -304,7 +321,8 @@ def _emit(engine: Engine, rows: Any, keywords: list[str], want: _Wanted) -> Iter
 
 def count_query(engine: Engine, query: Query) -> int:
     """How many matches *query* has (without fetching them)."""
-    counted = Query(query.level, query.match, fuzzy=query.fuzzy, other_ids=query.other_ids)
+    counted = Query(query.level, query.match, fuzzy=query.fuzzy, other_ids=query.other_ids,
+                    combined_datetime=query.combined_datetime)
     with engine.connect() as conn:
         stmt, _ = build_select(counted, conn)
         return int(conn.execute(select(func.count()).select_from(stmt.subquery())).scalar_one())

@@ -150,6 +150,55 @@ def range_match(column: Any, value: str, *, is_time: bool = False) -> ColumnElem
     return and_(*conditions)
 
 
+# The DA/TM pairs a QIDO-RS search matches as one date-time (PS3.18 8.3.4.1.1).
+DATE_TIME_PAIRS = (("StudyDate", "StudyTime"), ("SeriesDate", "SeriesTime"), ("ContentDate", "ContentTime"))
+
+
+def _range_bounds(value: str) -> tuple[str, str] | None:
+    """(low, high) of a DA/TM range value, "" for an open end; None for a
+    single value or universal matching."""
+    value = value.strip()
+    if "-" not in value or has_wildcard(value):
+        return None
+    low, high = (v.strip() for v in value.split("-", 1))
+    return (low, high) if low or high else None
+
+
+def combined_pairs(match: Mapping[str, str]) -> list[tuple[str, str]]:
+    """The (date, time) keys of *match* to be matched as one date-time range:
+    both ranges of the same form (PS3.4 C.2.2.2.5.4: "<date1>-<date2>" with
+    "<time1>-<time2>", "-<date>" with "-<time>", "<date>-" with "<time>-")."""
+    pairs = []
+    for date_key, tm_key in DATE_TIME_PAIRS:
+        dates, times = _range_bounds(match.get(date_key) or ""), _range_bounds(match.get(tm_key) or "")
+        if dates and times and (bool(dates[0]), bool(dates[1])) == (bool(times[0]), bool(times[1])):
+            pairs.append((date_key, tm_key))
+    return pairs
+
+
+def datetime_range_match(date_column: Any, time_column: Any, dates: str, times: str) -> ColumnElement[bool]:
+    """Combined date-time range matching (PS3.4 C.2.2.2.5.4): the range
+    values of a DA and a TM key, concatenated, as one DT range. StudyDate
+    "20250101-20250102" with StudyTime "1800-0800" is the night from 18:00
+    to 08:00 (matched apart, the times cross midnight and match nothing),
+    "20250101-20250103" with "1000-1800" takes in the 2nd at 20:00.
+
+    A day strictly inside the range matches whatever its time; on a bound's
+    own day the time decides, and an empty time is unknown, no match (as a
+    range never matches an empty value, see :func:`_not_empty`)."""
+    date_low, date_high = _range_bounds(dates) or ("", "")
+    time_low, time_high = _range_bounds(times) or ("", "")
+    timed = _not_empty(time_column)
+    conditions = [_not_empty(date_column)]
+    if date_low:
+        conditions.append(or_(date_column > date_low, and_(
+            date_column == date_low, timed, time_key(time_column) >= time_bound(time_low, high=False))))
+    if date_high:
+        conditions.append(or_(date_column < date_high, and_(
+            date_column == date_high, timed, time_key(time_column) <= time_bound(time_high, high=True))))
+    return and_(*conditions)
+
+
 def _one_group(column: Any, value: str, index_column: Any, whole: ColumnElement[bool]) -> ColumnElement[bool]:
     """*value* (folded, without "=") matches one component group of the
     stored name in *column* (groups joined by "="), or *whole* holds.
@@ -445,8 +494,11 @@ def condition(attribute: Attribute, value: str, *, fuzzy: bool = False, other_id
 
 __all__ = [
     "QueryError",
+    "DATE_TIME_PAIRS",
     "check_range",
+    "combined_pairs",
     "condition",
+    "datetime_range_match",
     "is_date",
     "is_time",
     "like_literal",
