@@ -5,7 +5,10 @@ PostgreSQL:
    ContentDate/Time) of the same form as one date-time range (PS3.18
    8.3.4.1.1, PS3.4 C.2.2.2.5.4): "20250101-20250102" with "1800-0800" is
    the night shift, which matched apart found nothing. C-FIND, which offers
-   no extended negotiation of combined date-time matching, matches them apart.
+   no extended negotiation of combined date-time matching, matches them apart;
+2. QIDO-RS returns the attributes it matched on (PS3.18 10.6.3.3: "all other
+   ... Attributes passed as match ... parameters"), as C-FIND returns every
+   key of its identifier.
 
 One real `pacs serve` per database, objects sent with DCMTK storescu, C-FIND
 with findscu, QIDO-RS over HTTP.
@@ -151,3 +154,35 @@ def test_cfind_matches_date_and_time_apart(server: PacsServer, tmp_path: Path) -
     # QIDO-RS: from the 1st at 08:30 to the 3rd at 20:00.
     assert qido_accessions(server, "/studies", **keys) == {"NOON1", "EVE1", "LATE1", "EARLY2", "EIGHT2", "NINE2",
                                                            "DAY3"}
+
+
+# -- 2. the keys matched on are returned ----------------------------------------------------------
+@pytest.mark.parametrize(
+    ("path", "level", "key", "tag", "value"),
+    [
+        ("/studies", "STUDY", "InstitutionName", "00080080", "Bệnh viện Shift"),
+        ("/studies", "STUDY", "IssuerOfPatientID", "00100021", "HOSP_A"),
+        ("/series", "SERIES", "StationName", "00081010", "STATION3"),
+        ("/instances", "IMAGE", "ContentTime", "00080033", "030000.25"),
+    ],
+)
+def test_qido_returns_the_keys_it_matched_on(server: PacsServer, tmp_path: Path, path: str, level: str, key: str,
+                                             tag: str, value: str) -> None:
+    """They were left out (InstitutionName=X answered studies without an
+    Institution Name): a client checking its answers found none matching."""
+    keys = {key: value, "AccessionNumber": "EARLY2"}
+    found, _ = qido(server, path, **keys)
+    assert len(found) == 1
+    assert found[0][tag]["Value"] in ([value], [{"Alphabetic": value}]), found[0].get(tag)
+    # C-FIND returns the key of its identifier with the same value.
+    if level == "IMAGE":
+        keys.update(SeriesInstanceUID="", SOPInstanceUID="")
+    answers = findscu(server, tmp_path, level, {"SpecificCharacterSet": "ISO_IR 192", "StudyInstanceUID": "",
+                                                "SeriesInstanceUID": "", **keys})
+    assert [str(a.get(key)) for a in answers] == [value]
+
+
+def test_qido_match_key_of_a_lower_level_still_refused(server: PacsServer) -> None:
+    with server.http() as http:
+        answer = http.get("/dicom-web/studies", params={"StationName": "STATION3"})
+    assert answer.status_code == 400

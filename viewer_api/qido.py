@@ -125,7 +125,11 @@ def parse_query(request: Request, level: Level, fixed: dict[str, str], upper: tu
         elif name not in _CONTROL:
             matching.append((name, value))
     match = _matching(matching, fixed)
-    returns = _return_keys(level, includes, upper)
+    # The keys matched on are returned too (PS3.18 10.6.3.3: "all other ...
+    # Attributes passed as match or includefield parameters"), as C-FIND
+    # returns every key of its identifier: InstitutionName=X answered
+    # studies without their Institution Name.
+    returns = _return_keys(level, includes + [k for k in match if k not in fixed], upper)
     try:
         limit = int(params["limit"]) if "limit" in params else None
         offset = int(params.get("offset", 0))
