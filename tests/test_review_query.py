@@ -8,7 +8,10 @@ PostgreSQL:
    no extended negotiation of combined date-time matching, matches them apart;
 2. QIDO-RS returns the attributes it matched on (PS3.18 10.6.3.3: "all other
    ... Attributes passed as match ... parameters"), as C-FIND returns every
-   key of its identifier.
+   key of its identifier;
+3. the emptyvaluematching and multiplevaluematching parameters every origin
+   server takes (PS3.18 Table 8.3.4-1) are answered, with a Warning when
+   asked for, not refused 400.
 
 One real `pacs serve` per database, objects sent with DCMTK storescu, C-FIND
 with findscu, QIDO-RS over HTTP.
@@ -186,3 +189,15 @@ def test_qido_match_key_of_a_lower_level_still_refused(server: PacsServer) -> No
     with server.http() as http:
         answer = http.get("/dicom-web/studies", params={"StationName": "STATION3"})
     assert answer.status_code == 400
+
+
+# -- 3. emptyvaluematching, multiplevaluematching -----------------------------------------------
+@pytest.mark.parametrize("name", ["emptyvaluematching", "multiplevaluematching"])
+def test_qido_takes_the_matching_parameters_of_ps3_18(server: PacsServer, name: str) -> None:
+    """They were refused: "emptyvaluematching is not a DICOM attribute" (400)."""
+    assert qido_accessions(server, "/studies", AccessionNumber="EVE1", **{name: "false"}) == {"EVE1"}
+    _, warning = qido(server, "/studies", AccessionNumber="EVE1", **{name: "false"})
+    assert name not in warning
+    found, warning = qido(server, "/studies", AccessionNumber="EVE1", includefield="AccessionNumber", **{name: "true"})
+    assert [m["00080050"]["Value"] for m in found] == [["EVE1"]]
+    assert f"The {name} parameter is not supported" in warning

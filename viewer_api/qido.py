@@ -28,7 +28,14 @@ from .urls import base_url
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/dicom-web", tags=["QIDO-RS"])
-_CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "accept", "charset"}
+# Empty Value Matching and Multiple Value Matching (PS3.18 8.3.4.5-6) are
+# parameters every origin server takes (Table 8.3.4-1); we do not perform
+# them, and say so when asked (search: a Warning, as for fuzzymatching).
+_UNSUPPORTED = {
+    "emptyvaluematching": "Empty Value Matching",
+    "multiplevaluematching": "Multiple Value Matching",
+}
+_CONTROL = {"limit", "offset", "fuzzymatching", "includefield", "accept", "charset", *_UNSUPPORTED}
 # Without a limit a search is cut here and says so (Warning header, PS3.18 8.3.4.3).
 MAX_RESULTS = 1000
 
@@ -198,6 +205,10 @@ def search(request: Request, level: Level, fixed: dict[str, str], upper: tuple[L
         shown = shown[:cap]
         warnings.append('299 filmless-pacs: "There are additional results that can be requested"')
     audit_patients(request, shown)  # who was shown (bounded by the page)
+    for name, matching in _UNSUPPORTED.items():
+        if request.query_params.get(name, "false").lower() == "true":
+            warnings.append(f'299 filmless-pacs: "The {name} parameter is not supported. {matching} has not been '
+                            'performed."')
     if query.ignored:
         warnings.append('299 filmless-pacs: "The following attributes are not supported as matching keys '
                         f'and were ignored: {", ".join(query.ignored)}"')
