@@ -190,12 +190,13 @@ def datetime_range_match(date_column: Any, time_column: Any, dates: str, times: 
     time_low, time_high = _range_bounds(times) or ("", "")
     timed = _not_empty(time_column)
     conditions = [_not_empty(date_column)]
+    # The plain date bounds too: implied by the ORs, they let the date index take the range.
     if date_low:
-        conditions.append(or_(date_column > date_low, and_(
-            date_column == date_low, timed, time_key(time_column) >= time_bound(time_low, high=False))))
+        conditions += [date_column >= date_low, or_(date_column > date_low, and_(
+            date_column == date_low, timed, time_key(time_column) >= time_bound(time_low, high=False)))]
     if date_high:
-        conditions.append(or_(date_column < date_high, and_(
-            date_column == date_high, timed, time_key(time_column) <= time_bound(time_high, high=True))))
+        conditions += [date_column <= date_high, or_(date_column < date_high, and_(
+            date_column == date_high, timed, time_key(time_column) <= time_bound(time_high, high=True)))]
     return and_(*conditions)
 
 
