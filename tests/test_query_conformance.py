@@ -122,7 +122,9 @@ def test_unsupported_image_level_key_ignored_and_logged(server: PacsServer, tmp_
 
 
 def test_wrong_level_and_invalid_values_still_refused(server: PacsServer, tmp_path: Path) -> None:
-    for keys in ({"SeriesInstanceUID": "1.2.3"}, {"StudyDate": "2024-01-15"}, {"StudyTime": "25h"}):
+    # A UID list of backslashes alone was an IndexError answered 0xC000.
+    for keys in ({"SeriesInstanceUID": "1.2.3"}, {"StudyDate": "2024-01-15"}, {"StudyTime": "25h"},
+                 {"StudyInstanceUID": "\\"}):
         out = run_dcmtk("findscu", "-v", "-S", "-aec", server.ae_title, "-k", "QueryRetrieveLevel=STUDY",
                         *[a for k, v in keys.items() for a in ("-k", f"{k}={v}")], "127.0.0.1", str(server.dicom_port))
         assert "DataSetDoesNotMatchSOPClass" in out.stderr or "a900" in out.stderr.lower(), (keys, out.stderr)

@@ -471,6 +471,9 @@ def condition(attribute: Attribute, value: str, *, fuzzy: bool = False, other_id
             # C-MOVE and C-GET read it so too (dicom_scp.qr.retrieve_keys).
             return true()
         uids = [u.strip() for u in value.split("\\") if u.strip()]
+        if not uids:
+            # Backslashes alone: a list of no UID (was an IndexError, 0xC000).
+            raise QueryError(f"{attribute.keyword} lists no UID")
         if any(has_wildcard(u) for u in uids):
             raise QueryError(f"wildcards are not allowed in {attribute.keyword}")
         return attribute.column.in_(uids) if len(uids) > 1 else attribute.column == uids[0]
