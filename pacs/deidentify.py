@@ -14,8 +14,9 @@ What :func:`deidentify` does to a dataset (in place):
   and every run with the same salt. Every UI value is remapped (Study/Series/
   SOP Instance, Frame of Reference, Acquisition, Pyramid UIDs...) except
   well-known UIDs (pydicom's UID dictionary: classes, transfer syntaxes,
-  coding schemes) and the attributes naming a class or a transfer syntax
-  (a vendor's private SOP Class UID stays: it says what the object is);
+  DICOM's coding schemes), the attributes naming a class or a transfer syntax
+  (a vendor's private SOP Class UID stays: it says what the object is) and the
+  Coding Scheme UID of a public scheme (:data:`STANDARD_CODING_SCHEMES`);
 - replaces Patient's Name and Patient ID with a pseudonym derived from the salt,
   the original Patient ID and its Issuer of Patient ID (same patient at the
   same issuer, same pseudonym; the same local ID at two issuers, two
@@ -325,6 +326,10 @@ _CODE_TEXT = {_CODE_VALUE, _CODE_MEANING, 0x00080119, 0x00080120}  # + Long and 
 # Code attributes that only name a vocabulary (Coding Scheme Designator and
 # Version, Context Identifier, Mapping Resource): never identifying.
 _CODE_VOCABULARY = {_CODING_SCHEME, 0x00080103, 0x0008010F, 0x00080105}
+# Coding Scheme UID: the OID of a public terminology (SNOMED CT
+# 2.16.840.1.113883.6.96, LOINC, UCUM...) is vocabulary like its designator;
+# a local scheme's UID (under the hospital's root) is remapped like any UID.
+_CODING_SCHEME_UID = 0x0008010C
 # Public coding schemes: their codes are vocabulary (DCM 121071 "Finding"), not
 # data about a person. Any other scheme ("L", "99LOCAL"...) is local and its
 # codes can be a licence number and a physician's or a department's name.
@@ -530,6 +535,10 @@ class _Cleaner:
             # Every date and time goes, not only those the table lists: that
             # is what Longitudinal Temporal Information Modified = REMOVED says.
             return Action.D
+        if vr == "UI" and tag == _CODING_SCHEME_UID and standard_code:
+            # Not in pydicom's UID dictionary (only DICOM's own schemes are):
+            # remapped, "SCT" was declared with a random 2.25 UID.
+            return Action.K
         if vr == "UI":
             # Any UID may name an instance, a device or an organisation (e.g.
             # Acquisition UID, Pyramid UID): all are remapped but the class
