@@ -69,7 +69,8 @@ Beyond the table (stricter), everywhere:
 - codes of a local coding scheme (anything not in
   :data:`STANDARD_CODING_SCHEMES`, e.g. "L" or "99..."): Code Value, Code
   Meaning, Long and URN Code Value get dummies (a department's or a
-  physician's name is typical there);
+  physician's name is typical there), and a private scheme's designator
+  ("99CHORAY": the hospital's name) becomes "99ANONYMIZED" ("L" stays);
 - Patient's Birth/Death Date in Alternative Calendar and Patient's Alternative
   Calendar are removed (a lunar birth date undoes the removal of the birth
   date); Document Title and Content Description are emptied, Content Label
@@ -350,6 +351,7 @@ DOCUMENT_REPLACED = "Encapsulated Document replaced by a blank one"
 PIXELS_NOT_CLEANED = "Burned In Annotation not removed"
 
 _DUMMY_TEXT = "ANONYMIZED"
+_DUMMY_DESIGNATOR = "99ANONYMIZED"
 _DUMMY: dict[str, object] = {
     "DA": "19000101", "TM": "000000", "DT": "19000101000000", "AS": "000Y",
     "IS": "0", "DS": "0", "UR": "urn:x-anonymized",
@@ -508,6 +510,11 @@ class _Cleaner:
             raise ValueError("sequences nested too deep to de-identify")
         code_item = _CODING_SCHEME in ds
         standard_code = code_item and _standard_code(ds)
+        # A private scheme's designator is "99" + the organisation's name
+        # ("99CHORAY"): it names the hospital as Institution Name (X/Z/D) does.
+        # "L" (PS3.16 local codes) and the public schemes name nobody.
+        local_designator = code_item and not standard_code and \
+            _text(ds[_CODING_SCHEME].value).strip() not in ("", "L")
         for tag in list(ds.keys()):
             t = int(tag)
             group, element = t >> 16, t & 0xFFFF
@@ -522,7 +529,11 @@ class _Cleaner:
             if t == _ENCAPSULATED_DOCUMENT:
                 self._document(ds)
                 continue
-            action = BASIC_PROFILE.get(t) or EXTRA.get(t) or self._default(t, vr, strict, code_item, standard_code)
+            if t == _CODING_SCHEME and local_designator:
+                action = Action.C
+            else:
+                action = BASIC_PROFILE.get(t) or EXTRA.get(t) or self._default(t, vr, strict, code_item,
+                                                                              standard_code)
             if vr == "SQ":
                 self._sequence(ds, t, action, depth, strict)
             else:
@@ -584,6 +595,8 @@ class _Cleaner:
             values = list(value) if isinstance(value, MultiValue | list | tuple) else [_text(value)]
             new = [str(v) if _well_known(str(v)) else self.uids.map(v) for v in values]
             ds[tag] = DataElement(tag, vr, new if len(new) != 1 else new[0])
+        elif tag == _CODING_SCHEME:  # C: still a private scheme's designator ("99..."), naming nobody
+            ds[tag] = DataElement(tag, vr, _DUMMY_DESIGNATOR)
         else:  # D, X/D, Z/D, X/Z/D, C: a dummy keeps even Type 1 conformant
             ds[tag] = DataElement(tag, vr, _DUMMY.get(vr, _DUMMY_TEXT))
 

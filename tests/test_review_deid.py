@@ -85,3 +85,17 @@ def test_public_coding_scheme_uids_stay_in_the_copy(tmp_path: Path) -> None:
     assert HOSPITAL_SCHEME_UID.encode() not in raw
     assert [uid for uid in schemes if uid != SNOMED_UID][0].startswith("2.25.")
 
+
+def test_a_private_coding_schemes_designator_does_not_name_the_hospital(tmp_path: Path) -> None:
+    back, raw = _exported(tmp_path, f"{ROOT}.4")
+    # "99CHORAY" spells the hospital's name (Institution Name is X/Z/D): it
+    # went out in every local code of a de-identified copy.
+    assert b"CHORAY" not in raw
+    schemes = {item.CodingSchemeDesignator: item for item in back.CodingSchemeIdentificationSequence}
+    assert set(schemes) == {"SCT", "99ANONYMIZED"}
+    assert schemes["99ANONYMIZED"].CodingSchemeName != "Bệnh viện Chợ Rẫy"
+    service = back.RequestingServiceCodeSequence[0]
+    assert service.CodingSchemeDesignator == "99ANONYMIZED" and service.CodeValue != "HOHAP"
+    # "L" (PS3.16 local codes) names nobody and stays; its value still goes.
+    procedure = back.ProcedureCodeSequence[0]
+    assert procedure.CodingSchemeDesignator == "L" and procedure.CodeValue != "CT-NGUC"
