@@ -717,8 +717,10 @@ def may_release(ds: Dataset, *, include_burned_in: bool = False) -> Release:
     """May a de-identified copy of *ds* go out? Only the pixels are judged:
     :func:`deidentify` cleans the attributes, nobody cleans burned-in text.
 
-    - Burned In Annotation = YES: not allowed, unless *include_burned_in*
-      (the operator's explicit choice; the reason is then kept as a warning);
+    - Burned In Annotation = YES, or Recognizable Visual Features = YES (a
+      face in a photograph or a video): not allowed, unless
+      *include_burned_in* (the operator's explicit choice; the reason is
+      then kept as a warning);
     - attribute absent or empty and a SOP class where text in the pixels is
       typical (:data:`BURNED_IN_LIKELY_CLASSES`): allowed, with a warning;
     - an encapsulated document (PDF, CDA...): allowed, whatever its Burned In
@@ -735,6 +737,11 @@ def may_release(ds: Dataset, *, include_burned_in: bool = False) -> Release:
         return Release(True, DOCUMENT_REPLACED.lower())
     if burned_in(ds):
         return Release(include_burned_in, "burned-in annotation (Burned In Annotation = YES)")
+    if _text(ds.get("RecognizableVisualFeatures")).strip().upper() == "YES":
+        # A face in a photograph or a video (dermatology, endoscopy of the
+        # mouth, a camera in the operating room): no attribute cleaning
+        # takes it out of the pixels, as with burned-in text.
+        return Release(include_burned_in, "recognizable visual features (Recognizable Visual Features = YES)")
     declared = _text(ds.get("BurnedInAnnotation")).strip()
     sop_class = _text(ds.get("SOPClassUID")).strip()
     if not sop_class:

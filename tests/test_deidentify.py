@@ -408,6 +408,12 @@ def test_may_release_judges_burned_in_annotation() -> None:
     verdict = may_release(burned)
     assert not verdict.allowed and "burned-in" in verdict.reason
     assert may_release(burned, include_burned_in=True).allowed
+    # A face in the pixels is held back as burned-in text is.
+    face = copy.deepcopy(ct)
+    face.RecognizableVisualFeatures = "YES"
+    verdict = may_release(face)
+    assert not verdict.allowed and "recognizable visual features" in verdict.reason
+    assert may_release(face, include_burned_in=True).allowed
     # Written anyway, it does not claim to be de-identified.
     out = Deidentifier(SALT).apply(copy.deepcopy(burned))
     assert out.PatientIdentityRemoved == "NO" and may_release(out).allowed is False
