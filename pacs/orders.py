@@ -54,6 +54,7 @@ from .index.reconcile import (
     accession_match_doubt,
     lock_order_keys,
     order_keys,
+    patient_correction,
     record_reconciliation,
 )
 from .index.name_words import set_name_words
@@ -807,7 +808,7 @@ class OrderService:
                 # sent the new ID with the old patient's name, birth date, sex).
                 differing = [(keyword, getattr(old, column) or "", getattr(kept, column) or "")
                              for keyword, column in PATIENT_COLUMNS.items()
-                             if (getattr(old, column) or "") != (getattr(kept, column) or "")]
+                             if patient_correction(keyword, getattr(old, column) or "", getattr(kept, column) or "")]
                 if differing:
                     conn.execute(
                         corrections_t.insert(),

@@ -39,6 +39,20 @@ PATIENT_COLUMNS = {
     "PatientBirthDate": "birth_date",
     "PatientSex": "sex",
 }
+# The patient attributes besides its identifiers.
+DEMOGRAPHICS = ("PatientName", "PatientBirthDate", "PatientSex")
+
+
+def patient_correction(keyword: str, received: str, corrected: str) -> bool:
+    """Whether a study received with the patient attribute *keyword* as
+    *received*, now filed under a patient whose value is *corrected*, is
+    corrected to it on retrieval. A demographic the patient lacks (an HIS
+    order whose PID carries no birth date or sex, a merge into a
+    registration without them) is unknown, not a deletion: the value the
+    modality recorded is kept, as the later series and instances of a study
+    keep theirs. The ID and its issuer always follow the patient (another
+    ID's issuer would qualify the new one)."""
+    return received != corrected and (bool(corrected) or keyword not in DEMOGRAPHICS)
 
 
 # Study attributes the index keeps per study: keyword -> studies column (an
@@ -163,7 +177,7 @@ def record_reconciliation(
         {"study_pk": study_pk, "keyword": keyword, "received": received.get(keyword, ""),
          "corrected": getattr(his, column), "reason": reason, "created_at": now}
         for keyword, column in PATIENT_COLUMNS.items()
-        if (received.get(keyword) or "") != (getattr(his, column) or "")
+        if patient_correction(keyword, received.get(keyword) or "", getattr(his, column) or "")
     ]
     values: dict[str, Any] = {"patient_pk": order.patient_pk}
     if received_accession != order.accession_number:

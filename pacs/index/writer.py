@@ -32,6 +32,7 @@ from .reconcile import (
     find_order,
     lock_order_keys,
     order_keys,
+    patient_correction,
     record_reconciliation,
 )
 from .writer_helpers import insert_ignore, insert_under_parent
@@ -365,7 +366,8 @@ class IndexWriter:
             received = _received_patient(h)
             rows = [{"study_pk": pk, "keyword": k, "received": received[k] or "", "corrected": getattr(kept, c) or "",
                      "reason": "received under a patient ID merged away by the HIS (ADT^A40)", "created_at": now}
-                    for k, c in PATIENT_COLUMNS.items() if (received[k] or "") != (getattr(kept, c) or "")]
+                    for k, c in PATIENT_COLUMNS.items()
+                    if patient_correction(k, received[k] or "", getattr(kept, c) or "")]
             if rows:
                 conn.execute(corrections.insert(), rows)
         self._studies.put(h.study_uid, pk)

@@ -1,0 +1,72 @@
+"""Patients, orders and studies as a hospital's data steward sees them
+(a review of reconciliation, merges and patient identity), against a real
+`pacs serve` per index backend, over real MLLP (python-hl7), DICOM (DCMTK
+storescu) and HTTP (WADO-RS, FHIR):
+
+1. a study reconciled with an order (or merged into a registration) whose
+   HIS patient has no birth date or sex was retrieved with the modality's
+   birth date and sex blanked: the reconciliation recorded "" as their
+   correction. What the HIS does not know is kept as the modality recorded
+   it, as a study's later series keep theirs;
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from pydicom.uid import generate_uid
+
+from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
+from .peers import create_database, drop_database
+from .test_merge_review import _aa, _adt, _corrections, _metadata, _msh, _store
+
+
+@pytest.fixture(scope="module", params=["sqlite", "pg"])
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    pg = create_database() if request.param == "pg" else None
+    pacs = PacsServer(tmp_path_factory.mktemp(f"steward-{request.param}") / "data",
+                      Backend(request.param, pg, None, {}))
+    pacs.start()
+    yield pacs
+    pacs.stop()
+    if pg:
+        drop_database(pg)
+
+
+def _orm(pid: str, accession: str, study_uid: str) -> str:
+    """An ORM^O01 NW scheduled now whose PID gives the ID and name only (no PID-7, PID-8)."""
+    when = datetime.now().strftime("%Y%m%d%H%M%S")
+    return (_msh("ORM^O01") + f"PID|1||{pid}||Lê^Văn Cường\n"
+            f"ORC|NW|P{accession}|{accession}\n"
+            f"OBR|1|P{accession}|{accession}|CT01^CT ngực^L|||{when}|||||||||||{accession}|RP{accession}|||||CT\n"
+            f"ZDS|{study_uid}^100^Application^DICOM\n")
+
+
+# -- 1. what the HIS does not know is not blanked -----------------------------------------------
+def test_a_demographic_the_his_lacks_keeps_the_modalitys(server: PacsServer, tmp_path: Path) -> None:
+    study = generate_uid()
+    _aa(server, _orm("BN3001^^^BVDK^PI", "ACC3001", study))
+    _store(server, make_ct(tmp_path / "ct.dcm", StudyInstanceUID=study, AccessionNumber="ACC3001", PatientID="BN3001",
+                           PatientName="LE^VAN CUONG", PatientBirthDate="19600101", PatientSex="M"))
+    assert _metadata(server, study) == [{"PatientName": "Lê^Văn Cường", "PatientID": "BN3001",
+                                         "IssuerOfPatientID": "BVDK", "PatientBirthDate": "19600101",
+                                         "PatientSex": "M"}]
+    assert _corrections(server, study) == {"PatientName": "Lê^Văn Cường", "IssuerOfPatientID": "BVDK"}
+    # The HIS tells the birth date later: every study of the patient takes it.
+    _aa(server, _adt("A08", "BN3001^^^BVDK^PI", "Lê^Văn Cường", "19600110"))
+    assert [m["PatientBirthDate"] for m in _metadata(server, study)] == ["19600110"]
+
+
+def test_a_merge_into_a_registration_without_birth_date_keeps_the_studys(server: PacsServer,
+                                                                         tmp_path: Path) -> None:
+    study = _store(server, make_ct(tmp_path / "old.dcm", PatientID="TMP3002", PatientName="VO^THI E",
+                                   PatientBirthDate="19750505", PatientSex="F"))
+    _aa(server, _adt("A04", "BN3002^^^BVDK^PI", "Võ^Thị E"))
+    _aa(server, _adt("A40", "BN3002^^^BVDK^PI", "Võ^Thị E", mrg="TMP3002"))
+    assert _metadata(server, study) == [{"PatientName": "Võ^Thị E", "PatientID": "BN3002",
+                                         "IssuerOfPatientID": "BVDK", "PatientBirthDate": "19750505",
+                                         "PatientSex": "F"}]
