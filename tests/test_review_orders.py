@@ -8,6 +8,13 @@ storescu) and HTTP (WADO-RS, FHIR):
    birth date and sex blanked: the reconciliation recorded "" as their
    correction. What the HIS does not know is kept as the modality recorded
    it, as a study's later series keep theirs;
+2. a study received under an ID with its issuer that a patient holds as
+   another identifier -- the citizen ID that was the patient's key until the
+   HIS gave its hospital number (ADT^A08 with a PI), kept by the modality's
+   patient list -- made a second patient under the former key: later studies
+   under that ID joined it, and the FHIR id the EMR kept (which read as
+   replaced by the hospital number) became that stranger. It is filed under
+   the patient, as an HL7 message naming that ID is.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
 from .peers import create_database, drop_database
 from .test_merge_review import _aa, _adt, _corrections, _metadata, _msh, _store
+from .test_worklist_ris import _cfind_names
 
 
 @pytest.fixture(scope="module", params=["sqlite", "pg"])
@@ -70,3 +78,29 @@ def test_a_merge_into_a_registration_without_birth_date_keeps_the_studys(server:
     assert _metadata(server, study) == [{"PatientName": "Võ^Thị E", "PatientID": "BN3002",
                                          "IssuerOfPatientID": "BVDK", "PatientBirthDate": "19750505",
                                          "PatientSex": "F"}]
+
+
+# -- 2. a former key with its issuer is still the patient ------------------------------------------
+def test_a_study_under_the_former_key_after_the_hospital_number_came_is_the_patients(server: PacsServer,
+                                                                                     tmp_path: Path) -> None:
+    citizen = "079300002222"
+    _aa(server, _adt("A04", f"{citizen}^^^CCCD^NI", "Đặng^Thu Trang", "19950505", "F"))
+    first = _store(server, make_ct(tmp_path / "a.dcm", PatientID=citizen, IssuerOfPatientID="CCCD",
+                                   PatientName="Đặng^Thu Trang", SpecificCharacterSet="ISO_IR 192"))
+    _aa(server, _adt("A08", f"BN3003^^^BVDK^PI~{citizen}^^^CCCD^NI", "Đặng^Thu Trang", "19950505", "F"))
+    patients = server.stats()["patients"]
+    # The modality still knows her by the citizen ID it was given with its issuer.
+    later = _store(server, make_ct(tmp_path / "b.dcm", PatientID=citizen, IssuerOfPatientID="CCCD",
+                                   PatientName="DANG^THU TRANG", PatientBirthDate="19950505", PatientSex="F"))
+    assert server.stats()["patients"] == patients
+    assert _cfind_names(server, StudyInstanceUID=later) == [("Đặng^Thu Trang", "BN3003", later)]
+    assert _metadata(server, later) == [{"PatientName": "Đặng^Thu Trang", "PatientID": "BN3003",
+                                         "IssuerOfPatientID": "BVDK", "PatientBirthDate": "19950505",
+                                         "PatientSex": "F"}]
+    with server.http() as http:
+        former = http.get(f"/fhir/Patient/CCCD.{citizen}").json()
+        assert (former["active"], former["link"]) == (False, [{"other": {"reference": "Patient/BVDK.BN3003"},
+                                                               "type": "replaced-by"}])
+        found = http.get("/fhir/ImagingStudy", params={"patient": "Patient/BVDK.BN3003"}).json()
+        assert sorted(e["resource"]["identifier"][0]["value"] for e in found["entry"]) == sorted(
+            f"urn:oid:{uid}" for uid in (first, later))

@@ -66,6 +66,29 @@ def merged_patient(conn: Connection, patient_id: str, issuer: str) -> int | None
     return int(found[0]) if len(found) == 1 else None
 
 
+def other_id_patient(conn: Connection, patient_id: str, issuer: str) -> int | None:
+    """The patient holding *patient_id* under *issuer* as another of its
+    identifiers (a citizen ID, the key it had before the HIS gave its
+    hospital number), when exactly one does and no patient has that ID and
+    issuer as its own; None otherwise, and always without an issuer (an ID
+    alone may be anyone's: insurance numbers are shared and mistyped). As
+    the HL7 patient lookup resolves it (pacs.orders), and the C-FIND and
+    FHIR searches by it find that patient. One indexed query."""
+    if not issuer:
+        return None
+    found = conn.execute(select(identifiers.c.patient_pk).where(
+        identifiers.c.value == patient_id, identifiers.c.issuer == issuer,
+        ~select(patients.c.pk).where(patients.c.patient_id == patient_id, patients.c.issuer == issuer).exists(),
+    ).distinct().limit(2)).scalars().all()
+    return int(found[0]) if len(found) == 1 else None
+
+
+# Why a study's patient attributes are corrected when it was received under
+# another identifier of the patient than its Patient ID (see _find_patient).
+MERGED_REASON = "received under a patient ID merged away by the HIS (ADT^A40)"
+OTHER_ID_REASON = "received under another identifier of the patient (Patient ID with its issuer)"
+
+
 def _referring_columns(name: str) -> dict[str, str]:
     """A study's Referring Physician's Name and the forms it is searched by
     (folded, as words, as read), as the patient's name is."""
@@ -220,20 +243,21 @@ class IndexWriter:
         self._series_studies.clear()
 
     # -- parents ----------------------------------------------------------
-    def _patient_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> tuple[int, bool]:
-        """(patient pk, whether h's Patient ID is one the HIS merged away),
-        with the object's other patient IDs added to that patient."""
-        pk, merged = self._find_patient(conn, h, now)
+    def _patient_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> tuple[int, str]:
+        """(patient pk, why h's Patient ID is not that patient's own: ""
+        when it is, else MERGED_REASON or OTHER_ID_REASON), with the
+        object's other patient IDs added to that patient."""
+        pk, alias = self._find_patient(conn, h, now)
         # On every path, not only when the row is made: a later study often
         # brings the citizen ID or insurance number the first one lacked.
         # Once per new study; no statement at all without other IDs.
         _add_identifiers(conn, pk, h)
-        return pk, merged
+        return pk, alias
 
-    def _find_patient(self, conn: Connection, h: InstanceHeader, now: datetime) -> tuple[int, bool]:
-        """(patient pk, merged away?) of h's patient, made if new."""
+    def _find_patient(self, conn: Connection, h: InstanceHeader, now: datetime) -> tuple[int, str]:
+        """(patient pk, why not its own ID: see _patient_pk) of h's patient, made if new."""
         if not h.patient_id:
-            return self._new_patient_without_id(conn, h, now), False
+            return self._new_patient_without_id(conn, h, now), ""
         key = (h.patient_id, h.issuer)
         pk = self._patients.get(key)
         if pk is not None:
@@ -241,7 +265,7 @@ class IndexWriter:
                                .where(patients.c.pk == pk)).first()
             if row is not None and row.patient_id == h.patient_id and (not h.issuer or row.issuer == h.issuer):
                 self._fill_blank_name(conn, pk, row.name, h, now)
-                return pk, False
+                return pk, ""
             del self._patients[key]
         if not h.issuer:
             # Modalities rarely send Issuer of Patient ID: an ID without issuer
@@ -253,12 +277,20 @@ class IndexWriter:
             if len(known) == 1:
                 self._patients.put(key, known[0].pk)
                 self._fill_blank_name(conn, known[0].pk, known[0].name, h, now)
-                return int(known[0].pk), False
+                return int(known[0].pk), ""
         # Not cached: one query more, once per new study whose patient is
         # not in the cache (a merged-away ID is never cached).
         merged = merged_patient(conn, h.patient_id, h.issuer)
         if merged is not None:
-            return merged, True
+            return merged, MERGED_REASON
+        # An ID with its issuer that a patient holds as another of its IDs:
+        # the key a patient had before the HIS gave its hospital number (the
+        # modality's patient list, an old worklist entry), its citizen ID.
+        # Made anew, it was a second patient, which the next studies under
+        # that ID joined and whose FHIR id took the former one's place.
+        holder = other_id_patient(conn, h.patient_id, h.issuer)
+        if holder is not None:
+            return holder, OTHER_ID_REASON
         pk = insert_ignore(conn, patients, _patient_row(h, now), ["patient_id", "issuer"], where=PATIENT_HAS_ID)
         if pk is not None:
             set_name_words(conn, pk, h.patient_name_words)
@@ -271,7 +303,7 @@ class IndexWriter:
             pk = row.pk
             self._fill_blank_name(conn, pk, row.name, h, now)
         self._patients.put(key, pk)
-        return pk, False
+        return pk, ""
 
     @staticmethod
     def _fill_blank_name(conn: Connection, pk: int, name: str, h: InstanceHeader, now: datetime) -> None:
@@ -326,7 +358,7 @@ class IndexWriter:
         # study stayed unmatched). Once per study not in the cache.
         lock_order_keys(conn, order_keys(h.study_uid, h.accession_number))
         order = find_order(conn, h.study_uid, h.accession_number, h.patient_id, h.study_date)
-        patient_pk, merged = (order.patient_pk, False) if order is not None else self._patient_pk(conn, h, now)
+        patient_pk, alias = (order.patient_pk, "") if order is not None else self._patient_pk(conn, h, now)
         pk = insert_ignore(
             conn,
             studies,
@@ -360,12 +392,13 @@ class IndexWriter:
             received = _received_patient(h)
             matched_by = "study uid" if order.study_uid == h.study_uid else "accession number"
             record_reconciliation(conn, pk, order, received, h.accession_number, matched_by, now)
-        elif merged:
-            # Filed under the patient the HIS merged this ID into; what differs is corrected on retrieval.
+        elif alias:
+            # Filed under the patient the HIS merged this ID into, or that
+            # holds it as another ID; what differs is corrected on retrieval.
             kept = conn.execute(select(patients).where(patients.c.pk == patient_pk)).one()
             received = _received_patient(h)
             rows = [{"study_pk": pk, "keyword": k, "received": received[k] or "", "corrected": getattr(kept, c) or "",
-                     "reason": "received under a patient ID merged away by the HIS (ADT^A40)", "created_at": now}
+                     "reason": alias, "created_at": now}
                     for k, c in PATIENT_COLUMNS.items()
                     if patient_correction(k, received[k] or "", getattr(kept, c) or "")]
             if rows:
