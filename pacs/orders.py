@@ -510,7 +510,17 @@ class OrderService:
             raise OrderError(f"the birth date (PatientBirthDate, VR DA) {p.birth_date!r} is not a valid YYYYMMDD",
                              code="102", http_status=422)
         now = _now()
-        pk = self._existing_patient(conn, p, match_identifiers)
+        pk, merged_away = self._existing_patient(conn, p, match_identifiers)
+        if pk is not None and merged_away:
+            # A message still naming the registration the HIS merged away (an
+            # order queued before the merge, an interface that lags) is the
+            # surviving patient's, as a study under that ID is; but what it
+            # says of the patient is the discarded registration's (the
+            # duplicate's misspelt name, another birth date): it overwrote
+            # the surviving patient's, and every study of it was retrieved
+            # so. The surviving registration's messages keep it up to date.
+            log.info("patient %d: a message named a patient ID merged into it; its demographics are not applied", pk)
+            return int(pk)
         if p.birth_date is not None and len(p.birth_date) not in (0, 8):
             stored = conn.execute(select(patients_t.c.birth_date).where(patients_t.c.pk == pk)).scalar() \
                 if pk is not None else None
@@ -572,8 +582,9 @@ class OrderService:
             select(patients_t.c.pk).where(patients_t.c.patient_id == patient_id, patients_t.c.issuer == issuer)
         ).scalar()
 
-    def _existing_patient(self, conn: Connection, p: PatientInfo, match_identifiers: bool) -> int | None:
-        """The stored patient *p* is, or None for a new one."""
+    def _existing_patient(self, conn: Connection, p: PatientInfo, match_identifiers: bool) -> tuple[int | None, bool]:
+        """The stored patient *p* is, or None for a new one; and whether *p*
+        names it by a Patient ID the HIS merged away (ADT^A40)."""
         if p.issuer:
             # The same ID received from a modality without an issuer is this
             # patient: give it the HIS's issuer instead of creating a twin.
@@ -591,9 +602,11 @@ class OrderService:
         if pk is None:
             # An ID merged away (ADT^A40) names the patient it was merged into.
             pk = merged_patient(conn, p.patient_id, p.issuer)
+            if pk is not None:
+                return pk, True
         if pk is None and match_identifiers:
             pk = self._patient_by_identifier(conn, p)
-        return pk
+        return pk, False
 
     @staticmethod
     def _single_patient_with_id(conn: Connection, patient_id: str) -> int | None:

@@ -14,7 +14,12 @@ storescu) and HTTP (WADO-RS, FHIR):
    patient list -- made a second patient under the former key: later studies
    under that ID joined it, and the FHIR id the EMR kept (which read as
    replaced by the hospital number) became that stranger. It is filed under
-   the patient, as an HL7 message naming that ID is.
+   the patient, as an HL7 message naming that ID is;
+3. an order (or patient update) still naming a registration the HIS merged
+   away (ADT^A40) -- queued before the merge -- is filed under the surviving
+   patient, but its PID, the discarded duplicate's (a misspelt name, another
+   birth date), overwrote the surviving patient's demographics, and every
+   study of the patient was retrieved with them.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pydicom.uid import generate_uid
 from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
 from .peers import create_database, drop_database
-from .test_merge_review import _aa, _adt, _corrections, _metadata, _msh, _store
+from .test_merge_review import _aa, _adt, _corrections, _metadata, _msh, _store, _worklist
 from .test_worklist_ris import _cfind_names
 
 
@@ -104,3 +109,24 @@ def test_a_study_under_the_former_key_after_the_hospital_number_came_is_the_pati
         found = http.get("/fhir/ImagingStudy", params={"patient": "Patient/BVDK.BN3003"}).json()
         assert sorted(e["resource"]["identifier"][0]["value"] for e in found["entry"]) == sorted(
             f"urn:oid:{uid}" for uid in (first, later))
+
+
+# -- 3. a message about the merged-away registration does not rewrite the survivor ---------------
+def test_an_order_under_a_merged_away_id_keeps_the_surviving_demographics(server: PacsServer,
+                                                                          tmp_path: Path) -> None:
+    _aa(server, _adt("A04", "BN3004^^^BVDK^PI", "Lê^Văn A", "19900101", "F"))  # the duplicate, misspelt
+    _aa(server, _adt("A04", "BN3005^^^BVDK^PI", "Lê^Thị Anh", "19800808", "F"))
+    study = _store(server, make_ct(tmp_path / "b.dcm", PatientID="BN3005", PatientName="Lê^Thị Anh",
+                                   PatientBirthDate="19800808", PatientSex="F", SpecificCharacterSet="ISO_IR 192"))
+    _aa(server, _adt("A40", "BN3005^^^BVDK^PI", "Lê^Thị Anh", "19800808", "F", mrg="BN3004^^^BVDK^PI"))
+    # An order the HIS queued for the duplicate before the merge.
+    _aa(server, _orm("BN3004^^^BVDK^PI", "ACC3004", generate_uid()).replace(
+        "||Lê^Văn Cường\n", "||Lê^Văn A||19900101|F\n"))
+    items = _worklist(server, tmp_path, "ACC3004", "PatientID", "PatientName", "PatientBirthDate")
+    assert [(i.PatientID, str(i.PatientName), i.PatientBirthDate) for i in items] == [
+        ("BN3005", "Lê^Thị Anh", "19800808")]
+    assert [(m["PatientName"], m["PatientBirthDate"]) for m in _metadata(server, study)] == [
+        ("Lê^Thị Anh", "19800808")]
+    with server.http() as http:
+        patient = http.get("/fhir/Patient/BVDK.BN3005").json()
+    assert (patient["name"][0]["text"], patient["birthDate"]) == ("Lê Thị Anh", "1980-08-08")
