@@ -359,9 +359,9 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         return _usage("--limit must be at least 1")
-    from pacs.settings import storage_url_problem
+    from storage import url_problem
 
-    if (problem := storage_url_problem(args.target)) is not None:
+    if (problem := url_problem(args.target)) is not None:
         # file://srv/new (two slashes) copied every object to /new.
         return _usage(f"--to: {problem}")
 

@@ -319,7 +319,9 @@ class Settings(BaseSettings):
     @field_validator("storage_url")
     @classmethod
     def _storage_url(cls, value: str | None) -> str | None:
-        problem = storage_url_problem(value) if value else None
+        from storage import url_problem
+
+        problem = url_problem(value) if value else None
         if problem:
             raise ValueError(problem)
         return value
@@ -500,28 +502,6 @@ def index_url_problem(url: str) -> str | None:
         return "not a database URL (sqlite:////var/lib/pacs/index.sqlite or postgresql://USER@HOST/DB)"
     if backend not in ("sqlite", "postgresql"):
         return f"{backend!r} is not an index database: use sqlite:///PATH or postgresql://USER@HOST/DB"
-    return None
-
-
-def storage_url_problem(url: str) -> str | None:
-    """Why *url* cannot name an object store (None: it can): a folder
-    (``file:///path`` or a plain path) or ``s3://BUCKET?endpoint=HOST:PORT``."""
-    from urllib.parse import parse_qs, urlsplit
-
-    parts = urlsplit(url)
-    if parts.scheme == "file":
-        # file://srv/pacs (two slashes) names the host "srv" and the folder
-        # /pacs: objects went to /pacs, created there without a word.
-        if parts.netloc not in ("", "localhost"):
-            return (f"{url!r} names the host {parts.netloc!r}, not a folder: a folder is "
-                    f"file:///{parts.netloc}{parts.path} (three slashes)")
-        if not parts.path:
-            return f"{url!r} names no folder (file:///var/lib/pacs/objects)"
-    elif parts.scheme == "s3":
-        if not parts.netloc or not parse_qs(parts.query).get("endpoint"):
-            return f"{url!r}: an S3 store is s3://BUCKET?endpoint=HOST:PORT[&secure=false]"
-    elif parts.scheme:
-        return f"{url!r}: the object store is file:///PATH or s3://BUCKET?endpoint=HOST:PORT"
     return None
 
 

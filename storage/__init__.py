@@ -44,6 +44,7 @@ __all__ = [
     "file_store_path",
     "open_store",
     "sha256_of",
+    "url_problem",
     "validate_key",
 ]
 
@@ -56,6 +57,26 @@ def file_store_path(url: str) -> str | None:
     return unquote(parts.path) if parts.scheme else url
 
 
+def url_problem(url: str) -> str | None:
+    """Why *url* cannot name an object store (None: it can): a folder
+    (``file:///path`` or a plain path) or ``s3://BUCKET?endpoint=HOST:PORT``."""
+    parts = urlsplit(url)
+    if parts.scheme == "file":
+        # file://srv/pacs (two slashes) names the host "srv" and the folder
+        # /pacs: objects went to /pacs, created there without a word.
+        if parts.netloc not in ("", "localhost"):
+            return (f"{url!r} names the host {parts.netloc!r}, not a folder: a folder is "
+                    f"file:///{parts.netloc}{parts.path} (three slashes)")
+        if not parts.path:
+            return f"{url!r} names no folder (file:///var/lib/pacs/objects)"
+    elif parts.scheme == "s3":
+        if not parts.netloc or not parse_qs(parts.query).get("endpoint"):
+            return f"{url!r}: an S3 store is s3://BUCKET?endpoint=HOST:PORT[&secure=false]"
+    elif parts.scheme:
+        return f"{url!r}: the object store is file:///PATH or s3://BUCKET?endpoint=HOST:PORT"
+    return None
+
+
 def open_store(
     url: str, access_key: str | None = None, secret_key: str | None = None, *, create: bool = True,
     cache_dir: str | os.PathLike[str] | None = None, cache_bytes: int = 0,
@@ -65,33 +86,31 @@ def open_store(
     to a command reading an archive made a new, empty one). A remote store
     keeps local copies of what readers need random access to in *cache_dir*,
     at most *cache_bytes* (0: none); the filesystem store needs none."""
+    if (problem := url_problem(url)) is not None:
+        raise ValueError(problem)
     parts = urlsplit(url)
     path = file_store_path(url)
     if path is not None:
         return FileStore(path)
-    if parts.scheme == "s3":
-        from .s3 import S3Store  # the minio client is only imported when used
+    # Not a folder: url_problem let only an S3 URL through.
+    from .s3 import S3Store  # the minio client is only imported when used
 
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        endpoint = query.get("endpoint")
-        if not parts.netloc or not endpoint:
-            raise ValueError(f"S3 URL needs a bucket and ?endpoint=HOST:PORT: {url!r}")
-        store = S3Store(
-            bucket=parts.netloc,
-            endpoint=endpoint,
-            access_key=access_key,
-            secret_key=secret_key,
-            secure=query.get("secure", "true").lower() not in ("false", "0", "no"),
-            region=query.get("region", "us-east-1"),
-            prefix=query.get("prefix", ""),
-            sse=query.get("sse", ""),
-            create_bucket=create,
-        )
-        if cache_dir is not None and cache_bytes > 0:
-            try:
-                store.use_cache(cache_dir, cache_bytes)
-            except OSError as exc:
-                # Reads work without it (each downloads its object), as before.
-                log.warning("S3 object cache at %s not usable, reads download whole objects: %s", cache_dir, exc)
-        return store
-    raise ValueError(f"unsupported storage URL scheme {parts.scheme!r} in {url!r}")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    store = S3Store(
+        bucket=parts.netloc,
+        endpoint=query["endpoint"],
+        access_key=access_key,
+        secret_key=secret_key,
+        secure=query.get("secure", "true").lower() not in ("false", "0", "no"),
+        region=query.get("region", "us-east-1"),
+        prefix=query.get("prefix", ""),
+        sse=query.get("sse", ""),
+        create_bucket=create,
+    )
+    if cache_dir is not None and cache_bytes > 0:
+        try:
+            store.use_cache(cache_dir, cache_bytes)
+        except OSError as exc:
+            # Reads work without it (each downloads its object), as before.
+            log.warning("S3 object cache at %s not usable, reads download whole objects: %s", cache_dir, exc)
+    return store
