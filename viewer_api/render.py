@@ -323,20 +323,10 @@ def parse_quality(value: str) -> int:
 
 # -- attribute helpers -----------------------------------------------------------------
 def _floats(value: object) -> list[float]:
-    """All numeric values of a (possibly multi-valued, possibly empty) DS/IS/FD."""
-    if value is None or value == "":
-        return []
-    items = value if isinstance(value, (list, tuple, MultiValue)) else [value]
-    out: list[float] = []
-    for item in items:
-        try:
-            f = float(item)  # type: ignore[arg-type]  # DSfloat / IS / str / number
-        except (TypeError, ValueError):
-            return []
-        if not math.isfinite(f):
-            return []
-        out.append(f)
-    return out
+    """All numeric values of a (possibly multi-valued, possibly empty)
+    DS/IS/FD; none when any of them is not a finite number."""
+    values = _each_float(value)
+    return [] if None in values else values  # type: ignore[return-value]
 
 
 def _each_float(value: object) -> list[float | None]:
