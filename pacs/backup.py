@@ -15,6 +15,7 @@ rebuilds everything from the objects alone if no backup exists at all.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import subprocess
@@ -61,9 +62,16 @@ def _sqlite_path(url: str) -> Path:
     return Path(database)
 
 
-def _libpq_url(url: str) -> str:
-    """pg_dump/pg_restore take a libpq URL, without SQLAlchemy's "+driver"."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+def _libpq(url: str) -> tuple[str, dict[str, str]]:
+    """pg_dump/pg_restore's libpq URL (without SQLAlchemy's "+driver") and
+    environment. The password goes in PGPASSWORD: on the command line every
+    local user would read it in ``ps`` while the dump runs."""
+    parsed = make_url(url).set(drivername="postgresql")
+    env = dict(os.environ)
+    if parsed.password is not None:
+        env["PGPASSWORD"] = str(parsed.password)
+        parsed = parsed._replace(password=None)  # URL.set() ignores None
+    return parsed.render_as_string(hide_password=False), env
 
 
 def _pg_tool(name: str) -> str:
@@ -109,10 +117,10 @@ def backup_index(index_url: str, out: Path) -> BackupResult:
         if kind == "sqlite":
             _sqlite_copy(f"file:{_sqlite_path(index_url)}?mode=ro", partial)
         else:
+            libpq_url, env = _libpq(index_url)
             result = subprocess.run(
-                [_pg_tool("pg_dump"), "--format=custom", "--no-owner", "--file", str(partial),
-                 _libpq_url(index_url)],
-                capture_output=True, text=True, check=False,
+                [_pg_tool("pg_dump"), "--format=custom", "--no-owner", "--file", str(partial), libpq_url],
+                capture_output=True, text=True, check=False, env=env,
             )
             if result.returncode != 0:
                 raise BackupError(f"pg_dump failed: {result.stderr.strip()[-500:]}")
@@ -256,10 +264,10 @@ def restore_index(index_url: str, backup: Path, keep_dir: Path | None = None) ->
 def _pg_restore(index_url: str, dump: Path) -> str:
     """Restore *dump* into the (empty) database in one transaction; "" when
     done, else the end of pg_restore's error output."""
+    libpq_url, env = _libpq(index_url)
     result = subprocess.run(
-        [_pg_tool("pg_restore"), "--no-owner", "--single-transaction", "--dbname", _libpq_url(index_url),
-         str(dump)],
-        capture_output=True, text=True, check=False,
+        [_pg_tool("pg_restore"), "--no-owner", "--single-transaction", "--dbname", libpq_url, str(dump)],
+        capture_output=True, text=True, check=False, env=env,
     )
     return "" if result.returncode == 0 else result.stderr.strip()[-500:] or f"exit status {result.returncode}"
 

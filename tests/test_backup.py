@@ -4,6 +4,7 @@ recovery of what arrived after the backup with `pacs verify --repair`."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -210,3 +211,36 @@ def test_restore_sets_aside_deletions_under_way_at_the_backup(tmp_path: Path) ->
     assert server.stats()["instances"] == 3
     checked = json.loads(server.cli("verify", "--json").stdout)
     assert checked["ok"] and checked["missing"]["count"] == 0, checked
+
+
+def test_postgresql_password_is_not_on_the_tools_command_line(tmp_path: Path, pg_url: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """pg_dump and pg_restore got the index URL with its password as an argument,
+    which every local user reads in `ps` while they run; it goes in PGPASSWORD."""
+    from sqlalchemy.engine import make_url
+
+    from pacs import backup
+    from pacs.app import Pacs
+    from pacs.settings import Settings
+
+    secret = "s3cr3t-Pw"
+    url = make_url(pg_url).set(password=secret).render_as_string(hide_password=False)
+    Pacs.open(Settings(data_dir=tmp_path / "data", index_url=url)).close()  # an index to dump
+    seen = tmp_path / "seen"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("pg_dump", "pg_restore"):
+        wrapper = bin_dir / tool
+        # The real tool runs (trust authentication ignores the password); the wrapper records what it was given.
+        wrapper.write_text(f'#!/bin/sh\necho "{tool} $* PGPASSWORD=$PGPASSWORD" >> {seen}\n'
+                           f'exec {backup._pg_tool(tool)} "$@"\n')
+        wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    out = tmp_path / "index.bak"
+    backup.backup_index(url, out)
+    backup._pg_restore(url, out)  # fails on the tables already there: only its arguments matter here
+    lines = seen.read_text().splitlines()
+    assert [line.split()[0] for line in lines] == ["pg_dump", "pg_restore"], lines
+    for line in lines:
+        arguments, _, password = line.partition(" PGPASSWORD=")
+        assert secret not in arguments and password == secret, line
