@@ -472,3 +472,38 @@ def test_clip_plays_and_a_zoomed_radiograph_is_sharp(page: Any, viewer_server: P
     prior.click()
     expect(page).to_have_url(re.compile(rf"#/study/{re.escape(other)}$"))
     assert not page.errors, page.errors
+
+
+def test_a_save_over_a_link_that_stalls_fails_with_a_message(page: Any, viewer_server: PacsServer) -> None:
+    """A report saved over a satellite link that drops mid-request waited for
+    ever: the button stayed busy and the draft looked saved. The call now has a
+    deadline; past it the radiologist is told and the text stays on the page."""
+    from playwright.sync_api import expect
+
+    with viewer_server.http() as admin:
+        study = admin.get("/api/worklist", params={"modality": "CT"}).json()["items"][-1]["study_uid"]
+    page.clock.install()  # the deadline's timer, moved on below instead of waited for
+    page.goto(f"/#/study/{study}")
+    _log_in(page)
+    expect(page).to_have_url(re.compile(rf"#/study/{re.escape(study)}$"))
+    text = "Không thấy bất thường."
+    page.fill("#findings", text)
+    stalled: list[str] = []
+    # The request leaves the browser and no answer ever comes back: a dropped link.
+    page.route(re.compile(r".*/report$"), lambda route: stalled.append(route.request.method)
+               if route.request.method == "PUT" else route.continue_())
+    page.click("#save-report")
+    for _ in range(200):  # the PUT reaches the route handler (the browser's own pace, not a timing)
+        if stalled:
+            break
+        page.wait_for_timeout(50)
+    assert stalled == ["PUT"], stalled
+    page.clock.fast_forward("01:01")
+    expect(page.locator("#report-error")).to_be_visible()
+    expect(page.locator("#report-error")).to_contain_text(re.compile("did not answer in time|không trả lời kịp"))
+    expect(page.locator("#findings")).to_have_value(text)
+    expect(page.locator("#report-dirty")).to_be_visible()
+    page.unroute(re.compile(r".*/report$"))
+    page.click("#save-report")
+    expect(page.locator("#report-status")).to_have_attribute("data-status", "draft")
+    assert not page.errors, page.errors

@@ -57,12 +57,33 @@ function errorMessage(status, body, fallback) {
   return LOCALIZED.has(status) ? `${t(`http_${status}`)} (${detail})` : detail;
 }
 
+/** Default deadline of an API call, ms (options.timeout overrides it; 0: none). */
+export const API_TIMEOUT_MS = 60000;
+
+/**
+ * The call's abort signal: the caller's (options.signal) or the deadline, whichever comes first.
+ * Timers, not AbortSignal.timeout/any, so that browsers without them still get a deadline.
+ */
+function requestDeadline(options) {
+  const ms = options.timeout === undefined ? API_TIMEOUT_MS : options.timeout;
+  if (!ms) return { signal: options.signal, done() {} };
+  const controller = new AbortController();
+  const timer = setTimeout(() => controller.abort(new DOMException("deadline passed", "TimeoutError")), ms);
+  const caller = options.signal;
+  if (caller) {
+    if (caller.aborted) controller.abort(caller.reason);
+    else caller.addEventListener("abort", () => controller.abort(caller.reason), { once: true });
+  }
+  return { signal: controller.signal, done: () => clearTimeout(timer) };
+}
+
 /**
  * api("GET", "/api/worklist", {query: {...}}) or api("PUT", url, {json: {...}}).
  * Returns the parsed JSON (or null for an empty body); throws ApiError.
  * options.accept overrides the Accept header (DICOM JSON metadata).
  * options.auth401 = false: a 401 is only thrown, not treated as a lost session
  * (the login form and the start-up /api/me probe).
+ * options.timeout: ms before the call fails as timed out (default API_TIMEOUT_MS; 0: none).
  */
 export async function api(method, path, options = {}) {
   let url = path;
@@ -82,19 +103,30 @@ export async function api(method, path, options = {}) {
     headers["Content-Type"] = "application/json";
     body = JSON.stringify(options.json);
   }
+  // A satellite hospital's link that drops mid-request leaves the socket open
+  // for minutes: without a deadline the page waits for ever and a report being
+  // saved looks saved. Timed out, the call fails as "cannot reach the server".
+  const deadline = requestDeadline(options);
   let response;
+  let text;
   try {
     // The pages' Referrer-Policy is no-referrer; with it a browser may send
     // "Origin: null" on a POST, which the server's cross-site check refuses.
     // Our own API may see our own origin: "same-origin" for these requests.
     response = await fetch(url, {
-      method, headers, body, credentials: "same-origin", referrerPolicy: "same-origin", signal: options.signal,
+      method, headers, body, credentials: "same-origin", referrerPolicy: "same-origin", signal: deadline.signal,
     });
+    text = await response.text();
   } catch (exc) {
+    deadline.done();
+    // The deadline rejects with its own reason, a TimeoutError; the caller's abort with an AbortError.
+    if (exc && exc.name === "TimeoutError") {
+      throw new ApiError(0, `${t("network_timeout")} (${method} ${path})`, { timeout: true });
+    }
     if (exc && exc.name === "AbortError") throw exc;
     throw new ApiError(0, `${t("network_error")} (${method} ${path}: ${exc && exc.message ? exc.message : "network error"})`);
   }
-  const text = await response.text();
+  deadline.done();
   let data = null;
   if (text) {
     try {

@@ -123,6 +123,7 @@ export const LABELS = {
     report_restored: "Đã khôi phục văn bản báo cáo chưa lưu.",
     your_text: "Văn bản của bạn (chưa lưu)",
     network_error: "Không kết nối được máy chủ. Văn bản vẫn còn trên trang; thử lưu lại sau.",
+    network_timeout: "Máy chủ không trả lời kịp (mạng chậm hoặc bị ngắt). Văn bản vẫn còn trên trang; thử lại sau.",
   },
   en: {
     app_title: "Filmless PACS",
@@ -237,6 +238,7 @@ export const LABELS = {
     report_restored: "Your unsaved report text was restored.",
     your_text: "Your text (not saved)",
     network_error: "The server cannot be reached. Your text is still on the page; try saving again later.",
+    network_timeout: "The server did not answer in time (slow or dropped link). Your text is still on the page; try again later.",
   },
 };
 

@@ -249,7 +249,7 @@ export class ReportPanel {
         }
         this.showMine(findings, impression);
       } else if (exc.status !== 401) {
-        this.showError(exc.status === 0 ? t("network_error") : exc.message);
+        this.showError(exc.status !== 0 ? exc.message : t(exc.body && exc.body.timeout ? "network_timeout" : "network_error"));
       }
       return false;
     } finally {
