@@ -276,6 +276,27 @@ class Settings(BaseSettings):
     route_lease_seconds: float = Field(default=300.0, gt=0)
     # Finished routing jobs (done, cancelled) are deleted after this many days; 0 keeps them.
     route_keep_days: int = Field(default=30, ge=0)
+    # Prefetch of prior studies (pacs.prefetch): when the HIS places a new
+    # order, the patient's earlier studies are fetched from these old PACS
+    # (AE titles of the registry, in the order asked) before the exam, so the
+    # radiologist has them when reading. "TITLE" retrieves by C-MOVE (the old
+    # PACS must know our AE title, as for `pacs remote pull`), "TITLE:get" by
+    # C-GET. TOML list or comma-separated (PACS_PREFETCH_SOURCES="OLDPACS,
+    # RIS2:get"). Empty: no prefetch.
+    prefetch_sources: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # How far back a prior may be, in years before today (0: any date; then
+    # studies without a Study Date are taken too).
+    prefetch_years: int = Field(default=5, ge=0)
+    # "all" the patient's studies, or only those with the ordered modality ("same").
+    prefetch_modality: Literal["all", "same"] = "all"
+    # The newest this many priors (of those matching) are made complete here per order.
+    prefetch_max_studies: int = Field(default=10, ge=1)
+    # Tries of a prefetch job (an old PACS down, a study it cannot send) before it is dead.
+    prefetch_max_attempts: int = Field(default=10, ge=1)
+    # Seconds before a job that did not finish is tried again, doubled per
+    # try, at most an hour: an old PACS down is asked again after 1, 2, 4...
+    # minutes, not in a loop.
+    prefetch_retry_seconds: float = Field(default=60.0, gt=0)
     # Seconds between two sweeps of due tombstones (objects compress replaced, deletions that died);
     # the same round checkpoints the SQLite index's -wal file once it has grown (pacs.index.db.checkpoint_wal).
     tombstone_sweep_interval: float = Field(default=300.0, gt=0)
@@ -422,6 +443,31 @@ class Settings(BaseSettings):
             return value.replace(",", " ").split()
         return value
 
+    @field_validator("prefetch_sources", mode="before")
+    @classmethod
+    def _source_list(cls, value: Any) -> Any:
+        # The environment gives one string: sources separated by commas or spaces.
+        if isinstance(value, str):
+            return value.replace(",", " ").split()
+        return value
+
+    @field_validator("prefetch_sources")
+    @classmethod
+    def _prefetch_sources(cls, value: list[str]) -> list[str]:
+        seen: dict[str, str] = {}
+        for entry in value:
+            title, _, method = entry.strip().partition(":")
+            title = title.strip()
+            if not 0 < len(title) <= 16 or "\\" in title:
+                raise ValueError(f"prefetch_sources: {entry!r} is not an AE title (1-16 characters)")
+            if method.strip().lower() not in ("", "move", "get"):
+                raise ValueError(f"prefetch_sources: {entry!r}: the retrieve method is move or get "
+                                 "(TITLE, TITLE:move or TITLE:get)")
+            if title in seen:
+                raise ValueError(f"prefetch_sources: {title} is listed twice")
+            seen[title] = method.strip().lower() or "move"
+        return [f"{title}:{method}" for title, method in seen.items()]
+
     @field_validator("extra_storage_classes")
     @classmethod
     def _storage_class_uids(cls, value: list[str]) -> list[str]:
@@ -485,6 +531,11 @@ class Settings(BaseSettings):
     def resolved_storage_url(self) -> str:
         """The object store URL (a folder in the data dir by default)."""
         return self.storage_url or f"file://{(self.data_dir / 'objects').absolute()}"
+
+    @property
+    def prefetch_source_methods(self) -> list[tuple[str, str]]:
+        """The prefetch sources as (AE title, "move" or "get"), in order."""
+        return [(title, method) for title, _, method in (s.partition(":") for s in self.prefetch_sources)]
 
 
 def index_url_problem(url: str) -> str | None:

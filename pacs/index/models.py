@@ -527,6 +527,42 @@ class RouteJob(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
 
 
+class PrefetchJob(Base):
+    """Prior studies to fetch from the old PACS for a new order (pacs.prefetch).
+
+    Queued in the transaction that places the order, with the patient's
+    identifiers as the HIS gave them then (the old PACS may know the patient
+    under another one: the citizen ID). A node runs it under a lease
+    (``claimed_by`` its claim, ``lease_until`` renewed while it runs); a job
+    that did not finish waits until ``next_attempt_at`` (backoff) and is dead
+    after prefetch_max_attempts tries. ``progress`` (JSON) keeps what each
+    source was asked and each prior's outcome, so a retry fetches only what
+    is still missing."""
+
+    __tablename__ = "prefetch_jobs"
+    __table_args__ = (Index("ix_prefetch_jobs_state_next_attempt_at", "state", "next_attempt_at"),)
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    patient_id: Mapped[str] = mapped_column(String, index=True)
+    issuer: Mapped[str] = mapped_column(String, default="")
+    # JSON list of [value, issuer, type]: the patient's other identifiers.
+    other_ids: Mapped[str] = mapped_column(String, default="[]")
+    # The ordered modalities, backslash-separated ("" for a job run by hand: any).
+    modality: Mapped[str] = mapped_column(String, default="")
+    accession_number: Mapped[str] = mapped_column(String, default="", index=True)
+    # pending, running, done, dead
+    state: Mapped[str] = mapped_column(String, default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The claim of the node running it: node name and a token of this claim.
+    claimed_by: Mapped[str] = mapped_column(String, default="")
+    lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    last_error: Mapped[str] = mapped_column(String, default="")
+    progress: Mapped[str] = mapped_column(String, default="{}")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class JobLease(Base):
     """Which process of the cluster runs a shared background job (purge,
     compress, migrate, reindex, verify --repair) right now: see pacs.leases.
