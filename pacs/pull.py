@@ -148,11 +148,16 @@ class Puller:
     """One pull from one remote AE; see the module docstring."""
 
     def __init__(self, pacs: Pacs, title: str, options: PullOptions,
-                 on_study: Callable[[StudyResult], None] | None = None, *, user: str = "") -> None:
+                 on_study: Callable[[StudyResult], None] | None = None, *, user: str = "", role: str = "",
+                 purpose: str = "pacs remote pull") -> None:
         self.pacs = pacs
         self.title = title
         self.options = options
         self.on_study = on_study or (lambda _r: None)
+        # What each study's audit event says the retrieval was for (a pull,
+        # or the prefetch of an order's priors: pacs.prefetch), and as whom.
+        self.purpose = purpose
+        self.role = role
         # Who pulls, for the audit trail: the person who ran `pacs remote pull`.
         if not user:
             from .maintenance.common import os_user
@@ -420,10 +425,10 @@ class Puller:
                              "and pacs serve running to receive?")
             result.detail = f"{len(still)} of {len(listed)} instances missing; " + "; ".join(notes)
         self.pacs.audit.record(Event(
-            "retrieve", user=self.user, protocol="dicom", client=self.title,
+            "retrieve", user=self.user, role=self.role, protocol="dicom", client=self.title,
             outcome="success" if result.state == "pulled" else "failure", study_uid=study_uid,
             patient_id=result.patient_id,
-            detail=f"pacs remote pull: {len(listed) - len(still)} of {len(listed)} instances "
+            detail=f"{self.purpose}: {len(listed) - len(still)} of {len(listed)} instances "
                    f"(C-{self.options.method.upper()})",
         ))
         return result
