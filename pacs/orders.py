@@ -61,6 +61,7 @@ from .index.name_words import set_name_words
 from .index.writer import MERGED_ID_TYPE, merged_patient
 from .index.writer_helpers import insert_ignore
 from .names import fold_name, name_reading, name_words
+from .prefetch.jobs import enqueue_for_order as enqueue_prefetch
 from .query.matching import is_date, is_time, like_literal
 from .timezones import server_zone
 
@@ -486,15 +487,19 @@ def split_end(value: str) -> tuple[str, str]:
 class OrderService:
     """Transactions on orders, patients, performed steps and the outbox."""
 
-    def __init__(self, engine: Any, zone: tzinfo | None = None, *, order_status: bool = True) -> None:
+    def __init__(self, engine: Any, zone: tzinfo | None = None, *, order_status: bool = True,
+                 prefetch: bool = False) -> None:
         """*order_status*: tell the HIS of status changes of its orders
         (ORM^O01; the ``his_order_status`` setting): a results-only HIS
-        refuses them."""
+        refuses them. *prefetch*: a new order queues the prefetch of its
+        patient's prior studies from the old PACS (``prefetch_sources`` set;
+        pacs.prefetch)."""
         self.engine = engine
         # The hospital's zone: the scheduled date and time of an order that
         # comes without one (see _place). None: the server's.
         self.zone = zone
         self.order_status = order_status
+        self.prefetch = prefetch
 
     # -- patients ------------------------------------------------------------------
     def _upsert_patient(self, conn: Connection, p: PatientInfo, *, match_identifiers: bool = True) -> int:
@@ -791,6 +796,9 @@ class OrderService:
         self._report_changes(conn, batch)
         for accession in sorted(batch.placed):
             self._adopt_performed_steps(conn, accession)
+            if self.prefetch:
+                # With the order: a new order always has its job; a refused message leaves none.
+                enqueue_prefetch(conn, accession)
         return results
 
     def update_patient(self, p: PatientInfo) -> None:

@@ -97,7 +97,8 @@ def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
 
     settings = pacs.settings
     zone = hospital_zone(settings)  # HL7 times with an offset are read, and ACKs written, in it
-    service = OrderService(pacs.engine, zone, order_status=settings.his_order_status)
+    service = OrderService(pacs.engine, zone, order_status=settings.his_order_status,
+                           prefetch=bool(settings.prefetch_sources))
 
     def answer(raw: bytes, peer: str) -> bytes:
         return hl7v2.handle(service, raw, processing_id=settings.hl7_processing_id, peer=peer,
@@ -344,6 +345,10 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
             from .sweeper import Sweeper
 
             running.callback(Sweeper(pacs, interval=settings.tombstone_sweep_interval).start().stop)
+            if settings.prefetch_sources:
+                from .prefetch.worker import Prefetcher
+
+                running.callback(Prefetcher(pacs).start().stop)
             if settings.worklist_images_stable_seconds:
                 from .worklist_progress import WorklistProgress
 

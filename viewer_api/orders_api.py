@@ -111,7 +111,8 @@ class MatchModel(JsonBody):
 
 def _service(request: Request) -> OrderService:
     pacs = request.app.state.pacs
-    return OrderService(pacs.engine, hospital_zone(pacs.settings), order_status=pacs.settings.his_order_status)
+    return OrderService(pacs.engine, hospital_zone(pacs.settings), order_status=pacs.settings.his_order_status,
+                        prefetch=bool(pacs.settings.prefetch_sources))
 
 
 def _call(fn: Any, *args: Any) -> Any:

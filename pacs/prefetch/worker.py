@@ -1,0 +1,67 @@
+"""The prefetch worker of `pacs serve`: claims due jobs one after the other
+(every node of a cluster runs one; a job's claim and the per-patient rule of
+:mod:`.jobs` keep two nodes off the same job and the same patient) and runs
+them (:func:`.run.run_claimed`). Waiting jobs cost one indexed query per
+round; a job whose old PACS is down waits its backoff, never in a loop."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from ..app import Pacs
+from ..forwarding import node_name
+from ..periodic import Periodic
+from . import jobs
+from .run import lease, run_claimed
+
+log = logging.getLogger(__name__)
+
+# Seconds between two looks for due jobs: an order's priors start coming
+# within this of its placement (or of `pacs prefetch retry`).
+INTERVAL = 2.0
+PRUNE_EVERY = 3600.0
+
+
+class Prefetcher(Periodic):
+    """Runs due prefetch jobs every few seconds."""
+
+    thread_name = "prefetch"
+    round_at_start = True
+
+    def __init__(self, pacs: Pacs, *, interval: float = INTERVAL) -> None:
+        super().__init__(interval)
+        self.pacs = pacs
+        self.node = node_name(pacs)
+        self._pruned_at: float | None = None
+
+    def start(self) -> Prefetcher:
+        released = jobs.release_node(self.pacs.engine, self.node)
+        if released:
+            log.info("prefetch: %d job(s) this node was running before a restart are queued again", released)
+        return super().start()
+
+    def round(self) -> None:
+        self._prune()
+        while not self.stopping:
+            job = jobs.claim_next(self.pacs.engine, self.node, lease())
+            if job is None:
+                return
+            state = run_claimed(self.pacs, job, stopping=lambda: self.stopping)
+            log.info("prefetch job %d%s: %s", job.pk, f" (order {job.accession})" if job.accession else "",
+                     state or "taken over by another node")
+
+    def _prune(self) -> None:
+        now = time.monotonic()
+        if self._pruned_at is not None and now - self._pruned_at < PRUNE_EVERY:
+            return
+        self._pruned_at = now
+        try:
+            pruned = jobs.prune(self.pacs.engine)
+        except SQLAlchemyError as exc:
+            log.warning("prefetch: pruning finished jobs failed: %s", str(exc).splitlines()[0][:200])
+            return
+        if pruned:
+            log.info("prefetch: %d finished job(s) older than %d days deleted", pruned, jobs.KEEP_DONE.days)
