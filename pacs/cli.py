@@ -127,7 +127,7 @@ def open_existing(args: argparse.Namespace, *, index: bool = True, store: bool =
 
 # Commands that store objects into the archive (and so may begin a new one):
 # only they create a missing S3 bucket.
-CREATES_STORE = {"serve", "import", "samples", "remote get", "remote pull"}
+CREATES_STORE = {"serve", "import", "samples", "remote get", "remote pull", "prefetch run"}
 
 
 def creates_store(args: argparse.Namespace) -> bool:
@@ -1160,6 +1160,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_backup import register as register_backup
 
     register_backup(sub, _common)
+    from .cli_prefetch import register as register_prefetch
+
+    register_prefetch(sub, _common)
 
     p = sub.add_parser("db", help="index schema migrations; copy the index into another database")
     db_sub = p.add_subparsers(dest="db_command", required=True)
