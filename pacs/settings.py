@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -361,6 +361,14 @@ class Settings(BaseSettings):
     # Absolute URL clients reach the HTTP API at (behind a reverse proxy);
     # default: taken from each request.
     public_url: str | None = None
+    # Patient share links (pacs share create, POST /api/studies/{uid}/shares):
+    # the days a new link lasts unless its creator says, and the most it may.
+    share_days: int = Field(default=30, ge=1)
+    share_days_max: int = Field(default=365, ge=1)
+    # A share link's page first asks the patient's birth year (when the
+    # index has a birth date): a photo of the printed QR code, or a lost
+    # receipt, is then not enough to see the images. Off: the link alone.
+    share_birth_year: bool = True
     # Web origins (comma-separated, e.g. "https://emr.bvdk.vn"; "*" for any)
     # whose pages may call the HTTP API from the browser: an EMR or a DICOMweb
     # viewer (OHIF) served from another host. Empty: same origin only.
@@ -398,6 +406,14 @@ class Settings(BaseSettings):
     conversion_wait_seconds: float = Field(default=60.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     ae: list[KnownAeEntry] = Field(default_factory=list)
+
+    @field_validator("share_days_max")
+    @classmethod
+    def _share_days_in_reach(cls, value: int, info: ValidationInfo) -> int:
+        days = info.data.get("share_days")
+        if isinstance(days, int) and days > value:
+            raise ValueError(f"is below share_days ({days}): a new share link would last longer than allowed")
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -640,3 +640,31 @@ class CommitmentConflict(Base):
     study_uid: Mapped[str] = mapped_column(UID)
     series_uid: Mapped[str] = mapped_column(UID)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class ShareLink(Base):
+    """A link that shows one study to its patient without an account (the
+    QR code printed instead of film; see pacs.shares). Only the SHA-256 of
+    its token is kept: a copy of the database opens no link. Deleted with
+    its study. Added by migration 0028."""
+
+    __tablename__ = "share_links"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.pk", ondelete="CASCADE"), index=True)
+    # Who made it: a user of the HTTP API (the HIS's account), or "cli:<os user>".
+    created_by: Mapped[str] = mapped_column(String, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    revoked_by: Mapped[str] = mapped_column(String, default="")
+    # Opened: when last, and how many times (its page's study read).
+    last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    # Wrong birth years answered since the last right one or lock, and the
+    # lock they set: in the index, so every node and process sees them.
+    failed_answers: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Signs the cookie that says this browser answered the birth year (random per link).
+    cookie_key: Mapped[str] = mapped_column(String(64))

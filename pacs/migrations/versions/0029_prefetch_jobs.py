@@ -7,7 +7,7 @@ of `pacs serve` runs under a lease: C-FIND of the old PACS for the patient,
 retrieve of the newest priors not complete here (pacs.prefetch).
 
 Revision ID: 0029
-Revises: 0027
+Revises: 0028
 Create Date: 2026-12-07 10:00:00
 """
 
@@ -17,7 +17,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = '0029'
-down_revision = '0027'
+down_revision = '0028'
 branch_labels = None
 depends_on = None
 
