@@ -43,6 +43,9 @@ class RetrieveItem:
     # Attribute values the index corrected (HIS reconciliation, merges):
     # applied to the object on the way out; the stored bytes stay as received.
     overrides: tuple[tuple[str, str], ...] = ()
+    # The image's size as indexed (None: no pixel data, or not known).
+    rows: int | None = None
+    columns: int | None = None
 
 
 class TranscodeError(Exception):
@@ -78,6 +81,8 @@ def resolve(pacs: Pacs, level: Level, match: dict[str, str], *, limit: int | Non
             frames=r["NumberOfFrames"],
             pixel_offset=r["pixel_offset"],
             overrides=overrides.get(r["_study_pk"], ()),
+            rows=r["Rows"],
+            columns=r["Columns"],
         )
         for r in rows
     ]

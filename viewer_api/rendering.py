@@ -297,13 +297,15 @@ def _rendered_location(base: str, item: RetrieveItem, frame: int) -> str:
     return f"{url}/frames/{frame}/rendered" if (item.frames or 1) > 1 else f"{url}/rendered"
 
 
-def thumbnail_response(request: Request, items: list[RetrieveItem], frame: int | None = None) -> Response:
+def thumbnail_response(request: Request, items: list[RetrieveItem], frame: int | None = None,
+                       params: RenderParams | None = None) -> Response:
     """A small image of the representative instance: the middle one of
     those the index shows can be rendered. An ultrasound or endoscopy
     series mixes stills with cine clips stored as MPEG-4 / H.264, which
     nothing here decodes: when the middle one was a clip, the series' and
-    the study's thumbnail was a 415 beside renderable stills."""
-    params = params_from(request, thumbnail=True)
+    the study's thumbnail was a 415 beside renderable stills. *params*:
+    the rendering, else the request's rendered-resource parameters."""
+    params = params or params_from(request, thumbnail=True)
     images = ([i for i in items if _known_unrenderable(i) is None]
               or [i for i in items if i.pixel_offset is not None] or items)
     item = images[len(images) // 2]
