@@ -1163,6 +1163,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_prefetch import register as register_prefetch
 
     register_prefetch(sub, _common)
+    from .cli_share import register as register_share
+
+    register_share(sub, _common)
 
     p = sub.add_parser("db", help="index schema migrations; copy the index into another database")
     db_sub = p.add_subparsers(dest="db_command", required=True)
