@@ -17,6 +17,8 @@ from .qr_corpus import import_corpus, study_uid
 
 ROLES = ["modality", "radiologist", "referring", "emr", "his", "admin"]
 READ = {"radiologist", "admin", "emr", "referring"}
+# Patient share links: the HIS prints them; readers of the images but the EMR.
+SHARE = {"radiologist", "admin", "his", "referring"}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,9 @@ def _routes(server: PacsServer) -> list[tuple[str, str, set[str], dict | None]]:
         ("DELETE", "/api/studies/1.2.3.404/series/1.2.3.405/instances/1.2.3.406?reason=test", {"admin"}, None),
         ("GET", "/fhir/Patient?identifier=001085012345", READ, None),
         ("GET", "/fhir/Patient/CCCD.001085012345", READ, None),  # S1's patient
+        ("POST", f"/api/studies/{s1}/shares", SHARE, {"days": 1}),
+        ("GET", f"/api/studies/{s1}/shares", SHARE, None),
+        ("DELETE", "/api/shares/999999", SHARE, None),  # no such link: 404 for those allowed
     ]
 
 
@@ -108,6 +113,8 @@ def test_public_routes(secured: PacsServer) -> None:
         for path in ("/openapi.json", "/docs", "/redoc"):
             assert http.get(path).status_code == 401, path
         assert http.get(f"/viewer/study/{study_uid('S1')}", follow_redirects=False).status_code == 302
+        # A share link's page needs its token only (tests/test_share_links.py): an unknown one is a 404.
+        assert http.get("/share/" + "A" * 32).status_code == 404
         # An accession link is resolved by the viewer after login: before it,
         # a known and an unknown accession number get the same answer.
         for accession in ("ACC001", "NOPE"):
