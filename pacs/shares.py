@@ -48,9 +48,18 @@ TOKEN_BYTES = 24
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{32}")
 # Where a link's page is, under the app's root.
 PATH_PREFIX = "/share/"
-# The birth-year check: wrong answers before a lock, and the lock's length.
+# The birth-year check: wrong answers before a lock, and the first lock's
+# length. Each further lock is twice the one before, up to MAX_LOCK: a year
+# has about a hundred likely values, which a flat 15 minutes per 5 guesses
+# let a finder of a lost receipt try within a day.
 BIRTH_YEAR_TRIES = 5
 LOCK = timedelta(minutes=15)
+MAX_LOCK = timedelta(days=1)
+
+
+def lock_length(lockouts: int) -> timedelta:
+    """The lock after the *lockouts*-th run of wrong answers (1: the first)."""
+    return min(LOCK * 2 ** min(max(lockouts - 1, 0), 16), MAX_LOCK)
 # How long a right answer lets the browser load the page's data.
 ANSWERED_FOR = timedelta(hours=1)
 # `pacs share list` without --study: the newest this many.
@@ -186,7 +195,8 @@ def create(engine: Engine, study_uid: str, created_by: str, *, days: int | None 
             raise ShareError(f"no study {study_uid}", 404)
         pk = conn.execute(shares_t.insert().values(
             token_hash=token_hash(token), study_pk=study_pk, created_by=created_by[:200], created_at=now,
-            expires_at=expires_at, revoked_by="", uses=0, failed_answers=0, cookie_key=secrets.token_hex(32),
+            expires_at=expires_at, revoked_by="", uses=0, failed_answers=0, lockouts=0,
+            cookie_key=secrets.token_hex(32),
         )).inserted_primary_key[0]
         row = conn.execute(_select().where(shares_t.c.pk == pk)).one()
     return NewShare(_link(row), token)
@@ -275,7 +285,7 @@ def answer_birth_year(engine: Engine, found: ShareLink, answer: str) -> Answer:
     if not re.fullmatch(r"\d{4}", answer):
         raise ShareError("the birth year is 4 digits (e.g. 1975)", 400)
     with write_transaction(engine) as conn:
-        row = conn.execute(select(shares_t.c.failed_answers, shares_t.c.locked_until)
+        row = conn.execute(select(shares_t.c.failed_answers, shares_t.c.locked_until, shares_t.c.lockouts)
                            .where(shares_t.c.pk == found.id).with_for_update()).first()
         if row is None:
             raise ShareError("no such share link", 404)
@@ -284,13 +294,13 @@ def answer_birth_year(engine: Engine, found: ShareLink, answer: str) -> Answer:
             return Answer(False, 0, row.locked_until)
         if hmac.compare_digest(answer, found.birth_year):
             conn.execute(update(shares_t).where(shares_t.c.pk == found.id)
-                         .values(failed_answers=0, locked_until=None))
+                         .values(failed_answers=0, locked_until=None, lockouts=0))
             return Answer(True)
         failures = row.failed_answers + 1
         if failures >= BIRTH_YEAR_TRIES:
-            until = now + LOCK
+            until = now + lock_length(row.lockouts + 1)
             conn.execute(update(shares_t).where(shares_t.c.pk == found.id)
-                         .values(failed_answers=0, locked_until=until))
+                         .values(failed_answers=0, locked_until=until, lockouts=row.lockouts + 1))
             return Answer(False, 0, until, new_lock=True)
         conn.execute(update(shares_t).where(shares_t.c.pk == found.id).values(failed_answers=failures))
         return Answer(False, BIRTH_YEAR_TRIES - failures)

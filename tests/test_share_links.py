@@ -361,21 +361,36 @@ def test_wrong_birth_years_lock_the_link(archive: PacsServer) -> None:
     lockouts = [e for e in trail(archive, action="share-lockout") if e["user"] == f"share:{link['id']}"]
     assert len(lockouts) == 1 and lockouts[0]["study_uid"] == u["a"] and lockouts[0]["outcome"] == "denied"
 
-    # Fifteen minutes later (the lock set back in the index: no test waits for it), the right year opens it.
-    core = archive.core()
-    try:
-        from sqlalchemy import update
+    def lock_ends() -> None:  # the lock set back in the index: no test waits for it
+        core = archive.core()
+        try:
+            from sqlalchemy import update
 
-        from pacs.index.models import ShareLink
+            from pacs.index.models import ShareLink
 
-        with core.engine.begin() as conn:
-            conn.execute(update(ShareLink.__table__).where(ShareLink.__table__.c.pk == link["id"])
-                         .values(locked_until=datetime.now(UTC) - timedelta(seconds=1)))
-    finally:
-        core.close()
+            with core.engine.begin() as conn:
+                conn.execute(update(ShareLink.__table__).where(ShareLink.__table__.c.pk == link["id"])
+                             .values(locked_until=datetime.now(UTC) - timedelta(seconds=1)))
+        finally:
+            core.close()
+
+    # Once the lock is over, five more wrong years lock it twice as long: a flat 15 minutes let all
+    # the likely years be tried within a day.
+    lock_ends()
+    with patient(archive) as phone:
+        for year in ("1960", "1961", "1962", "1963"):
+            assert answer_birth_year(phone, base, year).status_code == 403
+        again = answer_birth_year(phone, base, "1964")
+        assert again.status_code == 429 and 15 * 60 < int(again.headers["retry-after"]) <= 30 * 60, again.headers
+    # When it is over, the right year opens it (and the next lock would be 15 minutes again).
+    lock_ends()
     with patient(archive) as phone:
         assert answer_birth_year(phone, base, BIRTH_YEAR).status_code == 204
         assert phone.get(f"{base}/study").status_code == 200
+    from pacs.shares import lock_length
+
+    assert [lock_length(n).total_seconds() / 60 for n in (1, 2, 3)] == [15, 30, 60]
+    assert lock_length(40) == timedelta(days=1)
 
 
 def test_expired_revoked_and_unknown_links(archive: PacsServer) -> None:

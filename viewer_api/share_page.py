@@ -229,8 +229,8 @@ def birth_year(request: Request, token: str, body: BirthYear) -> Response:
             event.detail += f": wrong; locked until {answer.locked_until:%Y-%m-%d %H:%M} UTC"
             request.app.state.pacs.audit.record(Event(
                 action="share-lockout", user=event.user, role="share", client=event.client, outcome="denied",
-                study_uid=found.study_uid, detail=f"share link {found.id} locked for "
-                f"{int(shares.LOCK.total_seconds() // 60)} minutes after {shares.BIRTH_YEAR_TRIES} wrong birth years"))
+                study_uid=found.study_uid, detail=f"share link {found.id} locked until "
+                f"{answer.locked_until:%Y-%m-%d %H:%M} UTC after {shares.BIRTH_YEAR_TRIES} wrong birth years"))
         else:
             event.detail += ": refused unchecked, the link is locked"
         retry = max(1, math.ceil((answer.locked_until - datetime.now(UTC)).total_seconds()))

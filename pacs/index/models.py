@@ -666,5 +666,7 @@ class ShareLink(Base):
     # lock they set: in the index, so every node and process sees them.
     failed_answers: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Locks so far since the last right answer: each is twice the one before.
+    lockouts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Signs the cookie that says this browser answered the birth year (random per link).
     cookie_key: Mapped[str] = mapped_column(String(64))

@@ -39,6 +39,7 @@ def upgrade() -> None:
     sa.Column('uses', sa.Integer(), nullable=False),
     sa.Column('failed_answers', sa.Integer(), nullable=False),
     sa.Column('locked_until', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('lockouts', sa.Integer(), nullable=False, server_default='0'),
     sa.Column('cookie_key', sa.String(length=64), nullable=False),
     sa.ForeignKeyConstraint(['study_pk'], ['studies.pk'], name=op.f('fk_share_links_study_pk_studies'),
                             ondelete='CASCADE'),
