@@ -50,6 +50,8 @@ _ACTION_CODE = {
     "api-docs": "R", "audit-archive": "D", "mpps": "U",
     # Patient share links (pacs.shares): made, revoked; a birth year answered, a link locked by wrong ones.
     "share-create": "C", "share-revoke": "D", "share-verify": "E", "share-lockout": "E",
+    # Report templates (pacs.report_templates).
+    "template-create": "C", "template-update": "U", "template-archive": "D",
 }
 
 

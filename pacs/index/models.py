@@ -447,7 +447,8 @@ class AuditEvent(Base):
     protocol: Mapped[str] = mapped_column(String, default="")
     # view, download, query, store, report-create, report-update, report-sign,
     # report-amend, export, delete, login, login-failed, login-lockout, denied,
-    # user-add, user-disable, token-create, token-revoke
+    # user-add, user-disable, token-create, token-revoke, template-create,
+    # template-update, template-archive
     action: Mapped[str] = mapped_column(String, index=True)
     outcome: Mapped[str] = mapped_column(String, default="success")
     study_uid: Mapped[str] = mapped_column(String, default="", index=True)
@@ -479,6 +480,47 @@ class Report(Base):
     # Counts the saves of this version: a save or a signature names the
     # revision its author saw, and is refused (409) when another came between.
     revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+
+
+# The report templates of migration 0031: the rows a name is unique among.
+TEMPLATE_ACTIVE = "archived_at IS NULL"
+
+
+class ReportTemplate(Base):
+    """A report template ("mẫu kết quả"): findings and impression text a
+    radiologist starts a report from (pacs.report_templates). ``owner`` ''
+    is the department's (shared), else the username of the radiologist whose
+    own it is. Archived, never deleted: a report written from one stays
+    explainable. Its name is unique per owner among the active ones."""
+
+    __tablename__ = "report_templates"
+    __table_args__ = (
+        Index("uq_report_templates_owner_name_key", "owner", "name_key", unique=True,
+              sqlite_where=text(TEMPLATE_ACTIVE), postgresql_where=text(TEMPLATE_ACTIVE)),
+    )
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    owner: Mapped[str] = mapped_column(String(64), default="")
+    name: Mapped[str] = mapped_column(String)
+    # The name compared for uniqueness: case and spacing ignored, diacritics kept
+    # ("Bụng" and "Bùng" are two words), pacs.report_templates.name_key.
+    name_key: Mapped[str] = mapped_column(String)
+    # Searched without diacritics (pacs.names.fold): "SIEU AM" finds "Siêu âm".
+    name_folded: Mapped[str] = mapped_column(String, default="")
+    # Upper case, free text (DICOM codes: US, ABDOMEN); '' matches any study. A
+    # modality may name several ("CR/DX").
+    modality: Mapped[str] = mapped_column(String(16), default="")
+    body_part: Mapped[str] = mapped_column(String(16), default="")
+    findings: Mapped[str] = mapped_column(String, default="")
+    impression: Mapped[str] = mapped_column(String, default="")
+    created_by: Mapped[str] = mapped_column(String, default="")
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    updated_by: Mapped[str] = mapped_column(String, default="")
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # Counts the changes: an update names the version its author read, 409 when another came between.
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    archived_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    archived_by: Mapped[str] = mapped_column(String, default="")
 
 
 class RoutingRule(Base):
