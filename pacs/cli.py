@@ -1166,6 +1166,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_share import register as register_share
 
     register_share(sub, _common)
+    from .cli_templates import register as register_templates
+
+    register_templates(sub, _common)
 
     p = sub.add_parser("db", help="index schema migrations; copy the index into another database")
     db_sub = p.add_subparsers(dest="db_command", required=True)
@@ -1186,7 +1189,7 @@ def build_parser() -> argparse.ArgumentParser:
 # one, and opening would create an empty archive where --data-dir was
 # mistyped (`pacs route list` then shows "no rules" for a busy hospital).
 MAY_CREATE = {"serve", "import", "samples", "ae add", "user add", "token create", "route add", "db upgrade", "restore",
-              "reindex", "certs", "health"}
+              "reindex", "certs", "health", "template import"}
 
 
 def _configured(args: argparse.Namespace) -> bool:
