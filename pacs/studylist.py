@@ -158,6 +158,8 @@ def study_detail(engine: Engine, study_uid: str) -> dict[str, Any] | None:
             {
                 "series_uid": s.series_uid,
                 "modality": s.modality,
+                # The viewer's template picker offers the templates of this body part first.
+                "body_part": s.body_part,
                 "series_number": s.series_number,
                 "description": s.description,
                 "num_instances": s.num_instances,

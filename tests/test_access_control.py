@@ -57,6 +57,8 @@ def _routes(server: PacsServer) -> list[tuple[str, str, set[str], dict | None]]:
         ("GET", f"/api/studies/{s1}/report", READ, None),
         ("PUT", f"/api/studies/{s1}/report", {"radiologist"}, {"findings": "x", "impression": "y"}),
         ("POST", f"/api/studies/{s1}/report/amend", {"radiologist"}, None),
+        ("GET", "/api/report-templates?modality=CT", {"radiologist", "admin"}, None),
+        ("POST", "/api/report-templates", {"radiologist", "admin"}, {"name": "ACL", "findings": "Bình thường."}),
         ("POST", "/api/orders", {"his", "admin"}, order),
         ("GET", "/api/orders/ACL-1", {"his", "admin", "radiologist"}, None),
         ("GET", "/api/studies/unmatched", {"admin"}, None),

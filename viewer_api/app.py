@@ -18,7 +18,7 @@ from pacs.app import Pacs, health
 from pacs.auth import ROLES
 from pacs.pixel_memory import PIXELS
 
-from . import errors, fhir, orders_api, qido, share_api, share_page, stow, ui_api, wado, wado_uri
+from . import errors, fhir, orders_api, qido, share_api, share_page, stow, templates_api, ui_api, wado, wado_uri
 from .limits import BodyLimit
 from .rendering import RenderCache
 from .security import (
@@ -108,6 +108,7 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.include_router(stow.router, dependencies=requires("modality", "admin", action="store"))
     app.include_router(orders_api.router)
     app.include_router(ui_api.router)
+    app.include_router(templates_api.router)
     # Share links: made by staff (guarded per route), opened by the patient
     # with the link's token alone (share_page: every access audited as share:<id>).
     app.include_router(share_api.router)

@@ -21,6 +21,8 @@ from pacs.studylist import patient_of, study_detail, study_list
 from .errors import HTTPProblem, JsonBody, problem
 from .mediatypes import video_media_types
 from .security import COOKIE, READERS, audit, audit_patients, guard, principal_of
+from .templates_api import MAX_ID as MAX_TEMPLATE_ID
+from .templates_api import report_source
 
 router = APIRouter(tags=["viewer"])
 
@@ -36,6 +38,8 @@ class ReportText(BaseModel):
     impression: str = Field("", max_length=100_000)
     # The draft revision the author loaded (0: none yet); absent: no check.
     revision: int | None = Field(None, ge=0)
+    # The report template the text was started from (the viewer's picker), named in the audit event.
+    template_id: int | None = Field(None, ge=1, le=MAX_TEMPLATE_ID)
 
 
 class SignRequest(BaseModel):
@@ -276,6 +280,11 @@ def get_report(request: Request, study: str, principal: Principal = guard(*READE
 @router.put("/api/studies/{study}/report", summary="Save the draft report")
 def save_report(request: Request, study: str, body: ReportText,
                 principal: Principal = guard("radiologist", action="report-update")) -> dict[str, Any]:
+    if body.template_id is not None:
+        # Which template the text came from stays readable: templates are archived, never deleted.
+        event = getattr(request.state, "audit", None)
+        if isinstance(event, Event):
+            event.detail = f"{event.detail} (text from {report_source(request, body.template_id)})"[:500]
     return _report_call(_reports(request).save_draft, study, body.findings, body.impression, principal.username,
                         revision=body.revision)
 
