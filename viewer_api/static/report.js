@@ -1,8 +1,10 @@
 // The report panel: draft editing (findings / impression), save, sign, amend,
-// signed read-only view with the PDF link, version history.
+// signed read-only view with the PDF link, version history; report templates
+// (pick one to start from, save the text as one's own).
 
 import { api } from "./api.js";
 import { onLangChange, t } from "./i18n.js";
+import { TEMPLATES_API, TemplatePicker } from "./templates.js";
 import { formatDateTime, formatPN, h, readSession, toast, writeSession } from "./util.js";
 
 // Only radiologists write and sign reports (the server enforces it too).
@@ -30,6 +32,11 @@ export class ReportPanel {
     this.report = null;
     this.dirty = false;
     this.busy = false;
+    // The study's modality and body part (setStudy): templates of those come first.
+    this.modality = "";
+    this.bodyPart = "";
+    // The template the text was last filled from, named with the next save (the audit trail).
+    this.templateUsed = null;
     this.build();
   }
 
@@ -52,6 +59,9 @@ export class ReportPanel {
     this.pdfLink = h("a#report-pdf.btn", { href: `${this.base}/pdf`, target: "_blank", rel: "noopener", "data-i18n": "report_pdf", hidden: true });
     this.versionList = h("ol#report-version-list.versions");
     this.versions = h("details#report-versions", { hidden: true }, h("summary", { "data-i18n": "versions" }), this.versionList);
+    this.picker = new TemplatePicker(this.username, (template) => this.applyTemplate(template));
+    this.picker.element.hidden = true;
+    this.saveTemplateButton = h("button#save-template.btn", { type: "button", "data-i18n": "save_template", hidden: true, onclick: () => this.saveAsTemplate() });
 
     this.element = h(
       "section#report-panel.report-panel",
@@ -59,12 +69,13 @@ export class ReportPanel {
       this.error,
       this.notice,
       this.mineBox,
+      this.picker.element,
       h("label.report-label", { for: "findings", "data-i18n": "findings" }),
       this.findings,
       h("label.report-label", { for: "impression", "data-i18n": "impression" }),
       this.impression,
       this.meta,
-      h("div.report-actions", this.saveButton, this.signButton, this.amendButton, this.pdfLink),
+      h("div.report-actions", this.saveButton, this.signButton, this.amendButton, this.pdfLink, this.saveTemplateButton),
       this.versions,
     );
 
@@ -87,6 +98,63 @@ export class ReportPanel {
   destroy() {
     document.removeEventListener("keydown", this.onKey);
     this.offLang();
+    this.picker.destroy();
+  }
+
+  /** The study's modality and body part (of its first image series): the picker offers their templates first. */
+  setStudy(modality, bodyPart) {
+    this.modality = modality || "";
+    this.bodyPart = bodyPart || "";
+    this.picker.setStudy(this.modality, this.bodyPart);
+  }
+
+  /** Fill the editor from *template*: an empty field is filled, typed text is
+   * replaced only once the user agrees (nothing typed is lost unasked); a
+   * field the template has no text for is left as it is. True when applied. */
+  applyTemplate(template) {
+    if (!this.editable()) return false;
+    const fields = [[this.findings, template.findings || ""], [this.impression, template.impression || ""]];
+    const replacing = fields.some(([area, text]) => text && area.value.trim() && area.value !== text);
+    if (replacing && !confirm(t("template_replace_confirm", { name: template.name }))) return false;
+    for (const [area, text] of fields) if (text) area.value = text;
+    this.templateUsed = template.id;
+    this.setDirty(true);
+    this.keepUnsaved();
+    toast(t("template_applied", { name: template.name }));
+    this.findings.focus();
+    return true;
+  }
+
+  /** "Save as my template": the current text under a name the user gives,
+   * with the study's modality and body part; the user's own template of that
+   * name is replaced only once they agree. */
+  async saveAsTemplate() {
+    if (!this.canEdit) return;
+    const findings = this.findings.value;
+    const impression = this.impression.value;
+    if (!findings.trim() && !impression.trim()) {
+      toast(t("template_empty"), "error");
+      return;
+    }
+    const name = (prompt(t("template_name_prompt")) || "").trim();
+    if (!name) return;
+    try {
+      let done = t("template_saved", { name });
+      try {
+        await api("POST", TEMPLATES_API, { json: { name, findings, impression, modality: this.modality, body_part: this.bodyPart } });
+      } catch (exc) {
+        if (exc.status !== 409) throw exc;
+        const mine = await this.picker.findMine(name);
+        if (!mine) throw exc;
+        if (!confirm(t("template_overwrite_confirm", { name: mine.name }))) return;
+        await api("PUT", `${TEMPLATES_API}/${mine.id}`, { json: { version: mine.version, findings, impression } });
+        done = t("template_replaced", { name: mine.name });
+      }
+      toast(done);
+      this.picker.reload();
+    } catch (exc) {
+      if (exc.status !== 401) toast(exc.status !== 0 ? exc.message : t("network_error"), "error");
+    }
   }
 
   editable() {
@@ -199,6 +267,9 @@ export class ReportPanel {
     this.signButton.hidden = !this.canEdit || signed;
     this.amendButton.hidden = !this.canEdit || !signed;
     this.pdfLink.hidden = !signed;
+    // Templates are for writing: a signed report is amended first.
+    this.picker.element.hidden = !this.canEdit || signed;
+    this.saveTemplateButton.hidden = !this.canEdit || signed;
     for (const button of [this.saveButton, this.signButton, this.amendButton]) button.disabled = this.busy;
 
     const versions = Array.isArray(report.versions) ? report.versions : [];
@@ -265,7 +336,11 @@ export class ReportPanel {
 
   async put() {
     const sent = { findings: this.findings.value, impression: this.impression.value };
-    const response = await api("PUT", this.base, { json: { ...sent, revision: this.revision() } });
+    const template = this.templateUsed;
+    const body = { ...sent, revision: this.revision() };
+    if (template !== null) body.template_id = template;
+    const response = await api("PUT", this.base, { json: body });
+    if (this.templateUsed === template) this.templateUsed = null; // named once, by the save that stored it
     // Typed while the save was on its way (Ctrl+S, then on typing over a slow
     // link): not in what was saved. It stays in the editor, unsaved and kept,
     // instead of being replaced by the saved text without a word.

@@ -173,6 +173,9 @@ export function mountStudy(root, ctx, studyUid) {
     renderHeader();
     renderSeries();
     const all = study.series || [];
+    // The examination's modality and body part (its first image series, not a report PDF): their templates first.
+    const examined = all.find((s) => s.modality && !NON_IMAGE.has(s.modality)) || {};
+    report.setStudy(examined.modality || "", examined.body_part || "");
     const saved = readSession(viewKey);
     const before = saved && all.find((s) => s.series_uid === saved.series);
     const first = before || all.find((s) => !NON_IMAGE.has(s.modality) && (s.instances || []).some(isImage)) || all[0];

@@ -1,0 +1,153 @@
+// The report template picker ("mẫu kết quả") of the report panel: the user's
+// own and the department's templates, those of the study's modality and body
+// part first, searched on the server by name without diacritics ("sieu am"
+// finds "Siêu âm"). Choosing one hands it to onPick; the report panel decides
+// what to fill (and asks before replacing typed text).
+
+import { api } from "./api.js";
+import { t } from "./i18n.js";
+import { h } from "./util.js";
+
+export const TEMPLATES_API = "/api/report-templates";
+const SEARCH_DELAY_MS = 250;
+
+/** A template name as the server compares names: case and spacing ignored, diacritics kept. */
+export function nameKey(name) {
+  return String(name || "").normalize("NFC").toLowerCase().split(/\s+/).filter(Boolean).join(" ");
+}
+
+export class TemplatePicker {
+  /** onPick(template) is called with the template chosen. */
+  constructor(username, onPick) {
+    this.username = username;
+    this.onPick = onPick;
+    this.modality = "";
+    this.bodyPart = "";
+    this.loaded = false;
+    this.items = [];
+    this.sequence = 0; // answers of an older search are ignored
+    this.timer = 0;
+
+    this.search = h("input#template-search", {
+      type: "search", autocomplete: "off", spellcheck: "false",
+      "data-i18n-placeholder": "template_search_ph", placeholder: t("template_search_ph"),
+      "aria-controls": "template-list",
+    });
+    this.list = h("ul#template-list.template-list", { role: "listbox", "data-i18n-aria": "templates" });
+    this.message = h("div#template-message.muted", { hidden: true });
+    this.summary = h("summary#template-summary", { "data-i18n": "templates" }, t("templates"));
+    this.element = h("details#template-picker.template-picker", this.summary, this.search, this.message, this.list);
+
+    this.element.addEventListener("toggle", () => {
+      if (this.element.open && !this.loaded) this.load();
+      if (this.element.open) this.search.focus({ preventScroll: true });
+    });
+    this.search.addEventListener("input", () => {
+      clearTimeout(this.timer);
+      this.timer = setTimeout(() => this.load(), SEARCH_DELAY_MS);
+    });
+    this.search.addEventListener("keydown", (event) => {
+      if (event.key === "Enter") {
+        // The first one listed: the best fit for the study among those matching.
+        event.preventDefault();
+        if (this.items.length) this.pick(this.items[0]);
+      } else if (event.key === "ArrowDown") {
+        const first = this.list.querySelector("button");
+        if (first) {
+          event.preventDefault();
+          first.focus();
+        }
+      }
+    });
+  }
+
+  /** The study's modality and body part, offered first; a loaded list is asked again. */
+  setStudy(modality, bodyPart) {
+    this.modality = modality || "";
+    this.bodyPart = bodyPart || "";
+    if (this.loaded) this.load();
+  }
+
+  /** Ask the server again (after "save as my template"). */
+  reload() {
+    if (this.loaded || this.element.open) this.load();
+  }
+
+  destroy() {
+    clearTimeout(this.timer);
+    this.sequence += 1;
+  }
+
+  say(message) {
+    this.message.textContent = message || "";
+    this.message.hidden = !message;
+  }
+
+  async load() {
+    clearTimeout(this.timer);
+    const sequence = ++this.sequence;
+    this.element.setAttribute("aria-busy", "true");
+    try {
+      const data = await api("GET", TEMPLATES_API, {
+        query: { modality: this.modality, body_part: this.bodyPart, q: this.search.value.trim() },
+      });
+      if (sequence !== this.sequence) return;
+      this.loaded = true;
+      this.items = (data && Array.isArray(data.items)) ? data.items : [];
+      this.render();
+    } catch (exc) {
+      if (sequence !== this.sequence || exc.status === 401) return;
+      this.items = [];
+      this.list.replaceChildren();
+      this.say(`${t("template_load_error")}: ${exc.message}`);
+    } finally {
+      if (sequence === this.sequence) this.element.removeAttribute("aria-busy");
+    }
+  }
+
+  render() {
+    this.say(this.items.length ? "" : t("template_none"));
+    this.list.replaceChildren(...this.items.map((template) => this.item(template)));
+  }
+
+  item(template) {
+    const whose = template.owner === "" ? "template_shared" : template.owner === this.username ? "template_mine" : "";
+    const codes = [template.modality, template.body_part].filter(Boolean).join(" · ");
+    const button = h(
+      "button.template-item",
+      {
+        type: "button",
+        role: "option",
+        "data-testid": "template-item",
+        dataset: { templateId: String(template.id), fits: template.fits || "" },
+        title: [template.findings, template.impression].filter(Boolean).join("\n\n").slice(0, 600),
+        onclick: () => this.pick(template),
+      },
+      h("span.template-name", template.name),
+      h("span.template-meta", codes, whose ? h("span.template-owner", { "data-i18n": whose }, t(whose)) : template.owner),
+    );
+    button.addEventListener("keydown", (event) => {
+      const to = event.key === "ArrowDown" ? button.parentElement.nextElementSibling
+        : event.key === "ArrowUp" ? button.parentElement.previousElementSibling : null;
+      if (event.key === "ArrowUp" && !to) {
+        event.preventDefault();
+        this.search.focus();
+      } else if (to) {
+        event.preventDefault();
+        to.querySelector("button").focus();
+      }
+    });
+    return h("li", button);
+  }
+
+  pick(template) {
+    if (this.onPick(template)) this.element.open = false;
+  }
+
+  /** The user's own template of this name (case and spacing ignored), from the server; null if none. */
+  async findMine(name) {
+    const data = await api("GET", TEMPLATES_API, { query: { q: name, limit: 500 } });
+    const key = nameKey(name);
+    return ((data && data.items) || []).find((i) => i.owner === this.username && nameKey(i.name) === key) || null;
+  }
+}
