@@ -85,7 +85,8 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     p.add_argument("--wait", action="store_true", help=WAIT_HELP)
     p.set_defaults(func=cmd_compress)
 
-    p = sub.add_parser("export", help="write studies to a folder or a .zip, optionally de-identified")
+    p = sub.add_parser("export", help="write studies to a folder or a .zip, optionally de-identified, or as a "
+                                      "DICOM CD/USB file-set (--media)")
     common(p, json_flag=True)
     p.add_argument("studies", nargs="+", metavar="STUDY_UID")
     p.add_argument("--out", required=True, type=Path, metavar="DIR|FILE.zip")
@@ -94,6 +95,11 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     p.add_argument("--include-burned-in", action="store_true",
                    help="with --deidentify: also write objects with burned-in annotation (identifying text in the "
                         "pixels, not removed); by default they are left out and listed")
+    p.add_argument("--media", action="store_true",
+                   help="a DICOM file-set for a patient's CD or USB stick (IHE PDI): DICOMDIR, README.TXT and "
+                        "DICOM/PAT00001/STU00001/SER00001/IMG00001...; other hospitals' PACS and CD viewers read it")
+    p.add_argument("--uncompressed", action="store_true",
+                   help="with --media: every object in Explicit VR Little Endian (STD-GEN-CD) instead of as stored")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("delete", help="delete a study, series or instance sent in error (a dry run unless --yes)")
@@ -681,11 +687,19 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _usage("--salt only makes sense with --deidentify")
     if args.include_burned_in and not args.deidentify:
         return _usage("--include-burned-in only makes sense with --deidentify")
+    if args.uncompressed and not args.media:
+        return _usage("--uncompressed only makes sense with --media")
     if args.out.exists() and args.out.suffix.lower() == ".zip":
         return _usage(f"{args.out} exists: choose another name")
-    report = _run(args, lambda pacs, bar: export_studies(pacs, args.studies, args.out, deidentify=args.deidentify,
-                                                         salt=args.salt, include_burned_in=args.include_burned_in,
-                                                         progress=bar))
+    from pacs.maintenance.media import MediaConflict
+
+    try:
+        report = _run(args, lambda pacs, bar: export_studies(
+            pacs, args.studies, args.out, deidentify=args.deidentify, salt=args.salt,
+            include_burned_in=args.include_burned_in, progress=bar, media=args.media,
+            uncompressed=args.uncompressed))
+    except MediaConflict as exc:
+        return _usage(str(exc))
     data = report.as_dict()
 
     def human() -> None:
@@ -708,6 +722,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         _list("written with burned-in annotation (pixels not de-identified)", data["burned_in_included"],
               ("sop_uid", "detail"))
         _list("warnings", data["warnings"], ("sop_uid", "detail"))
+        if args.media:
+            out.print(f"DICOM media in {args.out}: DICOMDIR, README.TXT and DICOM/ (copy them to the disc's root)")
 
     _emit(args, data, human)
     if report.not_exported_burned_in.count and args.json:

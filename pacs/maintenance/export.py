@@ -1,7 +1,10 @@
 """``pacs export``: studies to a folder or a zip file, optionally de-identified.
 
 Layout, in a folder or a zip: ``<study uid>/<series uid>/<sop uid>.dcm``
-(de-identified exports use the new UIDs). Objects are streamed from the
+(de-identified exports use the new UIDs); with ``media``, a DICOM file-set
+for a patient's CD or USB stick instead (DICOMDIR, README.TXT, ``DICOM/...``,
+see :mod:`.media`), with the same resume, zip, full-disk and audit
+behaviour. Objects are streamed from the
 store as stored; a study with index corrections (HIS reconciliation) gets
 them applied, as every retrieval does. With ``deidentify`` each object goes
 through :mod:`pacs.deidentify` with one salt for the whole export, so UIDs
@@ -42,7 +45,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +53,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.uid import UID
 from sqlalchemy import select
 
 from ..app import Pacs
@@ -57,7 +61,7 @@ from ..audit import Event
 from ..backup import SALT_FILE
 from ..deidentify import Deidentifier, burned_in, may_release
 from ..reads import StoredInstance
-from ..transcode import StreamPlan, stream_plan
+from ..transcode import CodecPlan, StreamPlan, TransferSyntaxError, check_whole_size, decode_plan, stream_plan
 from .common import Capped, NullProgress, Progress, instances_t, os_user, patients_t, studies_t
 
 log = logging.getLogger(__name__)
@@ -213,6 +217,13 @@ class _Sink:
         path = self.out / name
         return path.exists() and (size is None or path.stat().st_size == size)
 
+    def existing(self, name: str) -> Path | None:
+        """The file a folder export has under *name* already (None in a zip)."""
+        if self.zip is not None:
+            return None
+        path = self.out / name
+        return path if path.is_file() else None
+
     def temp_file(self) -> Path:
         fd, name = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=self.tmp_dir)
         os.close(fd)
@@ -227,6 +238,12 @@ class _Sink:
         final = self.out / name
         final.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp, final)
+
+    def publish(self, tmp: Path, name: str) -> Iterable[bytes]:
+        """:meth:`add_file`, as the media export calls it: nothing to stream
+        from a folder or a zip file (see :class:`.media.ZipStream`)."""
+        self.add_file(tmp, name)
+        return ()
 
     def add_stream(self, stream: Any, name: str, size: int) -> None:
         if self.zip is not None:
@@ -304,22 +321,41 @@ def export_studies(
     include_burned_in: bool = False,
     user: str | None = None,
     progress: Progress | None = None,
+    media: bool = False,
+    uncompressed: bool = False,
 ) -> ExportReport:
     """Write the objects of *study_uids* to the folder or ``.zip`` *out*.
 
     With *deidentify*, objects with burned-in annotation are left out (listed
-    in the report) unless *include_burned_in*; see the module doc.
+    in the report) unless *include_burned_in*; see the module doc. With
+    *media*, the layout is a DICOM file-set for CD or USB (DICOMDIR,
+    ``DICOM/``, README.TXT; :mod:`.media`), its objects in Explicit VR Little
+    Endian with *uncompressed*.
     """
+    from .media import MediaLayout, finish_media
+
     progress = progress or NullProgress()
     user = user or os_user()
     out = out.absolute()  # the audit trail says where the copy went, from anywhere
     study_uids = list(dict.fromkeys(study_uids))  # a study named twice is exported once
     report = ExportReport(out=str(out), deidentified=deidentify)
     deid = Deidentifier(salt or deidentify_salt(pacs)) if deidentify else None
+    layout = MediaLayout(uncompressed=uncompressed) if media else None
+    if layout is not None:
+        layout.check_folder(out, [deid.uid_map.map(u) if deid else u for u in study_uids])
+
+    def audit(study_uid: str, patient_id: str, counts: _Counts, stopped: str = "") -> None:
+        _audit(pacs, user, study_uid, patient_id, deid, out, counts, stopped, media=layout)
+
     with ExitStack() as stack:
         sink = _Sink(out, stack)
         try:
-            _export_all(pacs, study_uids, out, sink, deid, include_burned_in, user, progress, report)
+            for _ in _export_all(pacs, study_uids, sink, deid, include_burned_in, progress, report, audit,
+                                 layout=layout):
+                pass  # a folder or a zip file: nothing is streamed
+            if layout is not None:
+                for _ in finish_media(pacs, layout, sink):
+                    pass
             sink.finish()
         except BaseException as exc:
             full = _disk_full(exc)
@@ -335,18 +371,32 @@ def export_studies(
     return report
 
 
+# Records one study's export in the audit trail: (study, its patient's ID,
+# what became of its objects, why it stopped early if it did).
+StudyAudit = Callable[[str, str, "_Counts", str], None]
+
+
 def _export_all(
     pacs: Pacs,
     study_uids: list[str],
-    out: Path,
-    sink: _Sink,
+    sink: Any,
     deid: Deidentifier | None,
     include_burned_in: bool,
-    user: str,
     progress: Progress,
     report: ExportReport,
-) -> None:
-    """The export loop of :func:`export_studies`; a full disk propagates."""
+    audit: StudyAudit,
+    *,
+    layout: Any = None,
+    strict: bool = False,
+) -> Iterator[bytes]:
+    """The export loop of :func:`export_studies`; a full disk propagates.
+
+    A generator of what the sink streams (nothing, but for a media zip sent
+    as it is written, :func:`.media.media_zip`). *strict*: an object that
+    cannot be exported stops the export (a download must not end as if
+    complete without it) instead of being listed in the report."""
+    from .media import export_media_item
+
     for study_uid in study_uids:
         study = _study(pacs, study_uid)
         if study is None:
@@ -360,6 +410,10 @@ def _export_all(
         for item in pacs.reader.iter_stored(study_uid):
             progress.advance()
             try:
+                if layout is not None:
+                    yield from export_media_item(pacs, item, sink, layout, deid, overrides, report,
+                                                 include_burned_in, patient)
+                    continue
                 if deid is None and not overrides:
                     name = f"{item.study_uid}/{item.series_uid}/{item.sop_uid}.dcm"
                     if sink.has(name, item.size):
@@ -378,15 +432,18 @@ def _export_all(
             except Exception as exc:  # one bad object must not sink the export
                 if _disk_full(exc) is not None:
                     # ... but a full disk sinks every later one as well.
-                    _audit(pacs, user, study_uid, study.patient_id, deid, out,
-                           _Counts.of(report) - before, "stopped: disk full")
+                    audit(study_uid, study.patient_id, _Counts.of(report) - before, "stopped: disk full")
+                    raise
+                if strict:
+                    audit(study_uid, study.patient_id, _Counts.of(report) - before,
+                          f"stopped: {item.sop_uid} failed: {str(exc)[:200]}")
                     raise
                 log.warning("export of %s failed: %s", item.sop_uid, exc)
                 report.failed.add({"sop_uid": item.sop_uid, "detail": str(exc)[:200]})
         report.studies += 1
         if deid is not None:
             report.study_map[study_uid] = deid.uid_map.map(study_uid)
-        _audit(pacs, user, study_uid, study.patient_id, deid, out, _Counts.of(report) - before)
+        audit(study_uid, study.patient_id, _Counts.of(report) - before, "")
 
 
 @dataclass(frozen=True)
@@ -406,25 +463,34 @@ class _Counts:
         return _Counts(self.written - other.written, self.kept - other.kept, self.withheld - other.withheld,
                        self.failed - other.failed)
 
+    def describe(self) -> str:
+        """"12 instances written, 3 already there, 1 failed"."""
+        parts = [f"{self.written} instances written"]
+        if self.kept:
+            parts.append(f"{self.kept} already there")
+        if self.withheld:
+            parts.append(f"{self.withheld} withheld (burned-in annotation)")
+        if self.failed:
+            parts.append(f"{self.failed} failed")
+        return ", ".join(parts)
+
+    @property
+    def complete(self) -> bool:
+        return not (self.withheld or self.failed)
+
 
 def _audit(pacs: Pacs, user: str, study_uid: str, patient_id: str, deid: Deidentifier | None, out: Path,
-           counts: _Counts, stopped: str = "") -> None:
+           counts: _Counts, stopped: str = "", *, media: Any = None) -> None:
     """One ``export`` event for a study: where it went, what was written and
     what not (an incomplete export is a failure), the new Study Instance
     UID of a de-identified copy (who received which study)."""
-    parts = [f"{counts.written} instances written"]
-    if counts.kept:
-        parts.append(f"{counts.kept} already there")
-    if counts.withheld:
-        parts.append(f"{counts.withheld} withheld (burned-in annotation)")
-    if counts.failed:
-        parts.append(f"{counts.failed} failed")
-    detail = f"{'de-identified ' if deid else ''}export to {out}: {', '.join(parts)}"
+    kind = f"{'de-identified ' if deid else ''}{media.describe() + ' ' if media is not None else ''}export"
+    detail = f"{kind} to {out}: {counts.describe()}"
     if stopped:
         detail += f"; {stopped}"
     if deid is not None:
         detail += f"; new Study Instance UID {deid.uid_map.map(study_uid)}"
-    complete = not (counts.withheld or counts.failed or stopped)
+    complete = counts.complete and not stopped
     pacs.audit.record(
         Event(
             action="export", user=user, protocol="cli", study_uid=study_uid, patient_id=patient_id,
@@ -433,7 +499,7 @@ def _audit(pacs: Pacs, user: str, study_uid: str, patient_id: str, deid: Deident
     )
 
 
-class _Withheld(Exception):
+class Withheld(Exception):
     """A de-identified copy that may not be written (burned-in annotation)."""
 
 
@@ -448,21 +514,28 @@ def _rewrite(
     patient: tuple[str, str] | None = None,
 ) -> int | None:
     """Correct and/or de-identify one object; returns its size (None:
-    already exported or left out).
-
-    Only the header is read and rewritten when the object is laid out for
-    it: the stored Pixel Data follow, copied by byte range (a 600 MB object
-    was held whole, twice). Otherwise the object is read with its large
-    values left on disk until written (deferred reads)."""
-    from ..retrieve import apply_overrides
-
+    already exported or left out)."""
     names: list[str] = []
+    edit = deid_edit(item, deid, report, include_burned_in, patient, names)
+    try:
+        with edited_object(pacs, item, overrides, edit) as write:
+            return _write(sink, names[-1], report, write)
+    except Withheld as exc:
+        report.not_exported_burned_in.add({"sop_uid": item.sop_uid, "detail": str(exc)})
+        return None
+
+
+def deid_edit(item: StoredInstance, deid: Deidentifier | None, report: ExportReport, include_burned_in: bool,
+              patient: tuple[str, str] | None, names: list[str]) -> Callable[[Dataset], None]:
+    """The change an export makes to an object's header: de-identification
+    (raising :class:`Withheld` for burned-in annotation it may not release),
+    then the object's name (study/series/instance UIDs) noted in *names*."""
 
     def edit(ds: Dataset) -> None:
         if deid is not None:
             release = may_release(ds, include_burned_in=include_burned_in)
             if not release.allowed:
-                raise _Withheld(release.reason)
+                raise Withheld(release.reason)
             if release.reason:
                 # Written although its pixels say they identify: the operator's choice.
                 declared = burned_in(ds) and "PixelData" in ds
@@ -471,37 +544,77 @@ def _rewrite(
             deid.apply(ds, patient=patient)
         names.append(f"{ds.StudyInstanceUID}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm")
 
-    try:
-        plan = _header_only(pacs, item, overrides, edit)
-        if plan is not None:
-            return _write(sink, names[-1], report, lambda out: _write_chunks(out, plan.part10()))
-        with pacs.store.local_path(item.storage_key) as path:
-            ds = dcmread(path, defer_size=256 * 1024)
-            apply_overrides(ds, overrides)
-            edit(ds)
-            return _write(sink, names[-1], report, lambda out: ds.save_as(out, enforce_file_format=True))
-    except _Withheld as exc:
-        report.not_exported_burned_in.add({"sop_uid": item.sop_uid, "detail": str(exc)})
-        return None
+    return edit
+
+
+@contextlib.contextmanager
+def edited_object(pacs: Pacs, item: StoredInstance, overrides: tuple[tuple[str, str], ...],
+                  edit: Callable[[Dataset], None], target: str | None = None) -> Iterator[Callable[[Path], None]]:
+    """*item* corrected, changed by *edit* and, with *target*, converted to
+    that transfer syntax: yields the function that writes it to a path
+    (*edit* has run by then: the caller can name the file).
+
+    Only the header is read and rewritten when the object is laid out for
+    it: the stored Pixel Data follow, copied by byte range (a 600 MB object
+    was held whole, twice), or decoded frame by frame to an uncompressed
+    *target*. Otherwise the object is read with its large values left on
+    disk until written (deferred reads); converted whole, it must be small
+    enough (:func:`pacs.transcode.check_whole_size`)."""
+    from ..retrieve import apply_overrides
+    from ..transcode import convert_dataset
+
+    stored = item.transfer_syntax_uid
+    plan = _header_only(pacs, item, overrides, edit, target)
+    if plan is not None:
+        try:
+            yield lambda out: _write_chunks(out, plan.part10())
+        finally:
+            if isinstance(plan, CodecPlan):
+                plan.resources.close()  # also when the object was not written after all
+        return
+    with pacs.store.local_path(item.storage_key) as path:
+        if target and target != stored:
+            check_whole_size(path, _retrieve_item(item, None, overrides), UID(target))
+        ds = dcmread(path, defer_size=256 * 1024)
+        apply_overrides(ds, overrides)
+        edit(ds)
+        if target and target != stored:
+            try:
+                convert_dataset(ds, UID(stored), UID(target))
+            except Exception as exc:
+                raise TransferSyntaxError(f"cannot convert {item.sop_uid} to {UID(target).name}: {exc}") from exc
+        yield lambda out: ds.save_as(out, enforce_file_format=True)
+
+
+def pixel_offset(pacs: Pacs, sop_uid: str) -> int | None:
+    """Where the indexed object's Pixel Data element starts (None: it has none)."""
+    with pacs.engine.connect() as conn:
+        return conn.execute(select(instances_t.c.pixel_offset).where(instances_t.c.sop_uid == sop_uid)).scalar()
+
+
+def _retrieve_item(item: StoredInstance, offset: int | None, overrides: tuple[tuple[str, str], ...]) -> Any:
+    from ..retrieve import RetrieveItem
+
+    return RetrieveItem(item.sop_uid, item.sop_class_uid, item.transfer_syntax_uid, item.storage_key, item.size,
+                        item.study_uid, item.series_uid, item.sha256, pixel_offset=offset, overrides=overrides)
 
 
 def _header_only(pacs: Pacs, item: StoredInstance, overrides: tuple[tuple[str, str], ...],
-                 edit: Callable[[Dataset], None]) -> StreamPlan | None:
-    """*item* in its stored syntax with *edit* made to its header, its Pixel
-    Data to be copied from the store; None when it is not laid out for that
-    (no pixel data, Deflated or Big Endian, an unusual layout)."""
-    from ..retrieve import RetrieveItem
-
-    with pacs.engine.connect() as conn:
-        pixel_offset = conn.execute(
-            select(instances_t.c.pixel_offset).where(instances_t.c.sop_uid == item.sop_uid)).scalar()
-    if pixel_offset is None:
+                 edit: Callable[[Dataset], None], target: str | None = None) -> StreamPlan | CodecPlan | None:
+    """*item* in its stored syntax (or *target*) with *edit* made to its
+    header, its Pixel Data to be copied from the store (or decoded frame by
+    frame); None when it is not laid out for that (no pixel data, Deflated
+    or Big Endian, an unusual layout)."""
+    offset = pixel_offset(pacs, item.sop_uid)
+    if offset is None:
         return None
-    stored = RetrieveItem(item.sop_uid, item.sop_class_uid, item.transfer_syntax_uid, item.storage_key, item.size,
-                          item.study_uid, item.series_uid, item.sha256, pixel_offset=pixel_offset,
-                          overrides=overrides)
+    stored = _retrieve_item(item, offset, overrides)
     opener = lambda offset, length: pacs.store.open(item.storage_key, offset, length)  # noqa: E731
-    return stream_plan(opener, stored, item.transfer_syntax_uid, edit)
+    wanted = target or item.transfer_syntax_uid
+    plan: StreamPlan | CodecPlan | None = stream_plan(opener, stored, wanted, edit)
+    if plan is None and wanted != item.transfer_syntax_uid:
+        plan = decode_plan(pacs, stored, wanted, edit)
+    return plan
 
 
 def _write_chunks(out: Path, chunks: Iterator[bytes]) -> None:

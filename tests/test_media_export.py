@@ -1,0 +1,371 @@
+"""Patient media (IHE PDI): `pacs export --media` and `GET
+/api/studies/{study}/media`, against real tools.
+
+The synthetic sample studies (a Vietnamese-named patient with two studies,
+a multi-frame ultrasound, JPEG 2000 / JPEG-LS / RLE compressed MR) plus an
+encapsulated PDF made by DCMTK's pdf2dcm (without a Study ID: the DICOMDIR
+must invent one), a presentation state made by DCMTK's dcmpsmk, pydicom's
+structured report and ECG waveform; the radiograph's study is reconciled
+with an HIS order of another patient, so the index corrects it. Each media
+is read back with pydicom's FileSet (every record against the file it
+references), with `dcmdump`, and with DCMTK's `dcmmkdir`, which finds every
+file already listed in our DICOMDIR; a copy imported by our own `pacs
+import` into a fresh archive has the same objects, byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import subprocess
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.fileset import FileSet
+from pydicom.uid import ExplicitVRLittleEndian
+
+from .conftest import pydicom_file
+from .dicomfiles import make_ct
+from .peers import Backend, PacsServer, dataset_bytes, run_dcmtk, wait_until
+
+MINIMAL_PDF = (b"%PDF-1.4\n1 0 obj <</Type/Catalog/Pages 2 0 R>> endobj\n2 0 obj <</Type/Pages/Kids[3 0 R]/Count 1>>"
+               b" endobj\n3 0 obj <</Type/Page/Parent 2 0 R/MediaBox[0 0 200 200]>> endobj\ntrailer <</Root 1 0 R>>\n"
+               b"%%EOF\n")
+ORDER_PATIENT = {"id": "079300000777", "issuer": "CCCD", "name": "Hoàng^Thị Mai", "birth_date": "19900101",
+                 "sex": "F"}
+COMPONENT = re.compile(r"[A-Z0-9_]{1,8}")
+EXPECTED_TYPES = {
+    "1.2.840.10008.5.1.4.1.1.104.1": "ENCAP DOC",
+    "1.2.840.10008.5.1.4.1.1.11.1": "PRESENTATION",
+    "1.2.840.10008.5.1.4.1.1.88.33": "SR DOCUMENT",
+    "1.2.840.10008.5.1.4.1.1.9.1.1": "WAVEFORM",
+}
+# The Type 1 keys of each record type here (PS3.3 F.5): always with a value,
+# invented by the DICOMDIR where the object has none.
+TYPE_1 = {
+    "PATIENT": {"PatientID"},
+    "STUDY": {"StudyDate", "StudyTime", "StudyID", "StudyInstanceUID"},
+    "SERIES": {"Modality", "SeriesInstanceUID", "SeriesNumber"},
+    "IMAGE": {"InstanceNumber"},
+    "ENCAP DOC": {"InstanceNumber", "MIMETypeOfEncapsulatedDocument"},
+    "PRESENTATION": {"PresentationCreationDate", "PresentationCreationTime", "InstanceNumber", "ContentLabel"},
+    "SR DOCUMENT": {"InstanceNumber", "CompletionFlag", "VerificationFlag", "ContentDate", "ContentTime",
+                    "ConceptNameCodeSequence"},
+    "WAVEFORM": {"InstanceNumber", "ContentDate", "ContentTime"},
+}
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Iterator[PacsServer]:
+    """A server with the sample studies, the extra objects, a big study of
+    ~1 MB noise images for the full-disk test, and one corrected study."""
+    work = tmp_path_factory.mktemp("media")
+    extra = work / "extra"
+    extra.mkdir()
+    first_ct = sorted((samples / "ct").glob("*.dcm"))[0]
+    (work / "report.pdf").write_bytes(MINIMAL_PDF)
+    for tool, *args in (
+        ("pdf2dcm", "+st", str(first_ct), "+t", "Kết quả CT", "-k", "0008,0005=ISO_IR 192", str(work / "report.pdf"),
+         str(extra / "report.dcm")),
+        ("dcmpsmk", str(first_ct), str(extra / "gsps.dcm")),
+    ):
+        made = run_dcmtk(tool, *args)
+        assert made.returncode == 0, made.stderr
+    for name in ("test-SR.dcm", "waveform_ecg.dcm"):
+        (extra / name).write_bytes(pydicom_file(name).read_bytes())
+    big = work / "big"
+    big.mkdir()
+    study, series = "1.2.826.0.1.3680043.9.7134.77.1", "1.2.826.0.1.3680043.9.7134.77.2"
+    for i in range(24):
+        make_ct(big / f"{i:03d}.dcm", sop_uid=f"1.2.826.0.1.3680043.9.7134.77.3.{i + 1}", StudyInstanceUID=study,
+                SeriesInstanceUID=series, Rows=512, Columns=1024, InstanceNumber=i + 1,
+                PixelData=np.random.default_rng(i).integers(0, 4096, 512 * 1024, dtype=np.uint16).tobytes())
+    server = PacsServer(work / "data", Backend("sqlite-fs", None, None, {}))
+    for folder in (samples, extra, big):
+        server.cli("import", str(folder))
+    server.start()
+    manifest = json.loads((samples / "manifest.json").read_text())
+    server.studies = {s["name"]: s["study_instance_uid"] for s in manifest["studies"]}  # type: ignore[attr-defined]
+    server.studies["sr"] = str(dcmread(extra / "test-SR.dcm").StudyInstanceUID)  # type: ignore[attr-defined]
+    server.studies["ecg"] = str(dcmread(extra / "waveform_ecg.dcm").StudyInstanceUID)  # type: ignore[attr-defined]
+    server.studies["big"] = study  # type: ignore[attr-defined]
+    server.work = work  # type: ignore[attr-defined]
+    # The radiograph turns out to be another patient's (an HIS order): retrieval corrects it.
+    with server.http() as http:
+        order = http.post("/api/orders", json={"patient": ORDER_PATIENT, "accession_number": "ACCMEDIA1",
+                                               "modality": "DX", "start_date": "20240806", "start_time": "160000"})
+        assert order.status_code == 201, order.text
+    server.cli("orders", "match", server.studies["dx"], "ACCMEDIA1")  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def _studies(server: PacsServer, *names: str) -> list[str]:
+    return [server.studies[n] for n in names]  # type: ignore[attr-defined]
+
+
+SAMPLE_STUDIES = ("ct", "compressed", "dx", "us", "sr", "ecg")
+
+
+def _stored(server: PacsServer, study_uids: list[str]) -> dict[str, Any]:
+    """The index's instances of *study_uids*: SOP Instance UID -> StoredInstance."""
+    core = server.core()
+    try:
+        return {i.sop_uid: i for s in study_uids for i in core.reader.iter_stored(s)}
+    finally:
+        core.close()
+
+
+def _stored_bytes(server: PacsServer, key: str) -> bytes:
+    core = server.core()
+    try:
+        return core.store.read_bytes(key)
+    finally:
+        core.close()
+
+
+def _export(server: PacsServer, *args: str, rc: int = 0) -> dict[str, Any]:
+    result = server.cli("export", *args, "--json", check=False)
+    assert result.returncode == rc, f"{result.returncode}\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def _text(value: Any) -> str:
+    return str(value if value is not None else "").strip()
+
+
+def _same_keys(record: Dataset, ds: Dataset, where: str) -> None:
+    """Every key of *record* says what the file says (a key the DICOMDIR had
+    to invent only where the file has no value); Type 1 keys have values."""
+    for keyword in TYPE_1[record.DirectoryRecordType]:
+        assert keyword in record and record[keyword].VM, (where, record.DirectoryRecordType, keyword)
+    for elem in record:
+        if elem.tag.group == 0x0004 or elem.keyword == "SpecificCharacterSet":
+            continue
+        keyword = elem.keyword
+        if keyword in ds and ds[keyword].VR == "SQ":
+            assert len(elem.value) <= len(ds[keyword].value), (where, keyword)
+            continue
+        if keyword == "VerificationDateTime":
+            continue  # from the latest verifying observer, checked by the SR test
+        file_value = _text(ds.get(keyword))
+        if file_value:
+            assert _text(elem.value) == file_value, (where, keyword, elem.value, file_value)
+
+
+def check_media(root: Path) -> dict[str, tuple[Dataset, str, Path]]:
+    """Read the file-set at *root* with pydicom's FileSet and check each
+    record against the file it references: (header, record type, path) by
+    SOP Instance UID. Every file under DICOM/ is referenced, every File ID
+    is PS3.10's, records with non-ASCII text say ISO_IR 192."""
+    fileset = FileSet(root / "DICOMDIR")
+    found: dict[str, tuple[Dataset, str, Path]] = {}
+    for instance in fileset:
+        path = Path(instance.path)
+        parts = path.relative_to(root).parts
+        assert parts[0] == "DICOM" and len(parts) <= 8 and all(COMPONENT.fullmatch(p) for p in parts), parts
+        assert path.is_file(), path
+        ds = dcmread(path, stop_before_pixels=True)
+        leaf = instance.node._record
+        series, study, patient = (node._record for node in instance.node.ancestors[:3])
+        assert [r.DirectoryRecordType for r in (patient, study, series)] == ["PATIENT", "STUDY", "SERIES"]
+        where = "/".join(parts)
+        assert leaf.ReferencedSOPInstanceUIDInFile == ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+        assert leaf.ReferencedSOPClassUIDInFile == ds.file_meta.MediaStorageSOPClassUID == ds.SOPClassUID
+        assert leaf.ReferencedTransferSyntaxUIDInFile == ds.file_meta.TransferSyntaxUID
+        assert leaf.DirectoryRecordType == EXPECTED_TYPES.get(ds.SOPClassUID, "IMAGE"), where
+        for record in (patient, study, series, leaf):
+            _same_keys(record, ds, where)
+            texts = [str(e.value) for e in record.iterall() if isinstance(e.value, str) or e.VR == "PN"]
+            utf8 = any(not t.isascii() for t in texts)
+            assert (record.get("SpecificCharacterSet") == "ISO_IR 192") == utf8, (where, record.DirectoryRecordType)
+        assert study.StudyInstanceUID == ds.StudyInstanceUID and series.SeriesInstanceUID == ds.SeriesInstanceUID
+        found[str(ds.SOPInstanceUID)] = (ds, leaf.DirectoryRecordType, path)
+    on_disk = {p for p in (root / "DICOM").rglob("*") if p.is_file()}
+    assert on_disk == {path for _, _, path in found.values()}
+    return found
+
+
+def check_with_dcmtk(root: Path, *, strict_profile: bool = False, file_lacks: frozenset[str] = frozenset()) -> None:
+    """DCMTK reads the DICOMDIR (dcmdump) and, adding the files to it
+    (dcmmkdir +A on a copy; +I: a file without a Study ID, as pdf2dcm
+    writes them, is not refused), finds each one listed already; with
+    *strict_profile* dcmmkdir also accepts every file for the STD-GEN-CD
+    profile (Explicit VR Little Endian, names, required attributes).
+    *file_lacks*: attributes a file may miss (dcmmkdir then refuses that
+    file for itself; the DICOMDIR invented them)."""
+    dump = run_dcmtk("dcmdump", str(root / "DICOMDIR"))
+    assert dump.returncode == 0 and "E:" not in dump.stderr, dump.stderr
+    assert "MediaStorageDirectoryStorage" in dump.stdout and "Directory Record" in dump.stdout
+    files = sorted(str(p.relative_to(root)) for p in (root / "DICOM").rglob("*") if p.is_file())
+    copy = root.parent / f"{root.name}-dcmtk"
+    subprocess.run(["cp", "-r", str(root), str(copy)], check=True)
+    added = run_dcmtk("dcmmkdir", "+A", "-nb", "-Nxc", "+I", "+r", "+id", str(copy), "+D", str(copy / "DICOMDIR"),
+                      "-v", "DICOM")
+    assert added.returncode == 0, added.stderr
+    listed = re.findall(r"file (\S+): directory record for this SOP instance already exists", added.stderr)
+    lacking: dict[str, set[str]] = {}
+    for attribute, name in re.findall(r"E: required attribute (\w+) \S+ (?:missing|empty) in file: (\S+)",
+                                      added.stderr):
+        lacking.setdefault(name, set()).add(attribute)
+    assert all(attributes <= file_lacks for attributes in lacking.values()), lacking
+    assert sorted([*(str(Path(p).relative_to(copy)) for p in listed), *lacking]) == files, added.stderr[-3000:]
+    if strict_profile:
+        checked = run_dcmtk("dcmmkdir", "-Pgp", "-w", "+I", "+r", "+id", str(root), "DICOM")
+        assert checked.returncode == 0 and "E:" not in checked.stderr, checked.stderr
+
+
+def test_media_folder_as_stored_reads_back_and_imports_byte_identical(archive: PacsServer, tmp_path: Path) -> None:
+    studies = _studies(archive, *SAMPLE_STUDIES)
+    out = tmp_path / "cd"
+    report = _export(archive, *studies, "--out", str(out), "--media")
+    stored = _stored(archive, studies)
+    assert report["studies"] == len(studies) and report["instances"] == len(stored) and report["failed"]["count"] == 0
+    assert sorted(p.name for p in out.iterdir()) == ["DICOM", "DICOMDIR", "README.TXT"]
+
+    media = check_media(out)
+    check_with_dcmtk(out)
+    assert set(media) == set(stored)
+    kinds = {kind for _, kind, _ in media.values()}
+    assert kinds == {"IMAGE", "ENCAP DOC", "PRESENTATION", "SR DOCUMENT", "WAVEFORM"}
+    # Several patients, each in its own folder; the Vietnamese patient's two studies under one.
+    patients = {path.relative_to(out).parts[1] for _, _, path in media.values()}
+    assert len(patients) == 5
+    nguyen = {path.relative_to(out).parts[1:3] for ds, _, path in media.values() if ds.PatientID == "001079918801"}
+    assert len({p for p, _ in nguyen}) == 1 and len(nguyen) == 2
+
+    # As stored: every file is the stored object, byte for byte, but the
+    # corrected study's, which carry the index's values (as retrieval does).
+    dx = archive.studies["dx"]  # type: ignore[attr-defined]
+    for sop, (ds, _, path) in media.items():
+        if ds.StudyInstanceUID == dx:
+            assert str(ds.PatientName) == ORDER_PATIENT["name"] and ds.PatientID == ORDER_PATIENT["id"]
+            assert _sha(path.read_bytes()) != stored[sop].sha256
+        else:
+            assert _sha(path.read_bytes()) == stored[sop].sha256, path
+    # ... and so do their DICOMDIR records.
+    directory = dcmread(out / "DICOMDIR")
+    names = [str(r.PatientName) for r in directory.DirectoryRecordSequence if r.DirectoryRecordType == "PATIENT"]
+    assert ORDER_PATIENT["name"] in names and "Nguyễn^Văn An" in names and "Trần^Thị Bích Ngọc" not in names
+
+    # The PDF had no Study ID (pdf2dcm leaves it empty): its study record has
+    # the CT's (the first file of the study) and the PDF is an ENCAP DOC.
+    pdf = next(ds for ds, kind, _ in media.values() if kind == "ENCAP DOC")
+    assert str(pdf.DocumentTitle) == "Kết quả CT" and not pdf.get("StudyID")
+
+    readme = (out / "README.TXT").read_bytes()
+    assert readme.startswith(b"\xef\xbb\xbf") and b"\r\n" in readme
+    text = readme.decode("utf-8-sig")
+    assert "Nguyễn Văn An" in text and "Hoàng Thị Mai" in text and "FILMLESS" in text and "DICOMDIR" in text
+
+    # Our own import of the folder (as from the CD) into a fresh archive: the
+    # same objects, their stored datasets byte-identical; the DICOMDIR is skipped.
+    fresh = PacsServer(tmp_path / "fresh", Backend("sqlite-fs", None, None, {}))
+    imported = json.loads(fresh.cli("import", str(out), "--json").stdout)
+    assert imported["stored"] == len(stored) and imported["skipped"] == 1 and imported["failed"] == 0, imported
+    again = _stored(fresh, studies)
+    assert set(again) == set(stored)
+    for sop, item in again.items():
+        assert dataset_bytes(_stored_bytes(fresh, item.storage_key)) == dataset_bytes(media[sop][2].read_bytes())
+
+    # The export is audited per study, as a media export by whoever ran it.
+    core = archive.core()
+    try:
+        from pacs import audit
+
+        assert wait_until(lambda: len([e for e in audit.query(core.engine, action="export")
+                                       if "media export" in e["detail"] and str(out) in e["detail"]])
+                          == len(studies), timeout=10)
+    finally:
+        core.close()
+
+
+def test_media_folder_resumes_and_refuses_another_exports_folder(archive: PacsServer, tmp_path: Path) -> None:
+    ct, us = _studies(archive, "ct", "us")
+    out = tmp_path / "usb"
+    first = _export(archive, ct, "--out", str(out), "--media")
+    files = sorted(p for p in (out / "DICOM").rglob("*") if p.is_file())
+    assert first["instances"] == len(files) > 2
+    # An interrupted run: a file cut short, one missing, no DICOMDIR yet.
+    files[0].write_bytes(files[0].read_bytes()[:500])
+    files[1].unlink()
+    (out / "DICOMDIR").unlink()
+    again = _export(archive, ct, "--out", str(out), "--media")
+    assert again["already_there"] == len(files) - 2 and again["instances"] == 2
+    assert len(check_media(out)) == len(files)
+    # The same export again, with one more study: kept, and the new one added.
+    more = _export(archive, ct, us, "--out", str(out), "--media")
+    assert more["already_there"] == len(files) and more["instances"] == 1
+    assert len(check_media(out)) == len(files) + 1
+    # Another export into it would overwrite its files: refused, nothing touched.
+    before = (out / "DICOMDIR").read_bytes()
+    refused = archive.cli("export", us, "--out", str(out), "--media", check=False)
+    assert refused.returncode == 2 and "other study" in refused.stderr, refused.stderr
+    assert (out / "DICOMDIR").read_bytes() == before
+    usage = archive.cli("export", us, "--out", str(tmp_path / "x"), "--uncompressed", check=False)
+    assert usage.returncode == 2 and "--media" in usage.stderr
+
+
+def test_media_zip_deidentified_records_carry_the_pseudonyms(archive: PacsServer, tmp_path: Path) -> None:
+    studies = _studies(archive, "ct", "compressed", "us", "dx")
+    out = tmp_path / "research.zip"
+    report = _export(archive, *studies, "--out", str(out), "--media", "--deidentify", "--salt", "media-1")
+    # The report PDF is on it, blanked (its text would name the patient).
+    assert [w["detail"] for w in report["warnings"]["items"]] == ["encapsulated document replaced by a blank one"]
+    assert report["failed"]["count"] == 0
+    assert not out.with_name(out.name + ".partial").exists()
+    with zipfile.ZipFile(out) as zf:
+        names = zf.namelist()
+        assert "DICOMDIR" in names and "README.TXT" in names
+        zf.extractall(tmp_path / "unzipped")
+    media = check_media(tmp_path / "unzipped")
+    # De-identification removes the presentation state's creation date and
+    # time (Type 1 in its IOD): DCMTK refuses that file for itself, the
+    # DICOMDIR's record has them invented.
+    check_with_dcmtk(tmp_path / "unzipped",
+                     file_lacks=frozenset({"PresentationCreationDate", "PresentationCreationTime"}))
+    stored = _stored(archive, studies)
+    assert len(media) == len(stored) and not set(media) & set(stored)  # every UID is a new one
+    assert {ds.StudyInstanceUID for ds, _, _ in media.values()} == set(report["study_map"].values())
+    directory = dcmread(tmp_path / "unzipped" / "DICOMDIR")
+    identifying = {"Nguyễn^Văn An", ORDER_PATIENT["name"], "Lê^Đức Thắng", "001079918801", ORDER_PATIENT["id"]}
+    values = {str(e.value) for r in directory.DirectoryRecordSequence for e in r.iterall()}
+    assert not values & identifying
+    assert all(ds.PatientIdentityRemoved == "YES" for ds, _, _ in media.values())
+    readme = (tmp_path / "unzipped" / "README.TXT").read_text("utf-8-sig")
+    assert "Nguyễn" not in readme and "Hoàng" not in readme
+
+
+def test_media_uncompressed_is_explicit_little_endian_with_the_decoded_pixels(archive: PacsServer,
+                                                                              tmp_path: Path) -> None:
+    studies = _studies(archive, "compressed", "us", "ct")
+    out = tmp_path / "gen-cd"
+    report = _export(archive, *studies, "--out", str(out), "--media", "--uncompressed")
+    assert report["warnings"]["count"] == 0 and report["failed"]["count"] == 0
+    media = check_media(out)
+    check_with_dcmtk(out, strict_profile=True)
+    stored = _stored(archive, studies)
+    assert set(media) == set(stored)
+    compressed = 0
+    for sop, (_, _, path) in media.items():
+        written = dcmread(path)
+        assert written.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        if "PixelData" not in written:
+            continue
+        original = dcmread(io.BytesIO(_stored_bytes(archive, stored[sop].storage_key)))
+        compressed += original.file_meta.TransferSyntaxUID.is_compressed
+        assert np.array_equal(written.pixel_array, original.pixel_array), path
+        assert written.get("NumberOfFrames") == original.get("NumberOfFrames")
+    assert compressed == 30  # the three MR series: JPEG 2000, JPEG-LS and RLE
