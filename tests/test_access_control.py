@@ -55,6 +55,7 @@ def _routes(server: PacsServer) -> list[tuple[str, str, set[str], dict | None]]:
         ("GET", "/api/worklist", READ, None),
         ("GET", f"/api/studies/{s1}", READ, None),
         ("GET", f"/api/studies/{s1}/report", READ, None),
+        ("GET", f"/api/studies/{s1}/media", READ, None),  # the study for the patient's CD
         ("PUT", f"/api/studies/{s1}/report", {"radiologist"}, {"findings": "x", "impression": "y"}),
         ("POST", f"/api/studies/{s1}/report/amend", {"radiologist"}, None),
         ("GET", "/api/report-templates?modality=CT", {"radiologist", "admin"}, None),
@@ -151,7 +152,7 @@ def _study_routes(server: PacsServer, key: str) -> list[str]:
     ds = dcmread(next(iter(sorted(server.corpus_dir.glob(f"{key}_0_0.dcm")))), stop_before_pixels=True)  # type: ignore[attr-defined]
     inst = f"/dicom-web/studies/{uid}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
     return [
-        f"/api/studies/{uid}", f"/api/studies/{uid}/report",
+        f"/api/studies/{uid}", f"/api/studies/{uid}/report", f"/api/studies/{uid}/media",
         f"/dicom-web/studies/{uid}", f"/dicom-web/studies/{uid}/metadata", inst, inst + "/metadata",
         inst + "/frames/1", inst + "/rendered", f"/dicom-web/studies/{uid}/thumbnail",
         f"/wado?requestType=WADO&studyUID={uid}&seriesUID={ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}"

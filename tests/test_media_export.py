@@ -369,3 +369,148 @@ def test_media_uncompressed_is_explicit_little_endian_with_the_decoded_pixels(ar
         assert np.array_equal(written.pixel_array, original.pixel_array), path
         assert written.get("NumberOfFrames") == original.get("NumberOfFrames")
     assert compressed == 30  # the three MR series: JPEG 2000, JPEG-LS and RLE
+
+
+def _download(server: PacsServer, token: str, study_uid: str, out: Path, **params: str) -> Any:
+    """GET the study's media zip into *out*, chunk by chunk; the answer's headers."""
+    with server.http(token=token) as http, http.stream("GET", f"/api/studies/{study_uid}/media",
+                                                         params=params, timeout=120) as answer:
+        assert answer.status_code == 200, answer.read()
+        with open(out, "wb") as f:
+            for chunk in answer.iter_bytes():
+                f.write(chunk)
+        return answer.headers
+
+
+def _unzipped(archive_file: Path, into: Path) -> Path:
+    """*archive_file* checked and extracted by Info-ZIP's unzip (a real client of our zip)."""
+    tested = subprocess.run(["unzip", "-t", str(archive_file)], capture_output=True, text=True)
+    assert tested.returncode == 0 and "No errors detected" in tested.stdout, tested.stdout + tested.stderr
+    subprocess.run(["unzip", "-q", str(archive_file), "-d", str(into)], check=True)
+    return into
+
+
+def test_http_media_zip_is_streamed_guarded_and_audited(archive: PacsServer, tmp_path: Path) -> None:
+    from pacs import audit
+
+    ct, dx, compressed = _studies(archive, "ct", "dx", "compressed")
+    reader = archive.make_token("bs.media", "radiologist", "BS. Phạm Media")
+    headers = _download(archive, reader, ct, tmp_path / "ct.zip")
+    assert headers["content-type"] == "application/zip"
+    assert headers["content-disposition"] == f'attachment; filename="DICOM-{ct}.zip"'
+    assert "content-length" not in headers and headers.get("transfer-encoding") == "chunked"  # streamed
+    root = _unzipped(tmp_path / "ct.zip", tmp_path / "ct")
+    assert sorted(p.name for p in root.iterdir()) == ["DICOM", "DICOMDIR", "README.TXT"]
+    media = check_media(root)
+    check_with_dcmtk(root)
+    stored = _stored(archive, [ct])
+    assert set(media) == set(stored)
+    assert all(_sha(path.read_bytes()) == stored[sop].sha256 for sop, (_, _, path) in media.items())
+    assert {kind for _, kind, _ in media.values()} == {"IMAGE", "ENCAP DOC", "PRESENTATION"}
+
+    # The index's corrections are in the files and the records, as in any retrieval.
+    _download(archive, reader, dx, tmp_path / "dx.zip")
+    media = check_media(_unzipped(tmp_path / "dx.zip", tmp_path / "dx"))
+    assert {(str(ds.PatientName), ds.PatientID) for ds, _, _ in media.values()} == {
+        (ORDER_PATIENT["name"], ORDER_PATIENT["id"])}
+    patient = next(r for r in dcmread(tmp_path / "dx" / "DICOMDIR").DirectoryRecordSequence
+                   if r.DirectoryRecordType == "PATIENT")
+    assert (str(patient.PatientName), patient.PatientID, patient.SpecificCharacterSet) == (
+        ORDER_PATIENT["name"], ORDER_PATIENT["id"], "ISO_IR 192")
+
+    # Uncompressed (STD-GEN-CD) on request.
+    _download(archive, reader, compressed, tmp_path / "mr.zip", uncompressed="true")
+    media = check_media(_unzipped(tmp_path / "mr.zip", tmp_path / "mr"))
+    assert {ds.file_meta.TransferSyntaxUID for ds, _, _ in media.values()} == {ExplicitVRLittleEndian}
+
+    # Who may: the roles that read the study in the viewer; bad requests are 4xx.
+    modality = archive.make_token("ct-room-media", "modality")
+    with archive.http(token=modality) as http:
+        refused = http.get(f"/api/studies/{ct}/media")
+        assert refused.status_code == 403 and "error" in refused.json()
+    with archive.http(token=reader) as http:
+        assert http.get("/api/studies/1.2.3.999999/media").status_code == 404
+        assert http.get("/api/studies/not-a-uid/media").status_code == 400
+        assert http.get(f"/api/studies/{ct}/media", params={"uncompressed": "perhaps"}).status_code in (400, 422)
+
+    # Audited as exports, by whom, with what was written.
+    core = archive.core()
+    try:
+        def events() -> list[dict[str, Any]]:
+            return [e for e in audit.query(core.engine, action="export", study_uid=ct) if e["protocol"] == "http"]
+
+        assert wait_until(lambda: len(events()) >= 2, timeout=10)
+        done = [e for e in events() if e["user"] == "bs.media" and e["outcome"] == "success"]
+        assert len(done) == 1 and done[0]["role"] == "radiologist"
+        assert f"media export (zip download): {len(stored)} instances written" in done[0]["detail"]
+        assert done[0]["patient_id"] == "001079918801^^^CCCD"
+        denied = [e for e in events() if e["user"] == "ct-room-media"]
+        assert len(denied) == 1 and denied[0]["outcome"] == "denied"
+    finally:
+        core.close()
+
+
+def test_media_export_to_a_full_disk_stops_once_and_resumes_with_room(archive: PacsServer, tmp_path: Path) -> None:
+    from .test_disk_full import tmpfs
+
+    big = archive.studies["big"]  # type: ignore[attr-defined]  # 24 objects of 1 MB
+    with tmpfs(tmp_path / "out", 12) as out:
+        # A zip: one message, non-zero exit, no .partial left to keep the disk full.
+        result = archive.cli("export", big, "--out", str(out / "cd.zip"), "--media", check=False)
+        said = result.stdout + result.stderr
+        assert result.returncode != 0 and "disk full" in said and said.count("No space left on device") == 1, said
+        assert list(out.iterdir()) == []
+        # A folder keeps its complete files, no temporary one, and no DICOMDIR yet ...
+        result = archive.cli("export", big, "--out", str(out / "cd"), "--media", check=False)
+        said = result.stdout + result.stderr
+        assert result.returncode != 0 and "disk full" in said and said.count("No space left on device") == 1, said
+        kept = [p for p in (out / "cd").rglob("*") if p.is_file()]
+        assert kept and all(p.parent.name == "SER00001" and p.stat().st_size > 1024 * 1024 for p in kept), kept
+        # ... and a rerun with room resumes where it stopped.
+        subprocess.run(["mount", "-o", "remount,size=64m", str(out)], check=True)
+        report = _export(archive, big, "--out", str(out / "cd"), "--media")
+        assert report["already_there"] == len(kept) and report["instances"] == 24 - len(kept)
+        assert len(check_media(out / "cd")) == 24
+
+
+def test_viewer_button_downloads_the_study_for_a_cd(archive: PacsServer, tmp_path: Path) -> None:
+    """The study screen's "Download for CD/USB" (in Vietnamese first) gets
+    the media zip with the browser's session, in a real Chromium."""
+    from playwright.sync_api import expect
+
+    from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, _sync_playwright
+
+    sync_playwright = _sync_playwright()
+    archive.cli("user", "add", "bs.dia", "--role", "radiologist", "--password", "Secret-123",
+                "--display-name", "BS. Đỗ Đĩa")
+    ct = archive.studies["ct"]  # type: ignore[attr-defined]
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(base_url=f"http://127.0.0.1:{archive.http_port}", locale="vi-VN",
+                                          accept_downloads=True, viewport={"width": 1366, "height": 768})
+            context.set_default_timeout(20_000)
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto("/")
+            page.fill("#username", "bs.dia")
+            page.fill("#password", "Secret-123")
+            page.press("#password", "Enter")
+            expect(page).to_have_url(re.compile(r"#/worklist$"))
+            page.goto(f"/#/study/{ct}")
+            button = page.locator("#study-media")
+            expect(button).to_have_text("Tải về ghi đĩa/USB")
+            expect(button).to_be_in_viewport()
+            page.click("#lang-toggle")
+            expect(page.locator("#study-media")).to_have_text("Download for CD/USB")
+            with page.expect_download() as started:
+                page.click("#study-media")
+            download = started.value
+            assert download.suggested_filename == f"DICOM-{ct}.zip"
+            download.save_as(tmp_path / "from-viewer.zip")
+            assert not errors, errors
+        finally:
+            browser.close()
+    media = check_media(_unzipped(tmp_path / "from-viewer.zip", tmp_path / "viewer"))
+    assert set(media) == set(_stored(archive, [ct]))

@@ -4,6 +4,7 @@ the audit trail) and stable viewer links an EMR can embed."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -20,7 +21,8 @@ from pacs.studylist import patient_of, study_detail, study_list
 
 from .errors import HTTPProblem, JsonBody, problem
 from .mediatypes import video_media_types
-from .security import COOKIE, READERS, audit, audit_patients, guard, principal_of
+from .security import COOKIE, READERS, audit, audit_patients, guard, principal_of, request_target
+from .streaming import ClosingStreamingResponse
 from .templates_api import MAX_ID as MAX_TEMPLATE_ID
 from .templates_api import report_source
 
@@ -308,6 +310,46 @@ def report_pdf(request: Request, study: str, version: int | None = None,
     data = _report_call(_reports(request).pdf, study, version)
     return Response(data, media_type="application/pdf",
                     headers={"Content-Disposition": f'inline; filename="report-{study}.pdf"'})
+
+
+# -- media for the patient (CD / USB) ---------------------------------------------------------
+@router.get("/api/studies/{study}/media",
+            summary="The study as a DICOM CD/USB file-set (DICOMDIR, README.TXT, DICOM/...) in a zip, streamed")
+def study_media(request: Request, study: str,
+                uncompressed: bool = Query(False, description="every object in Explicit VR Little Endian "
+                                                              "(STD-GEN-CD) instead of as stored"),
+                _: Principal = guard(*READERS, action="export")) -> Response:
+    """What ``pacs export UID --media --out FILE.zip`` writes, sent as it is
+    written (the zip is never whole in memory nor on disk). Audited as an
+    export by the user; an object that cannot be written breaks the answer
+    off (the zip is then incomplete, and the audit event says so)."""
+    # Imported here: the maintenance jobs (codecs among them) are not needed to start serving.
+    from pacs.maintenance.export import study_patient
+    from pacs.maintenance.media import MediaDownload, media_zip
+
+    if not valid_uid(study):
+        raise HTTPProblem(400, "not a DICOM UID (digits and dots, at most 64 characters)")
+    pacs = request.app.state.pacs
+    if study_patient(pacs, study) is None:
+        raise HTTPProblem(404, f"no study {study}")
+    event = getattr(request.state, "audit", None)
+    outcome = MediaDownload()
+    body = media_zip(pacs, study, uncompressed=uncompressed, outcome=outcome)
+    # The first object is written now: a store that cannot be read is an
+    # error status, not a 200 whose body breaks off at once.
+    first = next(body, b"")
+
+    def chunks() -> Iterator[bytes]:
+        try:
+            yield first
+            yield from body
+        finally:
+            body.close()
+            if isinstance(event, Event) and outcome.detail:
+                event.detail = f"{request_target(request)}: {outcome.detail}"[:500]
+
+    return ClosingStreamingResponse(chunks(), media_type="application/zip", headers={
+        "Content-Disposition": f'attachment; filename="DICOM-{study}.zip"'})
 
 
 # -- administration ----------------------------------------------------------------------------
