@@ -53,6 +53,15 @@ export function mountStudy(root, ctx, studyUid) {
       item("accession", study.accession, "study-accession"),
       h("span.hitem.modalities", listText(study.modalities)),
       h("span#study-description.hitem.description", { title: study.description || "" }, study.description || ""),
+      // The study as a DICOM CD/USB file-set (a zip: DICOMDIR, README.TXT, DICOM/...) for the patient to
+      // take to another hospital; the session cookie authorises the download, the server audits it.
+      h("a#study-media.btn.small.media-download", {
+        href: `/api/studies/${encodeURIComponent(studyUid)}/media`,
+        download: "",
+        "data-i18n": "media_download",
+        "data-i18n-title": "media_download_title",
+        title: t("media_download_title"),
+      }, t("media_download")),
     ].filter(Boolean));
     header.querySelector("#back-to-worklist").title = t("back_title");
     document.title = `${name} – ${t("app_title")}`;
