@@ -20,6 +20,7 @@ import io
 import json
 import re
 import subprocess
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -42,6 +43,8 @@ MINIMAL_PDF = (b"%PDF-1.4\n1 0 obj <</Type/Catalog/Pages 2 0 R>> endobj\n2 0 obj
 ORDER_PATIENT = {"id": "079300000777", "issuer": "CCCD", "name": "Hoàng^Thị Mai", "birth_date": "19900101",
                  "sex": "F"}
 COMPONENT = re.compile(r"[A-Z0-9_]{1,8}")
+HUGE_STUDY = "1.2.826.0.1.3680043.9.7134.78.1"
+MB = 1 << 20
 EXPECTED_TYPES = {
     "1.2.840.10008.5.1.4.1.1.104.1": "ENCAP DOC",
     "1.2.840.10008.5.1.4.1.1.11.1": "PRESENTATION",
@@ -92,8 +95,13 @@ def archive(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Iterator
         make_ct(big / f"{i:03d}.dcm", sop_uid=f"1.2.826.0.1.3680043.9.7134.77.3.{i + 1}", StudyInstanceUID=study,
                 SeriesInstanceUID=series, Rows=512, Columns=1024, InstanceNumber=i + 1,
                 PixelData=np.random.default_rng(i).integers(0, 4096, 512 * 1024, dtype=np.uint16).tobytes())
+    huge = work / "huge"  # one 64 MB multi-frame object
+    huge.mkdir()
+    make_ct(huge / "huge.dcm", sop_uid="1.2.826.0.1.3680043.9.7134.78.3", StudyInstanceUID=HUGE_STUDY,
+            SeriesInstanceUID="1.2.826.0.1.3680043.9.7134.78.2", Rows=512, Columns=512, NumberOfFrames=128,
+            PixelData=np.random.default_rng(78).integers(0, 4096, 512 * 512 * 128, dtype=np.uint16).tobytes())
     server = PacsServer(work / "data", Backend("sqlite-fs", None, None, {}))
-    for folder in (samples, extra, big):
+    for folder in (samples, extra, big, huge):
         server.cli("import", str(folder))
     server.start()
     manifest = json.loads((samples / "manifest.json").read_text())
@@ -514,3 +522,56 @@ def test_viewer_button_downloads_the_study_for_a_cd(archive: PacsServer, tmp_pat
             browser.close()
     media = check_media(_unzipped(tmp_path / "from-viewer.zip", tmp_path / "viewer"))
     assert set(media) == set(_stored(archive, [ct]))
+
+
+def test_a_download_broken_off_is_audited_as_such_and_leaves_nothing_behind(archive: PacsServer) -> None:
+    from pacs import audit
+
+    big = archive.studies["big"]  # type: ignore[attr-defined]  # 24 MB: far more than one chunk
+    spool = Path(tempfile.gettempdir())
+    before = set(spool.glob("pacs-media-*"))
+    reader = archive.make_token("bs.gone", "radiologist")
+    with archive.http(token=reader) as http, http.stream("GET", f"/api/studies/{big}/media") as answer:
+        assert answer.status_code == 200
+        first = next(answer.iter_raw())
+        assert first.startswith(b"PK\x03\x04")  # a zip's first local header, sent before the study is written
+        assert set(spool.glob("pacs-media-*")) - before  # the objects' temporary files, one at a time
+    # The client went away: the server stops writing, removes its temporary
+    # files and records the export as broken off.
+    assert wait_until(lambda: set(spool.glob("pacs-media-*")) <= before, timeout=20)
+    core = archive.core()
+    try:
+        def gone() -> list[dict[str, Any]]:
+            return [e for e in audit.query(core.engine, action="export", study_uid=big) if e["user"] == "bs.gone"]
+
+        assert wait_until(lambda: len(gone()) == 1, timeout=20)
+        assert gone()[0]["outcome"] == "failure" and "broken off" in gone()[0]["detail"], gone()
+    finally:
+        core.close()
+    with archive.http(token=reader) as http:
+        assert http.get("/health").status_code == 200
+
+
+def _peak_kb(pid: int, reset: bool = False) -> int:
+    """The server's peak RSS (VmHWM) in kB; *reset*: start a new peak from now (its current RSS)."""
+    if reset:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+
+def test_a_big_object_goes_into_the_zip_without_being_held_in_memory(archive: PacsServer, tmp_path: Path) -> None:
+    """A 64 MB object (and a 24 MB study) downloaded as media: the server's
+    peak memory grows by far less than either (chunks of 1 MB go through)."""
+    assert archive.proc is not None
+    pid = archive.proc.pid
+    reader = archive.make_token("bs.memory", "radiologist")
+    _download(archive, reader, archive.studies["ct"], tmp_path / "warm.zip")  # type: ignore[attr-defined]
+    for study, size in ((HUGE_STUDY, 64 * MB), (archive.studies["big"], 24 * MB)):  # type: ignore[attr-defined]
+        before = _peak_kb(pid, reset=True)
+        _download(archive, reader, study, tmp_path / "media.zip")
+        grown = (_peak_kb(pid) - before) * 1024
+        assert grown < size // 3, f"peak RSS grew by {grown // MB} MB for {size // MB} MB of objects"
+        with zipfile.ZipFile(tmp_path / "media.zip") as zf:
+            files = [i for i in zf.infolist() if i.filename.startswith("DICOM/")]
+            assert sum(i.file_size for i in files) > size and zf.testzip() is None
