@@ -34,7 +34,7 @@ from pydicom.fileset import FileSet
 from pydicom.uid import ExplicitVRLittleEndian
 
 from .conftest import pydicom_file
-from .dicomfiles import make_ct
+from .dicomfiles import H264, as_h264_clip, make_ct
 from .peers import Backend, PacsServer, dataset_bytes, run_dcmtk, wait_until
 
 MINIMAL_PDF = (b"%PDF-1.4\n1 0 obj <</Type/Catalog/Pages 2 0 R>> endobj\n2 0 obj <</Type/Pages/Kids[3 0 R]/Count 1>>"
@@ -44,6 +44,7 @@ ORDER_PATIENT = {"id": "079300000777", "issuer": "CCCD", "name": "Hoàng^Thị M
                  "sex": "F"}
 COMPONENT = re.compile(r"[A-Z0-9_]{1,8}")
 HUGE_STUDY = "1.2.826.0.1.3680043.9.7134.78.1"
+CLIP = "1.2.826.0.1.3680043.9.7134.79.1"
 MB = 1 << 20
 EXPECTED_TYPES = {
     "1.2.840.10008.5.1.4.1.1.104.1": "ENCAP DOC",
@@ -88,6 +89,11 @@ def archive(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Iterator
         assert made.returncode == 0, made.stderr
     for name in ("test-SR.dcm", "waveform_ecg.dcm"):
         (extra / name).write_bytes(pydicom_file(name).read_bytes())
+    # An H.264 clip in the ultrasound study: nothing here decodes it.
+    clip = dcmread(next((samples / "us").glob("*.dcm")))
+    clip.SOPInstanceUID = clip.file_meta.MediaStorageSOPInstanceUID = CLIP
+    clip.SeriesInstanceUID, clip.SeriesNumber, clip.BurnedInAnnotation = CLIP + ".1", 2, "NO"
+    as_h264_clip(clip, 20000).save_as(extra / "clip.dcm", enforce_file_format=True)
     big = work / "big"
     big.mkdir()
     study, series = "1.2.826.0.1.3680043.9.7134.77.1", "1.2.826.0.1.3680043.9.7134.77.2"
@@ -315,8 +321,9 @@ def test_media_folder_resumes_and_refuses_another_exports_folder(archive: PacsSe
     assert len(check_media(out)) == len(files)
     # The same export again, with one more study: kept, and the new one added.
     more = _export(archive, ct, us, "--out", str(out), "--media")
-    assert more["already_there"] == len(files) and more["instances"] == 1
-    assert len(check_media(out)) == len(files) + 1
+    added = len(_stored(archive, [us]))
+    assert more["already_there"] == len(files) and more["instances"] == added
+    assert len(check_media(out)) == len(files) + added
     # Another export into it would overwrite its files: refused, nothing touched.
     before = (out / "DICOMDIR").read_bytes()
     refused = archive.cli("export", us, "--out", str(out), "--media", check=False)
@@ -361,11 +368,17 @@ def test_media_uncompressed_is_explicit_little_endian_with_the_decoded_pixels(ar
     studies = _studies(archive, "compressed", "us", "ct")
     out = tmp_path / "gen-cd"
     report = _export(archive, *studies, "--out", str(out), "--media", "--uncompressed")
-    assert report["warnings"]["count"] == 0 and report["failed"]["count"] == 0
+    assert report["failed"]["count"] == 0
+    # The clip stays as stored (on the media rather than not at all), and says so.
+    assert [w["sop_uid"] for w in report["warnings"]["items"]] == [CLIP]
+    assert "written as stored" in report["warnings"]["items"][0]["detail"]
     media = check_media(out)
+    assert media[CLIP][0].file_meta.TransferSyntaxUID == H264
+    media[CLIP][2].unlink()  # not STD-GEN-CD: the profile check below is of the rest
     check_with_dcmtk(out, strict_profile=True)
+    media.pop(CLIP)
     stored = _stored(archive, studies)
-    assert set(media) == set(stored)
+    assert set(media) == set(stored) - {CLIP}
     compressed = 0
     for sop, (_, _, path) in media.items():
         written = dcmread(path)
@@ -377,6 +390,20 @@ def test_media_uncompressed_is_explicit_little_endian_with_the_decoded_pixels(ar
         assert np.array_equal(written.pixel_array, original.pixel_array), path
         assert written.get("NumberOfFrames") == original.get("NumberOfFrames")
     assert compressed == 30  # the three MR series: JPEG 2000, JPEG-LS and RLE
+
+    # De-identified too: the header edited, the frames decoded one at a time.
+    from pacs.deidentify import Deidentifier
+
+    mr = archive.studies["compressed"]  # type: ignore[attr-defined]
+    _export(archive, mr, "--out", str(tmp_path / "research"), "--media", "--uncompressed", "--deidentify",
+            "--salt", "media-2")
+    media = check_media(tmp_path / "research")
+    new_uid = Deidentifier("media-2").uid_map.map
+    for sop in _stored(archive, [mr]):
+        written = dcmread(media[new_uid(sop)][2])
+        assert written.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian and written.PatientIdentityRemoved == "YES"
+        original = dcmread(io.BytesIO(_stored_bytes(archive, stored[sop].storage_key)))
+        assert np.array_equal(written.pixel_array, original.pixel_array)
 
 
 def _download(server: PacsServer, token: str, study_uid: str, out: Path, **params: str) -> Any:
