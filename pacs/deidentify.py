@@ -314,6 +314,14 @@ EXTRA: dict[int, Action] = {
     0x00700080: Action.D,  # Content Label (CS, Type 1): operators type names into it
     0x00700081: Action.Z,  # Content Description (Type 2)
 }
+# Where the table's action would make the object non-conformant: Presentation
+# Creation Date and Time (X in the table) are Type 1 in every presentation
+# state IOD (PS3.3 C.11.10): removed, DCMTK refused the de-identified state
+# on a patient's CD. A dummy date leaks nothing. Looked up before the table.
+CONFORMANT: dict[int, Action] = {
+    0x00700082: Action.D,  # Presentation Creation Date
+    0x00700083: Action.D,  # Presentation Creation Time
+}
 _DATE_VRS = {"DA", "DT", "TM"}
 # Values that are text someone typed (names, notes, addresses, URLs): replaced
 # wherever they are, unless the table says otherwise.
@@ -532,8 +540,8 @@ class _Cleaner:
             if t == _CODING_SCHEME and local_designator:
                 action = Action.C
             else:
-                action = BASIC_PROFILE.get(t) or EXTRA.get(t) or self._default(t, vr, strict, code_item,
-                                                                              standard_code)
+                action = (CONFORMANT.get(t) or BASIC_PROFILE.get(t) or EXTRA.get(t)
+                          or self._default(t, vr, strict, code_item, standard_code))
             if vr == "SQ":
                 self._sequence(ds, t, action, depth, strict)
             else:

@@ -99,3 +99,25 @@ def test_a_private_coding_schemes_designator_does_not_name_the_hospital(tmp_path
     # "L" (PS3.16 local codes) names nobody and stays; its value still goes.
     procedure = back.ProcedureCodeSequence[0]
     assert procedure.CodingSchemeDesignator == "L" and procedure.CodeValue != "CT-NGUC"
+
+
+def test_a_presentation_state_keeps_its_creation_date_and_time(tmp_path: Path) -> None:
+    """Presentation Creation Date and Time (X in the Basic Profile table) were
+    removed, but every presentation state IOD requires them (Type 1): DCMTK
+    refused the de-identified state on a patient's CD. They get dummy values."""
+    import subprocess
+
+    from pacs.deidentify import Deidentifier
+    from tests.dicomfiles import make_ct
+
+    ct = make_ct(tmp_path / "ct.dcm")
+    state = tmp_path / "gsps.dcm"
+    subprocess.run(["dcmpsmk", str(ct), str(state)], check=True, capture_output=True)
+    original = dcmread(state)
+    assert original.PresentationCreationDate and original.PresentationCreationTime
+    cleaned = Deidentifier(SALT).apply(original)
+    assert cleaned.PresentationCreationDate == "19000101" and cleaned.PresentationCreationTime == "000000"
+    cleaned.save_as(tmp_path / "clean.dcm", enforce_file_format=True)
+    # DCMTK's presentation state checker: the de-identified state is a valid one again.
+    checked = subprocess.run(["dcmpschk", str(tmp_path / "clean.dcm")], capture_output=True, text=True)
+    assert checked.returncode == 0 and "Presentation Creation" not in checked.stdout + checked.stderr, checked.stdout
