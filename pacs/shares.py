@@ -282,7 +282,9 @@ def answer_birth_year(engine: Engine, found: ShareLink, answer: str) -> Answer:
     several nodes, are each counted. A locked link judges nothing until the
     lock ends. ShareError 400 for an answer that is not a year (not counted)."""
     answer = answer.strip()
-    if not re.fullmatch(r"\d{4}", answer):
+    # ASCII digits only: \d alone also takes "１９７５" or "١٩٧٥", which
+    # compare_digest refuses (a TypeError, a 500) and the page never sends.
+    if not re.fullmatch(r"\d{4}", answer, re.ASCII):
         raise ShareError("the birth year is 4 digits (e.g. 1975)", 400)
     with write_transaction(engine) as conn:
         row = conn.execute(select(shares_t.c.failed_answers, shares_t.c.locked_until, shares_t.c.lockouts)

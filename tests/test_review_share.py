@@ -1,0 +1,82 @@
+"""Review of the patient share links (pacs.shares, viewer_api.share_page,
+pacs share): odd answers and forged cookies from a phone, the CLI's QR code
+path, the birth-year lock on a node whose clock is ahead, and a study the
+HIS refiles under another patient. Against a real `pacs serve` (SQLite and
+files) and, for the clocks, two processes on one PostgreSQL index."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from pydicom.uid import generate_uid
+
+from .conftest import Backend, PacsServer
+from .dicomfiles import image_dataset
+from .peers import PACS_COMMANDS, ROOT
+from .test_share_links import BIRTH_YEAR, _write_studies
+
+FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
+OTHER_NAME = "Trần^Văn Cường"
+
+
+def _refiled_study(folder: Path) -> dict[str, str]:
+    """Study C of a patient born in 1975 (the HIS refiles it in a test)."""
+    study, series = generate_uid(), generate_uid()
+    ds = image_dataset(StudyInstanceUID=study, SeriesInstanceUID=series, PatientName="Hoàng^Thị Lan",
+                       PatientID="BN-REVIEW-3", PatientBirthDate="19750607", SpecificCharacterSet="ISO_IR 192",
+                       StudyDate="20261202", Rows=16, Columns=16)
+    ds.PixelData = np.arange(16 * 16, dtype=np.uint16).tobytes()
+    ds.save_as(folder / "c.dcm", enforce_file_format=True)
+    return {"c": study, "c_series": series}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    tmp = tmp_path_factory.mktemp("review-share")
+    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}))
+    uids = _write_studies(tmp / "in")
+    uids.update(_refiled_study(tmp / "in"))
+    server.uids = uids  # type: ignore[attr-defined]
+    server.cli("import", str(tmp / "in"))
+    server.start()
+    server.his = server.make_token("his", "his", "HIS")  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def _uids(server: PacsServer) -> dict[str, str]:
+    return server.uids  # type: ignore[no-any-return,attr-defined]
+
+
+def _link(server: PacsServer, study: str) -> str:
+    """A new link's path (/share/TOKEN), made by the HIS."""
+    with server.http(token=server.his) as http:  # type: ignore[attr-defined]
+        made = http.post(f"/api/studies/{study}/shares", json={"days": 3})
+    assert made.status_code == 201, made.text
+    return httpx.URL(made.json()["url"]).path
+
+
+def _phone(server: PacsServer) -> httpx.Client:
+    return httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30)
+
+
+def test_a_birth_year_in_other_digits_is_a_400(archive: PacsServer) -> None:
+    """"１９７５" (full-width) or "١٩٧٥" (Arabic-Indic) passed the check for
+    4 digits (``\\d`` is any Unicode digit) and reached hmac.compare_digest,
+    which refuses non-ASCII text: a 500. Now a 400 like any other answer
+    that is not a year, and not counted as a wrong one."""
+    base = _link(archive, _uids(archive)["a"])
+    with _phone(archive) as phone:
+        for year in ("１９７５", "١٩٧٥", "1９75"):
+            answer = phone.post(f"{base}/birth-year", json={"birth_year": year})
+            assert answer.status_code == 400, (year, answer.text)
+        assert phone.post(f"{base}/birth-year", json={"birth_year": "1976"}).json()["tries_left"] == 4
