@@ -308,6 +308,10 @@ def answer_birth_year(engine: Engine, found: ShareLink, answer: str) -> Answer:
         return Answer(False, BIRTH_YEAR_TRIES - failures)
 
 
+# What answered_cookie makes: ID.EXPIRES.SIGNATURE (hex SHA-256), ASCII.
+_COOKIE_SHAPE = re.compile(r"(\d{1,19})\.(\d{1,12})\.([0-9a-f]{64})", re.ASCII)
+
+
 def _signature(found: ShareLink, expires: int) -> str:
     return hmac.new(bytes.fromhex(found.cookie_key), f"{found.id}.{expires}".encode(), "sha256").hexdigest()
 
@@ -323,13 +327,15 @@ def answered_cookie(found: ShareLink, now: datetime | None = None) -> str:
 def cookie_valid(found: ShareLink, value: str | None, now: datetime | None = None) -> bool:
     """Whether *value* is a cookie :func:`answered_cookie` made for this
     link that has not expired."""
-    parts = (value or "").split(".")
-    if len(parts) != 3 or parts[0] != str(found.id) or not parts[1].isdigit():
+    # The client's own bytes: anything but what answered_cookie makes is no
+    # cookie (int() refuses 5000 digits or a "²", compare_digest non-ASCII).
+    match = _COOKIE_SHAPE.fullmatch(value or "")
+    if match is None or match.group(1) != str(found.id):
         return False
-    expires = int(parts[1])
+    expires = int(match.group(2))
     if expires <= (now or datetime.now(UTC)).timestamp():
         return False
-    return hmac.compare_digest(parts[2], _signature(found, expires))
+    return hmac.compare_digest(match.group(3), _signature(found, expires))
 
 
 # -- the QR code -------------------------------------------------------------------

@@ -80,3 +80,25 @@ def test_a_birth_year_in_other_digits_is_a_400(archive: PacsServer) -> None:
             answer = phone.post(f"{base}/birth-year", json={"birth_year": year})
             assert answer.status_code == 400, (year, answer.text)
         assert phone.post(f"{base}/birth-year", json={"birth_year": "1976"}).json()["tries_left"] == 4
+
+
+def test_a_forged_cookie_is_refused_not_a_500(archive: PacsServer) -> None:
+    """The birth-year cookie comes from the client: an expiry of 5000 digits
+    (int() refuses it), a superscript digit ("²" is isdigit()), a
+    signature with a non-ASCII letter (compare_digest refuses it) each made
+    every route of the link a 500. Now such a cookie is simply not one:
+    403, answer the birth year."""
+    base = _link(archive, _uids(archive)["a"])
+    link_id = 0
+    with archive.http(token=archive.his) as http:  # type: ignore[attr-defined]
+        items = http.get(f"/api/studies/{_uids(archive)['a']}/shares").json()["items"]
+        link_id = items[0]["id"]
+    forged = [f"{link_id}.{'9' * 5000}.ab", f"{link_id}.\xb2.ab", f"{link_id}.99999999999.\xe9\xe9",
+              f"{link_id}.1\xb2.{'a' * 64}"]
+    with _phone(archive) as phone:
+        for value in forged:
+            answer = phone.get(f"{base}/study", headers={"Cookie": f"pacs_share={value}".encode("latin-1")})
+            assert answer.status_code == 403 and answer.json()["birth_year_required"], (value[:40], answer.text)
+            thumb = phone.get(f"{base}/series/{_uids(archive)['ct']}/thumbnail",
+                              headers={"Cookie": f"pacs_share={value}".encode("latin-1")})
+            assert thumb.status_code == 403, (value[:40], thumb.text)
