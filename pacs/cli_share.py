@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,11 @@ def cmd_share(args: argparse.Namespace) -> int:
     from .cli import _open, audit_command
     from .console import fail
 
-    if args.share_command == "create" and args.qr is not None and args.qr.suffix.lower() not in QR_KINDS:
-        fail(f"--qr {args.qr}: the file must end in .svg or .png")
-        return 2
+    if args.share_command == "create" and args.qr is not None:
+        problem = _qr_path_problem(args.qr)
+        if problem:
+            fail(f"--qr {args.qr}: {problem}")
+            return 2
     pacs = _open(args)
     try:
         if args.share_command == "create":
@@ -58,6 +61,22 @@ def cmd_share(args: argparse.Namespace) -> int:
         return 0
     finally:
         pacs.close()
+
+
+def _qr_path_problem(path: Path) -> str:
+    """Why the QR code cannot be written to *path* ("" when it can):
+    checked before the link is made, since its URL is shown only once and
+    a link whose QR code failed would stay active with no one to hand it."""
+    if path.suffix.lower() not in QR_KINDS:
+        return "the file must end in .svg or .png"
+    if path.is_dir():
+        return "is a folder: give the file's name (e.g. receipt.png)"
+    folder = path.parent
+    if not folder.is_dir():
+        return f"the folder {folder} does not exist"
+    if not os.access(folder, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        return "cannot be written here (permissions)"
+    return ""
 
 
 def _os_user() -> str:
@@ -94,7 +113,15 @@ def _create(pacs: Any, args: argparse.Namespace) -> int:
     audit_command(pacs, "share-create", f"share link {new.link.id} made, {days} days, until "
                   f"{_when(new.link.expires_at)} UTC (pacs share create)", study_uid=args.study)
     if args.qr is not None:
-        shares.write_qr(url, str(args.qr))
+        try:
+            shares.write_qr(url, str(args.qr))
+        except OSError as exc:
+            # Checked before, yet failed (the disk full): the link, never shown, must not stay active.
+            shares.revoke(pacs.engine, new.link.id, _os_user())
+            audit_command(pacs, "share-revoke", f"share link {new.link.id} revoked: its QR code could not be "
+                          f"written ({exc.strerror or exc})", study_uid=args.study)
+            fail(f"--qr {args.qr}: {exc.strerror or exc}; the link made is revoked")
+            return 1
     if args.json:
         print(json.dumps({"id": new.link.id, "study_uid": args.study, "url": url, "path": new.path,
                           "absolute": bool(base), "expires_at": new.link.expires_at.isoformat(),

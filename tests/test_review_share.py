@@ -102,3 +102,31 @@ def test_a_forged_cookie_is_refused_not_a_500(archive: PacsServer) -> None:
             thumb = phone.get(f"{base}/series/{_uids(archive)['ct']}/thumbnail",
                               headers={"Cookie": f"pacs_share={value}".encode("latin-1")})
             assert thumb.status_code == 403, (value[:40], thumb.text)
+
+
+def _links_of(server: PacsServer, study: str) -> list[dict[str, Any]]:
+    return json.loads(server.cli("share", "list", "--study", study, "--json").stdout)  # type: ignore[no-any-return]
+
+
+def test_a_qr_code_that_cannot_be_written_makes_no_link(archive: PacsServer, tmp_path: Path) -> None:
+    """`pacs share create --qr` into a folder that does not exist (or onto a
+    folder) made the link, audited it as made, then failed writing the
+    QR code with a bare FileNotFoundError: the URL, shown only once, was
+    never printed, and an active link nobody could hand out stayed behind.
+    Now the path is checked first: exit 2 saying why, no link made."""
+    study = _uids(archive)["b"]
+    env = {**archive.env, "PACS_PUBLIC_URL": "https://pacs.benhvien.vn"}
+    (tmp_path / "folder.png").mkdir()
+    before = len(_links_of(archive, study))
+    for qr in (tmp_path / "no-such-folder" / "receipt.png", tmp_path / "folder.png"):
+        result = PACS_COMMANDS.run(["share", "create", study, "--qr", str(qr), *archive.common_args()], env,
+                                   timeout=120)
+        assert result.returncode == 2, (qr, result.stdout, result.stderr)
+        assert "--qr" in result.stderr and "Error" not in result.stderr, result.stderr
+        assert "/share/" not in result.stdout
+    assert len(_links_of(archive, study)) == before
+    # A folder that exists: the link and its QR code.
+    qr = tmp_path / "receipt.svg"
+    made = PACS_COMMANDS.run(["share", "create", study, "--qr", str(qr), *archive.common_args()], env, timeout=120)
+    assert made.returncode == 0, made.stderr
+    assert "<svg" in qr.read_text() and len(_links_of(archive, study)) == before + 1
