@@ -94,6 +94,8 @@ class ShareLink:
     locked_until: datetime | None
     birth_year: str = field(default="", repr=False)
     cookie_key: str = field(default="", repr=False)
+    # The patient the study is filed under now (an HIS match or merge moves it).
+    patient_pk: int = field(default=0, repr=False)
 
     def state(self, now: datetime | None = None) -> str:
         """"active", "expired" or "revoked"."""
@@ -105,7 +107,7 @@ class ShareLink:
         """The link as the API and `pacs share list --json` show it: never a
         token (none is kept), nor the birth year or the cookie key."""
         data = asdict(self)
-        del data["birth_year"], data["cookie_key"]
+        del data["birth_year"], data["cookie_key"], data["patient_pk"]
         for key, value in data.items():
             if isinstance(value, datetime):
                 data[key] = value.isoformat()
@@ -164,7 +166,7 @@ def days_asked(days: int | None, default: int, maximum: int) -> int:
 
 
 def _select() -> Select[Any]:
-    return (select(shares_t, studies_t.c.study_uid, patients_t.c.birth_date)
+    return (select(shares_t, studies_t.c.study_uid, studies_t.c.patient_pk, patients_t.c.birth_date)
             .join(studies_t, studies_t.c.pk == shares_t.c.study_pk)
             .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk))
 
@@ -175,6 +177,7 @@ def _link(row: Row[Any]) -> ShareLink:
         expires_at=row.expires_at, revoked_at=row.revoked_at, revoked_by=row.revoked_by,
         last_used_at=row.last_used_at, uses=row.uses, failed_answers=row.failed_answers,
         locked_until=row.locked_until, birth_year=birth_year_of(row.birth_date), cookie_key=row.cookie_key,
+        patient_pk=row.patient_pk,
     )
 
 
@@ -313,13 +316,18 @@ _COOKIE_SHAPE = re.compile(r"(\d{1,19})\.(\d{1,12})\.([0-9a-f]{64})", re.ASCII)
 
 
 def _signature(found: ShareLink, expires: int) -> str:
-    return hmac.new(bytes.fromhex(found.cookie_key), f"{found.id}.{expires}".encode(), "sha256").hexdigest()
+    # Over the patient and the year answered too: a study the HIS refiles
+    # under another patient (matched by hand to the right order) asks that
+    # patient's year again, instead of showing them to whoever answered the first.
+    message = f"{found.id}.{expires}.{found.patient_pk}.{found.birth_year}"
+    return hmac.new(bytes.fromhex(found.cookie_key), message.encode(), "sha256").hexdigest()
 
 
 def answered_cookie(found: ShareLink, now: datetime | None = None) -> str:
     """The cookie value that says this browser answered the link's birth
     year, for :data:`ANSWERED_FOR`: ``ID.EXPIRES.SIGNATURE``, signed with
-    the link's own key (kept in the index: any node checks it)."""
+    the link's own key (kept in the index: any node checks it), valid while
+    the study stays filed under the same patient with the same birth year."""
     expires = int(((now or datetime.now(UTC)) + ANSWERED_FOR).timestamp())
     return f"{found.id}.{expires}.{_signature(found, expires)}"
 

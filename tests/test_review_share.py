@@ -130,3 +130,34 @@ def test_a_qr_code_that_cannot_be_written_makes_no_link(archive: PacsServer, tmp
     made = PACS_COMMANDS.run(["share", "create", study, "--qr", str(qr), *archive.common_args()], env, timeout=120)
     assert made.returncode == 0, made.stderr
     assert "<svg" in qr.read_text() and len(_links_of(archive, study)) == before + 1
+
+
+def test_a_study_refiled_under_another_patient_asks_the_birth_year_again(archive: PacsServer) -> None:
+    """The birth-year cookie was signed over the link and its expiry only:
+    when the HIS refiled the study under another patient (a study made on
+    the wrong patient, matched by hand to the right order), the browser
+    that had answered the first patient's year went on reading the other
+    patient's name, images and report for the rest of the hour. Now the
+    cookie is bound to the patient (and birth year) it was answered for:
+    after the refile, the year asked is the new patient's."""
+    u = _uids(archive)
+    base = _link(archive, u["c"])
+    with _phone(archive) as phone:
+        assert phone.post(f"{base}/birth-year", json={"birth_year": BIRTH_YEAR}).status_code == 204
+        assert phone.get(f"{base}/study").json()["patient_name"] == "Hoàng^Thị Lan"
+
+        order = {"patient": {"id": "BN-REVIEW-4", "name": OTHER_NAME, "birth_date": "19880101"},
+                 "accession_number": "RV-SHARE-1", "modality": "CT"}
+        with archive.http(token=archive.his) as his:  # type: ignore[attr-defined]
+            assert his.post("/api/orders", json=order).status_code == 201
+        with archive.http() as admin:
+            matched = admin.post(f"/api/studies/{u['c']}/match", json={"accession_number": "RV-SHARE-1"})
+            assert matched.status_code == 200, matched.text
+
+        refiled = phone.get(f"{base}/study")
+        assert refiled.status_code == 403 and refiled.json()["birth_year_required"], refiled.text
+        assert OTHER_NAME not in refiled.text
+        assert phone.get(f"{base}/series/{u['c_series']}/thumbnail").status_code == 403
+        assert phone.post(f"{base}/birth-year", json={"birth_year": BIRTH_YEAR}).status_code == 403
+        assert phone.post(f"{base}/birth-year", json={"birth_year": "1988"}).status_code == 204
+        assert phone.get(f"{base}/study").json()["patient_name"] == OTHER_NAME
