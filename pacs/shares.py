@@ -36,7 +36,7 @@ from typing import Any
 from sqlalchemy import Engine, Row, Select, select, update
 
 from .errors import PacsError
-from .index.db import write_transaction
+from .index.db import db_now, write_transaction
 from .index.models import Patient, ShareLink as ShareLinkRow, Study
 
 shares_t = ShareLinkRow.__table__
@@ -294,7 +294,8 @@ def answer_birth_year(engine: Engine, found: ShareLink, answer: str) -> Answer:
                            .where(shares_t.c.pk == found.id).with_for_update()).first()
         if row is None:
             raise ShareError("no such share link", 404)
-        now = datetime.now(UTC)
+        # The database's clock: a lock another node set holds here too, whatever this node's clock says.
+        now = db_now(conn)
         if row.locked_until is not None and row.locked_until > now:
             return Answer(False, 0, row.locked_until)
         if hmac.compare_digest(answer, found.birth_year):

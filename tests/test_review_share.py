@@ -161,3 +161,56 @@ def test_a_study_refiled_under_another_patient_asks_the_birth_year_again(archive
         assert phone.post(f"{base}/birth-year", json={"birth_year": BIRTH_YEAR}).status_code == 403
         assert phone.post(f"{base}/birth-year", json={"birth_year": "1988"}).status_code == 204
         assert phone.get(f"{base}/study").json()["patient_name"] == OTHER_NAME
+
+
+# -- two nodes, one PostgreSQL index, clocks apart ----------------------------------------------
+_NODE_B = """
+import json, sys
+from datetime import UTC, datetime
+from sqlalchemy import text
+from pacs import shares
+from pacs.index.db import create_index_engine
+args = json.loads(sys.argv[1])
+engine = create_index_engine(args["url"], pool_size=0)
+with engine.connect() as conn:
+    skew = (datetime.now(UTC) - conn.execute(text("SELECT now()")).scalar_one()).total_seconds()
+found = shares.open_link(engine, args["token"])
+answer = shares.answer_birth_year(engine, found, args["year"])
+print(json.dumps({"skew": skew, "right": answer.right, "locked": answer.locked_until is not None}))
+"""
+
+
+def test_the_lock_holds_on_a_node_whose_clock_is_ahead(tmp_path: Path, pg_url: str) -> None:
+    """The lock after five wrong birth years was set and judged by each
+    node's own clock: a node 20 minutes ahead (an old server without NTP)
+    saw the 15-minute lock another node had just set as over, and judged
+    the next answers (the finder of a lost receipt goes on guessing there).
+    Now the lock is set and judged by the database's clock, as the
+    project's other shared deadlines are (pacs.index.db.db_now)."""
+    if not FAKETIME_LIB.exists():
+        pytest.fail(f"libfaketime is not installed ({FAKETIME_LIB}): apt-get install -y libfaketime")
+    from pacs import shares
+
+    from .fuzzing import core_on
+
+    uids = _write_studies(tmp_path / "in")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PACS_")}
+    env["PACS_ENV_FILE"] = ""
+    imported = PACS_COMMANDS.run(["import", str(tmp_path / "in"), "--data-dir", str(tmp_path / "a"),
+                                  "--index-url", pg_url], env, timeout=300)
+    assert imported.returncode == 0, imported.stderr
+    with core_on(tmp_path / "a", pg_url) as node_a:
+        new = shares.create(node_a.engine, uids["a"], "test", days=3)
+        found = shares.open_link(node_a.engine, new.token)
+        answers = [shares.answer_birth_year(node_a.engine, found, str(1960 + n)) for n in range(5)]
+        assert answers[-1].new_lock and answers[-1].locked_until is not None
+
+    node_env = {**os.environ, "LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME": "+20m",
+                "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-c", _NODE_B, json.dumps({"url": pg_url, "token": new.token,
+                                                                      "year": BIRTH_YEAR})],
+                          capture_output=True, text=True, env=node_env, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    node_b = json.loads(done.stdout.strip().splitlines()[-1])
+    assert node_b["skew"] > 900, f"node B's clock is not ahead: {node_b}"
+    assert (node_b["right"], node_b["locked"]) == (False, True), node_b
