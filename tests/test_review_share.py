@@ -163,6 +163,48 @@ def test_a_study_refiled_under_another_patient_asks_the_birth_year_again(archive
         assert phone.get(f"{base}/study").json()["patient_name"] == OTHER_NAME
 
 
+def test_a_lock_into_tomorrow_tells_the_day(archive: PacsServer) -> None:
+    """The page said when a locked link opens again as a time of day alone
+    ("Vui lòng thử lại sau 14:30"): after the later locks (up to a day)
+    that time is tomorrow's, and read as today's the patient tried again at
+    once and was refused again. Now the date is shown when it is not today."""
+    from datetime import UTC, datetime, timedelta
+    from zoneinfo import ZoneInfo
+
+    from sqlalchemy import update
+
+    from pacs.index.models import ShareLink
+    from pacs.shares import token_hash
+
+    from playwright.sync_api import expect
+
+    from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, _sync_playwright
+
+    base = _link(archive, _uids(archive)["a"])
+    until = datetime.now(UTC) + timedelta(days=1)
+    core = archive.core()
+    try:
+        table = ShareLink.__table__
+        with core.engine.begin() as conn:  # the fifth run of wrong years: locked for a day
+            conn.execute(update(table).where(table.c.token_hash == token_hash(base.rsplit("/", 1)[1]))
+                         .values(locked_until=until, lockouts=5))
+    finally:
+        core.close()
+    day = until.astimezone(ZoneInfo("Asia/Ho_Chi_Minh")).strftime("%d/%m/%Y")
+    with _sync_playwright()() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(locale="vi-VN", timezone_id="Asia/Ho_Chi_Minh")
+            page = context.new_page()
+            page.goto(f"http://127.0.0.1:{archive.http_port}{base}")
+            message = page.locator("#birth-message")
+            expect(message).to_contain_text("Nhập sai quá nhiều lần", timeout=20_000)
+            assert day in message.inner_text(), (message.inner_text(), day)
+            context.close()
+        finally:
+            browser.close()
+
+
 # -- two nodes, one PostgreSQL index, clocks apart ----------------------------------------------
 _NODE_B = """
 import json, sys

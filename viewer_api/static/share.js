@@ -136,6 +136,13 @@ function formatDate(da) {
   return lang === "vi" ? `${m[3]}/${m[2]}/${m[1]}` : `${m[1]}-${m[2]}-${m[3]}`;
 }
 
+/** When a lock ends: the time alone today, with the date on another day
+ * (a lock lasts up to a day: "after 14:30" alone read as now). */
+function formatUntil(iso) {
+  const d = new Date(iso);
+  return formatDateTime(iso, !Number.isNaN(d.getTime()) && d.toDateString() === new Date().toDateString());
+}
+
 function formatDateTime(iso, timeOnly = false) {
   const d = new Date(iso);
   if (!iso || Number.isNaN(d.getTime())) return iso || "";
@@ -173,7 +180,7 @@ async function load() {
   const body = await response.json().catch(() => ({}));
   if (response.ok) view = { kind: "study", study: body };
   else if (response.status === 403 && body.birth_year_required) {
-    const locked = body.locked_until ? t("birth_locked", { time: formatDateTime(body.locked_until, true) }) : "";
+    const locked = body.locked_until ? t("birth_locked", { time: formatUntil(body.locked_until) }) : "";
     view = { kind: "birth", message: locked };
   } else view = { kind: "message", key: response.status === 404 || response.status === 410 ? "gone" : "error" };
   render();
@@ -220,7 +227,7 @@ function birthView() {
     }
     if (response.status === 204) return load();
     const body = await response.json().catch(() => ({}));
-    if (response.status === 429) view.message = t("birth_locked", { time: formatDateTime(body.locked_until, true) });
+    if (response.status === 429) view.message = t("birth_locked", { time: formatUntil(body.locked_until) });
     else if (response.status === 403) view.message = t("birth_wrong", { n: body.tries_left });
     else if (response.status === 400) view.message = t("birth_invalid");
     else view.message = t(response.status === 404 || response.status === 410 ? "gone" : "error");
