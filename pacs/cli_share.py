@@ -174,13 +174,14 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     q = s_sub.add_parser("create", help="make a link to a study; prints its URL (the token is not kept: "
                                         "this is the only time it is shown)")
     common(q, json_flag=True)
-    q.add_argument("study", metavar="STUDY_UID", help="the study's Study Instance UID")
+    # A UID pasted from a report or a viewer often carries a space or a newline.
+    q.add_argument("study", type=str.strip, metavar="STUDY_UID", help="the study's Study Instance UID")
     q.add_argument("--days", type=int, help="days the link lasts (default share_days, at most share_days_max)")
     q.add_argument("--qr", type=Path, metavar="FILE", help="write the link's QR code to FILE (.svg or .png)")
 
     q = s_sub.add_parser("list", help="share links, newest first (never their tokens)")
     common(q, json_flag=True)
-    q.add_argument("--study", metavar="STUDY_UID", help="only the links of this study")
+    q.add_argument("--study", type=str.strip, metavar="STUDY_UID", help="only the links of this study")
 
     q = s_sub.add_parser("revoke", help="revoke a link: it answers 410 from now on")
     common(q, json_flag=True)

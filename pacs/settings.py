@@ -363,8 +363,9 @@ class Settings(BaseSettings):
     public_url: str | None = None
     # Patient share links (pacs share create, POST /api/studies/{uid}/shares):
     # the days a new link lasts unless its creator says, and the most it may.
-    share_days: int = Field(default=30, ge=1)
-    share_days_max: int = Field(default=365, ge=1)
+    # At most ten years: a later expiry overflowed the date (a 500 on every new link).
+    share_days: int = Field(default=30, ge=1, le=3650)
+    share_days_max: int = Field(default=365, ge=1, le=3650)
     # A share link's page first asks the patient's birth year (when the
     # index has a birth date): a photo of the printed QR code, or a lost
     # receipt, is then not enough to see the images. Off: the link alone.

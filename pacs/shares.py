@@ -15,8 +15,9 @@ asks for the link (``POST /api/studies/{uid}/shares``), an operator with
   study (a study deleted as sent in error shows nothing more).
 - Second factor (``share_birth_year``, on by default): when the index has
   the patient's birth date, the page first asks the birth year. Five wrong
-  answers lock the link for 15 minutes; the count and the lock are columns
-  of the link, so every process and node sees them. The right answer gets
+  answers lock the link for 15 minutes, each further lock twice as long
+  (at most a day); the count and the lock are columns of the link, set and
+  judged by the database's clock, so every process and node sees them. The right answer gets
   a cookie for an hour, signed with a key of the link (:func:`answered_cookie`).
   The year is a weak secret on its own (a hundred likely values): it keeps
   a photo of the receipt, or a lost one, from being enough; the token is

@@ -256,3 +256,23 @@ def test_the_lock_holds_on_a_node_whose_clock_is_ahead(tmp_path: Path, pg_url: s
     node_b = json.loads(done.stdout.strip().splitlines()[-1])
     assert node_b["skew"] > 900, f"node B's clock is not ahead: {node_b}"
     assert (node_b["right"], node_b["locked"]) == (False, True), node_b
+
+
+def test_a_pasted_uid_with_spaces_and_absurd_limits(archive: PacsServer, tmp_path: Path) -> None:
+    """`pacs share create` took a UID pasted with a newline for another study
+    ("no study"); share_days_max = 100000 was accepted and every new link of
+    that length overflowed the date (a 500)."""
+    import pydantic
+
+    from pacs.settings import Settings
+
+    u = _uids(archive)
+    made = archive.cli("share", "create", f" {u['c']}\n", "--json")
+    assert json.loads(made.stdout)["study_uid"] == u["c"]
+    for bad in ({"share_days_max": 100000}, {"share_days": 5000, "share_days_max": 5000}):
+        try:
+            Settings(data_dir=tmp_path / "d", **bad)
+        except pydantic.ValidationError as exc:
+            assert "3650" in str(exc), exc
+        else:
+            raise AssertionError(f"{bad} accepted")
