@@ -87,7 +87,10 @@ def _text(field: str, value: Any) -> str:
         value.encode("utf-8")
     except UnicodeEncodeError:
         raise TemplateError(f"{field} holds a character UTF-8 cannot write (a lone surrogate)", 400) from None
-    return value
+    # Composed (NFC): a Mac's or a phone's keyboard sends Vietnamese decomposed
+    # ("ệ" as e + two marks), which counted three characters against the limits,
+    # and a file saved so was "updated" by an import of the same text.
+    return unicodedata.normalize("NFC", value)
 
 
 def _one_line(field: str, value: Any, limit: int) -> str:

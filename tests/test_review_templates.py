@@ -1,0 +1,42 @@
+"""Review findings on report templates ("mẫu kết quả"), each against a real
+`pacs serve` (SQLite, and PostgreSQL where the index matters), the real
+`pacs template` command, or the viewer in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from pathlib import Path
+
+from .conftest import PacsServer
+from .test_report_templates import API, _as, server  # noqa: F401 (a fixture)
+
+
+def _nfd(text: str) -> str:
+    return unicodedata.normalize("NFD", text)
+
+
+def test_decomposed_vietnamese_counts_and_is_kept_composed(server: PacsServer, tmp_path: Path) -> None:
+    """A Mac's or a phone's keyboard sends Vietnamese decomposed (NFD: "ệ"
+    as e + circumflex + dot below). Before, the limits counted those code
+    points: a 100-character name was refused as "279 characters, at most
+    120", a 15-letter modality and an 18,000-character findings likewise; the
+    text was stored decomposed; and a department file saved so was imported
+    as "updated" (a new version of every template) though nothing changed."""
+    name = "Nghiệm pháp " + "ệ" * 88  # 100 characters as written, 279 code points decomposed
+    # 18,090 characters as written, 22,680 code points decomposed.
+    findings = "Gan mật tụy lách thận bình thường; đường mật trong gan không giãn. " * 270
+    body = {"name": _nfd(name), "modality": _nfd("SIÊU ÂM TỔNG QT"), "findings": _nfd(findings)}
+    assert len(body["name"]) > 120 and len(body["findings"]) > 20_000 and len(body["modality"]) > 16
+    with _as(server, "bs.an") as http:
+        created = http.post(API, json=body)
+        assert created.status_code == 201, created.text[:300]
+        assert (created.json()["name"], created.json()["findings"]) == (name, findings)
+        assert created.json()["modality"] == "SIÊU ÂM TỔNG QT"
+
+    # The department's set, saved decomposed by an editor on a Mac: the same text, nothing to update.
+    exported = json.loads(server.cli("template", "export", "-").stdout)
+    mac = tmp_path / "khoa-mac.json"
+    mac.write_text(_nfd(json.dumps(exported, ensure_ascii=False)), encoding="utf-8")
+    done = json.loads(server.cli("template", "import", str(mac), "--json").stdout)
+    assert done == {"created": [], "updated": [], "unchanged": [t["name"] for t in exported]}
