@@ -236,12 +236,17 @@ class TemplateService:
                                 .order_by(templates_t.c.name_folded, templates_t.c.pk)).all()
         return [as_json(row) for row in rows]
 
-    def describe(self, template_id: int) -> str:
-        """One line naming the template *template_id* (any owner, archived
-        too), for the audit event of a report written from it."""
+    def describe(self, template_id: int, user: str) -> str:
+        """One line naming the template *template_id* (archived too) for the
+        audit event of a report *user* wrote from it. A template *user* may
+        not see (a colleague's) is named as an unknown one: the trail would
+        say the text came from it, and name it, on nothing but an id the
+        client sent."""
         with self.engine.connect() as conn:
             row = conn.execute(select(templates_t).where(templates_t.c.pk == template_id)).first()
-        return describe(row) if row is not None else f"template #{template_id} (unknown)"
+        if row is None or row.owner not in ("", user):
+            return f"template #{template_id} (unknown)"
+        return describe(row)
 
     @staticmethod
     def _visible(conn: Connection, template_id: int, user: str, admin: bool) -> Any:

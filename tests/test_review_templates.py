@@ -8,8 +8,10 @@ import json
 import unicodedata
 from pathlib import Path
 
-from .conftest import PacsServer
-from .test_report_templates import API, _as, server  # noqa: F401 (a fixture)
+from pydicom import dcmread
+
+from .conftest import PacsServer, pydicom_file
+from .test_report_templates import API, _as, _create, server  # noqa: F401 (a fixture)
 
 
 def _nfd(text: str) -> str:
@@ -40,3 +42,22 @@ def test_decomposed_vietnamese_counts_and_is_kept_composed(server: PacsServer, t
     mac.write_text(_nfd(json.dumps(exported, ensure_ascii=False)), encoding="utf-8")
     done = json.loads(server.cli("template", "import", str(mac), "--json").stdout)
     assert done == {"created": [], "updated": [], "unchanged": [t["name"] for t in exported]}
+
+
+def test_a_report_save_does_not_name_a_colleagues_template(server: PacsServer) -> None:
+    """A report save's template_id was described in its audit event whoever
+    owned the template: a radiologist sending the id of a colleague's
+    template (which they may not read: 404) got the trail to say their
+    report's text came from it, and wrote that template's name into it."""
+    secret = _create(server, "bs.lan", {"name": "Mẫu riêng của BS Lan", "findings": "Nang gan 12 mm."})
+    study = dcmread(pydicom_file("CT_small.dcm"), stop_before_pixels=True).StudyInstanceUID
+    with _as(server, "bs.an") as http:
+        assert http.get(f"{API}/{secret['id']}").status_code == 404
+        saved = http.put(f"/api/studies/{study}/report",
+                         json={"findings": "Nang gan.", "impression": "x", "template_id": secret["id"]})
+        assert saved.status_code == 200, saved.text
+    with _as(server, "qtv") as http:
+        events = http.get("/api/audit", params={"user": "bs.an", "action": "report-update"}).json()
+    details = [e["detail"] for e in events]
+    assert not any("Mẫu riêng" in d for d in details), details
+    assert any(f"text from template #{secret['id']} (unknown)" in d for d in details), details

@@ -147,8 +147,9 @@ def archive_template(request: Request, template_id: int = _ID,
     return template
 
 
-def report_source(request: Request, template_id: int) -> str:
-    """The template a report's text was written from, for its audit event
-    (pacs.report_templates: archived, not deleted, so it stays readable)."""
-    return TemplateService(request.app.state.pacs.engine).describe(template_id)
+def report_source(request: Request, template_id: int, user: str) -> str:
+    """The template *user*'s report text was written from, for its audit
+    event (pacs.report_templates: archived, not deleted, so it stays
+    readable); one *user* may not see is not named."""
+    return TemplateService(request.app.state.pacs.engine).describe(template_id, user)
 

@@ -286,7 +286,8 @@ def save_report(request: Request, study: str, body: ReportText,
         # Which template the text came from stays readable: templates are archived, never deleted.
         event = getattr(request.state, "audit", None)
         if isinstance(event, Event):
-            event.detail = f"{event.detail} (text from {report_source(request, body.template_id)})"[:500]
+            source = report_source(request, body.template_id, principal.username)
+            event.detail = f"{event.detail} (text from {source})"[:500]
     return _report_call(_reports(request).save_draft, study, body.findings, body.impression, principal.username,
                         revision=body.revision)
 
