@@ -43,6 +43,8 @@ def parse_templates(data: bytes, kind: str, source: str) -> list[TemplateText]:
         document: Any = json.loads(text) if kind == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise TemplateError(f"{source}: not valid {kind[1:].upper()}: {exc}", 400) from None
+    except RecursionError:  # "[[[[..." thousands deep: no template file, and no traceback for it
+        raise TemplateError(f"{source}: not a template file (lists or tables nested too deeply)", 400) from None
     if isinstance(document, dict):
         keys = [k for k in ("template", "templates") if k in document]
         if len(keys) != 1 or len(document) != 1:

@@ -61,3 +61,17 @@ def test_a_report_save_does_not_name_a_colleagues_template(server: PacsServer) -
     details = [e["detail"] for e in events]
     assert not any("Mẫu riêng" in d for d in details), details
     assert any(f"text from template #{secret['id']} (unknown)" in d for d in details), details
+
+
+def test_cli_import_of_a_deeply_nested_file_is_refused_clearly(server: PacsServer, tmp_path: Path) -> None:
+    """A file of lists nested thousands deep (JSON or TOML) ended `pacs
+    template import` with "error: RecursionError: maximum recursion depth
+    exceeded" and exit 1, the code for "nothing to remove", instead of a
+    refused file (exit 2) saying what is wrong with it."""
+    for name, text in (("deep.json", "[" * 100_000 + "]" * 100_000),
+                       ("deep.toml", "template = " + "[" * 10_000 + "]" * 10_000)):
+        path = tmp_path / name
+        path.write_text(text, encoding="utf-8")
+        refused = server.cli("template", "import", str(path), check=False)
+        assert refused.returncode == 2, (name, refused.returncode, refused.stderr)
+        assert "nested too deeply" in refused.stderr and "RecursionError" not in refused.stderr, refused.stderr
