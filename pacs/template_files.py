@@ -32,6 +32,18 @@ def _format_of(path: Path) -> str:
     return suffix
 
 
+def _once_each(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are given once each: json keeps the last of
+    two "findings" without a word (TOML refuses them), and an import would
+    silently drop the text of the first."""
+    document = dict(pairs)
+    if len(document) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key {twice!r} is given twice in one object")
+    return document
+
+
 def parse_templates(data: bytes, kind: str, source: str) -> list[TemplateText]:
     """The templates of a file's bytes (*kind* ``.json`` or ``.toml``),
     each checked; a 400 naming *source* and the template at fault."""
@@ -40,7 +52,7 @@ def parse_templates(data: bytes, kind: str, source: str) -> list[TemplateText]:
     except UnicodeDecodeError as exc:
         raise TemplateError(f"{source}: not UTF-8 (byte {exc.start}): save the file as UTF-8", 400) from None
     try:
-        document: Any = json.loads(text) if kind == ".json" else tomllib.loads(text)
+        document: Any = json.loads(text, object_pairs_hook=_once_each) if kind == ".json" else tomllib.loads(text)
     except (ValueError, tomllib.TOMLDecodeError) as exc:
         raise TemplateError(f"{source}: not valid {kind[1:].upper()}: {exc}", 400) from None
     except RecursionError:  # "[[[[..." thousands deep: no template file, and no traceback for it

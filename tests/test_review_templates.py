@@ -75,3 +75,16 @@ def test_cli_import_of_a_deeply_nested_file_is_refused_clearly(server: PacsServe
         refused = server.cli("template", "import", str(path), check=False)
         assert refused.returncode == 2, (name, refused.returncode, refused.stderr)
         assert "nested too deeply" in refused.stderr and "RecursionError" not in refused.stderr, refused.stderr
+
+
+def test_cli_import_refuses_a_key_given_twice_in_json(server: PacsServer, tmp_path: Path) -> None:
+    """A JSON template with "findings" twice (a block copied in a hand-edited
+    file) was imported with the last one only, the first text dropped
+    without a word; TOML refuses the same file, and so does JSON now."""
+    path = tmp_path / "khoa.json"
+    path.write_text('[{"name": "Siêu âm gan", "findings": "Gan không to.", "impression": "Bình thường.",\n'
+                    '  "findings": ""}]', encoding="utf-8")
+    refused = server.cli("template", "import", str(path), check=False)
+    assert refused.returncode == 2, (refused.returncode, refused.stdout, refused.stderr)
+    assert "'findings' is given twice" in refused.stderr, refused.stderr
+    assert "Siêu âm gan" not in server.cli("template", "list", "--json").stdout
