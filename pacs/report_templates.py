@@ -340,7 +340,8 @@ class TemplateService:
         def once(conn: Connection) -> Any:
             active = select(templates_t).where(templates_t.c.owner == "", templates_t.c.archived_at.is_(None))
             row = conn.execute(active.where(templates_t.c.name_key == name_key(name))).first()
-            if row is None:
+            # Only a name typed without diacritics stands for one with them: "Mẩu" is not "Mẫu".
+            if row is None and name_key(fold(name)) == name_key(name):
                 alike = conn.execute(active.where(templates_t.c.name_folded == fold(name))).all()
                 if len(alike) > 1:
                     raise TemplateError(f"{name!r} without diacritics names {len(alike)} templates: "

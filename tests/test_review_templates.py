@@ -88,3 +88,16 @@ def test_cli_import_refuses_a_key_given_twice_in_json(server: PacsServer, tmp_pa
     assert refused.returncode == 2, (refused.returncode, refused.stdout, refused.stderr)
     assert "'findings' is given twice" in refused.stderr, refused.stderr
     assert "Siêu âm gan" not in server.cli("template", "list", "--json").stdout
+
+
+def test_cli_remove_with_other_diacritics_archives_nothing(server: PacsServer) -> None:
+    """`pacs template remove` falls back on the name without diacritics, for
+    a name typed on a console without them. It did so for a name typed with
+    other diacritics too: "Mẩu" (another word) archived the template "Mẫu"."""
+    with _as(server, "qtv") as http:
+        assert http.post(API, json={"name": "Mẫu", "findings": "Bình thường."}).status_code == 201
+    missed = server.cli("template", "remove", "Mẩu", check=False)
+    assert missed.returncode == 1, (missed.stdout, missed.stderr)
+    assert "Mẫu" in [t["name"] for t in json.loads(server.cli("template", "list", "--json").stdout)]
+    # Typed without any diacritics it is still found.
+    assert "archived: Mẫu" in server.cli("template", "remove", "mau").stdout
