@@ -5,13 +5,20 @@
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from pathlib import Path
+from typing import Any
 
 from pydicom import dcmread
 
+from . import test_web_viewer as web_viewer
 from .conftest import PacsServer, pydicom_file
-from .test_report_templates import API, _as, _create, server  # noqa: F401 (a fixture)
+from .test_report_templates import API, STARTER, _as, _create, server  # noqa: F401 (a fixture)
+from .test_web_viewer import _log_in
+
+page = web_viewer.page
+viewer_server = web_viewer.viewer_server
 
 
 def _nfd(text: str) -> str:
@@ -101,3 +108,42 @@ def test_cli_remove_with_other_diacritics_archives_nothing(server: PacsServer) -
     assert "Mẫu" in [t["name"] for t in json.loads(server.cli("template", "list", "--json").stdout)]
     # Typed without any diacritics it is still found.
     assert "archived: Mẫu" in server.cli("template", "remove", "mau").stdout
+
+
+def _open_picker(page: Any, server: PacsServer) -> Any:
+    """A radiologist on a US abdomen study with the starter set, the picker open; its items."""
+    from playwright.sync_api import expect
+
+    server.cli("template", "import", "--starter")
+    with server.http() as admin:
+        study = admin.get("/api/worklist", params={"modality": "US"}).json()["items"][0]["study_uid"]
+    page.goto(f"/#/study/{study}")
+    _log_in(page)
+    expect(page).to_have_url(re.compile(rf"#/study/{re.escape(study)}$"))
+    expect(page.locator("#report-status")).to_have_attribute("data-status", "none")
+    page.click("#template-summary")
+    items = page.locator('[data-testid="template-item"]')
+    expect(items).to_have_count(4)
+    expect(items.first).to_contain_text(STARTER[0])
+    return items
+
+
+def test_enter_in_the_picker_picks_from_what_was_typed(page: Any, viewer_server: PacsServer) -> None:
+    """Enter in the template search filled the report from the first item of
+    the list shown, which still answered the text typed before (the search
+    waits for a pause in typing, then for the server): "tuyen giap" + Enter
+    filled an empty report with the abdominal ultrasound, unasked."""
+    from playwright.sync_api import expect
+
+    _open_picker(page, viewer_server)
+    page.eval_on_selector("#template-search", """(el) => {
+        el.value = "tuyen giap";
+        el.dispatchEvent(new Event("input", { bubbles: true }));
+        el.dispatchEvent(new KeyboardEvent("keydown", { key: "Enter", bubbles: true, cancelable: true }));
+    }""")
+    expect(page.locator("#template-list")).to_be_hidden()
+    with viewer_server.http() as admin:
+        thyroid = next(t for t in admin.get(API, params={"q": "tuyen giap"}).json()["items"])
+    expect(page.locator("#findings")).to_have_value(thyroid["findings"])
+    expect(page.locator("#impression")).to_have_value(thyroid["impression"])
+    assert not page.errors, page.errors

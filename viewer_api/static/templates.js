@@ -25,6 +25,7 @@ export class TemplatePicker {
     this.bodyPart = "";
     this.loaded = false;
     this.items = [];
+    this.shown = null; // the search (study and typed text) the items answer
     this.sequence = 0; // answers of an older search are ignored
     this.timer = 0;
 
@@ -50,7 +51,7 @@ export class TemplatePicker {
       if (event.key === "Enter") {
         // The first one listed: the best fit for the study among those matching.
         event.preventDefault();
-        if (this.items.length) this.pick(this.items[0]);
+        this.pickFirst();
       } else if (event.key === "ArrowDown") {
         const first = this.list.querySelector("button");
         if (first) {
@@ -83,20 +84,38 @@ export class TemplatePicker {
     this.message.hidden = !message;
   }
 
+  /** The search the picker would send now. */
+  wanted() {
+    return { modality: this.modality, body_part: this.bodyPart, q: this.search.value.trim() };
+  }
+
+  /** Enter in the search: the first template matching what is typed. The
+   * list shown may still answer the text typed before (the search waits for
+   * a pause in typing, then for the server): picking from it filled the
+   * report from a template the radiologist had not searched for. */
+  async pickFirst() {
+    const wanted = JSON.stringify(this.wanted());
+    if (this.shown !== wanted) await this.load();
+    if (this.shown === wanted && JSON.stringify(this.wanted()) === wanted && this.items.length) {
+      this.pick(this.items[0]);
+    }
+  }
+
   async load() {
     clearTimeout(this.timer);
     const sequence = ++this.sequence;
+    const query = this.wanted();
     this.element.setAttribute("aria-busy", "true");
     try {
-      const data = await api("GET", TEMPLATES_API, {
-        query: { modality: this.modality, body_part: this.bodyPart, q: this.search.value.trim() },
-      });
+      const data = await api("GET", TEMPLATES_API, { query });
       if (sequence !== this.sequence) return;
       this.loaded = true;
+      this.shown = JSON.stringify(query);
       this.items = (data && Array.isArray(data.items)) ? data.items : [];
       this.render();
     } catch (exc) {
       if (sequence !== this.sequence || exc.status === 401) return;
+      this.shown = null;
       this.items = [];
       this.list.replaceChildren();
       this.say(`${t("template_load_error")}: ${exc.message}`);
