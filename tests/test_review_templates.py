@@ -147,3 +147,20 @@ def test_enter_in_the_picker_picks_from_what_was_typed(page: Any, viewer_server:
     expect(page.locator("#findings")).to_have_value(thyroid["findings"])
     expect(page.locator("#impression")).to_have_value(thyroid["impression"])
     assert not page.errors, page.errors
+
+
+def test_escape_in_the_picker_closes_it_and_stays_on_the_study(page: Any, viewer_server: PacsServer) -> None:
+    """Escape on a template of the open list (reached with the arrow keys)
+    was the study page's Escape: back to the worklist, instead of closing
+    the list."""
+    from playwright.sync_api import expect
+
+    _open_picker(page, viewer_server)
+    url = page.url
+    page.press("#template-search", "ArrowDown")
+    expect(page.locator('[data-testid="template-item"]').first).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(page.locator("#template-list")).to_be_hidden()
+    expect(page.locator("#template-summary")).to_be_focused()
+    assert page.url == url
+    assert not page.errors, page.errors

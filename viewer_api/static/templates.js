@@ -39,6 +39,14 @@ export class TemplatePicker {
     this.summary = h("summary#template-summary", { "data-i18n": "templates" }, t("templates"));
     this.element = h("details#template-picker.template-picker", this.summary, this.search, this.message, this.list);
 
+    this.element.addEventListener("keydown", (event) => {
+      // Escape closes the list; the study's own Escape (back to the worklist) is not this one.
+      if (event.key === "Escape" && this.element.open) {
+        event.preventDefault();
+        this.element.open = false;
+        this.summary.focus();
+      }
+    });
     this.element.addEventListener("toggle", () => {
       if (this.element.open && !this.loaded) this.load();
       if (this.element.open) this.search.focus({ preventScroll: true });
