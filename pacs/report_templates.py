@@ -236,17 +236,20 @@ class TemplateService:
                                 .order_by(templates_t.c.name_folded, templates_t.c.pk)).all()
         return [as_json(row) for row in rows]
 
-    def describe(self, template_id: int, user: str) -> str:
+    def describe(self, template_id: int, user: str, version: int | None = None) -> str:
         """One line naming the template *template_id* (archived too) for the
-        audit event of a report *user* wrote from it. A template *user* may
-        not see (a colleague's) is named as an unknown one: the trail would
-        say the text came from it, and name it, on nothing but an id the
-        client sent."""
+        audit event of a report *user* wrote from it at *version* (None: the
+        current one). A template *user* may not see (a colleague's) is named
+        as an unknown one: the trail would say the text came from it, and
+        name it, on nothing but an id the client sent."""
         with self.engine.connect() as conn:
             row = conn.execute(select(templates_t).where(templates_t.c.pk == template_id)).first()
         if row is None or row.owner not in ("", user):
             return f"template #{template_id} (unknown)"
-        return describe(row)
+        if version is None or version == row.version:
+            return describe(row)
+        # Changed between the pick and the save: the text is that of the version picked.
+        return f"template #{row.pk} {row.name!r} v{version} ({_whose(row.owner)}; v{row.version} since)"
 
     @staticmethod
     def _visible(conn: Connection, template_id: int, user: str, admin: bool) -> Any:

@@ -164,3 +164,28 @@ def test_escape_in_the_picker_closes_it_and_stays_on_the_study(page: Any, viewer
     expect(page.locator("#template-summary")).to_be_focused()
     assert page.url == url
     assert not page.errors, page.errors
+
+
+def test_the_audit_names_the_template_version_picked(page: Any, viewer_server: PacsServer) -> None:
+    """The draft save's audit event named the template's version at the save,
+    not the one whose text was picked: the department's template changed
+    by an administrator while the radiologist wrote, the trail said the
+    report came from the new text (v2), which it never held."""
+    from playwright.sync_api import expect
+
+    items = _open_picker(page, viewer_server)
+    with viewer_server.http() as admin:
+        abdomen = next(t for t in admin.get(API).json()["items"] if t["name"] == STARTER[0])
+    items.first.click()
+    expect(page.locator("#findings")).to_have_value(abdomen["findings"])
+    with viewer_server.http() as admin:
+        changed = admin.put(f"{API}/{abdomen['id']}", json={"version": 1, "impression": "Chưa thấy bất thường."})
+        assert changed.status_code == 200 and changed.json()["version"] == 2, changed.text
+    page.click("#save-report")
+    expect(page.locator("#report-status")).to_have_attribute("data-status", "draft")
+    with viewer_server.http() as admin:
+        events = admin.get("/api/audit", params={"action": "report-update"}).json()
+    details = [e["detail"] for e in events]
+    assert any(f"text from template #{abdomen['id']} {STARTER[0]!r} v1 (the department; v2 since)" in d
+               for d in details), details
+    assert not page.errors, page.errors

@@ -147,9 +147,9 @@ def archive_template(request: Request, template_id: int = _ID,
     return template
 
 
-def report_source(request: Request, template_id: int, user: str) -> str:
-    """The template *user*'s report text was written from, for its audit
-    event (pacs.report_templates: archived, not deleted, so it stays
-    readable); one *user* may not see is not named."""
-    return TemplateService(request.app.state.pacs.engine).describe(template_id, user)
+def report_source(request: Request, template_id: int, user: str, version: int | None = None) -> str:
+    """The template (at *version*, as picked) *user*'s report text was written
+    from, for its audit event (pacs.report_templates: archived, not deleted,
+    so it stays readable); one *user* may not see is not named."""
+    return TemplateService(request.app.state.pacs.engine).describe(template_id, user, version)
 

@@ -42,6 +42,8 @@ class ReportText(BaseModel):
     revision: int | None = Field(None, ge=0)
     # The report template the text was started from (the viewer's picker), named in the audit event.
     template_id: int | None = Field(None, ge=1, le=MAX_TEMPLATE_ID)
+    # Its version when picked: changed before the save, the trail names the one the text came from.
+    template_version: int | None = Field(None, ge=1, le=2**31 - 1)
 
 
 class SignRequest(BaseModel):
@@ -286,7 +288,7 @@ def save_report(request: Request, study: str, body: ReportText,
         # Which template the text came from stays readable: templates are archived, never deleted.
         event = getattr(request.state, "audit", None)
         if isinstance(event, Event):
-            source = report_source(request, body.template_id, principal.username)
+            source = report_source(request, body.template_id, principal.username, body.template_version)
             event.detail = f"{event.detail} (text from {source})"[:500]
     return _report_call(_reports(request).save_draft, study, body.findings, body.impression, principal.username,
                         revision=body.revision)

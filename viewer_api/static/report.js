@@ -35,7 +35,7 @@ export class ReportPanel {
     // The study's modality and body part (setStudy): templates of those come first.
     this.modality = "";
     this.bodyPart = "";
-    // The template the text was last filled from, named with the next save (the audit trail).
+    // The template (id, version) the text was last filled from, named with the next save (the audit trail).
     this.templateUsed = null;
     this.build();
   }
@@ -117,7 +117,7 @@ export class ReportPanel {
     const replacing = fields.some(([area, text]) => text && area.value.trim() && area.value !== text);
     if (replacing && !confirm(t("template_replace_confirm", { name: template.name }))) return false;
     for (const [area, text] of fields) if (text) area.value = text;
-    this.templateUsed = template.id;
+    this.templateUsed = { id: template.id, version: template.version };
     this.setDirty(true);
     this.keepUnsaved();
     toast(t("template_applied", { name: template.name }));
@@ -338,7 +338,7 @@ export class ReportPanel {
     const sent = { findings: this.findings.value, impression: this.impression.value };
     const template = this.templateUsed;
     const body = { ...sent, revision: this.revision() };
-    if (template !== null) body.template_id = template;
+    if (template !== null) Object.assign(body, { template_id: template.id, template_version: template.version });
     const response = await api("PUT", this.base, { json: body });
     if (this.templateUsed === template) this.templateUsed = null; // named once, by the save that stored it
     // Typed while the save was on its way (Ctrl+S, then on typing over a slow
