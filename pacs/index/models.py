@@ -482,7 +482,7 @@ class Report(Base):
     revision: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
 
 
-# The report templates of migration 0031: the rows a name is unique among.
+# The report templates of migration 0030: the rows a name is unique among.
 TEMPLATE_ACTIVE = "archived_at IS NULL"
 
 
