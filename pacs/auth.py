@@ -40,9 +40,9 @@ from sqlalchemy.exc import SQLAlchemyError
 from .errors import PacsError
 from .index.db import write_transaction
 from .index.models import ApiToken, LoginThrottle, User
+from .roles import ROLES
 
 log = logging.getLogger(__name__)
-ROLES = ("modality", "radiologist", "referring", "emr", "his", "admin")
 # The name of login session tokens (API tokens get other names).
 SESSION = "session"
 SESSION_HOURS = 12  # absolute lifetime of a session

@@ -36,6 +36,7 @@ from . import logtext
 from .settings import Settings, invalid_settings, load_env_file, load_settings
 
 from .console import TextTable, err, fail, out
+from .roles import ROLES
 
 
 def _common(parser: argparse.ArgumentParser, *, json_flag: bool = False) -> None:
@@ -1077,7 +1078,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "existing user resets the password, ends their sessions and revokes their API tokens")
     _common(q, json_flag=True)
     q.add_argument("username")
-    q.add_argument("--role", required=True, choices=["modality", "radiologist", "referring", "emr", "his", "admin"])
+    q.add_argument("--role", required=True, choices=list(ROLES))
     q.add_argument("--password")
     q.add_argument("--display-name")
     q.add_argument("--keep-tokens", action="store_true",

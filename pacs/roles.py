@@ -1,0 +1,7 @@
+"""The roles of the HTTP API's users (one per user; see README "Access control").
+
+A module of its own, free of imports, so that the command line can offer
+them without loading the authentication code."""
+
+# monitor: a monitoring system (Prometheus, Zabbix): GET /metrics and /health only.
+ROLES = ("modality", "radiologist", "referring", "emr", "his", "admin", "monitor")
