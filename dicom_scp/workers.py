@@ -178,6 +178,22 @@ class PoolHostCounts:
         self._cells[self.number * self.BUCKETS + bucket] = count
 
 
+class PoolConnections:
+    """The supervisor's read-only view of :class:`PoolHostCounts`: how many
+    connections the whole pool holds (/metrics: this node's open
+    associations, whichever worker took them)."""
+
+    def __init__(self, fd: int, workers: int) -> None:
+        self._map = mmap.mmap(fd, PoolHostCounts.size(workers), access=mmap.ACCESS_READ)
+
+    def total(self) -> int:
+        # A copy (128 KB for two workers): a view kept on the map would stop close().
+        return sum(memoryview(self._map[:]).cast("I"))
+
+    def close(self) -> None:
+        self._map.close()
+
+
 @dataclass
 class WorkerPool:
     """Starts, watches and stops the DICOM worker processes."""
@@ -192,12 +208,15 @@ class WorkerPool:
     _hosts_fd: int | None = None
     _watcher: threading.Thread | None = None
     _stop_timeout: float = 30.0
+    _connections: PoolConnections | None = None
 
     def start(self) -> WorkerPool:
         """Start the workers from this (long-lived) thread and the watcher;
         return once each is accepting (or has failed, which is logged and
         left to the watcher to restart)."""
         self._hosts_fd = PoolHostCounts.make(self.count)
+        if self._hosts_fd is not None:
+            self._connections = PoolConnections(self._hosts_fd, self.count)
         spawned = [self._spawn(i, ready=True) for i in range(self.count)]
         self.procs = [proc for proc, _ in spawned]
         self._await_ready([pipe for _, pipe in spawned])
@@ -262,6 +281,11 @@ class WorkerPool:
                 self.procs[number] = self._spawn(number)[0]
         self._terminate()
 
+    def open_connections(self) -> int | None:
+        """DICOM connections the workers hold now (None: not shared, no memfd)."""
+        connections = self._connections
+        return connections.total() if connections is not None else None
+
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM every worker (each finishes its associations), then wait;
         SIGKILL what is still running after *timeout*."""
@@ -272,6 +296,9 @@ class WorkerPool:
         # Nothing left to do unless the watcher died of an error.
         self._terminate()
         self.listener.close()
+        if self._connections is not None:
+            self._connections, connections = None, self._connections
+            connections.close()
         if self._hosts_fd is not None:
             os.close(self._hosts_fd)
             self._hosts_fd = None

@@ -27,6 +27,7 @@ from .index.db import is_sqlite
 from .index.writer import IndexWriter
 from .ingest import Ingestor, IngestResult, Origin
 from .instance_locks import InstanceFileLocks
+from .metrics.live import NodeFigures
 from .part10 import FileSource
 from .pixel_memory import PIXELS
 from .reads import IndexReader
@@ -49,6 +50,8 @@ class Pacs:
     audit: AuditTrail
     auth: AuthService
     _closed: bool = field(default=False, repr=False)
+    # This node's live figures for /metrics (pacs serve registers its DICOM listeners).
+    live: NodeFigures = field(default_factory=NodeFigures, repr=False)
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True, upgrade: bool = False, others: str = "",

@@ -85,7 +85,7 @@ STAGED_PREFIX = "route-"
 
 def node_name(pacs: Pacs) -> str:
     """Who claims jobs: stable across restarts of this node."""
-    return pacs.settings.node_id or f"{socket.gethostname()}:{os.path.abspath(pacs.settings.data_dir)}"
+    return pacs.settings.node_name
 
 
 def _target_syntax(rule: Rule) -> str:

@@ -191,6 +191,7 @@ def _start_listeners(pacs: Pacs, dicom_ssl: Any, running: ExitStack) -> None:
             "DICOM over TLS", "--dicom-tls-port / PACS_DICOM_TLS_PORT", settings.host, settings.dicom_tls_port,
             lambda: start_dicom_server(pacs, port=settings.dicom_tls_port, ssl_context=dicom_ssl))
         running.callback(tls_server.shutdown)
+        pacs.live.add_dicom(lambda: len(tls_server.active_associations))
         log.info("DICOM over TLS on %s:%d (client certificates %s)", settings.host, settings.dicom_tls_port,
                  "required" if settings.tls_require_client_cert else "not requested")
     workers = settings.dicom_workers or os.cpu_count() or 1
@@ -200,10 +201,13 @@ def _start_listeners(pacs: Pacs, dicom_ssl: Any, running: ExitStack) -> None:
 
         listener = _listen("DICOM", dicom_option, settings.host, settings.dicom_port,
                            lambda: open_listener(settings.host, settings.dicom_port))
-        running.callback(WorkerPool(settings, listener, workers).start().stop)
+        pool = WorkerPool(settings, listener, workers).start()
+        running.callback(pool.stop)
+        pacs.live.add_dicom(pool.open_connections)
     elif settings.dicom_plain:
         plain = _listen("DICOM", dicom_option, settings.host, settings.dicom_port, lambda: start_dicom_server(pacs))
         running.callback(plain.shutdown)
+        pacs.live.add_dicom(lambda: len(plain.active_associations))
     hl7_listener, sender = _start_ris_bridge(pacs)
     running.callback(hl7_listener.stop)
     if sender is not None:

@@ -253,6 +253,13 @@ class Settings(BaseSettings):
     offer_samples: bool = True
     # HTTP API access control. Only a local demo may turn it off, explicitly.
     auth_enabled: bool = True
+    # GET /metrics (Prometheus): seconds the figures read from the index are
+    # reused, so that several scrapers (or a storm of scrapes) read the index
+    # once per period; 0: each scrape reads it.
+    metrics_cache_seconds: float = Field(default=10.0, ge=0)
+    # Scrapes of /metrics from this machine itself (loopback, no proxy
+    # header) need no token: a Prometheus or Zabbix agent on the same host.
+    metrics_local_unauthenticated: bool = False
     # This node's name in a cluster (claims of routing jobs); default host:data dir.
     node_id: str | None = None
     # Secret for consistent de-identification (default: a random one kept in the data dir).
@@ -526,6 +533,14 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         init_kwargs = getattr(init_settings, "init_kwargs", {})
         return (init_settings, env_settings, _ConfigFileSource(settings_cls, init_kwargs))
+
+    @property
+    def node_name(self) -> str:
+        """This node's name in a cluster: node_id, else host:data dir (stable
+        across restarts; who claims routing jobs, the node label of /metrics)."""
+        import socket
+
+        return self.node_id or f"{socket.gethostname()}:{os.path.abspath(self.data_dir)}"
 
     @property
     def resolved_index_url(self) -> str:

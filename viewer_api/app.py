@@ -18,7 +18,10 @@ from pacs.app import Pacs, health
 from pacs.auth import ROLES
 from pacs.pixel_memory import PIXELS
 
-from . import errors, fhir, orders_api, qido, share_api, share_page, stow, templates_api, ui_api, wado, wado_uri
+from . import (
+    errors, fhir, metrics_api, orders_api, qido, share_api, share_page, stow, templates_api, ui_api, wado, wado_uri,
+)
+from .http_metrics import HttpMetrics, RouteNote
 from .limits import BodyLimit
 from .rendering import RenderCache
 from .security import (
@@ -79,6 +82,9 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.state.render_cache = RenderCache(pacs.settings.render_cache_bytes)
     errors.install(app)
     fhir.install(app)  # OperationOutcome errors under /fhir
+    metrics_api.install(app, pacs)
+    # Innermost: tells HttpMetrics (outermost) which route template answered.
+    app.add_middleware(RouteNote)
     app.add_middleware(AuditMiddleware)
     # Before the access check: a control character in /api or /fhir is a 400.
     app.add_middleware(errors.ControlCharacters)
@@ -98,6 +104,8 @@ def create_app(pacs: Pacs) -> FastAPI:
         )
     # Outermost of all: every answer carries them, a CORS preflight's and an error's too.
     app.add_middleware(SecurityHeaders)
+    # Around everything: every request is counted, the refused ones too (/metrics).
+    app.add_middleware(HttpMetrics, counters=app.state.http_counters)
     # Who may do what (the table tests/test_access_control.py checks).
     # study_of: the study each API serves, for the referring check and the audit.
     app.include_router(qido.router, dependencies=requires("radiologist", "admin", "emr", action="query",
@@ -114,13 +122,15 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.include_router(share_api.router)
     app.include_router(share_page.router)
     app.include_router(fhir.router)
+    app.include_router(metrics_api.router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
-    docs_access = requires(*ROLES, action="api-docs")
+    # Every role but the monitoring system's, which reads /metrics and /health only.
+    docs_access = requires(*(role for role in ROLES if role != "monitor"), action="api-docs")
 
     @app.get("/openapi.json", include_in_schema=False, dependencies=docs_access)
     def openapi() -> JSONResponse:

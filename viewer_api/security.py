@@ -158,7 +158,7 @@ def refusal_detail(request: Request, status: int, reason: str) -> str:
     return request_target(request)[:500 - len(tail)] + tail
 
 
-def _unauthenticated(request: Request) -> tuple[Principal | None, str]:
+def unauthenticated(request: Request) -> tuple[Principal | None, str]:
     """Who a request without a working credential is, for its refusal's
     event, and why it is refused: the user of a token we issued that is
     revoked, expired or whose user is disabled (never the token itself);
@@ -183,7 +183,7 @@ def guard(*roles: str, action: str, study_of: StudyOf = path_study) -> Any:
         if principal is None:
             # Who presented a token that no longer works (revoked, expired):
             # the trail must show bob's revoked token still in use.
-            presenter, why = _unauthenticated(request)
+            presenter, why = unauthenticated(request)
             audit(request, action, presenter, outcome="denied", study_uid=_quietly(study_of, request),
                   detail=refusal_detail(request, 401, why))
             raise HTTPProblem(401, "authentication required: log in or send Authorization: Bearer <token>")

@@ -1,0 +1,107 @@
+"""GET /metrics: the archive's figures in the Prometheus text format.
+
+Readable by the ``monitor`` role (a monitoring system's token: it reads
+nothing else) and by admins; with ``metrics_local_unauthenticated`` also
+without a token from this machine itself. The answer names no patient and
+no study, so a scrape is not an access to patient data and is not audited;
+a refused one is (who tried, from where), but at most once per client,
+user and status in :data:`REFUSAL_EVERY` seconds, the next event saying how
+many were refused since: a scraper left with a revoked token, asking every
+15 seconds, must not bury the trail.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+import time
+
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.concurrency import run_in_threadpool
+
+from pacs.auth import Principal
+from pacs.metrics.exposition import CONTENT_TYPE
+from pacs.metrics.service import MetricsService
+
+from .errors import HTTPProblem
+from .http_metrics import HttpCounters
+from .security import audit, principal_of, refusal_detail, token_of, unauthenticated
+
+SCRAPERS = ("monitor", "admin")
+REFUSAL_EVERY = 600.0
+# Headers a reverse proxy adds: a request relayed by a proxy on this machine
+# comes from 127.0.0.1 without being local.
+_PROXY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+_MAX_REFUSERS = 10_000
+
+router = APIRouter()
+
+
+class RefusalTrail:
+    """Audits refused scrapes, one event per client, user and status per
+    :data:`REFUSAL_EVERY` seconds (see the module doc)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        # (client, user, status) -> (monotonic time of the last event, refusals not written since)
+        self._last: dict[tuple[str, str, int], tuple[float, int]] = {}
+
+    def record(self, request: Request, principal: Principal | None, status: int, reason: str) -> None:
+        client = request.client.host if request.client else ""
+        key = (client, principal.username if principal else "", status)
+        now = time.monotonic()
+        with self._lock:
+            last, skipped = self._last.get(key, (float("-inf"), 0))
+            if now - last < REFUSAL_EVERY:
+                self._last[key] = (last, skipped + 1)
+                return
+            if len(self._last) >= _MAX_REFUSERS:
+                self._last.clear()
+            self._last[key] = (now, 0)
+        if skipped:
+            reason = f"{reason} ({skipped} more refused since the last event)"
+        audit(request, "metrics", principal, outcome="denied", detail=refusal_detail(request, status, reason))
+
+
+def _local(request: Request) -> bool:
+    """A request from this machine itself, not relayed by a proxy."""
+    if any(header in request.headers for header in _PROXY_HEADERS):
+        return False
+    try:
+        return request.client is not None and ipaddress.ip_address(request.client.host).is_loopback
+    except ValueError:
+        return False
+
+
+def scrape_access(request: Request) -> None:
+    """A dependency: the caller may read /metrics (the module doc)."""
+    settings = request.app.state.pacs.settings
+    if settings.metrics_local_unauthenticated and token_of(request) is None and _local(request):
+        return
+    refusals: RefusalTrail = request.app.state.metrics_refusals
+    principal = principal_of(request)
+    if principal is None:
+        presenter, why = unauthenticated(request)
+        refusals.record(request, presenter, 401, why)
+        raise HTTPProblem(401, "authentication required: log in or send Authorization: Bearer <token>")
+    if principal.role not in SCRAPERS:
+        refusals.record(request, principal, 403, f"role {principal.role} not allowed")
+        raise HTTPProblem(403, f"role {principal.role!r} may not do this (needs: {', '.join(SCRAPERS)})")
+
+
+@router.get("/metrics", tags=["system"], summary="Prometheus metrics (text format 0.0.4); roles monitor, admin",
+            dependencies=[Depends(scrape_access)], response_class=Response)
+async def metrics(request: Request) -> Response:
+    service: MetricsService = request.app.state.metrics
+    counters: HttpCounters = request.app.state.http_counters
+    # In a thread: the index is read (at most once per metrics_cache_seconds).
+    body = await run_in_threadpool(lambda: service.text(counters.families(service.node)))
+    return Response(body, media_type=CONTENT_TYPE)
+
+
+def install(app: object, pacs: object) -> None:
+    """The state /metrics needs on *app* (the HTTP app of *pacs*)."""
+    state = app.state  # type: ignore[attr-defined]
+    state.metrics = MetricsService(pacs)  # type: ignore[arg-type]
+    state.http_counters = HttpCounters()
+    state.metrics_refusals = RefusalTrail()
