@@ -15,7 +15,7 @@ from pydicom import dcmread
 from .conftest import Backend, PacsServer
 from .qr_corpus import import_corpus, study_uid
 
-ROLES = ["modality", "radiologist", "referring", "emr", "his", "admin"]
+ROLES = ["modality", "radiologist", "referring", "emr", "his", "admin", "monitor"]
 READ = {"radiologist", "admin", "emr", "referring"}
 # Patient share links: the HIS prints them; readers of the images but the EMR.
 SHARE = {"radiologist", "admin", "his", "referring"}
@@ -79,6 +79,7 @@ def _routes(server: PacsServer) -> list[tuple[str, str, set[str], dict | None]]:
         ("POST", f"/api/studies/{s1}/shares", SHARE, {"days": 1}),
         ("GET", f"/api/studies/{s1}/shares", SHARE, None),
         ("DELETE", "/api/shares/999999", SHARE, None),  # no such link: 404 for those allowed
+        ("GET", "/metrics", {"monitor", "admin"}, None),
     ]
 
 
@@ -126,15 +127,21 @@ def test_public_routes(secured: PacsServer) -> None:
 
 
 def test_api_docs_for_every_signed_in_role(secured: PacsServer) -> None:
-    """/openapi.json, /docs and /redoc answer any role; the reads are audited."""
+    """/openapi.json, /docs and /redoc answer any role but a monitoring
+    system's (it reads /metrics and /health only); the reads are audited."""
+    with secured.http(secured.tokens["monitor"]) as http:  # type: ignore[attr-defined]
+        for page in ("/openapi.json", "/docs", "/redoc"):
+            assert http.get(page).status_code == 403, page
     for role, token in secured.tokens.items():  # type: ignore[attr-defined]
+        if role == "monitor":
+            continue
         with secured.http(token) as http:
             spec = http.get("/openapi.json")
             assert spec.status_code == 200 and "/dicom-web/studies" in spec.json()["paths"], role
             for page in ("/docs", "/redoc"):
                 html = http.get(page)
                 assert html.status_code == 200 and "/openapi.json" in html.text, (role, page)
-    wanted = {f"user-{role}" for role in secured.tokens}  # type: ignore[attr-defined]
+    wanted = {f"user-{role}" for role in secured.tokens if role != "monitor"}  # type: ignore[attr-defined]
     deadline = time.monotonic() + 20
     while True:  # audit events are written in batches
         with secured.http() as http:

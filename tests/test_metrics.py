@@ -95,6 +95,9 @@ def test_figures_follow_a_study_sent_with_storescu(monitored: PacsServer, tmp_pa
     # Routed to an AE nobody listens at: the jobs wait in the queue.
     server.cli("ae", "add", "AI_NODE", "--host", "127.0.0.1", "--port", str(free_port()))
     server.cli("route", "add", "to-ai", "--if", "Modality=CT", "--to-ae", "AI_NODE")
+    # A DICOMweb destination whose URL carries credentials: they are not shown.
+    server.cli("route", "add", "to-cloud", "--if", "Modality=CT", "--to-url",
+               f"http://pacs:S3cr3t-pw@127.0.0.1:{free_port()}/dicom-web?key=k3y-s3cr3t")
     sent_after = time.time()
     study, uids = _study(tmp_path / "study", 3)
     assert server.storescu("+sd", str(tmp_path / "study"), calling="CT_ROOM1").returncode == 0
@@ -123,6 +126,8 @@ def test_figures_follow_a_study_sent_with_storescu(monitored: PacsServer, tmp_pa
     assert newest is not None and newest >= sent_after - 1
     assert value(after, "pacs_routing_jobs", kind="dicom", destination="AI_NODE", state="dead") == 0
     assert value(after, "pacs_routing_oldest_job_age_seconds", destination="AI_NODE", state="pending") >= 0
+    cloud = [labels["destination"] for labels, _ in after["pacs_routing_jobs"] if labels["kind"] == "dicomweb"]
+    assert set(cloud) == {f"http://127.0.0.1:{cloud[0].rsplit(':', 1)[1].split('/')[0]}/dicom-web"}, cloud
 
     # A signed report queues its ORU^R01 for the HIS (none configured: it waits).
     radiologist = server.make_token("bs.minh", "radiologist", "Trần^Minh")
@@ -144,7 +149,8 @@ def test_figures_follow_a_study_sent_with_storescu(monitored: PacsServer, tmp_pa
 
     # Nothing that names the patient or the study.
     text = signed["_text"][0][0]["text"]
-    for secret in (PATIENT_ID, "OTHER-9", "Nguy", "NGUYEN", "ACC-MET-1", study, *uids, "bs.minh", "Minh"):
+    for secret in (PATIENT_ID, "OTHER-9", "Nguy", "NGUYEN", "ACC-MET-1", study, *uids, "bs.minh", "Minh",
+                   "S3cr3t-pw", "k3y-s3cr3t", "pacs:"):
         assert secret not in text, secret
 
 

@@ -1,7 +1,7 @@
 """What GET /metrics answers: the index's figures (cached), this node's.
 
 The index is read by one scrape at a time, at most once per
-``metrics_cache_seconds``: the others wait for that read and share it, so
+``metrics_cache_seconds``: the scrapes meanwhile answer the last read, so
 any number of scrapers costs the index one read per period. The read is
 plain SELECTs (a SQLite WAL reader never blocks the writer; PostgreSQL
 readers take no row locks), bounded on PostgreSQL by a statement timeout,
@@ -79,11 +79,21 @@ class MetricsService:
         return render(_with_ages(families, now))
 
     def _snapshot(self) -> list[Family]:
-        with self._lock:
+        """The cached figures, read again once older than the period. While
+        one scrape reads, the others answer the previous read (they wait
+        only for the first read of all): a storm of scrapes holds no
+        threads of the HTTP server's pool behind the index."""
+        if time.monotonic() - self._read_at < self.pacs.settings.metrics_cache_seconds:
+            return self._cached
+        if not self._lock.acquire(blocking=self._read_at == float("-inf")):
+            return self._cached  # another scrape is reading: the previous figures
+        try:
             if time.monotonic() - self._read_at >= self.pacs.settings.metrics_cache_seconds:
                 self._cached = self._read()
                 self._read_at = time.monotonic()
             return self._cached
+        finally:
+            self._lock.release()
 
     def _read(self) -> list[Family]:
         """Everything worth a cache: the index, the health probes, the disks."""
@@ -146,7 +156,7 @@ class MetricsService:
             size.add(usage.total, labels)
         floor = Family("pacs_storage_min_free_bytes", "gauge",
                        "min_free_bytes: below this much free space new objects are refused (C-STORE 0xA700)")
-        return [free, size, floor.add(settings.min_free_bytes)]
+        return [free, size, floor.add(settings.min_free_bytes, {"node": self.node})]
 
     def _node_now(self) -> list[Family]:
         """This process's figures, read at each scrape (cheap)."""
