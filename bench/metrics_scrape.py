@@ -7,7 +7,9 @@ Prints per database the wall time of a scrape that reads the index
 (metrics_cache_seconds 0: every scrape reads it), the server's own
 pacs_metrics_index_read_seconds, and a scrape answered from the cache (the
 default 10 s); then the time a storescu of --objects small CTs takes alone
-and under a storm of --storm threads scraping without pause (cache on).
+and during a storm: --storm scrapers each scraping every --every seconds
+(cache on; --every 0 floods the HTTP port as fast as it answers, which
+slows ingest as any HTTP flood would: the CPU is shared).
 
     .venv/bin/python -m bench.metrics_scrape                     # SQLite
     .venv/bin/python -m bench.metrics_scrape --dbs sqlite,pg --scrapes 30
@@ -99,13 +101,15 @@ def _send(server: PacsServer, folder: Path) -> float:
     return time.perf_counter() - start
 
 
-def _storm(client: httpx.Client, threads: int, stop: threading.Event) -> list[int]:
+def _storm(client: httpx.Client, threads: int, every: float, stop: threading.Event) -> list[int]:
+    """*threads* scrapers, each scraping every *every* seconds (0: without pause)."""
     done = [0]
 
     def loop() -> None:
         while not stop.is_set():
             client.get("/metrics").raise_for_status()
             done[0] += 1
+            stop.wait(every)
 
     workers = [threading.Thread(target=loop, daemon=True) for _ in range(threads)]
     for worker in workers:
@@ -144,7 +148,7 @@ def measure(db: str, url: str | None, data: Path, args: argparse.Namespace, work
         settle()
         alone = _send(server, first_folder)
         stop = threading.Event()
-        done = _storm(client, args.storm, stop)
+        done = _storm(client, args.storm, args.every, stop)
         try:
             stormed = _send(server, storm_folder)
         finally:
@@ -166,7 +170,8 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=50_000, help="routing jobs in the backlog")
     parser.add_argument("--messages", type=int, default=100_000, help="outbox messages (all but 50 sent)")
     parser.add_argument("--objects", type=int, default=300, help="CT objects sent with and without the storm")
-    parser.add_argument("--storm", type=int, default=8, help="threads scraping without pause")
+    parser.add_argument("--storm", type=int, default=20, help="scrapers at once during the storm")
+    parser.add_argument("--every", type=float, default=1.0, help="seconds between a scraper's scrapes (0: no pause)")
     args = parser.parse_args()
     studies, per = 100_000, 11
     rows = []
@@ -188,7 +193,8 @@ def main() -> int:
     print(f"\n## GET /metrics on 1.12 M instances, {args.jobs:,} routing jobs, {args.messages:,} outbox messages")
     print(f"scrape ms: first (starts the counters), then {args.scrapes} reading the index (p50, p95, and the "
           f"server's own index read p50), and answered from the cache (p50); storescu of {args.objects} "
-          f"objects in s, alone and under {args.storm} threads scraping without pause (cache 10 s)\n")
+          f"objects in s, alone (best of before and after) and while {args.storm} scrapers scrape every "
+          f"{args.every:g} s (cache 10 s)\n")
     print("| db | first | p50 | p95 | index read p50 | cached p50 | storescu alone | storescu + storm |")
     print("|---|---|---|---|---|---|---|---|")
     for row in rows:

@@ -16,8 +16,7 @@ import ipaddress
 import threading
 import time
 
-from fastapi import APIRouter, Depends, Request, Response
-from starlette.concurrency import run_in_threadpool
+from fastapi import APIRouter, Request, Response
 
 from pacs.auth import Principal
 from pacs.metrics.exposition import CONTENT_TYPE
@@ -74,7 +73,7 @@ def _local(request: Request) -> bool:
 
 
 def scrape_access(request: Request) -> None:
-    """A dependency: the caller may read /metrics (the module doc)."""
+    """Raise 401 or 403 unless the caller may read /metrics (the module doc)."""
     settings = request.app.state.pacs.settings
     if settings.metrics_local_unauthenticated and token_of(request) is None and _local(request):
         return
@@ -90,13 +89,14 @@ def scrape_access(request: Request) -> None:
 
 
 @router.get("/metrics", tags=["system"], summary="Prometheus metrics (text format 0.0.4); roles monitor, admin",
-            dependencies=[Depends(scrape_access)], response_class=Response)
-async def metrics(request: Request) -> Response:
+            response_class=Response)
+def metrics(request: Request) -> Response:
+    # One thread for the access check and the figures (the index is read at
+    # most once per metrics_cache_seconds): a dependency would take another.
+    scrape_access(request)
     service: MetricsService = request.app.state.metrics
     counters: HttpCounters = request.app.state.http_counters
-    # In a thread: the index is read (at most once per metrics_cache_seconds).
-    body = await run_in_threadpool(lambda: service.text(counters.families(service.node)))
-    return Response(body, media_type=CONTENT_TYPE)
+    return Response(service.text(counters.families(service.node)), media_type=CONTENT_TYPE)
 
 
 def install(app: object, pacs: object) -> None:
