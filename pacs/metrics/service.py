@@ -111,16 +111,16 @@ class MetricsService:
                 families.append(index_size_family(conn, self.pacs.engine))
                 self.counters.refresh(conn)
             families += self.counters.families()
-            up.add(1)
+            up.add(1, {"node": self.node})
         except SQLAlchemyError as exc:
             families = []
-            up.add(0)
+            up.add(0, {"node": self.node})
             if time.monotonic() - self._logged_at >= _LOG_EVERY:
                 self._logged_at = time.monotonic()
                 log.warning("/metrics: the index could not be read: %s", str(exc).splitlines()[0][:300])
         read = Family("pacs_metrics_index_read_seconds", "gauge",
                       "Seconds the last read of the index's figures for /metrics took")
-        read.add(round(time.perf_counter() - started, 6))
+        read.add(round(time.perf_counter() - started, 6), {"node": self.node})
         return [up, read, *families, *self._health(), *self._disks()]
 
     def _health(self) -> list[Family]:
