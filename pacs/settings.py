@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import functools
 import os
+import socket
 import sys
 import tomllib
 from pathlib import Path
@@ -538,8 +539,6 @@ class Settings(BaseSettings):
     def node_name(self) -> str:
         """This node's name in a cluster: node_id, else host:data dir (stable
         across restarts; who claims routing jobs, the node label of /metrics)."""
-        import socket
-
         return self.node_id or f"{socket.gethostname()}:{os.path.abspath(self.data_dir)}"
 
     @property

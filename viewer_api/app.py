@@ -102,7 +102,7 @@ def create_app(pacs: Pacs) -> FastAPI:
             allow_headers=["Authorization", "Accept", "Content-Type"],
             expose_headers=["Content-Location", "Warning", "Content-Disposition"], max_age=600,
         )
-    # Outermost of all: every answer carries them, a CORS preflight's and an error's too.
+    # Outermost but the request counting: every answer carries them, a CORS preflight's and an error's too.
     app.add_middleware(SecurityHeaders)
     # Around everything: every request is counted, the refused ones too (/metrics).
     app.add_middleware(HttpMetrics, counters=app.state.http_counters)
