@@ -24,9 +24,8 @@ from pacs.metrics.service import MetricsService
 
 from .errors import HTTPProblem
 from .http_metrics import HttpCounters
-from .security import audit, principal_of, refusal_detail, token_of, unauthenticated
+from .security import SCRAPERS, audit, principal_of, refusal_detail, token_of, unauthenticated
 
-SCRAPERS = ("monitor", "admin")
 REFUSAL_EVERY = 600.0
 # Headers a reverse proxy adds: a request relayed by a proxy on this machine
 # comes from 127.0.0.1 without being local.

@@ -28,6 +28,8 @@ from .errors import HTTPProblem, answer
 
 COOKIE = "pacs_session"
 READERS = ("radiologist", "admin", "emr", "referring")
+# Who may read /metrics (viewer_api.metrics_api): a monitoring system, and admins.
+SCRAPERS = ("monitor", "admin")
 DEMO = Principal("demo", "admin", "Demo (auth disabled)")
 
 
