@@ -46,6 +46,15 @@ class PacsError(Exception):
     """Base of errors raised by the core."""
 
 
+class RefusedRequest(PacsError):
+    """A request the core refused, with the HTTP status a client is answered
+    (the HTTP entry points turn it into that answer)."""
+
+    def __init__(self, message: str, http_status: int) -> None:
+        super().__init__(message)
+        self.http_status = http_status
+
+
 class IngestError(PacsError):
     """An object was refused; ``status`` is the DICOM status to answer.
     ``header`` is the refused object's parsed header (a

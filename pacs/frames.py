@@ -20,7 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID, ImplicitVRLittleEndian
 
 from .app import Pacs
-from .errors import PacsError
+from .errors import RefusedRequest
 from .retrieve import RetrieveItem
 
 # PS3.18 Table 8.7.3-4 (and 8.7.4): media type of a compressed frame by transfer syntax.
@@ -52,12 +52,8 @@ _PIXEL_KEYWORDS = {"FloatPixelData": FLOAT_PIXEL_DATA, "DoubleFloatPixelData": D
 
 
 
-class FrameError(PacsError):
+class FrameError(RefusedRequest):
     """A frame or bulk data request that cannot be served; carries the HTTP status."""
-
-    def __init__(self, message: str, http_status: int) -> None:
-        super().__init__(message)
-        self.http_status = http_status
 
 
 @dataclass(frozen=True)
@@ -382,6 +378,7 @@ class FrameReader:
     """The frames of one stored object, for one request: the encapsulated
     frames' offsets are found once (:func:`frame_index`), each frame is
     then read by offset, one in memory at a time."""
+
 
     def __init__(self, path: Path, info: PixelInfo, ds: Dataset | None = None) -> None:
         self.path = path

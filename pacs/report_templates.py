@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
-from .errors import PacsError
+from .errors import RefusedRequest
 from .index.db import retry_write
 from .index.models import ReportTemplate, User
 from .names import fold
@@ -50,17 +50,14 @@ _ANY_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _MODALITY_SEPARATORS = re.compile(r"[/\\,\s]+")
 
 
-class TemplateError(PacsError):
+class TemplateError(RefusedRequest):
     """A refused template operation, with the HTTP status it is answered with."""
-
-    def __init__(self, message: str, http_status: int) -> None:
-        super().__init__(message)
-        self.http_status = http_status
 
 
 @dataclass(frozen=True)
 class TemplateText:
     """The fields of a template a person writes, checked (:func:`checked`)."""
+
 
     name: str
     modality: str = ""

@@ -21,7 +21,7 @@ from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import IntegrityError
 
 from .app import Pacs
-from .errors import PacsError
+from .errors import RefusedRequest
 from .index.db import retry_write
 from .index.models import Instance, Order, Patient, Report, Study, StudyOrderLink
 from .ingest import Origin
@@ -41,10 +41,8 @@ links_t = StudyOrderLink.__table__
 instances_t = Instance.__table__
 
 
-class ReportError(PacsError):
-    def __init__(self, message: str, http_status: int) -> None:
-        super().__init__(message)
-        self.http_status = http_status
+class ReportError(RefusedRequest):
+    """Refused, with the HTTP status a client sees."""
 
 
 def _iso(value: datetime | None) -> str | None:

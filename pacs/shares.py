@@ -36,7 +36,7 @@ from typing import Any
 
 from sqlalchemy import Engine, Row, Select, select, update
 
-from .errors import PacsError
+from .errors import RefusedRequest
 from .index.db import db_now, write_transaction
 from .index.models import Patient, ShareLink as ShareLinkRow, Study
 
@@ -67,13 +67,12 @@ ANSWERED_FOR = timedelta(hours=1)
 LIST_LIMIT = 1000
 
 
-class ShareError(PacsError):
+class ShareError(RefusedRequest):
     """A share link request refused, with the HTTP status a client sees;
     *link* names the link when it exists (a 410's audit event)."""
 
     def __init__(self, message: str, http_status: int, link: ShareLink | None = None) -> None:
-        super().__init__(message)
-        self.http_status = http_status
+        super().__init__(message, http_status)
         self.link = link
 
 

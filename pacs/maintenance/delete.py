@@ -31,7 +31,7 @@ from sqlalchemy import Connection, delete, func, select
 
 from ..app import Pacs
 from ..audit import Event, record_in
-from ..errors import PacsError
+from ..errors import RefusedRequest
 from ..index import tombstones
 from ..index.db import retry_write
 from ..index.prune import prune_after_delete, prune_patients
@@ -50,17 +50,14 @@ from .common import (
 log = logging.getLogger(__name__)
 
 
-class DeleteRefused(PacsError):
+class DeleteRefused(RefusedRequest):
     """The deletion was not done; *http_status* is what an HTTP client sees."""
-
-    def __init__(self, message: str, http_status: int) -> None:
-        super().__init__(message)
-        self.http_status = http_status
 
 
 @dataclass(frozen=True)
 class Target:
     """What to delete: a study, one of its series, or one instance of that series."""
+
 
     study_uid: str
     series_uid: str = ""
