@@ -28,7 +28,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -113,26 +113,78 @@ def enqueue(conn: Connection, *, patient_id: str, issuer: str = "", other_ids: l
     )).inserted_primary_key[0])
 
 
+@dataclass(frozen=True)
+class _Ordered:
+    """What an order asks for now: its patient's ID, issuer and other
+    identifiers as the index holds them, and the modalities of its steps."""
+
+    patient_id: str
+    issuer: str
+    other_ids: list[tuple[str, str, str]]
+    modalities: list[str]
+
+
+def _ordered(conn: Connection, accession: str) -> _Ordered | str:
+    """The order *accession* as it stands (:class:`_Ordered`), else why
+    nothing is to be fetched for it: "gone" (no such order), "withdrawn"
+    (every step cancelled or discontinued), "no patient ID"."""
+    steps = conn.execute(select(orders_t.c.modality, orders_t.c.status, orders_t.c.patient_pk)
+                         .where(orders_t.c.accession_number == accession).order_by(orders_t.c.pk)).all()
+    if not steps:
+        return "gone"
+    if all(step.status in WITHDRAWN for step in steps):
+        return "withdrawn"
+    patient = conn.execute(select(patients_t.c.pk, patients_t.c.patient_id, patients_t.c.issuer)
+                           .where(patients_t.c.pk == steps[0].patient_pk)).first()
+    if patient is None or not patient.patient_id:
+        return "no patient ID"
+    others = conn.execute(select(identifiers_t.c.value, identifiers_t.c.issuer, identifiers_t.c.id_type)
+                          .where(identifiers_t.c.patient_pk == patient.pk).order_by(identifiers_t.c.pk)).all()
+    modalities = sorted({step.modality for step in steps if step.modality and step.status not in WITHDRAWN})
+    return _Ordered(patient.patient_id, patient.issuer, [(o.value, o.issuer, o.id_type) for o in others],
+                    modalities)
+
+
 def enqueue_for_order(conn: Connection, accession: str) -> int | None:
     """Queue the prefetch of the priors of the new order *accession* in the
     transaction placing it (pacs.orders): its patient's ID, issuer and other
     identifiers as the index holds them now, and the modalities of its
     steps. None when nothing is to be fetched (no such order, every step
     withdrawn, a patient without an ID)."""
-    steps = conn.execute(select(orders_t.c.modality, orders_t.c.status, orders_t.c.patient_pk)
-                         .where(orders_t.c.accession_number == accession).order_by(orders_t.c.pk)).all()
-    if not steps or all(step.status in WITHDRAWN for step in steps):
+    ordered = _ordered(conn, accession)
+    if isinstance(ordered, str):
         return None
-    patient = conn.execute(select(patients_t.c.pk, patients_t.c.patient_id, patients_t.c.issuer)
-                           .where(patients_t.c.pk == steps[0].patient_pk)).first()
-    if patient is None or not patient.patient_id:
-        return None
-    others = conn.execute(select(identifiers_t.c.value, identifiers_t.c.issuer, identifiers_t.c.id_type)
-                          .where(identifiers_t.c.patient_pk == patient.pk).order_by(identifiers_t.c.pk)).all()
-    modalities = sorted({step.modality for step in steps if step.modality and step.status not in WITHDRAWN})
-    return enqueue(conn, patient_id=patient.patient_id, issuer=patient.issuer,
-                   other_ids=[(o.value, o.issuer, o.id_type) for o in others], modalities=modalities,
-                   accession=accession)
+    return enqueue(conn, patient_id=ordered.patient_id, issuer=ordered.issuer, other_ids=ordered.other_ids,
+                   modalities=ordered.modalities, accession=accession)
+
+
+def as_ordered(engine: Engine, job: Job) -> Job | None:
+    """*job* as its order stands when it runs, or None when every step of
+    the order was withdrawn since it was queued (the HIS cancelled it: no
+    examination needs the priors). The patient's identifiers and the
+    ordered modalities are read again, and recorded on the job's row under
+    its claim: an ADT^A40 merge moves the order to the surviving patient and
+    an ADT^A08 gives the hospital number to a patient registered by citizen
+    ID, and the identifiers of the queueing time missed the priors the old
+    PACS holds under the patient's own. A job run by hand, or whose order is
+    gone, runs as it was queued."""
+    if not job.accession:
+        return job
+    with engine.begin() as conn:
+        ordered = _ordered(conn, job.accession)
+        if ordered == "withdrawn":
+            return None
+        if isinstance(ordered, str):
+            return job
+        if (ordered.patient_id, ordered.issuer, ordered.other_ids, ordered.modalities) == (
+                job.patient_id, job.issuer, job.other_ids, job.modalities):
+            return job
+        conn.execute(update(jobs_t).where(_held(job)).values(
+            patient_id=ordered.patient_id, issuer=ordered.issuer,
+            other_ids=json.dumps(ordered.other_ids, ensure_ascii=False), modality="\\".join(ordered.modalities),
+            updated_at=db_now(conn)))
+    return replace(job, patient_id=ordered.patient_id, issuer=ordered.issuer, other_ids=ordered.other_ids,
+                   modalities=ordered.modalities)
 
 
 def enqueue_claimed(engine: Engine, node: str, lease: timedelta, *, patient_id: str, issuer: str = "",

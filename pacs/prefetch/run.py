@@ -118,6 +118,13 @@ class JobRun:
         """Search, choose, retrieve; see the module docstring."""
         if not self.sources:
             return Outcome(False, "no prefetch_sources configured", self.progress)
+        current = jobs.as_ordered(self.pacs.engine, self.job)
+        if current is None:
+            return Outcome(True, f"order {self.job.accession} was cancelled before its priors were fetched",
+                           self.progress)
+        # Its patient as the order names it now (merged, given its hospital number since it was queued).
+        self.job = current
+        self.same_modality = self.pacs.settings.prefetch_modality == "same" and bool(current.modalities)
         if "since" not in self.progress:
             # Fixed at the first run: a retry days later asks for the same priors.
             self.progress["since"] = _since(self.pacs, self.pacs.settings.prefetch_years)

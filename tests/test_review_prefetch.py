@@ -1,0 +1,106 @@
+"""Review of the prefetch of prior studies (pacs.prefetch): what went wrong
+with a real `pacs serve`, a real old PACS (DCMTK's dcmqrscp, or pynetdicom
+over real sockets where the old PACS must misbehave) and HL7 over MLLP."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from pacs.index import create_index_engine
+from pacs.prefetch import jobs
+
+from .conftest import PacsServer, make_backend
+from .dicomfiles import image_dataset, make_ct
+from .peers import free_port
+from .test_merge_review import _aa, _adt, _orm, _store
+from .test_prefetch import (
+    CITIZEN_ID,
+    HOSPITAL_ID,
+    NAME,
+    P_CT_OLDER,
+    P_CT_RECENT,
+    P_MR,
+    _held,
+    _order,
+    _prefetch_cli,
+    _settled,
+    old_pacs,
+)
+
+ROOT = "1.2.826.0.1.3680043.8.498.7734."
+
+
+def _server(tmp_path: Path, request: pytest.FixtureRequest, **env: str) -> PacsServer:
+    """`pacs serve` asking the old PACS (LEGACY) for 3 priors per order; a try
+    that did not finish waits an hour (nothing is retried by itself during a
+    test: `pacs prefetch retry` drives it)."""
+    return PacsServer(tmp_path / "data", make_backend("sqlite-fs", request), extra_env={
+        "PACS_PREFETCH_SOURCES": "LEGACY", "PACS_PREFETCH_MAX_STUDIES": "3", "PACS_PREFETCH_RETRY_SECONDS": "3600",
+        **env})
+
+
+def test_an_order_cancelled_before_its_job_ran_fetches_nothing(tmp_path: Path,
+                                                               request: pytest.FixtureRequest) -> None:
+    """The old PACS was down when the order came; the HIS cancelled the
+    order (ORC CA) before it was back. The job still fetched the patient's
+    priors for an examination that will not happen (the old PACS loaded, the
+    archive filled, a patient's records copied for nothing). It now ends done,
+    nothing asked or retrieved, saying the order was cancelled."""
+    server = _server(tmp_path, request).start()
+    try:
+        with old_pacs(tmp_path, server, up=False) as legacy:
+            _order(server, "RVC1", "RVCACC1")
+            job = _settled(server, "RVCACC1", "pending", attempts=1)
+            _order(server, "RVC2", "RVCACC1", order_control="CA")
+            legacy.start()
+            _prefetch_cli(server, "retry", "--id", str(job["id"]))
+            job = _settled(server, "RVCACC1", "done")
+            assert (job["found"], job["retrieved"]) == (0, 0), job
+            assert "cancelled" in job["last_error"], job
+            assert legacy.moves() == 0 and _held(server) == {}
+    finally:
+        server.stop()
+
+
+def test_a_patient_merged_before_the_job_ran_gets_the_surviving_patients_priors(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The desk registered a duplicate (a temporary number) and the order was
+    placed for it while the old PACS was down; the HIS then merged it into
+    the patient's real record (ADT^A40), which moved the order. The job
+    still searched the old PACS by the duplicate's identifiers alone (as they
+    were at queueing), found nothing and was done: the new examination came
+    without the priors the old PACS holds under the hospital number and the
+    citizen ID. It now searches by the identifiers of the order's patient as
+    they are when it runs, and the priors are the examination's."""
+    server = _server(tmp_path, request).start()
+    try:
+        with old_pacs(tmp_path, server, up=False) as legacy:
+            _aa(server, _adt("A04", f"{HOSPITAL_ID}^^^BVDK^PI~{CITIZEN_ID}^^^CCCD^NI", NAME, "19850101", "F"))
+            exam = generate_uid()
+            _aa(server, _orm("TMP0042^^^BVDK^PI", "RVMACC1", NAME, exam))
+            job = _settled(server, "RVMACC1", "pending", attempts=1)
+            assert job["patient_id"] == "TMP0042"
+            _aa(server, _adt("A40", f"{HOSPITAL_ID}^^^BVDK^PI", NAME, mrg="TMP0042^^^BVDK^PI"))
+            legacy.start()
+            _prefetch_cli(server, "retry", "--id", str(job["id"]))
+            job = _settled(server, "RVMACC1")
+            assert [s["study_uid"] for s in job["studies"]] == [P_CT_RECENT.uid, P_MR.uid, P_CT_OLDER.uid], job
+            assert (job["patient_id"], job["issuer"], job["retrieved"]) == (HOSPITAL_ID, "BVDK", 3)
+            # The examination arrives: the prior under the hospital number is one of its priors.
+            _store(server, make_ct(tmp_path / "exam.dcm", StudyInstanceUID=exam, AccessionNumber="RVMACC1",
+                                   PatientID=HOSPITAL_ID, PatientName="NGUYEN^THI HUONG"))
+            with server.http() as http:
+                priors = http.get(f"/api/studies/{exam}/priors")
+            assert priors.status_code == 200, priors.text
+            assert P_CT_RECENT.uid in [p["study_uid"] for p in priors.json()["items"]], priors.json()
+    finally:
+        server.stop()
