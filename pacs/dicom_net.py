@@ -59,6 +59,8 @@ _ACTING_ON = "_filmless_acting_on"
 # Peers (title, address, port) whose A-ASSOCIATE-AC had no Maximum Length
 # sub-item, said once (forgotten past 1,000).
 _NO_MAXIMUM_SAID: set[tuple[str, str, int]] = set()
+# Seconds between looks at the stop flag while waiting for a response (stop_aware).
+STOP_CHECK = 0.5
 
 
 def apply_limits(ae: AE, settings: Settings) -> AE:
@@ -498,3 +500,30 @@ def _acknowledge_at_once(wrapper: Any, raw: socket.socket) -> None:
 
     raw.setsockopt(socket.IPPROTO_TCP, quickack, 1)
     wrapper.recv = recv_and_acknowledge
+
+
+def stop_aware(assoc: Any, stop: threading.Event) -> None:
+    """Make the association's wait for a response end when *stop* is set.
+
+    pynetdicom waits for a C-STORE response on its message queue for the
+    whole DIMSE timeout; a wake-up put there is taken by the association's
+    own reactor once an abort restarts it, so the sender slept on (a stop
+    waited ~1 min for a frozen destination). The wait is cut into short
+    slices that look at *stop*; a response still ends it at once."""
+    dimse = assoc.dimse
+    plain = dimse.get_msg
+
+    def get_msg(block: bool = False) -> Any:
+        if not block:
+            return plain(False)
+        deadline = None if dimse.dimse_timeout is None else time.monotonic() + dimse.dimse_timeout
+        while True:
+            remaining = STOP_CHECK if deadline is None else min(STOP_CHECK, deadline - time.monotonic())
+            if remaining <= 0 or stop.is_set():
+                return None, None
+            try:
+                return dimse.msg_queue.get(block=True, timeout=remaining)
+            except queue.Empty:
+                continue
+
+    dimse.get_msg = get_msg

@@ -16,7 +16,6 @@ import io
 import itertools
 import logging
 import os
-import queue
 import socket
 import ssl
 import tempfile
@@ -46,6 +45,7 @@ from . import routing
 from .app import Pacs
 from .audit import Event
 from .deidentify import UidMap
+from .dicom_net import stop_aware
 from .maintenance.export import deidentify_salt, study_patient
 from .periodic import Periodic
 from .pixel_memory import PIXELS
@@ -318,39 +318,10 @@ class _NotAccepted(Exception):
 UNREACHABLE_WAIT = 60.0
 # A batch being sent renews its claim this many times per lease (route_lease_seconds).
 RENEWALS_PER_LEASE = 5
-# Seconds between looks at the stop flag while waiting for a response.
-STOP_CHECK = 0.5
 # An association lost before it delivered anything: the rest of its batch
 # waits this long (no try counted) rather than reconnecting at once, again
 # and again, to a peer that accepts and then drops.
 LOST_PAUSE = 5.0
-
-
-def _stop_aware(assoc: Any, stop: threading.Event) -> None:
-    """Make the association's wait for a response end when *stop* is set.
-
-    pynetdicom waits for a C-STORE response on its message queue for the
-    whole DIMSE timeout; a wake-up put there is taken by the association's
-    own reactor once an abort restarts it, so the sender slept on (a stop
-    waited ~1 min for a frozen destination). The wait is cut into short
-    slices that look at *stop*; a response still ends it at once."""
-    dimse = assoc.dimse
-    plain = dimse.get_msg
-
-    def get_msg(block: bool = False) -> Any:
-        if not block:
-            return plain(False)
-        deadline = None if dimse.dimse_timeout is None else time.monotonic() + dimse.dimse_timeout
-        while True:
-            remaining = STOP_CHECK if deadline is None else min(STOP_CHECK, deadline - time.monotonic())
-            if remaining <= 0 or stop.is_set():
-                return None, None
-            try:
-                return dimse.msg_queue.get(block=True, timeout=remaining)
-            except queue.Empty:
-                continue
-
-    dimse.get_msg = get_msg
 
 
 class Forwarder(Periodic):
@@ -683,7 +654,7 @@ class Forwarder(Periodic):
             else:
                 self._unreachable(destination, [job for job, _, _, _ in prepared], str(exc))
             return
-        _stop_aware(assoc, self._stop)
+        stop_aware(assoc, self._stop)
         with self._lock:
             self._sending.add(assoc)
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}

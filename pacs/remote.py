@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import difflib
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,7 +40,7 @@ from dicom_scp.contexts import QR_MODELS as _MODELS
 
 from .aes import RemoteAE
 from .app import Pacs
-from .dicom_net import apply_limits, failure, refusal, request, tune_socket
+from .dicom_net import apply_limits, failure, refusal, request, stop_aware, tune_socket
 from .errors import PacsError
 from .tls import association_tls
 
@@ -105,6 +109,52 @@ class RetrieveSummary:
         }
 
 
+class Cancel:
+    """Ends the requests a worker makes under :func:`cancellable` once
+    :meth:`set` (the server stopping): each open association is aborted, its
+    wait for a response ends at once, and no new one is made. An old PACS
+    moving a large study answers only at its end: the prefetch worker that
+    waited for it held `pacs serve`'s stop for as long (pynetdicom's
+    reactor thread keeps the process alive), and systemd or Docker killed it."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self._open: weakref.WeakSet[Any] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def is_set(self) -> bool:
+        return self.event.is_set()
+
+    def watch(self, assoc: Any) -> None:
+        """Make *assoc*'s waits end on :meth:`set`, and abort it then."""
+        stop_aware(assoc, self.event)
+        with self._lock:
+            self._open.add(assoc)
+        if self.event.is_set():
+            assoc.abort(block=False)
+
+    def set(self) -> None:
+        self.event.set()
+        with self._lock:
+            assocs = list(self._open)
+        for assoc in assocs:
+            if assoc.is_established:
+                assoc.abort(block=False)
+
+
+_cancel: ContextVar[Cancel | None] = ContextVar("remote_cancel", default=None)
+
+
+@contextmanager
+def cancellable(cancel: Cancel) -> Iterator[None]:
+    """The requests of this thread in the block end when *cancel* is set."""
+    token = _cancel.set(cancel)
+    try:
+        yield
+    finally:
+        _cancel.reset(token)
+
+
 def _remote(pacs: Pacs, title: str) -> RemoteAE:
     remote = pacs.aes.get(title)
     if remote is None:
@@ -120,6 +170,9 @@ def local_ae(pacs: Pacs) -> AE:
 def associate(pacs: Pacs, ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
     """An established association with *remote* (TLS when registered so, TCP_NODELAY);
     RemoteError when it cannot be had."""
+    cancel = _cancel.get()
+    if cancel is not None and cancel.is_set():
+        raise Unreachable(f"association with {remote.title} not requested: the server is stopping")
     tls = association_tls(pacs.settings, remote)
     assoc = request(ae.associate, remote.host, remote.port, ae_title=remote.title, **tls, **kwargs)
     if not assoc.is_established:
@@ -129,6 +182,8 @@ def associate(pacs: Pacs, ae: AE, remote: RemoteAE, **kwargs: Any) -> Any:
             outcome = f"failed: {why}" if (why := failure(assoc)) else "failed"
         raise Unreachable(f"association with {remote.title} at {remote.host}:{remote.port} {outcome}")
     tune_socket(assoc)
+    if cancel is not None:
+        cancel.watch(assoc)
     return assoc
 
 

@@ -104,3 +104,95 @@ def test_a_patient_merged_before_the_job_ran_gets_the_surviving_patients_priors(
             assert P_CT_RECENT.uid in [p["study_uid"] for p in priors.json()["items"]], priors.json()
     finally:
         server.stop()
+
+
+@contextmanager
+def _frozen_old_pacs(patient_id: str, study_uid: str) -> Iterator[tuple[int, threading.Event]]:
+    """An old PACS (pynetdicom, real associations) that answers C-FIND for one
+    study of *patient_id* (two instances) and, asked to move it, says nothing
+    more until the test ends (a large study over a slow link, a frozen
+    archive). Yields its port and an event set once a C-MOVE is under way."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (
+        StudyRootQueryRetrieveInformationModelFind,
+        StudyRootQueryRetrieveInformationModelMove,
+    )
+
+    series_uid = f"{study_uid}.1"
+    instances = [f"{series_uid}.{n}" for n in (1, 2)]
+    moving, done = threading.Event(), threading.Event()
+
+    def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        query = event.identifier
+        answer = Dataset()
+        answer.QueryRetrieveLevel = level = query.QueryRetrieveLevel
+        if level == "STUDY":
+            if query.get("PatientID") != patient_id:
+                yield 0x0000, None
+                return
+            answer.PatientID, answer.StudyInstanceUID = patient_id, study_uid
+            answer.StudyDate, answer.StudyTime, answer.NumberOfStudyRelatedInstances = "20250102", "080000", "2"
+            yield 0xFF00, answer
+        elif level == "SERIES":
+            answer.StudyInstanceUID, answer.SeriesInstanceUID = study_uid, series_uid
+            answer.NumberOfSeriesRelatedInstances = "2"
+            answer.Modality = "CT"
+            yield 0xFF00, answer
+        else:
+            for sop_uid in instances:
+                item = Dataset()
+                item.QueryRetrieveLevel = "IMAGE"
+                item.StudyInstanceUID, item.SeriesInstanceUID, item.SOPInstanceUID = study_uid, series_uid, sop_uid
+                yield 0xFF00, item
+
+    def on_move(event: evt.Event) -> Iterator[object]:
+        moving.set()
+        done.wait(300)
+        yield "127.0.0.1", free_port()
+        yield 0
+
+    ae = AE(ae_title="LEGACY")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelMove)
+    port = free_port()
+    scp = ae.start_server(("127.0.0.1", port), block=False,
+                          evt_handlers=[(evt.EVT_C_FIND, on_find), (evt.EVT_C_MOVE, on_move)])
+    try:
+        yield port, moving
+    finally:
+        done.set()
+        scp.shutdown()
+
+
+def _job_rows(server: PacsServer) -> list[dict]:  # type: ignore[type-arg]
+    engine = create_index_engine(f"sqlite:///{server.data_dir}/index.sqlite", pool_size=0)
+    try:
+        return jobs.list_jobs(engine)
+    finally:
+        engine.dispose()
+
+
+def test_pacs_serve_stops_while_a_retrieve_runs_and_gives_the_job_back(tmp_path: Path,
+                                                                     request: pytest.FixtureRequest) -> None:
+    """`pacs serve` stopped (systemctl stop, a Docker restart) while the old
+    PACS was still moving a prior: the prefetch worker was only asked to stop
+    between two studies, and after the worker's 30-second grace pynetdicom's
+    reactor thread of the C-MOVE kept the process alive until the old PACS
+    answered (here: never; systemd or Docker killed it), the job left
+    `running` under its lease, its try counted. The retrieve's association is
+    now aborted at once and the job given back (pending, the try not
+    counted) before the server exits."""
+    server = _server(tmp_path, request, PACS_DICOM_TIMEOUT="600").start()
+    try:
+        with _frozen_old_pacs(HOSPITAL_ID, f"{ROOT}1") as (port, moving):
+            server.cli("ae", "add", "LEGACY", "--host", "127.0.0.1", "--port", str(port))
+            _order(server, "RVS1", "RVSACC1")
+            assert moving.wait(120), server.log_text()[-3000:]
+            assert server.proc is not None
+            server.proc.send_signal(signal.SIGTERM)
+            assert server.proc.wait(timeout=120) == 0
+            (job,) = _job_rows(server)
+            assert (job["state"], job["attempts"]) == ("pending", 0), (job, server.log_text()[-3000:])
+            assert "released" in server.log_text()
+    finally:
+        server.stop()

@@ -11,6 +11,7 @@ import time
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from .. import remote
 from ..app import Pacs
 from ..forwarding import node_name
 from ..periodic import Periodic
@@ -36,6 +37,8 @@ class Prefetcher(Periodic):
         self.pacs = pacs
         self.node = node_name(pacs)
         self._pruned_at: float | None = None
+        # Ends the running job's retrieve when the server stops (see remote.Cancel).
+        self._cancel = remote.Cancel()
 
     def start(self) -> Prefetcher:
         released = jobs.release_node(self.pacs.engine, self.node)
@@ -43,13 +46,21 @@ class Prefetcher(Periodic):
             log.info("prefetch: %d job(s) this node was running before a restart are queued again", released)
         return super().start()
 
+    def stop(self) -> None:
+        """Stop: the running job's association is aborted and the job given
+        back (run_claimed releases it), so the server is not held."""
+        self._stop.set()
+        self._cancel.set()
+        super().stop()
+
     def round(self) -> None:
         self._prune()
         while not self.stopping:
             job = jobs.claim_next(self.pacs.engine, self.node, lease())
             if job is None:
                 return
-            state = run_claimed(self.pacs, job, stopping=lambda: self.stopping)
+            with remote.cancellable(self._cancel):
+                state = run_claimed(self.pacs, job, stopping=lambda: self.stopping)
             log.info("prefetch job %d%s: %s", job.pk, f" (order {job.accession})" if job.accession else "",
                      state or "taken over by another node")
 
