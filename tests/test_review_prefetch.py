@@ -20,7 +20,7 @@ from pacs.prefetch import jobs
 
 from .conftest import PacsServer, make_backend
 from .dicomfiles import image_dataset, make_ct
-from .peers import free_port
+from .peers import free_port, wait_until
 from .test_merge_review import _aa, _adt, _orm, _store
 from .test_prefetch import (
     CITIZEN_ID,
@@ -194,5 +194,27 @@ def test_pacs_serve_stops_while_a_retrieve_runs_and_gives_the_job_back(tmp_path:
             (job,) = _job_rows(server)
             assert (job["state"], job["attempts"]) == ("pending", 0), (job, server.log_text()[-3000:])
             assert "released" in server.log_text()
+    finally:
+        server.stop()
+
+
+def test_a_prefetch_source_not_in_the_ae_registry_is_said_at_start(tmp_path: Path,
+                                                                   request: pytest.FixtureRequest) -> None:
+    """PACS_PREFETCH_SOURCES with a typo (`OLDPAC`, a JSON list `["OLDPACS"]`,
+    `OLDPACS/get`) passed the setting's check (any 1-16 characters are an AE
+    title) and nothing was said at start: each order's job then failed
+    `... is not in the AE registry` ten times over some hours before anyone
+    saw it. `pacs serve` now names each source the registry does not know
+    when it starts, with the command that registers it."""
+    server = _server(tmp_path, request, PACS_PREFETCH_SOURCES='LEGACY,["OLDPACS"]')
+    server.dicom_port = free_port()
+    server.cli("ae", "add", "LEGACY", "--host", "127.0.0.1", "--port", str(free_port()))
+    server.start()
+    try:
+        # Said before HTTP serves (its port is bound, and answers, earlier).
+        assert wait_until(lambda: "HTTP listening" in server.log_text(), timeout=60)
+        log = server.log_text()
+        assert '["OLDPACS"] is not in the AE registry' in log and "pacs ae add" in log, log[-3000:]
+        assert "LEGACY is not in the AE registry" not in log
     finally:
         server.stop()

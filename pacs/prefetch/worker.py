@@ -41,6 +41,13 @@ class Prefetcher(Periodic):
         self._cancel = remote.Cancel()
 
     def start(self) -> Prefetcher:
+        # A typo in prefetch_sources (any 1-16 characters pass as an AE
+        # title: OLDPAC, a JSON list) is said now, not by each job's tries.
+        for title, _method in self.pacs.settings.prefetch_source_methods:
+            if self.pacs.aes.lookup(title) is None:
+                log.warning("prefetch_sources: %s is not in the AE registry: no prior can be fetched from it until "
+                            "it is registered (pacs ae add %s --host H --port P) or the setting is corrected",
+                            title, title)
         released = jobs.release_node(self.pacs.engine, self.node)
         if released:
             log.info("prefetch: %d job(s) this node was running before a restart are queued again", released)
