@@ -218,3 +218,74 @@ def test_a_prefetch_source_not_in_the_ae_registry_is_said_at_start(tmp_path: Pat
         assert "LEGACY is not in the AE registry" not in log
     finally:
         server.stop()
+
+
+def _in_range(value: str, wanted: str) -> bool:
+    """DICOM range matching of a DA value (``A``, ``A-B``, ``A-``, ``-B``, or empty: any)."""
+    if not wanted:
+        return True
+    if "-" not in wanted:
+        return value == wanted
+    low, high = wanted.split("-", 1)
+    return bool(value) and (not low or value >= low) and (not high or value <= high)
+
+
+@contextmanager
+def _capping_old_pacs(patient_id: str, days: list[str], cap: int) -> Iterator[int]:
+    """An old PACS (pynetdicom, real associations) holding one study of
+    *patient_id* on each of *days* that answers a C-FIND with at most *cap*
+    matches, in the order it stored them (oldest first), then ends the
+    answer with 0xFE00 as Orthanc does at its LimitFindResults. It lists no
+    series (nothing to retrieve: the test is about what is chosen). Yields
+    its port."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        query = event.identifier
+        if query.QueryRetrieveLevel != "STUDY" or query.get("PatientID") != patient_id:
+            yield 0x0000, None
+            return
+        matches = [day for day in sorted(days) if _in_range(day, str(query.get("StudyDate", "") or ""))]
+        for day in matches[:cap]:
+            answer = Dataset()
+            answer.QueryRetrieveLevel = "STUDY"
+            answer.PatientID, answer.StudyInstanceUID = patient_id, f"{ROOT}9.{day}"
+            answer.StudyDate, answer.StudyTime = day, "090000"
+            yield 0xFF00, answer
+        if len(matches) > cap:
+            yield 0xFE00, None
+
+    ae = AE(ae_title="LEGACY")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    scp = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    try:
+        yield port
+    finally:
+        scp.shutdown()
+
+
+def test_an_old_pacs_that_cuts_its_answer_still_gives_the_newest_priors(tmp_path: Path,
+                                                                       request: pytest.FixtureRequest) -> None:
+    """The old PACS answers at most a few matches per C-FIND and ends with
+    0xFE00 (Orthanc's LimitFindResults; a patient with years of daily chest
+    films): its first matches are the oldest it holds. The job took the
+    newest of those, the newest priors beyond the cut never came, and the
+    note it kept was shown nowhere (the job `done`). The patient's window is
+    now asked again date range by date range, as `pacs remote pull` does,
+    and the newest priors are chosen."""
+    from datetime import date, timedelta
+
+    today = date.today()
+    days = [(today - timedelta(days=n)).strftime("%Y%m%d") for n in (20, 90, 200, 400, 700, 1000, 1300)]
+    server = _server(tmp_path, request).start()
+    try:
+        with _capping_old_pacs(HOSPITAL_ID, days, cap=2) as port:
+            server.cli("ae", "add", "LEGACY", "--host", "127.0.0.1", "--port", str(port))
+            _order(server, "RVT1", "RVTACC1")
+            job = _settled(server, "RVTACC1", "pending", attempts=1)
+            assert job["found"] == len(days), job
+            assert [s["date"] for s in job["studies"]] == days[:3], job
+    finally:
+        server.stop()

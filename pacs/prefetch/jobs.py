@@ -400,6 +400,8 @@ def list_jobs(engine: Engine, state: str = "", limit: int = 100, pk: int | None 
             "next_attempt_at": row.next_attempt_at if row.state == "pending" else None,
             "node": (row.claimed_by or "").rsplit(" ", 1)[0], "last_error": row.last_error or "",
             "created_at": row.created_at, "updated_at": row.updated_at, **summary(progress),
+            # What a source's answers may have left out (cut short even for a single day).
+            "notes": list(progress.get("notes", [])),
             "studies": [{"study_uid": uid, **{k: studies[uid].get(k) for k in
                                               ("source", "date", "patient_id", "modalities", "state", "detail",
                                                "instances")}}

@@ -4,7 +4,8 @@ newest of them complete here.
 For each source (``prefetch_sources``, in order) not asked yet, one STUDY
 level C-FIND per identifier of the patient (the patient ID, then its other
 IDs: the old PACS may have filed the patient under the citizen ID), with the
-date window (``prefetch_years`` back from today) as a range key. Only
+date window (``prefetch_years`` back from today) as a range key (an answer
+the old PACS cuts short is asked again date range by date range). Only
 answers whose Patient ID is the one asked and whose date falls in the
 window count (an old PACS may ignore a key). A study found at two sources is
 taken from the first.
@@ -30,7 +31,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import date, timedelta
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -168,12 +169,8 @@ class JobRun:
                     "StudyInstanceUID": "", "AccessionNumber": "", "ModalitiesInStudy": "",
                     "NumberOfStudyRelatedInstances": "", "StudyDescription": ""}
             try:
-                for match in remote.find(self.pacs, title, "STUDY", keys):
-                    if match is not None:
-                        self._found(title, value, since, match)
-            except remote.Truncated as exc:
-                # The first matches came: the newest may be beyond them, so it is said.
-                self.progress.setdefault("notes", []).append(f"{title} ({value}): {exc}")
+                if not self._ask(title, value, since, keys):
+                    self._ask_by_dates(title, value, since)
             except remote.Unreachable as exc:
                 self.down.add(title)
                 self.problems.append(f"{title}: {exc}")
@@ -182,6 +179,32 @@ class JobRun:
                 self.problems.append(f"{title}: C-FIND for the patient: {exc}")
                 return
         self.progress["searched"].append(title)
+
+    def _ask(self, title: str, value: str, since: str, keys: dict[str, str]) -> bool:
+        """One C-FIND of the patient's studies; False when the old PACS cut
+        its answer short (0xFE00), the matches it did send taken."""
+        try:
+            for match in remote.find(self.pacs, title, "STUDY", keys):
+                if match is not None:
+                    self._found(title, value, since, match)
+        except remote.Truncated:
+            return False
+        return True
+
+    def _ask_by_dates(self, title: str, value: str, since: str) -> None:
+        """The window again, date range by date range, newest first, as a
+        pull splits it (:meth:`pacs.pull.Puller.windows`): an old PACS that
+        caps its answers (Orthanc's LimitFindResults) sends the studies it
+        stored first, the oldest, and the newest priors were beyond the cut.
+        What even a single day's or hour's answer leaves out is noted."""
+        first = date(int(since[:4]), int(since[4:6]), int(since[6:8])) if since else None
+        puller = Puller(self.pacs, title, PullOptions(since=first, patient_id=value), user=self.user,
+                        role=self.role, purpose=self.purpose)
+        for window in puller.windows(puller.since, puller.until, any_date=first is None):
+            for match in window:
+                self._found(title, value, since, match)
+        for window, detail in puller.report.capped_detail.items():
+            self.progress.setdefault("notes", []).append(f"{title} ({value}) {window}: {detail}")
 
     def _found(self, title: str, value: str, since: str, match: Dataset) -> None:
         uid = str(match.get("StudyInstanceUID", "") or "").strip()
@@ -285,6 +308,8 @@ class JobRun:
                   f"{counts['already_here']} already here, {counts['missing']} missing")
         if self.problems:
             detail += "; " + "; ".join(self.problems)
+        if self.progress.get("notes"):
+            detail += "; " + "; ".join(self.progress["notes"])
         self.pacs.audit.record(Event(
             "retrieve", user=self.user, role=self.role, protocol="dicom", client=", ".join(self.sources)[:200],
             outcome="success" if complete else "failure", patient_id=patient_cx(self.job.patient_id, self.job.issuer),
