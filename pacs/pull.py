@@ -28,8 +28,8 @@ from sqlalchemy import func, select
 
 from . import remote
 from .app import Pacs
-from .audit import Event
-from .index.models import Instance, Series, Study
+from .audit import Event, patient_cx
+from .index.models import Instance, Patient, Series, Study
 from .timezones import hospital_now
 
 log = logging.getLogger(__name__)
@@ -350,6 +350,16 @@ class Puller:
             ).all()
         return {str(uid): int(n) for uid, n in rows}
 
+    def _filed_under(self, study_uid: str) -> str:
+        """The patient the study is filed under here, as events name one
+        (``BN100^^^BVDK``); "" when nothing of it is. The remote's Patient
+        ID often lacks the issuer the HIS gave the patient: an event naming
+        it so was not found by `pacs audit --patient BN100^^^BVDK`."""
+        with self.pacs.engine.connect() as conn:
+            row = conn.execute(select(Patient.patient_id, Patient.issuer).join(Study, Study.patient_pk == Patient.pk)
+                               .where(Study.study_uid == study_uid)).first()
+        return patient_cx(row.patient_id, row.issuer) if row is not None else ""
+
     def _local_uids(self, study_uid: str) -> set[str]:
         return {item.sop_uid for item in self.pacs.reader.iter_stored(study_uid)}
 
@@ -427,7 +437,7 @@ class Puller:
         self.pacs.audit.record(Event(
             "retrieve", user=self.user, role=self.role, protocol="dicom", client=self.title,
             outcome="success" if result.state == "pulled" else "failure", study_uid=study_uid,
-            patient_id=result.patient_id,
+            patient_id=self._filed_under(study_uid) or result.patient_id,
             detail=f"{self.purpose}: {len(listed) - len(still)} of {len(listed)} instances "
                    f"(C-{self.options.method.upper()})",
         ))

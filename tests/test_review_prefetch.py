@@ -289,3 +289,30 @@ def test_an_old_pacs_that_cuts_its_answer_still_gives_the_newest_priors(tmp_path
             assert [s["date"] for s in job["studies"]] == days[:3], job
     finally:
         server.stop()
+
+
+def test_the_audit_trail_of_a_patient_shows_the_priors_retrieved_for_it(tmp_path: Path,
+                                                                       request: pytest.FixtureRequest) -> None:
+    """Each prior's `retrieve` event named the patient as the old PACS sent
+    the ID (`BN0042`, no issuer), not as this archive files the study
+    (`BN0042^^^BVDK`, the HIS's patient): `pacs audit --patient
+    BN0042^^^BVDK` (that hospital's patient only) showed the run's summary
+    but none of the studies brought in for it. The event now names the
+    patient the study is filed under here."""
+    server = _server(tmp_path, request).start()
+    try:
+        with old_pacs(tmp_path, server):
+            _order(server, "RVA1", "RVAACC1")
+            job = _settled(server, "RVAACC1")
+            assert job["retrieved"] == 3
+
+            def events() -> list[dict]:  # type: ignore[type-arg]
+                listed = json.loads(server.cli("audit", "--format", "json", "--patient",
+                                               f"{HOSPITAL_ID}^^^BVDK").stdout)
+                return [e for e in listed if e["action"] == "retrieve" and e.get("study_uid")]
+
+            assert wait_until(lambda: len(events()) >= 1, timeout=30), events()
+            assert [e["study_uid"] for e in events()] == [P_CT_RECENT.uid]
+            assert events()[0]["patient_id"] == f"{HOSPITAL_ID}^^^BVDK"
+    finally:
+        server.stop()
