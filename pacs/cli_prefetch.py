@@ -133,6 +133,14 @@ def _run(pacs: Any, args: argparse.Namespace) -> int:
         err.print("[red]no prefetch sources: set prefetch_sources (PACS_PREFETCH_SOURCES=OLDPACS, or OLDPACS:get) "
                   "to the old PACS's AE title, registered with pacs ae add[/red]")
         return 2
+    if not args.patient.strip() or any(c in args.patient for c in "*?\\"):
+        # The old PACS is never asked by such a value (it would match other
+        # patients): the run found nothing and said so, exit 0.
+        from rich.markup import escape
+
+        err.print(f"[red]--patient '{escape(args.patient)}': one patient's ID, not a pattern (*, ? or \\ would "
+                  "match other patients; an empty one every patient)[/red]")
+        return 2
     found = _patient(pacs, args.patient, args.issuer)
     if isinstance(found, str):
         err.print(f"[red]{found}[/red]")

@@ -316,3 +316,21 @@ def test_the_audit_trail_of_a_patient_shows_the_priors_retrieved_for_it(tmp_path
             assert events()[0]["patient_id"] == f"{HOSPITAL_ID}^^^BVDK"
     finally:
         server.stop()
+
+
+def test_prefetch_run_refuses_a_patient_id_pattern(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """`pacs prefetch run --patient 'BN00*'` (an operator hoping for every
+    patient of a ward) asked the old PACS nothing -- an ID with a wildcard
+    would match other patients, so it is never searched -- and still said
+    "0 prior(s) found at LEGACY" and exited 0: the operator believed the old
+    PACS held nothing. It is now refused (exit 2) with the reason, and no job
+    is queued."""
+    server = _server(tmp_path, request).start()
+    try:
+        server.cli("ae", "add", "LEGACY", "--host", "127.0.0.1", "--port", str(free_port()))
+        for pattern in ("BN00*", "BN004?", "BN1\\BN2", " "):
+            result = server.cli("prefetch", "run", "--patient", pattern, check=False)
+            assert result.returncode == 2 and "not a pattern" in result.stderr, (pattern, result.stdout, result.stderr)
+        assert _job_rows(server) == []
+    finally:
+        server.stop()
