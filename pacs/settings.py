@@ -305,6 +305,13 @@ class Settings(BaseSettings):
     # try, at most an hour: an old PACS down is asked again after 1, 2, 4...
     # minutes, not in a loop.
     prefetch_retry_seconds: float = Field(default=60.0, gt=0)
+    # Which of the patient's other identifiers the old PACS is searched by too,
+    # by their HL7 identifier type (CX-5) or issuer (CX-4): a national ID
+    # (NI, NN; CCCD, CMND) and the IDs the HIS merged away (MERGED) name this
+    # person only; an insurance number (BHYT) is shared within a family and
+    # often mistyped, and would fetch another person's studies. "*": all.
+    prefetch_other_ids: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["NI", "NN", "CCCD", "CMND", "MERGED"])
     # Seconds between two sweeps of due tombstones (objects compress replaced, deletions that died);
     # the same round checkpoints the SQLite index's -wal file once it has grown (pacs.index.db.checkpoint_wal).
     tombstone_sweep_interval: float = Field(default=300.0, gt=0)
@@ -468,7 +475,7 @@ class Settings(BaseSettings):
             return value.replace(",", " ").split()
         return value
 
-    @field_validator("prefetch_sources", mode="before")
+    @field_validator("prefetch_sources", "prefetch_other_ids", mode="before")
     @classmethod
     def _source_list(cls, value: Any) -> Any:
         # The environment gives one string: sources separated by commas or spaces.

@@ -334,3 +334,24 @@ def test_prefetch_run_refuses_a_patient_id_pattern(tmp_path: Path, request: pyte
         assert _job_rows(server) == []
     finally:
         server.stop()
+
+
+def test_the_old_pacs_is_not_searched_by_an_insurance_number(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every other identifier of the patient was searched at the old PACS, the
+    insurance number (BHYT) too: shared within a family and often mistyped, it
+    brought another person's studies into the archive. By default only the
+    national IDs and the IDs the HIS merged away are searched; "*" asks all."""
+    from pacs.prefetch.jobs import Job
+    from pacs.settings import Settings
+
+    job = Job(pk=1, patient_id="BN0042", issuer="BVDK", modalities=["CT"], accession="A1", attempts=0, claim="c",
+              other_ids=[("079185000042", "CCCD", "NI"), ("DN4797912345678", "BHYT", "HC"),
+                         ("BN0007", "BVDK", "MERGED"), ("001085012345", "", "NN")])
+    assert job.identifiers(Settings(data_dir=tmp_path).prefetch_other_ids) == [
+        "BN0042", "079185000042", "BN0007", "001085012345"]
+    monkeypatch.setenv("PACS_PREFETCH_OTHER_IDS", "*")
+    assert "DN4797912345678" in job.identifiers(Settings(data_dir=tmp_path).prefetch_other_ids)
+    monkeypatch.setenv("PACS_PREFETCH_OTHER_IDS", "CCCD, bhyt")
+    assert job.identifiers(Settings(data_dir=tmp_path).prefetch_other_ids) == [
+        "BN0042", "079185000042", "DN4797912345678"]

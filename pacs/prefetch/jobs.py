@@ -26,7 +26,7 @@ import json
 import logging
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -68,12 +68,15 @@ class Job:
     claim: str
     progress: dict[str, Any] = field(default_factory=dict)
 
-    def identifiers(self) -> list[str]:
+    def identifiers(self, trusted: Collection[str] = ("*",)) -> list[str]:
         """The patient ID values to search the old PACS by: the patient ID,
-        then each other identifier (a citizen ID the old PACS filed the
+        then each other identifier whose type or issuer is *trusted* (the
+        ``prefetch_other_ids`` setting: a citizen ID the old PACS filed the
         patient under), each once. A value with a wildcard or a backslash
         would match other patients (or several values): left out."""
-        values = [self.patient_id, *(value for value, _issuer, _type in self.other_ids)]
+        allowed = {t.upper() for t in trusted}
+        values = [self.patient_id, *(value for value, issuer, id_type in self.other_ids
+                                     if "*" in allowed or id_type.upper() in allowed or issuer.upper() in allowed)]
         return [v for v in dict.fromkeys(v.strip() for v in values) if v and not any(c in v for c in "*?\\")]
 
 

@@ -164,7 +164,7 @@ class JobRun:
         """Ask *title* for the patient's studies in the window, by each of
         its identifiers; the source counts as asked once every one answered."""
         since = self.progress["since"]
-        for value in self.job.identifiers():
+        for value in self.job.identifiers(self.pacs.settings.prefetch_other_ids):
             keys = {"PatientID": value, "StudyDate": f"{since}-" if since else "", "StudyTime": "",
                     "StudyInstanceUID": "", "AccessionNumber": "", "ModalitiesInStudy": "",
                     "NumberOfStudyRelatedInstances": "", "StudyDescription": ""}
