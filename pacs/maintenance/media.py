@@ -128,11 +128,29 @@ class MediaLayout:
         return Place((ROOT_FOLDER, pat, stu, ser, component("IMG", image)), series_number, image)
 
     def check_folder(self, out: Path, study_uids: Iterable[str]) -> None:
-        """Refuse a folder whose DICOMDIR lists studies this export does not
-        write (:class:`MediaConflict`): a rerun of the same export (or one
-        with more studies) may write there, another would overwrite it."""
+        """Refuse a folder whose DICOMDIR, or whose files under DICOM/, hold
+        studies this export does not write (:class:`MediaConflict`): a rerun
+        of the same export (or one with more studies) may write there,
+        another would overwrite it."""
+        if out.suffix.lower() == ".zip":
+            return
+        wanted = set(study_uids)
+        self._check_dicomdir(out, wanted)
+        # An export that stopped (Ctrl-C, a full stick) has no DICOMDIR yet,
+        # it is written last: another export would overwrite some of its
+        # files and leave the rest, another patient's images listed nowhere
+        # on this patient's media but taken by any import of the folder.
+        others = _folder_studies(out / ROOT_FOLDER) - wanted
+        if others:
+            raise MediaConflict(
+                f"{out / ROOT_FOLDER} already holds files of {len(others)} other study(ies) "
+                f"({', '.join(sorted(others)[:3])}{', ...' if len(others) > 3 else ''}), from an export that did "
+                "not finish: export into an empty folder, or name its studies again in this export")
+
+    @staticmethod
+    def _check_dicomdir(out: Path, wanted: set[str]) -> None:
         dicomdir = out / DICOMDIR
-        if out.suffix.lower() == ".zip" or not dicomdir.is_file():
+        if not dicomdir.is_file():
             return
         try:
             ds = dcmread(dicomdir)
@@ -141,12 +159,30 @@ class MediaLayout:
         except Exception as exc:
             raise MediaConflict(f"{dicomdir} is not a DICOMDIR this export can read ({exc}): "
                                 "export into an empty folder") from None
-        others = listed - set(study_uids)
+        others = listed - wanted
         if others:
             raise MediaConflict(
                 f"{out} already holds a DICOM file-set with {len(others)} other study(ies) "
                 f"({', '.join(sorted(others)[:3])}{', ...' if len(others) > 3 else ''}): export into an empty "
                 "folder, or name its studies again in this export to write them all together")
+
+
+def _folder_studies(root: Path) -> set[str]:
+    """The Study Instance UIDs of the DICOM files under *root* (a file that
+    cannot be read, one an interrupted run cut short, is written again)."""
+    studies: set[str] = set()
+    if not root.is_dir():
+        return studies
+    for path in root.rglob("*"):
+        if not path.is_file():
+            continue
+        try:
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+        except Exception:
+            continue
+        if ds.get("StudyInstanceUID"):
+            studies.add(str(ds.StudyInstanceUID))
+    return studies
 
 
 def _header(path: Path) -> Dataset | None:
