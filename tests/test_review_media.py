@@ -19,12 +19,14 @@ from .peers import Backend, PacsServer
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Iterator[PacsServer]:
-    """The sample studies in an archive (no server: the CLI reads it)."""
+    """A server with the sample studies."""
     server = PacsServer(tmp_path_factory.mktemp("review-media") / "data", Backend("sqlite-fs", None, None, {}))
     server.cli("import", str(samples))
     manifest = json.loads((samples / "manifest.json").read_text())
     server.studies = {s["name"]: s["study_instance_uid"] for s in manifest["studies"]}  # type: ignore[attr-defined]
+    server.start()
     yield server
+    server.stop()
 
 
 def _export(server: PacsServer, *args: str, rc: int = 0) -> dict[str, Any]:
@@ -62,3 +64,37 @@ def test_an_interrupted_export_of_another_patient_is_not_left_on_this_patients_m
     report = _export(archive, ct, dx, "--out", str(out), "--media")
     assert report["already_there"] == len(before) and report["instances"] == 1
     assert _studies_on_disk(out) == {ct, dx}
+
+
+def test_a_rerun_after_the_study_was_reconciled_writes_the_corrected_patient(archive: PacsServer,
+                                                                            tmp_path: Path) -> None:
+    """The film desk exports a study to a USB stick, sees the modality's
+    wrong patient on it, has the study reconciled with the HIS order and
+    exports again into the same folder: every file was "already there" (same
+    object, same transfer syntax) and kept, so the files, the DICOMDIR and
+    README.TXT still named the wrong patient, while retrieval and a fresh
+    export give the corrected one. A file is now kept only when it carries
+    the index's current corrected values."""
+    us = archive.studies["us"]  # type: ignore[attr-defined]
+    out = tmp_path / "usb"
+    first = _export(archive, us, "--out", str(out), "--media")
+    files = [p for p in (out / "DICOM").rglob("*") if p.is_file()]
+    assert first["instances"] == len(files) >= 1
+    with archive.http() as http:
+        order = http.post("/api/orders", json={
+            "patient": {"id": "079300000888", "issuer": "CCCD", "name": "Vũ^Thị Hằng", "birth_date": "19920202",
+                        "sex": "F"},
+            "accession_number": "ACCREVIEW1", "modality": "US", "start_date": "20240813", "start_time": "150000"})
+        assert order.status_code == 201, order.text
+    archive.cli("orders", "match", us, "ACCREVIEW1")
+    again = _export(archive, us, "--out", str(out), "--media")
+    assert again["instances"] == len(files) and again["already_there"] == 0, again
+    for path in files:
+        ds = dcmread(path, stop_before_pixels=True)
+        assert (str(ds.PatientName), ds.PatientID) == ("Vũ^Thị Hằng", "079300000888"), path
+    patient = next(r for r in dcmread(out / "DICOMDIR").DirectoryRecordSequence if r.DirectoryRecordType == "PATIENT")
+    assert (str(patient.PatientName), patient.PatientID) == ("Vũ^Thị Hằng", "079300000888")
+    assert "Vũ Thị Hằng" in (out / "README.TXT").read_text("utf-8-sig")
+    # Nothing changed since: a third run keeps every file.
+    third = _export(archive, us, "--out", str(out), "--media")
+    assert third["already_there"] == len(files) and third["instances"] == 0

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, UID
 
@@ -56,6 +57,7 @@ from ..app import Pacs
 from ..deidentify import Deidentifier
 from ..dicomdir import FileSet, Place, fileset_id
 from ..reads import StoredInstance
+from ..query.results import as_written
 from ..timezones import hospital_now
 from ..transcode import TransferSyntaxError, prepared_bytes
 from .common import NullProgress
@@ -200,6 +202,15 @@ def _is(header: Dataset, sop_uid: str, syntax: str) -> bool:
             and str(meta.get("TransferSyntaxUID", "")) == syntax)
 
 
+def _carries(header: Dataset, overrides: tuple[tuple[str, str], ...]) -> bool:
+    """Whether a file an earlier run wrote has the index's current corrected
+    values: the study may have been reconciled with the HIS since, and the
+    file kept would still name the patient the modality had."""
+    return all(str(header.get(keyword, "") or "").strip()
+               == str(as_written(dictionary_VR(keyword), value) or "").strip()  # None: the index has no value
+               for keyword, value in overrides)
+
+
 def export_media_item(pacs: Pacs, item: StoredInstance, sink: Any, layout: MediaLayout, deid: Deidentifier | None,
                       overrides: tuple[tuple[str, str], ...], report: ExportReport, include_burned_in: bool,
                       patient: tuple[str, str]) -> Iterator[bytes]:
@@ -214,7 +225,8 @@ def export_media_item(pacs: Pacs, item: StoredInstance, sink: Any, layout: Media
         header = _header(existing)
         plain = deid is None and not overrides and not layout.target
         if (header is not None and _is(header, sop_uid, syntax)
-                and (not plain or existing.stat().st_size == item.size)):
+                and (not plain or existing.stat().st_size == item.size)
+                and (deid is not None or _carries(header, overrides))):
             layout.fileset.add(place, header)
             report.kept += 1
             return
