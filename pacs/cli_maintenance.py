@@ -691,6 +691,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _usage("--uncompressed only makes sense with --media")
     if args.out.exists() and args.out.suffix.lower() == ".zip":
         return _usage(f"{args.out} exists: choose another name")
+    from pacs.header import valid_uid
+
+    for uid in args.studies:
+        if not valid_uid(uid):
+            return _usage(f"{uid!r} is not a DICOM UID (digits and dots, at most 64 characters)")
     from pacs.maintenance.media import MediaConflict
 
     try:
@@ -722,7 +727,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         _list("written with burned-in annotation (pixels not de-identified)", data["burned_in_included"],
               ("sop_uid", "detail"))
         _list("warnings", data["warnings"], ("sop_uid", "detail"))
-        if args.media:
+        if args.media and report.studies:
             out.print(f"DICOM media in {args.out}: DICOMDIR, README.TXT and DICOM/ (copy them to the disc's root)")
 
     _emit(args, data, human)

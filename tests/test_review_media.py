@@ -98,3 +98,24 @@ def test_a_rerun_after_the_study_was_reconciled_writes_the_corrected_patient(arc
     # Nothing changed since: a third run keeps every file.
     third = _export(archive, us, "--out", str(out), "--media")
     assert third["already_there"] == len(files) and third["instances"] == 0
+
+
+def test_a_mistyped_study_uid_writes_no_media(archive: PacsServer, tmp_path: Path) -> None:
+    """`pacs export --media` with a UID that names no study (or is no UID
+    at all) printed "no such study", then "DICOM media in ...: copy them to
+    the disc's root", and wrote a DICOMDIR and README.TXT without it (a
+    zip too, whose name then refused the corrected rerun: "exists: choose
+    another name"); a patient's CD missing a study the operator named. Now
+    nothing is written: exit 2 for a malformed UID, 1 for an unknown study."""
+    ct = archive.studies["ct"]  # type: ignore[attr-defined]
+    for out in (tmp_path / "cd", tmp_path / "cd.zip"):
+        malformed = archive.cli("export", ct, "1.2.3.4.x", "--out", str(out), "--media", check=False)
+        assert malformed.returncode == 2 and "not a DICOM UID" in malformed.stderr, malformed.stderr
+        unknown = archive.cli("export", ct, "1.2.3.999999", "--out", str(out), "--media", check=False)
+        said = unknown.stdout + unknown.stderr
+        assert unknown.returncode == 1 and "no such study" in said and "1.2.3.999999" in said, said
+        assert "copy them to the disc" not in said
+        assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    # The corrected command writes the media.
+    report = _export(archive, ct, "--out", str(tmp_path / "cd.zip"), "--media")
+    assert report["studies"] == 1 and report["instances"] >= 1

@@ -342,6 +342,11 @@ def export_studies(
     deid = Deidentifier(salt or deidentify_salt(pacs)) if deidentify else None
     layout = MediaLayout(uncompressed=uncompressed) if media else None
     if layout is not None:
+        # A patient's media is written whole: one without a study the
+        # operator named (a mistyped UID) is not written at all.
+        report.missing_studies = [uid for uid in study_uids if _study(pacs, uid) is None]
+        if report.missing_studies:
+            return report
         layout.check_folder(out, [deid.uid_map.map(u) if deid else u for u in study_uids])
 
     def audit(study_uid: str, patient_id: str, counts: _Counts, stopped: str = "") -> None:
