@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 
+from .dicomfiles import make_ct
 from .peers import Backend, PacsServer
 
 
@@ -119,3 +120,36 @@ def test_a_mistyped_study_uid_writes_no_media(archive: PacsServer, tmp_path: Pat
     # The corrected command writes the media.
     report = _export(archive, ct, "--out", str(tmp_path / "cd.zip"), "--media")
     assert report["studies"] == 1 and report["instances"] >= 1
+
+
+def test_a_rerun_without_include_burned_in_withholds_what_the_first_run_wrote(archive: PacsServer,
+                                                                             tmp_path: Path) -> None:
+    """A de-identified media export with --include-burned-in, then the same
+    export again without it into the same folder (the operator changed
+    their mind: the images show the patient's name): the burned-in image
+    was "already there" and kept, listed in the DICOMDIR, exit 0 with
+    nothing withheld. Now it is withheld as in a fresh export (exit 1) and
+    the first run's copy is removed from the media."""
+    study, burned, clean = "1.2.826.0.1.3680043.9.7134.210.1", "1.2.826.0.1.3680043.9.7134.210.3.1", \
+        "1.2.826.0.1.3680043.9.7134.210.3.2"
+    made = tmp_path / "made"
+    made.mkdir()
+    for sop, flag in ((burned, "YES"), (clean, "NO")):
+        make_ct(made / f"{sop[-1]}.dcm", sop_uid=sop, StudyInstanceUID=study,
+                SeriesInstanceUID="1.2.826.0.1.3680043.9.7134.210.2", BurnedInAnnotation=flag)
+    archive.cli("import", str(made))
+    out = tmp_path / "research"
+    first = _export(archive, study, "--out", str(out), "--media", "--deidentify", "--include-burned-in",
+                    "--salt", "review-1")
+    assert first["instances"] == 2 and first["burned_in_included"]["count"] == 1
+    again = _export(archive, study, "--out", str(out), "--media", "--deidentify", "--salt", "review-1", rc=1)
+    assert again["not_exported_burned_in"]["count"] == 1 and again["already_there"] == 1, again
+    from pacs.deidentify import Deidentifier
+
+    new_uid = Deidentifier("review-1").uid_map.map
+    on_disk = {str(dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+               for p in (out / "DICOM").rglob("*") if p.is_file()}
+    assert on_disk == {new_uid(clean)}
+    listed = {str(r.ReferencedSOPInstanceUIDInFile) for r in dcmread(out / "DICOMDIR").DirectoryRecordSequence
+              if "ReferencedSOPInstanceUIDInFile" in r}
+    assert listed == {new_uid(clean)}

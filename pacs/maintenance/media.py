@@ -54,7 +54,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, UID
 
 from ..app import Pacs
-from ..deidentify import Deidentifier
+from ..deidentify import Deidentifier, may_release
 from ..dicomdir import FileSet, Place, fileset_id
 from ..reads import StoredInstance
 from ..query.results import as_written
@@ -226,7 +226,9 @@ def export_media_item(pacs: Pacs, item: StoredInstance, sink: Any, layout: Media
         plain = deid is None and not overrides and not layout.target
         if (header is not None and _is(header, sop_uid, syntax)
                 and (not plain or existing.stat().st_size == item.size)
-                and (deid is not None or _carries(header, overrides))):
+                and (deid is not None or _carries(header, overrides))
+                # Written by a run with --include-burned-in: this one may not release it.
+                and (deid is None or may_release(header, include_burned_in=include_burned_in).allowed)):
             layout.fileset.add(place, header)
             report.kept += 1
             return
@@ -234,6 +236,9 @@ def export_media_item(pacs: Pacs, item: StoredInstance, sink: Any, layout: Media
     try:
         if not _write_object(pacs, item, tmp, layout, deid, overrides, report, include_burned_in, patient):
             tmp.unlink(missing_ok=True)
+            if existing is not None:
+                # An earlier run's copy (with --include-burned-in): not on this media either.
+                existing.unlink()
             return
         header = _header(tmp)
         if header is None:
