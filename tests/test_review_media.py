@@ -153,3 +153,35 @@ def test_a_rerun_without_include_burned_in_withholds_what_the_first_run_wrote(ar
     listed = {str(r.ReferencedSOPInstanceUIDInFile) for r in dcmread(out / "DICOMDIR").DirectoryRecordSequence
               if "ReferencedSOPInstanceUIDInFile" in r}
     assert listed == {new_uid(clean)}
+
+
+def test_objects_deleted_since_the_last_run_leave_the_media(archive: PacsServer, tmp_path: Path) -> None:
+    """An image turns out to be another patient's after the study went to a
+    USB stick: it is deleted as sent in error (`pacs delete`) and the study
+    exported again into the same folder. The DICOMDIR no longer listed it,
+    but its file stayed in DICOM/ (and a deleted series' folder with its
+    files), so any PACS importing the stick took the wrong patient's image
+    again. Files of this export's studies that the new DICOMDIR does not
+    list are now removed, and their emptied folders."""
+    study, series_a, series_b = ("1.2.826.0.1.3680043.9.7134.211.1", "1.2.826.0.1.3680043.9.7134.211.2",
+                                 "1.2.826.0.1.3680043.9.7134.211.3")
+    made = tmp_path / "made"
+    made.mkdir()
+    for series, sop, number in ((series_a, f"{series_a}.1", 1), (series_a, f"{series_a}.2", 2),
+                                (series_b, f"{series_b}.1", 1)):
+        make_ct(made / f"{sop}.dcm", sop_uid=sop, StudyInstanceUID=study, SeriesInstanceUID=series,
+                InstanceNumber=number)
+    archive.cli("import", str(made))
+    out = tmp_path / "usb"
+    assert _export(archive, study, "--out", str(out), "--media")["instances"] == 3
+    archive.cli("delete", study, "--series", series_a, "--instance", f"{series_a}.2", "--reason", "other patient",
+                "--yes")
+    archive.cli("delete", study, "--series", series_b, "--reason", "other patient", "--yes")
+    again = _export(archive, study, "--out", str(out), "--media")
+    assert again["already_there"] + again["instances"] == 1 and again["failed"]["count"] == 0
+    on_disk = [p for p in (out / "DICOM").rglob("*") if p.is_file()]
+    assert [str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in on_disk] == [f"{series_a}.1"]
+    assert [p.name for p in (out / "DICOM" / "PAT00001" / "STU00001").iterdir()] == ["SER00001"]
+    listed = [str(r.ReferencedSOPInstanceUIDInFile) for r in dcmread(out / "DICOMDIR").DirectoryRecordSequence
+              if "ReferencedSOPInstanceUIDInFile" in r]
+    assert listed == [f"{series_a}.1"]

@@ -224,6 +224,10 @@ class _Sink:
         path = self.out / name
         return path if path.is_file() else None
 
+    def folder(self) -> Path | None:
+        """The folder written to (None for a zip)."""
+        return None if self.zip is not None else self.out
+
     def temp_file(self) -> Path:
         fd, name = tempfile.mkstemp(prefix=".export-", suffix=".tmp", dir=self.tmp_dir)
         os.close(fd)

@@ -37,6 +37,7 @@ its files would be overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -109,6 +110,10 @@ class MediaLayout:
         self._series: dict[tuple[str, str], tuple[str, int]] = {}
         self._series_count: dict[str, int] = {}
         self._images: dict[tuple[str, str], int] = {}
+        # The File IDs this run lists and the studies it writes (check_folder):
+        # a file of those studies that it does not list is an earlier run's.
+        self.listed: set[str] = set()
+        self.studies: set[str] = set()
 
     def describe(self) -> str:
         return "media (uncompressed)" if self.target else "media"
@@ -134,9 +139,9 @@ class MediaLayout:
         studies this export does not write (:class:`MediaConflict`): a rerun
         of the same export (or one with more studies) may write there,
         another would overwrite it."""
+        wanted = self.studies = set(study_uids)
         if out.suffix.lower() == ".zip":
             return
-        wanted = set(study_uids)
         self._check_dicomdir(out, wanted)
         # An export that stopped (Ctrl-C, a full stick) has no DICOMDIR yet,
         # it is written last: another export would overwrite some of its
@@ -169,22 +174,37 @@ class MediaLayout:
                 "folder, or name its studies again in this export to write them all together")
 
 
+def _study_of(path: Path) -> str:
+    """The Study Instance UID of the DICOM file *path*; "" when it cannot be
+    read (one an interrupted run cut short is written again)."""
+    try:
+        return str(dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+                   .get("StudyInstanceUID", "") or "")
+    except Exception:
+        return ""
+
+
 def _folder_studies(root: Path) -> set[str]:
-    """The Study Instance UIDs of the DICOM files under *root* (a file that
-    cannot be read, one an interrupted run cut short, is written again)."""
-    studies: set[str] = set()
+    """The Study Instance UIDs of the DICOM files under *root*."""
     if not root.is_dir():
-        return studies
-    for path in root.rglob("*"):
-        if not path.is_file():
-            continue
-        try:
-            ds = dcmread(path, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
-        except Exception:
-            continue
-        if ds.get("StudyInstanceUID"):
-            studies.add(str(ds.StudyInstanceUID))
-    return studies
+        return set()
+    return {_study_of(path) for path in root.rglob("*") if path.is_file()} - {""}
+
+
+def _remove_stale(out: Path, layout: MediaLayout) -> None:
+    """Remove the files under DICOM/ of this export's studies that it does
+    not list, and the folders they leave empty: an earlier run's copies of
+    objects deleted since (sent in error, often another patient's) or
+    withheld now, which any import of the folder would take again."""
+    root = out / ROOT_FOLDER
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*"), reverse=True):  # a folder's files before the folder
+        if path.is_dir():
+            with contextlib.suppress(OSError):  # only an empty one
+                path.rmdir()
+        elif "/".join(path.relative_to(out).parts) not in layout.listed and _study_of(path) in layout.studies:
+            path.unlink()
 
 
 def _header(path: Path) -> Dataset | None:
@@ -230,15 +250,13 @@ def export_media_item(pacs: Pacs, item: StoredInstance, sink: Any, layout: Media
                 # Written by a run with --include-burned-in: this one may not release it.
                 and (deid is None or may_release(header, include_burned_in=include_burned_in).allowed)):
             layout.fileset.add(place, header)
+            layout.listed.add(name)
             report.kept += 1
             return
     tmp = sink.temp_file()
     try:
         if not _write_object(pacs, item, tmp, layout, deid, overrides, report, include_burned_in, patient):
-            tmp.unlink(missing_ok=True)
-            if existing is not None:
-                # An earlier run's copy (with --include-burned-in): not on this media either.
-                existing.unlink()
+            tmp.unlink(missing_ok=True)  # an earlier run's copy (--include-burned-in) goes in finish_media
             return
         header = _header(tmp)
         if header is None:
@@ -252,6 +270,7 @@ def export_media_item(pacs: Pacs, item: StoredInstance, sink: Any, layout: Media
         tmp.unlink(missing_ok=True)
         raise
     layout.fileset.commit(entry)
+    layout.listed.add(name)
     report.instances += 1
     report.bytes += size
 
@@ -306,6 +325,9 @@ def _write_chunks(out: Path, chunks: Iterable[bytes]) -> None:
 def finish_media(pacs: Pacs, layout: MediaLayout, sink: Any) -> Iterator[bytes]:
     """Write the DICOMDIR and README.TXT of the file-set (last: they list
     what was written); yields what the sink streams."""
+    folder = sink.folder()
+    if folder is not None:
+        _remove_stale(folder, layout)
     settings = pacs.settings
     written = hospital_now(settings)
     ae_title = str(settings.ae_title)
@@ -405,6 +427,9 @@ class ZipStream:
         self._when = time.localtime()[:6]
 
     def existing(self, name: str) -> Path | None:
+        return None
+
+    def folder(self) -> Path | None:
         return None
 
     def temp_file(self) -> Path:
