@@ -351,8 +351,10 @@ _SUMMARY = {
 }
 
 
-def _summary(record: Dataset, kind: str) -> dict[str, str]:
-    return {k: str(record.get(k, "") or "") for k in _SUMMARY[kind]}
+def _summary(record: Dataset, kind: str, header: Dataset) -> dict[str, str]:
+    """What README.TXT says of a folder: the record's values, but none the
+    directory invented (a de-identified study's date is not 1900-01-01)."""
+    return {k: str(record.get(k, "") or "") if _has_value(header, k) else "" for k in _SUMMARY[kind]}
 
 
 @dataclass(frozen=True)
@@ -390,7 +392,7 @@ class FileSet:
             node = level.get(name) if level is not None else None
             if node is None:
                 record = make_record(upper, header, place)
-                folders.append((encode_record(record), _summary(record, upper)))
+                folders.append((encode_record(record), _summary(record, upper, header)))
             else:
                 folders.append(None)
             level = node.children if node is not None else None

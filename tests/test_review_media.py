@@ -185,3 +185,20 @@ def test_objects_deleted_since_the_last_run_leave_the_media(archive: PacsServer,
     listed = [str(r.ReferencedSOPInstanceUIDInFile) for r in dcmread(out / "DICOMDIR").DirectoryRecordSequence
               if "ReferencedSOPInstanceUIDInFile" in r]
     assert listed == [f"{series_a}.1"]
+
+
+def test_readme_does_not_give_the_directorys_invented_date_as_the_study_date(archive: PacsServer,
+                                                                            tmp_path: Path) -> None:
+    """A STUDY record must have a Study Date (Type 1): one the objects lack
+    (every de-identified study: the Basic Profile empties it) is invented
+    as 19000101, as dcmmkdir +I does. README.TXT, written for the people
+    who receive the media, printed it as the study's date ("1900-01-01  CT
+    ..."). It now says "-" there, as for any value the objects do not have."""
+    ct = archive.studies["ct"]  # type: ignore[attr-defined]
+    out = tmp_path / "research"
+    _export(archive, ct, "--out", str(out), "--media", "--deidentify", "--salt", "review-2")
+    study = next(r for r in dcmread(out / "DICOMDIR").DirectoryRecordSequence if r.DirectoryRecordType == "STUDY")
+    assert study.StudyDate == "19000101"  # the directory's own, required value
+    readme = (out / "README.TXT").read_text("utf-8-sig")
+    assert "1900" not in readme, readme
+    assert "    -  CT  " in readme, readme
