@@ -29,10 +29,13 @@ for its directory record, then moved into the folder or copied into the
 zip. The records therefore say exactly what the files say. The DICOMDIR and
 README.TXT are written last; a folder export that stops (a full disk, an
 interruption) leaves its complete files, and the next run keeps each one
-whose header names the object (and syntax) expected at that place and
-writes the DICOMDIR again. A folder holding the DICOMDIR of another
-export's studies is refused: numbering starts again with every export, and
-its files would be overwritten.
+whose header names the object (and syntax) expected at that place, with
+the index's current corrections (a de-identified one only if it may still
+be released), and writes the DICOMDIR again; files of its studies that it
+no longer lists (objects deleted since) are removed. A folder whose
+DICOMDIR, or whose files under DICOM/ (an export that did not finish),
+hold another export's studies is refused: numbering starts again with every
+export, and its files would be overwritten, the rest left on this media.
 """
 
 from __future__ import annotations
