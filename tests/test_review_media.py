@@ -202,3 +202,37 @@ def test_readme_does_not_give_the_directorys_invented_date_as_the_study_date(arc
     readme = (out / "README.TXT").read_text("utf-8-sig")
     assert "1900" not in readme, readme
     assert "    -  CT  " in readme, readme
+
+
+def test_a_deidentified_rerun_after_reconciliation_gives_the_new_patients_pseudonym(archive: PacsServer,
+                                                                                   tmp_path: Path) -> None:
+    """The de-identified variant of the reconciled rerun: the files an
+    earlier run wrote under the modality's patient's pseudonym were kept,
+    so the research media filed the study under the wrong (pseudonymous)
+    patient, unlike a fresh export. A kept file must now carry the
+    pseudonym of the index's patient of its study."""
+    from pacs.deidentify import Deidentifier
+
+    study = "1.2.826.0.1.3680043.9.7134.212.1"
+    made = tmp_path / "made"
+    made.mkdir()
+    make_ct(made / "1.dcm", sop_uid=f"{study}.3.1", StudyInstanceUID=study, SeriesInstanceUID=f"{study}.2",
+            SpecificCharacterSet="ISO_IR 192", PatientID="WRONG-ID-1", PatientName="Sai^Bệnh Nhân",
+            AccessionNumber="ACCREVIEW2")
+    archive.cli("import", str(made))
+    out = tmp_path / "research"
+    _export(archive, study, "--out", str(out), "--media", "--deidentify", "--salt", "review-3")
+    with archive.http() as http:
+        order = http.post("/api/orders", json={
+            "patient": {"id": "079300000999", "issuer": "CCCD", "name": "Đúng^Bệnh Nhân", "birth_date": "19700101",
+                        "sex": "M"},
+            "accession_number": "ACCREVIEW2", "modality": "CT", "start_date": "20240813", "start_time": "150000"})
+        assert order.status_code == 201, order.text
+    archive.cli("orders", "match", study, "ACCREVIEW2")
+    again = _export(archive, study, "--out", str(out), "--media", "--deidentify", "--salt", "review-3")
+    assert again["instances"] == 1 and again["already_there"] == 0, again
+    expected = Deidentifier("review-3").pseudonym("079300000999", issuer="CCCD")
+    (path,) = [p for p in (out / "DICOM").rglob("*") if p.is_file()]
+    assert dcmread(path, stop_before_pixels=True).PatientID == expected
+    patient = next(r for r in dcmread(out / "DICOMDIR").DirectoryRecordSequence if r.DirectoryRecordType == "PATIENT")
+    assert patient.PatientID == expected

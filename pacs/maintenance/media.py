@@ -234,6 +234,15 @@ def _carries(header: Dataset, overrides: tuple[tuple[str, str], ...]) -> bool:
                for keyword, value in overrides)
 
 
+def _pseudonymous(header: Dataset, deid: Deidentifier, patient: tuple[str, str]) -> bool:
+    """Whether a de-identified file an earlier run wrote has the pseudonym
+    of the index's patient of its study (reconciled with the HIS since, the
+    study is another patient's)."""
+    if not patient[0].strip():
+        return True  # the object's own attributes gave the pseudonym (Deidentifier.apply)
+    return str(header.get("PatientID", "") or "") == deid.pseudonym(patient[0], issuer=patient[1])
+
+
 def export_media_item(pacs: Pacs, item: StoredInstance, sink: Any, layout: MediaLayout, deid: Deidentifier | None,
                       overrides: tuple[tuple[str, str], ...], report: ExportReport, include_burned_in: bool,
                       patient: tuple[str, str]) -> Iterator[bytes]:
@@ -249,7 +258,7 @@ def export_media_item(pacs: Pacs, item: StoredInstance, sink: Any, layout: Media
         plain = deid is None and not overrides and not layout.target
         if (header is not None and _is(header, sop_uid, syntax)
                 and (not plain or existing.stat().st_size == item.size)
-                and (deid is not None or _carries(header, overrides))
+                and (_carries(header, overrides) if deid is None else _pseudonymous(header, deid, patient))
                 # Written by a run with --include-burned-in: this one may not release it.
                 and (deid is None or may_release(header, include_burned_in=include_burned_in).allowed)):
             layout.fileset.add(place, header)
