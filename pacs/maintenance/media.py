@@ -30,9 +30,10 @@ zip. The records therefore say exactly what the files say. The DICOMDIR and
 README.TXT are written last; a folder export that stops (a full disk, an
 interruption) leaves its complete files, and the next run keeps each one
 whose header names the object (and syntax) expected at that place, with
-the index's current corrections (a de-identified one only if it may still
-be released), and writes the DICOMDIR again; files of its studies that it
-no longer lists (objects deleted since) are removed. A folder whose
+the index's current corrections (a de-identified one: its patient's
+pseudonym, and only if it may still be released), and writes the DICOMDIR
+again; files of its studies that it no longer lists (objects deleted
+since) are removed. A folder whose
 DICOMDIR, or whose files under DICOM/ (an export that did not finish),
 hold another export's studies is refused: numbering starts again with every
 export, and its files would be overwritten, the rest left on this media.
