@@ -840,38 +840,9 @@ class OrderService:
                             for keyword, received, corrected in differing
                         ],
                     )
-            conn.execute(update(orders_t).where(orders_t.c.patient_pk == old.pk).values(patient_pk=target))
-            for ident in conn.execute(select(identifiers_t).where(identifiers_t.c.patient_pk == old.pk)).all():
-                if (ident.value, ident.issuer) != (kept.patient_id, kept.issuer):
-                    insert_ignore(
-                        conn,
-                        identifiers_t,
-                        {"patient_pk": target, "value": ident.value, "issuer": ident.issuer,
-                         "id_type": ident.id_type},
-                        ["patient_pk", "value", "issuer"],
-                    )
-            conn.execute(delete(identifiers_t).where(identifiers_t.c.patient_pk == old.pk))
-            conn.execute(delete(patients_t).where(patients_t.c.pk == old.pk))
-            self._keep_alias(conn, target, kept, old)
+            absorb_patient(conn, target, kept, old)
             moved += len(study_pks)
         return moved
-
-    def _keep_alias(self, conn: Connection, target: int, kept: Any, old: Any) -> None:
-        """The merged-away Patient ID (with its issuer) stays an identifier of
-        the surviving patient, of type MERGED_ID_TYPE: a modality or HIS that
-        still uses it (an old worklist entry, a printed label) reaches the
-        surviving patient instead of creating the merged one anew -- the HL7
-        patient lookup and the ingest's (pacs.index.writer.merged_patient)
-        resolve it. It is an Other Patient ID too: a query by it finds the
-        patient."""
-        if not old.patient_id or (old.patient_id, old.issuer) == (kept.patient_id, kept.issuer):
-            return
-        alias = {"patient_pk": target, "value": old.patient_id, "issuer": old.issuer}
-        if insert_ignore(conn, identifiers_t, {**alias, "id_type": MERGED_ID_TYPE},
-                         ["patient_pk", "value", "issuer"]) is None:
-            # Listed before (the HIS sent it as another ID): it is a former key now.
-            conn.execute(update(identifiers_t).where(*(identifiers_t.c[k] == v for k, v in alias.items()))
-                         .values(id_type=MERGED_ID_TYPE))
 
     def _prior_patient(self, conn: Connection, prior: list[tuple[str, str]], target: int) -> list[Any]:
         """The prior patient of an MRG-1: [its row], or [] when that is the
@@ -2034,6 +2005,47 @@ def order_subject(order: dict[str, Any]) -> tuple[str, str]:
     (:func:`pacs.audit.patient_cx`), the form the study's events name it in."""
     return str(order.get("study_uid") or ""), patient_cx(str(order.get("patient_id") or ""),
                                                          str(order.get("issuer") or ""))
+
+
+def absorb_patient(conn: Connection, target: int, kept: Any, old: Any, *, former_key: bool = True) -> None:
+    """Remove the patient *old* (a patients row) into the patient *target*
+    (its row *kept*), as a merge (ADT^A40) does once the studies were moved:
+    its orders and other identifiers become *target*'s, the row is deleted,
+    and its Patient ID stays an alias of *target* (:func:`keep_alias`;
+    *former_key* as there). The caller moved *old*'s studies first."""
+    conn.execute(update(orders_t).where(orders_t.c.patient_pk == old.pk).values(patient_pk=target))
+    for ident in conn.execute(select(identifiers_t).where(identifiers_t.c.patient_pk == old.pk)).all():
+        if (ident.value, ident.issuer) != (kept.patient_id, kept.issuer):
+            insert_ignore(
+                conn,
+                identifiers_t,
+                {"patient_pk": target, "value": ident.value, "issuer": ident.issuer, "id_type": ident.id_type},
+                ["patient_pk", "value", "issuer"],
+            )
+    conn.execute(delete(identifiers_t).where(identifiers_t.c.patient_pk == old.pk))
+    conn.execute(delete(patients_t).where(patients_t.c.pk == old.pk))
+    keep_alias(conn, target, kept, old, former_key=former_key)
+
+
+def keep_alias(conn: Connection, target: int, kept: Any, old: Any, *, former_key: bool = True) -> None:
+    """The merged-away Patient ID (with its issuer) stays an identifier of
+    the surviving patient, of type MERGED_ID_TYPE: a modality or HIS that
+    still uses it (an old worklist entry, a printed label) reaches the
+    surviving patient instead of creating the merged one anew -- the HL7
+    patient lookup and the ingest's (pacs.index.writer.merged_patient)
+    resolve it. It is an Other Patient ID too: a query by it finds the
+    patient. Already an identifier of the surviving patient, it becomes a
+    former key (MERGED) when *former_key*; otherwise it keeps its type (a
+    record the old PACS made under the citizen ID, removed by the prefetch:
+    the citizen ID is still the patient's, not a former key)."""
+    if not old.patient_id or (old.patient_id, old.issuer) == (kept.patient_id, kept.issuer):
+        return
+    alias = {"patient_pk": target, "value": old.patient_id, "issuer": old.issuer}
+    if insert_ignore(conn, identifiers_t, {**alias, "id_type": MERGED_ID_TYPE},
+                     ["patient_pk", "value", "issuer"]) is None and former_key:
+        # Listed before (the HIS sent it as another ID): it is a former key now.
+        conn.execute(update(identifiers_t).where(*(identifiers_t.c[k] == v for k, v in alias.items()))
+                     .values(id_type=MERGED_ID_TYPE))
 
 
 def link_study(conn: Connection, study_pk: int, order_pk: int, matched_by: str) -> None:

@@ -155,6 +155,30 @@ def _patient_identifiers(conn: Connection, patient_pk: int) -> set[str]:
     return ids
 
 
+def file_under_patient(conn: Connection, study_pk: int, patient_pk: int, received: dict[str, str], reason: str,
+                       now: datetime) -> None:
+    """File the study *study_pk* under the patient *patient_pk*, and record
+    as corrections (with *reason*) the patient attributes whose *received*
+    value -- by DICOM keyword: what the objects were sent with, or the
+    patient the study was filed under until now -- differs from that
+    patient's (:func:`patient_correction`): every retrieval (C-FIND, C-MOVE,
+    C-GET, WADO, FHIR, export) then presents the patient the study is filed
+    under, while the stored bytes stay as received. What reconciliation
+    with an order does (:func:`record_reconciliation`), and the prefetch of
+    a prior the old PACS filed under the patient's citizen ID
+    (pacs.prefetch.filing)."""
+    kept = conn.execute(select(patients_t).where(patients_t.c.pk == patient_pk)).one()
+    rows = [
+        {"study_pk": study_pk, "keyword": keyword, "received": received.get(keyword, ""),
+         "corrected": getattr(kept, column), "reason": reason, "created_at": now}
+        for keyword, column in PATIENT_COLUMNS.items()
+        if patient_correction(keyword, received.get(keyword) or "", getattr(kept, column) or "")
+    ]
+    conn.execute(update(studies_t).where(studies_t.c.pk == study_pk).values(patient_pk=patient_pk))
+    if rows:
+        conn.execute(Correction.__table__.insert(), rows)
+
+
 def record_reconciliation(
     conn: Connection,
     study_pk: int,
@@ -164,26 +188,19 @@ def record_reconciliation(
     matched_by: str,
     now: datetime,
 ) -> None:
-    """Link the study to *order*; record where *received* values differ."""
+    """Link the study to *order*, file it under the order's patient
+    (:func:`file_under_patient`); record where *received* values differ."""
     insert_ignore(
         conn,
         StudyOrderLink.__table__,
         {"study_pk": study_pk, "order_pk": order.pk, "matched_by": matched_by, "created_at": now},
         ["study_pk"],
     )
-    his = conn.execute(select(patients_t).where(patients_t.c.pk == order.patient_pk)).one()
     reason = f"reconciled with order {order.accession_number} ({matched_by})"
-    rows = [
-        {"study_pk": study_pk, "keyword": keyword, "received": received.get(keyword, ""),
-         "corrected": getattr(his, column), "reason": reason, "created_at": now}
-        for keyword, column in PATIENT_COLUMNS.items()
-        if patient_correction(keyword, received.get(keyword) or "", getattr(his, column) or "")
-    ]
-    values: dict[str, Any] = {"patient_pk": order.patient_pk}
+    file_under_patient(conn, study_pk, order.patient_pk, received, reason, now)
     if received_accession != order.accession_number:
-        rows.append({"study_pk": study_pk, "keyword": "AccessionNumber", "received": received_accession,
-                     "corrected": order.accession_number, "reason": reason, "created_at": now})
-        values["accession_number"] = order.accession_number
-    conn.execute(update(studies_t).where(studies_t.c.pk == study_pk).values(**values))
-    if rows:
-        conn.execute(Correction.__table__.insert(), rows)
+        conn.execute(update(studies_t).where(studies_t.c.pk == study_pk)
+                     .values(accession_number=order.accession_number))
+        conn.execute(Correction.__table__.insert().values(
+            study_pk=study_pk, keyword="AccessionNumber", received=received_accession,
+            corrected=order.accession_number, reason=reason, created_at=now))

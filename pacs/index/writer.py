@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # Seconds a series' study and patient are trusted from the cache (see _series_study).
 STUDY_PATIENT_TTL = 10.0
 # patient_identifiers.id_type of a Patient ID merged away by the HIS (ADT^A40):
-# an alias of the surviving patient (see pacs.orders.OrderService._keep_alias).
+# an alias of the surviving patient (see pacs.orders.keep_alias).
 MERGED_ID_TYPE = "MERGED"
 
 
