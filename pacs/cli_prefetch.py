@@ -165,7 +165,9 @@ def _run(pacs: Any, args: argparse.Namespace) -> int:
         out.print(f"prefetch job {job.pk}: {record['found']} prior(s) found at "
                   f"{', '.join(record['searched']) or 'no source'}, {record['chosen']} chosen: "
                   f"{record['retrieved']} retrieved ({record['instances']} instances), {record['already_here']} "
-                  f"already here, {record['missing']} missing")
+                  f"already here, {record['missing']} missing"
+                  + (f", {record['filed']} filed under the patient (found by another of its IDs)"
+                     if record["filed"] else ""))
         if state != "done":
             err.print(f"[yellow]{state or 'taken over'}: {record['last_error'][:300]}"
                       f"{'; pacs serve tries it again later' if state == 'pending' else ''}[/yellow]")

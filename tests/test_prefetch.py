@@ -49,6 +49,8 @@ class Prior:
     modality: str
     series: int = 1
     per_series: int = 2
+    # The patient's name as the old PACS holds it.
+    name: str = NAME
 
     @property
     def uid(self) -> str:
@@ -74,7 +76,7 @@ def _instance(prior: Prior, series: int, number: int) -> Dataset:
     day = (TODAY - timedelta(days=prior.days_ago)).strftime("%Y%m%d")
     return image_dataset(sop_uid=f"{prior.uid}.{series}.{number}", SpecificCharacterSet="ISO_IR 192",
                          StudyInstanceUID=prior.uid, SeriesInstanceUID=f"{prior.uid}.{series}",
-                         PatientID=prior.patient_id, PatientName=NAME, StudyDate=day, StudyTime="101500",
+                         PatientID=prior.patient_id, PatientName=prior.name, StudyDate=day, StudyTime="101500",
                          Modality=prior.modality, AccessionNumber=f"OLD{prior.key}", SeriesNumber=series,
                          InstanceNumber=number, Rows=8, Columns=8,
                          PixelData=(np.arange(64, dtype=np.uint16) * number).tobytes())

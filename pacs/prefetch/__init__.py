@@ -9,5 +9,7 @@ earlier studies are fetched from the old PACS before the examination.
   and made complete here through :class:`pacs.pull.Puller`, as `pacs remote
   pull` does: retrieved objects go through the normal ingest and take no
   routing rule;
+- :mod:`.filing`: a prior the old PACS filed under the patient's citizen ID
+  alone, filed under the order's patient once it is complete here;
 - :mod:`.worker`: the background worker of `pacs serve`.
 """

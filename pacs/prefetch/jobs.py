@@ -74,10 +74,15 @@ class Job:
         ``prefetch_other_ids`` setting: a citizen ID the old PACS filed the
         patient under), each once. A value with a wildcard or a backslash
         would match other patients (or several values): left out."""
-        allowed = {t.upper() for t in trusted}
-        values = [self.patient_id, *(value for value, issuer, id_type in self.other_ids
-                                     if "*" in allowed or id_type.upper() in allowed or issuer.upper() in allowed)]
+        values = [self.patient_id, *(value for value, _issuer, _type in self.trusted_others(trusted))]
         return [v for v in dict.fromkeys(v.strip() for v in values) if v and not any(c in v for c in "*?\\")]
+
+    def trusted_others(self, trusted: Collection[str] = ("*",)) -> list[tuple[str, str, str]]:
+        """The other identifiers (value, issuer, type) whose type or issuer
+        is *trusted* (see :meth:`identifiers`)."""
+        allowed = {t.upper() for t in trusted}
+        return [(value, issuer, id_type) for value, issuer, id_type in self.other_ids
+                if "*" in allowed or id_type.upper() in allowed or issuer.upper() in allowed]
 
 
 def _is_due(now: datetime) -> Any:
@@ -261,6 +266,17 @@ def save_progress(engine: Engine, job: Job, progress: dict[str, Any]) -> bool:
             progress=json.dumps(progress, ensure_ascii=False), updated_at=db_now(conn))).rowcount)
 
 
+def still_held(conn: Connection, job: Job) -> bool:
+    """In *conn*'s transaction: whether *job*'s claim is still its holder's.
+    On PostgreSQL its row stays locked until commit: no node takes the job
+    over while the transaction writes for it (SQLite: the transaction holds
+    the one write lock already, see write_transaction)."""
+    query = select(jobs_t.c.pk).where(_held(job))
+    if conn.dialect.name == "postgresql":
+        query = query.with_for_update()
+    return conn.execute(query).first() is not None
+
+
 def retry_delay(attempts: int, base: float) -> float:
     """Seconds before try *attempts* + 1: *base* doubled per try, at most RETRY_MAX."""
     return min(RETRY_MAX, base * 2 ** max(0, min(attempts - 1, 30)))
@@ -380,6 +396,8 @@ def summary(progress: dict[str, Any]) -> dict[str, Any]:
             "already_here": states.count("complete"),
             "missing": sum(1 for s in states if s not in ("pulled", "complete")),
             "instances": sum(int(s.get("instances", 0) or 0) for s in chosen),
+            # Found by a citizen ID the old PACS filed them under, and filed under the patient (.filing).
+            "filed": sum(1 for s in chosen if s.get("filing") == "filed"),
             "searched": list(progress.get("searched", []))}
 
 
@@ -407,7 +425,7 @@ def list_jobs(engine: Engine, state: str = "", limit: int = 100, pk: int | None 
             "notes": list(progress.get("notes", [])),
             "studies": [{"study_uid": uid, **{k: studies[uid].get(k) for k in
                                               ("source", "date", "patient_id", "modalities", "state", "detail",
-                                               "instances")}}
+                                               "instances", "filing", "filing_detail")}}
                         for uid in progress.get("chosen", []) if uid in studies],
         })
     return listed

@@ -21,6 +21,10 @@ this archive or C-GET, per source), checked instance by instance and
 audited. Retrieved objects are ingested as the pull's are and take no
 routing rule (their Move Originator is our AE, or our own C-GET).
 
+A prior complete here that was found only by a trusted other identifier
+(the old PACS filed the patient under the citizen ID; the ingest made it a
+patient of its own) is then filed under the job's patient (:mod:`.filing`).
+
 A source that cannot be reached leaves the job unfinished (retried later,
 see :mod:`.jobs`); a study that came incomplete is tried again by the next
 run, which neither asks a source again nor retries what is complete.
@@ -43,6 +47,7 @@ from ..leases import lease_ttl
 from ..pull import PullOptions, Puller, StudyResult, _count
 from ..timezones import hospital_now
 from . import jobs
+from .filing import file_prior
 from .jobs import Job
 
 log = logging.getLogger(__name__)
@@ -145,6 +150,8 @@ class JobRun:
                 break
             self._fetch(uid, entry)
             self._save()
+        if not stopped:
+            self._file_priors(chosen)
         unsettled = [uid for uid in chosen if self.studies[uid].get("state") not in SETTLED]
         searched_all = all(title in self.progress["searched"] for title in self.sources)
         if stopped:
@@ -293,6 +300,35 @@ class JobRun:
             self.problems.append(f"study {uid} from {source}: {result.state}: {result.detail}")
         self.on_study(uid, entry)
 
+    # -- filing -----------------------------------------------------------------------
+    def _file_priors(self, chosen: list[str]) -> None:
+        """File each prior complete here that was found only by a trusted
+        other identifier of the patient under the job's patient
+        (:mod:`.filing`), unless a run did already; a prior left where it is
+        is noted in the progress with the reason (asked again by a rerun)."""
+        trusted = self.job.trusted_others(self.pacs.settings.prefetch_other_ids)
+        for uid in chosen:
+            entry = self.studies[uid]
+            value = entry.get("patient_id", "")
+            identifier = next((o for o in trusted if o[0].strip() == value), None)
+            if (entry.get("state") not in SETTLED or entry.get("filing") in ("filed", "here")
+                    or value == self.job.patient_id.strip() or identifier is None):
+                continue
+            if not self.alive():
+                return
+            filing = file_prior(self.pacs, self.job, uid, identifier, entry["source"], user=self.user,
+                                role=self.role)
+            if filing.state == "lost":
+                self.alive = lambda: False  # another node holds the job now: do nothing more of it
+                return
+            entry["filing"], entry["filing_detail"] = filing.state, filing.detail
+            notes = [n for n in self.progress.get("notes", []) if not n.startswith(f"study {uid} ")]
+            if filing.state == "left":
+                notes.append(f"study {uid} ({value}) not filed under "
+                             f"{patient_cx(self.job.patient_id, self.job.issuer)}: {filing.detail}")
+            self.progress["notes"] = notes
+            self._save()
+
     def _audit(self, complete: bool) -> None:
         """One event per run: which priors came from where, and what is missing."""
         counts = jobs.summary(self.progress)
@@ -306,6 +342,8 @@ class JobRun:
         detail = (f"prefetch job {self.job.pk} ({what}): {counts['found']} prior(s) found at "
                   f"{', '.join(self.progress['searched']) or 'no source'}, {counts['chosen']} chosen: {came}, "
                   f"{counts['already_here']} already here, {counts['missing']} missing")
+        if counts["filed"]:
+            detail += f", {counts['filed']} filed under the patient (found by another of its IDs)"
         if self.problems:
             detail += "; " + "; ".join(self.problems)
         if self.progress.get("notes"):
