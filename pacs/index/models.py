@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Index,
@@ -685,16 +686,24 @@ class CommitmentConflict(Base):
 
 
 class ShareLink(Base):
-    """A link that shows one study to its patient without an account (the
-    QR code printed instead of film; see pacs.shares). Only the SHA-256 of
-    its token is kept: a copy of the database opens no link. Deleted with
-    its study. Added by migration 0028."""
+    """A link that shows one study, or the studies of one order, to its
+    patient without an account (the QR code printed instead of film; see
+    pacs.shares). Only the SHA-256 of its token is kept: a copy of the
+    database opens no link. Deleted with its study (or order row). Added by
+    migration 0028."""
 
     __tablename__ = "share_links"
+    # A link names a study or an order, never both nor neither.
+    __table_args__ = (CheckConstraint("(study_pk IS NULL) <> (order_pk IS NULL)", name="ck_share_links_one_target"),)
 
     pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.pk", ondelete="CASCADE"), index=True)
+    study_pk: Mapped[int | None] = mapped_column(ForeignKey("studies.pk", ondelete="CASCADE"), nullable=True,
+                                                 index=True)
+    # An order link: the first step's row of the requested procedure (the
+    # row that stands for it, see Order), bound before its study exists.
+    order_pk: Mapped[int | None] = mapped_column(ForeignKey("orders.pk", ondelete="CASCADE"), nullable=True,
+                                                 index=True)
     # Who made it: a user of the HTTP API (the HIS's account), or "cli:<os user>".
     created_by: Mapped[str] = mapped_column(String, default="")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
