@@ -6,6 +6,14 @@ images and its signed report, on a phone (viewer_api.share_page). The HIS
 asks for the link (``POST /api/studies/{uid}/shares``), an operator with
 ``pacs share create``.
 
+- A link names a study, or an order (``POST /api/orders/{accession}/shares``,
+  ``pacs share create --accession``): the receipt is printed when the
+  patient registers and pays, before the scan, when only the order exists.
+  An order link shows the studies reconciliation links to that order, when
+  they come ("not ready yet" before), and never another
+  (:mod:`pacs.share_orders`); its birth year is the order's patient's; an
+  order the HIS withdrew (cancelled) answers 410.
+
 - The token is 192 random bits, URL-safe (32 characters: a small QR code).
   Only its SHA-256 is kept: a copy of the database opens no link, and the
   token is shown once, when the link is made.
@@ -34,15 +42,26 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, Row, Select, select, update
+from sqlalchemy import Connection, Engine, Row, Select, func, or_, select, update
 
+from .audit import patient_cx
 from .errors import RefusedRequest
 from .index.db import db_now, write_transaction
-from .index.models import Patient, ShareLink as ShareLinkRow, Study
+from .index.models import Order, Patient, ShareLink as ShareLinkRow, Study
+from .share_orders import (
+    WITHDRAWN,
+    OrderTarget,
+    bound_order,
+    order_statuses,
+    order_studies,
+    order_target,
+    orders_of_study,
+)
 
 shares_t = ShareLinkRow.__table__
 studies_t = Study.__table__
 patients_t = Patient.__table__
+orders_t = Order.__table__
 
 # 24 random bytes: 192 bits, 32 URL-safe base64 characters.
 TOKEN_BYTES = 24
@@ -78,10 +97,12 @@ class ShareError(RefusedRequest):
 
 @dataclass(frozen=True)
 class ShareLink:
-    """A share link as the index holds it, with its study and the birth
-    year of its patient ("" when the index has no birth date)."""
+    """A share link as the index holds it, with its study (a study link)
+    or its order's accession (an order link), and the birth year of its
+    patient ("" when the index has no birth date)."""
 
     id: int
+    # A study link's study; "" for an order link.
     study_uid: str
     created_by: str
     created_at: datetime
@@ -92,10 +113,32 @@ class ShareLink:
     uses: int
     failed_answers: int
     locked_until: datetime | None
+    # An order link's order (its accession number); "" for a study link.
+    accession: str = ""
+    # The order's procedure status (pacs.orders.procedure_status), when read.
+    order_status: str = ""
+    # The Study Instance UID the order hands modalities: what an order
+    # link's audit events name before (or besides) the studies it shows.
+    order_study_uid: str = field(default="", repr=False)
+    # The order's row the link names (its first step's).
+    order_pk: int = field(default=0, repr=False)
     birth_year: str = field(default="", repr=False)
     cookie_key: str = field(default="", repr=False)
-    # The patient the study is filed under now (an HIS match or merge moves it).
+    # The patient the study (the order) is filed under now (an HIS match or merge moves it).
     patient_pk: int = field(default=0, repr=False)
+    # That patient as audit events name it (ID^^^issuer).
+    patient: str = field(default="", repr=False)
+
+    @property
+    def kind(self) -> str:
+        """"study" or "order"."""
+        return "order" if self.accession else "study"
+
+    @property
+    def audit_study(self) -> str:
+        """The study an audit event about the link names: the study of a
+        study link, the order's Study Instance UID for an order link."""
+        return self.study_uid or self.order_study_uid
 
     def state(self, now: datetime | None = None) -> str:
         """"active", "expired" or "revoked"."""
@@ -107,10 +150,12 @@ class ShareLink:
         """The link as the API and `pacs share list --json` show it: never a
         token (none is kept), nor the birth year or the cookie key."""
         data = asdict(self)
-        del data["birth_year"], data["cookie_key"], data["patient_pk"]
+        for hidden in ("birth_year", "cookie_key", "patient_pk", "patient", "order_study_uid", "order_pk"):
+            del data[hidden]
         for key, value in data.items():
             if isinstance(value, datetime):
                 data[key] = value.isoformat()
+        data["kind"] = self.kind
         data["state"] = self.state()
         return data
 
@@ -166,19 +211,51 @@ def days_asked(days: int | None, default: int, maximum: int) -> int:
 
 
 def _select() -> Select[Any]:
-    return (select(shares_t, studies_t.c.study_uid, studies_t.c.patient_pk, patients_t.c.birth_date)
-            .join(studies_t, studies_t.c.pk == shares_t.c.study_pk)
-            .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk))
+    """A link with its study or order, and the patient either is filed
+    under now (an order's patient: the patient of every step of it)."""
+    return (select(shares_t, studies_t.c.study_uid, orders_t.c.accession_number,
+                   orders_t.c.study_uid.label("order_study_uid"), patients_t.c.pk.label("patient_pk"),
+                   patients_t.c.birth_date, patients_t.c.patient_id, patients_t.c.issuer)
+            .outerjoin(studies_t, studies_t.c.pk == shares_t.c.study_pk)
+            .outerjoin(orders_t, orders_t.c.pk == shares_t.c.order_pk)
+            .join(patients_t, patients_t.c.pk == func.coalesce(studies_t.c.patient_pk, orders_t.c.patient_pk)))
 
 
-def _link(row: Row[Any]) -> ShareLink:
+def _link(row: Row[Any], order_status: str = "") -> ShareLink:
     return ShareLink(
-        id=row.pk, study_uid=row.study_uid, created_by=row.created_by, created_at=row.created_at,
+        id=row.pk, study_uid=row.study_uid or "", created_by=row.created_by, created_at=row.created_at,
         expires_at=row.expires_at, revoked_at=row.revoked_at, revoked_by=row.revoked_by,
         last_used_at=row.last_used_at, uses=row.uses, failed_answers=row.failed_answers,
-        locked_until=row.locked_until, birth_year=birth_year_of(row.birth_date), cookie_key=row.cookie_key,
-        patient_pk=row.patient_pk,
+        locked_until=row.locked_until, accession=row.accession_number or "", order_status=order_status,
+        order_study_uid=row.order_study_uid or "", order_pk=row.order_pk or 0,
+        birth_year=birth_year_of(row.birth_date), cookie_key=row.cookie_key, patient_pk=row.patient_pk,
+        patient=patient_cx(row.patient_id, row.issuer),
     )
+
+
+def _links(conn: Connection, rows: list[Row[Any]]) -> list[ShareLink]:
+    """The links of *rows*, an order link's with its order's status."""
+    statuses = order_statuses(conn, {row.order_pk for row in rows if row.order_pk})
+    return [_link(row, statuses.get(row.order_pk, "")) for row in rows]
+
+
+def _expiry(days: int | None, expires_at: datetime | None, now: datetime) -> datetime:
+    if expires_at is not None:
+        return expires_at
+    if days is None:
+        raise ValueError("give days or expires_at")
+    return now + timedelta(days=days)
+
+
+def _insert(conn: Connection, token: str, created_by: str, now: datetime, expires_at: datetime,
+            **target: int) -> ShareLink:
+    """Write the link of *token* to *target* (``study_pk=`` or ``order_pk=``)."""
+    pk = conn.execute(shares_t.insert().values(
+        token_hash=token_hash(token), **target, created_by=created_by[:200], created_at=now,
+        expires_at=expires_at, revoked_by="", uses=0, failed_answers=0, lockouts=0,
+        cookie_key=secrets.token_hex(32),
+    )).inserted_primary_key[0]
+    return _links(conn, [conn.execute(_select().where(shares_t.c.pk == pk)).one()])[0]
 
 
 def create(engine: Engine, study_uid: str, created_by: str, *, days: int | None = None,
@@ -188,37 +265,89 @@ def create(engine: Engine, study_uid: str, created_by: str, *, days: int | None 
     links made elsewhere). A ShareError (404) when there is no such study."""
     token = secrets.token_urlsafe(TOKEN_BYTES)
     now = datetime.now(UTC)
-    if expires_at is None:
-        if days is None:
-            raise ValueError("give days or expires_at")
-        expires_at = now + timedelta(days=days)
+    expires_at = _expiry(days, expires_at, now)
     with write_transaction(engine) as conn:
         study_pk = conn.execute(select(studies_t.c.pk).where(studies_t.c.study_uid == study_uid)).scalar()
         if study_pk is None:
             raise ShareError(f"no study {study_uid}", 404)
-        pk = conn.execute(shares_t.insert().values(
-            token_hash=token_hash(token), study_pk=study_pk, created_by=created_by[:200], created_at=now,
-            expires_at=expires_at, revoked_by="", uses=0, failed_answers=0, lockouts=0,
-            cookie_key=secrets.token_hex(32),
-        )).inserted_primary_key[0]
-        row = conn.execute(_select().where(shares_t.c.pk == pk)).one()
-    return NewShare(_link(row), token)
+        return NewShare(_insert(conn, token, created_by, now, expires_at, study_pk=study_pk), token)
 
 
-def links(engine: Engine, study_uid: str | None = None, *, limit: int = LIST_LIMIT) -> list[ShareLink]:
-    """The links of the study *study_uid* (every study's when None), newest first."""
+def shareable_order(conn: Connection, accession: str) -> OrderTarget:
+    """The order *accession* a link may be made for: a ShareError 404 when
+    there is none, 409 when the accession's rows make several orders (see
+    :mod:`pacs.share_orders`) or the HIS withdrew it."""
+    target = order_target(conn, accession)
+    if target is None:
+        raise ShareError(f"no order {accession}", 404)
+    if target.procedures > 1:
+        raise ShareError(f"accession number {accession} is held by {target.procedures} orders (different "
+                         "patients, Study Instance UIDs or Requested Procedure IDs): a link to it could show "
+                         "another order's images; make the link for the study instead (POST "
+                         "/api/studies/{uid}/shares) once it arrives", 409)
+    if target.status in WITHDRAWN:
+        raise ShareError(f"order {accession} is {target.status.lower()}: no link made", 409)
+    return target
+
+
+def create_for_order(engine: Engine, accession: str, created_by: str, *, days: int | None = None,
+                     expires_at: datetime | None = None) -> NewShare:
+    """A new link to the order *accession*, made before its images exist
+    (the receipt printed at registration): it shows the studies linked to
+    the order, when they come. *days*, *expires_at* as :func:`create`;
+    refused as :func:`shareable_order` says."""
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    now = datetime.now(UTC)
+    expires_at = _expiry(days, expires_at, now)
+    with write_transaction(engine) as conn:
+        target = shareable_order(conn, accession)
+        return NewShare(_insert(conn, token, created_by, now, expires_at, order_pk=target.pk), token)
+
+
+def find_order(engine: Engine, accession: str) -> OrderTarget | None:
+    """The order *accession* (None: no such order), for the callers' checks
+    (the referring physician's) and audit before a link is made."""
+    with engine.connect() as conn:
+        return order_target(conn, accession)
+
+
+def links(engine: Engine, study_uid: str | None = None, *, accession: str | None = None,
+          limit: int = LIST_LIMIT) -> list[ShareLink]:
+    """Links newest first: those that show the study *study_uid* (its own,
+    and those of the orders it is linked to), or the links of the order
+    *accession*; every link when neither is given."""
     stmt = _select().order_by(shares_t.c.pk.desc()).limit(limit)
     if study_uid is not None:
-        stmt = stmt.where(studies_t.c.study_uid == study_uid)
+        stmt = stmt.where(or_(studies_t.c.study_uid == study_uid,
+                              orders_t.c.accession_number.in_(orders_of_study(study_uid))))
+    if accession is not None:
+        stmt = stmt.where(orders_t.c.accession_number == accession)
     with engine.connect() as conn:
-        return [_link(row) for row in conn.execute(stmt)]
+        return _links(conn, list(conn.execute(stmt)))
 
 
 def link(engine: Engine, link_id: int) -> ShareLink | None:
     """The link *link_id*, None when there is none."""
     with engine.connect() as conn:
         row = conn.execute(_select().where(shares_t.c.pk == link_id)).first()
-    return _link(row) if row is not None else None
+        return _links(conn, [row])[0] if row is not None else None
+
+
+def shown_studies(engine: Engine, found: ShareLink) -> list[str]:
+    """The studies the link shows now: a study link's one; the studies
+    linked to an order link's order (none before its images), oldest first."""
+    if not found.order_pk:
+        return [found.study_uid]
+    with engine.connect() as conn:
+        return order_studies(conn, found.order_pk)
+
+
+def shown_order(engine: Engine, found: ShareLink) -> OrderTarget | None:
+    """An order link's order as its page describes it (None: a study link)."""
+    if not found.order_pk:
+        return None
+    with engine.connect() as conn:
+        return bound_order(conn, found.order_pk)
 
 
 def revoke(engine: Engine, link_id: int, revoked_by: str) -> tuple[ShareLink, bool]:
@@ -230,25 +359,29 @@ def revoke(engine: Engine, link_id: int, revoked_by: str) -> tuple[ShareLink, bo
         done = conn.execute(update(shares_t).where(shares_t.c.pk == link_id, shares_t.c.revoked_at.is_(None))
                             .values(revoked_at=datetime.now(UTC), revoked_by=revoked_by[:200])).rowcount
         row = conn.execute(_select().where(shares_t.c.pk == link_id)).first()
-    if row is None:
-        raise ShareError(f"no share link {link_id}", 404)
-    return _link(row), bool(done)
+        if row is None:
+            raise ShareError(f"no share link {link_id}", 404)
+        return _links(conn, [row])[0], bool(done)
 
 
 def open_link(engine: Engine, token: str) -> ShareLink:
     """The link of *token*, if it may show its study: a ShareError 404 for
     a token of the wrong shape (the index is not asked) or one no link has,
-    410 for a link revoked or expired."""
+    410 for a link revoked or expired, or whose order the HIS withdrew
+    (the message says "cancelled")."""
     if not is_token_shaped(token):
         raise ShareError("no such share link", 404)
     with engine.connect() as conn:
         row = conn.execute(_select().where(shares_t.c.token_hash == token_hash(token))).first()
-    if row is None:
-        raise ShareError("no such share link", 404)
-    found = _link(row)
+        if row is None:
+            raise ShareError("no such share link", 404)
+        found = _links(conn, [row])[0]
     state = found.state()
     if state != "active":
         raise ShareError(f"this share link {'was revoked' if state == 'revoked' else 'has expired'}", 410, found)
+    if found.order_status in WITHDRAWN:
+        raise ShareError(f"the examination of this share link was cancelled (order {found.order_status.lower()})",
+                         410, found)
     return found
 
 
