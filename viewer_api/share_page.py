@@ -1,12 +1,18 @@
 """The patient's side of a share link (pacs.shares): ``/share/{token}``,
 no login. A phone scans the QR code on the receipt and gets a page
 (static/share.html, share.js) that reads everything it shows from the
-routes below, each scoped to the link's one study:
+routes below, each scoped to the link's one study -- or, for a link made
+for an order before its images (the receipt printed at registration), to
+the studies linked to that order at the time of the request
+(pacs.share_orders), none before they come:
 
 - ``GET /share/{token}``: the page; an unknown token is a 404 page, an
-  expired or revoked link a 410 page (short, in Vietnamese and English).
+  expired or revoked link, or one whose order the HIS cancelled, a 410
+  page (short, in Vietnamese and English).
 - ``GET .../study``: the patient's name, the study's date, description and
-  modality, its series of images, and its SIGNED report only.
+  modality, its series of images, and its SIGNED report only. For an order
+  link: the order (its date and procedure) and ``studies``, each study as
+  a study link shows it; ``ready`` false and no studies before the images.
 - ``POST .../birth-year``: the second factor (share_birth_year): the right
   year sets a cookie scoped to the link's path (HttpOnly, SameSite=Strict,
   Secure over HTTPS) that the other routes then need; five wrong ones
@@ -14,7 +20,9 @@ routes below, each scoped to the link's one study:
 - ``GET .../series/{series}/thumbnail``, ``.../series/{series}/instances/
   {sop}/frames/{n}``: JPEG renders of the study's images (no DICOM ever
   leaves by a link), a series or instance of another study is a 404.
-- ``GET .../report.pdf``: the signed report's PDF.
+- ``GET .../report.pdf``: the signed report's PDF (a study link's, or the
+  only study's of an order link); ``GET .../studies/{study}/report.pdf``:
+  that study's, one the link shows.
 
 A token not of a token's shape is a 404 without a look at the index.
 Every other request is audited as ``share:<id>`` (role ``share``) with the
@@ -77,14 +85,23 @@ def _opened(request: Request, token: str, action: str, what: str) -> shares.Shar
         found = shares.open_link(request.app.state.pacs.engine, token)
     except shares.ShareError as exc:
         if exc.link is not None:
-            event.user, event.study_uid = f"share:{exc.link.id}", exc.link.study_uid
+            _name(event, exc.link)
             event.detail = f"share link {exc.link.id}: {what}: {exc}"
         else:
             event.detail = f"share link: {what}: unknown token"
         raise HTTPProblem(exc.http_status, str(exc)) from None
-    event.user, event.study_uid = f"share:{found.id}", found.study_uid
+    _name(event, found)
     event.detail = f"share link {found.id}: {what}"
     return found
+
+
+def _name(event: Event, found: shares.ShareLink) -> None:
+    """The link, its study and patient in *event*: an order link's names the
+    order's Study Instance UID and its patient (no study may exist yet);
+    the routes that serve one of its studies name that one instead."""
+    event.user, event.study_uid = f"share:{found.id}", found.audit_study
+    if found.accession:
+        event.patient_id = found.patient
 
 
 def _needs_answer(request: Request, found: shares.ShareLink) -> bool:
@@ -111,6 +128,9 @@ _ERRORS = {
                 "This link has expired", "Please ask the hospital for a new link."),
     "revoked": ("Liên kết đã bị thu hồi", "Vui lòng liên hệ bệnh viện nếu bạn cần xem lại kết quả.",
                 "This link was revoked", "Please contact the hospital if you need to see the results again."),
+    "cancelled": ("Ca chụp đã bị hủy", "Bệnh viện đã hủy chỉ định chụp này. Vui lòng liên hệ bệnh viện nếu bạn "
+                  "có thắc mắc.", "The examination was cancelled",
+                  "The hospital cancelled this examination. Please contact the hospital if you have questions."),
 }
 
 
@@ -118,7 +138,8 @@ def error_page(status: int, message: str) -> HTMLResponse:
     """The short page of a link that shows nothing (404, 410), in
     Vietnamese and English; its stylesheet is the page's own (no inline
     style: the Content-Security-Policy forbids it)."""
-    kind = "revoked" if "revoked" in message else "expired" if status == 410 else "unknown"
+    kind = ("revoked" if "revoked" in message else "cancelled" if "cancelled" in message
+            else "expired" if status == 410 else "unknown")
     vi_title, vi_text, en_title, en_text = _ERRORS[kind]
     body = f"""<!doctype html>
 <html lang="vi">
@@ -170,7 +191,60 @@ def _report(request: Request, study_uid: str) -> dict[str, Any]:
             "signed_by": current["signed_by"], "signed_at": current["signed_at"], "version": current["version"]}
 
 
-@router.get("/{token}/study", summary="What the link's page shows: the study, its images and signed report")
+def _study(request: Request, study_uid: str) -> dict[str, Any] | None:
+    """A study as the page shows it: its date, description, modalities,
+    series of images and signed report (None: no longer in the archive)."""
+    detail = study_detail(request.app.state.pacs.engine, study_uid)
+    if detail is None:
+        return None
+    series = []
+    for s in detail["series"]:
+        images = [{"sop_uid": i["sop_uid"], "frames": i["frames"], "rows": i["rows"], "columns": i["columns"]}
+                  for i in s["instances"] if _shown(i)]
+        if images:
+            series.append({"series_uid": s["series_uid"], "modality": s["modality"], "number": s["series_number"],
+                           "description": s["description"], "images": images})
+    return {
+        "study_uid": study_uid,
+        "patient_name": detail["patient_name"],
+        "study_date": detail["study_date"],
+        "study_time": detail["study_time"],
+        "description": detail["description"],
+        "modalities": procedure_modalities(detail["modalities"]),
+        "series": series,
+        "report": _report(request, study_uid),
+    }
+
+
+def _order_view(request: Request, found: shares.ShareLink) -> dict[str, Any]:
+    """An order link's page data: the order, and each study linked to it
+    now, as a study link shows it (none: "not ready yet"). The event names
+    every study shown (one event each), with the order's patient."""
+    engine = request.app.state.pacs.engine
+    order = shares.shown_order(engine, found)
+    if order is None:  # orders are never deleted; a link goes with its order row anyway
+        raise HTTPProblem(404, "the order is no longer in the archive")
+    studies = [shown for uid in shares.shown_studies(engine, found) if (shown := _study(request, uid))]
+    if studies:
+        event = request.state.audit
+        event.study_uid = studies[0]["study_uid"]
+        request.state.audit_more = [(s["study_uid"], found.patient) for s in studies[1:]]
+        event.detail += f": {len(studies)} studies" if len(studies) > 1 else ""
+    else:
+        request.state.audit.detail += ": images not ready yet"
+    return {
+        "kind": "order",
+        "patient_name": order.patient_name,
+        "order": {"accession": order.accession, "date": order.start_date, "time": order.start_time,
+                  "procedure": order.procedure, "modalities": order.modalities, "status": order.status},
+        "ready": bool(studies),
+        "studies": studies,
+        "expires_at": found.expires_at.isoformat(),
+    }
+
+
+@router.get("/{token}/study", summary="What the link's page shows: the study (an order's studies), its images "
+            "and signed report")
 def study(request: Request, token: str) -> Response:
     found = _opened(request, token, "view", "study")
     pacs = request.app.state.pacs
@@ -180,27 +254,15 @@ def study(request: Request, token: str) -> Response:
         return JSONResponse({"error": "answer the patient's birth year first", "status": 403,
                              "birth_year_required": True,
                              "locked_until": locked.isoformat() if locked else None}, status_code=403)
-    detail = study_detail(pacs.engine, found.study_uid)
-    if detail is None:
-        raise HTTPProblem(404, "the study is no longer in the archive")
-    series = []
-    for s in detail["series"]:
-        images = [{"sop_uid": i["sop_uid"], "frames": i["frames"], "rows": i["rows"], "columns": i["columns"]}
-                  for i in s["instances"] if _shown(i)]
-        if images:
-            series.append({"series_uid": s["series_uid"], "modality": s["modality"], "number": s["series_number"],
-                           "description": s["description"], "images": images})
+    if found.accession:
+        view = _order_view(request, found)
+    else:
+        shown = _study(request, found.study_uid)
+        if shown is None:
+            raise HTTPProblem(404, "the study is no longer in the archive")
+        view = {"kind": "study", **shown, "expires_at": found.expires_at.isoformat()}
     shares.record_use(pacs.engine, found.id)
-    return JSONResponse({
-        "patient_name": detail["patient_name"],
-        "study_date": detail["study_date"],
-        "study_time": detail["study_time"],
-        "description": detail["description"],
-        "modalities": procedure_modalities(detail["modalities"]),
-        "expires_at": found.expires_at.isoformat(),
-        "series": series,
-        "report": _report(request, found.study_uid),
-    })
+    return JSONResponse(view)
 
 
 class BirthYear(JsonBody):
@@ -229,7 +291,7 @@ def birth_year(request: Request, token: str, body: BirthYear) -> Response:
             event.detail += f": wrong; locked until {answer.locked_until:%Y-%m-%d %H:%M} UTC"
             request.app.state.pacs.audit.record(Event(
                 action="share-lockout", user=event.user, role="share", client=event.client, outcome="denied",
-                study_uid=found.study_uid, detail=f"share link {found.id} locked until "
+                study_uid=event.study_uid, patient_id=event.patient_id, detail=f"share link {found.id} locked until "
                 f"{answer.locked_until:%Y-%m-%d %H:%M} UTC after {shares.BIRTH_YEAR_TRIES} wrong birth years"))
         else:
             event.detail += ": refused unchecked, the link is locked"
@@ -244,16 +306,25 @@ def birth_year(request: Request, token: str, body: BirthYear) -> Response:
 
 # -- images and the report's PDF -----------------------------------------------------
 def _items(request: Request, found: shares.ShareLink, series: str, sop: str | None = None) -> list[RetrieveItem]:
-    """The images of the link's study that the path names; 404 for a series
-    or instance that is not the study's (or not an image)."""
+    """The images the path names of the study the link shows (an order
+    link: of a study linked to its order now); 404 for a series or instance
+    that is not such a study's (or not an image). The audit event names the
+    study served."""
     require_uids(series, sop)
-    match = {"StudyInstanceUID": found.study_uid, "SeriesInstanceUID": series}
+    shown = set(shares.shown_studies(request.app.state.pacs.engine, found))
+    if not shown:
+        raise HTTPProblem(404, "no such series: the images are not ready yet")
+    match = {"SeriesInstanceUID": series}
+    if len(shown) == 1:
+        match["StudyInstanceUID"] = next(iter(shown))
     if sop:
         match["SOPInstanceUID"] = sop
+    # Checked again on what the index answered: only the studies the link shows, whatever the match.
     items = [i for i in resolve(request.app.state.pacs, Level.IMAGE, match)
-             if i.rows and i.columns and not video_media_types(i.transfer_syntax_uid)]
+             if i.study_uid in shown and i.rows and i.columns and not video_media_types(i.transfer_syntax_uid)]
     if not items:
         raise HTTPProblem(404, f"no such {'image' if sop else 'series'} in this study")
+    request.state.audit.study_uid = items[0].study_uid
     return items
 
 
@@ -279,13 +350,32 @@ def frame_image(request: Request, token: str, series: str, sop: str, frame: int)
     return Response(rendering.render_item(request, item, frame, params), media_type=params.media_type)
 
 
-@router.get("/{token}/report.pdf", summary="The signed report (PDF)")
-def report_pdf(request: Request, token: str) -> Response:
-    found = _opened(request, token, "download", "report PDF")
-    _answered(request, found)
+def _pdf(request: Request, study_uid: str) -> Response:
+    request.state.audit.study_uid = study_uid
     try:
-        data = ReportService(request.app.state.pacs).pdf(found.study_uid)
+        data = ReportService(request.app.state.pacs).pdf(study_uid)
     except ReportError as exc:
         raise HTTPProblem(exc.http_status, str(exc)) from None
     return Response(data, media_type="application/pdf",
                     headers={"Content-Disposition": 'inline; filename="ket-qua.pdf"'})
+
+
+@router.get("/{token}/report.pdf", summary="The signed report (PDF)")
+def report_pdf(request: Request, token: str) -> Response:
+    found = _opened(request, token, "download", "report PDF")
+    _answered(request, found)
+    shown = shares.shown_studies(request.app.state.pacs.engine, found)
+    if len(shown) != 1:
+        raise HTTPProblem(404, "no report yet: the images are not ready" if not shown else
+                          "this order has several studies: ask for one (studies/{uid}/report.pdf)")
+    return _pdf(request, shown[0])
+
+
+@router.get("/{token}/studies/{study_uid}/report.pdf", summary="The signed report of a study the link shows (PDF)")
+def study_report_pdf(request: Request, token: str, study_uid: str) -> Response:
+    found = _opened(request, token, "download", f"report PDF of study {study_uid[:64]}")
+    _answered(request, found)
+    require_uids(study_uid)
+    if study_uid not in shares.shown_studies(request.app.state.pacs.engine, found):
+        raise HTTPProblem(404, "no such study in this link")
+    return _pdf(request, study_uid)

@@ -1,7 +1,10 @@
 // The patient's page of a share link (viewer_api/share_page.py): a study's
-// images and signed report on a phone, without an account. Everything it
-// shows comes from the link's own routes (/share/{token}/...). No inline
-// script or style anywhere: the page runs under the app's
+// images and signed report on a phone, without an account. A link made for
+// an order before the scan (the receipt printed at registration) says the
+// images are not ready yet until a study is linked to the order, then shows
+// it as a study link does (every study of the order, when there are several).
+// Everything it shows comes from the link's own routes (/share/{token}/...).
+// No inline script or style anywhere: the page runs under the app's
 // Content-Security-Policy (style values are set through CSSOM).
 
 const LABELS = {
@@ -38,6 +41,13 @@ const LABELS = {
     gone: "Liên kết không còn hiệu lực. Vui lòng liên hệ bệnh viện.",
     expires: "Liên kết có hiệu lực đến {date}.",
     hint: "Vuốt lên/xuống hoặc kéo thanh trượt để xem từng ảnh.",
+    scheduled: "Ngày hẹn chụp",
+    not_ready_title: "Hình ảnh của bạn chưa sẵn sàng",
+    not_ready_text: "Hình ảnh và kết quả sẽ hiển thị tại đây sau khi chụp xong. Vui lòng quay lại sau.",
+    check_again: "Kiểm tra lại",
+    n_studies: "Chỉ định này có {n} ca chụp, hiển thị bên dưới.",
+    study_n: "Ca chụp {n}",
+    cancelled: "Ca chụp đã bị hủy. Vui lòng liên hệ bệnh viện nếu bạn có thắc mắc.",
   },
   en: {
     title: "Imaging results",
@@ -72,6 +82,13 @@ const LABELS = {
     gone: "This link no longer works. Please contact the hospital.",
     expires: "This link works until {date}.",
     hint: "Swipe up/down or drag the slider to go through the images.",
+    scheduled: "Scheduled for",
+    not_ready_title: "Your images are not ready yet",
+    not_ready_text: "The images and the report will appear here once the examination is done. Please come back later.",
+    check_again: "Check again",
+    n_studies: "This order has {n} examinations, shown below.",
+    study_n: "Examination {n}",
+    cancelled: "The examination was cancelled. Please contact the hospital if you have questions.",
   },
 };
 
@@ -129,6 +146,12 @@ function formatPN(pn) {
   return [prefix, family, given, middle, suffix].map((s) => s.trim()).filter(Boolean).join(" ");
 }
 
+/** DICOM DA and TM "20240131", "0930" -> "31/01/2024 09:30" (vi) or "2024-01-31 09:30" (en). */
+function formatDateAndTime(da, tm) {
+  const m = /^(\d{2})(\d{2})/.exec(String(tm || ""));
+  return [formatDate(da), m ? `${m[1]}:${m[2]}` : ""].filter(Boolean).join(" ");
+}
+
 /** DICOM DA "20240131" -> "31/01/2024" (vi) or "2024-01-31" (en). */
 function formatDate(da) {
   const m = /^(\d{4})-?(\d{2})-?(\d{2})/.exec(String(da || ""));
@@ -178,10 +201,12 @@ async function load() {
     return render();
   }
   const body = await response.json().catch(() => ({}));
-  if (response.ok) view = { kind: "study", study: body };
+  if (response.ok) view = body.kind === "order" ? { kind: "order", order: body } : { kind: "study", study: body };
   else if (response.status === 403 && body.birth_year_required) {
     const locked = body.locked_until ? t("birth_locked", { time: formatUntil(body.locked_until) }) : "";
     view = { kind: "birth", message: locked };
+  } else if (response.status === 410 && /cancelled/.test(body.error || "")) {
+    view = { kind: "message", key: "cancelled" };
   } else view = { kind: "message", key: response.status === 404 || response.status === 410 ? "gone" : "error" };
   render();
 }
@@ -189,6 +214,7 @@ async function load() {
 function render() {
   applyLang();
   if (view.kind === "study") main.replaceChildren(...studyView(view.study));
+  else if (view.kind === "order") main.replaceChildren(...orderView(view.order));
   else if (view.kind === "birth") main.replaceChildren(birthView());
   else if (view.kind === "message") main.replaceChildren(h("p.share-message#share-message", t(view.key)));
   else main.replaceChildren(h("p.share-muted", t("loading")));
@@ -239,36 +265,78 @@ function birthView() {
 }
 
 // -- the study ----------------------------------------------------------------------
-function studyView(study) {
-  const facts = h("dl.share-facts",
-    h("dt", t("study_date")), h("dd#study-date", formatDate(study.study_date)),
-    study.modalities ? [h("dt", t("modality")), h("dd#study-modality", study.modalities)] : null,
-    study.description ? [h("dt", t("description")), h("dd#study-description", study.description)] : null);
-  const header = h("section.share-card.share-patient",
-    h("h1#patient-name", formatPN(study.patient_name)), facts);
-  const footer = h("p.share-muted.share-expires", t("expires", { date: formatDateTime(study.expires_at) }));
-  return [header, reportView(study.report), seriesView(study.series), footer];
+function studyFacts(study, sfx = "") {
+  return h("dl.share-facts",
+    h("dt", t("study_date")), h(`dd#study-date${sfx}`, formatDate(study.study_date)),
+    study.modalities ? [h("dt", t("modality")), h(`dd#study-modality${sfx}`, study.modalities)] : null,
+    study.description ? [h("dt", t("description")), h(`dd#study-description${sfx}`, study.description)] : null);
 }
 
-function reportView(report) {
-  const section = h("section#report.share-card", h("h2", t("report")));
+function expiresView(expiresAt) {
+  return h("p.share-muted.share-expires", t("expires", { date: formatDateTime(expiresAt) }));
+}
+
+/** One study, as a study link shows it (an order's only study too). */
+function studyView(study, pdf = `${base}/report.pdf`) {
+  const header = h("section.share-card.share-patient",
+    h("h1#patient-name", formatPN(study.patient_name)), studyFacts(study));
+  return [header, reportView(study.report, pdf), seriesView(study.series), expiresView(study.expires_at)];
+}
+
+function studyPdf(study) {
+  return `${base}/studies/${encodeURIComponent(study.study_uid)}/report.pdf`;
+}
+
+// -- an order: not ready yet, its study, or its studies -----------------------------
+function orderView(data) {
+  const studies = data.studies || [];
+  if (studies.length === 1) {
+    return studyView({ ...studies[0], patient_name: data.patient_name, expires_at: data.expires_at },
+      studyPdf(studies[0]));
+  }
+  const order = data.order || {};
+  const header = h("section.share-card.share-patient", h("h1#patient-name", formatPN(data.patient_name)));
+  if (!studies.length) {
+    header.append(h("dl.share-facts",
+      h("dt", t("scheduled")), h("dd#order-date", formatDateAndTime(order.date, order.time)),
+      order.modalities ? [h("dt", t("modality")), h("dd#order-modality", order.modalities)] : null,
+      order.procedure ? [h("dt", t("description")), h("dd#order-procedure", order.procedure)] : null));
+    const waiting = h("section#not-ready.share-card",
+      h("h2#not-ready-title", t("not_ready_title")),
+      h("p.share-text", t("not_ready_text")),
+      h("button#check-again.share-button", { type: "button", onclick: () => load() }, t("check_again")));
+    return [header, waiting, expiresView(data.expires_at)];
+  }
+  header.append(h("p#order-studies.share-muted", t("n_studies", { n: studies.length })));
+  const sections = studies.map((study, i) => {
+    const sfx = `-${i + 1}`;
+    return h(`section#study${sfx}.share-study`, { "data-study": study.study_uid },
+      h("section.share-card", h("h2", t("study_n", { n: i + 1 })), studyFacts(study, sfx)),
+      reportView(study.report, studyPdf(study), sfx), seriesView(study.series, sfx));
+  });
+  return [header, ...sections, expiresView(data.expires_at)];
+}
+
+function reportView(report, pdf, sfx = "") {
+  const section = h(`section#report${sfx}.share-card.share-report`, h("h2", t("report")));
   if (!report || report.status !== "signed") {
-    section.append(h("p#no-report.share-muted", t("no_report")));
+    section.append(h(`p#no-report${sfx}.share-muted`, t("no_report")));
     return section;
   }
-  if (report.findings) section.append(h("h3", t("findings")), h("p#report-findings.share-text", report.findings));
+  if (report.findings) section.append(h("h3", t("findings")), h(`p#report-findings${sfx}.share-text`, report.findings));
   if (report.impression) {
-    section.append(h("h3", t("impression")), h("p#report-impression.share-text.share-impression", report.impression));
+    section.append(h("h3", t("impression")),
+      h(`p#report-impression${sfx}.share-text.share-impression`, report.impression));
   }
   section.append(
-    h("p.share-muted#report-signed",
+    h(`p#report-signed${sfx}.share-muted`,
       `${t("signed_by")}: ${report.signed_by || ""} · ${t("signed_at")}: ${formatDateTime(report.signed_at)}`),
-    h("a#report-pdf.share-button", { href: `${base}/report.pdf`, target: "_blank", rel: "noopener" }, t("pdf")));
+    h(`a#report-pdf${sfx}.share-button`, { href: pdf, target: "_blank", rel: "noopener" }, t("pdf")));
   return section;
 }
 
-function seriesView(series) {
-  const section = h("section#images.share-card", h("h2", t("images")));
+function seriesView(series, sfx = "") {
+  const section = h(`section#images${sfx}.share-card`, h("h2", t("images")));
   if (!series.length) {
     section.append(h("p.share-muted", t("no_images")));
     return section;
