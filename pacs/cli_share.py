@@ -2,8 +2,14 @@
 Registered by :func:`register` from pacs.cli.
 
     pacs share create 1.2.840.113619.2.55.3.1 --days 30 --qr receipt.png
+    pacs share create --accession CT2612070001 --qr receipt.png
     pacs share list --study 1.2.840.113619.2.55.3.1
+    pacs share list --accession CT2612070001
     pacs share revoke 12
+
+``--accession`` makes the link for an order before its images exist (the
+receipt printed at registration): it shows the order's studies when they
+come (pacs.shares.create_for_order).
 
 The link's URL is public_url (PACS_PUBLIC_URL) + /share/TOKEN; without
 public_url only the path is known here, and the command says so. Every
@@ -34,6 +40,9 @@ def cmd_share(args: argparse.Namespace) -> int:
     from .cli import _open, audit_command
     from .console import fail
 
+    if args.share_command == "create" and (args.study is None) == (args.accession is None):
+        fail("give the study's STUDY_UID or --accession ACCESSION (an order before its images), one of them")
+        return 2
     if args.share_command == "create" and args.qr is not None:
         problem = _qr_path_problem(args.qr)
         if problem:
@@ -53,7 +62,8 @@ def cmd_share(args: argparse.Namespace) -> int:
             return 1
         detail = (f"share link {found.id} revoked" if done else
                   f"share link {found.id} was revoked already (by {found.revoked_by}, {_when(found.revoked_at)} UTC)")
-        audit_command(pacs, "share-revoke", detail, study_uid=found.study_uid)
+        audit_command(pacs, "share-revoke", detail, study_uid=found.audit_study,
+                      patient_id=found.patient if found.accession else "")
         if args.json:
             print(json.dumps({**found.as_dict(), "revoked_now": done}))
         else:
@@ -102,16 +112,23 @@ def _create(pacs: Any, args: argparse.Namespace) -> int:
     except shares.ShareError as exc:
         fail(exc)
         return 2
+    # What the events name: the study, or the order's study UID and patient (no study may exist yet).
+    order = shares.find_order(pacs.engine, args.accession) if args.accession is not None else None
+    named = {"study_uid": order.study_uid, "patient_id": order.patient} if order else {"study_uid": args.study or ""}
+    what = f"pacs share create{' --accession ' + args.accession if args.accession is not None else ''}"
     try:
-        new = shares.create(pacs.engine, args.study, _os_user(), days=days)
+        if args.accession is not None:
+            new = shares.create_for_order(pacs.engine, args.accession, _os_user(), days=days)
+        else:
+            new = shares.create(pacs.engine, args.study, _os_user(), days=days)
     except shares.ShareError as exc:
-        audit_command(pacs, "share-create", f"pacs share create, {days} days: {exc}", "failure",
-                      study_uid=args.study)
+        audit_command(pacs, "share-create", f"{what}, {days} days: {exc}", "failure", **named)
         fail(exc)
         return 1
     url = new.url(base)
-    audit_command(pacs, "share-create", f"share link {new.link.id} made, {days} days, until "
-                  f"{_when(new.link.expires_at)} UTC (pacs share create)", study_uid=args.study)
+    target = f" for order {args.accession}" if args.accession is not None else ""
+    audit_command(pacs, "share-create", f"share link {new.link.id} made{target}, {days} days, until "
+                  f"{_when(new.link.expires_at)} UTC ({what})", **named)
     if args.qr is not None:
         try:
             shares.write_qr(url, str(args.qr))
@@ -119,12 +136,15 @@ def _create(pacs: Any, args: argparse.Namespace) -> int:
             # Checked before, yet failed (the disk full): the link, never shown, must not stay active.
             shares.revoke(pacs.engine, new.link.id, _os_user())
             audit_command(pacs, "share-revoke", f"share link {new.link.id} revoked: its QR code could not be "
-                          f"written ({exc.strerror or exc})", study_uid=args.study)
+                          f"written ({exc.strerror or exc})", **named)
             fail(f"--qr {args.qr}: {exc.strerror or exc}; the link made is revoked")
             return 1
     if args.json:
-        print(json.dumps({"id": new.link.id, "study_uid": args.study, "url": url, "path": new.path,
-                          "absolute": bool(base), "expires_at": new.link.expires_at.isoformat(),
+        made: dict[str, Any] = {"id": new.link.id, "study_uid": args.study or new.link.order_study_uid}
+        if args.accession is not None:
+            made["accession"] = args.accession
+        print(json.dumps({**made, "url": url, "path": new.path, "absolute": bool(base),
+                          "expires_at": new.link.expires_at.isoformat(),
                           "qr": str(args.qr) if args.qr is not None else None}))
         return 0
     # Plain print: the URL must stay one whole line to copy (rich would wrap it).
@@ -143,19 +163,26 @@ def _list(pacs: Any, args: argparse.Namespace) -> int:
     from . import shares
     from .cli import audit_command
     from .console import TextTable, out
+    from .share_orders import WITHDRAWN
 
-    found = shares.links(pacs.engine, args.study)
-    audit_command(pacs, "query", f"pacs share list{' --study ' + args.study if args.study else ''}: "
-                  f"{len(found)} links", study_uid=args.study or "")
+    found = shares.links(pacs.engine, args.study, accession=args.accession)
+    order = shares.find_order(pacs.engine, args.accession) if args.accession else None
+    scope = (f" --study {args.study}" if args.study else "") + (f" --accession {args.accession}" if args.accession
+                                                                 else "")
+    audit_command(pacs, "query", f"pacs share list{scope}: {len(found)} links",
+                  study_uid=args.study or (order.study_uid if order else ""),
+                  patient_id=order.patient if order and not args.study else "")
     if args.json:
         print(json.dumps([f.as_dict() for f in found]))
         return 0
     table = TextTable(title=f"share links ({len(found)}, newest first)")
-    for column in ("id", "study", "state", "created by", "created (UTC)", "expires (UTC)", "uses", "last used"):
+    for column in ("id", "study or order", "state", "created by", "created (UTC)", "expires (UTC)", "uses",
+                   "last used"):
         table.add_column(column)
     for f in found:
-        table.add_row(str(f.id), f.study_uid, f.state(), f.created_by, _when(f.created_at), _when(f.expires_at),
-                      str(f.uses), _when(f.last_used_at))
+        state = "order cancelled" if f.state() == "active" and f.order_status in WITHDRAWN else f.state()
+        table.add_row(str(f.id), f.study_uid or f"order {f.accession}", state, f.created_by, _when(f.created_at),
+                      _when(f.expires_at), str(f.uses), _when(f.last_used_at))
     out.print(table)
     return 0
 
@@ -171,17 +198,22 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     p = sub.add_parser("share", help="links that show a study to its patient without an account (QR code)")
     s_sub = p.add_subparsers(dest="share_command", required=True)
 
-    q = s_sub.add_parser("create", help="make a link to a study; prints its URL (the token is not kept: "
-                                        "this is the only time it is shown)")
+    q = s_sub.add_parser("create", help="make a link to a study, or to an order before its images; prints its URL "
+                                        "(the token is not kept: this is the only time it is shown)")
     common(q, json_flag=True)
     # A UID pasted from a report or a viewer often carries a space or a newline.
-    q.add_argument("study", type=str.strip, metavar="STUDY_UID", help="the study's Study Instance UID")
+    q.add_argument("study", type=str.strip, nargs="?", metavar="STUDY_UID", help="the study's Study Instance UID")
+    q.add_argument("--accession", type=str.strip, metavar="ACCESSION",
+                   help="instead of a study: the order's accession number (the receipt printed before the scan; "
+                        "the link shows the order's studies when they come)")
     q.add_argument("--days", type=int, help="days the link lasts (default share_days, at most share_days_max)")
     q.add_argument("--qr", type=Path, metavar="FILE", help="write the link's QR code to FILE (.svg or .png)")
 
     q = s_sub.add_parser("list", help="share links, newest first (never their tokens)")
     common(q, json_flag=True)
-    q.add_argument("--study", type=str.strip, metavar="STUDY_UID", help="only the links of this study")
+    q.add_argument("--study", type=str.strip, metavar="STUDY_UID",
+                   help="only the links that show this study (its own and its orders')")
+    q.add_argument("--accession", type=str.strip, metavar="ACCESSION", help="only the links of this order")
 
     q = s_sub.add_parser("revoke", help="revoke a link: it answers 410 from now on")
     common(q, json_flag=True)
