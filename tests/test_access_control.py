@@ -40,7 +40,9 @@ def _routes(server: PacsServer) -> list[tuple[str, str, set[str], dict | None]]:
     s1 = study_uid("S1")  # referred by Đỗ^Thanh Tùng, the referring user's display name
     ds = dcmread(next(iter(sorted(server.corpus_dir.glob("S1_0_0.dcm")))), stop_before_pixels=True)  # type: ignore[attr-defined]
     inst = f"/dicom-web/studies/{s1}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
-    order = {"patient": {"id": "079000000999", "name": "Test^Order"}, "accession_number": "ACL-1", "modality": "CT"}
+    # Referred by the referring user: it may share the order (POST /api/orders/ACL-1/shares).
+    order = {"patient": {"id": "079000000999", "name": "Test^Order"}, "accession_number": "ACL-1", "modality": "CT",
+             "referring_physician": "Đỗ^Thanh Tùng"}
     wado = f"/wado?requestType=WADO&studyUID={s1}&seriesUID={ds.SeriesInstanceUID}&objectUID={ds.SOPInstanceUID}"
     return [
         ("GET", "/dicom-web/studies", {"radiologist", "admin", "emr"}, None),
@@ -79,6 +81,8 @@ def _routes(server: PacsServer) -> list[tuple[str, str, set[str], dict | None]]:
         ("POST", f"/api/studies/{s1}/shares", SHARE, {"days": 1}),
         ("GET", f"/api/studies/{s1}/shares", SHARE, None),
         ("DELETE", "/api/shares/999999", SHARE, None),  # no such link: 404 for those allowed
+        ("POST", "/api/orders/ACL-1/shares", SHARE, {"days": 1}),  # before the order's images
+        ("GET", "/api/orders/ACL-1/shares", SHARE, None),
         ("GET", "/metrics", {"monitor", "admin"}, None),
     ]
 
