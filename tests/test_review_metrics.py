@@ -1,0 +1,109 @@
+"""Review of GET /metrics (Prometheus): bugs found by a hostile tester, one test each."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from .conftest import Backend, PacsServer, free_port
+from .dicomfiles import make_ct
+from .peers import wait_until
+
+Samples = list[tuple[str, dict[str, str], float]]
+
+
+def _scrape(server: PacsServer, token: str) -> httpx.Response:
+    return httpx.get(f"http://127.0.0.1:{server.http_port}/metrics", headers={"Authorization": f"Bearer {token}"},
+                     timeout=60)
+
+
+def _samples(text: str) -> Samples:
+    """Every sample of an exposition, as Prometheus's text parser reads it."""
+    return [(s.name, dict(s.labels), s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+
+
+class _StoppableLink:
+    """127.0.0.1:*port* -> 127.0.0.1:*target* (the PostgreSQL server); stop()
+    closes every connection and refuses new ones, as a database server that
+    was stopped (or crashed) does."""
+
+    def __init__(self, port: int, target: int) -> None:
+        self.target = target
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener = socket.create_server(("127.0.0.1", port))
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                server = socket.create_connection(("127.0.0.1", self.target))
+            except OSError:
+                return
+            with self._lock:
+                self._socks += [client, server]
+            for src, dst in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        # shutdown() first: a close() alone leaves the thread blocked in accept() listening.
+        for s in [self._listener, *self._socks]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+
+def test_scrape_with_a_token_while_the_index_is_down_answers_index_up_0(tmp_path: Path, pg_url: str) -> None:
+    """Before: tokens are checked in the index, so once PostgreSQL was down
+    every scrape with the monitor's token (the way the README sets up
+    Prometheus) answered 503, and the documented ``pacs_index_up 0`` was
+    never seen by anyone. Now a token that passed the scrape check lately
+    still reads this node's figures while the index cannot be read; a token
+    never seen to pass is not let in."""
+    port = free_port()
+    link = _StoppableLink(port, 5432)
+    url = pg_url.replace(":5432/", f":{port}/")
+    server = PacsServer(tmp_path / "data", Backend("pg-fs", url, None, {}),
+                        extra_env={"PACS_METRICS_CACHE_SECONDS": "0"}).start()
+    try:
+        token = server.make_token("prometheus", "monitor")
+        other = server.make_token("zabbix", "monitor")
+        radiologist = server.make_token("bs.lan", "radiologist")
+        assert _scrape(server, radiologist).status_code == 403
+        up = _scrape(server, token)
+        assert up.status_code == 200 and ("pacs_index_up", 1.0) in [(n, v) for n, _, v in _samples(up.text)]
+        link.stop()
+        down = _scrape(server, token)
+        assert down.status_code == 200, down.text
+        samples = _samples(down.text)
+        assert [v for n, _, v in samples if n == "pacs_index_up"] == [0.0]
+        assert [v for n, labels, v in samples if n == "pacs_health_ok" and labels["check"] == "index"] == [0.0]
+        assert not [n for n, _, _ in samples if n in ("pacs_instances", "pacs_instances_received_total")]
+        # Only a token seen to pass: not one that never scraped, nor a role refused before.
+        assert _scrape(server, other).status_code == 503
+        assert _scrape(server, radiologist).status_code == 503
+        assert _scrape(server, "made-up-token").status_code == 503
+    finally:
+        link.stop()
+        server.stop()
