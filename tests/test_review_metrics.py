@@ -107,3 +107,37 @@ def test_scrape_with_a_token_while_the_index_is_down_answers_index_up_0(tmp_path
     finally:
         link.stop()
         server.stop()
+
+
+def test_routing_destinations_differing_only_in_credentials_are_one_series(tmp_path: Path) -> None:
+    """Before: two DICOMweb routes to the same server with different
+    credentials (or query strings) in their URLs gave two samples with the
+    same labels once the credentials were cut off: a duplicate series,
+    of which Prometheus keeps one and drops the other ("duplicate sample
+    for timestamp"), so the dead jobs of one could hide behind the other's
+    zero. Now the jobs of both are added up in one series per state."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_METRICS_CACHE_SECONDS": "0"}).start()
+    try:
+        token = server.make_token("prometheus", "monitor")
+        port = free_port()  # nobody listens: the jobs wait
+        server.cli("route", "add", "to-a", "--if", "Modality=CT", "--to-url",
+                   f"http://dept-a:pw-a@127.0.0.1:{port}/dicom-web")
+        server.cli("route", "add", "to-b", "--if", "Modality=CT", "--to-url",
+                   f"http://127.0.0.1:{port}/dicom-web?tenant=b")
+        assert server.storescu(str(make_ct(tmp_path / "ct.dcm"))).returncode == 0
+        destination = f"http://127.0.0.1:{port}/dicom-web"
+
+        def queued() -> Samples:
+            return [s for s in _samples(_scrape(server, token).text)
+                    if s[0] == "pacs_routing_jobs" and s[1]["destination"] == destination]
+
+        assert wait_until(lambda: sum(v for _, _, v in queued()) == 2, timeout=30)
+        series = [(name, tuple(sorted(labels.items()))) for name, labels, _ in queued()]
+        assert len(series) == len(set(series)) == 3, series  # pending, sending, dead: once each
+        text = _scrape(server, token).text
+        every = [(name, tuple(sorted(labels.items()))) for name, labels, _ in _samples(text)]
+        assert len(every) == len(set(every)), "duplicate series"
+        assert "pw-a" not in text and "tenant" not in text
+    finally:
+        server.stop()

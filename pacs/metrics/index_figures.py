@@ -92,6 +92,10 @@ def routing_families(conn: Connection) -> list[Family]:
                   "Routing jobs not yet delivered (pending, sending) or given up (dead), per destination")
     oldest = Family("pacs_routing_oldest_job_age_seconds", "gauge",
                     "Age of the oldest routing job per destination and state (pending, sending, dead)")
+    # Destinations whose URLs differ only in what the labels leave out (user,
+    # password, query) are one series: two samples of the same labels are a
+    # duplicate Prometheus drops one of (dead jobs hidden behind a zero).
+    merged: dict[tuple[str, str, str], tuple[int, datetime | None]] = {}
     # Grouped by state first: SQLite then reads the unfinished rows through
     # the state index (by destination first, it read every row, done ones too).
     for state, key, count, created in conn.execute(
@@ -99,9 +103,16 @@ def routing_families(conn: Connection) -> list[Family]:
         .where(jobs_t.c.state.in_(QUEUE_STATES))
         .group_by(jobs_t.c.state, jobs_t.c.destination_key)
     ):
-        labels = {**destination_labels(key), "state": state}
+        labels = destination_labels(key)
+        group = (labels["kind"], labels["destination"], state)
+        total, first = merged.get(group, (0, None))
+        created = _aware(created)
+        merged[group] = (total + count, created if first is None or (created is not None and created < first)
+                         else first)
+    for (kind, destination, state), (count, created) in merged.items():
+        labels = {"kind": kind, "destination": destination, "state": state}
         jobs.add(count, labels)
-        oldest.add(_epoch(_aware(created)), labels)
+        oldest.add(_epoch(created), labels)
     # Every state shown for each destination with jobs, 0 included: an alert
     # on dead jobs needs the series to exist while there are none.
     _fill_states(jobs, ("kind", "destination"))
