@@ -141,3 +141,32 @@ def test_routing_destinations_differing_only_in_credentials_are_one_series(tmp_p
         assert "pw-a" not in text and "tenant" not in text
     finally:
         server.stop()
+
+
+def test_a_password_with_a_slash_unencoded_is_not_in_the_destination_label(tmp_path: Path) -> None:
+    """Before: the destination label cut the credentials off the URL's
+    authority as urlsplit reads it, but a password typed with a "/", "?"
+    or "#" not percent-encoded (generated passwords have them) ends the
+    authority early: ``http://pacs:Ab/x9#q@host/dicom-web`` was shown with
+    its password, in every scrape while the route's jobs waited or died
+    (such a URL never works). Now everything up to the last "@" goes."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_METRICS_CACHE_SECONDS": "0"}).start()
+    try:
+        token = server.make_token("prometheus", "monitor")
+        port = free_port()
+        server.cli("route", "add", "to-cloud", "--if", "Modality=CT", "--to-url",
+                   f"https://pacs:Pw9/Zq#Kx@127.0.0.1:{port}/dicom-web")
+        assert server.storescu(str(make_ct(tmp_path / "ct.dcm"))).returncode == 0
+
+        def destinations() -> set[str]:
+            return {labels["destination"] for name, labels, _ in _samples(_scrape(server, token).text)
+                    if name == "pacs_routing_jobs"}
+
+        assert wait_until(lambda: bool(destinations()), timeout=30)
+        assert destinations() == {f"https://127.0.0.1:{port}/dicom-web"}
+        text = _scrape(server, token).text
+        for secret in ("Pw9", "Zq", "Kx", "pacs:"):
+            assert secret not in text, secret
+    finally:
+        server.stop()

@@ -78,9 +78,13 @@ def destination_labels(key: str) -> dict[str, str]:
     credentials must not reach a monitoring system)."""
     kind, _, destination = key.partition(":")
     if kind == "dicomweb":
+        # Everything up to the last "@": a password typed with "/", "?" or
+        # "#" not percent-encoded ends the authority early as urlsplit reads it.
+        scheme, slashes, rest = destination.partition("://")
+        if slashes and "@" in rest:
+            destination = f"{scheme}://{rest.rsplit('@', 1)[1]}"
         parts = urlsplit(destination)
-        netloc = parts.netloc.rsplit("@", 1)[-1]
-        destination = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+        destination = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
     return {"kind": kind, "destination": destination}
 
 
