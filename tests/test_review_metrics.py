@@ -170,3 +170,24 @@ def test_a_password_with_a_slash_unencoded_is_not_in_the_destination_label(tmp_p
             assert secret not in text, secret
     finally:
         server.stop()
+
+
+def test_a_local_proxy_that_sends_only_x_forwarded_proto_is_not_local(tmp_path: Path) -> None:
+    """Before: with metrics_local_unauthenticated, a request from 127.0.0.1
+    was taken for a local agent unless it carried X-Forwarded-For,
+    Forwarded or X-Real-IP; a TLS-terminating proxy on the machine that
+    sets X-Forwarded-Proto only (what the README has the secure cookie
+    follow), X-Forwarded-Host or Via relayed any host's request to
+    /metrics without a token. Now any of a proxy's headers makes the
+    request not local."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_METRICS_LOCAL_UNAUTHENTICATED": "true",
+                                   "PACS_TRUSTED_PROXIES": "127.0.0.1"}).start()
+    try:
+        url = f"http://127.0.0.1:{server.http_port}/metrics"
+        assert httpx.get(url).status_code == 200  # the local agent
+        for header in ({"X-Forwarded-Proto": "https"}, {"X-Forwarded-Host": "pacs.bvdk.vn"},
+                       {"X-Forwarded-Port": "443"}, {"X-Forwarded-Server": "proxy"}, {"Via": "1.1 proxy"}):
+            assert httpx.get(url, headers=header).status_code == 401, header
+    finally:
+        server.stop()

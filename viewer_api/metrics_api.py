@@ -34,8 +34,10 @@ from .security import SCRAPERS, audit, principal_of, refusal_detail, token_of, u
 
 REFUSAL_EVERY = 600.0
 # Headers a reverse proxy adds: a request relayed by a proxy on this machine
-# comes from 127.0.0.1 without being local.
-_PROXY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+# comes from 127.0.0.1 without being local. Any of them, not only those naming
+# the client: a TLS-terminating proxy may send X-Forwarded-Proto alone.
+_PROXY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip", "x-forwarded-proto", "x-forwarded-host",
+                  "x-forwarded-port", "x-forwarded-server", "via")
 _MAX_REFUSERS = 10_000
 # A token that passed the scrape check within this many seconds reads the
 # figures while the index (where tokens are checked) cannot be read.
