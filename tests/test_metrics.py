@@ -125,7 +125,8 @@ def test_figures_follow_a_study_sent_with_storescu(monitored: PacsServer, tmp_pa
     newest = value(after, "pacs_last_instance_received_timestamp_seconds")
     assert newest is not None and newest >= sent_after - 1
     assert value(after, "pacs_routing_jobs", kind="dicom", destination="AI_NODE", state="dead") == 0
-    assert value(after, "pacs_routing_oldest_job_age_seconds", destination="AI_NODE", state="pending") >= 0
+    # Pending, or being sent just now (the forwarder tries the AE again and again).
+    assert value(after, "pacs_routing_oldest_job_age_seconds", destination="AI_NODE") >= 0
     cloud = [labels["destination"] for labels, _ in after["pacs_routing_jobs"] if labels["kind"] == "dicomweb"]
     assert set(cloud) == {f"http://127.0.0.1:{cloud[0].rsplit(':', 1)[1].split('/')[0]}/dicom-web"}, cloud
 
