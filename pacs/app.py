@@ -124,6 +124,40 @@ class Pacs:
         self.engine.dispose()
 
 
+# Below this much free space where the SQLite index lives, commits start to
+# fail ("database or disk is full", every C-STORE refused 0xA703) while
+# SELECT 1 still answers: /health says so before a load balancer sends more.
+# Never more than the store's own mark (min_free_bytes): an index beside the
+# store, with the mark lowered, was "full" while every C-STORE succeeded.
+INDEX_MIN_FREE_BYTES = 64 * 1024**2
+
+
+def index_disk_full(pacs: Pacs) -> str | None:
+    """"error: ..." when the filesystem of a SQLite index file has less than
+    :data:`INDEX_MIN_FREE_BYTES` (or the lower ``min_free_bytes``) free, else
+    None (also for a server index such as PostgreSQL, whose disk is not ours
+    to see, and in-memory SQLite)."""
+    url = pacs.engine.url
+    if url.get_backend_name() != "sqlite":
+        return None
+    database = url.database or ""
+    if database.startswith("file:"):  # a URI filename (uri=true)
+        database = database[len("file:"):].split("?", 1)[0]
+    if not database or database == ":memory:" or url.query.get("mode") == "memory":
+        return None
+    directory = os.path.dirname(os.path.abspath(database))
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None  # the SELECT 1 above is the judge of a missing directory
+    free = st.f_bavail * st.f_frsize
+    needed = min(INDEX_MIN_FREE_BYTES, pacs.settings.min_free_bytes)
+    if free >= needed:
+        return None
+    return (f"error: disk full: {free} bytes free where the index is ({directory}), "
+            f"under the {needed} it needs to take new objects")
+
+
 def health(pacs: Pacs) -> dict[str, str]:
     """Probe index and storage; each entry is "ok" or the error text."""
     from sqlalchemy import text
@@ -132,7 +166,7 @@ def health(pacs: Pacs) -> dict[str, str]:
     try:
         with pacs.engine.connect() as conn:
             conn.execute(text("SELECT 1"))
-        report["index"] = "ok"
+        report["index"] = index_disk_full(pacs) or "ok"
     except Exception as exc:
         report["index"] = f"error: {exc.__class__.__name__}"
     try:

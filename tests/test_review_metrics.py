@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import threading
-import time
 from pathlib import Path
 
 import httpx
@@ -191,3 +192,42 @@ def test_a_local_proxy_that_sends_only_x_forwarded_proto_is_not_local(tmp_path: 
             assert httpx.get(url, headers=header).status_code == 401, header
     finally:
         server.stop()
+
+
+def test_index_health_on_a_full_index_disk_is_0_as_health_says(tmp_path: Path) -> None:
+    """Before: with the SQLite index's disk nearly full (every C-STORE then
+    refused 0xA703) /health answered 503 "index": "error: disk full ...",
+    while pacs_health_ok{check="index"}, documented "as /health", stayed
+    1: the check lived in the HTTP route only. Now both read one check."""
+    assert os.geteuid() == 0, "mounting a small tmpfs needs root"
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=100m", "tmpfs", str(index_dir)], check=True)
+    try:
+        backend = Backend("sqlite-fs", f"sqlite:///{index_dir / 'index.sqlite'}", None, {})
+        server = PacsServer(tmp_path / "data", backend, extra_env={"PACS_METRICS_CACHE_SECONDS": "0"}).start()
+        try:
+            token = server.make_token("prometheus", "monitor")
+
+            def index_ok() -> list[float]:
+                return [v for n, labels, v in _samples(_scrape(server, token).text)
+                        if n == "pacs_health_ok" and labels["check"] == "index"]
+
+            assert index_ok() == [1.0]
+            st = os.statvfs(index_dir)
+            filler = index_dir / "filler.bin"
+            with open(filler, "wb") as f:  # about 8 MB left free
+                f.truncate(0)
+                remaining = st.f_bavail * st.f_frsize - 8 * 1024 * 1024
+                while remaining > 0:
+                    f.write(b"\0" * min(1024 * 1024, remaining))
+                    remaining -= 1024 * 1024
+            with server.http() as http:
+                assert http.get("/health").json()["index"].startswith("error"), "the check itself"
+            assert index_ok() == [0.0]
+            filler.unlink()
+            assert index_ok() == [1.0]
+        finally:
+            server.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(index_dir)], check=False)
