@@ -231,3 +231,18 @@ def test_index_health_on_a_full_index_disk_is_0_as_health_says(tmp_path: Path) -
             server.stop()
     finally:
         subprocess.run(["umount", "-l", str(index_dir)], check=False)
+
+
+def test_a_local_agent_on_a_dual_stack_listener_scrapes_without_a_token(tmp_path: Path) -> None:
+    """Before: with host "::" (IPv6 and IPv4 on one socket) a local agent
+    scraping http://127.0.0.1 arrives as ::ffff:127.0.0.1, which Python
+    3.11 does not call loopback: metrics_local_unauthenticated refused it
+    401. Now an IPv4-mapped address is judged as the IPv4 one."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_METRICS_LOCAL_UNAUTHENTICATED": "true", "PACS_HOST": "::"}).start()
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            assert httpx.get(f"http://{host}:{server.http_port}/metrics").status_code == 200, host
+        assert httpx.get(f"http://127.0.0.1:{server.http_port}/api/worklist").status_code == 401
+    finally:
+        server.stop()

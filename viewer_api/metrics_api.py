@@ -111,9 +111,14 @@ def _local(request: Request) -> bool:
     if any(header in request.headers for header in _PROXY_HEADERS):
         return False
     try:
-        return request.client is not None and ipaddress.ip_address(request.client.host).is_loopback
+        address = ipaddress.ip_address(request.client.host) if request.client is not None else None
     except ValueError:
         return False
+    # A dual-stack listener (host "::") sees 127.0.0.1 as ::ffff:127.0.0.1,
+    # which Python before 3.13 does not call loopback.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return address is not None and address.is_loopback
 
 
 def scrape_access(request: Request) -> None:
