@@ -803,7 +803,7 @@ def cmd_route(args: argparse.Namespace) -> int:
                     deidentify=args.deidentify, morph=morph, stable_seconds=args.stable,
                 )
             except (routing.RoutingError, ValueError) as exc:
-                audit_command(pacs, "route-add", f"rule {args.name} to {_without_userinfo(args.to_ae or args.to_url)}: "
+                audit_command(pacs, "route-add", f"rule {args.name} to {routing.without_userinfo(args.to_ae or args.to_url)}: "
                               f"refused: {exc}", "failure")
                 fail(exc)
                 return 2
@@ -892,25 +892,17 @@ def _reason(error: str, width: int = 80) -> str:
 def _rule_text(rule: Any) -> str:
     """A routing rule as its audit events describe it: what it sends where, how
     (never its Authorization header)."""
+    from .routing import without_userinfo
+
     ops = {"eq": "=", "wildcard": "~"}
     conditions = " ".join(f"{c.attribute}{ops[c.op]}{c.value}" if c.op in ops else f"{c.attribute}=/{c.value}/"
                           for c in rule.conditions)
     text = (f"rule {rule.name}: {conditions or 'every object'} to {rule.destination_kind} "
-            f"{_without_userinfo(rule.destination)}")
+            f"{without_userinfo(rule.destination)}")
     extras = [f"transcode {rule.transcode}" if rule.transcode else "", "de-identified" if rule.deidentify else "",
               f"set {', '.join(k for k, _ in rule.morph)}" if rule.morph else "",
               f"once stable {rule.stable_seconds} s" if rule.stable_seconds else ""]
     return text + "".join(f", {e}" for e in extras if e)
-
-
-def _without_userinfo(destination: str) -> str:
-    """A destination URL without the credentials it may carry (user:password@)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(destination)
-    if "@" not in parts.netloc:
-        return destination
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 # -- db -----------------------------------------------------------------------

@@ -576,3 +576,14 @@ def cancel(engine: Engine, *, pk: int | None = None, rule: str = "") -> int:
         elif rule:
             stmt = stmt.where(jobs_t.c.rule_pk == select(rules_t.c.pk).where(rules_t.c.name == rule).scalar_subquery())
         return int(conn.execute(stmt).rowcount)
+
+
+def without_userinfo(url: str) -> str:
+    """A destination URL without the credentials it may carry: everything up
+    to the authority's last "@" (a password typed with "/", "?" or "#" not
+    percent-encoded ends the authority early as urlsplit reads it, which
+    left part of it in what was shown). Anything but a URL is returned as is."""
+    scheme, slashes, rest = url.partition("://")
+    if not slashes or "@" not in rest:
+        return url
+    return f"{scheme}://{rest.rsplit('@', 1)[1]}"

@@ -255,3 +255,19 @@ def test_root_is_refused_on_a_data_dir_of_the_service_user(tmp_path: Path) -> No
     for path in [data, *data.rglob("*")]:
         os.chown(path, 0, 0)
     assert pacs("stats", "--json", data_dir=data).returncode == 0
+
+
+def test_a_route_password_typed_with_a_slash_is_never_shown(tmp_path: Path) -> None:
+    """`pacs route add --to-url https://pacs:Pw9/Zq#Kx@host/dw` (a password not
+    percent-encoded) wrote "Zq#Kx@host" and the rest into its audit event and
+    `pacs route rules` showed part of it: urlsplit ends the authority at the
+    "/". Everything up to the last "@" goes now, as in /metrics."""
+    data = tmp_path / "data"
+    data.mkdir()
+    url = "https://pacs:Pw9/Zq#Kx@cloud.example/dw"
+    assert pacs("route", "add", "to-cloud", "--if", "Modality=CT", "--to-url", url, data_dir=data).returncode == 0
+    shown = pacs("route", "rules", data_dir=data).stdout + pacs("route", "rules", "--json", data_dir=data).stdout
+    trail = pacs("audit", "--format", "json", data_dir=data).stdout
+    assert "cloud.example" in trail and "to-cloud" in shown
+    for secret in ("Pw9", "Zq#Kx"):
+        assert secret not in trail, trail

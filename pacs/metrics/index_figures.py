@@ -21,6 +21,7 @@ from sqlalchemy import Connection, Engine, func, select, text
 
 from ..index.models import Instance, OutboundMessage, RouteJob, Series
 from ..reads import archive_counts
+from ..routing import without_userinfo
 from .exposition import Family
 
 # Routing jobs and outbox messages still to deliver, and those parked.
@@ -78,12 +79,7 @@ def destination_labels(key: str) -> dict[str, str]:
     credentials must not reach a monitoring system)."""
     kind, _, destination = key.partition(":")
     if kind == "dicomweb":
-        # Everything up to the last "@": a password typed with "/", "?" or
-        # "#" not percent-encoded ends the authority early as urlsplit reads it.
-        scheme, slashes, rest = destination.partition("://")
-        if slashes and "@" in rest:
-            destination = f"{scheme}://{rest.rsplit('@', 1)[1]}"
-        parts = urlsplit(destination)
+        parts = urlsplit(without_userinfo(destination))
         destination = urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
     return {"kind": kind, "destination": destination}
 
