@@ -18,8 +18,10 @@ study is not linked to the order (it is a prior, not the ordered exam).
 Only when the study's patient record is nothing but that identifier: keyed
 by exactly that value with no issuer (or the trusted identifier's issuer),
 without an order of its own (the HIS registered it: only an ADT^A40 merge
-may join it), and no other patient here holds the value (which of two is
-this person is not known). Otherwise the study is left where it is and the
+may join it), holding no other identifier the job's patient lacks (its
+objects' Other Patient IDs naming another patient: the desk typed this
+citizen ID into someone else's visit), and no other patient here holds the
+value (which of two is this person is not known). Otherwise the study is left where it is and the
 job's progress says why. A record left without studies is removed as a
 merge removes the merged-away patient (:func:`pacs.orders.absorb_patient`):
 its ID stays an alias of the job's patient (a citizen ID the patient holds
@@ -83,17 +85,40 @@ def kind_of(identifier: tuple[str, str, str]) -> str:
     return f"other ID ({id_type or issuer or 'no type'})"
 
 
-def _why_not(conn: Connection, current: Any, target: int, value: str, issuers: set[str]) -> str:
+def _foreign_ids(conn: Connection, pk: int, target: Any, value: str) -> list[str]:
+    """The other identifiers of the record *pk* (its objects' Other Patient
+    IDs) that the patient row *target* does not hold (one without issuer is
+    held when *target* has that value under any), as events name them: the
+    record names someone else (BN0077^^^BVDK, the desk typed this citizen
+    ID into another patient's visit). Removed into *target*, they would be
+    its own: the next order or study of that other patient would be filed
+    under *target* (the HL7 and ingest lookups by another identifier), a
+    C-FIND by them would answer its studies."""
+    held = {(target.patient_id, target.issuer)}
+    held.update((v, i) for v, i in conn.execute(select(identifiers_t.c.value, identifiers_t.c.issuer)
+                                                .where(identifiers_t.c.patient_pk == target.pk)))
+    values = {held_value for held_value, _issuer in held}
+    rows = conn.execute(select(identifiers_t.c.value, identifiers_t.c.issuer)
+                        .where(identifiers_t.c.patient_pk == pk).order_by(identifiers_t.c.pk))
+    # The value filed by (under any issuer) names the same person: no other patient holds it (checked after).
+    return [patient_cx(v, i) for v, i in rows if v != value and (v, i) not in held and (i or v not in values)]
+
+
+def _why_not(conn: Connection, current: Any, target: Any, value: str, issuers: set[str]) -> str:
     """Why the study under the patient row *current* may not be filed under
-    *target* ("" when it may); see the module docstring."""
+    the patient row *target* ("" when it may); see the module docstring."""
     cx = patient_cx(current.patient_id, current.issuer)
     pk = current.pk
     if current.patient_id != value or current.issuer not in issuers:
         return f"filed here under patient {cx}, not a record of {value} alone"
     if conn.execute(select(func.count()).select_from(orders_t).where(orders_t.c.patient_pk == pk)).scalar_one():
         return f"patient {cx} has orders of its own (the HIS registered it): only a merge (ADT^A40) joins it"
+    foreign = _foreign_ids(conn, pk, target, value)
+    if foreign:
+        return (f"patient {cx} also holds {', '.join(foreign[:3])}, not identifiers of "
+                f"{patient_cx(target.patient_id, target.issuer)}: it may be another person")
     others = conn.execute(select(func.count()).select_from(patients_t).where(
-        patients_t.c.pk.notin_((pk, target)),
+        patients_t.c.pk.notin_((pk, target.pk)),
         or_(patients_t.c.patient_id == value,
             patients_t.c.pk.in_(select(identifiers_t.c.patient_pk).where(identifiers_t.c.value == value))),
     )).scalar_one()
@@ -124,7 +149,7 @@ def _file(conn: Connection, job: Job, uid: str, value: str, issuers: set[str], r
             studies_t.c.pk == read.pk)).scalar() != read.patient_pk:
         raise ConcurrentChange("the prior was filed elsewhere meanwhile")
     previous = patient_cx(current.patient_id, current.issuer)
-    why = _why_not(conn, current, target.pk, value, issuers)
+    why = _why_not(conn, current, target, value, issuers)
     if why:
         return Filing("left", why, previous)
     received = {keyword: getattr(current, column) or "" for keyword, column in PATIENT_COLUMNS.items()}

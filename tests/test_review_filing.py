@@ -1,0 +1,78 @@
+"""Review of the prefetch filing (pacs.prefetch.filing): a prior the old PACS
+filed under the citizen ID alone, filed under the ordering patient.
+
+A real `pacs serve` (HL7 ORM^O01 over MLLP, the JSON orders API), DCMTK's
+dcmqrscp as the old PACS (tests/test_prefetch.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from sqlalchemy import select
+
+from pacs.index.models import Order, Patient
+
+from . import test_prefetch
+from .conftest import PacsServer, make_backend
+from .test_prefetch import CITIZEN_ID, HOSPITAL_ID, OldPacs, _order, _settled
+from .test_prefetch_filing import F_CITIZEN_CT, PID3, _engine, _patients
+
+# Another patient of the hospital, whose hospital number the old PACS's
+# objects of F_CITIZEN_CT carry as an Other Patient ID: the desk typed the
+# citizen ID of BN0042 into BN0077's visit.
+STRANGER = "BN0077"
+
+
+def _order_patient(server: PacsServer, accession: str) -> str:
+    """The Patient ID of the patient the order *accession* is filed under."""
+    engine = _engine(server)
+    try:
+        with engine.connect() as conn:
+            return str(conn.execute(select(Patient.patient_id).join(Order, Order.patient_pk == Patient.pk)
+                                    .where(Order.accession_number == accession)).scalar())
+    finally:
+        engine.dispose()
+
+
+def test_a_record_holding_another_patients_identifier_is_not_filed(
+        tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The citizen-ID record's objects named another patient of the hospital
+    (Other Patient IDs: BN0077^^^BVDK): the record was not "nothing but that
+    identifier", yet its prior was filed under BN0042 and, as its last study,
+    the record was removed into BN0042 with BN0077^^^BVDK as another ID of
+    BN0042. The HIS's next order for BN0077 then went to BN0042 (the HL7
+    lookup by another identifier), its worklist item showing BN0042's name,
+    and a C-FIND by BN0077 answered BN0042's studies. Now the prior is left
+    under its record and the job says why."""
+    made = test_prefetch._instance
+
+    def with_other_id(prior: Any, series: int, number: int) -> Dataset:
+        ds = made(prior, series, number)
+        if prior.key == F_CITIZEN_CT.key:
+            item = Dataset()
+            item.PatientID, item.IssuerOfPatientID, item.TypeOfPatientID = STRANGER, "BVDK", "TEXT"
+            ds.OtherPatientIDsSequence = Sequence([item])
+        return ds
+
+    monkeypatch.setattr(test_prefetch, "_instance", with_other_id)
+    server = PacsServer(tmp_path / "data", make_backend("sqlite-fs", request),
+                        extra_env={"PACS_PREFETCH_SOURCES": "LEGACY"}).start()
+    legacy = OldPacs(tmp_path, server, [F_CITIZEN_CT]).start()
+    try:
+        _order(server, "FX1", "FXACC1", pid3=PID3)
+        job = _settled(server, "FXACC1")
+        (entry,) = job["studies"]
+        assert (entry["study_uid"], entry["state"], entry["filing"]) == (F_CITIZEN_CT.uid, "pulled", "left"), job
+        assert f"{STRANGER}^^^BVDK" in entry["filing_detail"], entry
+        assert _patients(server, CITIZEN_ID) == [(CITIZEN_ID, "")]
+        # The HIS orders an exam for BN0077: never BN0042's.
+        _order(server, "FX2", "FXACC2", pid3=f"{STRANGER}^^^BVDK^PI", name="TRAN^VAN BAY")
+        assert _order_patient(server, "FXACC2") != HOSPITAL_ID
+    finally:
+        legacy.stop()
+        server.stop()
+
