@@ -18,8 +18,8 @@ from pacs.index.models import Order, Patient
 
 from . import test_prefetch
 from .conftest import PacsServer, make_backend
-from .test_prefetch import CITIZEN_ID, HOSPITAL_ID, OldPacs, _order, _settled
-from .test_prefetch_filing import F_CITIZEN_CT, PID3, _engine, _patients
+from .test_prefetch import CITIZEN_ID, HOSPITAL_ID, NAME, OldPacs, _order, _settled
+from .test_prefetch_filing import F_CITIZEN_CT, PID3, _engine, _patients, _priors_of_exam
 
 # Another patient of the hospital, whose hospital number the old PACS's
 # objects of F_CITIZEN_CT carry as an Other Patient ID: the desk typed the
@@ -76,3 +76,30 @@ def test_a_record_holding_another_patients_identifier_is_not_filed(
         legacy.stop()
         server.stop()
 
+
+def test_a_citizen_id_sent_with_trailing_spaces_still_files_the_prior(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """A HIS whose database pads its columns (CHAR(15)) sent the citizen ID
+    over the JSON orders API as "079185000042   ". The old PACS was searched
+    by the trimmed value and the prior came, but the filing compared the
+    record's Patient ID with the untrimmed one: left, "filed here under
+    patient 079185000042, not a record of 079185000042    alone", missing
+    from the exam's priors. Now it is filed."""
+    server = PacsServer(tmp_path / "data", make_backend("sqlite-fs", request),
+                        extra_env={"PACS_PREFETCH_SOURCES": "LEGACY"}).start()
+    legacy = OldPacs(tmp_path, server, [F_CITIZEN_CT]).start()
+    try:
+        with server.http() as http:
+            placed = http.post("/api/orders", json={
+                "accession_number": "FTACC1", "modality": "CT",
+                "patient": {"id": HOSPITAL_ID, "issuer": "BVDK", "name": NAME, "birth_date": "19850101", "sex": "F",
+                            "other_ids": [{"value": f"{CITIZEN_ID}   ", "issuer": "CCCD", "type": "NI"}]}})
+        assert placed.status_code == 201, placed.text
+        job = _settled(server, "FTACC1")
+        (entry,) = job["studies"]
+        assert (entry["study_uid"], entry["filing"]) == (F_CITIZEN_CT.uid, "filed"), job
+        assert _patients(server, CITIZEN_ID) == []
+        assert _priors_of_exam(server, tmp_path, "FTACC1") == {F_CITIZEN_CT.uid: HOSPITAL_ID}
+    finally:
+        legacy.stop()
+        server.stop()

@@ -170,7 +170,9 @@ def file_prior(pacs: Pacs, job: Job, uid: str, identifier: tuple[str, str, str],
     under that patient (see the module docstring); audited as the
     reconciliation of a study with an order is (action ``order``, one event
     naming the patient it is filed under now, one the patient it left)."""
-    value = identifier[0]
+    # Trimmed, as the old PACS was searched by it (Job.identifiers) and the ingest keys the record: a HIS
+    # may send the ID padded ("079185000042   ", a CHAR column), and the record never matched it.
+    value = identifier[0].strip()
     issuers = {"", *(issuer for v, issuer, _type in job.other_ids if v.strip() == value)}
     what = f"order {job.accession}" if job.accession else "a run by hand"
     cx = patient_cx(job.patient_id, job.issuer)
