@@ -6,6 +6,7 @@ dcmqrscp as the old PACS (tests/test_prefetch.py)."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +104,61 @@ def test_a_citizen_id_sent_with_trailing_spaces_still_files_the_prior(
     finally:
         legacy.stop()
         server.stop()
+
+
+def test_an_his_update_racing_the_filing_corrects_the_filed_prior(
+        tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On PostgreSQL: the HIS corrected the patient's sex (ADT^A08) while the
+    prior was being filed. The filing had compared the record with the sex
+    about to change (both F: no correction), and the update corrected the
+    studies the patient had before the filing committed: the prior, under
+    the patient of sex M now, was sent out (C-MOVE, WADO, export) with F.
+    Now the filing holds the patient row (FOR SHARE): the update waits for
+    it, then corrects the prior too."""
+    from pacs.app import Pacs
+    from pacs.ingest import Origin
+    from pacs.orders import OrderService
+    from pacs.prefetch import filing as filing_module
+    from pacs.prefetch import jobs
+    from pacs.prefetch.filing import file_prior
+    from pacs.query import Level
+    from pacs.retrieve import resolve
+    from pacs.settings import load_settings
+    from ris_bridge.hl7v2 import handle
+
+    from .dicomfiles import make_ct
+    from .test_order_edges import Background, Paused
+    from .test_pg_concurrency import a08, hl7, until, waiting
+    from .test_prefetch import orm
+    from .test_prefetch_filing import OLD_NAME
+    from .test_worklist_ris import msa
+
+    core = Pacs.open(load_settings(data_dir=tmp_path / "data", index_url=pg_url))
+    try:
+        path = make_ct(tmp_path / "prior.dcm", PatientID=CITIZEN_ID, PatientName=OLD_NAME, PatientSex="F",
+                       PatientBirthDate="19850101")
+        result = core.ingest_file(path, Origin("dimse", "OLDPACS"))
+        assert result.status == 0
+        uid = str(result.header.study_uid)
+        ack = handle(OrderService(core.engine, prefetch=True), orm("FR1", "FRACC1", pid3=PID3).replace("\n", "\r")
+                     .encode()).decode()
+        assert msa(ack)[0] == "AA", ack
+        held = jobs.claim_next(core.engine, "node-a", timedelta(minutes=5))
+        assert held is not None
+
+        pause = Paused(monkeypatch, "file_under_patient", filing_module)
+        filing = Background(lambda: file_prior(core, held, uid, (CITIZEN_ID, "CCCD", "NI"), "LEGACY",
+                                               user="prefetch", role="system"))
+        try:
+            assert pause.reached.wait(60)
+            update = Background(lambda: hl7(core, a08(HOSPITAL_ID, NAME)))  # sex M
+            until(lambda: not update.is_alive() or waiting(core) >= 1)
+            pause.release()
+            assert filing.outcome().state == "filed"
+            assert msa(update.outcome())[0] == "AA"
+        finally:
+            pause.release()
+        (item, *_rest) = resolve(core, Level.STUDY, {"StudyInstanceUID": uid})
+        assert dict(item.overrides)["PatientSex"] == "M", item.overrides
+    finally:
+        core.close()

@@ -148,6 +148,14 @@ def _file(conn: Connection, job: Job, uid: str, value: str, issuers: set[str], r
     if current is None or conn.execute(select(studies_t.c.patient_pk).where(
             studies_t.c.pk == read.pk)).scalar() != read.patient_pk:
         raise ConcurrentChange("the prior was filed elsewhere meanwhile")
+    # The patient filed under, held until commit (PostgreSQL; FOR SHARE): an HIS update of it (ADT^A08: its
+    # sex, birth date, ID) waits, then corrects this study too. Unheld, the filing compared the record with
+    # values about to change and the update corrected only the studies it saw: the prior went out with the
+    # old values under the corrected patient.
+    held = select(patients_t).where(patients_t.c.pk == target.pk)
+    target = conn.execute(held.with_for_update(read=True) if conn.dialect.name == "postgresql" else held).first()
+    if target is None:
+        raise ConcurrentChange("the job's patient was merged meanwhile")
     previous = patient_cx(current.patient_id, current.issuer)
     why = _why_not(conn, current, target, value, issuers)
     if why:
