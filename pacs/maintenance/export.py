@@ -12,7 +12,9 @@ and pseudonyms are consistent across studies (and across exports with the
 same salt: ``--salt``, else the appliance's own secret).
 
 Folder exports resume: files are written under a temporary name and renamed,
-and a file already there (with the stored size, for plain exports) is kept.
+and a file already there (with the stored size, for plain exports) is kept;
+the files in a study's folder that the run neither writes nor keeps (an
+earlier run's copies of objects deleted since, or withheld now) are removed.
 A zip is written as ``NAME.zip.partial`` and renamed when complete. Each
 exported study is audited (action "export").
 
@@ -415,6 +417,7 @@ def _export_all(
         patient = (study.patient_id or "", study.issuer or "")
         progress.start(f"exporting {study_uid[-24:]}", None)
         before = _Counts.of(report)
+        listed: set[str] = set()  # the files of the study this run writes or keeps
         # Paged from the index: a study of any size is never listed whole.
         for item in pacs.reader.iter_stored(study_uid):
             progress.advance()
@@ -425,6 +428,7 @@ def _export_all(
                     continue
                 if deid is None and not overrides:
                     name = f"{item.study_uid}/{item.series_uid}/{item.sop_uid}.dcm"
+                    listed.add(name)
                     if sink.has(name, item.size):
                         report.kept += 1
                         continue
@@ -432,7 +436,8 @@ def _export_all(
                         sink.add_stream(stream, name, item.size)
                     size = item.size
                 else:
-                    rewritten = _rewrite(pacs, item, sink, deid, overrides, report, include_burned_in, patient)
+                    rewritten = _rewrite(pacs, item, sink, deid, overrides, report, include_burned_in, patient,
+                                         listed)
                     if rewritten is None:
                         continue
                     size = rewritten
@@ -449,6 +454,9 @@ def _export_all(
                     raise
                 log.warning("export of %s failed: %s", item.sop_uid, exc)
                 report.failed.add({"sop_uid": item.sop_uid, "detail": str(exc)[:200]})
+        folder = sink.folder()
+        if layout is None and folder is not None:
+            _remove_stale(folder, deid.uid_map.map(study_uid) if deid else study_uid, listed)
         report.studies += 1
         if deid is not None:
             report.study_map[study_uid] = deid.uid_map.map(study_uid)
@@ -512,6 +520,25 @@ class Withheld(Exception):
     """A de-identified copy that may not be written (burned-in annotation)."""
 
 
+def _remove_stale(out: Path, study_folder: str, listed: set[str]) -> None:
+    """Remove the files in a study's folder of a folder export that this run
+    did not write or keep (*listed*), and the folders they leave empty: an
+    earlier run's copies of objects deleted since (sent in error, often
+    another patient's) or withheld now (burned-in annotation), which
+    whoever imports the folder would take."""
+    root = out / study_folder
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*"), reverse=True):  # a folder's files before the folder
+        if path.is_dir():
+            with contextlib.suppress(OSError):  # only an empty one
+                path.rmdir()
+        elif path.suffix == ".dcm" and "/".join(path.relative_to(out).parts) not in listed:
+            path.unlink()
+    with contextlib.suppress(OSError):
+        root.rmdir()
+
+
 def _rewrite(
     pacs: Pacs,
     item: StoredInstance,
@@ -521,14 +548,23 @@ def _rewrite(
     report: ExportReport,
     include_burned_in: bool = False,
     patient: tuple[str, str] | None = None,
+    listed: set[str] | None = None,
 ) -> int | None:
     """Correct and/or de-identify one object; returns its size (None:
-    already exported or left out)."""
+    already exported or left out). Its name goes to *listed* unless it is
+    left out."""
     names: list[str] = []
     edit = deid_edit(item, deid, report, include_burned_in, patient, names)
     try:
         with edited_object(pacs, item, overrides, edit) as write:
-            return _write(sink, names[-1], report, write)
+            name = names[-1]
+            if listed is not None:
+                listed.add(name)
+            existing = sink.existing(name)
+            if existing is not None:
+                report.kept += 1
+                return None
+            return _write(sink, name, write)
     except Withheld as exc:
         report.not_exported_burned_in.add({"sop_uid": item.sop_uid, "detail": str(exc)})
         return None
@@ -632,11 +668,8 @@ def _write_chunks(out: Path, chunks: Iterator[bytes]) -> None:
             dest.write(chunk)
 
 
-def _write(sink: _Sink, name: str, report: ExportReport, write: Callable[[Path], None]) -> int | None:
-    """Write one object under *name* with *write* (None: already there)."""
-    if sink.has(name, None):
-        report.kept += 1
-        return None
+def _write(sink: _Sink, name: str, write: Callable[[Path], None]) -> int:
+    """Write one object under *name* with *write*; its size."""
     tmp = sink.temp_file()
     try:
         write(tmp)
