@@ -91,3 +91,67 @@ def test_objects_deleted_since_the_last_run_leave_the_folder(archive: PacsServer
     assert _sops_on_disk(out) == {f"{series_a}.1"}
     assert [p.name for p in (out / study).iterdir()] == [series_a]
 
+
+def test_a_rerun_after_the_study_was_reconciled_writes_the_corrected_patient(archive: PacsServer,
+                                                                            tmp_path: Path) -> None:
+    """A study exported with the modality's wrong patient, reconciled with
+    the HIS order, exported again into the same folder: every file was
+    "already there" and kept, still naming the wrong patient, while
+    retrieval and a fresh export give the corrected one. A file is now kept
+    only when it carries the index's current corrected values."""
+    study = "1.2.826.0.1.3680043.9.7134.222.1"
+    made = tmp_path / "made"
+    made.mkdir()
+    make_ct(made / "1.dcm", sop_uid=f"{study}.3.1", StudyInstanceUID=study, SeriesInstanceUID=f"{study}.2",
+            PatientID="WRONG-ID-2", PatientName="Sai^Bệnh Nhân", SpecificCharacterSet="ISO_IR 192",
+            AccessionNumber="ACCRVEXP1")
+    archive.cli("import", str(made))
+    out = tmp_path / "out"
+    _export(archive, study, "--out", str(out))
+    _reconcile(archive, study, "ACCRVEXP1", "079300000777", "Trần^Thị Thu")
+    again = _export(archive, study, "--out", str(out))
+    assert again["instances"] == 1 and again["already_there"] == 0, again
+    (path,) = [p for p in out.rglob("*") if p.is_file()]
+    ds = dcmread(path, stop_before_pixels=True)
+    assert (str(ds.PatientName), ds.PatientID) == ("Trần^Thị Thu", "079300000777")
+    # Nothing changed since: a third run keeps the file.
+    third = _export(archive, study, "--out", str(out))
+    assert third["already_there"] == 1 and third["instances"] == 0, third
+
+
+def test_a_deidentified_rerun_after_reconciliation_gives_the_new_patients_pseudonym(archive: PacsServer,
+                                                                                   tmp_path: Path) -> None:
+    """The de-identified variant: files an earlier run wrote under the
+    pseudonym of the modality's (wrong) patient were kept, so the research
+    folder filed the study under the wrong pseudonymous patient, unlike a
+    fresh export. A kept file must now carry the pseudonym of the index's
+    patient of its study."""
+    from pacs.deidentify import Deidentifier
+
+    study = "1.2.826.0.1.3680043.9.7134.223.1"
+    made = tmp_path / "made"
+    made.mkdir()
+    make_ct(made / "1.dcm", sop_uid=f"{study}.3.1", StudyInstanceUID=study, SeriesInstanceUID=f"{study}.2",
+            PatientID="WRONG-ID-3", PatientName="Sai^Bệnh Nhân", SpecificCharacterSet="ISO_IR 192",
+            AccessionNumber="ACCRVEXP2")
+    archive.cli("import", str(made))
+    out = tmp_path / "research"
+    _export(archive, study, "--out", str(out), "--deidentify", "--salt", "rv-2")
+    _reconcile(archive, study, "ACCRVEXP2", "079300000666", "Lê^Văn Hùng")
+    again = _export(archive, study, "--out", str(out), "--deidentify", "--salt", "rv-2")
+    assert again["instances"] == 1 and again["already_there"] == 0, again
+    (path,) = [p for p in out.rglob("*") if p.is_file()]
+    assert dcmread(path, stop_before_pixels=True).PatientID == Deidentifier("rv-2").pseudonym("079300000666",
+                                                                                               issuer="CCCD")
+    third = _export(archive, study, "--out", str(out), "--deidentify", "--salt", "rv-2")
+    assert third["already_there"] == 1 and third["instances"] == 0, third
+
+
+def _reconcile(server: PacsServer, study: str, accession: str, patient_id: str, name: str) -> None:
+    """Match *study* with a new HIS order of another patient (CCCD issuer)."""
+    with server.http() as http:
+        order = http.post("/api/orders", json={
+            "patient": {"id": patient_id, "issuer": "CCCD", "name": name, "birth_date": "19800303", "sex": "F"},
+            "accession_number": accession, "modality": "CT", "start_date": "20240813", "start_time": "150000"})
+        assert order.status_code == 201, order.text
+    server.cli("orders", "match", study, accession)

@@ -12,7 +12,9 @@ and pseudonyms are consistent across studies (and across exports with the
 same salt: ``--salt``, else the appliance's own secret).
 
 Folder exports resume: files are written under a temporary name and renamed,
-and a file already there (with the stored size, for plain exports) is kept;
+and a file already there is kept when it is the object (with the stored
+size, for plain exports) with the index's current corrections (HIS
+reconciliation since; de-identified: the pseudonym of the study's patient);
 the files in a study's folder that the run neither writes nor keeps (an
 earlier run's copies of objects deleted since, or withheld now) are removed.
 A zip is written as ``NAME.zip.partial`` and renamed when complete. Each
@@ -539,6 +541,24 @@ def _remove_stale(out: Path, study_folder: str, listed: set[str]) -> None:
         root.rmdir()
 
 
+def _current(existing: Path, item: StoredInstance, deid: Deidentifier | None,
+             overrides: tuple[tuple[str, str], ...], patient: tuple[str, str] | None) -> bool:
+    """Whether the file an earlier run wrote for *item* may stay: it reads,
+    names the object, and carries the index's current corrections (a
+    de-identified one: the pseudonym of the study's patient now). The study
+    may have been reconciled with the HIS since: the file would still name
+    the modality's patient."""
+    from .media import _carries, _header, _pseudonymous
+
+    header = _header(existing)
+    sop_uid = deid.uid_map.map(item.sop_uid) if deid else item.sop_uid
+    if header is None or str(header.file_meta.get("MediaStorageSOPInstanceUID", "")) != sop_uid:
+        return False
+    if deid is None:
+        return _carries(header, overrides)
+    return _pseudonymous(header, deid, patient or ("", ""))
+
+
 def _rewrite(
     pacs: Pacs,
     item: StoredInstance,
@@ -561,7 +581,7 @@ def _rewrite(
             if listed is not None:
                 listed.add(name)
             existing = sink.existing(name)
-            if existing is not None:
+            if existing is not None and _current(existing, item, deid, overrides, patient):
                 report.kept += 1
                 return None
             return _write(sink, name, write)
