@@ -155,3 +155,19 @@ def _reconcile(server: PacsServer, study: str, accession: str, patient_id: str, 
             "accession_number": accession, "modality": "CT", "start_date": "20240813", "start_time": "150000"})
         assert order.status_code == 201, order.text
     server.cli("orders", "match", study, accession)
+
+
+def test_a_mistyped_study_uid_writes_nothing(archive: PacsServer, tmp_path: Path) -> None:
+    """`pacs export KNOWN MISTYPED --out x.zip` wrote x.zip without the
+    mistyped study (exit 1, "no such study"), and the corrected command was
+    then refused: "x.zip exists: choose another name"; with only unknown
+    UIDs, an empty zip or folder was left. As for media, nothing is written
+    now when a UID names no study (exit 1), and the corrected command works."""
+    ct = archive.studies["ct"]  # type: ignore[attr-defined]
+    for out in (tmp_path / "out", tmp_path / "out.zip"):
+        unknown = archive.cli("export", ct, "1.2.3.999999", "--out", str(out), check=False)
+        said = unknown.stdout + unknown.stderr
+        assert unknown.returncode == 1 and "no such study" in said and "1.2.3.999999" in said, said
+        assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
+    report = _export(archive, ct, "--out", str(tmp_path / "out.zip"))
+    assert report["studies"] == 1 and report["instances"] >= 1

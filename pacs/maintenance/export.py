@@ -11,6 +11,8 @@ through :mod:`pacs.deidentify` with one salt for the whole export, so UIDs
 and pseudonyms are consistent across studies (and across exports with the
 same salt: ``--salt``, else the appliance's own secret).
 
+A study UID that names no study writes nothing (``missing_studies``).
+
 Folder exports resume: files are written under a temporary name and renamed,
 and a file already there is kept when it is the object (with the stored
 size, for plain exports) with the index's current corrections (HIS
@@ -349,12 +351,13 @@ def export_studies(
     report = ExportReport(out=str(out), deidentified=deidentify)
     deid = Deidentifier(salt or deidentify_salt(pacs)) if deidentify else None
     layout = MediaLayout(uncompressed=uncompressed) if media else None
+    # An export is written whole: one without a study the operator named (a
+    # mistyped UID) is not written at all. A zip without it would refuse the
+    # corrected command ("exists"); a patient's media would lack it.
+    report.missing_studies = [uid for uid in study_uids if _study(pacs, uid) is None]
+    if report.missing_studies:
+        return report
     if layout is not None:
-        # A patient's media is written whole: one without a study the
-        # operator named (a mistyped UID) is not written at all.
-        report.missing_studies = [uid for uid in study_uids if _study(pacs, uid) is None]
-        if report.missing_studies:
-            return report
         layout.check_folder(out, [deid.uid_map.map(u) if deid else u for u in study_uids])
 
     def audit(study_uid: str, patient_id: str, counts: _Counts, stopped: str = "") -> None:
