@@ -696,6 +696,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     for uid in args.studies:
         if not valid_uid(uid):
             return _usage(f"{uid!r} is not a DICOM UID (digits and dots, at most 64 characters)")
+    from pacs.maintenance.export import ExportConflict
     from pacs.maintenance.media import MediaConflict
 
     try:
@@ -703,7 +704,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             pacs, args.studies, args.out, deidentify=args.deidentify, salt=args.salt,
             include_burned_in=args.include_burned_in, progress=bar, media=args.media,
             uncompressed=args.uncompressed))
-    except MediaConflict as exc:
+    except (MediaConflict, ExportConflict) as exc:
         return _usage(str(exc))
     data = report.as_dict()
 

@@ -171,3 +171,24 @@ def test_a_mistyped_study_uid_writes_nothing(archive: PacsServer, tmp_path: Path
         assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
     report = _export(archive, ct, "--out", str(tmp_path / "out.zip"))
     assert report["studies"] == 1 and report["instances"] >= 1
+
+
+def test_identified_and_deidentified_exports_are_not_mixed_in_one_folder(archive: PacsServer, tmp_path: Path) -> None:
+    """A research folder that de-identified exports fill study by study
+    took an export without --deidentify (forgotten once) beside them, exit
+    0: patients' names and IDs among the data sent on to the researchers;
+    a de-identified export into a folder of identified copies likewise.
+    Either is now refused (exit 2), nothing written; exports of one kind
+    still add studies to the folder."""
+    ct, mr, us = (archive.studies[k] for k in ("ct", "dx", "us"))  # type: ignore[attr-defined]
+    research, plain = tmp_path / "research", tmp_path / "plain"
+    _export(archive, ct, "--out", str(research), "--deidentify", "--salt", "rv-3")
+    _export(archive, ct, "--out", str(plain))
+    before = {p: p.stat().st_mtime_ns for root in (research, plain) for p in root.rglob("*")}
+    forgot = archive.cli("export", mr, "--out", str(research), check=False)
+    assert forgot.returncode == 2 and "de-identified" in forgot.stderr, forgot.stderr
+    mixed = archive.cli("export", mr, "--out", str(plain), "--deidentify", "--salt", "rv-3", check=False)
+    assert mixed.returncode == 2 and "not de-identified" in mixed.stderr, mixed.stderr
+    assert {p: p.stat().st_mtime_ns for root in (research, plain) for p in root.rglob("*")} == before
+    assert _export(archive, us, "--out", str(research), "--deidentify", "--salt", "rv-3")["studies"] == 1
+    assert _export(archive, mr, "--out", str(plain))["studies"] == 1

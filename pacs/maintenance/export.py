@@ -19,6 +19,9 @@ size, for plain exports) with the index's current corrections (HIS
 reconciliation since; de-identified: the pseudonym of the study's patient);
 the files in a study's folder that the run neither writes nor keeps (an
 earlier run's copies of objects deleted since, or withheld now) are removed.
+A folder holding exported studies of the other kind (identified ones for a
+de-identified export, and the reverse) is refused: they would be sent on
+together (:class:`ExportConflict`).
 A zip is written as ``NAME.zip.partial`` and renamed when complete. Each
 exported study is audited (action "export").
 
@@ -73,6 +76,11 @@ from .common import Capped, NullProgress, Progress, instances_t, os_user, patien
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+class ExportConflict(Exception):
+    """The destination folder holds files this export must not join (see
+    the message); nothing was written."""
 
 
 class ExportDiskFull(Exception):
@@ -296,6 +304,36 @@ class _Sink:
         return f"the complete files in {self.out} are kept: run the export again with more room to resume"
 
 
+def _check_folder(out: Path, *, deidentified: bool) -> None:
+    """Refuse a folder holding exported studies of the other kind
+    (:class:`ExportConflict`): identified copies among a de-identified set
+    go wherever the set is sent (a researcher, another institution), and
+    de-identified copies among identified ones would go out with them as if
+    they were. One file of each study folder tells its kind: a
+    de-identified export gives every object a De-identification Method."""
+    from ..header import valid_uid
+
+    if out.suffix.lower() == ".zip" or not out.is_dir():
+        return
+    for study in sorted(out.iterdir()):
+        if not (valid_uid(study.name) and study.is_dir()):
+            continue
+        first = next(study.glob("*/*.dcm"), None)
+        if first is None:
+            continue
+        try:
+            header = dcmread(first, stop_before_pixels=True, specific_tags=["DeidentificationMethod"])
+        except Exception:
+            continue  # not DICOM, or cut short: no kind to tell
+        if ("DeidentificationMethod" in header) == deidentified:
+            continue
+        held = "de-identified" if not deidentified else "identified (not de-identified)"
+        raise ExportConflict(
+            f"{out} holds {held} exported studies (such as {study.name}): this "
+            f"{'de-identified' if deidentified else 'identified'} export would be mixed with them; "
+            "export into another folder")
+
+
 def _study(pacs: Pacs, study_uid: str) -> Any:
     """(pk, patient_id, issuer) of a study, or None."""
     with pacs.engine.connect() as conn:
@@ -357,7 +395,9 @@ def export_studies(
     report.missing_studies = [uid for uid in study_uids if _study(pacs, uid) is None]
     if report.missing_studies:
         return report
-    if layout is not None:
+    if layout is None:
+        _check_folder(out, deidentified=deid is not None)
+    else:
         layout.check_folder(out, [deid.uid_map.map(u) if deid else u for u in study_uids])
 
     def audit(study_uid: str, patient_id: str, counts: _Counts, stopped: str = "") -> None:
