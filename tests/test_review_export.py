@@ -8,6 +8,7 @@ of the index, and reading the folder the way whoever receives it does
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,59 @@ def test_identified_and_deidentified_exports_are_not_mixed_in_one_folder(archive
     assert {p: p.stat().st_mtime_ns for root in (research, plain) for p in root.rglob("*")} == before
     assert _export(archive, us, "--out", str(research), "--deidentify", "--salt", "rv-3")["studies"] == 1
     assert _export(archive, mr, "--out", str(plain))["studies"] == 1
+
+
+def test_an_interrupted_export_is_audited_with_what_it_wrote(archive: PacsServer, tmp_path: Path) -> None:
+    """Ctrl-C during a study's export (the USB stick had to go) left the
+    objects written so far in the folder, a patient's identified images
+    out of the archive, and no `export` event for the study: each study was
+    audited only once all its objects were through. The study in progress
+    is now audited as well: a failure, with what was written and why it
+    stopped."""
+    import os
+    import signal
+    import subprocess
+
+    from pacs import audit
+
+    from .peers import PACS
+
+    study = "1.2.826.0.1.3680043.9.7134.224.1"
+    made = tmp_path / "made"
+    made.mkdir()
+    for i in (1, 2, 3):
+        make_ct(made / f"{i}.dcm", sop_uid=f"{study}.3.{i}", StudyInstanceUID=study, SeriesInstanceUID=f"{study}.2",
+                PatientID="BN224")
+    archive.cli("import", str(made))
+    core = archive.core()
+    try:
+        second = list(core.reader.iter_stored(study))[1]
+        stored = Path(core.settings.data_dir) / "objects"
+    finally:
+        core.close()
+    (path,) = stored.rglob(f"{second.sop_uid}.dcm")
+    kept = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)  # the store hangs on the second object: the export is mid-study
+    out = tmp_path / "usb"
+    proc = subprocess.Popen([PACS, "export", study, "--out", str(out), *archive.common_args()], env=archive.env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        while proc.poll() is None and not list(out.rglob("*.dcm")):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130, proc.communicate()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        path.unlink()
+        path.write_bytes(kept)
+    assert len(list(out.rglob("*.dcm"))) == 1
+    core = archive.core()
+    try:
+        (event,) = audit.query(core.engine, action="export", study_uid=study)
+    finally:
+        core.close()
+    assert event["outcome"] == "failure" and event["patient_id"] == "BN224", event
+    assert "1 instances written" in event["detail"] and "interrupted" in event["detail"], event

@@ -23,7 +23,8 @@ A folder holding exported studies of the other kind (identified ones for a
 de-identified export, and the reverse) is refused: they would be sent on
 together (:class:`ExportConflict`).
 A zip is written as ``NAME.zip.partial`` and renamed when complete. Each
-exported study is audited (action "export").
+exported study is audited (action "export"), also one the export stopped in
+(a full disk, Ctrl-C): what was written of it has left the archive.
 
 A full destination (ENOSPC, EDQUOT) stops the export at the first object
 that does not fit, with one :class:`ExportDiskFull`: every later object
@@ -463,42 +464,48 @@ def _export_all(
         progress.start(f"exporting {study_uid[-24:]}", None)
         before = _Counts.of(report)
         listed: set[str] = set()  # the files of the study this run writes or keeps
-        # Paged from the index: a study of any size is never listed whole.
-        for item in pacs.reader.iter_stored(study_uid):
-            progress.advance()
-            try:
-                if layout is not None:
-                    yield from export_media_item(pacs, item, sink, layout, deid, overrides, report,
-                                                 include_burned_in, patient)
-                    continue
-                if deid is None and not overrides:
-                    name = f"{item.study_uid}/{item.series_uid}/{item.sop_uid}.dcm"
-                    listed.add(name)
-                    if sink.has(name, item.size):
-                        report.kept += 1
+        stopped = ""  # why the study ended early, when it did
+        try:
+            # Paged from the index: a study of any size is never listed whole.
+            for item in pacs.reader.iter_stored(study_uid):
+                progress.advance()
+                try:
+                    if layout is not None:
+                        yield from export_media_item(pacs, item, sink, layout, deid, overrides, report,
+                                                     include_burned_in, patient)
                         continue
-                    with pacs.store.open(item.storage_key) as stream:
-                        sink.add_stream(stream, name, item.size)
-                    size = item.size
-                else:
-                    rewritten = _rewrite(pacs, item, sink, deid, overrides, report, include_burned_in, patient,
-                                         listed)
-                    if rewritten is None:
-                        continue
-                    size = rewritten
-                report.instances += 1
-                report.bytes += size
-            except Exception as exc:  # one bad object must not sink the export
-                if _disk_full(exc) is not None:
-                    # ... but a full disk sinks every later one as well.
-                    audit(study_uid, study.patient_id, _Counts.of(report) - before, "stopped: disk full")
-                    raise
-                if strict:
-                    audit(study_uid, study.patient_id, _Counts.of(report) - before,
-                          f"stopped: {item.sop_uid} failed: {str(exc)[:200]}")
-                    raise
-                log.warning("export of %s failed: %s", item.sop_uid, exc)
-                report.failed.add({"sop_uid": item.sop_uid, "detail": str(exc)[:200]})
+                    if deid is None and not overrides:
+                        name = f"{item.study_uid}/{item.series_uid}/{item.sop_uid}.dcm"
+                        listed.add(name)
+                        if sink.has(name, item.size):
+                            report.kept += 1
+                            continue
+                        with pacs.store.open(item.storage_key) as stream:
+                            sink.add_stream(stream, name, item.size)
+                        size = item.size
+                    else:
+                        rewritten = _rewrite(pacs, item, sink, deid, overrides, report, include_burned_in, patient,
+                                             listed)
+                        if rewritten is None:
+                            continue
+                        size = rewritten
+                    report.instances += 1
+                    report.bytes += size
+                except Exception as exc:  # one bad object must not sink the export
+                    if _disk_full(exc) is not None:
+                        # ... but a full disk sinks every later one as well.
+                        stopped = "stopped: disk full"
+                        raise
+                    if strict:
+                        stopped = f"stopped: {item.sop_uid} failed: {str(exc)[:200]}"
+                        raise
+                    log.warning("export of %s failed: %s", item.sop_uid, exc)
+                    report.failed.add({"sop_uid": item.sop_uid, "detail": str(exc)[:200]})
+        except BaseException as exc:
+            # However the study ends early (a full disk, Ctrl-C, a download
+            # broken off), what was written of it is out of the archive.
+            audit(study_uid, study.patient_id, _Counts.of(report) - before, stopped or _stopped(exc))
+            raise
         folder = sink.folder()
         if layout is None and folder is not None:
             _remove_stale(folder, deid.uid_map.map(study_uid) if deid else study_uid, listed)
@@ -506,6 +513,15 @@ def _export_all(
         if deid is not None:
             report.study_map[study_uid] = deid.uid_map.map(study_uid)
         audit(study_uid, study.patient_id, _Counts.of(report) - before, "")
+
+
+def _stopped(exc: BaseException) -> str:
+    """Why an export stopped in the middle of a study, for its audit event."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "stopped: interrupted"
+    if isinstance(exc, GeneratorExit):
+        return "stopped: download broken off"
+    return f"stopped: {exc.__class__.__name__}: {str(exc)[:200]}"
 
 
 @dataclass(frozen=True)
