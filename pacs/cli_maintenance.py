@@ -717,6 +717,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         ])
         for uid in report.missing_studies:
             err.print(f"[red]no such study:[/red] {uid}")
+        if report.missing_studies:
+            err.print(f"[red]nothing written to {args.out}: correct the study UID(s) and run the export again[/red]")
         for original, new in report.study_map.items():
             out.print(f"study {original} exported as {new}")
         _list("failed", data["failed"], ("sop_uid", "detail"))

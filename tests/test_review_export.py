@@ -169,6 +169,7 @@ def test_a_mistyped_study_uid_writes_nothing(archive: PacsServer, tmp_path: Path
         unknown = archive.cli("export", ct, "1.2.3.999999", "--out", str(out), check=False)
         said = unknown.stdout + unknown.stderr
         assert unknown.returncode == 1 and "no such study" in said and "1.2.3.999999" in said, said
+        assert "nothing written" in said, said
         assert list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())
     report = _export(archive, ct, "--out", str(tmp_path / "out.zip"))
     assert report["studies"] == 1 and report["instances"] >= 1
