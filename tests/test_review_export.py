@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -250,3 +251,71 @@ def test_an_interrupted_export_is_audited_with_what_it_wrote(archive: PacsServer
         core.close()
     assert event["outcome"] == "failure" and event["patient_id"] == "BN224", event
     assert "1 instances written" in event["detail"] and "interrupted" in event["detail"], event
+
+
+@pytest.mark.parametrize("name", ["usb", "usb.zip"])
+def test_a_second_export_into_the_folder_does_not_break_the_one_running(archive: PacsServer, tmp_path: Path,
+                                                                       name: str) -> None:
+    """Two exports into one folder at once (the same command started twice,
+    or two studies sent to the same USB stick from two terminals): the
+    second, starting, removed the temporary files "an interrupted run left",
+    the ones the first was writing; the first then lost that object
+    ("failed", exit 1). Into one zip name, the second truncated the first's
+    .partial and renamed it as its own zip (exit 0), which the first went on
+    writing into. The second is now refused while the first runs (exit 2),
+    and the first completes."""
+    import os
+    import subprocess
+    import threading
+
+    from .peers import PACS
+
+    study = f"1.2.826.0.1.3680043.9.7134.225.{len(name)}"
+    made = tmp_path / "made"
+    made.mkdir()
+    make_ct(made / "1.dcm", sop_uid=f"{study}.3.1", StudyInstanceUID=study, SeriesInstanceUID=f"{study}.2")
+    archive.cli("import", str(made))
+    (path,) = (archive.data_dir / "objects").rglob(f"{study}.3.1.dcm")
+    kept = path.read_bytes()
+    path.unlink()
+    os.mkfifo(path)  # the store gives the object as slowly as the test feeds it
+    go_on = threading.Event()
+
+    def feed() -> None:
+        with path.open("wb") as fifo:  # opens once the export reads
+            fifo.write(kept[:1000])
+            fifo.flush()
+            go_on.wait(timeout=120)
+            fifo.write(kept[1000:])
+
+    feeder = threading.Thread(target=feed)
+    feeder.start()
+    out = tmp_path / name
+    running = out.with_name(out.name + ".partial") if name.endswith(".zip") else out / ".export-*.tmp"
+    first = subprocess.Popen([PACS, "export", study, "--out", str(out), "--json", *archive.common_args()],
+                             env=archive.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while first.poll() is None and not list(running.parent.glob(running.name)):
+            time.sleep(0.02)
+        second = archive.cli("export", archive.studies["ct"], "--out", str(out), check=False)  # type: ignore[attr-defined]
+        go_on.set()
+        stdout, stderr = first.communicate(timeout=120)
+    finally:
+        go_on.set()
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+        if feeder.is_alive():
+            with path.open("rb") as fifo:  # the export never read: let the feeder end
+                fifo.read()
+        feeder.join()
+        path.unlink()
+        path.write_bytes(kept)
+    assert second.returncode == 2 and "another" in second.stderr, second.stdout + second.stderr
+    assert first.returncode == 0, stdout + stderr
+    assert json.loads(stdout)["instances"] == 1
+    if name.endswith(".zip"):
+        with zipfile.ZipFile(out) as zf:
+            assert zf.testzip() is None and [Path(n).name for n in zf.namelist()] == [f"{study}.3.1.dcm"]
+    else:
+        assert _sops_on_disk(out) == {f"{study}.3.1"}

@@ -22,6 +22,8 @@ earlier run's copies of objects deleted since, or withheld now) are removed.
 A folder holding exported studies of the other kind (identified ones for a
 de-identified export, and the reverse) is refused: they would be sent on
 together (:class:`ExportConflict`).
+One export at a time writes into a folder (or a zip's ``.partial``): another
+one is refused while it runs (:class:`ExportConflict`).
 A zip is written as ``NAME.zip.partial`` and renamed when complete. Each
 exported study is audited (action "export"), also one the export stopped in
 (a full disk, Ctrl-C): what was written of it has left the archive.
@@ -203,6 +205,22 @@ def _create_salt(path: Path) -> bool:
         os.unlink(name)
 
 
+def _lock(fd: int, busy: str) -> None:
+    """Hold an exclusive lock on *fd* (a destination folder, a zip's
+    ``.partial``) until it is closed, or raise :class:`ExportConflict` with
+    *busy*: another export writing there at the same time would lose the
+    temporary files this one removes as an interrupted run's (or truncate
+    its zip). A file system without locks is written unlocked."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise ExportConflict(busy) from None
+    except OSError as exc:
+        log.debug("no lock on the export's destination: %s", exc)
+
+
 class _Sink:
     """Where exported files go: a folder (resumable) or a zip."""
 
@@ -215,15 +233,21 @@ class _Sink:
             # Identified objects: owner only, like the folder exports' files
             # (mkstemp's 0600), whatever the umask; fchmod also covers a
             # partial file an interrupted run left with another mode.
-            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.fchmod(fd, 0o600)
+            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT, 0o600)
             self._file = stack.enter_context(os.fdopen(fd, "wb"))
+            _lock(fd, f"another pacs export is writing {out}: wait for it to finish, or choose another name")
+            os.ftruncate(fd, 0)  # an interrupted run's, not a running one's (locked)
+            os.fchmod(fd, 0o600)
             self.zip = stack.enter_context(zipfile.ZipFile(self._file, "w", zipfile.ZIP_STORED, allowZip64=True))
             self.tmp_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pacs-export-")))
         else:
             out.mkdir(parents=True, exist_ok=True)
             self.tmp_dir = out
-            for stale in out.glob(".export-*.tmp"):  # an interrupted run's
+            fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+            stack.callback(os.close, fd)
+            _lock(fd, f"another pacs export is writing into {out}: wait for it to finish, or export into another "
+                      "folder")
+            for stale in out.glob(".export-*.tmp"):  # an interrupted run's (not a running one's: locked)
                 stale.unlink(missing_ok=True)
 
     def has(self, name: str, size: int | None) -> bool:
