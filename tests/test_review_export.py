@@ -319,3 +319,26 @@ def test_a_second_export_into_the_folder_does_not_break_the_one_running(archive:
             assert zf.testzip() is None and [Path(n).name for n in zf.namelist()] == [f"{study}.3.1.dcm"]
     else:
         assert _sops_on_disk(out) == {f"{study}.3.1"}
+
+
+def test_a_read_only_destination_stops_the_export_with_one_message(archive: PacsServer, tmp_path: Path) -> None:
+    """A USB stick the kernel remounted read-only (a FAT error), or a folder
+    the export's user may not write: every object failed on its own, one
+    warning and one "failed" row each (thousands for a CT study) and the
+    export ran to the end. As for a full disk, it now stops at the first
+    object, with one message saying why."""
+    import subprocess
+
+    ct = archive.studies["ct"]  # type: ignore[attr-defined]
+    stick = tmp_path / "stick"
+    stick.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(stick)], check=True)
+    try:
+        (stick / "usb").mkdir()
+        subprocess.run(["mount", "-o", "remount,ro", str(stick)], check=True)
+        result = archive.cli("export", ct, "--out", str(stick / "usb"), check=False)
+    finally:
+        subprocess.run(["umount", "-l", str(stick)], check=False)
+    said = result.stdout + result.stderr
+    assert result.returncode == 1 and said.count("Read-only file system") == 1, said
+    assert "stopped" in said, said

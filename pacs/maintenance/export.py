@@ -28,9 +28,10 @@ A zip is written as ``NAME.zip.partial`` and renamed when complete. Each
 exported study is audited (action "export"), also one the export stopped in
 (a full disk, Ctrl-C): what was written of it has left the archive.
 
-A full destination (ENOSPC, EDQUOT) stops the export at the first object
-that does not fit, with one :class:`ExportDiskFull`: every later object
-would fail the same way. A zip's ``.partial`` is removed (left, it kept the
+A full destination (ENOSPC, EDQUOT), or one that cannot be written (a USB
+stick remounted read-only, a folder not the export's user's) stops the
+export at the first object that does not fit, with one
+:class:`ExportStopped`: every later object would fail the same way. A zip's ``.partial`` is removed (left, it kept the
 disk full and is no use without its central directory); a folder keeps the
 complete files it has (a rerun with more room resumes) and loses only the
 temporary file being written.
@@ -86,21 +87,34 @@ class ExportConflict(Exception):
     the message); nothing was written."""
 
 
-class ExportDiskFull(Exception):
-    """The export's destination (or its temporary space) is full: the export
+class ExportStopped(Exception):
+    """The export's destination (or its temporary space) is full, or cannot
+    be written (read-only, not the export's user's to write): the export
     stopped, see the message for what was kept."""
 
 
-def _disk_full(exc: BaseException) -> OSError | None:
-    """The ENOSPC/EDQUOT error behind *exc* (itself or a cause), or None."""
+def _disk_full(exc: BaseException, where: Path | None = None) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind *exc* (itself or a cause), or None;
+    with *where* (the folder files are written in), also an error that it
+    cannot be written there: every later object would meet either."""
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
-        if isinstance(current, OSError) and current.errno in _FULL_ERRNOS:
+        if isinstance(current, OSError) and (current.errno in _FULL_ERRNOS
+                                             or (where is not None and _unwritable(current, where))):
             return current
         current = current.__cause__ or current.__context__
     return None
+
+
+def _unwritable(error: OSError, where: Path) -> bool:
+    """Whether *error* says *where* cannot be written: read-only (a USB
+    stick the kernel remounted so after a FAT error; a write to an open file
+    names none), or permission denied on a file or folder in it."""
+    named = error.filename is not None and Path(os.fsdecode(error.filename)).is_relative_to(where)
+    return (error.errno == errno.EROFS and (error.filename is None or named)) or (
+        error.errno in (errno.EACCES, errno.EPERM) and named)
 
 
 @dataclass
@@ -310,23 +324,30 @@ class _Sink:
             self._file.close()  # ZipFile leaves a file it was given open
             os.replace(self.partial, self.out)
 
-    def abort(self) -> str:
-        """Give up after a full disk; says what is left behind.
+    def abort(self, full: bool = True) -> str:
+        """Give up after a full disk (*full*) or one that cannot be written;
+        says what is left behind.
 
         A zip is closed without its central directory (writing it would meet
         the full disk again) and its ``.partial`` deleted; a folder keeps its
-        complete files and loses its temporary ones."""
+        complete files and loses its temporary ones (as far as a read-only
+        disk lets them go)."""
         if self.zip is not None:
             # ZipFile.close() would write the central directory; dropping its
             # file first makes the ExitStack's close a no-op.
             self.zip.fp = None
             with contextlib.suppress(OSError):
                 self._file.close()
-            self.partial.unlink(missing_ok=True)
+            try:
+                self.partial.unlink(missing_ok=True)
+            except OSError as exc:
+                return f"{self.partial} could not be removed ({exc.strerror})"
             return f"{self.partial} removed"
         for stale in self.out.glob(".export-*.tmp"):
-            stale.unlink(missing_ok=True)
-        return f"the complete files in {self.out} are kept: run the export again with more room to resume"
+            with contextlib.suppress(OSError):
+                stale.unlink(missing_ok=True)
+        again = "with more room " if full else "once it can be written "
+        return f"the complete files in {self.out} are kept: run the export again {again}to resume"
 
 
 def _check_folder(out: Path, *, deidentified: bool) -> None:
@@ -439,12 +460,14 @@ def export_studies(
                     pass
             sink.finish()
         except BaseException as exc:
-            full = _disk_full(exc)
+            full = _disk_full(exc, sink.tmp_dir)
             if full is None:
                 raise
-            kept = sink.abort()
-            raise ExportDiskFull(
-                f"disk full writing the export ({full.strerror}{': ' + str(full.filename) if full.filename else ''}): "
+            room = full.errno in _FULL_ERRNOS
+            kept = sink.abort(room)
+            raise ExportStopped(
+                f"{'disk full writing' if room else 'cannot write'} the export "
+                f"({full.strerror}{': ' + str(full.filename) if full.filename else ''}): "
                 f"stopped after {report.instances} objects; {kept}"
             ) from None
         finally:
@@ -516,9 +539,9 @@ def _export_all(
                     report.instances += 1
                     report.bytes += size
                 except Exception as exc:  # one bad object must not sink the export
-                    if _disk_full(exc) is not None:
-                        # ... but a full disk sinks every later one as well.
-                        stopped = "stopped: disk full"
+                    if (full := _disk_full(exc, sink.tmp_dir)) is not None:
+                        # ... but a full (or read-only) disk sinks every later one as well.
+                        stopped = f"stopped: {'disk full' if full.errno in _FULL_ERRNOS else full.strerror}"
                         raise
                     if strict:
                         stopped = f"stopped: {item.sop_uid} failed: {str(exc)[:200]}"
