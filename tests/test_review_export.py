@@ -342,3 +342,41 @@ def test_a_read_only_destination_stops_the_export_with_one_message(archive: Pacs
     said = result.stdout + result.stderr
     assert result.returncode == 1 and said.count("Read-only file system") == 1, said
     assert "stopped" in said, said
+
+
+def test_a_zip_removed_for_a_full_disk_is_not_audited_as_exported(archive: PacsServer, tmp_path: Path) -> None:
+    """A zip export of two studies ran out of room in the second: the
+    .partial was removed (nothing left the archive) but the audit trail kept
+    "export to x.zip: 1 instances written", a success, for the first, as if
+    it had been handed over. A zip's studies are now audited with the zip's
+    fate: a failure when it was removed."""
+    import os
+    import subprocess
+
+    from pacs import audit
+
+    small, big = "1.2.826.0.1.3680043.9.7134.226.1", "1.2.826.0.1.3680043.9.7134.227.1"
+    made = tmp_path / "made"
+    made.mkdir()
+    make_ct(made / "small.dcm", sop_uid=f"{small}.3.1", StudyInstanceUID=small, SeriesInstanceUID=f"{small}.2")
+    for i in range(4):
+        make_ct(made / f"big{i}.dcm", sop_uid=f"{big}.3.{i}", StudyInstanceUID=big, SeriesInstanceUID=f"{big}.2",
+                Rows=1024, Columns=1024, PixelData=os.urandom(1024 * 1024 * 2))
+    archive.cli("import", str(made))
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)], check=True)
+    try:
+        result = archive.cli("export", small, big, "--out", str(disk / "x.zip"), check=False)
+        assert result.returncode == 1 and "disk full" in result.stderr, result.stdout + result.stderr
+        assert list(disk.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+    core = archive.core()
+    try:
+        events = {uid: audit.query(core.engine, action="export", study_uid=uid) for uid in (small, big)}
+    finally:
+        core.close()
+    assert [e["outcome"] for e in events[big]] == ["failure"], events
+    ((event,),) = [events[small]]
+    assert event["outcome"] == "failure" and "removed" in event["detail"], event

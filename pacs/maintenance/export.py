@@ -26,7 +26,9 @@ One export at a time writes into a folder (or a zip's ``.partial``): another
 one is refused while it runs (:class:`ExportConflict`).
 A zip is written as ``NAME.zip.partial`` and renamed when complete. Each
 exported study is audited (action "export"), also one the export stopped in
-(a full disk, Ctrl-C): what was written of it has left the archive.
+(a full disk, Ctrl-C): what was written of it has left the archive. The
+studies of a zip are audited with the zip's fate: a failure when it was
+removed (a full disk later) or left unfinished.
 
 A full destination (ENOSPC, EDQUOT), or one that cannot be written (a USB
 stick remounted read-only, a folder not the export's user's) stops the
@@ -446,7 +448,15 @@ def export_studies(
     else:
         layout.check_folder(out, [deid.uid_map.map(u) if deid else u for u in study_uids])
 
+    # The studies a zip holds complete are audited with the zip's fate: it is
+    # still removed (a full disk) or left unfinished (Ctrl-C) after them.
+    zipped: list[tuple[str, str, _Counts]] = []
+    fate = ""
+
     def audit(study_uid: str, patient_id: str, counts: _Counts, stopped: str = "") -> None:
+        if out.suffix.lower() == ".zip" and not stopped:
+            zipped.append((study_uid, patient_id, counts))
+            return
         _audit(pacs, user, study_uid, patient_id, deid, out, counts, stopped, media=layout)
 
     with ExitStack() as stack:
@@ -462,15 +472,19 @@ def export_studies(
         except BaseException as exc:
             full = _disk_full(exc, sink.tmp_dir)
             if full is None:
+                fate = f"the zip was not finished ({_stopped(exc)}): {getattr(sink, 'partial', out)} left"
                 raise
             room = full.errno in _FULL_ERRNOS
             kept = sink.abort(room)
+            fate = f"the zip was not finished ({'disk full' if room else full.strerror}): {kept}"
             raise ExportStopped(
                 f"{'disk full writing' if room else 'cannot write'} the export "
                 f"({full.strerror}{': ' + str(full.filename) if full.filename else ''}): "
                 f"stopped after {report.instances} objects; {kept}"
             ) from None
         finally:
+            for study_uid, patient_id, counts in zipped:
+                _audit(pacs, user, study_uid, patient_id, deid, out, counts, fate, media=layout)
             pacs.audit.flush()
     return report
 
