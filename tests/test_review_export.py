@@ -380,3 +380,23 @@ def test_a_zip_removed_for_a_full_disk_is_not_audited_as_exported(archive: PacsS
     assert [e["outcome"] for e in events[big]] == ["failure"], events
     ((event,),) = [events[small]]
     assert event["outcome"] == "failure" and "removed" in event["detail"], event
+
+
+def test_a_zip_is_not_written_through_a_link_planted_at_its_partial_name(archive: PacsServer,
+                                                                         tmp_path: Path) -> None:
+    """`pacs export ... --out /tmp/x.zip` wrote the zip as x.zip.partial,
+    opened without refusing a symbolic link: another user of the machine who
+    put x.zip.partial there, linked to a file of theirs, received the
+    patient's images in it (the export only truncated and re-moded it). A
+    link there is now refused (exit 2), the linked file untouched."""
+    import os
+
+    ct = archive.studies["ct"]  # type: ignore[attr-defined]
+    theirs = tmp_path / "theirs.bin"
+    theirs.write_bytes(b"not yours")
+    os.chmod(theirs, 0o666)
+    os.chown(theirs, 65534, 65534)  # nobody's
+    (tmp_path / "x.zip.partial").symlink_to(theirs)
+    result = archive.cli("export", ct, "--out", str(tmp_path / "x.zip"), check=False)
+    assert result.returncode == 2 and "link" in result.stderr, result.stdout + result.stderr
+    assert theirs.read_bytes() == b"not yours" and not (tmp_path / "x.zip").exists()

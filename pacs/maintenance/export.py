@@ -249,7 +249,15 @@ class _Sink:
             # Identified objects: owner only, like the folder exports' files
             # (mkstemp's 0600), whatever the umask; fchmod also covers a
             # partial file an interrupted run left with another mode.
-            fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                # Not through a link: one planted there (a shared /tmp) would
+                # hand the patient's images to whoever owns its target.
+                fd = os.open(self.partial, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            except OSError as exc:
+                if exc.errno != errno.ELOOP:
+                    raise
+                raise ExportConflict(f"{self.partial} is a symbolic link, not an interrupted export's file: "
+                                     "remove it, or choose another name") from None
             self._file = stack.enter_context(os.fdopen(fd, "wb"))
             _lock(fd, f"another pacs export is writing {out}: wait for it to finish, or choose another name")
             os.ftruncate(fd, 0)  # an interrupted run's, not a running one's (locked)
