@@ -297,7 +297,8 @@ def test_a_second_export_into_the_folder_does_not_break_the_one_running(archive:
     try:
         while first.poll() is None and not list(running.parent.glob(running.name)):
             time.sleep(0.02)
-        second = archive.cli("export", archive.studies["ct"], "--out", str(out), check=False)  # type: ignore[attr-defined]
+        ct = archive.studies["ct"]  # type: ignore[attr-defined]
+        second = archive.cli("export", ct, "--out", str(out), check=False)
         go_on.set()
         stdout, stderr = first.communicate(timeout=120)
     finally:
