@@ -803,8 +803,8 @@ def cmd_route(args: argparse.Namespace) -> int:
                     deidentify=args.deidentify, morph=morph, stable_seconds=args.stable,
                 )
             except (routing.RoutingError, ValueError) as exc:
-                audit_command(pacs, "route-add", f"rule {args.name} to {routing.without_userinfo(args.to_ae or args.to_url)}: "
-                              f"refused: {exc}", "failure")
+                destination = routing.without_userinfo(args.to_ae or args.to_url)
+                audit_command(pacs, "route-add", f"rule {args.name} to {destination}: refused: {exc}", "failure")
                 fail(exc)
                 return 2
             # Where patient data will be sent from now on.
