@@ -13,6 +13,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +133,27 @@ def make_backend(name: str, request: pytest.FixtureRequest) -> Backend:
         storage_url = request.getfixturevalue("s3_bucket_url")
         env = {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET}
     return Backend(name, index_url, storage_url, env)
+
+
+@contextmanager
+def shared_backend(name: str, request: pytest.FixtureRequest, bucket: str) -> Iterator[Backend]:
+    """*name*'s backend for an archive a whole module shares (pg_url and
+    s3_bucket_url are per test): a fresh database on the session's
+    PostgreSQL, dropped afterwards, and a fresh bucket *bucket*-... on its
+    SeaweedFS."""
+    index, store = name.split("-")
+    postgres = request.getfixturevalue("postgres") if index == "pg" else None
+    index_url = create_database(postgres) if postgres else None
+    env: dict[str, str] = {}
+    storage_url = None
+    if store == "s3":
+        storage_url = request.getfixturevalue("s3_server").url(f"{bucket}-{uuid.uuid4().hex[:10]}")
+        env = {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET}
+    try:
+        yield Backend(name, index_url, storage_url, env)
+    finally:
+        if index_url and postgres:
+            drop_database(index_url, postgres)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -13,7 +13,6 @@ import io
 import json
 import re
 import time
-import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -26,9 +25,9 @@ import pytest
 from PIL import Image
 from pydicom.uid import generate_uid
 
-from .conftest import Backend, PacsServer
+from .conftest import PacsServer, shared_backend
 from .dicomfiles import image_dataset
-from .peers import PACS_COMMANDS, create_database, drop_database
+from .peers import PACS_COMMANDS
 from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, _sync_playwright
 
 NAME = "Nguyễn^Thị Hằng"
@@ -76,28 +75,20 @@ def _write_studies(folder: Path) -> dict[str, Any]:
 def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     """One archive with studies A and B, and a token per role."""
     tmp = tmp_path_factory.mktemp(f"share-{request.param}")
-    pg = create_database(request.getfixturevalue("postgres")) if request.param == "pg-s3" else None
-    env: dict[str, str] = {}
-    storage = None
-    if request.param == "pg-s3":
-        s3 = request.getfixturevalue("s3_server")
-        storage = s3.url(f"share-{uuid.uuid4().hex[:10]}")
-        env = {"PACS_S3_ACCESS_KEY": s3.access_key, "PACS_S3_SECRET_KEY": s3.secret_key}
-    server = PacsServer(tmp / "data", Backend(request.param, pg, storage, env))
-    server.uids = _write_studies(tmp / "in")  # type: ignore[attr-defined]
-    server.cli("import", str(tmp / "in"))
-    server.start()
-    server.tokens = {  # type: ignore[attr-defined]
-        "radiologist": server.make_token("bs.an", "radiologist", "BS. Trần Văn An"),
-        "his": server.make_token("his", "his", "HIS"),
-        "referring": server.make_token("bs.tung", "referring", REFERRING),
-        "emr": server.make_token("emr", "emr", "EMR"),
-        "modality": server.make_token("ct1", "modality", "CT1"),
-    }
-    yield server
-    server.stop()
-    if pg:
-        drop_database(pg)
+    with shared_backend(request.param, request, "share") as backend:
+        server = PacsServer(tmp / "data", backend)
+        server.uids = _write_studies(tmp / "in")  # type: ignore[attr-defined]
+        server.cli("import", str(tmp / "in"))
+        server.start()
+        server.tokens = {  # type: ignore[attr-defined]
+            "radiologist": server.make_token("bs.an", "radiologist", "BS. Trần Văn An"),
+            "his": server.make_token("his", "his", "HIS"),
+            "referring": server.make_token("bs.tung", "referring", REFERRING),
+            "emr": server.make_token("emr", "emr", "EMR"),
+            "modality": server.make_token("ct1", "modality", "CT1"),
+        }
+        yield server
+        server.stop()
 
 
 def uids(server: PacsServer) -> dict[str, Any]:

@@ -27,9 +27,8 @@ import numpy as np
 import pytest
 from pydicom.uid import generate_uid
 
-from .conftest import Backend, PacsServer
+from .conftest import PacsServer, shared_backend
 from .dicomfiles import image_dataset
-from .peers import create_database, drop_database
 from .test_share_links import (
     CHROMIUM,
     CHROMIUM_ARGS,
@@ -62,28 +61,20 @@ NOT_READY_EN = "Your images are not ready yet"
 def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     """A running archive (no study yet) and a token per role."""
     tmp = tmp_path_factory.mktemp(f"share-orders-{request.param}")
-    pg = create_database(request.getfixturevalue("postgres")) if request.param == "pg-s3" else None
-    env: dict[str, str] = {}
-    storage = None
-    if request.param == "pg-s3":
-        s3 = request.getfixturevalue("s3_server")
-        storage = s3.url(f"share-orders-{uuid.uuid4().hex[:10]}")
-        env = {"PACS_S3_ACCESS_KEY": s3.access_key, "PACS_S3_SECRET_KEY": s3.secret_key}
-    server = PacsServer(tmp / "data", Backend(request.param, pg, storage, env))
-    server.start()
-    server.work = tmp  # type: ignore[attr-defined]
-    server.tokens = {  # type: ignore[attr-defined]
-        "radiologist": server.make_token("bs.an", "radiologist", "BS. Trần Văn An"),
-        "his": server.make_token("his", "his", "HIS"),
-        "referring": server.make_token("bs.tung", "referring", REFERRING),
-        "other-referring": server.make_token("bs.chau", "referring", OTHER_REFERRING),
-        "emr": server.make_token("emr", "emr", "EMR"),
-        "modality": server.make_token("ct1", "modality", "CT1"),
-    }
-    yield server
-    server.stop()
-    if pg:
-        drop_database(pg)
+    with shared_backend(request.param, request, "share-orders") as backend:
+        server = PacsServer(tmp / "data", backend)
+        server.start()
+        server.work = tmp  # type: ignore[attr-defined]
+        server.tokens = {  # type: ignore[attr-defined]
+            "radiologist": server.make_token("bs.an", "radiologist", "BS. Trần Văn An"),
+            "his": server.make_token("his", "his", "HIS"),
+            "referring": server.make_token("bs.tung", "referring", REFERRING),
+            "other-referring": server.make_token("bs.chau", "referring", OTHER_REFERRING),
+            "emr": server.make_token("emr", "emr", "EMR"),
+            "modality": server.make_token("ct1", "modality", "CT1"),
+        }
+        yield server
+        server.stop()
 
 
 def token_of(server: PacsServer, role: str) -> str:

@@ -4,13 +4,15 @@ already stored, and deleting index rows without leaving empty parents."""
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, Engine, Table, delete, func, select
@@ -85,6 +87,23 @@ def os_user() -> str:
     if person and person != account:
         return f"{person} (as {account})"
     return account
+
+
+def prune_files(root: Path, stale: Callable[[Path], bool], *, keep_root: bool = False) -> None:
+    """Remove the files under *root* that *stale* names, then the folders
+    left empty (*root* too unless *keep_root*): an export rerun into the
+    same folder clears what it no longer writes."""
+    if not root.is_dir():
+        return
+    for path in sorted(root.rglob("*"), reverse=True):  # a folder's files before the folder
+        if path.is_dir():
+            with contextlib.suppress(OSError):  # only an empty one
+                path.rmdir()
+        elif stale(path):
+            path.unlink()
+    if not keep_root:
+        with contextlib.suppress(OSError):
+            root.rmdir()
 
 
 def batched(items: Iterable[Any], size: int = BATCH) -> Iterator[list[Any]]:

@@ -77,7 +77,7 @@ from ..backup import SALT_FILE
 from ..deidentify import Deidentifier, burned_in, may_release
 from ..reads import StoredInstance
 from ..transcode import CodecPlan, StreamPlan, TransferSyntaxError, check_whole_size, decode_plan, stream_plan
-from .common import Capped, NullProgress, Progress, instances_t, os_user, patients_t, studies_t
+from .common import Capped, NullProgress, Progress, instances_t, os_user, patients_t, prune_files, studies_t
 
 log = logging.getLogger(__name__)
 CHUNK = 1 << 20
@@ -656,17 +656,8 @@ def _remove_stale(out: Path, study_folder: str, listed: set[str]) -> None:
     earlier run's copies of objects deleted since (sent in error, often
     another patient's) or withheld now (burned-in annotation), which
     whoever imports the folder would take."""
-    root = out / study_folder
-    if not root.is_dir():
-        return
-    for path in sorted(root.rglob("*"), reverse=True):  # a folder's files before the folder
-        if path.is_dir():
-            with contextlib.suppress(OSError):  # only an empty one
-                path.rmdir()
-        elif path.suffix == ".dcm" and "/".join(path.relative_to(out).parts) not in listed:
-            path.unlink()
-    with contextlib.suppress(OSError):
-        root.rmdir()
+    prune_files(out / study_folder,
+                lambda path: path.suffix == ".dcm" and "/".join(path.relative_to(out).parts) not in listed)
 
 
 def _current(existing: Path, item: StoredInstance, deid: Deidentifier | None,

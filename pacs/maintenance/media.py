@@ -41,7 +41,6 @@ export, and its files would be overwritten, the rest left on this media.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
@@ -65,7 +64,7 @@ from ..reads import StoredInstance
 from ..query.results import as_written
 from ..timezones import hospital_now
 from ..transcode import TransferSyntaxError, prepared_bytes
-from .common import NullProgress
+from .common import NullProgress, prune_files
 from .export import (
     CHUNK,
     ExportReport,
@@ -200,15 +199,8 @@ def _remove_stale(out: Path, layout: MediaLayout) -> None:
     not list, and the folders they leave empty: an earlier run's copies of
     objects deleted since (sent in error, often another patient's) or
     withheld now, which any import of the folder would take again."""
-    root = out / ROOT_FOLDER
-    if not root.is_dir():
-        return
-    for path in sorted(root.rglob("*"), reverse=True):  # a folder's files before the folder
-        if path.is_dir():
-            with contextlib.suppress(OSError):  # only an empty one
-                path.rmdir()
-        elif "/".join(path.relative_to(out).parts) not in layout.listed and _study_of(path) in layout.studies:
-            path.unlink()
+    prune_files(out / ROOT_FOLDER, lambda path: "/".join(path.relative_to(out).parts) not in layout.listed
+                and _study_of(path) in layout.studies, keep_root=True)
 
 
 def _header(path: Path) -> Dataset | None:
