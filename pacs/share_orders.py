@@ -126,14 +126,18 @@ def bound_order(conn: Connection, order_pk: int) -> OrderTarget | None:
 
 
 def order_statuses(conn: Connection, order_pks: set[int]) -> dict[int, str]:
-    """The procedure status of the order of each row of *order_pks* (two
-    queries, whatever their number: a listing of a thousand links)."""
+    """The procedure status of the order of each row of *order_pks* (one
+    query, whatever their number: a listing of a thousand links)."""
     if not order_pks:
         return {}
-    bound = {row.pk: row for row in conn.execute(select(orders_t).where(orders_t.c.pk.in_(order_pks)))}
+    # The rows of the links' accessions, the links' own among them, in one statement: read in two, an
+    # HIS XO committed between them (PostgreSQL reads each at its own moment) moved every row to
+    # another patient, and the first read's procedure key was in none of the second's (a 500).
+    rows = conn.execute(select(orders_t).where(orders_t.c.accession_number.in_(
+        select(orders_t.c.accession_number).where(orders_t.c.pk.in_(order_pks))))).all()
+    bound = {row.pk: row for row in rows if row.pk in order_pks}
     statuses: dict[tuple[str, tuple[str, str, int]], list[str]] = {}
-    for row in conn.execute(select(orders_t).where(
-            orders_t.c.accession_number.in_({row.accession_number for row in bound.values()}))):
+    for row in rows:
         statuses.setdefault((row.accession_number, _procedure_key(row)), []).append(row.status)
     return {pk: procedure_status(statuses[(row.accession_number, _procedure_key(row))]) for pk, row in bound.items()}
 
