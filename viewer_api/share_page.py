@@ -116,6 +116,21 @@ def _answered(request: Request, found: shares.ShareLink) -> None:
         raise HTTPProblem(403, "answer the patient's birth year first")
 
 
+def _moved_meanwhile(request: Request, found: shares.ShareLink) -> shares.ShareLink | None:
+    """The link as the index has it now if this browser's birth-year answer
+    does not hold for it (None: it still does). Called once the page's data
+    is read: the cookie was judged before, on the patient the link named
+    then, and an HIS XO moving the order, a match moving the study or a
+    merge committed in between gave the next patient's name to the browser
+    that had answered the previous patient's year. (Images and the report's
+    PDF name no one, or the patient of the signature: what the link showed
+    before the move.)"""
+    fresh = shares.link(request.app.state.pacs.engine, found.id)
+    if fresh is None:  # its study deleted meanwhile
+        raise HTTPProblem(404, "no such share link")
+    return fresh if _needs_answer(request, fresh) else None
+
+
 def _secure(request: Request) -> bool:
     return bool(request.app.state.pacs.settings.http_tls) or request.url.scheme == "https"
 
@@ -249,11 +264,7 @@ def study(request: Request, token: str) -> Response:
     found = _opened(request, token, "view", "study")
     pacs = request.app.state.pacs
     if _needs_answer(request, found):
-        now = datetime.now(UTC)
-        locked = found.locked_until if found.locked_until is not None and found.locked_until > now else None
-        return JSONResponse({"error": "answer the patient's birth year first", "status": 403,
-                             "birth_year_required": True,
-                             "locked_until": locked.isoformat() if locked else None}, status_code=403)
+        return _ask_birth_year(found)
     if found.accession:
         view = _order_view(request, found)
     else:
@@ -261,8 +272,23 @@ def study(request: Request, token: str) -> Response:
         if shown is None:
             raise HTTPProblem(404, "the study is no longer in the archive")
         view = {"kind": "study", **shown, "expires_at": found.expires_at.isoformat()}
+    fresh = _moved_meanwhile(request, found)
+    if fresh is not None:
+        # Nothing read is shown: the event names the link's patient now, as a refused request does.
+        request.state.audit_more = []
+        _name(request.state.audit, fresh)
+        request.state.audit.detail = f"share link {found.id}: study: its patient changed while read"
+        return _ask_birth_year(fresh)
     shares.record_use(pacs.engine, found.id)
     return JSONResponse(view)
+
+
+def _ask_birth_year(found: shares.ShareLink) -> JSONResponse:
+    """The 403 that has the page ask the birth year (with the lock, if any)."""
+    now = datetime.now(UTC)
+    locked = found.locked_until if found.locked_until is not None and found.locked_until > now else None
+    return JSONResponse({"error": "answer the patient's birth year first", "status": 403, "birth_year_required": True,
+                         "locked_until": locked.isoformat() if locked else None}, status_code=403)
 
 
 class BirthYear(JsonBody):
