@@ -402,9 +402,14 @@ class ReportService:
         self.pacs.ingestor.ingest(BufferSource(b"", data), Origin(source="report", calling_ae=self.pacs.settings.ae_title))
         return str(ds.SOPInstanceUID)
 
-    def pdf(self, study_uid: str, version: int | None = None) -> bytes:
+    def pdf(self, study_uid: str, version: int | None = None, *, current_patient: bool = False) -> bytes:
         """The PDF of the signed report (latest, or a given version), read back
-        from the stored Encapsulated PDF instance."""
+        from the stored Encapsulated PDF instance. *current_patient*: refused
+        (409) when the PDF names another patient than the one the study is
+        filed under now (the HIS refiled it after the signature): a signed
+        PDF is never rewritten, and a patient's share link must not hand
+        out another person's name, ID and birth date; an amendment signs a
+        new one."""
         from pydicom import dcmread
 
         report = self.get(study_uid, signed_only=True)
@@ -417,6 +422,13 @@ class ReportService:
         if stored is None:
             raise ReportError("the report PDF is not in the archive", 404)
         ds = dcmread(io.BytesIO(self.pacs.store.read_bytes(stored.storage_key)))
+        if current_patient:
+            with self.pacs.engine.connect() as conn:
+                study = self._study(conn, study_uid)
+            named = (str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", "")))
+            if named != (study.patient_id or "", study.issuer or ""):
+                raise ReportError("the signed report's PDF names the patient the study was filed under when it "
+                                  "was signed; it is available again once the report is amended", 409)
         data = bytes(ds.EncapsulatedDocument)
         length = int(ds.get("EncapsulatedDocumentLength", len(data)) or len(data))
         return data[:length]

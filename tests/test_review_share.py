@@ -276,3 +276,45 @@ def test_a_pasted_uid_with_spaces_and_absurd_limits(archive: PacsServer, tmp_pat
             assert "3650" in str(exc), exc
         else:
             raise AssertionError(f"{bad} accepted")
+
+
+def test_a_signed_pdf_naming_the_former_patient_is_not_handed_out(archive: PacsServer, tmp_path: Path) -> None:
+    """The signed report's PDF is stored at the signature and never rewritten:
+    after the HIS refiled the study under another patient (matched by hand to
+    that patient's order), the new patient's link gave out a PDF with the
+    first patient's name, ID and birth date. The link now offers the report's
+    text and no PDF until the report is amended; staff still read the signed PDF."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    study, series = generate_uid(), generate_uid()
+    ds = image_dataset(StudyInstanceUID=study, SeriesInstanceUID=series, PatientName="Lê^Thị Mai",
+                       PatientID="BN-REVIEW-5", PatientBirthDate="19750607", SpecificCharacterSet="ISO_IR 192",
+                       StudyDate="20261203", Rows=16, Columns=16)
+    ds.PixelData = np.arange(16 * 16, dtype=np.uint16).tobytes()
+    ds.save_as(folder / "d.dcm", enforce_file_format=True)
+    archive.cli("import", str(folder))
+    radiologist = archive.make_token("bs.review5", "radiologist", "BS. Review")
+    with archive.http(token=radiologist) as rad:
+        assert rad.put(f"/api/studies/{study}/report", json={"findings": "Bình thường.", "impression": "Bình thường."}
+                       ).status_code == 200
+        assert rad.post(f"/api/studies/{study}/report/sign").status_code == 200
+    base = _link(archive, study)
+    with _phone(archive) as phone:
+        assert phone.post(f"{base}/birth-year", json={"birth_year": "1975"}).status_code == 204
+        assert phone.get(f"{base}/study").json()["report"]["pdf"] is True
+        assert phone.get(f"{base}/report.pdf").status_code == 200
+
+        order = {"patient": {"id": "BN-REVIEW-6", "name": "Phan^Văn Tâm", "birth_date": "19880101"},
+                 "accession_number": "RV-SHARE-PDF", "modality": "CT"}
+        with archive.http(token=archive.his) as his:  # type: ignore[attr-defined]
+            assert his.post("/api/orders", json=order).status_code == 201
+        with archive.http() as admin:
+            assert admin.post(f"/api/studies/{study}/match", json={"accession_number": "RV-SHARE-PDF"}
+                              ).status_code == 200
+        assert phone.post(f"{base}/birth-year", json={"birth_year": "1988"}).status_code == 204
+        shown = phone.get(f"{base}/study").json()
+        assert shown["report"]["status"] == "signed" and shown["report"]["pdf"] is False
+        refused = phone.get(f"{base}/report.pdf")
+        assert refused.status_code == 409 and b"%PDF" not in refused.content
+    with archive.http(token=radiologist) as rad:
+        assert rad.get(f"/api/studies/{study}/report/pdf").content.startswith(b"%PDF")

@@ -199,11 +199,18 @@ def _shown(instance: dict[str, Any]) -> bool:
 def _report(request: Request, study_uid: str) -> dict[str, Any]:
     """The newest signed version of the report ("none" without one): a
     draft, or an amendment in progress, is never the patient's to read."""
-    current = ReportService(request.app.state.pacs).get(study_uid, signed_only=True)["current"]
+    reports = ReportService(request.app.state.pacs)
+    current = reports.get(study_uid, signed_only=True)["current"]
     if current is None:
         return {"status": "none"}
+    try:
+        reports.pdf(study_uid, current_patient=True)
+        pdf = True
+    except ReportError:  # names the patient the study was filed under before (or is missing)
+        pdf = False
     return {"status": "signed", "findings": current["findings"], "impression": current["impression"],
-            "signed_by": current["signed_by"], "signed_at": current["signed_at"], "version": current["version"]}
+            "signed_by": current["signed_by"], "signed_at": current["signed_at"], "version": current["version"],
+            "pdf": pdf}
 
 
 def _study(request: Request, study_uid: str) -> dict[str, Any] | None:
@@ -379,7 +386,7 @@ def frame_image(request: Request, token: str, series: str, sop: str, frame: int)
 def _pdf(request: Request, study_uid: str) -> Response:
     request.state.audit.study_uid = study_uid
     try:
-        data = ReportService(request.app.state.pacs).pdf(study_uid)
+        data = ReportService(request.app.state.pacs).pdf(study_uid, current_patient=True)
     except ReportError as exc:
         raise HTTPProblem(exc.http_status, str(exc)) from None
     return Response(data, media_type="application/pdf",

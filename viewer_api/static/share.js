@@ -330,8 +330,11 @@ function reportView(report, pdf, sfx = "") {
   }
   section.append(
     h(`p#report-signed${sfx}.share-muted`,
-      `${t("signed_by")}: ${report.signed_by || ""} · ${t("signed_at")}: ${formatDateTime(report.signed_at)}`),
-    h(`a#report-pdf${sfx}.share-button`, { href: pdf, target: "_blank", rel: "noopener" }, t("pdf")));
+      `${t("signed_by")}: ${report.signed_by || ""} · ${t("signed_at")}: ${formatDateTime(report.signed_at)}`));
+  // No PDF when the signed one names the patient the study was filed under before (the server says so).
+  if (report.pdf !== false) {
+    section.append(h(`a#report-pdf${sfx}.share-button`, { href: pdf, target: "_blank", rel: "noopener" }, t("pdf")));
+  }
   return section;
 }
 
