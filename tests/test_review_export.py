@@ -10,33 +10,14 @@ from __future__ import annotations
 import json
 import time
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
 
 from .dicomfiles import make_ct
-from .peers import Backend, PacsServer
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory: pytest.TempPathFactory, samples: Path) -> Iterator[PacsServer]:
-    """A server with the sample studies."""
-    server = PacsServer(tmp_path_factory.mktemp("review-export") / "data", Backend("sqlite-fs", None, None, {}))
-    server.cli("import", str(samples))
-    manifest = json.loads((samples / "manifest.json").read_text())
-    server.studies = {s["name"]: s["study_instance_uid"] for s in manifest["studies"]}  # type: ignore[attr-defined]
-    server.start()
-    yield server
-    server.stop()
-
-
-def _export(server: PacsServer, *args: str, rc: int = 0) -> dict[str, Any]:
-    result = server.cli("export", *args, "--json", check=False)
-    assert result.returncode == rc, f"{result.returncode}\n{result.stdout}\n{result.stderr}"
-    return json.loads(result.stdout)
+from .peers import PacsServer
+from .test_review_media import _export, archive  # noqa: F401  (archive: the sample studies served, a fixture)
 
 
 def _sops_on_disk(root: Path) -> set[str]:

@@ -15,6 +15,7 @@ import re
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -526,12 +527,50 @@ def test_the_page_on_a_phone(archive: PacsServer) -> None:
     """Headless Chromium at a phone's size, under the app's CSP: the birth
     year, the Vietnamese name, thumbnails and frames rendered, the report,
     the language switch; the QR code the API gave reads back as the URL."""
-    sync_playwright = _sync_playwright()
     from playwright.sync_api import expect
 
     u = uids(archive)
     link = make_link(archive, u["a"])
-    with sync_playwright() as pw:
+    with phone_page() as (page, problems):
+        page.goto(link["url"])
+        expect(page.locator("#birth-year")).to_be_visible()
+        page.fill("#birth-year", "1990")
+        page.click("#birth-submit")
+        expect(page.locator("#birth-message")).to_have_text("Năm sinh không đúng. Còn 4 lần thử.")
+        page.fill("#birth-year", BIRTH_YEAR)
+        page.click("#birth-submit")
+        expect(page.locator("#patient-name")).to_have_text(SHOWN_NAME)
+        expect(page.locator("#study-date")).to_have_text("01/12/2026")
+        expect(page.locator("#report-impression")).to_have_text(IMPRESSION)
+        expect(page.locator("#report-pdf")).to_have_attribute("href", f"{path_of(link)}/report.pdf")
+        thumbs = page.locator("img.share-thumb")
+        expect(thumbs).to_have_count(2)
+        _wait_for_images(page, "img.share-thumb")
+        page.locator(f'button[data-series="{u["us"]}"]').click()
+        expect(page.locator("#frame-counter")).to_have_text("1 / 3")
+        _wait_for_images(page, "#frame-image")
+        page.click("#frame-next")
+        expect(page.locator("#frame-counter")).to_have_text("2 / 3")
+        _wait_for_images(page, "#frame-image")
+        assert page.evaluate("new URL(document.querySelector('#frame-image').src).pathname") == (
+            f"{path_of(link)}/series/{u['us']}/instances/{u['clip']}/frames/2")
+        page.click("#viewer-close")
+        expect(page.locator("#viewer")).to_have_count(0)
+        page.click("#lang-toggle")
+        expect(page.locator("#report h2")).to_have_text("Report")
+        assert not problems, problems
+
+        # The QR code the API gave, drawn by the browser and read back from the screen.
+        page.set_content(f"<body style='margin:0;background:#fff'>{link['qr_svg']}</body>")
+        shot = page.locator("svg").screenshot()
+        assert decode_qr(Image.open(io.BytesIO(shot))) == [link["url"]]
+
+
+@contextmanager
+def phone_page() -> Iterator[tuple[Any, list[str]]]:
+    """A page of headless Chromium at a phone's size (vi-VN), and the list
+    its script errors and Content Security Policy refusals are collected in."""
+    with _sync_playwright()() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
         try:
             context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
@@ -542,38 +581,7 @@ def test_the_page_on_a_phone(archive: PacsServer) -> None:
             page.on("pageerror", lambda exc: problems.append(str(exc)))
             page.on("console", lambda msg: problems.append(msg.text) if "Content Security Policy" in msg.text
                     else None)
-            page.goto(link["url"])
-            expect(page.locator("#birth-year")).to_be_visible()
-            page.fill("#birth-year", "1990")
-            page.click("#birth-submit")
-            expect(page.locator("#birth-message")).to_have_text("Năm sinh không đúng. Còn 4 lần thử.")
-            page.fill("#birth-year", BIRTH_YEAR)
-            page.click("#birth-submit")
-            expect(page.locator("#patient-name")).to_have_text(SHOWN_NAME)
-            expect(page.locator("#study-date")).to_have_text("01/12/2026")
-            expect(page.locator("#report-impression")).to_have_text(IMPRESSION)
-            expect(page.locator("#report-pdf")).to_have_attribute("href", f"{path_of(link)}/report.pdf")
-            thumbs = page.locator("img.share-thumb")
-            expect(thumbs).to_have_count(2)
-            _wait_for_images(page, "img.share-thumb")
-            page.locator(f'button[data-series="{u["us"]}"]').click()
-            expect(page.locator("#frame-counter")).to_have_text("1 / 3")
-            _wait_for_images(page, "#frame-image")
-            page.click("#frame-next")
-            expect(page.locator("#frame-counter")).to_have_text("2 / 3")
-            _wait_for_images(page, "#frame-image")
-            assert page.evaluate("new URL(document.querySelector('#frame-image').src).pathname") == (
-                f"{path_of(link)}/series/{u['us']}/instances/{u['clip']}/frames/2")
-            page.click("#viewer-close")
-            expect(page.locator("#viewer")).to_have_count(0)
-            page.click("#lang-toggle")
-            expect(page.locator("#report h2")).to_have_text("Report")
-            assert not problems, problems
-
-            # The QR code the API gave, drawn by the browser and read back from the screen.
-            page.set_content(f"<body style='margin:0;background:#fff'>{link['qr_svg']}</body>")
-            shot = page.locator("svg").screenshot()
-            assert decode_qr(Image.open(io.BytesIO(shot))) == [link["url"]]
+            yield page, problems
             context.close()
         finally:
             browser.close()

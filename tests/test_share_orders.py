@@ -30,17 +30,15 @@ from pydicom.uid import generate_uid
 from .conftest import PacsServer, shared_backend
 from .dicomfiles import image_dataset
 from .test_share_links import (
-    CHROMIUM,
-    CHROMIUM_ARGS,
     FINDINGS,
     IMPRESSION,
-    _sync_playwright,
     _wait_for_images,
     answer_birth_year,
     decode_svg,
     jpeg_size,
     path_of,
     patient,
+    phone_page,
     trail,
 )
 from .test_worklist_ris import msa, send
@@ -292,75 +290,61 @@ def test_the_page_before_and_after_the_images_on_a_phone(archive: PacsServer) ->
     """Headless Chromium at a phone's size: the birth year, "not ready yet"
     in Vietnamese and English with the order's date and procedure; the
     study once sent (thumbnail and frame loaded); two studies of the order."""
-    sync_playwright = _sync_playwright()
     from playwright.sync_api import expect
 
     acc, pid = new_accession("SP"), new_patient_id()
     place_order(archive, acc, pid)
     link = make_order_link(archive, acc)
     base = path_of(link)
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
-                                          locale="vi-VN")
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            problems: list[str] = []
-            page.on("pageerror", lambda exc: problems.append(str(exc)))
-            page.on("console", lambda msg: problems.append(msg.text) if "Content Security Policy" in msg.text
-                    else None)
-            page.goto(link["url"])
-            page.fill("#birth-year", BIRTH_YEAR)
-            page.click("#birth-submit")
-            expect(page.locator("#not-ready-title")).to_have_text(NOT_READY_VI)
-            expect(page.locator("#patient-name")).to_have_text(SHOWN_NAME)
-            expect(page.locator("#order-date")).to_have_text("21/11/2024 09:00")
-            expect(page.locator("#order-procedure")).to_have_text(PROCEDURE)
-            expect(page.locator("img.share-thumb")).to_have_count(0)
-            page.click("#lang-toggle")
-            expect(page.locator("#not-ready-title")).to_have_text(NOT_READY_EN)
-            expect(page.locator("#order-date")).to_have_text("2024-11-21 09:00")
-            page.click("#lang-toggle")
-            expect(page.locator("#not-ready-title")).to_have_text(NOT_READY_VI)
+    with phone_page() as (page, problems):
+        page.goto(link["url"])
+        page.fill("#birth-year", BIRTH_YEAR)
+        page.click("#birth-submit")
+        expect(page.locator("#not-ready-title")).to_have_text(NOT_READY_VI)
+        expect(page.locator("#patient-name")).to_have_text(SHOWN_NAME)
+        expect(page.locator("#order-date")).to_have_text("21/11/2024 09:00")
+        expect(page.locator("#order-procedure")).to_have_text(PROCEDURE)
+        expect(page.locator("img.share-thumb")).to_have_count(0)
+        page.click("#lang-toggle")
+        expect(page.locator("#not-ready-title")).to_have_text(NOT_READY_EN)
+        expect(page.locator("#order-date")).to_have_text("2024-11-21 09:00")
+        page.click("#lang-toggle")
+        expect(page.locator("#not-ready-title")).to_have_text(NOT_READY_VI)
 
-            mine = send_study(archive, accession=acc, patient_id=pid)
-            page.click("#check-again")
-            expect(page.locator("#patient-name")).to_have_text(SHOWN_NAME)
-            expect(page.locator("#study-date")).to_have_text("21/11/2024")
-            expect(page.locator("#not-ready")).to_have_count(0)
-            expect(page.locator("#no-report")).to_be_visible()
-            expect(page.locator("img.share-thumb")).to_have_count(1)
-            _wait_for_images(page, "img.share-thumb")
-            page.locator(f'button[data-series="{mine["series"]}"]').click()
-            expect(page.locator("#frame-counter")).to_have_text("1 / 2")
-            _wait_for_images(page, "#frame-image")
-            page.click("#frame-next")
-            expect(page.locator("#frame-counter")).to_have_text("2 / 2")
-            _wait_for_images(page, "#frame-image")
-            assert page.evaluate("new URL(document.querySelector('#frame-image').src).pathname") == (
-                f"{base}/series/{mine['series']}/instances/{mine['sops'][1]}/frames/1")
-            page.click("#viewer-close")
+        mine = send_study(archive, accession=acc, patient_id=pid)
+        page.click("#check-again")
+        expect(page.locator("#patient-name")).to_have_text(SHOWN_NAME)
+        expect(page.locator("#study-date")).to_have_text("21/11/2024")
+        expect(page.locator("#not-ready")).to_have_count(0)
+        expect(page.locator("#no-report")).to_be_visible()
+        expect(page.locator("img.share-thumb")).to_have_count(1)
+        _wait_for_images(page, "img.share-thumb")
+        page.locator(f'button[data-series="{mine["series"]}"]').click()
+        expect(page.locator("#frame-counter")).to_have_text("1 / 2")
+        _wait_for_images(page, "#frame-image")
+        page.click("#frame-next")
+        expect(page.locator("#frame-counter")).to_have_text("2 / 2")
+        _wait_for_images(page, "#frame-image")
+        assert page.evaluate("new URL(document.querySelector('#frame-image').src).pathname") == (
+            f"{base}/series/{mine['series']}/instances/{mine['sops'][1]}/frames/1")
+        page.click("#viewer-close")
 
-            # Signed, then a second study on the order: each in its own section, every thumbnail loaded.
-            sign_report(archive, mine["study"])
-            page.reload()
-            expect(page.locator("#report-pdf")).to_have_attribute(
-                "href", f"{base}/studies/{mine['study']}/report.pdf")
-            second = send_study(archive, accession="", patient_id=pid, study_date="20241122",
-                                description="CT ngực có cản quang")
-            match(archive, second["study"], acc)
-            page.reload()
-            expect(page.locator("section.share-study")).to_have_count(2)
-            expect(page.locator("#order-studies")).to_have_text("Chỉ định này có 2 ca chụp, hiển thị bên dưới.")
-            expect(page.locator("#study-description-2")).to_have_text("CT ngực có cản quang")
-            expect(page.locator("img.share-thumb")).to_have_count(2)
-            _wait_for_images(page, "img.share-thumb")
-            expect(page.locator("#report-impression-1")).to_have_text(IMPRESSION)
-            assert not problems, problems
-            context.close()
-        finally:
-            browser.close()
+        # Signed, then a second study on the order: each in its own section, every thumbnail loaded.
+        sign_report(archive, mine["study"])
+        page.reload()
+        expect(page.locator("#report-pdf")).to_have_attribute(
+            "href", f"{base}/studies/{mine['study']}/report.pdf")
+        second = send_study(archive, accession="", patient_id=pid, study_date="20241122",
+                            description="CT ngực có cản quang")
+        match(archive, second["study"], acc)
+        page.reload()
+        expect(page.locator("section.share-study")).to_have_count(2)
+        expect(page.locator("#order-studies")).to_have_text("Chỉ định này có 2 ca chụp, hiển thị bên dưới.")
+        expect(page.locator("#study-description-2")).to_have_text("CT ngực có cản quang")
+        expect(page.locator("img.share-thumb")).to_have_count(2)
+        _wait_for_images(page, "img.share-thumb")
+        expect(page.locator("#report-impression-1")).to_have_text(IMPRESSION)
+        assert not problems, problems
 
 
 def test_a_cancelled_order_says_so(archive: PacsServer) -> None:
