@@ -235,6 +235,28 @@ def _emit(args: argparse.Namespace, data: dict[str, Any], human: Callable[[], No
         human()
 
 
+def _retried(pacs: Any, args: argparse.Namespace, retried: list[int], asked: int | None, *, action: str,
+             item: str, done: str, many: str, state_of: Callable[[int], str | None], due: str, listing: str) -> int:
+    """Report a retry of queued rows (`pacs outbox retry`, `pacs prefetch
+    retry`): each row made due again audited (*action*: "*item* N *done*"),
+    the list printed (``--json``: ``{"retried": [...]}``); exit 1 when the
+    one row *asked* for was not retried, saying whether it is in another
+    state than *due* or does not exist (see *listing*)."""
+    from .cli import audit_command
+
+    for pk in retried:
+        audit_command(pacs, action, f"{item} {pk} {done}")
+    pacs.audit.flush()
+    _emit(args, {"retried": retried}, lambda: out.print(f"{len(retried)} {many} {done}: "
+                                                        f"{', '.join(map(str, retried)) or '-'}"))
+    if asked is not None and not retried:
+        state = state_of(asked)
+        err.print(f"[red]{item.rsplit(' ', 1)[-1]} {asked} "
+                  f"{f'is {state}, not {due}' if state else 'does not exist'} (see {listing})[/red]")
+        return 1
+    return 0
+
+
 def _list(title: str, capped: dict[str, Any], columns: tuple[str, ...] = ("key", "detail")) -> None:
     if not capped["count"]:
         return
@@ -743,7 +765,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_outbox(args: argparse.Namespace) -> int:
     """pacs outbox list|retry: 0 done, 1 when retry --id names no dead message."""
     from pacs import outbox
-    from pacs.cli import audit_command
 
     pacs = _open(args)
     try:
@@ -769,16 +790,8 @@ def cmd_outbox(args: argparse.Namespace) -> int:
             _emit(args, {"counts": counts, "messages": messages}, human)
             return 0
         retried = outbox.retry(pacs.engine, pk=args.message_id if not args.all_dead else None)
-        for pk in retried:
-            audit_command(pacs, "outbox-retry", f"outbox message {pk} queued again")
-        pacs.audit.flush()
-        _emit(args, {"retried": retried},
-              lambda: out.print(f"{len(retried)} dead message(s) queued again: {', '.join(map(str, retried)) or '-'}"))
-        if args.message_id is not None and not retried:
-            state = outbox.state_of(pacs.engine, args.message_id)
-            err.print(f"[red]message {args.message_id} "
-                      f"{f'is {state}, not dead' if state else 'does not exist'} (see pacs outbox list)[/red]")
-            return 1
-        return 0
+        return _retried(pacs, args, retried, args.message_id, action="outbox-retry", item="outbox message",
+                        done="queued again", many="dead message(s)",
+                        state_of=lambda pk: outbox.state_of(pacs.engine, pk), due="dead", listing="pacs outbox list")
     finally:
         pacs.close()

@@ -81,22 +81,13 @@ def _list(pacs: Any, args: argparse.Namespace) -> int:
 
 
 def _retry(pacs: Any, args: argparse.Namespace) -> int:
-    from .cli import audit_command
-    from .cli_maintenance import _emit
+    from .cli_maintenance import _retried
     from .prefetch import jobs
 
     retried = jobs.retry(pacs.engine, pk=args.job_id if not args.all_dead else None)
-    for pk in retried:
-        audit_command(pacs, "prefetch-retry", f"prefetch job {pk} due again now")
-    pacs.audit.flush()
-    _emit(args, {"retried": retried},
-          lambda: out.print(f"{len(retried)} job(s) due again now: {', '.join(map(str, retried)) or '-'}"))
-    if args.job_id is not None and not retried:
-        state = jobs.state_of(pacs.engine, args.job_id)
-        err.print(f"[red]job {args.job_id} "
-                  f"{f'is {state}, not pending or dead' if state else 'does not exist'} (see pacs prefetch list)[/red]")
-        return 1
-    return 0
+    return _retried(pacs, args, retried, args.job_id, action="prefetch-retry", item="prefetch job",
+                    done="due again now", many="job(s)", state_of=lambda pk: jobs.state_of(pacs.engine, pk),
+                    due="pending or dead", listing="pacs prefetch list")
 
 
 def _patient(pacs: Any, patient_id: str, issuer: str | None) -> tuple[str, list[tuple[str, str, str]]] | str:
