@@ -546,14 +546,7 @@ def test_the_page_on_a_phone(archive: PacsServer) -> None:
         thumbs = page.locator("img.share-thumb")
         expect(thumbs).to_have_count(2)
         _wait_for_images(page, "img.share-thumb")
-        page.locator(f'button[data-series="{u["us"]}"]').click()
-        expect(page.locator("#frame-counter")).to_have_text("1 / 3")
-        _wait_for_images(page, "#frame-image")
-        page.click("#frame-next")
-        expect(page.locator("#frame-counter")).to_have_text("2 / 3")
-        _wait_for_images(page, "#frame-image")
-        assert page.evaluate("new URL(document.querySelector('#frame-image').src).pathname") == (
-            f"{path_of(link)}/series/{u['us']}/instances/{u['clip']}/frames/2")
+        assert second_frame(page, u["us"], 3) == f"{path_of(link)}/series/{u['us']}/instances/{u['clip']}/frames/2"
         page.click("#viewer-close")
         expect(page.locator("#viewer")).to_have_count(0)
         page.click("#lang-toggle")
@@ -585,6 +578,20 @@ def phone_page() -> Iterator[tuple[Any, list[str]]]:
             context.close()
         finally:
             browser.close()
+
+
+def second_frame(page: Any, series: str, count: int) -> str:
+    """Open *series* (of *count* images) on the share page, step to its
+    second image, each loaded; the path that image came from."""
+    from playwright.sync_api import expect
+
+    page.locator(f'button[data-series="{series}"]').click()
+    expect(page.locator("#frame-counter")).to_have_text(f"1 / {count}")
+    _wait_for_images(page, "#frame-image")
+    page.click("#frame-next")
+    expect(page.locator("#frame-counter")).to_have_text(f"2 / {count}")
+    _wait_for_images(page, "#frame-image")
+    return str(page.evaluate("new URL(document.querySelector('#frame-image').src).pathname"))
 
 
 def _wait_for_images(page: Any, selector: str, timeout: float = 20.0) -> None:

@@ -39,6 +39,7 @@ from .test_share_links import (
     path_of,
     patient,
     phone_page,
+    second_frame,
     trail,
 )
 from .test_worklist_ris import msa, send
@@ -319,13 +320,7 @@ def test_the_page_before_and_after_the_images_on_a_phone(archive: PacsServer) ->
         expect(page.locator("#no-report")).to_be_visible()
         expect(page.locator("img.share-thumb")).to_have_count(1)
         _wait_for_images(page, "img.share-thumb")
-        page.locator(f'button[data-series="{mine["series"]}"]').click()
-        expect(page.locator("#frame-counter")).to_have_text("1 / 2")
-        _wait_for_images(page, "#frame-image")
-        page.click("#frame-next")
-        expect(page.locator("#frame-counter")).to_have_text("2 / 2")
-        _wait_for_images(page, "#frame-image")
-        assert page.evaluate("new URL(document.querySelector('#frame-image').src).pathname") == (
+        assert second_frame(page, mine["series"], 2) == (
             f"{base}/series/{mine['series']}/instances/{mine['sops'][1]}/frames/1")
         page.click("#viewer-close")
 
