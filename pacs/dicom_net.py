@@ -23,7 +23,7 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.fsm import TRANSITION_TABLE
-from pynetdicom.pdu_primitives import MaximumLengthNotification
+from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
 from pynetdicom.transport import AssociationSocket
 
 from .logtext import peer_text
@@ -186,6 +186,8 @@ def request(associate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     finally:
         _requesting.reasons = None
     if not assoc.is_established:
+        if _FAILURE not in reasons:
+            _rejection_unread(assoc, reasons)
         if _FAILURE in reasons:
             assoc.__dict__.setdefault(_FAILURE, reasons[_FAILURE])
         return assoc
@@ -202,6 +204,22 @@ def request(associate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         assoc.__dict__[_REFUSAL] = f"accepted with Maximum Length {maximum}: no PDV fits"
         _abort_at_once(assoc)
     return assoc
+
+
+def _rejection_unread(assoc: Any, reasons: dict[str, str]) -> None:
+    """An A-ASSOCIATE-RJ pynetdicom received but never read: the peer closed
+    the connection right after it (DCMTK does), the DUL took both, and the
+    requesting thread, finding the socket closed, aborted without looking at
+    the answer waiting on its queue. About one rejection in ten under load
+    came back as an abort with no reason (a routing job's error said only
+    "failed"). The rejection is taken from the queue as pynetdicom would have."""
+    waiting = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
+    for primitive in list(getattr(waiting, "queue", ())):
+        if isinstance(primitive, A_ASSOCIATE) and primitive.result in (0x01, 0x02):
+            reasons[_FAILURE] = (f"rejected the association: {primitive.reason_str} "
+                                 f"({primitive.result_str}, Source: {primitive.source_str})")
+            assoc.is_rejected, assoc.is_aborted = True, False
+            return
 
 
 def keep_responses(assoc: Any) -> None:

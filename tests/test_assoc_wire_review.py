@@ -26,6 +26,7 @@ checked with raw PDUs, pynetdicom and DCMTK against a real `pacs serve`.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -53,6 +54,8 @@ from pydicom.uid import (
 )
 from pynetdicom import AE
 from pynetdicom.sop_class import PatientRootQueryRetrieveInformationModelMove, Verification
+
+from pacs import dicom_net
 
 from .conftest import Backend, PacsServer, free_port
 from .dicomfiles import encode_dataset, image_dataset
@@ -763,6 +766,31 @@ def test_routing_to_a_destination_that_rejects_us_keeps_the_reason_and_logs_it_o
             server.cli("route", "remove", rule, "--force", check=False)
     text = server.log_text(start)
     assert not [line for line in text.splitlines() if any(s in line for s in PYNETDICOM_REQUEST_LINES)], text
+
+
+def test_every_rejection_keeps_its_reason_when_the_peer_closes_at_once() -> None:
+    """storescp sends its A-ASSOCIATE-RJ and closes the connection: pynetdicom's
+    DUL took both, and the requesting thread, finding the socket closed,
+    aborted without reading the rejection (about one request in ten, more
+    under load): the association came back aborted with no reason, and a
+    routing job's error said only "failed" (CI failed the test above once)."""
+    said: list[tuple[bool, str | None]] = []
+
+    def requests(port: int) -> None:
+        for _ in range(50):
+            ae = AE(ae_title="RJTEST")
+            ae.add_requested_context(Verification)
+            assoc = dicom_net.request(ae.associate, "127.0.0.1", port, ae_title="RJ")
+            said.append((assoc.is_rejected, dicom_net.failure(assoc)))
+
+    with refusing_peer() as port:
+        threads = [threading.Thread(target=requests, args=(port,)) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    reason = "rejected the association: No reason given (Rejected Permanent, Source: Service User)"
+    assert len(said) == 150 and set(said) == {(True, reason)}, collections.Counter(said)
 
 
 def test_remote_echo_to_a_peer_that_is_down_says_why(server: PacsServer) -> None:
