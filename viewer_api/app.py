@@ -18,7 +18,8 @@ from pacs.auth import ROLES
 from pacs.pixel_memory import PIXELS
 
 from . import (
-    errors, fhir, metrics_api, orders_api, qido, share_api, share_page, stow, templates_api, ui_api, wado, wado_uri,
+    errors, fhir, measure_api, metrics_api, orders_api, qido, share_api, share_page, stow, templates_api, ui_api, wado,
+    wado_uri,
 )
 from .http_metrics import HttpMetrics, RouteNote
 from .limits import BodyLimit
@@ -83,6 +84,7 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.include_router(stow.router, dependencies=requires("modality", "admin", action="store"))
     app.include_router(orders_api.router)
     app.include_router(ui_api.router)
+    app.include_router(measure_api.router)
     app.include_router(templates_api.router)
     # Share links: made by staff (guarded per route), opened by the patient
     # with the link's token alone (share_page: every access audited as share:<id>).

@@ -66,7 +66,7 @@ import re
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, TypeVar
 
 import numpy as np
 import pydicom
@@ -90,12 +90,17 @@ __all__ = [
     "RenderParamError",
     "RenderParams",
     "Viewport",
+    "decoded_photometric",
+    "frame_of",
     "frame_to_display",
+    "functional_group",
+    "modality_samples",
     "parse_quality",
     "parse_viewport",
     "parse_window",
     "render_dataset_bytes",
     "render_frame",
+    "with_frame",
 ]
 
 SUPPORTED_MEDIA_TYPES: Final = ("image/jpeg", "image/png", "image/gif")
@@ -352,8 +357,10 @@ def _first_float(value: object) -> float | None:
     return next((f for f in _each_float(value) if f is not None), None)
 
 
-def _fg_item(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
-    """The functional group macro item for a frame: per-frame first, then shared."""
+def functional_group(ds: Dataset, frame_index: int, keyword: str) -> Dataset | None:
+    """The functional group macro item *keyword* (a sequence's keyword) for
+    frame *frame_index* (0-based) of an enhanced multi-frame object: per-frame
+    first, then shared; None when neither has it."""
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame and frame_index < len(per_frame):
         seq = per_frame[frame_index].get(keyword)
@@ -471,7 +478,7 @@ def _object_window(src: Dataset) -> tuple[float, float, str] | None:
 
 
 def _grey_attrs(ds: Dataset, frame_index: int, photometric: str) -> _GreyAttrs:
-    pvt = _fg_item(ds, frame_index, "PixelValueTransformationSequence")
+    pvt = functional_group(ds, frame_index, "PixelValueTransformationSequence")
     src = pvt if pvt is not None else ds
     slope = _first_float(src.get("RescaleSlope"))
     intercept = _first_float(src.get("RescaleIntercept"))
@@ -479,7 +486,7 @@ def _grey_attrs(ds: Dataset, frame_index: int, photometric: str) -> _GreyAttrs:
     if pvt is None and ds.get("ModalityLUTSequence"):
         modality_lut = _read_lut(ds.ModalityLUTSequence[0], ds)
 
-    voi_item = _fg_item(ds, frame_index, "FrameVOILUTSequence")
+    voi_item = functional_group(ds, frame_index, "FrameVOILUTSequence")
     window = _object_window(voi_item) if voi_item is not None else None
     if window is None:
         window = _object_window(ds)
@@ -795,6 +802,33 @@ def _stored_bits(pixel: np.ndarray, ds: Dataset) -> np.ndarray:
     return wide.astype(np.dtype(f"i{pixel.dtype.itemsize}") if signed else pixel.dtype)
 
 
+def decoded_photometric(ds: Dataset) -> str:
+    """The photometric interpretation of a frame as :func:`frame_of` decodes
+    it (RGB for 3-sample YBR_FULL, YBR_FULL_422, YBR_ICT and YBR_RCT)."""
+    return _decoded_photometric(ds)
+
+
+def modality_samples(
+    ds: Dataset, pixel: np.ndarray, frame_index: int
+) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """A decoded grey frame's stored values (Bits Stored applied, as they are
+    rendered) and the Modality LUT stage of frame *frame_index* (PS3.4
+    C.11.1: Modality LUT Sequence, else Rescale Slope / Intercept, the
+    enhanced objects' Pixel Value Transformation first): the function mapping
+    stored values to modality units (HU for CT) as float64, what the VOI
+    window of the rendering is applied to."""
+    attrs = _grey_attrs(ds, frame_index, "MONOCHROME2")
+    if pixel.dtype == np.bool_:
+        pixel = pixel.view(np.uint8)
+
+    def to_modality(values: np.ndarray) -> np.ndarray:
+        if attrs.modality_lut is not None:
+            return attrs.modality_lut(values)
+        return values.astype(np.float64) * attrs.slope + attrs.intercept
+
+    return _stored_bits(pixel, ds), to_modality
+
+
 # -- rendering -----------------------------------------------------------------------------
 def _display_array(
     ds: Dataset,
@@ -906,7 +940,7 @@ def _square_pixel_factors(ds: Dataset, frame_index: int) -> tuple[float, float]:
     CR) are shown in their true proportions, as PS3.18 rendering and every
     viewer do; the smaller side is stretched, never shrunk. (1, 1) for square
     pixels or values that cannot be right (a ratio beyond 4)."""
-    measures = _fg_item(ds, frame_index, "PixelMeasuresSequence")
+    measures = functional_group(ds, frame_index, "PixelMeasuresSequence")
     for holder, keyword in ((measures, "PixelSpacing"), (ds, "PixelSpacing"), (ds, "ImagerPixelSpacing"),
                             (ds, "PixelAspectRatio")):
         values = _floats(holder.get(keyword)) if holder is not None else []
@@ -979,6 +1013,14 @@ def render_frame(ds: Dataset, frame_index: int, params: RenderParams) -> bytes:
     Raises :class:`RenderError` with ``http_status`` 404 for a frame out of
     range, 415 / 422 for pixel data that cannot be decoded or rendered.
     """
+    pixel = frame_of(ds, frame_index)
+    return _encode(_display_image(ds, pixel, params, frame_index, None), params)
+
+
+def frame_of(ds: Dataset, frame_index: int) -> np.ndarray:
+    """Frame ``frame_index`` (0-based) of ``ds`` decoded, as :func:`render_frame`
+    reads it (a deferred pixel data value: that frame's bytes only). Raises
+    :class:`RenderError` (404 out of range, 415 no decoder, 422 undecodable)."""
     _check_frame(ds, frame_index)
     meta = getattr(ds, "file_meta", None)
     tsyntax = meta.get("TransferSyntaxUID") if meta is not None else None
@@ -986,10 +1028,8 @@ def render_frame(ds: Dataset, frame_index: int, params: RenderParams) -> bytes:
     path = _deferred_pixel_path(ds, tsyntax)
     if path is not None:
         with open(path, "rb") as f:
-            pixel = _decode(f, ds, frame_index)
-    else:
-        pixel = _decode(ds, ds, frame_index)
-    return _encode(_display_image(ds, pixel, params, frame_index, None), params)
+            return _decode(f, ds, frame_index)
+    return _decode(ds, ds, frame_index)
 
 
 def _deferred_pixel_path(ds: Dataset, tsyntax: object) -> str | os.PathLike[str] | None:
@@ -1043,6 +1083,25 @@ def render_dataset_bytes(
     entered with the decoded frame's size (from the header) around the
     decode and everything after it.
     """
+    def encoded(ds: Dataset, pixel: np.ndarray) -> bytes:
+        return _encode(_display_image(ds, pixel, params, frame_index, None), params)
+
+    return with_frame(data, frame_index, encoded, hold)
+
+
+T = TypeVar("T")
+
+
+def with_frame(
+    data: bytes | bytearray | memoryview | BinaryIO, frame_index: int, use: Callable[[Dataset, np.ndarray], T],
+    hold: Hold | None = None,
+) -> T:
+    """``use(dataset, pixel)`` of frame *frame_index* (0-based) of a Part 10
+    object, read and decoded as :func:`render_dataset_bytes` does (only the
+    header and that frame's bytes; *hold* entered with the decoded frame's
+    size around the decode and *use*). *dataset* holds the object's
+    attributes (its pixel data may be left unread), *pixel* the frame as
+    pydicom decodes it. Raises :class:`RenderError`."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         f: BinaryIO = io.BytesIO(data)  # shares an immutable bytes buffer, no copy
     else:
@@ -1057,29 +1116,24 @@ def render_dataset_bytes(
         except Exception as exc:
             raise RenderError(f"not a readable DICOM Part 10 object: {exc}") from exc
         if hold is None:
-            return _render_read(f, header, frame_index, params)
+            return use(*_read_frame(f, header, frame_index))
         with hold(_frame_bytes(header)):
-            return _render_read(f, header, frame_index, params)
+            return use(*_read_frame(f, header, frame_index))
     finally:
         f.seek(start)
 
 
-def _render_read(f: BinaryIO, header: Dataset, frame_index: int, params: RenderParams) -> bytes:
-    """:func:`render_dataset_bytes` once *header* is read from *f*."""
+def _read_frame(f: BinaryIO, header: Dataset, frame_index: int) -> tuple[Dataset, np.ndarray]:
+    """The attributes and the decoded frame of :func:`with_frame` once *header* is read from *f*."""
     tsyntax = header.file_meta.get("TransferSyntaxUID") if header.file_meta else None
     if not tsyntax or UID(str(tsyntax)) == DeflatedExplicitVRLittleEndian:
         # pixel_array() cannot stream these; read the whole object instead.
-        f.seek(0)
-        try:
-            ds = pydicom.dcmread(f, force=True)
-        except Exception as exc:
-            raise RenderError(f"not a readable DICOM Part 10 object: {exc}") from exc
-        return render_frame(ds, frame_index, params)
+        return _read_whole(f, frame_index)
     _check_frame(header, frame_index)
     _check_decoder(tsyntax)
     f.seek(0)
     try:
-        pixel = _decode(f, header, frame_index)
+        return header, _decode(f, header, frame_index)
     except RenderError:
         if not _implicit_under_explicit(f, header, UID(str(tsyntax))):
             raise
@@ -1088,9 +1142,16 @@ def _render_read(f: BinaryIO, header: Dataset, frame_index: int, params: RenderP
         # on pixels the frames resource serves (a 422 "unexpected tag
         # (0000,0000)"). Only such objects are read whole: were every
         # undecodable one, a corrupt 1 GB object would be loaded for its 422.
-        f.seek(0)
-        return render_frame(pydicom.dcmread(f, force=True), frame_index, params)
-    return _encode(_display_image(header, pixel, params, frame_index, None), params)
+        return _read_whole(f, frame_index)
+
+
+def _read_whole(f: BinaryIO, frame_index: int) -> tuple[Dataset, np.ndarray]:
+    f.seek(0)
+    try:
+        ds = pydicom.dcmread(f, force=True)
+    except Exception as exc:
+        raise RenderError(f"not a readable DICOM Part 10 object: {exc}") from exc
+    return ds, frame_of(ds, frame_index)
 
 
 def _implicit_under_explicit(f: BinaryIO, header: Dataset, tsyntax: UID) -> bool:

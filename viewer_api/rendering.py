@@ -12,7 +12,8 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -38,6 +39,7 @@ from .streaming import ClosingStreamingResponse
 from .urls import base_url
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 THUMBNAIL_SIZE = (128, 128)
 # A thumbnail is small: a larger viewport asked of one is brought down to this.
@@ -131,17 +133,24 @@ def render_item(request: Request, item: RetrieveItem, frame: int, params: Render
     cached = cache.get(key)
     if cached is not None:
         return cached
-    pacs = request.app.state.pacs
-    with _RENDERS, framelib.local_object(pacs, item) as path, open(path, "rb") as f:
-        # From the file, only the frame asked for is read and decoded; its
-        # pixels count in the process's budget while it is rendered.
-        try:
-            data = render_dataset_bytes(f, frame - 1, params, hold=PIXELS.lease)
-        except RenderError as exc:
-            raise HTTPProblem(exc.http_status, str(exc)) from None
+    data = frame_work(request, item, lambda f: render_dataset_bytes(f, frame - 1, params, hold=PIXELS.lease))
     if cache_result:
         cache.put(key, data)
     return data
+
+
+def frame_work(request: Request, item: RetrieveItem, work: Callable[[BinaryIO], T]) -> T:
+    """``work(file)`` on the stored object of *item*, as a render: one of
+    the process's MAX_RENDERS at a time; a :class:`RenderError` is the HTTP
+    answer it names. *work* decodes through :func:`render.with_frame` with
+    ``hold=PIXELS.lease`` (from the file, only the frame asked for is read
+    and decoded; its pixels count in the process's budget while in use)."""
+    pacs = request.app.state.pacs
+    with _RENDERS, framelib.local_object(pacs, item) as path, open(path, "rb") as f:
+        try:
+            return work(f)
+        except RenderError as exc:
+            raise HTTPProblem(exc.http_status, str(exc)) from None
 
 
 def rendered_response(request: Request, item: RetrieveItem, frame: int) -> Response:
