@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import Any, BinaryIO
 
 import pydicom
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 
 from pacs import frames as framelib
 from pacs.auth import Principal
@@ -111,14 +111,26 @@ def _decoded(request: Request, item: RetrieveItem, number: int, coordinates: dic
     return frame_work(request, item, run)
 
 
+# Coordinates are taken as text and checked here (a 400 naming the
+# parameter and the frame's range): a float parameter would take "nan" and "inf".
+# One Query each: a Query shared by two parameters answered both with one value.
+def _x() -> Any:
+    return Query(None, description="x: 0 (left edge of the first column) to Columns")
+
+
+def _y() -> Any:
+    return Query(None, description="y: 0 (top edge of the first row) to Rows")
+
+
 @router.get(FRAME + "/roi", summary="Statistics of a region of the frame in modality units (HU for CT)")
-def frame_roi(request: Request, study: str, series: str, sop: str, frame: str, shape: str = "ellipse",
+def frame_roi(request: Request, study: str, series: str, sop: str, frame: str,
+              shape: str = Query("ellipse", description="ellipse (inscribed in the box) or rectangle"),
+              x0: str | None = _x(), y0: str | None = _y(), x1: str | None = _x(), y1: str | None = _y(),
               _: Principal = guard(*READERS, action="retrieve")) -> dict[str, Any]:
     item, number = _target(request, study, series, sop, frame)
     if shape not in measure.SHAPES:
         raise HTTPProblem(400, f"shape must be one of {', '.join(measure.SHAPES)}, not {shape[:40]!r}")
-    query = request.query_params
-    coordinates = {name: query.get(name) for name in ("x0", "y0", "x1", "y1")}
+    coordinates = {"x0": x0, "y0": y0, "x1": x1, "y1": y1}
 
     def work(ds: pydicom.Dataset, pixel: Any, at: dict[str, float]) -> dict[str, Any]:
         box = (at["x0"], at["y0"], at["x1"], at["y1"])
@@ -129,10 +141,11 @@ def frame_roi(request: Request, study: str, series: str, sop: str, frame: str, s
 
 @router.get(FRAME + "/pixel", summary="The value of one pixel of the frame, stored and in modality units")
 def frame_pixel(request: Request, study: str, series: str, sop: str, frame: str,
+                x: str | None = Query(None, description="x: 0 to below Columns"),
+                y: str | None = Query(None, description="y: 0 to below Rows"),
                 _: Principal = guard(*READERS, action="retrieve")) -> dict[str, Any]:
     item, number = _target(request, study, series, sop, frame)
-    query = request.query_params
-    coordinates = {"x": query.get("x"), "y": query.get("y")}
+    coordinates = {"x": x, "y": y}
 
     def work(ds: pydicom.Dataset, pixel: Any, at: dict[str, float]) -> dict[str, Any]:
         return measure.probe(ds, pixel, number - 1, at["x"], at["y"])
