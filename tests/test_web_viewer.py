@@ -86,15 +86,16 @@ class Steps:
     same time on another worker, so it must not touch the screenshots.
     """
 
-    def __init__(self, page: Any) -> None:
+    def __init__(self, page: Any, folder: Path = ARTIFACTS) -> None:
         self.page = page
         self.n = 0
-        shutil.rmtree(ARTIFACTS, ignore_errors=True)
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        self.folder = folder
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
 
     def shot(self, name: str) -> None:
         self.n += 1
-        self.page.screenshot(path=str(ARTIFACTS / f"{self.n:02d}-{name}.png"))
+        self.page.screenshot(path=str(self.folder / f"{self.n:02d}-{name}.png"))
 
 
 def assert_no_horizontal_scroll(page: Any) -> None:

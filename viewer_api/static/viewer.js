@@ -1,10 +1,11 @@
 // The image viewer: server-rendered JPEG slices (DICOMweb /rendered), slice
 // scrolling (wheel, keys, slider), window/level presets and right/shift-drag,
-// client-side zoom and pan (CSS transform), and an in-memory image cache that
-// preloads the neighbouring slices.
+// client-side zoom and pan (CSS transform), an in-memory image cache that
+// preloads the neighbouring slices, and the measurement tools (measure.js).
 
 import { api } from "./api.js";
 import { onLangChange, t } from "./i18n.js";
+import { MeasureTools } from "./measure.js";
 import { h, isTyping } from "./util.js";
 
 export const PRESETS = [
@@ -120,6 +121,8 @@ export class Viewer {
     this.multiframe = false; // the series' slices are frames of a clip (ultrasound, XA)
     this.fps = DEFAULT_FPS;
     this.playing = false;
+    this.grids = new Map(); // sop -> {rows, columns}: the pixel grid measurements are drawn in
+    this.measure = new MeasureTools(this);
     this.build();
   }
 
@@ -144,6 +147,7 @@ export class Viewer {
       "div#viewport.viewport",
       { tabindex: "0", "data-i18n-title": "viewer_help" },
       this.image,
+      this.measure.layer,
       this.overlay,
       this.spinner,
       this.error,
@@ -159,6 +163,7 @@ export class Viewer {
         "div.viewer-toolbar",
         h("div.presets", { role: "group" }, this.presetButtons),
         this.wlLabel,
+        this.measure.element,
         h("span.spacer"),
         h("button#zoom-out.btn.small.icon", { type: "button", "data-i18n-title": "zoom_out", onclick: () => this.zoomBy(1 / 1.25) }, "−"),
         this.zoomLabel,
@@ -179,12 +184,15 @@ export class Viewer {
     this.viewport.addEventListener("pointerup", (e) => this.onPointerUp(e));
     this.viewport.addEventListener("pointercancel", (e) => this.onPointerUp(e));
     this.viewport.addEventListener("contextmenu", (e) => e.preventDefault());
-    this.viewport.addEventListener("dblclick", () => this.resetView());
+    this.viewport.addEventListener("dblclick", () => {
+      if (this.measure.tool === "pointer") this.resetView(); // not the clicks of an angle
+    });
     this.onKey = (e) => this.handleKey(e);
     document.addEventListener("keydown", this.onKey);
     this.resizeObserver = new ResizeObserver(() => this.onResize());
     this.resizeObserver.observe(this.viewport);
     this.offLang = onLangChange(() => this.updateLabels());
+    this.measure.markTool();
     this.updateLabels();
   }
 
@@ -206,6 +214,9 @@ export class Viewer {
     this.generation += 1;
     this.series = series;
     this.slices = [];
+    this.measure.cancel();
+    this.grids = new Map((series.instances || []).map((inst) => [
+      inst.sop_uid, { rows: Number(inst.rows) || 0, columns: Number(inst.columns) || 0 }]));
     this.removeVideo();
     // A video (MPEG-2, H.264, HEVC) is one stream, not frames to render one by one.
     const videos = (series.instances || []).filter((inst) => inst.video);
@@ -266,6 +277,12 @@ export class Viewer {
     } catch {
       /* dragging then starts from a generic window */
     }
+  }
+
+  /** The pixel grid (Rows x Columns) of an instance of the series; null when unknown. */
+  gridOf(sop) {
+    const grid = this.grids.get(sop);
+    return grid && grid.rows > 0 && grid.columns > 0 ? grid : null;
   }
 
   urlFor(i) {
@@ -551,6 +568,7 @@ export class Viewer {
     if (this.image) this.image.style.transform = `translate(${this.tx}px, ${this.ty}px) scale(${this.zoom})`;
     this.zoomLabel.textContent = `${Math.round(this.zoom * 100)}%`;
     this.viewport.classList.toggle("zoomed", this.zoom > 1);
+    this.measure.redraw(); // measurements follow the image
   }
 
   /** Fit the image in the viewport (the transform then zooms / pans it). */
@@ -633,6 +651,13 @@ export class Viewer {
     // A document's link takes its own click (captured, it went to the viewport).
     if (event.target instanceof Element && event.target.closest("a, video")) return; // and a video's controls
     this.viewport.focus({ preventScroll: true });
+    // A measuring tool takes the left button (Shift+drag still sets the window).
+    if (event.button === 0 && !event.shiftKey && (this.measure.drawing || this.measure.wants(event))) {
+      if (this.measure.pointerDown(event)) {
+        event.preventDefault();
+        return;
+      }
+    }
     let mode = null;
     if (event.button === 2 || (event.button === 0 && event.shiftKey)) mode = "window";
     else if (event.button === 0 && this.zoom > 1) mode = "pan";
@@ -649,6 +674,7 @@ export class Viewer {
   }
 
   onPointerMove(event) {
+    if (this.measure.pointerMove(event)) return;
     const d = this.drag;
     if (!d || d.id !== event.pointerId) return;
     const dx = event.clientX - d.x;
@@ -667,6 +693,7 @@ export class Viewer {
   }
 
   onPointerUp(event) {
+    if (this.measure.pointerUp(event)) return;
     const d = this.drag;
     if (!d || d.id !== event.pointerId) return;
     this.viewport.classList.remove(`dragging-${d.mode}`);
@@ -679,6 +706,10 @@ export class Viewer {
     if (event.target === this.slider && /^(Arrow|Page|Home|End)/.test(event.key)) return; // the slider moves itself
     const target = event.target;
     if (target instanceof HTMLElement && target.tagName === "BUTTON" && (event.key === "Enter" || event.key === " ")) return;
+    if (!event.altKey && this.measure.handleKey(event)) {
+      event.preventDefault(); // Escape cancels the drawing, not the study
+      return;
+    }
     const n = this.slices.length;
     let handled = true;
     if (this.playing && event.key !== "p" && event.key !== "P") this.stop(); // the user takes over
@@ -752,5 +783,6 @@ export class Viewer {
     if (!this.window) text += ` (${t("window_default")})`;
     this.wlLabel.textContent = text;
     this.wlLabel.dataset.preset = this.preset;
+    this.measure.redraw(); // the slice's own measurements, in the language shown
   }
 }

@@ -1,0 +1,446 @@
+// Measurement tools of the image viewer: length, angle and elliptical ROI,
+// drawn in an SVG layer over the image (attributes, never style strings:
+// the page's Content-Security-Policy refuses inline styles).
+//
+// Points are kept in the frame's own pixel grid, as a presentation state's
+// PIXEL units are (PS3.3 C.10.5.1.2: (0, 0) the top left corner of the first
+// pixel, (Columns, Rows) the bottom right corner of the last): they stay on
+// their anatomy through zoom, pan and window changes, and each frame keeps
+// its own (a slice scrolled away and back shows them again). Distances use
+// the frame's calibration from the server (.../frames/{n}/calibration: Pixel
+// Spacing, Imager Pixel Spacing at the detector, ultrasound regions); ROI
+// statistics come from the server too (.../frames/{n}/roi), computed on the
+// stored values after the Modality LUT (HU for CT), never on the 8-bit
+// rendering. Nothing is saved on the server: measurements live in this page.
+
+import { api } from "./api.js";
+import { t } from "./i18n.js";
+import { h } from "./util.js";
+
+const SVG_NS = "http://www.w3.org/2000/svg";
+export const TOOLS = [
+  { name: "pointer", key: "tool_pointer", shortcut: "v" },
+  { name: "length", key: "tool_length", shortcut: "l" },
+  { name: "angle", key: "tool_angle", shortcut: "a" },
+  { name: "roi", key: "tool_roi", shortcut: "r" },
+];
+const MIN_DRAG = 3; // screen pixels: a shorter drag is a click
+const HANDLE_RADIUS = 3;
+
+function svg(tag, attrs = {}, ...children) {
+  const el = document.createElementNS(SVG_NS, tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (value !== undefined && value !== null) el.setAttribute(key, String(value));
+  }
+  for (const child of children) el.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  return el;
+}
+
+/** A measured number as labels show it: `digits` decimals, no "-0.0". */
+export function fixed(value, digits = 1) {
+  const text = Number(value).toFixed(digits);
+  return /^-0\.?0*$/.test(text) ? text.slice(1) : text;
+}
+
+/** Millimetres per row and per column for a measurement spanning `points`
+ * (grid coordinates): the ultrasound region holding all of them, else the
+ * frame's own spacing; null when uncalibrated (or across regions without one). */
+export function spacingFor(calibration, points) {
+  if (!calibration) return null;
+  const xs = points.map((p) => p.x);
+  const ys = points.map((p) => p.y);
+  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  for (const r of calibration.regions || []) {
+    if (r.x0 <= x0 && x1 <= r.x1 + 1 && r.y0 <= y0 && y1 <= r.y1 + 1) return r;
+  }
+  return calibration.spacing || null;
+}
+
+/** How long a pixel step is along x and y: mm with a spacing, else the
+ * pixel's proportions (Pixel Aspect Ratio, vertical : horizontal) in pixels. */
+function scales(calibration, points) {
+  const spacing = spacingFor(calibration, points);
+  if (spacing) return { x: spacing.column, y: spacing.row, spacing };
+  const [v, hz] = (calibration && calibration.aspect) || [1, 1];
+  return { x: 1, y: v / hz, spacing: null };
+}
+
+/** The distance from a to b: {value, unit: "mm" | "px", basis}. */
+export function lengthOf(calibration, a, b) {
+  const s = scales(calibration, [a, b]);
+  const value = Math.hypot((b.x - a.x) * s.x, (b.y - a.y) * s.y);
+  return { value, unit: s.spacing ? "mm" : "px", basis: s.spacing ? s.spacing.basis : null };
+}
+
+/** The angle at b between b→a and b→c, in degrees (true proportions:
+ * rows and columns scaled by their spacing, or by the aspect ratio). */
+export function angleOf(calibration, a, b, c) {
+  const s = scales(calibration, [a, b, c]);
+  const u = { x: (a.x - b.x) * s.x, y: (a.y - b.y) * s.y };
+  const v = { x: (c.x - b.x) * s.x, y: (c.y - b.y) * s.y };
+  const norm = Math.hypot(u.x, u.y) * Math.hypot(v.x, v.y);
+  if (!norm) return 0;
+  const cos = Math.max(-1, Math.min(1, (u.x * v.x + u.y * v.y) / norm));
+  return (Math.acos(cos) * 180) / Math.PI;
+}
+
+/** What a length's unit is said with: where the distance is measured. */
+function basisNote(basis, unit) {
+  if (unit === "px") return ` ${t("measure_uncalibrated")}`;
+  if (basis === "detector") return ` ${t("measure_detector")}`;
+  if (basis === "magnification") return ` ${t("measure_magnification")}`;
+  if (basis === "calibrated") return ` ${t("measure_calibrated")}`;
+  return "";
+}
+
+function valueText(value) {
+  if (value === null || value === undefined) return "–";
+  return Number.isInteger(value) ? String(value) : fixed(value);
+}
+
+export class MeasureTools {
+  /** `viewer`: the Viewer whose image, slices and series are measured. */
+  constructor(viewer) {
+    this.viewer = viewer;
+    this.tool = "pointer";
+    this.items = new Map(); // frame key -> [{kind, points, stats, error}]
+    this.calibrations = new Map(); // frame key -> {promise, value, failed}
+    this.drawing = null; // {kind, key, points, pointerId, down} while a measurement is drawn
+    this.layer = svg("svg", { id: "measure-layer", class: "measure-layer", "aria-hidden": "true" });
+    this.toolButtons = TOOLS.map((tool) => h("button.btn.small.tool", {
+      type: "button",
+      id: `tool-${tool.name}`,
+      dataset: { tool: tool.name },
+      "data-i18n": tool.key,
+      "data-i18n-title": `${tool.key}_help`,
+      onclick: () => this.setTool(tool.name),
+    }));
+    this.clearButton = h("button#measure-clear.btn.small", {
+      type: "button", "data-i18n": "tool_clear", "data-i18n-title": "tool_clear_help", onclick: () => this.clear(),
+    });
+    this.element = h("div.tools", { role: "group", "data-i18n-aria": "measure_tools" },
+      this.toolButtons, this.clearButton);
+    this.markTool();
+  }
+
+  // -- state -----------------------------------------------------------------------
+  /** The key of the frame shown: its instance and frame number (1 for a single frame). */
+  currentKey() {
+    const slice = this.viewer.slices[this.viewer.index];
+    return slice ? `${slice.sop}/${slice.frame || 1}` : "";
+  }
+
+  setTool(name) {
+    if (!TOOLS.some((tool) => tool.name === name)) return;
+    this.cancel();
+    this.tool = name;
+    this.markTool();
+  }
+
+  markTool() {
+    for (const button of this.toolButtons) {
+      const active = button.dataset.tool === this.tool;
+      button.classList.toggle("active", active);
+      button.setAttribute("aria-pressed", String(active));
+    }
+    const viewport = this.viewer.viewport;
+    if (!viewport) return;
+    for (const tool of TOOLS) viewport.classList.toggle(`tool-${tool.name}`, tool.name === this.tool);
+  }
+
+  /** Whether a left-button press on the image belongs to a measuring tool. */
+  wants(event) {
+    return this.tool !== "pointer" && event.button === 0 && !event.shiftKey && this.currentKey() !== "";
+  }
+
+  /** Drop the measurement being drawn (Escape, another tool, another slice). */
+  cancel() {
+    if (!this.drawing) return false;
+    const { pointerId } = this.drawing;
+    this.drawing = null;
+    const viewport = this.viewer.viewport;
+    if (pointerId !== undefined && viewport.hasPointerCapture(pointerId)) viewport.releasePointerCapture(pointerId);
+    this.redraw();
+    return true;
+  }
+
+  /** Remove the measurements of the frame shown. */
+  clear() {
+    this.cancel();
+    this.items.delete(this.currentKey());
+    this.redraw();
+  }
+
+  /** Remove the last measurement drawn on the frame shown. */
+  undo() {
+    const list = this.items.get(this.currentKey());
+    if (list && list.length) list.pop();
+    this.redraw();
+  }
+
+  /** Forget everything (another study). */
+  reset() {
+    this.drawing = null;
+    this.items.clear();
+    this.calibrations.clear();
+    this.redraw();
+  }
+
+  /** The calibration of a frame, asked of the server once (cached). */
+  calibration(key) {
+    let entry = this.calibrations.get(key);
+    if (!entry) {
+      entry = { value: null, failed: false, promise: null };
+      const [sop, frame] = key.split("/");
+      entry.promise = api("GET", `${this.frameUrl(sop, frame)}/calibration`).then(
+        (value) => {
+          entry.value = value;
+          this.redraw();
+        },
+        () => {
+          entry.failed = true; // measured in pixels, and said so
+          this.redraw();
+        },
+      );
+      this.calibrations.set(key, entry);
+    }
+    return entry;
+  }
+
+  frameUrl(sop, frame) {
+    const s = encodeURIComponent;
+    const v = this.viewer;
+    return `/api/studies/${s(v.studyUid)}/series/${s(v.series.series_uid)}/instances/${s(sop)}/frames/${s(frame)}`;
+  }
+
+  // -- geometry -------------------------------------------------------------------
+  /** The frame's grid size (Columns x Rows) of the slice shown. */
+  grid() {
+    const slice = this.viewer.slices[this.viewer.index];
+    return slice ? this.viewer.gridOf(slice.sop) : null;
+  }
+
+  /** Where the image is on screen, relative to the viewport: its box after zoom and pan. */
+  imageBox() {
+    const img = this.viewer.image;
+    if (!img || img.hidden || !img.naturalWidth) return null;
+    const rect = img.getBoundingClientRect();
+    const frame = this.viewer.viewport.getBoundingClientRect();
+    if (!rect.width || !rect.height) return null;
+    return { left: rect.left - frame.left, top: rect.top - frame.top, width: rect.width, height: rect.height, frame };
+  }
+
+  toGrid(event) {
+    const box = this.imageBox();
+    const grid = this.grid();
+    if (!box || !grid) return null;
+    const x = ((event.clientX - box.frame.left - box.left) / box.width) * grid.columns;
+    const y = ((event.clientY - box.frame.top - box.top) / box.height) * grid.rows;
+    // A point is on the image: drawing may start or end just off its edge.
+    return { x: Math.max(0, Math.min(grid.columns, x)), y: Math.max(0, Math.min(grid.rows, y)) };
+  }
+
+  toScreen(point, box, grid) {
+    return { x: box.left + (point.x / grid.columns) * box.width, y: box.top + (point.y / grid.rows) * box.height };
+  }
+
+  // -- pointer -----------------------------------------------------------------------
+  pointerDown(event) {
+    const point = this.toGrid(event);
+    if (!point) return false;
+    const viewport = this.viewer.viewport;
+    const d = this.drawing;
+    if (d && d.kind === "angle") {
+      // The second and the third click of an angle.
+      d.points[d.points.length - 1] = point;
+      if (d.points.length === 3) this.finish();
+      else d.points.push({ ...point });
+      this.redraw();
+      return true;
+    }
+    this.cancel();
+    const key = this.currentKey();
+    this.calibration(key);
+    this.drawing = {
+      kind: this.tool, key, points: [point, { ...point }], pointerId: event.pointerId,
+      down: { x: event.clientX, y: event.clientY },
+    };
+    viewport.setPointerCapture(event.pointerId);
+    this.redraw();
+    return true;
+  }
+
+  pointerMove(event) {
+    const d = this.drawing;
+    if (!d) return false;
+    const point = this.toGrid(event);
+    if (point) {
+      d.points[d.points.length - 1] = point;
+      this.redraw();
+    }
+    return true;
+  }
+
+  pointerUp(event) {
+    const d = this.drawing;
+    if (!d) return false;
+    const viewport = this.viewer.viewport;
+    if (viewport.hasPointerCapture(event.pointerId)) viewport.releasePointerCapture(event.pointerId);
+    const dragged = Math.hypot(event.clientX - d.down.x, event.clientY - d.down.y) >= MIN_DRAG;
+    if (d.kind === "angle") {
+      // Dragged out, the first arm ends here; clicked, the next click ends it.
+      if (dragged && d.points.length === 2) {
+        d.points.push({ ...d.points[1] });
+        this.redraw();
+      }
+      d.down = { x: -1e9, y: -1e9 };
+      return true;
+    }
+    if (!dragged) this.cancel();
+    else this.finish();
+    return true;
+  }
+
+  finish() {
+    const d = this.drawing;
+    this.drawing = null;
+    if (!d) return;
+    const item = { kind: d.kind, points: d.points, stats: null, error: "" };
+    if (!this.items.has(d.key)) this.items.set(d.key, []);
+    this.items.get(d.key).push(item);
+    if (item.kind === "roi") this.loadStats(d.key, item);
+    this.redraw();
+  }
+
+  async loadStats(key, item) {
+    const [sop, frame] = key.split("/");
+    const [a, b] = item.points;
+    const round = (v) => Math.round(v * 100) / 100;
+    try {
+      item.stats = await api("GET", `${this.frameUrl(sop, frame)}/roi`, {
+        query: { shape: "ellipse", x0: round(a.x), y0: round(a.y), x1: round(b.x), y1: round(b.y) },
+      });
+    } catch (exc) {
+      item.error = exc.message || String(exc);
+    }
+    this.redraw();
+  }
+
+  handleKey(event) {
+    if (event.key === "Escape") return this.cancel();
+    if (event.ctrlKey || event.metaKey) return false;
+    if (event.key === "Delete" || event.key === "Backspace") {
+      if (!this.cancel()) this.undo();
+      return true;
+    }
+    const key = event.key.toLowerCase();
+    const tool = TOOLS.find((candidate) => candidate.shortcut === key);
+    if (tool) {
+      this.setTool(tool.name);
+      return true;
+    }
+    if (key === "c") {
+      this.clear();
+      return true;
+    }
+    return false;
+  }
+
+  // -- drawing ------------------------------------------------------------------------
+  redraw() {
+    const layer = this.layer;
+    const box = this.imageBox();
+    const grid = this.grid();
+    const key = this.currentKey();
+    if (this.drawing && this.drawing.key !== key) this.drawing = null; // another slice now
+    layer.replaceChildren();
+    if (!box || !grid) return;
+    const list = [...(this.items.get(key) || [])];
+    if (this.drawing) list.push({ ...this.drawing, drawing: true });
+    const entry = this.calibrations.get(key);
+    const calibration = entry && entry.value;
+    const pending = Boolean(entry && !entry.value && !entry.failed);
+    list.forEach((item, n) => layer.append(this.shape(item, n, box, grid, calibration, pending)));
+    for (const text of layer.querySelectorAll("text")) this.keepInside(text, box.frame);
+  }
+
+  /** A label past the viewport's right or bottom edge goes to the other side of its point. */
+  keepInside(text, frame) {
+    const bounds = text.getBBox();
+    if (bounds.x + bounds.width > frame.width) {
+      text.setAttribute("text-anchor", "end");
+      const x = String(Number(text.getAttribute("x")) - 16);
+      text.setAttribute("x", x);
+      text.setAttribute("y", String(Number(text.getAttribute("y")) - 12)); // above the line it ends
+      for (const span of text.querySelectorAll("tspan")) span.setAttribute("x", x);
+    }
+    if (bounds.y + bounds.height > frame.height) {
+      text.setAttribute("y", String(Number(text.getAttribute("y")) - bounds.height - 8));
+    }
+  }
+
+  shape(item, n, box, grid, calibration, pending) {
+    const pts = item.points.map((p) => this.toScreen(p, box, grid));
+    const group = svg("g", {
+      class: `measurement ${item.kind}${item.drawing ? " drawing" : ""}`, "data-kind": item.kind, "data-index": n,
+    });
+    let lines = [];
+    let at = pts[pts.length - 1];
+    if (item.kind === "length") {
+      group.append(svg("line", { x1: pts[0].x, y1: pts[0].y, x2: pts[1].x, y2: pts[1].y }));
+      if (!pending) {
+        const length = lengthOf(calibration, item.points[0], item.points[1]);
+        group.setAttribute("data-value", fixed(length.value, 2));
+        group.setAttribute("data-unit", length.unit);
+        lines = [`${fixed(length.value)} ${length.unit}${basisNote(length.basis, length.unit)}`];
+      }
+    } else if (item.kind === "angle") {
+      group.append(svg("polyline", { points: pts.map((p) => `${p.x},${p.y}`).join(" ") }));
+      at = pts[1];
+      if (item.points.length === 3 && !pending) {
+        const angle = angleOf(calibration, ...item.points);
+        group.setAttribute("data-value", fixed(angle, 2));
+        lines = [`${fixed(angle)}°`];
+      }
+    } else if (item.kind === "roi") {
+      const [a, b] = pts;
+      group.append(svg("ellipse", {
+        cx: (a.x + b.x) / 2, cy: (a.y + b.y) / 2, rx: Math.abs(b.x - a.x) / 2, ry: Math.abs(b.y - a.y) / 2,
+      }));
+      at = { x: Math.max(a.x, b.x), y: Math.max(a.y, b.y) };
+      if (!item.drawing) lines = this.roiLines(item);
+      if (item.stats) {
+        for (const name of ["pixels", "mean", "sd", "min", "max", "area"]) {
+          const value = item.stats[name];
+          if (value !== null && value !== undefined) group.setAttribute(`data-${name}`, value);
+        }
+      }
+    }
+    for (const p of pts) group.append(svg("circle", { class: "handle", cx: p.x, cy: p.y, r: HANDLE_RADIUS }));
+    if (lines.length) {
+      const text = svg("text", { class: "measure-label", x: at.x + 8, y: at.y + 4 });
+      lines.forEach((line, i) => text.append(svg("tspan", { x: at.x + 8, dy: i ? "1.2em" : 0 }, line)));
+      group.append(text);
+    }
+    return group;
+  }
+
+  roiLines(item) {
+    if (item.error) return [item.error];
+    const s = item.stats;
+    if (!s) return ["…"];
+    const area = `${t("roi_area")} ${fixed(s.area)} ${s.area_unit === "mm2" ? "mm²" : "px²"}`
+      + (s.area_unit === "px2" ? ` ${t("measure_uncalibrated")}` : basisNote(s.basis, "mm"));
+    if (!s.pixels) return [t("roi_empty"), area];
+    if (s.channels) {
+      const channel = (c) => `${c.name} ${t("roi_mean")} ${valueText(c.mean)} ${t("roi_sd")} ${valueText(c.sd)}`;
+      return [...s.channels.map(channel), area];
+    }
+    const unit = s.units ? ` ${s.units}` : "";
+    return [
+      `${t("roi_mean")} ${valueText(s.mean)}${unit} ${t("roi_sd")} ${valueText(s.sd)}`,
+      `${t("roi_min")} ${valueText(s.min)} ${t("roi_max")} ${valueText(s.max)}`,
+      area,
+    ];
+  }
+}
