@@ -60,6 +60,7 @@ def _target(request: Request, study: str, series: str, sop: str, frame: str) -> 
 
 
 def _measured(call: Any) -> Any:
+    """``call()``, a :class:`measure.MeasureError` answered with its status (400, 422)."""
     try:
         return call()
     except measure.MeasureError as exc:
