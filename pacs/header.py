@@ -737,6 +737,22 @@ def _deflated_dataset_start(stream: BinaryIO, transfer_syntax: str | None) -> in
     return start if (transfer_syntax or syntax) == DeflatedExplicitVRLittleEndian else None
 
 
+def inflated_dataset(stream: BinaryIO, limit: int) -> bytes | None:
+    """The data set of a Deflated Explicit VR Little Endian Part 10 object
+    in *stream*, inflated (Explicit VR Little Endian bytes); None for another
+    syntax. At most *limit* + 1 bytes are inflated: a longer result means
+    the data set is larger than *limit* (a caller that reads a whole object,
+    an SR, refuses it; pydicom alone inflates all of it, whatever its size)."""
+    start = _deflated_dataset_start(stream, None)
+    if start is None:
+        return None
+    stream.seek(start)
+    try:
+        return _Inflating(stream).read(limit + 1)
+    except IngestError as exc:
+        raise ValueError(str(exc)) from None
+
+
 def _at_pixels(tag: Any, vr: str | None, length: int) -> bool:
     return int(tag) in PIXEL_TAGS
 

@@ -18,8 +18,8 @@ from pacs.auth import ROLES
 from pacs.pixel_memory import PIXELS
 
 from . import (
-    errors, fhir, measure_api, metrics_api, orders_api, qido, share_api, share_page, stow, templates_api, ui_api, wado,
-    wado_uri,
+    errors, fhir, measure_api, metrics_api, orders_api, qido, share_api, share_page, sr_api, stow, templates_api,
+    ui_api, wado, wado_uri,
 )
 from .http_metrics import HttpMetrics, RouteNote
 from .limits import BodyLimit
@@ -85,6 +85,8 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.include_router(orders_api.router)
     app.include_router(ui_api.router)
     app.include_router(measure_api.router)
+    # Structured reports and dose summaries: guarded per route (the study of an instance).
+    app.include_router(sr_api.router)
     app.include_router(templates_api.router)
     # Share links: made by staff (guarded per route), opened by the patient
     # with the link's token alone (share_page: every access audited as share:<id>).
