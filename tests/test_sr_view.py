@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,10 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from .peers import Backend, PacsServer, run_dcmtk, wait_until
-from .test_web_viewer import USERNAME
+from .peers import ROOT, Backend, PacsServer, run_dcmtk, wait_until
+from .test_web_viewer import (
+    CHROMIUM, CHROMIUM_ARGS, HEIGHT, USERNAME, WIDTH, _sync_playwright, assert_no_horizontal_scroll,
+)
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -37,6 +40,7 @@ OTHER_REFERRER = "Phạm^Văn Tâm"
 FINDING = "Khối giảm âm ở thùy phải gan, bờ đều, kích thước 23,5 × 14 mm. Đề nghị theo dõi."
 KO_NOTE = "Ảnh chính cho hội chẩn: tổn thương gan"
 PROTOCOL_1 = "Ngực không cản quang"
+ARTIFACTS = ROOT / "test-artifacts" / "sr-view"  # screenshots of the browser walk-through
 
 
 # -- building SR objects (PS3.3 C.17.3) ----------------------------------------------------------
@@ -277,6 +281,44 @@ def ct_dose_sr(study: Study, out: Path) -> Path:
     return _write(ds, out / "rdsr.dcm")
 
 
+def _xa_event(event_type: Dataset, dap: str, dose_rp: str) -> Dataset:
+    return container("CONTAINS", code("113706", "DCM", "Irradiation Event X-Ray Data"), [
+        coded("CONTAINS", code("113764", "DCM", "Acquisition Plane"), code("113622", "DCM", "Single Plane")),
+        content("CONTAINS", "UIDREF", code("113769", "DCM", "Irradiation Event UID"), UID=generate_uid()),
+        content("CONTAINS", "DATETIME", code("111526", "DCM", "DateTime Started"), DateTime="20240815101500"),
+        coded("CONTAINS", code("113721", "DCM", "Irradiation Event Type"), event_type),
+        content("CONTAINS", "TEXT", code("125203", "DCM", "Acquisition Protocol"), TextValue="Chụp mạch gan"),
+        coded("CONTAINS", code("123014", "DCM", "Target Region"), code("818981001", "SCT", "Abdomen")),
+        num("CONTAINS", code("122130", "DCM", "Dose Area Product"), dap, "Gy.m2", "Gy.m2"),
+        num("CONTAINS", code("113738", "DCM", "Dose (RP)"), dose_rp, "Gy", "Gy"),
+    ])
+
+
+def projection_dose_sr(study: Study, out: Path) -> Path:
+    """A projection X-ray dose report (TID 10001): accumulated totals (TID 10002/10004) and two events (TID 10003)."""
+    ds = Dataset()
+    _header(ds, study, XRAY_DOSE_SR, "SR", generate_uid(), 94)
+    ds.ManufacturerModelName, ds.DeviceSerialNumber, ds.SoftwareVersions = "SYN-XA", "SN-0043", "1.0"
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    _sr_document(ds, code("113701", "DCM", "X-Ray Radiation Dose Report"), [
+        coded("HAS CONCEPT MOD", code("121058", "DCM", "Procedure reported"),
+              code("113704", "DCM", "Projection X-Ray")),
+        coded("HAS OBS CONTEXT", code("121005", "DCM", "Observer Type"), code("121007", "DCM", "Device")),
+        content("HAS OBS CONTEXT", "UIDREF", code("121012", "DCM", "Device Observer UID"), UID=generate_uid()),
+        container("CONTAINS", code("113702", "DCM", "Accumulated X-Ray Dose Data"), [
+            coded("CONTAINS", code("113764", "DCM", "Acquisition Plane"), code("113622", "DCM", "Single Plane")),
+            num("CONTAINS", code("113722", "DCM", "Dose Area Product Total"), "0.00355", "Gy.m2", "Gy.m2"),
+            num("CONTAINS", code("113725", "DCM", "Dose (RP) Total"), "0.033", "Gy", "Gy"),
+            num("CONTAINS", code("113726", "DCM", "Fluoro Dose Area Product Total"), "0.00125", "Gy.m2", "Gy.m2"),
+            num("CONTAINS", code("113730", "DCM", "Total Fluoro Time"), "95", "s", "s"),
+            num("CONTAINS", code("113731", "DCM", "Total Number of Radiographic Frames"), "12", "1", "no units"),
+        ], "10002"),
+        _xa_event(code("P5-06000", "SRT", "Fluoroscopy"), "0.00125", "0.012"),
+        _xa_event(code("113611", "DCM", "Stationary Acquisition"), "0.0023", "0.021"),
+    ], "10001")
+    return _write(ds, out / "xa-rdsr.dcm")
+
+
 def key_objects(study: Study, out: Path) -> Path:
     """A Key Object Selection (TID 2010) flagging the first and third CT slices."""
     ds = Dataset()
@@ -329,6 +371,26 @@ def oversized_sr(study: Study, out: Path) -> Path:
     return _write(ds, out / "oversized.dcm")
 
 
+def mislabelled_sr(study: Study, out: Path) -> Path:
+    """An Enhanced SR from a modality that writes UTF-8 and declares no
+    character set (as Vietnamese ultrasound machines do): read as UTF-8, as
+    the index reads such names. Sent deflated (storescu -xd)."""
+    ds = Dataset()
+    _header(ds, study, "1.2.840.10008.5.1.4.1.1.88.22", "SR", generate_uid(), 95)
+    del ds.SpecificCharacterSet
+    ds.PatientName = "Hoang^Anh"
+    ds.ReferringPhysicianName = ""
+    ds.CompletionFlag, ds.VerificationFlag = "COMPLETE", "UNVERIFIED"
+    text = content("CONTAINS", "TEXT", code("121071", "DCM", "Finding"))
+    text.add_new(0x0040A160, "UT", US_NOTE.encode("utf-8"))  # Text Value, its UTF-8 bytes as the machine sent them
+    _sr_document(ds, code("125100", "DCM", "Vascular Ultrasound Procedure Report"), [
+        num("CONTAINS", code("11727-5", "LN", "Body weight"), "52", "kg", "kilogram"),
+        text,
+    ], "5100")
+    return _write(ds, out / "mislabelled.dcm")
+
+
+US_NOTE = "Dòng chảy tĩnh mạch đùi bình thường"
 MANY_ITEMS = 20_050  # past pacs.sr_content.MAX_ITEMS
 ROLES = ["modality", "radiologist", "referring", "emr", "his", "admin", "monitor"]
 READERS = {"radiologist", "admin", "emr", "referring"}
@@ -371,10 +433,14 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Archive]:
     files["other_sr"] = comprehensive_sr(other_report, objects / "other")
     files["hostile"] = hostile_sr(hostile, objects / "hostile")
     files["oversized"] = oversized_sr(hostile, objects / "hostile")
+    files["xa_rdsr"] = projection_dose_sr(hostile, objects / "hostile")
     server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}))
     server.start()
     try:
         sent = server.storescu(*(str(p) for p in files.values()))
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        files["mislabelled"] = mislabelled_sr(hostile, objects / "deflated")
+        sent = server.storescu("-xd", str(files["mislabelled"]))  # stored deflated, as sent
         assert sent.returncode == 0, sent.stdout + sent.stderr
         tokens = {role: server.make_token(f"sr-{role}", role, display_name=REFERRER) for role in ROLES}
         tokens["other-referring"] = server.make_token("sr-other-referring", "referring", display_name=OTHER_REFERRER)
@@ -407,7 +473,7 @@ def test_dcmtk_reads_the_test_reports(archive: Archive) -> None:
     """DCMTK's dsrdump parses every SR built here (the test data is valid SR,
     not only what our reader accepts), and numbers the content items as our
     ids do (1.3.1.1 is the long axis a by-reference relationship names)."""
-    for name in ("comprehensive", "rdsr", "ko", "other_sr"):
+    for name in ("comprehensive", "rdsr", "ko", "other_sr", "xa_rdsr"):
         dump = run_dcmtk("dsrdump", "+Pl", "+Pn", "+Pc", "+Pu", str(archive.files[name]))
         assert dump.returncode == 0, (name, dump.stderr)
         errors = [line for line in dump.stderr.splitlines() if line.startswith(("E:", "F:"))]
@@ -514,6 +580,30 @@ def test_ct_dose_report_and_study_dose(archive: Archive) -> None:
     assert _get(archive, "/api/studies/not-a-uid/dose").status_code == 400
 
 
+def test_projection_dose_report(archive: Archive) -> None:
+    """A projection X-ray report: Dose Area Product and dose at the reference
+    point per event and accumulated (the study's other SRs are no dose reports)."""
+    dose = _get(archive, f"/api/studies/{archive.hostile.uid}/dose").json()
+    assert dose["ct_dlp_total"] is None
+    (report,) = dose["reports"]
+    assert report["sop_uid"] == archive.sops["xa_rdsr"]
+    assert report["modality"] == "projection" and report["procedure"] == "Projection X-Ray"
+    assert report["dap_total"] == {"value": 0.00355, "unit": "Gy.m2"}
+    assert report["dose_rp_total"] == {"value": 0.033, "unit": "Gy"}
+    assert report["fluoro_dap_total"] == {"value": 0.00125, "unit": "Gy.m2"}
+    assert report["fluoro_time_total"] == {"value": 95.0, "unit": "s"}
+    assert report["frames_total"] == 12
+    assert report["planes"] == [{"plane": "Single Plane", "dap_total": {"value": 0.00355, "unit": "Gy.m2"},
+                                 "dose_rp_total": {"value": 0.033, "unit": "Gy"},
+                                 "fluoro_time_total": {"value": 95.0, "unit": "s"}, "frames_total": 12}]
+    fluoro, acquisition = report["events"]
+    assert (fluoro["kind"], fluoro["plane"], fluoro["protocol"], fluoro["target_region"]) == (
+        "Fluoroscopy", "Single Plane", "Chụp mạch gan", "Abdomen")
+    assert fluoro["dap"] == {"value": 0.00125, "unit": "Gy.m2"} and fluoro["dose_rp"] == {"value": 0.012, "unit": "Gy"}
+    assert fluoro["started"] == "20240815101500"
+    assert acquisition["kind"] == "Stationary Acquisition" and acquisition["dap"]["value"] == 0.0023
+
+
 # -- 3. a Key Object Selection ---------------------------------------------------------------------
 def test_key_object_selection(archive: Archive) -> None:
     ko = _get(archive, SR_BASE.format(archive.sops["ko"])).json()
@@ -558,6 +648,18 @@ def test_a_hostile_report_is_bounded(archive: Archive) -> None:
     assert [r["value"]["target"] for r in looping["children"]] == ["1.2", "9.9"]
     assert [r["value"]["found"] for r in looping["children"]] == [True, False]
     assert doc["content"]["truncated"] is True and len(doc["content"]["children"]) < MANY_ITEMS
+
+
+def test_deflated_sr_in_utf8_without_a_character_set(archive: Archive) -> None:
+    with archive.server.http() as admin:
+        detail = admin.get(f"/api/studies/{archive.hostile.uid}").json()
+    stored = [i for s in detail["series"] for i in s["instances"] if i["sop_uid"] == archive.sops["mislabelled"]]
+    assert stored[0]["transfer_syntax_uid"] == "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian
+    doc = _get(archive, SR_BASE.format(archive.sops["mislabelled"])).json()
+    assert doc["sop_class"] == "Enhanced SR" and doc["title"]["meaning"] == "Vascular Ultrasound Procedure Report"
+    weight, finding = doc["content"]["children"]
+    assert weight["value"]["float"] == 52.0 and weight["value"]["unit"]["meaning"] == "kilogram"
+    assert finding["value"] == US_NOTE
 
 
 # -- 5. who may read ---------------------------------------------------------------------------------
@@ -607,3 +709,121 @@ def test_reads_are_audited(archive: Archive) -> None:
     assert (dose["action"], dose["outcome"], dose["study_uid"]) == ("view", "success", archive.study.uid)
     refused = next(e for e in found if e["user"] == "sr-other-referring")
     assert refused["outcome"] == "denied" and refused["study_uid"] == archive.study.uid
+
+
+# -- 6. in the browser ---------------------------------------------------------------------------------
+@contextmanager
+def browser_page(archive: Archive) -> Iterator[tuple[Any, list[str]]]:
+    """Headless Debian Chromium on the archive's viewer, and the list its
+    script errors and Content Security Policy refusals are collected in."""
+    with _sync_playwright()() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
+                                          base_url=f"http://127.0.0.1:{archive.server.http_port}")
+            context.set_default_timeout(20_000)
+            page = context.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda exc: problems.append(str(exc)))
+            page.on("console", lambda msg: problems.append(msg.text) if "Content Security Policy" in msg.text
+                    else None)
+            yield page, problems
+            context.close()
+        finally:
+            browser.close()
+
+
+def test_viewer_shows_reports_and_dose(archive: Archive) -> None:
+    """The SR series opens as a document (headings, "concept: value unit"
+    rows, Vietnamese text, flags); its image link opens the CT image in the
+    viewer; a by-reference row points at its target; the Key Object
+    Selection's links open their slices; the study shows its total DLP;
+    both languages; no script error nor CSP refusal."""
+    from playwright.sync_api import expect
+
+    study = archive.study
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with browser_page(archive) as (page, problems):
+        page.goto(f"/#/study/{study.uid}")
+        expect(page).to_have_url(re.compile(r"#/login$"))
+        page.fill("#username", USERNAME)
+        page.fill("#password", "test-password-123")  # PacsServer.make_token's
+        page.press("#password", "Enter")
+        expect(page.locator("#patient-name")).to_have_text("Nguyễn Thị Mai")
+        image = page.locator("#viewer-image")
+        expect(image).to_have_attribute("src", re.compile(re.escape(study.ct_sops[0]) + r"/rendered"))
+
+        # The study's radiation dose: total DLP and events, the events' figures when opened.
+        box = page.locator("#dose-summary")
+        expect(box).to_be_visible()
+        expect(page.locator("#dose-total-dlp")).to_have_text("612.3 mGy·cm")
+        expect(page.locator("#dose-event-count")).to_have_text("2 lần chiếu xạ")
+        expect(box.locator("summary")).to_contain_text("Liều bức xạ · DLP tổng 612.3 mGy·cm")
+        box.locator("summary").click()
+        events = box.locator("tr.dose-event")
+        expect(events).to_have_count(2)
+        expect(events.first).to_contain_text(PROTOCOL_1)
+        expect(events.first).to_contain_text("Chest")
+        # The figures' units are in the headings (CTDIvol in mGy, DLP in mGy·cm, the length in mm).
+        expect(box.locator("th")).to_have_text(["Giao thức", "Vùng chiếu", "CTDIvol (mGy)", "DLP (mGy·cm)",
+                                               "Chiều dài quét (mm)"])
+        expect(events.first.locator("td")).to_have_text([PROTOCOL_1, "Chest", "8.5", "297.5", "350"])
+        expect(events.nth(1).locator("td")).to_have_text(["Abdomen with contrast", "Abdomen", "7.5", "314.8", "420"])
+        page.screenshot(path=str(ARTIFACTS / "1-dose.png"))
+
+        # The measurement report as a document.
+        page.click(f'[data-testid="series-thumb"][data-series-uid="{archive.series["comprehensive"]}"]')
+        document = page.locator("#sr-documents")
+        expect(document).to_be_visible()
+        expect(document.locator(".sr-title")).to_have_text("Imaging Measurement Report")
+        expect(document.locator('[data-flag="completion"]')).to_have_text("Hoàn tất")
+        expect(document.locator('[data-flag="verification"]')).to_have_text("Đã xác nhận")
+        expect(document.locator(".sr-observers")).to_contain_text("Trần Văn An")
+        expect(document.locator("h3.sr-heading").first).to_have_text("Imaging Measurements")
+        expect(document.locator("h4.sr-heading")).to_have_text("Measurement Group")
+        expect(document.locator('.sr-row[data-item-id="1.3.1.1"]')).to_have_text("Long Axis: 23.5 millimeter")
+        expect(document.locator('.sr-row[data-item-id="1.3.1.3"]')).to_have_text(
+            re.compile(r"Finding Site: Liver$"))
+        expect(document.locator('.sr-row[data-item-id="1.3.1.4"]')).to_have_text(f"Finding: {FINDING}")
+        expect(document).to_contain_text("Theo dõi sau 3 tháng.")
+        assert_no_horizontal_scroll(page)
+        page.screenshot(path=str(ARTIFACTS / "2-report.png"))
+        # The by-reference row points at the long axis; following it highlights that row.
+        reference = document.locator(".sr-ref")
+        expect(reference).to_have_text("xem mục Long Axis (1.3.1.1)")
+        reference.click()
+        expect(document.locator('.sr-row[data-item-id="1.3.1.1"]')).to_have_class(re.compile(r"\bsr-flash\b"))
+        # The image link opens the CT slice it names (the second) in the viewer.
+        link = document.locator('.sr-row[data-item-id="1.3.1.5"] .sr-image-link')
+        expect(link).to_have_text("Mở ảnh")
+        link.click()
+        expect(page.locator("#sr-documents")).to_have_count(0)
+        expect(image).to_have_attribute("src", re.compile(re.escape(study.ct_sops[1]) + r"/rendered"))
+        expect(image).to_be_visible()
+        expect(page.locator("#slice-label")).to_have_text("Lát cắt 2 / 3")
+        ct_thumb = page.locator(f'[data-testid="series-thumb"][data-series-uid="{study.ct_series}"]')
+        expect(ct_thumb).to_have_class(re.compile(r"\bactive\b"))
+
+        # The key images: the second link opens the third slice.
+        page.click(f'[data-testid="series-thumb"][data-series-uid="{archive.series["ko"]}"]')
+        expect(document.locator(".sr-title")).to_have_text("Of Interest")
+        expect(document).to_contain_text(KO_NOTE)
+        links = document.locator(".sr-image-link")
+        expect(links).to_have_count(2)
+        page.screenshot(path=str(ARTIFACTS / "3-key-images.png"))
+        links.nth(1).click()
+        expect(image).to_have_attribute("src", re.compile(re.escape(study.ct_sops[2]) + r"/rendered"))
+        expect(page.locator("#slice-label")).to_have_text("Lát cắt 3 / 3")
+
+        # The dose report itself reads as a document too; English labels.
+        page.click("#lang-toggle")
+        expect(page.locator("#dose-event-count")).to_have_text("2 irradiation events")
+        expect(box.locator("summary")).to_contain_text("Radiation dose · Total DLP 612.3 mGy·cm")
+        page.click(f'[data-testid="series-thumb"][data-series-uid="{archive.series["rdsr"]}"]')
+        expect(document.locator(".sr-title")).to_have_text("X-Ray Radiation Dose Report")
+        expect(document.locator('[data-flag="verification"]')).to_have_text("Unverified")
+        expect(document.locator("h3.sr-heading").first).to_have_text("CT Accumulated Dose Data")
+        expect(document).to_contain_text("CT Dose Length Product Total: 612.3 mGy·cm")
+        page.screenshot(path=str(ARTIFACTS / "4-dose-report-en.png"))
+        page.click("#lang-toggle")
+        assert not problems, problems

@@ -3,6 +3,7 @@
 import { api } from "./api.js";
 import { onLangChange, t } from "./i18n.js";
 import { ReportPanel } from "./report.js";
+import { DoseSummary, isStructuredReport } from "./sr.js";
 import { formatDate, formatPN, h, isTyping, listText, readSession, sexLabel, writeSession } from "./util.js";
 import { NON_IMAGE, Viewer, isImage } from "./viewer.js";
 
@@ -22,6 +23,10 @@ export function mountStudy(root, ctx, studyUid) {
     writeSession(viewKey, { series: selected.series_uid, index: viewer.index, preset: viewer.preset });
   };
   const report = new ReportPanel(studyUid, ctx.user);
+  // The radiation dose of the study's dose reports (RDSR), above the report.
+  const dose = new DoseSummary(studyUid);
+  // An image a structured report refers to: this study's is shown here, another study's opens there.
+  viewer.onOpenImage = (ref) => openImage(ref);
   const header = h("header#study-header.study-header", h("span.muted", { "data-i18n": "loading" }));
   const seriesList = h("nav#series-list.series-list", { "data-i18n-aria": "series" });
   const message = h("div#study-error.error", { role: "alert", hidden: true });
@@ -31,7 +36,7 @@ export function mountStudy(root, ctx, studyUid) {
       "section.study-screen",
       header,
       message,
-      h("div.study-body", seriesList, h("div.viewer-col", viewer.element), h("aside.report-col", report.element)),
+      h("div.study-body", seriesList, h("div.viewer-col", viewer.element), h("aside.report-col", dose.element, report.element)),
     ),
   );
 
@@ -139,6 +144,25 @@ export function mountStudy(root, ctx, studyUid) {
     viewer.setSeries(series);
   }
 
+  /** Show the slice of instance ref.sop_uid (frame ref.frame) of series ref.series_uid. */
+  function showInstance(series, sop, frame) {
+    select(series);
+    const i = viewer.slices.findIndex((s) => s.sop === sop && (!frame || !s.frame || s.frame === frame));
+    if (i >= 0) viewer.go(i);
+    viewer.viewport.focus({ preventScroll: true });
+  }
+
+  function openImage(ref) {
+    if (ref.study_uid !== studyUid) {
+      // The other study opens on that image (its screen restores what is kept for it).
+      writeSession(`pacs.view.${ref.study_uid}`, { series: ref.series_uid, sop: ref.sop_uid, frame: ref.frame || null });
+      ctx.navigate(`#/study/${encodeURIComponent(ref.study_uid)}`);
+      return;
+    }
+    const series = ((study && study.series) || []).find((s) => s.series_uid === ref.series_uid);
+    if (series) showInstance(series, ref.sop_uid, ref.frame);
+  }
+
   function stepSeries(delta) {
     const all = study && study.series ? study.series : [];
     if (!all.length) return;
@@ -166,6 +190,7 @@ export function mountStudy(root, ctx, studyUid) {
   const offLang = onLangChange(() => {
     renderHeader();
     if (study) renderSeries();
+    dose.render();
   });
 
   async function load() {
@@ -192,11 +217,17 @@ export function mountStudy(root, ctx, studyUid) {
     if (first) select(first);
     if (before) {
       if (saved.preset && saved.preset !== "default" && saved.preset !== "custom") viewer.applyPreset(saved.preset);
-      viewer.go(Number(saved.index) || 0);
+      // An image a report of another study referred to is kept by its instance (its index was not known).
+      const at = saved.sop
+        ? viewer.slices.findIndex((s) => s.sop === saved.sop && (!saved.frame || !s.frame || s.frame === saved.frame))
+        : -1;
+      viewer.go(at >= 0 ? at : Number(saved.index) || 0);
     }
     restoring = false;
     viewer.viewport.focus({ preventScroll: true });
     loadPriors();
+    // Only a study with a structured report may hold a dose report: no request (nor audit event) otherwise.
+    if (all.some((s) => (s.instances || []).some(isStructuredReport))) dose.load();
   }
 
   load();

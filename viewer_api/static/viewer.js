@@ -6,6 +6,7 @@
 import { api } from "./api.js";
 import { onLangChange, t } from "./i18n.js";
 import { MeasureTools } from "./measure.js";
+import { StructuredReportView, isStructuredReport } from "./sr.js";
 import { h, isTyping } from "./util.js";
 
 export const PRESETS = [
@@ -199,6 +200,7 @@ export class Viewer {
   destroy() {
     this.stop();
     this.removeVideo();
+    this.removeReports();
     clearTimeout(this.zoomTimer);
     document.removeEventListener("keydown", this.onKey);
     this.resizeObserver.disconnect();
@@ -218,6 +220,7 @@ export class Viewer {
     this.grids = new Map((series.instances || []).map((inst) => [
       inst.sop_uid, { rows: Number(inst.rows) || 0, columns: Number(inst.columns) || 0 }]));
     this.removeVideo();
+    this.removeReports();
     // A video (MPEG-2, H.264, HEVC) is one stream, not frames to render one by one.
     const videos = (series.instances || []).filter((inst) => inst.video);
     for (const inst of NON_IMAGE.has(series.modality) ? [] : (series.instances || []).filter((i) => isImage(i) && !i.video)) {
@@ -253,8 +256,10 @@ export class Viewer {
     if (!n) {
       this.currentUrl = "";
       const documents = (series.instances || []).filter((inst) => inst.sop_class_uid === ENCAPSULATED_PDF);
+      const reports = (series.instances || []).filter(isStructuredReport);
       if (videos.length) this.showVideo(series, videos[0]);
       else if (documents.length) this.showDocuments(series, documents);
+      else if (reports.length) this.showReports(reports);
       else this.showError(t("no_image"));
       this.updateLabels();
       return;
@@ -382,6 +387,26 @@ export class Viewer {
     this.video.removeAttribute("src");
     this.video.remove();
     this.video = null;
+  }
+
+  /** A series of structured reports (SR, dose reports, key images): each one as a document; its image
+   * links call onOpenImage (set by the study screen). */
+  showReports(reports) {
+    this.reports = new StructuredReportView((ref) => (this.onOpenImage ? this.onOpenImage(ref) : undefined));
+    this.viewport.insertBefore(this.reports.element, this.overlay);
+    this.reports.show(reports);
+  }
+
+  removeReports() {
+    if (!this.reports) return;
+    this.reports.generation += 1; // a document still loading is not shown
+    this.reports.element.remove();
+    this.reports = null;
+  }
+
+  /** Whether an event happens in a structured report's document (it scrolls and selects text itself). */
+  inReports(event) {
+    return Boolean(this.reports && event.target instanceof Element && event.target.closest(".sr-documents"));
   }
 
   /** A series of PDFs (the signed reports): links that open each one. */
@@ -628,6 +653,7 @@ export class Viewer {
 
   // -- input --------------------------------------------------------------------------
   onWheel(event) {
+    if (this.inReports(event)) return; // the document scrolls
     event.preventDefault();
     const unit = event.deltaMode === 1 ? 33 : event.deltaMode === 2 ? WHEEL_STEP : 1;
     const delta = event.deltaY * unit;
@@ -650,6 +676,7 @@ export class Viewer {
   onPointerDown(event) {
     // A document's link takes its own click (captured, it went to the viewport).
     if (event.target instanceof Element && event.target.closest("a, video")) return; // and a video's controls
+    if (this.inReports(event)) return; // text is selected there, not a window dragged
     this.viewport.focus({ preventScroll: true });
     // A measuring tool takes the left button (Shift+drag still sets the window).
     if (event.button === 0 && !event.shiftKey && (this.measure.drawing || this.measure.wants(event))) {
@@ -704,6 +731,7 @@ export class Viewer {
   handleKey(event) {
     if (event.defaultPrevented || isTyping(event) || event.altKey || !this.series) return;
     if (event.target === this.slider && /^(Arrow|Page|Home|End)/.test(event.key)) return; // the slider moves itself
+    if (this.reports && /^(Arrow(Up|Down)|Page|Home|End| )/.test(event.key)) return; // a report's document scrolls
     const target = event.target;
     if (target instanceof HTMLElement && target.tagName === "BUTTON" && (event.key === "Enter" || event.key === " ")) return;
     if (!event.altKey && this.measure.handleKey(event)) {
