@@ -274,12 +274,11 @@ class SrDocument:
 
     def observers(self) -> list[str]:
         """Who observed (TID 1002 observer context at the document's top
-        level: person and device names), then the header's author observers."""
-        names: list[str] = []
-        for item in self.root.children:
-            if item.relationship == "HAS OBS CONTEXT" and item.value_type in ("PNAME", "TEXT") \
-                    and isinstance(item.value, str) and item.value:
-                names.append(item.value)
+        level: Person Observer Name, Device Observer Name), then the
+        header's author observers."""
+        names = [item.value for item in self.root.children
+                 if item.relationship == "HAS OBS CONTEXT" and isinstance(item.value, str) and item.value
+                 and item.concept is not None and (item.concept.is_("121008") or item.concept.is_("121013"))]
         return list(dict.fromkeys([*names, *self.author_observers]))
 
     def as_json(self) -> dict[str, Any]:

@@ -711,6 +711,32 @@ def test_reads_are_audited(archive: Archive) -> None:
     assert refused["outcome"] == "denied" and refused["study_uid"] == archive.study.uid
 
 
+def test_on_postgresql_and_s3(request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """The same reads on PostgreSQL and an S3 store (SeaweedFS): the object
+    streamed from the bucket, its references located by the index."""
+    from .conftest import make_backend
+
+    study = _new_study()
+    files = [*ct_slices(study, tmp_path / "objects"), comprehensive_sr(study, tmp_path / "objects"),
+             ct_dose_sr(study, tmp_path / "objects")]
+    server = PacsServer(tmp_path / "data", make_backend("pg-s3", request))
+    server.start()
+    try:
+        sent = server.storescu(*(str(p) for p in files))
+        assert sent.returncode == 0, sent.stdout + sent.stderr
+        with server.http() as http:
+            doc = http.get(SR_BASE.format(_sop(files[3])[0])).json()
+            dose = http.get(f"/api/studies/{study.uid}/dose").json()
+            not_sr = http.get(SR_BASE.format(study.ct_sops[0]))
+        source = _by_concept(doc, "Source of Measurement")[0]["value"]
+        assert source["location"] == {"study_uid": study.uid, "series_uid": study.ct_series}
+        assert _by_concept(doc, "Finding")[0]["value"] == FINDING
+        assert dose["ct_dlp_total"] == {"value": 612.3, "unit": "mGy.cm"} and len(dose["reports"][0]["events"]) == 2
+        assert not_sr.status_code == 409
+    finally:
+        server.stop()
+
+
 # -- 6. in the browser ---------------------------------------------------------------------------------
 @contextmanager
 def browser_page(archive: Archive) -> Iterator[tuple[Any, list[str]]]:
