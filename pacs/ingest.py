@@ -8,13 +8,17 @@ Order of work, which is what makes an acknowledgement trustworthy:
 3. write the object to storage, durably and atomically; a resend of a kept
    instance is recognised by the filesystem store (publishing never
    replaces) or, for a remote store, by the index before any upload.
+   Under the overwrite policy a resend is written beside the copy it
+   replaces (``<sop>.resent.dcm`` and ``<sop>.dcm`` alternate), never over it.
    3 and 4 of one SOP Instance UID hold a lock, so the row and the stored
    object are the same copy when several processes receive it at once: an
    flock under ``DATA_DIR/locks`` on one node (a filesystem store, or a
    SQLite index; see :mod:`pacs.instance_locks`), or, under the overwrite
    policy, one that every node sharing a PostgreSQL index takes (see
    ``Ingestor._lock_across_nodes``);
-4. index it (group-committed transaction) and only then return success.
+4. index it (group-committed transaction) and only then return success
+   (a replacing resend's commit switches the row to its key; the replaced
+   copy is deleted after).
    A deletion removing the same key meanwhile (a resend of an instance
    whose study is being deleted) is settled in that transaction: the
    resend takes the key back and is kept, or, if its object was already
@@ -321,6 +325,17 @@ class Ingestor:
                          replaces: tuple[str, str | None] | None = None, retire_as: str = "",
                          look_up_first: bool = False) -> IngestResult:
         key = object_key(header.study_uid, header.series_uid, header.sop_uid, self.key_variant)
+        # Overwrite policy: the indexed copy a resend replaces. The resend is
+        # written under another key than that copy's and the row switched to
+        # it by the index commit: written over it, a failed commit (or a crash
+        # before it) left the row describing bytes no longer stored, and the
+        # acknowledged copy lost for a resend its sender was told failed.
+        replacing: str | None = None
+        resending = self.overwrite and replaces is None and not self.key_variant
+        if resending and self.store.remote:
+            # Under the instance lock (_lock_instance): one query decides the key.
+            replacing = self._indexed_key(header.sop_uid, key)
+            key = _key_beside(key, replacing)
         if (self.store.remote or look_up_first) and not self.overwrite:
             # On S3 "publish unless present" costs a HEAD round trip before
             # every PUT (a tenth of a CT slice's ingest time against a local
@@ -337,18 +352,23 @@ class Ingestor:
             try:
                 # Keep-first policy: publishing never replaces, so a resend is
                 # detected by the store itself, without a query per object.
-                info = staged.commit(key, replace=self.overwrite or self.store.remote)
+                # (A remote store's PUT replaces; its resends were decided above.)
+                info = staged.commit(key, replace=self.store.remote)
             except ObjectExists:
                 try:
                     existing = self._indexed_key(header.sop_uid, key)
                 except IngestError:
                     staged.abort()
                     raise
-                if existing is not None:
+                if existing is not None and resending:
+                    replacing = existing
+                    key = _key_beside(key, existing)
+                elif existing is not None:
                     staged.abort()
                     return self._duplicate(header, existing, source.size, origin, key)
-                # An unindexed object under our key is an orphan of a crash:
-                # the copy being acknowledged now takes its place.
+                # An unindexed object under our key is an orphan of a crash
+                # (or of a resend whose commit failed): the copy being
+                # acknowledged now takes its place.
                 info = staged.commit(key, replace=True)
         except StorageFullError as exc:
             log.error("storage full: %s", exc)
@@ -386,6 +406,8 @@ class Ingestor:
             # The object stays as an orphan: deleting it could remove the bytes
             # of a commit that did succeed before the error reached us.
             log.error("index commit failed for %s: %s", key, exc)
+            if replacing is not None:
+                self._drop_refused_resend(header.sop_uid, key)
             raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
 
         if (added.outcome is Outcome.DUPLICATE and added.existing_key == key and self.store.remote
@@ -421,6 +443,25 @@ class Ingestor:
             except Exception:
                 log.exception("ingest listener failed")
         return result
+
+    def _drop_refused_resend(self, sop_uid: str, key: str) -> None:
+        """A replacing resend whose index commit failed: its object, under a
+        key of its own, is deleted once the index (still readable: only its
+        writes failing) shows that the row does not name it. The sender was
+        told failure and sends it again; left, it was an orphan that ``pacs
+        verify`` reports. An index that cannot answer leaves it there (the
+        commit may have succeeded before its error reached us)."""
+        try:
+            indexed = self.reader.instance_key(sop_uid)
+        except Exception as exc:
+            log.warning("the refused copy under %s is kept until the index answers (%s)", key, exc)
+            return
+        if indexed == key:
+            return
+        try:
+            self.store.delete(key)
+        except StorageError as exc:
+            log.warning("could not delete the refused copy under %s: %s", key, exc)
 
     def _lost(self, key: str) -> bool:
         """Whether the object of an indexed instance is missing from a remote
@@ -488,6 +529,20 @@ class Ingestor:
         except Exception as exc:
             log.error("UID conflict of %s from %s not recorded: %s", h.sop_uid, origin.calling_ae, exc)
             raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
+
+
+# The variant of a resend's key while the row names the instance's key
+# (overwrite policy): the two alternate, one resend after the other.
+RESENT_VARIANT = "resent"
+
+
+def _key_beside(key: str, indexed: str | None) -> str:
+    """The key to write a resend of the instance whose row names *indexed*
+    under: *key* (the instance's key) unless the row holds that one, then
+    its resent variant; never the key of the copy being replaced."""
+    if indexed != key:
+        return key
+    return f"{key[:-len('.dcm')]}.{RESENT_VARIANT}.dcm"
 
 
 def _settled(kept: str, ours: str, indexed: str) -> str:

@@ -512,7 +512,9 @@ def test_compress_never_overrides_a_resend_or_a_deletion_made_while_it_encoded(
         assert sorted(done) == ["deleted", "resent"]
         assert report.skipped["changed meanwhile"].count == 2 and report.compressed == 0
         kept = pacs.reader.stored_instance(resent.sop_uid)
-        assert kept is not None and kept.storage_key == resent.storage_key
+        # Written beside the copy it replaced (see pacs.ingest), which is gone.
+        assert kept is not None and kept.storage_key == resent.storage_key.replace(".dcm", ".resent.dcm")
+        assert not store.exists(resent.storage_key)
         assert b"sent again, acknowledged" in store.read_bytes(kept.storage_key)
         assert pacs.reader.stored_instance(deleted.sop_uid) is None
         with pacs.engine.connect() as conn:
