@@ -7,27 +7,42 @@
    while the store held the new ones, and the acknowledged copy was gone.
    The replacement is now written under a key of its own and the row
    switched to it in the commit; the old object goes only after.
+2. prefetch: a job the server died running (killed, crashed) was given back
+   at the next start with its try not counted, and ran again at once: a job
+   that kills the server each run kept it restarting forever. Its tries now
+   count (dead after prefetch_max_attempts), on this node or another;
+   a source taken out of prefetch_sources was still asked, by the jobs
+   queued before, for the priors it had found: now dropped, with a note.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import sqlite3
 from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from sqlalchemy import select
 
 from .conftest import Backend, PacsServer, make_backend
 from .dicomfiles import make_ct
 from .test_dimse_failures import scu_store_file
+from .peers import free_port
+from .test_prefetch import HOSPITAL_ID, P_CT_RECENT, _held, _order, _prefetch_cli, _settled, old_pacs
+from .test_review_prefetch import _frozen_old_pacs
+from .test_review_prefetch import _server as _prefetch_server
 
 INDEX_FAILED = 0xA703
+PREFETCH_ROOT = "1.2.826.0.1.3680043.8.498.7739."
 
 
 # -- 1: overwrite policy, a resend whose index commit fails ---------------------------
@@ -113,3 +128,98 @@ def test_overwrite_resend_failing_its_index_commit_keeps_the_acknowledged_copy(
     assert b"FIRST^VERSION" in data and keys == [row.storage_key]
     assert hashlib.sha256(data).hexdigest() == row.sha256
     _verify_clean(overwriting)
+
+
+# -- 2: prefetch, a job that kills the server each time it runs -----------------------
+def test_a_prefetch_job_the_server_dies_running_is_dead_after_its_tries(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The server died while a job ran (the OOM killer during a prior's
+    retrieve, a crash in a codec): at the next start the job was given back
+    with its try not counted, as for a clean stop, and ran again at once; a
+    job that kills the server each time it runs kept it restarting forever.
+    The try now counts: dead after prefetch_max_attempts, as any failing job."""
+    server = _prefetch_server(tmp_path, request, PACS_PREFETCH_MAX_ATTEMPTS="2").start()
+    try:
+        with _frozen_old_pacs(HOSPITAL_ID, f"{PREFETCH_ROOT}1") as (port, moving):
+            server.cli("ae", "add", "LEGACY", "--host", "127.0.0.1", "--port", str(port))
+            _order(server, "LOK1", "LOKACC1")
+            for _ in range(2):
+                assert moving.wait(120), server.log_text()[-3000:]
+                moving.clear()
+                server.stop(signal.SIGKILL)  # dies while the job runs
+                server.start()
+            job = _settled(server, "LOKACC1", "dead", timeout=60)
+            assert job["attempts"] == 2 and "stopped while" in job["last_error"], job
+            # Dead: not run again by the restart.
+            assert not moving.is_set()
+            code, listed = _prefetch_cli(server, "list", "--state", "dead")
+            assert code == 0 and [j["accession"] for j in listed["jobs"]] == ["LOKACC1"], listed
+    finally:
+        server.stop()
+
+
+@contextmanager
+def _refusing_old_pacs(study_uid: str, day: str) -> Iterator[tuple[int, list[str]]]:
+    """An old PACS being retired (pynetdicom, real associations): it finds
+    one study of the patient (four instances) but lists none of its
+    instances (its disks are gone): it cannot send it. Yields its port and
+    the query levels it was asked."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
+
+    asked: list[str] = []
+
+    def on_find(event: evt.Event) -> Iterator[tuple[int, Dataset | None]]:
+        query = event.identifier
+        asked.append(query.QueryRetrieveLevel)
+        if query.QueryRetrieveLevel == "STUDY" and query.get("PatientID") == HOSPITAL_ID:
+            answer = Dataset()
+            answer.QueryRetrieveLevel = "STUDY"
+            answer.PatientID, answer.StudyInstanceUID = HOSPITAL_ID, study_uid
+            answer.StudyDate, answer.StudyTime, answer.NumberOfStudyRelatedInstances = day, "101500", "4"
+            yield 0xFF00, answer
+        yield 0x0000, None
+
+    ae = AE(ae_title="RETIRED")
+    ae.add_supported_context(StudyRootQueryRetrieveInformationModelFind)
+    port = free_port()
+    scp = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_FIND, on_find)])
+    try:
+        yield port, asked
+    finally:
+        scp.shutdown()
+
+
+def test_a_source_taken_out_of_prefetch_sources_is_not_used_by_queued_jobs(
+        tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The old PACS that found a prior cannot send it; the hospital then
+    retired it (taken out of prefetch_sources, the new one in) and the job
+    still asked the retired one for that prior on every try, the new one
+    never asked for it (a study is taken from the source that found it
+    first): the prior never came, the job died. Priors the retired source
+    found and that are not here are now dropped, with a note, and looked
+    for again at the sources configured."""
+    day = (date.today() - timedelta(days=P_CT_RECENT.days_ago)).strftime("%Y%m%d")
+    server = _prefetch_server(tmp_path, request, PACS_PREFETCH_SOURCES="RETIRED").start()
+    try:
+        with _refusing_old_pacs(P_CT_RECENT.uid, day) as (port, asked):
+            server.cli("ae", "add", "RETIRED", "--host", "127.0.0.1", "--port", str(port))
+            _order(server, "LOS1", "LOSACC1")
+            job = _settled(server, "LOSACC1", "pending", attempts=1)
+            assert [s["source"] for s in job["studies"]] == ["RETIRED"] and job["missing"] == 1, job
+            assert "SERIES" in asked or "IMAGE" in asked  # asked for the prior's instances
+            server.stop()
+            server.extra_env["PACS_PREFETCH_SOURCES"] = "LEGACY"
+            server.start()
+            with old_pacs(tmp_path, server):
+                asked.clear()
+                code, _ = _prefetch_cli(server, "retry", "--id", str(job["id"]))
+                assert code == 0
+                job = _settled(server, "LOSACC1", "done", attempts=2)
+            assert asked == []  # the retired source is not asked again
+            assert P_CT_RECENT.uid in [s["study_uid"] for s in job["studies"]]
+            assert {s["source"] for s in job["studies"]} == {"LEGACY"}, job
+            assert _held(server)[P_CT_RECENT.uid] == P_CT_RECENT.instances
+            assert any("RETIRED" in note and "no longer" in note for note in job["notes"]), job
+    finally:
+        server.stop()

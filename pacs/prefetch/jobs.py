@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, case, delete, func, or_, select, update
+from sqlalchemy import Connection, Engine, String, and_, case, delete, false, func, or_, select, update
 
 from ..index.db import db_now, write_transaction
 from ..index.models import Order, Patient, PatientIdentifier, PrefetchJob
@@ -50,6 +50,8 @@ STATES = ("pending", "running", "done", "dead")
 RETRY_MAX = 3600.0
 # Finished jobs are kept this long (what came for an order, for `pacs prefetch list`).
 KEEP_DONE = timedelta(days=30)
+# The last error of a job whose node stopped while running it.
+DIED = "the server stopped while running it (killed or crashed)"
 # Orders whose steps are all withdrawn need no priors.
 WITHDRAWN = ("CANCELLED", "DISCONTINUED")
 
@@ -210,27 +212,47 @@ def enqueue_claimed(engine: Engine, node: str, lease: timedelta, *, patient_id: 
 
 
 # -- claiming ---------------------------------------------------------------------------
-def claim_next(engine: Engine, node: str, lease: timedelta) -> Job | None:
+def claim_next(engine: Engine, node: str, lease: timedelta, max_attempts: int | None = None) -> Job | None:
     """Claim the job due longest (see the module docstring); None when no
     job is due, or each due one is another node's or waits for another
-    job of its patient."""
+    job of its patient. A job whose holder died (lease run out) after
+    *max_attempts* tries is made dead instead (see :func:`claim`)."""
     with engine.connect() as conn:
         candidates = conn.execute(select(jobs_t.c.pk).where(_is_due(db_now(conn)))
                                   .order_by(jobs_t.c.next_attempt_at, jobs_t.c.pk).limit(20)).scalars().all()
     for pk in candidates:
-        job = claim(engine, int(pk), node, lease)
+        job = claim(engine, int(pk), node, lease, max_attempts)
         if job is not None:
             return job
     return None
 
 
-def claim(engine: Engine, pk: int, node: str, lease: timedelta) -> Job | None:
+def _died_running(attempts: Any) -> Any:
+    """The last error of a job whose run ended with its node (see release_node)."""
+    return func.substr(f"{DIED} (try " + func.cast(attempts, String) + "); " + jobs_t.c.last_error, 1, 1000)
+
+
+def claim(engine: Engine, pk: int, node: str, lease: timedelta, max_attempts: int | None = None) -> Job | None:
     """Claim job *pk* if it is due and no other job of its patient runs;
-    the job with its claim (its try counted), or None."""
+    the job with its claim (its try counted), or None. A running job whose
+    lease ran out (its node died in the run, never finished it) that has had
+    *max_attempts* tries is made dead, not claimed: a job that kills the
+    node running it (memory, a crash in a codec) would otherwise go from node
+    to node forever, its tries counted by each claim but never ended."""
     with write_transaction(engine) as conn:
         key = conn.execute(select(jobs_t.c.patient_id, jobs_t.c.issuer).where(jobs_t.c.pk == pk)).first()
         if key is None:
             return None
+        if max_attempts is not None:
+            now = db_now(conn)
+            if conn.execute(update(jobs_t).where(
+                    jobs_t.c.pk == pk, jobs_t.c.state == "running", jobs_t.c.lease_until < now,
+                    jobs_t.c.attempts >= max_attempts).values(
+                    state="dead", last_error=_died_running(jobs_t.c.attempts), lease_until=None,
+                    updated_at=now)).rowcount:
+                log.error("prefetch job %d: dead, its node stopped while running it on its last try "
+                          "(pacs prefetch retry --id %d to try again)", pk, pk)
+                return None
         same_patient = and_(jobs_t.c.patient_id == key.patient_id, jobs_t.c.issuer == key.issuer)
         if conn.dialect.name == "postgresql":
             # The patient's rows, locked in one order: a node claiming
@@ -311,14 +333,18 @@ def release(engine: Engine, job: Job) -> bool:
             updated_at=now)).rowcount)
 
 
-def release_node(engine: Engine, node: str) -> int:
-    """Jobs this node was running when it stopped (a crash, a kill): due
-    again now, their try not counted; how many."""
+def release_node(engine: Engine, node: str, max_attempts: int | None = None) -> int:
+    """Jobs this node was running when it stopped without giving them back
+    (a crash, a kill: a clean stop releases its job, see :func:`release`):
+    due again now, or dead after *max_attempts* tries; how many. The try
+    counts: not counted, a job that kills the server each time it runs
+    (memory, a crash in a codec) kept it restarting forever."""
     with engine.begin() as conn:
         now = db_now(conn)
+        last = jobs_t.c.attempts >= max_attempts if max_attempts is not None else false()
         return int(conn.execute(update(jobs_t).where(
             jobs_t.c.state == "running", func.substr(jobs_t.c.claimed_by, 1, len(node) + 1) == f"{node} ").values(
-            state="pending", attempts=case((jobs_t.c.attempts > 0, jobs_t.c.attempts - 1), else_=0),
+            state=case((last, "dead"), else_="pending"), last_error=_died_running(jobs_t.c.attempts),
             next_attempt_at=now, lease_until=None, updated_at=now)).rowcount)
 
 

@@ -27,7 +27,9 @@ patient of its own) is then filed under the job's patient (:mod:`.filing`).
 
 A source that cannot be reached leaves the job unfinished (retried later,
 see :mod:`.jobs`); a study that came incomplete is tried again by the next
-run, which neither asks a source again nor retries what is complete.
+run, which neither asks a source again nor retries what is complete. A
+prior found at a source since taken out of ``prefetch_sources`` is dropped
+(unless here) and looked for at the sources configured.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ class JobRun:
         # Its patient as the order names it now (merged, given its hospital number since it was queued).
         self.job = current
         self.same_modality = self.pacs.settings.prefetch_modality == "same" and bool(current.modalities)
+        self._drop_retired_sources()
         if "since" not in self.progress:
             # Fixed at the first run: a retry days later asks for the same priors.
             self.progress["since"] = _since(self.pacs, self.pacs.settings.prefetch_years)
@@ -161,6 +164,29 @@ class JobRun:
         complete = searched_all and not unsettled and not stopped
         self._audit(complete)
         return Outcome(complete, "; ".join(self.problems), self.progress)
+
+    def _drop_retired_sources(self) -> None:
+        """Priors an earlier run found at a source no longer in
+        ``prefetch_sources`` (retired, replaced) and that are not here are
+        dropped, with a note, and every source configured is asked again:
+        each had skipped them as found already, and the job asked the
+        retired source for them on every try until it died. What came from
+        it stays (it is here)."""
+        retired: dict[str, int] = {}
+        for uid, entry in list(self.studies.items()):
+            if entry.get("source") not in self.sources and entry.get("state") not in SETTLED:
+                retired[entry["source"]] = retired.get(entry["source"], 0) + 1
+                del self.studies[uid]
+        if not retired:
+            return
+        self.progress["chosen"] = [uid for uid in self.progress.get("chosen", []) if uid in self.studies]
+        self.progress["searched"] = []
+        notes = self.progress.setdefault("notes", [])
+        for title, count in retired.items():
+            notes.append(f"{count} prior(s) found at {title}, no longer in prefetch_sources, not fetched from it: "
+                         f"looked for at {', '.join(self.sources)}")
+            log.warning("prefetch job %d: %s is no longer in prefetch_sources: %d prior(s) it found are looked "
+                        "for at %s", self.job.pk, title, count, ", ".join(self.sources))
 
     def _save(self) -> None:
         if not jobs.save_progress(self.pacs.engine, self.job, self.progress):

@@ -48,9 +48,10 @@ class Prefetcher(Periodic):
                 log.warning("prefetch_sources: %s is not in the AE registry: no prior can be fetched from it until "
                             "it is registered (pacs ae add %s --host H --port P) or the setting is corrected",
                             title, title)
-        released = jobs.release_node(self.pacs.engine, self.node)
+        released = jobs.release_node(self.pacs.engine, self.node, self.pacs.settings.prefetch_max_attempts)
         if released:
-            log.info("prefetch: %d job(s) this node was running before a restart are queued again", released)
+            log.warning("prefetch: %d job(s) this node was running when it stopped (killed or crashed) are queued "
+                        "again, or dead after their last try (pacs prefetch list)", released)
         return super().start()
 
     def stop(self) -> None:
@@ -63,7 +64,7 @@ class Prefetcher(Periodic):
     def round(self) -> None:
         self._prune()
         while not self.stopping:
-            job = jobs.claim_next(self.pacs.engine, self.node, lease())
+            job = jobs.claim_next(self.pacs.engine, self.node, lease(), self.pacs.settings.prefetch_max_attempts)
             if job is None:
                 return
             with remote.cancellable(self._cancel):
