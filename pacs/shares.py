@@ -12,7 +12,8 @@ asks for the link (``POST /api/studies/{uid}/shares``), an operator with
   An order link shows the studies reconciliation links to that order, when
   they come ("not ready yet" before), and never another
   (:mod:`pacs.share_orders`); its birth year is the order's patient's; an
-  order the HIS withdrew (cancelled) answers 410.
+  order the HIS withdrew (cancelled) before any image answers 410 (one
+  withdrawn after its images still shows them).
 
 - The token is 192 random bits, URL-safe (32 characters: a small QR code).
   Only its SHA-256 is kept: a copy of the database opens no link, and the
@@ -285,7 +286,7 @@ def shareable_order(conn: Connection, accession: str) -> OrderTarget:
                          "patients, Study Instance UIDs or Requested Procedure IDs): a link to it could show "
                          "another order's images; make the link for the study instead (POST "
                          "/api/studies/{uid}/shares) once it arrives", 409)
-    if target.status in WITHDRAWN:
+    if target.status in WITHDRAWN and not order_studies(conn, target.pk):
         raise ShareError(f"order {accession} is {target.status.lower()}: no link made", 409)
     return target
 
@@ -379,7 +380,10 @@ def open_link(engine: Engine, token: str) -> ShareLink:
     state = found.state()
     if state != "active":
         raise ShareError(f"this share link {'was revoked' if state == 'revoked' else 'has expired'}", 410, found)
-    if found.order_status in WITHDRAWN:
+    if found.order_status in WITHDRAWN and not shown_studies(engine, found):
+        # Withdrawn after images were taken under it (discontinued mid-exam,
+        # the procedure changed at billing): what was acquired is the
+        # patient's and stays shown; "cancelled" only when nothing came.
         raise ShareError(f"the examination of this share link was cancelled (order {found.order_status.lower()})",
                          410, found)
     return found

@@ -13,6 +13,10 @@
    count (dead after prefetch_max_attempts), on this node or another;
    a source taken out of prefetch_sources was still asked, by the jobs
    queued before, for the priors it had found: now dropped, with a note.
+5. share links of an order: an accession number holding "/" could not be
+   reached (the order API and its share routes took one path segment); an
+   order the HIS withdrew after its images hid them (410 "cancelled"): the
+   images acquired stay shown, "cancelled" only when none came.
 """
 
 from __future__ import annotations
@@ -21,11 +25,13 @@ import hashlib
 import json
 import signal
 import sqlite3
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 import pytest
@@ -40,6 +46,18 @@ from .peers import free_port
 from .test_prefetch import HOSPITAL_ID, P_CT_RECENT, _held, _order, _prefetch_cli, _settled, old_pacs
 from .test_review_prefetch import _frozen_old_pacs
 from .test_review_prefetch import _server as _prefetch_server
+from .test_share_links import path_of, patient
+from .test_share_orders import (
+    cancel_order,
+    make_order_link,
+    new_accession,
+    new_patient_id,
+    opened,
+    order_of,
+    place_order,
+    send_study,
+    token_of,
+)
 
 INDEX_FAILED = 0xA703
 PREFETCH_ROOT = "1.2.826.0.1.3680043.8.498.7739."
@@ -223,3 +241,67 @@ def test_a_source_taken_out_of_prefetch_sources_is_not_used_by_queued_jobs(
             assert any("RETIRED" in note and "no longer" in note for note in job["notes"]), job
     finally:
         server.stop()
+
+
+# -- 5: share links of an order: an accession with "/", an order withdrawn after its images -----
+@pytest.fixture(scope="module")
+def share_archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    """A running archive with the tokens tests/test_share_orders.py's helpers use."""
+    tmp = tmp_path_factory.mktemp("leftovers-share")
+    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {})).start()
+    server.work = tmp  # type: ignore[attr-defined]
+    server.tokens = {"his": server.make_token("his", "his", "HIS")}  # type: ignore[attr-defined]
+    yield server
+    server.stop()
+
+
+def test_an_order_link_for_an_accession_with_a_slash(share_archive: PacsServer) -> None:
+    """Many HIS number exams "CT/2024/0153" (legal in SH). The order API and
+    the order's share links took the accession as one path segment: its
+    "/" (sent as %2F, decoded before routing) made every such URL a 404, no
+    link could be made for the receipt."""
+    acc, pid = f"CT/{uuid.uuid4().hex[:6].upper()}/01", new_patient_id()
+    place_order(share_archive, acc, pid)
+    quoted = quote(acc, safe="")
+    with share_archive.http(token=token_of(share_archive, "his")) as his:
+        got = his.get(f"/api/orders/{quoted}")
+        assert got.status_code == 200 and got.json()["accession_number"] == acc, got.text
+        made = his.post(f"/api/orders/{quoted}/shares", json={"days": 7})
+        assert made.status_code == 201, made.text
+        listed = his.get(f"/api/orders/{quoted}/shares")
+        assert listed.status_code == 200 and [i["accession"] for i in listed.json()["items"]] == [acc], listed.text
+    study = send_study(share_archive, accession=acc, patient_id=pid)
+    with patient(share_archive) as phone:
+        shown = opened(phone, path_of(made.json()))
+    assert shown["ready"] and [s["study_uid"] for s in shown["studies"]] == [study["study"]], shown
+    with share_archive.http(token=token_of(share_archive, "his")) as his:
+        cancelled = his.delete(f"/api/orders/{quoted}")
+        assert cancelled.status_code == 200, cancelled.text
+
+
+def test_an_order_withdrawn_after_its_images_still_shows_them(share_archive: PacsServer) -> None:
+    """The HIS discontinued the order after the scan (the patient left before
+    the contrast series; billing changed the procedure): the patient's link
+    answered "the examination was cancelled" (410) and hid the images taken
+    under it. An order withdrawn with images shows them; one withdrawn
+    before any image still says it was cancelled."""
+    acc, pid = new_accession("LW"), new_patient_id()
+    place_order(share_archive, acc, pid)
+    link = make_order_link(share_archive, acc)
+    study = send_study(share_archive, accession=acc, patient_id=pid)
+    cancel_order(share_archive, acc, pid)
+    assert order_of(share_archive, acc)["status"] == "CANCELLED"
+    base = path_of(link)
+    with patient(share_archive) as phone:
+        assert phone.get(base).status_code == 200
+        shown = opened(phone, base)
+        assert shown["ready"] and [s["study_uid"] for s in shown["studies"]] == [study["study"]], shown
+        assert shown["order"]["status"] == "CANCELLED"
+    # Nothing acquired: cancelled, as before.
+    empty, other = new_accession("LE"), new_patient_id()
+    place_order(share_archive, empty, other)
+    nothing = make_order_link(share_archive, empty)
+    cancel_order(share_archive, empty, other)
+    with patient(share_archive) as phone:
+        page = phone.get(path_of(nothing))
+        assert page.status_code == 410 and "The examination was cancelled" in page.text

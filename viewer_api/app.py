@@ -82,15 +82,16 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.include_router(wado_uri.router, dependencies=requires(*READERS, action="retrieve",
                                                               study_of=wado_uri.requested_study))
     app.include_router(stow.router, dependencies=requires("modality", "admin", action="store"))
+    # Share links: made by staff (guarded per route), opened by the patient
+    # with the link's token alone (share_page: every access audited as share:<id>).
+    # Before the orders: /api/orders/{accession:path} would take ".../shares" as an accession.
+    app.include_router(share_api.router)
     app.include_router(orders_api.router)
     app.include_router(ui_api.router)
     app.include_router(measure_api.router)
     # Structured reports and dose summaries: guarded per route (the study of an instance).
     app.include_router(sr_api.router)
     app.include_router(templates_api.router)
-    # Share links: made by staff (guarded per route), opened by the patient
-    # with the link's token alone (share_page: every access audited as share:<id>).
-    app.include_router(share_api.router)
     app.include_router(share_page.router)
     app.include_router(fhir.router)
     app.include_router(metrics_api.router)

@@ -148,7 +148,9 @@ def create_order(request: Request, order: OrderModel) -> dict[str, Any]:
     return placed
 
 
-@router.put("/orders/{accession}", summary="Change an order (the steps named by step_id; new ones are added)",
+# :path: an accession number may hold a "/" (legal in SH; "CT/2024/0153"), which arrives decoded
+# (the share routes of an order, /api/orders/{accession}/shares, are matched first: see viewer_api.app).
+@router.put("/orders/{accession:path}", summary="Change an order (the steps named by step_id; new ones are added)",
             dependencies=requires("his", "admin", action="order"))
 def change_order(request: Request, accession: str, order: OrderModel) -> dict[str, Any]:
     if order.accession_number != accession:
@@ -169,7 +171,7 @@ def change_order(request: Request, accession: str, order: OrderModel) -> dict[st
     return changed
 
 
-@router.delete("/orders/{accession}", summary="Cancel an order, or one step of it (it leaves the worklist)",
+@router.delete("/orders/{accession:path}", summary="Cancel an order, or one step of it (it leaves the worklist)",
                dependencies=requires("his", "admin", action="order"))
 def cancel_order(request: Request, accession: str, step_id: str = "") -> dict[str, Any]:
     """Every step not performed yet is cancelled; with ``step_id``, that step only."""
@@ -179,7 +181,7 @@ def cancel_order(request: Request, accession: str, step_id: str = "") -> dict[st
     return _call(service.cancel, info)
 
 
-@router.get("/orders/{accession}", summary="One order, its status and its steps",
+@router.get("/orders/{accession:path}", summary="One order, its status and its steps",
             dependencies=requires("his", "admin", "radiologist", action="query"))
 def get_order(request: Request, accession: str) -> dict[str, Any]:
     order = _service(request).get(accession)

@@ -123,7 +123,8 @@ def list_shares(request: Request, study: str,
     return {"items": [found.as_dict() for found in shares.links(engine, study)]}
 
 
-@router.post("/api/orders/{accession}/shares", status_code=201,
+# :path: an accession number may hold a "/" (legal in SH; "CT/2024/0153"), which arrives decoded.
+@router.post("/api/orders/{accession:path}/shares", status_code=201,
              summary="Make a share link for an order before its images exist: its URL and QR code (SVG); it shows "
                      "the order's studies when they come")
 def create_order_share(request: Request, accession: str, body: NewShare | None = None,
@@ -140,7 +141,7 @@ def create_order_share(request: Request, accession: str, body: NewShare | None =
             "expires_at": new.link.expires_at.isoformat(), "qr_svg": shares.qr_svg(url)}
 
 
-@router.get("/api/orders/{accession}/shares", summary="The order's share links (their tokens are not kept)")
+@router.get("/api/orders/{accession:path}/shares", summary="The order's share links (their tokens are not kept)")
 def list_order_shares(request: Request, accession: str,
                       principal: Principal = guard(*SHARERS, action="query")) -> dict[str, Any]:
     _referred_order(request, principal, accession)
