@@ -6,7 +6,9 @@
    0xA703) the row still described the old bytes (size, sha256, frames)
    while the store held the new ones, and the acknowledged copy was gone.
    The replacement is now written under a key of its own and the row
-   switched to it in the commit; the old object goes only after.
+   switched to it in the commit; the old object goes only after. A resend
+   a crash left before its commit is not adopted by `pacs verify --repair`
+   in place of the acknowledged copy.
 2. prefetch: a job the server died running (killed, crashed) was given back
    at the next start with its try not counted, and ran again at once: a job
    that kills the server each run kept it restarting forever. Its tries now
@@ -22,6 +24,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import signal
 import sqlite3
@@ -305,3 +308,35 @@ def test_an_order_withdrawn_after_its_images_still_shows_them(share_archive: Pac
     with patient(share_archive) as phone:
         page = phone.get(path_of(nothing))
         assert page.status_code == 410 and "The examination was cancelled" in page.text
+
+
+def test_verify_repair_does_not_put_a_refused_resend_in_place_of_the_acknowledged_copy(tmp_path: Path) -> None:
+    """The server died between writing a resend (overwrite policy, under a key
+    of its own) and its index commit: the modality got no success. `pacs
+    verify --repair` adopted that orphan through the overwriting ingest, and
+    it replaced the acknowledged copy. It is now reported as a duplicate of
+    the indexed instance and left alone, as under keep-first."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_DUPLICATE_POLICY": "overwrite"}).start()
+    try:
+        first = make_ct(tmp_path / "first.dcm", PatientName="FIRST^VERSION", PatientID="OVR2")
+        assert scu_store_file(server, first) == 0
+    finally:
+        server.stop()
+    second = dcmread(first)
+    second.PatientName = "SECOND^VERSION"
+    sop = str(second.SOPInstanceUID)
+    row, data, _ = _stored(server, sop)
+    orphan = row.storage_key.replace(".dcm", ".resent.dcm")
+    core = server.core()
+    try:
+        buffer = io.BytesIO()
+        second.save_as(buffer, enforce_file_format=True)
+        core.store.put(orphan, io.BytesIO(buffer.getvalue()), len(buffer.getvalue()))  # what the crash left
+    finally:
+        core.close()
+    repaired = json.loads(server.cli("verify", "--repair", "--json", check=False).stdout)
+    assert repaired["adopted"]["count"] == 0, repaired
+    assert [o["key"] for o in repaired["duplicate_orphans"]["items"]] == [orphan], repaired
+    after, kept, _ = _stored(server, sop)
+    assert (after.storage_key, after.sha256, kept) == (row.storage_key, row.sha256, data)

@@ -16,7 +16,9 @@ Repair (``repair=True``):
 - valid orphans are adopted through the normal ingest path (read from the
   store, validated, indexed; routing and reconciliation apply as for any
   received object); an orphan whose instance is already indexed under
-  another key is reported as a duplicate and left alone;
+  another key is reported as a duplicate and left alone (also under the
+  overwrite policy: a resend a crash left before its commit never replaces
+  the acknowledged copy);
 - invalid orphans are reported, never deleted (somebody must look at them);
 - objects a crashed ``pacs purge`` left behind are deleted (see purge);
 - an original ``<sop>.dcm`` whose instance's row names its intact
@@ -253,6 +255,17 @@ def _adopt(pacs: Pacs, key: str, report: VerifyReport) -> None:
     """Ingest a valid orphan from the store through the one ingest path."""
     if _remove_superseded(pacs, key, report) or _repoint(pacs, key, report):
         return
+    sop = sop_of_key(key)
+    if sop is not None:
+        # Indexed under another key: a duplicate, never ingested. Under the
+        # overwrite policy the ingest replaced the indexed copy with it: an
+        # acknowledged object gave way to a resend left by a crash before its
+        # commit, which its sender was never told was stored.
+        with pacs.engine.connect() as conn:
+            indexed = conn.execute(select(instances_t.c.storage_key).where(instances_t.c.sop_uid == sop)).scalar()
+        if indexed is not None and indexed != key:
+            report.duplicate_orphans.add({"key": key, "sop_uid": sop, "indexed_key": indexed})
+            return
     try:
         with pacs.store.local_path(key) as path:
             result = pacs.ingestor.ingest(FileSource(path), Origin(source="repair", remote_host="localhost"))
