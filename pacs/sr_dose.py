@@ -184,12 +184,42 @@ def _event_common(container: ContentItem) -> DoseEvent:
     )
 
 
-def _sum(values: list[Quantity | None]) -> Quantity | None:
-    """The sum of *values* when every one is given in one unit; else None
-    (a total of mixed or missing figures would be wrong, not approximate)."""
-    if not values or any(v is None for v in values) or len({v.unit for v in values if v}) != 1:
+# UCUM units of the dose figures a report may write, as a factor of their
+# kind's unit: the TIDs name Gy, Gy.m2 (DAP), mGy.cm (DLP), but devices write
+# the DAP in dGy.cm2, cGy.cm2, uGy.m2 or mGy.cm2 too (one of two C-arms of a
+# study in Gy.m2, the other in dGy.cm2). UCUM is case-sensitive ("MGy" is a
+# megagray): no unit is guessed at.
+_UNITS: dict[str, tuple[str, float]] = {
+    **{f"{p}Gy": ("Gy", f) for p, f in (("", 1.0), ("d", 1e-1), ("c", 1e-2), ("m", 1e-3), ("u", 1e-6))},
+    **{f"{p}Gy.{a}": ("Gy.m2", f * s) for p, f in (("", 1.0), ("d", 1e-1), ("c", 1e-2), ("m", 1e-3), ("u", 1e-6))
+       for a, s in (("m2", 1.0), ("dm2", 1e-2), ("cm2", 1e-4), ("mm2", 1e-6))},
+    **{f"{p}Gy.{a}": ("mGy.cm", f * s) for p, f in (("", 1e3), ("d", 1e2), ("c", 1e1), ("m", 1.0), ("u", 1e-3))
+       for a, s in (("m", 100.0), ("cm", 1.0), ("mm", 0.1))},
+    "s": ("s", 1.0), "min": ("s", 60.0), "ms": ("s", 1e-3), "h": ("s", 3600.0),
+    "mm": ("mm", 1.0), "cm": ("mm", 10.0), "m": ("mm", 1000.0),
+}
+
+
+def _rounded(value: float) -> float:
+    """*value* without the binary noise of a sum (297.5 + 314.8 is 612.3, not 612.3000000000001)."""
+    return float(f"{value:.12g}")
+
+
+def add(values: list[Quantity | None]) -> Quantity | None:
+    """The sum of *values*: in their unit when they share one, else in their
+    kind's unit (25 dGy.cm2 + 0.00355 Gy.m2 = 0.0038 Gy.m2); None when one
+    is missing or the units are not one kind (a total of missing or
+    unconvertible figures would be wrong, not approximate)."""
+    given = [v for v in values if v is not None]
+    if not values or len(given) != len(values):
         return None
-    return Quantity(sum(v.value for v in values if v), values[0].unit if values[0] else "")
+    if len({v.unit for v in given}) == 1:
+        return Quantity(_rounded(sum(v.value for v in given)), given[0].unit)
+    kinds = [_UNITS.get(v.unit) for v in given]
+    if any(k is None for k in kinds) or len({k[0] for k in kinds if k}) != 1:
+        return None
+    return Quantity(_rounded(sum(v.value * k[1] for v, k in zip(given, kinds) if k)), kinds[0][0] if kinds[0] else "")
+
 
 
 def _ct(root: ContentItem, procedure: str) -> DoseSummary:
@@ -208,7 +238,7 @@ def _ct(root: ContentItem, procedure: str) -> DoseSummary:
     count = _quantity(accumulated.find(CT_EVENTS_TOTAL))
     summary.events_total = int(count.value) if count else None
     if summary.dlp_total is None and summary.events:
-        summary.dlp_total = _sum([e.dlp for e in summary.events])
+        summary.dlp_total = add([e.dlp for e in summary.events])
         summary.dlp_total_computed = summary.dlp_total is not None
     return summary
 
@@ -234,11 +264,11 @@ def _projection(root: ContentItem, procedure: str) -> DoseSummary:
             "frames_total": int(frames.value) if frames else None,
         })
     holders = planes or [root]
-    summary.dap_total = _sum([_quantity(p.find(DAP_TOTAL)) for p in holders])
-    summary.dose_rp_total = _sum([_quantity(p.find(DOSE_RP_TOTAL)) for p in holders])
-    summary.fluoro_dap_total = _sum([_quantity(p.find(FLUORO_DAP_TOTAL)) for p in holders])
-    summary.acquisition_dap_total = _sum([_quantity(p.find(ACQUISITION_DAP_TOTAL)) for p in holders])
-    summary.fluoro_time_total = _sum([_quantity(p.find(FLUORO_TIME_TOTAL)) for p in holders])
+    summary.dap_total = add([_quantity(p.find(DAP_TOTAL)) for p in holders])
+    summary.dose_rp_total = add([_quantity(p.find(DOSE_RP_TOTAL)) for p in holders])
+    summary.fluoro_dap_total = add([_quantity(p.find(FLUORO_DAP_TOTAL)) for p in holders])
+    summary.acquisition_dap_total = add([_quantity(p.find(ACQUISITION_DAP_TOTAL)) for p in holders])
+    summary.fluoro_time_total = add([_quantity(p.find(FLUORO_TIME_TOTAL)) for p in holders])
     frame_counts = [_quantity(p.find(FRAMES_TOTAL)) for p in holders]
     summary.frames_total = int(sum(f.value for f in frame_counts if f)) if any(frame_counts) else None
     return summary

@@ -11,7 +11,10 @@ most that), which no real report comes near; a larger object is refused
 from __future__ import annotations
 
 import io
+import json
 import logging
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -21,6 +24,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from sqlalchemy import select
 
+from storage import StorageError
+
 from .app import Pacs
 from .errors import RefusedRequest
 from .header import inflated_dataset
@@ -28,24 +33,36 @@ from .index.models import Instance, Series, Study
 from .query import Level
 from .retrieve import RetrieveItem, resolve
 from .sr_content import DOSE_CLASSES, SR_CLASSES, SrDocument, SrUnreadable, is_sr_class, read_document
-from .sr_dose import dose_summary
+from .sr_dose import Quantity, add, dose_summary
 
 log = logging.getLogger(__name__)
 
 # The largest SR object read (its data set, inflated when deflated): a
 # report of hundreds of irradiation events is a few hundred kilobytes.
 MAX_SR_BYTES = 32 * 1024 * 1024
-# SR instances of one study read for its dose summary at most (a study has one or two).
+# SR objects of one study read for its dose summary per request at most (a
+# study has one or two dose reports; an echo or CAD study may hold a hundred
+# measurement SRs, read only for the dose report one of them might be).
 MAX_DOSE_REPORTS = 20
+# SR instances of a study listed for its dose summary at most.
+MAX_LISTED = 2000
+# SRs read once and found to hold no dose report (by instance, storage key
+# and checksum), remembered: a page load does not read them again. The dose
+# reports themselves (one or two a study, small) are read each time.
+MAX_CACHED = 50_000
 # Older CT scanners write their dose report as an Enhanced or Comprehensive SR
-# (its root concept says what it is): read for a study's dose summary too.
-_DOSE_CANDIDATES = (*sorted(DOSE_CLASSES), "1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33")
+# (its root concept says what it is): read for a study's dose summary too,
+# after the dose report classes, when no larger than a dose report gets.
+_LEGACY_DOSE_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.22", "1.2.840.10008.5.1.4.1.1.88.33")
+MAX_LEGACY_DOSE_BYTES = 4 * 1024 * 1024
 # SOP UIDs asked of the index per query when locating references.
 _CHUNK = 500
 
 instances_t = Instance.__table__
 series_t = Series.__table__
 studies_t = Study.__table__
+_no_dose: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+_cache_lock = threading.Lock()
 
 
 class SrError(RefusedRequest):
@@ -176,34 +193,147 @@ def study_exists(pacs: Pacs, study_uid: str) -> bool:
         return conn.execute(select(studies_t.c.pk).where(studies_t.c.study_uid == study_uid)).first() is not None
 
 
+def _dose_report(pacs: Pacs, item: RetrieveItem) -> dict[str, Any] | None:
+    """The dose summary of the SR *item* as a report of :func:`study_dose`
+    (None: no dose report); an unreadable dose report is named with its error."""
+    try:
+        document = read_sr(pacs, item)
+    except SrError as exc:
+        if item.sop_class_uid in DOSE_CLASSES:
+            return {"sop_uid": item.sop_uid, "series_uid": item.series_uid, "error": str(exc)}
+        return None
+    summary = dose_summary(document)
+    if summary is None:
+        return None
+    return {"sop_uid": item.sop_uid, "series_uid": item.series_uid,
+            "sop_class": SR_CLASSES.get(item.sop_class_uid, ""), "content_date": document.content_date,
+            "content_time": document.content_time, **summary.as_json()}
+
+
+def _known_no_dose(item: RetrieveItem) -> bool:
+    """Whether the SR *item* (as stored: its key and checksum) was read
+    before and held no dose report."""
+    key = (item.sop_uid, item.storage_key, item.sha256)
+    with _cache_lock:
+        if key not in _no_dose:
+            return False
+        _no_dose.move_to_end(key)
+        return True
+
+
+def _remember_no_dose(item: RetrieveItem) -> None:
+    with _cache_lock:
+        _no_dose[(item.sop_uid, item.storage_key, item.sha256)] = None
+        while len(_no_dose) > MAX_CACHED:
+            _no_dose.popitem(last=False)
+
+
+def _event_key(event: dict[str, Any]) -> str:
+    """What names an irradiation event across reports: its UID, else (an
+    older scanner) when it started with its protocol and figures; '' when
+    nothing does."""
+    if event.get("uid"):
+        return str(event["uid"])
+    if not event.get("started"):
+        return ""
+    return json.dumps([event.get(k) for k in ("started", "kind", "plane", "protocol", "dlp", "dap")])
+
+
+def _events_of(report: dict[str, Any]) -> frozenset[str] | None:
+    """The keys of a report's events; None when it has none or one has no key (it cannot be compared)."""
+    keys = [_event_key(e) for e in report.get("events") or []]
+    return frozenset(keys) if keys and all(keys) else None
+
+
+def _supersede(reports: list[dict[str, Any]]) -> None:
+    """Mark each dose report whose irradiation events another report of the
+    study holds too (an updated report the scanner sent after more scans, or
+    the same report resent under a new SOP Instance UID) with
+    ``superseded_by``: the report holding the most of them, the latest of
+    equals (content date and time, then the order received)."""
+    keyed = [(r, _events_of(r), (r.get("content_date", ""), r.get("content_time", ""), n))
+             for n, r in enumerate(reports)]
+    for report, events, order in keyed:
+        report["superseded_by"] = None
+        if events is None or "error" in report:
+            continue
+        holders = [(len(e), o, r["sop_uid"]) for r, e, o in keyed
+                   if r is not report and e is not None and "error" not in r and r["modality"] == report["modality"]
+                   and (events < e or (events == e and o > order))]
+        if holders:
+            report["superseded_by"] = max(holders)[2]
+
+
+def _study_total(reports: list[dict[str, Any]], total: str, figure: str) -> dict[str, Any] | None:
+    """The study's total of the *total* figure of *reports* (none superseded):
+    their totals added; the events' *figure* added once each when two reports
+    still share events (neither holds all of the other's); None when a figure
+    is missing or units cannot be added."""
+    if not reports:
+        return None
+    keys = [_events_of(r) for r in reports]
+    shared = any(a is not None and b is not None and a & b for i, a in enumerate(keys) for b in keys[i + 1:])
+    if not shared:
+        values = [r.get(total) for r in reports]
+    elif all(k is not None for k in keys):
+        values = list({_event_key(e): e.get(figure) for r in reports for e in r.get("events") or []}.values())
+    else:
+        return None
+    sum_ = add([Quantity(v["value"], v["unit"]) if v else None for v in values])
+    return sum_.as_json() if sum_ else None
+
+
 def study_dose(pacs: Pacs, study_uid: str) -> dict[str, Any] | None:
     """The radiation dose a study's dose reports give (None: no such
-    study): each report's summary, and the CT DLP of all of them together.
-    A report that cannot be read is named with its error, not left out
-    silently."""
+    study): each report's summary, and the CT DLP and projection DAP of all
+    of them together, each irradiation counted once (a report another one
+    repeats is marked ``superseded_by`` and left out of the totals). A
+    report that cannot be read is named with its error, not left out
+    silently.
+
+    The dose report classes are read first, then the Enhanced and
+    Comprehensive SRs that may hold an older scanner's report; at most
+    :data:`MAX_DOSE_REPORTS` objects are read per request, and an SR once
+    read and found no dose report is not read again (:data:`MAX_CACHED`): a
+    study of 200 measurement SRs reads 20 per page load, not 200, and
+    ``unread`` says how many were not read yet."""
     if not study_exists(pacs, study_uid):
         return None
-    items = resolve(pacs, Level.IMAGE, {"StudyInstanceUID": study_uid, "SOPClassUID": "\\".join(_DOSE_CANDIDATES)},
-                    limit=MAX_DOSE_REPORTS + 1)
-    if len(items) > MAX_DOSE_REPORTS:
-        log.warning("study %s holds more than %d SR documents: the dose summary reads the first %d",
-                    study_uid, MAX_DOSE_REPORTS, MAX_DOSE_REPORTS)
+    items = [item for classes in (sorted(DOSE_CLASSES), _LEGACY_DOSE_CLASSES)
+             for item in resolve(pacs, Level.IMAGE, {"StudyInstanceUID": study_uid,
+                                                     "SOPClassUID": "\\".join(classes)}, limit=MAX_LISTED)]
     reports: list[dict[str, Any]] = []
-    for item in items[:MAX_DOSE_REPORTS]:
+    reads = unread = 0
+    for item in items:
+        if item.sop_class_uid not in DOSE_CLASSES and item.size > MAX_LEGACY_DOSE_BYTES:
+            continue  # a measurement report with its coordinates, a CAD report: not an older scanner's dose report
+        if _known_no_dose(item):
+            continue
+        if reads >= MAX_DOSE_REPORTS:
+            unread += 1
+            continue
+        reads += 1
         try:
-            document = read_sr(pacs, item)
-        except SrError as exc:
+            report = _dose_report(pacs, item)
+        except (StorageError, OSError) as exc:
+            # The store lost or cannot give the object: this report says so, the others are shown
+            # (not remembered: the store may give it next time).
+            log.warning("structured report %s cannot be read from the store: %s", item.sop_uid, exc)
             if item.sop_class_uid in DOSE_CLASSES:
-                reports.append({"sop_uid": item.sop_uid, "series_uid": item.series_uid, "error": str(exc)})
+                reports.append({"sop_uid": item.sop_uid, "series_uid": item.series_uid,
+                                "error": f"structured report {item.sop_uid} cannot be read from the store "
+                                         f"({exc.__class__.__name__})"})
             continue
-        summary = dose_summary(document)
-        if summary is None:
-            continue
-        reports.append({"sop_uid": item.sop_uid, "series_uid": item.series_uid,
-                        "sop_class": SR_CLASSES.get(item.sop_class_uid, ""), "content_date": document.content_date,
-                        "content_time": document.content_time, **summary.as_json()})
-    totals = [r["dlp_total"] for r in reports if r.get("modality") == "CT"]
-    total = None
-    if totals and all(t is not None for t in totals) and len({t["unit"] for t in totals}) == 1:
-        total = {"value": sum(t["value"] for t in totals), "unit": totals[0]["unit"]}
-    return {"study_uid": study_uid, "reports": reports, "ct_dlp_total": total}
+        if report is None:
+            _remember_no_dose(item)
+        else:
+            reports.append(report)
+    if unread:
+        log.warning("study %s: %d SR documents not read for its dose summary (at most %d per request)",
+                    study_uid, unread, MAX_DOSE_REPORTS)
+    _supersede(reports)
+    current = [r for r in reports if "error" not in r and r["superseded_by"] is None]
+    return {"study_uid": study_uid, "reports": reports,
+            "ct_dlp_total": _study_total([r for r in current if r["modality"] == "CT"], "dlp_total", "dlp"),
+            "dap_total": _study_total([r for r in current if r["modality"] == "projection"], "dap_total", "dap"),
+            "unread": unread}

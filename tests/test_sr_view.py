@@ -575,7 +575,8 @@ def test_ct_dose_report_and_study_dose(archive: Archive) -> None:
 
     # A study without a dose report: an empty list; unknown and malformed studies.
     none = _get(archive, f"/api/studies/{archive.other.uid}/dose").json()
-    assert none == {"study_uid": archive.other.uid, "reports": [], "ct_dlp_total": None}
+    assert none == {"study_uid": archive.other.uid, "reports": [], "ct_dlp_total": None, "dap_total": None,
+                    "unread": 0}
     assert _get(archive, "/api/studies/1.2.3.404/dose").status_code == 404
     assert _get(archive, "/api/studies/not-a-uid/dose").status_code == 400
 

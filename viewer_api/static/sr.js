@@ -252,15 +252,17 @@ export class DoseSummary {
     this.element.hidden = !reports.length;
     if (!reports.length) return;
     const total = this.data.ct_dlp_total;
-    const events = reports.reduce((n, r) => n + ((r.events || []).length), 0);
+    // A report an updated one repeats (superseded_by) is shown, its events are not counted again.
+    const events = reports.filter((r) => !r.superseded_by).reduce((n, r) => n + ((r.events || []).length), 0);
     const summary = h("summary.dose-line", h("b", t("dose_title")));
     if (total) summary.append(" · ", t("dose_total_dlp"), " ", h("b#dose-total-dlp", quantity(total)));
-    const projection = reports.find((r) => r.modality === "projection");
-    if (projection && projection.dap_total) {
-      summary.append(" · ", t("dose_dap_total"), " ", h("b#dose-total-dap", quantity(projection.dap_total)));
+    // The study's DAP: every projection report's, in one unit (the server adds them).
+    if (this.data.dap_total) {
+      summary.append(" · ", t("dose_dap_total"), " ", h("b#dose-total-dap", quantity(this.data.dap_total)));
     }
     summary.append(" · ", h("span#dose-event-count", t("dose_events", { n: events })));
     const tables = reports.map((r) => (r.error ? h("p.error", `${t("dose_unreadable")}: ${r.error}`) : this.table(r)));
+    if (this.data.unread) tables.push(h("p#dose-unread.muted", t("dose_unread", { n: this.data.unread })));
     const open = this.element.open;
     this.element.replaceChildren(summary, ...tables);
     this.element.open = open;
@@ -285,8 +287,10 @@ export class DoseSummary {
       ? [report.dlp_total ? `${t("dose_total_dlp")} ${quantity(report.dlp_total)}${computed}` : ""]
       : [report.dap_total ? `${t("dose_dap_total")} ${quantity(report.dap_total)}` : "",
         report.dose_rp_total ? `${t("dose_rp_total")} ${quantity(report.dose_rp_total)}` : ""];
-    return h("div.dose-report", { dataset: { sopUid: report.sop_uid } },
+    const replaced = report.superseded_by ? ".dose-superseded" : "";
+    return h(`div.dose-report${replaced}`, { dataset: { sopUid: report.sop_uid } },
       h("div.muted", [report.procedure, ...totals].filter(Boolean).join(" · ")),
+      report.superseded_by ? h("div.muted.dose-superseded-note", t("dose_superseded")) : null,
       h("table.dose-events", h("thead", h("tr", heads.map((x) => h("th", x)))), h("tbody", rows)));
   }
 }
