@@ -281,3 +281,37 @@ def test_study_dose_line_counts_each_irradiation_once(archive: Archive) -> None:
         expect(page.locator("#dose-total-dap")).to_have_text("0.0038 Gy·m²")
         assert not problems, problems
 
+
+def test_image_tools_are_hidden_while_a_report_is_shown(archive: Archive) -> None:
+    """While an SR document is shown the window presets and the measuring
+    tools (which do nothing there) are hidden and their keys (L, A, R, the
+    preset digits) do nothing; a text with markup stays text; back on the
+    images the tools are there again, the pointer still chosen."""
+    from playwright.sync_api import expect
+
+    study = archive.updated
+    with browser_page(archive) as (page, problems):  # type: ignore[arg-type]
+        _log_in(page, study.uid)
+        image = page.locator("#viewer-image")
+        expect(image).to_have_attribute("src", re.compile(re.escape(study.ct_sops[0]) + r"/rendered"))
+        expect(page.locator("#tool-length")).to_be_visible()
+        expect(page.locator(".presets")).to_be_visible()
+
+        page.click(f'[data-testid="series-thumb"][data-series-uid="{archive.series["updated_sr"]}"]')
+        document = page.locator("#sr-documents")
+        expect(document).to_contain_text(f"Kết luận {XSS}")
+        assert document.locator("img, script").count() == 0
+        assert page.evaluate("window.__srXss") is None
+        for hidden in (".presets", "#wl-label", "#tool-length", "#tool-roi", "#measure-clear"):
+            expect(page.locator(hidden)).to_be_hidden()
+        document.click()
+        for key in ("l", "a", "r", "2"):
+            page.keyboard.press(key)
+        expect(page.locator("#tool-pointer")).to_have_attribute("aria-pressed", "true")
+        expect(page.locator("#wl-label")).to_have_attribute("data-preset", "default")
+
+        page.click(f'[data-testid="series-thumb"][data-series-uid="{study.ct_series}"]')
+        expect(page.locator("#tool-length")).to_be_visible()
+        expect(page.locator(".presets")).to_be_visible()
+        expect(page.locator("#tool-pointer")).to_have_attribute("aria-pressed", "true")
+        assert not problems, problems

@@ -138,6 +138,7 @@ export class Viewer {
         onclick: () => this.applyPreset(p.name),
       }),
     );
+    this.presetGroup = h("div.presets", { role: "group" }, this.presetButtons);
     this.wlLabel = h("span#wl-label.wl-label");
     this.zoomLabel = h("span#zoom-label.zoom-label", "100%");
     this.image = h("img#viewer-image", { alt: "", draggable: "false", hidden: true });
@@ -162,7 +163,7 @@ export class Viewer {
       "div.viewer",
       h(
         "div.viewer-toolbar",
-        h("div.presets", { role: "group" }, this.presetButtons),
+        this.presetGroup,
         this.wlLabel,
         this.measure.element,
         h("span.spacer"),
@@ -241,6 +242,7 @@ export class Viewer {
     this.resetView();
     this.viewportParam = this.computeViewport();
     const n = this.slices.length;
+    this.showImageTools(n > 0);
     this.playButton.hidden = n <= 1;
     this.slider.max = String(Math.max(1, n));
     this.slider.disabled = n <= 1;
@@ -266,6 +268,14 @@ export class Viewer {
     }
     this.go(0);
     this.loadDefaultWindow(series, this.generation);
+  }
+
+  /** The window presets and the measuring tools act on an image's slices: hidden while a structured report,
+   * a PDF or a video is shown, where they would do nothing (a tool chosen there stays for the next image). */
+  showImageTools(shown) {
+    this.presetGroup.hidden = !shown;
+    this.wlLabel.hidden = !shown;
+    this.measure.element.hidden = !shown;
   }
 
   async loadDefaultWindow(series, generation) {
@@ -732,6 +742,8 @@ export class Viewer {
     if (event.defaultPrevented || isTyping(event) || event.altKey || !this.series) return;
     if (event.target === this.slider && /^(Arrow|Page|Home|End)/.test(event.key)) return; // the slider moves itself
     if (this.reports && /^(Arrow(Up|Down)|Page|Home|End| )/.test(event.key)) return; // a report's document scrolls
+    // No slice (a report, a PDF, a video): the image keys (tools V/L/A/R, C, Delete, presets 1-5, zoom) do nothing.
+    if (!this.slices.length) return;
     const target = event.target;
     if (target instanceof HTMLElement && target.tagName === "BUTTON" && (event.key === "Enter" || event.key === " ")) return;
     if (!event.altKey && this.measure.handleKey(event)) {
