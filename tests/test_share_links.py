@@ -29,7 +29,7 @@ from pydicom.uid import generate_uid
 from .conftest import PacsServer, shared_backend
 from .dicomfiles import image_dataset
 from .peers import PACS_COMMANDS
-from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, _sync_playwright
+from .test_web_viewer import watched_page
 
 NAME = "Nguyễn^Thị Hằng"
 SHOWN_NAME = "Nguyễn Thị Hằng"
@@ -563,21 +563,8 @@ def test_the_page_on_a_phone(archive: PacsServer) -> None:
 def phone_page() -> Iterator[tuple[Any, list[str]]]:
     """A page of headless Chromium at a phone's size (vi-VN), and the list
     its script errors and Content Security Policy refusals are collected in."""
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True,
-                                          locale="vi-VN")
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            problems: list[str] = []
-            page.on("pageerror", lambda exc: problems.append(str(exc)))
-            page.on("console", lambda msg: problems.append(msg.text) if "Content Security Policy" in msg.text
-                    else None)
-            yield page, problems
-            context.close()
-        finally:
-            browser.close()
+    with watched_page(viewport={"width": 390, "height": 844}, is_mobile=True, has_touch=True) as watched:
+        yield watched
 
 
 def second_frame(page: Any, series: str, count: int) -> str:

@@ -26,9 +26,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from .peers import ROOT, Backend, PacsServer, run_dcmtk, wait_until
-from .test_web_viewer import (
-    CHROMIUM, CHROMIUM_ARGS, HEIGHT, USERNAME, WIDTH, _sync_playwright, assert_no_horizontal_scroll,
-)
+from .test_web_viewer import HEIGHT, USERNAME, WIDTH, assert_no_horizontal_scroll, watched_page
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
@@ -743,21 +741,9 @@ def test_on_postgresql_and_s3(request: pytest.FixtureRequest, tmp_path: Path) ->
 def browser_page(archive: Archive) -> Iterator[tuple[Any, list[str]]]:
     """Headless Debian Chromium on the archive's viewer, and the list its
     script errors and Content Security Policy refusals are collected in."""
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
-                                          base_url=f"http://127.0.0.1:{archive.server.http_port}")
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            problems: list[str] = []
-            page.on("pageerror", lambda exc: problems.append(str(exc)))
-            page.on("console", lambda msg: problems.append(msg.text) if "Content Security Policy" in msg.text
-                    else None)
-            yield page, problems
-            context.close()
-        finally:
-            browser.close()
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT},
+                      base_url=f"http://127.0.0.1:{archive.server.http_port}") as watched:
+        yield watched
 
 
 def test_viewer_shows_reports_and_dose(archive: Archive) -> None:

@@ -44,6 +44,27 @@ def _sync_playwright() -> Any:
     return sync_playwright
 
 
+@contextmanager
+def watched_page(**context: Any) -> Iterator[tuple[Any, list[str]]]:
+    """A page of headless Debian Chromium (vi-VN; *context*: the browser
+    context's options), and the list its script errors and Content Security
+    Policy refusals are collected in."""
+    with _sync_playwright()() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            browser_context = browser.new_context(locale="vi-VN", **context)
+            browser_context.set_default_timeout(20_000)
+            page = browser_context.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda exc: problems.append(str(exc)))
+            page.on("console", lambda msg: problems.append(msg.text) if "Content Security Policy" in msg.text
+                    else None)
+            yield page, problems
+            browser_context.close()
+        finally:
+            browser.close()
+
+
 @pytest.fixture
 def viewer_server(tmp_path: Path, samples: Path) -> Iterator[PacsServer]:
     server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}))
