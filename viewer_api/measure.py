@@ -51,6 +51,14 @@ from pydicom.multival import MultiValue
 from .render import RenderError, decoded_photometric, functional_group, modality_samples
 
 SHAPES = ("ellipse", "rectangle")
+# SOP Classes whose values after the Rescale are HU without a Rescale Type
+# (PS3.3 C.8.2.1.1.2: CT Image; the enhanced ones state it). A secondary
+# capture, a dose screen or a 3D snapshot keeps Modality CT, but its 8-bit
+# grey levels are not HU.
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+# Modalities of projection radiographs (PS3.3 10.7.1.1): a Pixel Spacing
+# there may be the detector's, unless Imager Pixel Spacing says otherwise.
+PROJECTION = frozenset({"CR", "DX", "MG", "IO", "PX", "XA", "RF"})
 # Physical Units X / Y Direction (0018,6024 / 6026) of a region measured in cm.
 US_UNIT_CM = 3
 MM_PER_CM = 10.0
@@ -200,15 +208,28 @@ def ultrasound_regions(ds: Dataset) -> tuple[Region, ...]:
 
 def modality_units(ds: Dataset, frame_index: int) -> str:
     """The unit of the values after the Modality LUT: Rescale Type (or
-    Modality LUT Type), HU for a CT that gives none; '' when unknown ("US"
-    is DICOM's "unspecified")."""
+    Modality LUT Type); a PET's Units (0054,1001: BQML, CNTS, GML...); HU
+    for a CT Image that gives none; '' when unknown ("US" is DICOM's
+    "unspecified"). A secondary capture with Modality CT has grey levels, not HU."""
     transformation = functional_group(ds, frame_index, "PixelValueTransformationSequence")
     lut = (ds.get("ModalityLUTSequence") or [None])[0]
+    unspecified = False
     for holder, keyword in ((transformation, "RescaleType"), (ds, "RescaleType"), (lut, "ModalityLUTType")):
         text = str(holder.get(keyword) or "").strip() if holder is not None else ""
+        if text.upper() == "US":
+            unspecified = True  # said to be unspecified: not HU, whatever the modality
+            break
         if text:
-            return "" if text.upper() == "US" else text
-    return "HU" if str(ds.get("Modality") or "").upper() == "CT" else ""
+            return text
+    modality = str(ds.get("Modality") or "").strip().upper()
+    if modality == "PT":
+        # PS3.3 C.8.9.1.1.3: the rescaled values of a PET image are in its Units.
+        units = str(ds.get("Units") or "").strip()
+        if units:
+            return units
+    sop_class = str(ds.get("SOPClassUID") or "").strip()
+    ct_image = sop_class == CT_IMAGE or sop_class.startswith(CT_IMAGE + ".")
+    return "HU" if modality == "CT" and ct_image and not unspecified else ""
 
 
 def calibration(ds: Dataset, frame_index: int) -> Calibration:

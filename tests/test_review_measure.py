@@ -1,0 +1,176 @@
+"""Review of the viewer's measurements: the numbers a radiologist reads.
+
+A real `pacs serve` holding synthetic objects of known values (`pacs import`),
+measured over HTTP and in Debian's Chromium (the fixtures of
+tests/test_web_viewer.py):
+
+- a CT whose outside of the scan field is the Pixel Padding Value (-2000
+  stored, -3024 HU), also written as an unsigned 63536 with a Pixel Padding
+  Range Limit: padding is not the patient and must not be averaged;
+- a secondary capture with Modality CT (a screen capture): grey levels, not HU;
+- a PET image: its values are in Units (BQML), not unitless;
+- a CR with a Pixel Spacing but no Imager Pixel Spacing: perhaps at the
+  detector, which the label must not hide;
+- a CT series whose second slice renders slowly: a measurement drawn while
+  the first slice is still on screen must not be filed under the second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from . import test_web_viewer
+from .dicomfiles import image_dataset
+from .peers import Backend, PacsServer
+from .test_web_viewer import PASSWORD, USERNAME
+
+page = test_web_viewer.page  # the fixture: a Chromium page on this module's viewer_server
+SIZE = 64
+SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
+CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
+PET_IMAGE = "1.2.840.10008.5.1.4.1.1.128"
+TISSUE = 1064  # stored: 40 HU with the intercept -1024
+
+
+@dataclass
+class Obj:
+    """One stored object: its UIDs, for the API's paths."""
+
+    study: str
+    series: str
+    sop: str
+
+    def frame(self, number: int = 1) -> str:
+        return f"/api/studies/{self.study}/series/{self.series}/instances/{self.sop}/frames/{number}"
+
+
+def _obj(ds: Dataset) -> Obj:
+    return Obj(str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+
+
+def _padded_ct(out: Path, name: str, unsigned_attributes: bool) -> Dataset:
+    """Signed CT: columns 0..31 outside the scan field (padding), 32..63 tissue at 40 HU.
+
+    *unsigned_attributes*: the padding attributes written with VR US (63536 for
+    -2000), as readers that could not resolve US-or-SS leave them, with a
+    Pixel Padding Range Limit of -1500 (padding -2000 and -1800 both)."""
+    pixels = np.full((SIZE, SIZE), TISSUE, dtype=np.int16)
+    pixels[:, :32] = -2000
+    pixels[::2, :32] = -1800 if unsigned_attributes else -2000
+    ds = image_dataset(PatientName="NGUYEN^PADDING", PatientID=f"REV-{name}", Rows=SIZE, Columns=SIZE,
+                       PixelRepresentation=1, BitsStored=16, HighBit=15, PixelSpacing=[0.7, 0.7],
+                       RescaleIntercept=-1024, RescaleSlope=1, WindowCenter=40, WindowWidth=400,
+                       PixelData=pixels.tobytes())
+    if unsigned_attributes:
+        ds.add_new(0x00280120, "US", 63536)
+        ds.add_new(0x00280121, "US", 64036)  # -1500
+    else:
+        ds.add_new(0x00280120, "SS", -2000)
+    ds.save_as(out / f"{name}.dcm", enforce_file_format=True)
+    return ds
+
+
+def _screen_capture(out: Path) -> Dataset:
+    """A secondary capture of a CT workstation's screen: Modality CT, 8-bit grey levels."""
+    ds = image_dataset(SC_IMAGE, Modality="CT", PatientName="TRAN^SC", PatientID="REV-SC", Rows=SIZE, Columns=SIZE,
+                       BitsAllocated=8, BitsStored=8, HighBit=7, PixelData=bytes([128]) * SIZE * SIZE)
+    ds.save_as(out / "sc-ct.dcm", enforce_file_format=True)
+    return ds
+
+
+def _pet(out: Path) -> Dataset:
+    """A PET image of stored 100 and Rescale Slope 2.5: 250 Bq/ml."""
+    ds = image_dataset(PET_IMAGE, Modality="PT", PatientName="LE^PET", PatientID="REV-PT", Rows=SIZE, Columns=SIZE,
+                       Units="BQML", RescaleSlope=2.5, RescaleIntercept=0, PixelSpacing=[4.0, 4.0],
+                       PixelData=np.full((SIZE, SIZE), 100, dtype=np.uint16).tobytes())
+    ds.save_as(out / "pet.dcm", enforce_file_format=True)
+    return ds
+
+
+def _cr(out: Path, name: str, **extra: object) -> Dataset:
+    """A CR of 0.2 mm pixels given as Pixel Spacing only (no Imager Pixel Spacing)."""
+    ds = image_dataset(CR_IMAGE, Modality="CR", PatientName="PHAM^CR", PatientID="REV-CR", Rows=SIZE, Columns=SIZE,
+                       PixelSpacing=[0.2, 0.2], WindowCenter=2000, WindowWidth=4000,
+                       PixelData=np.full((SIZE, SIZE), 1000, dtype=np.uint16).tobytes(), **extra)
+    ds.save_as(out / f"{name}.dcm", enforce_file_format=True)
+    return ds
+
+
+def _two_slices(out: Path) -> list[Dataset]:
+    study, series = generate_uid(), generate_uid()
+    slices = []
+    for number, stored in ((1, TISSUE), (2, 2024)):
+        ds = image_dataset(StudyInstanceUID=study, SeriesInstanceUID=series, InstanceNumber=number, SeriesNumber=1,
+                           PatientName="HOANG^SLOW", PatientID="REV-SLOW", Rows=SIZE, Columns=SIZE,
+                           PixelSpacing=[0.5, 0.5], RescaleIntercept=-1024, RescaleSlope=1, WindowCenter=40,
+                           WindowWidth=400, PixelData=np.full((SIZE, SIZE), stored, dtype=np.uint16).tobytes())
+        ds.save_as(out / f"slow-{number}.dcm", enforce_file_format=True)
+        slices.append(ds)
+    return slices
+
+
+@dataclass
+class Corpus:
+    padded: Obj
+    padded_unsigned: Obj
+    sc: Obj
+    pet: Obj
+    cr: Obj
+    cr_geometry: Obj
+    slow: list[Obj]
+
+
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServer, Corpus]]:
+    objects = tmp_path_factory.mktemp("review-measure-objects")
+    corpus = Corpus(
+        padded=_obj(_padded_ct(objects, "padded", False)),
+        padded_unsigned=_obj(_padded_ct(objects, "padded-us", True)),
+        sc=_obj(_screen_capture(objects)),
+        pet=_obj(_pet(objects)),
+        cr=_obj(_cr(objects, "cr")),
+        cr_geometry=_obj(_cr(objects, "cr-geometry", PixelSpacingCalibrationType="GEOMETRY")),
+        slow=[_obj(ds) for ds in _two_slices(objects)],
+    )
+    server = PacsServer(tmp_path_factory.mktemp("review-measure-server") / "data",
+                        Backend("sqlite-fs", None, None, {}))
+    server.cli("import", str(objects))
+    server.cli("user", "add", USERNAME, "--role", "radiologist", "--password", PASSWORD,
+               "--display-name", "BS. Trần Văn An")
+    server.start()
+    try:
+        yield server, corpus
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def viewer_server(measured: tuple[PacsServer, Corpus]) -> PacsServer:
+    """The server the `page` fixture of tests/test_web_viewer.py opens."""
+    return measured[0]
+
+
+WHOLE = {"shape": "rectangle", "x0": "0", "y0": "0", "x1": str(SIZE), "y1": str(SIZE)}
+
+
+def test_units_are_those_of_the_object(measured: tuple[PacsServer, Corpus]) -> None:
+    """A screen capture with Modality CT has grey levels, not HU; a PET's
+    values are in its Units (BQML), which the ROI must say."""
+    server, corpus = measured
+    with server.http() as http:
+        sc = http.get(f"{corpus.sc.frame()}/roi", params=WHOLE).json()
+        assert (sc["mean"], sc["units"]) == (128, ""), sc
+        assert http.get(f"{corpus.sc.frame()}/pixel", params={"x": 1, "y": 1}).json()["units"] == ""
+        assert http.get(f"{corpus.sc.frame()}/calibration").json()["units"] == ""
+        pet = http.get(f"{corpus.pet.frame()}/roi", params=WHOLE).json()
+        assert (pet["mean"], pet["units"]) == (250, "BQML"), pet
+        assert http.get(f"{corpus.pet.frame()}/calibration").json()["units"] == "BQML"
+        # A CT Image without Rescale Type is still in HU.
+        assert http.get(f"{corpus.slow[0].frame()}/calibration").json()["units"] == "HU"
