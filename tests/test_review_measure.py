@@ -17,9 +17,11 @@ tests/test_web_viewer.py):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -29,7 +31,7 @@ from pydicom.uid import generate_uid
 from . import test_web_viewer
 from .dicomfiles import image_dataset
 from .peers import Backend, PacsServer
-from .test_web_viewer import PASSWORD, USERNAME
+from .test_web_viewer import PASSWORD, USERNAME, _log_in
 
 page = test_web_viewer.page  # the fixture: a Chromium page on this module's viewer_server
 SIZE = 64
@@ -160,6 +162,27 @@ def viewer_server(measured: tuple[PacsServer, Corpus]) -> PacsServer:
 WHOLE = {"shape": "rectangle", "x0": "0", "y0": "0", "x1": str(SIZE), "y1": str(SIZE)}
 
 
+def test_padding_outside_the_scan_field_is_not_averaged(measured: tuple[PacsServer, Corpus]) -> None:
+    """A CT's Pixel Padding Value (-3024 HU outside the scan field) is not the
+    patient: an ROI touching it gave a mean of -1492 HU for tissue at 40 HU."""
+    server, corpus = measured
+    with server.http() as http:
+        for obj in (corpus.padded, corpus.padded_unsigned):
+            roi = http.get(f"{obj.frame()}/roi", params=WHOLE)
+            assert roi.status_code == 200, roi.text
+            body = roi.json()
+            assert (body["mean"], body["sd"], body["min"], body["max"]) == (40, 0, 40, 40), body
+            assert (body["pixels"], body["padding"], body["units"]) == (SIZE * 32, SIZE * 32, "HU"), body
+            # The drawn shape's area is still the whole box.
+            assert math.isclose(body["area"], SIZE * SIZE * 0.49)
+            outside = http.get(f"{obj.frame()}/pixel", params={"x": "3", "y": "3"}).json()
+            inside = http.get(f"{obj.frame()}/pixel", params={"x": "40", "y": "3"}).json()
+            assert (outside["padding"], inside["padding"], inside["value"]) == (True, False, 40), (outside, inside)
+        # Only padding in the box: nothing to average, and said so.
+        empty = http.get(f"{corpus.padded.frame()}/roi", params={**WHOLE, "x1": "16"}).json()
+        assert (empty["pixels"], empty["padding"], empty["mean"]) == (0, SIZE * 16, None), empty
+
+
 def test_units_are_those_of_the_object(measured: tuple[PacsServer, Corpus]) -> None:
     """A screen capture with Modality CT has grey levels, not HU; a PET's
     values are in its Units (BQML), which the ROI must say."""
@@ -174,3 +197,47 @@ def test_units_are_those_of_the_object(measured: tuple[PacsServer, Corpus]) -> N
         assert http.get(f"{corpus.pet.frame()}/calibration").json()["units"] == "BQML"
         # A CT Image without Rescale Type is still in HU.
         assert http.get(f"{corpus.slow[0].frame()}/calibration").json()["units"] == "HU"
+
+
+# -- the browser -----------------------------------------------------------------------------
+def _shown(page: Any) -> None:
+    page.wait_for_function("() => { const i = document.querySelector('#viewer-image');"
+                           " return i && !i.hidden && i.complete && i.naturalWidth > 0; }")
+
+
+def _screen(page: Any, x: float, y: float) -> tuple[float, float]:
+    box = page.locator("#viewer-image").bounding_box()
+    return box["x"] + x / SIZE * box["width"], box["y"] + y / SIZE * box["height"]
+
+
+def _drag(page: Any, start: tuple[float, float], end: tuple[float, float]) -> None:
+    page.mouse.move(*_screen(page, *start))
+    page.mouse.down()
+    page.mouse.move(*_screen(page, *end), steps=5)
+    page.mouse.up()
+
+
+def _tool(page: Any, key: str, name: str) -> None:
+    from playwright.sync_api import expect
+
+    page.locator("#viewport").focus()
+    page.keyboard.press(key)
+    expect(page.locator(f"#tool-{name}")).to_have_attribute("aria-pressed", "true")
+
+
+def test_the_roi_label_says_padding_was_left_out(page: Any, measured: tuple[PacsServer, Corpus]) -> None:
+    from playwright.sync_api import expect
+
+    server, corpus = measured
+    page.goto(f"/#/study/{corpus.padded.study}")
+    _log_in(page)
+    _shown(page)
+    _tool(page, "r", "roi")
+    _drag(page, (2, 2), (62, 62))
+    roi = page.locator("#measure-layer g.measurement.roi:not(.drawing)").last
+    expect(roi).to_have_attribute("data-mean", "40")
+    expect(roi.locator("text")).to_contain_text("TB 40 HU ĐLC 0")
+    expect(roi.locator("text")).to_contain_text("điểm ảnh đệm (ngoài trường quét)")
+    padding = int(roi.get_attribute("data-padding") or 0)
+    assert 1000 < padding < 1600, padding
+    assert not page.errors, page.errors

@@ -33,7 +33,10 @@ the stored values after the Modality LUT stage (:func:`render.modality_samples`:
 Rescale Slope / Intercept, so HU for CT), never of the 8-bit rendering.
 Colour frames (3 samples) have statistics per channel of the decoded
 samples (R, G, B; Y, Cb, Cr for the partial-range YBR a decoder leaves);
-PALETTE COLOR indices have no unit to average (422).
+PALETTE COLOR indices have no unit to average (422). Pixels of the Pixel
+Padding Value (to the Pixel Padding Range Limit: PS3.3 C.7.5.1.1.2; a CT's
+outside of the scan field, -3024 or -2000 HU) are not the patient: left out
+of the statistics and counted as ``padding``.
 """
 
 from __future__ import annotations
@@ -357,19 +360,53 @@ def roi_statistics(ds: Dataset, pixel: np.ndarray, frame_index: int, shape: str,
             count += int(picked.shape[0])
             for k, running in enumerate(channels):
                 running.add(picked[:, k])
-        answer.update(pixels=count, units="", mean=None, sd=None, min=None, max=None,
+        answer.update(pixels=count, padding=0, units="", mean=None, sd=None, min=None, max=None,
                       channels=[{"name": n, **c.as_json()} for n, c in zip(names, channels)])
         return answer
     samples, to_modality = _grey(ds, pixel, frame_index)
+    padding = padding_range(ds, samples)
     running = _Running()
-    count = 0
+    count = padded = 0
     for rows, cols, mask in blocks:
         part = samples[rows, cols]
         picked = part[mask] if mask is not None else part.ravel()
+        if padding is not None:
+            outside = (picked >= padding[0]) & (picked <= padding[1])
+            padded += int(np.count_nonzero(outside))
+            picked = picked[~outside]
         count += int(picked.size)
         running.add(to_modality(picked))
-    answer.update(pixels=count, units=info.units, channels=None, **running.as_json())
+    answer.update(pixels=count, padding=padded, units=info.units, channels=None, **running.as_json())
     return answer
+
+
+def padding_range(ds: Dataset, samples: np.ndarray) -> tuple[int, int] | None:
+    """The stored values that are padding, not the patient (PS3.3
+    C.7.5.1.1.2): the Pixel Padding Value, to the Pixel Padding Range Limit
+    when there is one; None without them. Read as the samples are (Bits
+    Stored, sign-extended when signed): a reader that could not resolve the
+    US-or-SS VR leaves -2000 as 63536."""
+    if samples.dtype.kind not in "iu":
+        return None
+    value, limit = _number(ds, "PixelPaddingValue"), _number(ds, "PixelPaddingRangeLimit")
+    if value is None or not value.is_integer():
+        return None
+    ends = [value] + ([limit] if limit is not None and limit.is_integer() else [])
+    stored = [_stored_value(ds, v, samples.dtype.itemsize) for v in ends]
+    return min(stored), max(stored)
+
+
+def _stored_value(ds: Dataset, value: float, itemsize: int) -> int:
+    """*value* (a padding attribute) in the domain of the stored samples."""
+    number = int(value)
+    bits = int(ds.get("BitsStored") or 0) or 8 * itemsize
+    if ds.get("PixelRepresentation", 0) == 1 and 0 < bits <= 64:
+        number &= (1 << bits) - 1
+        sign = 1 << (bits - 1)
+        return (number ^ sign) - sign
+    if 0 < bits < 64 and number > (1 << bits) - 1:
+        return number & ((1 << bits) - 1)
+    return number
 
 
 def _grey(ds: Dataset, pixel: np.ndarray,
@@ -395,5 +432,7 @@ def probe(ds: Dataset, pixel: np.ndarray, frame_index: int, x: float, y: float) 
     stored = samples[row:row + 1, column:column + 1]
     value = float(to_modality(stored)[0, 0])
     raw = stored[0, 0]
+    padding = padding_range(ds, samples)
     return {**answer, "units": modality_units(ds, frame_index), "value": value if math.isfinite(value) else None,
-            "stored": float(raw) if raw.dtype.kind == "f" else int(raw), "channels": None}
+            "stored": float(raw) if raw.dtype.kind == "f" else int(raw), "channels": None,
+            "padding": padding is not None and padding[0] <= int(raw) <= padding[1]}

@@ -157,6 +157,7 @@ export const LABELS = {
     roi_max: "Lớn nhất",
     roi_area: "Diện tích",
     roi_empty: "Không có điểm ảnh nào trong vùng",
+    roi_padding: "Không tính {n} điểm ảnh đệm (ngoài trường quét)",
     image_error: "Không tải được ảnh",
     // report
     report: "Báo cáo",
@@ -351,6 +352,7 @@ export const LABELS = {
     roi_max: "Max",
     roi_area: "Area",
     roi_empty: "No pixel in the region",
+    roi_padding: "{n} padding pixels (outside the scan field) left out",
     image_error: "Could not load the image",
     report: "Report",
     findings: "Findings",

@@ -410,7 +410,7 @@ export class MeasureTools {
       at = { x: Math.max(a.x, b.x), y: Math.max(a.y, b.y) };
       if (!item.drawing) lines = this.roiLines(item);
       if (item.stats) {
-        for (const name of ["pixels", "mean", "sd", "min", "max", "area"]) {
+        for (const name of ["pixels", "padding", "mean", "sd", "min", "max", "area"]) {
           const value = item.stats[name];
           if (value !== null && value !== undefined) group.setAttribute(`data-${name}`, value);
         }
@@ -431,7 +431,9 @@ export class MeasureTools {
     if (!s) return ["…"];
     const area = `${t("roi_area")} ${fixed(s.area)} ${s.area_unit === "mm2" ? "mm²" : "px²"}`
       + (s.area_unit === "px2" ? ` ${t("measure_uncalibrated")}` : basisNote(s.basis, "mm"));
-    if (!s.pixels) return [t("roi_empty"), area];
+    // Outside the scan field (Pixel Padding Value): not in the figures, and said so.
+    const padding = s.padding ? [t("roi_padding").replace("{n}", String(s.padding))] : [];
+    if (!s.pixels) return [t("roi_empty"), area, ...padding];
     if (s.channels) {
       const channel = (c) => `${c.name} ${t("roi_mean")} ${valueText(c.mean)} ${t("roi_sd")} ${valueText(c.sd)}`;
       return [...s.channels.map(channel), area];
@@ -441,6 +443,7 @@ export class MeasureTools {
       `${t("roi_mean")} ${valueText(s.mean)}${unit} ${t("roi_sd")} ${valueText(s.sd)}`,
       `${t("roi_min")} ${valueText(s.min)} ${t("roi_max")} ${valueText(s.max)}`,
       area,
+      ...padding,
     ];
   }
 }
