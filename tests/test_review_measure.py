@@ -199,6 +199,19 @@ def test_units_are_those_of_the_object(measured: tuple[PacsServer, Corpus]) -> N
         assert http.get(f"{corpus.slow[0].frame()}/calibration").json()["units"] == "HU"
 
 
+def test_a_radiograph_without_imager_pixel_spacing_says_its_calibration_is_unknown(
+        measured: tuple[PacsServer, Corpus]) -> None:
+    """A CR's Pixel Spacing without Imager Pixel Spacing is most often the
+    plate's (10-20 % larger than the patient): not presented as the patient's."""
+    server, corpus = measured
+    with server.http() as http:
+        cr = http.get(f"{corpus.cr.frame()}/calibration").json()["spacing"]
+        assert (cr["row"], cr["basis"]) == (0.2, "unknown"), cr
+        geometry = http.get(f"{corpus.cr_geometry.frame()}/calibration").json()["spacing"]
+        assert (geometry["basis"], geometry["source"]) == ("calibrated", "PixelSpacing (GEOMETRY)"), geometry
+        assert http.get(f"{corpus.pet.frame()}/calibration").json()["spacing"]["basis"] == "patient"
+
+
 # -- the browser -----------------------------------------------------------------------------
 def _shown(page: Any) -> None:
     page.wait_for_function("() => { const i = document.querySelector('#viewer-image');"
@@ -240,4 +253,18 @@ def test_the_roi_label_says_padding_was_left_out(page: Any, measured: tuple[Pacs
     expect(roi.locator("text")).to_contain_text("điểm ảnh đệm (ngoài trường quét)")
     padding = int(roi.get_attribute("data-padding") or 0)
     assert 1000 < padding < 1600, padding
+    assert not page.errors, page.errors
+
+
+def test_the_length_label_says_the_calibration_is_unknown(page: Any, measured: tuple[PacsServer, Corpus]) -> None:
+    from playwright.sync_api import expect
+
+    server, corpus = measured
+    page.goto(f"/#/study/{corpus.cr.study}")
+    _log_in(page)
+    _shown(page)
+    _tool(page, "l", "length")
+    _drag(page, (0, 32), (50, 32))
+    length = page.locator("#measure-layer g.measurement.length:not(.drawing)").last
+    expect(length.locator("text")).to_have_text("10.0 mm (chưa rõ hiệu chuẩn: có thể đo tại đầu thu)")
     assert not page.errors, page.errors

@@ -20,7 +20,9 @@ Calibration, for frame *i* (0-based) of an object:
   e.g. against a fiducial of known size); else an Estimated Radiographic
   Magnification Factor gives an estimate at the isocenter (the detector
   spacing divided by it: "magnification"); else the distance is the one at
-  the detector ("detector").
+  the detector ("detector"). A radiograph with a Pixel Spacing but no
+  Imager Pixel Spacing (nor a Pixel Spacing Calibration Type) may be measured
+  at the detector or not: "unknown", and said so.
 - Ultrasound: each item of the Sequence of Ultrasound Regions whose X and Y
   Physical Units are cm (code 3) calibrates its own rectangle (Physical
   Delta X / Y, cm per pixel): a measurement is calibrated when it lies in
@@ -88,7 +90,7 @@ class Spacing:
 
     row: float
     column: float
-    basis: str  # "patient", "calibrated", "detector", "magnification" or "region"
+    basis: str  # "patient", "calibrated", "detector", "magnification", "unknown" or "region"
     source: str  # the attribute(s) it comes from, for the user who asks
 
     def as_json(self) -> dict[str, Any]:
@@ -179,10 +181,19 @@ def frame_spacing(ds: Dataset, frame_index: int) -> Spacing | None:
     properties = functional_group(ds, frame_index, "FramePixelDataPropertiesSequence")
     pixel = _pair(measures, "PixelSpacing") or _pair(ds, "PixelSpacing")
     imager = _pair(properties, "ImagerPixelSpacing") or _pair(ds, "ImagerPixelSpacing")
+    kind = str(ds.get("PixelSpacingCalibrationType") or "").strip()
     if imager is None:
-        return Spacing(*pixel, "patient", "PixelSpacing") if pixel else None
+        if pixel is None:
+            return None
+        if kind:
+            return Spacing(*pixel, "calibrated", f"PixelSpacing ({kind})")
+        if str(ds.get("Modality") or "").strip().upper() in PROJECTION:
+            # A radiograph without Imager Pixel Spacing (CR of older
+            # readers): its Pixel Spacing is most often the plate's, 10-20 %
+            # larger than the patient; whether anything corrected it is unknown.
+            return Spacing(*pixel, "unknown", "PixelSpacing (no Imager Pixel Spacing)")
+        return Spacing(*pixel, "patient", "PixelSpacing")
     if pixel is not None and not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(pixel, imager)):
-        kind = str(ds.get("PixelSpacingCalibrationType") or "").strip()
         return Spacing(*pixel, "calibrated", f"PixelSpacing ({kind})" if kind else "PixelSpacing")
     magnification = _number(ds, "EstimatedRadiographicMagnificationFactor")
     if magnification is not None and magnification > 0:

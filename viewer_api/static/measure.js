@@ -90,6 +90,7 @@ function basisNote(basis, unit) {
   if (basis === "detector") return ` ${t("measure_detector")}`;
   if (basis === "magnification") return ` ${t("measure_magnification")}`;
   if (basis === "calibrated") return ` ${t("measure_calibrated")}`;
+  if (basis === "unknown") return ` ${t("measure_unknown")}`;
   return "";
 }
 
