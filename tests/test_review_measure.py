@@ -18,6 +18,7 @@ tests/test_web_viewer.py):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -236,6 +237,43 @@ def _tool(page: Any, key: str, name: str) -> None:
     page.locator("#viewport").focus()
     page.keyboard.press(key)
     expect(page.locator(f"#tool-{name}")).to_have_attribute("aria-pressed", "true")
+
+
+def test_a_measurement_is_of_the_slice_on_screen(page: Any, measured: tuple[PacsServer, Corpus]) -> None:
+    """Scrolled to a slice whose image is still on its way (a slow link), the
+    previous slice stays on screen: an ROI drawn on it was filed under, and
+    its statistics taken from, the slice not yet shown."""
+    from playwright.sync_api import expect
+
+    server, corpus = measured
+    first, second = corpus.slow
+    held: list[Any] = []
+    page.route(f"**/instances/{second.sop}/rendered*", lambda route: held.append(route))
+    page.goto(f"/#/study/{first.study}")
+    _log_in(page)
+    _shown(page)
+    layer = page.locator("#measure-layer")
+    label = page.locator("#slice-label")
+    _tool(page, "r", "roi")
+    page.keyboard.press("ArrowDown")
+    expect(label).to_have_attribute("data-index", "2")
+    assert first.sop in (page.locator("#viewport").get_attribute("data-shown-url") or "")
+    _drag(page, (10, 10), (50, 50))  # on the first slice's image, still shown
+    expect(layer.locator("g.measurement")).to_have_count(0)
+    page.wait_for_timeout(300)  # a statistics request, were one sent, would be on its way
+    for route in held:
+        route.continue_()
+    page.unroute(f"**/instances/{second.sop}/rendered*")
+    expect(page.locator("#viewport")).to_have_attribute("data-shown-url", re.compile(re.escape(second.sop)))
+    expect(layer.locator("g.measurement")).to_have_count(0)
+    # Once shown, the second slice is measured as usual: 1000 HU.
+    _drag(page, (10, 10), (50, 50))
+    roi = layer.locator("g.measurement.roi:not(.drawing)").last
+    expect(roi).to_have_attribute("data-mean", "1000")
+    page.keyboard.press("ArrowUp")
+    expect(label).to_have_attribute("data-index", "1")
+    expect(layer.locator("g.measurement")).to_have_count(0)
+    assert not page.errors, page.errors
 
 
 def test_the_roi_label_says_padding_was_left_out(page: Any, measured: tuple[PacsServer, Corpus]) -> None:

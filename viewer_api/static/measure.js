@@ -221,10 +221,13 @@ export class MeasureTools {
     return slice ? this.viewer.gridOf(slice.sop) : null;
   }
 
-  /** Where the image is on screen, relative to the viewport: its box after zoom and pan. */
+  /** Where the image is on screen, relative to the viewport: its box after zoom and pan;
+   * null until the frame shown is the one measured (a slice scrolled to still loading
+   * leaves the previous one on screen: a line drawn on it was the next slice's). */
   imageBox() {
     const img = this.viewer.image;
     if (!img || img.hidden || !img.naturalWidth) return null;
+    if (this.viewer.shownKey !== this.currentKey()) return null;
     const rect = img.getBoundingClientRect();
     const frame = this.viewer.viewport.getBoundingClientRect();
     if (!rect.width || !rect.height) return null;

@@ -123,6 +123,7 @@ export class Viewer {
     this.fps = DEFAULT_FPS;
     this.playing = false;
     this.grids = new Map(); // sop -> {rows, columns}: the pixel grid measurements are drawn in
+    this.shownKey = ""; // the frame (sop/frame) whose image is on screen
     this.measure = new MeasureTools(this);
     this.build();
   }
@@ -250,6 +251,7 @@ export class Viewer {
     this.overlay.textContent = parts.filter((p) => p !== undefined && p !== null && p !== "").join("  ");
     this.index = -1;
     this.shownUrl = "";
+    this.shownKey = "";
     // The previous series' image must not stay on screen under this one's
     // label (a slow or failing render): blank until its first slice is shown.
     this.image.hidden = true;
@@ -366,6 +368,7 @@ export class Viewer {
     }
     img.hidden = false;
     this.shownUrl = url;
+    this.shownKey = this.measure.currentKey(); // the frame on screen: what measurements are drawn on
     this.viewport.dataset.shownUrl = url;
     this.layout();
   }
