@@ -39,6 +39,7 @@ SIZE = 64
 SC_IMAGE = "1.2.840.10008.5.1.4.1.1.7"
 CR_IMAGE = "1.2.840.10008.5.1.4.1.1.1"
 PET_IMAGE = "1.2.840.10008.5.1.4.1.1.128"
+DX_IMAGE = "1.2.840.10008.5.1.4.1.1.1.1"
 TISSUE = 1064  # stored: 40 HU with the intercept -1024
 
 
@@ -106,6 +107,15 @@ def _cr(out: Path, name: str, **extra: object) -> Dataset:
     return ds
 
 
+def _dx(out: Path, name: str, **extra: object) -> Dataset:
+    """A DX of 0.2 mm detector elements (Imager Pixel Spacing) with *extra*."""
+    ds = image_dataset(DX_IMAGE, Modality="DX", PatientName="VU^DX", PatientID="REV-DX", Rows=SIZE, Columns=SIZE,
+                       ImagerPixelSpacing=[0.2, 0.2], WindowCenter=2000, WindowWidth=4000,
+                       PixelData=np.full((SIZE, SIZE), 1000, dtype=np.uint16).tobytes(), **extra)
+    ds.save_as(out / f"{name}.dcm", enforce_file_format=True)
+    return ds
+
+
 def _two_slices(out: Path) -> list[Dataset]:
     study, series = generate_uid(), generate_uid()
     slices = []
@@ -127,6 +137,9 @@ class Corpus:
     pet: Obj
     cr: Obj
     cr_geometry: Obj
+    dx_ermf_written: Obj
+    dx_geometry: Obj
+    dx_fiducial: Obj
     slow: list[Obj]
 
 
@@ -140,6 +153,12 @@ def measured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsSer
         pet=_obj(_pet(objects)),
         cr=_obj(_cr(objects, "cr")),
         cr_geometry=_obj(_cr(objects, "cr-geometry", PixelSpacingCalibrationType="GEOMETRY")),
+        dx_ermf_written=_obj(_dx(objects, "dx-ermf", PixelSpacing=[0.16, 0.16],
+                                 EstimatedRadiographicMagnificationFactor=1.25)),
+        dx_geometry=_obj(_dx(objects, "dx-geometry", PixelSpacing=[0.18, 0.18],
+                             PixelSpacingCalibrationType="GEOMETRY")),
+        dx_fiducial=_obj(_dx(objects, "dx-fiducial", PixelSpacing=[0.16, 0.16], PixelSpacingCalibrationType="FIDUCIAL",
+                             EstimatedRadiographicMagnificationFactor=1.25)),
         slow=[_obj(ds) for ds in _two_slices(objects)],
     )
     server = PacsServer(tmp_path_factory.mktemp("review-measure-server") / "data",
@@ -209,8 +228,24 @@ def test_a_radiograph_without_imager_pixel_spacing_says_its_calibration_is_unkno
         cr = http.get(f"{corpus.cr.frame()}/calibration").json()["spacing"]
         assert (cr["row"], cr["basis"]) == (0.2, "unknown"), cr
         geometry = http.get(f"{corpus.cr_geometry.frame()}/calibration").json()["spacing"]
-        assert (geometry["basis"], geometry["source"]) == ("calibrated", "PixelSpacing (GEOMETRY)"), geometry
+        assert (geometry["basis"], geometry["source"]) == ("magnification", "PixelSpacing (GEOMETRY)"), geometry
         assert http.get(f"{corpus.pet.frame()}/calibration").json()["spacing"]["basis"] == "patient"
+
+
+def test_a_magnification_estimate_is_not_called_calibrated(measured: tuple[PacsServer, Corpus]) -> None:
+    """PS3.3 10.7.1.2: GEOMETRY is a correction for the magnification at an
+    assumed depth, and a Pixel Spacing that is the Imager Pixel Spacing over
+    the ERMF is that estimate too; only FIDUCIAL is measured against an
+    object of known size. Both estimates were labelled '(calibrated)'."""
+    server, corpus = measured
+    with server.http() as http:
+        def basis(obj: Obj) -> tuple[str, float]:
+            spacing = http.get(f"{obj.frame()}/calibration").json()["spacing"]
+            return spacing["basis"], spacing["row"]
+
+        assert basis(corpus.dx_ermf_written) == ("magnification", 0.16)
+        assert basis(corpus.dx_geometry) == ("magnification", 0.18)
+        assert basis(corpus.dx_fiducial) == ("calibrated", 0.16)
 
 
 # -- the browser -----------------------------------------------------------------------------

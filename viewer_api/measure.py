@@ -175,6 +175,10 @@ def _number(holder: Dataset | None, keyword: str) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _same(a: tuple[float, float], b: tuple[float, float], tolerance: float = 1e-6) -> bool:
+    return all(math.isclose(x, y, rel_tol=tolerance) for x, y in zip(a, b))
+
+
 def frame_spacing(ds: Dataset, frame_index: int) -> Spacing | None:
     """The spacing of frame *frame_index* (0-based) outside any ultrasound region (see the module's text)."""
     measures = functional_group(ds, frame_index, "PixelMeasuresSequence")
@@ -182,20 +186,26 @@ def frame_spacing(ds: Dataset, frame_index: int) -> Spacing | None:
     pixel = _pair(measures, "PixelSpacing") or _pair(ds, "PixelSpacing")
     imager = _pair(properties, "ImagerPixelSpacing") or _pair(ds, "ImagerPixelSpacing")
     kind = str(ds.get("PixelSpacingCalibrationType") or "").strip()
-    if imager is None:
-        if pixel is None:
-            return None
-        if kind:
-            return Spacing(*pixel, "calibrated", f"PixelSpacing ({kind})")
+    magnification = _number(ds, "EstimatedRadiographicMagnificationFactor")
+    if pixel is not None and (imager is None or not _same(pixel, imager)):
+        source = f"PixelSpacing ({kind})" if kind else "PixelSpacing"
+        estimated = imager is not None and magnification is not None and magnification > 0 and _same(
+            pixel, (imager[0] / magnification, imager[1] / magnification), 1e-3)
+        if kind.upper() == "GEOMETRY" or (not kind and estimated):
+            # PS3.3 10.7.1.3: GEOMETRY is a correction for the magnification
+            # (at an assumed depth, as the ERMF is), not a calibration against
+            # an object of known size (FIDUCIAL): an estimate, and said so.
+            return Spacing(*pixel, "magnification", source)
+        if kind or imager is not None:
+            return Spacing(*pixel, "calibrated", source)
         if str(ds.get("Modality") or "").strip().upper() in PROJECTION:
             # A radiograph without Imager Pixel Spacing (CR of older
             # readers): its Pixel Spacing is most often the plate's, 10-20 %
             # larger than the patient; whether anything corrected it is unknown.
             return Spacing(*pixel, "unknown", "PixelSpacing (no Imager Pixel Spacing)")
         return Spacing(*pixel, "patient", "PixelSpacing")
-    if pixel is not None and not all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(pixel, imager)):
-        return Spacing(*pixel, "calibrated", f"PixelSpacing ({kind})" if kind else "PixelSpacing")
-    magnification = _number(ds, "EstimatedRadiographicMagnificationFactor")
+    if imager is None:
+        return None
     if magnification is not None and magnification > 0:
         return Spacing(imager[0] / magnification, imager[1] / magnification, "magnification",
                        "ImagerPixelSpacing / EstimatedRadiographicMagnificationFactor")
