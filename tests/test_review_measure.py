@@ -341,3 +341,27 @@ def test_the_length_label_says_the_calibration_is_unknown(page: Any, measured: t
     length = page.locator("#measure-layer g.measurement.length:not(.drawing)").last
     expect(length.locator("text")).to_have_text("10.0 mm (chưa rõ hiệu chuẩn: có thể đo tại đầu thu)")
     assert not page.errors, page.errors
+
+
+def test_a_huge_roi_is_measured_in_bounded_memory() -> None:
+    """The statistics are taken a block of rows at a time (STATS_BLOCK values)
+    beside the frame, whatever the ROI's size: the masks of all the blocks of
+    an ellipse were made at once first, 1 byte per pixel of the whole ROI
+    (a 6000 x 6000 radiograph: 36 MB more than a small one's)."""
+    import tracemalloc
+
+    from viewer_api import measure
+
+    def peak(size: int) -> int:
+        ds = image_dataset(Rows=size, Columns=size, RescaleIntercept=-1024, RescaleSlope=1)
+        pixel = np.full((size, size), TISSUE, dtype=np.uint16)
+        tracemalloc.start()
+        try:
+            answer = measure.roi_statistics(ds, pixel, 0, "ellipse", (0, 0, size, size))
+            assert answer["mean"] == 40
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(2000), peak(6000)
+    assert large - small < 8_000_000, (small, large)

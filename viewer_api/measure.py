@@ -328,8 +328,8 @@ def _blocks(shape: str, box: tuple[float, float, float, float], rows: int,
     pixels, a few rows at a time (STATS_BLOCK values at most)."""
     x0, y0, x1, y1 = box
     xs, ys = _pixel_span(x0, x1, columns), _pixel_span(y0, y1, rows)
-    if not xs or not ys:
-        return
+    if not xs or not ys or (shape == "ellipse" and (x0 == x1 or y0 == y1)):
+        return  # nothing inside (a flat ellipse has no inside: 0 / 0 below)
     step = max(1, STATS_BLOCK // len(xs))
     cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
     dx = (np.arange(xs.start, xs.stop) + 0.5 - cx) / rx if shape == "ellipse" else None
@@ -370,7 +370,9 @@ def roi_statistics(ds: Dataset, pixel: np.ndarray, frame_index: int, shape: str,
         raise MeasureError("PALETTE COLOR pixel values are indices into a palette, without a unit to measure", 422)
     answer: dict[str, Any] = {"shape": shape, "frame": frame_index + 1, "x0": x0, "y0": y0, "x1": x1, "y1": y1,
                               **_area(shape, ordered, info.spacing_for(*ordered))}
-    blocks = list(_blocks(shape, ordered, pixel.shape[0], pixel.shape[1]))
+    # A generator, used once: each block's mask is made as it is measured,
+    # never all of them at once (1 byte per pixel of the whole ROI).
+    blocks = _blocks(shape, ordered, pixel.shape[0], pixel.shape[1])
     if pixel.ndim == 3:
         names = _channel_names(photometric)
         channels = [_Running() for _ in names]
