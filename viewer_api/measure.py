@@ -17,10 +17,12 @@ Calibration, for frame *i* (0-based) of an object:
   XRF) follow PS3.3 10.7.1.1 and C.8.11.7: Imager Pixel Spacing is measured
   at the detector, larger than the patient by the geometric magnification.
   A Pixel Spacing that differs from it is a calibrated one ("calibrated",
-  e.g. against a fiducial of known size); else an Estimated Radiographic
-  Magnification Factor gives an estimate at the isocenter (the detector
-  spacing divided by it: "magnification"); else the distance is the one at
-  the detector ("detector"). A radiograph with a Pixel Spacing but no
+  e.g. against a fiducial of known size), unless its Pixel Spacing
+  Calibration Type is GEOMETRY or it is the Imager Pixel Spacing over the
+  ERMF: an estimate at an assumed depth ("magnification"); else an
+  Estimated Radiographic Magnification Factor gives an estimate at the
+  isocenter (the detector spacing divided by it: "magnification"); else the
+  distance is the one at the detector ("detector"). A radiograph with a Pixel Spacing but no
   Imager Pixel Spacing (nor a Pixel Spacing Calibration Type) may be measured
   at the detector or not: "unknown", and said so.
 - Ultrasound: each item of the Sequence of Ultrasound Regions whose X and Y
@@ -32,7 +34,8 @@ Calibration, for frame *i* (0-based) of an object:
 
 Statistics (mean, population standard deviation, minimum, maximum) are of
 the stored values after the Modality LUT stage (:func:`render.modality_samples`:
-Rescale Slope / Intercept, so HU for CT), never of the 8-bit rendering.
+Rescale Slope / Intercept, so HU for a CT Image, a PET's Units), never of
+the 8-bit rendering.
 Colour frames (3 samples) have statistics per channel of the decoded
 samples (R, G, B; Y, Cb, Cr for the partial-range YBR a decoder leaves);
 PALETTE COLOR indices have no unit to average (422). Pixels of the Pixel
