@@ -52,6 +52,8 @@ _ACTION_CODE = {
     "share-create": "C", "share-revoke": "D", "share-verify": "E", "share-lockout": "E",
     # Report templates (pacs.report_templates).
     "template-create": "C", "template-update": "U", "template-archive": "D",
+    # Key images (pacs.key_images): a radiologist's selection saved or removed.
+    "key-images-update": "U",
 }
 
 

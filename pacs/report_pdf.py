@@ -7,6 +7,7 @@ by the set-up scripts and the Docker image), or PACS_REPORT_FONT.
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ class ReportContent:
     signed_at: str
     version: int
     viewer_url: str
+    # Key images (JPEG, pacs.key_images), printed under the text.
+    key_images: tuple[bytes, ...] = ()
 
 
 def font_path() -> str:
@@ -86,6 +89,34 @@ def _report_pdf(content: ReportContent) -> Any:
     return _ReportPDF(format="A4")
 
 
+# Side of the square each key image is fitted in (four in a row on A4), mm.
+_KEY_IMAGE_BOX = 44.0
+
+
+def _key_images(pdf: Any, images: tuple[bytes, ...]) -> None:
+    """The key images in one row, each fitted in a square (aspect kept),
+    under a heading kept on their page."""
+    if not images:
+        return
+    from PIL import Image
+
+    box = _KEY_IMAGE_BOX
+    gap = (pdf.epw - 4 * box) / 3
+    pdf.ln(3)
+    if pdf.get_y() + 7 + box > pdf.page_break_trigger:
+        pdf.add_page()
+    pdf.set_font("body", size=11)
+    pdf.cell(0, 7, "Ảnh chính / Key images", new_x="LMARGIN", new_y="NEXT")
+    top = pdf.get_y()
+    for n, data in enumerate(images[:4]):
+        width, height = Image.open(io.BytesIO(data)).size
+        scale = min(box / width, box / height)
+        w, h = width * scale, height * scale
+        pdf.image(io.BytesIO(data), x=pdf.l_margin + n * (box + gap) + (box - w) / 2, y=top + (box - h) / 2, w=w, h=h)
+    pdf.set_y(top + box + 2)
+    pdf.set_font("body", size=10)
+
+
 def render(content: ReportContent) -> bytes:
     """The report as PDF bytes."""
     # fpdf (with fontTools) takes most of a second to import: loaded at the
@@ -122,6 +153,7 @@ def render(content: ReportContent) -> bytes:
         pdf.cell(0, 7, heading, new_x="LMARGIN", new_y="NEXT")
         pdf.set_font("body", size=10)
         pdf.multi_cell(0, 5.5, _text(text) or "-")
+    _key_images(pdf, content.key_images)
     pdf.ln(5)
     pdf.cell(0, 6, f"Ký / Signed: {content.signed_by.replace('^', ' ')} — {content.signed_at}",
              new_x="LMARGIN", new_y="NEXT")

@@ -25,6 +25,7 @@ from .errors import RefusedRequest
 from .index.db import retry_write
 from .index.models import Instance, Order, Patient, Report, Study, StudyOrderLink
 from .ingest import Origin
+from .key_images import key_image_thumbnails
 from .maintenance.common import delete_instance_rows
 from .orders import OrderService
 from .part10 import BufferSource
@@ -242,6 +243,8 @@ class ReportService:
             accession=study.accession_number, description=study.description, modalities=modalities,
             findings=draft.findings, impression=draft.impression, signed_by=signer_name or signer,
             signed_at=f"{local:%Y-%m-%d %H:%M} (UTC{offset[:3]}:{offset[3:]})", version=draft.version, viewer_url=viewer_url,
+            # The key images marked (the signer's first), printed with the text.
+            key_images=tuple(key_image_thumbnails(self.pacs, study_uid, prefer=signer)),
         )
         pdf = render(content)
         sop_uid = self._store_pdf(study, draft.version, pdf, content, now)

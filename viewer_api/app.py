@@ -18,8 +18,8 @@ from pacs.auth import ROLES
 from pacs.pixel_memory import PIXELS
 
 from . import (
-    errors, fhir, measure_api, metrics_api, orders_api, qido, share_api, share_page, sr_api, stow, templates_api,
-    ui_api, wado, wado_uri,
+    errors, fhir, key_images_api, measure_api, metrics_api, orders_api, qido, share_api, share_page, sr_api, stow,
+    templates_api, ui_api, wado, wado_uri,
 )
 from .http_metrics import HttpMetrics, RouteNote
 from .limits import BodyLimit
@@ -91,6 +91,8 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.include_router(measure_api.router)
     # Structured reports and dose summaries: guarded per route (the study of an instance).
     app.include_router(sr_api.router)
+    # Key images (Key Object Selections): read by the reading roles, saved by radiologists (guarded per route).
+    app.include_router(key_images_api.router)
     app.include_router(templates_api.router)
     app.include_router(share_page.router)
     app.include_router(fhir.router)

@@ -10,7 +10,8 @@ the studies linked to that order at the time of the request
   expired or revoked link, or one whose order the HIS cancelled, a 410
   page (short, in Vietnamese and English).
 - ``GET .../study``: the patient's name, the study's date, description and
-  modality, its series of images, and its SIGNED report only. For an order
+  modality, its key images (shown first), its series of images, and its
+  SIGNED report only. For an order
   link: the order (its date and procedure) and ``studies``, each study as
   a study link shows it; ``ready`` false and no studies before the images.
 - ``POST .../birth-year``: the second factor (share_birth_year): the right
@@ -47,6 +48,7 @@ from pydantic import Field
 
 from pacs import shares
 from pacs.audit import Event
+from pacs.key_images import key_refs
 from pacs.query import Level
 from pacs.reports import ReportError, ReportService, procedure_modalities
 from pacs.retrieve import RetrieveItem, resolve
@@ -213,9 +215,19 @@ def _report(request: Request, study_uid: str) -> dict[str, Any]:
             "pdf": pdf}
 
 
+def _key_images(request: Request, study_uid: str, series: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The key images the radiologists marked (pacs.key_images), among the
+    images the page shows, each a frame to open (1 for a whole instance):
+    which image and frame only, never who marked it or their note."""
+    shown = {(s["series_uid"], i["sop_uid"]) for s in series for i in s["images"]}
+    return [{"series_uid": ref["series_uid"], "sop_uid": ref["sop_uid"], "frame": ref["frame"] or 1}
+            for ref in key_refs(request.app.state.pacs, study_uid) if (ref["series_uid"], ref["sop_uid"]) in shown]
+
+
 def _study(request: Request, study_uid: str) -> dict[str, Any] | None:
     """A study as the page shows it: its date, description, modalities,
-    series of images and signed report (None: no longer in the archive)."""
+    key images, series of images and signed report (None: no longer in the
+    archive)."""
     detail = study_detail(request.app.state.pacs.engine, study_uid)
     if detail is None:
         return None
@@ -233,6 +245,7 @@ def _study(request: Request, study_uid: str) -> dict[str, Any] | None:
         "study_time": detail["study_time"],
         "description": detail["description"],
         "modalities": procedure_modalities(detail["modalities"]),
+        "key_images": _key_images(request, study_uid, series),
         "series": series,
         "report": _report(request, study_uid),
     }
