@@ -246,15 +246,9 @@ def _view(pacs: Pacs, study: Any, stored: list[_Stored], username: str) -> dict[
                 images.append(entry)
                 if own:
                     mine.append({"sop_uid": ref.sop_uid, "frame": frame})
-    return {
-        "study_uid": study.study_uid,
-        "documents": [s.document.as_json(own=bool(username) and s.document.login == username)  # type: ignore[union-attr]
-                      if s.document is not None else {"sop_uid": s.sop_uid, "series_uid": s.series_uid,
-                                                      "error": s.error}
-                      for s in stored],
-        "images": images,
-        "mine": mine,
-    }
+    listed = [s.document.as_json(own=bool(username) and s.document.login == username) if s.document is not None
+              else {"sop_uid": s.sop_uid, "series_uid": s.series_uid, "error": s.error} for s in stored]
+    return {"study_uid": study.study_uid, "documents": listed, "images": images, "mine": mine}
 
 
 def study_key_images(pacs: Pacs, study_uid: str, username: str = "") -> dict[str, Any]:

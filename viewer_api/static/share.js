@@ -31,6 +31,9 @@ const LABELS = {
     pdf: "Tải kết quả (PDF)",
     no_report: "Chưa có kết quả đọc.",
     images: "Hình ảnh",
+    key_images: "Ảnh chính",
+    key_hint: "Những ảnh bác sĩ đã chọn để bạn xem trước.",
+    key_n: "Ảnh chính {n}",
     no_images: "Ca chụp này không có hình ảnh để xem.",
     n_images: "{n} ảnh",
     close: "Đóng",
@@ -72,6 +75,9 @@ const LABELS = {
     pdf: "Download the report (PDF)",
     no_report: "No report yet.",
     images: "Images",
+    key_images: "Key images",
+    key_hint: "The images your doctor chose for you to see first.",
+    key_n: "Key image {n}",
     no_images: "This study has no images to show.",
     n_images: "{n} images",
     close: "Close",
@@ -280,7 +286,8 @@ function expiresView(expiresAt) {
 function studyView(study, pdf = `${base}/report.pdf`) {
   const header = h("section.share-card.share-patient",
     h("h1#patient-name", formatPN(study.patient_name)), studyFacts(study));
-  return [header, reportView(study.report, pdf), seriesView(study.series), expiresView(study.expires_at)];
+  return [header, keyImagesView(study.key_images), reportView(study.report, pdf), seriesView(study.series),
+    expiresView(study.expires_at)].filter(Boolean);
 }
 
 function studyPdf(study) {
@@ -312,7 +319,8 @@ function orderView(data) {
     const sfx = `-${i + 1}`;
     return h(`section#study${sfx}.share-study`, { "data-study": study.study_uid },
       h("section.share-card", h("h2", t("study_n", { n: i + 1 })), studyFacts(study, sfx)),
-      reportView(study.report, studyPdf(study), sfx), seriesView(study.series, sfx));
+      keyImagesView(study.key_images, sfx), reportView(study.report, studyPdf(study), sfx),
+      seriesView(study.series, sfx));
   });
   return [header, ...sections, expiresView(data.expires_at)];
 }
@@ -360,6 +368,25 @@ function seriesView(series, sfx = "") {
   return section;
 }
 
+/** The images the radiologist marked as key images, first: each opens at
+ * its own frame, and the viewer goes through them alone. */
+function keyImagesView(keys, sfx = "") {
+  if (!keys || !keys.length) return null;
+  const frames = keys.map((k) => ({ series: k.series_uid, sop: k.sop_uid, n: k.frame || 1 }));
+  const grid = h("div.share-grid.share-key-grid");
+  frames.forEach((frame, i) => {
+    const label = t("key_n", { n: i + 1 });
+    const thumb = h("img.share-thumb", { src: frameUrl(frame), alt: label, loading: "lazy" });
+    thumb.addEventListener("error", () => thumb.classList.add("share-broken"));
+    grid.append(h("button.share-series.share-key", {
+      type: "button", "data-sop": frame.sop, "data-frame": String(frame.n),
+      onclick: () => openFrames(frames, t("key_images"), i),
+    }, thumb, h("span.share-series-label", `★ ${label}`)));
+  });
+  return h(`section#key-images${sfx}.share-card.share-keys`, h("h2", t("key_images")),
+    h("p.share-muted", t("key_hint")), grid);
+}
+
 // -- the image viewer -----------------------------------------------------------------
 let viewer = null;
 
@@ -373,6 +400,11 @@ function openViewer(series, label) {
   for (const image of series.images) {
     for (let n = 1; n <= (image.frames || 1); n++) frames.push({ series: series.series_uid, sop: image.sop_uid, n });
   }
+  openFrames(frames, label, 0);
+}
+
+/** The full-screen viewer over *frames*, at frames[start]. */
+function openFrames(frames, label, start) {
   const img = h("img#frame-image.share-frame", { alt: label, draggable: "false" });
   const failed = h("p#frame-failed.share-frame-failed", { hidden: true }, t("image_failed"));
   const counter = h("span#frame-counter.share-counter");
@@ -401,7 +433,7 @@ function openViewer(series, label) {
   document.body.append(panel);
   document.body.classList.add("share-viewing");
   history.pushState({ shareViewer: true }, "");
-  show(0);
+  show(start);
 }
 
 function closeViewer(fromButton) {

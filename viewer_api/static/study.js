@@ -2,6 +2,7 @@
 
 import { api } from "./api.js";
 import { onLangChange, t } from "./i18n.js";
+import { KeyImages } from "./keyimages.js";
 import { ReportPanel } from "./report.js";
 import { DoseSummary, isStructuredReport } from "./sr.js";
 import { formatDate, formatPN, h, isTyping, listText, readSession, sexLabel, writeSession } from "./util.js";
@@ -14,11 +15,17 @@ export function mountStudy(root, ctx, studyUid) {
   let destroyed = false;
 
   const viewer = new Viewer(studyUid);
+  // Key images: the toggle in the toolbar, a star by the frame counter, the selection saved at once.
+  const keys = new KeyImages(studyUid, ctx.user, viewer);
+  viewer.element.querySelector(".viewer-toolbar .spacer").before(keys.button);
+  viewer.sliceLabel.after(keys.marker, keys.state);
+  keys.onChange = () => markKeys();
   // Where the reader was (series, slice, preset), so that a reload or coming
   // back from the worklist shows the same image; this tab only.
   const viewKey = `pacs.view.${studyUid}`;
   let restoring = false;
   viewer.onChange = () => {
+    keys.refresh();
     if (restoring || !selected || viewer.index < 0) return;
     writeSession(viewKey, { series: selected.series_uid, index: viewer.index, preset: viewer.preset });
   };
@@ -97,7 +104,7 @@ export function mountStudy(root, ctx, studyUid) {
       img,
       h("span.thumb-line", h("b", series.modality || ""), series.series_number != null ? ` #${series.series_number}` : ""),
       h("span.thumb-desc", series.description || ""),
-      h("span.thumb-count", t("images_count", { n: count })),
+      h("span.thumb-count", t("images_count", { n: count }), h("span.thumb-key", { hidden: true })),
     );
     return button;
   }
@@ -105,6 +112,20 @@ export function mountStudy(root, ctx, studyUid) {
   function renderSeries() {
     seriesList.replaceChildren(...(study.series || []).map(thumbnail), priors);
     markSelected();
+    markKeys();
+  }
+
+  /** A star and the count on the thumbnail of each series holding key images. */
+  function markKeys() {
+    for (const el of seriesList.querySelectorAll(".series-thumb")) {
+      const n = keys.countIn(el.dataset.seriesUid);
+      const star = el.querySelector(".thumb-key");
+      if (!star) continue;
+      star.hidden = !n;
+      star.textContent = n ? ` ★ ${n}` : "";
+      star.title = n ? t("key_images_count", { n }) : "";
+      el.classList.toggle("has-key", n > 0);
+    }
   }
 
   // The patient's other studies (priors and later ones) for comparison, as far
@@ -206,6 +227,7 @@ export function mountStudy(root, ctx, studyUid) {
     if (destroyed) return;
     renderHeader();
     renderSeries();
+    keys.load();
     const all = study.series || [];
     // The examination's modality and body part (its first image series, not a report PDF): their templates first.
     const examined = all.find((s) => s.modality && !NON_IMAGE.has(s.modality)) || {};
@@ -242,6 +264,7 @@ export function mountStudy(root, ctx, studyUid) {
       document.removeEventListener("keydown", onKey);
       offLang();
       viewer.destroy();
+      keys.destroy();
       report.destroy();
       document.title = t("app_title");
     },
