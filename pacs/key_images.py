@@ -27,6 +27,8 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from storage import ObjectDamaged, ObjectNotFound
+
 from .app import Pacs
 from .audit import Event
 from .errors import RefusedRequest
@@ -181,7 +183,7 @@ def _stored_documents(pacs: Pacs, study: Any) -> list[_Stored]:
                             size=int(row.size_bytes or 0), study_uid=study.study_uid, series_uid=row.series_uid)
         try:
             document = key_document(row.sop_uid, row.series_uid, read_sr(pacs, item))
-        except SrError as exc:
+        except (SrError, ObjectNotFound, ObjectDamaged) as exc:  # that one listed as unreadable, not the others
             log.warning("key object selection %s of study %s cannot be read: %s", row.sop_uid, study.study_uid, exc)
             stored.append(_Stored(row.pk, row.sop_uid, row.series_uid, None, str(exc)))
             continue
@@ -362,7 +364,13 @@ def key_image_thumbnails(pacs: Pacs, study_uid: str, *, prefer: str = "", limit:
 
     params = RenderParams("image/jpeg", quality=85, viewport=(size, size))
     out: list[bytes] = []
-    for ref in key_refs(pacs, study_uid, prefer=prefer):
+    try:
+        refs = key_refs(pacs, study_uid, prefer=prefer)
+    except Exception as exc:  # the report is signed without them
+        log.warning("the key images of study %s are left out of its report: %s", study_uid,
+                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+        return []
+    for ref in refs:
         if len(out) >= limit:
             break
         items = resolve(pacs, Level.IMAGE, {"StudyInstanceUID": study_uid, "SOPInstanceUID": ref["sop_uid"]},

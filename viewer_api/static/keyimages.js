@@ -123,7 +123,8 @@ export class KeyImages {
     const at = this.current();
     if (!this.canEdit || !at) return;
     if (this.isKey(at.sop_uid, at.frame, true)) {
-      this.mine = this.mine.filter((m) => !(m.sop_uid === at.sop_uid && (!m.frame || !at.frame || m.frame === at.frame)));
+      const same = (m) => m.sop_uid === at.sop_uid && (!m.frame || !at.frame || m.frame === at.frame);
+      this.mine = this.mine.filter((m) => !same(m));
     } else {
       this.mine.push(at);
     }
@@ -146,7 +147,8 @@ export class KeyImages {
       return;
     }
     this.say("key_saving", "");
-    const body = { images: this.mine.map((m) => (m.frame ? { sop_uid: m.sop_uid, frame: m.frame } : { sop_uid: m.sop_uid })) };
+    const images = this.mine.map((m) => (m.frame ? { sop_uid: m.sop_uid, frame: m.frame } : { sop_uid: m.sop_uid }));
+    const body = { images };
     if (this.title) body.title = this.title;
     if (this.description) body.description = this.description;
     this.saving = api("PUT", `/api/studies/${encodeURIComponent(this.studyUid)}/key-images`, { json: body });
