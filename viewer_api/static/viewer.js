@@ -165,7 +165,6 @@ export class Viewer {
       h(
         "div.viewer-toolbar",
         this.presetGroup,
-        this.wlLabel,
         this.measure.element,
         h("span.spacer"),
         h("button#zoom-out.btn.small.icon", { type: "button", "data-i18n-title": "zoom_out", onclick: () => this.zoomBy(1 / 1.25) }, "−"),
@@ -174,7 +173,7 @@ export class Viewer {
         h("button#zoom-reset.btn.small", { type: "button", "data-i18n": "zoom_fit", "data-i18n-title": "zoom_reset", onclick: () => this.resetView() }),
       ),
       this.viewport,
-      h("div.viewer-footer", this.playButton, this.slider, this.sliceLabel),
+      h("div.viewer-footer", this.playButton, this.slider, this.wlLabel, this.sliceLabel),
     );
 
     this.slider.addEventListener("input", () => {
