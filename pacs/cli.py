@@ -1082,6 +1082,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q, json_flag=True)
     q.add_argument("username")
     p.set_defaults(func=cmd_user)
+    from .cli_signing import register_user_certificate
+
+    register_user_certificate(u_sub, _common)
 
     p = sub.add_parser("token", help="API tokens for systems (modality, HIS, EMR)")
     t_sub = p.add_subparsers(dest="token_command", required=True)
@@ -1162,6 +1165,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_templates import register as register_templates
 
     register_templates(sub, _common)
+    from .cli_signing import register as register_signing
+
+    register_signing(sub, _common)
 
     p = sub.add_parser("db", help="index schema migrations; copy the index into another database")
     db_sub = p.add_subparsers(dest="db_command", required=True)

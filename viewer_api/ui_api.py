@@ -16,7 +16,10 @@ from pacs import audit as audit_log
 from pacs.audit import Event, patient_cx
 from pacs.auth import ROLES, SESSION_HOURS, AuthError, LoginThrottled, Principal
 from pacs.header import valid_uid
+from pacs.report_signature import needs_radiologist
 from pacs.reports import ReportError, ReportService
+from pacs.signing_keys import PinLocked, SigningKeyError, WrongPin
+from pacs.signing_keys import show as show_certificate
 from pacs.studylist import patient_of, study_detail, study_list
 
 from .errors import HTTPProblem, JsonBody, problem
@@ -49,6 +52,9 @@ class ReportText(BaseModel):
 class SignRequest(BaseModel):
     # The draft revision the signer read; absent: no check.
     revision: int | None = Field(None, ge=0)
+    # The PIN of the radiologist's signing certificate (report_signature
+    # radiologist or both; pacs.signing_keys): never logged nor audited.
+    pin: str | None = Field(None, max_length=256)
 
 
 class NewUser(JsonBody):
@@ -276,9 +282,17 @@ def _report_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
         raise HTTPProblem(exc.http_status, str(exc)) from None
 
 
+def _with_signing(request: Request, report: dict[str, Any]) -> dict[str, Any]:
+    """A report answer with what signing it takes: the report_signature
+    mode, and whether the viewer must ask the radiologist's PIN."""
+    settings = request.app.state.pacs.settings
+    report["digital_signature"] = {"mode": settings.report_signature, "pin_required": needs_radiologist(settings)}
+    return report
+
+
 @router.get("/api/studies/{study}/report", summary="The study's report (drafts only for radiologists)")
 def get_report(request: Request, study: str, principal: Principal = guard(*READERS, action="view")) -> dict[str, Any]:
-    return _report_call(_reports(request).get, study, signed_only=_signed_only(principal))
+    return _with_signing(request, _report_call(_reports(request).get, study, signed_only=_signed_only(principal)))
 
 
 @router.put("/api/studies/{study}/report", summary="Save the draft report")
@@ -290,21 +304,53 @@ def save_report(request: Request, study: str, body: ReportText,
         if isinstance(event, Event):
             source = report_source(request, body.template_id, principal.username, body.template_version)
             event.detail = f"{event.detail} (text from {source})"[:500]
-    return _report_call(_reports(request).save_draft, study, body.findings, body.impression, principal.username,
-                        revision=body.revision)
+    return _with_signing(request, _report_call(_reports(request).save_draft, study, body.findings, body.impression,
+                                               principal.username, revision=body.revision))
 
 
-@router.post("/api/studies/{study}/report/sign", summary="Sign the draft (immutable afterwards)")
+@router.post("/api/studies/{study}/report/sign", summary="Sign the draft (immutable afterwards); with "
+             "report_signature on, the PDF is digitally signed (PAdES), the radiologist's key opened with `pin`")
 def sign_report(request: Request, study: str, body: SignRequest | None = None,
-                principal: Principal = guard("radiologist", action="report-sign")) -> dict[str, Any]:
-    return _report_call(_reports(request).sign, study, principal.username, principal.display_name,
-                        revision=body.revision if body else None)
+                principal: Principal = guard("radiologist", action="report-sign")) -> Any:
+    try:
+        signed = _report_call(_reports(request).sign, study, principal.username, principal.display_name,
+                              revision=body.revision if body else None, pin=body.pin if body else None)
+    except PinLocked as exc:
+        _audit_detail(request, f"{request.url.path}: refused unchecked: signing locked by wrong PINs")
+        answer = problem(429, str(exc))
+        answer.headers["Retry-After"] = str(exc.retry_after)
+        return answer
+    except WrongPin as exc:
+        _audit_detail(request, f"{request.url.path}: wrong signing PIN"
+                      + ("; signing now locked" if exc.locked_until else f", {exc.tries_left} tries left"))
+        if exc.locked_until is not None:
+            audit(request, "signature-lockout", principal, outcome="denied", study_uid=study,
+                  detail=f"signing certificate of {principal.username} locked until {exc.locked_until.isoformat()} "
+                         "after repeated wrong PINs")
+        raise HTTPProblem(exc.http_status, str(exc)) from None
+    except SigningKeyError as exc:
+        raise HTTPProblem(exc.http_status, str(exc)) from None
+    settings = request.app.state.pacs.settings
+    if settings.report_signature != "off":
+        cert = show_certificate(request.app.state.pacs.engine, principal.username) \
+            if needs_radiologist(settings) else None
+        what = f"certificate {cert.subject} (serial {cert.serial})" if cert else "the hospital's seal"
+        _audit_detail(request, f"{request.url.path}: PDF digitally signed ({settings.report_signature}) with {what}")
+    return _with_signing(request, signed)
 
 
 @router.post("/api/studies/{study}/report/amend", summary="Start an amendment (a new version)")
 def amend_report(request: Request, study: str,
                  principal: Principal = guard("radiologist", action="report-amend")) -> dict[str, Any]:
-    return _report_call(_reports(request).amend, study, principal.username)
+    return _with_signing(request, _report_call(_reports(request).amend, study, principal.username))
+
+
+@router.get("/api/studies/{study}/report/signature",
+            summary="The digital signature of the signed report's PDF: signer, certificate validity at signing, "
+                    "integrity, trust")
+def report_signature(request: Request, study: str, version: int | None = Query(None, ge=1),
+                     principal: Principal = guard(*READERS, action="view")) -> dict[str, Any]:
+    return _report_call(_reports(request).signature, study, version)
 
 
 @router.get("/api/studies/{study}/report/pdf", summary="The signed report as PDF")

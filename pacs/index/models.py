@@ -23,6 +23,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     UniqueConstraint,
@@ -721,3 +722,36 @@ class ShareLink(Base):
     lockouts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     # Signs the cookie that says this browser answered the birth year (random per link).
     cookie_key: Mapped[str] = mapped_column(String(64))
+
+
+class SigningCertificate(Base):
+    """A radiologist's certificate for the digital signature of reports
+    (chữ ký số, pacs.signing_keys): the certificate and the CA certificates
+    that came with it in the PKCS#12, and the private key sealed under the
+    radiologist's PIN (scrypt, AES-256-GCM): never a usable key in clear.
+    One per user (a new import replaces it). Wrong PINs are counted and lock
+    signing as a share link's wrong birth years do. Added by migration 0031."""
+
+    __tablename__ = "signing_certificates"
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    user_pk: Mapped[int] = mapped_column(ForeignKey("users.pk", ondelete="CASCADE"), unique=True)
+    # DER of the signer's certificate; PEM of the chain the PKCS#12 carried.
+    certificate: Mapped[bytes] = mapped_column(LargeBinary)
+    chain_pem: Mapped[str] = mapped_column(String, default="")
+    # Shown without parsing the certificate again (pacs user certificate show).
+    subject: Mapped[str] = mapped_column(String, default="")
+    issuer: Mapped[str] = mapped_column(String, default="")
+    serial: Mapped[str] = mapped_column(String(64), default="")
+    sha256: Mapped[str] = mapped_column(String(64), default="")
+    not_before: Mapped[datetime] = mapped_column(UTCDateTime())
+    not_after: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The PKCS#8 key encrypted under the PIN (pacs.signing_keys.seal_key).
+    sealed_key: Mapped[bytes] = mapped_column(LargeBinary)
+    imported_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    imported_by: Mapped[str] = mapped_column(String, default="")
+    # Wrong PINs since the last right one or lock, the lock they set, and
+    # the locks in a row (each twice as long): columns, so every node sees them.
+    failed_pins: Mapped[int] = mapped_column(Integer, default=0)
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    lockouts: Mapped[int] = mapped_column(Integer, default=0)

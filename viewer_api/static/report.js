@@ -1,6 +1,8 @@
 // The report panel: draft editing (findings / impression), save, sign, amend,
 // signed read-only view with the PDF link, version history; report templates
-// (pick one to start from, save the text as one's own).
+// (pick one to start from, save the text as one's own). With the server's
+// report_signature on, signing asks the radiologist's certificate PIN in a
+// dialog, and a signed report shows its digital signature (chữ ký số) as a badge.
 
 import { api } from "./api.js";
 import { onLangChange, t } from "./i18n.js";
@@ -44,6 +46,9 @@ export class ReportPanel {
     this.status = h("span#report-status.badge", { dataset: { status: "" } });
     this.version = h("span#report-version.muted");
     this.dirtyMark = h("span#report-dirty.dirty", { hidden: true, "data-i18n": "unsaved" });
+    // The digital signature of the signed PDF, as the server verified it (GET .../report/signature).
+    this.sigBadge = h("span#report-digital-signature.badge.sig-badge", { hidden: true });
+    this.sigChecked = "";
     this.error = h("div#report-error.error", { role: "alert", hidden: true });
     this.notice = h("div#report-notice.muted", { hidden: true });
     // A colleague's save came first: the author's own text, to copy from.
@@ -65,7 +70,7 @@ export class ReportPanel {
 
     this.element = h(
       "section#report-panel.report-panel",
-      h("div.report-head", h("h2", { "data-i18n": "report" }), this.status, this.version, this.dirtyMark),
+      h("div.report-head", h("h2", { "data-i18n": "report" }), this.status, this.version, this.dirtyMark, this.sigBadge),
       this.error,
       this.notice,
       this.mineBox,
@@ -262,6 +267,7 @@ export class ReportPanel {
     }
     this.meta.textContent = meta;
     this.meta.id = signed ? "report-signed-info" : "report-meta";
+    this.renderSignature(signed && current ? current : null);
 
     this.saveButton.hidden = !this.canEdit || signed;
     this.signButton.hidden = !this.canEdit || signed;
@@ -283,6 +289,80 @@ export class ReportPanel {
         return h("li", { title: text.slice(0, 500) }, `v${v.version ?? "?"} · ${t(key)} · ${who} · ${when}`);
       }),
     );
+  }
+
+  /** The digital signature badge of the signed version *current* (null: none
+   * shown). Asked of the server once per signed PDF, only where the hospital
+   * signs reports digitally (report_signature on). */
+  async renderSignature(current) {
+    const mode = this.report && this.report.digital_signature ? this.report.digital_signature.mode : "off";
+    if (!current || !current.pdf_sop_uid || !mode || mode === "off") {
+      this.sigBadge.hidden = true;
+      this.sigChecked = "";
+      return;
+    }
+    if (this.sigChecked === current.pdf_sop_uid && this.sigFound) {
+      this.drawSignature(this.sigFound);
+      return;
+    }
+    this.sigChecked = current.pdf_sop_uid;
+    try {
+      const found = await api("GET", `${this.base}/signature?version=${encodeURIComponent(current.version)}`);
+      if (this.sigChecked !== current.pdf_sop_uid) return; // another version drawn meanwhile
+      this.sigFound = found;
+      this.drawSignature(found);
+    } catch (exc) {
+      this.sigBadge.hidden = true;
+      this.sigFound = null;
+    }
+  }
+
+  drawSignature(found) {
+    const signatures = Array.isArray(found.signatures) ? found.signatures : [];
+    if (!found.signed || !signatures.length) {
+      this.sigBadge.hidden = true;
+      return;
+    }
+    const who = signatures.map((s) => s.signer || s.name || "?").join(", ");
+    const state = !found.intact ? "broken" : found.trusted ? "ok" : "untrusted";
+    this.sigBadge.textContent = found.intact ? t("digital_signature_by", { who }) : t("digital_signature_broken");
+    this.sigBadge.className = `badge sig-badge sig-${state}`;
+    this.sigBadge.dataset.state = state;
+    const lines = signatures.map((s) => t("digital_signature_detail", {
+      who: s.signer_subject || s.signer || "", issuer: s.issuer || "", when: formatDateTime(s.signing_time),
+    }));
+    if (found.intact && !found.trusted) lines.push(t("digital_signature_untrusted"));
+    this.sigBadge.title = lines.join("\n");
+    this.sigBadge.hidden = false;
+  }
+
+  /** Ask the PIN of the radiologist's signing certificate in a modal dialog;
+   * the PIN, or null when cancelled. The dialog is the signing confirmation too. */
+  askPin() {
+    return new Promise((resolve) => {
+      const input = h("input#sign-pin", { type: "password", autocomplete: "off", required: true, maxlength: "256" });
+      const cancel = h("button#sign-pin-cancel.btn", { type: "button", "data-i18n": "sign_pin_cancel" });
+      const ok = h("button#sign-pin-ok.btn.primary", { type: "submit", "data-i18n": "sign_pin_ok" });
+      const form = h("form.pin-form", { method: "dialog" },
+        h("h3", { "data-i18n": "sign_pin_title" }),
+        h("p.muted", { "data-i18n": "confirm_sign" }),
+        h("label", { for: "sign-pin", "data-i18n": "sign_pin_label" }), input,
+        h("div.report-actions", cancel, ok));
+      const dialog = h("dialog#sign-pin-dialog.pin-dialog", { "aria-labelledby": "sign-pin-title" }, form);
+      dialog.querySelector("h3").id = "sign-pin-title";
+      for (const el of dialog.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
+      let pin = null;
+      form.addEventListener("submit", () => { pin = input.value; });
+      cancel.addEventListener("click", () => dialog.close());
+      dialog.addEventListener("close", () => {
+        dialog.remove();
+        input.value = ""; // the PIN leaves the page with the request that uses it
+        resolve(pin);
+      });
+      document.body.append(dialog);
+      dialog.showModal();
+      input.focus();
+    });
   }
 
   /** A PUT/POST answer is the report; if it does not look like one, fetch it. */
@@ -369,10 +449,19 @@ export class ReportPanel {
       this.findings.focus();
       return;
     }
-    if (!confirm(t("confirm_sign"))) return;
+    const signing = this.report.digital_signature || {};
+    let pin = null;
+    if (signing.pin_required) {
+      pin = await this.askPin();
+      if (!pin) return;
+    } else if (!confirm(t("confirm_sign"))) {
+      return;
+    }
     const ok = await this.run(async () => {
       if (this.dirty || !this.report.current) await this.put();
-      await this.accept(await api("POST", `${this.base}/sign`, { json: { revision: this.revision() } }));
+      const body = { revision: this.revision() };
+      if (pin) body.pin = pin;
+      await this.accept(await api("POST", `${this.base}/sign`, { json: body }));
     }, { lockText: true });
     if (ok) toast(t("signed_ok"));
   }
