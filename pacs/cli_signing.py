@@ -175,8 +175,8 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     """Add ``pacs report verify`` to the `pacs` parser."""
     p = sub.add_parser("report", help="signed reports: verify the digital signature of a report's PDF")
     r_sub = p.add_subparsers(dest="report_command", required=True)
-    q = r_sub.add_parser("verify", help="the digital signature of the study's signed report PDF: signer, "
-                                        "certificate validity at signing, integrity, trust (exit 1: unsigned or broken)")
+    q = r_sub.add_parser("verify", help="the digital signature of the study's signed report PDF: signer, certificate "
+                                        "validity at signing, integrity, trust (exit 1: unsigned or broken)")
     common(q, json_flag=True)
     q.add_argument("study", help="Study Instance UID")
     q.add_argument("--version", type=int, help="that report version (default: the latest signed)")

@@ -95,6 +95,18 @@ def load_seal(settings: Settings, at: datetime | None = None) -> SigningMaterial
         raise SigningKeyError(f"the hospital's seal ({path}): {exc} (PACS_REPORT_SEAL_PASSWORD)", status) from None
 
 
+def seal_problem(settings: Settings) -> str | None:
+    """Why the configured seal cannot sign (not set, unreadable, wrong
+    password, expired), or None (also when no seal is needed)."""
+    if not needs_seal(settings):
+        return None
+    try:
+        load_seal(settings)
+    except SigningKeyError as exc:
+        return str(exc)
+    return None
+
+
 def sign_pdf(pdf: bytes, signatures: list[Signature], *, location: str = "", tsa_url: str = "") -> bytes:
     """*pdf* signed by each of *signatures* in turn (PAdES B-B; B-T with a
     time-stamp from *tsa_url*): incremental updates, the last covering the
@@ -117,8 +129,8 @@ def sign_pdf(pdf: bytes, signatures: list[Signature], *, location: str = "", tsa
         # PKCS#8 in this process's memory only, for pyHanko's own key type.
         key = asn1_keys.PrivateKeyInfo.load(material.key.private_bytes(
             serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        signer = signers.SimpleSigner(signing_cert=asn1(material.certificate), signing_key=key,
-                                      cert_registry=SimpleCertificateStore.from_certs([asn1(c) for c in material.chain]))
+        chain = SimpleCertificateStore.from_certs([asn1(c) for c in material.chain])
+        signer = signers.SimpleSigner(signing_cert=asn1(material.certificate), signing_key=key, cert_registry=chain)
         meta = signers.PdfSignatureMetadata(
             field_name=signature.field, md_algorithm="sha256", subfilter=SigSeedSubFilter.PADES,
             reason=signature.reason, location=location or None, name=signature.name or None,

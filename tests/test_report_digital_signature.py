@@ -20,7 +20,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -53,6 +52,8 @@ IMPRESSION = "Siêu âm ổ bụng chưa phát hiện bất thường."
 REASON = "Ký duyệt kết quả chẩn đoán hình ảnh"
 STUDIES = ("sign", "pin", "tamper", "browser", "amend")
 PDFSIG = "/usr/bin/pdfsig"
+# pyHanko imports cryptography's DSA module, deprecated (the product filters it: pacs.report_signature).
+pytestmark = pytest.mark.filterwarnings("ignore:.*DSA.*")
 
 
 # -- a small PKI ------------------------------------------------------------------------
@@ -169,7 +170,8 @@ def token(server: PacsServer, user: str) -> str:
     return server.tokens[user]  # type: ignore[no-any-return,attr-defined]
 
 
-def import_cert(server: PacsServer, user: str, p12: Path, secrets: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def import_cert(server: PacsServer, user: str, p12: Path, secrets: str,
+                *extra: str) -> subprocess.CompletedProcess[str]:
     """`pacs user certificate import`, the secrets on standard input (one a line)."""
     return subprocess.run([PACS, "user", "certificate", "import", user, str(p12), *extra, *server.common_args()],
                           input=secrets, capture_output=True, text=True, env=server.env, timeout=120)
@@ -494,6 +496,7 @@ def test_viewer_asks_the_pin_and_shows_the_badge(archive: PacsServer, pki: Pki, 
             expect(dialog).to_be_visible()
             expect(dialog.locator("h3")).to_have_text("Ký số báo cáo")
             page.fill("#sign-pin", WRONG_PIN)
+            page.screenshot(path=str(tmp_path / "pin-dialog.png"))
             page.click("#sign-pin-ok")
             expect(page.locator("#report-error")).to_contain_text("wrong PIN")
             expect(page.locator("#report-status")).to_have_text("Bản nháp")
@@ -510,3 +513,165 @@ def test_viewer_asks_the_pin_and_shows_the_badge(archive: PacsServer, pki: Pki, 
             context.close()
         finally:
             browser.close()
+
+
+# -- the certificate expired since its import -------------------------------------------
+def test_a_certificate_expired_since_import_is_refused_at_signing(tmp_path: Path, pki: Pki) -> None:
+    """Imported while valid; the server's clock 400 days later (libfaketime),
+    past the certificate's end: signing is refused with a clear message and
+    the report stays unsigned (the PIN itself was right)."""
+    if not FAKETIME_LIB.exists():
+        pytest.fail(f"libfaketime is not installed ({FAKETIME_LIB}): apt-get install -y libfaketime "
+                    "(bash scripts/test.sh does it)")
+    server = _serve(tmp_path, Backend("sqlite-fs", None, None, {}), {"PACS_REPORT_SIGNATURE": "radiologist"})
+    server.tokens = {"nhung": server.make_token("bs.nhung", "radiologist", DISPLAY_NAME)}  # type: ignore[attr-defined]
+    assert import_cert(server, "bs.nhung", pki.folder / "nhung.p12", f"{P12_PASSWORD}\n{PIN}\n").returncode == 0
+    server.extra_env.update({"LD_PRELOAD": str(FAKETIME_LIB), "FAKETIME": "+400d"})  # the server only
+    server.start()
+    try:
+        study = uid(server, "sign")
+        write_draft(server, study)
+        refused = sign(server, study, PIN)
+        assert refused.status_code == 422, refused.text
+        expiry = pki.certs["nhung"].not_valid_after_utc
+        assert f"expired on {expiry:%Y-%m-%d %H:%M} UTC" in refused.json()["error"]
+        assert "import the renewed certificate" in refused.json()["error"]
+        with server.http(token=token(server, "nhung")) as rad:
+            assert rad.get(f"/api/studies/{study}/report").json()["status"] == "draft"
+    finally:
+        server.stop()
+
+
+# -- the hospital's seal, and an RFC 3161 time-stamp ------------------------------------
+class _TsaHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        from asn1crypto import tsp
+
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        stamper = self.server.stamper  # type: ignore[attr-defined]
+        answer = stamper.request_tsa_response(tsp.TimeStampReq.load(body)).dump()
+        self.server.asked += 1  # type: ignore[attr-defined]
+        self.send_response(200)
+        self.send_header("Content-Type", "application/timestamp-reply")
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def _tsa(pki: Pki) -> http.server.ThreadingHTTPServer:
+    """A small RFC 3161 responder on loopback: pyHanko's test time-stamper
+    behind HTTP, its certificate (EKU timeStamping) issued by the test CA."""
+    from asn1crypto import keys as asn1_keys
+    from asn1crypto import x509 as asn1_x509
+    from pyhanko.sign.timestamps import DummyTimeStamper
+    from pyhanko_certvalidator.registry import SimpleCertificateStore
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)  # pyHanko's test TSA signs RSA only
+    cert = _issue(_name("Máy chủ cấp dấu thời gian thử nghiệm"), key, pki.ca_key, pki.ca_name,
+                  eku=ExtendedKeyUsageOID.TIME_STAMPING)
+
+    def asn1(c: x509.Certificate) -> Any:
+        return asn1_x509.Certificate.load(c.public_bytes(serialization.Encoding.DER))
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), _TsaHandler)
+    server.stamper = DummyTimeStamper(  # type: ignore[attr-defined]
+        tsa_cert=asn1(cert), tsa_key=asn1_keys.PrivateKeyInfo.load(key.private_bytes(
+            serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())),
+        certs_to_embed=SimpleCertificateStore.from_certs([asn1(pki.ca)]))
+    server.asked = 0  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("mode", ["organization", "both"])
+def test_the_hospital_seal_signs_alone_or_counter_signs(mode: str, tmp_path: Path, pki: Pki) -> None:
+    """organization: the seal alone signs, no PIN asked. both: the
+    radiologist's signature, then the seal's over the whole file, each with
+    a time-stamp from the TSA (PAdES B-T); pdfsig and pyHanko find both valid."""
+    tsa = _tsa(pki) if mode == "both" else None
+    env = {"PACS_REPORT_SIGNATURE": mode, "PACS_REPORT_TRUST_ROOTS": str(pki.ca_pem),
+           "PACS_REPORT_SEAL_PKCS12": str(pki.folder / "seal.p12"), "PACS_REPORT_SEAL_PASSWORD": "mật-khẩu-con-dấu",
+           "PACS_REPORT_SIGNATURE_LOCATION": "Khoa Chẩn đoán hình ảnh, " + HOSPITAL}
+    if tsa is not None:
+        env["PACS_REPORT_TSA_URL"] = f"http://127.0.0.1:{tsa.server_address[1]}/tsa"
+    server = _serve(tmp_path, Backend("sqlite-fs", None, None, {}), env)
+    server.tokens = {"nhung": server.make_token("bs.nhung", "radiologist", DISPLAY_NAME)}  # type: ignore[attr-defined]
+    assert import_cert(server, "bs.nhung", pki.folder / "nhung.p12", f"{P12_PASSWORD}\n{PIN}\n").returncode == 0
+    server.start()
+    try:
+        study = uid(server, "sign")
+        write_draft(server, study)
+        with server.http(token=token(server, "nhung")) as rad:
+            pin_required = rad.get(f"/api/studies/{study}/report").json()["digital_signature"]["pin_required"]
+        assert pin_required is (mode == "both")
+        signed = sign(server, study, PIN if mode == "both" else None)
+        assert signed.status_code == 200, signed.text
+        with server.http() as http:
+            pdf = http.get(f"/api/studies/{study}/report/pdf").content
+            found = http.get(f"/api/studies/{study}/report/signature").json()
+        said = pdfsig(pdf, tmp_path)
+        statuses = pyhanko_statuses(pdf, pki)
+        assert all(s.intact and s.valid and s.trusted for s in statuses)
+        assert found["intact"] and found["trusted"]
+        signers = [s["signer"] for s in found["signatures"]]
+        if mode == "organization":
+            assert signers == [HOSPITAL] and [s["kind"] for s in found["signatures"]] == ["organization"]
+            assert "Signature #2" not in said and f"Signer Certificate Common Name: {HOSPITAL}" in said
+            assert found["signatures"][0]["reason"] == REASON
+        else:
+            assert signers == [SIGNER_CN, HOSPITAL]
+            assert [s["kind"] for s in found["signatures"]] == ["radiologist", "organization"]
+            assert said.count("Signature Validation: Signature is Valid.") == 2, said
+            assert f"Signer Certificate Common Name: {SIGNER_CN}" in said
+            assert f"Signer Certificate Common Name: {HOSPITAL}" in said
+            # The radiologist's covers its revision, the seal's the whole file.
+            assert [s["covers_whole_file"] for s in found["signatures"]] == [False, True]
+            assert said.rstrip().count("Total document signed") == 1
+            assert all(s["time_source"] == "timestamp" and s["timestamp_trusted"] for s in found["signatures"])
+            assert all(s.timestamp_validity is not None and s.timestamp_validity.valid for s in statuses)
+            assert tsa is not None and tsa.asked >= 2  # (pyHanko may ask once more to size its estimate)
+        assert all(s["location"] == "Khoa Chẩn đoán hình ảnh, " + HOSPITAL for s in found["signatures"])
+        assert "Total document signed" in said
+        assert server.cli("report", "verify", study).returncode == 0
+        assert "reports cannot be signed" not in server.log_text()
+    finally:
+        server.stop()
+        if tsa is not None:
+            tsa.shutdown()
+    # Why a seal cannot sign: what pacs serve warns of at its start.
+    from pacs.report_signature import seal_problem
+    from pacs.settings import load_settings
+
+    wrong = load_settings(data_dir=tmp_path / "data", report_signature=mode, report_seal_password="sai",
+                          report_seal_pkcs12=pki.folder / "seal.p12")
+    assert "PKCS#12 password is wrong" in (seal_problem(wrong) or "")
+    assert "not set" in (seal_problem(load_settings(data_dir=tmp_path / "data", report_signature=mode)) or "")
+
+
+# -- off: today's behaviour -------------------------------------------------------------
+def test_off_signs_as_before_without_a_digital_signature(tmp_path: Path) -> None:
+    """report_signature = off (the default): no PIN, the PDF carries no
+    signature (pdfsig finds none), the API and `pacs report verify` say so."""
+    server = _serve(tmp_path, Backend("sqlite-fs", None, None, {}), {})
+    server.tokens = {"nhung": server.make_token("bs.nhung", "radiologist", DISPLAY_NAME)}  # type: ignore[attr-defined]
+    server.start()
+    try:
+        study = uid(server, "sign")
+        write_draft(server, study)
+        with server.http(token=token(server, "nhung")) as rad:
+            signed = rad.post(f"/api/studies/{study}/report/sign")
+        assert signed.status_code == 200, signed.text
+        assert signed.json()["digital_signature"] == {"mode": "off", "pin_required": False}
+        with server.http() as http:
+            pdf = http.get(f"/api/studies/{study}/report/pdf").content
+            found = http.get(f"/api/studies/{study}/report/signature").json()
+        assert pdf.startswith(b"%PDF") and b"/ByteRange" not in pdf
+        assert "does not contain any signatures" in pdfsig(pdf, tmp_path)
+        assert found["signed"] is False and found["signatures"] == []
+        done = server.cli("report", "verify", study, check=False)
+        assert done.returncode == 1 and "NOT digitally signed" in done.stdout
+    finally:
+        server.stop()
