@@ -168,6 +168,7 @@ export const LABELS = {
     key_saved: "Đã lưu {n} ảnh chính",
     key_removed: "Đã bỏ hết ảnh chính",
     key_error: "Chưa lưu được ảnh chính",
+    key_not_loaded: "Chưa tải được ảnh chính đã lưu: thử lại sau giây lát",
     // report
     report: "Báo cáo",
     findings: "Mô tả",
@@ -379,6 +380,7 @@ export const LABELS = {
     key_saved: "{n} key images saved",
     key_removed: "Key images removed",
     key_error: "The key images were not saved",
+    key_not_loaded: "The saved key images are not loaded yet: try again in a moment",
     report: "Report",
     findings: "Findings",
     impression: "Impression",

@@ -24,6 +24,10 @@ export class KeyImages {
     this.mine = []; // [{sop_uid, frame}]: this user's own selection, in the order marked
     this.title = null; // the own selection's title and description, kept when it is saved again
     this.description = null;
+    // Whether the server's selection has been read: until then this.mine is not what is saved, and a
+    // PUT of it (K pressed while the study opens, or after the GET failed) replaced the saved selection.
+    this.loaded = false;
+    this.saved = { images: [], mine: [] }; // the server's last answer, shown again when a save fails
     this.saving = null; // the PUT in flight
     this.again = false; // another change made while it was in flight
     this.onChange = null;
@@ -50,6 +54,7 @@ export class KeyImages {
   async load() {
     try {
       this.apply(await api("GET", `/api/studies/${encodeURIComponent(this.studyUid)}/key-images`));
+      if (this.said && this.said.key === "key_not_loaded") this.say("", "");
     } catch {
       /* the images are shown without their stars */
     }
@@ -59,6 +64,8 @@ export class KeyImages {
   apply(data) {
     this.images = ((data && data.images) || []).filter((i) => i.key);
     this.mine = ((data && data.mine) || []).map((m) => ({ sop_uid: m.sop_uid, frame: m.frame }));
+    this.saved = { images: this.images.slice(), mine: this.mine.slice() };
+    this.loaded = true;
     const own = ((data && data.documents) || []).find((d) => d.own && !d.error);
     this.title = own && own.title ? own.title.value : null;
     this.description = own ? own.description || null : null;
@@ -94,10 +101,11 @@ export class KeyImages {
     this.button.textContent = `${own ? "★" : "☆"} ${t("key_image")}`;
     this.button.classList.toggle("active", own);
     this.button.setAttribute("aria-pressed", String(own));
+    this.button.dataset.loaded = String(this.loaded); // the saved selection read (tests wait for it)
     this.button.title = t("key_image_help");
     if (this.said) {
       const { key, n, detail } = this.said;
-      this.state.textContent = t(key, { n }) + (detail ? `: ${detail}` : "");
+      this.state.textContent = key ? t(key, { n }) + (detail ? `: ${detail}` : "") : "";
     }
   }
 
@@ -115,6 +123,8 @@ export class KeyImages {
     if (event.key !== "k" && event.key !== "K") return;
     if (!this.canEdit || !this.current()) return;
     event.preventDefault();
+    // K held down repeats: each repeat toggled again and saved, leaving the mark to chance.
+    if (event.repeat) return;
     this.toggle();
   }
 
@@ -122,6 +132,12 @@ export class KeyImages {
   toggle() {
     const at = this.current();
     if (!this.canEdit || !at) return;
+    if (!this.loaded) {
+      // The saved selection is not known yet: a save now would replace it with this one image.
+      this.say("key_not_loaded", "error");
+      this.load();
+      return;
+    }
     if (this.isKey(at.sop_uid, at.frame, true)) {
       const same = (m) => m.sop_uid === at.sop_uid && (!m.frame || !at.frame || m.frame === at.frame);
       this.mine = this.mine.filter((m) => !same(m));
@@ -166,6 +182,11 @@ export class KeyImages {
     } catch (exc) {
       this.saving = null;
       this.again = false;
+      // What the server held before, at once: the stars must not show as saved what was not (the
+      // reload below may fail as the save did, on a link that is down).
+      this.images = this.saved.images.slice();
+      this.mine = this.saved.mine.slice();
+      if (this.onChange) this.onChange();
       this.say("key_error", "error", 0, exc.message);
       this.load(); // what the server holds, not what failed
     }

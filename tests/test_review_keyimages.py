@@ -1,0 +1,182 @@
+"""Review of the key images (pacs.key_images, pacs.key_objects, the viewer's
+keyimages.js, the share page, the signed report's PDF) as a PACS engineer
+would use them.
+
+A real `pacs serve` (SQLite + files), studies sent with DCMTK storescu, the
+HIS over MLLP, the KOS retrieved with getscu and read with dsrdump, the
+viewer in headless Chromium (Debian's, through Playwright):
+
+- the viewer's K pressed before the radiologist's saved selection is read
+  (a slow link, or its GET failed) saved that one image as the whole
+  selection: the images marked the day before were deleted;
+- a save that failed (the network down) left the star shown as saved;
+- K held down toggled on every key repeat;
+- an image rejected (IOCM rejection note, "Rejected for Quality Reasons")
+  that someone had marked was still shown to the patient as a key image and
+  printed in the signed report;
+- the KOS of a study ordered by the HIS named no Referenced Request
+  (PS3.3 C.17.6.2: Type 1C, required when the document pertains to a
+  Requested Procedure): another PACS could not tie it to the order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .peers import Backend, PacsServer
+from .test_key_images import COLLEAGUE, RADIOLOGIST, send_study
+from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, _sync_playwright
+
+PASSWORD = "test-password-123"  # PacsServer.make_token's
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    """One archive for the module, a token per role; each test sends its own studies."""
+    server = PacsServer(tmp_path_factory.mktemp("review-keyimages") / "data", Backend("sqlite-fs", None, None, {}))
+    server.start()
+    server.tokens = {  # type: ignore[attr-defined]
+        "radiologist": server.make_token(RADIOLOGIST[0], "radiologist", RADIOLOGIST[1]),
+        "colleague": server.make_token(COLLEAGUE[0], "radiologist", COLLEAGUE[1]),
+        "his": server.make_token("his", "his", "HIS"),
+    }
+    yield server
+    server.stop()
+
+
+def token(server: PacsServer, role: str) -> str:
+    return server.tokens[role]  # type: ignore[no-any-return,attr-defined]
+
+
+def put(server: PacsServer, study: str, images: list[dict[str, Any]], role: str = "radiologist",
+        **fields: Any) -> dict[str, Any]:
+    with server.http(token(server, role)) as http:
+        answer = http.put(f"/api/studies/{study}/key-images", json={"images": images, **fields})
+    assert answer.status_code == 200, answer.text
+    return answer.json()  # type: ignore[no-any-return]
+
+
+def mine(server: PacsServer, study: str) -> list[tuple[str, int | None]]:
+    """The radiologist's saved selection, as the server holds it."""
+    with server.http(token(server, "radiologist")) as http:
+        answer = http.get(f"/api/studies/{study}/key-images")
+    assert answer.status_code == 200, answer.text
+    return [(m["sop_uid"], m["frame"]) for m in answer.json()["mine"]]
+
+
+# -- 1. the viewer: K before the selection is read, a failed save, K held down ------------------
+@pytest.fixture
+def viewer_page(archive: PacsServer) -> Iterator[Any]:
+    """The radiologist logged in to the viewer (Chromium)."""
+    from playwright.sync_api import expect
+
+    with _sync_playwright()() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
+                                          base_url=f"http://127.0.0.1:{archive.http_port}")
+            context.set_default_timeout(20_000)
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto("/")
+            page.fill("#username", RADIOLOGIST[0])
+            page.fill("#password", PASSWORD)
+            page.press("#password", "Enter")
+            expect(page.locator("#current-user")).to_have_text(RADIOLOGIST[1])
+            yield page
+            assert not errors, errors
+        finally:
+            browser.close()
+
+
+def _open_second_slice(page: Any, study: str) -> None:
+    from playwright.sync_api import expect
+
+    page.goto(f"/#/study/{study}")
+    label = page.locator("#slice-label")
+    expect(label).to_have_text("Lát cắt 1 / 3")
+    page.locator("#viewport").focus()
+    page.keyboard.press("ArrowDown")
+    expect(label).to_have_text("Lát cắt 2 / 3")
+
+
+def test_k_before_the_saved_selection_is_read_keeps_it(archive: PacsServer, viewer_page: Any, tmp_path: Path) -> None:
+    """Yesterday's selection (slices 1 and 3); today the GET of it fails (a
+    satellite hospital's link drops): K on slice 2 saved [slice 2] alone,
+    deleting the other two. Now nothing is saved until the selection is
+    read; once it is, K adds to it."""
+    from playwright.sync_api import expect
+
+    page = viewer_page
+    sent = send_study(archive, tmp_path / "in")
+    put(archive, sent.uid, [{"sop_uid": sent.slices[0]}, {"sop_uid": sent.slices[2]}])
+    puts: list[str] = []
+    page.on("request", lambda r: puts.append(r.url) if r.method == "PUT" and "key-images" in r.url else None)
+    failing = f"**/api/studies/{sent.uid}/key-images"
+    page.route(failing, lambda route: route.abort() if route.request.method == "GET" else route.continue_())
+    _open_second_slice(page, sent.uid)
+    state = page.locator("#key-image-state")
+    page.keyboard.press("k")
+    expect(state).to_have_class("key-state error")
+    expect(page.locator("#key-image-toggle")).to_have_attribute("aria-pressed", "false")
+    page.locator("#key-image-toggle").click()
+    expect(state).to_have_class("key-state error")
+    assert puts == [], "a selection was saved before the saved one was read"
+    assert mine(archive, sent.uid) == [(sent.slices[0], None), (sent.slices[2], None)]
+
+    # The link is back: the next K reads the selection (the stars show), the one after adds slice 2 to it.
+    page.unroute(failing)
+    page.locator("#viewport").focus()
+    page.keyboard.press("k")
+    ct_thumb = page.locator(f'[data-testid="series-thumb"][data-series-uid="{sent.ct_series}"]')
+    expect(ct_thumb.locator(".thumb-key")).to_have_text(" ★ 2")
+    page.keyboard.press("k")
+    expect(state).to_have_attribute("data-saved", "3")
+    assert sorted(mine(archive, sent.uid)) == sorted((uid, None) for uid in sent.slices)
+
+
+def test_a_failed_save_does_not_show_the_image_as_key(archive: PacsServer, viewer_page: Any,
+                                                      tmp_path: Path) -> None:
+    """The network goes down as the radiologist marks slice 2: the PUT and
+    the reload after it fail. The star stayed on (toggle pressed, marker
+    shown) beside "not saved", and the report was signed thinking it kept."""
+    from playwright.sync_api import expect
+
+    page = viewer_page
+    sent = send_study(archive, tmp_path / "in")
+    put(archive, sent.uid, [{"sop_uid": sent.slices[0]}])
+    _open_second_slice(page, sent.uid)
+    ct_thumb = page.locator(f'[data-testid="series-thumb"][data-series-uid="{sent.ct_series}"]')
+    expect(ct_thumb.locator(".thumb-key")).to_have_text(" ★ 1")  # the saved selection is read
+    page.route(f"**/api/studies/{sent.uid}/key-images", lambda route: route.abort())
+    page.keyboard.press("k")
+    state = page.locator("#key-image-state")
+    expect(state).to_have_class("key-state error")
+    expect(state).to_contain_text("Chưa lưu được ảnh chính")
+    expect(page.locator("#key-image-toggle")).to_have_attribute("aria-pressed", "false")
+    expect(page.locator("#key-image-marker")).to_be_hidden()
+    expect(ct_thumb.locator(".thumb-key")).to_have_text(" ★ 1")
+    assert mine(archive, sent.uid) == [(sent.slices[0], None)]
+
+
+def test_k_held_down_toggles_once(archive: PacsServer, viewer_page: Any, tmp_path: Path) -> None:
+    """A key held down repeats: the second keydown (repeat) unmarked the image just marked."""
+    from playwright.sync_api import expect
+
+    page = viewer_page
+    sent = send_study(archive, tmp_path / "in")
+    _open_second_slice(page, sent.uid)
+    expect(page.locator("#key-image-toggle")).to_have_attribute("data-loaded", "true")
+    page.keyboard.down("k")
+    page.keyboard.down("k")  # auto-repeat: event.repeat
+    page.keyboard.down("k")
+    page.keyboard.down("k")
+    page.keyboard.up("k")
+    expect(page.locator("#key-image-state")).to_have_attribute("data-saved", "1")
+    expect(page.locator("#key-image-toggle")).to_have_attribute("aria-pressed", "true")
+    assert mine(archive, sent.uid) == [(sent.slices[1], None)]
