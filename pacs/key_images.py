@@ -262,19 +262,23 @@ def study_key_images(pacs: Pacs, study_uid: str, username: str = "") -> dict[str
 
 
 def key_refs(pacs: Pacs, study_uid: str, *, prefer: str = "") -> list[dict[str, Any]]:
-    """The study's key images (not rejection notes), each image and frame
-    once, *prefer*'s selection (a login) first: what a patient's page and a
-    signed report show."""
+    """The study's key images (not rejection notes, nor an image one of them
+    names), each image and frame once, *prefer*'s selection (a login) first:
+    what a patient's page and a signed report show."""
     try:
         view = study_key_images(pacs, study_uid, prefer)
     except KeyImageError:
         return []
     ordered = sorted((i for i in view["images"] if i["key"]), key=lambda i: not i["own"])
+    # An image a rejection note or quality flag names (a whole instance, or that frame) is set aside
+    # whoever marked it too: rejected for quality or patient safety, or of another patient's
+    # worklist entry (IOCM), it is never shown to a patient nor printed in a report.
+    aside = {(i["sop_uid"], i["frame"]) for i in view["images"] if not i["key"]}
     seen: set[tuple[str, int | None]] = set()
     refs = []
     for image in ordered:
         at = (image["sop_uid"], image["frame"])
-        if at in seen:
+        if at in seen or at in aside or (image["sop_uid"], None) in aside:
             continue
         seen.add(at)
         refs.append({"sop_uid": image["sop_uid"], "series_uid": image["series_uid"], "frame": image["frame"],

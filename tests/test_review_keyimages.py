@@ -25,10 +25,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
 
 from .peers import Backend, PacsServer
-from .test_key_images import COLLEAGUE, RADIOLOGIST, send_study
+from .test_key_images import (
+    BIRTH, COLLEAGUE, FINDINGS, IMPRESSION, KOS, PATIENT, RADIOLOGIST, US_MULTIFRAME, pdf_images, send_study,
+    share_link,
+)
 from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, _sync_playwright
 
 PASSWORD = "test-password-123"  # PacsServer.make_token's
@@ -180,3 +187,61 @@ def test_k_held_down_toggles_once(archive: PacsServer, viewer_page: Any, tmp_pat
     expect(page.locator("#key-image-state")).to_have_attribute("data-saved", "1")
     expect(page.locator("#key-image-toggle")).to_have_attribute("aria-pressed", "true")
     assert mine(archive, sent.uid) == [(sent.slices[1], None)]
+
+
+# -- 2. a rejected image is no key image for the patient or the report --------------------------
+def modality_note(tmp_path: Path, study: str, sop_class: str, sop_uid: str, title: tuple[str, str]) -> Path:
+    """A modality's KOS (IHE IOCM rejection note) of *study* naming one instance."""
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID, ds.SOPInstanceUID = KOS, generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = PATIENT, "BN-KEY-1", "KO", 98, 1
+    ds.ContentDate, ds.ContentTime = "20261203", "094500"
+    ds.ReferencedPerformedProcedureStepSequence = Sequence()
+    ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
+    concept = Dataset()
+    concept.CodeValue, concept.CodingSchemeDesignator = title[0], "DCM"
+    concept.CodeMeaning = title[1]
+    ds.ConceptNameCodeSequence = Sequence([concept])
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sop_class, sop_uid
+    image = Dataset()
+    image.RelationshipType, image.ValueType, image.ReferencedSOPSequence = "CONTAINS", "IMAGE", Sequence([ref])
+    ds.ContentSequence = Sequence([image])
+    path = tmp_path / f"note-{ds.SOPInstanceUID}.dcm"
+    ds.save_as(path, implicit_vr=False, little_endian=True)
+    return path
+
+
+def test_a_rejected_image_is_not_shown_to_the_patient_nor_printed(archive: PacsServer, tmp_path: Path) -> None:
+    """The radiologist marked slices 1 and 2 and the clip's frame 2; a
+    colleague then flagged slice 2 "Rejected for Quality Reasons" and the
+    modality sent an IOCM note: the clip was of another patient's worklist
+    entry. The patient's page still showed all three as key images, and the
+    signed report printed them."""
+    sent = send_study(archive, tmp_path / "in")
+    put(archive, sent.uid, [{"sop_uid": sent.slices[0]}, {"sop_uid": sent.slices[1]},
+                            {"sop_uid": sent.clip, "frame": 2}])
+    put(archive, sent.uid, [{"sop_uid": sent.slices[1]}], "colleague", title="Rejected for Quality Reasons")
+    note = modality_note(tmp_path, sent.uid, US_MULTIFRAME, sent.clip, ("113038", "Incorrect Modality Worklist Entry"))
+    assert archive.storescu(str(note)).returncode == 0
+    # The staff still see what each document says.
+    with archive.http(token(archive, "radiologist")) as http:
+        listed = http.get(f"/api/studies/{sent.uid}/key-images").json()
+    assert sorted((i["sop_uid"], i["key"]) for i in listed["images"]) == sorted([
+        (sent.slices[0], True), (sent.slices[1], True), (sent.clip, True), (sent.slices[1], False),
+        (sent.clip, False)])
+
+    base = share_link(archive, sent.uid)
+    with httpx.Client(base_url=f"http://127.0.0.1:{archive.http_port}", timeout=30) as phone:
+        assert phone.post(f"{base}/birth-year", json={"birth_year": BIRTH[:4]}).status_code == 204
+        shown = phone.get(f"{base}/study").json()
+    assert [(k["sop_uid"], k["frame"]) for k in shown["key_images"]] == [(sent.slices[0], 1)]
+
+    with archive.http(token(archive, "radiologist")) as rad:
+        assert rad.put(f"/api/studies/{sent.uid}/report",
+                       json={"findings": FINDINGS, "impression": IMPRESSION}).status_code == 200
+        assert rad.post(f"/api/studies/{sent.uid}/report/sign").status_code == 200
+        pdf = rad.get(f"/api/studies/{sent.uid}/report/pdf").content
+    assert len(pdf_images(pdf)) == 1
