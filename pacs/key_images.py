@@ -33,18 +33,20 @@ from .app import Pacs
 from .audit import Event
 from .errors import RefusedRequest
 from .header import valid_uid
-from .index.models import Instance, Patient, Series, Study
+from .index.models import Instance, Order, Patient, Series, Study, StudyOrderLink
 from .ingest import Origin
 from .key_objects import (
     DEFAULT_TITLE,
     KOS_CLASS,
     TITLES,
     KeyDocument,
+    RequestRef,
     Selected,
     StudyHeader,
     build_kos,
     key_document,
 )
+from .orders import fit_text
 from .part10 import BufferSource
 from .query import Level
 from .retrieve import RetrieveItem, resolve
@@ -57,6 +59,8 @@ instances_t = Instance.__table__
 series_t = Series.__table__
 studies_t = Study.__table__
 patients_t = Patient.__table__
+orders_t = Order.__table__
+links_t = StudyOrderLink.__table__
 
 # Images one selection holds at most (a radiologist marks a handful).
 MAX_MARKS = 1000
@@ -141,12 +145,32 @@ def _study(conn: Connection, study_uid: str) -> Any:
     return row
 
 
-def _header(study: Any) -> StudyHeader:
+def _request(conn: Connection, study: Any) -> RequestRef | None:
+    """The Requested Procedure the study was ordered as: the HIS order it is
+    reconciled with (its requested procedure's row), else its accession
+    alone; None for a study without either (an emergency not ordered)."""
+    order = conn.execute(
+        select(orders_t).join(links_t, links_t.c.order_pk == orders_t.c.pk).where(links_t.c.study_pk == study.pk)
+    ).first()
+    if order is None:
+        return RequestRef(study.accession_number) if study.accession_number else None
+    meaning = order.procedure_code_meaning or order.requested_procedure_description or order.procedure_code
+    # Cut to the VRs' lengths (LO 64, SH 16) as the worklist serves them: the HIS's texts may be longer.
+    return RequestRef(
+        accession_number=order.accession_number, placer_order=fit_text(order.placer_order_number, 64),
+        filler_order=fit_text(order.filler_order_number, 64), procedure_id=fit_text(order.requested_procedure_id, 16),
+        description=fit_text(order.requested_procedure_description or meaning, 64),
+        code=(order.procedure_code, fit_text(order.procedure_code_scheme, 16) or "L", fit_text(meaning, 64))
+        if order.procedure_code else None,
+    )
+
+
+def _header(study: Any, request: RequestRef | None) -> StudyHeader:
     return StudyHeader(
         study_uid=study.study_uid, patient_name=study.patient_name, patient_id=study.patient_id,
         issuer=study.issuer, birth_date=study.birth_date, sex=study.sex, study_date=study.study_date,
         study_time=study.study_time, accession_number=study.accession_number, study_id=study.study_id,
-        referring_physician=study.referring_physician, description=study.description,
+        referring_physician=study.referring_physician, description=study.description, request=request,
     )
 
 
@@ -303,6 +327,7 @@ def replace_selection(pacs: Pacs, study_uid: str, marks: list[Mark], author: Aut
     with pacs.engine.connect() as conn:
         study = _study(conn, study_uid)
         found = _instances(conn, study.pk, {m.sop_uid for m in marks})
+        request = _request(conn, study)
     selected = _selection(study_uid, marks, found)
     own = [s for s in _stored_documents(pacs, study) if s.document is not None and s.document.login == author.username]
     if (len(own) == 1 and selected and own[0].document is not None
@@ -312,7 +337,7 @@ def replace_selection(pacs: Pacs, study_uid: str, marks: list[Mark], author: Aut
     new_sop = None
     if selected:
         now = datetime.now(UTC)
-        new_sop, data = build_kos(_header(study), selected, title=code,
+        new_sop, data = build_kos(_header(study, request), selected, title=code,
                                   author_name=author.display_name or author.username, login=author.username,
                                   description=text, when=dicom_date_time(now, hospital_zone(pacs.settings)))
         pacs.ingestor.ingest(BufferSource(b"", data), Origin(source="key-images", calling_ae=pacs.settings.ae_title,

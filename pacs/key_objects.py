@@ -80,6 +80,20 @@ class Selected:
 
 
 @dataclass(frozen=True)
+class RequestRef:
+    """The Requested Procedure a study was ordered as (an HIS order, or an
+    accession alone), for the Referenced Request Sequence: its values fitted
+    to their VRs already; *code* the procedure's (value, scheme, meaning)."""
+
+    accession_number: str
+    placer_order: str = ""
+    filler_order: str = ""
+    procedure_id: str = ""
+    description: str = ""
+    code: tuple[str, str, str] | None = None
+
+
+@dataclass(frozen=True)
 class StudyHeader:
     """The patient and study attributes a new object of the study carries,
     as the index holds them now (after the HIS's corrections)."""
@@ -96,6 +110,8 @@ class StudyHeader:
     study_id: str
     referring_physician: str
     description: str
+    # The Requested Procedure the study was ordered as (None: not ordered).
+    request: RequestRef | None = None
 
 
 @dataclass(frozen=True)
@@ -179,6 +195,32 @@ def _evidence(study_uid: str, selected: list[Selected]) -> Sequence:
     return Sequence([item])
 
 
+def _request(study_uid: str, request: RequestRef) -> Sequence:
+    """The Referenced Request Sequence (Referenced Request Macro, PS3.3
+    Table C.17-3c): the Type 2 attributes present, empty when unknown."""
+    item = Dataset()
+    item.StudyInstanceUID = study_uid
+    item.ReferencedStudySequence = Sequence()
+    item.AccessionNumber = request.accession_number
+    item.PlacerOrderNumberImagingServiceRequest = request.placer_order
+    item.FillerOrderNumberImagingServiceRequest = request.filler_order
+    item.RequestedProcedureID = request.procedure_id
+    item.RequestedProcedureDescription = request.description
+    codes = []
+    if request.code is not None:
+        value, scheme, meaning = request.code
+        code = Dataset()
+        # A code longer than SH's 16 characters is a Long Code Value (UC), as the Code Sequence Macro says.
+        if len(value) > 16:
+            code.LongCodeValue = value
+        else:
+            code.CodeValue = value
+        code.CodingSchemeDesignator, code.CodeMeaning = scheme, meaning
+        codes.append(code)
+    item.RequestedProcedureCodeSequence = Sequence(codes)
+    return Sequence([item])
+
+
 def person_name(name: str) -> str:
     """*name* (a user's display name) as a PN value: no backslash (a value
     separator) or "=" (a component group separator), at most 64 characters."""
@@ -226,6 +268,10 @@ def build_kos(study: StudyHeader, selected: list[Selected], *, title: str, autho
     # Key Object Document module.
     ds.InstanceNumber = 1
     ds.ContentDate, ds.ContentTime = day, clock
+    # Type 1C: required when the document pertains to a Requested Procedure (PS3.3 C.17.6.2), as a
+    # study ordered by the HIS does: how another PACS or the RIS ties the key images to the order.
+    if study.request is not None:
+        ds.ReferencedRequestSequence = _request(study.study_uid, study.request)
     ds.CurrentRequestedProcedureEvidenceSequence = _evidence(study.study_uid, selected)
     # SR Document Content module: the TID 2010 tree.
     ds.ValueType = "CONTAINER"

@@ -21,20 +21,23 @@ viewer in headless Chromium (Debian's, through Playwright):
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from .peers import Backend, PacsServer
+from .test_hl7_review import CR, FS, VT, orm, read_frame
 from .test_key_images import (
-    BIRTH, COLLEAGUE, FINDINGS, IMPRESSION, KOS, PATIENT, RADIOLOGIST, US_MULTIFRAME, pdf_images, send_study,
-    share_link,
+    BIRTH, COLLEAGUE, FINDINGS, IMPRESSION, KOS, PATIENT, RADIOLOGIST, US_MULTIFRAME, dsrdump_clean, getscu_series,
+    pdf_images, send_study, share_link,
 )
 from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, _sync_playwright
 
@@ -245,3 +248,46 @@ def test_a_rejected_image_is_not_shown_to_the_patient_nor_printed(archive: PacsS
         assert rad.post(f"/api/studies/{sent.uid}/report/sign").status_code == 200
         pdf = rad.get(f"/api/studies/{sent.uid}/report/pdf").content
     assert len(pdf_images(pdf)) == 1
+
+
+# -- 3. the KOS of an ordered study names its Requested Procedure -------------------------------------
+def his_order(server: PacsServer, accession: str, study: str) -> None:
+    """The HIS's order (ORM^O01 over MLLP) for *study*, placed after its images came: reconciled with it."""
+    message = orm(f"KI{accession}", accession, pid="BN-KEY-1", name=PATIENT, study_uid=study)
+    with socket.create_connection(("127.0.0.1", server.hl7_port), timeout=15) as sock:
+        sock.sendall(VT + message.encode() + FS + CR)
+        assert "MSA|AA|" in read_frame(sock)
+
+
+def test_the_kos_of_an_ordered_study_names_its_requested_procedure(archive: PacsServer, tmp_path: Path) -> None:
+    """PS3.3 C.17.6.2: Referenced Request Sequence, Type 1C, "required if
+    this Document pertains to at least one Requested Procedure". The KOS of
+    a study the HIS ordered had none: a receiving PACS or RIS (IHE KIN, an
+    XDS-I manifest) could not tie the key images to the order."""
+    sent = send_study(archive, tmp_path / "in")
+    accession = f"KI{sent.uid[-8:]}"
+    his_order(archive, accession, sent.uid)
+    with archive.http() as http:
+        assert http.get(f"/api/studies/{sent.uid}").json()["patient_id"] == "BN-KEY-1"
+    saved = put(archive, sent.uid, [{"sop_uid": sent.slices[0]}])
+    ko_series = next(d["series_uid"] for d in saved["documents"] if d["sop_uid"] == saved["document"])
+    [got] = getscu_series(archive, sent.uid, ko_series, tmp_path / "got")
+    dsrdump_clean(got)
+    [request] = dcmread(got).ReferencedRequestSequence
+    assert (request.StudyInstanceUID, request.AccessionNumber) == (sent.uid, accession)
+    assert (request.PlacerOrderNumberImagingServiceRequest, request.FillerOrderNumberImagingServiceRequest) == (
+        f"P{accession}", f"F{accession}")
+    assert request.RequestedProcedureID and request.RequestedProcedureDescription == "CT ngực không cản quang"
+    [code] = request.RequestedProcedureCodeSequence
+    assert (code.CodeValue, code.CodingSchemeDesignator) == ("CT-NGUC", "L")
+    assert "ReferencedStudySequence" in request
+
+    # A study the HIS never ordered, with the modality's accession: the request is that accession alone.
+    walk_in = send_study(archive, tmp_path / "walk-in", patient_id="BN-KEY-5")
+    saved = put(archive, walk_in.uid, [{"sop_uid": walk_in.slices[1]}])
+    ko_series = next(d["series_uid"] for d in saved["documents"] if d["sop_uid"] == saved["document"])
+    [got] = getscu_series(archive, walk_in.uid, ko_series, tmp_path / "got-walk-in")
+    dsrdump_clean(got)
+    [request] = dcmread(got).ReferencedRequestSequence
+    assert (request.StudyInstanceUID, request.AccessionNumber) == (walk_in.uid, f"KI{walk_in.uid[-8:]}")
+    assert request.PlacerOrderNumberImagingServiceRequest == "" and request.RequestedProcedureCodeSequence == []
