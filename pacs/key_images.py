@@ -15,7 +15,8 @@ Two selections saved at once by one radiologist each keep only the newest
 exactly one.
 
 Reading gathers the images of every KOS of the study, the modalities' own
-included; rejection notes (IHE IOCM titles) are listed but are not key images.
+included; rejection notes (IHE IOCM titles) and manifests (XDS-I, "Complete
+Study Content") are listed but are not key images.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .ingest import Origin
 from .key_objects import (
     DEFAULT_TITLE,
     KOS_CLASS,
+    SET_ASIDE_TITLES,
     TITLES,
     KeyDocument,
     RequestRef,
@@ -297,7 +299,7 @@ def key_refs(pacs: Pacs, study_uid: str, *, prefer: str = "") -> list[dict[str, 
     # An image a rejection note or quality flag names (a whole instance, or that frame) is set aside
     # whoever marked it too: rejected for quality or patient safety, or of another patient's
     # worklist entry (IOCM), it is never shown to a patient nor printed in a report.
-    aside = {(i["sop_uid"], i["frame"]) for i in view["images"] if not i["key"]}
+    aside = {(i["sop_uid"], i["frame"]) for i in view["images"] if not i["key"] and i["title_code"] in SET_ASIDE_TITLES}
     seen: set[tuple[str, int | None]] = set()
     refs = []
     for image in ordered:

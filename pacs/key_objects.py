@@ -51,10 +51,15 @@ TITLES: dict[str, str] = {
     "113018": "For Printing",
     "113020": "For Report Attachment",
 }
-# Titles whose images are NOT key images: rejection notes (IHE IOCM) and
-# quality flags name images to set aside, never ones to show a patient or
-# print in a report.
-NOT_KEY_TITLES = frozenset({"113001", "113010", "113037", "113038", "113039"})
+# Titles whose images are set aside: rejection notes (IHE IOCM) and quality
+# flags name images never to show a patient or print in a report, whoever
+# marked them as key images too.
+SET_ASIDE_TITLES = frozenset({"113001", "113010", "113037", "113038", "113039"})
+# Titles whose images are NOT key images: those set aside, and the manifests
+# (an XDS-I source's, "Complete Study Content"...) that list a whole study or
+# acquisition for exchange, not the few images a reader chose.
+MANIFEST_TITLES = frozenset({"113030", "113031", "113032", "113033", "113034", "113035"})
+NOT_KEY_TITLES = SET_ASIDE_TITLES | MANIFEST_TITLES
 SERIES_DESCRIPTION = "Ảnh chính / Key images"
 SERIES_NUMBER = 950
 MANUFACTURER = "filmless-pacs"

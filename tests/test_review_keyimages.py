@@ -41,7 +41,8 @@ from .test_key_images import (
 )
 from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, _sync_playwright
 
-PASSWORD = "test-password-123"  # PacsServer.make_token's
+PASSWORD = "test-password-123"
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"  # PacsServer.make_token's
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +194,9 @@ def test_k_held_down_toggles_once(archive: PacsServer, viewer_page: Any, tmp_pat
 
 
 # -- 2. a rejected image is no key image for the patient or the report --------------------------
-def modality_note(tmp_path: Path, study: str, sop_class: str, sop_uid: str, title: tuple[str, str]) -> Path:
-    """A modality's KOS (IHE IOCM rejection note) of *study* naming one instance."""
+def modality_note(tmp_path: Path, study: str, refs: list[tuple[str, str]], title: tuple[str, str]) -> Path:
+    """Another system's KOS (an IHE IOCM rejection note, a manifest) of
+    *study* naming the instances *refs* (SOP class, SOP instance)."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 192"
     ds.SOPClassUID, ds.SOPInstanceUID = KOS, generate_uid()
@@ -207,11 +209,14 @@ def modality_note(tmp_path: Path, study: str, sop_class: str, sop_uid: str, titl
     concept.CodeValue, concept.CodingSchemeDesignator = title[0], "DCM"
     concept.CodeMeaning = title[1]
     ds.ConceptNameCodeSequence = Sequence([concept])
-    ref = Dataset()
-    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sop_class, sop_uid
-    image = Dataset()
-    image.RelationshipType, image.ValueType, image.ReferencedSOPSequence = "CONTAINS", "IMAGE", Sequence([ref])
-    ds.ContentSequence = Sequence([image])
+    images = []
+    for sop_class, sop_uid in refs:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = sop_class, sop_uid
+        image = Dataset()
+        image.RelationshipType, image.ValueType, image.ReferencedSOPSequence = "CONTAINS", "IMAGE", Sequence([ref])
+        images.append(image)
+    ds.ContentSequence = Sequence(images)
     path = tmp_path / f"note-{ds.SOPInstanceUID}.dcm"
     ds.save_as(path, implicit_vr=False, little_endian=True)
     return path
@@ -227,7 +232,8 @@ def test_a_rejected_image_is_not_shown_to_the_patient_nor_printed(archive: PacsS
     put(archive, sent.uid, [{"sop_uid": sent.slices[0]}, {"sop_uid": sent.slices[1]},
                             {"sop_uid": sent.clip, "frame": 2}])
     put(archive, sent.uid, [{"sop_uid": sent.slices[1]}], "colleague", title="Rejected for Quality Reasons")
-    note = modality_note(tmp_path, sent.uid, US_MULTIFRAME, sent.clip, ("113038", "Incorrect Modality Worklist Entry"))
+    note = modality_note(tmp_path, sent.uid, [(US_MULTIFRAME, sent.clip)],
+                         ("113038", "Incorrect Modality Worklist Entry"))
     assert archive.storescu(str(note)).returncode == 0
     # The staff still see what each document says.
     with archive.http(token(archive, "radiologist")) as http:
@@ -291,3 +297,32 @@ def test_the_kos_of_an_ordered_study_names_its_requested_procedure(archive: Pacs
     [request] = dcmread(got).ReferencedRequestSequence
     assert (request.StudyInstanceUID, request.AccessionNumber) == (walk_in.uid, f"KI{walk_in.uid[-8:]}")
     assert request.PlacerOrderNumberImagingServiceRequest == "" and request.RequestedProcedureCodeSequence == []
+
+
+def test_a_manifest_of_the_whole_study_is_no_key_image_selection(archive: PacsServer, tmp_path: Path) -> None:
+    """A KOS titled "Complete Study Content" (CID 7010, an XDS-I source's
+    manifest, come with the study from another archive) lists every image:
+    the patient's page showed the whole study as key images and the signed
+    report printed its first four, not the one the radiologist chose."""
+    sent = send_study(archive, tmp_path / "in")
+    everything = [(CT_IMAGE, uid) for uid in sent.slices] + [(US_MULTIFRAME, sent.clip)]
+    manifest = modality_note(tmp_path, sent.uid, everything, ("113032", "Complete Study Content"))
+    assert archive.storescu(str(manifest)).returncode == 0
+    put(archive, sent.uid, [{"sop_uid": sent.slices[2]}])
+    with archive.http(token(archive, "radiologist")) as http:
+        listed = http.get(f"/api/studies/{sent.uid}/key-images").json()
+    assert sorted((d["title"]["value"], d["key"]) for d in listed["documents"]) == [
+        ("113000", True), ("113032", False)]
+
+    base = share_link(archive, sent.uid)
+    with httpx.Client(base_url=f"http://127.0.0.1:{archive.http_port}", timeout=30) as phone:
+        assert phone.post(f"{base}/birth-year", json={"birth_year": BIRTH[:4]}).status_code == 204
+        shown = phone.get(f"{base}/study").json()
+    assert [(k["sop_uid"], k["frame"]) for k in shown["key_images"]] == [(sent.slices[2], 1)]
+
+    with archive.http(token(archive, "colleague")) as rad:
+        assert rad.put(f"/api/studies/{sent.uid}/report",
+                       json={"findings": FINDINGS, "impression": IMPRESSION}).status_code == 200
+        assert rad.post(f"/api/studies/{sent.uid}/report/sign").status_code == 200
+        pdf = rad.get(f"/api/studies/{sent.uid}/report/pdf").content
+    assert len(pdf_images(pdf)) == 1
