@@ -193,6 +193,41 @@ def test_k_held_down_toggles_once(archive: PacsServer, viewer_page: Any, tmp_pat
     assert mine(archive, sent.uid) == [(sent.slices[1], None)]
 
 
+def test_a_report_signed_as_a_key_image_is_saved_prints_it(archive: PacsServer, viewer_page: Any,
+                                                           tmp_path: Path) -> None:
+    """The radiologist marks slice 2 (K) and signs at once, the key images'
+    PUT still on its way (a slow link): the signature went first and the
+    signed PDF, which is never rewritten, lacked the image just marked."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+    from playwright.sync_api import expect
+
+    page = viewer_page
+    sent = send_study(archive, tmp_path / "in")
+    _open_second_slice(page, sent.uid)
+    expect(page.locator("#key-image-toggle")).to_have_attribute("data-loaded", "true")
+    page.fill("#findings", FINDINGS)
+    page.fill("#impression", IMPRESSION)
+    held: list[Any] = []
+    page.route(f"**/api/studies/{sent.uid}/key-images",
+               lambda route: held.append(route) if route.request.method == "PUT" else route.continue_())
+    page.locator("#viewport").focus()
+    page.keyboard.press("k")
+    page.wait_for_function("() => document.querySelector('#key-image-state').textContent !== ''")
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.click("#sign-report")
+    try:  # the signature, had it not waited for the key images (it must not come)
+        page.wait_for_event("requestfinished", lambda r: r.url.endswith("/report/sign"), timeout=3000)
+    except PlaywrightTimeout:
+        pass
+    assert len(held) == 1
+    held[0].continue_()
+    expect(page.locator("#key-image-state")).to_have_attribute("data-saved", "1")
+    expect(page.locator("#amend-report")).to_be_visible()  # signed
+    with archive.http(token(archive, "radiologist")) as http:
+        pdf = http.get(f"/api/studies/{sent.uid}/report/pdf").content
+    assert len(pdf_images(pdf)) == 1
+
+
 # -- 2. a rejected image is no key image for the patient or the report --------------------------
 def modality_note(tmp_path: Path, study: str, refs: list[tuple[str, str]], title: tuple[str, str]) -> Path:
     """Another system's KOS (an IHE IOCM rejection note, a manifest) of

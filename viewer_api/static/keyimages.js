@@ -156,6 +156,19 @@ export class KeyImages {
     this.save();
   }
 
+  /** Once no save is on its way (the one in flight, and the one a change made meanwhile queued after
+   * it): a report signed meanwhile printed the key images as they were before the last mark. */
+  async settled() {
+    while (this.saving) {
+      try {
+        await this.saving;
+      } catch {
+        /* the state says it was not saved; the signature goes on with what the server holds */
+      }
+      await null; // save() takes its answer first: it clears this.saving, or starts the queued PUT
+    }
+  }
+
   /** PUT the selection; changes made meanwhile go in one more PUT after it (latest wins, in order). */
   async save() {
     if (this.saving) {

@@ -39,6 +39,8 @@ export class ReportPanel {
     this.bodyPart = "";
     // The template (id, version) the text was last filled from, named with the next save (the audit trail).
     this.templateUsed = null;
+    // Awaited before a signature: the key images being saved (study.js), which its PDF prints.
+    this.beforeSign = null;
     this.build();
   }
 
@@ -458,6 +460,7 @@ export class ReportPanel {
       return;
     }
     const ok = await this.run(async () => {
+      if (this.beforeSign) await this.beforeSign();
       if (this.dirty || !this.report.current) await this.put();
       const body = { revision: this.revision() };
       if (pin) body.pin = pin;

@@ -30,6 +30,8 @@ export function mountStudy(root, ctx, studyUid) {
     writeSession(viewKey, { series: selected.series_uid, index: viewer.index, preset: viewer.preset });
   };
   const report = new ReportPanel(studyUid, ctx.user);
+  // A key image marked just before signing is in the signed PDF: the signature waits for its save.
+  report.beforeSign = () => keys.settled();
   // The radiation dose of the study's dose reports (RDSR), above the report.
   const dose = new DoseSummary(studyUid);
   // An image a structured report refers to: this study's is shown here, another study's opens there.
