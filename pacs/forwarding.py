@@ -599,7 +599,16 @@ class Forwarder(Periodic):
         ready: list[tuple[Job, Rule, RetrieveItem]] = []
         for job in jobs:
             rule, item = rules.get(job.rule_pk), items.get(job.sop_uid)
-            if rule is None or item is None:
+            if rule is not None and item is None:
+                # Deleted before it was sent (a radiologist's replaced key image selection, every time they
+                # mark one while the study waits to be stable or the peer is down): parked dead, each was an
+                # alert (pacs_route_jobs dead) an operator could only cancel.
+                log.info("routing to %s: instance %s was deleted before it was sent: job %d cancelled",
+                         destination, job.sop_uid, job.pk)
+                self._record(lambda job=job: routing.drop(self.pacs.engine, job, "the instance was deleted before "
+                                                          "it was sent", self.node))
+                continue
+            if rule is None:
                 self._fail(destination, job, "rule or instance no longer exists", permanent=True, peer=False)
                 continue
             ready.append((job, rule, item))

@@ -447,6 +447,18 @@ def finish(engine: Engine, job: Job) -> None:
         conn.execute(update(jobs_t).where(jobs_t.c.pk == job.pk).values(state="done", last_error="", updated_at=now))
 
 
+def drop(engine: Engine, job: Job, reason: str, node: str) -> None:
+    """Cancel a job *node* claimed whose object is no longer in the archive
+    (deleted, purged, a key image selection replaced): there is nothing to
+    deliver and nothing for an operator to retry. Only while *node*'s claim
+    holds, as :func:`fail`."""
+    with engine.begin() as conn:
+        now = db_now(conn)
+        conn.execute(update(jobs_t).where(jobs_t.c.pk == job.pk, jobs_t.c.state == "sending",
+                                          jobs_t.c.claimed_by == node).values(
+            state="cancelled", last_error=reason[:500], updated_at=now))
+
+
 def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: bool = False,
          retry_seconds: float = 1.0, node: str | None = None) -> str:
     """Back off (*retry_seconds* x 2^n, at most 10 min) or park as dead;

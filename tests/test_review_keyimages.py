@@ -21,6 +21,7 @@ viewer in headless Chromium (Debian's, through Playwright):
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +34,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from .peers import Backend, PacsServer
+from .peers import Backend, PacsServer, wait_until
 from .test_hl7_review import CR, FS, VT, orm, read_frame
 from .test_key_images import (
     BIRTH, COLLEAGUE, FINDINGS, IMPRESSION, KOS, PATIENT, RADIOLOGIST, US_MULTIFRAME, dsrdump_clean, getscu_series,
@@ -361,3 +362,44 @@ def test_a_manifest_of_the_whole_study_is_no_key_image_selection(archive: PacsSe
         assert rad.post(f"/api/studies/{sent.uid}/report/sign").status_code == 200
         pdf = rad.get(f"/api/studies/{sent.uid}/report/pdf").content
     assert len(pdf_images(pdf)) == 1
+
+
+# -- 5. a replaced selection leaves no dead routing job -----------------------------------------------
+def route_jobs(server: PacsServer, sop_uid: str) -> list[dict[str, Any]]:
+    """The routing jobs of *sop_uid*, read in the index (`pacs route list` is a process per call)."""
+    from pacs import routing
+    from pacs.index import create_index_engine
+
+    engine = create_index_engine(f"sqlite:///{server.data_dir}/index.sqlite", pool_size=0)
+    try:
+        return [job for job in routing.list_jobs(engine, limit=10_000) if job["sop_uid"] == sop_uid]
+    finally:
+        engine.dispose()
+
+
+def test_a_replaced_selection_leaves_no_dead_routing_job(archive: PacsServer, tmp_path: Path) -> None:
+    """A rule forwards the key images to the backup archive, which is down
+    for a while (or the rule waits for the study to be stable). Each mark
+    replaces the radiologist's KOS: the job of the one deleted was parked
+    dead once claimed ("rule or instance no longer exists"), an alert
+    (pacs_route_jobs dead) for every K pressed. It is cancelled now; the
+    current selection's job waits for the backup."""
+    down = socket.socket()
+    down.bind(("127.0.0.1", 0))  # a port nothing listens on (bound, never listening: refused)
+    try:
+        archive.cli("ae", "add", "KIBACKUP", "--host", "127.0.0.1", "--port", str(down.getsockname()[1]))
+        archive.cli("route", "add", "key-images-backup", "--if", "Modality=KO", "--if", "PatientID=BN-KEY-ROUTE",
+                    "--to-ae", "KIBACKUP")
+        sent = send_study(archive, tmp_path / "in", patient_id="BN-KEY-ROUTE")
+        first = put(archive, sent.uid, [{"sop_uid": sent.slices[0]}])["document"]
+        wait_until(lambda: any(j["attempts"] or j["last_error"] for j in route_jobs(archive, first)), timeout=30)
+        second = put(archive, sent.uid, [{"sop_uid": sent.slices[0]}, {"sop_uid": sent.slices[1]}])
+        assert second["removed"] == [first]
+        wait_until(lambda: all(j["state"] not in ("pending", "sending") for j in route_jobs(archive, first)),
+                   timeout=30)
+        assert [j["state"] for j in route_jobs(archive, first)] == ["cancelled"]
+        assert [j["state"] for j in route_jobs(archive, second["document"])] in (["pending"], ["sending"])
+        assert "dead" not in json.loads(archive.cli("route", "list", "--json").stdout)["counts"]
+    finally:
+        archive.cli("route", "remove", "key-images-backup", "--force", check=False)
+        down.close()
