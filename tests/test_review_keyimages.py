@@ -293,9 +293,10 @@ def test_a_rejected_image_is_not_shown_to_the_patient_nor_printed(archive: PacsS
 
 
 # -- 3. the KOS of an ordered study names its Requested Procedure -------------------------------------
-def his_order(server: PacsServer, accession: str, study: str) -> None:
-    """The HIS's order (ORM^O01 over MLLP) for *study*, placed after its images came: reconciled with it."""
-    message = orm(f"KI{accession}", accession, pid="BN-KEY-1", name=PATIENT, study_uid=study)
+def his_order(server: PacsServer, accession: str, study: str, patient_id: str) -> None:
+    """The HIS's order (ORM^O01 over MLLP) for *study*, placed after its images came: reconciled with it
+    (the HIS's birth date and sex become the patient's)."""
+    message = orm(f"KI{accession}", accession, pid=patient_id, name=PATIENT, study_uid=study)
     with socket.create_connection(("127.0.0.1", server.hl7_port), timeout=15) as sock:
         sock.sendall(VT + message.encode() + FS + CR)
         assert "MSA|AA|" in read_frame(sock)
@@ -306,11 +307,11 @@ def test_the_kos_of_an_ordered_study_names_its_requested_procedure(archive: Pacs
     this Document pertains to at least one Requested Procedure". The KOS of
     a study the HIS ordered had none: a receiving PACS or RIS (IHE KIN, an
     XDS-I manifest) could not tie the key images to the order."""
-    sent = send_study(archive, tmp_path / "in")
+    sent = send_study(archive, tmp_path / "in", patient_id="BN-KEY-ORDER")
     accession = f"KI{sent.uid[-8:]}"
-    his_order(archive, accession, sent.uid)
+    his_order(archive, accession, sent.uid, "BN-KEY-ORDER")
     with archive.http() as http:
-        assert http.get(f"/api/studies/{sent.uid}").json()["patient_id"] == "BN-KEY-1"
+        assert http.get(f"/api/studies/{sent.uid}").json()["patient_id"] == "BN-KEY-ORDER"
     saved = put(archive, sent.uid, [{"sop_uid": sent.slices[0]}])
     ko_series = next(d["series_uid"] for d in saved["documents"] if d["sop_uid"] == saved["document"])
     [got] = getscu_series(archive, sent.uid, ko_series, tmp_path / "got")
