@@ -11,12 +11,17 @@ viewer in headless Chromium (Debian's, through Playwright):
   selection: the images marked the day before were deleted;
 - a save that failed (the network down) left the star shown as saved;
 - K held down toggled on every key repeat;
+- a report signed while the key image just marked was being saved printed
+  the selection without it;
 - an image rejected (IOCM rejection note, "Rejected for Quality Reasons")
   that someone had marked was still shown to the patient as a key image and
   printed in the signed report;
+- a manifest ("Complete Study Content") counted as a key image selection:
+  the whole study shown as key images;
 - the KOS of a study ordered by the HIS named no Referenced Request
   (PS3.3 C.17.6.2: Type 1C, required when the document pertains to a
-  Requested Procedure): another PACS could not tie it to the order.
+  Requested Procedure): another PACS could not tie it to the order;
+- a KOS replaced before a routing rule sent it left a dead routing job.
 """
 
 from __future__ import annotations
