@@ -17,8 +17,9 @@ Order of work, which is what makes an acknowledgement trustworthy:
    policy, one that every node sharing a PostgreSQL index takes (see
    ``Ingestor._lock_across_nodes``);
 4. index it (group-committed transaction) and only then return success
-   (a replacing resend's commit switches the row to its key; the replaced
-   copy is deleted after).
+   (a replacing resend's commit switches the row to its key and records the
+   replaced copy as a tombstone, deleted once its readers' grace is over:
+   a C-MOVE, C-GET or WADO-RS that looked the row up before still reads it).
    A deletion removing the same key meanwhile (a resend of an instance
    whose study is being deleted) is settled in that transaction: the
    resend takes the key back and is kept, or, if its object was already
@@ -49,7 +50,7 @@ from storage import ObjectExists, ObjectStore, StorageError, StorageFullError
 from .errors import IngestError, Status
 from .header import InstanceHeader, parse_header
 from .index.committer import GroupCommitter
-from .index.tombstones import ObjectDeleted
+from .index.tombstones import REPLACED, ObjectDeleted
 from .index.writer import AddResult, IndexRecord, Outcome
 from .instance_locks import InstanceFileLocks
 from .part10 import Source
@@ -390,7 +391,11 @@ class Ingestor:
             routes=routes,
             object_present=lambda key=key: self.store.exists(key),
             replaces=replaces,
-            retire_as=retire_as,
+            # The copy a resend replaces stays for the readers that looked its
+            # row up before the switch (a C-GET of the study under way): it
+            # is deleted by the tombstone sweep after tombstones.READERS_GRACE.
+            # Deleted at once, their sub-operations failed on a missing object.
+            retire_as=retire_as or (REPLACED if resending else ""),
         )
         try:
             added: AddResult = self.committer.submit(record)
@@ -425,6 +430,8 @@ class Ingestor:
             key = added.existing_key  # the copy the index keeps is the result
         elif unreferenced and self.keep_obsolete:
             kept_obsolete, unreferenced = unreferenced, None
+        elif unreferenced and record.retire_as:
+            unreferenced = None  # tombstoned by the commit: the sweep deletes it after the grace
         if unreferenced:
             try:
                 self.store.delete(unreferenced)

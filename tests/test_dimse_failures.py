@@ -431,11 +431,12 @@ def test_overwrite_policy_replaces(tmp_path: Path) -> None:
         assert server.stats()["instances"] == 1
         core = server.core()
         try:
-            objects = list(core.store.list())
-            assert len(objects) == 1
-            data = core.store.read_bytes(objects[0].key)
-            assert b"SECOND^VERSION" in data
+            # The replaced copy stays for its readers' grace (test_review_resend).
+            assert len(list(core.store.list())) == 2
             stored = core.reader.stored_instance(str(changed.SOPInstanceUID))
+            assert stored is not None
+            data = core.store.read_bytes(stored.storage_key)
+            assert b"SECOND^VERSION" in data
             assert stored is not None and stored.size == len(data)
             assert core.store.checksum(stored.storage_key) == stored.sha256
         finally:

@@ -118,7 +118,8 @@ class IndexRecord:
     # A replacement prepared from a row read earlier (pacs compress): the
     # (storage key, sha256) that row must still hold, else nothing is written
     # (Outcome.STALE); the object it replaces is recorded for deletion under
-    # *retire_as* in the same transaction (see pacs.index.tombstones).
+    # *retire_as* in the same transaction (see pacs.index.tombstones), as is
+    # the one an overwriting resend replaces under another key.
     replaces: tuple[str, str | None] | None = None
     retire_as: str = ""
 
@@ -697,4 +698,9 @@ class IndexWriter:
             # patient it leaves empty go, as after a deletion.
             prune_after_delete(conn, {old.series_pk}, set())
         obsolete = old.storage_key if old.storage_key != rec.storage_key else None
+        if obsolete and rec.retire_as:
+            # A resend written beside the copy it replaces: that copy goes
+            # through a tombstone of this transaction, after its readers'
+            # grace (see pacs.ingest), as compress's originals do.
+            tombstones.record(conn, [obsolete], rec.retire_as)
         return AddResult(Outcome.REPLACED, old.pk, obsolete)

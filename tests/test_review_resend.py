@@ -1,0 +1,150 @@
+"""Review of the overwrite policy's resend path (pacs.ingest: a resend is
+written beside the copy it replaces, ``<sop>.resent.dcm`` and ``<sop>.dcm``
+alternating, the row switched to it by the index commit), against real
+peers: `pacs serve`, pynetdicom associations, PostgreSQL, SeaweedFS S3.
+
+1. the replaced copy was deleted right after the commit: a C-GET / C-MOVE
+   (or a WADO-RS study retrieve, a routing send) that had looked the study
+   up before the resend found its object gone and failed that instance
+   (written over in place before, it failed too: other bytes than its row
+   described). The replaced copy now stays for the readers' grace, as
+   ``pacs compress``'s originals do, and is deleted by the tombstone sweep.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, build_role, evt
+from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
+from sqlalchemy import select, update
+
+from .conftest import Backend, PacsServer, make_backend
+from .dicomfiles import make_ct
+from .test_dimse_failures import scu_store_file
+
+
+@pytest.fixture(params=["sqlite-fs", "pg-s3"])
+def overwriting(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[PacsServer]:
+    """An archive under the overwrite policy (one test's)."""
+    backend: Backend = make_backend(request.param, request)
+    server = PacsServer(tmp_path / "data", backend, extra_env={"PACS_DUPLICATE_POLICY": "overwrite"}).start()
+    yield server
+    server.stop()
+
+
+def _study(tmp_path: Path, count: int, **common: Any) -> list[Path]:
+    """*count* CT images of one new study and series, numbered 1..count."""
+    study, series = generate_uid(), generate_uid()
+    return [make_ct(tmp_path / f"i{n}.dcm", StudyInstanceUID=study, SeriesInstanceUID=series, InstanceNumber=n,
+                    PatientID="RSND1", PatientName="NGUYEN^VAN AN", **common) for n in range(1, count + 1)]
+
+
+def _corrected(path: Path, out: Path, **changes: Any) -> Path:
+    """*path*'s object sent again with *changes* (a corrected resend)."""
+    ds = dcmread(path)
+    for keyword, value in changes.items():
+        setattr(ds, keyword, value)
+    ds.save_as(out)
+    return out
+
+
+def _row(server: PacsServer, sop_uid: str) -> Any:
+    from pacs.index.models import Instance
+
+    core = server.core()
+    try:
+        with core.engine.connect() as conn:
+            return conn.execute(select(Instance.storage_key, Instance.sha256, Instance.size_bytes)
+                                .where(Instance.sop_uid == sop_uid)).one()
+    finally:
+        core.close()
+
+
+# -- 1: a reader that looked the study up before a resend ------------------------------
+def test_a_retrieve_under_way_while_an_instance_is_resent_sends_every_instance(
+        overwriting: PacsServer, tmp_path: Path) -> None:
+    files = _study(tmp_path, 2)
+    for f in files:
+        assert scu_store_file(overwriting, f) == 0
+    resent = _corrected(files[1], tmp_path / "resent.dcm", StudyDescription="CT NGUC CO CAN QUANG")
+    received: list[bytes] = []
+
+    def on_store(event: evt.Event) -> int:
+        if not received:
+            # The modality sends instance 2 again while the workstation's
+            # C-GET, which resolved the study already, is at instance 1.
+            assert scu_store_file(overwriting, resent) == 0
+        received.append(bytes(event.request.AffectedSOPInstanceUID, "ascii"))
+        return 0x0000
+
+    ae = AE(ae_title="PYGET")
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
+    assoc = ae.associate("127.0.0.1", overwriting.dicom_port, ae_title=overwriting.ae_title,
+                         ext_neg=[build_role(CTImageStorage, scp_role=True)],
+                         evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    assert assoc.is_established
+    identifier = Dataset()
+    identifier.QueryRetrieveLevel = "STUDY"
+    identifier.StudyInstanceUID = dcmread(files[0]).StudyInstanceUID
+    try:
+        responses = [status for status, _ in assoc.send_c_get(identifier, StudyRootQueryRetrieveInformationModelGet)]
+    finally:
+        assoc.release()
+    final = responses[-1]
+    assert (int(final.Status), int(final.NumberOfFailedSuboperations or 0)) == (0x0000, 0), final
+    assert len(received) == 2
+    # The resend is stored and indexed all the same.
+    sop = str(dcmread(resent).SOPInstanceUID)
+    row = _row(overwriting, sop)
+    core = overwriting.core()
+    try:
+        data = core.store.read_bytes(row.storage_key)
+    finally:
+        core.close()
+    assert b"CT NGUC CO CAN QUANG" in data and hashlib.sha256(data).hexdigest() == row.sha256
+    # The replaced copy stays for such readers (a deletion due after the
+    # grace, not an orphan), then goes with the sweep.
+    _verify_ok(overwriting)
+    old_keys = [k for k in _keys(overwriting) if k != row.storage_key and sop in k]
+    assert len(old_keys) == 1
+    _graces_over(overwriting)
+    _verify_ok(overwriting, "--repair")
+    assert [k for k in _keys(overwriting) if sop in k] == [row.storage_key]
+    _verify_ok(overwriting)
+
+
+def _keys(server: PacsServer) -> list[str]:
+    core = server.core()
+    try:
+        return sorted(info.key for info in core.store.list())
+    finally:
+        core.close()
+
+
+def _verify_ok(server: PacsServer, *args: str) -> None:
+    result = server.cli("verify", "--json", *args, check=False)
+    report = json.loads(result.stdout)
+    assert result.returncode == 0 and report["ok"], report
+
+
+def _graces_over(server: PacsServer) -> None:
+    """The readers' grace of every replaced object over (as 11 minutes later)."""
+    from pacs.index.tombstones import tombstones_t
+
+    core = server.core()
+    try:
+        with core.engine.begin() as conn:
+            conn.execute(update(tombstones_t).values(created_at=datetime.now(UTC) - timedelta(minutes=11)))
+    finally:
+        core.close()
