@@ -60,6 +60,10 @@ class ObjectInfo:
     key: str
     size: int
     sha256: str | None = None
+    # When the object was written (seconds since the epoch, by the store's
+    # clock; S3 counts whole seconds), None when not known: which of two
+    # copies of one instance came last (see pacs.maintenance.common.written_after).
+    modified: float | None = None
 
 
 def pid_alive(pid: int) -> bool:

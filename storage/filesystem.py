@@ -392,7 +392,7 @@ class FileStore(ObjectStore):
             st = self.path_for(key).stat()
         except FileNotFoundError as exc:
             raise ObjectNotFound(key) from exc
-        return ObjectInfo(key=key, size=st.st_size)
+        return ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime)
 
     def delete(self, key: str) -> None:
         path = self.path_for(key)
@@ -445,10 +445,10 @@ class FileStore(ObjectStore):
                         key = STRAY_PREFIX + rel
                     if key.startswith(prefix):
                         try:
-                            size = path.stat().st_size
+                            st = path.stat()
                         except FileNotFoundError:
                             continue
-                        yield ObjectInfo(key=key, size=size)
+                        yield ObjectInfo(key=key, size=st.st_size, modified=st.st_mtime)
 
     def free_bytes(self) -> int | None:
         return shutil.disk_usage(self.root).free

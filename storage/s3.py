@@ -276,7 +276,8 @@ class S3Store(ObjectStore):
         name = self._name(key)
         with _s3_errors("HEAD", key):
             st = self._client.stat_object(self.bucket, name)
-        return ObjectInfo(key=key, size=int(st.size or 0))
+        return ObjectInfo(key=key, size=int(st.size or 0),
+                          modified=st.last_modified.timestamp() if st.last_modified else None)
 
     def delete(self, key: str) -> None:
         name = self._name(key)
@@ -302,7 +303,8 @@ class S3Store(ObjectStore):
                 self.bucket, prefix=self.prefix + prefix, recursive=True
             ):
                 name = obj.object_name or ""
-                yield ObjectInfo(key=name[len(self.prefix) :], size=int(obj.size or 0))
+                yield ObjectInfo(key=name[len(self.prefix) :], size=int(obj.size or 0),
+                                 modified=obj.last_modified.timestamp() if obj.last_modified else None)
 
     def check(self) -> None:
         """The bucket exists and takes writes (a read-only key or a full

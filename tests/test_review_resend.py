@@ -9,11 +9,18 @@ peers: `pacs serve`, pynetdicom associations, PostgreSQL, SeaweedFS S3.
    (written over in place before, it failed too: other bytes than its row
    described). The replaced copy now stays for the readers' grace, as
    ``pacs compress``'s originals do, and is deleted by the tombstone sweep.
+2. an index lost while both copies were stored (within that grace, or a
+   crash's leftover): ``pacs reindex`` indexed whichever of the two its
+   workers committed last (the names alternate, they do not tell), so the
+   replaced copy came back; ``verify --repair`` then reported the other as
+   a duplicate for ever. The copy written last is indexed, and the one it
+   replaced is removed by ``verify --repair`` as superseded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -148,3 +155,48 @@ def _graces_over(server: PacsServer) -> None:
             conn.execute(update(tombstones_t).values(created_at=datetime.now(UTC) - timedelta(minutes=11)))
     finally:
         core.close()
+
+
+# -- 2: an index rebuilt from the objects within a resend's grace ------------------------
+def test_reindex_within_the_grace_of_resends_indexes_the_copies_last_received(tmp_path: Path) -> None:
+    """The index lost within 10 minutes of corrected resends: the store
+    holds the replaced copy beside the one indexed, under the other of the
+    two alternating keys. `pacs reindex` indexed whichever its workers
+    committed last: the replaced copy (the wrong patient's name, the
+    measurement the modality corrected) was back."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_DUPLICATE_POLICY": "overwrite"}).start()
+    try:
+        files = _study(tmp_path, 4)
+        for f in files:
+            assert scu_store_file(server, f) == 0
+        # Instances 1 and 2 corrected once (the newest under <sop>.resent.dcm),
+        # 3 and 4 twice (the newest under <sop>.dcm again).
+        newest: dict[str, Path] = {}
+        for n, f in enumerate(files):
+            sop = str(dcmread(f).SOPInstanceUID)
+            for time in range(1 if n < 2 else 2):
+                newest[sop] = _corrected(f, tmp_path / f"fix{n}-{time}.dcm", PatientName=f"TRAN^THI BICH^{time}")
+                assert scu_store_file(server, newest[sop]) == 0
+        before = {sop: _row(server, sop).storage_key for sop in newest}
+        assert sorted(k.endswith(".resent.dcm") for k in before.values()) == [False, False, True, True]
+    finally:
+        server.stop()
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{server.data_dir}/index.sqlite{suffix}").unlink(missing_ok=True)
+    rebuilt = server.cli("reindex", "--json", check=False)
+    assert rebuilt.returncode == 0, rebuilt.stdout + rebuilt.stderr
+    report = json.loads(rebuilt.stdout)
+    assert (report["indexed"], report["superseded"]["count"], report["duplicates"]["count"]) == (4, 4, 0), report
+    core = server.core()
+    try:
+        for sop, path in newest.items():
+            row = _row(server, sop)
+            assert row.storage_key == before[sop], json.loads(rebuilt.stdout)
+            assert dcmread(path).PatientName == dcmread(io.BytesIO(core.store.read_bytes(row.storage_key))).PatientName
+    finally:
+        core.close()
+    # The copies they replaced are told apart and cleared by verify --repair.
+    _verify_ok(server, "--repair")
+    assert _keys(server) == sorted(before.values())
+    _verify_ok(server)

@@ -129,6 +129,20 @@ def sop_of_key(key: str) -> str | None:
     return match.group("sop") if match else None
 
 
+def written_after(store: ObjectStore, key: str, other: str) -> bool:
+    """Whether the object under *key* was written strictly after the one
+    under *other*: two copies of one instance, the overwrite policy's
+    resend beside the copy it replaced (``<sop>.resent.dcm`` and
+    ``<sop>.dcm`` alternate, so the names do not tell). False when the
+    store cannot tell: an object missing, no time, or the same time (S3
+    counts whole seconds)."""
+    try:
+        mine, theirs = store.stat(key).modified, store.stat(other).modified
+    except StorageError:
+        return False
+    return mine is not None and theirs is not None and mine > theirs
+
+
 def indexed_among(engine: Engine, keys: list[str]) -> set[str]:
     """The keys of *keys* that an index row references.
 

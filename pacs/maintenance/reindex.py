@@ -16,7 +16,9 @@ back; signed reports come back as their Encapsulated PDF instances.
 An original ``<sop>.dcm`` that ``pacs compress`` left for its readers'
 grace next to its re-encoding ``<sop>.jls.dcm`` (or ``.j2k``) is not
 indexed: the re-encoding is ("superseded"; ``pacs verify --repair``
-removes the original).
+removes the original). Likewise, under the overwrite policy, of a resend and
+the copy it replaced (``<sop>.resent.dcm`` and ``<sop>.dcm``, alternating:
+the names do not tell which came last) the one written last is indexed.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from sqlalchemy import select
 
 from storage import StorageError
 
@@ -38,7 +42,9 @@ from .common import (
     batched,
     index_stored_object,
     indexed_among,
+    instances_t,
     sop_of_key,
+    written_after,
 )
 from .compress import KEY_VARIANTS
 
@@ -93,9 +99,29 @@ def _newer_encoding(pacs: Pacs, key: str) -> str | None:
         return None
     base = key[: -len(".dcm")]
     for variant in KEY_VARIANTS.values():
-        if pacs.store.exists(f"{base}.{variant}.dcm"):
-            return f"{base}.{variant}.dcm"
+        encoding = f"{base}.{variant}.dcm"
+        # Unless the original is the later one: a resend of a compressed
+        # instance (overwrite policy), written after the re-encoding.
+        if pacs.store.exists(encoding) and not written_after(pacs.store, key, encoding):
+            return encoding
     return None
+
+
+def _last_written(pacs: Pacs, key: str, replaced: str) -> tuple[str, str]:
+    """*key* was just indexed over *replaced*, another copy of its instance
+    in the same series folder (overwrite policy: a resend and the copy it
+    replaced, both kept for readers when the index was lost). The one
+    written last is the copy the sender was last told was stored: the row
+    is pointed back at *replaced* if it is that one. ("indexed-over",
+    replaced) or ("superseded", replaced)."""
+    if key.rsplit("/", 1)[0] != replaced.rsplit("/", 1)[0] or not written_after(pacs.store, replaced, key):
+        return "indexed-over", replaced
+    with pacs.engine.connect() as conn:
+        sha256 = conn.execute(select(instances_t.c.sha256).where(instances_t.c.storage_key == key)).scalar()
+    back = index_stored_object(pacs, replaced, source="reindex", replaces=(key, sha256))
+    if back.outcome is not Outcome.REPLACED:
+        return "indexed-over", replaced  # the row changed meanwhile (an ingest): it stands
+    return "superseded", replaced
 
 
 def _one(pacs: Pacs, key: str, size: int) -> tuple[str, str]:
@@ -105,6 +131,12 @@ def _one(pacs: Pacs, key: str, size: int) -> tuple[str, str]:
         if (newer := _newer_encoding(pacs, key)) is not None:
             return "superseded", newer
         added = index_stored_object(pacs, key, source="reindex")
+        if added.outcome is Outcome.DUPLICATE:
+            return "duplicate", added.existing_key or ""
+        if added.outcome is Outcome.REPLACED and added.obsolete_key not in (None, key):
+            # The overwrite policy's index writer replaces: the copy committed
+            # last won, whichever was received last.
+            return _last_written(pacs, key, added.obsolete_key or "")
     except IngestError as exc:
         return "failed", str(exc)
     except StorageError as exc:
@@ -112,8 +144,6 @@ def _one(pacs: Pacs, key: str, size: int) -> tuple[str, str]:
     except Exception as exc:  # the index refused the row: keep going, report it
         log.warning("could not index %s: %s", key, exc)
         return "failed", f"index: {exc}"
-    if added.outcome is Outcome.DUPLICATE:
-        return "duplicate", added.existing_key or ""
     return "indexed", ""
 
 
@@ -140,6 +170,10 @@ def reindex(pacs: Pacs, *, workers: int = 4, progress: Progress | None = None) -
                     report.duplicates.add({"key": info.key, "indexed_key": detail})
                 elif state == "superseded":
                     report.superseded.add({"key": info.key, "indexed_key": detail})
+                elif state == "indexed-over":
+                    # Indexed over the other copy of its instance, received
+                    # before it (its row was counted when this run wrote it).
+                    report.superseded.add({"key": detail, "indexed_key": info.key})
                 else:
                     report.failed.add({"key": info.key, "detail": detail})
     return report

@@ -23,6 +23,11 @@ Repair (``repair=True``):
 - objects a crashed ``pacs purge`` left behind are deleted (see purge);
 - an original ``<sop>.dcm`` whose instance's row names its intact
   ``pacs compress`` re-encoding is deleted ("superseded", after a reindex);
+  so is, under the overwrite policy, a copy of an instance whose row names
+  an intact copy in the same series written after it (the copy a resend
+  replaced, ``<sop>.dcm`` / ``<sop>.resent.dcm``, left by an index lost
+  within its readers' grace); a copy written after the indexed one is not
+  (a resend a crash left before its commit: reported as a duplicate);
 - index rows whose object is missing are only dropped with
   ``drop_missing=True`` (the study then loses those instances; series and
   studies left empty go too). Corrupt objects are never dropped: the row
@@ -59,6 +64,7 @@ from .common import (
     indexed_among,
     instances_t,
     sop_of_key,
+    written_after,
 )
 from .compress import KEY_VARIANTS
 from .purge import PurgeJournal, finish_interrupted
@@ -216,17 +222,26 @@ def _remove_superseded(pacs: Pacs, key: str, report: VerifyReport) -> bool:
     re-encoding ``pacs compress`` made of it (``<sop>.jls.dcm``,
     ``<sop>.j2k.dcm``) and that object is intact (its sha256 is the row's):
     what ``pacs reindex`` leaves after an index loss within compress's
-    readers' grace. Deleted through a tombstone, like any deletion, so a
+    readers' grace; or an orphan copy the overwrite policy's resend
+    replaced, written before the intact copy the row names, in its folder. Deleted through a tombstone, like any deletion, so a
     resend of the instance meanwhile is kept or refused, never lost."""
     sop = sop_of_key(key)
-    if sop is None or not key.endswith(f"/{sop}.dcm"):
+    if sop is None:
         return False
-    encodings = {f"{key[:-len('.dcm')]}.{variant}.dcm" for variant in KEY_VARIANTS.values()}
+    encodings = ({f"{key[:-len('.dcm')]}.{variant}.dcm" for variant in KEY_VARIANTS.values()}
+                 if key.endswith(f"/{sop}.dcm") else set())
     with pacs.engine.connect() as conn:
         row = conn.execute(select(instances_t.c.storage_key, instances_t.c.sha256)
                            .where(instances_t.c.sop_uid == sop)).first()
-    if row is None or row.storage_key not in encodings:
+    if row is None or row.storage_key == key:
         return False
+    if row.storage_key in encodings:
+        if written_after(pacs.store, key, row.storage_key):
+            return False  # written after the re-encoding: a resend of the compressed instance
+    elif not (pacs.settings.duplicate_policy == "overwrite"
+              and row.storage_key.rsplit("/", 1)[0] == key.rsplit("/", 1)[0]
+              and written_after(pacs.store, row.storage_key, key)):
+        return False  # replaced by a later copy (overwrite policy) only
     try:
         with pacs.store.open(row.storage_key) as stream:
             digest, _ = sha256_of(stream)
