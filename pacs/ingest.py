@@ -364,12 +364,21 @@ class Ingestor:
                 if existing is not None and resending:
                     replacing = existing
                     key = _key_beside(key, existing)
-                elif existing is not None:
+                elif existing is not None and replaces is not None and existing == key:
+                    # A conditional replacement (compress) whose key the row
+                    # names already: changed meanwhile, never written over.
+                    staged.abort()
+                    return IngestResult(Status.SUCCESS, Outcome.STALE, header, existing, source.size)
+                elif existing is not None and replaces is None:
                     staged.abort()
                     return self._duplicate(header, existing, source.size, origin, key)
                 # An unindexed object under our key is an orphan of a crash
-                # (or of a resend whose commit failed): the copy being
-                # acknowledged now takes its place.
+                # (or of a resend whose commit failed), or a replaced copy
+                # kept for its readers' grace (compress's key, which a resend
+                # of the compressed instance left): the copy being
+                # acknowledged now takes its place. (Taken for a duplicate, a
+                # compress within the grace reported the instance compressed
+                # and left it as it was, run after run.)
                 info = staged.commit(key, replace=True)
         except StorageFullError as exc:
             log.error("storage full: %s", exc)

@@ -15,6 +15,10 @@ peers: `pacs serve`, pynetdicom associations, PostgreSQL, SeaweedFS S3.
    replaced copy came back; ``verify --repair`` then reported the other as
    a duplicate for ever. The copy written last is indexed, and the one it
    replaced is removed by ``verify --repair`` as superseded.
+3. a resend of a compressed instance leaves ``<sop>.jls.dcm`` for its
+   readers; ``pacs compress`` within that grace (or after a crash between
+   an encoding's write and its commit) took the taken key for a duplicate:
+   reported compressed, nothing done, run after run (filesystem store).
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from typing import Any
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 from sqlalchemy import select, update
@@ -38,6 +42,8 @@ from sqlalchemy import select, update
 from .conftest import Backend, PacsServer, make_backend
 from .dicomfiles import make_ct
 from .test_dimse_failures import scu_store_file
+from .test_maintenance_review import _json
+from .test_maintenance_review import _study as ct_study
 
 
 @pytest.fixture(params=["sqlite-fs", "pg-s3"])
@@ -200,3 +206,42 @@ def test_reindex_within_the_grace_of_resends_indexes_the_copies_last_received(tm
     _verify_ok(server, "--repair")
     assert _keys(server) == sorted(before.values())
     _verify_ok(server)
+
+
+# -- 3: pacs compress within the grace of a resend of a compressed instance -------------
+def test_compress_of_a_resend_of_a_compressed_instance_within_the_grace(tmp_path: Path) -> None:
+    """A compressed instance (<sop>.jls.dcm) sent again uncompressed is
+    stored as <sop>.dcm, the compressed copy kept for its readers' grace.
+    `pacs compress` within it found its key taken, took the instance for a
+    duplicate and reported it compressed: nothing was, and every run within
+    the grace said so again. (So did a rerun after a crash between an
+    encoding's write and its commit, which its docstring says encodes it
+    again over that key.) The encoding now replaces such a copy."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_DUPLICATE_POLICY": "overwrite"}).start()
+    try:
+        _, files = ct_study(tmp_path / "in", "c", "RSND3", patient_name="LE^VAN TAM", n=1)
+        sop = str(dcmread(files[0]).SOPInstanceUID)
+        assert scu_store_file(server, files[0]) == 0
+        assert _json(server, "compress")["compressed"] == 1
+        assert _row(server, sop).storage_key.endswith(".jls.dcm")
+        resent = _corrected(files[0], tmp_path / "resent.dcm", PatientName="LE^VAN TAM^CORRECTED")
+        assert scu_store_file(server, resent) == 0
+        assert not _row(server, sop).storage_key.endswith(".jls.dcm")
+        again = _json(server, "compress")
+        row = _row(server, sop)
+        assert again["compressed"] == 1 and row.storage_key.endswith(".jls.dcm"), again
+        core = server.core()
+        try:
+            stored = dcmread(io.BytesIO(core.store.read_bytes(row.storage_key)))
+            assert hashlib.sha256(core.store.read_bytes(row.storage_key)).hexdigest() == row.sha256
+        finally:
+            core.close()
+        assert stored.file_meta.TransferSyntaxUID == JPEGLSLossless
+        assert str(stored.PatientName) == "LE^VAN TAM^CORRECTED"
+        _verify_ok(server)
+        _graces_over(server)
+        _verify_ok(server, "--repair")
+        assert [k for k in _keys(server) if sop in k] == [row.storage_key]
+    finally:
+        server.stop()
