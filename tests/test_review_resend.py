@@ -19,6 +19,10 @@ peers: `pacs serve`, pynetdicom associations, PostgreSQL, SeaweedFS S3.
    readers; ``pacs compress`` within that grace (or after a crash between
    an encoding's write and its commit) took the taken key for a duplicate:
    reported compressed, nothing done, run after run (filesystem store).
+4. an index restored from before an instance came, both copies of its
+   resend stored: ``verify --repair`` adopted the replaced one (listed
+   first); the acknowledged correction stayed a duplicate orphan. The copy
+   written last is adopted.
 """
 
 from __future__ import annotations
@@ -245,3 +249,38 @@ def test_compress_of_a_resend_of_a_compressed_instance_within_the_grace(tmp_path
         assert [k for k in _keys(server) if sop in k] == [row.storage_key]
     finally:
         server.stop()
+
+
+# -- 4: an index restored from before the instance, both copies stored -------------------
+def test_repair_after_a_restore_adopts_the_copy_received_last(tmp_path: Path) -> None:
+    """`pacs restore` of a backup taken before an instance came, while the
+    store still held a corrected resend beside the copy it replaced (within
+    its grace; the restore sets such deletions aside): `verify --repair`
+    adopted the first copy it listed, <sop>.dcm, the replaced one, and the
+    acknowledged correction was a duplicate orphan, or with the older copy
+    now rewritten by its adoption, removed as superseded."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_DUPLICATE_POLICY": "overwrite"}).start()
+    backup = tmp_path / "index.backup"
+    try:
+        first, = _study(tmp_path, 1)
+        assert server.cli("backup", "--out", str(backup), "--json").returncode == 0
+        assert scu_store_file(server, first) == 0
+        resent = _corrected(first, tmp_path / "resent.dcm", PatientName="NGUYEN^VAN AN^CORRECTED")
+        assert scu_store_file(server, resent) == 0
+        sop = str(dcmread(first).SOPInstanceUID)
+        assert _row(server, sop).storage_key.endswith(".resent.dcm")
+    finally:
+        server.stop()
+    assert server.cli("restore", str(backup), "--yes", "--json").returncode == 0
+    result = server.cli("verify", "--repair", "--json", check=False)
+    assert result.returncode == 0, result.stdout
+    row = _row(server, sop)
+    core = server.core()
+    try:
+        data = core.store.read_bytes(row.storage_key)
+    finally:
+        core.close()
+    assert b"NGUYEN^VAN AN^CORRECTED" in data and hashlib.sha256(data).hexdigest() == row.sha256
+    assert [k for k in _keys(server) if sop in k] == [row.storage_key]
+    _verify_ok(server)

@@ -27,7 +27,9 @@ Repair (``repair=True``):
   an intact copy in the same series written after it (the copy a resend
   replaced, ``<sop>.dcm`` / ``<sop>.resent.dcm``, left by an index lost
   within its readers' grace); a copy written after the indexed one is not
-  (a resend a crash left before its commit: reported as a duplicate);
+  (a resend a crash left before its commit: reported as a duplicate); of two
+  such copies of an instance not indexed at all (an index restored from
+  before it came), the one written last is adopted;
 - index rows whose object is missing are only dropped with
   ``drop_missing=True`` (the study then loses those instances; series and
   studies left empty go too). Corrupt objects are never dropped: the row
@@ -50,7 +52,7 @@ from ..errors import IngestError, PacsError, Status
 from ..index import tombstones
 from ..index.db import write_transaction
 from ..index.writer import Outcome
-from ..ingest import Origin
+from ..ingest import RESENT_VARIANT, Origin
 from ..part10 import FileSource
 from .common import (
     BATCH,
@@ -266,6 +268,19 @@ def _remove_superseded(pacs: Pacs, key: str, report: VerifyReport) -> bool:
     return True
 
 
+def _later_copy(pacs: Pacs, key: str, sop: str) -> str | None:
+    """Under the overwrite policy, the other of the two keys a resend and
+    the copy it replaced alternate on (``<sop>.dcm``, ``<sop>.resent.dcm``
+    in *key*'s folder) when the store holds it written after *key*."""
+    if pacs.settings.duplicate_policy != "overwrite":
+        return None
+    folder = key.rsplit("/", 1)[0]
+    for other in (f"{folder}/{sop}.dcm", f"{folder}/{sop}.{RESENT_VARIANT}.dcm"):
+        if other != key and written_after(pacs.store, other, key):
+            return other
+    return None
+
+
 def _adopt(pacs: Pacs, key: str, report: VerifyReport) -> None:
     """Ingest a valid orphan from the store through the one ingest path."""
     if _remove_superseded(pacs, key, report) or _repoint(pacs, key, report):
@@ -280,6 +295,14 @@ def _adopt(pacs: Pacs, key: str, report: VerifyReport) -> None:
             indexed = conn.execute(select(instances_t.c.storage_key).where(instances_t.c.sop_uid == sop)).scalar()
         if indexed is not None and indexed != key:
             report.duplicate_orphans.add({"key": key, "sop_uid": sop, "indexed_key": indexed})
+            return
+        if indexed is None and (later := _later_copy(pacs, key, sop)) is not None:
+            # Both copies of a resend unindexed (an index restored from before
+            # the instance came, within the replaced copy's grace): the later
+            # one is adopted when listed (its adoption writes over this key).
+            # Adopted first, the replaced copy was indexed, and the
+            # acknowledged correction a duplicate, or removed as superseded.
+            report.superseded_removed.add({"key": key, "sop_uid": sop, "indexed_key": later})
             return
     try:
         with pacs.store.local_path(key) as path:
