@@ -331,12 +331,10 @@ class Ingestor:
         # it by the index commit: written over it, a failed commit (or a crash
         # before it) left the row describing bytes no longer stored, and the
         # acknowledged copy lost for a resend its sender was told failed.
-        replacing: str | None = None
         resending = self.overwrite and replaces is None and not self.key_variant
         if resending and self.store.remote:
             # Under the instance lock (_lock_instance): one query decides the key.
-            replacing = self._indexed_key(header.sop_uid, key)
-            key = _key_beside(key, replacing)
+            key = _key_beside(key, self._indexed_key(header.sop_uid, key))
         if (self.store.remote or look_up_first) and not self.overwrite:
             # On S3 "publish unless present" costs a HEAD round trip before
             # every PUT (a tenth of a CT slice's ingest time against a local
@@ -362,7 +360,6 @@ class Ingestor:
                     staged.abort()
                     raise
                 if existing is not None and resending:
-                    replacing = existing
                     key = _key_beside(key, existing)
                 elif existing is not None and replaces is not None and existing == key:
                     # A conditional replacement (compress) whose key the row
@@ -420,7 +417,11 @@ class Ingestor:
             # The object stays as an orphan: deleting it could remove the bytes
             # of a commit that did succeed before the error reached us.
             log.error("index commit failed for %s: %s", key, exc)
-            if replacing is not None:
+            if resending:
+                # Also when the key was free (the filesystem's publish found
+                # nothing there, nor asked the index): the third copy
+                # goes under <sop>.dcm again once the first one's grace is
+                # over, and left behind it was a duplicate orphan for ever.
                 self._drop_refused_resend(header.sop_uid, key)
             raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
 
@@ -461,9 +462,10 @@ class Ingestor:
         return result
 
     def _drop_refused_resend(self, sop_uid: str, key: str) -> None:
-        """A replacing resend whose index commit failed: its object, under a
-        key of its own, is deleted once the index (still readable: only its
-        writes failing) shows that the row does not name it. The sender was
+        """A copy received under the overwrite policy whose index commit
+        failed: its object is deleted once the index (still readable: only
+        its writes failing) shows that the row does not name it (held under
+        the instance's lock, nobody else writes that key meanwhile). The sender was
         told failure and sends it again; left, it was an orphan that ``pacs
         verify`` reports. An index that cannot answer leaves it there (the
         commit may have succeeded before its error reached us)."""

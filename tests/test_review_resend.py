@@ -23,6 +23,10 @@ peers: `pacs serve`, pynetdicom associations, PostgreSQL, SeaweedFS S3.
    resend stored: ``verify --repair`` adopted the replaced one (listed
    first); the acknowledged correction stayed a duplicate orphan. The copy
    written last is adopted.
+5. a resend refused by the index (0xA703) was dropped only when it replaced
+   a copy under the very key it was first meant for; the third copy (back
+   under <sop>.dcm, free once the first one's grace was over) was left
+   behind, a duplicate orphan ``verify`` reported for ever.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from .conftest import Backend, PacsServer, make_backend
 from .dicomfiles import make_ct
 from .test_dimse_failures import scu_store_file
 from .test_maintenance_review import _json
+from .test_review_leftovers import INDEX_FAILED, _index_updates_fail
 from .test_maintenance_review import _study as ct_study
 
 
@@ -284,3 +289,35 @@ def test_repair_after_a_restore_adopts_the_copy_received_last(tmp_path: Path) ->
     assert b"NGUYEN^VAN AN^CORRECTED" in data and hashlib.sha256(data).hexdigest() == row.sha256
     assert [k for k in _keys(server) if sop in k] == [row.storage_key]
     _verify_ok(server)
+
+
+# -- 5: a resend refused (index down) once the replaced copy's key is free again --------
+def test_a_refused_resend_under_the_free_alternate_key_is_not_left_behind(tmp_path: Path) -> None:
+    """The third copy of an instance goes under <sop>.dcm again, free once
+    the first copy's grace is over; its index commit failed (0xA703): its
+    object was left behind (only a resend replacing a copy under that very
+    key was dropped), and `pacs verify` reported a duplicate orphan that
+    `--repair` could not clear."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_DUPLICATE_POLICY": "overwrite"}).start()
+    try:
+        first, = _study(tmp_path, 1)
+        sop = str(dcmread(first).SOPInstanceUID)
+        assert scu_store_file(server, first) == 0
+        second = _corrected(first, tmp_path / "second.dcm", PatientName="NGUYEN^VAN AN^2")
+        assert scu_store_file(server, second) == 0
+        _graces_over(server)
+        _verify_ok(server, "--repair")  # the first copy's object goes
+        kept = _row(server, sop)
+        assert [k for k in _keys(server) if sop in k] == [kept.storage_key]
+        third = _corrected(first, tmp_path / "third.dcm", PatientName="NGUYEN^VAN AN^3")
+        _index_updates_fail(server, True)
+        try:
+            assert scu_store_file(server, third) == INDEX_FAILED
+        finally:
+            _index_updates_fail(server, False)
+        assert _row(server, sop) == kept
+        assert [k for k in _keys(server) if sop in k] == [kept.storage_key]
+        _verify_ok(server)
+    finally:
+        server.stop()
