@@ -324,7 +324,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             ("orphans", report.orphans.count), ("invalid orphans", report.invalid_orphans.count),
             ("adopted", report.adopted.count), ("not adopted (retry)", report.not_adopted.count),
             ("duplicate orphans", report.duplicate_orphans.count),
-            ("originals superseded by their compressed copy, removed", report.superseded_removed.count),
+            ("superseded copies removed (compress's originals, copies a later resend replaced)",
+             report.superseded_removed.count),
             ("rows dropped", report.dropped.get("instances", 0)),
             ("purge leftovers deleted", report.purged_leftovers),
         ])
@@ -364,14 +365,15 @@ def cmd_reindex(args: argparse.Namespace) -> int:
             ("objects in storage", report.listed), ("already indexed", report.already_indexed),
             ("indexed now", report.indexed), ("bytes indexed", _size(report.indexed_bytes)),
             ("duplicates (instance already indexed elsewhere)", report.duplicates.count),
-            ("originals superseded by their compressed copy", report.superseded.count),
+            ("superseded (compress's originals, copies a later resend replaced)", report.superseded.count),
             ("not indexable", report.failed.count),
         ])
         _list("duplicates", data["duplicates"], ("key", "indexed_key"))
         _list("not indexable", data["failed"])
         if report.superseded.count:
-            out.print(f"{report.superseded.count:,} originals left by pacs compress were not indexed (their verified "
-                      "compressed copy was): pacs verify --repair removes them")
+            out.print(f"{report.superseded.count:,} superseded copies were not indexed (an original left by pacs "
+                      "compress, whose verified copy was; a copy a later resend replaced, which was): pacs verify "
+                      "--repair removes them")
         for warning in report.warnings:
             err.print(f"[yellow]warning: {warning}[/yellow]")
 
