@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,6 +47,8 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless, generate_uid
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import CTImageStorage, StudyRootQueryRetrieveInformationModelGet
 from sqlalchemy import select, update
+
+from storage import FileStore
 
 from .conftest import Backend, PacsServer, make_backend
 from .dicomfiles import make_ct
@@ -257,13 +260,15 @@ def test_compress_of_a_resend_of_a_compressed_instance_within_the_grace(tmp_path
 
 
 # -- 4: an index restored from before the instance, both copies stored -------------------
-def test_repair_after_a_restore_adopts_the_copy_received_last(tmp_path: Path) -> None:
+@pytest.mark.parametrize("same_second", [False, True])
+def test_repair_after_a_restore_adopts_the_copy_received_last(tmp_path: Path, same_second: bool) -> None:
     """`pacs restore` of a backup taken before an instance came, while the
     store still held a corrected resend beside the copy it replaced (within
     its grace; the restore sets such deletions aside): `verify --repair`
     adopted the first copy it listed, <sop>.dcm, the replaced one, and the
     acknowledged correction was a duplicate orphan, or with the older copy
-    now rewritten by its adoption, removed as superseded."""
+    now rewritten by its adoption, removed as superseded. Written in the
+    same second (S3 keeps whole seconds), the correction is adopted."""
     server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}),
                         extra_env={"PACS_DUPLICATE_POLICY": "overwrite"}).start()
     backup = tmp_path / "index.backup"
@@ -277,6 +282,11 @@ def test_repair_after_a_restore_adopts_the_copy_received_last(tmp_path: Path) ->
         assert _row(server, sop).storage_key.endswith(".resent.dcm")
     finally:
         server.stop()
+    if same_second:
+        store = FileStore(server.data_dir / "objects")
+        folder = _row_key_folder(store, sop)
+        for name in (f"{sop}.dcm", f"{sop}.resent.dcm"):
+            os.utime(store.path_for(f"{folder}/{name}"), (1_700_000_000, 1_700_000_000))
     assert server.cli("restore", str(backup), "--yes", "--json").returncode == 0
     result = server.cli("verify", "--repair", "--json", check=False)
     assert result.returncode == 0, result.stdout
@@ -289,6 +299,11 @@ def test_repair_after_a_restore_adopts_the_copy_received_last(tmp_path: Path) ->
     assert b"NGUYEN^VAN AN^CORRECTED" in data and hashlib.sha256(data).hexdigest() == row.sha256
     assert [k for k in _keys(server) if sop in k] == [row.storage_key]
     _verify_ok(server)
+
+
+def _row_key_folder(store: FileStore, sop: str) -> str:
+    """The study/series folder of *sop*'s objects."""
+    return next(info.key for info in store.list() if sop in info.key).rsplit("/", 1)[0]
 
 
 # -- 5: a resend refused (index down) once the replaced copy's key is free again --------

@@ -129,18 +129,18 @@ def sop_of_key(key: str) -> str | None:
     return match.group("sop") if match else None
 
 
-def written_after(store: ObjectStore, key: str, other: str) -> bool:
+def written_after(store: ObjectStore, key: str, other: str, *, or_same: bool = False) -> bool:
     """Whether the object under *key* was written strictly after the one
-    under *other*: two copies of one instance, the overwrite policy's
-    resend beside the copy it replaced (``<sop>.resent.dcm`` and
-    ``<sop>.dcm`` alternate, so the names do not tell). False when the
-    store cannot tell: an object missing, no time, or the same time (S3
-    counts whole seconds)."""
+    under *other* (or at the same time, with *or_same*): two copies of one
+    instance, the overwrite policy's resend beside the copy it replaced
+    (``<sop>.resent.dcm`` and ``<sop>.dcm`` alternate, so the names do not
+    tell). False when the store cannot tell: an object missing, no time, or
+    the same time (S3 counts whole seconds) without *or_same*."""
     try:
         mine, theirs = store.stat(key).modified, store.stat(other).modified
     except StorageError:
         return False
-    return mine is not None and theirs is not None and mine > theirs
+    return mine is not None and theirs is not None and (mine > theirs or (or_same and mine == theirs))
 
 
 def indexed_among(engine: Engine, keys: list[str]) -> set[str]:

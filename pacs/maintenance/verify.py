@@ -275,9 +275,14 @@ def _later_copy(pacs: Pacs, key: str, sop: str) -> str | None:
     if pacs.settings.duplicate_policy != "overwrite":
         return None
     folder = key.rsplit("/", 1)[0]
-    for other in (f"{folder}/{sop}.dcm", f"{folder}/{sop}.{RESENT_VARIANT}.dcm"):
-        if other != key and written_after(pacs.store, other, key):
-            return other
+    plain, resent = f"{folder}/{sop}.dcm", f"{folder}/{sop}.{RESENT_VARIANT}.dcm"
+    # Written in the same second (S3's times), one of the two must be
+    # adopted: <sop>.resent.dcm, by rule. (Both adopted, the first one's
+    # adoption rewrote it, which then superseded the other.)
+    if key == plain and written_after(pacs.store, resent, key, or_same=True):
+        return resent
+    if key == resent and written_after(pacs.store, plain, key):
+        return plain
     return None
 
 
