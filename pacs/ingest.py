@@ -464,10 +464,10 @@ class Ingestor:
     def _drop_refused_resend(self, sop_uid: str, key: str) -> None:
         """A copy received under the overwrite policy whose index commit
         failed: its object is deleted once the index (still readable: only
-        its writes failing) shows that the row does not name it (held under
-        the instance's lock, nobody else writes that key meanwhile). The sender was
-        told failure and sends it again; left, it was an orphan that ``pacs
-        verify`` reports. An index that cannot answer leaves it there (the
+        its writes failing) shows that the row does not name it (under the
+        instance's lock, nobody else writes that key meanwhile). The sender
+        was told failure and sends it again; left, it was an orphan that
+        ``pacs verify`` reports. An index that cannot answer leaves it there (the
         commit may have succeeded before its error reached us)."""
         try:
             indexed = self.reader.instance_key(sop_uid)

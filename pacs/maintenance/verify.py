@@ -225,8 +225,9 @@ def _remove_superseded(pacs: Pacs, key: str, report: VerifyReport) -> bool:
     ``<sop>.j2k.dcm``) and that object is intact (its sha256 is the row's):
     what ``pacs reindex`` leaves after an index loss within compress's
     readers' grace; or an orphan copy the overwrite policy's resend
-    replaced, written before the intact copy the row names, in its folder. Deleted through a tombstone, like any deletion, so a
-    resend of the instance meanwhile is kept or refused, never lost."""
+    replaced, written before the intact copy the row names, in its folder.
+    Deleted through a tombstone, like any deletion, so a resend of the
+    instance meanwhile is kept or refused, never lost."""
     sop = sop_of_key(key)
     if sop is None:
         return False
