@@ -107,10 +107,33 @@ def seal_problem(settings: Settings) -> str | None:
     return None
 
 
+# Tries at an even-length signed file (see sign_pdf); a time-stamp's size may vary between tries.
+_EVEN_TRIES = 4
+
+
 def sign_pdf(pdf: bytes, signatures: list[Signature], *, location: str = "", tsa_url: str = "") -> bytes:
     """*pdf* signed by each of *signatures* in turn (PAdES B-B; B-T with a
     time-stamp from *tsa_url*): incremental updates, the last covering the
-    whole file. 502 when the time-stamping authority fails."""
+    whole file. 502 when the time-stamping authority fails.
+
+    The signed file is of even length: DICOM pads an odd-length Encapsulated
+    Document with a NUL byte, and a consumer that takes the PDF out of the
+    instance without EncapsulatedDocumentLength (pydicom's value, a DICOMweb
+    bulk data read, a CD viewer) would find a byte after the last signature
+    ("not the whole document signed", Adobe's "modified after signing"). An
+    odd result is signed again from the unsigned file with one more
+    end-of-line after its %%EOF (legal whitespace, outside every signature),
+    which moves the parity."""
+    signed = pdf
+    for extra in range(_EVEN_TRIES):
+        signed = _sign_each(pdf + b"\n" * extra, signatures, location, tsa_url)
+        if len(signed) % 2 == 0:
+            break
+    return signed
+
+
+def _sign_each(pdf: bytes, signatures: list[Signature], location: str, tsa_url: str) -> bytes:
+    """*pdf* signed by each of *signatures* in turn (see sign_pdf)."""
     _pyhanko()
     from asn1crypto import keys as asn1_keys
     from asn1crypto import x509 as asn1_x509

@@ -1,0 +1,165 @@
+"""Review of the digital signature of reports (pacs.signing_keys,
+pacs.report_signature): what real certificates, real DICOM consumers and a
+forger do to it.
+
+A root CA and an intermediate CA (as VNPT-CA, Viettel-CA issue under the
+national root) sign the radiologists' certificates; the PKCS#12 files carry
+the intermediate. A real `pacs serve` signs reports with the PIN; the
+stored Encapsulated PDF instance is read back over WADO-URI as any DICOM
+consumer reads it, turned into a file by DCMTK's dcm2pdf and checked by
+poppler's pdfsig and pyHanko.
+"""
+
+from __future__ import annotations
+
+import io
+import subprocess
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import pkcs12
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from pydicom import dcmread
+
+from .conftest import Backend, PacsServer
+from .test_report_digital_signature import FINDINGS, IMPRESSION, _serve, import_cert, pdf_instance, pdfsig
+
+P12_PASSWORD = "mat-khau-p12"
+PIN = "975312"
+ROOT_CN = "Root CA Quốc gia thử nghiệm"
+SUB_CN = "CA Thử nghiệm cấp 2"
+pytestmark = pytest.mark.filterwarnings("ignore:.*DSA.*")
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COUNTRY_NAME, "VN"),
+                      x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bệnh viện Đa khoa Tỉnh Nam Định"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _issue(subject: x509.Name, key: Any, ca_key: Any, issuer: x509.Name, *, ca: bool = False,
+           usage: tuple[bool, bool] = (True, True), eku: list[x509.ObjectIdentifier] | None = None
+           ) -> x509.Certificate:
+    now = datetime.now(UTC)
+    builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(key.public_key())
+               .serial_number(x509.random_serial_number())
+               .not_valid_before(now - timedelta(days=1)).not_valid_after(now + timedelta(days=365))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        builder = builder.add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                                        critical=True)
+    else:  # digitalSignature, nonRepudiation (contentCommitment) as asked
+        builder = builder.add_extension(x509.KeyUsage(usage[0], usage[1], False, False, False, False, False,
+                                                      False, False), critical=True)
+    if eku:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+    return builder.sign(ca_key, hashes.SHA256())
+
+
+class Pki:
+    """A root, an intermediate under it, and end-entity PKCS#12 files."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.root_key = ec.generate_private_key(ec.SECP256R1())
+        self.root = _issue(_name(ROOT_CN), self.root_key, self.root_key, _name(ROOT_CN), ca=True)
+        self.sub_key = ec.generate_private_key(ec.SECP256R1())
+        self.sub = _issue(_name(SUB_CN), self.sub_key, self.root_key, _name(ROOT_CN), ca=True)
+        self.root_pem = folder / "root.pem"  # the only trust root: the intermediate comes with the signature
+        self.root_pem.write_bytes(self.root.public_bytes(serialization.Encoding.PEM))
+
+    def p12(self, name: str, cn: str, *, ecdsa: bool = False, usage: tuple[bool, bool] = (True, True),
+            eku: list[x509.ObjectIdentifier] | None = None) -> Path:
+        key = ec.generate_private_key(ec.SECP256R1()) if ecdsa else rsa.generate_private_key(65537, 2048)
+        cert = _issue(_name(cn), key, self.sub_key, _name(SUB_CN), usage=usage, eku=eku)
+        path = self.folder / f"{name}.p12"
+        path.write_bytes(pkcs12.serialize_key_and_certificates(
+            name.encode(), key, cert, [self.sub], serialization.BestAvailableEncryption(P12_PASSWORD.encode())))
+        return path
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    pki = Pki(tmp_path_factory.mktemp("rv-pki"))
+    pki.p12("both", "Trần Thị Bích Ngọc")
+    pki.p12("ds", "Đỗ Minh Quân", usage=(True, False))
+    pki.p12("ec", "Lương Thế Vinh", ecdsa=True,
+            eku=[ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.EMAIL_PROTECTION])
+    pki.p12("tls", "pacs.bv-namdinh.vn", eku=[ExtendedKeyUsageOID.SERVER_AUTH])
+    return pki
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory, pki: Pki) -> Iterator[PacsServer]:
+    tmp = tmp_path_factory.mktemp("rv-kyso")
+    server = _serve(tmp, Backend("sqlite-fs", None, None, {}),
+                    {"PACS_REPORT_SIGNATURE": "radiologist", "PACS_REPORT_TRUST_ROOTS": str(pki.root_pem)})
+    server.start()
+    # Display names one letter apart: the signature dictionary's /Name, so
+    # the two signed files differ in length by one byte (one is odd).
+    server.tokens = {  # type: ignore[attr-defined]
+        "a": server.make_token("bs.a", "radiologist", "BS. Ngọc A"),
+        "ab": server.make_token("bs.ab", "radiologist", "BS. Ngọc AB"),
+        "ds": server.make_token("bs.ds", "radiologist", "BS. Đỗ Minh Quân"),
+        "ec": server.make_token("bs.ec", "radiologist", "BS. Lương Thế Vinh"),
+        "tls": server.make_token("bs.tls", "radiologist", "BS. TLS"),
+    }
+    for user, p12 in (("bs.a", "both"), ("bs.ab", "both"), ("bs.ds", "ds"), ("bs.ec", "ec")):
+        done = import_cert(server, user, pki.folder / f"{p12}.p12", f"{P12_PASSWORD}\n{PIN}\n")
+        assert done.returncode == 0, done.stdout + done.stderr
+    yield server
+    server.stop()
+
+
+def _sign(server: PacsServer, study_name: str, user: str) -> str:
+    study = server.uids[study_name]  # type: ignore[attr-defined]
+    with server.http(token=server.tokens[user]) as rad:  # type: ignore[attr-defined]
+        saved = rad.put(f"/api/studies/{study}/report", json={"findings": FINDINGS, "impression": IMPRESSION})
+        assert saved.status_code == 200, saved.text
+        signed = rad.post(f"/api/studies/{study}/report/sign", json={"pin": PIN})
+        assert signed.status_code == 200, signed.text
+    return str(study)
+
+
+def _signature(server: PacsServer, study: str) -> dict[str, Any]:
+    with server.http() as http:
+        answer = http.get(f"/api/studies/{study}/report/signature")
+    assert answer.status_code == 200, answer.text
+    return dict(answer.json())
+
+
+def test_signed_pdf_in_the_dicom_instance_needs_no_pad_byte(archive: PacsServer, tmp_path: Path) -> None:
+    """DICOM pads an odd-length Encapsulated Document with a NUL byte. A
+    consumer that takes the element's value as the document (a script's
+    pydicom ds.EncapsulatedDocument, a DICOMweb bulk data read, a CD viewer
+    that does not look at EncapsulatedDocumentLength) then had a PDF with
+    one byte after the signed range: pdfsig "Not total document signed",
+    Adobe "modified after signing". The signed file is made even in length,
+    so the instance holds it byte for byte with nothing after it; DCMTK's
+    dcm2pdf and pdfsig agree."""
+    for study_name, user in (("sign", "a"), ("pin", "ab")):
+        study = _sign(archive, study_name, user)
+        series, sop = pdf_instance(archive, study)
+        where = {"requestType": "WADO", "studyUID": study, "seriesUID": series, "objectUID": sop}
+        with archive.http() as http:
+            served = http.get(f"/api/studies/{study}/report/pdf").content
+            wado_pdf = http.get("/wado", params={**where, "contentType": "application/pdf"}).content
+            instance = http.get("/wado", params={**where, "contentType": "application/dicom"}).content
+        ds = dcmread(io.BytesIO(instance))
+        document = bytes(ds.EncapsulatedDocument)
+        assert int(ds.EncapsulatedDocumentLength) == len(document), (user, len(served))
+        assert served == wado_pdf == document
+        dicom_file = tmp_path / f"{user}.dcm"
+        dicom_file.write_bytes(instance)
+        extracted = tmp_path / f"{user}.pdf"
+        subprocess.run(["dcm2pdf", str(dicom_file), str(extracted)], check=True, capture_output=True, timeout=60)
+        said = pdfsig(extracted.read_bytes(), tmp_path)
+        assert "Signature is Valid." in said and "Total document signed" in said, said
+        found = _signature(archive, study)
+        assert found["intact"] and found["trusted"] and found["signatures"][0]["covers_whole_file"], found
