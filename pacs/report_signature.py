@@ -209,6 +209,7 @@ def _iso(value: datetime | None) -> str | None:
 def _one(embedded: Any, roots: list[Any]) -> dict[str, Any]:
     """The verification of one embedded signature."""
     from pyhanko.sign.validation import validate_pdf_signature
+    from pyhanko.sign.validation.settings import KeyUsageConstraints
     from pyhanko.sign.validation.status import SignatureCoverageLevel
     from pyhanko_certvalidator import ValidationContext
 
@@ -232,8 +233,12 @@ def _one(embedded: Any, roots: list[Any]) -> dict[str, Any]:
     # expired since still made a valid signature while it was valid.
     context = ValidationContext(trust_roots=roots, allow_fetching=False, revocation_mode="soft-fail",
                                 moment=claimed)
+    # Either usage signs a document (as import accepts, pacs.signing_keys):
+    # pyHanko's default wants nonRepudiation, and called a certificate with
+    # digitalSignature alone untrusted.
+    usage = KeyUsageConstraints(key_usage={"digital_signature", "non_repudiation"})
     try:
-        status = validate_pdf_signature(embedded, context)
+        status = validate_pdf_signature(embedded, context, key_usage_settings=usage)
     except Exception as exc:  # a damaged signature or PDF: broken, never a 500
         result.update(intact=False, trusted=False, covers_whole_file=False,
                       problem=f"the signature cannot be checked: {type(exc).__name__}: {exc}"[:300])

@@ -163,3 +163,16 @@ def test_signed_pdf_in_the_dicom_instance_needs_no_pad_byte(archive: PacsServer,
         assert "Signature is Valid." in said and "Total document signed" in said, said
         found = _signature(archive, study)
         assert found["intact"] and found["trusted"] and found["signatures"][0]["covers_whole_file"], found
+
+
+def test_a_certificate_for_digital_signature_only_verifies(archive: PacsServer) -> None:
+    """Import accepts a certificate whose Key Usage is digitalSignature
+    without nonRepudiation (the law asks either; some CAs' certificates for
+    organizations and staff have only the first). Verification (pyHanko's
+    default wants nonRepudiation) called its every signature "does not chain
+    to report_trust_roots", though it does."""
+    study = _sign(archive, "amend", "ds")
+    found = _signature(archive, study)
+    (one,) = found["signatures"]
+    assert found["intact"] and found["trusted"], found
+    assert one["signer"] == "Đỗ Minh Quân" and "problem" not in one, one
