@@ -147,15 +147,41 @@ def check_validity(cert: x509.Certificate, at: datetime, what: str = "the certif
                               f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC", 422)
 
 
+# Extended Key Usages that let a certificate sign a document: any; a person's
+# (emailProtection, clientAuth: what Vietnamese CAs put in staff and
+# organization certificates); documentSigning (RFC 9336); Microsoft's and
+# Adobe's document signing. Another purpose alone (a web server's TLS
+# certificate, a time-stamping or OCSP responder's) is refused at import:
+# pdfsig and Adobe reject its signatures.
+_SIGNING_EKUS = {
+    x509.ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE, x509.ExtendedKeyUsageOID.EMAIL_PROTECTION,
+    x509.ExtendedKeyUsageOID.CLIENT_AUTH, x509.ObjectIdentifier("1.3.6.1.5.5.7.3.36"),
+    x509.ObjectIdentifier("1.3.6.1.4.1.311.10.3.12"), x509.ObjectIdentifier("1.2.840.113583.1.1.5"),
+}
+
+_EKU_NAMES = {
+    x509.ExtendedKeyUsageOID.SERVER_AUTH: "serverAuth", x509.ExtendedKeyUsageOID.CODE_SIGNING: "codeSigning",
+    x509.ExtendedKeyUsageOID.TIME_STAMPING: "timeStamping", x509.ExtendedKeyUsageOID.OCSP_SIGNING: "OCSPSigning",
+}
+
+
 def _check_signing_use(cert: x509.Certificate) -> None:
-    """422 for a certificate whose Key Usage forbids signing documents."""
+    """422 for a certificate whose Key Usage or Extended Key Usage forbids signing documents."""
     try:
         usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
-        return
-    if not (usage.digital_signature or usage.content_commitment):
+        usage = None
+    if usage is not None and not (usage.digital_signature or usage.content_commitment):
         raise SigningKeyError(f"the certificate of {common_name(cert)} is not for signatures (its Key Usage has "
                               "neither digitalSignature nor nonRepudiation)", 422)
+    try:
+        purposes = list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return
+    if not _SIGNING_EKUS.intersection(purposes):
+        names = ", ".join(_EKU_NAMES.get(p, p.dotted_string) for p in purposes)
+        raise SigningKeyError(f"the certificate of {common_name(cert)} is not for signing documents (its Extended "
+                              f"Key Usage is {names}): ask the CA for a digital signature certificate", 422)
 
 
 def load_pkcs12(data: bytes, password: str, *, at: datetime | None = None) -> SigningMaterial:

@@ -176,3 +176,23 @@ def test_a_certificate_for_digital_signature_only_verifies(archive: PacsServer) 
     (one,) = found["signatures"]
     assert found["intact"] and found["trusted"], found
     assert one["signer"] == "Đỗ Minh Quân" and "problem" not in one, one
+
+
+def test_extended_key_usage_is_checked_at_import(archive: PacsServer, pki: Pki, tmp_path: Path) -> None:
+    """A certificate whose Extended Key Usage is for something else (a web
+    server's TLS certificate, serverAuth only) is refused at import: its
+    signatures are rejected by pdfsig and Adobe. A Vietnamese CA's usual
+    personal certificate (ECDSA P-256, clientAuth + emailProtection, issued
+    by an intermediate CA the PKCS#12 carries) is accepted, and its
+    signature chains to the root through the intermediate in the CMS."""
+    refused = import_cert(archive, "bs.tls", pki.folder / "tls.p12", f"{P12_PASSWORD}\n{PIN}\n")
+    assert refused.returncode == 2 and "Extended Key Usage" in refused.stderr, refused.stderr
+    assert archive.cli("user", "certificate", "show", "bs.tls", check=False).returncode == 1
+
+    study = _sign(archive, "browser", "ec")
+    found = _signature(archive, study)
+    assert found["intact"] and found["trusted"], found
+    with archive.http() as http:
+        pdf = http.get(f"/api/studies/{study}/report/pdf").content
+    said = pdfsig(pdf, tmp_path)
+    assert "Signature is Valid." in said and "Signer Certificate Common Name: Lương Thế Vinh" in said, said
