@@ -208,6 +208,7 @@ def _iso(value: datetime | None) -> str | None:
 
 def _one(embedded: Any, roots: list[Any]) -> dict[str, Any]:
     """The verification of one embedded signature."""
+    from pyhanko.sign.diff_analysis import ModificationLevel
     from pyhanko.sign.validation import validate_pdf_signature
     from pyhanko.sign.validation.settings import KeyUsageConstraints
     from pyhanko.sign.validation.status import SignatureCoverageLevel
@@ -249,14 +250,21 @@ def _one(embedded: Any, roots: list[Any]) -> dict[str, Any]:
     if timestamp is not None and timestamp.intact and timestamp.valid:
         when = timestamp.timestamp
         result.update(signing_time=_iso(when), time_source="timestamp", timestamp_trusted=bool(timestamp.trusted))
-    result["intact"] = bool(status.intact and status.valid)
+    # A later revision that changes more than signatures and form fields (a
+    # page's content drawn over) breaks this signature, even when a later
+    # signature covers the whole file: what it signed is not what is shown.
+    modified = status.docmdp_ok is False or status.modification_level == ModificationLevel.OTHER
+    result["intact"] = bool(status.intact and status.valid) and not modified
     result["trusted"] = bool(status.trusted)
     result["covers_whole_file"] = status.coverage == SignatureCoverageLevel.ENTIRE_FILE
     if cert is not None and when is not None:
         result["certificate_valid_at_signing"] = cert.not_valid_before_utc <= when <= cert.not_valid_after_utc
     else:
         result["certificate_valid_at_signing"] = None
-    if not result["intact"]:
+    if modified:
+        result["problem"] = ("the PDF was changed after it was signed (a later revision changes its content, "
+                             "not only adds signatures)")
+    elif not result["intact"]:
         result["problem"] = "the PDF was changed after it was signed (its digest no longer matches)"
     elif status.coverage not in (SignatureCoverageLevel.ENTIRE_FILE, SignatureCoverageLevel.ENTIRE_REVISION):
         result["problem"] = "the signature does not cover its revision of the PDF"

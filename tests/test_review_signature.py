@@ -196,3 +196,47 @@ def test_extended_key_usage_is_checked_at_import(archive: PacsServer, pki: Pki, 
         pdf = http.get(f"/api/studies/{study}/report/pdf").content
     said = pdfsig(pdf, tmp_path)
     assert "Signature is Valid." in said and "Signer Certificate Common Name: Lương Thế Vinh" in said, said
+
+
+def test_content_changed_after_signing_then_signed_again_is_broken(archive: PacsServer) -> None:
+    """Someone with access to the storage draws over the findings of the
+    signed PDF in a new revision, then adds a signature of their own so
+    that the last signature covers the whole file. The radiologist's
+    signature no longer covers what the page shows: verification must say
+    so (it said intact, as Adobe does not)."""
+    from pyhanko.pdf_utils import generic
+    from pyhanko.pdf_utils.incremental_writer import IncrementalPdfFileWriter
+
+    from pacs.report_signature import ORGANIZATION_FIELD, REASON, Signature, sign_pdf
+    from pacs.signing_keys import SigningMaterial
+
+    study = _sign(archive, "tamper", "a")
+    assert _signature(archive, study)["intact"]
+    _, sop = pdf_instance(archive, study)
+    core = archive.core()
+    try:
+        key = core.reader.stored_instance(sop).storage_key
+        ds = dcmread(io.BytesIO(core.store.read_bytes(key)))
+        signed = bytes(ds.EncapsulatedDocument)[:int(ds.EncapsulatedDocumentLength)]
+        writer = IncrementalPdfFileWriter(io.BytesIO(signed))
+        cover = generic.StreamObject(stream_data=b"q 1 1 1 rg 40 380 520 300 re f Q")
+        writer.add_stream_to_page(0, writer.add_object(cover))
+        changed = io.BytesIO()
+        writer.write(changed)
+        forger_key = ec.generate_private_key(ec.SECP256R1())
+        forger = _issue(_name("Ai đó"), forger_key, forger_key, _name("Ai đó"))
+        forged = sign_pdf(changed.getvalue(), [Signature(SigningMaterial(forger_key, forger, []),
+                                                         ORGANIZATION_FIELD, "Ai đó", REASON)])
+        ds.EncapsulatedDocument = forged + (b"\0" if len(forged) % 2 else b"")
+        ds.EncapsulatedDocumentLength = len(forged)
+        out = io.BytesIO()
+        ds.save_as(out)
+        core.store.put(key, io.BytesIO(out.getvalue()), len(out.getvalue()))
+    finally:
+        core.close()
+    found = _signature(archive, study)
+    radiologist = found["signatures"][0]
+    assert radiologist["kind"] == "radiologist" and radiologist["intact"] is False, radiologist
+    assert found["intact"] is False and "changed after" in found["problem"], found
+    done = archive.cli("report", "verify", study, check=False)
+    assert done.returncode == 1 and "BROKEN" in done.stdout, done.stdout
