@@ -52,8 +52,16 @@ MODES = ("off", "radiologist", "organization", "both")
 def _pyhanko() -> None:
     """pyHanko imports cryptography's DSA module, deprecated: a warning on
     every command's stderr otherwise. Imported at the first signature or
-    verification, not at every start."""
+    verification, not at every start.
+
+    pyHanko's validation also logs, with a traceback, every signer it finds
+    no path to a trust root for (each report shown, where report_trust_roots
+    is not set) and every revision its diff cannot explain: answers of the
+    verification that :func:`verify_pdf` returns ("not trusted", "changed
+    after it was signed"), not faults of the server."""
     warnings.filterwarnings("ignore", message=".*DSA.*", module="pyhanko")
+    for name in ("pyhanko.sign.validation", "pyhanko.sign.diff_analysis"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def needs_radiologist(settings: Settings) -> bool:

@@ -240,3 +240,35 @@ def test_content_changed_after_signing_then_signed_again_is_broken(archive: Pacs
     assert found["intact"] is False and "changed after" in found["problem"], found
     done = archive.cli("report", "verify", study, check=False)
     assert done.returncode == 1 and "BROKEN" in done.stdout, done.stdout
+
+
+def test_verifying_an_untrusted_signature_logs_no_traceback(archive: PacsServer, pki: Pki, tmp_path: Path) -> None:
+    """A signer that does not chain to report_trust_roots (or none
+    configured, the default) is an answer of the verification ("not
+    trusted"), not a server fault: the viewer asks it each time a signed
+    report is shown, and each time pyHanko wrote a warning with a traceback
+    into the server's log."""
+    from .dicomfiles import image_dataset
+
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other = _issue(_name("CA khác"), other_key, other_key, _name("CA khác"), ca=True)
+    key = rsa.generate_private_key(65537, 2048)
+    cert = _issue(_name("Hoàng Văn Khác"), key, other_key, _name("CA khác"))
+    p12 = tmp_path / "other.p12"
+    p12.write_bytes(pkcs12.serialize_key_and_certificates(
+        b"other", key, cert, [other], serialization.BestAvailableEncryption(P12_PASSWORD.encode())))
+    archive.tokens["other"] = archive.make_token("bs.other", "radiologist", "BS. Khác")  # type: ignore[attr-defined]
+    assert import_cert(archive, "bs.other", p12, f"{P12_PASSWORD}\n{PIN}\n").returncode == 0
+    (tmp_path / "in").mkdir()
+    ds = image_dataset(PatientID="BN-KHAC", Modality="CT", SpecificCharacterSet="ISO_IR 192")
+    ds.save_as(tmp_path / "in" / "other.dcm", enforce_file_format=True)
+    archive.cli("import", str(tmp_path / "in"))
+    archive.uids["other"] = str(ds.StudyInstanceUID)  # type: ignore[attr-defined]
+    study = _sign(archive, "other", "other")
+    start = archive.log_path.stat().st_size
+    for _ in range(2):
+        found = _signature(archive, study)
+        assert found["intact"] and not found["trusted"], found
+        assert "does not chain" in found["signatures"][0]["problem"]
+    logged = archive.log_text(start)
+    assert "Traceback" not in logged and "pyhanko" not in logged, logged
