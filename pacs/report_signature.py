@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 
 from .settings import Settings
 from .signing_keys import SigningKeyError, SigningMaterial, common_name, load_pkcs12, name_text
+from .timezones import server_zone
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +63,29 @@ def _pyhanko() -> None:
     warnings.filterwarnings("ignore", message=".*DSA.*", module="pyhanko")
     for name in ("pyhanko.sign.validation", "pyhanko.sign.diff_analysis"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    _tzlocal_fallback()
+
+
+def _tzlocal_fallback() -> None:
+    """pyHanko takes the signing time's zone from tzlocal, which refuses a
+    TZ that is a POSIX rule ("ICT-7"): every signature failed (500) on a
+    server the rest of the PACS runs on (pacs.timezones reads that rule).
+    tzlocal's answer is kept where it has one, else the server's zone as
+    pacs.timezones reads it (the instant is the same; only its offset shows)."""
+    import tzlocal
+
+    original = tzlocal.get_localzone
+    if getattr(original, "pacs_fallback", False):
+        return
+
+    def get_localzone() -> Any:
+        try:
+            return original()
+        except KeyError:  # zoneinfo.ZoneInfoNotFoundError
+            return server_zone()
+
+    get_localzone.pacs_fallback = True  # type: ignore[attr-defined]
+    tzlocal.get_localzone = get_localzone
 
 
 def needs_radiologist(settings: Settings) -> bool:

@@ -272,3 +272,26 @@ def test_verifying_an_untrusted_signature_logs_no_traceback(archive: PacsServer,
         assert "does not chain" in found["signatures"][0]["problem"]
     logged = archive.log_text(start)
     assert "Traceback" not in logged and "pyhanko" not in logged, logged
+
+
+def test_signing_on_a_server_whose_tz_is_a_posix_rule(tmp_path: Path, pki: Pki) -> None:
+    """TZ=ICT-7 (a POSIX rule, as some images and embedded set-ups have it)
+    is a zone the rest of the server reads (pacs.timezones); pyHanko asks
+    tzlocal for the local zone when it signs, and tzlocal refuses such a
+    rule: every signature was a 500. It signs, the signing time the right
+    instant."""
+    server = _serve(tmp_path, Backend("sqlite-fs", None, None, {}),
+                    {"PACS_REPORT_SIGNATURE": "radiologist", "PACS_REPORT_TRUST_ROOTS": str(pki.root_pem),
+                     "TZ": "ICT-7"})
+    server.tokens = {"a": server.make_token("bs.a", "radiologist", "BS. Ngọc")}  # type: ignore[attr-defined]
+    assert import_cert(server, "bs.a", pki.folder / "both.p12", f"{P12_PASSWORD}\n{PIN}\n").returncode == 0
+    server.start()
+    try:
+        before = datetime.now(UTC)
+        study = _sign(server, "sign", "a")
+        found = _signature(server, study)
+        assert found["intact"] and found["trusted"], found
+        signed_at = datetime.fromisoformat(found["signatures"][0]["signing_time"])
+        assert abs(signed_at - before) < timedelta(hours=1)  # the instant, not 7 hours off
+    finally:
+        server.stop()
