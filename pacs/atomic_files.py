@@ -24,3 +24,34 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def create_once(path: Path, data: bytes, mode: int) -> bool:
+    """Put *data* at *path* with *mode* unless a file is there already; False
+    when one was (another process's came first: keep it, never replace it; a
+    secret replaced under a key already sealed with it loses that key).
+    Written beside, synced, then linked into place: a reader never sees a
+    partial file, and of two creators at once exactly one wins."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        # The new name survives a power cut.
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        except OSError:
+            pass
+        finally:
+            os.close(dir_fd)
+        return True
+    finally:
+        Path(tmp).unlink(missing_ok=True)

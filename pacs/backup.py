@@ -6,6 +6,10 @@ and no store, and without it a restored appliance gives the same studies
 new UIDs and the same patients new pseudonyms, silently. ``pacs restore``
 puts it back.
 
+The signing secret (pacs.signing_keys) is not copied: the radiologists'
+keys in the index are sealed under it, and a backup that carried both
+would open them to a PIN guessed offline. It is kept apart (key escrow).
+
 The objects are not copied here: the filesystem store is backed up by the
 hospital's file backup (it only ever gains whole, immutable files) and an S3
 bucket by its replication. After a restore, objects stored since the backup
@@ -50,6 +54,11 @@ class BackupResult:
     salt: str = ""
     # Restore: where a different secret the data dir had was kept.
     previous_salt: str = ""
+    # Backup: where the signing secret is, which the backup leaves out on
+    # purpose (the keys it seals are in the index); "" when the index holds none.
+    signing_secret: str = ""
+    # Restore: why stored signing keys cannot be opened with this data dir's secret; "" when they can.
+    signing_secret_problem: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

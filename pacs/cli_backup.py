@@ -49,6 +49,25 @@ def _audit(args: argparse.Namespace, action: str, detail: str, *, restored: bool
         pacs.close()
 
 
+def _signing_secret(settings: Any, *, problem: bool) -> str:
+    """Where the signing secret is when the index holds sealed signing keys
+    (backup), or why they cannot be opened with it (restore, *problem*); ""."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from . import signing_keys
+    from .index.db import create_index_engine
+
+    engine = create_index_engine(settings.resolved_index_url, pool_size=0)
+    try:
+        if problem:
+            return signing_keys.secret_problem(engine, settings) or ""
+        return signing_keys.load_secret(settings).where if signing_keys.certificates_stored(engine) else ""
+    except SQLAlchemyError:  # an index older than signing certificates: none to speak of
+        return ""
+    finally:
+        engine.dispose()
+
+
 def _report(args: argparse.Namespace, result: Any, verb: str) -> None:
     if args.json:
         print(json.dumps(result.as_dict()))
@@ -64,6 +83,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     try:
         result = backup_index(settings.resolved_index_url, args.out)
         result.salt = backup_salt(settings.data_dir, args.out)
+        result.signing_secret = _signing_secret(settings, problem=False)
     except (BackupError, OSError) as exc:
         err.print(f"[red]backup failed:[/red] {exc}")
         return 1
@@ -81,6 +101,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
     if result.salt and not args.json:
         out.print(f"the de-identification secret is in {result.salt}: keep it with the backup (restore reads it "
                   "from there)")
+    if result.signing_secret and not args.json:
+        # Never beside the backup: with the index it seals, a PIN guessed offline opens every key.
+        out.print(f"the signing secret ({result.signing_secret}) is NOT in the backup, on purpose: keep one copy "
+                  "of it apart from the backups (a key escrow: the hospital's safe, not the backup disk); without "
+                  "it, the radiologists import their certificates again after a restore on another machine")
     return 0
 
 
@@ -104,6 +129,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             # here, or the restore would end in a SchemaError after its work.
             set_aside = _audit(args, "restore", f"index restored from {result.path}"
                                + (", with its de-identification secret" if result.salt else ""), restored=True)
+            result.signing_secret_problem = _signing_secret(settings, problem=True)
     except (BackupError, ServerRunning, OSError) as exc:
         err.print(f"[red]restore failed:[/red] {exc}")
         return 1
@@ -119,6 +145,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
             err.print("[yellow]the backup carries no de-identification secret[/yellow]: de-identified copies made "
                       "from now on get other UIDs and pseudonyms than before unless the old "
                       f"{SALT_FILE} is put in the data dir")
+        if result.signing_secret_problem:
+            from rich.markup import escape
+
+            err.print(f"[yellow]signing certificates:[/yellow] {escape(result.signing_secret_problem)}")
         out.print("objects stored after the backup are now orphans: run `pacs verify --repair` to index them")
         if set_aside:
             out.print(f"{set_aside} objects of deletions under way at the backup's time are kept: `pacs verify "

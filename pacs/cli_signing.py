@@ -80,8 +80,11 @@ def cmd_certificate(args: argparse.Namespace) -> int:
     pacs = _open(args)
     try:
         if command == "import":
+            secret_path = signing_keys.secret_file(pacs.settings)
+            had_secret = pacs.settings.signing_secret or secret_path.exists()
             try:
-                info = signing_keys.import_pkcs12(pacs.engine, args.username, data, password, pin, os_user())
+                info = signing_keys.import_pkcs12(pacs.engine, args.username, data, password, pin, os_user(),
+                                                  settings=pacs.settings, new_secret=args.new_secret)
             except signing_keys.SigningKeyError as exc:
                 audit_command(pacs, "certificate-import", f"certificate of {args.username} from "
                               f"{args.file.resolve()} refused: {exc}", "failure")
@@ -90,6 +93,11 @@ def cmd_certificate(args: argparse.Namespace) -> int:
             audit_command(pacs, "certificate-import", f"certificate {info.subject} (serial {info.serial}, issuer "
                           f"{info.issuer}, valid until {info.not_after:%Y-%m-%d}) for {args.username}")
             _print_info(info, args.json)
+            if not had_secret and secret_path.exists():
+                # Made now: the index's keys are useless without it, and backups leave it out.
+                print(f"the signing secret was made in {secret_path} (mode 0600): keep a copy apart from the "
+                      "backups (pacs backup leaves it out), and give every node of a scale-out the same file or "
+                      "PACS_SIGNING_SECRET", file=sys.stderr)
             return 0
         if command == "show":
             found = signing_keys.show(pacs.engine, args.username)
@@ -163,6 +171,9 @@ def register_user_certificate(users: Any, common: Callable[..., None]) -> None:
     q.add_argument("file", type=Path)
     q.add_argument("--pin-is-password", action="store_true",
                    help="the PKCS#12 password is the PIN (asks no PIN)")
+    q.add_argument("--new-secret", action="store_true",
+                   help="the signing secret other certificates were sealed with is lost (a restore on a new "
+                        "machine): seal this one with this server's own; the others are imported again")
     for name in ("show", "remove"):
         q = c_sub.add_parser(name, help="the stored certificate (subject, issuer, serial, validity)"
                              if name == "show" else "forget USER's certificate and key")

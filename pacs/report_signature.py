@@ -205,14 +205,14 @@ def signatures_for(engine: Any, settings: Settings, username: str, display_name:
     when off). The seal is read first: a server set-up fault costs the
     radiologist no PIN try. Then the radiologist's key is opened with *pin*
     (counted, locked after wrong ones: pacs.signing_keys.unlock)."""
-    from .signing_keys import unlock
+    from .signing_keys import load_secret, unlock
 
     found: list[Signature] = []
     seal = None
     if needs_seal(settings):
         seal = load_seal(settings)
     if needs_radiologist(settings):
-        material = unlock(engine, username, pin)
+        material = unlock(engine, username, pin, secret=load_secret(settings))
         found.append(Signature(material, RADIOLOGIST_FIELD, display_name or common_name(material.certificate),
                                REASON))
     if seal is not None:

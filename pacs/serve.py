@@ -306,11 +306,15 @@ def serve(settings: Settings, *, with_samples: bool = False) -> int:
         if not settings.public_url:
             log.warning("public_url (PACS_PUBLIC_URL) is not set: signed reports (PDF, ORU^R01) carry no link "
                         "to the images; set it to the address the EMR and HIS reach this server at")
-        from .report_signature import seal_problem
+        from .report_signature import needs_radiologist, seal_problem
+        from .signing_keys import secret_problem
 
         if (problem := seal_problem(settings)) is not None:
             # Said at the start, not first to the radiologist whose report cannot be signed.
             log.warning("reports cannot be signed: %s", problem)
+        if needs_radiologist(settings) and (problem := secret_problem(pacs.engine, settings)) is not None:
+            # A node started without the cluster's signing secret (or a restore on a new machine).
+            log.warning("reports cannot be signed with some radiologists' certificates: %s", problem)
         if pacs.reader.stats().studies == 0:
             if with_samples:
                 from .samples import load_samples

@@ -8,6 +8,8 @@ The config file is ``--config FILE``, else ``$PACS_CONFIG``, else
 
 from __future__ import annotations
 
+import base64
+import binascii
 import difflib
 import functools
 import os
@@ -403,6 +405,14 @@ class Settings(BaseSettings):
     report_trust_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     # The signature's location (the hospital's name). Empty: the study's Institution Name.
     report_signature_location: str = ""
+    # The signing secret (pacs.signing_keys), kept out of the index and its
+    # backups: the radiologists' keys are sealed under it and their PIN, so a
+    # copy of the index alone does not open them to a PIN guessed offline.
+    # signing_secret (PACS_SIGNING_SECRET, base64 or hex) wins; else the file
+    # (default DATA_DIR/secrets/signing.key, 32 random bytes made at the first
+    # certificate import). Every node that signs needs the same one.
+    signing_secret: str | None = None
+    signing_secret_file: Path | None = None
     # Web origins (comma-separated, e.g. "https://emr.bvdk.vn"; "*" for any)
     # whose pages may call the HTTP API from the browser: an EMR or a DICOMweb
     # viewer (OHIF) served from another host. Empty: same origin only.
@@ -492,6 +502,14 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return value.replace(",", " ").split()
         return value
+
+    @field_validator("signing_secret")
+    @classmethod
+    def _signing_secret_decodes(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None  # an empty PACS_SIGNING_SECRET (a compose default): the file
+        decode_signing_secret(value)
+        return value.strip()
 
     @field_validator("report_trust_roots", mode="before")
     @classmethod
@@ -600,6 +618,29 @@ class Settings(BaseSettings):
     def prefetch_source_methods(self) -> list[tuple[str, str]]:
         """The prefetch sources as (AE title, "move" or "get"), in order."""
         return [(title, method) for title, _, method in (s.partition(":") for s in self.prefetch_sources)]
+
+
+# The signing secret's least length: a shorter one is guessed with the PIN.
+MIN_SIGNING_SECRET = 16
+
+
+def decode_signing_secret(text: str) -> bytes:
+    """The bytes of ``signing_secret`` (PACS_SIGNING_SECRET): hex, else base64
+    (standard or URL-safe, padding optional) of at least 16 bytes; the same
+    bytes as the secret file's (``base64 -w0 signing.key``). ValueError otherwise."""
+    text = text.strip()
+    try:
+        if len(text) % 2 == 0 and all(c in "0123456789abcdefABCDEF" for c in text):
+            value = bytes.fromhex(text)
+        else:
+            padded = text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4)
+            value = base64.b64decode(padded, validate=True)
+    except (ValueError, binascii.Error):
+        raise ValueError("is neither hex nor base64 (make one with: openssl rand -hex 32)") from None
+    if len(value) < MIN_SIGNING_SECRET:
+        raise ValueError(f"is {len(value)} bytes: at least {MIN_SIGNING_SECRET} random bytes are needed "
+                         "(make one with: openssl rand -hex 32)")
+    return value
 
 
 def index_url_problem(url: str) -> str | None:
@@ -717,7 +758,7 @@ def load_env_file() -> Path | None:
 
 # Values not repeated in an error line: they may hold a password or a key.
 _SECRET_FIELDS = {"index_url", "storage_url", "s3_access_key", "s3_secret_key", "deidentify_salt",
-                  "report_seal_password"}
+                  "report_seal_password", "signing_secret"}
 
 
 # Settings a `pacs` option sets too (pacs.cli).
