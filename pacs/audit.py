@@ -56,6 +56,8 @@ _ACTION_CODE = {
     "key-images-update": "U",
     # Signing certificates (pacs.signing_keys): imported, removed; signing locked by wrong PINs.
     "certificate-import": "C", "certificate-remove": "D", "signature-lockout": "E",
+    # Reading claims (pacs.reading_claims): a study claimed, taken over from a colleague, released.
+    "claim": "U", "claim-takeover": "U", "claim-release": "U",
 }
 
 

@@ -50,6 +50,7 @@ from .header_scan import (
 )
 from .names import fold_name, name_reading, name_words
 from .part10 import PositionedReader
+from .priority import normalized as normalized_priority
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +110,8 @@ class InstanceHeader:
     charset: str = ""
     content_date: str = ""
     content_time: str = ""
+    # The reading priority the modality wrote (pacs.priority's term, '' none).
+    priority: str = ""
     pixel_offset: int | None = None
     # A value under a declared Latin-1 set (ISO_IR 100) was UTF-8 and read
     # as such (see _Decoder): the receiving service warns the sender's admin.
@@ -513,6 +516,7 @@ _SCANNED_TAGS = frozenset(keyword_dict[k] for k in (
     "InstitutionName", "Modality", "SeriesNumber", "SeriesDescription", "BodyPartExamined", "StationName",
     "SeriesDate", "SeriesTime", "InstanceNumber", "Rows", "Columns", "NumberOfFrames", "BitsAllocated",
     "PhotometricInterpretation", "ContentDate", "ContentTime",
+    "RequestedProcedurePriority", "ScheduledProcedureStepPriority",
 ))
 
 
@@ -611,6 +615,9 @@ def _fill(h: InstanceHeader, v: _Values | _ScannedValues) -> None:
     h.charset = v.text("SpecificCharacterSet")
     h.content_date = index_date(v.text("ContentDate"))
     h.content_time = index_time(v.text("ContentTime"))
+    # Top level, where modalities that copy it from the worklist write it.
+    h.priority = normalized_priority(v.text("RequestedProcedurePriority")
+                                     or v.text("ScheduledProcedureStepPriority"))
     h.mislabelled_utf8 = v.mislabelled
 
 

@@ -30,6 +30,7 @@ from .maintenance.common import delete_instance_rows
 from .orders import OrderService
 from .part10 import BufferSource
 from .query.results import as_written
+from .reading_claims import end_on_signature
 from .report_pdf import ReportContent, render
 from .report_signature import sign_pdf, signatures_for, trust_roots, verify_pdf
 from .timezones import dicom_date_time, hl7_timestamp, hospital_zone, in_hospital_zone, utc_offset
@@ -293,6 +294,8 @@ class ReportService:
         ).rowcount
         if not done:
             return False
+        # Read and reported: nobody is reading it any more (pacs.reading_claims).
+        end_on_signature(conn, study.pk)
         study_uid = study.study_uid
         order = self._order_for(conn, study)
         OrderService.enqueue(conn, "his", "report", {

@@ -413,6 +413,10 @@ class Settings(BaseSettings):
     # certificate import). Every node that signs needs the same one.
     signing_secret: str | None = None
     signing_secret_file: Path | None = None
+    # A radiologist's claim on a study ("đang đọc", pacs.reading_claims) ends
+    # this long after the viewer last said the study is still open (it says
+    # so every minute or more often); fractions of a minute are taken.
+    reading_claim_minutes: float = Field(default=30.0, gt=0, le=24 * 60)
     # Web origins (comma-separated, e.g. "https://emr.bvdk.vn"; "*" for any)
     # whose pages may call the HTTP API from the browser: an EMR or a DICOMweb
     # viewer (OHIF) served from another host. Empty: same origin only.

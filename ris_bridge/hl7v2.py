@@ -31,6 +31,7 @@ from pacs.audit import Event
 from pacs.index.db import is_transient
 from pacs.orders import (PRIMARY_ID_TYPES, OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo,
                          Receipt, patients_named)
+from pacs.priority import normalized as normalized_priority
 from pacs.query.matching import is_date
 from pacs.timezones import hl7_timestamp, server_zone
 
@@ -655,7 +656,6 @@ def order_groups(message: Any) -> tuple[list[OrderGroup], Any]:
 
 _ORDER_CONTROLS = {"NW": "place", "XO": "change", "SC": "change", "CA": "cancel", "OC": "cancel",
                    "DC": "discontinue", "OD": "discontinue"}
-_PRIORITIES = {"S": "STAT", "A": "HIGH", "R": "ROUTINE"}
 
 
 def _coded_text(segment: Any, field_number: int) -> str:
@@ -723,7 +723,8 @@ def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: st
         start_time=start_time,
         performing_physician=_person(_field(obr, 34), offset=1) if obr is not None else "",
         referring_physician=referring or (_person(_field(obr, 16), offset=1) if obr is not None else ""),
-        priority=_PRIORITIES.get(priority[:1].upper(), ""),
+        # HL7 table 0027's code (S, A, R, P, C, T) as the DICOM term the worklist gives.
+        priority=normalized_priority(priority[:1]),
         reason=_coded_text(obr, 31),
     )
 

@@ -40,6 +40,8 @@ ARCHIVE_STATISTICS = [
     ("studies", "ix_studies_referring_physician_folded", "100000 100000"),
     # With reports in four states (unread, draft, signed, amending): a hospital that reports here.
     ("studies", "ix_studies_report_state", "100000 25000 36 1"),
+    # No priority in the synthetic archive (no orders, none in the images).
+    ("studies", "ix_studies_priority", "100000 100000 25000 36 1"),
 ]
 
 
@@ -127,7 +129,9 @@ def test_the_unread_worklist_reads_the_unread_studies_from_their_index(engine: E
     finally:
         event.remove(engine, "before_cursor_execute", explain)
     assert plans and all("reports" not in plan for plan in plans), plans
-    # Unread: the count and the page, with and without a modality.
-    for plan in plans[:4]:
+    # Unread: the counts (the urgent studies listed first, and all) and the
+    # page of the others (no urgent study here), with and without a modality.
+    assert len(plans) == 3 * 4 + 2 * 2, plans  # a signed list has no urgent unreported group
+    for plan in plans[:6]:
         first = next(step for step in plan.split(" / ") if " studies " in f"{step} ")
         assert first.startswith("SEARCH studies USING INDEX ix_studies_report_state (report_state=?)"), plan

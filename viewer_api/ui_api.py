@@ -18,9 +18,11 @@ from pacs.auth import ROLES, SESSION_HOURS, AuthError, LoginThrottled, Principal
 from pacs.header import valid_uid
 from pacs.report_signature import needs_radiologist
 from pacs.reports import ReportError, ReportService
+from pacs.priority import FILTERS as PRIORITY_FILTERS
+from pacs.reading_claims import claim_of
 from pacs.signing_keys import PinLocked, SigningKeyError, WrongPin
 from pacs.signing_keys import show as show_certificate
-from pacs.studylist import patient_of, study_detail, study_list
+from pacs.studylist import SORTS, patient_of, reading_of, study_detail, study_list
 
 from .errors import HTTPProblem, JsonBody, problem
 from .mediatypes import video_media_types
@@ -161,7 +163,13 @@ def _signed_only(principal: Principal) -> bool:
     return principal.role not in ("radiologist", "admin")
 
 
-@router.get("/api/worklist", summary="Studies to read: search by name (no diacritics needed), ID, date, modality, status")
+def _reads(principal: Principal) -> bool:
+    # Who reads and reports: sees who is reading what, and the urgent count.
+    return principal.role in ("radiologist", "admin")
+
+
+@router.get("/api/worklist", summary="Studies to read: search by name (no diacritics needed), ID, date, modality, "
+                                     "status, priority, claimed by me; urgent unreported first")
 def worklist(
     request: Request,
     q: str = "",
@@ -171,12 +179,21 @@ def worklist(
     modality: str = "",
     status: str = "",
     accession: str = "",
+    priority: str = Query("", description="stat, high, urgent (stat or high) or routine (any other)"),
+    mine: bool = Query(False, description="only the studies the caller's running claims hold"),
+    sort: str = Query("priority", description="priority: urgent unreported first (longest waiting first), "
+                                              "then newest; date: newest first; waiting: unreported first, "
+                                              "longest waiting first"),
     limit: int = 50,
     offset: int = 0,
     principal: Principal = guard(*READERS, action="query"),
 ) -> dict[str, Any]:
     if status not in ("", "unread", "draft", "signed"):
         raise HTTPProblem(400, "status must be unread, draft or signed")
+    if priority not in ("", *PRIORITY_FILTERS):
+        raise HTTPProblem(400, f"priority must be one of {', '.join(PRIORITY_FILTERS)}")
+    if sort not in SORTS:
+        raise HTTPProblem(400, f"sort must be one of {', '.join(SORTS)}")
     for value in (date_from, date_to):
         if value and not (len(value) == 8 and value.isdigit()):
             raise HTTPProblem(400, "dates are YYYYMMDD")
@@ -186,8 +203,13 @@ def worklist(
     found = study_list(
         request.app.state.pacs.engine, name=q.strip(), patient_id=patient_id.strip(), date_from=date_from,
         date_to=date_to, modality=modality.strip().upper(), status=status, accession=accession.strip(),
-        referring=_referring_filter(principal), signed_only=_signed_only(principal), limit=limit, offset=offset,
+        referring=_referring_filter(principal), signed_only=_signed_only(principal), priority=priority,
+        claimed_by=principal.username if mine else "", sort=sort, viewer=principal.username,
+        count_urgent=_reads(principal), limit=limit, offset=offset,
     )
+    if not _reads(principal):
+        for item in found["items"]:
+            item["claim"] = None  # the radiologists' own business
     # Who was shown, each with the issuer of the ID (two hospitals' BN100 are two people).
     audit_patients(request, (patient_cx(item["patient_id"] or "", item["issuer"] or "") for item in found["items"]))
     return found
@@ -219,6 +241,11 @@ def study(request: Request, study: str, principal: Principal = guard(*READERS, a
     if detail is None:
         raise HTTPProblem(404, f"no study {study}")
     detail.pop("changed_at", None)  # FHIR's meta.lastUpdated: not a field of this API
+    # Report status, priority, arrival and who is reading it, as the worklist shows them.
+    detail.update(reading_of(request.app.state.pacs.engine, study, signed_only=_signed_only(principal),
+                             viewer=principal.username))
+    if not _reads(principal):
+        detail["claim"] = None
     for series in detail["series"]:
         for instance in series["instances"]:
             # The viewer plays a video (its stream at bulk/7FE00010) in a
@@ -312,6 +339,7 @@ def save_report(request: Request, study: str, body: ReportText,
              "report_signature on, the PDF is digitally signed (PAdES), the radiologist's key opened with `pin`")
 def sign_report(request: Request, study: str, body: SignRequest | None = None,
                 principal: Principal = guard("radiologist", action="report-sign")) -> Any:
+    reading = claim_of(request.app.state.pacs.engine, study)
     try:
         signed = _report_call(_reports(request).sign, study, principal.username, principal.display_name,
                               revision=body.revision if body else None, pin=body.pin if body else None)
@@ -336,6 +364,10 @@ def sign_report(request: Request, study: str, body: SignRequest | None = None,
             if needs_radiologist(settings) else None
         what = f"certificate {cert.subject} (serial {cert.serial})" if cert else "the hospital's seal"
         _audit_detail(request, f"{request.url.path}: PDF digitally signed ({settings.report_signature}) with {what}")
+    if reading is not None:
+        # The signature ended it (pacs.reading_claims.end_on_signature): said in the trail as a release.
+        audit(request, "claim-release", principal, study_uid=study,
+              detail=f"claim of {reading.username} ({reading.display_name}) ended by the report's signature")
     return _with_signing(request, signed)
 
 

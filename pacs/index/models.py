@@ -149,8 +149,12 @@ class PatientIdentifier(Base):
 
 class Study(Base):
     __tablename__ = "studies"
-    # A report state's studies, newest first (the unread worklist).
-    __table_args__ = (Index("ix_studies_report_state", "report_state", "study_date", "study_time"),)
+    __table_args__ = (
+        # A report state's studies, newest first (the unread worklist).
+        Index("ix_studies_report_state", "report_state", "study_date", "study_time"),
+        # The urgent studies not yet reported, listed first and counted (migration 0032).
+        Index("ix_studies_priority", "priority", "report_state", "study_date", "study_time"),
+    )
 
     pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
     patient_pk: Mapped[int] = mapped_column(ForeignKey("patients.pk"), index=True)
@@ -181,6 +185,12 @@ class Study(Base):
     # unread, draft, signed, or amending (a draft over a signed version).
     # Kept by triggers on reports (migration 0026).
     report_state: Mapped[str] = mapped_column(String, server_default="unread")
+    # The reading priority as a DICOM term (STAT, HIGH, ROUTINE, MEDIUM, LOW;
+    # '' none, see pacs.priority): the linked order's, else image_priority.
+    # Kept by triggers on study_orders and orders (migration 0032).
+    priority: Mapped[str] = mapped_column(String, server_default="")
+    # What the images said (Requested Procedure Priority), set at ingest.
+    image_priority: Mapped[str] = mapped_column(String, server_default="")
 
 
 class Series(Base):
@@ -755,3 +765,22 @@ class SigningCertificate(Base):
     failed_pins: Mapped[int] = mapped_column(Integer, default=0)
     locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     lockouts: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class ReadingClaim(Base):
+    """A radiologist reading a study ("đang đọc"), shown to colleagues, until
+    *expires_at* (the database's clock; refreshed while the study stays open),
+    a release, a colleague's take-over or the report's signature. One per
+    study, deleted with it (see pacs.reading_claims). Added by migration 0032."""
+
+    __tablename__ = "reading_claims"
+    # A radiologist's own claims ("Mine" in the worklist).
+    __table_args__ = (Index("ix_reading_claims_username", "username", "expires_at"),)
+
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.pk", ondelete="CASCADE"), primary_key=True,
+                                          autoincrement=False)
+    username: Mapped[str] = mapped_column(String(64))
+    # As the colleagues' worklists show it ("BS. Trần Văn An").
+    display_name: Mapped[str] = mapped_column(String, default="")
+    claimed_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -17,7 +17,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Connection, Table, select, update
+from sqlalchemy import Connection, Table, case, select, update
 
 from ..header import InstanceHeader
 from ..names import fold_name, name_reading, name_words
@@ -373,6 +373,9 @@ class IndexWriter:
                 **_referring_columns(h.referring_physician),
                 "description": h.study_description,
                 "institution": h.institution,
+                # An order linked below overrides it (triggers of migration 0032).
+                "image_priority": h.priority,
+                "priority": h.priority,
                 "modalities": "",
                 "num_series": 0,
                 "num_instances": 0,
@@ -418,7 +421,8 @@ class IndexWriter:
         birth date or sex under the same Patient ID is recorded as
         corrections: retrieval gives every object of a study one patient."""
         row = conn.execute(
-            select(studies.c.patient_pk, *(studies.c[column] for column in _FILLED.values()),
+            select(studies.c.patient_pk, studies.c.image_priority,
+                   *(studies.c[column] for column in _FILLED.values()),
                    *(patients.c[column] for column in PATIENT_COLUMNS.values()),
                    select(links.c.study_pk).where(links.c.study_pk == studies.c.pk).exists().label("ordered"))
             .join(patients, patients.c.pk == studies.c.patient_pk)
@@ -432,6 +436,11 @@ class IndexWriter:
                 # Every searched form, or a name search misses the physician.
                 fill.update(_referring_columns(fill["referring_physician"]))
             conn.execute(update(studies).where(studies.c.pk == study_pk).values(**fill))
+        if h.priority and not row.image_priority:
+            # A priority the study's first series lacked; an order's stays the study's.
+            conn.execute(update(studies).where(studies.c.pk == study_pk).values(
+                image_priority=h.priority, priority=case((studies.c.priority == "", h.priority),
+                                                         else_=studies.c.priority)))
         order = None
         if "accession_number" in fill and not row.ordered:
             lock_order_keys(conn, order_keys("", h.accession_number))  # as in _study_pk

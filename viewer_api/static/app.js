@@ -7,7 +7,7 @@ import { mountLogin } from "./login.js";
 import { forgetUnsaved } from "./report.js";
 import { mountStudy } from "./study.js";
 import { formatDate, formatPN, h, toast } from "./util.js";
-import { mountWorklist } from "./worklist.js";
+import { mountWorklist, showUrgent } from "./worklist.js";
 
 const NEXT_KEY = "pacs.next";
 
@@ -26,6 +26,14 @@ function buildTopbar() {
   bar.replaceChildren(
     h("a.brand", { href: "#/worklist", "data-i18n": "app_title" }),
     h("a#nav-worklist.nav", { href: "#/worklist", "data-i18n": "nav_worklist" }),
+    // Urgent studies not yet read, as the last worklist load counted them (worklist.js).
+    h("button#urgent-count.btn.small.urgent-count", {
+      type: "button", hidden: true, "data-i18n-title": "urgent_count_title",
+      onclick: () => {
+        showUrgent();
+        navigate("#/worklist");
+      },
+    }),
     h("span.spacer"),
     h("span#current-user", { title: "" }),
     h("button#lang-toggle.btn.small", {
@@ -47,6 +55,13 @@ function updateTopbar() {
   if (who) {
     who.textContent = user ? formatPN(user.display_name) || user.username : "";
     who.title = user ? `${user.username} (${user.role})` : "";
+  }
+  const urgent = document.getElementById("urgent-count");
+  if (urgent) {
+    const n = user ? Number(urgent.dataset.count || 0) : 0;
+    urgent.hidden = !(n > 0);
+    urgent.textContent = n > 0 ? t("urgent_count", { n }) : "";
+    if (!user) urgent.dataset.count = "0"; // the next user's worklist counts their own
   }
 }
 

@@ -41,6 +41,8 @@ export class ReportPanel {
     this.templateUsed = null;
     // Awaited before a signature: the key images being saved (study.js), which its PDF prints.
     this.beforeSign = null;
+    // Told each status drawn ("signed" ends the reading claim: claim.js).
+    this.onStatus = null;
     this.build();
   }
 
@@ -244,6 +246,7 @@ export class ReportPanel {
     this.status.textContent = t(`report_${signed ? "signed" : status === "draft" ? "draft" : "none"}`);
     this.status.dataset.status = status;
     this.status.className = `badge status-${status}`;
+    if (this.onStatus) this.onStatus(status);
     this.version.textContent = current && current.version != null ? t("version", { v: current.version }) : "";
 
     const visibleText = this.canEdit || signed;

@@ -1,12 +1,14 @@
 // The study screen: patient header, series thumbnails, image viewer, report.
 
 import { api } from "./api.js";
+import { ReadingClaim } from "./claim.js";
 import { onLangChange, t } from "./i18n.js";
 import { KeyImages } from "./keyimages.js";
 import { ReportPanel } from "./report.js";
 import { DoseSummary, isStructuredReport } from "./sr.js";
 import { formatDate, formatPN, h, isTyping, listText, readSession, sexLabel, writeSession } from "./util.js";
 import { NON_IMAGE, Viewer, isImage } from "./viewer.js";
+import { priorityBadge } from "./worklist.js";
 
 
 export function mountStudy(root, ctx, studyUid) {
@@ -32,6 +34,11 @@ export function mountStudy(root, ctx, studyUid) {
   const report = new ReportPanel(studyUid, ctx.user);
   // A key image marked just before signing is in the signed PDF: the signature waits for its save.
   report.beforeSign = () => keys.settled();
+  // Who is reading it: claimed on opening (a radiologist), kept while open, shown to colleagues.
+  const claim = new ReadingClaim(studyUid, ctx.user);
+  report.onStatus = (status) => {
+    if (study) claim.reportStatus(status);
+  };
   // The radiation dose of the study's dose reports (RDSR), above the report.
   const dose = new DoseSummary(studyUid);
   // An image a structured report refers to: this study's is shown here, another study's opens there.
@@ -44,6 +51,7 @@ export function mountStudy(root, ctx, studyUid) {
     h(
       "section.study-screen",
       header,
+      claim.element,
       message,
       h("div.study-body", seriesList, h("div.viewer-col", viewer.element), h("aside.report-col", dose.element, report.element)),
     ),
@@ -60,6 +68,7 @@ export function mountStudy(root, ctx, studyUid) {
     // item() is null for an empty value: replaceChildren() would show it as the text "null".
     header.replaceChildren(...[
       h("a#back-to-worklist.btn.small", { href: "#/worklist", "data-i18n": "back", "data-i18n-title": "back_title" }, t("back")),
+      priorityBadge(study.priority),
       h("strong#patient-name.patient-name", { title: name }, name),
       item("patient_id", study.patient_id, "patient-id"),
       item("birth_date", [formatDate(study.birth_date), sexLabel(study.sex)].filter(Boolean).join(" · "), "patient-birth"),
@@ -67,6 +76,8 @@ export function mountStudy(root, ctx, studyUid) {
       item("accession", study.accession, "study-accession"),
       h("span.hitem.modalities", listText(study.modalities)),
       h("span#study-description.hitem.description", { title: study.description || "" }, study.description || ""),
+      // Reading it oneself (or "Claim"): a colleague's claim is the banner below.
+      claim.chip,
       // The study as a DICOM CD/USB file-set (a zip: DICOMDIR, README.TXT, DICOM/...) for the patient to
       // take to another hospital; the session cookie authorises the download, the server audits it.
       h("a#study-media.btn.small.media-download", {
@@ -230,6 +241,7 @@ export function mountStudy(root, ctx, studyUid) {
     renderHeader();
     renderSeries();
     keys.load();
+    claim.start(study);
     const all = study.series || [];
     // The examination's modality and body part (its first image series, not a report PDF): their templates first.
     const examined = all.find((s) => s.modality && !NON_IMAGE.has(s.modality)) || {};
@@ -267,6 +279,7 @@ export function mountStudy(root, ctx, studyUid) {
       offLang();
       viewer.destroy();
       keys.destroy();
+      claim.destroy();
       report.destroy();
       document.title = t("app_title");
     },

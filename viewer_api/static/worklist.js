@@ -1,20 +1,62 @@
 // The worklist: search form, study table (rows open the study), paging.
 
 import { api } from "./api.js";
+import { claimName } from "./claim.js";
 import { onLangChange, t } from "./i18n.js";
-import { formatDate, formatPN, formatTime, h, isTyping, listText, readSession, sexLabel, toDicomDate, writeSession } from "./util.js";
+import {
+  formatDate, formatDateTime, formatPN, formatTime, h, isTyping, listText, readSession, sexLabel, toDicomDate,
+  writeSession,
+} from "./util.js";
 
 const FILTER_KEY = "pacs.worklist";
 const PAGE_SIZE = 50;
 const MODALITIES = ["CT", "MR", "DX", "CR", "US", "MG", "XA"];
 const STATUSES = ["unread", "draft", "signed"];
+const PRIORITIES = ["stat", "high", "urgent", "routine"];
+// The priorities shown as a badge: STAT "Cấp cứu" (red), HIGH "Khẩn" (orange).
+const URGENT = new Set(["STAT", "HIGH"]);
+// The columns that sort the list (pacs.studylist.SORTS): the default puts urgent unread studies first.
+const SORT_COLUMNS = { col_priority: "priority", col_date: "date", col_waiting: "waiting" };
+const READERS = new Set(["radiologist", "admin"]);
 
 function loadFilters() {
-  return { offset: 0, ...readSession(FILTER_KEY) };
+  return { offset: 0, sort: "priority", ...readSession(FILTER_KEY) };
 }
 
 function saveFilters(filters) {
   writeSession(FILTER_KEY, filters);
+}
+
+/** The worklist opens on the urgent studies (the top bar's count): STAT and urgent, unread first. */
+export function showUrgent() {
+  writeSession(FILTER_KEY, { ...loadFilters(), priority: "urgent", sort: "priority", offset: 0 });
+}
+
+/** The red "Cấp cứu / STAT" or orange "Khẩn / Urgent" badge of a study's priority; null for others. */
+export function priorityBadge(priority) {
+  if (!URGENT.has(priority)) return null;
+  const key = `priority_${priority}`;
+  return h("span.badge", {
+    class: `badge priority priority-${priority.toLowerCase()}`, "data-i18n": key, "data-i18n-title": `${key}_title`,
+    title: t(`${key}_title`), dataset: { priority },
+  }, t(key));
+}
+
+/** How long a study has waited: "12 phút", "3 giờ", "2 ngày". */
+export function waitingText(ms) {
+  const minutes = Math.max(0, Math.floor(ms / 60000));
+  if (minutes < 60) return t("waiting_minutes", { n: minutes });
+  const hours = Math.floor(minutes / 60);
+  return hours < 48 ? t("waiting_hours", { n: hours }) : t("waiting_days", { n: Math.floor(hours / 24) });
+}
+
+/** The top bar's count of urgent studies not yet read (hidden when none, or not told). */
+function showUrgentCount(n) {
+  const el = document.getElementById("urgent-count");
+  if (!el) return;
+  el.hidden = !(n > 0);
+  el.dataset.count = String(n || 0);
+  el.textContent = n > 0 ? t("urgent_count", { n }) : "";
 }
 
 /** The status badge of a worklist row or a report ("none" and "unread" read the same). */
@@ -51,6 +93,15 @@ export function mountWorklist(root, ctx) {
     STATUSES.map((s) => h("option", { value: s, "data-i18n": `status_${s}` })),
   );
   status.value = filters.status || "";
+  const priority = h(
+    "select#search-priority",
+    h("option", { value: "", "data-i18n": "all" }),
+    PRIORITIES.map((p) => h("option", { value: p, "data-i18n": `priority_opt_${p}` })),
+  );
+  priority.value = filters.priority || "";
+  const reader = Boolean(ctx.user && READERS.has(ctx.user.role));
+  const mine = h("input#search-mine", { type: "checkbox" });
+  mine.checked = reader && Boolean(filters.mine);
 
   const form = h(
     "form#search-form.search",
@@ -61,6 +112,9 @@ export function mountWorklist(root, ctx) {
     field("search-date-to", "date_to", to),
     field("search-modality", "modality", modality),
     field("search-status", "report_status", status),
+    field("search-priority", "filter_priority", priority),
+    reader ? h("div.field.check", { "data-i18n-title": "filter_mine_title" },
+      h("label", { for: "search-mine", "data-i18n": "filter_mine" }), mine) : null,
     h(
       "div.field.buttons",
       h("button#search-button.btn.primary", { type: "submit", "data-i18n": "search_button" }),
@@ -70,32 +124,39 @@ export function mountWorklist(root, ctx) {
 
   const tbody = h("tbody#worklist-body");
   const message = h("div#worklist-message.message", { role: "status" });
+  const COLUMNS = [
+    ["col_priority", "6%"], ["col_patient", "13%"], ["col_pid", "8%"], ["col_birth", "7%"], ["col_sex", "4%"],
+    ["col_date", "9%"], ["col_accession", "8%"], ["col_modality", "5%"], ["col_description", null],
+    ["col_images", "7%"], ["col_waiting", "6%"], ["col_status", "14%"],
+  ];
+  const sorters = {};
+  const header = (key) => {
+    if (!SORT_COLUMNS[key]) return h("th", { scope: "col", "data-i18n": key });
+    const sort = SORT_COLUMNS[key];
+    const button = h(`button#sort-${sort}.sort`, {
+      type: "button", "data-i18n": key, "data-i18n-title": `sort_${sort}`, title: t(`sort_${sort}`),
+      onclick: () => {
+        filters.sort = sort;
+        filters.offset = 0;
+        load();
+      },
+    });
+    sorters[sort] = button;
+    return h("th", { scope: "col" }, button);
+  };
   const table = h(
     "table#worklist.worklist",
-    h(
-      "colgroup",
-      h("col", { style: "width:16%" }),
-      h("col", { style: "width:9%" }),
-      h("col", { style: "width:8%" }),
-      h("col", { style: "width:5%" }),
-      h("col", { style: "width:10%" }),
-      h("col", { style: "width:10%" }),
-      h("col", { style: "width:6%" }),
-      h("col"),
-      h("col", { style: "width:7%" }),
-      h("col", { style: "width:8%" }),
-    ),
-    h(
-      "thead",
-      h(
-        "tr",
-        ["col_patient", "col_pid", "col_birth", "col_sex", "col_date", "col_accession", "col_modality", "col_description", "col_images", "col_status"].map(
-          (key) => h("th", { scope: "col", "data-i18n": key }),
-        ),
-      ),
-    ),
+    h("colgroup", COLUMNS.map(([, width]) => h("col", width ? { style: `width:${width}` } : {}))),
+    h("thead", h("tr", COLUMNS.map(([key]) => header(key)))),
     tbody,
   );
+  function markSort() {
+    for (const [sort, button] of Object.entries(sorters)) {
+      const on = filters.sort === sort;
+      button.classList.toggle("active", on);
+      button.parentElement.setAttribute("aria-sort", on ? (sort === "date" ? "descending" : "ascending") : "none");
+    }
+  }
   const pageInfo = h("span#page-info.page-info");
   const prev = h("button#prev-page.btn.small", { type: "button", "data-i18n": "prev_page", onclick: () => page(-1) });
   const next = h("button#next-page.btn.small", { type: "button", "data-i18n": "next_page", onclick: () => page(1) });
@@ -117,12 +178,17 @@ export function mountWorklist(root, ctx) {
     filters.date_to = to.value;
     filters.modality = modality.value;
     filters.status = status.value;
+    filters.priority = priority.value;
+    filters.mine = reader && mine.checked;
   }
 
   function clear() {
     for (const input of [name, pid, accession, from, to]) input.value = "";
     modality.value = "";
     status.value = "";
+    priority.value = "";
+    mine.checked = false;
+    filters.sort = "priority";
     filters.offset = 0;
     readForm();
     load();
@@ -143,7 +209,7 @@ export function mountWorklist(root, ctx) {
     filters.offset = 0;
     load();
   });
-  for (const select of [modality, status]) {
+  for (const select of [modality, status, priority, mine]) {
     select.addEventListener("change", () => {
       readForm();
       filters.offset = 0;
@@ -155,13 +221,39 @@ export function mountWorklist(root, ctx) {
     ctx.navigate(`#/study/${encodeURIComponent(uid)}`);
   }
 
+  // The database's clock minus this browser's: waiting times are counted on the server's.
+  let skew = 0;
+  const unreported = (item) => item.report_status !== "signed";
+
+  function waitingCell(item) {
+    const received = item.received_at ? Date.parse(item.received_at) : NaN;
+    if (!unreported(item) || Number.isNaN(received)) return h("td.num.waiting");
+    return h("td.num.waiting", {
+      title: t("waiting_title", { when: formatDateTime(item.received_at) }), dataset: { received: String(received) },
+    }, waitingText(Date.now() + skew - received));
+  }
+
+  function statusCell(item) {
+    const claim = item.claim;
+    const who = claim ? (claim.mine ? t("claim_by_me") : t("claim_by", { name: claimName(claim) })) : "";
+    return h("td.status", { title: who },
+      statusBadge(item.report_status),
+      // On a line of its own under the status: a colleague's name is read whole.
+      claim ? h("span.claim", { class: `claim${claim.mine ? " mine" : ""}`, "data-testid": "claim" }, who) : null);
+  }
+
   function row(item) {
+    const urgent = URGENT.has(item.priority) && unreported(item);
     const tr = h(
       "tr",
       {
         tabindex: "0",
         "data-testid": "study-row",
-        dataset: { studyUid: item.study_uid, modalities: listText(item.modalities), reportStatus: item.report_status || "none" },
+        class: urgent ? `urgent urgent-${item.priority.toLowerCase()}` : null,
+        dataset: {
+          studyUid: item.study_uid, modalities: listText(item.modalities), reportStatus: item.report_status || "none",
+          priority: item.priority || "", claimedBy: item.claim ? item.claim.user : "",
+        },
         onclick: () => open(item.study_uid),
         onkeydown: (event) => {
           if (event.key === "Enter") open(item.study_uid);
@@ -174,6 +266,7 @@ export function mountWorklist(root, ctx) {
           }
         },
       },
+      h("td.priority", priorityBadge(item.priority)),
       h("td.name", { title: formatPN(item.patient_name) }, formatPN(item.patient_name)),
       h("td", { title: item.patient_id || "" }, item.patient_id || ""),
       h("td", formatDate(item.birth_date)),
@@ -183,16 +276,29 @@ export function mountWorklist(root, ctx) {
       h("td", listText(item.modalities)),
       h("td", { title: item.description || "" }, item.description || ""),
       h("td.num", `${item.num_series ?? ""} / ${item.num_instances ?? ""}`),
-      h("td", statusBadge(item.report_status)),
+      waitingCell(item),
+      statusCell(item),
     );
     return tr;
   }
+
+  /** Waiting times move on between loads (no request: the clock of the last answer). */
+  function tick() {
+    for (const cell of tbody.querySelectorAll("td.waiting[data-received]")) {
+      cell.textContent = waitingText(Date.now() + skew - Number(cell.dataset.received));
+    }
+  }
+  const ticker = setInterval(tick, 30000);
 
   function show(data) {
     lastData = data;
     const items = (data && data.items) || [];
     const total = data && Number.isFinite(data.total) ? data.total : items.length;
+    const now = data && data.now ? Date.parse(data.now) : NaN;
+    skew = Number.isNaN(now) ? 0 : now - Date.now();
     tbody.replaceChildren(...items.map(row));
+    if (data && "urgent_unread" in data) showUrgentCount(data.urgent_unread);
+    markSort();
     message.textContent = items.length ? "" : t("no_results");
     message.className = "message";
     const first = items.length ? filters.offset + 1 : 0;
@@ -232,6 +338,9 @@ export function mountWorklist(root, ctx) {
           date_to: toDicomDate(filters.date_to),
           modality: filters.modality,
           status: filters.status,
+          priority: filters.priority,
+          mine: filters.mine ? "true" : "",
+          sort: filters.sort || "priority",
           limit: PAGE_SIZE,
           offset: filters.offset,
         },
@@ -280,6 +389,7 @@ export function mountWorklist(root, ctx) {
   return {
     cleanup() {
       document.removeEventListener("keydown", onKey);
+      clearInterval(ticker);
       offLang();
       if (controller) controller.abort();
     },
