@@ -7,7 +7,9 @@
 
 The reports: the newest 300 studies unread, the next 200 with a first draft,
 every other one signed, one in a hundred of those with an amendment in
-draft. Prints per filter the median and p95 milliseconds of --calls calls
+draft. Priorities (pacs.priority): one study in 50 STAT, one in 20 of the
+others HIGH (an emergency department's share), the rest none; the default
+order lists the urgent studies not yet reported first. Prints per filter the median and p95 milliseconds of --calls calls
 (after two warm-up calls) and the total the list shows ("+": counted only so
 far, see pacs.studylist.COUNT_AHEAD). The archive is cached as the other
 benchmarks' are (bench/archive.py, $PACS_BENCH_CACHE).
@@ -35,7 +37,12 @@ FILTERS: list[dict[str, Any]] = [
     {}, {"status": "unread"}, {"status": "draft"}, {"status": "signed"},
     {"status": "unread", "signed_only": True}, {"status": "signed", "signed_only": True},
     {"status": "unread", "modality": "CT"}, {"status": "signed", "name": "NGUYEN VAN AN"},
+    # The reading worklist's own (the radiologist's default counts the urgent ones too).
+    {"count_urgent": True}, {"sort": "date"}, {"sort": "waiting"}, {"priority": "urgent"},
+    {"priority": "stat", "status": "unread"}, {"priority": "routine"}, {"claimed_by": "bs.an"},
+    {"offset": 1000},
 ]
+STAT_EVERY, HIGH_EVERY = 50, 20
 
 # Positions in the newest-first order; the reports' triggers set each study's state.
 _REPORTS = f"""
@@ -58,6 +65,8 @@ def add_reports(url: str) -> None:
         with engine.begin() as conn:
             for version in (1, 2):
                 conn.execute(text(_REPORTS), {"version": version, "now": "2026-12-01 00:00:00"})
+            conn.execute(text(f"UPDATE studies SET priority = CASE WHEN pk % {STAT_EVERY} = 0 THEN 'STAT' "
+                              f"WHEN pk % {HIGH_EVERY} = 3 THEN 'HIGH' ELSE '' END"))
         with engine.connect() as conn:
             conn.execute(text("ANALYZE"))
             conn.commit()
