@@ -27,7 +27,6 @@ Requested Procedure Priority HIGH, and one without any priority.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -303,8 +302,8 @@ def test_the_signature_ends_the_claim(server: PacsServer, studies: dict[str, str
 
 # -- in the browser --------------------------------------------------------------------------------------
 PASSWORDS = {A[0]: "Secret-123a", B[0]: "Secret-123b"}
-# A timeout short enough to watch: the viewer refreshes every 2 s.
-SHORT_CLAIM_MINUTES = 0.1
+# A timeout short enough to watch: 9 s, the viewer refreshing every 3 s.
+SHORT_CLAIM_MINUTES = 0.15
 
 
 @pytest.fixture
@@ -374,7 +373,7 @@ def test_the_worklist_shows_stat_and_who_is_reading(browser_server: tuple[PacsSe
             assert_no_horizontal_scroll(a)
             steps_a.shot("worklist-stat-first")
 
-            # A opens it: claimed, and kept while open (heartbeats: the claim outlives its 6 s).
+            # A opens it: claimed, and kept while open (the viewer's heartbeats move its expiry on).
             rows.first.click()
             expect(a.locator("#claim-chip")).to_have_attribute("data-state", "mine")
             expect(a.locator("#claim-state")).to_have_text("Bạn đang đọc")
@@ -383,7 +382,12 @@ def test_the_worklist_shows_stat_and_who_is_reading(browser_server: tuple[PacsSe
             assert_no_horizontal_scroll(a)
             steps_a.shot("reading-it")
             expect(a.locator("#study-header .badge.priority-stat")).to_have_text("Cấp cứu")
-            time.sleep(SHORT_CLAIM_MINUTES * 60 + 2)
+            with server.http() as admin:
+                def expiry() -> datetime | None:
+                    claim = admin.get(f"/api/studies/{stat}").json()["claim"]
+                    return datetime.fromisoformat(claim["expires_at"]) if claim else None
+                first = expiry()
+                assert first and wait_until(lambda: (expiry() or first) > first, timeout=20, interval=0.5)
 
             # B: A's name in the worklist, then the warning in the study, with "take over".
             _log_in(b, B[0])
@@ -416,13 +420,16 @@ def test_the_worklist_shows_stat_and_who_is_reading(browser_server: tuple[PacsSe
             expect(a.locator("#claim-take-over")).to_be_visible()
             steps_a.shot("taken-over")
 
-            # B goes back to the worklist: no more heartbeats, the claim ends after its 6 s.
+            # B goes back to the worklist: no more heartbeats, the claim ends after its 9 s.
             b.click("#back-to-worklist")
             expect(b.locator("#worklist th").first).to_have_text("Priority")
             b_row = b.locator(f'[data-testid="study-row"][data-study-uid="{stat}"]')
             expect(b_row.locator(".badge.priority-stat")).to_have_text("STAT")
             expect(b_row.locator('[data-testid="claim"]')).to_have_text("You are reading")
             expect(b.locator("#urgent-count")).to_have_text("1 urgent unread")
+            b.click("#urgent-count")  # lists them
+            expect(b.locator("#search-priority")).to_have_value("urgent")
+            expect(b.locator('[data-testid="study-row"]')).to_have_count(1)
             expect(b.locator("#sort-waiting")).to_have_text("Waiting")
             assert_no_horizontal_scroll(b)
             steps_b.shot("worklist-en")

@@ -27,9 +27,9 @@ function saveFilters(filters) {
   writeSession(FILTER_KEY, filters);
 }
 
-/** The worklist opens on the urgent studies (the top bar's count): STAT and urgent, unread first. */
+/** The worklist opens on the urgent studies (the top bar's count, which no search narrows): unread first. */
 export function showUrgent() {
-  writeSession(FILTER_KEY, { ...loadFilters(), priority: "urgent", sort: "priority", offset: 0 });
+  writeSession(FILTER_KEY, { priority: "urgent", sort: "priority", offset: 0 });
 }
 
 /** The red "Cấp cứu / STAT" or orange "Khẩn / Urgent" badge of a study's priority; null for others. */
