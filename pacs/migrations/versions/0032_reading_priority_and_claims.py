@@ -54,7 +54,9 @@ _SQLITE_TRIGGERS = {
     "trg_study_orders_priority_delete": f"AFTER DELETE ON study_orders BEGIN {_SET} WHERE pk = OLD.study_pk; END",
     "trg_study_orders_priority_update": (f"AFTER UPDATE OF study_pk, order_pk ON study_orders "
                                          f"BEGIN {_SET} WHERE pk IN (OLD.study_pk, NEW.study_pk); END"),
-    "trg_orders_priority_update": (f"AFTER UPDATE OF priority ON orders BEGIN {_SET} "
+    # Only a changed priority: an HL7 update rewrites every column of its steps.
+    "trg_orders_priority_update": (f"AFTER UPDATE OF priority ON orders WHEN OLD.priority IS NOT NEW.priority "
+                                   f"BEGIN {_SET} "
                                    "WHERE pk IN (SELECT study_pk FROM study_orders WHERE order_pk = NEW.pk); END"),
 }
 
