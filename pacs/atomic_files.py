@@ -7,10 +7,9 @@ import tempfile
 from pathlib import Path
 
 
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write *data* to *path* with *mode* set before any byte lands (no
-    readable window), synced, then renamed into place: a crash leaves the
-    old file or the new one, never a part."""
+def _written_beside(path: Path, data: bytes, mode: int) -> str:
+    """*data* in a new temporary file beside *path*, *mode* set before any
+    byte lands, synced; its name (the caller puts it in place or removes it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -20,6 +19,18 @@ def write_atomic(path: Path, data: bytes, mode: int) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return tmp
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> None:
+    """Write *data* to *path* with *mode* set before any byte lands (no
+    readable window), synced, then renamed into place: a crash leaves the
+    old file or the new one, never a part."""
+    tmp = _written_beside(path, data, mode)
+    try:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -32,14 +43,8 @@ def create_once(path: Path, data: bytes, mode: int) -> bool:
     secret replaced under a key already sealed with it loses that key).
     Written beside, synced, then linked into place: a reader never sees a
     partial file, and of two creators at once exactly one wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _written_beside(path, data, mode)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
         try:
             os.link(tmp, path)
         except FileExistsError:

@@ -23,10 +23,11 @@ import io
 from dataclasses import dataclass
 from typing import Any
 
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 
+from .part10 import new_instance
 from .query.results import as_written
 from .sr_content import CompositeRef, SrDocument
 
@@ -240,14 +241,7 @@ def build_kos(study: StudyHeader, selected: list[Selected], *, title: str, autho
     if not selected:
         raise ValueError("a Key Object Selection selects at least one image")
     day, clock, offset = when
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.SpecificCharacterSet = "ISO_IR 192"
-    ds.SOPClassUID = KOS_CLASS
-    ds.SOPInstanceUID = generate_uid()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds = new_instance(KOS_CLASS)
     ds.InstanceCreationDate, ds.InstanceCreationTime = day, clock
     ds.TimezoneOffsetFromUTC = offset
     # Patient and General Study modules: the index's values, as reports' PDFs carry them.

@@ -13,6 +13,9 @@ import os
 import struct
 from typing import BinaryIO, Protocol
 
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
 from . import __version__
 
 # Our implementation class UID: a 2.25 UUID-derived root, fixed for the product.
@@ -196,3 +199,18 @@ class FileBodySource:
     def open(self) -> _PreadStream:
         """A new independent reader over the object."""
         return _PreadStream(self._prefix, self._fd, self._offset, self._length)
+
+
+def new_instance(sop_class_uid: str) -> Dataset:
+    """A new object this archive makes (a report's PDF, a key image note):
+    Explicit VR Little Endian, ISO_IR 192, *sop_class_uid* and a new SOP
+    Instance UID, in the dataset and its File Meta Information alike."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SpecificCharacterSet = "ISO_IR 192"
+    ds.SOPClassUID = sop_class_uid
+    ds.SOPInstanceUID = generate_uid()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    return ds

@@ -14,9 +14,9 @@ import logging
 from datetime import UTC, datetime
 from typing import Any
 
-from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import EncapsulatedPDFStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import EncapsulatedPDFStorage, generate_uid
 from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -28,7 +28,7 @@ from .ingest import Origin
 from .key_images import key_image_thumbnails
 from .maintenance.common import delete_instance_rows
 from .orders import OrderService
-from .part10 import BufferSource
+from .part10 import BufferSource, new_instance
 from .query.results import as_written
 from .reading_claims import end_on_signature
 from .report_pdf import ReportContent, render
@@ -367,14 +367,7 @@ class ReportService:
 
     def _store_pdf(self, study: Any, version: int, pdf: bytes, content: ReportContent, now: datetime) -> str:
         """Encapsulated PDF into the study, through the one ingest path."""
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.SpecificCharacterSet = "ISO_IR 192"
-        ds.SOPClassUID = EncapsulatedPDFStorage
-        ds.SOPInstanceUID = generate_uid()
-        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds = new_instance(EncapsulatedPDFStorage)
         ds.StudyInstanceUID = study.study_uid
         ds.SeriesInstanceUID = generate_uid()
         ds.PatientName = study.patient_name
