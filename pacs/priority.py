@@ -42,6 +42,18 @@ def normalized(value: str) -> str:
     return _TERMS.get((value or "").strip().upper(), "")
 
 
+def hl7_term(code: str) -> str:
+    """The DICOM term for an HL7 priority (TQ1-9, OBR-27.6, ORC-7.6: tables
+    0485 / 0027), '' if unknown. A HIS sending DICOM's words (HIGH, LOW) is
+    read as such; a code by its first letter (S, A, R, P, C, T, and TS30,
+    TM5... timing critical), except PRN ("as needed"): read as P (pre-op),
+    an as-needed order was listed first and counted as urgent."""
+    value = (code or "").strip().upper()
+    if value == "PRN":
+        return "LOW"
+    return normalized(value) or normalized(value[:1])
+
+
 def sql_term(column: str) -> str:
     """An SQL expression giving :func:`normalized` of *column* (the
     triggers', for an order's priority, which the JSON API takes as sent)."""

@@ -31,7 +31,7 @@ from pacs.audit import Event
 from pacs.index.db import is_transient
 from pacs.orders import (PRIMARY_ID_TYPES, OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo,
                          Receipt, patients_named)
-from pacs.priority import normalized as normalized_priority
+from pacs.priority import hl7_term
 from pacs.query.matching import is_date
 from pacs.timezones import hl7_timestamp, server_zone
 
@@ -723,8 +723,8 @@ def _order_info(group: OrderGroup, ipc: Any, patient: PatientInfo, referring: st
         start_time=start_time,
         performing_physician=_person(_field(obr, 34), offset=1) if obr is not None else "",
         referring_physician=referring or (_person(_field(obr, 16), offset=1) if obr is not None else ""),
-        # HL7 table 0027's code (S, A, R, P, C, T) as the DICOM term the worklist gives.
-        priority=normalized_priority(priority[:1]),
+        # HL7 table 0027's code (S, A, R, P, C, T, PRN) as the DICOM term the worklist gives.
+        priority=hl7_term(priority),
         reason=_coded_text(obr, 31),
     )
 
