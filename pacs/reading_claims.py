@@ -76,9 +76,12 @@ def _claim(row: Any) -> Claim:
     return Claim(row.username, row.display_name, row.claimed_at, row.expires_at)
 
 
-def _study(conn: Connection, study_uid: str) -> Any:
-    row = conn.execute(select(studies_t.c.pk, studies_t.c.report_state)
-                       .where(studies_t.c.study_uid == study_uid)).first()
+def _study(conn: Connection, study_uid: str, *, locked: bool = False) -> Any:
+    """The study's pk and report state; *locked*: under a share lock
+    (PostgreSQL) until the transaction ends, so a signature committing
+    meanwhile is waited for and seen (see :func:`claim`)."""
+    stmt = select(studies_t.c.pk, studies_t.c.report_state).where(studies_t.c.study_uid == study_uid)
+    row = conn.execute(stmt.with_for_update(read=True) if locked else stmt).first()
     if row is None:
         raise ClaimError(f"no study {study_uid}", 404)
     return row
@@ -96,7 +99,11 @@ def claim(engine: Engine, study_uid: str, username: str, display_name: str, minu
     (ClaimError with its holder) unless *take_over*. A study whose report
     is signed has nothing to read: 409."""
     with write_transaction(engine) as conn:
-        study = _study(conn, study_uid)
+        # Locked: the signature's transaction updates the study's report state
+        # before it ends the claim. Unlocked, a heartbeat of the signer's viewer
+        # read "draft", waited for the claim row, found it deleted and claimed
+        # the signed study anew.
+        study = _study(conn, study_uid, locked=True)
         if study.report_state in _DONE:
             raise ClaimError("the report is signed: there is nothing to read (amend it first)", 409)
         now = db_now(conn)

@@ -2,15 +2,33 @@
 
 - An HL7 order "as needed" (PRN, table 0027) was read by its first letter
   as P (pre-op, HIGH): listed first and counted as urgent.
+- PostgreSQL: the viewer's heartbeat racing the report's signature (the
+  signer's own open viewer) read the report state before the signature
+  committed, then found the claim the signature deleted gone and inserted a
+  new one: a signed study shown as being read, audited as a new claim.
 """
 
 from __future__ import annotations
 
-import pytest
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import pytest
+from sqlalchemy import Engine, func, select, text, update
+
+from pacs.index import create_index_engine, upgrade_schema
+from pacs.index.models import ReadingClaim, Study
+from pacs.index.writer import IndexWriter
+from pacs.reading_claims import ClaimError, claim, end_on_signature
 from ris_bridge.hl7v2 import orders_from, parse
 
+from .peers import create_database, drop_database
+from .test_name_words import _receive
 from .test_reading_worklist import _orm
+
+STUDY = "1.2.826.0.1.3680043.9.7.1"
 
 
 @pytest.mark.parametrize(("code", "term"), [
@@ -22,3 +40,50 @@ def test_hl7_priority_codes(code: str, term: str) -> None:
     message = _orm("MSG1", "ACC1", "BN1", "", code).replace("\n", "\r")
     orders = orders_from(parse(message.encode())[0])
     assert [info.priority for _, info in orders] == [term]
+
+
+@pytest.fixture
+def pg_index(tmp_path: Path) -> Iterator[Engine]:
+    """A PostgreSQL index holding one unreported CT study (STUDY)."""
+    url = create_database()
+    engine = create_index_engine(url)
+    try:
+        upgrade_schema(engine)
+        _receive(engine, IndexWriter(), tmp_path, "BN1", "Nguyễn^Văn An", 1)
+        yield engine
+    finally:
+        engine.dispose()
+        drop_database(url)
+
+
+def test_a_heartbeat_racing_the_signature_does_not_claim_the_signed_study(pg_index: Engine) -> None:
+    """The signature's transaction (report state signed, claim ended) still
+    open while the holder's viewer beats: the beat waits for it and is refused."""
+    claim(pg_index, STUDY, "bs.an", "BS. An", 20)
+    outcome: list[object] = []
+
+    def heartbeat() -> None:
+        try:
+            outcome.append(claim(pg_index, STUDY, "bs.an", "BS. An", 20).action)
+        except ClaimError as exc:
+            outcome.append(exc.http_status)
+
+    with pg_index.connect() as signing:
+        with signing.begin():
+            # What ReportService.sign does to these tables (the reports trigger sets the state).
+            pk = signing.execute(select(Study.pk).where(Study.study_uid == STUDY)).scalar_one()
+            signing.execute(update(Study).where(Study.pk == pk).values(report_state="signed"))
+            end_on_signature(signing, pk)
+            beat = threading.Thread(target=heartbeat)
+            beat.start()
+            with pg_index.connect() as watch:
+                for _ in range(200):  # until the beat waits on a lock (or ended)
+                    waiting = watch.execute(text("SELECT count(*) FROM pg_stat_activity "
+                                                 "WHERE wait_event_type = 'Lock'")).scalar_one()
+                    if waiting or not beat.is_alive():
+                        break
+                    time.sleep(0.05)
+        beat.join(30)
+    assert outcome == [409]
+    with pg_index.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(ReadingClaim)).scalar_one() == 0
