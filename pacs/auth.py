@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from .errors import PacsError
 from .index.db import write_transaction
-from .index.models import ApiToken, LoginThrottle, User
+from .index.models import ApiToken, LoginThrottle, ReadingClaim, User
 from .roles import ROLES
 
 log = logging.getLogger(__name__)
@@ -171,12 +171,16 @@ class AuthService:
 
     def disable_user(self, username: str) -> bool:
         """Disable a user and end their sessions (enabling them again must not
-        bring old sessions back); their API tokens stop working while disabled."""
+        bring old sessions back); their API tokens stop working while disabled.
+        Their reading claims end: colleagues saw the studies as being read by
+        someone who no longer can, for up to reading_claim_minutes, and had
+        to take each over explicitly (an urgent study left waiting)."""
         with write_transaction(self.engine) as conn:
             user_pk = conn.execute(select(users_t.c.pk).where(users_t.c.username == username)).scalar()
             if user_pk is not None:
                 conn.execute(update(users_t).where(users_t.c.pk == user_pk).values(active=False))
                 _revoke_of_user(conn, user_pk, sessions_only=True)
+                conn.execute(delete(ReadingClaim.__table__).where(ReadingClaim.__table__.c.username == username))
         return user_pk is not None
 
     def role_of(self, username: str) -> str | None:

@@ -6,6 +6,8 @@
   signer's own open viewer) read the report state before the signature
   committed, then found the claim the signature deleted gone and inserted a
   new one: a signed study shown as being read, audited as a new claim.
+- A radiologist disabled kept their claims: colleagues saw the studies as
+  being read by someone who no longer can, until they expired.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine, func, select, text, update
 
+from pacs.auth import AuthService
 from pacs.index import create_index_engine, upgrade_schema
 from pacs.index.models import ReadingClaim, Study
 from pacs.index.writer import IndexWriter
-from pacs.reading_claims import ClaimError, claim, end_on_signature
+from pacs.reading_claims import ClaimError, claim, claim_of, end_on_signature
 from ris_bridge.hl7v2 import orders_from, parse
 
 from .peers import create_database, drop_database
@@ -87,3 +90,20 @@ def test_a_heartbeat_racing_the_signature_does_not_claim_the_signed_study(pg_ind
     assert outcome == [409]
     with pg_index.connect() as conn:
         assert conn.execute(select(func.count()).select_from(ReadingClaim)).scalar_one() == 0
+
+
+def test_disabling_a_radiologist_ends_their_claims(tmp_path: Path) -> None:
+    engine = create_index_engine(f"sqlite:///{tmp_path}/index.sqlite")
+    try:
+        upgrade_schema(engine)
+        _receive(engine, IndexWriter(), tmp_path, "BN1", "Nguyễn^Văn An", 1)
+        auth = AuthService(engine)
+        auth.add_user("bs.an", "radiologist", "mat-khau-dai", "BS. An")
+        claim(engine, STUDY, "bs.an", "BS. An", 20)
+        assert claim_of(engine, STUDY) is not None
+        assert auth.disable_user("bs.an")
+        assert claim_of(engine, STUDY) is None
+        # A colleague claims it without a take-over.
+        assert claim(engine, STUDY, "bs.binh", "BS. Bình", 20).action == "claim"
+    finally:
+        engine.dispose()
