@@ -93,11 +93,13 @@ def _held(conn: Connection, study_pk: int) -> Any:
 
 
 def claim(engine: Engine, study_uid: str, username: str, display_name: str, minutes: float, *,
-          take_over: bool = False) -> ClaimOutcome:
+          take_over: bool = False, holder: str = "") -> ClaimOutcome:
     """Claim *study_uid* for *username* for *minutes*, or extend their claim
     (the viewer's heartbeat). A colleague's claim still running is a 409
-    (ClaimError with its holder) unless *take_over*. A study whose report
-    is signed has nothing to read: 409."""
+    (ClaimError with its holder) unless *take_over*; with *holder* (the user
+    name the taker was shown) only that colleague's claim is taken over, a
+    claim passed to another meanwhile is a 409 naming them. A study whose
+    report is signed has nothing to read: 409."""
     with write_transaction(engine) as conn:
         # Locked: the signature's transaction updates the study's report state
         # before it ends the claim. Unlocked, a heartbeat of the signer's viewer
@@ -123,7 +125,9 @@ def claim(engine: Engine, study_uid: str, username: str, display_name: str, minu
             conn.execute(update(claims_t).where(claims_t.c.study_pk == study.pk)
                          .values(expires_at=expires, display_name=display_name))
             return ClaimOutcome(Claim(username, display_name, held.claimed_at, expires), "refresh")
-        if running and not take_over:
+        # A take-over replaces the claim the taker saw: the banner's "take over" pressed once the
+        # study had passed to a third colleague took it from someone the taker never saw.
+        if running and (not take_over or (holder and holder != held.username)):
             raise ClaimError(f"{held.display_name or held.username} is reading this study", 409, held)
         conn.execute(update(claims_t).where(claims_t.c.study_pk == study.pk)
                      .values(username=username, display_name=display_name, claimed_at=now, expires_at=expires))

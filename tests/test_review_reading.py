@@ -8,6 +8,8 @@
   new one: a signed study shown as being read, audited as a new claim.
 - A radiologist disabled kept their claims: colleagues saw the studies as
   being read by someone who no longer can, until they expired.
+- "Take over", pressed on a banner naming A once the study had passed to C,
+  took it from C, whom the taker never saw: the take-over names its holder.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pacs.index.writer import IndexWriter
 from pacs.reading_claims import ClaimError, claim, claim_of, end_on_signature
 from ris_bridge.hl7v2 import orders_from, parse
 
+from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
 from .peers import create_database, drop_database
 from .test_name_words import _receive
 from .test_reading_worklist import _orm
@@ -107,3 +111,30 @@ def test_disabling_a_radiologist_ends_their_claims(tmp_path: Path) -> None:
         assert claim(engine, STUDY, "bs.binh", "BS. Bình", 20).action == "claim"
     finally:
         engine.dispose()
+
+
+def test_a_take_over_takes_only_the_claim_the_taker_was_shown(tmp_path: Path) -> None:
+    server = PacsServer(tmp_path / "data", Backend("sqlite", None, None, {}))
+    server.start()
+    try:
+        ct = make_ct(tmp_path / "ct.dcm", PatientID="BN1", StudyInstanceUID=STUDY)
+        assert server.storescu(str(ct)).returncode == 0
+        tokens = {user: server.make_token(user, "radiologist", user.upper()) for user in ("bs.an", "bs.binh", "bs.chi")}
+        path = f"/api/studies/{STUDY}/claim"
+        with server.http(token=tokens["bs.an"]) as an, server.http(token=tokens["bs.binh"]) as binh, \
+                server.http(token=tokens["bs.chi"]) as chi:
+            assert an.post(path).status_code == 200
+            shown = binh.post(path)  # B's viewer: "BS.AN is reading", with "take over"
+            assert shown.status_code == 409 and shown.json()["claim"]["user"] == "bs.an"
+            assert chi.post(path, json={"take_over": True, "holder": "bs.an"}).status_code == 200
+            # B presses the button still naming A: refused, naming C.
+            refused = binh.post(path, json={"take_over": True, "holder": "bs.an"})
+            assert refused.status_code == 409 and refused.json()["claim"]["user"] == "bs.chi"
+            assert chi.post(path).json()["mine"]  # C's heartbeat: still C's
+            # Shown C now: B takes it over from C.
+            taken = binh.post(path, json={"take_over": True, "holder": "bs.chi"})
+            assert taken.status_code == 200 and taken.json()["mine"]
+            # A take-over naming nobody (an older client) takes whoever's.
+            assert an.post(path, json={"take_over": True}).status_code == 200
+    finally:
+        server.stop()

@@ -5,7 +5,8 @@ them ("đang đọc", pacs.reading_claims), colleagues see it in the worklist.
   study, or extend one's own claim (the viewer's heartbeat while the study
   is open: not audited, only a new claim is). A colleague's running claim
   is a 409 whose body names it (``claim``), unless ``take_over`` (audited
-  as ``claim-takeover`` naming whom it was taken from). A study whose report
+  as ``claim-takeover`` naming whom it was taken from; ``"holder"``: only
+  the claim of that user, the one the viewer showed). A study whose report
   is signed: 409. Radiologists and administrators.
 - ``DELETE /api/studies/{study}/claim``: release one's claim (an
   administrator: anyone's), audited as ``claim-release``; 403 for a
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
+from pydantic import Field
 from fastapi.responses import JSONResponse, Response
 
 from pacs.audit import Event
@@ -34,6 +36,8 @@ CLAIMERS = ("radiologist", "admin")
 class ClaimRequest(JsonBody):
     # Replace a colleague's running claim (they are told by their viewer).
     take_over: bool = False
+    # The user name of the claim the taker was shown: one passed to another meanwhile is a 409.
+    holder: str = Field("", max_length=64)
 
 
 def refresh_seconds(minutes: float) -> int:
@@ -58,7 +62,7 @@ def claim_study(request: Request, study: str, body: ClaimRequest | None = None,
     minutes = settings.reading_claim_minutes
     try:
         done = claim(request.app.state.pacs.engine, study, principal.username, principal.display_name, minutes,
-                     take_over=bool(body and body.take_over))
+                     take_over=bool(body and body.take_over), holder=body.holder if body else "")
     except ClaimError as exc:
         event = _event(request)
         if event is not None:

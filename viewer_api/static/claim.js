@@ -80,7 +80,9 @@ export class ReadingClaim {
   async take(takeOver) {
     if (!this.readable()) return;
     try {
-      this.apply(await api("POST", this.path, { json: { take_over: takeOver } }));
+      // A take-over names the colleague shown: a claim passed to another meanwhile is refused (409, named).
+      const holder = takeOver && this.claim && !this.claim.mine ? this.claim.user || "" : "";
+      this.apply(await api("POST", this.path, { json: { take_over: takeOver, holder } }));
       this.lost = false;
     } catch (exc) {
       this.refused(exc);
