@@ -131,6 +131,16 @@ def _throttle_keys(username: str, client: str) -> list[tuple[str, int]]:
     return keys
 
 
+# The roles that claim studies for reading (viewer_api.claims_api.CLAIMERS).
+READING_ROLES = ("radiologist", "admin")
+
+
+def _end_claims(conn: Connection, username: str) -> None:
+    """*username*'s reading claims end (pacs.reading_claims): disabled, or no longer a reader."""
+    claims = ReadingClaim.__table__
+    conn.execute(delete(claims).where(claims.c.username == username))
+
+
 class AuthService:
     def __init__(self, engine: Engine, hasher: PasswordHasher | None = None) -> None:
         """*hasher* sets the cost of new password hashes (argon2's defaults
@@ -167,6 +177,9 @@ class AuthService:
                 conn.execute(update(users_t).where(users_t.c.pk == exists).values(**values))
                 _revoke_of_user(conn, exists, sessions_only=not revoke_tokens)
                 conn.execute(delete(throttle_t).where(throttle_t.c.key == _throttle_keys(username, "")[0][0]))
+                if role not in READING_ROLES:
+                    # No longer one who reads: colleagues must not see their studies as being read.
+                    _end_claims(conn, username)
         return password
 
     def disable_user(self, username: str) -> bool:
@@ -180,7 +193,7 @@ class AuthService:
             if user_pk is not None:
                 conn.execute(update(users_t).where(users_t.c.pk == user_pk).values(active=False))
                 _revoke_of_user(conn, user_pk, sessions_only=True)
-                conn.execute(delete(ReadingClaim.__table__).where(ReadingClaim.__table__.c.username == username))
+                _end_claims(conn, username)
         return user_pk is not None
 
     def role_of(self, username: str) -> str | None:

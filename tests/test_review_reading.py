@@ -6,8 +6,8 @@
   signer's own open viewer) read the report state before the signature
   committed, then found the claim the signature deleted gone and inserted a
   new one: a signed study shown as being read, audited as a new claim.
-- A radiologist disabled kept their claims: colleagues saw the studies as
-  being read by someone who no longer can, until they expired.
+- A radiologist disabled (or made a referring physician) kept their claims:
+  colleagues saw the studies as being read by someone who no longer can.
 - "Take over", pressed on a banner naming A once the study had passed to C,
   took it from C, whom the taker never saw: the take-over names its holder.
 """
@@ -109,6 +109,11 @@ def test_disabling_a_radiologist_ends_their_claims(tmp_path: Path) -> None:
         assert claim_of(engine, STUDY) is None
         # A colleague claims it without a take-over.
         assert claim(engine, STUDY, "bs.binh", "BS. Bình", 20).action == "claim"
+        # Likewise a radiologist made a referring physician; an update keeping the role keeps the claim.
+        auth.add_user("bs.binh", "radiologist", "mat-khau-moi", "BS. Bình")
+        assert claim_of(engine, STUDY) is not None
+        auth.add_user("bs.binh", "referring", "mat-khau-moi", "BS. Bình")
+        assert claim_of(engine, STUDY) is None
     finally:
         engine.dispose()
 
