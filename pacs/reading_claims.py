@@ -93,13 +93,15 @@ def _held(conn: Connection, study_pk: int) -> Any:
 
 
 def claim(engine: Engine, study_uid: str, username: str, display_name: str, minutes: float, *,
-          take_over: bool = False, holder: str = "") -> ClaimOutcome:
+          take_over: bool = False, holder: str = "", refresh: bool = False) -> ClaimOutcome:
     """Claim *study_uid* for *username* for *minutes*, or extend their claim
     (the viewer's heartbeat). A colleague's claim still running is a 409
     (ClaimError with its holder) unless *take_over*; with *holder* (the user
     name the taker was shown) only that colleague's claim is taken over, a
     claim passed to another meanwhile is a 409 naming them. A study whose
-    report is signed has nothing to read: 409."""
+    report is signed has nothing to read: 409. *refresh* (the viewer's
+    heartbeat) only extends a claim this user still holds: one released (by
+    an administrator) or taken over since is a 409, never claimed anew."""
     with write_transaction(engine) as conn:
         # Locked: the signature's transaction updates the study's report state
         # before it ends the claim. Unlocked, a heartbeat of the signer's viewer
@@ -113,6 +115,13 @@ def claim(engine: Engine, study_uid: str, username: str, display_name: str, minu
         # Claims long expired go, so the table holds about the studies being read.
         conn.execute(delete(claims_t).where(claims_t.c.expires_at < now - timedelta(days=1)))
         row = _held(conn, study.pk)
+        if refresh and (row is None or row.username != username):
+            # A heartbeat claiming anew undid an administrator's release, or a take-over released at once:
+            # the first viewer's next beat took the study back, unasked.
+            held_by = _claim(row) if row is not None else None
+            if held_by is not None and held_by.expires_at <= now:
+                held_by = None
+            raise ClaimError("your claim on this study has ended (released or taken over)", 409, held_by)
         if row is None:
             values = {"study_pk": study.pk, "username": username, "display_name": display_name,
                       "claimed_at": now, "expires_at": expires}

@@ -143,3 +143,38 @@ def test_a_take_over_takes_only_the_claim_the_taker_was_shown(tmp_path: Path) ->
             assert an.post(path, json={"take_over": True}).status_code == 200
     finally:
         server.stop()
+
+
+def test_a_heartbeat_does_not_take_back_a_released_or_taken_claim(tmp_path: Path) -> None:
+    """The viewer's heartbeat claimed anew whenever it found no claim of its
+    user: an administrator's release, or a take-over followed by a release,
+    was undone by the first viewer's next beat, unasked (audited as a new
+    claim). A heartbeat now only extends a claim its user still holds."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite", None, None, {}))
+    server.start()
+    try:
+        ct = make_ct(tmp_path / "ct.dcm", PatientID="BN1", StudyInstanceUID=STUDY)
+        assert server.storescu(str(ct)).returncode == 0
+        an = server.make_token("bs.an", "radiologist", "BS. An")
+        binh = server.make_token("bs.binh", "radiologist", "BS. Bình")
+        admin = server.make_token("quantri", "admin", "Quản trị")
+        path = f"/api/studies/{STUDY}/claim"
+        beat = {"take_over": False, "refresh": True}
+        with server.http(token=an) as viewer_a, server.http(token=binh) as viewer_b, \
+                server.http(token=admin) as administrator:
+            assert viewer_a.post(path).status_code == 200
+            assert viewer_a.post(path, json=beat).json()["mine"]  # a beat extends one's own claim
+            assert administrator.delete(path).status_code == 204
+            ended = viewer_a.post(path, json=beat)
+            assert ended.status_code == 409 and ended.json().get("claim") is None, ended.text
+            assert viewer_b.post(path).status_code == 200  # free: a colleague claims it
+            # B took it; B releases at once: A's next beat must not take it back.
+            assert viewer_b.delete(path).status_code == 204
+            assert viewer_a.post(path, json=beat).status_code == 409
+            with server.http(token=binh) as check:
+                assert check.post(path).json()["mine"]
+            # A colleague's running claim: the beat is told who reads it.
+            taken = viewer_a.post(path, json=beat)
+            assert taken.status_code == 409 and taken.json()["claim"]["user"] == "bs.binh"
+    finally:
+        server.stop()

@@ -38,6 +38,8 @@ class ClaimRequest(JsonBody):
     take_over: bool = False
     # The user name of the claim the taker was shown: one passed to another meanwhile is a 409.
     holder: str = Field("", max_length=64)
+    # The open viewer's heartbeat: extend one's own claim, never claim anew.
+    refresh: bool = False
 
 
 def refresh_seconds(minutes: float) -> int:
@@ -62,7 +64,8 @@ def claim_study(request: Request, study: str, body: ClaimRequest | None = None,
     minutes = settings.reading_claim_minutes
     try:
         done = claim(request.app.state.pacs.engine, study, principal.username, principal.display_name, minutes,
-                     take_over=bool(body and body.take_over), holder=body.holder if body else "")
+                     take_over=bool(body and body.take_over), holder=body.holder if body else "",
+                     refresh=bool(body and body.refresh))
     except ClaimError as exc:
         event = _event(request)
         if event is not None:

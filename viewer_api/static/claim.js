@@ -130,8 +130,8 @@ export class ReadingClaim {
 
   async heartbeat() {
     try {
-      // Not a take-over: a colleague who took it over keeps it.
-      const claim = await api("POST", this.path, { json: { take_over: false } });
+      // Not a take-over, nor a new claim: a colleague who took it over keeps it, a release stays released.
+      const claim = await api("POST", this.path, { json: { take_over: false, refresh: true } });
       if (!this.destroyed) this.claim = claim;
     } catch (exc) {
       this.refused(exc);
