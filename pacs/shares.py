@@ -49,6 +49,7 @@ from .audit import patient_cx
 from .errors import RefusedRequest
 from .index.db import db_now, write_transaction
 from .index.models import Order, Patient, ShareLink as ShareLinkRow, Study
+from .lockouts import lock_length
 from .share_orders import (
     WITHDRAWN,
     OrderTarget,
@@ -69,18 +70,8 @@ TOKEN_BYTES = 24
 _TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{32}")
 # Where a link's page is, under the app's root.
 PATH_PREFIX = "/share/"
-# The birth-year check: wrong answers before a lock, and the first lock's
-# length. Each further lock is twice the one before, up to MAX_LOCK: a year
-# has about a hundred likely values, which a flat 15 minutes per 5 guesses
-# let a finder of a lost receipt try within a day.
+# The birth-year check: wrong answers before a lock (pacs.lockouts: how long).
 BIRTH_YEAR_TRIES = 5
-LOCK = timedelta(minutes=15)
-MAX_LOCK = timedelta(days=1)
-
-
-def lock_length(lockouts: int) -> timedelta:
-    """The lock after the *lockouts*-th run of wrong answers (1: the first)."""
-    return min(LOCK * 2 ** min(max(lockouts - 1, 0), 16), MAX_LOCK)
 # How long a right answer lets the browser load the page's data.
 ANSWERED_FOR = timedelta(hours=1)
 # `pacs share list` without --study: the newest this many.

@@ -42,7 +42,7 @@ import logging
 import os
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,7 @@ from .atomic_files import create_once
 from .errors import RefusedRequest
 from .index.db import db_now, write_transaction
 from .index.models import SigningCertificate, User
+from .lockouts import lock_length
 from .settings import MIN_SIGNING_SECRET, decode_signing_secret
 
 log = logging.getLogger(__name__)
@@ -66,10 +67,8 @@ log = logging.getLogger(__name__)
 certs_t = SigningCertificate.__table__
 users_t = User.__table__
 
-# Wrong PINs before a lock; the first lock's length, doubled per lock in a row up to MAX_LOCK.
+# Wrong PINs before a lock (pacs.lockouts: how long, doubled per lock in a row).
 PIN_TRIES = 5
-LOCK = timedelta(minutes=15)
-MAX_LOCK = timedelta(days=1)
 # A PIN shorter than this is refused at import: the sealed key is only as strong as it.
 MIN_PIN = 6
 MAX_PIN = 256
@@ -112,11 +111,6 @@ class PinLocked(SigningKeyError):
                          f"{locked_until:%Y-%m-%d %H:%M} UTC; the report stays unsigned", 429)
         self.locked_until = locked_until
         self.retry_after = max(1, int((locked_until - now).total_seconds()) + 1)
-
-
-def lock_length(lockouts: int) -> timedelta:
-    """The lock after the *lockouts*-th run of wrong PINs (1: the first)."""
-    return min(LOCK * 2 ** min(max(lockouts - 1, 0), 16), MAX_LOCK)
 
 
 @dataclass(frozen=True)
