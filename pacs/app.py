@@ -33,6 +33,7 @@ from .pixel_memory import PIXELS
 from .reads import IndexReader
 from .routing import RoutingRules, load_rule
 from .settings import Settings
+from .recent_keys import RecentKeys
 from .tls import certificate_pin
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,9 @@ class Pacs:
     _closed: bool = field(default=False, repr=False)
     # This node's live figures for /metrics (pacs serve registers its DICOM listeners).
     live: NodeFigures = field(default_factory=NodeFigures, repr=False)
+    # Structured reports read once for a study's dose summary and found to hold no dose report (by instance,
+    # storage key and checksum): a page load does not read them again (pacs.sr_reads.study_dose).
+    sr_without_dose: RecentKeys = field(default_factory=lambda: RecentKeys(50_000), repr=False)
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True, upgrade: bool = False, others: str = "",

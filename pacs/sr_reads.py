@@ -13,8 +13,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -46,10 +44,9 @@ MAX_SR_BYTES = 32 * 1024 * 1024
 MAX_DOSE_REPORTS = 20
 # SR instances of a study listed for its dose summary at most.
 MAX_LISTED = 2000
-# SRs read once and found to hold no dose report (by instance, storage key
-# and checksum), remembered: a page load does not read them again. The dose
+# SRs read once and found to hold no dose report are remembered on the app
+# (Pacs.sr_without_dose): a page load does not read them again. The dose
 # reports themselves (one or two a study, small) are read each time.
-MAX_CACHED = 50_000
 # Older CT scanners write their dose report as an Enhanced or Comprehensive SR
 # (its root concept says what it is): read for a study's dose summary too,
 # after the dose report classes, when no larger than a dose report gets.
@@ -61,8 +58,6 @@ _CHUNK = 500
 instances_t = Instance.__table__
 series_t = Series.__table__
 studies_t = Study.__table__
-_no_dose: OrderedDict[tuple[str, str, str], None] = OrderedDict()
-_cache_lock = threading.Lock()
 
 
 class SrError(RefusedRequest):
@@ -210,22 +205,9 @@ def _dose_report(pacs: Pacs, item: RetrieveItem) -> dict[str, Any] | None:
             "content_time": document.content_time, **summary.as_json()}
 
 
-def _known_no_dose(item: RetrieveItem) -> bool:
-    """Whether the SR *item* (as stored: its key and checksum) was read
-    before and held no dose report."""
-    key = (item.sop_uid, item.storage_key, item.sha256)
-    with _cache_lock:
-        if key not in _no_dose:
-            return False
-        _no_dose.move_to_end(key)
-        return True
-
-
-def _remember_no_dose(item: RetrieveItem) -> None:
-    with _cache_lock:
-        _no_dose[(item.sop_uid, item.storage_key, item.sha256)] = None
-        while len(_no_dose) > MAX_CACHED:
-            _no_dose.popitem(last=False)
+def _stored_as(item: RetrieveItem) -> tuple[str, str, str]:
+    """An SR as stored: a copy replaced under its key or checksum is read again."""
+    return (item.sop_uid, item.storage_key, item.sha256)
 
 
 def _event_key(event: dict[str, Any]) -> str:
@@ -307,7 +289,7 @@ def study_dose(pacs: Pacs, study_uid: str) -> dict[str, Any] | None:
     for item in items:
         if item.sop_class_uid not in DOSE_CLASSES and item.size > MAX_LEGACY_DOSE_BYTES:
             continue  # a measurement report with its coordinates, a CAD report: not an older scanner's dose report
-        if _known_no_dose(item):
+        if pacs.sr_without_dose.seen(_stored_as(item)):
             continue
         if reads >= MAX_DOSE_REPORTS:
             unread += 1
@@ -325,7 +307,7 @@ def study_dose(pacs: Pacs, study_uid: str) -> dict[str, Any] | None:
                                          f"({exc.__class__.__name__})"})
             continue
         if report is None:
-            _remember_no_dose(item)
+            pacs.sr_without_dose.add(_stored_as(item))
         else:
             reports.append(report)
     if unread:
