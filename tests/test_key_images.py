@@ -500,6 +500,8 @@ def test_marking_in_the_viewer_and_the_patients_page(browser_archive: PacsServer
             expect(toggle).to_have_text("☆ Ảnh chính")
             expect(toggle).to_have_attribute("aria-pressed", "false")
             expect(marker).to_be_hidden()
+            # The saved selection is read before K may change it (a K before it is refused, not saved).
+            expect(toggle).to_have_attribute("data-loaded", "true")
 
             # K on the second slice marks it; the state says it is saved, the stars show.
             page.locator("#viewport").focus()
