@@ -194,11 +194,11 @@ def audit_refusal_counts(pacs: Pacs) -> Any:
     return ended
 
 
-def origin_of(assoc: Any, source: str = "dimse", *, routed: bool = True) -> Origin:
-    """Where an association's objects come from."""
+def origin_of(assoc: Any, source: str = "dimse", *, routed: bool = True, examination: bool = True) -> Origin:
+    """Where an association's objects come from (*examination*: see Origin)."""
     requestor = assoc.requestor
     return Origin(source=source, calling_ae=requestor.ae_title.strip(), remote_host=str(requestor.address),
-                  routed=routed)
+                  routed=routed, examination=examination)
 
 
 def make_store_handler(pacs: Pacs, source: str = "dimse", *, retrieving: bool = False) -> Any:
@@ -232,7 +232,7 @@ def make_store_handler(pacs: Pacs, source: str = "dimse", *, retrieving: bool = 
                             "of %s dropped (PS3.10 7.1)", peer_text(requestor.ae_title, 16), stray, peer_text(sop_uid))
             result = pacs.ingestor.ingest(
                 received,
-                origin_of(assoc, source, routed=not ours or pacs.settings.route_retrieved),
+                origin_of(assoc, source, routed=not ours or pacs.settings.route_retrieved, examination=not ours),
                 transfer_syntax=transfer_syntax,
                 expected_sop_class=sop_class,
                 expected_sop_uid=sop_uid,

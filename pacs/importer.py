@@ -241,7 +241,7 @@ def import_paths(
     *routed*: the routing rules apply to them (``pacs import --route``); an
     import is old data, not an examination arriving (see Origin.routed)."""
     summary = ImportSummary()
-    origin = Origin(source="import", calling_ae="", remote_host="localhost", routed=routed)
+    origin = Origin(source="import", calling_ae="", remote_host="localhost", routed=routed, examination=False)
 
     def ingest(path: Path) -> IngestResult | str:
         if is_part10(path):

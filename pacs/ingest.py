@@ -73,6 +73,11 @@ class Origin:
     # import is old data coming in, not an examination arriving: routed, a
     # rule such as "chest CT to the AI server" sent it years of priors.
     routed: bool = True
+    # False: old data coming in (an import, this archive's own C-MOVE or
+    # C-GET: pacs remote pull, prefetched priors, a retrieve on demand), not
+    # an examination arriving: its images' priority (STAT...) is not taken,
+    # or a CD of years ago stayed first in the urgent group until reported.
+    examination: bool = True
 
 
 @dataclass(frozen=True)
@@ -394,6 +399,7 @@ class Ingestor:
             source=origin.source,
             calling_ae=origin.calling_ae,
             remote_host=origin.remote_host,
+            examination=origin.examination,
             routes=routes,
             object_present=lambda key=key: self.store.exists(key),
             replaces=replaces,

@@ -108,6 +108,10 @@ class IndexRecord:
     source: str = ""
     calling_ae: str = ""
     remote_host: str = ""
+    # An examination arriving (see pacs.ingest.Origin.examination): only its
+    # images' priority is the study's; old data (an import, our own retrieve,
+    # pacs reindex) does not make a study urgent.
+    examination: bool = True
     # Routing jobs to create in the same transaction (see pacs.routing).
     routes: list[Any] = field(default_factory=list)
     # Is the object still stored under storage_key? Asked in the index
@@ -338,7 +342,7 @@ class IndexWriter:
         set_name_words(conn, pk, h.patient_name_words)
         return int(pk)
 
-    def _study_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> tuple[int, bool]:
+    def _study_pk(self, conn: Connection, h: InstanceHeader, now: datetime, priority: str) -> tuple[int, bool]:
         """(study pk, whether this call made the study) of h's study."""
         pk = self._studies.get(h.study_uid)
         if pk is not None:
@@ -374,8 +378,8 @@ class IndexWriter:
                 "description": h.study_description,
                 "institution": h.institution,
                 # An order linked below overrides it (triggers of migration 0032).
-                "image_priority": h.priority,
-                "priority": h.priority,
+                "image_priority": priority,
+                "priority": priority,
                 "modalities": "",
                 "num_series": 0,
                 "num_instances": 0,
@@ -410,7 +414,7 @@ class IndexWriter:
         self._studies.put(h.study_uid, pk)
         return pk, made
 
-    def _join_study(self, conn: Connection, study_pk: int, h: InstanceHeader, now: datetime) -> None:
+    def _join_study(self, conn: Connection, study_pk: int, h: InstanceHeader, now: datetime, priority: str) -> None:
         """A new series joins a study an earlier object made: the study takes
         what that object lacked and the series brings (once per series, not
         per instance). Its empty attributes are filled (an Accession Number
@@ -436,10 +440,10 @@ class IndexWriter:
                 # Every searched form, or a name search misses the physician.
                 fill.update(_referring_columns(fill["referring_physician"]))
             conn.execute(update(studies).where(studies.c.pk == study_pk).values(**fill))
-        if h.priority and not row.image_priority:
+        if priority and not row.image_priority:
             # A priority the study's first series lacked; an order's stays the study's.
             conn.execute(update(studies).where(studies.c.pk == study_pk).values(
-                image_priority=h.priority, priority=case((studies.c.priority == "", h.priority),
+                image_priority=priority, priority=case((studies.c.priority == "", priority),
                                                          else_=studies.c.priority)))
         order = None
         if "accession_number" in fill and not row.ordered:
@@ -468,7 +472,9 @@ class IndexWriter:
         if patient_pk != row.patient_pk:
             prune_patients(conn, {row.patient_pk})
 
-    def _series_pk(self, conn: Connection, h: InstanceHeader, now: datetime) -> int:
+    def _series_pk(self, conn: Connection, h: InstanceHeader, now: datetime, priority: str = "") -> int:
+        """The series' row, made (with its study's, when new) for *h*; *priority*: the
+        reading priority its images give the study ('' for old data, see IndexRecord.examination)."""
         pk = self._series.get(h.series_uid)
         if pk is not None:
             return pk  # checked by the instance's insert itself (see add)
@@ -484,7 +490,7 @@ class IndexWriter:
             # meanwhile, naming another study, the study and patient made
             # here for it are undone, not left empty in the study list.
             with conn.begin_nested():
-                study_pk, made = self._study_pk(conn, h, now)
+                study_pk, made = self._study_pk(conn, h, now, priority)
                 pk = insert_ignore(
                     conn,
                     series_t,
@@ -509,7 +515,7 @@ class IndexWriter:
                     raise _SeriesTaken
                 self._add_series_to_study(conn, study_pk, h.modality)
                 if not made:
-                    self._join_study(conn, study_pk, h, now)
+                    self._join_study(conn, study_pk, h, now, priority)
         except _SeriesTaken:
             self._studies.pop(h.study_uid, None)
             self._patients.pop((h.patient_id, h.issuer), None)
@@ -676,7 +682,8 @@ class IndexWriter:
                                .where(instances.c.sop_uid == rec.header.sop_uid)).first()
             if old is not None:
                 return self._duplicate(conn, rec, old)
-        series_pk = self._series_pk(conn, rec.header, rec.received_at)
+        priority = rec.header.priority if rec.examination else ""
+        series_pk = self._series_pk(conn, rec.header, rec.received_at, priority)
         values = self._instance_values(rec, series_pk)
         # Inserted only under the series the cached key still names.
         pk = insert_under_parent(conn, instances, values, "sop_uid", series_t, "series_pk", "series_uid",
@@ -686,7 +693,7 @@ class IndexWriter:
             # Not a duplicate: the cached series is gone (a purge while serving),
             # and SQLite may have given its key to another series. Look it up again.
             self._series.pop(rec.header.series_uid, None)
-            values = self._instance_values(rec, self._series_pk(conn, rec.header, rec.received_at))
+            values = self._instance_values(rec, self._series_pk(conn, rec.header, rec.received_at, priority))
             pk = insert_ignore(conn, instances, values, ["sop_uid"])
         if pk is not None:
             study_uid = self._check_patient(conn, rec, int(values["series_pk"]))

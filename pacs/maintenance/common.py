@@ -221,6 +221,8 @@ def index_stored_object(pacs: Pacs, key: str, *, source: str = "reindex",
         storage_key=key,
         received_at=datetime.now(UTC),
         source=source,
+        # Indexed anew from storage (pacs reindex): no examination arriving.
+        examination=False,
         object_present=lambda key=key: pacs.store.exists(key),
         replaces=replaces,
     )

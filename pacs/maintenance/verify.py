@@ -312,7 +312,8 @@ def _adopt(pacs: Pacs, key: str, report: VerifyReport) -> None:
             return
     try:
         with pacs.store.local_path(key) as path:
-            result = pacs.ingestor.ingest(FileSource(path), Origin(source="repair", remote_host="localhost"))
+            result = pacs.ingestor.ingest(FileSource(path),
+                                          Origin(source="repair", remote_host="localhost", examination=False))
     except IngestError as exc:
         if exc.status in (Status.OUT_OF_RESOURCES, Status.STORAGE_FAILED, Status.INDEX_FAILED):
             # Not the object's fault (disk low, store or index down): retry later.
