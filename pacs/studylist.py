@@ -178,10 +178,10 @@ def _first_group(sort: str, states: tuple[str, ...] | None) -> tuple[ColumnEleme
     not_reported = studies.c.report_state.in_(unreported)
     if sort == "waiting":
         return not_reported, [studies.c.created_at, studies.c.pk]
-    # Urgent and not reported: STAT first, then each the longest waiting (earliest acquired) first.
+    # Urgent and not reported: STAT first, then each the longest waiting (earliest received) first. Not by
+    # Study Date: a study dated years ago (a modality's wrong clock, sent late) that arrived now came first.
     return (and_(studies.c.priority.in_(URGENT), not_reported),
-            [case((studies.c.priority == STAT, 0), else_=1), studies.c.study_date, studies.c.study_time,
-             studies.c.pk])
+            [case((studies.c.priority == STAT, 0), else_=1), studies.c.created_at, studies.c.pk])
 
 
 def _page(conn: Connection, stmt: Select[Any], first: tuple[ColumnElement[bool], list[Any]] | None,

@@ -185,8 +185,8 @@ def test_an_order_changed_to_stat_puts_its_study_first(server: PacsServer, studi
     assert msa(send(server, _orm("RW3", "RW-ROUT", "RW0001", u["routine"], "S", order_control="XO")))[0] == "AA"
     found = _worklist(server, server.a)  # type: ignore[attr-defined]
     assert _item(found, u["routine"])["priority"] == "STAT"
-    # Both STAT, the one acquired first (the longest waiting) first.
-    assert _uids(found)[:3] == [u["stat"], u["routine"], u["high"]]
+    # Both STAT, the longest waiting (received first: routine, though acquired after) first.
+    assert _uids(found)[:3] == [u["routine"], u["stat"], u["high"]]
     assert found["urgent_unread"] == 3
     assert msa(send(server, _orm("RW4", "RW-ROUT", "RW0001", u["routine"], "R", order_control="XO")))[0] == "AA"
     assert _item(_worklist(server, server.a), u["routine"])["priority"] == "ROUTINE"  # type: ignore[attr-defined]

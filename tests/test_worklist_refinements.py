@@ -270,6 +270,22 @@ def test_two_colleagues_taking_over_at_once_one_wins(race_server: tuple[PacsServ
     assert all("taken over from bs.an" in e["detail"] for e in events if e["outcome"] == "success")
 
 
+def test_a_withdrawn_order_makes_its_study_routine_on_each_backend(race_server: tuple[PacsServer, list[str]],
+                                                                    tmp_path: Path) -> None:
+    """The triggers on both databases: CA, and DC (discontinued) alike."""
+    server, _ = race_server
+    for n, control in enumerate(("CA", "DC")):
+        uid, accession = generate_uid(), f"WR-W{n}"
+        assert msa(send(server, _orm(f"WRW{n}", accession, f"WR-W{n}", uid, "S")))[0] == "AA"
+        _store(server, tmp_path, StudyInstanceUID=uid, PatientID=f"WR-W{n}", AccessionNumber=accession,
+               RequestedProcedurePriority="STAT")
+        with server.http() as admin:
+            assert admin.get(f"/api/studies/{uid}").json()["priority"] == "STAT"
+            assert msa(send(server, _orm(f"WRX{n}", accession, f"WR-W{n}", uid, "S", order_control=control))
+                       )[0] == "AA"
+            assert admin.get(f"/api/studies/{uid}").json()["priority"] == "ROUTINE", control
+
+
 # -- 5. the page refreshes itself ------------------------------------------------------------------------
 def test_the_worklist_refreshes_itself(server: PacsServer, tmp_path: Path) -> None:
     """A STAT study stored after the page loaded appears without reload

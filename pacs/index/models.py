@@ -152,8 +152,9 @@ class Study(Base):
     __table_args__ = (
         # A report state's studies, newest first (the unread worklist).
         Index("ix_studies_report_state", "report_state", "study_date", "study_time"),
-        # The urgent studies not yet reported, listed first and counted (migration 0032).
-        Index("ix_studies_priority", "priority", "report_state", "study_date", "study_time"),
+        # The urgent studies not yet reported, listed first (the longest waiting first) and
+        # counted (migrations 0032, 0033).
+        Index("ix_studies_priority", "priority", "report_state", "created_at"),
     )
 
     pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
@@ -187,9 +188,11 @@ class Study(Base):
     report_state: Mapped[str] = mapped_column(String, server_default="unread")
     # The reading priority as a DICOM term (STAT, HIGH, ROUTINE, MEDIUM, LOW;
     # '' none, see pacs.priority): the linked order's, else image_priority.
-    # Kept by triggers on study_orders and orders (migration 0032).
+    # Kept by triggers on study_orders and orders (migrations 0032, 0033: an
+    # order withdrawn by the HIS makes it ROUTINE).
     priority: Mapped[str] = mapped_column(String, server_default="")
-    # What the images said (Requested Procedure Priority), set at ingest.
+    # What the images said (Requested Procedure Priority), set at ingest of an
+    # examination arriving, never of old data (pacs.ingest.Origin.examination).
     image_priority: Mapped[str] = mapped_column(String, server_default="")
 
 
