@@ -51,7 +51,7 @@ PASSWORD = "Secret-123a"
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     """A SQLite server whose archive holds an old CD's STAT CT (`pacs
     import`, patient WR-CD: ``server.cd``); radiologist A (``server.a``: a
-    token; also a password for the browser)."""
+    token); radiologist B signs in in the browser."""
     work = tmp_path_factory.mktemp("refinements")
     cd = work / "cd"
     cd.mkdir()
@@ -60,7 +60,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
             RequestedProcedurePriority="STAT")
     pacs = PacsServer(work / "data", Backend("sqlite-fs", None, None, {}))
     pacs.cli("import", str(cd))
-    pacs.cli("user", "add", A[0], "--role", "radiologist", "--password", PASSWORD, "--display-name", A[1])
+    pacs.cli("user", "add", B[0], "--role", "radiologist", "--password", PASSWORD, "--display-name", B[1])
     pacs.start()
     pacs.cd = uid  # type: ignore[attr-defined]
     pacs.a = pacs.make_token(A[0], "radiologist", A[1])  # type: ignore[attr-defined]
@@ -311,14 +311,15 @@ def test_the_worklist_refreshes_itself(server: PacsServer, tmp_path: Path) -> No
             page.on("request", lambda r: requests.append(r.url) if "/api/worklist" in r.url else None)
             page.clock.install()
             page.goto("/")
-            page.fill("#username", A[0])
+            page.fill("#username", B[0])
             page.fill("#password", PASSWORD)
             page.press("#password", "Enter")
             rows = page.locator('[data-testid="study-row"]')
             expect(rows.first).to_be_visible()
             shown = rows.count()
             assert shown > 20
-            # Select a row far down, scroll, type a search not yet submitted.
+            # Type a search not yet submitted, select a row far down, scroll.
+            page.fill("#search-accession", "WR-TYPED")
             chosen = rows.nth(30)
             chosen_uid = chosen.get_attribute("data-study-uid")
             chosen.focus()
@@ -328,7 +329,6 @@ def test_the_worklist_refreshes_itself(server: PacsServer, tmp_path: Path) -> No
                 box.scrollTop = 300; return [box === wrap, box.scrollTop];
             }""")
             assert scrolled[1] > 0
-            page.fill("#search-accession", "WR-TYPED")
 
             uid = generate_uid()
             _store(server, tmp_path, StudyInstanceUID=uid, PatientID="WR-NEW", RequestedProcedurePriority="STAT")

@@ -18,6 +18,10 @@ const URGENT = new Set(["STAT", "HIGH"]);
 // The columns that sort the list (pacs.studylist.SORTS): the default puts urgent unread studies first.
 const SORT_COLUMNS = { col_priority: "priority", col_date: "date", col_waiting: "waiting" };
 const READERS = new Set(["radiologist", "admin"]);
+// The list asks again this often while the page is shown (a new STAT study appears without reload), never
+// while hidden nor while a request is under way (a slow server gets no pile-up); a page shown again after
+// longer asks at once.
+const REFRESH_MS = 30000;
 
 function loadFilters() {
   return { offset: 0, sort: "priority", ...readSession(FILTER_KEY) };
@@ -70,6 +74,8 @@ export function mountWorklist(root, ctx) {
   const filters = loadFilters();
   let controller = null;
   let lastData = null;
+  // When the list was last asked for (Date.now()): the refresh waits REFRESH_MS from any load.
+  let loadedAt = 0;
 
   const field = (id, labelKey, input) =>
     h("div.field", h("label", { for: id, "data-i18n": labelKey }), input);
@@ -290,13 +296,34 @@ export function mountWorklist(root, ctx) {
   }
   const ticker = setInterval(tick, 30000);
 
-  function show(data) {
+  /** The rows for *items*; a refresh keeps the focused row (the keyboard's selection) and the scroll position. */
+  function showRows(items, refreshing) {
+    if (!refreshing) {
+      tbody.replaceChildren(...items.map(row));
+      return;
+    }
+    const focused = tbody.contains(document.activeElement) ? document.activeElement.dataset.studyUid : null;
+    const wrap = table.parentElement;
+    const page = document.scrollingElement;
+    const [wrapTop, pageTop] = [wrap.scrollTop, page ? page.scrollTop : 0];
+    tbody.replaceChildren(...items.map(row));
+    wrap.scrollTop = wrapTop;
+    if (page) page.scrollTop = pageTop;
+    if (focused) {
+      const again = [...tbody.children].find((tr) => tr.dataset.studyUid === focused);
+      if (again) again.focus({ preventScroll: true });
+    }
+  }
+
+  function show(data, refreshing = false) {
+    const unchanged = refreshing && lastData && JSON.stringify(lastData.items) === JSON.stringify(data.items);
     lastData = data;
     const items = (data && data.items) || [];
     const total = data && Number.isFinite(data.total) ? data.total : items.length;
     const now = data && data.now ? Date.parse(data.now) : NaN;
     skew = Number.isNaN(now) ? 0 : now - Date.now();
-    tbody.replaceChildren(...items.map(row));
+    if (unchanged) tick(); // the same rows: left as they are (a text selected in them stays)
+    else showRows(items, refreshing);
     if (data && "urgent_unread" in data) showUrgentCount(data.urgent_unread);
     markSort();
     message.textContent = items.length ? "" : t("no_results");
@@ -313,20 +340,27 @@ export function mountWorklist(root, ctx) {
     return value && !/[*?]/.test(value) ? `${value}*` : value;
   }
 
-  async function load() {
+  /** Load the list; *refreshing*: the automatic refresh (no "loading", nothing aborted, skipped while busy). */
+  async function load(refreshing = false) {
+    if (refreshing && controller) return; // the previous request is still under way
     saveFilters(filters);
     if (filters.date_from && filters.date_to && filters.date_from > filters.date_to) {
+      if (refreshing) return;
       tbody.replaceChildren();
       message.textContent = t("dates_reversed");
       message.className = "message error";
       return;
     }
     if (controller) controller.abort();
-    controller = new AbortController();
-    const signal = controller.signal;
-    message.textContent = t("loading");
-    message.className = "message";
-    table.setAttribute("aria-busy", "true");
+    const mine = new AbortController();
+    controller = mine;
+    const signal = mine.signal;
+    loadedAt = Date.now();
+    if (!refreshing) {
+      message.textContent = t("loading");
+      message.className = "message";
+      table.setAttribute("aria-busy", "true");
+    }
     try {
       const data = await api("GET", "/api/worklist", {
         query: {
@@ -353,19 +387,33 @@ export function mountWorklist(root, ctx) {
         // signed left the "unread" list, a study was deleted): its last page,
         // not "no studies found" over studies that are there.
         filters.offset = total > 0 ? Math.floor((total - 1) / PAGE_SIZE) * PAGE_SIZE : 0;
-        load();
+        controller = null;
+        load(refreshing);
         return;
       }
-      show(data);
+      show(data, refreshing);
     } catch (exc) {
-      if (exc.name === "AbortError" || exc.status === 401) return;
+      // A refresh that failed leaves the list shown; the next one tries again.
+      if (exc.name === "AbortError" || exc.status === 401 || refreshing) return;
       tbody.replaceChildren();
       message.textContent = exc.message;
       message.className = "message error";
     } finally {
+      if (controller === mine) controller = null;
       if (!signal.aborted) table.removeAttribute("aria-busy");
     }
   }
+
+  /** The automatic refresh: only while the page is shown, REFRESH_MS after the last load, and not while text of
+   * the list is selected (to copy a patient ID: replacing the rows would drop it). */
+  function refresh() {
+    if (document.hidden || Date.now() - loadedAt < REFRESH_MS - 1000) return;
+    const selection = window.getSelection();
+    if (selection && !selection.isCollapsed && tbody.contains(selection.anchorNode)) return;
+    load(true);
+  }
+  const refresher = setInterval(refresh, REFRESH_MS);
+  document.addEventListener("visibilitychange", refresh);
 
   function onKey(event) {
     if (event.key === "ArrowDown" && (event.target === name || event.target === pid) && tbody.firstElementChild) {
@@ -390,6 +438,8 @@ export function mountWorklist(root, ctx) {
     cleanup() {
       document.removeEventListener("keydown", onKey);
       clearInterval(ticker);
+      clearInterval(refresher);
+      document.removeEventListener("visibilitychange", refresh);
       offLang();
       if (controller) controller.abort();
     },
