@@ -41,7 +41,7 @@ ARCHIVE_STATISTICS = [
     # With reports in four states (unread, draft, signed, amending): a hospital that reports here.
     ("studies", "ix_studies_report_state", "100000 25000 36 1"),
     # No priority in the synthetic archive (no orders, none in the images).
-    ("studies", "ix_studies_priority", "100000 100000 25000 36 1"),
+    ("studies", "ix_studies_priority", "100000 100000 25000 1"),
 ]
 
 
