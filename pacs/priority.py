@@ -5,8 +5,11 @@ kept on the order as the DICOM term, see ris_bridge.hl7v2), else the one
 the modality wrote in the images (Requested Procedure Priority, or a
 Scheduled Procedure Step Priority), as one of DICOM's terms: STAT, HIGH,
 ROUTINE, MEDIUM, LOW, or '' for none. The index keeps it per study
-(``studies.priority``, triggers of migration 0032 follow the order), so
-the worklist sorts and filters on a column.
+(``studies.priority``, triggers of migrations 0032 and 0033 follow the
+order), so the worklist sorts and filters on a column. Only an examination
+arriving gives its images' priority, never old data (an import, this
+archive's own retrieve: see pacs.ingest.Origin.examination); an order the
+HIS withdrew (every step cancelled or discontinued) makes its study ROUTINE.
 
 The worklist shows STAT as "Cấp cứu / STAT" and HIGH as "Khẩn / Urgent";
 both are urgent: an urgent study not yet reported comes first.
