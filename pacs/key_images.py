@@ -53,7 +53,7 @@ from .part10 import BufferSource
 from .query import Level
 from .retrieve import RetrieveItem, resolve
 from .sr_content import is_sr_class
-from .sr_reads import SrError, read_sr
+from .sr_reads import SrError, read_sr, store_problem
 from .timezones import dicom_date_time, hospital_zone
 
 log = logging.getLogger(__name__)
@@ -209,9 +209,14 @@ def _stored_documents(pacs: Pacs, study: Any) -> list[_Stored]:
                             size=int(row.size_bytes or 0), study_uid=study.study_uid, series_uid=row.series_uid)
         try:
             document = key_document(row.sop_uid, row.series_uid, read_sr(pacs, item))
-        except (SrError, ObjectNotFound, ObjectDamaged) as exc:  # that one listed as unreadable, not the others
+        except SrError as exc:  # that one listed as unreadable, not the others
             log.warning("key object selection %s of study %s cannot be read: %s", row.sop_uid, study.study_uid, exc)
             stored.append(_Stored(row.pk, row.sop_uid, row.series_uid, None, str(exc)))
+            continue
+        except (ObjectNotFound, ObjectDamaged) as exc:  # one line naming it, as a WADO-RS read logs it
+            problem = f"key object selection {row.sop_uid} is {store_problem(exc)}"
+            log.warning("%s (study %s)", problem, study.study_uid)
+            stored.append(_Stored(row.pk, row.sop_uid, row.series_uid, None, problem))
             continue
         stored.append(_Stored(row.pk, row.sop_uid, row.series_uid, document))
     return stored

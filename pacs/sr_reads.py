@@ -22,7 +22,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filereader import read_dataset
 from sqlalchemy import select
 
-from storage import StorageError
+from storage import ObjectDamaged, ObjectNotFound, StorageError
 
 from .app import Pacs
 from .errors import RefusedRequest
@@ -58,6 +58,17 @@ _CHUNK = 500
 instances_t = Instance.__table__
 series_t = Series.__table__
 studies_t = Study.__table__
+
+
+def store_problem(exc: Exception) -> str:
+    """What a lost or damaged object is, said as the HTTP API says it of a
+    missing object (the administrator's to repair with ``pacs verify``);
+    another store error by its kind (the store may give it next time)."""
+    if isinstance(exc, ObjectNotFound):
+        return "missing from the archive's store (pacs verify)"
+    if isinstance(exc, ObjectDamaged):
+        return "damaged in the archive's store (pacs verify)"
+    return f"not readable from the store now ({exc.__class__.__name__})"
 
 
 class SrError(RefusedRequest):
@@ -300,11 +311,10 @@ def study_dose(pacs: Pacs, study_uid: str) -> dict[str, Any] | None:
         except (StorageError, OSError) as exc:
             # The store lost or cannot give the object: this report says so, the others are shown
             # (not remembered: the store may give it next time).
-            log.warning("structured report %s cannot be read from the store: %s", item.sop_uid, exc)
+            log.warning("structured report %s of study %s is %s", item.sop_uid, study_uid, store_problem(exc))
             if item.sop_class_uid in DOSE_CLASSES:
                 reports.append({"sop_uid": item.sop_uid, "series_uid": item.series_uid,
-                                "error": f"structured report {item.sop_uid} cannot be read from the store "
-                                         f"({exc.__class__.__name__})"})
+                                "error": f"structured report {item.sop_uid} is {store_problem(exc)}"})
             continue
         if report is None:
             pacs.sr_without_dose.add(_stored_as(item))

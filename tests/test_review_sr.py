@@ -252,7 +252,7 @@ def test_a_dose_report_lost_from_the_store_is_named_and_the_rest_shown(archive: 
     with its error, the other one's figures shown."""
     dose = _dose(archive, archive.lost)
     reports = _by_sop(dose)
-    assert "cannot be read from the store" in reports[archive.sops["lost_neck"]]["error"]
+    assert "missing from the archive's store (pacs verify)" in reports[archive.sops["lost_neck"]]["error"]
     assert reports[archive.sops["lost_head"]]["dlp_total"] == {"value": 612.3, "unit": "mGy.cm"}
     assert dose["ct_dlp_total"] == {"value": 612.3, "unit": "mGy.cm"}
 
