@@ -100,9 +100,9 @@ def _start_ris_bridge(pacs: Pacs) -> tuple[Any, Any]:
     service = OrderService(pacs.engine, zone, order_status=settings.his_order_status,
                            prefetch=bool(settings.prefetch_sources))
 
-    def answer(raw: bytes, peer: str) -> bytes:
-        return hl7v2.handle(service, raw, processing_id=settings.hl7_processing_id, peer=peer,
-                            audit=pacs.audit.record, zone=zone)
+    def answer(raw: bytes, peer: str) -> list[bytes]:
+        return hl7v2.answers(service, raw, processing_id=settings.hl7_processing_id, peer=peer,
+                             audit=pacs.audit.record, zone=zone)
 
     senders = Allowlist(settings.hl7_allowed_hosts)
 

@@ -101,7 +101,8 @@ class Header:
     # MSH-11: P (production), T (training), D (debugging).
     processing_id: str = ""
     # MSH-15 / MSH-16 (table 0155: AL, NE, ER, SU): either set is enhanced
-    # acknowledgment mode (HL7 v2.5 2.9.3); both empty, original mode.
+    # acknowledgment mode (HL7 v2.5 2.9.3); both empty, original mode. Any
+    # other value is read as empty.
     accept_ack: str = ""
     application_ack: str = ""
     # MSH-3 to MSH-6 encoded again with the standard delimiters, components
@@ -196,7 +197,7 @@ def _header_from_msh(line: str, charset: str) -> Header:
         # Only table 0155's codes switch to enhanced mode: an ACK a garbled
         # MSH-15 ("~~~") turned into CA is one an original-mode sender cannot read.
         accept_ack=field(15)[0].upper() if field(15)[0].upper() in _ACK_CONDITIONS else "",
-        application_ack=field(16)[0].upper(),
+        application_ack=field(16)[0].upper() if field(16)[0].upper() in _ACK_CONDITIONS else "",
         addresses=(echo(3), echo(4), echo(5), echo(6)),
     )
 
@@ -763,11 +764,24 @@ def orders_from(message: Any, zone: tzinfo | None = None) -> list[tuple[str, Ord
 
 def handle(service: OrderService, raw: bytes, *, processing_id: str = "P", peer: str = "",
            audit: Callable[[Event], None] | None = None, zone: tzinfo | None = None) -> bytes:
-    """Process one inbound message; return the ACK to send back (never
-    raises): AA/AE/AR in original mode, the accept ACK CA/CE/CR in enhanced
-    mode (MSH-15 set), or b"" when MSH-15 asks for none (NE; ER on success,
-    SU on failure). Application ACKs (MSH-16) are never sent: a message is
-    applied before it is acknowledged, and the accept ACK says so.
+    """Process one inbound message; the first ACK :func:`answers` gives
+    (b"" when none is asked for): for a caller that expects one answer."""
+    replies = answers(service, raw, processing_id=processing_id, peer=peer, audit=audit, zone=zone)
+    return replies[0] if replies else b""
+
+
+def answers(service: OrderService, raw: bytes, *, processing_id: str = "P", peer: str = "",
+            audit: Callable[[Event], None] | None = None, zone: tzinfo | None = None) -> list[bytes]:
+    """Process one inbound message; return the ACKs to send back, in order
+    (never raises). Original mode (MSH-15 and MSH-16 empty): one ACK,
+    AA/AE/AR. Enhanced mode (HL7 v2.5 2.9.3): the accept ACK CA/CE/CR when
+    MSH-15's condition holds, then the application ACK AA/AE/AR when
+    MSH-16's holds (AL always, NE never, ER on an error, SU on success; an
+    empty field asks for none); none at all for NE and NE. The message is
+    applied before either is sent, so both go back on the connection it came
+    on (as original mode's ACK, which v2.5 2.9.3 equates to NE/AL); the
+    application ACK is a message of its own asking no ACK back (MSH-15 and
+    MSH-16 NE).
     Only messages for *processing_id* (MSH-11; empty counts as ours) are applied.
     *audit* records what the message did to which patients (from *peer*).
     *zone*: the hospital's (the ``timezone`` setting; default the server's),
@@ -789,12 +803,14 @@ def handle(service: OrderService, raw: bytes, *, processing_id: str = "P", peer:
                 detail=f"{kind[:20]} control ID {header.control_id[:40]}: {code}"
                        + (f" {error_code}" if error_code else ""),
             ))
-    if header.accept_ack:
-        # Enhanced mode (HL7 v2.5 2.9.3): the commit ACK, when MSH-15's condition holds.
-        if not _accept_ack_wanted(header.accept_ack, code == "AA"):
-            return b""
-        code = _COMMIT_CODES[code]
-    return ack(header, code, text, error_code, zone=zone)
+    if not header.accept_ack and not header.application_ack:
+        return [ack(header, code, text, error_code, zone=zone)]  # original mode
+    replies = []
+    if _ack_wanted(header.accept_ack, code == "AA"):
+        replies.append(ack(header, _COMMIT_CODES[code], text, error_code, zone=zone))
+    if _ack_wanted(header.application_ack, code == "AA"):
+        replies.append(ack(header, code, text, error_code, zone=zone, modes=("NE", "NE")))
+    return replies
 
 
 # Original mode's MSA-1 and the accept (commit) ACK's of enhanced mode.
@@ -802,17 +818,17 @@ _ACK_CONDITIONS = ("AL", "NE", "ER", "SU")  # HL7 table 0155
 _COMMIT_CODES = {"AA": "CA", "AE": "CE", "AR": "CR"}
 
 
-def _accept_ack_wanted(condition: str, success: bool) -> bool:
-    """Whether MSH-15 (table 0155) asks for an accept ACK: AL always, NE
-    never, ER on failure only, SU on success only (any other value is
-    original mode, see :func:`_header_from_msh`)."""
-    if condition == "NE":
-        return False
+def _ack_wanted(condition: str, success: bool) -> bool:
+    """Whether MSH-15 or MSH-16 (table 0155) asks for its ACK: AL always,
+    NE never, ER on failure only, SU on success only; empty (enhanced mode,
+    the other field set) none."""
+    if condition == "AL":
+        return True
     if condition == "ER":
         return not success
     if condition == "SU":
         return success
-    return True
+    return False
 
 
 # Audit actions of the messages a HIS sends (a merge is "patient-merge").
@@ -976,11 +992,12 @@ def _version(text: str) -> tuple[int, ...]:
 
 
 def ack(header: Header, code: str, text: str, error_code: str = "207", *, app: str = "FILMLESS",
-        zone: tzinfo | None = None) -> bytes:
+        zone: tzinfo | None = None, modes: tuple[str, str] = ("", "")) -> bytes:
     """An ACK for *header*'s message: MSA-1 AA/AE/AR (CA/CE/CR in enhanced
     mode), an ERR segment on errors, laid out for the message's version
     (MSH-12), which the ACK echoes. MSH-7 is in *zone* (the hospital's;
-    default the server's) with its offset."""
+    default the server's) with its offset. *modes*: the ACK's own MSH-15
+    and MSH-16 (an enhanced mode application ACK asks for none: NE, NE)."""
     now = hl7_timestamp(datetime.now(UTC), zone or server_zone())
     charset = header.charset or "UNICODE UTF-8"
     version = _version(header.version or "2.5")
@@ -994,7 +1011,7 @@ def ack(header: Header, code: str, text: str, error_code: str = "207", *, app: s
         "|".join([
             "MSH", "^~\\&", receiving_app or app, receiving_facility,
             sending_app, sending_facility, now, "", kind, control_id(),
-            escape(header.processing_id) or "P", escape(header.version) or "2.5", "", "", "", "", "", charset,
+            escape(header.processing_id) or "P", escape(header.version) or "2.5", "", "", *modes, "", charset,
         ]),
         "|".join(["MSA", code, escape(header.control_id), escape_within(text, _MSA_TEXT_LENGTH)]),
     ]

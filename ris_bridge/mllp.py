@@ -31,8 +31,11 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
+# (message, peer address) -> the ACK to send, or the ACKs in order (enhanced
+# mode: the accept ACK, then the application ACK); b"" or [] for none.
+Handler = Callable[[bytes, str], bytes | Sequence[bytes]]
 log = logging.getLogger(__name__)
 
 VT, FS, CR, LF = b"\x0b", b"\x1c", b"\x0d", b"\x0a"
@@ -127,7 +130,7 @@ async def _read(reader: asyncio.StreamReader, idle_timeout: float | None) -> byt
 
 
 async def _serve_connection(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Callable[[bytes, str], bytes],
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler,
     idle_timeout: float | None = IDLE_TIMEOUT, allowed: Callable[[str], bool] | None = None,
     frame_timeout: float | None = FRAME_TIMEOUT, limits: _Limits | None = None,
     throttled: _Throttled | None = None,
@@ -154,7 +157,7 @@ async def _serve_connection(
 
 
 async def _converse(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Callable[[bytes, str], bytes],
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, handler: Handler,
     peer: object, address: str, idle_timeout: float | None, frame_timeout: float | None,
 ) -> None:
     sock = writer.get_extra_info("socket")
@@ -210,8 +213,13 @@ async def _converse(
                 message, buffer = buffer[start + 1 : end], buffer[after:]
                 frame_started, stray = None, False
                 reply = await asyncio.to_thread(handler, message, address)
-                if reply:  # nothing when the sender asked for no acknowledgment (MSH-15)
-                    writer.write(frame(reply))
+                # Nothing when the sender asked for no acknowledgment (MSH-15, MSH-16);
+                # in enhanced mode the accept ACK and the application ACK, each framed.
+                replies = [reply] if isinstance(reply, bytes) else reply
+                for one in replies:
+                    if one:
+                        writer.write(frame(one))
+                if any(replies):
                     await writer.drain()
             if (buffer or stray) and frame_started is None:
                 frame_started = loop.time()  # a partial frame, or noise (not a bare line break)
@@ -225,7 +233,7 @@ class MLLPServer:
     """An MLLP listener in its own thread and event loop."""
 
     def __init__(
-        self, host: str, port: int, handler: Callable[[bytes, str], bytes], *,
+        self, host: str, port: int, handler: Handler, *,
         idle_timeout: float | None = IDLE_TIMEOUT, allowed: Callable[[str], bool] | None = None,
         frame_timeout: float | None = FRAME_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
         max_per_host: int = 0,

@@ -120,12 +120,12 @@ def test_hl7_application_acks_follow_msh16(server: PacsServer) -> None:
     after the accept ACK MSH-15 asks for (CA/CE/CR), as its own message
     asking no ACK back (MSH-15 NE); both empty is original mode (AA/AE/AR)."""
     pid = "BN7101^^^BVDK^MR"
-    good = orm("LO1", "RLO001", pid=pid)
-    bad = orm("LO2", "RLO002", pid=pid, order_control="ZZ")  # ORC-1 ZZ: not in table 0119 (AE 103)
 
     def both(accept: str, application: str, n: int) -> list[tuple[str, str, str]]:
-        return _answers(server, with_modes(good.replace("|LO1|", f"|G{n}|"), accept, application),
-                        with_modes(bad.replace("|LO2|", f"|B{n}|"), accept, application))
+        """A new order (G*n*) and one with ORC-1 ZZ (B*n*: not in table 0119, AE 103), on one connection."""
+        good = orm(f"G{n}", f"RLO{n:03d}", pid=pid)
+        bad = orm(f"B{n}", f"RLOB{n:03d}", pid=pid, order_control="ZZ")
+        return _answers(server, with_modes(good, accept, application), with_modes(bad, accept, application))
 
     # The case reported: NE^ER, the message failing, got no answer at all.
     assert both("NE", "ER", 1) == [("AE", "B1", "NE")]
