@@ -20,11 +20,16 @@ import argparse
 import getpass
 import json
 import sys
+import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .console import fail
+
+
+def _nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
 
 
 def _secrets(ask_pin: bool) -> tuple[str, str | None]:
@@ -34,7 +39,8 @@ def _secrets(ask_pin: bool) -> tuple[str, str | None]:
         if not ask_pin:
             return password, None
         pin = getpass.getpass("PIN for signing reports (at least 6 characters; Enter: the PKCS#12 password): ")
-        if pin and getpass.getpass("The PIN again: ") != pin:
+        # Compared as signing compares them: NFC (a Vietnamese PIN typed precomposed or not).
+        if pin and _nfc(getpass.getpass("The PIN again: ")) != _nfc(pin):
             raise ValueError("the two PINs differ")
         return password, pin or None
     lines = sys.stdin.read().splitlines()

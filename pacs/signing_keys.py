@@ -41,6 +41,7 @@ import hmac
 import logging
 import os
 import secrets
+import unicodedata
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -356,6 +357,24 @@ def _derive(password: bytes, salt: bytes, n_log2: int, r: int, p: int) -> bytes:
     return Scrypt(salt=salt, length=32, n=2**n_log2, r=r, p=p).derive(password)
 
 
+def normal_pin(pin: str) -> str:
+    """*pin* in Unicode NFC: Vietnamese letters one keyboard (or input
+    method) types precomposed ("ậ") and another decomposed ("a" + two
+    combining marks) are one PIN. Applied at import and at signing."""
+    return unicodedata.normalize("NFC", pin)
+
+
+def _pin_forms(pin: str) -> list[str]:
+    """The PIN bytes a key may be sealed under, most likely first: NFC (every
+    seal made since PINs are normalised, and an NFC PIN of before), then the
+    PIN as typed and in NFD (a seal made before from a decomposed PIN)."""
+    forms = [normal_pin(pin)]
+    for other in (pin, unicodedata.normalize("NFD", pin)):
+        if other not in forms:
+            forms.append(other)
+    return forms
+
+
 def _password(pin: str, secret: bytes | None) -> bytes:
     """scrypt's password: the PIN keyed by the secret (version 2), or the PIN (1)."""
     raw = pin.encode("utf-8")
@@ -368,27 +387,37 @@ def seal_key(key: Any, pin: str, username: str, cert_sha256: str, secret: bytes)
                             serialization.NoEncryption())
     salt, nonce = os.urandom(_SALT), os.urandom(_NONCE)
     n_log2, r, p = _SCRYPT
-    aead = AESGCM(_derive(_password(pin, secret), salt, n_log2, r, p))
+    aead = AESGCM(_derive(_password(normal_pin(pin), secret), salt, n_log2, r, p))
     sealed = aead.encrypt(nonce, der, _aad(_SEAL_VERSION, username, cert_sha256))
     return bytes([_SEAL_VERSION, n_log2, r, p]) + _check_value(secret) + salt + nonce + sealed
 
 
 def open_key(blob: bytes, pin: str, username: str, cert_sha256: str, secret: SigningSecret) -> Any | None:
-    """The private key sealed in *blob*, or None when *pin* is not its PIN;
-    503 when the key needs a signing secret this server lacks or has another of."""
+    """The private key sealed in *blob*, or None when *pin* is not its PIN
+    (in any Unicode normalisation form: :func:`_pin_forms`); 503 when the
+    key needs a signing secret this server lacks or has another of."""
+    opened = _open_key(blob, pin, username, cert_sha256, secret)
+    return opened[0] if opened else None
+
+
+def _open_key(blob: bytes, pin: str, username: str, cert_sha256: str,
+              secret: SigningSecret) -> tuple[Any, bool] | None:
+    """(the key, whether it was sealed under the NFC form of *pin*), or None."""
     sealed = _parse(blob)
     if sealed.version >= 2:
         if secret.value is None:
             raise _no_secret(secret, username)
         if not _sealed_under(blob, secret):
             raise _other_secret(secret, username)
-    password = _password(pin, secret.value if sealed.version >= 2 else None)
-    try:
-        der = AESGCM(_derive(password, sealed.salt, *sealed.scrypt)).decrypt(
-            sealed.nonce, sealed.ciphertext, _aad(sealed.version, username, cert_sha256))
-    except InvalidTag:
-        return None
-    return serialization.load_der_private_key(der, password=None)
+    for n, form in enumerate(_pin_forms(pin)):
+        password = _password(form, secret.value if sealed.version >= 2 else None)
+        try:
+            der = AESGCM(_derive(password, sealed.salt, *sealed.scrypt)).decrypt(
+                sealed.nonce, sealed.ciphertext, _aad(sealed.version, username, cert_sha256))
+        except InvalidTag:
+            continue
+        return serialization.load_der_private_key(der, password=None), n == 0
+    return None
 
 
 # -- the index ------------------------------------------------------------------------
@@ -489,7 +518,7 @@ def import_pkcs12(engine: Engine, username: str, data: bytes, password: str, pin
     *pin* (None: the PKCS#12 password) and the signing secret of *settings*
     (made when there is none), replacing any certificate they had (and its
     wrong-PIN count and lock). Only a radiologist signs reports."""
-    pin = password if pin is None else pin
+    pin = normal_pin(password if pin is None else pin)
     if len(pin) < MIN_PIN:
         raise SigningKeyError(f"the PIN must be at least {MIN_PIN} characters"
                               + (" (the PKCS#12 password is shorter: choose a PIN)" if pin == password else ""), 400)
@@ -575,15 +604,18 @@ def unlock(engine: Engine, username: str, pin: str | None, *, secret: SigningSec
     the PIN alone (version 1) is sealed again with the secret, when there is one."""
     if not pin:
         raise SigningKeyError("the PIN of your signing certificate is required to sign (report_signature is on)", 422)
-    if len(pin) > MAX_PIN:
+    if len(normal_pin(pin)) > MAX_PIN:
         raise SigningKeyError(f"the PIN is at most {MAX_PIN} characters", 400)
     row, lock = _count_try(engine, username, secret)
     blob = bytes(row.sealed_key)
-    key = open_key(blob, pin, username, row.sha256, secret)
-    if key is None:
+    opened = _open_key(blob, pin, username, row.sha256, secret)
+    if opened is None:
         raise WrongPin(0 if lock else PIN_TRIES - (row.failed_pins + 1), lock)
+    key, normalised = opened
     resealed = None
-    if _parse(blob).version == _PIN_ONLY and secret.value is not None:
+    if (_parse(blob).version == _PIN_ONLY or not normalised) and secret.value is not None:
+        # Sealed with the PIN alone, or under a PIN's decomposed form (before PINs were normalised):
+        # sealed again with the secret and the PIN in NFC, which every later try opens at once.
         resealed = seal_key(key, pin, username, row.sha256, secret.value)
     with write_transaction(engine) as conn:  # the right PIN: the count (and a lock this try set) starts afresh
         conn.execute(update(certs_t).where(certs_t.c.pk == row.pk)
@@ -593,7 +625,7 @@ def unlock(engine: Engine, username: str, pin: str | None, *, secret: SigningSec
             done = conn.execute(update(certs_t).where(certs_t.c.pk == row.pk, certs_t.c.sealed_key == blob)
                                 .values(sealed_key=resealed)).rowcount
             if done:
-                log.info("the signing key of %s is now sealed with the signing secret too", username)
+                log.info("the signing key of %s is now sealed with the signing secret and the PIN in NFC", username)
     cert = x509.load_der_x509_certificate(row.certificate)
     check_validity(cert, at or datetime.now(UTC), "the signing certificate")
     return SigningMaterial(key, cert, load_chain(row.chain_pem))

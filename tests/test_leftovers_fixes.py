@@ -146,7 +146,8 @@ def test_signing_pin_typed_as_nfd_or_nfc_is_one_pin(server: PacsServer, pki: Pki
     token = server.make_token("bs.vy", "radiologist", "BS. Hoàng Thị Vy")
     studies = []
     for n in range(3):
-        path = make_ct(tmp_path / f"sign{n}.dcm", PatientID=f"BN-PIN-{n}", PatientName="Đặng^Văn Sơn")
+        path = make_ct(tmp_path / f"sign{n}.dcm", PatientID=f"BN-PIN-{n}", PatientName="Đặng^Văn Sơn",
+                       SpecificCharacterSet="ISO_IR 192")
         assert server.storescu(str(path)).returncode == 0
         studies.append(str(dcmread(path, stop_before_pixels=True).StudyInstanceUID))
     done = import_cert(server, "bs.vy", pki.folder / "vy.p12", f"{P12_PASSWORD}\n{PIN_NFD}\n")
