@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from storage import ObjectExists, ObjectStore, StorageError, StorageFullError
+from storage import ObjectExists, ObjectStore, StorageError, StorageFullError, sha256_of
 
 from .errors import IngestError, Status
 from .header import InstanceHeader, parse_header
@@ -308,6 +308,31 @@ class Ingestor:
             log.error("index lookup failed for %s: %s", key, exc)
             raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
 
+    def _indexed_copy(self, sop_uid: str, key: str) -> tuple[str, str, int] | None:
+        """(storage key, sha256, size) the index holds for *sop_uid*, or None;
+        a failed lookup answers "index unavailable" (0xA703), as in _indexed_key."""
+        try:
+            return self.reader.instance_copy(sop_uid)
+        except Exception as exc:
+            log.error("index lookup failed for %s: %s", key, exc)
+            raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
+
+    def _identical(self, source: Source, indexed: tuple[str, str, int]) -> bool:
+        """Whether *source* holds the bytes the index describes (same size and
+        sha256) and the store still holds them whole (its size): a resend
+        of a lost or truncated copy is stored again, healing it. The source
+        is hashed only when the sizes agree."""
+        key, sha256, size = indexed
+        if not sha256 or size != source.size:
+            return False
+        with source.open() as stream:
+            if sha256_of(stream)[0] != sha256:
+                return False
+        try:
+            return self.store.stat(key).size == size
+        except StorageError:  # gone (ObjectNotFound), or the store cannot say: written as any correction
+            return False
+
     def _settle_race(self, key: str, record: IndexRecord, indexed_sha256: str) -> None:
         """Two nodes received different objects under one SOP Instance UID at
         once: both checked the index, both uploaded to *key* (an S3 PUT
@@ -337,9 +362,17 @@ class Ingestor:
         # before it) left the row describing bytes no longer stored, and the
         # acknowledged copy lost for a resend its sender was told failed.
         resending = self.overwrite and replaces is None and not self.key_variant
-        if resending and self.store.remote:
-            # Under the instance lock (_lock_instance): one query decides the key.
-            key = _key_beside(key, self._indexed_key(header.sop_uid, key))
+        if resending:
+            # Under the instance lock (_lock_instance): one query decides the key,
+            # and whether this is the very copy the index holds.
+            indexed = self._indexed_copy(header.sop_uid, key)
+            if indexed is not None and self._identical(source, indexed):
+                # A byte-identical resend (a modality sending the study again): nothing to
+                # correct. Writing it swapped the row to a copy of itself and kept the
+                # replaced one for its readers' grace: twice the bytes, for nothing.
+                return self._duplicate(header, indexed[0], source.size, origin, key)
+            if self.store.remote:
+                key = _key_beside(key, indexed[0] if indexed else None)
         if (self.store.remote or look_up_first) and not self.overwrite:
             # On S3 "publish unless present" costs a HEAD round trip before
             # every PUT (a tenth of a CT slice's ingest time against a local

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy.exc import DBAPIError
@@ -49,13 +50,25 @@ class IndexReader:
         one kept autocommit connection: a pool checkout costs PostgreSQL a
         ping, a BEGIN and a ROLLBACK around the one query (four round trips
         where one does)."""
-        stmt = select(Instance.storage_key).where(Instance.sop_uid == sop_uid)
+        row = self._look_up(select(Instance.storage_key).where(Instance.sop_uid == sop_uid))
+        return None if row is None else str(row.storage_key)
+
+    def instance_copy(self, sop_uid: str) -> tuple[str, str, int] | None:
+        """(storage key, sha256, size) of an indexed instance, or None: what
+        a resend under the overwrite policy is compared with (same kept
+        connection as :meth:`instance_key`)."""
+        row = self._look_up(select(Instance.storage_key, Instance.sha256, Instance.size_bytes)
+                            .where(Instance.sop_uid == sop_uid))
+        return None if row is None else (str(row.storage_key), str(row.sha256 or ""), int(row.size_bytes or 0))
+
+    def _look_up(self, stmt: Any) -> Any:
+        """The first row of *stmt* on the kept autocommit connection (None: no row)."""
         with self._lookup_lock:
             for attempt in (1, 2):
                 try:
                     if self._lookup_conn is None or self._lookup_conn.closed:
                         self._lookup_conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-                    return self._lookup_conn.execute(stmt).scalar()
+                    return self._lookup_conn.execute(stmt).first()
                 except DBAPIError:
                     # The server may have restarted since: one fresh connection.
                     discard_connection(self._lookup_conn)
