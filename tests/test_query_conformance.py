@@ -132,8 +132,18 @@ def test_wrong_level_and_invalid_values_still_refused(server: PacsServer, tmp_pa
 
 def test_qido_qualifier_and_unsupported_keys(server: PacsServer) -> None:
     with server.http() as http:
-        tz = http.get("/dicom-web/studies", params={"TimezoneOffsetFromUTC": "+0700", "StudyDate": "20240115"})
+        # The archive's own offset (the server's zone here: no timezone setting) qualifies nothing to
+        # adjust; another one with a date is refused (tests/test_leftovers_fixes.py has the details).
+        from datetime import datetime
+
+        from pacs.timezones import server_zone, utc_offset
+
+        ours = utc_offset(datetime.now(server_zone()))
+        other = "+0930" if ours != "+0930" else "+0000"
+        tz = http.get("/dicom-web/studies", params={"TimezoneOffsetFromUTC": ours, "StudyDate": "20240115"})
         assert tz.status_code == 200, tz.text
+        refused = http.get("/dicom-web/studies", params={"TimezoneOffsetFromUTC": other, "StudyDate": "20240115"})
+        assert refused.status_code == 400 and "TimezoneOffsetFromUTC" in refused.json()["error"], refused.text
         assert {s["0020000D"]["Value"][0] for s in tz.json()} == studies_of("S1", "S5")
         assert "not supported" not in tz.headers.get("Warning", "")
         age = http.get("/dicom-web/studies", params={"PatientAge": "040Y", "StudyDate": "20240115"})

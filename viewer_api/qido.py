@@ -9,6 +9,8 @@ matching values, ``fuzzymatching``, ``includefield`` (``all``), ``limit`` and
 from __future__ import annotations
 
 import logging
+import re
+from datetime import datetime, tzinfo
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -18,7 +20,9 @@ from pydicom.datadict import keyword_dict, keyword_for_tag
 from pacs.audit import patient_cx
 from pacs.query import ATTRIBUTES, DEFAULT_RETURN, Kind, Level, Query, QueryError, run_query
 from pacs.query.attributes import QUALIFIERS, matchable
+from pacs.query.matching import universal
 from pacs.query.results import ResultShape
+from pacs.timezones import hospital_zone, utc_offset
 
 from . import negotiation
 from .dicomjson import NotDirect, dumps, to_json, values_json
@@ -92,6 +96,44 @@ def _matching(params: list[tuple[str, str]], fixed: dict[str, str]) -> dict[str,
     return match
 
 
+_OFFSET = re.compile(r"[+-](\d\d)(\d\d)")
+# Dates that are no moment of the day: never adjusted to a time zone.
+_NOT_MOMENTS = frozenset({"PatientBirthDate", "PatientBirthTime"})
+
+
+def _check_timezone(offsets: list[str], match: dict[str, str], zone: tzinfo) -> None:
+    """Timezone Offset From UTC in a search (PS3.18 8.3.4.1, PS3.4 C.4.1.1.3.1):
+    the zone the query's dates and times are in. The index holds them as the
+    objects carry them, in the hospital's local time (``timezone``): the
+    hospital's own offset needs nothing, nor does another one in a query
+    without date or time keys; another one with them is refused (400 naming
+    it), never ignored (the search would be hours off without saying so)."""
+    if not offsets:
+        return
+    if len(offsets) > 1:
+        raise QueryError(f"TimezoneOffsetFromUTC is given {len(offsets)} times; it takes one offset")
+    offset = offsets[0].strip()
+    found = _OFFSET.fullmatch(offset)
+    if found is None or int(found[2]) > 59 or not -12 * 60 <= _minutes(offset) <= 14 * 60:
+        raise QueryError(f"TimezoneOffsetFromUTC {offset[:20]!r} is not an offset from UTC: "
+                         "±HHMM, from -1200 to +1400 (e.g. +0700)")
+    ours = utc_offset(datetime.now(zone))
+    if _minutes(offset) == _minutes(ours):
+        return
+    moments = [k for k, v in match.items() if v and not universal(v) and k not in _NOT_MOMENTS
+               and (a := ATTRIBUTES.get(k)) is not None and a.kind in (Kind.DATE, Kind.TIME)]
+    if moments:
+        raise QueryError(
+            f"TimezoneOffsetFromUTC {offset} differs from this archive's time zone ({ours}, the hospital's "
+            f"timezone setting), in which {', '.join(moments)} are matched: dates and times are not adjusted "
+            f"to another zone; give them in {ours}, or leave TimezoneOffsetFromUTC out")
+
+
+def _minutes(offset: str) -> int:
+    """+0700 -> 420."""
+    return (-1 if offset[0] == "-" else 1) * (int(offset[1:3]) * 60 + int(offset[3:5]))
+
+
 def _dicom_attribute(name: str) -> bool:
     """A DICOM keyword or tag (8 hex digits), or a dotted path of them
     (``ReferencedSeriesSequence.SeriesInstanceUID``)."""
@@ -132,6 +174,8 @@ def parse_query(request: Request, level: Level, fixed: dict[str, str], upper: tu
         elif name not in _CONTROL:
             matching.append((name, value))
     match = _matching(matching, fixed)
+    _check_timezone([v for n, v in matching if _keyword(n) == "TimezoneOffsetFromUTC"], match,
+                    hospital_zone(request.app.state.pacs.settings))
     # The keys matched on are returned too (PS3.18 10.6.3.3: "all other ...
     # Attributes passed as match or includefield parameters"), as C-FIND
     # returns every key of its identifier: InstitutionName=X answered
