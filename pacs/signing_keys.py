@@ -518,10 +518,11 @@ def import_pkcs12(engine: Engine, username: str, data: bytes, password: str, pin
     *pin* (None: the PKCS#12 password) and the signing secret of *settings*
     (made when there is none), replacing any certificate they had (and its
     wrong-PIN count and lock). Only a radiologist signs reports."""
+    from_password = pin is None
     pin = normal_pin(password if pin is None else pin)
     if len(pin) < MIN_PIN:
         raise SigningKeyError(f"the PIN must be at least {MIN_PIN} characters"
-                              + (" (the PKCS#12 password is shorter: choose a PIN)" if pin == password else ""), 400)
+                              + (" (the PKCS#12 password is shorter: choose a PIN)" if from_password else ""), 400)
     if len(pin) > MAX_PIN:
         raise SigningKeyError(f"the PIN is at most {MAX_PIN} characters", 400)
     material = load_pkcs12(data, password)

@@ -211,7 +211,8 @@ def test_an_identical_resend_under_overwrite_writes_nothing(server: PacsServer, 
     # A changed resend is still a correction: written beside it, the row switched.
     changed = make_ct(tmp_path / "changed.dcm", sop_uid=sop, PatientID="BN-RESEND",
                       StudyInstanceUID=str(dcmread(path).StudyInstanceUID),
-                      SeriesInstanceUID=str(dcmread(path).SeriesInstanceUID), SeriesDescription="sửa lại")
+                      SeriesInstanceUID=str(dcmread(path).SeriesInstanceUID), SeriesDescription="sửa lại",
+                      SpecificCharacterSet="ISO_IR 192")
     assert server.storescu(str(changed)).returncode == 0
     core = server.core()
     try:
