@@ -38,7 +38,7 @@ from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
 from .peers import create_database, dcmtk, drop_database, free_port, run_dcmtk, wait_port
 from .test_reading_worklist import _orm
-from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, _sync_playwright
+from .test_web_viewer import HEIGHT, WIDTH, watched_page
 from .test_worklist_ris import msa, send
 
 A = ("bs.an", "BS. Trần Văn An")
@@ -298,68 +298,59 @@ def test_the_worklist_refreshes_itself(server: PacsServer, tmp_path: Path) -> No
         make_ct(tmp_path / f"fill{n}.dcm", StudyInstanceUID=generate_uid(), PatientID=f"WR-FILL{n:02d}",
                 StudyDate="20260101")
     assert server.storescu(*(str(tmp_path / f"fill{n}.dcm") for n in range(40))).returncode == 0
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
-                                          base_url=f"http://127.0.0.1:{server.http_port}")
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            requests: list[str] = []
-            page.on("request", lambda r: requests.append(r.url) if "/api/worklist" in r.url else None)
-            page.clock.install()
-            page.goto("/")
-            page.fill("#username", B[0])
-            page.fill("#password", PASSWORD)
-            page.press("#password", "Enter")
-            rows = page.locator('[data-testid="study-row"]')
-            expect(rows.first).to_be_visible()
-            shown = rows.count()
-            assert shown > 20
-            # Type a search not yet submitted, select a row far down, scroll.
-            page.fill("#search-accession", "WR-TYPED")
-            chosen = rows.nth(30)
-            chosen_uid = chosen.get_attribute("data-study-uid")
-            chosen.focus()
-            scrolled = page.evaluate("""() => {
-                const wrap = document.querySelector('.table-wrap');
-                const box = wrap.scrollHeight > wrap.clientHeight ? wrap : document.scrollingElement;
-                box.scrollTop = 300; return [box === wrap, box.scrollTop];
-            }""")
-            assert scrolled[1] > 0
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT},
+                      base_url=f"http://127.0.0.1:{server.http_port}") as (page, errors):
+        requests: list[str] = []
+        page.on("request", lambda r: requests.append(r.url) if "/api/worklist" in r.url else None)
+        page.clock.install()
+        page.goto("/")
+        page.fill("#username", B[0])
+        page.fill("#password", PASSWORD)
+        page.press("#password", "Enter")
+        rows = page.locator('[data-testid="study-row"]')
+        expect(rows.first).to_be_visible()
+        shown = rows.count()
+        assert shown > 20
+        # Type a search not yet submitted, select a row far down, scroll.
+        page.fill("#search-accession", "WR-TYPED")
+        chosen = rows.nth(30)
+        chosen_uid = chosen.get_attribute("data-study-uid")
+        chosen.focus()
+        scrolled = page.evaluate("""() => {
+            const wrap = document.querySelector('.table-wrap');
+            const box = wrap.scrollHeight > wrap.clientHeight ? wrap : document.scrollingElement;
+            box.scrollTop = 300; return [box === wrap, box.scrollTop];
+        }""")
+        assert scrolled[1] > 0
 
-            uid = generate_uid()
-            _store(server, tmp_path, StudyInstanceUID=uid, PatientID="WR-NEW", RequestedProcedurePriority="STAT")
-            new_row = page.locator(f'[data-testid="study-row"][data-study-uid="{uid}"]')
-            expect(new_row).to_have_count(0)
-            page.clock.run_for(31_000)
-            expect(new_row).to_have_count(1)
-            expect(rows.first).to_have_attribute("data-study-uid", uid)
-            expect(page.locator("#search-accession")).to_have_value("WR-TYPED")
-            assert page.evaluate("document.activeElement && document.activeElement.dataset.studyUid") == chosen_uid
-            position = page.evaluate("""(wrap) => (wrap ? document.querySelector('.table-wrap')
-                                           : document.scrollingElement).scrollTop""", scrolled[0])
-            assert position == scrolled[1]
+        uid = generate_uid()
+        _store(server, tmp_path, StudyInstanceUID=uid, PatientID="WR-NEW", RequestedProcedurePriority="STAT")
+        new_row = page.locator(f'[data-testid="study-row"][data-study-uid="{uid}"]')
+        expect(new_row).to_have_count(0)
+        page.clock.run_for(31_000)
+        expect(new_row).to_have_count(1)
+        expect(rows.first).to_have_attribute("data-study-uid", uid)
+        expect(page.locator("#search-accession")).to_have_value("WR-TYPED")
+        assert page.evaluate("document.activeElement && document.activeElement.dataset.studyUid") == chosen_uid
+        position = page.evaluate("""(wrap) => (wrap ? document.querySelector('.table-wrap')
+                                       : document.scrollingElement).scrollTop""", scrolled[0])
+        assert position == scrolled[1]
 
-            # Hidden: no request however long; shown again: refreshed at once.
-            page.evaluate("""() => {
-                Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});
-                Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'hidden'});
-                document.dispatchEvent(new Event('visibilitychange'));
-            }""")
-            asked = len(requests)
-            page.clock.run_for(120_000)
-            assert len(requests) == asked
-            later = _store(server, tmp_path, PatientID="WR-NEW2", RequestedProcedurePriority="HIGH")
-            page.evaluate("""() => {
-                Object.defineProperty(document, 'hidden', {configurable: true, get: () => false});
-                Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'visible'});
-                document.dispatchEvent(new Event('visibilitychange'));
-            }""")
-            expect(page.locator(f'[data-testid="study-row"][data-study-uid="{later}"]')).to_have_count(1)
-            assert len(requests) == asked + 1
-            assert not errors, errors
-        finally:
-            browser.close()
+        # Hidden: no request however long; shown again: refreshed at once.
+        page.evaluate("""() => {
+            Object.defineProperty(document, 'hidden', {configurable: true, get: () => true});
+            Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'hidden'});
+            document.dispatchEvent(new Event('visibilitychange'));
+        }""")
+        asked = len(requests)
+        page.clock.run_for(120_000)
+        assert len(requests) == asked
+        later = _store(server, tmp_path, PatientID="WR-NEW2", RequestedProcedurePriority="HIGH")
+        page.evaluate("""() => {
+            Object.defineProperty(document, 'hidden', {configurable: true, get: () => false});
+            Object.defineProperty(document, 'visibilityState', {configurable: true, get: () => 'visible'});
+            document.dispatchEvent(new Event('visibilitychange'));
+        }""")
+        expect(page.locator(f'[data-testid="study-row"][data-study-uid="{later}"]')).to_have_count(1)
+        assert len(requests) == asked + 1
+        assert not errors, errors
