@@ -347,6 +347,7 @@ export function mountWorklist(root, ctx) {
     if (filters.date_from && filters.date_to && filters.date_from > filters.date_to) {
       if (refreshing) return;
       tbody.replaceChildren();
+      lastData = null; // no rows shown: a refresh must not take them for the ones on screen
       message.textContent = t("dates_reversed");
       message.className = "message error";
       return;
@@ -396,6 +397,8 @@ export function mountWorklist(root, ctx) {
       // A refresh that failed leaves the list shown; the next one tries again.
       if (exc.name === "AbortError" || exc.status === 401 || refreshing) return;
       tbody.replaceChildren();
+      // The rows are gone: the next refresh shows what it gets, even the rows shown before the failure.
+      lastData = null;
       message.textContent = exc.message;
       message.className = "message error";
     } finally {
