@@ -390,8 +390,11 @@ class AuthService:
             done = conn.execute(stmt).rowcount
         return int(done)
 
-    def authenticate(self, token: str) -> Principal | None:
-        """The principal a token stands for, or None (unknown, revoked, expired)."""
+    def authenticate(self, token: str, *, use: bool = True) -> Principal | None:
+        """The principal a token stands for, or None (unknown, revoked, expired).
+        *use* False: a request the page made by itself (the worklist's automatic
+        refresh), which does not push a session's idle end: a workstation left on
+        the worklist still signs out after SESSION_IDLE_MINUTES."""
         # Asked of the index on every request, not cached: a token revoked or
         # a user disabled on one node (or by the CLI) must stop working on
         # every node at once. A cache of 5 s let a leaked token go on reading
@@ -410,7 +413,7 @@ class AuthService:
             wall = datetime.now(UTC)
             if expires is None or expires > wall:
                 principal = Principal(row.username, row.role, row.display_name)
-                if row.name == SESSION and expires is not None:
+                if use and row.name == SESSION and expires is not None:
                     self._touch_session(key, _aware(row.created_at), expires, wall)
         return principal
 

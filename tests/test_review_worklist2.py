@@ -8,10 +8,16 @@ tests (tests/test_worklist_refinements.py) do.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
+from sqlalchemy import select, update
+
+from pacs.auth import SESSION, tokens_t, users_t
+from pacs.index import create_index_engine
 
 from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
@@ -69,5 +75,71 @@ def test_a_refresh_after_a_failed_search_shows_the_rows_again(server: PacsServer
             server.start()
             page.clock.run_for(31_000)
             expect(rows).to_have_count(5)
+        finally:
+            browser.close()
+
+
+def _newest_session(conn: Any) -> Any:
+    """USER's newest browser session (the one this test signed in)."""
+    return (select(tokens_t.c.pk, tokens_t.c.expires_at).join(users_t, users_t.c.pk == tokens_t.c.user_pk)
+            .where(users_t.c.username == USER[0], tokens_t.c.name == SESSION)
+            .order_by(tokens_t.c.pk.desc()).limit(1))
+
+
+def _session_ends(server: PacsServer) -> datetime:
+    """When USER's newest browser session ends (api_tokens.expires_at)."""
+    engine = create_index_engine(f"sqlite:///{server.data_dir}/index.sqlite", pool_size=0)
+    try:
+        with engine.connect() as conn:
+            end = conn.execute(_newest_session(conn)).one().expires_at
+        return end if end.tzinfo else end.replace(tzinfo=UTC)
+    finally:
+        engine.dispose()
+
+
+def _set_session_end(server: PacsServer, end: datetime) -> None:
+    engine = create_index_engine(f"sqlite:///{server.data_dir}/index.sqlite", pool_size=0)
+    try:
+        with engine.begin() as conn:
+            pk = conn.execute(_newest_session(conn)).one().pk
+            conn.execute(update(tokens_t).where(tokens_t.c.pk == pk).values(expires_at=end))
+    finally:
+        engine.dispose()
+
+
+def test_the_automatic_refresh_is_no_use_of_the_session(server: PacsServer) -> None:
+    """A login session ends after 30 minutes without use (README): a
+    workstation left on the worklist, patients' names on screen, must still
+    sign out. The refresh every 30 s made every half minute a use: the
+    session lived its full 12 hours. A refresh now leaves the session's end
+    where it was; what the radiologist does (a search) still pushes it."""
+    from playwright.sync_api import expect
+
+    with _sync_playwright()() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
+                                          base_url=f"http://127.0.0.1:{server.http_port}")
+            context.set_default_timeout(20_000)
+            page = context.new_page()
+            page.clock.install()
+            page.goto("/")
+            page.fill("#username", USER[0])
+            page.fill("#password", PASSWORD)
+            page.press("#password", "Enter")
+            rows = page.locator('[data-testid="study-row"]')
+            expect(rows.first).to_be_visible()
+            # Twenty minutes without use: ten left.
+            end = (datetime.now(UTC) + timedelta(minutes=10)).replace(microsecond=0)
+            _set_session_end(server, end)
+            with page.expect_response(lambda r: "/api/worklist" in r.url) as answer:
+                page.clock.run_for(31_000)
+            assert answer.value.status == 200
+            assert _session_ends(server) == end
+            # The radiologist searches: that is use.
+            with page.expect_response(lambda r: "/api/worklist" in r.url) as answer:
+                page.click("#search-button")
+            assert answer.value.status == 200
+            assert _session_ends(server) > end + timedelta(minutes=15)
         finally:
             browser.close()

@@ -27,6 +27,10 @@ from pacs.studylist import referring_of
 from .errors import HTTPProblem, answer
 
 COOKIE = "pacs_session"
+# Sent by the viewer with a request it makes by itself, no one at the
+# workstation asking (the worklist's refresh): not a use of the session, whose
+# end after 30 minutes without use it would otherwise push for ever.
+UNATTENDED_HEADER = "x-pacs-unattended"
 READERS = ("radiologist", "admin", "emr", "referring")
 # Who may read /metrics (viewer_api.metrics_api): a monitoring system, and admins.
 SCRAPERS = ("monitor", "admin")
@@ -45,7 +49,9 @@ def principal_of(request: Request) -> Principal | None:
     if not pacs.settings.auth_enabled:
         return DEMO
     token = token_of(request)
-    return pacs.auth.authenticate(token) if token else None
+    if not token:
+        return None
+    return pacs.auth.authenticate(token, use=request.headers.get(UNATTENDED_HEADER, "") != "1")
 
 
 def _event(request: Request, action: str, principal: Principal | None, *, outcome: str = "success",

@@ -84,6 +84,7 @@ function requestDeadline(options) {
  * options.auth401 = false: a 401 is only thrown, not treated as a lost session
  * (the login form and the start-up /api/me probe).
  * options.timeout: ms before the call fails as timed out (default API_TIMEOUT_MS; 0: none).
+ * options.unattended: a request the page makes by itself (an automatic refresh): it does not keep the session alive.
  */
 export async function api(method, path, options = {}) {
   let url = path;
@@ -98,6 +99,9 @@ export async function api(method, path, options = {}) {
   const headers = { Accept: options.accept || "application/json" };
   const token = getToken();
   if (token) headers.Authorization = `Bearer ${token}`;
+  // Asked by the page itself (options.unattended: the worklist's refresh): not a use of the session,
+  // which still ends after its idle time when nobody is at the workstation.
+  if (options.unattended) headers["X-Pacs-Unattended"] = "1";
   let body;
   if (options.json !== undefined) {
     headers["Content-Type"] = "application/json";

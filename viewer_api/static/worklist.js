@@ -380,6 +380,8 @@ export function mountWorklist(root, ctx) {
           offset: filters.offset,
         },
         signal,
+        // The refresh is nobody's use: a workstation left on the list still signs out when idle.
+        unattended: refreshing,
       });
       if (signal.aborted) return;
       const total = data && Number.isFinite(data.total) ? data.total : 0;
