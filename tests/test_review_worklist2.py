@@ -17,7 +17,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import select, update
 
 from pacs.auth import SESSION, tokens_t, users_t
-from pacs.index import create_index_engine
+from pacs.index import create_index_engine, upgrade_schema
 
 from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
@@ -143,3 +143,73 @@ def test_the_automatic_refresh_is_no_use_of_the_session(server: PacsServer) -> N
             assert _session_ends(server) > end + timedelta(minutes=15)
         finally:
             browser.close()
+
+
+# -- migration 0033 on an index with data ----------------------------------------------------------------
+@pytest.fixture(params=["sqlite", "postgresql"])
+def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty index: a SQLite file, or a fresh PostgreSQL database."""
+    return f"sqlite:///{tmp_path}/index.sqlite" if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
+
+
+def _receive(engine: Any, writer: Any, folder: Path, n: int, source: str, priority: str, *, study: int = 0) -> None:
+    """One CT (study *study* or its own) with *priority* in its images, indexed as an ingest by *source* does."""
+    from pacs.header import parse_header
+    from pacs.index.db import write_transaction
+    from pacs.index.writer import IndexRecord
+
+    path = make_ct(folder / f"{n}.dcm", PatientID=f"MG{study or n}",
+                   StudyInstanceUID=f"1.2.826.0.1.3680043.9.71.{study or n}",
+                   SeriesInstanceUID=f"1.2.826.0.1.3680043.9.72.{n}", SOPInstanceUID=f"1.2.826.0.1.3680043.9.73.{n}",
+                   RequestedProcedurePriority=priority)
+    with path.open("rb") as stream:
+        header = parse_header(stream, path.stat().st_size)
+    with write_transaction(engine) as conn:
+        writer.add(conn, IndexRecord(header, path.stat().st_size, "0" * 64, f"k/{n}", datetime.now(UTC),
+                                     source=source))
+
+
+def test_0033_drops_the_urgency_of_every_study_this_archive_fetched_itself(index_url: str, tmp_path: Path) -> None:
+    """Upgrading an index at 0032: the studies that came whole by `pacs
+    import` lose their images' STAT, and so must those this archive
+    retrieved itself by C-GET (`pacs remote pull --method get`, recorded as
+    source c-get: they can be told apart), also when it made key images of
+    them since. A modality's study stays urgent; the downgrade and a new
+    upgrade agree."""
+    from alembic import command
+
+    from pacs.index import alembic_config
+    from pacs.index.models import Study
+    from pacs.index.writer import IndexWriter
+
+    studies = Study.__table__
+    engine = create_index_engine(index_url)
+    try:
+        upgrade_schema(engine, "0032")
+        writer = IndexWriter()
+        _receive(engine, writer, tmp_path, 1, "import", "STAT")
+        _receive(engine, writer, tmp_path, 2, "c-get", "STAT")
+        _receive(engine, writer, tmp_path, 3, "c-get", "HIGH")
+        _receive(engine, writer, tmp_path, 4, "key-images", "", study=3)
+        _receive(engine, writer, tmp_path, 5, "dimse", "STAT")
+        _receive(engine, writer, tmp_path, 6, "c-get", "STAT", study=5)  # a modality's study completed from a peer
+
+        def priorities() -> dict[int, str]:
+            with engine.connect() as conn:
+                rows = conn.execute(select(studies.c.study_uid, studies.c.priority)).all()
+            return {int(uid.rsplit(".", 1)[1]): priority for uid, priority in rows}
+
+        assert priorities() == {1: "STAT", 2: "STAT", 3: "HIGH", 5: "STAT"}
+        upgrade_schema(engine)
+        expected = {1: "", 2: "", 3: "", 5: "STAT"}
+        assert priorities() == expected
+        cfg = alembic_config(engine)
+        with engine.connect() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, "0032")
+            conn.commit()
+        assert priorities() == expected
+        upgrade_schema(engine)
+        assert priorities() == expected
+    finally:
+        engine.dispose()

@@ -11,10 +11,13 @@
   0032 are made anew with that rule; the one on orders also fires when a
   step is withdrawn (or put back), and updates the studies of every step of
   the procedure (a study is linked to its first step).
-- Studies all of whose objects came by ``pacs import`` lose their images'
-  priority (old data; since this revision the ingest does not take it, see
-  pacs.ingest.Origin.examination). Those pulled from another PACS cannot be
-  told apart afterwards and keep it.
+- Studies all of whose objects came by ``pacs import`` or this archive's own
+  C-GET (source ``c-get``: pacs remote pull --method get, prefetch by C-GET),
+  or were made here (key images, reports), lose their images' priority (old
+  data; since this revision the ingest does not take it, see
+  pacs.ingest.Origin.examination). Those this archive pulled by C-MOVE came
+  like a modality's (source ``dimse``), cannot be told apart afterwards and
+  keep it.
 
 Revision ID: 0033
 Revises: 0032
@@ -30,6 +33,9 @@ down_revision = '0032'
 branch_labels = None
 depends_on = None
 
+# The sources (instances.source) of objects that were no examination arriving: an
+# import, this archive's own C-GET, and what it made itself (key images, a report).
+_OLD_DATA = "('import', 'c-get', 'key-images', 'report')"
 # pacs.priority's spellings as of this revision (a migration does not follow later code).
 _TERMS = {
     "S": "STAT", "STAT": "STAT",
@@ -128,7 +134,8 @@ def upgrade() -> None:
     # Only the urgent ones matter, and only those are read (the priority index).
     op.execute("UPDATE studies SET image_priority = '' WHERE priority IN ('STAT', 'HIGH') "
                "AND image_priority IN ('STAT', 'HIGH') AND NOT EXISTS (SELECT 1 FROM series JOIN instances "
-               "ON instances.series_pk = series.pk WHERE series.study_pk = studies.pk AND instances.source <> 'import')")
+               "ON instances.series_pk = series.pk WHERE series.study_pk = studies.pk "
+               f"AND instances.source NOT IN {_OLD_DATA})")
     op.execute(f"{_set(True)} WHERE priority IN ('STAT', 'HIGH')")
 
 
