@@ -213,3 +213,50 @@ def test_0033_drops_the_urgency_of_every_study_this_archive_fetched_itself(index
         assert priorities() == expected
     finally:
         engine.dispose()
+
+
+def test_a_refresh_keeps_the_keyboard_in_the_list_when_the_focused_study_leaves_it(server: PacsServer) -> None:
+    """A radiologist walks the unread list with the arrow keys; a colleague
+    signs the study their row is on. The refresh drops that row: the
+    keyboard must stay in the list (on the row that took its place), not
+    fall to the page, where the arrows scroll and Enter opens nothing."""
+    from playwright.sync_api import expect
+
+    token = server.make_token("bs.khac", "radiologist", "BS. Khác")
+    with _sync_playwright()() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
+                                          base_url=f"http://127.0.0.1:{server.http_port}")
+            context.set_default_timeout(20_000)
+            page = context.new_page()
+            page.clock.install()
+            page.goto("/")
+            page.fill("#username", USER[0])
+            page.fill("#password", PASSWORD)
+            page.press("#password", "Enter")
+            rows = page.locator('[data-testid="study-row"]')
+            expect(rows).to_have_count(5)
+            page.fill("#search-patient-id", "RV")
+            with page.expect_response(lambda r: "/api/worklist" in r.url and "status=unread" in r.url):
+                page.select_option("#search-status", "unread")
+            expect(page.locator("#worklist")).not_to_have_attribute("aria-busy", "true")
+            expect(rows).to_have_count(5)
+            rows.nth(1).focus()
+            page.keyboard.press("ArrowDown")
+            focused = page.evaluate("document.activeElement.dataset.studyUid")
+            following = rows.nth(3).get_attribute("data-study-uid")
+            assert focused == rows.nth(2).get_attribute("data-study-uid")
+            with server.http(token=token) as http:
+                assert http.put(f"/api/studies/{focused}/report", json={"findings": "BT.", "impression": "BT."}
+                                ).status_code == 200
+                assert http.post(f"/api/studies/{focused}/report/sign").status_code == 200
+            page.clock.run_for(31_000)
+            expect(rows).to_have_count(4)
+            assert page.evaluate("document.activeElement.dataset.studyUid || document.activeElement.tagName") \
+                == following
+            page.keyboard.press("ArrowDown")
+            assert page.evaluate("document.activeElement.dataset.studyUid") == rows.nth(3).get_attribute(
+                "data-study-uid")
+        finally:
+            browser.close()

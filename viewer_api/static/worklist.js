@@ -303,6 +303,7 @@ export function mountWorklist(root, ctx) {
       return;
     }
     const focused = tbody.contains(document.activeElement) ? document.activeElement.dataset.studyUid : null;
+    const place = focused ? [...tbody.children].indexOf(document.activeElement) : -1;
     const wrap = table.parentElement;
     const page = document.scrollingElement;
     const [wrapTop, pageTop] = [wrap.scrollTop, page ? page.scrollTop : 0];
@@ -310,7 +311,10 @@ export function mountWorklist(root, ctx) {
     wrap.scrollTop = wrapTop;
     if (page) page.scrollTop = pageTop;
     if (focused) {
-      const again = [...tbody.children].find((tr) => tr.dataset.studyUid === focused);
+      // The study gone from the list (signed by a colleague): the row now in its place, so that the keyboard
+      // stays in the list (on the page the arrows would scroll it and Enter open nothing).
+      const again = [...tbody.children].find((tr) => tr.dataset.studyUid === focused)
+        || tbody.children[Math.min(place, tbody.children.length - 1)];
       if (again) again.focus({ preventScroll: true });
     }
   }
