@@ -98,9 +98,12 @@ def _session_ends(server: PacsServer) -> datetime:
 
 
 def _set_session_end(server: PacsServer, end: datetime) -> None:
+    from pacs.index.db import write_transaction
+
     engine = create_index_engine(f"sqlite:///{server.data_dir}/index.sqlite", pool_size=0)
     try:
-        with engine.begin() as conn:
+        # BEGIN IMMEDIATE: a read then a write beside the running server would be refused at once.
+        with write_transaction(engine) as conn:
             pk = conn.execute(_newest_session(conn)).one().pk
             conn.execute(update(tokens_t).where(tokens_t.c.pk == pk).values(expires_at=end))
     finally:
