@@ -54,6 +54,8 @@ _ACTION_CODE = {
     "template-create": "C", "template-update": "U", "template-archive": "D",
     # Key images (pacs.key_images): a radiologist's selection saved or removed.
     "key-images-update": "U",
+    # Measurements (pacs.annotations): a radiologist's saved as their presentation state, or removed.
+    "annotations-update": "U",
     # Signing certificates (pacs.signing_keys): imported, removed; signing locked by wrong PINs.
     "certificate-import": "C", "certificate-remove": "D", "signature-lockout": "E",
     # Reading claims (pacs.reading_claims): a study claimed, taken over from a colleague, released.

@@ -134,7 +134,7 @@ def _description(value: str | None) -> str:
     return text
 
 
-def _study(conn: Connection, study_uid: str) -> Any:
+def study_row(conn: Connection, study_uid: str) -> Any:
     """The study row with its patient's (404 when none)."""
     row = conn.execute(
         select(studies_t, patients_t.c.name.label("patient_name"), patients_t.c.patient_id, patients_t.c.issuer,
@@ -147,7 +147,7 @@ def _study(conn: Connection, study_uid: str) -> Any:
     return row
 
 
-def _request(conn: Connection, study: Any) -> RequestRef | None:
+def requested_procedure(conn: Connection, study: Any) -> RequestRef | None:
     """The Requested Procedure the study was ordered as: the HIS order it is
     reconciled with (its requested procedure's row), else its accession
     alone; None for a study without either (an emergency not ordered)."""
@@ -167,7 +167,8 @@ def _request(conn: Connection, study: Any) -> RequestRef | None:
     )
 
 
-def _header(study: Any, request: RequestRef | None) -> StudyHeader:
+def study_header(study: Any, request: RequestRef | None) -> StudyHeader:
+    """The patient and study attributes a new object of the study carries (the index's, now)."""
     return StudyHeader(
         study_uid=study.study_uid, patient_name=study.patient_name, patient_id=study.patient_id,
         issuer=study.issuer, birth_date=study.birth_date, sex=study.sex, study_date=study.study_date,
@@ -176,14 +177,14 @@ def _header(study: Any, request: RequestRef | None) -> StudyHeader:
     )
 
 
-def _instances(conn: Connection, study_pk: int, sop_uids: set[str]) -> dict[str, Any]:
+def study_instances(conn: Connection, study_pk: int, sop_uids: set[str]) -> dict[str, Any]:
     """The study's instances among *sop_uids*, by SOP Instance UID."""
     found: dict[str, Any] = {}
     wanted = sorted(sop_uids)
     for start in range(0, len(wanted), 500):
         rows = conn.execute(
             select(instances_t.c.sop_uid, instances_t.c.sop_class_uid, instances_t.c.rows, instances_t.c.columns,
-                   instances_t.c.frames, series_t.c.series_uid)
+                   instances_t.c.frames, instances_t.c.photometric, series_t.c.series_uid)
             .join(series_t, series_t.c.pk == instances_t.c.series_pk)
             .where(series_t.c.study_pk == study_pk, instances_t.c.sop_uid.in_(wanted[start:start + 500]))
         ).all()
@@ -258,7 +259,7 @@ def _view(pacs: Pacs, study: Any, stored: list[_Stored], username: str) -> dict[
     documents = [s for s in stored if s.document is not None]
     wanted = {ref.sop_uid for s in documents for ref in s.document.images}  # type: ignore[union-attr]
     with pacs.engine.connect() as conn:
-        found = _instances(conn, study.pk, wanted)
+        found = study_instances(conn, study.pk, wanted)
     images: list[dict[str, Any]] = []
     mine: list[dict[str, Any]] = []
     for s in documents:
@@ -288,7 +289,7 @@ def study_key_images(pacs: Pacs, study_uid: str, username: str = "") -> dict[str
     """The key images of a study from every KOS in it (*username*: whose
     are ``own``, and ``mine`` the selection they saved)."""
     with pacs.engine.connect() as conn:
-        study = _study(conn, study_uid)
+        study = study_row(conn, study_uid)
     return _view(pacs, study, _stored_documents(pacs, study), username)
 
 
@@ -332,9 +333,9 @@ def replace_selection(pacs: Pacs, study_uid: str, marks: list[Mark], author: Aut
         if not valid_uid(mark.sop_uid):
             raise KeyImageError(f"invalid SOP Instance UID {mark.sop_uid[:80]!r}", 400)
     with pacs.engine.connect() as conn:
-        study = _study(conn, study_uid)
-        found = _instances(conn, study.pk, {m.sop_uid for m in marks})
-        request = _request(conn, study)
+        study = study_row(conn, study_uid)
+        found = study_instances(conn, study.pk, {m.sop_uid for m in marks})
+        request = requested_procedure(conn, study)
     selected = _selection(study_uid, marks, found)
     own = [s for s in _stored_documents(pacs, study) if s.document is not None and s.document.login == author.username]
     if (len(own) == 1 and selected and own[0].document is not None
@@ -344,7 +345,7 @@ def replace_selection(pacs: Pacs, study_uid: str, marks: list[Mark], author: Aut
     new_sop = None
     if selected:
         now = datetime.now(UTC)
-        new_sop, data = build_kos(_header(study, request), selected, title=code,
+        new_sop, data = build_kos(study_header(study, request), selected, title=code,
                                   author_name=author.display_name or author.username, login=author.username,
                                   description=text, when=dicom_date_time(now, hospital_zone(pacs.settings)))
         pacs.ingestor.ingest(BufferSource(b"", data), Origin(source="key-images", calling_ae=pacs.settings.ae_title,

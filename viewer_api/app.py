@@ -18,7 +18,7 @@ from pacs.auth import ROLES
 from pacs.pixel_memory import PIXELS
 
 from . import (
-    claims_api, errors, fhir, key_images_api, measure_api, metrics_api, orders_api, qido, share_api, share_page, sr_api,
+    annotations_api, claims_api, errors, fhir, key_images_api, measure_api, metrics_api, orders_api, qido, share_api, share_page, sr_api,
     stow, templates_api, ui_api, wado, wado_uri,
 )
 from .http_metrics import HttpMetrics, RouteNote
@@ -93,6 +93,7 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.include_router(sr_api.router)
     # Key images (Key Object Selections): read by the reading roles, saved by radiologists (guarded per route).
     app.include_router(key_images_api.router)
+    app.include_router(annotations_api.router)
     app.include_router(templates_api.router)
     # Reading claims ("đang đọc"): radiologists and administrators (guarded per route).
     app.include_router(claims_api.router)

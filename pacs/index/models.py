@@ -463,7 +463,7 @@ class AuditEvent(Base):
     # view, download, query, store, report-create, report-update, report-sign,
     # report-amend, export, delete, login, login-failed, login-lockout, denied,
     # user-add, user-disable, token-create, token-revoke, template-create,
-    # template-update, template-archive, key-images-update
+    # template-update, template-archive, key-images-update, annotations-update
     action: Mapped[str] = mapped_column(String, index=True)
     outcome: Mapped[str] = mapped_column(String, default="success")
     study_uid: Mapped[str] = mapped_column(String, default="", index=True)

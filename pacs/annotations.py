@@ -1,0 +1,298 @@
+"""Saved measurements and annotations (đo đạc): what the radiologists drew
+in the viewer, kept with the study and shown to whoever opens it again.
+
+They are kept the DICOM way, as Grayscale Softcopy Presentation States
+(:mod:`pacs.presentation_states`) in the study, so other viewers and
+archives see them (a PR series) and no table of ours is needed; and the
+presentation states a modality or another PACS sent are shown too. One
+presentation state per radiologist and study, as a key image selection
+(:mod:`pacs.key_images`) is: a new save is a new GSPS stored through the one
+ingest path, after which the radiologist's previous ones are deleted through
+the deletion path (each an audited ``delete`` event); an empty save deletes
+them; the same measurements saved again write nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import generate_uid
+from sqlalchemy import select
+
+from storage import ObjectDamaged, ObjectNotFound, StorageError
+
+from .app import Pacs
+from .audit import Event
+from .errors import RefusedRequest
+from .header import valid_uid
+from .index.models import Instance, Series
+from .ingest import Origin
+from .key_images import Author, requested_procedure, study_header, study_instances, study_row
+from .part10 import BufferSource
+from .presentation_states import (
+    GSPS_CLASS,
+    KINDS,
+    Measurement,
+    PresentationState,
+    Target,
+    build_gsps,
+    by_class,
+    grouped,
+    measurements_of,
+    read_presentation_state,
+)
+from .sr_content import is_sr_class
+from .timezones import dicom_date_time, hospital_zone
+
+log = logging.getLogger(__name__)
+instances_t = Instance.__table__
+series_t = Series.__table__
+
+# Measurements one save holds at most (a radiologist draws a few dozen).
+MAX_MEASUREMENTS = 500
+# Characters of a label at most (a Text Object's Unformatted Text Value is ST: 1024).
+MAX_LABEL = 1024
+# Presentation states of one study read at most, and the bytes of one.
+MAX_STATES = 200
+MAX_STATE_BYTES = 8 << 20
+
+
+class AnnotationError(RefusedRequest):
+    """A measurements request refused, with the HTTP status a client sees."""
+
+
+@dataclass(frozen=True)
+class Drawn:
+    """A measurement as the viewer sends it: the image (instance, 1-based
+    frame), the kind (length, angle, roi), its points in the frame's pixel
+    grid and its label."""
+
+    sop_uid: str
+    frame: int
+    kind: str
+    points: tuple[tuple[float, float], ...]
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """A GSPS of the study as stored: its index row and what it says (None: unreadable)."""
+
+    pk: int
+    sop_uid: str
+    series_uid: str
+    state: PresentationState | None
+    error: str = ""
+
+
+def _read(pacs: Pacs, storage_key: str, size: int) -> bytes:
+    if size > MAX_STATE_BYTES:
+        raise ValueError(f"larger than {MAX_STATE_BYTES >> 20} MB")
+    with pacs.store.open(storage_key) as stream:
+        data: bytes = stream.read(MAX_STATE_BYTES + 1)
+    if len(data) > MAX_STATE_BYTES:
+        raise ValueError(f"larger than {MAX_STATE_BYTES >> 20} MB")
+    return data
+
+
+def _stored_states(pacs: Pacs, study: Any) -> list[_Stored]:
+    """The study's GSPS, oldest first, each read whole (a few kilobytes)."""
+    with pacs.engine.connect() as conn:
+        rows = conn.execute(
+            select(instances_t.c.pk, instances_t.c.sop_uid, instances_t.c.storage_key, instances_t.c.size_bytes,
+                   series_t.c.series_uid)
+            .join(series_t, series_t.c.pk == instances_t.c.series_pk)
+            .where(series_t.c.study_pk == study.pk, instances_t.c.sop_class_uid == GSPS_CLASS)
+            .order_by(instances_t.c.pk).limit(MAX_STATES)
+        ).all()
+    stored = []
+    for row in rows:
+        try:
+            data = _read(pacs, row.storage_key, int(row.size_bytes or 0))
+            state = read_presentation_state(dcmread(io.BytesIO(data), force=True), row.series_uid)
+        except (ObjectNotFound, ObjectDamaged, StorageError, InvalidDicomError, ValueError, TypeError, KeyError,
+                AttributeError, EOFError, OSError) as exc:  # that one listed as unreadable, not the others
+            log.warning("presentation state %s of study %s cannot be read: %s", row.sop_uid, study.study_uid, exc)
+            stored.append(_Stored(row.pk, row.sop_uid, row.series_uid, None, f"{type(exc).__name__}: {exc}"[:200]))
+            continue
+        stored.append(_Stored(row.pk, row.sop_uid, row.series_uid, state))
+    return stored
+
+
+def _view(pacs: Pacs, study: Any, stored: list[_Stored], username: str) -> dict[str, Any]:
+    """The JSON of a study's annotations: the presentation states, one entry
+    per image (and frame) of this study they draw on, and the caller's own
+    measurements (``mine``, as the viewer sends them)."""
+    states = [s.state for s in stored if s.state is not None]
+    wanted = {a.sop_uid for state in states for a in state.annotations}
+    with pacs.engine.connect() as conn:
+        found = study_instances(conn, study.pk, wanted)
+    images: list[dict[str, Any]] = []
+    mine: list[dict[str, Any]] = []
+    listed: list[dict[str, Any]] = []
+    for s in stored:
+        state = s.state
+        if state is None:
+            listed.append({"sop_uid": s.sop_uid, "series_uid": s.series_uid, "error": s.error})
+            continue
+        own = bool(username) and state.login == username
+        listed.append(state.as_json(own=own))
+        for annotation in state.annotations:
+            row = found.get(annotation.sop_uid)
+            if row is None:
+                continue  # an image of another study, or not (yet) in the archive
+            images.append({"sop_uid": annotation.sop_uid, "series_uid": row.series_uid,
+                           "frame": annotation.frame, "state": state.sop_uid, "author": state.author,
+                           "own": own, "layer": annotation.layer,
+                           "graphics": [g.as_json() for g in annotation.graphics],
+                           "texts": [t.as_json() for t in annotation.texts]})
+        if own:
+            for m in measurements_of(state):
+                row = found.get(m["sop_uid"])
+                if row is not None:
+                    mine.append({**m, "series_uid": row.series_uid})
+    return {"study_uid": study.study_uid, "states": listed, "images": images, "mine": mine}
+
+
+def study_annotations(pacs: Pacs, study_uid: str, username: str = "") -> dict[str, Any]:
+    """Every GSPS of a study, ours and foreign (*username*: whose are ``own``,
+    and ``mine`` the measurements they saved)."""
+    with pacs.engine.connect() as conn:
+        study = study_row(conn, study_uid)
+    return _view(pacs, study, _stored_states(pacs, study), username)
+
+
+def _label(text: str) -> str:
+    if "\x00" in text:
+        raise AnnotationError("a label contains a NUL character (U+0000): remove it", 400)
+    # One line break kept between lines (a ROI's figures); other control characters are spaces.
+    lines = ["".join(c if c.isprintable() else " " for c in line).strip() for line in text.splitlines()]
+    label = "\n".join(line for line in lines if line)
+    if len(label) > MAX_LABEL:
+        raise AnnotationError(f"a label is longer than {MAX_LABEL} characters", 400)
+    return label
+
+
+def _targets(study_uid: str, drawn: list[Drawn], found: dict[str, Any]) -> list[Measurement]:
+    """The measurements on their images (400 for an image not of the study,
+    a frame it does not have, points off it, the wrong number of points)."""
+    measurements = []
+    for n, d in enumerate(drawn, 1):
+        row = found.get(d.sop_uid)
+        if row is None:
+            raise AnnotationError(f"measurement {n}: instance {d.sop_uid} is not in study {study_uid}", 400)
+        if not (row.rows and row.columns) or is_sr_class(row.sop_class_uid):
+            raise AnnotationError(f"measurement {n}: instance {d.sop_uid} is not an image "
+                                  f"(SOP class {row.sop_class_uid})", 400)
+        count = int(row.frames or 1)
+        if not 1 <= d.frame <= count:
+            raise AnnotationError(f"measurement {n}: instance {d.sop_uid} has no frame {d.frame} (it has {count})", 400)
+        if d.kind not in KINDS:
+            raise AnnotationError(f"measurement {n}: unknown kind {d.kind[:40]!r}: one of {', '.join(KINDS)}", 400)
+        if len(d.points) != KINDS[d.kind]:
+            raise AnnotationError(f"measurement {n}: a {d.kind} has {KINDS[d.kind]} points, not {len(d.points)}", 400)
+        points = []
+        for x, y in d.points:
+            if not (math.isfinite(x) and math.isfinite(y) and 0 <= x <= row.columns and 0 <= y <= row.rows):
+                raise AnnotationError(f"measurement {n}: point ({x}, {y}) is outside the image "
+                                      f"(0..{row.columns}, 0..{row.rows})", 400)
+            points.append((round(x, 2), round(y, 2)))
+        if d.kind == "roi":
+            (x0, y0), (x1, y1) = points
+            points = [(min(x0, x1), min(y0, y1)), (max(x0, x1), max(y0, y1))]
+            if points[0][0] == points[1][0] or points[0][1] == points[1][1]:
+                raise AnnotationError(f"measurement {n}: an ROI needs a width and a height", 400)
+        target = Target(d.sop_uid, row.sop_class_uid, row.series_uid, int(row.columns), int(row.rows),
+                        d.frame if count > 1 else None, (row.photometric or "").upper() == "MONOCHROME1")
+        measurements.append(Measurement(target, d.kind, tuple(points), _label(d.label)))
+    return measurements
+
+
+def _comparable(items: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    return [(m["sop_uid"], m["frame"], m["kind"], tuple(tuple(p) for p in m["points"]), m["label"]) for m in items]
+
+
+def _as_sent(measurements: list[Measurement]) -> list[dict[str, Any]]:
+    """*measurements* in the order a stored GSPS gives them back (by image, as grouped)."""
+    return [{"sop_uid": m.target.sop_uid, "frame": m.target.frame or 1, "kind": m.kind,
+             "points": [list(p) for p in m.points], "label": m.label}
+            for _, items in grouped(measurements) for m in items]
+
+
+def replace_measurements(pacs: Pacs, study_uid: str, drawn: list[Drawn], author: Author) -> dict[str, Any]:
+    """Make *drawn* the measurements of *author* in the study (see the module
+    docstring); an empty list removes them. Answers the study's annotations
+    with ``states_saved`` (the GSPS now holding them, one per SOP class of
+    the images measured; empty when removed),
+    ``removed`` (the GSPS deleted) and ``stored`` (whether one was written)."""
+    if len(drawn) > MAX_MEASUREMENTS:
+        raise AnnotationError(f"at most {MAX_MEASUREMENTS} measurements may be saved", 400)
+    for d in drawn:
+        if not valid_uid(d.sop_uid):
+            raise AnnotationError(f"invalid SOP Instance UID {d.sop_uid[:80]!r}", 400)
+    with pacs.engine.connect() as conn:
+        study = study_row(conn, study_uid)
+        found = study_instances(conn, study.pk, {d.sop_uid for d in drawn})
+        request = requested_procedure(conn, study)
+    measurements = _targets(study_uid, drawn, found)
+    stored = _stored_states(pacs, study)
+    own = [s for s in stored if s.state is not None and s.state.login == author.username]
+    saved = sorted(_comparable([m for s in own if s.state is not None for m in measurements_of(s.state)]))
+    if (measurements and len({s.series_uid for s in own}) == 1 and len(own) == len(by_class(measurements))
+            and saved == sorted(_comparable(_as_sent(measurements)))):
+        return {**_view(pacs, study, stored, author.username), "states_saved": [s.sop_uid for s in own],
+                "removed": [], "stored": False}
+    new_series = ""
+    if measurements:
+        # One presentation state per SOP class of the images measured, all in one new series.
+        new_series = generate_uid()
+        when = dicom_date_time(datetime.now(UTC), hospital_zone(pacs.settings))
+        for number, part in enumerate(by_class(measurements), 1):
+            _, data = build_gsps(study_header(study, request), part,
+                                 author_name=author.display_name or author.username, login=author.username,
+                                 when=when, series_uid=new_series, number=number)
+            pacs.ingestor.ingest(BufferSource(b"", data), Origin(
+                source="annotations", calling_ae=pacs.settings.ae_title, remote_host=author.client,
+                user=author.username))
+        own = [s for s in _stored_states(pacs, study)
+               if s.state is not None and s.state.login == author.username]
+    # Two saves at once by one radiologist: each keeps only the series of the newest row, so exactly one stays.
+    newest = max(own, key=lambda s: s.pk, default=None)
+    keep = newest.series_uid if newest is not None and measurements else None
+    removed = []
+    for old in own:
+        if old.series_uid == keep:
+            continue
+        reason = (f"measurements of {author.username} replaced by series {new_series}" if new_series
+                  else f"measurements of {author.username} cleared")
+        if _withdraw(pacs, study_uid, old, author, reason):
+            removed.append(old.sop_uid)
+    current = [s.sop_uid for s in own if s.series_uid == keep]
+    return {**_view(pacs, study, _stored_states(pacs, study), author.username),
+            "states_saved": current, "removed": removed, "stored": bool(new_series)}
+
+
+def _withdraw(pacs: Pacs, study_uid: str, old: _Stored, author: Author, reason: str) -> bool:
+    """Delete the GSPS *old* through the deletion path, audited as *author*'s
+    ``delete``; False when it was gone already (a concurrent save deleted it)."""
+    # Imported here: the maintenance jobs (codecs among them) are not needed to start serving.
+    from .maintenance.delete import DeleteRefused, Target as DeleteTarget, delete_target
+
+    event = Event(action="delete", user=author.username, role=author.role, client=author.client,
+                  protocol=author.protocol, study_uid=study_uid)
+    try:
+        # force: the study may have a signed report; what goes is this author's own GSPS alone.
+        delete_target(pacs, DeleteTarget(study_uid, old.series_uid, old.sop_uid), reason=reason, event=event,
+                      force=True)
+    except DeleteRefused as exc:
+        if exc.http_status == 404:
+            return False
+        raise AnnotationError(str(exc), exc.http_status) from None
+    return True
