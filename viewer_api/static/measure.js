@@ -11,10 +11,18 @@
 // Spacing, Imager Pixel Spacing at the detector, ultrasound regions); ROI
 // statistics come from the server too (.../frames/{n}/roi), computed on the
 // stored values after the Modality LUT (HU for CT), never on the 8-bit
-// rendering. Nothing is saved on the server: measurements live in this page.
+// rendering.
+//
+// A radiologist's (or an administrator's) measurements are saved with the
+// study as their presentation state (PUT /api/studies/{uid}/annotations: a
+// DICOM GSPS), a second after the last change and when the study is left,
+// and drawn again when anyone opens it: one's own editable, a colleague's
+// and those other systems sent (GET .../annotations) read-only, in another
+// colour, with who made them on hover. Other roles' measurements stay in
+// the page.
 
-import { api } from "./api.js";
-import { t } from "./i18n.js";
+import { api, getToken } from "./api.js";
+import { onLangChange, t } from "./i18n.js";
 import { h } from "./util.js";
 
 const SVG_NS = "http://www.w3.org/2000/svg";
@@ -26,6 +34,8 @@ export const TOOLS = [
 ];
 const MIN_DRAG = 3; // screen pixels: a shorter drag is a click
 const HANDLE_RADIUS = 3;
+const SAVE_DELAY_MS = 1000; // a save a second after the last change: one PUT for a burst of edits
+const EDITOR_ROLES = new Set(["radiologist", "admin"]);
 
 function svg(tag, attrs = {}, ...children) {
   const el = document.createElementNS(SVG_NS, tag);
@@ -107,6 +117,14 @@ export class MeasureTools {
     this.items = new Map(); // frame key -> [{kind, points, stats, error}]
     this.calibrations = new Map(); // frame key -> {promise, value, failed}
     this.drawing = null; // {kind, key, points, pointerId, down} while a measurement is drawn
+    this.foreign = new Map(); // frame key ("sop/frame", "sop/*": every frame) -> [{author, graphics, texts}]
+    this.canSave = false; // the user's measurements are saved (a radiologist, an administrator)
+    this.loaded = false; // the saved measurements were read: a save before would replace them with fewer
+    this.dirty = false; // changed since the last save
+    this.saveTimer = 0;
+    this.saving = null; // the PUT in flight
+    this.said = null; // what the state says: {key, n, kind, detail}
+    this.state = h("span#measure-state.key-state", { role: "status" });
     this.layer = svg("svg", { id: "measure-layer", class: "measure-layer", "aria-hidden": "true" });
     this.toolButtons = TOOLS.map((tool) => h("button.btn.small.tool", {
       type: "button",
@@ -168,21 +186,171 @@ export class MeasureTools {
   /** Remove the measurements of the frame shown. */
   clear() {
     this.cancel();
-    this.items.delete(this.currentKey());
+    if (this.items.delete(this.currentKey())) this.changed();
     this.redraw();
   }
 
   /** Remove the last measurement drawn on the frame shown. */
   undo() {
     const list = this.items.get(this.currentKey());
-    if (list && list.length) list.pop();
+    if (list && list.length) {
+      list.pop();
+      this.changed();
+    }
     this.redraw();
+  }
+
+  // -- saved measurements (GSPS) ------------------------------------------------------
+  /** Read the study's saved measurements; *user* decides whether this page saves its own. */
+  async load(user) {
+    this.canSave = Boolean(user && EDITOR_ROLES.has(user.role));
+    if (!this.offLang) this.offLang = onLangChange(() => this.sayAgain());
+    if (!this.onPageHide) {
+      this.onPageHide = () => this.flush(true);
+      window.addEventListener("pagehide", this.onPageHide);
+    }
+    const studyUid = this.viewer.studyUid;
+    let data;
+    try {
+      data = await api("GET", `/api/studies/${encodeURIComponent(studyUid)}/annotations`);
+    } catch (exc) {
+      if (this.canSave) this.say("measure_not_loaded", "error", 0, exc.message);
+      return;
+    }
+    if (this.destroyed) return;
+    for (const m of (data && data.mine) || []) {
+      const key = `${m.sop_uid}/${m.frame || 1}`;
+      if (!this.items.has(key)) this.items.set(key, []);
+      // The saved ones first, those drawn while they loaded after them.
+      const list = this.items.get(key);
+      const at = list.findIndex((item) => !item.saved);
+      const item = { kind: m.kind, points: m.points.map(([x, y]) => ({ x, y })), stats: null, error: "",
+        saved: true, savedLabel: m.label || "" };
+      list.splice(at < 0 ? list.length : at, 0, item);
+    }
+    this.foreign.clear();
+    for (const image of (data && data.images) || []) {
+      if (image.own && this.canSave) continue; // in data.mine, editable
+      const key = `${image.sop_uid}/${image.frame || "*"}`;
+      if (!this.foreign.has(key)) this.foreign.set(key, []);
+      this.foreign.get(key).push(image);
+    }
+    this.loaded = true;
+    this.state.dataset.loaded = "true";
+    if (this.dirty) this.scheduleSave(); // drawn while loading
+    this.redraw();
+  }
+
+  /** A measurement was added or removed: saved a moment later (the user's own, when they may). */
+  changed() {
+    this.dirty = true;
+    this.scheduleSave();
+  }
+
+  scheduleSave() {
+    if (!this.canSave || !this.loaded) return;
+    clearTimeout(this.saveTimer);
+    this.saveTimer = setTimeout(() => this.save(), SAVE_DELAY_MS);
+  }
+
+  /** The user's measurements as the API takes them: every frame's, the ROIs' figures once known. */
+  payload() {
+    const out = [];
+    const round = (v) => Math.round(v * 100) / 100;
+    for (const [key, list] of this.items) {
+      const cut = key.lastIndexOf("/");
+      const sop = key.slice(0, cut);
+      const frame = Number(key.slice(cut + 1)) || 1;
+      for (const item of list) {
+        const points = item.points.map((p) => [round(p.x), round(p.y)]);
+        if (item.kind === "roi" && (points[0][0] === points[1][0] || points[0][1] === points[1][1])) continue;
+        if (points.length !== (item.kind === "angle" ? 3 : 2)) continue;
+        const label = item.label && !(item.kind === "roi" && !item.stats) ? item.label : item.savedLabel || "";
+        out.push({ sop_uid: sop, frame, kind: item.kind, points, label });
+      }
+    }
+    return out;
+  }
+
+  /** PUT the user's measurements; a change made meanwhile goes in one more PUT after it. */
+  async save() {
+    clearTimeout(this.saveTimer);
+    this.saveTimer = 0;
+    if (!this.canSave || !this.loaded || !this.dirty) return;
+    if (this.saving) {
+      this.again = true;
+      return;
+    }
+    this.dirty = false;
+    const measurements = this.payload();
+    this.say("measure_saving", "");
+    this.saving = api("PUT", `/api/studies/${encodeURIComponent(this.viewer.studyUid)}/annotations`,
+      { json: { measurements } });
+    try {
+      await this.saving;
+      this.say("measure_saved", "saved", measurements.length);
+    } catch (exc) {
+      this.dirty = true; // tried again with the next change, or when the study is left
+      this.say("measure_error", "error", 0, exc.message);
+    } finally {
+      this.saving = null;
+    }
+    if (this.again) {
+      this.again = false;
+      this.save();
+    }
+  }
+
+  /** Save at once what waits for its moment (the study left); *leaving*: the page goes (a keepalive request). */
+  flush(leaving = false) {
+    if (!this.saveTimer && !this.dirty) return;
+    clearTimeout(this.saveTimer);
+    this.saveTimer = 0;
+    if (!leaving) {
+      this.save();
+      return;
+    }
+    if (!this.canSave || !this.loaded || !this.dirty) return;
+    this.dirty = false;
+    const headers = { "Content-Type": "application/json", Accept: "application/json" };
+    const token = getToken();
+    if (token) headers.Authorization = `Bearer ${token}`;
+    // keepalive: the request outlives the page that sends it (a reload, the tab closed).
+    fetch(`/api/studies/${encodeURIComponent(this.viewer.studyUid)}/annotations`, {
+      method: "PUT", headers, body: JSON.stringify({ measurements: this.payload() }), keepalive: true,
+      credentials: "same-origin", referrerPolicy: "same-origin",
+    }).catch(() => {});
+  }
+
+  /** The study is closed: what waits is saved now. */
+  destroy() {
+    this.flush();
+    this.destroyed = true;
+    if (this.offLang) this.offLang();
+    if (this.onPageHide) window.removeEventListener("pagehide", this.onPageHide);
+  }
+
+  /** The save state by the frame counter: *kind* "" (saving), "saved" or "error". */
+  say(key, kind, n = 0, detail = "") {
+    this.said = { key, n, detail };
+    this.state.className = `key-state ${kind}`.trim();
+    if (kind === "saved") this.state.dataset.saved = String(n);
+    else delete this.state.dataset.saved;
+    this.sayAgain();
+  }
+
+  sayAgain() {
+    if (!this.said) return;
+    const { key, n, detail } = this.said;
+    const text = key === "measure_saved" && !n ? t("measure_removed") : t(key, { n });
+    this.state.textContent = text + (detail ? `: ${detail}` : "");
   }
 
   /** Forget everything (another study). */
   reset() {
     this.drawing = null;
     this.items.clear();
+    this.foreign.clear();
     this.calibrations.clear();
     this.redraw();
   }
@@ -314,9 +482,11 @@ export class MeasureTools {
     this.items.get(d.key).push(item);
     if (item.kind === "roi") this.loadStats(d.key, item);
     this.redraw();
+    this.changed();
   }
 
   async loadStats(key, item) {
+    item.loading = true;
     const [sop, frame] = key.split("/");
     const [a, b] = item.points;
     const round = (v) => Math.round(v * 100) / 100;
@@ -328,6 +498,7 @@ export class MeasureTools {
       item.error = exc.message || String(exc);
     }
     this.redraw();
+    if (!item.saved && this.dirty) this.scheduleSave(); // its figures are its label
   }
 
   handleKey(event) {
@@ -361,9 +532,15 @@ export class MeasureTools {
     if (!box || !grid) return;
     const list = [...(this.items.get(key) || [])];
     if (this.drawing) list.push({ ...this.drawing, drawing: true });
+    // Saved ones shown again: their frame's calibration, an ROI's figures, asked of the server.
+    if (list.length && !this.calibrations.has(key)) this.calibration(key);
+    for (const item of list) if (item.kind === "roi" && item.saved && !item.stats && !item.loading) this.loadStats(key, item);
     const entry = this.calibrations.get(key);
     const calibration = entry && entry.value;
     const pending = Boolean(entry && !entry.value && !entry.failed);
+    const slash = key.lastIndexOf("/");
+    const others = [...(this.foreign.get(key) || []), ...(this.foreign.get(`${key.slice(0, slash)}/*`) || [])];
+    others.forEach((image) => layer.append(this.foreignShape(image, box, grid)));
     list.forEach((item, n) => layer.append(this.shape(item, n, box, grid, calibration, pending)));
     for (const text of layer.querySelectorAll("text")) this.keepInside(text, box.frame);
   }
@@ -421,10 +598,47 @@ export class MeasureTools {
       }
     }
     for (const p of pts) group.append(svg("circle", { class: "handle", cx: p.x, cy: p.y, r: HANDLE_RADIUS }));
+    if (!item.drawing && !pending) item.label = lines.join("\n"); // what a save writes as its text
     if (lines.length) {
       const text = svg("text", { class: "measure-label", x: at.x + 8, y: at.y + 4 });
       lines.forEach((line, i) => text.append(svg("tspan", { x: at.x + 8, dy: i ? "1.2em" : 0 }, line)));
       group.append(text);
+    }
+    return group;
+  }
+
+  /** A colleague's or another system's presentation state on this frame: read-only, its author on hover. */
+  foreignShape(image, box, grid) {
+    const screen = (p) => this.toScreen({ x: p[0], y: p[1] }, box, grid);
+    const group = svg("g", { class: "measurement foreign", "data-state": image.state, "data-author": image.author });
+    group.append(svg("title", {}, t("measure_by", { name: image.author || t("measure_unknown_author") })));
+    for (const g of image.graphics || []) {
+      const pts = g.points.map(screen);
+      const filled = g.filled ? "filled" : "";
+      if (g.type === "POINT") {
+        for (const p of pts) group.append(svg("circle", { class: "point", cx: p.x, cy: p.y, r: HANDLE_RADIUS }));
+      } else if (g.type === "CIRCLE" && pts.length >= 2) {
+        // A radius in pixels: drawn on screen as an ellipse, the pixel grid may be stretched.
+        const r = Math.hypot(g.points[1][0] - g.points[0][0], g.points[1][1] - g.points[0][1]);
+        group.append(svg("ellipse", { class: filled, cx: pts[0].x, cy: pts[0].y, rx: (r / grid.columns) * box.width,
+          ry: (r / grid.rows) * box.height }));
+      } else if (g.type === "ELLIPSE" && pts.length >= 4) {
+        const [a, b, c, d] = pts;
+        const cx = (a.x + b.x) / 2;
+        const cy = (a.y + b.y) / 2;
+        const degrees = (Math.atan2(b.y - a.y, b.x - a.x) * 180) / Math.PI;
+        group.append(svg("ellipse", { class: filled, cx, cy, rx: Math.hypot(b.x - a.x, b.y - a.y) / 2,
+          ry: Math.hypot(d.x - c.x, d.y - c.y) / 2, transform: `rotate(${degrees} ${cx} ${cy})` }));
+      } else {
+        // POLYLINE, and INTERPOLATED drawn through its points.
+        group.append(svg(g.filled ? "polygon" : "polyline", { class: filled, points: pts.map((p) => `${p.x},${p.y}`).join(" ") }));
+      }
+    }
+    for (const text of image.texts || []) {
+      const at = text.box ? screen(text.box[0]) : screen(text.anchor);
+      const label = svg("text", { class: "measure-label", x: at.x, y: at.y + 12 });
+      text.text.split("\n").forEach((line, i) => label.append(svg("tspan", { x: at.x, dy: i ? "1.2em" : 0 }, line)));
+      group.append(label);
     }
     return group;
   }

@@ -20,7 +20,7 @@ export function mountStudy(root, ctx, studyUid) {
   // Key images: the toggle in the toolbar, a star by the frame counter, the selection saved at once.
   const keys = new KeyImages(studyUid, ctx.user, viewer);
   viewer.element.querySelector(".viewer-toolbar .spacer").before(keys.button);
-  viewer.sliceLabel.after(keys.marker, keys.state);
+  viewer.sliceLabel.after(keys.marker, keys.state, viewer.measure.state);
   keys.onChange = () => markKeys();
   // Where the reader was (series, slice, preset), so that a reload or coming
   // back from the worklist shows the same image; this tab only.
@@ -241,6 +241,8 @@ export function mountStudy(root, ctx, studyUid) {
     renderHeader();
     renderSeries();
     keys.load();
+    // The saved measurements (presentation states): one's own editable, the others' drawn read-only.
+    viewer.measure.load(ctx.user);
     claim.start(study);
     const all = study.series || [];
     // The examination's modality and body part (its first image series, not a report PDF): their templates first.

@@ -199,6 +199,7 @@ export class Viewer {
   }
 
   destroy() {
+    this.measure.destroy(); // measurements changed a moment ago are saved now
     this.stop();
     this.removeVideo();
     this.removeReports();
