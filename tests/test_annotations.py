@@ -100,7 +100,8 @@ def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
         server.stop()
 
 
-def put(server: PacsServer, study: str, measurements: list[dict[str, Any]], role: str = "radiologist") -> httpx.Response:
+def put(server: PacsServer, study: str, measurements: list[dict[str, Any]],
+        role: str = "radiologist") -> httpx.Response:
     with server.http(server.tokens[role]) as http:  # type: ignore[attr-defined]
         return http.put(f"/api/studies/{study}/annotations", json={"measurements": measurements})
 
@@ -282,7 +283,8 @@ def foreign_gsps(sent: Sent, *, area: bool) -> Dataset:
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID, ds.SOPInstanceUID = GSPS, generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID = sent.uid, generate_uid()
-    ds.PatientName, ds.PatientID, ds.Modality, ds.SeriesNumber, ds.InstanceNumber = "TRAN^THI LAN", "BN-PR-1", "PR", 7, 1
+    ds.PatientName, ds.PatientID, ds.Modality = "TRAN^THI LAN", "BN-PR-1", "PR"
+    ds.SeriesNumber, ds.InstanceNumber = 7, 1
     ds.ContentLabel, ds.ContentDescription, ds.ContentCreatorName = "CT_ARROWS", "Modality marks", "TECH^ONE"
     ds.PresentationCreationDate, ds.PresentationCreationTime = "20261203", "093000"
     ref = Dataset()

@@ -13,7 +13,7 @@ Under ``/api/studies/{study}/series/{series}/instances/{sop}/frames/{frame}``
 
 Coordinates are the frame's pixel grid ((0, 0) the top left corner of the
 first pixel). GET with query parameters, as every image read of the API:
-nothing is stored (the measurements stay in the browser). The frame is
+nothing is stored here (a radiologist's measurements are saved apart: annotations_api). The frame is
 decoded as a rendering is (:func:`rendering.frame_work`: the renders'
 concurrency bound and the process's pixel budget). Readers of images may
 measure them: the study in the path goes through the same access check
