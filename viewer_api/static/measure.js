@@ -203,6 +203,7 @@ export class MeasureTools {
   // -- saved measurements (GSPS) ------------------------------------------------------
   /** Read the study's saved measurements; *user* decides whether this page saves its own. */
   async load(user) {
+    this.user = user;
     this.canSave = Boolean(user && EDITOR_ROLES.has(user.role));
     if (!this.offLang) this.offLang = onLangChange(() => this.sayAgain());
     if (!this.onPageHide) {
@@ -211,11 +212,14 @@ export class MeasureTools {
     }
     const studyUid = this.viewer.studyUid;
     let data;
+    this.loading = true;
     try {
       data = await api("GET", `/api/studies/${encodeURIComponent(studyUid)}/annotations`);
     } catch (exc) {
       if (this.canSave) this.say("measure_not_loaded", "error", 0, exc.message);
       return;
+    } finally {
+      this.loading = false;
     }
     if (this.destroyed) return;
     for (const m of (data && data.mine) || []) {
@@ -244,6 +248,8 @@ export class MeasureTools {
   /** A measurement was added or removed: saved a moment later (the user's own, when they may). */
   changed() {
     this.dirty = true;
+    // Not read yet (the GET failed): read now; the save follows it, never replaces what it did not see.
+    if (this.canSave && !this.loaded && !this.loading && this.user) this.load(this.user);
     this.scheduleSave();
   }
 
