@@ -19,10 +19,13 @@ import logging
 import math
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from fractions import Fraction
 from typing import Any
 
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
@@ -62,6 +65,8 @@ MAX_LABEL = 1024
 # Presentation states of one study read at most, and the bytes of one.
 MAX_STATES = 200
 MAX_STATE_BYTES = 8 << 20
+# Bytes of a measured image read for its header at most (an enhanced multi-frame's functional groups: megabytes).
+MAX_HEADER_BYTES = 16 << 20
 
 
 class AnnotationError(RefusedRequest):
@@ -169,6 +174,85 @@ def study_annotations(pacs: Pacs, study_uid: str, username: str = "") -> dict[st
     return _view(pacs, study, _stored_states(pacs, study), username)
 
 
+def _first_number(value: Any) -> float | None:
+    """The first value of a numeric (DS) element; None when none or not a finite number."""
+    if value is None or value == "":
+        return None
+    first = value[0] if isinstance(value, (list, MultiValue)) else value
+    try:
+        number = float(first)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _frame_group(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
+    """An enhanced multi-frame's functional group *keyword* for *frame* (its per-frame one, else the shared)."""
+    for holder, index in (("PerFrameFunctionalGroupsSequence", frame - 1), ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(holder) or []
+        if 0 <= index < len(items):
+            group = items[index].get(keyword) or []
+            if len(group):
+                return group[0]  # type: ignore[no-any-return]
+    return None
+
+
+@dataclass(frozen=True)
+class _Look:
+    """How an image is shown: its rescale (slope, intercept, type), its own first window (centre, width) and
+    its pixels' aspect ratio (vertical, horizontal)."""
+
+    rescale: tuple[float, float, str] | None = None
+    window: tuple[float, float] | None = None
+    aspect: tuple[int, int] = (1, 1)
+
+
+def _aspect(ds: Dataset, frame: int) -> tuple[int, int]:
+    """The pixels' vertical to horizontal size as the viewer shows them (viewer_api.render: Pixel Spacing, else
+    Imager Pixel Spacing, else Pixel Aspect Ratio; square when near it or beyond 1:4), as small integers."""
+    for holder, keyword in ((_frame_group(ds, frame, "PixelMeasuresSequence"), "PixelSpacing"),
+                            (ds, "PixelSpacing"), (ds, "ImagerPixelSpacing"), (ds, "PixelAspectRatio")):
+        values = holder.get(keyword) if holder is not None else None
+        if isinstance(values, (list, MultiValue)) and len(values) == 2:
+            try:
+                vertical, horizontal = float(values[0]), float(values[1])
+            except (TypeError, ValueError):
+                return 1, 1
+            if not (vertical > 0 and horizontal > 0) or not 0.25 <= vertical / horizontal <= 4:
+                return 1, 1
+            ratio = Fraction(vertical / horizontal).limit_denominator(1000)
+            return (1, 1) if abs(ratio - 1) < Fraction(1, 1000) else (ratio.numerator, ratio.denominator)
+    return 1, 1
+
+
+def _look(pacs: Pacs, row: Any, frame: int) -> _Look:
+    """How the image *row* (frame *frame*) is shown, read from its header; nothing known (a state as without
+    them) when it cannot be read."""
+    limit = min(int(row.pixel_offset), MAX_HEADER_BYTES) if row.pixel_offset else MAX_HEADER_BYTES
+    try:
+        with pacs.store.open(row.storage_key, 0, limit) as stream:
+            head = stream.read(limit)
+        ds = dcmread(io.BytesIO(head), force=True, stop_before_pixels=True)
+        pixel = _frame_group(ds, frame, "PixelValueTransformationSequence") or ds
+        slope, intercept = _first_number(pixel.get("RescaleSlope")), _first_number(pixel.get("RescaleIntercept"))
+        kind = str(pixel.get("RescaleType") or "").strip() or (
+            "HU" if str(ds.get("Modality") or "").strip() == "CT" else "US")
+        rescale = (slope if slope is not None else 1.0, intercept, kind) if intercept is not None else None
+        window = None
+        for holder in (_frame_group(ds, frame, "FrameVOILUTSequence"), ds):
+            if holder is None:
+                continue
+            centre, width = _first_number(holder.get("WindowCenter")), _first_number(holder.get("WindowWidth"))
+            if centre is not None and width is not None and width >= 1:
+                window = (centre, width)
+                break
+    except (ObjectNotFound, ObjectDamaged, StorageError, InvalidDicomError, ValueError, TypeError, KeyError,
+            AttributeError, IndexError, EOFError, OSError) as exc:  # saved as before: no VOI nor Modality LUT
+        log.warning("image %s: header not read for its presentation state: %s", row.sop_uid, exc)
+        return _Look()
+    return _Look(rescale, window, _aspect(ds, frame))
+
+
 def _label(text: str) -> str:
     if "\x00" in text:
         raise AnnotationError("a label contains a NUL character (U+0000): remove it", 400)
@@ -180,10 +264,11 @@ def _label(text: str) -> str:
     return label
 
 
-def _targets(study_uid: str, drawn: list[Drawn], found: dict[str, Any]) -> list[Measurement]:
+def _targets(pacs: Pacs, study_uid: str, drawn: list[Drawn], found: dict[str, Any]) -> list[Measurement]:
     """The measurements on their images (400 for an image not of the study,
     a frame it does not have, points off it, the wrong number of points)."""
     measurements = []
+    looks: dict[tuple[str, int], Any] = {}
     for n, d in enumerate(drawn, 1):
         row = found.get(d.sop_uid)
         if row is None:
@@ -209,8 +294,12 @@ def _targets(study_uid: str, drawn: list[Drawn], found: dict[str, Any]) -> list[
             points = [(min(x0, x1), min(y0, y1)), (max(x0, x1), max(y0, y1))]
             if points[0][0] == points[1][0] or points[0][1] == points[1][1]:
                 raise AnnotationError(f"measurement {n}: an ROI needs a width and a height", 400)
+        if (d.sop_uid, d.frame) not in looks:  # each image (frame) read once
+            looks[(d.sop_uid, d.frame)] = _look(pacs, row, d.frame)
+        look = looks[(d.sop_uid, d.frame)]
         target = Target(d.sop_uid, row.sop_class_uid, row.series_uid, int(row.columns), int(row.rows),
-                        d.frame if count > 1 else None, (row.photometric or "").upper() == "MONOCHROME1")
+                        d.frame if count > 1 else None, (row.photometric or "").upper() == "MONOCHROME1",
+                        look.rescale, look.window, look.aspect)
         measurements.append(Measurement(target, d.kind, tuple(points), _label(d.label)))
     return measurements
 
@@ -241,7 +330,7 @@ def replace_measurements(pacs: Pacs, study_uid: str, drawn: list[Drawn], author:
         study = study_row(conn, study_uid)
         found = study_instances(conn, study.pk, {d.sop_uid for d in drawn})
         request = requested_procedure(conn, study)
-    measurements = _targets(study_uid, drawn, found)
+    measurements = _targets(pacs, study_uid, drawn, found)
     stored = _stored_states(pacs, study)
     own = [s for s in stored if s.state is not None and s.state.login == author.username]
     saved = sorted(_comparable([m for s in own if s.state is not None for m in measurements_of(s.state)]))

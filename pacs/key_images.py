@@ -184,7 +184,8 @@ def study_instances(conn: Connection, study_pk: int, sop_uids: set[str]) -> dict
     for start in range(0, len(wanted), 500):
         rows = conn.execute(
             select(instances_t.c.sop_uid, instances_t.c.sop_class_uid, instances_t.c.rows, instances_t.c.columns,
-                   instances_t.c.frames, instances_t.c.photometric, series_t.c.series_uid)
+                   instances_t.c.frames, instances_t.c.photometric, instances_t.c.storage_key,
+                   instances_t.c.pixel_offset, series_t.c.series_uid)
             .join(series_t, series_t.c.pk == instances_t.c.series_pk)
             .where(series_t.c.study_pk == study_pk, instances_t.c.sop_uid.in_(wanted[start:start + 500]))
         ).all()

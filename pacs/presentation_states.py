@@ -64,6 +64,15 @@ class Target:
     rows: int
     frame: int | None = None
     monochrome1: bool = False
+    # The image's Modality LUT as Rescale Slope, Intercept and Type (None: none, the stored values as they are):
+    # a presentation state's replaces the image's (PS3.4 N.2.1.1), so it carries the image's.
+    rescale: tuple[float, float, str] | None = None
+    # The window (centre, width, after the Modality LUT) the image is shown with: the state's Softcopy VOI LUT
+    # (PS3.4 N.2.1.2: without one another viewer applies none, a CT shown black).
+    window: tuple[float, float] | None = None
+    # Its pixels' vertical to horizontal size (Pixel Spacing, Pixel Aspect Ratio) as integers, as the viewer shows
+    # them: the Displayed Area's Presentation Pixel Aspect Ratio (1:1 squashed a CR of non-square pixels).
+    aspect: tuple[int, int] = (1, 1)
 
 
 @dataclass(frozen=True)
@@ -231,10 +240,14 @@ def grouped(measurements: list[Measurement]) -> list[tuple[Target, list[Measurem
 def by_class(measurements: list[Measurement]) -> list[list[Measurement]]:
     """*measurements* split by the SOP class of their images: a presentation
     state references images of one class (DCMTK's dcmpschk refuses others),
-    so measurements of a CT and of an ultrasound clip are two of them."""
-    classes: dict[str, list[Measurement]] = {}
+    so measurements of a CT and of an ultrasound clip are two of them; and by
+    what one presentation state says of all its images alike: the Modality
+    LUT (a PET's slices each have their own rescale) and the Presentation
+    LUT Shape (MONOCHROME1 or not)."""
+    classes: dict[tuple[Any, ...], list[Measurement]] = {}
     for m in measurements:
-        classes.setdefault(m.target.sop_class_uid, []).append(m)
+        key = (m.target.sop_class_uid, m.target.rescale, m.target.monochrome1)
+        classes.setdefault(key, []).append(m)
     return list(classes.values())
 
 
@@ -247,8 +260,8 @@ def build_gsps(study: StudyHeader, measurements: list[Measurement], *, author_na
     (its SOP Instance UID, the bytes). *when*: the hospital's (date, time, offset)."""
     if not measurements:
         raise ValueError("a presentation state of measurements holds at least one")
-    if len({m.target.sop_class_uid for m in measurements}) > 1:
-        raise ValueError("a presentation state references images of one SOP class")
+    if len(by_class(measurements)) > 1:
+        raise ValueError("a presentation state references images of one SOP class, rescale and polarity")
     day, clock, offset = when
     ds = new_instance(GSPS_CLASS)
     ds.InstanceCreationDate, ds.InstanceCreationTime = day, clock
@@ -302,7 +315,7 @@ def build_gsps(study: StudyHeader, measurements: list[Measurement], *, author_na
         item.ReferencedImageSequence = Sequence([_instance_ref(t) for t in targets.values()])
         series_items.append(item)
     ds.ReferencedSeriesSequence = Sequence(series_items)
-    # Displayed Area module: each image whole, scaled to fit (square display pixels: the viewer shows them so).
+    # Displayed Area module: each image whole, scaled to fit, its pixels in their true proportions.
     areas = []
     for targets in by_series.values():
         for target in targets.values():
@@ -311,7 +324,7 @@ def build_gsps(study: StudyHeader, measurements: list[Measurement], *, author_na
             area.DisplayedAreaTopLeftHandCorner = [1, 1]
             area.DisplayedAreaBottomRightHandCorner = [target.columns, target.rows]
             area.PresentationSizeMode = "SCALE TO FIT"
-            area.PresentationPixelAspectRatio = [1, 1]
+            area.PresentationPixelAspectRatio = list(target.aspect)
             areas.append(area)
     ds.DisplayedAreaSelectionSequence = Sequence(areas)
     # Graphic Annotation and Graphic Layer modules.
@@ -332,11 +345,35 @@ def build_gsps(study: StudyHeader, measurements: list[Measurement], *, author_na
     layer.GraphicLayerRecommendedDisplayGrayscaleValue = 0xFFFF
     layer.GraphicLayerDescription = LAYER_DESCRIPTION
     ds.GraphicLayerSequence = Sequence([layer])
+    # Modality LUT module: the images' rescale (one for all: by_class), which replaces theirs (PS3.4 N.2.1.1).
+    rescale = groups[0][0].rescale
+    if rescale is not None:
+        ds.RescaleSlope, ds.RescaleIntercept = _ds_number(rescale[0]), _ds_number(rescale[1])
+        ds.RescaleType = rescale[2]
+    # Softcopy VOI LUT module: each image's window as the viewer shows it (images alike share an item).
+    windows: dict[tuple[float, float], dict[str, Target]] = {}
+    for target, _ in groups:  # an image's every frame: the window of its first measured
+        if target.window is not None and not any(target.sop_uid in seen for seen in windows.values()):
+            windows.setdefault(target.window, {})[target.sop_uid] = target
+    voi_items = []
+    for (centre, width), targets in windows.items():
+        voi = Dataset()
+        voi.ReferencedImageSequence = Sequence([_instance_ref(t) for t in targets.values()])
+        voi.WindowCenter, voi.WindowWidth = _ds_number(centre), _ds_number(width)
+        voi_items.append(voi)
+    if voi_items:
+        ds.SoftcopyVOILUTSequence = Sequence(voi_items)
     # Softcopy Presentation LUT module: grey levels as the image gives them (inverted for MONOCHROME1).
-    ds.PresentationLUTShape = "INVERSE" if all(t.monochrome1 for t, _ in groups) else "IDENTITY"
+    ds.PresentationLUTShape = "INVERSE" if groups[0][0].monochrome1 else "IDENTITY"
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return str(ds.SOPInstanceUID), out.getvalue()
+
+
+def _ds_number(value: float) -> str:
+    """*value* as a Decimal String (at most 16 characters)."""
+    text = f"{value:.6g}"
+    return text if len(text) <= 16 else f"{value:.6e}"
 
 
 # -- reading ---------------------------------------------------------------------------------------

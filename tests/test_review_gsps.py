@@ -1,0 +1,100 @@
+"""Review of the saved measurements (GSPS): what another system makes of the
+presentation states this archive writes, and what a hostile one sent to it
+does. A real `pacs serve` (SQLite + files), studies sent with DCMTK
+storescu, the presentation states retrieved with getscu and applied to
+their images by DCMTK's dcmp2pgm (its rendering pipeline: PS3.4 N.2).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from .conftest import PacsServer, shared_backend
+from .dicomfiles import image_dataset
+from .peers import run_dcmtk
+from .test_annotations import COLLEAGUE, RADIOLOGIST, REFERRER, get, put, send_study
+
+CSPS = "1.2.840.10008.5.1.4.1.1.11.2"
+
+
+@pytest.fixture(scope="module")
+def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    """One archive (SQLite + files), a token per role; each test sends its own studies."""
+    tmp = tmp_path_factory.mktemp("review-gsps")
+    with shared_backend("sqlite-fs", request, "rgsps") as backend:
+        server = PacsServer(tmp / "data", backend)
+        server.start()
+        server.tokens = {  # type: ignore[attr-defined]
+            "radiologist": server.make_token(RADIOLOGIST[0], "radiologist", RADIOLOGIST[1]),
+            "colleague": server.make_token(COLLEAGUE[0], "radiologist", COLLEAGUE[1]),
+            "referring": server.make_token("bs.hung", "referring", REFERRER),
+        }
+        yield server
+        server.stop()
+
+
+def retrieve(server: PacsServer, study: str, series: str, out: Path) -> list[Dataset]:
+    """The series' objects retrieved with DCMTK getscu (files written to *out*)."""
+    out.mkdir(parents=True, exist_ok=True)
+    done = run_dcmtk("getscu", "-S", "-aet", "RVGET", "-aec", server.ae_title, "-od", str(out),
+                     "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study}",
+                     "-k", f"SeriesInstanceUID={series}", "127.0.0.1", str(server.dicom_port))
+    assert done.returncode == 0, done.stderr
+    return [dcmread(p) for p in sorted(out.iterdir())]
+
+
+def pgm(path: Path) -> tuple[int, int, bytes]:
+    """(width, height, grey bytes) of a binary PGM dcmp2pgm wrote."""
+    data = path.read_bytes()
+    head = re.match(rb"P5\s+(\d+)\s+(\d+)\s+(\d+)\s", data)
+    assert head, data[:40]
+    return int(head.group(1)), int(head.group(2)), data[head.end():]
+
+
+def test_another_viewer_applying_the_state_shows_the_ct_in_its_window(archive: PacsServer, tmp_path: Path) -> None:
+    """A CT measured in the viewer (window C 40 / W 400 in HU, Rescale Intercept
+    -1024): DCMTK's dcmp2pgm, applying the presentation state as PS3.4 N.2
+    says (its Modality LUT and Softcopy VOI LUT replace the image's), must
+    show the disc (stored 1100: 76 HU) mid-grey and the air (-1000 HU) black.
+    Without them it rendered the disc at 4 of 255: a black image."""
+    sent = send_study(archive, tmp_path / "in", patient_id="RV-VOI")
+    answer = put(archive, sent.uid, [{"sop_uid": sent.slices[0], "frame": 1, "kind": "length",
+                                      "points": [[16, 32], [48, 32]], "label": "16.0 mm"}])
+    assert answer.status_code == 200, answer.text
+    [state] = answer.json()["states"]
+    [pr] = retrieve(archive, sent.uid, state["series_uid"], tmp_path / "pr")
+    pr.save_as(tmp_path / "pr.dcm")
+    shown = run_dcmtk("dcmp2pgm", "-p", str(tmp_path / "pr.dcm"), str(tmp_path / "in" / "ct1.dcm"),
+                      str(tmp_path / "shown.pgm"))
+    assert shown.returncode == 0, shown.stderr
+    width, _, grey = pgm(tmp_path / "shown.pgm")
+    # (76 - 40) / 400 + 0.5 = 0.59 of the grey scale: 150 of 255.
+    assert 140 <= grey[32 * width + 32] <= 160, grey[32 * width + 32]
+    assert grey[0] == 0
+
+
+def test_non_square_pixels_keep_their_aspect_ratio_in_the_displayed_area(archive: PacsServer, tmp_path: Path) -> None:
+    """A CR whose pixels are 0.5 mm high and 0.25 mm wide, measured: the
+    state's Presentation Pixel Aspect Ratio (PS3.3 C.10.4) must be 2\\1, as the
+    viewer shows it, not 1\\1 (another viewer showed the chest squashed)."""
+    study, series = generate_uid(), generate_uid()
+    image = image_dataset("1.2.840.10008.5.1.4.1.1.1", StudyInstanceUID=study, SeriesInstanceUID=series,
+                          PatientID="RV-ASPECT", Modality="CR", Rows=32, Columns=64, PixelSpacing=[0.5, 0.25],
+                          SpecificCharacterSet="ISO_IR 192", PatientName="Lê^Thị Hoa")
+    image.PixelData = bytes(32 * 64 * 2)
+    image.save_as(tmp_path / "cr.dcm", enforce_file_format=True)
+    assert archive.storescu(str(tmp_path / "cr.dcm")).returncode == 0
+    answer = put(archive, study, [{"sop_uid": str(image.SOPInstanceUID), "frame": 1, "kind": "length",
+                                   "points": [[8, 8], [56, 24]], "label": "13.4 mm"}])
+    assert answer.status_code == 200, answer.text
+    [state] = answer.json()["states"]
+    [pr] = retrieve(archive, study, state["series_uid"], tmp_path / "pr")
+    [area] = pr.DisplayedAreaSelectionSequence
+    assert [int(v) for v in area.PresentationPixelAspectRatio] == [2, 1]
