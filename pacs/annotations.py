@@ -40,7 +40,8 @@ from .ingest import Origin
 from .key_images import Author, requested_procedure, study_header, study_instances, study_row
 from .part10 import BufferSource
 from .presentation_states import (
-    GSPS_CLASS,
+    COLOUR_PHOTOMETRICS,
+    STATE_CLASSES,
     KINDS,
     Measurement,
     PresentationState,
@@ -114,7 +115,7 @@ def _stored_states(pacs: Pacs, study: Any) -> list[_Stored]:
             select(instances_t.c.pk, instances_t.c.sop_uid, instances_t.c.storage_key, instances_t.c.size_bytes,
                    series_t.c.series_uid)
             .join(series_t, series_t.c.pk == instances_t.c.series_pk)
-            .where(series_t.c.study_pk == study.pk, instances_t.c.sop_class_uid == GSPS_CLASS)
+            .where(series_t.c.study_pk == study.pk, instances_t.c.sop_class_uid.in_(STATE_CLASSES))
             .order_by(instances_t.c.pk).limit(MAX_STATES)
         ).all()
     stored = []
@@ -205,6 +206,7 @@ class _Look:
     rescale: tuple[float, float, str] | None = None
     window: tuple[float, float] | None = None
     aspect: tuple[int, int] = (1, 1)
+    icc: bytes = b""  # its ICC Profile (a colour image's)
 
 
 def _aspect(ds: Dataset, frame: int) -> tuple[int, int]:
@@ -250,7 +252,8 @@ def _look(pacs: Pacs, row: Any, frame: int) -> _Look:
             AttributeError, IndexError, EOFError, OSError) as exc:  # saved as before: no VOI nor Modality LUT
         log.warning("image %s: header not read for its presentation state: %s", row.sop_uid, exc)
         return _Look()
-    return _Look(rescale, window, _aspect(ds, frame))
+    icc = ds.get("ICCProfile")
+    return _Look(rescale, window, _aspect(ds, frame), bytes(icc) if isinstance(icc, bytes) else b"")
 
 
 def _label(text: str) -> str:
@@ -299,7 +302,8 @@ def _targets(pacs: Pacs, study_uid: str, drawn: list[Drawn], found: dict[str, An
         look = looks[(d.sop_uid, d.frame)]
         target = Target(d.sop_uid, row.sop_class_uid, row.series_uid, int(row.columns), int(row.rows),
                         d.frame if count > 1 else None, (row.photometric or "").upper() == "MONOCHROME1",
-                        look.rescale, look.window, look.aspect)
+                        look.rescale, look.window, look.aspect,
+                        (row.photometric or "").strip().upper() in COLOUR_PHOTOMETRICS, look.icc)
         measurements.append(Measurement(target, d.kind, tuple(points), _label(d.label)))
     return measurements
 

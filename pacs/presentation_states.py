@@ -25,6 +25,7 @@ object is skipped and counted. Pure: no index, no storage
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 from dataclasses import dataclass, field
@@ -40,6 +41,11 @@ from .part10 import new_instance
 from .query.results import as_written
 
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
+# A colour image's (RGB, YBR, PALETTE COLOR): a Grayscale one is for grayscale images alone (PS3.3 A.33.1, A.33.2).
+CSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.2"
+STATE_CLASSES = (GSPS_CLASS, CSPS_CLASS)
+COLOUR_PHOTOMETRICS = frozenset({"RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_422", "YBR_PARTIAL_420",
+                                 "YBR_ICT", "YBR_RCT", "PALETTE COLOR"})
 SERIES_DESCRIPTION = "Đo đạc / Measurements"
 SERIES_NUMBER = 951
 LAYER = "MEASUREMENTS"
@@ -73,6 +79,9 @@ class Target:
     # Its pixels' vertical to horizontal size (Pixel Spacing, Pixel Aspect Ratio) as integers, as the viewer shows
     # them: the Displayed Area's Presentation Pixel Aspect Ratio (1:1 squashed a CR of non-square pixels).
     aspect: tuple[int, int] = (1, 1)
+    # A colour image: its measurements a Color Softcopy Presentation State, with its ICC profile (b"": sRGB).
+    color: bool = False
+    icc: bytes = field(default=b"", repr=False)
 
 
 @dataclass(frozen=True)
@@ -242,11 +251,11 @@ def by_class(measurements: list[Measurement]) -> list[list[Measurement]]:
     state references images of one class (DCMTK's dcmpschk refuses others),
     so measurements of a CT and of an ultrasound clip are two of them; and by
     what one presentation state says of all its images alike: the Modality
-    LUT (a PET's slices each have their own rescale) and the Presentation
-    LUT Shape (MONOCHROME1 or not)."""
+    LUT (a PET's slices each have their own rescale), the Presentation
+    LUT Shape (MONOCHROME1 or not) and colour (a Color Softcopy one)."""
     classes: dict[tuple[Any, ...], list[Measurement]] = {}
     for m in measurements:
-        key = (m.target.sop_class_uid, m.target.rescale, m.target.monochrome1)
+        key = (m.target.sop_class_uid, m.target.color, m.target.rescale, m.target.monochrome1)
         classes.setdefault(key, []).append(m)
     return list(classes.values())
 
@@ -263,7 +272,8 @@ def build_gsps(study: StudyHeader, measurements: list[Measurement], *, author_na
     if len(by_class(measurements)) > 1:
         raise ValueError("a presentation state references images of one SOP class, rescale and polarity")
     day, clock, offset = when
-    ds = new_instance(GSPS_CLASS)
+    color = measurements[0].target.color
+    ds = new_instance(CSPS_CLASS if color else GSPS_CLASS)
     ds.InstanceCreationDate, ds.InstanceCreationTime = day, clock
     ds.TimezoneOffsetFromUTC = offset
     # Patient and General Study modules: the index's values, as a key image note carries them.
@@ -345,6 +355,14 @@ def build_gsps(study: StudyHeader, measurements: list[Measurement], *, author_na
     layer.GraphicLayerRecommendedDisplayGrayscaleValue = 0xFFFF
     layer.GraphicLayerDescription = LAYER_DESCRIPTION
     ds.GraphicLayerSequence = Sequence([layer])
+    if color:
+        # ICC Profile module (a Color Softcopy state has no grayscale pipeline): the image's own, else sRGB's.
+        ds.ICCProfile = groups[0][0].icc or srgb_profile()
+        if not groups[0][0].icc:
+            ds.ColorSpace = "SRGB"
+        out = io.BytesIO()
+        ds.save_as(out, enforce_file_format=True)
+        return str(ds.SOPInstanceUID), out.getvalue()
     # Modality LUT module: the images' rescale (one for all: by_class), which replaces theirs (PS3.4 N.2.1.1).
     rescale = groups[0][0].rescale
     if rescale is not None:
@@ -368,6 +386,14 @@ def build_gsps(study: StudyHeader, measurements: list[Measurement], *, author_na
     out = io.BytesIO()
     ds.save_as(out, enforce_file_format=True)
     return str(ds.SOPInstanceUID), out.getvalue()
+
+
+@functools.cache
+def srgb_profile() -> bytes:
+    """An sRGB ICC profile (littleCMS's, through Pillow): a colour state's when its image names none."""
+    from PIL import ImageCms
+
+    return bytes(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
 
 
 def _ds_number(value: float) -> str:
@@ -506,8 +532,8 @@ def _annotation_objects(item: Dataset, area: _Area | None) -> tuple[list[Graphic
 def read_presentation_state(ds: Dataset, series_uid: str = "") -> PresentationState:
     """The GSPS *ds* as a :class:`PresentationState` (its annotations by
     image and frame, in pixels). Raises ValueError for no GSPS."""
-    if _text_of(ds.get("SOPClassUID")) != GSPS_CLASS:
-        raise ValueError(f"not a grayscale softcopy presentation state (SOP class {ds.get('SOPClassUID')})")
+    if _text_of(ds.get("SOPClassUID")) not in STATE_CLASSES:
+        raise ValueError(f"not a grayscale or color softcopy presentation state (SOP class {ds.get('SOPClassUID')})")
     rotation = _text_of(ds.get("ImageRotation")) or "0"
     transformed = rotation not in ("0", "0.0") or _text_of(ds.get("ImageHorizontalFlip")).upper() == "Y"
     areas = _areas(ds, transformed)

@@ -34,6 +34,7 @@ from .peers import ROOT, Backend, run_dcmtk
 from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, Steps, _sync_playwright
 
 GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
+CSPS = "1.2.840.10008.5.1.4.1.1.11.2"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 US_MULTIFRAME = "1.2.840.10008.5.1.4.1.1.3.1"
 PATIENT = "Trần^Thị Lan"
@@ -114,9 +115,12 @@ def get(server: PacsServer, study: str, role: str = "radiologist") -> httpx.Resp
 def pr_instances(server: PacsServer, study: str) -> list[str]:
     """The study's presentation states, by QIDO-RS."""
     with server.http() as http:
-        answer = http.get(f"/dicom-web/studies/{study}/instances", params={"SOPClassUID": GSPS})
-    assert answer.status_code in (200, 204), answer.text
-    return sorted(i["00080018"]["Value"][0] for i in (answer.json() if answer.status_code == 200 else []))
+        found = []
+        for sop_class in (GSPS, CSPS):
+            answer = http.get(f"/dicom-web/studies/{study}/instances", params={"SOPClassUID": sop_class})
+            assert answer.status_code in (200, 204), answer.text
+            found += [i["00080018"]["Value"][0] for i in (answer.json() if answer.status_code == 200 else [])]
+    return sorted(found)
 
 
 def events_until(server: PacsServer, wanted: int, **filters: str) -> list[dict[str, Any]]:
@@ -231,14 +235,15 @@ def test_saved_measurements_are_a_presentation_state_dcmtk_reads(archive: PacsSe
     by_class = {}
     for path in got:
         ds = dcmread(path)
-        assert (ds.SOPClassUID, ds.Modality, ds.SeriesNumber, ds.SeriesDescription) == (
-            GSPS, "PR", 951, "Đo đạc / Measurements")
+        assert (ds.Modality, ds.SeriesNumber, ds.SeriesDescription) == ("PR", 951, "Đo đạc / Measurements")
         assert (str(ds.PatientName), ds.PatientID, str(ds.ContentCreatorName)) == (PATIENT, "BN-PR-1", RADIOLOGIST[1])
         assert ds.SpecificCharacterSet == "ISO_IR 192" and ds.GraphicLayerSequence[0].GraphicLayer == "MEASUREMENTS"
         assert ds.DisplayedAreaSelectionSequence[0].PresentationSizeMode == "SCALE TO FIT"
         refs = {r.ReferencedSOPClassUID for s in ds.ReferencedSeriesSequence for r in s.ReferencedImageSequence}
         assert len(refs) == 1
         by_class[refs.pop()] = ds
+    # The RGB clip's a Color Softcopy Presentation State (PS3.3 A.33.2), the CT's a Grayscale one.
+    assert (by_class[US_MULTIFRAME].SOPClassUID, by_class[CT_IMAGE].SOPClassUID) == (CSPS, GSPS)
     clip = by_class[US_MULTIFRAME].GraphicAnnotationSequence[0]
     assert clip.ReferencedImageSequence[0].ReferencedFrameNumber == 2
     assert clip.GraphicObjectSequence[0].GraphicAnnotationUnits == "PIXEL"

@@ -98,3 +98,27 @@ def test_non_square_pixels_keep_their_aspect_ratio_in_the_displayed_area(archive
     [pr] = retrieve(archive, study, state["series_uid"], tmp_path / "pr")
     [area] = pr.DisplayedAreaSelectionSequence
     assert [int(v) for v in area.PresentationPixelAspectRatio] == [2, 1]
+
+
+def test_a_colour_image_gets_a_color_softcopy_presentation_state(archive: PacsServer, tmp_path: Path) -> None:
+    """An ultrasound RGB clip measured: PS3.3 A.33.1 restricts a Grayscale
+    Softcopy Presentation State to grayscale images; a colour one's is a
+    Color Softcopy Presentation State (A.33.2: with its ICC Profile, no
+    grayscale pipeline). Read back as the radiologist's own, and replaced."""
+    sent = send_study(archive, tmp_path / "in", patient_id="RV-COLOUR")
+    clip = {"sop_uid": sent.clip, "frame": 2, "kind": "length", "points": [[4, 4], [44, 28]], "label": "46.6 px"}
+    answer = put(archive, sent.uid, [clip])
+    assert answer.status_code == 200, answer.text
+    [state] = answer.json()["states"]
+    [pr] = retrieve(archive, sent.uid, state["series_uid"], tmp_path / "pr")
+    assert pr.SOPClassUID == CSPS and pr.file_meta.MediaStorageSOPClassUID == CSPS
+    assert len(pr.ICCProfile) > 128 and "PresentationLUTShape" not in pr and "SoftcopyVOILUTSequence" not in pr
+    assert pr.GraphicAnnotationSequence[0].ReferencedImageSequence[0].ReferencedFrameNumber == 2
+    seen = get(archive, sent.uid).json()
+    assert [(m["sop_uid"], m["frame"], m["label"]) for m in seen["mine"]] == [(sent.clip, 2, "46.6 px")]
+    assert [s["own"] for s in seen["states"]] == [True]
+    # The same saved again writes nothing; another replaces it; none removes it.
+    assert put(archive, sent.uid, [clip]).json()["stored"] is False
+    again = put(archive, sent.uid, [{**clip, "label": "46.7 px"}]).json()
+    assert again["removed"] == [pr.SOPInstanceUID]
+    assert put(archive, sent.uid, []).json()["removed"] == again["states_saved"]
