@@ -55,6 +55,9 @@ CONTENT_LABEL = "MEASUREMENTS"
 LOGIN_SCHEME = "99FILMLESS"
 KINDS = {"length": 2, "angle": 3, "roi": 2}
 # Graphic types a GSPS may hold (PS3.3 C.10.5.1.2).
+# Points (a text object: 2) drawn of one presentation state at most: a few thousand in a real one; beyond it a
+# hostile one (an annotation on every frame of a long clip, polylines of thousands of points) is skipped, counted.
+MAX_POINTS = 100_000
 GRAPHIC_TYPES = frozenset({"POINT", "POLYLINE", "INTERPOLATED", "CIRCLE", "ELLIPSE"})
 
 
@@ -542,14 +545,27 @@ def read_presentation_state(ds: Dataset, series_uid: str = "") -> PresentationSt
              for sop, frames in _refs(series.get("ReferencedImageSequence"))]
     annotations: list[Annotation] = []
     skipped = 0
+    budget = MAX_POINTS
     for item in ds.get("GraphicAnnotationSequence") or []:
         layer = _text_of(item.get("GraphicLayer"))
+        # Read once per displayed area (an item naming no image applies to every image and frame referenced).
+        read: dict[int, tuple[list[Graphic], list[Text], int, int]] = {}
         for sop, frames in _refs(item.get("ReferencedImageSequence")) or every:
             for frame in frames or (None,):
-                graphics, texts, missed = _annotation_objects(item, _area_for(areas, sop, frame))
+                area = _area_for(areas, sop, frame)
+                if id(area) not in read:
+                    graphics, texts, missed = _annotation_objects(item, area)
+                    cost = sum(len(g.points) for g in graphics) + 2 * len(texts)
+                    read[id(area)] = (graphics, texts, missed, cost)
+                graphics, texts, missed, cost = read[id(area)]
                 skipped += missed
-                if graphics or texts:
-                    annotations.append(Annotation(sop, frame, layer, graphics, texts))
+                if not (graphics or texts):
+                    continue
+                if cost > budget:  # a hostile (or absurd) state: what is beyond the budget is not drawn
+                    skipped += len(graphics) + len(texts)
+                    continue
+                budget -= cost
+                annotations.append(Annotation(sop, frame, layer, graphics, texts))
     return PresentationState(
         sop_uid=_text_of(ds.get("SOPInstanceUID")), series_uid=series_uid or _text_of(ds.get("SeriesInstanceUID")),
         label=_text_of(ds.get("ContentLabel")), description=_text_of(ds.get("ContentDescription")),

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from .conftest import PacsServer, shared_backend
@@ -122,3 +123,49 @@ def test_a_colour_image_gets_a_color_softcopy_presentation_state(archive: PacsSe
     again = put(archive, sent.uid, [{**clip, "label": "46.7 px"}]).json()
     assert again["removed"] == [pr.SOPInstanceUID]
     assert put(archive, sent.uid, []).json()["removed"] == again["states_saved"]
+
+
+def test_a_hostile_presentation_state_is_bounded(archive: PacsServer, tmp_path: Path) -> None:
+    """A GSPS another system sent whose one annotation names no image (so
+    applies to every image it references) on 1000 "frames" of a slice, with
+    10 polylines of 300 points: expanded per frame, the GET built 3 million
+    points (hundreds of megabytes). What is drawn of one state is bounded;
+    the rest is counted as skipped; the radiologist's own still saves."""
+    sent = send_study(archive, tmp_path / "in", patient_id="RV-HOSTILE")
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.11.1", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = sent.uid, generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "TRAN^THI LAN", "RV-HOSTILE", "PR"
+    ds.SeriesNumber, ds.InstanceNumber, ds.ContentLabel, ds.ContentCreatorName = 8, 1, "FLOOD", "EVIL^ONE"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", sent.slices[0]
+    ref.ReferencedFrameNumber = list(range(1, 1001))
+    series = Dataset()
+    series.SeriesInstanceUID, series.ReferencedImageSequence = sent.ct_series, Sequence([ref])
+    ds.ReferencedSeriesSequence = Sequence([series])
+    lines = []
+    for n in range(10):
+        line = Dataset()
+        line.GraphicAnnotationUnits, line.GraphicDimensions, line.NumberOfGraphicPoints = "PIXEL", 2, 300
+        line.GraphicData, line.GraphicType = [float((n + i) % 64) for i in range(600)], "POLYLINE"
+        lines.append(line)
+    annotation = Dataset()
+    annotation.GraphicLayer, annotation.GraphicObjectSequence = "FLOOD", Sequence(lines)
+    ds.GraphicAnnotationSequence = Sequence([annotation])
+    layer = Dataset()
+    layer.GraphicLayer, layer.GraphicLayerOrder = "FLOOD", 1
+    ds.GraphicLayerSequence = Sequence([layer])
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.save_as(tmp_path / "flood.dcm", implicit_vr=False, little_endian=True)
+    assert archive.storescu(str(tmp_path / "flood.dcm")).returncode == 0
+    seen = get(archive, sent.uid)
+    assert seen.status_code == 200, seen.text[:300]
+    body = seen.json()
+    points = sum(len(g["points"]) for i in body["images"] for g in i["graphics"])
+    assert 0 < points <= 100_000, points
+    [flood] = [s for s in body["states"] if s["sop_uid"] == ds.SOPInstanceUID]
+    assert flood["skipped"] > 0
+    saved = put(archive, sent.uid, [{"sop_uid": sent.slices[1], "frame": 1, "kind": "length",
+                                     "points": [[1, 1], [9, 9]], "label": "5.7 mm"}])
+    assert saved.status_code == 200 and len(saved.json()["mine"]) == 1, saved.text[:300]
