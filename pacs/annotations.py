@@ -27,7 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import case, select
 
 from storage import ObjectDamaged, ObjectNotFound, StorageError
 
@@ -59,6 +59,8 @@ log = logging.getLogger(__name__)
 instances_t = Instance.__table__
 series_t = Series.__table__
 
+# The ingest origin of the presentation states saved here (the instances' source).
+SOURCE = "annotations"
 # Measurements one save holds at most (a radiologist draws a few dozen).
 MAX_MEASUREMENTS = 500
 # Characters of a label at most (a Text Object's Unformatted Text Value is ST: 1024).
@@ -109,15 +111,18 @@ def _read(pacs: Pacs, storage_key: str, size: int) -> bytes:
 
 
 def _stored_states(pacs: Pacs, study: Any) -> list[_Stored]:
-    """The study's GSPS, oldest first, each read whole (a few kilobytes)."""
+    """The study's presentation states, oldest first, each read whole (a few kilobytes): at most MAX_STATES, the
+    ones saved here among them whatever else the study holds."""
     with pacs.engine.connect() as conn:
         rows = conn.execute(
             select(instances_t.c.pk, instances_t.c.sop_uid, instances_t.c.storage_key, instances_t.c.size_bytes,
                    series_t.c.series_uid)
             .join(series_t, series_t.c.pk == instances_t.c.series_pk)
             .where(series_t.c.study_pk == study.pk, instances_t.c.sop_class_uid.in_(STATE_CLASSES))
-            .order_by(instances_t.c.pk).limit(MAX_STATES)
+            # The radiologists' own (saved here) first, then the newest: a workstation's hundreds never hide them.
+            .order_by(case((instances_t.c.source == SOURCE, 0), else_=1), instances_t.c.pk.desc()).limit(MAX_STATES)
         ).all()
+    rows = sorted(rows, key=lambda row: row.pk)
     stored = []
     for row in rows:
         try:
@@ -352,7 +357,7 @@ def replace_measurements(pacs: Pacs, study_uid: str, drawn: list[Drawn], author:
                                  author_name=author.display_name or author.username, login=author.username,
                                  when=when, series_uid=new_series, number=number)
             pacs.ingestor.ingest(BufferSource(b"", data), Origin(
-                source="annotations", calling_ae=pacs.settings.ae_title, remote_host=author.client,
+                source=SOURCE, calling_ae=pacs.settings.ae_title, remote_host=author.client,
                 user=author.username))
         own = [s for s in _stored_states(pacs, study)
                if s.state is not None and s.state.login == author.username]

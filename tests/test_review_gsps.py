@@ -169,3 +169,30 @@ def test_a_hostile_presentation_state_is_bounded(archive: PacsServer, tmp_path: 
     saved = put(archive, sent.uid, [{"sop_uid": sent.slices[1], "frame": 1, "kind": "length",
                                      "points": [[1, 1], [9, 9]], "label": "5.7 mm"}])
     assert saved.status_code == 200 and len(saved.json()["mine"]) == 1, saved.text[:300]
+
+
+def test_own_measurements_are_found_among_hundreds_of_other_states(archive: PacsServer, tmp_path: Path) -> None:
+    """A study a workstation sent one GSPS per image for (200 of them, before
+    the radiologist's): only the 200 oldest states were read, so the
+    radiologist's own was never found: not shown again, never replaced (each
+    save one more PR object)."""
+    sent = send_study(archive, tmp_path / "in", patient_id="RV-MANY")
+    files = []
+    for n in range(200):
+        ds = Dataset()
+        ds.SpecificCharacterSet = "ISO_IR 100"
+        ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.11.1", generate_uid()
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = sent.uid, generate_uid()
+        ds.PatientName, ds.PatientID, ds.Modality = "TRAN^THI LAN", "RV-MANY", "PR"
+        ds.SeriesNumber, ds.InstanceNumber, ds.ContentLabel = 9, n + 1, "WORKSTATION"
+        ds.PresentationLUTShape = "IDENTITY"
+        ds.save_as(tmp_path / f"ws{n}.dcm", implicit_vr=False, little_endian=True)
+        files.append(str(tmp_path / f"ws{n}.dcm"))
+    assert archive.storescu(*files).returncode == 0
+    first = put(archive, sent.uid, [{"sop_uid": sent.slices[0], "frame": 1, "kind": "length",
+                                     "points": [[1, 1], [9, 9]], "label": "5.7 mm"}]).json()
+    assert len(first["states_saved"]) == 1 and len(first["mine"]) == 1, first["states_saved"]
+    assert len(get(archive, sent.uid).json()["mine"]) == 1
+    second = put(archive, sent.uid, [{"sop_uid": sent.slices[0], "frame": 1, "kind": "length",
+                                      "points": [[1, 1], [9, 19]], "label": "9.1 mm"}]).json()
+    assert second["removed"] == first["states_saved"]
