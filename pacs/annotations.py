@@ -98,6 +98,11 @@ class _Stored:
     series_uid: str
     state: PresentationState | None
     error: str = ""
+    here: bool = False  # saved here (the viewer's), not received: another site's may carry the same login
+
+    def owned_by(self, username: str) -> bool:
+        """Whether this is *username*'s own: saved here by them (a login alone is another site's too)."""
+        return bool(username) and self.here and self.state is not None and self.state.login == username
 
 
 def _read(pacs: Pacs, storage_key: str, size: int) -> bytes:
@@ -116,7 +121,7 @@ def _stored_states(pacs: Pacs, study: Any) -> list[_Stored]:
     with pacs.engine.connect() as conn:
         rows = conn.execute(
             select(instances_t.c.pk, instances_t.c.sop_uid, instances_t.c.storage_key, instances_t.c.size_bytes,
-                   series_t.c.series_uid)
+                   instances_t.c.source, series_t.c.series_uid)
             .join(series_t, series_t.c.pk == instances_t.c.series_pk)
             .where(series_t.c.study_pk == study.pk, instances_t.c.sop_class_uid.in_(STATE_CLASSES))
             # The radiologists' own (saved here) first, then the newest: a workstation's hundreds never hide them.
@@ -131,9 +136,10 @@ def _stored_states(pacs: Pacs, study: Any) -> list[_Stored]:
         except (ObjectNotFound, ObjectDamaged, StorageError, InvalidDicomError, ValueError, TypeError, KeyError,
                 AttributeError, EOFError, OSError) as exc:  # that one listed as unreadable, not the others
             log.warning("presentation state %s of study %s cannot be read: %s", row.sop_uid, study.study_uid, exc)
-            stored.append(_Stored(row.pk, row.sop_uid, row.series_uid, None, f"{type(exc).__name__}: {exc}"[:200]))
+            stored.append(_Stored(row.pk, row.sop_uid, row.series_uid, None, f"{type(exc).__name__}: {exc}"[:200],
+                                  row.source == SOURCE))
             continue
-        stored.append(_Stored(row.pk, row.sop_uid, row.series_uid, state))
+        stored.append(_Stored(row.pk, row.sop_uid, row.series_uid, state, "", row.source == SOURCE))
     return stored
 
 
@@ -153,7 +159,7 @@ def _view(pacs: Pacs, study: Any, stored: list[_Stored], username: str) -> dict[
         if state is None:
             listed.append({"sop_uid": s.sop_uid, "series_uid": s.series_uid, "error": s.error})
             continue
-        own = bool(username) and state.login == username
+        own = s.owned_by(username)
         listed.append(state.as_json(own=own))
         for annotation in state.annotations:
             row = found.get(annotation.sop_uid)
@@ -341,7 +347,7 @@ def replace_measurements(pacs: Pacs, study_uid: str, drawn: list[Drawn], author:
         request = requested_procedure(conn, study)
     measurements = _targets(pacs, study_uid, drawn, found)
     stored = _stored_states(pacs, study)
-    own = [s for s in stored if s.state is not None and s.state.login == author.username]
+    own = [s for s in stored if s.owned_by(author.username)]
     saved = sorted(_comparable([m for s in own if s.state is not None for m in measurements_of(s.state)]))
     if (measurements and len({s.series_uid for s in own}) == 1 and len(own) == len(by_class(measurements))
             and saved == sorted(_comparable(_as_sent(measurements)))):
@@ -359,8 +365,7 @@ def replace_measurements(pacs: Pacs, study_uid: str, drawn: list[Drawn], author:
             pacs.ingestor.ingest(BufferSource(b"", data), Origin(
                 source=SOURCE, calling_ae=pacs.settings.ae_title, remote_host=author.client,
                 user=author.username))
-        own = [s for s in _stored_states(pacs, study)
-               if s.state is not None and s.state.login == author.username]
+        own = [s for s in _stored_states(pacs, study) if s.owned_by(author.username)]
     # Two saves at once by one radiologist: each keeps only the series of the newest row, so exactly one stays.
     newest = max(own, key=lambda s: s.pk, default=None)
     keep = newest.series_uid if newest is not None and measurements else None

@@ -196,3 +196,26 @@ def test_own_measurements_are_found_among_hundreds_of_other_states(archive: Pacs
     second = put(archive, sent.uid, [{"sop_uid": sent.slices[0], "frame": 1, "kind": "length",
                                       "points": [[1, 1], [9, 19]], "label": "9.1 mm"}]).json()
     assert second["removed"] == first["states_saved"]
+
+
+def test_a_state_another_site_sent_with_the_same_login_is_not_ones_own(archive: PacsServer, tmp_path: Path) -> None:
+    """Another hospital's filmless-pacs routes a study here with its own
+    radiologist's measurements, whose login is the same as one of ours
+    ("bs.an", "admin"): it is theirs, read-only; our radiologist's save must
+    not delete it (it did: own was told by the login alone)."""
+    sent = send_study(archive, tmp_path / "in", patient_id="RV-SITE")
+    theirs = put(archive, sent.uid, [{"sop_uid": sent.slices[0], "frame": 1, "kind": "length",
+                                      "points": [[2, 2], [30, 2]], "label": "14.0 mm"}]).json()
+    [pr] = retrieve(archive, sent.uid, theirs["states"][0]["series_uid"], tmp_path / "pr")
+    assert put(archive, sent.uid, []).json()["removed"] == theirs["states_saved"]
+    # The same object as the other site made it: its own UIDs, received over DICOM.
+    pr.SOPInstanceUID = pr.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    pr.SeriesInstanceUID = generate_uid()
+    pr.save_as(tmp_path / "other-site.dcm")
+    assert archive.storescu(str(tmp_path / "other-site.dcm")).returncode == 0
+    seen = get(archive, sent.uid).json()
+    assert [(s["sop_uid"], s["own"]) for s in seen["states"]] == [(pr.SOPInstanceUID, False)]
+    assert seen["mine"] == [] and [i["own"] for i in seen["images"]] == [False]
+    mine = put(archive, sent.uid, [{"sop_uid": sent.slices[1], "frame": 1, "kind": "length",
+                                    "points": [[2, 2], [30, 2]], "label": "14.0 mm"}]).json()
+    assert mine["removed"] == [] and pr.SOPInstanceUID in {s["sop_uid"] for s in mine["states"]}
