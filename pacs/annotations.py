@@ -47,6 +47,7 @@ from .presentation_states import (
     PresentationState,
     Target,
     build_gsps,
+    ds_value,
     by_class,
     grouped,
     measurements_of,
@@ -87,6 +88,7 @@ class Drawn:
     kind: str
     points: tuple[tuple[float, float], ...]
     label: str = ""
+    window: tuple[float, float] | None = None  # the window (centre, width) it was drawn in; None: the image's own
 
 
 @dataclass(frozen=True)
@@ -283,6 +285,16 @@ def _targets(pacs: Pacs, study_uid: str, drawn: list[Drawn], found: dict[str, An
     a frame it does not have, points off it, the wrong number of points)."""
     measurements = []
     looks: dict[tuple[str, int], Any] = {}
+    # Each image's window: the first the viewer sent for it (the one it was measured in), else its own.
+    windows: dict[str, tuple[float, float]] = {}
+    for n, d in enumerate(drawn, 1):
+        if d.window is None or d.sop_uid in windows:
+            continue
+        centre, width = d.window
+        if not (math.isfinite(centre) and math.isfinite(width) and width >= 1 and abs(centre) < 1e9 > width):
+            raise AnnotationError(f"measurement {n}: window {d.window} is no window (a centre, a width of 1 or more)",
+                                  400)
+        windows[d.sop_uid] = (ds_value(centre), ds_value(width))
     for n, d in enumerate(drawn, 1):
         row = found.get(d.sop_uid)
         if row is None:
@@ -313,20 +325,22 @@ def _targets(pacs: Pacs, study_uid: str, drawn: list[Drawn], found: dict[str, An
         look = looks[(d.sop_uid, d.frame)]
         target = Target(d.sop_uid, row.sop_class_uid, row.series_uid, int(row.columns), int(row.rows),
                         d.frame if count > 1 else None, (row.photometric or "").upper() == "MONOCHROME1",
-                        look.rescale, look.window, look.aspect,
+                        look.rescale, windows.get(d.sop_uid, look.window), look.aspect,
                         (row.photometric or "").strip().upper() in COLOUR_PHOTOMETRICS, look.icc)
         measurements.append(Measurement(target, d.kind, tuple(points), _label(d.label)))
     return measurements
 
 
 def _comparable(items: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
-    return [(m["sop_uid"], m["frame"], m["kind"], tuple(tuple(p) for p in m["points"]), m["label"]) for m in items]
+    return [(m["sop_uid"], m["frame"], m["kind"], tuple(tuple(p) for p in m["points"]), m["label"],
+             tuple(m["window"]) if m["window"] else None) for m in items]
 
 
 def _as_sent(measurements: list[Measurement]) -> list[dict[str, Any]]:
     """*measurements* in the order a stored GSPS gives them back (by image, as grouped)."""
     return [{"sop_uid": m.target.sop_uid, "frame": m.target.frame or 1, "kind": m.kind,
-             "points": [list(p) for p in m.points], "label": m.label}
+             "points": [list(p) for p in m.points], "label": m.label,
+             "window": list(m.target.window) if m.target.window else None}
             for _, items in grouped(measurements) for m in items]
 
 

@@ -148,6 +148,8 @@ class PresentationState:
     created_time: str
     annotations: list[Annotation]
     skipped: int = 0  # graphic or text objects that could not be placed (DISPLAY units without a known area)
+    # Its Softcopy VOI LUT windows (centre, width) by image ("": every image it references).
+    windows: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     def as_json(self, *, own: bool) -> dict[str, Any]:
         created = _iso(self.created_date, self.created_time)
@@ -399,6 +401,11 @@ def srgb_profile() -> bytes:
     return bytes(ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes())
 
 
+def ds_value(value: float) -> float:
+    """*value* as a presentation state keeps it (a Decimal String of 6 significant digits)."""
+    return float(_ds_number(value))
+
+
 def _ds_number(value: float) -> str:
     """*value* as a Decimal String (at most 16 characters)."""
     text = f"{value:.6g}"
@@ -566,21 +573,38 @@ def read_presentation_state(ds: Dataset, series_uid: str = "") -> PresentationSt
                     continue
                 budget -= cost
                 annotations.append(Annotation(sop, frame, layer, graphics, texts))
+    windows: dict[str, tuple[float, float]] = {}
+    for voi in ds.get("SoftcopyVOILUTSequence") or []:
+        try:
+            centre, width = (float(_first(voi.get(k))) for k in ("WindowCenter", "WindowWidth"))
+        except (TypeError, ValueError):
+            continue  # a VOI LUT table, or no usable window
+        if math.isfinite(centre) and math.isfinite(width):
+            for sop, _ in _refs(voi.get("ReferencedImageSequence")) or [("", ())]:
+                windows.setdefault(sop, (centre, width))
     return PresentationState(
         sop_uid=_text_of(ds.get("SOPInstanceUID")), series_uid=series_uid or _text_of(ds.get("SeriesInstanceUID")),
         label=_text_of(ds.get("ContentLabel")), description=_text_of(ds.get("ContentDescription")),
         author=str(ds.get("ContentCreatorName") or "").strip(), login=_login(ds),
         created_date=_text_of(ds.get("PresentationCreationDate")),
         created_time=_text_of(ds.get("PresentationCreationTime")),
-        annotations=annotations, skipped=skipped,
+        annotations=annotations, skipped=skipped, windows=windows,
     )
+
+
+def _first(value: Any) -> Any:
+    """The first value of a possibly multi-valued element (None when empty)."""
+    if isinstance(value, (list, MultiValue)):
+        return value[0] if len(value) else None
+    return value
 
 
 def measurements_of(state: PresentationState) -> list[dict[str, Any]]:
     """The measurements one of our own presentation states holds, as the
     viewer sends them (kind, points, label): a POLYLINE of 2 points a
     length, of 3 an angle, an axis-aligned ELLIPSE an ROI (its box);
-    each graphic's label the text object anchored at it."""
+    each graphic's label the text object anchored at it; its window the
+    image's Softcopy VOI LUT window (None: none)."""
     found = []
     for annotation in state.annotations:
         unused = list(annotation.texts)
@@ -599,7 +623,9 @@ def measurements_of(state: PresentationState) -> list[dict[str, Any]]:
                          and abs(t.anchor[0] - at[0]) < 0.01 and abs(t.anchor[1] - at[1]) < 0.01), None)
             if text is not None:
                 unused.remove(text)
+            window = state.windows.get(annotation.sop_uid) or state.windows.get("")
             found.append({"sop_uid": annotation.sop_uid, "frame": annotation.frame or 1, "kind": kind,
                           "points": [[round(x, 2), round(y, 2)] for x, y in points],
-                          "label": text.text if text is not None else ""})
+                          "label": text.text if text is not None else "",
+                          "window": list(window) if window is not None else None})
     return found

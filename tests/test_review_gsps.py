@@ -219,3 +219,96 @@ def test_a_state_another_site_sent_with_the_same_login_is_not_ones_own(archive: 
     mine = put(archive, sent.uid, [{"sop_uid": sent.slices[1], "frame": 1, "kind": "length",
                                     "points": [[2, 2], [30, 2]], "label": "14.0 mm"}]).json()
     assert mine["removed"] == [] and pr.SOPInstanceUID in {s["sop_uid"] for s in mine["states"]}
+
+
+def test_the_window_the_radiologist_measured_in_is_the_states(archive: PacsServer, tmp_path: Path) -> None:
+    """A nodule measured in the lung window (C -600 / W 1500): the state's
+    Softcopy VOI LUT is that window (the viewer sends the one it showed), not
+    the image's soft-tissue one; read back with the measurement, and a
+    change of window alone is saved again."""
+    sent = send_study(archive, tmp_path / "in", patient_id="RV-LUNG")
+    length = {"sop_uid": sent.slices[0], "frame": 1, "kind": "length", "points": [[16, 32], [48, 32]],
+              "label": "16.0 mm", "window": [-600, 1500]}
+    answer = put(archive, sent.uid, [length])
+    assert answer.status_code == 200, answer.text
+    [state] = answer.json()["states"]
+    assert [m["window"] for m in answer.json()["mine"]] == [[-600, 1500]]
+    [pr] = retrieve(archive, sent.uid, state["series_uid"], tmp_path / "pr")
+    pr.save_as(tmp_path / "pr.dcm")
+    shown = run_dcmtk("dcmp2pgm", "-p", str(tmp_path / "pr.dcm"), str(tmp_path / "in" / "ct1.dcm"),
+                      str(tmp_path / "shown.pgm"))
+    assert shown.returncode == 0, shown.stderr
+    width, _, grey = pgm(tmp_path / "shown.pgm")
+    # 76 HU: (76 + 600) / 1500 + 0.5 = 0.95 (242 of 255); air: 0.23 (59).
+    assert 232 <= grey[32 * width + 32] <= 252 and 49 <= grey[0] <= 69, (grey[32 * width + 32], grey[0])
+    assert put(archive, sent.uid, [length]).json()["stored"] is False
+    assert put(archive, sent.uid, [{**length, "window": [40, 400]}]).json()["stored"] is True
+    # None sent: the image's own window.
+    assert [m["window"] for m in put(archive, sent.uid, [{**length, "window": None}]).json()["mine"]] == [[40, 400]]
+
+
+def test_the_viewer_saves_the_window_it_measured_in(archive: PacsServer, tmp_path: Path) -> None:
+    """In the browser: the lung preset (3), a length drawn: the saved state's
+    window is the lung one; reopened, the measurement keeps it."""
+    from playwright.sync_api import expect
+
+    from .test_annotations import PASSWORD, _open, _screen
+    from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, _sync_playwright
+
+    sent = send_study(archive, tmp_path / "in", patient_id="RV-VIEWER")
+    archive.cli("user", "add", "bs.lung", "--role", "radiologist", "--password", PASSWORD,
+                "--display-name", "BS. Phổi")
+    with _sync_playwright()() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
+                                          base_url=f"http://127.0.0.1:{archive.http_port}")
+            context.set_default_timeout(20_000)
+            page = context.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto("/")
+            page.fill("#username", "bs.lung")
+            page.fill("#password", PASSWORD)
+            page.press("#password", "Enter")
+            expect(page.locator("#current-user")).to_have_text("BS. Phổi")
+            _open(page, sent.uid)
+            state = page.locator("#measure-state")
+            expect(state).to_have_attribute("data-loaded", "true")
+            page.locator("#viewport").focus()
+            page.keyboard.press("3")  # the lung preset: C -600 / W 1500
+            page.wait_for_function("() => { const i = document.querySelector('#viewer-image');"
+                                   " return i && !i.hidden && i.complete && i.naturalWidth > 0"
+                                   " && i.src.includes('window='); }")
+            page.keyboard.press("l")
+            page.mouse.move(*_screen(page, 16, 32))
+            page.mouse.down()
+            page.mouse.move(*_screen(page, 48, 32), steps=5)
+            page.mouse.up()
+            expect(state).to_have_attribute("data-saved", "1")
+            with archive.http() as admin:
+                saved = admin.get(f"/api/studies/{sent.uid}/annotations").json()
+            [state_json] = [s for s in saved["states"] if s["login"] == "bs.lung"]
+            [pr] = retrieve(archive, sent.uid, state_json["series_uid"], tmp_path / "pr")
+            [voi] = pr.SoftcopyVOILUTSequence
+            assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (-600.0, 1500.0)
+            # Reopened and another length added: the first keeps its window.
+            page.reload()
+            _open(page, sent.uid)
+            expect(state).to_have_attribute("data-loaded", "true")
+            page.locator("#viewport").focus()
+            page.keyboard.press("l")
+            page.mouse.move(*_screen(page, 16, 40))
+            page.mouse.down()
+            page.mouse.move(*_screen(page, 40, 40), steps=5)
+            page.mouse.up()
+            expect(state).to_have_attribute("data-saved", "2")
+            with archive.http() as admin:
+                again = admin.get(f"/api/studies/{sent.uid}/annotations").json()
+            [latest] = [s for s in again["states"] if s["login"] == "bs.lung"]
+            [pr] = retrieve(archive, sent.uid, latest["series_uid"], tmp_path / "pr2")
+            [voi] = pr.SoftcopyVOILUTSequence
+            assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (-600.0, 1500.0)
+        finally:
+            browser.close()
+    assert not errors, errors

@@ -37,6 +37,9 @@ class DrawnMeasurement(JsonBody):
                                                       "(2: the corners of the ellipse's box)")
     points: list[tuple[float, float]] = Field(..., max_length=8, description="[x, y] in the frame's pixel grid")
     label: str = Field("", max_length=MAX_LABEL, description='the value as shown, e.g. "32.0 mm"')
+    window: tuple[float, float] | None = Field(
+        None, description="[centre, width] of the window it was measured in (the state's Softcopy VOI LUT); "
+                          "none: the image's own")
 
 
 class Measurements(JsonBody):
@@ -68,7 +71,8 @@ def put_annotations(request: Request, study: str, body: Measurements,
     require_uids(study, name="Study Instance UID")
     author = Author(username=principal.username, display_name=principal.display_name, role=principal.role,
                     client=request.client.host if request.client else "")
-    drawn = [Drawn(m.sop_uid, m.frame, m.kind, tuple((float(x), float(y)) for x, y in m.points), m.label)
+    drawn = [Drawn(m.sop_uid, m.frame, m.kind, tuple((float(x), float(y)) for x, y in m.points), m.label,
+                   (float(m.window[0]), float(m.window[1])) if m.window is not None else None)
              for m in body.measurements]
     answer = _call(replace_measurements, request.app.state.pacs, study, drawn, author)
     event = getattr(request.state, "audit", None)

@@ -229,7 +229,7 @@ export class MeasureTools {
       const list = this.items.get(key);
       const at = list.findIndex((item) => !item.saved);
       const item = { kind: m.kind, points: m.points.map(([x, y]) => ({ x, y })), stats: null, error: "",
-        saved: true, savedLabel: m.label || "" };
+        saved: true, savedLabel: m.label || "", window: m.window || null };
       list.splice(at < 0 ? list.length : at, 0, item);
     }
     this.foreign.clear();
@@ -272,7 +272,7 @@ export class MeasureTools {
         if (item.kind === "roi" && (points[0][0] === points[1][0] || points[0][1] === points[1][1])) continue;
         if (points.length !== (item.kind === "angle" ? 3 : 2)) continue;
         const label = item.label && !(item.kind === "roi" && !item.stats) ? item.label : item.savedLabel || "";
-        out.push({ sop_uid: sop, frame, kind: item.kind, points, label });
+        out.push({ sop_uid: sop, frame, kind: item.kind, points, label, window: item.window || null });
       }
     }
     return out;
@@ -483,7 +483,9 @@ export class MeasureTools {
     const d = this.drawing;
     this.drawing = null;
     if (!d) return;
-    const item = { kind: d.kind, points: d.points, stats: null, error: "" };
+    // The window it was measured in: the saved state's (another viewer shows the image so); null: the image's own.
+    const shown = this.viewer.window;
+    const item = { kind: d.kind, points: d.points, stats: null, error: "", window: shown ? [shown.c, shown.w] : null };
     if (!this.items.has(d.key)) this.items.set(d.key, []);
     this.items.get(d.key).push(item);
     if (item.kind === "roi") this.loadStats(d.key, item);
