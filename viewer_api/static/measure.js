@@ -232,6 +232,7 @@ export class MeasureTools {
         saved: true, savedLabel: m.label || "", window: m.window || null };
       list.splice(at < 0 ? list.length : at, 0, item);
     }
+    this.remember(data);
     this.foreign.clear();
     for (const image of (data && data.images) || []) {
       if (image.own && this.canSave) continue; // in data.mine, editable
@@ -243,6 +244,21 @@ export class MeasureTools {
     this.state.dataset.loaded = "true";
     if (this.dirty) this.scheduleSave(); // drawn while loading
     this.redraw();
+  }
+
+  /** What the study's presentation states draw on, by state series (a PR series' entry opens its first image). */
+  remember(data) {
+    const seriesOf = new Map(((data && data.states) || []).map((s) => [s.sop_uid, s.series_uid]));
+    this.drawnBySeries = new Map();
+    for (const image of (data && data.images) || []) {
+      const series = seriesOf.get(image.state);
+      if (series && !this.drawnBySeries.has(series)) this.drawnBySeries.set(series, image);
+    }
+  }
+
+  /** The first image (series_uid, sop_uid, frame) the presentation states of series *seriesUid* draw on. */
+  firstImageOf(seriesUid) {
+    return (this.drawnBySeries && this.drawnBySeries.get(seriesUid)) || null;
   }
 
   /** A measurement was added or removed: saved a moment later (the user's own, when they may). */
@@ -293,8 +309,11 @@ export class MeasureTools {
     this.saving = api("PUT", `/api/studies/${encodeURIComponent(this.viewer.studyUid)}/annotations`,
       { json: { measurements } });
     try {
-      await this.saving;
+      const answer = await this.saving;
       this.say("measure_saved", "saved", measurements.length);
+      this.remember(answer);
+      // A new presentation state series, the previous one gone: the study's series list shows them.
+      if (answer && (answer.stored || (answer.removed || []).length) && this.onSaved) this.onSaved(answer);
     } catch (exc) {
       this.dirty = true; // tried again with the next change, or when the study is left
       this.say("measure_error", "error", 0, exc.message);

@@ -172,6 +172,13 @@ export function mountStudy(root, ctx, studyUid) {
   }
 
   function select(series) {
+    // A presentation state series (saved measurements) has no picture: its entry opens the image it draws on.
+    const drawn = series && series.modality === "PR" ? viewer.measure.firstImageOf(series.series_uid) : null;
+    const target = drawn && (study.series || []).find((s) => s.series_uid === drawn.series_uid);
+    if (target) {
+      showInstance(target, drawn.sop_uid, drawn.frame);
+      return;
+    }
     if (!series || series === selected) return;
     selected = series;
     markSelected();
@@ -198,7 +205,8 @@ export function mountStudy(root, ctx, studyUid) {
   }
 
   function stepSeries(delta) {
-    const all = study && study.series ? study.series : [];
+    // Presentation state series are stepped over: each opens an image series of the list.
+    const all = (study && study.series ? study.series : []).filter((s) => s.modality !== "PR" || s === selected);
     if (!all.length) return;
     const i = all.indexOf(selected);
     const next = all[Math.max(0, Math.min(all.length - 1, i + delta))];
@@ -227,6 +235,21 @@ export function mountStudy(root, ctx, studyUid) {
     dose.render();
   });
 
+  /** The study's series again (a save made a measurements series, removed one): the list redrawn. */
+  async function refreshSeries() {
+    let fresh;
+    try {
+      fresh = await api("GET", `/api/studies/${encodeURIComponent(studyUid)}`);
+    } catch {
+      return; // the list is a convenience: the next opening shows it
+    }
+    if (destroyed || !study || !fresh) return;
+    // The series objects the viewer holds stay (the one shown keeps its place); new ones added, gone ones removed.
+    const known = new Map((study.series || []).map((s) => [s.series_uid, s]));
+    study.series = (fresh.series || []).map((s) => known.get(s.series_uid) || s);
+    renderSeries();
+  }
+
   async function load() {
     try {
       study = await api("GET", `/api/studies/${encodeURIComponent(studyUid)}`);
@@ -243,6 +266,7 @@ export function mountStudy(root, ctx, studyUid) {
     keys.load();
     // The saved measurements (presentation states): one's own editable, the others' drawn read-only.
     viewer.measure.load(ctx.user);
+    viewer.measure.onSaved = () => refreshSeries();
     claim.start(study);
     const all = study.series || [];
     // The examination's modality and body part (its first image series, not a report PDF): their templates first.
