@@ -135,8 +135,8 @@ def _stored_states(pacs: Pacs, study: Any) -> list[_Stored]:
         try:
             data = _read(pacs, row.storage_key, int(row.size_bytes or 0))
             state = read_presentation_state(dcmread(io.BytesIO(data), force=True), row.series_uid)
-        except (ObjectNotFound, ObjectDamaged, StorageError, InvalidDicomError, ValueError, TypeError, KeyError,
-                AttributeError, EOFError, OSError) as exc:  # that one listed as unreadable, not the others
+        except (ObjectNotFound, ObjectDamaged, StorageError, InvalidDicomError, ValueError, TypeError, LookupError,
+                AttributeError, ArithmeticError, EOFError, OSError) as exc:  # that one listed as unreadable, not all
             log.warning("presentation state %s of study %s cannot be read: %s", row.sop_uid, study.study_uid, exc)
             stored.append(_Stored(row.pk, row.sop_uid, row.series_uid, None, f"{type(exc).__name__}: {exc}"[:200],
                                   row.source == SOURCE))
@@ -262,7 +262,7 @@ def _look(pacs: Pacs, row: Any, frame: int) -> _Look:
                 window = (centre, width)
                 break
     except (ObjectNotFound, ObjectDamaged, StorageError, InvalidDicomError, ValueError, TypeError, KeyError,
-            AttributeError, IndexError, EOFError, OSError) as exc:  # saved as before: no VOI nor Modality LUT
+            AttributeError, IndexError, ArithmeticError, EOFError, OSError) as exc:  # saved without VOI, Modality LUT
         log.warning("image %s: header not read for its presentation state: %s", row.sop_uid, exc)
         return _Look()
     icc = ds.get("ICCProfile")

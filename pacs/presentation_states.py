@@ -433,7 +433,10 @@ def _refs(items: Any) -> list[tuple[str, tuple[int, ...]]]:
         sop = _text_of(ref.get("ReferencedSOPInstanceUID"))
         if not sop:
             continue
-        frames = ref.get("ReferencedFrameNumber")
+        try:  # pydicom converts on access: "1e400" raises OverflowError, not ValueError
+            frames = ref.get("ReferencedFrameNumber")
+        except (ArithmeticError, TypeError, ValueError):
+            frames = None  # a malformed frame number names no frame
         values = [] if frames is None or frames == "" else (
             list(frames) if isinstance(frames, (list, MultiValue)) else [frames])
         numbers = []
@@ -441,7 +444,7 @@ def _refs(items: Any) -> list[tuple[str, tuple[int, ...]]]:
             try:
                 if int(value) >= 1:
                     numbers.append(int(value))
-            except (TypeError, ValueError):
+            except (ArithmeticError, TypeError, ValueError):
                 continue  # a malformed frame number names no frame
         found.append((sop, tuple(numbers)))
     return found

@@ -372,3 +372,41 @@ def test_the_measurements_series_is_listed_at_once_and_opens_its_image(archive: 
         finally:
             browser.close()
     assert not errors, errors
+
+
+def test_a_frame_number_beyond_any_number_is_no_server_error(archive: PacsServer, tmp_path: Path) -> None:
+    """A foreign GSPS whose Referenced Frame Number is "1e400" (IS, as
+    written): pydicom's conversion raised OverflowError, which the reading
+    did not expect: the study's annotations GET and every radiologist's save
+    of it answered 500. It is listed; what it draws elsewhere still shows."""
+    sent = send_study(archive, tmp_path / "in", patient_id="RV-OVERFLOW")
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.11.1", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = sent.uid, generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "TRAN^THI LAN", "RV-OVERFLOW", "PR"
+    ds.SeriesNumber, ds.InstanceNumber, ds.ContentLabel = 10, 1, "ODD"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", sent.slices[0]
+    ref.ReferencedFrameNumber = 777777  # written as "1e400 " below
+    series = Dataset()
+    series.SeriesInstanceUID, series.ReferencedImageSequence = sent.ct_series, Sequence([ref])
+    ds.ReferencedSeriesSequence = Sequence([series])
+    line = Dataset()
+    line.GraphicAnnotationUnits, line.GraphicDimensions, line.NumberOfGraphicPoints = "PIXEL", 2, 2
+    line.GraphicData, line.GraphicType = [1.0, 1.0, 9.0, 9.0], "POLYLINE"
+    annotation = Dataset()
+    annotation.GraphicLayer, annotation.GraphicObjectSequence = "ODD", Sequence([line])
+    ds.GraphicAnnotationSequence = Sequence([annotation])
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.save_as(tmp_path / "odd.dcm", implicit_vr=False, little_endian=True)
+    data = (tmp_path / "odd.dcm").read_bytes()
+    assert data.count(b"777777") == 1
+    (tmp_path / "odd.dcm").write_bytes(data.replace(b"777777", b"1e400 "))
+    assert archive.storescu(str(tmp_path / "odd.dcm")).returncode == 0
+    seen = get(archive, sent.uid)
+    assert seen.status_code == 200, seen.text[:300]
+    assert ds.SOPInstanceUID in {s["sop_uid"] for s in seen.json()["states"]}
+    saved = put(archive, sent.uid, [{"sop_uid": sent.slices[1], "frame": 1, "kind": "length",
+                                     "points": [[1, 1], [9, 9]], "label": "5.7 mm"}])
+    assert saved.status_code == 200, saved.text[:300]
