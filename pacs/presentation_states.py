@@ -55,9 +55,11 @@ CONTENT_LABEL = "MEASUREMENTS"
 LOGIN_SCHEME = "99FILMLESS"
 KINDS = {"length": 2, "angle": 3, "roi": 2}
 # Graphic types a GSPS may hold (PS3.3 C.10.5.1.2).
-# Points (a text object: 2) drawn of one presentation state at most: a few thousand in a real one; beyond it a
+# Points (a text object: 2, and one per 8 characters) drawn of one presentation state at most: a few thousand in a real one; beyond it a
 # hostile one (an annotation on every frame of a long clip, polylines of thousands of points) is skipped, counted.
 MAX_POINTS = 100_000
+# Characters of a text object kept (its Unformatted Text Value is ST: 1024); each 8 count as a point of the budget.
+MAX_TEXT = 4096
 GRAPHIC_TYPES = frozenset({"POINT", "POLYLINE", "INTERPOLATED", "CIRCLE", "ELLIPSE"})
 
 
@@ -524,7 +526,7 @@ def _annotation_objects(item: Dataset, area: _Area | None) -> tuple[list[Graphic
     # Compound graphics (arrows, rulers...) are not drawn here: counted as skipped.
     skipped += len(item.get("CompoundGraphicSequence") or [])
     for obj in item.get("TextObjectSequence") or []:
-        text = str(obj.get("UnformattedTextValue") or "").replace("\r\n", "\n").strip()
+        text = str(obj.get("UnformattedTextValue") or "")[:MAX_TEXT].replace("\r\n", "\n").strip()
         box = anchor = None
         placed = False
         if "BoundingBoxTopLeftHandCorner" in obj and "BoundingBoxBottomRightHandCorner" in obj:
@@ -565,7 +567,7 @@ def read_presentation_state(ds: Dataset, series_uid: str = "") -> PresentationSt
                 area = _area_for(areas, sop, frame)
                 if id(area) not in read:
                     graphics, texts, missed = _annotation_objects(item, area)
-                    cost = sum(len(g.points) for g in graphics) + 2 * len(texts)
+                    cost = sum(len(g.points) for g in graphics) + sum(2 + len(t.text) // 8 for t in texts)
                     read[id(area)] = (graphics, texts, missed, cost)
                 graphics, texts, missed, cost = read[id(area)]
                 skipped += missed

@@ -410,3 +410,35 @@ def test_a_frame_number_beyond_any_number_is_no_server_error(archive: PacsServer
     saved = put(archive, sent.uid, [{"sop_uid": sent.slices[1], "frame": 1, "kind": "length",
                                      "points": [[1, 1], [9, 9]], "label": "5.7 mm"}])
     assert saved.status_code == 200, saved.text[:300]
+
+
+def test_a_hostile_state_of_long_texts_is_bounded(archive: PacsServer, tmp_path: Path) -> None:
+    """A GSPS whose one text object (60,000 characters: ST holds 1024) is
+    on 1000 "frames" of a slice: the GET repeated it per frame, 60 MB of
+    JSON. Texts count against the same budget as points, by their length."""
+    sent = send_study(archive, tmp_path / "in", patient_id="RV-TEXTS")
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.11.1", generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = sent.uid, generate_uid()
+    ds.PatientName, ds.PatientID, ds.Modality = "TRAN^THI LAN", "RV-TEXTS", "PR"
+    ds.SeriesNumber, ds.InstanceNumber, ds.ContentLabel = 11, 1, "WORDS"
+    ref = Dataset()
+    ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", sent.slices[0]
+    ref.ReferencedFrameNumber = list(range(1, 1001))
+    series = Dataset()
+    series.SeriesInstanceUID, series.ReferencedImageSequence = sent.ct_series, Sequence([ref])
+    ds.ReferencedSeriesSequence = Sequence([series])
+    text = Dataset()
+    text.UnformattedTextValue, text.AnchorPointAnnotationUnits, text.AnchorPoint = "A" * 60_000, "PIXEL", [8.0, 8.0]
+    annotation = Dataset()
+    annotation.GraphicLayer, annotation.TextObjectSequence = "WORDS", Sequence([text])
+    ds.GraphicAnnotationSequence = Sequence([annotation])
+    ds.PresentationLUTShape = "IDENTITY"
+    ds.save_as(tmp_path / "words.dcm", implicit_vr=False, little_endian=True)
+    assert archive.storescu(str(tmp_path / "words.dcm")).returncode == 0
+    seen = get(archive, sent.uid)
+    assert seen.status_code == 200, seen.text[:300]
+    assert 0 < len(seen.content) <= 2_000_000, len(seen.content)
+    [words] = [s for s in seen.json()["states"] if s["sop_uid"] == ds.SOPInstanceUID]
+    assert words["skipped"] > 0
