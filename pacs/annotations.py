@@ -68,6 +68,9 @@ MAX_MEASUREMENTS = 500
 MAX_LABEL = 1024
 # Presentation states of one study read at most, and the bytes of one.
 MAX_STATES = 200
+# Points drawn of all the states of a study at most (each state's at most presentation_states.MAX_POINTS): a
+# hundred hostile states must not hold gigabytes in one request.
+MAX_STUDY_POINTS = 1_000_000
 MAX_STATE_BYTES = 8 << 20
 # Bytes of a measured image read for its header at most (an enhanced multi-frame's functional groups: megabytes).
 MAX_HEADER_BYTES = 16 << 20
@@ -129,12 +132,13 @@ def _stored_states(pacs: Pacs, study: Any) -> list[_Stored]:
             # The radiologists' own (saved here) first, then the newest: a workstation's hundreds never hide them.
             .order_by(case((instances_t.c.source == SOURCE, 0), else_=1), instances_t.c.pk.desc()).limit(MAX_STATES)
         ).all()
-    rows = sorted(rows, key=lambda row: row.pk)
     stored = []
+    budget = MAX_STUDY_POINTS  # spent in that order: the ones saved here, then the newest
     for row in rows:
         try:
             data = _read(pacs, row.storage_key, int(row.size_bytes or 0))
-            state = read_presentation_state(dcmread(io.BytesIO(data), force=True), row.series_uid)
+            state = read_presentation_state(dcmread(io.BytesIO(data), force=True), row.series_uid, budget)
+            budget -= state.points
         except (ObjectNotFound, ObjectDamaged, StorageError, InvalidDicomError, ValueError, TypeError, LookupError,
                 AttributeError, ArithmeticError, EOFError, OSError) as exc:  # that one listed as unreadable, not all
             log.warning("presentation state %s of study %s cannot be read: %s", row.sop_uid, study.study_uid, exc)
@@ -142,7 +146,7 @@ def _stored_states(pacs: Pacs, study: Any) -> list[_Stored]:
                                   row.source == SOURCE))
             continue
         stored.append(_Stored(row.pk, row.sop_uid, row.series_uid, state, "", row.source == SOURCE))
-    return stored
+    return sorted(stored, key=lambda s: s.pk)
 
 
 def _view(pacs: Pacs, study: Any, stored: list[_Stored], username: str) -> dict[str, Any]:

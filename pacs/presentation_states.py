@@ -152,6 +152,7 @@ class PresentationState:
     skipped: int = 0  # graphic or text objects that could not be placed (DISPLAY units without a known area)
     # Its Softcopy VOI LUT windows (centre, width) by image ("": every image it references).
     windows: dict[str, tuple[float, float]] = field(default_factory=dict)
+    points: int = 0  # of the drawing budget it used (points, texts by length)
 
     def as_json(self, *, own: bool) -> dict[str, Any]:
         created = _iso(self.created_date, self.created_time)
@@ -544,9 +545,10 @@ def _annotation_objects(item: Dataset, area: _Area | None) -> tuple[list[Graphic
     return graphics, texts, skipped
 
 
-def read_presentation_state(ds: Dataset, series_uid: str = "") -> PresentationState:
+def read_presentation_state(ds: Dataset, series_uid: str = "", max_points: int = MAX_POINTS) -> PresentationState:
     """The GSPS *ds* as a :class:`PresentationState` (its annotations by
-    image and frame, in pixels). Raises ValueError for no GSPS."""
+    image and frame, in pixels; at most *max_points* of them: the rest
+    skipped). Raises ValueError for no GSPS."""
     if _text_of(ds.get("SOPClassUID")) not in STATE_CLASSES:
         raise ValueError(f"not a grayscale or color softcopy presentation state (SOP class {ds.get('SOPClassUID')})")
     rotation = _text_of(ds.get("ImageRotation")) or "0"
@@ -557,7 +559,7 @@ def read_presentation_state(ds: Dataset, series_uid: str = "") -> PresentationSt
              for sop, frames in _refs(series.get("ReferencedImageSequence"))]
     annotations: list[Annotation] = []
     skipped = 0
-    budget = MAX_POINTS
+    budget = max(0, min(max_points, MAX_POINTS))
     for item in ds.get("GraphicAnnotationSequence") or []:
         layer = _text_of(item.get("GraphicLayer"))
         # Read once per displayed area (an item naming no image applies to every image and frame referenced).
@@ -593,7 +595,7 @@ def read_presentation_state(ds: Dataset, series_uid: str = "") -> PresentationSt
         author=str(ds.get("ContentCreatorName") or "").strip(), login=_login(ds),
         created_date=_text_of(ds.get("PresentationCreationDate")),
         created_time=_text_of(ds.get("PresentationCreationTime")),
-        annotations=annotations, skipped=skipped, windows=windows,
+        annotations=annotations, skipped=skipped, windows=windows, points=min(max_points, MAX_POINTS) - budget,
     )
 
 

@@ -20,7 +20,7 @@ from pydicom.uid import generate_uid
 from .conftest import PacsServer, shared_backend
 from .dicomfiles import image_dataset
 from .peers import run_dcmtk
-from .test_annotations import COLLEAGUE, RADIOLOGIST, REFERRER, get, put, send_study
+from .test_annotations import COLLEAGUE, RADIOLOGIST, REFERRER, Sent, get, put, send_study
 
 CSPS = "1.2.840.10008.5.1.4.1.1.11.2"
 
@@ -125,18 +125,14 @@ def test_a_colour_image_gets_a_color_softcopy_presentation_state(archive: PacsSe
     assert put(archive, sent.uid, []).json()["removed"] == again["states_saved"]
 
 
-def test_a_hostile_presentation_state_is_bounded(archive: PacsServer, tmp_path: Path) -> None:
-    """A GSPS another system sent whose one annotation names no image (so
-    applies to every image it references) on 1000 "frames" of a slice, with
-    10 polylines of 300 points: expanded per frame, the GET built 3 million
-    points (hundreds of megabytes). What is drawn of one state is bounded;
-    the rest is counted as skipped; the radiologist's own still saves."""
-    sent = send_study(archive, tmp_path / "in", patient_id="RV-HOSTILE")
+def flood(sent: Sent, patient_id: str) -> Dataset:
+    """A hostile GSPS: one annotation naming no image, so on each of the 1000 "frames" of slice 1 its
+    Referenced Series Sequence names, of 10 polylines of 300 points (3 million points once expanded)."""
     ds = Dataset()
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.11.1", generate_uid()
     ds.StudyInstanceUID, ds.SeriesInstanceUID = sent.uid, generate_uid()
-    ds.PatientName, ds.PatientID, ds.Modality = "TRAN^THI LAN", "RV-HOSTILE", "PR"
+    ds.PatientName, ds.PatientID, ds.Modality = "TRAN^THI LAN", patient_id, "PR"
     ds.SeriesNumber, ds.InstanceNumber, ds.ContentLabel, ds.ContentCreatorName = 8, 1, "FLOOD", "EVIL^ONE"
     ref = Dataset()
     ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", sent.slices[0]
@@ -157,6 +153,17 @@ def test_a_hostile_presentation_state_is_bounded(archive: PacsServer, tmp_path: 
     layer.GraphicLayer, layer.GraphicLayerOrder = "FLOOD", 1
     ds.GraphicLayerSequence = Sequence([layer])
     ds.PresentationLUTShape = "IDENTITY"
+    return ds
+
+
+def test_a_hostile_presentation_state_is_bounded(archive: PacsServer, tmp_path: Path) -> None:
+    """A GSPS another system sent whose one annotation names no image (so
+    applies to every image it references) on 1000 "frames" of a slice, with
+    10 polylines of 300 points: expanded per frame, the GET built 3 million
+    points (hundreds of megabytes). What is drawn of one state is bounded;
+    the rest is counted as skipped; the radiologist's own still saves."""
+    sent = send_study(archive, tmp_path / "in", patient_id="RV-HOSTILE")
+    ds = flood(sent, "RV-HOSTILE")
     ds.save_as(tmp_path / "flood.dcm", implicit_vr=False, little_endian=True)
     assert archive.storescu(str(tmp_path / "flood.dcm")).returncode == 0
     seen = get(archive, sent.uid)
@@ -164,8 +171,8 @@ def test_a_hostile_presentation_state_is_bounded(archive: PacsServer, tmp_path: 
     body = seen.json()
     points = sum(len(g["points"]) for i in body["images"] for g in i["graphics"])
     assert 0 < points <= 100_000, points
-    [flood] = [s for s in body["states"] if s["sop_uid"] == ds.SOPInstanceUID]
-    assert flood["skipped"] > 0
+    [flooded] = [s for s in body["states"] if s["sop_uid"] == ds.SOPInstanceUID]
+    assert flooded["skipped"] > 0
     saved = put(archive, sent.uid, [{"sop_uid": sent.slices[1], "frame": 1, "kind": "length",
                                      "points": [[1, 1], [9, 9]], "label": "5.7 mm"}])
     assert saved.status_code == 200 and len(saved.json()["mine"]) == 1, saved.text[:300]
@@ -442,3 +449,19 @@ def test_a_hostile_state_of_long_texts_is_bounded(archive: PacsServer, tmp_path:
     assert 0 < len(seen.content) <= 2_000_000, len(seen.content)
     [words] = [s for s in seen.json()["states"] if s["sop_uid"] == ds.SOPInstanceUID]
     assert words["skipped"] > 0
+
+
+def test_many_hostile_states_are_bounded_together(archive: PacsServer, tmp_path: Path) -> None:
+    """Eleven such states in one study: each drew its 100,000 points, 1.1
+    million in one answer (and in the server's memory at once; 200 of them:
+    gigabytes). The study's states draw a million points at most together."""
+    sent = send_study(archive, tmp_path / "in", patient_id="RV-FLOODS")
+    files = []
+    for n in range(11):
+        flood(sent, "RV-FLOODS").save_as(tmp_path / f"flood{n}.dcm", implicit_vr=False, little_endian=True)
+        files.append(str(tmp_path / f"flood{n}.dcm"))
+    assert archive.storescu(*files).returncode == 0
+    seen = get(archive, sent.uid)
+    assert seen.status_code == 200, seen.text[:300]
+    points = sum(len(g["points"]) for i in seen.json()["images"] for g in i["graphics"])
+    assert 900_000 <= points <= 1_000_000, points
