@@ -224,6 +224,7 @@ class _Look:
     window: tuple[float, float] | None = None
     aspect: tuple[int, int] = (1, 1)
     icc: bytes = b""  # its ICC Profile (a colour image's)
+    voi_lut: Dataset | None = None  # its first VOI LUT table, when it has no window
 
 
 def _aspect(ds: Dataset, frame: int) -> tuple[int, int]:
@@ -270,7 +271,22 @@ def _look(pacs: Pacs, row: Any, frame: int) -> _Look:
         log.warning("image %s: header not read for its presentation state: %s", row.sop_uid, exc)
         return _Look()
     icc = ds.get("ICCProfile")
-    return _Look(rescale, window, _aspect(ds, frame), bytes(icc) if isinstance(icc, bytes) else b"")
+    return _Look(rescale, window, _aspect(ds, frame), bytes(icc) if isinstance(icc, bytes) else b"",
+                 None if window is not None else _voi_table(ds, frame))
+
+
+def _voi_table(ds: Dataset, frame: int) -> Dataset | None:
+    """The first VOI LUT table of the image (its frame's, else its own) as a new item (Descriptor, Data,
+    Explanation: the elements as read, their VR kept); None when it has none usable."""
+    for holder in (_frame_group(ds, frame, "FrameVOILUTSequence"), ds):
+        items = holder.get("VOILUTSequence") if holder is not None else None
+        if items and "LUTDescriptor" in items[0] and "LUTData" in items[0]:
+            table = Dataset()
+            for keyword in ("LUTDescriptor", "LUTExplanation", "LUTData"):
+                if keyword in items[0]:
+                    table[keyword] = items[0][keyword]
+            return table
+    return None
 
 
 def _label(text: str) -> str:
@@ -330,7 +346,8 @@ def _targets(pacs: Pacs, study_uid: str, drawn: list[Drawn], found: dict[str, An
         target = Target(d.sop_uid, row.sop_class_uid, row.series_uid, int(row.columns), int(row.rows),
                         d.frame if count > 1 else None, (row.photometric or "").upper() == "MONOCHROME1",
                         look.rescale, windows.get(d.sop_uid, look.window), look.aspect,
-                        (row.photometric or "").strip().upper() in COLOUR_PHOTOMETRICS, look.icc)
+                        (row.photometric or "").strip().upper() in COLOUR_PHOTOMETRICS, look.icc,
+                        None if d.sop_uid in windows else look.voi_lut)
         measurements.append(Measurement(target, d.kind, tuple(points), _label(d.label)))
     return measurements
 

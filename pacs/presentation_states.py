@@ -87,6 +87,8 @@ class Target:
     # A colour image: its measurements a Color Softcopy Presentation State, with its ICC profile (b"": sRGB).
     color: bool = False
     icc: bytes = field(default=b"", repr=False)
+    # Without a window: the image's VOI LUT table (an item of LUT Descriptor, Data, Explanation), its state's then.
+    voi_lut: Dataset | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -386,6 +388,16 @@ def build_gsps(study: StudyHeader, measurements: list[Measurement], *, author_na
         voi = Dataset()
         voi.ReferencedImageSequence = Sequence([_instance_ref(t) for t in targets.values()])
         voi.WindowCenter, voi.WindowWidth = _ds_number(centre), _ds_number(width)
+        voi_items.append(voi)
+    tabled: dict[str, Target] = {}
+    for target, _ in groups:
+        if target.window is None and target.voi_lut is not None and not any(
+                target.sop_uid in seen for seen in windows.values()):
+            tabled.setdefault(target.sop_uid, target)
+    for target in tabled.values():
+        voi = Dataset()
+        voi.ReferencedImageSequence = Sequence([_instance_ref(target)])
+        voi.VOILUTSequence = Sequence([target.voi_lut])
         voi_items.append(voi)
     if voi_items:
         ds.SoftcopyVOILUTSequence = Sequence(voi_items)

@@ -11,6 +11,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -20,7 +21,7 @@ from pydicom.uid import generate_uid
 from .conftest import PacsServer, shared_backend
 from .dicomfiles import image_dataset
 from .peers import run_dcmtk
-from .test_annotations import COLLEAGUE, RADIOLOGIST, REFERRER, Sent, get, put, send_study
+from .test_annotations import COLLEAGUE, RADIOLOGIST, REFERRER, Sent, dcmpschk_clean, get, put, send_study
 
 CSPS = "1.2.840.10008.5.1.4.1.1.11.2"
 
@@ -465,3 +466,33 @@ def test_many_hostile_states_are_bounded_together(archive: PacsServer, tmp_path:
     assert seen.status_code == 200, seen.text[:300]
     points = sum(len(g["points"]) for i in seen.json()["images"] for g in i["graphics"])
     assert 900_000 <= points <= 1_000_000, points
+
+
+def test_an_image_shown_through_its_voi_lut_table_keeps_it_in_the_state(archive: PacsServer, tmp_path: Path) -> None:
+    """A CR whose grey levels come from a VOI LUT table (no window: many CR and
+    mammography units): measured, the state carries no window, so another
+    viewer applying it (dcmp2pgm) showed it without any VOI, inverted here.
+    The state's Softcopy VOI LUT is the image's table."""
+    study, series = generate_uid(), generate_uid()
+    image = image_dataset("1.2.840.10008.5.1.4.1.1.1", StudyInstanceUID=study, SeriesInstanceUID=series,
+                          PatientID="RV-VOILUT", Modality="CR", Rows=64, Columns=64, BitsStored=12, HighBit=11)
+    image.PixelData = np.hstack([np.zeros((64, 32)), np.full((64, 32), 4095)]).astype(np.uint16).tobytes()
+    table = Dataset()
+    table.LUTDescriptor = [4096, 0, 8]
+    # Black for the brightest: unmistakable.
+    table.add_new(0x00283006, "OW", np.array([255 - (i >> 4) for i in range(4096)], dtype=np.uint16).tobytes())
+    table.LUTExplanation = "INVERTED"
+    image.VOILUTSequence = Sequence([table])
+    image.save_as(tmp_path / "cr.dcm", enforce_file_format=True)
+    assert archive.storescu(str(tmp_path / "cr.dcm")).returncode == 0
+    answer = put(archive, study, [{"sop_uid": str(image.SOPInstanceUID), "frame": 1, "kind": "length",
+                                   "points": [[8, 8], [56, 8]], "label": "48 px"}])
+    assert answer.status_code == 200, answer.text
+    [state] = answer.json()["states"]
+    [pr] = retrieve(archive, study, state["series_uid"], tmp_path / "pr")
+    pr.save_as(tmp_path / "pr.dcm")
+    shown = run_dcmtk("dcmp2pgm", "-p", str(tmp_path / "pr.dcm"), str(tmp_path / "cr.dcm"), str(tmp_path / "cr.pgm"))
+    assert shown.returncode == 0, shown.stderr
+    width, _, grey = pgm(tmp_path / "cr.pgm")
+    assert (grey[32 * width + 4], grey[32 * width + 60]) == (255, 0)
+    dcmpschk_clean(tmp_path / "pr.dcm", tmp_path)
