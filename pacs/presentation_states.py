@@ -54,12 +54,13 @@ CONTENT_LABEL = "MEASUREMENTS"
 # The coding scheme of the login code in the Content Creator's Identification (a private one: PS3.16 8.2).
 LOGIN_SCHEME = "99FILMLESS"
 KINDS = {"length": 2, "angle": 3, "roi": 2}
-# Graphic types a GSPS may hold (PS3.3 C.10.5.1.2).
-# Points (a text object: 2, and one per 8 characters) drawn of one presentation state at most: a few thousand in a real one; beyond it a
-# hostile one (an annotation on every frame of a long clip, polylines of thousands of points) is skipped, counted.
+# Points (a text object: 2, and one per 8 characters) drawn of one presentation state at most: a few thousand in
+# a real one; beyond it a hostile one (an annotation on every frame of a long clip, polylines of thousands of
+# points) is skipped, counted.
 MAX_POINTS = 100_000
 # Characters of a text object kept (its Unformatted Text Value is ST: 1024); each 8 count as a point of the budget.
 MAX_TEXT = 4096
+# Graphic types a GSPS may hold (PS3.3 C.10.5.1.2).
 GRAPHIC_TYPES = frozenset({"POINT", "POLYLINE", "INTERPOLATED", "CIRCLE", "ELLIPSE"})
 
 
