@@ -56,6 +56,9 @@ class Pacs:
     # Structured reports read once for a study's dose summary and found to hold no dose report (by instance,
     # storage key and checksum): a page load does not read them again (pacs.sr_reads.study_dose).
     sr_without_dose: RecentKeys = field(default_factory=lambda: RecentKeys(50_000), repr=False)
+    # (user, patient, hour) a worklist answer showed: the viewer's automatic refresh names in its audit event only
+    # the patients its user was not shown in that hour (viewer_api.ui_api.worklist).
+    patients_shown: RecentKeys = field(default_factory=lambda: RecentKeys(200_000), repr=False)
 
     @classmethod
     def open(cls, settings: Settings, *, migrate: bool = True, upgrade: bool = False, others: str = "",

@@ -354,3 +354,38 @@ def test_the_worklist_refreshes_itself(server: PacsServer, tmp_path: Path) -> No
         expect(page.locator(f'[data-testid="study-row"][data-study-uid="{later}"]')).to_have_count(1)
         assert len(requests) == asked + 1
         assert not errors, errors
+
+
+# -- 6. the refresh's audit events -----------------------------------------------------------------------
+def test_an_unattended_refresh_names_only_patients_not_shown_this_hour(server: PacsServer, tmp_path: Path) -> None:
+    """The page's refresh (X-Pacs-Unattended) writes no event while it shows
+    the patients its user was already shown, and names only a new one; a
+    search the user makes names every patient, as before."""
+    user = "bs.audit"
+    token = server.make_token(user, "radiologist", "BS. Kiểm Tra")
+    _store(server, tmp_path, PatientID="WR-AUD1")
+
+    def ask(unattended: bool) -> list[str]:
+        headers = {"X-Pacs-Unattended": "1"} if unattended else {}
+        with server.http(token=token) as http:
+            answer = http.get("/api/worklist", params={"patient_id": "WR-AUD*"}, headers=headers)
+        assert answer.status_code == 200, answer.text
+        return [item["patient_id"] for item in answer.json()["items"]]
+
+    def events() -> list[dict[str, Any]]:
+        with server.http() as admin:
+            found = admin.get("/api/audit", params={"limit": 10000, "user": user}).json()
+        return [e for e in found if e["action"] == "query"]
+
+    assert ask(False) == ["WR-AUD1"]
+    assert [e["patient_id"] for e in events()] == ["WR-AUD1"]
+    for _ in range(3):
+        assert ask(True) == ["WR-AUD1"]
+    assert len(events()) == 1, events()
+    _store(server, tmp_path, PatientID="WR-AUD2")
+    assert sorted(ask(True)) == ["WR-AUD1", "WR-AUD2"]
+    assert sorted(e["patient_id"] for e in events()) == ["WR-AUD1", "WR-AUD2"]
+    assert ask(True) and len(events()) == 2
+    ask(False)  # the user's own search: everyone shown, again
+    named = [set(e["patient_id"].split("\\")) for e in events()]
+    assert len(named) == 3 and {"WR-AUD1", "WR-AUD2"} in named, named

@@ -5,6 +5,7 @@ the audit trail) and stable viewer links an EMR can embed."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import quote
 
@@ -26,7 +27,8 @@ from pacs.studylist import SORTS, patient_of, reading_of, study_detail, study_li
 
 from .errors import HTTPProblem, JsonBody, problem
 from .mediatypes import video_media_types
-from .security import COOKIE, READERS, audit, audit_patients, guard, principal_of, request_target
+from .security import (COOKIE, READERS, UNATTENDED_HEADER, audit, audit_patients, guard, principal_of,
+                       request_target)
 from .streaming import ClosingStreamingResponse
 from .templates_api import MAX_ID as MAX_TEMPLATE_ID
 from .templates_api import report_source
@@ -211,8 +213,30 @@ def worklist(
         for item in found["items"]:
             item["claim"] = None  # the radiologists' own business
     # Who was shown, each with the issuer of the ID (two hospitals' BN100 are two people).
-    audit_patients(request, (patient_cx(item["patient_id"] or "", item["issuer"] or "") for item in found["items"]))
+    shown = [patient_cx(item["patient_id"] or "", item["issuer"] or "") for item in found["items"]]
+    audit_patients(request, _not_shown_this_hour(request, principal, shown))
     return found
+
+
+def _not_shown_this_hour(request: Request, principal: Principal, shown: list[str]) -> list[str]:
+    """The patients of a worklist answer its audit event names: all of them for a
+    search the user made; for the viewer's automatic refresh (every 30 s, unattended)
+    only those this user was not shown in this hour, and no event at all when none
+    is new: "who saw which patient" stays whole (each at least once an hour on each
+    node) without 120 events an hour of the same names from an open worklist."""
+    memory = request.app.state.pacs.patients_shown
+    hour = datetime.now(timezone.utc).strftime("%Y%m%d%H")
+    keys = [(principal.username, patient, hour) for patient in shown]
+    if request.headers.get(UNATTENDED_HEADER, "") != "1":
+        for key in keys:
+            memory.add(key)
+        return shown
+    new = [key[1] for key in keys if not memory.seen(key)]
+    for key in keys:
+        memory.add(key)
+    if not new:
+        request.state.audit = None
+    return new
 
 
 @router.get("/api/studies/{study}/priors", summary="The other studies of the study's patient (comparison)")
