@@ -37,6 +37,7 @@ from .errors import RefusedRequest
 from .header import valid_uid
 from .index.models import Instance, Series
 from .ingest import Origin
+from .routing import VIEWER_SAVE_HOLD_SECONDS
 from .key_images import Author, requested_procedure, study_header, study_instances, study_row
 from .part10 import BufferSource
 from .presentation_states import (
@@ -399,7 +400,7 @@ def replace_measurements(pacs: Pacs, study_uid: str, drawn: list[Drawn], author:
                                  when=when, series_uid=new_series, number=number)
             pacs.ingestor.ingest(BufferSource(b"", data), Origin(
                 source=SOURCE, calling_ae=pacs.settings.ae_title, remote_host=author.client,
-                user=author.username))
+                user=author.username, route_hold_seconds=VIEWER_SAVE_HOLD_SECONDS))
         own = [s for s in _stored_states(pacs, study) if s.owned_by(author.username)]
     # Two saves at once by one radiologist: each keeps only the series of the newest row, so exactly one stays.
     newest = max(own, key=lambda s: s.pk, default=None)

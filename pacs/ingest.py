@@ -41,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
+import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -78,6 +79,9 @@ class Origin:
     # an examination arriving: its images' priority (STAT...) is not taken,
     # or a CD of years ago stayed first in the urgent group until reported.
     examination: bool = True
+    # Its routing jobs wait this long (pacs.routing.VIEWER_SAVE_HOLD_SECONDS:
+    # a document the viewer saves anew at each change).
+    route_hold_seconds: int = 0
 
 
 @dataclass(frozen=True)
@@ -540,7 +544,7 @@ class Ingestor:
         if not origin.routed:
             return []
         try:
-            return (
+            routes = (
                 self.routes.plan(header.full_dataset, origin.calling_ae, header.sop_class_uid, header.modality)
                 if self.routes is not None
                 else []
@@ -550,6 +554,9 @@ class Ingestor:
             # (A703), not the 0xC000 "cannot understand" a modality gives up on.
             log.error("routing rules unavailable for %s: %s", key, exc)
             raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
+        if origin.route_hold_seconds:
+            routes = [dataclasses.replace(r, hold_seconds=origin.route_hold_seconds) for r in routes]
+        return routes
 
     def _duplicate(self, header: InstanceHeader, existing: str, size: int, origin: Origin, key: str) -> IngestResult:
         """A resend of a kept instance is routed as this sender's objects are:

@@ -49,6 +49,7 @@ from .key_objects import (
     key_document,
 )
 from .orders import fit_text
+from .routing import VIEWER_SAVE_HOLD_SECONDS
 from .part10 import BufferSource
 from .query import Level
 from .retrieve import RetrieveItem, resolve
@@ -350,7 +351,8 @@ def replace_selection(pacs: Pacs, study_uid: str, marks: list[Mark], author: Aut
                                   author_name=author.display_name or author.username, login=author.username,
                                   description=text, when=dicom_date_time(now, hospital_zone(pacs.settings)))
         pacs.ingestor.ingest(BufferSource(b"", data), Origin(source="key-images", calling_ae=pacs.settings.ae_title,
-                                                             remote_host=author.client, user=author.username))
+                                                             remote_host=author.client, user=author.username,
+                                                             route_hold_seconds=VIEWER_SAVE_HOLD_SECONDS))
         own = [s for s in _stored_documents(pacs, study)
                if s.document is not None and s.document.login == author.username]
     keep = max((s.pk for s in own), default=None) if selected else None

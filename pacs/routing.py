@@ -114,6 +114,17 @@ class PlannedRoute:
     destination_key: str
     stable_seconds: int
     rule_name: str = ""
+    # This job alone waits so long (an object the viewer saves while the
+    # radiologist works: see VIEWER_SAVE_HOLD_SECONDS); the study's other jobs
+    # are not pushed back, as a stable-study rule's are.
+    hold_seconds: int = 0
+
+
+# Key images and measurements are saved by the viewer at each change, each
+# save a new object replacing the previous (whose deletion cancels its job): a
+# rule forwarding them waits this long, so that a reading session sends its
+# last selection rather than one object per key pressed.
+VIEWER_SAVE_HOLD_SECONDS = 120
 
 
 @dataclass
@@ -357,7 +368,8 @@ def create_jobs(conn: Connection, routes: list[PlannedRoute], sop_uid: str, stud
         due = shared_now + timedelta(seconds=route.stable_seconds)
         values = {"rule_pk": route.rule_pk, "sop_uid": sop_uid, "study_uid": study_uid,
                   "destination_key": route.destination_key, "state": "pending", "attempts": 0,
-                  "next_attempt_at": due, "created_at": now, "updated_at": now}
+                  "next_attempt_at": max(due, shared_now + timedelta(seconds=route.hold_seconds)),
+                  "created_at": now, "updated_at": now}
         if not route.rule_name:
             insert_ignore(conn, jobs_t, values, ["rule_pk", "sop_uid"])
         elif not _insert_job_of_rule(conn, values, route.rule_name):
@@ -457,6 +469,23 @@ def drop(engine: Engine, job: Job, reason: str, node: str) -> None:
         conn.execute(update(jobs_t).where(jobs_t.c.pk == job.pk, jobs_t.c.state == "sending",
                                           jobs_t.c.claimed_by == node).values(
             state="cancelled", last_error=reason[:500], updated_at=now))
+
+
+def cancel_jobs_of(conn: Connection, study_uid: str, sop_uids: list[str] | None, reason: str) -> int:
+    """Inside a deletion's transaction: cancel the pending jobs of the study's
+    instances *sop_uids* (None: of the whole study); how many."""
+    now = db_now(conn)
+    pending = and_(jobs_t.c.study_uid == study_uid, jobs_t.c.state == "pending")
+    if sop_uids is None:
+        chunks: list[list[str] | None] = [None]
+    else:
+        chunks = [sop_uids[i:i + 500] for i in range(0, len(sop_uids), 500)]
+    cancelled = 0
+    for chunk in chunks:
+        where = pending if chunk is None else and_(pending, jobs_t.c.sop_uid.in_(chunk))
+        cancelled += int(conn.execute(update(jobs_t).where(where).values(
+            state="cancelled", last_error=reason[:500], updated_at=now)).rowcount)
+    return cancelled
 
 
 def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: bool = False,

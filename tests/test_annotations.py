@@ -13,6 +13,7 @@ sent with DCMTK storescu, the viewer in headless Chromium.
 from __future__ import annotations
 
 import re
+import socket
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
+
+from pacs.routing import VIEWER_SAVE_HOLD_SECONDS
 
 from .conftest import PacsServer, shared_backend
 from .dicomfiles import image_dataset
@@ -493,3 +496,40 @@ def test_measurements_are_saved_and_shown_again_in_the_viewer(browser_archive: P
             browser.close()
     assert not errors, errors
     assert not violations, violations
+
+
+# -- routing: the radiologist's last save is sent, not one object per change -------------------------------
+def route_jobs(server: PacsServer, sop_uid: str) -> list[dict[str, Any]]:
+    """The routing jobs of *sop_uid*, read in the index."""
+    from pacs import routing
+    from pacs.index import create_index_engine
+
+    engine = create_index_engine(server.backend.index_url or f"sqlite:///{server.data_dir}/index.sqlite",
+                                 pool_size=0)
+    try:
+        return [job for job in routing.list_jobs(engine, limit=10_000) if job["sop_uid"] == sop_uid]
+    finally:
+        engine.dispose()
+
+
+def test_a_rule_forwards_the_last_save_not_every_change(archive: PacsServer, tmp_path: Path) -> None:
+    """The viewer saves a second after each change: a rule forwarding PR
+    objects holds each save VIEWER_SAVE_HOLD_SECONDS, and the save a later
+    one replaced is cancelled in the deletion's transaction, never sent
+    (the backup archive would keep every intermediate state)."""
+    down = socket.socket()
+    down.bind(("127.0.0.1", 0))  # bound, never listening: refused
+    try:
+        archive.cli("ae", "add", "PRBACKUP", "--host", "127.0.0.1", "--port", str(down.getsockname()[1]))
+        archive.cli("route", "add", "pr-backup", "--if", "Modality=PR", "--if", "PatientID=BN-PR-ROUTE",
+                    "--to-ae", "PRBACKUP")
+        sent = send_study(archive, tmp_path / "in", patient_id="BN-PR-ROUTE")
+        saves = [put(archive, sent.uid, drawn(sent)[:n]).json()["states_saved"] for n in (1, 2, 3)]
+        jobs = {sop: route_jobs(archive, sop) for save in saves for sop in save}
+        assert [j["state"] for save in saves[:2] for sop in save for j in jobs[sop]] == ["cancelled"] * 2
+        (last,) = [j for sop in saves[2] for j in jobs[sop]]
+        assert last["state"] == "pending" and not last["attempts"]
+        assert (last["next_attempt_at"] - last["created_at"]).total_seconds() > VIEWER_SAVE_HOLD_SECONDS / 2
+    finally:
+        archive.cli("route", "remove", "pr-backup", "--force", check=False)
+        down.close()

@@ -39,6 +39,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
+from pacs.routing import VIEWER_SAVE_HOLD_SECONDS
+
 from .peers import Backend, PacsServer, wait_until
 from .test_hl7_review import CR, FS, VT, orm, read_frame
 from .test_key_images import (
@@ -389,7 +391,9 @@ def test_a_replaced_selection_leaves_no_dead_routing_job(archive: PacsServer, tm
     replaces the radiologist's KOS: the job of the one deleted was parked
     dead once claimed ("rule or instance no longer exists"), an alert
     (pacs_route_jobs dead) for every K pressed. It is cancelled now; the
-    current selection's job waits for the backup."""
+    current selection's job waits for the backup. A saved selection is held
+    VIEWER_SAVE_HOLD_SECONDS before it is sent (the next key pressed replaces
+    it); `pacs route retry --job` sends it at once."""
     down = socket.socket()
     down.bind(("127.0.0.1", 0))  # a port nothing listens on (bound, never listening: refused)
     try:
@@ -398,13 +402,19 @@ def test_a_replaced_selection_leaves_no_dead_routing_job(archive: PacsServer, tm
                     "--to-ae", "KIBACKUP")
         sent = send_study(archive, tmp_path / "in", patient_id="BN-KEY-ROUTE")
         first = put(archive, sent.uid, [{"sop_uid": sent.slices[0]}])["document"]
-        wait_until(lambda: any(j["attempts"] or j["last_error"] for j in route_jobs(archive, first)), timeout=30)
+        (held,) = route_jobs(archive, first)
+        assert held["state"] == "pending" and not held["attempts"]
+        assert (held["next_attempt_at"] - held["created_at"]).total_seconds() > VIEWER_SAVE_HOLD_SECONDS / 2
         second = put(archive, sent.uid, [{"sop_uid": sent.slices[0]}, {"sop_uid": sent.slices[1]}])
         assert second["removed"] == [first]
         wait_until(lambda: all(j["state"] not in ("pending", "sending") for j in route_jobs(archive, first)),
                    timeout=30)
         assert [j["state"] for j in route_jobs(archive, first)] == ["cancelled"]
-        assert [j["state"] for j in route_jobs(archive, second["document"])] in (["pending"], ["sending"])
+        (job,) = route_jobs(archive, second["document"])
+        assert job["state"] == "pending" and not job["attempts"]
+        archive.cli("route", "retry", "--job", str(job["pk"]))
+        assert wait_until(lambda: any(j["attempts"] or j["last_error"]
+                                      for j in route_jobs(archive, second["document"])), timeout=30)
         assert "dead" not in json.loads(archive.cli("route", "list", "--json").stdout)["counts"]
     finally:
         archive.cli("route", "remove", "key-images-backup", "--force", check=False)

@@ -29,6 +29,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, select
 
+from .. import routing
 from ..app import Pacs
 from ..audit import Event, record_in
 from ..errors import RefusedRequest
@@ -103,7 +104,8 @@ def _selected(conn: Connection, target: Target) -> tuple[Any, list[Any]]:
     if study is None:
         raise DeleteRefused(f"no study {target.study_uid}", 404)
     lock_study(conn, study.pk)
-    query = (select(instances_t.c.pk, instances_t.c.storage_key, instances_t.c.size_bytes, instances_t.c.series_pk)
+    query = (select(instances_t.c.pk, instances_t.c.storage_key, instances_t.c.size_bytes, instances_t.c.series_pk,
+                    instances_t.c.sop_uid)
              .join(series_t, series_t.c.pk == instances_t.c.series_pk)
              .where(series_t.c.study_pk == study.pk))
     if target.series_uid:
@@ -207,6 +209,11 @@ def _delete_rows(conn: Connection, pacs: Pacs, target: Target, report: DeleteRep
     if event is not None:
         event.detail, event.patient_id = report.detail, report.patient_id
         record_in(conn, event)
+    # Their routing jobs not yet claimed end with them (a replaced key image
+    # selection or measurement, held before it is sent: see routing.VIEWER_SAVE_HOLD_SECONDS);
+    # a job being sent now is dropped by its sender.
+    routing.cancel_jobs_of(conn, target.study_uid, None if target.level == "study" else [r.sop_uid for r in rows],
+                           f"the {target.level} was deleted before it was sent")
     if target.level == "study":
         conn.execute(delete(studies_t).where(studies_t.c.pk == study.pk))  # series, instances, reports cascade
         report.removed = {"instances": len(rows), "studies": 1, "patients": prune_patients(conn, {study.patient_pk})}
