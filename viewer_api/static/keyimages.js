@@ -121,7 +121,8 @@ export class KeyImages {
   handleKey(event) {
     if (event.defaultPrevented || isTyping(event) || event.ctrlKey || event.metaKey || event.altKey) return;
     if (event.key !== "k" && event.key !== "K") return;
-    if (!this.canEdit || !this.current()) return;
+    // While comparing, K marks only when the current study's viewport is the active one (not the prior's).
+    if (!this.canEdit || !this.current() || this.viewer.active === false) return;
     event.preventDefault();
     // K held down repeats: each repeat toggled again and saved, leaving the mark to chance.
     if (event.repeat) return;

@@ -2,6 +2,7 @@
 
 import { api } from "./api.js";
 import { ReadingClaim } from "./claim.js";
+import { Compare } from "./compare.js";
 import { onLangChange, t } from "./i18n.js";
 import { KeyImages } from "./keyimages.js";
 import { ReportPanel } from "./report.js";
@@ -46,6 +47,10 @@ export function mountStudy(root, ctx, studyUid) {
   const header = h("header#study-header.study-header", h("span.muted", { "data-i18n": "loading" }));
   const seriesList = h("nav#series-list.series-list", { "data-i18n-aria": "series" });
   const message = h("div#study-error.error", { role: "alert", hidden: true });
+  const viewerCol = h("div.viewer-col", viewer.element);
+  // Side by side with another study of the patient (compare.js); null: the single viewer.
+  let compare = null;
+  let others = []; // the patient's other studies this user may see, newest first
 
   root.append(
     h(
@@ -53,7 +58,7 @@ export function mountStudy(root, ctx, studyUid) {
       header,
       claim.element,
       message,
-      h("div.study-body", seriesList, h("div.viewer-col", viewer.element), h("aside.report-col", dose.element, report.element)),
+      h("div.study-body", seriesList, viewerCol, h("aside.report-col", dose.element, report.element)),
     ),
   );
 
@@ -149,18 +154,63 @@ export function mountStudy(root, ctx, studyUid) {
     try {
       // By the server's patient, not the Patient ID: another issuer's patient may have the same one.
       const data = await api("GET", `/api/studies/${encodeURIComponent(studyUid)}/priors`, { query: { limit: 20 } });
-      const others = ((data && data.items) || []).filter((i) => i.study_uid !== studyUid);
-      if (destroyed || !others.length) return;
-      priors.replaceChildren(
-        h("div.priors-title", { "data-i18n": "other_studies" }, t("other_studies")),
-        ...others.map((i) => h("a.prior-study", {
-          href: `#/study/${encodeURIComponent(i.study_uid)}`, "data-testid": "prior-study", title: i.description || "",
-        }, h("b", formatDate(i.study_date)), ` ${listText(i.modalities)}`, h("span.thumb-desc", i.description || ""))),
-      );
-      priors.hidden = false;
+      const items = ((data && data.items) || []).filter((i) => i.study_uid !== studyUid);
+      if (destroyed || !items.length) return;
+      others = items;
+      renderPriors();
     } catch {
       /* comparison is a convenience: the study itself is shown */
     }
+  }
+
+  function renderPriors() {
+    if (!others.length) return;
+    priors.replaceChildren(
+      h("div.priors-title", { "data-i18n": "other_studies" }, t("other_studies")),
+      // Each one opens in place of this study, or beside it ("So sánh").
+      ...others.map((i) => h("div.prior-item", { dataset: { studyUid: i.study_uid } },
+        h("a.prior-study", {
+          href: `#/study/${encodeURIComponent(i.study_uid)}`, "data-testid": "prior-study", title: i.description || "",
+        }, h("b", formatDate(i.study_date)), ` ${listText(i.modalities)}`, h("span.thumb-desc", i.description || "")),
+        h("button.btn.small.prior-compare", {
+          type: "button", "data-testid": "prior-compare", dataset: { studyUid: i.study_uid },
+          "aria-pressed": String(Boolean(compare && compare.otherUid === i.study_uid)),
+          title: t("compare_title"), onclick: () => openCompare(i.study_uid),
+        }, t("compare")))),
+    );
+    priors.hidden = false;
+  }
+
+  /** Show study *uid* beside this one (again: nothing changes). */
+  function openCompare(uid) {
+    if (!study || (compare && compare.otherUid === uid)) return;
+    if (compare) compare.destroy();
+    compare = new Compare(viewer, study, uid, () => closeCompare());
+    viewerCol.replaceChildren(compare.element);
+    compare.load();
+    renderPriors();
+    viewer.viewport.focus({ preventScroll: true });
+  }
+
+  /** Back to the single viewer, as it was (series, slice, window, zoom). */
+  function closeCompare() {
+    if (!compare) return;
+    compare.destroy();
+    compare = null;
+    viewerCol.replaceChildren(viewer.element);
+    renderPriors();
+    viewer.viewport.focus({ preventScroll: true });
+  }
+
+  /** S: compare with the newest earlier study (or the first other one); S again closes the comparison. */
+  function toggleCompare() {
+    if (compare) {
+      closeCompare();
+      return;
+    }
+    const date = String((study && study.study_date) || "");
+    const earlier = others.find((i) => String(i.study_date || "") <= date) || others[0];
+    if (earlier) openCompare(earlier.study_uid);
   }
 
   function markSelected() {
@@ -220,18 +270,22 @@ export function mountStudy(root, ctx, studyUid) {
     if (event.key === "Escape") {
       event.preventDefault();
       ctx.navigate("#/worklist");
-    } else if (event.key === "ArrowLeft" && event.target.id !== "slice-slider") {
+    } else if ((event.key === "ArrowLeft" || event.key === "ArrowRight") && !/slice-slider$/.test(event.target.id)) {
       event.preventDefault();
-      stepSeries(-1);
-    } else if (event.key === "ArrowRight" && event.target.id !== "slice-slider") {
+      const delta = event.key === "ArrowLeft" ? -1 : 1;
+      // While comparing, the active viewport's study steps: the prior's series in its own selector.
+      if (compare && compare.prior.active) compare.stepSeries(delta);
+      else stepSeries(delta);
+    } else if ((event.key === "s" || event.key === "S") && !event.repeat && !event.shiftKey) {
       event.preventDefault();
-      stepSeries(1);
+      toggleCompare();
     }
   }
   document.addEventListener("keydown", onKey);
   const offLang = onLangChange(() => {
     renderHeader();
     if (study) renderSeries();
+    renderPriors();
     dose.render();
   });
 
@@ -302,6 +356,7 @@ export function mountStudy(root, ctx, studyUid) {
     cleanup() {
       destroyed = true;
       document.removeEventListener("keydown", onKey);
+      if (compare) compare.destroy();
       offLang();
       viewer.destroy();
       keys.destroy();

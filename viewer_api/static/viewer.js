@@ -97,8 +97,15 @@ export function windowFromMetadata(dataset, frame = 0) {
 }
 
 export class Viewer {
-  constructor(studyUid) {
+  /** `options.prior`: a read-only viewer of another study beside this one (compare.js): its element ids get
+   * the prefix "prior-", it has no measuring tools, and it takes keys only while it is the active one. */
+  constructor(studyUid, options = {}) {
     this.studyUid = studyUid;
+    this.readOnly = Boolean(options.prior);
+    this.idPrefix = options.prior ? "prior-" : "";
+    this.active = true; // the viewport the keys go to (two are shown side by side while comparing)
+    this.onActivate = null; // called when the user clicks or scrolls in this viewport
+    this.onGo = null; // called with the slice index whenever the slice shown changes (linked scrolling)
     this.series = null;
     this.slices = []; // [{sop, frame}] frame is null for single-frame instances
     this.index = 0;
@@ -194,8 +201,18 @@ export class Viewer {
     this.resizeObserver = new ResizeObserver(() => this.onResize());
     this.resizeObserver.observe(this.viewport);
     this.offLang = onLangChange(() => this.updateLabels());
+    if (this.readOnly) this.measure.element.hidden = true;
+    if (this.idPrefix) {
+      // A second viewer on the page: its ids must not be the first one's (tests and labels find those).
+      for (const el of this.element.querySelectorAll("[id]")) el.id = `${this.idPrefix}${el.id}`;
+    }
     this.measure.markTool();
     this.updateLabels();
+  }
+
+  /** The user chose this viewport (a click, the wheel): the study screen makes it the active one. */
+  activate() {
+    if (this.onActivate) this.onActivate(this);
   }
 
   destroy() {
@@ -277,7 +294,7 @@ export class Viewer {
   showImageTools(shown) {
     this.presetGroup.hidden = !shown;
     this.wlLabel.hidden = !shown;
-    this.measure.element.hidden = !shown;
+    this.measure.element.hidden = !shown || this.readOnly; // nothing is measured on a prior
   }
 
   async loadDefaultWindow(series, generation) {
@@ -320,7 +337,9 @@ export class Viewer {
     if (next !== this.index) this.direction = next >= this.index ? 1 : -1;
     this.index = next;
     this.updateLabels();
-    return this.show();
+    const shown = this.show();
+    if (this.onGo) this.onGo(next);
+    return shown;
   }
 
   step(delta) {
@@ -359,7 +378,7 @@ export class Viewer {
     this.error.hidden = true;
     if (this.image !== img) {
       this.image.removeAttribute("id");
-      img.id = "viewer-image";
+      img.id = `${this.idPrefix}viewer-image`;
       img.alt = "";
       img.draggable = false;
       img.hidden = false;
@@ -389,7 +408,7 @@ export class Viewer {
     const s = encodeURIComponent;
     const src = `/dicom-web/studies/${s(this.studyUid)}/series/${s(series.series_uid)}/instances/${s(inst.sop_uid)}`
       + `/bulk/7FE00010?accept=${s(inst.video)}`;
-    this.video = h("video#viewer-video.viewer-video", { controls: true, preload: "metadata", src });
+    this.video = h("video.viewer-video", { id: `${this.idPrefix}viewer-video`, controls: true, preload: "metadata", src });
     this.video.onerror = () => this.showError(t("image_error"));
     this.viewport.insertBefore(this.video, this.overlay);
   }
@@ -668,6 +687,7 @@ export class Viewer {
   onWheel(event) {
     if (this.inReports(event)) return; // the document scrolls
     event.preventDefault();
+    if (!this.active) this.activate();
     const unit = event.deltaMode === 1 ? 33 : event.deltaMode === 2 ? WHEEL_STEP : 1;
     const delta = event.deltaY * unit;
     if (event.ctrlKey || event.metaKey) {
@@ -691,6 +711,7 @@ export class Viewer {
     if (event.target instanceof Element && event.target.closest("a, video")) return; // and a video's controls
     if (this.inReports(event)) return; // text is selected there, not a window dragged
     this.viewport.focus({ preventScroll: true });
+    if (!this.active) this.activate();
     // A measuring tool takes the left button (Shift+drag still sets the window).
     if (event.button === 0 && !event.shiftKey && (this.measure.drawing || this.measure.wants(event))) {
       if (this.measure.pointerDown(event)) {
@@ -742,14 +763,14 @@ export class Viewer {
   }
 
   handleKey(event) {
-    if (event.defaultPrevented || isTyping(event) || event.altKey || !this.series) return;
+    if (event.defaultPrevented || isTyping(event) || event.altKey || !this.series || !this.active) return;
     if (event.target === this.slider && /^(Arrow|Page|Home|End)/.test(event.key)) return; // the slider moves itself
     if (this.reports && /^(Arrow(Up|Down)|Page|Home|End| )/.test(event.key)) return; // a report's document scrolls
     // No slice (a report, a PDF, a video): the image keys (tools V/L/A/R, C, Delete, presets 1-5, zoom) do nothing.
     if (!this.slices.length) return;
     const target = event.target;
     if (target instanceof HTMLElement && target.tagName === "BUTTON" && (event.key === "Enter" || event.key === " ")) return;
-    if (!event.altKey && this.measure.handleKey(event)) {
+    if (!this.readOnly && this.measure.handleKey(event)) {
       event.preventDefault(); // Escape cancels the drawing, not the study
       return;
     }
