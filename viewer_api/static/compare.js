@@ -95,7 +95,7 @@ export class Compare {
   }
 
   build() {
-    this.linkButton = h("button#compare-link.btn.small.compare-link", {
+    this.linkButton = h("button#compare-link.btn.small.compare-link.active", {
       type: "button", "aria-pressed": "true", "data-i18n": "compare_link", "data-i18n-title": "compare_link_title",
       onclick: () => this.setLinked(!this.linked),
     });
@@ -108,11 +108,12 @@ export class Compare {
     });
     this.currentHead = h("div.compare-head");
     this.priorHead = h("div.compare-head");
-    this.priorError = h("div#compare-error.error", { role: "alert", hidden: true });
+    // In the header's row: the panes' rows stay of one height (style.css).
+    this.priorError = h("div#compare-error.error.compare-error", { role: "alert", hidden: true });
     this.currentPane = h("section#compare-current.compare-pane.current", { dataset: { role: "current" } },
-      this.currentHead, this.current.element);
+      h("div.compare-top", this.currentHead), this.current.element);
     this.priorPane = h("section#compare-prior.compare-pane.prior", { dataset: { role: "prior" } },
-      this.priorHead, this.priorError, this.prior.element);
+      h("div.compare-top", this.priorHead, this.priorError), this.prior.element);
     for (const pane of [this.currentPane, this.priorPane]) {
       // A click on the pane's header or selector chooses it too (the viewport's own click does through activate()).
       pane.addEventListener("pointerdown", () => this.setActive(pane === this.priorPane ? this.prior : this.current));
