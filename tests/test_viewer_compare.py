@@ -24,6 +24,7 @@ from pydicom.uid import generate_uid
 
 from .dicomfiles import image_dataset
 from .peers import ROOT, Backend, PacsServer
+from .test_key_images import events_until
 from .test_web_viewer import HEIGHT, WIDTH, Steps, assert_no_horizontal_scroll, watched_page
 
 RADIOLOGIST = ("bs.an", "BS. Trần Văn An")
@@ -239,3 +240,6 @@ def test_compare_with_the_prior_side_by_side(archive: tuple[PacsServer, Studies]
         expect(page.locator("#slice-label")).to_have_text("Lát cắt 2 / 6")
         steps.shot("closed")
     assert not problems, problems
+    # The prior's images and metadata were read through the audited DICOMweb endpoints, as the radiologist.
+    read = events_until(server, 1, action="retrieve", study=studies.prior, user=RADIOLOGIST[0])
+    assert read and all(e["study_uid"] == studies.prior for e in read), read[:3]
