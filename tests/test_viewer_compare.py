@@ -187,6 +187,30 @@ def test_compare_with_the_prior_side_by_side(archive: tuple[PacsServer, Studies]
         assert_no_horizontal_scroll(page)
         steps.shot("prior-active")
 
+        # Windows are linked on demand: a preset (3: lung) and a drag on one side set the other's.
+        page.keyboard.press("2")
+        expect(page.locator("#prior-wl-label")).to_have_attribute("data-preset", "brain")
+        expect(page.locator("#wl-label")).to_have_attribute("data-preset", "default")
+        page.click("#compare-window")
+        expect(compare).to_have_attribute("data-window-link", "on")
+        expect(page.locator("#wl-label")).to_have_attribute("data-preset", "brain")  # the active side's, now
+        page.locator("#viewport").focus()  # the focused viewport is the active one
+        expect(current).to_have_attribute("data-active", "true")
+        page.keyboard.press("3")
+        expect(page.locator("#prior-wl-label")).to_have_attribute("data-preset", "lung")
+        box = page.locator("#viewport").bounding_box()
+        page.mouse.move(box["x"] + 100, box["y"] + 100)
+        page.mouse.down(button="right")
+        page.mouse.move(box["x"] + 140, box["y"] + 130, steps=4)
+        page.mouse.up(button="right")
+        expect(page.locator("#prior-wl-label")).to_have_attribute("data-preset", "custom")
+        assert page.locator("#prior-wl-label").inner_text() == page.locator("#wl-label").inner_text()
+        page.click("#compare-window")
+        expect(compare).to_have_attribute("data-window-link", "off")
+        page.keyboard.press("1")
+        expect(page.locator("#wl-label")).to_have_attribute("data-preset", "default")
+        expect(page.locator("#prior-wl-label")).to_have_attribute("data-preset", "custom")
+
         # Unlinked: the current scrolls alone.
         page.click("#compare-link")
         expect(compare).to_have_attribute("data-link", "off")

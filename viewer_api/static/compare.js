@@ -80,6 +80,8 @@ export class Compare {
     this.onClose = onClose;
     this.linked = true;
     this.syncing = false;
+    this.syncingWindow = false;
+    this.windowLinked = false; // the window set on one side set on the other too (off: CT and MR differ)
     this.destroyed = false;
     this.geometry = new Map(); // "study/series" -> promise of {frameOfReference, planes: [{position, normal}|null]}
     this.known = new Map(); // the same, once read
@@ -88,6 +90,7 @@ export class Compare {
     for (const viewer of [this.current, this.prior]) {
       viewer.onActivate = (v) => this.setActive(v);
       viewer.onGo = () => this.moved(viewer);
+      viewer.onWindow = () => this.windowMoved(viewer);
     }
     this.build();
     this.offLang = onLangChange(() => this.renderHeaders());
@@ -98,6 +101,10 @@ export class Compare {
     this.linkButton = h("button#compare-link.btn.small.compare-link.active", {
       type: "button", "aria-pressed": "true", "data-i18n": "compare_link", "data-i18n-title": "compare_link_title",
       onclick: () => this.setLinked(!this.linked),
+    });
+    this.windowButton = h("button#compare-window.btn.small", {
+      type: "button", "aria-pressed": "false", "data-i18n": "compare_window", "data-i18n-title": "compare_window_title",
+      onclick: () => this.setWindowLinked(!this.windowLinked),
     });
     this.closeButton = h("button#compare-close.btn.small", {
       type: "button", "data-i18n": "compare_close", onclick: () => this.onClose(),
@@ -119,7 +126,7 @@ export class Compare {
       pane.addEventListener("pointerdown", () => this.setActive(pane === this.priorPane ? this.prior : this.current));
     }
     this.element = h("div#compare.compare", { dataset: { link: "on", linkMode: "" } },
-      h("div.compare-bar", this.linkButton, h("span.spacer"), this.closeButton),
+      h("div.compare-bar", this.linkButton, this.windowButton, h("span.spacer"), this.closeButton),
       h("div.compare-panes", this.currentPane, this.priorPane));
     applyI18n(this.element);
     this.renderHeaders();
@@ -174,6 +181,28 @@ export class Compare {
     if (on) this.follow(this.active, this.partner(this.active)); // the other one comes back in step
   }
 
+  setWindowLinked(on) {
+    this.windowLinked = on;
+    this.windowButton.setAttribute("aria-pressed", String(on));
+    this.windowButton.classList.toggle("active", on);
+    this.element.dataset.windowLink = on ? "on" : "off";
+    if (on) this.windowMoved(this.active); // the other side takes the active one's window now
+  }
+
+  /** The window of *source* (a preset, or dragged) set on the other side too, when linked. */
+  windowMoved(source) {
+    if (!this.windowLinked || this.syncingWindow || this.destroyed) return;
+    const target = this.partner(source);
+    if (!target.series) return;
+    this.syncingWindow = true;
+    try {
+      if (source.preset === "custom" && source.window) target.setWindow(source.window.c, source.window.w);
+      else target.applyPreset(source.preset);
+    } finally {
+      this.syncingWindow = false;
+    }
+  }
+
   partner(viewer) {
     return viewer === this.prior ? this.current : this.prior;
   }
@@ -204,8 +233,10 @@ export class Compare {
       const s = encodeURIComponent;
       const url = `/dicom-web/studies/${s(viewer.studyUid)}/series/${s(viewer.series.series_uid)}/metadata`;
       const slices = viewer.slices;
-      this.geometry.set(key, api("GET", url, { accept: "application/dicom+json" }).then((data) => {
-        const bySop = new Map((Array.isArray(data) ? data : []).map((d) => [String((values(d, "00080018") || [""])[0]), d]));
+      // A long series' metadata (every instance's header) may take a while from an S3 store.
+      this.geometry.set(key, api("GET", url, { accept: "application/dicom+json", timeout: 180000 }).then((data) => {
+        const sopOf = (d) => String((values(d, "00080018") || [""])[0]);
+        const bySop = new Map((Array.isArray(data) ? data : []).map((d) => [sopOf(d), d]));
         const references = new Set();
         const planes = slices.map((slice) => {
           const dataset = bySop.get(slice.sop);
@@ -242,7 +273,8 @@ export class Compare {
       const here = a.planes.filter(Boolean).map(along);
       // Two frames of reference are two coordinate systems: positions are compared only where the two
       // stacks overlap (a scanner's table positions of the same region), else the same fraction is shown.
-      const overlap = Math.min(Math.max(...here), Math.max(...there)) >= Math.max(Math.min(...here), Math.min(...there));
+      const overlap = Math.min(Math.max(...here), Math.max(...there))
+        >= Math.max(Math.min(...here), Math.min(...there));
       if ((a.frameOfReference && a.frameOfReference === b.frameOfReference) || overlap) {
         const p = along(from);
         let best = 0;
@@ -321,6 +353,7 @@ export class Compare {
     this.prior.destroy();
     this.current.onGo = null;
     this.current.onActivate = null;
+    this.current.onWindow = null;
     this.current.active = true;
   }
 }

@@ -106,6 +106,7 @@ export class Viewer {
     this.active = true; // the viewport the keys go to (two are shown side by side while comparing)
     this.onActivate = null; // called when the user clicks or scrolls in this viewport
     this.onGo = null; // called with the slice index whenever the slice shown changes (linked scrolling)
+    this.onWindow = null; // called when the user changes the window (a preset, a drag): linked windows
     this.series = null;
     this.slices = []; // [{sop, frame}] frame is null for single-frame instances
     this.index = 0;
@@ -193,6 +194,10 @@ export class Viewer {
     this.viewport.addEventListener("pointerup", (e) => this.onPointerUp(e));
     this.viewport.addEventListener("pointercancel", (e) => this.onPointerUp(e));
     this.viewport.addEventListener("contextmenu", (e) => e.preventDefault());
+    // The viewport with the keyboard's focus (Tab, a click) is the one the keys go to.
+    this.viewport.addEventListener("focus", () => {
+      if (!this.active) this.activate();
+    });
     this.viewport.addEventListener("dblclick", () => {
       if (this.measure.tool === "pointer") this.resetView(); // not the clicks of an angle
     });
@@ -526,6 +531,7 @@ export class Viewer {
     this.window = preset.window ? { ...preset.window } : null;
     this.updateLabels();
     this.show();
+    if (this.onWindow) this.onWindow(this);
   }
 
   setWindow(c, w) {
@@ -533,6 +539,7 @@ export class Viewer {
     this.window = { c: Math.round(c), w: Math.max(1, Math.round(w)) };
     this.updateLabels();
     this.requestWindowRender();
+    if (this.onWindow) this.onWindow(this);
   }
 
   /** Latest-wins, one request in flight, at most one per WINDOW_THROTTLE_MS. */
