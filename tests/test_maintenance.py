@@ -40,6 +40,7 @@ from storage import FileStore, open_store
 
 from .conftest import PACS, S3_ACCESS, S3_SECRET, pydicom_file
 from .qr_corpus import study_uid, write_corpus
+from .peers import PACS_COMMANDS
 
 S3_ENV = {"PACS_S3_ACCESS_KEY": S3_ACCESS, "PACS_S3_SECRET_KEY": S3_SECRET}
 # pydicom files added to the synthetic corpus: images of several kinds, a
@@ -61,7 +62,8 @@ class Cli:
             cmd += ["--index-url", self.index_url]
         if self.storage_url:
             cmd += ["--storage-url", self.storage_url]
-        return subprocess.run(cmd, check=False, capture_output=True, text=True, env=self.env, timeout=300)
+        # Forked from the tests' zygote (pacs imported once), as PacsServer.cli is.
+        return PACS_COMMANDS.run(cmd[1:], self.env, timeout=300)
 
     def json(self, *args: str, rc: int = 0) -> dict[str, Any]:
         result = self(*args, "--json")
