@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import ssl
 import stat
-import subprocess
 import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -26,9 +26,9 @@ from sqlalchemy import select, update
 
 from viewer_api.multipart import build_multipart_related
 
-from .conftest import PACS, Backend, PacsServer, free_port, wait_port
+from .conftest import Backend, PacsServer, free_port, wait_port
 from .dicomfiles import make_ct
-from .peers import wait_until
+from .peers import PACS_COMMANDS, wait_until
 
 SQLITE = pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
 PASSWORD = "first-password-1"
@@ -210,7 +210,7 @@ def test_failed_logins_lock_the_client_address(pacs_server: PacsServer) -> None:
 
 # -- 3: the session cookie is Secure over HTTPS --------------------------------------------------
 def _pacs_cli(*args: str) -> None:
-    result = subprocess.run([PACS, *args], capture_output=True, text=True, timeout=120)
+    result = PACS_COMMANDS.run(list(args), dict(os.environ), timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -191,13 +192,11 @@ def test_upgrade_across_0013_keeps_everything_postgresql(pg_url: str, caplog: An
 
 # -- who may upgrade an existing index ---------------------------------------------------------
 def _cli(*args: str, data_dir: Path, index_url: str | None = None) -> Any:
-    import subprocess
-
-    from .peers import PACS
+    from .peers import PACS_COMMANDS
 
     extra = ["--index-url", index_url] if index_url else []
-    return subprocess.run([PACS, *args, "--data-dir", str(data_dir), *extra], capture_output=True, text=True,
-                          timeout=300)
+    # Forked from the tests' zygote (pacs imported once): the same command, a second sooner.
+    return PACS_COMMANDS.run([*args, "--data-dir", str(data_dir), *extra], dict(os.environ), timeout=300)
 
 
 def test_only_serve_and_db_upgrade_upgrade_an_older_index_and_never_under_a_server(tmp_path: Path) -> None:

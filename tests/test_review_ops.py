@@ -19,7 +19,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
 from .dicomfiles import make_ct
-from .peers import PACS, Backend, PacsServer, wait_until
+from .peers import PACS_COMMANDS, Backend, PacsServer, wait_until
 
 
 class _Sender(threading.Thread):
@@ -139,8 +139,7 @@ def test_postgresql_restore_of_a_backup_taken_before_an_upgrade(tmp_path: Path, 
 
 def _pacs(*args: str, data_dir: Path, **env: str) -> subprocess.CompletedProcess[str]:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("PACS_")}
-    return subprocess.run([PACS, *args, "--data-dir", str(data_dir)], capture_output=True, text=True, timeout=300,
-                          env={**clean, "PACS_ENV_FILE": "", **env})
+    return PACS_COMMANDS.run([*args, "--data-dir", str(data_dir)], {**clean, "PACS_ENV_FILE": "", **env}, timeout=300)
 
 
 def test_wrong_settings_name_the_setting_and_the_value(tmp_path: Path) -> None:

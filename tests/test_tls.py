@@ -5,6 +5,7 @@ HTTPS for the API, and the `pacs certs` CA helper. Real sockets, real
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import ssl
@@ -28,12 +29,12 @@ from pacs.aes import AeRegistry
 
 from .conftest import PACS, Backend, PacsServer, free_port, run_dcmtk, wait_port
 from .dicomfiles import make_ct
-from .peers import wait_until
+from .peers import PACS_COMMANDS, wait_until
 
 
 def pacs_cli(*args: str) -> dict[str, object]:
     """Run `pacs ... --json` and return its one JSON object."""
-    result = subprocess.run([PACS, *args, "--json"], check=False, capture_output=True, text=True, timeout=120)
+    result = PACS_COMMANDS.run([*args, "--json"], dict(os.environ), timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     return json.loads(result.stdout)
 

@@ -28,9 +28,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .conftest import PACS, PacsServer, free_port, wait_port
+from .conftest import PacsServer, free_port, wait_port
 from .dicomfiles import make_ct
-from .peers import wait_until
+from .peers import PACS_COMMANDS, wait_until
 from .test_tls import Pki, pki, start_server, stop_server, storescu_tls, tls_env  # noqa: F401 (pki: fixture)
 
 
@@ -185,8 +185,7 @@ def test_unreadable_key_names_the_setting_and_path(pki: Pki) -> None:
 
 # -- (4) pacs certs ---------------------------------------------------------------------
 def certs(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([PACS, "certs", *args], check=False, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PACS_ENV_FILE": ""})
+    return PACS_COMMANDS.run(["certs", *args], {**os.environ, "PACS_ENV_FILE": ""}, timeout=120)
 
 
 def test_certs_issue_never_loses_the_ca_nor_replaces_a_leaf_silently(tmp_path: Path) -> None:
