@@ -788,6 +788,11 @@ def answers(service: OrderService, raw: bytes, *, processing_id: str = "P", peer
     for timestamps read with an offset and the ACK's MSH-7."""
     zone = zone or server_zone()
     header, code, text, error_code, patients = _process(service, raw, processing_id, zone)
+    if header.message_type == "ACK":
+        # An acknowledgment is never acknowledged (answering one loops): a HIS
+        # acknowledging our enhanced mode application ACK, whatever MSH-15/16 say.
+        log.info("%s: an acknowledgment, nothing to apply or answer", _describe(header))
+        return []
     if code != "AA":
         _log_refusal(header, code, error_code)
     if audit is not None:
@@ -848,6 +853,8 @@ def _process(service: OrderService, raw: bytes, processing_id: str,
         message, header = parse(raw)
     except HL7Reject as exc:
         return read_header(raw) or Header(), exc.ack_code, str(exc), exc.code, []
+    if header.message_type == "ACK":
+        return header, "AA", "", "", []  # an acknowledgment: not applied, not answered (answers)
     if header.processing_id and header.processing_id != processing_id.upper():
         # A training or test HIS pointed at this archive must not change its patients.
         return header, "AR", (f"processing ID {header.processing_id[:3]!r} is not accepted here: this "
