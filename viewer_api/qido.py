@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
-from datetime import datetime, tzinfo
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -117,16 +117,28 @@ def _check_timezone(offsets: list[str], match: dict[str, str], zone: tzinfo) -> 
     if found is None or int(found[2]) > 59 or not -12 * 60 <= _minutes(offset) <= 14 * 60:
         raise QueryError(f"TimezoneOffsetFromUTC {offset[:20]!r} is not an offset from UTC: "
                          "±HHMM, from -1200 to +1400 (e.g. +0700)")
-    ours = utc_offset(datetime.now(zone))
-    if _minutes(offset) == _minutes(ours):
+    ours = _zone_offsets(zone)
+    if _minutes(offset) in {_minutes(o) for o in ours}:
         return
     moments = [k for k, v in match.items() if v and not universal(v) and k not in _NOT_MOMENTS
                and (a := ATTRIBUTES.get(k)) is not None and a.kind in (Kind.DATE, Kind.TIME)]
     if moments:
         raise QueryError(
-            f"TimezoneOffsetFromUTC {offset} differs from this archive's time zone ({ours}, the hospital's "
-            f"timezone setting), in which {', '.join(moments)} are matched: dates and times are not adjusted "
-            f"to another zone; give them in {ours}, or leave TimezoneOffsetFromUTC out")
+            f"TimezoneOffsetFromUTC {offset} differs from this archive's time zone ({' or '.join(ours)}, the "
+            f"hospital's timezone setting), in which {', '.join(moments)} are matched: dates and times are not "
+            f"adjusted to another zone; give them in {' or '.join(ours)}, or leave TimezoneOffsetFromUTC out")
+
+
+def _zone_offsets(zone: tzinfo) -> list[str]:
+    """The offsets *zone* takes this year, now's first: a zone with summer
+    time has two (Europe/Berlin +0100 and +0200), both the hospital's. The
+    index's dates and times are local whatever the season, so a client's
+    offset of either season names the same local time; taking only now's
+    refused half the year the offset of the other season (or of the dates
+    searched)."""
+    now = datetime.now(zone)
+    moments = [now, *(datetime(now.year, month, 1, 12, tzinfo=UTC).astimezone(zone) for month in (1, 7))]
+    return list(dict.fromkeys(utc_offset(moment) for moment in moments))
 
 
 def _minutes(offset: str) -> int:

@@ -1,0 +1,109 @@
+"""Fresh-eyes review of the leftovers fixes (test_leftovers_fixes): HL7
+enhanced acknowledgment mode and QIDO-RS TimezoneOffsetFromUTC, against a
+real `pacs serve` (SQLite + filesystem), raw MLLP sockets and the HTTP API.
+
+The hospital's zone here is Europe/Berlin: an offset that changes with the
+season (+0100 in winter, +0200 in summer).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import generate_uid
+
+from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
+from .test_hl7_review import CR, FS, VT, connect, fields, msa, orm, read_frame, with_modes
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    tmp = tmp_path_factory.mktemp("leftovers2")
+    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}),
+                        extra_env={"PACS_TIMEZONE": "Europe/Berlin"})
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _send(sock: object, message: str) -> None:
+    """*message* in an MLLP frame."""
+    sock.sendall(VT + message.encode() + FS + CR)  # type: ignore[attr-defined]
+
+
+# -- HL7: an acknowledgment is never acknowledged ---------------------------------------------------
+def test_an_ack_the_his_sends_back_for_the_application_ack_is_not_answered(server: PacsServer) -> None:
+    """The application ACK of enhanced mode is a message of its own: a HIS
+    may acknowledge it (an accept ACK, or an original-mode AA, MSH-15/16
+    empty). Acknowledging an acknowledgment loops (HL7 v2: ACKs are not
+    acknowledged); the archive answered it AR 'message type ACK is not
+    supported', which the HIS may acknowledge again. It must send nothing."""
+    order = with_modes(orm(f"E{generate_uid()[-8:]}", "RLO2ACK", pid="BN7201^^^BVDK^MR"), "AL", "AL")
+    probe = orm(f"PRB{generate_uid()[-8:]}", "RLO2PRB", pid="BN7201^^^BVDK^MR")
+    with connect(server) as sock:
+        _send(sock, order)
+        accept, application = read_frame(sock), read_frame(sock)
+        assert msa(accept)[0] == "CA" and msa(application)[0] == "AA"
+        app_control = fields(application, "MSH")[9]
+        for modes in (("", ""), ("AL", "AL")):
+            # The HIS's ACK of our application ACK (its MSH-3/4 ours, as it answers us).
+            reply = with_modes(
+                f"MSH|^~\\&|HIS|BVDK|FILMLESS||20261207083000||ACK^O01^ACK|H{generate_uid()[-10:]}|P|2.5\r"
+                f"MSA|AA|{app_control}", *modes)
+            _send(sock, reply)
+        _send(sock, probe)
+        # The next frame is the probe's ACK: nothing was sent for the ACKs.
+        assert msa(read_frame(sock)) == ("AA", fields(probe, "MSH")[9])
+
+
+# -- QIDO-RS TimezoneOffsetFromUTC ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def studies(server: PacsServer, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """A winter and a summer study of one patient: date -> Study Instance UID."""
+    tmp = tmp_path_factory.mktemp("tz")
+    uids = {}
+    for date in ("20240115", "20240715"):
+        path = make_ct(tmp / f"{date}.dcm", PatientID="BN-TZ2", StudyDate=date, StudyTime="083000")
+        assert server.storescu(str(path)).returncode == 0
+        uids[date] = str(dcmread(path, stop_before_pixels=True).StudyInstanceUID)
+    return uids
+
+
+def test_qido_timezone_offset_of_either_season_is_the_hospitals(server: PacsServer, studies: dict[str, str]) -> None:
+    """Berlin is +0100 in winter, +0200 in summer: a client in the hospital
+    sends the offset of its clock (or of the dates it searches); both are
+    the hospital's zone, whatever the season the server is asked in. Only
+    the offset of 'now' was taken, so half the year one of them was 400."""
+    with server.http() as http:
+        for offset in ("+0100", "+0200"):
+            for date, study in studies.items():
+                answer = http.get("/dicom-web/studies", params={
+                    "PatientID": "BN-TZ2", "TimezoneOffsetFromUTC": offset, "StudyDate": date})
+                assert answer.status_code == 200, (offset, date, answer.text)
+                assert [s["0020000D"]["Value"][0] for s in answer.json()] == [study]
+        # An offset the hospital never has is still refused, naming both of its own.
+        refused = http.get("/dicom-web/studies", params={
+            "PatientID": "BN-TZ2", "TimezoneOffsetFromUTC": "+0700", "StudyDate": "20240115"})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert "TimezoneOffsetFromUTC" in error and "+0100" in error and "+0200" in error, error
+
+
+def test_qido_timezone_offset_with_an_unencoded_plus(server: PacsServer, studies: dict[str, str]) -> None:
+    """`?TimezoneOffsetFromUTC=+0100` typed as PS3.18's examples write it
+    (curl, a browser's address bar): the query string's '+' reaches the
+    server as a space (form decoding), ' 0100'. It was refused 400 'not an
+    offset'; a space then four digits can only be a '+' offset."""
+    with server.http() as http:
+        answer = http.get("/dicom-web/studies?PatientID=BN-TZ2&StudyDate=20240115&TimezoneOffsetFromUTC=+0100")
+        assert answer.status_code == 200, answer.text
+        assert [s["0020000D"]["Value"][0] for s in answer.json()] == [studies["20240115"]]
+        # A minus sign is not decoded: still an offset, still refused when not the hospital's.
+        refused = http.get("/dicom-web/studies?PatientID=BN-TZ2&StudyDate=20240115&TimezoneOffsetFromUTC=-0500")
+        assert refused.status_code == 400 and "TimezoneOffsetFromUTC" in refused.json()["error"], refused.text
