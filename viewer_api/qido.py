@@ -112,7 +112,11 @@ def _check_timezone(offsets: list[str], match: dict[str, str], zone: tzinfo) -> 
         return
     if len(offsets) > 1:
         raise QueryError(f"TimezoneOffsetFromUTC is given {len(offsets)} times; it takes one offset")
-    offset = offsets[0].strip()
+    offset = offsets[0]
+    if re.fullmatch(r" \d{4}", offset):
+        # "+0700" written unencoded in the URL (as PS3.18 writes it): form decoding made the '+' a space.
+        offset = "+" + offset[1:]
+    offset = offset.strip()
     found = _OFFSET.fullmatch(offset)
     if found is None or int(found[2]) > 59 or not -12 * 60 <= _minutes(offset) <= 14 * 60:
         raise QueryError(f"TimezoneOffsetFromUTC {offset[:20]!r} is not an offset from UTC: "
