@@ -107,3 +107,15 @@ def test_qido_timezone_offset_with_an_unencoded_plus(server: PacsServer, studies
         # A minus sign is not decoded: still an offset, still refused when not the hospital's.
         refused = http.get("/dicom-web/studies?PatientID=BN-TZ2&StudyDate=20240115&TimezoneOffsetFromUTC=-0500")
         assert refused.status_code == 400 and "TimezoneOffsetFromUTC" in refused.json()["error"], refused.text
+
+
+def test_qido_an_empty_timezone_offset_is_universal_matching(server: PacsServer, studies: dict[str, str]) -> None:
+    """`TimezoneOffsetFromUTC=` (or `00080201=`) with no value: universal
+    matching, the attribute asked for (PS3.4 C.2.2.2.3, as a C-FIND
+    identifier's empty key), no offset given. It was refused 400 "'' is not
+    an offset from UTC"."""
+    with server.http() as http:
+        for key in ("TimezoneOffsetFromUTC", "00080201"):
+            answer = http.get("/dicom-web/studies", params={"PatientID": "BN-TZ2", "StudyDate": "20240115", key: ""})
+            assert answer.status_code == 200, (key, answer.text)
+            assert [s["0020000D"]["Value"][0] for s in answer.json()] == [studies["20240115"]]

@@ -108,6 +108,8 @@ def _check_timezone(offsets: list[str], match: dict[str, str], zone: tzinfo) -> 
     hospital's own offset needs nothing, nor does another one in a query
     without date or time keys; another one with them is refused (400 naming
     it), never ignored (the search would be hours off without saying so)."""
+    # An empty one is universal matching (PS3.4 C.2.2.2.3): the attribute asked for, no offset given.
+    offsets = [o for o in offsets if o.strip()]
     if not offsets:
         return
     if len(offsets) > 1:
