@@ -812,7 +812,7 @@ def answers(service: OrderService, raw: bytes, *, processing_id: str = "P", peer
         return [ack(header, code, text, error_code, zone=zone)]  # original mode
     replies = []
     if _ack_wanted(header.accept_ack, code == "AA"):
-        replies.append(ack(header, _COMMIT_CODES[code], text, error_code, zone=zone))
+        replies.append(ack(header, _commit_code(code, error_code), text, error_code, zone=zone))
     if _ack_wanted(header.application_ack, code == "AA"):
         replies.append(ack(header, code, text, error_code, zone=zone, modes=("NE", "NE")))
     return replies
@@ -821,6 +821,20 @@ def answers(service: OrderService, raw: bytes, *, processing_id: str = "P", peer
 # Original mode's MSA-1 and the accept (commit) ACK's of enhanced mode.
 _ACK_CONDITIONS = ("AL", "NE", "ER", "SU")  # HL7 table 0155
 _COMMIT_CODES = {"AA": "CA", "AE": "CE", "AR": "CR"}
+# Table 0357 codes of an interaction this receiver never takes (message type,
+# event, processing ID, version): what table 0008's CR (commit reject) is for.
+_UNSUPPORTED_INTERACTION = ("200", "201", "202", "203")
+
+
+def _commit_code(code: str, error_code: str) -> str:
+    """The accept ACK's MSA-1 for original mode's *code*: CR only for an
+    unsupported interaction (table 0008); any other AR (our internal error
+    or a busy index, "please resend"; bytes not in the declared character
+    set) is CE, a message that could not be accepted now. A HIS takes CR as
+    final and would never resend an order our own failure refused."""
+    if code == "AR" and error_code not in _UNSUPPORTED_INTERACTION:
+        return "CE"
+    return _COMMIT_CODES[code]
 
 
 def _ack_wanted(condition: str, success: bool) -> bool:

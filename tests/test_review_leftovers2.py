@@ -119,3 +119,45 @@ def test_qido_an_empty_timezone_offset_is_universal_matching(server: PacsServer,
             answer = http.get("/dicom-web/studies", params={"PatientID": "BN-TZ2", "StudyDate": "20240115", key: ""})
             assert answer.status_code == 200, (key, answer.text)
             assert [s["0020000D"]["Value"][0] for s in answer.json()] == [studies["20240115"]]
+
+
+# -- HL7: the accept ACK's CR is for what can never be accepted -----------------------------------------
+def test_accept_ack_cr_only_for_an_unsupported_interaction_ce_for_a_failure_to_resend(server: PacsServer) -> None:
+    """HL7 table 0008: CR (commit reject) is for a message whose type, event,
+    version or processing mode this receiver does not take; CE (commit
+    error) for a message it cannot accept for any other reason. Every AR
+    was sent as CR, also 'internal error: please resend' (the index failing
+    the order) and a message not in its declared character set: a HIS in
+    accept-only mode (AL/NE, the common enhanced setup) takes CR as final
+    and never resends the order. Those are CE now; unsupported ones stay CR."""
+    import sqlite3
+
+    pid = "BN7301^^^BVDK^MR"
+
+    def accept_ack(message: str | bytes) -> tuple[str, str]:
+        raw = message.encode() if isinstance(message, str) else message
+        with connect(server) as sock:
+            sock.sendall(VT + raw + FS + CR)
+            return msa(read_frame(sock))
+
+    # The index refuses the order (a fault of ours, not of the message): AR 207 in original mode.
+    db = sqlite3.connect(server.data_dir / "index.sqlite", timeout=30)
+    try:
+        db.execute("CREATE TRIGGER review_fail BEFORE INSERT ON orders BEGIN SELECT RAISE(ABORT, 'disk fault'); END")
+        db.commit()
+        failing = with_modes(orm(f"F{generate_uid()[-8:]}", "RLO3F", pid=pid), "AL", "NE")
+        assert accept_ack(failing)[0] == "CE"
+    finally:
+        db.execute("DROP TRIGGER IF EXISTS review_fail")
+        db.commit()
+        db.close()
+    # Bytes not in the declared UNICODE UTF-8: CE (the sender can fix and resend).
+    latin1 = with_modes(orm(f"L{generate_uid()[-8:]}", "RLO3L", pid=pid), "AL", "NE").encode("latin-1", "replace")
+    assert accept_ack(latin1.replace(b"Nguy?n", b"Nguy\xe9n"))[0] == "CE"
+    # What this archive never takes: CR.
+    unsupported = with_modes(orm(f"U{generate_uid()[-8:]}", "RLO3U", pid=pid), "AL", "NE").replace("ORM^O01", "ORM^O02")
+    assert accept_ack(unsupported)[0] == "CR"
+    training = with_modes(orm(f"T{generate_uid()[-8:]}", "RLO3T", pid=pid), "AL", "NE").replace("|P|2.5|", "|T|2.5|")
+    assert accept_ack(training)[0] == "CR"
+    # The failing order is taken once the index works again.
+    assert accept_ack(failing)[0] == "CA"
