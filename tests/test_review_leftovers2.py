@@ -8,8 +8,9 @@ season (+0100 in winter, +0200 in summer).
 
 from __future__ import annotations
 
+import socket
+import sqlite3
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -32,9 +33,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
         server.stop()
 
 
-def _send(sock: object, message: str) -> None:
+def _send(sock: socket.socket, message: str) -> None:
     """*message* in an MLLP frame."""
-    sock.sendall(VT + message.encode() + FS + CR)  # type: ignore[attr-defined]
+    sock.sendall(VT + message.encode() + FS + CR)
 
 
 # -- HL7: an acknowledgment is never acknowledged ---------------------------------------------------
@@ -130,8 +131,6 @@ def test_accept_ack_cr_only_for_an_unsupported_interaction_ce_for_a_failure_to_r
     the order) and a message not in its declared character set: a HIS in
     accept-only mode (AL/NE, the common enhanced setup) takes CR as final
     and never resends the order. Those are CE now; unsupported ones stay CR."""
-    import sqlite3
-
     pid = "BN7301^^^BVDK^MR"
 
     def accept_ack(message: str | bytes) -> tuple[str, str]:
