@@ -54,7 +54,7 @@ from .index.committer import GroupCommitter
 from .index.tombstones import REPLACED, ObjectDeleted
 from .index.writer import AddResult, IndexRecord, Outcome
 from .instance_locks import InstanceFileLocks
-from .part10 import Source
+from .part10 import Source, dataset_start
 from .reads import IndexReader
 from .routing import RoutingRules
 
@@ -327,15 +327,42 @@ class Ingestor:
         of a lost or truncated copy is stored again, healing it. The source
         is hashed only when the sizes agree."""
         key, sha256, size = indexed
-        if not sha256 or size != source.size:
+        if not sha256:
             return False
+        if size == source.size:
+            with source.open() as stream:
+                if sha256_of(stream)[0] == sha256:
+                    try:
+                        return self.store.stat(key).size == size
+                    except StorageError:  # gone, or the store cannot say: written as any correction
+                        return False
+        return self._same_dataset(source, key, size)
+
+    def _same_dataset(self, source: Source, key: str, size: int) -> bool:
+        """Whether *source* is the stored object under another File Meta: the
+        framing this archive writes names the calling AE and its own version,
+        so the very object resent by another AE (a router, the old PACS in a
+        migration), or after an upgrade, differs there only. Same transfer
+        syntax and dataset bytes (sha256); the stored copy is read only when
+        the datasets' lengths agree, and whole (its size, as the index has it)."""
         with source.open() as stream:
-            if sha256_of(stream)[0] != sha256:
+            ours = dataset_start(stream)
+            if ours is None:
                 return False
+            try:
+                with self.store.open(key, 0, min(size, 144 + (1 << 16))) as head:
+                    theirs = dataset_start(head)
+            except (StorageError, OSError):
+                return False
+            if theirs is None or theirs[1] != ours[1] or size - theirs[0] != source.size - ours[0]:
+                return False
+            digest, _ = sha256_of(stream)  # the rest of the source: its dataset
         try:
-            return self.store.stat(key).size == size
-        except StorageError:  # gone (ObjectNotFound), or the store cannot say: written as any correction
+            with self.store.open(key, theirs[0]) as stored:
+                stored_digest, length = sha256_of(stored)
+        except (StorageError, OSError):
             return False
+        return stored_digest == digest and length == size - theirs[0]
 
     def _settle_race(self, key: str, record: IndexRecord, indexed_sha256: str) -> None:
         """Two nodes received different objects under one SOP Instance UID at

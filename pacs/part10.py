@@ -53,6 +53,45 @@ def file_meta_bytes(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: 
     return PREAMBLE + _element(0x0000, b"UL", struct.pack("<L", len(body))) + body
 
 
+def dataset_start(stream: BinaryIO) -> tuple[int, str] | None:
+    """(offset of the dataset, Transfer Syntax UID) of a Part 10 object read
+    from the start of *stream*, from its File Meta Group Length (0002,0000);
+    None when it has none or is no Part 10 object. The File Meta is framing
+    a receiver writes (its AE title, its version): not the object."""
+    head = _read_exactly(stream, 144)
+    if len(head) < 144 or head[128:132] != b"DICM" or head[132:138] != b"\x02\x00\x00\x00UL":
+        return None
+    (length,) = struct.unpack("<L", head[140:144])
+    if length > 1 << 16:
+        return None
+    meta = _read_exactly(stream, length)
+    if len(meta) < length:
+        return None
+    pos, syntax = 0, ""
+    while pos + 8 <= len(meta):
+        group, element = struct.unpack("<HH", meta[pos : pos + 4])
+        vr = meta[pos + 4 : pos + 6]
+        if vr in (b"OB", b"OW", b"UN", b"UT", b"SQ", b"UC", b"UR"):
+            size, value_at = struct.unpack("<L", meta[pos + 8 : pos + 12])[0], pos + 12
+        else:
+            size, value_at = struct.unpack("<H", meta[pos + 6 : pos + 8])[0], pos + 8
+        if (group, element) == (0x0002, 0x0010):
+            syntax = meta[value_at : value_at + size].rstrip(b"\x00 ").decode("ascii", "replace")
+        pos = value_at + size
+    return 144 + length, syntax
+
+
+def _read_exactly(stream: BinaryIO, n: int) -> bytes:
+    """*n* bytes (fewer only at the end): a raw or network stream may give less per read."""
+    data = b""
+    while len(data) < n:
+        chunk = stream.read(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 class PositionedReader(io.RawIOBase):
     """A read-only, seekable stream that keeps its own position (``_pos``)."""
 

@@ -2,7 +2,8 @@
 enhanced acknowledgment mode and QIDO-RS TimezoneOffsetFromUTC, against a
 real `pacs serve` (SQLite + filesystem), raw MLLP sockets and the HTTP API.
 
-The hospital's zone here is Europe/Berlin: an offset that changes with the
+Under the overwrite policy (an identical resend writes nothing). The
+hospital's zone here is Europe/Berlin: an offset that changes with the
 season (+0100 in winter, +0200 in summer).
 """
 
@@ -25,7 +26,7 @@ from .test_hl7_review import CR, FS, VT, connect, fields, msa, orm, read_frame, 
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     tmp = tmp_path_factory.mktemp("leftovers2")
     server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}),
-                        extra_env={"PACS_TIMEZONE": "Europe/Berlin"})
+                        extra_env={"PACS_TIMEZONE": "Europe/Berlin", "PACS_DUPLICATE_POLICY": "overwrite"})
     server.start()
     try:
         yield server
@@ -160,3 +161,39 @@ def test_accept_ack_cr_only_for_an_unsupported_interaction_ce_for_a_failure_to_r
     assert accept_ack(training)[0] == "CR"
     # The failing order is taken once the index works again.
     assert accept_ack(failing)[0] == "CA"
+
+
+# -- overwrite policy: an identical object framed by another File Meta -----------------------------------
+def test_an_identical_resend_from_another_ae_writes_nothing(server: PacsServer,
+                                                            tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The archive writes its own File Meta around a received dataset: the
+    calling AE (0002,0016) and this version's Implementation Version Name
+    (0002,0013). The very object resent by another AE (a router, the old
+    PACS re-sending during a migration), or by the same modality after an
+    upgrade of this archive, differs from the stored copy in that framing
+    only, and was stored again as a correction (a second copy, the row
+    switched). Identical datasets write nothing now; a changed one still does."""
+    tmp = tmp_path_factory.mktemp("resend")
+    path = make_ct(tmp / "ct.dcm", PatientID="BN-RESEND2")
+    sop = str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+    assert server.storescu(str(path), calling="CT_ROOM1").returncode == 0
+
+    def files() -> list[tuple[str, int]]:
+        return sorted((p.name, p.stat().st_mtime_ns) for p in (server.data_dir / "objects").rglob(f"{sop}*.dcm"))
+
+    first = files()
+    assert [name for name, _ in first] == [f"{sop}.dcm"]
+    for calling in ("OLD_PACS", "ROUTER_AE_LONG16"):
+        again = server.storescu(str(path), calling=calling)
+        assert again.returncode == 0 and "Failed" not in again.stderr, again.stderr
+        assert files() == first, calling
+    # A changed object from another AE is still a correction.
+    ds = dcmread(path)
+    ds.SeriesDescription = "corrected"
+    ds.save_as(tmp / "changed.dcm")
+    assert server.storescu(str(tmp / "changed.dcm"), calling="OLD_PACS").returncode == 0
+    core = server.core()
+    try:
+        assert core.reader.instance_key(sop).endswith(f"{sop}.resent.dcm")
+    finally:
+        core.close()
