@@ -137,9 +137,13 @@ def test_a_corrected_resend_after_the_copy_reaches_the_new_store(tmp_path: Path,
         fixed.save_as(tmp_path / "fixed.dcm")
         assert (tmp_path / "fixed.dcm").stat().st_size == files[0].stat().st_size
         before = _rows(server)[fixed.SOPInstanceUID]
-        # Sent twice: a resend is written beside the copy it replaces (see
-        # pacs.ingest), so the second one is back under the copied key.
-        _send(server, tmp_path / "fixed.dcm")
+        # Two corrections: a resend is written beside the copy it replaces (see
+        # pacs.ingest), so the second one is back under the copied key. (The same
+        # one twice would not be: an identical resend writes nothing.)
+        first = dcmread(files[0])
+        first.PatientID = "P-0009"
+        first.save_as(tmp_path / "first.dcm")
+        _send(server, tmp_path / "first.dcm")
         _send(server, tmp_path / "fixed.dcm")
         key, sha256 = _rows(server)[fixed.SOPInstanceUID]
         assert key == before[0] and sha256 != before[1]  # replaced under the key copied before
