@@ -266,20 +266,23 @@ export class Compare {
     const a = this.planes(source);
     const b = this.planes(target);
     const from = a && a.planes[source.index];
-    if (from && b && b.planes.length === n && b.planes.every(Boolean)
-        && b.planes.every((p) => Math.abs(dot(p.normal, from.normal)) >= PARALLEL)) {
+    // Only the slices parallel to the one shown are compared: a localizer (scout) or the other planes of a
+    // 3-plane series in the same series must not send the whole stack back to the fraction.
+    const parallel = (p) => p && Math.abs(dot(p.normal, from.normal)) >= PARALLEL;
+    if (from && b && b.planes.length === n && b.planes.some(parallel)) {
       const along = (p) => dot(p.position, from.normal);
-      const there = b.planes.map(along);
-      const here = a.planes.filter(Boolean).map(along);
+      const there = b.planes.map((p) => (parallel(p) ? along(p) : null));
+      const known = there.filter((q) => q !== null);
+      const here = a.planes.filter(parallel).map(along);
       // Two frames of reference are two coordinate systems: positions are compared only where the two
       // stacks overlap (a scanner's table positions of the same region), else the same fraction is shown.
-      const overlap = Math.min(Math.max(...here), Math.max(...there))
-        >= Math.max(Math.min(...here), Math.min(...there));
+      const overlap = Math.min(Math.max(...here), Math.max(...known))
+        >= Math.max(Math.min(...here), Math.min(...known));
       if ((a.frameOfReference && a.frameOfReference === b.frameOfReference) || overlap) {
         const p = along(from);
-        let best = 0;
+        let best = -1;
         there.forEach((q, j) => {
-          if (Math.abs(q - p) < Math.abs(there[best] - p)) best = j;
+          if (q !== null && (best < 0 || Math.abs(q - p) < Math.abs(there[best] - p))) best = j;
         });
         return { index: best, mode: "position" };
       }

@@ -1,0 +1,174 @@
+"""Review of the comparison with a prior study (viewer_api/static/compare.js), in headless Chromium.
+
+A real `pacs serve` (SQLite + files); one patient's current CT (axial slices at z 0..25 mm) and a prior CT
+sent by storescu with the series a scanner really makes: a localizer (scout) and the axials in one series, an
+enhanced CT (one multi-frame object, positions per frame in its functional groups, decreasing with the frame
+number), and a single-slice CR.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.uid import generate_uid
+
+from .dicomfiles import image_dataset
+from .peers import Backend, PacsServer
+from .test_viewer_compare import PASSWORD, RADIOLOGIST, _common, _login
+from .test_web_viewer import HEIGHT, WIDTH, watched_page
+
+AXIAL = [1, 0, 0, 0, 1, 0]
+CORONAL = [1, 0, 0, 0, 0, -1]
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+@dataclass
+class Studies:
+    current: str
+    prior: str
+    mixed_series: str
+    enhanced_series: str
+
+
+def _pixels(n: int) -> bytes:
+    """A 64x64 slice: a disc whose radius grows with *n* (slices told apart on screen)."""
+    yy, xx = np.mgrid[0:64, 0:64]
+    disc = (yy - 32) ** 2 + (xx - 32) ** 2 < (6 + 2 * n) ** 2
+    return np.where(disc, 1100, 24).astype(np.uint16).tobytes()
+
+
+def _slice(common: dict[str, Any], series: str, frame_of_reference: str, number: int, description: str,
+           position: list[float], orientation: list[int], n: int) -> Dataset:
+    """One CT slice of *series* at *position* with *orientation*."""
+    ds = image_dataset(SeriesInstanceUID=series, SeriesNumber=number, InstanceNumber=n + 1,
+                       SeriesDescription=description, Rows=64, Columns=64, WindowCenter=40, WindowWidth=400,
+                       RescaleIntercept=-1024, RescaleSlope=1, ImagePositionPatient=position,
+                       ImageOrientationPatient=orientation, FrameOfReferenceUID=frame_of_reference,
+                       PixelSpacing=[0.7, 0.7], SliceThickness=3, **common)
+    ds.PixelData = _pixels(n)
+    return ds
+
+
+def _enhanced(common: dict[str, Any], frame_of_reference: str, positions: list[float]) -> Dataset:
+    """An Enhanced CT of one frame per position, Plane Position per frame, the orientation shared."""
+    ds = image_dataset(ENHANCED_CT, SeriesNumber=3, InstanceNumber=1, SeriesDescription="Enhanced",
+                       Rows=64, Columns=64, NumberOfFrames=len(positions), FrameOfReferenceUID=frame_of_reference,
+                       **common)
+    shared, orientation, measures, voi, rescale = Dataset(), Dataset(), Dataset(), Dataset(), Dataset()
+    orientation.ImageOrientationPatient = AXIAL
+    measures.PixelSpacing = [0.7, 0.7]
+    measures.SliceThickness = 3
+    voi.WindowCenter, voi.WindowWidth = 40, 400
+    rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = -1024, 1, "HU"
+    shared.PlaneOrientationSequence = Sequence([orientation])
+    shared.PixelMeasuresSequence = Sequence([measures])
+    shared.FrameVOILUTSequence = Sequence([voi])
+    shared.PixelValueTransformationSequence = Sequence([rescale])
+    ds.SharedFunctionalGroupsSequence = Sequence([shared])
+    frames = []
+    for z in positions:
+        item, plane = Dataset(), Dataset()
+        plane.ImagePositionPatient = [-100, -100, z]
+        item.PlanePositionSequence = Sequence([plane])
+        frames.append(item)
+    ds.PerFrameFunctionalGroupsSequence = Sequence(frames)
+    ds.PixelData = b"".join(_pixels(n) for n in range(len(positions)))
+    return ds
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServer, Studies]]:
+    """One server; the patient's current CT and a prior with a scout among its axials and an enhanced CT."""
+    tmp = tmp_path_factory.mktemp("review-compare")
+    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}))
+    server.cli("user", "add", RADIOLOGIST[0], "--role", "radiologist", "--password", PASSWORD,
+               "--display-name", RADIOLOGIST[1])
+    server.start()
+    folder = tmp / "in"
+    folder.mkdir()
+    current, prior = generate_uid(), generate_uid()
+    patient = ("Phạm^Văn Long", "BN-RVC-1")
+    now = _common(current, *patient, "20261205", "CT ngực")
+    before = _common(prior, *patient, "20250610", "CT ngực cũ")
+    datasets: list[Dataset] = []
+    series, reference = generate_uid(), generate_uid()
+    datasets += [_slice(now, series, reference, 1, "Axial", [-100, -100, z], AXIAL, n)
+                 for n, z in enumerate([0, 5, 10, 15, 20, 25])]
+    # The scanner's localizer first, in the series of the axials (instance 1, a coronal plane).
+    mixed, reference = generate_uid(), generate_uid()
+    datasets.append(_slice(before, mixed, reference, 2, "Scout and axial", [-100, 0, 40], CORONAL, 0))
+    datasets += [_slice(before, mixed, reference, 2, "Scout and axial", [-100, -100, -7 + 3 * k], AXIAL, k + 1)
+                 for k in range(10)]
+    enhanced = _enhanced(before, generate_uid(), [20 - 3 * k for k in range(10)])
+    datasets.append(enhanced)
+    files = []
+    for n, ds in enumerate(datasets):
+        path = folder / f"{n}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files.append(str(path))
+    sent = server.storescu(*files)
+    assert sent.returncode == 0, sent.stderr
+    yield server, Studies(current, prior, mixed, enhanced.SeriesInstanceUID)
+    server.stop()
+
+
+def _open_compare(page: Any, server: PacsServer, studies: Studies) -> tuple[Any, Any, Any]:
+    """The current study opened and compared with the prior: (#compare, current pane, prior pane)."""
+    from playwright.sync_api import expect
+
+    _login(page, server)
+    page.goto(f"http://127.0.0.1:{server.http_port}/#/study/{studies.current}")
+    expect(page.locator("#slice-label")).to_have_text("Lát cắt 1 / 6")
+    page.locator('[data-testid="prior-compare"]').click()
+    compare, current, prior = (page.locator(s) for s in ("#compare", "#compare-current", "#compare-prior"))
+    expect(compare).to_be_visible()
+    return compare, current, prior
+
+
+def test_a_scout_in_the_priors_axial_series_does_not_break_position_linking(
+        archive: tuple[PacsServer, Studies]) -> None:
+    """A localizer among the axials (one series) left the whole series compared by fraction."""
+    from playwright.sync_api import expect
+
+    server, studies = archive
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
+        compare, current, prior = _open_compare(page, server, studies)
+        page.select_option("#compare-series", studies.mixed_series)
+        expect(prior).to_have_attribute("data-series-uid", studies.mixed_series)
+        # The current at z 0: the prior's axial at -1 mm (its 4th slice after the scout), by position.
+        expect(current).to_have_attribute("data-position", "0")
+        expect(compare).to_have_attribute("data-link-mode", "position")
+        expect(prior).to_have_attribute("data-position", "-1")
+        expect(prior).to_have_attribute("data-frame", "4")
+        page.locator("#viewport").focus()
+        page.keyboard.press("End")
+        expect(current).to_have_attribute("data-position", "25")
+        expect(prior).to_have_attribute("data-position", "20")
+        expect(prior).to_have_attribute("data-frame", "11")
+    assert not problems, problems
+
+
+def test_an_enhanced_ct_follows_by_each_frames_position(archive: tuple[PacsServer, Studies]) -> None:
+    """Frames whose positions decrease with the frame number: the nearest frame along the normal."""
+    from playwright.sync_api import expect
+
+    server, studies = archive
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
+        compare, current, prior = _open_compare(page, server, studies)
+        page.select_option("#compare-series", studies.enhanced_series)
+        expect(prior).to_have_attribute("data-series-uid", studies.enhanced_series)
+        expect(compare).to_have_attribute("data-link-mode", "position")
+        expect(prior).to_have_attribute("data-position", "-1")  # 20, 17, ..., -1: frame 8
+        expect(prior).to_have_attribute("data-frame", "8")
+        page.locator("#viewport").focus()
+        page.keyboard.press("End")
+        expect(prior).to_have_attribute("data-position", "20")
+        expect(prior).to_have_attribute("data-frame", "1")
+    assert not problems, problems
