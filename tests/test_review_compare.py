@@ -172,3 +172,28 @@ def test_an_enhanced_ct_follows_by_each_frames_position(archive: tuple[PacsServe
         expect(prior).to_have_attribute("data-position", "20")
         expect(prior).to_have_attribute("data-frame", "1")
     assert not problems, problems
+
+
+def test_escape_closes_the_comparison_not_the_study(archive: tuple[PacsServer, Studies]) -> None:
+    """Escape while comparing (either side active) went back to the worklist, leaving the study being read."""
+    from playwright.sync_api import expect
+
+    server, studies = archive
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
+        compare, current, prior = _open_compare(page, server, studies)
+        page.locator("#prior-viewport").focus()
+        expect(prior).to_have_attribute("data-active", "true")
+        page.keyboard.press("Escape")
+        expect(compare).to_have_count(0)
+        expect(page.locator("#viewer-image")).to_be_visible()
+        assert f"#/study/{studies.current}" in page.url
+        # Open again, the current side active: Escape closes it too; a second Escape leaves the study.
+        page.keyboard.press("s")
+        expect(compare).to_be_visible()
+        page.locator("#viewport").focus()
+        page.keyboard.press("Escape")
+        expect(compare).to_have_count(0)
+        assert f"#/study/{studies.current}" in page.url
+        page.keyboard.press("Escape")
+        expect(page).to_have_url(f"http://127.0.0.1:{server.http_port}/#/worklist")
+    assert not problems, problems

@@ -269,7 +269,10 @@ export function mountStudy(root, ctx, studyUid) {
     if (event.defaultPrevented || isTyping(event) || event.ctrlKey || event.metaKey || event.altKey) return;
     if (event.key === "Escape") {
       event.preventDefault();
-      ctx.navigate("#/worklist");
+      // While comparing, Escape closes the comparison (as its button): leaving the study would drop the
+      // reading in progress (its claim, the report being read beside it).
+      if (compare) closeCompare();
+      else ctx.navigate("#/worklist");
     } else if ((event.key === "ArrowLeft" || event.key === "ArrowRight") && !/slice-slider$/.test(event.target.id)) {
       event.preventDefault();
       const delta = event.key === "ArrowLeft" ? -1 : 1;
