@@ -197,3 +197,23 @@ def test_escape_closes_the_comparison_not_the_study(archive: tuple[PacsServer, S
         page.keyboard.press("Escape")
         expect(page).to_have_url(f"http://127.0.0.1:{server.http_port}/#/worklist")
     assert not problems, problems
+
+
+def test_arrows_after_choosing_the_priors_series_scroll_its_slices(archive: tuple[PacsServer, Studies]) -> None:
+    """The series selector kept the focus: ↓ then changed the prior's series instead of its slice."""
+    from playwright.sync_api import expect
+
+    server, studies = archive
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
+        compare, current, prior = _open_compare(page, server, studies)
+        expect(prior).to_have_attribute("data-series-uid", studies.mixed_series)
+        page.locator("#compare-series").focus()
+        page.select_option("#compare-series", studies.enhanced_series)
+        expect(prior).to_have_attribute("data-series-uid", studies.enhanced_series)
+        expect(prior).to_have_attribute("data-frame", "8")
+        page.keyboard.press("ArrowUp")
+        expect(prior).to_have_attribute("data-frame", "7")
+        expect(prior).to_have_attribute("data-series-uid", studies.enhanced_series)
+        expect(page.locator("#compare-series")).to_have_value(studies.enhanced_series)
+        expect(prior).to_have_attribute("data-active", "true")  # the side chosen is the one the keys go to
+    assert not problems, problems

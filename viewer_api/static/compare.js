@@ -111,7 +111,11 @@ export class Compare {
     });
     this.seriesSelect = h("select#compare-series.compare-series", {
       "data-i18n-aria": "compare_series", "data-i18n-title": "compare_series",
-      onchange: () => this.choose(this.seriesSelect.value),
+      onchange: () => {
+        this.choose(this.seriesSelect.value);
+        // The keys to its viewport now: a focused <select> takes ↑ ↓ as "the next series", not the next slice.
+        this.prior.viewport.focus({ preventScroll: true });
+      },
     });
     this.currentHead = h("div.compare-head");
     this.priorHead = h("div.compare-head");
