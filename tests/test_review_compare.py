@@ -217,3 +217,29 @@ def test_arrows_after_choosing_the_priors_series_scroll_its_slices(archive: tupl
         expect(page.locator("#compare-series")).to_have_value(studies.enhanced_series)
         expect(prior).to_have_attribute("data-active", "true")  # the side chosen is the one the keys go to
     assert not problems, problems
+
+
+def test_reopening_the_comparison_reads_the_series_metadata_once(archive: tuple[PacsServer, Studies]) -> None:
+    """S, S, S...: each opening read both series' whole metadata again (500 headers each from S3, audited)."""
+    from playwright.sync_api import expect
+
+    server, studies = archive
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
+        reads: list[str] = []
+        page.on("request", lambda r: reads.append(r.url) if r.url.endswith("/metadata") and "/instances/" not in r.url
+                else None)
+        compare, current, prior = _open_compare(page, server, studies)
+        expect(prior).to_have_attribute("data-position", "-1")
+        assert len(reads) == 2, reads  # the current series' and the prior's
+        for _ in range(2):
+            page.keyboard.press("s")
+            expect(compare).to_have_count(0)
+            page.keyboard.press("s")
+            expect(compare).to_be_visible()
+            expect(compare).to_have_attribute("data-link-mode", "position")
+            expect(prior).to_have_attribute("data-position", "-1")
+        page.locator("#viewport").focus()
+        page.keyboard.press("End")
+        expect(prior).to_have_attribute("data-position", "20")
+        assert len(reads) == 2, reads
+    assert not problems, problems

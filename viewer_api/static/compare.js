@@ -58,6 +58,11 @@ function planeOf(dataset, frame) {
   return position && normal ? { position, normal } : null;
 }
 
+/** The key of a viewer's series' positions: its slice count too (slices that arrived since are read again). */
+function geometryKey(viewer) {
+  return `${viewer.studyUid}/${viewer.series.series_uid}/${viewer.slices.length}`;
+}
+
 /** How well a series of the other study matches the one shown: same modality first, then description. */
 function likeness(candidate, shown) {
   if (!shown) return 0;
@@ -72,7 +77,7 @@ function likeness(candidate, shown) {
 export class Compare {
   /** *current*: the study screen's Viewer; *study*: its /api/studies answer; *other*: the uid of the study
    * to compare with; *onClose*: called by the close button. */
-  constructor(current, study, other, onClose) {
+  constructor(current, study, other, onClose, cache = null) {
     this.current = current;
     this.study = study;
     this.otherUid = other;
@@ -83,8 +88,12 @@ export class Compare {
     this.syncingWindow = false;
     this.windowLinked = false; // the window set on one side set on the other too (off: CT and MR differ)
     this.destroyed = false;
-    this.geometry = new Map(); // "study/series" -> promise of {frameOfReference, planes: [{position, normal}|null]}
-    this.known = new Map(); // the same, once read
+    // The slices' positions per series, kept by the study screen (*cache*): closing and opening the comparison
+    // again (S, S) does not read two whole series' metadata again (hundreds of headers from S3, audited).
+    const shared = cache || { geometry: new Map(), known: new Map() };
+    this.geometry = shared.geometry; // "study/series" -> promise of {frameOfReference, planes: [{position, normal}|null]}
+    this.known = shared.known; // the same, once read
+    this.waiting = new Set(); // the keys whose reading this comparison waits for (to follow once known)
     this.prior = new Viewer(other, { prior: true });
     this.prior.active = false;
     for (const viewer of [this.current, this.prior]) {
@@ -231,12 +240,13 @@ export class Compare {
   /** The positions of a viewer's slices (its series' metadata, read once per series). */
   planes(viewer) {
     if (!viewer.series) return null;
-    const key = `${viewer.studyUid}/${viewer.series.series_uid}`;
+    const key = geometryKey(viewer);
     if (this.known.has(key)) return this.known.get(key);
     if (!this.geometry.has(key)) {
       const s = encodeURIComponent;
       const url = `/dicom-web/studies/${s(viewer.studyUid)}/series/${s(viewer.series.series_uid)}/metadata`;
       const slices = viewer.slices;
+      const known = this.known;
       // A long series' metadata (every instance's header) may take a while from an S3 store.
       this.geometry.set(key, api("GET", url, { accept: "application/dicom+json", timeout: 180000 }).then((data) => {
         const sopOf = (d) => String((values(d, "00080018") || [""])[0]);
@@ -250,14 +260,20 @@ export class Compare {
         });
         return { frameOfReference: references.size === 1 ? [...references][0] : "", planes };
       }).catch(() => ({ frameOfReference: "", planes: [] })).then((geometry) => {
-        this.known.set(key, geometry);
-        if (this.destroyed) return geometry;
+        known.set(key, geometry);
+        return geometry;
+      }));
+    }
+    if (!this.waiting.has(key)) {
+      // This comparison's own follow-up (a reading begun by an earlier one, closed since, is waited for too).
+      this.waiting.add(key);
+      this.geometry.get(key).then(() => {
+        if (this.destroyed) return;
         // Now known: the slices' positions are shown, and the prior follows the current study by them.
         this.mark(this.current);
         this.mark(this.prior);
         this.follow(this.current, this.prior);
-        return geometry;
-      }));
+      });
     }
     return null;
   }
@@ -313,7 +329,7 @@ export class Compare {
   mark(viewer) {
     const pane = viewer === this.prior ? this.priorPane : this.currentPane;
     if (!pane) return;
-    const key = viewer.series ? `${viewer.studyUid}/${viewer.series.series_uid}` : "";
+    const key = viewer.series ? geometryKey(viewer) : "";
     const geometry = this.known.get(key);
     const plane = geometry && geometry.planes[viewer.index];
     pane.dataset.studyUid = viewer.studyUid;

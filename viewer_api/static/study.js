@@ -51,6 +51,8 @@ export function mountStudy(root, ctx, studyUid) {
   // Side by side with another study of the patient (compare.js); null: the single viewer.
   let compare = null;
   let others = []; // the patient's other studies this user may see, newest first
+  // The series' slice positions read by a comparison, kept for the next one (compare.js).
+  const geometry = { geometry: new Map(), known: new Map() };
 
   root.append(
     h(
@@ -185,7 +187,7 @@ export function mountStudy(root, ctx, studyUid) {
   function openCompare(uid) {
     if (!study || (compare && compare.otherUid === uid)) return;
     if (compare) compare.destroy();
-    compare = new Compare(viewer, study, uid, () => closeCompare());
+    compare = new Compare(viewer, study, uid, () => closeCompare(), geometry);
     viewerCol.replaceChildren(compare.element);
     compare.load();
     renderPriors();
