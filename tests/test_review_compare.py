@@ -108,6 +108,15 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServ
                  for k in range(10)]
     enhanced = _enhanced(before, generate_uid(), [20 - 3 * k for k in range(10)])
     datasets.append(enhanced)
+    # Between the two: a study of a scanned request form only (an Encapsulated PDF), nothing to compare with.
+    form = _common(generate_uid(), *patient, "20260101", "Phiếu chỉ định")
+    pdf = image_dataset("1.2.840.10008.5.1.4.1.1.104.1", Modality="DOC", SeriesNumber=1, InstanceNumber=1,
+                        Rows=None, Columns=None, BitsAllocated=None, BitsStored=None, HighBit=None,
+                        PixelRepresentation=None, SamplesPerPixel=None, PhotometricInterpretation=None,
+                        PixelData=None, BurnedInAnnotation="NO", DocumentTitle="Phiếu chỉ định",
+                        MIMETypeOfEncapsulatedDocument="application/pdf",
+                        EncapsulatedDocument=b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n", **form)
+    datasets.append(pdf)
     files = []
     for n, ds in enumerate(datasets):
         path = folder / f"{n}.dcm"
@@ -126,7 +135,8 @@ def _open_compare(page: Any, server: PacsServer, studies: Studies) -> tuple[Any,
     _login(page, server)
     page.goto(f"http://127.0.0.1:{server.http_port}/#/study/{studies.current}")
     expect(page.locator("#slice-label")).to_have_text("Lát cắt 1 / 6")
-    page.locator('[data-testid="prior-compare"]').click()
+    expect(page.locator('[data-testid="prior-compare"]')).to_have_count(2)
+    page.locator(f'[data-testid="prior-compare"][data-study-uid="{studies.prior}"]').click()
     compare, current, prior = (page.locator(s) for s in ("#compare", "#compare-current", "#compare-prior"))
     expect(compare).to_be_visible()
     return compare, current, prior
@@ -242,4 +252,23 @@ def test_reopening_the_comparison_reads_the_series_metadata_once(archive: tuple[
         page.keyboard.press("End")
         expect(prior).to_have_attribute("data-position", "20")
         assert len(reads) == 2, reads
+    assert not problems, problems
+
+
+def test_s_opens_the_newest_earlier_study_with_images(archive: tuple[PacsServer, Studies]) -> None:
+    """S opened the newest earlier study even when it holds only a document (a scanned form): nothing to compare."""
+    from playwright.sync_api import expect
+
+    server, studies = archive
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
+        _login(page, server)
+        page.goto(f"http://127.0.0.1:{server.http_port}/#/study/{studies.current}")
+        expect(page.locator("#slice-label")).to_have_text("Lát cắt 1 / 6")
+        expect(page.locator('[data-testid="prior-compare"]')).to_have_count(2)
+        page.locator("#viewport").focus()
+        page.keyboard.press("s")
+        prior = page.locator("#compare-prior")
+        expect(prior).to_have_attribute("data-study-uid", studies.prior)
+        expect(prior).to_have_attribute("data-position", "-1")
+        expect(page.locator("#compare-error")).to_be_hidden()
     assert not problems, problems

@@ -211,7 +211,13 @@ export function mountStudy(root, ctx, studyUid) {
       return;
     }
     const date = String((study && study.study_date) || "");
-    const earlier = others.find((i) => String(i.study_date || "") <= date) || others[0];
+    // A study of documents only (a scanned form, a report SR, KO, PR) has nothing to compare with: skipped.
+    const imaging = (i) => {
+      const modalities = listText(i.modalities).split(", ").filter(Boolean); // "CT\\SR" or a list
+      return !modalities.length || modalities.some((m) => !NON_IMAGE.has(m));
+    };
+    const images = others.filter(imaging);
+    const earlier = images.find((i) => String(i.study_date || "") <= date) || images[0];
     if (earlier) openCompare(earlier.study_uid);
   }
 
