@@ -272,3 +272,28 @@ def test_s_opens_the_newest_earlier_study_with_images(archive: tuple[PacsServer,
         expect(prior).to_have_attribute("data-position", "-1")
         expect(page.locator("#compare-error")).to_be_hidden()
     assert not problems, problems
+
+
+def test_scrolling_one_side_stops_the_other_sides_cine(archive: tuple[PacsServer, Studies]) -> None:
+    """The current's cine (P) kept running while the prior was scrolled, pulling it back at every frame."""
+    from playwright.sync_api import expect
+
+    server, studies = archive
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
+        compare, current, prior = _open_compare(page, server, studies)
+        expect(prior).to_have_attribute("data-position", "-1")
+        page.locator("#viewport").focus()
+        page.keyboard.press("p")
+        expect(page.locator("#cine-play")).to_have_attribute("aria-pressed", "true")
+        box = page.locator("#prior-viewport").bounding_box()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.wheel(0, 100)
+        expect(prior).to_have_attribute("data-active", "true")
+        expect(page.locator("#cine-play")).to_have_attribute("aria-pressed", "false")
+        # The prior's own keys: the current stays in step with it, no cine moving it on.
+        page.keyboard.press("Home")
+        expect(prior).to_have_attribute("data-frame", "1")
+        page.keyboard.press("End")
+        expect(prior).to_have_attribute("data-position", "20")
+        expect(current).to_have_attribute("data-position", "20")
+    assert not problems, problems

@@ -313,6 +313,8 @@ export class Compare {
   /** Move *target* to the slice matching *source*'s, when linked. */
   follow(source, target) {
     if (!this.linked || !source || !target || this.destroyed) return;
+    // The user moved *source* (not its cine): the other side's cine stops, else it pulls both back at each frame.
+    if (target.playing && !source.playing) target.stop();
     const to = this.counterpart(source, target);
     if (!to) return;
     this.element.dataset.linkMode = to.mode;
