@@ -297,3 +297,22 @@ def test_scrolling_one_side_stops_the_other_sides_cine(archive: tuple[PacsServer
         expect(prior).to_have_attribute("data-position", "20")
         expect(current).to_have_attribute("data-position", "20")
     assert not problems, problems
+
+
+def test_a_click_on_the_current_studys_series_makes_it_the_active_side(archive: tuple[PacsServer, Studies]) -> None:
+    """With the prior active, a click on the current study's series left the keys going to the prior."""
+    from playwright.sync_api import expect
+
+    server, studies = archive
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
+        compare, current, prior = _open_compare(page, server, studies)
+        expect(prior).to_have_attribute("data-position", "-1")
+        page.click("#compare-link")
+        page.locator("#prior-viewport").focus()
+        expect(prior).to_have_attribute("data-active", "true")
+        page.locator('[data-testid="series-thumb"]').first.click()
+        expect(current).to_have_attribute("data-active", "true")
+        page.keyboard.press("ArrowDown")
+        expect(current).to_have_attribute("data-frame", "2")
+        expect(prior).to_have_attribute("data-frame", "4")
+    assert not problems, problems

@@ -230,6 +230,8 @@ export function mountStudy(root, ctx, studyUid) {
   }
 
   function select(series) {
+    // While comparing, a series of this study chosen makes its side the one the keys go to.
+    if (compare) compare.setActive(viewer);
     // A presentation state series (saved measurements) has no picture: its entry opens the image it draws on.
     const drawn = series && series.modality === "PR" ? viewer.measure.firstImageOf(series.series_uid) : null;
     const target = drawn && (study.series || []).find((s) => s.series_uid === drawn.series_uid);
