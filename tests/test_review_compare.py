@@ -35,6 +35,7 @@ class Studies:
     prior: str
     mixed_series: str
     enhanced_series: str
+    far_series: str
 
 
 def _pixels(n: int) -> bytes:
@@ -108,6 +109,9 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServ
                  for k in range(10)]
     enhanced = _enhanced(before, generate_uid(), [20 - 3 * k for k in range(10)])
     datasets.append(enhanced)
+    # Another scanner: its table positions far from the current's (no overlap), decreasing with the instance.
+    far, reference = generate_uid(), generate_uid()
+    datasets += [_slice(before, far, reference, 4, "Far", [-100, -100, 1000 - 3 * k], AXIAL, k) for k in range(10)]
     # Between the two: a study of a scanned request form only (an Encapsulated PDF), nothing to compare with.
     form = _common(generate_uid(), *patient, "20260101", "Phiếu chỉ định")
     pdf = image_dataset("1.2.840.10008.5.1.4.1.1.104.1", Modality="DOC", SeriesNumber=1, InstanceNumber=1,
@@ -124,7 +128,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServ
         files.append(str(path))
     sent = server.storescu(*files)
     assert sent.returncode == 0, sent.stderr
-    yield server, Studies(current, prior, mixed, enhanced.SeriesInstanceUID)
+    yield server, Studies(current, prior, mixed, enhanced.SeriesInstanceUID, far)
     server.stop()
 
 
@@ -315,4 +319,27 @@ def test_a_click_on_the_current_studys_series_makes_it_the_active_side(archive: 
         page.keyboard.press("ArrowDown")
         expect(current).to_have_attribute("data-frame", "2")
         expect(prior).to_have_attribute("data-frame", "4")
+    assert not problems, problems
+
+
+def test_stacks_that_do_not_overlap_follow_in_the_same_direction(archive: tuple[PacsServer, Studies]) -> None:
+    """Positions far apart (another scanner's table) fell back to the instance order: a prior ordered feet to head
+    scrolled the other way (the current's top slice showed the prior's bottom one)."""
+    from playwright.sync_api import expect
+
+    server, studies = archive
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
+        compare, current, prior = _open_compare(page, server, studies)
+        page.select_option("#compare-series", studies.far_series)
+        expect(prior).to_have_attribute("data-series-uid", studies.far_series)
+        expect(compare).to_have_attribute("data-link-mode", "relative")
+        # The current at its lowest position (z 0): the prior's lowest (973 mm, its last instance).
+        expect(current).to_have_attribute("data-position", "0")
+        expect(prior).to_have_attribute("data-position", "973")
+        page.locator("#viewport").focus()
+        page.keyboard.press("End")
+        expect(current).to_have_attribute("data-position", "25")
+        expect(prior).to_have_attribute("data-position", "1000")
+        page.keyboard.press("ArrowUp")  # 20 mm: 4/5 of the way up, the prior's 994.6 -> 994
+        expect(prior).to_have_attribute("data-position", "994")
     assert not problems, problems

@@ -298,13 +298,24 @@ export class Compare {
       // stacks overlap (a scanner's table positions of the same region), else the same fraction is shown.
       const overlap = Math.min(Math.max(...here), Math.max(...known))
         >= Math.max(Math.min(...here), Math.min(...known));
-      if ((a.frameOfReference && a.frameOfReference === b.frameOfReference) || overlap) {
-        const p = along(from);
+      const nearest = (p) => {
         let best = -1;
         there.forEach((q, j) => {
           if (q !== null && (best < 0 || Math.abs(q - p) < Math.abs(there[best] - p))) best = j;
         });
-        return { index: best, mode: "position" };
+        return best;
+      };
+      if ((a.frameOfReference && a.frameOfReference === b.frameOfReference) || overlap) {
+        return { index: nearest(along(from)), mode: "position" };
+      }
+      // Apart (another scanner's table): the same fraction of the range of positions, not of the instance
+      // order, so that a stack ordered feet to head still moves the way the other one does.
+      const low = Math.min(...here);
+      const span = Math.max(...here) - low;
+      const lowThere = Math.min(...known);
+      const spanThere = Math.max(...known) - lowThere;
+      if (span > 0 && spanThere > 0) {
+        return { index: nearest(lowThere + ((along(from) - low) / span) * spanThere), mode: "relative" };
       }
     }
     return { index: m > 1 ? Math.round((source.index / (m - 1)) * (n - 1)) : 0, mode: "relative" };
