@@ -36,6 +36,7 @@ class Studies:
     mixed_series: str
     enhanced_series: str
     far_series: str
+    feet_series: str
 
 
 def _pixels(n: int) -> bytes:
@@ -109,6 +110,10 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServ
                  for k in range(10)]
     enhanced = _enhanced(before, generate_uid(), [20 - 3 * k for k in range(10)])
     datasets.append(enhanced)
+    # Feet first: the rows run from the patient's left, the normal points to the feet (-z).
+    feet, reference = generate_uid(), generate_uid()
+    datasets += [_slice(before, feet, reference, 5, "Feet first", [100, -100, 3 * k], [-1, 0, 0, 0, 1, 0], k)
+                 for k in range(10)]
     # Another scanner: its table positions far from the current's (no overlap), decreasing with the instance.
     far, reference = generate_uid(), generate_uid()
     datasets += [_slice(before, far, reference, 4, "Far", [-100, -100, 1000 - 3 * k], AXIAL, k) for k in range(10)]
@@ -128,7 +133,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServ
         files.append(str(path))
     sent = server.storescu(*files)
     assert sent.returncode == 0, sent.stderr
-    yield server, Studies(current, prior, mixed, enhanced.SeriesInstanceUID, far)
+    yield server, Studies(current, prior, mixed, enhanced.SeriesInstanceUID, far, feet)
     server.stop()
 
 
@@ -342,4 +347,25 @@ def test_stacks_that_do_not_overlap_follow_in_the_same_direction(archive: tuple[
         expect(prior).to_have_attribute("data-position", "1000")
         page.keyboard.press("ArrowUp")  # 20 mm: 4/5 of the way up, the prior's 994.6 -> 994
         expect(prior).to_have_attribute("data-position", "994")
+    assert not problems, problems
+
+
+def test_a_feet_first_prior_shows_the_same_position_as_the_current(archive: tuple[PacsServer, Studies]) -> None:
+    """Linked right, but the feet-first prior's position was shown along its own normal (-z): "-15 mm" beside
+    the current's "15 mm" for the same place, as if 30 mm apart."""
+    from playwright.sync_api import expect
+
+    server, studies = archive
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
+        compare, current, prior = _open_compare(page, server, studies)
+        page.select_option("#compare-series", studies.feet_series)
+        expect(prior).to_have_attribute("data-series-uid", studies.feet_series)
+        expect(compare).to_have_attribute("data-link-mode", "position")
+        page.locator("#viewport").focus()
+        for _ in range(3):
+            page.keyboard.press("ArrowDown")
+        expect(current).to_have_attribute("data-position", "15")
+        expect(prior).to_have_attribute("data-frame", "6")  # z 15
+        expect(prior).to_have_attribute("data-position", "15")
+        expect(prior.locator(".compare-position")).to_have_text("Vị trí 15 mm")
     assert not problems, problems

@@ -36,6 +36,13 @@ function normalOf(o) {
   return length > 0.5 ? n.map((x) => x / length) : null;
 }
 
+/** *normal* turned to point along its largest axis's positive side (+x left, +y posterior, +z head): the position
+ * shown is then the same number for the same place whichever way a series' rows run (feet first, prone). */
+function shownNormal(normal) {
+  const axis = normal.reduce((best, v, i) => (Math.abs(v) > Math.abs(normal[best]) ? i : best), 0);
+  return normal[axis] < 0 ? normal.map((v) => -v) : normal;
+}
+
 /** The first item of sequence *tag* in frame *frame*'s functional groups (per-frame, then shared). */
 function frameItem(dataset, frame, tag) {
   for (const [groups, index] of [["52009230", frame], ["52009229", 0]]) {
@@ -349,7 +356,7 @@ export class Compare {
     pane.dataset.seriesUid = viewer.series ? viewer.series.series_uid : "";
     pane.dataset.frame = String(viewer.index + 1);
     pane.dataset.total = String(viewer.slices.length);
-    pane.dataset.position = plane ? String(Math.round(dot(plane.position, plane.normal) * 100) / 100) : "";
+    pane.dataset.position = plane ? String(Math.round(dot(plane.position, shownNormal(plane.normal)) * 100) / 100) : "";
     const where = pane.querySelector(".compare-position");
     if (where) where.textContent = plane ? `${t("compare_position")} ${pane.dataset.position} mm` : "";
   }
