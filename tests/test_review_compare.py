@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +19,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from .dicomfiles import image_dataset
-from .peers import Backend, PacsServer
+from .peers import ROOT, Backend, PacsServer
 from .test_viewer_compare import PASSWORD, RADIOLOGIST, _common, _login
 from .test_web_viewer import HEIGHT, WIDTH, watched_page
 
@@ -368,4 +367,29 @@ def test_a_feet_first_prior_shows_the_same_position_as_the_current(archive: tupl
         expect(prior).to_have_attribute("data-frame", "6")  # z 15
         expect(prior).to_have_attribute("data-position", "15")
         expect(prior.locator(".compare-position")).to_have_text("Vị trí 15 mm")
+    assert not problems, problems
+
+
+def test_both_images_are_shown_in_a_browser_without_css_subgrid(archive: tuple[PacsServer, Studies]) -> None:
+    """The panes were laid out with CSS subgrid only (Chrome 117+); Windows 7 PCs stay on Chrome 109, where the
+    declaration is dropped: emulated by making it unknown to this Chromium."""
+    from playwright.sync_api import expect
+
+    server, studies = archive
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
+        def old_css(route: Any) -> None:
+            response = route.fetch()
+            text = response.text().replace("grid-template-rows: subgrid", "grid-template-rows: subgrid-unknown")
+            route.fulfill(response=response, body=text)
+
+        page.route("**/style.css*", old_css)
+        compare, current, prior = _open_compare(page, server, studies)
+        expect(prior).to_have_attribute("data-position", "-1")
+        for selector in ("#viewport", "#prior-viewport"):
+            box = page.locator(selector).bounding_box()
+            assert box and box["height"] > 300 and box["y"] + box["height"] <= HEIGHT, (selector, box)
+        for selector in ("#slice-label", "#prior-slice-label"):
+            box = page.locator(selector).bounding_box()
+            assert box and box["y"] + box["height"] <= HEIGHT, (selector, box)
+        page.screenshot(path=str(ROOT / "test-artifacts" / "review-compare-no-subgrid.png"))
     assert not problems, problems
