@@ -36,6 +36,7 @@ class Studies:
     enhanced_series: str
     far_series: str
     feet_series: str
+    tilted_series: str
 
 
 def _pixels(n: int) -> bytes:
@@ -113,6 +114,16 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServ
     feet, reference = generate_uid(), generate_uid()
     datasets += [_slice(before, feet, reference, 5, "Feet first", [100, -100, 3 * k], [-1, 0, 0, 0, 1, 0], k)
                  for k in range(10)]
+    # A head CT's gantry tilt (15 degrees) and a wide field (256 mm): the slices' centres at -7, -4, ..., 20 mm.
+    tilted, reference = generate_uid(), generate_uid()
+    tilt = np.radians(15)
+    rows, cols = np.array([1.0, 0, 0]), np.array([0, np.cos(tilt), -np.sin(tilt)])
+    for k in range(10):
+        corner = np.array([0, 0, -7 + 3 * k]) - (rows + cols) * 63 / 2 * 4
+        ds = _slice(before, tilted, reference, 6, "Tilted", [round(float(v), 4) for v in corner],
+                    [round(float(v), 6) for v in [*rows, *cols]], k)
+        ds.PixelSpacing = [4, 4]
+        datasets.append(ds)
     # Another scanner: its table positions far from the current's (no overlap), decreasing with the instance.
     far, reference = generate_uid(), generate_uid()
     datasets += [_slice(before, far, reference, 4, "Far", [-100, -100, 1000 - 3 * k], AXIAL, k) for k in range(10)]
@@ -132,7 +143,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServ
         files.append(str(path))
     sent = server.storescu(*files)
     assert sent.returncode == 0, sent.stderr
-    yield server, Studies(current, prior, mixed, enhanced.SeriesInstanceUID, far, feet)
+    yield server, Studies(current, prior, mixed, enhanced.SeriesInstanceUID, far, feet, tilted)
     server.stop()
 
 
@@ -392,4 +403,24 @@ def test_both_images_are_shown_in_a_browser_without_css_subgrid(archive: tuple[P
             box = page.locator(selector).bounding_box()
             assert box and box["y"] + box["height"] <= HEIGHT, (selector, box)
         page.screenshot(path=str(ROOT / "test-artifacts" / "review-compare-no-subgrid.png"))
+    assert not problems, problems
+
+
+def test_a_tilted_prior_is_matched_by_its_slices_centres(archive: tuple[PacsServer, Studies]) -> None:
+    """Positions were those of each slice's top left corner (Image Position): with a 15 degree gantry tilt over a
+    256 mm field, 33 mm off along the current's normal: the current at 15 mm showed the prior's slice at -7."""
+    from playwright.sync_api import expect
+
+    server, studies = archive
+    with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
+        compare, current, prior = _open_compare(page, server, studies)
+        page.select_option("#compare-series", studies.tilted_series)
+        expect(prior).to_have_attribute("data-series-uid", studies.tilted_series)
+        expect(compare).to_have_attribute("data-link-mode", "position")
+        expect(prior).to_have_attribute("data-frame", "3")  # its centre at -1 mm, the current's 0
+        page.locator("#viewport").focus()
+        for _ in range(3):
+            page.keyboard.press("ArrowDown")
+        expect(current).to_have_attribute("data-position", "15")
+        expect(prior).to_have_attribute("data-frame", "8")  # 14 mm
     assert not problems, problems

@@ -62,7 +62,19 @@ function planeOf(dataset, frame) {
     orientation = vector(frameItem(dataset, frame - 1, "00209116"), "00200037", 6) || orientation;
   }
   const normal = normalOf(orientation);
-  return position && normal ? { position, normal } : null;
+  if (!position || !normal) return null;
+  // The slice's centre, not its top left corner (Image Position): between planes a few degrees apart (a head
+  // CT's gantry tilt) the corners of a wide field are centimetres apart along the other's normal.
+  let spacing = vector(dataset, "00280030", 2);
+  if (frame) spacing = vector(frameItem(dataset, frame - 1, "00289110"), "00280030", 2) || spacing;
+  const rows = Number((values(dataset, "00280010") || [])[0]);
+  const columns = Number((values(dataset, "00280011") || [])[0]);
+  if (spacing && rows > 0 && columns > 0) {
+    const across = ((columns - 1) / 2) * spacing[1]; // along a row: the column spacing
+    const down = ((rows - 1) / 2) * spacing[0];
+    position = position.map((p, i) => p + orientation[i] * across + orientation[i + 3] * down);
+  }
+  return { position, normal };
 }
 
 /** The key of a viewer's series' positions: its slice count too (slices that arrived since are read again). */
