@@ -37,6 +37,7 @@ class Studies:
     far_series: str
     feet_series: str
     tilted_series: str
+    steep_series: str
 
 
 def _pixels(n: int) -> bytes:
@@ -115,15 +116,17 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServ
     datasets += [_slice(before, feet, reference, 5, "Feet first", [100, -100, 3 * k], [-1, 0, 0, 0, 1, 0], k)
                  for k in range(10)]
     # A head CT's gantry tilt (15 degrees) and a wide field (256 mm): the slices' centres at -7, -4, ..., 20 mm.
-    tilted, reference = generate_uid(), generate_uid()
-    tilt = np.radians(15)
-    rows, cols = np.array([1.0, 0, 0]), np.array([0, np.cos(tilt), -np.sin(tilt)])
-    for k in range(10):
-        corner = np.array([0, 0, -7 + 3 * k]) - (rows + cols) * 63 / 2 * 4
-        ds = _slice(before, tilted, reference, 6, "Tilted", [round(float(v), 4) for v in corner],
-                    [round(float(v), 6) for v in [*rows, *cols]], k)
-        ds.PixelSpacing = [4, 4]
-        datasets.append(ds)
+    tilted, steep = generate_uid(), generate_uid()
+    for series_uid, number, degrees in ((tilted, 6, 15), (steep, 7, 25)):
+        reference, tilt = generate_uid(), np.radians(degrees)
+        rows, cols = np.array([1.0, 0, 0]), np.array([0, np.cos(tilt), -np.sin(tilt)])
+        for k in range(10):
+            corner = np.array([0, 0, -7 + 3 * k]) - (rows + cols) * 63 / 2 * 4
+            position = [round(float(v), 4) for v in corner]
+            ds = _slice(before, series_uid, reference, number, f"Tilted {degrees}", position,
+                        [round(float(v), 6) for v in [*rows, *cols]], k)
+            ds.PixelSpacing = [4, 4]
+            datasets.append(ds)
     # Another scanner: its table positions far from the current's (no overlap), decreasing with the instance.
     far, reference = generate_uid(), generate_uid()
     datasets += [_slice(before, far, reference, 4, "Far", [-100, -100, 1000 - 3 * k], AXIAL, k) for k in range(10)]
@@ -143,7 +146,7 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServ
         files.append(str(path))
     sent = server.storescu(*files)
     assert sent.returncode == 0, sent.stderr
-    yield server, Studies(current, prior, mixed, enhanced.SeriesInstanceUID, far, feet, tilted)
+    yield server, Studies(current, prior, mixed, enhanced.SeriesInstanceUID, far, feet, tilted, steep)
     server.stop()
 
 
@@ -406,16 +409,19 @@ def test_both_images_are_shown_in_a_browser_without_css_subgrid(archive: tuple[P
     assert not problems, problems
 
 
-def test_a_tilted_prior_is_matched_by_its_slices_centres(archive: tuple[PacsServer, Studies]) -> None:
+@pytest.mark.parametrize("steep", [False, True], ids=["15-degrees", "25-degrees"])
+def test_a_tilted_prior_is_matched_by_its_slices_centres(archive: tuple[PacsServer, Studies], steep: bool) -> None:
     """Positions were those of each slice's top left corner (Image Position): with a 15 degree gantry tilt over a
-    256 mm field, 33 mm off along the current's normal: the current at 15 mm showed the prior's slice at -7."""
+    256 mm field, 33 mm off along the current's normal: the current at 15 mm showed the prior's slice at -7.
+    A 25 degree tilt (a head CT's along the orbitomeatal line) was not compared by position at all."""
     from playwright.sync_api import expect
 
     server, studies = archive
+    series = studies.steep_series if steep else studies.tilted_series
     with watched_page(viewport={"width": WIDTH, "height": HEIGHT}) as (page, problems):
         compare, current, prior = _open_compare(page, server, studies)
-        page.select_option("#compare-series", studies.tilted_series)
-        expect(prior).to_have_attribute("data-series-uid", studies.tilted_series)
+        page.select_option("#compare-series", series)
+        expect(prior).to_have_attribute("data-series-uid", series)
         expect(compare).to_have_attribute("data-link-mode", "position")
         expect(prior).to_have_attribute("data-frame", "3")  # its centre at -1 mm, the current's 0
         page.locator("#viewport").focus()

@@ -10,7 +10,9 @@ import { applyI18n, onLangChange, t } from "./i18n.js";
 import { formatDate, h, listText } from "./util.js";
 import { NON_IMAGE, Viewer, isImage } from "./viewer.js";
 
-const PARALLEL = 0.95; // |cos| between two slice normals for their positions to be compared
+// |cos| between two slice normals for their positions to be compared: up to ~35 degrees, a head CT's gantry tilt
+// against an untilted prior (their centres are compared along the normal), never a sagittal against an axial.
+const PARALLEL = 0.8;
 
 function values(dataset, tag) {
   const element = dataset && dataset[tag];
