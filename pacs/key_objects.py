@@ -233,18 +233,10 @@ def person_name(name: str) -> str:
     return " ".join(name.replace("\\", " ").replace("=", " ").split())[:_PN_MAX]
 
 
-def build_kos(study: StudyHeader, selected: list[Selected], *, title: str, author_name: str, login: str,
-              description: str, when: tuple[str, str, str]) -> tuple[str, bytes]:
-    """A KOS of *study* selecting *selected*, as Part 10 bytes (Explicit VR
-    Little Endian, ISO_IR 192), in a new series of its own; (its SOP
-    Instance UID, the bytes). *when*: the hospital's (date, time, offset)."""
-    if not selected:
-        raise ValueError("a Key Object Selection selects at least one image")
-    day, clock, offset = when
-    ds = new_instance(KOS_CLASS)
-    ds.InstanceCreationDate, ds.InstanceCreationTime = day, clock
-    ds.TimezoneOffsetFromUTC = offset
-    # Patient and General Study modules: the index's values, as reports' PDFs carry them.
+def put_patient_and_study(ds: Dataset, study: StudyHeader) -> None:
+    """The Patient and General Study modules of an object made here (a key image
+    note, a presentation state): the index's values, after the HIS's
+    corrections, as reports' PDFs carry them."""
     ds.PatientName = study.patient_name
     ds.PatientID = study.patient_id
     ds.IssuerOfPatientID = study.issuer
@@ -256,6 +248,20 @@ def build_kos(study: StudyHeader, selected: list[Selected], *, title: str, autho
     ds.StudyID = study.study_id
     ds.ReferringPhysicianName = study.referring_physician
     ds.StudyDescription = study.description
+
+
+def build_kos(study: StudyHeader, selected: list[Selected], *, title: str, author_name: str, login: str,
+              description: str, when: tuple[str, str, str]) -> tuple[str, bytes]:
+    """A KOS of *study* selecting *selected*, as Part 10 bytes (Explicit VR
+    Little Endian, ISO_IR 192), in a new series of its own; (its SOP
+    Instance UID, the bytes). *when*: the hospital's (date, time, offset)."""
+    if not selected:
+        raise ValueError("a Key Object Selection selects at least one image")
+    day, clock, offset = when
+    ds = new_instance(KOS_CLASS)
+    ds.InstanceCreationDate, ds.InstanceCreationTime = day, clock
+    ds.TimezoneOffsetFromUTC = offset
+    put_patient_and_study(ds, study)
     # Key Object Document Series and General Equipment modules.
     ds.Modality = "KO"
     ds.SeriesInstanceUID = generate_uid()

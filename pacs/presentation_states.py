@@ -36,9 +36,8 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
-from .key_objects import MANUFACTURER, StudyHeader, person_name
+from .key_objects import MANUFACTURER, StudyHeader, person_name, put_patient_and_study
 from .part10 import new_instance
-from .query.results import as_written
 
 GSPS_CLASS = "1.2.840.10008.5.1.4.1.1.11.1"
 # A colour image's (RGB, YBR, PALETTE COLOR): a Grayscale one is for grayscale images alone (PS3.3 A.33.1, A.33.2).
@@ -287,18 +286,7 @@ def build_gsps(study: StudyHeader, measurements: list[Measurement], *, author_na
     ds = new_instance(CSPS_CLASS if color else GSPS_CLASS)
     ds.InstanceCreationDate, ds.InstanceCreationTime = day, clock
     ds.TimezoneOffsetFromUTC = offset
-    # Patient and General Study modules: the index's values, as a key image note carries them.
-    ds.PatientName = study.patient_name
-    ds.PatientID = study.patient_id
-    ds.IssuerOfPatientID = study.issuer
-    ds.PatientBirthDate = study.birth_date
-    ds.PatientSex = as_written("CS", study.sex)
-    ds.StudyInstanceUID = study.study_uid
-    ds.StudyDate, ds.StudyTime = study.study_date, study.study_time
-    ds.AccessionNumber = study.accession_number
-    ds.StudyID = study.study_id
-    ds.ReferringPhysicianName = study.referring_physician
-    ds.StudyDescription = study.description
+    put_patient_and_study(ds, study)
     # General Series, Presentation Series and General Equipment modules.
     ds.Modality = "PR"
     ds.SeriesInstanceUID = series_uid or generate_uid()

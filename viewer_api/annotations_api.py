@@ -21,10 +21,9 @@ from pydantic import Field
 from pacs.annotations import MAX_LABEL, MAX_MEASUREMENTS, Drawn, replace_measurements, study_annotations
 from pacs.audit import Event
 from pacs.auth import Principal
-from pacs.errors import RefusedRequest
 from pacs.key_images import Author
 
-from .errors import HTTPProblem, JsonBody, require_uids
+from .errors import JsonBody, refused_as_problem, require_uids
 from .security import READERS, guard
 
 router = APIRouter(tags=["viewer"])
@@ -46,20 +45,13 @@ class Measurements(JsonBody):
     measurements: list[DrawnMeasurement] = Field(default_factory=list, max_length=MAX_MEASUREMENTS)
 
 
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except RefusedRequest as exc:
-        raise HTTPProblem(exc.http_status, str(exc)) from None
-
-
 @router.get("/api/studies/{study}/annotations",
             summary="The study's measurements and annotations: every Grayscale Softcopy Presentation State in it "
                     "(graphics and texts per image and frame, in pixels)")
 def get_annotations(request: Request, study: str,
                     principal: Principal = guard(*READERS, action="view")) -> dict[str, Any]:
     require_uids(study, name="Study Instance UID")
-    return _call(study_annotations, request.app.state.pacs, study, principal.username)  # type: ignore[no-any-return]
+    return refused_as_problem(study_annotations, request.app.state.pacs, study, principal.username)  # type: ignore[no-any-return]
 
 
 @router.put("/api/studies/{study}/annotations",
@@ -74,7 +66,7 @@ def put_annotations(request: Request, study: str, body: Measurements,
     drawn = [Drawn(m.sop_uid, m.frame, m.kind, tuple((float(x), float(y)) for x, y in m.points), m.label,
                    (float(m.window[0]), float(m.window[1])) if m.window is not None else None)
              for m in body.measurements]
-    answer = _call(replace_measurements, request.app.state.pacs, study, drawn, author)
+    answer = refused_as_problem(replace_measurements, request.app.state.pacs, study, drawn, author)
     event = getattr(request.state, "audit", None)
     if isinstance(event, Event):
         what = (f"{len(drawn)} measurement(s) in {', '.join(answer['states_saved'])}" if answer["states_saved"]

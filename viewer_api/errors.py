@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sqlalchemy.exc import OperationalError
 
-from pacs.errors import IngestError
+from pacs.errors import IngestError, RefusedRequest
 from pacs.index.db import ConcurrentChange, is_transient
 from pacs.frames import FrameError
 from pacs.header import valid_uid
@@ -49,6 +49,15 @@ class HTTPProblem(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def refused_as_problem(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """*fn*(*args, **kwargs), a request the core refused (RefusedRequest) answered
+    with the HTTP status it carries."""
+    try:
+        return fn(*args, **kwargs)
+    except RefusedRequest as exc:
+        raise HTTPProblem(exc.http_status, str(exc)) from None
 
 
 def require_uids(*uids: str | None, name: str = "UID") -> None:

@@ -24,13 +24,12 @@ from pacs.key_images import (
     MAX_DESCRIPTION,
     MAX_MARKS,
     Author,
-    KeyImageError,
     Mark,
     replace_selection,
     study_key_images,
 )
 
-from .errors import HTTPProblem, JsonBody, require_uids
+from .errors import JsonBody, refused_as_problem, require_uids
 from .security import READERS, guard
 
 router = APIRouter(tags=["viewer"])
@@ -48,20 +47,13 @@ class KeyImageSelection(JsonBody):
     description: str | None = Field(None, max_length=MAX_DESCRIPTION, description="Key Object Description text")
 
 
-def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
-    try:
-        return fn(*args, **kwargs)
-    except KeyImageError as exc:
-        raise HTTPProblem(exc.http_status, str(exc)) from None
-
-
 @router.get("/api/studies/{study}/key-images",
             summary="The study's key images: every Key Object Selection in it (sop, series, frame, which KOS, "
                     "title, author)")
 def get_key_images(request: Request, study: str,
                    principal: Principal = guard(*READERS, action="view")) -> dict[str, Any]:
     require_uids(study, name="Study Instance UID")
-    return _call(study_key_images, request.app.state.pacs, study, principal.username)  # type: ignore[no-any-return]
+    return refused_as_problem(study_key_images, request.app.state.pacs, study, principal.username)  # type: ignore[no-any-return]
 
 
 @router.put("/api/studies/{study}/key-images",
@@ -72,7 +64,7 @@ def put_key_images(request: Request, study: str, body: KeyImageSelection,
     require_uids(study, name="Study Instance UID")
     author = Author(username=principal.username, display_name=principal.display_name, role=principal.role,
                     client=request.client.host if request.client else "")
-    answer = _call(replace_selection, request.app.state.pacs, study,
+    answer = refused_as_problem(replace_selection, request.app.state.pacs, study,
                    [Mark(m.sop_uid, m.frame) for m in body.images], author,
                    title=body.title, description=body.description)
     event = getattr(request.state, "audit", None)
