@@ -471,10 +471,13 @@ def test_one_accession_one_order(archive: PacsServer) -> None:
     try:
         from sqlalchemy import select
 
+        from pacs.index.db import write_transaction
         from pacs.index.models import Order
 
         orders = Order.__table__
-        with core.engine.begin() as conn:
+        # BEGIN IMMEDIATE on SQLite: a read then a write beside the running server
+        # was refused at once ('database is locked') when the server wrote in between.
+        with write_transaction(core.engine) as conn:
             row = dict(conn.execute(select(orders).where(orders.c.accession_number == acc)).one()._mapping)
             other = conn.execute(select(orders.c.patient_pk).where(orders.c.accession_number == other_acc)).scalar()
             foreign_uid = generate_uid()
