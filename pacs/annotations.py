@@ -32,13 +32,12 @@ from sqlalchemy import case, select
 from storage import ObjectDamaged, ObjectNotFound, StorageError
 
 from .app import Pacs
-from .audit import Event
 from .errors import RefusedRequest
 from .header import valid_uid
 from .index.models import Instance, Series
 from .ingest import Origin
 from .routing import VIEWER_SAVE_HOLD_SECONDS
-from .key_images import Author, requested_procedure, study_header, study_instances, study_row
+from .key_images import Author, requested_procedure, study_header, study_instances, study_row, withdraw_own
 from .part10 import BufferSource
 from .presentation_states import (
     COLOUR_PHOTOMETRICS,
@@ -411,27 +410,8 @@ def replace_measurements(pacs: Pacs, study_uid: str, drawn: list[Drawn], author:
             continue
         reason = (f"measurements of {author.username} replaced by series {new_series}" if new_series
                   else f"measurements of {author.username} cleared")
-        if _withdraw(pacs, study_uid, old, author, reason):
+        if withdraw_own(pacs, study_uid, old.series_uid, old.sop_uid, author, reason, AnnotationError):
             removed.append(old.sop_uid)
     current = [s.sop_uid for s in own if s.series_uid == keep]
     return {**_view(pacs, study, _stored_states(pacs, study), author.username),
             "states_saved": current, "removed": removed, "stored": bool(new_series)}
-
-
-def _withdraw(pacs: Pacs, study_uid: str, old: _Stored, author: Author, reason: str) -> bool:
-    """Delete the GSPS *old* through the deletion path, audited as *author*'s
-    ``delete``; False when it was gone already (a concurrent save deleted it)."""
-    # Imported here: the maintenance jobs (codecs among them) are not needed to start serving.
-    from .maintenance.delete import DeleteRefused, Target as DeleteTarget, delete_target
-
-    event = Event(action="delete", user=author.username, role=author.role, client=author.client,
-                  protocol=author.protocol, study_uid=study_uid)
-    try:
-        # force: the study may have a signed report; what goes is this author's own GSPS alone.
-        delete_target(pacs, DeleteTarget(study_uid, old.series_uid, old.sop_uid), reason=reason, event=event,
-                      force=True)
-    except DeleteRefused as exc:
-        if exc.http_status == 404:
-            return False
-        raise AnnotationError(str(exc), exc.http_status) from None
-    return True

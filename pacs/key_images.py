@@ -362,29 +362,32 @@ def replace_selection(pacs: Pacs, study_uid: str, marks: list[Mark], author: Aut
             continue
         reason = (f"key images of {author.username} replaced by {new_sop}" if new_sop
                   else f"key images of {author.username} cleared")
-        if _withdraw(pacs, study_uid, old, author, reason):
+        if withdraw_own(pacs, study_uid, old.series_uid, old.sop_uid, author, reason, KeyImageError):
             removed.append(old.sop_uid)
     current = next((s.sop_uid for s in own if s.pk == keep), None)
     return {**_view(pacs, study, _stored_documents(pacs, study), author.username),
             "document": current, "removed": removed, "stored": new_sop is not None}
 
 
-def _withdraw(pacs: Pacs, study_uid: str, old: _Stored, author: Author, reason: str) -> bool:
-    """Delete the KOS *old* through the deletion path, audited as *author*'s
+def withdraw_own(pacs: Pacs, study_uid: str, series_uid: str, sop_uid: str, author: Author, reason: str,
+                 error: type[RefusedRequest]) -> bool:
+    """Delete a document the viewer saved for *author* (their KOS, their
+    presentation state) through the deletion path, audited as *author*'s
     ``delete`` (written in the deletion's transaction); False when it was
-    gone already (a concurrent save of the same author deleted it)."""
+    gone already (a concurrent save of the same author deleted it); any other
+    refusal raised as *error*."""
     # Imported here: the maintenance jobs (codecs among them) are not needed to start serving.
     from .maintenance.delete import DeleteRefused, Target, delete_target
 
     event = Event(action="delete", user=author.username, role=author.role, client=author.client,
                   protocol=author.protocol, study_uid=study_uid)
     try:
-        # force: the study may have a signed report; what goes is this author's own KOS alone.
-        delete_target(pacs, Target(study_uid, old.series_uid, old.sop_uid), reason=reason, event=event, force=True)
+        # force: the study may have a signed report; what goes is this author's own document alone.
+        delete_target(pacs, Target(study_uid, series_uid, sop_uid), reason=reason, event=event, force=True)
     except DeleteRefused as exc:
         if exc.http_status == 404:
             return False
-        raise KeyImageError(str(exc), exc.http_status) from None
+        raise error(str(exc), exc.http_status) from None
     return True
 
 
