@@ -149,6 +149,40 @@ def test_enter_in_the_picker_picks_from_what_was_typed(page: Any, viewer_server:
     assert not page.errors, page.errors
 
 
+def test_a_picker_opened_before_the_study_is_known_sorts_for_it(page: Any, viewer_server: PacsServer) -> None:
+    """The picker opened while the study's details were still on their way
+    asked for templates without a modality; the study's modality, arriving
+    while that search was answered, did not ask again, so the list stayed in
+    name order (the CT head first on an abdominal ultrasound) and Enter
+    picked that one. Failed once in CI."""
+    from playwright.sync_api import expect
+
+    viewer_server.cli("template", "import", "--starter")
+    with viewer_server.http() as admin:
+        study = admin.get("/api/worklist", params={"modality": "US"}).json()["items"][0]["study_uid"]
+    held: dict[str, Any] = {}
+
+    def hold_first(name: str) -> Any:
+        return lambda route: held.setdefault(name, route) is route or route.continue_()
+
+    details = re.compile(rf".*/api/studies/{re.escape(study)}$")
+    searches = re.compile(r".*/api/report-templates(\?.*)?$")
+    page.route(details, hold_first("details"))
+    page.route(searches, hold_first("search"))
+    page.goto(f"/#/study/{study}")
+    _log_in(page)
+    page.click("#template-summary")
+    page.wait_for_function("() => document.querySelector('#template-picker').getAttribute('aria-busy') === 'true'")
+    assert set(held) == {"details", "search"}, held
+    held["details"].continue_()  # the study is known while the first search is on its way
+    expect(page.locator("#report-status")).to_have_attribute("data-status", "none")
+    held["search"].continue_()
+    items = page.locator('[data-testid="template-item"]')
+    expect(items).to_have_count(4)
+    expect(items.first).to_contain_text(STARTER[0])
+    assert not page.errors, page.errors
+
+
 def test_escape_in_the_picker_closes_it_and_stays_on_the_study(page: Any, viewer_server: PacsServer) -> None:
     """Escape on a template of the open list (reached with the arrow keys)
     was the study page's Escape: back to the worklist, instead of closing

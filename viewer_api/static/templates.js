@@ -74,7 +74,9 @@ export class TemplatePicker {
   setStudy(modality, bodyPart) {
     this.modality = modality || "";
     this.bodyPart = bodyPart || "";
-    if (this.loaded) this.load();
+    // Opened before the study was known, its first search (without the
+    // modality) may still be on its way: ask again, the older answer is ignored.
+    if (this.loaded || this.element.open) this.load();
   }
 
   /** Ask the server again (after "save as my template"). */
