@@ -66,7 +66,11 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     ours.cli("ae", "add", "OLDPACS", "--host", "127.0.0.1", "--port", str(retrieve.port))
     ours.cli("ae", "add", "SAT", "--host", "127.0.0.1", "--port", str(route.port))
     # Before the start: a running server reads its rules only every few seconds.
-    ours.cli("route", "add", "flaky", "--if", "PatientID=LINKROUTE", "--to-ae", "SAT")
+    # A stable-study rule: the study's jobs fall due together, once it is all
+    # here, so the first association carries all of them (and is cut) however
+    # slowly the machine lets them arrive; jobs due one by one would go a few
+    # per association, under the cut.
+    ours.cli("route", "add", "flaky", "--if", "PatientID=LINKROUTE", "--to-ae", "SAT", "--stable", "5")
     ours.start()
     try:
         yield {"tmp": tmp, "old": old, "ours": ours, "satellite": satellite,
