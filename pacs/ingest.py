@@ -44,7 +44,7 @@ from contextlib import ExitStack
 import dataclasses
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from storage import ObjectExists, ObjectStore, StorageError, StorageFullError, sha256_of
 
@@ -59,6 +59,7 @@ from .reads import IndexReader
 from .routing import RoutingRules
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -301,22 +302,20 @@ class Ingestor:
             raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
 
     def _indexed_key(self, sop_uid: str, key: str) -> str | None:
-        """Storage key the index holds for *sop_uid*, or None.
-
-        A failed lookup answers "index unavailable" (0xA703), as a failed
-        commit does: the modality retries later instead of giving up.
-        """
-        try:
-            return self.reader.instance_key(sop_uid)
-        except Exception as exc:
-            log.error("index lookup failed for %s: %s", key, exc)
-            raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc
+        """Storage key the index holds for *sop_uid*, or None."""
+        return self._index_lookup(self.reader.instance_key, sop_uid, key)
 
     def _indexed_copy(self, sop_uid: str, key: str) -> tuple[str, str, int] | None:
-        """(storage key, sha256, size) the index holds for *sop_uid*, or None;
-        a failed lookup answers "index unavailable" (0xA703), as in _indexed_key."""
+        """(storage key, sha256, size) the index holds for *sop_uid*, or None."""
+        return self._index_lookup(self.reader.instance_copy, sop_uid, key)
+
+    @staticmethod
+    def _index_lookup(lookup: Callable[[str], T], sop_uid: str, key: str) -> T:
+        """*lookup* of *sop_uid* in the index. A failed lookup answers "index
+        unavailable" (0xA703), as a failed commit does: the modality retries
+        later instead of giving up."""
         try:
-            return self.reader.instance_copy(sop_uid)
+            return lookup(sop_uid)
         except Exception as exc:
             log.error("index lookup failed for %s: %s", key, exc)
             raise IngestError(Status.INDEX_FAILED, f"index unavailable: {exc}") from exc

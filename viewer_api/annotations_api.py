@@ -21,9 +21,9 @@ from pydantic import Field
 from pacs.annotations import MAX_LABEL, MAX_MEASUREMENTS, Drawn, replace_measurements, study_annotations
 from pacs.audit import Event
 from pacs.auth import Principal
-from pacs.key_images import Author
 
 from .errors import JsonBody, refused_as_problem, require_uids
+from .key_images_api import author_of
 from .security import READERS, guard
 
 router = APIRouter(tags=["viewer"])
@@ -61,8 +61,7 @@ def put_annotations(request: Request, study: str, body: Measurements,
                     principal: Principal = guard("radiologist", "admin", action="annotations-update")
                     ) -> dict[str, Any]:
     require_uids(study, name="Study Instance UID")
-    author = Author(username=principal.username, display_name=principal.display_name, role=principal.role,
-                    client=request.client.host if request.client else "")
+    author = author_of(request, principal)
     drawn = [Drawn(m.sop_uid, m.frame, m.kind, tuple((float(x), float(y)) for x, y in m.points), m.label,
                    (float(m.window[0]), float(m.window[1])) if m.window is not None else None)
              for m in body.measurements]

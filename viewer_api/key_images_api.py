@@ -47,6 +47,12 @@ class KeyImageSelection(JsonBody):
     description: str | None = Field(None, max_length=MAX_DESCRIPTION, description="Key Object Description text")
 
 
+def author_of(request: Request, principal: Principal) -> Author:
+    """The caller as the author of a document the viewer saves (key images, measurements)."""
+    return Author(username=principal.username, display_name=principal.display_name, role=principal.role,
+                  client=request.client.host if request.client else "")
+
+
 @router.get("/api/studies/{study}/key-images",
             summary="The study's key images: every Key Object Selection in it (sop, series, frame, which KOS, "
                     "title, author)")
@@ -62,8 +68,7 @@ def get_key_images(request: Request, study: str,
 def put_key_images(request: Request, study: str, body: KeyImageSelection,
                    principal: Principal = guard("radiologist", "admin", action="key-images-update")) -> dict[str, Any]:
     require_uids(study, name="Study Instance UID")
-    author = Author(username=principal.username, display_name=principal.display_name, role=principal.role,
-                    client=request.client.host if request.client else "")
+    author = author_of(request, principal)
     answer = refused_as_problem(replace_selection, request.app.state.pacs, study,
                    [Mark(m.sop_uid, m.frame) for m in body.images], author,
                    title=body.title, description=body.description)
