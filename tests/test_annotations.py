@@ -34,7 +34,7 @@ from pacs.routing import VIEWER_SAVE_HOLD_SECONDS
 from .conftest import PacsServer, shared_backend
 from .dicomfiles import image_dataset
 from .peers import ROOT, Backend, run_dcmtk
-from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, Steps, _sync_playwright
+from .test_web_viewer import Steps, browsing
 
 GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 CSPS = "1.2.840.10008.5.1.4.1.1.11.2"
@@ -429,73 +429,60 @@ def test_measurements_are_saved_and_shown_again_in_the_viewer(browser_archive: P
     # A colleague measured the first slice before.
     assert put(server, sent.uid, [{"sop_uid": sent.slices[0], "frame": 1, "kind": "length",
                                    "points": [[8, 8], [8, 56]], "label": "24.0 mm"}], "colleague").status_code == 200
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
-                                          base_url=f"http://127.0.0.1:{server.http_port}")
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            errors: list[str] = []
-            violations: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("console", lambda m: violations.append(m.text) if "Content Security Policy" in m.text else None)
-            steps = Steps(page, SHOTS)
-            page.goto("/")
-            page.fill("#username", RADIOLOGIST[0])
-            page.fill("#password", PASSWORD)
-            page.press("#password", "Enter")
-            expect(page.locator("#current-user")).to_have_text(RADIOLOGIST[1])
-            _open(page, sent.uid)
-            layer = page.locator("#measure-layer")
-            state = page.locator("#measure-state")
-            expect(state).to_have_attribute("data-loaded", "true")
-            # The colleague's: drawn read-only, their name on it.
-            theirs = layer.locator("g.measurement.foreign")
-            expect(theirs).to_have_count(1)
-            expect(theirs.locator("title")).to_have_text(re.compile(COLLEAGUE[1]))
-            expect(theirs.locator("text")).to_have_text("24.0 mm")
+    with browsing(server) as (page, errors):
+        steps = Steps(page, SHOTS)
+        page.goto("/")
+        page.fill("#username", RADIOLOGIST[0])
+        page.fill("#password", PASSWORD)
+        page.press("#password", "Enter")
+        expect(page.locator("#current-user")).to_have_text(RADIOLOGIST[1])
+        _open(page, sent.uid)
+        layer = page.locator("#measure-layer")
+        state = page.locator("#measure-state")
+        expect(state).to_have_attribute("data-loaded", "true")
+        # The colleague's: drawn read-only, their name on it.
+        theirs = layer.locator("g.measurement.foreign")
+        expect(theirs).to_have_count(1)
+        expect(theirs.locator("title")).to_have_text(re.compile(COLLEAGUE[1]))
+        expect(theirs.locator("text")).to_have_text("24.0 mm")
 
-            # A length across the disc: 32 pixels of 0.5 mm, saved a moment later.
-            page.locator("#viewport").focus()
-            page.keyboard.press("l")
-            page.mouse.move(*_screen(page, 16, 32))
-            page.mouse.down()
-            page.mouse.move(*_screen(page, 48, 32), steps=5)
-            page.mouse.up()
-            own = layer.locator("g.measurement.length:not(.foreign)")
-            expect(own.locator("text")).to_have_text("16.0 mm")
-            expect(state).to_have_attribute("data-saved", "1")
-            expect(state).to_have_text("Đã lưu 1 phép đo")
-            steps.shot("saved")
-            with server.http() as admin:
-                saved = admin.get(f"/api/studies/{sent.uid}/annotations").json()
-            [m] = [m for m in saved["images"] if m["author"] == RADIOLOGIST[1]]
-            assert m["texts"][0]["text"] == "16.0 mm"
-            assert [[round(v) for v in p] for p in m["graphics"][0]["points"]] == [[16, 32], [48, 32]]
+        # A length across the disc: 32 pixels of 0.5 mm, saved a moment later.
+        page.locator("#viewport").focus()
+        page.keyboard.press("l")
+        page.mouse.move(*_screen(page, 16, 32))
+        page.mouse.down()
+        page.mouse.move(*_screen(page, 48, 32), steps=5)
+        page.mouse.up()
+        own = layer.locator("g.measurement.length:not(.foreign)")
+        expect(own.locator("text")).to_have_text("16.0 mm")
+        expect(state).to_have_attribute("data-saved", "1")
+        expect(state).to_have_text("Đã lưu 1 phép đo")
+        steps.shot("saved")
+        with server.http() as admin:
+            saved = admin.get(f"/api/studies/{sent.uid}/annotations").json()
+        [m] = [m for m in saved["images"] if m["author"] == RADIOLOGIST[1]]
+        assert m["texts"][0]["text"] == "16.0 mm"
+        assert [[round(v) for v in p] for p in m["graphics"][0]["points"]] == [[16, 32], [48, 32]]
 
-            # Reopened: the own length again (editable: Delete removes it), the colleague's too.
-            page.reload()
-            _open(page, sent.uid)
-            expect(state).to_have_attribute("data-loaded", "true")
-            expect(own).to_have_count(1)
-            expect(own.locator("text")).to_have_text("16.0 mm")
-            expect(theirs).to_have_count(1)
-            steps.shot("reopened")
-            page.locator("#viewport").focus()
-            page.keyboard.press("Delete")
-            expect(own).to_have_count(0)
-            expect(theirs).to_have_count(1)  # not the user's to delete
-            expect(state).to_have_attribute("data-saved", "0")
-            with server.http() as admin:
-                left = admin.get(f"/api/studies/{sent.uid}/annotations").json()
-            assert [s["author"] for s in left["states"]] == [COLLEAGUE[1]]
-            # The PR series is no image series of the list.
-            expect(page.locator('[data-testid="series-thumb"][data-modality="PR"] img')).to_have_count(0)
-        finally:
-            browser.close()
-    assert not errors, errors
-    assert not violations, violations
+        # Reopened: the own length again (editable: Delete removes it), the colleague's too.
+        page.reload()
+        _open(page, sent.uid)
+        expect(state).to_have_attribute("data-loaded", "true")
+        expect(own).to_have_count(1)
+        expect(own.locator("text")).to_have_text("16.0 mm")
+        expect(theirs).to_have_count(1)
+        steps.shot("reopened")
+        page.locator("#viewport").focus()
+        page.keyboard.press("Delete")
+        expect(own).to_have_count(0)
+        expect(theirs).to_have_count(1)  # not the user's to delete
+        expect(state).to_have_attribute("data-saved", "0")
+        with server.http() as admin:
+            left = admin.get(f"/api/studies/{sent.uid}/annotations").json()
+        assert [s["author"] for s in left["states"]] == [COLLEAGUE[1]]
+        # The PR series is no image series of the list.
+        expect(page.locator('[data-testid="series-thumb"][data-modality="PR"] img')).to_have_count(0)
+    assert not errors, errors  # script errors and Content Security Policy refusals
 
 
 # -- routing: the radiologist's last save is sent, not one object per change -------------------------------

@@ -32,7 +32,7 @@ from .conftest import PacsServer, shared_backend
 from .dicomfiles import image_dataset
 from .peers import ROOT, Backend, run_dcmtk
 from .test_web_viewer import (
-    CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, Steps, _sync_playwright, assert_no_horizontal_scroll,
+    Steps, assert_no_horizontal_scroll, browsing,
 )
 
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
@@ -478,104 +478,94 @@ def test_marking_in_the_viewer_and_the_patients_page(browser_archive: PacsServer
 
     server = browser_archive
     sent = send_study(server, tmp_path / "in")
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
-                                          base_url=f"http://127.0.0.1:{server.http_port}")
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            steps = Steps(page, SHOTS)
-            page.goto("/")
-            page.fill("#username", RADIOLOGIST[0])
-            page.fill("#password", PASSWORD)
-            page.press("#password", "Enter")
-            expect(page.locator("#current-user")).to_have_text(RADIOLOGIST[1])
-            page.goto(f"/#/study/{sent.uid}")
-            label, toggle, marker, state = (page.locator(s) for s in (
-                "#slice-label", "#key-image-toggle", "#key-image-marker", "#key-image-state"))
-            expect(label).to_have_text("Lát cắt 1 / 3")
-            expect(toggle).to_have_text("☆ Ảnh chính")
-            expect(toggle).to_have_attribute("aria-pressed", "false")
-            expect(marker).to_be_hidden()
-            # The saved selection is read before K may change it (a K before it is refused, not saved).
-            expect(toggle).to_have_attribute("data-loaded", "true")
+    with browsing(server) as (page, errors):
+        steps = Steps(page, SHOTS)
+        page.goto("/")
+        page.fill("#username", RADIOLOGIST[0])
+        page.fill("#password", PASSWORD)
+        page.press("#password", "Enter")
+        expect(page.locator("#current-user")).to_have_text(RADIOLOGIST[1])
+        page.goto(f"/#/study/{sent.uid}")
+        label, toggle, marker, state = (page.locator(s) for s in (
+            "#slice-label", "#key-image-toggle", "#key-image-marker", "#key-image-state"))
+        expect(label).to_have_text("Lát cắt 1 / 3")
+        expect(toggle).to_have_text("☆ Ảnh chính")
+        expect(toggle).to_have_attribute("aria-pressed", "false")
+        expect(marker).to_be_hidden()
+        # The saved selection is read before K may change it (a K before it is refused, not saved).
+        expect(toggle).to_have_attribute("data-loaded", "true")
 
-            # K on the second slice marks it; the state says it is saved, the stars show.
-            page.locator("#viewport").focus()
-            page.keyboard.press("ArrowDown")
-            expect(label).to_have_text("Lát cắt 2 / 3")
-            page.keyboard.press("k")
-            expect(state).to_have_attribute("data-saved", "1")
-            expect(state).to_have_text("Đã lưu 1 ảnh chính")
-            expect(marker).to_be_visible()
-            expect(toggle).to_have_text("★ Ảnh chính")
-            expect(toggle).to_have_attribute("aria-pressed", "true")
-            ct_thumb = page.locator(f'[data-testid="series-thumb"][data-series-uid="{sent.ct_series}"]')
-            expect(ct_thumb.locator(".thumb-key")).to_have_text(" ★ 1")
-            page.keyboard.press("ArrowDown")
-            expect(marker).to_be_hidden()  # slice 3 is no key image
-            page.keyboard.press("ArrowUp")
-            expect(marker).to_be_visible()
-            assert_no_horizontal_scroll(page)
-            steps.shot("marked")
+        # K on the second slice marks it; the state says it is saved, the stars show.
+        page.locator("#viewport").focus()
+        page.keyboard.press("ArrowDown")
+        expect(label).to_have_text("Lát cắt 2 / 3")
+        page.keyboard.press("k")
+        expect(state).to_have_attribute("data-saved", "1")
+        expect(state).to_have_text("Đã lưu 1 ảnh chính")
+        expect(marker).to_be_visible()
+        expect(toggle).to_have_text("★ Ảnh chính")
+        expect(toggle).to_have_attribute("aria-pressed", "true")
+        ct_thumb = page.locator(f'[data-testid="series-thumb"][data-series-uid="{sent.ct_series}"]')
+        expect(ct_thumb.locator(".thumb-key")).to_have_text(" ★ 1")
+        page.keyboard.press("ArrowDown")
+        expect(marker).to_be_hidden()  # slice 3 is no key image
+        page.keyboard.press("ArrowUp")
+        expect(marker).to_be_visible()
+        assert_no_horizontal_scroll(page)
+        steps.shot("marked")
 
-            # A K typed in the report is text: it marks nothing.
-            findings = page.locator("#findings")
-            expect(findings).to_be_editable()
-            findings.click()
-            page.keyboard.type("Khối k")
-            expect(findings).to_have_value("Khối k")
-            expect(toggle).to_have_attribute("aria-pressed", "true")
-            expect(state).to_have_attribute("data-saved", "1")
+        # A K typed in the report is text: it marks nothing.
+        findings = page.locator("#findings")
+        expect(findings).to_be_editable()
+        findings.click()
+        page.keyboard.type("Khối k")
+        expect(findings).to_have_value("Khối k")
+        expect(toggle).to_have_attribute("aria-pressed", "true")
+        expect(state).to_have_attribute("data-saved", "1")
 
-            # The clip's third frame, by the toolbar's button; then in English.
-            page.locator(f'[data-testid="series-thumb"][data-series-uid="{sent.us_series}"]').click()
-            expect(label).to_have_text("Khung hình 1 / 3")
-            page.locator("#viewport").focus()
-            page.keyboard.press("End")
-            expect(label).to_have_text("Khung hình 3 / 3")
-            toggle.click()
-            expect(state).to_have_attribute("data-saved", "2")
-            expect(marker).to_be_visible()
-            expect(state).to_have_text("Đã lưu 2 ảnh chính")
-            page.click("#lang-toggle")
-            expect(toggle).to_have_text("★ Key image")
-            expect(state).to_have_text("2 key images saved")
-            steps.shot("clip-frame-en")
-            page.click("#lang-toggle")
-            with server.http() as admin:
-                mine = admin.get(f"/api/studies/{sent.uid}/key-images").json()
-            assert [(i["sop_uid"], i["frame"], i["login"]) for i in mine["images"]] == [
-                (sent.slices[1], None, RADIOLOGIST[0]), (sent.clip, 3, RADIOLOGIST[0])]
+        # The clip's third frame, by the toolbar's button; then in English.
+        page.locator(f'[data-testid="series-thumb"][data-series-uid="{sent.us_series}"]').click()
+        expect(label).to_have_text("Khung hình 1 / 3")
+        page.locator("#viewport").focus()
+        page.keyboard.press("End")
+        expect(label).to_have_text("Khung hình 3 / 3")
+        toggle.click()
+        expect(state).to_have_attribute("data-saved", "2")
+        expect(marker).to_be_visible()
+        expect(state).to_have_text("Đã lưu 2 ảnh chính")
+        page.click("#lang-toggle")
+        expect(toggle).to_have_text("★ Key image")
+        expect(state).to_have_text("2 key images saved")
+        steps.shot("clip-frame-en")
+        page.click("#lang-toggle")
+        with server.http() as admin:
+            mine = admin.get(f"/api/studies/{sent.uid}/key-images").json()
+        assert [(i["sop_uid"], i["frame"], i["login"]) for i in mine["images"]] == [
+            (sent.slices[1], None, RADIOLOGIST[0]), (sent.clip, 3, RADIOLOGIST[0])]
 
-            # The patient's page: the key images come first, and open in the viewer.
-            base = share_link(server, sent.uid)
-            phone = browser.new_context(viewport={"width": 390, "height": 844}, locale="vi-VN",
-                                        base_url=f"http://127.0.0.1:{server.http_port}")
-            phone.set_default_timeout(20_000)
-            patient = phone.new_page()
-            patient.on("pageerror", lambda exc: errors.append(str(exc)))
-            patient.goto(base)
-            patient.fill("#birth-year", BIRTH[:4])
-            patient.click("#birth-submit")
-            expect(patient.locator("#key-images")).to_be_visible()
-            sections = patient.locator("#share-main > section").evaluate_all("els => els.map(e => e.id)")
-            assert sections[1:] == ["key-images", "report", "images"], sections
-            keys = patient.locator("#key-images .share-key")
-            expect(keys).to_have_count(2)
-            assert keys.evaluate_all("els => els.map(e => [e.dataset.sop, e.dataset.frame])") == [
-                [sent.slices[1], "1"], [sent.clip, "3"]]
-            patient.wait_for_function("() => [...document.querySelectorAll('#key-images img')]"
-                                      ".every(i => i.complete && i.naturalWidth > 0)")
-            Steps(patient, SHOTS / "share").shot("key-images-first")
-            keys.nth(1).click()
-            expect(patient.locator("#frame-counter")).to_have_text("2 / 2")
-            expect(patient.locator("#frame-image")).to_have_attribute(
-                "src", re.compile(rf"/instances/{re.escape(sent.clip)}/frames/3$"))
-            phone.close()
-        finally:
-            browser.close()
+        # The patient's page: the key images come first, and open in the viewer.
+        base = share_link(server, sent.uid)
+        phone = page.context.browser.new_context(viewport={"width": 390, "height": 844}, locale="vi-VN",
+                                    base_url=f"http://127.0.0.1:{server.http_port}")
+        phone.set_default_timeout(20_000)
+        patient = phone.new_page()
+        patient.on("pageerror", lambda exc: errors.append(str(exc)))
+        patient.goto(base)
+        patient.fill("#birth-year", BIRTH[:4])
+        patient.click("#birth-submit")
+        expect(patient.locator("#key-images")).to_be_visible()
+        sections = patient.locator("#share-main > section").evaluate_all("els => els.map(e => e.id)")
+        assert sections[1:] == ["key-images", "report", "images"], sections
+        keys = patient.locator("#key-images .share-key")
+        expect(keys).to_have_count(2)
+        assert keys.evaluate_all("els => els.map(e => [e.dataset.sop, e.dataset.frame])") == [
+            [sent.slices[1], "1"], [sent.clip, "3"]]
+        patient.wait_for_function("() => [...document.querySelectorAll('#key-images img')]"
+                                  ".every(i => i.complete && i.naturalWidth > 0)")
+        Steps(patient, SHOTS / "share").shot("key-images-first")
+        keys.nth(1).click()
+        expect(patient.locator("#frame-counter")).to_have_text("2 / 2")
+        expect(patient.locator("#frame-image")).to_have_attribute(
+            "src", re.compile(rf"/instances/{re.escape(sent.clip)}/frames/3$"))
+        phone.close()
     assert not errors, errors

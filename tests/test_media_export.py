@@ -513,40 +513,29 @@ def test_viewer_button_downloads_the_study_for_a_cd(archive: PacsServer, tmp_pat
     the media zip with the browser's session, in a real Chromium."""
     from playwright.sync_api import expect
 
-    from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, _sync_playwright
+    from .test_web_viewer import browsing
 
-    sync_playwright = _sync_playwright()
     archive.cli("user", "add", "bs.dia", "--role", "radiologist", "--password", "Secret-123",
                 "--display-name", "BS. Đỗ Đĩa")
     ct = archive.studies["ct"]  # type: ignore[attr-defined]
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(base_url=f"http://127.0.0.1:{archive.http_port}", locale="vi-VN",
-                                          accept_downloads=True, viewport={"width": 1366, "height": 768})
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto("/")
-            page.fill("#username", "bs.dia")
-            page.fill("#password", "Secret-123")
-            page.press("#password", "Enter")
-            expect(page).to_have_url(re.compile(r"#/worklist$"))
-            page.goto(f"/#/study/{ct}")
-            button = page.locator("#study-media")
-            expect(button).to_have_text("Tải về ghi đĩa/USB")
-            expect(button).to_be_in_viewport()
-            page.click("#lang-toggle")
-            expect(page.locator("#study-media")).to_have_text("Download for CD/USB")
-            with page.expect_download() as started:
-                page.click("#study-media")
-            download = started.value
-            assert download.suggested_filename == f"DICOM-{ct}.zip"
-            download.save_as(tmp_path / "from-viewer.zip")
-            assert not errors, errors
-        finally:
-            browser.close()
+    with browsing(archive, accept_downloads=True) as (page, errors):
+        page.goto("/")
+        page.fill("#username", "bs.dia")
+        page.fill("#password", "Secret-123")
+        page.press("#password", "Enter")
+        expect(page).to_have_url(re.compile(r"#/worklist$"))
+        page.goto(f"/#/study/{ct}")
+        button = page.locator("#study-media")
+        expect(button).to_have_text("Tải về ghi đĩa/USB")
+        expect(button).to_be_in_viewport()
+        page.click("#lang-toggle")
+        expect(page.locator("#study-media")).to_have_text("Download for CD/USB")
+        with page.expect_download() as started:
+            page.click("#study-media")
+        download = started.value
+        assert download.suggested_filename == f"DICOM-{ct}.zip"
+        download.save_as(tmp_path / "from-viewer.zip")
+        assert not errors, errors
     media = check_media(_unzipped(tmp_path / "from-viewer.zip", tmp_path / "viewer"))
     assert set(media) == set(_stored(archive, [ct]))
 

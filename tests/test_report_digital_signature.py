@@ -39,7 +39,7 @@ from .conftest import Backend, PacsServer, free_port, shared_backend
 from .dicomfiles import image_dataset
 from .peers import PACS
 from .test_clock_review import FAKETIME_LIB
-from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, _sync_playwright
+from .test_web_viewer import browsing
 
 SIGNER_CN = "Nguyễn Thị Hồng Nhung"
 DISPLAY_NAME = "BS. Nguyễn Thị Hồng Nhung"
@@ -473,46 +473,34 @@ def test_viewer_asks_the_pin_and_shows_the_badge(archive: PacsServer, pki: Pki, 
     archive.cli("user", "add", "bs.an", "--role", "radiologist", "--password", "Secret-123",
                 "--display-name", DISPLAY_NAME)
     assert import_cert(archive, "bs.an", pki.folder / "nhung.p12", f"{P12_PASSWORD}\n{PIN}\n").returncode == 0
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(base_url=f"http://127.0.0.1:{archive.http_port}", locale="vi-VN",
-                                          viewport={"width": 1366, "height": 768})
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.on("console", lambda m: errors.append(m.text) if "Content Security Policy" in m.text else None)
-            page.goto("/")
-            page.fill("#username", "bs.an")
-            page.fill("#password", "Secret-123")
-            page.press("#password", "Enter")
-            expect(page).to_have_url(re.compile(r"#/worklist$"))
-            page.goto(f"/#/study/{study}")
-            page.fill("#findings", FINDINGS)
-            page.fill("#impression", IMPRESSION)
-            page.click("#sign-report")
-            dialog = page.locator("#sign-pin-dialog")
-            expect(dialog).to_be_visible()
-            expect(dialog.locator("h3")).to_have_text("Ký số báo cáo")
-            page.fill("#sign-pin", WRONG_PIN)
-            page.screenshot(path=str(tmp_path / "pin-dialog.png"))
-            page.click("#sign-pin-ok")
-            expect(page.locator("#report-error")).to_contain_text("wrong PIN")
-            expect(page.locator("#report-status")).to_have_text("Bản nháp")
-            page.click("#sign-report")
-            page.fill("#sign-pin", PIN)
-            page.click("#sign-pin-ok")
-            badge = page.locator("#report-digital-signature")
-            expect(badge).to_have_text(f"Đã ký số: {SIGNER_CN}")
-            expect(badge).to_have_attribute("data-state", "ok")
-            page.screenshot(path=str(tmp_path / "badge-vi.png"))
-            page.click("#lang-toggle")
-            expect(badge).to_have_text(f"Digitally signed by {SIGNER_CN}")
-            assert not errors, errors
-            context.close()
-        finally:
-            browser.close()
+    with browsing(archive) as (page, errors):
+        page.goto("/")
+        page.fill("#username", "bs.an")
+        page.fill("#password", "Secret-123")
+        page.press("#password", "Enter")
+        expect(page).to_have_url(re.compile(r"#/worklist$"))
+        page.goto(f"/#/study/{study}")
+        page.fill("#findings", FINDINGS)
+        page.fill("#impression", IMPRESSION)
+        page.click("#sign-report")
+        dialog = page.locator("#sign-pin-dialog")
+        expect(dialog).to_be_visible()
+        expect(dialog.locator("h3")).to_have_text("Ký số báo cáo")
+        page.fill("#sign-pin", WRONG_PIN)
+        page.screenshot(path=str(tmp_path / "pin-dialog.png"))
+        page.click("#sign-pin-ok")
+        expect(page.locator("#report-error")).to_contain_text("wrong PIN")
+        expect(page.locator("#report-status")).to_have_text("Bản nháp")
+        page.click("#sign-report")
+        page.fill("#sign-pin", PIN)
+        page.click("#sign-pin-ok")
+        badge = page.locator("#report-digital-signature")
+        expect(badge).to_have_text(f"Đã ký số: {SIGNER_CN}")
+        expect(badge).to_have_attribute("data-state", "ok")
+        page.screenshot(path=str(tmp_path / "badge-vi.png"))
+        page.click("#lang-toggle")
+        expect(badge).to_have_text(f"Digitally signed by {SIGNER_CN}")
+        assert not errors, errors
 
 
 # -- the certificate expired since its import -------------------------------------------

@@ -261,64 +261,54 @@ def test_the_viewer_saves_the_window_it_measured_in(archive: PacsServer, tmp_pat
     from playwright.sync_api import expect
 
     from .test_annotations import PASSWORD, _open, _screen
-    from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, _sync_playwright
+    from .test_web_viewer import browsing
 
     sent = send_study(archive, tmp_path / "in", patient_id="RV-VIEWER")
     archive.cli("user", "add", "bs.lung", "--role", "radiologist", "--password", PASSWORD,
                 "--display-name", "BS. Phổi")
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
-                                          base_url=f"http://127.0.0.1:{archive.http_port}")
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto("/")
-            page.fill("#username", "bs.lung")
-            page.fill("#password", PASSWORD)
-            page.press("#password", "Enter")
-            expect(page.locator("#current-user")).to_have_text("BS. Phổi")
-            _open(page, sent.uid)
-            state = page.locator("#measure-state")
-            expect(state).to_have_attribute("data-loaded", "true")
-            page.locator("#viewport").focus()
-            page.keyboard.press("3")  # the lung preset: C -600 / W 1500
-            page.wait_for_function("() => { const i = document.querySelector('#viewer-image');"
-                                   " return i && !i.hidden && i.complete && i.naturalWidth > 0"
-                                   " && i.src.includes('window='); }")
-            page.keyboard.press("l")
-            page.mouse.move(*_screen(page, 16, 32))
-            page.mouse.down()
-            page.mouse.move(*_screen(page, 48, 32), steps=5)
-            page.mouse.up()
-            expect(state).to_have_attribute("data-saved", "1")
-            with archive.http() as admin:
-                saved = admin.get(f"/api/studies/{sent.uid}/annotations").json()
-            [state_json] = [s for s in saved["states"] if s["login"] == "bs.lung"]
-            [pr] = retrieve(archive, sent.uid, state_json["series_uid"], tmp_path / "pr")
-            [voi] = pr.SoftcopyVOILUTSequence
-            assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (-600.0, 1500.0)
-            # Reopened and another length added: the first keeps its window.
-            page.reload()
-            _open(page, sent.uid)
-            expect(state).to_have_attribute("data-loaded", "true")
-            page.locator("#viewport").focus()
-            page.keyboard.press("l")
-            page.mouse.move(*_screen(page, 16, 40))
-            page.mouse.down()
-            page.mouse.move(*_screen(page, 40, 40), steps=5)
-            page.mouse.up()
-            expect(state).to_have_attribute("data-saved", "2")
-            with archive.http() as admin:
-                again = admin.get(f"/api/studies/{sent.uid}/annotations").json()
-            [latest] = [s for s in again["states"] if s["login"] == "bs.lung"]
-            [pr] = retrieve(archive, sent.uid, latest["series_uid"], tmp_path / "pr2")
-            [voi] = pr.SoftcopyVOILUTSequence
-            assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (-600.0, 1500.0)
-        finally:
-            browser.close()
+    with browsing(archive) as (page, errors):
+        page.goto("/")
+        page.fill("#username", "bs.lung")
+        page.fill("#password", PASSWORD)
+        page.press("#password", "Enter")
+        expect(page.locator("#current-user")).to_have_text("BS. Phổi")
+        _open(page, sent.uid)
+        state = page.locator("#measure-state")
+        expect(state).to_have_attribute("data-loaded", "true")
+        page.locator("#viewport").focus()
+        page.keyboard.press("3")  # the lung preset: C -600 / W 1500
+        page.wait_for_function("() => { const i = document.querySelector('#viewer-image');"
+                               " return i && !i.hidden && i.complete && i.naturalWidth > 0"
+                               " && i.src.includes('window='); }")
+        page.keyboard.press("l")
+        page.mouse.move(*_screen(page, 16, 32))
+        page.mouse.down()
+        page.mouse.move(*_screen(page, 48, 32), steps=5)
+        page.mouse.up()
+        expect(state).to_have_attribute("data-saved", "1")
+        with archive.http() as admin:
+            saved = admin.get(f"/api/studies/{sent.uid}/annotations").json()
+        [state_json] = [s for s in saved["states"] if s["login"] == "bs.lung"]
+        [pr] = retrieve(archive, sent.uid, state_json["series_uid"], tmp_path / "pr")
+        [voi] = pr.SoftcopyVOILUTSequence
+        assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (-600.0, 1500.0)
+        # Reopened and another length added: the first keeps its window.
+        page.reload()
+        _open(page, sent.uid)
+        expect(state).to_have_attribute("data-loaded", "true")
+        page.locator("#viewport").focus()
+        page.keyboard.press("l")
+        page.mouse.move(*_screen(page, 16, 40))
+        page.mouse.down()
+        page.mouse.move(*_screen(page, 40, 40), steps=5)
+        page.mouse.up()
+        expect(state).to_have_attribute("data-saved", "2")
+        with archive.http() as admin:
+            again = admin.get(f"/api/studies/{sent.uid}/annotations").json()
+        [latest] = [s for s in again["states"] if s["login"] == "bs.lung"]
+        [pr] = retrieve(archive, sent.uid, latest["series_uid"], tmp_path / "pr2")
+        [voi] = pr.SoftcopyVOILUTSequence
+        assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (-600.0, 1500.0)
     assert not errors, errors
 
 
@@ -329,56 +319,46 @@ def test_the_measurements_series_is_listed_at_once_and_opens_its_image(archive: 
     from playwright.sync_api import expect
 
     from .test_annotations import PASSWORD, _open, _screen
-    from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, _sync_playwright
+    from .test_web_viewer import browsing
 
     sent = send_study(archive, tmp_path / "in", patient_id="RV-LIST")
     archive.cli("user", "add", "bs.list", "--role", "radiologist", "--password", PASSWORD,
                 "--display-name", "BS. Danh Sách")
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
-                                          base_url=f"http://127.0.0.1:{archive.http_port}")
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto("/")
-            page.fill("#username", "bs.list")
-            page.fill("#password", PASSWORD)
-            page.press("#password", "Enter")
-            expect(page.locator("#current-user")).to_have_text("BS. Danh Sách")
-            _open(page, sent.uid)
-            state = page.locator("#measure-state")
-            expect(state).to_have_attribute("data-loaded", "true")
-            pr_thumbs = page.locator('[data-testid="series-thumb"][data-modality="PR"]')
-            expect(pr_thumbs).to_have_count(0)
-            # The third slice measured.
-            page.locator("#viewport").focus()
-            page.keyboard.press("End")
-            page.wait_for_function("() => document.querySelector('#viewer-image').src.includes("
-                                   f"'{sent.slices[2]}')")
-            page.keyboard.press("l")
-            page.mouse.move(*_screen(page, 16, 32))
-            page.mouse.down()
-            page.mouse.move(*_screen(page, 48, 32), steps=5)
-            page.mouse.up()
-            expect(state).to_have_attribute("data-saved", "1")
-            expect(pr_thumbs).to_have_count(1)
-            # The ultrasound clip shown, then the PR entry clicked: the measured slice again, no error.
-            page.locator(f'[data-testid="series-thumb"][data-series-uid="{sent.us_series}"]').click()
-            pr_thumbs.click()
-            page.wait_for_function("() => { const i = document.querySelector('#viewer-image');"
-                                   f" return i && !i.hidden && i.src.includes('{sent.slices[2]}'); }}")
-            expect(page.locator("#viewer-error")).to_be_hidden()
-            expect(page.locator("g.measurement.length")).to_have_count(1)
-            # Removed: the entry goes.
-            page.locator("#viewport").focus()
-            page.keyboard.press("Delete")
-            expect(state).to_have_attribute("data-saved", "0")
-            expect(pr_thumbs).to_have_count(0)
-        finally:
-            browser.close()
+    with browsing(archive) as (page, errors):
+        page.goto("/")
+        page.fill("#username", "bs.list")
+        page.fill("#password", PASSWORD)
+        page.press("#password", "Enter")
+        expect(page.locator("#current-user")).to_have_text("BS. Danh Sách")
+        _open(page, sent.uid)
+        state = page.locator("#measure-state")
+        expect(state).to_have_attribute("data-loaded", "true")
+        pr_thumbs = page.locator('[data-testid="series-thumb"][data-modality="PR"]')
+        expect(pr_thumbs).to_have_count(0)
+        # The third slice measured.
+        page.locator("#viewport").focus()
+        page.keyboard.press("End")
+        page.wait_for_function("() => document.querySelector('#viewer-image').src.includes("
+                               f"'{sent.slices[2]}')")
+        page.keyboard.press("l")
+        page.mouse.move(*_screen(page, 16, 32))
+        page.mouse.down()
+        page.mouse.move(*_screen(page, 48, 32), steps=5)
+        page.mouse.up()
+        expect(state).to_have_attribute("data-saved", "1")
+        expect(pr_thumbs).to_have_count(1)
+        # The ultrasound clip shown, then the PR entry clicked: the measured slice again, no error.
+        page.locator(f'[data-testid="series-thumb"][data-series-uid="{sent.us_series}"]').click()
+        pr_thumbs.click()
+        page.wait_for_function("() => { const i = document.querySelector('#viewer-image');"
+                               f" return i && !i.hidden && i.src.includes('{sent.slices[2]}'); }}")
+        expect(page.locator("#viewer-error")).to_be_hidden()
+        expect(page.locator("g.measurement.length")).to_have_count(1)
+        # Removed: the entry goes.
+        page.locator("#viewport").focus()
+        page.keyboard.press("Delete")
+        expect(state).to_have_attribute("data-saved", "0")
+        expect(pr_thumbs).to_have_count(0)
     assert not errors, errors
 
 

@@ -47,7 +47,7 @@ from .test_key_images import (
     BIRTH, COLLEAGUE, FINDINGS, IMPRESSION, KOS, PATIENT, RADIOLOGIST, US_MULTIFRAME, dsrdump_clean, getscu_series,
     pdf_images, send_study, share_link,
 )
-from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, _sync_playwright
+from .test_web_viewer import browsing
 
 PASSWORD = "test-password-123"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"  # PacsServer.make_token's
@@ -93,24 +93,14 @@ def viewer_page(archive: PacsServer) -> Iterator[Any]:
     """The radiologist logged in to the viewer (Chromium)."""
     from playwright.sync_api import expect
 
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
-                                          base_url=f"http://127.0.0.1:{archive.http_port}")
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            errors: list[str] = []
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto("/")
-            page.fill("#username", RADIOLOGIST[0])
-            page.fill("#password", PASSWORD)
-            page.press("#password", "Enter")
-            expect(page.locator("#current-user")).to_have_text(RADIOLOGIST[1])
-            yield page
-            assert not errors, errors
-        finally:
-            browser.close()
+    with browsing(archive) as (page, errors):
+        page.goto("/")
+        page.fill("#username", RADIOLOGIST[0])
+        page.fill("#password", PASSWORD)
+        page.press("#password", "Enter")
+        expect(page.locator("#current-user")).to_have_text(RADIOLOGIST[1])
+        yield page
+        assert not errors, errors
 
 
 def _open_second_slice(page: Any, study: str) -> None:

@@ -178,7 +178,7 @@ def test_a_lock_into_tomorrow_tells_the_day(archive: PacsServer) -> None:
 
     from playwright.sync_api import expect
 
-    from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, _sync_playwright
+    from .test_web_viewer import watched_page
 
     base = _link(archive, _uids(archive)["a"])
     until = datetime.now(UTC) + timedelta(days=1)
@@ -191,18 +191,11 @@ def test_a_lock_into_tomorrow_tells_the_day(archive: PacsServer) -> None:
     finally:
         core.close()
     day = until.astimezone(ZoneInfo("Asia/Ho_Chi_Minh")).strftime("%d/%m/%Y")
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(locale="vi-VN", timezone_id="Asia/Ho_Chi_Minh")
-            page = context.new_page()
-            page.goto(f"http://127.0.0.1:{archive.http_port}{base}")
-            message = page.locator("#birth-message")
-            expect(message).to_contain_text("Nhập sai quá nhiều lần", timeout=20_000)
-            assert day in message.inner_text(), (message.inner_text(), day)
-            context.close()
-        finally:
-            browser.close()
+    with watched_page(timezone_id="Asia/Ho_Chi_Minh") as (page, _problems):
+        page.goto(f"http://127.0.0.1:{archive.http_port}{base}")
+        message = page.locator("#birth-message")
+        expect(message).to_contain_text("Nhập sai quá nhiều lần", timeout=20_000)
+        assert day in message.inner_text(), (message.inner_text(), day)
 
 
 # -- two nodes, one PostgreSQL index, clocks apart ----------------------------------------------

@@ -21,7 +21,7 @@ from pacs.index import create_index_engine, upgrade_schema
 
 from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
-from .test_web_viewer import CHROMIUM, CHROMIUM_ARGS, HEIGHT, WIDTH, _sync_playwright
+from .test_web_viewer import browsing
 
 USER = ("bs.rv", "BS. Đỗ Văn Rà")
 PASSWORD = "Secret-123a"
@@ -50,33 +50,25 @@ def test_a_refresh_after_a_failed_search_shows_the_rows_again(server: PacsServer
     an empty table with no message (it took them for the rows on screen)."""
     from playwright.sync_api import expect
 
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
-                                          base_url=f"http://127.0.0.1:{server.http_port}")
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            page.clock.install()
-            page.goto("/")
-            page.fill("#username", USER[0])
-            page.fill("#password", PASSWORD)
-            page.press("#password", "Enter")
-            rows = page.locator('[data-testid="study-row"]')
-            page.fill("#search-patient-id", "RV")
-            page.click("#search-button")
-            expect(rows).to_have_count(5)
+    with browsing(server) as (page, _problems):
+        page.clock.install()
+        page.goto("/")
+        page.fill("#username", USER[0])
+        page.fill("#password", PASSWORD)
+        page.press("#password", "Enter")
+        rows = page.locator('[data-testid="study-row"]')
+        page.fill("#search-patient-id", "RV")
+        page.click("#search-button")
+        expect(rows).to_have_count(5)
 
-            server.stop()
-            page.click("#search-button")  # the same search, the server down
-            expect(page.locator("#worklist-message.error")).to_be_visible()
-            expect(rows).to_have_count(0)
-            server.proc = None
-            server.start()
-            page.clock.run_for(31_000)
-            expect(rows).to_have_count(5)
-        finally:
-            browser.close()
+        server.stop()
+        page.click("#search-button")  # the same search, the server down
+        expect(page.locator("#worklist-message.error")).to_be_visible()
+        expect(rows).to_have_count(0)
+        server.proc = None
+        server.start()
+        page.clock.run_for(31_000)
+        expect(rows).to_have_count(5)
 
 
 def _newest_session(conn: Any) -> Any:
@@ -118,34 +110,26 @@ def test_the_automatic_refresh_is_no_use_of_the_session(server: PacsServer) -> N
     where it was; what the radiologist does (a search) still pushes it."""
     from playwright.sync_api import expect
 
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
-                                          base_url=f"http://127.0.0.1:{server.http_port}")
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            page.clock.install()
-            page.goto("/")
-            page.fill("#username", USER[0])
-            page.fill("#password", PASSWORD)
-            page.press("#password", "Enter")
-            rows = page.locator('[data-testid="study-row"]')
-            expect(rows.first).to_be_visible()
-            # Twenty minutes without use: ten left.
-            end = (datetime.now(UTC) + timedelta(minutes=10)).replace(microsecond=0)
-            _set_session_end(server, end)
-            with page.expect_response(lambda r: "/api/worklist" in r.url) as answer:
-                page.clock.run_for(31_000)
-            assert answer.value.status == 200
-            assert _session_ends(server) == end
-            # The radiologist searches: that is use.
-            with page.expect_response(lambda r: "/api/worklist" in r.url) as answer:
-                page.click("#search-button")
-            assert answer.value.status == 200
-            assert _session_ends(server) > end + timedelta(minutes=15)
-        finally:
-            browser.close()
+    with browsing(server) as (page, _problems):
+        page.clock.install()
+        page.goto("/")
+        page.fill("#username", USER[0])
+        page.fill("#password", PASSWORD)
+        page.press("#password", "Enter")
+        rows = page.locator('[data-testid="study-row"]')
+        expect(rows.first).to_be_visible()
+        # Twenty minutes without use: ten left.
+        end = (datetime.now(UTC) + timedelta(minutes=10)).replace(microsecond=0)
+        _set_session_end(server, end)
+        with page.expect_response(lambda r: "/api/worklist" in r.url) as answer:
+            page.clock.run_for(31_000)
+        assert answer.value.status == 200
+        assert _session_ends(server) == end
+        # The radiologist searches: that is use.
+        with page.expect_response(lambda r: "/api/worklist" in r.url) as answer:
+            page.click("#search-button")
+        assert answer.value.status == 200
+        assert _session_ends(server) > end + timedelta(minutes=15)
 
 
 # -- migration 0033 on an index with data ----------------------------------------------------------------
@@ -226,40 +210,32 @@ def test_a_refresh_keeps_the_keyboard_in_the_list_when_the_focused_study_leaves_
     from playwright.sync_api import expect
 
     token = server.make_token("bs.khac", "radiologist", "BS. Khác")
-    with _sync_playwright()() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(viewport={"width": WIDTH, "height": HEIGHT}, locale="vi-VN",
-                                          base_url=f"http://127.0.0.1:{server.http_port}")
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            page.clock.install()
-            page.goto("/")
-            page.fill("#username", USER[0])
-            page.fill("#password", PASSWORD)
-            page.press("#password", "Enter")
-            rows = page.locator('[data-testid="study-row"]')
-            expect(rows).to_have_count(5)
-            page.fill("#search-patient-id", "RV")
-            with page.expect_response(lambda r: "/api/worklist" in r.url and "status=unread" in r.url):
-                page.select_option("#search-status", "unread")
-            expect(page.locator("#worklist")).not_to_have_attribute("aria-busy", "true")
-            expect(rows).to_have_count(5)
-            rows.nth(1).focus()
-            page.keyboard.press("ArrowDown")
-            focused = page.evaluate("document.activeElement.dataset.studyUid")
-            following = rows.nth(3).get_attribute("data-study-uid")
-            assert focused == rows.nth(2).get_attribute("data-study-uid")
-            with server.http(token=token) as http:
-                assert http.put(f"/api/studies/{focused}/report", json={"findings": "BT.", "impression": "BT."}
-                                ).status_code == 200
-                assert http.post(f"/api/studies/{focused}/report/sign").status_code == 200
-            page.clock.run_for(31_000)
-            expect(rows).to_have_count(4)
-            assert page.evaluate("document.activeElement.dataset.studyUid || document.activeElement.tagName") \
-                == following
-            page.keyboard.press("ArrowDown")
-            assert page.evaluate("document.activeElement.dataset.studyUid") == rows.nth(3).get_attribute(
-                "data-study-uid")
-        finally:
-            browser.close()
+    with browsing(server) as (page, _problems):
+        page.clock.install()
+        page.goto("/")
+        page.fill("#username", USER[0])
+        page.fill("#password", PASSWORD)
+        page.press("#password", "Enter")
+        rows = page.locator('[data-testid="study-row"]')
+        expect(rows).to_have_count(5)
+        page.fill("#search-patient-id", "RV")
+        with page.expect_response(lambda r: "/api/worklist" in r.url and "status=unread" in r.url):
+            page.select_option("#search-status", "unread")
+        expect(page.locator("#worklist")).not_to_have_attribute("aria-busy", "true")
+        expect(rows).to_have_count(5)
+        rows.nth(1).focus()
+        page.keyboard.press("ArrowDown")
+        focused = page.evaluate("document.activeElement.dataset.studyUid")
+        following = rows.nth(3).get_attribute("data-study-uid")
+        assert focused == rows.nth(2).get_attribute("data-study-uid")
+        with server.http(token=token) as http:
+            assert http.put(f"/api/studies/{focused}/report", json={"findings": "BT.", "impression": "BT."}
+                            ).status_code == 200
+            assert http.post(f"/api/studies/{focused}/report/sign").status_code == 200
+        page.clock.run_for(31_000)
+        expect(rows).to_have_count(4)
+        assert page.evaluate("document.activeElement.dataset.studyUid || document.activeElement.tagName") \
+            == following
+        page.keyboard.press("ArrowDown")
+        assert page.evaluate("document.activeElement.dataset.studyUid") == rows.nth(3).get_attribute(
+            "data-study-uid")

@@ -65,6 +65,12 @@ def watched_page(**context: Any) -> Iterator[tuple[Any, list[str]]]:
             browser.close()
 
 
+def browsing(server: PacsServer, **context: Any) -> Any:
+    """watched_page on *server*'s HTTP port, in the laptop-sized window the viewer is tested in."""
+    return watched_page(viewport={"width": WIDTH, "height": HEIGHT}, base_url=f"http://127.0.0.1:{server.http_port}",
+                        **context)
+
+
 @pytest.fixture
 def viewer_server(tmp_path: Path, samples: Path) -> Iterator[PacsServer]:
     server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}))
@@ -80,24 +86,11 @@ def viewer_server(tmp_path: Path, samples: Path) -> Iterator[PacsServer]:
 
 @pytest.fixture
 def page(request: pytest.FixtureRequest) -> Iterator[Any]:
-    sync_playwright = _sync_playwright()  # fail fast, before starting the server
+    _sync_playwright()  # fail fast, before starting the server
     viewer_server: PacsServer = request.getfixturevalue("viewer_server")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            context = browser.new_context(
-                viewport={"width": WIDTH, "height": HEIGHT},
-                base_url=f"http://127.0.0.1:{viewer_server.http_port}",
-                locale="vi-VN",
-            )
-            context.set_default_timeout(20_000)
-            page = context.new_page()
-            page.errors = []  # uncaught JavaScript exceptions
-            page.on("pageerror", lambda exc: page.errors.append(str(exc)))
-            yield page
-            context.close()
-        finally:
-            browser.close()
+    with browsing(viewer_server) as (page, problems):
+        page.errors = problems  # uncaught JavaScript exceptions, Content Security Policy refusals
+        yield page
 
 
 class Steps:
