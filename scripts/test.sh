@@ -21,8 +21,9 @@ if ! psql "postgresql://postgres@127.0.0.1:5432/postgres" -tAc "select 1" >/dev/
 fi
 venv_install "[test]"
 cd "$ROOT"
-# Two test files at a time (one per core): most of a test is spent waiting on
-# the servers it drives, so one worker leaves a core idle. Files stay whole on
-# one worker (--dist loadfile) so that their module-scoped servers start once,
-# in the order tests/conftest.py gives (longest first), not by test count.
-exec "$VENV/bin/python" -m pytest -n "${PACS_TEST_WORKERS:-2}" --dist loadfile --no-loadscope-reorder "$@"
+# Three test files at a time on two cores: a test waits on the servers,
+# browsers and DCMTK tools it drives, and two workers left the machine idle a
+# sixth of the time. Files stay whole on one worker (--dist loadfile) so that
+# their module-scoped servers start once, in the order tests/conftest.py gives
+# (longest first), not by test count.
+exec "$VENV/bin/python" -m pytest -n "${PACS_TEST_WORKERS:-3}" --dist loadfile --no-loadscope-reorder "$@"

@@ -194,13 +194,13 @@ def pydicom_file(name: str) -> Path:
 
 
 # -- order ------------------------------------------------------------------------
-# The longest files (measured with --durations=0) run first, so that with two
-# workers the run does not end on one worker alone with a long file.
+# The longest files (measured with --durations=0) run first, so that the run
+# does not end on one worker alone with a long file.
 LONGEST_FIRST = (
-    "test_dimse_failures.py", "test_routing.py", "test_query_retrieve.py", "test_auth_hardening.py",
-    "test_transcode_stream.py", "test_worklist_ris.py", "test_maintenance.py", "test_remote_pull.py",
-    "test_dimse_ingest.py", "test_tls.py", "test_cli.py", "test_backup.py", "test_read_memory.py",
-    "test_outbox_delivery.py", "test_crash.py", "test_reports_fhir.py",
+    "test_report_digital_signature.py", "test_routing.py", "test_dimse_failures.py", "test_transcode_stream.py",
+    "test_worklist_review.py", "test_dimse_ingest.py", "test_review_templates.py", "test_fuzz.py",
+    "test_auth_hardening.py", "test_install_review.py", "test_reports_fhir.py", "test_report_templates.py",
+    "test_worklist_ris.py", "test_multiframe_review.py", "test_integrity_review.py", "test_query_retrieve.py",
 )
 
 
