@@ -1165,6 +1165,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_templates import register as register_templates
 
     register_templates(sub, _common)
+    from .cli_patients import register as register_patients
+
+    register_patients(sub, _common)
     from .cli_signing import register as register_signing
 
     register_signing(sub, _common)

@@ -147,6 +147,9 @@ class PatientInfo:
     other_ids: list[OtherIdentifier] = field(default_factory=list)
     # The identifier type of patient_id (HL7 CX-5: PI, MR...; "" unknown).
     id_type: str = ""
+    # Why these demographics change, as the corrections of the patient's
+    # studies record it ("" for an HIS message: "HIS patient update").
+    reason: str = ""
 
     def demographics(self) -> dict[str, str]:
         """The DICOM keywords this update sets (only what was sent)."""
@@ -308,6 +311,12 @@ def _patient_columns(p: PatientInfo) -> dict[str, Any]:
     if p.sex is not None:
         values["sex"] = p.sex
     return values
+
+
+def change_reason(what: str, user: str, reason: str) -> str:
+    """The reason the studies' corrections record for a patient update or
+    merge made by *user* (an administrator, or an HIS over the JSON API)."""
+    return f"{what} by {user}" + (f": {reason.strip()}" if reason.strip() else "")
 
 
 def _now() -> datetime:
@@ -579,7 +588,7 @@ class OrderService:
             if "name_words" in values:
                 set_name_words(conn, pk, values["name_words"])
             # Only what really changed becomes a correction of the stored studies.
-            self._record_patient_change(conn, pk, changed, "HIS patient update")
+            self._record_patient_change(conn, pk, changed, p.reason or "HIS patient update")
 
     @staticmethod
     def _patient_pk(conn: Connection, patient_id: str, issuer: str) -> int | None:
@@ -805,6 +814,24 @@ class OrderService:
         """ADT^A08 / A31: new demographics for an existing (or new) patient."""
         self.apply([("patient", p)])
 
+    def patient(self, patient_id: str, issuer: str = "") -> dict[str, Any] | None:
+        """The patient with that key as the index holds it (demographics,
+        other IDs, how many studies), or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(patients_t).where(patients_t.c.patient_id == patient_id,
+                                                        patients_t.c.issuer == issuer)).first()
+            if row is None:
+                return None
+            others = conn.execute(select(identifiers_t.c.value, identifiers_t.c.issuer, identifiers_t.c.id_type)
+                                  .where(identifiers_t.c.patient_pk == row.pk)
+                                  .order_by(identifiers_t.c.pk)).all()
+            studies = conn.execute(select(func.count()).select_from(studies_t)
+                                   .where(studies_t.c.patient_pk == row.pk)).scalar_one()
+        return {"id": row.patient_id, "issuer": row.issuer, "name": row.name or "",
+                "birth_date": row.birth_date or "", "sex": row.sex or "",
+                "other_ids": [{"value": o.value, "issuer": o.issuer, "type": o.id_type} for o in others],
+                "studies": int(studies)}
+
     def merge_patients(self, surviving: PatientInfo, prior: list[tuple[str, str]]) -> int:
         """ADT^A40: move everything of the prior patient (named by the
         identifiers *prior*, MRG-1) to the surviving one.
@@ -835,7 +862,7 @@ class OrderService:
                         corrections_t.insert(),
                         [
                             {"study_pk": s, "keyword": keyword, "received": received, "corrected": corrected,
-                             "reason": "patient merge (ADT^A40)", "created_at": now}
+                             "reason": surviving.reason or "patient merge (ADT^A40)", "created_at": now}
                             for s in study_pks
                             for keyword, received, corrected in differing
                         ],

@@ -1,5 +1,6 @@
 """JSON API for HIS systems that prefer REST to HL7: create, change and cancel
-orders (the same model the HL7 listener fills), and reconcile studies.
+orders (the same model the HL7 listener fills), update and merge patients
+(ADT^A08 and ADT^A40 over JSON), and reconcile studies.
 
 An order is a requested procedure with one scheduled step (the body's step
 fields) or several (``steps``: each a worklist item of its own, sharing the
@@ -12,14 +13,17 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from pacs.audit import Event, patient_cx
-from pacs.orders import OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo, order_subject, patients_named
+from pacs.auth import Principal
+from pacs.orders import (
+    OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo, change_reason, order_subject, patients_named,
+)
 from pacs.timezones import hospital_zone
 
 from .errors import HTTPProblem, JsonBody
-from .security import audit_patients, audit_studies, requires
+from .security import audit_patients, audit_studies, guard, requires
 
 router = APIRouter(prefix="/api", tags=["orders"])
 
@@ -103,6 +107,45 @@ class OrderModel(StepModel):
         if not self.steps:
             return [order]
         return [replace(order, **{k: v for k, v in step.model_dump().items() if v}) for step in self.steps]
+
+
+class PatientUpdateModel(JsonBody):
+    """New demographics of the patient the path names (ADT^A08 over JSON). A
+    key left out keeps the stored value; an empty one deletes it. An unknown
+    key is refused: "birthdate" for "birth_date" would change nothing."""
+
+    model_config = ConfigDict(extra="forbid")
+    issuer: str = Field("", max_length=64, description="Issuer of the Patient ID in the path, e.g. CCCD")
+    name: str = Field("", max_length=320, description="DICOM PN: Family^Given, UTF-8 (Nguyễn^Văn An)")
+    birth_date: str = Field("", pattern=r"^(\d{8})?$")
+    sex: str = Field("", pattern=r"^[MFO]?$")
+    other_ids: list[OtherIdModel] = Field([], max_length=20)
+    reason: str = Field("", max_length=200, description="Why (kept with the corrections of the patient's studies)")
+
+    def to_info(self, patient_id: str, reason: str) -> PatientInfo:
+        sent = self.model_fields_set
+        return PatientInfo(patient_id=patient_id, issuer=self.issuer,
+                           name=self.name if "name" in sent else None,
+                           birth_date=self.birth_date if "birth_date" in sent else None,
+                           sex=self.sex if "sex" in sent else None,
+                           other_ids=[OtherIdentifier(o.value, o.issuer, o.type) for o in self.other_ids],
+                           reason=reason)
+
+
+class PriorIdModel(JsonBody):
+    id: str = Field(..., min_length=1, max_length=64)
+    issuer: str = Field("", max_length=64)
+
+
+class MergeModel(JsonBody):
+    """ADT^A40 over JSON: the prior patient (named by its identifiers, as
+    MRG-1 names one patient) is merged into *patient*."""
+
+    model_config = ConfigDict(extra="forbid")
+    patient: PriorIdModel = Field(..., description="The surviving patient")
+    prior: list[PriorIdModel] = Field(..., min_length=1, max_length=10,
+                                      description="Identifiers of the ONE prior patient, the hospital number first")
+    reason: str = Field("", max_length=200, description="Why (kept with the corrections of the moved studies)")
 
 
 class MatchModel(JsonBody):
@@ -217,3 +260,40 @@ def match_study(request: Request, study: str, body: MatchModel) -> dict[str, Any
             dependencies=requires("admin", "radiologist", action="view"))
 def corrections(request: Request, study: str) -> list[dict[str, Any]]:
     return _service(request).corrections(study)
+
+
+# :path: a Patient ID may hold a "/" (legal in LO), which arrives decoded.
+@router.put("/patients/{patient_id:path}",
+            summary="Create a patient or change their demographics (ADT^A08 over JSON); the studies already "
+                    "stored are retrieved with the new values")
+def update_patient(request: Request, patient_id: str, body: PatientUpdateModel,
+                   principal: Principal = guard("his", "admin", action="patient-update")) -> dict[str, Any]:
+    audit_patients(request, [patient_cx(patient_id, body.issuer)])
+    service = _service(request)
+    _call(service.update_patient, body.to_info(patient_id, change_reason("patient update", principal.username,
+                                                                         body.reason)))
+    return service.patient(patient_id, body.issuer) or {}
+
+
+@router.post("/patients/merge",
+             summary="Merge a prior patient (a duplicate registration) into this one (ADT^A40 over JSON): their "
+                     "studies move here and are retrieved with this patient's demographics; cannot be undone")
+def merge_patient(request: Request, body: MergeModel,
+                  principal: Principal = guard("his", "admin", action="patient-merge")) -> dict[str, Any]:
+    kept = body.patient
+    audit_patients(request, [patient_cx(kept.id, kept.issuer)] + [patient_cx(p.id, p.issuer) for p in body.prior])
+    service = _service(request)
+    surviving = PatientInfo(patient_id=kept.id, issuer=kept.issuer,
+                            reason=change_reason("patient merge", principal.username, body.reason))
+    moved = _call(service.merge_patients, surviving, [(p.id, p.issuer) for p in body.prior])
+    return {"moved_studies": moved, "patient": service.patient(kept.id, kept.issuer) or {}}
+
+
+@router.get("/patients/{patient_id:path}", summary="A patient as the index holds them (demographics, other IDs)")
+def get_patient(request: Request, patient_id: str, issuer: str = "",
+                principal: Principal = guard("his", "admin", action="query")) -> dict[str, Any]:
+    audit_patients(request, [patient_cx(patient_id, issuer)])
+    found = _service(request).patient(patient_id, issuer)
+    if found is None:
+        raise HTTPProblem(404, f"no patient {patient_cx(patient_id, issuer)}")
+    return found

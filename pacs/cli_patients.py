@@ -1,0 +1,174 @@
+"""``pacs patient``: correct a patient's demographics, or merge a duplicate
+registration, where no HIS does it (the technologist typed the name at the
+modality). Registered by :func:`register` from pacs.cli.
+
+    pacs patient show ID [--issuer I] [--json]
+    pacs patient update ID [--issuer I] [--name N] [--birth-date YYYYMMDD] [--sex M|F|O] --reason TEXT
+    pacs patient merge ID [--issuer I] --from PRIOR_ID [--from-issuer I] --reason TEXT [--yes]
+
+The same service as ADT^A08 / ADT^A40 and ``PUT /api/patients/{id}`` /
+``POST /api/patients/merge``: stored bytes never change; the studies'
+corrections are applied on retrieval, and queries find the new values at
+once. Audited by the operating system account that ran them
+(patient-update, patient-merge). A merge cannot be undone: without --yes it
+only shows what it would do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from typing import Any
+
+from .console import TextTable, fail, out
+
+
+def cmd_patient(args: argparse.Namespace) -> int:
+    """Run ``pacs patient show|update|merge``: 0 done (or a dry run), 1 no
+    such patient, 2 refused (nothing changed)."""
+    from .cli import _open
+    from .orders import OrderService
+
+    pacs = _open(args)
+    try:
+        service = OrderService(pacs.engine, order_status=pacs.settings.his_order_status)
+        if args.patient_command == "show":
+            return _show(args, pacs, service)
+        if args.patient_command == "update":
+            return _update(args, pacs, service)
+        return _merge(args, pacs, service)
+    finally:
+        pacs.close()
+
+
+def _audit(pacs: Any, action: str, detail: str, patients: list[str], outcome: str = "success") -> None:
+    from .audit import patient_chunks
+    from .cli import audit_command
+
+    for chunk in patient_chunks(patients) or [""]:
+        audit_command(pacs, action, detail, outcome, patient_id=chunk)
+
+
+def _print_patient(args: argparse.Namespace, patient: dict[str, Any], title: str) -> None:
+    if args.json:
+        print(json.dumps(patient, ensure_ascii=False))
+        return
+    table = TextTable(title=title)
+    for column in ("ID", "issuer", "name", "birth date", "sex", "other IDs", "studies"):
+        table.add_column(column)
+    others = ", ".join(o["value"] + (f" ({o['issuer']})" if o["issuer"] else "") for o in patient["other_ids"])
+    table.add_row(patient["id"], patient["issuer"], patient["name"], patient["birth_date"], patient["sex"], others,
+                  str(patient["studies"]))
+    out.print(table)
+
+
+def _show(args: argparse.Namespace, pacs: Any, service: Any) -> int:
+    from .audit import patient_cx
+
+    patient = service.patient(args.id, args.issuer)
+    _audit(pacs, "query", "pacs patient show", [patient_cx(args.id, args.issuer)],
+           "success" if patient else "failure")
+    if patient is None:
+        fail(f"no patient {patient_cx(args.id, args.issuer)}")
+        return 1
+    _print_patient(args, patient, "patient")
+    return 0
+
+
+def _update(args: argparse.Namespace, pacs: Any, service: Any) -> int:
+    from .audit import patient_cx
+    from .maintenance.common import os_user
+    from .orders import OrderError, PatientInfo, change_reason
+
+    who = patient_cx(args.id, args.issuer)
+    if args.name is None and args.birth_date is None and args.sex is None:
+        fail("nothing to change: give --name, --birth-date or --sex")
+        return 2
+    if service.patient(args.id, args.issuer) is None:
+        fail(f"no patient {who} (a new patient comes with their first study or order)")
+        return 1
+    info = PatientInfo(patient_id=args.id, issuer=args.issuer, name=args.name, birth_date=args.birth_date,
+                       sex=args.sex, reason=change_reason("patient update", os_user(), args.reason))
+    detail = f"pacs patient update: {args.reason}"
+    try:
+        service.update_patient(info)
+    except OrderError as exc:
+        _audit(pacs, "patient-update", f"{detail}: refused: {exc}", [who], "failure")
+        fail(f"refused: {exc}")
+        return 2
+    _audit(pacs, "patient-update", detail, [who])
+    _print_patient(args, service.patient(args.id, args.issuer), "patient updated")
+    return 0
+
+
+def _merge(args: argparse.Namespace, pacs: Any, service: Any) -> int:
+    from .audit import patient_cx
+    from .maintenance.common import os_user
+    from .orders import OrderError, PatientInfo, change_reason
+
+    kept, prior = service.patient(args.id, args.issuer), service.patient(args.from_id, args.from_issuer)
+    who, whom = patient_cx(args.id, args.issuer), patient_cx(args.from_id, args.from_issuer)
+    for name, found in ((who, kept), (whom, prior)):
+        if found is None:
+            fail(f"no patient {name}")
+            return 1
+    if (args.id, args.issuer) == (args.from_id, args.from_issuer):
+        fail("a patient cannot be merged into itself")
+        return 2
+    if not args.yes:
+        if args.json:
+            print(json.dumps({"merged": False, "prior": prior, "patient": kept}, ensure_ascii=False))
+            return 0
+        _print_patient(args, prior, f"would be merged away (its {prior['studies']} studies move): {whom}")
+        _print_patient(args, kept, f"into: {who}")
+        out.print("nothing changed: run again with --yes to merge (it cannot be undone)")
+        return 0
+    surviving = PatientInfo(patient_id=args.id, issuer=args.issuer,
+                            reason=change_reason("patient merge", os_user(), args.reason))
+    detail = f"pacs patient merge: {whom} into {who}: {args.reason}"
+    try:
+        moved = service.merge_patients(surviving, [(args.from_id, args.from_issuer)])
+    except OrderError as exc:
+        _audit(pacs, "patient-merge", f"{detail}: refused: {exc}", [who, whom], "failure")
+        fail(f"refused: {exc}")
+        return 2
+    _audit(pacs, "patient-merge", f"{detail}; {moved} studies moved", [who, whom])
+    if args.json:
+        print(json.dumps({"merged": True, "moved_studies": moved, "patient": service.patient(args.id, args.issuer)},
+                         ensure_ascii=False))
+    else:
+        _print_patient(args, service.patient(args.id, args.issuer), f"merged: {moved} studies moved")
+    return 0
+
+
+def register(sub: Any, common: Callable[..., None]) -> None:
+    """Add ``pacs patient`` to the `pacs` parser."""
+    p = sub.add_parser("patient", help="correct a patient's demographics or merge a duplicate registration")
+    p_sub = p.add_subparsers(dest="patient_command", required=True)
+
+    q = p_sub.add_parser("show", help="a patient as the index holds them")
+    common(q, json_flag=True)
+    q.add_argument("id", help="Patient ID")
+    q.add_argument("--issuer", default="", help="Issuer of the Patient ID")
+
+    q = p_sub.add_parser("update", help="change a patient's name, birth date or sex (their stored studies are "
+                                        "retrieved with the new values; the bytes stay as received)")
+    common(q, json_flag=True)
+    q.add_argument("id", help="Patient ID")
+    q.add_argument("--issuer", default="", help="Issuer of the Patient ID")
+    q.add_argument("--name", help="DICOM PN: Family^Given (Nguyễn^Văn An); '' removes it")
+    q.add_argument("--birth-date", help="YYYYMMDD; '' removes it")
+    q.add_argument("--sex", choices=("M", "F", "O", ""), help="M, F or O; '' removes it")
+    q.add_argument("--reason", required=True, help="why (audited, and kept with the studies' corrections)")
+
+    q = p_sub.add_parser("merge", help="merge a duplicate registration (--from) into the patient ID: its studies "
+                                       "move there (cannot be undone; a dry run without --yes)")
+    common(q, json_flag=True)
+    q.add_argument("id", help="the Patient ID that stays")
+    q.add_argument("--issuer", default="", help="its issuer")
+    q.add_argument("--from", dest="from_id", required=True, help="the Patient ID merged away")
+    q.add_argument("--from-issuer", default="", help="its issuer")
+    q.add_argument("--reason", required=True, help="why (audited, and kept with the studies' corrections)")
+    q.add_argument("--yes", action="store_true", help="merge (without it: show what would be merged)")
+    p.set_defaults(func=cmd_patient)
