@@ -80,10 +80,15 @@ def _update(args: argparse.Namespace, pacs: Any, service: Any) -> int:
     from .audit import patient_cx
     from .maintenance.common import os_user
     from .orders import OrderError, PatientInfo, change_reason
+    from .query.matching import is_date
 
     who = patient_cx(args.id, args.issuer)
     if args.name is None and args.birth_date is None and args.sex is None:
         fail("nothing to change: give --name, --birth-date or --sex")
+        return 2
+    if args.birth_date and not is_date(args.birth_date):
+        # Not refused, it went to HL7's rule for partial dates (PID-7 "1985"), which deleted the stored date.
+        fail(f"refused: --birth-date {args.birth_date[:20]!r} is not a valid YYYYMMDD ('' removes it)")
         return 2
     if service.patient(args.id, args.issuer) is None:
         fail(f"no patient {who} (a new patient comes with their first study or order)")
