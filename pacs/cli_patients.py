@@ -97,13 +97,13 @@ def _update(args: argparse.Namespace, pacs: Any, service: Any) -> int:
                        sex=args.sex, reason=change_reason("patient update", os_user(), args.reason))
     detail = f"pacs patient update: {args.reason}"
     try:
-        service.update_patient(info)
+        updated = service.correct_patient(info)
     except OrderError as exc:
         _audit(pacs, "patient-update", f"{detail}: refused: {exc}", [who], "failure")
         fail(f"refused: {exc}")
         return 2
     _audit(pacs, "patient-update", detail, [who])
-    _print_patient(args, service.patient(args.id, args.issuer), "patient updated")
+    _print_patient(args, updated, "patient updated")
     return 0
 
 
@@ -133,17 +133,16 @@ def _merge(args: argparse.Namespace, pacs: Any, service: Any) -> int:
                             reason=change_reason("patient merge", os_user(), args.reason))
     detail = f"pacs patient merge: {whom} into {who}: {args.reason}"
     try:
-        moved = service.merge_patients(surviving, [(args.from_id, args.from_issuer)])
+        moved, merged = service.merge_into(surviving, [(args.from_id, args.from_issuer)])
     except OrderError as exc:
         _audit(pacs, "patient-merge", f"{detail}: refused: {exc}", [who, whom], "failure")
         fail(f"refused: {exc}")
         return 2
     _audit(pacs, "patient-merge", f"{detail}; {moved} studies moved", [who, whom])
     if args.json:
-        print(json.dumps({"merged": True, "moved_studies": moved, "patient": service.patient(args.id, args.issuer)},
-                         ensure_ascii=False))
+        print(json.dumps({"merged": True, "moved_studies": moved, "patient": merged}, ensure_ascii=False))
     else:
-        _print_patient(args, service.patient(args.id, args.issuer), f"merged: {moved} studies moved")
+        _print_patient(args, merged, f"merged: {moved} studies moved")
     return 0
 
 

@@ -799,6 +799,10 @@ class OrderService:
                 results.append(self._upsert_patient(conn, arg))
             elif action == "merge":
                 results.append(self._merge(conn, *arg))
+            elif action == "correct":
+                results.append(self._correct_patient(conn, arg))
+            elif action == "merge_into":
+                results.append(self._merge_into(conn, *arg))
             else:
                 raise OrderError(f"unknown action {action!r}", code="207", http_status=400)
         batch.check()
@@ -814,19 +818,74 @@ class OrderService:
         """ADT^A08 / A31: new demographics for an existing (or new) patient."""
         self.apply([("patient", p)])
 
+    def correct_patient(self, p: PatientInfo) -> dict[str, Any]:
+        """A correction of a patient's demographics by someone who waits for
+        the answer (the administrator's ``pacs patient update``, an HIS over
+        ``PUT /api/patients/{id}``): :meth:`update_patient`, but an ID the
+        HIS merged away is refused (409) -- ADT^A08 of a lagging interface
+        is acknowledged and its demographics ignored, and the caller here
+        was answered as if corrected. Returns the patient as stored: found
+        without issuer, the key with the issuer it has."""
+        pk = self.apply([("correct", p)])[0]
+        with self.engine.connect() as conn:
+            found = self._patient_dict(conn, pk)
+        if found is None:  # deleted (its last study) right after
+            raise OrderError(f"patient {patient_cx(p.patient_id, p.issuer)} was deleted meanwhile", code="204",
+                             http_status=404)
+        return found
+
+    def _correct_patient(self, conn: Connection, p: PatientInfo) -> int:
+        pk, merged_away = self._existing_patient(conn, p, match_identifiers=False)
+        if pk is not None and merged_away:
+            into = conn.execute(select(patients_t.c.patient_id, patients_t.c.issuer)
+                                .where(patients_t.c.pk == pk)).one()
+            raise OrderError(f"patient {patient_cx(p.patient_id, p.issuer)} was merged into "
+                             f"{patient_cx(into.patient_id, into.issuer)}: correct that patient", code="205",
+                             http_status=409)
+        return self._upsert_patient(conn, p)
+
+    def merge_into(self, surviving: PatientInfo, prior: list[tuple[str, str]]) -> tuple[int, dict[str, Any]]:
+        """A merge by someone who names the surviving patient by its key
+        alone (``POST /api/patients/merge``): :meth:`merge_patients`, but
+        the surviving patient must exist (404) -- made by the merge, it had
+        neither name nor birth date (ADT^A40's PID brings them, this
+        request does not), and C-FIND by the patient's name no longer found
+        the moved studies -- and must not be an ID merged away (409).
+        Returns how many studies moved, and the surviving patient."""
+        moved, pk = self.apply([("merge_into", (surviving, prior))])[0]
+        with self.engine.connect() as conn:
+            return moved, self._patient_dict(conn, pk) or {}
+
+    def _merge_into(self, conn: Connection, surviving: PatientInfo, prior: list[tuple[str, str]]) -> tuple[int, int]:
+        pk, merged_away = self._existing_patient(conn, surviving, match_identifiers=False)
+        who = patient_cx(surviving.patient_id, surviving.issuer)
+        if pk is None:
+            raise OrderError(f"no patient {who} to merge into: register them first (PUT /api/patients/{{id}} "
+                             "with their name)", code="204", http_status=404)
+        if merged_away:
+            raise OrderError(f"patient {who} was merged away: merge into the patient it was merged into",
+                             code="205", http_status=409)
+        moved = self._merge(conn, surviving, prior)
+        return moved, pk
+
     def patient(self, patient_id: str, issuer: str = "") -> dict[str, Any] | None:
         """The patient with that key as the index holds it (demographics,
         other IDs, how many studies), or None."""
         with self.engine.connect() as conn:
-            row = conn.execute(select(patients_t).where(patients_t.c.patient_id == patient_id,
-                                                        patients_t.c.issuer == issuer)).first()
-            if row is None:
-                return None
-            others = conn.execute(select(identifiers_t.c.value, identifiers_t.c.issuer, identifiers_t.c.id_type)
-                                  .where(identifiers_t.c.patient_pk == row.pk)
-                                  .order_by(identifiers_t.c.pk)).all()
-            studies = conn.execute(select(func.count()).select_from(studies_t)
-                                   .where(studies_t.c.patient_pk == row.pk)).scalar_one()
+            pk = self._patient_pk(conn, patient_id, issuer)
+            return None if pk is None else self._patient_dict(conn, pk)
+
+    @staticmethod
+    def _patient_dict(conn: Connection, pk: int) -> dict[str, Any] | None:
+        """The patient row *pk* as :meth:`patient` answers it, or None."""
+        row = conn.execute(select(patients_t).where(patients_t.c.pk == pk)).first()
+        if row is None:
+            return None
+        others = conn.execute(select(identifiers_t.c.value, identifiers_t.c.issuer, identifiers_t.c.id_type)
+                              .where(identifiers_t.c.patient_pk == row.pk)
+                              .order_by(identifiers_t.c.pk)).all()
+        studies = conn.execute(select(func.count()).select_from(studies_t)
+                               .where(studies_t.c.patient_pk == row.pk)).scalar_one()
         return {"id": row.patient_id, "issuer": row.issuer, "name": row.name or "",
                 "birth_date": row.birth_date or "", "sex": row.sex or "",
                 "other_ids": [{"value": o.value, "issuer": o.issuer, "type": o.id_type} for o in others],

@@ -14,7 +14,8 @@ import pytest
 from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
 from .peers import create_database, drop_database
-from .test_merge_review import _store
+from .test_merge_review import _metadata, _qido, _store
+from .test_patient_corrections import _found
 
 
 @pytest.fixture(scope="module", params=["sqlite", "pg"])
@@ -45,3 +46,57 @@ def test_cli_refuses_a_birth_date_that_is_not_yyyymmdd(archive: PacsServer, tmp_
         assert refused.returncode == 2 and "YYYYMMDD" in refused.stderr, (bad, refused.returncode, refused.stderr)
     shown = json.loads(archive.cli("patient", "show", "RV-BD", "--json").stdout)
     assert shown["birth_date"] == "19850314"
+
+
+def test_an_update_of_a_merged_away_id_is_not_answered_as_done(archive: PacsServer, tmp_path: Path) -> None:
+    """PUT /api/patients/{id} of an ID merged away answered 200 with `{}`
+    and changed nothing (the HL7 rule for a lagging interface: a message
+    naming a merged-away ID does not apply its demographics): the HIS
+    believed the name corrected. It is refused, 409, naming the patient
+    the ID was merged into."""
+    _store(archive, make_ct(tmp_path / "real.dcm", PatientID="RV-REAL", PatientName="LE^VAN D"))
+    _store(archive, make_ct(tmp_path / "tmp.dcm", PatientID="RV-TMP", PatientName="CAP CUU^NAM"))
+    with _his(archive) as http:  # type: ignore[attr-defined]
+        merged = http.post("/api/patients/merge", json={"patient": {"id": "RV-REAL"}, "prior": [{"id": "RV-TMP"}]})
+        assert merged.status_code == 200, merged.text
+        answer = http.put("/api/patients/RV-TMP", json={"name": "Lê^Văn Đức"})
+        assert answer.status_code == 409 and "RV-REAL" in answer.text, (answer.status_code, answer.text)
+        assert http.get("/api/patients/RV-REAL").json()["name"] == "LE^VAN D"
+
+
+def test_an_update_without_issuer_answers_the_patient_it_changed(archive: PacsServer, tmp_path: Path) -> None:
+    """A PUT without issuer changes the one patient with that ID under an
+    issuer (as HL7 PID-3 without assigning authority does), but answered
+    `{}` (it looked the answer up without the issuer), and its audit event
+    named the patient without the issuer; a merge's answer likewise."""
+    study = _store(archive, make_ct(tmp_path / "a.dcm", PatientID="RV-ISS", IssuerOfPatientID="BVDK",
+                                    PatientName="HO^THI E"))
+    _store(archive, make_ct(tmp_path / "b.dcm", PatientID="RV-ISS-DUP", PatientName="HO THI E"))
+    with _his(archive) as http:  # type: ignore[attr-defined]
+        answer = http.put("/api/patients/RV-ISS", json={"name": "Hồ^Thị Én"})
+        assert answer.status_code == 200, answer.text
+        assert (answer.json().get("id"), answer.json().get("issuer"), answer.json().get("name")) == (
+            "RV-ISS", "BVDK", "Hồ^Thị Én")
+        merged = http.post("/api/patients/merge", json={"patient": {"id": "RV-ISS"}, "prior": [{"id": "RV-ISS-DUP"}]})
+        assert merged.status_code == 200, merged.text
+        assert (merged.json()["patient"].get("issuer"), merged.json()["patient"].get("studies")) == ("BVDK", 2)
+    assert _qido(archive, study) == [("Hồ^Thị Én", "RV-ISS")]
+    with archive.http() as http:
+        events = http.get("/api/audit", params={"action": "patient-update", "user": "u-his"}).json()
+    assert any("RV-ISS^^^BVDK" in e["patient_id"].split("\\") for e in events), events
+
+
+def test_a_merge_into_a_patient_not_registered_is_refused(archive: PacsServer, tmp_path: Path) -> None:
+    """POST /api/patients/merge into a Patient ID the archive has never
+    seen made a patient without name, birth date or sex and moved the
+    studies there: C-FIND and QIDO-RS by the patient's name no longer
+    found them. The body carries no demographics (ADT^A40's PID does), so
+    the surviving patient must exist (PUT it first), as the CLI requires."""
+    study = _store(archive, make_ct(tmp_path / "a.dcm", PatientID="RV-ER-1", PatientName="VU^THI G"))
+    with _his(archive) as http:  # type: ignore[attr-defined]
+        answer = http.post("/api/patients/merge", json={"patient": {"id": "RV-NEW-1"}, "prior": [{"id": "RV-ER-1"}]})
+        assert answer.status_code == 404 and "RV-NEW-1" in answer.text, (answer.status_code, answer.text)
+        assert http.get("/api/patients/RV-NEW-1").status_code == 404
+    assert _qido(archive, study) == [("VU^THI G", "RV-ER-1")]
+    assert [s for _, s in _found(archive, tmp_path / "f", "VU^THI G")] == [study]
+    assert _metadata(archive, study)[0]["PatientID"] == "RV-ER-1"

@@ -268,11 +268,13 @@ def corrections(request: Request, study: str) -> list[dict[str, Any]]:
                     "stored are retrieved with the new values")
 def update_patient(request: Request, patient_id: str, body: PatientUpdateModel,
                    principal: Principal = guard("his", "admin", action="patient-update")) -> dict[str, Any]:
-    audit_patients(request, [patient_cx(patient_id, body.issuer)])
-    service = _service(request)
-    _call(service.update_patient, body.to_info(patient_id, change_reason("patient update", principal.username,
-                                                                         body.reason)))
-    return service.patient(patient_id, body.issuer) or {}
+    named = patient_cx(patient_id, body.issuer)
+    audit_patients(request, [named])
+    updated = _call(_service(request).correct_patient,
+                    body.to_info(patient_id, change_reason("patient update", principal.username, body.reason)))
+    # The patient changed, as stored: an ID sent without issuer names the one patient holding it under one.
+    audit_patients(request, dict.fromkeys([patient_cx(updated["id"], updated["issuer"]), named]))
+    return updated
 
 
 @router.post("/patients/merge",
@@ -281,12 +283,14 @@ def update_patient(request: Request, patient_id: str, body: PatientUpdateModel,
 def merge_patient(request: Request, body: MergeModel,
                   principal: Principal = guard("his", "admin", action="patient-merge")) -> dict[str, Any]:
     kept = body.patient
-    audit_patients(request, [patient_cx(kept.id, kept.issuer)] + [patient_cx(p.id, p.issuer) for p in body.prior])
-    service = _service(request)
+    named = [patient_cx(kept.id, kept.issuer)] + [patient_cx(p.id, p.issuer) for p in body.prior]
+    audit_patients(request, named)
     surviving = PatientInfo(patient_id=kept.id, issuer=kept.issuer,
                             reason=change_reason("patient merge", principal.username, body.reason))
-    moved = _call(service.merge_patients, surviving, [(p.id, p.issuer) for p in body.prior])
-    return {"moved_studies": moved, "patient": service.patient(kept.id, kept.issuer) or {}}
+    moved, patient = _call(_service(request).merge_into, surviving, [(p.id, p.issuer) for p in body.prior])
+    if patient:
+        audit_patients(request, dict.fromkeys([patient_cx(patient["id"], patient["issuer"]), *named]))
+    return {"moved_studies": moved, "patient": patient}
 
 
 @router.get("/patients/{patient_id:path}", summary="A patient as the index holds them (demographics, other IDs)")
