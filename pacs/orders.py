@@ -313,6 +313,35 @@ def _patient_columns(p: PatientInfo) -> dict[str, Any]:
     return values
 
 
+# PS3.5 6.2 PN: at most three component groups (alphabetic=ideographic=phonetic)
+# of at most five components and 64 characters each.
+_PN_GROUPS, _PN_COMPONENTS, _PN_GROUP_CHARS = 3, 5, 64
+
+
+def check_person_name(name: str) -> None:
+    """Refuse (400) a patient's name that is no DICOM PN, as a person typed
+    it for a correction (JSON, ``pacs patient update``): a backslash is
+    DICOM's value separator (C-GET sent two names, QIDO-RS and WADO-RS the
+    first word), a control character no PN holds, and a longer group or
+    more components make an invalid PN in every retrieved object. HL7
+    names are made PNs by their reader (ris_bridge.hl7v2). The message
+    names the attribute, not the value (PHI)."""
+    groups = name.split("=")
+    problem = ""
+    if "\\" in name:
+        problem = "holds a backslash (a DICOM value separator)"
+    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        problem = "holds a control character"
+    elif len(groups) > _PN_GROUPS:
+        problem = f"has {len(groups)} component groups (\"=\"); at most {_PN_GROUPS} are allowed"
+    elif any(len(g.split("^")) > _PN_COMPONENTS for g in groups):
+        problem = f"has a group of more than {_PN_COMPONENTS} components (\"^\")"
+    elif any(len(g) > _PN_GROUP_CHARS for g in groups):
+        problem = f"has a component group of more than {_PN_GROUP_CHARS} characters"
+    if problem:
+        raise OrderError(f"the name (PatientName, VR PN) {problem}", code="102", http_status=400)
+
+
 def change_reason(what: str, user: str, reason: str) -> str:
     """The reason the studies' corrections record for a patient update or
     merge made by *user* (an administrator, or an HIS over the JSON API)."""
@@ -826,6 +855,8 @@ class OrderService:
         is acknowledged and its demographics ignored, and the caller here
         was answered as if corrected. Returns the patient as stored: found
         without issuer, the key with the issuer it has."""
+        if p.name:
+            check_person_name(p.name)
         pk = self.apply([("correct", p)])[0]
         with self.engine.connect() as conn:
             found = self._patient_dict(conn, pk)

@@ -100,3 +100,23 @@ def test_a_merge_into_a_patient_not_registered_is_refused(archive: PacsServer, t
     assert _qido(archive, study) == [("VU^THI G", "RV-ER-1")]
     assert [s for _, s in _found(archive, tmp_path / "f", "VU^THI G")] == [study]
     assert _metadata(archive, study)[0]["PatientID"] == "RV-ER-1"
+
+
+def test_a_name_that_is_no_dicom_pn_is_refused(archive: PacsServer, tmp_path: Path) -> None:
+    """PUT /api/patients/{id} (and `pacs patient update --name`) stored any
+    text as the name: "Nguyễn\\\\Văn An" (a backslash, DICOM's value
+    separator) was retrieved by C-GET as two names and shown by WADO-RS and
+    QIDO-RS as "Nguyễn"; a component group over 64 characters or a sixth
+    component went out as an invalid PN. Refused (400, exit 2), nothing changed."""
+    study = _store(archive, make_ct(tmp_path / "a.dcm", PatientID="RV-PN", PatientName="DO^VAN H"))
+    with _his(archive) as http:  # type: ignore[attr-defined]
+        for bad in ("Đỗ\\Văn Hải", "Đ" + "o" * 64 + "^Hải", "A^B^C^D^E^F", "A=B=C=D", "Đỗ^Văn\nHải"):
+            answer = http.put("/api/patients/RV-PN", json={"name": bad})
+            assert answer.status_code == 400 and "PatientName" in answer.text, (bad, answer.status_code, answer.text)
+        fine = http.put("/api/patients/RV-PN", json={"name": "Đỗ^Văn Hải=DO^VAN HAI"})
+        assert fine.status_code == 200, fine.text
+    refused = archive.cli("patient", "update", "RV-PN", "--name", "Đỗ\\Hải", "--reason", "x", check=False)
+    assert refused.returncode == 2 and "PatientName" in refused.stderr, refused.stderr
+    assert _metadata(archive, study)[0]["PatientName"] == "Đỗ^Văn Hải"  # the alphabetic group
+    with archive.http() as http:
+        assert http.get("/api/patients/RV-PN").json()["name"] == "Đỗ^Văn Hải=DO^VAN HAI"
