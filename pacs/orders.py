@@ -968,7 +968,8 @@ class OrderService:
         resolved together. One that names the surviving patient, or several
         patients (a citizen ID shared by the very duplicates being merged),
         is passed over; refused (AE) when none names a patient, or two name
-        different ones -- a merge into the wrong patient cannot be undone."""
+        different ones, or one is an ID merged into another patient already
+        -- a merge into the wrong patient cannot be undone."""
         found: dict[int, Any] = {}
         ambiguous: list[OrderError] = []
         for prior_id, prior_issuer in prior:
@@ -979,7 +980,15 @@ class OrderService:
                     + ("its assigning authority" if not prior_issuer else "the hospital number (type PI or MR)"),
                     code="204", http_status=409))
             elif rows:
-                found.setdefault(int(rows[0].pk), rows[0])
+                row = rows[0]
+                if int(row.pk) != target and row.patient_id != prior_id \
+                        and merged_patient(conn, prior_id, prior_issuer) == int(row.pk):
+                    # The prior registration was merged into another patient already: found by that
+                    # patient's alias, the whole of that patient (its own studies) would follow it.
+                    raise OrderError(f"prior patient {patient_cx(prior_id, prior_issuer)} was merged into "
+                                     f"{patient_cx(row.patient_id, row.issuer)} already: merge that patient, if "
+                                     "it is the same person", code="205", http_status=409)
+                found.setdefault(int(row.pk), row)
         others = [row for pk, row in found.items() if pk != target]
         if len(others) > 1:
             raise OrderError(f"MRG-1 names {len(others)} different patients: an ADT^A40 patient group merges one "

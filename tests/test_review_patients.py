@@ -120,3 +120,22 @@ def test_a_name_that_is_no_dicom_pn_is_refused(archive: PacsServer, tmp_path: Pa
     assert _metadata(archive, study)[0]["PatientName"] == "Đỗ^Văn Hải"  # the alphabetic group
     with archive.http() as http:
         assert http.get("/api/patients/RV-PN").json()["name"] == "Đỗ^Văn Hải=DO^VAN HAI"
+
+
+def test_a_merged_away_id_does_not_merge_the_patient_it_went_to(archive: PacsServer, tmp_path: Path) -> None:
+    """The emergency ID RV-CC was merged into RV-P1; a second merge naming
+    RV-CC as the prior of another patient (RV-P2: the desk picked the wrong
+    record, a lagging interface) found RV-CC as RV-P1's alias and merged the
+    whole of RV-P1 -- a real patient with studies of their own -- into
+    RV-P2, which cannot be undone. Refused (409), nothing moved."""
+    p1 = _store(archive, make_ct(tmp_path / "p1.dcm", PatientID="RV-P1", PatientName="BUI^VAN K"))
+    _store(archive, make_ct(tmp_path / "cc.dcm", PatientID="RV-CC", PatientName="CAP CUU^NAM"))
+    p2 = _store(archive, make_ct(tmp_path / "p2.dcm", PatientID="RV-P2", PatientName="MAI^THI L"))
+    with _his(archive) as http:  # type: ignore[attr-defined]
+        first = http.post("/api/patients/merge", json={"patient": {"id": "RV-P1"}, "prior": [{"id": "RV-CC"}]})
+        assert first.status_code == 200 and first.json()["moved_studies"] == 1, first.text
+        wrong = http.post("/api/patients/merge", json={"patient": {"id": "RV-P2"}, "prior": [{"id": "RV-CC"}]})
+        assert wrong.status_code == 409 and "RV-P1" in wrong.text, (wrong.status_code, wrong.text)
+        assert http.get("/api/patients/RV-P1").json()["studies"] == 2
+    assert _qido(archive, p1) == [("BUI^VAN K", "RV-P1")]
+    assert _qido(archive, p2) == [("MAI^THI L", "RV-P2")]
