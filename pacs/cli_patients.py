@@ -63,6 +63,19 @@ def _print_patient(args: argparse.Namespace, patient: dict[str, Any], title: str
     out.print(table)
 
 
+def _no_patient(service: Any, patient_id: str, issuer: str, hint: str = "") -> int:
+    """Say that no patient has that key, and where it is instead: the
+    administrator types the ID printed on the film, without the issuer the
+    modality sent, and "no patient" read as "not in the archive". Exit 1."""
+    from .audit import patient_cx
+
+    issuers, merged_into = service.whereabouts(patient_id, issuer)
+    where = [f"merged into {merged_into}"] if merged_into else []
+    where += [f"held under --issuer {i}" if i else "held without issuer (--issuer '')" for i in issuers]
+    fail(f"no patient {patient_cx(patient_id, issuer)}" + (f" ({'; '.join(where)})" if where else hint))
+    return 1
+
+
 def _show(args: argparse.Namespace, pacs: Any, service: Any) -> int:
     from .audit import patient_cx
 
@@ -70,8 +83,7 @@ def _show(args: argparse.Namespace, pacs: Any, service: Any) -> int:
     _audit(pacs, "query", "pacs patient show", [patient_cx(args.id, args.issuer)],
            "success" if patient else "failure")
     if patient is None:
-        fail(f"no patient {patient_cx(args.id, args.issuer)}")
-        return 1
+        return _no_patient(service, args.id, args.issuer)
     _print_patient(args, patient, "patient")
     return 0
 
@@ -91,8 +103,7 @@ def _update(args: argparse.Namespace, pacs: Any, service: Any) -> int:
         fail(f"refused: --birth-date {args.birth_date[:20]!r} is not a valid YYYYMMDD ('' removes it)")
         return 2
     if service.patient(args.id, args.issuer) is None:
-        fail(f"no patient {who} (a new patient comes with their first study or order)")
-        return 1
+        return _no_patient(service, args.id, args.issuer, " (a new patient comes with their first study or order)")
     info = PatientInfo(patient_id=args.id, issuer=args.issuer, name=args.name, birth_date=args.birth_date,
                        sex=args.sex, reason=change_reason("patient update", os_user(), args.reason))
     detail = f"pacs patient update: {args.reason}"
@@ -114,10 +125,9 @@ def _merge(args: argparse.Namespace, pacs: Any, service: Any) -> int:
 
     kept, prior = service.patient(args.id, args.issuer), service.patient(args.from_id, args.from_issuer)
     who, whom = patient_cx(args.id, args.issuer), patient_cx(args.from_id, args.from_issuer)
-    for name, found in ((who, kept), (whom, prior)):
+    for (patient_id, issuer), found in (((args.id, args.issuer), kept), ((args.from_id, args.from_issuer), prior)):
         if found is None:
-            fail(f"no patient {name}")
-            return 1
+            return _no_patient(service, patient_id, issuer)
     if (args.id, args.issuer) == (args.from_id, args.from_issuer):
         fail("a patient cannot be merged into itself")
         return 2

@@ -906,6 +906,18 @@ class OrderService:
             pk = self._patient_pk(conn, patient_id, issuer)
             return None if pk is None else self._patient_dict(conn, pk)
 
+    def whereabouts(self, patient_id: str, issuer: str = "") -> tuple[list[str], str]:
+        """Where a patient not found by that exact key is: the issuers the
+        ID is held under, and the patient (as a CX) the ID was merged into
+        (\"\" if none) -- for a message better than "no patient"."""
+        with self.engine.connect() as conn:
+            issuers = sorted(conn.execute(select(patients_t.c.issuer).where(
+                patients_t.c.patient_id == patient_id, patients_t.c.issuer != issuer)).scalars())
+            into = merged_patient(conn, patient_id, issuer)
+            row = None if into is None else conn.execute(
+                select(patients_t.c.patient_id, patients_t.c.issuer).where(patients_t.c.pk == into)).first()
+        return issuers, "" if row is None else patient_cx(row.patient_id, row.issuer)
+
     @staticmethod
     def _patient_dict(conn: Connection, pk: int) -> dict[str, Any] | None:
         """The patient row *pk* as :meth:`patient` answers it, or None."""

@@ -139,3 +139,22 @@ def test_a_merged_away_id_does_not_merge_the_patient_it_went_to(archive: PacsSer
         assert http.get("/api/patients/RV-P1").json()["studies"] == 2
     assert _qido(archive, p1) == [("BUI^VAN K", "RV-P1")]
     assert _qido(archive, p2) == [("MAI^THI L", "RV-P2")]
+
+
+def test_the_cli_says_where_a_patient_not_found_is(archive: PacsServer, tmp_path: Path) -> None:
+    """`pacs patient show|update|merge ID` without --issuer said "no patient
+    ID" of a patient the modality sent with an issuer, and of an ID merged
+    away, when the administrator typed the ID printed on the film: they
+    concluded the patient was not in the archive. The message says the
+    issuer to give, or the patient the ID was merged into (exit 1 still)."""
+    _store(archive, make_ct(tmp_path / "a.dcm", PatientID="RV-FILM", IssuerOfPatientID="BVDK", PatientName="TO^VAN M"))
+    _store(archive, make_ct(tmp_path / "b.dcm", PatientID="RV-GONE", PatientName="TO VAN M"))
+    for command in (("show", "RV-FILM"), ("update", "RV-FILM", "--name", "Tô^Văn Minh", "--reason", "x"),
+                    ("merge", "RV-FILM", "--from", "RV-GONE", "--reason", "x")):
+        missing = archive.cli("patient", *command, check=False)
+        assert missing.returncode == 1 and "--issuer BVDK" in missing.stderr, (command, missing.stderr)
+    merged = archive.cli("patient", "merge", "RV-FILM", "--issuer", "BVDK", "--from", "RV-GONE", "--reason", "x",
+                         "--yes", check=False)
+    assert merged.returncode == 0, merged.stderr
+    gone = archive.cli("patient", "show", "RV-GONE", check=False)
+    assert gone.returncode == 1 and "merged into RV-FILM^^^BVDK" in gone.stderr, gone.stderr
