@@ -899,11 +899,16 @@ class OrderService:
         moved = self._merge(conn, surviving, prior)
         return moved, pk
 
-    def patient(self, patient_id: str, issuer: str = "") -> dict[str, Any] | None:
+    def patient(self, patient_id: str, issuer: str | None = "") -> dict[str, Any] | None:
         """The patient with that key as the index holds it (demographics,
-        other IDs, how many studies), or None."""
+        other IDs, how many studies), or None. *issuer* None: the patient
+        without issuer, else the one patient holding the ID under an issuer
+        -- the patient an update without issuer changes (HL7 PID-3 without
+        assigning authority, ``PUT /api/patients/{id}``)."""
         with self.engine.connect() as conn:
-            pk = self._patient_pk(conn, patient_id, issuer)
+            pk = self._patient_pk(conn, patient_id, issuer or "")
+            if pk is None and issuer is None:
+                pk = self._single_patient_with_id(conn, patient_id)
             return None if pk is None else self._patient_dict(conn, pk)
 
     def whereabouts(self, patient_id: str, issuer: str = "") -> tuple[list[str], str]:

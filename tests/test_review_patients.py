@@ -158,3 +158,17 @@ def test_the_cli_says_where_a_patient_not_found_is(archive: PacsServer, tmp_path
     assert merged.returncode == 0, merged.stderr
     gone = archive.cli("patient", "show", "RV-GONE", check=False)
     assert gone.returncode == 1 and "merged into RV-FILM^^^BVDK" in gone.stderr, gone.stderr
+
+
+def test_get_without_issuer_finds_the_patient_put_without_issuer(archive: PacsServer, tmp_path: Path) -> None:
+    """PUT /api/patients/{id} without issuer changes the one patient holding
+    the ID under an issuer, but GET /api/patients/{id} without `?issuer=`
+    answered 404 for that very patient: the HIS read back "no patient".
+    Without `?issuer=` GET resolves as PUT does; `?issuer=` (even empty) is exact."""
+    _store(archive, make_ct(tmp_path / "a.dcm", PatientID="RV-GET", IssuerOfPatientID="BVDK", PatientName="LY^VAN N"))
+    with _his(archive) as http:  # type: ignore[attr-defined]
+        assert http.put("/api/patients/RV-GET", json={"sex": "M"}).status_code == 200
+        found = http.get("/api/patients/RV-GET")
+        assert found.status_code == 200 and (found.json()["issuer"], found.json()["sex"]) == ("BVDK", "M"), found.text
+        assert http.get("/api/patients/RV-GET", params={"issuer": ""}).status_code == 404
+        assert http.get("/api/patients/RV-GET", params={"issuer": "BVDK"}).status_code == 200

@@ -294,10 +294,14 @@ def merge_patient(request: Request, body: MergeModel,
 
 
 @router.get("/patients/{patient_id:path}", summary="A patient as the index holds them (demographics, other IDs)")
-def get_patient(request: Request, patient_id: str, issuer: str = "",
+def get_patient(request: Request, patient_id: str, issuer: str | None = None,
                 principal: Principal = guard("his", "admin", action="query")) -> dict[str, Any]:
-    audit_patients(request, [patient_cx(patient_id, issuer)])
+    """Without ``?issuer=`` the patient a PUT without issuer changes (the
+    one holding the ID under an issuer, when none holds it without)."""
+    named = patient_cx(patient_id, issuer or "")
+    audit_patients(request, [named])
     found = _service(request).patient(patient_id, issuer)
     if found is None:
-        raise HTTPProblem(404, f"no patient {patient_cx(patient_id, issuer)}")
+        raise HTTPProblem(404, f"no patient {named}")
+    audit_patients(request, dict.fromkeys([patient_cx(found["id"], found["issuer"]), named]))
     return found
