@@ -342,6 +342,28 @@ def check_person_name(name: str) -> None:
         raise OrderError(f"the name (PatientName, VR PN) {problem}", code="102", http_status=400)
 
 
+def check_patient_id(patient_id: str) -> None:
+    """Refuse (400) a Patient ID a correction names that no DICOM object can
+    carry (LO), rather than create a patient of it while the one meant
+    stays as it was: blank, with leading or trailing spaces (DICOM ignores
+    them: the ingest's patient has none), a backslash (a value separator), a
+    control character, or U+FFFD (bytes of another encoding than UTF-8 in
+    the URL). The message does not quote the ID (PHI)."""
+    problem = ""
+    if not patient_id.strip():
+        problem = "is blank"
+    elif patient_id != patient_id.strip(" "):
+        problem = "has leading or trailing spaces"
+    elif "\\" in patient_id:
+        problem = "holds a backslash (a DICOM value separator)"
+    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in patient_id):
+        problem = "holds a control character"
+    elif "\ufffd" in patient_id:
+        problem = "holds U+FFFD: sent in another encoding than UTF-8?"
+    if problem:
+        raise OrderError(f"the patient ID (PatientID, VR LO) {problem}", code="102", http_status=400)
+
+
 def change_reason(what: str, user: str, reason: str) -> str:
     """The reason the studies' corrections record for a patient update or
     merge made by *user* (an administrator, or an HIS over the JSON API)."""
@@ -855,6 +877,7 @@ class OrderService:
         is acknowledged and its demographics ignored, and the caller here
         was answered as if corrected. Returns the patient as stored: found
         without issuer, the key with the issuer it has."""
+        check_patient_id(p.patient_id)
         if p.name:
             check_person_name(p.name)
         pk = self.apply([("correct", p)])[0]

@@ -172,3 +172,17 @@ def test_get_without_issuer_finds_the_patient_put_without_issuer(archive: PacsSe
         assert found.status_code == 200 and (found.json()["issuer"], found.json()["sex"]) == ("BVDK", "M"), found.text
         assert http.get("/api/patients/RV-GET", params={"issuer": ""}).status_code == 404
         assert http.get("/api/patients/RV-GET", params={"issuer": "BVDK"}).status_code == 200
+
+
+def test_a_patient_id_that_is_no_dicom_lo_is_refused(archive: PacsServer) -> None:
+    """PUT /api/patients/{id} made a patient of any path: an ID the HIS
+    sent in another encoding than UTF-8 (its bytes read as U+FFFD), "BN100 "
+    (DICOM ignores the space: the ingest's patient is "BN100"), a blank or
+    a backslash (a value separator): a junk patient was created, 200, and
+    the real one was not corrected. Refused (400), nothing created."""
+    with _his(archive) as http:  # type: ignore[attr-defined]
+        for path in ("RV%FFID", "RV-SP%20", "%20RV-SP", "%20", "RV%5CID"):
+            answer = http.put(f"/api/patients/{path}", json={"name": "A^B"})
+            assert answer.status_code == 400 and "PatientID" in answer.text, (path, answer.status_code, answer.text)
+        assert http.get("/api/patients/RV-SP ").status_code == 404
+        assert http.put("/api/patients/RV%2FID", json={"name": "A^B"}).json()["id"] == "RV/ID"  # "/" is fine in LO
