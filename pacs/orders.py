@@ -778,7 +778,9 @@ class OrderService:
         """Several actions in ONE transaction: a message with three orders is
         applied whole or not at all. Actions: ("place"|"change"|"cancel"|
         "discontinue", OrderInfo), ("patient", PatientInfo),
-        ("merge", (PatientInfo, [(prior id, issuer)])). Several "place" of
+        ("merge", (PatientInfo, [(prior id, issuer)])), and for corrections by
+        a person ("correct", PatientInfo), ("merge_into", (PatientInfo, [(prior
+        id, issuer)])): see :meth:`correct_patient`, :meth:`merge_into`. Several "place" of
         one accession are the scheduled steps of one new requested procedure."""
         return retry_write(self.engine, lambda conn: self._apply(conn, actions, source),
                            what="order service transaction")
