@@ -34,7 +34,7 @@ from pacs.routing import VIEWER_SAVE_HOLD_SECONDS
 from .conftest import PacsServer, shared_backend
 from .dicomfiles import image_dataset
 from .peers import ROOT, Backend, run_dcmtk
-from .test_web_viewer import Steps, browsing
+from .test_web_viewer import Steps, browsing, sign_in
 
 GSPS = "1.2.840.10008.5.1.4.1.1.11.1"
 CSPS = "1.2.840.10008.5.1.4.1.1.11.2"
@@ -431,10 +431,7 @@ def test_measurements_are_saved_and_shown_again_in_the_viewer(browser_archive: P
                                    "points": [[8, 8], [8, 56]], "label": "24.0 mm"}], "colleague").status_code == 200
     with browsing(server) as (page, errors):
         steps = Steps(page, SHOTS)
-        page.goto("/")
-        page.fill("#username", RADIOLOGIST[0])
-        page.fill("#password", PASSWORD)
-        page.press("#password", "Enter")
+        sign_in(page, RADIOLOGIST[0], PASSWORD)
         expect(page.locator("#current-user")).to_have_text(RADIOLOGIST[1])
         _open(page, sent.uid)
         layer = page.locator("#measure-layer")

@@ -32,7 +32,7 @@ from .conftest import PacsServer, shared_backend
 from .dicomfiles import image_dataset
 from .peers import ROOT, Backend, run_dcmtk
 from .test_web_viewer import (
-    Steps, assert_no_horizontal_scroll, browsing,
+    Steps, assert_no_horizontal_scroll, browsing, sign_in,
 )
 
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
@@ -480,10 +480,7 @@ def test_marking_in_the_viewer_and_the_patients_page(browser_archive: PacsServer
     sent = send_study(server, tmp_path / "in")
     with browsing(server) as (page, errors):
         steps = Steps(page, SHOTS)
-        page.goto("/")
-        page.fill("#username", RADIOLOGIST[0])
-        page.fill("#password", PASSWORD)
-        page.press("#password", "Enter")
+        sign_in(page, RADIOLOGIST[0], PASSWORD)
         expect(page.locator("#current-user")).to_have_text(RADIOLOGIST[1])
         page.goto(f"/#/study/{sent.uid}")
         label, toggle, marker, state = (page.locator(s) for s in (

@@ -513,16 +513,13 @@ def test_viewer_button_downloads_the_study_for_a_cd(archive: PacsServer, tmp_pat
     the media zip with the browser's session, in a real Chromium."""
     from playwright.sync_api import expect
 
-    from .test_web_viewer import browsing
+    from .test_web_viewer import browsing, sign_in
 
     archive.cli("user", "add", "bs.dia", "--role", "radiologist", "--password", "Secret-123",
                 "--display-name", "BS. Đỗ Đĩa")
     ct = archive.studies["ct"]  # type: ignore[attr-defined]
     with browsing(archive, accept_downloads=True) as (page, errors):
-        page.goto("/")
-        page.fill("#username", "bs.dia")
-        page.fill("#password", "Secret-123")
-        page.press("#password", "Enter")
+        sign_in(page, "bs.dia", "Secret-123")
         expect(page).to_have_url(re.compile(r"#/worklist$"))
         page.goto(f"/#/study/{ct}")
         button = page.locator("#study-media")

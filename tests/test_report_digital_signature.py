@@ -39,7 +39,7 @@ from .conftest import Backend, PacsServer, free_port, shared_backend
 from .dicomfiles import image_dataset
 from .peers import PACS
 from .test_clock_review import FAKETIME_LIB
-from .test_web_viewer import browsing
+from .test_web_viewer import browsing, sign_in
 
 SIGNER_CN = "Nguyễn Thị Hồng Nhung"
 DISPLAY_NAME = "BS. Nguyễn Thị Hồng Nhung"
@@ -474,10 +474,7 @@ def test_viewer_asks_the_pin_and_shows_the_badge(archive: PacsServer, pki: Pki, 
                 "--display-name", DISPLAY_NAME)
     assert import_cert(archive, "bs.an", pki.folder / "nhung.p12", f"{P12_PASSWORD}\n{PIN}\n").returncode == 0
     with browsing(archive) as (page, errors):
-        page.goto("/")
-        page.fill("#username", "bs.an")
-        page.fill("#password", "Secret-123")
-        page.press("#password", "Enter")
+        sign_in(page, "bs.an", "Secret-123")
         expect(page).to_have_url(re.compile(r"#/worklist$"))
         page.goto(f"/#/study/{study}")
         page.fill("#findings", FINDINGS)

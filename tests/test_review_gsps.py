@@ -261,16 +261,13 @@ def test_the_viewer_saves_the_window_it_measured_in(archive: PacsServer, tmp_pat
     from playwright.sync_api import expect
 
     from .test_annotations import PASSWORD, _open, _screen
-    from .test_web_viewer import browsing
+    from .test_web_viewer import browsing, sign_in
 
     sent = send_study(archive, tmp_path / "in", patient_id="RV-VIEWER")
     archive.cli("user", "add", "bs.lung", "--role", "radiologist", "--password", PASSWORD,
                 "--display-name", "BS. Phổi")
     with browsing(archive) as (page, errors):
-        page.goto("/")
-        page.fill("#username", "bs.lung")
-        page.fill("#password", PASSWORD)
-        page.press("#password", "Enter")
+        sign_in(page, "bs.lung", PASSWORD)
         expect(page.locator("#current-user")).to_have_text("BS. Phổi")
         _open(page, sent.uid)
         state = page.locator("#measure-state")
@@ -319,16 +316,13 @@ def test_the_measurements_series_is_listed_at_once_and_opens_its_image(archive: 
     from playwright.sync_api import expect
 
     from .test_annotations import PASSWORD, _open, _screen
-    from .test_web_viewer import browsing
+    from .test_web_viewer import browsing, sign_in
 
     sent = send_study(archive, tmp_path / "in", patient_id="RV-LIST")
     archive.cli("user", "add", "bs.list", "--role", "radiologist", "--password", PASSWORD,
                 "--display-name", "BS. Danh Sách")
     with browsing(archive) as (page, errors):
-        page.goto("/")
-        page.fill("#username", "bs.list")
-        page.fill("#password", PASSWORD)
-        page.press("#password", "Enter")
+        sign_in(page, "bs.list", PASSWORD)
         expect(page.locator("#current-user")).to_have_text("BS. Danh Sách")
         _open(page, sent.uid)
         state = page.locator("#measure-state")

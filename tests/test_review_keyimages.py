@@ -47,7 +47,7 @@ from .test_key_images import (
     BIRTH, COLLEAGUE, FINDINGS, IMPRESSION, KOS, PATIENT, RADIOLOGIST, US_MULTIFRAME, dsrdump_clean, getscu_series,
     pdf_images, send_study, share_link,
 )
-from .test_web_viewer import browsing
+from .test_web_viewer import browsing, sign_in
 
 PASSWORD = "test-password-123"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"  # PacsServer.make_token's
@@ -94,10 +94,7 @@ def viewer_page(archive: PacsServer) -> Iterator[Any]:
     from playwright.sync_api import expect
 
     with browsing(archive) as (page, errors):
-        page.goto("/")
-        page.fill("#username", RADIOLOGIST[0])
-        page.fill("#password", PASSWORD)
-        page.press("#password", "Enter")
+        sign_in(page, RADIOLOGIST[0], PASSWORD)
         expect(page.locator("#current-user")).to_have_text(RADIOLOGIST[1])
         yield page
         assert not errors, errors

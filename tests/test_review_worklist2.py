@@ -21,7 +21,7 @@ from pacs.index import create_index_engine, upgrade_schema
 
 from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
-from .test_web_viewer import browsing
+from .test_web_viewer import browsing, sign_in
 
 USER = ("bs.rv", "BS. Đỗ Văn Rà")
 PASSWORD = "Secret-123a"
@@ -52,10 +52,7 @@ def test_a_refresh_after_a_failed_search_shows_the_rows_again(server: PacsServer
 
     with browsing(server) as (page, _problems):
         page.clock.install()
-        page.goto("/")
-        page.fill("#username", USER[0])
-        page.fill("#password", PASSWORD)
-        page.press("#password", "Enter")
+        sign_in(page, USER[0], PASSWORD)
         rows = page.locator('[data-testid="study-row"]')
         page.fill("#search-patient-id", "RV")
         page.click("#search-button")
@@ -112,10 +109,7 @@ def test_the_automatic_refresh_is_no_use_of_the_session(server: PacsServer) -> N
 
     with browsing(server) as (page, _problems):
         page.clock.install()
-        page.goto("/")
-        page.fill("#username", USER[0])
-        page.fill("#password", PASSWORD)
-        page.press("#password", "Enter")
+        sign_in(page, USER[0], PASSWORD)
         rows = page.locator('[data-testid="study-row"]')
         expect(rows.first).to_be_visible()
         # Twenty minutes without use: ten left.
@@ -212,10 +206,7 @@ def test_a_refresh_keeps_the_keyboard_in_the_list_when_the_focused_study_leaves_
     token = server.make_token("bs.khac", "radiologist", "BS. Khác")
     with browsing(server) as (page, _problems):
         page.clock.install()
-        page.goto("/")
-        page.fill("#username", USER[0])
-        page.fill("#password", PASSWORD)
-        page.press("#password", "Enter")
+        sign_in(page, USER[0], PASSWORD)
         rows = page.locator('[data-testid="study-row"]')
         expect(rows).to_have_count(5)
         page.fill("#search-patient-id", "RV")

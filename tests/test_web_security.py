@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from .conftest import Backend, PacsServer
 from .qr_corpus import study_uid, write_corpus
 from .test_tls import Pki, https_context, pki, start_server, stop_server  # noqa: F401 (pki: a fixture)
-from .test_web_viewer import PASSWORD, USERNAME, page, viewer_server  # noqa: F401 (fixtures)
+from .test_web_viewer import PASSWORD, USERNAME, page, sign_in, viewer_server  # noqa: F401 (fixtures)
 
 EMR = "https://emr.bvdk.vn"
 DOC_STUDY = "1.2.826.0.1.3680043.8.498.7001"
@@ -159,10 +159,7 @@ def test_viewer_runs_under_its_content_security_policy(page: Any, viewer_server:
 
     violations: list[str] = []
     page.on("console", lambda msg: violations.append(msg.text) if "Content Security Policy" in msg.text else None)
-    page.goto("/")
-    page.fill("#username", USERNAME)
-    page.fill("#password", PASSWORD)
-    page.press("#password", "Enter")
+    sign_in(page, USERNAME, PASSWORD)
     expect(page).to_have_url(re.compile(r"#/worklist$"))
     page.click("#search-button")
     rows = page.locator('[data-testid="study-row"]')

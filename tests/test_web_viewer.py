@@ -369,6 +369,14 @@ def answering(page: Any, accept: bool = True) -> list[str]:
     return asked
 
 
+def sign_in(page: Any, username: str, password: str) -> None:
+    """Open the viewer's start page and log in as *username*."""
+    page.goto("/")
+    page.fill("#username", username)
+    page.fill("#password", password)
+    page.press("#password", "Enter")
+
+
 def _log_in(page: Any) -> None:
     from playwright.sync_api import expect
 

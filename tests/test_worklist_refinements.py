@@ -38,7 +38,7 @@ from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
 from .peers import create_database, dcmtk, drop_database, free_port, run_dcmtk, wait_port
 from .test_reading_worklist import _orm
-from .test_web_viewer import HEIGHT, WIDTH, watched_page
+from .test_web_viewer import HEIGHT, WIDTH, sign_in, watched_page
 from .test_worklist_ris import msa, send
 
 A = ("bs.an", "BS. Trần Văn An")
@@ -303,10 +303,7 @@ def test_the_worklist_refreshes_itself(server: PacsServer, tmp_path: Path) -> No
         requests: list[str] = []
         page.on("request", lambda r: requests.append(r.url) if "/api/worklist" in r.url else None)
         page.clock.install()
-        page.goto("/")
-        page.fill("#username", B[0])
-        page.fill("#password", PASSWORD)
-        page.press("#password", "Enter")
+        sign_in(page, B[0], PASSWORD)
         rows = page.locator('[data-testid="study-row"]')
         expect(rows.first).to_be_visible()
         shown = rows.count()
