@@ -415,6 +415,15 @@ def _screen(page: Any, x: float, y: float, size: int = 64) -> tuple[float, float
     return box["x"] + x / size * box["width"], box["y"] + y / size * box["height"]
 
 
+def _draw_length(page: Any, start: tuple[float, float], end: tuple[float, float]) -> None:
+    """A length drawn with the L tool from *start* to *end* (pixels of the 64 x 64 test image)."""
+    page.keyboard.press("l")
+    page.mouse.move(*_screen(page, *start))
+    page.mouse.down()
+    page.mouse.move(*_screen(page, *end), steps=5)
+    page.mouse.up()
+
+
 def _open(page: Any, study: str) -> None:
     page.goto(f"/#/study/{study}")
     page.wait_for_function("() => { const i = document.querySelector('#viewer-image');"
@@ -445,11 +454,7 @@ def test_measurements_are_saved_and_shown_again_in_the_viewer(browser_archive: P
 
         # A length across the disc: 32 pixels of 0.5 mm, saved a moment later.
         page.locator("#viewport").focus()
-        page.keyboard.press("l")
-        page.mouse.move(*_screen(page, 16, 32))
-        page.mouse.down()
-        page.mouse.move(*_screen(page, 48, 32), steps=5)
-        page.mouse.up()
+        _draw_length(page, (16, 32), (48, 32))
         own = layer.locator("g.measurement.length:not(.foreign)")
         expect(own.locator("text")).to_have_text("16.0 mm")
         expect(state).to_have_attribute("data-saved", "1")

@@ -260,10 +260,19 @@ def test_the_viewer_saves_the_window_it_measured_in(archive: PacsServer, tmp_pat
     window is the lung one; reopened, the measurement keeps it."""
     from playwright.sync_api import expect
 
-    from .test_annotations import PASSWORD, _open, _screen
+    from .test_annotations import PASSWORD, _draw_length, _open
     from .test_web_viewer import browsing, sign_in
 
     sent = send_study(archive, tmp_path / "in", patient_id="RV-VIEWER")
+
+    def saved_window(folder: str) -> tuple[float, float]:
+        """The window of bs.lung's saved state, as retrieved (C-GET)."""
+        with archive.http() as admin:
+            saved = admin.get(f"/api/studies/{sent.uid}/annotations").json()
+        [mine] = [s for s in saved["states"] if s["login"] == "bs.lung"]
+        [pr] = retrieve(archive, sent.uid, mine["series_uid"], tmp_path / folder)
+        [voi] = pr.SoftcopyVOILUTSequence
+        return float(voi.WindowCenter), float(voi.WindowWidth)
     archive.cli("user", "add", "bs.lung", "--role", "radiologist", "--password", PASSWORD,
                 "--display-name", "BS. Phổi")
     with browsing(archive) as (page, errors):
@@ -277,35 +286,17 @@ def test_the_viewer_saves_the_window_it_measured_in(archive: PacsServer, tmp_pat
         page.wait_for_function("() => { const i = document.querySelector('#viewer-image');"
                                " return i && !i.hidden && i.complete && i.naturalWidth > 0"
                                " && i.src.includes('window='); }")
-        page.keyboard.press("l")
-        page.mouse.move(*_screen(page, 16, 32))
-        page.mouse.down()
-        page.mouse.move(*_screen(page, 48, 32), steps=5)
-        page.mouse.up()
+        _draw_length(page, (16, 32), (48, 32))
         expect(state).to_have_attribute("data-saved", "1")
-        with archive.http() as admin:
-            saved = admin.get(f"/api/studies/{sent.uid}/annotations").json()
-        [state_json] = [s for s in saved["states"] if s["login"] == "bs.lung"]
-        [pr] = retrieve(archive, sent.uid, state_json["series_uid"], tmp_path / "pr")
-        [voi] = pr.SoftcopyVOILUTSequence
-        assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (-600.0, 1500.0)
+        assert saved_window("pr") == (-600.0, 1500.0)
         # Reopened and another length added: the first keeps its window.
         page.reload()
         _open(page, sent.uid)
         expect(state).to_have_attribute("data-loaded", "true")
         page.locator("#viewport").focus()
-        page.keyboard.press("l")
-        page.mouse.move(*_screen(page, 16, 40))
-        page.mouse.down()
-        page.mouse.move(*_screen(page, 40, 40), steps=5)
-        page.mouse.up()
+        _draw_length(page, (16, 40), (40, 40))
         expect(state).to_have_attribute("data-saved", "2")
-        with archive.http() as admin:
-            again = admin.get(f"/api/studies/{sent.uid}/annotations").json()
-        [latest] = [s for s in again["states"] if s["login"] == "bs.lung"]
-        [pr] = retrieve(archive, sent.uid, latest["series_uid"], tmp_path / "pr2")
-        [voi] = pr.SoftcopyVOILUTSequence
-        assert (float(voi.WindowCenter), float(voi.WindowWidth)) == (-600.0, 1500.0)
+        assert saved_window("pr2") == (-600.0, 1500.0)
     assert not errors, errors
 
 
@@ -315,7 +306,7 @@ def test_the_measurements_series_is_listed_at_once_and_opens_its_image(archive: 
     its measurements are on (it said "no image"); removed, it goes."""
     from playwright.sync_api import expect
 
-    from .test_annotations import PASSWORD, _open, _screen
+    from .test_annotations import PASSWORD, _draw_length, _open
     from .test_web_viewer import browsing, sign_in
 
     sent = send_study(archive, tmp_path / "in", patient_id="RV-LIST")
@@ -334,11 +325,7 @@ def test_the_measurements_series_is_listed_at_once_and_opens_its_image(archive: 
         page.keyboard.press("End")
         page.wait_for_function("() => document.querySelector('#viewer-image').src.includes("
                                f"'{sent.slices[2]}')")
-        page.keyboard.press("l")
-        page.mouse.move(*_screen(page, 16, 32))
-        page.mouse.down()
-        page.mouse.move(*_screen(page, 48, 32), steps=5)
-        page.mouse.up()
+        _draw_length(page, (16, 32), (48, 32))
         expect(state).to_have_attribute("data-saved", "1")
         expect(pr_thumbs).to_have_count(1)
         # The ultrasound clip shown, then the PR entry clicked: the measured slice again, no error.
