@@ -596,7 +596,8 @@ class OrderService:
                 conn,
                 patients_t,
                 {"patient_id": p.patient_id, "issuer": p.issuer, "created_at": now, "updated_at": now,
-                 "changed_at": now, **_patient_columns(blank), **_patient_columns(p)},
+                 "changed_at": now, **_patient_columns(blank), **_patient_columns(p),
+                 "registered": bool(_patient_columns(p))},
                 ["patient_id", "issuer"],
                 where=PATIENT_HAS_ID,
             )
@@ -631,10 +632,14 @@ class OrderService:
         if not values:
             return
         changed = self._demographics_changed(conn, pk, p)
+        if not changed:
+            # The modality's values, confirmed: registered from now on (see Patient.registered).
+            conn.execute(update(patients_t).where(patients_t.c.pk == pk, patients_t.c.registered.is_(False))
+                         .values(registered=True))
         if changed:
             lock_patient_studies(conn, pk)
             if not conn.execute(update(patients_t).where(patients_t.c.pk == pk)
-                                .values(**values, updated_at=now)).rowcount:
+                                .values(**values, registered=True, updated_at=now)).rowcount:
                 raise _patient_gone()
             if "name_words" in values:
                 set_name_words(conn, pk, values["name_words"])

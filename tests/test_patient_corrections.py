@@ -175,3 +175,49 @@ def test_the_cli_corrects_and_merges_with_a_dry_run(archive: PacsServer, tmp_pat
     assert nothing.returncode == 2 and "nothing to change" in nothing.stderr, nothing.stderr
     actions = [e["action"] for e in json.loads(archive.cli("audit", "--patient", "CLI-A", "--format", "json").stdout)]
     assert "patient-update" in actions and "patient-merge" in actions, actions
+
+
+def test_an_order_whose_name_is_no_dicom_pn_is_refused(archive: PacsServer) -> None:
+    """An order over JSON named its patient with a backslash (DICOM's value
+    separator): the worklist and every study filed under the order carried
+    two names. Refused 400 like a correction's, naming the field."""
+    order = {"patient": {"id": "PN-ORDER", "name": "Phạm\\Văn D"}, "accession_number": "PN0001", "modality": "CT"}
+    with _as(archive, "his") as http:  # type: ignore[attr-defined]
+        refused = http.post("/api/orders", json=order)
+        assert refused.status_code == 400 and "patient.name" in refused.text and "backslash" in refused.text, \
+            refused.text
+        assert http.get("/api/orders/PN0001").status_code == 404
+        order["patient"]["name"] = "Phạm^Văn D"
+        assert http.post("/api/orders", json=order).status_code == 201
+
+
+def test_a_later_study_is_retrieved_with_the_corrected_name(archive: PacsServer, tmp_path: Path) -> None:
+    """The modality (no worklist) keeps the name as the technologist typed
+    it: after the correction, its next study of the patient came with the
+    old name, which C-FIND no longer showed but C-GET and WADO-RS sent.
+    A registered patient's new study is corrected to the registered values."""
+    _store(archive, make_ct(tmp_path / "first.dcm", PatientID="REG-1", PatientName="PHAM^THI MAI",
+                            PatientBirthDate="19900101", PatientSex="F"))
+    assert archive.cli("patient", "update", "REG-1", "--name", "Phạm^Thị Mai", "--reason", "không dấu").returncode == 0
+    later = _store(archive, make_ct(tmp_path / "later.dcm", PatientID="REG-1", PatientName="PHAM^THI MAI",
+                                    PatientBirthDate="19900101", PatientSex="F"))
+    corrected = {"PatientName": "Phạm^Thị Mai", "PatientID": "REG-1", "IssuerOfPatientID": "",
+                 "PatientBirthDate": "19900101", "PatientSex": "F"}
+    assert _qido(archive, later) == [("Phạm^Thị Mai", "REG-1")]
+    assert _c_get(archive, later, tmp_path / "got") == [corrected]
+    assert _metadata(archive, later) == [corrected]
+    with archive.http() as http:
+        [correction] = http.get(f"/api/studies/{later}/corrections").json()
+    assert (correction["keyword"], correction["received"]) == ("PatientName", "PHAM^THI MAI")
+    assert "as registered" in correction["reason"]
+
+
+def test_studies_of_a_patient_no_one_registered_keep_their_values(archive: PacsServer, tmp_path: Path) -> None:
+    """Known only from what modalities sent, a patient's studies are each
+    retrieved as received: a better-typed later study is not made to say
+    what an earlier one said."""
+    _store(archive, make_ct(tmp_path / "a.dcm", PatientID="UNREG-1", PatientName="VO^VAN TAN"))
+    later = _store(archive, make_ct(tmp_path / "b.dcm", PatientID="UNREG-1", PatientName="Võ^Văn Tần",
+                                    SpecificCharacterSet="ISO_IR 192"))
+    assert _c_get(archive, later, tmp_path / "got")[0]["PatientName"] == "Võ^Văn Tần"
+    assert _corrections(archive, later) == {}

@@ -201,7 +201,11 @@ def test_a_citizen_id_record_with_an_order_of_its_own_is_left_alone(tmp_path: Pa
         assert _priors_of_exam(server, tmp_path, "FOACC2") == {}
         assert _filing_events(server) == []
         with server.http() as http:
-            assert http.get(f"/api/studies/{F_CITIZEN_CT.uid}/corrections").json() == []
+            corrections = http.get(f"/api/studies/{F_CITIZEN_CT.uid}/corrections").json()
+        # No filing's: only what the prior lacked, from the record the HIS registered (migration 0034).
+        assert {(c["keyword"], c["received"], c["corrected"]) for c in corrections} == {
+            ("PatientBirthDate", "", "19850101"), ("PatientSex", "", "F")}, corrections
+        assert all("as registered" in c["reason"] for c in corrections), corrections
     finally:
         legacy.stop()
         server.stop()

@@ -13,12 +13,13 @@ from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
-from pydantic import ConfigDict, Field
+from pydantic import ConfigDict, Field, field_validator
 
 from pacs.audit import Event, patient_cx
 from pacs.auth import Principal
 from pacs.orders import (
-    OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo, change_reason, order_subject, patients_named,
+    OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo, change_reason, check_person_name, order_subject,
+    patients_named,
 )
 from pacs.timezones import hospital_zone
 
@@ -30,17 +31,29 @@ router = APIRouter(prefix="/api", tags=["orders"])
 
 class OtherIdModel(JsonBody):
     value: str = Field(..., min_length=1, max_length=64)
-    issuer: str = ""
-    type: str = ""
+    issuer: str = Field("", max_length=64)
+    type: str = Field("", max_length=16)
+
+
+def _person_name(value: str) -> str:
+    """A name an order or a correction brings must be a DICOM PN: a backslash
+    in it was retrieved by C-GET as two names (see check_person_name)."""
+    try:
+        check_person_name(value)
+    except OrderError as exc:
+        raise ValueError(str(exc)) from None
+    return value
 
 
 class PatientModel(JsonBody):
     id: str = Field(..., min_length=1, max_length=64, description="Patient ID (e.g. the 12-digit citizen ID)")
-    issuer: str = Field("", description="Issuer of the Patient ID, e.g. CCCD")
+    issuer: str = Field("", max_length=64, description="Issuer of the Patient ID, e.g. CCCD")
     name: str = Field("", description="DICOM PN: Family^Given, UTF-8 (Nguyễn^Văn An)")
     birth_date: str = Field("", pattern=r"^(\d{8})?$")
     sex: str = Field("", pattern=r"^[MFO]?$")
     other_ids: list[OtherIdModel] = []
+
+    _name_is_a_pn = field_validator("name")(_person_name)
 
 
 _DATE = r"^(\d{8})?$"

@@ -112,6 +112,10 @@ class Patient(Base):
     # names): meta.lastUpdated and _lastUpdated. Kept by triggers (migration
     # 0024); an insert sets it.
     changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    # Its demographics were set by the HIS or an administrator (migration
+    # 0034): a new study received with others is corrected to them. A server
+    # default only, as name_reading: an insert of an earlier revision works.
+    registered: Mapped[bool] = mapped_column(Boolean, server_default=false())
 
 
 class PatientNameWord(Base):

@@ -167,6 +167,8 @@ def _received_study(h: InstanceHeader) -> dict[str, str]:
 _FILLED = {k: c for k, c in STUDY_COLUMNS.items() if k != "StudyInstanceUID"}
 # Patient attributes besides the identifiers.
 _DEMOGRAPHICS = ("PatientName", "PatientBirthDate", "PatientSex")
+# Why a new study of a registered patient is corrected (see Patient.registered).
+REGISTERED_REASON = "received with other patient attributes than the patient's as registered (HIS or administrator)"
 
 
 def _record_corrections(conn: Connection, study_pk: int, received: dict[str, str], kept: dict[str, str],
@@ -411,8 +413,24 @@ class IndexWriter:
                     if patient_correction(k, received[k] or "", getattr(kept, c) or "")]
             if rows:
                 conn.execute(corrections.insert(), rows)
+        elif h.patient_id:
+            self._correct_to_registered(conn, pk, patient_pk, h, now)
         self._studies.put(h.study_uid, pk)
         return pk, made
+
+    @staticmethod
+    def _correct_to_registered(conn: Connection, study_pk: int, patient_pk: int, h: InstanceHeader,
+                               now: datetime) -> None:
+        """A new study of a patient whose demographics the HIS or an
+        administrator set (Patient.registered) is retrieved with those, as
+        C-FIND shows them: a modality without worklist still sends the name
+        typed there before the correction."""
+        row = conn.execute(select(patients.c.registered, *(patients.c[PATIENT_COLUMNS[k]] for k in _DEMOGRAPHICS))
+                           .where(patients.c.pk == patient_pk)).one()
+        if row.registered:
+            received = {k: v for k, v in _received_patient(h).items() if k in _DEMOGRAPHICS}
+            _record_corrections(conn, study_pk, received, {k: getattr(row, PATIENT_COLUMNS[k]) or "" for k in received},
+                                REGISTERED_REASON, now)
 
     def _join_study(self, conn: Connection, study_pk: int, h: InstanceHeader, now: datetime, priority: str) -> None:
         """A new series joins a study an earlier object made: the study takes
