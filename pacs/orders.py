@@ -2196,6 +2196,11 @@ def absorb_patient(conn: Connection, target: int, kept: Any, old: Any, *, former
                 ["patient_pk", "value", "issuer"],
             )
     conn.execute(delete(identifiers_t).where(identifiers_t.c.patient_pk == old.pk))
+    if old.registered:
+        # The HIS's registration (its orders move here) stays the patient's: a new study under the
+        # surviving ID is corrected to its values, as migration 0034 registers a patient with orders.
+        conn.execute(update(patients_t).where(patients_t.c.pk == target, patients_t.c.registered.is_(False))
+                     .values(registered=True))
     conn.execute(delete(patients_t).where(patients_t.c.pk == old.pk))
     keep_alias(conn, target, kept, old, former_key=former_key)
 
