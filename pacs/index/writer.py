@@ -424,9 +424,19 @@ class IndexWriter:
         """A new study of a patient whose demographics the HIS or an
         administrator set (Patient.registered) is retrieved with those, as
         C-FIND shows them: a modality without worklist still sends the name
-        typed there before the correction."""
-        row = conn.execute(select(patients.c.registered, *(patients.c[PATIENT_COLUMNS[k]] for k in _DEMOGRAPHICS))
-                           .where(patients.c.pk == patient_pk)).one()
+        typed there before the correction.
+
+        PostgreSQL: the patient row is held (FOR SHARE) until commit. An HIS
+        update of it (ADT^A08 registering or correcting the patient) then
+        waits, and corrects this study with the others; unheld, it committed
+        after this read, recorded corrections only for the studies it saw,
+        and this one went out with the values it came with while C-FIND
+        showed the new ones."""
+        query = (select(patients.c.registered, *(patients.c[PATIENT_COLUMNS[k]] for k in _DEMOGRAPHICS))
+                 .where(patients.c.pk == patient_pk))
+        if conn.dialect.name == "postgresql":
+            query = query.with_for_update(read=True)
+        row = conn.execute(query).one()
         if row.registered:
             received = {k: v for k, v in _received_patient(h).items() if k in _DEMOGRAPHICS}
             _record_corrections(conn, study_pk, received, {k: getattr(row, PATIENT_COLUMNS[k]) or "" for k in received},
