@@ -56,6 +56,27 @@ def test_a_merge_keeps_the_registration_of_the_patient_merged_away(archive: Pacs
     assert _corrections(archive, later) == {"PatientName": "Đỗ^Văn Hùng"}
 
 
+
+def test_the_first_named_study_keeps_the_birth_date_and_sex_the_his_registered(archive: PacsServer,
+                                                                               tmp_path: Path) -> None:
+    """The HIS registered the patient with a birth date and sex but no name
+    (ADT^A04 with PID-5 empty; PUT /api/patients/{id}). The first study with a name filled the
+    blank name, and with it overwrote the registered birth date and sex with
+    the modality's: C-FIND showed the modality's values, the study was not
+    corrected, and a later study sent with the HIS's values was "corrected"
+    to the modality's. A registered value is kept; only blanks are filled."""
+    with archive.http(token=archive.tokens["his"]) as http:  # type: ignore[attr-defined]
+        made = http.put("/api/patients/RR-NONAME", json={"birth_date": "19800101", "sex": "F"})
+        assert made.status_code == 200, made.text
+    first = _store(archive, make_ct(tmp_path / "first.dcm", PatientID="RR-NONAME", PatientName="NGO^THI HA",
+                                    PatientBirthDate="19790101", PatientSex="M"))
+    with archive.http() as http:
+        patient = http.get("/api/patients/RR-NONAME").json()
+    assert (patient["name"], patient["birth_date"], patient["sex"]) == ("NGO^THI HA", "19800101", "F")
+    got = _c_get(archive, first, tmp_path / "got")[0]
+    assert (got["PatientBirthDate"], got["PatientSex"]) == ("19800101", "F")
+    assert _corrections(archive, first) == {"PatientBirthDate": "19800101", "PatientSex": "F"}
+
 # -- an HIS update committing while a new study of the patient is being indexed (PostgreSQL) ----------------------
 @pytest.fixture
 def pg_index(pg_url: str) -> Iterator[Any]:

@@ -17,7 +17,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from sqlalchemy import Connection, Table, case, select, update
+from sqlalchemy import Connection, Table, and_, case, func, select, update
 
 from ..header import InstanceHeader
 from ..names import fold_name, name_reading, name_words
@@ -320,7 +320,12 @@ class IndexWriter:
         if name or not h.patient_name:
             return
         # Still blank: a name the HIS gave meanwhile (ADT^A08, committed
-        # since *name* was read) is not overwritten by the modality's.
+        # since *name* was read) is not overwritten by the modality's. A
+        # birth date or sex the HIS registered without a name stays: the
+        # modality's would become the patient's, and its studies would be
+        # "corrected" to them (see Patient.registered).
+        demographics = {c: case((and_(patients.c.registered, func.coalesce(patients.c[c], "") != ""), patients.c[c]),
+                                else_=v) for c, v in (("birth_date", h.birth_date), ("sex", h.sex))}
         filled = conn.execute(
             update(patients)
             .where(patients.c.pk == pk, patients.c.name == "")
@@ -329,8 +334,7 @@ class IndexWriter:
                 name_folded=h.patient_name_folded,
                 name_words=h.patient_name_words,
                 name_reading=h.patient_name_reading,
-                birth_date=h.birth_date,
-                sex=h.sex,
+                **demographics,
                 updated_at=now,
             )
         ).rowcount
