@@ -154,3 +154,32 @@ def test_an_his_update_during_the_ingest_of_a_new_study_corrects_it(pg_index: An
     update.join()
     assert errors == []
     assert _retrieved_with(pg_index, "1.2.826.0.1.3680043.9.81.1") == {"PatientName": "Bùi^Thị Lan Anh"}
+
+
+def test_the_prefetch_leaves_a_citizen_id_record_the_his_registered(tmp_path: Path,
+                                                                    request: pytest.FixtureRequest) -> None:
+    """The HIS registered the patient under the citizen ID alone (ADT^A04, or
+    `PUT /api/patients/{id}`: no order). The prefetch for the patient's
+    hospital-number order filed the prior found under that ID under the
+    order's patient and deleted the record: a registration the HIS made,
+    which only a merge (ADT^A40) may join, as one holding an order is left."""
+    from .conftest import make_backend
+    from .test_prefetch import CITIZEN_ID, OldPacs, _order, _settled
+    from .test_prefetch_filing import F_CITIZEN_CT, OLD_NAME, PID3, _patients
+
+    server = PacsServer(tmp_path / "data", make_backend("sqlite-fs", request),
+                        extra_env={"PACS_PREFETCH_SOURCES": "LEGACY"}).start()
+    legacy = OldPacs(tmp_path, server, [F_CITIZEN_CT]).start()
+    try:
+        with server.http(token=server.make_token("u-his", "his")) as http:
+            made = http.put(f"/api/patients/{CITIZEN_ID}", json={"name": OLD_NAME, "birth_date": "19850101"})
+            assert made.status_code == 200, made.text
+        _order(server, "FR1", "FRACC1", pid3=PID3)
+        job = _settled(server, "FRACC1")
+        (entry,) = job["studies"]
+        assert (entry["study_uid"], entry["filing"]) == (F_CITIZEN_CT.uid, "left"), job
+        assert "registered" in entry["filing_detail"], entry
+        assert _patients(server, CITIZEN_ID) == [(CITIZEN_ID, "")]
+    finally:
+        legacy.stop()
+        server.stop()

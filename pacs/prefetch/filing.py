@@ -17,8 +17,8 @@ study is not linked to the order (it is a prior, not the ordered exam).
 
 Only when the study's patient record is nothing but that identifier: keyed
 by exactly that value with no issuer (or the trusted identifier's issuer),
-without an order of its own (the HIS registered it: only an ADT^A40 merge
-may join it), holding no other identifier the job's patient lacks (its
+without an order of its own and not registered otherwise (Patient.registered:
+the HIS registered it, only an ADT^A40 merge may join it), holding no other identifier the job's patient lacks (its
 objects' Other Patient IDs naming another patient: the desk typed this
 citizen ID into someone else's visit), and no other patient here holds the
 value (which of two is this person is not known). Otherwise the study is left where it is and the
@@ -113,6 +113,10 @@ def _why_not(conn: Connection, current: Any, target: Any, value: str, issuers: s
         return f"filed here under patient {cx}, not a record of {value} alone"
     if conn.execute(select(func.count()).select_from(orders_t).where(orders_t.c.patient_pk == pk)).scalar_one():
         return f"patient {cx} has orders of its own (the HIS registered it): only a merge (ADT^A40) joins it"
+    if current.registered:
+        # Registered without an order (ADT^A04, PUT /api/patients/{id}, pacs patient update): the HIS's too.
+        return (f"patient {cx} was registered by the HIS or an administrator: only a merge (ADT^A40) "
+                "joins it")
     foreign = _foreign_ids(conn, pk, target, value)
     if foreign:
         return (f"patient {cx} also holds {', '.join(foreign[:3])}, not identifiers of "
