@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from pacs.auth import SESSION, tokens_t, users_t
 from pacs.index import create_index_engine, upgrade_schema
@@ -168,12 +168,18 @@ def test_0033_drops_the_urgency_of_every_study_this_archive_fetched_itself(index
     try:
         upgrade_schema(engine, "0032")
         writer = IndexWriter()
+        # Today's writer reads the column of a later revision (0034, patients.registered):
+        # there while it writes the rows of revision 0032, gone before the upgrade.
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE patients ADD COLUMN registered BOOLEAN NOT NULL DEFAULT false"))
         _receive(engine, writer, tmp_path, 1, "import", "STAT")
         _receive(engine, writer, tmp_path, 2, "c-get", "STAT")
         _receive(engine, writer, tmp_path, 3, "c-get", "HIGH")
         _receive(engine, writer, tmp_path, 4, "key-images", "", study=3)
         _receive(engine, writer, tmp_path, 5, "dimse", "STAT")
         _receive(engine, writer, tmp_path, 6, "c-get", "STAT", study=5)  # a modality's study completed from a peer
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE patients DROP COLUMN registered"))
 
         def priorities() -> dict[int, str]:
             with engine.connect() as conn:
