@@ -6,33 +6,16 @@ PostgreSQL, checked with DCMTK findscu, WADO-RS and QIDO-RS."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from .conftest import Backend, PacsServer
+from .conftest import PacsServer
 from .dicomfiles import make_ct
-from .peers import create_database, drop_database
 from .test_merge_review import _metadata, _qido, _store
-from .test_patient_corrections import _found
-
-
-@pytest.fixture(scope="module", params=["sqlite", "pg"])
-def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
-    pg = create_database() if request.param == "pg" else None
-    server = PacsServer(tmp_path_factory.mktemp(f"review-patients-{request.param}") / "data",
-                        Backend(request.param, pg, None, {}))
-    server.start()
-    server.his_token = server.make_token("u-his", "his")  # type: ignore[attr-defined]
-    yield server
-    server.stop()
-    if pg:
-        drop_database(pg)
+from .test_patient_corrections import _found, archive  # noqa: F401 (a fixture)
 
 
 def _his(server: PacsServer) -> object:
-    return server.http(token=server.his_token)  # type: ignore[attr-defined]
+    return server.http(token=server.tokens["his"])  # type: ignore[attr-defined]
 
 
 def test_cli_refuses_a_birth_date_that_is_not_yyyymmdd(archive: PacsServer, tmp_path: Path) -> None:

@@ -16,23 +16,10 @@ from sqlalchemy import text
 
 from pacs.index import create_index_engine, upgrade_schema
 
-from .conftest import Backend, PacsServer
+from .conftest import PacsServer
 from .dicomfiles import make_ct
-from .peers import create_database, drop_database
 from .test_merge_review import _c_get, _corrections, _store
-
-
-@pytest.fixture(scope="module", params=["sqlite", "pg"])
-def archive(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
-    pg = create_database() if request.param == "pg" else None
-    server = PacsServer(tmp_path_factory.mktemp(f"registered-{request.param}") / "data",
-                        Backend(request.param, pg, None, {}))
-    server.start()
-    server.tokens = {"his": server.make_token("u-his", "his")}  # type: ignore[attr-defined]
-    yield server
-    server.stop()
-    if pg:
-        drop_database(pg)
+from .test_patient_corrections import archive  # noqa: F401 (a fixture)
 
 
 def test_a_merge_keeps_the_registration_of_the_patient_merged_away(archive: PacsServer, tmp_path: Path) -> None:
