@@ -318,6 +318,16 @@ def _patient_columns(p: PatientInfo) -> dict[str, Any]:
 _PN_GROUPS, _PN_COMPONENTS, _PN_GROUP_CHARS = 3, 5, 64
 
 
+def _string_problem(value: str) -> str:
+    """What no DICOM string value (PN, LO) may hold, or "": a backslash, the
+    value separator, or a control character."""
+    if "\\" in value:
+        return "holds a backslash (a DICOM value separator)"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        return "holds a control character"
+    return ""
+
+
 def check_person_name(name: str) -> None:
     """Refuse (400) a patient's name that is no DICOM PN, as a person typed
     it for a correction (JSON, ``pacs patient update``): a backslash is
@@ -327,17 +337,14 @@ def check_person_name(name: str) -> None:
     names are made PNs by their reader (ris_bridge.hl7v2). The message
     names the attribute, not the value (PHI)."""
     groups = name.split("=")
-    problem = ""
-    if "\\" in name:
-        problem = "holds a backslash (a DICOM value separator)"
-    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        problem = "holds a control character"
-    elif len(groups) > _PN_GROUPS:
-        problem = f"has {len(groups)} component groups (\"=\"); at most {_PN_GROUPS} are allowed"
+    shape = ""
+    if len(groups) > _PN_GROUPS:
+        shape = f"has {len(groups)} component groups (\"=\"); at most {_PN_GROUPS} are allowed"
     elif any(len(g.split("^")) > _PN_COMPONENTS for g in groups):
-        problem = f"has a group of more than {_PN_COMPONENTS} components (\"^\")"
+        shape = f"has a group of more than {_PN_COMPONENTS} components (\"^\")"
     elif any(len(g) > _PN_GROUP_CHARS for g in groups):
-        problem = f"has a component group of more than {_PN_GROUP_CHARS} characters"
+        shape = f"has a component group of more than {_PN_GROUP_CHARS} characters"
+    problem = _string_problem(name) or shape
     if problem:
         raise OrderError(f"the name (PatientName, VR PN) {problem}", code="102", http_status=400)
 
@@ -349,17 +356,13 @@ def check_patient_id(patient_id: str) -> None:
     them: the ingest's patient has none), a backslash (a value separator), a
     control character, or U+FFFD (bytes of another encoding than UTF-8 in
     the URL). The message does not quote the ID (PHI)."""
-    problem = ""
     if not patient_id.strip():
         problem = "is blank"
     elif patient_id != patient_id.strip(" "):
         problem = "has leading or trailing spaces"
-    elif "\\" in patient_id:
-        problem = "holds a backslash (a DICOM value separator)"
-    elif any(ord(c) < 0x20 or ord(c) == 0x7F for c in patient_id):
-        problem = "holds a control character"
-    elif "\ufffd" in patient_id:
-        problem = "holds U+FFFD: sent in another encoding than UTF-8?"
+    else:
+        problem = _string_problem(patient_id) or (
+            "holds U+FFFD: sent in another encoding than UTF-8?" if "\ufffd" in patient_id else "")
     if problem:
         raise OrderError(f"the patient ID (PatientID, VR LO) {problem}", code="102", http_status=400)
 
@@ -592,12 +595,12 @@ class OrderService:
             p = replace(p, birth_date=_resolve_birth_date(p.birth_date, stored))
         if pk is None:
             blank = PatientInfo(p.patient_id, name="", birth_date="", sex="")
+            sent = _patient_columns(p)
             pk = insert_ignore(
                 conn,
                 patients_t,
                 {"patient_id": p.patient_id, "issuer": p.issuer, "created_at": now, "updated_at": now,
-                 "changed_at": now, **_patient_columns(blank), **_patient_columns(p),
-                 "registered": bool(_patient_columns(p))},
+                 "changed_at": now, **_patient_columns(blank), **sent, "registered": bool(sent)},
                 ["patient_id", "issuer"],
                 where=PATIENT_HAS_ID,
             )
@@ -636,7 +639,7 @@ class OrderService:
             # The modality's values, confirmed: registered from now on (see Patient.registered).
             conn.execute(update(patients_t).where(patients_t.c.pk == pk, patients_t.c.registered.is_(False))
                          .values(registered=True))
-        if changed:
+        else:
             lock_patient_studies(conn, pk)
             if not conn.execute(update(patients_t).where(patients_t.c.pk == pk)
                                 .values(**values, registered=True, updated_at=now)).rowcount:

@@ -56,6 +56,18 @@ class PatientModel(JsonBody):
     _name_is_a_pn = field_validator("name")(_person_name)
 
 
+def _patient_info(body: PatientModel | PatientUpdateModel, patient_id: str, reason: str = "") -> PatientInfo:
+    """The patient a body describes: a demographic key absent from it is None
+    (the stored value kept), an empty one deletes it."""
+    sent = body.model_fields_set
+    return PatientInfo(patient_id=patient_id, issuer=body.issuer,
+                       name=body.name if "name" in sent else None,
+                       birth_date=body.birth_date if "birth_date" in sent else None,
+                       sex=body.sex if "sex" in sent else None,
+                       other_ids=[OtherIdentifier(o.value, o.issuer, o.type) for o in body.other_ids],
+                       reason=reason)
+
+
 _DATE = r"^(\d{8})?$"
 _TIME = r"^(\d{2,6}(\.\d+)?)?$"
 # A requested procedure of more steps than this is a mistake, not an exam.
@@ -104,14 +116,7 @@ class OrderModel(StepModel):
     def to_info(self) -> OrderInfo:
         """The order with its top-level step fields (the one step, or the steps' defaults)."""
         data = self.model_dump(exclude={"patient", "steps"})
-        p = self.patient
-        sent = p.model_fields_set  # a key absent from the body keeps the stored value (None)
-        patient = PatientInfo(
-            patient_id=p.id, issuer=p.issuer, name=p.name if "name" in sent else None,
-            birth_date=p.birth_date if "birth_date" in sent else None, sex=p.sex if "sex" in sent else None,
-            other_ids=[OtherIdentifier(o.value, o.issuer, o.type) for o in p.other_ids],
-        )
-        return OrderInfo(patient=patient, **data)
+        return OrderInfo(patient=_patient_info(self.patient, self.patient.id), **data)
 
     def to_steps(self) -> list[OrderInfo]:
         """One OrderInfo per scheduled step: the top-level values with each
@@ -134,15 +139,6 @@ class PatientUpdateModel(JsonBody):
     sex: str = Field("", pattern=r"^[MFO]?$")
     other_ids: list[OtherIdModel] = Field([], max_length=20)
     reason: str = Field("", max_length=200, description="Why (kept with the corrections of the patient's studies)")
-
-    def to_info(self, patient_id: str, reason: str) -> PatientInfo:
-        sent = self.model_fields_set
-        return PatientInfo(patient_id=patient_id, issuer=self.issuer,
-                           name=self.name if "name" in sent else None,
-                           birth_date=self.birth_date if "birth_date" in sent else None,
-                           sex=self.sex if "sex" in sent else None,
-                           other_ids=[OtherIdentifier(o.value, o.issuer, o.type) for o in self.other_ids],
-                           reason=reason)
 
 
 class PriorIdModel(JsonBody):
@@ -284,7 +280,7 @@ def update_patient(request: Request, patient_id: str, body: PatientUpdateModel,
     named = patient_cx(patient_id, body.issuer)
     audit_patients(request, [named])
     updated = _call(_service(request).correct_patient,
-                    body.to_info(patient_id, change_reason("patient update", principal.username, body.reason)))
+                    _patient_info(body, patient_id, change_reason("patient update", principal.username, body.reason)))
     # The patient changed, as stored: an ID sent without issuer names the one patient holding it under one.
     audit_patients(request, dict.fromkeys([patient_cx(updated["id"], updated["issuer"]), named]))
     return updated
@@ -306,9 +302,9 @@ def merge_patient(request: Request, body: MergeModel,
     return {"moved_studies": moved, "patient": patient}
 
 
-@router.get("/patients/{patient_id:path}", summary="A patient as the index holds them (demographics, other IDs)")
-def get_patient(request: Request, patient_id: str, issuer: str | None = None,
-                principal: Principal = guard("his", "admin", action="query")) -> dict[str, Any]:
+@router.get("/patients/{patient_id:path}", summary="A patient as the index holds them (demographics, other IDs)",
+            dependencies=requires("his", "admin", action="query"))
+def get_patient(request: Request, patient_id: str, issuer: str | None = None) -> dict[str, Any]:
     """Without ``?issuer=`` the patient a PUT without issuer changes (the
     one holding the ID under an issuer, when none holds it without)."""
     named = patient_cx(patient_id, issuer or "")
