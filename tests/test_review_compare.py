@@ -19,9 +19,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from .dicomfiles import image_dataset
-from .peers import ROOT, Backend, PacsServer
-from .test_viewer_compare import PASSWORD, RADIOLOGIST, _common, _login
-from .test_web_viewer import HEIGHT, WIDTH, watched_page
+from .peers import ROOT, PacsServer
+from .test_viewer_compare import _common, _login
+from .test_web_viewer import HEIGHT, WIDTH, radiologist_server, watched_page
 
 AXIAL = [1, 0, 0, 0, 1, 0]
 CORONAL = [1, 0, 0, 0, 0, -1]
@@ -90,64 +90,60 @@ def _enhanced(common: dict[str, Any], frame_of_reference: str, positions: list[f
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServer, Studies]]:
     """One server; the patient's current CT and a prior with a scout among its axials and an enhanced CT."""
     tmp = tmp_path_factory.mktemp("review-compare")
-    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}))
-    server.cli("user", "add", RADIOLOGIST[0], "--role", "radiologist", "--password", PASSWORD,
-               "--display-name", RADIOLOGIST[1])
-    server.start()
-    folder = tmp / "in"
-    folder.mkdir()
-    current, prior = generate_uid(), generate_uid()
-    patient = ("Phạm^Văn Long", "BN-RVC-1")
-    now = _common(current, *patient, "20261205", "CT ngực")
-    before = _common(prior, *patient, "20250610", "CT ngực cũ")
-    datasets: list[Dataset] = []
-    series, reference = generate_uid(), generate_uid()
-    datasets += [_slice(now, series, reference, 1, "Axial", [-100, -100, z], AXIAL, n)
-                 for n, z in enumerate([0, 5, 10, 15, 20, 25])]
-    # The scanner's localizer first, in the series of the axials (instance 1, a coronal plane).
-    mixed, reference = generate_uid(), generate_uid()
-    datasets.append(_slice(before, mixed, reference, 2, "Scout and axial", [-100, 0, 40], CORONAL, 0))
-    datasets += [_slice(before, mixed, reference, 2, "Scout and axial", [-100, -100, -7 + 3 * k], AXIAL, k + 1)
-                 for k in range(10)]
-    enhanced = _enhanced(before, generate_uid(), [20 - 3 * k for k in range(10)])
-    datasets.append(enhanced)
-    # Feet first: the rows run from the patient's left, the normal points to the feet (-z).
-    feet, reference = generate_uid(), generate_uid()
-    datasets += [_slice(before, feet, reference, 5, "Feet first", [100, -100, 3 * k], [-1, 0, 0, 0, 1, 0], k)
-                 for k in range(10)]
-    # A head CT's gantry tilt (15 degrees) and a wide field (256 mm): the slices' centres at -7, -4, ..., 20 mm.
-    tilted, steep = generate_uid(), generate_uid()
-    for series_uid, number, degrees in ((tilted, 6, 15), (steep, 7, 25)):
-        reference, tilt = generate_uid(), np.radians(degrees)
-        rows, cols = np.array([1.0, 0, 0]), np.array([0, np.cos(tilt), -np.sin(tilt)])
-        for k in range(10):
-            corner = np.array([0, 0, -7 + 3 * k]) - (rows + cols) * 63 / 2 * 4
-            position = [round(float(v), 4) for v in corner]
-            ds = _slice(before, series_uid, reference, number, f"Tilted {degrees}", position,
-                        [round(float(v), 6) for v in [*rows, *cols]], k)
-            ds.PixelSpacing = [4, 4]
-            datasets.append(ds)
-    # Another scanner: its table positions far from the current's (no overlap), decreasing with the instance.
-    far, reference = generate_uid(), generate_uid()
-    datasets += [_slice(before, far, reference, 4, "Far", [-100, -100, 1000 - 3 * k], AXIAL, k) for k in range(10)]
-    # Between the two: a study of a scanned request form only (an Encapsulated PDF), nothing to compare with.
-    form = _common(generate_uid(), *patient, "20260101", "Phiếu chỉ định")
-    pdf = image_dataset("1.2.840.10008.5.1.4.1.1.104.1", Modality="DOC", SeriesNumber=1, InstanceNumber=1,
-                        Rows=None, Columns=None, BitsAllocated=None, BitsStored=None, HighBit=None,
-                        PixelRepresentation=None, SamplesPerPixel=None, PhotometricInterpretation=None,
-                        PixelData=None, BurnedInAnnotation="NO", DocumentTitle="Phiếu chỉ định",
-                        MIMETypeOfEncapsulatedDocument="application/pdf",
-                        EncapsulatedDocument=b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n", **form)
-    datasets.append(pdf)
-    files = []
-    for n, ds in enumerate(datasets):
-        path = folder / f"{n}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        files.append(str(path))
-    sent = server.storescu(*files)
-    assert sent.returncode == 0, sent.stderr
-    yield server, Studies(current, prior, mixed, enhanced.SeriesInstanceUID, far, feet, tilted, steep)
-    server.stop()
+    with radiologist_server(tmp) as server:
+        folder = tmp / "in"
+        folder.mkdir()
+        current, prior = generate_uid(), generate_uid()
+        patient = ("Phạm^Văn Long", "BN-RVC-1")
+        now = _common(current, *patient, "20261205", "CT ngực")
+        before = _common(prior, *patient, "20250610", "CT ngực cũ")
+        datasets: list[Dataset] = []
+        series, reference = generate_uid(), generate_uid()
+        datasets += [_slice(now, series, reference, 1, "Axial", [-100, -100, z], AXIAL, n)
+                     for n, z in enumerate([0, 5, 10, 15, 20, 25])]
+        # The scanner's localizer first, in the series of the axials (instance 1, a coronal plane).
+        mixed, reference = generate_uid(), generate_uid()
+        datasets.append(_slice(before, mixed, reference, 2, "Scout and axial", [-100, 0, 40], CORONAL, 0))
+        datasets += [_slice(before, mixed, reference, 2, "Scout and axial", [-100, -100, -7 + 3 * k], AXIAL, k + 1)
+                     for k in range(10)]
+        enhanced = _enhanced(before, generate_uid(), [20 - 3 * k for k in range(10)])
+        datasets.append(enhanced)
+        # Feet first: the rows run from the patient's left, the normal points to the feet (-z).
+        feet, reference = generate_uid(), generate_uid()
+        datasets += [_slice(before, feet, reference, 5, "Feet first", [100, -100, 3 * k], [-1, 0, 0, 0, 1, 0], k)
+                     for k in range(10)]
+        # A head CT's gantry tilt (15 degrees) and a wide field (256 mm): the slices' centres at -7, -4, ..., 20 mm.
+        tilted, steep = generate_uid(), generate_uid()
+        for series_uid, number, degrees in ((tilted, 6, 15), (steep, 7, 25)):
+            reference, tilt = generate_uid(), np.radians(degrees)
+            rows, cols = np.array([1.0, 0, 0]), np.array([0, np.cos(tilt), -np.sin(tilt)])
+            for k in range(10):
+                corner = np.array([0, 0, -7 + 3 * k]) - (rows + cols) * 63 / 2 * 4
+                position = [round(float(v), 4) for v in corner]
+                ds = _slice(before, series_uid, reference, number, f"Tilted {degrees}", position,
+                            [round(float(v), 6) for v in [*rows, *cols]], k)
+                ds.PixelSpacing = [4, 4]
+                datasets.append(ds)
+        # Another scanner: its table positions far from the current's (no overlap), decreasing with the instance.
+        far, reference = generate_uid(), generate_uid()
+        datasets += [_slice(before, far, reference, 4, "Far", [-100, -100, 1000 - 3 * k], AXIAL, k) for k in range(10)]
+        # Between the two: a study of a scanned request form only (an Encapsulated PDF), nothing to compare with.
+        form = _common(generate_uid(), *patient, "20260101", "Phiếu chỉ định")
+        pdf = image_dataset("1.2.840.10008.5.1.4.1.1.104.1", Modality="DOC", SeriesNumber=1, InstanceNumber=1,
+                            Rows=None, Columns=None, BitsAllocated=None, BitsStored=None, HighBit=None,
+                            PixelRepresentation=None, SamplesPerPixel=None, PhotometricInterpretation=None,
+                            PixelData=None, BurnedInAnnotation="NO", DocumentTitle="Phiếu chỉ định",
+                            MIMETypeOfEncapsulatedDocument="application/pdf",
+                            EncapsulatedDocument=b"%PDF-1.4\n1 0 obj <<>> endobj\ntrailer <<>>\n%%EOF\n", **form)
+        datasets.append(pdf)
+        files = []
+        for n, ds in enumerate(datasets):
+            path = folder / f"{n}.dcm"
+            ds.save_as(path, enforce_file_format=True)
+            files.append(str(path))
+        sent = server.storescu(*files)
+        assert sent.returncode == 0, sent.stderr
+        yield server, Studies(current, prior, mixed, enhanced.SeriesInstanceUID, far, feet, tilted, steep)
 
 
 def _open_compare(page: Any, server: PacsServer, studies: Studies) -> tuple[Any, Any, Any]:

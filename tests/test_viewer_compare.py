@@ -23,12 +23,13 @@ import pytest
 from pydicom.uid import generate_uid
 
 from .dicomfiles import image_dataset
-from .peers import ROOT, Backend, PacsServer
+from .peers import ROOT, PacsServer
 from .test_key_images import events_until
-from .test_web_viewer import HEIGHT, WIDTH, Steps, assert_no_horizontal_scroll, watched_page
+from .test_web_viewer import (
+    HEIGHT, PASSWORD, USERNAME, WIDTH, Steps, assert_no_horizontal_scroll, radiologist_server, watched_page,
+)
 
-RADIOLOGIST = ("bs.an", "BS. Trần Văn An")
-PASSWORD = "Secret-123"
+RADIOLOGIST = (USERNAME, "BS. Trần Văn An")  # the user radiologist_server makes
 SHOTS = ROOT / "test-artifacts" / "compare"
 AXIAL = [1, 0, 0, 0, 1, 0]
 CURRENT_Z = [0, 5, 10, 15, 20, 25]  # the current study's slices (mm along the table)
@@ -78,25 +79,21 @@ def _common(study: str, patient: str, patient_id: str, date: str, description: s
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[PacsServer, Studies]]:
     """One server; the patient's current and prior CT, and another patient's CT, sent by storescu."""
     tmp = tmp_path_factory.mktemp("compare")
-    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}))
-    server.cli("user", "add", RADIOLOGIST[0], "--role", "radiologist", "--password", PASSWORD,
-               "--display-name", RADIOLOGIST[1])
-    server.start()
-    folder = tmp / "in"
-    folder.mkdir()
-    current, prior, stranger = generate_uid(), generate_uid(), generate_uid()
-    patient = ("Hoàng^Văn Minh", "BN-CMP-1")
-    now = _common(current, *patient, "20261205", "CT ngực không tiêm")
-    before = _common(prior, *patient, "20250610", "CT ngực lần trước")
-    other = _common(stranger, "Đỗ^Thị Hoa", "BN-CMP-2", "20240101", "CT ngực người khác")
-    current_series, files = _series(folder, "cur", now, "Trục ngang", 1, CURRENT_Z, len(CURRENT_Z))
-    prior_series, more = _series(folder, "pri", before, "Trục ngang", 1, PRIOR_Z, len(PRIOR_Z))
-    unplaced, rest = _series(folder, "unp", before, "Không vị trí", 2, None, 3)
-    _, foreign = _series(folder, "oth", other, "Trục ngang", 1, CURRENT_Z, 2)
-    sent = server.storescu(*files, *more, *rest, *foreign)
-    assert sent.returncode == 0, sent.stderr
-    yield server, Studies(current, current_series, prior, prior_series, unplaced, stranger)
-    server.stop()
+    with radiologist_server(tmp) as server:
+        folder = tmp / "in"
+        folder.mkdir()
+        current, prior, stranger = generate_uid(), generate_uid(), generate_uid()
+        patient = ("Hoàng^Văn Minh", "BN-CMP-1")
+        now = _common(current, *patient, "20261205", "CT ngực không tiêm")
+        before = _common(prior, *patient, "20250610", "CT ngực lần trước")
+        other = _common(stranger, "Đỗ^Thị Hoa", "BN-CMP-2", "20240101", "CT ngực người khác")
+        current_series, files = _series(folder, "cur", now, "Trục ngang", 1, CURRENT_Z, len(CURRENT_Z))
+        prior_series, more = _series(folder, "pri", before, "Trục ngang", 1, PRIOR_Z, len(PRIOR_Z))
+        unplaced, rest = _series(folder, "unp", before, "Không vị trí", 2, None, 3)
+        _, foreign = _series(folder, "oth", other, "Trục ngang", 1, CURRENT_Z, 2)
+        sent = server.storescu(*files, *more, *rest, *foreign)
+        assert sent.returncode == 0, sent.stderr
+        yield server, Studies(current, current_series, prior, prior_series, unplaced, stranger)
 
 
 def _login(page: Any, server: PacsServer) -> None:
