@@ -38,8 +38,10 @@ from pacs.dicom_net import (
 from pacs.errors import IngestError, Status
 from pacs.header import stray_meta_length
 from pacs.ingest import Origin
+from pacs.key_objects import KOS_CLASS
 from pacs.logtext import association_peer, peer_text
 from pacs.part10 import BufferSource, file_meta_bytes
+from pacs.rejections import apply_rejection
 
 from .acceptor import InlineAssociationServer
 from .associate_rq import AssociationGate, decoding_peer_request
@@ -201,6 +203,22 @@ def origin_of(assoc: Any, source: str = "dimse", *, routed: bool = True, examina
                   routed=routed, examination=examination)
 
 
+def withdraw_rejected(pacs: Pacs, assoc: Any, storage_key: str) -> None:
+    """A stored Key Object Selection from an AE granted "reject": the images
+    it withdraws, if it is a rejection note, go (pacs.rejections). The note
+    is stored and acknowledged whatever happens to them: what could not be
+    withdrawn is logged and audited."""
+    remote = pacs.aes.get(assoc.requestor.ae_title.strip())
+    if remote is None or not remote.permits("reject"):
+        return
+    try:
+        apply_rejection(pacs, storage_key, lambda: association_event(assoc, "delete"))
+    except Exception as exc:  # the note is stored; its sender may send it again
+        log.exception("rejection note %s from %s not applied", storage_key, peer_text(remote.title, 16))
+        audit_association(pacs, assoc, "delete", outcome="failure",
+                          detail=f"rejection note {storage_key} not applied: {exc}")
+
+
 def make_store_handler(pacs: Pacs, source: str = "dimse", *, retrieving: bool = False) -> Any:
     """The C-STORE handler: received bytes go to the core's ingest, untouched.
 
@@ -266,6 +284,8 @@ def make_store_handler(pacs: Pacs, source: str = "dimse", *, retrieving: bool = 
         if getattr(assoc, "_audited_study", None) != study:
             assoc._audited_study = study
             audit_association(pacs, assoc, "store", study_uid=study, detail=source)
+        if result.header.sop_class_uid == KOS_CLASS and not ours:  # not one we fetched (a migration)
+            withdraw_rejected(pacs, assoc, result.storage_key)
         return Status.SUCCESS, ""
 
     def handle_store(event: Any) -> int | Dataset:

@@ -27,26 +27,33 @@ _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backsla
 
 # What a registered AE may ask of us over DICOM (C-ECHO is always allowed):
 # C-STORE to us; C-FIND on the archive; C-MOVE and C-GET from it; the
-# modality worklist; MPPS; storage commitment.
-SERVICES = ("store", "query", "retrieve", "worklist", "mpps", "commitment")
-ALL_SERVICES = frozenset(SERVICES)
+# modality worklist; MPPS; storage commitment; and withdrawing images it
+# stored with a rejection note (pacs.rejections).
+SERVICES = ("store", "query", "retrieve", "worklist", "mpps", "commitment", "reject")
+# What "all" (and an AE registered without --services) grants: rejection
+# notes delete images, so only an AE granted "reject" by name sends them.
+ALL_SERVICES = frozenset(SERVICES) - {"reject"}
 
 
 def parse_services(text: str) -> frozenset[str]:
-    """``"*"``/``"all"`` or a comma list of :data:`SERVICES`; ``ValueError`` otherwise."""
+    """``"*"``/``"all"`` or a comma list of :data:`SERVICES` (``all,reject``
+    too); ``ValueError`` otherwise."""
     words = {w.strip().lower() for w in text.split(",") if w.strip()}
-    if words & {"*", "all"}:
-        return ALL_SERVICES
-    unknown = words - ALL_SERVICES
+    unknown = words - set(SERVICES) - {"*", "all"}
     if unknown or not words:
         raise ValueError(f"unknown DICOM service {', '.join(sorted(unknown)) or text!r}: "
                          f"give 'all' or a comma list of {', '.join(SERVICES)}")
+    if words & {"*", "all"}:
+        return ALL_SERVICES | (words & {"reject"})
     return frozenset(words)
 
 
 def services_text(services: frozenset[str]) -> str:
-    """How *services* are stored and shown: ``*`` for all, else in :data:`SERVICES` order."""
-    return "*" if services >= ALL_SERVICES else ",".join(s for s in SERVICES if s in services)
+    """How *services* are stored and shown: ``*`` for all (``*,reject``),
+    else in :data:`SERVICES` order."""
+    if services >= ALL_SERVICES:
+        return ",".join(["*", *sorted(services - ALL_SERVICES)])
+    return ",".join(s for s in SERVICES if s in services)
 
 
 @dataclass(frozen=True)

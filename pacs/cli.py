@@ -994,7 +994,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "against tls_ca, ours (tls_cert) presented for mutual TLS")
     q.add_argument("--services", metavar="LIST",
                    help="what it may ask of us: 'all' (a new AE's default) or a comma list of "
-                        "store, query, retrieve, worklist, mpps, commitment; others get 0x0124 "
+                        "store, query, retrieve, worklist, mpps, commitment, reject (its rejection notes "
+                        "delete the images they list; never implied by 'all': 'all,reject'); others get 0x0124 "
                         "(refused: not authorized). Unchanged when re-adding without it")
     q.add_argument("--client-cert", metavar="PEM|SHA256|none",
                    help="pin its TLS client certificate (a PEM file, or its SHA-256 fingerprint): calls under "

@@ -63,13 +63,20 @@ class Target:
     study_uid: str
     series_uid: str = ""
     sop_uid: str = ""
+    # Several instances of the series instead of one (a rejection note's).
+    sop_uids: tuple[str, ...] = ()
 
     @property
     def level(self) -> str:
-        return "instance" if self.sop_uid else "series" if self.series_uid else "study"
+        return "instance" if self.sop_uid or self.sop_uids else "series" if self.series_uid else "study"
+
+    @property
+    def instances(self) -> tuple[str, ...]:
+        """The instances named (none: the whole series or study)."""
+        return (self.sop_uid, *self.sop_uids) if self.sop_uid else self.sop_uids
 
     def __post_init__(self) -> None:
-        if self.sop_uid and not self.series_uid:
+        if self.instances and not self.series_uid:
             raise ValueError("an instance is named with its series")
 
 
@@ -94,6 +101,13 @@ class DeleteReport:
         return asdict(self)
 
 
+def _named(target: Target) -> str:
+    """The target as the audit trail and messages name it."""
+    if len(target.instances) > 1:
+        return f"{target.instances[0]} and {len(target.instances) - 1} more of series {target.series_uid}"
+    return (target.instances or (target.series_uid or target.study_uid,))[0]
+
+
 def _selected(conn: Connection, target: Target) -> tuple[Any, list[Any]]:
     """The study row and the (pk, storage key, size) of the target's instances."""
     study = conn.execute(
@@ -110,11 +124,11 @@ def _selected(conn: Connection, target: Target) -> tuple[Any, list[Any]]:
              .where(series_t.c.study_pk == study.pk))
     if target.series_uid:
         query = query.where(series_t.c.series_uid == target.series_uid)
-    if target.sop_uid:
-        query = query.where(instances_t.c.sop_uid == target.sop_uid)
+    if target.instances:
+        query = query.where(instances_t.c.sop_uid.in_(target.instances))
     rows = conn.execute(query).all()
     if not rows and target.level != "study":
-        raise DeleteRefused(f"no {target.level} {target.sop_uid or target.series_uid} in study {target.study_uid}", 404)
+        raise DeleteRefused(f"no {target.level} {_named(target)} in study {target.study_uid}", 404)
     return study, rows
 
 
@@ -165,10 +179,9 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", ev
         event = Event(action="delete", user=user, role="admin", protocol="cli", study_uid=target.study_uid)
     # A deadlock victim (an HIS update of the patient, an ingest), or a row
     # gone meanwhile, is deleted again: not an outage to report (HTTP 503).
-    named = target.sop_uid or target.series_uid or target.study_uid
     keys = retry_write(pacs.engine,
                        lambda conn: _delete_rows(conn, pacs, target, report, deletion, event, reason, force=force),
-                       what=f"deletion of {target.level} {named}")
+                       what=f"deletion of {target.level} {_named(target)}")
     if keys is None:
         return report
     delete_unindexed(pacs, keys, report)
@@ -202,8 +215,7 @@ def _delete_rows(conn: Connection, pacs: Pacs, target: Target, report: DeleteRep
         keys += unindexed_under(conn, pacs.store, folder, keys)
     # (An original pacs compress replaced is both unindexed and taken over.)
     keys = list(dict.fromkeys(keys + tombstones.record(conn, keys, deletion, instances_deleted=True)))
-    what = {"study": target.study_uid, "series": target.series_uid, "instance": target.sop_uid}[target.level]
-    report.detail = (f"{target.level} {what}: {report.instances} instances, {report.bytes} bytes"
+    report.detail = (f"{target.level} {_named(target)}: {report.instances} instances, {report.bytes} bytes"
                      + (f", {report.reports_deleted} reports" if report.reports_deleted else "")
                      + f"; reason: {reason}")[:500]
     if event is not None:

@@ -1,0 +1,136 @@
+"""Rejection notes (IHE IOCM): a modality or workstation withdraws images it
+sent (a wrong patient, a bad exposure) by sending a Key Object Selection
+document titled with a rejection reason that lists them.
+
+The note is stored as any object; then, when its sender may reject
+(``pacs ae add AE --services ...,reject``: never implied by "all", an image
+deleted by a KOS from any device would be an easy way to lose records), the
+instances it lists in its own study go through the deletion path, audited
+as ``delete`` by the sending AE with the note's reason. A whole series
+listed goes as a series. What the note cannot take is logged and audited as
+a failed ``delete``, the images kept: a study with a signed report (an
+administrator deletes on purpose: ``pacs delete --force``), instances of
+another study. A note sent again applies again (nothing left to delete).
+
+A "Quality Issue" (113010) flags images without withdrawing them: kept,
+as the key image list already treats it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+
+from .app import Pacs
+from .audit import Event
+from .key_objects import KOS_CLASS
+from .maintenance.delete import DeleteRefused, Target, delete_target
+
+log = logging.getLogger(__name__)
+
+# CID 7011 "Rejected for Quality Reasons" and its siblings: the document
+# titles that withdraw the images listed.
+REJECTION_TITLES = {
+    "113001": "Rejected for Quality Reasons",
+    "113037": "Rejected for Patient Safety Reasons",
+    "113038": "Incorrect Modality Worklist Entry",
+    "113039": "Data Retention Policy Expired",
+}
+
+@dataclass
+class Rejection:
+    """What one rejection note did."""
+
+    note_uid: str
+    study_uid: str
+    reason: str
+    deleted: int = 0  # instances
+    not_found: int = 0  # listed, not (or no longer) in the archive
+    refused: list[str] = field(default_factory=list)  # why some listed instances stay
+
+    @property
+    def complete(self) -> bool:
+        return not self.refused
+
+
+def rejection_title(ds: Dataset) -> tuple[str, str] | None:
+    """The (code, meaning) of a rejection note's title; None for any other
+    document (a key image selection, a quality flag)."""
+    if str(ds.get("SOPClassUID", "")) != KOS_CLASS:
+        return None
+    concept = ds.get("ConceptNameCodeSequence")
+    if not concept:
+        return None
+    code, scheme = str(concept[0].get("CodeValue", "")), str(concept[0].get("CodingSchemeDesignator", ""))
+    if scheme.upper() != "DCM" or code not in REJECTION_TITLES:
+        return None
+    return code, REJECTION_TITLES[code]
+
+
+def listed(ds: Dataset) -> tuple[dict[str, set[str]], int]:
+    """The instances a note lists in its own study, by series (its Current
+    Requested Procedure Evidence), and how many it lists in other studies."""
+    study_uid = str(ds.get("StudyInstanceUID", ""))
+    own = str(ds.get("SOPInstanceUID", ""))
+    by_series: dict[str, set[str]] = {}
+    elsewhere = 0
+    for study in ds.get("CurrentRequestedProcedureEvidenceSequence") or []:
+        for series in study.get("ReferencedSeriesSequence") or []:
+            sops = {str(r.get("ReferencedSOPInstanceUID", "")) for r in series.get("ReferencedSOPSequence") or []}
+            sops -= {"", own}
+            if str(study.get("StudyInstanceUID", "")) != study_uid:
+                elsewhere += len(sops)
+            elif sops:
+                by_series.setdefault(str(series.get("SeriesInstanceUID", "")), set()).update(sops)
+    return by_series, elsewhere
+
+
+def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event]) -> Rejection | None:
+    """Withdraw what the stored object at *storage_key* rejects, if it is a
+    rejection note (None otherwise). Each deletion is audited with an event
+    of *make_event* (the sender's), its detail and patient filled in."""
+    with pacs.store.local_path(storage_key) as path:
+        ds = dcmread(path, stop_before_pixels=True)
+    title = rejection_title(ds)
+    if title is None:
+        return None
+    code, meaning = title
+    note_uid, study_uid = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
+    by_series, elsewhere = listed(ds)
+    sender = make_event().user
+    result = Rejection(note_uid, study_uid, f"rejection note {note_uid} from {sender}: {meaning} ({code})")
+    if elsewhere:
+        result.refused.append(f"{elsewhere} instances of other studies (a note withdraws images of its own study)")
+    def event() -> Event:
+        made = make_event()
+        made.study_uid = study_uid
+        return made
+
+    for series_uid, sops in sorted(by_series.items()):
+        # Only the instances listed, in one transaction: a whole series
+        # listed goes with its last instance, an instance received since
+        # the note was written stays.
+        target = Target(study_uid, series_uid, sop_uids=tuple(sorted(sops)))
+        try:
+            report = delete_target(pacs, target, reason=result.reason, event=event())
+        except DeleteRefused as exc:
+            if exc.http_status == 404:  # none of them stored (any more)
+                result.not_found += len(sops)
+                continue
+            result.refused.append(str(exc))
+            failure = event()
+            failure.outcome, failure.detail = "failure", f"{result.reason}: not applied: {exc}"[:500]
+            pacs.audit.record(failure)
+            break  # the same refusal (a signed report) holds for the study's other series
+        result.deleted += report.instances
+        result.not_found += len(sops) - report.instances
+    if result.refused:
+        log.warning("%s: %d instances withdrawn; kept: %s", result.reason, result.deleted, "; ".join(result.refused))
+    else:
+        log.info("%s: %d instances withdrawn (%d listed not stored)", result.reason, result.deleted,
+                 result.not_found)
+    return result

@@ -1,0 +1,215 @@
+"""Rejection notes (IHE IOCM): a modality withdraws images it sent with a
+Key Object Selection titled "Rejected for Quality Reasons" (or patient
+safety, wrong worklist entry, retention expired), sent by DCMTK storescu.
+
+Only an AE granted ``reject`` by name withdraws anything; the note itself
+is stored in any case. The images listed in the note's own study go through
+the deletion path, audited as the AE's deletions; a signed report keeps
+them (an administrator deletes on purpose), and so does a note from an AE
+without the grant, or a "Quality Issue" flag.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from pacs.aes import ALL_SERVICES, parse_services, services_text
+
+from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
+
+KOS = "1.2.840.10008.5.1.4.1.1.88.59"
+CT = "1.2.840.10008.5.1.4.1.1.2"
+REJECTED = ("113001", "DCM", "Rejected for Quality Reasons")
+WRONG_ENTRY = ("113038", "DCM", "Incorrect Modality Worklist Entry")
+QUALITY_ISSUE = ("113010", "DCM", "Quality Issue")
+
+
+@pytest.fixture
+def archive(tmp_path: Path, backend: Backend) -> Iterator[PacsServer]:
+    server = PacsServer(tmp_path / "data", backend)
+    server.data_dir.mkdir(parents=True)
+    for title, services in (("CT_ROOM1", "all,reject"), ("CT_ROOM2", "all")):
+        server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", "104", "--services", services)
+    server.start()
+    yield server
+    server.stop()
+
+
+def _study(server: PacsServer, folder: Path, patient: str, counts: list[int], calling: str = "CT_ROOM1"
+           ) -> tuple[str, list[list[str]]]:
+    """A study of series of *counts* CT instances, sent with storescu;
+    its UID and each series' [series UID, SOP UIDs...]."""
+    folder.mkdir()
+    study = generate_uid()
+    series = []
+    files = []
+    for n, count in enumerate(counts):
+        series_uid = generate_uid()
+        sops = [generate_uid() for _ in range(count)]
+        series.append([series_uid, *sops])
+        files += [str(make_ct(folder / f"{n}-{i}.dcm", sop_uid=sop, StudyInstanceUID=study,
+                              SeriesInstanceUID=series_uid, PatientID=patient, PatientName="NGUYEN^VAN AN",
+                              SeriesNumber=n + 1, InstanceNumber=i + 1))
+                  for i, sop in enumerate(sops)]
+    sent = server.storescu(*files, calling=calling)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    return study, series
+
+
+def _note(path: Path, study: str, patient: str, title: tuple[str, str, str],
+          listed: dict[str, list[str]]) -> Path:
+    """A rejection note (KOS, TID 2010) as a modality writes one: *listed*
+    is {study UID: [series UID, SOP UIDs...], ...}, its own study first."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = KOS
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study, generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = patient, "NGUYEN^VAN AN", "KO"
+    ds.SeriesNumber, ds.InstanceNumber = 99, 1
+    ds.ContentDate, ds.ContentTime = "20261207", "101500"
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = title
+    ds.ConceptNameCodeSequence = Sequence([code])
+    ds.ValueType, ds.ContinuityOfContent = "CONTAINER", "SEPARATE"
+    template = Dataset()
+    template.MappingResource, template.TemplateIdentifier = "DCMR", "2010"
+    ds.ContentTemplateSequence = Sequence([template])
+    evidence, content = [], []
+    for study_uid, (series_uid, *sops) in listed.items():
+        refs = []
+        for sop in sops:
+            ref = Dataset()
+            ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = CT, sop
+            refs.append(ref)
+            image = Dataset()
+            image.RelationshipType, image.ValueType = "CONTAINS", "IMAGE"
+            image.ReferencedSOPSequence = Sequence([ref])
+            content.append(image)
+        series_item = Dataset()
+        series_item.SeriesInstanceUID, series_item.ReferencedSOPSequence = series_uid, Sequence(refs)
+        study_item = Dataset()
+        study_item.StudyInstanceUID, study_item.ReferencedSeriesSequence = study_uid, Sequence([series_item])
+        evidence.append(study_item)
+    ds.CurrentRequestedProcedureEvidenceSequence = Sequence(evidence)
+    ds.ContentSequence = Sequence(content)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _image_uids(server: PacsServer, study: str) -> set[str]:
+    """The CT images QIDO-RS finds in the study."""
+    with server.http() as http:
+        answer = http.get(f"/dicom-web/studies/{study}/instances", params={"SOPClassUID": CT})
+    if answer.status_code == 204:
+        return set()
+    assert answer.status_code == 200, answer.text
+    return {i["00080018"]["Value"][0] for i in answer.json()}
+
+
+def _events(server: PacsServer, study: str, outcome: str, count: int) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 20
+    while True:
+        with server.http() as http:
+            events = [e for e in http.get("/api/audit", params={"study": study, "action": "delete"}).json()
+                      if e["outcome"] == outcome]
+        if len(events) >= count or time.monotonic() > deadline:
+            return events
+        time.sleep(0.3)
+
+
+def test_a_rejection_note_withdraws_the_images_it_lists(archive: PacsServer, tmp_path: Path) -> None:
+    """Two of series 1's three images and the whole of series 2 rejected:
+    both gone from QIDO-RS and the store, series 2 with them; the note is
+    stored; each series' deletion is audited as CT_ROOM1's, with the reason."""
+    server = archive
+    study, (one, two) = _study(server, tmp_path / "s", "REJ-1", [3, 2])
+    before = server.stats()
+    note = _note(tmp_path / "note.dcm", study, "REJ-1", REJECTED, {study: [one[0], *one[1:3]]})
+    # Series 2 in a second evidence item of the same study (a modality may list it so).
+    note2 = _note(tmp_path / "note2.dcm", study, "REJ-1", REJECTED, {study: two})
+    sent = server.storescu(str(note), str(note2), calling="CT_ROOM1")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert _image_uids(server, study) == {one[3]}
+    after = server.stats()
+    assert after["instances"] == before["instances"] - 4 + 2  # four images withdrawn, two notes stored
+    assert after["series"] == before["series"] - 1 + 2
+    with server.http() as http:
+        listed = {s["0020000E"]["Value"][0] for s in http.get(f"/dicom-web/studies/{study}/series").json()}
+        assert one[0] in listed and two[0] not in listed
+        notes = http.get(f"/dicom-web/studies/{study}/instances", params={"SOPClassUID": KOS}).json()
+    assert len(notes) == 2
+    verified = json.loads(server.cli("verify", "--json").stdout)
+    assert verified["orphans"]["count"] == 0 and verified["missing"]["count"] == 0, verified
+    events = _events(server, study, "success", 2)
+    assert len(events) == 2 and {e["user"] for e in events} == {"CT_ROOM1"}, events
+    assert all("Rejected for Quality Reasons (113001)" in e["detail"] and e["patient_id"] == "REJ-1"
+               for e in events), events
+    first = min(one[1:3])
+    assert any(e["detail"].startswith(f"instance {first} and 1 more of series {one[0]}: 2 instances")
+               for e in events), [e["detail"] for e in events]
+    # Sent again (the modality missed our answer): stored, nothing more to withdraw.
+    again = server.storescu(str(note), calling="CT_ROOM1")
+    assert again.returncode == 0 and _image_uids(server, study) == {one[3]}
+    assert server.alive()
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_what_a_note_does_not_withdraw(archive: PacsServer, tmp_path: Path) -> None:
+    """A note from an AE without "reject" ("all" does not grant it), a
+    Quality Issue flag, and a note listing another study's images: each
+    stored, acknowledged, and every image kept."""
+    server = archive
+    study, (one,) = _study(server, tmp_path / "s", "REJ-2", [2], calling="CT_ROOM2")
+    other, (elsewhere,) = _study(server, tmp_path / "o", "REJ-3", [1])
+    notes = [_note(tmp_path / "a.dcm", study, "REJ-2", REJECTED, {study: one}),
+             _note(tmp_path / "b.dcm", study, "REJ-2", QUALITY_ISSUE, {study: one}),
+             _note(tmp_path / "c.dcm", study, "REJ-2", WRONG_ENTRY, {other: elsewhere})]
+    assert server.storescu(str(notes[0]), calling="CT_ROOM2").returncode == 0
+    sent = server.storescu(str(notes[1]), str(notes[2]), calling="CT_ROOM1")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert _image_uids(server, study) == set(one[1:]) and _image_uids(server, other) == {elsewhere[1]}
+    assert "1 instances of other studies (a note withdraws images of its own study)" in server.log_text()
+    assert server.stats()["instances"] == 6
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_a_signed_report_keeps_the_images(archive: PacsServer, tmp_path: Path) -> None:
+    """The study was reported and signed before the modality rejected an
+    image: the image stays (an administrator deletes on purpose, pacs
+    delete --force), the failure is audited as CT_ROOM1's, the note stored."""
+    server = archive
+    study, (one,) = _study(server, tmp_path / "s", "REJ-4", [2])
+    radiologist = server.make_token("bs.lan", "radiologist")
+    with server.http(radiologist) as rad:
+        assert rad.put(f"/api/studies/{study}/report", json={"findings": "Bình thường.", "impression": "Không."}
+                       ).status_code == 200
+        assert rad.post(f"/api/studies/{study}/report/sign").status_code == 200
+    note = _note(tmp_path / "note.dcm", study, "REJ-4", REJECTED, {study: one[:2]})
+    sent = server.storescu(str(note), calling="CT_ROOM1")
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    assert _image_uids(server, study) == set(one[1:])
+    failed = _events(server, study, "failure", 1)
+    assert len(failed) == 1 and failed[0]["user"] == "CT_ROOM1" and "signed report" in failed[0]["detail"], failed
+    assert _events(server, study, "success", 1) == []
+
+
+def test_reject_is_granted_by_name_only() -> None:
+    assert "reject" not in parse_services("all") and "reject" not in ALL_SERVICES
+    assert parse_services("all,reject") == ALL_SERVICES | {"reject"}
+    assert services_text(parse_services("*,reject")) == "*,reject"
+    assert services_text(parse_services("store,reject")) == "store,reject"
+    assert services_text(ALL_SERVICES) == "*"
+    with pytest.raises(ValueError):
+        parse_services("store,delete")
