@@ -131,16 +131,23 @@ def _merge(args: argparse.Namespace, pacs: Any, service: Any) -> int:
     if (args.id, args.issuer) == (args.from_id, args.from_issuer):
         fail("a patient cannot be merged into itself")
         return 2
+    surviving = PatientInfo(patient_id=args.id, issuer=args.issuer,
+                            reason=change_reason("patient merge", os_user(), args.reason))
     if not args.yes:
+        # The merge itself, rolled back: refused now, it would be refused with --yes.
+        try:
+            moving = service.merge_preview(surviving, [(args.from_id, args.from_issuer)])
+        except OrderError as exc:
+            fail(f"would be refused: {exc}")
+            return 2
         if args.json:
-            print(json.dumps({"merged": False, "prior": prior, "patient": kept}, ensure_ascii=False))
+            print(json.dumps({"merged": False, "moved_studies": moving, "prior": prior, "patient": kept},
+                             ensure_ascii=False))
             return 0
-        _print_patient(args, prior, f"would be merged away (its {prior['studies']} studies move): {whom}")
+        _print_patient(args, prior, f"would be merged away (its {moving} studies move): {whom}")
         _print_patient(args, kept, f"into: {who}")
         out.print("nothing changed: run again with --yes to merge (it cannot be undone)")
         return 0
-    surviving = PatientInfo(patient_id=args.id, issuer=args.issuer,
-                            reason=change_reason("patient merge", os_user(), args.reason))
     detail = f"pacs patient merge: {whom} into {who}: {args.reason}"
     try:
         moved, merged = service.merge_into(surviving, [(args.from_id, args.from_issuer)])

@@ -920,6 +920,15 @@ class OrderService:
         with self.engine.connect() as conn:
             return moved, self._patient_dict(conn, pk) or {}
 
+    def merge_preview(self, surviving: PatientInfo, prior: list[tuple[str, str]]) -> int:
+        """How many studies :meth:`merge_into` would move now, or the
+        :class:`OrderError` it would raise: the merge itself, rolled back
+        (a dry run that predicts what the merge will say)."""
+        with write_transaction(self.engine) as conn:
+            moved = self._merge_into(conn, surviving, prior)[0]
+            conn.rollback()
+        return moved
+
     def _merge_into(self, conn: Connection, surviving: PatientInfo, prior: list[tuple[str, str]]) -> tuple[int, int]:
         pk, merged_away = self._existing_patient(conn, surviving, match_identifiers=False)
         who = patient_cx(surviving.patient_id, surviving.issuer)

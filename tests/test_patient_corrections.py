@@ -158,7 +158,7 @@ def test_the_cli_corrects_and_merges_with_a_dry_run(archive: PacsServer, tmp_pat
     assert _qido(archive, first) == [("Trần^Văn Bình", "CLI-A")]
 
     dry = json.loads(archive.cli("patient", "merge", "CLI-A", "--from", "CLI-B", "--reason", "trùng", "--json").stdout)
-    assert dry["merged"] is False and dry["prior"]["studies"] == 1
+    assert dry["merged"] is False and dry["prior"]["studies"] == dry["moved_studies"] == 1
     assert _qido(archive, second) == [("TRAN VAN BINH", "CLI-B")]  # a dry run changes nothing
     done = json.loads(archive.cli("patient", "merge", "CLI-A", "--from", "CLI-B", "--reason", "trùng", "--yes",
                                   "--json").stdout)
