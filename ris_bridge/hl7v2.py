@@ -588,7 +588,9 @@ def _sex(pid: Any) -> str | None:
     if not _present(pid, 8):
         return None
     sex = _get(pid, 8)[:1].upper()
-    return sex if sex in ("M", "F", "O") else ""  # U (unknown), A, N: no DICOM value
+    if sex == "U":  # Unknown: the HIS does not know, which deletes nothing the modality recorded
+        return None
+    return sex if sex in ("M", "F", "O") else ""  # A (ambiguous), N (not applicable): no DICOM value
 
 
 def patient_from_pid(pid: Any) -> PatientInfo:

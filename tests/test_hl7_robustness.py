@@ -115,6 +115,12 @@ def test_patient_update_without_birth_date_and_sex_keeps_them(his: PacsServer, t
     assert str(item.PatientName) == "Nguyễn Văn Ánh^Thị Đức"  # type: ignore[attr-defined]
     assert (item.PatientBirthDate, item.PatientSex) == ("19850101", "M")  # type: ignore[attr-defined]
 
+    # PID-8 "U" (Unknown: the HIS does not know) keeps the sex stored; it
+    # emptied it, and every later study with M or F was the "unknown" patient's.
+    assert msa(send(his, adt("U5", "PID|1||BN123456^^^BVDK^PI||||19850101|U")))[0] == "AA"
+    item = one_item(his, tmp_path, "HRU001")
+    assert (item.PatientBirthDate, item.PatientSex) == ("19850101", "M")  # type: ignore[attr-defined]
+
     # The null value "" deletes: PID-7 and PID-8 "" empty them.
     assert msa(send(his, adt("U4", 'PID|1||BN123456^^^BVDK^PI||||""|""')))[0] == "AA"
     item = one_item(his, tmp_path, "HRU001")
