@@ -103,13 +103,24 @@ def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event
     by_series, elsewhere = listed(ds)
     sender = make_event().user
     result = Rejection(note_uid, study_uid, f"rejection note {note_uid} from {sender}: {meaning} ({code})")
-    if elsewhere:
-        result.refused.append(f"{elsewhere} instances of other studies (a note withdraws images of its own study)")
     def event() -> Event:
         made = make_event()
         made.study_uid = study_uid
         return made
 
+    def refuse(why: str) -> None:
+        """What stays, kept in *result* and audited as a failed deletion."""
+        result.refused.append(why)
+        failure = event()
+        failure.outcome, failure.detail = "failure", f"{result.reason}: not applied: {why}"[:500]
+        pacs.audit.record(failure)
+
+    if elsewhere:
+        refuse(f"{elsewhere} instances of other studies (a note withdraws images of its own study)")
+    # A series item without its UID names no series to withdraw from (Target needs one): its
+    # instances stay, the note's other series are withdrawn all the same.
+    if unplaced := by_series.pop("", set()):
+        refuse(f"{len(unplaced)} instances listed without a series (Series Instance UID)")
     for series_uid, sops in sorted(by_series.items()):
         # Only the instances listed, in one transaction: a whole series
         # listed goes with its last instance, an instance received since
@@ -121,10 +132,7 @@ def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event
             if exc.http_status == 404:  # none of them stored (any more)
                 result.not_found += len(sops)
                 continue
-            result.refused.append(str(exc))
-            failure = event()
-            failure.outcome, failure.detail = "failure", f"{result.reason}: not applied: {exc}"[:500]
-            pacs.audit.record(failure)
+            refuse(str(exc))
             break  # the same refusal (a signed report) holds for the study's other series
         result.deleted += report.instances
         result.not_found += len(sops) - report.instances

@@ -31,7 +31,7 @@ from sqlalchemy import Connection, delete, func, select
 
 from .. import routing
 from ..app import Pacs
-from ..audit import Event, record_in
+from ..audit import Event, patient_cx, record_in
 from ..errors import RefusedRequest
 from ..index import tombstones
 from ..index.db import retry_write
@@ -111,7 +111,7 @@ def _named(target: Target) -> str:
 def _selected(conn: Connection, target: Target) -> tuple[Any, list[Any]]:
     """The study row and the (pk, storage key, size) of the target's instances."""
     study = conn.execute(
-        select(studies_t.c.pk, studies_t.c.patient_pk, patients_t.c.patient_id)
+        select(studies_t.c.pk, studies_t.c.patient_pk, patients_t.c.patient_id, patients_t.c.issuer)
         .join(patients_t, patients_t.c.pk == studies_t.c.patient_pk)
         .where(studies_t.c.study_uid == target.study_uid)
     ).first()
@@ -125,8 +125,12 @@ def _selected(conn: Connection, target: Target) -> tuple[Any, list[Any]]:
     if target.series_uid:
         query = query.where(series_t.c.series_uid == target.series_uid)
     if target.instances:
-        query = query.where(instances_t.c.sop_uid.in_(target.instances))
-    rows = conn.execute(query).all()
+        # In batches: a rejection note may list more instances than one
+        # statement binds (PostgreSQL: 65,535 parameters; SQLite: 32,766).
+        rows = [r for batch in batched(target.instances)
+                for r in conn.execute(query.where(instances_t.c.sop_uid.in_(batch))).all()]
+    else:
+        rows = conn.execute(query).all()
     if not rows and target.level != "study":
         raise DeleteRefused(f"no {target.level} {_named(target)} in study {target.study_uid}", 404)
     return study, rows
@@ -219,7 +223,9 @@ def _delete_rows(conn: Connection, pacs: Pacs, target: Target, report: DeleteRep
                      + (f", {report.reports_deleted} reports" if report.reports_deleted else "")
                      + f"; reason: {reason}")[:500]
     if event is not None:
-        event.detail, event.patient_id = report.detail, report.patient_id
+        # The patient as every other event names it (with its issuer: an HL7 CX), or a search of
+        # the patient's trail by that name misses the deletion.
+        event.detail, event.patient_id = report.detail, patient_cx(study.patient_id, study.issuer or "")
         record_in(conn, event)
     # Their routing jobs not yet claimed end with them (a replaced key image
     # selection or measurement, held before it is sent: see routing.VIEWER_SAVE_HOLD_SECONDS);
@@ -230,7 +236,8 @@ def _delete_rows(conn: Connection, pacs: Pacs, target: Target, report: DeleteRep
         conn.execute(delete(studies_t).where(studies_t.c.pk == study.pk))  # series, instances, reports cascade
         report.removed = {"instances": len(rows), "studies": 1, "patients": prune_patients(conn, {study.patient_pk})}
     else:
-        conn.execute(delete(instances_t).where(instances_t.c.pk.in_([r.pk for r in rows])))
+        for batch in batched(r.pk for r in rows):
+            conn.execute(delete(instances_t).where(instances_t.c.pk.in_(batch)))
         report.removed = {"instances": len(rows),
                           **prune_after_delete(conn, {r.series_pk for r in rows}, set())}
     return keys
