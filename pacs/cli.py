@@ -406,10 +406,11 @@ def _ae_text(ae: Any) -> str:
     """A registered AE as its audit events describe it: address, TLS, services, pin."""
     from .aes import services_text
 
-    services = services_text(ae.services)
+    # "*" is the stored form of "all" ("*,reject": all and reject), not what --services takes.
+    services = services_text(ae.services).replace("*", "all")
     return (f"AE {ae.title} at {ae.host}:{ae.port}{' over TLS' if ae.tls else ''}"
             f"{', answers in ASCII' if ae.ascii_only else ''}, services "
-            f"{'all' if services == '*' else services or 'none'}"
+            f"{services or 'none'}"
             + (f", client certificate {ae.cert_sha256[:16]}..." if ae.cert_sha256 else ""))
 
 

@@ -101,3 +101,14 @@ def test_the_deletions_name_the_patient_with_its_issuer(archive: PacsServer, tmp
     assert _image_uids(server, study) == {sops[1]}
     events = _events(server, study, "success", 1)
     assert len(events) == 1 and events[0]["patient_id"] == "REJ-14^^^BVDK", events
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_the_ae_audit_names_the_services_as_given(archive: PacsServer) -> None:
+    """CT_ROOM1 was added with "all,reject", CT_ROOM2 with "all": the audit
+    trail says "all" for both, never the stored form "*"."""
+    with archive.http() as http:
+        details = [e["detail"] for e in http.get("/api/audit", params={"action": "ae-add"}).json()]
+    assert any(d.startswith("AE CT_ROOM1 ") and "services all,reject" in d for d in details), details
+    assert any(d.startswith("AE CT_ROOM2 ") and "services all" in d for d in details), details
+    assert not any("*" in d for d in details), details
