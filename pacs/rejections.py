@@ -7,10 +7,12 @@ The note is stored as any object; then, when its sender may reject
 deleted by a KOS from any device would be an easy way to lose records), the
 instances it lists in its own study go through the deletion path, audited
 as ``delete`` by the sending AE with the note's reason. A whole series
-listed goes as a series. What the note cannot take is logged and audited as
-a failed ``delete``, the images kept: a study with a signed report (an
+listed goes with its last instance (not as a series: one received since
+stays). What the note cannot take is logged and audited as a failed
+``delete``, the images kept: a study with a signed report (an
 administrator deletes on purpose: ``pacs delete --force``), instances of
-another study. A note sent again applies again (nothing left to delete).
+another study or listed without their series. A note sent again applies
+again (nothing left to delete).
 
 A "Quality Issue" (113010) flags images without withdrawing them: kept,
 as the key image list already treats it.
