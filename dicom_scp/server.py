@@ -37,7 +37,7 @@ from pacs.dicom_net import (
 )
 from pacs.errors import IngestError, Status
 from pacs.header import stray_meta_length
-from pacs.ingest import Origin
+from pacs.ingest import IngestResult, Origin
 from pacs.key_objects import KOS_CLASS
 from pacs.logtext import association_peer, peer_text
 from pacs.part10 import BufferSource, file_meta_bytes
@@ -203,20 +203,24 @@ def origin_of(assoc: Any, source: str = "dimse", *, routed: bool = True, examina
                   routed=routed, examination=examination)
 
 
-def withdraw_rejected(pacs: Pacs, assoc: Any, storage_key: str) -> None:
+def withdraw_rejected(pacs: Pacs, assoc: Any, result: IngestResult) -> tuple[int, str] | None:
     """A stored Key Object Selection from an AE granted "reject": the images
-    it withdraws, if it is a rejection note, go (pacs.rejections). The note
-    is stored and acknowledged whatever happens to them: what could not be
-    withdrawn is logged and audited."""
-    remote = pacs.aes.get(assoc.requestor.ae_title.strip())
-    if remote is None or not remote.permits("reject"):
-        return
+    it withdraws, if it is a rejection note, go (pacs.rejections); what
+    that refuses (a signed report) is logged and audited there, and the note
+    acknowledged. None, or the failure to answer when the withdrawal could
+    not be done (the index or the store failing): the note is stored, and
+    the modality sends it again, which withdraws what is left."""
     try:
-        apply_rejection(pacs, storage_key, lambda: association_event(assoc, "delete"))
-    except Exception as exc:  # the note is stored; its sender may send it again
-        log.exception("rejection note %s from %s not applied", storage_key, peer_text(remote.title, 16))
-        audit_association(pacs, assoc, "delete", outcome="failure",
-                          detail=f"rejection note {storage_key} not applied: {exc}")
+        remote = pacs.aes.get(assoc.requestor.ae_title.strip())
+        if remote is None or not remote.permits("reject"):
+            return None
+        apply_rejection(pacs, result.storage_key, lambda: association_event(assoc, "delete"))
+        return None
+    except Exception as exc:
+        log.exception("rejection note %s from %s not applied", result.sop_uid, peer_text(assoc.requestor.ae_title, 16))
+        audit_association(pacs, assoc, "delete", study_uid=result.header.study_uid, outcome="failure",
+                          detail=f"rejection note {result.sop_uid} not applied: {exc}")
+        return Status.OUT_OF_RESOURCES, "rejection note stored, not applied yet: send it again"
 
 
 def make_store_handler(pacs: Pacs, source: str = "dimse", *, retrieving: bool = False) -> Any:
@@ -285,7 +289,8 @@ def make_store_handler(pacs: Pacs, source: str = "dimse", *, retrieving: bool = 
             assoc._audited_study = study
             audit_association(pacs, assoc, "store", study_uid=study, detail=source)
         if result.header.sop_class_uid == KOS_CLASS and not ours:  # not one we fetched (a migration)
-            withdraw_rejected(pacs, assoc, result.storage_key)
+            if (failed := withdraw_rejected(pacs, assoc, result)) is not None:
+                return failed
         return Status.SUCCESS, ""
 
     def handle_store(event: Any) -> int | Dataset:

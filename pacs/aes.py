@@ -27,8 +27,8 @@ _AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # printable, no backsla
 
 # What a registered AE may ask of us over DICOM (C-ECHO is always allowed):
 # C-STORE to us; C-FIND on the archive; C-MOVE and C-GET from it; the
-# modality worklist; MPPS; storage commitment; and withdrawing images it
-# stored with a rejection note (pacs.rejections).
+# modality worklist; MPPS; storage commitment; and withdrawing images of a
+# study with a rejection note (pacs.rejections).
 SERVICES = ("store", "query", "retrieve", "worklist", "mpps", "commitment", "reject")
 # What "all" (and an AE registered without --services) grants: rejection
 # notes delete images, so only an AE granted "reject" by name sends them.

@@ -105,6 +105,7 @@ def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event
     by_series, elsewhere = listed(ds)
     sender = make_event().user
     result = Rejection(note_uid, study_uid, f"rejection note {note_uid} from {sender}: {meaning} ({code})")
+
     def event() -> Event:
         made = make_event()
         made.study_uid = study_uid
