@@ -46,7 +46,7 @@ _ACTION_CODE = {
     "report-sign": "U", "report-amend": "C", "export": "R", "delete": "D", "login": "E", "login-failed": "E", "logout": "E",
     "denied": "E", "order": "U", "patient-update": "U", "retrieve": "R", "commit": "E",
     "user-add": "U", "user-disable": "U", "token-create": "C", "token-revoke": "D", "login-lockout": "E",
-    "patient-merge": "U", "worklist-query": "E", "associate": "E", "hl7-connect": "E", "csrf": "E",
+    "patient-merge": "U", "study-move": "U", "worklist-query": "E", "associate": "E", "hl7-connect": "E", "csrf": "E",
     "api-docs": "R", "audit-archive": "D", "mpps": "U", "metrics": "R",
     # Patient share links (pacs.shares): made, revoked; a birth year answered, a link locked by wrong ones.
     "share-create": "C", "share-revoke": "D", "share-verify": "E", "share-lockout": "E",

@@ -5,13 +5,14 @@ modality). Registered by :func:`register` from pacs.cli.
     pacs patient show ID [--issuer I] [--json]
     pacs patient update ID [--issuer I] [--name N] [--birth-date YYYYMMDD] [--sex M|F|O] --reason TEXT
     pacs patient merge ID [--issuer I] --from PRIOR_ID [--from-issuer I] --reason TEXT [--yes]
+    pacs patient move-study STUDY_UID --to ID [--issuer I] [--name N ...] --reason TEXT [--yes]
 
 The same service as ADT^A08 / ADT^A40 and ``PUT /api/patients/{id}`` /
 ``POST /api/patients/merge``: stored bytes never change; the studies'
 corrections are applied on retrieval, and queries find the new values at
 once. Audited by the operating system account that ran them
-(patient-update, patient-merge). A merge cannot be undone: without --yes it
-only shows what it would do.
+(patient-update, patient-merge, study-move). A merge cannot be undone:
+without --yes it, and a study's move, only show what they would do.
 """
 
 from __future__ import annotations
@@ -37,17 +38,20 @@ def cmd_patient(args: argparse.Namespace) -> int:
             return _show(args, pacs, service)
         if args.patient_command == "update":
             return _update(args, pacs, service)
+        if args.patient_command == "move-study":
+            return _move_study(args, pacs, service)
         return _merge(args, pacs, service)
     finally:
         pacs.close()
 
 
-def _audit(pacs: Any, action: str, detail: str, patients: list[str], outcome: str = "success") -> None:
+def _audit(pacs: Any, action: str, detail: str, patients: list[str], outcome: str = "success",
+           study: str = "") -> None:
     from .audit import patient_chunks
     from .cli import audit_command
 
-    for chunk in patient_chunks(patients) or [""]:
-        audit_command(pacs, action, detail, outcome, patient_id=chunk)
+    for chunk in patient_chunks([p for p in dict.fromkeys(patients) if p]) or [""]:
+        audit_command(pacs, action, detail, outcome, patient_id=chunk, study_uid=study)
 
 
 def _print_patient(args: argparse.Namespace, patient: dict[str, Any], title: str) -> None:
@@ -163,9 +167,46 @@ def _merge(args: argparse.Namespace, pacs: Any, service: Any) -> int:
     return 0
 
 
+def _move_study(args: argparse.Namespace, pacs: Any, service: Any) -> int:
+    from .audit import patient_cx
+    from .header import valid_uid
+    from .maintenance.common import os_user
+    from .orders import OrderError, PatientInfo, change_reason
+    from .query.matching import is_date
+
+    if not valid_uid(args.study):
+        fail(f"refused: {args.study[:70]!r} is not a UID")
+        return 2
+    if args.birth_date and not is_date(args.birth_date):
+        fail(f"refused: --birth-date {args.birth_date[:20]!r} is not a valid YYYYMMDD")
+        return 2
+    info = PatientInfo(patient_id=args.to, issuer=args.issuer, name=args.name, birth_date=args.birth_date,
+                       sex=args.sex, reason=change_reason("study moved to another patient", os_user(), args.reason))
+    who, previous = patient_cx(args.to, args.issuer), service.study_patient(args.study)
+    detail = f"pacs patient move-study {args.study}: from {previous} to {who}: {args.reason}"
+    try:
+        moved = service.move_study(args.study, info, dry_run=not args.yes)
+    except OrderError as exc:
+        if args.yes:
+            _audit(pacs, "study-move", f"{detail}: refused: {exc}", [who, previous], "failure", args.study)
+        fail(("refused: " if args.yes else "would be refused: ") + str(exc))
+        return 1 if exc.http_status == 404 else 2
+    if args.yes:
+        _audit(pacs, "study-move", detail, [who, previous], study=args.study)
+    if args.json:
+        print(json.dumps({**moved, "moved": args.yes}, ensure_ascii=False))
+    elif args.yes:
+        _print_patient(args, moved["patient"], f"study {args.study} moved from {moved['previous']} to")
+    else:
+        _print_patient(args, moved["patient"], f"study {args.study} would move from {moved['previous']} to")
+        out.print("nothing changed: run again with --yes to move it")
+    return 0
+
+
 def register(sub: Any, common: Callable[..., None]) -> None:
     """Add ``pacs patient`` to the `pacs` parser."""
-    p = sub.add_parser("patient", help="correct a patient's demographics or merge a duplicate registration")
+    p = sub.add_parser("patient", help="correct a patient's demographics, merge a duplicate registration, "
+                                          "or move a study to its patient")
     p_sub = p.add_subparsers(dest="patient_command", required=True)
 
     q = p_sub.add_parser("show", help="a patient as the index holds them")
@@ -192,4 +233,16 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     q.add_argument("--from-issuer", default="", help="its issuer")
     q.add_argument("--reason", required=True, help="why (audited, and kept with the studies' corrections)")
     q.add_argument("--yes", action="store_true", help="merge (without it: show what would be merged)")
+
+    q = p_sub.add_parser("move-study", help="file one study under another patient (the wrong patient chosen or "
+                                            "typed at the modality; a dry run without --yes)")
+    common(q, json_flag=True)
+    q.add_argument("study", help="Study Instance UID")
+    q.add_argument("--to", required=True, help="the Patient ID it belongs to")
+    q.add_argument("--issuer", default="", help="its issuer")
+    q.add_argument("--name", help="a new patient's name, DICOM PN: Family^Given (Nguyễn^Văn An)")
+    q.add_argument("--birth-date", help="a new patient's birth date, YYYYMMDD")
+    q.add_argument("--sex", choices=("M", "F", "O"), help="a new patient's sex")
+    q.add_argument("--reason", required=True, help="why (audited, and kept with the study's corrections)")
+    q.add_argument("--yes", action="store_true", help="move it (without it: show what would happen)")
     p.set_defaults(func=cmd_patient)

@@ -52,12 +52,14 @@ from .index.models import (
 from .index.reconcile import (
     PATIENT_COLUMNS,
     accession_match_doubt,
+    file_under_patient,
     lock_order_keys,
     order_keys,
     patient_correction,
     record_reconciliation,
 )
 from .index.name_words import set_name_words
+from .index.prune import prune_patients
 from .index.writer import MERGED_ID_TYPE, merged_patient
 from .index.writer_helpers import insert_ignore
 from .names import fold_name, name_reading, name_words
@@ -2114,6 +2116,64 @@ class OrderService:
             return self._procedure_dict(conn, accession)
 
         return retry_write(self.engine, once, what="match of a study to an order")
+
+    def move_study(self, study_uid: str, p: PatientInfo, *, dry_run: bool = False) -> dict[str, Any]:
+        """File one study under another patient where no HIS order decides
+        its patient (the technologist chose the wrong patient, or typed
+        another's ID): the study is found and retrieved with that patient's
+        ID and demographics from now on (corrections; the stored bytes stay),
+        and the patient it leaves goes when it has no study or order left.
+        A new key makes a new patient of the name (and birth date, sex) *p*
+        gives. Refused (:class:`OrderError`): an unknown study or, without a
+        name, patient (404); a study an HIS order files (409: link it to the
+        right order, or the HIS corrects the order), the patient it is filed
+        under, demographics that differ from an existing patient's (409:
+        that is a patient update). Returns {"study_uid", "previous" (the
+        patient it left, ID^^^issuer), "patient"}; *dry_run*: rolled back."""
+        check_patient_id(p.patient_id)
+        if p.name:
+            check_person_name(p.name)
+        if dry_run:
+            with write_transaction(self.engine) as conn:
+                previous, pk = self._move_study(conn, study_uid, p)
+                patient = self._patient_dict(conn, pk)
+                conn.rollback()
+        else:
+            previous, pk = retry_write(self.engine, lambda conn: self._move_study(conn, study_uid, p),
+                                       what="move of a study to another patient")
+            with self.engine.connect() as conn:
+                patient = self._patient_dict(conn, pk)
+        return {"study_uid": study_uid, "previous": previous, "patient": patient or {}}
+
+    def _move_study(self, conn: Connection, study_uid: str, p: PatientInfo) -> tuple[str, int]:
+        study = conn.execute(select(studies_t.c.pk, studies_t.c.patient_pk)
+                             .where(studies_t.c.study_uid == study_uid)).first()
+        if study is None:
+            raise OrderError(f"no study {study_uid}", code="204", http_status=404)
+        order = conn.execute(select(orders_t.c.accession_number).join(links_t, links_t.c.order_pk == orders_t.c.pk)
+                             .where(links_t.c.study_pk == study.pk)).first()
+        if order is not None:
+            raise OrderError(f"study {study_uid} is filed by the HIS order {order.accession_number}: link it to the "
+                             "order of the right patient (pacs orders match), or have the HIS correct the order",
+                             code="205", http_status=409)
+        who = patient_cx(p.patient_id, p.issuer)
+        pk, _ = self._existing_patient(conn, p, match_identifiers=False)
+        if pk is None:
+            if not p.name:
+                raise OrderError(f"no patient {who}: give their name to register them with the study", code="204",
+                                 http_status=404)
+            pk = self._upsert_patient(conn, p, match_identifiers=False)
+        elif changed := self._demographics_changed(conn, pk, p):
+            raise OrderError(f"patient {who} is registered with another {', '.join(sorted(changed))}: correct the "
+                             "patient (pacs patient update), then move the study", code="205", http_status=409)
+        if pk == study.patient_pk:
+            raise OrderError(f"study {study_uid} is filed under {who} already", code="205", http_status=409)
+        old = conn.execute(select(patients_t).where(patients_t.c.pk == study.patient_pk)).one()
+        lock_patient_studies(conn, old.pk)
+        received = {keyword: getattr(old, column) or "" for keyword, column in PATIENT_COLUMNS.items()}
+        file_under_patient(conn, study.pk, pk, received, p.reason or "study moved to another patient", _now())
+        prune_patients(conn, {old.pk})
+        return patient_cx(old.patient_id, old.issuer), pk
 
     def study_patient(self, study_uid: str) -> str:
         """The patient *study_uid* is filed under now, as an audit event names

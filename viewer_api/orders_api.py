@@ -157,6 +157,16 @@ class MergeModel(JsonBody):
     reason: str = Field("", max_length=200, description="Why (kept with the corrections of the moved studies)")
 
 
+class MoveStudyModel(JsonBody):
+    """The patient a study is filed under instead (its demographics make a
+    new patient of a key not yet known; an existing patient's must match)."""
+
+    model_config = ConfigDict(extra="forbid")
+    patient: PatientModel
+    reason: str = Field(..., min_length=1, max_length=200,
+                        description="Why (audited, and kept with the study's corrections)")
+
+
 class MatchModel(JsonBody):
     accession_number: str = Field(..., min_length=1)
 
@@ -263,6 +273,23 @@ def match_study(request: Request, study: str, body: MatchModel) -> dict[str, Any
     audit_studies(request, [(study, order_subject(order)[1]), (study, previous)])
     _audit_note(request, f"linked to order {order['accession_number']}")
     return order
+
+
+@router.post("/studies/{study}/patient",
+             summary="File a study under another patient (the wrong patient chosen or typed at the modality, "
+                     "where no HIS order files it); retrieved with that patient's ID and demographics")
+def move_study(request: Request, study: str, body: MoveStudyModel, dry_run: bool = False,
+               principal: Principal = guard("his", "admin", action="study-move")) -> dict[str, Any]:
+    service = _service(request)
+    info = _patient_info(body.patient, body.patient.id,
+                         change_reason("study moved to another patient", principal.username, body.reason))
+    previous = service.study_patient(study)
+    moved = _call(lambda: service.move_study(study, info, dry_run=dry_run))
+    # The study under the patient it now has, and the patient it left.
+    audit_studies(request, [(study, patient_cx(moved["patient"]["id"], moved["patient"]["issuer"])),
+                            (study, moved["previous"] or previous)])
+    _audit_note(request, ("dry run: " if dry_run else "") + f"from {moved['previous']}: {body.reason}")
+    return {**moved, "dry_run": dry_run}
 
 
 @router.get("/studies/{study}/corrections", summary="What the index corrected for a study",
