@@ -12,6 +12,7 @@ import random
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -634,6 +635,27 @@ class PacsServer:
 
     def storescu(self, *args: str, calling: str = "STORESCU") -> subprocess.CompletedProcess[str]:
         return run_dcmtk("storescu", "-aet", calling, "-aec", self.ae_title, "127.0.0.1", str(self.dicom_port), *args)
+
+
+def index_writes_fail(server: PacsServer, operation: str, failing: bool) -> None:
+    """Make every *operation* (UPDATE, DELETE) of an instance row fail in
+    the index itself (a trigger raising, as an index that takes no writes
+    does), or stop it (*failing* False)."""
+    name = f"test_index_down_{operation.lower()}"
+    if server.backend.index_url:
+        statements = ([f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS "
+                       "$$ BEGIN RAISE EXCEPTION 'index down (test)'; END $$",
+                       f"CREATE TRIGGER {name} BEFORE {operation} ON instances "
+                       f"FOR EACH ROW EXECUTE FUNCTION {name}()"] if failing else
+                      [f"DROP TRIGGER {name} ON instances", f"DROP FUNCTION {name}()"])
+        with psycopg.connect(server.backend.index_url.replace("postgresql+psycopg", "postgresql"),
+                             autocommit=True) as conn:
+            for statement in statements:
+                conn.execute(statement)
+        return
+    with sqlite3.connect(server.data_dir / "index.sqlite", timeout=30) as conn:
+        conn.execute(f"CREATE TRIGGER {name} BEFORE {operation} ON instances BEGIN "
+                     "SELECT RAISE(ABORT, 'index down (test)'); END" if failing else f"DROP TRIGGER {name}")
 
 
 def dataset_bytes(data: bytes) -> bytes:

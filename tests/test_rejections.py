@@ -12,13 +12,11 @@ without the grant, or a "Quality Issue" flag.
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -27,6 +25,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pacs.aes import ALL_SERVICES, parse_services, services_text
 
 from .conftest import Backend, PacsServer
+from .peers import index_writes_fail
 from .dicomfiles import make_ct
 from .test_dimse_failures import scu_store_file
 
@@ -218,26 +217,6 @@ def test_reject_is_granted_by_name_only() -> None:
         parse_services("store,delete")
 
 
-def _deletes_fail(server: PacsServer, failing: bool) -> None:
-    """Make every DELETE of an instance row fail in the index itself (a
-    trigger raising, as an index that stopped taking writes), or stop it."""
-    if server.backend.index_url:
-        statements = (["CREATE FUNCTION rejection_index_down() RETURNS trigger LANGUAGE plpgsql AS "
-                       "$$ BEGIN RAISE EXCEPTION 'index down (test)'; END $$",
-                       "CREATE TRIGGER rejection_index_down BEFORE DELETE ON instances "
-                       "FOR EACH ROW EXECUTE FUNCTION rejection_index_down()"] if failing else
-                      ["DROP TRIGGER rejection_index_down ON instances", "DROP FUNCTION rejection_index_down()"])
-        with psycopg.connect(server.backend.index_url.replace("postgresql+psycopg", "postgresql"),
-                             autocommit=True) as conn:
-            for statement in statements:
-                conn.execute(statement)
-        return
-    with sqlite3.connect(server.data_dir / "index.sqlite", timeout=30) as conn:
-        conn.execute("CREATE TRIGGER rejection_index_down BEFORE DELETE ON instances BEGIN "
-                     "SELECT RAISE(ABORT, 'index down (test)'); END" if failing else
-                     "DROP TRIGGER rejection_index_down")
-
-
 def test_a_note_not_applied_is_refused_so_the_modality_sends_it_again(archive: PacsServer, tmp_path: Path) -> None:
     """The index fails while the note's images are withdrawn: the note is
     stored, but answered 0xA700 (not a success the modality would take as
@@ -246,11 +225,11 @@ def test_a_note_not_applied_is_refused_so_the_modality_sends_it_again(archive: P
     server = archive
     study, (one,) = _study(server, tmp_path / "s", "REJ-9", [2])
     note = _note(tmp_path / "note.dcm", study, "REJ-9", REJECTED, {study: one})
-    _deletes_fail(server, True)
+    index_writes_fail(server, "DELETE", True)
     try:
         assert scu_store_file(server, note, calling="CT_ROOM1") == 0xA700
     finally:
-        _deletes_fail(server, False)
+        index_writes_fail(server, "DELETE", False)
     assert _image_uids(server, study) == set(one[1:])
     failed = _events(server, study, "failure", 1)
     assert len(failed) == 1 and "not applied" in failed[0]["detail"] and failed[0]["user"] == "CT_ROOM1", failed

@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import signal
-import sqlite3
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,7 +35,6 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import psycopg
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -45,7 +43,7 @@ from sqlalchemy import select
 from .conftest import Backend, PacsServer, make_backend
 from .dicomfiles import make_ct
 from .test_dimse_failures import scu_store_file
-from .peers import free_port
+from .peers import free_port, index_writes_fail
 from .test_prefetch import HOSPITAL_ID, P_CT_RECENT, _held, _order, _prefetch_cli, _settled, old_pacs
 from .test_review_prefetch import _frozen_old_pacs
 from .test_review_prefetch import _server as _prefetch_server
@@ -74,26 +72,6 @@ def overwriting(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Pacs
     server = PacsServer(tmp_path / "data", backend, extra_env={"PACS_DUPLICATE_POLICY": "overwrite"}).start()
     yield server
     server.stop()
-
-
-def _index_updates_fail(server: PacsServer, failing: bool) -> None:
-    """Make every UPDATE of an instance row fail in the index itself (a
-    trigger raising), as an index that takes no writes does; or stop it."""
-    if server.backend.index_url:
-        statements = (["CREATE FUNCTION review_index_down() RETURNS trigger LANGUAGE plpgsql AS "
-                       "$$ BEGIN RAISE EXCEPTION 'index down (test)'; END $$",
-                       "CREATE TRIGGER review_index_down BEFORE UPDATE ON instances "
-                       "FOR EACH ROW EXECUTE FUNCTION review_index_down()"] if failing else
-                      ["DROP TRIGGER review_index_down ON instances", "DROP FUNCTION review_index_down()"])
-        with psycopg.connect(server.backend.index_url.replace("postgresql+psycopg", "postgresql"),
-                             autocommit=True) as conn:
-            for statement in statements:
-                conn.execute(statement)
-        return
-    with sqlite3.connect(server.data_dir / "index.sqlite", timeout=30) as conn:
-        conn.execute("CREATE TRIGGER review_index_down BEFORE UPDATE ON instances BEGIN "
-                     "SELECT RAISE(ABORT, 'index down (test)'); END" if failing else
-                     "DROP TRIGGER review_index_down")
 
 
 def _stored(server: PacsServer, sop_uid: str) -> tuple[Any, bytes, list[str]]:
@@ -125,11 +103,11 @@ def test_overwrite_resend_failing_its_index_commit_keeps_the_acknowledged_copy(
     second.save_as(tmp_path / "second.dcm")
     sop = str(second.SOPInstanceUID)
 
-    _index_updates_fail(overwriting, True)
+    index_writes_fail(overwriting, "UPDATE", True)
     try:
         assert scu_store_file(overwriting, tmp_path / "second.dcm") == INDEX_FAILED
     finally:
-        _index_updates_fail(overwriting, False)
+        index_writes_fail(overwriting, "UPDATE", False)
     row, data, keys = _stored(overwriting, sop)
     # The acknowledged copy is still stored, as its row describes it.
     assert b"FIRST^VERSION" in data and b"SECOND^VERSION" not in data
