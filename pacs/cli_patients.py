@@ -192,6 +192,11 @@ def _move_study(args: argparse.Namespace, pacs: Any, service: Any) -> int:
         fail(("refused: " if args.yes else "would be refused: ") + str(exc))
         return 1 if exc.http_status == 404 else 2
     if args.yes:
+        # The patient it is filed under now, as found (an ID typed without its issuer, one merged
+        # away), and the one it left, as the HTTP route's event names them.
+        who = patient_cx(moved["patient"]["id"], moved["patient"]["issuer"])
+        previous = moved["previous"] or previous
+        detail = f"pacs patient move-study {args.study}: from {previous} to {who}: {args.reason}"
         _audit(pacs, "study-move", detail, [who, previous], study=args.study)
     if args.json:
         print(json.dumps({**moved, "moved": args.yes}, ensure_ascii=False))

@@ -2171,7 +2171,9 @@ class OrderService:
         old = conn.execute(select(patients_t).where(patients_t.c.pk == study.patient_pk)).one()
         lock_patient_studies(conn, old.pk)
         received = {keyword: getattr(old, column) or "" for keyword, column in PATIENT_COLUMNS.items()}
-        file_under_patient(conn, study.pk, pk, received, p.reason or "study moved to another patient", _now())
+        # Every demographic: a birth date or sex the patient lacks is no leave to go out with the other person's.
+        file_under_patient(conn, study.pk, pk, received, p.reason or "study moved to another patient", _now(),
+                           every_demographic=True)
         prune_patients(conn, {old.pk})
         return patient_cx(old.patient_id, old.issuer), pk
 

@@ -23,7 +23,7 @@ from pacs.orders import (
 )
 from pacs.timezones import hospital_zone
 
-from .errors import HTTPProblem, JsonBody
+from .errors import HTTPProblem, JsonBody, require_uids
 from .security import audit_patients, audit_studies, guard, requires
 
 router = APIRouter(prefix="/api", tags=["orders"])
@@ -280,6 +280,8 @@ def match_study(request: Request, study: str, body: MatchModel) -> dict[str, Any
                      "where no HIS order files it); retrieved with that patient's ID and demographics")
 def move_study(request: Request, study: str, body: MoveStudyModel, dry_run: bool = False,
                principal: Principal = guard("his", "admin", action="study-move")) -> dict[str, Any]:
+    # As the other /api/studies/{uid} routes: what is no UID is a bad request, not "no study".
+    require_uids(study, name="Study Instance UID")
     service = _service(request)
     info = _patient_info(body.patient, body.patient.id,
                          change_reason("study moved to another patient", principal.username, body.reason))

@@ -156,7 +156,7 @@ def _patient_identifiers(conn: Connection, patient_pk: int) -> set[str]:
 
 
 def file_under_patient(conn: Connection, study_pk: int, patient_pk: int, received: dict[str, str], reason: str,
-                       now: datetime) -> None:
+                       now: datetime, *, every_demographic: bool = False) -> None:
     """File the study *study_pk* under the patient *patient_pk*, and record
     as corrections (with *reason*) the patient attributes whose *received*
     value -- by DICOM keyword: what the objects were sent with, or the
@@ -166,13 +166,16 @@ def file_under_patient(conn: Connection, study_pk: int, patient_pk: int, receive
     under, while the stored bytes stay as received. What reconciliation
     with an order does (:func:`record_reconciliation`), and the prefetch of
     a prior the old PACS filed under the patient's citizen ID
-    (pacs.prefetch.filing)."""
+    (pacs.prefetch.filing). *every_demographic*: the name, birth date and
+    sex are corrected even where the patient lacks one (a study moved off
+    another person: what its objects carry is that person's, not unknown)."""
     kept = conn.execute(select(patients_t).where(patients_t.c.pk == patient_pk)).one()
     rows = [
         {"study_pk": study_pk, "keyword": keyword, "received": received.get(keyword, ""),
          "corrected": getattr(kept, column), "reason": reason, "created_at": now}
         for keyword, column in PATIENT_COLUMNS.items()
         if patient_correction(keyword, received.get(keyword) or "", getattr(kept, column) or "")
+        or (every_demographic and keyword in DEMOGRAPHICS)
     ]
     conn.execute(update(studies_t).where(studies_t.c.pk == study_pk).values(patient_pk=patient_pk))
     if rows:

@@ -355,12 +355,13 @@ class IndexWriter:
             if conn.execute(select(studies.c.study_uid).where(studies.c.pk == pk)).scalar() == h.study_uid:
                 return pk, False
             del self._studies[h.study_uid]
-        if not h.patient_id:
-            # Its patient is made with the study: a study already there keeps its own.
-            pk = conn.execute(select(studies.c.pk).where(studies.c.study_uid == h.study_uid)).scalar()
-            if pk is not None:
-                self._studies.put(h.study_uid, pk)
-                return int(pk), False
+        # A study already there keeps its own patient: none is made for what this object names. Made, it
+        # stayed without a study (the mistyped patient a move of the study removed, back with every
+        # later series still sent under that ID); without a Patient ID, its patient is made with the study.
+        pk = conn.execute(select(studies.c.pk).where(studies.c.study_uid == h.study_uid)).scalar()
+        if pk is not None:
+            self._studies.put(h.study_uid, pk)
+            return int(pk), False
         # A study the HIS ordered is filed under the HIS patient: the
         # modality's (possibly mistyped) patient is never created. The order
         # may be being placed right now, its transaction looking for stored

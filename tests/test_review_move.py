@@ -1,0 +1,85 @@
+"""Review of moving one study to its patient (`POST /api/studies/{uid}/patient`,
+`pacs patient move-study`): what the first tests left out, against a real
+`pacs serve` on SQLite and PostgreSQL (DCMTK getscu, QIDO-RS, WADO-RS)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydicom.uid import generate_uid
+
+from .conftest import PacsServer
+from .dicomfiles import make_ct
+from .test_merge_review import _c_get, _metadata, _qido, _store
+from .test_patient_corrections import _as, archive  # noqa: F401 (a fixture)
+
+
+def _events(server: PacsServer, study: str) -> list[dict[str, Any]]:
+    with server.http() as http:
+        return [e for e in http.get("/api/audit", params={"study": study}).json() if e["action"] == "study-move"]
+
+
+def test_a_malformed_study_uid_is_a_bad_request(archive: PacsServer) -> None:
+    """As every other /api/studies/{uid} route: 400 for what is no UID, not a 404 "no study"."""
+    with _as(archive, "his") as http:  # type: ignore[attr-defined]
+        for uid in ("1.2.abc", "1..2", "01.2.3", "1.2." + "3" * 70):
+            answer = http.post(f"/api/studies/{uid}/patient", json={"patient": {"id": "MV-X"}, "reason": "x"})
+            assert answer.status_code == 400, (uid, answer.status_code, answer.text)
+
+
+def test_a_new_patient_of_a_name_alone_takes_none_of_the_old_patients_demographics(
+        archive: PacsServer, tmp_path: Path) -> None:
+    """The objects carry the wrong patient's birth date and sex: moved to a
+    patient registered with a name alone, the images must not go out as hers
+    with his birth date and sex (QIDO-RS shows none; WADO-RS and C-GET agree)."""
+    wrong = _store(archive, make_ct(tmp_path / "a.dcm", PatientID="RV-NAM", PatientName="LE^VAN NAM",
+                                    PatientBirthDate="19600101", PatientSex="M"))
+    with _as(archive, "his") as http:  # type: ignore[attr-defined]
+        moved = http.post(f"/api/studies/{wrong}/patient",
+                          json={"patient": {"id": "RV-HOA", "name": "TRAN^THI HOA"}, "reason": "nhầm"})
+    assert moved.status_code == 200, moved.text
+    expected = {"PatientName": "TRAN^THI HOA", "PatientID": "RV-HOA", "IssuerOfPatientID": "",
+                "PatientBirthDate": "", "PatientSex": ""}
+    assert _metadata(archive, wrong) == [expected]
+    assert _c_get(archive, wrong, tmp_path / "get") == [expected]
+
+
+def test_a_later_series_under_the_mistyped_id_brings_no_empty_patient_back(
+        archive: PacsServer, tmp_path: Path) -> None:
+    """The modality sends the rest of the study, still under the mistyped ID,
+    after the move (imported: a writer that has not seen the study): it joins
+    the study under the right patient, and the mistyped patient the move
+    removed does not come back without a study."""
+    own = _store(archive, make_ct(tmp_path / "own.dcm", PatientID="RV-AN", PatientName="PHAM^VAN AN"))
+    study = _store(archive, make_ct(tmp_path / "typo.dcm", PatientID="RV-NA", PatientName="PHAM^VAN AN"))
+    with _as(archive, "his") as http:  # type: ignore[attr-defined]
+        moved = http.post(f"/api/studies/{study}/patient", json={"patient": {"id": "RV-AN"}, "reason": "gõ sai"})
+        assert moved.status_code == 200, moved.text
+        assert http.get("/api/patients/RV-NA").status_code == 404
+    later = tmp_path / "later"
+    later.mkdir()
+    make_ct(later / "b.dcm", PatientID="RV-NA", PatientName="PHAM^VAN AN", StudyInstanceUID=study,
+            SeriesInstanceUID=generate_uid())
+    archive.cli("import", str(later))
+    assert _qido(archive, study) == [("PHAM^VAN AN", "RV-AN")] and _qido(archive, own) == [("PHAM^VAN AN", "RV-AN")]
+    assert {item["PatientID"] for item in _metadata(archive, study)} == {"RV-AN"}
+    with _as(archive, "his") as http:  # type: ignore[attr-defined]
+        assert http.get("/api/patients/RV-NA").status_code == 404
+    assert archive.cli("patient", "show", "RV-NA", check=False).returncode == 1
+
+
+def test_the_cli_audits_the_patient_the_study_is_filed_under(archive: PacsServer, tmp_path: Path) -> None:
+    """`--to ID` without issuer finds the one patient holding that ID under
+    an issuer: the event names that patient (ID^^^issuer), as the HTTP
+    route's does, not the bare ID typed (`pacs audit --patient` searches
+    by the patient as events name it)."""
+    with _as(archive, "his") as http:  # type: ignore[attr-defined]
+        registered = http.put("/api/patients/RV-BN1", json={"issuer": "BVDK", "name": "NGO^THI MAI"})
+        assert registered.status_code in (200, 201), registered.text
+    study = _store(archive, make_ct(tmp_path / "a.dcm", PatientID="RV-BN2", PatientName="NGO^VAN MAI"))
+    done = archive.cli("patient", "move-study", study, "--to", "RV-BN1", "--reason", "nhầm", "--yes", check=False)
+    assert done.returncode == 0, done.stderr
+    assert _qido(archive, study) == [("NGO^THI MAI", "RV-BN1")]
+    assert sorted(p for e in _events(archive, study) for p in e["patient_id"].split("\\")) == \
+        ["RV-BN1^^^BVDK", "RV-BN2"]
