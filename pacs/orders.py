@@ -684,6 +684,10 @@ class OrderService:
         return pk, False
 
     @staticmethod
+    def _patient_pk_any_issuer(conn: Connection, patient_id: str) -> int | None:
+        return conn.execute(select(patients_t.c.pk).where(patients_t.c.patient_id == patient_id).limit(1)).scalar()
+
+    @staticmethod
     def _single_patient_with_id(conn: Connection, patient_id: str) -> int | None:
         """A PID-3 without assigning authority names the patient registered
         under that ID with an issuer, when there is exactly one (as the DICOM
@@ -2158,6 +2162,11 @@ class OrderService:
                              code="205", http_status=409)
         who = patient_cx(p.patient_id, p.issuer)
         pk, _ = self._existing_patient(conn, p, match_identifiers=False)
+        if pk is None and not p.issuer and self._patient_pk_any_issuer(conn, p.patient_id):
+            # Held under several issuers (two hospitals' numbers, two people): naming neither, a name
+            # given made a third patient of that ID without issuer, of the stranger's study.
+            raise OrderError(f"several patients have the ID {p.patient_id}, each under an issuer: give the issuer "
+                             "of the patient the study belongs to", code="205", http_status=409)
         if pk is None:
             if not p.name:
                 raise OrderError(f"no patient {who}: give their name to register them with the study", code="204",
@@ -2174,7 +2183,12 @@ class OrderService:
         # Every demographic: a birth date or sex the patient lacks is no leave to go out with the other person's.
         file_under_patient(conn, study.pk, pk, received, p.reason or "study moved to another patient", _now(),
                            every_demographic=True)
-        prune_patients(conn, {old.pk})
+        # The patient a mistyped ID made goes with its last study; one the HIS or an administrator
+        # registered stays (their demographics, other and merged-away IDs: their next study is
+        # still corrected to them and found by those IDs), as an order keeps its patient.
+        if not old.registered and not conn.execute(select(identifiers_t.c.pk).where(
+                identifiers_t.c.patient_pk == old.pk, identifiers_t.c.id_type == MERGED_ID_TYPE).limit(1)).first():
+            prune_patients(conn, {old.pk})
         return patient_cx(old.patient_id, old.issuer), pk
 
     def study_patient(self, study_uid: str) -> str:

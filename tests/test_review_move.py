@@ -83,3 +83,49 @@ def test_the_cli_audits_the_patient_the_study_is_filed_under(archive: PacsServer
     assert _qido(archive, study) == [("NGO^THI MAI", "RV-BN1")]
     assert sorted(p for e in _events(archive, study) for p in e["patient_id"].split("\\")) == \
         ["RV-BN1^^^BVDK", "RV-BN2"]
+
+
+def test_a_registered_patient_left_without_a_study_keeps_the_registration(
+        archive: PacsServer, tmp_path: Path) -> None:
+    """The technologist typed the ID of a patient the HIS registered (no
+    study of theirs yet): moving the stranger's study away leaves that
+    registration, its demographics and other IDs, as the HIS made it; the
+    next study under that ID is still corrected to them."""
+    with _as(archive, "his") as http:  # type: ignore[attr-defined]
+        made = http.put("/api/patients/RV-REG", json={"name": "DO^VAN BINH", "birth_date": "19700707", "sex": "M",
+                                                      "other_ids": [{"value": "001070000123", "issuer": "CCCD"}]})
+        assert made.status_code in (200, 201), made.text
+    stranger = _store(archive, make_ct(tmp_path / "a.dcm", PatientID="RV-REG", PatientName="VU^THI LAN"))
+    with _as(archive, "his") as http:  # type: ignore[attr-defined]
+        moved = http.post(f"/api/studies/{stranger}/patient",
+                          json={"patient": {"id": "RV-LAN", "name": "VU^THI LAN"}, "reason": "gõ nhầm mã"})
+        assert moved.status_code == 200, moved.text
+        kept = http.get("/api/patients/RV-REG")
+        assert kept.status_code == 200, kept.text
+        assert kept.json()["name"] == "DO^VAN BINH" and kept.json()["birth_date"] == "19700707"
+        assert [o["value"] for o in kept.json()["other_ids"]] == ["001070000123"]
+    own = _store(archive, make_ct(tmp_path / "b.dcm", PatientID="RV-REG", PatientName="DO VAN BINH"))
+    assert _qido(archive, own) == [("DO^VAN BINH", "RV-REG")]
+    assert {item["PatientName"] for item in _metadata(archive, own)} == {"DO^VAN BINH"}
+
+
+def test_an_id_several_issuers_hold_is_refused_without_its_issuer(archive: PacsServer, tmp_path: Path) -> None:
+    """Two hospitals' RV-DUP are two people: `{"id": "RV-DUP"}` names
+    neither, and with a name it must not make a third, without issuer (409:
+    give the issuer); with the issuer the study goes to that one."""
+    with _as(archive, "his") as http:  # type: ignore[attr-defined]
+        for issuer, name in (("BVA", "HA^VAN MOT"), ("BVB", "HA^VAN HAI")):
+            made = http.put("/api/patients/RV-DUP", json={"issuer": issuer, "name": name})
+            assert made.status_code in (200, 201), made.text
+        study = _store(archive, make_ct(tmp_path / "a.dcm", PatientID="RV-D0", PatientName="HA^VAN BA"))
+        url = f"/api/studies/{study}/patient"
+        for patient in ({"id": "RV-DUP"}, {"id": "RV-DUP", "name": "HA^VAN MOT"}):
+            for dry_run in ("true", "false"):
+                answer = http.post(url, params={"dry_run": dry_run}, json={"patient": patient, "reason": "x"})
+                assert answer.status_code == 409 and "issuer" in answer.text, (patient, answer.text)
+        assert http.get("/api/patients/RV-DUP").status_code != 200  # no third RV-DUP
+        assert _qido(archive, study) == [("HA^VAN BA", "RV-D0")]
+        moved = http.post(url, json={"patient": {"id": "RV-DUP", "issuer": "BVB"}, "reason": "x"})
+        assert moved.status_code == 200, moved.text
+    assert _metadata(archive, study)[0]["IssuerOfPatientID"] == "BVB"
+    assert _qido(archive, study) == [("HA^VAN HAI", "RV-DUP")]
