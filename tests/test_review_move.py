@@ -129,3 +129,53 @@ def test_an_id_several_issuers_hold_is_refused_without_its_issuer(archive: PacsS
         assert moved.status_code == 200, moved.text
     assert _metadata(archive, study)[0]["IssuerOfPatientID"] == "BVB"
     assert _qido(archive, study) == [("HA^VAN HAI", "RV-DUP")]
+
+
+def _imaging_study(server: PacsServer, study: str) -> dict[str, Any]:
+    with server.http() as http:
+        reply = http.get(f"/fhir/ImagingStudy/{study}")
+    assert reply.status_code == 200, reply.text
+    return reply.json()  # type: ignore[no-any-return]
+
+
+def test_back_and_forth_and_a_dry_run_that_changes_nothing(archive: PacsServer, tmp_path: Path) -> None:
+    """Moved A -> B -> A (the wrong study chosen to move), the study is A's
+    again everywhere, FHIR's subject and meta.lastUpdated following each
+    move; a dry run naming an issuer gives the patient without issuer none."""
+    own_a = _store(archive, make_ct(tmp_path / "a1.dcm", PatientID="RV-A", PatientName="LY^VAN A",
+                                    PatientBirthDate="19500101", PatientSex="M"))
+    study = _store(archive, make_ct(tmp_path / "a2.dcm", PatientID="RV-A", PatientName="LY^VAN A",
+                                    PatientBirthDate="19500101", PatientSex="M"))
+    _store(archive, make_ct(tmp_path / "b1.dcm", PatientID="RV-B", PatientName="LY^THI B",
+                            PatientBirthDate="19800202", PatientSex="F"))
+    first = _imaging_study(archive, study)
+    with _as(archive, "his") as http:  # type: ignore[attr-defined]
+        dry = http.post(f"/api/studies/{study}/patient", params={"dry_run": "true"},
+                        json={"patient": {"id": "RV-B", "issuer": "BVDK"}, "reason": "x"})
+        assert dry.status_code == 200 and dry.json()["patient"]["issuer"] == "BVDK", dry.text
+        assert http.get("/api/patients/RV-B", params={"issuer": ""}).status_code == 200
+        assert http.get("/api/patients/RV-B", params={"issuer": "BVDK"}).status_code == 404
+        assert _imaging_study(archive, study)["meta"]["lastUpdated"] == first["meta"]["lastUpdated"]
+        to_b = http.post(f"/api/studies/{study}/patient", json={"patient": {"id": "RV-B"}, "reason": "nhầm"})
+        assert to_b.status_code == 200, to_b.text
+        at_b = _imaging_study(archive, study)
+        assert at_b["subject"]["identifier"]["value"] == "RV-B" and at_b["subject"]["display"] == "LY THI B"
+        assert at_b["meta"]["lastUpdated"] > first["meta"]["lastUpdated"]
+        back = http.post(f"/api/studies/{study}/patient", json={"patient": {"id": "RV-A"}, "reason": "chọn lại"})
+        assert back.status_code == 200 and back.json()["previous"] == "RV-B", back.text
+    at_a = _imaging_study(archive, study)
+    assert at_a["subject"] == first["subject"] and at_a["meta"]["lastUpdated"] > at_b["meta"]["lastUpdated"]
+    a = {"PatientName": "LY^VAN A", "PatientID": "RV-A", "IssuerOfPatientID": "", "PatientBirthDate": "19500101",
+         "PatientSex": "M"}
+    assert _metadata(archive, study) == [a] and _c_get(archive, study, tmp_path / "get") == [a]
+    assert _qido(archive, study) == [("LY^VAN A", "RV-A")] and _qido(archive, own_a) == [("LY^VAN A", "RV-A")]
+
+
+def test_an_oversized_name_is_a_bad_request(archive: PacsServer, tmp_path: Path) -> None:
+    """A name no PN holds (64 characters a component group) is refused 4xx, never a 500."""
+    study = _store(archive, make_ct(tmp_path / "a.dcm", PatientID="RV-LONG", PatientName="DANG^VAN LONG"))
+    with _as(archive, "his") as http:  # type: ignore[attr-defined]
+        answer = http.post(f"/api/studies/{study}/patient",
+                           json={"patient": {"id": "RV-LONG2", "name": "DANG^" + "A" * 6000}, "reason": "x"})
+    assert answer.status_code in (400, 422), (answer.status_code, answer.text[:200])
+    assert _qido(archive, study) == [("DANG^VAN LONG", "RV-LONG")]
