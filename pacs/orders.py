@@ -2126,27 +2126,31 @@ class OrderService:
         its patient (the technologist chose the wrong patient, or typed
         another's ID): the study is found and retrieved with that patient's
         ID and demographics from now on (corrections; the stored bytes stay),
-        and the patient it leaves goes when it has no study or order left.
-        A new key makes a new patient of the name (and birth date, sex) *p*
-        gives. Refused (:class:`OrderError`): an unknown study or, without a
-        name, patient (404); a study an HIS order files (409: link it to the
-        right order, or the HIS corrects the order), the patient it is filed
-        under, demographics that differ from an existing patient's (409:
-        that is a patient update). Returns {"study_uid", "previous" (the
+        and the patient it leaves goes when it has no study or order left,
+        unless registered (by the HIS or an administrator, or holding an ID
+        merged into it). A new key makes a new patient of the name (and
+        birth date, sex) *p* gives. Refused (:class:`OrderError`): an
+        unknown study or, without a name, patient (404); a study an HIS
+        order files (409: link it to the right order, or the HIS corrects
+        the order), the patient it is filed under, demographics that differ
+        from an existing patient's (409: that is a patient update), an ID
+        without issuer that several patients hold under issuers (409). Returns {"study_uid", "previous" (the
         patient it left, ID^^^issuer), "patient"}; *dry_run*: rolled back."""
         check_patient_id(p.patient_id)
         if p.name:
             check_person_name(p.name)
+        def once(conn: Connection) -> tuple[str, dict[str, Any] | None]:
+            previous, pk = self._move_study(conn, study_uid, p)
+            # Read in the move's transaction: read after it, a patient merged or pruned meanwhile
+            # answered {} and the caller's event naming it failed (a 500 for a move done).
+            return previous, self._patient_dict(conn, pk)
+
         if dry_run:
             with write_transaction(self.engine) as conn:
-                previous, pk = self._move_study(conn, study_uid, p)
-                patient = self._patient_dict(conn, pk)
+                previous, patient = once(conn)
                 conn.rollback()
         else:
-            previous, pk = retry_write(self.engine, lambda conn: self._move_study(conn, study_uid, p),
-                                       what="move of a study to another patient")
-            with self.engine.connect() as conn:
-                patient = self._patient_dict(conn, pk)
+            previous, patient = retry_write(self.engine, once, what="move of a study to another patient")
         return {"study_uid": study_uid, "previous": previous, "patient": patient or {}}
 
     def _move_study(self, conn: Connection, study_uid: str, p: PatientInfo) -> tuple[str, int]:
