@@ -60,7 +60,7 @@ from .index.reconcile import (
 )
 from .index.name_words import set_name_words
 from .index.prune import prune_patients
-from .index.writer import MERGED_ID_TYPE, merged_patient
+from .index.writer import MERGED_ID_TYPE, merged_patient, other_id_patient
 from .index.writer_helpers import insert_ignore
 from .names import fold_name, name_reading, name_words
 from .prefetch.jobs import enqueue_for_order as enqueue_prefetch
@@ -2166,6 +2166,11 @@ class OrderService:
                              code="205", http_status=409)
         who = patient_cx(p.patient_id, p.issuer)
         pk, _ = self._existing_patient(conn, p, match_identifiers=False)
+        if pk is None:
+            # An ID with its issuer a patient holds as another of its IDs (the citizen ID of a patient the
+            # HIS knows by the hospital number) is that patient, as a study received under it is filed:
+            # made anew, it was a twin of them, holding the study.
+            pk = other_id_patient(conn, p.patient_id, p.issuer)
         if pk is None and not p.issuer and self._patient_pk_any_issuer(conn, p.patient_id):
             # Held under several issuers (two hospitals' numbers, two people): naming neither, a name
             # given made a third patient of that ID without issuer, of the stranger's study.

@@ -179,3 +179,21 @@ def test_an_oversized_name_is_a_bad_request(archive: PacsServer, tmp_path: Path)
                            json={"patient": {"id": "RV-LONG2", "name": "DANG^" + "A" * 6000}, "reason": "x"})
     assert answer.status_code in (400, 422), (answer.status_code, answer.text[:200])
     assert _qido(archive, study) == [("DANG^VAN LONG", "RV-LONG")]
+
+
+def test_an_id_a_patient_holds_as_another_id_names_that_patient(archive: PacsServer, tmp_path: Path) -> None:
+    """The citizen ID (with its issuer) of a patient the HIS registered under
+    the hospital number names that patient, as a study received under it is
+    filed there: moving to it does not make a twin of the citizen ID."""
+    with _as(archive, "his") as http:  # type: ignore[attr-defined]
+        made = http.put("/api/patients/RV-HN1", json={"issuer": "BVDK", "name": "TRINH^VAN KHOA",
+                                                      "other_ids": [{"value": "001090000777", "issuer": "CCCD"}]})
+        assert made.status_code in (200, 201), made.text
+        study = _store(archive, make_ct(tmp_path / "a.dcm", PatientID="RV-HN9", PatientName="TRINH^VAN KHOA"))
+        moved = http.post(f"/api/studies/{study}/patient", json={
+            "patient": {"id": "001090000777", "issuer": "CCCD", "name": "TRINH^VAN KHOA"}, "reason": "mã CCCD"})
+        assert moved.status_code == 200, moved.text
+        assert (moved.json()["patient"]["id"], moved.json()["patient"]["issuer"]) == ("RV-HN1", "BVDK")
+        assert http.get("/api/patients/001090000777", params={"issuer": "CCCD"}).status_code == 404
+    assert _qido(archive, study) == [("TRINH^VAN KHOA", "RV-HN1")]
+    assert _metadata(archive, study)[0]["IssuerOfPatientID"] == "BVDK"
