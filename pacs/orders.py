@@ -2134,11 +2134,13 @@ class OrderService:
         order files (409: link it to the right order, or the HIS corrects
         the order), the patient it is filed under, demographics that differ
         from an existing patient's (409: that is a patient update), an ID
-        without issuer that several patients hold under issuers (409). Returns {"study_uid", "previous" (the
-        patient it left, ID^^^issuer), "patient"}; *dry_run*: rolled back."""
+        without issuer that several patients hold under issuers (409).
+        Returns {"study_uid", "previous" (the patient it left, ID^^^issuer),
+        "patient"}; *dry_run*: rolled back."""
         check_patient_id(p.patient_id)
         if p.name:
             check_person_name(p.name)
+
         def once(conn: Connection) -> tuple[str, dict[str, Any] | None]:
             previous, pk = self._move_study(conn, study_uid, p)
             # Read in the move's transaction: read after it, a patient merged or pruned meanwhile
