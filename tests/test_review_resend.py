@@ -54,7 +54,8 @@ from .conftest import Backend, PacsServer, make_backend
 from .dicomfiles import make_ct
 from .test_dimse_failures import scu_store_file
 from .test_maintenance_review import _json
-from .test_review_leftovers import INDEX_FAILED, _index_updates_fail
+from .peers import index_writes_fail
+from .test_review_leftovers import INDEX_FAILED
 from .test_maintenance_review import _study as ct_study
 
 
@@ -326,11 +327,11 @@ def test_a_refused_resend_under_the_free_alternate_key_is_not_left_behind(tmp_pa
         kept = _row(server, sop)
         assert [k for k in _keys(server) if sop in k] == [kept.storage_key]
         third = _corrected(first, tmp_path / "third.dcm", PatientName="NGUYEN^VAN AN^3")
-        _index_updates_fail(server, True)
+        index_writes_fail(server, "UPDATE", True)
         try:
             assert scu_store_file(server, third) == INDEX_FAILED
         finally:
-            _index_updates_fail(server, False)
+            index_writes_fail(server, "UPDATE", False)
         assert _row(server, sop) == kept
         assert [k for k in _keys(server) if sop in k] == [kept.storage_key]
         _verify_ok(server)

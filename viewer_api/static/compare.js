@@ -107,6 +107,9 @@ export class Compare {
     this.linked = true;
     this.syncing = false;
     this.syncingWindow = false;
+    // The viewer the other one follows when the slices' positions become known: the one last moved by
+    // the user (their ↑ on the prior before its positions arrived was undone: the prior jumped back).
+    this.leader = current;
     this.windowLinked = false; // the window set on one side set on the other too (off: CT and MR differ)
     this.destroyed = false;
     // The slices' positions per series, kept by the study screen (*cache*): closing and opening the comparison
@@ -204,6 +207,7 @@ export class Compare {
       this.syncing = false;
     }
     this.mark(this.prior);
+    this.leader = this.current; // the new series shows the current study's slice
     this.follow(this.current, this.prior);
   }
 
@@ -255,7 +259,9 @@ export class Compare {
   /** A viewer showed another slice: its attributes, then the other one follows it when linked. */
   moved(viewer) {
     this.mark(viewer);
-    if (!this.syncing) this.follow(viewer, this.partner(viewer));
+    if (this.syncing) return;
+    this.leader = viewer;
+    this.follow(viewer, this.partner(viewer));
   }
 
   /** The positions of a viewer's slices (its series' metadata, read once per series). */
@@ -290,10 +296,10 @@ export class Compare {
       this.waiting.add(key);
       this.geometry.get(key).then(() => {
         if (this.destroyed) return;
-        // Now known: the slices' positions are shown, and the prior follows the current study by them.
+        // Now known: the slices' positions are shown, and the side not last moved follows the other by them.
         this.mark(this.current);
         this.mark(this.prior);
-        this.follow(this.current, this.prior);
+        this.follow(this.leader, this.partner(this.leader));
       });
     }
     return null;
