@@ -52,10 +52,19 @@ TITLES: dict[str, str] = {
     "113018": "For Printing",
     "113020": "For Report Attachment",
 }
-# Titles whose images are set aside: rejection notes (IHE IOCM) and quality
-# flags name images never to show a patient or print in a report, whoever
-# marked them as key images too.
-SET_ASIDE_TITLES = frozenset({"113001", "113010", "113037", "113038", "113039"})
+# CID 7011 "Rejected for Quality Reasons" and its siblings: the titles of
+# rejection notes (IHE IOCM), which withdraw the images they list
+# (pacs.rejections).
+REJECTION_TITLES = {
+    "113001": "Rejected for Quality Reasons",
+    "113037": "Rejected for Patient Safety Reasons",
+    "113038": "Incorrect Modality Worklist Entry",
+    "113039": "Data Retention Policy Expired",
+}
+# Titles whose images are set aside: rejection notes and quality flags name
+# images never to show a patient or print in a report, whoever marked them
+# as key images too.
+SET_ASIDE_TITLES = frozenset(REJECTION_TITLES) | {"113010"}
 # Titles whose images are NOT key images: those set aside, and the manifests
 # (an XDS-I source's, "Complete Study Content"...) that list a whole study or
 # acquisition for exchange, not the few images a reader chose.

@@ -24,8 +24,8 @@ import logging
 import secrets
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta, tzinfo
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
 
 from pydicom.uid import generate_uid
 from sqlalchemy import Connection, and_, delete, func, or_, select, update
@@ -68,6 +68,7 @@ from .query.matching import is_date, is_time, like_literal
 from .timezones import server_zone
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 orders_t = Order.__table__
 patients_t = Patient.__table__
@@ -930,10 +931,16 @@ class OrderService:
         """How many studies :meth:`merge_into` would move now, or the
         :class:`OrderError` it would raise: the merge itself, rolled back
         (a dry run that predicts what the merge will say)."""
+        return self._rehearsed(lambda conn: self._merge_into(conn, surviving, prior)[0])
+
+    def _rehearsed(self, work: Callable[[Connection], T]) -> T:
+        """``work(conn)`` in a write transaction rolled back: what a change
+        would do (or the refusal it would meet), nothing changed -- a dry
+        run that cannot disagree with the change it predicts."""
         with write_transaction(self.engine) as conn:
-            moved = self._merge_into(conn, surviving, prior)[0]
+            result = work(conn)
             conn.rollback()
-        return moved
+        return result
 
     def _merge_into(self, conn: Connection, surviving: PatientInfo, prior: list[tuple[str, str]]) -> tuple[int, int]:
         pk, merged_away = self._existing_patient(conn, surviving, match_identifiers=False)
@@ -2148,9 +2155,7 @@ class OrderService:
             return previous, self._patient_dict(conn, pk)
 
         if dry_run:
-            with write_transaction(self.engine) as conn:
-                previous, patient = once(conn)
-                conn.rollback()
+            previous, patient = self._rehearsed(once)
         else:
             previous, patient = retry_write(self.engine, once, what="move of a study to another patient")
         return {"study_uid": study_uid, "previous": previous, "patient": patient or {}}

@@ -29,19 +29,11 @@ from pydicom.dataset import Dataset
 
 from .app import Pacs
 from .audit import Event
-from .key_objects import KOS_CLASS
+from .key_objects import KOS_CLASS, REJECTION_TITLES
 from .maintenance.delete import DeleteRefused, Target, delete_target
 
 log = logging.getLogger(__name__)
 
-# CID 7011 "Rejected for Quality Reasons" and its siblings: the document
-# titles that withdraw the images listed.
-REJECTION_TITLES = {
-    "113001": "Rejected for Quality Reasons",
-    "113037": "Rejected for Patient Safety Reasons",
-    "113038": "Incorrect Modality Worklist Entry",
-    "113039": "Data Retention Policy Expired",
-}
 
 @dataclass
 class Rejection:
@@ -53,10 +45,6 @@ class Rejection:
     deleted: int = 0  # instances
     not_found: int = 0  # listed, not (or no longer) in the archive
     refused: list[str] = field(default_factory=list)  # why some listed instances stay
-
-    @property
-    def complete(self) -> bool:
-        return not self.refused
 
 
 def rejection_title(ds: Dataset) -> tuple[str, str] | None:
