@@ -285,11 +285,10 @@ def move_study(request: Request, study: str, body: MoveStudyModel, dry_run: bool
     service = _service(request)
     info = _patient_info(body.patient, body.patient.id,
                          change_reason("study moved to another patient", principal.username, body.reason))
-    previous = service.study_patient(study)
     moved = _call(lambda: service.move_study(study, info, dry_run=dry_run))
     # The study under the patient it now has, and the patient it left.
     audit_studies(request, [(study, patient_cx(moved["patient"]["id"], moved["patient"]["issuer"])),
-                            (study, moved["previous"] or previous)])
+                            (study, moved["previous"])])
     _audit_note(request, ("dry run: " if dry_run else "") + f"from {moved['previous']}: {body.reason}")
     return {**moved, "dry_run": dry_run}
 
