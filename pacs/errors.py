@@ -26,6 +26,10 @@ class Status(IntEnum):
     PROCESSING_FAILURE = 0x0110
     # Another object already holds this SOP Instance UID (PS3.7 C.4.2.1.4).
     DUPLICATE_SOP_INSTANCE = 0x0111
+    # A rejection note (IHE IOCM) withdrew this instance: dcm4chee's
+    # "subsequent occurrence of rejected object", which modalities and
+    # routers that meet dcm4chee archives already know.
+    REJECTED_INSTANCE = 0xA771
 
 
 HTTP_FOR_STATUS: dict[int, int] = {
@@ -39,6 +43,7 @@ HTTP_FOR_STATUS: dict[int, int] = {
     Status.NOT_AUTHORIZED: 403,
     Status.PROCESSING_FAILURE: 500,
     Status.DUPLICATE_SOP_INSTANCE: 409,
+    Status.REJECTED_INSTANCE: 409,
 }
 
 

@@ -52,7 +52,7 @@ from .errors import IngestError, Status
 from .header import InstanceHeader, parse_header
 from .index.committer import GroupCommitter
 from .index.tombstones import REPLACED, ObjectDeleted
-from .index.writer import AddResult, IndexRecord, Outcome
+from .index.writer import AddResult, IndexRecord, InstanceRejected, Outcome
 from .instance_locks import InstanceFileLocks
 from .part10 import Source, dataset_start
 from .reads import IndexReader
@@ -474,6 +474,13 @@ class Ingestor:
         )
         try:
             added: AddResult = self.committer.submit(record)
+        except InstanceRejected as exc:
+            # Withdrawn by a rejection note: the copy just written is nobody's
+            # (no row names it; the instance lock keeps other copies out).
+            self._drop_rejected(key, exc)
+            # The Error Comment keeps 64 characters: the reason first.
+            raise IngestError(Status.REJECTED_INSTANCE, f"rejected by a rejection note ({exc.code}), not stored: "
+                                                        f"{exc.note_uid} from {exc.rejected_by}") from exc
         except ObjectDeleted as exc:
             # A deletion of this instance (pacs delete, purge) removed the key
             # after our write: nothing of ours is left to keep or to delete.
@@ -529,6 +536,13 @@ class Ingestor:
             except Exception:
                 log.exception("ingest listener failed")
         return result
+
+    def _drop_rejected(self, key: str, rejected: InstanceRejected) -> None:
+        log.warning("%s refused: %s (pacs rejections lift lets it in again)", key, rejected)
+        try:
+            self.store.delete(key)
+        except StorageError as exc:
+            log.warning("could not delete the refused copy under %s: %s", key, exc)
 
     def _drop_refused_resend(self, sop_uid: str, key: str) -> None:
         """A copy received under the overwrite policy whose index commit

@@ -14,6 +14,15 @@ administrator deletes on purpose: ``pacs delete --force``), instances of
 another study or listed without their series. A note sent again applies
 again (nothing left to delete).
 
+Each instance withdrawn, and each listed that is not stored (yet: a
+router may bring it after the note), is recorded as rejected in the
+deletion's transaction (``rejected_instances``): the ingest refuses it from
+then on, whoever sends it (0xA771; a STOW-RS part 409), so a modality
+resending the whole study does not bring it back. IHE IOCM has a modality
+send corrected images under new UIDs; ``pacs rejections lift`` lets the same
+UIDs in again (audited). Instances the note could not withdraw are not
+recorded.
+
 A "Quality Issue" (113010) flags images without withdrawing them: kept,
 as the key image list already treats it.
 """
@@ -21,15 +30,22 @@ as the key image list already treats it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from sqlalchemy import Connection, Engine, delete, func, select
 
 from .app import Pacs
 from .audit import Event
+from .index.db import retry_write
+from .index.writer import rejected_t
+from .index.writer_helpers import insert_ignore_rows
 from .key_objects import KOS_CLASS, REJECTION_TITLES
+from .maintenance.common import batched, instances_t
 from .maintenance.delete import DeleteRefused, Target, delete_target
 
 log = logging.getLogger(__name__)
@@ -117,10 +133,12 @@ def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event
         # listed goes with its last instance, an instance received since
         # the note was written stays.
         target = Target(study_uid, series_uid, sop_uids=tuple(sorted(sops)))
+        bar = _recorder(study_uid, series_uid, sops, code, note_uid, sender)
         try:
-            report = delete_target(pacs, target, reason=result.reason, event=event())
+            report = delete_target(pacs, target, reason=result.reason, event=event(), also=bar)
         except DeleteRefused as exc:
-            if exc.http_status == 404:  # none of them stored (any more)
+            if exc.http_status == 404:  # none of them stored (any more): refused when they come
+                retry_write(pacs.engine, bar, what=f"rejection of series {series_uid}")
                 result.not_found += len(sops)
                 continue
             refuse(str(exc))
@@ -133,3 +151,77 @@ def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event
         log.info("%s: %d instances withdrawn (%d listed not stored)", result.reason, result.deleted,
                  result.not_found)
     return result
+
+
+def _recorder(study_uid: str, series_uid: str, sops: Iterable[str], code: str, note_uid: str,
+              sender: str) -> Callable[[Connection], None]:
+    """What records *sops* as rejected, in a caller's transaction. A UID
+    rejected before keeps its first record; one still indexed (kept in
+    another series than the note says) is not recorded: the note did not
+    withdraw it."""
+    def record(conn: Connection) -> None:
+        now = datetime.now(UTC)
+        for batch in batched(sorted(sops)):
+            kept = set(conn.execute(select(instances_t.c.sop_uid).where(instances_t.c.sop_uid.in_(batch))).scalars())
+            rows = [{"sop_uid": sop, "study_uid": study_uid, "series_uid": series_uid, "code": code,
+                     "note_uid": note_uid, "rejected_by": sender[:64], "rejected_at": now}
+                    for sop in batch if sop not in kept]
+            if rows:
+                insert_ignore_rows(conn, rejected_t, rows, ["sop_uid"])
+    return record
+
+
+@dataclass(frozen=True)
+class RejectedEntry:
+    """One instance the ingest refuses (see the module docstring)."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    code: str
+    note_uid: str
+    rejected_by: str
+    rejected_at: datetime
+
+    @property
+    def reason(self) -> str:
+        return REJECTION_TITLES.get(self.code, self.code)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"sop_uid": self.sop_uid, "study_uid": self.study_uid, "series_uid": self.series_uid,
+                "code": self.code, "reason": self.reason, "note_uid": self.note_uid,
+                "rejected_by": self.rejected_by, "rejected_at": self.rejected_at.isoformat()}
+
+
+def rejected(engine: Engine, study_uid: str = "", limit: int = 1000,
+             sop_uids: Iterable[str] = ()) -> tuple[list[RejectedEntry], int]:
+    """The rejected instances (of *study_uid*, or among *sop_uids*), newest
+    first, at most *limit*, and how many there are in all."""
+    where = [rejected_t.c.study_uid == study_uid] if study_uid else []
+    if sops := sorted(set(sop_uids)):
+        where.append(rejected_t.c.sop_uid.in_(sops))
+    with engine.connect() as conn:
+        total = int(conn.execute(select(func.count()).select_from(rejected_t).where(*where)).scalar_one())
+        rows = conn.execute(select(rejected_t).where(*where)
+                            .order_by(rejected_t.c.rejected_at.desc(), rejected_t.c.sop_uid).limit(limit)).all()
+    return [RejectedEntry(**row._mapping) for row in rows], total
+
+
+def lift(engine: Engine, *, study_uid: str = "", sop_uids: Iterable[str] = ()) -> list[RejectedEntry]:
+    """Let the rejected instances of *study_uid*, or *sop_uids*, be received
+    again; the entries lifted (none for UIDs not rejected)."""
+    sops = sorted(set(sop_uids))
+    if not study_uid and not sops:
+        raise ValueError("name a study or instances")
+
+    def work(conn: Connection) -> list[RejectedEntry]:
+        found: list[Any] = []
+        if study_uid:
+            found = conn.execute(select(rejected_t).where(rejected_t.c.study_uid == study_uid)).all()
+            conn.execute(delete(rejected_t).where(rejected_t.c.study_uid == study_uid))
+        for batch in batched(sops):
+            found += conn.execute(select(rejected_t).where(rejected_t.c.sop_uid.in_(batch))).all()
+            conn.execute(delete(rejected_t).where(rejected_t.c.sop_uid.in_(batch)))
+        unique = {row.sop_uid: row for row in found}
+        return [RejectedEntry(**row._mapping) for _, row in sorted(unique.items())]
+    return retry_write(engine, work, what="lifting rejections")

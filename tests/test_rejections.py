@@ -23,6 +23,7 @@ from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from pacs.aes import ALL_SERVICES, parse_services, services_text
+from viewer_api.multipart import build_multipart_related
 
 from .conftest import Backend, PacsServer
 from .peers import index_writes_fail
@@ -236,3 +237,77 @@ def test_a_note_not_applied_is_refused_so_the_modality_sends_it_again(archive: P
     assert scu_store_file(server, note, calling="CT_ROOM1") == 0
     assert _image_uids(server, study) == set()
     assert server.alive()
+
+
+def _stow(server: PacsServer, path: Path) -> Any:
+    body, content_type = build_multipart_related([("application/dicom", path.read_bytes())])
+    with server.http() as http:
+        return http.post("/dicom-web/studies", content=body, headers={"Content-Type": content_type})
+
+
+def _rejections(server: PacsServer, *args: str) -> dict[str, Any]:
+    done = server.cli("rejections", *args, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)
+
+
+def test_a_rejected_instance_sent_again_is_refused_until_lifted(archive: PacsServer, tmp_path: Path) -> None:
+    """The modality resends the whole study after its note (its automatic
+    retry): the withdrawn images, and one the note listed that had not
+    arrived, are refused 0xA771 over DICOM, 409 over STOW-RS and by an
+    import, their copies not kept; the image the note did not list is a
+    plain resend. ``pacs rejections lift`` lets one in again, audited."""
+    server = archive
+    folder = tmp_path / "s"
+    study, (one,) = _study(server, folder, "REJ-10", [3])
+    series_uid, kept, *withdrawn = one
+    late = generate_uid()  # listed by the note, not received yet (a router brings it later)
+    late_file = make_ct(tmp_path / "late.dcm", sop_uid=late, StudyInstanceUID=study, SeriesInstanceUID=series_uid,
+                        PatientID="REJ-10", PatientName="NGUYEN^VAN AN", SeriesNumber=1, InstanceNumber=9)
+    note = _note(tmp_path / "note.dcm", study, "REJ-10", REJECTED, {study: [series_uid, *withdrawn, late]})
+    assert server.storescu(str(note), calling="CT_ROOM1").returncode == 0
+    assert _image_uids(server, study) == {kept}
+    before = server.stats()
+    files = {path.stem: path for path in folder.iterdir()}
+    sent = {sop: files[f"0-{i}"] for i, sop in enumerate(one[1:])}
+    assert scu_store_file(server, sent[kept], calling="CT_ROOM1") == 0
+    for sop in withdrawn:
+        assert scu_store_file(server, sent[sop], calling="CT_ROOM2") == 0xA771
+    assert scu_store_file(server, late_file, calling="CT_ROOM2") == 0xA771
+    refused = _stow(server, sent[withdrawn[0]])
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA771]
+    imported = server.cli("import", str(late_file), "--json", check=False)
+    report = json.loads(imported.stdout)
+    assert imported.returncode == 1 and report["failed"] == 1 and report["stored"] == 0, imported
+    assert report["errors"][0]["error"].startswith("0xA771: rejected by a rejection note (113001)"), report
+    assert _image_uids(server, study) == {kept}
+    assert server.stats() == before
+    verified = json.loads(server.cli("verify", "--json").stdout)
+    assert verified["orphans"]["count"] == 0, verified  # no refused copy left in the store
+    assert "pacs rejections lift" in server.log_text()
+
+    listed = _rejections(server, "list", "--study", study)
+    assert listed["total"] == 3
+    assert {r["sop_uid"] for r in listed["rejected"]} == {*withdrawn, late}
+    assert {(r["code"], r["reason"], r["rejected_by"], r["note_uid"]) for r in listed["rejected"]} == {
+        ("113001", "Rejected for Quality Reasons", "CT_ROOM1", _note_uid(note))}
+    # Without --yes nothing changes.
+    dry = _rejections(server, "lift", withdrawn[0], "--reason", "sent with the same UIDs after correction")
+    assert dry["dry_run"] and [e["sop_uid"] for e in dry["lifted"]] == [withdrawn[0]]
+    assert scu_store_file(server, sent[withdrawn[0]], calling="CT_ROOM2") == 0xA771
+    done = _rejections(server, "lift", withdrawn[0], "--reason", "sent with the same UIDs after correction", "--yes")
+    assert not done["dry_run"] and [e["sop_uid"] for e in done["lifted"]] == [withdrawn[0]]
+    assert scu_store_file(server, sent[withdrawn[0]], calling="CT_ROOM2") == 0
+    assert _image_uids(server, study) == {kept, withdrawn[0]}
+    assert _rejections(server, "list", "--study", study)["total"] == 2
+    with server.http() as http:
+        events = http.get("/api/audit", params={"study": study, "action": "rejection-lift"}).json()
+    assert len(events) == 1 and "sent with the same UIDs after correction" in events[0]["detail"], events
+    assert server.alive()
+
+
+def _note_uid(path: Path) -> str:
+    from pydicom import dcmread
+
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)

@@ -29,7 +29,7 @@ from ..routing import create_jobs
 from . import tombstones
 from .db import discard_connection, is_sqlite, is_transient, retry_transaction
 from .models import CommitmentConflict
-from .writer import AddResult, IndexRecord, IndexWriter, Outcome
+from .writer import AddResult, IndexRecord, IndexWriter, InstanceRejected, Outcome
 
 log = logging.getLogger(__name__)
 # Runs of a batch's transaction (see _worth_retrying).
@@ -142,6 +142,11 @@ class GroupCommitter:
                 results = [added[i] for i in range(len(records))]
                 _settle(conn, records, results)
                 return results
+        except InstanceRejected:
+            # Rolled back by the block: the connection is fine, the cache may
+            # name the rows the record made (its new study and series).
+            self._writer.clear_cache()
+            raise
         except Exception:
             # A cached key may point at a purged row, PostgreSQL may have
             # restarted: forget the cache, and retry on a fresh connection.

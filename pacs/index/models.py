@@ -681,6 +681,27 @@ class DeletingObject(Base):
     outcome: Mapped[str] = mapped_column(String(16), default="")
 
 
+class RejectedInstance(Base):
+    """An instance a rejection note withdrew (IHE IOCM, see pacs.rejections),
+    written in the transaction that deleted its row, or, for one listed and
+    not stored, when the note was applied. The ingest refuses the same SOP
+    Instance UID from then on (0xA771, as dcm4chee answers a "subsequent
+    occurrence of a rejected object"): a modality resending the whole study,
+    or a router forwarding it late, must not bring the rejected images back.
+    ``pacs rejections lift`` removes the row (the instance may come again)."""
+
+    __tablename__ = "rejected_instances"
+
+    sop_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    study_uid: Mapped[str] = mapped_column(UID, index=True)
+    series_uid: Mapped[str] = mapped_column(UID)
+    # The note's title: 113001 Rejected for Quality Reasons... (key_objects.REJECTION_TITLES).
+    code: Mapped[str] = mapped_column(String(16))
+    note_uid: Mapped[str] = mapped_column(UID)
+    rejected_by: Mapped[str] = mapped_column(String(64))
+    rejected_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
 class CommitmentConflict(Base):
     """An object refused 0111H (its SOP Instance UID is kept in another
     study or series): the sender's copy was not stored, so a storage

@@ -23,7 +23,17 @@ from ..header import InstanceHeader
 from ..names import fold_name, name_reading, name_words
 from ..routing import create_jobs  # no cycle: pacs.routing imports only writer_helpers from here
 from . import tombstones
-from .models import PATIENT_HAS_ID, Correction, Instance, Patient, PatientIdentifier, Series, Study, StudyOrderLink
+from .models import (
+    PATIENT_HAS_ID,
+    Correction,
+    Instance,
+    Patient,
+    PatientIdentifier,
+    RejectedInstance,
+    Series,
+    Study,
+    StudyOrderLink,
+)
 from .name_words import set_name_words
 from .prune import prune_after_delete, prune_patients
 from .reconcile import (
@@ -44,6 +54,7 @@ series_t: Table = Series.__table__  # type: ignore[assignment]
 instances: Table = Instance.__table__  # type: ignore[assignment]
 corrections: Table = Correction.__table__  # type: ignore[assignment]
 links: Table = StudyOrderLink.__table__  # type: ignore[assignment]
+rejected_t: Table = RejectedInstance.__table__  # type: ignore[assignment]
 log = logging.getLogger(__name__)
 # Seconds a series' study and patient are trusted from the cache (see _series_study).
 STUDY_PATIENT_TTL = 10.0
@@ -126,6 +137,23 @@ class IndexRecord:
     # the one an overwriting resend replaces under another key.
     replaces: tuple[str, str | None] | None = None
     retire_as: str = ""
+
+
+class InstanceRejected(Exception):
+    """The instance was withdrawn by a rejection note (see pacs.rejections):
+    not indexed again. Raised inside the index transaction, which rolls
+    back (the group committer then commits the batch's other records)."""
+
+    def __init__(self, sop_uid: str, code: str, note_uid: str, rejected_by: str) -> None:
+        super().__init__(f"{sop_uid} was rejected ({code}) by note {note_uid} from {rejected_by}")
+        self.sop_uid, self.code, self.note_uid, self.rejected_by = sop_uid, code, note_uid, rejected_by
+
+
+def rejection_of(conn: Connection, sop_uid: str) -> InstanceRejected | None:
+    """The rejection that bars *sop_uid* from the index, if any."""
+    row = conn.execute(select(rejected_t.c.code, rejected_t.c.note_uid, rejected_t.c.rejected_by)
+                       .where(rejected_t.c.sop_uid == sop_uid)).first()
+    return None if row is None else InstanceRejected(sop_uid, row.code, row.note_uid, row.rejected_by)
 
 
 class Outcome(Enum):
@@ -718,11 +746,14 @@ class IndexWriter:
         priority = rec.header.priority if rec.examination else ""
         series_pk = self._series_pk(conn, rec.header, rec.received_at, priority)
         values = self._instance_values(rec, series_pk)
-        # Inserted only under the series the cached key still names.
+        # Inserted only under the series the cached key still names, and
+        # unless a rejection note withdrew the instance.
         pk = insert_under_parent(conn, instances, values, "sop_uid", series_t, "series_pk", "series_uid",
-                                 rec.header.series_uid)
+                                 rec.header.series_uid, barred=rejected_t)
         if pk is None and conn.execute(select(instances.c.pk).where(
                 instances.c.sop_uid == rec.header.sop_uid)).first() is None:
+            if (rejected := rejection_of(conn, rec.header.sop_uid)) is not None:
+                raise rejected
             # Not a duplicate: the cached series is gone (a purge while serving),
             # and SQLite may have given its key to another series. Look it up again.
             self._series.pop(rec.header.series_uid, None)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -167,13 +168,16 @@ def _report_counts(conn: Connection, study_pk: int) -> tuple[int, int]:
 
 
 def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", event: Event | None = None,
-                  force: bool = False, dry_run: bool = False) -> DeleteReport:
+                  force: bool = False, dry_run: bool = False,
+                  also: Callable[[Connection], None] | None = None) -> DeleteReport:
     """Delete *target* (see the module docstring); raises :class:`DeleteRefused`.
 
     The "delete" audit event is written in the transaction that deletes the
     rows (a process killed after that commit cannot lose it): *event* (HTTP:
     the request's access event, given :attr:`DeleteReport.detail` here; the
-    caller must not write it again) or, with *user* (the CLI), one made here."""
+    caller must not write it again) or, with *user* (the CLI), one made here.
+    *also* runs in that transaction too (a rejection note's record of what
+    it withdrew)."""
     reason = " ".join(reason.split())
     if not reason:
         raise DeleteRefused("a reason is required (it goes to the audit trail)", 400)
@@ -184,7 +188,8 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", ev
     # A deadlock victim (an HIS update of the patient, an ingest), or a row
     # gone meanwhile, is deleted again: not an outage to report (HTTP 503).
     keys = retry_write(pacs.engine,
-                       lambda conn: _delete_rows(conn, pacs, target, report, deletion, event, reason, force=force),
+                       lambda conn: _delete_rows(conn, pacs, target, report, deletion, event, reason, force=force,
+                                                 also=also),
                        what=f"deletion of {target.level} {_named(target)}")
     if keys is None:
         return report
@@ -194,7 +199,8 @@ def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", ev
 
 
 def _delete_rows(conn: Connection, pacs: Pacs, target: Target, report: DeleteReport, deletion: str,
-                 event: Event | None, reason: str, *, force: bool) -> list[str] | None:
+                 event: Event | None, reason: str, *, force: bool,
+                 also: Callable[[Connection], None] | None = None) -> list[str] | None:
     """The transaction of :func:`delete_target`: the rows deleted, their
     keys recorded as tombstones of *deletion* and returned (None for a dry
     run), *report* filled in. Run again whole when it loses a race."""
@@ -240,4 +246,6 @@ def _delete_rows(conn: Connection, pacs: Pacs, target: Target, report: DeleteRep
             conn.execute(delete(instances_t).where(instances_t.c.pk.in_(batch)))
         report.removed = {"instances": len(rows),
                           **prune_after_delete(conn, {r.series_pk for r in rows}, set())}
+    if also is not None:
+        also(conn)
     return keys
