@@ -161,7 +161,7 @@ def test_0033_drops_the_urgency_of_every_study_this_archive_fetched_itself(index
     from alembic import command
 
     from pacs.index import alembic_config
-    from pacs.index.models import Study
+    from pacs.index.models import RejectedInstance, Study
     from pacs.index.writer import IndexWriter
 
     studies = Study.__table__
@@ -169,10 +169,12 @@ def test_0033_drops_the_urgency_of_every_study_this_archive_fetched_itself(index
     try:
         upgrade_schema(engine, "0032")
         writer = IndexWriter()
-        # Today's writer reads the column of a later revision (0034, patients.registered):
-        # there while it writes the rows of revision 0032, gone before the upgrade.
+        # Today's writer reads the column and table of later revisions (0034, patients.registered;
+        # 0035, rejected_instances): there while it writes the rows of revision 0032, gone before
+        # the upgrade.
         with engine.begin() as conn:
             conn.execute(text("ALTER TABLE patients ADD COLUMN registered BOOLEAN NOT NULL DEFAULT false"))
+            RejectedInstance.__table__.create(conn)
         _receive(engine, writer, tmp_path, 1, "import", "STAT")
         _receive(engine, writer, tmp_path, 2, "c-get", "STAT")
         _receive(engine, writer, tmp_path, 3, "c-get", "HIGH")
@@ -181,6 +183,7 @@ def test_0033_drops_the_urgency_of_every_study_this_archive_fetched_itself(index
         _receive(engine, writer, tmp_path, 6, "c-get", "STAT", study=5)  # a modality's study completed from a peer
         with engine.begin() as conn:
             conn.execute(text("ALTER TABLE patients DROP COLUMN registered"))
+            RejectedInstance.__table__.drop(conn)
 
         def priorities() -> dict[int, str]:
             with engine.connect() as conn:
