@@ -29,7 +29,8 @@ from sqlalchemy import func, select
 from . import remote
 from .app import Pacs
 from .audit import Event, patient_cx
-from .index.models import Instance, Patient, Series, Study
+from .index.models import Instance, Patient, RejectedInstance, Series, Study
+from .maintenance.common import batched
 from .timezones import hospital_now
 
 log = logging.getLogger(__name__)
@@ -363,6 +364,18 @@ class Puller:
     def _local_uids(self, study_uid: str) -> set[str]:
         return {item.sop_uid for item in self.pacs.reader.iter_stored(study_uid)}
 
+    def _rejected_uids(self, listed: dict[str, str]) -> set[str]:
+        """Those of *listed* a rejection note withdrew here (pacs.rejections):
+        the ingest refuses them (0xA771), so they are not missing. Counted
+        missing, the study stayed incomplete (exit 1) and each run, and each
+        prefetch, retrieved them again to have them refused."""
+        rejected: set[str] = set()
+        with self.pacs.engine.connect() as conn:
+            for uids in batched(listed):
+                rejected.update(conn.execute(select(RejectedInstance.sop_uid)
+                                             .where(RejectedInstance.sop_uid.in_(uids))).scalars())
+        return rejected
+
     # -- one study ---------------------------------------------------------
     def _retrieve(self, level: str, keys: dict[str, str]) -> remote.RetrieveSummary:
         if self.options.method == "get":
@@ -399,7 +412,8 @@ class Puller:
         except remote.RemoteError as exc:
             result.state, result.detail = "failed", str(exc)
             return result
-        local = self._local_uids(study_uid) if before else set()
+        rejected = self._rejected_uids(listed)
+        local = (self._local_uids(study_uid) if before else set()) | rejected
         missing = {uid: series_uid for uid, series_uid in listed.items() if uid not in local}
         if not missing:
             if not listed:
@@ -423,7 +437,7 @@ class Puller:
                 notes.append(f"C-{self.options.method.upper()} status 0x{summary.status:04X}: "
                              f"{summary.completed} completed, {summary.failed} failed, {summary.warning} warning")
         here = self._local_uids(study_uid)
-        still = [uid for uid in listed if uid not in here]
+        still = [uid for uid in listed if uid not in here and uid not in rejected]
         result.after = len(here)
         if not still:
             result.state = "pulled"
