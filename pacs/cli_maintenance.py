@@ -326,6 +326,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             ("duplicate orphans", report.duplicate_orphans.count),
             ("superseded copies removed (compress's originals, copies a later resend replaced)",
              report.superseded_removed.count),
+            ("copies of rejected instances removed (pacs rejections)", report.rejected_removed.count),
             ("rows dropped", report.dropped.get("instances", 0)),
             ("purge leftovers deleted", report.purged_leftovers),
         ])
@@ -335,6 +336,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _list("orphans", data["orphans"], ("key", "valid", "detail"))
         _list("duplicate orphans", data["duplicate_orphans"], ("key", "indexed_key"))
         _list("superseded originals removed", data["superseded_removed"], ("key", "indexed_key"))
+        _list("copies of rejected instances removed", data["rejected_removed"], ("key", "detail"))
         _list("orphans not adopted", data["not_adopted"])
         if report.problems:
             err.print(f"[red]{report.problems} problem(s)[/red]"

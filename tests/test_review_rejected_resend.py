@@ -4,6 +4,7 @@ rejected instance back, and how the archive's own fetches take the refusal
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,3 +49,37 @@ def test_a_pull_takes_rejected_instances_for_accounted_for(archive: PacsServer, 
         report = json.loads(done.stdout)
         assert done.returncode == 0 and report["complete"] == 1 and not report["problems"], report
     assert _image_uids(server, study) == {kept}
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_verify_repair_removes_the_left_copy_of_a_rejected_instance(archive: PacsServer, tmp_path: Path) -> None:
+    """A refused copy left in the store (its delete failed, or the process
+    died between writing it and the refusal) is an orphan. `pacs verify
+    --repair` took it for one to adopt: the ingest refused it and deleted
+    it, and the run reported it an invalid orphan to move out of the store
+    (gone already) and exited 1. It is removed, reported so, the run ok."""
+    server = archive
+    folder = tmp_path / "s"
+    study, (one,) = _study(server, folder, "REJ-21", [2])
+    series_uid, kept, withdrawn = one
+    note = _note(tmp_path / "note.dcm", study, "REJ-21", REJECTED, {study: [series_uid, withdrawn]})
+    assert server.storescu(str(note), calling="CT_ROOM1").returncode == 0
+    key = f"{study}/{series_uid}/{withdrawn}.dcm"
+    core = server.core()
+    try:
+        core.store.put(key, io.BytesIO((folder / "0-1.dcm").read_bytes()))
+    finally:
+        core.close()
+    assert json.loads(server.cli("verify", "--json", check=False).stdout)["orphans"]["count"] == 1
+    repaired = server.cli("verify", "--repair", "--json", check=False)
+    report = json.loads(repaired.stdout)
+    assert repaired.returncode == 0 and report["ok"], report
+    assert [r["key"] for r in report["rejected_removed"]["items"]] == [key], report
+    assert report["invalid_orphans"]["count"] == 0 and report["adopted"]["count"] == 0, report
+    core = server.core()
+    try:
+        assert not core.store.exists(key)
+    finally:
+        core.close()
+    assert _image_uids(server, study) == {kept}
+    assert json.loads(server.cli("verify", "--json").stdout)["ok"]

@@ -91,6 +91,8 @@ class VerifyReport:
     not_adopted: Capped = field(default_factory=Capped)
     # Originals pacs compress left next to their indexed, intact re-encoding, deleted.
     superseded_removed: Capped = field(default_factory=Capped)
+    # Copies of instances rejection notes withdrew, refused when adopted, deleted.
+    rejected_removed: Capped = field(default_factory=Capped)
     pending_purge: int = 0
     # Rows whose missing object was found under another key and pointed at it.
     repointed_pks: set[int] = field(default_factory=set)
@@ -103,7 +105,8 @@ class VerifyReport:
         """Problems left after this run (what makes the exit code 1)."""
         missing = max(0, self.missing.count - self.dropped.get("instances", 0) - len(self.repointed_pks))
         # Orphans not adopted: invalid ones and duplicates of indexed instances.
-        orphans = max(0, self.orphans.count - self.adopted.count - self.superseded_removed.count)
+        orphans = max(0, self.orphans.count - self.adopted.count - self.superseded_removed.count
+                      - self.rejected_removed.count)
         return missing + self.corrupt.count + self.unreadable.count + orphans
 
     def as_dict(self) -> dict[str, Any]:
@@ -123,6 +126,7 @@ class VerifyReport:
             "adopted": self.adopted.as_dict(),
             "not_adopted": self.not_adopted.as_dict(),
             "superseded_removed": self.superseded_removed.as_dict(),
+            "rejected_removed": self.rejected_removed.as_dict(),
             "pending_purge": self.pending_purge,
             "purged_leftovers": self.purged_leftovers,
             "dropped": self.dropped,
@@ -315,6 +319,19 @@ def _adopt(pacs: Pacs, key: str, report: VerifyReport) -> None:
             result = pacs.ingestor.ingest(FileSource(path),
                                           Origin(source="repair", remote_host="localhost", examination=False))
     except IngestError as exc:
+        if exc.status == Status.REJECTED_INSTANCE:
+            # A copy of an instance a rejection note withdrew (pacs.rejections),
+            # left by a failed delete or a crash before the refusal: it goes,
+            # as the note's deletion took the instance's other copies. Called
+            # invalid, it was an object to move out of the store, gone already
+            # (the refusal deletes the copy under the instance's key).
+            try:
+                pacs.store.delete(key)
+            except StorageError as delete_exc:
+                report.not_adopted.add({"key": key, "detail": f"{exc}; not deleted: {delete_exc}"})
+                return
+            report.rejected_removed.add({"key": key, "detail": str(exc)})
+            return
         if exc.status in (Status.OUT_OF_RESOURCES, Status.STORAGE_FAILED, Status.INDEX_FAILED):
             # Not the object's fault (disk low, store or index down): retry later.
             report.not_adopted.add({"key": key, "detail": str(exc)})
