@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer
 from .test_rejections import REJECTED, _image_uids, _note, _study, archive  # noqa: F401
@@ -83,3 +86,53 @@ def test_verify_repair_removes_the_left_copy_of_a_rejected_instance(archive: Pac
         core.close()
     assert _image_uids(server, study) == {kept}
     assert json.loads(server.cli("verify", "--json").stdout)["ok"]
+
+
+def test_a_corrected_resend_racing_the_note_on_postgresql_is_refused(pg_url: str, tmp_path: Path) -> None:
+    """PostgreSQL, overwrite policy: the modality resends an image with
+    other bytes (a correction) while the note withdrawing it is being
+    applied. The resend's INSERT waited for the deletion of the old row
+    (its SOP Instance UID's unique key), then went in: its NOT EXISTS
+    (rejected_instances) had been read before the deletion committed. The
+    rejected image was back in the study, acknowledged. It is refused."""
+    from pacs.app import Pacs
+    from pacs.errors import IngestError, Status
+    from pacs.ingest import Origin
+    from pacs.maintenance.delete import Target, delete_target
+    from pacs.rejections import _recorder
+    from pacs.settings import load_settings
+
+    from .dicomfiles import make_ct
+    from .test_order_edges import Background
+    from .test_pg_concurrency import until, waiting
+
+    core = Pacs.open(load_settings(data_dir=tmp_path / "data", index_url=pg_url, duplicate_policy="overwrite"))
+    try:
+        study, series, sop, other = (generate_uid() for _ in range(4))
+        common = {"StudyInstanceUID": study, "SeriesInstanceUID": series, "PatientID": "REJ-22"}
+        for uid in (sop, other):
+            assert core.ingest_file(make_ct(tmp_path / f"{uid}.dcm", sop_uid=uid, InstanceNumber=1, **common),
+                                    Origin("dimse", "CT_ROOM1")).status == 0
+        corrected = make_ct(tmp_path / "corrected.dcm", sop_uid=sop, InstanceNumber=7, **common)
+        recorded, go = threading.Event(), threading.Event()
+        bar = _recorder(study, series, {sop}, "113001", generate_uid(), "CT_ROOM1")
+
+        def record_then_wait(conn: Any) -> None:
+            bar(conn)
+            recorded.set()
+            assert go.wait(120)
+
+        deletion = Background(lambda: delete_target(core, Target(study, series, sop_uids=(sop,)),
+                                                    reason="rejection note", user="test", also=record_then_wait))
+        assert recorded.wait(60)
+        resend = Background(lambda: core.ingest_file(corrected, Origin("dimse", "CT_ROOM1")))
+        until(lambda: waiting(core) >= 1)  # the resend waits for the deletion's rows
+        go.set()
+        deletion.outcome()
+        with pytest.raises(IngestError) as refused:
+            resend.outcome()
+        assert refused.value.status == Status.REJECTED_INSTANCE
+        assert core.reader.instance_key(sop) is None
+        assert {o.key for o in core.store.list()} == {f"{study}/{series}/{other}.dcm"}
+    finally:
+        core.close()

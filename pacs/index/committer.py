@@ -29,7 +29,7 @@ from ..routing import create_jobs
 from . import tombstones
 from .db import discard_connection, is_sqlite, is_transient, retry_transaction
 from .models import CommitmentConflict
-from .writer import AddResult, IndexRecord, IndexWriter, InstanceRejected, Outcome
+from .writer import AddResult, IndexRecord, IndexWriter, InstanceRejected, Outcome, rejection_among
 
 log = logging.getLogger(__name__)
 # Runs of a batch's transaction (see _worth_retrying).
@@ -140,6 +140,8 @@ class GroupCommitter:
             with conn.begin():
                 added = {i: self._writer.add(conn, records[i]) for i in order}
                 results = [added[i] for i in range(len(records))]
+                if not is_sqlite(self._engine):
+                    _refuse_rejected_meanwhile(conn, records, results)
                 _settle(conn, records, results)
                 return results
         except InstanceRejected:
@@ -238,6 +240,20 @@ def _worth_retrying(exc: BaseException) -> bool:
     modality longer."""
     return is_transient(exc) or (isinstance(exc, IntegrityError | OperationalError)
                                  and "database is locked" not in str(exc))
+
+
+def _refuse_rejected_meanwhile(conn: Connection, records: list[IndexRecord], results: list[AddResult]) -> None:
+    """PostgreSQL: an instance inserted while a rejection note's deletion of
+    its row was under way (a corrected resend, overwrite policy) is refused.
+    Its INSERT waited for that row's deletion (the SOP Instance UID's unique
+    key), then went in: its NOT EXISTS (rejected_instances) was read before
+    the deletion committed. This later statement sees the rejection; the
+    batch rolls back and the record is refused alone. (One query a batch;
+    SQLite runs one writer at a time.)"""
+    inserted = [rec.header.sop_uid for rec, res in zip(records, results, strict=True)
+                if res.outcome is Outcome.INSERTED]
+    if inserted and (rejected := rejection_among(conn, inserted)) is not None:
+        raise rejected
 
 
 def _settle(conn: Connection, records: list[IndexRecord], results: list[AddResult]) -> None:

@@ -156,6 +156,13 @@ def rejection_of(conn: Connection, sop_uid: str) -> InstanceRejected | None:
     return None if row is None else InstanceRejected(sop_uid, row.code, row.note_uid, row.rejected_by)
 
 
+def rejection_among(conn: Connection, sop_uids: list[str]) -> InstanceRejected | None:
+    """A rejection that bars one of *sop_uids* (a batch's) from the index, if any."""
+    row = conn.execute(select(rejected_t.c.sop_uid, rejected_t.c.code, rejected_t.c.note_uid, rejected_t.c.rejected_by)
+                       .where(rejected_t.c.sop_uid.in_(sop_uids)).limit(1)).first()
+    return None if row is None else InstanceRejected(row.sop_uid, row.code, row.note_uid, row.rejected_by)
+
+
 class Outcome(Enum):
     INSERTED = "inserted"
     DUPLICATE = "duplicate"
