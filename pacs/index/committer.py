@@ -140,7 +140,7 @@ class GroupCommitter:
             with conn.begin():
                 added = {i: self._writer.add(conn, records[i]) for i in order}
                 results = [added[i] for i in range(len(records))]
-                if not is_sqlite(self._engine):
+                if self._writer.overwrite and not is_sqlite(self._engine):
                     _refuse_rejected_meanwhile(conn, records, results)
                 _settle(conn, records, results)
                 return results
@@ -249,7 +249,9 @@ def _refuse_rejected_meanwhile(conn: Connection, records: list[IndexRecord], res
     key), then went in: its NOT EXISTS (rejected_instances) was read before
     the deletion committed. This later statement sees the rejection; the
     batch rolls back and the record is refused alone. (One query a batch;
-    SQLite runs one writer at a time.)"""
+    SQLite runs one writer at a time. Keep-first never inserts past a row
+    being deleted: the ingest found that row first and answered a duplicate,
+    or its INSERT began after the deletion committed and saw the rejection.)"""
     inserted = [rec.header.sop_uid for rec, res in zip(records, results, strict=True)
                 if res.outcome is Outcome.INSERTED]
     if inserted and (rejected := rejection_among(conn, inserted)) is not None:
