@@ -71,7 +71,9 @@ def _lift(pacs: Any, args: argparse.Namespace, audit_command: Callable[..., None
         _show(args, found, dry_run=True)
         err.print("nothing lifted: add --yes to lift")
         return 0
-    lifted = rejections.lift(pacs.engine, study_uid=args.study, sop_uids=args.sop_uids)
+    from .maintenance.common import os_user
+
+    lifted = rejections.lift(pacs.engine, by=os_user(), study_uid=args.study, sop_uids=args.sop_uids)
     reason = " ".join(args.reason.split())
     by_study: dict[str, list[str]] = {}
     for entry in lifted:

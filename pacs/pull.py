@@ -29,8 +29,7 @@ from sqlalchemy import func, select
 from . import remote
 from .app import Pacs
 from .audit import Event, patient_cx
-from .index.models import Instance, Patient, RejectedInstance, Series, Study
-from .maintenance.common import batched
+from .index.models import Instance, Patient, Series, Study
 from .timezones import hospital_now
 
 log = logging.getLogger(__name__)
@@ -369,12 +368,9 @@ class Puller:
         the ingest refuses them (0xA771), so they are not missing. Counted
         missing, the study stayed incomplete (exit 1) and each run, and each
         prefetch, retrieved them again to have them refused."""
-        rejected: set[str] = set()
-        with self.pacs.engine.connect() as conn:
-            for uids in batched(listed):
-                rejected.update(conn.execute(select(RejectedInstance.sop_uid)
-                                             .where(RejectedInstance.sop_uid.in_(uids))).scalars())
-        return rejected
+        from .rejections import rejected_among  # its deletion path imports much of the core
+
+        return rejected_among(self.pacs.engine, listed)
 
     # -- one study ---------------------------------------------------------
     def _retrieve(self, level: str, keys: dict[str, str]) -> remote.RetrieveSummary:

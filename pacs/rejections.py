@@ -20,8 +20,9 @@ deletion's transaction (``rejected_instances``): the ingest refuses it from
 then on, whoever sends it (0xA771; a STOW-RS part 409), so a modality
 resending the whole study does not bring it back. IHE IOCM has a modality
 send corrected images under new UIDs; ``pacs rejections lift`` lets the same
-UIDs in again (audited). Instances the note could not withdraw are not
-recorded.
+UIDs in again (audited), and the same note sent again (a modality
+resending the whole study with its note) does not withdraw them again.
+Instances the note could not withdraw are not recorded.
 
 A "Quality Issue" (113010) flags images without withdrawing them: kept,
 as the key image list already treats it.
@@ -37,7 +38,7 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, Engine, delete, func, select
+from sqlalchemy import Connection, Engine, func, select, update
 
 from .app import Pacs
 from .audit import Event
@@ -128,10 +129,13 @@ def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event
     # instances stay, the note's other series are withdrawn all the same.
     if unplaced := by_series.pop("", set()):
         refuse(f"{len(unplaced)} instances listed without a series (Series Instance UID)")
+    lifted = _lifted_from(pacs.engine, note_uid, [sop for sops in by_series.values() for sop in sops])
     for series_uid, sops in sorted(by_series.items()):
         # Only the instances listed, in one transaction: a whole series
         # listed goes with its last instance, an instance received since
         # the note was written stays.
+        if not (sops := sops - lifted):
+            continue
         target = Target(study_uid, series_uid, sop_uids=tuple(sorted(sops)))
         bar = _recorder(study_uid, series_uid, sops, code, note_uid, sender)
         try:
@@ -160,15 +164,34 @@ def _recorder(study_uid: str, series_uid: str, sops: Iterable[str], code: str, n
     another series than the note says) is not recorded: the note did not
     withdraw it."""
     def record(conn: Connection) -> None:
-        now = datetime.now(UTC)
+        values = {"study_uid": study_uid, "series_uid": series_uid, "code": code, "note_uid": note_uid,
+                  "rejected_by": sender[:64], "rejected_at": datetime.now(UTC), "lifted_at": None, "lifted_by": ""}
         for batch in batched(sorted(sops)):
             kept = set(conn.execute(select(instances_t.c.sop_uid).where(instances_t.c.sop_uid.in_(batch))).scalars())
-            rows = [{"sop_uid": sop, "study_uid": study_uid, "series_uid": series_uid, "code": code,
-                     "note_uid": note_uid, "rejected_by": sender[:64], "rejected_at": now}
-                    for sop in batch if sop not in kept]
-            if rows:
+            if rows := [{"sop_uid": sop, **values} for sop in batch if sop not in kept]:
                 insert_ignore_rows(conn, rejected_t, rows, ["sop_uid"])
+            # Lifted for another note: this one rejects it anew.
+            conn.execute(update(rejected_t).values(**values).where(
+                rejected_t.c.sop_uid.in_([sop for sop in batch if sop not in kept]),
+                rejected_t.c.lifted_at.is_not(None), rejected_t.c.note_uid != note_uid))
     return record
+
+
+def _lifted_from(engine: Engine, note_uid: str, sops: list[str]) -> set[str]:
+    """Those of *sops* whose rejection by *note_uid* was lifted: the same
+    note sent again leaves them."""
+    with engine.connect() as conn:
+        return {sop for batch in batched(sorted(sops)) for sop in conn.execute(
+            select(rejected_t.c.sop_uid).where(rejected_t.c.sop_uid.in_(batch), rejected_t.c.note_uid == note_uid,
+                                               rejected_t.c.lifted_at.is_not(None))).scalars()}
+
+
+def rejected_among(engine: Engine, sop_uids: Iterable[str]) -> set[str]:
+    """Those of *sop_uids* the ingest refuses (rejected, not lifted)."""
+    with engine.connect() as conn:
+        return {sop for batch in batched(sorted(set(sop_uids))) for sop in conn.execute(
+            select(rejected_t.c.sop_uid).where(rejected_t.c.sop_uid.in_(batch),
+                                               rejected_t.c.lifted_at.is_(None))).scalars()}
 
 
 @dataclass(frozen=True)
@@ -195,33 +218,38 @@ class RejectedEntry:
 
 def rejected(engine: Engine, study_uid: str = "", limit: int = 1000,
              sop_uids: Iterable[str] = ()) -> tuple[list[RejectedEntry], int]:
-    """The rejected instances (of *study_uid*, or among *sop_uids*), newest
-    first, at most *limit*, and how many there are in all."""
-    where = [rejected_t.c.study_uid == study_uid] if study_uid else []
+    """The rejected instances, not lifted (of *study_uid*, or among
+    *sop_uids*), newest first, at most *limit*, and how many there are in all."""
+    where = [rejected_t.c.lifted_at.is_(None)] + ([rejected_t.c.study_uid == study_uid] if study_uid else [])
     if sops := sorted(set(sop_uids)):
         where.append(rejected_t.c.sop_uid.in_(sops))
     with engine.connect() as conn:
         total = int(conn.execute(select(func.count()).select_from(rejected_t).where(*where)).scalar_one())
         rows = conn.execute(select(rejected_t).where(*where)
                             .order_by(rejected_t.c.rejected_at.desc(), rejected_t.c.sop_uid).limit(limit)).all()
-    return [RejectedEntry(**row._mapping) for row in rows], total
+    return [_entry(row) for row in rows], total
 
 
-def lift(engine: Engine, *, study_uid: str = "", sop_uids: Iterable[str] = ()) -> list[RejectedEntry]:
+def _entry(row: Any) -> RejectedEntry:
+    return RejectedEntry(**{name: row._mapping[name] for name in RejectedEntry.__dataclass_fields__})
+
+
+def lift(engine: Engine, *, by: str, study_uid: str = "", sop_uids: Iterable[str] = ()) -> list[RejectedEntry]:
     """Let the rejected instances of *study_uid*, or *sop_uids*, be received
-    again; the entries lifted (none for UIDs not rejected)."""
+    again (lifted *by* someone: kept, see the module docstring); the entries
+    lifted (none for UIDs not rejected, or lifted already)."""
     sops = sorted(set(sop_uids))
     if not study_uid and not sops:
         raise ValueError("name a study or instances")
+    active = rejected_t.c.lifted_at.is_(None)
 
     def work(conn: Connection) -> list[RejectedEntry]:
+        now = datetime.now(UTC)
         found: list[Any] = []
-        if study_uid:
-            found = conn.execute(select(rejected_t).where(rejected_t.c.study_uid == study_uid)).all()
-            conn.execute(delete(rejected_t).where(rejected_t.c.study_uid == study_uid))
-        for batch in batched(sops):
-            found += conn.execute(select(rejected_t).where(rejected_t.c.sop_uid.in_(batch))).all()
-            conn.execute(delete(rejected_t).where(rejected_t.c.sop_uid.in_(batch)))
+        for where in ([rejected_t.c.study_uid == study_uid] if study_uid else []) + [
+                rejected_t.c.sop_uid.in_(batch) for batch in batched(sops)]:
+            found += conn.execute(select(rejected_t).where(where, active)).all()
+            conn.execute(update(rejected_t).where(where, active).values(lifted_at=now, lifted_by=by[:64]))
         unique = {row.sop_uid: row for row in found}
-        return [RejectedEntry(**row._mapping) for _, row in sorted(unique.items())]
+        return [_entry(row) for _, row in sorted(unique.items())]
     return retry_write(engine, work, what="lifting rejections")

@@ -256,7 +256,8 @@ def test_a_rejected_instance_sent_again_is_refused_until_lifted(archive: PacsSer
     retry): the withdrawn images, and one the note listed that had not
     arrived, are refused 0xA771 over DICOM, 409 over STOW-RS and by an
     import, their copies not kept; the image the note did not list is a
-    plain resend. ``pacs rejections lift`` lets one in again, audited."""
+    plain resend. ``pacs rejections lift`` lets one in again, audited, and
+    the same note sent again does not withdraw it again."""
     server = archive
     folder = tmp_path / "s"
     study, (one,) = _study(server, folder, "REJ-10", [3])
@@ -301,6 +302,17 @@ def test_a_rejected_instance_sent_again_is_refused_until_lifted(archive: PacsSer
     assert scu_store_file(server, sent[withdrawn[0]], calling="CT_ROOM2") == 0
     assert _image_uids(server, study) == {kept, withdrawn[0]}
     assert _rejections(server, "list", "--study", study)["total"] == 2
+    # The modality sends the whole study again, its note with it: the lift stands.
+    assert scu_store_file(server, note, calling="CT_ROOM1") == 0
+    assert _image_uids(server, study) == {kept, withdrawn[0]}
+    assert scu_store_file(server, sent[withdrawn[1]], calling="CT_ROOM2") == 0xA771
+    # Another note rejecting it rejects it anew.
+    second = _note(tmp_path / "note2.dcm", study, "REJ-10", WRONG_ENTRY, {study: [series_uid, withdrawn[0]]})
+    assert scu_store_file(server, second, calling="CT_ROOM1") == 0
+    assert _image_uids(server, study) == {kept}
+    assert scu_store_file(server, sent[withdrawn[0]], calling="CT_ROOM2") == 0xA771
+    assert {(r["sop_uid"], r["code"]) for r in _rejections(server, "list", "--study", study)["rejected"]} == {
+        (withdrawn[0], "113038"), (withdrawn[1], "113001"), (late, "113001")}
     with server.http() as http:
         events = http.get("/api/audit", params={"study": study, "action": "rejection-lift"}).json()
     assert len(events) == 1 and "sent with the same UIDs after correction" in events[0]["detail"], events

@@ -688,7 +688,9 @@ class RejectedInstance(Base):
     Instance UID from then on (0xA771, as dcm4chee answers a "subsequent
     occurrence of a rejected object"): a modality resending the whole study,
     or a router forwarding it late, must not bring the rejected images back.
-    ``pacs rejections lift`` removes the row (the instance may come again)."""
+    ``pacs rejections lift`` sets ``lifted_at``: the instance may come
+    again, and the same note sent again does not withdraw it (another note
+    rejecting it does)."""
 
     __tablename__ = "rejected_instances"
 
@@ -700,6 +702,8 @@ class RejectedInstance(Base):
     note_uid: Mapped[str] = mapped_column(UID)
     rejected_by: Mapped[str] = mapped_column(String(64))
     rejected_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    lifted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    lifted_by: Mapped[str] = mapped_column(String(64), default="")
 
 
 class CommitmentConflict(Base):

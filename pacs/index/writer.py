@@ -149,17 +149,11 @@ class InstanceRejected(Exception):
         self.sop_uid, self.code, self.note_uid, self.rejected_by = sop_uid, code, note_uid, rejected_by
 
 
-def rejection_of(conn: Connection, sop_uid: str) -> InstanceRejected | None:
-    """The rejection that bars *sop_uid* from the index, if any."""
-    row = conn.execute(select(rejected_t.c.code, rejected_t.c.note_uid, rejected_t.c.rejected_by)
-                       .where(rejected_t.c.sop_uid == sop_uid)).first()
-    return None if row is None else InstanceRejected(sop_uid, row.code, row.note_uid, row.rejected_by)
-
-
 def rejection_among(conn: Connection, sop_uids: list[str]) -> InstanceRejected | None:
-    """A rejection that bars one of *sop_uids* (a batch's) from the index, if any."""
+    """A rejection (not lifted) that bars one of *sop_uids* from the index, if any."""
     row = conn.execute(select(rejected_t.c.sop_uid, rejected_t.c.code, rejected_t.c.note_uid, rejected_t.c.rejected_by)
-                       .where(rejected_t.c.sop_uid.in_(sop_uids)).limit(1)).first()
+                       .where(rejected_t.c.sop_uid.in_(sop_uids), rejected_t.c.lifted_at.is_(None))
+                       .limit(1)).first()
     return None if row is None else InstanceRejected(row.sop_uid, row.code, row.note_uid, row.rejected_by)
 
 
@@ -756,10 +750,10 @@ class IndexWriter:
         # Inserted only under the series the cached key still names, and
         # unless a rejection note withdrew the instance.
         pk = insert_under_parent(conn, instances, values, "sop_uid", series_t, "series_pk", "series_uid",
-                                 rec.header.series_uid, barred=rejected_t)
+                                 rec.header.series_uid, barred=rejected_t, barred_unless="lifted_at")
         if pk is None and conn.execute(select(instances.c.pk).where(
                 instances.c.sop_uid == rec.header.sop_uid)).first() is None:
-            if (rejected := rejection_of(conn, rec.header.sop_uid)) is not None:
+            if (rejected := rejection_among(conn, [rec.header.sop_uid])) is not None:
                 raise rejected
             # Not a duplicate: the cached series is gone (a purge while serving),
             # and SQLite may have given its key to another series. Look it up again.

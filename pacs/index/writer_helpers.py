@@ -39,27 +39,32 @@ def insert_ignore_rows(conn: Connection, table: Table, rows: list[dict[str, Any]
 
 @lru_cache(maxsize=16)
 def _insert_into_parent_stmt(dialect_name: str, table: Table, keys: tuple[str, ...], conflict: str,
-                             parent: Table, parent_fk: str, parent_key: str, barred: Table | None) -> Any:
+                             parent: Table, parent_fk: str, parent_key: str, barred: Table | None,
+                             barred_unless: str | None) -> Any:
     dialect = postgresql if dialect_name == "postgresql" else sqlite
     binds = {name: bindparam(name, type_=table.c[name].type) for name in keys}
     source = select(*binds.values()).select_from(parent).where(
         parent.c.pk == binds[parent_fk], parent.c[parent_key] == bindparam("expected_parent_key"))
     if barred is not None:
-        source = source.where(~exists().where(barred.c[conflict] == binds[conflict]))
+        bar = exists().where(barred.c[conflict] == binds[conflict])
+        if barred_unless is not None:
+            bar = bar.where(barred.c[barred_unless].is_(None))
+        source = source.where(~bar)
     return (dialect.insert(table).from_select(list(keys), source)
             .on_conflict_do_nothing(index_elements=[conflict]).returning(next(iter(table.primary_key.columns))))
 
 
 def insert_under_parent(conn: Connection, table: Table, values: dict[str, Any], conflict: str,
                         parent: Table, parent_fk: str, parent_key: str, expected: str,
-                        barred: Table | None = None) -> Any:
+                        barred: Table | None = None, barred_unless: str | None = None) -> Any:
     """INSERT ... SELECT ... FROM parent WHERE parent.pk = values[parent_fk]
     AND parent.<parent_key> = expected ON CONFLICT (conflict) DO NOTHING
     RETURNING the primary key: None if the row existed *or* the parent key
     no longer names that parent (deleted, or its key given to another row
-    by SQLite) *or* *barred* holds a row of the same *conflict* value. One
+    by SQLite) *or* *barred* holds a row of the same *conflict* value
+    (whose column *barred_unless*, if named, is NULL). One
     statement: checking a cached parent key, and the bar, costs nothing
     more than the insert (one more index probe)."""
     stmt = _insert_into_parent_stmt(conn.dialect.name, table, tuple(values), conflict, parent, parent_fk, parent_key,
-                                    barred)
+                                    barred, barred_unless)
     return conn.execute(stmt, {**values, "expected_parent_key": expected}).scalar()

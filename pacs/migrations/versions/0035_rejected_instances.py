@@ -4,7 +4,8 @@ A modality resending a whole study (its automatic retry, a technologist
 sending it again), or a router forwarding it late, brought images that a
 rejection note (IHE IOCM) had withdrawn back into the patient's record.
 The ingest now refuses such an instance (0xA771) until an administrator
-lifts the rejection (``pacs rejections lift``).
+lifts the rejection (``pacs rejections lift``: ``lifted_at``, kept so that
+the same note sent again does not withdraw the instance again).
 
 Revision ID: 0035
 Revises: 0034
@@ -32,6 +33,8 @@ def upgrade() -> None:
         sa.Column("note_uid", sa.String(length=64), nullable=False),
         sa.Column("rejected_by", sa.String(length=64), nullable=False),
         sa.Column("rejected_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("lifted_at", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("lifted_by", sa.String(length=64), nullable=False),
         sa.PrimaryKeyConstraint("sop_uid", name=op.f("pk_rejected_instances")),
     )
     op.create_index(op.f("ix_rejected_instances_study_uid"), "rejected_instances", ["study_uid"], unique=False)
