@@ -57,6 +57,13 @@ _SHOWN = {
 COUNT_AHEAD = 1000
 
 
+# A study holding nothing but Key Object Selections has nothing to read: what is
+# left when a rejection note (pacs.rejections) withdrew every image of its study.
+# Listed, it waited "unread" for ever, and a withdrawn STAT study kept the urgent
+# count up.
+READABLE = studies.c.modalities != "KO"
+
+
 def study_list(
     engine: Engine,
     *,
@@ -100,7 +107,7 @@ def study_list(
         now = db_now(conn)
         stmt, _ = build_select(Query(Level.STUDY, match, fuzzy=True, newest_first=True), conn)
         stmt = stmt.add_columns(studies.c.report_state, studies.c.num_series, studies.c.num_instances,
-                                studies.c.priority, studies.c.created_at)
+                                studies.c.priority, studies.c.created_at).where(READABLE)
         states: tuple[str, ...] | None = None
         if status in _STATES[signed_only]:
             states = _STATES[signed_only][status]
@@ -208,7 +215,7 @@ def _page(conn: Connection, stmt: Select[Any], first: tuple[ColumnElement[bool],
 def _count_urgent(conn: Connection, visible: ColumnElement[bool] | None) -> int:
     """Urgent studies not yet reported, counted on the priority index."""
     stmt = select(func.count()).select_from(studies).where(studies.c.priority.in_(URGENT),
-                                                           studies.c.report_state.in_(UNREPORTED))
+                                                           studies.c.report_state.in_(UNREPORTED), READABLE)
     return int(conn.execute(stmt.where(visible) if visible is not None else stmt).scalar_one())
 
 

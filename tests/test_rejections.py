@@ -323,3 +323,36 @@ def _note_uid(path: Path) -> str:
     from pydicom import dcmread
 
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_a_study_whose_every_image_was_withdrawn_leaves_the_reading_worklist(archive: PacsServer,
+                                                                              tmp_path: Path) -> None:
+    """A STAT study sent under the wrong patient, withdrawn whole by its
+    modality: what is left (the note) has nothing to read, so it neither
+    waits "unread" in the radiologists' worklist nor keeps the urgent count
+    up. A study keeping one image stays."""
+    server = archive
+    folder = tmp_path / "s"
+    folder.mkdir()
+    study, series = generate_uid(), generate_uid()
+    sops = [generate_uid() for _ in range(2)]
+    files = [str(make_ct(folder / f"{i}.dcm", sop_uid=sop, StudyInstanceUID=study, SeriesInstanceUID=series,
+                         PatientID="REJ-11", PatientName="NGUYEN^VAN AN", InstanceNumber=i + 1,
+                         RequestedProcedurePriority="STAT"))
+             for i, sop in enumerate(sops)]
+    assert server.storescu(*files, calling="CT_ROOM1").returncode == 0
+    other, (kept_series,) = _study(server, tmp_path / "o", "REJ-12", [2])
+    radiologist = server.make_token("bs.rej", "radiologist")
+
+    def worklist() -> tuple[set[str], int]:
+        with server.http(radiologist) as http:
+            found = http.get("/api/worklist").json()
+        return {i["study_uid"] for i in found["items"]}, found.get("urgent_unread", 0)
+
+    assert worklist() == ({study, other}, 1)
+    notes = [_note(tmp_path / "a.dcm", study, "REJ-11", WRONG_ENTRY, {study: [series, *sops]}),
+             _note(tmp_path / "b.dcm", other, "REJ-12", REJECTED, {other: kept_series[:2]})]
+    assert server.storescu(*map(str, notes), calling="CT_ROOM1").returncode == 0
+    assert _image_uids(server, study) == set() and _image_uids(server, other) == {kept_series[2]}
+    assert worklist() == ({other}, 0)
