@@ -356,3 +356,40 @@ def test_a_study_whose_every_image_was_withdrawn_leaves_the_reading_worklist(arc
     assert server.storescu(*map(str, notes), calling="CT_ROOM1").returncode == 0
     assert _image_uids(server, study) == set() and _image_uids(server, other) == {kept_series[2]}
     assert worklist() == ({other}, 0)
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_rejections_over_the_json_api(archive: PacsServer, tmp_path: Path) -> None:
+    """GET /api/rejections and POST /api/rejections/lift do what the CLI
+    does, for administrators only, audited; bad requests are 400s."""
+    server = archive
+    study, (one,) = _study(server, tmp_path / "s", "REJ-13", [2])
+    note = _note(tmp_path / "note.dcm", study, "REJ-13", REJECTED, {study: one[:2]})
+    assert server.storescu(str(note), calling="CT_ROOM1").returncode == 0
+    admin, radiologist = server.make_token("it.admin", "admin"), server.make_token("bs.rej2", "radiologist")
+    with server.http(radiologist) as http:
+        assert http.get("/api/rejections").status_code == 403
+        assert http.post("/api/rejections/lift", json={"sop_uids": [one[1]], "reason": "x"}).status_code == 403
+    with server.http(admin) as http:
+        listed = http.get("/api/rejections", params={"study": study}).json()
+        assert listed["total"] == 1 and listed["rejected"][0]["sop_uid"] == one[1], listed
+        assert listed["rejected"][0]["reason"] == "Rejected for Quality Reasons"
+        assert http.get("/api/rejections", params={"study": "1.2.x"}).status_code == 400
+        assert http.get("/api/rejections", params={"limit": 0}).status_code in (400, 422)
+        for bad in ({"reason": "no target"}, {"sop_uids": ["1.2.x"], "reason": "bad UID"},
+                    {"sop_uids": [one[1]], "reason": "   "}, {"sop_uids": [one[1]]}):
+            assert http.post("/api/rejections/lift", json=bad).status_code in (400, 422), bad
+        dry = http.post("/api/rejections/lift", params={"dry_run": "true"},
+                        json={"study_uid": study, "reason": "same UIDs resent after correction"}).json()
+        assert dry["dry_run"] and [e["sop_uid"] for e in dry["lifted"]] == [one[1]]
+        assert http.get("/api/rejections", params={"study": study}).json()["total"] == 1
+        done = http.post("/api/rejections/lift",
+                         json={"study_uid": study, "reason": "same UIDs resent after correction"})
+        assert done.status_code == 200 and [e["sop_uid"] for e in done.json()["lifted"]] == [one[1]], done.text
+        assert http.get("/api/rejections", params={"study": study}).json()["total"] == 0
+        events = http.get("/api/audit", params={"study": study, "action": "rejection-lift"}).json()
+    assert [e["user"] for e in events if e["outcome"] == "success"] == ["it.admin", "it.admin"], events
+    assert any(e["detail"].startswith("lifted the rejection of 1 instances") for e in events), events
+    files = sorted((tmp_path / "s").iterdir())
+    assert scu_store_file(server, files[0], calling="CT_ROOM2") == 0
+    assert one[1] in _image_uids(server, study)
