@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, case, false, func, not_, select
+from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, case, exists, false, func, not_, or_, select
 
 from .index.db import db_now
 from .index.models import Instance, ReadingClaim, Series
@@ -60,8 +60,12 @@ COUNT_AHEAD = 1000
 # A study holding nothing but Key Object Selections has nothing to read: what is
 # left when a rejection note (pacs.rejections) withdrew every image of its study.
 # Listed, it waited "unread" for ever, and a withdrawn STAT study kept the urgent
-# count up.
-READABLE = studies.c.modalities != "KO"
+# count up. Not by the modalities alone: a series without a Modality (a scanned
+# request, a secondary capture that leaves it out) adds none, so its images and a
+# key image note made "KO" too; a series of another modality decides (looked up
+# only for the "KO" studies).
+READABLE = or_(studies.c.modalities != "KO", exists().where(series_t.c.study_pk == studies.c.pk,
+                                                           series_t.c.modality != "KO"))
 
 
 def study_list(
