@@ -38,11 +38,12 @@ from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, Engine, func, select, update
+from sqlalchemy import Connection, Engine, Exists, Table, exists, func, or_, select, update
 
 from .app import Pacs
 from .audit import Event
 from .index.db import retry_write
+from .index.models import RejectionListing
 from .index.writer import rejected_t
 from .index.writer_helpers import insert_ignore_rows
 from .key_objects import KOS_CLASS, REJECTION_TITLES
@@ -50,6 +51,7 @@ from .maintenance.common import batched, instances_t
 from .maintenance.delete import DeleteRefused, Target, delete_target
 
 log = logging.getLogger(__name__)
+listings_t: Table = RejectionListing.__table__  # type: ignore[assignment]
 
 
 @dataclass
@@ -168,22 +170,34 @@ def _recorder(study_uid: str, series_uid: str, sops: Iterable[str], code: str, n
                   "rejected_by": sender[:64], "rejected_at": datetime.now(UTC), "lifted_at": None, "lifted_by": ""}
         for batch in batched(sorted(sops)):
             kept = set(conn.execute(select(instances_t.c.sop_uid).where(instances_t.c.sop_uid.in_(batch))).scalars())
-            if rows := [{"sop_uid": sop, **values} for sop in batch if sop not in kept]:
+            gone = [sop for sop in batch if sop not in kept]
+            if rows := [{"sop_uid": sop, **values} for sop in gone]:
                 insert_ignore_rows(conn, rejected_t, rows, ["sop_uid"])
-            # Lifted for another note: this one rejects it anew.
+            # Lifted, and this note never listed it (another note did): it rejects it anew.
             conn.execute(update(rejected_t).values(**values).where(
-                rejected_t.c.sop_uid.in_([sop for sop in batch if sop not in kept]),
-                rejected_t.c.lifted_at.is_not(None), rejected_t.c.note_uid != note_uid))
+                rejected_t.c.sop_uid.in_(gone), rejected_t.c.lifted_at.is_not(None),
+                rejected_t.c.note_uid != note_uid, ~_listed_by(note_uid)))
+            # Every note listing it, not only the one recorded: a lift stands against each sent again.
+            if gone:
+                insert_ignore_rows(conn, listings_t, [{"sop_uid": sop, "note_uid": note_uid} for sop in gone],
+                                   ["sop_uid", "note_uid"])
     return record
 
 
 def _lifted_from(engine: Engine, note_uid: str, sops: list[str]) -> set[str]:
-    """Those of *sops* whose rejection by *note_uid* was lifted: the same
-    note sent again leaves them."""
+    """Those of *sops* whose rejection was lifted after *note_uid* listed
+    them (the note recorded, or another listing them too): the same note
+    sent again leaves them."""
+    by_note = or_(rejected_t.c.note_uid == note_uid, _listed_by(note_uid))
     with engine.connect() as conn:
         return {sop for batch in batched(sorted(sops)) for sop in conn.execute(
-            select(rejected_t.c.sop_uid).where(rejected_t.c.sop_uid.in_(batch), rejected_t.c.note_uid == note_uid,
+            select(rejected_t.c.sop_uid).where(rejected_t.c.sop_uid.in_(batch), by_note,
                                                rejected_t.c.lifted_at.is_not(None))).scalars()}
+
+
+def _listed_by(note_uid: str) -> Exists:
+    """The rejected instance (a row of rejected_instances) was listed by *note_uid*."""
+    return exists().where(listings_t.c.sop_uid == rejected_t.c.sop_uid, listings_t.c.note_uid == note_uid)
 
 
 def rejected_among(engine: Engine, sop_uids: Iterable[str]) -> set[str]:

@@ -706,6 +706,17 @@ class RejectedInstance(Base):
     lifted_by: Mapped[str] = mapped_column(String(64), default="")
 
 
+class RejectionListing(Base):
+    """Each rejection note that listed a rejected instance (not only the
+    first, kept in ``rejected_instances.note_uid``): a lift stands against
+    every one of them sent again, a note not among them rejects anew."""
+
+    __tablename__ = "rejection_listings"
+
+    sop_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+    note_uid: Mapped[str] = mapped_column(UID, primary_key=True)
+
+
 class CommitmentConflict(Base):
     """An object refused 0111H (its SOP Instance UID is kept in another
     study or series): the sender's copy was not stored, so a storage

@@ -5,7 +5,9 @@ sending it again), or a router forwarding it late, brought images that a
 rejection note (IHE IOCM) had withdrawn back into the patient's record.
 The ingest now refuses such an instance (0xA771) until an administrator
 lifts the rejection (``pacs rejections lift``: ``lifted_at``, kept so that
-the same note sent again does not withdraw the instance again).
+the same note sent again does not withdraw the instance again;
+``rejection_listings``: every note that listed it, each of them sent again
+leaving it).
 
 Revision ID: 0035
 Revises: 0034
@@ -38,8 +40,16 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("sop_uid", name=op.f("pk_rejected_instances")),
     )
     op.create_index(op.f("ix_rejected_instances_study_uid"), "rejected_instances", ["study_uid"], unique=False)
+    # Every note that listed each (a lift stands against each of them sent again).
+    op.create_table(
+        "rejection_listings",
+        sa.Column("sop_uid", sa.String(length=64), nullable=False),
+        sa.Column("note_uid", sa.String(length=64), nullable=False),
+        sa.PrimaryKeyConstraint("sop_uid", "note_uid", name=op.f("pk_rejection_listings")),
+    )
 
 
 def downgrade() -> None:
+    op.drop_table("rejection_listings")
     op.drop_index(op.f("ix_rejected_instances_study_uid"), table_name="rejected_instances")
     op.drop_table("rejected_instances")
