@@ -48,10 +48,10 @@ def archive(tmp_path: Path, backend: Backend) -> Iterator[PacsServer]:
     server.stop()
 
 
-def _study(server: PacsServer, folder: Path, patient: str, counts: list[int], calling: str = "CT_ROOM1"
-           ) -> tuple[str, list[list[str]]]:
-    """A study of series of *counts* CT instances, sent with storescu;
-    its UID and each series' [series UID, SOP UIDs...]."""
+def _study(server: PacsServer, folder: Path, patient: str, counts: list[int], calling: str = "CT_ROOM1",
+           **extra: Any) -> tuple[str, list[list[str]]]:
+    """A study of series of *counts* CT instances (with the attributes
+    *extra*), sent with storescu; its UID and each series' [series UID, SOP UIDs...]."""
     folder.mkdir()
     study = generate_uid()
     series = []
@@ -62,7 +62,7 @@ def _study(server: PacsServer, folder: Path, patient: str, counts: list[int], ca
         series.append([series_uid, *sops])
         files += [str(make_ct(folder / f"{n}-{i}.dcm", sop_uid=sop, StudyInstanceUID=study,
                               SeriesInstanceUID=series_uid, PatientID=patient, PatientName="NGUYEN^VAN AN",
-                              SeriesNumber=n + 1, InstanceNumber=i + 1))
+                              SeriesNumber=n + 1, InstanceNumber=i + 1, **extra))
                   for i, sop in enumerate(sops)]
     sent = server.storescu(*files, calling=calling)
     assert sent.returncode == 0, sent.stdout + sent.stderr
@@ -333,15 +333,7 @@ def test_a_study_whose_every_image_was_withdrawn_leaves_the_reading_worklist(arc
     waits "unread" in the radiologists' worklist nor keeps the urgent count
     up. A study keeping one image stays."""
     server = archive
-    folder = tmp_path / "s"
-    folder.mkdir()
-    study, series = generate_uid(), generate_uid()
-    sops = [generate_uid() for _ in range(2)]
-    files = [str(make_ct(folder / f"{i}.dcm", sop_uid=sop, StudyInstanceUID=study, SeriesInstanceUID=series,
-                         PatientID="REJ-11", PatientName="NGUYEN^VAN AN", InstanceNumber=i + 1,
-                         RequestedProcedurePriority="STAT"))
-             for i, sop in enumerate(sops)]
-    assert server.storescu(*files, calling="CT_ROOM1").returncode == 0
+    study, ((series, *sops),) = _study(server, tmp_path / "s", "REJ-11", [2], RequestedProcedurePriority="STAT")
     other, (kept_series,) = _study(server, tmp_path / "o", "REJ-12", [2])
     radiologist = server.make_token("bs.rej", "radiologist")
 

@@ -10,10 +10,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
-from pydicom.uid import generate_uid
 
 from .conftest import PacsServer
-from .dicomfiles import make_ct
 from .test_rejections import CT, REJECTED, _events, _image_uids, _note, _study, archive  # noqa: F401
 
 
@@ -85,14 +83,7 @@ def test_the_deletions_name_the_patient_with_its_issuer(archive: PacsServer, tmp
     BN100^^^BVDK): so do the deletions a note makes, or the patient's trail
     misses them."""
     server = archive
-    folder = tmp_path / "s"
-    folder.mkdir()
-    study, series = generate_uid(), generate_uid()
-    sops = [generate_uid() for _ in range(2)]
-    files = [str(make_ct(folder / f"{i}.dcm", sop_uid=sop, StudyInstanceUID=study, SeriesInstanceUID=series,
-                         PatientID="REJ-14", IssuerOfPatientID="BVDK", InstanceNumber=i + 1))
-             for i, sop in enumerate(sops)]
-    assert server.storescu(*files, calling="CT_ROOM1").returncode == 0
+    study, ((series, *sops),) = _study(server, tmp_path / "s", "REJ-14", [2], IssuerOfPatientID="BVDK")
     note = _note(tmp_path / "note.dcm", study, "REJ-14", REJECTED, {study: [series, sops[0]]})
     ds = dcmread(note)
     ds.IssuerOfPatientID = "BVDK"
