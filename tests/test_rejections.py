@@ -331,7 +331,8 @@ def test_a_study_whose_every_image_was_withdrawn_leaves_the_reading_worklist(arc
     """A STAT study sent under the wrong patient, withdrawn whole by its
     modality: what is left (the note) has nothing to read, so it neither
     waits "unread" in the radiologists' worklist nor keeps the urgent count
-    up. A study keeping one image stays."""
+    up, nor is it listed in the patient's history over FHIR. A study keeping
+    one image stays."""
     server = archive
     study, ((series, *sops),) = _study(server, tmp_path / "s", "REJ-11", [2], RequestedProcedurePriority="STAT")
     other, (kept_series,) = _study(server, tmp_path / "o", "REJ-12", [2])
@@ -348,6 +349,11 @@ def test_a_study_whose_every_image_was_withdrawn_leaves_the_reading_worklist(arc
     assert server.storescu(*map(str, notes), calling="CT_ROOM1").returncode == 0
     assert _image_uids(server, study) == set() and _image_uids(server, other) == {kept_series[2]}
     assert worklist() == ({other}, 0)
+    # Nor does the EMR list it in the patient's history (FHIR), where it read as an empty study.
+    with server.http(radiologist) as http:
+        for patient, expected in (("REJ-11", 0), ("REJ-12", 1)):
+            bundle = http.get("/fhir/ImagingStudy", params={"patient.identifier": patient}).json()
+            assert bundle["total"] == expected, bundle
 
 
 @pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)

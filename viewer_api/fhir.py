@@ -34,7 +34,7 @@ from pacs.names import fold, fold_name, name_words, same_person
 from pacs.query.attributes import patients, studies
 from pacs.query.matching import NameLookup, like_literal, name_word_lookup
 from pacs.reports import ReportError, ReportService
-from pacs.studylist import study_detail
+from pacs.studylist import READABLE, study_detail
 from pacs.timezones import hospital_zone
 
 from . import mediatypes
@@ -248,7 +248,9 @@ def _study_page(request: Request, principal: Principal, values: dict[str, list[s
     by the index, so that a search matching the whole archive (a poll by
     _lastUpdated after a reindex) costs one page, not every study."""
     with request.app.state.pacs.engine.connect() as conn:
-        conditions = _study_conditions(conn, request, values, signed_only=signed_only)
+        # A study holding nothing but Key Object Selections (every image withdrawn by a rejection
+        # note) is not shown: the EMR listed an empty study in the wrong patient's history.
+        conditions = [*_study_conditions(conn, request, values, signed_only=signed_only), READABLE]
         if principal.role == "referring":
             conditions.append(_study_referred_by(conn, principal))
         source: Any = studies
