@@ -170,17 +170,16 @@ def _recorder(study_uid: str, series_uid: str, sops: Iterable[str], code: str, n
                   "rejected_by": sender[:64], "rejected_at": datetime.now(UTC), "lifted_at": None, "lifted_by": ""}
         for batch in batched(sorted(sops)):
             kept = set(conn.execute(select(instances_t.c.sop_uid).where(instances_t.c.sop_uid.in_(batch))).scalars())
-            gone = [sop for sop in batch if sop not in kept]
-            if rows := [{"sop_uid": sop, **values} for sop in gone]:
-                insert_ignore_rows(conn, rejected_t, rows, ["sop_uid"])
+            if not (gone := [sop for sop in batch if sop not in kept]):
+                continue
+            insert_ignore_rows(conn, rejected_t, [{"sop_uid": sop, **values} for sop in gone], ["sop_uid"])
             # Lifted, and this note never listed it (another note did): it rejects it anew.
             conn.execute(update(rejected_t).values(**values).where(
                 rejected_t.c.sop_uid.in_(gone), rejected_t.c.lifted_at.is_not(None),
                 rejected_t.c.note_uid != note_uid, ~_listed_by(note_uid)))
             # Every note listing it, not only the one recorded: a lift stands against each sent again.
-            if gone:
-                insert_ignore_rows(conn, listings_t, [{"sop_uid": sop, "note_uid": note_uid} for sop in gone],
-                                   ["sop_uid", "note_uid"])
+            insert_ignore_rows(conn, listings_t, [{"sop_uid": sop, "note_uid": note_uid} for sop in gone],
+                               ["sop_uid", "note_uid"])
     return record
 
 
