@@ -60,20 +60,14 @@ def cmd_rejections(args: argparse.Namespace) -> int:
 def _lift(pacs: Any, args: argparse.Namespace, audit_command: Callable[..., None], err: Any) -> int:
     from . import rejections
 
-    if not args.yes:
-        if args.study:
-            found, _ = rejections.rejected(pacs.engine, args.study, limit=1_000_000)
-        else:
-            found = []
-        if args.sop_uids:
-            found += rejections.rejected(pacs.engine, limit=1_000_000, sop_uids=args.sop_uids)[0]
-        found = list({f.sop_uid: f for f in found}.values())
-        _show(args, found, dry_run=True)
-        err.print("nothing lifted: add --yes to lift")
-        return 0
     from .maintenance.common import os_user
 
-    lifted = rejections.lift(pacs.engine, by=os_user(), study_uid=args.study, sop_uids=args.sop_uids)
+    lifted = rejections.lift(pacs.engine, by=os_user(), study_uid=args.study, sop_uids=args.sop_uids,
+                             dry_run=not args.yes)
+    if not args.yes:
+        _show(args, lifted, dry_run=True)
+        err.print("nothing lifted: add --yes to lift")
+        return 0
     reason = " ".join(args.reason.split())
     by_study: dict[str, list[str]] = {}
     for entry in lifted:

@@ -477,7 +477,8 @@ class Ingestor:
         except InstanceRejected as exc:
             # Withdrawn by a rejection note: the copy just written is nobody's
             # (no row names it; the instance lock keeps other copies out).
-            self._drop_rejected(key, exc)
+            log.warning("%s refused: %s (pacs rejections lift lets it in again)", key, exc)
+            self._delete_refused_copy(key)
             # The Error Comment keeps 64 characters: the reason first.
             raise IngestError(Status.REJECTED_INSTANCE, f"rejected by a rejection note ({exc.code}), not stored: "
                                                         f"{exc.note_uid} from {exc.rejected_by}") from exc
@@ -537,13 +538,6 @@ class Ingestor:
                 log.exception("ingest listener failed")
         return result
 
-    def _drop_rejected(self, key: str, rejected: InstanceRejected) -> None:
-        log.warning("%s refused: %s (pacs rejections lift lets it in again)", key, rejected)
-        try:
-            self.store.delete(key)
-        except StorageError as exc:
-            log.warning("could not delete the refused copy under %s: %s", key, exc)
-
     def _drop_refused_resend(self, sop_uid: str, key: str) -> None:
         """A copy received under the overwrite policy whose index commit
         failed: its object is deleted once the index (still readable: only
@@ -559,6 +553,11 @@ class Ingestor:
             return
         if indexed == key:
             return
+        self._delete_refused_copy(key)
+
+    def _delete_refused_copy(self, key: str) -> None:
+        """Delete the copy under *key* of an object refused after it was
+        written; one the store keeps is an orphan ``pacs verify`` reports."""
         try:
             self.store.delete(key)
         except StorageError as exc:

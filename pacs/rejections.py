@@ -229,13 +229,10 @@ class RejectedEntry:
                 "rejected_by": self.rejected_by, "rejected_at": self.rejected_at.isoformat()}
 
 
-def rejected(engine: Engine, study_uid: str = "", limit: int = 1000,
-             sop_uids: Iterable[str] = ()) -> tuple[list[RejectedEntry], int]:
-    """The rejected instances, not lifted (of *study_uid*, or among
-    *sop_uids*), newest first, at most *limit*, and how many there are in all."""
+def rejected(engine: Engine, study_uid: str = "", limit: int = 1000) -> tuple[list[RejectedEntry], int]:
+    """The rejected instances, not lifted (of *study_uid*), newest first, at
+    most *limit*, and how many there are in all."""
     where = [rejected_t.c.lifted_at.is_(None)] + ([rejected_t.c.study_uid == study_uid] if study_uid else [])
-    if sops := sorted(set(sop_uids)):
-        where.append(rejected_t.c.sop_uid.in_(sops))
     with engine.connect() as conn:
         total = int(conn.execute(select(func.count()).select_from(rejected_t).where(*where)).scalar_one())
         rows = conn.execute(select(rejected_t).where(*where)
@@ -247,10 +244,12 @@ def _entry(row: Any) -> RejectedEntry:
     return RejectedEntry(**{name: row._mapping[name] for name in RejectedEntry.__dataclass_fields__})
 
 
-def lift(engine: Engine, *, by: str, study_uid: str = "", sop_uids: Iterable[str] = ()) -> list[RejectedEntry]:
-    """Let the rejected instances of *study_uid*, or *sop_uids*, be received
+def lift(engine: Engine, *, by: str, study_uid: str = "", sop_uids: Iterable[str] = (),
+         dry_run: bool = False) -> list[RejectedEntry]:
+    """Let the rejected instances of *study_uid*, and *sop_uids*, be received
     again (lifted *by* someone: kept, see the module docstring); the entries
-    lifted (none for UIDs not rejected, or lifted already)."""
+    lifted (none for UIDs not rejected, or lifted already). A *dry_run*
+    answers the same entries and changes nothing."""
     sops = sorted(set(sop_uids))
     if not study_uid and not sops:
         raise ValueError("name a study or instances")
@@ -262,7 +261,11 @@ def lift(engine: Engine, *, by: str, study_uid: str = "", sop_uids: Iterable[str
         for where in ([rejected_t.c.study_uid == study_uid] if study_uid else []) + [
                 rejected_t.c.sop_uid.in_(batch) for batch in batched(sops)]:
             found += conn.execute(select(rejected_t).where(where, active)).all()
-            conn.execute(update(rejected_t).where(where, active).values(lifted_at=now, lifted_by=by[:64]))
+            if not dry_run:
+                conn.execute(update(rejected_t).where(where, active).values(lifted_at=now, lifted_by=by[:64]))
         unique = {row.sop_uid: row for row in found}
         return [_entry(row) for _, row in sorted(unique.items())]
+    if dry_run:
+        with engine.connect() as conn:
+            return work(conn)
     return retry_write(engine, work, what="lifting rejections")

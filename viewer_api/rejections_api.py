@@ -58,14 +58,8 @@ def lift_rejections(request: Request, body: Lift, dry_run: bool = Query(False, d
     reason = " ".join(body.reason.split())
     if not reason:
         raise HTTPProblem(400, "reason must say why (it goes to the audit trail)")
-    engine = request.app.state.pacs.engine
-    if dry_run:
-        found = rejections.rejected(engine, body.study_uid, MAX_LIFTED)[0] if body.study_uid else []
-        if body.sop_uids:
-            found += rejections.rejected(engine, limit=MAX_LIFTED, sop_uids=body.sop_uids)[0]
-        lifted = list({f.sop_uid: f for f in found}.values())
-    else:
-        lifted = rejections.lift(engine, by=principal.username, study_uid=body.study_uid, sop_uids=body.sop_uids)
+    lifted = rejections.lift(request.app.state.pacs.engine, by=principal.username, study_uid=body.study_uid,
+                             sop_uids=body.sop_uids, dry_run=dry_run)
     event = getattr(request.state, "audit", None)
     studies = sorted({e.study_uid for e in lifted} | ({body.study_uid} if body.study_uid else set()))
     if event is not None and len(studies) == 1:
