@@ -48,7 +48,7 @@ from .index.writer import rejected_t
 from .index.writer_helpers import insert_ignore_rows
 from .key_objects import KOS_CLASS, REJECTION_TITLES
 from .maintenance.common import batched, instances_t
-from .maintenance.delete import DeleteRefused, Target, delete_target
+from .maintenance.delete import DeleteRefused, Target, delete_target, refuse_if_signed
 
 log = logging.getLogger(__name__)
 listings_t: Table = RejectionListing.__table__  # type: ignore[assignment]
@@ -143,10 +143,13 @@ def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event
         try:
             report = delete_target(pacs, target, reason=result.reason, event=event(), also=bar)
         except DeleteRefused as exc:
-            if exc.http_status == 404:  # none of them stored (any more): refused when they come
-                retry_write(pacs.engine, bar, what=f"rejection of series {series_uid}")
-                result.not_found += len(sops)
-                continue
+            if exc.http_status == 404:  # none of them stored (any more): refused when they come ...
+                try:
+                    retry_write(pacs.engine, _unless_signed(study_uid, bar), what=f"rejection of series {series_uid}")
+                    result.not_found += len(sops)
+                    continue
+                except DeleteRefused as signed:  # ... unless the note may not withdraw what is stored either
+                    exc = signed
             refuse(str(exc))
             break  # the same refusal (a signed report) holds for the study's other series
         result.deleted += report.instances
@@ -157,6 +160,24 @@ def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event
         log.info("%s: %d instances withdrawn (%d listed not stored)", result.reason, result.deleted,
                  result.not_found)
     return result
+
+
+def apply_or_report(pacs: Pacs, storage_key: str, note_uid: str, study_uid: str,
+                    make_event: Callable[[], Event]) -> str:
+    """:func:`apply_rejection`, its failure (the index or the store failing)
+    logged and audited as a failed deletion: "" when done, else what the
+    sender is told. The note is stored either way; sent again, it withdraws
+    what is left."""
+    try:
+        apply_rejection(pacs, storage_key, make_event)
+        return ""
+    except Exception as exc:
+        failure = make_event()
+        log.exception("rejection note %s from %r not applied", note_uid, failure.user)
+        failure.study_uid, failure.outcome = study_uid, "failure"
+        failure.detail = f"rejection note {note_uid} not applied: {exc}"[:500]
+        pacs.audit.record(failure)
+        return "rejection note stored, not applied yet: send it again"
 
 
 def _recorder(study_uid: str, series_uid: str, sops: Iterable[str], code: str, note_uid: str,
@@ -181,6 +202,17 @@ def _recorder(study_uid: str, series_uid: str, sops: Iterable[str], code: str, n
             insert_ignore_rows(conn, listings_t, [{"sop_uid": sop, "note_uid": note_uid} for sop in gone],
                                ["sop_uid", "note_uid"])
     return record
+
+
+def _unless_signed(study_uid: str, record: Callable[[Connection], None]) -> Callable[[Connection], None]:
+    """*record*, refused as the deletion would be on a study with a signed
+    report: what a note may not withdraw it does not bar either."""
+
+    def work(conn: Connection) -> None:
+        refuse_if_signed(conn, study_uid)
+        record(conn)
+
+    return work
 
 
 def _lifted_from(engine: Engine, note_uid: str, sops: list[str]) -> set[str]:

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, case, exists, false, func, not_, or_, select
+from sqlalchemy import ColumnElement, Connection, Engine, Select, and_, case, false, func, not_, select
 
 from .index.db import db_now
 from .index.models import Instance, ReadingClaim, Series
 from .names import fold_name, same_person
 from .priority import FILTERS as PRIORITY_FILTERS
 from .priority import STAT, URGENT
-from .query import Level, Query, build_select
+from .query import READABLE, Level, Query, build_select
 from .query.attributes import patients, studies
 from .reading_claims import current as current_claims
 
@@ -55,17 +55,6 @@ _SHOWN = {
 
 # How many matches past the page asked for the study list counts at most.
 COUNT_AHEAD = 1000
-
-
-# A study holding nothing but Key Object Selections has nothing to read: what is
-# left when a rejection note (pacs.rejections) withdrew every image of its study.
-# Listed, it waited "unread" for ever, and a withdrawn STAT study kept the urgent
-# count up. Not by the modalities alone: a series without a Modality (a scanned
-# request, a secondary capture that leaves it out) adds none, so its images and a
-# key image note made "KO" too; a series of another modality decides (looked up
-# only for the "KO" studies).
-READABLE = or_(studies.c.modalities != "KO", exists().where(series_t.c.study_pk == studies.c.pk,
-                                                           series_t.c.modality != "KO"))
 
 
 def study_list(
@@ -109,9 +98,9 @@ def study_list(
         match["AccessionNumber"] = accession
     with engine.connect() as conn:
         now = db_now(conn)
-        stmt, _ = build_select(Query(Level.STUDY, match, fuzzy=True, newest_first=True), conn)
+        stmt, _ = build_select(Query(Level.STUDY, match, fuzzy=True, newest_first=True, withdrawn=False), conn)
         stmt = stmt.add_columns(studies.c.report_state, studies.c.num_series, studies.c.num_instances,
-                                studies.c.priority, studies.c.created_at).where(READABLE)
+                                studies.c.priority, studies.c.created_at)
         states: tuple[str, ...] | None = None
         if status in _STATES[signed_only]:
             states = _STATES[signed_only][status]

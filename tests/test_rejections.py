@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -29,6 +30,7 @@ from .conftest import Backend, PacsServer
 from .peers import index_writes_fail
 from .dicomfiles import make_ct
 from .test_dimse_failures import scu_store_file
+from .test_query_retrieve import findscu, study_matches
 
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -191,7 +193,9 @@ def test_what_a_note_does_not_withdraw(archive: PacsServer, tmp_path: Path) -> N
 def test_a_signed_report_keeps_the_images(archive: PacsServer, tmp_path: Path) -> None:
     """The study was reported and signed before the modality rejected an
     image: the image stays (an administrator deletes on purpose, pacs
-    delete --force), the failure is audited as CT_ROOM1's, the note stored."""
+    delete --force), the failure is audited as CT_ROOM1's, the note stored.
+    An image the note lists that has not arrived is not barred either: what
+    the note may not withdraw, it does not reject."""
     server = archive
     study, (one,) = _study(server, tmp_path / "s", "REJ-4", [2])
     radiologist = server.make_token("bs.lan", "radiologist")
@@ -206,6 +210,15 @@ def test_a_signed_report_keeps_the_images(archive: PacsServer, tmp_path: Path) -
     failed = _events(server, study, "failure", 1)
     assert len(failed) == 1 and failed[0]["user"] == "CT_ROOM1" and "signed report" in failed[0]["detail"], failed
     assert _events(server, study, "success", 1) == []
+    late_series, late_sop = generate_uid(), generate_uid()
+    note = _note(tmp_path / "late-note.dcm", study, "REJ-4", REJECTED, {study: [late_series, late_sop]})
+    assert scu_store_file(server, note, calling="CT_ROOM1") == 0
+    assert len(_events(server, study, "failure", 2)) == 2
+    assert _rejections(server, "list", "--study", study)["total"] == 0
+    late = make_ct(tmp_path / "late.dcm", sop_uid=late_sop, StudyInstanceUID=study, SeriesInstanceUID=late_series,
+                   PatientID="REJ-4", PatientName="NGUYEN^VAN AN")
+    assert scu_store_file(server, late, calling="CT_ROOM1") == 0
+    assert late_sop in _image_uids(server, study)
 
 
 def test_reject_is_granted_by_name_only() -> None:
@@ -239,10 +252,47 @@ def test_a_note_not_applied_is_refused_so_the_modality_sends_it_again(archive: P
     assert server.alive()
 
 
-def _stow(server: PacsServer, path: Path) -> Any:
+def _stow(server: PacsServer, path: Path, token: str | None = None) -> Any:
     body, content_type = build_multipart_related([("application/dicom", path.read_bytes())])
-    with server.http() as http:
+    with server.http(token) as http:
         return http.post("/dicom-web/studies", content=body, headers={"Content-Type": content_type})
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_a_note_stored_over_stow_rs_withdraws_for_an_administrator_only(archive: PacsServer,
+                                                                        tmp_path: Path) -> None:
+    """STOW-RS: a note an administrator stores (a QC workstation, a script
+    of the IT team) withdraws what it lists, audited as their deletion; a
+    modality's token stores it and withdraws nothing (as an AE without
+    "reject" over DICOM). A withdrawal the index fails is that part's
+    0xA700 (503), the note stored; sent again, it withdraws them."""
+    server = archive
+    study, (one, two) = _study(server, tmp_path / "s", "REJ-14", [2, 2])
+    modality = server.make_token("ct.room3", "modality")
+    by_modality = _note(tmp_path / "m.dcm", study, "REJ-14", REJECTED, {study: one})
+    stored = _stow(server, by_modality, modality)
+    assert stored.status_code == 200, stored.text
+    assert _image_uids(server, study) == set(one[1:] + two[1:])
+    by_admin = _note(tmp_path / "a.dcm", study, "REJ-14", REJECTED, {study: one})
+    index_writes_fail(server, "DELETE", True)
+    try:
+        failed = _stow(server, by_admin)
+    finally:
+        index_writes_fail(server, "DELETE", False)
+    assert failed.status_code == 503, failed.text
+    reason = failed.json()["00081198"]["Value"][0]
+    assert reason["00081197"]["Value"] == [0xA700] and reason["00081155"]["Value"] == [_sop_of(by_admin)]
+    assert _image_uids(server, study) == set(one[1:] + two[1:])
+    assert _stow(server, by_admin).status_code == 200
+    assert _image_uids(server, study) == set(two[1:])
+    deleted = _events(server, study, "success", 1)
+    assert {e["user"] for e in deleted} == {"pacs-test"} and all(e["protocol"] == "http" for e in deleted), deleted
+    assert server.stats()["instances"] == 4  # two images and the two notes
+    assert server.alive()
+
+
+def _sop_of(path: Path) -> str:
+    return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
 def _rejections(server: PacsServer, *args: str) -> dict[str, Any]:
@@ -331,8 +381,9 @@ def test_a_study_whose_every_image_was_withdrawn_leaves_the_reading_worklist(arc
     """A STAT study sent under the wrong patient, withdrawn whole by its
     modality: what is left (the note) has nothing to read, so it neither
     waits "unread" in the radiologists' worklist nor keeps the urgent count
-    up, nor is it listed in the patient's history over FHIR. A study keeping
-    one image stays."""
+    up, nor is it listed in the patient's history: over FHIR, QIDO-RS or
+    C-FIND (DCMTK findscu). A search naming the study, or asking for its
+    modality (KO), still finds it. A study keeping one image stays."""
     server = archive
     study, ((series, *sops),) = _study(server, tmp_path / "s", "REJ-11", [2], RequestedProcedurePriority="STAT")
     other, (kept_series,) = _study(server, tmp_path / "o", "REJ-12", [2])
@@ -354,6 +405,21 @@ def test_a_study_whose_every_image_was_withdrawn_leaves_the_reading_worklist(arc
         for patient, expected in (("REJ-11", 0), ("REJ-12", 1)):
             bundle = http.get("/fhir/ImagingStudy", params={"patient.identifier": patient}).json()
             assert bundle["total"] == expected, bundle
+
+        def qido(**params: str) -> set[str]:
+            answer = http.get("/dicom-web/studies", params=params)
+            assert answer.status_code in (200, 204), answer.text
+            return {s["0020000D"]["Value"][0] for s in answer.json()} if answer.status_code == 200 else set()
+
+        assert qido(PatientName="NGUYEN*") >= {other} and study not in qido(PatientName="NGUYEN*")
+        assert qido(PatientID="REJ-11") == set() and qido(PatientID="REJ-12") == {other}
+        assert qido(StudyInstanceUID=study) == {study}
+        assert qido(PatientID="REJ-11", ModalitiesInStudy="KO") == {study}
+    assert study_matches(server, tmp_path, PatientID="REJ-11") == set()
+    assert study_matches(server, tmp_path, PatientID="REJ-12") == {other}
+    named = findscu(server, tmp_path, "STUDY", {"StudyInstanceUID": study, "PatientID": ""})
+    assert [str(r.StudyInstanceUID) for r in named] == [study]
+    assert study_matches(server, tmp_path, PatientID="REJ-11", ModalitiesInStudy="KO") == {study}
 
 
 @pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)

@@ -31,10 +31,11 @@ from pacs.auth import Principal
 from pacs.index.models import Instance, PatientIdentifier, Report, Series
 from pacs.index.writer import MERGED_ID_TYPE
 from pacs.names import fold, fold_name, name_words, same_person
+from pacs.query import READABLE
 from pacs.query.attributes import patients, studies
 from pacs.query.matching import NameLookup, like_literal, name_word_lookup
 from pacs.reports import ReportError, ReportService
-from pacs.studylist import READABLE, study_detail
+from pacs.studylist import study_detail
 from pacs.timezones import hospital_zone
 
 from . import mediatypes

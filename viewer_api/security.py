@@ -54,7 +54,7 @@ def principal_of(request: Request) -> Principal | None:
     return pacs.auth.authenticate(token, use=request.headers.get(UNATTENDED_HEADER, "") != "1")
 
 
-def _event(request: Request, action: str, principal: Principal | None, *, outcome: str = "success",
+def http_event(request: Request, action: str, principal: Principal | None, *, outcome: str = "success",
            study_uid: str = "", patient_id: str = "", detail: str = "") -> Event:
     """The audit event of one HTTP access by *principal* (None: not authenticated)."""
     return Event(
@@ -73,7 +73,7 @@ def _event(request: Request, action: str, principal: Principal | None, *, outcom
 def audit(request: Request, action: str, principal: Principal | None, *, outcome: str = "success",
           study_uid: str = "", patient_id: str = "", detail: str = "") -> None:
     """Record an access in the audit trail."""
-    request.app.state.pacs.audit.record(_event(request, action, principal, outcome=outcome, study_uid=study_uid,
+    request.app.state.pacs.audit.record(http_event(request, action, principal, outcome=outcome, study_uid=study_uid,
                                                patient_id=patient_id, detail=detail))
 
 
@@ -214,7 +214,7 @@ def guard(*roles: str, action: str, study_of: StudyOf = path_study) -> Any:
                   detail=refusal_detail(request, 403, "not the referring physician"))
             raise HTTPProblem(403, "this study was not referred by you")
         # Recorded by AuditMiddleware once the answer's status is known.
-        request.state.audit = _event(request, action, principal, study_uid=study, detail=request_target(request))
+        request.state.audit = http_event(request, action, principal, study_uid=study, detail=request_target(request))
         request.state.user = principal.username
         request.state.principal = principal
         return principal

@@ -32,7 +32,10 @@ from starlette.requests import ClientDisconnect
 from pacs.errors import HTTP_FOR_STATUS, IngestError, Status
 from pacs.header import parse_header
 from pacs.ingest import Origin
+from pacs.key_objects import KOS_CLASS
 from pacs.part10 import FileSource
+from pacs.rejections import apply_or_report
+from pacs.roles import REJECTING_ROLES
 
 from . import negotiation
 from .dicomjson import dumps, to_json
@@ -44,7 +47,7 @@ from .multipart import (
     parse_multipart_content_type,
     parse_multipart_related,
 )
-from .security import audit_studies
+from .security import audit_studies, http_event
 from .urls import base_url
 
 log = logging.getLogger(__name__)
@@ -90,6 +93,12 @@ def _store_part(request: Request, path: str, study: str | None) -> tuple[bool, d
         # "stored" with a RetrieveURL of this study would point at nothing.
         return False, {"class": h.sop_class_uid, "uid": h.sop_uid, "reason": Status.DUPLICATE_SOP_INSTANCE,
                        "comment": result.conflict}
+    if h.sop_class_uid == KOS_CLASS and _may_reject(request):
+        why = apply_or_report(pacs, result.storage_key, h.sop_uid, h.study_uid,
+                              lambda: http_event(request, "delete", request.state.principal))
+        if why:
+            return False, {"class": h.sop_class_uid, "uid": h.sop_uid, "reason": Status.OUT_OF_RESOURCES,
+                           "comment": why}
     base = base_url(request) + "/dicom-web"
     return True, {
         "class": h.sop_class_uid,
@@ -97,6 +106,15 @@ def _store_part(request: Request, path: str, study: str | None) -> tuple[bool, d
         "study": h.study_uid,
         "url": f"{base}/studies/{h.study_uid}/series/{h.series_uid}/instances/{h.sop_uid}",
     }
+
+
+def _may_reject(request: Request) -> bool:
+    """Whether a rejection note this caller stores withdraws what it lists:
+    only an administrator's, as only an AE granted "reject" by name over
+    DICOM (a modality's token deleting images would be an easy way to lose
+    records)."""
+    principal = getattr(request.state, "principal", None)
+    return principal is not None and principal.role in REJECTING_ROLES
 
 
 def _study_of(source: FileSource) -> str:

@@ -167,6 +167,19 @@ def _report_counts(conn: Connection, study_pk: int) -> tuple[int, int]:
     return int(total), int(signed)
 
 
+def _signed_refusal(study_uid: str) -> DeleteRefused:
+    return DeleteRefused(f"study {study_uid} has a signed report: its images are part of the patient's record; "
+                         "delete them only on purpose (force)", 409)
+
+
+def refuse_if_signed(conn: Connection, study_uid: str) -> None:
+    """Raise the refusal :func:`delete_target` gives a study with a signed
+    report (nothing for a study not in the archive)."""
+    pk = conn.execute(select(studies_t.c.pk).where(studies_t.c.study_uid == study_uid)).scalar()
+    if pk is not None and _report_counts(conn, pk)[1]:
+        raise _signed_refusal(study_uid)
+
+
 def delete_target(pacs: Pacs, target: Target, *, reason: str, user: str = "", event: Event | None = None,
                   force: bool = False, dry_run: bool = False,
                   also: Callable[[Connection], None] | None = None) -> DeleteReport:
@@ -212,8 +225,7 @@ def _delete_rows(conn: Connection, pacs: Pacs, target: Target, report: DeleteRep
     # record: any of them, not only the whole study, go only on purpose.
     reports, signed = _report_counts(conn, study.pk)
     if signed and not force:
-        raise DeleteRefused(f"study {target.study_uid} has a signed report: its images are part of the patient's "
-                            "record; delete them only on purpose (force)", 409)
+        raise _signed_refusal(target.study_uid)
     # A whole study's report versions go with it (drafts too); a series or instance takes none.
     report.reports_deleted = reports if target.level == "study" else 0
     if report.dry_run:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, and_, func, select
+from sqlalchemy import Connection, Engine, Select, and_, exists, func, or_, select
 
 from ..index.models import PatientIdentifier
 from .attributes import (
@@ -49,6 +49,18 @@ _BASE = {
 
 
 _MAX_OFFSET = 2**31 - 1
+
+# A study holding nothing but Key Object Selections has nothing to show: what is
+# left when a rejection note (pacs.rejections) withdrew every image of its study.
+# Not by the modalities alone: a series without a Modality (a scanned request, a
+# secondary capture that leaves it out) adds none, so its images and a key image
+# note made "KO" too; a series of another modality decides (looked up only for
+# the "KO" studies).
+READABLE = or_(studies.c.modalities != "KO", exists().where(series.c.study_pk == studies.c.pk,
+                                                           series.c.modality != "KO"))
+# Keys with which a study-level search asks for withdrawn studies too: the
+# study itself, or its modalities (ModalitiesInStudy=KO finds the notes).
+_SHOWS_WITHDRAWN = ("StudyInstanceUID", "ModalitiesInStudy")
 _STUDY_PK = "_sop_classes_study_pk"
 
 
@@ -73,6 +85,13 @@ class Query:
     # one date-time range: QIDO-RS always (PS3.18 8.3.4.1.1); C-FIND only
     # with the extended negotiation we do not offer (PS3.4 C.2.2.2.5.4).
     combined_datetime: bool = False
+    # Study level: studies holding nothing but Key Object Selections (every
+    # image withdrawn by a rejection note, see READABLE). None: left out of a
+    # search, as dcm4chee's default view leaves rejected objects out (the
+    # wrong patient's history listed an empty study), unless the search names
+    # the study or its modalities (_SHOWS_WITHDRAWN); False: always left
+    # out; True: always in.
+    withdrawn: bool | None = None
 
     @property
     def ignored(self) -> list[str]:
@@ -193,12 +212,20 @@ def build_select(query: Query, conn: Connection | None = None) -> tuple[Select[A
     ]
     conditions += [datetime_range_match(ATTRIBUTES[d].column, ATTRIBUTES[t].column, query.match[d], query.match[t])
                    for d, t in pairs]
+    if level is Level.STUDY and not _shows_withdrawn(query):
+        conditions.append(READABLE)
     walk = (query.newest_first and level is not Level.PATIENT and conn is not None and conn.dialect.name == "sqlite"
             and not any(candidates) and not _names_patients(query.match))
     stmt = stmt.select_from(_from(level, walk_dates=walk))
     if conditions:
         stmt = stmt.where(and_(*conditions))
     return stmt, keywords + [c.name for c in computed]
+
+
+def _shows_withdrawn(query: Query) -> bool:
+    if query.withdrawn is not None:
+        return query.withdrawn
+    return any(query.match.get(k) and not universal(query.match[k]) for k in _SHOWS_WITHDRAWN)
 
 
 # Keys that name patients: their studies are found from the patients.
@@ -322,7 +349,7 @@ def _emit(engine: Engine, rows: Any, keywords: list[str], want: _Wanted) -> Iter
 def count_query(engine: Engine, query: Query) -> int:
     """How many matches *query* has (without fetching them)."""
     counted = Query(query.level, query.match, fuzzy=query.fuzzy, other_ids=query.other_ids,
-                    combined_datetime=query.combined_datetime)
+                    combined_datetime=query.combined_datetime, withdrawn=query.withdrawn)
     with engine.connect() as conn:
         stmt, _ = build_select(counted, conn)
         return int(conn.execute(select(func.count()).select_from(stmt.subquery())).scalar_one())
@@ -337,4 +364,4 @@ def _select(engine: Engine, query: Query) -> tuple[Select[Any], list[str]]:
         return build_select(query, conn)
 
 
-__all__ = ["Kind", "Level", "Query", "QueryError", "build_select", "count_query", "run_query"]
+__all__ = ["READABLE", "Kind", "Level", "Query", "QueryError", "build_select", "count_query", "run_query"]
