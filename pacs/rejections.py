@@ -40,6 +40,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection, Engine, Exists, Table, exists, func, or_, select, update
 
+from . import routing
 from .app import Pacs
 from .audit import Event
 from .index.db import retry_write
@@ -201,6 +202,8 @@ def _recorder(study_uid: str, series_uid: str, sops: Iterable[str], code: str, n
             # Every note listing it, not only the one recorded: a lift stands against each sent again.
             insert_ignore_rows(conn, listings_t, [{"sop_uid": sop, "note_uid": note_uid} for sop in gone],
                                ["sop_uid", "note_uid"])
+            if forwarded := routing.follow_rejection(conn, study_uid, gone, note_uid):
+                log.info("rejection note %s follows the images it withdrew to %d destinations", note_uid, forwarded)
     return record
 
 

@@ -488,6 +488,30 @@ def cancel_jobs_of(conn: Connection, study_uid: str, sop_uids: list[str] | None,
     return cancelled
 
 
+def follow_rejection(conn: Connection, study_uid: str, sop_uids: list[str], note_uid: str) -> int:
+    """Inside a rejection note's transaction (pacs.rejections): a job sending
+    the note to each destination a rule sent (or is sending) any of the
+    withdrawn *sop_uids* to, under that rule, whatever its conditions, so
+    that it withdraws them there too (IHE IOCM: the wrong patient's images
+    forwarded to a reading site or an AI node). A rule that routes the note
+    itself already has its job. How many jobs were made. Only as far as the
+    done jobs are kept (``route_keep_days``)."""
+    sent: set[tuple[int, str]] = set()
+    for i in range(0, len(sop_uids), 500):
+        sent.update((r.rule_pk, r.destination_key) for r in conn.execute(
+            select(jobs_t.c.rule_pk, jobs_t.c.destination_key).distinct()
+            .where(jobs_t.c.study_uid == study_uid, jobs_t.c.sop_uid.in_(sop_uids[i:i + 500]),
+                   jobs_t.c.state.in_(("done", "sending")))))
+    now = db_now(conn)
+    made = 0
+    for rule_pk, destination_key in sorted(sent):
+        made += insert_ignore(conn, jobs_t, {
+            "rule_pk": rule_pk, "sop_uid": note_uid, "study_uid": study_uid, "destination_key": destination_key,
+            "state": "pending", "attempts": 0, "next_attempt_at": now, "created_at": now, "updated_at": now,
+        }, ["rule_pk", "sop_uid"]) is not None
+    return made
+
+
 def fail(engine: Engine, job: Job, error: str, *, max_attempts: int, permanent: bool = False,
          retry_seconds: float = 1.0, node: str | None = None) -> str:
     """Back off (*retry_seconds* x 2^n, at most 10 min) or park as dead;

@@ -27,10 +27,10 @@ from pacs.aes import ALL_SERVICES, parse_services, services_text
 from viewer_api.multipart import build_multipart_related
 
 from .conftest import Backend, PacsServer
-from .peers import index_writes_fail
+from .peers import index_writes_fail, wait_until
 from .dicomfiles import make_ct
 from .test_dimse_failures import scu_store_file
-from .test_query_retrieve import findscu, study_matches
+from .test_query_retrieve import StoreSCP, findscu, study_matches
 
 KOS = "1.2.840.10008.5.1.4.1.1.88.59"
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -289,6 +289,51 @@ def test_a_note_stored_over_stow_rs_withdraws_for_an_administrator_only(archive:
     assert {e["user"] for e in deleted} == {"pacs-test"} and all(e["protocol"] == "http" for e in deleted), deleted
     assert server.stats()["instances"] == 4  # two images and the two notes
     assert server.alive()
+
+
+def test_a_note_follows_the_images_it_withdrew_where_routing_sent_them(tmp_path: Path) -> None:
+    """A CT study was forwarded by routing rules to a reading site (another
+    archive, over STOW-RS) and to a DCMTK storescp before the modality
+    withdrew two of its images: the note follows them to both, under the
+    rules that sent them though they route CT only, and the reading site
+    withdraws them too. A rule that sent none of them sends nothing."""
+    reader = PacsServer(tmp_path / "reader", Backend("sqlite-fs", None, None, {})).start()
+    copy = StoreSCP(tmp_path / "copy", accept_all=True)
+    server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}))
+    server.data_dir.mkdir(parents=True)
+    try:
+        server.cli("ae", "add", "CT_ROOM1", "--host", "127.0.0.1", "--port", "104", "--services", "all,reject")
+        server.cli("ae", "add", "MOVEDEST", "--host", "127.0.0.1", "--port", str(copy.port))
+        server.cli("route", "add", "reading", "--if", "Modality=CT", "--to-url",
+                   f"http://127.0.0.1:{reader.http_port}/dicom-web", "--auth", f"Bearer {reader.token}")
+        server.cli("route", "add", "copy", "--if", "Modality=CT", "--to-ae", "MOVEDEST")
+        server.cli("route", "add", "mr-copy", "--if", "Modality=MR", "--to-ae", "MOVEDEST")
+        server.start()
+
+        def jobs() -> list[dict[str, Any]]:
+            done = server.cli("route", "list", "--json", "--limit", "1000")
+            return list(json.loads(done.stdout)["jobs"])
+
+        def delivered(count: int) -> bool:
+            return len(found := jobs()) == count and all(j["state"] == "done" for j in found)
+
+        study, (one,) = _study(server, tmp_path / "s", "REJ-15", [3])
+        assert wait_until(lambda: delivered(6)), jobs()
+        assert _image_uids(reader, study) == set(one[1:])
+        note = _note(tmp_path / "note.dcm", study, "REJ-15", WRONG_ENTRY, {study: one[:3]})
+        assert scu_store_file(server, note, calling="CT_ROOM1") == 0
+        assert _image_uids(server, study) == {one[3]}
+        assert wait_until(lambda: delivered(8)), jobs()
+        note_uid = _sop_of(note)
+        assert sorted(j["rule"] for j in jobs() if j["sop_uid"] == note_uid) == ["copy", "reading"]
+        assert note_uid in copy.received()
+        # The reading site's administrator token: the note withdraws them there too.
+        assert _image_uids(reader, study) == {one[3]}
+        assert _rejections(reader, "list", "--study", study)["total"] == 2
+    finally:
+        server.stop()
+        reader.stop()
+        copy.stop()
 
 
 def _sop_of(path: Path) -> str:
