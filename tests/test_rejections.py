@@ -37,6 +37,8 @@ CT = "1.2.840.10008.5.1.4.1.1.2"
 REJECTED = ("113001", "DCM", "Rejected for Quality Reasons")
 WRONG_ENTRY = ("113038", "DCM", "Incorrect Modality Worklist Entry")
 QUALITY_ISSUE = ("113010", "DCM", "Quality Issue")
+OF_INTEREST = ("113000", "DCM", "Of Interest")  # a key image note, no rejection
+DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"
 
 
 @pytest.fixture
@@ -427,8 +429,10 @@ def test_a_study_whose_every_image_was_withdrawn_leaves_the_reading_worklist(arc
     modality: what is left (the note) has nothing to read, so it neither
     waits "unread" in the radiologists' worklist nor keeps the urgent count
     up, nor is it listed in the patient's history: over FHIR, QIDO-RS or
-    C-FIND (DCMTK findscu). A search naming the study, or asking for its
-    modality (KO), still finds it. A study keeping one image stays."""
+    C-FIND (DCMTK findscu). Nor is one that keeps only its dose report. A
+    search naming the study, or asking for its modality (KO), still finds
+    it. A study keeping one image stays, as does a study of a report and a
+    key image note that nothing rejected."""
     server = archive
     study, ((series, *sops),) = _study(server, tmp_path / "s", "REJ-11", [2], RequestedProcedurePriority="STAT")
     other, (kept_series,) = _study(server, tmp_path / "o", "REJ-12", [2])
@@ -440,14 +444,27 @@ def test_a_study_whose_every_image_was_withdrawn_leaves_the_reading_worklist(arc
         return {i["study_uid"] for i in found["items"]}, found.get("urgent_unread", 0)
 
     assert worklist() == ({study, other}, 1)
+    # A CT study with its dose report (SR): withdrawn whole but for the report, the wrong patient's
+    # dose. And a study of a report and a key image note, never rejected: it stays.
+    dosed, (dosed_images,) = _study(server, tmp_path / "d", "REJ-16", [2])
+    keyed, report_series, report = generate_uid(), generate_uid(), generate_uid()
+    others = [make_ct(tmp_path / "dose.dcm", sop_class=DOSE_SR, StudyInstanceUID=dosed, Modality="SR",
+                      SeriesInstanceUID=generate_uid(), PatientID="REJ-16", PatientName="NGUYEN^VAN AN"),
+              make_ct(tmp_path / "report.dcm", sop_class=DOSE_SR, sop_uid=report, StudyInstanceUID=keyed,
+                      Modality="SR", SeriesInstanceUID=report_series, PatientID="REJ-17",
+                      PatientName="NGUYEN^VAN AN"),
+              _note(tmp_path / "key.dcm", keyed, "REJ-17", OF_INTEREST, {keyed: [report_series, report]})]
+    assert server.storescu(*map(str, others), calling="CT_ROOM1").returncode == 0
     notes = [_note(tmp_path / "a.dcm", study, "REJ-11", WRONG_ENTRY, {study: [series, *sops]}),
-             _note(tmp_path / "b.dcm", other, "REJ-12", REJECTED, {other: kept_series[:2]})]
+             _note(tmp_path / "b.dcm", other, "REJ-12", REJECTED, {other: kept_series[:2]}),
+             _note(tmp_path / "c.dcm", dosed, "REJ-16", WRONG_ENTRY, {dosed: dosed_images})]
     assert server.storescu(*map(str, notes), calling="CT_ROOM1").returncode == 0
     assert _image_uids(server, study) == set() and _image_uids(server, other) == {kept_series[2]}
-    assert worklist() == ({other}, 0)
+    assert _image_uids(server, dosed) == set()
+    assert worklist() == ({other, keyed}, 0)
     # Nor does the EMR list it in the patient's history (FHIR), where it read as an empty study.
     with server.http(radiologist) as http:
-        for patient, expected in (("REJ-11", 0), ("REJ-12", 1)):
+        for patient, expected in (("REJ-11", 0), ("REJ-12", 1), ("REJ-16", 0), ("REJ-17", 1)):
             bundle = http.get("/fhir/ImagingStudy", params={"patient.identifier": patient}).json()
             assert bundle["total"] == expected, bundle
 
@@ -458,10 +475,13 @@ def test_a_study_whose_every_image_was_withdrawn_leaves_the_reading_worklist(arc
 
         assert qido(PatientName="NGUYEN*") >= {other} and study not in qido(PatientName="NGUYEN*")
         assert qido(PatientID="REJ-11") == set() and qido(PatientID="REJ-12") == {other}
+        assert qido(PatientID="REJ-16") == set() and qido(PatientID="REJ-17") == {keyed}
         assert qido(StudyInstanceUID=study) == {study}
         assert qido(PatientID="REJ-11", ModalitiesInStudy="KO") == {study}
     assert study_matches(server, tmp_path, PatientID="REJ-11") == set()
     assert study_matches(server, tmp_path, PatientID="REJ-12") == {other}
+    assert study_matches(server, tmp_path, PatientID="REJ-16") == set()
+    assert study_matches(server, tmp_path, PatientID="REJ-17") == {keyed}
     named = findscu(server, tmp_path, "STUDY", {"StudyInstanceUID": study, "PatientID": ""})
     assert [str(r.StudyInstanceUID) for r in named] == [study]
     assert study_matches(server, tmp_path, PatientID="REJ-11", ModalitiesInStudy="KO") == {study}

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, and_, exists, func, or_, select
 
-from ..index.models import PatientIdentifier
+from ..index.models import PatientIdentifier, RejectedInstance
 from .attributes import (
     ATTRIBUTES,
     DEFAULT_RETURN,
@@ -39,6 +39,7 @@ from .matching import (
 )
 
 identifiers = PatientIdentifier.__table__
+_rejected = RejectedInstance.__table__
 
 _BASE = {
     Level.PATIENT: patients,
@@ -50,14 +51,20 @@ _BASE = {
 
 _MAX_OFFSET = 2**31 - 1
 
-# A study holding nothing but Key Object Selections has nothing to show: what is
-# left when a rejection note (pacs.rejections) withdrew every image of its study.
-# Not by the modalities alone: a series without a Modality (a scanned request, a
-# secondary capture that leaves it out) adds none, so its images and a key image
-# note made "KO" too; a series of another modality decides (looked up only for
-# the "KO" studies).
-READABLE = or_(studies.c.modalities != "KO", exists().where(series.c.study_pk == studies.c.pk,
-                                                           series.c.modality != "KO"))
+# A study whose every image was withdrawn by rejection notes (pacs.rejections)
+# has nothing to show: what is left is the notes (KO), and may be a dose report
+# or measurements (SR) and presentation states (PR) about images no longer
+# there, the wrong patient's too. Such a study is "KO" (nothing but notes), or
+# holds nothing but KO, PR and SR and had instances rejected (a study of a
+# report and key images, never rejected, stays). Not by the modalities alone:
+# a series without a Modality (a scanned request, a secondary capture that
+# leaves it out) adds none, so its images and a key image note made "KO" too;
+# a series of another modality decides (looked up only for such studies).
+_LEFTOVERS = ("KO", "PR", "SR")
+_LEFT = ["\\".join(kept) for kept in (("KO",), ("KO", "PR"), ("KO", "SR"), ("KO", "PR", "SR"))]
+READABLE = or_(studies.c.modalities.not_in(_LEFT),
+               exists().where(series.c.study_pk == studies.c.pk, series.c.modality.not_in(_LEFTOVERS)),
+               and_(studies.c.modalities != "KO", ~exists().where(_rejected.c.study_uid == studies.c.study_uid)))
 # Keys with which a study-level search asks for withdrawn studies too: the
 # study itself, or its modalities (ModalitiesInStudy=KO finds the notes).
 _SHOWS_WITHDRAWN = ("StudyInstanceUID", "ModalitiesInStudy")
