@@ -60,8 +60,9 @@ _ACTION_CODE = {
     "certificate-import": "C", "certificate-remove": "D", "signature-lockout": "E",
     # Reading claims (pacs.reading_claims): a study claimed, taken over from a colleague, released.
     "claim": "U", "claim-takeover": "U", "claim-release": "U",
-    # Rejected instances (pacs.rejections): the bar on receiving them again lifted.
-    "rejection-lift": "U",
+    # Rejected instances (pacs.rejections): the bar on receiving them again lifted; images withdrawn with a
+    # rejection note made here (pacs.rejection_notes; each instance's deletion is a "delete" too).
+    "rejection-lift": "U", "reject": "D",
 }
 
 

@@ -5,10 +5,13 @@ ingest refuses when they come again (pacs.rejections). Registered by
     pacs rejections list --study 1.2.840.113619.2.55.3.1
     pacs rejections lift --study 1.2.840.113619.2.55.3.1 --reason "resent corrected, same UIDs" --yes
     pacs rejections lift 1.2.3.4.5 1.2.3.4.6 --reason "rejected by mistake" --yes
+    pacs rejections reject --study 1.2.840.113619.2.55.3.1 --code 113038 --reason "sent under BN1023" --yes
 
-``lift`` without ``--yes`` only shows what it would lift. Listing and
+``reject`` withdraws images with a rejection note made here
+(pacs.rejection_notes), for a modality that cannot send one. ``lift`` and
+``reject`` without ``--yes`` only show what they would do. Listing and
 lifting are audited as the operating system account that ran them, in the
-trail of each study named.
+trail of each study named; a rejection's deletions likewise.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ def cmd_rejections(args: argparse.Namespace) -> int:
             return 2
     pacs = _open(args)
     try:
+        if args.rejections_command == "reject":
+            return _reject(pacs, args, err)
         if args.rejections_command == "list":
             found, total = rejections.rejected(pacs.engine, args.study, LIST_LIMIT)
             audit_command(pacs, "query", f"pacs rejections list{' --study ' + args.study if args.study else ''}: "
@@ -82,6 +87,44 @@ def _lift(pacs: Any, args: argparse.Namespace, audit_command: Callable[..., None
     return 0
 
 
+def _reject(pacs: Any, args: argparse.Namespace, err: Any) -> int:
+    """``pacs rejections reject``: 0 done (or a dry run), 1 some instances kept, 2 refused."""
+    from .cli import audit_command
+    from .errors import RefusedRequest
+    from .key_images import Author
+    from .maintenance.common import os_user
+    from .rejection_notes import reject
+
+    try:
+        selection, done = reject(pacs, Author(os_user(), role="admin", protocol="cli"), study_uid=args.study,
+                                 series_uid=args.series, sop_uids=args.sop_uids, code=args.code,
+                                 reason=args.reason, dry_run=not args.yes)
+    except RefusedRequest as exc:
+        err.print(f"[red]not rejected: {exc}[/red]")
+        return 2
+    data = {"dry_run": done is None, **selection.as_dict()}
+    if done is not None:
+        data.update(note_uid=done.note_uid, withdrawn=done.deleted, not_found=done.not_found, kept=done.refused)
+    if args.json:
+        print(json.dumps(data))
+    else:
+        verb = "would reject" if done is None else "rejected"
+        print(f"{verb} {selection.instances} instances of study {selection.study_uid} "
+              f"(patient {selection.patient_id}): {data['reason']} ({selection.code})")
+        for series in data["series"]:
+            print(f"  series {series['series_uid']}: {series['instances']} instances")
+        if done is None:
+            err.print("nothing rejected: add --yes to reject")
+        else:
+            print(f"rejection note {done.note_uid}: {done.deleted} instances withdrawn"
+                  + "".join(f"; kept: {why}" for why in done.refused))
+    if done is not None:
+        audit_command(pacs, "reject", f"{done.reason}: {done.deleted} instances withdrawn"
+                      + "".join(f"; kept: {why}" for why in done.refused), study_uid=selection.study_uid,
+                      patient_id=selection.patient_id)
+    return 1 if done is not None and done.refused else 0
+
+
 def _show(args: argparse.Namespace, entries: list[Any], *, dry_run: bool) -> None:
     if args.json:
         print(json.dumps({"dry_run": dry_run, "lifted": [e.as_dict() for e in entries]}))
@@ -105,4 +148,14 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     q.add_argument("--study", type=str.strip, default="", metavar="STUDY_UID", help="every rejected instance of it")
     q.add_argument("--reason", required=True, help="why (kept in the audit trail)")
     q.add_argument("--yes", action="store_true", help="really lift")
+    q = r_sub.add_parser("reject", help="withdraw images with a rejection note made here (a dry run unless --yes)")
+    common(q, json_flag=True)
+    q.add_argument("sop_uids", nargs="*", type=str.strip, metavar="SOP_UID", help="only these instances")
+    q.add_argument("--study", type=str.strip, required=True, metavar="STUDY_UID", help="the study")
+    q.add_argument("--series", type=str.strip, default="", metavar="SERIES_UID", help="only this series")
+    q.add_argument("--code", default="", help="113001 Rejected for Quality Reasons (default), 113037 Rejected for "
+                   "Patient Safety Reasons, 113038 Incorrect Modality Worklist Entry, 113039 Data Retention "
+                   "Policy Expired (the code or its meaning)")
+    q.add_argument("--reason", required=True, help="what happened (kept in the note and the audit trail)")
+    q.add_argument("--yes", action="store_true", help="really reject")
     p.set_defaults(func=cmd_rejections)

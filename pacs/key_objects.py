@@ -260,10 +260,13 @@ def put_patient_and_study(ds: Dataset, study: StudyHeader) -> None:
 
 
 def build_kos(study: StudyHeader, selected: list[Selected], *, title: str, author_name: str, login: str,
-              description: str, when: tuple[str, str, str]) -> tuple[str, bytes]:
+              description: str, when: tuple[str, str, str], series_description: str = SERIES_DESCRIPTION,
+              series_number: int = SERIES_NUMBER) -> tuple[str, bytes]:
     """A KOS of *study* selecting *selected*, as Part 10 bytes (Explicit VR
     Little Endian, ISO_IR 192), in a new series of its own; (its SOP
-    Instance UID, the bytes). *when*: the hospital's (date, time, offset)."""
+    Instance UID, the bytes). *when*: the hospital's (date, time, offset);
+    *title* one of :data:`TITLES` or :data:`REJECTION_TITLES` (a rejection
+    note, pacs.rejection_notes)."""
     if not selected:
         raise ValueError("a Key Object Selection selects at least one image")
     day, clock, offset = when
@@ -274,9 +277,9 @@ def build_kos(study: StudyHeader, selected: list[Selected], *, title: str, autho
     # Key Object Document Series and General Equipment modules.
     ds.Modality = "KO"
     ds.SeriesInstanceUID = generate_uid()
-    ds.SeriesNumber = SERIES_NUMBER
+    ds.SeriesNumber = series_number
     ds.SeriesDate, ds.SeriesTime = day, clock
-    ds.SeriesDescription = SERIES_DESCRIPTION
+    ds.SeriesDescription = series_description
     ds.ReferencedPerformedProcedureStepSequence = Sequence()
     ds.Manufacturer = MANUFACTURER
     # Key Object Document module.
@@ -289,7 +292,7 @@ def build_kos(study: StudyHeader, selected: list[Selected], *, title: str, autho
     ds.CurrentRequestedProcedureEvidenceSequence = _evidence(study.study_uid, selected)
     # SR Document Content module: the TID 2010 tree.
     ds.ValueType = "CONTAINER"
-    ds.ConceptNameCodeSequence = Sequence([_code((title, "DCM", TITLES[title]))])
+    ds.ConceptNameCodeSequence = Sequence([_code((title, "DCM", TITLES.get(title) or REJECTION_TITLES[title]))])
     ds.ContinuityOfContent = "SEPARATE"
     template = Dataset()
     template.MappingResource = "DCMR"

@@ -47,7 +47,7 @@ from .index.db import retry_write
 from .index.models import RejectionListing
 from .index.writer import rejected_t
 from .index.writer_helpers import insert_ignore_rows
-from .key_objects import KOS_CLASS, REJECTION_TITLES
+from .key_objects import DESCRIPTION, KOS_CLASS, REJECTION_TITLES
 from .maintenance.common import batched, instances_t
 from .maintenance.delete import DeleteRefused, Target, delete_target, refuse_if_signed
 
@@ -81,6 +81,17 @@ def rejection_title(ds: Dataset) -> tuple[str, str] | None:
     return code, REJECTION_TITLES[code]
 
 
+def _description(ds: Dataset) -> str:
+    """The note's Key Object Description (TID 2010), what its author said of
+    it ("sent under BN1023 instead of BN1032"), on one line; "" when none."""
+    for item in ds.get("ContentSequence") or []:
+        concept = item.get("ConceptNameCodeSequence")
+        if (item.get("ValueType") == "TEXT" and concept and str(concept[0].get("CodeValue", "")) == DESCRIPTION[0]
+                and str(concept[0].get("CodingSchemeDesignator", "")).upper() == "DCM"):
+            return " ".join(str(item.get("TextValue", "")).split())[:300]
+    return ""
+
+
 def listed(ds: Dataset) -> tuple[dict[str, set[str]], int]:
     """The instances a note lists in its own study, by series (its Current
     Requested Procedure Evidence), and how many it lists in other studies."""
@@ -112,7 +123,9 @@ def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event
     note_uid, study_uid = str(ds.SOPInstanceUID), str(ds.StudyInstanceUID)
     by_series, elsewhere = listed(ds)
     sender = make_event().user
-    result = Rejection(note_uid, study_uid, f"rejection note {note_uid} from {sender}: {meaning} ({code})")
+    said = _description(ds)
+    result = Rejection(note_uid, study_uid, f"rejection note {note_uid} from {sender}: {meaning} ({code})"
+                       + (f": {said}" if said else ""))
 
     def event() -> Event:
         made = make_event()

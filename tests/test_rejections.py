@@ -53,7 +53,7 @@ def archive(tmp_path: Path, backend: Backend) -> Iterator[PacsServer]:
 
 
 def _study(server: PacsServer, folder: Path, patient: str, counts: list[int], calling: str = "CT_ROOM1",
-           **extra: Any) -> tuple[str, list[list[str]]]:
+           name: str = "NGUYEN^VAN AN", **extra: Any) -> tuple[str, list[list[str]]]:
     """A study of series of *counts* CT instances (with the attributes
     *extra*), sent with storescu; its UID and each series' [series UID, SOP UIDs...]."""
     folder.mkdir()
@@ -65,7 +65,7 @@ def _study(server: PacsServer, folder: Path, patient: str, counts: list[int], ca
         sops = [generate_uid() for _ in range(count)]
         series.append([series_uid, *sops])
         files += [str(make_ct(folder / f"{n}-{i}.dcm", sop_uid=sop, StudyInstanceUID=study,
-                              SeriesInstanceUID=series_uid, PatientID=patient, PatientName="NGUYEN^VAN AN",
+                              SeriesInstanceUID=series_uid, PatientID=patient, PatientName=name,
                               SeriesNumber=n + 1, InstanceNumber=i + 1, **extra))
                   for i, sop in enumerate(sops)]
     sent = server.storescu(*files, calling=calling)
@@ -522,3 +522,76 @@ def test_rejections_over_the_json_api(archive: PacsServer, tmp_path: Path) -> No
     files = sorted((tmp_path / "s").iterdir())
     assert scu_store_file(server, files[0], calling="CT_ROOM2") == 0
     assert one[1] in _image_uids(server, study)
+
+
+def test_an_administrator_rejects_a_series_the_modality_cannot(archive: PacsServer, tmp_path: Path) -> None:
+    """Most modalities in service cannot send a rejection note: ``pacs
+    rejections reject`` makes one here. A dry run changes nothing; then
+    the series goes, audited, recorded as rejected (the modality resending
+    the study gets 0xA771 for it), and the note is a KOS of the study that
+    keeps the patient's Vietnamese name and says why."""
+    server = archive
+    study, (first, second) = _study(server, tmp_path / "s", "REJ-20", [2, 1], calling="CT_ROOM2",
+                                    name="Nguyễn^Văn Ân", SpecificCharacterSet="ISO_IR 192")
+    args = ["rejections", "reject", "--study", study, "--series", first[0], "--code", "Incorrect Modality "
+            "Worklist Entry", "--reason", "chụp nhầm bệnh nhân: sent under REJ-20 instead of REJ-21", "--json"]
+    dry = json.loads(server.cli(*args).stdout)
+    assert dry["dry_run"] and dry["instances"] == 2 and dry["code"] == "113038", dry
+    assert dry["series"] == [{"series_uid": first[0], "instances": 2}] and dry["patient_id"] == "REJ-20"
+    assert _image_uids(server, study) == set(first[1:] + second[1:])
+    done = json.loads(server.cli(*args, "--yes").stdout)
+    assert not done["dry_run"] and done["withdrawn"] == 2 and done["kept"] == [], done
+    assert _image_uids(server, study) == {second[1]}
+    assert {r["sop_uid"] for r in _rejections(server, "list", "--study", study)["rejected"]} == set(first[1:])
+    files = sorted((tmp_path / "s").iterdir())
+    assert [scu_store_file(server, f, calling="CT_ROOM2") for f in files] == [0xA771, 0xA771, 0]
+    with server.http() as http:
+        found = http.get(f"/dicom-web/studies/{study}/series", params={"Modality": "KO"}).json()
+        (note_series,) = [s["0020000E"]["Value"][0] for s in found]
+        answer = http.get(f"/dicom-web/studies/{study}/series/{note_series}/metadata")
+        (note,) = answer.json()
+        events = http.get("/api/audit", params={"study": study}).json()
+    assert note["00080016"]["Value"] == [KOS] and note["00100010"]["Value"][0]["Alphabetic"] == "Nguyễn^Văn Ân"
+    assert note["0040A043"]["Value"][0]["00080100"]["Value"] == ["113038"]
+    texts = [i["0040A160"]["Value"][0] for i in note["0040A730"]["Value"] if i["0040A040"]["Value"] == ["TEXT"]]
+    assert "chụp nhầm bệnh nhân: sent under REJ-20 instead of REJ-21" in texts
+    deleted = [e for e in events if e["action"] == "delete" and e["outcome"] == "success"]
+    assert len(deleted) == 1 and deleted[0]["protocol"] == "cli" and "chụp nhầm" in deleted[0]["detail"], deleted
+    assert [e["protocol"] for e in events if e["action"] == "reject"] == ["cli"], events
+    refused = server.cli("rejections", "reject", "--study", "1.2.3.999", "--reason", "x", "--yes", check=False)
+    assert refused.returncode == 2 and "no study" in refused.stderr, refused.stderr
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_rejecting_over_the_json_api(archive: PacsServer, tmp_path: Path) -> None:
+    """POST /api/rejections/reject: administrators only; one instance
+    rejected by name, after a dry run; the note follows no rule here; bad
+    requests are 400, an unknown study or instance 404, a signed study 409."""
+    server = archive
+    study, (one,) = _study(server, tmp_path / "s", "REJ-22", [3])
+    signed, (kept,) = _study(server, tmp_path / "t", "REJ-23", [1])
+    radiologist = server.make_token("bs.rej3", "radiologist")
+    with server.http(radiologist) as rad:
+        body = {"study_uid": study, "sop_uids": [one[1]], "reason": "blurred"}
+        assert rad.post("/api/rejections/reject", json=body).status_code == 403
+        assert rad.put(f"/api/studies/{signed}/report", json={"findings": "Bình thường.", "impression": "Không."}
+                       ).status_code == 200
+        assert rad.post(f"/api/studies/{signed}/report/sign").status_code == 200
+    with server.http() as http:
+        dry = http.post("/api/rejections/reject", params={"dry_run": "true"}, json=body)
+        assert dry.status_code == 200 and dry.json()["dry_run"] and dry.json()["instances"] == 1, dry.text
+        assert dry.json()["code"] == "113001" and dry.json()["reason"] == "Rejected for Quality Reasons"
+        for bad, status in (({**body, "code": "113000"}, 400), ({**body, "study_uid": "1.2.x"}, 400),
+                            ({**body, "sop_uids": ["1.2.x"]}, 400), ({**body, "reason": "  "}, 400),
+                            ({**body, "study_uid": "1.2.3.998"}, 404), ({**body, "sop_uids": [kept[1]]}, 404),
+                            ({"study_uid": signed, "reason": "blurred"}, 409)):
+            answer = http.post("/api/rejections/reject", json=bad)
+            assert answer.status_code == status, (bad, answer.text)
+        done = http.post("/api/rejections/reject", json={**body, "code": "113037"})
+        assert done.status_code == 200, done.text
+        assert done.json()["withdrawn"] == 1 and done.json()["code"] == "113037", done.json()
+        events = http.get("/api/audit", params={"study": study, "action": "reject"}).json()
+    assert _image_uids(server, study) == set(one[2:]) and _image_uids(server, signed) == {kept[1]}
+    assert [(e["user"], e["outcome"]) for e in events if not e["detail"].startswith("would")].count(
+        ("pacs-test", "success")) == 1, events
+    assert _rejections(server, "list", "--study", study)["rejected"][0]["code"] == "113037"

@@ -3,9 +3,14 @@ API: what ``pacs rejections list|lift`` does, for an administrator's tools.
 
     GET  /api/rejections[?study=UID&limit=N]
     POST /api/rejections/lift[?dry_run=true]   {"study_uid": ..., "sop_uids": [...], "reason": ...}
+    POST /api/rejections/reject[?dry_run=true] {"study_uid": ..., "series_uid": ..., "sop_uids": [...],
+                                                "code": "113038", "reason": ...}
 
-Administrators only; each call audited (a lift as ``rejection-lift``, in the
-trail of the study it names, with the reason and what it lifted).
+``reject`` withdraws images with a rejection note made here
+(pacs.rejection_notes). Administrators only; each call audited (a lift as
+``rejection-lift``, a rejection as ``reject`` and each of its deletions as
+``delete``, in the trail of the study it names, with the reason and what it
+did).
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ from pydantic import Field
 
 from pacs import rejections
 from pacs.auth import Principal
+from pacs.key_images import Author
+from pacs.rejection_notes import MAX_LISTED, MAX_REASON, reject
 
-from .errors import HTTPProblem, JsonBody, require_uids
+from .errors import HTTPProblem, JsonBody, refused_as_problem, require_uids
 from .security import guard
 from .ui_api import _audit_detail
 
@@ -69,3 +76,32 @@ def lift_rejections(request: Request, body: Lift, dry_run: bool = Query(False, d
                   + (f" ({lifted[0].sop_uid}{' and more' if len(lifted) > 1 else ''})" if lifted else "")
                   + f" of {', '.join(studies) or 'no study'}; reason: {reason}")
     return {"dry_run": dry_run, "lifted": [e.as_dict() for e in lifted]}
+
+
+class Reject(JsonBody):
+    study_uid: str = Field(..., description="the study")
+    series_uid: str = Field("", description="only this series")
+    sop_uids: list[str] = Field([], max_length=MAX_LISTED, description="only these instances")
+    code: str = Field("", max_length=80, description="113001 (default), 113037, 113038, 113039, or its meaning")
+    reason: str = Field(..., min_length=1, max_length=MAX_REASON, description="what happened (note and audit)")
+
+
+@router.post("/api/rejections/reject", summary="Withdraw images with a rejection note made here; admin, audited")
+def reject_images(request: Request, body: Reject, dry_run: bool = Query(False, description="only show what"),
+                  principal: Principal = guard("admin", action="reject")) -> dict[str, Any]:
+    client = request.client.host if request.client else ""
+    author = Author(principal.username, principal.display_name, principal.role, client)
+    event = getattr(request.state, "audit", None)
+    if event is not None:
+        event.study_uid = body.study_uid[:64]  # a refusal too is in the study's trail
+    selection, done = refused_as_problem(reject, request.app.state.pacs, author, study_uid=body.study_uid,
+                                         series_uid=body.series_uid, sop_uids=body.sop_uids, code=body.code,
+                                         reason=body.reason, dry_run=dry_run)
+    answer: dict[str, Any] = {"dry_run": done is None, **selection.as_dict()}
+    if done is None:
+        _audit_detail(request, f"would reject {selection.instances} instances: {answer['reason']}")
+        return answer
+    answer.update(note_uid=done.note_uid, withdrawn=done.deleted, not_found=done.not_found, kept=done.refused)
+    _audit_detail(request, f"{done.reason}: {done.deleted} instances withdrawn"
+                  + "".join(f"; kept: {why}" for why in done.refused))
+    return answer
