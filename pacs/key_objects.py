@@ -301,8 +301,9 @@ def build_kos(study: StudyHeader, selected: list[Selected], *, title: str, autho
     children = [
         _item("HAS OBS CONTEXT", "CODE", OBSERVER_TYPE, ConceptCodeSequence=Sequence([_code(PERSON)])),
         _item("HAS OBS CONTEXT", "PNAME", PERSON_NAME, PersonName=person_name(author_name) or login),
-        _item("HAS OBS CONTEXT", "TEXT", LOGIN_NAME, TextValue=login),
     ]
+    if login:  # without: no one's own selection (a rejection note made here, which a selection must not replace)
+        children.append(_item("HAS OBS CONTEXT", "TEXT", LOGIN_NAME, TextValue=login))
     if description:
         children.append(_item("CONTAINS", "TEXT", DESCRIPTION, TextValue=description))
     children.extend(_image(s) for s in selected)

@@ -155,7 +155,9 @@ def reject(pacs: Pacs, author: Author, *, study_uid: str, series_uid: str = "", 
     if dry_run:
         return selection, None
     note_uid, data = build_kos(study_header(study, request), list(found.values()), title=chosen,
-                               author_name=author.display_name or author.username, login=author.username,
+                               # No login: the author's key image selection (found by login) would
+                               # take it for theirs and delete it when replaced.
+                               author_name=author.display_name or author.username, login="",
                                description=text, when=dicom_date_time(datetime.now(UTC), hospital_zone(pacs.settings)),
                                series_description=SERIES_DESCRIPTION, series_number=SERIES_NUMBER)
     stored = pacs.ingestor.ingest(BufferSource(b"", data), Origin(

@@ -591,6 +591,11 @@ def test_rejecting_over_the_json_api(archive: PacsServer, tmp_path: Path) -> Non
         assert done.status_code == 200, done.text
         assert done.json()["withdrawn"] == 1 and done.json()["code"] == "113037", done.json()
         events = http.get("/api/audit", params={"study": study, "action": "reject"}).json()
+        # The same administrator's key images, saved and cleared, leave the note alone (not their selection).
+        for images in ([{"sop_uid": one[2]}], []):
+            assert http.put(f"/api/studies/{study}/key-images", json={"images": images}).status_code == 200
+        notes = http.get(f"/dicom-web/studies/{study}/instances", params={"SOPClassUID": KOS}).json()
+        assert [n["00080018"]["Value"][0] for n in notes] == [done.json()["note_uid"]], notes
     assert _image_uids(server, study) == set(one[2:]) and _image_uids(server, signed) == {kept[1]}
     assert [(e["user"], e["outcome"]) for e in events if not e["detail"].startswith("would")].count(
         ("pacs-test", "success")) == 1, events
