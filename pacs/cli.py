@@ -209,6 +209,7 @@ def cmd_health(args: argparse.Namespace) -> int:
 # -- import -------------------------------------------------------------------
 def cmd_import(args: argparse.Namespace) -> int:
     from .importer import import_paths
+    from .maintenance.common import os_user
 
     pacs = _open(args)
     try:
@@ -219,7 +220,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         with _progress(args.json) as progress:
             task = progress.add_task("importing", total=None)
             summary = import_paths(
-                pacs, args.paths, workers=args.workers, on_file=lambda _p, _o: progress.advance(task), routed=args.route
+                pacs, args.paths, workers=args.workers, on_file=lambda _p, _o: progress.advance(task), routed=args.route,
+                rejecting_user=os_user(),
             )
         _audit_import(pacs, args.paths, summary)
     finally:
@@ -231,6 +233,8 @@ def cmd_import(args: argparse.Namespace) -> int:
             f"{summary.files} files: {summary.stored} stored, {summary.duplicates} already stored, "
             f"{summary.not_dicom} not DICOM (skipped), "
             + (f"{summary.skipped} DICOMDIR (skipped), " if summary.skipped else "")
+            + (f"{summary.rejected} refused as rejected (pacs rejections list), " if summary.rejected else "")
+            + (f"{summary.withdrawn} withdrawn by the rejection notes imported, " if summary.withdrawn else "")
             + f"{summary.failed} failed; "
             f"{summary.bytes / 1e6:.1f} MB"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -10,9 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .app import Pacs
-from .errors import IngestError
+from .audit import Event
+from .errors import IngestError, Status
 from .index.writer import Outcome
 from .ingest import IngestResult, Origin
+from .key_objects import KOS_CLASS
+from .rejections import apply_rejection
+
+log = logging.getLogger(__name__)
 
 # PS3.10 8: a media's directory (DICOMDIR) is a Part 10 file but no object to archive.
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -32,6 +38,10 @@ class ImportSummary:
     # DICOMDIR files of a CD or USB copy: read by media viewers, not archived.
     skipped: int = 0
     failed: int = 0
+    # Refused as withdrawn by a rejection note (0xA771): the archive's choice, not a failure.
+    rejected: int = 0
+    # Instances the rejection notes imported withdrew (``rejecting_user`` given).
+    withdrawn: int = 0
     bytes: int = 0
     errors: list[dict[str, str]] = field(default_factory=list)
     # Instances stored per Study Instance UID: what the audit trail names.
@@ -45,6 +55,8 @@ class ImportSummary:
             "not_dicom": self.not_dicom,
             "skipped": self.skipped,
             "failed": self.failed,
+            "rejected": self.rejected,
+            "withdrawn": self.withdrawn,
             "bytes": self.bytes,
             "errors": self.errors[:100],
         }
@@ -236,12 +248,26 @@ def import_paths(
     workers: int = 4,
     on_file: Callable[[Path, str], None] | None = None,
     routed: bool = False,
+    rejecting_user: str = "",
 ) -> ImportSummary:
     """Ingest every DICOM file under *paths*; skip others with a count.
     *routed*: the routing rules apply to them (``pacs import --route``); an
-    import is old data, not an examination arriving (see Origin.routed)."""
+    import is old data, not an examination arriving (see Origin.routed).
+    *rejecting_user* (the operator of ``pacs import``): a rejection note
+    among the files withdraws what it lists, as that user's deletions (an
+    old archive's notes and the images they rejected come in any order; the
+    images after their note are counted ``rejected``, not failed)."""
     summary = ImportSummary()
     origin = Origin(source="import", calling_ae="", remote_host="localhost", routed=routed, examination=False)
+    withdrawn: list[int] = []
+
+    def withdraw(result: IngestResult) -> None:
+        """A rejection note imported: what it lists goes (pacs.rejections)."""
+        def event() -> Event:
+            return Event(action="delete", user=rejecting_user, role="admin", protocol="cli")
+        done = apply_rejection(pacs, result.storage_key, event)
+        if done is not None:
+            withdrawn.append(done.deleted)
 
     def ingest(path: Path) -> IngestResult | str:
         if is_part10(path):
@@ -257,7 +283,7 @@ def import_paths(
         try:
             result = ingest(path)
         except IngestError as exc:
-            return path, "failed", 0, str(exc), ""
+            return path, "rejected" if exc.status == Status.REJECTED_INSTANCE else "failed", 0, str(exc), ""
         except OSError as exc:
             return path, "failed", 0, f"cannot read: {exc}", ""
         if isinstance(result, str):
@@ -266,6 +292,12 @@ def import_paths(
             # Not stored (answered 0111H over DICOM): the file must not be
             # taken for archived and deleted from the CD or disk it came from.
             return path, "failed", 0, result.conflict, ""
+        if rejecting_user and result.header.sop_class_uid == KOS_CLASS:
+            try:
+                withdraw(result)
+            except Exception as exc:  # the index or the store failing: the note is stored, imported again it applies
+                log.exception("rejection note %s imported, not applied", result.sop_uid)
+                return path, "failed", 0, f"rejection note stored, not applied: {exc}; import it again", ""
         outcome = "duplicate" if result.outcome is Outcome.DUPLICATE else "stored"
         return path, outcome, result.size, "", result.header.study_uid
 
@@ -281,6 +313,8 @@ def import_paths(
             summary.not_dicom += 1
         elif outcome == "skipped":
             summary.skipped += 1
+        elif outcome == "rejected":
+            summary.rejected += 1
         else:
             summary.failed += 1
             summary.errors.append({"path": str(path), "error": error})
@@ -309,4 +343,5 @@ def import_paths(
     for path, error in unreadable:
         summary.failed += 1
         summary.errors.append({"path": str(path), "error": error})
+    summary.withdrawn = sum(withdrawn)
     return summary

@@ -352,7 +352,7 @@ def test_a_rejected_instance_sent_again_is_refused_until_lifted(archive: PacsSer
     """The modality resends the whole study after its note (its automatic
     retry): the withdrawn images, and one the note listed that had not
     arrived, are refused 0xA771 over DICOM, 409 over STOW-RS and by an
-    import, their copies not kept; the image the note did not list is a
+    import (counted as rejected), their copies not kept; the image the note did not list is a
     plain resend. ``pacs rejections lift`` lets one in again, audited, and
     the same note sent again does not withdraw it again."""
     server = archive
@@ -375,10 +375,10 @@ def test_a_rejected_instance_sent_again_is_refused_until_lifted(archive: PacsSer
     refused = _stow(server, sent[withdrawn[0]])
     assert refused.status_code == 409, refused.text
     assert refused.json()["00081198"]["Value"][0]["00081197"]["Value"] == [0xA771]
-    imported = server.cli("import", str(late_file), "--json", check=False)
+    # An import counts it refused as rejected: the archive's choice, not a failure (exit 0).
+    imported = server.cli("import", str(late_file), "--json")
     report = json.loads(imported.stdout)
-    assert imported.returncode == 1 and report["failed"] == 1 and report["stored"] == 0, imported
-    assert report["errors"][0]["error"].startswith("0xA771: rejected by a rejection note (113001)"), report
+    assert report["rejected"] == 1 and report["failed"] == 0 and report["stored"] == 0, imported
     assert _image_uids(server, study) == {kept}
     assert server.stats() == before
     verified = json.loads(server.cli("verify", "--json").stdout)
@@ -600,3 +600,51 @@ def test_rejecting_over_the_json_api(archive: PacsServer, tmp_path: Path) -> Non
     assert [(e["user"], e["outcome"]) for e in events if not e["detail"].startswith("would")].count(
         ("pacs-test", "success")) == 1, events
     assert _rejections(server, "list", "--study", study)["rejected"][0]["code"] == "113037"
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_an_import_applies_the_rejection_notes_it_brings(archive: PacsServer, tmp_path: Path) -> None:
+    """An old archive's files: studies, and the rejection notes that withdrew
+    two images of each, in whatever order the import meets them. The images
+    end withdrawn either way: stored then withdrawn (audited as the
+    operator's deletions), or refused after their note (counted rejected);
+    nothing failed (exit 0), and importing it all again changes nothing."""
+    server = archive
+
+    def old_study(name: str) -> tuple[str, list[str], Path, Path]:
+        images, notes = tmp_path / name / "images", tmp_path / name / "notes"
+        images.mkdir(parents=True)
+        notes.mkdir()
+        study, series = generate_uid(), generate_uid()
+        sops = [generate_uid() for _ in range(3)]
+        for i, sop in enumerate(sops):
+            make_ct(images / f"img{i}.dcm", sop_uid=sop, StudyInstanceUID=study, SeriesInstanceUID=series,
+                    PatientID="REJ-30", PatientName="NGUYEN^VAN AN", InstanceNumber=i + 1)
+        _note(notes / "note.dcm", study, "REJ-30", REJECTED, {study: [series, *sops[:2]]})
+        return study, sops, images, notes
+
+    def imported(*paths: Path) -> dict[str, Any]:
+        return dict(json.loads(server.cli("import", *map(str, paths), "--json").stdout))
+
+    # The images first, then their note: withdrawn.
+    study, sops, images, notes = old_study("a")
+    assert imported(images)["stored"] == 3
+    report = imported(notes)
+    assert report["withdrawn"] == 2 and report["stored"] == 1 and report["failed"] == 0, report
+    assert _image_uids(server, study) == {sops[2]}
+    deleted = _events(server, study, "success", 1)
+    assert len(deleted) == 1 and deleted[0]["protocol"] == "cli" and "rejection note" in deleted[0]["detail"]
+    # The note first, then the images: the two it lists are refused.
+    study, sops, images, notes = old_study("b")
+    assert imported(notes)["withdrawn"] == 0
+    report = imported(images)
+    assert report["rejected"] == 2 and report["stored"] == 1 and report["failed"] == 0, report
+    assert _image_uids(server, study) == {sops[2]}
+    # Both together, in any order, and again: the same end.
+    study, sops, images, notes = old_study("c")
+    report = imported(images, notes)
+    assert report["failed"] == 0 and report["rejected"] + report["withdrawn"] == 2, report
+    again = imported(images, notes)
+    assert again["rejected"] == 2 and again["duplicates"] == 2 and again["failed"] == 0, again
+    assert _image_uids(server, study) == {sops[2]}
+    assert {r["sop_uid"] for r in _rejections(server, "list", "--study", study)["rejected"]} == set(sops[:2])
