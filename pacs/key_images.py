@@ -47,6 +47,7 @@ from .key_objects import (
     StudyHeader,
     build_kos,
     key_document,
+    title_code,
 )
 from .orders import fit_text
 from .routing import VIEWER_SAVE_HOLD_SECONDS
@@ -114,16 +115,10 @@ class _Stored:
 def parse_title(value: str | None) -> str:
     """The CID 7010 code of a title given as its code ("113000") or meaning
     ("Of Interest", case ignored); the default "Of Interest" when none."""
-    if value is None or not value.strip():
-        return DEFAULT_TITLE
-    wanted = " ".join(value.split())
-    if wanted in TITLES:
-        return wanted
-    for code, meaning in TITLES.items():
-        if meaning.casefold() == wanted.casefold():
-            return code
-    choices = ", ".join(f"{code} {meaning}" for code, meaning in TITLES.items())
-    raise KeyImageError(f"unknown document title {wanted[:80]!r}: one of {choices}", 400)
+    try:
+        return title_code(value, TITLES, DEFAULT_TITLE, "document title")
+    except ValueError as exc:
+        raise KeyImageError(str(exc), 400) from None
 
 
 def _description(value: str | None) -> str:

@@ -158,6 +158,22 @@ class KeyDocument:
                 "own": own, "images": len(self.images)}
 
 
+def title_code(value: str | None, titles: dict[str, str], default: str, what: str) -> str:
+    """The code of one of *titles* given as its code ("113000") or meaning
+    ("Of Interest", case ignored); *default* when none is given. ValueError
+    naming *what* and the choices for any other."""
+    wanted = " ".join((value or "").split())
+    if not wanted:
+        return default
+    if wanted in titles:
+        return wanted
+    for code, meaning in titles.items():
+        if meaning.casefold() == wanted.casefold():
+            return code
+    choices = "; ".join(f"{code} {meaning}" for code, meaning in titles.items())
+    raise ValueError(f"unknown {what} {wanted[:80]!r}: one of {choices}")
+
+
 def _code(value: tuple[str, str, str]) -> Dataset:
     item = Dataset()
     item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value

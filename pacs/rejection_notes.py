@@ -31,7 +31,7 @@ from .header import valid_uid
 from .index.models import Instance, Series
 from .ingest import Origin
 from .key_images import Author, requested_procedure, study_header, study_row
-from .key_objects import KOS_CLASS, REJECTION_TITLES, Selected, build_kos
+from .key_objects import KOS_CLASS, REJECTION_TITLES, Selected, build_kos, title_code
 from .maintenance.delete import refuse_if_signed
 from .part10 import BufferSource
 from .rejections import Rejection, apply_rejection
@@ -77,16 +77,10 @@ class Selection:
 def parse_code(value: str | None) -> str:
     """The CID 7011 code of a rejection reason given as its code ("113001") or
     meaning ("Rejected for Patient Safety Reasons", case ignored)."""
-    wanted = " ".join((value or "").split())
-    if not wanted:
-        return DEFAULT_CODE
-    if wanted in REJECTION_TITLES:
-        return wanted
-    for code, meaning in REJECTION_TITLES.items():
-        if meaning.casefold() == wanted.casefold():
-            return code
-    choices = "; ".join(f"{code} {meaning}" for code, meaning in REJECTION_TITLES.items())
-    raise RejectRefused(f"unknown rejection reason {wanted[:80]!r}: one of {choices}", 400)
+    try:
+        return title_code(value, REJECTION_TITLES, DEFAULT_CODE, "rejection reason")
+    except ValueError as exc:
+        raise RejectRefused(str(exc), 400) from None
 
 
 def _reason(value: str) -> str:
