@@ -4,9 +4,13 @@ document titled with a rejection reason that lists them.
 
 The note is stored as any object; then, when its sender may reject
 (``pacs ae add AE --services ...,reject``: never implied by "all", an image
-deleted by a KOS from any device would be an easy way to lose records), the
+deleted by a KOS from any device would be an easy way to lose records; over
+STOW-RS an administrator, roles.REJECTING_ROLES; the operator of ``pacs
+import``; an administrator making one here, pacs.rejection_notes), the
 instances it lists in its own study go through the deletion path, audited
-as ``delete`` by the sending AE with the note's reason. A whole series
+as ``delete`` by the sender with the note's reason (and its Key Object
+Description). The note follows them to every destination routing sent them
+to (routing.follow_rejection). A whole series
 listed goes with its last instance (not as a series: one received since
 stays). What the note cannot take is logged and audited as a failed
 ``delete``, the images kept: a study with a signed report (an
