@@ -254,20 +254,15 @@ def import_paths(
     *routed*: the routing rules apply to them (``pacs import --route``); an
     import is old data, not an examination arriving (see Origin.routed).
     *rejecting_user* (the operator of ``pacs import``): a rejection note
-    among the files withdraws what it lists, as that user's deletions (an
-    old archive's notes and the images they rejected come in any order; the
-    images after their note are counted ``rejected``, not failed)."""
+    among the files withdraws what it lists, as that user's deletions, once
+    every file is in: an old archive's notes and the images they rejected
+    come in any order, and a note applied while its images were being
+    written by the other threads could miss one (PostgreSQL). An instance a
+    note withdrew before (an earlier import, a modality) is counted
+    ``rejected``, not failed."""
     summary = ImportSummary()
     origin = Origin(source="import", calling_ae="", remote_host="localhost", routed=routed, examination=False)
-    withdrawn: list[int] = []
-
-    def withdraw(result: IngestResult) -> None:
-        """A rejection note imported: what it lists goes (pacs.rejections)."""
-        def event() -> Event:
-            return Event(action="delete", user=rejecting_user, role="admin", protocol="cli")
-        done = apply_rejection(pacs, result.storage_key, event)
-        if done is not None:
-            withdrawn.append(done.deleted)
+    notes: list[tuple[Path, IngestResult]] = []
 
     def ingest(path: Path) -> IngestResult | str:
         if is_part10(path):
@@ -293,11 +288,7 @@ def import_paths(
             # taken for archived and deleted from the CD or disk it came from.
             return path, "failed", 0, result.conflict, ""
         if rejecting_user and result.header.sop_class_uid == KOS_CLASS:
-            try:
-                withdraw(result)
-            except Exception as exc:  # the index or the store failing: the note is stored, imported again it applies
-                log.exception("rejection note %s imported, not applied", result.sop_uid)
-                return path, "failed", 0, f"rejection note stored, not applied: {exc}; import it again", ""
+            notes.append((path, result))  # applied at the end (list.append: atomic across the threads)
         outcome = "duplicate" if result.outcome is Outcome.DUPLICATE else "stored"
         return path, outcome, result.size, "", result.header.study_uid
 
@@ -343,5 +334,25 @@ def import_paths(
     for path, error in unreadable:
         summary.failed += 1
         summary.errors.append({"path": str(path), "error": error})
-    summary.withdrawn = sum(withdrawn)
+    for path, result in notes:
+        _apply_note(pacs, path, result, rejecting_user, summary)
     return summary
+
+
+def _apply_note(pacs: Pacs, path: Path, result: IngestResult, user: str, summary: ImportSummary) -> None:
+    """A Key Object Selection imported: what it withdraws, if it is a
+    rejection note, goes (pacs.rejections), counted in *summary*; a failure
+    (the index or the store failing) is one: the note is stored, and
+    imported again it applies."""
+    def event() -> Event:
+        return Event(action="delete", user=user, role="admin", protocol="cli")
+    try:
+        done = apply_rejection(pacs, result.storage_key, event)
+    except Exception as exc:
+        log.exception("rejection note %s imported, not applied", result.sop_uid)
+        summary.failed += 1
+        summary.errors.append({"path": str(path), "error": f"rejection note stored, not applied: {exc}; "
+                                                         "import it again"})
+        return
+    if done is not None:
+        summary.withdrawn += done.deleted
