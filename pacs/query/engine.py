@@ -62,8 +62,12 @@ _MAX_OFFSET = 2**31 - 1
 # a series of another modality decides (looked up only for such studies).
 _LEFTOVERS = ("KO", "PR", "SR")
 _LEFT = ["\\".join(kept) for kept in (("KO",), ("KO", "PR"), ("KO", "SR"), ("KO", "PR", "SR"))]
+# The series test is a scalar subquery with LIMIT 1, not EXISTS: PostgreSQL
+# made that a hashed subplan, reading the whole series table once a
+# withdrawn study was met (65-95 ms a newest-first page at 100,000 studies).
 READABLE = or_(studies.c.modalities.not_in(_LEFT),
-               exists().where(series.c.study_pk == studies.c.pk, series.c.modality.not_in(_LEFTOVERS)),
+               select(series.c.pk).where(series.c.study_pk == studies.c.pk, series.c.modality.not_in(_LEFTOVERS))
+               .limit(1).scalar_subquery().is_not(None),
                and_(studies.c.modalities != "KO", ~exists().where(_rejected.c.study_uid == studies.c.study_uid)))
 # Keys with which a study-level search asks for withdrawn studies too: the
 # study itself, or its modalities (ModalitiesInStudy=KO finds the notes).
