@@ -68,6 +68,7 @@ def test_withdrawn_studies_leave_searches_and_normal_ones_stay(archive: PacsServ
             assert qido(StudyInstanceUID=uid) == [uid]
         listed = http.get("/api/worklist", params={"name": "NGUYEN", "limit": "100"}).json()
         assert {i["study_uid"] for i in listed["items"]} & everything == set(shown.values())
+        assert listed["total"] == len(listed["items"]) and listed["total_exact"], listed
         bundle = http.get("/fhir/ImagingStudy", params={"patient.identifier": "WD-7,WD-8,WD-1,WD-5"}).json()
         assert bundle["total"] == 2, bundle
     patients = {"ct": "WD-1", "no-modality": "WD-2", "sr": "WD-3", "pr": "WD-4", "blank": "WD-5", "keyed": "WD-6"}
