@@ -476,6 +476,9 @@ def test_a_study_whose_every_image_was_withdrawn_leaves_the_reading_worklist(arc
         assert qido(PatientName="NGUYEN*") >= {other} and study not in qido(PatientName="NGUYEN*")
         assert qido(PatientID="REJ-11") == set() and qido(PatientID="REJ-12") == {other}
         assert qido(PatientID="REJ-16") == set() and qido(PatientID="REJ-17") == {keyed}
+        # A viewer's modality filter is no request for the notes: the wrong patient's dose report stays out.
+        assert qido(PatientID="REJ-16", ModalitiesInStudy="CT\\SR") == set()
+        assert qido(PatientID="REJ-16", ModalitiesInStudy="SR,KO") == {dosed}
         assert qido(StudyInstanceUID=study) == {study}
         assert qido(PatientID="REJ-11", ModalitiesInStudy="KO") == {study}
     assert study_matches(server, tmp_path, PatientID="REJ-11") == set()

@@ -69,9 +69,9 @@ READABLE = or_(studies.c.modalities.not_in(_LEFT),
                select(series.c.pk).where(series.c.study_pk == studies.c.pk, series.c.modality.not_in(_LEFTOVERS))
                .limit(1).scalar_subquery().is_not(None),
                and_(studies.c.modalities != "KO", ~exists().where(_rejected.c.study_uid == studies.c.study_uid)))
-# Keys with which a study-level search asks for withdrawn studies too: the
-# study itself, or its modalities (ModalitiesInStudy=KO finds the notes).
-_SHOWS_WITHDRAWN = ("StudyInstanceUID", "ModalitiesInStudy")
+# A study-level search asks for withdrawn studies too when it names the study,
+# or asks for the notes' modality (ModalitiesInStudy=KO; not CT\SR, a viewer's
+# filter that would list the wrong patient's dose report).
 _STUDY_PK = "_sop_classes_study_pk"
 
 
@@ -100,7 +100,7 @@ class Query:
     # image withdrawn by a rejection note, see READABLE). None: left out of a
     # search, as dcm4chee's default view leaves rejected objects out (the
     # wrong patient's history listed an empty study), unless the search names
-    # the study or its modalities (_SHOWS_WITHDRAWN); False: always left
+    # the study or the notes' modality (_shows_withdrawn); False: always left
     # out; True: always in.
     withdrawn: bool | None = None
 
@@ -236,7 +236,10 @@ def build_select(query: Query, conn: Connection | None = None) -> tuple[Select[A
 def _shows_withdrawn(query: Query) -> bool:
     if query.withdrawn is not None:
         return query.withdrawn
-    return any(query.match.get(k) and not universal(query.match[k]) for k in _SHOWS_WITHDRAWN)
+    study, modalities = query.match.get("StudyInstanceUID", ""), query.match.get("ModalitiesInStudy", "")
+    if study and not universal(study):
+        return True
+    return "KO" in {m.strip().upper() for m in modalities.replace(",", "\\").split("\\")}
 
 
 # Keys that name patients: their studies are found from the patients.
