@@ -120,8 +120,8 @@ def _reject(pacs: Any, args: argparse.Namespace, err: Any) -> int:
                   + "".join(f"; kept: {why}" for why in done.refused))
     if done is not None:
         audit_command(pacs, "reject", f"{done.reason}: {done.deleted} instances withdrawn"
-                      + "".join(f"; kept: {why}" for why in done.refused), study_uid=selection.study_uid,
-                      patient_id=selection.patient_id)
+                      + "".join(f"; kept: {why}" for why in done.refused), study_uid=selection.study_uid)
+        # No patient_id: the audit names the study's patient with their issuer (patient_cx), as the deletions.
     return 1 if done is not None and done.refused else 0
 
 
