@@ -191,15 +191,21 @@ def _item(relationship: str, value_type: str, concept: tuple[str, str, str], **v
 
 
 def _image(selected: Selected) -> Dataset:
-    """An IMAGE item (no concept name: TID 2010 gives the purpose in the title)."""
+    """An IMAGE item (no concept name: TID 2010 gives the purpose in the title);
+    WAVEFORM or COMPOSITE for an object of another class (a rejection note
+    made here withdraws a study's dose report and presentation states too)."""
+    from .dicomdir import record_type
+
+    kind = record_type(selected.sop_class_uid)
+    kind = "IMAGE" if kind == "RT DOSE" else kind  # pixel data, as a viewer shows it
     ref = Dataset()
     ref.ReferencedSOPClassUID = selected.sop_class_uid
     ref.ReferencedSOPInstanceUID = selected.sop_uid
-    if selected.frames:
+    if selected.frames and kind == "IMAGE":
         ref.ReferencedFrameNumber = list(selected.frames)
     item = Dataset()
     item.RelationshipType = "CONTAINS"
-    item.ValueType = "IMAGE"
+    item.ValueType = kind if kind in ("IMAGE", "WAVEFORM") else "COMPOSITE"
     item.ReferencedSOPSequence = Sequence([ref])
     return item
 

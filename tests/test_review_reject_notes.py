@@ -9,11 +9,13 @@ from typing import Any
 
 import pytest
 from pydicom import dcmread
+from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer
 from .peers import wait_until
+from .dicomfiles import make_ct
 from .test_query_retrieve import StoreSCP
-from .test_rejections import CT, KOS, _image_uids, _study, archive  # noqa: F401
+from .test_rejections import CT, DOSE_SR, KOS, _image_uids, _study, archive  # noqa: F401
 
 
 def _stored(server: PacsServer, sop_uid: str) -> Any:
@@ -99,3 +101,26 @@ def test_the_cli_reject_event_names_the_patient_with_their_issuer(archive: PacsS
     rejected = [e["patient_id"] for e in events if e["action"] == "reject"]
     assert deleted == ["REJ-R3^^^BVDK"], events
     assert rejected == ["REJ-R3^^^BVDK"], events
+
+
+
+@pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
+def test_a_note_made_here_references_a_dose_report_as_composite_not_image(archive: PacsServer,
+                                                                          tmp_path: Path) -> None:
+    """A whole study rejected takes its dose report (SR) too: the note's TID
+    2010 item for it is a COMPOSITE, an IMAGE item referencing an image only
+    (PS3.3 C.17.3.2.1; a viewer opens each IMAGE item as an image)."""
+    server = archive
+    study, (one,) = _study(server, tmp_path / "s", "REJ-R6", [2], calling="CT_ROOM2")
+    dose = make_ct(tmp_path / "dose.dcm", sop_class=DOSE_SR, StudyInstanceUID=study, Modality="SR",
+                   SeriesInstanceUID=generate_uid(), PatientID="REJ-R6", PatientName="NGUYEN^VAN AN")
+    assert server.storescu(str(dose), calling="CT_ROOM2").returncode == 0
+    dose_uid = str(dcmread(dose, stop_before_pixels=True).SOPInstanceUID)
+    with server.http() as http:
+        done = http.post("/api/rejections/reject", json={"study_uid": study, "reason": "sai bệnh nhân"})
+    assert done.status_code == 200, done.text
+    assert done.json()["withdrawn"] == 3, done.json()
+    note = _stored(server, done.json()["note_uid"])
+    kinds = {item.ReferencedSOPSequence[0].ReferencedSOPInstanceUID: item.ValueType
+             for item in note.ContentSequence if "ReferencedSOPSequence" in item}
+    assert kinds == {one[1]: "IMAGE", one[2]: "IMAGE", dose_uid: "COMPOSITE"}, kinds
