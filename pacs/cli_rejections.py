@@ -91,6 +91,7 @@ def _reject(pacs: Any, args: argparse.Namespace, err: Any) -> int:
     """``pacs rejections reject``: 0 done (or a dry run), 1 some instances kept, 2 refused."""
     from .cli import audit_command
     from .errors import RefusedRequest
+    from .header import valid_uid
     from .key_images import Author
     from .maintenance.common import os_user
     from .rejection_notes import reject
@@ -101,6 +102,9 @@ def _reject(pacs: Any, args: argparse.Namespace, err: Any) -> int:
                                  reason=args.reason, dry_run=not args.yes)
     except RefusedRequest as exc:
         err.print(f"[red]not rejected: {exc}[/red]")
+        if args.yes:  # as the JSON API's refusals are
+            audit_command(pacs, "reject", f"refused ({exc.http_status}): {exc}", outcome="failure",
+                          study_uid=args.study if valid_uid(args.study) else "")
         return 2
     data = {"dry_run": done is None, **selection.as_dict()}
     if done is not None:

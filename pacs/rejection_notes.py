@@ -87,8 +87,8 @@ def _reason(value: str) -> str:
     text = " ".join(value.split())
     if not text:
         raise RejectRefused("a reason is required (it goes to the audit trail and the note)", 400)
-    if "\x00" in text or len(text) > MAX_REASON:
-        raise RejectRefused(f"the reason must be at most {MAX_REASON} characters, without NUL", 400)
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text) or len(text) > MAX_REASON:
+        raise RejectRefused(f"the reason must be at most {MAX_REASON} characters, without control characters", 400)
     return text
 
 

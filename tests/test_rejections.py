@@ -563,6 +563,12 @@ def test_an_administrator_rejects_a_series_the_modality_cannot(archive: PacsServ
     assert [e["protocol"] for e in events if e["action"] == "reject"] == ["cli"], events
     refused = server.cli("rejections", "reject", "--study", "1.2.3.999", "--reason", "x", "--yes", check=False)
     assert refused.returncode == 2 and "no study" in refused.stderr, refused.stderr
+    refused = server.cli("rejections", "reject", "--study", study, "--reason", "bell\x07", "--yes", check=False)
+    assert refused.returncode == 2 and "control characters" in refused.stderr, refused.stderr
+    with server.http() as http:
+        failed = [e for e in http.get("/api/audit", params={"study": study, "action": "reject"}).json()
+                  if e["outcome"] == "failure"]
+    assert len(failed) == 1 and failed[0]["protocol"] == "cli" and "(400)" in failed[0]["detail"], failed
 
 
 @pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
