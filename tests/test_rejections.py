@@ -293,6 +293,17 @@ def test_a_note_stored_over_stow_rs_withdraws_for_an_administrator_only(archive:
     assert server.alive()
 
 
+def route_jobs(server: PacsServer) -> list[dict[str, Any]]:
+    """Every routing job of *server*, newest first (`pacs route list`)."""
+    done = server.cli("route", "list", "--json", "--limit", "1000")
+    return list(json.loads(done.stdout)["jobs"])
+
+
+def all_delivered(server: PacsServer, count: int) -> bool:
+    """*server* has *count* routing jobs, all done."""
+    return len(found := route_jobs(server)) == count and all(j["state"] == "done" for j in found)
+
+
 def test_a_note_follows_the_images_it_withdrew_where_routing_sent_them(tmp_path: Path) -> None:
     """A CT study was forwarded by routing rules to a reading site (another
     archive, over STOW-RS) and to a DCMTK storescp before the modality
@@ -313,11 +324,10 @@ def test_a_note_follows_the_images_it_withdrew_where_routing_sent_them(tmp_path:
         server.start()
 
         def jobs() -> list[dict[str, Any]]:
-            done = server.cli("route", "list", "--json", "--limit", "1000")
-            return list(json.loads(done.stdout)["jobs"])
+            return route_jobs(server)
 
         def delivered(count: int) -> bool:
-            return len(found := jobs()) == count and all(j["state"] == "done" for j in found)
+            return all_delivered(server, count)
 
         study, (one,) = _study(server, tmp_path / "s", "REJ-15", [3])
         assert wait_until(lambda: delivered(6)), jobs()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from .conftest import Backend, PacsServer
 from .peers import wait_until
 from .dicomfiles import make_ct
 from .test_query_retrieve import StoreSCP
-from .test_rejections import CT, DOSE_SR, KOS, _image_uids, _study, archive  # noqa: F401
+from .test_rejections import CT, DOSE_SR, KOS, _image_uids, _study, all_delivered, archive, route_jobs  # noqa: F401
 
 
 def _stored(server: PacsServer, sop_uid: str) -> Any:
@@ -63,11 +62,10 @@ def test_an_administrators_note_follows_each_rule_on_postgresql(tmp_path: Path, 
         server.start()
 
         def jobs() -> list[dict[str, Any]]:
-            done = server.cli("route", "list", "--json", "--limit", "1000")
-            return list(json.loads(done.stdout)["jobs"])
+            return route_jobs(server)
 
         def delivered(count: int) -> bool:
-            return len(found := jobs()) == count and all(j["state"] == "done" for j in found)
+            return all_delivered(server, count)
 
         study, (one, two) = _study(server, tmp_path / "s", "REJ-R2", [3, 1], calling="CT_ROOM2")
         assert wait_until(lambda: delivered(8)), jobs()
