@@ -54,7 +54,8 @@ class TranscodeError(Exception):
 
 def resolve(pacs: Pacs, level: Level, match: dict[str, str], *, limit: int | None = None) -> list[RetrieveItem]:
     """Every stored instance under the entities that *match* names."""
-    stmt, _ = build_select(Query(Level.IMAGE, {k: v for k, v in match.items() if v}, other_ids=False))
+    # Withdrawn studies too: a retrieve names what it wants (and routing sends a rejection note by its UID alone).
+    stmt, _ = build_select(Query(Level.IMAGE, {k: v for k, v in match.items() if v}, other_ids=False, withdrawn=True))
     stmt = stmt.add_columns(
         studies.c.pk.label("_study_pk"),
         instances.c.storage_key,

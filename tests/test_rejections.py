@@ -489,6 +489,18 @@ def test_a_study_whose_every_image_was_withdrawn_leaves_the_reading_worklist(arc
         # A viewer's modality filter is no request for the notes: the wrong patient's dose report stays out.
         assert qido(PatientID="REJ-16", ModalitiesInStudy="CT\\SR") == set()
         assert qido(PatientID="REJ-16", ModalitiesInStudy="SR,KO") == {dosed}
+
+        def across(level: str, **params: str) -> set[str]:
+            """The studies of a series or instance search across studies."""
+            answer = http.get(f"/dicom-web/{level}", params=params)
+            assert answer.status_code in (200, 204), answer.text
+            return {s["0020000D"]["Value"][0] for s in answer.json()} if answer.status_code == 200 else set()
+
+        assert across("series", PatientID="REJ-11") == set() and across("instances", PatientID="REJ-16") == set()
+        assert across("series", PatientID="REJ-12") == {other} and across("instances", PatientID="REJ-17") == {keyed}
+        assert across("series", PatientID="REJ-11", Modality="KO") == {study}
+        named = http.get(f"/dicom-web/studies/{dosed}/series").json()
+        assert sorted(s["00080060"]["Value"][0] for s in named) == ["KO", "SR"], named
         assert qido(StudyInstanceUID=study) == {study}
         assert qido(PatientID="REJ-11", ModalitiesInStudy="KO") == {study}
     assert study_matches(server, tmp_path, PatientID="REJ-11") == set()

@@ -65,13 +65,18 @@ _LEFT = ["\\".join(kept) for kept in (("KO",), ("KO", "PR"), ("KO", "SR"), ("KO"
 # The series test is a scalar subquery with LIMIT 1, not EXISTS: PostgreSQL
 # made that a hashed subplan, reading the whole series table once a
 # withdrawn study was met (65-95 ms a newest-first page at 100,000 studies).
+# (An alias of series: a series or instance search has series in its own FROM.)
+_study_series = series.alias("study_series")
 READABLE = or_(studies.c.modalities.not_in(_LEFT),
-               select(series.c.pk).where(series.c.study_pk == studies.c.pk, series.c.modality.not_in(_LEFTOVERS))
+               select(_study_series.c.pk)
+               .where(_study_series.c.study_pk == studies.c.pk, _study_series.c.modality.not_in(_LEFTOVERS))
                .limit(1).scalar_subquery().is_not(None),
                and_(studies.c.modalities != "KO", ~exists().where(_rejected.c.study_uid == studies.c.study_uid)))
-# A study-level search asks for withdrawn studies too when it names the study,
-# or asks for the notes' modality (ModalitiesInStudy=KO; not CT\SR, a viewer's
-# filter that would list the wrong patient's dose report).
+# A search asks for withdrawn studies too when it names the study, a series or
+# an instance, or asks for the notes' modality (ModalitiesInStudy or Modality
+# with KO; not CT\SR, a viewer's filter that would list the wrong patient's
+# dose report).
+_NAMING = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID")
 _STUDY_PK = "_sop_classes_study_pk"
 
 
@@ -96,12 +101,13 @@ class Query:
     # one date-time range: QIDO-RS always (PS3.18 8.3.4.1.1); C-FIND only
     # with the extended negotiation we do not offer (PS3.4 C.2.2.2.5.4).
     combined_datetime: bool = False
-    # Study level: studies holding nothing but Key Object Selections (every
-    # image withdrawn by a rejection note, see READABLE). None: left out of a
-    # search, as dcm4chee's default view leaves rejected objects out (the
-    # wrong patient's history listed an empty study), unless the search names
-    # the study or the notes' modality (_shows_withdrawn); False: always left
-    # out; True: always in.
+    # Studies holding nothing but Key Object Selections (every image
+    # withdrawn by a rejection note, see READABLE), and their series and
+    # instances. None: left out of a search, as dcm4chee's default view
+    # leaves rejected objects out (the wrong patient's history listed an
+    # empty study), unless the search names the study or the notes' modality
+    # (_shows_withdrawn); False: always left out; True: always in (a
+    # retrieve, pacs.retrieve).
     withdrawn: bool | None = None
 
     @property
@@ -223,7 +229,7 @@ def build_select(query: Query, conn: Connection | None = None) -> tuple[Select[A
     ]
     conditions += [datetime_range_match(ATTRIBUTES[d].column, ATTRIBUTES[t].column, query.match[d], query.match[t])
                    for d, t in pairs]
-    if level is Level.STUDY and not _shows_withdrawn(query):
+    if level.depth >= Level.STUDY.depth and not _shows_withdrawn(query):
         conditions.append(READABLE)
     walk = (query.newest_first and level is not Level.PATIENT and conn is not None and conn.dialect.name == "sqlite"
             and not any(candidates) and not _names_patients(query.match))
@@ -236,9 +242,9 @@ def build_select(query: Query, conn: Connection | None = None) -> tuple[Select[A
 def _shows_withdrawn(query: Query) -> bool:
     if query.withdrawn is not None:
         return query.withdrawn
-    study, modalities = query.match.get("StudyInstanceUID", ""), query.match.get("ModalitiesInStudy", "")
-    if study and not universal(study):
+    if any((uid := query.match.get(k, "")) and not universal(uid) for k in _NAMING):
         return True
+    modalities = "\\".join(query.match.get(k, "") for k in ("ModalitiesInStudy", "Modality"))
     return "KO" in {m.strip().upper() for m in modalities.replace(",", "\\").split("\\")}
 
 
