@@ -41,7 +41,7 @@ from pacs.ingest import IngestResult, Origin
 from pacs.key_objects import KOS_CLASS
 from pacs.logtext import association_peer, peer_text
 from pacs.part10 import BufferSource, file_meta_bytes
-from pacs.rejections import apply_or_report
+from pacs.rejections import NOT_APPLIED, apply_or_report
 
 from .acceptor import InlineAssociationServer
 from .associate_rq import AssociationGate, decoding_peer_request
@@ -214,12 +214,14 @@ def withdraw_rejected(pacs: Pacs, assoc: Any, result: IngestResult) -> tuple[int
         remote = pacs.aes.get(assoc.requestor.ae_title.strip())
     except Exception as exc:
         log.exception("rejection note %s from %s not applied", result.sop_uid, peer_text(assoc.requestor.ae_title, 16))
-        return Status.OUT_OF_RESOURCES, f"rejection note stored, not applied yet: send it again ({exc})"
+        audit_association(pacs, assoc, "delete", study_uid=result.header.study_uid, outcome="failure",
+                          detail=f"rejection note {result.sop_uid} not applied: {exc}")
+        return Status.OUT_OF_RESOURCES, NOT_APPLIED
     if remote is None or not remote.permits("reject"):
         return None
-    why = apply_or_report(pacs, result.storage_key, result.sop_uid, result.header.study_uid,
-                          lambda: association_event(assoc, "delete"))
-    return (Status.OUT_OF_RESOURCES, why) if why else None
+    _, failed = apply_or_report(pacs, result.storage_key, result.sop_uid, result.header.study_uid,
+                                lambda: association_event(assoc, "delete"))
+    return (Status.OUT_OF_RESOURCES, NOT_APPLIED) if failed else None
 
 
 def make_store_handler(pacs: Pacs, source: str = "dimse", *, retrieving: bool = False) -> Any:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -16,9 +15,7 @@ from .errors import IngestError, Status
 from .index.writer import Outcome
 from .ingest import IngestResult, Origin
 from .key_objects import KOS_CLASS
-from .rejections import apply_rejection
-
-log = logging.getLogger(__name__)
+from .rejections import apply_or_report
 
 # PS3.10 8: a media's directory (DICOMDIR) is a Part 10 file but no object to archive.
 MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
@@ -342,17 +339,13 @@ def import_paths(
 def _apply_note(pacs: Pacs, path: Path, result: IngestResult, user: str, summary: ImportSummary) -> None:
     """A Key Object Selection imported: what it withdraws, if it is a
     rejection note, goes (pacs.rejections), counted in *summary*; a failure
-    (the index or the store failing) is one: the note is stored, and
-    imported again it applies."""
-    def event() -> Event:
-        return Event(action="delete", user=user, role="admin", protocol="cli")
-    try:
-        done = apply_rejection(pacs, result.storage_key, event)
-    except Exception as exc:
-        log.exception("rejection note %s imported, not applied", result.sop_uid)
+    (the index or the store failing; logged and audited) is one: the note is
+    stored, and imported again it applies."""
+    done, failed = apply_or_report(pacs, result.storage_key, result.sop_uid, result.header.study_uid,
+                                   lambda: Event(action="delete", user=user, role="admin", protocol="cli"))
+    if failed:
         summary.failed += 1
-        summary.errors.append({"path": str(path), "error": f"rejection note stored, not applied: {exc}; "
+        summary.errors.append({"path": str(path), "error": f"rejection note stored, not applied: {failed}; "
                                                          "import it again"})
-        return
-    if done is not None:
+    elif done is not None:
         summary.withdrawn += done.deleted

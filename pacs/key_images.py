@@ -100,6 +100,11 @@ class Author:
     client: str = ""
     protocol: str = "http"
 
+    def event(self, action: str, study_uid: str = "") -> Event:
+        """The audit event of *action* by this author."""
+        return Event(action=action, user=self.username, role=self.role, client=self.client, protocol=self.protocol,
+                     study_uid=study_uid)
+
 
 @dataclass(frozen=True)
 class _Stored:
@@ -374,8 +379,7 @@ def withdraw_own(pacs: Pacs, study_uid: str, series_uid: str, sop_uid: str, auth
     # Imported here: the maintenance jobs (codecs among them) are not needed to start serving.
     from .maintenance.delete import DeleteRefused, Target, delete_target
 
-    event = Event(action="delete", user=author.username, role=author.role, client=author.client,
-                  protocol=author.protocol, study_uid=study_uid)
+    event = author.event("delete", study_uid)
     try:
         # force: the study may have a signed report; what goes is this author's own document alone.
         delete_target(pacs, Target(study_uid, series_uid, sop_uid), reason=reason, event=event, force=True)

@@ -27,6 +27,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
+from .dicomdir import record_type
 from .part10 import new_instance
 from .query.results import as_written
 from .sr_content import CompositeRef, SrDocument
@@ -194,8 +195,6 @@ def _image(selected: Selected) -> Dataset:
     """An IMAGE item (no concept name: TID 2010 gives the purpose in the title);
     WAVEFORM or COMPOSITE for an object of another class (a rejection note
     made here withdraws a study's dose report and presentation states too)."""
-    from .dicomdir import record_type
-
     kind = record_type(selected.sop_class_uid)
     kind = "IMAGE" if kind == "RT DOSE" else kind  # pixel data, as a viewer shows it
     ref = Dataset()

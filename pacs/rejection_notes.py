@@ -17,7 +17,6 @@ an administrator deletes those on purpose (``pacs delete --force``).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -25,12 +24,11 @@ from typing import Any
 from sqlalchemy import Connection, select
 
 from .app import Pacs
-from .audit import Event
 from .errors import RefusedRequest
 from .header import valid_uid
 from .index.models import Instance, Series
 from .ingest import Origin
-from .key_images import Author, requested_procedure, study_header, study_row
+from .key_images import Author, requested_procedure, study_header, study_instances, study_row
 from .key_objects import KOS_CLASS, REJECTION_TITLES, Selected, build_kos, title_code
 from .maintenance.delete import refuse_if_signed
 from .part10 import BufferSource
@@ -97,23 +95,23 @@ def select_instances(conn: Connection, study: Any, series_uid: str, sop_uids: li
     (each must be in the study, in *series_uid* if given), else the series'
     or the whole study's. Key Object Selections are left out of a series or
     study (earlier notes, key image notes), not of a list naming them."""
-    query = (select(instances_t.c.sop_uid, instances_t.c.sop_class_uid, series_t.c.series_uid)
-             .join(series_t, series_t.c.pk == instances_t.c.series_pk).where(series_t.c.study_pk == study.pk))
-    if series_uid:
-        query = query.where(series_t.c.series_uid == series_uid)
-    found: dict[str, Selected] = {}
     if sop_uids:
-        for start in range(0, len(sop_uids), 500):
-            for row in conn.execute(query.where(instances_t.c.sop_uid.in_(sop_uids[start:start + 500]))):
-                found[row.sop_uid] = Selected(row.sop_uid, row.sop_class_uid, row.series_uid)
+        found = {sop: Selected(sop, row.sop_class_uid, row.series_uid)
+                 for sop, row in study_instances(conn, study.pk, set(sop_uids)).items()
+                 if not series_uid or row.series_uid == series_uid}
         missing = [sop for sop in sop_uids if sop not in found]
         if missing:
             where = f"series {series_uid}" if series_uid else f"study {study.study_uid}"
             raise RejectRefused(f"{len(missing)} instances are not in {where}: {missing[0]}"
                                 + (" and more" if len(missing) > 1 else ""), 404)
         return found
-    for row in conn.execute(query.where(instances_t.c.sop_class_uid != KOS_CLASS).limit(MAX_LISTED + 1)):
-        found[row.sop_uid] = Selected(row.sop_uid, row.sop_class_uid, row.series_uid)
+    query = (select(instances_t.c.sop_uid, instances_t.c.sop_class_uid, series_t.c.series_uid)
+             .join(series_t, series_t.c.pk == instances_t.c.series_pk)
+             .where(series_t.c.study_pk == study.pk, instances_t.c.sop_class_uid != KOS_CLASS))
+    if series_uid:
+        query = query.where(series_t.c.series_uid == series_uid)
+    found = {row.sop_uid: Selected(row.sop_uid, row.sop_class_uid, row.series_uid)
+             for row in conn.execute(query.limit(MAX_LISTED + 1))}
     if not found:
         raise RejectRefused(f"nothing to reject in {'series ' + series_uid if series_uid else 'the study'}", 404)
     return found
@@ -148,21 +146,15 @@ def reject(pacs: Pacs, author: Author, *, study_uid: str, series_uid: str = "", 
         selection.by_series.setdefault(selected.series_uid, []).append(selected.sop_uid)
     if dry_run:
         return selection, None
-    note_uid, data = build_kos(study_header(study, request), list(found.values()), title=chosen,
-                               # No login: the author's key image selection (found by login) would
-                               # take it for theirs and delete it when replaced.
-                               author_name=author.display_name or author.username, login="",
-                               description=text, when=dicom_date_time(datetime.now(UTC), hospital_zone(pacs.settings)),
-                               series_description=SERIES_DESCRIPTION, series_number=SERIES_NUMBER)
+    _, data = build_kos(study_header(study, request), list(found.values()), title=chosen,
+                        # No login: the author's key image selection (found by login) would
+                        # take it for theirs and delete it when replaced.
+                        author_name=author.display_name or author.username, login="",
+                        description=text, when=dicom_date_time(datetime.now(UTC), hospital_zone(pacs.settings)),
+                        series_description=SERIES_DESCRIPTION, series_number=SERIES_NUMBER)
     stored = pacs.ingestor.ingest(BufferSource(b"", data), Origin(
         source="rejection", calling_ae=pacs.settings.ae_title, remote_host=author.client, user=author.username))
-    result = apply_rejection(pacs, stored.storage_key, _events(author))
+    result = apply_rejection(pacs, stored.storage_key, lambda: author.event("delete"))
     assert result is not None  # a note titled with a rejection reason
     return selection, result
 
-
-def _events(author: Author) -> Callable[[], Event]:
-    def event() -> Event:
-        return Event(action="delete", user=author.username, role=author.role, client=author.client,
-                     protocol=author.protocol)
-    return event

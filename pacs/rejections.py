@@ -180,22 +180,24 @@ def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event
     return result
 
 
+# What a sender is told of a note stored but not applied (a C-STORE's Error Comment keeps 64 characters).
+NOT_APPLIED = "rejection note stored, not applied yet: send it again"
+
+
 def apply_or_report(pacs: Pacs, storage_key: str, note_uid: str, study_uid: str,
-                    make_event: Callable[[], Event]) -> str:
-    """:func:`apply_rejection`, its failure (the index or the store failing)
-    logged and audited as a failed deletion: "" when done, else what the
-    sender is told. The note is stored either way; sent again, it withdraws
-    what is left."""
+                    make_event: Callable[[], Event]) -> tuple[Rejection | None, str]:
+    """:func:`apply_rejection` and "", or its failure (the index or the
+    store failing) logged and audited as a failed deletion: None and why.
+    The note is stored either way; sent again, it withdraws what is left."""
     try:
-        apply_rejection(pacs, storage_key, make_event)
-        return ""
+        return apply_rejection(pacs, storage_key, make_event), ""
     except Exception as exc:
         failure = make_event()
         log.exception("rejection note %s from %r not applied", note_uid, failure.user)
         failure.study_uid, failure.outcome = study_uid, "failure"
         failure.detail = f"rejection note {note_uid} not applied: {exc}"[:500]
         pacs.audit.record(failure)
-        return "rejection note stored, not applied yet: send it again"
+        return None, str(exc) or type(exc).__name__
 
 
 def _recorder(study_uid: str, series_uid: str, sops: Iterable[str], code: str, note_uid: str,

@@ -55,7 +55,7 @@ def principal_of(request: Request) -> Principal | None:
 
 
 def http_event(request: Request, action: str, principal: Principal | None, *, outcome: str = "success",
-           study_uid: str = "", patient_id: str = "", detail: str = "") -> Event:
+               study_uid: str = "", patient_id: str = "", detail: str = "") -> Event:
     """The audit event of one HTTP access by *principal* (None: not authenticated)."""
     return Event(
         action=action,
@@ -74,7 +74,7 @@ def audit(request: Request, action: str, principal: Principal | None, *, outcome
           study_uid: str = "", patient_id: str = "", detail: str = "") -> None:
     """Record an access in the audit trail."""
     request.app.state.pacs.audit.record(http_event(request, action, principal, outcome=outcome, study_uid=study_uid,
-                                               patient_id=patient_id, detail=detail))
+                                                   patient_id=patient_id, detail=detail))
 
 
 def audit_patients(request: Request, patient_ids: Iterable[str]) -> None:

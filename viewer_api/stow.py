@@ -34,7 +34,7 @@ from pacs.header import parse_header
 from pacs.ingest import Origin
 from pacs.key_objects import KOS_CLASS
 from pacs.part10 import FileSource
-from pacs.rejections import apply_or_report
+from pacs.rejections import NOT_APPLIED, apply_or_report
 from pacs.roles import REJECTING_ROLES
 
 from . import negotiation
@@ -94,11 +94,11 @@ def _store_part(request: Request, path: str, study: str | None) -> tuple[bool, d
         return False, {"class": h.sop_class_uid, "uid": h.sop_uid, "reason": Status.DUPLICATE_SOP_INSTANCE,
                        "comment": result.conflict}
     if h.sop_class_uid == KOS_CLASS and _may_reject(request):
-        why = apply_or_report(pacs, result.storage_key, h.sop_uid, h.study_uid,
-                              lambda: http_event(request, "delete", request.state.principal))
-        if why:
+        _, failed = apply_or_report(pacs, result.storage_key, h.sop_uid, h.study_uid,
+                                    lambda: http_event(request, "delete", request.state.principal))
+        if failed:
             return False, {"class": h.sop_class_uid, "uid": h.sop_uid, "reason": Status.OUT_OF_RESOURCES,
-                           "comment": why}
+                           "comment": NOT_APPLIED}
     base = base_url(request) + "/dicom-web"
     return True, {
         "class": h.sop_class_uid,
