@@ -106,9 +106,7 @@ def _reject(pacs: Any, args: argparse.Namespace, err: Any) -> int:
             audit_command(pacs, "reject", f"refused ({exc.http_status}): {exc}", outcome="failure",
                           study_uid=args.study if valid_uid(args.study) else "")
         return 2
-    data = {"dry_run": done is None, **selection.as_dict()}
-    if done is not None:
-        data.update(note_uid=done.note_uid, withdrawn=done.deleted, not_found=done.not_found, kept=done.refused)
+    data = selection.answer(done)
     if args.json:
         print(json.dumps(data))
     else:
@@ -123,8 +121,7 @@ def _reject(pacs: Any, args: argparse.Namespace, err: Any) -> int:
             print(f"rejection note {done.note_uid}: {done.deleted} instances withdrawn"
                   + "".join(f"; kept: {why}" for why in done.refused))
     if done is not None:
-        audit_command(pacs, "reject", f"{done.reason}: {done.deleted} instances withdrawn"
-                      + "".join(f"; kept: {why}" for why in done.refused), study_uid=selection.study_uid)
+        audit_command(pacs, "reject", done.summary, study_uid=selection.study_uid)
         # No patient_id: the audit names the study's patient with their issuer (patient_cx), as the deletions.
     return 1 if done is not None and done.refused else 0
 

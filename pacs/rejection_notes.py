@@ -71,6 +71,13 @@ class Selection:
                 "reason": REJECTION_TITLES[self.code], "instances": self.instances,
                 "series": [{"series_uid": uid, "instances": len(sops)} for uid, sops in sorted(self.by_series.items())]}
 
+    def answer(self, done: Rejection | None) -> dict[str, Any]:
+        """What a rejection answers (the JSON API, ``--json``): the selection and, unless a dry run, what *done*."""
+        answer: dict[str, Any] = {"dry_run": done is None, **self.as_dict()}
+        if done is not None:
+            answer.update(note_uid=done.note_uid, withdrawn=done.deleted, not_found=done.not_found, kept=done.refused)
+        return answer
+
 
 def parse_code(value: str | None) -> str:
     """The CID 7011 code of a rejection reason given as its code ("113001") or

@@ -70,6 +70,11 @@ class Rejection:
     not_found: int = 0  # listed, not (or no longer) in the archive
     refused: list[str] = field(default_factory=list)  # why some listed instances stay
 
+    @property
+    def summary(self) -> str:
+        """What the note did, in one line (the audit trail, the CLI)."""
+        return f"{self.reason}: {self.deleted} instances withdrawn" + "".join(f"; kept: {why}" for why in self.refused)
+
 
 def rejection_title(ds: Dataset) -> tuple[str, str] | None:
     """The (code, meaning) of a rejection note's title; None for any other

@@ -97,11 +97,7 @@ def reject_images(request: Request, body: Reject, dry_run: bool = Query(False, d
     selection, done = refused_as_problem(reject, request.app.state.pacs, author, study_uid=body.study_uid,
                                          series_uid=body.series_uid, sop_uids=body.sop_uids, code=body.code,
                                          reason=body.reason, dry_run=dry_run)
-    answer: dict[str, Any] = {"dry_run": done is None, **selection.as_dict()}
-    if done is None:
-        _audit_detail(request, f"would reject {selection.instances} instances: {answer['reason']}")
-        return answer
-    answer.update(note_uid=done.note_uid, withdrawn=done.deleted, not_found=done.not_found, kept=done.refused)
-    _audit_detail(request, f"{done.reason}: {done.deleted} instances withdrawn"
-                  + "".join(f"; kept: {why}" for why in done.refused))
+    answer = selection.answer(done)
+    _audit_detail(request, done.summary if done is not None
+                  else f"would reject {selection.instances} instances: {answer['reason']}")
     return answer
