@@ -49,8 +49,13 @@ def test_withdrawn_studies_leave_searches_and_normal_ones_stay(archive: PacsServ
              _note(tmp_path / "n2.dcm", keyed, "WD-6", OF_INTEREST, {keyed: [keyed_series, keyed_sops[0]]}),
              _note(tmp_path / "n3.dcm", gone, "WD-7", WRONG_ENTRY, {gone: [gone_series, *gone_sops]}),
              _note(tmp_path / "n4.dcm", dosed, "WD-8", WRONG_ENTRY, {dosed: dosed_images})]
+    # A patient with a study to read and a withdrawn one.
+    mixed, _ = _study(server, tmp_path / "mixed", "WD-9", [1])
+    mixed_gone, (mixed_gone_images,) = _study(server, tmp_path / "mixed-gone", "WD-9", [2])
+    notes.append(_note(tmp_path / "n5.dcm", mixed_gone, "WD-9", WRONG_ENTRY, {mixed_gone: mixed_gone_images}))
     assert server.storescu(str(dose), *map(str, notes), calling="CT_ROOM1").returncode == 0
-    withdrawn = {gone, dosed}
+    shown["mixed"] = mixed
+    withdrawn = {gone, dosed, mixed_gone}
     everything = set(shown.values()) | withdrawn
     radiologist = server.make_token("wd.rad", "radiologist")
     with server.http(radiologist) as http:
@@ -71,7 +76,8 @@ def test_withdrawn_studies_leave_searches_and_normal_ones_stay(archive: PacsServ
         assert listed["total"] == len(listed["items"]) and listed["total_exact"], listed
         bundle = http.get("/fhir/ImagingStudy", params={"patient.identifier": "WD-7,WD-8,WD-1,WD-5"}).json()
         assert bundle["total"] == 2, bundle
-    patients = {"ct": "WD-1", "no-modality": "WD-2", "sr": "WD-3", "pr": "WD-4", "blank": "WD-5", "keyed": "WD-6"}
+    patients = {"ct": "WD-1", "no-modality": "WD-2", "sr": "WD-3", "pr": "WD-4", "blank": "WD-5", "keyed": "WD-6",
+                "mixed": "WD-9"}
     for model in ("-S", "-P"):  # study root, patient root
         for kind, patient in patients.items():
             found = findscu(server, tmp_path, "STUDY", {"PatientID": patient, "StudyInstanceUID": ""}, model)
@@ -79,6 +85,20 @@ def test_withdrawn_studies_leave_searches_and_normal_ones_stay(archive: PacsServ
         for patient in ("WD-7", "WD-8"):
             assert findscu(server, tmp_path, "STUDY", {"PatientID": patient, "StudyInstanceUID": ""}, model) == []
     assert study_matches(server, tmp_path, PatientID="WD-7") == set()
+    # Patient level: a patient with nothing but withdrawn studies is not listed; the
+    # counts are of the studies a search shows.
+    counts = {"NumberOfPatientRelatedStudies": "", "NumberOfPatientRelatedSeries": "",
+              "NumberOfPatientRelatedInstances": ""}
+    listed_patients = {str(r.PatientID): r for r in
+                       findscu(server, tmp_path, "PATIENT", {"PatientName": "NGUYEN*", **counts}, "-P")}
+    assert set(listed_patients) & {*patients.values(), "WD-7", "WD-8"} == set(patients.values())
+    mixed_patient = listed_patients["WD-9"]
+    assert (int(mixed_patient.NumberOfPatientRelatedStudies), int(mixed_patient.NumberOfPatientRelatedSeries),
+            int(mixed_patient.NumberOfPatientRelatedInstances)) == (1, 1, 1)
+    at_study = findscu(server, tmp_path, "STUDY", {"PatientID": "WD-9", "StudyInstanceUID": "", **counts})
+    assert [(str(r.StudyInstanceUID), int(r.NumberOfPatientRelatedStudies)) for r in at_study] == [(mixed, 1)]
+    named = findscu(server, tmp_path, "STUDY", {"StudyInstanceUID": mixed_gone, **counts})
+    assert [int(r.NumberOfPatientRelatedStudies) for r in named] == [2]  # a search naming it shows it
     # Retrieves still work: by the study, and the patient's whole record at patient level.
     for level, keys in (("STUDY", {"StudyInstanceUID": gone}), ("PATIENT", {"PatientID": "WD-8"})):
         out = tmp_path / f"get-{level}"
@@ -97,12 +117,12 @@ def test_a_withdrawn_study_does_not_make_a_study_search_read_every_series_on_pos
     reads the whole series table as soon as one withdrawn study is met: a
     newest-first page (QIDO-RS, C-FIND, the worklist) with withdrawn studies
     among the newest took 65-95 ms at 100,000 studies instead of 1-3 ms."""
-    from sqlalchemy import select, text
+    from sqlalchemy import func, select, text
 
     from bench.synthetic import LoadSpec, load
     from pacs.index import create_index_engine, upgrade_schema
     from pacs.query import Level, Query, build_select
-    from pacs.query.attributes import series, studies
+    from pacs.query.attributes import patients, series, studies
 
     engine = create_index_engine(pg_url)
     try:
@@ -123,5 +143,20 @@ def test_a_withdrawn_study_does_not_make_a_study_search_read_every_series_on_pos
             assert "Seq Scan on series" not in plan, plan
             assert not {r._pk for r in found} & set(newest)
             assert len(found) == 101
+        # Patient level: each patient's studies are looked up by their index, and
+        # counted without the withdrawn ones.
+        with engine.connect() as conn:
+            owners = dict(conn.execute(select(studies.c.patient_pk, func.count())
+                                       .where(studies.c.pk.in_(newest)).group_by(studies.c.patient_pk)).all())
+            totals = dict(conn.execute(select(studies.c.patient_pk, func.count())
+                                       .where(studies.c.patient_pk.in_(owners)).group_by(studies.c.patient_pk)).all())
+            stmt, _ = build_select(Query(Level.PATIENT, {}, ["NumberOfPatientRelatedStudies"]), conn)
+            page = stmt.order_by(patients.c.pk).limit(100)
+            sql = str(page.compile(conn, compile_kwargs={"literal_binds": True}))
+            plan = "\n".join(conn.execute(text("EXPLAIN ANALYZE " + sql)).scalars())
+            found = {r._pk: r.NumberOfPatientRelatedStudies
+                     for r in conn.execute(stmt.where(patients.c.pk.in_(owners)))}
+        assert "Seq Scan on series" not in plan and "Seq Scan on studies" not in plan, plan
+        assert found == {pk: totals[pk] - owners[pk] for pk in owners if totals[pk] > owners[pk]}
     finally:
         engine.dispose()

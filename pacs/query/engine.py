@@ -66,12 +66,35 @@ _LEFT = ["\\".join(kept) for kept in (("KO",), ("KO", "PR"), ("KO", "SR"), ("KO"
 # made that a hashed subplan, reading the whole series table once a
 # withdrawn study was met (65-95 ms a newest-first page at 100,000 studies).
 # (An alias of series: a series or instance search has series in its own FROM.)
-_study_series = series.alias("study_series")
-READABLE = or_(studies.c.modalities.not_in(_LEFT),
-               select(_study_series.c.pk)
-               .where(_study_series.c.study_pk == studies.c.pk, _study_series.c.modality.not_in(_LEFTOVERS))
+
+
+def _readable(study: Any, study_series: Any) -> Any:
+    """The condition that *study* (the studies table or an alias) is not
+    withdrawn, its series looked up through the alias *study_series*."""
+    return or_(study.c.modalities.not_in(_LEFT),
+               select(study_series.c.pk)
+               .where(study_series.c.study_pk == study.c.pk, study_series.c.modality.not_in(_LEFTOVERS))
                .limit(1).scalar_subquery().is_not(None),
-               and_(studies.c.modalities != "KO", ~exists().where(_rejected.c.study_uid == studies.c.study_uid)))
+               and_(study.c.modalities != "KO", ~exists().where(_rejected.c.study_uid == study.c.study_uid)))
+
+
+READABLE = _readable(studies, series.alias("study_series"))
+# An alias: at study level and below the outer query already selects from
+# studies, and the per-patient counts must count all of the patient's studies.
+# Made once, not per query (its column proxies cost ~0.5 ms to build).
+_PATIENT_STUDIES = studies.alias("patient_studies")
+_PATIENT_READABLE = _readable(_PATIENT_STUDIES, series.alias("patient_study_series"))
+# A patient-level search leaves out a patient all of whose studies were
+# withdrawn (the wrong patient's images sent under their ID, then rejected):
+# listed, their record showed studies that have nothing to read. A patient
+# without studies (registered by the HIS) stays. LIMIT 1 scalar subqueries
+# again: as EXISTS, PostgreSQL hashed them, reading every study (4.7 -> 135 ms
+# a page of 100 patients at 100,000 studies).
+_PATIENT_SHOWN = or_(select(_PATIENT_STUDIES.c.pk)
+                     .where(_PATIENT_STUDIES.c.patient_pk == patients.c.pk, _PATIENT_READABLE)
+                     .limit(1).scalar_subquery().is_not(None),
+                     select(_PATIENT_STUDIES.c.pk).where(_PATIENT_STUDIES.c.patient_pk == patients.c.pk)
+                     .limit(1).scalar_subquery().is_(None))
 # A search asks for withdrawn studies too when it names the study, a series or
 # an instance, or asks for the notes' modality (ModalitiesInStudy or Modality
 # with KO; not CT\SR, a viewer's filter that would list the wrong patient's
@@ -102,8 +125,9 @@ class Query:
     # with the extended negotiation we do not offer (PS3.4 C.2.2.2.5.4).
     combined_datetime: bool = False
     # Studies holding nothing but Key Object Selections (every image
-    # withdrawn by a rejection note, see READABLE), and their series and
-    # instances. None: left out of a search, as dcm4chee's default view
+    # withdrawn by a rejection note, see READABLE), their series and
+    # instances, and a patient who has nothing else (_PATIENT_SHOWN; the
+    # per-patient counts likewise). None: left out of a search, as dcm4chee's default view
     # leaves rejected objects out (the wrong patient's history listed an
     # empty study), unless the search names the study or the notes' modality
     # (_shows_withdrawn); False: always left out; True: always in (a
@@ -163,14 +187,11 @@ def _from(level: Level, *, walk_dates: bool = False) -> Any:
     return joined
 
 
-# An alias: at study level and below the outer query already selects from
-# studies, and the per-patient counts must count all of the patient's studies.
-# Made once, not per query (its column proxies cost ~0.5 ms to build).
-_PATIENT_STUDIES = studies.alias("patient_studies")
-
-
-def _computed_columns(level: Level, wanted: set[str]) -> list[Any]:
+def _computed_columns(wanted: set[str], withdrawn: bool) -> list[Any]:
+    """The per-patient counts asked for; without *withdrawn*, of the
+    studies a search shows (see READABLE)."""
     patient_studies = _PATIENT_STUDIES
+    shown = [] if withdrawn else [_PATIENT_READABLE]
     per_patient = {
         "NumberOfPatientRelatedStudies": func.count(patient_studies.c.pk),
         "NumberOfPatientRelatedSeries": func.coalesce(func.sum(patient_studies.c.num_series), 0),
@@ -178,7 +199,7 @@ def _computed_columns(level: Level, wanted: set[str]) -> list[Any]:
     }
     return [
         select(aggregate)
-        .where(patient_studies.c.patient_pk == patients.c.pk)
+        .where(patient_studies.c.patient_pk == patients.c.pk, *shown)
         .scalar_subquery()
         .label(keyword)
         for keyword, aggregate in per_patient.items()
@@ -205,7 +226,8 @@ def build_select(query: Query, conn: Connection | None = None) -> tuple[Select[A
         if a.column is not None and a.level.depth <= level.depth and (k in wanted or a.level == level)
     ]
     columns = [ATTRIBUTES[k].column.label(k) for k in keywords]
-    computed = _computed_columns(level, wanted)
+    withdrawn = _shows_withdrawn(query)
+    computed = _computed_columns(wanted, withdrawn)
     extra = []
     if "SOPClassesInStudy" in wanted and level.depth >= Level.STUDY.depth:
         # Filled per page of matches by _emit (one query for the page).
@@ -229,8 +251,8 @@ def build_select(query: Query, conn: Connection | None = None) -> tuple[Select[A
     ]
     conditions += [datetime_range_match(ATTRIBUTES[d].column, ATTRIBUTES[t].column, query.match[d], query.match[t])
                    for d, t in pairs]
-    if level.depth >= Level.STUDY.depth and not _shows_withdrawn(query):
-        conditions.append(READABLE)
+    if not withdrawn:
+        conditions.append(READABLE if level.depth >= Level.STUDY.depth else _PATIENT_SHOWN)
     walk = (query.newest_first and level is not Level.PATIENT and conn is not None and conn.dialect.name == "sqlite"
             and not any(candidates) and not _names_patients(query.match))
     stmt = stmt.select_from(_from(level, walk_dates=walk))
