@@ -1180,6 +1180,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_rejections import register as register_rejections
 
     register_rejections(sub, _common)
+    from .cli_activity import register as register_activity
+
+    register_activity(sub, _common)
 
     p = sub.add_parser("db", help="index schema migrations; copy the index into another database")
     db_sub = p.add_subparsers(dest="db_command", required=True)

@@ -1,0 +1,146 @@
+"""The department's activity over a period (pacs.activity): examinations
+sent by DCMTK storescu from two machines, reports signed and amended over
+the HTTP API by two radiologists, read back with `pacs activity` and
+`GET /api/activity` (JSON and CSV), on SQLite + filesystem and PostgreSQL + S3.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+from pydicom.uid import generate_uid
+
+from pacs.activity import Period, PeriodError, examination_modality
+
+from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
+from .test_rejections import DOSE_SR, WRONG_ENTRY, _note
+
+ZONE = "Asia/Ho_Chi_Minh"
+US_CLASS = "1.2.840.10008.5.1.4.1.1.6.1"
+
+
+def _exam(server: PacsServer, folder: Path, calling: str, day: date, count: int, modality: str = "CT",
+          sop_class: str | None = None, **extra: object) -> tuple[str, str, list[str]]:
+    """A study of *count* images examined on *day*, sent from *calling*: (study, series, SOP UIDs)."""
+    folder.mkdir()
+    study, series = generate_uid(), generate_uid()
+    sops = [generate_uid() for _ in range(count)]
+    options = {"sop_class": sop_class} if sop_class else {}
+    files = [str(make_ct(folder / f"{i}.dcm", sop_uid=sop, StudyInstanceUID=study, SeriesInstanceUID=series,
+                         StudyDate=day.strftime("%Y%m%d"), Modality=modality, PatientID=f"ACT-{folder.name}",
+                         PatientName="TRẦN^THỊ BÌNH", InstanceNumber=i + 1, **options, **extra))
+             for i, sop in enumerate(sops)]
+    sent = server.storescu(*files, calling=calling)
+    assert sent.returncode == 0, sent.stdout + sent.stderr
+    return study, series, sops
+
+
+def test_periods_and_modalities() -> None:
+    today = date(2026, 12, 7)
+    assert Period.parse("", "", today) == Period(date(2026, 12, 1), today)
+    assert Period.parse("20261101", "2026-11-30", today) == Period(date(2026, 11, 1), date(2026, 11, 30))
+    assert Period.parse("2024-01-01", "2024-12-31", today).last == date(2024, 12, 31)  # a leap year: 366 days
+    for first, last in (("2026-11-30", "2026-11-01"), ("2026-13-01", ""), ("yesterday", ""), ("2025-01-01", "")):
+        try:
+            Period.parse(first, last, today)
+        except PeriodError:
+            continue
+        raise AssertionError(f"{first}..{last} was accepted")
+    assert examination_modality(["CT", "SR"]) == "CT"
+    assert examination_modality(["PT", "CT", "KO"]) == "CT/PT"
+    assert examination_modality(["SR"]) == "SR"
+    assert examination_modality([""]) == "OT"
+
+
+@pytest.fixture
+def hospital(tmp_path: Path, backend: Backend) -> Iterator[PacsServer]:
+    """`pacs serve` on the hospital's clock (Vietnam), whatever the machine's."""
+    server = PacsServer(tmp_path / "data", backend, extra_env={"PACS_TIMEZONE": ZONE}).start()
+    yield server
+    server.stop()
+
+
+def test_examinations_reads_turnaround_and_waiting(hospital: PacsServer, tmp_path: Path) -> None:
+    server = hospital
+    today = datetime.now(ZoneInfo(ZONE)).date()
+    for title in ("CT_ROOM1", "US_ROOM2"):
+        server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", "104", "--services", "all,reject")
+    head, *_ = _exam(server, tmp_path / "head", "CT_ROOM1", today - timedelta(days=2), 3)
+    chest, *_ = _exam(server, tmp_path / "chest", "CT_ROOM1", today - timedelta(days=1), 2,
+                      RequestedProcedurePriority="STAT")
+    # Its dose report sent later from a workstation: still the CT room's examination.
+    dose = make_ct(tmp_path / "dose.dcm", sop_class=DOSE_SR, StudyInstanceUID=chest, SeriesInstanceUID=generate_uid(),
+                   Modality="SR", PatientID="ACT-chest", PatientName="TRẦN^THỊ BÌNH")
+    assert server.storescu(str(dose), calling="US_ROOM2").returncode == 0
+    abdomen, *_ = _exam(server, tmp_path / "abdomen", "US_ROOM2", today, 1, modality="US", sop_class=US_CLASS)
+    _exam(server, tmp_path / "old", "CT_ROOM1", today - timedelta(days=40), 1)  # before the period
+    wrong, wrong_series, wrong_sops = _exam(server, tmp_path / "wrong", "CT_ROOM1", today, 2)
+    note = _note(tmp_path / "note.dcm", wrong, "ACT-wrong", WRONG_ENTRY, {wrong: [wrong_series, *wrong_sops]})
+    assert server.storescu(str(note), calling="CT_ROOM1").returncode == 0  # withdrawn: no examination
+    an = server.make_token("bs.an", "radiologist", "Nguyễn Văn An")
+    binh = server.make_token("bs.binh", "radiologist", "Lê Thị Bình")
+    for token, study in ((an, head), (binh, chest)):
+        with server.http(token) as rad:
+            url = f"/api/studies/{study}/report"
+            assert rad.put(url, json={"findings": "Bình thường.", "impression": "Không thấy bất thường."}
+                           ).status_code == 200
+            assert rad.post(f"{url}/sign").status_code == 200
+    with server.http(an) as rad:
+        url = f"/api/studies/{head}/report"
+        assert rad.post(f"{url}/amend").status_code == 200
+        assert rad.put(url, json={"findings": "Bình thường.", "impression": "Đính chính."}).status_code == 200
+        assert rad.post(f"{url}/sign").status_code == 200
+
+    period = {"from": (today - timedelta(days=7)).isoformat(), "to": today.isoformat()}
+    with server.http() as http:
+        found = http.get("/api/activity", params=period)
+        assert found.status_code == 200, found.text
+        report = found.json()
+        table = http.get("/api/activity/reads.csv", params=period)
+        assert table.status_code == 200 and table.headers["content-type"].startswith("text/csv")
+        assert f'activity-reads-{period["from"]}-{period["to"]}.csv' in table.headers["content-disposition"]
+        assert table.content.startswith("\ufeff".encode())
+        rows = list(csv.reader(io.StringIO(table.content.decode("utf-8-sig"))))
+        assert rows[0] == ["radiologist", "login", "modality", "reads", "amendments"]
+        assert ["Nguyễn Văn An", "bs.an", "CT", "1", "1"] in rows[1:]
+        assert http.get("/api/activity", params={"from": "2026-13-01"}).status_code == 400
+        assert http.get("/api/activity", params={"from": period["to"], "to": period["from"]}).status_code == 400
+        assert http.get("/api/activity/patients.csv").status_code == 404
+        events = http.get("/api/audit", params={"user": "pacs-test", "action": "query"})
+    with server.http(an) as rad:
+        assert rad.get("/api/activity").status_code == 403  # administrators only
+
+    assert report["from"] == period["from"] and report["to"] == period["to"]
+    # Instances are every object of the studies: the dose report and the signed reports' PDFs too.
+    assert report["totals"] == {"studies": 3, "instances": 10, "bytes": report["totals"]["bytes"], "reads": 2,
+                                "amendments": 1, "waiting": 1}, report
+    assert [(r["modality"], r["station"], r["studies"], r["instances"]) for r in report["exams"]] == [
+        ("CT", "CT_ROOM1", 2, 9), ("US", "US_ROOM2", 1, 1)]
+    assert report["days"] == [{"day": (today - timedelta(days=n)).isoformat(), "studies": 1} for n in (2, 1, 0)]
+    assert [(r["radiologist"], r["login"], r["modality"], r["reads"], r["amendments"]) for r in report["reads"]] == [
+        ("Lê Thị Bình", "bs.binh", "CT", 1, 0), ("Nguyễn Văn An", "bs.an", "CT", 1, 1)]
+    turnaround = {r["group"]: r for r in report["turnaround"]}
+    assert {g: r["reads"] for g, r in turnaround.items()} == {"CT": 2, "urgent": 1, "routine": 1}
+    assert all(0 <= r["median_minutes"] <= r["p90_minutes"] <= r["max_minutes"] for r in turnaround.values())
+    assert [(w["modality"], w["studies"]) for w in report["waiting"]] == [("US", 1)]
+    assert events.status_code == 200 and any("activity" in (e.get("detail") or "") for e in events.json())
+
+    # The command prints the same, and writes the tables for Excel.
+    out = tmp_path / "tables"
+    printed = server.cli("activity", "--from", period["from"], "--to", period["to"], "--json", "--csv", str(out))
+    assert json.loads(printed.stdout) == report
+    assert sorted(p.name for p in out.iterdir()) == ["days.csv", "exams.csv", "reads.csv", "turnaround.csv",
+                                                     "waiting.csv"]
+    assert (out / "exams.csv").read_bytes().startswith("\ufeffmodality,station,".encode())
+    shown = server.cli("activity", "--from", period["from"], "--to", period["to"])
+    assert "3 examinations" in shown.stdout and "Nguyễn Văn An" in shown.stdout
+    refused = server.cli("activity", "--from", period["to"], "--to", period["from"], check=False)
+    assert refused.returncode == 2 and "before it starts" in refused.stderr
