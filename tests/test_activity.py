@@ -9,9 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from collections.abc import Iterator
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -22,6 +24,7 @@ from pacs.activity import Period, PeriodError, examination_modality
 from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
 from .test_rejections import DOSE_SR, WRONG_ENTRY, _note
+from .test_web_viewer import PASSWORD, USERNAME, page, radiologist_server, sign_in  # noqa: F401 (fixtures)
 
 ZONE = "Asia/Ho_Chi_Minh"
 US_CLASS = "1.2.840.10008.5.1.4.1.1.6.1"
@@ -36,7 +39,8 @@ def _exam(server: PacsServer, folder: Path, calling: str, day: date, count: int,
     options = {"sop_class": sop_class} if sop_class else {}
     files = [str(make_ct(folder / f"{i}.dcm", sop_uid=sop, StudyInstanceUID=study, SeriesInstanceUID=series,
                          StudyDate=day.strftime("%Y%m%d"), Modality=modality, PatientID=f"ACT-{folder.name}",
-                         PatientName="TRẦN^THỊ BÌNH", InstanceNumber=i + 1, **options, **extra))
+                         PatientName="TRẦN^THỊ BÌNH", SpecificCharacterSet="ISO_IR 192", InstanceNumber=i + 1,
+                         **options, **extra))
              for i, sop in enumerate(sops)]
     sent = server.storescu(*files, calling=calling)
     assert sent.returncode == 0, sent.stdout + sent.stderr
@@ -78,7 +82,7 @@ def test_examinations_reads_turnaround_and_waiting(hospital: PacsServer, tmp_pat
                       RequestedProcedurePriority="STAT")
     # Its dose report sent later from a workstation: still the CT room's examination.
     dose = make_ct(tmp_path / "dose.dcm", sop_class=DOSE_SR, StudyInstanceUID=chest, SeriesInstanceUID=generate_uid(),
-                   Modality="SR", PatientID="ACT-chest", PatientName="TRẦN^THỊ BÌNH")
+                   Modality="SR", PatientID="ACT-chest", PatientName="TRẦN^THỊ BÌNH", SpecificCharacterSet="ISO_IR 192")
     assert server.storescu(str(dose), calling="US_ROOM2").returncode == 0
     abdomen, *_ = _exam(server, tmp_path / "abdomen", "US_ROOM2", today, 1, modality="US", sop_class=US_CLASS)
     _exam(server, tmp_path / "old", "CT_ROOM1", today - timedelta(days=40), 1)  # before the period
@@ -144,3 +148,63 @@ def test_examinations_reads_turnaround_and_waiting(hospital: PacsServer, tmp_pat
     assert "3 examinations" in shown.stdout and "Nguyễn Văn An" in shown.stdout
     refused = server.cli("activity", "--from", period["to"], "--to", period["from"], check=False)
     assert refused.returncode == 2 and "before it starts" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def viewer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    """The `page` fixture's server: a radiologist (tests.test_web_viewer) and an administrator."""
+    with radiologist_server(tmp_path_factory.mktemp("activity-ui")) as server:
+        server.cli("user", "add", "truong.khoa", "--role", "admin", "--password", ADMIN_PASSWORD,
+                   "--display-name", "Trưởng khoa Phạm Văn Đức")
+        yield server
+
+
+ADMIN_PASSWORD = "mat-khau-quan-tri-1"
+
+
+def test_the_head_of_department_reads_the_activity_in_the_viewer(page: Any, viewer_server: PacsServer,
+                                                                  tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    today = date.today()
+    _exam(viewer_server, tmp_path / "ui", "CT_ROOM1", today, 2)
+    sign_in(page, "truong.khoa", ADMIN_PASSWORD)
+    nav = page.locator("#nav-activity")
+    expect(nav).to_be_visible()
+    nav.click()
+    expect(page).to_have_url(re.compile(r"#/activity$"))
+    exams = page.locator("#activity-exams tbody tr")
+    expect(exams).to_have_count(1)
+    expect(exams.first.locator("td").nth(0)).to_have_text("CT")
+    expect(exams.first.locator("td").nth(1)).to_have_text("CT_ROOM1")
+    expect(page.locator("#activity-totals")).to_contain_text("1 ca chụp")
+    expect(page.locator("#activity-from")).to_have_value(today.replace(day=1).isoformat())
+    href = page.locator("#activity-exams-csv").get_attribute("href") or ""
+    assert href.startswith("/api/activity/exams.csv?from=")
+    # The download works with the session cookie alone (what a click on the link sends).
+    cookies = {c["name"]: c["value"] for c in page.context.cookies()}
+    with viewer_server.http(token="") as http:
+        http.cookies.update(cookies)
+        answer = http.get(href)
+    assert answer.status_code == 200 and "CT_ROOM1" in answer.text, answer.text
+    # A period with nothing in it, then the language switched.
+    page.fill("#activity-from", "2020-01-01")
+    page.fill("#activity-to", "2020-01-31")
+    page.click("#activity-show")
+    expect(page.locator("#activity-exams")).to_contain_text("Không có.")
+    page.click("#lang-toggle")
+    expect(page.locator("#activity-exams h3")).to_contain_text("Examinations per modality and machine")
+    expect(page.locator("#activity-totals")).to_contain_text("2020-01-01 to 2020-01-31: 0 examinations")
+    assert not page.errors, page.errors
+
+    # A radiologist has no such link, and the screen says why.
+    page.click("#logout-button")
+    expect(page).to_have_url(re.compile(r"#/login$"))  # the session ended before the next sign-in
+    page.fill("#username", USERNAME)
+    page.fill("#password", PASSWORD)
+    page.press("#password", "Enter")
+    expect(page).to_have_url(re.compile(r"#/worklist$"))
+    expect(page.locator("#nav-activity")).to_be_hidden()
+    page.goto("/#/activity")
+    expect(page.locator("#activity-message")).to_have_text("Only administrators see the activity.")
+    assert not page.errors, page.errors

@@ -1,6 +1,8 @@
 // The web viewer's entry point: session, top bar and hash routing
-// (#/login, #/worklist, #/study/<StudyInstanceUID>, #/accession/<AccessionNumber>).
+// (#/login, #/worklist, #/study/<StudyInstanceUID>, #/accession/<AccessionNumber>,
+// #/activity for administrators).
 
+import { mountActivity } from "./activity.js";
 import { api, setToken, setUnauthorizedHandler } from "./api.js";
 import { applyI18n, onLangChange, t, toggleLang } from "./i18n.js";
 import { mountLogin } from "./login.js";
@@ -26,6 +28,7 @@ function buildTopbar() {
   bar.replaceChildren(
     h("a.brand", { href: "#/worklist", "data-i18n": "app_title" }),
     h("a#nav-worklist.nav", { href: "#/worklist", "data-i18n": "nav_worklist" }),
+    h("a#nav-activity.nav", { href: "#/activity", "data-i18n": "nav_activity", hidden: true }),
     // Urgent studies not yet read, as the last worklist load counted them (worklist.js).
     h("button#urgent-count.btn.small.urgent-count", {
       type: "button", hidden: true, "data-i18n-title": "urgent_count_title",
@@ -56,6 +59,8 @@ function updateTopbar() {
     who.textContent = user ? formatPN(user.display_name) || user.username : "";
     who.title = user ? `${user.username} (${user.role})` : "";
   }
+  const activity = document.getElementById("nav-activity");
+  if (activity) activity.hidden = !(user && user.role === "admin");
   const urgent = document.getElementById("urgent-count");
   if (urgent) {
     const n = user ? Number(urgent.dataset.count || 0) : 0;
@@ -101,6 +106,7 @@ function parseRoute(hash) {
   const name = parts[0] || "";
   if (name === "login") return { name: "login" };
   if (name === "worklist") return { name: "worklist" };
+  if (name === "activity") return { name: "activity" };
   if (name === "study" && parts[1]) return { name: "study", studyUid: decoded(parts[1]) };
   if (name === "accession" && parts[1]) return { name: "accession", accession: decoded(parts[1]) };
   return { name: "" };
@@ -159,6 +165,7 @@ function render() {
   };
   if (route.name === "login") state.view = mountLogin(root, ctx);
   else if (route.name === "worklist") state.view = mountWorklist(root, ctx);
+  else if (route.name === "activity") state.view = mountActivity(root, ctx);
   else if (route.name === "study") state.view = mountStudy(root, ctx, route.studyUid);
   else if (route.name === "accession") state.view = openAccession(root, ctx, route.accession);
   applyI18n(root);
