@@ -8,17 +8,60 @@ by the set-up scripts and the Docker image), or PACS_REPORT_FONT.
 from __future__ import annotations
 
 import io
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
 
 _FONT_CANDIDATES = [
     "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/dejavu/DejaVuSans.ttf",
     "/usr/share/fonts/truetype/noto/NotoSans-Regular.ttf",
 ]
+
+
+@dataclass(frozen=True)
+class Letterhead:
+    """The top of a report's first page (settings ``report_header_left``,
+    ``report_header_right``, ``report_logo``): text lines at the left and
+    the right, and a logo image before the left ones."""
+
+    left: tuple[str, ...] = ()
+    right: tuple[str, ...] = ()
+    logo: bytes | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.left or self.right or self.logo)
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> Letterhead:
+        """The letterhead the settings describe. A logo that cannot be read
+        as an image is left out with a warning: a report must still be
+        signable when the file was moved."""
+        return cls(tuple(settings.report_header_left), tuple(settings.report_header_right),
+                   _logo(settings.report_logo))
+
+
+# The logo's height on the page, and the widest it may be, mm.
+_LOGO_HEIGHT, _LOGO_MAX_WIDTH = 18.0, 36.0
+
+
+def _logo(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        from PIL import Image
+
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        return data
+    except Exception as exc:  # a missing file, not an image
+        log.warning("report_logo %s left out of the report: %s", path, exc)
+        return None
 
 
 @dataclass
@@ -40,6 +83,7 @@ class ReportContent:
     viewer_url: str
     # Key images (JPEG, pacs.key_images), printed under the text.
     key_images: tuple[bytes, ...] = ()
+    letterhead: Letterhead = Letterhead()
 
 
 def font_path() -> str:
@@ -117,6 +161,36 @@ def _key_images(pdf: Any, images: tuple[bytes, ...]) -> None:
     pdf.set_font("body", size=10)
 
 
+def _letterhead(pdf: Any, head: Letterhead) -> None:
+    """The logo, the left lines beside it and the right lines, each block
+    centred in its half of the page as Vietnamese forms set them, the right
+    one underlined (the national motto's rule); the text follows below."""
+    from PIL import Image
+
+    top, half = pdf.get_y(), pdf.epw / 2
+    bottom = top
+    left_x = pdf.l_margin
+    if head.logo is not None:
+        width, height = Image.open(io.BytesIO(head.logo)).size
+        w = min(_LOGO_HEIGHT * width / height, _LOGO_MAX_WIDTH)
+        h = w * height / width
+        pdf.image(io.BytesIO(head.logo), x=pdf.l_margin, y=top, w=w, h=h)
+        left_x += w + 2
+        bottom = top + h
+    pdf.set_font("body", size=10)
+    blocks = ((left_x, pdf.l_margin + half - left_x, head.left, False), (pdf.l_margin + half, half, head.right, True))
+    for x, width, lines, ruled in blocks:
+        pdf.set_xy(x, top)
+        for line in lines:
+            pdf.set_x(x)
+            pdf.multi_cell(width, 5, line, align="C", new_x="LEFT", new_y="NEXT")
+        if lines and ruled:
+            rule = min(pdf.get_string_width(lines[-1]), width)
+            pdf.line(x + (width - rule) / 2, pdf.get_y() + 0.5, x + (width + rule) / 2, pdf.get_y() + 0.5)
+        bottom = max(bottom, pdf.get_y())
+    pdf.set_xy(pdf.l_margin, bottom + 4)
+
+
 def render(content: ReportContent) -> bytes:
     """The report as PDF bytes."""
     # fpdf (with fontTools) takes most of a second to import: loaded at the
@@ -126,8 +200,11 @@ def render(content: ReportContent) -> bytes:
     pdf.set_auto_page_break(auto=True, margin=18)  # room for the page number
     pdf.add_font("body", "", font_path())
     pdf.add_page()
-    pdf.set_font("body", size=14)
-    pdf.cell(0, 8, content.institution or "Filmless PACS", new_x="LMARGIN", new_y="NEXT", align="C")
+    if content.letterhead:
+        _letterhead(pdf, content.letterhead)
+    if not content.letterhead.left:  # else the hospital is named there
+        pdf.set_font("body", size=14)
+        pdf.cell(0, 8, content.institution or "Filmless PACS", new_x="LMARGIN", new_y="NEXT", align="C")
     pdf.set_font("body", size=12)
     title = "KẾT QUẢ CHẨN ĐOÁN HÌNH ẢNH / IMAGING REPORT"
     if content.version > 1:

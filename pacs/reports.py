@@ -31,7 +31,7 @@ from .orders import OrderService
 from .part10 import BufferSource, new_instance
 from .query.results import as_written
 from .reading_claims import end_on_signature
-from .report_pdf import ReportContent, render
+from .report_pdf import Letterhead, ReportContent, render
 from .report_signature import sign_pdf, signatures_for, trust_roots, verify_pdf
 from .timezones import dicom_date_time, hl7_timestamp, hospital_zone, in_hospital_zone, utc_offset
 
@@ -253,6 +253,7 @@ class ReportService:
             signed_at=f"{local:%Y-%m-%d %H:%M} (UTC{offset[:3]}:{offset[3:]})", version=draft.version, viewer_url=viewer_url,
             # The key images marked (the signer's first), printed with the text.
             key_images=tuple(key_image_thumbnails(self.pacs, study_uid, prefer=signer)),
+            letterhead=Letterhead.from_settings(self.pacs.settings),
         )
         pdf = render(content)
         if signatures:  # the stored instance holds the signed file byte for byte

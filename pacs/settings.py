@@ -405,6 +405,15 @@ class Settings(BaseSettings):
     report_trust_roots: Annotated[list[Path], NoDecode] = Field(default_factory=list)
     # The signature's location (the hospital's name). Empty: the study's Institution Name.
     report_signature_location: str = ""
+    # The report's letterhead (tiêu đề phiếu kết quả), printed at the top of
+    # its first page: lines at the left (the health department, the hospital,
+    # the department: "SỞ Y TẾ TỈNH NAM ĐỊNH", "BỆNH VIỆN ĐA KHOA TỈNH", "KHOA
+    # CHẨN ĐOÁN HÌNH ẢNH") and at the right (the national motto), and a logo
+    # (PNG or JPEG) before them. TOML lists, or lines separated by "|" in the
+    # environment. Nothing set: the study's Institution Name alone, as before.
+    report_header_left: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    report_header_right: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    report_logo: Path | None = None
     # The signing secret (pacs.signing_keys), kept out of the index and its
     # backups: the radiologists' keys are sealed under it and their PIN, so a
     # copy of the index alone does not open them to a PIN guessed offline.
@@ -521,6 +530,15 @@ class Settings(BaseSettings):
         # The environment gives one string: files separated by commas.
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("report_header_left", "report_header_right", mode="before")
+    @classmethod
+    def _header_lines(cls, value: Any) -> Any:
+        # The environment gives one string: lines separated by "|" (an
+        # address holds commas).
+        if isinstance(value, str):
+            return [part.strip() for part in value.split("|") if part.strip()]
         return value
 
     @field_validator("prefetch_sources", "prefetch_other_ids", mode="before")
