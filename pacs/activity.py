@@ -35,7 +35,7 @@ from typing import Any
 
 from sqlalchemy import Engine, Table, select
 
-from .index.models import Instance, Report, Series, Study, User
+from .index.models import Instance, Order, Report, Series, Study, StudyOrderLink, User
 from .query import READABLE
 
 studies_t: Table = Study.__table__  # type: ignore[assignment]
@@ -43,6 +43,8 @@ series_t: Table = Series.__table__  # type: ignore[assignment]
 instances_t: Table = Instance.__table__  # type: ignore[assignment]
 reports_t: Table = Report.__table__  # type: ignore[assignment]
 users_t: Table = User.__table__  # type: ignore[assignment]
+orders_t: Table = Order.__table__  # type: ignore[assignment]
+study_orders_t: Table = StudyOrderLink.__table__  # type: ignore[assignment]
 
 # A year and a day: a yearly report (báo cáo năm) of a leap year.
 MAX_DAYS = 366
@@ -105,6 +107,18 @@ class ExamRow:
 
 
 @dataclass
+class ProcedureRow:
+    """Examinations of one ordered procedure: the order's Requested Procedure
+    Code and its meaning (else the order's description); all empty for the
+    studies no order explains (pacs orders unmatched)."""
+
+    modality: str
+    code: str
+    procedure: str
+    studies: int = 0
+
+
+@dataclass
 class ReadRow:
     """One radiologist's signatures on one modality's studies: the name the
     reports were signed with (printed on them), and the login of the user
@@ -145,6 +159,7 @@ class Activity:
     last: date
     exams: list[ExamRow] = field(default_factory=list)
     days: list[tuple[str, int]] = field(default_factory=list)
+    procedures: list[ProcedureRow] = field(default_factory=list)
     reads: list[ReadRow] = field(default_factory=list)
     turnaround: list[TurnaroundRow] = field(default_factory=list)
     waiting: list[WaitingRow] = field(default_factory=list)
@@ -162,14 +177,15 @@ class Activity:
         return {"from": self.first.isoformat(), "to": self.last.isoformat(), "totals": self.totals,
                 "exams": [asdict(r) for r in self.exams],
                 "days": [{"day": d, "studies": n} for d, n in self.days],
+                "procedures": [asdict(r) for r in self.procedures],
                 "reads": [asdict(r) for r in self.reads],
                 "turnaround": [asdict(r) for r in self.turnaround],
                 "waiting": [asdict(r) for r in self.waiting]}
 
     def table(self, name: str) -> tuple[list[str], list[list[Any]]]:
         """One of :data:`TABLES` as a header and rows."""
-        rows: list[Any] = {"exams": self.exams, "reads": self.reads, "turnaround": self.turnaround,
-                           "waiting": self.waiting}.get(name, [])
+        rows: list[Any] = {"exams": self.exams, "procedures": self.procedures, "reads": self.reads,
+                           "turnaround": self.turnaround, "waiting": self.waiting}.get(name, [])
         if name == "days":
             return ["day", "studies"], [list(d) for d in self.days]
         if name not in TABLES:
@@ -189,8 +205,9 @@ class Activity:
         return buffer.getvalue()
 
 
-TABLES = ("exams", "days", "reads", "turnaround", "waiting")
-_FIELDS = {"exams": ExamRow.__dataclass_fields__, "reads": ReadRow.__dataclass_fields__,
+TABLES = ("exams", "days", "procedures", "reads", "turnaround", "waiting")
+_FIELDS = {"exams": ExamRow.__dataclass_fields__, "procedures": ProcedureRow.__dataclass_fields__,
+           "reads": ReadRow.__dataclass_fields__,
            "turnaround": TurnaroundRow.__dataclass_fields__, "waiting": WaitingRow.__dataclass_fields__}
 
 
@@ -214,6 +231,7 @@ class _Study:
     priority: str
     state: str
     station: str = ""
+    procedure: tuple[str, str] = ("", "")
 
 
 def activity(engine: Engine, period: Period, zone: tzinfo) -> Activity:
@@ -223,6 +241,7 @@ def activity(engine: Engine, period: Period, zone: tzinfo) -> Activity:
     result = Activity(period.first, period.last)
     found = list(_examinations(engine, period, start, end, zone))
     _stations(engine, found)
+    _procedures(engine, found)
     exams: dict[tuple[str, str], ExamRow] = {}
     days: Counter[str] = Counter()
     waiting: dict[str, list[datetime]] = defaultdict(list)
@@ -235,6 +254,8 @@ def activity(engine: Engine, period: Period, zone: tzinfo) -> Activity:
         if study.state in ("unread", "draft"):
             waiting[study.modality].append(study.arrived)
     result.exams = sorted(exams.values(), key=lambda r: (r.modality, r.station))
+    procedures: Counter[tuple[str, str, str]] = Counter((s.modality, *s.procedure) for s in found)
+    result.procedures = [ProcedureRow(*key, studies=n) for key, n in sorted(procedures.items())]
     result.days = sorted(days.items())
     result.waiting = [WaitingRow(m, len(times), min(times).astimezone(zone).isoformat(timespec="seconds"))
                       for m, times in sorted(waiting.items())]
@@ -280,6 +301,19 @@ def _stations(engine: Engine, found: list[_Study]) -> None:
                     stations[row.study_pk] = (imaging, (row.ae or "").strip())
             for pk, (_, ae) in stations.items():
                 batch[pk].station = ae
+
+
+def _procedures(engine: Engine, found: list[_Study]) -> None:
+    """Each study's ordered procedure, from the order it was reconciled with."""
+    query = (select(study_orders_t.c.study_pk, orders_t.c.procedure_code, orders_t.c.procedure_code_meaning,
+                    orders_t.c.requested_procedure_description)
+             .select_from(study_orders_t.join(orders_t, orders_t.c.pk == study_orders_t.c.order_pk)))
+    with engine.connect() as conn:
+        for start in range(0, len(found), _BATCH):
+            batch = {s.pk: s for s in found[start:start + _BATCH]}
+            for row in conn.execute(query.where(study_orders_t.c.study_pk.in_(list(batch)))):
+                named = row.procedure_code_meaning or row.requested_procedure_description or ""
+                batch[row.study_pk].procedure = (row.procedure_code or "", named)
 
 
 def _reads(engine: Engine, start: datetime, end: datetime, result: Activity) -> None:

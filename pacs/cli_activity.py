@@ -6,8 +6,8 @@ pacs.cli.
     pacs activity --from 2026-11-01 --to 2026-11-30 --csv /srv/reports/2026-11
     pacs activity --from 2026-01-01 --to 2026-12-31 --json
 
-``--csv DIR`` writes one file per table (exams, days, reads, turnaround,
-waiting), UTF-8 with a byte order mark so that Excel keeps the
+``--csv DIR`` writes one file per table (exams, days, procedures, reads,
+turnaround, waiting), UTF-8 with a byte order mark so that Excel keeps the
 radiologists' Vietnamese names. Audited as a ``query`` by the operating
 system account that ran it.
 """
@@ -54,6 +54,7 @@ def cmd_activity(args: argparse.Namespace) -> int:
                   f"({totals['instances']} instances, {totals['bytes'] / 1e9:.2f} GB), {totals['reads']} reads, "
                   f"{totals['amendments']} amendments, {totals['waiting']} waiting")
         for name, title in (("exams", "examinations (ca chụp) per modality and machine"),
+                            ("procedures", "examinations per ordered procedure (dịch vụ kỹ thuật; empty: no order)"),
                             ("reads", "reads (ca đọc) per radiologist"),
                             ("turnaround", "turnaround, minutes from arrival to first signature"),
                             ("waiting", "examinations not signed yet")):

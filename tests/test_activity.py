@@ -77,7 +77,16 @@ def test_examinations_reads_turnaround_and_waiting(hospital: PacsServer, tmp_pat
     today = datetime.now(ZoneInfo(ZONE)).date()
     for title in ("CT_ROOM1", "US_ROOM2"):
         server.cli("ae", "add", title, "--host", "127.0.0.1", "--port", "104", "--services", "all,reject")
-    head, *_ = _exam(server, tmp_path / "head", "CT_ROOM1", today - timedelta(days=2), 3)
+    # The head CT was ordered by the HIS (a procedure code insurance pays for); the others were not.
+    his = server.make_token("his", "his")
+    with server.http(his) as http:
+        ordered = http.post("/api/orders", json={
+            "patient": {"id": "ACT-head", "name": "TRẦN^THỊ BÌNH"}, "accession_number": "ACT-HEAD", "modality": "CT",
+            "procedure_code": "18.0133.0028", "procedure_code_scheme": "BYT",
+            "procedure_code_meaning": "Chụp CT sọ não không tiêm thuốc cản quang"})
+        assert ordered.status_code == 201, ordered.text
+    head, *_ = _exam(server, tmp_path / "head", "CT_ROOM1", today - timedelta(days=2), 3,
+                     AccessionNumber="ACT-HEAD")  # reconciled with the order by its accession
     chest, *_ = _exam(server, tmp_path / "chest", "CT_ROOM1", today - timedelta(days=1), 2,
                       RequestedProcedurePriority="STAT")
     # Its dose report sent later from a workstation: still the CT room's examination.
@@ -128,6 +137,8 @@ def test_examinations_reads_turnaround_and_waiting(hospital: PacsServer, tmp_pat
                                 "amendments": 1, "waiting": 1}, report
     assert [(r["modality"], r["station"], r["studies"], r["instances"]) for r in report["exams"]] == [
         ("CT", "CT_ROOM1", 2, 9), ("US", "US_ROOM2", 1, 1)]
+    assert [(r["modality"], r["code"], r["procedure"], r["studies"]) for r in report["procedures"]] == [
+        ("CT", "", "", 1), ("CT", "18.0133.0028", "Chụp CT sọ não không tiêm thuốc cản quang", 1), ("US", "", "", 1)]
     assert report["days"] == [{"day": (today - timedelta(days=n)).isoformat(), "studies": 1} for n in (2, 1, 0)]
     assert [(r["radiologist"], r["login"], r["modality"], r["reads"], r["amendments"]) for r in report["reads"]] == [
         ("Lê Thị Bình", "bs.binh", "CT", 1, 0), ("Nguyễn Văn An", "bs.an", "CT", 1, 1)]
@@ -141,8 +152,8 @@ def test_examinations_reads_turnaround_and_waiting(hospital: PacsServer, tmp_pat
     out = tmp_path / "tables"
     printed = server.cli("activity", "--from", period["from"], "--to", period["to"], "--json", "--csv", str(out))
     assert json.loads(printed.stdout) == report
-    assert sorted(p.name for p in out.iterdir()) == ["days.csv", "exams.csv", "reads.csv", "turnaround.csv",
-                                                     "waiting.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["days.csv", "exams.csv", "procedures.csv", "reads.csv",
+                                                     "turnaround.csv", "waiting.csv"]
     assert (out / "exams.csv").read_bytes().startswith("\ufeffmodality,station,".encode())
     shown = server.cli("activity", "--from", period["from"], "--to", period["to"])
     assert "3 examinations" in shown.stdout and "Nguyễn Văn An" in shown.stdout
@@ -178,6 +189,7 @@ def test_the_head_of_department_reads_the_activity_in_the_viewer(page: Any, view
     expect(exams.first.locator("td").nth(0)).to_have_text("CT")
     expect(exams.first.locator("td").nth(1)).to_have_text("CT_ROOM1")
     expect(page.locator("#activity-totals")).to_contain_text("1 ca chụp")
+    expect(page.locator("#activity-procedures tbody td").nth(2)).to_have_text("(không có chỉ định)")
     expect(page.locator("#activity-from")).to_have_value(today.replace(day=1).isoformat())
     href = page.locator("#activity-exams-csv").get_attribute("href") or ""
     assert href.startswith("/api/activity/exams.csv?from=")

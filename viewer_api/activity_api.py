@@ -5,7 +5,7 @@ monthly report.
     GET /api/activity[?from=YYYY-MM-DD&to=YYYY-MM-DD]        JSON
     GET /api/activity/{table}.csv[?from=...&to=...]           one table as CSV
 
-Tables: exams, days, reads, turnaround, waiting. The period defaults to
+Tables: exams, days, procedures, reads, turnaround, waiting. The period defaults to
 this month so far on the hospital's clock. Administrators only; audited as
 a ``query`` (it names staff, no patient).
 """

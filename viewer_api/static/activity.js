@@ -7,11 +7,15 @@ import { applyI18n, getLang, onLangChange, t } from "./i18n.js";
 import { h } from "./util.js";
 
 // Each table: its key in the answer, its heading, and its columns
-// [field, label key, kind] (kind "num": right-aligned, grouped digits).
+// [field, label key, kind] (kind "num": right-aligned, grouped digits; "gb":
+// bytes as GB; "order": a procedure, or "no order" for the studies without one).
 const TABLES = [
   ["exams", "activity_exams", [
     ["modality", "activity_modality"], ["station", "activity_station"], ["studies", "activity_studies", "num"],
     ["instances", "activity_instances", "num"], ["bytes", "activity_gb", "gb"]]],
+  ["procedures", "activity_procedures", [
+    ["modality", "activity_modality"], ["code", "activity_code"], ["procedure", "activity_procedure", "order"],
+    ["studies", "activity_studies", "num"]]],
   ["reads", "activity_reads", [
     ["radiologist", "activity_radiologist"], ["login", "activity_login"], ["modality", "activity_modality"],
     ["reads", "activity_read_count", "num"], ["amendments", "activity_amendments", "num"]]],
@@ -26,12 +30,15 @@ const TABLES = [
 ];
 
 function cell(value, kind) {
+  if (kind === "order") return value || t("activity_no_order");
   const locale = getLang() === "vi" ? "vi-VN" : "en-GB";
   if (kind === "gb") return (Number(value) / 1e9).toLocaleString(locale, { maximumFractionDigits: 2 });
   if (kind === "num") return Number(value).toLocaleString(locale);
   if (typeof value === "string" && /^\d{4}-\d\d-\d\dT/.test(value)) return value.slice(0, 16).replace("T", " ");
   return value === null || value === undefined ? "" : String(value);
 }
+
+const numeric = (kind) => kind === "num" || kind === "gb";
 
 /** Mount the activity screen in `el`; returns {cleanup()}. */
 export function mountActivity(el, ctx) {
@@ -83,9 +90,9 @@ export function mountActivity(el, ctx) {
         rows.length === 0
           ? h("p.message", t("activity_none"))
           : h("table.worklist",
-            h("thead", h("tr", ...columns.map(([, label, kind]) => h(kind ? "th.num" : "th", t(label))))),
+            h("thead", h("tr", ...columns.map(([, label, kind]) => h(numeric(kind) ? "th.num" : "th", t(label))))),
             h("tbody", ...rows.map((row) => h("tr", ...columns.map(([field, , kind]) =>
-              h(kind ? "td.num" : "td", cell(row[field], kind))))))));
+              h(numeric(kind) ? "td.num" : "td", cell(row[field], kind))))))));
     }));
   }
 
