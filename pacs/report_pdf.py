@@ -84,6 +84,8 @@ class ReportContent:
     # Key images (JPEG, pacs.key_images), printed under the text.
     key_images: tuple[bytes, ...] = ()
     letterhead: Letterhead = Letterhead()
+    # Where the report is signed, before its date ("Nam Định, ngày ..."): report_place.
+    place: str = ""
 
 
 def font_path() -> str:
@@ -191,6 +193,35 @@ def _letterhead(pdf: Any, head: Letterhead) -> None:
     pdf.set_xy(pdf.l_margin, bottom + 4)
 
 
+# Height of the signature block: date, title, room for a hand signature or
+# the seal on a printed copy, the name.
+_SIGNATURE_BLOCK = 5 * 3 + 14
+
+
+def _signature_block(pdf: Any, content: ReportContent) -> None:
+    """The right half's signature block of a Vietnamese result form: "Nam
+    Định, ngày 15 tháng 01 năm 2024", the reader's title, space for the
+    signature, the name; kept on one page."""
+    if pdf.get_y() + _SIGNATURE_BLOCK + 6 > pdf.page_break_trigger:
+        pdf.add_page()
+    day = content.signed_at[:10]
+    if len(day) == 10 and day[4] == day[7] == "-":
+        dated = f"ngày {day[8:10]} tháng {day[5:7]} năm {day[:4]}"
+        dated = f"{content.place}, {dated}" if content.place else dated[0].upper() + dated[1:]
+    else:
+        dated = content.place
+    half = pdf.epw / 2
+    x = pdf.l_margin + half
+    for text, size, gap in ((dated, 10, 0.0), ("BÁC SĨ ĐỌC KẾT QUẢ / RADIOLOGIST", 10, 14.0),
+                            (content.signed_by.replace("^", " "), 11, 0.0)):
+        pdf.set_font("body", size=size)
+        pdf.set_x(x)
+        pdf.cell(half, 5, text, align="C", new_x="LEFT", new_y="NEXT")
+        pdf.ln(gap)
+    pdf.set_font("body", size=10)
+    pdf.ln(2)
+
+
 def render(content: ReportContent) -> bytes:
     """The report as PDF bytes."""
     # fpdf (with fontTools) takes most of a second to import: loaded at the
@@ -232,6 +263,7 @@ def render(content: ReportContent) -> bytes:
         pdf.multi_cell(0, 5.5, _text(text) or "-")
     _key_images(pdf, content.key_images)
     pdf.ln(5)
+    _signature_block(pdf, content)
     pdf.cell(0, 6, f"Ký / Signed: {content.signed_by.replace('^', ' ')} — {content.signed_at}",
              new_x="LMARGIN", new_y="NEXT")
     if content.viewer_url:

@@ -253,7 +253,7 @@ class ReportService:
             signed_at=f"{local:%Y-%m-%d %H:%M} (UTC{offset[:3]}:{offset[3:]})", version=draft.version, viewer_url=viewer_url,
             # The key images marked (the signer's first), printed with the text.
             key_images=tuple(key_image_thumbnails(self.pacs, study_uid, prefer=signer)),
-            letterhead=Letterhead.from_settings(self.pacs.settings),
+            letterhead=Letterhead.from_settings(self.pacs.settings), place=self.pacs.settings.report_place,
         )
         pdf = render(content)
         if signatures:  # the stored instance holds the signed file byte for byte

@@ -414,6 +414,9 @@ class Settings(BaseSettings):
     report_header_left: Annotated[list[str], NoDecode] = Field(default_factory=list)
     report_header_right: Annotated[list[str], NoDecode] = Field(default_factory=list)
     report_logo: Path | None = None
+    # Where reports are signed, before the date of the signature block
+    # ("Nam Định, ngày 15 tháng 01 năm 2024"). Empty: the date alone.
+    report_place: str = ""
     # The signing secret (pacs.signing_keys), kept out of the index and its
     # backups: the radiologists' keys are sealed under it and their PIN, so a
     # copy of the index alone does not open them to a PIN guessed offline.

@@ -2,8 +2,8 @@
 report_logo): a `pacs serve` configured as a Vietnamese provincial hospital
 signs reports over the HTTP API; the PDF stored in the study carries the
 health department, hospital and department at the left, the national motto
-at the right and the logo; a logo file gone since the start leaves the
-report signable, without it."""
+at the right and the logo, and the signature block dated at report_place;
+a logo file gone since the start leaves the report signable, without it."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def hospital(tmp_path: Path) -> Iterator[PacsServer]:
     Image.new("RGB", (120, 90), (180, 20, 20)).save(logo)
     server = PacsServer(tmp_path / "data", Backend("sqlite-fs", None, None, {}), extra_env={
         "PACS_REPORT_HEADER_LEFT": " | ".join(LEFT), "PACS_REPORT_HEADER_RIGHT": "|".join(RIGHT),
-        "PACS_REPORT_LOGO": str(logo)})
+        "PACS_REPORT_LOGO": str(logo), "PACS_REPORT_PLACE": "Nam Định"})
     server.start()
     server.logo = logo  # type: ignore[attr-defined]
     yield server
@@ -59,6 +59,12 @@ def test_the_report_carries_the_hospitals_letterhead(hospital: PacsServer, tmp_p
     assert lines[:6] == [*LEFT, *RIGHT, "KẾT QUẢ CHẨN ĐOÁN HÌNH ẢNH / IMAGING REPORT"], lines[:8]
     assert "BVDK NAM DINH" not in lines  # the hospital is named by the letterhead
     assert b"/Subtype /Image" in pdf
+    # The signature block, dated as the signature line below it is (the hospital's day).
+    at = lines.index("BÁC SĨ ĐỌC KẾT QUẢ / RADIOLOGIST")
+    signed = next(line for line in lines if line.startswith("Ký / Signed: Đỗ Thanh Tùng — "))
+    year, month, day = signed.split(" — ")[1][:10].split("-")
+    assert lines[at - 1:at + 2] == [f"Nam Định, ngày {day} tháng {month} năm {year}",
+                                    "BÁC SĨ ĐỌC KẾT QUẢ / RADIOLOGIST", "Đỗ Thanh Tùng"], lines
     # The logo file moved away: the next report is signed all the same, without it.
     hospital.logo.unlink()  # type: ignore[attr-defined]
     since = hospital.log_path.stat().st_size
@@ -79,4 +85,6 @@ def test_without_a_letterhead_the_institution_heads_the_report() -> None:
         sex="M", study_date="20240115", accession="ACC002", description="CT", modalities="CT",
         findings="Bình thường.", impression="Không.", signed_by="Đỗ^Thanh Tùng", signed_at="2024-01-15 10:00",
         version=1, viewer_url="", letterhead=Letterhead.from_settings(settings)))
-    assert page_texts(pdf)[0].splitlines()[:2] == ["BV Đa khoa", "KẾT QUẢ CHẨN ĐOÁN HÌNH ẢNH / IMAGING REPORT"]
+    lines = page_texts(pdf)[0].splitlines()
+    assert lines[:2] == ["BV Đa khoa", "KẾT QUẢ CHẨN ĐOÁN HÌNH ẢNH / IMAGING REPORT"]
+    assert "Ngày 15 tháng 01 năm 2024" in lines  # no report_place: the date alone
