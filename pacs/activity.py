@@ -15,6 +15,9 @@ health department, read from the index alone.
   first signature, for the reads of the period: median, 90th percentile and
   longest, per modality and for urgent (STAT, HIGH) against other studies.
 - **Waiting**: the examinations of the period not signed yet.
+- **Critical results** (kết quả nguy kịch, pacs.critical_results) flagged in
+  the period, those still not acknowledged, and the minutes from the flag
+  to the acknowledgement (turnaround group "critical-ack").
 
 A study's modality is that of its images: rejection notes, presentation
 states, structured reports and the signed report's PDF (KO, PR, SR, DOC)
@@ -35,7 +38,7 @@ from typing import Any
 
 from sqlalchemy import Engine, Table, select
 
-from .index.models import Instance, Order, Report, Series, Study, StudyOrderLink, User
+from .index.models import CriticalResult, Instance, Order, Report, Series, Study, StudyOrderLink, User
 from .query import READABLE
 
 studies_t: Table = Study.__table__  # type: ignore[assignment]
@@ -45,6 +48,7 @@ reports_t: Table = Report.__table__  # type: ignore[assignment]
 users_t: Table = User.__table__  # type: ignore[assignment]
 orders_t: Table = Order.__table__  # type: ignore[assignment]
 study_orders_t: Table = StudyOrderLink.__table__  # type: ignore[assignment]
+critical_t: Table = CriticalResult.__table__  # type: ignore[assignment]
 
 # A year and a day: a yearly report (báo cáo năm) of a leap year.
 MAX_DAYS = 366
@@ -163,6 +167,8 @@ class Activity:
     reads: list[ReadRow] = field(default_factory=list)
     turnaround: list[TurnaroundRow] = field(default_factory=list)
     waiting: list[WaitingRow] = field(default_factory=list)
+    critical: int = 0
+    critical_open: int = 0
 
     @property
     def totals(self) -> dict[str, int]:
@@ -170,7 +176,8 @@ class Activity:
         return {"studies": sum(r.studies for r in self.exams), "instances": sum(r.instances for r in self.exams),
                 "bytes": sum(r.bytes for r in self.exams), "reads": sum(r.reads for r in self.reads),
                 "amendments": sum(r.amendments for r in self.reads),
-                "waiting": sum(r.studies for r in self.waiting)}
+                "waiting": sum(r.studies for r in self.waiting), "critical": self.critical,
+                "critical_open": self.critical_open}
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form (``pacs activity --json``, ``GET /api/activity``)."""
@@ -260,6 +267,7 @@ def activity(engine: Engine, period: Period, zone: tzinfo) -> Activity:
     result.waiting = [WaitingRow(m, len(times), min(times).astimezone(zone).isoformat(timespec="seconds"))
                       for m, times in sorted(waiting.items())]
     _reads(engine, start, end, result)
+    _critical(engine, start, end, result)
     return result
 
 
@@ -342,6 +350,18 @@ def _reads(engine: Engine, start: datetime, end: datetime, result: Activity) -> 
     groups = sorted(k for k in minutes if k not in ("urgent", "routine")) + [
         k for k in ("urgent", "routine") if k in minutes]
     result.turnaround = [_turnaround(g, minutes[g]) for g in groups]
+
+
+def _critical(engine: Engine, start: datetime, end: datetime, result: Activity) -> None:
+    """Critical results flagged in the period, the open ones, and the time to acknowledge."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(critical_t.c.flagged_at, critical_t.c.acknowledged_at)
+                            .where(critical_t.c.flagged_at >= start, critical_t.c.flagged_at < end)).all()
+    result.critical = len(rows)
+    result.critical_open = sum(1 for r in rows if r.acknowledged_at is None)
+    waited = [(r.acknowledged_at - r.flagged_at).total_seconds() / 60 for r in rows if r.acknowledged_at is not None]
+    if waited:
+        result.turnaround.append(_turnaround("critical-ack", waited))
 
 
 def _logins(conn: Any) -> dict[str, str]:

@@ -63,6 +63,8 @@ _ACTION_CODE = {
     # Rejected instances (pacs.rejections): the bar on receiving them again lifted; images withdrawn with a
     # rejection note made here (pacs.rejection_notes; each instance's deletion is a "delete" too).
     "rejection-lift": "U", "reject": "D",
+    # A critical result's acknowledgement: who was told, how (pacs.critical_results).
+    "critical-ack": "U",
 }
 
 

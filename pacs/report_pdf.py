@@ -86,6 +86,8 @@ class ReportContent:
     letterhead: Letterhead = Letterhead()
     # Where the report is signed, before its date ("Nam Định, ngày ..."): report_place.
     place: str = ""
+    # A critical result (pacs.critical_results): its note ("" none given); None: not critical.
+    critical: str | None = None
 
 
 def font_path() -> str:
@@ -241,6 +243,11 @@ def render(content: ReportContent) -> bytes:
     if content.version > 1:
         title += f" (bổ sung / amended, v{content.version})"
     pdf.cell(0, 8, title, new_x="LMARGIN", new_y="NEXT", align="C")
+    if content.critical is not None:
+        pdf.set_text_color(180, 0, 0)
+        pdf.multi_cell(0, 6, "KẾT QUẢ NGUY KỊCH / CRITICAL RESULT" + (f": {content.critical}" if content.critical else ""),
+                       align="C", new_x="LMARGIN", new_y="NEXT")
+        pdf.set_text_color(0, 0, 0)
     pdf.ln(2)
     pdf.set_font("body", size=10)
     rows = [

@@ -20,6 +20,7 @@ from pydicom.uid import EncapsulatedPDFStorage, generate_uid
 from sqlalchemy import Connection, select, update
 from sqlalchemy.exc import IntegrityError
 
+from . import critical_results
 from .app import Pacs
 from .errors import RefusedRequest
 from .index.db import retry_write
@@ -144,14 +145,15 @@ class ReportService:
         with self.pacs.engine.connect() as conn:
             study = self._study(conn, study_uid)
             versions = self._versions(conn, study.pk)
+            critical = critical_results.of_study(conn, study.pk)
         if signed_only:
             versions = [v for v in versions if v.status == "signed"]
-        current = versions[-1] if versions else None
+        rows = [{**_row_dict(v), "critical": critical.get(v.version)} for v in versions]
         return {
             "study_uid": study_uid,
-            "status": current.status if current else "none",
-            "current": _row_dict(current) if current else None,
-            "versions": [_row_dict(v) for v in versions],
+            "status": rows[-1]["status"] if rows else "none",
+            "current": rows[-1] if rows else None,
+            "versions": rows,
         }
 
     def save_draft(self, study_uid: str, findings: str, impression: str, author: str,
@@ -221,13 +223,17 @@ class ReportService:
         return self.get(study_uid)
 
     def sign(self, study_uid: str, signer: str, signer_name: str = "", revision: int | None = None,
-             pin: str | None = None) -> dict[str, Any]:
+             pin: str | None = None, critical: bool = False, critical_note: str = "") -> dict[str, Any]:
         """Sign the current draft: PDF into the study, ORU^R01 queued for the
         HIS. *revision*: the draft revision the signer read (see save_draft).
         With report_signature on, the PDF is digitally signed first (PAdES,
         pacs.report_signature), the radiologist's key opened with *pin*: a
         refusal (SigningKeyError: wrong PIN, lock, expired certificate)
-        leaves the draft unsigned."""
+        leaves the draft unsigned. *critical*: the report holds a critical
+        result (pacs.critical_results), *critical_note* what must be acted on."""
+        note = critical_results.clean_text(critical_note, "the critical result's note", required=False)
+        if note and not critical:
+            raise ReportError("a critical result's note is given, but the report is not flagged critical", 400)
         now = datetime.now(UTC)
         with self.pacs.engine.connect() as conn:
             study = self._study(conn, study_uid)
@@ -254,6 +260,7 @@ class ReportService:
             # The key images marked (the signer's first), printed with the text.
             key_images=tuple(key_image_thumbnails(self.pacs, study_uid, prefer=signer)),
             letterhead=Letterhead.from_settings(self.pacs.settings), place=self.pacs.settings.report_place,
+            critical=note if critical else None,
         )
         pdf = render(content)
         if signatures:  # the stored instance holds the signed file byte for byte
@@ -263,7 +270,8 @@ class ReportService:
 
         def once(conn: Connection) -> bool:
             self._study(conn, study_uid, lock=True)  # after a save or amendment under way, not amid it
-            return self._signed(conn, study, draft, sop_uid, signer, signer_name, viewer_url, modalities, now)
+            return self._signed(conn, study, draft, sop_uid, signer, signer_name, viewer_url, modalities, now,
+                                note if critical else None)
 
         # Only the transaction is run again when it loses a deadlock (a save,
         # an ingest or an HIS update holding the study or the draft): the PDF
@@ -281,11 +289,12 @@ class ReportService:
         return self.get(study_uid)
 
     def _signed(self, conn: Any, study: Any, draft: Any, sop_uid: str, signer: str, signer_name: str,
-                viewer_url: str, modalities: str, now: datetime) -> bool:
+                viewer_url: str, modalities: str, now: datetime, critical: str | None = None) -> bool:
         """In the signature's transaction, the study locked: *draft* signed
         with the PDF *sop_uid* and the ORU^R01 queued; False (nothing
         written) when the draft is no longer the one read (signed, or saved
-        again, meanwhile)."""
+        again, meanwhile). *critical*: the note of the critical result it
+        holds (flagged here, in the ORU as OBX-8 "AA"); None: none."""
         done = conn.execute(
             update(reports_t)
             .where(reports_t.c.pk == draft.pk, reports_t.c.status == "draft",
@@ -295,6 +304,8 @@ class ReportService:
         ).rowcount
         if not done:
             return False
+        if critical is not None:
+            critical_results.flag(conn, study.pk, draft.version, critical, signer, now)
         # Read and reported: nobody is reading it any more (pacs.reading_claims).
         end_on_signature(conn, study.pk)
         study_uid = study.study_uid
@@ -308,10 +319,15 @@ class ReportService:
             "signed_by": signer, "signed_by_name": signer_name or signer,
             "signed_at": hl7_timestamp(now, hospital_zone(self.pacs.settings)),
             "status": "final" if draft.version == 1 else "amended",
+            # A critical result: OBX-8 "AA" (critically abnormal, HL7 table 0078)
+            # on the impression and on the radiologist's note of it.
             "lines": [
                 {"type": "TX", "code": "59776-5^Findings^LN", "value": draft.findings},
-                {"type": "TX", "code": "19005-8^Impression^LN", "value": draft.impression},
-            ] + ([{"type": "RP", "code": "IMAGES^Images^L", "value": viewer_url}] if viewer_url else []),
+                {"type": "TX", "code": "19005-8^Impression^LN", "value": draft.impression,
+                 **({"abnormal": "AA"} if critical is not None else {})},
+            ] + ([{"type": "TX", "code": "CRITICAL^Critical result^L", "abnormal": "AA",
+                   "value": critical or "KẾT QUẢ NGUY KỊCH / CRITICAL RESULT"}] if critical is not None else [])
+            + ([{"type": "RP", "code": "IMAGES^Images^L", "value": viewer_url}] if viewer_url else []),
         })
         return True
 

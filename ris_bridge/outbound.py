@@ -216,12 +216,13 @@ def _obx(index: int, line: dict[str, Any], result_status: str) -> str:
     line breaks as repetitions of OBX-5 (a repetition is a hard line break
     for TX, HL7 v2.5 2.A.79), so no CR/LF ever sits inside the segment and the
     one-OBX-per-LOINC-section layout the HIS already reads stays as it is;
-    other types (RP: the viewer link) are one value."""
+    other types (RP: the viewer link) are one value. OBX-8, the abnormal
+    flag: "AA" on a critical result (pacs.critical_results)."""
     value_type = line.get("type", "TX")
     value = line.get("value", "")
     encoded = escape_lines(value) if value_type == "TX" else escape(value)
     return "|".join(["OBX", str(index), value_type, line.get("code", "GDT^Report^L"),
-                     "", encoded, "", "", "", "", "", result_status])
+                     "", encoded, "", "", escape(line.get("abnormal", "")), "", "", result_status])
 
 
 class OutboundSender(Periodic):

@@ -134,7 +134,7 @@ def test_examinations_reads_turnaround_and_waiting(hospital: PacsServer, tmp_pat
     assert report["from"] == period["from"] and report["to"] == period["to"]
     # Instances are every object of the studies: the dose report and the signed reports' PDFs too.
     assert report["totals"] == {"studies": 3, "instances": 10, "bytes": report["totals"]["bytes"], "reads": 2,
-                                "amendments": 1, "waiting": 1}, report
+                                "amendments": 1, "waiting": 1, "critical": 0, "critical_open": 0}, report
     assert [(r["modality"], r["station"], r["studies"], r["instances"]) for r in report["exams"]] == [
         ("CT", "CT_ROOM1", 2, 9), ("US", "US_ROOM2", 1, 1)]
     assert [(r["modality"], r["code"], r["procedure"], r["studies"]) for r in report["procedures"]] == [

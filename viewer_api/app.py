@@ -18,8 +18,8 @@ from pacs.auth import ROLES
 from pacs.pixel_memory import PIXELS
 
 from . import (
-    activity_api, annotations_api, claims_api, errors, fhir, key_images_api, measure_api, metrics_api, orders_api, qido,
-    rejections_api, share_api, share_page, sr_api, stow, templates_api, ui_api, wado, wado_uri,
+    activity_api, annotations_api, claims_api, critical_api, errors, fhir, key_images_api, measure_api, metrics_api,
+    orders_api, qido, rejections_api, share_api, share_page, sr_api, stow, templates_api, ui_api, wado, wado_uri,
 )
 from .http_metrics import HttpMetrics, RouteNote
 from .limits import BodyLimit
@@ -99,6 +99,7 @@ def create_app(pacs: Pacs) -> FastAPI:
     app.include_router(claims_api.router)
     app.include_router(rejections_api.router)
     app.include_router(activity_api.router)
+    app.include_router(critical_api.router)
     app.include_router(share_page.router)
     app.include_router(fhir.router)
     app.include_router(metrics_api.router)

@@ -793,6 +793,11 @@ def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str
             {"contentType": "text/plain; charset=utf-8", "data": base64.b64encode(text.encode()).decode()},
         ],
     }
+    if current.get("critical"):
+        # A critical result (pacs.critical_results): critically abnormal, as the ORU's OBX-8.
+        resource["conclusionCode"] = [{"coding": [{
+            "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "AA",
+            "display": "Critical abnormal"}], "text": current["critical"]["note"] or "Critical result"}]
     issued = _instant(current["signed_at"])
     if issued:
         resource["issued"] = issued

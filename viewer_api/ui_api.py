@@ -18,7 +18,8 @@ from pacs.audit import Event, patient_cx
 from pacs.auth import ROLES, SESSION_HOURS, AuthError, LoginThrottled, Principal
 from pacs.header import valid_uid
 from pacs.report_signature import needs_radiologist
-from pacs.reports import ReportError, ReportService
+from pacs.errors import RefusedRequest
+from pacs.reports import ReportService
 from pacs.priority import FILTERS as PRIORITY_FILTERS
 from pacs.reading_claims import claim_of
 from pacs.signing_keys import PinLocked, SigningKeyError, WrongPin
@@ -59,6 +60,9 @@ class SignRequest(BaseModel):
     # The PIN of the radiologist's signing certificate (report_signature
     # radiologist or both; pacs.signing_keys): never logged nor audited.
     pin: str | None = Field(None, max_length=256)
+    # The report holds a critical result (kết quả nguy kịch, pacs.critical_results), and what must be acted on.
+    critical: bool = False
+    critical_note: str = Field("", max_length=2000)
 
 
 class NewUser(JsonBody):
@@ -329,7 +333,7 @@ def _reports(request: Request) -> ReportService:
 def _report_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
-    except ReportError as exc:
+    except RefusedRequest as exc:  # ReportError, a critical result's (CriticalError)
         raise HTTPProblem(exc.http_status, str(exc)) from None
 
 
@@ -366,7 +370,8 @@ def sign_report(request: Request, study: str, body: SignRequest | None = None,
     reading = claim_of(request.app.state.pacs.engine, study)
     try:
         signed = _report_call(_reports(request).sign, study, principal.username, principal.display_name,
-                              revision=body.revision if body else None, pin=body.pin if body else None)
+                              revision=body.revision if body else None, pin=body.pin if body else None,
+                              critical=bool(body and body.critical), critical_note=body.critical_note if body else "")
     except PinLocked as exc:
         _audit_detail(request, f"{request.url.path}: refused unchecked: signing locked by wrong PINs")
         answer = problem(429, str(exc))

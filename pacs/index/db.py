@@ -189,7 +189,7 @@ APPLICATION_NAME = "filmless-pacs"
 # them equal). PostgreSQL sessions carry it in their application name, so an
 # upgrade can tell servers of another version (which would fail on the
 # upgraded schema) from nodes of its own starting beside it.
-SCHEMA_HEAD = "0035"
+SCHEMA_HEAD = "0036"
 # Bytes the SQLite -wal file is cut back to once the WAL restarts (at the
 # commit after a complete checkpoint). Without a limit the file keeps the
 # largest size it ever reached: a reader holding one snapshot for a minute

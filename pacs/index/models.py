@@ -681,6 +681,27 @@ class DeletingObject(Base):
     outcome: Mapped[str] = mapped_column(String(16), default="")
 
 
+class CriticalResult(Base):
+    """A critical finding (kết quả nguy kịch) the radiologist flagged when
+    signing a version of a study's report, open until someone records who
+    was told and how (pacs.critical_results)."""
+
+    __tablename__ = "critical_results"
+    __table_args__ = (UniqueConstraint("study_pk", "version"),)
+
+    pk: Mapped[int] = mapped_column(PK, primary_key=True, autoincrement=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("studies.pk", ondelete="CASCADE"))
+    version: Mapped[int] = mapped_column(Integer)
+    # What must be acted on, in the radiologist's words.
+    note: Mapped[str] = mapped_column(String, default="")
+    flagged_by: Mapped[str] = mapped_column(String(64))
+    flagged_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    acknowledged_by: Mapped[str] = mapped_column(String(64), default="")
+    acknowledged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Who was told, how: "BS. Lan, khoa Cấp cứu, qua điện thoại".
+    acknowledgement: Mapped[str] = mapped_column(String, default="")
+
+
 class RejectedInstance(Base):
     """An instance a rejection note withdrew (IHE IOCM, see pacs.rejections),
     written in the transaction that deleted its row, or, for one listed and
