@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydicom.uid import generate_uid
@@ -22,6 +23,7 @@ from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
 from .pdftext import page_texts
 from .peers import free_port, serving_with_his
+from .test_web_viewer import USERNAME, _log_in, answering, page, radiologist_server  # noqa: F401 (fixtures)
 
 NOTE = "Tràn khí màng phổi phải lượng nhiều, cần dẫn lưu ngay"
 REFERRING = "Lê^Thị Lan"
@@ -128,3 +130,40 @@ def test_a_critical_result_reaches_the_his_and_stays_open_until_acknowledged(hos
     found = json.loads(activity.stdout)
     assert (found["totals"]["critical"], found["totals"]["critical_open"]) == (1, 0)
     assert [r["reads"] for r in found["turnaround"] if r["group"] == "critical-ack"] == [1]
+
+
+@pytest.fixture(scope="module")
+def viewer_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    """The `page` fixture's server, with the radiologist of tests.test_web_viewer."""
+    with radiologist_server(tmp_path_factory.mktemp("critical-ui")) as server:
+        yield server
+
+
+def test_the_radiologist_flags_a_critical_result_in_the_viewer(page: Any, viewer_server: PacsServer,
+                                                               tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    study = _study(viewer_server, tmp_path / "ui", "CRIT-UI")
+    page.goto(f"/#/study/{study}")
+    _log_in(page)
+    page.fill("#findings", "Khí tự do dưới cơ hoành phải.")
+    page.fill("#impression", "Thủng tạng rỗng.")
+    expect(page.locator("#report-critical-box")).to_be_visible()
+    page.check("#report-critical")
+    page.fill("#report-critical-note", "Thủng tạng rỗng, báo ngoại khoa")
+    page.click("#save-report")  # a save in between keeps the flag for the signature
+    expect(page.locator("#report-status")).to_have_attribute("data-status", "draft")
+    expect(page.locator("#report-critical")).to_be_checked()
+    dialogs = answering(page)
+    page.click("#sign-report")
+    expect(page.locator("#report-status")).to_have_attribute("data-status", "signed")
+    assert dialogs, "signing asks for confirmation"
+    badge = page.locator("#report-critical-badge")
+    expect(badge).to_have_text("NGUY KỊCH")
+    expect(badge).to_have_attribute("title", "Thủng tạng rỗng, báo ngoại khoa — chưa có xác nhận đã báo")
+    expect(page.locator("#report-critical-box")).to_be_hidden()
+    with viewer_server.http() as admin:
+        listed = admin.get("/api/critical").json()["critical"]
+    assert [(c["study_uid"], c["note"], c["flagged_by"]) for c in listed] == [
+        (study, "Thủng tạng rỗng, báo ngoại khoa", USERNAME)]
+    assert not page.errors, page.errors

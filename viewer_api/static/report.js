@@ -62,6 +62,12 @@ export class ReportPanel {
     this.findings = h("textarea#findings", { spellcheck: "false", readonly: true });
     this.impression = h("textarea#impression", { spellcheck: "false", readonly: true });
     this.meta = h("div#report-meta.report-meta");
+    // A critical result (kết quả nguy kịch), flagged with the signature; once signed, its badge and who was told.
+    this.criticalCheck = h("input#report-critical", { type: "checkbox" });
+    this.criticalNote = h("input#report-critical-note", { type: "text", maxlength: "500", "data-i18n-placeholder": "critical_note_ph" });
+    this.criticalBox = h("div#report-critical-box.report-critical", { hidden: true },
+      h("label", this.criticalCheck, " ", h("span", { "data-i18n": "critical_flag" })), this.criticalNote);
+    this.criticalBadge = h("span#report-critical-badge.badge.critical-badge", { hidden: true });
     this.saveButton = h("button#save-report.btn", { type: "button", "data-i18n": "save_report", "data-i18n-title": "shortcuts_report", hidden: true, onclick: () => this.save() });
     this.signButton = h("button#sign-report.btn.primary", { type: "button", "data-i18n": "sign_report", hidden: true, onclick: () => this.sign() });
     this.amendButton = h("button#amend-report.btn", { type: "button", "data-i18n": "amend_report", hidden: true, onclick: () => this.amend() });
@@ -74,7 +80,8 @@ export class ReportPanel {
 
     this.element = h(
       "section#report-panel.report-panel",
-      h("div.report-head", h("h2", { "data-i18n": "report" }), this.status, this.version, this.dirtyMark, this.sigBadge),
+      h("div.report-head", h("h2", { "data-i18n": "report" }), this.status, this.version, this.dirtyMark, this.sigBadge,
+        this.criticalBadge),
       this.error,
       this.notice,
       this.mineBox,
@@ -84,6 +91,7 @@ export class ReportPanel {
       h("label.report-label", { for: "impression", "data-i18n": "impression" }),
       this.impression,
       this.meta,
+      this.criticalBox,
       h("div.report-actions", this.saveButton, this.signButton, this.amendButton, this.pdfLink, this.saveTemplateButton),
       this.versions,
     );
@@ -276,6 +284,17 @@ export class ReportPanel {
 
     this.saveButton.hidden = !this.canEdit || signed;
     this.signButton.hidden = !this.canEdit || signed;
+    this.criticalBox.hidden = !this.canEdit || signed;
+    if (signed) { // kept across saves of the draft (a save redraws it); a new version starts unflagged
+      this.criticalCheck.checked = false;
+      this.criticalNote.value = "";
+    }
+    const critical = signed && current ? current.critical : null;
+    this.criticalBadge.hidden = !critical;
+    this.criticalBadge.textContent = critical ? t("critical_badge") : "";
+    this.criticalBadge.title = !critical ? "" : [critical.note,
+      critical.acknowledged_at ? t("critical_told", { who: critical.acknowledged_by, how: critical.acknowledgement })
+        : t("critical_open")].filter(Boolean).join(" — ");
     this.amendButton.hidden = !this.canEdit || !signed;
     this.pdfLink.hidden = !signed;
     // Templates are for writing: a signed report is amended first.
@@ -467,6 +486,7 @@ export class ReportPanel {
       if (this.dirty || !this.report.current) await this.put();
       const body = { revision: this.revision() };
       if (pin) body.pin = pin;
+      if (this.criticalCheck.checked) Object.assign(body, { critical: true, critical_note: this.criticalNote.value });
       await this.accept(await api("POST", `${this.base}/sign`, { json: body }));
     }, { lockText: true });
     if (ok) toast(t("signed_ok"));
