@@ -79,7 +79,8 @@ export function mountActivity(el, ctx) {
     totals.textContent = t("activity_summary", {
       from: shown.from, to: shown.to, studies: cell(sum.studies, "num"), instances: cell(sum.instances, "num"),
       gb: cell(sum.bytes, "gb"), reads: cell(sum.reads, "num"), amendments: cell(sum.amendments, "num"),
-      waiting: cell(sum.waiting, "num"),
+      waiting: cell(sum.waiting, "num"), critical: cell(sum.critical, "num"),
+      critical_open: cell(sum.critical_open, "num"),
     });
     const query = new URLSearchParams({ from: shown.from, to: shown.to }).toString();
     tables.replaceChildren(...TABLES.map(([key, heading, columns]) => {
