@@ -292,11 +292,14 @@ def _examinations(engine: Engine, period: Period, start: datetime, end: datetime
 
 
 def _stations(engine: Engine, found: list[_Study]) -> None:
-    """Each study's machine: the calling AE of the first image of its first
-    series of an examination modality (a workstation's presentation state or
+    """Each study's machine: the calling AE of an image of its first series
+    of an examination modality (a workstation's presentation state or
     a report sent later does not make it another machine's)."""
+    # Any one image of the series (they come from one sender): ORDER BY pk
+    # made PostgreSQL walk the primary key through every instance instead
+    # of the series' own (1.1 s a month of 79 studies at 5,000).
     first_instance = (select(instances_t.c.calling_ae).where(instances_t.c.series_pk == series_t.c.pk)
-                      .order_by(instances_t.c.pk).limit(1).scalar_subquery())
+                      .limit(1).scalar_subquery())
     with engine.connect() as conn:
         for start in range(0, len(found), _BATCH):
             batch = {s.pk: s for s in found[start:start + _BATCH]}
