@@ -29,7 +29,7 @@ from sqlalchemy import Engine, select
 from pacs import outbox
 from pacs.app import Pacs
 from pacs.audit import Event, patient_cx
-from pacs.index.models import Study
+from pacs.index.models import Patient, Study
 from pacs.periodic import Periodic
 from pacs.settings import Settings
 from pacs.timezones import hl7_timestamp, hospital_zone, server_zone, utc_offset
@@ -182,13 +182,20 @@ def _in_zone(value: str, zone: tzinfo) -> str:
     return hl7_timestamp(moment, zone)
 
 
-def study_date_time(engine: Engine, study_uid: str) -> dict[str, str]:
-    """The study's date and time from the index, for OBR-7 of a report."""
+def study_facts(engine: Engine, study_uid: str) -> dict[str, str]:
+    """The study's date and time (OBR-7 of a report) and the patient it is
+    filed under now (PID-3, PID-5), from the index; {} for a study no
+    longer there."""
     if not study_uid:
         return {}
     with engine.connect() as conn:
-        row = conn.execute(select(Study.study_date, Study.study_time).where(Study.study_uid == study_uid)).first()
-    return {"study_date": row.study_date or "", "study_time": row.study_time or ""} if row else {}
+        row = conn.execute(select(Study.study_date, Study.study_time, Patient.patient_id, Patient.issuer, Patient.name)
+                           .join(Patient, Patient.pk == Study.patient_pk)
+                           .where(Study.study_uid == study_uid)).first()
+    if row is None:
+        return {}
+    return {"study_date": row.study_date or "", "study_time": row.study_time or "",
+            "patient_id": row.patient_id or "", "issuer": row.issuer or "", "name": row.name or ""}
 
 
 def control_id(pk: int) -> str:
@@ -372,7 +379,7 @@ class OutboundSender(Periodic):
         delivered (the HIS acknowledged it), or when it went dead (not
         each try): the patient and study it names, what it carried, where
         it went. Like a routed study's ``export`` (PS3.15 A.5.3.3)."""
-        data = message.data
+        data = self._as_sent(message)  # the patient the message named as it went
         order = data.get("order") or {}
         if message.kind == "report":
             what = f"ORU^R01 report ({data.get('status', 'final')}, signed by {data.get('signed_by', '')})"
@@ -387,11 +394,26 @@ class OutboundSender(Periodic):
                     f"{message.pk} (control ID {data.get('control_id') or control_id(message.pk)}): {result}")[:500],
         ))
 
-    def _render(self, message: outbox.Message) -> bytes:
+    def _as_sent(self, message: outbox.Message) -> dict[str, Any]:
+        """What *message* says when it is sent: a report names the patient
+        its study is filed under then. A report waits in the queue while
+        the HIS is down, and the HIS may merge the patient meanwhile (ADT^A40:
+        the emergency's temporary number into the citizen ID) or the study
+        be moved to its right patient: the ID queued with it is one the HIS
+        no longer keeps (refused AE, the report parked) or another person's."""
         data = message.data
-        if message.kind == "report" and "study_date" not in data:
-            # Reports are queued without the study's date/time: OBR-7 takes them from the index.
-            data = {**data, **study_date_time(self.pacs.engine, data.get("study_uid", ""))}
+        if message.kind != "report":
+            return data
+        facts = study_facts(self.pacs.engine, str(data.get("study_uid") or ""))
+        if not facts:  # the study is gone: the report as it was signed
+            return data
+        patient = {key: facts.pop(key) for key in ("patient_id", "issuer", "name")}
+        if "study_date" in data:  # queued with its own date/time; reports are queued without: OBR-7 from the index
+            facts = {}
+        return {**data, **facts, "order": {**(data.get("order") or {}), **patient}}
+
+    def _render(self, message: outbox.Message) -> bytes:
+        data = self._as_sent(message)
         # MSH-10 chosen when the message was queued (every resend repeats it);
         # messages queued before that carry none and keep the one of their pk.
         control = str(data.get("control_id") or control_id(message.pk))
