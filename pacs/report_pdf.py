@@ -10,7 +10,8 @@ from __future__ import annotations
 import io
 import logging
 import os
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -224,8 +225,19 @@ def _signature_block(pdf: Any, content: ReportContent) -> None:
     pdf.ln(2)
 
 
+def _composed(content: ReportContent) -> ReportContent:
+    """*content* with its text in Unicode NFC. Vietnamese typed with
+    combining marks (Unikey's "Unicode tổ hợp", text pasted from such a
+    document) is a letter followed by its marks; fpdf2 draws each mark as
+    a glyph of its own, without stacking: the grave over the breve of "Hằng"
+    was lost ("Hăng"). The precomposed letters are the font's own glyphs."""
+    return replace(content, **{f.name: unicodedata.normalize("NFC", getattr(content, f.name))
+                               for f in fields(content) if isinstance(getattr(content, f.name), str)})
+
+
 def render(content: ReportContent) -> bytes:
     """The report as PDF bytes."""
+    content = _composed(content)
     # fpdf (with fontTools) takes most of a second to import: loaded at the
     # first signed report, not at every start of pacs serve and the CLI.
     pdf = _report_pdf(content)

@@ -314,3 +314,19 @@ def test_a_report_waiting_for_the_his_goes_out_under_the_merged_patient(day: Pac
     assert f"PID|1||{cccd}^^^CCCD" in orus[0] and "Trịnh^Thị Mai" in orus[0], orus[0]
     assert temporary not in orus[0].split("\r")[1], orus[0]
 
+
+def test_a_report_typed_in_composed_unicode_keeps_its_tone_marks_in_the_pdf(day: PacsServer) -> None:
+    """Unikey's "Unicode tổ hợp" (a letter then its combining marks, NFD) is a
+    common keyboard setting: the signed PDF prints "Hằng", never "Hăng" (the
+    font draws no stacked marks: the grave over the breve was lost)."""
+    import unicodedata
+
+    study = generate_uid()
+    _send_ct(day, study, 1, PatientID="079300002222", IssuerOfPatientID="CCCD", PatientName="Lý^Thị Hằng",
+             AccessionNumber="CT26-0006")
+    findings = "Bệnh nhân Lý Thị Hằng: nốt mờ ở thùy trên phổi phải, bờ đều."
+    impression = "Theo dõi nốt phổi; đối chiếu phim cũ."
+    with day.http(token=day.radiologist) as rad:  # type: ignore[attr-defined]
+        _sign(rad, study, unicodedata.normalize("NFD", findings), unicodedata.normalize("NFD", impression))
+        text = "\n".join(page_texts(rad.get(f"/api/studies/{study}/report/pdf").content))
+    assert findings in text and impression in text, ascii(text)
