@@ -30,6 +30,7 @@ from .key_images import key_image_thumbnails
 from .maintenance.common import delete_instance_rows
 from .orders import OrderService
 from .part10 import BufferSource, new_instance
+from .query import READABLE
 from .query.results import as_written
 from .reading_claims import end_on_signature
 from .report_pdf import Letterhead, ReportContent, render
@@ -238,10 +239,18 @@ class ReportService:
         with self.pacs.engine.connect() as conn:
             study = self._study(conn, study_uid)
             versions = self._versions(conn, study.pk)
+            # Read before the PDF is stored: the PDF (DOC) would make the study readable again.
+            withdrawn = conn.execute(select(studies_t.c.pk).where(studies_t.c.pk == study.pk, READABLE)).first() is None
         if not versions or versions[-1].status != "draft":
             raise ReportError("there is no draft to sign", 409)
         draft = versions[-1]
         _check_revision(draft, revision)
+        if withdrawn:
+            # Every image was withdrawn by rejection notes (sent under the wrong patient, failed): signed,
+            # another person's findings went to this patient's record at the HIS (ORU^R01), and the study
+            # came back into their history (worklist, FHIR, QIDO) holding only the report.
+            raise ReportError("every image of this study was withdrawn by a rejection note: there is nothing to "
+                              "report; the draft is kept (lift the rejection to sign it)", 409)
         if not (draft.findings.strip() or draft.impression.strip()):
             raise ReportError("an empty report cannot be signed", 422)
         signatures = signatures_for(self.pacs.engine, self.pacs.settings, signer, signer_name, pin)

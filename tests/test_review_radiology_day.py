@@ -330,3 +330,34 @@ def test_a_report_typed_in_composed_unicode_keeps_its_tone_marks_in_the_pdf(day:
         _sign(rad, study, unicodedata.normalize("NFD", findings), unicodedata.normalize("NFD", impression))
         text = "\n".join(page_texts(rad.get(f"/api/studies/{study}/report/pdf").content))
     assert findings in text and impression in text, ascii(text)
+
+
+
+def test_a_study_withdrawn_as_the_wrong_patients_is_not_signed(day: PacsServer) -> None:
+    """The radiologist has a draft open when the technologist withdraws every
+    image as sent under the wrong patient (113038): the signature is refused,
+    409. Signed, an ORU^R01 of another person's images went to this patient's
+    record at the HIS, and the study (its report PDF) came back into this
+    patient's history: worklist, FHIR, QIDO."""
+    study, pid = generate_uid(), "079300003333"
+    _send_ct(day, study, 2, PatientID=pid, IssuerOfPatientID="CCCD", PatientName="Mai^Văn Nhầm",
+             AccessionNumber="CT26-0007")
+    with day.http(token=day.radiologist) as rad:  # type: ignore[attr-defined]
+        saved = rad.put(f"/api/studies/{study}/report", json={
+            "findings": "Gãy cổ xương đùi phải.", "impression": "Gãy cổ xương đùi phải.", "revision": 0})
+        assert saved.status_code == 200
+    with day.http() as admin:
+        rejected = admin.post("/api/rejections/reject", json={
+            "study_uid": study, "code": "113038", "reason": "chụp nhầm bệnh nhân BN khác"})
+        assert rejected.status_code == 200, rejected.text
+    with day.http(token=day.radiologist) as rad:  # type: ignore[attr-defined]
+        signed = rad.post(f"/api/studies/{study}/report/sign", json={"revision": saved.json()["current"]["revision"]})
+        assert signed.status_code == 409, signed.text
+        assert "withdrawn" in signed.text, signed.text
+        assert rad.get(f"/api/studies/{study}/report").json()["status"] == "draft"
+    with day.http() as admin:
+        assert admin.get("/api/worklist", params={"patient_id": pid}).json()["items"] == []
+        assert admin.get("/fhir/ImagingStudy", params={"patient.identifier": f"CCCD|{pid}"}).json()["total"] == 0
+        docs = admin.get(f"/dicom-web/studies/{study}/series", params={"Modality": "DOC"})
+        assert docs.status_code == 204 or docs.json() == [], docs.text
+    assert not [m for m in day.his.messages if study.encode() in m]  # type: ignore[attr-defined]
