@@ -5,6 +5,7 @@ HL7 MLLP and DICOM: each test a chain of features added at different times.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import time
 from collections.abc import Iterator
@@ -13,9 +14,10 @@ from typing import Any
 
 import httpx
 import pytest
+from pydicom import dcmread
 from pydicom.uid import generate_uid
 
-from .conftest import Backend, PacsServer, free_port
+from .conftest import Backend, PacsServer, free_port, run_dcmtk
 from .dicomfiles import make_ct
 from .pdftext import page_texts
 from .peers import MLLPRecorder, serving_with_his
@@ -200,7 +202,29 @@ def test_a_signed_study_moved_to_its_patient_follows_them(day: PacsServer) -> No
     orus = _orus(day, 2, study)
     assert len(orus) == 2
     assert right in orus[-1] and wrong not in orus[-1] and "Đặng" in orus[-1], orus[-1]
+    # The PACS clients find both PDFs under the right patient, and retrieve them with the right header.
+    out = day.work / f"find-{study}"  # type: ignore[attr-defined]
+    out.mkdir()
+    found = run_dcmtk("findscu", "-S", "-aec", day.ae_title, "-X", "-od", str(out), "-k", "QueryRetrieveLevel=SERIES",
+                      "-k", f"StudyInstanceUID={study}", "-k", "Modality=DOC", "-k", "SeriesInstanceUID",
+                      "-k", "PatientID", "-k", "SpecificCharacterSet=ISO_IR 192", "-k", "PatientName",
+                      "127.0.0.1", str(day.dicom_port))
+    assert found.returncode == 0, found.stderr
+    answers = [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+    assert len(answers) == 2 and {str(a.PatientID) for a in answers} == {right}, answers
     with day.http() as admin:
+        pdfs = admin.get(f"/dicom-web/studies/{study}/series", params={"Modality": "DOC"}).json()
+        for series in pdfs:
+            series_uid = series["0020000E"]["Value"][0]
+            sop = admin.get(f"/dicom-web/studies/{study}/series/{series_uid}/instances").json()[0]["00080018"]["Value"][0]
+            got = admin.get("/wado", params={"requestType": "WADO", "studyUID": study, "seriesUID": series_uid,
+                                             "objectUID": sop, "contentType": "application/dicom"})
+            assert got.status_code == 200, got.text
+            header = dcmread(io.BytesIO(got.content), stop_before_pixels=True)
+            assert (str(header.PatientID), str(header.PatientName)) == (right, "Đặng^Thị Đúng")
+            pdf = admin.get("/wado", params={"requestType": "WADO", "studyUID": study, "seriesUID": series_uid,
+                                             "objectUID": sop, "contentType": "application/pdf"})
+            assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
         token = admin.post(f"/api/studies/{study}/shares", json={"days": 7}).json()["url"].rsplit("/", 1)[1]
     with httpx.Client(base_url=f"http://127.0.0.1:{day.http_port}", timeout=30) as phone:
         # The birth year is the right patient's, not the one the study was typed under.
@@ -361,3 +385,73 @@ def test_a_study_withdrawn_as_the_wrong_patients_is_not_signed(day: PacsServer) 
         docs = admin.get(f"/dicom-web/studies/{study}/series", params={"Modality": "DOC"})
         assert docs.status_code == 204 or docs.json() == [], docs.text
     assert not [m for m in day.his.messages if study.encode() in m]  # type: ignore[attr-defined]
+
+
+@pytest.fixture(scope="module")
+def signing(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    """An archive with report_signature = radiologist: bs.an's certificate
+    imported with a Vietnamese PIN (``signing.radiologist``: their token)."""
+    from .test_report_digital_signature import P12_PASSWORD, Pki, import_cert
+
+    tmp = tmp_path_factory.mktemp("kyso-day")
+    pki = Pki(tmp / "pki")
+    p12 = pki.p12("an", "Nguyễn Văn An")
+    his_port, http_port = free_port(), free_port()
+    server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}), http_port=http_port,
+                        extra_env={"PACS_HIS_MLLP": f"127.0.0.1:{his_port}", "PACS_REPORT_SIGNATURE": "radiologist",
+                                   "PACS_REPORT_TRUST_ROOTS": str(pki.ca_pem),
+                                   "PACS_PUBLIC_URL": f"http://127.0.0.1:{http_port}"})
+    with serving_with_his(server, his_port, A) as serving:
+        done = import_cert(serving, A[0], p12, f"{P12_PASSWORD}\n{SIGNING_PIN}\n")
+        assert done.returncode == 0, done.stdout + done.stderr
+        serving.work = tmp  # type: ignore[attr-defined]
+        yield serving
+
+
+SIGNING_PIN = "Mật khẩu ký 2026"
+
+
+def test_a_digitally_signed_report_amended_after_key_images_and_a_move(signing: PacsServer) -> None:
+    """Signed with the PIN typed decomposed (a Mac), the study moved to its
+    right patient, amended and signed again: both versions verify, the
+    amendment names the right patient."""
+    import unicodedata
+
+    study = generate_uid()
+    sops = _send_ct(signing, study, 2, PatientID="001185007777", IssuerOfPatientID="CCCD", PatientName="Hồ^Văn Sai",
+                    AccessionNumber="CT26-0101", InstitutionName="Bệnh viện Đa khoa tỉnh Quảng Ngãi")
+    with signing.http(token=signing.radiologist) as rad:  # type: ignore[attr-defined]
+        assert rad.put(f"/api/studies/{study}/key-images",
+                       json={"images": [{"sop_uid": sops[1], "frame": 1}]}).status_code == 200
+        saved = rad.put(f"/api/studies/{study}/report", json={"findings": "Sỏi thận trái 6 mm.",
+                                                               "impression": "Sỏi thận trái.", "revision": 0})
+        assert saved.json()["digital_signature"] == {"mode": "radiologist", "pin_required": True}
+        revision = saved.json()["current"]["revision"]
+        assert rad.post(f"/api/studies/{study}/report/sign", json={"revision": revision}).status_code == 422
+        wrong = rad.post(f"/api/studies/{study}/report/sign", json={"revision": revision, "pin": "Mat khau ky 2026"})
+        assert wrong.status_code == 403, wrong.text
+        signed = rad.post(f"/api/studies/{study}/report/sign",
+                          json={"revision": revision, "pin": unicodedata.normalize("NFD", SIGNING_PIN)})
+        assert signed.status_code == 200, signed.text
+        first = rad.get(f"/api/studies/{study}/report/signature").json()
+        assert first["version"] == 1 and first["signatures"], first
+    with signing.http() as admin:
+        moved = admin.post(f"/api/studies/{study}/patient", json={
+            "patient": {"id": "038092008888", "issuer": "CCCD", "name": "Hồ^Văn Đúng"}, "reason": "nhầm bệnh nhân"})
+        assert moved.status_code == 200, moved.text
+    with signing.http(token=signing.radiologist) as rad:  # type: ignore[attr-defined]
+        current = rad.post(f"/api/studies/{study}/report/amend").json()["current"]
+        saved = rad.put(f"/api/studies/{study}/report", json={
+            "findings": current["findings"] + " Thận phải bình thường.", "impression": current["impression"],
+            "revision": current["revision"]})
+        signed = rad.post(f"/api/studies/{study}/report/sign",
+                          json={"revision": saved.json()["current"]["revision"], "pin": SIGNING_PIN})
+        assert signed.status_code == 200, signed.text
+        for version in (1, 2):
+            check = rad.get(f"/api/studies/{study}/report/signature", params={"version": version}).json()
+            assert check["version"] == version and check["signatures"], check
+            assert all(s["intact"] and s["trusted"] for s in check["signatures"]), check
+        text = "\n".join(page_texts(rad.get(f"/api/studies/{study}/report/pdf").content))
+        assert "038092008888" in text and "Hồ Văn Đúng" in text, text
+    orus = _orus(signing, 2, study)
+    assert len(orus) == 2 and "038092008888" in orus[-1]
