@@ -29,7 +29,7 @@ from sqlalchemy import Engine, select
 from pacs import outbox
 from pacs.app import Pacs
 from pacs.audit import Event, patient_cx
-from pacs.index.models import Patient, Study
+from pacs.index.models import Order, Patient, Study
 from pacs.periodic import Periodic
 from pacs.settings import Settings
 from pacs.timezones import hl7_timestamp, hospital_zone, server_zone, utc_offset
@@ -196,6 +196,18 @@ def study_facts(engine: Engine, study_uid: str) -> dict[str, str]:
         return {}
     return {"study_date": row.study_date or "", "study_time": row.study_time or "",
             "patient_id": row.patient_id or "", "issuer": row.issuer or "", "name": row.name or ""}
+
+
+def order_patient(engine: Engine, order_pk: Any) -> dict[str, str]:
+    """The patient order *order_pk* is under now (PID-3, PID-5 of its status
+    message); {} for none (a message queued without the order's row, an
+    order gone)."""
+    if not isinstance(order_pk, int):
+        return {}
+    with engine.connect() as conn:
+        row = conn.execute(select(Patient.patient_id, Patient.issuer, Patient.name)
+                           .join(Order, Order.patient_pk == Patient.pk).where(Order.pk == order_pk)).first()
+    return {"patient_id": row.patient_id or "", "issuer": row.issuer or "", "name": row.name or ""} if row else {}
 
 
 def control_id(pk: int) -> str:
@@ -396,12 +408,16 @@ class OutboundSender(Periodic):
 
     def _as_sent(self, message: outbox.Message) -> dict[str, Any]:
         """What *message* says when it is sent: a report names the patient
-        its study is filed under then. A report waits in the queue while
+        its study is filed under then, an order status the order's patient. A report waits in the queue while
         the HIS is down, and the HIS may merge the patient meanwhile (ADT^A40:
         the emergency's temporary number into the citizen ID) or the study
         be moved to its right patient: the ID queued with it is one the HIS
         no longer keeps (refused AE, the report parked) or another person's."""
         data = message.data
+        if message.kind == "order_status":
+            # About the order, the patient the order is under now (a merge moves it).
+            patient = order_patient(self.pacs.engine, (data.get("order") or {}).get("pk"))
+            return {**data, "order": {**data["order"], **patient}} if patient else data
         if message.kind != "report":
             return data
         facts = study_facts(self.pacs.engine, str(data.get("study_uid") or ""))

@@ -15,13 +15,15 @@ from typing import Any
 import httpx
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer, free_port, run_dcmtk
 from .dicomfiles import make_ct
 from .pdftext import page_texts
 from .peers import MLLPRecorder, serving_with_his
-from .test_worklist_ris import msa, orm, send
+from .test_worklist_ris import _mpps, msa, orm, send
 
 A = ("bs.an", "Nguyễn^Văn An")
 B = ("bs.binh", "Trần^Thị Bình")
@@ -226,6 +228,11 @@ def test_a_signed_study_moved_to_its_patient_follows_them(day: PacsServer) -> No
                                              "objectUID": sop, "contentType": "application/pdf"})
             assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
         token = admin.post(f"/api/studies/{study}/shares", json={"days": 7}).json()["url"].rsplit("/", 1)[1]
+    with day.http() as admin:
+        events = admin.get("/api/audit", params={"study": study, "limit": 1000}).json()
+    signs = [e["patient_id"] for e in events if e["action"] == "report-sign"]
+    assert len(signs) == 2 and set(signs) == {f"{wrong}^^^CCCD", f"{right}^^^CCCD"}, signs
+    assert signs[0] == f"{right}^^^CCCD", signs  # newest first: the amendment's signature, after the move
     with httpx.Client(base_url=f"http://127.0.0.1:{day.http_port}", timeout=30) as phone:
         # The birth year is the right patient's, not the one the study was typed under.
         assert phone.post(f"/share/{token}/birth-year", json={"birth_year": "1985"}).status_code == 403
@@ -268,6 +275,13 @@ def test_an_unidentified_emergency_patient_identified_after_the_signature(day: P
         assert [e["resource"]["id"] for e in found.get("entry", [])] == [study], found
         patient = emr.get(f"/fhir/{report['subject']['reference']}").json()
         assert patient.get("active", True) and patient["name"][0]["family"] == "Hoàng", patient
+        # The EMR kept the temporary patient's id: it reads as replaced, and finds the report.
+        old = emr.get(f"/fhir/Patient/BVDK.{temporary}").json()
+        assert old.get("active") is False and old["link"][0]["type"] == "replaced-by", old
+        by_old = emr.get("/fhir/DiagnosticReport", params={"patient": f"Patient/BVDK.{temporary}"}).json()
+        assert [e["resource"]["id"] for e in by_old.get("entry", [])] == [study], by_old
+        by_old_id = emr.get("/fhir/DiagnosticReport", params={"patient.identifier": f"BVDK|{temporary}"}).json()
+        assert [e["resource"]["id"] for e in by_old_id.get("entry", [])] == [study], by_old_id
     with day.http(token=a) as rad:
         found = rad.get("/api/worklist", params={"patient_id": cccd}).json()
         assert [i["study_uid"] for i in found["items"]] == [study]
@@ -309,10 +323,13 @@ def test_an_image_rejected_after_it_was_marked_and_measured(day: PacsServer) -> 
         assert saved.status_code == 200, saved.text
         assert [i["sop_uid"] for i in saved.json()["images"]] == [sops[2]]
         marks = rad.get(f"/api/studies/{study}/annotations").json()
+        assert sops[0] not in {i["sop_uid"] for i in marks["images"]}, marks["images"]
         more = {"sop_uid": sops[2], "frame": 1, "kind": "length", "points": [[2, 2], [2, 12]], "label": "7.0 mm"}
         saved = rad.put(f"/api/studies/{study}/annotations", json={"measurements": [*marks["mine"], more]})
         assert saved.status_code == 200, saved.text
         _sign(rad, study, "Nốt mờ 7 mm thùy dưới phổi phải.", "Nốt phổi, theo dõi sau 6 tháng.")
+        marks = rad.get(f"/api/studies/{study}/annotations").json()
+        assert {i["sop_uid"] for i in marks["images"]} == {sops[2]}, marks["images"]
 
 
 def test_a_report_waiting_for_the_his_goes_out_under_the_merged_patient(day: PacsServer) -> None:
@@ -328,6 +345,16 @@ def test_a_report_waiting_for_the_his_goes_out_under_the_merged_patient(day: Pac
     his = day.his  # type: ignore[attr-defined]
     his.stop()
     try:
+        # The CT room says the examination started (MPPS): the HIS is to be told (ORM^O01 IP).
+        started = Dataset()
+        started.PerformedProcedureStepStatus = "IN PROGRESS"
+        started.Modality, started.PerformedStationAETitle = "CT", "CT_ROOM1"
+        started.PerformedProcedureStepStartDate, started.PerformedProcedureStepStartTime = "20261207", "081500"
+        started.PerformedProcedureStepID = "PPS-D5"
+        step = Dataset()
+        step.AccessionNumber, step.StudyInstanceUID, step.ScheduledProcedureStepID = accession, study, f"SPS{accession}"
+        started.ScheduledStepAttributesSequence = Sequence([step])
+        assert _mpps(day, generate_uid(), started, create=True) == 0
         with day.http(token=day.radiologist) as rad:  # type: ignore[attr-defined]
             _sign(rad, study, "Không thấy chảy máu nội sọ.", "CT sọ não bình thường.")
         assert msa(send(day, _a40("A40-5", cccd, "Trịnh^Thị Mai", temporary)))[0] == "AA"
@@ -337,6 +364,10 @@ def test_a_report_waiting_for_the_his_goes_out_under_the_merged_patient(day: Pac
     assert len(orus) == 1
     assert f"PID|1||{cccd}^^^CCCD" in orus[0] and "Trịnh^Thị Mai" in orus[0], orus[0]
     assert temporary not in orus[0].split("\r")[1], orus[0]
+    # So does the order's status queued before it.
+    statuses = [m.decode() for m in list(day.his.messages)  # type: ignore[attr-defined]
+                if b"ORM^O01" in m and accession.encode() in m]
+    assert statuses and all(f"PID|1||{cccd}^^^CCCD" in m for m in statuses), statuses
 
 
 def test_a_report_typed_in_composed_unicode_keeps_its_tone_marks_in_the_pdf(day: PacsServer) -> None:
