@@ -1,5 +1,16 @@
 """A Vietnamese radiologist's reading day, end to end over the real HTTP API,
 HL7 MLLP and DICOM: each test a chain of features added at different times.
+
+Bugs found:
+- A report (ORU^R01) or order status (ORM^O01) queued while the HIS was down
+  went out under the patient it was queued with: after an ADT^A40 merged the
+  emergency's temporary number into the citizen ID, the HIS got the ID it had
+  merged away.
+- Report text typed with combining marks (Unikey's "Unicode tổ hợp", NFD)
+  lost tone marks in the signed PDF ("Hằng" printed "Hăng").
+- A draft left open on a study whose every image a rejection note withdrew
+  (the wrong patient's) could be signed: the ORU^R01 went to this patient at
+  the HIS and the PDF brought the study back into their history.
 """
 
 from __future__ import annotations
@@ -8,6 +19,7 @@ import base64
 import io
 import json
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -229,6 +241,14 @@ def test_a_signed_study_moved_to_its_patient_follows_them(day: PacsServer) -> No
             assert pdf.status_code == 200 and pdf.content.startswith(b"%PDF")
         token = admin.post(f"/api/studies/{study}/shares", json={"days": 7}).json()["url"].rsplit("/", 1)[1]
     with day.http() as admin:
+        media = admin.get(f"/api/studies/{study}/media")
+        assert media.status_code == 200, media.text
+        with zipfile.ZipFile(io.BytesIO(media.content)) as disc:
+            names = [n for n in disc.namelist() if n.startswith("DICOM/") or n == "DICOMDIR"]
+            headers = [dcmread(io.BytesIO(disc.read(n)), stop_before_pixels=True, force=True) for n in names]
+        ids = {str(h.PatientID) for h in headers if "PatientID" in h}
+        ids |= {str(r.PatientID) for h in headers for r in h.get("DirectoryRecordSequence", []) if "PatientID" in r}
+        assert ids == {right}, ids
         events = admin.get("/api/audit", params={"study": study, "limit": 1000}).json()
     signs = [e["patient_id"] for e in events if e["action"] == "report-sign"]
     assert len(signs) == 2 and set(signs) == {f"{wrong}^^^CCCD", f"{right}^^^CCCD"}, signs
