@@ -408,11 +408,12 @@ class OutboundSender(Periodic):
 
     def _as_sent(self, message: outbox.Message) -> dict[str, Any]:
         """What *message* says when it is sent: a report names the patient
-        its study is filed under then, an order status the order's patient. A report waits in the queue while
-        the HIS is down, and the HIS may merge the patient meanwhile (ADT^A40:
-        the emergency's temporary number into the citizen ID) or the study
-        be moved to its right patient: the ID queued with it is one the HIS
-        no longer keeps (refused AE, the report parked) or another person's."""
+        its study is filed under then, an order status the order's patient.
+        A message waits in the queue while the HIS is down, and the HIS may
+        merge the patient meanwhile (ADT^A40: the emergency's temporary
+        number into the citizen ID) or the study be moved to its right
+        patient: the ID queued with it is one the HIS no longer keeps
+        (refused AE, the report parked) or another person's."""
         data = message.data
         if message.kind == "order_status":
             # About the order, the patient the order is under now (a merge moves it).

@@ -230,7 +230,8 @@ def test_a_signed_study_moved_to_its_patient_follows_them(day: PacsServer) -> No
         pdfs = admin.get(f"/dicom-web/studies/{study}/series", params={"Modality": "DOC"}).json()
         for series in pdfs:
             series_uid = series["0020000E"]["Value"][0]
-            sop = admin.get(f"/dicom-web/studies/{study}/series/{series_uid}/instances").json()[0]["00080018"]["Value"][0]
+            listed = admin.get(f"/dicom-web/studies/{study}/series/{series_uid}/instances").json()
+            sop = listed[0]["00080018"]["Value"][0]
             got = admin.get("/wado", params={"requestType": "WADO", "studyUID": study, "seriesUID": series_uid,
                                              "objectUID": sop, "contentType": "application/dicom"})
             assert got.status_code == 200, got.text
