@@ -493,7 +493,8 @@ class Report(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime())
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     signed_by: Mapped[str] = mapped_column(String, default="")
-    signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Indexed: the reports signed in a period (pacs activity).
+    signed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True, index=True)
     # The Encapsulated PDF instance stored into the study when signed.
     pdf_sop_uid: Mapped[str] = mapped_column(String, default="")
     # Counts the saves of this version: a save or a signature names the

@@ -1,9 +1,11 @@
-"""critical_results: critical findings flagged at a report's signature, and their acknowledgement.
+"""critical_results: critical findings flagged at a report's signature, and their acknowledgement;
+reports found by their signing time.
 
 A radiologist signing a report that holds a finding the referring doctor must
 act on at once (kết quả nguy kịch: a tension pneumothorax, an intracranial
 bleed) flags it; the HIS receives the ORU^R01 with OBX-8 "AA", and the record
 stays open until someone says who was told and how (pacs.critical_results).
+``pacs activity`` counts the reports signed in a period: ix_reports_signed_at.
 
 Revision ID: 0036
 Revises: 0035
@@ -40,8 +42,10 @@ def upgrade() -> None:
     sa.UniqueConstraint('study_pk', 'version', name=op.f('uq_critical_results_study_pk_version'))
     )
     op.create_index(op.f('ix_critical_results_flagged_at'), 'critical_results', ['flagged_at'], unique=False)
+    op.create_index(op.f('ix_reports_signed_at'), 'reports', ['signed_at'], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_index(op.f('ix_reports_signed_at'), table_name='reports')
     op.drop_index(op.f('ix_critical_results_flagged_at'), table_name='critical_results')
     op.drop_table('critical_results')
