@@ -1372,7 +1372,11 @@ class OrderService:
         """The HIS moved the order to another patient (ORC XO with another
         PID): its studies, and so their reports, follow, with the differences
         recorded as corrections -- what a study receives when its order comes
-        late. The previous patient stays: the HIS registered it."""
+        late. The previous patient stays: the HIS registered it. Every
+        demographic follows, also one the new patient lacks (goes out empty):
+        the images carry the previous patient's (the worklist entry the
+        technologist picked), another person's birth date and sex, not an
+        unknown value to keep (as `pacs patient move-study`)."""
         order = self._procedure_rows(conn, accession)[0]
         now = _now()
         for study in conn.execute(
@@ -1382,7 +1386,7 @@ class OrderService:
             previous = conn.execute(select(patients_t).where(patients_t.c.pk == study.patient_pk)).one()
             current = {k: getattr(previous, c) for k, c in PATIENT_COLUMNS.items()}
             record_reconciliation(conn, study.pk, order, current, study.accession_number,
-                                  "order moved to another patient", now)
+                                  "order moved to another patient", now, every_demographic=True)
 
     def _cancel(self, conn: Connection, info: OrderInfo, status: str, batch: _Batch) -> dict[str, Any]:
         """CA / DC: the steps *info* names (one by its step ID, else all)

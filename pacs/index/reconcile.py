@@ -190,9 +190,12 @@ def record_reconciliation(
     received_accession: str,
     matched_by: str,
     now: datetime,
+    *,
+    every_demographic: bool = False,
 ) -> None:
     """Link the study to *order*, file it under the order's patient
-    (:func:`file_under_patient`); record where *received* values differ."""
+    (:func:`file_under_patient`, with *every_demographic*); record where
+    *received* values differ."""
     insert_ignore(
         conn,
         StudyOrderLink.__table__,
@@ -200,7 +203,7 @@ def record_reconciliation(
         ["study_pk"],
     )
     reason = f"reconciled with order {order.accession_number} ({matched_by})"
-    file_under_patient(conn, study_pk, order.patient_pk, received, reason, now)
+    file_under_patient(conn, study_pk, order.patient_pk, received, reason, now, every_demographic=every_demographic)
     if received_accession != order.accession_number:
         conn.execute(update(studies_t).where(studies_t.c.pk == study_pk)
                      .values(accession_number=order.accession_number))

@@ -1,0 +1,86 @@
+"""Every view of a patient agrees after the HIS or a person corrects them
+(HIS/EMR integration review), against one real `pacs serve` on SQLite:
+HL7 over MLLP (python-hl7), DCMTK findscu and getscu, WADO-RS and QIDO-RS,
+FHIR R4.
+
+- an order the HIS moves to another patient (ORC XO with another PID) takes
+  its study along, retrieved without the first patient's birth date and sex
+  when the patient it now belongs to has none registered (as `pacs patient
+  move-study` does): C-FIND showed the new patient, C-GET and WADO-RS the new
+  name with the other person's birth date and sex.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Backend, PacsServer, run_dcmtk
+from .dicomfiles import make_ct
+from .test_merge_review import _c_get, _metadata, _qido, _store
+from .test_worklist_ris import msa, send
+
+_count = [0]
+
+
+def _msh(kind: str) -> str:
+    _count[0] += 1
+    return f"MSH|^~\\&|HIS|BVDK|PACS|BVDK|20261205100000||{kind}|EMR{_count[0]}|P|2.5|||||VN|UNICODE UTF-8\n"
+
+
+def _aa(server: PacsServer, message: str) -> None:
+    ack = send(server, message)
+    assert msa(ack)[0] == "AA", ack
+
+
+def _orm(control: str, pid3: str, name: str, birth: str, sex: str, accession: str, study_uid: str) -> str:
+    return (_msh("ORM^O01") + f"PID|1||{pid3}||{name}||{birth}|{sex}\n"
+            f"ORC|{control}|P{accession}|{accession}\n"
+            f"OBR|1|P{accession}|{accession}|CT01^CT ngực^L||||||||||||||{accession}|RP{accession}|||||CT\n"
+            f"ZDS|{study_uid}^100^Application^DICOM\n")
+
+
+def _study_find(server: PacsServer, tmp: Path, study_uid: str) -> list[dict[str, str]]:
+    """The patient attributes DCMTK findscu (Study Root) answers for *study_uid*."""
+    from pydicom import dcmread
+
+    tmp.mkdir()
+    keys = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
+    args = ["-S", "-aec", server.ae_title, "-X", "-od", str(tmp), "-k", "QueryRetrieveLevel=STUDY",
+            "-k", "SpecificCharacterSet=ISO_IR 192", "-k", f"StudyInstanceUID={study_uid}"]
+    for key in keys:
+        args += ["-k", key]
+    result = run_dcmtk("findscu", *args, "127.0.0.1", str(server.dicom_port))
+    assert result.returncode == 0, result.stderr
+    return [{k: str(dcmread(p).get(k, "")) for k in keys} for p in sorted(tmp.iterdir())]
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
+    server = PacsServer(tmp_path_factory.mktemp("emr-views") / "data", Backend("sqlite", None, None, {}))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_an_order_moved_to_another_patient_takes_none_of_the_first_ones_demographics(
+        archive: PacsServer, tmp_path: Path) -> None:
+    """The HIS placed the CT for Trần Văn A; the technologist picked it from
+    the worklist (A's name, birth date and sex in every image) and scanned
+    Lê Thị Bích, whom the HIS registered with her name only; the HIS moves
+    the order to her (XO). Every view shows her, none A's birth date or sex."""
+    uid = "1.2.826.0.1.3680043.8.498.77001"
+    _aa(archive, _orm("NW", "BNA1^^^BVDK^PI", "Trần^Văn A", "19500101", "M", "XO1", uid))
+    _aa(archive, _msh("ADT^A08") + "EVN|A08|20261205\nPID|1||BNB1^^^BVDK^PI||Lê^Thị Bích\n")
+    study = _store(archive, make_ct(tmp_path / "x.dcm", PatientID="BNA1", PatientName="Trần^Văn A",
+                                    PatientBirthDate="19500101", PatientSex="M", StudyInstanceUID=uid,
+                                    AccessionNumber="XO1", SpecificCharacterSet="ISO_IR 192"))
+    _aa(archive, _orm("XO", "BNB1^^^BVDK^PI", "Lê^Thị Bích", "", "", "XO1", uid))
+    her = {"PatientName": "Lê^Thị Bích", "PatientID": "BNB1", "IssuerOfPatientID": "BVDK",
+           "PatientBirthDate": "", "PatientSex": ""}
+    assert _study_find(archive, tmp_path / "find", study) == [her]
+    assert _qido(archive, study) == [("Lê^Thị Bích", "BNB1")]
+    assert _metadata(archive, study) == [her]
+    assert _c_get(archive, study, tmp_path / "got") == [her]
