@@ -376,6 +376,24 @@ class ReportService:
             log.warning("the PDF %s of a signature that failed could not be withdrawn: %s",
                         sop_uid, str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
 
+    def pdf_names_patient(self, pdf_sop_uid: str, patient_id: str, issuer: str) -> bool:
+        """Whether the signed PDF *pdf_sop_uid* was signed for the patient
+        *patient_id* / *issuer* (its stored header names them): a study the
+        HIS refiled (an order moved to another patient, a merge, a study
+        moved) after the signature keeps the PDF printed with the other
+        person's name, ID and birth date -- never rewritten -- which must not
+        be offered as this patient's document (FHIR DiagnosticReport
+        presentedForm, the share page: see :meth:`pdf`). False when the PDF
+        is not in the archive."""
+        from pydicom import dcmread
+
+        stored = self.pacs.reader.stored_instance(pdf_sop_uid)
+        if stored is None:
+            return False
+        ds = dcmread(io.BytesIO(self.pacs.store.read_bytes(stored.storage_key)),
+                     specific_tags=["PatientID", "IssuerOfPatientID"])
+        return _names_patient(ds, patient_id, issuer)
+
     def _order_for(self, conn: Any, study: Any) -> dict[str, Any]:
         row = conn.execute(
             select(orders_t).join(links_t, links_t.c.order_pk == orders_t.c.pk).where(links_t.c.study_pk == study.pk)
@@ -474,10 +492,18 @@ class ReportService:
         if current_patient:
             with self.pacs.engine.connect() as conn:
                 study = self._study(conn, study_uid)
-            named = (str(ds.get("PatientID", "")), str(ds.get("IssuerOfPatientID", "")))
-            if named != (study.patient_id or "", study.issuer or ""):
+            if not _names_patient(ds, study.patient_id or "", study.issuer or ""):
                 raise ReportError("the signed report's PDF names the patient the study was filed under when it "
                                   "was signed; it is available again once the report is amended", 409)
         data = bytes(ds.EncapsulatedDocument)
         length = int(ds.get("EncapsulatedDocumentLength", len(data)) or len(data))
         return data[:length]
+
+
+def _names_patient(ds: Any, patient_id: str, issuer: str) -> bool:
+    """Whether a stored report PDF's header names the patient *patient_id* /
+    *issuer*. Signed without issuer, it names the patient who since got one
+    under the same ID (the HIS's first message gave the issuer the modality
+    did not send): the same person, as the ingest files such a study."""
+    named_issuer = str(ds.get("IssuerOfPatientID", ""))
+    return str(ds.get("PatientID", "")) == (patient_id or "") and named_issuer in ("", issuer or "")

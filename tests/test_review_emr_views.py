@@ -7,13 +7,19 @@ FHIR R4.
   its study along, retrieved without the first patient's birth date and sex
   when the patient it now belongs to has none registered (as `pacs patient
   move-study` does): C-FIND showed the new patient, C-GET and WADO-RS the new
-  name with the other person's birth date and sex.
+  name with the other person's birth date and sex;
+- the FHIR DiagnosticReport of a study the HIS refiled after the signature
+  names the new patient as its subject, and no longer offers the signed PDF
+  (presentedForm) that prints the patient it was signed for: the EMR filed
+  another person's name, ID and birth date in this patient's chart (the
+  share page withholds it already, until an amendment signs a new one).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,8 +67,21 @@ def _study_find(server: PacsServer, tmp: Path, study_uid: str) -> list[dict[str,
 def archive(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     server = PacsServer(tmp_path_factory.mktemp("emr-views") / "data", Backend("sqlite", None, None, {}))
     server.start()
+    server.radiologist = server.make_token("bs.an", "radiologist", "Đỗ^Văn An")  # type: ignore[attr-defined]
     yield server
     server.stop()
+
+
+def _sign(server: PacsServer, study_uid: str, findings: str) -> None:
+    with server.http(server.radiologist) as http:  # type: ignore[attr-defined]
+        saved = http.put(f"/api/studies/{study_uid}/report", json={"findings": findings, "impression": "Theo dõi."})
+        assert saved.status_code == 200, saved.text
+        signed = http.post(f"/api/studies/{study_uid}/report/sign")
+        assert signed.status_code == 200, signed.text
+
+
+def _pdf_forms(report: dict[str, Any]) -> list[str]:
+    return [form["url"] for form in report.get("presentedForm", []) if form["contentType"] == "application/pdf"]
 
 
 def test_an_order_moved_to_another_patient_takes_none_of_the_first_ones_demographics(
@@ -84,3 +103,41 @@ def test_an_order_moved_to_another_patient_takes_none_of_the_first_ones_demograp
     assert _qido(archive, study) == [("Lê^Thị Bích", "BNB1")]
     assert _metadata(archive, study) == [her]
     assert _c_get(archive, study, tmp_path / "got") == [her]
+
+
+def test_a_report_refiled_under_another_patient_offers_no_pdf_naming_the_first(
+        archive: PacsServer, tmp_path: Path) -> None:
+    """Signed for Ngô Văn Tám, the study turns out to be Đặng Văn Chín's and
+    the HIS moves the order (XO). FHIR shows the report as hers (subject),
+    with its text, but not the PDF printed for him; a report signed for the
+    patient it is filed under keeps its PDF."""
+    kept = "1.2.826.0.1.3680043.8.498.77010"
+    _aa(archive, _orm("NW", "BNK1^^^BVDK^PI", "Ngô^Thị Kim", "19610101", "F", "RF0", kept))
+    _store(archive, make_ct(tmp_path / "k.dcm", PatientID="BNK1", PatientName="Ngô^Thị Kim", StudyInstanceUID=kept,
+                            AccessionNumber="RF0", SpecificCharacterSet="ISO_IR 192"))
+    _sign(archive, kept, "Bình thường.")
+    uid = "1.2.826.0.1.3680043.8.498.77011"
+    _aa(archive, _orm("NW", "BNT1^^^BVDK^PI", "Ngô^Văn Tám", "19500101", "M", "RF1", uid))
+    _aa(archive, _msh("ADT^A08") + "EVN|A08|20261205\nPID|1||BNC1^^^BVDK^PI||Đặng^Thị Chín||19600101|F\n")
+    study = _store(archive, make_ct(tmp_path / "t.dcm", PatientID="BNT1", PatientName="Ngô^Văn Tám",
+                                    StudyInstanceUID=uid, AccessionNumber="RF1", SpecificCharacterSet="ISO_IR 192"))
+    _sign(archive, study, "Nốt mờ 3 mm thùy trên phổi phải.")
+    with archive.http() as http:
+        before = http.get(f"/fhir/DiagnosticReport/{study}").json()
+    assert before["subject"]["reference"] == "Patient/BVDK.BNT1" and len(_pdf_forms(before)) == 1, before
+
+    _aa(archive, _orm("XO", "BNC1^^^BVDK^PI", "Đặng^Thị Chín", "19600101", "F", "RF1", uid))
+    with archive.http() as http:
+        read = http.get(f"/fhir/DiagnosticReport/{study}").json()
+        found = http.get("/fhir/DiagnosticReport", params={"patient": "Patient/BVDK.BNC1"}).json()
+        version = http.get(f"/fhir/DiagnosticReport/{study}/_history/1").json()
+        other = http.get(f"/fhir/DiagnosticReport/{kept}").json()
+    (searched,) = [e["resource"] for e in found["entry"]]
+    for report in (read, searched, version):
+        assert report["subject"]["reference"] == "Patient/BVDK.BNC1", report
+        assert report["subject"]["display"] == "Đặng Thị Chín"
+        assert _pdf_forms(report) == [], report
+        assert [f["contentType"] for f in report["presentedForm"]] == ["text/plain; charset=utf-8"]
+    # Not every report lost its PDF: the one signed for the patient it is filed under.
+    assert len(_pdf_forms(other)) == 1, other
+

@@ -788,8 +788,6 @@ def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str
         "identifier": [{"type": ACSN, "value": detail["accession"]}] if detail["accession"] else [],
         "conclusion": current["impression"],
         "presentedForm": [
-            {"contentType": "application/pdf", "url": f"{base}/api/studies/{detail['study_uid']}/report/pdf?version={current['version']}",
-             "title": "Imaging report"},
             {"contentType": "text/plain; charset=utf-8", "data": base64.b64encode(text.encode()).decode()},
         ],
     }
@@ -798,6 +796,15 @@ def diagnostic_report(request: Request, detail: dict[str, Any], report: dict[str
         resource["conclusionCode"] = [{"coding": [{
             "system": "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation", "code": "AA",
             "display": "Critical abnormal"}], "text": current["critical"]["note"] or "Critical result"}]
+    # The signed PDF prints the patient it was signed for: after the HIS refiled the study (an order
+    # moved to another patient, a merge, a study moved) it is another person's name, ID and birth date,
+    # which the EMR would file in this subject's chart. Left out until an amendment signs a new one.
+    issuer, _ = _subject_of(request, detail)
+    if ReportService(request.app.state.pacs).pdf_names_patient(current["pdf_sop_uid"], detail["patient_id"] or "",
+                                                                 issuer):
+        resource["presentedForm"].insert(0, {
+            "contentType": "application/pdf", "title": "Imaging report",
+            "url": f"{base}/api/studies/{detail['study_uid']}/report/pdf?version={current['version']}"})
     issued = _instant(current["signed_at"])
     if issued:
         resource["issued"] = issued
