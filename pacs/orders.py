@@ -2204,11 +2204,8 @@ class OrderService:
         file_under_patient(conn, study.pk, pk, received, p.reason or "study moved to another patient", _now(),
                            every_demographic=True)
         # The patient a mistyped ID made goes with its last study; one the HIS or an administrator
-        # registered stays (their demographics, other and merged-away IDs: their next study is
-        # still corrected to them and found by those IDs), as an order keeps its patient.
-        if not old.registered and not conn.execute(select(identifiers_t.c.pk).where(
-                identifiers_t.c.patient_pk == old.pk, identifiers_t.c.id_type == MERGED_ID_TYPE).limit(1)).first():
-            prune_patients(conn, {old.pk})
+        # registered stays (prune_patients), as an order keeps its patient.
+        prune_patients(conn, {old.pk})
         return patient_cx(old.patient_id, old.issuer), pk
 
     def study_patient(self, study_uid: str) -> str:

@@ -12,7 +12,13 @@ FHIR R4.
   names the new patient as its subject, and no longer offers the signed PDF
   (presentedForm) that prints the patient it was signed for: the EMR filed
   another person's name, ID and birth date in this patient's chart (the
-  share page withholds it already, until an amendment signs a new one).
+  share page withholds it already, until an amendment signs a new one);
+- deleting the last study of a patient the HIS registered (`pacs delete`,
+  `DELETE /api/studies/{uid}`: the images sent in error) keeps the patient,
+  as moving it away does: their demographics, other IDs and merged-away IDs
+  went with it, and the next study under the ID the technologist typed
+  without diacritics, or under the merged-away emergency ID, was a patient
+  of its own, unknown to FHIR by the citizen ID.
 """
 
 from __future__ import annotations
@@ -140,4 +146,33 @@ def test_a_report_refiled_under_another_patient_offers_no_pdf_naming_the_first(
         assert [f["contentType"] for f in report["presentedForm"]] == ["text/plain; charset=utf-8"]
     # Not every report lost its PDF: the one signed for the patient it is filed under.
     assert len(_pdf_forms(other)) == 1, other
+
+
+def test_deleting_a_registered_patients_last_study_keeps_the_patient(archive: PacsServer, tmp_path: Path) -> None:
+    """The HIS registered Nguyễn Văn Dũng (with his citizen ID) and merged the
+    emergency desk's CC-D1 into him; both studies were sent in error and
+    deleted. The next studies, under BND1 typed without diacritics and
+    under CC-D1, are his, with his registered name, and FHIR finds him by
+    his citizen ID."""
+    _aa(archive, _msh("ADT^A08") + "EVN|A08|20261205\n"
+        "PID|1||BND1^^^BVDK^PI~079080001111^^^CCCD^NI||Nguyễn^Văn Dũng||19800101|M\n")
+    first = _store(archive, make_ct(tmp_path / "1.dcm", PatientID="BND1", PatientName="NGUYEN^VAN DUNG"))
+    urgent = _store(archive, make_ct(tmp_path / "2.dcm", PatientID="CC-D1", PatientName="CAP CUU^NAM"))
+    _aa(archive, _msh("ADT^A40") + "EVN|A40|20261205\nPID|1||BND1^^^BVDK^PI||Nguyễn^Văn Dũng\nMRG|CC-D1\n")
+    with archive.http() as http:
+        for study in (first, urgent):
+            deleted = http.delete(f"/api/studies/{study}", params={"reason": "gửi nhầm"})
+            assert deleted.status_code == 200, deleted.text
+    again = _store(archive, make_ct(tmp_path / "3.dcm", PatientID="BND1", PatientName="NGUYEN^VAN DUNG"))
+    late = _store(archive, make_ct(tmp_path / "4.dcm", PatientID="CC-D1", PatientName="CAP CUU^NAM"))
+    his = {"PatientName": "Nguyễn^Văn Dũng", "PatientID": "BND1", "IssuerOfPatientID": "BVDK",
+           "PatientBirthDate": "19800101", "PatientSex": "M"}
+    for study in (again, late):
+        assert _study_find(archive, tmp_path / f"find-{study[-6:]}", study) == [his]
+        assert _metadata(archive, study)[0]["PatientName"] == "Nguyễn^Văn Dũng"
+    with archive.http() as http:
+        found = http.get("/fhir/Patient", params={"identifier": "CCCD|079080001111"}).json()
+        studies = http.get("/fhir/ImagingStudy", params={"patient.identifier": "CCCD|079080001111"}).json()
+    assert [e["resource"]["id"] for e in found["entry"]] == ["BVDK.BND1"], found
+    assert studies["total"] == 2, studies
 

@@ -1,6 +1,6 @@
 """Removing the index rows that deleted or moved instances leave empty:
 series without instances, studies without series (unless a report keeps
-them), patients without studies and orders. In the caller's transaction;
+them), patients without studies and orders (unless registered). In the caller's transaction;
 used by the deletions (pacs.maintenance) and by the writer when the
 overwrite policy moves an instance to another series."""
 
@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from sqlalchemy import Connection, Table, delete, exists, func, select, update
 
-from .models import Order, Patient, Report, Series, Study
+from .models import Order, Patient, PatientIdentifier, Report, Series, Study
 
 series_t: Table = Series.__table__  # type: ignore[assignment]
 studies_t: Table = Study.__table__  # type: ignore[assignment]
 patients_t: Table = Patient.__table__  # type: ignore[assignment]
 orders_t: Table = Order.__table__  # type: ignore[assignment]
 reports_t: Table = Report.__table__  # type: ignore[assignment]
+identifiers_t: Table = PatientIdentifier.__table__  # type: ignore[assignment]
+# patient_identifiers.id_type of a Patient ID merged away by the HIS (ADT^A40):
+# an alias of the surviving patient (see pacs.orders.keep_alias).
+MERGED_ID_TYPE = "MERGED"
 
 
 def prune_after_delete(conn: Connection, series_pks: set[int], patient_pks: set[int]) -> dict[str, int]:
@@ -61,12 +65,21 @@ def prune_after_delete(conn: Connection, series_pks: set[int], patient_pks: set[
 
 
 def prune_patients(conn: Connection, patient_pks: set[int]) -> int:
-    """Delete the patients of *patient_pks* no study and no order refers to."""
+    """Delete the patients of *patient_pks* no study and no order refers to,
+    unless the HIS or an administrator registered them (Patient.registered)
+    or merged another ID into them: their demographics, other IDs and
+    merged-away IDs are the HIS's, not the deleted images' -- gone with the
+    last study (one sent in error, deleted or moved away), the next study
+    under that ID kept the name the technologist typed and one under a
+    merged-away ID was a patient of its own. A patient only modalities made
+    goes with its last study."""
     removed = 0
     for pk in patient_pks:
         used = conn.execute(
             select(
                 exists().where(studies_t.c.patient_pk == pk) | exists().where(orders_t.c.patient_pk == pk)
+                | exists().where(patients_t.c.pk == pk, patients_t.c.registered.is_(True))
+                | exists().where(identifiers_t.c.patient_pk == pk, identifiers_t.c.id_type == MERGED_ID_TYPE)
             )
         ).scalar()
         if not used:

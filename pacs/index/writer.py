@@ -35,7 +35,7 @@ from .models import (
     StudyOrderLink,
 )
 from .name_words import set_name_words
-from .prune import prune_after_delete, prune_patients
+from .prune import MERGED_ID_TYPE, prune_after_delete, prune_patients
 from .reconcile import (
     PATIENT_COLUMNS,
     STUDY_COLUMNS,
@@ -58,9 +58,6 @@ rejected_t: Table = RejectedInstance.__table__  # type: ignore[assignment]
 log = logging.getLogger(__name__)
 # Seconds a series' study and patient are trusted from the cache (see _series_study).
 STUDY_PATIENT_TTL = 10.0
-# patient_identifiers.id_type of a Patient ID merged away by the HIS (ADT^A40):
-# an alias of the surviving patient (see pacs.orders.keep_alias).
-MERGED_ID_TYPE = "MERGED"
 
 
 def merged_patient(conn: Connection, patient_id: str, issuer: str) -> int | None:
