@@ -57,6 +57,7 @@ from .index.reconcile import (
     order_keys,
     patient_correction,
     record_reconciliation,
+    with_issuer,
 )
 from .index.name_words import set_name_words
 from .index.prune import prune_patients
@@ -747,8 +748,9 @@ class OrderService:
         conn.execute(update(patients_t).where(patients_t.c.pk == pk)
                      .values(patient_id=p.patient_id, issuer=p.issuer, updated_at=_now()))
         self._add_identifier(conn, pk, demoted)
-        changed = {k: (old, new) for k, old, new in (("PatientID", row.patient_id, p.patient_id),
-                                                     ("IssuerOfPatientID", row.issuer, p.issuer)) if old != new}
+        changed = with_issuer({k: (old, new) for k, old, new in (("PatientID", row.patient_id, p.patient_id),
+                                                                 ("IssuerOfPatientID", row.issuer, p.issuer))
+                               if old != new}, (row.issuer, p.issuer))
         self._record_patient_change(conn, pk, changed, "HIS hospital number (PID-3 type PI/MR) became the patient ID")
         log.info("patient %d: the hospital number became the patient ID, the former one an other ID", pk)
         return True
@@ -1016,9 +1018,11 @@ class OrderService:
                 # Every patient attribute the moved studies now hold otherwise
                 # (retrieval applies only corrected keywords: a PatientID alone
                 # sent the new ID with the old patient's name, birth date, sex).
-                differing = [(keyword, getattr(old, column) or "", getattr(kept, column) or "")
-                             for keyword, column in PATIENT_COLUMNS.items()
-                             if patient_correction(keyword, getattr(old, column) or "", getattr(kept, column) or "")]
+                differing = with_issuer(
+                    {keyword: (getattr(old, column) or "", getattr(kept, column) or "")
+                     for keyword, column in PATIENT_COLUMNS.items()
+                     if patient_correction(keyword, getattr(old, column) or "", getattr(kept, column) or "")},
+                    (old.issuer or "", kept.issuer or ""))
                 if differing:
                     conn.execute(
                         corrections_t.insert(),
@@ -1026,7 +1030,7 @@ class OrderService:
                             {"study_pk": s, "keyword": keyword, "received": received, "corrected": corrected,
                              "reason": surviving.reason or "patient merge (ADT^A40)", "created_at": now}
                             for s in study_pks
-                            for keyword, received, corrected in differing
+                            for keyword, (received, corrected) in differing.items()
                         ],
                     )
             absorb_patient(conn, target, kept, old)

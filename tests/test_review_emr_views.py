@@ -18,7 +18,11 @@ FHIR R4.
   as moving it away does: their demographics, other IDs and merged-away IDs
   went with it, and the next study under the ID the technologist typed
   without diacritics, or under the merged-away emergency ID, was a patient
-  of its own, unknown to FHIR by the citizen ID.
+  of its own, unknown to FHIR by the citizen ID;
+- two studies received without issuer and merged into one patient are
+  retrieved alike, with that patient's ID and issuer: the one whose patient
+  the HIS had given its issuer (an A08 first) went out with the surviving
+  ID and no issuer, C-FIND answering the issuer.
 """
 
 from __future__ import annotations
@@ -176,3 +180,20 @@ def test_deleting_a_registered_patients_last_study_keeps_the_patient(archive: Pa
     assert [e["resource"]["id"] for e in found["entry"]] == ["BVDK.BND1"], found
     assert studies["total"] == 2, studies
 
+
+def test_studies_merged_into_one_patient_go_out_with_its_id_and_issuer(archive: PacsServer, tmp_path: Path) -> None:
+    """Modalities sent CH1 and CH2 without issuer; the HIS updated CH2 (its
+    PID-3 with the assigning authority: the patient takes BVDK), then merged
+    CH1 and CH2 into CH3. Both studies are CH3 of BVDK wherever they are
+    read."""
+    one = _store(archive, make_ct(tmp_path / "1.dcm", PatientID="CH1", PatientName="CHANH^MOT"))
+    two = _store(archive, make_ct(tmp_path / "2.dcm", PatientID="CH2", PatientName="CHANH^HAI"))
+    _aa(archive, _msh("ADT^A08") + "EVN|A08|20261205\nPID|1||CH2^^^BVDK^PI||Chánh^Hai\n")
+    _aa(archive, _msh("ADT^A40") + "EVN|A40|20261205\nPID|1||CH3^^^BVDK^PI||Chánh^Ba||19700101|M\n"
+        "MRG|CH1\nPID|2||CH3^^^BVDK^PI||Chánh^Ba||19700101|M\nMRG|CH2^^^BVDK\n")
+    surviving = {"PatientName": "Chánh^Ba", "PatientID": "CH3", "IssuerOfPatientID": "BVDK",
+                 "PatientBirthDate": "19700101", "PatientSex": "M"}
+    for study in (one, two):
+        assert _study_find(archive, tmp_path / f"find-{study[-6:]}", study) == [surviving]
+        assert _metadata(archive, study) == [surviving]
+        assert _c_get(archive, study, tmp_path / f"got-{study[-6:]}") == [surviving]

@@ -55,6 +55,19 @@ def patient_correction(keyword: str, received: str, corrected: str) -> bool:
     return received != corrected and (bool(corrected) or keyword not in DEMOGRAPHICS)
 
 
+def with_issuer(differing: dict[str, tuple[str, str]], issuers: tuple[str, str]) -> dict[str, tuple[str, str]]:
+    """*differing* (keyword -> (received, corrected)) with the Issuer of
+    Patient ID beside a corrected Patient ID, *issuers* being (received,
+    corrected), also where the two issuers are equal: an ID and its issuer
+    are one key. The *received* issuer is the patient's, which an HIS message
+    gave its issuer without a correction (the objects carry none, as
+    modalities send): the new ID went out without issuer while C-FIND named
+    it, where a study of another merged patient went out with it."""
+    if "PatientID" in differing and "IssuerOfPatientID" not in differing:
+        return {**differing, "IssuerOfPatientID": issuers}
+    return differing
+
+
 # Study attributes the index keeps per study: keyword -> studies column (an
 # instance filed into a study it did not name is corrected to these).
 STUDY_COLUMNS = {
@@ -170,12 +183,16 @@ def file_under_patient(conn: Connection, study_pk: int, patient_pk: int, receive
     sex are corrected even where the patient lacks one (a study moved off
     another person: what its objects carry is that person's, not unknown)."""
     kept = conn.execute(select(patients_t).where(patients_t.c.pk == patient_pk)).one()
+    differing = with_issuer(
+        {keyword: (received.get(keyword) or "", getattr(kept, column) or "")
+         for keyword, column in PATIENT_COLUMNS.items()
+         if patient_correction(keyword, received.get(keyword) or "", getattr(kept, column) or "")
+         or (every_demographic and keyword in DEMOGRAPHICS)},
+        (received.get("IssuerOfPatientID") or "", kept.issuer or ""))
     rows = [
-        {"study_pk": study_pk, "keyword": keyword, "received": received.get(keyword, ""),
-         "corrected": getattr(kept, column), "reason": reason, "created_at": now}
-        for keyword, column in PATIENT_COLUMNS.items()
-        if patient_correction(keyword, received.get(keyword) or "", getattr(kept, column) or "")
-        or (every_demographic and keyword in DEMOGRAPHICS)
+        {"study_pk": study_pk, "keyword": keyword, "received": old, "corrected": new, "reason": reason,
+         "created_at": now}
+        for keyword, (old, new) in differing.items()
     ]
     conn.execute(update(studies_t).where(studies_t.c.pk == study_pk).values(patient_pk=patient_pk))
     if rows:
