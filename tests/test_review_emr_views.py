@@ -197,3 +197,36 @@ def test_studies_merged_into_one_patient_go_out_with_its_id_and_issuer(archive: 
         assert _study_find(archive, tmp_path / f"find-{study[-6:]}", study) == [surviving]
         assert _metadata(archive, study) == [surviving]
         assert _c_get(archive, study, tmp_path / f"got-{study[-6:]}") == [surviving]
+
+
+def test_a_patient_of_withdrawn_images_only_is_no_fhir_search_match(archive: PacsServer, tmp_path: Path) -> None:
+    """The technologist typed SAI1 for Bùi Văn Sáu's CT, and the images were
+    withdrawn (113038, Incorrect Modality Worklist Entry). C-FIND at patient
+    level and FHIR Patient searches leave SAI1 out; Bùi Văn Sáu, whose CT
+    came again under his ID, and a withdrawn study of his, is still found."""
+    from pydicom import dcmread
+
+    wrong = _store(archive, make_ct(tmp_path / "w.dcm", PatientID="SAI1", PatientName="BUI^VAN SAU"))
+    _store(archive, make_ct(tmp_path / "r.dcm", PatientID="BNS1", PatientName="Bùi^Văn Sáu",
+                                    SpecificCharacterSet="ISO_IR 192"))
+    also = _store(archive, make_ct(tmp_path / "a.dcm", PatientID="BNS1", PatientName="Bùi^Văn Sáu",
+                                   SpecificCharacterSet="ISO_IR 192"))
+    with archive.http() as http:
+        for study in (wrong, also):
+            rejected = http.post("/api/rejections/reject",
+                                 json={"study_uid": study, "code": "113038", "reason": "nhập sai mã bệnh nhân"})
+            assert rejected.status_code == 200, rejected.text
+    out = tmp_path / "patients"
+    out.mkdir()
+    found = run_dcmtk("findscu", "-P", "-aec", archive.ae_title, "-X", "-od", str(out), "-k", "QueryRetrieveLevel=PATIENT",
+                      "-k", "PatientName=bui*", "-k", "PatientID", "-k", "NumberOfPatientRelatedStudies",
+                      "127.0.0.1", str(archive.dicom_port))
+    assert found.returncode == 0, found.stderr
+    patients = [(d.PatientID, str(d.NumberOfPatientRelatedStudies)) for d in map(dcmread, sorted(out.iterdir()))]
+    assert patients == [("BNS1", "1")]
+    with archive.http() as http:
+        for params in ({"name": "bui van sau"}, {"family": "bui"}, {"identifier": "SAI1,BNS1"}, {"_id": "SAI1,BNS1"}):
+            bundle = http.get("/fhir/Patient", params=params).json()
+            assert ([e["resource"]["id"] for e in bundle.get("entry", [])], bundle["total"]) == (["BNS1"], 1), params
+        # Read by its id it still is, as the withdrawn study is.
+        assert http.get("/fhir/Patient/SAI1").status_code == 200

@@ -31,7 +31,7 @@ from pacs.auth import Principal
 from pacs.index.models import Instance, PatientIdentifier, Report, Series
 from pacs.index.writer import MERGED_ID_TYPE
 from pacs.names import fold, fold_name, name_words, same_person
-from pacs.query import READABLE
+from pacs.query import PATIENT_SHOWN, READABLE
 from pacs.query.attributes import patients, studies
 from pacs.query.matching import NameLookup, like_literal, name_word_lookup
 from pacs.reports import ReportError, ReportService
@@ -1519,7 +1519,9 @@ def _patient_search(request: Request, principal: Principal, count: int,
     if not any(values.values()):
         # As the study searches: a search names someone, it does not list the archive.
         raise HTTPProblem(400, f"search Patient by {', '.join(_PATIENT_PARAMETERS)}")
-    conditions: list[ColumnElement[bool]] = [_HAS_RESOURCE]
+    # A patient whose every study was withdrawn (the wrong patient's ID typed, the images rejected) is
+    # left out, as from a patient-level C-FIND: found by name, their record had nothing to read.
+    conditions: list[ColumnElement[bool]] = [_HAS_RESOURCE, PATIENT_SHOWN]
     # Each parameter as often as given (AND), each value's commas OR.
     for raw in values["identifier"]:
         conditions.append(or_(false(), *(_patient_matches(system, value) for system, value in _token_values(raw))))

@@ -84,17 +84,18 @@ READABLE = _readable(studies, series.alias("study_series"))
 # Made once, not per query (its column proxies cost ~0.5 ms to build).
 _PATIENT_STUDIES = studies.alias("patient_studies")
 _PATIENT_READABLE = _readable(_PATIENT_STUDIES, series.alias("patient_study_series"))
-# A patient-level search leaves out a patient all of whose studies were
-# withdrawn (the wrong patient's images sent under their ID, then rejected):
-# listed, their record showed studies that have nothing to read. A patient
+# A patient-level search (C-FIND; FHIR Patient, viewer_api.fhir) leaves out a
+# patient all of whose studies were withdrawn (the wrong patient's images sent
+# under their ID, then rejected): listed, their record showed studies that have
+# nothing to read. A patient
 # without studies (registered by the HIS) stays. LIMIT 1 scalar subqueries
 # again: as EXISTS, PostgreSQL hashed them, reading every study (4.7 -> 135 ms
 # a page of 100 patients at 100,000 studies).
-_PATIENT_SHOWN = or_(select(_PATIENT_STUDIES.c.pk)
-                     .where(_PATIENT_STUDIES.c.patient_pk == patients.c.pk, _PATIENT_READABLE)
-                     .limit(1).scalar_subquery().is_not(None),
-                     select(_PATIENT_STUDIES.c.pk).where(_PATIENT_STUDIES.c.patient_pk == patients.c.pk)
-                     .limit(1).scalar_subquery().is_(None))
+PATIENT_SHOWN = or_(select(_PATIENT_STUDIES.c.pk)
+                    .where(_PATIENT_STUDIES.c.patient_pk == patients.c.pk, _PATIENT_READABLE)
+                    .limit(1).scalar_subquery().is_not(None),
+                    select(_PATIENT_STUDIES.c.pk).where(_PATIENT_STUDIES.c.patient_pk == patients.c.pk)
+                    .limit(1).scalar_subquery().is_(None))
 # A search asks for withdrawn studies too when it names the study, a series or
 # an instance, or asks for the notes' modality (ModalitiesInStudy or Modality
 # with KO; not CT\SR, a viewer's filter that would list the wrong patient's
@@ -126,7 +127,7 @@ class Query:
     combined_datetime: bool = False
     # Studies holding nothing but Key Object Selections (every image
     # withdrawn by a rejection note, see READABLE), their series and
-    # instances, and a patient who has nothing else (_PATIENT_SHOWN; the
+    # instances, and a patient who has nothing else (PATIENT_SHOWN; the
     # per-patient counts likewise). None: left out of a search, as dcm4chee's default view
     # leaves rejected objects out (the wrong patient's history listed an
     # empty study), unless the search names the study or the notes' modality
@@ -252,7 +253,7 @@ def build_select(query: Query, conn: Connection | None = None) -> tuple[Select[A
     conditions += [datetime_range_match(ATTRIBUTES[d].column, ATTRIBUTES[t].column, query.match[d], query.match[t])
                    for d, t in pairs]
     if not withdrawn:
-        conditions.append(READABLE if level.depth >= Level.STUDY.depth else _PATIENT_SHOWN)
+        conditions.append(READABLE if level.depth >= Level.STUDY.depth else PATIENT_SHOWN)
     walk = (query.newest_first and level is not Level.PATIENT and conn is not None and conn.dialect.name == "sqlite"
             and not any(candidates) and not _names_patients(query.match))
     stmt = stmt.select_from(_from(level, walk_dates=walk))
@@ -406,4 +407,5 @@ def _select(engine: Engine, query: Query) -> tuple[Select[Any], list[str]]:
         return build_select(query, conn)
 
 
-__all__ = ["READABLE", "Kind", "Level", "Query", "QueryError", "build_select", "count_query", "run_query"]
+__all__ = ["PATIENT_SHOWN", "READABLE", "Kind", "Level", "Query", "QueryError", "build_select", "count_query",
+           "run_query"]
