@@ -155,6 +155,13 @@ class PatientInfo:
     # studies record it ("" for an HIS message: "HIS patient update").
     reason: str = ""
 
+    def __post_init__(self) -> None:
+        # A name padded as an HIS's fixed-width column holds it (JSON, the CLI) is the name HL7's reader
+        # makes of it: kept padded, C-FIND by the exact name, or by its start without diacritics, missed
+        # the patient that FHIR found, and every retrieved object carried the padding.
+        if self.name is not None:
+            self.name = tidy_person_name(self.name)
+
     def demographics(self) -> dict[str, str]:
         """The DICOM keywords this update sets (only what was sent)."""
         sent = {"PatientName": self.name, "PatientBirthDate": self.birth_date, "PatientSex": self.sex}
@@ -330,6 +337,16 @@ def _string_problem(value: str) -> str:
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
         return "holds a control character"
     return ""
+
+
+def tidy_person_name(name: str) -> str:
+    """A DICOM PN as the HL7 reader makes one of an XPN (ris_bridge.hl7v2):
+    each component without the spaces around it, and no empty trailing
+    components or groups ("Trịnh ^ Văn Tư   " -> "Trịnh^Văn Tư"). Spaces
+    inside a component are the name's."""
+    groups = ["^".join(component.strip() for component in group.split("^")).rstrip("^")
+              for group in name.split("=")]
+    return "=".join(groups).rstrip("=")
 
 
 def check_person_name(name: str) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydicom import dcmread
 
 from .conftest import Backend, PacsServer, run_dcmtk
 from .dicomfiles import make_ct
@@ -60,8 +61,6 @@ def _orm(control: str, pid3: str, name: str, birth: str, sex: str, accession: st
 
 def _study_find(server: PacsServer, tmp: Path, study_uid: str) -> list[dict[str, str]]:
     """The patient attributes DCMTK findscu (Study Root) answers for *study_uid*."""
-    from pydicom import dcmread
-
     tmp.mkdir()
     keys = ("PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex")
     args = ["-S", "-aec", server.ae_title, "-X", "-od", str(tmp), "-k", "QueryRetrieveLevel=STUDY",
@@ -204,8 +203,6 @@ def test_a_patient_of_withdrawn_images_only_is_no_fhir_search_match(archive: Pac
     withdrawn (113038, Incorrect Modality Worklist Entry). C-FIND at patient
     level and FHIR Patient searches leave SAI1 out; Bùi Văn Sáu, whose CT
     came again under his ID, and a withdrawn study of his, is still found."""
-    from pydicom import dcmread
-
     wrong = _store(archive, make_ct(tmp_path / "w.dcm", PatientID="SAI1", PatientName="BUI^VAN SAU"))
     _store(archive, make_ct(tmp_path / "r.dcm", PatientID="BNS1", PatientName="Bùi^Văn Sáu",
                                     SpecificCharacterSet="ISO_IR 192"))
@@ -230,3 +227,22 @@ def test_a_patient_of_withdrawn_images_only_is_no_fhir_search_match(archive: Pac
             assert ([e["resource"]["id"] for e in bundle.get("entry", [])], bundle["total"]) == (["BNS1"], 1), params
         # Read by its id it still is, as the withdrawn study is.
         assert http.get("/fhir/Patient/SAI1").status_code == 200
+
+
+def test_a_name_padded_by_the_his_is_found_by_every_search(archive: PacsServer, tmp_path: Path) -> None:
+    """The HIS reads the name from a CHAR(40) column and sends it padded
+    (PUT /api/patients), as another HIS sends it over HL7."""
+    study = _store(archive, make_ct(tmp_path / "p.dcm", PatientID="BNP1", PatientName="TRINH^VAN TU"))
+    with archive.http() as http:
+        put = http.put("/api/patients/BNP1", json={"name": "Trịnh ^ Văn Tư" + " " * 26, "reason": "HIS"})
+    assert put.status_code == 200, put.text
+    assert put.json()["name"] == "Trịnh^Văn Tư"
+    for name in ("Trịnh^Văn Tư", "trinh^van*"):
+        out = tmp_path / f"find-{len(name)}"
+        out.mkdir()
+        found = run_dcmtk("findscu", "-S", "-aec", archive.ae_title, "-X", "-od", str(out), "-k", "QueryRetrieveLevel=STUDY",
+                          "-k", "SpecificCharacterSet=ISO_IR 192", "-k", f"PatientName={name}", "-k", "PatientID",
+                          "-k", "StudyInstanceUID", "127.0.0.1", str(archive.dicom_port))
+        assert found.returncode == 0, found.stderr
+        assert [d.StudyInstanceUID for d in map(dcmread, sorted(out.iterdir()))] == [study], name
+    assert _metadata(archive, study)[0]["PatientName"] == "Trịnh^Văn Tư"

@@ -19,7 +19,7 @@ from pacs.audit import Event, patient_cx
 from pacs.auth import Principal
 from pacs.orders import (
     OrderError, OrderInfo, OrderService, OtherIdentifier, PatientInfo, change_reason, check_person_name, order_subject,
-    patients_named,
+    patients_named, tidy_person_name,
 )
 from pacs.timezones import hospital_zone
 
@@ -37,7 +37,10 @@ class OtherIdModel(JsonBody):
 
 def _person_name(value: str) -> str:
     """A name an order or a correction brings must be a DICOM PN: a backslash
-    in it was retrieved by C-GET as two names (see check_person_name)."""
+    in it was retrieved by C-GET as two names (see check_person_name); its
+    components' padding (an HIS's fixed-width column) goes first, as HL7's
+    reader drops it (tidy_person_name)."""
+    value = tidy_person_name(value)
     try:
         check_person_name(value)
     except OrderError as exc:
