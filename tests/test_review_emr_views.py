@@ -246,3 +246,20 @@ def test_a_name_padded_by_the_his_is_found_by_every_search(archive: PacsServer, 
         assert found.returncode == 0, found.stderr
         assert [d.StudyInstanceUID for d in map(dcmread, sorted(out.iterdir()))] == [study], name
     assert _metadata(archive, study)[0]["PatientName"] == "Trịnh^Văn Tư"
+
+
+def test_padded_issuers_and_other_ids_over_json_name_the_registered_patient(archive: PacsServer) -> None:
+    """The HIS registered Lò Văn Một over HL7; its REST interface then sends
+    his birth date and citizen ID with the issuers as its CHAR columns hold
+    them. The patient HL7 registered is updated; no second one is made."""
+    _aa(archive, _msh("ADT^A08") + "EVN|A08|20261205\nPID|1||BNI1^^^BVDK^PI||Lò^Văn Một\n")
+    with archive.http() as http:
+        put = http.put("/api/patients/BNI1", json={"issuer": "BVDK   ", "birth_date": "19700101",
+                                                    "other_ids": [{"value": "079070001212 ", "issuer": " CCCD  "}]})
+        assert put.status_code == 200, put.text
+        assert {k: put.json()[k] for k in ("id", "issuer", "name", "birth_date", "other_ids")} == {
+            "id": "BNI1", "issuer": "BVDK", "name": "Lò^Văn Một", "birth_date": "19700101",
+            "other_ids": [{"value": "079070001212", "issuer": "CCCD", "type": ""}]}
+        for identifier in ("BNI1", "CCCD|079070001212"):
+            bundle = http.get("/fhir/Patient", params={"identifier": identifier}).json()
+            assert [e["resource"]["id"] for e in bundle.get("entry", [])] == ["BVDK.BNI1"], identifier

@@ -29,10 +29,20 @@ from .security import audit_patients, audit_studies, guard, requires
 router = APIRouter(prefix="/api", tags=["orders"])
 
 
+def _trimmed(value: Any) -> Any:
+    """An issuer or other ID without its surrounding spaces (an HIS's
+    fixed-width column pads them), as HL7's reader and DICOM (LO) read it:
+    kept padded, "BVDK   " was another issuer than the registered
+    patient's, and a PUT made a twin patient of it."""
+    return value.strip(" ") if isinstance(value, str) else value
+
+
 class OtherIdModel(JsonBody):
     value: str = Field(..., min_length=1, max_length=64)
     issuer: str = Field("", max_length=64)
     type: str = Field("", max_length=16)
+
+    _trim = field_validator("value", "issuer", mode="before")(_trimmed)
 
 
 def _person_name(value: str) -> str:
@@ -57,6 +67,7 @@ class PatientModel(JsonBody):
     other_ids: list[OtherIdModel] = []
 
     _name_is_a_pn = field_validator("name")(_person_name)
+    _trim = field_validator("issuer", mode="before")(_trimmed)
 
 
 def _patient_info(body: PatientModel | PatientUpdateModel, patient_id: str, reason: str = "") -> PatientInfo:
@@ -143,10 +154,14 @@ class PatientUpdateModel(JsonBody):
     other_ids: list[OtherIdModel] = Field([], max_length=20)
     reason: str = Field("", max_length=200, description="Why (kept with the corrections of the patient's studies)")
 
+    _trim = field_validator("issuer", mode="before")(_trimmed)
+
 
 class PriorIdModel(JsonBody):
     id: str = Field(..., min_length=1, max_length=64)
     issuer: str = Field("", max_length=64)
+
+    _trim = field_validator("issuer", mode="before")(_trimmed)
 
 
 class MergeModel(JsonBody):
