@@ -327,6 +327,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             ("superseded copies removed (compress's originals, copies a later resend replaced)",
              report.superseded_removed.count),
             ("copies of rejected instances removed (pacs rejections)", report.rejected_removed.count),
+            ("rejection notes adopted that withdrew their instances again", report.withdrawn_again.count),
             ("rows dropped", report.dropped.get("instances", 0)),
             ("purge leftovers deleted", report.purged_leftovers),
         ])
@@ -337,6 +338,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         _list("duplicate orphans", data["duplicate_orphans"], ("key", "indexed_key"))
         _list("superseded originals removed", data["superseded_removed"], ("key", "indexed_key"))
         _list("copies of rejected instances removed", data["rejected_removed"], ("key", "detail"))
+        _list("rejection notes that withdrew again", data["withdrawn_again"], ("note_uid", "instances", "not_stored"))
         _list("orphans not adopted", data["not_adopted"])
         if report.problems:
             err.print(f"[red]{report.problems} problem(s)[/red]"

@@ -119,10 +119,13 @@ def listed(ds: Dataset) -> tuple[dict[str, set[str]], int]:
     return by_series, elsewhere
 
 
-def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event]) -> Rejection | None:
+def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event], *,
+                    only: Callable[[str, set[str]], set[str]] | None = None) -> Rejection | None:
     """Withdraw what the stored object at *storage_key* rejects, if it is a
     rejection note (None otherwise). Each deletion is audited with an event
-    of *make_event* (the sender's), its detail and patient filled in."""
+    of *make_event* (the sender's), its detail and patient filled in.
+    *only* narrows each series' listed instances (its UID, their SOP UIDs)
+    to those the note is to withdraw and record (all when None)."""
     with pacs.store.local_path(storage_key) as path:
         ds = dcmread(path, stop_before_pixels=True)
     title = rejection_title(ds)
@@ -159,6 +162,8 @@ def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event
         # Only the instances listed, in one transaction: a whole series
         # listed goes with its last instance, an instance received since
         # the note was written stays.
+        if only is not None:
+            sops = only(series_uid, sops)
         if not (sops := sops - lifted):
             continue
         target = Target(study_uid, series_uid, sop_uids=tuple(sorted(sops)))
@@ -190,12 +195,14 @@ NOT_APPLIED = "rejection note stored, not applied yet: send it again"
 
 
 def apply_or_report(pacs: Pacs, storage_key: str, note_uid: str, study_uid: str,
-                    make_event: Callable[[], Event]) -> tuple[Rejection | None, str]:
-    """:func:`apply_rejection` and "", or its failure (the index or the
-    store failing) logged and audited as a failed deletion: None and why.
-    The note is stored either way; sent again, it withdraws what is left."""
+                    make_event: Callable[[], Event], *,
+                    only: Callable[[str, set[str]], set[str]] | None = None) -> tuple[Rejection | None, str]:
+    """:func:`apply_rejection` (narrowed by *only*) and "", or its failure
+    (the index or the store failing) logged and audited as a failed
+    deletion: None and why. The note is stored either way; sent again, it
+    withdraws what is left."""
     try:
-        return apply_rejection(pacs, storage_key, make_event), ""
+        return apply_rejection(pacs, storage_key, make_event, only=only), ""
     except Exception as exc:
         failure = make_event()
         log.exception("rejection note %s from %r not applied", note_uid, failure.user)

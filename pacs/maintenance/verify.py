@@ -19,6 +19,10 @@ Repair (``repair=True``):
   another key is reported as a duplicate and left alone (also under the
   overwrite policy: a resend a crash left before its commit never replaces
   the acknowledged copy);
+- an adopted rejection note withdraws again the instances it lists whose
+  objects are gone (an index restored from before it still lists them, or
+  does not know them), recording them rejected (pacs.rejections); what it
+  lists that is still stored stays (a note that was never applied);
 - invalid orphans are reported, never deleted (somebody must look at them);
 - objects a crashed ``pacs purge`` left behind are deleted (see purge);
 - an original ``<sop>.dcm`` whose instance's row names its intact
@@ -52,7 +56,8 @@ from ..errors import IngestError, PacsError, Status
 from ..index import tombstones
 from ..index.db import write_transaction
 from ..index.writer import Outcome
-from ..ingest import RESENT_VARIANT, Origin
+from ..ingest import RESENT_VARIANT, Origin, object_key
+from ..key_objects import KOS_CLASS
 from ..part10 import FileSource
 from .common import (
     BATCH,
@@ -65,6 +70,7 @@ from .common import (
     index_stored_object,
     indexed_among,
     instances_t,
+    os_user,
     sop_of_key,
     written_after,
 )
@@ -93,6 +99,11 @@ class VerifyReport:
     superseded_removed: Capped = field(default_factory=Capped)
     # Copies of instances rejection notes withdrew, refused when adopted, deleted.
     rejected_removed: Capped = field(default_factory=Capped)
+    # Adopted rejection notes that withdrew again what they list whose objects
+    # are gone (an index restored from before them), and how many of the
+    # instances they withdrew were rows found missing by this run.
+    withdrawn_again: Capped = field(default_factory=Capped)
+    withdrawn_missing: int = 0
     pending_purge: int = 0
     # Rows whose missing object was found under another key and pointed at it.
     repointed_pks: set[int] = field(default_factory=set)
@@ -103,7 +114,8 @@ class VerifyReport:
     @property
     def problems(self) -> int:
         """Problems left after this run (what makes the exit code 1)."""
-        missing = max(0, self.missing.count - self.dropped.get("instances", 0) - len(self.repointed_pks))
+        missing = max(0, self.missing.count - self.dropped.get("instances", 0) - len(self.repointed_pks)
+                      - self.withdrawn_missing)
         # Orphans not adopted: invalid ones and duplicates of indexed instances.
         orphans = max(0, self.orphans.count - self.adopted.count - self.superseded_removed.count
                       - self.rejected_removed.count)
@@ -127,6 +139,7 @@ class VerifyReport:
             "not_adopted": self.not_adopted.as_dict(),
             "superseded_removed": self.superseded_removed.as_dict(),
             "rejected_removed": self.rejected_removed.as_dict(),
+            "withdrawn_again": self.withdrawn_again.as_dict(),
             "pending_purge": self.pending_purge,
             "purged_leftovers": self.purged_leftovers,
             "dropped": self.dropped,
@@ -345,6 +358,8 @@ def _adopt(pacs: Pacs, key: str, report: VerifyReport) -> None:
         report.duplicate_orphans.add({"key": key, "sop_uid": result.sop_uid, "indexed_key": result.storage_key})
         return
     report.adopted.add({"key": result.storage_key, "sop_uid": result.sop_uid})
+    if result.header.sop_class_uid == KOS_CLASS:
+        _withdraw_again(pacs, result.storage_key, result.sop_uid, result.header.study_uid, report)
     if result.storage_key != key:
         # Ingest stored a byte-identical copy under the key of the ingest
         # layout; the original is now an unreferenced duplicate.
@@ -352,6 +367,37 @@ def _adopt(pacs: Pacs, key: str, report: VerifyReport) -> None:
             pacs.store.delete(key)
         except StorageError as exc:
             log.warning("could not remove %s after adopting it as %s: %s", key, result.storage_key, exc)
+
+
+def _withdraw_again(pacs: Pacs, key: str, note_uid: str, study_uid: str, report: VerifyReport) -> None:
+    """An adopted rejection note (pacs.rejections) withdraws again the
+    instances it lists whose objects are gone from the store: the note took
+    them when it came, after the backup an index was restored from, which
+    still lists them (objects missing) or does not know them, and without
+    their rejection a modality's resend brought them back. Those it lists
+    that are still stored stay: a note the archive did not apply (its
+    sender may not reject) does not withdraw images at a repair."""
+    from ..audit import Event
+    from ..rejections import apply_or_report  # pacs.rejections imports this package
+
+    def gone(series_uid: str, sops: set[str]) -> set[str]:
+        with pacs.engine.connect() as conn:
+            indexed = {row.sop_uid: row.storage_key for batch in batched(sorted(sops)) for row in conn.execute(
+                select(instances_t.c.sop_uid, instances_t.c.storage_key).where(instances_t.c.sop_uid.in_(batch)))}
+        variants = ("", RESENT_VARIANT, *KEY_VARIANTS.values())
+        return {sop for sop in sops if not any(
+            pacs.store.exists(copy) for copy in ([indexed[sop]] if sop in indexed else [])
+            + [object_key(study_uid, series_uid, sop, variant) for variant in variants])}
+
+    user = os_user()
+    done, failed = apply_or_report(pacs, key, note_uid, study_uid,
+                                   lambda: Event(action="delete", user=user, role="admin", protocol="cli"), only=gone)
+    if failed:
+        report.not_adopted.add({"key": key, "detail": f"rejection note adopted, not applied: {failed}"})
+    elif done is not None and (done.deleted or done.not_found):
+        report.withdrawn_again.add({"key": key, "note_uid": done.note_uid, "instances": done.deleted,
+                                    "not_stored": done.not_found})
+        report.withdrawn_missing += done.deleted
 
 
 def _storage_pass(pacs: Pacs, report: VerifyReport, repair: bool, progress: Progress,

@@ -1,0 +1,78 @@
+"""A year of maintenance by the hospital's one IT person, reviewed: backups
+restored, the index copied, the objects migrated, with the features added
+lately (rejection notes, signatures, templates, share links) kept right."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from .conftest import Backend, PacsServer
+from .dicomfiles import make_ct
+from .test_rejections import REJECTED, _note
+
+STUDY = "1.2.826.0.1.3680043.8.498.77001"
+SERIES = STUDY + ".1"
+
+
+def _files(tmp_path: Path, count: int) -> list[Path]:
+    """A CT series of *count* instances ({SERIES}.0, .1, ...) as files."""
+    folder = tmp_path / "ct"
+    folder.mkdir(exist_ok=True)
+    return [make_ct(folder / f"{i}.dcm", sop_uid=f"{SERIES}.{i}", StudyInstanceUID=STUDY, SeriesInstanceUID=SERIES,
+                    PatientID="BN77001", PatientName="TRAN^VAN BINH", InstanceNumber=i + 1, StudyDate="20250101")
+            for i in range(count)]
+
+
+def _indexed_sops(server: PacsServer) -> set[str]:
+    from sqlalchemy import select
+
+    from pacs.maintenance.common import instances_t
+
+    core = server.core()
+    try:
+        with core.engine.connect() as conn:
+            return set(conn.execute(select(instances_t.c.sop_uid)).scalars())
+    finally:
+        core.close()
+
+
+def test_a_rejection_made_after_the_backup_holds_after_restore_and_repair(tmp_path: Path) -> None:
+    """Last night's backup is restored (the README's recovery: restore, then
+    `pacs verify --repair`). An image withdrawn by a rejection note today
+    came back: the restored index still listed it (its object deleted),
+    repair adopted the note without applying it, the rejection was gone
+    and the modality's resend was taken. Repair now withdraws again what an
+    adopted note lists whose objects are gone; a note whose images are all
+    still stored (one that was never applied) withdraws nothing."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite", None, None, {}))
+    files = _files(tmp_path, 4)
+    assert json.loads(server.cli("import", *map(str, files[:3]), "--json").stdout)["stored"] == 3
+    backup = tmp_path / "nightly.bak"
+    server.cli("backup", "--out", str(backup))
+    server.cli("import", str(files[3]))  # received after the backup, rejected with .0
+    server.cli("rejections", "reject", "--study", STUDY, f"{SERIES}.0", f"{SERIES}.3", "--reason", "sai bệnh nhân",
+               "--yes")
+    # A note that was stored but never applied (its sender might not reject): its image stays.
+    unapplied = _note(tmp_path / "unapplied.dcm", STUDY, "BN77001", REJECTED, {STUDY: [SERIES, f"{SERIES}.2"]})
+    core = server.core()
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(unapplied, stop_before_pixels=True)
+        core.store.put(f"{STUDY}/{ds.SeriesInstanceUID}/{ds.SOPInstanceUID}.dcm", io.BytesIO(unapplied.read_bytes()))
+    finally:
+        core.close()
+
+    server.cli("restore", str(backup), "--yes")
+    repaired = server.cli("verify", "--repair", "--json", check=False)
+    report = json.loads(repaired.stdout)
+    assert repaired.returncode == 0 and len(report["adopted"]["items"]) == 2, repaired.stdout
+    assert [(n["instances"], n["not_stored"]) for n in report["withdrawn_again"]["items"]] == [(1, 1)], report
+    assert server.cli("verify", "--json", check=False).returncode == 0  # nothing missing any more
+    assert f"{SERIES}.0" not in _indexed_sops(server) and f"{SERIES}.2" in _indexed_sops(server)
+    listed = json.loads(server.cli("rejections", "list", "--json").stdout)
+    assert sorted(r["sop_uid"] for r in listed["rejected"]) == [f"{SERIES}.0", f"{SERIES}.3"], listed
+    resent = json.loads(server.cli("import", str(files[0]), str(files[3]), "--json", check=False).stdout)
+    assert resent["rejected"] == 2 and resent["stored"] == 0, resent
