@@ -24,7 +24,7 @@ from . import critical_results
 from .app import Pacs
 from .errors import RefusedRequest
 from .index.db import retry_write
-from .index.models import Instance, Order, Patient, Report, Study, StudyOrderLink
+from .index.models import Instance, Order, Patient, Report, Series, Study, StudyOrderLink
 from .ingest import Origin
 from .key_images import key_image_thumbnails
 from .maintenance.common import delete_instance_rows
@@ -44,6 +44,10 @@ patients_t = Patient.__table__
 orders_t = Order.__table__
 links_t = StudyOrderLink.__table__
 instances_t = Instance.__table__
+series_t = Series.__table__
+# A report PDF's series number is this plus its version (`pacs report verify`
+# finds a signed PDF by it when the index lost the report rows).
+_PDF_SERIES = 900
 
 
 class ReportError(RefusedRequest):
@@ -425,7 +429,7 @@ class ReportService:
         ds.ReferringPhysicianName = study.referring_physician
         ds.StudyDescription = study.description
         ds.Modality = "DOC"
-        ds.SeriesNumber = 900 + version
+        ds.SeriesNumber = _PDF_SERIES + version
         ds.SeriesDescription = f"Report v{version}"
         ds.InstanceNumber = 1
         # DICOM dates and times are the local ones of the place (PS3.3
@@ -464,10 +468,47 @@ class ReportService:
         if version is not None:
             versions = [v for v in versions if v["version"] == version]
         if not versions:
-            raise ReportError("no signed report", 404)
+            # The index lost the signature (`pacs reindex`, a backup older
+            # than it restored) but the signed PDF is in the study: the
+            # document of record, verified as stored.
+            stored = self._stored_pdf(study_uid, version)
+            if stored is None:
+                raise ReportError("no signed report", 404)
+            number, sop_uid, pdf = stored
+            found = verify_pdf(pdf, trust_roots(self.pacs.settings))
+            first = found["signatures"][0] if found["signatures"] else {}
+            return {"study_uid": study_uid, "version": number, "signed_by": first.get("signer", ""),
+                    "signed_at": first.get("signing_time"), "pdf_sop_uid": sop_uid, **found}
         found = verify_pdf(self.pdf(study_uid, versions[-1]["version"]), trust_roots(self.pacs.settings))
         return {"study_uid": study_uid, "version": versions[-1]["version"], "signed_by": versions[-1]["signed_by"],
                 "signed_at": versions[-1]["signed_at"], "pdf_sop_uid": versions[-1]["pdf_sop_uid"], **found}
+
+    def _stored_pdf(self, study_uid: str, version: int | None) -> tuple[int, str, bytes] | None:
+        """The report PDF this archive stored in the study for *version*
+        (None: the latest), found among its objects rather than in the
+        report rows: (version, SOP Instance UID, PDF), or None. The
+        signature writes it as series number 900 + version, made by
+        filmless-pacs (another system's PDF is not our report)."""
+        from pydicom import dcmread
+
+        with self.pacs.engine.connect() as conn:
+            study = self._study(conn, study_uid)
+            number = series_t.c.series_number
+            candidates = conn.execute(
+                select(number, instances_t.c.sop_uid, instances_t.c.storage_key)
+                .join(series_t, series_t.c.pk == instances_t.c.series_pk)
+                .where(series_t.c.study_pk == study.pk, series_t.c.modality == "DOC",
+                       instances_t.c.sop_class_uid == EncapsulatedPDFStorage,
+                       number == _PDF_SERIES + version if version is not None else number > _PDF_SERIES)
+                .order_by(number.desc(), instances_t.c.received_at.desc())).all()
+        for row in candidates:
+            ds = dcmread(io.BytesIO(self.pacs.store.read_bytes(row.storage_key)))
+            if str(ds.get("Manufacturer", "")) != "filmless-pacs" or "EncapsulatedDocument" not in ds:
+                continue
+            data = bytes(ds.EncapsulatedDocument)
+            length = int(ds.get("EncapsulatedDocumentLength", len(data)) or len(data))
+            return int(row.series_number) - _PDF_SERIES, str(row.sop_uid), data[:length]
+        return None
 
     def pdf(self, study_uid: str, version: int | None = None, *, current_patient: bool = False) -> bytes:
         """The PDF of the signed report (latest, or a given version), read back

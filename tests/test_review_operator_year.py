@@ -76,3 +76,43 @@ def test_a_rejection_made_after_the_backup_holds_after_restore_and_repair(tmp_pa
     assert sorted(r["sop_uid"] for r in listed["rejected"]) == [f"{SERIES}.0", f"{SERIES}.3"], listed
     resent = json.loads(server.cli("import", str(files[0]), str(files[3]), "--json", check=False).stdout)
     assert resent["rejected"] == 2 and resent["stored"] == 0, resent
+
+
+def test_a_signed_report_still_verifies_after_the_index_is_rebuilt(tmp_path: Path) -> None:
+    """The index is lost and rebuilt from the store (`pacs reindex`: "signed
+    reports come back as their PDF instances"). The digitally signed PDF
+    is in the study, byte for byte, but `pacs report verify` answered "no
+    signed report" (exit 1): it only looked for report rows, which lived in
+    the lost index. It verifies the study's stored report PDF then."""
+    from .test_report_digital_signature import P12_PASSWORD, PIN, SIGNER_CN, Pki, import_cert
+
+    pki = Pki(tmp_path / "pki")
+    p12 = pki.p12("nhung", SIGNER_CN)
+    server = PacsServer(tmp_path / "data", Backend("sqlite", None, None, {}),
+                        extra_env={"PACS_REPORT_SIGNATURE": "radiologist", "PACS_REPORT_TRUST_ROOTS": str(pki.ca_pem)})
+    server.cli("import", *map(str, _files(tmp_path, 2)))
+    server.start()
+    try:
+        radiologist = server.make_token("bs.nhung", "radiologist", "BS. Nhung")
+        imported = import_cert(server, "bs.nhung", p12, f"{P12_PASSWORD}\n{PIN}\n")
+        assert imported.returncode == 0, imported.stdout + imported.stderr
+        with server.http(radiologist) as http:
+            assert http.put(f"/api/studies/{STUDY}/report",
+                            json={"findings": "Bình thường.", "impression": "Không bất thường."}).status_code == 200
+            signed = http.post(f"/api/studies/{STUDY}/report/sign", json={"pin": PIN})
+            assert signed.status_code == 200, signed.text
+    finally:
+        server.stop()
+    before = json.loads(server.cli("report", "verify", STUDY, "--json").stdout)
+    assert before["signed"] and before["intact"] and before["trusted"], before
+
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        (server.data_dir / name).unlink(missing_ok=True)
+    server.cli("reindex", "--json")
+    for version in ([], ["--version", "1"]):
+        done = server.cli("report", "verify", STUDY, *version, "--json", check=False)
+        assert done.returncode == 0, done.stdout + done.stderr
+        after = json.loads(done.stdout)
+        assert (after["version"], after["signed"], after["intact"], after["trusted"]) == (1, True, True, True), after
+        assert after["pdf_sop_uid"] == before["pdf_sop_uid"] and SIGNER_CN in after["signed_by"], after
+    assert server.cli("report", "verify", STUDY, "--version", "2", check=False).returncode == 1
