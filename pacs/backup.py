@@ -203,7 +203,46 @@ def _check_sqlite_backup(backup: Path) -> sqlite3.Connection:
         source.close()
         raise BackupError(f"{backup} is not a backup of a filmless-pacs index (no table "
                           f"{', '.join(sorted(missing))}); the current index is left as it is")
+    try:
+        _refuse_newer(backup, source.execute("SELECT version_num FROM alembic_version").fetchone())
+    except BaseException:
+        source.close()
+        raise
     return source
+
+
+def _refuse_newer(backup: Path, row: Any) -> None:
+    """Refuse a backup at a schema revision this version does not know
+    (taken by a newer version: the wrong file restored when rolling an
+    upgrade back). Restored, it left an index nothing here can open."""
+    from .index.db import SCHEMA_HEAD
+    from .index.schema import known_revision
+
+    revision = str(row[0]) if row and row[0] else ""
+    if revision and not known_revision(revision):
+        raise BackupError(f"{backup} was taken by a newer version of filmless-pacs (schema revision {revision}; "
+                          f"this one knows revisions up to {SCHEMA_HEAD}): restore it with that version, or "
+                          "restore a backup taken before its upgrade; the current index is left as it is")
+
+
+def _pg_backup_revision(index_url: str, dump: Path) -> tuple[str] | None:
+    """The schema revision a pg_dump archive holds (alembic_version's row, read
+    with pg_restore without touching any database), or None when it has none
+    or cannot be read (a damaged file: the restore itself fails on it and
+    puts the index back)."""
+    _, env = _libpq(index_url)
+    result = subprocess.run(
+        [_pg_tool("pg_restore"), "--data-only", "--table=alembic_version", "--file=-", str(dump)],
+        capture_output=True, text=True, check=False, env=env,
+    )
+    if result.returncode != 0:
+        return None
+    lines = result.stdout.splitlines()
+    for number, line in enumerate(lines):
+        if line.startswith("COPY ") and "alembic_version" in line and number + 1 < len(lines):
+            value = lines[number + 1]
+            return None if value == "\\." else (value,)
+    return None
 
 
 def restore_index(index_url: str, backup: Path, keep_dir: Path | None = None) -> BackupResult:
@@ -247,6 +286,7 @@ def restore_index(index_url: str, backup: Path, keep_dir: Path | None = None) ->
             raise BackupError(f"{backup} is {kind_of}: a PostgreSQL index is restored from a `pacs backup` "
                               "of a PostgreSQL index (moving a SQLite index to PostgreSQL: `pacs reindex` into "
                               "the new database rebuilds studies from the objects, not orders, reports or users)")
+        _refuse_newer(backup, _pg_backup_revision(index_url, backup))
         _refuse_other_sessions(index_url)
         if keep_dir is not None:
             kept_dump = keep_dir / f"index-before-restore-{time.strftime('%Y%m%dT%H%M%S')}.dump"

@@ -8,6 +8,10 @@ import io
 import json
 from pathlib import Path
 
+import pytest
+
+from pacs.index.db import SCHEMA_HEAD
+
 from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
 from .test_rejections import REJECTED, _note
@@ -116,3 +120,45 @@ def test_a_signed_report_still_verifies_after_the_index_is_rebuilt(tmp_path: Pat
         assert (after["version"], after["signed"], after["intact"], after["trusted"]) == (1, True, True, True), after
         assert after["pdf_sop_uid"] == before["pdf_sop_uid"] and SIGNER_CN in after["signed_by"], after
     assert server.cli("report", "verify", STUDY, "--version", "2", check=False).returncode == 1
+
+
+def _set_revision(url: str, revision: str) -> None:
+    from sqlalchemy import text
+
+    from pacs.index import create_index_engine
+
+    engine = create_index_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE alembic_version SET version_num = :r"), {"r": revision})
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "pg"])
+def test_a_backup_of_a_newer_version_is_refused_before_the_index_is_replaced(tmp_path: Path, kind: str,
+                                                                              request: pytest.FixtureRequest) -> None:
+    """The IT person rolls back an upgrade and restores the wrong file: a
+    backup taken after the upgrade, whose schema this version does not
+    know. The restore replaced the index with it, then stopped with a
+    SchemaError ("written by a newer version"): the archive could not open
+    its index any more. The backup's revision is checked first: refused,
+    the index left as it was."""
+    url = request.getfixturevalue("pg_url") if kind == "pg" else None
+    server = PacsServer(tmp_path / "data", Backend(kind, url, None, {}))
+    server.cli("import", *map(str, _files(tmp_path, 2)))
+    index = url or f"sqlite:///{server.data_dir}/index.sqlite"
+    backup = tmp_path / "after-upgrade.bak"
+    if kind == "sqlite":
+        server.cli("backup", "--out", str(backup))
+        _set_revision(f"sqlite:///{backup}", "0099")
+    else:  # the newer version's index, backed up (its audit event refused: not this version's schema)
+        _set_revision(index, "0099")
+        server.cli("backup", "--out", str(backup))
+        _set_revision(index, SCHEMA_HEAD)
+    refused = server.cli("restore", str(backup), "--yes", check=False)
+    assert refused.returncode == 1 and "newer version" in refused.stderr and "left as it is" in refused.stderr, (
+        refused.stdout + refused.stderr)
+    assert "Traceback" not in refused.stderr
+    assert server.stats()["instances"] == 2
+    assert server.cli("db", "current").stdout.strip().endswith(SCHEMA_HEAD)

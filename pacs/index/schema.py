@@ -15,7 +15,7 @@ import logging
 from sqlalchemy import Connection, Engine, text
 
 from ..errors import PacsError
-from . import alembic_config, current_revision, revision_of, upgrade_schema
+from . import MIGRATIONS, alembic_config, current_revision, revision_of, upgrade_schema
 from .db import APPLICATION_NAME, SCHEMA_HEAD, is_sqlite
 
 log = logging.getLogger(__name__)
@@ -59,11 +59,19 @@ def prepare_schema(engine: Engine, *, upgrade: bool, others: str = "") -> None:
         log.warning("index schema upgraded from revision %s to %s", upgraded[0], head)
 
 
-def _refuse(engine: Engine, current: str, head: str, upgrade: bool, others: str) -> None:
+def known_revision(revision: str) -> bool:
+    """Whether *revision* is one of this version's migrations: an index (or
+    a backup of one) at another was written by a newer version."""
+    from alembic.config import Config
     from alembic.script import ScriptDirectory
 
-    known = {rev.revision for rev in ScriptDirectory.from_config(alembic_config(engine)).walk_revisions()}
-    if current not in known:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return revision in {rev.revision for rev in ScriptDirectory.from_config(cfg).walk_revisions()}
+
+
+def _refuse(engine: Engine, current: str, head: str, upgrade: bool, others: str) -> None:
+    if not known_revision(current):
         raise SchemaError(f"the index is at schema revision {current}, written by a newer version of "
                           f"filmless-pacs (this one knows revisions up to {head}): run the newer version, or "
                           "restore the backup taken before its upgrade")
@@ -101,4 +109,5 @@ def _sessions(conn: Connection, excluded: str) -> str:
     return ", ".join(f"{r.n} connection(s) from {r.client}" for r in rows)
 
 
-__all__ = ["SchemaError", "head_revision", "other_servers", "prepare_schema", "sessions_besides"]
+__all__ = ["SchemaError", "head_revision", "known_revision", "other_servers", "prepare_schema",
+           "sessions_besides"]
