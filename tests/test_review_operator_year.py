@@ -162,3 +162,25 @@ def test_a_backup_of_a_newer_version_is_refused_before_the_index_is_replaced(tmp
     assert "Traceback" not in refused.stderr
     assert server.stats()["instances"] == 2
     assert server.cli("db", "current").stdout.strip().endswith(SCHEMA_HEAD)
+
+
+def test_reindex_names_the_patient_corrections_and_share_links_it_cannot_rebuild(tmp_path: Path) -> None:
+    """A study sent under the wrong patient was moved to the right one
+    (`pacs patient move-study`: a correction in the index, the objects
+    unchanged). After the index was lost and rebuilt, the study was filed
+    under the wrong patient again, and the patient's share link was gone,
+    while the rebuild's list of what it cannot give back named neither."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite", None, None, {}))
+    server.cli("import", *map(str, _files(tmp_path, 1)))
+    other = make_ct(tmp_path / "other.dcm", PatientID="BN77002", PatientName="LE^THI C")
+    server.cli("import", str(other))
+    server.cli("patient", "move-study", STUDY, "--to", "BN77002", "--reason", "gửi nhầm bệnh nhân", "--yes")
+    server.cli("share", "create", STUDY)
+    for name in ("index.sqlite", "index.sqlite-wal", "index.sqlite-shm"):
+        (server.data_dir / name).unlink(missing_ok=True)
+    rebuilt = json.loads(server.cli("reindex", "--json").stdout)
+    assert rebuilt["indexed"] == 2
+    # Filed under the wrong patient again (BN77001 has its study back): say so.
+    assert json.loads(server.cli("patient", "show", "BN77001", "--json").stdout)["studies"] == 1
+    said = " ".join(rebuilt["warnings"])
+    assert "patient corrections" in said and "move-study" in said and "share links" in said, said

@@ -81,7 +81,10 @@ WARNINGS = (
     "not rebuilt (they only lived in the index): reports (signed ones come back as their PDF instances), "
     "orders, users and API tokens, signing certificates, report templates, routing rules and the forwarding "
     "queue, the AE registry, the audit trail, the rejections that keep images withdrawn by rejection notes "
-    "from being received again (pacs rejections list), the critical results flagged and who was told; "
+    "from being received again (pacs rejections list), the patient corrections (pacs patient update, merge and "
+    "move-study, HIS updates: the studies show and are filed under what the modality sent again, a moved "
+    "study under the wrong patient), the share links given to patients, the critical results flagged and "
+    "who was told; "
     "restore them from an index backup with `pacs restore FILE --yes` (then `pacs verify --repair` adopts "
     "the objects received since that backup)",
     "deletions still under way when the index was lost (objects whose delete had not been done yet, e.g. a "
