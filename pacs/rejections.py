@@ -52,7 +52,7 @@ from .index.models import RejectionListing
 from .index.writer import rejected_t
 from .index.writer_helpers import insert_ignore_rows
 from .key_objects import DESCRIPTION, KOS_CLASS, REJECTION_TITLES
-from .maintenance.common import batched, instances_t
+from .maintenance.common import batched, instances_t, series_t, studies_t
 from .maintenance.delete import DeleteRefused, Target, delete_target, refuse_if_signed
 
 log = logging.getLogger(__name__)
@@ -188,6 +188,33 @@ def apply_rejection(pacs: Pacs, storage_key: str, make_event: Callable[[], Event
         log.info("%s: %d instances withdrawn (%d listed not stored)", result.reason, result.deleted,
                  result.not_found)
     return result
+
+
+def notes_listing_kept(pacs: Pacs, study_uid: str) -> set[str]:
+    """The SOP Instance UIDs of the rejection notes stored in *study_uid* that
+    list an instance the archive keeps: its rejection lifted (and the image
+    sent again), or a note not applied (a sender that may not reject, a
+    signed report). An export leaves them out: the receiver, knowing no
+    lift, would withdraw the image there (IHE IOCM has every archive apply
+    a note it receives; `pacs import` does)."""
+    with pacs.engine.connect() as conn:
+        notes = conn.execute(
+            select(instances_t.c.sop_uid, instances_t.c.storage_key)
+            .join(series_t, series_t.c.pk == instances_t.c.series_pk)
+            .join(studies_t, studies_t.c.pk == series_t.c.study_pk)
+            .where(studies_t.c.study_uid == study_uid, instances_t.c.sop_class_uid == KOS_CLASS)).all()
+    found: set[str] = set()
+    for note in notes:
+        with pacs.store.local_path(note.storage_key) as path:
+            ds = dcmread(path, stop_before_pixels=True)
+        if rejection_title(ds) is None:
+            continue
+        sops = sorted({sop for sops in listed(ds)[0].values() for sop in sops})
+        with pacs.engine.connect() as conn:
+            if any(conn.execute(select(instances_t.c.sop_uid).where(instances_t.c.sop_uid.in_(batch)).limit(1))
+                   .first() for batch in batched(sops)):
+                found.add(str(note.sop_uid))
+    return found
 
 
 # What a sender is told of a note stored but not applied (a C-STORE's Error Comment keeps 64 characters).

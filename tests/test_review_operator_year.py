@@ -184,3 +184,28 @@ def test_reindex_names_the_patient_corrections_and_share_links_it_cannot_rebuild
     assert json.loads(server.cli("patient", "show", "BN77001", "--json").stdout)["studies"] == 1
     said = " ".join(rebuilt["warnings"])
     assert "patient corrections" in said and "move-study" in said and "share links" in said, said
+
+
+def test_a_lifted_rejection_note_stays_off_the_patients_cd(tmp_path: Path) -> None:
+    """An image withdrawn by mistake was let in again (`pacs rejections
+    lift`, the modality sent it again) and reported on. The patient's CD
+    carried the stale rejection note with it: the other hospital's PACS
+    (here `pacs import`, as IHE IOCM has every archive do) withdrew the image
+    on import. A note listing an image the archive keeps is left out of an
+    export, and said so in its warnings."""
+    server = PacsServer(tmp_path / "data", Backend("sqlite", None, None, {}))
+    files = _files(tmp_path, 3)
+    server.cli("import", *map(str, files))
+    server.cli("rejections", "reject", "--study", STUDY, f"{SERIES}.0", "--reason", "nhầm", "--yes")
+    server.cli("rejections", "lift", f"{SERIES}.0", "--reason", "ảnh đúng, từ chối nhầm", "--yes")
+    assert json.loads(server.cli("import", str(files[0]), "--json").stdout)["stored"] == 1
+
+    exported = json.loads(server.cli("export", STUDY, "--out", str(tmp_path / "cd"), "--media", "--json").stdout)
+    assert exported["instances"] == 3, exported
+    assert [w["detail"] for w in exported["warnings"]["items"]] == [
+        "rejection note left out: it lists images this archive keeps (a rejection lifted, or a note not applied); "
+        "the receiver would withdraw them"], exported
+    other = PacsServer(tmp_path / "other", Backend("sqlite", None, None, {}))
+    imported = json.loads(other.cli("import", str(tmp_path / "cd" / "DICOMDIR"), "--json").stdout)
+    assert (imported["stored"], imported["withdrawn"]) == (3, 0), imported
+    assert _indexed_sops(other) == {f"{SERIES}.{n}" for n in range(3)}

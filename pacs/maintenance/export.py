@@ -502,6 +502,11 @@ def export_studies(
 StudyAudit = Callable[[str, str, "_Counts", str], None]
 
 
+# Why a rejection note is not in an export (pacs.rejections.notes_listing_kept).
+STALE_NOTE = ("rejection note left out: it lists images this archive keeps (a rejection lifted, or a note not "
+              "applied); the receiver would withdraw them")
+
+
 def _export_all(
     pacs: Pacs,
     study_uids: list[str],
@@ -521,6 +526,7 @@ def _export_all(
     as it is written, :func:`.media.media_zip`). *strict*: an object that
     cannot be exported stops the export (a download must not end as if
     complete without it) instead of being listed in the report."""
+    from ..rejections import notes_listing_kept  # pacs.rejections imports this package
     from .media import export_media_item
 
     for study_uid in study_uids:
@@ -535,9 +541,13 @@ def _export_all(
         listed: set[str] = set()  # the files of the study this run writes or keeps
         stopped = ""  # why the study ended early, when it did
         try:
+            stale_notes = notes_listing_kept(pacs, study_uid)
             # Paged from the index: a study of any size is never listed whole.
             for item in pacs.reader.iter_stored(study_uid):
                 progress.advance()
+                if item.sop_uid in stale_notes:
+                    report.warnings.add({"sop_uid": item.sop_uid, "detail": STALE_NOTE})
+                    continue
                 try:
                     if layout is not None:
                         yield from export_media_item(pacs, item, sink, layout, deid, overrides, report,
