@@ -193,6 +193,11 @@ _INDEX_TABLES = {"alembic_version", "patients", "studies", "series", "instances"
 
 
 def _check_sqlite_backup(backup: Path) -> sqlite3.Connection:
+    with backup.open("rb") as head:
+        if head.read(5) == b"PGDMP":
+            raise BackupError(f"{backup} is a backup of a PostgreSQL index (pg_dump): restore it into a "
+                              "PostgreSQL index (--index-url postgresql://...), then `pacs db copy --to "
+                              "sqlite:///PATH` makes a SQLite index of it; the current index is left as it is")
     try:
         source = sqlite3.connect(f"file:{backup.absolute()}?mode=ro", uri=True)
         tables = {row[0] for row in source.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -283,9 +288,11 @@ def restore_index(index_url: str, backup: Path, keep_dir: Path | None = None) ->
             magic = head.read(16)
         if not magic.startswith(b"PGDMP"):
             kind_of = "a SQLite index backup" if magic.startswith(b"SQLite format 3") else "not a pg_dump archive"
+            # Not `pacs reindex`: it rebuilds studies only (no orders, reports, users, audit trail).
             raise BackupError(f"{backup} is {kind_of}: a PostgreSQL index is restored from a `pacs backup` "
-                              "of a PostgreSQL index (moving a SQLite index to PostgreSQL: `pacs reindex` into "
-                              "the new database rebuilds studies from the objects, not orders, reports or users)")
+                              "of a PostgreSQL index; to bring a SQLite backup here whole, restore it into a "
+                              "SQLite index (--index-url sqlite:///PATH) and copy that with `pacs db copy --to "
+                              "URL` into an empty database")
         _refuse_newer(backup, _pg_backup_revision(index_url, backup))
         _refuse_other_sessions(index_url)
         if keep_dir is not None:

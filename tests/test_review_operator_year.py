@@ -209,3 +209,27 @@ def test_a_lifted_rejection_note_stays_off_the_patients_cd(tmp_path: Path) -> No
     imported = json.loads(other.cli("import", str(tmp_path / "cd" / "DICOMDIR"), "--json").stdout)
     assert (imported["stored"], imported["withdrawn"]) == (3, 0), imported
     assert _indexed_sops(other) == {f"{SERIES}.{n}" for n in range(3)}
+
+
+def test_a_backup_of_the_other_kind_of_index_points_to_db_copy(tmp_path: Path, pg_url: str) -> None:
+    """The index was copied to PostgreSQL (`pacs db copy --switch`) and the
+    IT person restores last month's SQLite backup: refused, rightly, but the
+    advice was `pacs reindex` into the new database, which loses orders,
+    reports, users and the audit trail. It names the whole way: restore into
+    a SQLite index, then `pacs db copy`. A PostgreSQL dump given to a SQLite
+    index is named as one too (it was "file is not a database")."""
+    sqlite_server = PacsServer(tmp_path / "data", Backend("sqlite", None, None, {}))
+    sqlite_server.cli("import", *map(str, _files(tmp_path, 1)))
+    sqlite_backup = tmp_path / "sqlite.bak"
+    sqlite_server.cli("backup", "--out", str(sqlite_backup))
+    pg_server = PacsServer(tmp_path / "data", Backend("pg", pg_url, None, {}))
+    pg_server.cli("import", *map(str, _files(tmp_path, 1)))
+    pg_backup = tmp_path / "pg.bak"
+    pg_server.cli("backup", "--out", str(pg_backup))
+
+    into_pg = pg_server.cli("restore", str(sqlite_backup), "--yes", check=False)
+    assert into_pg.returncode == 1 and "pacs db copy" in into_pg.stderr and "reindex" not in into_pg.stderr, (
+        into_pg.stderr)
+    into_sqlite = sqlite_server.cli("restore", str(pg_backup), "--yes", check=False)
+    assert into_sqlite.returncode == 1 and "PostgreSQL" in into_sqlite.stderr, into_sqlite.stderr
+    assert "pacs db copy" in into_sqlite.stderr, into_sqlite.stderr
