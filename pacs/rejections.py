@@ -205,8 +205,12 @@ def notes_listing_kept(pacs: Pacs, study_uid: str) -> set[str]:
             .where(studies_t.c.study_uid == study_uid, instances_t.c.sop_class_uid == KOS_CLASS)).all()
     found: set[str] = set()
     for note in notes:
-        with pacs.store.local_path(note.storage_key) as path:
-            ds = dcmread(path, stop_before_pixels=True)
+        try:
+            with pacs.store.local_path(note.storage_key) as path:
+                ds = dcmread(path, stop_before_pixels=True)
+        except Exception as exc:  # missing or unreadable: the export reports it as it writes the object
+            log.warning("cannot read key object %s: %s", note.sop_uid, exc)
+            continue
         if rejection_title(ds) is None:
             continue
         sops = sorted({sop for sops in listed(ds)[0].values() for sop in sops})

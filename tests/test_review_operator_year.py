@@ -210,6 +210,18 @@ def test_a_lifted_rejection_note_stays_off_the_patients_cd(tmp_path: Path) -> No
     assert (imported["stored"], imported["withdrawn"]) == (3, 0), imported
     assert _indexed_sops(other) == {f"{SERIES}.{n}" for n in range(3)}
 
+    # The note's object lost from the store: the export goes on, the note failed as any missing object.
+    note = exported["warnings"]["items"][0]["sop_uid"]
+    core = server.core()
+    try:
+        core.store.delete(next(i.storage_key for i in core.reader.iter_stored(STUDY) if i.sop_uid == note))
+    finally:
+        core.close()
+    again = server.cli("export", STUDY, "--out", str(tmp_path / "again.zip"), "--json", check=False)
+    report = json.loads(again.stdout)
+    assert again.returncode == 1 and report["instances"] == 3, report
+    assert [f["sop_uid"] for f in report["failed"]["items"]] == [note], report
+
 
 def test_a_backup_of_the_other_kind_of_index_points_to_db_copy(tmp_path: Path, pg_url: str) -> None:
     """The index was copied to PostgreSQL (`pacs db copy --switch`) and the
