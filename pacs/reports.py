@@ -502,7 +502,11 @@ class ReportService:
                        number == _PDF_SERIES + version if version is not None else number > _PDF_SERIES)
                 .order_by(number.desc(), instances_t.c.received_at.desc())).all()
         for row in candidates:
-            ds = dcmread(io.BytesIO(self.pacs.store.read_bytes(row.storage_key)))
+            try:
+                ds = dcmread(io.BytesIO(self.pacs.store.read_bytes(row.storage_key)))
+            except Exception as exc:  # a missing or unreadable object (pacs verify says which): not one to verify
+                log.warning("report PDF %s of %s cannot be read: %s", row.sop_uid, study_uid, exc)
+                continue
             if str(ds.get("Manufacturer", "")) != "filmless-pacs" or "EncapsulatedDocument" not in ds:
                 continue
             data = bytes(ds.EncapsulatedDocument)

@@ -120,6 +120,14 @@ def test_a_signed_report_still_verifies_after_the_index_is_rebuilt(tmp_path: Pat
         assert (after["version"], after["signed"], after["intact"], after["trusted"]) == (1, True, True, True), after
         assert after["pdf_sop_uid"] == before["pdf_sop_uid"] and SIGNER_CN in after["signed_by"], after
     assert server.cli("report", "verify", STUDY, "--version", "2", check=False).returncode == 1
+    core = server.core()
+    try:  # the PDF's object lost too: nothing to verify, said so
+        core.store.delete(next(i.storage_key for i in core.reader.iter_stored(STUDY)
+                               if i.sop_uid == before["pdf_sop_uid"]))
+    finally:
+        core.close()
+    lost = server.cli("report", "verify", STUDY, check=False)
+    assert lost.returncode == 1 and "no signed report" in lost.stderr, lost.stdout + lost.stderr
 
 
 def _set_revision(url: str, revision: str) -> None:
