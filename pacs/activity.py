@@ -208,8 +208,17 @@ class Activity:
         buffer.write("\ufeff")
         writer = csv.writer(buffer, lineterminator="\r\n")
         writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerows([[_cell(v) for v in row] for row in rows])
         return buffer.getvalue()
+
+
+# A text cell Excel would run as a formula (a name, an AE title or a
+# procedure the HIS sent, "=HYPERLINK(...)"): written as text instead.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: Any) -> Any:
+    return "'" + value if isinstance(value, str) and value.startswith(_FORMULA_START) else value
 
 
 TABLES = ("exams", "days", "procedures", "reads", "turnaround", "waiting")

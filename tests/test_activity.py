@@ -19,7 +19,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from pydicom.uid import generate_uid
 
-from pacs.activity import Period, PeriodError, examination_modality
+from pacs.activity import Activity, Period, PeriodError, ProcedureRow, examination_modality
 
 from .conftest import Backend, PacsServer
 from .dicomfiles import make_ct
@@ -62,6 +62,12 @@ def test_periods_and_modalities() -> None:
     assert examination_modality(["PT", "CT", "KO"]) == "CT/PT"
     assert examination_modality(["SR"]) == "SR"
     assert examination_modality([""]) == "OT"
+    # A name or procedure a sender chose is never a formula in Excel.
+    found = Activity(today, today, procedures=[ProcedureRow("CT", "=1+1", '=HYPERLINK("http://x")', 2),
+                                               ProcedureRow("MR", "", "Cộng hưởng từ sọ não", 1)])
+    rows = list(csv.reader(io.StringIO(found.csv("procedures").lstrip("\ufeff"))))
+    assert rows == [["modality", "code", "procedure", "studies"], ["CT", "'=1+1", '\'=HYPERLINK("http://x")', "2"],
+                    ["MR", "", "Cộng hưởng từ sọ não", "1"]]
 
 
 @pytest.fixture
