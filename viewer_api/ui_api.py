@@ -18,8 +18,8 @@ from pacs.audit import Event, patient_cx
 from pacs.auth import ROLES, SESSION_HOURS, AuthError, LoginThrottled, Principal
 from pacs.header import valid_uid
 from pacs.report_signature import needs_radiologist
-from pacs.errors import RefusedRequest
-from pacs.reports import ReportService
+from pacs.critical_results import CriticalError
+from pacs.reports import ReportError, ReportService
 from pacs.priority import FILTERS as PRIORITY_FILTERS
 from pacs.reading_claims import claim_of
 from pacs.signing_keys import PinLocked, SigningKeyError, WrongPin
@@ -333,7 +333,9 @@ def _reports(request: Request) -> ReportService:
 def _report_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     try:
         return fn(*args, **kwargs)
-    except RefusedRequest as exc:  # ReportError, a critical result's (CriticalError)
+    # Not every RefusedRequest: a signing key's refusals (PinLocked, WrongPin)
+    # are answered by the sign route itself (Retry-After, the audit).
+    except (ReportError, CriticalError) as exc:
         raise HTTPProblem(exc.http_status, str(exc)) from None
 
 
