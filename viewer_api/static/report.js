@@ -11,6 +11,7 @@ import { formatDateTime, formatPN, h, readSession, toast, writeSession } from ".
 
 // Only radiologists write and sign reports (the server enforces it too).
 const EDITOR_ROLES = new Set(["radiologist"]);
+const ACKNOWLEDGER_ROLES = new Set(["radiologist", "admin", "referring", "emr", "his"]);
 export const UNSAVED_PREFIX = "pacs.unsaved.";
 
 /** Forget every unsaved report text of this tab (explicit logout). */
@@ -27,6 +28,8 @@ export class ReportPanel {
     this.studyUid = studyUid;
     this.base = `/api/studies/${encodeURIComponent(studyUid)}/report`;
     this.canEdit = Boolean(user && EDITOR_ROLES.has(user.role));
+    // Who records that a critical result was passed on (the server checks it too).
+    this.canAcknowledge = Boolean(user && ACKNOWLEDGER_ROLES.has(user.role));
     this.username = user ? user.username : "";
     // Unsaved text survives a lost session (re-login comes back here) in this
     // tab's sessionStorage, for this user only; an explicit logout clears it.
@@ -68,6 +71,8 @@ export class ReportPanel {
     this.criticalBox = h("div#report-critical-box.report-critical", { hidden: true },
       h("label", this.criticalCheck, " ", h("span", { "data-i18n": "critical_flag" })), this.criticalNote);
     this.criticalBadge = h("span#report-critical-badge.badge.critical-badge", { hidden: true });
+    this.ackButton = h("button#critical-ack.btn.small", { type: "button", "data-i18n": "critical_ack", hidden: true,
+      onclick: () => this.acknowledge() });
     this.saveButton = h("button#save-report.btn", { type: "button", "data-i18n": "save_report", "data-i18n-title": "shortcuts_report", hidden: true, onclick: () => this.save() });
     this.signButton = h("button#sign-report.btn.primary", { type: "button", "data-i18n": "sign_report", hidden: true, onclick: () => this.sign() });
     this.amendButton = h("button#amend-report.btn", { type: "button", "data-i18n": "amend_report", hidden: true, onclick: () => this.amend() });
@@ -81,7 +86,7 @@ export class ReportPanel {
     this.element = h(
       "section#report-panel.report-panel",
       h("div.report-head", h("h2", { "data-i18n": "report" }), this.status, this.version, this.dirtyMark, this.sigBadge,
-        this.criticalBadge),
+        this.criticalBadge, this.ackButton),
       this.error,
       this.notice,
       this.mineBox,
@@ -295,6 +300,7 @@ export class ReportPanel {
     this.criticalBadge.title = !critical ? "" : [critical.note,
       critical.acknowledged_at ? t("critical_told", { who: critical.acknowledged_by, how: critical.acknowledgement })
         : t("critical_open")].filter(Boolean).join(" — ");
+    this.ackButton.hidden = !(critical && !critical.acknowledged_at && this.canAcknowledge);
     this.amendButton.hidden = !this.canEdit || !signed;
     this.pdfLink.hidden = !signed;
     // Templates are for writing: a signed report is amended first.
@@ -490,6 +496,25 @@ export class ReportPanel {
       await this.accept(await api("POST", `${this.base}/sign`, { json: body }));
     }, { lockText: true });
     if (ok) toast(t("signed_ok"));
+  }
+
+  /** Record who was told of the critical result, and how (POST .../critical/ack). */
+  async acknowledge() {
+    const told = (prompt(t("critical_ack_prompt")) || "").trim();
+    if (!told) return;
+    // Not this.run(): its 409 is a colleague's save of the text; here it is
+    // someone who acknowledged first, whose record the redraw shows.
+    try {
+      await api("POST", `${this.base}/critical/ack`, { json: { acknowledgement: told } });
+      toast(t("critical_acked"));
+    } catch (exc) {
+      toast(exc && exc.message ? exc.message : String(exc), "error");
+    }
+    try {
+      await this.accept(null);
+    } catch {
+      /* the badge keeps what it showed */
+    }
   }
 
   async amend() {
