@@ -309,7 +309,9 @@ class OutboundSender(Periodic):
             backoff = min(self.pacs.settings.his_retry_max_seconds,
                           self.pacs.settings.his_retry_seconds * 2.0 ** min(message.attempts, 6))
             try:
-                payload = self._render(message)
+                # Read once: what is sent is what the audit names (not the index a moment later).
+                sent = self._as_sent(message)
+                payload = self._render(message, sent)
             except Exception as exc:  # a payload this version cannot render: retried, never dropped
                 log.exception("message %d cannot be rendered; retried in %.0fs", message.pk, backoff)
                 outbox.mark_failed(engine, message, f"cannot render: {exc}", dead=False, retry_in=backoff)
@@ -350,14 +352,15 @@ class OutboundSender(Periodic):
                 if outbox.mark_failed(engine, message,
                                       f"HIS answered {code} {error} ({UNSUPPORTED[error]}): {text}; not sent again",
                                       dead=True, retry_in=backoff):
-                    self._audit(message, "failure", f"HIS answered {code} {error} ({UNSUPPORTED[error]}): parked dead")
+                    self._audit(message, sent, "failure",
+                                f"HIS answered {code} {error} ({UNSUPPORTED[error]}): parked dead")
                 log.warning("HIS refused message %d (%s %s, %s): parked dead, the messages after it go on; "
                             "pacs outbox retry sends it again", message.pk, code, error, UNSUPPORTED[error])
                 continue
             if code in ("AA", "CA"):
                 superseded = outbox.mark_sent(engine, message)
                 if superseded is not None:  # None: another sender recorded (and audited) it
-                    self._audit(message, "success", f"HIS answered {code}")
+                    self._audit(message, sent, "success", f"HIS answered {code}")
                 if superseded:
                     log.info("message %d superseded %d dead message(s) of %s", message.pk, superseded, message.key)
                 delivered += 1
@@ -374,7 +377,7 @@ class OutboundSender(Periodic):
                     dead=dead, retry_in=backoff,
                 )
                 if dead and parked:
-                    self._audit(message, "failure", f"HIS answered {code} {MAX_ERROR_ANSWERS} times: parked dead")
+                    self._audit(message, sent, "failure", f"HIS answered {code} {MAX_ERROR_ANSWERS} times: parked dead")
                 log.warning("HIS refused message %d (%s %s)%s", message.pk, code, text,
                             "; parked dead: pacs outbox retry sends it again" if dead else "")
             else:
@@ -386,12 +389,12 @@ class OutboundSender(Periodic):
                 log.warning("HIS rejected message %d (%s %s); retried in %.0fs", message.pk, code, text, backoff)
         return delivered, True
 
-    def _audit(self, message: outbox.Message, outcome: str, result: str) -> None:
+    def _audit(self, message: outbox.Message, data: dict[str, Any], outcome: str, result: str) -> None:
         """Audit what a message disclosed to the HIS, once: when it was
         delivered (the HIS acknowledged it), or when it went dead (not
-        each try): the patient and study it names, what it carried, where
-        it went. Like a routed study's ``export`` (PS3.15 A.5.3.3)."""
-        data = self._as_sent(message)  # the patient the message named as it went
+        each try): the patient and study it names (*data*, the message as
+        sent: :meth:`_as_sent`), what it carried, where it went. Like a
+        routed study's ``export`` (PS3.15 A.5.3.3)."""
         order = data.get("order") or {}
         if message.kind == "report":
             what = f"ORU^R01 report ({data.get('status', 'final')}, signed by {data.get('signed_by', '')})"
@@ -429,8 +432,8 @@ class OutboundSender(Periodic):
             facts = {}
         return {**data, **facts, "order": {**(data.get("order") or {}), **patient}}
 
-    def _render(self, message: outbox.Message) -> bytes:
-        data = self._as_sent(message)
+    def _render(self, message: outbox.Message, data: dict[str, Any]) -> bytes:
+        """The HL7 bytes of *message* as sent (*data*: :meth:`_as_sent`)."""
         # MSH-10 chosen when the message was queued (every resend repeats it);
         # messages queued before that carry none and keep the one of their pk.
         control = str(data.get("control_id") or control_id(message.pk))
