@@ -39,7 +39,9 @@ from typing import Any
 from sqlalchemy import Engine, Table, select
 
 from .index.models import CriticalResult, Instance, Order, Report, Series, Study, StudyOrderLink, User
+from .maintenance.common import batched
 from .query import READABLE
+from .reports import NOT_PROCEDURE
 
 studies_t: Table = Study.__table__  # type: ignore[assignment]
 series_t: Table = Series.__table__  # type: ignore[assignment]
@@ -52,12 +54,7 @@ critical_t: Table = CriticalResult.__table__  # type: ignore[assignment]
 
 # A year and a day: a yearly report (báo cáo năm) of a leap year.
 MAX_DAYS = 366
-# Modalities of objects made about the images, not of an examination.
-# (DOC: the signed report's PDF stored into the study.)
-_NOT_EXAMINATIONS = {"KO", "PR", "SR", "DOC"}
 _URGENT = {"STAT", "HIGH"}
-# Studies looked up per query (an IN list within every database's limits).
-_BATCH = 500
 
 
 class PeriodError(ValueError):
@@ -232,7 +229,7 @@ def examination_modality(modalities: Iterable[str]) -> str:
     "CT/PT" of both), else what it holds ("SR" of a dose report alone),
     "OT" for nothing."""
     named = {m.strip().upper() for m in modalities if m and m.strip()}
-    imaging = named - _NOT_EXAMINATIONS
+    imaging = named - NOT_PROCEDURE
     return "/".join(sorted(imaging or named)) or "OT"
 
 
@@ -310,12 +307,12 @@ def _stations(engine: Engine, found: list[_Study]) -> None:
     first_instance = (select(instances_t.c.calling_ae).where(instances_t.c.series_pk == series_t.c.pk)
                       .limit(1).scalar_subquery())
     with engine.connect() as conn:
-        for start in range(0, len(found), _BATCH):
-            batch = {s.pk: s for s in found[start:start + _BATCH]}
+        for chunk in batched(found):  # an IN list within every database's limits
+            batch = {s.pk: s for s in chunk}
             stations: dict[int, tuple[bool, str]] = {}
             for row in conn.execute(select(series_t.c.study_pk, series_t.c.modality, first_instance.label("ae"))
                                     .where(series_t.c.study_pk.in_(list(batch))).order_by(series_t.c.pk)):
-                imaging = (row.modality or "").upper() not in _NOT_EXAMINATIONS
+                imaging = (row.modality or "").upper() not in NOT_PROCEDURE
                 known = stations.get(row.study_pk)
                 if known is None or (imaging and not known[0]):
                     stations[row.study_pk] = (imaging, (row.ae or "").strip())
@@ -329,8 +326,8 @@ def _procedures(engine: Engine, found: list[_Study]) -> None:
                     orders_t.c.requested_procedure_description)
              .select_from(study_orders_t.join(orders_t, orders_t.c.pk == study_orders_t.c.order_pk)))
     with engine.connect() as conn:
-        for start in range(0, len(found), _BATCH):
-            batch = {s.pk: s for s in found[start:start + _BATCH]}
+        for chunk in batched(found):  # an IN list within every database's limits
+            batch = {s.pk: s for s in chunk}
             for row in conn.execute(query.where(study_orders_t.c.study_pk.in_(list(batch)))):
                 named = row.procedure_code_meaning or row.requested_procedure_description or ""
                 batch[row.study_pk].procedure = (row.procedure_code or "", named)

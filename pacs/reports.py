@@ -78,14 +78,14 @@ def _row_dict(row: Any) -> dict[str, Any]:
 # the report PDFs themselves (DOC), structured reports, key object
 # selections, presentation states. "Procedure CT/DOC" on an amendment's PDF
 # would name the first signature as part of the examination.
-_NOT_PROCEDURE = frozenset({"DOC", "SR", "KO", "PR"})
+NOT_PROCEDURE = frozenset({"DOC", "SR", "KO", "PR"})
 
 
 
 def procedure_modalities(modalities: str) -> str:
     """The study's modalities as the procedure performed, "/"-separated
     (CT/MR), without the documents and annotations stored alongside."""
-    return "/".join(m for m in modalities.split("\\") if m and m not in _NOT_PROCEDURE)
+    return "/".join(m for m in modalities.split("\\") if m and m not in NOT_PROCEDURE)
 
 
 def _check_text(findings: str, impression: str) -> None:
