@@ -52,8 +52,8 @@ def cmd_activity(args: argparse.Namespace) -> int:
         totals = found.totals
         out.print(f"{period.first} .. {period.last}: {totals['studies']} examinations "
                   f"({totals['instances']} instances, {totals['bytes'] / 1e9:.2f} GB), {totals['reads']} reads, "
-                  f"{totals['amendments']} amendments, {totals['waiting']} waiting, {totals['critical']} critical results "
-                  f"({totals['critical_open']} not acknowledged)")
+                  f"{totals['amendments']} amendments, {totals['waiting']} waiting, "
+                  f"{totals['critical']} critical results ({totals['critical_open']} not acknowledged)")
         for name, title in (("exams", "examinations (ca chụp) per modality and machine"),
                             ("procedures", "examinations per ordered procedure (dịch vụ kỹ thuật; empty: no order)"),
                             ("reads", "reads (ca đọc) per radiologist"),

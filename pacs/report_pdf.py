@@ -257,8 +257,8 @@ def render(content: ReportContent) -> bytes:
     pdf.cell(0, 8, title, new_x="LMARGIN", new_y="NEXT", align="C")
     if content.critical is not None:
         pdf.set_text_color(180, 0, 0)
-        pdf.multi_cell(0, 6, "KẾT QUẢ NGUY KỊCH / CRITICAL RESULT" + (f": {content.critical}" if content.critical else ""),
-                       align="C", new_x="LMARGIN", new_y="NEXT")
+        flagged = "KẾT QUẢ NGUY KỊCH / CRITICAL RESULT" + (f": {content.critical}" if content.critical else "")
+        pdf.multi_cell(0, 6, flagged, align="C", new_x="LMARGIN", new_y="NEXT")
         pdf.set_text_color(0, 0, 0)
     pdf.ln(2)
     pdf.set_font("body", size=10)

@@ -168,7 +168,7 @@ def test_the_radiologist_flags_a_critical_result_in_the_viewer(page: Any, viewer
         (study, "Thủng tạng rỗng, báo ngoại khoa", USERNAME)]
     # The radiologist phones the surgeon and records it.
     told = "BS. Hải, khoa Ngoại, qua điện thoại"
-    asked = answering_with(page, told)
+    asked = answering(page, text=told)
     page.click("#critical-ack")
     expect(page.locator("#critical-ack")).to_be_hidden()
     expect(badge).to_have_attribute("title", f"Thủng tạng rỗng, báo ngoại khoa — đã báo: {told} ({USERNAME})")
@@ -177,14 +177,3 @@ def test_the_radiologist_flags_a_critical_result_in_the_viewer(page: Any, viewer
         assert admin.get("/api/critical").json()["total"] == 0
     assert not page.errors, page.errors
 
-
-def answering_with(page: Any, text: str) -> list[str]:
-    """The messages of the page's next prompt, answered with *text*."""
-    asked: list[str] = []
-
-    def answer(dialog: Any) -> None:
-        asked.append(dialog.message)
-        dialog.accept(text)
-
-    page.once("dialog", answer)
-    return asked

@@ -357,13 +357,14 @@ def radiologist_server(work: Path) -> Iterator[PacsServer]:
         server.stop()
 
 
-def answering(page: Any, accept: bool = True) -> list[str]:
-    """The messages of the page's next dialog, which is accepted (or dismissed)."""
+def answering(page: Any, accept: bool = True, text: str | None = None) -> list[str]:
+    """The messages of the page's next dialog, which is accepted (a prompt
+    answered with *text*) or dismissed."""
     asked: list[str] = []
 
     def answer(dialog: Any) -> None:
         asked.append(dialog.message)
-        dialog.accept() if accept else dialog.dismiss()
+        dialog.accept(text) if accept else dialog.dismiss()
 
     page.once("dialog", answer)
     return asked

@@ -62,15 +62,13 @@ _MAX_OFFSET = 2**31 - 1
 # a series of another modality decides (looked up only for such studies).
 _LEFTOVERS = ("KO", "PR", "SR")
 _LEFT = ["\\".join(kept) for kept in (("KO",), ("KO", "PR"), ("KO", "SR"), ("KO", "PR", "SR"))]
-# The series test is a scalar subquery with LIMIT 1, not EXISTS: PostgreSQL
-# made that a hashed subplan, reading the whole series table once a
-# withdrawn study was met (65-95 ms a newest-first page at 100,000 studies).
-# (An alias of series: a series or instance search has series in its own FROM.)
-
-
 def _readable(study: Any, study_series: Any) -> Any:
     """The condition that *study* (the studies table or an alias) is not
-    withdrawn, its series looked up through the alias *study_series*."""
+    withdrawn, its series looked up through the alias *study_series* (a
+    series or instance search has series in its own FROM)."""
+    # The series test is a scalar subquery with LIMIT 1, not EXISTS: PostgreSQL
+    # made that a hashed subplan, reading the whole series table once a
+    # withdrawn study was met (65-95 ms a newest-first page at 100,000 studies).
     return or_(study.c.modalities.not_in(_LEFT),
                select(study_series.c.pk)
                .where(study_series.c.study_pk == study.c.pk, study_series.c.modality.not_in(_LEFTOVERS))
@@ -87,10 +85,9 @@ _PATIENT_READABLE = _readable(_PATIENT_STUDIES, series.alias("patient_study_seri
 # A patient-level search (C-FIND; FHIR Patient, viewer_api.fhir) leaves out a
 # patient all of whose studies were withdrawn (the wrong patient's images sent
 # under their ID, then rejected): listed, their record showed studies that have
-# nothing to read. A patient
-# without studies (registered by the HIS) stays. LIMIT 1 scalar subqueries
-# again: as EXISTS, PostgreSQL hashed them, reading every study (4.7 -> 135 ms
-# a page of 100 patients at 100,000 studies).
+# nothing to read. A patient without studies (registered by the HIS) stays.
+# LIMIT 1 scalar subqueries again: as EXISTS, PostgreSQL hashed them, reading
+# every study (4.7 -> 135 ms a page of 100 patients at 100,000 studies).
 PATIENT_SHOWN = or_(select(_PATIENT_STUDIES.c.pk)
                     .where(_PATIENT_STUDIES.c.patient_pk == patients.c.pk, _PATIENT_READABLE)
                     .limit(1).scalar_subquery().is_not(None),
@@ -128,11 +125,11 @@ class Query:
     # Studies holding nothing but Key Object Selections (every image
     # withdrawn by a rejection note, see READABLE), their series and
     # instances, and a patient who has nothing else (PATIENT_SHOWN; the
-    # per-patient counts likewise). None: left out of a search, as dcm4chee's default view
-    # leaves rejected objects out (the wrong patient's history listed an
-    # empty study), unless the search names the study or the notes' modality
-    # (_shows_withdrawn); False: always left out; True: always in (a
-    # retrieve, pacs.retrieve).
+    # per-patient counts likewise). None: left out of a search, as
+    # dcm4chee's default view leaves rejected objects out (the wrong
+    # patient's history listed an empty study), unless the search names the
+    # study or the notes' modality (_shows_withdrawn); False: always left
+    # out; True: always in (a retrieve, pacs.retrieve).
     withdrawn: bool | None = None
 
     @property

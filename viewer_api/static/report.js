@@ -67,7 +67,8 @@ export class ReportPanel {
     this.meta = h("div#report-meta.report-meta");
     // A critical result (kết quả nguy kịch), flagged with the signature; once signed, its badge and who was told.
     this.criticalCheck = h("input#report-critical", { type: "checkbox" });
-    this.criticalNote = h("input#report-critical-note", { type: "text", maxlength: "500", "data-i18n-placeholder": "critical_note_ph" });
+    this.criticalNote = h("input#report-critical-note",
+      { type: "text", maxlength: "500", "data-i18n-placeholder": "critical_note_ph" });
     this.criticalBox = h("div#report-critical-box.report-critical", { hidden: true },
       h("label", this.criticalCheck, " ", h("span", { "data-i18n": "critical_flag" })), this.criticalNote);
     this.criticalBadge = h("span#report-critical-badge.badge.critical-badge", { hidden: true });
