@@ -1183,6 +1183,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_activity import register as register_activity
 
     register_activity(sub, _common)
+    from .cli_critical import register as register_critical
+
+    register_critical(sub, _common)
 
     p = sub.add_parser("db", help="index schema migrations; copy the index into another database")
     db_sub = p.add_subparsers(dest="db_command", required=True)

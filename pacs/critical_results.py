@@ -10,8 +10,10 @@ tell whether anyone read it: the result stays open until someone records
 who was told and how (:func:`acknowledge`: "BS. Lan, khoa Cấp cứu, qua điện
 thoại lúc 10:05"), as hospital quality standards ask of critical results.
 :func:`listing` gives the open ones, oldest first, for the radiologists and
-the quality staff; ``pacs activity`` counts them and the time to their
-acknowledgement.
+the quality staff (``GET /api/critical`` and ``pacs critical list``);
+:func:`open_summary` how many are open and since when (GET /metrics, for an
+alert on one left unacknowledged); ``pacs activity`` counts them and the
+time to their acknowledgement.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ patients_t: Table = Patient.__table__  # type: ignore[assignment]
 # Characters of a note or an acknowledgement (it goes into HL7 and the PDF).
 MAX_TEXT = 500
 STATES = ("open", "acknowledged", "all")
+# Open: nobody recorded yet who was told.
+OPEN = critical_t.c.acknowledged_at.is_(None)
 
 
 class CriticalError(RefusedRequest):
@@ -77,6 +81,11 @@ class Critical:
         found["acknowledged_at"] = self.acknowledged_at.isoformat() if self.acknowledged_at else None
         return found
 
+    def minutes_open(self, now: datetime) -> int:
+        """Whole minutes it stayed open: from the flag to its acknowledgement,
+        or to *now* while nobody has recorded one."""
+        return max(0, int(((self.acknowledged_at or now) - self.flagged_at).total_seconds() // 60))
+
 
 def flag(conn: Connection, study_pk: int, version: int, note: str, by: str, at: datetime) -> None:
     """Record, in the signature's transaction, that *version* holds a critical result."""
@@ -114,13 +123,21 @@ def listing(engine: Engine, state: str = "open", limit: int = 100) -> tuple[list
     first, the longest waiting on top; else newest first) and how many."""
     if state not in STATES:
         raise CriticalError(f"state must be one of {', '.join(STATES)}", 400)
-    conditions = {"open": [critical_t.c.acknowledged_at.is_(None)],
-                  "acknowledged": [critical_t.c.acknowledged_at.is_not(None)], "all": []}[state]
+    conditions = {"open": [OPEN], "acknowledged": [~OPEN], "all": []}[state]
     order = critical_t.c.flagged_at.asc() if state == "open" else critical_t.c.flagged_at.desc()
     with engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(critical_t).where(*conditions)).scalar_one()
         rows = conn.execute(_query().where(*conditions).order_by(order, critical_t.c.pk).limit(limit)).all()
     return [_critical(r) for r in rows], int(total)
+
+
+def open_summary(conn: Connection) -> tuple[int, datetime | None]:
+    """How many critical results are open, and when the oldest of them was
+    flagged (None when none is): one read of the (small) table, for the
+    figures of GET /metrics."""
+    # min() keeps the column's type: the instant comes back aware (UTC) on SQLite too.
+    count, oldest = conn.execute(select(func.count(), func.min(critical_t.c.flagged_at)).where(OPEN)).one()
+    return int(count), oldest
 
 
 def acknowledge(engine: Engine, study_uid: str, by: str, acknowledgement: str) -> Critical:

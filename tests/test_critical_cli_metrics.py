@@ -93,8 +93,8 @@ def test_critical_list_and_metrics_follow_flags_and_acknowledgements(hospital: P
     assert listed["state"] == "open" and listed["total"] == 2
     assert [c["study_uid"] for c in listed["critical"]] == [studies["CRIT-A"], studies["CRIT-B"]]
     first = listed["critical"][0]
-    assert (first["accession"], first["patient_id"], first["patient_name"], first["modalities"]) == (
-        "CRIT-A", "CR-CRIT-A", "Nguyễn^Văn An", "CT")
+    assert (first["accession"], first["patient_id"], first["patient_name"]) == ("CRIT-A", "CR-CRIT-A", "Nguyễn^Văn An")
+    assert first["modalities"] == "CT\\DOC"  # as the API gives it: the signed PDF is stored in the study
     assert (first["flagged_by"], first["note"], first["version"]) == ("bs.minh", NOTES["CRIT-A"], 1)
     assert first["acknowledged_at"] is None and first["acknowledged_by"] == "" and first["acknowledgement"] == ""
     assert all(isinstance(c["minutes_open"], int) and c["minutes_open"] >= 0 for c in listed["critical"])
@@ -108,7 +108,8 @@ def test_critical_list_and_metrics_follow_flags_and_acknowledgements(hospital: P
     assert text.index("CRIT-A") < text.index("CRIT-B")  # oldest first
     for accession in ("CRIT-A", "CRIT-B"):
         assert studies[accession] in text and f"CR-{accession}" in text and NOTES[accession] in text
-    assert "Nguyễn^Văn An" in text and "signed by bs.minh" in text and "min open" in text
+    assert "Nguyễn^Văn An  CT  " in text and "signed by bs.minh" in text and "min open" in text
+    assert "DOC" not in text  # the examination's modality, not the report's PDF
     assert "NORM-C" not in text and studies["NORM-C"] not in text
 
     signed = scrape(server, monitor)

@@ -6,19 +6,22 @@ Each query is chosen to stay cheap on a large archive: the archive's size
 comes from the study and series counters the triggers keep (as `pacs
 stats`), the queues from their unfinished rows only (through the state
 index: done routing jobs and sent messages, kept for weeks, are not
-counted), the last arrival from the received-time index. Nothing here
-names a patient or a study: labels are modalities, AE titles, routing
-destinations (without credentials) and states.
+counted), the last arrival from the received-time index, the open
+critical results from their own small table (a few per hundred reports).
+Nothing here names a patient or a study: labels are modalities, AE titles,
+routing destinations (without credentials) and states.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
 from sqlalchemy import Connection, Engine, func, select, text
 
+from ..critical_results import open_summary
 from ..index.models import Instance, OutboundMessage, RouteJob, Series
 from ..reads import archive_counts
 from ..routing import without_userinfo
@@ -30,6 +33,10 @@ jobs_t = RouteJob.__table__
 outbox_t = OutboundMessage.__table__
 series_t = Series.__table__
 instances_t = Instance.__table__
+# The value of an age family (cached as a Unix time, see metrics.service)
+# when nothing waits: rendered as an age of 0, so that the series exists for
+# an alert while nothing waits.
+NOTHING_WAITING = math.inf
 
 
 def _epoch(moment: datetime | None) -> float | None:
@@ -71,6 +78,19 @@ def last_received_family(conn: Connection) -> Family:
     return Family("pacs_last_instance_received_timestamp_seconds", "gauge",
                   "Unix time the newest object in the archive was received (alert on time() minus it)"
                   ).add(_epoch(newest))
+
+
+def critical_families(conn: Connection) -> list[Family]:
+    """Critical results not acknowledged yet (pacs.critical_results), and
+    when the oldest of them was flagged (turned into an age when rendered;
+    0 when none is open)."""
+    count, oldest = open_summary(conn)
+    return [Family("pacs_critical_results_open", "gauge",
+                   "Critical results flagged on signed reports whose acknowledgement (who was told, how) is not "
+                   "recorded yet").add(count),
+            Family("pacs_critical_results_oldest_open_age_seconds", "gauge",
+                   "Seconds since the oldest unacknowledged critical result was flagged (0: none open)"
+                   ).add(_epoch(oldest) if oldest is not None else NOTHING_WAITING)]
 
 
 def destination_labels(key: str) -> dict[str, str]:

@@ -27,7 +27,9 @@ from ..pixel_memory import PIXELS
 from .counters import IndexCounters
 from .exposition import Family, render
 from .index_figures import (
+    NOTHING_WAITING,
     archive_families,
+    critical_families,
     index_size_family,
     last_received_family,
     outbox_families,
@@ -42,7 +44,8 @@ log = logging.getLogger(__name__)
 STATEMENT_TIMEOUT_MS = 10_000
 # An index that cannot be read is said in the log at most this often.
 _LOG_EVERY = 300.0
-_AGES = {"pacs_routing_oldest_job_age_seconds", "pacs_outbox_oldest_message_age_seconds"}
+_AGES = {"pacs_routing_oldest_job_age_seconds", "pacs_outbox_oldest_message_age_seconds",
+         "pacs_critical_results_oldest_open_age_seconds"}
 
 
 def process_start_time() -> float:
@@ -108,6 +111,7 @@ class MetricsService:
                 families.append(last_received_family(conn))
                 families += routing_families(conn)
                 families += outbox_families(conn)
+                families += critical_families(conn)
                 families.append(index_size_family(conn, self.pacs.engine))
                 self.counters.refresh(conn)
             families += self.counters.families()
@@ -188,12 +192,13 @@ class MetricsService:
 
 
 def _with_ages(families: list[Family], now: float) -> list[Family]:
-    """The age families (cached as Unix times) as seconds before *now*."""
+    """The age families (cached as Unix times) as seconds before *now*;
+    0 where nothing waits (NOTHING_WAITING)."""
     out = []
     for family in families:
         if family.name in _AGES:
             aged = Family(family.name, family.kind, family.help)
-            aged.samples = [(suffix, labels, max(0.0, round(now - value, 3)))
+            aged.samples = [(suffix, labels, 0.0 if value == NOTHING_WAITING else max(0.0, round(now - value, 3)))
                             for suffix, labels, value in family.samples]
             family = aged
         out.append(family)
