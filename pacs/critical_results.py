@@ -143,7 +143,9 @@ def open_summary(conn: Connection) -> tuple[int, datetime | None]:
 def acknowledge(engine: Engine, study_uid: str, by: str, acknowledgement: str) -> Critical:
     """Record who was told of the study's open critical result, and how:
     404 when the study has none, 409 when it was acknowledged already (the
-    first acknowledgement stands)."""
+    first acknowledgement stands). Versions flagged before it and still open
+    are acknowledged with it: whoever is told of the latest finding is told
+    of what it amends, and nothing else could ever acknowledge them."""
     said = clean_text(acknowledgement, "the acknowledgement (who was told, how)", required=True)
 
     def once(conn: Connection) -> Critical:
@@ -151,15 +153,14 @@ def acknowledge(engine: Engine, study_uid: str, by: str, acknowledgement: str) -
                             .order_by(critical_t.c.version.desc())).all()
         if not rows:
             raise CriticalError("no critical result was flagged on this study", 404)
-        latest = rows[0]
-        if latest.acknowledged_at is not None:
+        latest, still_open = rows[0], [row.pk for row in rows if row.acknowledged_at is None]
+        if not still_open:
             raise CriticalError(f"the critical result was acknowledged already by {latest.acknowledged_by} "
                                 f"at {latest.acknowledged_at.isoformat()}", 409)
         now = datetime.now(UTC)
-        done = conn.execute(update(critical_t).where(critical_t.c.pk == latest.pk,
-                                                     critical_t.c.acknowledged_at.is_(None))
+        done = conn.execute(update(critical_t).where(critical_t.c.pk.in_(still_open), OPEN)
                             .values(acknowledged_by=by, acknowledged_at=now, acknowledgement=said)).rowcount
-        if done != 1:
+        if done != len(still_open):
             raise CriticalError("the critical result was acknowledged at the same moment by someone else", 409)
         return _critical(conn.execute(_query().where(critical_t.c.pk == latest.pk)).one())
 

@@ -159,3 +159,33 @@ def test_critical_list_and_metrics_follow_flags_and_acknowledgements(hospital: P
     shown = [e for e in events if e["protocol"] == "cli" and "pacs critical list" in e["detail"]]
     assert shown and all(e["patient_id"] == "CR-CRIT-A" for e in shown)
 
+
+
+def test_an_amendment_flagged_again_is_acknowledged_with_the_first(hospital: PacsServer, tmp_path: Path) -> None:
+    """Version 1 flagged and not yet acknowledged, the amendment flagged again:
+    one acknowledgement (of the latest) closes both, or the first stayed open
+    for ever (nothing can acknowledge it) and the alert never cleared."""
+    server = hospital
+    study = _send(server, tmp_path / "amend", "CRIT-A")
+    radiologist = server.make_token("bs.minh", "radiologist", "Trần^Minh")
+    with server.http(radiologist) as rad:
+        assert rad.put(f"/api/studies/{study}/report", json={"impression": NOTES["CRIT-A"]}).status_code == 200
+        assert rad.post(f"/api/studies/{study}/report/sign",
+                        json={"critical": True, "critical_note": NOTES["CRIT-A"]}).status_code == 200
+        assert rad.post(f"/api/studies/{study}/report/amend").status_code == 200
+        assert rad.put(f"/api/studies/{study}/report", json={"impression": NOTES["CRIT-B"]}).status_code == 200
+        signed = rad.post(f"/api/studies/{study}/report/sign", json={"critical": True, "critical_note": NOTES["CRIT-B"]})
+        assert signed.status_code == 200, signed.text
+    assert [c["version"] for c in _listed(server, "open")["critical"]] == [1, 2]
+
+    emr = server.make_token("emr.bvdk", "emr")
+    with server.http(emr) as http:
+        done = http.post(f"/api/studies/{study}/report/critical/ack", json={"acknowledgement": TOLD})
+        assert done.status_code == 200, done.text
+        assert done.json()["version"] == 2
+        again = http.post(f"/api/studies/{study}/report/critical/ack", json={"acknowledgement": TOLD})
+        assert again.status_code == 409
+    assert _listed(server, "open")["total"] == 0
+    assert value(scrape(server, server.monitor), OPEN) == 0  # type: ignore[attr-defined]
+    assert {(c["version"], c["acknowledged_by"]) for c in _listed(server, "all")["critical"]} == {
+        (1, "emr.bvdk"), (2, "emr.bvdk")}
