@@ -174,7 +174,8 @@ def test_an_amendment_flagged_again_is_acknowledged_with_the_first(hospital: Pac
                         json={"critical": True, "critical_note": NOTES["CRIT-A"]}).status_code == 200
         assert rad.post(f"/api/studies/{study}/report/amend").status_code == 200
         assert rad.put(f"/api/studies/{study}/report", json={"impression": NOTES["CRIT-B"]}).status_code == 200
-        signed = rad.post(f"/api/studies/{study}/report/sign", json={"critical": True, "critical_note": NOTES["CRIT-B"]})
+        signed = rad.post(f"/api/studies/{study}/report/sign",
+                          json={"critical": True, "critical_note": NOTES["CRIT-B"]})
         assert signed.status_code == 200, signed.text
     assert [c["version"] for c in _listed(server, "open")["critical"]] == [1, 2]
 
