@@ -96,8 +96,17 @@ def postgres() -> str:
 
 @pytest.fixture
 def pg_url(postgres: str) -> Iterator[str]:
-    """A fresh, empty database for one test; dropped afterwards."""
+    """A fresh database for one test, its schema made as by a first start
+    but without rows; dropped afterwards."""
     url = create_database(postgres)
+    yield url
+    drop_database(url, postgres)
+
+
+@pytest.fixture
+def pg_empty_url(postgres: str) -> Iterator[str]:
+    """A fresh database nothing has touched (tests of the migrations); dropped afterwards."""
+    url = create_database(postgres, empty=True)
     yield url
     drop_database(url, postgres)
 

@@ -4,6 +4,7 @@ PostgreSQL databases and `pacs serve` processes. No pytest here, so
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import json
@@ -248,11 +249,72 @@ def weed_ports() -> dict[str, int]:
             return ports
 
 
-def create_database(admin_url: str = PG_ADMIN) -> str:
-    """Create a fresh, empty PostgreSQL database; return its SQLAlchemy URL."""
+_TEMPLATES: dict[str, str] = {}  # admin URL -> this process's database at the schema head
+
+
+def _schema_template(admin_url: str) -> str:
+    """This process's PostgreSQL database at the schema head, which its new
+    test databases are copies of: migrating each new database (36 Alembic
+    migrations) cost about a second, a copy costs a tenth of that. It is
+    dropped when the process exits."""
+    if admin_url not in _TEMPLATES:
+        from pacs.index import create_index_engine, upgrade_schema
+
+        name = f"pacs_template_{os.getpid()}_{uuid.uuid4().hex[:6]}"
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        engine = create_index_engine(f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}", pool_size=0)
+        try:
+            upgrade_schema(engine)
+        finally:
+            engine.dispose()  # a template with a session open cannot be copied
+        owner = os.getpid()
+
+        def drop() -> None:
+            if os.getpid() == owner:  # not in a forked child that exits normally
+                with contextlib.suppress(psycopg.Error), psycopg.connect(admin_url, autocommit=True) as conn:
+                    conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+        atexit.register(drop)
+        _TEMPLATES[admin_url] = name
+    return _TEMPLATES[admin_url]
+
+
+_SQLITE_TEMPLATE: list[Path] = []  # this process's SQLite index at the schema head
+
+
+def sqlite_schema_template() -> Path:
+    """An SQLite index at the schema head, without rows, that this process's
+    new servers start from (as from a restart): each first start spent
+    ~0.4 s migrating a new index, hundreds of times a run."""
+    if not _SQLITE_TEMPLATE:
+        import tempfile
+
+        from pacs.index import create_index_engine, upgrade_schema
+
+        folder = Path(tempfile.mkdtemp(prefix="pacs-schema-"))
+        path = folder / "index.sqlite"
+        engine = create_index_engine(f"sqlite:///{path}", pool_size=0)
+        try:
+            upgrade_schema(engine)
+        finally:
+            engine.dispose()
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # all in the main file: it is the only one copied
+        owner = os.getpid()
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+        _SQLITE_TEMPLATE.append(path)
+    return _SQLITE_TEMPLATE[0]
+
+
+def create_database(admin_url: str = PG_ADMIN, *, empty: bool = False) -> str:
+    """Create a fresh PostgreSQL database; return its SQLAlchemy URL. It
+    holds the index schema without rows, as after a first start, unless
+    *empty* (a database nothing has touched: a migration's or a copy's target)."""
     name = f"pacs_test_{uuid.uuid4().hex[:12]}"
+    template = "" if empty else f' TEMPLATE "{_schema_template(admin_url)}"'
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+        conn.execute(f'CREATE DATABASE "{name}"{template}')
     return f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
 
 
@@ -541,6 +603,11 @@ class PacsServer:
         return args
 
     def start(self) -> PacsServer:
+        if (self.backend.index_url is None and not self.data_dir.exists()
+                and not {"PACS_INDEX_URL", "PACS_CONFIG"} & self.extra_env.keys()):
+            # A new archive's index as its first start leaves it, without the migrations' time.
+            self.data_dir.mkdir(parents=True)
+            shutil.copyfile(sqlite_schema_template(), self.data_dir / "index.sqlite")
         self.dicom_port = self.dicom_port or free_port()
         self.http_port = self.http_port or free_port()
         self.hl7_port = self.hl7_port or free_port()

@@ -42,8 +42,8 @@ def test_sqlite_schema(tmp_path: Path) -> None:
         engine.dispose()
 
 
-def test_postgresql_schema(pg_url: str) -> None:
-    engine = create_index_engine(pg_url)
+def test_postgresql_schema(pg_empty_url: str) -> None:
+    engine = create_index_engine(pg_empty_url)
     try:
         assert_schema_matches(engine)
         with engine.connect() as conn:
@@ -57,7 +57,7 @@ def test_postgresql_schema(pg_url: str) -> None:
         engine.dispose()
 
 
-def test_kept_lookup_connection_survives_a_lost_backend(pg_url: str) -> None:
+def test_kept_lookup_connection_survives_a_lost_backend(pg_empty_url: str) -> None:
     """The ingest's duplicate lookup keeps one connection; a PostgreSQL
     restart (here: its backend killed) costs one reconnect, not an error."""
     import psycopg
@@ -67,7 +67,7 @@ def test_kept_lookup_connection_survives_a_lost_backend(pg_url: str) -> None:
 
     from .peers import PG_ADMIN
 
-    engine = create_index_engine(pg_url)
+    engine = create_index_engine(pg_empty_url)
     reader = IndexReader(engine)
     try:
         upgrade_schema(engine)
@@ -182,8 +182,8 @@ def test_upgrade_across_0013_keeps_everything_sqlite(tmp_path: Path, caplog: Any
         engine.dispose()
 
 
-def test_upgrade_across_0013_keeps_everything_postgresql(pg_url: str, caplog: Any) -> None:
-    engine = create_index_engine(pg_url)
+def test_upgrade_across_0013_keeps_everything_postgresql(pg_empty_url: str, caplog: Any) -> None:
+    engine = create_index_engine(pg_empty_url)
     try:
         _upgrade_across_0013(engine, caplog)
     finally:
@@ -235,28 +235,28 @@ def test_only_serve_and_db_upgrade_upgrade_an_older_index_and_never_under_a_serv
     assert newer.returncode == 1 and "written by a newer version" in newer.stderr, newer.stderr
 
 
-def test_no_upgrade_while_another_server_uses_the_postgresql_index(tmp_path: Path, pg_url: str) -> None:
+def test_no_upgrade_while_another_server_uses_the_postgresql_index(tmp_path: Path, pg_empty_url: str) -> None:
     """On a shared PostgreSQL index (two nodes) the data dir lock says nothing
     of the other node: its sessions do. A session without a name (an older
     version's server) holds the upgrade back; a DBA's psql does not."""
     import psycopg
 
-    engine = create_index_engine(pg_url)
+    engine = create_index_engine(pg_empty_url)
     try:
         upgrade_schema(engine, "0012")
     finally:
         engine.dispose()
-    libpq = pg_url.replace("postgresql+psycopg://", "postgresql://")
+    libpq = pg_empty_url.replace("postgresql+psycopg://", "postgresql://")
     with psycopg.connect(libpq, application_name="psql"):
         for old_node in ("", "filmless-pacs 0012"):  # before sessions were named; a named older version
             with psycopg.connect(libpq, application_name=old_node):
-                refused = _cli("db", "upgrade", data_dir=tmp_path / "d", index_url=pg_url)
+                refused = _cli("db", "upgrade", data_dir=tmp_path / "d", index_url=pg_empty_url)
                 assert refused.returncode == 1 and "connection(s) from" in refused.stderr, refused.stderr
-        upgraded = _cli("db", "upgrade", data_dir=tmp_path / "d", index_url=pg_url)
+        upgraded = _cli("db", "upgrade", data_dir=tmp_path / "d", index_url=pg_empty_url)
         assert upgraded.returncode == 0 and "upgraded from revision 0012" in upgraded.stdout, upgraded.stderr
 
 
-def test_nodes_starting_together_upgrade_once_and_both_start(pg_url: str) -> None:
+def test_nodes_starting_together_upgrade_once_and_both_start(pg_empty_url: str) -> None:
     """All nodes stopped, upgraded and started at once (docker compose up):
     each node's upgrading session must not count as the other's running
     server, or neither would start."""
@@ -264,7 +264,7 @@ def test_nodes_starting_together_upgrade_once_and_both_start(pg_url: str) -> Non
 
     from pacs.index.schema import head_revision, prepare_schema
 
-    engines = [create_index_engine(pg_url) for _ in range(3)]
+    engines = [create_index_engine(pg_empty_url) for _ in range(3)]
     try:
         upgrade_schema(engines[0], "0012")
         with ThreadPoolExecutor(3) as pool:
@@ -365,7 +365,7 @@ def _patient_changes_and_downgrade(engine: Engine) -> None:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def empty_index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Engine]:
     """An engine on an empty index: a SQLite file, or a fresh PostgreSQL database."""
-    url = f"sqlite:///{tmp_path}/index.sqlite" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    url = f"sqlite:///{tmp_path}/index.sqlite" if request.param == "sqlite" else request.getfixturevalue("pg_empty_url")
     engine = create_index_engine(url)
     yield engine
     engine.dispose()
