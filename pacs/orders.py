@@ -233,7 +233,7 @@ _CUT_TO_VR: dict[str, tuple[str, str, int]] = {
     "station_name": ("ScheduledStationName", "SH", 16),
     "location": ("ScheduledProcedureStepLocation", "SH", 16),
 }
-_PATIENT_ID_LIMIT = 64  # PatientID is LO
+_PATIENT_ID_LIMIT = 64  # PatientID and IssuerOfPatientID are LO
 # The start time of a step scheduled for a day without a time (see OrderService._schedule_undated).
 UNTIMED_START = "000000"
 
@@ -591,9 +591,12 @@ class OrderService:
         but only on those it sent: a value left out keeps the stored one)."""
         if not p.patient_id:
             raise OrderError("the patient has no identifier", code="101", http_status=400)
-        if len(p.patient_id) > _PATIENT_ID_LIMIT:
-            raise OrderError(f"the patient ID (PatientID, VR LO) is longer than {_PATIENT_ID_LIMIT} characters",
-                             code="102", http_status=400)
+        # Both are LO (PS3.5): a longer value is refused by every entry point (the
+        # JSON API's models too), never stored to be served as invalid DICOM.
+        for value, what in ((p.patient_id, "the patient ID (PatientID, VR LO)"),
+                            (p.issuer, "the issuer of the patient ID (IssuerOfPatientID, VR LO; HL7 PID-3.4)")):
+            if len(value) > _PATIENT_ID_LIMIT:
+                raise OrderError(f"{what} is longer than {_PATIENT_ID_LIMIT} characters", code="102", http_status=400)
         if p.birth_date and len(p.birth_date) == 8 and not is_date(p.birth_date):
             # 19851301 went to the worklist and the studies' corrections as it was: no DA reader takes it.
             raise OrderError(f"the birth date (PatientBirthDate, VR DA) {p.birth_date!r} is not a valid YYYYMMDD",
