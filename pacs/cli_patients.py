@@ -59,11 +59,11 @@ def _print_patient(args: argparse.Namespace, patient: dict[str, Any], title: str
         print(json.dumps(patient, ensure_ascii=False))
         return
     table = TextTable(title=title)
-    for column in ("ID", "issuer", "name", "birth date", "sex", "other IDs", "studies"):
+    for column in ("ID", "issuer", "name", "birth date", "sex", "other IDs", "studies", "withdrawn"):
         table.add_column(column)
     others = ", ".join(o["value"] + (f" ({o['issuer']})" if o["issuer"] else "") for o in patient["other_ids"])
     table.add_row(patient["id"], patient["issuer"], patient["name"], patient["birth_date"], patient["sex"], others,
-                  str(patient["studies"]))
+                  str(patient["studies"]), str(patient["withdrawn"]))
     out.print(table)
 
 

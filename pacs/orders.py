@@ -65,6 +65,7 @@ from .index.writer import MERGED_ID_TYPE, merged_patient, other_id_patient
 from .index.writer_helpers import insert_ignore
 from .names import fold_name, name_reading, name_words
 from .prefetch.jobs import enqueue_for_order as enqueue_prefetch
+from .query import READABLE
 from .query.matching import is_date, is_time, like_literal
 from .timezones import server_zone
 
@@ -1009,12 +1010,14 @@ class OrderService:
         others = conn.execute(select(identifiers_t.c.value, identifiers_t.c.issuer, identifiers_t.c.id_type)
                               .where(identifiers_t.c.patient_pk == row.pk)
                               .order_by(identifiers_t.c.pk)).all()
-        studies = conn.execute(select(func.count()).select_from(studies_t)
-                               .where(studies_t.c.patient_pk == row.pk)).scalar_one()
+        # The studies users see, as C-FIND, QIDO-RS and FHIR list them; those rejection
+        # notes withdrew (nothing left to read) apart: a merge or move still takes them.
+        studies, withdrawn = (conn.execute(select(func.count()).select_from(studies_t).where(
+            studies_t.c.patient_pk == row.pk, shown)).scalar_one() for shown in (READABLE, ~READABLE))
         return {"id": row.patient_id, "issuer": row.issuer, "name": row.name or "",
                 "birth_date": row.birth_date or "", "sex": row.sex or "",
                 "other_ids": [{"value": o.value, "issuer": o.issuer, "type": o.id_type} for o in others],
-                "studies": int(studies)}
+                "studies": int(studies), "withdrawn": int(withdrawn)}
 
     def merge_patients(self, surviving: PatientInfo, prior: list[tuple[str, str]]) -> int:
         """ADT^A40: move everything of the prior patient (named by the
