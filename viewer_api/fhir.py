@@ -1521,29 +1521,75 @@ def _patient_search(request: Request, principal: Principal, count: int,
         raise HTTPProblem(400, f"search Patient by {', '.join(_PATIENT_PARAMETERS)}")
     # A patient whose every study was withdrawn (the wrong patient's ID typed, the images rejected) is
     # left out, as from a patient-level C-FIND: found by name, their record had nothing to read.
-    conditions: list[ColumnElement[bool]] = [_HAS_RESOURCE, PATIENT_SHOWN]
+    # *shown*: whether the caller may be shown the patient, which a former id's resource (replaced_patient)
+    # depends on too, as its meta does; *own*: what the resource of the patient's current id holds.
+    shown: list[ColumnElement[bool]] = [_HAS_RESOURCE, PATIENT_SHOWN]
+    own: list[ColumnElement[bool]] = []
     # Each parameter as often as given (AND), each value's commas OR.
     for raw in values["identifier"]:
-        conditions.append(or_(false(), *(_patient_matches(system, value) for system, value in _token_values(raw))))
+        own.append(or_(false(), *(_patient_matches(system, value) for system, value in _token_values(raw))))
     with request.app.state.pacs.engine.connect() as conn:
         lookup = name_word_lookup(conn)
         for key, matches in (("name", partial(_name_matches, lookup=lookup)), ("family", _family_matches),
                              ("given", partial(_given_matches, lookup=lookup)), ("birthdate", _birthdate_matches)):
             for raw in values[key]:
-                conditions.append(or_(false(), *(matches(value) for value in _string_values(raw))))
+                own.append(or_(false(), *(matches(value) for value in _string_values(raw))))
         for raw in values["gender"]:
-            conditions.append(or_(false(), *(_gender_matches(system, value) for system, value in _token_values(raw))))
+            own.append(or_(false(), *(_gender_matches(system, value) for system, value in _token_values(raw))))
         for raw in values["_lastUpdated"]:
-            conditions.append(_last_updated_matches(raw, patients.c.changed_at, _zone(request)))
+            shown.append(_last_updated_matches(raw, patients.c.changed_at, _zone(request)))
         for raw in values["_id"]:
-            conditions.append(patients.c.pk.in_(_patient_pks(conn, (value for _, value in _token_values(raw)))))
+            own.append(patients.c.pk.in_(_patient_pks(conn, (value for _, value in _token_values(raw)))))
         if principal.role == "referring":
-            conditions.append(_referred_by(conn, principal))
-        total = conn.execute(select(func.count()).select_from(patients).where(*conditions)).scalar_one()
-        rows = conn.execute(select(*_PATIENT_COLUMNS).where(*conditions)
+            shown.append(_referred_by(conn, principal))
+        current = conn.execute(select(func.count()).select_from(patients).where(*shown, *own)).scalar_one()
+        rows = conn.execute(select(*_PATIENT_COLUMNS).where(*shown, *own)
                             .order_by(patients.c.name_words, patients.c.patient_id, patients.c.pk)
                             .limit(count).offset(offset)).all()
-        return _patient_resources(conn, rows), [patient_cx(r.patient_id, r.issuer) for r in rows], int(total), count
+        resources = _patient_resources(conn, rows)
+        named = [patient_cx(r.patient_id, r.issuer) for r in rows]
+        # The former ids after the current patients, in the order the search named them.
+        replaced = _replaced_matches(conn, values, shown)
+        start = max(0, offset - current)
+        page = replaced[start:start + count - len(rows)]
+        became = {r.pk: r for r in conn.execute(select(*_PATIENT_COLUMNS)
+                                                .where(patients.c.pk.in_({pk for _, _, pk in page}))).all()}
+        for (fhir_id, former, pk), resource in zip(page, _patient_resources(conn, [became[pk] for _, _, pk in page]),
+                                                   strict=True):
+            resources.append(replaced_patient(fhir_id, former, resource))
+            named.append(patient_cx(became[pk].patient_id, became[pk].issuer))
+        return resources, named, int(current) + len(replaced), count
+
+
+# What a former id's resource (replaced_patient) lacks: a search by any of them never finds it.
+_NOT_IN_REPLACED = ("name", "family", "given", "birthdate", "gender")
+
+
+def _replaced_matches(conn: Connection, values: dict[str, list[str]],
+                      shown: list[ColumnElement[bool]]) -> list[tuple[str, Any, int]]:
+    """The former Patient ids (:func:`_former_patient`) a search by ``_id``
+    finds, as (id, identifier row, key of the patient it became): what
+    their read answers, so the search answers it too (R4 search: ``_id``
+    matches the resource a read of that id gives). Every ``_id`` parameter
+    names the id, each ``identifier`` one matches its old identifier, no
+    parameter asks for what it does not hold (a name...), and the patient
+    it became is one *shown* lets the caller see."""
+    if not values["_id"] or any(values[key] for key in _NOT_IN_REPLACED):
+        return []
+    named = [[value for _, value in _token_values(raw)] for raw in values["_id"]]
+    found: list[tuple[str, Any, int]] = []
+    for fhir_id in dict.fromkeys(named[0]):
+        if any(fhir_id not in ids for ids in named[1:]) or _current_pks(conn, fhir_id):
+            continue
+        if (former := _former_patient(conn, fhir_id)) is None:
+            continue
+        pk, identifier = former
+        if not all(any(value == identifier.value and (system is None or _issuer_of(system) == identifier.issuer)
+                       for system, value in _token_values(raw)) for raw in values["identifier"]):
+            continue
+        if conn.execute(select(patients.c.pk).where(patients.c.pk == pk, *shown)).first() is not None:
+            found.append((fhir_id, identifier, pk))
+    return found
 
 
 def _audit_patients(request: Request, patient_ids: Iterable[str]) -> None:
@@ -1641,7 +1687,9 @@ _IMAGING_STUDY_SEARCH_PARAMS = [
     *_PAGE_PARAMS,
 ]
 _PATIENT_SEARCH_PARAMS = [
-    {"name": "_id", "type": "token", "documentation": "Patient ids"},
+    {"name": "_id", "type": "token",
+     "documentation": "Patient ids; an id a merge or a new hospital number replaced finds what its read gives, "
+                      "the inactive Patient linked replaced-by the current one"},
     {"name": "identifier", "type": "token",
      "documentation": "{system|}value: the patient ID or any other (citizen ID CCCD, insurance number BHYT); "
                       "the system is ours, " + PATIENT_ID_SYSTEM + "/{issuer} (" + PATIENT_ID_SYSTEM
