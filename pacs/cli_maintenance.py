@@ -351,7 +351,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
-    """pacs reindex: 0 every object indexed, 1 some could not be (listed)."""
+    """pacs reindex: 0 every object indexed, 1 some could not be, or a rejection note not applied (listed)."""
     from pacs.maintenance import reindex
 
     from pacs.cli import open_existing
@@ -371,9 +371,12 @@ def cmd_reindex(args: argparse.Namespace) -> int:
             ("duplicates (instance already indexed elsewhere)", report.duplicates.count),
             ("superseded (compress's originals, copies a later resend replaced)", report.superseded.count),
             ("not indexable", report.failed.count),
+            ("rejection notes applied again (instances refused when sent again)", report.rejections.count),
+            ("rejection notes not applied", report.rejections_failed.count),
         ])
         _list("duplicates", data["duplicates"], ("key", "indexed_key"))
         _list("not indexable", data["failed"])
+        _list("rejection notes not applied (run pacs reindex again)", data["rejections_failed"])
         if report.superseded.count:
             out.print(f"{report.superseded.count:,} superseded copies were not indexed (an original left by pacs "
                       "compress, whose verified copy was; a copy a later resend replaced, which was): pacs verify "
@@ -382,7 +385,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
             err.print(f"[yellow]warning: {warning}[/yellow]")
 
     _emit(args, data, human)
-    return 1 if report.failed.count or report.duplicates.count else 0
+    return 1 if report.failed.count or report.duplicates.count or report.rejections_failed.count else 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:

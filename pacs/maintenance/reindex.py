@@ -19,6 +19,13 @@ indexed: the re-encoding is ("superseded"; ``pacs verify --repair``
 removes the original). Likewise, under the overwrite policy, of a resend and
 the copy it replaced (``<sop>.resent.dcm`` and ``<sop>.dcm``, alternating:
 the names do not tell which came last) the one written last is indexed.
+
+The rejection notes (IHE IOCM) among the objects are applied once every
+object is indexed, as ``pacs verify --repair`` applies the notes it adopts
+(:func:`pacs.maintenance.verify.withdraw_again`): the instances a note lists
+whose objects are gone (it withdrew them) are recorded rejected again, so a
+modality resending the study does not bring them back; those still stored
+stay (a note from a sender that may not reject was never applied).
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from storage import StorageError
 from ..app import Pacs
 from ..errors import IngestError
 from ..index.writer import Outcome
+from ..key_objects import KOS_CLASS
 from .common import (
     Capped,
     NullProgress,
@@ -43,10 +51,13 @@ from .common import (
     index_stored_object,
     indexed_among,
     instances_t,
+    series_t,
     sop_of_key,
+    studies_t,
     written_after,
 )
 from .compress import KEY_VARIANTS
+from .verify import withdraw_again
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,9 @@ class ReindexReport:
     failed: Capped = field(default_factory=Capped)
     # Originals left by pacs compress next to their verified re-encoding.
     superseded: Capped = field(default_factory=Capped)
+    # Rejection notes applied again (instances recorded rejected), and those that could not be.
+    rejections: Capped = field(default_factory=Capped)
+    rejections_failed: Capped = field(default_factory=Capped)
     warnings: list[str] = field(default_factory=lambda: list(WARNINGS))
 
     def as_dict(self) -> dict[str, Any]:
@@ -72,6 +86,8 @@ class ReindexReport:
             "duplicates": self.duplicates.as_dict(),
             "failed": self.failed.as_dict(),
             "superseded": self.superseded.as_dict(),
+            "rejections": self.rejections.as_dict(),
+            "rejections_failed": self.rejections_failed.as_dict(),
             "warnings": self.warnings,
         }
 
@@ -80,8 +96,9 @@ class ReindexReport:
 WARNINGS = (
     "not rebuilt (they only lived in the index): reports (signed ones come back as their PDF instances), "
     "orders, users and API tokens, signing certificates, report templates, routing rules and the forwarding "
-    "queue, the AE registry, the audit trail, the rejections that keep images withdrawn by rejection notes "
-    "from being received again (pacs rejections list), the patient corrections (pacs patient update, merge and "
+    "queue, the AE registry, the audit trail, the lifts of rejections (pacs rejections lift: an image a "
+    "rejection note withdrew and not sent again since is refused again), the patient corrections (pacs patient "
+    "update, merge and "
     "move-study, HIS updates: the studies show and are filed under what the modality sent again, a moved "
     "study under the wrong patient), the share links given to patients, the critical results flagged and "
     "who was told; "
@@ -180,4 +197,26 @@ def reindex(pacs: Pacs, *, workers: int = 4, progress: Progress | None = None) -
                     report.superseded.add({"key": detail, "indexed_key": info.key})
                 else:
                     report.failed.add({"key": info.key, "detail": detail})
+    _apply_rejection_notes(pacs, report, progress)
     return report
+
+
+def _apply_rejection_notes(pacs: Pacs, report: ReindexReport, progress: Progress) -> None:
+    """Apply the rejection notes the index now holds (see module doc): all
+    of them, also those an interrupted run indexed. Key Object Selections
+    that are no rejection note (key images, a quality flag) change nothing."""
+    with pacs.engine.connect() as conn:
+        notes = conn.execute(select(instances_t.c.sop_uid, instances_t.c.storage_key, studies_t.c.study_uid)
+                             .join(series_t, series_t.c.pk == instances_t.c.series_pk)
+                             .join(studies_t, studies_t.c.pk == series_t.c.study_pk)
+                             .where(instances_t.c.sop_class_uid == KOS_CLASS)
+                             .order_by(instances_t.c.pk)).all()
+    progress.start("applying rejection notes", len(notes))
+    for note in notes:
+        done, failed = withdraw_again(pacs, note.storage_key, note.sop_uid, note.study_uid)
+        progress.advance()
+        if failed:
+            report.rejections_failed.add({"key": note.storage_key, "detail": failed})
+        elif done is not None and (done.deleted or done.not_found):
+            report.rejections.add({"key": note.storage_key, "note_uid": done.note_uid, "instances": done.deleted,
+                                   "not_stored": done.not_found})

@@ -45,7 +45,7 @@ from __future__ import annotations
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import exists, select
 
@@ -76,6 +76,9 @@ from .common import (
 )
 from .compress import KEY_VARIANTS
 from .purge import PurgeJournal, finish_interrupted
+
+if TYPE_CHECKING:
+    from ..rejections import Rejection  # pacs.rejections imports this package
 
 log = logging.getLogger(__name__)
 
@@ -369,14 +372,17 @@ def _adopt(pacs: Pacs, key: str, report: VerifyReport) -> None:
             log.warning("could not remove %s after adopting it as %s: %s", key, result.storage_key, exc)
 
 
-def _withdraw_again(pacs: Pacs, key: str, note_uid: str, study_uid: str, report: VerifyReport) -> None:
-    """An adopted rejection note (pacs.rejections) withdraws again the
-    instances it lists whose objects are gone from the store: the note took
-    them when it came, after the backup an index was restored from, which
-    still lists them (objects missing) or does not know them, and without
-    their rejection a modality's resend brought them back. Those it lists
-    that are still stored stay: a note the archive did not apply (its
-    sender may not reject) does not withdraw images at a repair."""
+def withdraw_again(pacs: Pacs, key: str, note_uid: str, study_uid: str) -> tuple[Rejection | None, str]:
+    """A rejection note (pacs.rejections) found in the store, under *key*,
+    withdraws again the instances it lists whose objects are gone from the
+    store: the note took them when it came, after the backup an index was
+    restored from (which still lists them, objects missing, or does not know
+    them) or before the index was lost and rebuilt (``pacs reindex``), and
+    without their rejection a modality's resend brought them back. Those it
+    lists that are still stored stay: a note the archive did not apply (its
+    sender may not reject) does not withdraw images at a repair or a rebuild. What
+    :func:`pacs.rejections.apply_or_report` answers (None for an object that
+    is no rejection note), audited as this command's user's deletions."""
     from ..audit import Event
     from ..rejections import apply_or_report  # pacs.rejections imports this package
 
@@ -390,8 +396,13 @@ def _withdraw_again(pacs: Pacs, key: str, note_uid: str, study_uid: str, report:
             + [object_key(study_uid, series_uid, sop, variant) for variant in variants])}
 
     user = os_user()
-    done, failed = apply_or_report(pacs, key, note_uid, study_uid,
-                                   lambda: Event(action="delete", user=user, role="admin", protocol="cli"), only=gone)
+    return apply_or_report(pacs, key, note_uid, study_uid,
+                           lambda: Event(action="delete", user=user, role="admin", protocol="cli"), only=gone)
+
+
+def _withdraw_again(pacs: Pacs, key: str, note_uid: str, study_uid: str, report: VerifyReport) -> None:
+    """:func:`withdraw_again` for a note this repair adopted, in *report*."""
+    done, failed = withdraw_again(pacs, key, note_uid, study_uid)
     if failed:
         report.not_adopted.add({"key": key, "detail": f"rejection note adopted, not applied: {failed}"})
     elif done is not None and (done.deleted or done.not_found):
