@@ -204,6 +204,10 @@ def _move_study(args: argparse.Namespace, pacs: Any, service: Any) -> int:
         _print_patient(args, moved["patient"], f"study {args.study} moved from {moved['previous']} to")
     else:
         _print_patient(args, moved["patient"], f"study {args.study} would move from {moved['previous']} to")
+    if moved["report_resent"] and not args.json:
+        out.print(f"its signed report {'goes' if args.yes else 'would go'} to the HIS posted as wrong for "
+                  f"{moved['previous']}, then again for the patient it moved to")
+    if not (args.yes or args.json):
         out.print("nothing changed: run again with --yes to move it")
     return 0
 

@@ -2173,25 +2173,28 @@ class OrderService:
         the order), the patient it is filed under, demographics that differ
         from an existing patient's (409: that is a patient update), an ID
         without issuer that several patients hold under issuers (409).
-        Returns {"study_uid", "previous" (the patient it left, ID^^^issuer),
-        "patient"}; *dry_run*: rolled back."""
+        A signed report the HIS was sent under the patient it leaves is
+        posted there as wrong, then sent for the new patient
+        (:meth:`_report_to_moved_patient`). Returns {"study_uid", "previous"
+        (the patient it left, ID^^^issuer), "patient", "report_resent"
+        (whether the HIS is told so)}; *dry_run*: rolled back."""
         check_patient_id(p.patient_id)
         if p.name:
             check_person_name(p.name)
 
-        def once(conn: Connection) -> tuple[str, dict[str, Any] | None]:
-            previous, pk = self._move_study(conn, study_uid, p)
+        def once(conn: Connection) -> tuple[str, dict[str, Any] | None, bool]:
+            previous, pk, resent = self._move_study(conn, study_uid, p)
             # Read in the move's transaction: read after it, a patient merged or pruned meanwhile
             # answered {} and the caller's event naming it failed (a 500 for a move done).
-            return previous, self._patient_dict(conn, pk)
+            return previous, self._patient_dict(conn, pk), resent
 
-        if dry_run:
-            previous, patient = self._rehearsed(once)
+        if dry_run:  # rolled back: nothing queued for the HIS either
+            previous, patient, resent = self._rehearsed(once)
         else:
-            previous, patient = retry_write(self.engine, once, what="move of a study to another patient")
-        return {"study_uid": study_uid, "previous": previous, "patient": patient or {}}
+            previous, patient, resent = retry_write(self.engine, once, what="move of a study to another patient")
+        return {"study_uid": study_uid, "previous": previous, "patient": patient or {}, "report_resent": resent}
 
-    def _move_study(self, conn: Connection, study_uid: str, p: PatientInfo) -> tuple[str, int]:
+    def _move_study(self, conn: Connection, study_uid: str, p: PatientInfo) -> tuple[str, int, bool]:
         study = conn.execute(select(studies_t.c.pk, studies_t.c.patient_pk)
                              .where(studies_t.c.study_uid == study_uid)).first()
         if study is None:
@@ -2230,10 +2233,56 @@ class OrderService:
         # Every demographic: a birth date or sex the patient lacks is no leave to go out with the other person's.
         file_under_patient(conn, study.pk, pk, received, p.reason or "study moved to another patient", _now(),
                            every_demographic=True)
+        resent = self._report_to_moved_patient(conn, study_uid, study.pk, old, pk)
         # The patient a mistyped ID made goes with its last study; one the HIS or an administrator
         # registered stays (prune_patients), as an order keeps its patient.
         prune_patients(conn, {old.pk})
-        return patient_cx(old.patient_id, old.issuer), pk
+        return patient_cx(old.patient_id, old.issuer), pk, resent
+
+    def _report_to_moved_patient(self, conn: Connection, study_uid: str, study_pk: int, old: Any,
+                                 patient_pk: int) -> bool:
+        """In the transaction moving *study_uid* from the patient *old* (its
+        row) to *patient_pk*: when the HIS holds the study's signed report
+        under *old* (an ORU^R01 of it delivered, or on its way, since the
+        study was last filed there), queue it posted as wrong for *old*
+        (ris_bridge.outbound: OBX-11 W), then the same report for the new
+        patient -- else another person's findings stay in *old*'s record at
+        the HIS. Both are copies of the report's last message (the version
+        the HIS holds, with its status: F, or C once amended), in its order
+        after it. Nothing when the report is not signed, or its messages
+        wait still (the HIS down) or were refused: sent later, they name
+        the patient the study is filed under then. Whether queued."""
+        if conn.execute(select(reports_t.c.pk).where(reports_t.c.study_pk == study_pk,
+                                                     reports_t.c.status == "signed").limit(1)).first() is None:
+            return False
+        rows = conn.execute(
+            select(outbox_t.c.pk, outbox_t.c.state, outbox_t.c.last_error, outbox_t.c.payload)
+            .where(outbox_t.c.destination == "his", outbox_t.c.kind == "report",
+                   outbox_t.c.payload.like(f"%{_json_like(study_uid)}%", escape="\\"))
+            .order_by(outbox_t.c.pk)
+        ).all()
+        # Held by the HIS: delivered, being sent, or taken by a HIS that sent no ACK (retried; it may
+        # hold it all the same).
+        messages = [(row.pk, row.state in ("sent", "sending") or (row.last_error or "").startswith(outbox.NO_ACK),
+                     data) for row in rows if (data := json.loads(row.payload)).get("study_uid") == study_uid]
+        wrong = outbox.REPORT_WRONG_PATIENT
+        # A move posts it as wrong and sends it anew: what was delivered before the last of those
+        # went to a patient the HIS was told of already.
+        since = max((pk for pk, _, data in messages if data.get("status") == wrong), default=0)
+        if not any(held for pk, held, _ in messages if pk > since):
+            return False
+        report = {k: v for k, v in messages[-1][2].items() if k != "control_id"}  # a new MSH-10 for each
+        new = conn.execute(select(patients_t).where(patients_t.c.pk == patient_pk)).one()
+
+        def naming(patient: Any) -> dict[str, Any]:
+            return {**report.get("order", {}), "patient_id": patient.patient_id or "", "issuer": patient.issuer or "",
+                    "name": patient.name or ""}
+
+        self.enqueue(conn, "his", "report", {**report, "status": wrong, "order": naming(old)})
+        # With the status it was signed with (F; C for an amended version). The new patient is written here
+        # too: a study deleted before it goes out is sent as queued (ris_bridge.outbound _as_sent).
+        self.enqueue(conn, "his", "report", {**report, "order": naming(new)})
+        return True
 
     def study_patient(self, study_uid: str) -> str:
         """The patient *study_uid* is filed under now, as an audit event names

@@ -49,6 +49,12 @@ outbox = OutboundMessage.__table__
 LEASE = timedelta(minutes=2)
 UNDELIVERED = ("pending", "sending")
 STATES = ("pending", "sending", "sent", "dead", "superseded")
+# The status of a report (ORU^R01) posted as wrong for the patient it was sent
+# for, its study moved to another (pacs.orders, ris_bridge.outbound).
+REPORT_WRONG_PATIENT = "wrong"
+# How the last error of a message begins when the HIS took it and sent no ACK
+# (ris_bridge.outbound): it may hold it all the same.
+NO_ACK = "HIS sent no ACK"
 
 
 @dataclass(frozen=True)

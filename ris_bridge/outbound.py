@@ -30,6 +30,7 @@ from pacs import outbox
 from pacs.app import Pacs
 from pacs.audit import Event, patient_cx
 from pacs.index.models import Order, Patient, Study
+from pacs.index.writer import merged_patient
 from pacs.periodic import Periodic
 from pacs.settings import Settings
 from pacs.timezones import hl7_timestamp, hospital_zone, server_zone, utc_offset
@@ -40,9 +41,15 @@ from .hl7v2 import CONTROL_ID_LENGTH, ack_code, ack_error_code, escape, escape_l
 log = logging.getLogger(__name__)
 
 _ORC_STATUS = {"IN PROGRESS": "IP", "COMPLETED": "CM", "DISCONTINUED": "DC", "SCHEDULED": "SC", "CANCELLED": "CA"}
-# Result status (HL7 tables 0123 for OBR-25, 0085 for OBX-11): an amended
-# report replaces a final one, so it goes out as C (corrected), not F.
-_RESULT_STATUS = {"final": "F", "amended": "C"}
+# Result status (OBR-25, HL7 table 0123; OBX-11, table 0085): an amended
+# report replaces a final one, so it goes out as C (corrected), not F. A
+# report the HIS holds under a patient its study was moved away from
+# (pacs.orders.OrderService.move_study) is posted as wrong for that patient:
+# OBX-11 W, "post original as wrong, e.g. transmitted for wrong patient".
+# Table 0123 has no W; its C ("correction to results") tells the HIS that
+# the observations replace those it holds, where X would say the order was
+# cancelled and F would post the wrong patient's result as final again.
+_RESULT_STATUS = {"final": ("F", "F"), "amended": ("C", "C"), outbox.REPORT_WRONG_PATIENT: ("C", "W")}
 # AE/CE answers in a row before a message is parked dead; AR/CR never park it.
 MAX_ERROR_ANSWERS = 3
 # Messages the HIS may take without an ACK in one round before it is taken
@@ -132,7 +139,7 @@ def render(kind: str, data: dict[str, Any], control_id: str, to: Addresses = Add
         segments.append("|".join(["ORC", "SC", placer, filler, "", status]))
         segments.append("|".join(["OBR", "1", placer, filler, service] + [""] * 13 + [accession]))
     else:
-        result_status = _RESULT_STATUS.get(data.get("status", "final"), "F")
+        result_status, observation_status = _RESULT_STATUS.get(data.get("status", "final"), ("F", "F"))
         segments.append("|".join(["ORC", "RE", placer, filler, "", "CM"]))
         # OBR-22 results date/time (the signature), OBR-25 result status,
         # OBR-32 principal result interpreter (the signer, NDL: ID&family&given).
@@ -142,7 +149,8 @@ def render(kind: str, data: dict[str, Any], control_id: str, to: Addresses = Add
         obr[25] = result_status
         obr[32] = _interpreter(data.get("signed_by", ""), data.get("signed_by_name", ""))
         segments.append("|".join(obr).rstrip("|"))
-        segments.extend(_obx(index, line, result_status) for index, line in enumerate(data.get("lines", []), start=1))
+        segments.extend(_obx(index, line, observation_status)
+                        for index, line in enumerate(data.get("lines", []), start=1))
     return "\r".join(segments).encode("utf-8") + b"\r"
 
 
@@ -207,6 +215,20 @@ def order_patient(engine: Engine, order_pk: Any) -> dict[str, str]:
     with engine.connect() as conn:
         row = conn.execute(select(Patient.patient_id, Patient.issuer, Patient.name)
                            .join(Order, Order.patient_pk == Patient.pk).where(Order.pk == order_pk)).first()
+    return {"patient_id": row.patient_id or "", "issuer": row.issuer or "", "name": row.name or ""} if row else {}
+
+
+def patient_named(engine: Engine, patient_id: str, issuer: str) -> dict[str, str]:
+    """The patient *patient_id* / *issuer* names now (PID-3, PID-5): its own
+    key, else the patient it was merged into (ADT^A40: the HIS moved its
+    records there); {} for none (a patient pruned with its last study)."""
+    if not patient_id:
+        return {}
+    with engine.connect() as conn:
+        pk = conn.execute(select(Patient.pk).where(Patient.patient_id == patient_id, Patient.issuer == issuer)
+                          ).scalar() or merged_patient(conn, patient_id, issuer)
+        row = conn.execute(select(Patient.patient_id, Patient.issuer, Patient.name).where(Patient.pk == pk)
+                           ).first() if pk is not None else None
     return {"patient_id": row.patient_id or "", "issuer": row.issuer or "", "name": row.name or ""} if row else {}
 
 
@@ -325,7 +347,7 @@ class OutboundSender(Periodic):
                 # other orders'. A HIS silent to several in a row is stuck: the
                 # rest waits for the next round.
                 silent += 1
-                outbox.mark_failed(engine, message, f"HIS sent no ACK: {exc}", dead=False, retry_in=backoff)
+                outbox.mark_failed(engine, message, f"{outbox.NO_ACK}: {exc}", dead=False, retry_in=backoff)
                 log.info("HIS %s:%d sent no ACK for message %d (%s); retried in %.0fs", self.host, self.port,
                          message.pk, exc, backoff)
                 if silent < MAX_SILENT_IN_A_ROUND:
@@ -396,7 +418,10 @@ class OutboundSender(Periodic):
         sent: :meth:`_as_sent`), what it carried, where it went. Like a
         routed study's ``export`` (PS3.15 A.5.3.3)."""
         order = data.get("order") or {}
-        if message.kind == "report":
+        if message.kind == "report" and data.get("status") == outbox.REPORT_WRONG_PATIENT:
+            what = (f"ORU^R01 report posted as wrong for this patient (the study was moved to another), "
+                    f"signed by {data.get('signed_by', '')}")
+        elif message.kind == "report":
             what = f"ORU^R01 report ({data.get('status', 'final')}, signed by {data.get('signed_by', '')})"
         else:
             what = f"ORM^O01 order status {data.get('status', '')}"
@@ -416,7 +441,9 @@ class OutboundSender(Periodic):
         merge the patient meanwhile (ADT^A40: the emergency's temporary
         number into the citizen ID) or the study be moved to its right
         patient: the ID queued with it is one the HIS no longer keeps
-        (refused AE, the report parked) or another person's."""
+        (refused AE, the report parked) or another person's. A report
+        posted as wrong (outbox.REPORT_WRONG_PATIENT) names the patient
+        queued with it, the one the study left, as known now."""
         data = message.data
         if message.kind == "order_status":
             # About the order, the patient the order is under now (a merge moves it).
@@ -428,6 +455,12 @@ class OutboundSender(Periodic):
         if not facts:  # the study is gone: the report as it was signed
             return data
         patient = {key: facts.pop(key) for key in ("patient_id", "issuer", "name")}
+        if data.get("status") == outbox.REPORT_WRONG_PATIENT:
+            # Posted as wrong for the patient the study was moved away from, not the one it is under
+            # now: as that patient is known now (merged since: the one the HIS moved their records to).
+            queued = data.get("order") or {}
+            patient = patient_named(self.pacs.engine, str(queued.get("patient_id") or ""),
+                                    str(queued.get("issuer") or ""))
         if "study_date" in data:  # queued with its own date/time; reports are queued without: OBR-7 from the index
             facts = {}
         return {**data, **facts, "order": {**(data.get("order") or {}), **patient}}

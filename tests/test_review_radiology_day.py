@@ -175,8 +175,9 @@ def _sign(http: Any, study: str, findings: str, impression: str) -> dict[str, An
 
 def test_a_signed_study_moved_to_its_patient_follows_them(day: PacsServer) -> None:
     """The technologist picked the wrong patient; the report was signed before
-    anyone saw it; the study is moved: FHIR, worklist, the amended report's
-    ORU and PDF name the right patient."""
+    anyone saw it; the study is moved: the HIS has the report posted as
+    wrong for the patient it left and sent for the right one; FHIR,
+    worklist, the amended report's ORU and PDF name the right patient."""
     study = generate_uid()
     wrong, right = "001185009999", "038092004321"
     sops = _send_ct(day, study, 2, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName="Lê^Văn Sai",
@@ -213,9 +214,12 @@ def test_a_signed_study_moved_to_its_patient_follows_them(day: PacsServer) -> No
         _sign(rad, study, "Gan kích thước bình thường. Đã chuyển đúng bệnh nhân.", "Không thấy bất thường.")
         text = "\n".join(page_texts(rad.get(f"/api/studies/{study}/report/pdf").content))
         assert right in text and wrong not in text and "Đúng" in text, text
-    orus = _orus(day, 2, study)
-    assert len(orus) == 2
-    assert right in orus[-1] and wrong not in orus[-1] and "Đặng" in orus[-1], orus[-1]
+    # The HIS had the first version under the wrong patient: posted as wrong there (OBX-11 W), sent for the
+    # right one, then the amendment (C).
+    orus = _orus(day, 4, study)
+    assert len(orus) == 4
+    assert f"PID|1||{wrong}^^^CCCD" in orus[1] and "|W\r" in orus[1], orus[1]
+    assert all(right in m and wrong not in m and "Đặng" in m for m in orus[2:]), orus[2:]
     # The PACS clients find both PDFs under the right patient, and retrieve them with the right header.
     out = day.work / f"find-{study}"  # type: ignore[attr-defined]
     out.mkdir()
@@ -487,6 +491,7 @@ def test_a_digitally_signed_report_amended_after_key_images_and_a_move(signing: 
         assert signed.status_code == 200, signed.text
         first = rad.get(f"/api/studies/{study}/report/signature").json()
         assert first["version"] == 1 and first["signatures"], first
+    assert len(_orus(signing, 1, study)) == 1  # the HIS has it under the patient it was sent with
     with signing.http() as admin:
         moved = admin.post(f"/api/studies/{study}/patient", json={
             "patient": {"id": "038092008888", "issuer": "CCCD", "name": "Hồ^Văn Đúng"}, "reason": "nhầm bệnh nhân"})
@@ -505,5 +510,5 @@ def test_a_digitally_signed_report_amended_after_key_images_and_a_move(signing: 
             assert all(s["intact"] and s["trusted"] for s in check["signatures"]), check
         text = "\n".join(page_texts(rad.get(f"/api/studies/{study}/report/pdf").content))
         assert "038092008888" in text and "Hồ Văn Đúng" in text, text
-    orus = _orus(signing, 2, study)
-    assert len(orus) == 2 and "038092008888" in orus[-1]
+    orus = _orus(signing, 4, study)  # signed, posted as wrong for the patient it left, sent again, amended
+    assert len(orus) == 4 and "001185007777" in orus[1] and all("038092008888" in m for m in orus[2:]), orus
