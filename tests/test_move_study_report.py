@@ -153,3 +153,46 @@ def test_a_report_the_his_never_received_goes_once_to_the_right_patient(reading:
     orus = _orus(reading, 1, study)
     assert len(orus) == 1 and _fields(orus[0], "PID")[0][3] == f"{right}^^^CCCD", orus
     assert {obx[11] for obx in _fields(orus[0], "OBX")} == {"F"}
+
+
+def test_an_amended_report_posted_as_wrong_names_the_patient_the_left_one_was_merged_into(
+        reading: PacsServer) -> None:
+    """The HIS holds the amended report (C) under Lê Văn Sai, whom it
+    registered. The HIS is down when the study is moved to its patient and
+    when the HIS merges Lê Văn Sai's registration into another (ADT^A40
+    over JSON): back up, it gets the report posted as wrong for the
+    patient it keeps now (the merged-away ID it would refuse), then the
+    amended report (C) for the patient the study moved to."""
+    study, wrong, kept, right = generate_uid(), "001185008888", "001185008899", "038092008888"
+    with reading.http() as admin:
+        for pid in (wrong, kept):  # registered by the HIS: kept when their last study moves away
+            put = admin.put(f"/api/patients/{pid}", json={"issuer": "CCCD", "name": WRONG[0], "reason": "HIS"})
+            assert put.status_code == 200, put.text
+    _send_ct(reading, study, 1, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName=WRONG[0],
+             AccessionNumber="CT26-0304")
+    with reading.http(token=reading.radiologist) as rad:  # type: ignore[attr-defined]
+        _sign(rad, study, "Sỏi thận trái 5 mm.", "Sỏi thận trái.")
+        assert rad.post(f"/api/studies/{study}/report/amend").status_code == 200
+        _sign(rad, study, "Sỏi thận trái 5 mm. Thận phải bình thường.", "Sỏi thận trái.")
+    assert len(_orus(reading, 2, study)) == 2
+    his = reading.his  # type: ignore[attr-defined]
+    his.stop()
+    try:
+        with reading.http() as admin:
+            moved = admin.post(f"/api/studies/{study}/patient", json={
+                "patient": {"id": right, "issuer": "CCCD", "name": "Đặng^Thị Đúng"}, "reason": "nhầm"})
+            assert moved.status_code == 200 and moved.json()["report_resent"] is True, moved.text
+            merged = admin.post("/api/patients/merge", json={
+                "patient": {"id": kept, "issuer": "CCCD"}, "prior": [{"id": wrong, "issuer": "CCCD"}],
+                "reason": "trùng hồ sơ"})
+            assert merged.status_code == 200, merged.text
+    finally:
+        reading.his = MLLPRecorder(his.port)  # type: ignore[attr-defined]
+    orus = _orus(reading, 2, study)
+    assert len(orus) == 2, orus
+    retracted, resent = orus
+    assert _fields(retracted, "PID")[0][3] == f"{kept}^^^CCCD" and wrong not in retracted, retracted
+    assert _fields(resent, "PID")[0][3] == f"{right}^^^CCCD", resent
+    assert [_fields(m, "OBR")[0][25] for m in orus] == ["C", "C"]
+    assert [{obx[11] for obx in _fields(m, "OBX")} for m in orus] == [{"W"}, {"C"}]
+    assert all("Thận phải bình thường" in m for m in orus), orus
