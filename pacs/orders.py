@@ -2175,7 +2175,7 @@ class OrderService:
         without issuer that several patients hold under issuers (409).
         A signed report the HIS was sent under the patient it leaves is
         posted there as wrong, then sent for the new patient
-        (:meth:`_report_to_moved_patient`). Returns {"study_uid", "previous"
+        (:func:`report_to_moved_patient`). Returns {"study_uid", "previous"
         (the patient it left, ID^^^issuer), "patient", "report_resent"
         (whether the HIS is told so)}; *dry_run*: rolled back."""
         check_patient_id(p.patient_id)
@@ -2233,56 +2233,11 @@ class OrderService:
         # Every demographic: a birth date or sex the patient lacks is no leave to go out with the other person's.
         file_under_patient(conn, study.pk, pk, received, p.reason or "study moved to another patient", _now(),
                            every_demographic=True)
-        resent = self._report_to_moved_patient(conn, study_uid, study.pk, old, pk)
+        resent = report_to_moved_patient(conn, study_uid, study.pk, old, pk)
         # The patient a mistyped ID made goes with its last study; one the HIS or an administrator
         # registered stays (prune_patients), as an order keeps its patient.
         prune_patients(conn, {old.pk})
         return patient_cx(old.patient_id, old.issuer), pk, resent
-
-    def _report_to_moved_patient(self, conn: Connection, study_uid: str, study_pk: int, old: Any,
-                                 patient_pk: int) -> bool:
-        """In the transaction moving *study_uid* from the patient *old* (its
-        row) to *patient_pk*: when the HIS holds the study's signed report
-        under *old* (an ORU^R01 of it delivered, or on its way, since the
-        study was last filed there), queue it posted as wrong for *old*
-        (ris_bridge.outbound: OBX-11 W), then the same report for the new
-        patient -- else another person's findings stay in *old*'s record at
-        the HIS. Both are copies of the report's last message (the version
-        the HIS holds, with its status: F, or C once amended), in its order
-        after it. Nothing when the report is not signed, or its messages
-        wait still (the HIS down) or were refused: sent later, they name
-        the patient the study is filed under then. Whether queued."""
-        if conn.execute(select(reports_t.c.pk).where(reports_t.c.study_pk == study_pk,
-                                                     reports_t.c.status == "signed").limit(1)).first() is None:
-            return False
-        rows = conn.execute(
-            select(outbox_t.c.pk, outbox_t.c.state, outbox_t.c.last_error, outbox_t.c.payload)
-            .where(outbox_t.c.destination == "his", outbox_t.c.kind == "report",
-                   outbox_t.c.payload.like(f"%{_json_like(study_uid)}%", escape="\\"))
-            .order_by(outbox_t.c.pk)
-        ).all()
-        # Held by the HIS: delivered, being sent, or taken by a HIS that sent no ACK (retried; it may
-        # hold it all the same).
-        messages = [(row.pk, row.state in ("sent", "sending") or (row.last_error or "").startswith(outbox.NO_ACK),
-                     data) for row in rows if (data := json.loads(row.payload)).get("study_uid") == study_uid]
-        wrong = outbox.REPORT_WRONG_PATIENT
-        # A move posts it as wrong and sends it anew: what was delivered before the last of those
-        # went to a patient the HIS was told of already.
-        since = max((pk for pk, _, data in messages if data.get("status") == wrong), default=0)
-        if not any(held for pk, held, _ in messages if pk > since):
-            return False
-        report = {k: v for k, v in messages[-1][2].items() if k != "control_id"}  # a new MSH-10 for each
-        new = conn.execute(select(patients_t).where(patients_t.c.pk == patient_pk)).one()
-
-        def naming(patient: Any) -> dict[str, Any]:
-            return {**report.get("order", {}), "patient_id": patient.patient_id or "", "issuer": patient.issuer or "",
-                    "name": patient.name or ""}
-
-        self.enqueue(conn, "his", "report", {**report, "status": wrong, "order": naming(old)})
-        # With the status it was signed with (F; C for an amended version). The new patient is written here
-        # too: a study deleted before it goes out is sent as queued (ris_bridge.outbound _as_sent).
-        self.enqueue(conn, "his", "report", {**report, "order": naming(new)})
-        return True
 
     def study_patient(self, study_uid: str) -> str:
         """The patient *study_uid* is filed under now, as an audit event names
@@ -2407,6 +2362,70 @@ def keep_alias(conn: Connection, target: int, kept: Any, old: Any, *, former_key
                      .values(id_type=MERGED_ID_TYPE))
 
 
+def report_to_moved_patient(conn: Connection, study_uid: str, study_pk: int, old: Any, patient_pk: int,
+                            order: Any = None) -> bool:
+    """In the transaction refiling *study_uid* from the patient *old* (its
+    row) to *patient_pk* (`move-study`; a study linked to another patient's
+    order, :func:`link_study`): when the HIS holds the study's signed report
+    under *old* (an ORU^R01 of it delivered, or on its way, since the study
+    was last filed there), queue it posted as wrong for *old*
+    (ris_bridge.outbound: OBX-11 W), then the same report for the new
+    patient -- else another person's findings stay in *old*'s record at the
+    HIS. Both are copies of the report's last message (the version the HIS
+    holds, with its status: F, or C once amended), in its order after it;
+    *order* (the orders row the study is linked to now): the report answers
+    that order from now on, the copy for the new patient names its numbers,
+    and both go in that order's turn, before its later amendments. Nothing
+    when the report is not signed, or its messages wait still (the HIS down)
+    or were refused: sent later, they name the patient the study is filed
+    under then. Whether queued. Not for a merge (ADT^A40, `pacs patient
+    merge`: one person) nor an order the HIS moves to another patient (XO):
+    the HIS moved its own records, results with them."""
+    if conn.execute(select(reports_t.c.pk).where(reports_t.c.study_pk == study_pk,
+                                                 reports_t.c.status == "signed").limit(1)).first() is None:
+        return False
+    rows = conn.execute(
+        select(outbox_t.c.pk, outbox_t.c.state, outbox_t.c.last_error, outbox_t.c.payload)
+        .where(outbox_t.c.destination == "his", outbox_t.c.kind == "report",
+               outbox_t.c.payload.like(f"%{_json_like(study_uid)}%", escape="\\"))
+        .order_by(outbox_t.c.pk)
+    ).all()
+    # Held by the HIS: delivered, being sent, or taken by a HIS that sent no ACK (retried; it may
+    # hold it all the same).
+    messages = [(row.pk, row.state in ("sent", "sending") or (row.last_error or "").startswith(outbox.NO_ACK),
+                 data) for row in rows if (data := json.loads(row.payload)).get("study_uid") == study_uid]
+    wrong = outbox.REPORT_WRONG_PATIENT
+    # A move posts it as wrong and sends it anew: what was delivered before the last of those
+    # went to a patient the HIS was told of already.
+    since = max((pk for pk, _, data in messages if data.get("status") == wrong), default=0)
+    if not any(held for pk, held, _ in messages if pk > since):
+        return False
+    report = {k: v for k, v in messages[-1][2].items() if k != "control_id"}  # a new MSH-10 for each
+    ordered = report_order(order) if order is not None else {}
+    if ordered:
+        report["key"] = f"order:{ordered['order_pk']}"
+    new = conn.execute(select(patients_t).where(patients_t.c.pk == patient_pk)).one()
+
+    def naming(patient: Any, **more: Any) -> dict[str, Any]:
+        return {**report.get("order", {}), **more, "patient_id": patient.patient_id or "",
+                "issuer": patient.issuer or "", "name": patient.name or ""}
+
+    # As the HIS holds it: the order numbers it was sent with.
+    OrderService.enqueue(conn, "his", "report", {**report, "status": wrong, "order": naming(old)})
+    # With the status it was signed with (F; C for an amended version). The new patient is written here
+    # too: a study deleted before it goes out is sent as queued (ris_bridge.outbound _as_sent).
+    OrderService.enqueue(conn, "his", "report", {**report, "order": naming(new, **ordered)})
+    return True
+
+
+def report_order(row: Any) -> dict[str, Any]:
+    """What a report (ORU^R01: ORC, OBR) names of the order it answers,
+    from the orders row of its requested procedure (the first step)."""
+    return {"order_pk": row.pk, **{k: getattr(row, k) for k in (
+        "placer_order_number", "filler_order_number", "procedure_code", "procedure_code_scheme",
+        "requested_procedure_description")}}
+
+
 def link_study(conn: Connection, study_pk: int, order_pk: int, matched_by: str) -> None:
     """File an existing study under its order's patient, recording corrections."""
     order = conn.execute(select(orders_t).where(orders_t.c.pk == order_pk)).one()
@@ -2415,6 +2434,7 @@ def link_study(conn: Connection, study_pk: int, order_pk: int, matched_by: str) 
     received = {k: getattr(received_patient, c) for k, c in PATIENT_COLUMNS.items()}
     record_reconciliation(conn, study_pk, order, received, study.accession_number, matched_by, _now())
     if received_patient.pk != order.patient_pk:
+        report_to_moved_patient(conn, study.study_uid, study_pk, received_patient, order.patient_pk, order)
         # The patient the modality typed may exist only through this study.
         left = conn.execute(
             select(func.count()).select_from(studies_t).where(studies_t.c.patient_pk == received_patient.pk)
@@ -2428,4 +2448,5 @@ def link_study(conn: Connection, study_pk: int, order_pk: int, matched_by: str) 
 
 
 __all__ = ["OrderError", "OrderInfo", "OrderService", "OtherIdentifier", "PatientInfo", "STATUSES", "asdict",
-           "order_subject", "patients_named", "procedure_status", "validate_order"]
+           "order_subject", "patients_named", "procedure_status", "report_order", "report_to_moved_patient",
+           "validate_order"]

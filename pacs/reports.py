@@ -28,7 +28,7 @@ from .index.models import Instance, Order, Patient, Report, Series, Study, Study
 from .ingest import Origin
 from .key_images import key_image_thumbnails
 from .maintenance.common import delete_instance_rows
-from .orders import OrderService
+from .orders import OrderService, report_order
 from .part10 import BufferSource, new_instance
 from .query import READABLE
 from .query.results import as_written
@@ -407,10 +407,7 @@ class ReportService:
                 "filler_order_number": "", "procedure_code": "", "procedure_code_scheme": "",
                 "requested_procedure_description": study.description}
         if row is not None:
-            base["order_pk"] = row.pk
-            base.update({k: getattr(row, k) for k in ("placer_order_number", "filler_order_number",
-                                                       "procedure_code", "procedure_code_scheme",
-                                                       "requested_procedure_description")})
+            base.update(report_order(row))
         return base
 
     def _store_pdf(self, study: Any, version: int, pdf: bytes, content: ReportContent, now: datetime) -> str:

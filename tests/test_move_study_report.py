@@ -84,10 +84,10 @@ def test_a_signed_report_is_posted_as_wrong_for_the_patient_the_study_left(readi
     assert len(signed) == 1 and f"PID|1||{wrong}^^^CCCD" in signed[0], signed
 
     dry = _move(reading, study, right, "--name", "Đặng^Thị Đúng")
-    assert dry["moved"] is False and dry["previous"] == f"{wrong}^^^CCCD", dry
+    assert dry["moved"] is False and dry["previous"] == f"{wrong}^^^CCCD" and dry["report_resent"] is True, dry
     assert len(_queued(reading, study)) == 1  # the dry run queued nothing for the HIS
     done = _move(reading, study, right, "--name", "Đặng^Thị Đúng", "--yes")
-    assert done["moved"] is True, done
+    assert done["moved"] is True and done["report_resent"] is True, done
     assert [m["status"] for m in _queued(reading, study)] == ["final", "wrong", "final"]
 
     orus = _orus(reading, 3, study)
@@ -124,7 +124,7 @@ def test_a_study_without_a_signed_report_tells_the_his_nothing(reading: PacsServ
     with reading.http() as admin:
         moved = admin.post(f"/api/studies/{study}/patient", json={
             "patient": {"id": "038092006666", "issuer": "CCCD", "name": "Đặng^Thị Khác"}, "reason": "nhầm"})
-        assert moved.status_code == 200, moved.text
+        assert moved.status_code == 200 and moved.json()["report_resent"] is False, moved.text
     assert _queued(reading, study) == []
 
 
@@ -196,3 +196,34 @@ def test_an_amended_report_posted_as_wrong_names_the_patient_the_left_one_was_me
     assert [_fields(m, "OBR")[0][25] for m in orus] == ["C", "C"]
     assert [{obx[11] for obx in _fields(m, "OBX")} for m in orus] == [{"W"}, {"C"}]
     assert all("Thận phải bình thường" in m for m in orus), orus
+
+
+def test_a_reported_study_linked_by_hand_to_another_patients_order(reading: PacsServer) -> None:
+    """The CT came without order under the wrong patient's ID and was
+    reported; the administrator links it to its HIS order, of another
+    patient (`POST /api/studies/{uid}/match`): the report is posted as wrong
+    for the patient it left, with the numbers the HIS holds it under, then
+    sent for the order's patient, answering that order (OBR-2, OBR-3)."""
+    study, wrong, right = generate_uid(), "001185009911", "038092009911"
+    _send_ct(reading, study, 1, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName=WRONG[0],
+             AccessionNumber="CT26-0306")
+    with reading.http(token=reading.radiologist) as rad:  # type: ignore[attr-defined]
+        _sign(rad, study, "Tràn dịch màng phổi phải lượng ít.", "Tràn dịch màng phổi phải.")
+    assert len(_orus(reading, 1, study)) == 1
+    with reading.http() as admin:
+        placed = admin.post("/api/orders", json={
+            "patient": {"id": right, "issuer": "CCCD", "name": "Đặng^Thị Đúng"}, "accession_number": "CT26-0307",
+            "placer_order_number": "PL-0307", "filler_order_number": "FL-0307", "modality": "CT",
+            "start_date": "20261207"})
+        assert placed.status_code in (200, 201), placed.text
+        matched = admin.post(f"/api/studies/{study}/match", json={"accession_number": "CT26-0307"})
+        assert matched.status_code == 200, matched.text
+    orus = _orus(reading, 3, study)
+    assert len(orus) == 3, orus
+    first, retracted, resent = orus
+    assert _fields(retracted, "PID")[0][3] == f"{wrong}^^^CCCD", retracted
+    assert _fields(retracted, "OBR")[0][2:4] == _fields(first, "OBR")[0][2:4] == ["", "CT26-0306"]
+    assert {obx[11] for obx in _fields(retracted, "OBX")} == {"W"}
+    assert _fields(resent, "PID")[0][3] == f"{right}^^^CCCD" and wrong not in resent, resent
+    assert _fields(resent, "OBR")[0][2:4] == ["PL-0307", "FL-0307"], resent
+    assert {obx[11] for obx in _fields(resent, "OBX")} == {"F"}
