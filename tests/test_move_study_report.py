@@ -8,7 +8,8 @@ HL7 v2 has the result posted as wrong for the patient it was sent for
 (OBX-11 "W", table 0085: "post original as wrong, e.g. transmitted for
 wrong patient"), then sent for the right one; what the HIS never received
 (still queued) is sent once, for the right patient, and a study without a
-signed report tells the HIS nothing."""
+signed report tells the HIS nothing. So for a reported study linked by hand
+to another patient's order (`POST /api/studies/{uid}/match`)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .conftest import Backend, PacsServer, free_port
 from .peers import MLLPRecorder, create_database, drop_database, serving_with_his, wait_until
 from .test_review_radiology_day import A, _orus, _send_ct, _sign
 
-WRONG = ("Lê^Văn Sai", "CCCD")
+WRONG_NAME = "Lê^Văn Sai"  # the patient the study was sent under
 
 
 @pytest.fixture(scope="module", params=["sqlite", "pg"])
@@ -46,7 +47,8 @@ def reading(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 
 def _fields(message: str, segment: str) -> list[list[str]]:
-    """Every *segment* of an HL7 *message*, as its fields (index = HL7 field number)."""
+    """Every *segment* of an HL7 *message*, as its fields (index = HL7 field
+    number; in MSH one less, its field separator being MSH-1)."""
     return [s.split("|") for s in message.split("\r") if s.startswith(segment + "|")]
 
 
@@ -76,7 +78,7 @@ def test_a_signed_report_is_posted_as_wrong_for_the_patient_the_study_left(readi
     run first sends nothing. Each delivery is audited with the patient it
     named."""
     study, wrong, right = generate_uid(), "001185003333", "038092005555"
-    _send_ct(reading, study, 1, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName=WRONG[0],
+    _send_ct(reading, study, 1, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName=WRONG_NAME,
              PatientBirthDate="19850101", PatientSex="M", AccessionNumber="CT26-0301")
     with reading.http(token=reading.radiologist) as rad:  # type: ignore[attr-defined]
         _sign(rad, study, "Gan nhiễm mỡ độ I.\nLách kích thước bình thường.", "Gan nhiễm mỡ.")
@@ -93,7 +95,7 @@ def test_a_signed_report_is_posted_as_wrong_for_the_patient_the_study_left(readi
     orus = _orus(reading, 3, study)
     assert len(orus) == 3, orus
     first, retracted, resent = orus
-    assert _fields(retracted, "PID")[0][3] == f"{wrong}^^^CCCD" and _fields(retracted, "PID")[0][5] == WRONG[0]
+    assert _fields(retracted, "PID")[0][3] == f"{wrong}^^^CCCD" and _fields(retracted, "PID")[0][5] == WRONG_NAME
     assert _fields(resent, "PID")[0][3] == f"{right}^^^CCCD" and _fields(resent, "PID")[0][5] == "Đặng^Thị Đúng"
     assert wrong not in resent, resent
     for message, obr_status, obx_status in ((first, "F", "F"), (retracted, "C", "W"), (resent, "F", "F")):
@@ -115,7 +117,7 @@ def test_a_signed_report_is_posted_as_wrong_for_the_patient_the_study_left(readi
 def test_a_study_without_a_signed_report_tells_the_his_nothing(reading: PacsServer) -> None:
     """A draft is no result the HIS holds: the study moves, nothing is queued."""
     study = generate_uid()
-    _send_ct(reading, study, 1, PatientID="001185004444", IssuerOfPatientID="CCCD", PatientName=WRONG[0],
+    _send_ct(reading, study, 1, PatientID="001185004444", IssuerOfPatientID="CCCD", PatientName=WRONG_NAME,
              AccessionNumber="CT26-0302")
     with reading.http(token=reading.radiologist) as rad:  # type: ignore[attr-defined]
         saved = rad.put(f"/api/studies/{study}/report", json={"findings": "Chưa xong.", "impression": "",
@@ -134,7 +136,7 @@ def test_a_report_the_his_never_received_goes_once_to_the_right_patient(reading:
     posted as wrong; back up, it gets the queued report once, for the
     patient the study is filed under now."""
     study, wrong, right = generate_uid(), "001185007777", "038092007777"
-    _send_ct(reading, study, 1, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName=WRONG[0],
+    _send_ct(reading, study, 1, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName=WRONG_NAME,
              AccessionNumber="CT26-0303")
     his = reading.his  # type: ignore[attr-defined]
     his.stop()
@@ -166,9 +168,9 @@ def test_an_amended_report_posted_as_wrong_names_the_patient_the_left_one_was_me
     study, wrong, kept, right = generate_uid(), "001185008888", "001185008899", "038092008888"
     with reading.http() as admin:
         for pid in (wrong, kept):  # registered by the HIS: kept when their last study moves away
-            put = admin.put(f"/api/patients/{pid}", json={"issuer": "CCCD", "name": WRONG[0], "reason": "HIS"})
+            put = admin.put(f"/api/patients/{pid}", json={"issuer": "CCCD", "name": WRONG_NAME, "reason": "HIS"})
             assert put.status_code == 200, put.text
-    _send_ct(reading, study, 1, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName=WRONG[0],
+    _send_ct(reading, study, 1, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName=WRONG_NAME,
              AccessionNumber="CT26-0304")
     with reading.http(token=reading.radiologist) as rad:  # type: ignore[attr-defined]
         _sign(rad, study, "Sỏi thận trái 5 mm.", "Sỏi thận trái.")
@@ -205,7 +207,7 @@ def test_a_reported_study_linked_by_hand_to_another_patients_order(reading: Pacs
     for the patient it left, with the numbers the HIS holds it under, then
     sent for the order's patient, answering that order (OBR-2, OBR-3)."""
     study, wrong, right = generate_uid(), "001185009911", "038092009911"
-    _send_ct(reading, study, 1, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName=WRONG[0],
+    _send_ct(reading, study, 1, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName=WRONG_NAME,
              AccessionNumber="CT26-0306")
     with reading.http(token=reading.radiologist) as rad:  # type: ignore[attr-defined]
         _sign(rad, study, "Tràn dịch màng phổi phải lượng ít.", "Tràn dịch màng phổi phải.")
