@@ -14,32 +14,21 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
 from pydicom.uid import generate_uid
 
-from .conftest import Backend, PacsServer
+from .conftest import PacsServer
 from .dicomfiles import make_ct
-from .test_metrics import scrape, value
+from .test_metrics import monitored, scrape, value  # noqa: F401 (fixtures)
 
 NOTES = {"CRIT-A": "Tràn khí màng phổi phải lượng nhiều, cần dẫn lưu ngay",
          "CRIT-B": "Xuất huyết dưới màng cứng bán cầu trái, đẩy lệch đường giữa"}
 TOLD = "BS. Lan, khoa Cấp cứu, qua điện thoại"
 OPEN = "pacs_critical_results_open"
 OLDEST = "pacs_critical_results_oldest_open_age_seconds"
-
-
-@pytest.fixture
-def hospital(tmp_path: Path, backend: Backend) -> Iterator[PacsServer]:
-    # No metrics cache: each scrape reads the index (the cache has tests of its own in test_metrics).
-    server = PacsServer(tmp_path / "data", backend, extra_env={"PACS_METRICS_CACHE_SECONDS": "0"}).start()
-    server.monitor = server.make_token("prometheus", "monitor")  # type: ignore[attr-defined]
-    yield server
-    server.stop()
 
 
 def _send(server: PacsServer, folder: Path, accession: str) -> str:
@@ -68,8 +57,8 @@ def _age_within(server: PacsServer, flagged_at: str) -> tuple[float, float, floa
     return before - flagged - 0.001, age, after - flagged + 0.001
 
 
-def test_critical_list_and_metrics_follow_flags_and_acknowledgements(hospital: PacsServer, tmp_path: Path) -> None:
-    server = hospital
+def test_critical_list_and_metrics_follow_flags_and_acknowledgements(monitored: PacsServer, tmp_path: Path) -> None:
+    server = monitored  # no metrics cache: each scrape reads the index
     monitor = server.monitor  # type: ignore[attr-defined]
 
     # Nothing flagged: both series are there (an alert needs them), at 0.
@@ -161,11 +150,11 @@ def test_critical_list_and_metrics_follow_flags_and_acknowledgements(hospital: P
 
 
 
-def test_an_amendment_flagged_again_is_acknowledged_with_the_first(hospital: PacsServer, tmp_path: Path) -> None:
+def test_an_amendment_flagged_again_is_acknowledged_with_the_first(monitored: PacsServer, tmp_path: Path) -> None:
     """Version 1 flagged and not yet acknowledged, the amendment flagged again:
     one acknowledgement (of the latest) closes both, or the first stayed open
     for ever (nothing can acknowledge it) and the alert never cleared."""
-    server = hospital
+    server = monitored  # no metrics cache: each scrape reads the index
     study = _send(server, tmp_path / "amend", "CRIT-A")
     radiologist = server.make_token("bs.minh", "radiologist", "Trần^Minh")
     with server.http(radiologist) as rad:
