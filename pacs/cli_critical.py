@@ -51,7 +51,7 @@ def cmd_critical(args: argparse.Namespace) -> int:
         now = datetime.now(UTC)
         if args.json:
             print(json.dumps({"state": args.state, "total": total,
-                              "critical": [{**c.as_dict(), "minutes_open": c.minutes_open(now)} for c in found]},
+                              "critical": [c.listed(now) for c in found]},
                              ensure_ascii=False))
             return 0
         # Plain lines, not a table: a table folds UIDs and notes at the terminal's width.

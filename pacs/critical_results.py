@@ -81,6 +81,10 @@ class Critical:
         found["acknowledged_at"] = self.acknowledged_at.isoformat() if self.acknowledged_at else None
         return found
 
+    def listed(self, now: datetime) -> dict[str, Any]:
+        """The JSON form as listings show it: also the minutes it has stayed open at *now*."""
+        return {**self.as_dict(), "minutes_open": self.minutes_open(now)}
+
     def minutes_open(self, now: datetime) -> int:
         """Whole minutes it stayed open: from the flag to its acknowledgement,
         or to *now* while nobody has recorded one."""

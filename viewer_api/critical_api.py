@@ -2,7 +2,7 @@
 for the radiologists, the quality staff and the EMR, and their
 acknowledgement (who was told, how).
 
-    GET  /api/critical[?state=open|acknowledged|all&limit=N]
+    GET  /api/critical[?state=open|acknowledged|all&limit=N]   (limit=0: the total only, as the viewer's badge asks)
     POST /api/studies/{uid}/report/critical/ack   {"acknowledgement": "BS. Lan, khoa Cấp cứu, qua điện thoại"}
 
 A critical result is flagged when the report is signed (``critical`` and
@@ -13,6 +13,7 @@ as ``critical-ack`` with what it says.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
@@ -20,6 +21,7 @@ from pydantic import Field
 
 from pacs import critical_results
 from pacs.auth import Principal
+from pacs.reports import procedure_modalities
 
 from .errors import JsonBody, refused_as_problem, require_uids
 from .security import audit_studies, guard
@@ -39,12 +41,15 @@ class Acknowledgement(JsonBody):
 
 @router.get("/api/critical", summary="Critical results (kết quả nguy kịch): open ones oldest first")
 def list_critical(request: Request, state: str = Query("open", description="open, acknowledged or all"),
-                  limit: int = Query(100, ge=1, le=1000),
+                  limit: int = Query(100, ge=0, le=1000),
                   _: Principal = guard(*LISTERS, action="query", study_of=lambda r: "")) -> dict[str, Any]:
     found, total = refused_as_problem(critical_results.listing, request.app.state.pacs.engine, state, limit)
     _audit_detail(request, f"critical results ({state}): {total}")
     audit_studies(request, [(c.study_uid, "") for c in found])  # each with its patient, filled in from the study
-    return {"state": state, "total": total, "critical": [c.as_dict() for c in found]}
+    now = datetime.now(UTC)
+    # minutes_open on the server's clock (a workstation's may be off); modality: the examination's (CT, not CT\DOC).
+    return {"state": state, "total": total,
+            "critical": [{**c.listed(now), "modality": procedure_modalities(c.modalities)} for c in found]}
 
 
 @router.post("/api/studies/{study}/report/critical/ack", summary="Record who was told of the study's critical "

@@ -1,9 +1,10 @@
 // The web viewer's entry point: session, top bar and hash routing
 // (#/login, #/worklist, #/study/<StudyInstanceUID>, #/accession/<AccessionNumber>,
-// #/activity for administrators).
+// #/activity for administrators, #/critical for those who list critical results).
 
 import { mountActivity } from "./activity.js";
 import { api, setToken, setUnauthorizedHandler } from "./api.js";
+import { CRITICAL_LISTERS, mountCritical, refreshCriticalCount, showCriticalCount } from "./critical.js";
 import { applyI18n, onLangChange, t, toggleLang } from "./i18n.js";
 import { mountLogin } from "./login.js";
 import { forgetUnsaved } from "./report.js";
@@ -29,6 +30,9 @@ function buildTopbar() {
     h("a.brand", { href: "#/worklist", "data-i18n": "app_title" }),
     h("a#nav-worklist.nav", { href: "#/worklist", "data-i18n": "nav_worklist" }),
     h("a#nav-activity.nav", { href: "#/activity", "data-i18n": "nav_activity", hidden: true }),
+    // The open critical results' count beside it (critical.js).
+    h("a#nav-critical.nav", { href: "#/critical", hidden: true },
+      h("span", { "data-i18n": "nav_critical" }), " ", h("span#critical-count.badge.critical-count", { hidden: true })),
     // Urgent studies not yet read, as the last worklist load counted them (worklist.js).
     h("button#urgent-count.btn.small.urgent-count", {
       type: "button", hidden: true, "data-i18n-title": "urgent_count_title",
@@ -61,6 +65,13 @@ function updateTopbar() {
   }
   const activity = document.getElementById("nav-activity");
   if (activity) activity.hidden = !(user && user.role === "admin");
+  const critical = document.getElementById("nav-critical");
+  if (critical) {
+    const shown = Boolean(user && CRITICAL_LISTERS.has(user.role));
+    if (shown && critical.hidden) countCritical(); // signed in: counted now, not a minute later
+    critical.hidden = !shown;
+    if (!shown) showCriticalCount(0); // the next user's count is their own
+  }
   const urgent = document.getElementById("urgent-count");
   if (urgent) {
     const n = user ? Number(urgent.dataset.count || 0) : 0;
@@ -69,6 +80,21 @@ function updateTopbar() {
     if (!user) urgent.dataset.count = "0"; // the next user's worklist counts their own
   }
 }
+
+// The open critical results' count, every CRITICAL_POLL_MS while the app is open and shown: one small
+// request (the total only), or the critical screen's own refresh, which counts them too.
+const CRITICAL_POLL_MS = 60000;
+
+function countCritical(unattended = false) {
+  if (state.view && state.view.refresh && parseRoute(state.hash).name === "critical") state.view.refresh();
+  else refreshCriticalCount({ unattended }).catch(() => {}); // the badge keeps its count until the next one
+}
+
+setInterval(() => {
+  const user = state.user;
+  if (document.hidden || !user || !CRITICAL_LISTERS.has(user.role)) return;
+  countCritical(true);
+}, CRITICAL_POLL_MS);
 
 async function logout() {
   if (state.view && state.view.canLeave && !state.view.canLeave() && !confirm(t("confirm_leave"))) return;
@@ -107,6 +133,7 @@ function parseRoute(hash) {
   if (name === "login") return { name: "login" };
   if (name === "worklist") return { name: "worklist" };
   if (name === "activity") return { name: "activity" };
+  if (name === "critical") return { name: "critical" };
   if (name === "study" && parts[1]) return { name: "study", studyUid: decoded(parts[1]) };
   if (name === "accession" && parts[1]) return { name: "accession", accession: decoded(parts[1]) };
   return { name: "" };
@@ -166,6 +193,7 @@ function render() {
   if (route.name === "login") state.view = mountLogin(root, ctx);
   else if (route.name === "worklist") state.view = mountWorklist(root, ctx);
   else if (route.name === "activity") state.view = mountActivity(root, ctx);
+  else if (route.name === "critical") state.view = mountCritical(root, ctx);
   else if (route.name === "study") state.view = mountStudy(root, ctx, route.studyUid);
   else if (route.name === "accession") state.view = openAccession(root, ctx, route.accession);
   applyI18n(root);

@@ -5,6 +5,7 @@
 // dialog, and a signed report shows its digital signature (chữ ký số) as a badge.
 
 import { api } from "./api.js";
+import { acknowledgeCritical } from "./critical.js";
 import { onLangChange, t } from "./i18n.js";
 import { TEMPLATES_API, TemplatePicker } from "./templates.js";
 import { formatDateTime, formatPN, h, readSession, toast, writeSession } from "./util.js";
@@ -499,18 +500,11 @@ export class ReportPanel {
     if (ok) toast(t("signed_ok"));
   }
 
-  /** Record who was told of the critical result, and how (POST .../critical/ack). */
+  /** Record who was told of the critical result, and how (critical.js, as from the list of critical results). */
   async acknowledge() {
-    const told = (prompt(t("critical_ack_prompt")) || "").trim();
-    if (!told) return;
     // Not this.run(): its 409 is a colleague's save of the text; here it is
     // someone who acknowledged first, whose record the redraw shows.
-    try {
-      await api("POST", `${this.base}/critical/ack`, { json: { acknowledgement: told } });
-      toast(t("critical_acked"));
-    } catch (exc) {
-      toast(exc && exc.message ? exc.message : String(exc), "error");
-    }
+    await acknowledgeCritical(this.studyUid);
     try {
       await this.accept(null);
     } catch {
