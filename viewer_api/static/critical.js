@@ -27,17 +27,17 @@ export async function refreshCriticalCount(options = {}) {
 }
 
 /** Ask who was told of the study's critical result, and how, and record it
- * (POST .../critical/ack); true when recorded. The study's report and the
- * list both call it. */
+ * (POST .../critical/ack): true when recorded, false when refused (a 409:
+ * someone acknowledged first), null when the question was cancelled. The
+ * study's report and the list both call it, and redraw after an answer. */
 export async function acknowledgeCritical(studyUid) {
   const told = (prompt(t("critical_ack_prompt")) || "").trim();
-  if (!told) return false;
+  if (!told) return null;
   try {
     await api("POST", `/api/studies/${encodeURIComponent(studyUid)}/report/critical/ack`,
       { json: { acknowledgement: told } });
     toast(t("critical_acked"));
   } catch (exc) {
-    // A 409: someone acknowledged first; the caller's redraw shows their record.
     toast(exc && exc.message ? exc.message : String(exc), "error");
     return false;
   }
@@ -93,7 +93,8 @@ export function mountCritical(el, ctx) {
           "data-i18n": "critical_open_study" }),
         open ? h("button.btn.small.critical-ack", { type: "button", "data-i18n": "critical_ack",
           onclick: async () => {
-            if (await acknowledgeCritical(item.study_uid)) load();
+            // Recorded or refused (someone else recorded it first): the list shows what is open now.
+            if ((await acknowledgeCritical(item.study_uid)) !== null) load();
           } }) : null));
   }
 
