@@ -67,6 +67,23 @@ def _flagged_earlier(server: PacsServer, study: str, minutes: int) -> None:
     assert changed == 1
 
 
+def _refreshes_are_not_audited_again(server: PacsServer, token: str, studies: set[str]) -> None:
+    """The viewer's own refreshes (unattended) of the badge and of a list
+    it showed already this hour write no audit event: an open viewer made
+    one a minute, the trail of who saw what drowned in them."""
+    unattended = {"x-pacs-unattended": "1"}
+    with server.http(token) as http:
+        assert http.get("/api/critical", params={"limit": 0}, headers=unattended).status_code == 200
+        assert http.get("/api/critical", headers=unattended).json()["total"] == 3
+    with server.http() as admin:  # GET /api/audit writes what is queued first
+        events = [e for e in admin.get("/api/audit", params={"action": "query", "user": "bs.hoa"}).json()
+                  if e["detail"].startswith("critical results")]
+    opened = [e for e in events if e["detail"].startswith("critical results (open)")]
+    # The count asked with the user there (one event), the list (one per study): none of the refreshes.
+    assert len(opened) == 1 + len(studies), opened
+    assert {e["study_uid"] for e in opened if e["study_uid"]} == studies
+
+
 def test_the_radiologist_acknowledges_a_critical_result_from_the_list(page: Any, viewer_server: PacsServer,
                                                                       tmp_path: Path) -> None:
     from playwright.sync_api import expect
@@ -83,6 +100,7 @@ def test_the_radiologist_acknowledges_a_critical_result_from_the_list(page: Any,
         listed = http.get("/api/critical").json()["critical"]
     assert [(c["study_uid"], c["modality"]) for c in listed] == [(first, "CT"), (second, "CT"), (third, "CT")]
     assert listed[0]["minutes_open"] >= 45
+    _refreshes_are_not_audited_again(server, signer, {first, second, third})
 
     sign_in(page, USERNAME, PASSWORD)
     expect(page).to_have_url(re.compile(r"#/worklist$"))

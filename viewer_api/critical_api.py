@@ -25,7 +25,7 @@ from pacs.reports import procedure_modalities
 
 from .errors import JsonBody, refused_as_problem, require_uids
 from .security import audit_studies, guard
-from .ui_api import _audit_detail
+from .ui_api import _audit_detail, _not_shown_this_hour
 
 router = APIRouter(tags=["critical results"])
 # Who lists them: those who read, act on or pass on results.
@@ -42,10 +42,15 @@ class Acknowledgement(JsonBody):
 @router.get("/api/critical", summary="Critical results (kết quả nguy kịch): open ones oldest first")
 def list_critical(request: Request, state: str = Query("open", description="open, acknowledged or all"),
                   limit: int = Query(100, ge=0, le=1000),
-                  _: Principal = guard(*LISTERS, action="query", study_of=lambda r: "")) -> dict[str, Any]:
+                  principal: Principal = guard(*LISTERS, action="query", study_of=lambda r: "")) -> dict[str, Any]:
     found, total = refused_as_problem(critical_results.listing, request.app.state.pacs.engine, state, limit)
+    # The viewer's badge and open list refresh themselves every minute (unattended): audited as the
+    # worklist's refresh is, only the studies this user was not shown this hour, no event when none
+    # (a badge's count shows no patient).
+    new = set(_not_shown_this_hour(request, principal, [c.study_uid for c in found]))
     _audit_detail(request, f"critical results ({state}): {total}")
-    audit_studies(request, [(c.study_uid, "") for c in found])  # each with its patient, filled in from the study
+    # Each with its patient, filled in from the study.
+    audit_studies(request, [(c.study_uid, "") for c in found if c.study_uid in new])
     now = datetime.now(UTC)
     # minutes_open on the server's clock (a workstation's may be off); modality: the examination's (CT, not CT\DOC).
     return {"state": state, "total": total,
