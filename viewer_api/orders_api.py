@@ -281,10 +281,19 @@ def unmatched(request: Request, limit: int = 100) -> list[dict[str, Any]]:
     return rows
 
 
+def _write_audit_first(request: Request) -> None:
+    """Write the audit events queued so far before a study changes patient:
+    an event names the patient its study is filed under when it is written
+    (pacs.audit), and the signature made just before the move was written
+    after it, naming the patient the report was not signed for."""
+    request.app.state.pacs.audit.flush()
+
+
 @router.post("/studies/{study}/match", summary="Link a study to an order by hand",
              dependencies=requires("admin", action="order"))
 def match_study(request: Request, study: str, body: MatchModel) -> dict[str, Any]:
     service = _service(request)
+    _write_audit_first(request)
     previous = service.study_patient(study)
     order = _call(service.match, study, body.accession_number)
     # The study, under its order's patient now, and the patient it left.
@@ -303,6 +312,8 @@ def move_study(request: Request, study: str, body: MoveStudyModel, dry_run: bool
     service = _service(request)
     info = _patient_info(body.patient, body.patient.id,
                          change_reason("study moved to another patient", principal.username, body.reason))
+    if not dry_run:
+        _write_audit_first(request)
     moved = _call(lambda: service.move_study(study, info, dry_run=dry_run))
     # The study under the patient it now has, and the patient it left.
     audit_studies(request, [(study, patient_cx(moved["patient"]["id"], moved["patient"]["issuer"])),
