@@ -590,10 +590,10 @@ def test_upgrade_across_0016_keeps_a_single_step_order_sqlite(tmp_path: Path) ->
         engine.dispose()
 
 
-def test_upgrade_across_0016_keeps_a_single_step_order_postgresql(pg_url: str) -> None:
+def test_upgrade_across_0016_keeps_a_single_step_order_postgresql(pg_empty_url: str) -> None:
     from pacs.index import create_index_engine
 
-    engine = create_index_engine(pg_url)
+    engine = create_index_engine(pg_empty_url)
     try:
         _upgrade_keeps_a_single_step_order(engine)
     finally:

@@ -327,7 +327,7 @@ def test_migration_0021_rewrites_legacy_dates_and_fills_the_name_forms(database:
     malformed values left alone), the names' reading order (the words of the
     alphabetic group, family middle given), the word forms of the Referring
     Physician's Name."""
-    url = create_database() if database == "pg" else f"sqlite:///{tmp_path}/index.sqlite"
+    url = create_database(empty=True) if database == "pg" else f"sqlite:///{tmp_path}/index.sqlite"
     engine = create_index_engine(url)
     try:
         _migrate_0021(engine)

@@ -94,7 +94,7 @@ def test_a_stop_while_a_modality_sends_refuses_nothing_and_leaves_no_orphan(tmp_
     assert verify["orphans"]["count"] == 0 and verify["ok"], verify
 
 
-def test_postgresql_restore_of_a_backup_taken_before_an_upgrade(tmp_path: Path, pg_url: str) -> None:
+def test_postgresql_restore_of_a_backup_taken_before_an_upgrade(tmp_path: Path, pg_empty_url: str) -> None:
     """The README's upgrade: back up with the version you leave, upgrade,
     and restore that backup if needed. `pg_restore --clean` dropped only what
     the backup holds: the constraints later migrations hung on its tables
@@ -104,12 +104,12 @@ def test_postgresql_restore_of_a_backup_taken_before_an_upgrade(tmp_path: Path, 
     from pacs.index import create_index_engine, current_revision, upgrade_schema
     from pacs.index.db import SCHEMA_HEAD
 
-    engine = create_index_engine(pg_url, pool_size=0)
+    engine = create_index_engine(pg_empty_url, pool_size=0)
     try:
         upgrade_schema(engine, "0012")
     finally:
         engine.dispose()
-    node = PacsServer(tmp_path / "data", Backend("pg", pg_url, None, {}))
+    node = PacsServer(tmp_path / "data", Backend("pg", pg_empty_url, None, {}))
     old = tmp_path / "before-upgrade.dump"
     node.cli("backup", "--out", str(old))
     node.cli("db", "upgrade")
@@ -119,7 +119,7 @@ def test_postgresql_restore_of_a_backup_taken_before_an_upgrade(tmp_path: Path, 
 
     restored = node.cli("restore", str(old), "--yes", check=False)
     assert restored.returncode == 0, restored.stderr
-    engine = create_index_engine(pg_url, pool_size=0)
+    engine = create_index_engine(pg_empty_url, pool_size=0)
     try:
         assert current_revision(engine) == SCHEMA_HEAD
     finally:

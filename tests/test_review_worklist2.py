@@ -131,7 +131,9 @@ def test_the_automatic_refresh_is_no_use_of_the_session(server: PacsServer) -> N
 @pytest.fixture(params=["sqlite", "postgresql"])
 def index_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty index: a SQLite file, or a fresh PostgreSQL database."""
-    return f"sqlite:///{tmp_path}/index.sqlite" if request.param == "sqlite" else str(request.getfixturevalue("pg_url"))
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/index.sqlite"
+    return str(request.getfixturevalue("pg_empty_url"))
 
 
 def _receive(engine: Any, writer: Any, folder: Path, n: int, source: str, priority: str, *, study: int = 0) -> None:
