@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import time
 import zipfile
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -35,8 +34,9 @@ def peers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
     every = Receiver(tmp / "every").start()  # +xa: every syntax
     plain = Receiver(tmp / "plain", accept_all=False).start()  # uncompressed syntaxes only
     reader = PacsServer(tmp / "reader", Backend("sqlite-fs", None, None, {})).start()
+    # Rules read per object (no 2 s cache): a rule changed in the index applies to the next store.
     server = PacsServer(tmp / "data", Backend("sqlite-fs", None, None, {}),
-                        extra_env={"PACS_ROUTE_MAX_ATTEMPTS": "3"})
+                        extra_env={"PACS_ROUTE_MAX_ATTEMPTS": "3", "PACS_ROUTE_RULES_REFRESH_SECONDS": "0"})
     server.cli("ae", "add", "EVERY", "--host", "127.0.0.1", "--port", str(every.port))
     server.cli("ae", "add", "PLAIN", "--host", "127.0.0.1", "--port", str(plain.port))
     server.start()
@@ -171,7 +171,6 @@ def test_set_values_are_checked_against_their_vr(peers: dict) -> None:
         db.commit()
     finally:
         db.close()
-    time.sleep(2.5)  # the ingest's rule cache (2 s)
     _store(server, make_ct(tmp / "old-morph.dcm"), "OLD_MORPH")
     assert wait_until(lambda: _states(server, "old-morph").get("dead") == 1, timeout=30), _jobs(server, "old-morph")
     (job,) = _jobs(server, "old-morph")
