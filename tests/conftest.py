@@ -120,7 +120,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     except PeerMissing as exc:
         pytest.fail(str(exc))
     yield server
-    server.stop()
+    server.kill()  # its data goes with the session's temporary folder
 
 
 @pytest.fixture

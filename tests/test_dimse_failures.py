@@ -467,7 +467,7 @@ def test_s3_down_gives_failure_status_and_no_index_row(tmp_path: Path, pg_url: s
         assert server.alive()
     finally:
         server.stop()
-        s3.stop()
+        s3.kill()  # thrown away: no clean stop to wait for
 
 
 def allow_connections(pg_url: str, allow: bool) -> None:
@@ -848,7 +848,7 @@ def test_retrieval_while_s3_is_down_is_503_before_any_byte(tmp_path: Path) -> No
         assert scu_store_file(server, ct) == 0
         ds = dcmread(ct, stop_before_pixels=True)
         url = f"/dicom-web/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}/instances/{ds.SOPInstanceUID}"
-        s3.stop()
+        s3.kill()  # down for good (never started again): no clean stop to wait for
         with server.http() as http:
             as_stored = http.get(url)
             converted = http.get(url, headers={
@@ -860,4 +860,4 @@ def test_retrieval_while_s3_is_down_is_503_before_any_byte(tmp_path: Path) -> No
             as_stored.text[:200], converted.text[:200], legacy.text[:200])
     finally:
         server.stop()
-        s3.stop()
+        s3.kill()
