@@ -72,7 +72,8 @@ def test_a_destination_down_longer_than_the_tries_gets_every_job_once_it_is_back
         assert "[Errno 111]" in table and "refused" in table, table
         assert "parked as dead" not in server.log_text()
         receiver.start()
-        assert receiver.wait_for(3) == 3, "every job delivered once the link is back, each once"
+        assert receiver.wait_for(3, settled=lambda: _states(server, "to-satellite") == {"done": 3}) == 3, \
+            "every job delivered once the link is back, each once"
         assert set(receiver.files()) == set(uids)
         assert wait_until(lambda: _states(server, "to-satellite") == {"done": 3}, timeout=30), \
             _jobs(server, "to-satellite")

@@ -10,6 +10,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -53,11 +54,18 @@ class Receiver:
     def files(self) -> dict[str, Path]:
         return {str(dcmread(f, stop_before_pixels=True).SOPInstanceUID): f for f in (self.workdir / "in").iterdir()}
 
-    def wait_for(self, count: int, timeout: float = 90) -> int:
+    def wait_for(self, count: int, timeout: float = 90, settled: Callable[[], bool] | None = None) -> int:
+        """The stores received once *count* came (or *timeout* passed) and
+        nothing more is coming: *settled* is the sender's word for it (every
+        routing job of a single node recorded done: a job is sent again only
+        before that); without it, 1.5 s more for a duplicate to show up."""
         deadline = time.monotonic() + timeout
         while self.stores() < count and time.monotonic() < deadline:
             time.sleep(0.3)
-        time.sleep(1.5)  # anything extra (a duplicate) would show up now
+        if settled is None:
+            time.sleep(1.5)  # anything extra (a duplicate) would show up now
+        else:
+            assert wait_until(settled, timeout=60), "the sender did not settle"
         return self.stores()
 
 
@@ -105,7 +113,8 @@ def test_rule_waits_for_a_down_receiver_and_survives_restarts(tmp_path: Path) ->
         server.stop(signal.SIGKILL)
         server.start()
         receiver.start()
-        assert receiver.wait_for(5) == 5, "every routed object exactly once"
+        assert receiver.wait_for(5, settled=lambda: _jobs(server)["counts"] == {"done": 5}) == 5, \
+            "every routed object exactly once"
         assert set(receiver.files()) == set(routed + more)
         wait_until(lambda: _jobs(server)["counts"] == {"done": 5}, timeout=20)
         assert _jobs(server)["counts"] == {"done": 5}
@@ -130,7 +139,7 @@ def test_transcoding_and_deidentifying_on_the_way(tmp_path: Path) -> None:
                            Rows=64, Columns=64, PixelData=(np.arange(4096, dtype=np.uint16) * (i + 3)).tobytes())
             assert server.storescu(str(path), calling="RESEARCH_CT").returncode == 0
             originals[i] = dcmread(path)
-        assert receiver.wait_for(3) == 3
+        assert receiver.wait_for(3, settled=lambda: _jobs(server)["counts"] == {"done": 3}) == 3
         received = [dcmread(f) for f in receiver.files().values()]
     finally:
         server.stop()
@@ -357,7 +366,7 @@ def test_a_resent_instance_is_routed_as_its_sender_s_objects_are(tmp_path: Path)
         assert server.storescu(str(paths[0]), calling="MODALITY").returncode == 0  # the other path
         for path in paths:
             assert server.storescu(str(path), calling="SATELLITE").returncode == 0
-        assert receiver.wait_for(3) == 3
+        assert receiver.wait_for(3, settled=lambda: _jobs(server)["counts"] == {"done": 3}) == 3
         assert server.storescu(str(paths[0]), calling="SATELLITE").returncode == 0  # once more
         # A resend's routing jobs are recorded before it is acknowledged (Ingest._duplicate): a job
         # sending it again would be pending now and done only once the receiver has it; no 5 s wait.
@@ -466,8 +475,9 @@ def test_a_big_endian_object_and_a_report_reach_a_transcoding_destination(tmp_pa
     try:
         assert server.storescu(str(source), calling="OLD_MR").returncode == 0
         assert server.storescu(str(report), calling="SR_APP").returncode == 0
-        assert receiver.wait_for(1) == 1
-        assert plain.wait_for(1) == 1, _jobs(server)
+        both_done = lambda: _jobs(server)["counts"] == {"done": 2}  # noqa: E731
+        assert receiver.wait_for(1, settled=both_done) == 1
+        assert plain.wait_for(1, settled=both_done) == 1, _jobs(server)
         got = dcmread(next(iter(receiver.files().values())))
         sent_report = dcmread(next(iter(plain.files().values())))
     finally:
