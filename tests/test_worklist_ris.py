@@ -22,7 +22,7 @@ from pynetdicom.sop_class import ModalityPerformedProcedureStep, StudyRootQueryR
 
 from .conftest import Backend, PacsServer, free_port, run_dcmtk
 from .dicomfiles import make_ct
-from .peers import MLLPRecorder, create_database, drop_database
+from .peers import MLLPRecorder, create_database, drop_database, wait_until
 
 
 @pytest.fixture(params=["sqlite", "pg"])
@@ -222,7 +222,12 @@ def test_mpps_moves_the_order_and_reports_to_the_his_even_when_it_was_down(ris: 
     assert _mpps(ris, mpps_uid, done, create=False) == 0x0000
     with ris.http() as http:
         assert http.get("/api/orders/ACC4001").json()["status"] == "COMPLETED"
-    time.sleep(2)
+
+    def found_down() -> bool:  # both messages queued, the first tried and refused: the HIS was down
+        queued = json.loads(ris.cli("outbox", "list", "--json").stdout)["messages"]
+        mine = {m["status"]: m for m in queued if m["accession"] == "ACC4001"}
+        return {"IN PROGRESS", "COMPLETED"} <= mine.keys() and mine["IN PROGRESS"]["attempts"] >= 1
+    assert wait_until(found_down, timeout=30, interval=0.2), ris.cli("outbox", "list").stdout  # not a fixed 2 s
     his = MLLPRecorder(ris.his_port)  # type: ignore[attr-defined]
     try:
         messages = his.wait_for(2, timeout=60)
