@@ -181,9 +181,16 @@ def test_who_may_scrape_and_what_the_audit_trail_keeps(tmp_path: Path) -> None:
         server.cli("token", "revoke", "zabbix", "--name", "agent")
         with server.http(token) as revoked:
             assert revoked.get("/metrics").status_code == 401
-        time.sleep(1.0)  # the audit trail is written in batches, within ~0.2 s
-        events = json.loads(server.cli("audit", "--format", "json").stdout)
-        scrapes = [e for e in events if "/metrics" in e.get("detail", "")]
+        scrapes: list[dict] = []
+
+        def written() -> bool:
+            """The revoked token's refusal (the last request) is in the trail: so is every earlier
+            one (pacs/audit.py: one queue, written in order). Not a fixed 1 s wait."""
+            events = json.loads(server.cli("audit", "--format", "json").stdout)
+            scrapes[:] = [e for e in events if "/metrics" in e.get("detail", "")]
+            return any(e["user"] == "zabbix" and e["detail"].split(" -> ")[1][:3] == "401" for e in scrapes)
+
+        assert wait_until(written, timeout=20, interval=0.2), scrapes
         # Successful scrapes are not audited; refusals are, once per client, user and status per period.
         assert all(e["outcome"] == "denied" for e in scrapes), scrapes
         by_user = {(e["user"], e["detail"].split(" -> ")[1][:3]) for e in scrapes}
