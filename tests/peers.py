@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -14,6 +15,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import ssl
 import struct
 import subprocess
 import sys
@@ -99,6 +101,15 @@ def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = 
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"port {port} did not open within {timeout}s")
+
+
+@functools.cache
+def plain_http_ssl() -> ssl.SSLContext:
+    """The SSL context of the tests' plain-HTTP clients (verify=), made once:
+    httpx makes one per Client otherwise, reading its CA bundle (~40 ms, more
+    than most requests take; a test making a client per request spent most of
+    its time there). A client of an http:// URL never uses it."""
+    return httpx.create_ssl_context()
 
 
 def wait_until(predicate, timeout: float = 60.0, interval: float = 0.5) -> bool:  # type: ignore[no-untyped-def]
@@ -692,7 +703,8 @@ class PacsServer:
     def http(self, token: str | None = None) -> httpx.Client:
         """An HTTP client, authenticated as the test admin unless told otherwise."""
         headers = {"Authorization": f"Bearer {token or self.token}"} if (token or self.token) else {}
-        return httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=30, headers=headers)
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.http_port}", timeout=30, headers=headers,
+                            verify=plain_http_ssl())
 
     def core(self):  # type: ignore[no-untyped-def]
         """Open the core on this server's index and store (reads in tests)."""
