@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from .conftest import Backend, PacsServer
+from .peers import plain_http_ssl
 from .qr_corpus import import_corpus, series_uid, sop_uid, study_uid
 
 S1 = study_uid("S1")  # patient 001085012345^^^CCCD, referred by Đỗ^Thanh Tùng
@@ -39,7 +40,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
 
 def _client(server: PacsServer, role: str | None) -> httpx.Client:
     """A client of *role* (None: no credentials at all)."""
-    client = httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30, verify=plain_http_ssl())
     if role is not None:
         token = server.token if role == "admin" else server.tokens[role]  # type: ignore[attr-defined]
         client.headers["Authorization"] = f"Bearer {token}"

@@ -28,14 +28,15 @@ from viewer_api.multipart import build_multipart_related
 
 from .conftest import Backend, PacsServer, free_port, wait_port
 from .dicomfiles import make_ct
-from .peers import PACS_COMMANDS, wait_until
+from .peers import PACS_COMMANDS, plain_http_ssl, wait_until
 
 SQLITE = pytest.mark.parametrize("backend", ["sqlite-fs"], indirect=True)
 PASSWORD = "first-password-1"
 
 
 def _login(server: PacsServer, username: str, password: str, **headers: str) -> httpx.Response:
-    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30) as anonymous:
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30,
+                      verify=plain_http_ssl()) as anonymous:
         return anonymous.post("/api/auth/login", json={"username": username, "password": password}, headers=headers)
 
 

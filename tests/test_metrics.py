@@ -25,7 +25,7 @@ from sqlalchemy import insert
 
 from .conftest import Backend, PacsServer, free_port
 from .dicomfiles import make_ct
-from .peers import wait_until
+from .peers import plain_http_ssl, wait_until
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 PATIENT_ID = "BN-MET-0042"
@@ -35,7 +35,7 @@ Samples = dict[str, list[tuple[dict[str, str], float]]]
 
 def scrape(server: PacsServer, token: str | None) -> Samples:
     """The samples of one scrape, by sample name (prometheus_client's parser)."""
-    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30,
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30, verify=plain_http_ssl(),
                       headers={"Authorization": f"Bearer {token}"} if token else {}) as http:
         answer = http.get("/metrics")
     assert answer.status_code == 200, answer.text

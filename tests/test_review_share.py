@@ -21,7 +21,7 @@ from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer
 from .dicomfiles import image_dataset
-from .peers import PACS_COMMANDS, ROOT
+from .peers import PACS_COMMANDS, ROOT, plain_http_ssl
 from .test_share_links import BIRTH_YEAR, _write_studies
 
 FAKETIME_LIB = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1")
@@ -66,7 +66,7 @@ def _link(server: PacsServer, study: str) -> str:
 
 
 def _phone(server: PacsServer) -> httpx.Client:
-    return httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30)
+    return httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30, verify=plain_http_ssl())
 
 
 def test_a_birth_year_in_other_digits_is_a_400(archive: PacsServer) -> None:

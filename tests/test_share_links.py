@@ -28,7 +28,7 @@ from pydicom.uid import generate_uid
 
 from .conftest import PacsServer, shared_backend
 from .dicomfiles import image_dataset
-from .peers import PACS_COMMANDS
+from .peers import PACS_COMMANDS, plain_http_ssl
 from .test_web_viewer import watched_page
 
 NAME = "Nguyễn^Thị Hằng"
@@ -102,7 +102,7 @@ def token_of(server: PacsServer, role: str) -> str:
 
 def patient(server: PacsServer) -> httpx.Client:
     """The patient's phone: no credentials of the API, a cookie jar."""
-    return httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30)
+    return httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", timeout=30, verify=plain_http_ssl())
 
 
 def make_link(server: PacsServer, study: str, role: str = "his", days: int | None = 7) -> dict[str, Any]:
