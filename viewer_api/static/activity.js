@@ -4,7 +4,7 @@
 
 import { api } from "./api.js";
 import { applyI18n, getLang, onLangChange, t } from "./i18n.js";
-import { h } from "./util.js";
+import { h, showFailure } from "./util.js";
 
 // Each table: its key in the answer, its heading, and its columns
 // [field, label key, kind] (kind "num": right-aligned, grouped digits; "gb":
@@ -107,9 +107,7 @@ export function mountActivity(el, ctx) {
       message.textContent = "";
       draw();
     } catch (exc) {
-      if (exc && exc.name === "AbortError") return;
-      message.classList.add("error");
-      message.textContent = exc && exc.message ? exc.message : String(exc);
+      showFailure(message, exc);
     }
   }
 

@@ -4,7 +4,7 @@
 
 import { api } from "./api.js";
 import { applyI18n, onLangChange, t } from "./i18n.js";
-import { formatDateTime, formatPN, h, toast } from "./util.js";
+import { formatDateTime, formatPN, h, showFailure, toast } from "./util.js";
 
 // The roles GET /api/critical answers (viewer_api.critical_api.LISTERS); the server checks it too.
 export const CRITICAL_LISTERS = new Set(["radiologist", "admin", "emr", "his"]);
@@ -123,9 +123,7 @@ export function mountCritical(el, ctx) {
       if (state === "open") showCriticalCount(Number(data.total) || 0);
       else await refreshCriticalCount({ signal, unattended });
     } catch (exc) {
-      if (exc && exc.name === "AbortError") return;
-      message.classList.add("error");
-      message.textContent = exc && exc.message ? exc.message : String(exc);
+      showFailure(message, exc);
     }
   }
 

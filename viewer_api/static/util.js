@@ -139,3 +139,10 @@ export function writeSession(key, value) {
     /* disabled or full */
   }
 }
+
+// A screen's load that failed, said in its message line (an aborted one says nothing: the screen was left).
+export function showFailure(message, exc) {
+  if (exc && exc.name === "AbortError") return;
+  message.classList.add("error");
+  message.textContent = exc && exc.message ? exc.message : String(exc);
+}
