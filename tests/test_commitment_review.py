@@ -62,7 +62,12 @@ def _commit_waiting(server: PacsServer, sops: list[str]) -> tuple[int, set[str],
     try:
         transaction = generate_uid()
         assert _ask(assoc, _request(transaction, [(CTImageStorage, sop) for sop in sops])).Status == 0x0000
-        return _report(received, transaction)
+        report = _report(received, transaction)
+        # pynetdicom sends the handler's N-EVENT-REPORT-RSP after the handler returned: released at once,
+        # the association could end before it left, and the server waited its DIMSE timeout (60 s) for it.
+        assert wait_until(lambda: any(transaction in line and "reported to" in line
+                                      for line in server.log_text().splitlines()), 30)
+        return report
     finally:
         assoc.release()
 
