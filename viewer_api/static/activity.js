@@ -3,7 +3,7 @@
 // download for Excel (the session cookie authorises it; the server audits it).
 
 import { api } from "./api.js";
-import { applyI18n, getLang, onLangChange, t } from "./i18n.js";
+import { getLang, redrawOnLangChange, t } from "./i18n.js";
 import { h, showFailure } from "./util.js";
 
 // Each table: its key in the answer, its heading, and its columns
@@ -111,10 +111,7 @@ export function mountActivity(el, ctx) {
     }
   }
 
-  const unsubscribe = onLangChange(() => {
-    applyI18n(el);
-    draw();
-  });
+  const unsubscribe = redrawOnLangChange(el, draw);
   load();
   return {
     cleanup() {

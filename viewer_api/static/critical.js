@@ -3,7 +3,7 @@
 // or the acknowledged ones. The menu entry's badge counts the open ones.
 
 import { api } from "./api.js";
-import { applyI18n, onLangChange, t } from "./i18n.js";
+import { applyI18n, redrawOnLangChange, t } from "./i18n.js";
 import { formatDateTime, formatPN, h, showFailure, toast } from "./util.js";
 
 // The roles GET /api/critical answers (viewer_api.critical_api.LISTERS); the server checks it too.
@@ -127,10 +127,7 @@ export function mountCritical(el, ctx) {
     }
   }
 
-  const unsubscribe = onLangChange(() => {
-    applyI18n(el);
-    draw();
-  });
+  const unsubscribe = redrawOnLangChange(el, draw);
   load();
   return {
     refresh: () => load(true), // the app's periodic refresh

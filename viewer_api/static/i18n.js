@@ -710,4 +710,12 @@ export function onLangChange(fn) {
   return () => listeners.delete(fn);
 }
 
+// A screen whose labels (data-i18n) and drawn content follow the language: its unsubscribe.
+export function redrawOnLangChange(root, draw) {
+  return onLangChange(() => {
+    applyI18n(root);
+    draw();
+  });
+}
+
 document.documentElement.lang = lang;
