@@ -269,7 +269,8 @@ def mark_sent(engine: Engine, message: Message) -> int | None:
                 outbox.c.destination == row.destination, outbox.c.state == "dead",
                 outbox.c.kind == row.kind, outbox.c.pk < pk)
         ).all()
-        replaced = [other for other, other_key in _keys_of(conn, older_dead).items() if other_key == key]
+        replaced = _replaced_by(conn, [other for other, other_key in _keys_of(conn, older_dead).items()
+                                       if other_key == key], json.loads(row.payload))
         if replaced:
             conn.execute(
                 update(outbox)
@@ -278,6 +279,28 @@ def mark_sent(engine: Engine, message: Message) -> int | None:
                     f"superseded by message {pk}; " + outbox.c.last_error, 1, 500))
             )
         return len(replaced)
+
+
+def _retraction_of(data: dict[str, Any]) -> tuple[str, str] | None:
+    """The patient (ID, issuer) a report posted as wrong retracts it for; None for any other message."""
+    if data.get("status") != REPORT_WRONG_PATIENT:
+        return None
+    order = data.get("order") or {}
+    return str(order.get("patient_id") or ""), str(order.get("issuer") or "")
+
+
+def _replaced_by(conn: Connection, dead: list[int], sent: dict[str, Any]) -> list[int]:
+    """Of the *dead* messages of a key, those the message *sent* replaces. A
+    report posted as wrong for the patient its study left is replaced by
+    nothing but a retraction for that same patient: the report sent after it
+    for the study's new patient tells the HIS nothing of the first one's
+    record, and superseded, the retraction could never be retried."""
+    if not dead:
+        return dead
+    payloads = conn.execute(select(outbox.c.pk, outbox.c.payload).where(outbox.c.pk.in_(dead))).all()
+    retracting = _retraction_of(sent)
+    return [row.pk for row in payloads
+            if (retracted := _retraction_of(json.loads(row.payload))) is None or retracted == retracting]
 
 
 def mark_failed(engine: Engine, message: Message, error: str, *, dead: bool, retry_in: float) -> bool:
