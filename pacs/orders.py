@@ -2420,10 +2420,13 @@ def report_to_moved_patient(conn: Connection, study_uid: str, study_pk: int, old
 
 def report_order(row: Any) -> dict[str, Any]:
     """What a report (ORU^R01: ORC, OBR) names of the order it answers,
-    from the orders row of its requested procedure (the first step)."""
+    from the orders row of its requested procedure (the first step): its
+    accession too (OBR-18; OBR-3 of an order without placer and filler
+    numbers), which a study linked to it takes -- a report resent for the
+    order's patient named the accession the study came with."""
     return {"order_pk": row.pk, **{k: getattr(row, k) for k in (
-        "placer_order_number", "filler_order_number", "procedure_code", "procedure_code_scheme",
-        "requested_procedure_description")}}
+        "accession_number", "placer_order_number", "filler_order_number", "procedure_code",
+        "procedure_code_scheme", "requested_procedure_description")}}
 
 
 def link_study(conn: Connection, study_pk: int, order_pk: int, matched_by: str) -> None:

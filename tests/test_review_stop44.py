@@ -8,7 +8,13 @@ serve` on SQLite with a stand-in HIS over MLLP. Bugs found:
   copy replaces nothing the retraction said, so the retraction was never
   sent, `pacs outbox retry` could no longer send it, and the dead message an
   operator watches for vanished -- the other person's findings stayed in
-  the first patient's record at the HIS.
+  the first patient's record at the HIS;
+- a reported study linked to another patient's order (`POST
+  /api/studies/{uid}/match`, an order placed after it) takes the order's
+  accession, but the report resent for the order's patient named the one
+  the study came with (OBR-18, and OBR-3 for an order without placer and
+  filler numbers): a HIS filing results by accession put it on another
+  examination's record.
 """
 
 from __future__ import annotations
@@ -46,9 +52,11 @@ def reading(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     """An archive whose reports go to a HIS that refuses retractions
     (``reading.his``), retrying fast, with radiologist A's token."""
     tmp = tmp_path_factory.mktemp("stop44")
-    his_port = free_port()
-    server = PacsServer(tmp / "data", Backend("sqlite", None, None, {}),
-                        extra_env={"PACS_HIS_MLLP": f"127.0.0.1:{his_port}", "PACS_HIS_RETRY_SECONDS": "0.1"})
+    his_port, http_port = free_port(), free_port()
+    # The public URL puts the study's link (its UID) in each ORU, by which the tests find theirs.
+    server = PacsServer(tmp / "data", Backend("sqlite", None, None, {}), http_port=http_port,
+                        extra_env={"PACS_HIS_MLLP": f"127.0.0.1:{his_port}", "PACS_HIS_RETRY_SECONDS": "0.1",
+                                   "PACS_PUBLIC_URL": f"http://127.0.0.1:{http_port}"})
     server.start()
     server.work = tmp  # type: ignore[attr-defined]
     server.his = RetractionRefusingHIS(his_port)  # type: ignore[attr-defined]
@@ -91,4 +99,47 @@ def test_a_retraction_the_his_refused_stays_dead_for_a_retry(reading: PacsServer
     retried = reading.cli("outbox", "retry", "--id", str(retraction["id"]))
     assert retried.returncode == 0, retried.stderr
     assert wait_until(lambda: _queued(reading, study)[1]["state"] == "sent", timeout=30), _queued(reading, study)
+
+
+def _fields(message: str, segment: str) -> list[list[str]]:
+    """Every *segment* of an HL7 *message*, as its fields (index = HL7 field number, but for MSH)."""
+    return [s.split("|") for s in message.split("\r") if s.startswith(segment + "|")]
+
+
+def _orus(server: PacsServer, study: str, count: int) -> list[str]:
+    """The ORU^R01 of *study* the HIS received but those posted as wrong, once there are *count* (or after 30 s)."""
+    def taken() -> list[str]:
+        return [m.decode() for m in list(server.his.messages)  # type: ignore[attr-defined]
+                if b"ORU^R01" in m and study.encode() in m and not _posted_as_wrong(m)]
+    wait_until(lambda: len(taken()) >= count, timeout=30)
+    return taken()
+
+
+def test_a_report_resent_for_the_order_s_patient_names_the_order_s_accession(reading: PacsServer) -> None:
+    """The CT came without order under the wrong patient, accession
+    CT26-4410 (the modality's), and was reported; linked by hand to Đặng
+    Thị Đúng's order CT26-4411, the study takes that accession. The report
+    sent for her answers that order: OBR-18 (and, for an order the HIS gave
+    no placer or filler number, OBR-3) is its accession, not the one the
+    study arrived with -- a HIS filing results by accession put her report
+    on another examination's record."""
+    study, wrong, right = generate_uid(), "001185044010", "038092044010"
+    _send_ct(reading, study, 1, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName="Lê^Văn Sai",
+             AccessionNumber="CT26-4410")
+    with reading.http(token=reading.radiologist) as rad:  # type: ignore[attr-defined]
+        _sign(rad, study, "Gãy xương sườn 5 phải.", "Gãy xương sườn.")
+    assert len(_orus(reading, study, 1)) == 1
+    with reading.http() as admin:
+        placed = admin.post("/api/orders", json={
+            "patient": {"id": right, "issuer": "CCCD", "name": "Đặng^Thị Đúng"}, "accession_number": "CT26-4411",
+            "modality": "CT", "start_date": "20261207"})
+        assert placed.status_code in (200, 201), placed.text
+        matched = admin.post(f"/api/studies/{study}/match", json={"accession_number": "CT26-4411"})
+        assert matched.status_code == 200, matched.text
+    orus = _orus(reading, study, 2)
+    assert len(orus) == 2, orus
+    resent = orus[1]
+    assert _fields(resent, "PID")[0][3] == f"{right}^^^CCCD", resent
+    assert _fields(resent, "OBR")[0][18] == "CT26-4411", resent
+    assert _fields(resent, "OBR")[0][3] == "CT26-4411", resent
 
