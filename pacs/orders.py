@@ -592,10 +592,15 @@ class OrderService:
         but only on those it sent: a value left out keeps the stored one)."""
         if not p.patient_id:
             raise OrderError("the patient has no identifier", code="101", http_status=400)
-        # Both are LO (PS3.5): a longer value is refused by every entry point (the
-        # JSON API's models too), never stored to be served as invalid DICOM.
+        # All LO (PS3.5), the other IDs too (C-FIND's Other Patient IDs Sequence): a longer value is
+        # refused by every entry point (the JSON API's models too), never stored to be served as invalid DICOM.
+        others = [(o.value, f"the other patient ID {o.value[:20]}... (PatientID in OtherPatientIDsSequence, VR LO; "
+                            "HL7 PID-3)") for o in p.other_ids]
+        others += [(o.issuer, f"the issuer of the other patient ID {o.value[:64]} (IssuerOfPatientID in "
+                              "OtherPatientIDsSequence, VR LO; HL7 PID-3.4)") for o in p.other_ids]
         for value, what in ((p.patient_id, "the patient ID (PatientID, VR LO)"),
-                            (p.issuer, "the issuer of the patient ID (IssuerOfPatientID, VR LO; HL7 PID-3.4)")):
+                            (p.issuer, "the issuer of the patient ID (IssuerOfPatientID, VR LO; HL7 PID-3.4)"),
+                            *others):
             if len(value) > _PATIENT_ID_LIMIT:
                 raise OrderError(f"{what} is longer than {_PATIENT_ID_LIMIT} characters", code="102", http_status=400)
         if p.birth_date and len(p.birth_date) == 8 and not is_date(p.birth_date):

@@ -14,7 +14,11 @@ serve` on SQLite with a stand-in HIS over MLLP. Bugs found:
   accession, but the report resent for the order's patient named the one
   the study came with (OBR-18, and OBR-3 for an order without placer and
   filler numbers): a HIS filing results by accession put it on another
-  examination's record.
+  examination's record;
+- HL7 took an other ID (a PID-3 repetition: citizen ID, insurance number)
+  whose value or issuer is over LO's 64 characters, which the JSON API
+  refuses: stored, it was served in C-FIND's Other Patient IDs Sequence as
+  invalid DICOM (the issuer check of PID-3.4 left the other IDs out).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer, free_port
 from .peers import MLLPRecorder, ack_for, wait_until
+from .test_hl7_robustness import fields
 from .test_review_radiology_day import A, _send_ct, _sign
+from .test_worklist_ris import msa, send
 
 
 def _posted_as_wrong(message: bytes) -> bool:
@@ -142,4 +148,25 @@ def test_a_report_resent_for_the_order_s_patient_names_the_order_s_accession(rea
     assert _fields(resent, "PID")[0][3] == f"{right}^^^CCCD", resent
     assert _fields(resent, "OBR")[0][18] == "CT26-4411", resent
     assert _fields(resent, "OBR")[0][3] == "CT26-4411", resent
+
+
+def test_an_other_id_longer_than_lo_is_refused_over_hl7_as_over_json(reading: PacsServer) -> None:
+    """The JSON API refuses an other ID (a PID-3 repetition: the citizen ID,
+    the insurance number) whose value or issuer is over LO's 64 characters;
+    HL7 stored it, served in C-FIND's Other Patient IDs Sequence as invalid
+    DICOM. Now an AE 102 naming the field, as for the patient ID's issuer."""
+    long = "BH" + "Y" * 63  # 65 characters
+    msh = "MSH|^~\\&|HIS|BVDK|PACS|BVDK|20261207090000||ADT^A08^ADT_A01|{}|P|2.5|||||VNM|UNICODE UTF-8"
+    for control, other in (("S44-A08-1", f"GD4797912345^^^{long}^HC"), ("S44-A08-2", f"{long}^^^BHYT^HC")):
+        ack = send(reading, "\n".join((msh.format(control), "EVN|A08|20261207090000",
+                                       f"PID|1||BN4460^^^BVDK^PI~{other}||Võ^Văn Tám||19700101|M", "PV1|1|O")))
+        assert msa(ack) == ("AE", control), ack
+        err = fields(ack, "ERR")
+        assert err[3].startswith("102^") and "64" in err[8], ack
+    with reading.http() as http:
+        assert http.get("/api/patients/BN4460", params={"issuer": "BVDK"}).status_code == 404
+    ack = send(reading, "\n".join((msh.format("S44-A08-3"), "EVN|A08|20261207090000",
+                                   f"PID|1||BN4460^^^BVDK^PI~GD4797912345^^^{long[:64]}^HC||Võ^Văn Tám||19700101|M",
+                                   "PV1|1|O")))
+    assert msa(ack)[0] == "AA", ack  # 64 characters are an issuer
 
