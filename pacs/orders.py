@@ -2376,8 +2376,11 @@ def report_to_moved_patient(conn: Connection, study_uid: str, study_pk: int, old
     was last filed there), queue it posted as wrong for *old*
     (ris_bridge.outbound: OBX-11 W), then the same report for the new
     patient -- else another person's findings stay in *old*'s record at the
-    HIS. Both are copies of the report's last message (the version the HIS
-    holds, with its status: F, or C once amended), in its order after it;
+    HIS. The first is a copy of the last message the HIS holds (its
+    version, with its status: F, or C once amended), the second of the
+    report's last message (an amendment still waiting for the HIS, which
+    names the new patient when it goes, is not copied, but for an order),
+    in its order after it;
     *order* (the orders row the study is linked to now): the report answers
     that order from now on, the copy for the new patient names its numbers,
     and both go in that order's turn, before its later amendments. Nothing
@@ -2398,28 +2401,41 @@ def report_to_moved_patient(conn: Connection, study_uid: str, study_pk: int, old
     # Held by the HIS: delivered, being sent, or taken by a HIS that sent no ACK (retried; it may
     # hold it all the same).
     messages = [(row.pk, row.state in ("sent", "sending") or (row.last_error or "").startswith(outbox.NO_ACK),
-                 data) for row in rows if (data := json.loads(row.payload)).get("study_uid") == study_uid]
+                 row.state == "pending", data)
+                for row in rows if (data := json.loads(row.payload)).get("study_uid") == study_uid]
     wrong = outbox.REPORT_WRONG_PATIENT
     # A move posts it as wrong and sends it anew: what was delivered before the last of those
     # went to a patient the HIS was told of already.
-    since = max((pk for pk, _, data in messages if data.get("status") == wrong), default=0)
-    if not any(held for pk, held, _ in messages if pk > since):
+    since = max((pk for pk, _, _, data in messages if data.get("status") == wrong), default=0)
+    held = [(pk, data) for pk, is_held, _, data in messages if pk > since and is_held]
+    if not held:
         return False
-    report = {k: v for k, v in messages[-1][2].items() if k != "control_id"}  # a new MSH-10 for each
-    ordered = report_order(order) if order is not None else {}
-    if ordered:
-        report["key"] = f"order:{ordered['order_pk']}"
-    new = conn.execute(select(patients_t).where(patients_t.c.pk == patient_pk)).one()
 
-    def naming(patient: Any, **more: Any) -> dict[str, Any]:
+    def copy(data: dict[str, Any]) -> dict[str, Any]:
+        report = {k: v for k, v in data.items() if k != "control_id"}  # a new MSH-10 for each
+        if ordered:
+            report["key"] = f"order:{ordered['order_pk']}"
+        return report
+
+    def naming(report: dict[str, Any], patient: Any, **more: Any) -> dict[str, Any]:
         return {**report.get("order", {}), **more, "patient_id": patient.patient_id or "",
                 "issuer": patient.issuer or "", "name": patient.name or ""}
 
-    # As the HIS holds it: the order numbers it was sent with.
-    OrderService.enqueue(conn, "his", "report", {**report, "status": wrong, "order": naming(old)})
-    # With the status it was signed with (F; C for an amended version). The new patient is written here
-    # too: a study deleted before it goes out is sent as queued (ris_bridge.outbound _as_sent).
-    OrderService.enqueue(conn, "his", "report", {**report, "order": naming(new, **ordered)})
+    ordered = report_order(order) if order is not None else {}
+    # The version the HIS holds (an amendment signed since may wait still), with the order numbers it was
+    # sent with.
+    retracted = copy(held[-1][1])
+    OrderService.enqueue(conn, "his", "report", {**retracted, "status": wrong, "order": naming(retracted, old)})
+    # A later version waiting for the HIS goes when it is back, naming the patient the study is filed under
+    # then: the new one. A copy of it was a second delivery -- unless the study answers another order now,
+    # whose numbers only the copy names.
+    if not ordered and any(waiting for pk, _, waiting, _ in messages if pk > held[-1][0]):
+        return True
+    # The latest version, with the status it was signed with (F; C for an amended version). The new patient
+    # is written here too: a study deleted before it goes out is sent as queued (ris_bridge.outbound _as_sent).
+    latest = copy(messages[-1][3])
+    new = conn.execute(select(patients_t).where(patients_t.c.pk == patient_pk)).one()
+    OrderService.enqueue(conn, "his", "report", {**latest, "order": naming(latest, new, **ordered)})
     return True
 
 

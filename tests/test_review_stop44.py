@@ -18,7 +18,12 @@ serve` on SQLite with a stand-in HIS over MLLP. Bugs found:
 - HL7 took an other ID (a PID-3 repetition: citizen ID, insurance number)
   whose value or issuer is over LO's 64 characters, which the JSON API
   refuses: stored, it was served in C-FIND's Other Patient IDs Sequence as
-  invalid DICOM (the issuer check of PID-3.4 left the other IDs out).
+  invalid DICOM (the issuer check of PID-3.4 left the other IDs out);
+- a study moved while an amendment waited for the HIS (the final report
+  delivered before): the report posted as wrong for the patient it left
+  carried the amendment's text, not the version the HIS holds, and the new
+  patient got the amendment twice (the queued one names the study's
+  patient when it goes, then the copy made for them).
 """
 
 from __future__ import annotations
@@ -170,3 +175,39 @@ def test_an_other_id_longer_than_lo_is_refused_over_hl7_as_over_json(reading: Pa
                                    "PV1|1|O")))
     assert msa(ack)[0] == "AA", ack  # 64 characters are an issuer
 
+
+def test_an_amendment_still_queued_reaches_the_new_patient_once(reading: PacsServer) -> None:
+    """The HIS holds the final report under Lê Văn Sai; the amendment is
+    signed while the HIS is down, and the study is moved then. Back up, the
+    HIS gets the report posted as wrong for him -- the version it holds --
+    and the amendment once for Đặng Thị Đúng: the queued amendment names the
+    patient the study is filed under when it goes, so a copy of it for her
+    was a second one."""
+    study, wrong, right = generate_uid(), "001185044020", "038092044020"
+    _send_ct(reading, study, 1, PatientID=wrong, IssuerOfPatientID="CCCD", PatientName="Lê^Văn Sai",
+             AccessionNumber="CT26-4420")
+    with reading.http(token=reading.radiologist) as rad:  # type: ignore[attr-defined]
+        _sign(rad, study, "Nốt phổi thùy trên phải 6 mm.", "Nốt phổi.")
+    assert len(_orus(reading, study, 1)) == 1
+    his = reading.his  # type: ignore[attr-defined]
+    his.stop()
+    try:
+        with reading.http(token=reading.radiologist) as rad:  # type: ignore[attr-defined]
+            assert rad.post(f"/api/studies/{study}/report/amend").status_code == 200
+            _sign(rad, study, "Nốt phổi thùy trên phải 8 mm.", "Nốt phổi, theo dõi.")
+        with reading.http() as admin:
+            moved = admin.post(f"/api/studies/{study}/patient", json={
+                "patient": {"id": right, "issuer": "CCCD", "name": "Đặng^Thị Đúng"}, "reason": "nhầm"})
+            assert moved.status_code == 200 and moved.json()["report_resent"] is True, moved.text
+    finally:
+        reading.his = RetractionRefusingHIS(his.port)  # type: ignore[attr-defined]
+        reading.his.taking = True  # type: ignore[attr-defined]
+    assert wait_until(lambda: all(m["state"] == "sent" for m in _queued(reading, study)), timeout=30), \
+        _queued(reading, study)
+    received = [m.decode() for m in reading.his.messages if study.encode() in m]  # type: ignore[attr-defined]
+    retracted = [m for m in received if _posted_as_wrong(m.encode())]
+    for_her = [m for m in received if f"PID|1||{right}^^^CCCD" in m]
+    assert len(retracted) == 1 and f"PID|1||{wrong}^^^CCCD" in retracted[0], received
+    assert "6 mm" in retracted[0], retracted  # the version the HIS holds under him
+    assert len(for_her) == 1 and "8 mm" in for_her[0], received
+    assert _fields(for_her[0], "OBR")[0][25] == "C", for_her
