@@ -2397,6 +2397,10 @@ def report_to_moved_patient(conn: Connection, study_uid: str, study_pk: int, old
         .where(outbox_t.c.destination == "his", outbox_t.c.kind == "report",
                outbox_t.c.payload.like(f"%{_json_like(study_uid)}%", escape="\\"))
         .order_by(outbox_t.c.pk)
+        # Locked until the move commits (PostgreSQL; SQLite's writer holds the whole index): a sender
+        # claiming a report read here as waiting would otherwise send it naming the patient the study leaves,
+        # with no retraction queued for it.
+        .with_for_update()
     ).all()
     # Held by the HIS: delivered, being sent, or taken by a HIS that sent no ACK (retried; it may
     # hold it all the same).
