@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -852,13 +852,15 @@ class MLLPRecorder(MLLPListener):
 
 
 @contextlib.contextmanager
-def serving_with_his(server: PacsServer, his_port: int, radiologist: tuple[str, str]) -> Iterator[PacsServer]:
+def serving_with_his(server: PacsServer, his_port: int, radiologist: tuple[str, str],
+                     his: Callable[[int], Any] | None = None) -> Iterator[PacsServer]:
     """Start *server* (configured with ``PACS_HIS_MLLP=127.0.0.1:his_port``)
-    with a stand-in HIS on *his_port* recording what it sends (``server.his``)
-    and a radiologist's token (``server.radiologist``, for *radiologist* =
-    (user, display name)); both stopped at the end."""
+    with a stand-in HIS on *his_port* recording what it sends (``server.his``;
+    *his*: another kind of MLLPRecorder, made with the port) and a
+    radiologist's token (``server.radiologist``, for *radiologist* = (user,
+    display name)); both stopped at the end."""
     server.start()
-    server.his = MLLPRecorder(his_port)  # type: ignore[attr-defined]
+    server.his = (his or MLLPRecorder)(his_port)  # type: ignore[attr-defined]
     server.radiologist = server.make_token(radiologist[0], "radiologist", radiologist[1])  # type: ignore[attr-defined]
     try:
         yield server

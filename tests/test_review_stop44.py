@@ -36,7 +36,7 @@ import pytest
 from pydicom.uid import generate_uid
 
 from .conftest import Backend, PacsServer, free_port
-from .peers import MLLPRecorder, ack_for, wait_until
+from .peers import MLLPRecorder, ack_for, serving_with_his, wait_until
 from .test_hl7_robustness import fields
 from .test_review_radiology_day import A, _send_ct, _sign
 from .test_worklist_ris import msa, send
@@ -68,15 +68,9 @@ def reading(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PacsServer]:
     server = PacsServer(tmp / "data", Backend("sqlite", None, None, {}), http_port=http_port,
                         extra_env={"PACS_HIS_MLLP": f"127.0.0.1:{his_port}", "PACS_HIS_RETRY_SECONDS": "0.1",
                                    "PACS_PUBLIC_URL": f"http://127.0.0.1:{http_port}"})
-    server.start()
     server.work = tmp  # type: ignore[attr-defined]
-    server.his = RetractionRefusingHIS(his_port)  # type: ignore[attr-defined]
-    server.radiologist = server.make_token(A[0], "radiologist", A[1])  # type: ignore[attr-defined]
-    try:
-        yield server
-    finally:
-        server.his.stop()  # type: ignore[attr-defined]
-        server.stop()
+    with serving_with_his(server, his_port, A, his=RetractionRefusingHIS) as serving:
+        yield serving
 
 
 def _queued(server: PacsServer, study: str) -> list[dict[str, Any]]:
