@@ -45,7 +45,10 @@ class _Sender(threading.Thread):
                 break
             ds.SOPInstanceUID = generate_uid()
             ds.InstanceNumber = number
-            answer = assoc.send_c_store(ds)
+            try:
+                answer = assoc.send_c_store(ds)
+            except RuntimeError:  # aborted between the check above and the send: the thread must still say so
+                break
             status = getattr(answer, "Status", None)
             if status == 0x0000:
                 self.acknowledged.append(str(ds.SOPInstanceUID))
