@@ -23,22 +23,10 @@ from typing import Any
 DEFAULT_LIMIT = 100
 
 
-def _limit(text: str) -> int:
-    """--limit: a whole number of at least 1."""
-    try:
-        number = int(text)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
-    return number
-
-
 def cmd_critical(args: argparse.Namespace) -> int:
     """Run ``pacs critical list``: 0 (argparse refuses a bad state or limit with 2)."""
     from .cli import _open, audit_command
     from .critical_results import listing
-    from .reports import procedure_modalities
     from .timezones import shown
 
     pacs = _open(args)
@@ -67,9 +55,7 @@ def cmd_critical(args: argparse.Namespace) -> int:
             since = (f"acknowledged after {minutes} min" if c.acknowledged_at is not None
                      else f"{minutes} min open")
             print()
-            # The examination's modality (CT), not the signed PDF stored beside it (DOC).
-            print("  ".join([c.accession or "(no accession)", c.patient_id, c.patient_name,
-                             procedure_modalities(c.modalities), since]))
+            print("  ".join([c.accession or "(no accession)", c.patient_id, c.patient_name, c.modality, since]))
             print(f"  study {c.study_uid}, report version {c.version}")
             print(f"  signed by {c.flagged_by} at {shown(c.flagged_at, pacs.settings)}")
             if c.note:
@@ -84,6 +70,7 @@ def cmd_critical(args: argparse.Namespace) -> int:
 
 def register(sub: Any, common: Callable[..., None]) -> None:
     """Add ``pacs critical`` to the `pacs` parser."""
+    from .cli import _at_least
     from .critical_results import STATES
 
     p = sub.add_parser("critical", help="critical results (kết quả nguy kịch): open ones, who was told and how")
@@ -93,6 +80,6 @@ def register(sub: Any, common: Callable[..., None]) -> None:
     common(q, json_flag=True)
     q.add_argument("--state", choices=STATES, default="open",
                    help="open (default: not acknowledged yet, oldest first), acknowledged or all (newest first)")
-    q.add_argument("--limit", type=_limit, default=DEFAULT_LIMIT, metavar="N",
+    q.add_argument("--limit", type=_at_least(1), default=DEFAULT_LIMIT, metavar="N",
                    help=f"results listed (default {DEFAULT_LIMIT}); the total is always counted")
     p.set_defaults(func=cmd_critical)

@@ -82,8 +82,16 @@ class Critical:
         return found
 
     def listed(self, now: datetime) -> dict[str, Any]:
-        """The JSON form as listings show it: also the minutes it has stayed open at *now*."""
-        return {**self.as_dict(), "minutes_open": self.minutes_open(now)}
+        """The JSON form as listings show it: also the minutes it has stayed open at *now*
+        and the examination's modality."""
+        return {**self.as_dict(), "minutes_open": self.minutes_open(now), "modality": self.modality}
+
+    @property
+    def modality(self) -> str:
+        """The examination's modality (CT), not the signed PDF stored beside it (CT\\DOC)."""
+        from .reports import procedure_modalities  # pacs.reports imports this module
+
+        return procedure_modalities(self.modalities)
 
     def minutes_open(self, now: datetime) -> int:
         """Whole minutes it stayed open: from the flag to its acknowledgement,

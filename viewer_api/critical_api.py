@@ -21,7 +21,6 @@ from pydantic import Field
 
 from pacs import critical_results
 from pacs.auth import Principal
-from pacs.reports import procedure_modalities
 
 from .errors import JsonBody, refused_as_problem, require_uids
 from .security import audit_studies, guard
@@ -52,9 +51,8 @@ def list_critical(request: Request, state: str = Query("open", description="open
     # Each with its patient, filled in from the study.
     audit_studies(request, [(c.study_uid, "") for c in found if c.study_uid in new])
     now = datetime.now(UTC)
-    # minutes_open on the server's clock (a workstation's may be off); modality: the examination's (CT, not CT\DOC).
-    return {"state": state, "total": total,
-            "critical": [{**c.listed(now), "modality": procedure_modalities(c.modalities)} for c in found]}
+    # minutes_open on the server's clock (a workstation's may be off).
+    return {"state": state, "total": total, "critical": [c.listed(now) for c in found]}
 
 
 @router.post("/api/studies/{study}/report/critical/ack", summary="Record who was told of the study's critical "
