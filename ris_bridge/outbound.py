@@ -190,6 +190,11 @@ def _in_zone(value: str, zone: tzinfo) -> str:
     return hl7_timestamp(moment, zone)
 
 
+def _patient_fields(row: Any) -> dict[str, str]:
+    """A patient as a message names it (PID-3, PID-5), from a row with its ID, issuer and name."""
+    return {"patient_id": row.patient_id or "", "issuer": row.issuer or "", "name": row.name or ""}
+
+
 def study_facts(engine: Engine, study_uid: str) -> dict[str, str]:
     """The study's date and time (OBR-7 of a report) and the patient it is
     filed under now (PID-3, PID-5), from the index; {} for a study no
@@ -202,8 +207,7 @@ def study_facts(engine: Engine, study_uid: str) -> dict[str, str]:
                            .where(Study.study_uid == study_uid)).first()
     if row is None:
         return {}
-    return {"study_date": row.study_date or "", "study_time": row.study_time or "",
-            "patient_id": row.patient_id or "", "issuer": row.issuer or "", "name": row.name or ""}
+    return {"study_date": row.study_date or "", "study_time": row.study_time or "", **_patient_fields(row)}
 
 
 def order_patient(engine: Engine, order_pk: Any) -> dict[str, str]:
@@ -215,7 +219,7 @@ def order_patient(engine: Engine, order_pk: Any) -> dict[str, str]:
     with engine.connect() as conn:
         row = conn.execute(select(Patient.patient_id, Patient.issuer, Patient.name)
                            .join(Order, Order.patient_pk == Patient.pk).where(Order.pk == order_pk)).first()
-    return {"patient_id": row.patient_id or "", "issuer": row.issuer or "", "name": row.name or ""} if row else {}
+    return _patient_fields(row) if row else {}
 
 
 def patient_named(engine: Engine, patient_id: str, issuer: str) -> dict[str, str]:
@@ -229,7 +233,7 @@ def patient_named(engine: Engine, patient_id: str, issuer: str) -> dict[str, str
                           ).scalar() or merged_patient(conn, patient_id, issuer)
         row = conn.execute(select(Patient.patient_id, Patient.issuer, Patient.name).where(Patient.pk == pk)
                            ).first() if pk is not None else None
-    return {"patient_id": row.patient_id or "", "issuer": row.issuer or "", "name": row.name or ""} if row else {}
+    return _patient_fields(row) if row else {}
 
 
 def control_id(pk: int) -> str:
